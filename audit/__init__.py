@@ -1,0 +1,35 @@
+"""govgate's tamper-evident audit trail.
+
+The public surface is this module; ``gateway`` and ``workers`` use only these
+names (this package imports neither of them). Typical start-up::
+
+    engine = make_engine(settings.effective_database_url)
+    migrate(engine)
+    store = AuditStore(engine)
+    store.append("request", rid, principal=..., team=..., model=...,
+                 body={...}, policy_revision=...)
+"""
+
+from __future__ import annotations
+
+from .db import make_engine, migrate
+from .entry import AuditEntry
+from .errors import AuditError, CorruptEntryError, DuplicateTerminalError, InvalidEntryError
+from .kinds import KINDS, TERMINAL_KINDS
+from .store import AuditStore
+from .verify import VerifyResult, verify_chain
+
+__all__ = [
+    "KINDS",
+    "TERMINAL_KINDS",
+    "AuditEntry",
+    "AuditError",
+    "AuditStore",
+    "CorruptEntryError",
+    "DuplicateTerminalError",
+    "InvalidEntryError",
+    "VerifyResult",
+    "make_engine",
+    "migrate",
+    "verify_chain",
+]

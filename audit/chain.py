@@ -1,0 +1,86 @@
+"""How an entry is hashed: canonical JSON and SHA-256, nothing else.
+
+Pure functions with no database access, so a reviewer can re-verify an
+exported trail with this module alone, and so the exact byte format is
+written down in one place:
+
+* canonical JSON = ``json.dumps(obj, sort_keys=True, separators=(",", ":"),
+  ensure_ascii=False, allow_nan=False)`` encoded as UTF-8;
+* the hashed object holds every field of the entry except ``hash``
+  (see :data:`HASHED_FIELDS`), with ``created_at`` as an ISO-8601 UTC string
+  with microseconds (``2024-05-01T12:00:00.000001+00:00``);
+* ``hash = sha256(prev_hash_hex_ascii + canonical_json).hexdigest()``;
+* the first entry's ``prev_hash`` is :data:`GENESIS_HASH` (64 zeros).
+
+Floats are written as Python's shortest round-trip ``repr``; a verifier in
+another language must format them the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import Any, Final, Mapping
+
+GENESIS_HASH: Final = "0" * 64
+
+#: Every stored field except ``hash``; the hashed JSON object has exactly these keys.
+HASHED_FIELDS: Final[tuple[str, ...]] = (
+    "seq",
+    "created_at",
+    "request_id",
+    "kind",
+    "principal",
+    "team",
+    "model",
+    "body",
+    "policy_revision",
+    "terminal_request_id",
+    "prev_hash",
+)
+
+
+def canonical_json(value: Any) -> bytes:
+    """Serialise ``value`` deterministically; raises ``TypeError``/``ValueError`` if it is not plain JSON.
+
+    ``allow_nan=False`` because NaN/Infinity are not JSON and PostgreSQL rejects them;
+    non-UTF-8-encodable strings (lone surrogates) raise ``UnicodeEncodeError``.
+    """
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text.encode("utf-8")
+
+
+def format_timestamp(moment: datetime) -> str:
+    """The hashed form of a timestamp: UTC, always with microseconds, so it round-trips exactly."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError("audit timestamps must be timezone-aware")
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def entry_payload(fields: Mapping[str, Any]) -> bytes:
+    """Canonical JSON of an entry's hashed fields (``created_at`` may be a datetime).
+
+    Insists on exactly :data:`HASHED_FIELDS` so a field can never be silently
+    left out of (or smuggled into) the hash.
+    """
+    if set(fields) != set(HASHED_FIELDS):
+        missing = sorted(set(HASHED_FIELDS) - set(fields))
+        extra = sorted(set(fields) - set(HASHED_FIELDS))
+        raise ValueError(f"hashed fields mismatch: missing={missing} extra={extra}")
+    doc = dict(fields)
+    if isinstance(doc["created_at"], datetime):
+        doc["created_at"] = format_timestamp(doc["created_at"])
+    return canonical_json(doc)
+
+
+def chain_hash(prev_hash: str, payload: bytes) -> str:
+    """SHA-256 (hex) over the previous hash and the entry's canonical JSON."""
+    digest = hashlib.sha256(prev_hash.encode("ascii"))
+    digest.update(payload)
+    return digest.hexdigest()
+
+
+def entry_hash(fields: Mapping[str, Any]) -> str:
+    """The hash an entry with these fields must carry (uses ``fields["prev_hash"]``)."""
+    return chain_hash(fields["prev_hash"], entry_payload(fields))

@@ -1,0 +1,213 @@
+"""Engines, the append lock and schema migration for the audit store.
+
+Several OS processes (the gateway and every Celery worker) append to the same
+database. Keeping *one* unbroken chain needs a lock taken before the head is
+read, not just at commit time:
+
+* SQLite: ``BEGIN IMMEDIATE`` takes the database write lock up front. pysqlite
+  (Python < 3.12 legacy mode) normally issues its own deferred ``BEGIN`` only
+  before DML, so we switch that off (``isolation_level = None``) and emit
+  ``BEGIN``/``BEGIN IMMEDIATE`` ourselves from SQLAlchemy's ``begin`` event.
+  A deferred transaction that later tries to write in WAL mode can fail with
+  ``SQLITE_BUSY`` *without* waiting, which is why the lock must come first.
+* PostgreSQL: ``pg_advisory_xact_lock`` with a fixed key, released at commit;
+  under READ COMMITTED the head read after the lock sees the last commit.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final, Iterator
+
+from alembic import command
+from alembic.config import Config
+from alembic.util.exc import CommandError
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine.url import URL
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from .errors import AuditError
+
+#: How long a SQLite writer waits for the lock before giving up (fail closed).
+BUSY_TIMEOUT_S: Final = 30.0
+#: Alembic version table of the audit schema (the gateway keeps its own).
+VERSION_TABLE: Final = "alembic_version_audit"
+MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
+
+#: Fixed PostgreSQL advisory lock keys ("govgate audit" in spirit; any constant works).
+APPEND_LOCK_KEY: Final = 0x60_6A_7E_A0_D1_70_00_01
+MIGRATE_LOCK_KEY: Final = 0x60_6A_7E_A0_D1_70_00_02
+
+#: Errors that mean "the database did not do what we asked"; translated to AuditError.
+DB_ERRORS: Final = (SQLAlchemyError, sqlite3.Error, OSError)
+
+_BEGIN_OPTION: Final = "govgate_audit_begin"
+
+
+def describe(engine: Engine) -> str:
+    """The engine's URL without password, for error messages."""
+    return engine.url.render_as_string(hide_password=True)
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine for the audit store (SQLite tuned for many processes).
+
+    For SQLite: WAL (readers never block the writer), ``busy_timeout`` so
+    contending writers queue instead of failing, ``synchronous=NORMAL`` (safe
+    with WAL: a power cut may lose the last commits, never corrupt), foreign
+    keys on, and SQLAlchemy-controlled ``BEGIN`` so :func:`locked_transaction`
+    can use ``BEGIN IMMEDIATE``. The file's parent folder is created.
+    Raises :class:`AuditError` for a malformed URL or an uncreatable folder.
+    """
+    try:
+        sa_url = make_url(url)
+    except ArgumentError as exc:
+        raise AuditError(f"invalid audit database URL: {exc}") from exc
+    if sa_url.get_backend_name() != "sqlite":
+        return create_engine(sa_url, pool_pre_ping=True)
+    _create_parent_dir(sa_url)
+    engine = create_engine(sa_url, connect_args={"timeout": BUSY_TIMEOUT_S})
+    _install_sqlite_hooks(engine)
+    return engine
+
+
+def _sqlite_file(sa_url: URL) -> Path | None:
+    """The database file a SQLite URL names, or None for in-memory databases."""
+    database = sa_url.database or ""
+    if sa_url.query.get("uri") in ("true", "1", "True"):
+        if not database.startswith("file:"):
+            return None
+        database = database[len("file:") :].split("?", 1)[0]
+        if sa_url.query.get("mode") == "memory":
+            return None
+    if database in ("", ":memory:"):
+        return None
+    return Path(database).expanduser()
+
+
+def _create_parent_dir(sa_url: URL) -> None:
+    path = _sqlite_file(sa_url)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AuditError(f"cannot create folder for audit database {path}: {exc}") from exc
+
+
+def _install_sqlite_hooks(engine: Engine) -> None:
+    busy_ms = int(BUSY_TIMEOUT_S * 1000)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take BEGIN away from pysqlite; _on_begin below issues it.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            # Switching to WAL needs a write; skip it when already WAL so that
+            # read-only connections to a WAL database still open.
+            (mode,) = cursor.execute("PRAGMA journal_mode").fetchone()
+            if mode.lower() not in ("wal", "memory"):
+                _switch_to_wal(cursor)
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get(_BEGIN_OPTION) == "IMMEDIATE"
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode = WAL``, retried while other connections hold the file.
+
+    SQLite answers this pragma with "database is locked" straight away, without
+    consulting the busy handler, when another process has the file open at the
+    same moment (e.g. several workers opening a fresh database together).
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    delay = 0.001
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL").fetchone()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+@contextmanager
+def locked_transaction(engine: Engine, lock_key: int = APPEND_LOCK_KEY) -> Iterator[Connection]:
+    """A transaction that holds the store's write lock from its first statement.
+
+    Commits when the block exits normally, rolls back on an exception. Only
+    one such transaction per ``lock_key`` runs at a time across all processes.
+    Database errors propagate unchanged; callers translate them.
+    """
+    dialect = engine.dialect.name
+    if dialect not in ("sqlite", "postgresql"):
+        raise AuditError(f"audit store supports SQLite and PostgreSQL, not {dialect}")
+    with engine.connect() as conn:
+        if dialect == "sqlite":
+            conn.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+        with conn.begin():
+            if dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key})
+            yield conn
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic Config for the audit migrations, built in code (no alembic.ini).
+
+    Also the entry point for writing new revisions, e.g.
+    ``command.revision(alembic_config(conn), "message", autogenerate=True)``.
+    """
+    config = Config()
+    # ConfigParser interpolation: a literal % in the path must be doubled.
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    config.set_main_option("path_separator", "os")
+    config.attributes["connection"] = connection
+    return config
+
+
+def migration_options() -> dict[str, Any]:
+    """Alembic context options for the audit schema (used by env.py and schema checks).
+
+    Own version table, and autogenerate only looks at audit tables, so the
+    gateway's tables and history in the same database are never touched.
+    """
+    from .models import audit_metadata  # models import SQLModel; only needed here
+
+    def include_name(name: str | None, type_: str, _parents: Any) -> bool:
+        return type_ != "table" or name in audit_metadata.tables
+
+    return {
+        "target_metadata": audit_metadata,
+        "version_table": VERSION_TABLE,
+        "include_name": include_name,
+        "render_as_batch": True,  # SQLite needs table rebuilds for most ALTERs
+        "compare_type": True,
+    }
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the audit schema up to ``revision``; safe to call repeatedly and concurrently.
+
+    The whole upgrade runs inside :func:`locked_transaction` (SQLite and
+    PostgreSQL both have transactional DDL), so processes starting together
+    queue up: the first creates the schema, the others find it current.
+    """
+    try:
+        with locked_transaction(engine, MIGRATE_LOCK_KEY) as conn:
+            command.upgrade(alembic_config(conn), revision)
+    except (*DB_ERRORS, CommandError) as exc:
+        raise AuditError(f"cannot migrate audit schema in {describe(engine)}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Audit schema revisions; Alembic skips this file when scanning."""

@@ -1,0 +1,212 @@
+"""The append-only, hash-chained audit store.
+
+One job: put entries on the chain and read them back. Appends from any
+number of processes form a single chain because each append holds the write
+lock (see :func:`audit.db.locked_transaction`) from reading the head to
+commit. Everything that can go wrong surfaces as :class:`AuditError` so the
+gateway and workers can fail closed with one ``except``.
+
+Reads and writes use SQLAlchemy Core, not ORM sessions: an append is four
+statements and no identity-map bookkeeping, which keeps it well under a
+millisecond on SQLite, and callers get frozen :class:`AuditEntry` values.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any, Iterator, Mapping
+
+from sqlalchemy import Engine, Select, select
+from sqlalchemy.exc import IntegrityError
+
+from .chain import GENESIS_HASH, canonical_json, entry_hash
+from .db import APPEND_LOCK_KEY, DB_ERRORS, describe, locked_transaction
+from .entry import AuditEntry
+from .errors import AuditError, CorruptEntryError, DuplicateTerminalError, InvalidEntryError
+from .kinds import KINDS, TERMINAL_KINDS
+from .models import NAME_LEN, audit_table
+
+_t = audit_table.c
+
+
+class AuditStore:
+    """Append to and read the audit trail in the database behind ``engine``.
+
+    The schema must exist (call :func:`audit.db.migrate` once at start-up).
+    Thread- and process-safe; create one per process and share it.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    # -- writing -----------------------------------------------------------
+
+    def append(
+        self,
+        kind: str,
+        request_id: str,
+        *,
+        principal: str | None,
+        team: str | None,
+        model: str | None,
+        body: Mapping[str, Any],
+        policy_revision: str | None,
+    ) -> AuditEntry:
+        """Append one entry at the head of the chain and return it as stored.
+
+        ``body`` must be JSON-compatible; it is stored (and returned) in its
+        JSON round-tripped form, e.g. tuples become lists, so that what is
+        hashed is exactly what reads back. Raises :class:`InvalidEntryError`
+        for bad arguments, :class:`DuplicateTerminalError` if ``kind`` is
+        terminal and the request already has a terminal entry, and
+        :class:`AuditError` if the database fails (nothing was recorded).
+        """
+        _check_args(kind, request_id, principal=principal, team=team, model=model, policy_revision=policy_revision)
+        stored_body = _normalise_body(body)
+        terminal_request_id = request_id if kind in TERMINAL_KINDS else None
+        try:
+            with locked_transaction(self._engine, APPEND_LOCK_KEY) as conn:
+                head = conn.execute(select(_t.seq, _t.hash).order_by(_t.seq.desc()).limit(1)).first()
+                fields: dict[str, Any] = {
+                    "seq": head.seq + 1 if head else 1,
+                    "created_at": datetime.now(timezone.utc),
+                    "request_id": request_id,
+                    "kind": kind,
+                    "principal": principal,
+                    "team": team,
+                    "model": model,
+                    "body": stored_body,
+                    "policy_revision": policy_revision,
+                    "terminal_request_id": terminal_request_id,
+                    "prev_hash": head.hash if head else GENESIS_HASH,
+                }
+                fields["hash"] = entry_hash(fields)
+                conn.execute(audit_table.insert(), fields)
+        except IntegrityError as exc:
+            if terminal_request_id is not None:
+                existing = self.terminal_for(request_id)
+                if existing is not None:
+                    raise DuplicateTerminalError(request_id, existing.kind) from exc
+            raise AuditError(f"audit append refused by {describe(self._engine)}: {exc.orig}") from exc
+        except DB_ERRORS as exc:
+            raise AuditError(f"audit append failed on {describe(self._engine)}: {_reason(exc)}") from exc
+        return AuditEntry(**fields)
+
+    # -- reading -----------------------------------------------------------
+
+    def head(self) -> AuditEntry | None:
+        """The newest entry, or None when the trail is empty."""
+        rows = self._fetch(select(audit_table).order_by(_t.seq.desc()).limit(1))
+        return rows[0] if rows else None
+
+    def get(self, seq: int) -> AuditEntry | None:
+        """The entry numbered ``seq``, if it exists."""
+        rows = self._fetch(select(audit_table).where(_t.seq == seq), seq=seq)
+        return rows[0] if rows else None
+
+    def terminal_for(self, request_id: str) -> AuditEntry | None:
+        """The request's terminal entry (completion/failed/timed_out/cancelled), if any."""
+        rows = self._fetch(select(audit_table).where(_t.terminal_request_id == request_id))
+        return rows[0] if rows else None
+
+    def entries_for(self, request_id: str) -> list[AuditEntry]:
+        """Every entry of one request, oldest first."""
+        return self._fetch(select(audit_table).where(_t.request_id == request_id).order_by(_t.seq))
+
+    def tail(self, n: int = 20) -> list[AuditEntry]:
+        """The last ``n`` entries in seq order (oldest of them first)."""
+        if n <= 0:
+            return []
+        rows = self._fetch(select(audit_table).order_by(_t.seq.desc()).limit(n))
+        rows.reverse()
+        return rows
+
+    def iter_entries(self, since_seq: int = 0, batch: int = 1000) -> Iterator[AuditEntry]:
+        """Every entry with ``seq > since_seq`` in seq order, in constant memory.
+
+        Reads in keyset-paginated batches, each its own short transaction, so
+        a long scan neither holds a snapshot open nor blocks WAL checkpoints;
+        entries appended during the scan are included. An undecodable row
+        raises :class:`CorruptEntryError` naming its seq *after* every entry
+        before it has been yielded, so verification can report the first bad
+        entry.
+        """
+        if batch <= 0:
+            raise ValueError("batch must be positive")
+        last = since_seq
+        while True:
+            count = 0
+            for entry in self._batch_after(last, batch):
+                yield entry
+                count += 1
+                last = entry.seq
+            if count < batch:
+                return
+
+    def _batch_after(self, after_seq: int, limit: int) -> Iterator[AuditEntry]:
+        stmt = select(audit_table).where(_t.seq > after_seq).order_by(_t.seq).limit(limit)
+        try:
+            return iter(self._fetch(stmt))
+        except CorruptEntryError:
+            # Some row in the batch is bad; go row by row to find which one.
+            return self._one_by_one_after(after_seq, limit)
+
+    def _one_by_one_after(self, after_seq: int, limit: int) -> Iterator[AuditEntry]:
+        with self._reading() as conn:
+            seqs = conn.execute(select(_t.seq).where(_t.seq > after_seq).order_by(_t.seq).limit(limit)).scalars().all()
+        for seq in seqs:
+            entry = self.get(seq)  # raises CorruptEntryError(seq) at the bad row
+            if entry is not None:
+                yield entry
+
+    # -- plumbing ----------------------------------------------------------
+
+    @contextmanager
+    def _reading(self) -> Iterator[Any]:
+        try:
+            with self._engine.connect() as conn:
+                yield conn
+        except DB_ERRORS as exc:
+            raise AuditError(f"audit read failed on {describe(self._engine)}: {_reason(exc)}") from exc
+
+    def _fetch(self, stmt: Select[Any], *, seq: int | None = None) -> list[AuditEntry]:
+        """Run a SELECT of whole rows; ``seq`` names the row for error messages."""
+        with self._reading() as conn:
+            try:
+                rows = conn.execute(stmt).mappings().all()
+            except (ValueError, TypeError) as exc:
+                # Result processing (JSON, timestamps) choked on a tampered row.
+                raise CorruptEntryError(seq, str(exc)) from exc
+        return [AuditEntry.from_row(row) for row in rows]
+
+
+def _check_args(kind: str, request_id: str, **optional: str | None) -> None:
+    """Refuse what the schema would refuse, with a message naming the argument."""
+    if kind not in KINDS:
+        raise InvalidEntryError(f"unknown audit kind {kind!r}; expected one of {sorted(KINDS)}")
+    if not isinstance(request_id, str) or not request_id or len(request_id) > NAME_LEN:
+        raise InvalidEntryError(f"request_id must be a non-empty string of at most {NAME_LEN} characters")
+    for name, value in optional.items():
+        if value is not None and (not isinstance(value, str) or len(value) > NAME_LEN):
+            raise InvalidEntryError(f"{name} must be None or a string of at most {NAME_LEN} characters")
+
+
+def _normalise_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON round-trip of ``body``: exactly what the database will hand back."""
+    if not isinstance(body, Mapping):
+        raise InvalidEntryError(f"body must be a mapping, not {type(body).__name__}")
+    try:
+        return json.loads(canonical_json(dict(body)))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidEntryError(f"body is not plain JSON: {exc}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's message when there is one (SQLAlchemy's adds SQL and a URL)."""
+    return str(getattr(exc, "orig", None) or exc)

@@ -1,0 +1,33 @@
+"""Dependencies the controllers declare: the caller's principal and the services."""
+
+from __future__ import annotations
+
+import anyio
+from litestar import Request
+from litestar.datastructures import State
+
+from gateway.auth import KeyStoreError, Principal
+from gateway.errors import ApiError
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+async def provide_principal(request: Request, state: State) -> Principal:
+    """Authenticate the bearer key; 401 when missing, unknown or revoked, 503 when the store is down."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise ApiError(401, "missing_api_key",
+                       "No API key given. Send 'Authorization: Bearer gk_…' (create one with 'govgate keys create').",
+                       headers=_CHALLENGE)
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "invalid_api_key", "The Authorization header must be 'Bearer <key>'.",
+                       headers=_CHALLENGE)
+    try:
+        principal = await anyio.to_thread.run_sync(state.components.keys.authenticate, token.strip())
+    except KeyStoreError:
+        raise ApiError(503, "auth_unavailable",
+                       "API keys cannot be checked right now (the database is unavailable).") from None
+    if principal is None:
+        raise ApiError(401, "invalid_api_key", "The API key is unknown or has been revoked.", headers=_CHALLENGE)
+    return principal

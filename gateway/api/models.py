@@ -1,0 +1,38 @@
+"""``GET /v1/models``: the models the caller may use, as the policy decides."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, get
+from litestar.datastructures import State
+from litestar.di import NamedDependency
+
+from gateway import urls
+from gateway.auth import Principal
+
+
+class ModelsController(Controller):
+    tags = ["models"]
+
+    @get(urls.MODELS, summary="List the models this key may use")
+    async def list_models(self, state: State, principal: NamedDependency[Principal]) -> dict[str, Any]:
+        components = state.components
+        specs = [components.registry.models[name] for name in components.registry.names()]
+        allowed = await components.policy.visible_models(principal.policy_view(), [s.policy_view() for s in specs])
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": spec.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "govgate",
+                    "family": spec.family,
+                    "context_length": spec.context_length,
+                    "tags": list(spec.tags),
+                }
+                for spec in specs
+                if spec.name in allowed
+            ],
+        }

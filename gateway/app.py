@@ -1,0 +1,46 @@
+"""The Litestar application: controllers, error shapes, lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import AsyncIterator, Callable
+
+from litestar import Litestar
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+
+from gateway.api.completions import CompletionsController
+from gateway.api.dependencies import provide_principal
+from gateway.api.health import HealthController
+from gateway.api.models import ModelsController
+from gateway.components import Components, build_components
+from gateway.errors import EXCEPTION_HANDLERS
+from gateway.settings import Settings
+
+ComponentsFactory = Callable[[Settings], contextlib.AbstractAsyncContextManager[Components]]
+
+
+def create_app(settings: Settings | None = None, *, components: ComponentsFactory = build_components) -> Litestar:
+    """Build the app; ``components`` lets tests bring their own parts."""
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with components(settings) as built:
+            app.state.components = built
+            yield
+
+    return Litestar(
+        route_handlers=[CompletionsController, ModelsController, HealthController],
+        dependencies={"principal": Provide(provide_principal)},
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=[lifespan],
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="govgate", version="0.1.0"),
+        debug=False,
+    )
+
+
+def app_from_env() -> Litestar:
+    """uvicorn factory entry point: ``uvicorn --factory gateway.app:app_from_env``."""
+    return create_app(Settings.from_env())

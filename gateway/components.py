@@ -1,0 +1,83 @@
+"""The long-lived parts of a gateway process, built once and closed once.
+
+Built in the app's lifespan (so uvicorn's event loop owns the async Redis
+clients) and reached by controllers through ``app.state.components``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import redis.asyncio as aioredis
+from sqlalchemy import Engine
+
+from audit import AuditStore, make_engine, migrate
+from gateway.auth import KeyStore
+from gateway.completions import CompletionService
+from gateway.db import migrate_gateway
+from gateway.dispatch import Dispatcher, ResultWaiter
+from gateway.policy import EmbeddedPolicyEngine, PolicyEngine
+from gateway.settings import Settings
+from workers.celery_app import make_celery
+from workers.registry import Registry, load_registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    settings: Settings
+    registry: Registry
+    db_engine: Engine
+    keys: KeyStore
+    audit: AuditStore
+    policy: PolicyEngine
+    redis: aioredis.Redis
+    waiter: ResultWaiter
+    dispatcher: Dispatcher
+    completions: CompletionService
+
+
+def open_database(settings: Settings) -> Engine:
+    """The shared engine with both packages' schemas up to date."""
+    engine = make_engine(settings.effective_database_url)
+    migrate(engine)
+    migrate_gateway(engine)
+    return engine
+
+
+@contextlib.asynccontextmanager
+async def build_components(settings: Settings, *, policy: PolicyEngine | None = None) -> AsyncIterator[Components]:
+    """Open everything a gateway needs; ``policy`` lets tests bring another engine."""
+    if not settings.redis_url:
+        raise RuntimeError("GOVGATE_REDIS_URL is not set: run 'govgate up', or point the gateway at a Redis")
+    registry = load_registry(settings.models_file, settings.var_dir)
+    db_engine = open_database(settings)
+    policy = policy or EmbeddedPolicyEngine.load(settings.policy_dir, settings.policy_timeout_s)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.redis_max_connections, timeout=5,
+        socket_timeout=10, socket_connect_timeout=5)
+    client = aioredis.Redis(connection_pool=pool)
+    waiter = ResultWaiter(client)
+    celery_app = make_celery(settings.redis_url)
+    dispatcher = Dispatcher(celery_app, expires_s=settings.request_timeout_s)
+    audit_store = AuditStore(db_engine)
+    try:
+        await waiter.start()
+        yield Components(
+            settings=settings, registry=registry, db_engine=db_engine, keys=KeyStore(db_engine),
+            audit=audit_store, policy=policy, redis=client, waiter=waiter, dispatcher=dispatcher,
+            completions=CompletionService(
+                registry=registry, policy=policy, audit=audit_store, dispatcher=dispatcher, waiter=waiter,
+                default_max_tokens=settings.default_max_tokens, request_timeout_s=settings.request_timeout_s),
+        )
+    finally:
+        await waiter.aclose()
+        await client.aclose()
+        await pool.disconnect()
+        dispatcher.close()
+        await policy.aclose()
+        db_engine.dispose()

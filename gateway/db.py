@@ -1,0 +1,52 @@
+"""The gateway's own tables (API keys) and their Alembic history.
+
+They live in the same database as the audit log but keep a separate Alembic
+version table, so each package evolves its schema on its own. Migrations run
+under the audit store's cross-process lock (a different key), so a gateway
+and workers starting together do not race to create tables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+from alembic import command
+from alembic.config import Config
+from alembic.util.exc import CommandError
+from sqlalchemy import Engine, MetaData
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
+from audit.db import locked_transaction
+from gateway.auth.keys import ApiKey
+
+VERSION_TABLE: Final = "alembic_version_gateway"
+MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
+MIGRATE_LOCK_KEY: Final = 0x60_6A_7E_A0_D1_70_00_03
+
+#: The tables this package owns (autogenerate compares against these only).
+gateway_metadata = MetaData()
+ApiKey.__table__.to_metadata(gateway_metadata)
+
+
+class DatabaseError(RuntimeError):
+    """The gateway's schema cannot be brought up to date."""
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """Alembic configuration built in code; also for writing new revisions."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    config.set_main_option("path_separator", "os")
+    config.attributes["connection"] = connection
+    return config
+
+
+def migrate_gateway(engine: Engine, revision: str = "head") -> None:
+    """Bring the gateway's tables up to ``revision`` (idempotent, safe concurrently)."""
+    try:
+        with locked_transaction(engine, MIGRATE_LOCK_KEY) as conn:
+            command.upgrade(alembic_config(conn), revision)
+    except (SQLAlchemyError, CommandError, OSError) as exc:
+        raise DatabaseError(f"cannot migrate the gateway schema: {exc}") from exc

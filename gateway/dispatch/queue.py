@@ -1,0 +1,48 @@
+"""Sending admitted requests to the model's Celery queue.
+
+Publishing is a blocking socket write in kombu, with retries that could hold
+the event loop for seconds if Redis is gone, so it runs in a worker thread
+with retries off: if Redis cannot take the task now, the request is refused
+(503) instead of waiting blind.
+"""
+
+from __future__ import annotations
+
+import anyio
+from celery import Celery
+from kombu.exceptions import KombuError
+from redis.exceptions import RedisError
+
+from workers.contract import GENERATE_TASK, GenerateJob, queue_for
+
+
+class QueueUnavailable(RuntimeError):
+    """The queue (Redis) did not accept the task."""
+
+
+class Dispatcher:
+    def __init__(self, celery_app: Celery, *, expires_s: float) -> None:
+        self._app = celery_app
+        self._expires_s = expires_s
+        self._limiter = anyio.CapacityLimiter(8)
+
+    async def enqueue(self, job: GenerateJob) -> None:
+        """Queue ``job`` on its model's queue, the request id as task id."""
+
+        def send() -> None:
+            self._app.send_task(
+                GENERATE_TASK,
+                args=[job.to_payload()],
+                task_id=job.request_id,
+                queue=queue_for(job.model),
+                expires=self._expires_s,
+                retry=False,
+            )
+
+        try:
+            await anyio.to_thread.run_sync(send, limiter=self._limiter)
+        except (KombuError, RedisError, OSError) as exc:
+            raise QueueUnavailable(f"the queue did not accept the request: {exc}") from exc
+
+    def close(self) -> None:
+        self._app.close()

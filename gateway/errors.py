@@ -1,0 +1,90 @@
+"""Errors users see, in OpenAI's shape: ``{"error": {message, type, code, param}}``.
+
+Every refusal the gateway makes is an :class:`ApiError` with a stable
+``code`` a script can switch on and a message a person can act on. The
+exception handlers below also turn Litestar's own errors (unknown route,
+wrong method, body too large) and anything unexpected into the same shape,
+so no client ever sees a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+# OpenAI's error "type" for each status class.
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "server_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+class ApiError(Exception):
+    """A designed refusal: status, code, message, and optional extras."""
+
+    def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
+                 extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.extra = extra or {}
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        error = {"message": self.message, "type": _TYPES.get(self.status, "server_error"),
+                 "code": self.code, "param": self.param}
+        error.update(self.extra)
+        return {"error": error}
+
+    def to_response(self) -> Response:
+        return Response(self.body(), status_code=self.status, headers=self.headers, media_type=MediaType.JSON)
+
+
+def api_error_handler(_: Request, exc: ApiError) -> Response:
+    return exc.to_response()
+
+
+_HTTP_CODES = {
+    404: ("not_found", "No such endpoint. The API lives under /v1 (see GET /v1/models)."),
+    405: ("method_not_allowed", "This endpoint does not accept that HTTP method."),
+    413: ("body_too_large", "The request body is larger than this gateway accepts."),
+}
+
+
+def http_exception_handler(_: Request, exc: HTTPException) -> Response:
+    """Litestar's own errors (routing, method, body size) in OpenAI's shape."""
+    status = exc.status_code
+    code, message = _HTTP_CODES.get(status, ("invalid_request" if status < 500 else "server_error", exc.detail))
+    headers = dict(exc.headers or {})
+    return ApiError(status if status in _TYPES else 400, code, message, headers=headers).to_response()
+
+
+def unexpected_error_handler(request: Request, exc: Exception) -> Response:
+    """Last resort: log the traceback for operators, show the client no internals."""
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return ApiError(500, "internal_error",
+                    "The gateway hit an unexpected error; it has been logged. Nothing was served.").to_response()
+
+
+EXCEPTION_HANDLERS = {
+    ApiError: api_error_handler,
+    HTTPException: http_exception_handler,
+    Exception: unexpected_error_handler,
+}

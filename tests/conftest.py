@@ -1,0 +1,170 @@
+"""Fixtures that start the real parts: Redis, a Celery worker process, the app.
+
+Everything listens on loopback or a unix socket under one short temporary
+folder (unix socket paths are limited to ~100 bytes, so pytest's long
+tmp_path is not used for Redis). Session-scoped where starting is costly;
+tests that break a part get their own copy of it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from audit import AuditStore, make_engine
+from gateway.app import create_app
+from gateway.auth import KeyStore
+from gateway.components import open_database
+from gateway.processes import child_preexec, stop_process
+from gateway.redis_server import RedisProcess
+from gateway.settings import Settings
+from gateway.supervisor import child_env
+from workers.celery_app import make_celery
+from workers.registry import TINY_MODEL_NAME
+from tests.conftest_models import tiny_model_path, tiny_spec  # noqa: F401  (shared fixtures)
+
+ROOT = Path(__file__).resolve().parent.parent
+#: A model in the test registry that no worker serves (timeouts, expiry).
+IDLE_MODEL = "idle-tiny"
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def var_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="gg-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server(var_dir: Path) -> Iterator[RedisProcess]:
+    """A real Redis, resolved exactly as ``govgate up`` resolves it."""
+    server = RedisProcess.start(var_dir / "redis", persist=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def models_file(var_dir: Path) -> Path:
+    """The test registry: the built-in tiny model plus one no worker serves."""
+    path = var_dir / "models.toml"
+    model = var_dir / "models" / "govgate-tiny-llama.gguf"
+    path.write_text(
+        f'[models.{TINY_MODEL_NAME}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 512\n'
+        f'family = "llama"\ntags = ["tiny"]\n\n'
+        f'[models.{IDLE_MODEL}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 512\n'
+        f'family = "llama"\ntags = ["tiny"]\n'
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def settings(var_dir: Path, redis_server: RedisProcess, models_file: Path) -> Settings:
+    return Settings(var_dir=var_dir, redis_url=redis_server.url, policy_dir=ROOT / "policies",
+                    models_file=str(models_file), request_timeout_s=60.0, port=free_port())
+
+
+def spawn_cli(settings: Settings, *args: str, log: Path | None = None) -> subprocess.Popen:
+    """Run ``govgate <args>`` as a real child process configured by ``settings``."""
+    env = child_env(settings, settings.redis_url)
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "gateway.cli", *args], env=env, stdin=subprocess.DEVNULL,
+                            stdout=out, stderr=subprocess.STDOUT, preexec_fn=child_preexec())
+
+
+def wait_for_worker(redis_url: str, model: str, process: subprocess.Popen, timeout_s: float = 60) -> None:
+    app = make_celery(redis_url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"worker for {model} exited with {process.returncode}"
+            for reply in app.control.ping(timeout=0.5) or []:
+                if any(name.startswith(f"{model}.") for name in reply):
+                    return
+        raise TimeoutError(f"worker for {model} did not answer within {timeout_s}s")
+    finally:
+        app.close()
+
+
+@pytest.fixture(scope="session")
+def worker(settings: Settings) -> Iterator[subprocess.Popen]:
+    """A real Celery worker process serving the tiny model."""
+    process = spawn_cli(settings, "worker", "--model", TINY_MODEL_NAME, log=settings.var_dir / "worker.log")
+    wait_for_worker(settings.redis_url, TINY_MODEL_NAME, process)
+    yield process
+    stop_process(process, timeout_s=30)
+
+
+@pytest.fixture(scope="session")
+def keyring(settings: Settings) -> dict[str, str]:
+    """API keys for each kind of principal the shipped policy knows."""
+    store = KeyStore(open_database(settings))
+    keys = {
+        "admin": store.create("root", team="ops", roles=["admin"]).secret,
+        "analyst": store.create("alice", team="research", roles=["analyst"]).secret,
+        "viewer": store.create("victor", team="research", roles=["viewer"]).secret,
+        "nobody": store.create("nora", team=None, roles=[]).secret,
+    }
+    revoked = store.create("rex", team="research", roles=["analyst"])
+    store.revoke(revoked.key.key_id)
+    keys["revoked"] = revoked.secret
+    store.engine.dispose()
+    return keys
+
+
+@pytest.fixture(scope="session")
+def audit_store(settings: Settings) -> Iterator[AuditStore]:
+    engine = make_engine(settings.effective_database_url)
+    yield AuditStore(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+async def client(settings: Settings, worker: subprocess.Popen) -> AsyncIterator[AsyncTestClient]:
+    """The real app in-process, talking to the real Redis, worker and database."""
+    async with AsyncTestClient(create_app(settings), timeout=120) as test_client:
+        yield test_client
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="session")
+def served_api(settings: Settings, worker: subprocess.Popen) -> Iterator[str]:
+    """``govgate serve`` as a real uvicorn process; yields its base URL."""
+    import httpx
+
+    process = spawn_cli(settings, "serve", log=settings.var_dir / "serve.log")
+    base = f"http://{settings.host}:{settings.port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"govgate serve exited with {process.returncode}"
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        raise TimeoutError("govgate serve did not become healthy")
+    yield base
+    stop_process(process)

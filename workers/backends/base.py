@@ -1,0 +1,304 @@
+"""The contract every model backend meets, and the token loop they share.
+
+Why one shared loop (:class:`GenerationRun`): the accounting a governance
+gateway records (prompt and completion token counts, why generation ended)
+must mean the same thing whichever library runs the model. A backend only
+supplies its tokenizer's counts, an iterator of sampled token ids that ends at
+end-of-sequence, and the bytes of each token; everything else (max_tokens,
+stop sequences, UTF-8 reassembly, streaming hold-back) is done here once.
+
+This module imports no model library, so the gateway can use the types.
+"""
+
+from __future__ import annotations
+
+import codecs
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol, runtime_checkable
+
+from workers.registry import ModelSpec
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+
+class BackendError(RuntimeError):
+    """The model cannot serve this request: file missing or unloadable, prompt too long, ..."""
+
+
+class PromptTooLongError(BackendError):
+    """Prompt plus requested completion do not fit the context window.
+
+    A separate class because it is the caller's fault (an HTTP 400, OpenAI's
+    ``context_length_exceeded``) while other backend errors are the server's.
+    """
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_length = context_length
+        super().__init__(
+            f"prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}: "
+            f"{prompt_tokens + max_tokens} exceeds the model's context of {context_length} tokens"
+        )
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How to sample. Checked here so every backend rejects the same nonsense."""
+
+    max_tokens: int
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 40  # 0 or less means the whole vocabulary
+    stop: tuple[str, ...] = ()
+    seed: int = -1  # negative: a fresh random seed
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must not be negative")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be positive")
+        if isinstance(self.stop, str):  # a lone string would be split into characters
+            object.__setattr__(self, "stop", (self.stop,))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A finished completion with the counts an audit record needs."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (eos or a stop sequence) | "length" (hit max_tokens)
+
+
+@runtime_checkable
+class LoadedModel(Protocol):
+    """A model in memory, ready to serve one generation at a time."""
+
+    spec: ModelSpec
+
+    @property
+    def context_length(self) -> int:
+        """Context slots the loaded model has; prompt + max_tokens must fit."""
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """Context slots ``text`` takes when sent as a prompt (BOS included)."""
+        ...
+
+    def stream(self, prompt: str, params: GenerationParams) -> "GenerationRun":
+        """Text pieces as they are generated; the run's counts are final once exhausted."""
+        ...
+
+    def generate(self, prompt: str, params: GenerationParams) -> Generation:
+        """The whole completion; the same loop as :meth:`stream`, drained."""
+        ...
+
+
+class GenerationRun(Iterator[str]):
+    """One generation: iterate for text pieces, then read the counts.
+
+    ``token_ids`` yields sampled ids and simply ends at end-of-sequence (the
+    eos id itself is not yielded); ``token_bytes`` gives each id's raw bytes.
+    Pieces are decoded incrementally so a character split over byte tokens is
+    never emitted half-way, and any tail of the text that could still grow
+    into a stop sequence is held back until it can't.
+
+    ``finish_reason`` is ``None`` until the run ends, and stays ``None`` if the
+    consumer closes it early (the client went away: neither reason is true).
+    """
+
+    def __init__(
+        self,
+        token_ids: Iterator[int],
+        token_bytes: Callable[[int], bytes],
+        *,
+        prompt_tokens: int,
+        params: GenerationParams,
+    ) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._token_ids = token_ids
+        self._token_bytes = token_bytes
+        self._params = params
+        self._pieces = self._run()
+
+    def __iter__(self) -> GenerationRun:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop early; frees the model for the next request."""
+        self._pieces.close()
+        self._close_token_ids()
+
+    def collect(self) -> Generation:
+        """Drain the run into a :class:`Generation`."""
+        text = "".join(self)
+        assert self.finish_reason is not None
+        return Generation(text, self.prompt_tokens, self.completion_tokens, self.finish_reason)
+
+    def _close_token_ids(self) -> None:
+        close = getattr(self._token_ids, "close", None)
+        if close is not None:
+            close()
+
+    def _run(self) -> Iterator[str]:
+        stops = tuple(s for s in self._params.stop if s)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
+        cut: int | None = None
+        try:
+            for token in self._token_ids:
+                self.completion_tokens += 1
+                pending += decoder.decode(self._token_bytes(token))
+                cut = find_stop(pending, stops)
+                if cut is not None:
+                    self.finish_reason = FINISH_STOP
+                    break
+                if self.completion_tokens >= self._params.max_tokens:
+                    self.finish_reason = FINISH_LENGTH
+                    break
+                ready = len(pending) - stop_prefix_length(pending, stops)
+                if ready > 0:
+                    yield pending[:ready]
+                    pending = pending[ready:]
+            else:
+                self.finish_reason = FINISH_STOP  # end-of-sequence
+        finally:
+            # Free the model before the last piece: the consumer may never
+            # ask for the end of the iteration once it has seen the text.
+            self._close_token_ids()
+        if cut is None:
+            pending += decoder.decode(b"", final=True)
+            cut = find_stop(pending, stops)
+            if cut is not None:
+                self.finish_reason = FINISH_STOP
+        if cut is not None:
+            pending = pending[:cut]
+        if pending:
+            yield pending
+
+
+def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Index where the earliest stop sequence starts in ``text``, if any."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of a stop.
+
+    That tail must be held back while streaming: the next token may complete
+    the stop sequence, and a stop sequence must never reach the client.
+    """
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+_GGUF_MAGIC = b"GGUF"
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def check_model_file(path: Path) -> None:
+    """Raise :class:`BackendError` unless ``path`` is a loadable-looking model file.
+
+    Why: the C loaders memory-map the file and trust it. A missing path makes
+    ctransformers look it up on the Hugging Face hub, and a truncated GGUF
+    (an interrupted copy) loads "fine" and then reads past the end of the
+    map. For GGUF files this walks the header and tensor table (cheap, no
+    tensor data is read) and checks every tensor lies inside the file.
+    Other formats (old GGML files) are left to the backend.
+    """
+    if not path.exists():
+        raise BackendError(f"model file {path} does not exist")
+    if not path.is_file():
+        raise BackendError(f"model path {path} is not a file")
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != _GGUF_MAGIC:
+                return
+            _check_gguf(fh, path.stat().st_size)
+    except OSError as exc:
+        raise BackendError(f"model file {path} cannot be read: {exc}") from None
+    except (struct.error, ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise BackendError(f"model file {path} is not a valid GGUF file ({exc}); is it truncated?") from None
+
+
+def _check_gguf(fh: BinaryIO, file_size: int) -> None:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    def read(fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        data = fh.read(size)
+        if len(data) != size:
+            raise ValueError("unexpected end of file")
+        return struct.unpack(fmt, data)[0]
+
+    def read_string() -> str:
+        n = read("<Q")
+        if n > file_size:
+            raise ValueError("string length beyond end of file")
+        return fh.read(n).decode("utf-8")
+
+    def skip_value(vtype: int) -> None:
+        if vtype == _GGUF_STRING:
+            fh.seek(read("<Q"), 1)
+        elif vtype == _GGUF_ARRAY:
+            item_type, count = read("<I"), read("<Q")
+            if item_type in _GGUF_SCALAR_SIZES:
+                fh.seek(_GGUF_SCALAR_SIZES[item_type] * count, 1)
+            else:
+                for _ in range(count):
+                    skip_value(item_type)
+        else:
+            fh.seek(_GGUF_SCALAR_SIZES[vtype], 1)
+
+    if read("<I") not in (2, 3):
+        return  # GGUF v1 (32-bit lengths) or a future layout: the backend decides
+    n_tensors, n_kv = read("<Q"), read("<Q")
+    alignment = 32
+    for _ in range(n_kv):
+        key, vtype = read_string(), read("<I")
+        if key == "general.alignment" and vtype == 4:
+            alignment = read("<I")
+        else:
+            skip_value(vtype)
+        if fh.tell() > file_size:
+            raise ValueError("metadata runs past the end of the file")
+    end = 0
+    for _ in range(n_tensors):
+        read_string()
+        dims = [read("<Q") for _ in range(read("<I"))]
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(read("<I"))]
+        offset = read("<Q")
+        elements = 1
+        for d in dims:
+            elements *= d
+        end = max(end, offset + elements // block * type_size)
+    data_start = -(-fh.tell() // alignment) * alignment
+    if data_start + end > file_size:
+        raise ValueError(f"tensor data needs {data_start + end} bytes but the file has {file_size}")

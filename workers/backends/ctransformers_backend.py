@@ -1,0 +1,198 @@
+"""Serve GGUF/GGML models on CPU with ctransformers.
+
+Why generation is driven token by token here rather than with ctransformers'
+``llm(prompt, max_new_tokens=...)``: the gateway needs truthful counts from the
+model's own tokenizer and a truthful finish reason, and ctransformers' own
+text loop neither reports them nor decodes multi-byte characters correctly.
+So this module supplies ids (``llm.generate``) and token bytes, and the shared
+:class:`~workers.backends.base.GenerationRun` does the rest.
+
+Quirks of ctransformers 0.2.27 handled here (each found by trying):
+
+* ``LLM.tokenize`` allocates ``len(text) + 1`` ints, but the llama tokenizer
+  adds a BOS and a leading-space piece and falls back to one token per UTF-8
+  byte, so it can write past the buffer. We call the C function with our own
+  buffer sized from the UTF-8 length.
+* Going past the context window only logs a warning and then produces garbage,
+  so prompt + max_tokens is checked before any evaluation.
+* ``temperature=0`` divides by zero in the sampler; greedy is ``top_k=1``.
+* A path that does not exist is looked up on the Hugging Face hub, and a
+  truncated GGUF loads and then reads past its memory map; the file is checked
+  first (:func:`~workers.backends.base.check_model_file`).
+* For GGUF files the architecture comes from the file; ``model_type`` is only
+  used for old GGML files.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from workers.backends.base import (
+    BackendError,
+    Generation,
+    GenerationParams,
+    GenerationRun,
+    PromptTooLongError,
+    check_model_file,
+)
+from workers.registry import ModelSpec
+
+_LIB_NAMES = {"Linux": "libctransformers.so", "Darwin": "libctransformers.dylib", "Windows": "ctransformers.dll"}
+
+#: Tokens the repetition penalty looks back over (ctransformers' default).
+_LAST_N_TOKENS = 64
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU feature flags Linux reports; empty where there is no /proc/cpuinfo."""
+    try:
+        text = cpuinfo.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def choose_lib(flags: set[str] | None = None) -> str:
+    """Path of the ctransformers build this CPU can run.
+
+    Chosen explicitly because ctransformers' own choice calls ``py-cpuinfo``,
+    which takes over a second and starts a child process to run CPUID (which a
+    daemonic worker process, like Celery's prefork children, may not do).
+    The avx build also uses F16C, so it needs both flags, as ctransformers
+    itself requires.
+    """
+    import ctransformers
+
+    flags = cpu_flags() if flags is None else flags
+    if "avx2" in flags:
+        build = "avx2"
+    elif "avx" in flags and "f16c" in flags:
+        build = "avx"
+    else:
+        build = "basic"
+    name = _LIB_NAMES.get(platform.system())
+    if name is None:
+        return build  # ctransformers resolves a build name itself
+    path = Path(ctransformers.__file__).parent / "lib" / build / name
+    if not path.is_file():
+        raise BackendError(f"ctransformers has no {build} library at {path}; reinstall ctransformers")
+    return str(path)
+
+
+class CTransformersModel:
+    """A model loaded by ctransformers. One generation at a time; others wait."""
+
+    def __init__(self, spec: ModelSpec, llm: Any, lib: str) -> None:
+        self.spec = spec
+        self.lib = lib
+        self._llm = llm
+        self._detokenize = llm.ctransformers_llm_detokenize
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> CTransformersModel:
+        """Load ``spec.path``; every failure is a :class:`BackendError` naming the model."""
+        check_model_file(spec.path)
+        try:
+            from ctransformers import AutoModelForCausalLM
+        except ImportError as exc:
+            raise BackendError(f"model {spec.name}: ctransformers is not installed ({exc})") from None
+        lib = choose_lib()
+        try:
+            llm = AutoModelForCausalLM.from_pretrained(
+                str(spec.path),
+                model_type=spec.model_type,
+                lib=lib,
+                threads=spec.threads,
+                context_length=spec.context_length,
+                gpu_layers=0,
+                local_files_only=True,
+            )
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise BackendError(f"model {spec.name}: ctransformers cannot load {spec.path}: {exc}") from None
+        if llm.vocab_size <= 0 or llm.context_length <= 0:
+            raise BackendError(f"model {spec.name}: {spec.path} loaded without a vocabulary or context")
+        return cls(spec, llm, lib)
+
+    @property
+    def context_length(self) -> int:
+        """Context slots the loaded model really has (what ctransformers allocated)."""
+        return self._llm.context_length
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` as a prompt: BOS first, as the model will see it."""
+        data = text.encode("utf-8")
+        if b"\x00" in data:
+            raise BackendError("text contains a NUL character, which the model's C API cannot take")
+        # Worst case: BOS, the leading-space piece, then one byte token per byte.
+        buffer = (ctypes.c_int * (len(data) + 8))()
+        n = self._llm.ctransformers_llm_tokenize(data, True, buffer)
+        return list(buffer[:n])
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def stream(self, prompt: str, params: GenerationParams) -> GenerationRun:
+        """Start a generation. Errors about the prompt are raised now, before any piece."""
+        tokens = self.tokenize(prompt)
+        if len(tokens) + params.max_tokens > self.context_length:
+            raise PromptTooLongError(len(tokens), params.max_tokens, self.context_length)
+        return GenerationRun(
+            self._token_ids(tokens, params),
+            self._token_bytes,
+            prompt_tokens=len(tokens),
+            params=params,
+        )
+
+    def generate(self, prompt: str, params: GenerationParams) -> Generation:
+        return self.stream(prompt, params).collect()
+
+    def _token_bytes(self, token: int) -> bytes:
+        return self._detokenize(token) or b""
+
+    def _token_ids(self, tokens: list[int], params: GenerationParams) -> Iterator[int]:
+        """Sampled ids until end-of-sequence; holds the model while running.
+
+        The lock is taken on the first ``next()`` and released when the run
+        ends or is closed, so an abandoned stream frees the model. A second
+        stream on the same thread would wait on itself forever, so it fails.
+        """
+        if self._owner == threading.get_ident():
+            raise BackendError(
+                f"model {self.spec.name} is already generating on this thread; finish or close that stream first"
+            )
+        if params.greedy:
+            top_k, top_p, temperature = 1, 1.0, 1.0
+        else:
+            top_k = params.top_k if params.top_k > 0 else self._llm.vocab_size
+            top_p, temperature = params.top_p, params.temperature
+        seed = params.seed % 2**31 if params.seed >= 0 else -1
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield from self._llm.generate(
+                    tokens,
+                    top_k=top_k,
+                    top_p=top_p,
+                    temperature=temperature,
+                    repetition_penalty=params.repetition_penalty,
+                    last_n_tokens=_LAST_N_TOKENS,
+                    seed=seed,
+                    threads=self.spec.threads,
+                    reset=True,
+                )
+            except BackendError:
+                raise
+            except RuntimeError as exc:  # ctransformers' "Failed to evaluate tokens."
+                raise BackendError(f"model {self.spec.name}: generation failed: {exc}") from exc
+            finally:
+                self._owner = None

@@ -1,0 +1,127 @@
+"""Running one queued job: generate, then write its one terminal audit entry.
+
+Kept apart from the Celery wiring so the rules are plain functions: a job
+whose request already has a terminal entry (a redelivery after a crash, or a
+request the gateway already gave up on) is answered from that entry and not
+generated again; every other outcome is written to the audit log before it
+is returned, because nothing may reach a client unaudited.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
+from workers.backends import BackendError, GenerationParams, LoadedModel, PromptTooLongError
+from workers.contract import STATUS_COMPLETED, STATUS_FAILED, GenerateJob, JobResult
+from workers.prompts import render_chat
+
+log = logging.getLogger(__name__)
+
+
+def params_from_job(job: GenerateJob, extra_stops: tuple[str, ...]) -> GenerationParams:
+    """Backend parameters from the request's (already policy-clamped) params."""
+    p = job.params
+    stop = p.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    seed = p.get("seed")
+    return GenerationParams(
+        max_tokens=int(p["max_tokens"]),
+        temperature=float(p.get("temperature", 1.0)),
+        top_p=float(p.get("top_p", 1.0)),
+        stop=tuple(stop) + extra_stops,
+        seed=-1 if seed is None else int(seed),
+    )
+
+
+def prompt_for(job: GenerateJob, model: LoadedModel) -> tuple[str, tuple[str, ...]]:
+    """The prompt text and the stop sequences its format implies."""
+    if job.endpoint == "chat.completions":
+        return render_chat(job.messages or [], model.spec.prompt_format)
+    return job.prompt or "", ()
+
+
+def result_from_entry(entry: AuditEntry) -> JobResult:
+    """Rebuild a job's result from its terminal audit entry (redelivery path)."""
+    return JobResult.from_terminal(entry.kind, entry.seq, entry.body)
+
+
+def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore) -> JobResult:
+    """Generate for ``job`` and record the outcome; see the module docstring."""
+    existing = store.terminal_for(job.request_id)
+    if existing is not None:
+        log.info("request %s already ended as %s; not generating again", job.request_id, existing.kind)
+        return result_from_entry(existing)
+
+    started_ns = time.time_ns()
+    queue_ms = (started_ns - job.enqueued_at_ns) / 1e6 if job.enqueued_at_ns else None
+    worker = {"hostname": socket.gethostname(), "pid": os.getpid()}
+    try:
+        prompt, format_stops = prompt_for(job, model)
+        generation = model.generate(prompt, params_from_job(job, format_stops))
+    except PromptTooLongError as exc:
+        return _record_failure(job, store, "context_length_exceeded", str(exc), worker)
+    except BackendError as exc:
+        return _record_failure(job, store, "generation_failed", str(exc), worker)
+    except Exception as exc:  # a model bug must still end the request in the log
+        log.exception("generation for %s crashed", job.request_id)
+        return _record_failure(job, store, "worker_error", f"{type(exc).__name__}: {exc}", worker)
+
+    generate_ms = (time.time_ns() - started_ns) / 1e6
+    usage = {
+        "prompt_tokens": generation.prompt_tokens,
+        "completion_tokens": generation.completion_tokens,
+        "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+    }
+    body: dict[str, Any] = {
+        "output": generation.text,
+        "finish_reason": generation.finish_reason,
+        "usage": usage,
+        "timings": {"queue_ms": queue_ms, "generate_ms": generate_ms},
+        "worker": worker,
+    }
+    entry = _append_terminal(job, store, "completion", body)
+    if isinstance(entry, JobResult):
+        return entry
+    return JobResult(
+        status=STATUS_COMPLETED,
+        text=generation.text,
+        finish_reason=generation.finish_reason,
+        prompt_tokens=generation.prompt_tokens,
+        completion_tokens=generation.completion_tokens,
+        audit_seq=entry.seq,
+    )
+
+
+def _record_failure(job: GenerateJob, store: AuditStore, code: str, message: str,
+                    worker: dict[str, Any]) -> JobResult:
+    error = {"code": code, "message": message}
+    entry = _append_terminal(job, store, "failed", {"error": error, "worker": worker})
+    if isinstance(entry, JobResult):
+        return entry
+    return JobResult(status=STATUS_FAILED, audit_seq=entry.seq, error=error)
+
+
+def _append_terminal(job: GenerateJob, store: AuditStore, kind: str,
+                     body: dict[str, Any]) -> AuditEntry | JobResult:
+    """Append the terminal entry; if another process ended the request first, defer to it."""
+    try:
+        return store.append(kind, job.request_id, principal=job.principal, team=job.team,
+                            model=job.model, body=body, policy_revision=job.policy_revision)
+    except DuplicateTerminalError:
+        winner = store.terminal_for(job.request_id)
+        log.warning("request %s was ended elsewhere first (%s); dropping this %s",
+                    job.request_id, winner.kind if winner else "?", kind)
+        if winner is None:  # pragma: no cover - the constraint implies a winner exists
+            raise
+        return result_from_entry(winner)
+    except AuditError as exc:
+        # Unaudited output must not be served: report failure without the text.
+        log.error("cannot record %s for %s: %s", kind, job.request_id, exc)
+        return JobResult(status=STATUS_FAILED,
+                         error={"code": "audit_unavailable", "message": "the audit store cannot be written"})
