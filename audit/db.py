@@ -4,10 +4,11 @@ Several OS processes (the gateway and every Celery worker) append to the same
 database. Keeping *one* unbroken chain needs a lock taken before the head is
 read, not just at commit time:
 
-* SQLite: ``BEGIN IMMEDIATE`` takes the database write lock up front. pysqlite
-  (Python < 3.12 legacy mode) normally issues its own deferred ``BEGIN`` only
-  before DML, so we switch that off (``isolation_level = None``) and emit
-  ``BEGIN``/``BEGIN IMMEDIATE`` ourselves from SQLAlchemy's ``begin`` event.
+* SQLite: ``BEGIN IMMEDIATE`` takes the database write lock up front. pysqlite's
+  default ("legacy") transaction control issues its own deferred ``BEGIN``,
+  and only before DML, so we switch that off (``isolation_level = None``) and
+  emit ``BEGIN``/``BEGIN IMMEDIATE`` ourselves from SQLAlchemy's ``begin``
+  event (the recipe in SQLAlchemy's SQLite docs; works on every Python).
   A deferred transaction that later tries to write in WAL mode can fail with
   ``SQLITE_BUSY`` *without* waiting, which is why the lock must come first.
 * PostgreSQL: ``pg_advisory_xact_lock`` with a fixed key, released at commit;
@@ -53,6 +54,11 @@ def describe(engine: Engine) -> str:
     return engine.url.render_as_string(hide_password=True)
 
 
+def reason(exc: BaseException) -> str:
+    """The driver's message when there is one (SQLAlchemy's adds SQL and a link)."""
+    return str(getattr(exc, "orig", None) or exc)
+
+
 def make_engine(url: str) -> Engine:
     """Create an engine for the audit store (SQLite tuned for many processes).
 
@@ -65,12 +71,13 @@ def make_engine(url: str) -> Engine:
     """
     try:
         sa_url = make_url(url)
-    except ArgumentError as exc:
-        raise AuditError(f"invalid audit database URL: {exc}") from exc
-    if sa_url.get_backend_name() != "sqlite":
-        return create_engine(sa_url, pool_pre_ping=True)
-    _create_parent_dir(sa_url)
-    engine = create_engine(sa_url, connect_args={"timeout": BUSY_TIMEOUT_S})
+        if sa_url.get_backend_name() != "sqlite":
+            return create_engine(sa_url, pool_pre_ping=True)
+        _create_parent_dir(sa_url)
+        engine = create_engine(sa_url, connect_args={"timeout": BUSY_TIMEOUT_S})
+    except (ArgumentError, SQLAlchemyError, ImportError) as exc:
+        # Unparseable URL, unknown dialect, or its driver is not installed.
+        raise AuditError(f"cannot use audit database URL {url!r}: {exc}") from exc
     _install_sqlite_hooks(engine)
     return engine
 
@@ -210,4 +217,4 @@ def migrate(engine: Engine, revision: str = "head") -> None:
         with locked_transaction(engine, MIGRATE_LOCK_KEY) as conn:
             command.upgrade(alembic_config(conn), revision)
     except (*DB_ERRORS, CommandError) as exc:
-        raise AuditError(f"cannot migrate audit schema in {describe(engine)}: {exc}") from exc
+        raise AuditError(f"cannot migrate audit schema in {describe(engine)}: {reason(exc)}") from exc

@@ -22,7 +22,7 @@ from sqlalchemy import Engine, Select, select
 from sqlalchemy.exc import IntegrityError
 
 from .chain import GENESIS_HASH, canonical_json, entry_hash
-from .db import APPEND_LOCK_KEY, DB_ERRORS, describe, locked_transaction
+from .db import APPEND_LOCK_KEY, DB_ERRORS, describe, locked_transaction, reason
 from .entry import AuditEntry
 from .errors import AuditError, CorruptEntryError, DuplicateTerminalError, InvalidEntryError
 from .kinds import KINDS, TERMINAL_KINDS
@@ -95,7 +95,7 @@ class AuditStore:
                     raise DuplicateTerminalError(request_id, existing.kind) from exc
             raise AuditError(f"audit append refused by {describe(self._engine)}: {exc.orig}") from exc
         except DB_ERRORS as exc:
-            raise AuditError(f"audit append failed on {describe(self._engine)}: {_reason(exc)}") from exc
+            raise AuditError(f"audit append failed on {describe(self._engine)}: {reason(exc)}") from exc
         return AuditEntry(**fields)
 
     # -- reading -----------------------------------------------------------
@@ -173,7 +173,7 @@ class AuditStore:
             with self._engine.connect() as conn:
                 yield conn
         except DB_ERRORS as exc:
-            raise AuditError(f"audit read failed on {describe(self._engine)}: {_reason(exc)}") from exc
+            raise AuditError(f"audit read failed on {describe(self._engine)}: {reason(exc)}") from exc
 
     def _fetch(self, stmt: Select[Any], *, seq: int | None = None) -> list[AuditEntry]:
         """Run a SELECT of whole rows; ``seq`` names the row for error messages."""
@@ -205,8 +205,3 @@ def _normalise_body(body: Mapping[str, Any]) -> dict[str, Any]:
         return json.loads(canonical_json(dict(body)))
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidEntryError(f"body is not plain JSON: {exc}") from exc
-
-
-def _reason(exc: BaseException) -> str:
-    """The driver's message when there is one (SQLAlchemy's adds SQL and a URL)."""
-    return str(getattr(exc, "orig", None) or exc)

@@ -142,12 +142,7 @@ class CompletionService:
             async with self.waiter.expect(job.request_id) as pending:
                 await self.dispatcher.enqueue(job)
                 meta = await pending.get(self.request_timeout_s)
-        except (QueueUnavailable, RedisError, OSError) as exc:
-            log.error("queue unavailable for %s: %s", job.request_id, exc)
-            await self._end(job, principal, "failed", {"error": {"code": "queue_unavailable", "message": str(exc)}})
-            raise ApiError(503, "queue_unavailable",
-                           "The request queue is unavailable; nothing was generated. Try again shortly.") from None
-        except ResultTimeout:
+        except ResultTimeout:  # before OSError: TimeoutError is one
             winner = await self._end(job, principal, "timed_out",
                                      {"error": {"code": "timed_out",
                                                 "message": f"no result within {self.request_timeout_s:g}s"}})
@@ -155,6 +150,11 @@ class CompletionService:
                 return JobResult.from_terminal(winner.kind, winner.seq, winner.body)
             raise ApiError(504, "timed_out",
                            f"The model did not answer within {self.request_timeout_s:g} seconds.") from None
+        except (QueueUnavailable, RedisError, OSError) as exc:
+            log.error("queue unavailable for %s: %s", job.request_id, exc)
+            await self._end(job, principal, "failed", {"error": {"code": "queue_unavailable", "message": str(exc)}})
+            raise ApiError(503, "queue_unavailable",
+                           "The request queue is unavailable; nothing was generated. Try again shortly.") from None
         return await self._settle(job, principal, meta)
 
     async def _settle(self, job: GenerateJob, principal: Principal, meta: dict[str, Any]) -> JobResult:

@@ -258,10 +258,12 @@ def _migrate_only(url: str, barrier: Any) -> None:
     migrate(engine)
 
 
-def test_processes_starting_together_can_all_migrate(tmp_path: Path) -> None:
-    url = _url(tmp_path / "fresh.db")
-    barrier = SPAWN.Barrier(4)
-    _run([SPAWN.Process(target=_migrate_only, args=(url, barrier)) for _ in range(4)])
+@pytest.mark.parametrize("attempt", [1, 2])
+def test_processes_starting_together_can_all_migrate(tmp_path: Path, attempt: int) -> None:
+    """Workers opening a fresh file together: the switch to WAL and the migration must queue, not fail."""
+    url = _url(tmp_path / f"fresh{attempt}.db")
+    barrier = SPAWN.Barrier(8)
+    _run([SPAWN.Process(target=_migrate_only, args=(url, barrier)) for _ in range(8)])
     assert _versions(make_engine(url)) == ["audit_0001"]
 
 
@@ -370,6 +372,8 @@ def test_uncreatable_folder_gives_audit_error(tmp_path: Path) -> None:
     _assert_clean_audit_error(caught)
 
 
-def test_malformed_url_gives_audit_error() -> None:
-    with pytest.raises(AuditError):
-        make_engine("not a url")
+@pytest.mark.parametrize("url", ["not a url", "nosuchdialect://x/y"])
+def test_unusable_url_gives_audit_error(url: str) -> None:
+    with pytest.raises(AuditError) as caught:
+        make_engine(url)
+    _assert_clean_audit_error(caught)

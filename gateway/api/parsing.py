@@ -29,7 +29,7 @@ def parse_body(raw: bytes, kind: type[T]) -> T:
         raise ApiError(400, "invalid_json", "The request body is empty; send a JSON object.")
     try:
         document = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"The request body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise ApiError(400, "invalid_json", "The request body must be a JSON object.")

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import update
 from sqlmodel import Field, Session, SQLModel, select
 
 KEY_PREFIX = "gk_"
@@ -120,16 +121,18 @@ class KeyStore:
             raise KeyStoreError(f"cannot read keys: {exc}") from exc
 
     def revoke(self, key_id: str) -> bool:
-        """Revoke by key id; False when no such live key exists."""
+        """Revoke by key id; False when no such live key exists.
+
+        One conditional UPDATE (no read-then-write), so it cannot lose a race
+        with another writer on SQLite and revoking twice is harmless.
+        """
+        statement = (update(ApiKey).where(ApiKey.key_id == key_id, ApiKey.revoked_at.is_(None))
+                     .values(revoked_at=_now()))
         try:
             with Session(self.engine) as session:
-                row = session.get(ApiKey, key_id)
-                if row is None or row.revoked_at is not None:
-                    return False
-                row.revoked_at = _now()
-                session.add(row)
+                changed = session.exec(statement).rowcount
                 session.commit()
-                return True
+                return changed == 1
         except SQLAlchemyError as exc:
             raise KeyStoreError(f"cannot revoke key {key_id}: {exc}") from exc
 

@@ -1,0 +1,148 @@
+"""Every kind of bad input gets its designed status and an OpenAI-shaped error.
+
+None of them may produce a 500 or reach a worker; those from a known
+principal are recorded as ``rejected`` audit entries.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import bearer
+from workers.registry import TINY_MODEL_NAME
+
+pytestmark = pytest.mark.anyio
+
+OK_MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def chat(**fields) -> bytes:
+    return json.dumps({"model": TINY_MODEL_NAME, "messages": OK_MESSAGES, **fields}).encode()
+
+
+BAD_BODIES = [
+    # (case id, raw body, status, code, param)
+    ("not-json", b"{model: nope", 400, "invalid_json", None),
+    ("empty-body", b"", 400, "invalid_json", None),
+    ("json-array", b"[1, 2]", 400, "invalid_json", None),
+    ("json-string", b'"hello"', 400, "invalid_json", None),
+    ("invalid-utf8", b'{"model": "\xff\xfe"}', 400, "invalid_json", None),
+    ("missing-messages", json.dumps({"model": TINY_MODEL_NAME}).encode(), 422, "invalid_value", "messages"),
+    ("missing-model", json.dumps({"messages": OK_MESSAGES}).encode(), 422, "invalid_value", "model"),
+    ("empty-messages", chat(messages=[]), 422, "invalid_value", "messages"),
+    ("messages-not-list", chat(messages="hello"), 422, "invalid_value", "messages"),
+    ("message-not-object", chat(messages=["hello"]), 422, "invalid_value", "messages[0]"),
+    ("bad-role", chat(messages=[{"role": "wizard", "content": "x"}]), 422, "invalid_value", "messages[0].role"),
+    ("content-number", chat(messages=[{"role": "user", "content": 5}]), 422, "invalid_value",
+     "messages[0].content"),
+    ("content-null", chat(messages=[{"role": "user", "content": None}]), 422, "invalid_value",
+     "messages[0].content"),
+    ("max-tokens-zero", chat(max_tokens=0), 422, "invalid_value", "max_tokens"),
+    ("max-tokens-negative", chat(max_tokens=-5), 422, "invalid_value", "max_tokens"),
+    ("max-tokens-string", chat(max_tokens="10"), 422, "invalid_value", "max_tokens"),
+    ("max-tokens-float", chat(max_tokens=1.5), 422, "invalid_value", "max_tokens"),
+    ("temperature-too-high", chat(temperature=7), 422, "invalid_value", "temperature"),
+    ("top-p-zero", chat(top_p=0), 422, "invalid_value", "top_p"),
+    ("model-number", chat(model=42), 422, "invalid_value", "model"),
+    ("too-many-stops", chat(stop=["a", "b", "c", "d", "e"]), 422, "invalid_value", "stop"),
+    ("unknown-field", chat(logprobs=True), 400, "unsupported_parameter", "logprobs"),
+    ("n-two", chat(n=2), 400, "unsupported_parameter", "n"),
+    ("stream", chat(stream=True), 400, "unsupported_parameter", "stream"),
+    ("image-part", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+     422, "invalid_value", "messages[0].content[0].type"),
+    ("unknown-model", chat(model="no-such-model"), 404, "model_not_found", "model"),
+]
+
+
+@pytest.mark.parametrize("raw,status,code,param", [case[1:] for case in BAD_BODIES],
+                         ids=[case[0] for case in BAD_BODIES])
+async def test_bad_chat_body(client, keyring, audit_store, raw, status, code, param):
+    before = audit_store.head()
+    response = await client.post("/v1/chat/completions", content=raw,
+                                 headers={**bearer(keyring["analyst"]), "Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["param"] == param
+    assert error["message"] and error["type"]
+    # Recorded as a rejection by the known principal, and nothing else happened.
+    new = [e for e in audit_store.tail(5) if before is None or e.seq > before.seq]
+    assert [e.kind for e in new] == ["rejected"]
+    assert new[0].principal == "alice"
+    assert new[0].body["error"]["code"] == code
+    assert new[0].body["body_bytes"] == len(raw)
+
+
+@pytest.mark.parametrize("raw,status,code", [
+    (b'{"model": "%s", "prompt": 12}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
+    (b'{"model": "%s", "prompt": ["a", "b"]}' % TINY_MODEL_NAME.encode(), 400, "unsupported_parameter"),
+    (b'{"model": "%s"}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
+    (b'{"model": "%s", "prompt": "x", "max_tokens": 0}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
+])
+async def test_bad_completion_body(client, keyring, raw, status, code):
+    response = await client.post("/v1/completions", content=raw, headers=bearer(keyring["admin"]))
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+async def test_body_over_the_limit_is_413_and_audited(client, keyring, settings, audit_store):
+    huge = chat(messages=[{"role": "user", "content": "x" * (settings.max_body_bytes + 10)}])
+    response = await client.post("/v1/chat/completions", content=huge, headers=bearer(keyring["analyst"]))
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+    latest = audit_store.tail(1)[0]
+    assert latest.kind == "rejected" and latest.body["error"]["code"] == "body_too_large"
+
+
+async def test_prompt_longer_than_the_context_is_a_clear_400(client, keyring, audit_store):
+    long = " ".join(["gate"] * 700)
+    response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                 json={"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": long}],
+                                       "max_tokens": 16})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    request_id = response.headers.get("x-govgate-request-id") or audit_store.tail(2)[0].request_id
+    kinds = [e.kind for e in audit_store.entries_for(request_id)]
+    assert kinds == ["request", "failed"]
+
+
+@pytest.mark.parametrize("headers,code", [
+    ({}, "missing_api_key"),
+    ({"Authorization": "Bearer"}, "invalid_api_key"),
+    ({"Authorization": "Basic dXNlcjpwYXNz"}, "invalid_api_key"),
+    ({"Authorization": "Bearer gk_000000000000_" + "A" * 43}, "invalid_api_key"),
+    ({"Authorization": "Bearer not-a-key"}, "invalid_api_key"),
+    ({"Authorization": "Bearer " + "x" * 5000}, "invalid_api_key"),
+])
+async def test_missing_or_unknown_key_is_401(client, audit_store, headers, code):
+    before = audit_store.head()
+    response = await client.post("/v1/chat/completions", content=chat(), headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    error = response.json()["error"]
+    assert error["code"] == code and error["type"] == "authentication_error"
+    assert audit_store.head() == before  # no principal, nothing to attribute
+
+
+async def test_revoked_key_is_401(client, keyring):
+    response = await client.post("/v1/chat/completions", content=chat(), headers=bearer(keyring["revoked"]))
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+async def test_models_needs_a_key(client):
+    response = await client.get("/v1/models")
+    assert response.status_code == 401
+
+
+@pytest.mark.parametrize("method,path,status", [
+    ("GET", "/v1/chat/completions", 405),
+    ("POST", "/v1/nowhere", 404),
+    ("DELETE", "/v1/models", 405),
+])
+async def test_routing_errors_are_openai_shaped(client, keyring, method, path, status):
+    response = await client.request(method, path, headers=bearer(keyring["admin"]))
+    assert response.status_code == status
+    assert set(response.json()["error"]) >= {"message", "type", "code"}

@@ -1,0 +1,46 @@
+"""The official ``openai`` client, unmodified, against ``govgate serve`` (a real uvicorn process)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from workers.registry import TINY_MODEL_NAME
+
+
+@pytest.fixture
+def sdk(served_api, keyring):
+    return lambda role: openai.OpenAI(base_url=f"{served_api}/v1", api_key=keyring[role], max_retries=0)
+
+
+def test_chat_completion_through_the_sdk(sdk, audit_store):
+    client = sdk("analyst")
+    completion = client.chat.completions.create(
+        model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0)
+    again = client.chat.completions.create(
+        model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0)
+    assert completion.choices[0].message.content == again.choices[0].message.content  # greedy is deterministic
+    assert completion.choices[0].message.content.strip()
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 8
+    request_id = completion.id.removeprefix("chatcmpl-")
+    assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "completion"]
+
+
+def test_models_and_completions_through_the_sdk(sdk):
+    client = sdk("admin")
+    assert TINY_MODEL_NAME in [m.id for m in client.models.list()]
+    text = client.completions.create(model=TINY_MODEL_NAME, prompt="Once", max_tokens=4, temperature=0)
+    assert text.choices[0].text and text.usage.completion_tokens == 4
+
+
+def test_sdk_raises_typed_errors(sdk):
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        sdk("viewer").chat.completions.create(model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "x"}])
+    assert denied.value.code == "policy_denied"
+    with pytest.raises(openai.NotFoundError):
+        sdk("admin").chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.UnprocessableEntityError):
+        sdk("admin").chat.completions.create(model=TINY_MODEL_NAME, messages=[])
+    with pytest.raises(openai.AuthenticationError):
+        sdk("revoked").models.list()
