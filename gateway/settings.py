@@ -80,7 +80,8 @@ class Settings:
             try:
                 value = kind(raw)
             except ValueError:
-                raise SettingsError(f"GOVGATE_{name}={raw!r} is not a {kind.__name__}") from None
+                noun = "whole number" if kind is int else "number"
+                raise SettingsError(f"GOVGATE_{name}={raw!r} is not a {noun}") from None
             if value < minimum:
                 raise SettingsError(f"GOVGATE_{name}={raw!r} must be at least {minimum}")
             return value

@@ -1,0 +1,122 @@
+"""``govgate up`` from nothing: Redis, worker, API, admin key; Ctrl-C leaves nothing running."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from workers.registry import TINY_MODEL_NAME
+
+
+def processes_of(var_dir: Path) -> list[int]:
+    """Pids of live processes started with this var dir in their environment."""
+    marker = f"GOVGATE_VAR_DIR={var_dir}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                status = (entry / "status").read_text()
+                if "State:\tZ" not in status:
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+class Up:
+    """A ``govgate up`` process whose output is read line by line."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "up"], env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        stdin=subprocess.DEVNULL)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout_s: float = 180) -> re.Match:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                assert self.process.poll() is None, "govgate up exited:\n" + "\n".join(self.seen)
+                continue
+            self.seen.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+        raise AssertionError(f"no line matching {pattern!r}:\n" + "\n".join(self.seen))
+
+    def interrupt(self) -> int:
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(90)
+
+
+@pytest.fixture
+def up_env():
+    var_dir = Path(tempfile.mkdtemp(prefix="gg-up-"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GOVGATE_")}
+    env.update({"GOVGATE_VAR_DIR": str(var_dir), "GOVGATE_PORT": str(port)})
+    yield env, var_dir, f"http://127.0.0.1:{port}"
+    for pid in processes_of(var_dir):  # never leak a stack into the rest of the session
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(var_dir, ignore_errors=True)
+
+
+def test_up_serves_a_governed_request_and_stops_cleanly(up_env):
+    env, var_dir, base = up_env
+    up = Up(env)
+    admin_key = up.wait_for(r"admin API key \(shown once, keep it\): (gk_\S+)").group(1)
+    assert up.wait_for(r"Ctrl-C stops everything")
+    assert any(f"{base}/v1" in line for line in up.seen)
+
+    user_key = subprocess.run([sys.executable, "-m", "gateway.cli", "keys", "create", "--user", "alice",
+                               "--team", "research", "--role", "analyst"], env=env, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    reply = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {user_key}"},
+                       json={"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Hello"}],
+                             "max_tokens": 5}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == 5
+    models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {admin_key}"}).json()
+    assert [m["id"] for m in models["data"]] == [TINY_MODEL_NAME]
+
+    verify = subprocess.run([sys.executable, "-m", "gateway.cli", "audit", "verify"], env=env,
+                            capture_output=True, text=True)
+    assert verify.returncode == 0 and verify.stdout.startswith("ok: 2 entries"), verify.stdout
+
+    children = processes_of(var_dir)
+    assert len(children) >= 4  # up, redis, worker (+ its pool process), api
+    assert up.interrupt() == 0
+    deadline = time.monotonic() + 30
+    while processes_of(var_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_of(var_dir) == []
+    assert not (var_dir / "redis" / "redis.sock").exists()
+
+    # A second start reuses the admin key and the model instead of making new ones.
+    again = Up(env)
+    assert again.wait_for(r"admin API key: created on an earlier run")
+    assert again.wait_for(r"Ctrl-C stops everything")
+    assert again.interrupt() == 0
