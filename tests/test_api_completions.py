@@ -134,3 +134,28 @@ async def test_health_reports_dependencies(client):
     body = response.json()
     assert body["checks"] == {"database": "ok", "redis": "ok", "policy": "ok"}
     assert len(body["policy_revision"]) == 16
+
+
+async def test_concurrent_requests_each_get_their_own_result(client, keyring, audit_store):
+    """One shared pub/sub listener serves many waiters; results must never cross."""
+    import anyio
+
+    results: dict[int, dict] = {}
+
+    async def one(n: int) -> None:
+        response = await client.post("/v1/completions", headers=bearer(keyring["admin"]),
+                                     json={"model": TINY_MODEL_NAME, "prompt": f"request {n}", "max_tokens": n,
+                                           "temperature": 0})
+        assert response.status_code == 200, response.text
+        results[n] = {"body": response.json(), "request_id": response.headers["x-govgate-request-id"]}
+
+    async with anyio.create_task_group() as group:
+        for n in range(1, 41):
+            group.start_soon(one, n)
+    assert len(results) == 40
+    for n, got in results.items():
+        assert got["body"]["usage"]["completion_tokens"] == n
+        completion = audit_store.terminal_for(got["request_id"])
+        assert completion.kind == "completion"
+        assert completion.body["output"] == got["body"]["choices"][0]["text"]
+    assert verify_chain(audit_store).ok

@@ -1,0 +1,513 @@
+"""How much does governance cost per request? (``make bench``)
+
+Starts a private govgate stack (Redis, one worker for the tiny model, the API
+under uvicorn) in a temporary folder, plus a bare Litestar app served by the
+same uvicorn settings, drives both with the same async client loop, and
+prints throughput, latency and server CPU per request for each, with the
+ratios govgate / baseline. Requests ask for one token at temperature 0, so
+what is measured is the gateway's path (auth, policy, audit, queue, result
+hand-back), not generation.
+
+The absolute figures move with whatever else the machine is doing; the
+ratios are the figures to watch, because both sides run back to back under
+the same noise. Nothing here asserts a timing.
+
+Usage::
+
+    .venv/bin/python bench/overhead.py [--requests 400] [--concurrency 32] [--warmup 64]
+
+Everything started here listens on loopback or a unix socket and is stopped
+at the end, also on Ctrl-C, SIGTERM or an error; if this process is killed
+outright, its children receive SIGTERM (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+CHAT_PATH = "/v1/chat/completions"
+HEALTH_PATH = "/healthz"
+#: uvicorn log level for both servers (the same settings on both sides).
+LOG_LEVEL = "INFO"
+#: The longest a single request may take before it counts as an error.
+REQUEST_TIMEOUT_S = 30.0
+#: The longest one measured phase may take; a stuck stack ends the run, not hangs it.
+PHASE_TIMEOUT_S = 300.0
+
+
+# ---------------------------------------------------------------- baseline app
+
+
+def baseline_app() -> Any:
+    """A Litestar app doing what any JSON endpoint does and nothing else.
+
+    It parses the same body and answers with a chat-completion-shaped document
+    of similar size, so the difference to govgate is the governance path, not
+    the framework or JSON handling.
+    """
+    import uuid
+
+    from litestar import Litestar, get, post
+
+    @post(CHAT_PATH, status_code=200)
+    async def chat(data: dict[str, Any]) -> dict[str, Any]:
+        request_id = uuid.uuid4().hex
+        return {
+            "id": f"chatcmpl-{request_id}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": str(data.get("model", "")),
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": "x"},
+                "finish_reason": "length",
+                "logprobs": None,
+            }],
+            "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9},
+        }
+
+    @get(HEALTH_PATH)
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return Litestar(route_handlers=[chat, health], debug=False)
+
+
+def serve_baseline(port: int) -> None:
+    """Run the baseline with the uvicorn options ``govgate serve`` uses."""
+    import uvicorn
+
+    uvicorn.run(baseline_app(), host=HOST, port=port, log_level=LOG_LEVEL.lower(),
+                access_log=False, lifespan="on")
+
+
+# ---------------------------------------------------------------- CPU accounting
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name (which may hold spaces)."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def _child_map() -> dict[int, list[int]]:
+    """ppid -> pids for every process visible now (one scan of /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int(_stat_fields(int(entry.name))[1])
+        except (OSError, ValueError, IndexError):
+            continue  # exited while we looked
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its live descendants (a Celery worker forks its pool)."""
+    children = _child_map()
+    found, todo = [], [pid]
+    while todo and len(found) < 10_000:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User+system CPU of a process tree, including children it already reaped.
+
+    Each live process contributes utime+stime plus cutime+cstime (its reaped
+    children), so a pool process replaced mid-run is still counted once.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for member in _tree(pid):
+        try:
+            fields = _stat_fields(member)
+        except OSError:
+            continue
+        total += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+    return total / ticks
+
+
+@dataclass
+class CpuProbe:
+    """Named process trees whose CPU is read before and after a phase."""
+
+    pids: dict[str, int]
+    before: dict[str, float] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.before = {name: tree_cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def ms_per_request(self, requests: int) -> dict[str, float]:
+        """CPU milliseconds each tree spent per request since :meth:`start`."""
+        return {name: (tree_cpu_seconds(pid) - self.before[name]) * 1000 / max(requests, 1)
+                for name, pid in self.pids.items()}
+
+
+# ---------------------------------------------------------------- client loop
+
+
+@dataclass
+class Phase:
+    """The outcome of one measured run against one server."""
+
+    requests: int
+    wall_s: float
+    latencies_ms: list[float]
+    statuses: Counter
+
+    @property
+    def errors(self) -> int:
+        return sum(n for status, n in self.statuses.items() if status != "200")
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.wall_s if self.wall_s > 0 else 0.0
+
+    def percentile(self, p: float) -> float | None:
+        """Nearest-rank percentile of successful requests' latency."""
+        ordered = sorted(self.latencies_ms)
+        if not ordered:
+            return None
+        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+async def drive(base_url: str, headers: dict[str, str], body: dict[str, Any],
+                count: int, concurrency: int) -> Phase:
+    """Send ``count`` requests with ``concurrency`` in flight; one client, kept-alive connections."""
+    import httpx
+
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    numbers = iter(range(count))  # shared: each loop takes the next request number
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits,
+                                 timeout=REQUEST_TIMEOUT_S) as client:
+        async def loop() -> None:
+            for _ in numbers:
+                started = time.perf_counter()
+                try:
+                    response = await client.post(CHAT_PATH, json=body)
+                    status = str(response.status_code)
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                if status == "200":
+                    latencies.append((time.perf_counter() - started) * 1000)
+                statuses[status] += 1
+
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(PHASE_TIMEOUT_S):
+                await asyncio.gather(*(loop() for _ in range(concurrency)))
+        except TimeoutError:
+            raise TimeoutError(f"{count} requests to {base_url} did not finish within {PHASE_TIMEOUT_S:.0f}s") from None
+        wall = time.perf_counter() - started
+    return Phase(requests=count, wall_s=wall, latencies_ms=latencies, statuses=statuses)
+
+
+def measure(base_url: str, headers: dict[str, str], body: dict[str, Any], args: argparse.Namespace,
+            probe: CpuProbe) -> tuple[Phase, dict[str, float]]:
+    """Warm up (unmeasured), then one measured phase with CPU read around it."""
+    asyncio.run(drive(base_url, headers, body, args.warmup, args.concurrency))
+    probe.start()
+    phase = asyncio.run(drive(base_url, headers, body, args.requests, args.concurrency))
+    return phase, probe.ms_per_request(phase.requests)
+
+
+# ---------------------------------------------------------------- the stacks
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def forget_govgate_environment() -> None:
+    """Drop inherited GOVGATE_* variables: the bench measures its own stack only.
+
+    ``child_env`` starts from this process's environment, so a developer's
+    shell pointing at another Redis or registry would otherwise leak in.
+    """
+    for name in [n for n in os.environ if n.startswith("GOVGATE_")]:
+        del os.environ[name]
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A child in its own session (Ctrl-C reaches only us; we stop it in order)."""
+    from gateway.processes import child_preexec
+
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=child_preexec())
+
+
+@dataclass
+class Started:
+    """What one start step gives the measurement: where to send, what to watch."""
+
+    base_url: str
+    headers: dict[str, str]
+    cpu_pids: dict[str, int]
+    stop: Callable[[], None]
+
+
+def start_govgate(var_dir: Path) -> Started:
+    """Redis, one tiny-model worker, ``govgate serve``, and an admin key."""
+    from gateway.auth import KeyStore
+    from gateway.components import open_database
+    from gateway.redis_server import RedisProcess
+    from gateway.settings import Settings
+    from gateway.supervisor import Stack, child_env, wait_for_api, wait_for_workers
+    from workers.registry import TINY_MODEL_NAME
+
+    stack = Stack()
+    try:
+        stack.redis = RedisProcess.start(var_dir / "redis", persist=False)
+        settings = Settings(var_dir=var_dir, redis_url=stack.redis.url, policy_dir=ROOT / "policies",
+                            host=HOST, port=free_port(), log_level=LOG_LEVEL)
+        engine = open_database(settings)
+        secret = KeyStore(engine).create("bench", team="ops", roles=["admin"], note="bench/overhead.py").secret
+        engine.dispose()
+        env = child_env(settings, stack.redis.url)
+        env["GOVGATE_REQUEST_TIMEOUT_S"] = str(REQUEST_TIMEOUT_S)
+        stack.workers[TINY_MODEL_NAME] = spawn(["-m", "gateway.cli", "worker", "--model", TINY_MODEL_NAME],
+                                               env, var_dir / "worker.log")
+        wait_for_workers(stack.redis.url, [TINY_MODEL_NAME], stack, timeout_s=120)
+        stack.api = spawn(["-m", "gateway.cli", "serve"], env, var_dir / "serve.log")
+        base_url = f"http://{HOST}:{settings.port}"
+        wait_for_api(base_url + HEALTH_PATH, stack)
+    except BaseException:
+        stack.stop()
+        raise
+    return Started(base_url=base_url, headers={"Authorization": f"Bearer {secret}"},
+                   cpu_pids={"server": stack.api.pid, "worker": stack.workers[TINY_MODEL_NAME].pid,
+                             "redis": stack.redis.process.pid},
+                   stop=stack.stop)
+
+
+def start_baseline(var_dir: Path) -> Started:
+    """The bare Litestar app in its own uvicorn process (this file, ``--serve-baseline``)."""
+    from gateway.supervisor import Stack, wait_for_api
+
+    port = free_port()
+    stack = Stack(api=spawn([str(Path(__file__).resolve()), "--serve-baseline", str(port)],
+                            dict(os.environ), var_dir / "baseline.log"))
+    base_url = f"http://{HOST}:{port}"
+    try:
+        wait_for_api(base_url + HEALTH_PATH, stack)
+    except BaseException:
+        stack.stop()
+        raise
+    return Started(base_url=base_url, headers={}, cpu_pids={"server": stack.api.pid}, stop=stack.stop)
+
+
+def request_body() -> dict[str, Any]:
+    """One token, greedy: the cheapest request the worker can answer."""
+    from workers.registry import TINY_MODEL_NAME
+
+    return {"model": TINY_MODEL_NAME, "max_tokens": 1, "temperature": 0,
+            "messages": [{"role": "user", "content": "Say hello in one word."}]}
+
+
+def run_one(start: Callable[[Path], Started], var_dir: Path, args: argparse.Namespace,
+            say: Callable[[str], None], name: str) -> tuple[Phase, dict[str, float]]:
+    """Start one server, measure it, stop it, so the other side runs on a quiet machine."""
+    say(f"{name}: starting …")
+    started = start(var_dir)
+    try:
+        say(f"{name}: {args.warmup} warm-up + {args.requests} measured requests at concurrency {args.concurrency}")
+        return measure(started.base_url, started.headers, request_body(), args, CpuProbe(started.cpu_pids))
+    finally:
+        with signals_deferred():
+            started.stop()
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def figures(phase: Phase, cpu: dict[str, float]) -> dict[str, Any]:
+    """One side's figures, rounded for reading; the JSON line carries the same."""
+    p50, p99 = phase.percentile(50), phase.percentile(99)
+    return {
+        "requests": phase.requests,
+        "wall_s": round(phase.wall_s, 3),
+        "rps": round(phase.rps, 1),
+        "p50_ms": None if p50 is None else round(p50, 2),
+        "p99_ms": None if p99 is None else round(p99, 2),
+        "errors": phase.errors,
+        "statuses": dict(phase.statuses),
+        "cpu_ms_per_request": {k: round(v, 3) for k, v in cpu.items()},
+    }
+
+
+def ratios(gov: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
+    """govgate / baseline; throughput below 1 and latency/CPU above 1 mean overhead."""
+    gov_cpu, base_cpu = gov["cpu_ms_per_request"], base["cpu_ms_per_request"]
+    raw = {
+        "rps": _ratio(gov["rps"], base["rps"]),
+        "p50": _ratio(gov["p50_ms"], base["p50_ms"]),
+        "p99": _ratio(gov["p99_ms"], base["p99_ms"]),
+        "server_cpu": _ratio(gov_cpu["server"], base_cpu["server"]),
+        "total_cpu": _ratio(sum(gov_cpu.values()), base_cpu["server"]),
+    }
+    return {k: None if v is None else round(v, 2) for k, v in raw.items()}
+
+
+def _cell(value: Any, width: int, suffix: str = "") -> str:
+    text = "-" if value is None else f"{value}{suffix}"
+    return text.rjust(width)
+
+
+def table(gov: dict[str, Any], base: dict[str, Any], ratio: dict[str, Any]) -> str:
+    """A small aligned table: one row per side, one for the ratios."""
+    heads = ["", "req/s", "p50 ms", "p99 ms", "errors", "server CPU", "worker CPU", "redis CPU"]
+    widths = [16, 9, 9, 9, 7, 12, 12, 11]
+    lines = ["".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(heads, widths))),
+             " " * 43 + "(CPU: ms per request)".rjust(widths[5] + widths[6] + widths[7])]
+    for name, side in (("govgate", gov), ("bare litestar", base)):
+        cpu = side["cpu_ms_per_request"]
+        cells = [side["rps"], side["p50_ms"], side["p99_ms"], side["errors"],
+                 cpu.get("server"), cpu.get("worker"), cpu.get("redis")]
+        lines.append(name.ljust(widths[0]) + "".join(_cell(c, w) for c, w in zip(cells, widths[1:])))
+    cells = [ratio["rps"], ratio["p50"], ratio["p99"], None, ratio["server_cpu"], None, None]
+    lines.append("govgate / bare".ljust(widths[0])
+                 + "".join(_cell(c, w, "x" if c is not None else "") for c, w in zip(cells, widths[1:])))
+    lines.append(f"all govgate processes (server+worker+redis) / bare server CPU: {ratio['total_cpu']}x")
+    return "\n".join(lines)
+
+
+def _status_note(name: str, side: dict[str, Any]) -> str | None:
+    if not side["errors"]:
+        return None
+    return f"{name}: non-200 outcomes {json.dumps(side['statuses'], sort_keys=True)}"
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=400, help="measured requests per side (default 400)")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
+    parser.add_argument("--warmup", type=int, default=64, help="unmeasured requests first (default 64)")
+    parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.requests < 1 or args.concurrency < 1 or args.warmup < 0:
+        parser.error("--requests and --concurrency must be at least 1, --warmup at least 0")
+    return args
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ignore Ctrl-C/SIGTERM while stopping children: a second one must not cut cleanup short."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so the same cleanup runs as on Ctrl-C."""
+    def handler(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@dataclass
+class TempDir:
+    """A short folder under /tmp (unix socket paths are limited to ~100 bytes)."""
+
+    path: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ggb-", dir="/tmp")))
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _log_tails(var_dir: Path, lines: int = 15) -> Iterator[str]:
+    """The end of each child's log, shown when a start fails (the folder is removed after)."""
+    for log in sorted(var_dir.glob("*.log")) + sorted(var_dir.glob("redis/*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        yield f"--- {log.name} (last {len(tail)} lines)"
+        yield from tail
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure govgate, then the baseline, and print the table and the JSON line."""
+    from gateway.supervisor import StartupError
+    from gateway.redis_server import RedisUnavailable
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    forget_govgate_environment()
+    with TempDir() as var_dir:
+        try:
+            gov_phase, gov_cpu = run_one(start_govgate, var_dir, args, say, "govgate")
+            base_phase, base_cpu = run_one(start_baseline, var_dir, args, say, "bare litestar")
+        except (StartupError, RedisUnavailable, TimeoutError) as exc:
+            say(f"bench: {type(exc).__name__}: {exc}")
+            for line in _log_tails(var_dir):
+                say(line)
+            return 1
+    gov, base = figures(gov_phase, gov_cpu), figures(base_phase, base_cpu)
+    ratio = ratios(gov, base)
+    print(f"concurrency {args.concurrency}, {args.requests} requests per side, max_tokens 1, "
+          f"{os.cpu_count()} CPUs")
+    print(table(gov, base, ratio))
+    for note in filter(None, (_status_note("govgate", gov), _status_note("bare litestar", base))):
+        print(note)
+    print(json.dumps({"concurrency": args.concurrency, "requests": args.requests, "warmup": args.warmup,
+                      "govgate": gov, "baseline": base, "ratios": ratio}, sort_keys=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_baseline is not None:
+        serve_baseline(args.serve_baseline)
+        return 0
+    _stop_on_sigterm()
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("bench: interrupted; everything it started has been stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
