@@ -177,6 +177,8 @@ class Phase:
     wall_s: float
     latencies_ms: list[float]
     statuses: Counter
+    #: CPU this process spent driving the phase: when it nears wall time, the client is the bottleneck.
+    client_cpu_s: float = 0.0
 
     @property
     def errors(self) -> int:
@@ -218,14 +220,14 @@ async def drive(base_url: str, headers: dict[str, str], body: dict[str, Any],
                     latencies.append((time.perf_counter() - started) * 1000)
                 statuses[status] += 1
 
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         try:
             async with asyncio.timeout(PHASE_TIMEOUT_S):
                 await asyncio.gather(*(loop() for _ in range(concurrency)))
         except TimeoutError:
             raise TimeoutError(f"{count} requests to {base_url} did not finish within {PHASE_TIMEOUT_S:.0f}s") from None
-        wall = time.perf_counter() - started
-    return Phase(requests=count, wall_s=wall, latencies_ms=latencies, statuses=statuses)
+        wall, client_cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return Phase(requests=count, wall_s=wall, latencies_ms=latencies, statuses=statuses, client_cpu_s=client_cpu)
 
 
 def measure(base_url: str, headers: dict[str, str], body: dict[str, Any], args: argparse.Namespace,
@@ -234,7 +236,9 @@ def measure(base_url: str, headers: dict[str, str], body: dict[str, Any], args: 
     asyncio.run(drive(base_url, headers, body, args.warmup, args.concurrency))
     probe.start()
     phase = asyncio.run(drive(base_url, headers, body, args.requests, args.concurrency))
-    return phase, probe.ms_per_request(phase.requests)
+    cpu = probe.ms_per_request(phase.requests)
+    cpu["client"] = phase.client_cpu_s * 1000 / phase.requests
+    return phase, cpu
 
 
 # ---------------------------------------------------------------- the stacks
@@ -377,31 +381,31 @@ def ratios(gov: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]
         "p50": _ratio(gov["p50_ms"], base["p50_ms"]),
         "p99": _ratio(gov["p99_ms"], base["p99_ms"]),
         "server_cpu": _ratio(gov_cpu["server"], base_cpu["server"]),
-        "total_cpu": _ratio(sum(gov_cpu.values()), base_cpu["server"]),
+        "total_cpu": _ratio(sum(gov_cpu[k] for k in ("server", "worker", "redis")), base_cpu["server"]),
     }
     return {k: None if v is None else round(v, 2) for k, v in raw.items()}
 
 
-def _cell(value: Any, width: int, suffix: str = "") -> str:
-    text = "-" if value is None else f"{value}{suffix}"
-    return text.rjust(width)
+_LABEL_WIDTH, _CELL_WIDTH = 16, 9
+_COLUMNS = ("req/s", "p50 ms", "p99 ms", "errors", "server", "worker", "redis", "client")
+
+
+def _row(label: str, cells: list[Any], suffix: str = "") -> str:
+    texts = ["-" if c is None else f"{c}{suffix}" for c in cells]
+    return label.ljust(_LABEL_WIDTH) + "".join(t.rjust(_CELL_WIDTH) for t in texts)
 
 
 def table(gov: dict[str, Any], base: dict[str, Any], ratio: dict[str, Any]) -> str:
     """A small aligned table: one row per side, one for the ratios."""
-    heads = ["", "req/s", "p50 ms", "p99 ms", "errors", "server CPU", "worker CPU", "redis CPU"]
-    widths = [16, 9, 9, 9, 7, 12, 12, 11]
-    lines = ["".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(heads, widths))),
-             " " * 43 + "(CPU: ms per request)".rjust(widths[5] + widths[6] + widths[7])]
+    cpu_title = "--- CPU ms per request ---".center(4 * _CELL_WIDTH)
+    lines = [(" " * (_LABEL_WIDTH + 4 * _CELL_WIDTH) + cpu_title).rstrip(), _row("", list(_COLUMNS))]
     for name, side in (("govgate", gov), ("bare litestar", base)):
         cpu = side["cpu_ms_per_request"]
-        cells = [side["rps"], side["p50_ms"], side["p99_ms"], side["errors"],
-                 cpu.get("server"), cpu.get("worker"), cpu.get("redis")]
-        lines.append(name.ljust(widths[0]) + "".join(_cell(c, w) for c, w in zip(cells, widths[1:])))
-    cells = [ratio["rps"], ratio["p50"], ratio["p99"], None, ratio["server_cpu"], None, None]
-    lines.append("govgate / bare".ljust(widths[0])
-                 + "".join(_cell(c, w, "x" if c is not None else "") for c, w in zip(cells, widths[1:])))
-    lines.append(f"all govgate processes (server+worker+redis) / bare server CPU: {ratio['total_cpu']}x")
+        lines.append(_row(name, [side["rps"], side["p50_ms"], side["p99_ms"], side["errors"],
+                                 *(cpu.get(k) for k in ("server", "worker", "redis", "client"))]))
+    lines.append(_row("govgate / bare", [ratio["rps"], ratio["p50"], ratio["p99"], None,
+                                         ratio["server_cpu"], None, None, None], suffix="x"))
+    lines.append(f"all govgate server-side processes (server+worker+redis) / bare server CPU: {ratio['total_cpu']}x")
     return "\n".join(lines)
 
 
@@ -416,7 +420,8 @@ def _status_note(name: str, side: dict[str, Any]) -> str | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=400, help="measured requests per side (default 400)")
+    # 1000 by default: CPU is read in 10 ms ticks, and the bare server spends well under 1 ms a request.
+    parser.add_argument("--requests", type=int, default=1000, help="measured requests per side (default 1000)")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
     parser.add_argument("--warmup", type=int, default=64, help="unmeasured requests first (default 64)")
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)

@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, TextIO
 
 from gateway.auth import KeyStore
@@ -44,6 +45,7 @@ class Stack:
     redis: RedisProcess | None = None
     workers: dict[str, subprocess.Popen] = field(default_factory=dict)
     api: subprocess.Popen | None = None
+    logs: Path | None = None
 
     def children(self) -> dict[str, subprocess.Popen]:
         named = {f"worker {name}": proc for name, proc in self.workers.items()}
@@ -141,7 +143,8 @@ def _check_alive(stack: Stack) -> None:
     for name, proc in stack.children().items():
         code = proc.poll()
         if code is not None:
-            raise StartupError(f"{name} exited with code {code}")
+            where = f" (see {stack.logs / (name.replace(' ', '-') + '.log')})" if stack.logs and name != "redis" else ""
+            raise StartupError(f"{name} exited with code {code}{where}")
 
 
 def run_up(settings: Settings, out: TextIO = sys.stdout) -> int:
@@ -179,7 +182,7 @@ def run_up(settings: Settings, out: TextIO = sys.stdout) -> int:
         registry = load_registry(settings.models_file, settings.var_dir)
         ensure_models(registry, say)
         env = child_env(settings, redis_url)
-        logs = settings.var_dir / "logs"
+        logs = stack.logs = settings.var_dir / "logs"
         logs.mkdir(exist_ok=True)
         for name in registry.names():
             say(f"  worker for model {name}: starting (log: {logs / f'worker-{name}.log'})")

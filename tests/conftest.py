@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
+import kombu.exceptions
 import pytest
+import redis
 from litestar.testing import AsyncTestClient
 
 from audit import AuditStore, make_engine
@@ -97,7 +99,12 @@ def wait_for_worker(redis_url: str, model: str, process: subprocess.Popen, timeo
     try:
         while time.monotonic() < deadline:
             assert process.poll() is None, f"worker for {model} exited with {process.returncode}"
-            for reply in app.control.ping(timeout=0.5) or []:
+            try:
+                replies = app.control.ping(timeout=0.5) or []
+            except (OSError, redis.RedisError, kombu.exceptions.KombuError):
+                time.sleep(0.2)  # Redis is (re)starting
+                continue
+            for reply in replies:
                 if any(name.startswith(f"{model}.") for name in reply):
                     return
         raise TimeoutError(f"worker for {model} did not answer within {timeout_s}s")

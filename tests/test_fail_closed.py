@@ -122,3 +122,36 @@ def test_chain_in_own_database_is_separate(own_database):
     own, _ = own_database
     store = AuditStore(make_engine(own.effective_database_url))
     assert store.head() is None
+
+
+async def test_gateway_recovers_when_redis_comes_back(settings, keyring, audit_store):
+    """Refuse while Redis is gone; serve again once it is back, without a restart."""
+    import tempfile
+
+    from tests.conftest import spawn_cli, wait_for_worker
+
+    redis_dir = Path(tempfile.mkdtemp(prefix="gg-rr-"))
+    own_redis = RedisProcess.start(redis_dir, persist=False)
+    own = settings.with_(redis_url=own_redis.url)
+    worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=redis_dir / "worker.log")
+    request = {"model": TINY_MODEL_NAME, "messages": HELLO, "max_tokens": 3, "temperature": 0}
+    try:
+        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
+        async with AsyncTestClient(create_app(own), timeout=60) as client:
+            first = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]), json=request)
+            own_redis.stop()
+            down = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]), json=request)
+            own_redis = RedisProcess.start(redis_dir, persist=False)
+            wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
+            back = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]), json=request)
+    finally:
+        from gateway.processes import stop_process
+
+        stop_process(worker, timeout_s=30)
+        own_redis.stop()
+    assert first.status_code == 200, first.text
+    assert down.status_code == 503 and down.json()["error"]["code"] == "queue_unavailable"
+    assert back.status_code == 200, back.text
+    # Greedy decoding, same prompt: the same text before and after the outage.
+    assert back.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    assert audit_store.terminal_for(back.headers["x-govgate-request-id"]).kind == "completion"
