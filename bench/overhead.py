@@ -14,7 +14,7 @@ the same noise. Nothing here asserts a timing.
 
 Usage::
 
-    .venv/bin/python bench/overhead.py [--requests 400] [--concurrency 32] [--warmup 64]
+    .venv/bin/python bench/overhead.py [--requests 1000] [--concurrency 32] [--warmup 64]
 
 Everything started here listens on loopback or a unix socket and is stopped
 at the end, also on Ctrl-C, SIGTERM or an error; if this process is killed
@@ -306,7 +306,8 @@ def start_govgate(var_dir: Path) -> Started:
         base_url = f"http://{HOST}:{settings.port}"
         wait_for_api(base_url + HEALTH_PATH, stack)
     except BaseException:
-        stack.stop()
+        with signals_deferred():
+            stack.stop()
         raise
     return Started(base_url=base_url, headers={"Authorization": f"Bearer {secret}"},
                    cpu_pids={"server": stack.api.pid, "worker": stack.workers[TINY_MODEL_NAME].pid,
@@ -325,7 +326,8 @@ def start_baseline(var_dir: Path) -> Started:
     try:
         wait_for_api(base_url + HEALTH_PATH, stack)
     except BaseException:
-        stack.stop()
+        with signals_deferred():
+            stack.stop()
         raise
     return Started(base_url=base_url, headers={}, cpu_pids={"server": stack.api.pid}, stop=stack.stop)
 
@@ -433,13 +435,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Ignore Ctrl-C/SIGTERM while stopping children: a second one must not cut cleanup short."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    """Hold Ctrl-C/SIGTERM while stopping children, then act on it.
+
+    A second Ctrl-C must not cut a stop short (and leave a child running), but
+    it must not be lost either: the run ends once the stop is done.
+    """
+    received: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum)) for sig in signals}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _stop_on_sigterm() -> None:
@@ -484,7 +494,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             gov_phase, gov_cpu = run_one(start_govgate, var_dir, args, say, "govgate")
             base_phase, base_cpu = run_one(start_baseline, var_dir, args, say, "bare litestar")
-        except (StartupError, RedisUnavailable, TimeoutError) as exc:
+        except (StartupError, RedisUnavailable, TimeoutError, OSError) as exc:
             say(f"bench: {type(exc).__name__}: {exc}")
             for line in _log_tails(var_dir):
                 say(line)
