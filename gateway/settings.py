@@ -43,6 +43,10 @@ class Settings:
     policy_dir: Path = field(default_factory=_default_policy_dir)
     #: Longest a policy evaluation may take before it counts as a deny.
     policy_timeout_s: float = 0.5
+    #: OPA server to evaluate policies on; empty means the embedded engine.
+    opa_url: str = ""
+    #: How often the gateway looks for changed policy files (0 turns polling off; SIGHUP still reloads).
+    policy_reload_interval_s: float = 2.0
     #: TOML model registry; empty means the built-in tiny model.
     models_file: str = ""
     #: Longest a request waits for its completion before a 504.
@@ -95,6 +99,9 @@ class Settings:
             redis_url=text("REDIS_URL", ""),
             policy_dir=Path(text("POLICY_DIR", str(defaults.policy_dir))).expanduser().resolve(),
             policy_timeout_s=float(number("POLICY_TIMEOUT_S", defaults.policy_timeout_s, float, 0.001)),
+            opa_url=text("OPA_URL", "").rstrip("/"),
+            policy_reload_interval_s=float(number("POLICY_RELOAD_INTERVAL_S", defaults.policy_reload_interval_s,
+                                                  float, 0.0)),
             models_file=text("MODELS_FILE", ""),
             request_timeout_s=float(number("REQUEST_TIMEOUT_S", defaults.request_timeout_s, float, 0.01)),
             max_body_bytes=int(number("MAX_BODY_BYTES", defaults.max_body_bytes, int, 1024)),
