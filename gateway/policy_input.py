@@ -1,6 +1,6 @@
 """Building the policy input document (DESIGN.md, "Policy input").
 
-One function so both endpoints, ``policy explain`` and later the replay tool
+One module so both endpoints, ``policy explain`` and ``policy replay``
 describe a request to the policy in exactly the same way.
 """
 
@@ -13,6 +13,9 @@ from typing import Any
 from gateway.auth import Principal
 from workers.registry import ModelSpec
 
+#: Fields of ``input.request`` that carry prompt text (kept out of the stored copy).
+PROMPT_FIELDS = ("text", "messages", "prompt")
+
 
 def time_view(now_ns: int | None = None) -> dict[str, Any]:
     now_ns = time.time_ns() if now_ns is None else now_ns
@@ -20,18 +23,22 @@ def time_view(now_ns: int | None = None) -> dict[str, Any]:
     return {"now_ns": now_ns, "hour_utc": moment.hour, "weekday": moment.strftime("%A")}
 
 
+def prompt_text(messages: list[dict[str, str]] | None, prompt: str | None) -> str:
+    """All prompt text as one string: what content rules look at (``input.request.text``)."""
+    if messages is not None:
+        return "\n".join(m["content"] for m in messages)
+    return prompt or ""
+
+
 def build_input(*, principal: Principal, endpoint: str, model: ModelSpec, max_tokens: int,
                 stream: bool, purpose: str | None, messages: list[dict[str, str]] | None = None,
-                prompt: str | None = None, now_ns: int | None = None) -> dict[str, Any]:
+                prompt: str | None = None, usage: dict[str, Any] | None = None,
+                now_ns: int | None = None) -> dict[str, Any]:
     """The ``input`` document for one request."""
-    if messages is not None:
-        text = "\n".join(m["content"] for m in messages)
-    else:
-        text = prompt or ""
     request: dict[str, Any] = {
         "endpoint": endpoint,
         "model": model.name,
-        "text": text,
+        "text": prompt_text(messages, prompt),
         "max_tokens": max_tokens,
         "stream": stream,
         "purpose": purpose,
@@ -40,9 +47,18 @@ def build_input(*, principal: Principal, endpoint: str, model: ModelSpec, max_to
         request["messages"] = messages
     else:
         request["prompt"] = prompt
-    return {
+    document: dict[str, Any] = {
         "principal": principal.policy_view(),
         "request": request,
         "model": model.policy_view(),
         "time": time_view(now_ns),
     }
+    if usage is not None:
+        document["usage"] = usage
+    return document
+
+
+def without_prompt(document: dict[str, Any]) -> dict[str, Any]:
+    """The input minus its prompt text, for the audit entry (the prompt is stored per ``prompt_logging``)."""
+    request = {k: v for k, v in document["request"].items() if k not in PROMPT_FIELDS}
+    return {**document, "request": request}

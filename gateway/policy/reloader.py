@@ -1,0 +1,133 @@
+"""Hot reload: a changed policy folder takes effect without a restart.
+
+The gateway holds a :class:`ReloadingPolicyEngine` instead of an engine. It
+notices a change by recomputing the folder's revision (polling every
+``interval_s``; SIGHUP asks for an immediate look) and then opens a complete
+new engine. Opening validates: the Rego must compile and pass a trial
+evaluation, so a broken policy is rejected and the old one keeps serving.
+Only after the new engine is ready is it swapped in; the old one is closed a
+little later, so decisions already running on it finish rather than fail.
+
+Each decision is returned with the revision of the engine that made it, so
+the audit entry names the policy that was actually applied even while a
+reload happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from gateway.policy.decision import Decision
+from gateway.policy.engine import PolicyEngine
+from gateway.policy.revision import PolicyFilesError, policy_revision
+
+log = logging.getLogger("govgate.policy")
+
+EngineOpener = Callable[[], Awaitable[PolicyEngine]]
+
+#: How long a replaced engine stays open for decisions already running on it.
+RETIRE_AFTER_S = 10.0
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    changed: bool
+    revision: str
+    error: str | None = None
+
+
+class ReloadingPolicyEngine:
+    """A :class:`PolicyEngine` whose policy can be replaced while it serves."""
+
+    def __init__(self, engine: PolicyEngine, opener: EngineOpener, *, policy_dir: Path,
+                 interval_s: float = 0.0) -> None:
+        self._engine = engine
+        self._opener = opener
+        self._policy_dir = policy_dir
+        self._interval_s = interval_s
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+        self._watcher: asyncio.Task | None = None
+        self._hup_installed = False
+
+    @property
+    def revision(self) -> str:
+        return self._engine.revision
+
+    @property
+    def current(self) -> PolicyEngine:
+        return self._engine
+
+    async def decide(self, input: dict[str, Any]) -> Decision:
+        return await self._engine.decide(input)
+
+    async def decide_with_revision(self, input: dict[str, Any]) -> tuple[Decision, str]:
+        engine = self._engine  # the revision must be that of the engine that decided
+        return await engine.decide(input), engine.revision
+
+    async def visible_models(self, principal: dict[str, Any], models: list[dict[str, Any]]) -> set[str]:
+        return await self._engine.visible_models(principal, models)
+
+    async def reload(self, *, force: bool = False) -> ReloadResult:
+        """Load the folder again if its revision changed; keep the old policy on any error."""
+        async with self._lock:
+            old = self._engine
+            try:
+                on_disk = await asyncio.to_thread(policy_revision, self._policy_dir)
+            except (PolicyFilesError, OSError) as exc:
+                log.error("policy folder %s unreadable; keeping revision %s: %s", self._policy_dir, old.revision, exc)
+                return ReloadResult(False, old.revision, str(exc))
+            if on_disk == old.revision and not force:
+                return ReloadResult(False, old.revision)
+            try:
+                new = await self._opener()
+            except Exception as exc:  # a policy that does not load must never replace one that does
+                log.error("rejected policy revision %s (keeping %s): %s", on_disk, old.revision, exc)
+                return ReloadResult(False, old.revision, str(exc))
+            self._engine = new
+            log.info("policy reloaded: revision %s -> %s", old.revision, new.revision)
+            if new is not old:
+                self._spawn(self._retire(old))
+            return ReloadResult(new.revision != old.revision, new.revision)
+
+    async def start(self) -> None:
+        """Begin watching the folder and listening for SIGHUP (where the platform has it)."""
+        if self._interval_s > 0 and self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(), name="govgate-policy-watch")
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+            self._hup_installed = True
+
+    async def aclose(self) -> None:
+        if self._hup_installed:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        tasks = [t for t in (self._watcher, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self._engine.aclose()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            await self.reload()
+
+    async def _retire(self, engine: PolicyEngine) -> None:
+        try:
+            await asyncio.sleep(RETIRE_AFTER_S)
+        finally:
+            await engine.aclose()
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
