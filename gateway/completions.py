@@ -16,15 +16,18 @@ path"). Its ordering is the product's promise:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import anyio
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
@@ -33,9 +36,10 @@ from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.auth import Principal
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
 from gateway.errors import ApiError
-from gateway.policy import Decision, PolicyEngine
-from gateway.policy_input import build_input
-from workers.contract import STATUS_COMPLETED, GenerateJob, JobResult
+from gateway.policy import Decision
+from gateway.policy.reloader import ReloadingPolicyEngine
+from gateway.policy_input import build_input, without_prompt
+from workers.contract import CANCEL_TTL_S, STATUS_COMPLETED, GenerateJob, JobResult, cancel_key
 from workers.registry import ModelSpec, Registry
 
 log = logging.getLogger(__name__)
@@ -46,32 +50,37 @@ _EXCERPT_BYTES = 2048
 
 
 @dataclass(frozen=True)
-class Admitted:
-    """What the endpoint needs to shape its response."""
+class Ticket:
+    """An admitted request: recorded, allowed, ready to be queued."""
 
     request_id: str
+    principal: Principal
     model: str
     created: int
-    result: JobResult
+    job: GenerateJob
     decision: Decision
+    include_usage: bool = False
 
 
 class CompletionService:
     """Runs one request through policy, audit and the queue."""
 
-    def __init__(self, *, registry: Registry, policy: PolicyEngine, audit: AuditStore,
-                 dispatcher: Dispatcher, waiter: ResultWaiter, default_max_tokens: int,
+    def __init__(self, *, registry: Registry, policy: ReloadingPolicyEngine, audit: AuditStore,
+                 dispatcher: Dispatcher, waiter: ResultWaiter, redis: aioredis.Redis, default_max_tokens: int,
                  request_timeout_s: float) -> None:
         self.registry = registry
         self.policy = policy
         self.audit = audit
         self.dispatcher = dispatcher
         self.waiter = waiter
+        self.redis = redis
         self.default_max_tokens = default_max_tokens
         self.request_timeout_s = request_timeout_s
+        self._background: set[asyncio.Task] = set()
 
-    async def handle(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
-                     purpose_header: str | None) -> Admitted:
+    async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
+                    purpose_header: str | None) -> Ticket:
+        """Validate, decide and record a request; raise :class:`ApiError` if it is not admitted."""
         request_id = uuid.uuid4().hex
         raw = b""
         try:
@@ -86,11 +95,11 @@ class CompletionService:
         except ApiError as error:
             await self._record_rejection(request_id, principal, endpoint, error, raw)
             raise
-        return await self._admit(request_id, principal, endpoint, request, spec, purpose_header)
+        return await self._decide(request_id, principal, endpoint, request, spec, purpose_header)
 
-    async def _admit(self, request_id: str, principal: Principal, endpoint: str,
-                     request: ChatCompletionRequest | CompletionRequest, spec: ModelSpec,
-                     purpose_header: str | None) -> Admitted:
+    async def _decide(self, request_id: str, principal: Principal, endpoint: str,
+                      request: ChatCompletionRequest | CompletionRequest, spec: ModelSpec,
+                      purpose_header: str | None) -> Ticket:
         created = int(time.time())
         requested_max = self._requested_max_tokens(request)
         purpose = purpose_header or (request.metadata or {}).get("purpose")
@@ -102,7 +111,7 @@ class CompletionService:
         policy_input = build_input(principal=principal, endpoint=endpoint, model=spec,
                                    max_tokens=requested_max, stream=request.stream, purpose=purpose,
                                    messages=messages, prompt=prompt)
-        decision = await self.policy.decide(policy_input)
+        decision, revision = await self.policy.decide_with_revision(policy_input)
         max_tokens = decision.obligations.get("max_tokens", requested_max) if decision.allow else requested_max
         params = {
             "max_tokens": max_tokens,
@@ -116,48 +125,137 @@ class CompletionService:
             "key_id": principal.key_id,
             "roles": list(principal.roles),
             "purpose": purpose,
+            "stream": request.stream,
             "params": params,
             "requested_max_tokens": requested_max,
             "decision": decision.to_document(),
+            "policy_input": without_prompt(policy_input),
             **_logged_prompt(messages, prompt, decision.obligations.get("prompt_logging", "full")),
         }
-        await self._append("request", request_id, principal, spec.name, body, refuse_on_failure=True)
+        await self._append("request", request_id, principal, spec.name, body, revision, refuse_on_failure=True)
         if not decision.allow:
             raise _denial(decision)
-
         job = GenerateJob(request_id=request_id, model=spec.name, endpoint=endpoint, params=params,
-                          principal=principal.id, team=principal.team, policy_revision=self.policy.revision,
-                          messages=messages, prompt=prompt, enqueued_at_ns=time.time_ns())
-        result = await self._run(job, principal)
-        return Admitted(request_id=request_id, model=spec.name, created=created, result=result, decision=decision)
+                          principal=principal.id, team=principal.team, policy_revision=revision,
+                          messages=messages, prompt=prompt, stream=request.stream)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return Ticket(request_id=request_id, principal=principal, model=spec.name, created=created, job=job,
+                      decision=decision, include_usage=include_usage)
+
+    async def complete(self, ticket: Ticket) -> JobResult:
+        """Queue the job and wait for its result; every exit leaves one terminal entry."""
+        job = ticket.job
+        try:
+            async with self.waiter.expect(job.request_id) as pending:
+                await self._enqueue(ticket)
+                meta = await pending.get(self.request_timeout_s)
+        except ResultTimeout:  # before OSError: TimeoutError is one
+            return await self._timed_out(ticket)
+        except (QueueUnavailable, RedisError, OSError) as exc:
+            raise await self._queue_down(ticket, exc) from None
+        return await self._settle(ticket, meta)
+
+    @contextlib.asynccontextmanager
+    async def stream(self, ticket: Ticket) -> AsyncIterator[AsyncIterator[str | JobResult]]:
+        """Queue a streaming job; yields an iterator of text pieces ending with the result.
+
+        Entering queues the job (errors here are ordinary HTTP errors, before
+        any byte is sent). If the consumer stops early (the client went away),
+        leaving the block cancels the generation and makes sure the request
+        still gets its terminal entry.
+        """
+        job = ticket.job
+        finished = False
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                pending = await stack.enter_async_context(self.waiter.expect(job.request_id, stream=True))
+                await self._enqueue(ticket)
+            except (QueueUnavailable, RedisError, OSError) as exc:
+                raise await self._queue_down(ticket, exc) from None
+
+            async def events() -> AsyncIterator[str | JobResult]:
+                nonlocal finished
+                try:
+                    async for event in pending.events(self.request_timeout_s):
+                        if isinstance(event, str):
+                            yield event
+                        else:
+                            finished = True
+                            yield await self._settle(ticket, event)
+                except ResultTimeout:
+                    finished = True
+                    yield await self._timed_out(ticket)
+                except (RedisError, OSError) as exc:
+                    finished = True
+                    raise await self._queue_down(ticket, exc) from None
+
+            try:
+                yield events()
+            finally:
+                if not finished:
+                    self._abandon(ticket)
+
+    async def _enqueue(self, ticket: Ticket) -> None:
+        job = replace(ticket.job, enqueued_at_ns=time.time_ns())
+        await self.dispatcher.enqueue(job, priority=ticket.decision.obligations.get("priority"))
+
+    async def _timed_out(self, ticket: Ticket) -> JobResult:
+        """The wait ran out: stop the worker, end the request (unless it just ended), 504."""
+        job = ticket.job
+        await self._request_cancel(job.request_id)
+        winner = await self._end(ticket, "timed_out", {"error": {
+            "code": "timed_out", "message": f"no result within {self.request_timeout_s:g}s"}})
+        if winner is not None and winner.kind == "completion":
+            return JobResult.from_terminal(winner.kind, winner.seq, winner.body)
+        raise ApiError(504, "timed_out", f"The model did not answer within {self.request_timeout_s:g} seconds.")
+
+    async def _queue_down(self, ticket: Ticket, exc: BaseException) -> ApiError:
+        log.error("queue unavailable for %s: %s", ticket.request_id, exc)
+        await self._end(ticket, "failed", {"error": {"code": "queue_unavailable", "message": str(exc)}})
+        return ApiError(503, "queue_unavailable",
+                        "The request queue is unavailable; nothing was generated. Try again shortly.")
+
+    def _abandon(self, ticket: Ticket) -> None:
+        """The client left mid-stream: cancel the generation and see the request ended."""
+        task = asyncio.get_running_loop().create_task(self._cancel_and_close(ticket))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cancel_and_close(self, ticket: Ticket) -> None:
+        """Ask the worker to stop; if no worker ever ends the request, end it here.
+
+        A worker that picks the job up (or is running it) sees the cancel key,
+        stops, and records ``cancelled`` with the partial output. If the job
+        never reaches a worker before it expires, nobody else would record an
+        end, so after the queue's expiry the gateway records ``cancelled``.
+        """
+        request_id = ticket.request_id
+        await self._request_cancel(request_id)
+        deadline = time.monotonic() + self.request_timeout_s + 5
+        while time.monotonic() < deadline:
+            entry = await anyio.to_thread.run_sync(self.audit.terminal_for, request_id)
+            if entry is not None:
+                return
+            await asyncio.sleep(0.25)
+        await self._end(ticket, "cancelled", {"output": "", "error": {
+            "code": "cancelled", "message": "the client went away before a worker took the request"}})
+
+    async def _request_cancel(self, request_id: str) -> None:
+        try:
+            await self.redis.set(cancel_key(request_id), b"1", ex=CANCEL_TTL_S)
+        except (RedisError, OSError) as exc:
+            log.warning("cannot flag %s as cancelled: %s", request_id, exc)
+
+    async def aclose(self) -> None:
+        for task in list(self._background):
+            task.cancel()
 
     def _requested_max_tokens(self, request: ChatCompletionRequest | CompletionRequest) -> int:
         if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
             return request.max_completion_tokens
         return request.max_tokens if request.max_tokens is not None else self.default_max_tokens
 
-    async def _run(self, job: GenerateJob, principal: Principal) -> JobResult:
-        """Queue the job and wait for it; every exit leaves one terminal entry."""
-        try:
-            async with self.waiter.expect(job.request_id) as pending:
-                await self.dispatcher.enqueue(job)
-                meta = await pending.get(self.request_timeout_s)
-        except ResultTimeout:  # before OSError: TimeoutError is one
-            winner = await self._end(job, principal, "timed_out",
-                                     {"error": {"code": "timed_out",
-                                                "message": f"no result within {self.request_timeout_s:g}s"}})
-            if winner is not None and winner.kind == "completion":
-                return JobResult.from_terminal(winner.kind, winner.seq, winner.body)
-            raise ApiError(504, "timed_out",
-                           f"The model did not answer within {self.request_timeout_s:g} seconds.") from None
-        except (QueueUnavailable, RedisError, OSError) as exc:
-            log.error("queue unavailable for %s: %s", job.request_id, exc)
-            await self._end(job, principal, "failed", {"error": {"code": "queue_unavailable", "message": str(exc)}})
-            raise ApiError(503, "queue_unavailable",
-                           "The request queue is unavailable; nothing was generated. Try again shortly.") from None
-        return await self._settle(job, principal, meta)
-
-    async def _settle(self, job: GenerateJob, principal: Principal, meta: dict[str, Any]) -> JobResult:
+    async def _settle(self, ticket: Ticket, meta: dict[str, Any]) -> JobResult:
         """Turn Celery's result meta into a result, or a designed error."""
         status = meta.get("status")
         if status == "SUCCESS" and isinstance(meta.get("result"), dict):
@@ -165,29 +263,31 @@ class CompletionService:
             if result.status == STATUS_COMPLETED:
                 return result
             if result.audit_seq is None:  # the worker could not record its outcome
-                await self._end(job, principal, "failed", {"error": result.error})
+                await self._end(ticket, "failed", {"error": result.error})
             raise _worker_error(result)
         if status == "REVOKED":  # expired in the queue before a worker took it
-            await self._end(job, principal, "timed_out", {"error": {"code": "expired", "message": "expired in queue"}})
+            await self._end(ticket, "timed_out", {"error": {"code": "expired", "message": "expired in queue"}})
             raise ApiError(504, "timed_out", "The request expired in the queue before a worker could take it.")
         message = str(meta.get("result", {}).get("exc_message") if isinstance(meta.get("result"), dict) else "")
-        await self._end(job, principal, "failed", {"error": {"code": "worker_error", "message": message}})
+        await self._end(ticket, "failed", {"error": {"code": "worker_error", "message": message}})
         raise ApiError(502, "worker_error", "The model worker failed on this request; it has been logged.")
 
-    async def _end(self, job: GenerateJob, principal: Principal, kind: str, body: dict[str, Any]) -> AuditEntry | None:
+    async def _end(self, ticket: Ticket, kind: str, body: dict[str, Any]) -> AuditEntry | None:
         """Write a terminal entry unless one exists; return the entry that ended the request."""
         try:
-            return await self._append(kind, job.request_id, principal, job.model, body)
+            return await self._append(kind, ticket.request_id, ticket.principal, ticket.model, body,
+                                      ticket.job.policy_revision)
         except DuplicateTerminalError:
-            return await anyio.to_thread.run_sync(self.audit.terminal_for, job.request_id)
+            return await anyio.to_thread.run_sync(self.audit.terminal_for, ticket.request_id)
         except AuditError as exc:
-            log.error("could not record %s for %s: %s", kind, job.request_id, exc)
+            log.error("could not record %s for %s: %s", kind, ticket.request_id, exc)
             return None
 
     async def _append(self, kind: str, request_id: str, principal: Principal, model: str | None,
-                      body: dict[str, Any], *, refuse_on_failure: bool = False) -> AuditEntry:
+                      body: dict[str, Any], revision: str | None = None, *,
+                      refuse_on_failure: bool = False) -> AuditEntry:
         append = partial(self.audit.append, kind, request_id, principal=principal.id, team=principal.team,
-                         model=model, body=body, policy_revision=self.policy.revision)
+                         model=model, body=body, policy_revision=revision or self.policy.revision)
         try:
             return await anyio.to_thread.run_sync(append)
         except DuplicateTerminalError:
@@ -239,6 +339,10 @@ def _denial(decision: Decision) -> ApiError:
 def _worker_error(result: JobResult) -> ApiError:
     code = result.error.get("code", "worker_error")
     message = result.error.get("message", "")
+    if result.status == "timed_out":
+        return ApiError(504, "timed_out", "The generation hit the worker's time limit; partial output was logged.")
+    if result.status == "cancelled":
+        return ApiError(503, "cancelled", "The request was cancelled before it completed.")
     if code == "audit_unavailable":
         return ApiError(503, code, "The audit log cannot be written, so the output was withheld.")
     if code == "context_length_exceeded":

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+import anyio
 import redis.asyncio as aioredis
 from sqlalchemy import Engine
 
@@ -20,6 +21,7 @@ from gateway.completions import CompletionService
 from gateway.db import migrate_gateway
 from gateway.dispatch import Dispatcher, ResultWaiter
 from gateway.policy import EmbeddedPolicyEngine, PolicyEngine
+from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.settings import Settings
 from workers.celery_app import make_celery
 from workers.registry import Registry, load_registry
@@ -34,7 +36,7 @@ class Components:
     db_engine: Engine
     keys: KeyStore
     audit: AuditStore
-    policy: PolicyEngine
+    policy: ReloadingPolicyEngine
     redis: aioredis.Redis
     waiter: ResultWaiter
     dispatcher: Dispatcher
@@ -56,25 +58,34 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         raise RuntimeError("GOVGATE_REDIS_URL is not set: run 'govgate up', or point the gateway at a Redis")
     registry = load_registry(settings.models_file, settings.var_dir)
     db_engine = open_database(settings)
-    policy = policy or EmbeddedPolicyEngine.load(settings.policy_dir, settings.policy_timeout_s)
+
+    async def open_engine() -> PolicyEngine:
+        return await anyio.to_thread.run_sync(EmbeddedPolicyEngine.load, settings.policy_dir,
+                                              settings.policy_timeout_s)
+
+    policy = ReloadingPolicyEngine(policy or await open_engine(), open_engine, policy_dir=settings.policy_dir,
+                                   interval_s=settings.policy_reload_interval_s)
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=settings.redis_max_connections, timeout=5,
         socket_timeout=10, socket_connect_timeout=5)
     client = aioredis.Redis(connection_pool=pool)
     waiter = ResultWaiter(client)
-    celery_app = make_celery(settings.redis_url)
+    celery_app = make_celery(settings.redis_url, time_limit_s=settings.generation_time_limit_s)
     dispatcher = Dispatcher(celery_app, expires_s=settings.request_timeout_s)
     audit_store = AuditStore(db_engine)
+    completions = CompletionService(
+        registry=registry, policy=policy, audit=audit_store, dispatcher=dispatcher, waiter=waiter,
+        redis=client, default_max_tokens=settings.default_max_tokens, request_timeout_s=settings.request_timeout_s)
     try:
         await waiter.start()
+        await policy.start()
         yield Components(
             settings=settings, registry=registry, db_engine=db_engine, keys=KeyStore(db_engine),
             audit=audit_store, policy=policy, redis=client, waiter=waiter, dispatcher=dispatcher,
-            completions=CompletionService(
-                registry=registry, policy=policy, audit=audit_store, dispatcher=dispatcher, waiter=waiter,
-                default_max_tokens=settings.default_max_tokens, request_timeout_s=settings.request_timeout_s),
+            completions=completions,
         )
     finally:
+        await completions.aclose()
         await waiter.aclose()
         await client.aclose()
         await pool.disconnect()

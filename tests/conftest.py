@@ -71,9 +71,9 @@ def models_file(var_dir: Path) -> Path:
     path = var_dir / "models.toml"
     model = var_dir / "models" / "govgate-tiny-llama.gguf"
     path.write_text(
-        f'[models.{TINY_MODEL_NAME}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 512\n'
+        f'[models.{TINY_MODEL_NAME}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 4096\n'
         f'family = "llama"\ntags = ["tiny"]\n\n'
-        f'[models.{IDLE_MODEL}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 512\n'
+        f'[models.{IDLE_MODEL}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 4096\n'
         f'family = "llama"\ntags = ["tiny"]\n'
     )
     return path

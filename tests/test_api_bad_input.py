@@ -49,7 +49,8 @@ BAD_BODIES = [
     ("too-many-stops", chat(stop=["a", "b", "c", "d", "e"]), 422, "invalid_value", "stop"),
     ("unknown-field", chat(logprobs=True), 400, "unsupported_parameter", "logprobs"),
     ("n-two", chat(n=2), 400, "unsupported_parameter", "n"),
-    ("stream", chat(stream=True), 400, "unsupported_parameter", "stream"),
+    ("stream-options-without-stream", chat(stream_options={"include_usage": True}), 400, "unsupported_parameter",
+     "stream_options"),
     ("image-part", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
      422, "invalid_value", "messages[0].content[0].type"),
     ("unknown-model", chat(model="no-such-model"), 404, "model_not_found", "model"),
@@ -97,7 +98,7 @@ async def test_body_over_the_limit_is_413_and_audited(client, keyring, settings,
 
 
 async def test_prompt_longer_than_the_context_is_a_clear_400(client, keyring, audit_store):
-    long = " ".join(["gate"] * 700)
+    long = " ".join(["gate"] * 6000)
     response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
                                  json={"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": long}],
                                        "max_tokens": 16})

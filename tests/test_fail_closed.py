@@ -22,6 +22,7 @@ from gateway.auth import KeyStore
 from gateway.components import open_database
 from gateway.redis_server import RedisProcess
 from tests.conftest import IDLE_MODEL, bearer
+from workers.celery_app import queue_keys
 from workers.contract import queue_for
 from workers.registry import TINY_MODEL_NAME
 
@@ -33,7 +34,7 @@ HELLO = [{"role": "user", "content": "Hello"}]
 def queued(settings, model: str) -> int:
     client = redis.Redis.from_url(settings.redis_url)
     try:
-        return client.llen(queue_for(model))
+        return sum(client.llen(key) for key in queue_keys(queue_for(model)))
     finally:
         client.close()
 

@@ -64,14 +64,14 @@ def test_a_prompt_too_long_fails_once_with_a_clear_code(store, model):
 
 
 def test_a_gateway_timeout_during_generation_wins_and_the_output_is_dropped(store, model, monkeypatch):
-    real_generate = model.generate
+    real_stream = model.stream
 
-    def generate_while_the_gateway_gives_up(prompt, params):
+    def stream_while_the_gateway_gives_up(prompt, params):
         store.append("timed_out", "r5", principal="alice", team="research", model="tiny-test",
                      body={"error": {"code": "timed_out"}}, policy_revision="rev")
-        return real_generate(prompt, params)
+        return real_stream(prompt, params)
 
-    monkeypatch.setattr(model, "generate", generate_while_the_gateway_gives_up)
+    monkeypatch.setattr(model, "stream", stream_while_the_gateway_gives_up)
     result = run_job(job("r5"), model, store)
     assert result.status == "timed_out"
     assert [e.kind for e in store.entries_for("r5")] == ["timed_out"]

@@ -15,11 +15,33 @@ from workers.contract import celery_redis_url
 #: How long results stay in Redis: long enough for a slow client, short
 #: enough that Redis does not become a second audit log.
 RESULT_EXPIRES_S = 3600
+#: Priorities 0 (highest, Celery-on-Redis convention) to 9; each has its own list.
+PRIORITY_STEPS = list(range(10))
+DEFAULT_PRIORITY = 5
+#: Separator between a queue name and its priority (``model.tiny:3``).
+PRIORITY_SEP = ":"
+#: Hard limit = soft limit + this: time for the task to record its own timeout first.
+HARD_LIMIT_GRACE_S = 10.0
+#: Visibility timeout = hard limit + this. A message unacknowledged for longer
+#: is handed to another worker (the whole worker died): it must exceed the
+#: longest a task may run, or a slow task would run twice.
+VISIBILITY_MARGIN_S = 60.0
 
 
-def make_celery(redis_url: str) -> Celery:
-    """A configured Celery app on ``redis_url`` (broker and result backend)."""
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists that hold one queue's waiting messages, one per priority."""
+    return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
+
+
+def make_celery(redis_url: str, *, time_limit_s: float = 300.0) -> Celery:
+    """A configured Celery app on ``redis_url`` (broker and result backend).
+
+    ``time_limit_s`` is a generation's soft time limit; the hard limit and
+    the broker's visibility timeout are derived from it so they stay in the
+    order that makes redelivery safe (soft < hard < visibility).
+    """
     url = celery_redis_url(redis_url)
+    hard_limit_s = time_limit_s + HARD_LIMIT_GRACE_S
     app = Celery("govgate", broker=url, backend=url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
@@ -34,6 +56,19 @@ def make_celery(redis_url: str) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_default_queue="govgate.default",
+        task_default_priority=DEFAULT_PRIORITY,
+        task_soft_time_limit=time_limit_s,
+        task_time_limit=hard_limit_s,
+        broker_transport_options={
+            "queue_order_strategy": "priority",
+            "priority_steps": PRIORITY_STEPS,
+            "sep": PRIORITY_SEP,
+            "visibility_timeout": hard_limit_s + VISIBILITY_MARGIN_S,
+            # Look for abandoned messages every ~2 s (default: ~100 s).
+            "unacked_restore_interval": 2,
+            "unacked_restore_throttle": 1,
+        },
+        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
         enable_utc=True,
     )
     return app

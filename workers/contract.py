@@ -20,11 +20,27 @@ GENERATE_TASK = "govgate.generate"
 STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"
 STATUS_TIMED_OUT = "timed_out"
+STATUS_CANCELLED = "cancelled"
+
+#: Prefix of the pub/sub channel a streaming job publishes its text pieces on.
+STREAM_CHANNEL_PREFIX = "govgate:stream:"
+#: Prefix of the key that asks a job to stop (client gone, or the gateway gave up).
+CANCEL_KEY_PREFIX = "govgate:cancel:"
+#: How long a cancel request is kept: longer than any job can wait in a queue.
+CANCEL_TTL_S = 24 * 3600
 
 
 def queue_for(model: str) -> str:
     """The Celery queue that carries one model's requests."""
     return f"model.{model}"
+
+
+def stream_channel(request_id: str) -> str:
+    return STREAM_CHANNEL_PREFIX + request_id
+
+
+def cancel_key(request_id: str) -> str:
+    return CANCEL_KEY_PREFIX + request_id
 
 
 def celery_redis_url(redis_url: str) -> str:
@@ -55,6 +71,8 @@ class GenerateJob:
     messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
     enqueued_at_ns: int = 0
+    #: Publish text pieces on :func:`stream_channel` as they are generated.
+    stream: bool = False
 
     def to_payload(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,12 +104,11 @@ class JobResult:
         Used when a request already ended (a redelivered task, or a late
         worker racing the gateway's timeout): the log is the source of truth.
         """
-        if kind != "completion":
-            return cls(status=kind, audit_seq=seq, error=body.get("error", {}))
         usage = body.get("usage", {})
-        return cls(status=STATUS_COMPLETED, text=body.get("output", ""), finish_reason=body.get("finish_reason"),
-                   prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0),
-                   audit_seq=seq)
+        return cls(status=STATUS_COMPLETED if kind == "completion" else kind, text=body.get("output", ""),
+                   finish_reason=body.get("finish_reason"), prompt_tokens=usage.get("prompt_tokens", 0),
+                   completion_tokens=usage.get("completion_tokens", 0), audit_seq=seq,
+                   error=body.get("error", {}))
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> "JobResult":

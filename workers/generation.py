@@ -15,10 +15,14 @@ import socket
 import time
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
 from workers.backends import BackendError, GenerationParams, LoadedModel, PromptTooLongError
-from workers.contract import STATUS_COMPLETED, STATUS_FAILED, GenerateJob, JobResult
+from workers.contract import (STATUS_CANCELLED, STATUS_COMPLETED, STATUS_FAILED, STATUS_TIMED_OUT, GenerateJob,
+                              JobResult)
 from workers.prompts import render_chat
+from workers.streams import JobChannel, SilentChannel
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +55,10 @@ def result_from_entry(entry: AuditEntry) -> JobResult:
     return JobResult.from_terminal(entry.kind, entry.seq, entry.body)
 
 
-def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore) -> JobResult:
+def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore,
+            channel: JobChannel | None = None) -> JobResult:
     """Generate for ``job`` and record the outcome; see the module docstring."""
+    channel = channel or SilentChannel()
     existing = store.terminal_for(job.request_id)
     if existing is not None:
         log.info("request %s already ended as %s; not generating again", job.request_id, existing.kind)
@@ -61,9 +67,22 @@ def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore) -> JobResul
     started_ns = time.time_ns()
     queue_ms = (started_ns - job.enqueued_at_ns) / 1e6 if job.enqueued_at_ns else None
     worker = {"hostname": socket.gethostname(), "pid": os.getpid()}
+    if channel.cancel_requested():  # the client left while the job was queued
+        return _record_end(job, store, STATUS_CANCELLED, "", 0, 0, None, worker, queue_ms, started_ns)
+    text: list[str] = []
+    run = None
+    ending = None
     try:
         prompt, format_stops = prompt_for(job, model)
-        generation = model.generate(prompt, params_from_job(job, format_stops))
+        run = model.stream(prompt, params_from_job(job, format_stops))
+        for piece in run:
+            text.append(piece)
+            channel.publish(piece)
+            if channel.cancel_requested():
+                ending = STATUS_CANCELLED
+                break
+    except SoftTimeLimitExceeded:
+        ending = STATUS_TIMED_OUT
     except PromptTooLongError as exc:
         return _record_failure(job, store, "context_length_exceeded", str(exc), worker)
     except BackendError as exc:
@@ -71,31 +90,47 @@ def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore) -> JobResul
     except Exception as exc:  # a model bug must still end the request in the log
         log.exception("generation for %s crashed", job.request_id)
         return _record_failure(job, store, "worker_error", f"{type(exc).__name__}: {exc}", worker)
+    finally:
+        if run is not None and ending is not None:
+            run.close()  # frees the model at once
+    prompt_tokens = run.prompt_tokens if run is not None else 0
+    completion_tokens = run.completion_tokens if run is not None else 0
+    kind = ending or "completion"
+    finish = run.finish_reason if run is not None and ending is None else None
+    return _record_end(job, store, kind, "".join(text), prompt_tokens, completion_tokens, finish, worker,
+                       queue_ms, started_ns)
 
-    generate_ms = (time.time_ns() - started_ns) / 1e6
+
+def _record_end(job: GenerateJob, store: AuditStore, kind: str, output: str, prompt_tokens: int,
+                completion_tokens: int, finish_reason: str | None, worker: dict[str, Any],
+                queue_ms: float | None, started_ns: int) -> JobResult:
+    """Write the terminal entry of a generation that ran (completed, cancelled or timed out)."""
     usage = {
-        "prompt_tokens": generation.prompt_tokens,
-        "completion_tokens": generation.completion_tokens,
-        "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
     body: dict[str, Any] = {
-        "output": generation.text,
-        "finish_reason": generation.finish_reason,
+        "output": output,
+        "finish_reason": finish_reason,
         "usage": usage,
-        "timings": {"queue_ms": queue_ms, "generate_ms": generate_ms},
+        "timings": {"queue_ms": queue_ms, "generate_ms": (time.time_ns() - started_ns) / 1e6},
         "worker": worker,
     }
-    entry = _append_terminal(job, store, "completion", body)
+    if kind != "completion":
+        body["error"] = {"code": kind, "message": _END_MESSAGES[kind]}
+    entry = _append_terminal(job, store, kind, body)
     if isinstance(entry, JobResult):
         return entry
-    return JobResult(
-        status=STATUS_COMPLETED,
-        text=generation.text,
-        finish_reason=generation.finish_reason,
-        prompt_tokens=generation.prompt_tokens,
-        completion_tokens=generation.completion_tokens,
-        audit_seq=entry.seq,
-    )
+    return JobResult(status=STATUS_COMPLETED if kind == "completion" else kind, text=output,
+                     finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+                     completion_tokens=completion_tokens, audit_seq=entry.seq, error=body.get("error", {}))
+
+
+_END_MESSAGES = {
+    STATUS_CANCELLED: "generation was cancelled (the client went away or the gateway gave up)",
+    STATUS_TIMED_OUT: "generation hit the worker's time limit",
+}
 
 
 def _record_failure(job: GenerateJob, store: AuditStore, code: str, message: str,

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
 
@@ -24,6 +25,7 @@ from workers.celery_app import make_celery
 from workers.contract import GENERATE_TASK, GenerateJob, queue_for
 from workers.generation import run_job
 from workers.registry import ModelSpec
+from workers.streams import RedisJobChannel
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class WorkerConfig:
     database_url: str
     concurrency: int = 1
     loglevel: str = "INFO"
+    time_limit_s: float = 300.0
 
 
 class _ProcessState:
@@ -45,6 +48,7 @@ class _ProcessState:
     config: WorkerConfig | None = None
     model: LoadedModel | None = None
     store: AuditStore | None = None
+    redis: redis.Redis | None = None
 
 
 _state = _ProcessState()
@@ -56,6 +60,7 @@ def _load_in_child(**_: Any) -> None:
     started = time.perf_counter()
     engine = make_engine(config.database_url)
     _state.store = AuditStore(engine)
+    _state.redis = redis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=5)
     _state.model = load_model(config.model)
     log.info("pid %d loaded model %s from %s in %.2fs", os.getpid(), config.model.name,
              config.model.path, time.perf_counter() - started)
@@ -64,6 +69,8 @@ def _load_in_child(**_: Any) -> None:
 def _dispose_in_child(**_: Any) -> None:
     if _state.store is not None:
         _state.store.engine.dispose()
+    if _state.redis is not None:
+        _state.redis.close()
 
 
 def generate(payload: dict[str, Any]) -> dict[str, Any]:
@@ -73,13 +80,14 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
     job = GenerateJob.from_payload(payload)
     if _state.config and job.model != _state.config.model.name:
         raise ValueError(f"job for model {job.model!r} reached the worker of {_state.config.model.name!r}")
-    return run_job(job, _state.model, _state.store).to_payload()
+    channel = RedisJobChannel(_state.redis, job.request_id, streaming=job.stream)
+    return run_job(job, _state.model, _state.store, channel).to_payload()
 
 
 def build_worker_app(config: WorkerConfig) -> Celery:
     """The Celery app with the generate task registered and the fork hooks wired."""
     _state.config = config
-    app = make_celery(config.redis_url)
+    app = make_celery(config.redis_url, time_limit_s=config.time_limit_s)
     app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True)(generate)
     worker_process_init.connect(_load_in_child, weak=False)
     worker_process_shutdown.connect(_dispose_in_child, weak=False)

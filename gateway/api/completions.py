@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, AsyncIterator
 
 from litestar import Controller, Request, Response, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException
+from litestar.response import Stream
 
 from gateway import urls
 from gateway.auth import Principal
-from gateway.completions import CHAT, COMPLETIONS, Admitted
+from gateway.completions import CHAT, COMPLETIONS, CompletionService, Ticket
 from gateway.errors import ApiError
+from workers.contract import JobResult
 
 
 def _reader(request: Request):
@@ -28,14 +31,64 @@ def _reader(request: Request):
     return read
 
 
-def _usage(admitted: Admitted) -> dict[str, int]:
-    r = admitted.result
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-            "total_tokens": r.prompt_tokens + r.completion_tokens}
+def _usage(result: JobResult) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
 
 
-def _respond(body: dict[str, Any], admitted: Admitted) -> Response:
-    return Response(body, headers={urls.REQUEST_ID_HEADER: admitted.request_id})
+class _Shape:
+    """How one endpoint spells its objects (chat vs text completion)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.chat = endpoint == CHAT
+        self.prefix = "chatcmpl" if self.chat else "cmpl"
+        self.object = "chat.completion" if self.chat else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if self.chat else "text_completion"
+
+    def choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        if self.chat:
+            return {"index": 0, "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish_reason, "logprobs": None}
+        return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+
+    def delta(self, text: str | None, finish_reason: str | None, *, first: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {} if text is None else {"content": text}
+            if first:
+                delta["role"] = "assistant"
+            return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+
+    def envelope(self, ticket: Ticket, obj: str) -> dict[str, Any]:
+        return {"id": f"{self.prefix}-{ticket.request_id}", "object": obj, "created": ticket.created,
+                "model": ticket.model}
+
+
+def _sse(document: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(document, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _events(service: CompletionService, ticket: Ticket, shape: _Shape, opened, events) -> AsyncIterator[bytes]:
+    """Server-Sent Events in OpenAI's chunk format, ending with ``data: [DONE]``.
+
+    Errors after the response has started cannot change its status, so they
+    are sent as an ``{"error": …}`` event (the ``openai`` client raises on it).
+    """
+    try:
+        yield _sse({**shape.envelope(ticket, shape.chunk_object), "choices": [shape.delta("", None, first=True)]})
+        async for event in events:
+            if isinstance(event, str):
+                yield _sse({**shape.envelope(ticket, shape.chunk_object), "choices": [shape.delta(event, None)]})
+                continue
+            yield _sse({**shape.envelope(ticket, shape.chunk_object),
+                        "choices": [shape.delta(None, event.finish_reason)]})
+            if ticket.include_usage:
+                yield _sse({**shape.envelope(ticket, shape.chunk_object), "choices": [], "usage": _usage(event)})
+        yield b"data: [DONE]\n\n"
+    except ApiError as error:
+        yield _sse(error.body())
+    finally:
+        await opened.__aexit__(None, None, None)
 
 
 class CompletionsController(Controller):
@@ -45,36 +98,22 @@ class CompletionsController(Controller):
 
     @post(urls.CHAT_COMPLETIONS, summary="Create a chat completion (OpenAI-compatible)", status_code=200)
     async def chat(self, request: Request, state: State, principal: NamedDependency[Principal]) -> Response:
-        admitted = await state.components.completions.handle(
-            principal, CHAT, _reader(request), request.headers.get(urls.PURPOSE_HEADER))
-        return _respond({
-            "id": f"chatcmpl-{admitted.request_id}",
-            "object": "chat.completion",
-            "created": admitted.created,
-            "model": admitted.model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": admitted.result.text},
-                "finish_reason": admitted.result.finish_reason,
-                "logprobs": None,
-            }],
-            "usage": _usage(admitted),
-        }, admitted)
+        return await _serve(state.components.completions, request, principal, CHAT)
 
     @post(urls.COMPLETIONS, summary="Create a text completion (OpenAI-compatible)", status_code=200)
     async def completion(self, request: Request, state: State, principal: NamedDependency[Principal]) -> Response:
-        admitted = await state.components.completions.handle(
-            principal, COMPLETIONS, _reader(request), request.headers.get(urls.PURPOSE_HEADER))
-        return _respond({
-            "id": f"cmpl-{admitted.request_id}",
-            "object": "text_completion",
-            "created": admitted.created,
-            "model": admitted.model,
-            "choices": [{
-                "index": 0,
-                "text": admitted.result.text,
-                "finish_reason": admitted.result.finish_reason,
-                "logprobs": None,
-            }],
-            "usage": _usage(admitted),
-        }, admitted)
+        return await _serve(state.components.completions, request, principal, COMPLETIONS)
+
+
+async def _serve(service: CompletionService, request: Request, principal: Principal, endpoint: str) -> Response:
+    ticket = await service.admit(principal, endpoint, _reader(request), request.headers.get(urls.PURPOSE_HEADER))
+    shape = _Shape(endpoint)
+    headers = {urls.REQUEST_ID_HEADER: ticket.request_id}
+    if ticket.job.stream:
+        opened = service.stream(ticket)
+        events = await opened.__aenter__()  # queue errors are still ordinary HTTP errors here
+        return Stream(_events(service, ticket, shape, opened, events), media_type="text/event-stream",
+                      headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    result = await service.complete(ticket)
+    return Response({**shape.envelope(ticket, shape.object), "choices": [shape.choice(result.text,
+                     result.finish_reason)], "usage": _usage(result)}, headers=headers)

@@ -56,10 +56,9 @@ def _validation_error(message: str) -> ApiError:
 
 
 def _check_supported(request: ChatCompletionRequest | CompletionRequest) -> None:
-    if request.stream:
-        raise ApiError(400, "unsupported_parameter",
-                       "Streaming ('stream': true) is not available yet; send the request without it.",
-                       param="stream")
+    if request.stream_options is not None and not request.stream:
+        raise ApiError(400, "unsupported_parameter", "'stream_options' is only allowed with 'stream': true.",
+                       param="stream_options")
     if request.n != 1:
         raise ApiError(400, "unsupported_parameter", "Only one choice per request is supported ('n' must be 1).",
                        param="n")

@@ -39,6 +39,10 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
         return {"role": role, "content": self.text()}
 
 
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    include_usage: bool = False
+
+
 class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Parameters both endpoints share."""
 
@@ -49,6 +53,7 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stop: Union[NonEmptyStr, StopList, None] = None
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: PositiveInt = 1
     user: str | None = None
     metadata: dict[str, str] | None = None

@@ -26,8 +26,11 @@ class Dispatcher:
         self._expires_s = expires_s
         self._limiter = anyio.CapacityLimiter(8)
 
-    async def enqueue(self, job: GenerateJob) -> None:
-        """Queue ``job`` on its model's queue, the request id as task id."""
+    async def enqueue(self, job: GenerateJob, *, priority: int | None = None) -> None:
+        """Queue ``job`` on its model's queue, the request id as task id.
+
+        ``priority`` 0 is served first, 9 last (Celery on Redis); None is the default (5).
+        """
 
         def send() -> None:
             self._app.send_task(
@@ -36,6 +39,7 @@ class Dispatcher:
                 task_id=job.request_id,
                 queue=queue_for(job.model),
                 expires=self._expires_s,
+                priority=priority,
                 retry=False,
             )
 

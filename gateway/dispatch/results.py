@@ -22,6 +22,8 @@ from typing import Any, AsyncIterator
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from workers.contract import STREAM_CHANNEL_PREFIX, stream_channel
+
 log = logging.getLogger(__name__)
 
 _CHANNEL_PREFIX = "celery-task-meta-"
@@ -32,12 +34,42 @@ class ResultTimeout(TimeoutError):
 
 
 class PendingResult:
-    """A subscription for one task's result; await :meth:`get`."""
+    """A subscription for one task's result; await :meth:`get`, or iterate :meth:`events`."""
 
-    def __init__(self, waiter: "ResultWaiter", task_id: str, future: asyncio.Future) -> None:
+    def __init__(self, waiter: "ResultWaiter", task_id: str, future: asyncio.Future,
+                 pieces: asyncio.Queue | None = None) -> None:
         self._waiter = waiter
         self.task_id = task_id
         self._future = future
+        self._pieces = pieces
+
+    async def events(self, timeout_s: float) -> AsyncIterator[str | dict[str, Any]]:
+        """Text pieces as the worker publishes them, then the final Celery meta dict.
+
+        Pieces are published before the result, on the same subscription, so
+        every piece is yielded before the meta. Raises :class:`ResultTimeout`
+        when the whole exchange takes longer than ``timeout_s``.
+        """
+        assert self._pieces is not None, "expect(..., stream=True) is needed to read pieces"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        await self._waiter._check_stored(self.task_id)
+        while True:
+            while not self._pieces.empty():
+                yield self._pieces.get_nowait()
+            if self._future.done():
+                yield self._future.result()
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ResultTimeout(f"no result for {self.task_id} within {timeout_s:g}s")
+            getter = asyncio.ensure_future(self._pieces.get())
+            done, _ = await asyncio.wait({getter, self._future}, timeout=remaining,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                yield getter.result()
+            else:
+                getter.cancel()
 
     async def get(self, timeout_s: float) -> dict[str, Any]:
         """The task's Celery meta dict (``status``, ``result``, …)."""
@@ -55,6 +87,7 @@ class ResultWaiter:
         self._client = client
         self._pubsub = client.pubsub()
         self._pending: dict[str, asyncio.Future] = {}
+        self._streams: dict[str, asyncio.Queue] = {}
         self._listener: asyncio.Task | None = None
         self._control_channel = f"govgate:gateway:{uuid.uuid4().hex}"
 
@@ -76,21 +109,26 @@ class ResultWaiter:
             await self._pubsub.aclose()
 
     @contextlib.asynccontextmanager
-    async def expect(self, task_id: str) -> AsyncIterator[PendingResult]:
-        """Subscribe to ``task_id``'s result before the task is sent.
+    async def expect(self, task_id: str, *, stream: bool = False) -> AsyncIterator[PendingResult]:
+        """Subscribe to ``task_id``'s result (and its text pieces) before the task is sent.
 
         Raises ``redis.RedisError`` (or ``OSError``) when Redis is unreachable.
         """
         future = asyncio.get_running_loop().create_future()
         self._pending[task_id] = future
-        channel = _CHANNEL_PREFIX + task_id
+        channels = [_CHANNEL_PREFIX + task_id]
+        pieces: asyncio.Queue | None = None
+        if stream:
+            pieces = self._streams[task_id] = asyncio.Queue()
+            channels.append(stream_channel(task_id))
         try:
-            await self._pubsub.subscribe(channel)
-            yield PendingResult(self, task_id, future)
+            await self._pubsub.subscribe(*channels)
+            yield PendingResult(self, task_id, future, pieces)
         finally:
             self._pending.pop(task_id, None)
+            self._streams.pop(task_id, None)
             with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.unsubscribe(channel)
+                await self._pubsub.unsubscribe(*channels)
 
     async def _check_stored(self, task_id: str) -> None:
         raw = await self._client.get(_CHANNEL_PREFIX + task_id)
@@ -109,6 +147,15 @@ class ResultWaiter:
         # Celery may publish intermediate states; only final ones end the wait.
         if meta.get("status") in {"SUCCESS", "FAILURE", "REVOKED"}:
             future.set_result(meta)
+
+    def _piece(self, task_id: str, raw: bytes | str) -> None:
+        queue = self._streams.get(task_id)
+        if queue is None:
+            return
+        try:
+            queue.put_nowait(json.loads(raw)["text"])
+        except (TypeError, ValueError, KeyError):
+            log.error("unreadable stream piece for %s", task_id)
 
     async def _listen(self) -> None:
         backoff = 0.1
@@ -130,6 +177,8 @@ class ResultWaiter:
             channel = channel.decode() if isinstance(channel, bytes) else channel
             if channel.startswith(_CHANNEL_PREFIX):
                 self._resolve(channel[len(_CHANNEL_PREFIX):], message["data"])
+            elif channel.startswith(STREAM_CHANNEL_PREFIX):
+                self._piece(channel[len(STREAM_CHANNEL_PREFIX):], message["data"])
 
     async def _recover(self) -> None:
         """After a reconnect, pick up results that were published meanwhile."""

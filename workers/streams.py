@@ -1,0 +1,69 @@
+"""The job's line back to the gateway while it runs: text pieces out, cancel in.
+
+Pieces are PUBLISHed on the request's stream channel, which the gateway
+subscribed to before it queued the job (pub/sub is ordered per connection and
+the final result is published after the last piece, so nothing arrives out of
+order or is missed). A cancel request is a key the gateway sets when the
+client goes away or its wait times out; the job looks at it every few
+pieces, throttled so the check costs little next to generation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Protocol
+
+import redis
+
+from workers.contract import cancel_key, stream_channel
+
+log = logging.getLogger(__name__)
+
+#: Least time between two looks at the cancel key.
+CANCEL_CHECK_INTERVAL_S = 0.05
+
+
+class JobChannel(Protocol):
+    def publish(self, text: str) -> None: ...
+    def cancel_requested(self) -> bool: ...
+
+
+class RedisJobChannel:
+    """A job's channel over the worker's Redis connection."""
+
+    def __init__(self, client: redis.Redis, request_id: str, *, streaming: bool) -> None:
+        self._client = client
+        self._channel = stream_channel(request_id)
+        self._cancel_key = cancel_key(request_id)
+        self._streaming = streaming
+        self._seq = 0
+        self._next_check = 0.0
+
+    def publish(self, text: str) -> None:
+        if not self._streaming or not text:
+            return
+        self._client.publish(self._channel, json.dumps({"seq": self._seq, "text": text}))
+        self._seq += 1
+
+    def cancel_requested(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_check:
+            return False
+        self._next_check = now + CANCEL_CHECK_INTERVAL_S
+        try:
+            return bool(self._client.exists(self._cancel_key))
+        except redis.RedisError as exc:  # keep generating: the result still goes through the log
+            log.warning("cannot read cancel flag for %s: %s", self._cancel_key, exc)
+            return False
+
+
+class SilentChannel:
+    """For jobs run outside a worker (tests, benchmarks): publishes nothing, never cancelled."""
+
+    def publish(self, text: str) -> None:
+        return None
+
+    def cancel_requested(self) -> bool:
+        return False
