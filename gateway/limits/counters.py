@@ -1,0 +1,536 @@
+"""Usage counters that every gateway replica shares and no request can race.
+
+Why Lua: a limit is only a limit if "check usage" and "record usage" are one
+step. Each operation here is a single Lua script run with EVALSHA, which
+Redis executes atomically, so two replicas (or two tasks of one replica)
+can never both see "one slot left" and both take it.
+
+Why reservations: a request's real token count is known only after it ran,
+but the budget must be enforced before. Admission reserves ``max_tokens``;
+completion reconciles to the real count (``settle``); a request that produced
+nothing gives its tokens back (``release``). The sum of real tokens therefore
+never exceeds a budget, however many requests are in flight at once.
+
+Key layout (all keys share the hash tag ``{prefix}`` so one script may touch
+a principal's and a team's keys even on Redis Cluster, where a script's keys
+must live in one slot)::
+
+    {prefix}:r:<request id>          hash  state, tokens reserved, at (µs)   2 days
+    {prefix}:<p|t>:<name>:win        zset  request id -> time (µs)            2 min
+    {prefix}:<p|t>:<name>:wtok       hash  request id -> tokens in window      2 min
+    {prefix}:<p|t>:<name>:wsum       str   sum of wtok (kept by the scripts)   2 min
+    {prefix}:<p|t>:<name>:d:YYYYMMDD str   tokens that UTC day                 2 days
+    {prefix}:<p|t>:<name>:m:YYYYMM   str   tokens that UTC month               62 days
+    {prefix}:<p|t>:<name>:fly        zset  request id -> expiry (µs)           ttl + 2 min
+
+Names are percent-encoded (``:``, ``{``, ``%`` … included), long ones
+replaced by ``#`` + SHA-256, so no principal, team or request id can spell
+another key. TTLs are refreshed on every write; nothing lives forever.
+
+Why a sorted set plus a running sum for the minute windows: the set gives an
+exact sliding window (no bucket edges: "N per minute" means N in any 60 s),
+the per-request hash lets ``settle``/``release`` adjust a request's tokens
+while it is still in the window, and the running sum makes the common path
+O(log n) instead of summing the window on every call. Scripts prune entries
+that left the window (subtracting their tokens) before they read.
+
+Time: callers pass ``now`` (default ``time.time()``) and the scripts work in
+integer microseconds, so arithmetic is exact (a double holds integers up to
+2**53; epoch µs are ~2**51) and tests can control the clock. Replicas'
+clocks must agree (NTP); a skew of d seconds moves a window edge by d.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from typing import Any, Sequence
+from urllib.parse import quote
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+log = logging.getLogger(__name__)
+
+LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month", "in_flight")
+_CODES = {
+    "requests_per_minute": "rate_limited",
+    "tokens_per_minute": "rate_limited",
+    "tokens_per_day": "budget_exceeded",
+    "tokens_per_month": "budget_exceeded",
+    "in_flight": "too_many_in_flight",
+}
+_US = 1_000_000
+WINDOW_S = 60
+_WINDOW_US = WINDOW_S * _US
+_WINDOW_TTL_MS = 2 * WINDOW_S * 1000
+_DAY_TTL_MS = 2 * 86_400 * 1000
+_MONTH_TTL_MS = 62 * 86_400 * 1000
+_RECORD_TTL_MS = 2 * 86_400 * 1000
+_MAX_NAME = 100
+
+
+class CountersUnavailable(RuntimeError):
+    """Redis could not be reached or did not answer: the gateway must fail closed (503)."""
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Whose usage a counter holds: one principal, or one team."""
+
+    kind: str
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("principal", "team"):
+            raise ValueError(f"scope kind must be 'principal' or 'team', not {self.kind!r}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a {self.kind} name must be a non-empty string")
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What admission took; ``settle`` or ``release`` needs exactly this back.
+
+    ``at`` fixes which UTC day and month the tokens are charged to, so a
+    request admitted at 23:59 and finished at 00:01 adjusts yesterday.
+    """
+
+    request_id: str
+    scopes: tuple[Scope, ...]
+    tokens: int
+    at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "tokens": self.tokens, "at": self.at,
+                "scopes": [{"kind": s.kind, "name": s.name} for s in self.scopes]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Reservation":
+        return cls(str(data["request_id"]), tuple(Scope(s["kind"], s["name"]) for s in data["scopes"]),
+                   int(data["tokens"]), float(data["at"]))
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request was not admitted, and when it could be.
+
+    ``retry_after_s`` is the earliest whole second at which every limit that
+    refused this request would admit it if nothing else changed: of all the
+    limits that fail, the refusal reported is the one with the LONGEST wait
+    (ties: principal before team, then ``LIMIT_NAMES`` order), because
+    telling a client to come back after the shortest wait would just earn it
+    another refusal.
+    """
+
+    code: str
+    scope: Scope
+    limit_name: str
+    limit: int
+    used: int
+    retry_after_s: int
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "retry_after_s": self.retry_after_s,
+                "scope": {"kind": self.scope.kind, "name": self.scope.name},
+                "limit_name": self.limit_name, "limit": self.limit, "used": self.used}
+
+
+# --- Lua ------------------------------------------------------------------
+# Lua quirks this code respects: numbers concatenated into strings are
+# formatted with %.14g (so µs timestamps would lose digits; numbers passed to
+# redis.call are formatted with %.17g and stay exact); a Lua number returned
+# to Redis becomes an integer (fractions are truncated); a missing value
+# from GET/HGET/HMGET is `false`, not nil.
+
+_PRELUDE = """
+local NOW = tonumber(ARGV[1])
+local WINDOW = tonumber(ARGV[2])
+local NSCOPES = tonumber(ARGV[3])
+local ID = ARGV[4]
+
+-- The six keys of scope i; the scope keys start at KEYS[first].
+local function scope(i, first)
+  local b = first + (i - 1) * 6
+  return {win = KEYS[b], wtok = KEYS[b + 1], wsum = KEYS[b + 2],
+          day = KEYS[b + 3], mon = KEYS[b + 4], fly = KEYS[b + 5]}
+end
+
+-- Drop window entries at or before NOW - WINDOW (the window is (NOW-WINDOW, NOW]),
+-- subtracting their tokens from the running sum; drop expired in-flight entries.
+local function prune(s)
+  local cutoff = NOW - WINDOW
+  while true do
+    local gone = redis.call('ZRANGEBYSCORE', s.win, '-inf', cutoff, 'LIMIT', 0, 256)
+    if #gone == 0 then break end
+    local freed = 0
+    for _, v in ipairs(redis.call('HMGET', s.wtok, unpack(gone))) do
+      if v then freed = freed + tonumber(v) end
+    end
+    redis.call('HDEL', s.wtok, unpack(gone))
+    redis.call('ZREM', s.win, unpack(gone))
+    if freed ~= 0 then redis.call('DECRBY', s.wsum, freed) end
+  end
+  if redis.call('EXISTS', s.win) == 0 then redis.call('DEL', s.wtok, s.wsum) end
+  redis.call('ZREMRANGEBYSCORE', s.fly, '-inf', NOW)
+end
+
+-- Current usage in LIMIT_NAMES order.
+local function usage(s)
+  prune(s)
+  return {redis.call('ZCARD', s.win),
+          tonumber(redis.call('GET', s.wsum) or 0),
+          tonumber(redis.call('GET', s.day) or 0),
+          tonumber(redis.call('GET', s.mon) or 0),
+          redis.call('ZCARD', s.fly)}
+end
+"""
+
+_RESERVE = _PRELUDE + """
+-- KEYS[1] request record, then six keys per scope.
+-- ARGV 5 tokens, 6 in-flight expiry, 7 window ttl ms, 8 in-flight ttl ms, 9 day ttl ms,
+-- 10 month ttl ms, 11 record ttl ms, 12 day end, 13 month end, 14.. five limits per scope (-1: none)
+local TOKENS = tonumber(ARGV[5])
+local held = redis.call('HMGET', KEYS[1], 'state', 'tokens', 'at')
+if held[1] then return {'held', held[1], held[2], held[3]} end
+
+-- Microseconds until limit j of scope s admits the request, given it fails now.
+local function wait(j, s, used, limit)
+  if j == 1 then
+    -- the (used + 1 - limit)-th oldest request has to leave the window
+    local entry = redis.call('ZRANGE', s.win, used - limit, used - limit, 'WITHSCORES')
+    if entry[2] then return tonumber(entry[2]) + WINDOW - NOW end
+    return WINDOW
+  elseif j == 2 then
+    if TOKENS > limit then return WINDOW end
+    local must_free, freed, start = used + TOKENS - limit, 0, 0
+    while true do
+      local batch = redis.call('ZRANGE', s.win, start, start + 255, 'WITHSCORES')
+      if #batch == 0 then return WINDOW end
+      local ids = {}
+      for k = 1, #batch, 2 do ids[#ids + 1] = batch[k] end
+      local toks = redis.call('HMGET', s.wtok, unpack(ids))
+      for k = 1, #ids do
+        if toks[k] then freed = freed + tonumber(toks[k]) end
+        if freed >= must_free then return tonumber(batch[2 * k]) + WINDOW - NOW end
+      end
+      start = start + 256
+    end
+  elseif j == 3 then return tonumber(ARGV[12]) - NOW
+  elseif j == 4 then return tonumber(ARGV[13]) - NOW
+  end
+  return 1000000
+end
+
+local scopes, best = {}, nil
+local need = {1, TOKENS, TOKENS, TOKENS, 1}
+for i = 1, NSCOPES do
+  local s = scope(i, 2)
+  scopes[i] = s
+  local u = usage(s)
+  for j = 1, 5 do
+    local limit = tonumber(ARGV[13 + (i - 1) * 5 + j])
+    if limit >= 0 and u[j] + need[j] > limit then
+      local w = wait(j, s, u[j], limit)
+      if best == nil or w > best[5] then best = {i, j, limit, u[j], w} end
+    end
+  end
+end
+if best then return {'refused', best[1], best[2], best[3], best[4], best[5]} end
+
+for i = 1, NSCOPES do
+  local s = scopes[i]
+  redis.call('ZADD', s.win, ARGV[1], ID)
+  redis.call('HSET', s.wtok, ID, ARGV[5])
+  redis.call('INCRBY', s.wsum, ARGV[5])
+  redis.call('PEXPIRE', s.win, ARGV[7])
+  redis.call('PEXPIRE', s.wtok, ARGV[7])
+  redis.call('PEXPIRE', s.wsum, ARGV[7])
+  redis.call('INCRBY', s.day, ARGV[5])
+  redis.call('PEXPIRE', s.day, ARGV[9])
+  redis.call('INCRBY', s.mon, ARGV[5])
+  redis.call('PEXPIRE', s.mon, ARGV[10])
+  redis.call('ZADD', s.fly, ARGV[6], ID)
+  redis.call('PEXPIRE', s.fly, ARGV[8])
+end
+redis.call('HSET', KEYS[1], 'state', 'reserved', 'tokens', ARGV[5], 'at', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[11])
+return {'reserved'}
+"""
+
+_FINISH = _PRELUDE + """
+-- KEYS[1] request record, then six keys per scope (day/month of the reservation).
+-- ARGV 5 'settled' | 'released', 6 tokens actually used (settle), 7 record ttl ms.
+local MODE = ARGV[5]
+local held = redis.call('HMGET', KEYS[1], 'state', 'tokens')
+if not held[1] then
+  -- Unknown request: a release leaves a tombstone so that a reserve still on
+  -- its way (e.g. a cancelled call whose script had not run yet) is a no-op.
+  if MODE == 'released' then
+    redis.call('HSET', KEYS[1], 'state', 'released', 'tokens', 0, 'at', ARGV[1])
+    redis.call('PEXPIRE', KEYS[1], ARGV[7])
+  end
+  return 0
+end
+if held[1] ~= 'reserved' then return 0 end
+local reserved = tonumber(held[2])
+local final = 0
+if MODE == 'settled' then final = tonumber(ARGV[6]) end
+for i = 1, NSCOPES do
+  local s = scope(i, 2)
+  prune(s)
+  local counted = redis.call('HGET', s.wtok, ID)
+  if counted then
+    redis.call('HSET', s.wtok, ID, final)
+    redis.call('INCRBY', s.wsum, final - tonumber(counted))
+  end
+  -- a counter that expired must not be re-created without a TTL
+  if redis.call('EXISTS', s.day) == 1 then redis.call('INCRBY', s.day, final - reserved) end
+  if redis.call('EXISTS', s.mon) == 1 then redis.call('INCRBY', s.mon, final - reserved) end
+  redis.call('ZREM', s.fly, ID)
+end
+redis.call('HSET', KEYS[1], 'state', MODE, 'actual', final)
+return 1
+"""
+
+_SNAPSHOT = _PRELUDE + """
+-- KEYS: six per scope. Returns per scope the five usages and µs until the
+-- oldest window entry leaves (0 when the window is empty).
+local out = {}
+for i = 1, NSCOPES do
+  local s = scope(i, 1)
+  local u = usage(s)
+  local oldest = redis.call('ZRANGE', s.win, 0, 0, 'WITHSCORES')
+  if oldest[2] then u[6] = tonumber(oldest[2]) + WINDOW - NOW else u[6] = 0 end
+  out[i] = u
+end
+return out
+"""
+
+
+class _Script:
+    """A Lua script run by SHA; after a SCRIPT FLUSH or a Redis restart
+    (NOSCRIPT) it is loaded again and retried once."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, client: aioredis.Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+_RESERVE_SCRIPT = _Script(_RESERVE)
+_FINISH_SCRIPT = _Script(_FINISH)
+_SNAPSHOT_SCRIPT = _Script(_SNAPSHOT)
+
+
+# --- helpers ---------------------------------------------------------------
+
+def _micros(now: float | None) -> int:
+    return round((time.time() if now is None else now) * _US)
+
+
+def _ceil_s(micros: int) -> int:
+    return -(-micros // _US)
+
+
+def _escape(name: str) -> str:
+    """An injective, key-safe spelling of a user-controlled name."""
+    quoted = quote(name, safe="")
+    if len(quoted) <= _MAX_NAME:
+        return quoted
+    return "#" + hashlib.sha256(name.encode()).hexdigest()  # '#' never appears in a quoted name
+
+
+def _periods(now_us: int) -> tuple[str, int, str, int]:
+    """UTC day label, day end (µs), month label, month end (µs) for ``now_us``."""
+    day = datetime.fromtimestamp(now_us // _US, tz=timezone.utc).date()
+    next_day = day + timedelta(days=1)
+    next_month = date(day.year + 1, 1, 1) if day.month == 12 else date(day.year, day.month + 1, 1)
+    return (day.strftime("%Y%m%d"), calendar.timegm(next_day.timetuple()) * _US,
+            day.strftime("%Y%m"), calendar.timegm(next_month.timetuple()) * _US)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _limit(value: Any, where: str) -> int:
+    if value is None:
+        return -1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"limit {where} must be a non-negative integer or None, not {value!r}")
+    return value
+
+
+def _limit_args(limits: dict | None, where: str) -> list[int]:
+    limits = limits or {}
+    unknown = set(limits) - set(LIMIT_NAMES)
+    if unknown:
+        raise ValueError(f"unknown {where} limit(s) {sorted(unknown)}; known: {list(LIMIT_NAMES)}")
+    return [_limit(limits.get(name), f"{where}.{name}") for name in LIMIT_NAMES]
+
+
+def _message(scope: Scope, limit_name: str, limit: int, used: int, tokens: int) -> str:
+    who = f"{scope.kind} '{scope.name}'"
+    if limit_name == "requests_per_minute":
+        return f"{who} has made {used} of {limit} requests allowed per minute"
+    if limit_name == "in_flight":
+        return f"{who} has {used} of {limit} allowed requests in flight"
+    period = {"tokens_per_minute": "in the last minute", "tokens_per_day": "today",
+              "tokens_per_month": "this month"}[limit_name]
+    text = f"{who} has used {used} of {limit} tokens {period}"
+    if tokens > limit:
+        return f"{text}; this request alone needs {tokens}, more than the limit"
+    return f"{text}; this request needs {tokens}"
+
+
+# --- the counters ------------------------------------------------------------
+
+class UsageCounters:
+    """Per-principal and per-team usage, checked and recorded atomically."""
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str = "govgate:usage",
+                 in_flight_ttl_s: float = 900) -> None:
+        if in_flight_ttl_s <= 0:
+            raise ValueError("in_flight_ttl_s must be positive")
+        self._client = client
+        self._tag = "{" + prefix + "}"
+        self._fly_ttl_us = round(in_flight_ttl_s * _US)
+        self._fly_key_ttl_ms = self._fly_ttl_us // 1000 + _WINDOW_TTL_MS
+        # releases of reserve calls that were cancelled mid-flight
+        self._background: set[asyncio.Task] = set()
+
+    # keys
+
+    def _record_key(self, request_id: str) -> str:
+        return f"{self._tag}:r:{_escape(request_id)}"
+
+    def _scope_keys(self, scope: Scope, now_us: int) -> list[str]:
+        base = f"{self._tag}:{scope.kind[0]}:{_escape(scope.name)}"
+        day, _, month, _ = _periods(now_us)
+        return [f"{base}:win", f"{base}:wtok", f"{base}:wsum", f"{base}:d:{day}", f"{base}:m:{month}",
+                f"{base}:fly"]
+
+    @staticmethod
+    def _scopes(principal: str, team: str | None) -> tuple[Scope, ...]:
+        principal_scope = Scope("principal", principal)
+        return (principal_scope,) if team is None else (principal_scope, Scope("team", team))
+
+    async def _run(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await script(self._client, keys, args)
+        except (RedisError, OSError) as exc:
+            raise CountersUnavailable(f"usage counters unavailable: {type(exc).__name__}: {exc}") from exc
+
+    # reads
+
+    async def snapshot(self, principal: str, team: str | None, *, now: float | None = None) -> dict:
+        """Current usage, shaped as the policy input's ``usage`` document."""
+        now_us = _micros(now)
+        scopes = self._scopes(principal, team)
+        keys = [k for s in scopes for k in self._scope_keys(s, now_us)]
+        reply = await self._run(_SNAPSHOT_SCRIPT, keys, [now_us, _WINDOW_US, len(scopes), ""])
+        views = [
+            {"requests_last_minute": int(u[0]), "tokens_last_minute": int(u[1]), "tokens_today": int(u[2]),
+             "tokens_this_month": int(u[3]), "in_flight": int(u[4]), "minute_window_frees_in_s": _ceil_s(int(u[5]))}
+            for u in reply
+        ]
+        return {"principal": views[0], "team": views[1] if team is not None else None}
+
+    # writes
+
+    async def reserve(self, request_id: str, principal: str, team: str | None, limits: dict, tokens: int,
+                      *, now: float | None = None) -> Reservation | Refusal:
+        """Admit one request of up to ``tokens`` tokens, or say which limit refuses it.
+
+        All limits of both scopes are checked against usage plus this request
+        (1 request, ``tokens`` tokens, 1 in flight) and, only if all pass,
+        recorded, in one script; when several limits refuse, the one with the
+        longest wait is reported (see :class:`Refusal`). Calling again with the same ``request_id``
+        returns the first reservation without counting twice; that also makes
+        redis-py's automatic re-send of a command after a timeout harmless.
+        """
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"tokens must be a non-negative integer, not {tokens!r}")
+        scopes = self._scopes(principal, team)
+        limit_args = _limit_args(limits.get("principal"), "principal")
+        if team is not None:
+            limit_args += _limit_args(limits.get("team"), "team")
+        now_us = _micros(now)
+        _, day_end, _, month_end = _periods(now_us)
+        keys = [self._record_key(request_id)] + [k for s in scopes for k in self._scope_keys(s, now_us)]
+        args = [now_us, _WINDOW_US, len(scopes), request_id, tokens, now_us + self._fly_ttl_us, _WINDOW_TTL_MS,
+                self._fly_key_ttl_ms, _DAY_TTL_MS, _MONTH_TTL_MS, _RECORD_TTL_MS, day_end, month_end, *limit_args]
+        try:
+            reply = await self._run(_RESERVE_SCRIPT, keys, args)
+        except asyncio.CancelledError:
+            # The script may have run although we will never see its reply.
+            self._release_in_background(Reservation(request_id, scopes, tokens, now_us / _US), now_us / _US)
+            raise
+        kind = _text(reply[0])
+        if kind == "reserved":
+            return Reservation(request_id, scopes, tokens, now_us / _US)
+        if kind == "held":
+            return Reservation(request_id, scopes, int(reply[2]), int(reply[3]) / _US)
+        scope_index, limit_index, limit, used, wait_us = (int(v) for v in reply[1:])
+        scope = scopes[scope_index - 1]
+        limit_name = LIMIT_NAMES[limit_index - 1]
+        return Refusal(code=_CODES[limit_name], scope=scope, limit_name=limit_name, limit=limit, used=used,
+                       retry_after_s=max(1, _ceil_s(wait_us)),
+                       message=_message(scope, limit_name, limit, used, tokens))
+
+    async def settle(self, reservation: Reservation, actual_tokens: int, *, now: float | None = None) -> None:
+        """The request finished having used ``actual_tokens``: replace the
+        reservation by that count everywhere it was counted (minute window
+        while the request is still in it, its day and month), and release
+        its in-flight slot. A count above the reservation is recorded as is
+        (usage is usage). A second settle, or a settle after a release,
+        changes nothing."""
+        if isinstance(actual_tokens, bool) or not isinstance(actual_tokens, int) or actual_tokens < 0:
+            raise ValueError(f"actual_tokens must be a non-negative integer, not {actual_tokens!r}")
+        await self._finish(reservation, "settled", actual_tokens, now)
+
+    async def release(self, reservation: Reservation, *, now: float | None = None) -> None:
+        """The request failed, timed out or was cancelled and produced nothing:
+        its tokens are given back and its in-flight slot freed, but it stays a
+        request in the rate window (it was made). Idempotent, and a no-op
+        after a settle."""
+        await self._finish(reservation, "released", 0, now)
+
+    async def _finish(self, reservation: Reservation, mode: str, actual: int, now: float | None) -> None:
+        at_us = round(reservation.at * _US)
+        keys = [self._record_key(reservation.request_id)]
+        keys += [k for s in reservation.scopes for k in self._scope_keys(s, at_us)]
+        args = [_micros(now), _WINDOW_US, len(reservation.scopes), reservation.request_id, mode, actual,
+                _RECORD_TTL_MS]
+        await self._run(_FINISH_SCRIPT, keys, args)
+
+    def _release_in_background(self, reservation: Reservation, now: float) -> None:
+        async def release() -> None:
+            try:
+                await self.release(reservation, now=now)
+            except CountersUnavailable as exc:
+                log.warning("could not release %s after a cancelled reserve: %s", reservation.request_id, exc)
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self) -> None:
+        """Wait for releases still running on behalf of cancelled reserves."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
