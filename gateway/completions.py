@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -36,10 +37,12 @@ from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.auth import Principal
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
 from gateway.errors import ApiError
-from gateway.policy import Decision
+from gateway.limits import CountersUnavailable, Refusal, Reservation, UsageCounters
+from gateway.policy import Decision, Reason
 from gateway.policy.reloader import ReloadingPolicyEngine
-from gateway.policy_input import build_input, without_prompt
-from workers.contract import CANCEL_TTL_S, STATUS_COMPLETED, GenerateJob, JobResult, cancel_key
+from gateway.policy_input import build_input, prompt_text, without_prompt
+from workers.celery_app import queue_keys
+from workers.contract import CANCEL_TTL_S, STATUS_COMPLETED, GenerateJob, JobResult, cancel_key, queue_for
 from workers.registry import ModelSpec, Registry
 
 log = logging.getLogger(__name__)
@@ -60,15 +63,19 @@ class Ticket:
     job: GenerateJob
     decision: Decision
     include_usage: bool = False
+    #: Tokens held against the principal's and team's limits until the request ends.
+    reservation: Reservation | None = None
 
 
 class CompletionService:
     """Runs one request through policy, audit and the queue."""
 
     def __init__(self, *, registry: Registry, policy: ReloadingPolicyEngine, audit: AuditStore,
-                 dispatcher: Dispatcher, waiter: ResultWaiter, redis: aioredis.Redis, default_max_tokens: int,
-                 request_timeout_s: float) -> None:
+                 dispatcher: Dispatcher, waiter: ResultWaiter, redis: aioredis.Redis, counters: UsageCounters,
+                 default_max_tokens: int, request_timeout_s: float, max_queued_per_model: int) -> None:
         self.registry = registry
+        self.counters = counters
+        self.max_queued_per_model = max_queued_per_model
         self.policy = policy
         self.audit = audit
         self.dispatcher = dispatcher
@@ -108,10 +115,19 @@ class CompletionService:
             messages = [m.as_dict() for m in request.messages]
         else:
             prompt = request.prompt if isinstance(request.prompt, str) else request.prompt[0]
+        try:
+            usage = await self.counters.snapshot(principal.id, principal.team)
+        except CountersUnavailable as exc:
+            usage = None
+            unavailable = exc
         policy_input = build_input(principal=principal, endpoint=endpoint, model=spec,
                                    max_tokens=requested_max, stream=request.stream, purpose=purpose,
-                                   messages=messages, prompt=prompt)
-        decision, revision = await self.policy.decide_with_revision(policy_input)
+                                   messages=messages, prompt=prompt, usage=usage)
+        if usage is None:  # fail closed: no counters, no decision
+            decision = Decision.fail_closed("usage_unavailable", f"usage counters are unavailable: {unavailable}")
+            revision = self.policy.revision
+        else:
+            decision, revision = await self.policy.decide_with_revision(policy_input)
         max_tokens = decision.obligations.get("max_tokens", requested_max) if decision.allow else requested_max
         params = {
             "max_tokens": max_tokens,
@@ -120,6 +136,9 @@ class CompletionService:
             "stop": request.stop_list(),
             "seed": request.seed,
         }
+        reservation, admission = None, None
+        if decision.allow:
+            reservation, admission = await self._admit(request_id, principal, spec, decision, max_tokens)
         body = {
             "endpoint": endpoint,
             "key_id": principal.key_id,
@@ -129,18 +148,81 @@ class CompletionService:
             "params": params,
             "requested_max_tokens": requested_max,
             "decision": decision.to_document(),
+            "admission": admission,
             "policy_input": without_prompt(policy_input),
-            **_logged_prompt(messages, prompt, decision.obligations.get("prompt_logging", "full")),
+            **_logged_prompt(messages, prompt, decision.obligations.get("prompt_logging", "full"),
+                             decision.obligations.get("redact") or []),
         }
-        await self._append("request", request_id, principal, spec.name, body, revision, refuse_on_failure=True)
+        try:
+            await self._append("request", request_id, principal, spec.name, body, revision, refuse_on_failure=True)
+        except ApiError:
+            if reservation is not None:
+                await self._release(reservation)
+            raise
+        if usage is None:
+            raise ApiError(503, "usage_unavailable",
+                           "Usage limits cannot be checked right now (Redis is unavailable), so the request was "
+                           "refused. Try again shortly.")
         if not decision.allow:
-            raise _denial(decision)
+            raise _denial(decision.reasons)
+        if reservation is None:
+            raise _admission_refusal(admission)
         job = GenerateJob(request_id=request_id, model=spec.name, endpoint=endpoint, params=params,
                           principal=principal.id, team=principal.team, policy_revision=revision,
                           messages=messages, prompt=prompt, stream=request.stream)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return Ticket(request_id=request_id, principal=principal, model=spec.name, created=created, job=job,
-                      decision=decision, include_usage=include_usage)
+                      decision=decision, include_usage=include_usage, reservation=reservation)
+
+    async def _admit(self, request_id: str, principal: Principal, spec: ModelSpec, decision: Decision,
+                     max_tokens: int) -> tuple[Reservation | None, dict[str, Any]]:
+        """Reserve the request's tokens against its limits, then check the model's queue.
+
+        The policy judged a snapshot of the counters; this is the atomic
+        check that enforces the same limits however many requests race.
+        """
+        limits = decision.obligations.get("limits") or {"principal": {}, "team": None}
+        try:
+            outcome = await self.counters.reserve(request_id, principal.id, principal.team, limits, max_tokens)
+        except CountersUnavailable as exc:
+            return None, {"admitted": False, "code": "usage_unavailable", "message": str(exc)}
+        if isinstance(outcome, Refusal):
+            return None, {"admitted": False, "code": outcome.code, "refusal": outcome.to_dict()}
+        try:
+            waiting = await self.queue_depth(spec.name)
+        except (RedisError, OSError) as exc:
+            await self._release(outcome)
+            return None, {"admitted": False, "code": "queue_unavailable", "message": str(exc)}
+        if waiting >= self.max_queued_per_model:
+            await self._release(outcome)
+            return None, {"admitted": False, "code": "queue_full", "waiting": waiting,
+                          "limit": self.max_queued_per_model}
+        return outcome, {"admitted": True, "reserved_tokens": max_tokens, "waiting": waiting}
+
+    async def queue_depth(self, model: str) -> int:
+        """Requests waiting in a model's queue (all priorities)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in queue_keys(queue_for(model)):
+                pipe.llen(key)
+            return sum(await pipe.execute())
+
+    async def _account(self, ticket: Ticket, tokens: int | None) -> None:
+        """Reconcile the reservation: the real token count, or nothing generated."""
+        if ticket.reservation is None:
+            return
+        try:
+            if tokens:
+                await self.counters.settle(ticket.reservation, tokens)
+            else:
+                await self.counters.release(ticket.reservation)
+        except CountersUnavailable as exc:  # held tokens expire with their day; in-flight with its TTL
+            log.error("could not reconcile usage of %s: %s", ticket.request_id, exc)
+
+    async def _release(self, reservation: Reservation) -> None:
+        try:
+            await self.counters.release(reservation)
+        except CountersUnavailable as exc:
+            log.error("could not release reservation of %s: %s", reservation.request_id, exc)
 
     async def complete(self, ticket: Ticket) -> JobResult:
         """Queue the job and wait for its result; every exit leaves one terminal entry."""
@@ -206,11 +288,15 @@ class CompletionService:
         winner = await self._end(ticket, "timed_out", {"error": {
             "code": "timed_out", "message": f"no result within {self.request_timeout_s:g}s"}})
         if winner is not None and winner.kind == "completion":
-            return JobResult.from_terminal(winner.kind, winner.seq, winner.body)
+            result = JobResult.from_terminal(winner.kind, winner.seq, winner.body)
+            await self._account(ticket, result.completion_tokens)
+            return result
+        await self._account(ticket, None)
         raise ApiError(504, "timed_out", f"The model did not answer within {self.request_timeout_s:g} seconds.")
 
     async def _queue_down(self, ticket: Ticket, exc: BaseException) -> ApiError:
         log.error("queue unavailable for %s: %s", ticket.request_id, exc)
+        await self._account(ticket, None)
         await self._end(ticket, "failed", {"error": {"code": "queue_unavailable", "message": str(exc)}})
         return ApiError(503, "queue_unavailable",
                         "The request queue is unavailable; nothing was generated. Try again shortly.")
@@ -235,10 +321,12 @@ class CompletionService:
         while time.monotonic() < deadline:
             entry = await anyio.to_thread.run_sync(self.audit.terminal_for, request_id)
             if entry is not None:
+                await self._account(ticket, entry.body.get("usage", {}).get("completion_tokens"))
                 return
             await asyncio.sleep(0.25)
         await self._end(ticket, "cancelled", {"output": "", "error": {
             "code": "cancelled", "message": "the client went away before a worker took the request"}})
+        await self._account(ticket, None)
 
     async def _request_cancel(self, request_id: str) -> None:
         try:
@@ -260,11 +348,13 @@ class CompletionService:
         status = meta.get("status")
         if status == "SUCCESS" and isinstance(meta.get("result"), dict):
             result = JobResult.from_payload(meta["result"])
+            await self._account(ticket, result.completion_tokens)
             if result.status == STATUS_COMPLETED:
                 return result
             if result.audit_seq is None:  # the worker could not record its outcome
                 await self._end(ticket, "failed", {"error": result.error})
             raise _worker_error(result)
+        await self._account(ticket, None)
         if status == "REVOKED":  # expired in the queue before a worker took it
             await self._end(ticket, "timed_out", {"error": {"code": "expired", "message": "expired in queue"}})
             raise ApiError(504, "timed_out", "The request expired in the queue before a worker could take it.")
@@ -317,23 +407,61 @@ class CompletionService:
             log.error("could not record rejection %s: %s", request_id, exc)
 
 
-def _logged_prompt(messages: list[dict[str, str]] | None, prompt: str | None, mode: str) -> dict[str, Any]:
+def _logged_prompt(messages: list[dict[str, str]] | None, prompt: str | None, mode: str,
+                   redact: list[dict[str, str]]) -> dict[str, Any]:
     """The prompt as the ``prompt_logging`` obligation allows it to be stored.
 
-    ``full`` stores it; ``hash`` (and, until content detectors exist,
-    ``redacted``) stores only a SHA-256 of its canonical text.
+    ``full`` stores it; ``redacted`` stores it with every text the policy's
+    detectors found (the ``redact`` obligation) replaced by
+    ``[REDACTED:<detector>]``; ``hash`` stores only a SHA-256 of its text.
     """
-    content: dict[str, Any] = {"messages": messages} if messages is not None else {"prompt": prompt}
-    if mode == "full":
-        return {"prompt_logging": mode, **content}
-    text = "\n".join(m["content"] for m in messages) if messages is not None else (prompt or "")
-    return {"prompt_logging": mode, "prompt_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    if mode == "hash":
+        text = prompt_text(messages, prompt)
+        return {"prompt_logging": mode, "prompt_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    if mode == "redacted":
+        def scrub(text: str) -> str:
+            for item in sorted(redact, key=lambda r: -len(r.get("text", ""))):
+                if item.get("text"):
+                    text = text.replace(item["text"], f"[REDACTED:{item.get('detector', 'pii')}]")
+            return text
+
+        found = sorted({item.get("detector", "pii") for item in redact})
+        if messages is not None:
+            return {"prompt_logging": mode, "redacted": found,
+                    "messages": [{**m, "content": scrub(m["content"])} for m in messages]}
+        return {"prompt_logging": mode, "redacted": found, "prompt": scrub(prompt or "")}
+    return {"prompt_logging": mode, **({"messages": messages} if messages is not None else {"prompt": prompt})}
 
 
-def _denial(decision: Decision) -> ApiError:
-    reasons = [r.to_document() for r in decision.reasons]
-    summary = "; ".join(r.message for r in decision.reasons) or "denied by policy"
-    return ApiError(403, "policy_denied", f"Denied by policy: {summary}", extra={"reasons": reasons})
+#: Reason codes that mean "not now" (429 with Retry-After) rather than "not allowed" (403).
+RETRYABLE_CODES = frozenset({"rate_limited", "budget_exceeded", "too_many_in_flight", "queue_full"})
+
+
+def _denial(reasons: tuple[Reason, ...] | list[Reason]) -> ApiError:
+    """403 with the reasons; 429 with Retry-After when every reason is a limit that will pass."""
+    documents = [r.to_document() for r in reasons]
+    summary = "; ".join(r.message for r in reasons) or "denied by policy"
+    if reasons and all(r.code in RETRYABLE_CODES for r in reasons):
+        retry = max(math.ceil(r.retry_after_s or 1) for r in reasons)
+        return ApiError(429, reasons[0].code if len({r.code for r in reasons}) == 1 else "rate_limited",
+                        f"Limit reached: {summary}", extra={"reasons": documents},
+                        headers={"Retry-After": str(retry)})
+    return ApiError(403, "policy_denied", f"Denied by policy: {summary}", extra={"reasons": documents})
+
+
+def _admission_refusal(admission: dict[str, Any]) -> ApiError:
+    code = admission.get("code")
+    if code == "usage_unavailable":
+        return ApiError(503, code, "Usage limits cannot be checked right now (Redis is unavailable), so the "
+                                   "request was refused. Try again shortly.")
+    if code == "queue_unavailable":
+        return ApiError(503, code, "The request queue is unavailable; nothing was generated. Try again shortly.")
+    if code == "queue_full":
+        return _denial([Reason(code="queue_full", message=f"{admission['waiting']} requests are already waiting "
+                               f"for this model (limit {admission['limit']})", retry_after_s=1)])
+    refusal = admission["refusal"]
+    return _denial([Reason(code=refusal["code"], message=refusal["message"],
+                           retry_after_s=refusal["retry_after_s"])])
 
 
 def _worker_error(result: JobResult) -> ApiError:

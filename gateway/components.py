@@ -20,6 +20,7 @@ from gateway.auth import KeyStore
 from gateway.completions import CompletionService
 from gateway.db import migrate_gateway
 from gateway.dispatch import Dispatcher, ResultWaiter
+from gateway.limits import UsageCounters
 from gateway.policy import EmbeddedPolicyEngine, PolicyEngine
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.settings import Settings
@@ -73,9 +74,11 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
     celery_app = make_celery(settings.redis_url, time_limit_s=settings.generation_time_limit_s)
     dispatcher = Dispatcher(celery_app, expires_s=settings.request_timeout_s)
     audit_store = AuditStore(db_engine)
+    counters = UsageCounters(client)
     completions = CompletionService(
         registry=registry, policy=policy, audit=audit_store, dispatcher=dispatcher, waiter=waiter,
-        redis=client, default_max_tokens=settings.default_max_tokens, request_timeout_s=settings.request_timeout_s)
+        redis=client, counters=counters, default_max_tokens=settings.default_max_tokens,
+        request_timeout_s=settings.request_timeout_s, max_queued_per_model=settings.max_queued_per_model)
     try:
         await waiter.start()
         await policy.start()
@@ -86,6 +89,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         )
     finally:
         await completions.aclose()
+        await counters.aclose()
         await waiter.aclose()
         await client.aclose()
         await pool.disconnect()

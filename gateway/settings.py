@@ -53,6 +53,8 @@ class Settings:
     request_timeout_s: float = 120.0
     #: Soft time limit of one generation in a worker (a hard limit 10 s later kills the pool process).
     generation_time_limit_s: float = 300.0
+    #: Requests that may wait in one model's queue; beyond it the gateway answers 429.
+    max_queued_per_model: int = 64
     #: Largest request body accepted (413 above it).
     max_body_bytes: int = 1024 * 1024
     #: ``max_tokens`` used when a request does not give one (policy may clamp it).
@@ -108,6 +110,7 @@ class Settings:
             request_timeout_s=float(number("REQUEST_TIMEOUT_S", defaults.request_timeout_s, float, 0.01)),
             generation_time_limit_s=float(number("GENERATION_TIME_LIMIT_S", defaults.generation_time_limit_s,
                                                  float, 1.0)),
+            max_queued_per_model=int(number("MAX_QUEUED_PER_MODEL", defaults.max_queued_per_model, int, 1)),
             max_body_bytes=int(number("MAX_BODY_BYTES", defaults.max_body_bytes, int, 1024)),
             default_max_tokens=int(number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens, int, 1)),
             redis_max_connections=int(number("REDIS_MAX_CONNECTIONS", defaults.redis_max_connections, int, 2)),

@@ -37,6 +37,8 @@ from tests.conftest_models import tiny_model_path, tiny_spec  # noqa: F401  (sha
 ROOT = Path(__file__).resolve().parent.parent
 #: A model in the test registry that no worker serves (timeouts, expiry).
 IDLE_MODEL = "idle-tiny"
+#: Another unserved model, kept for the queue-admission test alone (its queue only fills there).
+QUEUE_MODEL = "queue-tiny"
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +76,8 @@ def models_file(var_dir: Path) -> Path:
         f'[models.{TINY_MODEL_NAME}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 4096\n'
         f'family = "llama"\ntags = ["tiny"]\n\n'
         f'[models.{IDLE_MODEL}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 4096\n'
+        f'family = "llama"\ntags = ["tiny"]\n\n'
+        f'[models.{QUEUE_MODEL}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 4096\n'
         f'family = "llama"\ntags = ["tiny"]\n'
     )
     return path

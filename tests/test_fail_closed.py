@@ -97,12 +97,14 @@ async def test_redis_down_refuses_with_503_and_ends_the_request(settings, keyrin
             health = await client.get("/healthz")
     finally:
         own_redis.stop()
+    # The usage counters are the first to need Redis: the request is refused before any queueing.
     assert response.status_code == 503, response.text
-    assert response.json()["error"]["code"] == "queue_unavailable"
-    request_entry, terminal = audit_store.tail(2)
-    assert request_entry.kind == "request" and terminal.kind == "failed"
-    assert terminal.request_id == request_entry.request_id
-    assert terminal.body["error"]["code"] == "queue_unavailable"
+    assert response.json()["error"]["code"] == "usage_unavailable"
+    request_entry = audit_store.tail(1)[0]
+    assert request_entry.kind == "request"
+    assert request_entry.body["decision"]["allow"] is False
+    assert [r["code"] for r in request_entry.body["decision"]["reasons"]] == ["usage_unavailable"]
+    assert audit_store.terminal_for(request_entry.request_id) is None  # never accepted, so no terminal entry
     assert health.status_code == 503
     assert health.json()["checks"]["redis"].startswith("error")
 
@@ -151,8 +153,43 @@ async def test_gateway_recovers_when_redis_comes_back(settings, keyring, audit_s
         stop_process(worker, timeout_s=30)
         own_redis.stop()
     assert first.status_code == 200, first.text
-    assert down.status_code == 503 and down.json()["error"]["code"] == "queue_unavailable"
+    assert down.status_code == 503 and down.json()["error"]["code"] == "usage_unavailable"
     assert back.status_code == 200, back.text
     # Greedy decoding, same prompt: the same text before and after the outage.
     assert back.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
     assert audit_store.terminal_for(back.headers["x-govgate-request-id"]).kind == "completion"
+
+
+async def test_full_queue_answers_429_with_retry_after(settings, keyring, audit_store):
+    """Admission control: beyond the per-model limit the gateway refuses instead of queueing."""
+    import anyio
+
+    from tests.conftest import QUEUE_MODEL
+
+    own = settings.with_(max_queued_per_model=2, request_timeout_s=4)
+    statuses: list[int] = []
+    async with AsyncTestClient(create_app(own), timeout=60) as client:
+        async def wait_in_queue() -> None:
+            response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                         json={"model": QUEUE_MODEL, "messages": HELLO})
+            statuses.append(response.status_code)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(wait_in_queue)
+            group.start_soon(wait_in_queue)
+            with anyio.fail_after(10):
+                while queued(own, QUEUE_MODEL) < 2:
+                    await anyio.sleep(0.05)
+            listing = (await client.get("/v1/models", headers=bearer(keyring["admin"]))).json()
+            refused = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                        json={"model": QUEUE_MODEL, "messages": HELLO})
+    queue = {m["id"]: m["queue"] for m in listing["data"]}[QUEUE_MODEL]
+    assert queue == {"waiting": 2, "limit": 2}
+    assert refused.status_code == 429, refused.text
+    assert refused.headers["retry-after"] == "1"
+    error = refused.json()["error"]
+    assert error["code"] == "queue_full" and error["type"] == "rate_limit_error"
+    assert [r["code"] for r in error["reasons"]] == ["queue_full"]
+    refused_entry = [e for e in audit_store.tail(6) if (e.body.get("admission") or {}).get("code") == "queue_full"]
+    assert refused_entry and audit_store.terminal_for(refused_entry[-1].request_id) is None
+    assert sorted(statuses) == [504, 504]  # the two queued requests waited and timed out

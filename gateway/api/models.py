@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 
 from gateway import urls
 from gateway.auth import Principal
+from redis.exceptions import RedisError
 
 
 class ModelsController(Controller):
@@ -20,6 +21,14 @@ class ModelsController(Controller):
         components = state.components
         specs = [components.registry.models[name] for name in components.registry.names()]
         allowed = await components.policy.visible_models(principal.policy_view(), [s.policy_view() for s in specs])
+        visible = [spec for spec in specs if spec.name in allowed]
+        limit = components.settings.max_queued_per_model
+        waiting = {}
+        for spec in visible:
+            try:
+                waiting[spec.name] = await components.completions.queue_depth(spec.name)
+            except (RedisError, OSError):
+                waiting[spec.name] = None
         return {
             "object": "list",
             "data": [
@@ -31,8 +40,8 @@ class ModelsController(Controller):
                     "family": spec.family,
                     "context_length": spec.context_length,
                     "tags": list(spec.tags),
+                    "queue": {"waiting": waiting[spec.name], "limit": limit},
                 }
-                for spec in specs
-                if spec.name in allowed
+                for spec in visible
             ],
         }
