@@ -21,12 +21,25 @@ Quirks of ctransformers 0.2.27 handled here (each found by trying):
   first (:func:`~workers.backends.base.check_model_file`).
 * For GGUF files the architecture comes from the file; ``model_type`` is only
   used for old GGML files.
+* Old GGML files (gpt2, gpt_neox, dolly-v2) get no BOS token, so an empty
+  prompt has no tokens, and generating from none samples from the *previous*
+  request's logits: noise that depends on someone else's prompt. Such a prompt
+  starts from the model's start token instead (GPT-2's ``<|endoftext|>``).
+* For those files the context is the file's ``n_ctx``; ``context_length`` is
+  ignored, so :attr:`CTransformersModel.context_length` asks the library.
+* Those loaders also trust the file completely: given the wrong
+  ``model_type`` (a gpt2 file as ``gpt_neox``) they hang or allocate until the
+  kernel kills the worker, and a truncated file loads and serves garbage. The
+  layouts of the families govgate documents are walked first
+  (:func:`check_ggml_layout`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import platform
+import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +59,16 @@ _LIB_NAMES = {"Linux": "libctransformers.so", "Darwin": "libctransformers.dylib"
 
 #: Tokens the repetition penalty looks back over (ctransformers' default).
 _LAST_N_TOKENS = 64
+
+_GGML_MAGIC = 0x67676D6C
+#: Legacy GGML layouts checked before loading, keyed as ctransformers matches
+#: model types ('-' and '_' dropped): hyperparameter count, whether the
+#: vocabulary starts with its own count, and the prefixes of tensor names.
+_GGML_LAYOUTS: dict[str, tuple[int, bool, tuple[str, ...]]] = {
+    "gpt2": (6, True, ("model/",)),
+    "gptneox": (8, False, ("gpt_neox.", "embed_out.")),
+    "dollyv2": (8, False, ("gpt_neox.", "embed_out.")),
+}
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -87,6 +110,75 @@ def choose_lib(flags: set[str] | None = None) -> str:
     return str(path)
 
 
+def check_ggml_layout(path: Path, model_type: str) -> None:
+    """Raise :class:`BackendError` unless ``path`` is laid out as ``model_type`` expects.
+
+    Only the legacy GGML layouts in ``_GGML_LAYOUTS`` are checked (GGUF files
+    carry their architecture; other model types are left to ctransformers).
+    Walks the hyperparameters, the vocabulary and the tensor table without
+    reading tensor data, and requires the last tensor to end the file.
+    """
+    layout = _GGML_LAYOUTS.get(model_type.replace("-", "").replace("_", ""))
+    if layout is None:
+        return
+    n_hparams, vocab_count, prefixes = layout
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) == b"GGUF":
+                return
+            fh.seek(0)
+            _walk_ggml(fh, size, n_hparams, vocab_count, prefixes)
+    except OSError as exc:
+        raise BackendError(f"model file {path} cannot be read: {exc}") from None
+    except (struct.error, ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise BackendError(
+            f"model file {path} is not a {model_type!r} GGML file ({exc}); check model_type, or is it truncated?"
+        ) from None
+
+
+def _walk_ggml(fh: Any, size: int, n_hparams: int, vocab_count: bool, prefixes: tuple[str, ...]) -> None:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    def read(fmt: str) -> tuple[Any, ...]:
+        data = fh.read(struct.calcsize(fmt))
+        if len(data) != struct.calcsize(fmt):
+            raise ValueError("unexpected end of file")
+        return struct.unpack(fmt, data)
+
+    (magic,) = read("<I")
+    if magic != _GGML_MAGIC:
+        raise ValueError(f"magic {magic:#010x} is not legacy GGML's {_GGML_MAGIC:#010x}")
+    hparams = read(f"<{n_hparams}i")
+    n_vocab, _n_ctx, n_embd, n_head, _n_layer = hparams[:5]
+    if min(hparams[:5]) < 1 or n_embd % n_head:
+        raise ValueError(f"implausible hyperparameters {list(hparams)}")
+    if n_hparams == 8 and not (0 < hparams[5] <= n_embd // n_head and hparams[6] in (0, 1)):
+        raise ValueError(f"implausible n_rot/par_res {list(hparams[5:7])}")
+    if vocab_count and read("<i")[0] != n_vocab:
+        raise ValueError(f"vocabulary count does not match n_vocab {n_vocab}")
+    for _ in range(n_vocab):
+        fh.seek(read("<I")[0], 1)
+        if fh.tell() > size:
+            raise ValueError("vocabulary runs past the end of the file")
+    tensors = 0
+    while fh.tell() < size:
+        n_dims, name_len, ttype = read("<3i")
+        if not (1 <= n_dims <= 4 and 0 < name_len <= 256):
+            raise ValueError(f"tensor record {tensors} is malformed")
+        dims = read(f"<{n_dims}i")
+        name = fh.read(name_len).decode("utf-8")
+        if not name.startswith(prefixes) or min(dims) < 1:
+            raise ValueError(f"unexpected tensor {name!r} {list(dims)}")
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+        fh.seek(math.prod(dims) // block * type_size, 1)
+        if fh.tell() > size:
+            raise ValueError(f"tensor {name!r} runs past the end of the file")
+        tensors += 1
+    if not tensors:
+        raise ValueError("no tensors")
+
+
 class CTransformersModel:
     """A model loaded by ctransformers. One generation at a time; others wait."""
 
@@ -95,6 +187,9 @@ class CTransformersModel:
         self.lib = lib
         self._llm = llm
         self._detokenize = llm.ctransformers_llm_detokenize
+        bos = llm.bos_token_id
+        #: What an empty prompt is sent as when the tokenizer adds no BOS.
+        self._start_token = bos if 0 <= bos < llm.vocab_size else llm.eos_token_id
         self._lock = threading.Lock()
         self._owner: int | None = None
 
@@ -102,6 +197,7 @@ class CTransformersModel:
     def load(cls, spec: ModelSpec) -> CTransformersModel:
         """Load ``spec.path``; every failure is a :class:`BackendError` naming the model."""
         check_model_file(spec.path)
+        check_ggml_layout(spec.path, spec.model_type)
         try:
             from ctransformers import AutoModelForCausalLM
         except ImportError as exc:
@@ -129,14 +225,19 @@ class CTransformersModel:
         return self._llm.context_length
 
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of ``text`` as a prompt: BOS first, as the model will see it."""
+        """Token ids of ``text`` as a prompt, exactly as the model will see them.
+
+        llama models get BOS first; GGML-era models get none, except that an
+        empty text becomes their start token (see the module docstring).
+        """
         data = text.encode("utf-8")
         if b"\x00" in data:
             raise BackendError("text contains a NUL character, which the model's C API cannot take")
         # Worst case: BOS, the leading-space piece, then one byte token per byte.
         buffer = (ctypes.c_int * (len(data) + 8))()
         n = self._llm.ctransformers_llm_tokenize(data, True, buffer)
-        return list(buffer[:n])
+        # Never empty: with no tokens the model would sample stale logits.
+        return list(buffer[:n]) or [self._start_token]
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
