@@ -68,6 +68,12 @@ class Settings:
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.var_dir / 'govgate.db'}"
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``GOVGATE_*`` variables, so a child process reads back the same."""
+        env = {f"GOVGATE_{name.upper()}": str(getattr(self, name)) for name in self.__dataclass_fields__}
+        env["GOVGATE_DATABASE_URL"] = self.effective_database_url
+        return {key: value for key, value in env.items() if value != ""}
+
     def with_(self, **changes: object) -> "Settings":
         """A copy with some fields replaced (tests and the supervisor use this)."""
         return replace(self, **changes)
@@ -109,7 +115,7 @@ class Settings:
             models_file=text("MODELS_FILE", ""),
             request_timeout_s=float(number("REQUEST_TIMEOUT_S", defaults.request_timeout_s, float, 0.01)),
             generation_time_limit_s=float(number("GENERATION_TIME_LIMIT_S", defaults.generation_time_limit_s,
-                                                 float, 1.0)),
+                                                 float, 0.1)),
             max_queued_per_model=int(number("MAX_QUEUED_PER_MODEL", defaults.max_queued_per_model, int, 1)),
             max_body_bytes=int(number("MAX_BODY_BYTES", defaults.max_body_bytes, int, 1024)),
             default_max_tokens=int(number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens, int, 1)),

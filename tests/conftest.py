@@ -39,6 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 IDLE_MODEL = "idle-tiny"
 #: Another unserved model, kept for the queue-admission test alone (its queue only fills there).
 QUEUE_MODEL = "queue-tiny"
+#: Models served only by the crash-safety tests' own workers.
+CRASH_MODEL = "crash-tiny"
+LIMITED_MODEL = "limited-tiny"
 
 
 @pytest.fixture(scope="session")
@@ -69,17 +72,13 @@ def redis_server(var_dir: Path) -> Iterator[RedisProcess]:
 
 @pytest.fixture(scope="session")
 def models_file(var_dir: Path) -> Path:
-    """The test registry: the built-in tiny model plus one no worker serves."""
+    """The test registry: the built-in tiny model under several names, each with its own queue."""
     path = var_dir / "models.toml"
     model = var_dir / "models" / "govgate-tiny-llama.gguf"
-    path.write_text(
-        f'[models.{TINY_MODEL_NAME}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 4096\n'
-        f'family = "llama"\ntags = ["tiny"]\n\n'
-        f'[models.{IDLE_MODEL}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 4096\n'
-        f'family = "llama"\ntags = ["tiny"]\n\n'
-        f'[models.{QUEUE_MODEL}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 4096\n'
-        f'family = "llama"\ntags = ["tiny"]\n'
-    )
+    names = [TINY_MODEL_NAME, IDLE_MODEL, QUEUE_MODEL, CRASH_MODEL, LIMITED_MODEL]
+    path.write_text("\n".join(
+        f'[models.{name}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 4096\n'
+        f'family = "llama"\ntags = ["tiny"]\n' for name in names))
     return path
 
 

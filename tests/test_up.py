@@ -77,7 +77,11 @@ def up_env():
     var_dir = Path(tempfile.mkdtemp(prefix="gg-up-"))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GOVGATE_")}
-    env.update({"GOVGATE_VAR_DIR": str(var_dir), "GOVGATE_PORT": str(port)})
+    # The built-in default also assembles a 253 MB model; the quick start is tested on the tiny one.
+    registry = var_dir / "models.toml"
+    registry.write_text(f'[models.{TINY_MODEL_NAME}]\npath = "models/govgate-tiny-llama.gguf"\n'
+                        'generate = "tiny-llama"\ncontext_length = 1024\ntags = ["tiny", "noise"]\n')
+    env.update({"GOVGATE_VAR_DIR": str(var_dir), "GOVGATE_PORT": str(port), "GOVGATE_MODELS_FILE": str(registry)})
     yield env, var_dir, f"http://127.0.0.1:{port}"
     for pid in processes_of(var_dir):  # never leak a stack into the rest of the session
         os.kill(pid, signal.SIGKILL)

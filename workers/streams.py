@@ -25,9 +25,15 @@ log = logging.getLogger(__name__)
 CANCEL_CHECK_INTERVAL_S = 0.05
 
 
+#: Prefix of the key that records that a job's generation has begun.
+STARTED_KEY_PREFIX = "govgate:started:"
+STARTED_TTL_S = 24 * 3600
+
+
 class JobChannel(Protocol):
     def publish(self, text: str) -> None: ...
     def cancel_requested(self) -> bool: ...
+    def claim_start(self) -> bool: ...
 
 
 class RedisJobChannel:
@@ -37,9 +43,19 @@ class RedisJobChannel:
         self._client = client
         self._channel = stream_channel(request_id)
         self._cancel_key = cancel_key(request_id)
+        self._started_key = STARTED_KEY_PREFIX + request_id
         self._streaming = streaming
         self._seq = 0
         self._next_check = 0.0
+
+    def claim_start(self) -> bool:
+        """True the first time a job's generation begins; False on a redelivery.
+
+        A redelivered streaming job must not start again: its client has
+        already received the first run's text, and a second run would repeat
+        it (or, sampled, contradict it).
+        """
+        return bool(self._client.set(self._started_key, b"1", nx=True, ex=STARTED_TTL_S))
 
     def publish(self, text: str) -> None:
         if not self._streaming or not text:
@@ -67,3 +83,6 @@ class SilentChannel:
 
     def cancel_requested(self) -> bool:
         return False
+
+    def claim_start(self) -> bool:
+        return True

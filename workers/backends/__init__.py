@@ -1,8 +1,10 @@
 """Model backends: load a registry entry into something that generates text.
 
 Why a table of loader functions: each backend imports a heavy native library,
-so it is imported only when a model of its kind is loaded; adding a backend
-(llama.cpp next) is one function and one table entry here.
+so it is imported only when a model of its kind is loaded (importing this
+package loads no model library and starts no thread, which matters because
+worker processes fork after importing it); adding a backend is one function
+and one table entry here.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from workers.backends.base import (
     PromptTooLongError,
     check_model_file,
 )
-from workers.registry import ModelSpec
+from workers.registry import (
+    BACKEND_CTRANSFORMERS,
+    BACKEND_LLAMACPP,
+    GENERATE_GEMMA,
+    GENERATE_TINY,
+    ModelSpec,
+)
 
 __all__ = [
     "FINISH_LENGTH",
@@ -43,24 +51,42 @@ def _load_ctransformers(spec: ModelSpec) -> LoadedModel:
     return CTransformersModel.load(spec)
 
 
+def _load_llamacpp(spec: ModelSpec) -> LoadedModel:
+    from workers.backends.llamacpp_backend import LlamaCppModel
+
+    return LlamaCppModel.load(spec)
+
+
 _LOADERS: dict[str, Callable[[ModelSpec], LoadedModel]] = {
-    "ctransformers": _load_ctransformers,
+    BACKEND_CTRANSFORMERS: _load_ctransformers,
+    BACKEND_LLAMACPP: _load_llamacpp,
 }
 
 
-def ensure_model_file(spec: ModelSpec) -> None:
-    """Write a generated model (``spec.generate``) if its file is missing.
+def ensure_model_file(spec: ModelSpec, on_progress: Callable[..., None] | None = None) -> None:
+    """Make a model govgate can make itself (``spec.generate``) if its file is missing.
 
-    Why here: the built-in tiny model must appear on first use on a fresh
-    machine without a separate setup step. Real models are never touched.
+    Why here: the built-in models must appear on first use on a fresh machine
+    without a separate setup step. Both writers are atomic (temp file +
+    rename), so an existing file is complete and is never touched; other
+    models' files are never touched either. ``on_progress`` receives
+    :class:`workers.default_model.Progress` while a packaged model is assembled.
     """
     if not spec.generate or spec.path.exists():
         return
-    if spec.generate != "tiny-llama":
-        raise BackendError(f"model {spec.name}: unknown generator {spec.generate!r}")
-    from workers.tinymodel import write_tiny_llama_gguf
+    if spec.generate == GENERATE_TINY:
+        from workers.tinymodel import write_tiny_llama_gguf
 
-    write_tiny_llama_gguf(spec.path, context_length=spec.context_length)
+        write_tiny_llama_gguf(spec.path, context_length=spec.context_length)
+    elif spec.generate == GENERATE_GEMMA:
+        from workers.default_model import AssemblyError, assemble_gemma
+
+        try:
+            assemble_gemma(spec.path, on_progress)
+        except AssemblyError as exc:
+            raise BackendError(f"model {spec.name}: {exc}") from None
+    else:
+        raise BackendError(f"model {spec.name}: unknown generator {spec.generate!r}")
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:
