@@ -43,7 +43,7 @@ from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.policy_input import build_input, prompt_text, without_prompt
 from workers.celery_app import queue_keys
 from workers.contract import CANCEL_TTL_S, STATUS_COMPLETED, GenerateJob, JobResult, cancel_key, queue_for
-from workers.registry import ModelSpec, Registry
+from workers.registry import BACKEND_FEATURES, ModelSpec, Registry
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class CompletionService:
                 raise ApiError(404, "model_not_found",
                                f"The model '{request.model}' does not exist. GET /v1/models lists the models "
                                "you may use.", param="model")
+            check_fits(request, spec)
         except ApiError as error:
             await self._record_rejection(request_id, principal, endpoint, error, raw)
             raise
@@ -133,6 +134,10 @@ class CompletionService:
             "max_tokens": max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
+            "top_k": request.top_k,
+            "repetition_penalty": request.repetition_penalty,
+            "frequency_penalty": request.frequency_penalty,
+            "presence_penalty": request.presence_penalty,
             "stop": request.stop_list(),
             "seed": request.seed,
         }
@@ -405,6 +410,34 @@ class CompletionService:
             await self._append("rejected", request_id, principal, None, body)
         except AuditError as exc:  # the client is refused anyway; say so in the logs
             log.error("could not record rejection %s: %s", request_id, exc)
+
+
+#: No tokenizer in use encodes more than this many bytes in one token, so a
+#: prompt of N bytes is at least N / this many tokens. The gateway holds no
+#: tokenizer (models live in workers); this bound lets it refuse a prompt that
+#: cannot possibly fit before queueing it, and the worker checks the exact
+#: count before it generates.
+MAX_BYTES_PER_TOKEN = 64
+
+
+def check_fits(request: ChatCompletionRequest | CompletionRequest, spec: ModelSpec) -> None:
+    """Refuse parameters the model's backend would ignore, and prompts that cannot fit its context."""
+    features = BACKEND_FEATURES.get(spec.backend, frozenset())
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(request, name) != 0.0 and name not in features:
+            raise ApiError(400, "unsupported_parameter",
+                           f"Model '{spec.name}' ({spec.backend}) does not support '{name}'; "
+                           "use 'repetition_penalty' instead.", param=name)
+    if isinstance(request, ChatCompletionRequest):
+        size = sum(len(m.text().encode()) for m in request.messages)
+    else:
+        size = len((request.prompt if isinstance(request.prompt, str) else request.prompt[0]).encode())
+    least_tokens = -(-size // MAX_BYTES_PER_TOKEN)
+    if least_tokens >= spec.context_length:
+        raise ApiError(400, "context_length_exceeded",
+                       f"The prompt is at least {least_tokens} tokens; model '{spec.name}' has a context of "
+                       f"{spec.context_length} tokens.", param="messages" if isinstance(
+                           request, ChatCompletionRequest) else "prompt")
 
 
 def _logged_prompt(messages: list[dict[str, str]] | None, prompt: str | None, mode: str,

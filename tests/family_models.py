@@ -18,6 +18,9 @@ from workers.tinyggml import FAMILIES, family_file_name
 #: context from the file, so registry entries must agree with what was written.
 FAMILY_CONTEXT = 256
 
+#: Chat prompt format per family (instruction-tuned families use Alpaca's layout).
+PROMPT_FORMATS = {"alpaca": "alpaca", "dolly-v2": "alpaca"}
+
 #: Registry name of each family's tiny model.
 MODEL_NAMES: dict[str, str] = {family: f"tiny-{family}" for family in FAMILIES}
 
@@ -65,7 +68,7 @@ def write_family_registry(folder: Path) -> Path:
             f"threads = 1\n"
             f'family = "{family}"\n'
             f'tags = ["tiny", "noise"]\n'
-            f'prompt_format = "plain"\n'
+            f'prompt_format = "{PROMPT_FORMATS.get(family, "plain")}"\n'
         )
     registry = folder / "models.toml"
     registry.write_text("\n".join(tables), encoding="utf-8")

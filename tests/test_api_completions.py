@@ -161,3 +161,33 @@ async def test_concurrent_requests_each_get_their_own_result(client, keyring, au
         assert completion.kind == "completion"
         assert completion.body["output"] == got["body"]["choices"][0]["text"]
     assert verify_chain(audit_store).ok
+
+
+async def test_sampling_parameters_reach_the_backend(client, keyring, direct_model):
+    """seed, top_k and repetition_penalty are passed through: a sampled text equals a direct call's."""
+    sampled = {"temperature": 1.0, "seed": 7, "top_k": 3, "repetition_penalty": 1.3}
+    response = await client.post("/v1/completions", headers=bearer(keyring["admin"]),
+                                 json={"model": TINY_MODEL_NAME, "prompt": "The gate", "max_tokens": 24, **sampled})
+    assert response.status_code == 200, response.text
+    expected = direct_model.generate("The gate", GenerationParams(max_tokens=24, **sampled))
+    other = direct_model.generate("The gate", GenerationParams(max_tokens=24, **{**sampled, "top_k": 60}))
+    assert response.json()["choices"][0]["text"] == expected.text
+    assert expected.text != other.text  # top_k really matters, so the equality above is informative
+
+
+async def test_parameter_the_backend_ignores_is_refused(client, keyring):
+    response = await client.post("/v1/completions", headers=bearer(keyring["admin"]),
+                                 json={"model": TINY_MODEL_NAME, "prompt": "x", "frequency_penalty": 0.5})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_parameter" and error["param"] == "frequency_penalty"
+
+
+async def test_prompt_that_cannot_fit_is_refused_before_queueing(client, keyring, audit_store):
+    huge = "gate " * 60000  # 300 kB: at least 4,700 tokens whatever the tokenizer, beyond a 4,096 context
+    response = await client.post("/v1/completions", headers=bearer(keyring["admin"]),
+                                 json={"model": TINY_MODEL_NAME, "prompt": huge, "max_tokens": 4})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    latest = audit_store.tail(1)[0]
+    assert latest.kind == "rejected"  # refused at the door: never decided, never queued

@@ -65,3 +65,22 @@ async def test_family_generates_through_the_gateway(family_stack, keyring, audit
 def parent_of(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+
+
+async def test_instruction_family_chat_uses_its_prompt_format(family_stack, keyring):
+    """A chat request to an Alpaca-format model is rendered as instruction/response blocks."""
+    own, _ = family_stack
+    async with AsyncTestClient(create_app(own), timeout=60) as client:
+        response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                     json={"model": MODEL_NAMES["alpaca"], "max_tokens": 4, "temperature": 0,
+                                           "messages": [{"role": "user", "content": "Name a gate."}]})
+    assert response.status_code == 200, response.text
+    prompt = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+              "request.\n\n### Instruction:\nName a gate.\n\n### Response:\n")
+    from workers.backends import load_model
+    from tests.family_models import family_spec, write_family_files
+
+    # The reported prompt tokens are those of the Alpaca rendering, not of a plain transcript.
+    with tempfile.TemporaryDirectory() as folder:
+        model = load_model(family_spec("alpaca", write_family_files(Path(folder))["alpaca"]))
+        assert response.json()["usage"]["prompt_tokens"] == model.count_tokens(prompt)

@@ -76,4 +76,18 @@ def test_bad_messages_are_refused(messages: list) -> None:
 
 def test_unknown_format_is_refused() -> None:
     with pytest.raises(ValueError, match="prompt format"):
-        render_chat(CHAT, "alpaca")
+        render_chat(CHAT, "vicuna")
+
+
+def test_alpaca_format_builds_instruction_blocks():
+    prompt, stops = render_chat([{"role": "user", "content": "Name a gate."}], "alpaca")
+    assert prompt == ("Below is an instruction that describes a task. Write a response that appropriately "
+                      "completes the request.\n\n### Instruction:\nName a gate.\n\n### Response:\n")
+    assert "### Instruction:" in stops
+
+
+def test_alpaca_format_uses_the_system_message_as_preamble_and_keeps_turns():
+    prompt, _ = render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+                             {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}], "alpaca")
+    assert prompt == ("Be brief.\n\n### Instruction:\na\n\n### Response:\nb\n\n### Instruction:\nc"
+                      "\n\n### Response:\n")

@@ -27,19 +27,28 @@ from workers.streams import JobChannel, SilentChannel
 log = logging.getLogger(__name__)
 
 
-def params_from_job(job: GenerateJob, extra_stops: tuple[str, ...]) -> GenerationParams:
-    """Backend parameters from the request's (already policy-clamped) params."""
+def params_from_job(job: GenerateJob, extra_stops: tuple[str, ...], model: LoadedModel) -> GenerationParams:
+    """Backend parameters from the request's (already policy-clamped) params.
+
+    A parameter the request left out takes the model's registry default
+    (``repetition_penalty``) or the library default.
+    """
     p = job.params
     stop = p.get("stop") or ()
     if isinstance(stop, str):
         stop = (stop,)
     seed = p.get("seed")
+    penalty = p.get("repetition_penalty")
     return GenerationParams(
         max_tokens=int(p["max_tokens"]),
         temperature=float(p.get("temperature", 1.0)),
         top_p=float(p.get("top_p", 1.0)),
+        top_k=int(p["top_k"]) if p.get("top_k") is not None else 40,
         stop=tuple(stop) + extra_stops,
         seed=-1 if seed is None else int(seed),
+        repetition_penalty=float(penalty) if penalty is not None else model.spec.repetition_penalty,
+        frequency_penalty=float(p.get("frequency_penalty") or 0.0),
+        presence_penalty=float(p.get("presence_penalty") or 0.0),
     )
 
 
@@ -77,7 +86,7 @@ def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore,
     ending = None
     try:
         prompt, format_stops = prompt_for(job, model)
-        run = model.stream(prompt, params_from_job(job, format_stops))
+        run = model.stream(prompt, params_from_job(job, format_stops, model))
         for piece in run:
             text.append(piece)
             channel.publish(piece)

@@ -15,6 +15,10 @@ ROLES = ("system", "user", "assistant")
 _PLAIN_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
 _PLAIN_STOPS = ("\nUser:", "\nSystem:", "\nAssistant:")
 _CHATML_END = "<|im_end|>"
+#: Stanford Alpaca's instruction format (Dolly v2 was trained on the same layout).
+_ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
+                    "Write a response that appropriately completes the request.")
+_ALPACA_STOPS = ("### Instruction:", "### End")
 
 
 def message_text(content: object) -> str:
@@ -44,8 +48,9 @@ def render_chat(messages: list[dict], prompt_format: str) -> tuple[str, tuple[st
     """Return ``(prompt, stop sequences)`` for ``messages`` in ``prompt_format``.
 
     ``"plain"`` is a completion-style transcript any base model can continue;
-    ``"chatml"`` is the ``<|im_start|>`` format many chat-tuned models expect.
-    Both end by opening the assistant's turn. Raises ``ValueError`` for an
+    ``"chatml"`` is the ``<|im_start|>`` format many chat-tuned models expect;
+    ``"alpaca"`` is the instruction format of Alpaca and Dolly. All end by
+    opening the assistant's turn. Raises ``ValueError`` for an
     unknown format, role or content shape.
     """
     turns = [_turn(i, m) for i, m in enumerate(messages)]
@@ -55,7 +60,25 @@ def render_chat(messages: list[dict], prompt_format: str) -> tuple[str, tuple[st
     if prompt_format == "chatml":
         body = "".join(f"<|im_start|>{role}\n{text}{_CHATML_END}\n" for role, text in turns)
         return body + "<|im_start|>assistant\n", (_CHATML_END,)
-    raise ValueError(f"unknown prompt format {prompt_format!r} (known: 'plain', 'chatml')")
+    if prompt_format == "alpaca":
+        return _alpaca(turns), _ALPACA_STOPS
+    raise ValueError(f"unknown prompt format {prompt_format!r} (known: 'plain', 'chatml', 'alpaca')")
+
+
+def _alpaca(turns: list[tuple[str, str]]) -> str:
+    """Instruction/response blocks; a system message replaces the standard preamble.
+
+    Alpaca was trained on single turns; earlier turns are kept as earlier
+    instruction/response pairs so the model sees the conversation.
+    """
+    system = "\n".join(text for role, text in turns if role == "system")
+    parts = [system or _ALPACA_PREAMBLE]
+    for role, text in turns:
+        if role == "user":
+            parts.append(f"### Instruction:\n{text}")
+        elif role == "assistant":
+            parts.append(f"### Response:\n{text}")
+    return "\n\n".join(parts) + "\n\n### Response:\n"
 
 
 def _turn(index: int, message: object) -> tuple[str, str]:

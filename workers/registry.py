@@ -50,7 +50,15 @@ BACKEND_CTRANSFORMERS = "ctransformers"
 BACKEND_LLAMACPP = "llama.cpp"
 
 _BACKENDS = {BACKEND_CTRANSFORMERS, BACKEND_LLAMACPP}
-_PROMPT_FORMATS = {"plain", "chatml"}
+_PROMPT_FORMATS = {"plain", "chatml", "alpaca"}
+
+#: Sampling parameters beyond the common ones (max_tokens, temperature, top_p,
+#: top_k, seed, stop, repetition_penalty) that a backend honours. The gateway
+#: refuses a request that sets one its model's backend would ignore.
+BACKEND_FEATURES: dict[str, frozenset[str]] = {
+    BACKEND_CTRANSFORMERS: frozenset(),
+    BACKEND_LLAMACPP: frozenset({"frequency_penalty", "presence_penalty"}),
+}
 _GENERATORS = {GENERATE_TINY, GENERATE_GEMMA}
 
 

@@ -14,6 +14,9 @@ import msgspec
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+TopK = Annotated[int, msgspec.Meta(ge=0)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
+RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=10.0)]
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 StopList = Annotated[list[NonEmptyStr], msgspec.Meta(max_length=4)]
 
@@ -50,6 +53,10 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_tokens: PositiveInt | None = None
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    frequency_penalty: Penalty = 0.0
+    presence_penalty: Penalty = 0.0
     stop: Union[NonEmptyStr, StopList, None] = None
     seed: int | None = None
     stream: bool = False

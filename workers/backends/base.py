@@ -57,6 +57,9 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int = -1  # negative: a fresh random seed
     repetition_penalty: float = 1.0
+    #: OpenAI's additive penalties; only backends listed in registry.BACKEND_FEATURES honour them.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -201,8 +201,8 @@ class LlamaCppModel:
             "typical_p": 1.0,
             "repeat_penalty": penalty,
             "repeat_last_n": _LAST_N_TOKENS,
-            "presence_penalty": 0.0,
-            "frequency_penalty": 0.0,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
             "n_probs": 0,
         }
         if params.seed >= 0:
