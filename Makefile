@@ -6,7 +6,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: up test bench venv dev clean
+# OPA is on neither PyPI nor Debian: `make opa` builds it from its Go module
+# into .tools/bin (gitignored). Its go.mod asks for Go >= 1.26.
+OPA_VERSION := 1.22.3
+OPA_BIN     := .tools/bin/opa
+GO          ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+
+.PHONY: up test bench venv dev clean opa
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "govgate needs Python 3.11 or newer")'
@@ -33,6 +39,19 @@ test: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/overhead.py
+
+# Skips the build when .tools/bin/opa already is this version.
+opa:
+	@if $(OPA_BIN) version 2>/dev/null | grep -qx 'Version: $(OPA_VERSION)'; then \
+		echo "opa $(OPA_VERSION) is in $(OPA_BIN)"; \
+	elif ! command -v $(GO) >/dev/null 2>&1; then \
+		echo "make opa needs Go >= 1.26 (https://go.dev/dl); none found as $(GO)" >&2; exit 1; \
+	else \
+		echo "building opa $(OPA_VERSION) into $(OPA_BIN) with $$($(GO) version)"; \
+		GOBIN="$(CURDIR)/.tools/bin" CGO_ENABLED=0 GOFLAGS=-buildvcs=false \
+			$(GO) install github.com/open-policy-agent/opa@v$(OPA_VERSION) && \
+		$(OPA_BIN) version | grep -qx 'Version: $(OPA_VERSION)'; \
+	fi
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -314,11 +314,10 @@ def policy_replay(candidate: Path, since: str, examples: int, as_json: bool) -> 
 
 async def _open_engine(settings: Settings, policy_dir: Path | None):
     """The engine the gateway would use (OPA when GOVGATE_OPA_URL is set), on ``policy_dir``."""
-    from gateway.policy import EmbeddedPolicyEngine, PolicyLoadError
+    from gateway.policy import PolicyLoadError, open_policy_engine
 
-    folder = policy_dir or settings.policy_dir
     try:
-        return EmbeddedPolicyEngine.load(folder, settings.policy_timeout_s)
+        return await open_policy_engine(settings.with_(policy_dir=policy_dir or settings.policy_dir))
     except PolicyLoadError as exc:
         raise click.ClickException(str(exc)) from None
 

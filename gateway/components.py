@@ -11,7 +11,6 @@ import logging
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-import anyio
 import redis.asyncio as aioredis
 from sqlalchemy import Engine
 
@@ -21,7 +20,7 @@ from gateway.completions import CompletionService
 from gateway.db import migrate_gateway
 from gateway.dispatch import Dispatcher, ResultWaiter
 from gateway.limits import UsageCounters
-from gateway.policy import EmbeddedPolicyEngine, PolicyEngine
+from gateway.policy import PolicyEngine, open_policy_engine
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.settings import Settings
 from workers.celery_app import make_celery
@@ -61,8 +60,8 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
     db_engine = open_database(settings)
 
     async def open_engine() -> PolicyEngine:
-        return await anyio.to_thread.run_sync(EmbeddedPolicyEngine.load, settings.policy_dir,
-                                              settings.policy_timeout_s)
+        # An OPA server loads the folder itself (opa run --watch); the engine proves it holds the same revision.
+        return await open_policy_engine(settings)
 
     policy = ReloadingPolicyEngine(policy or await open_engine(), open_engine, policy_dir=settings.policy_dir,
                                    interval_s=settings.policy_reload_interval_s)

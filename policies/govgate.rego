@@ -2,12 +2,24 @@
 # title: govgate usage policy
 # description: |
 #   Decides whether a principal may send a request to a model, and under which
-#   obligations. Who may do what lives in data.govgate_config (data.json), so an
-#   operator changes access by editing data, not this module.
+#   obligations. Who may do what, when, how much and with which content lives
+#   in data.govgate_config (data.json), so an operator changes the rules by
+#   editing data, not these modules.
 #
 #   Entry points read by the gateway:
 #     data.govgate.decision        {allow, reasons, obligations}
 #     data.govgate.visible_models  names of input.models the principal may use
+#
+#   The rules are split by concern, all in package govgate:
+#     access.rego       roles and teams grant models (and the model list)
+#     purpose.rego      restricted models need a declared purpose
+#     schedule.rego     models open only at some hours or on some weekdays
+#     limits.rego       max_tokens caps, and usage limits per principal and team
+#     content.rego      blocked patterns and PII detectors on the prompt text
+#     obligations.rego  priority, prompt logging, redaction and limits obligations
+#     checks.rego       malformed input and unusable data deny, never crash
+#   with pure helpers in govgate.pii (detectors, Luhn, IBAN) and
+#   govgate.calendar (UTC date arithmetic).
 #
 #   A denial is never inferred from a missing reason: allow must be proven, and
 #   every denial carries at least one reason.
@@ -15,7 +27,12 @@ package govgate
 
 import rego.v1
 
-config := data.govgate_config
+# The operator's data ({} when it is missing or not an object, which
+# checks.rego reports).
+config := c if {
+	c := data.govgate_config
+	is_object(c)
+} else := {}
 
 # The decision the gateway enforces, in the shape of the policy contract.
 decision := {
@@ -24,78 +41,27 @@ decision := {
 	"obligations": obligations,
 }
 
+# What the gateway must do to a request it serves (obligations.rego,
+# limits.rego), given on denials too: the audit entry of a denied request
+# follows prompt_logging and redact.
+obligations := {
+	"max_tokens": granted_max_tokens,
+	"priority": priority,
+	"prompt_logging": prompt_logging,
+	"redact": redact,
+	"limits": limits_obligation,
+}
+
 # ---------------------------------------------------------------- allow
 
 default allow := false
 
 # A request is allowed when a role grants the model and nothing denies it.
+# Each module adds to `denials` the reasons its rules find.
 allow if {
 	model_permitted
 	count(denials) == 0
 }
-
-# ---------------------------------------------------------------- roles
-
-# Roles of the principal that the policy knows; unknown names are ignored.
-# The type check keeps OPA and regorus alike: regorus raises an error when
-# `some .. in` meets a non-collection, OPA is undefined.
-known_roles contains role if {
-	is_array(input.principal.roles)
-	some role in input.principal.roles
-	config.roles[role]
-}
-
-# A role grants a model when its model list holds the model or "*".
-role_grants(role, _) if "*" in config.roles[role].models
-
-role_grants(role, model_name) if model_name in config.roles[role].models
-
-# The principal's roles that grant the given model.
-granting_roles(model_name) := {role |
-	some role in known_roles
-	role_grants(role, model_name)
-}
-
-# The principal may use the requested model through at least one role.
-model_permitted if count(granting_roles(input.model.name)) > 0
-
-# ---------------------------------------------------------------- obligations
-
-obligations := {
-	"max_tokens": granted_max_tokens,
-	"prompt_logging": prompt_logging,
-}
-
-# A role's token cap, or the default cap when the role sets none.
-role_max_tokens(role) := object.get(config.roles[role], "max_tokens", config.defaults.max_tokens)
-
-# The most generous cap among the roles that grant the model: holding one
-# more role should never take tokens away.
-token_cap := max({role_max_tokens(role) | some role in granting_roles(input.model.name)})
-
-# The request's max_tokens, clamped to the cap. 0 when no role grants the
-# model (the request is denied then and the value is never used).
-default granted_max_tokens := 0
-
-granted_max_tokens := min({input.request.max_tokens, token_cap})
-
-# A role's prompt logging level, or the default when the role sets none.
-role_prompt_logging(role) := object.get(config.roles[role], "prompt_logging", config.defaults.prompt_logging)
-
-# Logging levels of all the principal's known roles (not only those granting
-# the model) so that a denied request is logged as the person's roles ask.
-logging_levels contains level if {
-	some role in known_roles
-	level := role_prompt_logging(role)
-}
-
-# The most private level wins: a role set to redact or hash prompts exists
-# to protect what its holders type, and a second role must not undo that.
-prompt_logging := "hash" if {
-	"hash" in logging_levels
-} else := "redacted" if {
-	"redacted" in logging_levels
-} else := config.defaults.prompt_logging
 
 # ---------------------------------------------------------------- reasons
 
@@ -107,39 +73,97 @@ reasons := [] if {
 	count(denials) > 0
 } else := [{"code": "denied", "message": "no policy rule allows this request"}]
 
-sorted_denials := [denial | some denial in denials]
+# Denials ordered by code, then message. Sorting [code, message] pairs
+# (arrays of strings) orders the same way on every engine; objects with
+# different keys might not.
+sorted_denials := [denial |
+	some key in sort({[d.code, d.message] | some d in denials})
+	some denial in denials
+	[denial.code, denial.message] == key
+]
 
-denials contains {"code": "unknown_role", "message": msg} if {
-	count(known_roles) == 0
-	msg := sprintf("principal '%s' has no role this policy knows", [principal_label])
+# ---------------------------------------------------------------- settings
+
+# Settings the data may leave out take these values.
+builtin_defaults := {
+	"max_tokens": 128,
+	"max_tokens_mode": "clamp",
+	"prompt_logging": "full",
+	"priority": 5,
 }
 
-denials contains {"code": "model_not_allowed", "message": msg} if {
-	count(known_roles) > 0
-	not model_permitted
-	msg := sprintf(
-		"no role of principal '%s' (%s) may use model '%s'",
-		[principal_label, concat(", ", sort(known_roles)), model_label],
-	)
+# govgate_config.defaults as written in the data ({} when absent).
+defaults_config := d if {
+	d := config.defaults
+	is_object(d)
+} else := {}
+
+# The defaults in force: the data's, over the built-in ones.
+defaults := object.union(builtin_defaults, defaults_config)
+
+# ---------------------------------------------------------------- input
+
+# The requested model's name; undefined when the input lacks it.
+requested_model := input.model.name if is_string(input.model.name)
+
+# The principal's team; undefined for a principal without one.
+principal_team := input.principal.team if {
+	is_string(input.principal.team)
+	input.principal.team != ""
 }
+
+# The principal's id; undefined when the input lacks it.
+principal_id := input.principal.id if is_string(input.principal.id)
 
 # Names for messages that exist even when the input lacks them, so that a
 # malformed input still gets its reason.
-principal_label := input.principal.id if {
-	is_string(input.principal.id)
+principal_label := principal_id if {
+	principal_id
 } else := "(unknown)"
 
-model_label := input.model.name if {
-	is_string(input.model.name)
+model_label := requested_model if {
+	requested_model
 } else := "(unknown)"
 
-# ---------------------------------------------------------------- model list
+# ---------------------------------------------------------------- helpers
 
-# Names of the models in input.models that the principal may use
-# (GET /v1/models lists only these).
-visible_models contains name if {
-	is_array(input.models)
-	some model in input.models
-	name := model.name
-	count(granting_roles(name)) > 0
+# `value` if it is a list, else the empty list: `some x in` on anything else
+# is an error on regorus and undefined on OPA.
+as_list(value) := value if {
+	is_array(value)
+} else := []
+
+# `value` if it is an object, else the empty object.
+as_object(value) := value if {
+	is_object(value)
+} else := {}
+
+# A count, a cap or a limit: an integral number >= 0 that a float holds
+# exactly. Beyond 2^53 the engines round and print numbers differently.
+whole_number(value) if {
+	countable(value)
+	value == round(value)
 }
+
+# A number >= 0 and at most 2^53 - 1 (a counter may have a fraction).
+countable(value) if {
+	is_number(value)
+	value >= 0
+	value <= 9007199254740991
+}
+
+# The value at `path` in govgate_config, null when the data has none.
+setting(path) := object.get(config, path, null)
+
+# The strings of a list, sorted and joined for a message.
+listing(values) := "(none)" if {
+	count(strings_of(values)) == 0
+} else := concat(", ", sort(strings_of(values)))
+
+strings_of(values) := {v | some v in values; is_string(v)} if {
+	listable(values)
+} else := set()
+
+listable(values) if is_array(values)
+
+listable(values) if is_set(values)

@@ -1,246 +1,153 @@
-# Unit tests for govgate.rego. They run under `opa test policies/` and, without
-# an opa binary, under regorus via tests/test_rego_units.py.
-#
-# Most tests replace data.govgate_config with the fixture below so that an
-# operator editing data.json cannot break them; the shipped_config tests check
-# the data.json that ships.
+# Unit tests for govgate.rego: how the decision is assembled, and the
+# data.json that ships. They run under `opa test policies/` and under
+# regorus via tests/test_rego_units.py.
 package govgate_test
 
 import rego.v1
 
-import data.govgate
+import data.govgate_test.fixtures.base_input
+import data.govgate_test.fixtures.codes
+import data.govgate_test.fixtures.config
+import data.govgate_test.fixtures.decide
+import data.govgate_test.fixtures.decide_as
+import data.govgate_test.fixtures.text_request
 
-config := {
-	"defaults": {"max_tokens": 128, "prompt_logging": "full"},
-	"roles": {
-		"admin": {"models": ["*"], "max_tokens": 4096},
-		"analyst": {"models": ["govgate-tiny"], "max_tokens": 256},
-		"viewer": {"models": []},
-		"intern": {"models": ["govgate-tiny"]},
-		"counsel": {"models": ["govgate-tiny", "big"], "max_tokens": 512, "prompt_logging": "hash"},
-		"hr": {"models": [], "prompt_logging": "redacted"},
-		"translator": {"models": ["big"], "max_tokens": 2048},
-	},
-}
+# ---------------------------------------------------------------- decision shape
 
-# A chat request by a principal holding `roles` for `model`.
-request_input(roles, model, max_tokens) := {
-	"principal": {"id": "u-1", "team": "t-1", "roles": roles, "key_id": "k-1"},
-	"request": {
-		"endpoint": "chat.completions",
-		"model": model,
-		"messages": [{"role": "user", "content": "hi"}],
-		"text": "hi",
-		"max_tokens": max_tokens,
-		"stream": false,
-		"purpose": null,
-	},
-	"model": {"name": model, "family": "llama", "context_length": 256, "tags": []},
-	"time": {"now_ns": 1700000000000000000, "hour_utc": 12, "weekday": 2},
-}
-
-decide(roles, model, max_tokens) := d if {
-	d := govgate.decision with input as request_input(roles, model, max_tokens)
-		with data.govgate_config as config
-}
-
-reason_codes(d) := {r.code | some r in d.reasons}
-
-test_admin_allowed_any_model if {
-	d := decide(["admin"], "big", 100)
+test_allowed_request_has_no_reasons if {
+	d := decide({})
 	d.allow
 	d.reasons == []
 }
 
-test_analyst_allowed_granted_model if {
-	d := decide(["analyst"], "govgate-tiny", 100)
-	d.allow
-	d.reasons == []
+test_decision_has_contract_shape if {
+	d := decide({})
+	object.keys(d) == {"allow", "reasons", "obligations"}
+	object.keys(d.obligations) == {"max_tokens", "priority", "prompt_logging", "redact", "limits"}
 }
 
-test_analyst_denied_model_not_granted if {
-	d := decide(["analyst"], "big", 100)
+test_denied_request_has_obligations_too if {
+	d := decide_as(["viewer"], "govgate-tiny", 10)
 	not d.allow
-	reason_codes(d) == {"model_not_allowed"}
-}
-
-test_denial_message_names_principal_roles_and_model if {
-	d := decide(["analyst"], "big", 100)
-	d.reasons[0].message == "no role of principal 'u-1' (analyst) may use model 'big'"
-}
-
-test_viewer_denied_every_model if {
-	d := decide(["viewer"], "govgate-tiny", 100)
-	not d.allow
-	reason_codes(d) == {"model_not_allowed"}
-}
-
-test_unknown_role_denied if {
-	d := decide(["stranger"], "govgate-tiny", 100)
-	not d.allow
-	reason_codes(d) == {"unknown_role"}
-}
-
-test_no_roles_denied_as_unknown_role if {
-	d := decide([], "govgate-tiny", 100)
-	not d.allow
-	reason_codes(d) == {"unknown_role"}
-}
-
-test_roles_not_a_list_denied_as_unknown_role if {
-	d := decide("admin", "govgate-tiny", 100)
-	not d.allow
-	reason_codes(d) == {"unknown_role"}
-}
-
-test_unknown_role_ignored_beside_known_role if {
-	d := decide(["stranger", "analyst"], "govgate-tiny", 100)
-	d.allow
-}
-
-test_missing_principal_denied_with_reason if {
-	d := govgate.decision with input as object.remove(request_input(["admin"], "big", 1), ["principal"])
-		with data.govgate_config as config
-	not d.allow
-	reason_codes(d) == {"unknown_role"}
-}
-
-test_missing_model_denied_with_reason if {
-	d := govgate.decision with input as object.remove(request_input(["analyst"], "big", 1), ["model"])
-		with data.govgate_config as config
-	not d.allow
-	reason_codes(d) == {"model_not_allowed"}
+	object.keys(d.obligations) == {"max_tokens", "priority", "prompt_logging", "redact", "limits"}
 }
 
 test_granted_model_denied_when_another_rule_denies if {
-	d := govgate.decision with input as request_input(["admin"], "big", 10)
+	d := data.govgate.decision with input as base_input
 		with data.govgate_config as config
-		with govgate.denials as {{"code": "over_budget", "message": "m"}}
+		with data.govgate.denials as {{"code": "over_budget", "message": "m"}}
 	not d.allow
 	d.reasons == [{"code": "over_budget", "message": "m"}]
 }
 
 test_denial_without_reason_gets_generic_reason if {
-	d := govgate.decision with input as request_input(["admin"], "big", 10)
+	d := data.govgate.decision with input as base_input
 		with data.govgate_config as config
-		with govgate.model_permitted as false
-		with govgate.denials as set()
+		with data.govgate.model_permitted as false
+		with data.govgate.denials as set()
 	not d.allow
-	reason_codes(d) == {"denied"}
+	codes(d) == {"denied"}
 }
 
-test_max_tokens_below_cap_kept if {
-	d := decide(["analyst"], "govgate-tiny", 100)
-	d.obligations.max_tokens == 100
+test_reasons_sorted_by_code_then_message if {
+	denials := {
+		{"code": "b", "message": "2"},
+		{"code": "a", "message": "z", "retry_after_s": 5},
+		{"code": "b", "message": "1"},
+		{"code": "a", "message": "y"},
+	}
+	d := data.govgate.decision with input as base_input
+		with data.govgate_config as config
+		with data.govgate.denials as denials
+	d.reasons == [
+		{"code": "a", "message": "y"},
+		{"code": "a", "message": "z", "retry_after_s": 5},
+		{"code": "b", "message": "1"},
+		{"code": "b", "message": "2"},
+	]
 }
 
-test_max_tokens_above_cap_clamped if {
-	d := decide(["analyst"], "govgate-tiny", 1000)
+test_every_reason_of_a_denial_is_reported if {
+	d := decide(object.union(
+		{"principal": {"roles": ["viewer"]}, "request": {"max_tokens": "many"}},
+		text_request("-----BEGIN RSA PRIVATE KEY-----"),
+	))
+	codes(d) == {"model_not_allowed", "invalid_input", "blocked_content"}
+}
+
+test_defaults_fill_settings_the_data_leaves_out if {
+	d := data.govgate.decision with input as base_input
+		with data.govgate_config as {"roles": {"analyst": {"models": ["govgate-tiny"]}}}
 	d.allow
-	d.obligations.max_tokens == 256
-}
-
-test_role_without_cap_gets_default_cap if {
-	d := decide(["intern"], "govgate-tiny", 1000)
-	d.obligations.max_tokens == 128
-}
-
-test_most_generous_cap_among_granting_roles_applies if {
-	d := decide(["analyst", "counsel"], "govgate-tiny", 1000)
-	d.obligations.max_tokens == 512
-}
-
-test_cap_of_role_not_granting_model_ignored if {
-	# translator has the larger cap but may not use govgate-tiny
-	d := decide(["translator", "analyst"], "govgate-tiny", 1000)
-	d.obligations.max_tokens == 256
-}
-
-test_denied_request_gets_zero_max_tokens if {
-	d := decide(["viewer"], "govgate-tiny", 1000)
-	d.obligations.max_tokens == 0
-}
-
-test_prompt_logging_defaults_to_full if {
-	d := decide(["analyst"], "govgate-tiny", 10)
+	d.obligations.max_tokens == 100
+	d.obligations.priority == 5
 	d.obligations.prompt_logging == "full"
 }
 
-test_prompt_logging_set_by_role if {
-	d := decide(["counsel"], "govgate-tiny", 10)
-	d.obligations.prompt_logging == "hash"
+test_no_config_denies_nothing_is_granted if {
+	d := data.govgate.decision with input as base_input
+		with data.govgate_config as {}
+	not d.allow
+	codes(d) == {"unknown_role"}
 }
 
-test_most_private_prompt_logging_among_roles_applies if {
-	d := decide(["admin", "hr"], "govgate-tiny", 10)
-	d.obligations.prompt_logging == "redacted"
-}
+# ---------------------------------------------------------------- shipped data.json
 
-test_prompt_logging_default_comes_from_data if {
-	d := govgate.decision with input as request_input(["analyst"], "govgate-tiny", 10)
-		with data.govgate_config.defaults.prompt_logging as "redacted"
-		with data.govgate_config.roles as config.roles
-	d.obligations.prompt_logging == "redacted"
-}
-
-test_decision_has_contract_shape if {
-	d := decide(["analyst"], "govgate-tiny", 10)
-	object.keys(d) == {"allow", "reasons", "obligations"}
-	object.keys(d.obligations) == {"max_tokens", "prompt_logging"}
-}
-
-models_input(roles) := {
-	"principal": {"id": "u-1", "team": "t-1", "roles": roles, "key_id": "k-1"},
-	"models": [
-		{"name": "govgate-tiny", "family": "llama", "context_length": 256, "tags": []},
-		{"name": "big", "family": "llama", "context_length": 4096, "tags": []},
-	],
-}
-
-test_visible_models_for_admin_are_all if {
-	names := govgate.visible_models with input as models_input(["admin"])
-		with data.govgate_config as config
-	names == {"govgate-tiny", "big"}
-}
-
-test_visible_models_for_analyst_are_granted_ones if {
-	names := govgate.visible_models with input as models_input(["analyst"])
-		with data.govgate_config as config
-	names == {"govgate-tiny"}
-}
-
-test_visible_models_for_unknown_role_are_none if {
-	names := govgate.visible_models with input as models_input(["stranger"])
-		with data.govgate_config as config
-	names == set()
-}
-
-test_shipped_config_prompt_logging_levels_are_known if {
-	levels := {level |
-		some role in data.govgate_config.roles
-		level := object.get(role, "prompt_logging", data.govgate_config.defaults.prompt_logging)
-	}
-	every level in levels {
-		level in {"full", "redacted", "hash"}
-	}
-}
-
-test_shipped_config_caps_are_positive_integers if {
-	caps := [cap |
-		some role in data.govgate_config.roles
-		cap := object.get(role, "max_tokens", data.govgate_config.defaults.max_tokens)
-	]
-	every cap in caps {
-		is_number(cap)
-		cap == round(cap)
-		cap > 0
-	}
+shipped_request(roles, model, max_tokens, text) := d if {
+	d := data.govgate.decision with input as object.union(base_input, {
+		"principal": {"roles": roles},
+		"request": {"model": model, "max_tokens": max_tokens, "text": text},
+		"model": {"name": model},
+	})
 }
 
 test_shipped_config_analyst_limited_to_tiny_model if {
-	d := govgate.decision with input as request_input(["analyst"], "govgate-tiny", 1000)
+	d := shipped_request(["analyst"], "govgate-tiny", 1000, "hello")
 	d.allow
 	d.obligations.max_tokens == 256
-	e := govgate.decision with input as request_input(["analyst"], "other", 10)
+	e := shipped_request(["analyst"], "other", 10, "hello")
 	not e.allow
+}
+
+test_shipped_config_admin_may_use_any_model if {
+	d := shipped_request(["admin"], "big", 100000, "hello")
+	d.allow
+	d.obligations.max_tokens == 4096
+}
+
+test_shipped_config_viewer_may_use_no_model if {
+	d := shipped_request(["viewer"], "govgate-tiny", 10, "hello")
+	codes(d) == {"model_not_allowed"}
+}
+
+test_shipped_config_allows_an_ordinary_request_with_busy_counters if {
+	d := data.govgate.decision with input as object.union(base_input, {"usage": {
+		"principal": {"requests_last_minute": 100, "tokens_last_minute": 5000, "tokens_today": 100000, "tokens_this_month": 1000000, "in_flight": 4, "minute_window_frees_in_s": 30},
+		"team": null,
+	}})
+	d.allow
+}
+
+test_shipped_config_redacts_an_email_address if {
+	d := shipped_request(["analyst"], "govgate-tiny", 10, "write to ann@example.org")
+	d.allow
+	d.obligations.prompt_logging == "redacted"
+	d.obligations.redact == [{"detector": "email", "text": "ann@example.org"}]
+}
+
+test_shipped_config_denies_a_payment_card if {
+	d := shipped_request(["analyst"], "govgate-tiny", 10, "my card is 4111 1111 1111 1111")
+	codes(d) == {"pii_detected"}
+}
+
+test_shipped_config_settings_are_valid if {
+	problems := data.govgate.config_problems with input as object.union(base_input, {"principal": {"roles": object.keys(data.govgate_config.roles)}})
+	problems == set()
+}
+
+test_shipped_config_patterns_are_usable_on_both_engines if {
+	content := data.govgate_config.content
+	every rule in array.concat(content.blocked_patterns, content.national_ids) {
+		data.govgate.usable_pattern(rule.pattern)
+	}
 }

@@ -33,6 +33,7 @@ from gateway.policy import (
     policy_files,
     policy_revision,
 )
+from gateway.policy.decision import Limits, Redaction, UsageLimits
 from gateway.policy.engine import _build_engine, _evaluate
 from workers.registry import ModelSpec
 
@@ -89,6 +90,10 @@ def request_input(roles: list[str], model: ModelSpec = TINY, max_tokens: int = 1
     }
 
 
+def with_text(policy_input: dict[str, Any], text: str) -> dict[str, Any]:
+    return {**policy_input, "request": {**policy_input["request"], "text": text}}
+
+
 def write_policy(folder: Path, rego: str, data: dict[str, Any] | None = None) -> Path:
     """A policy folder holding one module (``package govgate`` added) and optional data."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -133,10 +138,75 @@ async def test_embedded_engine_is_a_policy_engine(shipped: EmbeddedPolicyEngine)
     assert isinstance(shipped, PolicyEngine)
 
 
+# The limits policies/data.json gives a principal and a team without entries of their own.
+SHIPPED_LIMITS = UsageLimits(
+    principal=Limits(requests_per_minute=120, tokens_per_minute=20000, tokens_per_day=200000,
+                     tokens_per_month=None, in_flight=8),
+    team=Limits(requests_per_minute=600, tokens_per_minute=100000, tokens_per_day=1000000,
+                tokens_per_month=20000000, in_flight=32),
+)
+
+
+def usage(principal: dict[str, Any], team: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An ``input.usage`` snapshot: every counter 0 unless given."""
+    zero = {"requests_last_minute": 0, "tokens_last_minute": 0, "tokens_today": 0, "tokens_this_month": 0,
+            "in_flight": 0, "minute_window_frees_in_s": 0}
+    return {"principal": {**zero, **principal}, "team": None if team is None else {**zero, **team}}
+
+
 @pytest.mark.anyio
 async def test_analyst_allowed_granted_model(shipped: EmbeddedPolicyEngine) -> None:
     decision = await shipped.decide(request_input(["analyst"]))
-    assert decision == Decision(True, (), Obligations(max_tokens=100, prompt_logging="full"))
+    assert decision == Decision(True, (), Obligations(max_tokens=100, prompt_logging="full", priority=5,
+                                                      redact=(), limits=SHIPPED_LIMITS))
+
+
+@pytest.mark.anyio
+async def test_admin_role_priority_applies(shipped: EmbeddedPolicyEngine) -> None:
+    decision = await shipped.decide(request_input(["admin"]))
+    assert decision.obligations.priority == 2
+
+
+@pytest.mark.anyio
+async def test_rate_limit_denies_with_retry_after(shipped: EmbeddedPolicyEngine) -> None:
+    decision = await shipped.decide({**request_input(["analyst"]),
+                                     "usage": usage({"requests_last_minute": 120, "minute_window_frees_in_s": 7.5})})
+    assert not decision.allow
+    assert codes(decision) == ["rate_limited"]
+    assert decision.reasons[0].retry_after_s == 8
+    assert "principal 'u-1'" in decision.reasons[0].message and "requests_per_minute" in decision.reasons[0].message
+
+
+@pytest.mark.anyio
+async def test_team_budget_binds_and_retries_at_midnight(shipped: EmbeddedPolicyEngine) -> None:
+    decision = await shipped.decide({**request_input(["analyst"]),
+                                     "usage": usage({}, {"tokens_today": 999_950})})
+    assert codes(decision) == ["budget_exceeded"]
+    assert "team 't-1'" in decision.reasons[0].message
+    assert decision.reasons[0].retry_after_s == 6400  # 2023-11-14 22:13:20 UTC to midnight
+
+
+@pytest.mark.anyio
+async def test_personal_data_redacted_or_denied(shipped: EmbeddedPolicyEngine) -> None:
+    text = "mail ann@example.org, call +44 20 7946 0958"
+    allowed = await shipped.decide(with_text(request_input(["analyst"]), text))
+    assert allowed.allow
+    assert allowed.obligations.prompt_logging == "redacted"
+    assert allowed.obligations.redact == (Redaction("email", "ann@example.org"), Redaction("phone", "+44 20 7946 0958"))
+    denied = await shipped.decide(with_text(request_input(["analyst"]), "card 4111 1111 1111 1111"))
+    assert codes(denied) == ["pii_detected"]
+    assert "4111" not in denied.reasons[0].message
+
+
+@pytest.mark.anyio
+async def test_malformed_input_denied_with_reason_not_error(shipped: EmbeddedPolicyEngine) -> None:
+    bad = request_input(["analyst"])
+    bad["request"] = {**bad["request"], "max_tokens": "lots", "text": None}
+    bad["usage"] = {"principal": {"in_flight": "two"}, "team": None}
+    decision = await shipped.decide(bad)
+    assert not decision.allow
+    assert set(codes(decision)) == {"invalid_input"}
+    assert len(decision.reasons) == 3
 
 
 @pytest.mark.anyio
@@ -216,11 +286,23 @@ async def test_evaluation_cost(shipped: EmbeddedPolicyEngine, capsys: pytest.Cap
     started = time.perf_counter()
     concurrent = await asyncio.gather(*(shipped.decide(i) for i in inputs))
     per_call_concurrent = (time.perf_counter() - started) / len(inputs)
+    # A long prompt full of numbers and addresses: every detector has work to do.
+    busy_text = " ".join(
+        f"line {i}: mail user{i}@example.org, call +44 20 7946 {i:04d}, order 2024-01-{i % 28 + 1:02d} #{i * 7919}"
+        for i in range(60)
+    )
+    busy = [with_text(request_input(["analyst"], max_tokens=n), busy_text) for n in range(1, 51)]
+    started = time.perf_counter()
+    busy_decisions = [await shipped.decide(i) for i in busy]
+    per_call_busy = (time.perf_counter() - started) / len(busy)
     with capsys.disabled():
         print(
             f"\n[policy cost] embedded decide: {per_call * 1e6:.0f} us/decision sequential, "
-            f"{per_call_concurrent * 1e6:.0f} us/decision with {len(inputs)} concurrent"
+            f"{per_call_concurrent * 1e6:.0f} us/decision with {len(inputs)} concurrent, "
+            f"{per_call_busy * 1e6:.0f} us/decision for a {len(busy_text)}-character prompt with "
+            f"{len(busy_decisions[0].obligations.redact or ())} findings"
         )
+    assert all(d.allow and d.obligations.prompt_logging == "redacted" for d in busy_decisions)
     assert [d.obligations.max_tokens for d in sequential] == list(range(1, 257)) + [256] * 44
     assert list(concurrent) == sequential
 
@@ -603,6 +685,75 @@ def test_document_helper_builds_a_valid_decision() -> None:
 def test_malformed_decision_document_rejected(doc: object) -> None:
     with pytest.raises(MalformedDecision):
         Decision.from_document(doc)
+
+
+FULL_OBLIGATIONS = {
+    "max_tokens": 5,
+    "priority": 3,
+    "prompt_logging": "redacted",
+    "redact": [{"detector": "email", "text": "a@example.org"}],
+    "limits": {
+        "principal": {"requests_per_minute": 10, "tokens_per_minute": None, "tokens_per_day": 100,
+                      "tokens_per_month": None, "in_flight": 2},
+        "team": None,
+    },
+}
+
+
+def test_decision_with_every_obligation_round_trips() -> None:
+    doc = {"allow": True, "reasons": [], "obligations": FULL_OBLIGATIONS}
+    decision = Decision.from_document(doc)
+    assert decision.obligations.priority == 3
+    assert decision.obligations.redact == (Redaction("email", "a@example.org"),)
+    assert decision.obligations.limits == UsageLimits(Limits(10, None, 100, None, 2), None)
+    assert decision.obligations["limits"] == FULL_OBLIGATIONS["limits"]  # the mapping gives the JSON shape
+    assert decision.obligations.get("redact") == FULL_OBLIGATIONS["redact"]
+    assert set(decision.obligations) == set(FULL_OBLIGATIONS)
+    assert decision.to_document() == doc
+
+
+def test_obligations_a_policy_leaves_out_are_not_keys() -> None:
+    obligations = Decision.from_document(document()).obligations
+    assert set(obligations) == {"max_tokens", "prompt_logging"}
+    assert obligations.get("priority") is None and obligations.limits is None
+
+
+PRINCIPAL_LIMITS = FULL_OBLIGATIONS["limits"]["principal"]
+
+
+def test_team_limits_round_trip() -> None:
+    limits = {"principal": PRINCIPAL_LIMITS, "team": {**PRINCIPAL_LIMITS, "in_flight": None}}
+    decision = Decision.from_document(document(limits=limits))
+    assert decision.obligations.limits is not None
+    assert decision.obligations.limits.team == Limits(10, None, 100, None, None)
+
+
+@pytest.mark.parametrize(
+    "obligations",
+    [
+        {"priority": 10},
+        {"priority": -1},
+        {"priority": "high"},
+        {"priority": None},
+        {"limits": None},
+        {"redact": "all"},
+        {"redact": [{"detector": "email"}]},
+        {"redact": [{"detector": "email", "text": ""}]},
+        {"redact": [{"detector": "email", "text": "a", "at": 3}]},
+        {"limits": {"principal": PRINCIPAL_LIMITS}},
+        {"limits": {"principal": {"requests_per_minute": 10}, "team": None}},
+        {"limits": {"principal": PRINCIPAL_LIMITS, "team": {**PRINCIPAL_LIMITS, "in_flight": -1}}},
+        {"limits": {"principal": {**PRINCIPAL_LIMITS, "in_flight": 1.5}, "team": None}},
+    ],
+    ids=[
+        "priority-above-9", "priority-negative", "priority-string", "priority-null", "limits-null",
+        "redact-not-list", "redact-no-text", "redact-empty-text", "redact-unknown-key", "limits-no-team",
+        "limits-missing-names", "limits-negative", "limits-fraction",
+    ],
+)
+def test_malformed_new_obligation_rejected(obligations: dict[str, Any]) -> None:
+    with pytest.raises(MalformedDecision):
+        Decision.from_document(document(**obligations))
 
 
 def test_fail_closed_is_a_deny_with_one_reason() -> None:

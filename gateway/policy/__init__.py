@@ -1,8 +1,13 @@
 """Policy decisions: the Decision contract, the policy revision, the engines.
 
 The gateway asks a :class:`PolicyEngine` for a :class:`Decision` on every
-request and records the engine's ``revision`` with it.
+request and records the engine's ``revision`` with it. Two engines evaluate
+the same folder: :class:`EmbeddedPolicyEngine` (in-process regorus) and
+:class:`OpaPolicyEngine` (an OPA server); :func:`open_policy_engine` picks one
+from the settings.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from gateway.policy.decision import (
     POLICY_ERROR,
@@ -20,7 +25,32 @@ from gateway.policy.engine import (
     PolicyEngine,
     PolicyLoadError,
 )
-from gateway.policy.revision import PolicyFilesError, PolicySnapshot, policy_files, policy_revision, read_policy
+from gateway.policy.revision import (
+    PolicyFilesError,
+    PolicySnapshot,
+    compute_revision,
+    policy_files,
+    policy_revision,
+    read_policy,
+)
+
+if TYPE_CHECKING:
+    from gateway.policy.factory import open_policy_engine
+    from gateway.policy.opa import OpaPolicyEngine
+
+# Imported on first use: the OPA engine pulls in aiohttp (~150 ms), which the
+# embedded engine's evaluator process, started again after every timeout,
+# must not pay for.
+_LAZY = {"OpaPolicyEngine": "gateway.policy.opa", "open_policy_engine": "gateway.policy.factory"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DECISION_RULE",
@@ -32,11 +62,14 @@ __all__ = [
     "EmbeddedPolicyEngine",
     "MalformedDecision",
     "Obligations",
+    "OpaPolicyEngine",
     "PolicyEngine",
     "PolicyFilesError",
     "PolicyLoadError",
     "PolicySnapshot",
     "Reason",
+    "compute_revision",
+    "open_policy_engine",
     "policy_files",
     "policy_revision",
     "read_policy",

@@ -19,6 +19,12 @@ PromptLogging = Literal["full", "redacted", "hash"]
 #: How much of a prompt the audit trail may keep, from most to least.
 PROMPT_LOGGING_LEVELS: tuple[PromptLogging, ...] = ("full", "redacted", "hash")
 
+#: The usage limits a ``limits`` obligation gives for a principal or a team.
+LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month", "in_flight")
+
+#: Queue priorities, 0 the most urgent (Celery's convention on Redis).
+PRIORITY_RANGE = range(0, 10)
+
 #: Reason code of a deny the gateway made because the policy gave no usable answer.
 POLICY_ERROR = "policy_error"
 #: Reason code of a deny the gateway made because the policy took too long.
@@ -45,33 +51,91 @@ class Reason:
 
 
 @dataclass(frozen=True)
+class Redaction:
+    """A text the gateway must not store in clear, and the detector that found it."""
+
+    detector: str
+    text: str
+
+    def to_document(self) -> dict[str, Any]:
+        return {"detector": self.detector, "text": self.text}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One scope's usage limits (a principal's or a team's); ``None`` is unlimited."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    in_flight: int | None = None
+
+    def to_document(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in LIMIT_NAMES}
+
+
+@dataclass(frozen=True)
+class UsageLimits:
+    """The ``limits`` obligation: the principal's limits and its team's (``None`` without a team)."""
+
+    principal: Limits
+    team: Limits | None = None
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "principal": self.principal.to_document(),
+            "team": None if self.team is None else self.team.to_document(),
+        }
+
+
+@dataclass(frozen=True)
 class Obligations(Mapping[str, Any]):
     """What the gateway must do to a request it serves.
 
+    ``max_tokens`` and ``prompt_logging`` are always present. ``priority``,
+    ``redact`` and ``limits`` are ``None`` when the policy does not give them
+    (a policy written before they existed), and then are not keys of the
+    mapping either.
+
     Also a read-only mapping (``obligations["max_tokens"]``, ``.get(...)``), the
     way the contract names them, so callers can treat obligations added by later
-    contracts the same way.
+    contracts the same way. The mapping gives each value in its JSON shape
+    (``redact`` a list of ``{detector, text}``, ``limits`` an object); the
+    attributes give the typed ones (``Redaction``, ``UsageLimits``).
     """
 
     max_tokens: int
     prompt_logging: PromptLogging
+    priority: int | None = None
+    redact: tuple[Redaction, ...] | None = None
+    limits: UsageLimits | None = None
 
     def __getitem__(self, key: str) -> Any:
-        if key in _OBLIGATION_KEYS:
-            return getattr(self, key)
-        raise KeyError(key)
+        return self.to_document()[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(_OBLIGATION_KEYS)
+        return iter(self._present())
 
     def __len__(self) -> int:
-        return len(_OBLIGATION_KEYS)
+        return len(self._present())
+
+    def _present(self) -> tuple[str, ...]:
+        return _REQUIRED_OBLIGATIONS + tuple(k for k in _OPTIONAL_OBLIGATIONS if getattr(self, k) is not None)
 
     def to_document(self) -> dict[str, Any]:
-        return dict(self)
+        doc: dict[str, Any] = {"max_tokens": self.max_tokens, "prompt_logging": self.prompt_logging}
+        if self.priority is not None:
+            doc["priority"] = self.priority
+        if self.redact is not None:
+            doc["redact"] = [item.to_document() for item in self.redact]
+        if self.limits is not None:
+            doc["limits"] = self.limits.to_document()
+        return doc
 
 
-_OBLIGATION_KEYS = ("max_tokens", "prompt_logging")
+_REQUIRED_OBLIGATIONS = ("max_tokens", "prompt_logging")
+_OPTIONAL_OBLIGATIONS = ("priority", "redact", "limits")
 
 
 @dataclass(frozen=True)
@@ -140,14 +204,58 @@ def _reason(item: object, index: int) -> Reason:
 
 
 def _obligations(value: object) -> Obligations:
-    obj = _object(value, "decision.obligations", required=set(_OBLIGATION_KEYS))
+    obj = _object(value, "decision.obligations", required=set(_REQUIRED_OBLIGATIONS),
+                  optional=set(_OPTIONAL_OBLIGATIONS))
     max_tokens = _whole_number(obj["max_tokens"], "decision.obligations.max_tokens")
     logging = obj["prompt_logging"]
     if logging not in PROMPT_LOGGING_LEVELS:
         raise MalformedDecision(
             f"decision.obligations.prompt_logging must be one of {list(PROMPT_LOGGING_LEVELS)}, got {logging!r}"
         )
-    return Obligations(max_tokens=max_tokens, prompt_logging=cast(PromptLogging, logging))
+    # An optional obligation is absent or valid: null is not a way to leave one out.
+    priority = None
+    if "priority" in obj:
+        priority = _whole_number(obj["priority"], "decision.obligations.priority")
+        if priority not in PRIORITY_RANGE:
+            raise MalformedDecision(f"decision.obligations.priority must be from 0 to 9, got {priority}")
+    return Obligations(
+        max_tokens=max_tokens,
+        prompt_logging=cast(PromptLogging, logging),
+        priority=priority,
+        redact=_redactions(obj["redact"]) if "redact" in obj else None,
+        limits=_usage_limits(obj["limits"]) if "limits" in obj else None,
+    )
+
+
+def _redactions(value: object) -> tuple[Redaction, ...]:
+    where = "decision.obligations.redact"
+    if not isinstance(value, list):
+        raise MalformedDecision(f"{where} must be a list, got {_kind(value)}")
+    items = []
+    for i, item in enumerate(value):
+        obj = _object(item, f"{where}[{i}]", required={"detector", "text"})
+        for key in ("detector", "text"):
+            if not isinstance(obj[key], str) or not obj[key]:
+                raise MalformedDecision(f"{where}[{i}].{key} must be a non-empty string, got {_kind(obj[key])}")
+        items.append(Redaction(detector=obj["detector"], text=obj["text"]))
+    return tuple(items)
+
+
+def _usage_limits(value: object) -> UsageLimits:
+    where = "decision.obligations.limits"
+    obj = _object(value, where, required={"principal", "team"})
+    team = obj["team"]
+    return UsageLimits(
+        principal=_limits(obj["principal"], f"{where}.principal"),
+        team=None if team is None else _limits(team, f"{where}.team"),
+    )
+
+
+def _limits(value: object, where: str) -> Limits:
+    obj = _object(value, where, required=set(LIMIT_NAMES))
+    return Limits(**{
+        name: None if obj[name] is None else _whole_number(obj[name], f"{where}.{name}") for name in LIMIT_NAMES
+    })
 
 
 def _object(

@@ -2,12 +2,25 @@
 
 Every audit entry records the policy revision that decided it, so a reviewer
 can tell which rules were in force. The revision therefore covers exactly what
-the engines load (Rego modules and data documents, by relative path and
-content) and nothing else: editing a ``*_test.rego`` file or a README beside
-the policy changes no decision, so it must not change the revision either.
+the engines load (Rego modules and data documents) and nothing else: editing a
+``*_test.rego`` file or a README beside the policy changes no decision, so it
+must not change the revision either.
 
-The engines read the files once into a :class:`PolicySnapshot` and hash those
-same bytes, so the revision always matches what was loaded even if an operator
+The revision is defined over content that an OPA server can give back as well
+as the local folder can (see :func:`compute_revision`), so the gateway can
+prove that the OPA it talks to evaluates the same policy it records:
+
+* each module as ``(file name, raw text)``: OPA returns a module's raw text
+  byte for byte, under an id ending in the file name (the folder part depends
+  on how OPA was started, and a module's folder changes no decision: its
+  ``package`` line places it);
+* the data as OPA mounts it (a data file in folder ``a/b`` under
+  ``data.a.b``, files merged), one canonical JSON text (sorted keys, compact)
+  per top-level key: reformatting a data file changes no decision, so it
+  leaves the revision alone.
+
+The engines read the files once into a :class:`PolicySnapshot` and hash that
+content, so the revision always matches what was loaded even if an operator
 edits a file while the gateway starts.
 """
 
@@ -17,7 +30,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 #: Length of the revision string (hex digits of SHA-256); 64 bits is plenty to
 #: tell policy versions apart and short enough to read in a log line.
@@ -53,8 +66,8 @@ class PolicySnapshot:
         documents = []
         for rel, text in self.data:
             try:
-                doc = json.loads(text)
-            except json.JSONDecodeError as exc:
+                doc = json.loads(text, parse_constant=_refuse_constant)
+            except ValueError as exc:  # JSONDecodeError, or NaN/Infinity, which JSON (and OPA) lack
                 raise PolicyFilesError(f"data document {rel} is not valid JSON: {exc}") from None
             if not isinstance(doc, dict):
                 raise PolicyFilesError(f"data document {rel} must hold a JSON object")
@@ -62,6 +75,18 @@ class PolicySnapshot:
                 doc = {folder: doc}
             documents.append((rel, doc))
         return documents
+
+    def module_entries(self) -> list[tuple[str, str]]:
+        """``(file name, text)`` of each module: the module half of the revision."""
+        return [(module_name(rel), text) for rel, text in self.modules]
+
+    def base_data(self) -> dict[str, Any]:
+        """All data documents merged into one ``data`` tree, as OPA mounts a folder.
+
+        Raises ``PolicyFilesError`` on a file that is not a JSON object, or
+        when two files give different values for the same path.
+        """
+        return merge_documents(self.data_documents())
 
 
 def policy_files(policy_dir: Path) -> list[Path]:
@@ -105,21 +130,69 @@ def read_policy(policy_dir: Path) -> PolicySnapshot:
         (modules if _is_module(rel) else data).append((rel, text))
     if not modules:
         raise PolicyFilesError(f"policy folder {root} holds no Rego module")
-    return PolicySnapshot(modules=tuple(modules), data=tuple(data), revision=revision_of(contents))
+    snapshot = PolicySnapshot(modules=tuple(modules), data=tuple(data), revision="")
+    revision = compute_revision(snapshot.module_entries(), snapshot.base_data())
+    return PolicySnapshot(modules=snapshot.modules, data=snapshot.data, revision=revision)
 
 
-def revision_of(contents: Iterable[tuple[str, bytes]]) -> str:
-    """Hash ``(relative path, content)`` pairs, in path order, into a revision.
+def module_name(path_or_id: str) -> str:
+    """The file name of a module path or an OPA policy id (``a/b/govgate.rego`` → ``govgate.rego``)."""
+    return path_or_id.rsplit("/", 1)[-1]
 
-    Each path and content is length-prefixed so that no two different sets of
-    files can be framed into the same byte stream.
+
+def canonical_json(value: Any) -> bytes:
+    """One JSON text per value: sorted keys, no spaces, UTF-8 (not ASCII escapes)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def compute_revision(modules: Iterable[tuple[str, str]], data: Mapping[str, Any]) -> str:
+    """The revision of a policy given as modules and its base ``data`` tree.
+
+    ``modules`` are ``(path or OPA id, raw text)`` pairs (only the file name
+    counts); ``data`` is the merged tree, hashed one top-level key at a time.
+    The engines' own rules are never part of ``data``: callers pass base
+    documents only. Every field is framed (a tag, then length-prefixed name
+    and content) so that no two different policies hash the same byte stream.
     """
     digest = hashlib.sha256()
-    for rel, raw in sorted(contents):
-        name = rel.encode("utf-8")
-        digest.update(len(name).to_bytes(8, "big") + name)
-        digest.update(len(raw).to_bytes(8, "big") + raw)
+
+    def frame(tag: bytes, name: str, content: bytes) -> None:
+        encoded = name.encode("utf-8")
+        digest.update(tag + len(encoded).to_bytes(8, "big") + encoded + len(content).to_bytes(8, "big") + content)
+
+    for name, text in sorted((module_name(name), text) for name, text in modules):
+        frame(b"M", name, text.encode("utf-8"))
+    for key in sorted(data):
+        frame(b"D", key, canonical_json(data[key]))
     return digest.hexdigest()[:REVISION_LENGTH]
+
+
+def merge_documents(documents: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """Merge ``(file, document)`` pairs into one tree; objects merge, nothing else may meet.
+
+    OPA refuses a folder whose data files set the same non-object path (even
+    to equal values); refusing here too keeps the two engines on the same data.
+    """
+    merged: dict[str, Any] = {}
+    for rel, doc in documents:
+        _merge_into(merged, doc, rel, ())
+    return merged
+
+
+def _merge_into(target: dict[str, Any], doc: Mapping[str, Any], rel: str, where: tuple[str, ...]) -> None:
+    for key, value in doc.items():
+        if key not in target:
+            target[key] = value
+        elif isinstance(target[key], dict) and isinstance(value, dict):
+            target[key] = dict(target[key])
+            _merge_into(target[key], value, rel, (*where, key))
+        else:
+            path = ".".join(("data", *where, key))
+            raise PolicyFilesError(f"data document {rel} sets {path}, which another data file already sets")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _is_module(name: str) -> bool:

@@ -1,0 +1,532 @@
+"""The OPA server engine: the same policy folder, evaluated by an OPA server.
+
+Production runs one OPA beside the gateways (``compose.yaml``). This engine
+asks it for ``data.govgate.decision`` over HTTP through ``opa-python-client``
+and answers with the same :class:`Decision` as the embedded engine, so the
+gateway cannot tell the two apart, and ``tests/test_policy_cases.py`` holds
+them to the same answers.
+
+Three things the client does not do for us, and why they are done here:
+
+* **Fail closed within the timeout.** The client retries a POST that OPA
+  answers with 500/502/504 and a refused connection (about 0.9 s of
+  back-off), and surfaces HTTP failures as raw ``aiohttp`` exceptions. Here
+  retries are off, every evaluation is bounded by ``timeout_s`` with
+  ``asyncio.wait_for``, and every failure becomes a deny: a slow or broken
+  OPA must never stall or crash a request.
+* **Upload policies verbatim.** ``update_policy_from_string`` defaults to
+  ``rego_compat=True``, which rewrites a module that OPA refuses (old Rego
+  syntax) with regular expressions and uploads the rewrite without a word;
+  ``update_policy_from_file`` cannot turn that off. Modules are therefore
+  uploaded as strings with ``rego_compat=False``: a module OPA refuses is a
+  load error, never a silently different policy.
+* **Prove which policy OPA holds.** Every audit entry names the policy
+  revision that decided it. After loading (or, when OPA loaded the folder
+  itself, instead of loading), the engine reads the modules and data back
+  from OPA and computes the revision over them exactly as over the local
+  folder (:func:`gateway.policy.revision.compute_revision`). A mismatch is a
+  :class:`PolicyLoadError` naming both revisions; the gateway never records
+  a revision OPA is not evaluating.
+
+Two ways to get the policy into OPA. Production lets OPA load the folder
+itself (``opa run --server /policies``; ``load=False``): the gateway only
+proves the revision. With ``load=True`` the gateway uploads the folder. OPA's
+REST API takes one module at a time and compiles it with those it already
+holds, so a folder whose modules use each other's rules both ways (as
+``policies/`` does) can be uploaded over an OPA that already holds a version
+of it (a reload), but not into an empty one; see :func:`_apply`. A reload
+that fails puts the previous policy back; if even that cannot be verified,
+the engine denies every request until a reload succeeds, rather than record
+a revision that may not be the one in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+from opa_client import AsyncOpaClient
+from opa_client.errors import ConnectionsError, DeletePolicyError, PolicyNotFoundError, RegoParseError, TypeException
+
+from gateway.policy.decision import POLICY_ERROR, POLICY_TIMEOUT, Decision
+from gateway.policy.engine import DECISION_RULE, VISIBLE_MODELS_RULE, PolicyLoadError
+from gateway.policy.revision import PolicyFilesError, PolicySnapshot, compute_revision, module_name, read_policy
+
+log = logging.getLogger("govgate.policy")
+
+#: Longest one administrative request (upload, read-back) may take; compiling
+#: a policy set on OPA can take far longer than one decision may.
+ADMIN_TIMEOUT_S = 30.0
+#: How long :meth:`OpaPolicyEngine.connect` waits for OPA's ``/health`` by default
+#: (OPA may still be starting beside the gateway).
+READY_TIMEOUT_S = 10.0
+
+_TEST_SUFFIX = "_test.rego"
+
+# What a failing OPA request raises: the client's own errors, aiohttp's
+# (HTTP status, connection), timeouts, and a body that is not JSON.
+_REQUEST_ERRORS = (
+    aiohttp.ClientError,
+    TimeoutError,
+    ValueError,
+    ConnectionsError,
+    DeletePolicyError,
+    PolicyNotFoundError,
+    RegoParseError,
+    TypeException,
+)
+
+
+@dataclass(frozen=True)
+class OpaAddress:
+    """Where OPA listens, in the parts ``AsyncOpaClient`` takes (it has no URL argument)."""
+
+    host: str
+    port: int
+    ssl: bool
+
+    @classmethod
+    def parse(cls, url: str) -> "OpaAddress":
+        """``http(s)://host[:port]``; raises ``PolicyLoadError`` for anything the client cannot reach."""
+        parts = urlsplit(url.strip())
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+            raise PolicyLoadError(f"OPA URL {url!r} is not http(s)://host[:port]")
+        if parts.path.strip("/") or parts.query or parts.fragment or parts.username:
+            # The client builds every URL as scheme://host:port/v1/...
+            raise PolicyLoadError(f"OPA URL {url!r} must not have a path, query or credentials")
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        https = parts.scheme == "https"
+        return cls(host=host, port=port or (443 if https else 80), ssl=https)
+
+    def client(self, timeout_s: float) -> AsyncOpaClient:
+        """A client without retries (a retry could only break the caller's deadline)."""
+        return AsyncOpaClient(host=self.host, port=self.port, ssl=self.ssl, retries=0, timeout=timeout_s)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What one query produced, before it is read as a decision."""
+
+    kind: Literal["ok", "undefined", "error", "timeout"]
+    value: Any = None
+    error: str = ""
+
+
+class OpaPolicyEngine:
+    """Evaluates the policy on an OPA server; a :class:`PolicyEngine`.
+
+    Build one with :meth:`connect`. Decisions share one HTTP session (kept
+    open until :meth:`aclose`); loading and checking use short-lived ones with
+    a longer timeout.
+    """
+
+    def __init__(self, address: OpaAddress, url: str, snapshot: PolicySnapshot, policy_dir: Path,
+                 timeout_s: float, load: bool) -> None:
+        """Use :meth:`connect`; this only holds state."""
+        self._address = address
+        self._url = url
+        self._snapshot = snapshot
+        self._policy_dir = policy_dir
+        self._timeout_s = timeout_s
+        self._load = load
+        self._stack = AsyncExitStack()
+        self._client: AsyncOpaClient | None = None
+        self._closed = False
+        #: Why OPA's policy cannot be trusted to be ``revision`` (decisions deny while set).
+        self._out_of_sync: str | None = None
+        self._reload_lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, url: str, policy_dir: Path, timeout_s: float, *, load: bool = True,
+                      ready_timeout_s: float = READY_TIMEOUT_S) -> "OpaPolicyEngine":
+        """Reach OPA at ``url``, load ``policy_dir`` into it (``load=True``) and prove OPA holds it.
+
+        With ``load=False`` OPA is assumed to have loaded the folder itself
+        (``opa run --server /policies``); only the proof is done. Either way
+        OPA must then report the same revision as ``policy_dir``, or
+        ``PolicyLoadError`` is raised. ``load=True`` makes OPA's modules and
+        base data exactly the folder's: other modules on OPA are deleted.
+
+        A failed load may leave OPA partly loaded; to change the policy of a
+        running gateway use :meth:`reload`, which puts the old policy back.
+        """
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        address = OpaAddress.parse(url)
+        snapshot = _read(Path(policy_dir))
+        engine = cls(address, url.strip().rstrip("/"), snapshot, Path(policy_dir), timeout_s, load)
+        async with engine._admin("reach OPA") as client:
+            try:
+                # Bounded here too: one health check of a hung OPA would wait out ADMIN_TIMEOUT_S.
+                await asyncio.wait_for(client.wait_for_ready(timeout=ready_timeout_s, interval=0.1),
+                                       ready_timeout_s + 1.0)
+            except (ConnectionsError, TimeoutError):
+                raise PolicyLoadError(f"OPA at {engine._url} did not answer /health within {ready_timeout_s:g}s") \
+                    from None
+        if load:
+            async with engine._admin("load the policy into OPA") as client:
+                await _apply(client, snapshot)
+        async with engine._admin("read the policy back from OPA") as client:
+            await _verify(client, snapshot, engine._url, Path(policy_dir))
+        # The decision session: its own timeout is only a backstop behind wait_for.
+        engine._client = await engine._stack.enter_async_context(address.client(timeout_s + 1.0))
+        log.info("policy revision %s on OPA at %s (%s)", snapshot.revision, engine._url,
+                 "loaded by the gateway" if load else "loaded by OPA")
+        return engine
+
+    @property
+    def revision(self) -> str:
+        return self._snapshot.revision
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout_s
+
+    @property
+    def snapshot(self) -> PolicySnapshot:
+        """The policy (as read from the folder) that OPA was proven to hold."""
+        return self._snapshot
+
+    async def decide(self, input: dict[str, Any]) -> Decision:
+        outcome = await self._query(DECISION_RULE, input)
+        if outcome.kind == "timeout":
+            return _deny(POLICY_TIMEOUT, f"policy evaluation on OPA took longer than {self._timeout_s:g}s")
+        if outcome.kind == "undefined":
+            return _deny(POLICY_ERROR, "the policy gave no decision for this request")
+        if outcome.kind == "error":
+            return _deny(POLICY_ERROR, f"policy evaluation on OPA failed: {outcome.error}")
+        try:
+            return Decision.from_document(outcome.value)
+        except ValueError as exc:  # MalformedDecision
+            return _deny(POLICY_ERROR, f"the policy returned a malformed decision: {exc}")
+
+    async def visible_models(self, principal: dict[str, Any], models: list[dict[str, Any]]) -> set[str]:
+        outcome = await self._query(VISIBLE_MODELS_RULE, {"principal": principal, "models": models})
+        if outcome.kind == "undefined":
+            return set()
+        if outcome.kind != "ok":
+            log.warning("visible_models: %s %s; listing no models", outcome.kind, outcome.error)
+            return set()
+        names = outcome.value
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            log.warning("visible_models: policy returned %.200r, not a list of names; listing no models", names)
+            return set()
+        # Never advertise a model the caller did not offer, whatever the policy says.
+        offered = {m.get("name") for m in models if isinstance(m, dict)}
+        return {name for name in names if name in offered}
+
+    async def reload(self, policy_dir: Path | None = None) -> str:
+        """Make OPA evaluate ``policy_dir`` (default: the current folder) and return its revision.
+
+        With ``load=True`` the folder is pushed to OPA and verified; on any
+        failure the previous policy is pushed back and ``PolicyLoadError`` is
+        raised. With ``load=False`` OPA is expected to have picked up the
+        folder itself (``opa run --watch``); a mismatch raises. Either way,
+        if OPA is then found to hold neither policy, decisions deny until a
+        reload succeeds.
+        """
+        folder = Path(policy_dir) if policy_dir is not None else self._policy_dir
+        async with self._reload_lock:
+            snapshot = _read(folder)
+            try:
+                if self._load:
+                    async with self._admin("load the policy into OPA") as client:
+                        await _apply(client, snapshot)
+                async with self._admin("read the policy back from OPA") as client:
+                    await _verify(client, snapshot, self._url, folder)
+            except PolicyLoadError:
+                await self._restore()
+                raise
+            old, self._snapshot, self._policy_dir = self._snapshot.revision, snapshot, folder
+            self._out_of_sync = None
+        if old != snapshot.revision:
+            log.info("policy reloaded on OPA at %s: revision %s -> %s", self._url, old, snapshot.revision)
+        return snapshot.revision
+
+    async def verify(self) -> str:
+        """Check that OPA still holds :attr:`revision`; raise ``PolicyLoadError`` (and deny from now on) if not.
+
+        For a gateway whose OPA loads the folder itself and may change it
+        behind the gateway's back (``opa run --watch``).
+        """
+        async with self._reload_lock:
+            try:
+                async with self._admin("read the policy back from OPA") as client:
+                    await _verify(client, self._snapshot, self._url, self._policy_dir)
+            except PolicyLoadError as exc:
+                self._out_of_sync = str(exc)
+                raise
+            self._out_of_sync = None
+            return self._snapshot.revision
+
+    async def remote_revision(self) -> str:
+        """The revision of what OPA holds now, computed as for a folder (for operators and tests)."""
+        async with self._admin("read the policy back from OPA") as client:
+            modules, data = await _read_back(client, self._snapshot.base_data().keys())
+        return compute_revision(modules, data)
+
+    async def aclose(self) -> None:
+        """Close the decision session; OPA keeps its policy (other gateways may be using it)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._client = None
+        await self._stack.aclose()
+
+    # ------------------------------------------------------------ internals
+
+    async def _query(self, rule: str, input: dict[str, Any]) -> _Outcome:
+        """Ask OPA for ``rule``; bounded by ``timeout_s``; never raises."""
+        if self._closed or self._client is None:
+            return _Outcome("error", error="the policy engine is closed")
+        if self._out_of_sync is not None:
+            return _Outcome("error", error=f"OPA's policy is not revision {self.revision}: {self._out_of_sync}")
+        try:
+            # The client serialises with json.dumps defaults, which would send NaN to OPA.
+            json.dumps(input, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            return _Outcome("error", error=f"the policy input is not JSON: {exc}")
+        package, _, name = rule.removeprefix("data.").rpartition(".")
+        try:
+            body = await asyncio.wait_for(self._client.query_rule(input, package, name), self._timeout_s)
+        except TimeoutError:
+            return _Outcome("timeout")
+        except aiohttp.ClientResponseError as exc:
+            # The client raises before reading OPA's error body, so only the status is known.
+            return _Outcome("error", error=f"OPA answered HTTP {exc.status} for {rule}")
+        except aiohttp.ClientError as exc:
+            return _Outcome("error", error=f"cannot reach OPA at {self._url}: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # a bug here must deny, not crash the request
+            log.exception("policy query to OPA could not run")
+            return _Outcome("error", error=f"{type(exc).__name__}: {exc}")
+        if not isinstance(body, dict):
+            return _Outcome("error", error="OPA's answer is not a JSON object")
+        if "result" not in body:
+            return _Outcome("undefined")
+        return _Outcome("ok", value=body["result"])
+
+    async def _restore(self) -> None:
+        """After a failed reload: put the current policy back (when we load it) and re-verify it."""
+        try:
+            if self._load:
+                async with self._admin("restore the previous policy on OPA") as client:
+                    await _apply(client, self._snapshot)
+            async with self._admin("read the policy back from OPA") as client:
+                await _verify(client, self._snapshot, self._url, self._policy_dir)
+        except PolicyLoadError as exc:
+            self._out_of_sync = str(exc)
+            log.error("OPA at %s no longer holds policy revision %s; denying until a reload succeeds: %s",
+                      self._url, self.revision, exc)
+        else:
+            self._out_of_sync = None
+
+    @contextlib.asynccontextmanager
+    async def _admin(self, what: str) -> AsyncIterator[AsyncOpaClient]:
+        """A short-lived client for loading and checking; request failures become ``PolicyLoadError``."""
+        try:
+            async with self._address.client(ADMIN_TIMEOUT_S) as client:
+                yield client
+        except PolicyLoadError:
+            raise
+        except _REQUEST_ERRORS as exc:
+            raise PolicyLoadError(f"could not {what} at {self._url}: {_describe(exc)}") from None
+
+
+def _read(policy_dir: Path) -> PolicySnapshot:
+    try:
+        snapshot = read_policy(policy_dir)
+        snapshot.base_data()  # a bad data file fails here, not halfway through a load
+    except PolicyFilesError as exc:
+        raise PolicyLoadError(str(exc)) from None
+    return snapshot
+
+
+async def _apply(client: AsyncOpaClient, snapshot: PolicySnapshot) -> None:
+    """Make OPA's modules and base data exactly the snapshot's.
+
+    OPA's REST API takes one module at a time and compiles it together with
+    the modules it already holds, so the order matters: a module that calls
+    another's function is refused until that one is in. Modules are therefore
+    put in rounds, each retrying what the last refused, while rounds make
+    progress. A module OPA already holds under a longer id (``opa run`` names
+    modules by their path, e.g. ``policies/govgate.rego``) is replaced under
+    that id, in place. If modules are still refused, an old module may be in
+    the way (a renamed file, a rule moved between files): the modules the
+    folder no longer has are deleted and the rounds tried once more.
+
+    Modules of one package that use each other's rules both ways cannot be
+    put into an OPA that holds none of them, in any order: OPA has to load
+    such a folder itself (``opa run --server <folder>``, and ``load=False``).
+    The data goes in one request (``PUT /v1/data``), which also drops data
+    the policy no longer has.
+    """
+    existing = set(await client.get_policies_list())
+    wanted = {_opa_id(rel, existing): text for rel, text in snapshot.modules}
+    stale = existing - wanted.keys()
+    refused = await _put_in_rounds(client, wanted)
+    if refused and stale:
+        log.info("OPA refused %s beside the old modules; deleting %s and trying again",
+                 ", ".join(refused), ", ".join(sorted(stale)))
+        stale = await _delete_in_rounds(client, stale)
+        refused = await _put_in_rounds(client, {pid: wanted[pid] for pid in refused})
+    if refused:
+        detail = "; ".join(f"{pid}: {error}" for pid, error in refused.items())
+        hint = "" if len(refused) < 2 else (
+            " (OPA compiles each uploaded module with those it already holds, so modules that use each other's "
+            "rules cannot be uploaded one at a time: start OPA with the folder, `opa run --server <folder>`, "
+            "and connect with load=False)")
+        raise PolicyLoadError(f"OPA refused module {detail}{hint}")
+    try:
+        await client.update_or_create_data(snapshot.base_data(), "")
+    except RegoParseError as exc:
+        raise PolicyLoadError(f"OPA refused the policy's data: {_describe(exc)}") from None
+    left = await _delete_in_rounds(client, stale)
+    if left:
+        raise PolicyLoadError(f"OPA refused to delete modules the folder does not have: {', '.join(sorted(left))}")
+
+
+def _opa_id(rel: str, existing: set[str]) -> str:
+    """The id to put module ``rel`` under: OPA's own id for that file when it has exactly one, else ``rel``."""
+    if rel in existing:
+        return rel
+    same_file = [pid for pid in existing if pid.endswith("/" + rel)]
+    return same_file[0] if len(same_file) == 1 else rel
+
+
+async def _put_in_rounds(client: AsyncOpaClient, modules: dict[str, str]) -> dict[str, str]:
+    """Put modules, retrying refused ones while a round makes progress; the refused ones and why."""
+    pending = dict(modules)
+    refused: dict[str, str] = {}
+    while pending:
+        refused = {}
+        for policy_id, text in pending.items():
+            try:
+                # rego_compat=False: upload exactly this text or fail.
+                await client.update_policy_from_string(text, policy_id, rego_compat=False)
+            except (RegoParseError, TypeException) as exc:
+                refused[policy_id] = _describe(exc)
+        if len(refused) == len(pending):
+            break
+        pending = {pid: pending[pid] for pid in refused}
+    return refused
+
+
+async def _delete_in_rounds(client: AsyncOpaClient, ids: set[str]) -> set[str]:
+    """Delete modules (a module others use is refused until they are gone); the ones left."""
+    pending = set(ids)
+    while pending:
+        left = set()
+        for policy_id in sorted(pending):
+            try:
+                await client.delete_policy(policy_id)
+            except DeletePolicyError as exc:
+                if exc.expression != "resource_not_found":
+                    left.add(policy_id)
+        if len(left) == len(pending):
+            break
+        pending = left
+    return pending
+
+
+async def _read_back(client: AsyncOpaClient, data_keys: Any) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """OPA's modules (tests excluded, as locally) and its data under the policy's top-level keys.
+
+    Only the keys the local policy has are read: ``GET /v1/data`` would also
+    evaluate every rule of every package. Data OPA holds under other keys is
+    not seen (no rule of this policy can read it unless the folder has it).
+    """
+    modules = []
+    for policy_id in await client.get_policies_list():
+        if module_name(policy_id).endswith(_TEST_SUFFIX):
+            continue
+        raw = (await client.get_policy(policy_id)).get("result", {}).get("raw")
+        if not isinstance(raw, str):
+            raise PolicyLoadError(f"OPA gave no text for module {policy_id}")
+        modules.append((policy_id, raw))
+    data = {}
+    for key in data_keys:
+        try:
+            data[key] = (await client.get_data(key))["result"]
+        except PolicyNotFoundError:
+            continue  # absent on OPA: the revision will differ
+    return modules, data
+
+
+async def _verify(client: AsyncOpaClient, snapshot: PolicySnapshot, url: str, folder: Path) -> None:
+    """Raise ``PolicyLoadError`` unless OPA holds exactly the snapshot's policy."""
+    local_data = snapshot.base_data()
+    modules, data = await _read_back(client, local_data.keys())
+    remote = compute_revision(modules, data)
+    if remote != snapshot.revision:
+        raise PolicyLoadError(
+            f"OPA at {url} holds policy revision {remote}, but {folder} is revision {snapshot.revision} "
+            f"({_difference(snapshot.module_entries(), modules, local_data, data)})"
+        )
+    # As the embedded engine refuses at load a policy without its entry points:
+    # on OPA a missing rule would only show as every request denied.
+    info = await client.get_policies_info()
+    defined = {rule_url.removeprefix(client.root_url + "/") for policy in info.values() for rule_url in policy["rules"]}
+    for rule in (DECISION_RULE, VISIBLE_MODELS_RULE):
+        if rule.replace(".", "/") not in defined:
+            raise PolicyLoadError(f"the policy in {folder} defines no rule {rule}")
+
+
+def _difference(local_modules: list[tuple[str, str]], remote_modules: list[tuple[str, str]],
+                local_data: dict[str, Any], remote_data: dict[str, Any]) -> str:
+    """Which modules and data keys differ, for the operator reading the error."""
+    local = {module_name(n): t for n, t in local_modules}
+    remote: dict[str, str | None] = {}
+    for name, text in remote_modules:
+        # Two OPA modules with one file name cannot both match one local file.
+        remote[module_name(name)] = None if module_name(name) in remote else text
+    parts = []
+    only_opa = sorted(remote.keys() - local.keys())
+    only_local = sorted(local.keys() - remote.keys())
+    changed = sorted(n for n in local.keys() & remote.keys() if local[n] != remote[n])
+    changed_data = sorted(k for k in local_data if local_data[k] != remote_data.get(k, _MISSING))
+    if only_opa:
+        parts.append(f"modules only on OPA: {', '.join(only_opa)}")
+    if only_local:
+        parts.append(f"modules missing on OPA: {', '.join(only_local)}")
+    if changed:
+        parts.append(f"modules that differ: {', '.join(changed)}")
+    if changed_data:
+        parts.append(f"data that differs: {', '.join('data.' + k for k in changed_data)}")
+    return "; ".join(parts) or "the same files, different content"
+
+
+_MISSING = object()
+
+
+def _deny(code: str, message: str) -> Decision:
+    log.warning("policy deny %s: %s", code, message)
+    return Decision.fail_closed(code, message)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an error from the client, aiohttp or OPA (the client's errors have no useful str)."""
+    if isinstance(exc, RegoParseError):
+        return str(exc).strip("()")
+    if isinstance(exc, (ConnectionsError, DeletePolicyError, PolicyNotFoundError)):
+        return f"{exc.expression}: {exc.message}"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"HTTP {exc.status} {exc.message}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

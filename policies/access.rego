@@ -1,0 +1,88 @@
+# Model access by role and team.
+#
+# A role grants models (govgate_config.roles.<role>.models, "*" for all); a
+# team may narrow that further (govgate_config.teams.<team>.models). A
+# principal may use a model when one of its roles grants it AND its team,
+# if the team lists models, lists it too.
+package govgate
+
+import rego.v1
+
+# ---------------------------------------------------------------- roles
+
+# Roles of the principal that the policy knows; unknown names are ignored.
+known_roles contains role if {
+	is_array(input.principal.roles)
+	some role in input.principal.roles
+	is_string(role)
+	is_object(config.roles[role])
+}
+
+# The models a role lists ([] when it lists none).
+role_models(role) := as_list(object.get(config.roles[role], "models", null))
+
+# A role grants a model when its model list holds the model or "*".
+role_grants(role, _) if "*" in role_models(role)
+
+role_grants(role, model_name) if model_name in role_models(role)
+
+# The principal's roles that grant the given model.
+granting_roles(model_name) := {role |
+	some role in known_roles
+	role_grants(role, model_name)
+}
+
+# The principal may use the requested model through at least one role.
+model_permitted if count(granting_roles(requested_model)) > 0
+
+denials contains {"code": "unknown_role", "message": msg} if {
+	count(known_roles) == 0
+	msg := sprintf("principal '%s' has no role this policy knows", [principal_label])
+}
+
+denials contains {"code": "model_not_allowed", "message": msg} if {
+	count(known_roles) > 0
+	not model_permitted
+	msg := sprintf(
+		"no role of principal '%s' (%s) may use model '%s'",
+		[principal_label, concat(", ", sort(known_roles)), model_label],
+	)
+}
+
+# ---------------------------------------------------------------- teams
+
+# The principal's team's settings ({} without a team or an entry for it).
+team_settings := as_object(setting(["teams", principal_team])) if {
+	principal_team
+} else := {}
+
+# A team restricts models when its entry has a (non-null) `models` key.
+team_restricts_models if team_settings.models != null
+
+# A model the team lets its members use. A `models` value that is not a list
+# lets them use none (and checks.rego reports it).
+team_allows(_) if not team_restricts_models
+
+team_allows(_) if "*" in as_list(team_settings.models)
+
+team_allows(model_name) if model_name in as_list(team_settings.models)
+
+denials contains {"code": "team_model_not_allowed", "message": msg} if {
+	requested_model
+	not team_allows(requested_model)
+	msg := sprintf("team '%s' of principal '%s' may not use model '%s'", [principal_team, principal_label, requested_model])
+}
+
+# ---------------------------------------------------------------- model list
+
+# Names of the models in input.models that the principal may use
+# (GET /v1/models lists only these). Hours and purposes do not hide a model:
+# the list says what a principal may ask for, a request says whether now.
+visible_models contains name if {
+	is_array(input.models)
+	some model in input.models
+	name := model.name
+	is_string(name)
+	count(granting_roles(name)) > 0
+	team_allows(name)
+}

@@ -1,0 +1,212 @@
+# Malformed input and unusable data.
+#
+# The gateway builds the input and an operator writes the data; either can
+# be wrong. A rule that cannot be checked must deny, with a reason that
+# names the field, rather than pass silently or stop the engine. Input
+# problems give invalid_input, data problems config_error.
+package govgate
+
+import rego.v1
+
+denials contains {"code": "invalid_input", "message": msg} if some msg in input_problems
+
+denials contains {"code": "config_error", "message": msg} if some msg in config_problems
+
+# ---------------------------------------------------------------- input
+
+usage_counters := ["requests_last_minute", "tokens_last_minute", "tokens_today", "tokens_this_month", "in_flight", "minute_window_frees_in_s"]
+
+input_problems contains "input.request.max_tokens must be a whole number from 1 to 2^53" if not requested_max_tokens
+
+input_problems contains "input.request.text must be a string" if not request_text
+
+input_problems contains "input.request.purpose must be a string or null" if {
+	purpose := input.request.purpose
+	purpose != null
+	not is_string(purpose)
+}
+
+input_problems contains "input.principal.team must be a string or null" if {
+	team := input.principal.team
+	team != null
+	not is_string(team)
+}
+
+input_problems contains "input.model.tags must be a list" if {
+	tags := input.model.tags
+	not is_array(tags)
+}
+
+input_problems contains "input.usage must be an object or null" if {
+	usage := input.usage
+	usage != null
+	not is_object(usage)
+}
+
+input_problems contains sprintf("input.usage.%s must be an object or null", [scope]) if {
+	some scope in ["principal", "team"]
+	counters := input.usage[scope]
+	counters != null
+	not is_object(counters)
+}
+
+input_problems contains sprintf("input.usage.%s.%s must be a number from 0 to 2^53", [scope, counter]) if {
+	some scope in ["principal", "team"]
+	some counter in usage_counters
+	value := input.usage[scope][counter]
+	not countable(value)
+}
+
+# ---------------------------------------------------------------- data
+
+config_problems contains "govgate_config must be an object" if {
+	c := data.govgate_config
+	not is_object(c)
+}
+
+# How each role setting must look.
+setting_rules := {
+	"max_tokens": "a whole number >= 0",
+	"max_tokens_mode": "\"clamp\" or \"deny\"",
+	"prompt_logging": "\"full\", \"redacted\" or \"hash\"",
+	"priority": "a whole number from 0 to 9",
+}
+
+valid_setting("max_tokens", value) if whole_number(value)
+
+valid_setting("max_tokens_mode", value) if value in {"clamp", "deny"}
+
+valid_setting("prompt_logging", value) if value in prompt_logging_levels
+
+valid_setting("priority", value) if valid_priority(value)
+
+config_problems contains sprintf("govgate_config.defaults.%s must be %s", [name, rule]) if {
+	some name, rule in setting_rules
+	value := defaults[name]
+	not valid_setting(name, value)
+}
+
+config_problems contains sprintf("govgate_config.roles.%s.%s must be %s", [role, name, rule]) if {
+	some role in known_roles
+	some name, rule in setting_rules
+	value := config.roles[role][name]
+	not valid_setting(name, value)
+}
+
+config_problems contains sprintf("govgate_config.roles.%s.models must be a list", [role]) if {
+	some role in known_roles
+	models := config.roles[role].models
+	not is_array(models)
+}
+
+config_problems contains sprintf("govgate_config.teams.%s.models must be a list or null", [principal_team]) if {
+	team_restricts_models
+	not is_array(team_settings.models)
+}
+
+config_problems contains sprintf("govgate_config.models.%s.hours_utc must be [start, end] in whole hours from 0 to 24", [requested_model]) if {
+	window := model_settings.hours_utc
+	window != null
+	not valid_hours_window(window)
+}
+
+config_problems contains sprintf("govgate_config.models.%s.weekdays must be a list of day names (Monday ... Sunday)", [requested_model]) if {
+	days := model_settings.weekdays
+	days != null
+	not valid_weekdays(days)
+}
+
+config_problems contains sprintf("govgate_config.models.%s.purposes must be a list of strings or null", [requested_model]) if {
+	purposes := model_settings.purposes
+	purposes != null
+	not string_list(purposes)
+}
+
+config_problems contains sprintf("govgate_config.purposes.%s must be a list of strings", [key]) if {
+	some key in ["allowed", "required_for_tags"]
+	value := setting(["purposes", key])
+	value != null
+	not string_list(value)
+}
+
+string_list(value) if {
+	is_array(value)
+	every item in value {
+		is_string(item)
+	}
+}
+
+# The limits entries this request is held to (see limits.rego).
+config_problems contains sprintf("govgate_config.limits.%s.%s must be an object", [kind, name]) if {
+	some kind, name in {"principals": principal_label, "teams": principal_team}
+	some key in [name, "default"]
+	entry := setting(["limits", kind, key])
+	entry != null
+	not is_object(entry)
+}
+
+config_problems contains sprintf("govgate_config.limits.%s limits must be whole numbers >= 0 or null (%s)", [kind, limit]) if {
+	some kind, name in {"principals": principal_label, "teams": principal_team}
+	entry := limits_entry(kind, name)
+	some limit in limit_names
+	value := entry[limit]
+	value != null
+	not whole_number(value)
+}
+
+# ---------------------------------------------------------------- content data
+
+config_problems contains "govgate_config.content.blocked_patterns must be a list" if {
+	value := setting(["content", "blocked_patterns"])
+	value != null
+	not is_array(value)
+}
+
+config_problems contains sprintf("govgate_config.content.blocked_patterns[%d] needs a string id and a usable pattern", [i]) if {
+	some i, rule in blocked_patterns
+	not usable_content_rule(rule)
+}
+
+config_problems contains "govgate_config.content.national_ids must be a list" if {
+	value := setting(["content", "national_ids"])
+	value != null
+	not is_array(value)
+}
+
+config_problems contains sprintf("govgate_config.content.national_ids[%d] needs a string id (not a built-in detector's name) and a usable pattern", [i]) if {
+	some i, rule in as_list(setting(["content", "national_ids"]))
+	not usable_national_id(rule)
+}
+
+config_problems contains sprintf("govgate_config.content.national_ids has the id '%s' more than once", [id]) if {
+	ids := [rule.id | some rule in as_list(setting(["content", "national_ids"]))]
+	some id in {candidate | some candidate in ids; is_string(candidate)}
+	count([other | some other in ids; other == id]) > 1
+}
+
+config_problems contains "govgate_config.content.detectors must be an object" if {
+	value := setting(["content", "detectors"])
+	value != null
+	not is_object(value)
+}
+
+config_problems contains sprintf("govgate_config.content.detectors.%s names no detector (built-in: %s; or a national_ids id)", [name, listing(builtin_detectors)]) if {
+	some name, _ in detectors
+	not name in builtin_detectors
+	not name in {rule.id | some rule in national_ids}
+}
+
+config_problems contains sprintf("govgate_config.content.detectors.%s.action must be \"deny\" or \"redact\"", [name]) if {
+	some name, _ in detectors
+	not detector_action(name)
+}
+
+usable_content_rule(rule) if {
+	is_string(rule.id)
+	usable_pattern(rule.pattern)
+}
+
+usable_national_id(rule) if {
+	usable_content_rule(rule)
+	not rule.id in builtin_detectors
+}

@@ -1,0 +1,129 @@
+# Unit tests for checks.rego: malformed input and unusable data deny with a
+# reason naming the field.
+package govgate.checks_test
+
+import rego.v1
+
+import data.govgate_test.fixtures.base_input
+import data.govgate_test.fixtures.codes
+import data.govgate_test.fixtures.config
+import data.govgate_test.fixtures.decide
+
+messages(d) := {r.message | some r in d.reasons}
+
+without(path) := d if {
+	d := data.govgate.decision with input as json.remove(base_input, [path])
+		with data.govgate_config as config
+}
+
+with_config(overrides) := d if {
+	d := data.govgate.decision with input as base_input
+		with data.govgate_config as object.union(config, overrides)
+}
+
+# ---------------------------------------------------------------- input
+
+test_missing_max_tokens_denied if {
+	d := without("request/max_tokens")
+	d.reasons == [{"code": "invalid_input", "message": "input.request.max_tokens must be a whole number from 1 to 2^53"}]
+}
+
+test_max_tokens_of_wrong_type_or_value_denied if {
+	every value in ["100", 0, -5, 2.5, null, true] {
+		codes(decide({"request": {"max_tokens": value}})) == {"invalid_input"}
+	}
+}
+
+test_missing_text_denied if {
+	messages(without("request/text")) == {"input.request.text must be a string"}
+}
+
+test_team_of_wrong_type_denied if {
+	messages(decide({"principal": {"team": 5}})) == {"input.principal.team must be a string or null"}
+}
+
+test_usage_of_wrong_type_denied if {
+	messages(decide({"usage": "lots"})) == {"input.usage must be an object or null"}
+	messages(decide({"usage": {"principal": [1]}})) == {"input.usage.principal must be an object or null"}
+}
+
+test_usage_counter_of_wrong_type_denied if {
+	d := decide({"usage": {"principal": {"requests_last_minute": "7"}, "team": {"in_flight": -1}}})
+	messages(d) == {
+		"input.usage.principal.requests_last_minute must be a number from 0 to 2^53",
+		"input.usage.team.in_flight must be a number from 0 to 2^53",
+	}
+}
+
+test_usage_null_counts_as_absent if {
+	decide({"usage": null}).allow
+	decide({"usage": {"principal": null, "team": null}}).allow
+}
+
+test_empty_input_denied_with_reasons if {
+	d := data.govgate.decision with input as {}
+		with data.govgate_config as config
+	not d.allow
+	codes(d) == {"unknown_role", "invalid_input"}
+}
+
+test_input_that_is_not_an_object_denied_with_reasons if {
+	d := data.govgate.decision with input as ["not", "an", "object"]
+		with data.govgate_config as config
+	not d.allow
+	codes(d) == {"unknown_role", "invalid_input"}
+}
+
+# ---------------------------------------------------------------- data
+
+test_role_cap_of_wrong_type_is_a_config_error if {
+	d := with_config({"roles": {"analyst": {"max_tokens": "256"}}})
+	messages(d) == {"govgate_config.roles.analyst.max_tokens must be a whole number >= 0"}
+}
+
+test_unknown_mode_is_a_config_error if {
+	d := with_config({"roles": {"analyst": {"max_tokens_mode": "strict"}}})
+	messages(d) == {"govgate_config.roles.analyst.max_tokens_mode must be \"clamp\" or \"deny\""}
+}
+
+test_bad_default_is_a_config_error if {
+	d := with_config({"defaults": {"priority": "high"}})
+	messages(d) == {"govgate_config.defaults.priority must be a whole number from 0 to 9"}
+}
+
+test_settings_of_roles_the_principal_lacks_are_not_checked if {
+	with_config({"roles": {"viewer": {"max_tokens": "lots"}}}).allow
+}
+
+test_role_models_not_a_list_is_a_config_error if {
+	d := with_config({"roles": {"analyst": {"models": "govgate-tiny"}}})
+	codes(d) == {"config_error", "model_not_allowed"}
+}
+
+test_limit_of_wrong_type_is_a_config_error if {
+	d := with_config({"limits": {"principals": {"default": {"in_flight": "4"}}}})
+	messages(d) == {"govgate_config.limits.principals limits must be whole numbers >= 0 or null (in_flight)"}
+	d.obligations.limits.principal.in_flight == null
+}
+
+test_limits_entry_of_wrong_type_is_a_config_error if {
+	d := with_config({"limits": {"teams": {"t-1": 600}}})
+	messages(d) == {"govgate_config.limits.teams.t-1 must be an object"}
+}
+
+test_purpose_lists_of_wrong_type_are_config_errors if {
+	d := with_config({"purposes": {"allowed": "research"}})
+	messages(d) == {"govgate_config.purposes.allowed must be a list of strings"}
+}
+
+test_numbers_beyond_two_to_the_53_denied if {
+	# the engines round and print such numbers differently
+	codes(decide({"request": {"max_tokens": 1000000000000000000000000000000}})) == {"invalid_input"}
+	codes(decide({"usage": {"principal": {"tokens_today": 1e300}}})) == {"invalid_input"}
+}
+
+test_config_that_is_not_an_object_is_a_config_error if {
+	d := data.govgate.decision with input as base_input
+		with data.govgate_config as ["admin"]
+	codes(d) == {"config_error", "unknown_role"}
+}

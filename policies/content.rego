@@ -1,0 +1,145 @@
+# Content rules on the prompt text.
+#
+# Blocked patterns (govgate_config.content.blocked_patterns) deny a request
+# whose text matches one. PII detectors (govgate_config.content.detectors)
+# find personal data in the text and either deny the request or let it
+# through with the findings redacted from what the gateway stores. The
+# built-in detectors are email, phone, payment_card and iban; each entry of
+# govgate_config.content.national_ids adds one more, named by its id.
+# Messages name the rule or detector, never the matched text.
+package govgate
+
+import rego.v1
+
+import data.govgate.pii
+
+builtin_detectors := {"email", "phone", "payment_card", "iban"}
+
+detector_actions := {"deny", "redact"}
+
+# The prompt text; undefined when the input lacks one (checks.rego denies).
+request_text := input.request.text if is_string(input.request.text)
+
+# ---------------------------------------------------------------- blocked patterns
+
+blocked_patterns := as_list(setting(["content", "blocked_patterns"]))
+
+denials contains {"code": "blocked_content", "message": msg} if {
+	some rule in blocked_patterns
+	usable_content_rule(rule)
+	regex.match(rule.pattern, request_text)
+	msg := blocked_message(rule)
+}
+
+blocked_message(rule) := sprintf("the request matches blocked content rule '%s': %s", [rule.id, rule.message]) if {
+	is_string(rule.message)
+} else := sprintf("the request matches blocked content rule '%s'", [rule.id])
+
+# A pattern both engines evaluate alike: valid on both, and using none of
+# the constructs on which regorus (Rust's regex) and OPA (Go's regexp)
+# disagree. checks.rego reports any other pattern as a config_error.
+usable_pattern(pattern) if {
+	is_string(pattern)
+	every construct in unportable_constructs {
+		not regex.match(construct, pattern)
+	}
+	regex.is_valid(pattern)
+}
+
+# Written as patterns over the pattern's text. A backslash escape counts
+# when an even number of backslashes precedes it.
+unportable_constructs := {
+	# \d \w \s \b and negations: Unicode on regorus, ASCII on OPA
+	`(?:^|[^\\])(?:\\\\)*\\[dDwWsSbB]`,
+	# flags other than i, m, s, U: (?x) and (?u) are valid only on regorus
+	`\(\?[imsU-]*[A-OQ-TV-Za-hj-lnoqrt-z]`,
+	# class set operations ([a-z&&[^x]], [a--b], [a~~b]): regorus only
+	`\[[^\]]*(?:&&|--|~~)`,
+	# {,n} is a literal on OPA and an error on regorus
+	`\{,`,
+	# repetition counts of 100 or more: above 1000 valid only on regorus, and
+	# from about 120 (.{120}) too big for regorus, which then stops with an
+	# error instead of answering is_valid
+	`\{[0-9]*[0-9]{3}`,
+	`,[0-9]*[0-9]{3}\}`,
+}
+
+# ---------------------------------------------------------------- detectors
+
+# The configured detectors: name -> settings ({} when none).
+detectors := as_object(setting(["content", "detectors"]))
+
+# The action of a configured detector, when it is a known one.
+detector_action(name) := action if {
+	action := detectors[name].action
+	action in detector_actions
+}
+
+# National id formats that can run: {id, pattern} pairs.
+national_ids contains {"id": rule.id, "pattern": rule.pattern} if {
+	some rule in as_list(setting(["content", "national_ids"]))
+	is_string(rule.id)
+	not rule.id in builtin_detectors
+	usable_pattern(rule.pattern)
+}
+
+# Every finding of every configured detector, before overlaps are settled.
+raw_findings contains {"detector": "email", "text": text} if {
+	detector_action("email")
+	some text in pii.emails(request_text)
+}
+
+raw_findings contains {"detector": "phone", "text": text} if {
+	detector_action("phone")
+	some text in pii.phones(request_text)
+}
+
+raw_findings contains {"detector": "payment_card", "text": text} if {
+	detector_action("payment_card")
+	some text in pii.payment_cards(request_text)
+}
+
+raw_findings contains {"detector": "iban", "text": text} if {
+	detector_action("iban")
+	some text in pii.ibans(request_text)
+}
+
+raw_findings contains {"detector": rule.id, "text": text} if {
+	some rule in national_ids
+	detector_action(rule.id)
+	some text in pii.pattern_matches(rule.pattern, request_text)
+}
+
+# The findings: a number found by the broad phone or payment_card detectors
+# inside a finding of another detector (an IBAN, an e-mail address, a
+# national id) is part of that finding, not a finding of its own. Where a
+# phone and a payment card cover the same text, it is a payment card.
+findings := {finding |
+	some finding in raw_findings
+	not shadowed(finding)
+}
+
+shadowed(finding) if {
+	finding.detector in {"phone", "payment_card"}
+	contains(covering_texts, finding.text)
+	some other in raw_findings
+	other.detector != finding.detector
+	other.detector != "phone"
+	contains(other.text, finding.text)
+	covers(other, finding)
+}
+
+# The texts that can hold a phone number or card of their own, joined: one
+# search over this skips the pairwise comparison for most findings.
+covering_texts := concat("\n", [finding.text | some finding in raw_findings; finding.detector != "phone"])
+
+covers(other, finding) if count(other.text) > count(finding.text)
+
+covers(_, finding) if finding.detector == "phone"
+
+denials contains {"code": "pii_detected", "message": msg} if {
+	some name in {finding.detector | some finding in findings}
+	detector_action(name) == "deny"
+	found := count({finding | some finding in findings; finding.detector == name})
+	msg := sprintf("the request contains personal data found by detector '%s' (%s found)", [name, format_int(found, 10)])
+}

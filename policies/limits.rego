@@ -1,0 +1,169 @@
+# Token caps and usage limits.
+#
+# The max_tokens cap of the roles that grant the model, clamped or enforced
+# as the roles' max_tokens_mode says, and the usage limits of the principal
+# and of its team (govgate_config.limits) checked against the counters the
+# gateway read (input.usage). The gateway enforces the same limits
+# atomically when it reserves capacity; this check explains a denial and
+# says when to retry.
+package govgate
+
+import rego.v1
+
+import data.govgate.calendar
+
+# ---------------------------------------------------------------- max_tokens
+
+# The request's max_tokens; undefined when it is not a whole number >= 1
+# (checks.rego reports that).
+requested_max_tokens := n if {
+	n := input.request.max_tokens
+	whole_number(n)
+	n >= 1
+}
+
+# A role's setting, or the default when the role sets none.
+role_setting(role, name) := object.get(config.roles[role], name, defaults[name])
+
+# The most generous cap among the roles that grant the model: holding one
+# more role should never take tokens away.
+token_cap := max({cap |
+	some role in granting_roles(requested_model)
+	cap := role_setting(role, "max_tokens")
+	whole_number(cap)
+})
+
+# "clamp" when any granting role clamps (the more permissive mode), else
+# "deny": a request asking for more than the cap is refused.
+max_tokens_mode := "clamp" if {
+	some role in granting_roles(requested_model)
+	role_setting(role, "max_tokens_mode") == "clamp"
+} else := "deny"
+
+# The request's max_tokens, clamped to the cap. 0 when no role grants the
+# model (the request is denied then and the value is never used).
+default granted_max_tokens := 0
+
+granted_max_tokens := min({requested_max_tokens, token_cap})
+
+denials contains {"code": "max_tokens_exceeded", "message": msg} if {
+	max_tokens_mode == "deny"
+	requested_max_tokens > token_cap
+	msg := sprintf(
+		"max_tokens %s is above the cap of %s for model '%s' of principal '%s'",
+		[format_int(requested_max_tokens, 10), format_int(token_cap, 10), model_label, principal_label],
+	)
+}
+
+# ---------------------------------------------------------------- usage limits
+
+limit_names := ["requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month", "in_flight"]
+
+# What each limit counts, what a request adds to it, the reason it gives and
+# the window that decides when to retry.
+usage_checks := [
+	{"limit": "requests_per_minute", "counter": "requests_last_minute", "cost": "request", "code": "rate_limited", "window": "minute"},
+	{"limit": "tokens_per_minute", "counter": "tokens_last_minute", "cost": "tokens", "code": "rate_limited", "window": "minute"},
+	{"limit": "tokens_per_day", "counter": "tokens_today", "cost": "tokens", "code": "budget_exceeded", "window": "day"},
+	{"limit": "tokens_per_month", "counter": "tokens_this_month", "cost": "tokens", "code": "budget_exceeded", "window": "month"},
+	{"limit": "in_flight", "counter": "in_flight", "cost": "request", "code": "too_many_in_flight", "window": "in_flight"},
+]
+
+# How the counters read in a message.
+counter_phrases := {
+	"requests_last_minute": "requests in the last minute",
+	"tokens_last_minute": "tokens in the last minute",
+	"tokens_today": "tokens today",
+	"tokens_this_month": "tokens this month",
+	"in_flight": "requests in flight",
+}
+
+# The limits entry for a principal or team: its own entry when the data has
+# one, else the `default` entry, else none ({}: unlimited). An own entry
+# replaces the default as a whole: a key it leaves out is unlimited.
+limits_entry(kind, name) := entry if {
+	entry := setting(["limits", kind, name])
+	is_object(entry)
+} else := entry if {
+	entry := setting(["limits", kind, "default"])
+	is_object(entry)
+} else := {}
+
+# The five limits of an entry, each a whole number or null (unlimited).
+limits_in_effect(entry) := {name: limit_value(entry, name) | some name in limit_names}
+
+limit_value(entry, name) := value if {
+	value := entry[name]
+	whole_number(value)
+} else := null
+
+# The limits that bind this request, by scope. A team's limits bind each
+# member whatever the member's own limits are.
+scope_limits["principal"] := limits_in_effect(limits_entry("principals", principal_label))
+
+scope_limits["team"] := limits_in_effect(limits_entry("teams", principal_team))
+
+scope_label("principal") := sprintf("principal '%s'", [principal_label])
+
+scope_label("team") := sprintf("team '%s'", [principal_team])
+
+# A counter from the usage snapshot; 0 when the input has none (a malformed
+# counter is reported by checks.rego).
+usage_counter(scope, counter) := value if {
+	value := input.usage[scope][counter]
+	countable(value)
+} else := 0
+
+# What the request adds to a counter.
+request_cost("request") := 1
+
+request_cost("tokens") := granted_max_tokens
+
+cost_phrase("request") := "1 request"
+
+cost_phrase("tokens") := sprintf("%s tokens", [format_int(granted_max_tokens, 10)])
+
+denials contains {"code": check.code, "message": msg, "retry_after_s": retry_after_s(check.window, scope)} if {
+	some scope, limits in scope_limits
+	some check in usage_checks
+	limit := limits[check.limit]
+	limit != null
+	used := usage_counter(scope, check.counter)
+	used + request_cost(check.cost) > limit
+	msg := sprintf("%s has reached its %s limit of %s (%s %s; this request needs %s)", [
+		scope_label(scope), check.limit, format_int(limit, 10),
+		format_int(used, 10), counter_phrases[check.counter], cost_phrase(check.cost),
+	])
+}
+
+# ---------------------------------------------------------------- retry after
+
+# Seconds until a minute window frees capacity, as the gateway measured it
+# (from 1 to 60); a whole minute when the input does not say.
+retry_after_s("minute", scope) := max([1, ceil(min([frees_in, 60]))]) if {
+	frees_in := input.usage[scope].minute_window_frees_in_s
+	is_number(frees_in)
+} else := 60
+
+# Seconds until the next UTC midnight; a whole day when the time is unknown.
+retry_after_s("day", _) := calendar.seconds_until_midnight(now_s) if {
+	now_s
+} else := calendar.seconds_per_day
+
+# Seconds until the first of next month, UTC; 31 days when the time is unknown.
+retry_after_s("month", _) := calendar.seconds_until_next_month(now_s) if {
+	now_s
+} else := 31 * calendar.seconds_per_day
+
+# A request in flight may end any moment.
+retry_after_s("in_flight", _) := 1
+
+# The time of the request in whole seconds since the epoch; undefined when
+# input.time.now_ns is not a time from 1970 to 2255. format_int turns a
+# float (1.7e+18) into the integer it holds: regorus refuses % on floats.
+now_s := calendar.seconds_from_ns(to_number(format_int(ns, 10))) if {
+	ns := input.time.now_ns
+	is_number(ns)
+	ns >= 0
+	ns < 9000000000000000000
+}

@@ -1,0 +1,79 @@
+# Obligations (assembled in govgate.rego).
+#
+# What the gateway must do to a request it serves: queue it at a priority,
+# store the prompt only as far as prompt_logging allows (with the listed
+# findings redacted), and hold the principal and its team to their usage
+# limits. The max_tokens cap is in limits.rego.
+package govgate
+
+import rego.v1
+
+# ---------------------------------------------------------------- priority
+
+# 0 is the most urgent, 9 the least (Celery on Redis).
+valid_priority(value) if {
+	whole_number(value)
+	value <= 9
+}
+
+default_priority := defaults.priority if {
+	valid_priority(defaults.priority)
+} else := builtin_defaults.priority
+
+# The most urgent priority among the roles that grant the model: holding one
+# more role should never slow a principal down.
+priority := min(granting_priorities) if {
+	count(granting_priorities) > 0
+} else := default_priority
+
+granting_priorities := {p |
+	some role in granting_roles(requested_model)
+	p := role_setting(role, "priority")
+	valid_priority(p)
+}
+
+# ---------------------------------------------------------------- prompt logging
+
+prompt_logging_levels := {"full", "redacted", "hash"}
+
+# Logging levels of all the principal's known roles (not only those granting
+# the model) so that a denied request is logged as the person's roles ask;
+# the default level for a principal without one. A level the policy does not
+# know counts as "hash", the most private (checks.rego reports it).
+logging_levels contains known_level(role_setting(role, "prompt_logging")) if some role in known_roles
+
+logging_levels contains known_level(defaults.prompt_logging) if count(known_roles) == 0
+
+known_level(level) := level if {
+	level in prompt_logging_levels
+} else := "hash"
+
+# The most private level wins: a role set to redact or hash prompts exists
+# to protect what its holders type, and a second role must not undo that.
+# Personal data found in the prompt makes "full" into "redacted".
+prompt_logging := "hash" if {
+	"hash" in logging_levels
+} else := "redacted" if {
+	"redacted" in logging_levels
+} else := "redacted" if {
+	count(findings) > 0
+} else := "full"
+
+# ---------------------------------------------------------------- redact
+
+# The texts the gateway must not store, with the detector that found them,
+# sorted by detector then text. On an allowed request these are the findings
+# of "redact" detectors; a denied request lists "deny" findings too, so that
+# its audit entry does not keep them either.
+redact := [{"detector": detector, "text": text} |
+	some [detector, text] in sort({[finding.detector, finding.text] | some finding in findings})
+]
+
+# ---------------------------------------------------------------- limits
+
+# The limits the gateway enforces when it reserves capacity; the team's is
+# null for a principal without a team.
+limits_obligation := {
+	"principal": scope_limits.principal,
+	"team": object.get(scope_limits, "team", null),
+}

@@ -1,0 +1,186 @@
+# METADATA
+# title: PII detectors
+# description: |
+#   Functions that find personal data in a text: e-mail addresses, phone
+#   numbers, payment card numbers (Luhn-checked), IBANs (mod-97-checked) and
+#   matches of a configured pattern. Each returns the set of matched texts.
+#
+#   Every pattern here uses ASCII classes ([0-9], [A-Za-z]) and no \d, \w, \s
+#   or \b: those are Unicode-aware on regorus and ASCII-only on OPA, and the
+#   two engines must find the same things. A match glued to a letter or digit
+#   (a longer number, an identifier) is not reported.
+package govgate.pii
+
+import rego.v1
+
+# ---------------------------------------------------------------- e-mail
+
+email_pattern := `[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}`
+
+emails(text) := {m | some m in regex.find_n(email_pattern, text, -1)}
+
+# ---------------------------------------------------------------- phone
+
+# Digit groups joined by one kind of separator: "555 123 4567", "555-123-4567",
+# "555.123.4567". `min_joins` is how many separated groups must follow the first.
+phone_body(min_joins) := concat("|", [sprintf(`[0-9]{1,5}(?:%s[0-9]{1,8}){%d,5}`, [sep, min_joins]) | some sep in [" ", "-", `\.`]])
+
+# International (+CC ...), with an area code in parentheses, national with at
+# least three groups, or + and the digits with no separators at all.
+phone_pattern := concat("|", [
+	sprintf(`\+[0-9]{1,3}[ .-]?(?:\([0-9]{1,4}\)[ .-]?)?(?:%s)`, [phone_body(1)]),
+	sprintf(`\([0-9]{1,4}\)[ .-]?(?:%s)`, [phone_body(1)]),
+	sprintf(`(?:%s)`, [phone_body(2)]),
+	`\+[0-9]{8,15}`,
+])
+
+phones(text) := {m |
+	some m in regex.find_n(phone_pattern, text, -1)
+	phone_number(m)
+	bounded(m, text)
+}
+
+# 9 to 15 digits (E.164 allows 15), and not a dotted IPv4 address.
+phone_number(candidate) if {
+	n := count(digits_of(candidate))
+	n >= 9
+	n <= 15
+	not regex.match(`^[0-9]{1,3}(?:\.[0-9]{1,3}){3}$`, candidate)
+}
+
+# ---------------------------------------------------------------- payment card
+
+# 13 or more digits, optionally split by single spaces or dashes.
+card_candidate_pattern := `[0-9](?:[ -]?[0-9]){12,}`
+
+payment_cards(text) := {m |
+	some m in regex.find_n(card_candidate_pattern, text, -1)
+	card_number(m)
+	bounded(m, text)
+}
+
+# 13 to 19 digits with a valid Luhn check digit.
+card_number(candidate) if {
+	digits := digits_of(candidate)
+	count(digits) >= 13
+	count(digits) <= 19
+	luhn_valid(digits)
+}
+
+# The Luhn check: from the right, every second digit is doubled (less 9
+# when above 9); the sum of all is a multiple of 10.
+luhn_valid(digits) if {
+	chars := split(digits, "")
+	n := count(chars)
+	sum([luhn_term(to_number(c), (n - 1) - i) | some i, c in chars]) % 10 == 0
+}
+
+luhn_term(digit, position_from_right) := digit if {
+	position_from_right % 2 == 0
+} else := 2 * digit if {
+	digit <= 4
+} else := (2 * digit) - 9
+
+# ---------------------------------------------------------------- IBAN
+
+# Country code, check digits, and a BBAN written compact or in groups of four.
+iban_candidate_pattern := `[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?`
+
+ibans(text) := {iban |
+	some candidate in regex.find_n(iban_candidate_pattern, text, -1)
+	iban := longest_iban(candidate)
+	bounded(iban, text)
+}
+
+# The longest run of the candidate's space-separated groups, from its start,
+# that is a valid IBAN: a written IBAN may be followed by a word in capitals.
+longest_iban(candidate) := concat(" ", array.slice(groups, 0, longest)) if {
+	groups := split(candidate, " ")
+	longest := max({k |
+		some k in numbers.range(1, count(groups))
+		iban_valid(concat("", array.slice(groups, 0, k)))
+	})
+}
+
+# ISO 13616: 15 to 34 characters whose ISO 7064 mod-97 remainder is 1.
+iban_valid(compact) if {
+	count(compact) >= 15
+	count(compact) <= 34
+	regex.match(`^[A-Z]{2}[0-9]{2}[A-Z0-9]+$`, compact)
+	mod97(iban_digits(compact)) == 1
+}
+
+# The IBAN as the number mod-97 checks: the first four characters moved to
+# the end, letters as two digits (A = 10 ... Z = 35).
+iban_digits(compact) := concat("", [char_digits(c) | some c in split(rearranged, "")]) if {
+	rearranged := concat("", [substring(compact, 4, -1), substring(compact, 0, 4)])
+}
+
+char_digits(c) := c if {
+	regex.match(`^[0-9]$`, c)
+} else := format_int(indexof("ABCDEFGHIJKLMNOPQRSTUVWXYZ", c) + 10, 10)
+
+# The remainder of a long decimal number (a string of up to 72 digits) by 97,
+# without big integers: the sum of each digit times 10^position mod 97.
+mod97(number) := sum([digit_mod97(c, (n - 1) - i) | some i, c in chars]) % 97 if {
+	chars := split(number, "")
+	n := count(chars)
+	n <= 72
+}
+
+# digit * 10^position mod 97 (below 97 * 9).
+digit_mod97(digit, position) := to_number(digit) * pow10_mod97(position)
+
+# 10^k mod 97 for 0 <= k < 72, as (10^8)^a * 10^b with k = 8a + b. Every
+# product stays below 2^53 (97^8 < 8e15), so no engine rounds it.
+pow10_mod97(k) := (power(100000000 % 97, a) * (pow10_small[b] % 97)) % 97 if {
+	b := k % 8
+	a := (k - b) / 8
+}
+
+pow10_small := [1, 10, 100, 1000, 10000, 100000, 1000000, 10000000]
+
+# base^exponent for a small exponent (0 included).
+power(_, 0) := 1
+
+power(base, exponent) := product([base | some _ in numbers.range(1, exponent)]) if exponent > 0
+
+# ---------------------------------------------------------------- patterns
+
+# Non-empty matches of a configured pattern (a national id format).
+pattern_matches(pattern, text) := {m |
+	some m in regex.find_n(pattern, text, -1)
+	m != ""
+	bounded(m, text)
+}
+
+# ---------------------------------------------------------------- helpers
+
+digits_of(s) := regex.replace(s, `[^0-9]`, "")
+
+# Some occurrence of `match` in `text` is not glued to a letter or digit on a
+# side where the match itself begins or ends with one. Positions count
+# characters (code points) on both engines, as indexof_n and substring do.
+bounded(match, text) if {
+	some start in indexof_n(text, match)
+	not glued_before(text, match, start)
+	not glued_after(text, match, start)
+}
+
+glued_before(text, match, start) if {
+	start > 0
+	alphanumeric(substring(match, 0, 1))
+	alphanumeric(substring(text, start - 1, 1))
+}
+
+glued_after(text, match, start) if {
+	length := count(match)
+	alphanumeric(substring(match, length - 1, 1))
+	alphanumeric(substring(text, start + length, 1))
+}
+
+# One ASCII letter or digit ("" at either end of the text is neither).
+alphanumeric(char) if {
+	char != ""
+	contains("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", char)
+}

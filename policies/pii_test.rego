@@ -1,0 +1,170 @@
+# Unit tests for pii.rego: what each detector finds, and what it must not.
+package govgate.pii_test
+
+import rego.v1
+
+import data.govgate.pii
+
+# ---------------------------------------------------------------- Luhn
+
+test_luhn_accepts_valid_numbers if {
+	pii.luhn_valid("4111111111111111")
+	pii.luhn_valid("378282246310005")
+	pii.luhn_valid("5555555555554444")
+	pii.luhn_valid("79927398713")
+}
+
+test_luhn_rejects_a_wrong_check_digit if {
+	not pii.luhn_valid("4111111111111112")
+	not pii.luhn_valid("79927398710")
+}
+
+# ---------------------------------------------------------------- payment cards
+
+test_card_found_compact_and_with_separators if {
+	pii.payment_cards("pay 4111111111111111, 4111 1111 1111 1111 or 4111-1111-1111-1111 now") == {
+		"4111111111111111", "4111 1111 1111 1111", "4111-1111-1111-1111",
+	}
+}
+
+test_card_of_fifteen_digits_found if {
+	pii.payment_cards("amex 3782 822463 10005") == {"3782 822463 10005"}
+}
+
+test_card_with_wrong_check_digit_not_found if {
+	pii.payment_cards("4111 1111 1111 1112") == set()
+}
+
+test_card_glued_to_letters_not_found if {
+	pii.payment_cards("ref X4111111111111111") == set()
+}
+
+test_too_short_or_too_long_number_not_a_card if {
+	pii.payment_cards("411111111111") == set()
+
+	# 20 digits, Luhn-valid: longer than any card
+	pii.payment_cards("41111111111111111113") == set()
+}
+
+# ---------------------------------------------------------------- IBAN
+
+test_iban_check_accepts_valid_ibans if {
+	pii.iban_valid("GB82WEST12345698765432")
+	pii.iban_valid("DE89370400440532013000")
+	pii.iban_valid("FR1420041010050500013M02606")
+}
+
+test_iban_check_rejects_wrong_check_digits if {
+	not pii.iban_valid("GB83WEST12345698765432")
+	not pii.iban_valid("DE88370400440532013000")
+}
+
+test_iban_check_rejects_wrong_lengths if {
+	not pii.iban_valid("GB82WEST1234")
+	not pii.iban_valid("GB82WEST12345698765432123456789012345")
+}
+
+test_iban_found_compact_and_grouped if {
+	pii.ibans("to DE89370400440532013000 and GB82 WEST 1234 5698 7654 32.") == {
+		"DE89370400440532013000", "GB82 WEST 1234 5698 7654 32",
+	}
+}
+
+test_iban_followed_by_a_capitalised_word_found if {
+	pii.ibans("GB82 WEST 1234 5698 7654 32 THEN") == {"GB82 WEST 1234 5698 7654 32"}
+}
+
+test_iban_with_wrong_check_digits_not_found if {
+	pii.ibans("GB83 WEST 1234 5698 7654 32") == set()
+}
+
+test_lowercase_iban_not_found if {
+	pii.ibans("gb82west12345698765432") == set()
+}
+
+test_mod97_powers_of_ten if {
+	[pii.pow10_mod97(k) | some k in numbers.range(0, 9)] == [1, 10, 3, 30, 9, 90, 27, 76, 81, 34]
+	pii.pow10_mod97(71) == 41
+	every k in numbers.range(0, 70) {
+		pii.pow10_mod97(k + 1) == (pii.pow10_mod97(k) * 10) % 97
+	}
+}
+
+test_mod97_of_a_long_number if {
+	# 3214282912345698765432161182 is GB82WEST12345698765432 rearranged
+	pii.mod97("3214282912345698765432161182") == 1
+	pii.mod97("123456789") == 123456789 % 97
+}
+
+# ---------------------------------------------------------------- e-mail
+
+test_email_found if {
+	pii.emails("write to ann.lee+news@mail.example.co.uk or BOB@EXAMPLE.COM") == {
+		"ann.lee+news@mail.example.co.uk", "BOB@EXAMPLE.COM",
+	}
+}
+
+test_not_an_email if {
+	pii.emails("user@localhost, @handle, a@b.c, me at example dot com") == set()
+}
+
+# ---------------------------------------------------------------- phone
+
+test_international_phone_found if {
+	pii.phones("call +44 20 7946 0958 or +1-415-555-2671 or +14155552671") == {
+		"+44 20 7946 0958", "+1-415-555-2671", "+14155552671",
+	}
+}
+
+test_national_phone_found if {
+	pii.phones("call (555) 123-4567, 555-123-4567, 555.123.4567 or 06 12 34 56 78") == {
+		"(555) 123-4567", "555-123-4567", "555.123.4567", "06 12 34 56 78",
+	}
+}
+
+test_dates_times_and_versions_not_phones if {
+	pii.phones("on 2024-01-15 10:30, 15.01.2024, v1.2.3") == set()
+}
+
+test_ip_address_not_a_phone if {
+	pii.phones("host 192.168.100.200") == set()
+}
+
+test_plain_numbers_not_phones if {
+	pii.phones("order 1234567890, pi 3.14159265, total 12 345") == set()
+}
+
+test_phone_with_too_many_digits_not_found if {
+	pii.phones("+44 20 7946 0958 1234 5678") == set()
+}
+
+test_phone_glued_to_letters_not_found if {
+	pii.phones("id AB555-123-4567") == set()
+}
+
+# ---------------------------------------------------------------- patterns
+
+test_pattern_matches_bounded_occurrences if {
+	pii.pattern_matches("[0-9]{3}-[0-9]{2}-[0-9]{4}", "ssn 123-45-6789, not 1123-45-6789 or 123-45-67890") == {"123-45-6789"}
+}
+
+test_pattern_matching_empty_text_finds_nothing if {
+	pii.pattern_matches("x*", "abc") == set()
+}
+
+test_bounded_checks_every_occurrence if {
+	# the first 555-123-4567 is glued to "x", the second stands alone
+	pii.bounded("555-123-4567", "x555-123-4567 and 555-123-4567")
+	not pii.bounded("555-123-4567", "x555-123-4567 and 555-123-45678")
+}
+
+test_bounded_ignores_non_ascii_neighbours_alike if {
+	# é is not an ASCII letter: the number is not glued to it
+	pii.bounded("555-123-4567", "é555-123-4567é")
+	pii.phones("tél:555-123-4567") == {"555-123-4567"}
+}
+
+test_bounded_match_edges_that_are_not_alphanumeric if {
+	# a match that starts with "+" or "(" may follow a letter
+	pii.bounded("+44 20 7946 0958", "tel+44 20 7946 0958")
+}
