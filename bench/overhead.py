@@ -280,6 +280,31 @@ class Started:
     stop: Callable[[], None]
 
 
+BENCH_PRINCIPAL = "bench"
+BENCH_TEAM = "bench"
+
+
+def bench_policy_dir(var_dir: Path) -> Path:
+    """The shipped policy with the bench principal and team given no usage limits.
+
+    The shipped defaults (e.g. 120 requests a minute) would turn a load test
+    into a measurement of 429s; an operator would give a load-test principal
+    its own limits entry the same way.
+    """
+    import json
+    import shutil
+
+    target = var_dir / "policies"
+    shutil.copytree(ROOT / "policies", target, ignore=shutil.ignore_patterns("*_test.rego"))
+    data_file = target / "data.json"
+    document = json.loads(data_file.read_text())
+    limits = document["govgate_config"].setdefault("limits", {})
+    limits.setdefault("principals", {})[BENCH_PRINCIPAL] = {}
+    limits.setdefault("teams", {})[BENCH_TEAM] = {}
+    data_file.write_text(json.dumps(document, indent=2))
+    return target
+
+
 def start_govgate(var_dir: Path) -> Started:
     """Redis, one tiny-model worker, ``govgate serve``, and an admin key."""
     from gateway.auth import KeyStore
@@ -292,10 +317,11 @@ def start_govgate(var_dir: Path) -> Started:
     stack = Stack()
     try:
         stack.redis = RedisProcess.start(var_dir / "redis", persist=False)
-        settings = Settings(var_dir=var_dir, redis_url=stack.redis.url, policy_dir=ROOT / "policies",
+        settings = Settings(var_dir=var_dir, redis_url=stack.redis.url, policy_dir=bench_policy_dir(var_dir),
                             host=HOST, port=free_port(), log_level=LOG_LEVEL)
         engine = open_database(settings)
-        secret = KeyStore(engine).create("bench", team="ops", roles=["admin"], note="bench/overhead.py").secret
+        secret = KeyStore(engine).create(BENCH_PRINCIPAL, team=BENCH_TEAM, roles=["admin"],
+                                         note="bench/overhead.py").secret
         engine.dispose()
         env = child_env(settings, stack.redis.url)
         env["GOVGATE_REQUEST_TIMEOUT_S"] = str(REQUEST_TIMEOUT_S)

@@ -152,7 +152,7 @@ class CompletionService:
             "stream": request.stream,
             "params": params,
             "requested_max_tokens": requested_max,
-            "decision": decision.to_document(),
+            "decision": _decision_for_audit(decision),
             "admission": admission,
             "policy_input": without_prompt(policy_input),
             **_logged_prompt(messages, prompt, decision.obligations.get("prompt_logging", "full"),
@@ -410,6 +410,21 @@ class CompletionService:
             await self._append("rejected", request_id, principal, None, body)
         except AuditError as exc:  # the client is refused anyway; say so in the logs
             log.error("could not record rejection %s: %s", request_id, exc)
+
+
+def _decision_for_audit(decision: Decision) -> dict[str, Any]:
+    """The decision as recorded: the texts the detectors found are replaced by their SHA-256.
+
+    The ``redact`` obligation names what must not be stored in clear; storing
+    it verbatim beside the redacted prompt would undo the redaction.
+    """
+    document = decision.to_document()
+    redact = document.get("obligations", {}).get("redact")
+    if redact:
+        document["obligations"]["redact"] = [
+            {"detector": item["detector"], "sha256": hashlib.sha256(item["text"].encode()).hexdigest()}
+            for item in redact]
+    return document
 
 
 #: No tokenizer in use encodes more than this many bytes in one token, so a

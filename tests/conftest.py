@@ -8,6 +8,7 @@ tests that break a part get their own copy of it.
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import kombu.exceptions
 import pytest
@@ -33,6 +34,7 @@ from gateway.supervisor import child_env
 from workers.celery_app import make_celery
 from workers.registry import TINY_MODEL_NAME
 from tests.conftest_models import tiny_model_path, tiny_spec  # noqa: F401  (shared fixtures)
+from tests.opa_fixtures import opa_binary, opa_log_dir, opa_policy_server, opa_server, start_opa  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 #: A model in the test registry that no worker serves (timeouts, expiry).
@@ -82,9 +84,29 @@ def models_file(var_dir: Path) -> Path:
     return path
 
 
+def policy_copy(folder: Path, change: Callable[[dict], None] | None = None) -> Path:
+    """A copy of the shipped ``policies/`` whose ``govgate_config`` data ``change`` may edit."""
+    target = folder / "policies"
+    shutil.copytree(ROOT / "policies", target, ignore=shutil.ignore_patterns("*_test.rego"))
+    if change is not None:
+        data_file = target / "data.json"
+        document = json.loads(data_file.read_text())
+        change(document["govgate_config"])
+        data_file.write_text(json.dumps(document, indent=2))
+    return target
+
+
+def _roomy_limits(config: dict) -> None:
+    """The suite sends hundreds of requests a minute as a few principals: lift the shipped limits."""
+    roomy = {"requests_per_minute": 100000, "tokens_per_minute": 10**9, "tokens_per_day": 10**10,
+             "tokens_per_month": None, "in_flight": 1000}
+    config["limits"] = {"principals": {"default": roomy}, "teams": {"default": roomy}}
+
+
 @pytest.fixture(scope="session")
 def settings(var_dir: Path, redis_server: RedisProcess, models_file: Path) -> Settings:
-    return Settings(var_dir=var_dir, redis_url=redis_server.url, policy_dir=ROOT / "policies",
+    """The suite's settings: the shipped policy with limits lifted (limit tests set their own)."""
+    return Settings(var_dir=var_dir, redis_url=redis_server.url, policy_dir=policy_copy(var_dir, _roomy_limits),
                     models_file=str(models_file), request_timeout_s=60.0, port=free_port())
 
 

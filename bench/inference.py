@@ -1,0 +1,616 @@
+"""How fast do the built-in models generate, through govgate and without it?
+
+Starts a private govgate stack (Redis, one worker per model, the API under
+uvicorn) in a temporary folder, like ``bench/overhead.py``, and measures each
+model two ways in the same run:
+
+* **through the gateway**: ``POST /v1/completions`` with a raw prompt,
+  ``temperature: 0`` and a fixed ``max_tokens``; a few sequential requests,
+  then a small concurrent batch (the worker serves one at a time, so the
+  batch shows what queueing costs), then streamed requests whose time to
+  the first text piece is taken from the SSE lines;
+* **directly**: ``load_model(spec)`` in this process, then ``generate`` and
+  ``stream`` with the same prompt and the parameters the worker builds.
+
+Tokens are counted from the responses' ``usage`` and from
+``Generation.completion_tokens``, so both sides count the same thing. The
+ratio gateway / direct is the figure to watch: absolute tokens/s move with
+the machine, the ratio is what governance (HTTP, auth, policy, audit, queue,
+result hand-back) costs a real generation. A raw prompt rather than chat
+keeps the prompt identical on both paths without re-rendering a transcript.
+
+Why the two sides take turns and never overlap: govgate targets two-core
+machines and Gemma's llama.cpp backend uses two threads, so any overlap
+would measure contention, not overhead. The direct models are loaded only
+after every child has been started (a process must not fork after llama.cpp
+has started its threads) and are freed after their own measurement.
+
+Usage::
+
+    .venv/bin/python bench/inference.py [--models tiny,gemma] [--requests 5] [--batch 4]
+        [--max-tokens-gemma 64] [--max-tokens-tiny 256] [--skip-gemma] [--models-dir DIR]
+
+Gemma's 253 MB file is assembled into the temporary folder on each run
+unless ``--models-dir`` (default: the checkout's ``var/models`` when it
+exists, where ``make up`` puts it) already holds it; that copy is only read.
+
+The shipped policy limits every principal, admins included, to 120 requests
+a minute and 8 in flight: the bench uses one admin key per model and keeps
+``--batch`` at 8 or less, and a larger ``--requests`` may meet 429s, which
+are reported, not hidden. Nothing here asserts a timing. Everything started
+here is stopped at the end, also on Ctrl-C, SIGTERM or an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+# The stack helpers of the overhead bench (this folder is sys.path[0] when run as a script).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import (  # noqa: E402
+    BENCH_PRINCIPAL,
+    BENCH_TEAM,
+    HEALTH_PATH,
+    HOST,
+    LOG_LEVEL,
+    ROOT,
+    TempDir,
+    _log_tails,
+    _stop_on_sigterm,
+    bench_policy_dir,
+    forget_govgate_environment,
+    free_port,
+    signals_deferred,
+    spawn,
+)
+
+COMPLETIONS_PATH = "/v1/completions"
+#: One raw prompt for every request on both paths; a base model continues it.
+PROMPT = "The history of the printing press begins in"
+#: The longest one request may take (the batch's last request waits for the others).
+REQUEST_TIMEOUT_S = 120.0
+#: The longest one model's gateway phases may take; a stuck stack ends the run, not hangs it.
+PHASE_TIMEOUT_S = 600.0
+#: The shipped policy's ``in_flight`` limit per principal; a larger batch would only measure 429s.
+MAX_BATCH = 8
+#: Short names accepted by ``--models``.
+ALIASES = {"tiny": "govgate-tiny", "gemma": "gemma-3-270m"}
+
+
+# ---------------------------------------------------------------- samples
+
+
+@dataclass
+class Sample:
+    """One request or one direct call: how many tokens, how long, what text."""
+
+    status: str
+    seconds: float = 0.0
+    tokens: int = 0
+    text: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "200"
+
+
+@dataclass
+class GatewayRun:
+    """One model's figures through the gateway."""
+
+    sequential: list[Sample]
+    batch: list[Sample]
+    batch_wall_s: float
+    first_piece: list[Sample]  # ``seconds`` is the time to the first text piece
+
+
+@dataclass
+class DirectRun:
+    """One model's figures from a backend call in this process."""
+
+    load_s: float
+    sequential: list[Sample]
+    first_piece: list[Sample]
+
+
+def tokens_per_s(samples: list[Sample], wall_s: float | None = None) -> float | None:
+    """Completion tokens of the successful samples over their summed time (or ``wall_s``)."""
+    good = [s for s in samples if s.ok]
+    seconds = sum(s.seconds for s in good) if wall_s is None else wall_s
+    return sum(s.tokens for s in good) / seconds if good and seconds > 0 else None
+
+
+def p50_ms(samples: list[Sample]) -> float | None:
+    """Nearest-rank median of the successful samples' time, in milliseconds."""
+    ordered = sorted(s.seconds for s in samples if s.ok)
+    return ordered[max(0, math.ceil(len(ordered) / 2) - 1)] * 1000 if ordered else None
+
+
+def statuses(*groups: list[Sample]) -> Counter:
+    return Counter(s.status for group in groups for s in group)
+
+
+# ---------------------------------------------------------------- registry
+
+
+def bench_specs(names: list[str], var_dir: Path, models_dir: Path | None) -> list[Any]:
+    """The default registry's specs for ``names``; Gemma's file reused from ``models_dir`` if there.
+
+    Why reuse only an existing file: assembly is atomic, so a file under the
+    model's name is complete; a missing one is assembled into the bench's own
+    folder, never into the user's.
+    """
+    from dataclasses import replace
+
+    from workers.registry import DEFAULT_MODEL_NAME, default_registry
+
+    registry = default_registry(var_dir)
+    specs = []
+    for name in names:
+        spec = registry.models[name]
+        if name == DEFAULT_MODEL_NAME and models_dir is not None and (models_dir / spec.path.name).is_file():
+            spec = replace(spec, path=(models_dir / spec.path.name).resolve())
+        specs.append(spec)
+    return specs
+
+
+def _toml_value(value: object) -> str:
+    """A TOML literal for the field types a ModelSpec holds."""
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a TOML basic string
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value)
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def registry_toml(specs: list[Any]) -> str:
+    """A registry file holding exactly ``specs``, so the workers load what the direct side loads."""
+    lines: list[str] = []
+    for spec in specs:
+        lines.append(f"[models.{json.dumps(spec.name)}]")
+        lines += [f"{f.name} = {_toml_value(getattr(spec, f.name))}" for f in fields(spec) if f.name != "name"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_registry(specs: list[Any], var_dir: Path) -> list[Any]:
+    """Write the registry file and read it back: the specs both sides use are the workers' own."""
+    from workers.registry import load_registry
+
+    path = var_dir / "models.toml"
+    path.write_text(registry_toml(specs), encoding="utf-8")
+    registry = load_registry(path, var_dir)
+    return [registry.models[spec.name] for spec in specs]
+
+
+# ---------------------------------------------------------------- the stack
+
+
+@dataclass
+class Running:
+    """The started stack: where to send, with which key per model, how to stop it."""
+
+    base_url: str
+    headers: dict[str, dict[str, str]]
+    stop: Callable[[], None]
+
+
+def _admin_keys(settings: Any, names: list[str]) -> dict[str, dict[str, str]]:
+    """An admin key for the bench principal (unlimited in the bench's policy copy), one header per model."""
+    from gateway.auth import KeyStore
+    from gateway.components import open_database
+
+    engine = open_database(settings)
+    try:
+        secret = KeyStore(engine).create(BENCH_PRINCIPAL, team=BENCH_TEAM, roles=["admin"],
+                                         note="bench/inference.py").secret
+        return {name: {"Authorization": "Bearer " + secret} for name in names}
+    finally:
+        engine.dispose()
+
+
+def start_stack(var_dir: Path, models_file: Path, names: list[str]) -> Running:
+    """Redis, one worker per model, ``govgate serve``; stopped again if any step fails."""
+    from gateway.redis_server import RedisProcess
+    from gateway.settings import Settings
+    from gateway.supervisor import Stack, child_env, wait_for_api, wait_for_workers
+
+    stack = Stack()
+    try:
+        stack.redis = RedisProcess.start(var_dir / "redis", persist=False)
+        settings = Settings(var_dir=var_dir, redis_url=stack.redis.url, policy_dir=bench_policy_dir(var_dir), host=HOST,
+                            port=free_port(), log_level=LOG_LEVEL, models_file=str(models_file),
+                            request_timeout_s=REQUEST_TIMEOUT_S)
+        headers = _admin_keys(settings, names)
+        env = child_env(settings, stack.redis.url)
+        for name in names:
+            stack.workers[name] = spawn(["-m", "gateway.cli", "worker", "--model", name], env,
+                                        var_dir / f"worker-{name}.log")
+        wait_for_workers(stack.redis.url, names, stack, timeout_s=120)
+        stack.api = spawn(["-m", "gateway.cli", "serve"], env, var_dir / "serve.log")
+        base_url = f"http://{HOST}:{settings.port}"
+        wait_for_api(base_url + HEALTH_PATH, stack)
+    except BaseException:
+        with signals_deferred():
+            stack.stop()
+        raise
+    return Running(base_url=base_url, headers=headers, stop=stack.stop)
+
+
+# ---------------------------------------------------------------- through the gateway
+
+
+def request_body(model: str, max_tokens: int, stream: bool = False) -> dict[str, Any]:
+    """Greedy, fixed length, nothing else set: the worker fills in the model's defaults."""
+    return {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+
+
+async def post_completion(client: Any, body: dict[str, Any]) -> Sample:
+    """One non-streaming request, timed from send to the whole answer."""
+    import httpx
+
+    started = time.perf_counter()
+    try:
+        response = await client.post(COMPLETIONS_PATH, json=body)
+    except httpx.HTTPError as exc:
+        return Sample(status=type(exc).__name__)
+    seconds = time.perf_counter() - started
+    if response.status_code != 200:
+        return Sample(status=str(response.status_code), seconds=seconds)
+    document = response.json()
+    return Sample(status="200", seconds=seconds, tokens=int(document["usage"]["completion_tokens"]),
+                  text=document["choices"][0]["text"])
+
+
+def _sse_text(line: str) -> str | None:
+    """The text of one SSE ``data:`` line; None for other lines and ``[DONE]``.
+
+    An ``{"error": …}`` event (a failure after the response started) raises,
+    so the request counts as failed rather than as a fast first token.
+    """
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return None
+    event = json.loads(line[len("data: "):])
+    if "error" in event:
+        raise ValueError(event["error"].get("code", "stream_error"))
+    choices = event.get("choices") or []
+    if not choices:
+        return None  # a usage-only chunk
+    return choices[0].get("text") or None
+
+
+async def stream_first_piece(client: Any, body: dict[str, Any]) -> Sample:
+    """One streamed request: time to the first non-empty text piece (the empty opening chunk is skipped)."""
+    import httpx
+
+    started = time.perf_counter()
+    first: float | None = None
+    pieces: list[str] = []  # read to the end, so the next request finds the worker free
+    try:
+        async with client.stream("POST", COMPLETIONS_PATH, json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                return Sample(status=str(response.status_code))
+            async for line in response.aiter_lines():
+                text = _sse_text(line)
+                if text and first is None:
+                    first = time.perf_counter() - started
+                if text:
+                    pieces.append(text)
+    except httpx.HTTPError as exc:
+        return Sample(status=type(exc).__name__)
+    except ValueError as exc:
+        return Sample(status=f"stream:{exc}")
+    if first is None:
+        return Sample(status="no_text")
+    return Sample(status="200", seconds=first, text="".join(pieces))
+
+
+async def measure_gateway(base_url: str, headers: dict[str, str], body: dict[str, Any], requests: int,
+                          batch: int) -> GatewayRun:
+    """Warm-up, sequential requests, one concurrent batch, streamed requests: one after the other."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=batch, max_keepalive_connections=batch)
+    stream_body = {**body, "stream": True}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits,
+                                 timeout=REQUEST_TIMEOUT_S) as client:
+        try:
+            async with asyncio.timeout(PHASE_TIMEOUT_S):
+                await post_completion(client, body)  # the first request pays for lazy set-up
+                sequential = [await post_completion(client, body) for _ in range(requests)]
+                started = time.perf_counter()
+                batched = list(await asyncio.gather(*(post_completion(client, body) for _ in range(batch))))
+                batch_wall = time.perf_counter() - started
+                first = [await stream_first_piece(client, stream_body) for _ in range(requests)]
+        except TimeoutError:
+            raise TimeoutError(f"gateway phases for {body['model']} did not finish within "
+                               f"{PHASE_TIMEOUT_S:.0f}s") from None
+    return GatewayRun(sequential=sequential, batch=batched, batch_wall_s=batch_wall, first_piece=first)
+
+
+# ---------------------------------------------------------------- directly
+
+
+def direct_params(model: Any, max_tokens: int) -> Any:
+    """The parameters the worker builds for :func:`request_body` (the same function builds them)."""
+    from workers.contract import GenerateJob
+    from workers.generation import params_from_job
+
+    params = {"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": None,
+              "repetition_penalty": None, "frequency_penalty": 0.0, "presence_penalty": 0.0,
+              "stop": [], "seed": None}
+    job = GenerateJob(request_id="bench", model=model.spec.name, endpoint="completions", params=params,
+                      principal="bench", team=None, policy_revision="", prompt=PROMPT)
+    return params_from_job(job, (), model)
+
+
+def timed_generate(model: Any, params: Any) -> Sample:
+    started = time.perf_counter()
+    generation = model.generate(PROMPT, params)
+    return Sample(status="200", seconds=time.perf_counter() - started, tokens=generation.completion_tokens,
+                  text=generation.text)
+
+
+def time_to_first_piece(model: Any, params: Any) -> Sample:
+    """From the call to the first piece, as the worker sees it (tokenizing included); then stop."""
+    started = time.perf_counter()
+    run = model.stream(PROMPT, params)
+    try:
+        piece = next(run, None)
+        seconds = time.perf_counter() - started
+    finally:
+        run.close()
+    return Sample(status="200" if piece else "no_text", seconds=seconds, tokens=1 if piece else 0)
+
+
+def measure_direct(spec: Any, max_tokens: int, requests: int) -> DirectRun:
+    """Load the model here, warm it up, measure, and free it (its threads must not outlive the phase)."""
+    from workers.backends import load_model
+
+    started = time.perf_counter()
+    model = load_model(spec)
+    load_s = time.perf_counter() - started
+    try:
+        params = direct_params(model, max_tokens)
+        model.generate(PROMPT, params)  # warm-up, as on the gateway side
+        sequential = [timed_generate(model, params) for _ in range(requests)]
+        first = [time_to_first_piece(model, params) for _ in range(requests)]
+    finally:
+        close = getattr(model, "close", None)
+        if close is not None:
+            close()
+    return DirectRun(load_s=load_s, sequential=sequential, first_piece=first)
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a is not None and b else None
+
+
+def model_figures(name: str, max_tokens: int, gateway: GatewayRun, direct: DirectRun) -> dict[str, Any]:
+    """One model's figures and ratios; the table and the JSON line carry the same numbers."""
+    gw_seq, gw_batch = tokens_per_s(gateway.sequential), tokens_per_s(gateway.batch, gateway.batch_wall_s)
+    dr_seq = tokens_per_s(direct.sequential)
+    gw_ttft, dr_ttft = p50_ms(gateway.first_piece), p50_ms(direct.first_piece)
+    gw_texts = {s.text for s in gateway.sequential if s.ok}
+    dr_texts = {s.text for s in direct.sequential if s.ok}
+    gw_status = statuses(gateway.sequential, gateway.batch, gateway.first_piece)
+    return {
+        "model": name,
+        "max_tokens": max_tokens,
+        "gateway": {
+            "tokens_per_s": _rounded(gw_seq, 1),
+            "batch_tokens_per_s": _rounded(gw_batch, 1),
+            "batch_size": len(gateway.batch),
+            "request_p50_ms": _rounded(p50_ms(gateway.sequential), 1),
+            "ttft_p50_ms": _rounded(gw_ttft, 1),
+            "completion_tokens": [s.tokens for s in gateway.sequential if s.ok],
+            "errors": sum(n for status, n in gw_status.items() if status != "200"),
+            "statuses": dict(gw_status),
+        },
+        "direct": {
+            "tokens_per_s": _rounded(dr_seq, 1),
+            "request_p50_ms": _rounded(p50_ms(direct.sequential), 1),
+            "ttft_p50_ms": _rounded(dr_ttft, 1),
+            "completion_tokens": [s.tokens for s in direct.sequential if s.ok],
+            "load_s": round(direct.load_s, 2),
+        },
+        "ratios": {
+            "tokens_per_s": _ratio(gw_seq, dr_seq),
+            "batch_tokens_per_s": _ratio(gw_batch, dr_seq),
+            "ttft": _ratio(gw_ttft, dr_ttft),
+        },
+        # Greedy decoding on both sides: the same text shows both ran the same prompt and parameters.
+        "same_output": bool(gw_texts) and gw_texts == dr_texts,
+    }
+
+
+_LABEL_WIDTH, _CELL_WIDTH = 26, 12
+_COLUMNS = ("tok/s", "batch tok/s", "req p50 ms", "TTFT p50 ms", "tok/req", "errors")
+
+
+def _row(label: str, cells: list[Any], suffix: str = "") -> str:
+    texts = ["-" if c is None else f"{c}{suffix}" for c in cells]
+    return label.ljust(_LABEL_WIDTH) + "".join(t.rjust(_CELL_WIDTH) for t in texts)
+
+
+def _tokens_cell(counts: list[int]) -> str | None:
+    """Tokens per request: one number when all agree (they should, greedy), else min-max."""
+    if not counts:
+        return None
+    return str(counts[0]) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """Three rows per model: gateway, direct, and gateway / direct."""
+    lines = [_row("", list(_COLUMNS))]
+    for r in results:
+        gw, dr, ratio = r["gateway"], r["direct"], r["ratios"]
+        lines.append(_row(f"{r['model']} gateway", [gw["tokens_per_s"], gw["batch_tokens_per_s"],
+                     gw["request_p50_ms"], gw["ttft_p50_ms"], _tokens_cell(gw["completion_tokens"]), gw["errors"]]))
+        lines.append(_row(f"{r['model']} direct", [dr["tokens_per_s"], None, dr["request_p50_ms"],
+                     dr["ttft_p50_ms"], _tokens_cell(dr["completion_tokens"]), None]))
+        lines.append(_row("  gateway / direct", [ratio["tokens_per_s"], ratio["batch_tokens_per_s"], None,
+                     ratio["ttft"], None, None], suffix="x"))
+    return "\n".join(lines)
+
+
+def notes(results: list[dict[str, Any]]) -> list[str]:
+    """What a reader must know to trust the table: failures and output mismatches."""
+    found = []
+    for r in results:
+        if r["gateway"]["errors"]:
+            found.append(f"{r['model']}: non-200 outcomes {json.dumps(r['gateway']['statuses'], sort_keys=True)}")
+        if not r["same_output"]:
+            found.append(f"{r['model']}: gateway and direct greedy outputs differ (different prompt or parameters?)")
+    return found
+
+
+# ---------------------------------------------------------------- main
+
+
+def _model_names(text: str, skip_gemma: bool) -> list[str]:
+    """``--models`` as registry names, in the order given, without repeats."""
+    names: list[str] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name = ALIASES.get(part, part)
+        if name not in ALIASES.values():
+            raise ValueError(f"unknown model {part!r}; choose from {', '.join(ALIASES)}")
+        if name not in names and not (skip_gemma and name == ALIASES["gemma"]):
+            names.append(name)
+    return names
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    default_dir = ROOT / "var" / "models"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="tiny,gemma", help="models to measure: tiny, gemma (default both)")
+    parser.add_argument("--requests", type=int, default=5,
+                        help="sequential and streamed requests per model and side (default 5)")
+    parser.add_argument("--batch", type=int, default=4, help=f"concurrent requests in the batch (default 4, "
+                                                             f"at most {MAX_BATCH}: the policy's in-flight limit)")
+    parser.add_argument("--max-tokens-gemma", type=int, default=64, help="max_tokens for gemma (default 64)")
+    parser.add_argument("--max-tokens-tiny", type=int, default=256, help="max_tokens for tiny (default 256)")
+    parser.add_argument("--skip-gemma", action="store_true", help="leave gemma out whatever --models says")
+    parser.add_argument("--models-dir", type=Path, default=default_dir if default_dir.is_dir() else None,
+                        help="folder whose gemma file is reused if present (default: var/models if it exists)")
+    args = parser.parse_args(argv)
+    try:
+        args.model_names = _model_names(args.models, args.skip_gemma)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not args.model_names:
+        parser.error("no model left to measure")
+    if args.requests < 1 or not 1 <= args.batch <= MAX_BATCH:
+        parser.error(f"--requests must be at least 1 and --batch from 1 to {MAX_BATCH}")
+    if args.max_tokens_gemma < 1 or args.max_tokens_tiny < 1:
+        parser.error("--max-tokens-gemma and --max-tokens-tiny must be at least 1")
+    return args
+
+
+def max_tokens_for(name: str, args: argparse.Namespace) -> int:
+    return args.max_tokens_gemma if name == ALIASES["gemma"] else args.max_tokens_tiny
+
+
+def prepare_models(args: argparse.Namespace, var_dir: Path, say: Callable[[str], None]) -> tuple[Path, list[Any]]:
+    """Write the registry and make missing model files here, before any worker starts.
+
+    Why here: a worker would assemble Gemma itself, silently and inside the
+    start-up timeout; the supervisor's routine prints progress instead.
+    """
+    from gateway.supervisor import ensure_models
+    from workers.registry import Registry
+
+    specs = write_registry(bench_specs(args.model_names, var_dir, args.models_dir), var_dir)
+    for spec in specs:
+        say(f"{spec.name}: {spec.backend}, {spec.threads} thread(s), file {spec.path}"
+            + ("" if spec.path.exists() else " (to be made)"))
+    ensure_models(Registry({spec.name: spec for spec in specs}), say)
+    return var_dir / "models.toml", specs
+
+
+def measure_all(args: argparse.Namespace, var_dir: Path, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Start the stack, then per model: gateway phases, then direct phases; stop the stack."""
+    models_file, specs = prepare_models(args, var_dir, say)
+    say(f"starting the stack: redis, {len(specs)} worker(s), api …")
+    running = start_stack(var_dir, models_file, [spec.name for spec in specs])
+    results = []
+    try:
+        for spec in specs:
+            max_tokens = max_tokens_for(spec.name, args)
+            say(f"{spec.name}: gateway, 1 warm-up + {args.requests} sequential + batch of {args.batch} "
+                f"+ {args.requests} streamed (max_tokens {max_tokens}) …")
+            body = request_body(spec.name, max_tokens)
+            gateway = asyncio.run(measure_gateway(running.base_url, running.headers[spec.name], body,
+                                                  args.requests, args.batch))
+            say(f"{spec.name}: direct, load + 1 warm-up + {args.requests} generate + {args.requests} first pieces …")
+            direct = measure_direct(spec, max_tokens, args.requests)
+            results.append(model_figures(spec.name, max_tokens, gateway, direct))
+    finally:
+        with signals_deferred():
+            running.stop()
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure every model, then print the table and the JSON line."""
+    from gateway.redis_server import RedisUnavailable
+    from gateway.supervisor import StartupError
+    from workers.backends import BackendError
+    from workers.registry import RegistryError
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    forget_govgate_environment()
+    with TempDir() as var_dir:
+        try:
+            results = measure_all(args, var_dir, say)
+        except (StartupError, RedisUnavailable, BackendError, RegistryError, TimeoutError, OSError) as exc:
+            say(f"bench: {type(exc).__name__}: {exc}")
+            for line in _log_tails(var_dir):
+                say(line)
+            return 1
+    cores = os.cpu_count()
+    print(f"{cores} CPU cores; gateway and direct runs take turns (never overlap). POST {COMPLETIONS_PATH}, "
+          f"temperature 0, {args.requests} sequential + batch of {args.batch} + {args.requests} streamed "
+          f"requests per model; tok/s = completion tokens / request time")
+    print(table(results))
+    for note in notes(results):
+        print(note)
+    print(json.dumps({"cpu_cores": cores, "requests": args.requests, "batch": args.batch, "prompt": PROMPT,
+                      "models": results}, sort_keys=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _stop_on_sigterm()
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("bench: interrupted; everything it started has been stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
