@@ -1,0 +1,101 @@
+"""``govgate policy explain | test | replay``: the operator's policy tools, run for real."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+
+import anyio
+import pytest
+from click.testing import CliRunner
+
+from gateway.cli import main
+from gateway.supervisor import child_env
+from tests.conftest import ROOT, bearer, policy_copy
+from workers.registry import TINY_MODEL_NAME
+
+
+def run(settings, *args: str):
+    return CliRunner().invoke(main, list(args), env=child_env(settings, settings.redis_url), catch_exceptions=False)
+
+
+def case_input(role: str = "analyst", model: str = TINY_MODEL_NAME, text: str = "hello") -> dict:
+    return {
+        "principal": {"id": "alice", "team": "research", "roles": [role], "key_id": "k1"},
+        "request": {"endpoint": "completions", "model": model, "prompt": text, "text": text, "max_tokens": 999,
+                    "stream": False, "purpose": None},
+        "model": {"name": model, "family": "llama", "context_length": 1024, "tags": []},
+        "time": {"now_ns": 1_790_000_000_000_000_000, "hour_utc": 12, "weekday": "Tuesday"},
+    }
+
+
+def test_explain_prints_decision_reasons_and_obligations(settings, tmp_path):
+    case = tmp_path / "case.json"
+    case.write_text(json.dumps(case_input()))
+    allowed = run(settings, "policy", "explain", "--input", str(case))
+    assert allowed.exit_code == 0, allowed.output
+    document = json.loads(allowed.stdout)
+    assert document["allow"] is True and document["obligations"]["max_tokens"] == 256
+    assert len(document["revision"]) == 16
+
+    case.write_text(json.dumps(case_input(role="viewer")))
+    denied = run(settings, "policy", "explain", "--input", str(case))
+    assert json.loads(denied.stdout)["allow"] is False
+    assert "denied: model_not_allowed" in denied.stderr
+
+
+def test_explain_refuses_a_file_that_is_not_json(settings, tmp_path):
+    case = tmp_path / "case.json"
+    case.write_text("{not json")
+    result = run(settings, "policy", "explain", "--input", str(case))
+    assert result.exit_code == 1 and "not JSON" in result.output
+
+
+def test_policy_test_runs_the_rego_tests_and_fails_on_a_false_one(settings, tmp_path):
+    ok = run(settings, "policy", "test", "--engine", "embedded", "--policy-dir", str(ROOT / "policies"))
+    assert ok.exit_code == 0, ok.output[-2000:]
+    assert ok.stdout.strip().splitlines()[-1].endswith("passed, 0 failed")
+
+    broken = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", broken)
+    (broken / "extra_test.rego").write_text("package govgate_extra_test\n\nimport rego.v1\n\n"
+                                           "test_impossible if data.govgate.decision.allow == \"maybe\"\n")
+    failed = run(settings, "policy", "test", "--engine", "embedded", "--policy-dir", str(broken))
+    assert failed.exit_code == 1
+    assert "FAIL extra_test.rego::test_impossible" in failed.stdout
+
+
+@pytest.mark.anyio
+async def test_replay_reports_what_a_candidate_policy_would_change(settings, client, keyring, tmp_path):
+    since = datetime.now(timezone.utc).isoformat()
+    for role, prompt in (("analyst", "one"), ("analyst", "two"), ("viewer", "three"), ("admin", "four")):
+        await client.post("/v1/completions", headers=bearer(keyring[role]),
+                          json={"model": TINY_MODEL_NAME, "prompt": prompt, "max_tokens": 1})
+
+    def no_analysts(config: dict) -> None:
+        config["roles"]["analyst"]["models"] = []
+        config["roles"]["admin"]["prompt_logging"] = "hash"
+
+    candidate = policy_copy(tmp_path, no_analysts)
+    # The CLI runs its own event loop: call it from a thread, as a terminal would from outside this test's loop.
+    result = await anyio.to_thread.run_sync(
+        run, settings, "policy", "replay", "--candidate", str(candidate), "--since", since, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["evaluated"] == 4
+    assert report["transitions"] == {"allow -> deny[model_not_allowed]": 2, "allow -> allow (obligations changed)": 1}
+    assert report["unchanged"] == 1  # the viewer was denied before and is denied still
+    example = report["examples"]["allow -> deny[model_not_allowed]"][0]
+    assert example["principal"] == "alice" and example["model"] == TINY_MODEL_NAME
+
+    text = await anyio.to_thread.run_sync(
+        run, settings, "policy", "replay", "--candidate", str(candidate), "--since", since)
+    assert "would change: 3" in text.stdout and "allow -> deny[model_not_allowed]" in text.stdout
+
+
+def test_replay_refuses_a_candidate_that_does_not_load(settings, tmp_path):
+    candidate = policy_copy(tmp_path)
+    (candidate / "govgate.rego").write_text("package govgate\n\nthis is not rego\n")
+    result = run(settings, "policy", "replay", "--candidate", str(candidate), "--since", "1d")
+    assert result.exit_code == 1 and "does not load" in result.output
