@@ -8,6 +8,7 @@ tests that break a part get their own copy of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -44,6 +45,8 @@ QUEUE_MODEL = "queue-tiny"
 #: Models served only by the crash-safety tests' own workers.
 CRASH_MODEL = "crash-tiny"
 LIMITED_MODEL = "limited-tiny"
+RESCUE_MODEL = "rescue-tiny"
+PRIORITY_MODEL = "priority-tiny"
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +80,7 @@ def models_file(var_dir: Path) -> Path:
     """The test registry: the built-in tiny model under several names, each with its own queue."""
     path = var_dir / "models.toml"
     model = var_dir / "models" / "govgate-tiny-llama.gguf"
-    names = [TINY_MODEL_NAME, IDLE_MODEL, QUEUE_MODEL, CRASH_MODEL, LIMITED_MODEL]
+    names = [TINY_MODEL_NAME, IDLE_MODEL, QUEUE_MODEL, CRASH_MODEL, LIMITED_MODEL, RESCUE_MODEL, PRIORITY_MODEL]
     path.write_text("\n".join(
         f'[models.{name}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 4096\n'
         f'family = "llama"\ntags = ["tiny"]\n' for name in names))
@@ -181,22 +184,36 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-@pytest.fixture(scope="session")
-def served_api(settings: Settings, worker: subprocess.Popen) -> Iterator[str]:
-    """``govgate serve`` as a real uvicorn process; yields its base URL."""
+@contextlib.contextmanager
+def serving(settings: Settings, log: Path) -> Iterator[str]:
+    """``govgate serve`` for ``settings`` as a real uvicorn process on a free port; yields its base URL.
+
+    Tests that need requests really in flight at once use this rather than
+    Litestar's AsyncTestClient, whose requests run one at a time.
+    """
     import httpx
 
-    process = spawn_cli(settings, "serve", log=settings.var_dir / "serve.log")
-    base = f"http://{settings.host}:{settings.port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"govgate serve exited with {process.returncode}"
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        raise TimeoutError("govgate serve did not become healthy")
-    yield base
-    stop_process(process)
+    own = settings.with_(port=free_port())
+    process = spawn_cli(own, "serve", log=log)
+    base = f"http://{own.host}:{own.port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"govgate serve exited with {process.returncode}; see {log}"
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise TimeoutError("govgate serve did not become healthy")
+        yield base
+    finally:
+        stop_process(process)
+
+
+@pytest.fixture(scope="session")
+def served_api(settings: Settings, worker: subprocess.Popen) -> Iterator[str]:
+    """``govgate serve`` with the suite's settings, shared by the session; yields its base URL."""
+    with serving(settings, settings.var_dir / "serve.log") as base:
+        yield base

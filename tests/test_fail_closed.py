@@ -9,6 +9,7 @@ happened.
 from __future__ import annotations
 
 import shutil
+import time
 import sqlite3
 from pathlib import Path
 
@@ -160,29 +161,33 @@ async def test_gateway_recovers_when_redis_comes_back(settings, keyring, audit_s
     assert audit_store.terminal_for(back.headers["x-govgate-request-id"]).kind == "completion"
 
 
-async def test_full_queue_answers_429_with_retry_after(settings, keyring, audit_store):
+def test_full_queue_answers_429_with_retry_after(settings, keyring, audit_store, tmp_path):
     """Admission control: beyond the per-model limit the gateway refuses instead of queueing."""
-    import anyio
+    import threading
 
-    from tests.conftest import QUEUE_MODEL
+    import httpx
 
-    own = settings.with_(max_queued_per_model=2, request_timeout_s=4)
+    from tests.conftest import QUEUE_MODEL, serving
+
+    own = settings.with_(max_queued_per_model=2, request_timeout_s=6)
     statuses: list[int] = []
-    async with AsyncTestClient(create_app(own), timeout=60) as client:
-        async def wait_in_queue() -> None:
-            response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
-                                         json={"model": QUEUE_MODEL, "messages": HELLO})
-            statuses.append(response.status_code)
+    with serving(own, tmp_path / "serve.log") as base:
+        def wait_in_queue() -> None:
+            statuses.append(httpx.post(f"{base}/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                       json={"model": QUEUE_MODEL, "messages": HELLO}, timeout=60).status_code)
 
-        async with anyio.create_task_group() as group:
-            group.start_soon(wait_in_queue)
-            group.start_soon(wait_in_queue)
-            with anyio.fail_after(10):
-                while queued(own, QUEUE_MODEL) < 2:
-                    await anyio.sleep(0.05)
-            listing = (await client.get("/v1/models", headers=bearer(keyring["admin"]))).json()
-            refused = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
-                                        json={"model": QUEUE_MODEL, "messages": HELLO})
+        waiting = [threading.Thread(target=wait_in_queue) for _ in range(2)]
+        for thread in waiting:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while queued(own, QUEUE_MODEL) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        listing = httpx.get(f"{base}/v1/models", headers=bearer(keyring["admin"])).json()
+        refused = httpx.post(f"{base}/v1/chat/completions", headers=bearer(keyring["admin"]),
+                             json={"model": QUEUE_MODEL, "messages": HELLO}, timeout=60)
+        for thread in waiting:
+            thread.join(30)
     queue = {m["id"]: m["queue"] for m in listing["data"]}[QUEUE_MODEL]
     assert queue == {"waiting": 2, "limit": 2}
     assert refused.status_code == 429, refused.text
@@ -192,4 +197,4 @@ async def test_full_queue_answers_429_with_retry_after(settings, keyring, audit_
     assert [r["code"] for r in error["reasons"]] == ["queue_full"]
     refused_entry = [e for e in audit_store.tail(6) if (e.body.get("admission") or {}).get("code") == "queue_full"]
     assert refused_entry and audit_store.terminal_for(refused_entry[-1].request_id) is None
-    assert sorted(statuses) == [504, 504]  # the two queued requests waited and timed out
+    assert sorted(statuses) == [504, 504]  # the two queued requests were still waiting, then timed out

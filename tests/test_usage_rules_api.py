@@ -7,8 +7,6 @@ worker process, and checks the client's answer and the audit trail.
 
 from __future__ import annotations
 
-import time
-
 import anyio
 import httpx
 import pytest
@@ -17,8 +15,7 @@ from litestar.testing import AsyncTestClient
 from gateway.app import create_app
 from gateway.auth import KeyStore
 from gateway.components import open_database
-from gateway.processes import stop_process
-from tests.conftest import IDLE_MODEL, bearer, free_port, policy_copy, spawn_cli
+from tests.conftest import IDLE_MODEL, bearer, policy_copy, serving
 from workers.registry import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.anyio
@@ -45,14 +42,16 @@ async def test_budget_holds_under_50_concurrent_requests(settings, worker, audit
     own = settings.with_(policy_dir=policy_copy(tmp_path, limits_for("principal", "bud", tokens_per_day=budget)))
     key = new_key(own, "bud", "budgeting")
     outcomes: list[httpx.Response] = []
-    async with AsyncTestClient(create_app(own), timeout=120) as client:
-        async def one() -> None:
-            outcomes.append(await client.post("/v1/completions", headers=bearer(key),
-                                              json={"model": TINY_MODEL_NAME, "prompt": "Count", "max_tokens": 20}))
+    with serving(own, tmp_path / "serve.log") as base:
+        async with httpx.AsyncClient(timeout=120) as client:  # 50 requests really in flight at once
+            async def one() -> None:
+                outcomes.append(await client.post(f"{base}/v1/completions", headers=bearer(key),
+                                                  json={"model": TINY_MODEL_NAME, "prompt": "Count",
+                                                        "max_tokens": 20}))
 
-        async with anyio.create_task_group() as group:
-            for _ in range(50):
-                group.start_soon(one)
+            async with anyio.create_task_group() as group:
+                for _ in range(50):
+                    group.start_soon(one)
     served = [r for r in outcomes if r.status_code == 200]
     refused = [r for r in outcomes if r.status_code == 429]
     assert len(served) + len(refused) == 50
@@ -70,22 +69,7 @@ def test_rpm_limit_holds_across_two_gateway_processes(settings, worker, tmp_path
     limit = 5
     own = settings.with_(policy_dir=policy_copy(tmp_path, limits_for("principal", "rita", requests_per_minute=limit)))
     key = new_key(own, "rita", "research")
-    servers = []
-    for _ in range(2):
-        port = free_port()
-        servers.append((spawn_cli(own.with_(port=port), "serve", log=tmp_path / f"serve-{port}.log"),
-                        f"http://127.0.0.1:{port}"))
-    try:
-        for process, base in servers:
-            deadline = time.monotonic() + 60
-            while True:
-                assert process.poll() is None and time.monotonic() < deadline, "a gateway did not start"
-                try:
-                    if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
-
+    with serving(own, tmp_path / "serve-a.log") as first, serving(own, tmp_path / "serve-b.log") as second:
         async def burst() -> list[int]:
             statuses: list[int] = []
             async with httpx.AsyncClient(timeout=60) as client:
@@ -97,13 +81,10 @@ def test_rpm_limit_holds_across_two_gateway_processes(settings, worker, tmp_path
                         assert response.json()["error"]["code"] == "rate_limited"
                 async with anyio.create_task_group() as group:
                     for i in range(14):
-                        group.start_soon(one, servers[i % 2][1])
+                        group.start_soon(one, (first, second)[i % 2])
             return statuses
 
         statuses = anyio.run(burst)
-    finally:
-        for process, _ in servers:
-            stop_process(process)
     assert sorted(statuses) == [200] * limit + [429] * (14 - limit)
 
 

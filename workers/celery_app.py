@@ -25,7 +25,7 @@ HARD_LIMIT_GRACE_S = 10.0
 #: Visibility timeout = hard limit + this. A message unacknowledged for longer
 #: is handed to another worker (the whole worker died): it must exceed the
 #: longest a task may run, or a slow task would run twice.
-VISIBILITY_MARGIN_S = 60.0
+VISIBILITY_MARGIN_S = 30.0
 
 
 def queue_keys(queue: str) -> list[str]:
