@@ -184,6 +184,12 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+class Served(str):
+    """A served gateway's base URL, carrying its process (for signals)."""
+
+    process: subprocess.Popen
+
+
 @contextlib.contextmanager
 def serving(settings: Settings, log: Path) -> Iterator[str]:
     """``govgate serve`` for ``settings`` as a real uvicorn process on a free port; yields its base URL.
@@ -195,7 +201,8 @@ def serving(settings: Settings, log: Path) -> Iterator[str]:
 
     own = settings.with_(port=free_port())
     process = spawn_cli(own, "serve", log=log)
-    base = f"http://{own.host}:{own.port}"
+    base = Served(f"http://{own.host}:{own.port}")
+    base.process = process
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -54,9 +54,10 @@ def _free_port() -> int:
 class OpaServer:
     """One ``opa run --server`` child process on loopback."""
 
-    def __init__(self, binary: Path, log_dir: Path, *paths: Path) -> None:
+    def __init__(self, binary: Path, log_dir: Path, *paths: Path, watch: bool = False) -> None:
         self.binary = binary
         self.paths = paths
+        self.watch = watch
         self.log_path = log_dir / f"opa-{id(self):x}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -70,7 +71,8 @@ class OpaServer:
         for _ in range(_PORT_ATTEMPTS):
             self.port = _free_port()
             command = [str(self.binary), "run", "--server", "--addr", f"127.0.0.1:{self.port}",
-                       "--log-level", "error", "--skip-version-check", *map(str, self.paths)]
+                       "--log-level", "error", "--skip-version-check", *(["--watch"] if self.watch else []),
+                       *map(str, self.paths)]
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             if self._wait_healthy():
@@ -153,8 +155,8 @@ def start_opa(opa_binary: Path, opa_log_dir: Path) -> Iterator[Callable[..., Opa
     """Start private OPA servers (``start_opa(*paths)``) for tests that stop or empty them."""
     servers: list[OpaServer] = []
 
-    def start(*paths: Path) -> OpaServer:
-        server = OpaServer(opa_binary, opa_log_dir, *paths)
+    def start(*paths: Path, watch: bool = False) -> OpaServer:
+        server = OpaServer(opa_binary, opa_log_dir, *paths, watch=watch)
         servers.append(server)
         return server.start()
 

@@ -56,3 +56,30 @@ def messages(exc: BaseException) -> list[str]:
     for inner in getattr(exc, "exceptions", ()):
         found.extend(messages(inner))
     return found
+
+
+async def test_policy_change_reaches_opa_and_the_gateway_follows(settings, keyring, start_opa, tmp_path):
+    """OPA reloads the folder itself (--watch); the gateway proves the new revision and decides on it."""
+    import json
+
+    import anyio
+
+    from tests.conftest import policy_copy
+
+    folder = policy_copy(tmp_path)
+    server = start_opa(folder, watch=True)
+    own = settings.with_(opa_url=server.url, policy_dir=folder, policy_reload_interval_s=0.2)
+    request = {"model": TINY_MODEL_NAME, "prompt": "x", "max_tokens": 1}
+    async with AsyncTestClient(create_app(own), timeout=60) as client:
+        first = (await client.get("/healthz")).json()["policy_revision"]
+        before = await client.post("/v1/completions", headers=bearer(keyring["viewer"]), json=request)
+        data = folder / "data.json"
+        document = json.loads(data.read_text())
+        document["govgate_config"]["roles"]["viewer"]["models"] = [TINY_MODEL_NAME]
+        data.write_text(json.dumps(document))
+        with anyio.fail_after(20):
+            while (await client.get("/healthz")).json()["policy_revision"] == first:
+                await anyio.sleep(0.2)
+        after = await client.post("/v1/completions", headers=bearer(keyring["viewer"]), json=request)
+    assert before.status_code == 403
+    assert after.status_code != 403, after.text  # OPA now allows the viewer (queued to the tiny model)

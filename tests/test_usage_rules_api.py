@@ -192,3 +192,29 @@ async def test_policy_hot_reload_applies_new_rules_and_rejects_broken_ones(setti
     denied_entry = audit_store.tail(5)
     assert any(e.policy_revision == new_revision for e in denied_entry) and new_revision != old_revision
     assert still.status_code == 403 and kept_revision == new_revision  # the broken policy was not taken
+
+
+def test_sighup_reloads_the_policy_of_a_running_gateway(settings, worker, keyring, tmp_path):
+    import json
+    import signal
+    import time
+
+    folder = policy_copy(tmp_path)
+    own = settings.with_(policy_dir=folder, policy_reload_interval_s=0)  # no polling: only the signal
+    with serving(own, tmp_path / "serve.log") as base:
+        first = httpx.get(f"{base}/healthz").json()["policy_revision"]
+        data = folder / "data.json"
+        document = json.loads(data.read_text())
+        document["govgate_config"]["roles"]["analyst"]["max_tokens"] = 7
+        data.write_text(json.dumps(document))
+        time.sleep(0.5)
+        unchanged = httpx.get(f"{base}/healthz").json()["policy_revision"]
+        base.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{base}/healthz").json()["policy_revision"] == first:
+            assert time.monotonic() < deadline, "SIGHUP did not reload the policy"
+            time.sleep(0.1)
+        response = httpx.post(f"{base}/v1/completions", headers=bearer(keyring["analyst"]), timeout=60,
+                              json={"model": TINY_MODEL_NAME, "prompt": "x", "max_tokens": 50})
+    assert unchanged == first  # nothing reloads without the signal when polling is off
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 7
