@@ -62,6 +62,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator
 
+# Process-handling helpers shared with the overhead bench (this folder is sys.path[0] when run as a script).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import _stop_on_sigterm, signals_deferred  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 POLICY_DIR = ROOT / "policies"
@@ -613,33 +617,6 @@ def summary(policy: dict[str, Any], opa_skipped: str, counters: dict[str, Any], 
 
 
 # ---------------------------------------------------------------- process handling
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold Ctrl-C/SIGTERM while stopping children, then act on it.
-
-    A second Ctrl-C must not cut a stop short (and leave a child running), but
-    it must not be lost either: the run ends once the stop is done.
-    """
-    received: list[int] = []
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum)) for sig in signals}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if received:
-        raise KeyboardInterrupt
-
-
-def _stop_on_sigterm() -> None:
-    """Turn SIGTERM into KeyboardInterrupt so the same cleanup runs as on Ctrl-C."""
-    def handler(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def stop_later(stack: contextlib.ExitStack, stop: Callable[[], None]) -> None:
