@@ -101,10 +101,12 @@ shipped_request(roles, model, max_tokens, text) := d if {
 	})
 }
 
-test_shipped_config_analyst_limited_to_tiny_model if {
+test_shipped_config_analyst_limited_to_builtin_models if {
 	d := shipped_request(["analyst"], "govgate-tiny", 1000, "hello")
 	d.allow
 	d.obligations.max_tokens == 256
+	g := shipped_request(["analyst"], "gemma-3-270m", 100, "hello")
+	g.allow
 	e := shipped_request(["analyst"], "other", 10, "hello")
 	not e.allow
 }
