@@ -49,7 +49,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -60,7 +59,7 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable
 
 # Process-handling helpers shared with the overhead bench (this folder is sys.path[0] when run as a script).
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -34,16 +33,19 @@ from redis.exceptions import RedisError
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
 from gateway.api.parsing import parse_body
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.audit_records import decision_for_audit, logged_prompt
 from gateway.auth import Principal
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
 from gateway.errors import ApiError
+from gateway.fit import check_fits
 from gateway.limits import CountersUnavailable, Refusal, Reservation, UsageCounters
-from gateway.policy import Decision, Reason
+from gateway.policy import Decision
 from gateway.policy.reloader import ReloadingPolicyEngine
-from gateway.policy_input import build_input, prompt_text, without_prompt
+from gateway.policy_input import build_input, without_prompt
+from gateway.refusals import admission_refusal, denial, worker_error
 from workers.celery_app import queue_keys
 from workers.contract import CANCEL_TTL_S, STATUS_COMPLETED, GenerateJob, JobResult, cancel_key, queue_for
-from workers.registry import BACKEND_FEATURES, ModelSpec, Registry
+from workers.registry import ModelSpec, Registry
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +154,10 @@ class CompletionService:
             "stream": request.stream,
             "params": params,
             "requested_max_tokens": requested_max,
-            "decision": _decision_for_audit(decision),
+            "decision": decision_for_audit(decision),
             "admission": admission,
             "policy_input": without_prompt(policy_input),
-            **_logged_prompt(messages, prompt, decision.obligations.get("prompt_logging", "full"),
+            **logged_prompt(messages, prompt, decision.obligations.get("prompt_logging", "full"),
                              decision.obligations.get("redact") or []),
         }
         try:
@@ -169,9 +171,9 @@ class CompletionService:
                            "Usage limits cannot be checked right now (Redis is unavailable), so the request was "
                            "refused. Try again shortly.")
         if not decision.allow:
-            raise _denial(decision.reasons)
+            raise denial(decision.reasons)
         if reservation is None:
-            raise _admission_refusal(admission)
+            raise admission_refusal(admission)
         job = GenerateJob(request_id=request_id, model=spec.name, endpoint=endpoint, params=params,
                           principal=principal.id, team=principal.team, policy_revision=revision,
                           messages=messages, prompt=prompt, stream=request.stream)
@@ -358,7 +360,7 @@ class CompletionService:
                 return result
             if result.audit_seq is None:  # the worker could not record its outcome
                 await self._end(ticket, "failed", {"error": result.error})
-            raise _worker_error(result)
+            raise worker_error(result)
         await self._account(ticket, None)
         if status == "REVOKED":  # expired in the queue before a worker took it
             await self._end(ticket, "timed_out", {"error": {"code": "expired", "message": "expired in queue"}})
@@ -410,119 +412,3 @@ class CompletionService:
             await self._append("rejected", request_id, principal, None, body)
         except AuditError as exc:  # the client is refused anyway; say so in the logs
             log.error("could not record rejection %s: %s", request_id, exc)
-
-
-def _decision_for_audit(decision: Decision) -> dict[str, Any]:
-    """The decision as recorded: the texts the detectors found are replaced by their SHA-256.
-
-    The ``redact`` obligation names what must not be stored in clear; storing
-    it verbatim beside the redacted prompt would undo the redaction.
-    """
-    document = decision.to_document()
-    redact = document.get("obligations", {}).get("redact")
-    if redact:
-        document["obligations"]["redact"] = [
-            {"detector": item["detector"], "sha256": hashlib.sha256(item["text"].encode()).hexdigest()}
-            for item in redact]
-    return document
-
-
-#: No tokenizer in use encodes more than this many bytes in one token, so a
-#: prompt of N bytes is at least N / this many tokens. The gateway holds no
-#: tokenizer (models live in workers); this bound lets it refuse a prompt that
-#: cannot possibly fit before queueing it, and the worker checks the exact
-#: count before it generates.
-MAX_BYTES_PER_TOKEN = 64
-
-
-def check_fits(request: ChatCompletionRequest | CompletionRequest, spec: ModelSpec) -> None:
-    """Refuse parameters the model's backend would ignore, and prompts that cannot fit its context."""
-    features = BACKEND_FEATURES.get(spec.backend, frozenset())
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(request, name) != 0.0 and name not in features:
-            raise ApiError(400, "unsupported_parameter",
-                           f"Model '{spec.name}' ({spec.backend}) does not support '{name}'; "
-                           "use 'repetition_penalty' instead.", param=name)
-    if isinstance(request, ChatCompletionRequest):
-        size = sum(len(m.text().encode()) for m in request.messages)
-    else:
-        size = len((request.prompt if isinstance(request.prompt, str) else request.prompt[0]).encode())
-    least_tokens = -(-size // MAX_BYTES_PER_TOKEN)
-    if least_tokens >= spec.context_length:
-        raise ApiError(400, "context_length_exceeded",
-                       f"The prompt is at least {least_tokens} tokens; model '{spec.name}' has a context of "
-                       f"{spec.context_length} tokens.", param="messages" if isinstance(
-                           request, ChatCompletionRequest) else "prompt")
-
-
-def _logged_prompt(messages: list[dict[str, str]] | None, prompt: str | None, mode: str,
-                   redact: list[dict[str, str]]) -> dict[str, Any]:
-    """The prompt as the ``prompt_logging`` obligation allows it to be stored.
-
-    ``full`` stores it; ``redacted`` stores it with every text the policy's
-    detectors found (the ``redact`` obligation) replaced by
-    ``[REDACTED:<detector>]``; ``hash`` stores only a SHA-256 of its text.
-    """
-    if mode == "hash":
-        text = prompt_text(messages, prompt)
-        return {"prompt_logging": mode, "prompt_sha256": hashlib.sha256(text.encode()).hexdigest()}
-    if mode == "redacted":
-        def scrub(text: str) -> str:
-            for item in sorted(redact, key=lambda r: -len(r.get("text", ""))):
-                if item.get("text"):
-                    text = text.replace(item["text"], f"[REDACTED:{item.get('detector', 'pii')}]")
-            return text
-
-        found = sorted({item.get("detector", "pii") for item in redact})
-        if messages is not None:
-            return {"prompt_logging": mode, "redacted": found,
-                    "messages": [{**m, "content": scrub(m["content"])} for m in messages]}
-        return {"prompt_logging": mode, "redacted": found, "prompt": scrub(prompt or "")}
-    return {"prompt_logging": mode, **({"messages": messages} if messages is not None else {"prompt": prompt})}
-
-
-#: Reason codes that mean "not now" (429 with Retry-After) rather than "not allowed" (403).
-RETRYABLE_CODES = frozenset({"rate_limited", "budget_exceeded", "too_many_in_flight", "queue_full"})
-
-
-def _denial(reasons: tuple[Reason, ...] | list[Reason]) -> ApiError:
-    """403 with the reasons; 429 with Retry-After when every reason is a limit that will pass."""
-    documents = [r.to_document() for r in reasons]
-    summary = "; ".join(r.message for r in reasons) or "denied by policy"
-    if reasons and all(r.code in RETRYABLE_CODES for r in reasons):
-        retry = max(math.ceil(r.retry_after_s or 1) for r in reasons)
-        return ApiError(429, reasons[0].code if len({r.code for r in reasons}) == 1 else "rate_limited",
-                        f"Limit reached: {summary}", extra={"reasons": documents},
-                        headers={"Retry-After": str(retry)})
-    return ApiError(403, "policy_denied", f"Denied by policy: {summary}", extra={"reasons": documents})
-
-
-def _admission_refusal(admission: dict[str, Any]) -> ApiError:
-    code = admission.get("code")
-    if code == "usage_unavailable":
-        return ApiError(503, code, "Usage limits cannot be checked right now (Redis is unavailable), so the "
-                                   "request was refused. Try again shortly.")
-    if code == "queue_unavailable":
-        return ApiError(503, code, "The request queue is unavailable; nothing was generated. Try again shortly.")
-    if code == "queue_full":
-        return _denial([Reason(code="queue_full", message=f"{admission['waiting']} requests are already waiting "
-                               f"for this model (limit {admission['limit']})", retry_after_s=1)])
-    refusal = admission["refusal"]
-    return _denial([Reason(code=refusal["code"], message=refusal["message"],
-                           retry_after_s=refusal["retry_after_s"])])
-
-
-def _worker_error(result: JobResult) -> ApiError:
-    code = result.error.get("code", "worker_error")
-    message = result.error.get("message", "")
-    if result.status == "timed_out":
-        return ApiError(504, "timed_out", "The generation hit the worker's time limit; partial output was logged.")
-    if result.status == "cancelled":
-        return ApiError(503, "cancelled", "The request was cancelled before it completed.")
-    if code == "audit_unavailable":
-        return ApiError(503, code, "The audit log cannot be written, so the output was withheld.")
-    if code == "context_length_exceeded":
-        return ApiError(400, code, f"The request does not fit the model's context: {message}", param="messages")
-    if code == "generation_failed":
-        return ApiError(502, code, f"The model could not generate: {message}")
-    return ApiError(502, code, "The model worker failed on this request; it has been logged.")

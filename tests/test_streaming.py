@@ -7,7 +7,6 @@ import time
 
 import httpx
 import openai
-import pytest
 
 from tests.conftest import bearer
 from workers.registry import TINY_MODEL_NAME
