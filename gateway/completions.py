@@ -37,7 +37,7 @@ from gateway.audit_records import decision_for_audit, logged_prompt
 from gateway.auth import Principal
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
 from gateway.errors import ApiError
-from gateway.fit import check_fits
+from gateway.fit import PromptCounter, check_fits
 from gateway.limits import CountersUnavailable, Refusal, Reservation, UsageCounters
 from gateway.policy import Decision
 from gateway.policy.reloader import ReloadingPolicyEngine
@@ -77,6 +77,7 @@ class CompletionService:
                  default_max_tokens: int, request_timeout_s: float, max_queued_per_model: int) -> None:
         self.registry = registry
         self.counters = counters
+        self.prompt_counter = PromptCounter()
         self.max_queued_per_model = max_queued_per_model
         self.policy = policy
         self.audit = audit
@@ -145,7 +146,8 @@ class CompletionService:
         }
         reservation, admission = None, None
         if decision.allow:
-            reservation, admission = await self._admit(request_id, principal, spec, decision, max_tokens)
+            reservation, admission = await self._admit(request_id, principal, spec, decision, max_tokens,
+                                                       messages, prompt)
         body = {
             "endpoint": endpoint,
             "key_id": principal.key_id,
@@ -182,12 +184,20 @@ class CompletionService:
                       decision=decision, include_usage=include_usage, reservation=reservation)
 
     async def _admit(self, request_id: str, principal: Principal, spec: ModelSpec, decision: Decision,
-                     max_tokens: int) -> tuple[Reservation | None, dict[str, Any]]:
-        """Reserve the request's tokens against its limits, then check the model's queue.
+                     max_tokens: int, messages: list[dict[str, str]] | None,
+                     prompt: str | None) -> tuple[Reservation | None, dict[str, Any]]:
+        """Check the prompt fits, reserve the request's tokens against its limits, then check the queue.
 
-        The policy judged a snapshot of the counters; this is the atomic
-        check that enforces the same limits however many requests race.
+        The policy judged a snapshot of the counters; the reservation is the
+        atomic check that enforces the same limits however many requests race.
         """
+        try:
+            prompt_tokens = await self.prompt_counter.count(spec, messages, prompt)
+        except ValueError:  # the worker refuses such text (a NUL, say) with its own clear error
+            prompt_tokens = None
+        if prompt_tokens is not None and prompt_tokens + max_tokens > spec.context_length:
+            return None, {"admitted": False, "code": "context_length_exceeded", "prompt_tokens": prompt_tokens,
+                          "max_tokens": max_tokens, "context_length": spec.context_length}
         limits = decision.obligations.get("limits") or {"principal": {}, "team": None}
         try:
             outcome = await self.counters.reserve(request_id, principal.id, principal.team, limits, max_tokens)

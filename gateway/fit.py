@@ -1,18 +1,63 @@
-"""Checks that a request can run on its model at all, made before it is queued."""
+"""Checks that a request can run on its model at all, made before it is queued.
+
+Prompt length is checked twice before queueing: at the door, against a bound
+that needs no tokenizer (no tokenizer encodes more than
+``MAX_BYTES_PER_TOKEN`` bytes in one token, so a huge body is refused before
+any work), and after the policy has set ``max_tokens``, with the model's own
+tokenizer when the gateway can read the model file (``workers.tokenizers``
+reproduces the backends' counts exactly without loading weights). A gateway
+that cannot read the file (workers on other machines) leaves the exact check
+to the worker, which refuses before generating.
+"""
 
 from __future__ import annotations
 
+import logging
+
+import anyio
+
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.errors import ApiError
+from workers.prompts import render_chat
 from workers.registry import BACKEND_FEATURES, ModelSpec
+from workers.tokenizers import Tokenizer, TokenizerError, load_tokenizer
 
+log = logging.getLogger(__name__)
 
 #: No tokenizer in use encodes more than this many bytes in one token, so a
-#: prompt of N bytes is at least N / this many tokens. The gateway holds no
-#: tokenizer (models live in workers); this bound lets it refuse a prompt that
-#: cannot possibly fit before queueing it, and the worker checks the exact
-#: count before it generates.
+#: prompt of N bytes is at least N / this many tokens.
 MAX_BYTES_PER_TOKEN = 64
+
+
+class PromptCounter:
+    """The exact prompt token count of each model, from tokenizers loaded once per model."""
+
+    def __init__(self) -> None:
+        self._tokenizers: dict[str, Tokenizer | None] = {}
+        self._lock = anyio.Lock()
+
+    async def count(self, spec: ModelSpec, messages: list[dict[str, str]] | None, prompt: str | None) -> int | None:
+        """Tokens the worker will feed the model for this prompt, or None if the gateway cannot tell."""
+        tokenizer = await self._tokenizer(spec)
+        if tokenizer is None:
+            return None
+        text = render_chat(messages, spec.prompt_format)[0] if messages is not None else (prompt or "")
+        return await anyio.to_thread.run_sync(tokenizer.count, text)
+
+    async def _tokenizer(self, spec: ModelSpec) -> Tokenizer | None:
+        if spec.name in self._tokenizers:
+            return self._tokenizers[spec.name]
+        async with self._lock:
+            if spec.name not in self._tokenizers:
+                try:
+                    tokenizer = await anyio.to_thread.run_sync(load_tokenizer, spec)
+                except (TokenizerError, OSError) as exc:
+                    log.warning("no exact token counts for %s (%s); the worker will check", spec.name, exc)
+                    tokenizer = None
+                if tokenizer is None and not spec.path.exists():
+                    return None  # not written yet (a worker makes it): try again next time
+                self._tokenizers[spec.name] = tokenizer
+        return self._tokenizers[spec.name]
 
 
 def check_fits(request: ChatCompletionRequest | CompletionRequest, spec: ModelSpec) -> None:

@@ -33,6 +33,10 @@ def admission_refusal(admission: dict[str, Any]) -> ApiError:
                                    "request was refused. Try again shortly.")
     if code == "queue_unavailable":
         return ApiError(503, code, "The request queue is unavailable; nothing was generated. Try again shortly.")
+    if code == "context_length_exceeded":
+        return ApiError(400, code, f"The prompt is {admission['prompt_tokens']} tokens and max_tokens is "
+                                   f"{admission['max_tokens']}: more than the model's context of "
+                                   f"{admission['context_length']} tokens.", param="max_tokens")
     if code == "queue_full":
         return denial([Reason(code="queue_full", message=f"{admission['waiting']} requests are already waiting "
                                f"for this model (limit {admission['limit']})", retry_after_s=1)])

@@ -97,16 +97,48 @@ async def test_body_over_the_limit_is_413_and_audited(client, keyring, settings,
     assert latest.kind == "rejected" and latest.body["error"]["code"] == "body_too_large"
 
 
-async def test_prompt_longer_than_the_context_is_a_clear_400(client, keyring, audit_store):
-    long = " ".join(["gate"] * 6000)
+async def test_prompt_longer_than_the_context_is_refused_before_queueing(client, keyring, audit_store, settings):
+    """The gateway counts with the model's own tokenizer: nothing too long is ever queued."""
+    from tests.test_fail_closed import queued
+    from workers.backends import load_model
+    from workers.prompts import render_chat
+    from workers.registry import load_registry
+
+    spec = load_registry(settings.models_file, settings.var_dir).get(TINY_MODEL_NAME)
+    model = load_model(spec)
+    cases = [
+        ([{"role": "user", "content": " ".join(["gate"] * 6000)}], 16),  # the prompt alone is too long
+        ([{"role": "user", "content": "Hello there"}], spec.context_length - 5),  # prompt + max_tokens is
+    ]
+    for messages, max_tokens in cases:
+        before = queued(settings, TINY_MODEL_NAME)
+        response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                     json={"model": TINY_MODEL_NAME, "messages": messages, "max_tokens": max_tokens})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "context_length_exceeded"
+        entry = audit_store.tail(1)[0]
+        assert entry.kind == "request" and audit_store.terminal_for(entry.request_id) is None
+        assert entry.body["admission"]["code"] == "context_length_exceeded"
+        exact = model.count_tokens(render_chat(messages, spec.prompt_format)[0])
+        assert entry.body["admission"]["prompt_tokens"] == exact  # the gateway's count is the model's
+        assert f"{exact} tokens" in error["message"]
+        assert queued(settings, TINY_MODEL_NAME) == before
+
+
+async def test_a_prompt_that_just_fits_is_served(client, keyring, settings):
+    from workers.backends import load_model
+    from workers.prompts import render_chat
+    from workers.registry import load_registry
+
+    spec = load_registry(settings.models_file, settings.var_dir).get(TINY_MODEL_NAME)
+    messages = [{"role": "user", "content": "Hello there"}]
+    exact = load_model(spec).count_tokens(render_chat(messages, spec.prompt_format)[0])
     response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
-                                 json={"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": long}],
-                                       "max_tokens": 16})
-    assert response.status_code == 400, response.text
-    assert response.json()["error"]["code"] == "context_length_exceeded"
-    request_id = response.headers.get("x-govgate-request-id") or audit_store.tail(2)[0].request_id
-    kinds = [e.kind for e in audit_store.entries_for(request_id)]
-    assert kinds == ["request", "failed"]
+                                 json={"model": TINY_MODEL_NAME, "messages": messages,
+                                       "max_tokens": spec.context_length - exact, "stop": ["Zq"]})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] == exact
 
 
 @pytest.mark.parametrize("headers,code", [
