@@ -218,3 +218,22 @@ def test_sighup_reloads_the_policy_of_a_running_gateway(settings, worker, keyrin
                               json={"model": TINY_MODEL_NAME, "prompt": "x", "max_tokens": 50})
     assert unchanged == first  # nothing reloads without the signal when polling is off
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 7
+
+
+async def test_hash_prompt_logging_keeps_only_a_digest(settings, worker, keyring, audit_store, tmp_path):
+    import hashlib
+
+    def hashed(config: dict) -> None:
+        config["roles"]["analyst"]["prompt_logging"] = "hash"
+
+    own = settings.with_(policy_dir=policy_copy(tmp_path, hashed))
+    secret = "the launch code is swordfish"
+    async with AsyncTestClient(create_app(own), timeout=60) as client:
+        response = await client.post("/v1/chat/completions", headers=bearer(keyring["analyst"]),
+                                     json={"model": TINY_MODEL_NAME, "max_tokens": 2,
+                                           "messages": [{"role": "user", "content": secret}]})
+    assert response.status_code == 200, response.text
+    entry = audit_store.entries_for(response.headers["x-govgate-request-id"])[0]
+    assert entry.body["prompt_logging"] == "hash"
+    assert entry.body["prompt_sha256"] == hashlib.sha256(secret.encode()).hexdigest()
+    assert "swordfish" not in str(entry.body)
