@@ -65,11 +65,11 @@ from typing import Any, Awaitable, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import _stop_on_sigterm, signals_deferred  # noqa: E402
 
+from gateway.policy.opa_binary import LOCAL_OPA, find_opa  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 POLICY_DIR = ROOT / "policies"
-#: Where ``make opa`` puts the binary (an ``opa`` on PATH also does).
-LOCAL_OPA = ROOT / ".tools" / "bin" / "opa"
 HOST = "127.0.0.1"
 #: Per-decision timeout of both engines: generous, so a slow machine shows as latency, not as denials.
 DECISION_TIMEOUT_S = 5.0
@@ -286,14 +286,6 @@ async def sequential_and_concurrent(operation: Operation, args: argparse.Namespa
 
 
 # ---------------------------------------------------------------- OPA
-
-
-def find_opa() -> Path | None:
-    """``.tools/bin/opa`` if built, else ``opa`` on PATH (the tests' rule), else None."""
-    if LOCAL_OPA.is_file() and os.access(LOCAL_OPA, os.X_OK):
-        return LOCAL_OPA
-    found = shutil.which("opa")
-    return Path(found) if found else None
 
 
 def ensure_opa(say: Callable[[str], None]) -> tuple[Path | None, str]:

@@ -236,13 +236,13 @@ def policy_explain(input_file, policy_dir: Path | None) -> None:
               help="auto: 'opa test' when an opa binary is found, else the embedded engine.")
 def policy_test(policy_dir: Path | None, engine: str) -> None:
     """Run the Rego unit tests (*_test.rego) beside the policies."""
-    import shutil
     import subprocess
 
+    from gateway.policy.opa_binary import find_opa
     from gateway.policy.unittests import run_all
 
     folder = policy_dir or _settings().policy_dir
-    opa = shutil.which("opa") or _local_opa()
+    opa = find_opa()
     if engine == "opa" and not opa:
         raise click.ClickException("no opa binary found (build one with 'make opa')")
     if engine != "embedded" and opa:
@@ -255,11 +255,6 @@ def policy_test(policy_dir: Path | None, engine: str) -> None:
     click.echo(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     if failed or not results:
         sys.exit(1)
-
-
-def _local_opa() -> str | None:
-    candidate = Path(__file__).resolve().parent.parent / ".tools" / "bin" / "opa"
-    return str(candidate) if candidate.exists() else None
 
 
 @policy.command("replay")

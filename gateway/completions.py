@@ -227,11 +227,11 @@ class CompletionService:
         """Reconcile the reservation: the real token count, or nothing generated."""
         if ticket.reservation is None:
             return
+        if not tokens:
+            await self._release(ticket.reservation)
+            return
         try:
-            if tokens:
-                await self.counters.settle(ticket.reservation, tokens)
-            else:
-                await self.counters.release(ticket.reservation)
+            await self.counters.settle(ticket.reservation, tokens)
         except CountersUnavailable as exc:  # held tokens expire with their day; in-flight with its TTL
             log.error("could not reconcile usage of %s: %s", ticket.request_id, exc)
 
@@ -334,16 +334,18 @@ class CompletionService:
         """
         request_id = ticket.request_id
         await self._request_cancel(request_id)
-        deadline = time.monotonic() + self.request_timeout_s + 5
-        while time.monotonic() < deadline:
-            entry = await anyio.to_thread.run_sync(self.audit.terminal_for, request_id)
-            if entry is not None:
-                await self._account(ticket, entry.body.get("usage", {}).get("completion_tokens"))
-                return
-            await asyncio.sleep(0.25)
-        await self._end(ticket, "cancelled", {"output": "", "error": {
-            "code": "cancelled", "message": "the client went away before a worker took the request"}})
-        await self._account(ticket, None)
+        try:  # the worker (or Celery, for an expired job) publishes a result once the request has ended
+            async with self.waiter.expect(request_id) as pending:
+                await pending.get(self.request_timeout_s + 5)
+        except (ResultTimeout, RedisError, OSError):
+            pass
+        entry = await anyio.to_thread.run_sync(self.audit.terminal_for, request_id)
+        if entry is None:  # no worker took it: end it here
+            await self._end(ticket, "cancelled", {"output": "", "error": {
+                "code": "cancelled", "message": "the client went away before a worker took the request"}})
+            await self._account(ticket, None)
+            return
+        await self._account(ticket, entry.body.get("usage", {}).get("completion_tokens"))
 
     async def _request_cancel(self, request_id: str) -> None:
         try:

@@ -13,6 +13,7 @@ to the worker, which refuses before generating.
 from __future__ import annotations
 
 import logging
+import time
 
 import anyio
 
@@ -29,11 +30,21 @@ log = logging.getLogger(__name__)
 MAX_BYTES_PER_TOKEN = 64
 
 
+#: How long a model whose file the gateway cannot read goes without a new look.
+RETRY_MISSING_S = 30.0
+
+
 class PromptCounter:
-    """The exact prompt token count of each model, from tokenizers loaded once per model."""
+    """The exact prompt token count of each model, from tokenizers loaded once per model.
+
+    A model without a usable tokenizer here (its file is on the workers'
+    machines only, or of a kind with no exact tokenizer) is remembered as such,
+    so requests do not pay for a new look every time; a missing file is looked
+    for again every ``RETRY_MISSING_S`` (a worker may still be writing it).
+    """
 
     def __init__(self) -> None:
-        self._tokenizers: dict[str, Tokenizer | None] = {}
+        self._tokenizers: dict[str, tuple[Tokenizer | None, float]] = {}
         self._lock = anyio.Lock()
 
     async def count(self, spec: ModelSpec, messages: list[dict[str, str]] | None, prompt: str | None) -> int | None:
@@ -45,19 +56,28 @@ class PromptCounter:
         return await anyio.to_thread.run_sync(tokenizer.count, text)
 
     async def _tokenizer(self, spec: ModelSpec) -> Tokenizer | None:
-        if spec.name in self._tokenizers:
-            return self._tokenizers[spec.name]
-        async with self._lock:
-            if spec.name not in self._tokenizers:
-                try:
-                    tokenizer = await anyio.to_thread.run_sync(load_tokenizer, spec)
-                except (TokenizerError, OSError) as exc:
-                    log.warning("no exact token counts for %s (%s); the worker will check", spec.name, exc)
-                    tokenizer = None
-                if tokenizer is None and not spec.path.exists():
-                    return None  # not written yet (a worker makes it): try again next time
-                self._tokenizers[spec.name] = tokenizer
-        return self._tokenizers[spec.name]
+        cached = self._usable(spec)
+        if cached is not None:
+            return cached[0]
+        async with self._lock:  # one load per model, however many requests arrive first
+            cached = self._usable(spec)
+            if cached is not None:
+                return cached[0]
+            try:
+                tokenizer = await anyio.to_thread.run_sync(load_tokenizer, spec)
+            except (TokenizerError, OSError) as exc:
+                log.warning("no exact token counts for %s (%s); the worker will check", spec.name, exc)
+                tokenizer = None
+            retry_at = time.monotonic() + RETRY_MISSING_S if not spec.path.exists() else float("inf")
+            self._tokenizers[spec.name] = (tokenizer, retry_at)
+        return tokenizer
+
+    def _usable(self, spec: ModelSpec) -> tuple[Tokenizer | None, float] | None:
+        """The cached answer for ``spec`` unless it is a missing file due for another look."""
+        cached = self._tokenizers.get(spec.name)
+        if cached is not None and (cached[0] is not None or time.monotonic() < cached[1]):
+            return cached
+        return None
 
 
 def check_fits(request: ChatCompletionRequest | CompletionRequest, spec: ModelSpec) -> None:

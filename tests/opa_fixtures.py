@@ -26,23 +26,15 @@ from typing import Callable, Iterator
 
 import pytest
 
+from gateway.policy.opa_binary import LOCAL_OPA, find_opa
+
 ROOT = Path(__file__).resolve().parent.parent
 POLICY_DIR = ROOT / "policies"
-#: Where ``make opa`` puts the binary.
-LOCAL_OPA = ROOT / ".tools" / "bin" / "opa"
 #: Set to 1 to make a missing binary a failure rather than a skip.
 REQUIRE_OPA_ENV = "GOVGATE_TEST_REQUIRE_OPA"
 
 _START_TIMEOUT_S = 20.0
 _PORT_ATTEMPTS = 3
-
-
-def find_opa() -> Path | None:
-    """``.tools/bin/opa`` if built, else ``opa`` on PATH, else None."""
-    if LOCAL_OPA.is_file() and os.access(LOCAL_OPA, os.X_OK):
-        return LOCAL_OPA
-    found = shutil.which("opa")
-    return Path(found) if found else None
 
 
 def _free_port() -> int:

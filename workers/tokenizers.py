@@ -51,6 +51,7 @@ import re
 import struct
 from array import array
 from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from workers.registry import BACKEND_CTRANSFORMERS, BACKEND_LLAMACPP, ModelSpec
@@ -294,17 +295,7 @@ class SpmTokenizer:
         return fragments
 
     def _count_escaped(self, text: str) -> int:
-        memo = self._memo
-        total = 0
-        for piece in self._splitter.split(text):
-            n = memo.get(piece)
-            if n is None:
-                n = self._merge_count(piece)
-                if len(memo) >= _MEMO_LIMIT:
-                    memo.clear()
-                memo[piece] = n
-            total += n
-        return total
+        return _memo_sum(self._memo, self._splitter.split(text), self._merge_count)
 
     def _merge_count(self, text: str) -> int:
         """Tokens of one piece: llm_tokenizer_spm's merge loop, then byte fallback."""
@@ -431,17 +422,7 @@ class GgmlTokenizer:
         return total or 1  # the backend sends an empty prompt as one start token
 
     def _count_words(self, data: bytes) -> int:
-        memo = self._memo
-        total = 0
-        for word in _GPT2_SPLIT.findall(data):
-            n = memo.get(word)
-            if n is None:
-                n = self._word_count(word)
-                if len(memo) >= _MEMO_LIMIT:
-                    memo.clear()
-                memo[word] = n
-            total += n
-        return total
+        return _memo_sum(self._memo, _GPT2_SPLIT.findall(data), self._word_count)
 
     def _word_count(self, word: bytes) -> int:
         vocab, max_len = self._vocab, self._max_len
@@ -490,6 +471,20 @@ def _load_ggml(spec: ModelSpec) -> GgmlTokenizer | None:
 
 
 # --- entry point ---------------------------------------------------------------
+
+
+def _memo_sum(memo: dict, pieces: Iterable, count: Callable[[Any], int]) -> int:
+    """Sum ``count`` over ``pieces``, remembering each piece's count (the memo is emptied when full)."""
+    total = 0
+    for piece in pieces:
+        n = memo.get(piece)
+        if n is None:
+            n = count(piece)
+            if len(memo) >= _MEMO_LIMIT:
+                memo.clear()
+            memo[piece] = n
+        total += n
+    return total
 
 
 def load_tokenizer(spec: ModelSpec) -> Tokenizer | None:
