@@ -11,10 +11,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from gateway.auth import Principal
+from gateway.normalize import normalize, normalized_text
 from workers.registry import ModelSpec
 
 #: Fields of ``input.request`` that carry prompt text (kept out of the stored copy).
-PROMPT_FIELDS = ("text", "messages", "prompt")
+PROMPT_FIELDS = ("text", "normalized_text", "messages", "prompt")
 
 
 def time_view(now_ns: int | None = None) -> dict[str, Any]:
@@ -39,6 +40,7 @@ def build_input(*, principal: Principal, endpoint: str, model: ModelSpec, max_to
         "endpoint": endpoint,
         "model": model.name,
         "text": prompt_text(messages, prompt),
+        "normalized_text": normalized_text(messages, prompt),
         "max_tokens": max_tokens,
         "stream": stream,
         "purpose": purpose,
@@ -56,6 +58,20 @@ def build_input(*, principal: Principal, endpoint: str, model: ModelSpec, max_to
     if usage is not None:
         document["usage"] = usage
     return document
+
+
+def with_normalized_text(document: Any) -> Any:
+    """``document`` with ``request.normalized_text`` filled in from ``request.text`` when it lacks one.
+
+    For inputs written by hand (``policy explain``): the gateway always sends
+    both, and the content rules look at the normalised view.
+    """
+    if not isinstance(document, dict) or not isinstance(document.get("request"), dict):
+        return document
+    request = document["request"]
+    if "normalized_text" in request or not isinstance(request.get("text"), str):
+        return document
+    return {**document, "request": {**request, "normalized_text": normalize(request["text"])}}
 
 
 def without_prompt(document: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 from audit import AuditEntry
 from gateway.policy import Decision, PolicyEngine
+from gateway.normalize import normalized_text
 from gateway.policy_input import prompt_text
 
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -55,6 +56,7 @@ def input_from_entry(entry: AuditEntry) -> tuple[dict[str, Any], bool] | None:
         else:
             request["prompt"] = prompt
         request["text"] = prompt_text(messages, prompt)
+        request["normalized_text"] = normalized_text(messages, prompt)
     else:
         request.setdefault("text", "")
     document["request"] = request

@@ -20,6 +20,11 @@ input_problems contains "input.request.max_tokens must be a whole number from 1 
 
 input_problems contains "input.request.text must be a string" if not request_text
 
+input_problems contains "input.request.normalized_text must be a string" if {
+	value := input.request.normalized_text
+	not is_string(value)
+}
+
 input_problems contains "input.request.purpose must be a string or null" if {
 	purpose := input.request.purpose
 	purpose != null
@@ -164,7 +169,12 @@ config_problems contains "govgate_config.content.blocked_patterns must be a list
 
 config_problems contains sprintf("govgate_config.content.blocked_patterns[%d] needs a string id and a usable pattern", [i]) if {
 	some i, rule in blocked_patterns
-	not usable_content_rule(rule)
+	not usable_id_and_pattern(rule)
+}
+
+config_problems contains sprintf("govgate_config.content.blocked_patterns[%d].ignore_spacing must be true or false", [i]) if {
+	some i, rule in blocked_patterns
+	spacing_problem(rule)
 }
 
 config_problems contains "govgate_config.content.national_ids must be a list" if {
@@ -202,11 +212,21 @@ config_problems contains sprintf("govgate_config.content.detectors.%s.action mus
 }
 
 usable_content_rule(rule) if {
+	usable_id_and_pattern(rule)
+	not spacing_problem(rule)
+}
+
+spacing_problem(rule) if {
+	value := rule.ignore_spacing
+	not is_boolean(value)
+}
+
+usable_id_and_pattern(rule) if {
 	is_string(rule.id)
 	usable_pattern(rule.pattern)
 }
 
 usable_national_id(rule) if {
-	usable_content_rule(rule)
+	usable_id_and_pattern(rule)
 	not rule.id in builtin_detectors
 }

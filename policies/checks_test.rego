@@ -127,3 +127,14 @@ test_config_that_is_not_an_object_is_a_config_error if {
 		with data.govgate_config as ["admin"]
 	codes(d) == {"config_error", "unknown_role"}
 }
+
+test_normalized_text_of_wrong_type_denied if {
+	messages(decide({"request": {"normalized_text": ["hi"]}})) == {"input.request.normalized_text must be a string"}
+	messages(decide({"request": {"normalized_text": null}})) == {"input.request.normalized_text must be a string"}
+}
+
+test_ignore_spacing_of_wrong_type_is_a_config_error if {
+	rule := {"id": "k", "pattern": "secret", "ignore_spacing": "yes"}
+	d := with_config({"content": {"blocked_patterns": [rule]}})
+	messages(d) == {"govgate_config.content.blocked_patterns[0].ignore_spacing must be true or false"}
+}

@@ -1,8 +1,13 @@
 # Content rules on the prompt text.
 #
 # Blocked patterns (govgate_config.content.blocked_patterns) deny a request
-# whose text matches one. PII detectors (govgate_config.content.detectors)
-# find personal data in the text and either deny the request or let it
+# whose text matches one: the text as sent, its normalised view
+# (input.request.normalized_text: NFKC, invisible characters removed,
+# spacing folded, look-alike letters folded; see gateway/normalize.py) or,
+# for a rule with "ignore_spacing": true, that view with all spaces and
+# line breaks removed, so a secret split across lines or messages is seen
+# whole. PII detectors (govgate_config.content.detectors) find personal
+# data in the normalised view and either deny the request or let it
 # through with the findings redacted from what the gateway stores. The
 # built-in detectors are email, phone, payment_card and iban; each entry of
 # govgate_config.content.national_ids adds one more, named by its id.
@@ -20,6 +25,16 @@ detector_actions := {"deny", "redact"}
 # The prompt text; undefined when the input lacks one (checks.rego denies).
 request_text := input.request.text if is_string(input.request.text)
 
+# The normalised view the gateway sends; the text as it is for an input
+# written without one (a hand-written input for `opa eval`, say).
+detection_text := input.request.normalized_text if {
+	is_string(input.request.normalized_text)
+} else := request_text
+
+# The normalised view without spaces and line breaks: what was split across
+# lines or messages, joined.
+compact_text := regex.replace(detection_text, `[ \n]+`, "")
+
 # ---------------------------------------------------------------- blocked patterns
 
 blocked_patterns := as_list(setting(["content", "blocked_patterns"]))
@@ -27,8 +42,17 @@ blocked_patterns := as_list(setting(["content", "blocked_patterns"]))
 denials contains {"code": "blocked_content", "message": msg} if {
 	some rule in blocked_patterns
 	usable_content_rule(rule)
-	regex.match(rule.pattern, request_text)
+	blocked_match(rule)
 	msg := blocked_message(rule)
+}
+
+blocked_match(rule) if regex.match(rule.pattern, request_text)
+
+blocked_match(rule) if regex.match(rule.pattern, detection_text)
+
+blocked_match(rule) if {
+	rule.ignore_spacing == true
+	regex.match(rule.pattern, compact_text)
 }
 
 blocked_message(rule) := sprintf("the request matches blocked content rule '%s': %s", [rule.id, rule.message]) if {
@@ -86,28 +110,28 @@ national_ids contains {"id": rule.id, "pattern": rule.pattern} if {
 # Every finding of every configured detector, before overlaps are settled.
 raw_findings contains {"detector": "email", "text": text} if {
 	detector_action("email")
-	some text in pii.emails(request_text)
+	some text in pii.emails(detection_text)
 }
 
 raw_findings contains {"detector": "phone", "text": text} if {
 	detector_action("phone")
-	some text in pii.phones(request_text)
+	some text in pii.phones(detection_text)
 }
 
 raw_findings contains {"detector": "payment_card", "text": text} if {
 	detector_action("payment_card")
-	some text in pii.payment_cards(request_text)
+	some text in pii.payment_cards(detection_text)
 }
 
 raw_findings contains {"detector": "iban", "text": text} if {
 	detector_action("iban")
-	some text in pii.ibans(request_text)
+	some text in pii.ibans(detection_text)
 }
 
 raw_findings contains {"detector": rule.id, "text": text} if {
 	some rule in national_ids
 	detector_action(rule.id)
-	some text in pii.pattern_matches(rule.pattern, request_text)
+	some text in pii.pattern_matches(rule.pattern, detection_text)
 }
 
 # The findings: a number found by the broad phone or payment_card detectors

@@ -188,3 +188,131 @@ test_portable_constructs_are_usable if {
 		data.govgate.usable_pattern(pattern)
 	}
 }
+
+# ---------------------------------------------------------------- evasions
+#
+# Each input gives the text as sent and its normalised view as
+# gateway/normalize.py writes it (tests/test_normalize.py checks the same
+# pairs); the rules must see through the spelling.
+
+seeing(text, normalized) := decide(data.govgate_test.fixtures.normalized_request(text, normalized))
+
+test_pgp_private_key_block_denied if {
+	codes(saying("-----BEGIN PGP PRIVATE KEY BLOCK-----\nlQOYBGV...")) == {"blocked_content"}
+}
+
+test_openssh_and_encrypted_private_keys_denied if {
+	codes(saying("-----BEGIN OPENSSH PRIVATE KEY-----")) == {"blocked_content"}
+	codes(saying("-----BEGIN ENCRYPTED PRIVATE KEY-----")) == {"blocked_content"}
+}
+
+test_lowercase_private_key_denied if {
+	codes(saying("-----begin pgp private key block-----")) == {"blocked_content"}
+}
+
+test_private_key_split_over_two_messages_denied if {
+	# messages "-----BEGIN RSA PRIV" and "ATE KEY-----": joined with a newline
+	text := "-----BEGIN RSA PRIV\nATE KEY-----\nMIIEpAIBAAKCAQEA"
+	codes(seeing(text, text)) == {"blocked_content"}
+}
+
+test_private_key_split_at_a_space_over_two_messages_denied if {
+	text := "-----BEGIN RSA PRIVATE\nKEY-----"
+	codes(seeing(text, text)) == {"blocked_content"}
+}
+
+test_private_key_with_zero_width_space_denied if {
+	d := seeing("-----BEGIN RSA PRI\u200bVATE KEY-----", "-----BEGIN RSA PRIVATE KEY-----")
+	codes(d) == {"blocked_content"}
+}
+
+test_private_key_with_nbsp_denied if {
+	d := seeing("-----BEGIN\u00a0RSA\u00a0PRIVATE\u00a0KEY-----", "-----BEGIN RSA PRIVATE KEY-----")
+	codes(d) == {"blocked_content"}
+}
+
+test_private_key_with_homoglyphs_denied if {
+	# Cyrillic Р and А in PRIVATE
+	d := seeing("-----BEGIN RSA \u0420RIV\u0410TE KEY-----", "-----BEGIN RSA PRIVATE KEY-----")
+	codes(d) == {"blocked_content"}
+}
+
+test_private_key_with_tabs_denied if {
+	d := seeing("-----BEGIN\tRSA\tPRIVATE\tKEY-----", "-----BEGIN RSA PRIVATE KEY-----")
+	codes(d) == {"blocked_content"}
+}
+
+test_private_key_spelt_with_spaces_between_letters_denied if {
+	text := "- - - - - B E G I N  P R I V A T E  K E Y - - - - -"
+	codes(seeing(text, "- - - - - B E G I N P R I V A T E K E Y - - - - -")) == {"blocked_content"}
+}
+
+test_talking_about_private_keys_allowed if {
+	saying("the file starts with BEGIN PRIVATE KEY; is that a key?").allow
+	text := "how do I keep a private\nkey safe?"
+	seeing(text, text).allow
+}
+
+test_spacing_ignored_only_for_rules_that_ask if {
+	d := with_content({"blocked_patterns": [{"id": "s", "pattern": "(?i)topsecret"}]}, "top secret")
+	d.allow
+	spaced := {"blocked_patterns": [{"id": "s", "pattern": "(?i)topsecret", "ignore_spacing": true}]}
+	codes(with_content(spaced, "top secret")) == {"blocked_content"}
+}
+
+test_blocked_pattern_still_matches_the_text_as_sent if {
+	# a rule written for non-Latin text sees it unfolded
+	d := with_content({"blocked_patterns": [{"id": "cyr", "pattern": "РУБЛЬ"}]}, "цена: РУБЛЬ")
+	codes(d) == {"blocked_content"}
+}
+
+test_ssn_with_spaces_denied if {
+	d := saying("my ssn is 123 45 6789")
+	codes(d) == {"pii_detected"}
+	d.obligations.redact == [{"detector": "us_ssn", "text": "123 45 6789"}]
+}
+
+test_ssn_with_unicode_hyphens_denied if {
+	d := seeing("ssn 123\u201045\u20116789 or 123\u201345\u22126789", "ssn 123-45-6789 or 123-45-6789")
+	codes(d) == {"pii_detected"}
+	d.obligations.redact == [{"detector": "us_ssn", "text": "123-45-6789"}]
+}
+
+test_ssn_with_full_width_digits_denied if {
+	d := seeing("ssn \uff11\uff12\uff13-\uff14\uff15-\uff16\uff17\uff18\uff19", "ssn 123-45-6789")
+	codes(d) == {"pii_detected"}
+}
+
+test_card_glued_to_letters_denied if {
+	d := saying("card4111111111111111please")
+	codes(d) == {"pii_detected"}
+	d.obligations.redact == [{"detector": "payment_card", "text": "4111111111111111"}]
+}
+
+test_card_split_by_dots_denied if {
+	d := saying("card 4111.1111.1111.1111")
+	codes(d) == {"pii_detected"}
+	d.obligations.redact == [{"detector": "payment_card", "text": "4111.1111.1111.1111"}]
+}
+
+test_card_split_by_zero_width_spaces_denied if {
+	d := seeing("card 4111\u200b1111\u200b1111\u200b1111", "card 4111111111111111")
+	codes(d) == {"pii_detected"}
+}
+
+test_card_with_nbsp_and_full_width_digits_denied if {
+	d := seeing("card \uff14\uff11\uff11\uff11\u00a01111\u00a01111\u00a01111", "card 4111 1111 1111 1111")
+	codes(d) == {"pii_detected"}
+}
+
+test_email_with_homoglyph_redacted_as_folded if {
+	d := seeing("mail \u0430nn@example.org", "mail ann@example.org")
+	d.allow
+	d.obligations.redact == [{"detector": "email", "text": "ann@example.org"}]
+}
+
+test_rules_read_the_text_when_no_normalised_view_is_given if {
+	# an input written by hand: the text is all there is
+	codes(saying("card 4111 1111 1111 1111")) == {"pii_detected"}
+	saying("card 4111\u200b1111\u200b1111\u200b1111").allow
+}

@@ -51,10 +51,11 @@ config := {
 	"content": {
 		"blocked_patterns": [{
 			"id": "private_key",
-			"pattern": "-----BEGIN [A-Z ]*PRIVATE KEY-----",
+			"pattern": `(?i)-{3,} ?BEGIN[A-Z ]*PRIVATE ?KEY[A-Z ]*-{3,}`,
+			"ignore_spacing": true,
 			"message": "private keys must not be sent",
 		}],
-		"national_ids": [{"id": "us_ssn", "pattern": "[0-9]{3}-[0-9]{2}-[0-9]{4}"}],
+		"national_ids": [{"id": "us_ssn", "pattern": `[0-9]{3}[ -][0-9]{2}[ -][0-9]{4}`}],
 		"detectors": {
 			"email": {"action": "redact"},
 			"phone": {"action": "redact"},
@@ -106,6 +107,10 @@ model_request(model, tags) := {
 
 # Overrides that set the prompt text.
 text_request(text) := {"request": {"text": text}}
+
+# Overrides that set the prompt text and its normalised view, as the
+# gateway's gateway/normalize.py spells it.
+normalized_request(text, normalized) := {"request": {"text": text, "normalized_text": normalized}}
 
 # The set of reason codes of a decision.
 codes(d) := {r.code | some r in d.reasons}

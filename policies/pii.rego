@@ -8,7 +8,13 @@
 #   Every pattern here uses ASCII classes ([0-9], [A-Za-z]) and no \d, \w, \s
 #   or \b: those are Unicode-aware on regorus and ASCII-only on OPA, and the
 #   two engines must find the same things. A match glued to a letter or digit
-#   (a longer number, an identifier) is not reported.
+#   (a longer number, an identifier) is not reported, except a card number
+#   glued to letters (see card_bounded).
+#
+#   content.rego runs them on the normalised view of the prompt
+#   (input.request.normalized_text), where full-width and other digits are
+#   ASCII, every dash is "-", invisible characters are gone and NBSP, tabs
+#   and runs of spaces are one space.
 package govgate.pii
 
 import rego.v1
@@ -50,14 +56,45 @@ phone_number(candidate) if {
 
 # ---------------------------------------------------------------- payment card
 
-# 13 or more digits, optionally split by single spaces or dashes.
-card_candidate_pattern := `[0-9](?:[ -]?[0-9]){12,}`
+# 13 or more digits, optionally split by single spaces or dashes; or groups
+# of digits split by dots ("4111.1111.1111.1111", "3782.822463.10005"), the
+# first of four or more digits so that no IPv4 address or version is one.
+card_candidate_patterns := [
+	`[0-9](?:[ -]?[0-9]){12,}`,
+	`[0-9]{4,6}(?:\.[0-9]{1,6}){2,4}`,
+]
 
 payment_cards(text) := {m |
-	some m in regex.find_n(card_candidate_pattern, text, -1)
+	some pattern in card_candidate_patterns
+	some m in regex.find_n(pattern, text, -1)
 	card_number(m)
-	bounded(m, text)
+	card_bounded(m, text)
 }
+
+# Some occurrence of the number is not part of a longer number; glued to a
+# letter ("card4111111111111111") it counts when it begins as the cards of
+# the major networks do (2 to 6), since an identifier's digits seldom do
+# and pass the Luhn check too.
+card_bounded(match, text) if {
+	some start in indexof_n(text, match)
+	not digit_before(text, start)
+	not digit_after(text, match, start)
+	card_edges(text, match, start)
+}
+
+card_edges(text, match, start) if {
+	not glued_before(text, match, start)
+	not glued_after(text, match, start)
+}
+
+card_edges(_, match, _) if contains("23456", substring(match, 0, 1))
+
+digit_before(text, start) if {
+	start > 0
+	digit(substring(text, start - 1, 1))
+}
+
+digit_after(text, match, start) if digit(substring(text, start + count(match), 1))
 
 # 13 to 19 digits with a valid Luhn check digit.
 card_number(candidate) if {
@@ -177,6 +214,12 @@ glued_after(text, match, start) if {
 	length := count(match)
 	alphanumeric(substring(match, length - 1, 1))
 	alphanumeric(substring(text, start + length, 1))
+}
+
+# One ASCII digit ("" at either end of the text is none).
+digit(char) if {
+	char != ""
+	contains("0123456789", char)
 }
 
 # One ASCII letter or digit ("" at either end of the text is neither).

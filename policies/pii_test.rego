@@ -35,8 +35,28 @@ test_card_with_wrong_check_digit_not_found if {
 	pii.payment_cards("4111 1111 1111 1112") == set()
 }
 
-test_card_glued_to_letters_not_found if {
-	pii.payment_cards("ref X4111111111111111") == set()
+test_card_glued_to_letters_found if {
+	pii.payment_cards("ref X4111111111111111, card4111111111111111now, 5555555555554444x") == {
+		"4111111111111111", "5555555555554444",
+	}
+}
+
+test_identifier_glued_to_letters_not_a_card if {
+	# Luhn-valid digits that no major card network begins with
+	pii.payment_cards("ref X170000000000004, id70000000000070z") == set()
+	pii.payment_cards("ref 170000000000004") == {"170000000000004"}
+}
+
+test_card_inside_a_longer_number_not_found if {
+	pii.payment_cards("94111111111111111 and 4111111111111111123456") == set()
+}
+
+test_card_split_by_dots_found if {
+	pii.payment_cards("pay 4111.1111.1111.1111 or 3782.822463.10005.") == {"4111.1111.1111.1111", "3782.822463.10005"}
+}
+
+test_dotted_numbers_that_are_not_cards if {
+	pii.payment_cards("pi 3.14159265358979, host 192.168.100.200, v2024.1.15.3, 1.5 2.5 3.5 4.5 5.5 6.5 7.5") == set()
 }
 
 test_too_short_or_too_long_number_not_a_card if {
@@ -146,6 +166,11 @@ test_phone_glued_to_letters_not_found if {
 
 test_pattern_matches_bounded_occurrences if {
 	pii.pattern_matches("[0-9]{3}-[0-9]{2}-[0-9]{4}", "ssn 123-45-6789, not 1123-45-6789 or 123-45-67890") == {"123-45-6789"}
+}
+
+test_shipped_ssn_pattern_finds_dashed_and_spaced_forms if {
+	ssn := data.govgate_config.content.national_ids[0].pattern
+	pii.pattern_matches(ssn, "123-45-6789, 234 56 7890, not 1234 56 7890 or 555 123 4567") == {"123-45-6789", "234 56 7890"}
 }
 
 test_pattern_matching_empty_text_finds_nothing if {

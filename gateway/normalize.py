@@ -1,0 +1,96 @@
+"""The normalised view of prompt text that content rules look at.
+
+Why: a careful user can hide a secret from a pattern without hiding it from
+a model, which reads through a zero-width space, a full-width digit, a
+Cyrillic "Р" in "PRIVATE" or a tab where a space was. The policy therefore
+sees, besides the text as sent (``input.request.text``), this view of it
+(``input.request.normalized_text``):
+
+1. Unicode NFKC (full-width and other compatibility forms become their plain
+   letters, digits and spaces; NBSP becomes a space);
+2. line breaks (CR LF, CR, VT, FF, NEL, U+2028/9) become ``\\n``;
+3. tabs and every other space separator become a space, and runs of spaces
+   one space;
+4. invisible characters are removed: control characters (but ``\\n``),
+   format characters (zero-width space/joiners, soft hyphen, BOM, bidi
+   controls), combining marks NFKC left on their own, Hangul fillers and the
+   blank Braille pattern;
+5. decimal digits of every script become ASCII digits, and every dash
+   (hyphen, en dash, minus sign…) becomes ``-``;
+6. the Cyrillic and Greek letters that look like Latin ones (``CONFUSABLES``)
+   become those Latin letters. NFKC leaves them alone; this small fold covers
+   the letters the shipped detectors and key headers are spelt with, not
+   Unicode's whole confusables list.
+
+Case is kept (IBAN country codes are capitals; a rule that should ignore
+case says ``(?i)``). Messages are normalised one by one and joined with a
+newline, as ``text`` is; content.rego removes all spacing from this view for
+rules that must see a secret split across messages or lines.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+#: Cyrillic and Greek look-alikes of Latin letters (documented as a small fold, not the Unicode list).
+CONFUSABLES: dict[str, str] = {
+    # Cyrillic capitals
+    "А": "A", "В": "B", "Е": "E", "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P",
+    "С": "C", "Т": "T", "У": "Y", "Х": "X", "Ѕ": "S", "І": "I", "Ј": "J", "Ԛ": "Q",
+    "Ԝ": "W", "Ү": "Y", "Һ": "H", "Ӏ": "I",
+    # Cyrillic small letters
+    "а": "a", "е": "e", "о": "o", "р": "p", "с": "c", "у": "y", "х": "x", "ѕ": "s",
+    "і": "i", "ј": "j", "һ": "h", "ԛ": "q", "ԝ": "w", "ү": "y", "к": "k", "ӏ": "l",
+    # Greek capitals
+    "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M",
+    "Ν": "N", "Ο": "O", "Ρ": "P", "Τ": "T", "Υ": "Y", "Χ": "X",
+    # Greek small letters
+    "α": "a", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "υ": "u",
+    # Latin letters outside ASCII that read as ASCII ones
+    "ı": "i", "ɑ": "a", "ɡ": "g",
+}
+
+_LINE_BREAKS = "\r\x0b\x0c\x85\u2028\u2029"
+_INVISIBLE = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u2800"}
+_DASHES = {"\u2212", "\u2043", "\u02d7", "\ufe63", "\uff0d"}
+_DROPPED_CATEGORIES = {"Cc", "Cf", "Mn", "Me"}
+_SPACES = re.compile(" {2,}")
+#: The fold of every ASCII character that is not kept as is (the fast path for ASCII text).
+_ASCII_FOLD = {code: None for code in [*range(0x20), 0x7f]} | {ord("\t"): " ", ord("\n"): "\n",
+                                                               ord("\r"): "\n", 0x0b: "\n", 0x0c: "\n"}
+
+
+def _fold(char: str) -> str:
+    """One character of NFKC text as the normalised view spells it ('' when it is dropped)."""
+    if char == "\n":
+        return char
+    if char in _LINE_BREAKS:
+        return "\n"
+    if char == "\t":
+        return " "
+    category = unicodedata.category(char)
+    if category == "Zs":
+        return " "
+    if category in _DROPPED_CATEGORIES or char in _INVISIBLE:
+        return ""
+    if category == "Nd":
+        return str(unicodedata.decimal(char))
+    if category == "Pd" or char in _DASHES:
+        return "-"
+    return CONFUSABLES.get(char, char)
+
+
+def normalize(text: str) -> str:
+    """The normalised view of one text (see the module docstring)."""
+    text = unicodedata.normalize("NFKC", text.replace("\r\n", "\n"))
+    if text.isascii():  # the common case, without a Python loop per character
+        return _SPACES.sub(" ", text.translate(_ASCII_FOLD))
+    return _SPACES.sub(" ", "".join(_fold(c) for c in text))
+
+
+def normalized_text(messages: list[dict[str, str]] | None, prompt: str | None) -> str:
+    """All prompt text normalised: ``input.request.normalized_text``."""
+    if messages is not None:
+        return "\n".join(normalize(m["content"]) for m in messages)
+    return normalize(prompt or "")
