@@ -39,9 +39,10 @@ from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, Result
 from gateway.errors import ApiError
 from gateway.fit import PromptCounter, check_fits
 from gateway.limits import CountersUnavailable, Refusal, Reservation, UsageCounters
+from gateway.limits.charge import prompt_tokens_to_hold, used_tokens
 from gateway.policy import Decision
 from gateway.policy.reloader import ReloadingPolicyEngine
-from gateway.policy_input import build_input, without_prompt
+from gateway.policy_input import build_input, prompt_text, without_prompt
 from gateway.refusals import admission_refusal, denial, worker_error
 from workers.celery_app import queue_keys
 from workers.contract import CANCEL_TTL_S, STATUS_COMPLETED, GenerateJob, JobResult, cancel_key, queue_for
@@ -199,8 +200,10 @@ class CompletionService:
             return None, {"admitted": False, "code": "context_length_exceeded", "prompt_tokens": prompt_tokens,
                           "max_tokens": max_tokens, "context_length": spec.context_length}
         limits = decision.obligations.get("limits") or {"principal": {}, "team": None}
+        held_prompt = prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt))
+        reserved = held_prompt + max_tokens  # budgets count prompt and completion tokens
         try:
-            outcome = await self.counters.reserve(request_id, principal.id, principal.team, limits, max_tokens)
+            outcome = await self.counters.reserve(request_id, principal.id, principal.team, limits, reserved)
         except CountersUnavailable as exc:
             return None, {"admitted": False, "code": "usage_unavailable", "message": str(exc)}
         if isinstance(outcome, Refusal):
@@ -214,7 +217,8 @@ class CompletionService:
             await self._release(outcome)
             return None, {"admitted": False, "code": "queue_full", "waiting": waiting,
                           "limit": self.max_queued_per_model}
-        return outcome, {"admitted": True, "reserved_tokens": max_tokens, "waiting": waiting}
+        return outcome, {"admitted": True, "reserved_tokens": reserved, "prompt_tokens": prompt_tokens,
+                         "waiting": waiting}
 
     async def queue_depth(self, model: str) -> int:
         """Requests waiting in a model's queue (all priorities)."""
@@ -306,7 +310,7 @@ class CompletionService:
             "code": "timed_out", "message": f"no result within {self.request_timeout_s:g}s"}})
         if winner is not None and winner.kind == "completion":
             result = JobResult.from_terminal(winner.kind, winner.seq, winner.body)
-            await self._account(ticket, result.completion_tokens)
+            await self._account(ticket, result.prompt_tokens + result.completion_tokens)
             return result
         await self._account(ticket, None)
         raise ApiError(504, "timed_out", f"The model did not answer within {self.request_timeout_s:g} seconds.")
@@ -345,7 +349,7 @@ class CompletionService:
                 "code": "cancelled", "message": "the client went away before a worker took the request"}})
             await self._account(ticket, None)
             return
-        await self._account(ticket, entry.body.get("usage", {}).get("completion_tokens"))
+        await self._account(ticket, used_tokens(entry.body.get("usage")))
 
     async def _request_cancel(self, request_id: str) -> None:
         try:
@@ -367,7 +371,7 @@ class CompletionService:
         status = meta.get("status")
         if status == "SUCCESS" and isinstance(meta.get("result"), dict):
             result = JobResult.from_payload(meta["result"])
-            await self._account(ticket, result.completion_tokens)
+            await self._account(ticket, result.prompt_tokens + result.completion_tokens)
             if result.status == STATUS_COMPLETED:
                 return result
             if result.audit_seq is None:  # the worker could not record its outcome
