@@ -52,6 +52,14 @@ def test_explain_refuses_a_file_that_is_not_json(settings, tmp_path):
     assert result.exit_code == 1 and "not JSON" in result.output
 
 
+def test_explain_fills_in_the_normalised_view_of_a_hand_written_input(settings, tmp_path):
+    case = tmp_path / "case.json"
+    case.write_text(json.dumps(case_input(text="card 4111\u200b1111\u200b1111\u200b1111")))
+    result = run(settings, "policy", "explain", "--input", str(case))
+    assert json.loads(result.stdout)["allow"] is False
+    assert "denied: pii_detected" in result.stderr
+
+
 def test_policy_test_runs_the_rego_tests_and_fails_on_a_false_one(settings, tmp_path):
     ok = run(settings, "policy", "test", "--engine", "embedded", "--policy-dir", str(ROOT / "policies"))
     assert ok.exit_code == 0, ok.output[-2000:]
