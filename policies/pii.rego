@@ -72,9 +72,9 @@ payment_cards(text) := {m |
 }
 
 # Some occurrence of the number is not part of a longer number; glued to a
-# letter ("card4111111111111111") it counts when it begins as the cards of
-# the major networks do (2 to 6), since an identifier's digits seldom do
-# and pass the Luhn check too.
+# letter ("card4111111111111111") it counts when its prefix and length are
+# those of a major network's cards (card_network_pattern): an identifier's
+# digits ("ORD1700000000123") seldom are, and pass the Luhn check too.
 card_bounded(match, text) if {
 	some start in indexof_n(text, match)
 	not digit_before(text, start)
@@ -87,7 +87,12 @@ card_edges(text, match, start) if {
 	not glued_after(text, match, start)
 }
 
-card_edges(_, match, _) if contains("23456", substring(match, 0, 1))
+card_edges(_, match, _) if regex.match(card_network_pattern, digits_of(match))
+
+# Visa (13, 16, 19 digits), Mastercard and Mir (51-55, 22-27; 16), American
+# Express (34, 37; 15), Diners Club (300-305, 36, 38; 14-19), JCB (35;
+# 16-19), Discover, UnionPay, Maestro and others beginning with 6 (16-19).
+card_network_pattern := `^(?:4[0-9]{12}(?:[0-9]{3}){0,2}|(?:5[1-5]|2[2-7])[0-9]{14}|3[47][0-9]{13}|3(?:0[0-5]|[68])[0-9]{11,16}|35[0-9]{14,17}|6[0-9]{15,18})$`
 
 digit_before(text, start) if {
 	start > 0

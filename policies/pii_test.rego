@@ -42,9 +42,18 @@ test_card_glued_to_letters_found if {
 }
 
 test_identifier_glued_to_letters_not_a_card if {
-	# Luhn-valid digits that no major card network begins with
-	pii.payment_cards("ref X170000000000004, id70000000000070z") == set()
+	# Luhn-valid digits whose prefix or length is no major card network's
+	pii.payment_cards("ref X170000000000004, id70000000000070z, ORD5056516017118297, x41111111111111") == set()
 	pii.payment_cards("ref 170000000000004") == {"170000000000004"}
+}
+
+test_card_networks_by_prefix_and_length if {
+	every card in ["4222222222222", "4111111111111111", "5555555555554444", "2223000048400011", "378282246310005", "30569309025904", "3530111333300000", "6011111111111117", "6200000000000005"] {
+		regex.match(pii.card_network_pattern, card)
+	}
+	every other in ["170000000000004", "5056516017118297", "41111111111111", "37828224631000", "7000000000000"] {
+		not regex.match(pii.card_network_pattern, other)
+	}
 }
 
 test_card_inside_a_longer_number_not_found if {
