@@ -57,8 +57,8 @@ _DASHES = {"\u2212", "\u2043", "\u02d7", "\ufe63", "\uff0d"}
 _DROPPED_CATEGORIES = {"Cc", "Cf", "Mn", "Me"}
 _SPACES = re.compile(" {2,}")
 #: The fold of every ASCII character that is not kept as is (the fast path for ASCII text).
-_ASCII_FOLD = {code: None for code in [*range(0x20), 0x7f]} | {ord("\t"): " ", ord("\n"): "\n",
-                                                               ord("\r"): "\n", 0x0b: "\n", 0x0c: "\n"}
+_ASCII_FOLD: dict[int, str | None] = {code: None for code in [*range(0x20), 0x7f]} | {
+    ord("\t"): " ", ord("\n"): "\n", ord("\r"): "\n", 0x0b: "\n", 0x0c: "\n"}
 
 
 def _fold(char: str) -> str:
@@ -84,9 +84,24 @@ def _fold(char: str) -> str:
 def normalize(text: str) -> str:
     """The normalised view of one text (see the module docstring)."""
     text = unicodedata.normalize("NFKC", text.replace("\r\n", "\n"))
-    if text.isascii():  # the common case, without a Python loop per character
+    if text.isascii():  # the common case: no look-ups in the Unicode database
         return _SPACES.sub(" ", text.translate(_ASCII_FOLD))
-    return _SPACES.sub(" ", "".join(_fold(c) for c in text))
+    _learn(set(text) - _SEEN)
+    return _SPACES.sub(" ", text.translate(_CHANGED))
+
+
+#: Characters already folded, and the translate table of those the fold changes.
+_SEEN: set[str] = set()
+_CHANGED: dict[int, str] = dict(_ASCII_FOLD)
+
+
+def _learn(chars: set[str]) -> None:
+    """Fold each character not seen before once, so translate runs on a plain dict."""
+    for char in chars:
+        folded = _fold(char)
+        if folded != char:
+            _CHANGED[ord(char)] = folded
+    _SEEN.update(chars)
 
 
 def normalized_text(messages: list[dict[str, str]] | None, prompt: str | None) -> str:
