@@ -6,9 +6,10 @@ Redis executes atomically, so two replicas (or two tasks of one replica)
 can never both see "one slot left" and both take it.
 
 Why reservations: a request's real token count is known only after it ran,
-but the budget must be enforced before. Admission reserves ``max_tokens``;
-completion reconciles to the real count (``settle``); a request that produced
-nothing gives its tokens back (``release``). The sum of real tokens therefore
+but the budget must be enforced before. Admission reserves the prompt's
+tokens plus ``max_tokens`` (budgets count both; see ``gateway.limits.charge``);
+completion reconciles to the real count (``settle``); a request whose model
+never ran gives its tokens back (``release``). The sum of real tokens therefore
 never exceeds a budget, however many requests are in flight at once.
 
 Key layout (all keys share the hash tag ``{prefix}`` so one script may touch
