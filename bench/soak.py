@@ -62,6 +62,8 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -76,7 +78,6 @@ from overhead import (  # noqa: E402
     TempDir,
     _stop_on_sigterm,
     bench_policy_dir,
-    forget_govgate_environment,
     free_port,
     signals_deferred,
     spawn,
@@ -93,6 +94,8 @@ CLIENT_DISCONNECT = "client_disconnect"
 FAULT_KINDS = (POOL_KILL, WORKER_KILL, REDIS_RESTART, GATEWAY_TERM, CLIENT_DISCONNECT, GATEWAY_KILL, REDIS_KILL)
 _GATEWAY_FAULTS = (GATEWAY_TERM, GATEWAY_KILL)
 
+#: The outcome of a client that hung up on purpose.
+DISCONNECTED = "client disconnect mid-stream"
 CHAT_PATH = "/v1/chat/completions"
 TEXT_PATH = "/v1/completions"
 REQUEST_ID_HEADER = "x-govgate-request-id"
@@ -114,6 +117,7 @@ CHECKS = {
     "one_request_entry": "no request id has two request entries",
     "chain_verifies": "audit verify passes",
     "no_unplanned_exit": "no process exited that the soak did not kill",
+    "all_faults_injected": "every scheduled fault was injected before the deadline",
 }
 
 
@@ -129,6 +133,7 @@ class Sent:
     stream: bool
     started: float
     ended: float = 0.0
+    wall: float = 0.0
     status: int | None = None
     outcome: str = ""
     request_id: str | None = None
@@ -142,7 +147,9 @@ class Fault:
     """One injected fault: when, what, and how long the stack took to answer again."""
 
     kind: str
+    #: When it was injected: ``time.monotonic()`` (client records) and ``time.time()`` (audit entries).
     at: float
+    wall: float = 0.0
     detail: str = ""
     #: Seconds until the restarted part answered (None: nothing to restart).
     restart_s: float | None = None
@@ -153,9 +160,13 @@ class Fault:
 
 @dataclass
 class Check:
+    """One audit promise: held or not, how often it broke, near which faults, a few examples."""
+
     ok: bool
     failures: int
     examples: list[str] = field(default_factory=list)
+    #: Failures counted by the fault they followed (``before any fault`` when none had happened).
+    by_fault: Counter = field(default_factory=Counter)
 
 
 @dataclass
@@ -200,7 +211,9 @@ class SoakReport:
         lines += ["", f"audit: {self.audit_entries} entries, {self.accepted} accepted requests"]
         for name, check in self.checks.items():
             mark = "ok  " if check.ok else "FAIL"
-            lines.append(f"  {mark} {name}: {CHECKS[name]}" + ("" if check.ok else f" ({check.failures} failures)"))
+            near = ", ".join(f"{kind} {count}" for kind, count in check.by_fault.most_common())
+            lines.append(f"  {mark} {name}: {CHECKS[name]}"
+                         + ("" if check.ok else f" ({check.failures} failures{': ' + near if near else ''})"))
             lines.extend(f"         e.g. {example}" for example in check.examples)
         if self.log_problems:
             lines += ["", "log lines worth a look: " + ", ".join(
@@ -214,7 +227,8 @@ class SoakReport:
             "outcomes": dict(self.outcomes), "accepted": self.accepted, "audit_entries": self.audit_entries,
             "faults": [{"kind": f.kind, "detail": f.detail, "restart_s": _rounded(f.restart_s),
                         "recovery_s": _rounded(f.recovery_s)} for f in self.faults],
-            "checks": {name: {"ok": c.ok, "failures": c.failures, "examples": c.examples}
+            "checks": {name: {"ok": c.ok, "failures": c.failures, "examples": c.examples,
+                              "by_fault": dict(c.by_fault)}
                        for name, c in self.checks.items()},
             "log_problems": self.log_problems, "ok": self.ok,
         }
@@ -253,6 +267,10 @@ class SoakStack:
         self.gateways: list[subprocess.Popen] = []
         self.ports = [free_port() for _ in range(gateways)]
         self.planned_exits: set[int] = set()
+        #: Faults run here, one thread for the stack's whole life: Linux sends a child its
+        #: PR_SET_PDEATHSIG when the *thread* that forked it ends, so a process restarted
+        #: from a short-lived thread (asyncio.to_thread) would be stopped when that thread is.
+        self.fault_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soak-faults")
         self._spawned: list[subprocess.Popen] = []
         self._starts: Counter = Counter()
         self.settings = Settings(var_dir=var_dir, policy_dir=bench_policy_dir(var_dir), host=HOST,
@@ -445,6 +463,7 @@ class SoakStack:
             if process.poll() is None:
                 process.kill()
             process.wait()
+        self.fault_thread.shutdown(wait=True)
 
 
 def _children(pid: int) -> list[int]:
@@ -535,9 +554,11 @@ class Traffic:
                                 disconnect)
             except TimeoutError:
                 record.outcome = record.outcome or f"no answer within {bound:g}s"
+            record.wall = time.time()
             record.ended = time.monotonic()
-            if record.outcome.startswith("transport"):
-                await asyncio.sleep(0.1)  # a gateway is down: do not spin through the budget
+            if not record.served and record.outcome != DISCONNECTED:
+                # A client backs off on errors; spinning would only count refusals.
+                await asyncio.sleep(1.0 if record.outcome.startswith("transport") else 0.25)
 
     async def _schedule(self) -> None:
         """Each fault at its share of the requests, once the previous one has recovered (bounded)."""
@@ -559,25 +580,29 @@ class Traffic:
 
     async def _inject(self, kind: str, number: int) -> Fault:
         stack = self.stack
-        at = time.monotonic()
+        at, wall = time.monotonic(), time.time()
         gateway = None
+
+        async def in_fault_thread(function: Callable[..., Any], *args: Any) -> Any:
+            return await asyncio.get_running_loop().run_in_executor(stack.fault_thread, function, *args)
+
         if kind == WORKER_KILL:
-            detail, restart = await asyncio.to_thread(stack.kill_worker, 0)
+            detail, restart = await in_fault_thread(stack.kill_worker, 0)
         elif kind == POOL_KILL:
-            detail, restart = await asyncio.to_thread(stack.kill_pool_child, 0)
+            detail, restart = await in_fault_thread(stack.kill_pool_child, 0)
         elif kind in (REDIS_RESTART, REDIS_KILL):
             sig = signal.SIGTERM if kind == REDIS_RESTART else signal.SIGKILL
-            detail, restart = await asyncio.to_thread(stack.restart_redis, sig, REDIS_DOWN_S)
+            detail, restart = await in_fault_thread(stack.restart_redis, sig, REDIS_DOWN_S)
         elif kind in _GATEWAY_FAULTS:
             gateway = number % len(stack.ports)
             sig = signal.SIGTERM if kind == GATEWAY_TERM else signal.SIGKILL
-            detail, restart = await asyncio.to_thread(stack.restart_gateway, gateway, sig)
+            detail, restart = await in_fault_thread(stack.restart_gateway, gateway, sig)
         elif kind == CLIENT_DISCONNECT:
             self.disconnects_left = self.plan.disconnects_per_fault
             detail, restart = f"next {self.plan.disconnects_per_fault} clients hang up mid-stream", None
         else:
             raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)}")
-        return Fault(kind=kind, at=at, detail=detail, restart_s=restart, gateway=gateway)
+        return Fault(kind=kind, at=at, wall=wall, detail=detail, restart_s=restart, gateway=gateway)
 
     async def _await_recovery(self, fault: Fault, timeout_s: float | None = None) -> None:
         """Wait (bounded) for a success after the fault, so faults are told apart."""
@@ -652,7 +677,7 @@ async def _send(client: Any, path: str, body: dict[str, Any], record: Sent, chat
                     piece = _piece(event, chat)
                     pieces.append(piece)
                     if disconnect and piece:
-                        record.outcome = "client disconnect mid-stream"
+                        record.outcome = DISCONNECTED
                         return  # leaving the block closes the connection
                 record.outcome = "200 stream ended without [DONE]"
             finally:
@@ -713,54 +738,91 @@ def wait_for_terminals(store: Any, bound_s: float, say: Callable[[str], None]) -
         time.sleep(1.0)
 
 
-def _check(failures: list[str]) -> Check:
-    return Check(ok=not failures, failures=len(failures), examples=failures[:3])
+class _Failures(list):
+    """Failure texts, each tagged with the fault it followed."""
+
+    def add(self, text: str, fault: Fault | None, moment: float | None = None) -> None:
+        if fault is None:
+            self.append(("before any fault", text))
+            return
+        delta = "" if moment is None else f" {moment - fault.at:+.1f}s"
+        self.append((fault.kind, f"{text} [{fault.kind}{delta}]"))
 
 
-def audit_checks(sent: list[Sent], by_request: dict[str, list[Any]], verified: Any,
-                 unplanned: list[str]) -> dict[str, Check]:
+def _fault_before(faults: list[Fault], moment: float) -> Fault | None:
+    """The last fault injected before ``moment`` (monotonic): the one a request could have met."""
+    earlier = [f for f in faults if f.at <= moment]
+    return earlier[-1] if earlier else None
+
+
+def _fault_met(faults: list[Fault], when: datetime, window_s: float) -> tuple[Fault | None, float | None]:
+    """The fault a request first recorded at ``when`` most likely met, and ``when`` on the monotonic clock.
+
+    The first fault within ``window_s`` after it (its longest life), else the
+    last fault before it.
+    """
+    stamp = when.timestamp()
+    later = [f for f in faults if 0 <= f.wall - stamp <= window_s]
+    earlier = [f for f in faults if f.wall < stamp]
+    fault = later[0] if later else earlier[-1] if earlier else None
+    return fault, None if fault is None else fault.at + (stamp - fault.wall)
+
+
+def _check(failures: _Failures) -> Check:
+    return Check(ok=not failures, failures=len(failures), examples=[text for _, text in failures[:3]],
+                 by_fault=Counter(kind for kind, _ in failures))
+
+
+def audit_checks(sent: list[Sent], by_request: dict[str, list[Any]], verified: Any, unplanned: list[str],
+                 faults: Iterable[Fault] = (), window_s: float = REQUEST_TIMEOUT_S) -> dict[str, Check]:
     """The audit promises, each as a :class:`Check` with a few examples of what broke it."""
-    unaudited, unequal, partial = [], [], []
+    faults = list(faults)
+    unaudited, unequal, partial = _Failures(), _Failures(), _Failures()
     for record in sent:
         entries = by_request.get(record.request_id or "", [])
         kinds = [e.kind for e in entries]
         terminal = _terminals(entries)
         if record.served:
             completion = [e for e in terminal if e.kind == "completion"]
+        fault = _fault_before(faults, record.ended)
+        if record.served:
+            completion = [e for e in terminal if e.kind == "completion"]
             if record.request_id is None or kinds.count("request") != 1 or len(completion) != 1:
-                unaudited.append(f"#{record.index} {record.outcome} id={record.request_id} entries={kinds}")
+                unaudited.add(f"#{record.index} {record.outcome} id={record.request_id} entries={kinds}",
+                              fault, record.ended)
                 continue
             output = completion[0].body.get("output")
             if output != record.text:
-                unequal.append(f"#{record.index} {record.outcome} id={record.request_id}: client got "
-                               f"{len(record.text)} chars, audit holds {len(output or '')}")
+                unequal.add(f"#{record.index} {record.outcome} id={record.request_id}: client got "
+                            f"{len(record.text)} chars, audit holds {len(output or '')}", fault, record.ended)
         elif record.stream and record.text:
             output = terminal[0].body.get("output") if terminal else None
             if not isinstance(output, str) or not output.startswith(record.text):
-                unequal_kind = terminal[0].kind if terminal else "no terminal"
-                partial.append(f"#{record.index} {record.outcome} id={record.request_id}: delivered "
-                               f"{len(record.text)} chars, {unequal_kind} entry holds "
-                               f"{'no output' if output is None else f'{len(output)} chars not starting with them'}")
-    unterminated, doubled, twice_requested = [], [], []
+                holder = f"its {terminal[0].kind} entry" if terminal else "no terminal entry"
+                holds = "no output" if output is None else f"{len(output)} chars not starting with them"
+                partial.add(f"#{record.index} {record.outcome} id={record.request_id}: delivered "
+                            f"{len(record.text)} chars, {holder} holds {holds}", fault, record.ended)
+    ended, twice_requested = _Failures(), _Failures()
     for request_id, entries in by_request.items():
         kinds = [e.kind for e in entries]
+        fault, moment = _fault_met(faults, entries[0].created_at, window_s)
         if kinds.count("request") > 1:
-            twice_requested.append(f"{request_id}: {kinds}")
-        if _accepted(entries):
-            count = len(_terminals(entries))
-            if count == 0:
-                unterminated.append(f"{request_id}: {kinds}")
-            elif count > 1:
-                doubled.append(f"{request_id}: {kinds}")
-    chain = [] if verified.ok else [f"seq {verified.first_bad_seq}: {verified.problem}"]
+            twice_requested.add(f"{request_id}: {kinds}", fault, moment)
+        if _accepted(entries) and len(_terminals(entries)) != 1:
+            ended.add(f"{request_id}: {kinds}", fault, moment)
+    chain, exits = _Failures(), _Failures()
+    if not verified.ok:
+        chain.add(f"seq {verified.first_bad_seq}: {verified.problem}", None)
+    for text in unplanned:
+        exits.add(text, None)
     return {
         "served_audited": _check(unaudited),
         "outputs_equal": _check(unequal),
         "partial_streams_audited": _check(partial),
-        "one_terminal_per_accepted": _check(unterminated + doubled),
+        "one_terminal_per_accepted": _check(ended),
         "one_request_entry": _check(twice_requested),
         "chain_verifies": _check(chain),
-        "no_unplanned_exit": _check(unplanned),
+        "no_unplanned_exit": _check(exits),
     }
 
 
@@ -805,8 +867,7 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
             raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)}")
     if settle_s is None:
         settle_s = request_timeout_s + generation_limit_s + HARD_LIMIT_GRACE_S + VISIBILITY_MARGIN_S + 15
-    forget_govgate_environment()
-    temp = TempDir()
+    temp = TempDir()  # children get only the stack's settings: child_env drops inherited GOVGATE_* variables
     stack: SoakStack | None = None
     try:
         say(f"soak: starting the stack in {temp.path}")
@@ -829,10 +890,11 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
             verified = verify_chain(engine)
         finally:
             engine.dispose()
-        checks = audit_checks(traffic.sent, by_request, verified, stack.unplanned_exits())
+        checks = audit_checks(traffic.sent, by_request, verified, stack.unplanned_exits(), traffic.faults,
+                              request_timeout_s)
         missing = [kind for kind in faults if kind not in {f.kind for f in traffic.faults}]
-        if missing:
-            checks["no_unplanned_exit"].examples.append(f"faults never injected: {missing}")
+        checks["all_faults_injected"] = Check(ok=not missing, failures=len(missing),
+                                              examples=[f"never injected (deadline): {missing}"] if missing else [])
         return SoakReport(requests=len(traffic.sent), concurrency=concurrency, wall_s=wall,
                           outcomes=Counter(r.outcome for r in traffic.sent), faults=traffic.faults, checks=checks,
                           audit_entries=sum(len(v) for v in by_request.values()),
