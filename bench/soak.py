@@ -57,31 +57,27 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-# The stack helpers of the overhead bench (this folder is sys.path[0] when run as a script).
+# The overhead bench's helpers and the soak's parts (this folder is sys.path[0] when run as a script).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import (  # noqa: E402
-    BENCH_PRINCIPAL,
-    BENCH_TEAM,
-    HEALTH_PATH,
-    HOST,
-    TempDir,
-    _stop_on_sigterm,
-    bench_policy_dir,
-    free_port,
-    signals_deferred,
-    spawn,
+from overhead import TempDir, _stop_on_sigterm, signals_deferred  # noqa: E402
+from soak_audit import (  # noqa: E402
+    CHECKS,
+    Check,
+    Fault,
+    Sent,
+    audit_checks,
+    accepted,
+    log_problems,
+    wait_for_terminals,
 )
+from soak_stack import SoakStack  # noqa: E402
 
 WORKER_KILL = "worker_kill"
 POOL_KILL = "pool_kill"
@@ -106,67 +102,6 @@ REQUEST_TIMEOUT_S = 15.0
 #: A generation's soft limit in the workers; the broker's visibility timeout
 #: (when a dead worker's task goes to another) is this + 10 s + 30 s.
 GENERATION_LIMIT_S = 2.0
-#: Longest wait for one process to start and answer.
-START_TIMEOUT_S = 120.0
-
-CHECKS = {
-    "served_audited": "every served answer has one request entry and a completion entry",
-    "outputs_equal": "the completion entry's output is exactly what the client got",
-    "partial_streams_audited": "text delivered by a stream cut short is the start of its terminal entry's output",
-    "one_terminal_per_accepted": "every accepted request has exactly one terminal entry",
-    "one_request_entry": "no request id has two request entries",
-    "chain_verifies": "audit verify passes",
-    "no_unplanned_exit": "no process exited that the soak did not kill",
-    "all_faults_injected": "every scheduled fault was injected before the deadline",
-}
-
-
-# ---------------------------------------------------------------- records
-
-
-@dataclass
-class Sent:
-    """One request as the client saw it."""
-
-    index: int
-    gateway: int
-    stream: bool
-    started: float
-    ended: float = 0.0
-    wall: float = 0.0
-    status: int | None = None
-    outcome: str = ""
-    request_id: str | None = None
-    text: str = ""
-    #: A 200 answer, or a stream that ended with ``[DONE]``.
-    served: bool = False
-
-
-@dataclass
-class Fault:
-    """One injected fault: when, what, and how long the stack took to answer again."""
-
-    kind: str
-    #: When it was injected: ``time.monotonic()`` (client records) and ``time.time()`` (audit entries).
-    at: float
-    wall: float = 0.0
-    detail: str = ""
-    #: Seconds until the restarted part answered (None: nothing to restart).
-    restart_s: float | None = None
-    #: Seconds from the fault to the end of the first successful request sent after it.
-    recovery_s: float | None = None
-    gateway: int | None = None
-
-
-@dataclass
-class Check:
-    """One audit promise: held or not, how often it broke, near which faults, a few examples."""
-
-    ok: bool
-    failures: int
-    examples: list[str] = field(default_factory=list)
-    #: Failures counted by the fault they followed (``before any fault`` when none had happened).
-    by_fault: Counter = field(default_factory=Counter)
 
 
 @dataclass
@@ -242,244 +177,6 @@ def _cell(value: float | None, missing: str = "-") -> str:
     return missing if value is None else f"{value:.1f}"
 
 
-# ---------------------------------------------------------------- the stack
-
-
-class SoakStack:
-    """Redis, workers and gateways the soak starts, breaks and restarts.
-
-    Every process ever started is remembered, so :meth:`stop` leaves none
-    behind; those the soak killed on purpose are remembered too, so an exit
-    nobody asked for can be told apart.
-    """
-
-    def __init__(self, var_dir: Path, *, workers: int, gateways: int, request_timeout_s: float,
-                 generation_limit_s: float, log_level: str = "INFO") -> None:
-        from gateway.settings import Settings
-        from workers.registry import TINY_MODEL_NAME
-
-        self.var_dir = var_dir
-        self.logs = var_dir / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.redis: Any = None
-        self.worker_count = workers
-        self.workers: list[subprocess.Popen] = []
-        self.gateways: list[subprocess.Popen] = []
-        self.ports = [free_port() for _ in range(gateways)]
-        self.planned_exits: set[int] = set()
-        #: Faults run here, one thread for the stack's whole life: Linux sends a child its
-        #: PR_SET_PDEATHSIG when the *thread* that forked it ends, so a process restarted
-        #: from a short-lived thread (asyncio.to_thread) would be stopped when that thread is.
-        self.fault_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soak-faults")
-        self._spawned: list[subprocess.Popen] = []
-        self._starts: Counter = Counter()
-        self.settings = Settings(var_dir=var_dir, policy_dir=bench_policy_dir(var_dir), host=HOST,
-                                 port=self.ports[0], log_level=log_level, request_timeout_s=request_timeout_s,
-                                 generation_time_limit_s=generation_limit_s)
-        self.secret = ""
-        self.model = TINY_MODEL_NAME
-
-    @property
-    def urls(self) -> list[str]:
-        return [f"http://{HOST}:{port}" for port in self.ports]
-
-    def start(self) -> None:
-        """Redis, the API key, the workers, the gateways; each waited for (call :meth:`stop` also on failure)."""
-        self._start_redis()
-        self.settings = self.settings.with_(redis_url=self.redis.url)
-        self.secret = self._create_key()
-        for _ in range(self.worker_count):
-            self.workers.append(self._spawn_worker())
-        for process in self.workers:
-            self._wait_worker(process)
-        self.gateways = [self._spawn_gateway(i) for i in range(len(self.ports))]
-        for i in range(len(self.ports)):
-            self._wait_gateway(i)
-
-    def _create_key(self) -> str:
-        from gateway.auth import KeyStore
-        from gateway.components import open_database
-
-        engine = open_database(self.settings)
-        try:
-            return KeyStore(engine).create(BENCH_PRINCIPAL, team=BENCH_TEAM, roles=["admin"],
-                                           note="bench/soak.py").secret
-        finally:
-            engine.dispose()
-
-    def _env(self, port: int | None = None) -> dict[str, str]:
-        from gateway.supervisor import child_env
-
-        settings = self.settings if port is None else self.settings.with_(port=port)
-        return child_env(settings, self.redis.url)
-
-    def _log(self, name: str) -> Path:
-        self._starts[name] += 1
-        return self.logs / f"{name}-{self._starts[name]}.log"
-
-    def _start_redis(self) -> None:
-        from gateway.redis_server import RedisProcess
-
-        self.redis = RedisProcess.start(self.var_dir / "redis", persist=True)
-        self._spawned.append(self.redis.process)
-
-    def _spawn_worker(self) -> subprocess.Popen:
-        from workers.registry import TINY_MODEL_NAME
-
-        process = spawn(["-m", "gateway.cli", "worker", "--model", TINY_MODEL_NAME], self._env(),
-                        self._log("worker"))
-        self._spawned.append(process)
-        return process
-
-    def _wait_worker(self, process: subprocess.Popen) -> None:
-        """Until this very worker (its hostname holds its pid) answers a Celery ping."""
-        import kombu.exceptions
-        import redis
-
-        from workers.celery_app import make_celery
-
-        app = make_celery(self.redis.url)
-        prefix = f".{process.pid}@"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        try:
-            while time.monotonic() < deadline:
-                if process.poll() is not None:
-                    raise RuntimeError(f"worker {process.pid} exited with {process.returncode} while starting")
-                try:
-                    replies = app.control.ping(timeout=0.5) or []
-                except (OSError, redis.RedisError, kombu.exceptions.KombuError):
-                    time.sleep(0.2)
-                    continue
-                if any(prefix in name for reply in replies for name in reply):
-                    return
-        finally:
-            app.close()
-        raise TimeoutError(f"worker {process.pid} did not answer within {START_TIMEOUT_S:.0f}s")
-
-    def _spawn_gateway(self, index: int) -> subprocess.Popen:
-        process = spawn(["-m", "gateway.cli", "serve"], self._env(self.ports[index]), self._log(f"gateway{index}"))
-        self._spawned.append(process)
-        return process
-
-    def _wait_gateway(self, index: int) -> None:
-        import urllib.request
-
-        process = self.gateways[index]
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"gateway {index} exited with {process.returncode} while starting")
-            try:
-                with urllib.request.urlopen(self.urls[index] + HEALTH_PATH, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"gateway {index} did not become healthy within {START_TIMEOUT_S:.0f}s")
-
-    # -- faults (blocking; run in a thread) --------------------------------
-
-    def kill_worker(self, index: int = 0) -> tuple[str, float]:
-        """SIGKILL a whole worker and its pool at once (no chance to hand tasks back), start another."""
-        victim = self.workers[index]
-        children = _children(victim.pid)
-        for pid in [victim.pid, *children]:
-            self.planned_exits.add(pid)
-            _kill(pid)
-        victim.wait()
-        started = time.monotonic()
-        self.workers[index] = self._spawn_worker()
-        self._wait_worker(self.workers[index])
-        return f"worker {victim.pid} and pool {children}", time.monotonic() - started
-
-    def kill_pool_child(self, index: int = 0) -> tuple[str, float | None]:
-        """SIGKILL one pool process of a worker; Celery forks a new one (nothing to restart here)."""
-        children = _children(self.workers[index].pid)
-        if not children:
-            return "no pool process found", None
-        self.planned_exits.add(children[0])
-        _kill(children[0])
-        return f"pool process {children[0]} of worker {self.workers[index].pid}", None
-
-    def restart_redis(self, sig: int, down_s: float) -> tuple[str, float]:
-        """Stop Redis with ``sig``, leave it down ``down_s``, start it on the same socket and data."""
-        process = self.redis.process
-        self.planned_exits.add(process.pid)
-        process.send_signal(sig)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        time.sleep(down_s)
-        started = time.monotonic()
-        self._start_redis()
-        return f"redis down {down_s:g}s ({signal.Signals(sig).name})", time.monotonic() - started
-
-    def restart_gateway(self, index: int, sig: int) -> tuple[str, float]:
-        """Stop gateway ``index`` with ``sig`` and start it again on the same port."""
-        process = self.gateways[index]
-        self.planned_exits.add(process.pid)
-        process.send_signal(sig)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        started = time.monotonic()
-        self.gateways[index] = self._spawn_gateway(index)
-        self._wait_gateway(index)
-        return f"gateway {index} ({signal.Signals(sig).name})", time.monotonic() - started
-
-    # -- the end -----------------------------------------------------------
-
-    def unplanned_exits(self) -> list[str]:
-        """Processes that ended although the soak did not stop them."""
-        named = [("redis", self.redis.process)] if self.redis else []
-        named += [(f"worker {p.pid}", p) for p in self.workers] + [(f"gateway {i}", p)
-                                                                     for i, p in enumerate(self.gateways)]
-        found = [f"{name} exited with {p.returncode}" for name, p in named
-                 if p.poll() is not None and p.pid not in self.planned_exits]
-        for worker in self.workers:  # a pool process that died alone is replaced; one that never came back is not
-            if worker.poll() is None and not _children(worker.pid):
-                found.append(f"worker {worker.pid} has no pool process")
-        return found
-
-    def stop(self) -> None:
-        """Gateways, then workers, then Redis; anything else ever started is killed."""
-        from gateway.processes import stop_process
-
-        for process in self.gateways:
-            stop_process(process, timeout_s=15)
-        for process in self.workers:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.workers:
-            stop_process(process, timeout_s=30)
-        if self.redis is not None:
-            self.redis.stop()
-        for process in self._spawned:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-        self.fault_thread.shutdown(wait=True)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 # ---------------------------------------------------------------- traffic
 
 
@@ -510,7 +207,6 @@ class Traffic:
         self.disconnects_left = 0
         self.faults_done = False
         self.random = random.Random(plan.seed)
-        self._lock = threading.Lock()
 
     async def run(self) -> None:
         import httpx
@@ -554,7 +250,6 @@ class Traffic:
                                 disconnect)
             except TimeoutError:
                 record.outcome = record.outcome or f"no answer within {bound:g}s"
-            record.wall = time.time()
             record.ended = time.monotonic()
             if not record.served and record.outcome != DISCONNECTED:
                 # A client backs off on errors; spinning would only count refusals.
@@ -685,6 +380,9 @@ async def _send(client: Any, path: str, body: dict[str, Any], record: Sent, chat
     except httpx.HTTPError as exc:
         where = "mid-stream" if record.status is not None else "before an answer"
         record.outcome = record.outcome or f"transport {type(exc).__name__} {where}"
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        record.served = False
+        record.outcome = f"{record.status} unreadable answer"
 
 
 def recovery_of(fault: Fault, sent: Iterable[Sent]) -> float | None:
@@ -692,154 +390,6 @@ def recovery_of(fault: Fault, sent: Iterable[Sent]) -> float | None:
     ends = [r.ended for r in list(sent) if r.served and r.ended and r.started >= fault.at
             and (fault.gateway is None or r.gateway == fault.gateway)]
     return min(ends) - fault.at if ends else None
-
-
-# ---------------------------------------------------------------- the audit
-
-
-def _entries_by_request(store: Any) -> dict[str, list[Any]]:
-    found: dict[str, list[Any]] = {}
-    for entry in store.iter_entries():
-        found.setdefault(entry.request_id, []).append(entry)
-    return found
-
-
-def _accepted(entries: list[Any]) -> bool:
-    for entry in entries:
-        if entry.kind == "request":
-            body = entry.body
-            return bool(body.get("decision", {}).get("allow") and (body.get("admission") or {}).get("admitted"))
-    return False
-
-
-def _terminals(entries: list[Any]) -> list[Any]:
-    from audit import TERMINAL_KINDS
-
-    return [e for e in entries if e.kind in TERMINAL_KINDS]
-
-
-def wait_for_terminals(store: Any, bound_s: float, say: Callable[[str], None]) -> dict[str, list[Any]]:
-    """The audit by request id, once every accepted request has its terminal entry or ``bound_s`` passed.
-
-    Terminal entries can come late by design: a gateway's abandoned stream
-    waits a request timeout; a dead worker's task is redelivered after the
-    visibility timeout. So wait for them, bounded, rather than skip them.
-    """
-    deadline = time.monotonic() + bound_s
-    said = False
-    while True:
-        by_request = _entries_by_request(store)
-        open_ids = [rid for rid, entries in by_request.items() if _accepted(entries) and not _terminals(entries)]
-        if not open_ids or time.monotonic() >= deadline:
-            return by_request
-        if not said:
-            say(f"soak: waiting up to {bound_s:.0f}s for {len(open_ids)} accepted requests to end in the audit")
-            said = True
-        time.sleep(1.0)
-
-
-class _Failures(list):
-    """Failure texts, each tagged with the fault it followed."""
-
-    def add(self, text: str, fault: Fault | None, moment: float | None = None) -> None:
-        if fault is None:
-            self.append(("before any fault", text))
-            return
-        delta = "" if moment is None else f" {moment - fault.at:+.1f}s"
-        self.append((fault.kind, f"{text} [{fault.kind}{delta}]"))
-
-
-def _fault_before(faults: list[Fault], moment: float) -> Fault | None:
-    """The last fault injected before ``moment`` (monotonic): the one a request could have met."""
-    earlier = [f for f in faults if f.at <= moment]
-    return earlier[-1] if earlier else None
-
-
-def _fault_met(faults: list[Fault], when: datetime, window_s: float) -> tuple[Fault | None, float | None]:
-    """The fault a request first recorded at ``when`` most likely met, and ``when`` on the monotonic clock.
-
-    The first fault within ``window_s`` after it (its longest life), else the
-    last fault before it.
-    """
-    stamp = when.timestamp()
-    later = [f for f in faults if 0 <= f.wall - stamp <= window_s]
-    earlier = [f for f in faults if f.wall < stamp]
-    fault = later[0] if later else earlier[-1] if earlier else None
-    return fault, None if fault is None else fault.at + (stamp - fault.wall)
-
-
-def _check(failures: _Failures) -> Check:
-    return Check(ok=not failures, failures=len(failures), examples=[text for _, text in failures[:3]],
-                 by_fault=Counter(kind for kind, _ in failures))
-
-
-def audit_checks(sent: list[Sent], by_request: dict[str, list[Any]], verified: Any, unplanned: list[str],
-                 faults: Iterable[Fault] = (), window_s: float = REQUEST_TIMEOUT_S) -> dict[str, Check]:
-    """The audit promises, each as a :class:`Check` with a few examples of what broke it."""
-    faults = list(faults)
-    unaudited, unequal, partial = _Failures(), _Failures(), _Failures()
-    for record in sent:
-        entries = by_request.get(record.request_id or "", [])
-        kinds = [e.kind for e in entries]
-        terminal = _terminals(entries)
-        if record.served:
-            completion = [e for e in terminal if e.kind == "completion"]
-        fault = _fault_before(faults, record.ended)
-        if record.served:
-            completion = [e for e in terminal if e.kind == "completion"]
-            if record.request_id is None or kinds.count("request") != 1 or len(completion) != 1:
-                unaudited.add(f"#{record.index} {record.outcome} id={record.request_id} entries={kinds}",
-                              fault, record.ended)
-                continue
-            output = completion[0].body.get("output")
-            if output != record.text:
-                unequal.add(f"#{record.index} {record.outcome} id={record.request_id}: client got "
-                            f"{len(record.text)} chars, audit holds {len(output or '')}", fault, record.ended)
-        elif record.stream and record.text:
-            output = terminal[0].body.get("output") if terminal else None
-            if not isinstance(output, str) or not output.startswith(record.text):
-                holder = f"its {terminal[0].kind} entry" if terminal else "no terminal entry"
-                holds = "no output" if output is None else f"{len(output)} chars not starting with them"
-                partial.add(f"#{record.index} {record.outcome} id={record.request_id}: delivered "
-                            f"{len(record.text)} chars, {holder} holds {holds}", fault, record.ended)
-    ended, twice_requested = _Failures(), _Failures()
-    for request_id, entries in by_request.items():
-        kinds = [e.kind for e in entries]
-        fault, moment = _fault_met(faults, entries[0].created_at, window_s)
-        if kinds.count("request") > 1:
-            twice_requested.add(f"{request_id}: {kinds}", fault, moment)
-        if _accepted(entries) and len(_terminals(entries)) != 1:
-            ended.add(f"{request_id}: {kinds}", fault, moment)
-    chain, exits = _Failures(), _Failures()
-    if not verified.ok:
-        chain.add(f"seq {verified.first_bad_seq}: {verified.problem}", None)
-    for text in unplanned:
-        exits.add(text, None)
-    return {
-        "served_audited": _check(unaudited),
-        "outputs_equal": _check(unequal),
-        "partial_streams_audited": _check(partial),
-        "one_terminal_per_accepted": _check(ended),
-        "one_request_entry": _check(twice_requested),
-        "chain_verifies": _check(chain),
-        "no_unplanned_exit": _check(exits),
-    }
-
-
-#: Log lines counted in the report: worth reading, not failures by themselves.
-_LOG_PATTERNS = {"Traceback": "tracebacks", "Task was destroyed but it is pending": "destroyed pending tasks",
-                 " ERROR ": "ERROR lines", " CRITICAL ": "CRITICAL lines"}
-
-
-def log_problems(logs: Path) -> dict[str, int]:
-    counts: Counter = Counter()
-    for log in sorted(logs.glob("*.log")):
-        component = log.stem.rsplit("-", 1)[0]
-        for line in log.read_text(errors="replace").splitlines():
-            for pattern, name in _LOG_PATTERNS.items():
-                if pattern in line:
-                    counts[f"{component} {name}"] += 1
-    return dict(counts)
 
 
 # ---------------------------------------------------------------- the run
@@ -898,7 +448,7 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
         return SoakReport(requests=len(traffic.sent), concurrency=concurrency, wall_s=wall,
                           outcomes=Counter(r.outcome for r in traffic.sent), faults=traffic.faults, checks=checks,
                           audit_entries=sum(len(v) for v in by_request.values()),
-                          accepted=sum(1 for v in by_request.values() if _accepted(v)),
+                          accepted=sum(1 for v in by_request.values() if accepted(v)),
                           log_problems=log_problems(stack.logs))
     finally:
         with signals_deferred():
