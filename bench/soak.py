@@ -19,8 +19,8 @@ gateways) while it injects faults on a schedule, one after another:
 It prints the count of each outcome (status and error code; a stream ended
 with ``[DONE]`` or with an error event; a client disconnect; a transport
 error), the recovery time after each fault (from the fault to the end of the
-first successful request sent after it, through the same gateway for gateway
-faults), and then checks the audit store:
+first successful request sent once the killed process was gone, through the
+same gateway for gateway faults), and then checks the audit store:
 
 * every served answer (a 200, or a stream that ended with ``[DONE]``) has
   exactly one ``request`` entry and a ``completion`` entry whose output is
@@ -32,6 +32,7 @@ faults), and then checks the audit store:
   for entries that a rescuer writes after the broker's visibility timeout);
 * no request id has two ``request`` entries;
 * ``audit verify`` passes;
+* every error answer is OpenAI-shaped, and none is a 500;
 * no process the soak did not kill itself exited.
 
 It ends with a verdict line and exits 1 if any check fails. Nothing here
@@ -276,6 +277,7 @@ class Traffic:
     async def _inject(self, kind: str, number: int) -> Fault:
         stack = self.stack
         at, wall = time.monotonic(), time.time()
+        stack.down_at = None
         gateway = None
 
         async def in_fault_thread(function: Callable[..., Any], *args: Any) -> Any:
@@ -297,7 +299,8 @@ class Traffic:
             detail, restart = f"next {self.plan.disconnects_per_fault} clients hang up mid-stream", None
         else:
             raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)}")
-        return Fault(kind=kind, at=at, wall=wall, detail=detail, restart_s=restart, gateway=gateway)
+        return Fault(kind=kind, at=at, wall=wall, down_at=stack.down_at or at, detail=detail, restart_s=restart,
+                     gateway=gateway)
 
     async def _await_recovery(self, fault: Fault, timeout_s: float | None = None) -> None:
         """Wait (bounded) for a success after the fault, so faults are told apart."""
@@ -386,8 +389,13 @@ async def _send(client: Any, path: str, body: dict[str, Any], record: Sent, chat
 
 
 def recovery_of(fault: Fault, sent: Iterable[Sent]) -> float | None:
-    """Seconds from ``fault`` to the end of the first success sent after it (same gateway for gateway faults)."""
-    ends = [r.ended for r in list(sent) if r.served and r.ended and r.started >= fault.at
+    """Seconds from ``fault`` to the end of the first success sent once its victim was gone.
+
+    Through the same gateway for gateway faults. A request sent between the
+    signal and the victim's exit (a gateway draining after SIGTERM) does not
+    count: it did not need the stack to recover.
+    """
+    ends = [r.ended for r in list(sent) if r.served and r.ended and r.started >= (fault.down_at or fault.at)
             and (fault.gateway is None or r.gateway == fault.gateway)]
     return min(ends) - fault.at if ends else None
 

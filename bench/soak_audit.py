@@ -51,6 +51,8 @@ class Fault:
     #: When it was injected: ``time.monotonic()`` (client records) and ``time.time()`` (audit entries).
     at: float
     wall: float = 0.0
+    #: When the victim was gone (exited, or SIGKILL sent): recovery counts requests sent after it.
+    down_at: float | None = None
     detail: str = ""
     #: Seconds until the restarted part answered (None: nothing to restart).
     restart_s: float | None = None

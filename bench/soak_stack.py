@@ -47,6 +47,8 @@ class SoakStack:
         self.gateways: list[subprocess.Popen] = []
         self.ports = [free_port() for _ in range(gateways)]
         self.planned_exits: set[int] = set()
+        #: When the last fault's victim was gone (``time.monotonic()``); set by each fault.
+        self.down_at: float | None = None
         #: Faults run here, one thread for the stack's whole life: Linux sends a child its
         #: PR_SET_PDEATHSIG when the *thread* that forked it ends, so a process restarted
         #: from a short-lived thread (asyncio.to_thread) would be stopped when that thread is.
@@ -168,7 +170,7 @@ class SoakStack:
             self.planned_exits.add(pid)
             _kill(pid)
         victim.wait()
-        started = time.monotonic()
+        started = self.down_at = time.monotonic()
         self.workers[index] = self._spawn_worker()
         self._wait_worker(self.workers[index])
         return f"worker {victim.pid} and pool {children}", time.monotonic() - started
@@ -180,6 +182,7 @@ class SoakStack:
             return "no pool process found", None
         self.planned_exits.add(children[0])
         _kill(children[0])
+        self.down_at = time.monotonic()
         return f"pool process {children[0]} of worker {self.workers[index].pid}", None
 
     def restart_redis(self, sig: int, down_s: float) -> tuple[str, float]:
@@ -192,6 +195,7 @@ class SoakStack:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        self.down_at = time.monotonic()
         time.sleep(down_s)
         started = time.monotonic()
         self._start_redis()
@@ -207,7 +211,7 @@ class SoakStack:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        started = time.monotonic()
+        started = self.down_at = time.monotonic()
         self.gateways[index] = self._spawn_gateway(index)
         self._wait_gateway(index)
         return f"gateway {index} ({signal.Signals(sig).name})", time.monotonic() - started
