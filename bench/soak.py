@@ -207,6 +207,8 @@ class Traffic:
         self.faults: list[Fault] = []
         self.disconnects_left = 0
         self.faults_done = False
+        #: Why the schedule stopped early (a restarted part never answered), if it did.
+        self.schedule_error: str | None = None
         self.random = random.Random(plan.seed)
 
     async def run(self) -> None:
@@ -267,7 +269,13 @@ class Traffic:
                 if time.monotonic() >= self.plan.deadline:
                     self.say(f"soak: deadline reached before fault {kind}")
                     return
-                fault = await self._inject(kind, number)
+                try:
+                    fault = await self._inject(kind, number)
+                except (RuntimeError, TimeoutError, OSError) as exc:  # a part did not come back: stop here
+                    self.schedule_error = f"{kind}: {type(exc).__name__}: {exc}"
+                    self.say(f"soak: fault {kind} failed: {exc}; ending the run")
+                    self.plan.deadline = time.monotonic()
+                    return
                 self.faults.append(fault)
                 self.say(f"soak: fault {number}/{count} {kind}: {fault.detail}")
                 await self._await_recovery(fault)
@@ -451,8 +459,9 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
         checks = audit_checks(traffic.sent, by_request, verified, stack.unplanned_exits(), traffic.faults,
                               request_timeout_s)
         missing = [kind for kind in faults if kind not in {f.kind for f in traffic.faults}]
+        why = traffic.schedule_error or "deadline"
         checks["all_faults_injected"] = Check(ok=not missing, failures=len(missing),
-                                              examples=[f"never injected (deadline): {missing}"] if missing else [])
+                                              examples=[f"never injected ({why}): {missing}"] if missing else [])
         return SoakReport(requests=len(traffic.sent), concurrency=concurrency, wall_s=wall,
                           outcomes=Counter(r.outcome for r in traffic.sent), faults=traffic.faults, checks=checks,
                           audit_entries=sum(len(v) for v in by_request.values()),
