@@ -26,8 +26,8 @@ same gateway for gateway faults), and then checks the audit store:
   exactly one ``request`` entry and a ``completion`` entry whose output is
   exactly the text the client got;
 * a stream cut short (error event, disconnect, broken connection) that had
-  already delivered text has a terminal entry whose output begins with that
-  text;
+  already delivered text has a terminal entry whose output holds every piece
+  delivered, in order;
 * every accepted request has exactly one terminal entry (waiting, bounded,
   for entries that a rescuer writes after the broker's visibility timeout);
 * no request id has two ``request`` entries;
@@ -367,7 +367,7 @@ async def _send(client: Any, path: str, body: dict[str, Any], record: Sent, chat
             if response.status_code != 200:
                 record.outcome = f"{response.status_code} {_error_code(await response.aread())}"
                 return
-            pieces: list[str] = []
+            pieces = record.pieces
             try:
                 async for line in response.aiter_lines():
                     if not line.startswith("data: "):
