@@ -174,8 +174,6 @@ def audit_checks(sent: list[Sent], by_request: dict[str, list[Any]], verified: A
         entries = by_request.get(record.request_id or "", [])
         kinds = [e.kind for e in entries]
         terminal = _terminals(entries)
-        if record.served:
-            completion = [e for e in terminal if e.kind == "completion"]
         fault = _fault_before(faults, record.ended)
         if record.served:
             completion = [e for e in terminal if e.kind == "completion"]

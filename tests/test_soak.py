@@ -5,8 +5,8 @@ temporary folder, kills and restarts parts of it while ~16 requests are in
 flight, then reads the audit store. Every promise it checks must hold:
 nothing served unaudited, each served output equal to the audited one, text
 delivered by a cut stream audited, exactly one terminal entry per accepted
-request, no request recorded twice, a chain that verifies, and no process
-dying that the soak did not kill.
+request, no request recorded twice, a chain that verifies, every error
+OpenAI-shaped and none a 500, and no process dying that the soak did not kill.
 """
 
 from __future__ import annotations
