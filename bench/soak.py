@@ -1,0 +1,528 @@
+"""Faults, measured: does every promise of the audit hold while parts of the stack die?
+
+Starts a private stack on loopback and a unix socket (Redis with its
+append-only file, as ``govgate up`` runs it; two tiny-model workers; two
+``govgate serve`` gateways) in a temporary folder, then sends requests
+(chat and text, streaming and not, ~16 at a time, alternating between the
+gateways) while it injects faults on a schedule, one after another:
+
+* ``worker_kill``: SIGKILL a whole worker (main process and pool child at
+  once), then start a replacement;
+* ``pool_kill``: SIGKILL a worker's pool child (Celery forks a new one);
+* ``redis_restart`` / ``redis_kill``: stop Redis (SIGTERM / SIGKILL), start
+  it again on the same socket and data folder a few seconds later;
+* ``gateway_term`` / ``gateway_kill``: stop a gateway (SIGTERM / SIGKILL) and
+  start it again on the same port;
+* ``client_disconnect``: the next few streaming clients hang up after their
+  first piece of text.
+
+It prints the count of each outcome (status and error code; a stream ended
+with ``[DONE]`` or with an error event; a client disconnect; a transport
+error), the recovery time after each fault (from the fault to the end of the
+first successful request sent once the killed process was gone, through the
+same gateway for gateway faults), and then checks the audit store:
+
+* every served answer (a 200, or a stream that ended with ``[DONE]``) has
+  exactly one ``request`` entry and a ``completion`` entry whose output is
+  exactly the text the client got;
+* a stream cut short (error event, disconnect, broken connection) that had
+  already delivered text has a terminal entry whose output holds every piece
+  delivered, in order;
+* every accepted request has exactly one terminal entry (waiting, bounded,
+  for entries that a rescuer writes after the broker's visibility timeout);
+* no request id has two ``request`` entries;
+* ``audit verify`` passes;
+* every error answer is OpenAI-shaped, and none is a 500;
+* no process the soak did not kill itself exited.
+
+It ends with a verdict line and exits 1 if any check fails. Nothing here
+asserts a timing. The core is :func:`run_soak`, which ``tests/test_soak.py``
+calls for a short run.
+
+Usage::
+
+    .venv/bin/python bench/soak.py [--requests 3000] [--concurrency 16] [--duration 900]
+                                   [--faults worker_kill,pool_kill,...] [--json]
+
+Everything started here is stopped at the end, also on Ctrl-C, SIGTERM or an
+error; if this process is killed outright, its children receive SIGTERM
+(``PR_SET_PDEATHSIG``). The temporary folder is removed (``--keep`` keeps it,
+with every process's log, and prints where).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+# The overhead bench's helpers and the soak's parts (this folder is sys.path[0] when run as a script).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import TempDir, _stop_on_sigterm, signals_deferred  # noqa: E402
+from soak_audit import (  # noqa: E402
+    CHECKS,
+    Check,
+    Fault,
+    Sent,
+    audit_checks,
+    accepted,
+    log_problems,
+    wait_for_terminals,
+)
+from soak_stack import SoakStack  # noqa: E402
+
+WORKER_KILL = "worker_kill"
+POOL_KILL = "pool_kill"
+REDIS_RESTART = "redis_restart"
+REDIS_KILL = "redis_kill"
+GATEWAY_TERM = "gateway_term"
+GATEWAY_KILL = "gateway_kill"
+CLIENT_DISCONNECT = "client_disconnect"
+#: Every kind of fault, in the order a default run injects them.
+FAULT_KINDS = (POOL_KILL, WORKER_KILL, REDIS_RESTART, GATEWAY_TERM, CLIENT_DISCONNECT, GATEWAY_KILL, REDIS_KILL)
+_GATEWAY_FAULTS = (GATEWAY_TERM, GATEWAY_KILL)
+
+#: The outcome of a client that hung up on purpose.
+DISCONNECTED = "client disconnect mid-stream"
+CHAT_PATH = "/v1/chat/completions"
+TEXT_PATH = "/v1/completions"
+REQUEST_ID_HEADER = "x-govgate-request-id"
+#: How long Redis stays down in a Redis fault (the issue's follow-up used 5 s).
+REDIS_DOWN_S = 3.0
+#: The gateways' request timeout: a job lost with a worker ends (504) after this.
+REQUEST_TIMEOUT_S = 15.0
+#: A generation's soft limit in the workers; the broker's visibility timeout
+#: (when a dead worker's task goes to another) is this + 10 s + 30 s.
+GENERATION_LIMIT_S = 2.0
+
+
+@dataclass
+class SoakReport:
+    """What :func:`run_soak` measured and found; ``ok`` is the verdict."""
+
+    requests: int
+    concurrency: int
+    wall_s: float
+    outcomes: Counter
+    faults: list[Fault]
+    checks: dict[str, Check]
+    audit_entries: int = 0
+    accepted: int = 0
+    log_problems: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks.values())
+
+    @property
+    def failed_checks(self) -> list[str]:
+        return [name for name, check in self.checks.items() if not check.ok]
+
+    def verdict(self) -> str:
+        if self.ok:
+            return (f"soak: PASS: {self.requests} requests, {len(self.faults)} faults, "
+                    f"{self.accepted} accepted, every audit check holds")
+        return f"soak: FAIL: {', '.join(self.failed_checks)}"
+
+    def render(self) -> str:
+        """The figures as aligned text, ending with the verdict line."""
+        lines = [f"{self.requests} requests at concurrency {self.concurrency} in {self.wall_s:.1f}s "
+                 f"({self.requests / self.wall_s:.1f} req/s), {os.cpu_count()} CPUs", "", "outcomes:"]
+        for outcome, count in sorted(self.outcomes.items(), key=lambda item: (-item[1], item[0])):
+            lines.append(f"  {count:>7}  {outcome}")
+        lines += ["", "faults:                at s    restart s   recovery s  detail"]
+        start = self.faults[0].at if self.faults else 0.0
+        for fault in self.faults:
+            lines.append(f"  {fault.kind:<18}{fault.at - start:>8.1f}{_cell(fault.restart_s):>13}"
+                         f"{_cell(fault.recovery_s, 'never'):>13}  {fault.detail}")
+        lines += ["", f"audit: {self.audit_entries} entries, {self.accepted} accepted requests"]
+        for name, check in self.checks.items():
+            mark = "ok  " if check.ok else "FAIL"
+            near = ", ".join(f"{kind} {count}" for kind, count in check.by_fault.most_common())
+            lines.append(f"  {mark} {name}: {CHECKS[name]}"
+                         + ("" if check.ok else f" ({check.failures} failures{': ' + near if near else ''})"))
+            lines.extend(f"         e.g. {example}" for example in check.examples)
+        if self.log_problems:
+            lines += ["", "log lines worth a look: " + ", ".join(
+                f"{name} {count}" for name, count in sorted(self.log_problems.items()))]
+        lines += ["", self.verdict()]
+        return "\n".join(lines)
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests, "concurrency": self.concurrency, "wall_s": round(self.wall_s, 2),
+            "outcomes": dict(self.outcomes), "accepted": self.accepted, "audit_entries": self.audit_entries,
+            "faults": [{"kind": f.kind, "detail": f.detail, "restart_s": _rounded(f.restart_s),
+                        "recovery_s": _rounded(f.recovery_s)} for f in self.faults],
+            "checks": {name: {"ok": c.ok, "failures": c.failures, "examples": c.examples,
+                              "by_fault": dict(c.by_fault)}
+                       for name, c in self.checks.items()},
+            "log_problems": self.log_problems, "ok": self.ok,
+        }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def _cell(value: float | None, missing: str = "-") -> str:
+    return missing if value is None else f"{value:.1f}"
+
+
+# ---------------------------------------------------------------- traffic
+
+
+@dataclass
+class Plan:
+    """What the traffic and the fault schedule share while the soak runs."""
+
+    requests: int
+    concurrency: int
+    deadline: float
+    faults: list[str]
+    stream_share: float
+    max_tokens: int
+    disconnects_per_fault: int
+    request_timeout_s: float
+    seed: int = 7
+
+
+class Traffic:
+    """Clients sending requests, and the schedule injecting faults between them."""
+
+    def __init__(self, stack: SoakStack, plan: Plan, say: Callable[[str], None]) -> None:
+        self.stack = stack
+        self.plan = plan
+        self.say = say
+        self.sent: list[Sent] = []
+        self.faults: list[Fault] = []
+        self.disconnects_left = 0
+        self.faults_done = False
+        #: Why the schedule stopped early (a restarted part never answered), if it did.
+        self.schedule_error: str | None = None
+        self.random = random.Random(plan.seed)
+
+    async def run(self) -> None:
+        import httpx
+
+        limits = httpx.Limits(max_connections=self.plan.concurrency, max_keepalive_connections=self.plan.concurrency)
+        timeout = httpx.Timeout(self.plan.request_timeout_s + 30, connect=5)
+        headers = {"Authorization": f"Bearer {self.stack.secret}"}
+        clients = [httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=timeout)
+                   for url in self.stack.urls]
+        try:
+            schedule = asyncio.create_task(self._schedule())
+            await asyncio.gather(*(self._loop(clients) for _ in range(self.plan.concurrency)))
+            if not schedule.done():  # the deadline passed first
+                schedule.cancel()
+            await asyncio.gather(schedule, return_exceptions=True)
+        finally:
+            for client in clients:
+                await client.aclose()
+
+    def _more(self) -> bool:
+        if time.monotonic() >= self.plan.deadline:
+            return False
+        return len(self.sent) < self.plan.requests or not self.faults_done
+
+    async def _loop(self, clients: list[Any]) -> None:
+        while self._more():
+            index = len(self.sent)
+            record = Sent(index=index, gateway=index % len(clients), stream=False, started=time.monotonic())
+            self.sent.append(record)
+            disconnect = False
+            if self.disconnects_left > 0:
+                self.disconnects_left -= 1
+                disconnect = True
+            record.stream = disconnect or self.random.random() < self.plan.stream_share
+            chat = self.random.random() < 0.5
+            body = _body(self.stack.model, index, chat, record.stream, self.random.randint(2, self.plan.max_tokens))
+            bound = self.plan.request_timeout_s * 2 + 30
+            try:
+                async with asyncio.timeout(bound):
+                    await _send(clients[record.gateway], CHAT_PATH if chat else TEXT_PATH, body, record, chat,
+                                disconnect)
+            except TimeoutError:
+                record.outcome = record.outcome or f"no answer within {bound:g}s"
+            record.ended = time.monotonic()
+            if not record.served and record.outcome != DISCONNECTED:
+                # A client backs off on errors; spinning would only count refusals.
+                await asyncio.sleep(1.0 if record.outcome.startswith("transport") else 0.25)
+
+    async def _schedule(self) -> None:
+        """Each fault at its share of the requests, once the previous one has recovered (bounded)."""
+        try:
+            count = len(self.plan.faults)
+            for number, kind in enumerate(self.plan.faults, start=1):
+                mark = number * self.plan.requests // (count + 1)
+                while len(self.sent) < mark and time.monotonic() < self.plan.deadline:
+                    await asyncio.sleep(0.05)
+                if time.monotonic() >= self.plan.deadline:
+                    self.say(f"soak: deadline reached before fault {kind}")
+                    return
+                try:
+                    fault = await self._inject(kind, number)
+                except (RuntimeError, TimeoutError, OSError) as exc:  # a part did not come back: stop here
+                    self.schedule_error = f"{kind}: {type(exc).__name__}: {exc}"
+                    self.say(f"soak: fault {kind} failed: {exc}; ending the run")
+                    self.plan.deadline = time.monotonic()
+                    return
+                self.faults.append(fault)
+                self.say(f"soak: fault {number}/{count} {kind}: {fault.detail}")
+                await self._await_recovery(fault)
+        finally:
+            self.faults_done = True
+
+    async def _inject(self, kind: str, number: int) -> Fault:
+        stack = self.stack
+        at, wall = time.monotonic(), time.time()
+        stack.down_at = None
+        gateway = None
+
+        async def in_fault_thread(function: Callable[..., Any], *args: Any) -> Any:
+            return await asyncio.get_running_loop().run_in_executor(stack.fault_thread, function, *args)
+
+        if kind == WORKER_KILL:
+            detail, restart = await in_fault_thread(stack.kill_worker, 0)
+        elif kind == POOL_KILL:
+            detail, restart = await in_fault_thread(stack.kill_pool_child, 0)
+        elif kind in (REDIS_RESTART, REDIS_KILL):
+            sig = signal.SIGTERM if kind == REDIS_RESTART else signal.SIGKILL
+            detail, restart = await in_fault_thread(stack.restart_redis, sig, REDIS_DOWN_S)
+        elif kind in _GATEWAY_FAULTS:
+            gateway = number % len(stack.ports)
+            sig = signal.SIGTERM if kind == GATEWAY_TERM else signal.SIGKILL
+            detail, restart = await in_fault_thread(stack.restart_gateway, gateway, sig)
+        elif kind == CLIENT_DISCONNECT:
+            self.disconnects_left = self.plan.disconnects_per_fault
+            detail, restart = f"next {self.plan.disconnects_per_fault} clients hang up mid-stream", None
+        else:
+            raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)}")
+        return Fault(kind=kind, at=at, wall=wall, down_at=stack.down_at or at, detail=detail, restart_s=restart,
+                     gateway=gateway)
+
+    async def _await_recovery(self, fault: Fault, timeout_s: float | None = None) -> None:
+        """Wait (bounded) for a success after the fault, so faults are told apart."""
+        limit = time.monotonic() + (timeout_s or self.plan.request_timeout_s * 2 + 30)
+        while time.monotonic() < min(limit, self.plan.deadline):
+            if recovery_of(fault, self.sent) is not None:
+                return
+            await asyncio.sleep(0.1)
+
+
+def _body(model: str, index: int, chat: bool, stream: bool, max_tokens: int) -> dict[str, Any]:
+    text = f"Tell a short story number {index}."
+    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "stream": stream}
+    if chat:
+        body["messages"] = [{"role": "user", "content": text}]
+    else:
+        body["prompt"] = text
+    return body
+
+
+def _piece(event: dict[str, Any], chat: bool) -> str:
+    choices = event.get("choices") or []
+    if not choices:
+        return ""
+    if chat:
+        return choices[0].get("delta", {}).get("content") or ""
+    return choices[0].get("text") or ""
+
+
+def _error_code(raw: bytes) -> str:
+    try:
+        return str(json.loads(raw)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return "not-openai-shaped"
+
+
+async def _send(client: Any, path: str, body: dict[str, Any], record: Sent, chat: bool, disconnect: bool) -> None:
+    """One request; fills in ``record`` (outcome label, text, request id)."""
+    import httpx
+
+    try:
+        if not record.stream:
+            response = await client.post(path, json=body)
+            record.status = response.status_code
+            record.request_id = response.headers.get(REQUEST_ID_HEADER)
+            if response.status_code != 200:
+                record.outcome = f"{response.status_code} {_error_code(response.content)}"
+                return
+            choice = response.json()["choices"][0]
+            record.text = (choice["message"]["content"] if chat else choice["text"]) or ""
+            record.outcome, record.served = "200", True
+            return
+        async with client.stream("POST", path, json=body) as response:
+            record.status = response.status_code
+            record.request_id = response.headers.get(REQUEST_ID_HEADER)
+            if response.status_code != 200:
+                record.outcome = f"{response.status_code} {_error_code(await response.aread())}"
+                return
+            pieces = record.pieces
+            try:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[len("data: "):]
+                    if data == "[DONE]":
+                        record.outcome, record.served = "200 stream [DONE]", True
+                        return
+                    event = json.loads(data)
+                    if "error" in event:
+                        record.outcome = f"200 stream error event {event['error'].get('code')}"
+                        return
+                    piece = _piece(event, chat)
+                    pieces.append(piece)
+                    if disconnect and piece:
+                        record.outcome = DISCONNECTED
+                        return  # leaving the block closes the connection
+                record.outcome = "200 stream ended without [DONE]"
+            finally:
+                record.text = "".join(pieces)
+    except httpx.HTTPError as exc:
+        where = "mid-stream" if record.status is not None else "before an answer"
+        record.outcome = record.outcome or f"transport {type(exc).__name__} {where}"
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        record.served = False
+        record.outcome = f"{record.status} unreadable answer"
+
+
+def recovery_of(fault: Fault, sent: Iterable[Sent]) -> float | None:
+    """Seconds from ``fault`` to the end of the first success sent once its victim was gone.
+
+    Through the same gateway for gateway faults. A request sent between the
+    signal and the victim's exit (a gateway draining after SIGTERM) does not
+    count: it did not need the stack to recover.
+    """
+    ends = [r.ended for r in list(sent) if r.served and r.ended and r.started >= (fault.down_at or fault.at)
+            and (fault.gateway is None or r.gateway == fault.gateway)]
+    return min(ends) - fault.at if ends else None
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[str] = FAULT_KINDS,
+             duration_s: float = 900.0, stream_share: float = 0.5, max_tokens: int = 24,
+             disconnects_per_fault: int = 6, workers: int = 2, gateways: int = 2,
+             request_timeout_s: float = REQUEST_TIMEOUT_S, generation_limit_s: float = GENERATION_LIMIT_S,
+             settle_s: float | None = None, keep_dir: bool = False,
+             say: Callable[[str], None] = lambda line: None) -> SoakReport:
+    """Start a stack, send ``requests`` while injecting ``faults``, check the audit, stop everything.
+
+    Sends at least ``requests`` (more if the faults are not all done by then)
+    unless ``duration_s`` passes first. ``settle_s`` bounds the wait for late
+    terminal entries afterwards; by default a request timeout plus the
+    broker's visibility timeout, plus a margin.
+    """
+    from audit import AuditStore, make_engine, verify_chain
+    from workers.celery_app import HARD_LIMIT_GRACE_S, VISIBILITY_MARGIN_S
+
+    faults = list(faults)
+    for kind in faults:
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)}")
+    if settle_s is None:
+        settle_s = request_timeout_s + generation_limit_s + HARD_LIMIT_GRACE_S + VISIBILITY_MARGIN_S + 15
+    temp = TempDir()  # children get only the stack's settings: child_env drops inherited GOVGATE_* variables
+    stack: SoakStack | None = None
+    try:
+        say(f"soak: starting the stack in {temp.path}")
+        stack = SoakStack(temp.path, workers=workers, gateways=gateways, request_timeout_s=request_timeout_s,
+                          generation_limit_s=generation_limit_s)
+        stack.start()
+        plan = Plan(requests=requests, concurrency=concurrency, deadline=time.monotonic() + duration_s,
+                    faults=faults, stream_share=stream_share, max_tokens=max_tokens,
+                    disconnects_per_fault=disconnects_per_fault, request_timeout_s=request_timeout_s)
+        say(f"soak: {requests} requests at concurrency {concurrency}, faults: {', '.join(faults) or 'none'}")
+        traffic = Traffic(stack, plan, say)
+        started = time.monotonic()
+        asyncio.run(traffic.run())
+        wall = time.monotonic() - started
+        for fault in traffic.faults:
+            fault.recovery_s = recovery_of(fault, traffic.sent)
+        engine = make_engine(stack.settings.effective_database_url)
+        try:
+            by_request = wait_for_terminals(AuditStore(engine), settle_s, say)
+            verified = verify_chain(engine)
+        finally:
+            engine.dispose()
+        checks = audit_checks(traffic.sent, by_request, verified, stack.unplanned_exits(), traffic.faults,
+                              request_timeout_s)
+        missing = [kind for kind in faults if kind not in {f.kind for f in traffic.faults}]
+        why = traffic.schedule_error or "deadline"
+        checks["all_faults_injected"] = Check(ok=not missing, failures=len(missing),
+                                              examples=[f"never injected ({why}): {missing}"] if missing else [])
+        return SoakReport(requests=len(traffic.sent), concurrency=concurrency, wall_s=wall,
+                          outcomes=Counter(r.outcome for r in traffic.sent), faults=traffic.faults, checks=checks,
+                          audit_entries=sum(len(v) for v in by_request.values()),
+                          accepted=sum(1 for v in by_request.values() if accepted(v)),
+                          log_problems=log_problems(stack.logs))
+    finally:
+        with signals_deferred():
+            if stack is not None:
+                stack.stop()
+            if keep_dir:
+                say(f"soak: kept {temp.path} (logs in {temp.path / 'logs'})")
+            else:
+                temp.__exit__(None, None, None)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=3000, help="requests to send, at least (default 3000)")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
+    parser.add_argument("--duration", type=float, default=900.0, help="stop sending after this many seconds")
+    parser.add_argument("--faults", default=",".join(FAULT_KINDS),
+                        help=f"comma-separated, injected in this order (default: {','.join(FAULT_KINDS)})")
+    parser.add_argument("--stream-share", type=float, default=0.5, help="share of streaming requests (0..1)")
+    parser.add_argument("--max-tokens", type=int, default=24, help="largest max_tokens asked (default 24)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder and its logs")
+    parser.add_argument("--json", action="store_true", help="also print the report as one JSON line")
+    args = parser.parse_args(argv)
+    args.fault_list = [f for f in args.faults.split(",") if f]
+    unknown = [f for f in args.fault_list if f not in FAULT_KINDS]
+    if unknown:
+        parser.error(f"unknown faults {unknown}; known: {', '.join(FAULT_KINDS)}")
+    if args.requests < 1 or args.concurrency < 1 or args.duration <= 0 or args.max_tokens < 2:
+        parser.error("--requests, --concurrency and --duration must be positive, --max-tokens at least 2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _stop_on_sigterm()
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        report = run_soak(requests=args.requests, concurrency=args.concurrency, faults=args.fault_list,
+                          duration_s=args.duration, stream_share=args.stream_share, max_tokens=args.max_tokens,
+                          keep_dir=args.keep, say=say)
+    except KeyboardInterrupt:
+        say("soak: interrupted; everything it started has been stopped")
+        return 130
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        say(f"soak: {type(exc).__name__}: {exc}")
+        return 1
+    print(report.render())
+    if args.json:
+        print(json.dumps(report.to_document(), sort_keys=True))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""The soak's stack: Redis, workers and gateways it starts, breaks and restarts.
+
+Kept apart from ``soak.py`` (traffic, checks, report) so each reads on its
+own. Every child is started with the same helpers as the overhead bench and
+``govgate up`` (``child_env``, ``RedisProcess``, ``govgate worker``/``serve``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+# The stack helpers of the overhead bench (this folder is sys.path[0] when run as a script).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import BENCH_PRINCIPAL, BENCH_TEAM, HEALTH_PATH, HOST, bench_policy_dir, free_port, spawn  # noqa: E402
+
+#: Longest wait for one process to start and answer.
+START_TIMEOUT_S = 120.0
+
+
+class SoakStack:
+    """Redis, workers and gateways the soak starts, breaks and restarts.
+
+    Every process ever started is remembered, so :meth:`stop` leaves none
+    behind; those the soak killed on purpose are remembered too, so an exit
+    nobody asked for can be told apart.
+    """
+
+    def __init__(self, var_dir: Path, *, workers: int, gateways: int, request_timeout_s: float,
+                 generation_limit_s: float, log_level: str = "INFO") -> None:
+        from gateway.settings import Settings
+        from workers.registry import TINY_MODEL_NAME
+
+        self.var_dir = var_dir
+        self.logs = var_dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.redis: Any = None
+        self.worker_count = workers
+        self.workers: list[subprocess.Popen] = []
+        self.gateways: list[subprocess.Popen] = []
+        self.ports = [free_port() for _ in range(gateways)]
+        self.planned_exits: set[int] = set()
+        #: When the last fault's victim was gone (``time.monotonic()``); set by each fault.
+        self.down_at: float | None = None
+        #: Faults run here, one thread for the stack's whole life: Linux sends a child its
+        #: PR_SET_PDEATHSIG when the *thread* that forked it ends, so a process restarted
+        #: from a short-lived thread (asyncio.to_thread) would be stopped when that thread is.
+        self.fault_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soak-faults")
+        self._spawned: list[subprocess.Popen] = []
+        self._starts: Counter = Counter()
+        self.settings = Settings(var_dir=var_dir, policy_dir=bench_policy_dir(var_dir), host=HOST,
+                                 port=self.ports[0], log_level=log_level, request_timeout_s=request_timeout_s,
+                                 generation_time_limit_s=generation_limit_s)
+        self.secret = ""
+        self.model = TINY_MODEL_NAME
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://{HOST}:{port}" for port in self.ports]
+
+    def start(self) -> None:
+        """Redis, the API key, the workers, the gateways; each waited for (call :meth:`stop` also on failure)."""
+        self._start_redis()
+        self.settings = self.settings.with_(redis_url=self.redis.url)
+        self.secret = self._create_key()
+        for _ in range(self.worker_count):
+            self.workers.append(self._spawn_worker())
+        for process in self.workers:
+            self._wait_worker(process)
+        self.gateways = [self._spawn_gateway(i) for i in range(len(self.ports))]
+        for i in range(len(self.ports)):
+            self._wait_gateway(i)
+
+    def _create_key(self) -> str:
+        from gateway.auth import KeyStore
+        from gateway.components import open_database
+
+        engine = open_database(self.settings)
+        try:
+            return KeyStore(engine).create(BENCH_PRINCIPAL, team=BENCH_TEAM, roles=["admin"],
+                                           note="bench/soak.py").secret
+        finally:
+            engine.dispose()
+
+    def _env(self, port: int | None = None) -> dict[str, str]:
+        from gateway.supervisor import child_env
+
+        settings = self.settings if port is None else self.settings.with_(port=port)
+        return child_env(settings, self.redis.url)
+
+    def _log(self, name: str) -> Path:
+        self._starts[name] += 1
+        return self.logs / f"{name}-{self._starts[name]}.log"
+
+    def _start_redis(self) -> None:
+        from gateway.redis_server import RedisProcess
+
+        self.redis = RedisProcess.start(self.var_dir / "redis", persist=True)
+        self._spawned.append(self.redis.process)
+
+    def _spawn_worker(self) -> subprocess.Popen:
+        from workers.registry import TINY_MODEL_NAME
+
+        process = spawn(["-m", "gateway.cli", "worker", "--model", TINY_MODEL_NAME], self._env(),
+                        self._log("worker"))
+        self._spawned.append(process)
+        return process
+
+    def _wait_worker(self, process: subprocess.Popen) -> None:
+        """Until this very worker (its hostname holds its pid) answers a Celery ping."""
+        import kombu.exceptions
+        import redis
+
+        from workers.celery_app import make_celery
+
+        app = make_celery(self.redis.url)
+        prefix = f".{process.pid}@"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        try:
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    raise RuntimeError(f"worker {process.pid} exited with {process.returncode} while starting")
+                try:
+                    replies = app.control.ping(timeout=0.5) or []
+                except (OSError, redis.RedisError, kombu.exceptions.KombuError):
+                    time.sleep(0.2)
+                    continue
+                if any(prefix in name for reply in replies for name in reply):
+                    return
+        finally:
+            app.close()
+        raise TimeoutError(f"worker {process.pid} did not answer within {START_TIMEOUT_S:.0f}s")
+
+    def _spawn_gateway(self, index: int) -> subprocess.Popen:
+        process = spawn(["-m", "gateway.cli", "serve"], self._env(self.ports[index]), self._log(f"gateway{index}"))
+        self._spawned.append(process)
+        return process
+
+    def _wait_gateway(self, index: int) -> None:
+        import urllib.request
+
+        process = self.gateways[index]
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"gateway {index} exited with {process.returncode} while starting")
+            try:
+                with urllib.request.urlopen(self.urls[index] + HEALTH_PATH, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"gateway {index} did not become healthy within {START_TIMEOUT_S:.0f}s")
+
+    # -- faults (blocking; run in a thread) --------------------------------
+
+    def kill_worker(self, index: int = 0) -> tuple[str, float]:
+        """SIGKILL a whole worker and its pool at once (no chance to hand tasks back), start another."""
+        victim = self.workers[index]
+        children = _children(victim.pid)
+        for pid in [victim.pid, *children]:
+            self.planned_exits.add(pid)
+            _kill(pid)
+        victim.wait()
+        started = self.down_at = time.monotonic()
+        self.workers[index] = self._spawn_worker()
+        self._wait_worker(self.workers[index])
+        return f"worker {victim.pid} and pool {children}", time.monotonic() - started
+
+    def kill_pool_child(self, index: int = 0) -> tuple[str, float | None]:
+        """SIGKILL one pool process of a worker; Celery forks a new one (nothing to restart here)."""
+        children = _children(self.workers[index].pid)
+        if not children:
+            return "no pool process found", None
+        self.planned_exits.add(children[0])
+        _kill(children[0])
+        self.down_at = time.monotonic()
+        return f"pool process {children[0]} of worker {self.workers[index].pid}", None
+
+    def restart_redis(self, sig: int, down_s: float) -> tuple[str, float]:
+        """Stop Redis with ``sig``, leave it down ``down_s``, start it on the same socket and data."""
+        process = self.redis.process
+        self.planned_exits.add(process.pid)
+        process.send_signal(sig)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        self.down_at = time.monotonic()
+        time.sleep(down_s)
+        started = time.monotonic()
+        self._start_redis()
+        return f"redis down {down_s:g}s ({signal.Signals(sig).name})", time.monotonic() - started
+
+    def restart_gateway(self, index: int, sig: int) -> tuple[str, float]:
+        """Stop gateway ``index`` with ``sig`` and start it again on the same port."""
+        process = self.gateways[index]
+        self.planned_exits.add(process.pid)
+        process.send_signal(sig)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        started = self.down_at = time.monotonic()
+        self.gateways[index] = self._spawn_gateway(index)
+        self._wait_gateway(index)
+        return f"gateway {index} ({signal.Signals(sig).name})", time.monotonic() - started
+
+    # -- the end -----------------------------------------------------------
+
+    def unplanned_exits(self) -> list[str]:
+        """Processes that ended although the soak did not stop them."""
+        named = [("redis", self.redis.process)] if self.redis else []
+        named += [(f"worker {p.pid}", p) for p in self.workers] + [(f"gateway {i}", p)
+                                                                     for i, p in enumerate(self.gateways)]
+        found = [f"{name} exited with {p.returncode}" for name, p in named
+                 if p.poll() is not None and p.pid not in self.planned_exits]
+        for worker in self.workers:  # a pool process that died alone is replaced; one that never came back is not
+            if worker.poll() is None and not _children(worker.pid):
+                found.append(f"worker {worker.pid} has no pool process")
+        return found
+
+    def stop(self) -> None:
+        """Gateways, then workers, then Redis; anything else ever started is killed."""
+        from gateway.processes import stop_process
+
+        for process in self.gateways:
+            stop_process(process, timeout_s=15)
+        for process in self.workers:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.workers:
+            stop_process(process, timeout_s=30)
+        if self.redis is not None:
+            self.redis.stop()
+        for process in self._spawned:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        self.fault_thread.shutdown(wait=True)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
