@@ -191,10 +191,7 @@ class CompletionService:
         The policy judged a snapshot of the counters; the reservation is the
         atomic check that enforces the same limits however many requests race.
         """
-        try:
-            prompt_tokens = await self.prompt_counter.count(spec, messages, prompt)
-        except ValueError:  # the worker refuses such text (a NUL, say) with its own clear error
-            prompt_tokens = None
+        prompt_tokens = await self.prompt_counter.count(spec, messages, prompt)  # text checked by check_fits
         if prompt_tokens is not None and prompt_tokens + max_tokens > spec.context_length:
             return None, {"admitted": False, "code": "context_length_exceeded", "prompt_tokens": prompt_tokens,
                           "max_tokens": max_tokens, "context_length": spec.context_length}

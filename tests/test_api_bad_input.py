@@ -78,6 +78,11 @@ BAD_BODIES = [
     ("image-part", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
      422, "invalid_value", "messages[0].content[0].type"),
     ("unknown-model", chat(model="no-such-model"), 404, "model_not_found", "model"),
+    # govgate-tiny is served by ctransformers, whose C API takes NUL-terminated text
+    ("nul-in-content", chat(messages=[{"role": "user", "content": "a\x00b"}]), 422, "invalid_value",
+     "messages[0].content"),
+    ("nul-in-a-later-part", chat(messages=[OK_MESSAGES[0], {"role": "user", "content": [
+        {"type": "text", "text": "x"}, {"type": "text", "text": "\x00"}]}]), 422, "invalid_value", "messages[1].content"),
 ]
 
 
@@ -105,6 +110,7 @@ async def test_bad_chat_body(client, keyring, audit_store, raw, status, code, pa
     (b'{"model": "%s", "prompt": "x", "logprobs": 0}' % TINY_MODEL_NAME.encode(), 400, "unsupported_parameter"),
     (b'{"model": "%s", "prompt": "x", "echo": true}' % TINY_MODEL_NAME.encode(), 400, "unsupported_parameter"),
     (b'{"model": "%s", "prompt": %s}' % (TINY_MODEL_NAME.encode(), b"[" * 500 + b"]" * 500), 400, "invalid_json"),
+    (b'{"model": "%s", "prompt": "a\\u0000b"}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
     (b'{"model": "%s", "prompt": 12}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
     (b'{"model": "%s", "prompt": ["a", "b"]}' % TINY_MODEL_NAME.encode(), 400, "unsupported_parameter"),
     (b'{"model": "%s"}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
@@ -255,3 +261,28 @@ def test_depth_scan_ignores_brackets_in_strings():
     assert json_depth(inside) == 3
     assert json_depth(b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1)) == MAX_JSON_DEPTH + 1
     assert json_depth(b'["\\\\", ' + b"[" * 70 + b"]" * 70 + b"]") == 71
+
+
+async def test_a_nul_is_refused_before_queueing_and_served_where_the_backend_takes_it(client, keyring, settings,
+                                                                                      audit_store):
+    from dataclasses import replace
+
+    from gateway.api.parsing import parse_body
+    from gateway.api.schemas import ChatCompletionRequest
+    from gateway.fit import check_fits
+    from tests.test_fail_closed import queued
+    from workers.registry import BACKEND_LLAMACPP, load_registry
+
+    before = queued(settings, TINY_MODEL_NAME)
+    response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                 json={"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "\x00"}]})
+    assert response.status_code == 422, response.text
+    assert "U+0000" in response.json()["error"]["message"]
+    assert audit_store.tail(1)[0].kind == "rejected"
+    assert queued(settings, TINY_MODEL_NAME) == before
+    # The same prompt for a llama.cpp model passes the gateway's checks (the backend serves it:
+    # tests/test_backend_llamacpp.py::test_a_nul_in_the_prompt_is_served).
+    spec = replace(load_registry(settings.models_file, settings.var_dir).get(TINY_MODEL_NAME), backend=BACKEND_LLAMACPP)
+    request = parse_body(b'{"model": "x", "messages": [{"role": "user", "content": "a\\u0000b"}]}',
+                         ChatCompletionRequest)
+    check_fits(request, spec)
