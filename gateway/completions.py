@@ -36,7 +36,7 @@ from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.audit_records import decision_for_audit, logged_prompt
 from gateway.auth import Principal
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
-from gateway.errors import ApiError
+from gateway.errors import ApiError, errors_of
 from gateway.fit import PromptCounter, check_fits
 from gateway.limits import CountersUnavailable, Refusal, Reservation, UsageCounters
 from gateway.policy import Decision
@@ -105,8 +105,10 @@ class CompletionService:
             check_fits(request, spec)
         except ApiError as error:
             await self._record_rejection(request_id, principal, endpoint, error, raw)
+            error.request_id = request_id
             raise
-        return await self._decide(request_id, principal, endpoint, request, spec, purpose_header)
+        with errors_of(request_id):
+            return await self._decide(request_id, principal, endpoint, request, spec, purpose_header)
 
     async def _decide(self, request_id: str, principal: Principal, endpoint: str,
                       request: ChatCompletionRequest | CompletionRequest, spec: ModelSpec,
