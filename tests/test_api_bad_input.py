@@ -69,6 +69,9 @@ BAD_BODIES = [
     ("nested-1000-in-content", nested(1000, "content"), 400, "invalid_json", None),
     ("nested-100000", nested(100000, "extra"), 400, "invalid_json", None),
     ("nested-66", nested(66, "extra"), 400, "invalid_json", None),
+    ("nested-60-is-parsed", nested(60, "extra"), 400, "unsupported_parameter", "extra"),  # under the limit
+    ("lone-surrogate", b'{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+     % TINY_MODEL_NAME.encode(), 400, "invalid_json", None),
     ("max-tokens-2-53", chat(max_tokens=2**53), 422, "invalid_value", "max_tokens"),
     ("max-tokens-10-24", chat(max_tokens=10**24), 422, "invalid_value", "max_tokens"),
     ("max-completion-tokens-2-53", chat(max_completion_tokens=2**53), 422, "invalid_value", "max_completion_tokens"),
