@@ -85,7 +85,8 @@ BAD_BODIES = [
     ("nul-in-content", chat(messages=[{"role": "user", "content": "a\x00b"}]), 422, "invalid_value",
      "messages[0].content"),
     ("nul-in-a-later-part", chat(messages=[OK_MESSAGES[0], {"role": "user", "content": [
-        {"type": "text", "text": "x"}, {"type": "text", "text": "\x00"}]}]), 422, "invalid_value", "messages[1].content"),
+        {"type": "text", "text": "x"}, {"type": "text", "text": "\x00"}]}]), 422, "invalid_value",
+     "messages[1].content"),
 ]
 
 

@@ -66,3 +66,7 @@ def test_harmless_defaults_through_the_sdk(sdk):
         sdk("analyst").chat.completions.create(model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "x"}],
                                                logprobs=True)
     assert (refused.value.code, refused.value.param) == ("unsupported_parameter", "logprobs")
+    with pytest.raises(openai.UnprocessableEntityError) as out_of_range:  # checked before the policy sees it
+        sdk("analyst").chat.completions.create(model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "x"}],
+                                               max_tokens=2**53)
+    assert (out_of_range.value.code, out_of_range.value.param) == ("invalid_value", "max_tokens")
