@@ -36,7 +36,7 @@ from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.audit_records import decision_for_audit, logged_prompt
 from gateway.auth import Principal
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
-from gateway.errors import ApiError
+from gateway.errors import ApiError, errors_of
 from gateway.fit import PromptCounter, check_fits
 from gateway.limits import CountersUnavailable, Refusal, Reservation, UsageCounters
 from gateway.limits.charge import prompt_tokens_to_hold, used_tokens
@@ -106,8 +106,10 @@ class CompletionService:
             check_fits(request, spec)
         except ApiError as error:
             await self._record_rejection(request_id, principal, endpoint, error, raw)
+            error.request_id = request_id
             raise
-        return await self._decide(request_id, principal, endpoint, request, spec, purpose_header)
+        with errors_of(request_id):
+            return await self._decide(request_id, principal, endpoint, request, spec, purpose_header)
 
     async def _decide(self, request_id: str, principal: Principal, endpoint: str,
                       request: ChatCompletionRequest | CompletionRequest, spec: ModelSpec,
@@ -192,10 +194,7 @@ class CompletionService:
         The policy judged a snapshot of the counters; the reservation is the
         atomic check that enforces the same limits however many requests race.
         """
-        try:
-            prompt_tokens = await self.prompt_counter.count(spec, messages, prompt)
-        except ValueError:  # the worker refuses such text (a NUL, say) with its own clear error
-            prompt_tokens = None
+        prompt_tokens = await self.prompt_counter.count(spec, messages, prompt)  # text checked by check_fits
         if prompt_tokens is not None and prompt_tokens + max_tokens > spec.context_length:
             return None, {"admitted": False, "code": "context_length_exceeded", "prompt_tokens": prompt_tokens,
                           "max_tokens": max_tokens, "context_length": spec.context_length}

@@ -5,15 +5,25 @@ Every refusal the gateway makes is an :class:`ApiError` with a stable
 exception handlers below also turn Litestar's own errors (unknown route,
 wrong method, body too large) and anything unexpected into the same shape,
 so no client ever sees a traceback.
+
+Every error response carries ``X-Govgate-Request-Id``. An error the gateway
+audited (a rejected body, a denial, a failure after admission) carries the
+request id of its audit entries; one refused before anything is recorded
+(no or bad key, unknown route, an unexpected error) gets a fresh id that
+names no audit entry but appears in the gateway's log for a 500.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+import uuid
+from typing import Any, Iterator
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
+
+from gateway.urls import REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +48,8 @@ class ApiError(Exception):
     """A designed refusal: status, code, message, and optional extras."""
 
     def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
-                 extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> None:
+                 extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
+                 request_id: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -46,6 +57,8 @@ class ApiError(Exception):
         self.param = param
         self.extra = extra or {}
         self.headers = headers or {}
+        #: The audit request id this error was recorded under, if any.
+        self.request_id = request_id
 
     def body(self) -> dict[str, Any]:
         error = {"message": self.message, "type": _TYPES.get(self.status, "server_error"),
@@ -54,7 +67,23 @@ class ApiError(Exception):
         return {"error": error}
 
     def to_response(self) -> Response:
-        return Response(self.body(), status_code=self.status, headers=self.headers, media_type=MediaType.JSON)
+        headers = {**self.headers, REQUEST_ID_HEADER: self.request_id or new_request_id()}
+        return Response(self.body(), status_code=self.status, headers=headers, media_type=MediaType.JSON)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@contextlib.contextmanager
+def errors_of(request_id: str) -> Iterator[None]:
+    """Mark an :class:`ApiError` leaving the block as the request ``request_id``'s (the header names it)."""
+    try:
+        yield
+    except ApiError as error:
+        if error.request_id is None:
+            error.request_id = request_id
+        raise
 
 
 def api_error_handler(_: Request, exc: ApiError) -> Response:
@@ -78,9 +107,10 @@ def http_exception_handler(_: Request, exc: HTTPException) -> Response:
 
 def unexpected_error_handler(request: Request, exc: Exception) -> Response:
     """Last resort: log the traceback for operators, show the client no internals."""
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return ApiError(500, "internal_error",
-                    "The gateway hit an unexpected error; it has been logged. Nothing was served.").to_response()
+    request_id = new_request_id()
+    log.exception("unhandled error on %s %s (request id %s)", request.method, request.url.path, request_id)
+    return ApiError(500, "internal_error", "The gateway hit an unexpected error; it has been logged. Nothing was "
+                    "served.", request_id=request_id).to_response()
 
 
 EXCEPTION_HANDLERS = {

@@ -20,7 +20,7 @@ import anyio
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.errors import ApiError
 from workers.prompts import render_chat
-from workers.registry import BACKEND_FEATURES, ModelSpec
+from workers.registry import BACKEND_FEATURES, BACKEND_REFUSED_CHARACTERS, ModelSpec
 from workers.tokenizers import Tokenizer, TokenizerError, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ def check_fits(request: ChatCompletionRequest | CompletionRequest, spec: ModelSp
             raise ApiError(400, "unsupported_parameter",
                            f"Model '{spec.name}' ({spec.backend}) does not support '{name}'; "
                            "use 'repetition_penalty' instead.", param=name)
+    _check_characters(request, spec)
     if isinstance(request, ChatCompletionRequest):
         size = sum(len(m.text().encode()) for m in request.messages)
     else:
@@ -98,3 +99,24 @@ def check_fits(request: ChatCompletionRequest | CompletionRequest, spec: ModelSp
                        f"The prompt is at least {least_tokens} tokens; model '{spec.name}' has a context of "
                        f"{spec.context_length} tokens.", param="messages" if isinstance(
                            request, ChatCompletionRequest) else "prompt")
+
+
+def _check_characters(request: ChatCompletionRequest | CompletionRequest, spec: ModelSpec) -> None:
+    """Refuse prompt text holding a character the model's backend cannot take (a NUL for ctransformers).
+
+    Why here: such a prompt would otherwise be admitted, queued and fail in
+    the worker (a 502 for what is the caller's input).
+    """
+    refused = BACKEND_REFUSED_CHARACTERS.get(spec.backend, "")
+    if not refused:
+        return
+    if isinstance(request, ChatCompletionRequest):
+        texts = [(f"messages[{i}].content", m.text()) for i, m in enumerate(request.messages)]
+    else:
+        texts = [("prompt", request.prompt if isinstance(request.prompt, str) else request.prompt[0])]
+    for param, text in texts:
+        for char in refused:
+            if char in text:
+                raise ApiError(422, "invalid_value",
+                               f"'{param}' contains the character U+{ord(char):04X}, which model '{spec.name}' "
+                               f"({spec.backend}) cannot take; remove it.", param=param)

@@ -22,6 +22,14 @@ def chat(**fields) -> bytes:
     return json.dumps({"model": TINY_MODEL_NAME, "messages": OK_MESSAGES, **fields}).encode()
 
 
+def nested(depth: int, where: str) -> bytes:
+    """A chat body with arrays/objects nested ``depth`` deep at ``where`` (built as text: json.dumps would recurse)."""
+    deep = (b'{"a":[' * (depth // 2)) + b"1" + (b"]}" * (depth // 2))
+    if where == "content":
+        return b'{"model": "%s", "messages": [{"role": "user", "content": %s}]}' % (TINY_MODEL_NAME.encode(), deep)
+    return chat()[:-1] + b', "%s": %s}' % (where.encode(), deep)
+
+
 BAD_BODIES = [
     # (case id, raw body, status, code, param)
     ("not-json", b"{model: nope", 400, "invalid_json", None),
@@ -47,13 +55,38 @@ BAD_BODIES = [
     ("top-p-zero", chat(top_p=0), 422, "invalid_value", "top_p"),
     ("model-number", chat(model=42), 422, "invalid_value", "model"),
     ("too-many-stops", chat(stop=["a", "b", "c", "d", "e"]), 422, "invalid_value", "stop"),
-    ("unknown-field", chat(logprobs=True), 400, "unsupported_parameter", "logprobs"),
+    ("unknown-field", chat(frobnicate=True), 400, "unsupported_parameter", "frobnicate"),
+    ("logprobs-true", chat(logprobs=True), 400, "unsupported_parameter", "logprobs"),
+    ("top-logprobs", chat(top_logprobs=3), 400, "unsupported_parameter", "top_logprobs"),
+    ("json-schema", chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), 400,
+     "unsupported_parameter", "response_format"),
+    ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "unsupported_parameter", "tools"),
+    ("message-tool-calls", chat(messages=[{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]},
+                                          *OK_MESSAGES]), 400, "unsupported_parameter", "messages[0].tool_calls"),
     ("n-two", chat(n=2), 400, "unsupported_parameter", "n"),
-    ("stream-options-without-stream", chat(stream_options={"include_usage": True}), 400, "unsupported_parameter",
-     "stream_options"),
+    ("nested-1000-in-unknown-field", nested(1000, "extra"), 400, "invalid_json", None),
+    ("nested-1000-in-metadata", nested(1000, "metadata"), 400, "invalid_json", None),
+    ("nested-1000-in-content", nested(1000, "content"), 400, "invalid_json", None),
+    ("nested-100000", nested(100000, "extra"), 400, "invalid_json", None),
+    ("nested-66", nested(66, "extra"), 400, "invalid_json", None),
+    ("nested-60-is-parsed", nested(60, "extra"), 400, "unsupported_parameter", "extra"),  # under the limit
+    ("lone-surrogate", b'{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+     % TINY_MODEL_NAME.encode(), 400, "invalid_json", None),
+    ("max-tokens-2-53", chat(max_tokens=2**53), 422, "invalid_value", "max_tokens"),
+    ("max-tokens-10-24", chat(max_tokens=10**24), 422, "invalid_value", "max_tokens"),
+    ("max-completion-tokens-2-53", chat(max_completion_tokens=2**53), 422, "invalid_value", "max_completion_tokens"),
+    ("n-10-24", chat(n=10**24), 422, "invalid_value", "n"),
+    ("top-k-2-53", chat(top_k=2**53), 422, "invalid_value", "top_k"),
+    ("seed-10-24", chat(seed=10**24), 422, "invalid_value", "seed"),
     ("image-part", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
      422, "invalid_value", "messages[0].content[0].type"),
     ("unknown-model", chat(model="no-such-model"), 404, "model_not_found", "model"),
+    # govgate-tiny is served by ctransformers, whose C API takes NUL-terminated text
+    ("nul-in-content", chat(messages=[{"role": "user", "content": "a\x00b"}]), 422, "invalid_value",
+     "messages[0].content"),
+    ("nul-in-a-later-part", chat(messages=[OK_MESSAGES[0], {"role": "user", "content": [
+        {"type": "text", "text": "x"}, {"type": "text", "text": "\x00"}]}]), 422, "invalid_value",
+     "messages[1].content"),
 ]
 
 
@@ -77,6 +110,11 @@ async def test_bad_chat_body(client, keyring, audit_store, raw, status, code, pa
 
 
 @pytest.mark.parametrize("raw,status,code", [
+    (b'{"model": "%s", "prompt": "x", "max_tokens": %d}' % (TINY_MODEL_NAME.encode(), 10**24), 422, "invalid_value"),
+    (b'{"model": "%s", "prompt": "x", "logprobs": 0}' % TINY_MODEL_NAME.encode(), 400, "unsupported_parameter"),
+    (b'{"model": "%s", "prompt": "x", "echo": true}' % TINY_MODEL_NAME.encode(), 400, "unsupported_parameter"),
+    (b'{"model": "%s", "prompt": %s}' % (TINY_MODEL_NAME.encode(), b"[" * 500 + b"]" * 500), 400, "invalid_json"),
+    (b'{"model": "%s", "prompt": "a\\u0000b"}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
     (b'{"model": "%s", "prompt": 12}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
     (b'{"model": "%s", "prompt": ["a", "b"]}' % TINY_MODEL_NAME.encode(), 400, "unsupported_parameter"),
     (b'{"model": "%s"}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
@@ -179,3 +217,76 @@ async def test_routing_errors_are_openai_shaped(client, keyring, method, path, s
     response = await client.request(method, path, headers=bearer(keyring["admin"]))
     assert response.status_code == status
     assert set(response.json()["error"]) >= {"message", "type", "code"}
+
+
+HARMLESS_DEFAULTS = [
+    # (case id, extra fields) — each asks for exactly what govgate does anyway
+    ("logprobs-false", {"logprobs": False, "top_logprobs": None}),
+    ("top-logprobs-zero", {"top_logprobs": 0}),
+    ("response-format-text", {"response_format": {"type": "text"}}),
+    ("stream-options-null", {"stream_options": None}),
+    ("stream-options-without-stream", {"stream_options": {"include_usage": True}}),  # usage is always returned
+    ("n-one-and-user", {"n": 1, "user": "someone@example.org"}),
+    ("no-tools", {"tools": [], "tool_choice": "none", "parallel_tool_calls": None, "functions": None,
+                  "function_call": "none"}),
+    ("other-defaults", {"logit_bias": {}, "service_tier": "auto", "store": False, "modalities": ["text"],
+                        "prediction": None, "audio": None, "reasoning_effort": None}),
+    ("echoed-assistant-message", {"messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello", "refusal": None, "tool_calls": None, "function_call": None,
+         "audio": None, "annotations": []},
+        {"role": "user", "content": "and?"}]}),
+    ("max-tokens-at-the-bound", {"max_tokens": 2**31 - 1}),  # the policy clamps it
+]
+
+
+@pytest.mark.parametrize("extra", [case[1] for case in HARMLESS_DEFAULTS], ids=[case[0] for case in HARMLESS_DEFAULTS])
+async def test_harmless_openai_defaults_are_served(client, keyring, audit_store, extra):
+    fields = {"max_tokens": 3, **extra}
+    response = await client.post("/v1/chat/completions", content=chat(**fields), headers=bearer(keyring["analyst"]))
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"]
+    kinds = [e.kind for e in audit_store.entries_for(response.headers["x-govgate-request-id"])]
+    assert kinds == ["request", "completion"]
+
+
+async def test_harmless_completion_defaults_are_served(client, keyring):
+    body = {"model": TINY_MODEL_NAME, "prompt": "The gate", "max_tokens": 3, "logprobs": None, "echo": False,
+            "best_of": 1, "suffix": None, "n": 1, "user": "u"}
+    response = await client.post("/v1/completions", json=body, headers=bearer(keyring["admin"]))
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"]
+
+
+def test_depth_scan_ignores_brackets_in_strings():
+    from gateway.api.parsing import MAX_JSON_DEPTH, json_depth
+
+    inside = json.dumps({"messages": [{"content": "[{" * 5000 + '\\"[' * 100}]}).encode()
+    assert json_depth(inside) == 3
+    assert json_depth(b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1)) == MAX_JSON_DEPTH + 1
+    assert json_depth(b'["\\\\", ' + b"[" * 70 + b"]" * 70 + b"]") == 71
+
+
+async def test_a_nul_is_refused_before_queueing_and_served_where_the_backend_takes_it(client, keyring, settings,
+                                                                                      audit_store):
+    from dataclasses import replace
+
+    from gateway.api.parsing import parse_body
+    from gateway.api.schemas import ChatCompletionRequest
+    from gateway.fit import check_fits
+    from tests.test_fail_closed import queued
+    from workers.registry import BACKEND_LLAMACPP, load_registry
+
+    before = queued(settings, TINY_MODEL_NAME)
+    response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                 json={"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "\x00"}]})
+    assert response.status_code == 422, response.text
+    assert "U+0000" in response.json()["error"]["message"]
+    assert audit_store.tail(1)[0].kind == "rejected"
+    assert queued(settings, TINY_MODEL_NAME) == before
+    # The same prompt for a llama.cpp model passes the gateway's checks (the backend serves it:
+    # tests/test_backend_llamacpp.py::test_a_nul_in_the_prompt_is_served).
+    spec = replace(load_registry(settings.models_file, settings.var_dir).get(TINY_MODEL_NAME), backend=BACKEND_LLAMACPP)
+    request = parse_body(b'{"model": "x", "messages": [{"role": "user", "content": "a\\u0000b"}]}',
+                         ChatCompletionRequest)
+    check_fits(request, spec)

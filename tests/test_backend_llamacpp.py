@@ -317,6 +317,16 @@ def test_tokens_match_ctransformers(model: LlamaCppModel, ctransformers_model: C
     assert model.tokenize(text) == ctransformers_model.tokenize(text)
 
 
+def test_a_nul_in_the_prompt_is_served(model: LlamaCppModel, llama_spec: ModelSpec) -> None:
+    """llama.cpp takes any character, so the gateway lets a NUL through for its models (ctransformers cannot)."""
+    from workers.tokenizers import load_tokenizer
+
+    text = "open\x00the gate"
+    run = model.generate(text, GenerationParams(max_tokens=3, temperature=0))
+    assert run.completion_tokens == 3 and run.text
+    assert run.prompt_tokens == model.count_tokens(text) == load_tokenizer(llama_spec).count(text)
+
+
 def test_special_token_text_stays_text(model: LlamaCppModel) -> None:
     """A user typing ``</s>`` must not end the prompt's sequence early."""
     ids = model.tokenize("a </s> b")

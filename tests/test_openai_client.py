@@ -44,3 +44,29 @@ def test_sdk_raises_typed_errors(sdk):
         sdk("admin").chat.completions.create(model=TINY_MODEL_NAME, messages=[])
     with pytest.raises(openai.AuthenticationError):
         sdk("revoked").models.list()
+
+
+def test_retrieve_a_model_through_the_sdk(sdk):
+    model = sdk("analyst").models.retrieve(TINY_MODEL_NAME)
+    assert (model.id, model.object, model.owned_by) == (TINY_MODEL_NAME, "model", "govgate")
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk("viewer").models.retrieve(TINY_MODEL_NAME)  # the policy lets viewers use no model
+    assert missing.value.code == "model_not_found"
+    assert missing.value.response.headers["x-govgate-request-id"]
+
+
+def test_harmless_defaults_through_the_sdk(sdk):
+    """What wrappers around the SDK send by default is served, not refused."""
+    completion = sdk("analyst").chat.completions.create(
+        model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0,
+        logprobs=False, top_logprobs=None, response_format={"type": "text"}, stream_options=None, n=1,
+        user="someone", tools=[], tool_choice="none", logit_bias={}, store=False)
+    assert completion.choices[0].message.content and completion.usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk("analyst").chat.completions.create(model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "x"}],
+                                               logprobs=True)
+    assert (refused.value.code, refused.value.param) == ("unsupported_parameter", "logprobs")
+    with pytest.raises(openai.UnprocessableEntityError) as out_of_range:  # checked before the policy sees it
+        sdk("analyst").chat.completions.create(model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "x"}],
+                                               max_tokens=2**53)
+    assert (out_of_range.value.code, out_of_range.value.param) == ("invalid_value", "max_tokens")

@@ -59,6 +59,10 @@ BACKEND_FEATURES: dict[str, frozenset[str]] = {
     BACKEND_CTRANSFORMERS: frozenset(),
     BACKEND_LLAMACPP: frozenset({"frequency_penalty", "presence_penalty"}),
 }
+#: Characters a backend cannot take in prompt text: ctransformers hands the
+#: prompt to C as a NUL-terminated string. The gateway refuses a prompt holding
+#: one before queueing it (422); llama.cpp takes any character.
+BACKEND_REFUSED_CHARACTERS: dict[str, str] = {BACKEND_CTRANSFORMERS: "\x00"}
 _GENERATORS = {GENERATE_TINY, GENERATE_GEMMA}
 
 

@@ -42,6 +42,8 @@ _BIAS_BANNED = -200.0
 _BIAS_WORD = 6.0
 _BIAS_CHAR = -6.0
 _BIAS_PREFIX = -8.0
+#: Special tokens added by ``markers``: favoured enough that greedy output picks them now and then.
+_BIAS_MARKER = 20.0
 
 _SPECIALS = (("<unk>", TokenType.UNKNOWN), ("<s>", TokenType.CONTROL), ("</s>", TokenType.CONTROL))
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -68,18 +70,29 @@ audit worker request prompt local secret allow deny rule trust log chain hash
 """.split()
 
 
-def write_tiny_llama_gguf(path: Path, *, seed: int = 0, context_length: int = 256) -> Path:
+def write_tiny_llama_gguf(path: Path, *, seed: int = 0, context_length: int = 256,
+                          markers: tuple[tuple[str, TokenType], ...] = ()) -> Path:
     """Write the tiny llama to ``path`` (atomically) and return ``path``.
 
     The same ``seed`` always gives a byte-identical file, so tests and workers
     that each write their own copy get the same model. The file appears under
     its final name only once complete (temp file + rename): a worker that
     crashes mid-write or a reader racing it never sees a truncated model.
+
+    ``markers`` appends special tokens (text, type) that the model favours as
+    much as a word, so greedy output holds some: how tests see that control
+    and marker tokens (Gemma's ``<start_of_image>``) never reach a client.
+    Without markers the file is the usual tiny llama.
     """
     path = Path(path)
     if context_length < 8:
         raise ValueError("context_length must be at least 8")
     tokens, scores, types, biases = _vocabulary()
+    for text, kind in markers:
+        tokens.append(text)
+        scores.append(0.0)
+        types.append(int(kind))
+        biases.append(_BIAS_MARKER)
     tensors = _weights(np.random.default_rng(seed), biases)
 
     path.parent.mkdir(parents=True, exist_ok=True)

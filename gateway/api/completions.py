@@ -14,7 +14,7 @@ from litestar.response import Stream
 from gateway import urls
 from gateway.auth import Principal
 from gateway.completions import CHAT, COMPLETIONS, CompletionService, Ticket
-from gateway.errors import ApiError
+from gateway.errors import ApiError, errors_of
 from workers.contract import JobResult
 
 
@@ -111,9 +111,11 @@ async def _serve(service: CompletionService, request: Request, principal: Princi
     headers = {urls.REQUEST_ID_HEADER: ticket.request_id}
     if ticket.job.stream:
         opened = service.stream(ticket)
-        events = await opened.__aenter__()  # queue errors are still ordinary HTTP errors here
+        with errors_of(ticket.request_id):
+            events = await opened.__aenter__()  # queue errors are still ordinary HTTP errors here
         return Stream(_events(service, ticket, shape, opened, events), media_type="text/event-stream",
                       headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    result = await service.complete(ticket)
+    with errors_of(ticket.request_id):
+        result = await service.complete(ticket)
     return Response({**shape.envelope(ticket, shape.object), "choices": [shape.choice(result.text,
                      result.finish_reason)], "usage": _usage(result)}, headers=headers)

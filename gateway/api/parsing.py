@@ -4,12 +4,21 @@ Syntax errors (not JSON, not an object) are 400; a well-formed body that
 breaks the schema (missing field, wrong type, out-of-range value) is 422 and
 names the offending parameter; a parameter or value govgate does not support
 is 400 ``unsupported_parameter``.
+
+Nesting is bounded before decoding: msgspec (like any recursive parser)
+recurses once per level and raises ``RecursionError`` near Python's limit,
+so a body nested deeper than ``MAX_JSON_DEPTH`` is refused as
+``invalid_json`` by a scan of the raw bytes, whatever field holds it. No
+valid request comes near the limit (the deepest is
+``messages[i].content[j]``, four levels).
 """
 
 from __future__ import annotations
 
 import re
-from typing import TypeVar
+from array import array
+from itertools import accumulate
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -22,23 +31,57 @@ _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
 _MISSING_FIELD = re.compile(r"Object missing required field `(?P<field>[^`]+)`")
 
+#: Deepest nesting of arrays and objects a request body may have.
+MAX_JSON_DEPTH = 64
+#: Brackets as +1 (open) / -1 (close) bytes, everything else deleted.
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[{]}")
+
+
+def json_depth(raw: bytes, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deep arrays and objects nest in ``raw`` (0 when it cannot exceed ``limit``).
+
+    Brackets inside strings do not count: escaped backslashes and quotes
+    are removed first, then every other quote-delimited run is a string.
+    Linear and in C but for one ``accumulate`` over the brackets (a 1 MiB
+    body of brackets takes tens of milliseconds). For invalid JSON the
+    figure may be off, but then the decoder refuses the body anyway.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return 0
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside_strings = b"".join(unescaped.split(b'"')[::2])
+    steps = array("b", outside_strings.translate(_BRACKET_STEPS, _NOT_BRACKETS))
+    return max(accumulate(steps), default=0)
+
 
 def parse_body(raw: bytes, kind: type[T]) -> T:
     """Decode and validate ``raw`` as ``kind``; raise :class:`ApiError` on any problem."""
     if not raw.strip():
         raise ApiError(400, "invalid_json", "The request body is empty; send a JSON object.")
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise _too_deep()
     try:
         document = msgspec.json.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:  # the scan above should make this unreachable; never a 500
+        raise _too_deep() from None
     if not isinstance(document, dict):
         raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
     try:
         request = msgspec.convert(document, kind, strict=True)
     except msgspec.ValidationError as exc:
         raise _validation_error(str(exc)) from None
+    except RecursionError:
+        raise _too_deep() from None
     _check_supported(request)
     return request
+
+
+def _too_deep() -> ApiError:
+    return ApiError(400, "invalid_json",
+                    f"The request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep.")
 
 
 def _validation_error(message: str) -> ApiError:
@@ -55,10 +98,60 @@ def _validation_error(message: str) -> ApiError:
     return ApiError(422, "invalid_value", f"Invalid request: {message}", param=path or None)
 
 
+def _is(value: Any, default: Any) -> bool:
+    """``value`` is ``default`` itself, not just equal to it (``0 == False`` in Python)."""
+    return type(value) is type(default) and value == default
+
+
+#: OpenAI fields accepted only with these values (each asks for what govgate
+#: does anyway), and what govgate does instead; any other value is a 400.
+_ONLY_DEFAULTS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "logit_bias": ((None, {}), "token biases are not supported"),
+    "service_tier": ((None, "auto", "default"), "there is one service tier"),
+    "store": ((None, False), "completions are kept in the audit log only"),
+    "top_logprobs": ((None, 0), "log probabilities are not returned"),
+    "response_format": ((None, {"type": "text"}), "replies are plain text"),
+    "tools": ((None, []), "tools and function calling are not supported"),
+    "tool_choice": ((None, "none"), "tools and function calling are not supported"),
+    "parallel_tool_calls": ((None,), "tools and function calling are not supported"),
+    "functions": ((None, []), "tools and function calling are not supported"),
+    "function_call": ((None, "none"), "tools and function calling are not supported"),
+    "modalities": ((None, ["text"]), "replies are text only"),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "audio": ((None,), "replies are text only"),
+    "reasoning_effort": ((None,), "the models served do not reason on request"),
+    "echo": ((None, False), "the prompt is not echoed"),
+    "best_of": ((None, 1), "one candidate is generated per request"),
+    "suffix": ((None,), "suffixes (fill-in-the-middle) are not supported"),
+}
+#: The same for fields of a chat message (an assistant message echoed back from a response).
+_MESSAGE_DEFAULTS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "refusal": ((None,), "refusals cannot be replayed"),
+    "tool_calls": ((None, []), "tools and function calling are not supported"),
+    "function_call": ((None,), "tools and function calling are not supported"),
+    "audio": ((None,), "messages are text only"),
+    "annotations": ((None, []), "annotations are not supported"),
+}
+#: ``logprobs`` is a flag in chat and a count in text completions; only "none" is accepted.
+_NO_LOGPROBS = {ChatCompletionRequest: (None, False), CompletionRequest: (None,)}
+
+
+def _check_defaults(owner: Any, table: dict[str, tuple[tuple[Any, ...], str]], prefix: str = "") -> None:
+    for field, (accepted, why) in table.items():
+        value = getattr(owner, field, None)
+        if not any(_is(value, default) for default in accepted):
+            shown = ", ".join("null" if a is None else msgspec.json.encode(a).decode() for a in accepted)
+            raise ApiError(400, "unsupported_parameter",
+                           f"Unsupported value of '{prefix}{field}': {why} (accepted: {shown}).",
+                           param=f"{prefix}{field}")
+
+
 def _check_supported(request: ChatCompletionRequest | CompletionRequest) -> None:
-    if request.stream_options is not None and not request.stream:
-        raise ApiError(400, "unsupported_parameter", "'stream_options' is only allowed with 'stream': true.",
-                       param="stream_options")
+    _check_defaults(request, {"logprobs": (_NO_LOGPROBS[type(request)], "log probabilities are not returned")})
+    _check_defaults(request, _ONLY_DEFAULTS)
+    if isinstance(request, ChatCompletionRequest):
+        for i, message in enumerate(request.messages):
+            _check_defaults(message, _MESSAGE_DEFAULTS, f"messages[{i}].")
     if request.n != 1:
         raise ApiError(400, "unsupported_parameter", "Only one choice per request is supported ('n' must be 1).",
                        param="n")

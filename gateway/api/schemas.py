@@ -1,8 +1,14 @@
 """Request shapes of the OpenAI-compatible endpoints, as msgspec structs.
 
 Unknown fields are refused rather than ignored: a client that sends a
-parameter govgate does not implement (``logprobs``, ``tools``…) should hear
-so instead of getting a silently different answer.
+parameter govgate does not implement should hear so instead of getting a
+silently different answer. OpenAI fields that clients and SDK wrappers send
+with their default value (``"logprobs": false``, ``"response_format":
+{"type": "text"}``…) are declared here as ``Any`` and accepted only with a
+value that asks for what govgate does anyway (``gateway.api.parsing``).
+
+Counts and seeds have upper bounds, so a value no backend could take (2^53,
+10^24) is a 422 naming the parameter before the policy ever sees it.
 """
 
 from __future__ import annotations
@@ -11,10 +17,17 @@ from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+#: Largest count a backend takes (its C API counts in 32-bit ints).
+MAX_COUNT = 2**31 - 1
+#: Largest ``n`` accepted as a value at all (anything but 1 is then refused as unsupported).
+MAX_CHOICES = 128
+
+Count = Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)]
+Choices = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
-TopK = Annotated[int, msgspec.Meta(ge=0)]
+TopK = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=10.0)]
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
@@ -30,6 +43,12 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, Annotated[list[TextPart], msgspec.Meta(min_length=1)]]
     name: str | None = None
+    # Fields of an assistant message echoed back from an earlier response (null/empty only).
+    refusal: Any = None
+    tool_calls: Any = None
+    function_call: Any = None
+    audio: Any = None
+    annotations: Any = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -50,7 +69,7 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Parameters both endpoints share."""
 
     model: NonEmptyStr
-    max_tokens: PositiveInt | None = None
+    max_tokens: Count | None = None
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     top_k: TopK | None = None
@@ -58,12 +77,16 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     frequency_penalty: Penalty = 0.0
     presence_penalty: Penalty = 0.0
     stop: Union[NonEmptyStr, StopList, None] = None
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: PositiveInt = 1
+    n: Choices = 1
     user: str | None = None
     metadata: dict[str, str] | None = None
+    # Accepted with their default value only (see the module docstring).
+    logit_bias: Any = None
+    service_tier: Any = None
+    store: Any = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -73,8 +96,24 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
-    max_completion_tokens: PositiveInt | None = None
+    max_completion_tokens: Count | None = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    audio: Any = None
+    reasoning_effort: Any = None
 
 
 class CompletionRequest(_Sampling, kw_only=True):
     prompt: Union[str, Annotated[list[str], msgspec.Meta(min_length=1)]]
+    logprobs: Any = None
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None

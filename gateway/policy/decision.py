@@ -37,11 +37,11 @@ class MalformedDecision(ValueError):
 
 @dataclass(frozen=True)
 class Reason:
-    """Why a request was denied. ``retry_after_s`` is set by limits that lift."""
+    """Why a request was denied. ``retry_after_s`` (whole seconds, rounded up) is set by limits that lift."""
 
     code: str
     message: str
-    retry_after_s: float | None = None
+    retry_after_s: int | None = None
 
     def to_document(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -199,7 +199,7 @@ def _reason(item: object, index: int) -> Reason:
     if retry is not None:
         if not isinstance(retry, (int, float)) or not _is_number(retry) or retry < 0:
             raise MalformedDecision(f"{where}.retry_after_s must be a number >= 0, got {retry!r}")
-        retry = float(retry)
+        retry = math.ceil(retry)  # the API promises whole seconds (Rego's ceil() answers 17.0)
     return Reason(code=code, message=message, retry_after_s=retry)
 
 

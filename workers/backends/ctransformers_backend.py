@@ -54,6 +54,7 @@ from workers.backends.base import (
     check_model_file,
 )
 from workers.registry import ModelSpec
+from workers.special_tokens import hidden_tokens
 
 _LIB_NAMES = {"Linux": "libctransformers.so", "Darwin": "libctransformers.dylib", "Windows": "ctransformers.dll"}
 
@@ -187,6 +188,8 @@ class CTransformersModel:
         self.lib = lib
         self._llm = llm
         self._detokenize = llm.ctransformers_llm_detokenize
+        #: Control, unknown and marker tokens: generated, counted, never shown.
+        self._hidden = hidden_tokens(spec.path).ids
         bos = llm.bos_token_id
         #: What an empty prompt is sent as when the tokenizer adds no BOS.
         self._start_token = bos if 0 <= bos < llm.vocab_size else llm.eos_token_id
@@ -258,6 +261,8 @@ class CTransformersModel:
         return self.stream(prompt, params).collect()
 
     def _token_bytes(self, token: int) -> bytes:
+        if token in self._hidden:  # this build prints an unknown token as "▅"
+            return b""
         return self._detokenize(token) or b""
 
     def _token_ids(self, tokens: list[int], params: GenerationParams) -> Iterator[int]:

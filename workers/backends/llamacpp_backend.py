@@ -47,6 +47,10 @@ fitted to the backend contract (each point found by trying, xllamacpp
   HTTP listener, the compute pool), and a process that forks after
   inference leaves the child hanging, so models are loaded after fork
   (``workers/runtime.py``).
+* **Special tokens.** llama.cpp prints user-defined tokens verbatim, markers
+  such as Gemma's ``<start_of_image>`` included; each token's bytes pass
+  through :meth:`~workers.special_tokens.HiddenTokens.strip`, so no marker
+  reaches a client (control tokens it already leaves out).
 * **Logging.** llama.cpp logs every request at its default verbosity; here
   only its errors reach stderr (the worker's log), e.g. why a file did not load.
 """
@@ -71,6 +75,7 @@ from workers.backends.base import (
     check_model_file,
 )
 from workers.registry import ModelSpec
+from workers.special_tokens import hidden_tokens
 
 #: Tokens the repetition penalty looks back over (as the ctransformers backend).
 _LAST_N_TOKENS = 64
@@ -95,6 +100,7 @@ class LlamaCppModel:
         self._host, self._port = address.hostname, address.port
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self._hidden = hidden_tokens(spec.path)
         self._n_ctx = min(spec.context_length, self._server_context() or spec.context_length)
 
     @classmethod
@@ -174,7 +180,8 @@ class LlamaCppModel:
             finally:
                 source.close()  # cancels the completion now, not when garbage-collected
 
-        return GenerationRun(positions(), pieces.__getitem__, prompt_tokens=len(tokens), params=params)
+        return GenerationRun(positions(), lambda i: self._hidden.strip(pieces[i]), prompt_tokens=len(tokens),
+                             params=params)
 
     def generate(self, prompt: str, params: GenerationParams) -> Generation:
         return self.stream(prompt, params).collect()

@@ -1,0 +1,79 @@
+"""Tokens a model may generate that are markers, not text: they never reach a client.
+
+Why: a model's vocabulary holds tokens for its own machinery (turn and
+sequence markers, image and audio placeholders, unused slots). When the
+model samples one, it is not part of the answer; Gemma 3 has been seen
+replying with ``<start_of_image>``. The backends do not agree on what they
+render: llama.cpp hides control and unknown tokens but prints user-defined
+ones verbatim (Gemma's ``<start_of_image>``, ``[multimodal]``), while the
+ctransformers build prints unknown tokens as "▅". So the workers decide,
+from the GGUF vocabulary's token types, what is hidden:
+
+* every ``control`` and ``unknown`` token;
+* ``user-defined`` tokens that are markers by their spelling: ``<|name|>``,
+  snake-case tags such as ``<start_of_image>`` (no HTML tag has an
+  underscore), bracketed words such as ``[multimodal]``, and the texts
+  llama.cpp itself treats as control (``workers.tokenizers``). Other
+  user-defined tokens are text the model writes (Gemma's ``<table>``,
+  ``<h1>``, runs of newlines and tabs) and are kept.
+
+A hidden token still counts as a completion token (the model generated it).
+Files other than GGUF carry no token types; nothing is hidden there.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workers.tokenizers import _CONTROL_LOOKING, TokenizerError, read_gguf_metadata
+
+_TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 2, 3, 4
+_MARKER = re.compile(r"<\|[^|<>\s]+\|>|<[A-Za-z0-9]+(?:_[A-Za-z0-9]+)+>|\[[A-Za-z_]+\]")
+
+
+def is_marker(text: str) -> bool:
+    """Whether a user-defined token spelled ``text`` is a marker rather than text."""
+    return text in _CONTROL_LOOKING or _MARKER.fullmatch(text) is not None
+
+
+@dataclass(frozen=True)
+class HiddenTokens:
+    """The token ids that are never shown, and the texts of those a backend may print anyway."""
+
+    ids: frozenset[int] = frozenset()
+    #: Spellings of the hidden user-defined markers (what llama.cpp prints).
+    texts: tuple[bytes, ...] = ()
+    _pattern: re.Pattern[bytes] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.texts:
+            longest_first = sorted(self.texts, key=len, reverse=True)
+            object.__setattr__(self, "_pattern", re.compile(b"|".join(re.escape(t) for t in longest_first)))
+
+    def strip(self, piece: bytes) -> bytes:
+        """``piece`` (one generated token's bytes, as a backend rendered it) without marker text."""
+        return piece if self._pattern is None or not piece else self._pattern.sub(b"", piece)
+
+
+def hidden_tokens(path: Path) -> HiddenTokens:
+    """What of ``path``'s vocabulary must not reach a client (nothing for a file without token types)."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                return HiddenTokens()
+        meta = read_gguf_metadata(Path(path), {"tokenizer.ggml.tokens", "tokenizer.ggml.token_type"})
+    except (OSError, TokenizerError):
+        return HiddenTokens()
+    tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type")
+    if not tokens or types is None or len(types) != len(tokens):
+        return HiddenTokens()
+    ids, texts = set(), []
+    for token_id, (raw, kind) in enumerate(zip(tokens, types)):
+        if kind in (_TOKEN_CONTROL, _TOKEN_UNKNOWN):
+            ids.add(token_id)
+        elif kind == _TOKEN_USER_DEFINED and raw and is_marker(raw.decode("utf-8", "replace")):
+            ids.add(token_id)
+            texts.append(raw)
+    return HiddenTokens(frozenset(ids), tuple(texts))
