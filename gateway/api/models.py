@@ -9,6 +9,7 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency
 
 from gateway import urls
+from gateway.api.openapi import MODELS_OPERATION, SECURITY
 from gateway.auth import Principal
 from redis.exceptions import RedisError
 
@@ -16,7 +17,8 @@ from redis.exceptions import RedisError
 class ModelsController(Controller):
     tags = ["models"]
 
-    @get(urls.MODELS, summary="List the models this key may use")
+    @get(urls.MODELS, summary="List the models this key may use", operation_class=MODELS_OPERATION,
+         security=SECURITY)
     async def list_models(self, state: State, principal: NamedDependency[Principal]) -> dict[str, Any]:
         components = state.components
         specs = [components.registry.models[name] for name in components.registry.names()]
