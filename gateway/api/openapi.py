@@ -22,6 +22,7 @@ from litestar.openapi.spec import (
     OpenAPIMediaType,
     OpenAPIResponse,
     Operation,
+    Parameter,
     RequestBody,
     Schema,
     SecurityScheme,
@@ -107,7 +108,8 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
           {}),
 }
 #: The errors of a route that only needs a key (``GET /v1/models``).
-_KEY_ERRORS = {status: _COMPLETION_ERRORS[status] for status in (401, 503)}
+_KEY_ERRORS = {401: _COMPLETION_ERRORS[401],
+               503: ("`auth_unavailable`: API keys cannot be checked (the database is down).", {})}
 
 
 def _error(description: str, headers: dict[str, OpenAPIHeader]) -> OpenAPIResponse:
@@ -137,6 +139,37 @@ def _event_stream(chunk: type) -> dict[str, Any]:
     }
 
 
+#: What the struct cannot say about a field (README's "Supported request fields").
+_FIELD_NOTES = {
+    "model": "A model of the registry (GET /v1/models lists those this key may use); 404 otherwise.",
+    "messages": "The conversation; `developer` is read as `system`. The last message must not be the assistant's.",
+    "prompt": "One prompt: a string, or a list holding exactly one string (batches are refused with 400).",
+    "max_tokens": "Tokens to generate at most; the policy may clamp it (or refuse it). Defaults to "
+                  "GOVGATE_DEFAULT_MAX_TOKENS.",
+    "max_completion_tokens": "OpenAI's newer name for `max_tokens`.",
+    "temperature": "0 is greedy decoding.",
+    "repetition_penalty": "Defaults to the model's registry value.",
+    "frequency_penalty": "llama.cpp models only: anything but 0 on a ctransformers model is a 400.",
+    "presence_penalty": "llama.cpp models only: anything but 0 on a ctransformers model is a 400.",
+    "stop": "A stop sequence or up to 4; the output ends before it (it is not included).",
+    "stream": "Send Server-Sent Events (`text/event-stream`) instead of one JSON body.",
+    "stream_options": "Only with `stream: true`; `include_usage` adds a last chunk with `usage`.",
+    "n": "Choices per request: only 1 is supported (400 otherwise).",
+    "metadata": "String values; `metadata.purpose` declares the request's purpose to the policy.",
+}
+
+
+def _noted(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with :data:`_FIELD_NOTES` as the descriptions of its top-level properties."""
+    properties = {name: {**definition, "description": _FIELD_NOTES[name]} if name in _FIELD_NOTES else definition
+                  for name, definition in schema["properties"].items()}
+    return {**schema, "properties": properties}
+
+
+_PURPOSE = Parameter(name=urls.PURPOSE_HEADER, param_in="header", required=False,
+                     schema=JsonSchema(document={"type": "string"}),
+                     description="Declares the request's purpose to the policy (as `metadata.purpose` does).")
+
 _EXAMPLES: dict[type, dict[str, Any]] = {
     ChatCompletionRequest: {"model": "govgate-tiny", "max_tokens": 16,
                             "messages": [{"role": "user", "content": "Say hello."}]},
@@ -150,10 +183,11 @@ def completion_operation(request: type, response: type, chunk: type) -> type[Ope
     @dataclass
     class CompletionOperation(Operation):
         def __post_init__(self) -> None:
+            self.parameters = [_PURPOSE]
             self.request_body = RequestBody(required=True, description=(
                 "Validated against this schema by the gateway itself (the body is read raw so that a refused "
                 "body is audited too). An unknown field is refused with 400 `unsupported_parameter`."),
-                content={_JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(request)),
+                content={_JSON: OpenAPIMediaType(schema=JsonSchema(document=_noted(json_schema(request))),
                                                  example=_EXAMPLES[request])})
             self.responses = {
                 "200": OpenAPIResponse(

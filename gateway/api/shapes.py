@@ -3,8 +3,10 @@
 The controllers build these bodies as plain dicts (the stream writes them
 chunk by chunk); these structs exist so ``/schema/openapi.json`` can describe
 them exactly, through ``msgspec.json.schema``. ``tests/test_openapi.py``
-holds a served gateway to them with schemathesis, so a field added to a
-response without being added here fails the suite.
+holds a served gateway to them with schemathesis. The completion shapes are
+closed (a field added to a response but not here fails that test); errors,
+the model list and health stay open for extra fields. Class docstrings become
+the schemas' descriptions, so they are Markdown.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from msgspec import UNSET, UnsetType
 FinishReason = Literal["stop", "length"]
 
 
-class Usage(msgspec.Struct):
+class _Closed(msgspec.Struct, forbid_unknown_fields=True):
+    """A shape with exactly these fields (``additionalProperties: false`` in the description)."""
+
+
+class Usage(_Closed):
     """Token counts from the model's own tokenizer."""
 
     prompt_tokens: int
@@ -25,20 +31,20 @@ class Usage(msgspec.Struct):
     total_tokens: int
 
 
-class AssistantMessage(msgspec.Struct):
+class AssistantMessage(_Closed):
     role: Literal["assistant"]
     content: str
 
 
-class ChatChoice(msgspec.Struct):
+class ChatChoice(_Closed):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
     logprobs: None
 
 
-class ChatCompletion(msgspec.Struct):
-    """The body of a non-streamed ``POST /v1/chat/completions``."""
+class ChatCompletion(_Closed):
+    """The body of a non-streamed `POST /v1/chat/completions`."""
 
     id: str
     object: Literal["chat.completion"]
@@ -48,15 +54,15 @@ class ChatCompletion(msgspec.Struct):
     usage: Usage
 
 
-class TextChoice(msgspec.Struct):
+class TextChoice(_Closed):
     index: int
     text: str
     finish_reason: FinishReason
     logprobs: None
 
 
-class TextCompletion(msgspec.Struct):
-    """The body of a non-streamed ``POST /v1/completions``."""
+class TextCompletion(_Closed):
+    """The body of a non-streamed `POST /v1/completions`."""
 
     id: str
     object: Literal["text_completion"]
@@ -66,22 +72,22 @@ class TextCompletion(msgspec.Struct):
     usage: Usage
 
 
-class ChunkDelta(msgspec.Struct):
+class ChunkDelta(_Closed):
     """What a chat chunk adds: the role once, then pieces of content (the last delta is empty)."""
 
     role: Literal["assistant"] | UnsetType = UNSET
     content: str | UnsetType = UNSET
 
 
-class ChatChunkChoice(msgspec.Struct):
+class ChatChunkChoice(_Closed):
     index: int
     delta: ChunkDelta
     finish_reason: FinishReason | None
     logprobs: None
 
 
-class ChatCompletionChunk(msgspec.Struct):
-    """One streamed chat event; the last (with ``include_usage``) has no choices and a ``usage``."""
+class ChatCompletionChunk(_Closed):
+    """One streamed chat event; the last (with `include_usage`) has no choices and a `usage`."""
 
     id: str
     object: Literal["chat.completion.chunk"]
@@ -91,15 +97,15 @@ class ChatCompletionChunk(msgspec.Struct):
     usage: Usage | UnsetType = UNSET
 
 
-class TextChunkChoice(msgspec.Struct):
+class TextChunkChoice(_Closed):
     index: int
     text: str
     finish_reason: FinishReason | None
     logprobs: None
 
 
-class TextCompletionChunk(msgspec.Struct):
-    """One streamed text-completion event (OpenAI reuses the ``text_completion`` object name)."""
+class TextCompletionChunk(_Closed):
+    """One streamed text-completion event (OpenAI reuses the `text_completion` object name)."""
 
     id: str
     object: Literal["text_completion"]
@@ -126,7 +132,7 @@ class ErrorDetail(msgspec.Struct):
 
 
 class ErrorResponse(msgspec.Struct):
-    """Every refusal, in OpenAI's shape; ``code`` is stable, ``message`` is for people."""
+    """Every refusal, in OpenAI's shape; `code` is stable, `message` is for people."""
 
     error: ErrorDetail
 
@@ -148,7 +154,7 @@ class Model(msgspec.Struct):
 
 
 class ModelList(msgspec.Struct):
-    """``GET /v1/models``: the models this key may use."""
+    """`GET /v1/models`: the models this key may use."""
 
     object: Literal["list"]
     data: list[Model]
@@ -161,7 +167,7 @@ class HealthChecks(msgspec.Struct):
 
 
 class Health(msgspec.Struct):
-    """``GET /healthz``: ``ok`` (200) or ``unavailable`` (503), with each check's outcome."""
+    """`GET /healthz`: `ok` (200) or `unavailable` (503), with each check's outcome."""
 
     status: Literal["ok", "unavailable"]
     checks: HealthChecks
