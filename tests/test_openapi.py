@@ -160,6 +160,32 @@ def test_documented_examples_are_served_as_described(api_schema, served_api: str
     _assert_audited(audit_store, [_header(response, urls.REQUEST_ID_HEADER)])
 
 
+@pytest.mark.parametrize(("key", "change", "status", "code"), [
+    ("viewer", {}, 403, "policy_denied"),
+    ("revoked", {}, 401, "invalid_api_key"),
+    ("analyst", {"model": "no-such-model"}, 404, "model_not_found"),
+    ("analyst", {"n": 2}, 400, "unsupported_parameter"),
+    ("analyst", {"temperature": 9}, 422, "invalid_value"),
+], ids=["denied", "revoked", "unknown-model", "unsupported", "out-of-range"])
+def test_refusals_are_as_described(api_schema, served_api: str, keyring: dict[str, str], audit_store: AuditStore,
+                                   key: str, change: dict[str, Any], status: int, code: str) -> None:
+    """Refusals of a documented example: the documented status, error body and headers; and audited."""
+    operation = api_schema[urls.CHAT_COMPLETIONS]["POST"]
+    example = operation.definition.raw["requestBody"]["content"]["application/json"]["example"]
+    case = operation.Case(body={**example, **change}, media_type="application/json")
+    before = audit_store.head()
+
+    response = case.call(base_url=served_api, headers={"Authorization": f"Bearer {keyring[key]}"}, timeout=120)
+    case.validate_response(response, checks=CHECKS)
+
+    assert (response.status_code, response.json()["error"]["code"]) == (status, code)
+    new = [entry for entry in audit_store.tail(5) if before is None or entry.seq > before.seq]
+    if key == "revoked":
+        assert new == []  # no principal, nothing to attribute
+    else:
+        assert [entry.kind for entry in new] == ["request" if status == 403 else "rejected"]
+
+
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=str)
 def test_generated_requests_conform_to_the_description(api_schema, served_api: str, keyring: dict[str, str],
                                                        audit_store: AuditStore, mode: GenerationMode) -> None:
