@@ -31,6 +31,7 @@ from litestar.openapi.spec import (
 from gateway import urls
 from gateway.api import shapes
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from workers.registry import TINY_MODEL_NAME
 
 BEARER = "bearer"
 #: The security requirement of every ``/v1`` route.
@@ -171,9 +172,9 @@ _PURPOSE = Parameter(name=urls.PURPOSE_HEADER, param_in="header", required=False
                      description="Declares the request's purpose to the policy (as `metadata.purpose` does).")
 
 _EXAMPLES: dict[type, dict[str, Any]] = {
-    ChatCompletionRequest: {"model": "govgate-tiny", "max_tokens": 16,
+    ChatCompletionRequest: {"model": TINY_MODEL_NAME, "max_tokens": 16,
                             "messages": [{"role": "user", "content": "Say hello."}]},
-    CompletionRequest: {"model": "govgate-tiny", "max_tokens": 16, "prompt": "Once upon a time"},
+    CompletionRequest: {"model": TINY_MODEL_NAME, "max_tokens": 16, "prompt": "Once upon a time"},
 }
 
 
