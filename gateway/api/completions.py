@@ -98,12 +98,12 @@ class CompletionsController(Controller):
     tags = ["completions"]
 
     @post(urls.CHAT_COMPLETIONS, summary="Create a chat completion (OpenAI-compatible)", status_code=200,
-          operation_class=CHAT_OPERATION, security=SECURITY)
+          operation_class=CHAT_OPERATION, security=SECURITY, operation_id="createChatCompletion")
     async def chat(self, request: Request, state: State, principal: NamedDependency[Principal]) -> Response:
         return await _serve(state.components.completions, request, principal, CHAT)
 
     @post(urls.COMPLETIONS, summary="Create a text completion (OpenAI-compatible)", status_code=200,
-          operation_class=COMPLETION_OPERATION, security=SECURITY)
+          operation_class=COMPLETION_OPERATION, security=SECURITY, operation_id="createCompletion")
     async def completion(self, request: Request, state: State, principal: NamedDependency[Principal]) -> Response:
         return await _serve(state.components.completions, request, principal, COMPLETIONS)
 

@@ -21,7 +21,8 @@ from gateway.api.openapi import HEALTH_OPERATION
 class HealthController(Controller):
     tags = ["operations"]
 
-    @get(urls.HEALTH, summary="Readiness of the gateway and its dependencies", operation_class=HEALTH_OPERATION)
+    @get(urls.HEALTH, summary="Readiness of the gateway and its dependencies", operation_class=HEALTH_OPERATION,
+         operation_id="health")
     async def health(self, state: State) -> Response:
         components = state.components
         checks = {"database": "ok", "redis": "ok", "policy": "ok"}

@@ -17,8 +17,8 @@ from redis.exceptions import RedisError
 class ModelsController(Controller):
     tags = ["models"]
 
-    @get(urls.MODELS, summary="List the models this key may use", operation_class=MODELS_OPERATION,
-         security=SECURITY)
+    @get(urls.MODELS, summary="List the models this key may use", operation_id="listModels",
+         operation_class=MODELS_OPERATION, security=SECURITY)
     async def list_models(self, state: State, principal: NamedDependency[Principal]) -> dict[str, Any]:
         components = state.components
         specs = [components.registry.models[name] for name in components.registry.names()]
