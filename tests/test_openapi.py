@@ -37,7 +37,7 @@ from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.app import create_app
 from gateway.settings import Settings
 from workers.registry import TINY_MODEL_NAME
-from tests.conftest import ROOT
+from tests.conftest import ROOT, policy_copy, serving
 
 COMPLETION_ROUTES = {urls.CHAT_COMPLETIONS: ChatCompletionRequest, urls.COMPLETIONS: CompletionRequest}
 ERROR_STATUSES = {"400", "401", "403", "404", "413", "422", "429", "502", "503", "504"}
@@ -186,6 +186,24 @@ def test_refusals_are_as_described(api_schema, served_api: str, keyring: dict[st
         assert new == []  # no principal, nothing to attribute
     else:
         assert [entry.kind for entry in new] == ["request" if status == 403 else "rejected"]
+
+
+def test_a_limit_refusal_is_as_described(api_schema, settings: Settings, worker, keyring: dict[str, str],
+                                         tmp_path: Path) -> None:
+    """429 on a gateway whose policy allows no request a minute: the error body and a Retry-After header."""
+    def no_requests(config: dict[str, Any]) -> None:
+        config.setdefault("limits", {}).setdefault("principals", {})["alice"] = {"requests_per_minute": 0}
+
+    own = settings.with_(policy_dir=policy_copy(tmp_path, no_requests))
+    operation = api_schema[urls.COMPLETIONS]["POST"]
+    example = operation.definition.raw["requestBody"]["content"]["application/json"]["example"]
+    case = operation.Case(body=example, media_type="application/json")
+    with serving(own, tmp_path / "serve.log") as base:
+        response = case.call(base_url=base, headers={"Authorization": f"Bearer {keyring['analyst']}"}, timeout=120)
+    case.validate_response(response, checks=CHECKS)  # Retry-After is documented as required on 429
+
+    assert (response.status_code, response.json()["error"]["code"]) == (429, "rate_limited")
+    assert int(_header(response, "retry-after")) >= 1
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=str)
