@@ -12,6 +12,7 @@ from litestar.openapi import OpenAPIConfig
 from gateway.api.completions import CompletionsController
 from gateway.api.dependencies import provide_principal
 from gateway.api.health import HealthController
+from gateway.api.openapi import COMPONENTS
 from gateway.api.models import ModelsController
 from gateway.components import Components, build_components
 from gateway.errors import EXCEPTION_HANDLERS
@@ -36,7 +37,7 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="govgate", version="0.1.0"),
+        openapi_config=OpenAPIConfig(title="govgate", version="0.1.0", components=COMPONENTS),
         debug=False,
     )
 

@@ -12,6 +12,7 @@ from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
 from gateway import urls
+from gateway.api.openapi import CHAT_OPERATION, COMPLETION_OPERATION, SECURITY
 from gateway.auth import Principal
 from gateway.completions import CHAT, COMPLETIONS, CompletionService, Ticket
 from gateway.errors import ApiError, errors_of
@@ -96,11 +97,13 @@ class CompletionsController(Controller):
 
     tags = ["completions"]
 
-    @post(urls.CHAT_COMPLETIONS, summary="Create a chat completion (OpenAI-compatible)", status_code=200)
+    @post(urls.CHAT_COMPLETIONS, summary="Create a chat completion (OpenAI-compatible)", status_code=200,
+          operation_class=CHAT_OPERATION, security=SECURITY, operation_id="createChatCompletion")
     async def chat(self, request: Request, state: State, principal: NamedDependency[Principal]) -> Response:
         return await _serve(state.components.completions, request, principal, CHAT)
 
-    @post(urls.COMPLETIONS, summary="Create a text completion (OpenAI-compatible)", status_code=200)
+    @post(urls.COMPLETIONS, summary="Create a text completion (OpenAI-compatible)", status_code=200,
+          operation_class=COMPLETION_OPERATION, security=SECURITY, operation_id="createCompletion")
     async def completion(self, request: Request, state: State, principal: NamedDependency[Principal]) -> Response:
         return await _serve(state.components.completions, request, principal, COMPLETIONS)
 

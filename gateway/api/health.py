@@ -15,12 +15,14 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import urls
+from gateway.api.openapi import HEALTH_OPERATION
 
 
 class HealthController(Controller):
     tags = ["operations"]
 
-    @get(urls.HEALTH, summary="Readiness of the gateway and its dependencies")
+    @get(urls.HEALTH, summary="Readiness of the gateway and its dependencies", operation_class=HEALTH_OPERATION,
+         operation_id="health")
     async def health(self, state: State) -> Response:
         components = state.components
         checks = {"database": "ok", "redis": "ok", "policy": "ok"}

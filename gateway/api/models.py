@@ -17,6 +17,7 @@ from litestar.params import FromPath
 from redis.exceptions import RedisError
 
 from gateway import urls
+from gateway.api.openapi import MODELS_OPERATION, SECURITY
 from gateway.auth import Principal
 from gateway.errors import ApiError
 from workers.registry import ModelSpec
@@ -25,7 +26,8 @@ from workers.registry import ModelSpec
 class ModelsController(Controller):
     tags = ["models"]
 
-    @get(urls.MODELS, summary="List the models this key may use")
+    @get(urls.MODELS, summary="List the models this key may use", operation_id="listModels",
+         operation_class=MODELS_OPERATION, security=SECURITY)
     async def list_models(self, state: State, principal: NamedDependency[Principal]) -> dict[str, Any]:
         components = state.components
         specs = [components.registry.models[name] for name in components.registry.names()]

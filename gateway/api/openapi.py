@@ -1,0 +1,222 @@
+"""The OpenAPI description of the API, written from the msgspec structs.
+
+The completion handlers read the raw body themselves, so that a body the
+gateway rejects is still audited; Litestar therefore sees no request type and
+would describe no body. The operation classes here fill in what Litestar
+cannot infer: the request body (``msgspec.json.schema`` of the very struct the
+body is validated against), the success bodies (JSON and the SSE stream), the
+bearer security requirement and every error of README's table. Schemas are
+inlined per operation, because Litestar rebuilds ``components/schemas`` from
+its own types and would drop ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from litestar.openapi.spec import (
+    Components,
+    OpenAPIHeader,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    Operation,
+    Parameter,
+    RequestBody,
+    Schema,
+    SecurityScheme,
+)
+
+from gateway import urls
+from gateway.api import shapes
+from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from workers.registry import TINY_MODEL_NAME
+
+BEARER = "bearer"
+#: The security requirement of every ``/v1`` route.
+SECURITY: list[dict[str, list[str]]] = [{BEARER: []}]
+COMPONENTS = Components(security_schemes={BEARER: SecurityScheme(
+    type="http", scheme="bearer", bearer_format="gk_…",
+    description="An API key made with 'govgate keys create', sent as 'Authorization: Bearer gk_…'.")})
+
+_JSON = "application/json"
+_SSE = "text/event-stream"
+
+
+@dataclass
+class JsonSchema(Schema):
+    """A JSON Schema document written by msgspec, passed through to the description as is."""
+
+    document: dict[str, Any] = field(default_factory=dict)
+
+    def to_schema(self) -> dict[str, Any]:
+        return self.document
+
+
+def json_schema(kind: Any) -> dict[str, Any]:
+    """``msgspec.json.schema`` of ``kind`` with every ``$ref`` replaced by its definition.
+
+    The structs are not recursive, so inlining ends; a recursive one would
+    fail here loudly rather than produce a dangling reference.
+    """
+    document = msgspec.json.schema(kind)
+    definitions = document.pop("$defs", {})
+
+    def inline(node: Any, seen: tuple[str, ...]) -> Any:
+        if isinstance(node, list):
+            return [inline(item, seen) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            name = node["$ref"].rsplit("/", 1)[-1]
+            if name in seen:
+                raise ValueError(f"recursive schema {name} cannot be inlined")
+            return inline(definitions[name], (*seen, name))
+        return {key: inline(value, seen) for key, value in node.items()}
+
+    return inline(document, ())
+
+
+def _header(description: str, schema: dict[str, Any], *, required: bool = True) -> OpenAPIHeader:
+    return OpenAPIHeader(description=description, required=required, schema=JsonSchema(document=schema))
+
+
+_REQUEST_ID = _header("The id of this request's audit entries ('govgate audit show <id>').",
+                      {"type": "string", "minLength": 1})
+_RETRY_AFTER = _header("Seconds to wait before trying again.", {"type": "integer", "minimum": 0})
+_CHALLENGE = _header("Always 'Bearer'.", {"type": "string"})
+
+#: status -> (description, extra headers): README's error table, per status.
+_COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
+    400: ("`invalid_json` (not a JSON object), `unsupported_parameter` (an unknown field, `n` > 1, several "
+          "prompts, a penalty the model's backend ignores) or `context_length_exceeded` (prompt + max_tokens "
+          "do not fit the model's context).", {}),
+    401: ("`missing_api_key` or `invalid_api_key`: no key, malformed, unknown or revoked.",
+          {"WWW-Authenticate": _CHALLENGE}),
+    403: ("`policy_denied`: the policy said no; `error.reasons` lists why.", {}),
+    404: ("`model_not_found`: no such model in the registry.", {}),
+    413: ("`body_too_large`: the body is over GOVGATE_MAX_BODY_BYTES.", {}),
+    422: ("`invalid_value`: a missing field, a wrong type or an out-of-range value (`param` names it).", {}),
+    429: ("`rate_limited`, `budget_exceeded`, `too_many_in_flight` or `queue_full`: a usage limit or the "
+          "model's queue is full; `error.reasons` says which, `Retry-After` when to try again.",
+          {"Retry-After": _RETRY_AFTER}),
+    502: ("`worker_error`, `generation_failed` or `worker_lost`: the model worker failed (logged and "
+          "audited).", {}),
+    503: ("`audit_unavailable`, `queue_unavailable`, `usage_unavailable`, `auth_unavailable` or `cancelled`: "
+          "a dependency is down, so the request was refused; nothing is served unaudited or uncounted.", {}),
+    504: ("`timed_out`: no result within GOVGATE_REQUEST_TIMEOUT_S, or the worker's generation time limit hit.",
+          {}),
+}
+#: The errors of a route that only needs a key (``GET /v1/models``).
+_KEY_ERRORS = {401: _COMPLETION_ERRORS[401],
+               503: ("`auth_unavailable`: API keys cannot be checked (the database is down).", {})}
+
+
+def _error(description: str, headers: dict[str, OpenAPIHeader]) -> OpenAPIResponse:
+    return OpenAPIResponse(description=description, headers=headers or None, content={
+        _JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(shapes.ErrorResponse)))})
+
+
+def _errors(table: dict[int, tuple[str, dict[str, OpenAPIHeader]]]) -> dict[str, OpenAPIResponse]:
+    return {str(status): _error(description, headers) for status, (description, headers) in table.items()}
+
+
+def _event_stream(chunk: type) -> dict[str, Any]:
+    """One Server-Sent Event, as schemathesis and OpenAPI 3.2 read an event-stream schema.
+
+    ``data`` is a chunk, an ``{"error": …}`` object for a failure after the
+    stream started, or the final ``[DONE]``.
+    """
+    payload = {"anyOf": [json_schema(chunk), json_schema(shapes.ErrorResponse)]}
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "event": {"type": "string", "const": "message"},
+            "data": {"if": {"const": "[DONE]"},
+                     "else": {"contentMediaType": _JSON, "contentSchema": payload}},
+        },
+    }
+
+
+#: What the struct cannot say about a field (README's "Supported request fields").
+_FIELD_NOTES = {
+    "model": "A model of the registry (GET /v1/models lists those this key may use); 404 otherwise.",
+    "messages": "The conversation; `developer` is read as `system`. The last message must not be the assistant's.",
+    "prompt": "One prompt: a string, or a list holding exactly one string (batches are refused with 400).",
+    "max_tokens": "Tokens to generate at most; the policy may clamp it (or refuse it). Defaults to "
+                  "GOVGATE_DEFAULT_MAX_TOKENS.",
+    "max_completion_tokens": "OpenAI's newer name for `max_tokens`.",
+    "temperature": "0 is greedy decoding.",
+    "repetition_penalty": "Defaults to the model's registry value.",
+    "frequency_penalty": "llama.cpp models only: anything but 0 on a ctransformers model is a 400.",
+    "presence_penalty": "llama.cpp models only: anything but 0 on a ctransformers model is a 400.",
+    "stop": "A stop sequence or up to 4; the output ends before it (it is not included).",
+    "stream": "Send Server-Sent Events (`text/event-stream`) instead of one JSON body.",
+    "stream_options": "Only with `stream: true`; `include_usage` adds a last chunk with `usage`.",
+    "n": "Choices per request: only 1 is supported (400 otherwise).",
+    "metadata": "String values; `metadata.purpose` declares the request's purpose to the policy.",
+}
+
+
+def _noted(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with :data:`_FIELD_NOTES` as the descriptions of its top-level properties."""
+    properties = {name: {**definition, "description": _FIELD_NOTES[name]} if name in _FIELD_NOTES else definition
+                  for name, definition in schema["properties"].items()}
+    return {**schema, "properties": properties}
+
+
+_PURPOSE = Parameter(name=urls.PURPOSE_HEADER, param_in="header", required=False,
+                     schema=JsonSchema(document={"type": "string"}),
+                     description="Declares the request's purpose to the policy (as `metadata.purpose` does).")
+
+_EXAMPLES: dict[type, dict[str, Any]] = {
+    ChatCompletionRequest: {"model": TINY_MODEL_NAME, "max_tokens": 16,
+                            "messages": [{"role": "user", "content": "Say hello."}]},
+    CompletionRequest: {"model": TINY_MODEL_NAME, "max_tokens": 16, "prompt": "Once upon a time"},
+}
+
+
+def completion_operation(request: type, response: type, chunk: type) -> type[Operation]:
+    """An ``Operation`` class for one completion route (for the handler's ``operation_class=``)."""
+
+    @dataclass
+    class CompletionOperation(Operation):
+        def __post_init__(self) -> None:
+            self.parameters = [_PURPOSE]
+            self.request_body = RequestBody(required=True, description=(
+                "Validated against this schema by the gateway itself (the body is read raw so that a refused "
+                "body is audited too). An unknown field is refused with 400 `unsupported_parameter`."),
+                content={_JSON: OpenAPIMediaType(schema=JsonSchema(document=_noted(json_schema(request))),
+                                                 example=_EXAMPLES[request])})
+            self.responses = {
+                "200": OpenAPIResponse(
+                    description=("The completion; with `\"stream\": true` a `text/event-stream` of chunk objects "
+                                 "as `data:` lines, ending with `data: [DONE]`."),
+                    headers={urls.REQUEST_ID_HEADER: _REQUEST_ID},
+                    content={_JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(response))),
+                             _SSE: OpenAPIMediaType(schema=JsonSchema(document=_event_stream(chunk)))}),
+                **_errors(_COMPLETION_ERRORS),
+            }
+
+    return CompletionOperation
+
+
+def _json_operation(body: type, description: str, errors: dict[str, OpenAPIResponse]) -> type[Operation]:
+    @dataclass
+    class JsonOperation(Operation):
+        def __post_init__(self) -> None:
+            self.responses = {"200": OpenAPIResponse(description=description, content={
+                _JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(body)))}), **errors}
+
+    return JsonOperation
+
+
+CHAT_OPERATION = completion_operation(ChatCompletionRequest, shapes.ChatCompletion, shapes.ChatCompletionChunk)
+COMPLETION_OPERATION = completion_operation(CompletionRequest, shapes.TextCompletion, shapes.TextCompletionChunk)
+MODELS_OPERATION = _json_operation(shapes.ModelList, "The models this key may use.", _errors(_KEY_ERRORS))
+HEALTH_OPERATION = _json_operation(shapes.Health, "Every dependency is reachable.", {"503": OpenAPIResponse(
+    description="A dependency is down; `checks` says which.",
+    content={_JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(shapes.Health)))})})
+

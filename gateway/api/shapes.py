@@ -1,0 +1,175 @@
+"""Response shapes, as msgspec structs: what the API description promises.
+
+The controllers build these bodies as plain dicts (the stream writes them
+chunk by chunk); these structs exist so ``/schema/openapi.json`` can describe
+them exactly, through ``msgspec.json.schema``. ``tests/test_openapi.py``
+holds a served gateway to them with schemathesis. The completion shapes are
+closed (a field added to a response but not here fails that test); errors,
+the model list and health stay open for extra fields. Class docstrings become
+the schemas' descriptions, so they are Markdown.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+FinishReason = Literal["stop", "length"]
+
+
+class _Closed(msgspec.Struct, forbid_unknown_fields=True):
+    """A shape with exactly these fields (``additionalProperties: false`` in the description)."""
+
+
+class Usage(_Closed):
+    """Token counts from the model's own tokenizer."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(_Closed):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Closed):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None
+
+
+class ChatCompletion(_Closed):
+    """The body of a non-streamed `POST /v1/chat/completions`."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TextChoice(_Closed):
+    index: int
+    text: str
+    finish_reason: FinishReason
+    logprobs: None
+
+
+class TextCompletion(_Closed):
+    """The body of a non-streamed `POST /v1/completions`."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+
+
+class ChunkDelta(_Closed):
+    """What a chat chunk adds: the role once, then pieces of content (the last delta is empty)."""
+
+    role: Literal["assistant"] | UnsetType = UNSET
+    content: str | UnsetType = UNSET
+
+
+class ChatChunkChoice(_Closed):
+    index: int
+    delta: ChunkDelta
+    finish_reason: FinishReason | None
+    logprobs: None
+
+
+class ChatCompletionChunk(_Closed):
+    """One streamed chat event; the last (with `include_usage`) has no choices and a `usage`."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | UnsetType = UNSET
+
+
+class TextChunkChoice(_Closed):
+    index: int
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: None
+
+
+class TextCompletionChunk(_Closed):
+    """One streamed text-completion event (OpenAI reuses the `text_completion` object name)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChunkChoice]
+    usage: Usage | UnsetType = UNSET
+
+
+class ErrorReason(msgspec.Struct):
+    """One reason for a policy denial or a limit (see README, "Reason codes")."""
+
+    code: str
+    message: str
+    retry_after_s: float | UnsetType = UNSET
+
+
+class ErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    code: str
+    param: str | None
+    reasons: list[ErrorReason] | UnsetType = UNSET
+
+
+class ErrorResponse(msgspec.Struct):
+    """Every refusal, in OpenAI's shape; `code` is stable, `message` is for people."""
+
+    error: ErrorDetail
+
+
+class QueueInfo(msgspec.Struct):
+    waiting: int | None
+    limit: int
+
+
+class Model(msgspec.Struct):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    family: str
+    context_length: int
+    tags: list[str]
+    queue: QueueInfo
+
+
+class ModelList(msgspec.Struct):
+    """`GET /v1/models`: the models this key may use."""
+
+    object: Literal["list"]
+    data: list[Model]
+
+
+class HealthChecks(msgspec.Struct):
+    database: str
+    redis: str
+    policy: str
+
+
+class Health(msgspec.Struct):
+    """`GET /healthz`: `ok` (200) or `unavailable` (503), with each check's outcome."""
+
+    status: Literal["ok", "unavailable"]
+    checks: HealthChecks
+    policy_revision: str | None
+    models: list[str]
