@@ -12,8 +12,12 @@ Three things the client does not do for us, and why they are done here:
   answers with 500/502/504 and a refused connection (about 0.9 s of
   back-off), and surfaces HTTP failures as raw ``aiohttp`` exceptions. Here
   retries are off, every evaluation is bounded by ``timeout_s`` with
-  ``asyncio.wait_for``, and every failure becomes a deny: a slow or broken
-  OPA must never stall or crash a request.
+  ``asyncio.wait_for``, and no failure lets a request through: a slow or
+  broken OPA must never stall or crash a request. An OPA that does not
+  answer in time or cannot be reached (refused or dropped connection, a
+  proxy's 502/503/504) gives :meth:`Decision.unavailable`, which the gateway
+  refuses with a retryable 503; an error OPA reports about the evaluation
+  (HTTP 500, say), no decision or a malformed one is a deny.
 * **Upload policies verbatim.** ``update_policy_from_string`` defaults to
   ``rego_compat=True``, which rewrites a module that OPA refuses (old Rego
   syntax) with regular expressions and uploads the rewrite without a word;
@@ -56,8 +60,8 @@ import aiohttp
 from opa_client import AsyncOpaClient
 from opa_client.errors import ConnectionsError, DeletePolicyError, PolicyNotFoundError, RegoParseError, TypeException
 
-from gateway.policy.decision import POLICY_ERROR, POLICY_TIMEOUT, Decision
-from gateway.policy.engine import DECISION_RULE, VISIBLE_MODELS_RULE, PolicyLoadError
+from gateway.policy.decision import POLICY_ERROR, Decision
+from gateway.policy.engine import DECISION_RULE, UNAVAILABLE_RETRY_AFTER_S, VISIBLE_MODELS_RULE, PolicyLoadError
 from gateway.policy.revision import PolicyFilesError, PolicySnapshot, compute_revision, module_name, read_policy
 
 log = logging.getLogger("govgate.policy")
@@ -70,6 +74,10 @@ ADMIN_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 10.0
 
 _TEST_SUFFIX = "_test.rego"
+
+#: HTTP statuses that say nothing about the request, only that no answer came
+#: through (a proxy or load balancer in front of OPA).
+_UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
 
 # What a failing OPA request raises: the client's own errors, aiohttp's
 # (HTTP status, connection), timeouts, and a body that is not JSON.
@@ -119,7 +127,7 @@ class OpaAddress:
 class _Outcome:
     """What one query produced, before it is read as a decision."""
 
-    kind: Literal["ok", "undefined", "error", "timeout"]
+    kind: Literal["ok", "undefined", "error", "timeout", "unreachable"]
     value: Any = None
     error: str = ""
 
@@ -206,7 +214,9 @@ class OpaPolicyEngine:
     async def decide(self, input: dict[str, Any]) -> Decision:
         outcome = await self._query(DECISION_RULE, input)
         if outcome.kind == "timeout":
-            return _deny(POLICY_TIMEOUT, f"policy evaluation on OPA took longer than {self._timeout_s:g}s")
+            return _unavailable(f"policy evaluation on OPA took longer than {self._timeout_s:g}s")
+        if outcome.kind == "unreachable":
+            return _unavailable(outcome.error)
         if outcome.kind == "undefined":
             return _deny(POLICY_ERROR, "the policy gave no decision for this request")
         if outcome.kind == "error":
@@ -309,9 +319,10 @@ class OpaPolicyEngine:
             return _Outcome("timeout")
         except aiohttp.ClientResponseError as exc:
             # The client raises before reading OPA's error body, so only the status is known.
-            return _Outcome("error", error=f"OPA answered HTTP {exc.status} for {rule}")
-        except aiohttp.ClientError as exc:
-            return _Outcome("error", error=f"cannot reach OPA at {self._url}: {type(exc).__name__}: {exc}")
+            kind = "unreachable" if exc.status in _UNAVAILABLE_STATUSES else "error"
+            return _Outcome(kind, error=f"OPA answered HTTP {exc.status} for {rule}")
+        except aiohttp.ClientError as exc:  # refused, reset, dropped: no answer, not a wrong one
+            return _Outcome("unreachable", error=f"cannot reach OPA at {self._url}: {type(exc).__name__}: {exc}")
         except Exception as exc:  # a bug here must deny, not crash the request
             log.exception("policy query to OPA could not run")
             return _Outcome("error", error=f"{type(exc).__name__}: {exc}")
@@ -517,6 +528,11 @@ _MISSING = object()
 def _deny(code: str, message: str) -> Decision:
     log.warning("policy deny %s: %s", code, message)
     return Decision.fail_closed(code, message)
+
+
+def _unavailable(message: str) -> Decision:
+    log.warning("policy unavailable: %s", message)
+    return Decision.unavailable(message, retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
 
 
 def _describe(exc: BaseException) -> str:
