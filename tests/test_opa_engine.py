@@ -18,6 +18,7 @@ import json
 import shutil
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -35,7 +36,7 @@ from gateway.policy import (
     open_policy_engine,
     policy_revision,
 )
-from gateway.policy.opa import OpaAddress
+from gateway.policy.opa import MAX_QUERIES, OpaAddress
 from gateway.settings import Settings
 from tests.opa_fixtures import POLICY_DIR, OpaServer
 
@@ -436,6 +437,28 @@ async def test_hung_opa_is_unavailable_not_a_deny(opa_policy_server: str) -> Non
         await proxy.aclose()
     assert all(codes(d) == [POLICY_UNAVAILABLE] and d.is_unavailable for d in decisions)
     assert SHORT_TIMEOUT_S <= elapsed < SHORT_TIMEOUT_S + 1.0
+    assert recovered.allow
+
+
+async def test_waiting_for_a_connection_to_opa_is_bounded_apart(opa_policy_server: str) -> None:
+    """The evaluation timeout starts once a connection is free; the wait for one has its own bound."""
+    proxy = StallingProxy(OpaAddress.parse(opa_policy_server).port)
+    url = await proxy.start()
+    engine = await OpaPolicyEngine.connect(url, POLICY_DIR, 2.0, load=False, wait_timeout_s=0.2)
+    try:
+        assert (await engine.decide(request_input(["analyst"]))).allow
+        proxy.stalled = True
+        decisions = await asyncio.gather(*(engine.decide(request_input(["analyst"]))
+                                           for _ in range(MAX_QUERIES + 1)))
+        proxy.stalled = False
+        recovered = await engine.decide(request_input(["analyst"]))
+    finally:
+        await engine.aclose()
+        await proxy.aclose()
+    assert all(codes(d) == [POLICY_UNAVAILABLE] and d.is_unavailable for d in decisions)
+    messages = Counter(d.reasons[0].message for d in decisions)
+    assert messages == {"policy evaluation on OPA took longer than 2s": MAX_QUERIES,
+                        "no connection to OPA became free within 0.2s": 1}
     assert recovered.allow
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,10 @@ import pytest
 from audit import AuditEntry, AuditStore
 from gateway.auth import KeyStore
 from gateway.components import open_database
-from gateway.policy import POLICY_UNAVAILABLE, EmbeddedPolicyEngine
+from gateway.policy import POLICY_UNAVAILABLE, EmbeddedPolicyEngine, open_policy_engine
+from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.refusals import denial
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from tests.conftest import bearer, serving
 from tests.test_policy_engine import ALLOW, SLOW, SLOW_WHEN_ASKED, exited, request_input, write_policy
 from workers.registry import TINY_MODEL_NAME
@@ -158,6 +160,42 @@ async def test_closing_the_pool_ends_every_child_and_then_denies(tmp_path: Path)
     assert all(exited(pid) for pid in pids if pid is not None)
     assert not interrupted.allow and not interrupted.is_unavailable
     assert not after.allow and not after.is_unavailable
+
+
+def test_pool_settings_are_read_from_the_environment() -> None:
+    default = Settings.from_env({})
+    assert default.policy_evaluators == len(os.sched_getaffinity(0))
+    assert default.policy_wait_timeout_s == 5.0
+    own = Settings.from_env({"GOVGATE_POLICY_EVALUATORS": "3", "GOVGATE_POLICY_WAIT_TIMEOUT_S": "0.25"})
+    assert (own.policy_evaluators, own.policy_wait_timeout_s) == (3, 0.25)
+    assert Settings.from_env(own.to_env()).policy_evaluators == 3  # what child processes read back
+    with pytest.raises(SettingsError, match="GOVGATE_POLICY_EVALUATORS"):
+        Settings.from_env({"GOVGATE_POLICY_EVALUATORS": "0"})
+    with pytest.raises(SettingsError, match="GOVGATE_POLICY_WAIT_TIMEOUT_S"):
+        Settings.from_env({"GOVGATE_POLICY_WAIT_TIMEOUT_S": "soon"})
+
+
+async def test_reload_replaces_every_evaluator_of_the_pool(tmp_path: Path) -> None:
+    settings = Settings(policy_dir=write_policy(tmp_path, f"decision := {ALLOW}\nvisible_models := set()\n"),
+                        policy_evaluators=2, policy_wait_timeout_s=30.0)
+    first = await open_policy_engine(settings)
+    assert isinstance(first, EmbeddedPolicyEngine) and first.wait_timeout_s == 30.0
+    reloading = ReloadingPolicyEngine(first, lambda: open_policy_engine(settings), policy_dir=settings.policy_dir)
+    old = first.evaluator_pids
+    try:
+        with (settings.policy_dir / "policy.rego").open("a") as rego:
+            rego.write('\nvisible_models_note := "edited"\n')
+        result = await reloading.reload()
+        current = reloading.current
+        assert isinstance(current, EmbeddedPolicyEngine)
+        new = current.evaluator_pids
+        decision, revision = await reloading.decide_with_revision(request_input(["admin"]))
+    finally:
+        await reloading.aclose()  # also ends the retiring engine
+    assert result.changed and revision == result.revision != first.revision
+    assert decision.allow
+    assert len(old) == len(set(new)) == 2 and not set(old) & set(new)
+    assert all(exited(pid) for pid in old + new if pid is not None)
 
 
 # ---------------------------------------------------------------- through the gateway

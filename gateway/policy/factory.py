@@ -30,7 +30,7 @@ async def open_policy_engine(settings: Settings, *, load_policy: bool = False) -
     """
     if settings.opa_url:
         return await OpaPolicyEngine.connect(settings.opa_url, settings.policy_dir, settings.policy_timeout_s,
-                                             load=load_policy)
+                                             load=load_policy, wait_timeout_s=settings.policy_wait_timeout_s)
     return await asyncio.to_thread(EmbeddedPolicyEngine.load, settings.policy_dir, settings.policy_timeout_s,
                                    evaluators=settings.policy_evaluators,
                                    wait_timeout_s=settings.policy_wait_timeout_s)
