@@ -21,14 +21,17 @@ from typing import Any, Iterator
 import anyio
 import httpx
 import pytest
+from click.testing import CliRunner
 
 from audit import AuditEntry, AuditStore
 from gateway.auth import KeyStore
+from gateway.cli import main
 from gateway.components import open_database
 from gateway.policy import POLICY_UNAVAILABLE, EmbeddedPolicyEngine, open_policy_engine
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.refusals import denial
 from gateway.settings import Settings, SettingsError
+from gateway.supervisor import child_env
 from tests.conftest import bearer, serving
 from tests.test_policy_engine import ALLOW, SLOW, SLOW_WHEN_ASKED, exited, request_input, write_policy
 from workers.registry import TINY_MODEL_NAME
@@ -258,6 +261,10 @@ async def test_timed_out_and_waiting_requests_get_503_policy_unavailable_and_are
     assert len(unavailable) >= 2
     assert all(e.body["decision"]["reasons"][0]["code"] == POLICY_UNAVAILABLE for e in unavailable)
     assert all(audit_store.terminal_for(e.request_id) is None for e in unavailable)  # nothing was queued
+    tail = CliRunner().invoke(main, ["audit", "tail", "-n", "100"], env=child_env(own, own.redis_url),
+                              catch_exceptions=False).stdout.splitlines()
+    for entry in unavailable:  # the operator's view says so too, not "deny"
+        assert [line.split()[-1] for line in tail if entry.request_id in line] == ["unavailable"]
 
 
 async def test_burst_of_100_beside_a_cpu_burner_is_never_a_403_the_policy_did_not_decide(
