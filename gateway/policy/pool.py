@@ -295,7 +295,10 @@ class EvaluatorPool:
             evaluator.kill()  # running evaluations see EOF and hand their evaluator back
         while self._replacing:
             await asyncio.gather(*self._replacing, return_exceptions=True)
-        while len(self._idle) < len(self._evaluators):
+        # Killed children end their evaluations at once; the bound only guards
+        # against a borrower that will never run again (its loop was stopped).
+        deadline = asyncio.get_running_loop().time() + self.timeout_s + START_TIMEOUT_S
+        while len(self._idle) < len(self._evaluators) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
         await asyncio.to_thread(self._stop_all)
 
