@@ -13,7 +13,7 @@ timed-out evaluation is ended by killing the child and starting a fresh one,
 which bounds every evaluation by ``timeout_s``. The child also satisfies
 regorus's other rule: an ``Engine`` may only be used by the thread that
 created it (the child's main thread). The price is one pipe round trip per
-evaluation (tens of microseconds; see tests/test_policy_engine.py).
+evaluation (tens to hundreds of microseconds; see tests/test_policy_engine.py).
 
 Several children answer at once (``evaluators``, by default one per core),
 so a burst does not queue behind one evaluator; the timeout bounds the
