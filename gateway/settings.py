@@ -53,7 +53,7 @@ class Settings:
     policy_timeout_s: float = 0.5
     #: Embedded engine: evaluator processes deciding at once.
     policy_evaluators: int = field(default_factory=_cores)
-    #: Longest a request waits for a free policy evaluator; past it 503 ``policy_unavailable``.
+    #: Longest a request waits for a free policy evaluator (or OPA connection); past it 503 ``policy_unavailable``.
     policy_wait_timeout_s: float = 5.0
     #: OPA server to evaluate policies on; empty means the embedded engine.
     opa_url: str = ""
