@@ -366,9 +366,9 @@ class OpaProcess:
 
 def decide_operation(engine: Any, samples: list[Sample]) -> Operation:
     """One decision on the next input of the mix; a fail-closed deny counts as a failure."""
-    from gateway.policy import POLICY_ERROR, POLICY_TIMEOUT
+    from gateway.policy import POLICY_ERROR, POLICY_UNAVAILABLE
 
-    broken = {POLICY_ERROR, POLICY_TIMEOUT}
+    broken = {POLICY_ERROR, POLICY_UNAVAILABLE}
 
     async def operation(number: int) -> str | None:
         decision = await engine.decide(samples[number % len(samples)].input)

@@ -167,6 +167,8 @@ def _summary(entry) -> str:
     body = entry.body
     if entry.kind == "request":
         decision = body.get("decision", {})
+        if decision.get("unavailable"):  # no decision could be had: refused with 503, not denied
+            return "unavailable"
         verdict = "allow" if decision.get("allow") else "deny " + ",".join(r.get("code", "?") for r in decision.get("reasons", []))
         return verdict
     if entry.kind == "completion":

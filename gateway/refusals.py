@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from gateway.errors import ApiError
-from gateway.policy import Reason
+from gateway.policy import POLICY_UNAVAILABLE, Reason
 from workers.contract import JobResult
 
 
@@ -15,9 +15,15 @@ RETRYABLE_CODES = frozenset({"rate_limited", "budget_exceeded", "too_many_in_fli
 
 
 def denial(reasons: tuple[Reason, ...] | list[Reason]) -> ApiError:
-    """403 with the reasons; 429 with Retry-After when every reason is a limit that will pass."""
+    """403 with the reasons; 429 with Retry-After when every reason is a limit that will pass;
+    503 with Retry-After when there was no decision at all (``Decision.unavailable``)."""
     documents = [r.to_document() for r in reasons]
     summary = "; ".join(r.message for r in reasons) or "denied by policy"
+    if reasons and all(r.code == POLICY_UNAVAILABLE for r in reasons):
+        retry = max(math.ceil(r.retry_after_s or 1) for r in reasons)
+        return ApiError(503, POLICY_UNAVAILABLE, f"The policy could not decide in time ({summary}); nothing was "
+                                                 "denied and nothing was generated. Try again shortly.",
+                        extra={"reasons": documents}, headers={"Retry-After": str(retry)})
     if reasons and all(r.code in RETRYABLE_CODES for r in reasons):
         retry = max(math.ceil(r.retry_after_s or 1) for r in reasons)
         return ApiError(429, reasons[0].code if len({r.code for r in reasons}) == 1 else "rate_limited",

@@ -22,6 +22,14 @@ def _default_policy_dir() -> Path:
     return local if local.is_dir() else _CHECKOUT / "policies"
 
 
+def _cores() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class SettingsError(ValueError):
     """A ``GOVGATE_*`` variable holds a value govgate cannot use."""
 
@@ -41,8 +49,12 @@ class Settings:
     redis_url: str = ""
     #: Folder of Rego modules and data documents.
     policy_dir: Path = field(default_factory=_default_policy_dir)
-    #: Longest a policy evaluation may take before it counts as a deny.
+    #: Longest one policy evaluation may take (waiting for an evaluator not counted); past it 503.
     policy_timeout_s: float = 0.5
+    #: Embedded engine: evaluator processes deciding at once.
+    policy_evaluators: int = field(default_factory=_cores)
+    #: Longest a request waits for a free policy evaluator (or OPA connection); past it 503 ``policy_unavailable``.
+    policy_wait_timeout_s: float = 5.0
     #: OPA server to evaluate policies on; empty means the embedded engine.
     opa_url: str = ""
     #: How often the gateway looks for changed policy files (0 turns polling off; SIGHUP still reloads).
@@ -109,6 +121,8 @@ class Settings:
             redis_url=text("REDIS_URL", ""),
             policy_dir=Path(text("POLICY_DIR", str(defaults.policy_dir))).expanduser().resolve(),
             policy_timeout_s=float(number("POLICY_TIMEOUT_S", defaults.policy_timeout_s, float, 0.001)),
+            policy_evaluators=int(number("POLICY_EVALUATORS", defaults.policy_evaluators, int, 1)),
+            policy_wait_timeout_s=float(number("POLICY_WAIT_TIMEOUT_S", defaults.policy_wait_timeout_s, float, 0.0)),
             opa_url=text("OPA_URL", "").rstrip("/"),
             policy_reload_interval_s=float(number("POLICY_RELOAD_INTERVAL_S", defaults.policy_reload_interval_s,
                                                   float, 0.0)),

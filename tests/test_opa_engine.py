@@ -18,6 +18,7 @@ import json
 import shutil
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -26,7 +27,7 @@ from opa_client import AsyncOpaClient
 
 from gateway.policy import (
     POLICY_ERROR,
-    POLICY_TIMEOUT,
+    POLICY_UNAVAILABLE,
     Decision,
     EmbeddedPolicyEngine,
     OpaPolicyEngine,
@@ -35,7 +36,7 @@ from gateway.policy import (
     open_policy_engine,
     policy_revision,
 )
-from gateway.policy.opa import OpaAddress
+from gateway.policy.opa import MAX_QUERIES, OpaAddress
 from gateway.settings import Settings
 from tests.opa_fixtures import POLICY_DIR, OpaServer
 
@@ -123,12 +124,15 @@ async def opa(opa_policy_server: str) -> AsyncIterator[OpaPolicyEngine]:
 class StallingProxy:
     """A TCP proxy on 127.0.0.1 in front of OPA; once stalled it reads requests and never answers.
 
-    Also counts the POSTs it forwards, to see whether a client retried.
+    Also counts the POSTs it forwards, to see whether a client retried. With
+    ``answer`` set it answers every request itself with those bytes (a load
+    balancer whose OPA is gone).
     """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.stalled = False
+        self.answer: bytes | None = None
         self.posts = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -150,7 +154,7 @@ class StallingProxy:
         try:
             up_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
             self._writers.add(upstream_writer)
-            await asyncio.gather(self._pipe(reader, upstream_writer, count=True),
+            await asyncio.gather(self._pipe(reader, upstream_writer, count=True, client=writer),
                                  self._pipe(up_reader, writer, count=False))
         except OSError:
             pass
@@ -160,10 +164,15 @@ class StallingProxy:
                     self._writers.discard(w)
                     w.close()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, count: bool) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, count: bool,
+                    client: asyncio.StreamWriter | None = None) -> None:
         while chunk := await reader.read(65536):
             if count:
                 self.posts += chunk.count(b"POST /v1/data")
+                if self.answer is not None and client is not None:
+                    client.write(self.answer)
+                    await client.drain()
+                    continue
             elif self.stalled:
                 continue  # OPA answered; the client never hears it
             writer.write(chunk)
@@ -392,7 +401,7 @@ async def test_factory_opens_embedded_engine_without_opa_url() -> None:
 # ---------------------------------------------------------------- failing closed
 
 
-async def test_stopped_opa_denies_within_the_timeout(start_opa: Callable[..., OpaServer]) -> None:
+async def test_stopped_opa_is_unavailable_within_the_timeout(start_opa: Callable[..., OpaServer]) -> None:
     server = start_opa(POLICY_DIR)
     engine = await OpaPolicyEngine.connect(server.url, POLICY_DIR, SHORT_TIMEOUT_S, load=False)
     try:
@@ -404,13 +413,14 @@ async def test_stopped_opa_denies_within_the_timeout(start_opa: Callable[..., Op
         names = await engine.visible_models(request_input([])["principal"], model_views("govgate-tiny"))
     finally:
         await engine.aclose()
-    assert codes(decision) == [POLICY_ERROR] and not decision.allow
+    assert codes(decision) == [POLICY_UNAVAILABLE] and not decision.allow and decision.is_unavailable
+    assert "cannot reach OPA" in decision.reasons[0].message
     assert decision.obligations.prompt_logging == "hash"
     assert elapsed < SHORT_TIMEOUT_S
     assert names == set()
 
 
-async def test_hung_opa_denies_with_policy_timeout(opa_policy_server: str) -> None:
+async def test_hung_opa_is_unavailable_not_a_deny(opa_policy_server: str) -> None:
     proxy = StallingProxy(OpaAddress.parse(opa_policy_server).port)
     url = await proxy.start()
     engine = await OpaPolicyEngine.connect(url, POLICY_DIR, SHORT_TIMEOUT_S, load=False)
@@ -425,12 +435,50 @@ async def test_hung_opa_denies_with_policy_timeout(opa_policy_server: str) -> No
     finally:
         await engine.aclose()
         await proxy.aclose()
-    assert all(codes(d) == [POLICY_TIMEOUT] for d in decisions)
+    assert all(codes(d) == [POLICY_UNAVAILABLE] and d.is_unavailable for d in decisions)
     assert SHORT_TIMEOUT_S <= elapsed < SHORT_TIMEOUT_S + 1.0
     assert recovered.allow
 
 
-async def test_slow_policy_on_opa_denies_with_policy_timeout(start_opa: Callable[..., OpaServer],
+async def test_waiting_for_a_connection_to_opa_is_bounded_apart(opa_policy_server: str) -> None:
+    """The evaluation timeout starts once a connection is free; the wait for one has its own bound."""
+    proxy = StallingProxy(OpaAddress.parse(opa_policy_server).port)
+    url = await proxy.start()
+    engine = await OpaPolicyEngine.connect(url, POLICY_DIR, 2.0, load=False, wait_timeout_s=0.2)
+    try:
+        assert (await engine.decide(request_input(["analyst"]))).allow
+        proxy.stalled = True
+        decisions = await asyncio.gather(*(engine.decide(request_input(["analyst"]))
+                                           for _ in range(MAX_QUERIES + 1)))
+        proxy.stalled = False
+        recovered = await engine.decide(request_input(["analyst"]))
+    finally:
+        await engine.aclose()
+        await proxy.aclose()
+    assert all(codes(d) == [POLICY_UNAVAILABLE] and d.is_unavailable for d in decisions)
+    messages = Counter(d.reasons[0].message for d in decisions)
+    assert messages == {"policy evaluation on OPA took longer than 2s": MAX_QUERIES,
+                        "no connection to OPA became free within 0.2s": 1}
+    assert recovered.allow
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+async def test_opa_behind_a_proxy_that_cannot_reach_it_is_unavailable(opa_policy_server: str, status: int) -> None:
+    proxy = StallingProxy(OpaAddress.parse(opa_policy_server).port)
+    url = await proxy.start()
+    engine = await OpaPolicyEngine.connect(url, POLICY_DIR, TIMEOUT_S, load=False)
+    try:
+        assert (await engine.decide(request_input(["analyst"]))).allow
+        proxy.answer = f"HTTP/1.1 {status} Bad Gateway\r\nContent-Length: 0\r\n\r\n".encode()
+        decision = await engine.decide(request_input(["analyst"]))
+    finally:
+        await engine.aclose()
+        await proxy.aclose()
+    assert codes(decision) == [POLICY_UNAVAILABLE] and decision.is_unavailable
+    assert f"HTTP {status}" in decision.reasons[0].message
+
+
+async def test_slow_policy_on_opa_is_unavailable_not_a_deny(start_opa: Callable[..., OpaServer],
                                                            tmp_path: Path) -> None:
     folder = write_policy(tmp_path, SLOW_WHEN_ASKED)
     engine = await OpaPolicyEngine.connect(start_opa(folder).url, folder, SHORT_TIMEOUT_S, load=False)
@@ -441,7 +489,7 @@ async def test_slow_policy_on_opa_denies_with_policy_timeout(start_opa: Callable
         quick = await engine.decide({})
     finally:
         await engine.aclose()
-    assert codes(slow) == [POLICY_TIMEOUT]
+    assert codes(slow) == [POLICY_UNAVAILABLE] and slow.is_unavailable
     assert elapsed < SHORT_TIMEOUT_S + 1.0
     assert quick.allow
 

@@ -22,7 +22,7 @@ import pytest
 
 from gateway.policy import (
     POLICY_ERROR,
-    POLICY_TIMEOUT,
+    POLICY_UNAVAILABLE,
     Decision,
     EmbeddedPolicyEngine,
     MalformedDecision,
@@ -34,7 +34,7 @@ from gateway.policy import (
     policy_revision,
 )
 from gateway.policy.decision import Limits, Redaction, UsageLimits
-from gateway.policy.engine import _build_engine, _evaluate
+from gateway.policy.child import _build_engine, _evaluate
 from workers.registry import ModelSpec
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
@@ -383,7 +383,7 @@ visible_models := set()
 
 
 @pytest.mark.anyio
-async def test_timeout_denied_and_evaluator_replaced(tmp_path: Path) -> None:
+async def test_timeout_is_unavailable_not_a_deny_and_evaluator_replaced(tmp_path: Path) -> None:
     engine = await engine_for(tmp_path, SLOW_WHEN_ASKED, timeout_s=2.0)
     try:
         first_pid = engine.evaluator_pid
@@ -393,8 +393,9 @@ async def test_timeout_denied_and_evaluator_replaced(tmp_path: Path) -> None:
         second_pid = engine.evaluator_pid
     finally:
         await engine.aclose()
-    assert not timed_out.allow
-    assert codes(timed_out) == [POLICY_TIMEOUT]
+    assert not timed_out.allow and timed_out.is_unavailable
+    assert codes(timed_out) == [POLICY_UNAVAILABLE]
+    assert timed_out.reasons[0].retry_after_s == 1
     assert after.allow
     assert second_pid not in (None, first_pid)
 
@@ -418,7 +419,7 @@ async def test_event_loop_runs_during_a_slow_evaluation(tmp_path: Path) -> None:
                 decided_at = time.monotonic()
     finally:
         await engine.aclose()
-    assert codes(decision) == [POLICY_TIMEOUT]
+    assert codes(decision) == [POLICY_UNAVAILABLE]
     assert len(ticks) == 10 and ticks[-1] < decided_at
 
 

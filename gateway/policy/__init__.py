@@ -2,9 +2,9 @@
 
 The gateway asks a :class:`PolicyEngine` for a :class:`Decision` on every
 request and records the engine's ``revision`` with it. Two engines evaluate
-the same folder: :class:`EmbeddedPolicyEngine` (in-process regorus) and
-:class:`OpaPolicyEngine` (an OPA server); :func:`open_policy_engine` picks one
-from the settings.
+the same folder: :class:`EmbeddedPolicyEngine` (regorus in a pool of child
+processes) and :class:`OpaPolicyEngine` (an OPA server);
+:func:`open_policy_engine` picks one from the settings.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.policy.decision import (
     POLICY_ERROR,
     POLICY_TIMEOUT,
+    POLICY_UNAVAILABLE,
     PROMPT_LOGGING_LEVELS,
     Decision,
     MalformedDecision,
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from gateway.policy.opa import OpaPolicyEngine
 
 # Imported on first use: the OPA engine pulls in aiohttp (~150 ms), which the
-# embedded engine's evaluator process, started again after every timeout,
+# embedded engine's evaluator processes, started again after every timeout,
 # must not pay for.
 _LAZY = {"OpaPolicyEngine": "gateway.policy.opa", "open_policy_engine": "gateway.policy.factory"}
 
@@ -56,6 +57,7 @@ __all__ = [
     "DECISION_RULE",
     "POLICY_ERROR",
     "POLICY_TIMEOUT",
+    "POLICY_UNAVAILABLE",
     "PROMPT_LOGGING_LEVELS",
     "VISIBLE_MODELS_RULE",
     "Decision",

@@ -27,8 +27,11 @@ PRIORITY_RANGE = range(0, 10)
 
 #: Reason code of a deny the gateway made because the policy gave no usable answer.
 POLICY_ERROR = "policy_error"
-#: Reason code of a deny the gateway made because the policy took too long.
-POLICY_TIMEOUT = "policy_timeout"
+#: Reason code of a refusal the gateway made because no decision could be had in time
+#: (the evaluation timed out, no evaluator was free, OPA did not answer): a 503, not a deny.
+POLICY_UNAVAILABLE = "policy_unavailable"
+#: The code timeouts had before they became ``policy_unavailable``; kept for imports.
+POLICY_TIMEOUT = POLICY_UNAVAILABLE
 
 
 class MalformedDecision(ValueError):
@@ -178,13 +181,39 @@ class Decision:
             obligations=Obligations(max_tokens=0, prompt_logging="hash"),
         )
 
+    @classmethod
+    def unavailable(cls, message: str, retry_after_s: float) -> "Decision":
+        """No decision: the policy could not be evaluated in time (a capacity problem).
+
+        Not an answer about the request, so the gateway refuses it with a
+        retryable 503 ``policy_unavailable``, never a 403; it stays a refusal
+        (fail closed) with the most private prompt logging.
+        """
+        return cls(
+            allow=False,
+            reasons=(Reason(code=POLICY_UNAVAILABLE, message=message, retry_after_s=retry_after_s),),
+            obligations=Obligations(max_tokens=0, prompt_logging="hash"),
+        )
+
+    @property
+    def is_unavailable(self) -> bool:
+        """True for :meth:`unavailable`: no decision was made, nothing was denied."""
+        return not self.allow and bool(self.reasons) and all(r.code == POLICY_UNAVAILABLE for r in self.reasons)
+
     def to_document(self) -> dict[str, Any]:
-        """The decision in the contract's JSON shape (for the audit trail and responses)."""
-        return {
+        """The decision in the contract's JSON shape (for the audit trail and responses).
+
+        A refusal for want of a decision carries ``"unavailable": true``, so the
+        audit trail does not read as a denial by the policy.
+        """
+        doc: dict[str, Any] = {
             "allow": self.allow,
             "reasons": [reason.to_document() for reason in self.reasons],
             "obligations": self.obligations.to_document(),
         }
+        if self.is_unavailable:
+            doc["unavailable"] = True
+        return doc
 
 
 def _reason(item: object, index: int) -> Reason:

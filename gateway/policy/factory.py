@@ -23,11 +23,14 @@ async def open_policy_engine(settings: Settings, *, load_policy: bool = False) -
     modules that use each other's rules, which OPA's REST API cannot take one
     at a time into an empty server. ``load_policy=True`` uploads the folder
     instead (fine for an OPA that already holds a version of it).
-    Without ``opa_url``: the embedded engine, started on a worker thread so
-    that starting its evaluator never stalls the event loop.
+    Without ``opa_url``: the embedded engine with ``policy_evaluators``
+    evaluators, started on a worker thread so that starting them never stalls
+    the event loop.
     Raises ``PolicyLoadError`` when the policy cannot be loaded or proven.
     """
     if settings.opa_url:
         return await OpaPolicyEngine.connect(settings.opa_url, settings.policy_dir, settings.policy_timeout_s,
-                                             load=load_policy)
-    return await asyncio.to_thread(EmbeddedPolicyEngine.load, settings.policy_dir, settings.policy_timeout_s)
+                                             load=load_policy, wait_timeout_s=settings.policy_wait_timeout_s)
+    return await asyncio.to_thread(EmbeddedPolicyEngine.load, settings.policy_dir, settings.policy_timeout_s,
+                                   evaluators=settings.policy_evaluators,
+                                   wait_timeout_s=settings.policy_wait_timeout_s)

@@ -12,8 +12,15 @@ Three things the client does not do for us, and why they are done here:
   answers with 500/502/504 and a refused connection (about 0.9 s of
   back-off), and surfaces HTTP failures as raw ``aiohttp`` exceptions. Here
   retries are off, every evaluation is bounded by ``timeout_s`` with
-  ``asyncio.wait_for``, and every failure becomes a deny: a slow or broken
-  OPA must never stall or crash a request.
+  ``asyncio.wait_for``, and no failure lets a request through: a slow or
+  broken OPA must never stall or crash a request. An OPA that does not
+  answer in time or cannot be reached (refused or dropped connection, a
+  proxy's 502/503/504) gives :meth:`Decision.unavailable`, which the gateway
+  refuses with a retryable 503; an error OPA reports about the evaluation
+  (HTTP 500, say), no decision or a malformed one is a deny. As with the
+  embedded engine's evaluators, waiting for one of the session's connections
+  is bounded apart (``wait_timeout_s``), so a burst does not use up the
+  evaluation's time in line.
 * **Upload policies verbatim.** ``update_policy_from_string`` defaults to
   ``rego_compat=True``, which rewrites a module that OPA refuses (old Rego
   syntax) with regular expressions and uploads the rewrite without a word;
@@ -56,8 +63,14 @@ import aiohttp
 from opa_client import AsyncOpaClient
 from opa_client.errors import ConnectionsError, DeletePolicyError, PolicyNotFoundError, RegoParseError, TypeException
 
-from gateway.policy.decision import POLICY_ERROR, POLICY_TIMEOUT, Decision
-from gateway.policy.engine import DECISION_RULE, VISIBLE_MODELS_RULE, PolicyLoadError
+from gateway.policy.decision import POLICY_ERROR, Decision
+from gateway.policy.engine import (
+    DECISION_RULE,
+    DEFAULT_WAIT_TIMEOUT_S,
+    UNAVAILABLE_RETRY_AFTER_S,
+    VISIBLE_MODELS_RULE,
+    PolicyLoadError,
+)
 from gateway.policy.revision import PolicyFilesError, PolicySnapshot, compute_revision, module_name, read_policy
 
 log = logging.getLogger("govgate.policy")
@@ -70,6 +83,15 @@ ADMIN_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 10.0
 
 _TEST_SUFFIX = "_test.rego"
+
+#: Decisions in flight at once: the connection limit of the aiohttp session
+#: opa-python-client opens (aiohttp's default). More would only queue inside
+#: aiohttp, where the wait would count against the evaluation's timeout.
+MAX_QUERIES = 100
+
+#: HTTP statuses that say nothing about the request, only that no answer came
+#: through (a proxy or load balancer in front of OPA).
+_UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
 
 # What a failing OPA request raises: the client's own errors, aiohttp's
 # (HTTP status, connection), timeouts, and a body that is not JSON.
@@ -119,7 +141,7 @@ class OpaAddress:
 class _Outcome:
     """What one query produced, before it is read as a decision."""
 
-    kind: Literal["ok", "undefined", "error", "timeout"]
+    kind: Literal["ok", "undefined", "error", "timeout", "unreachable", "busy"]
     value: Any = None
     error: str = ""
 
@@ -133,13 +155,15 @@ class OpaPolicyEngine:
     """
 
     def __init__(self, address: OpaAddress, url: str, snapshot: PolicySnapshot, policy_dir: Path,
-                 timeout_s: float, load: bool) -> None:
+                 timeout_s: float, load: bool, wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S) -> None:
         """Use :meth:`connect`; this only holds state."""
         self._address = address
         self._url = url
         self._snapshot = snapshot
         self._policy_dir = policy_dir
         self._timeout_s = timeout_s
+        self._wait_timeout_s = wait_timeout_s
+        self._slots = asyncio.Semaphore(MAX_QUERIES)
         self._load = load
         self._stack = AsyncExitStack()
         self._client: AsyncOpaClient | None = None
@@ -150,7 +174,8 @@ class OpaPolicyEngine:
 
     @classmethod
     async def connect(cls, url: str, policy_dir: Path, timeout_s: float, *, load: bool = True,
-                      ready_timeout_s: float = READY_TIMEOUT_S) -> "OpaPolicyEngine":
+                      ready_timeout_s: float = READY_TIMEOUT_S,
+                      wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S) -> "OpaPolicyEngine":
         """Reach OPA at ``url``, load ``policy_dir`` into it (``load=True``) and prove OPA holds it.
 
         With ``load=False`` OPA is assumed to have loaded the folder itself
@@ -166,7 +191,7 @@ class OpaPolicyEngine:
             raise ValueError("timeout_s must be positive")
         address = OpaAddress.parse(url)
         snapshot = _read(Path(policy_dir))
-        engine = cls(address, url.strip().rstrip("/"), snapshot, Path(policy_dir), timeout_s, load)
+        engine = cls(address, url.strip().rstrip("/"), snapshot, Path(policy_dir), timeout_s, load, wait_timeout_s)
         async with engine._admin("reach OPA") as client:
             try:
                 # Bounded here too: one health check of a hung OPA would wait out ADMIN_TIMEOUT_S.
@@ -205,8 +230,12 @@ class OpaPolicyEngine:
 
     async def decide(self, input: dict[str, Any]) -> Decision:
         outcome = await self._query(DECISION_RULE, input)
+        if outcome.kind == "busy":
+            return _unavailable(f"no connection to OPA became free within {self._wait_timeout_s:g}s")
         if outcome.kind == "timeout":
-            return _deny(POLICY_TIMEOUT, f"policy evaluation on OPA took longer than {self._timeout_s:g}s")
+            return _unavailable(f"policy evaluation on OPA took longer than {self._timeout_s:g}s")
+        if outcome.kind == "unreachable":
+            return _unavailable(outcome.error)
         if outcome.kind == "undefined":
             return _deny(POLICY_ERROR, "the policy gave no decision for this request")
         if outcome.kind == "error":
@@ -292,7 +321,8 @@ class OpaPolicyEngine:
     # ------------------------------------------------------------ internals
 
     async def _query(self, rule: str, input: dict[str, Any]) -> _Outcome:
-        """Ask OPA for ``rule``; bounded by ``timeout_s``; never raises."""
+        """Ask OPA for ``rule``; the wait for a connection bounded by ``wait_timeout_s``, the query by
+        ``timeout_s``; never raises."""
         if self._closed or self._client is None:
             return _Outcome("error", error="the policy engine is closed")
         if self._out_of_sync is not None:
@@ -303,18 +333,28 @@ class OpaPolicyEngine:
         except (TypeError, ValueError) as exc:
             return _Outcome("error", error=f"the policy input is not JSON: {exc}")
         package, _, name = rule.removeprefix("data.").rpartition(".")
+        if self._slots.locked():  # all connections busy: wait in line, bounded apart
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self._wait_timeout_s)
+            except TimeoutError:
+                return _Outcome("busy")
+        else:
+            await self._slots.acquire()
         try:
             body = await asyncio.wait_for(self._client.query_rule(input, package, name), self._timeout_s)
         except TimeoutError:
             return _Outcome("timeout")
         except aiohttp.ClientResponseError as exc:
             # The client raises before reading OPA's error body, so only the status is known.
-            return _Outcome("error", error=f"OPA answered HTTP {exc.status} for {rule}")
-        except aiohttp.ClientError as exc:
-            return _Outcome("error", error=f"cannot reach OPA at {self._url}: {type(exc).__name__}: {exc}")
+            kind = "unreachable" if exc.status in _UNAVAILABLE_STATUSES else "error"
+            return _Outcome(kind, error=f"OPA answered HTTP {exc.status} for {rule}")
+        except aiohttp.ClientError as exc:  # refused, reset, dropped: no answer, not a wrong one
+            return _Outcome("unreachable", error=f"cannot reach OPA at {self._url}: {type(exc).__name__}: {exc}")
         except Exception as exc:  # a bug here must deny, not crash the request
             log.exception("policy query to OPA could not run")
             return _Outcome("error", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._slots.release()
         if not isinstance(body, dict):
             return _Outcome("error", error="OPA's answer is not a JSON object")
         if "result" not in body:
@@ -517,6 +557,11 @@ _MISSING = object()
 def _deny(code: str, message: str) -> Decision:
     log.warning("policy deny %s: %s", code, message)
     return Decision.fail_closed(code, message)
+
+
+def _unavailable(message: str) -> Decision:
+    log.warning("policy unavailable: %s", message)
+    return Decision.unavailable(message, retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
 
 
 def _describe(exc: BaseException) -> str:

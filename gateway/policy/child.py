@@ -1,0 +1,122 @@
+"""The policy evaluator process: the only place regorus is imported.
+
+Each evaluator is a plain ``python -c`` subprocess rather than a
+multiprocessing one: multiprocessing's "spawn" re-runs the parent's main
+script in the child, which breaks any script without a ``__main__`` guard,
+and "fork" copies a threaded server. Messages on its stdin and stdout are
+length-framed as ``multiprocessing.connection`` frames them (a 4-byte
+big-endian length, then the bytes); the parent speaks the same framing
+without blocking (gateway/policy/pool.py).
+
+The protocol: the parent sends one setup message (modules and data); the
+child answers ``ready`` or ``error\\n<text>``. Then each request is
+``rule\\ninput-json`` and each reply ``ok\\n<json>``, ``undefined\\n`` or
+``error\\n<text>``, one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+#: The rule whose value is the decision for one request.
+DECISION_RULE = "data.govgate.decision"
+#: The rule whose value is the set of model names a principal may use.
+VISIBLE_MODELS_RULE = "data.govgate.visible_models"
+
+#: What starts an evaluator (``sys.executable -c CHILD_COMMAND``).
+CHILD_COMMAND = "from gateway.policy.child import child_main; child_main()"
+
+# What regorus's eval_rule_as_json returns for an undefined rule. A rule whose
+# value really is this string is no valid decision or model list either, so
+# reading it as "undefined" denies in both cases.
+_UNDEFINED_JSON = '"<undefined>"'
+
+# Exceptions that must end the child rather than become an error reply.
+_PASS_THROUGH = (KeyboardInterrupt, SystemExit)
+
+
+def child_environment() -> dict[str, str]:
+    """The parent's environment, with the folder holding ``gateway`` importable.
+
+    regorus errors carry a long Rust backtrace when RUST_BACKTRACE=1 (set on
+    some machines). RUST_LIB_BACKTRACE=0 turns that off for errors while panics
+    still follow RUST_BACKTRACE; an operator who sets either keeps their value.
+    """
+    env = dict(os.environ)
+    env.setdefault("RUST_BACKTRACE", "0")
+    env.setdefault("RUST_LIB_BACKTRACE", "0")
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def child_main() -> None:
+    """Child entry point: build the engine once, then answer one request at a time."""
+    recv = Connection(os.dup(0), writable=False)
+    send = Connection(os.dup(1), readable=False)
+    os.dup2(2, 1)  # a stray print must not corrupt the protocol on stdout
+    try:
+        setup = json.loads(recv.recv_bytes())
+        engine = _build_engine([tuple(m) for m in setup["modules"]], setup["data"])
+    except (EOFError, OSError):
+        return
+    except _PASS_THROUGH:
+        raise
+    except BaseException as exc:  # regorus panics are BaseException (pyo3 PanicException)
+        send.send_bytes(b"error\n" + _error_text(exc).encode())
+        return
+    send.send_bytes(b"ready\n")
+    while True:
+        try:
+            request = recv.recv_bytes()
+            send.send_bytes(_evaluate(engine, request))
+        except (EOFError, OSError):
+            return  # the parent closed the pipe, died, or stopped us
+
+
+def _build_engine(modules: list[tuple[str, str]], data: list[str]) -> Any:
+    """Compile the policy, and prove it: regorus reports some errors (unsafe
+    variables, a missing entry point) only when a rule is first evaluated."""
+    import regorus
+
+    engine = regorus.Engine()
+    for path, text in modules:
+        engine.add_policy(path, text)
+    for doc in data:
+        engine.add_data_json(doc)
+    trials = ((DECISION_RULE, "{}"), (VISIBLE_MODELS_RULE, '{"principal":{},"models":[]}'))
+    for rule, trial_input in trials:
+        engine.set_input_json(trial_input)
+        try:
+            engine.eval_rule_as_json(rule)
+        except RuntimeError as exc:
+            if "not a valid rule path" in str(exc):
+                raise RuntimeError(f"the policy defines no rule {rule}") from None
+            raise RuntimeError(f"the policy fails a trial evaluation of {rule} with an empty input: {exc}") from None
+    return engine
+
+
+def _evaluate(engine: Any, request: bytes) -> bytes:
+    """One request: ``rule\\ninput-json`` in, ``status\\nbody`` out; never raises for engine faults."""
+    rule, _, payload = request.partition(b"\n")
+    try:
+        engine.set_input_json(payload.decode("utf-8"))
+        value = engine.eval_rule_as_json(rule.decode("utf-8"))
+    except _PASS_THROUGH:
+        raise
+    except BaseException as exc:  # includes regorus panics
+        return b"error\n" + _error_text(exc).encode("utf-8", "replace")
+    if value == _UNDEFINED_JSON:
+        return b"undefined\n"
+    return b"ok\n" + value.encode("utf-8")
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc).split("Stack backtrace:", 1)[0].strip()
+    if not isinstance(exc, Exception):
+        return f"regorus panicked: {text}"
+    return text

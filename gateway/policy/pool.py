@@ -1,0 +1,361 @@
+"""A pool of policy evaluator processes, so decisions keep up with the gateway.
+
+One evaluator answers one decision at a time (regorus holds the GIL for a
+whole evaluation, so each runs in a process of its own; see
+gateway/policy/child.py). With one evaluator a burst of requests queued
+behind each other and the queueing counted against the evaluation timeout,
+so a capacity problem came back as a denial. Here:
+
+* ``size`` evaluators answer at once;
+* the evaluation timeout starts when an evaluator has the request, so it
+  bounds the evaluation only;
+* waiting for a free evaluator is bounded separately (``wait_timeout_s``);
+  a request that cannot get one in time gets a ``busy`` outcome, which the
+  engine turns into "unavailable", never a deny.
+
+The parent talks to its children from the event loop itself (``add_reader``
+on the pipe, non-blocking writes), not from threads: a thread would need the
+GIL back several times per decision and, while the loop is busy with a
+burst, wait up to a switch interval (5 ms) each time. Only starting a child
+(compiling the policy) and reaping one run on threads.
+
+A child that times out, crashes, or is abandoned mid-evaluation (its reply
+would be read as the next request's) is killed and replaced in the
+background; its slot returns to the pool once the new child is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+import subprocess
+import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Literal
+
+from gateway.policy.child import CHILD_COMMAND, child_environment
+
+log = logging.getLogger("govgate.policy")
+
+#: Longest a child may take to start, compile the policy and pass its trial
+#: evaluations; only paid at load and after a timeout or crash.
+START_TIMEOUT_S = 30.0
+
+_HEADER = struct.Struct("!i")  # multiprocessing.connection's frame header, for frames under 2 GiB
+_READ_CHUNK = 1 << 16
+
+
+class EvaluatorStartError(RuntimeError):
+    """An evaluator could not be started, or the policy does not load in it."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one evaluation produced, before it is read as a decision.
+
+    ``busy``: no evaluator became free within the wait bound; ``timeout``:
+    the evaluation itself ran past the timeout. Neither says anything about
+    the request, unlike ``undefined`` and ``error``.
+    """
+
+    kind: Literal["ok", "undefined", "error", "timeout", "busy"]
+    #: The rule's JSON value for "ok"; the error text for "error".
+    text: str = ""
+
+
+class Evaluator:
+    """One child process owning a regorus Engine, and the parent's end of its pipes.
+
+    ``start`` and ``stop`` block (run them on a thread); ``evaluate`` runs on
+    the event loop. The pool never lets two of these overlap.
+    """
+
+    def __init__(self, setup: bytes) -> None:
+        self._setup = setup
+        self._process: subprocess.Popen[bytes] | None = None
+        self._send: Connection | None = None
+        self._recv: Connection | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        """Start a child and wait until it has compiled the policy; raise ``EvaluatorStartError`` if it cannot."""
+        self.stop()
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", CHILD_COMMAND],
+                stdin=to_child_r,
+                stdout=from_child_w,
+                env=child_environment(),
+                close_fds=True,
+                # Out of the terminal's process group: Ctrl-C is the parent's to handle.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            for fd in (to_child_w, from_child_r):
+                os.close(fd)
+            raise EvaluatorStartError(f"the policy evaluator could not be started: {exc}") from None
+        finally:
+            os.close(to_child_r)
+            os.close(from_child_w)
+        send = Connection(to_child_w, readable=False)
+        recv = Connection(from_child_r, writable=False)
+        self._process, self._send, self._recv = process, send, recv
+        try:
+            send.send_bytes(self._setup)
+            if not recv.poll(START_TIMEOUT_S):
+                raise EvaluatorStartError(
+                    f"the policy did not compile and pass its trial evaluations within {START_TIMEOUT_S:g}s"
+                )
+            status, _, text = recv.recv_bytes().decode("utf-8", "replace").partition("\n")
+        except (EOFError, OSError):
+            self.stop()
+            raise EvaluatorStartError(
+                f"the policy evaluator exited while starting (exit code {process.returncode})"
+            ) from None
+        except BaseException:
+            self.stop()
+            raise
+        if status != "ready":
+            self.stop()
+            raise EvaluatorStartError(f"the policy cannot be loaded: {text.strip()}")
+        os.set_blocking(send.fileno(), False)
+        os.set_blocking(recv.fileno(), False)
+
+    def kill(self) -> None:
+        """Signal the child to die now (it may be mid-evaluation: regorus cannot be interrupted otherwise)."""
+        if self._process is not None and self._process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+
+    def stop(self) -> None:
+        """Kill the child, reap it and close the pipes. Never while ``evaluate`` runs."""
+        process, send, recv = self._process, self._send, self._recv
+        self._process = self._send = self._recv = None
+        for conn in (send, recv):
+            if conn is not None:
+                conn.close()
+        if process is not None:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+    async def evaluate(self, request: bytes, timeout_s: float) -> bytes:
+        """Send one request and return the reply.
+
+        Raises ``TimeoutError`` past ``timeout_s`` and ``EOFError`` or
+        ``OSError`` when the child is gone; after any of these the child's
+        state is unknown and it must be replaced.
+        """
+        if self._send is None or self._recv is None:
+            raise EOFError("the evaluator is not running")
+        loop = asyncio.get_running_loop()
+        out, inp = self._send.fileno(), self._recv.fileno()
+        reply: asyncio.Future[bytes] = loop.create_future()
+        received = bytearray()
+
+        def readable() -> None:
+            try:
+                chunk = os.read(inp, _READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                _settle(reply, exc)
+                return
+            if not chunk:
+                _settle(reply, EOFError("the policy evaluator closed its pipe"))
+                return
+            received.extend(chunk)
+            if len(received) >= _HEADER.size:
+                (length,) = _HEADER.unpack_from(received)
+                if length < 0:  # a frame over 2 GiB: never sent by the child
+                    _settle(reply, OSError("reply frame too large"))
+                elif len(received) >= _HEADER.size + length:
+                    _settle(reply, bytes(received[_HEADER.size:_HEADER.size + length]))
+
+        async def exchange() -> bytes:
+            await _write_all(loop, out, _HEADER.pack(len(request)) + request)
+            return await reply
+
+        loop.add_reader(inp, readable)
+        try:
+            return await asyncio.wait_for(exchange(), timeout_s)
+        finally:
+            loop.remove_reader(inp)
+
+
+def _settle(future: asyncio.Future[bytes], result: bytes | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+async def _write_all(loop: asyncio.AbstractEventLoop, fd: int, data: bytes) -> None:
+    """Write to a non-blocking pipe, waiting for room when it is full (a large prompt)."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            room: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(fd, lambda: room.done() or room.set_result(None))
+            try:
+                await room
+            finally:
+                loop.remove_writer(fd)
+
+
+class EvaluatorPool:
+    """``size`` evaluators of one policy, lent out one request at a time."""
+
+    def __init__(self, setup: bytes, size: int, timeout_s: float, wait_timeout_s: float) -> None:
+        """Start every evaluator (blocking; compiles the policy ``size`` times at once)."""
+        if size < 1:
+            raise ValueError("size must be at least 1")
+        self.timeout_s = timeout_s
+        self.wait_timeout_s = wait_timeout_s
+        self._evaluators = [Evaluator(setup) for _ in range(size)]
+        self._idle: list[Evaluator] = []
+        self._waiters: deque[asyncio.Future[Evaluator | None]] = deque()
+        self._replacing: set[asyncio.Task[None]] = set()
+        self._closed = False
+        with ThreadPoolExecutor(max_workers=size, thread_name_prefix="govgate-policy-start") as starter:
+            started = [starter.submit(evaluator.start) for evaluator in self._evaluators]
+            errors = [future.exception() for future in started]
+        failed = [error for error in errors if error is not None]
+        if failed:
+            for evaluator in self._evaluators:
+                evaluator.stop()
+            raise failed[0]
+        self._idle = list(self._evaluators)
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [evaluator.pid for evaluator in self._evaluators]
+
+    @property
+    def free(self) -> int:
+        """Evaluators waiting for work (not evaluating, not being replaced)."""
+        return len(self._idle)
+
+    async def run(self, request: bytes) -> tuple[Outcome, bytes]:
+        """Evaluate ``request`` on a free evaluator: ``(Outcome("ok"), reply)`` or a failure outcome."""
+        if self._closed:
+            return Outcome("error", "the policy engine is closed"), b""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_timeout_s
+        while True:
+            evaluator = await self._acquire(deadline - loop.time())
+            if evaluator is None:
+                if self._closed:
+                    return Outcome("error", "the policy engine is closed"), b""
+                return Outcome("busy"), b""
+            if evaluator.alive:
+                break
+            self._replace(evaluator, "died while idle")  # comes back to the pool once restarted
+        try:
+            reply = await evaluator.evaluate(request, self.timeout_s)
+        except TimeoutError:
+            self._replace(evaluator, "timed out")
+            return Outcome("timeout"), b""
+        except (EOFError, OSError):
+            self._replace(evaluator, "exited during an evaluation")
+            return Outcome("error", "the policy evaluator exited during the evaluation"), b""
+        except BaseException:  # cancelled: its late reply must not answer the next request
+            self._replace(evaluator, "was abandoned mid-evaluation")
+            raise
+        self._release(evaluator)
+        return Outcome("ok"), reply
+
+    async def aclose(self) -> None:
+        """Stop every evaluator; evaluations still running end with an error."""
+        if self._closed:
+            return
+        self._closed = True
+        while self._waiters:
+            _hand(self._waiters.popleft(), None)
+        for evaluator in self._evaluators:
+            evaluator.kill()  # running evaluations see EOF and hand their evaluator back
+        while self._replacing:
+            await asyncio.gather(*self._replacing, return_exceptions=True)
+        # Killed children end their evaluations at once; the bound only guards
+        # against a borrower that will never run again (its loop was stopped).
+        deadline = asyncio.get_running_loop().time() + self.timeout_s + START_TIMEOUT_S
+        while len(self._idle) < len(self._evaluators) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(self._stop_all)
+
+    def _stop_all(self) -> None:
+        for evaluator in self._evaluators:
+            evaluator.stop()
+
+    async def _acquire(self, timeout_s: float) -> Evaluator | None:
+        """A free evaluator, or ``None`` when none frees up within ``timeout_s`` (or the pool closes)."""
+        if self._idle:
+            return self._idle.pop()
+        if timeout_s <= 0 or self._closed:
+            return None
+        loop = asyncio.get_running_loop()
+        handed: asyncio.Future[Evaluator | None] = loop.create_future()
+        self._waiters.append(handed)
+        timer = loop.call_later(timeout_s, _hand, handed, None)
+        try:
+            return await handed
+        except asyncio.CancelledError:
+            # Cancelled just after an evaluator was handed over: give it back.
+            if handed.done() and not handed.cancelled() and handed.result() is not None:
+                self._release(handed.result())
+            raise
+        finally:
+            timer.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(handed)
+
+    def _release(self, evaluator: Evaluator) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(evaluator)
+                return
+        self._idle.append(evaluator)
+
+    def _replace(self, evaluator: Evaluator, why: str) -> None:
+        """Kill ``evaluator``'s child now; start another in the background, then return the slot."""
+        log.warning("policy evaluator (pid %s) %s; starting a new one", evaluator.pid, why)
+        evaluator.kill()
+        task = asyncio.get_running_loop().create_task(self._restart(evaluator))
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
+    async def _restart(self, evaluator: Evaluator) -> None:
+        try:
+            if self._closed:
+                await asyncio.to_thread(evaluator.stop)
+            else:
+                await asyncio.to_thread(evaluator.start)
+        except EvaluatorStartError as exc:  # the next borrower tries again
+            log.error("policy evaluator could not be restarted: %s", exc)
+        finally:
+            self._release(evaluator)
+
+
+def _hand(waiter: asyncio.Future[Evaluator | None], evaluator: Evaluator | None) -> None:
+    if not waiter.done():
+        waiter.set_result(evaluator)
