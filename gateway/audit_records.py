@@ -2,21 +2,25 @@
 
 Kept apart from the request service because these are rules about the log,
 not about serving: the ``prompt_logging`` obligation decides how much of the
-prompt is stored, and texts the policy's detectors found are never stored in
-clear, not even inside the recorded decision.
+prompt is stored, texts the policy's detectors found are never stored in
+clear (not even inside the recorded decision), and a request refused before
+any decision keeps no text at all. Every digest is keyed
+(:class:`workers.privacy.Digester`), so it proves "same text" only to the
+holder of the key.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
+from gateway.errors import ApiError
 from gateway.policy import Decision
 from gateway.policy_input import prompt_text
+from workers.privacy import HASH, REDACTED, Digester, mask
 
 
-def decision_for_audit(decision: Decision) -> dict[str, Any]:
-    """The decision as recorded: the texts the detectors found are replaced by their SHA-256.
+def decision_for_audit(decision: Decision, digester: Digester) -> dict[str, Any]:
+    """The decision as recorded: the texts the detectors found are replaced by their keyed digest.
 
     The ``redact`` obligation names what must not be stored in clear; storing
     it verbatim beside the redacted prompt would undo the redaction.
@@ -25,32 +29,42 @@ def decision_for_audit(decision: Decision) -> dict[str, Any]:
     redact = document.get("obligations", {}).get("redact")
     if redact:
         document["obligations"]["redact"] = [
-            {"detector": item["detector"], "sha256": hashlib.sha256(item["text"].encode()).hexdigest()}
-            for item in redact]
+            {"detector": item["detector"], "hmac_sha256": digester.hexdigest(item["text"])} for item in redact]
     return document
 
 
 def logged_prompt(messages: list[dict[str, str]] | None, prompt: str | None, mode: str,
-                   redact: list[dict[str, str]]) -> dict[str, Any]:
+                  redact: list[dict[str, str]], digester: Digester) -> dict[str, Any]:
     """The prompt as the ``prompt_logging`` obligation allows it to be stored.
 
     ``full`` stores it; ``redacted`` stores it with every text the policy's
     detectors found (the ``redact`` obligation) replaced by
-    ``[REDACTED:<detector>]``; ``hash`` stores only a SHA-256 of its text.
+    ``[REDACTED:<detector>]``; ``hash`` stores only a keyed digest of its text.
     """
-    if mode == "hash":
+    if mode == HASH:
         text = prompt_text(messages, prompt)
-        return {"prompt_logging": mode, "prompt_sha256": hashlib.sha256(text.encode()).hexdigest()}
-    if mode == "redacted":
-        def scrub(text: str) -> str:
-            for item in sorted(redact, key=lambda r: -len(r.get("text", ""))):
-                if item.get("text"):
-                    text = text.replace(item["text"], f"[REDACTED:{item.get('detector', 'pii')}]")
-            return text
-
+        return {"prompt_logging": mode, "prompt_hmac_sha256": digester.hexdigest(text)}
+    if mode == REDACTED:
         found = sorted({item.get("detector", "pii") for item in redact})
         if messages is not None:
             return {"prompt_logging": mode, "redacted": found,
-                    "messages": [{**m, "content": scrub(m["content"])} for m in messages]}
-        return {"prompt_logging": mode, "redacted": found, "prompt": scrub(prompt or "")}
+                    "messages": [{**m, "content": mask(m["content"], redact)} for m in messages]}
+        return {"prompt_logging": mode, "redacted": found, "prompt": mask(prompt or "", redact)}
     return {"prompt_logging": mode, **({"messages": messages} if messages is not None else {"prompt": prompt})}
+
+
+def rejection_record(endpoint: str, key_id: str, error: ApiError, raw: bytes,
+                     digester: Digester) -> dict[str, Any]:
+    """The entry of a request refused before a decision: what was wrong, never what was asked.
+
+    No policy has said how much of this body may be kept, so none of it is:
+    its size and a keyed digest (to match a client's retries) stand for it.
+    """
+    return {
+        "endpoint": endpoint,
+        "key_id": key_id,
+        "status": error.status,
+        "error": {"code": error.code, "message": error.message, "param": error.param},
+        "body_bytes": len(raw),
+        "body_hmac_sha256": digester.hexdigest(raw),
+    }
