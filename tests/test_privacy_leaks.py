@@ -32,7 +32,8 @@ from gateway.components import open_database
 from gateway.processes import stop_process
 from gateway.redis_server import RedisProcess
 from gateway.settings import Settings
-from tests.conftest import _roomy_limits, bearer, free_port, policy_copy, serving, spawn_cli, wait_for_worker
+from tests.conftest import (IDLE_MODEL, _roomy_limits, bearer, free_port, policy_copy, serving, spawn_cli,
+                            wait_for_worker)
 from workers.registry import TINY_MODEL_NAME
 
 
@@ -40,6 +41,7 @@ def levels(config: dict) -> None:
     _roomy_limits(config)
     for role, level in (("scribe", "redacted"), ("hasher", "hash")):
         config["roles"][role] = {"models": [TINY_MODEL_NAME], "prompt_logging": level}
+    config["roles"]["analyst"]["models"].append(IDLE_MODEL)
 
 
 class PubSubTap:
@@ -195,3 +197,24 @@ def test_each_logging_level_keeps_the_marker_only_where_it_promises(stack) -> No
     assert where(outputs["redacted"]) == ["database"]  # it had no findings to mask
     for hidden in (hash_mark, email2, stream_mark, outputs["hash"], outputs["stream"], ssn, reject_mark):
         assert where(hidden) == [], hidden
+
+
+def test_a_worker_with_another_payload_key_fails_the_job_without_reading_it(stack, tmp_path) -> None:
+    own, keys = stack["settings"], stack["keys"]
+    stranger = own.with_(payload_key_file=str(tmp_path / "other.key"))
+    worker = spawn_cli(stranger, "worker", "--model", IDLE_MODEL, log=tmp_path / "stranger.log")
+    try:
+        wait_for_worker(own.redis_url, IDLE_MODEL, worker)
+        with serving(own, tmp_path / "serve.log") as base:
+            response = httpx.post(f"{base}/v1/chat/completions", headers=bearer(keys["full"]), timeout=120,
+                                  json={"model": IDLE_MODEL, "max_tokens": 4,
+                                        "messages": [{"role": "user", "content": "Hello"}]})
+    finally:
+        stop_process(worker, timeout_s=30)
+    assert response.status_code == 502 and response.json()["error"]["code"] == "payload_unreadable"
+    engine = make_engine(own.effective_database_url)
+    entries = [e for e in AuditStore(engine).tail(50) if e.model == IDLE_MODEL]
+    engine.dispose()
+    assert [e.kind for e in entries] == ["request", "failed"]
+    assert entries[1].body["error"]["code"] == "payload_unreadable"
+    assert b"cannot be unsealed" in (tmp_path / "stranger.log").read_bytes()

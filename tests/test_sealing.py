@@ -99,3 +99,17 @@ def test_results_and_pieces_are_sealed_and_an_unsealed_result_cannot_carry_text(
     assert open_result({"status": "completed", "sealed": "AAAA"}, sealer)["status"] == "failed"
     piece = seal_piece(sealer, 0, SECRET)
     assert "swordfish" not in piece and open_piece(sealer, piece) == SECRET
+
+
+def test_key_files_default_under_var_and_reach_child_processes_spelled_out(tmp_path) -> None:
+    from gateway.settings import Settings
+
+    settings = Settings.from_env({"GOVGATE_VAR_DIR": str(tmp_path / "var")})
+    assert settings.effective_payload_key_file == tmp_path / "var" / "keys" / "payload.key"
+    assert settings.effective_digest_key_file == tmp_path / "var" / "keys" / "digest.key"
+    env = settings.to_env()
+    assert Settings.from_env(env).effective_payload_key_file == settings.effective_payload_key_file
+    given = Settings.from_env({"GOVGATE_PAYLOAD_KEY_FILE": str(tmp_path / "secrets" / "p.key"),
+                               "GOVGATE_DIGEST_KEY_FILE": str(tmp_path / "secrets" / "d.key")})
+    assert given.to_env()["GOVGATE_PAYLOAD_KEY_FILE"] == str(tmp_path / "secrets" / "p.key")
+    assert given.effective_digest_key_file == tmp_path / "secrets" / "d.key"
