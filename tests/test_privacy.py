@@ -108,6 +108,29 @@ def test_keyed_digests_differ_by_key_so_they_cannot_be_looked_up() -> None:
     assert Digester(b"a" * 32).hexdigest(ssn) != hashlib.sha256(ssn.encode()).hexdigest()
 
 
+@pytest.mark.anyio
+async def test_a_request_refused_at_the_door_keeps_no_text_only_a_keyed_digest(client, keyring, audit_store,
+                                                                               settings) -> None:
+    from tests.conftest import bearer
+    from workers.registry import TINY_MODEL_NAME
+    from workers.sealing import load_or_create_key
+
+    raw = (b'{"model": "%s", "messages": [{"role": "user", "content": "my mail is ann@example.org"}], '
+           b'"unknown_knob": 1}' % TINY_MODEL_NAME.encode())
+    response = await client.post("/v1/chat/completions", content=raw,
+                                 headers={**bearer(keyring["analyst"]), "Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "unknown_knob"
+    entry = audit_store.tail(1)[0]
+    assert entry.kind == "rejected"
+    digester = Digester(load_or_create_key(settings.effective_digest_key_file))
+    assert entry.body == {
+        "endpoint": "chat.completions", "key_id": entry.body["key_id"], "status": 400,
+        "error": {"code": "unsupported_parameter", "param": "unknown_knob",
+                  "message": response.json()["error"]["message"]},
+        "body_bytes": len(raw), "body_hmac_sha256": digester.hexdigest(raw)}
+    assert "ann@example.org" not in str(entry.body)
+
+
 # ---------------------------------------------------------------- file modes
 
 
