@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
 import shutil
 import subprocess
 import tempfile
@@ -185,6 +186,7 @@ def test_each_logging_level_keeps_the_marker_only_where_it_promises(stack) -> No
     # The greps can see what is there: ids are in Redis, Celery's lines in the worker's log.
     assert request_ids["hash"].encode() in in_redis
     assert b"succeeded in" in logs and request_ids["hash"].encode() in logs
+    assert not re.search(rb"succeeded in [0-9.e-]+s: ", logs)  # ids and timings, not even the sealed result
     places = {"redis files": in_redis, "logs": logs, "pub/sub": published, "database": in_database}
 
     def where(text: str) -> list[str]:
