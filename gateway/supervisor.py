@@ -30,7 +30,7 @@ from gateway.settings import Settings
 from workers.celery_app import make_celery
 from workers.registry import Registry, RegistryError, load_registry
 from workers.backends import BackendError, ensure_model_file
-from workers.sealing import load_or_create_key
+from workers.sealing import KeyFileError, load_or_create_key
 
 ADMIN_ROLE = "admin"
 
@@ -125,7 +125,7 @@ def ensure_keys(settings: Settings) -> None:
     for path in (settings.effective_payload_key_file, settings.effective_digest_key_file):
         try:
             load_or_create_key(path)
-        except ValueError as exc:
+        except KeyFileError as exc:
             raise StartupError(f"{exc}: replace it, or remove it to have a new key made") from None
 
 

@@ -113,3 +113,20 @@ def test_key_files_default_under_var_and_reach_child_processes_spelled_out(tmp_p
                                "GOVGATE_DIGEST_KEY_FILE": str(tmp_path / "secrets" / "d.key")})
     assert given.to_env()["GOVGATE_PAYLOAD_KEY_FILE"] == str(tmp_path / "secrets" / "p.key")
     assert given.effective_digest_key_file == tmp_path / "secrets" / "d.key"
+
+
+def test_a_worker_with_an_unusable_key_file_stops_with_a_message(settings, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+    from gateway.supervisor import child_env
+    from workers.registry import TINY_MODEL_NAME
+
+    bad = tmp_path / "payload.key"
+    bad.write_text("not a key\n")
+    own = settings.with_(payload_key_file=str(bad), database_url=f"sqlite:///{tmp_path / 'w.db'}")
+    result = CliRunner().invoke(main, ["worker", "--model", TINY_MODEL_NAME], env=child_env(own, own.redis_url),
+                                catch_exceptions=False)
+    assert result.exit_code == 1
+    assert f"key file {bad} does not hold a base64 key" in result.output
+    assert bad.read_text() == "not a key\n"  # never replaced behind the operator's back

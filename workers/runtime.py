@@ -128,6 +128,9 @@ def build_worker_app(config: WorkerConfig) -> Celery:
 
 def run_worker(config: WorkerConfig) -> None:
     """Run a worker for ``config.model`` until it is told to stop (blocks)."""
+    # Keys before the pool forks: an unusable key file stops the worker here, with its message.
+    load_or_create_key(config.payload_key_file)
+    load_or_create_key(config.digest_key_file)
     # The schema must exist before the first append; migrating is idempotent.
     engine = make_engine(config.database_url)
     migrate(engine)

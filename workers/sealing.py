@@ -28,6 +28,10 @@ class SealError(Exception):
     """A token that this key did not seal (forged, altered, truncated, or another key's)."""
 
 
+class KeyFileError(ValueError):
+    """A key file that holds no usable key (govgate never overwrites one: digests depend on it)."""
+
+
 class Sealer:
     """Seal and unseal bytes with one AES-GCM key: ``nonce || ciphertext+tag``."""
 
@@ -94,7 +98,7 @@ def _read_key(path: Path) -> bytes:
     try:
         key = base64.b64decode(text, validate=True)
     except ValueError:
-        raise ValueError(f"key file {path} does not hold a base64 key") from None
+        raise KeyFileError(f"key file {path} does not hold a base64 key") from None
     if len(key) not in (16, 24, 32):
-        raise ValueError(f"key file {path} holds a key of {len(key)} bytes; 16, 24 or 32 are needed")
+        raise KeyFileError(f"key file {path} holds a key of {len(key)} bytes; 16, 24 or 32 are needed")
     return key
