@@ -108,8 +108,8 @@ def _create_parent_dir(sa_url: URL) -> None:
     if path is None:
         return
     try:
-        if not path.parent.exists():
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for folder in reversed([p for p in (path.parent, *path.parent.parents) if not p.exists()]):
+            folder.mkdir(mode=0o700, exist_ok=True)  # each one, so parents are private too
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
         pass

@@ -135,7 +135,7 @@ async def test_a_request_refused_at_the_door_keeps_no_text_only_a_keyed_digest(c
 
 
 def test_the_database_and_its_wal_are_readable_by_their_owner_only(tmp_path) -> None:
-    path = tmp_path / "fresh" / "audit.db"
+    path = tmp_path / "fresh" / "var" / "audit.db"
     engine = make_engine(f"sqlite:///{path}")
     migrate(engine)
     store = AuditStore(engine)
@@ -146,7 +146,7 @@ def test_the_database_and_its_wal_are_readable_by_their_owner_only(tmp_path) -> 
         assert all(f.exists() for f in files)
         assert [mode(f) for f in files] == [0o600] * 3
     engine.dispose()
-    assert mode(path.parent) == 0o700
+    assert mode(path.parent) == mode(path.parent.parent) == 0o700
 
 
 def test_redis_files_are_readable_by_their_owner_only() -> None:

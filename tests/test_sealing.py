@@ -51,7 +51,7 @@ def test_a_key_file_is_created_private_once_and_then_reused(tmp_path) -> None:
     path = tmp_path / "var" / "keys" / "payload.key"
     key = load_or_create_key(path)
     assert len(key) == 32
-    assert mode(path) == 0o600 and mode(path.parent) == 0o700
+    assert mode(path) == 0o600 and mode(path.parent) == 0o700 and mode(path.parent.parent) == 0o700
     assert load_or_create_key(path) == key
     assert base64.b64decode(path.read_text()) == key
     assert [p.name for p in path.parent.iterdir()] == ["payload.key"]  # no temporary left behind

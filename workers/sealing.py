@@ -76,9 +76,7 @@ def load_or_create_key(path: Path) -> bytes:
         return _read_key(path)
     except FileNotFoundError:
         pass
-    if not path.parent.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
+    _private_folders(path.parent)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -91,6 +89,14 @@ def load_or_create_key(path: Path) -> bytes:
     finally:
         temporary.unlink(missing_ok=True)
     return _read_key(path)
+
+
+def _private_folders(folder: Path) -> None:
+    """Create ``folder`` and any missing parent as 0700 (``mkdir(parents=True)`` would make parents 0755)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
 
 
 def _read_key(path: Path) -> bytes:
