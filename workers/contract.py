@@ -1,7 +1,8 @@
 """What the gateway and the workers agree on: the task name, its payload, its result.
 
-The gateway imports this module (and only this, plus the registry) from
-``workers``: it sends tasks by name, so it never imports the model code.
+The gateway imports this module (with the registry and the shared rules of
+``sealing`` and ``privacy``) from ``workers``: it sends tasks by name, so it
+never imports the model code.
 Payloads are plain JSON dicts because Celery serialises them as JSON; the
 dataclasses here give both sides one definition of the fields. Whatever
 carries text (the job's prompt, the result's output, stream pieces) crosses
