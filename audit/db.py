@@ -17,6 +17,7 @@ read, not just at commit time:
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -97,11 +98,21 @@ def _sqlite_file(sa_url: URL) -> Path | None:
 
 
 def _create_parent_dir(sa_url: URL) -> None:
+    """Create the database's folder (0700) and the file itself (0600) if they are missing.
+
+    The log holds prompts (as far as the policy allows): only its owner may
+    read it. SQLite gives the ``-wal`` and ``-shm`` files the mode of the
+    database file, so creating that one private keeps all three private.
+    """
     path = _sqlite_file(sa_url)
     if path is None:
         return
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        for folder in reversed([p for p in (path.parent, *path.parent.parents) if not p.exists()]):
+            folder.mkdir(mode=0o700, exist_ok=True)  # each one, so parents are private too
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
     except OSError as exc:
         raise AuditError(f"cannot create folder for audit database {path}: {exc}") from exc
 

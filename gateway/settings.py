@@ -75,15 +75,29 @@ class Settings:
     redis_max_connections: int = 64
     #: Log level for gateway and workers.
     log_level: str = "INFO"
+    #: AES-GCM key sealing job payloads and results in Redis; empty means ``var_dir/keys/payload.key``.
+    payload_key_file: str = ""
+    #: HMAC key of the audit log's digests; empty means ``var_dir/keys/digest.key``.
+    digest_key_file: str = ""
 
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.var_dir / 'govgate.db'}"
 
+    @property
+    def effective_payload_key_file(self) -> Path:
+        return Path(self.payload_key_file) if self.payload_key_file else self.var_dir / "keys" / "payload.key"
+
+    @property
+    def effective_digest_key_file(self) -> Path:
+        return Path(self.digest_key_file) if self.digest_key_file else self.var_dir / "keys" / "digest.key"
+
     def to_env(self) -> dict[str, str]:
         """These settings as ``GOVGATE_*`` variables, so a child process reads back the same."""
         env = {f"GOVGATE_{name.upper()}": str(getattr(self, name)) for name in self.__dataclass_fields__}
         env["GOVGATE_DATABASE_URL"] = self.effective_database_url
+        env["GOVGATE_PAYLOAD_KEY_FILE"] = str(self.effective_payload_key_file)
+        env["GOVGATE_DIGEST_KEY_FILE"] = str(self.effective_digest_key_file)
         return {key: value for key, value in env.items() if value != ""}
 
     def with_(self, **changes: object) -> "Settings":
@@ -135,4 +149,11 @@ class Settings:
             default_max_tokens=int(number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens, int, 1)),
             redis_max_connections=int(number("REDIS_MAX_CONNECTIONS", defaults.redis_max_connections, int, 2)),
             log_level=text("LOG_LEVEL", defaults.log_level).upper(),
+            payload_key_file=_path_text(text("PAYLOAD_KEY_FILE", "")),
+            digest_key_file=_path_text(text("DIGEST_KEY_FILE", "")),
         )
+
+
+def _path_text(raw: str) -> str:
+    """An absolute path for a non-empty setting, so child processes agree on it."""
+    return str(Path(raw).expanduser().resolve()) if raw else ""

@@ -30,6 +30,7 @@ from gateway.settings import Settings
 from workers.celery_app import make_celery
 from workers.registry import Registry, RegistryError, load_registry
 from workers.backends import BackendError, ensure_model_file
+from workers.sealing import KeyFileError, load_or_create_key
 
 ADMIN_ROLE = "admin"
 
@@ -119,6 +120,28 @@ def ensure_admin_key(keys: KeyStore) -> str | None:
     return keys.create("admin", team=None, roles=[ADMIN_ROLE], note="created by govgate up").secret
 
 
+def ensure_keys(settings: Settings) -> None:
+    """Create the payload and digest keys now, before the children start, or say why they are unusable."""
+    for path in (settings.effective_payload_key_file, settings.effective_digest_key_file):
+        try:
+            load_or_create_key(path)
+        except KeyFileError as exc:
+            raise StartupError(f"{exc}: replace it, or remove it to have a new key made") from None
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder only its owner can enter (0700 when govgate creates it)."""
+    if not path.exists():
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask; say it exactly
+    return path
+
+
+def private_log(path: Path) -> TextIO:
+    """A log file opened for appending, created 0600 (logs name requests and principals)."""
+    return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", buffering=1)
+
+
 def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
     """The environment of a child process: ours, with every setting spelled out."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("GOVGATE_")}
@@ -187,9 +210,10 @@ def run_up(settings: Settings, out: TextIO = sys.stdout) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     stack = Stack()
     try:
-        settings.var_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.var_dir)
         say(f"govgate: starting the embedded default in {settings.var_dir}")
         engine = open_database(settings)
+        ensure_keys(settings)
         admin_secret = ensure_admin_key(KeyStore(engine))
         engine.dispose()
         say(f"  audit store: {settings.effective_database_url}")
@@ -207,17 +231,16 @@ def run_up(settings: Settings, out: TextIO = sys.stdout) -> int:
         registry = load_registry(settings.models_file, settings.var_dir)
         ensure_models(registry, say)
         env = child_env(settings, redis_url)
-        logs = stack.logs = settings.var_dir / "logs"
-        logs.mkdir(exist_ok=True)
+        logs = stack.logs = private_dir(settings.var_dir / "logs")
         for name in registry.names():
             say(f"  worker for model {name}: starting (log: {logs / f'worker-{name}.log'})")
-            log_file = open(logs / f"worker-{name}.log", "a", buffering=1)
+            log_file = private_log(logs / f"worker-{name}.log")
             stack.workers[name] = _spawn(["worker", "--model", name], env, log_file)
         wait_for_workers(redis_url, registry.names(), stack)
         say("  workers: ready")
 
         base = f"http://{settings.host}:{settings.port}"
-        stack.api = _spawn(["serve"], env, open(logs / "api.log", "a", buffering=1))
+        stack.api = _spawn(["serve"], env, private_log(logs / "api.log"))
         wait_for_api(f"{base}/healthz", stack)
 
         say("")

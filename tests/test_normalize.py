@@ -7,7 +7,6 @@ those views are the ones the gateway really computes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from audit import AuditEntry
 from gateway.audit_records import logged_prompt
+from workers.privacy import Digester
 from gateway.auth import Principal
 from gateway.normalize import normalize, normalized_text
 from gateway.policy_input import build_input, with_normalized_text, without_prompt
@@ -129,10 +129,13 @@ def test_replay_rebuilds_the_view_of_a_fully_logged_prompt() -> None:
 
 # ---------------------------------------------------------------- redaction of what the view found
 
+#: A keyed digester with a fixed test key: stored digests are HMACs, never plain SHA-256.
+DIGESTER = Digester(b"k" * 32)
+
 
 def test_redacted_prompt_replaces_findings_spelt_as_sent() -> None:
     stored = logged_prompt([{"role": "user", "content": "mail ann@example.org now"}], None, "redacted",
-                           [{"detector": "email", "text": "ann@example.org"}])
+                           [{"detector": "email", "text": "ann@example.org"}], DIGESTER)
     assert stored == {"prompt_logging": "redacted", "redacted": ["email"],
                       "messages": [{"role": "user", "content": "mail [REDACTED:email] now"}]}
 
@@ -142,7 +145,7 @@ def test_redacted_prompt_replaces_findings_spelt_as_sent() -> None:
 def test_redacted_prompt_is_withheld_when_a_finding_is_spelt_otherwise(content: str) -> None:
     found = normalize(content).split(" ")[1]
     stored = logged_prompt([{"role": "user", "content": content}], None, "redacted",
-                           [{"detector": "x", "text": found}])
+                           [{"detector": "x", "text": found}], DIGESTER)
     assert stored == {"prompt_logging": "redacted", "redacted": ["x"], "prompt_withheld": True,
-                      "prompt_sha256": hashlib.sha256(content.encode()).hexdigest()}
+                      "prompt_hmac_sha256": DIGESTER.hexdigest(content)}
     assert found not in json.dumps(stored, ensure_ascii=False)

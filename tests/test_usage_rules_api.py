@@ -224,6 +224,9 @@ def test_sighup_reloads_the_policy_of_a_running_gateway(settings, worker, keyrin
 async def test_hash_prompt_logging_keeps_only_a_digest(settings, worker, keyring, audit_store, tmp_path):
     import hashlib
 
+    from workers.privacy import Digester
+    from workers.sealing import load_or_create_key
+
     def hashed(config: dict) -> None:
         config["roles"]["analyst"]["prompt_logging"] = "hash"
 
@@ -236,5 +239,6 @@ async def test_hash_prompt_logging_keeps_only_a_digest(settings, worker, keyring
     assert response.status_code == 200, response.text
     entry = audit_store.entries_for(response.headers["x-govgate-request-id"])[0]
     assert entry.body["prompt_logging"] == "hash"
-    assert entry.body["prompt_sha256"] == hashlib.sha256(secret.encode()).hexdigest()
+    digest = Digester(load_or_create_key(own.effective_digest_key_file)).hexdigest(secret)
+    assert entry.body["prompt_hmac_sha256"] == digest != hashlib.sha256(secret.encode()).hexdigest()
     assert "swordfish" not in str(entry.body)

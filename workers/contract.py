@@ -1,16 +1,22 @@
 """What the gateway and the workers agree on: the task name, its payload, its result.
 
-The gateway imports this module (and only this, plus the registry) from
-``workers``: it sends tasks by name, so it never imports the model code.
+The gateway imports this module (with the registry and the shared rules of
+``sealing`` and ``privacy``) from ``workers``: it sends tasks by name, so it
+never imports the model code.
 Payloads are plain JSON dicts because Celery serialises them as JSON; the
-dataclasses here give both sides one definition of the fields.
+dataclasses here give both sides one definition of the fields. Whatever
+carries text (the job's prompt, the result's output, stream pieces) crosses
+Redis sealed (:mod:`workers.sealing`): only ids stay readable.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from workers.sealing import SealError, Sealer
 
 #: Celery task name of a generation.
 GENERATE_TASK = "govgate.generate"
@@ -73,6 +79,10 @@ class GenerateJob:
     enqueued_at_ns: int = 0
     #: Publish text pieces on :func:`stream_channel` as they are generated.
     stream: bool = False
+    #: The policy's ``prompt_logging`` obligation: how much of the output the terminal entry keeps.
+    prompt_logging: str = "full"
+    #: The policy's ``redact`` obligation (``[{detector, text}]``): texts masked in a redacted output.
+    redact: list[dict[str, str]] = field(default_factory=list)
 
     def to_payload(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +90,19 @@ class GenerateJob:
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> "GenerateJob":
         return cls(**payload)
+
+    def sealed(self, sealer: Sealer) -> dict[str, Any]:
+        """The task argument: ids in clear, everything else sealed."""
+        return {"request_id": self.request_id, "model": self.model,
+                "sealed": sealer.seal_text(json.dumps(self.to_payload()).encode())}
+
+    @classmethod
+    def unsealed(cls, payload: dict[str, Any], sealer: Sealer) -> "GenerateJob":
+        """The job from its task argument; raises :class:`SealError` if it was not sealed with this key."""
+        job = cls.from_payload(json.loads(sealer.unseal_text(payload["sealed"])))
+        if job.request_id != payload.get("request_id"):
+            raise SealError("sealed job does not belong to its request id")
+        return job
 
 
 @dataclass(frozen=True)
@@ -114,3 +137,35 @@ class JobResult:
     def from_payload(cls, payload: dict[str, Any]) -> "JobResult":
         known = {k: v for k, v in payload.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+    def sealed(self, sealer: Sealer) -> dict[str, Any]:
+        """The task's return value as stored in Redis: status in clear, the rest sealed."""
+        return {"status": self.status, "sealed": sealer.seal_text(json.dumps(self.to_payload()).encode())}
+
+
+def open_result(payload: dict[str, Any], sealer: Sealer) -> dict[str, Any]:
+    """A task's return value as a :class:`JobResult` payload.
+
+    An unsealed value (a worker that could not read its job: no key, or
+    another key) is believed only as a failure without text, so nobody who
+    can write to Redis can make the gateway serve text of their choosing.
+    """
+    if "sealed" not in payload:
+        error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
+        return {"status": STATUS_FAILED, "error": {"code": str(error.get("code", "worker_error")),
+                                                    "message": str(error.get("message", ""))}}
+    try:
+        return json.loads(sealer.unseal_text(payload["sealed"]))
+    except (SealError, ValueError):
+        return {"status": STATUS_FAILED, "error": {"code": "worker_error",
+                                                    "message": "the worker's result could not be unsealed"}}
+
+
+def seal_piece(sealer: Sealer, seq: int, text: str) -> str:
+    """A stream piece as PUBLISHed: sealed, so pub/sub (and MONITOR) never carries text."""
+    return sealer.seal_text(json.dumps({"seq": seq, "text": text}).encode())
+
+
+def open_piece(sealer: Sealer, raw: bytes | str) -> str:
+    """The text of a published piece; raises :class:`SealError` or ``ValueError`` if unreadable."""
+    return json.loads(sealer.unseal_text(raw))["text"]

@@ -4,7 +4,9 @@ Kept apart from the Celery wiring so the rules are plain functions: a job
 whose request already has a terminal entry (a redelivery after a crash, or a
 request the gateway already gave up on) is answered from that entry and not
 generated again; every other outcome is written to the audit log before it
-is returned, because nothing may reach a client unaudited.
+is returned, because nothing may reach a client unaudited. The entry keeps
+the output only as the request's ``prompt_logging`` obligation allows
+(:func:`workers.privacy.logged_output`), partial outputs included.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
 from workers.backends import BackendError, GenerationParams, LoadedModel, PromptTooLongError
 from workers.contract import (STATUS_CANCELLED, STATUS_COMPLETED, STATUS_FAILED, STATUS_TIMED_OUT, GenerateJob,
                               JobResult)
+from workers.privacy import Digester, logged_output
 from workers.prompts import render_chat
 from workers.streams import JobChannel, SilentChannel
 
@@ -65,8 +68,12 @@ def result_from_entry(entry: AuditEntry) -> JobResult:
 
 
 def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore,
-            channel: JobChannel | None = None) -> JobResult:
-    """Generate for ``job`` and record the outcome; see the module docstring."""
+            channel: JobChannel | None = None, *, digester: Digester | None = None) -> JobResult:
+    """Generate for ``job`` and record the outcome; see the module docstring.
+
+    ``digester`` makes the digest of an output logged as ``hash``; without
+    one such an output is recorded by its length alone.
+    """
     channel = channel or SilentChannel()
     existing = store.terminal_for(job.request_id)
     if existing is not None:
@@ -77,7 +84,7 @@ def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore,
     queue_ms = (started_ns - job.enqueued_at_ns) / 1e6 if job.enqueued_at_ns else None
     worker = {"hostname": socket.gethostname(), "pid": os.getpid()}
     if channel.cancel_requested():  # the client left while the job was queued
-        return _record_end(job, store, STATUS_CANCELLED, "", 0, 0, None, worker, queue_ms, started_ns)
+        return _record_end(job, store, STATUS_CANCELLED, "", 0, 0, None, worker, queue_ms, started_ns, digester)
     if not channel.claim_start() and job.stream:
         return _record_failure(job, store, "worker_lost",
                                "the worker generating this stream died; a stream cannot be resumed", worker)
@@ -110,12 +117,12 @@ def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore,
     kind = ending or "completion"
     finish = run.finish_reason if run is not None and ending is None else None
     return _record_end(job, store, kind, "".join(text), prompt_tokens, completion_tokens, finish, worker,
-                       queue_ms, started_ns)
+                       queue_ms, started_ns, digester)
 
 
 def _record_end(job: GenerateJob, store: AuditStore, kind: str, output: str, prompt_tokens: int,
                 completion_tokens: int, finish_reason: str | None, worker: dict[str, Any],
-                queue_ms: float | None, started_ns: int) -> JobResult:
+                queue_ms: float | None, started_ns: int, digester: Digester | None) -> JobResult:
     """Write the terminal entry of a generation that ran (completed, cancelled or timed out)."""
     usage = {
         "prompt_tokens": prompt_tokens,
@@ -123,7 +130,7 @@ def _record_end(job: GenerateJob, store: AuditStore, kind: str, output: str, pro
         "total_tokens": prompt_tokens + completion_tokens,
     }
     body: dict[str, Any] = {
-        "output": output,
+        **logged_output(output, job.prompt_logging, job.redact, digester),
         "finish_reason": finish_reason,
         "usage": usage,
         "timings": {"queue_ms": queue_ms, "generate_ms": (time.time_ns() - started_ns) / 1e6},

@@ -5,6 +5,10 @@ never in the parent: llama.cpp-based backends hang in a child forked after
 the parent ran inference, and a model per process is the unit of capacity
 anyway. The database engine is made after fork for the same reason
 (connections must not be shared across fork).
+
+Jobs arrive sealed and results leave sealed (:mod:`workers.sealing`), and
+Celery's success line is cut to ids and timings: neither Redis nor the
+worker's log holds a prompt or an output.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import celery.app.trace
 
 import redis
 from celery import Celery
@@ -22,9 +29,11 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from audit import AuditStore, make_engine, migrate
 from workers.backends import LoadedModel, load_model
 from workers.celery_app import make_celery
-from workers.contract import GENERATE_TASK, GenerateJob, queue_for
+from workers.contract import GENERATE_TASK, STATUS_FAILED, GenerateJob, queue_for
 from workers.generation import run_job
+from workers.privacy import Digester
 from workers.registry import ModelSpec
+from workers.sealing import SealError, Sealer, load_or_create_key
 from workers.streams import RedisJobChannel
 
 log = logging.getLogger(__name__)
@@ -40,6 +49,9 @@ class WorkerConfig:
     concurrency: int = 1
     loglevel: str = "INFO"
     time_limit_s: float = 300.0
+    #: Key files shared with the gateway (created on first use when missing).
+    payload_key_file: Path = Path("var/keys/payload.key")
+    digest_key_file: Path = Path("var/keys/digest.key")
 
 
 class _ProcessState:
@@ -49,6 +61,8 @@ class _ProcessState:
     model: LoadedModel | None = None
     store: AuditStore | None = None
     redis: redis.Redis | None = None
+    sealer: Sealer | None = None
+    digester: Digester | None = None
 
 
 _state = _ProcessState()
@@ -61,6 +75,8 @@ def _load_in_child(**_: Any) -> None:
     engine = make_engine(config.database_url)
     _state.store = AuditStore(engine)
     _state.redis = redis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    _state.sealer = Sealer(load_or_create_key(config.payload_key_file))
+    _state.digester = Digester(load_or_create_key(config.digest_key_file))
     _state.model = load_model(config.model)
     log.info("pid %d loaded model %s from %s in %.2fs", os.getpid(), config.model.name,
              config.model.path, time.perf_counter() - started)
@@ -74,19 +90,35 @@ def _dispose_in_child(**_: Any) -> None:
 
 
 def generate(payload: dict[str, Any]) -> dict[str, Any]:
-    """The Celery task body: run one job with this process's model."""
-    if _state.model is None or _state.store is None:
+    """The Celery task body: run one sealed job with this process's model; return its result sealed.
+
+    A job this worker cannot unseal (another key) fails without text; the
+    gateway records the failure, since the worker cannot read whose it is.
+    """
+    if _state.model is None or _state.store is None or _state.sealer is None:
         _load_in_child()
-    job = GenerateJob.from_payload(payload)
+    try:
+        job = GenerateJob.unsealed(payload, _state.sealer)
+    except (SealError, KeyError, TypeError, ValueError) as exc:
+        log.error("job %s cannot be unsealed (%s): do the gateway and this worker share the payload key?",
+                  payload.get("request_id") if isinstance(payload, dict) else "?", exc)
+        return {"status": STATUS_FAILED, "error": {
+            "code": "payload_unreadable", "message": "the worker could not unseal the job (payload key mismatch)"}}
     if _state.config and job.model != _state.config.model.name:
         raise ValueError(f"job for model {job.model!r} reached the worker of {_state.config.model.name!r}")
-    channel = RedisJobChannel(_state.redis, job.request_id, streaming=job.stream)
-    return run_job(job, _state.model, _state.store, channel).to_payload()
+    channel = RedisJobChannel(_state.redis, job.request_id, streaming=job.stream, sealer=_state.sealer)
+    result = run_job(job, _state.model, _state.store, channel, digester=_state.digester)
+    return result.sealed(_state.sealer)
+
+
+#: Celery's success line without the return value (it logs ``%(return_value)s`` by default).
+_LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
 
 
 def build_worker_app(config: WorkerConfig) -> Celery:
     """The Celery app with the generate task registered and the fork hooks wired."""
     _state.config = config
+    celery.app.trace.LOG_SUCCESS = _LOG_SUCCESS
     app = make_celery(config.redis_url, time_limit_s=config.time_limit_s)
     app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True)(generate)
     worker_process_init.connect(_load_in_child, weak=False)
@@ -96,6 +128,9 @@ def build_worker_app(config: WorkerConfig) -> Celery:
 
 def run_worker(config: WorkerConfig) -> None:
     """Run a worker for ``config.model`` until it is told to stop (blocks)."""
+    # Keys before the pool forks: an unusable key file stops the worker here, with its message.
+    load_or_create_key(config.payload_key_file)
+    load_or_create_key(config.digest_key_file)
     # The schema must exist before the first append; migrating is idempotent.
     engine = make_engine(config.database_url)
     migrate(engine)

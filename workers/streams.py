@@ -5,19 +5,21 @@ subscribed to before it queued the job (pub/sub is ordered per connection and
 the final result is published after the last piece, so nothing arrives out of
 order or is missed). A cancel request is a key the gateway sets when the
 client goes away or its wait times out; the job looks at it every few
-pieces, throttled so the check costs little next to generation.
+pieces, throttled so the check costs little next to generation. Pieces are
+sealed (:func:`workers.contract.seal_piece`): pub/sub, and anyone watching
+it, carries no text.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Protocol
 
 import redis
 
-from workers.contract import cancel_key, stream_channel
+from workers.contract import cancel_key, seal_piece, stream_channel
+from workers.sealing import Sealer
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,9 @@ class JobChannel(Protocol):
 class RedisJobChannel:
     """A job's channel over the worker's Redis connection."""
 
-    def __init__(self, client: redis.Redis, request_id: str, *, streaming: bool) -> None:
+    def __init__(self, client: redis.Redis, request_id: str, *, streaming: bool, sealer: Sealer) -> None:
         self._client = client
+        self._sealer = sealer
         self._channel = stream_channel(request_id)
         self._cancel_key = cancel_key(request_id)
         self._started_key = STARTED_KEY_PREFIX + request_id
@@ -60,7 +63,7 @@ class RedisJobChannel:
     def publish(self, text: str) -> None:
         if not self._streaming or not text:
             return
-        self._client.publish(self._channel, json.dumps({"seq": self._seq, "text": text}))
+        self._client.publish(self._channel, seal_piece(self._sealer, self._seq, text))
         self._seq += 1
 
     def cancel_requested(self) -> bool:

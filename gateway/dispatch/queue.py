@@ -4,6 +4,10 @@ Publishing is a blocking socket write in kombu, with retries that could hold
 the event loop for seconds if Redis is gone, so it runs in a worker thread
 with retries off: if Redis cannot take the task now, the request is refused
 (503) instead of waiting blind.
+
+The job travels sealed (its prompt is ciphertext in Redis and its AOF), and
+``argsrepr``/``kwargsrepr`` (which Celery stores in the message and logs)
+name only the request.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
 from workers.contract import GENERATE_TASK, GenerateJob, queue_for
+from workers.sealing import Sealer
 
 
 class QueueUnavailable(RuntimeError):
@@ -21,8 +26,9 @@ class QueueUnavailable(RuntimeError):
 
 
 class Dispatcher:
-    def __init__(self, celery_app: Celery, *, expires_s: float) -> None:
+    def __init__(self, celery_app: Celery, *, expires_s: float, sealer: Sealer) -> None:
         self._app = celery_app
+        self._sealer = sealer
         self._expires_s = expires_s
         self._limiter = anyio.CapacityLimiter(8)
 
@@ -32,10 +38,14 @@ class Dispatcher:
         ``priority`` 0 is served first, 9 last (Celery on Redis); None is the default (5).
         """
 
+        payload = job.sealed(self._sealer)
+
         def send() -> None:
             self._app.send_task(
                 GENERATE_TASK,
-                args=[job.to_payload()],
+                args=[payload],
+                argsrepr=f"(<sealed job {job.request_id}>,)",
+                kwargsrepr="{}",
                 task_id=job.request_id,
                 queue=queue_for(job.model),
                 expires=self._expires_s,

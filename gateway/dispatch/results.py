@@ -8,6 +8,9 @@ message arrives. The order is: subscribe, enqueue, then also GET the key, so
 a result stored before the subscription took effect (or while the connection
 was being re-established) is not missed. A probe measured this at 340 req/s
 where waiting in threads (``anyio.to_thread``) stalled at 38 req/s.
+
+Results and stream pieces arrive sealed (:mod:`workers.sealing`) and are
+opened here, so the rest of the gateway sees plain results.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Any, AsyncIterator
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from workers.contract import STREAM_CHANNEL_PREFIX, stream_channel
+from workers.contract import STREAM_CHANNEL_PREFIX, open_piece, open_result, stream_channel
+from workers.sealing import SealError, Sealer
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +87,9 @@ class PendingResult:
 class ResultWaiter:
     """One pub/sub listener resolving futures for every pending request."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, sealer: Sealer) -> None:
         self._client = client
+        self._sealer = sealer
         self._pubsub = client.pubsub()
         self._pending: dict[str, asyncio.Future] = {}
         self._streams: dict[str, asyncio.Queue] = {}
@@ -146,6 +151,8 @@ class ResultWaiter:
             return
         # Celery may publish intermediate states; only final ones end the wait.
         if meta.get("status") in {"SUCCESS", "FAILURE", "REVOKED"}:
+            if meta.get("status") == "SUCCESS" and isinstance(meta.get("result"), dict):
+                meta["result"] = open_result(meta["result"], self._sealer)
             future.set_result(meta)
 
     def _piece(self, task_id: str, raw: bytes | str) -> None:
@@ -153,8 +160,8 @@ class ResultWaiter:
         if queue is None:
             return
         try:
-            queue.put_nowait(json.loads(raw)["text"])
-        except (TypeError, ValueError, KeyError):
+            queue.put_nowait(open_piece(self._sealer, raw))
+        except (SealError, TypeError, ValueError, KeyError):
             log.error("unreadable stream piece for %s", task_id)
 
     async def _listen(self) -> None:

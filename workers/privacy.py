@@ -1,0 +1,55 @@
+"""What of a conversation the audit log may keep: masks and keyed digests.
+
+The policy's ``prompt_logging`` obligation is a promise about the whole
+conversation: ``full`` keeps prompt and output, ``redacted`` keeps both with
+every text the detectors found (the ``redact`` obligation) masked, ``hash``
+keeps only digests. Digests are HMAC-SHA256 under a secret key (made at first
+start, like the payload key), so a digest proves "same text" to whoever
+holds the key and reveals nothing to anyone else: an unkeyed SHA-256 of an
+SSN is reversed by trying all 10^9 of them. The gateway (prompts, findings,
+refused bodies) and the workers (outputs) use the same rules from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any, Iterable, Mapping
+
+FULL = "full"
+REDACTED = "redacted"
+HASH = "hash"
+
+
+class Digester:
+    """Keyed digests (HMAC-SHA256, hex) of texts the log must not keep in clear."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def hexdigest(self, data: str | bytes) -> str:
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+        return hmac.new(self._key, raw, hashlib.sha256).hexdigest()
+
+
+def mask(text: str, redact: Iterable[Mapping[str, Any]]) -> str:
+    """``text`` with every finding replaced by ``[REDACTED:<detector>]`` (longest first)."""
+    for item in sorted(redact, key=lambda r: -len(r.get("text") or "")):
+        if item.get("text"):
+            text = text.replace(item["text"], f"[REDACTED:{item.get('detector', 'pii')}]")
+    return text
+
+
+def logged_output(output: str, mode: str, redact: Iterable[Mapping[str, Any]],
+                  digester: Digester | None) -> dict[str, Any]:
+    """The ``output`` fields of a terminal entry as ``prompt_logging`` allows them.
+
+    A mode the worker does not know is treated as ``hash``, the most private;
+    without a digester a hashed output is recorded by its length alone.
+    """
+    if mode == FULL:
+        return {"output": output}
+    if mode == REDACTED:
+        return {"output": mask(output, redact)}
+    digest = {"output_hmac_sha256": digester.hexdigest(output)} if digester is not None else {}
+    return {**digest, "output_chars": len(output)}
