@@ -69,6 +69,23 @@ class Ticket:
     reservation: Reservation | None = None
 
 
+def _unsent_text(delivered: str, result: JobResult) -> str:
+    """The part of the audited output a stream has not delivered yet.
+
+    Pieces travel on pub/sub and can be lost (a Redis reconnect) or still be
+    unread when the result is found in its stored copy; the result holds the
+    whole audited text, so the stream sends what is missing before it ends.
+    If what was sent is not the start of that text, the stream cannot be made
+    right and ends with an error event instead of a false success.
+    """
+    if result.text.startswith(delivered):
+        return result.text[len(delivered):]
+    log.error("streamed text of a request differs from its result (%d vs %d chars)", len(delivered),
+              len(result.text))
+    raise ApiError(502, "stream_inconsistent", "The streamed text does not match the recorded output; "
+                   "discard what was received. The request has been logged.")
+
+
 class CompletionService:
     """Runs one request through policy, audit and the queue."""
 
@@ -274,19 +291,29 @@ class CompletionService:
 
             async def events() -> AsyncIterator[str | JobResult]:
                 nonlocal finished
+                delivered: list[str] = []
                 try:
-                    async for event in pending.events(self.request_timeout_s):
-                        if isinstance(event, str):
-                            yield event
-                        else:
-                            finished = True
-                            yield await self._settle(ticket, event)
+                    async with contextlib.aclosing(pending.events(self.request_timeout_s)) as incoming:
+                        async for event in incoming:
+                            if isinstance(event, str):
+                                delivered.append(event)
+                                yield event
+                            else:
+                                finished = True
+                                result = await self._settle(ticket, event)
+                                break
+                        else:  # pragma: no cover - events() always ends with the result or raises
+                            return
                 except ResultTimeout:
                     finished = True
-                    yield await self._timed_out(ticket)
+                    result = await self._timed_out(ticket)
                 except (RedisError, OSError) as exc:
                     finished = True
                     raise await self._queue_down(ticket, exc) from None
+                missing = _unsent_text("".join(delivered), result)
+                if missing:
+                    yield missing
+                yield result
 
             try:
                 yield events()

@@ -8,12 +8,18 @@ pool process generating the stream dies.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.conftest import bearer, serving
+from gateway.processes import stop_process
+from gateway.redis_server import RedisProcess
+from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
 from workers.registry import TINY_MODEL_NAME
 
 
@@ -70,3 +76,56 @@ def test_abandoned_streams_leave_no_pending_task_behind(settings, worker, keyrin
     assert [audit_store.terminal_for(i).kind for i in ids] == ["cancelled"] * len(ids)
     text = Path(log).read_text()
     assert "Task was destroyed but it is pending" not in text
+
+
+@pytest.fixture
+def own_redis_gateway(settings, tmp_path):
+    """A Redis, a tiny-model worker and a served gateway of their own (the test restarts that Redis)."""
+    redis_dir = Path(tempfile.mkdtemp(prefix="gg-sf-"))
+    state = {"redis": RedisProcess.start(redis_dir, persist=False), "dir": redis_dir}
+    own = settings.with_(redis_url=state["redis"].url)
+    worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=tmp_path / "worker.log")
+    try:
+        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
+        with serving(own, tmp_path / "serve.log") as base:
+            state.update(base=base, settings=own, worker=worker)
+            yield state
+    finally:
+        stop_process(worker, timeout_s=30)
+        state["redis"].stop()
+        shutil.rmtree(redis_dir, ignore_errors=True)
+
+
+def test_streams_after_a_redis_restart_deliver_exactly_the_audited_output(own_redis_gateway, keyring,
+                                                                         audit_store):
+    """The waiter's reconnect may find results stored before their pieces were read: nothing may go missing."""
+    state = own_redis_gateway
+    outcomes: list[dict] = []
+    state["redis"].stop()
+    # Down long enough that the result listener backs off for seconds and the worker reconnects
+    # while it still sleeps: results are then stored before their pieces are read.
+    time.sleep(11.5)
+    state["redis"] = RedisProcess.start(state["dir"], persist=False)
+    until = time.monotonic() + 8
+
+    def streams(n: int) -> list[dict]:
+        done = []
+        while time.monotonic() < until:
+            try:
+                done.append(stream_once(state["base"], keyring["admin"], {
+                    "model": TINY_MODEL_NAME, "prompt": f"Story {n}", "max_tokens": 8, "temperature": 0}))
+            except AssertionError:  # refused (503) while the gateway finds Redis again
+                time.sleep(0.05)
+        return done
+
+    with ThreadPoolExecutor(6) as pool:
+        for done in pool.map(streams, range(6)):
+            outcomes += done
+    assert len(outcomes) >= 6
+    for outcome in outcomes:
+        terminal = wait_terminal(audit_store, outcome["request_id"])
+        if outcome["done"]:  # a success delivers exactly the audited output
+            assert terminal.kind == "completion"
+            assert outcome["text"] == terminal.body["output"], outcome
+        else:  # or the stream ends with an error event
+            assert "error" in outcome["last"], outcome
