@@ -91,8 +91,11 @@ def test_a_stream_whose_worker_dies_ends_with_an_error_not_a_repeat(settings, se
     killer.join()
     assert found.get("request_id") == request_id
     assert "error" in events[-1] and events[-1]["error"]["code"] == "worker_lost"
+    delivered = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
+    assert delivered  # the client saw part of the first run before it died
     terminal = audit_store.terminal_for(request_id)
     assert terminal.kind == "failed" and terminal.body["error"]["code"] == "worker_lost"
+    assert terminal.body["output"] == delivered  # the audit holds what reached the client
     assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "failed"]
 
 

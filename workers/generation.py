@@ -68,6 +68,13 @@ def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore,
             channel: JobChannel | None = None) -> JobResult:
     """Generate for ``job`` and record the outcome; see the module docstring."""
     channel = channel or SilentChannel()
+    try:
+        return _run(job, model, store, channel)
+    finally:  # the outcome is recorded (or the process is dying): the stream's mirror is not needed
+        channel.forget()
+
+
+def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobChannel) -> JobResult:
     existing = store.terminal_for(job.request_id)
     if existing is not None:
         log.info("request %s already ended as %s; not generating again", job.request_id, existing.kind)
@@ -79,8 +86,10 @@ def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore,
     if channel.cancel_requested():  # the client left while the job was queued
         return _record_end(job, store, STATUS_CANCELLED, "", 0, 0, None, worker, queue_ms, started_ns)
     if not channel.claim_start() and job.stream:
+        # The client already received what the first run published: record it.
         return _record_failure(job, store, "worker_lost",
-                               "the worker generating this stream died; a stream cannot be resumed", worker)
+                               "the worker generating this stream died; a stream cannot be resumed", worker,
+                               output=channel.streamed_text())
     text: list[str] = []
     run = None
     ending = None
@@ -98,10 +107,11 @@ def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore,
     except PromptTooLongError as exc:
         return _record_failure(job, store, "context_length_exceeded", str(exc), worker)
     except BackendError as exc:
-        return _record_failure(job, store, "generation_failed", str(exc), worker)
+        return _record_failure(job, store, "generation_failed", str(exc), worker, output=_sent(job, text))
     except Exception as exc:  # a model bug must still end the request in the log
         log.exception("generation for %s crashed", job.request_id)
-        return _record_failure(job, store, "worker_error", f"{type(exc).__name__}: {exc}", worker)
+        return _record_failure(job, store, "worker_error", f"{type(exc).__name__}: {exc}", worker,
+                               output=_sent(job, text))
     finally:
         if run is not None and ending is not None:
             run.close()  # frees the model at once
@@ -111,6 +121,11 @@ def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore,
     finish = run.finish_reason if run is not None and ending is None else None
     return _record_end(job, store, kind, "".join(text), prompt_tokens, completion_tokens, finish, worker,
                        queue_ms, started_ns)
+
+
+def _sent(job: GenerateJob, text: list[str]) -> str | None:
+    """The text a failing stream already sent to its client (None when nothing was sent)."""
+    return "".join(text) if job.stream and text else None
 
 
 def _record_end(job: GenerateJob, store: AuditStore, kind: str, output: str, prompt_tokens: int,
@@ -146,9 +161,12 @@ _END_MESSAGES = {
 
 
 def _record_failure(job: GenerateJob, store: AuditStore, code: str, message: str,
-                    worker: dict[str, Any]) -> JobResult:
+                    worker: dict[str, Any], *, output: str | None = None) -> JobResult:
     error = {"code": code, "message": message}
-    entry = _append_terminal(job, store, "failed", {"error": error, "worker": worker})
+    body: dict[str, Any] = {"error": error, "worker": worker}
+    if output is not None:
+        body["output"] = output
+    entry = _append_terminal(job, store, "failed", body)
     if isinstance(entry, JobResult):
         return entry
     return JobResult(status=STATUS_FAILED, audit_seq=entry.seq, error=error)

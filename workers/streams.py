@@ -6,6 +6,12 @@ the final result is published after the last piece, so nothing arrives out of
 order or is missed). A cancel request is a key the gateway sets when the
 client goes away or its wait times out; the job looks at it every few
 pieces, throttled so the check costs little next to generation.
+
+Each published piece is also pushed, sealed, onto a short-lived list (in the
+same round trip, before the publish): if the pool process dies mid-stream,
+the process that picks the job up again reads what the client already got
+and records it in the ``worker_lost`` entry. The list is deleted once the
+request's terminal entry is written.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 import redis
 
@@ -28,19 +34,37 @@ CANCEL_CHECK_INTERVAL_S = 0.05
 #: Prefix of the key that records that a job's generation has begun.
 STARTED_KEY_PREFIX = "govgate:started:"
 STARTED_TTL_S = 24 * 3600
+#: Prefix of the list that mirrors a stream's published pieces (sealed).
+STREAMED_KEY_PREFIX = "govgate:streamed:"
+#: How long a stream's mirror outlives its last piece when nobody deletes it:
+#: longer than a redelivery takes (the broker's visibility timeout).
+STREAMED_TTL_S = 3600
+
+#: Turns bytes into what Redis may hold (and back); identity unless a sealer is wired in.
+Seal = Callable[[bytes], bytes]
+
+
+def _identity(data: bytes) -> bytes:
+    return data
 
 
 class JobChannel(Protocol):
     def publish(self, text: str) -> None: ...
     def cancel_requested(self) -> bool: ...
     def claim_start(self) -> bool: ...
+    def streamed_text(self) -> str: ...
+    def forget(self) -> None: ...
 
 
 class RedisJobChannel:
     """A job's channel over the worker's Redis connection."""
 
-    def __init__(self, client: redis.Redis, request_id: str, *, streaming: bool) -> None:
+    def __init__(self, client: redis.Redis, request_id: str, *, streaming: bool, seal: Seal = _identity,
+                 unseal: Seal = _identity) -> None:
         self._client = client
+        self._seal = seal
+        self._unseal = unseal
+        self._streamed_key = STREAMED_KEY_PREFIX + request_id
         self._channel = stream_channel(request_id)
         self._cancel_key = cancel_key(request_id)
         self._started_key = STARTED_KEY_PREFIX + request_id
@@ -60,8 +84,30 @@ class RedisJobChannel:
     def publish(self, text: str) -> None:
         if not self._streaming or not text:
             return
-        self._client.publish(self._channel, json.dumps({"seq": self._seq, "text": text}))
+        with self._client.pipeline(transaction=False) as pipe:
+            pipe.rpush(self._streamed_key, self._seal(text.encode()))
+            pipe.expire(self._streamed_key, STREAMED_TTL_S)
+            pipe.publish(self._channel, json.dumps({"seq": self._seq, "text": text}))
+            pipe.execute()
         self._seq += 1
+
+    def streamed_text(self) -> str:
+        """What earlier runs of this job published (and so sent towards the client)."""
+        try:
+            pieces = self._client.lrange(self._streamed_key, 0, -1)
+        except redis.RedisError as exc:
+            log.error("cannot read what %s already streamed: %s", self._streamed_key, exc)
+            return ""
+        return "".join(self._unseal(piece).decode() for piece in pieces)
+
+    def forget(self) -> None:
+        """Drop the mirror: the request's terminal entry now holds the text."""
+        if not self._streaming:
+            return
+        try:
+            self._client.delete(self._streamed_key)
+        except redis.RedisError as exc:  # it expires on its own
+            log.warning("cannot delete %s: %s", self._streamed_key, exc)
 
     def cancel_requested(self) -> bool:
         now = time.monotonic()
@@ -86,3 +132,9 @@ class SilentChannel:
 
     def claim_start(self) -> bool:
         return True
+
+    def streamed_text(self) -> str:
+        return ""
+
+    def forget(self) -> None:
+        return None
