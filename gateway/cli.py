@@ -78,7 +78,8 @@ def worker(model_name: str, concurrency: int) -> None:
         raise click.ClickException(f"model file {spec.path} does not exist")
     run_worker(WorkerConfig(model=spec, redis_url=settings.redis_url, database_url=settings.effective_database_url,
                             concurrency=concurrency, loglevel=settings.log_level,
-                            time_limit_s=settings.generation_time_limit_s))
+                            time_limit_s=settings.generation_time_limit_s,
+                            terminal_retry_horizon_s=settings.terminal_retry_horizon_s))
 
 
 # ---------------------------------------------------------------- keys

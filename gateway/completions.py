@@ -45,6 +45,7 @@ from gateway.policy_input import build_input, without_prompt
 from gateway.refusals import admission_refusal, denial, worker_error
 from workers.celery_app import queue_keys
 from workers.contract import CANCEL_TTL_S, STATUS_COMPLETED, GenerateJob, JobResult, cancel_key, queue_for
+from workers.pending_terminals import PendingTerminal, PendingTerminals
 from workers.registry import ModelSpec, Registry
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ class CompletionService:
 
     def __init__(self, *, registry: Registry, policy: ReloadingPolicyEngine, audit: AuditStore,
                  dispatcher: Dispatcher, waiter: ResultWaiter, redis: aioredis.Redis, counters: UsageCounters,
-                 default_max_tokens: int, request_timeout_s: float, max_queued_per_model: int) -> None:
+                 default_max_tokens: int, request_timeout_s: float, max_queued_per_model: int,
+                 pending: PendingTerminals | None = None) -> None:
         self.registry = registry
         self.counters = counters
         self.prompt_counter = PromptCounter()
@@ -104,6 +106,8 @@ class CompletionService:
         self.default_max_tokens = default_max_tokens
         self.request_timeout_s = request_timeout_s
         self._background: set[asyncio.Task] = set()
+        #: Terminal entries the database refused, written later (None: only logged).
+        self.pending = pending
 
     async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
                     purpose_header: str | None) -> Ticket:
@@ -409,14 +413,27 @@ class CompletionService:
         raise ApiError(502, "worker_error", "The model worker failed on this request; it has been logged.")
 
     async def _end(self, ticket: Ticket, kind: str, body: dict[str, Any]) -> AuditEntry | None:
-        """Write a terminal entry unless one exists; return the entry that ended the request."""
+        """Write a terminal entry unless one exists; return the entry that ended the request.
+
+        An entry a worker could not write comes first (it holds the output);
+        an entry the database refuses is kept pending and written later.
+        """
         try:
+            if self.pending is not None:
+                earlier = await anyio.to_thread.run_sync(self.pending.write_one, self.audit, ticket.request_id)
+                if earlier is not None:
+                    return earlier
             return await self._append(kind, ticket.request_id, ticket.principal, ticket.model, body,
                                       ticket.job.policy_revision)
         except DuplicateTerminalError:
             return await anyio.to_thread.run_sync(self.audit.terminal_for, ticket.request_id)
         except AuditError as exc:
             log.error("could not record %s for %s: %s", kind, ticket.request_id, exc)
+            if self.pending is not None:
+                entry = PendingTerminal(kind=kind, request_id=ticket.request_id, principal=ticket.principal.id,
+                                        team=ticket.principal.team, model=ticket.model, body=body,
+                                        policy_revision=ticket.job.policy_revision)
+                await anyio.to_thread.run_sync(self.pending.keep, entry)
             return None
 
     async def _append(self, kind: str, request_id: str, principal: Principal, model: str | None,

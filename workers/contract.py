@@ -73,6 +73,9 @@ class GenerateJob:
     enqueued_at_ns: int = 0
     #: Publish text pieces on :func:`stream_channel` as they are generated.
     stream: bool = False
+    #: Wall-clock time (ns) after which nobody waits for the result: a worker that
+    #: takes the job later records it as expired instead of generating (0: none).
+    deadline_ns: int = 0
 
     def to_payload(self) -> dict[str, Any]:
         return asdict(self)

@@ -18,9 +18,11 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
+from audit.kinds import FAILED
 from workers.backends import BackendError, GenerationParams, LoadedModel, PromptTooLongError
 from workers.contract import (STATUS_CANCELLED, STATUS_COMPLETED, STATUS_FAILED, STATUS_TIMED_OUT, GenerateJob,
                               JobResult)
+from workers.pending_terminals import PendingTerminal, PendingTerminals
 from workers.prompts import render_chat
 from workers.streams import JobChannel, SilentChannel
 
@@ -64,14 +66,47 @@ def result_from_entry(entry: AuditEntry) -> JobResult:
     return JobResult.from_terminal(entry.kind, entry.seq, entry.body)
 
 
-def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore,
-            channel: JobChannel | None = None) -> JobResult:
-    """Generate for ``job`` and record the outcome; see the module docstring."""
+class _Unrecorded(Exception):
+    """The database refused a terminal entry (past its busy timeout)."""
+
+    def __init__(self, kind: str, body: dict[str, Any], cause: AuditError) -> None:
+        super().__init__(str(cause))
+        self.kind = kind
+        self.body = body
+
+
+def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobChannel | None = None,
+            pending: PendingTerminals | None = None) -> JobResult:
+    """Generate for ``job`` and record the outcome; see the module docstring.
+
+    If the database refuses the terminal entry, the client gets no output
+    (nothing is served unaudited) and the entry is kept in ``pending`` as
+    ``failed``/``audit_unavailable`` with what was generated, to be written
+    when the database is back.
+    """
     channel = channel or SilentChannel()
     try:
         return _run(job, model, store, channel)
-    finally:  # the outcome is recorded (or the process is dying): the stream's mirror is not needed
+    except _Unrecorded as lost:
+        return _keep(job, lost, pending)
+    finally:  # the outcome is recorded (or kept, or the process is dying): the stream's mirror is not needed
         channel.forget()
+
+
+_WITHHELD = {"code": "audit_unavailable", "message": "the audit store could not be written when the request "
+                                                     "ended; the output was withheld from the client"}
+
+
+def _keep(job: GenerateJob, lost: _Unrecorded, pending: PendingTerminals | None) -> JobResult:
+    """Keep the refused terminal entry for a later write; the client is told the audit is unavailable."""
+    log.error("cannot record %s for %s: %s", lost.kind, job.request_id, lost)
+    if pending is not None:
+        body = {**lost.body, "error": _WITHHELD, "ended_as": lost.kind}
+        pending.keep(PendingTerminal(kind=FAILED, request_id=job.request_id, principal=job.principal,
+                                     team=job.team, model=job.model, body=body,
+                                     policy_revision=job.policy_revision))
+    return JobResult(status=STATUS_FAILED,
+                     error={"code": "audit_unavailable", "message": "the audit store cannot be written"})
 
 
 def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobChannel) -> JobResult:
@@ -85,6 +120,8 @@ def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobCh
     worker = {"hostname": socket.gethostname(), "pid": os.getpid()}
     if channel.cancel_requested():  # the client left while the job was queued
         return _record_end(job, store, STATUS_CANCELLED, "", 0, 0, None, worker, queue_ms, started_ns)
+    if job.deadline_ns and started_ns > job.deadline_ns:  # nobody waits for it any more (its gateway may be gone)
+        return _record_expired(job, store, worker, queue_ms)
     if not channel.claim_start() and job.stream:
         # The client already received what the first run published: record it.
         return _record_failure(job, store, "worker_lost",
@@ -160,6 +197,17 @@ _END_MESSAGES = {
 }
 
 
+def _record_expired(job: GenerateJob, store: AuditStore, worker: dict[str, Any],
+                    queue_ms: float | None) -> JobResult:
+    """A job taken after its deadline: not generated, recorded as ``timed_out`` with code ``expired``."""
+    error = {"code": "expired", "message": "the request's deadline passed before a worker took it"}
+    body = {"output": "", "error": error, "worker": worker, "timings": {"queue_ms": queue_ms}}
+    entry = _append_terminal(job, store, STATUS_TIMED_OUT, body)
+    if isinstance(entry, JobResult):
+        return entry
+    return JobResult(status=STATUS_TIMED_OUT, audit_seq=entry.seq, error=error)
+
+
 def _record_failure(job: GenerateJob, store: AuditStore, code: str, message: str,
                     worker: dict[str, Any], *, output: str | None = None) -> JobResult:
     error = {"code": code, "message": message}
@@ -185,8 +233,5 @@ def _append_terminal(job: GenerateJob, store: AuditStore, kind: str,
         if winner is None:  # pragma: no cover - the constraint implies a winner exists
             raise
         return result_from_entry(winner)
-    except AuditError as exc:
-        # Unaudited output must not be served: report failure without the text.
-        log.error("cannot record %s for %s: %s", kind, job.request_id, exc)
-        return JobResult(status=STATUS_FAILED,
-                         error={"code": "audit_unavailable", "message": "the audit store cannot be written"})
+    except AuditError as exc:  # unaudited output must not be served: run_job keeps the entry for later
+        raise _Unrecorded(kind, body, exc) from exc

@@ -18,12 +18,14 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
+from sqlalchemy import Engine
 
-from audit import AuditStore, make_engine, migrate
+from audit import AuditError, AuditStore, make_engine, migrate
 from workers.backends import LoadedModel, load_model
 from workers.celery_app import make_celery
 from workers.contract import GENERATE_TASK, GenerateJob, queue_for
 from workers.generation import run_job
+from workers.pending_terminals import PendingTerminals
 from workers.registry import ModelSpec
 from workers.streams import RedisJobChannel
 
@@ -39,7 +41,9 @@ class WorkerConfig:
     database_url: str
     concurrency: int = 1
     loglevel: str = "INFO"
-    time_limit_s: float = 300.0
+    time_limit_s: float = 60.0
+    #: How long a terminal entry the database refused is retried before it is given up.
+    terminal_retry_horizon_s: float = 86400.0
 
 
 class _ProcessState:
@@ -49,6 +53,7 @@ class _ProcessState:
     model: LoadedModel | None = None
     store: AuditStore | None = None
     redis: redis.Redis | None = None
+    pending: PendingTerminals | None = None
 
 
 _state = _ProcessState()
@@ -61,6 +66,7 @@ def _load_in_child(**_: Any) -> None:
     engine = make_engine(config.database_url)
     _state.store = AuditStore(engine)
     _state.redis = redis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    _state.pending = _pending_terminals(_state.redis, config)
     _state.model = load_model(config.model)
     log.info("pid %d loaded model %s from %s in %.2fs", os.getpid(), config.model.name,
              config.model.path, time.perf_counter() - started)
@@ -81,7 +87,28 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
     if _state.config and job.model != _state.config.model.name:
         raise ValueError(f"job for model {job.model!r} reached the worker of {_state.config.model.name!r}")
     channel = RedisJobChannel(_state.redis, job.request_id, streaming=job.stream)
-    return run_job(job, _state.model, _state.store, channel).to_payload()
+    result = run_job(job, _state.model, _state.store, channel, _state.pending)
+    if result.audit_seq is not None and _state.pending is not None and _state.pending.count():
+        _state.pending.write_all(_state.store)  # the database takes writes again: catch up
+    return result.to_payload()
+
+
+def _pending_terminals(client: redis.Redis, config: WorkerConfig) -> PendingTerminals:
+    """The store of terminal entries waiting for the database (sealing is wired in here)."""
+    return PendingTerminals(client, horizon_s=config.terminal_retry_horizon_s)
+
+
+def _migrate_when_writable(engine: Engine) -> None:
+    """Migrate, waiting as long as the database is locked instead of failing the start."""
+    while True:
+        try:
+            migrate(engine)
+            return
+        except AuditError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            log.warning("the audit database is locked (%s); waiting for it before serving", exc)
+            time.sleep(1.0)
 
 
 def build_worker_app(config: WorkerConfig) -> Celery:
@@ -98,8 +125,13 @@ def run_worker(config: WorkerConfig) -> None:
     """Run a worker for ``config.model`` until it is told to stop (blocks)."""
     # The schema must exist before the first append; migrating is idempotent.
     engine = make_engine(config.database_url)
-    migrate(engine)
-    engine.dispose()
+    _migrate_when_writable(engine)
+    client = redis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    try:  # terminal entries kept while the database was unwritable
+        _pending_terminals(client, config).write_all(AuditStore(engine))
+    finally:
+        client.close()
+        engine.dispose()
     app = build_worker_app(config)
     app.worker_main([
         "worker",

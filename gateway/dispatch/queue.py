@@ -4,9 +4,18 @@ Publishing is a blocking socket write in kombu, with retries that could hold
 the event loop for seconds if Redis is gone, so it runs in a worker thread
 with retries off: if Redis cannot take the task now, the request is refused
 (503) instead of waiting blind.
+
+A job carries its own deadline instead of Celery's ``expires``: Celery drops
+an expired message without running the task, so nothing would write the
+request's terminal entry if its gateway had gone meanwhile. The worker that
+takes a job past its deadline records it as expired instead (see
+``workers.generation``).
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import replace
 
 import anyio
 from celery import Celery
@@ -22,6 +31,7 @@ class QueueUnavailable(RuntimeError):
 
 class Dispatcher:
     def __init__(self, celery_app: Celery, *, expires_s: float) -> None:
+        """``expires_s``: how long after queueing a job is still worth running (the request timeout)."""
         self._app = celery_app
         self._expires_s = expires_s
         self._limiter = anyio.CapacityLimiter(8)
@@ -32,13 +42,14 @@ class Dispatcher:
         ``priority`` 0 is served first, 9 last (Celery on Redis); None is the default (5).
         """
 
+        job = replace(job, deadline_ns=time.time_ns() + int(self._expires_s * 1e9))
+
         def send() -> None:
             self._app.send_task(
                 GENERATE_TASK,
                 args=[job.to_payload()],
                 task_id=job.request_id,
                 queue=queue_for(job.model),
-                expires=self._expires_s,
                 priority=priority,
                 retry=False,
             )
