@@ -308,9 +308,9 @@ class CompletionService:
                                 break
                         else:  # pragma: no cover - events() always ends with the result or raises
                             return
-                except ResultTimeout:
+                except ResultTimeout:  # the audit keeps what the client already received
                     finished = True
-                    result = await self._timed_out(ticket)
+                    result = await self._timed_out(ticket, output="".join(delivered))
                 except (RedisError, OSError) as exc:
                     finished = True
                     raise await self._queue_down(ticket, exc) from None
@@ -329,12 +329,18 @@ class CompletionService:
         job = replace(ticket.job, enqueued_at_ns=time.time_ns())
         await self.dispatcher.enqueue(job, priority=ticket.decision.obligations.get("priority"))
 
-    async def _timed_out(self, ticket: Ticket) -> JobResult:
-        """The wait ran out: stop the worker, end the request (unless it just ended), 504."""
+    async def _timed_out(self, ticket: Ticket, *, output: str | None = None) -> JobResult:
+        """The wait ran out: stop the worker, end the request (unless it just ended), 504.
+
+        ``output`` is what a stream already sent to its client.
+        """
         job = ticket.job
         await self._request_cancel(job.request_id)
-        winner = await self._end(ticket, "timed_out", {"error": {
-            "code": "timed_out", "message": f"no result within {self.request_timeout_s:g}s"}})
+        body: dict[str, Any] = {"error": {"code": "timed_out",
+                                          "message": f"no result within {self.request_timeout_s:g}s"}}
+        if output is not None:
+            body["output"] = output
+        winner = await self._end(ticket, "timed_out", body)
         if winner is not None and winner.kind == "completion":
             result = JobResult.from_terminal(winner.kind, winner.seq, winner.body)
             await self._account(ticket, result.completion_tokens)

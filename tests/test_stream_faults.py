@@ -7,8 +7,11 @@ pool process generating the stream dies.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +23,7 @@ import pytest
 from gateway.processes import stop_process
 from gateway.redis_server import RedisProcess
 from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
+from tests.test_crash_safety import pool_children
 from workers.registry import TINY_MODEL_NAME
 
 
@@ -129,3 +133,44 @@ def test_streams_after_a_redis_restart_deliver_exactly_the_audited_output(own_re
             assert outcome["text"] == terminal.body["output"], outcome
         else:  # or the stream ends with an error event
             assert "error" in outcome["last"], outcome
+
+
+def test_a_stream_whose_worker_stalls_records_what_the_client_received(settings, keyring, audit_store, tmp_path):
+    """The gateway gives up on a frozen worker (as on a dead one): its timed_out entry holds the text it sent."""
+    redis_dir = Path(tempfile.mkdtemp(prefix="gg-st-"))
+    server = RedisProcess.start(redis_dir, persist=False)
+    own = settings.with_(redis_url=server.url, request_timeout_s=5.0)
+    worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=tmp_path / "worker.log")
+    frozen: list[int] = []
+    try:
+        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
+        with serving(own, tmp_path / "serve.log") as base:
+            text, last = "", None
+            with httpx.stream("POST", f"{base}/v1/completions", headers=bearer(keyring["admin"]), timeout=60,
+                              json={"model": TINY_MODEL_NAME, "prompt": "Tell", "max_tokens": 4000,
+                                    "temperature": 0, "stream": True}) as response:
+                request_id = response.headers["x-govgate-request-id"]
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    last = json.loads(line[6:])
+                    if last.get("choices"):
+                        text += last["choices"][0].get("text") or ""
+                        if text and not frozen:  # the generation is under way: freeze it
+                            frozen += pool_children(worker.pid)
+                            for pid in frozen:
+                                os.kill(pid, signal.SIGSTOP)
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+            terminal = wait_terminal(audit_store, request_id)
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        stop_process(worker, timeout_s=30)
+        server.stop()
+        shutil.rmtree(redis_dir, ignore_errors=True)
+    assert frozen and text
+    assert last["error"]["code"] == "timed_out"
+    assert terminal.kind == "timed_out"
+    assert terminal.body["output"] == text
