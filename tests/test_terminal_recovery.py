@@ -15,6 +15,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -32,7 +33,7 @@ from gateway.settings import Settings
 from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
 from tests.test_fail_closed import queued
 from workers.celery_app import make_celery
-from workers.pending_terminals import PENDING_KEY
+from workers.pending_terminals import PENDING_KEY, PendingTerminal, PendingTerminals
 from workers.registry import TINY_MODEL_NAME
 
 
@@ -201,3 +202,41 @@ def test_a_worker_started_while_the_database_is_locked_waits_for_it(own_redis, t
         wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker, timeout_s=120)
     finally:
         stop_process(worker, timeout_s=30)
+
+
+@pytest.fixture
+def pending_parts(own_redis, tmp_path):
+    """A real Redis client and a fresh audit store for the pending-entry store itself."""
+    engine = open_database(own_redis.with_(database_url=f"sqlite:///{tmp_path / 'pending.db'}"))
+    client = redis.Redis.from_url(own_redis.redis_url)
+    yield client, AuditStore(engine)
+    client.close()
+    engine.dispose()
+
+
+def pending_entry(request_id: str, **changes) -> PendingTerminal:
+    return PendingTerminal(**{"kind": "failed", "request_id": request_id, "principal": "p", "team": None,
+                              "model": TINY_MODEL_NAME, "body": {"output": "secret words", "error": {}},
+                              "policy_revision": "r1", **changes})
+
+
+def test_pending_entries_are_sealed_in_redis_and_written_once(pending_parts):
+    client, store = pending_parts
+    pending = PendingTerminals(client, horizon_s=60, seal=zlib.compress, unseal=zlib.decompress)
+    assert pending.keep(pending_entry("r-1"))
+    assert pending.keep(pending_entry("r-1", kind="timed_out"))  # a later one for the same request is ignored
+    raw = client.hget(PENDING_KEY, "r-1")
+    assert b"secret words" not in raw  # what Redis holds went through the seal
+    assert pending.write_all(store) == 1 and pending.count() == 0
+    written = store.terminal_for("r-1")
+    assert written.kind == "failed" and written.body["output"] == "secret words"
+    assert "recorded_late" in written.body
+
+
+def test_pending_entries_past_the_horizon_are_given_up(pending_parts):
+    client, store = pending_parts
+    pending = PendingTerminals(client, horizon_s=5)
+    pending.keep(pending_entry("old", since=time.time() - 60))
+    pending.keep(pending_entry("new"))
+    assert pending.write_all(store) == 1 and pending.count() == 0
+    assert store.terminal_for("old") is None and store.terminal_for("new") is not None

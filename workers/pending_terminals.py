@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import redis
 
-from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
+from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError, InvalidEntryError
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ class PendingTerminals:
 
     def _write(self, store: AuditStore, request_id: str, raw: bytes) -> AuditEntry | None:
         try:
-            entry = PendingTerminal(**json.loads(self._unseal(raw)))
+            fields = json.loads(self._unseal(raw))
+            entry = PendingTerminal(**{k: v for k, v in fields.items() if k in PendingTerminal.__dataclass_fields__})
         except Exception as exc:  # unreadable (another key, corrupted): cannot ever be written
             log.error("dropping unreadable pending terminal entry of %s: %s", request_id, exc)
             self._forget(request_id)
@@ -129,6 +130,10 @@ class PendingTerminals:
                                    model=entry.model, body=body, policy_revision=entry.policy_revision)
         except DuplicateTerminalError:
             written = store.terminal_for(request_id)
+        except InvalidEntryError as exc:  # would be refused forever and hold up the others
+            log.error("dropping pending %s entry of %s the store cannot take: %s", entry.kind, request_id, exc)
+            self._forget(request_id)
+            return None
         self._forget(request_id)
         log.info("wrote the pending %s entry of %s", entry.kind, request_id)
         return written
