@@ -81,7 +81,8 @@ def worker(model_name: str, concurrency: int) -> None:
                           concurrency=concurrency, loglevel=settings.log_level,
                           time_limit_s=settings.generation_time_limit_s,
                           payload_key_file=settings.effective_payload_key_file,
-                          digest_key_file=settings.effective_digest_key_file)
+                          digest_key_file=settings.effective_digest_key_file,
+                          terminal_retry_horizon_s=settings.terminal_retry_horizon_s)
     try:
         run_worker(config)
     except KeyFileError as exc:

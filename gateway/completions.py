@@ -45,7 +45,8 @@ from gateway.policy_input import build_input, prompt_text, without_prompt
 from gateway.refusals import admission_refusal, denial, worker_error
 from workers.celery_app import queue_keys
 from workers.contract import CANCEL_TTL_S, STATUS_COMPLETED, GenerateJob, JobResult, cancel_key, queue_for
-from workers.privacy import Digester
+from workers.pending_terminals import PendingTerminal, PendingTerminals
+from workers.privacy import Digester, logged_output
 from workers.registry import ModelSpec, Registry
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,30 @@ class Ticket:
     reservation: Reservation | None = None
 
 
+def _unsent_text(delivered: str, result: JobResult) -> str:
+    """The part of the audited output a stream has not delivered yet.
+
+    Pieces travel on pub/sub and can be lost (a Redis reconnect) or still be
+    unread when the result is found in its stored copy; the result holds the
+    whole audited text, so the stream sends what is missing before it ends.
+    If what was sent is not the start of that text, the stream cannot be made
+    right and ends with an error event instead of a false success.
+    """
+    if result.text.startswith(delivered):
+        return result.text[len(delivered):]
+    log.error("streamed text of a request differs from its result (%d vs %d chars)", len(delivered),
+              len(result.text))
+    raise ApiError(502, "stream_inconsistent", "The streamed text does not match the recorded output; "
+                   "discard what was received. The request has been logged.")
+
+
 class CompletionService:
     """Runs one request through policy, audit and the queue."""
 
     def __init__(self, *, registry: Registry, policy: ReloadingPolicyEngine, audit: AuditStore,
                  dispatcher: Dispatcher, waiter: ResultWaiter, redis: aioredis.Redis, counters: UsageCounters,
                  default_max_tokens: int, request_timeout_s: float, max_queued_per_model: int,
-                 digester: Digester) -> None:
+                 digester: Digester, pending: PendingTerminals | None = None) -> None:
         self.registry = registry
         self.digester = digester
         self.counters = counters
@@ -89,6 +107,8 @@ class CompletionService:
         self.default_max_tokens = default_max_tokens
         self.request_timeout_s = request_timeout_s
         self._background: set[asyncio.Task] = set()
+        #: Terminal entries the database refused, written later (None: only logged).
+        self.pending = pending
 
     async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
                     purpose_header: str | None) -> Ticket:
@@ -280,19 +300,29 @@ class CompletionService:
 
             async def events() -> AsyncIterator[str | JobResult]:
                 nonlocal finished
+                delivered: list[str] = []
                 try:
-                    async for event in pending.events(self.request_timeout_s):
-                        if isinstance(event, str):
-                            yield event
-                        else:
-                            finished = True
-                            yield await self._settle(ticket, event)
-                except ResultTimeout:
+                    async with contextlib.aclosing(pending.events(self.request_timeout_s)) as incoming:
+                        async for event in incoming:
+                            if isinstance(event, str):
+                                delivered.append(event)
+                                yield event
+                            else:
+                                finished = True
+                                result = await self._settle(ticket, event)
+                                break
+                        else:  # pragma: no cover - events() always ends with the result or raises
+                            return
+                except ResultTimeout:  # the audit keeps what the client already received
                     finished = True
-                    yield await self._timed_out(ticket)
+                    result = await self._timed_out(ticket, output="".join(delivered))
                 except (RedisError, OSError) as exc:
                     finished = True
                     raise await self._queue_down(ticket, exc) from None
+                missing = _unsent_text("".join(delivered), result)
+                if missing:
+                    yield missing
+                yield result
 
             try:
                 yield events()
@@ -304,12 +334,18 @@ class CompletionService:
         job = replace(ticket.job, enqueued_at_ns=time.time_ns())
         await self.dispatcher.enqueue(job, priority=ticket.decision.obligations.get("priority"))
 
-    async def _timed_out(self, ticket: Ticket) -> JobResult:
-        """The wait ran out: stop the worker, end the request (unless it just ended), 504."""
+    async def _timed_out(self, ticket: Ticket, *, output: str | None = None) -> JobResult:
+        """The wait ran out: stop the worker, end the request (unless it just ended), 504.
+
+        ``output`` is what a stream already sent to its client.
+        """
         job = ticket.job
         await self._request_cancel(job.request_id)
-        winner = await self._end(ticket, "timed_out", {"error": {
-            "code": "timed_out", "message": f"no result within {self.request_timeout_s:g}s"}})
+        body: dict[str, Any] = {"error": {"code": "timed_out",
+                                          "message": f"no result within {self.request_timeout_s:g}s"}}
+        if output is not None:  # kept as the request's prompt_logging allows, like a worker's output
+            body.update(logged_output(output, job.prompt_logging, job.redact, self.digester))
+        winner = await self._end(ticket, "timed_out", body)
         if winner is not None and winner.kind == "completion":
             result = JobResult.from_terminal(winner.kind, winner.seq, winner.body)
             await self._account(ticket, result.prompt_tokens + result.completion_tokens)
@@ -388,14 +424,27 @@ class CompletionService:
         raise ApiError(502, "worker_error", "The model worker failed on this request; it has been logged.")
 
     async def _end(self, ticket: Ticket, kind: str, body: dict[str, Any]) -> AuditEntry | None:
-        """Write a terminal entry unless one exists; return the entry that ended the request."""
+        """Write a terminal entry unless one exists; return the entry that ended the request.
+
+        An entry a worker could not write comes first (it holds the output);
+        an entry the database refuses is kept pending and written later.
+        """
         try:
+            if self.pending is not None:
+                earlier = await anyio.to_thread.run_sync(self.pending.write_one, self.audit, ticket.request_id)
+                if earlier is not None:
+                    return earlier
             return await self._append(kind, ticket.request_id, ticket.principal, ticket.model, body,
                                       ticket.job.policy_revision)
         except DuplicateTerminalError:
             return await anyio.to_thread.run_sync(self.audit.terminal_for, ticket.request_id)
         except AuditError as exc:
             log.error("could not record %s for %s: %s", kind, ticket.request_id, exc)
+            if self.pending is not None:
+                entry = PendingTerminal(kind=kind, request_id=ticket.request_id, principal=ticket.principal.id,
+                                        team=ticket.principal.team, model=ticket.model, body=body,
+                                        policy_revision=ticket.job.policy_revision)
+                await anyio.to_thread.run_sync(self.pending.keep, entry)
             return None
 
     async def _append(self, kind: str, request_id: str, principal: Principal, model: str | None,

@@ -6,11 +6,13 @@ clients) and reached by controllers through ``app.state.components``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+import redis
 import redis.asyncio as aioredis
 from sqlalchemy import Engine
 
@@ -23,7 +25,9 @@ from gateway.limits import UsageCounters
 from gateway.policy import PolicyEngine, open_policy_engine
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.settings import Settings
-from workers.celery_app import make_celery
+from gateway.terminal_retry import retry_pending_terminals
+from workers.celery_app import make_celery, visibility_timeout_s
+from workers.pending_terminals import PendingTerminals
 from workers.privacy import Digester
 from workers.registry import Registry, load_registry
 from workers.sealing import KeyFileError, Sealer, load_or_create_key
@@ -78,14 +82,22 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
     client = aioredis.Redis(connection_pool=pool)
     waiter = ResultWaiter(client, sealer)
     celery_app = make_celery(settings.redis_url, time_limit_s=settings.generation_time_limit_s)
+    if visibility_timeout_s(settings.generation_time_limit_s) >= settings.request_timeout_s:
+        log.warning("a task redelivered after a worker death comes after the request timeout: it will be "
+                    "recorded as expired (lower GOVGATE_GENERATION_TIME_LIMIT_S below "
+                    "GOVGATE_REQUEST_TIMEOUT_S - 40 s to let it answer)")
     dispatcher = Dispatcher(celery_app, expires_s=settings.request_timeout_s, sealer=sealer)
     audit_store = AuditStore(db_engine)
     counters = UsageCounters(client)
+    pending_client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    pending = PendingTerminals(pending_client, horizon_s=settings.terminal_retry_horizon_s,
+                               seal=sealer.seal, unseal=sealer.unseal)
     completions = CompletionService(
         registry=registry, policy=policy, audit=audit_store, dispatcher=dispatcher, waiter=waiter,
         redis=client, counters=counters, default_max_tokens=settings.default_max_tokens,
         request_timeout_s=settings.request_timeout_s, max_queued_per_model=settings.max_queued_per_model,
-        digester=digester)
+        digester=digester, pending=pending)
+    retrier = asyncio.create_task(retry_pending_terminals(pending, audit_store), name="govgate-terminal-retry")
     try:
         await waiter.start()
         await policy.start()
@@ -95,6 +107,10 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
             completions=completions,
         )
     finally:
+        retrier.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await retrier
+        pending_client.close()
         await completions.aclose()
         await counters.aclose()
         await waiter.aclose()

@@ -64,7 +64,11 @@ class Settings:
     #: Longest a request waits for its completion before a 504.
     request_timeout_s: float = 120.0
     #: Soft time limit of one generation in a worker (a hard limit 10 s later kills the pool process).
-    generation_time_limit_s: float = 300.0
+    #: With the broker's visibility timeout (hard limit + 30 s) it stays below the request timeout,
+    #: so a task redelivered after a whole worker died can still answer its client.
+    generation_time_limit_s: float = 60.0
+    #: How long a terminal entry the database refused is kept (in Redis) and retried before it is given up.
+    terminal_retry_horizon_s: float = 86400.0
     #: Requests that may wait in one model's queue; beyond it the gateway answers 429.
     max_queued_per_model: int = 64
     #: Largest request body accepted (413 above it).
@@ -144,6 +148,8 @@ class Settings:
             request_timeout_s=float(number("REQUEST_TIMEOUT_S", defaults.request_timeout_s, float, 0.01)),
             generation_time_limit_s=float(number("GENERATION_TIME_LIMIT_S", defaults.generation_time_limit_s,
                                                  float, 0.1)),
+            terminal_retry_horizon_s=float(number("TERMINAL_RETRY_HORIZON_S", defaults.terminal_retry_horizon_s,
+                                                  float, 1.0)),
             max_queued_per_model=int(number("MAX_QUEUED_PER_MODEL", defaults.max_queued_per_model, int, 1)),
             max_body_bytes=int(number("MAX_BODY_BYTES", defaults.max_body_bytes, int, 1024)),
             default_max_tokens=int(number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens, int, 1)),

@@ -28,12 +28,22 @@ HARD_LIMIT_GRACE_S = 10.0
 VISIBILITY_MARGIN_S = 30.0
 
 
+def visibility_timeout_s(time_limit_s: float) -> float:
+    """When the broker hands a dead worker's unacknowledged task to another.
+
+    A redelivered task can only still serve its client if this is shorter
+    than the gateway's request timeout; past that the job's deadline has
+    passed and the worker that takes it records it as expired.
+    """
+    return time_limit_s + HARD_LIMIT_GRACE_S + VISIBILITY_MARGIN_S
+
+
 def queue_keys(queue: str) -> list[str]:
     """The Redis lists that hold one queue's waiting messages, one per priority."""
     return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
 
 
-def make_celery(redis_url: str, *, time_limit_s: float = 300.0) -> Celery:
+def make_celery(redis_url: str, *, time_limit_s: float = 60.0) -> Celery:
     """A configured Celery app on ``redis_url`` (broker and result backend).
 
     ``time_limit_s`` is a generation's soft time limit; the hard limit and
@@ -63,7 +73,7 @@ def make_celery(redis_url: str, *, time_limit_s: float = 300.0) -> Celery:
             "queue_order_strategy": "priority",
             "priority_steps": PRIORITY_STEPS,
             "sep": PRIORITY_SEP,
-            "visibility_timeout": hard_limit_s + VISIBILITY_MARGIN_S,
+            "visibility_timeout": visibility_timeout_s(time_limit_s),
             # Look for abandoned messages every ~2 s (default: ~100 s).
             "unacked_restore_interval": 2,
             "unacked_restore_throttle": 1,

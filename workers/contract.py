@@ -83,6 +83,9 @@ class GenerateJob:
     prompt_logging: str = "full"
     #: The policy's ``redact`` obligation (``[{detector, text}]``): texts masked in a redacted output.
     redact: list[dict[str, str]] = field(default_factory=list)
+    #: Wall-clock time (ns) after which nobody waits for the result: a worker that
+    #: takes the job later records it as expired instead of generating (0: none).
+    deadline_ns: int = 0
 
     def to_payload(self) -> dict[str, Any]:
         return asdict(self)

@@ -20,9 +20,11 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
+from audit.kinds import FAILED
 from workers.backends import BackendError, GenerationParams, LoadedModel, PromptTooLongError
 from workers.contract import (STATUS_CANCELLED, STATUS_COMPLETED, STATUS_FAILED, STATUS_TIMED_OUT, GenerateJob,
                               JobResult)
+from workers.pending_terminals import PendingTerminal, PendingTerminals
 from workers.privacy import Digester, logged_output
 from workers.prompts import render_chat
 from workers.streams import JobChannel, SilentChannel
@@ -67,14 +69,53 @@ def result_from_entry(entry: AuditEntry) -> JobResult:
     return JobResult.from_terminal(entry.kind, entry.seq, entry.body)
 
 
-def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore,
-            channel: JobChannel | None = None, *, digester: Digester | None = None) -> JobResult:
+class _Unrecorded(Exception):
+    """The database refused a terminal entry (past its busy timeout)."""
+
+    def __init__(self, kind: str, body: dict[str, Any], cause: AuditError) -> None:
+        super().__init__(str(cause))
+        self.kind = kind
+        self.body = body
+
+
+def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobChannel | None = None,
+            pending: PendingTerminals | None = None, *, digester: Digester | None = None) -> JobResult:
     """Generate for ``job`` and record the outcome; see the module docstring.
 
-    ``digester`` makes the digest of an output logged as ``hash``; without
-    one such an output is recorded by its length alone.
+    If the database refuses the terminal entry, the client gets no output
+    (nothing is served unaudited) and the entry is kept in ``pending`` as
+    ``failed``/``audit_unavailable`` with what was generated, to be written
+    when the database is back. ``digester`` makes the digest of an output
+    logged as ``hash``; without one such an output is recorded by its length
+    alone.
     """
     channel = channel or SilentChannel()
+    try:
+        return _run(job, model, store, channel, digester)
+    except _Unrecorded as lost:
+        return _keep(job, lost, pending)
+    finally:  # the outcome is recorded (or kept, or the process is dying): the stream's mirror is not needed
+        channel.forget()
+
+
+_WITHHELD = {"code": "audit_unavailable", "message": "the audit store could not be written when the request "
+                                                     "ended; the output was withheld from the client"}
+
+
+def _keep(job: GenerateJob, lost: _Unrecorded, pending: PendingTerminals | None) -> JobResult:
+    """Keep the refused terminal entry for a later write; the client is told the audit is unavailable."""
+    log.error("cannot record %s for %s: %s", lost.kind, job.request_id, lost)
+    if pending is not None:
+        body = {**lost.body, "error": _WITHHELD, "ended_as": lost.kind}
+        pending.keep(PendingTerminal(kind=FAILED, request_id=job.request_id, principal=job.principal,
+                                     team=job.team, model=job.model, body=body,
+                                     policy_revision=job.policy_revision))
+    return JobResult(status=STATUS_FAILED,
+                     error={"code": "audit_unavailable", "message": "the audit store cannot be written"})
+
+
+def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobChannel,
+         digester: Digester | None) -> JobResult:
     existing = store.terminal_for(job.request_id)
     if existing is not None:
         log.info("request %s already ended as %s; not generating again", job.request_id, existing.kind)
@@ -85,9 +126,13 @@ def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore,
     worker = {"hostname": socket.gethostname(), "pid": os.getpid()}
     if channel.cancel_requested():  # the client left while the job was queued
         return _record_end(job, store, STATUS_CANCELLED, "", 0, 0, None, worker, queue_ms, started_ns, digester)
+    if job.deadline_ns and started_ns > job.deadline_ns:  # nobody waits for it any more (its gateway may be gone)
+        return _record_expired(job, store, worker, queue_ms)
     if not channel.claim_start() and job.stream:
+        # The client already received what the first run published: record it.
         return _record_failure(job, store, "worker_lost",
-                               "the worker generating this stream died; a stream cannot be resumed", worker)
+                               "the worker generating this stream died; a stream cannot be resumed", worker,
+                               output=channel.streamed_text(), digester=digester)
     text: list[str] = []
     run = None
     ending = None
@@ -105,10 +150,12 @@ def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore,
     except PromptTooLongError as exc:
         return _record_failure(job, store, "context_length_exceeded", str(exc), worker)
     except BackendError as exc:
-        return _record_failure(job, store, "generation_failed", str(exc), worker)
+        return _record_failure(job, store, "generation_failed", str(exc), worker, output=_sent(job, text),
+                               digester=digester)
     except Exception as exc:  # a model bug must still end the request in the log
         log.exception("generation for %s crashed", job.request_id)
-        return _record_failure(job, store, "worker_error", f"{type(exc).__name__}: {exc}", worker)
+        return _record_failure(job, store, "worker_error", f"{type(exc).__name__}: {exc}", worker,
+                               output=_sent(job, text), digester=digester)
     finally:
         if run is not None and ending is not None:
             run.close()  # frees the model at once
@@ -118,6 +165,11 @@ def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore,
     finish = run.finish_reason if run is not None and ending is None else None
     return _record_end(job, store, kind, "".join(text), prompt_tokens, completion_tokens, finish, worker,
                        queue_ms, started_ns, digester)
+
+
+def _sent(job: GenerateJob, text: list[str]) -> str | None:
+    """The text a failing stream already sent to its client (None when nothing was sent)."""
+    return "".join(text) if job.stream and text else None
 
 
 def _record_end(job: GenerateJob, store: AuditStore, kind: str, output: str, prompt_tokens: int,
@@ -152,10 +204,26 @@ _END_MESSAGES = {
 }
 
 
+def _record_expired(job: GenerateJob, store: AuditStore, worker: dict[str, Any],
+                    queue_ms: float | None) -> JobResult:
+    """A job taken after its deadline: not generated, recorded as ``timed_out`` with code ``expired``."""
+    error = {"code": "expired", "message": "the request's deadline passed before a worker took it"}
+    body = {"output": "", "error": error, "worker": worker, "timings": {"queue_ms": queue_ms}}
+    entry = _append_terminal(job, store, STATUS_TIMED_OUT, body)
+    if isinstance(entry, JobResult):
+        return entry
+    return JobResult(status=STATUS_TIMED_OUT, audit_seq=entry.seq, error=error)
+
+
 def _record_failure(job: GenerateJob, store: AuditStore, code: str, message: str,
-                    worker: dict[str, Any]) -> JobResult:
+                    worker: dict[str, Any], *, output: str | None = None,
+                    digester: Digester | None = None) -> JobResult:
+    """Write a ``failed`` entry; text a stream already sent is kept as ``prompt_logging`` allows."""
     error = {"code": code, "message": message}
-    entry = _append_terminal(job, store, "failed", {"error": error, "worker": worker})
+    body: dict[str, Any] = {"error": error, "worker": worker}
+    if output is not None:
+        body.update(logged_output(output, job.prompt_logging, job.redact, digester))
+    entry = _append_terminal(job, store, "failed", body)
     if isinstance(entry, JobResult):
         return entry
     return JobResult(status=STATUS_FAILED, audit_seq=entry.seq, error=error)
@@ -174,8 +242,5 @@ def _append_terminal(job: GenerateJob, store: AuditStore, kind: str,
         if winner is None:  # pragma: no cover - the constraint implies a winner exists
             raise
         return result_from_entry(winner)
-    except AuditError as exc:
-        # Unaudited output must not be served: report failure without the text.
-        log.error("cannot record %s for %s: %s", kind, job.request_id, exc)
-        return JobResult(status=STATUS_FAILED,
-                         error={"code": "audit_unavailable", "message": "the audit store cannot be written"})
+    except AuditError as exc:  # unaudited output must not be served: run_job keeps the entry for later
+        raise _Unrecorded(kind, body, exc) from exc

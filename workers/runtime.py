@@ -25,12 +25,14 @@ import celery.app.trace
 import redis
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
+from sqlalchemy import Engine
 
-from audit import AuditStore, make_engine, migrate
+from audit import AuditError, AuditStore, make_engine, migrate
 from workers.backends import LoadedModel, load_model
 from workers.celery_app import make_celery
 from workers.contract import GENERATE_TASK, STATUS_FAILED, GenerateJob, queue_for
 from workers.generation import run_job
+from workers.pending_terminals import PendingTerminals
 from workers.privacy import Digester
 from workers.registry import ModelSpec
 from workers.sealing import SealError, Sealer, load_or_create_key
@@ -48,10 +50,12 @@ class WorkerConfig:
     database_url: str
     concurrency: int = 1
     loglevel: str = "INFO"
-    time_limit_s: float = 300.0
+    time_limit_s: float = 60.0
     #: Key files shared with the gateway (created on first use when missing).
     payload_key_file: Path = Path("var/keys/payload.key")
     digest_key_file: Path = Path("var/keys/digest.key")
+    #: How long a terminal entry the database refused is retried before it is given up.
+    terminal_retry_horizon_s: float = 86400.0
 
 
 class _ProcessState:
@@ -63,6 +67,7 @@ class _ProcessState:
     redis: redis.Redis | None = None
     sealer: Sealer | None = None
     digester: Digester | None = None
+    pending: PendingTerminals | None = None
 
 
 _state = _ProcessState()
@@ -77,6 +82,7 @@ def _load_in_child(**_: Any) -> None:
     _state.redis = redis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=5)
     _state.sealer = Sealer(load_or_create_key(config.payload_key_file))
     _state.digester = Digester(load_or_create_key(config.digest_key_file))
+    _state.pending = _pending_terminals(_state.redis, config, _state.sealer)
     _state.model = load_model(config.model)
     log.info("pid %d loaded model %s from %s in %.2fs", os.getpid(), config.model.name,
              config.model.path, time.perf_counter() - started)
@@ -107,12 +113,33 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
     if _state.config and job.model != _state.config.model.name:
         raise ValueError(f"job for model {job.model!r} reached the worker of {_state.config.model.name!r}")
     channel = RedisJobChannel(_state.redis, job.request_id, streaming=job.stream, sealer=_state.sealer)
-    result = run_job(job, _state.model, _state.store, channel, digester=_state.digester)
+    result = run_job(job, _state.model, _state.store, channel, _state.pending, digester=_state.digester)
+    if result.audit_seq is not None and _state.pending is not None and _state.pending.count():
+        _state.pending.write_all(_state.store)  # the database takes writes again: catch up
     return result.sealed(_state.sealer)
 
 
 #: Celery's success line without the return value (it logs ``%(return_value)s`` by default).
 _LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
+
+
+def _pending_terminals(client: redis.Redis, config: WorkerConfig, sealer: Sealer) -> PendingTerminals:
+    """The store of terminal entries waiting for the database; they hold output, so they are sealed."""
+    return PendingTerminals(client, horizon_s=config.terminal_retry_horizon_s, seal=sealer.seal,
+                            unseal=sealer.unseal)
+
+
+def _migrate_when_writable(engine: Engine) -> None:
+    """Migrate, waiting as long as the database is locked instead of failing the start."""
+    while True:
+        try:
+            migrate(engine)
+            return
+        except AuditError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            log.warning("the audit database is locked (%s); waiting for it before serving", exc)
+            time.sleep(1.0)
 
 
 def build_worker_app(config: WorkerConfig) -> Celery:
@@ -129,12 +156,17 @@ def build_worker_app(config: WorkerConfig) -> Celery:
 def run_worker(config: WorkerConfig) -> None:
     """Run a worker for ``config.model`` until it is told to stop (blocks)."""
     # Keys before the pool forks: an unusable key file stops the worker here, with its message.
-    load_or_create_key(config.payload_key_file)
+    sealer = Sealer(load_or_create_key(config.payload_key_file))
     load_or_create_key(config.digest_key_file)
     # The schema must exist before the first append; migrating is idempotent.
     engine = make_engine(config.database_url)
-    migrate(engine)
-    engine.dispose()
+    _migrate_when_writable(engine)
+    client = redis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    try:  # terminal entries kept while the database was unwritable
+        _pending_terminals(client, config, sealer).write_all(AuditStore(engine))
+    finally:
+        client.close()
+        engine.dispose()
     app = build_worker_app(config)
     app.worker_main([
         "worker",

@@ -8,6 +8,12 @@ client goes away or its wait times out; the job looks at it every few
 pieces, throttled so the check costs little next to generation. Pieces are
 sealed (:func:`workers.contract.seal_piece`): pub/sub, and anyone watching
 it, carries no text.
+
+Each published piece is also pushed, sealed, onto a short-lived list (in the
+same round trip, before the publish): if the pool process dies mid-stream,
+the process that picks the job up again reads what the client already got
+and records it in the ``worker_lost`` entry. The list is deleted once the
+request's terminal entry is written.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Protocol
 import redis
 
 from workers.contract import cancel_key, seal_piece, stream_channel
-from workers.sealing import Sealer
+from workers.sealing import SealError, Sealer
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +36,19 @@ CANCEL_CHECK_INTERVAL_S = 0.05
 #: Prefix of the key that records that a job's generation has begun.
 STARTED_KEY_PREFIX = "govgate:started:"
 STARTED_TTL_S = 24 * 3600
+#: Prefix of the list that mirrors a stream's published pieces (sealed).
+STREAMED_KEY_PREFIX = "govgate:streamed:"
+#: How long a stream's mirror outlives its last piece when nobody deletes it:
+#: longer than a redelivery takes (the broker's visibility timeout).
+STREAMED_TTL_S = 3600
 
 
 class JobChannel(Protocol):
     def publish(self, text: str) -> None: ...
     def cancel_requested(self) -> bool: ...
     def claim_start(self) -> bool: ...
+    def streamed_text(self) -> str: ...
+    def forget(self) -> None: ...
 
 
 class RedisJobChannel:
@@ -44,6 +57,7 @@ class RedisJobChannel:
     def __init__(self, client: redis.Redis, request_id: str, *, streaming: bool, sealer: Sealer) -> None:
         self._client = client
         self._sealer = sealer
+        self._streamed_key = STREAMED_KEY_PREFIX + request_id
         self._channel = stream_channel(request_id)
         self._cancel_key = cancel_key(request_id)
         self._started_key = STARTED_KEY_PREFIX + request_id
@@ -63,8 +77,34 @@ class RedisJobChannel:
     def publish(self, text: str) -> None:
         if not self._streaming or not text:
             return
-        self._client.publish(self._channel, seal_piece(self._sealer, self._seq, text))
+        with self._client.pipeline(transaction=False) as pipe:
+            pipe.rpush(self._streamed_key, self._sealer.seal(text.encode()))
+            pipe.expire(self._streamed_key, STREAMED_TTL_S)
+            pipe.publish(self._channel, seal_piece(self._sealer, self._seq, text))
+            pipe.execute()
         self._seq += 1
+
+    def streamed_text(self) -> str:
+        """What earlier runs of this job published (and so sent towards the client)."""
+        try:
+            pieces = self._client.lrange(self._streamed_key, 0, -1)
+        except redis.RedisError as exc:
+            log.error("cannot read what %s already streamed: %s", self._streamed_key, exc)
+            return ""
+        try:
+            return "".join(self._sealer.unseal(piece).decode() for piece in pieces)
+        except SealError as exc:  # another key sealed it: no text is better than a guess
+            log.error("cannot unseal what %s already streamed: %s", self._streamed_key, exc)
+            return ""
+
+    def forget(self) -> None:
+        """Drop the mirror: the request's terminal entry now holds the text."""
+        if not self._streaming:
+            return
+        try:
+            self._client.delete(self._streamed_key)
+        except redis.RedisError as exc:  # it expires on its own
+            log.warning("cannot delete %s: %s", self._streamed_key, exc)
 
     def cancel_requested(self) -> bool:
         now = time.monotonic()
@@ -89,3 +129,9 @@ class SilentChannel:
 
     def claim_start(self) -> bool:
         return True
+
+    def streamed_text(self) -> str:
+        return ""
+
+    def forget(self) -> None:
+        return None

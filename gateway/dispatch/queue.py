@@ -8,9 +8,18 @@ with retries off: if Redis cannot take the task now, the request is refused
 The job travels sealed (its prompt is ciphertext in Redis and its AOF), and
 ``argsrepr``/``kwargsrepr`` (which Celery stores in the message and logs)
 name only the request.
+
+A job carries its own deadline instead of Celery's ``expires``: Celery drops
+an expired message without running the task, so nothing would write the
+request's terminal entry if its gateway had gone meanwhile. The worker that
+takes a job past its deadline records it as expired instead (see
+``workers.generation``).
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import replace
 
 import anyio
 from celery import Celery
@@ -27,6 +36,7 @@ class QueueUnavailable(RuntimeError):
 
 class Dispatcher:
     def __init__(self, celery_app: Celery, *, expires_s: float, sealer: Sealer) -> None:
+        """``expires_s``: how long after queueing a job is still worth running (the request timeout)."""
         self._app = celery_app
         self._sealer = sealer
         self._expires_s = expires_s
@@ -38,6 +48,7 @@ class Dispatcher:
         ``priority`` 0 is served first, 9 last (Celery on Redis); None is the default (5).
         """
 
+        job = replace(job, deadline_ns=time.time_ns() + int(self._expires_s * 1e9))
         payload = job.sealed(self._sealer)
 
         def send() -> None:
@@ -48,7 +59,6 @@ class Dispatcher:
                 kwargsrepr="{}",
                 task_id=job.request_id,
                 queue=queue_for(job.model),
-                expires=self._expires_s,
                 priority=priority,
                 retry=False,
             )

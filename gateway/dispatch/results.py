@@ -68,12 +68,14 @@ class PendingResult:
             if remaining <= 0:
                 raise ResultTimeout(f"no result for {self.task_id} within {timeout_s:g}s")
             getter = asyncio.ensure_future(self._pieces.get())
-            done, _ = await asyncio.wait({getter, self._future}, timeout=remaining,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            try:
+                done, _ = await asyncio.wait({getter, self._future}, timeout=remaining,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when the reader is cancelled (client gone): no orphaned task
+                if not getter.done():
+                    getter.cancel()
             if getter in done:
                 yield getter.result()
-            else:
-                getter.cancel()
 
     async def get(self, timeout_s: float) -> dict[str, Any]:
         """The task's Celery meta dict (``status``, ``result``, …)."""

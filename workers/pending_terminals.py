@@ -1,0 +1,140 @@
+"""Terminal entries the database refused, kept in Redis until it takes them.
+
+Every accepted request must end in one terminal audit entry, but the database
+can be unwritable for longer than its busy timeout (a long lock, a full disk).
+Whoever fails to write a terminal entry (a worker or the gateway) keeps it
+here instead of losing it, and every party retries: workers at start and
+after each job they record, the gateway at start and every few seconds. The
+database's unique terminal constraint settles duplicates, so any number of
+retriers may race. An entry older than the horizon is given up (logged).
+
+Entries can hold output text, so each is sealed before it reaches Redis
+(``seal``/``unseal``: a :class:`workers.sealing.Sealer`'s methods).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import redis
+
+from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError, InvalidEntryError
+
+log = logging.getLogger(__name__)
+
+#: Redis hash: request id -> sealed JSON of the terminal entry waiting to be written.
+PENDING_KEY = "govgate:pending-terminals"
+
+Seal = Callable[[bytes], bytes]
+
+
+@dataclass(frozen=True)
+class PendingTerminal:
+    """The arguments of one :meth:`AuditStore.append` that has not happened yet."""
+
+    kind: str
+    request_id: str
+    principal: str | None
+    team: str | None
+    model: str | None
+    body: dict[str, Any]
+    policy_revision: str | None
+    #: When the first write failed (epoch seconds); the horizon counts from here.
+    since: float = field(default_factory=time.time)
+
+
+class PendingTerminals:
+    """The pending terminal entries of all gateways and workers on one Redis."""
+
+    def __init__(self, client: redis.Redis, *, horizon_s: float, seal: Seal, unseal: Seal) -> None:
+        self._client = client
+        self._horizon_s = horizon_s
+        self._seal = seal
+        self._unseal = unseal
+
+    def keep(self, entry: PendingTerminal) -> bool:
+        """Keep ``entry`` until it can be written; the first kept for a request wins (like the database)."""
+        try:
+            self._client.hsetnx(PENDING_KEY, entry.request_id, self._seal(json.dumps(asdict(entry)).encode()))
+        except redis.RedisError as exc:
+            log.error("cannot keep the %s entry of %s for a later write: %s", entry.kind, entry.request_id, exc)
+            return False
+        log.warning("kept the %s entry of %s to write when the audit store is back", entry.kind, entry.request_id)
+        return True
+
+    def count(self) -> int:
+        try:
+            return int(self._client.hlen(PENDING_KEY))
+        except redis.RedisError:
+            return 0
+
+    def write_one(self, store: AuditStore, request_id: str) -> AuditEntry | None:
+        """Write the request's pending entry, if it has one; return the request's terminal entry then.
+
+        None when nothing is pending for it. Raises :class:`AuditError` when
+        the database still refuses (the entry stays pending).
+        """
+        try:
+            raw = self._client.hget(PENDING_KEY, request_id)
+        except redis.RedisError as exc:
+            log.error("cannot read pending terminal entry of %s: %s", request_id, exc)
+            return None
+        if raw is None:
+            return None
+        return self._write(store, request_id, raw)
+
+    def write_all(self, store: AuditStore) -> int:
+        """Write every pending entry the database takes now; stop at the first refusal. Returns how many."""
+        try:
+            pending = self._client.hgetall(PENDING_KEY)
+        except redis.RedisError as exc:
+            log.error("cannot read pending terminal entries: %s", exc)
+            return 0
+        written = 0
+        for key, raw in pending.items():
+            request_id = key.decode() if isinstance(key, bytes) else key
+            try:
+                if self._write(store, request_id, raw) is not None:
+                    written += 1
+            except AuditError as exc:
+                log.error("audit store still refuses pending terminal entries (%d waiting): %s",
+                          len(pending) - written, exc)
+                break
+        return written
+
+    def _write(self, store: AuditStore, request_id: str, raw: bytes) -> AuditEntry | None:
+        try:
+            fields = json.loads(self._unseal(raw))
+            entry = PendingTerminal(**{k: v for k, v in fields.items() if k in PendingTerminal.__dataclass_fields__})
+        except Exception as exc:  # unreadable (another key, corrupted): cannot ever be written
+            log.error("dropping unreadable pending terminal entry of %s: %s", request_id, exc)
+            self._forget(request_id)
+            return None
+        if time.time() - entry.since > self._horizon_s:
+            log.error("giving up the %s entry of %s: not writable for %.0f s (horizon %.0f s)", entry.kind,
+                      request_id, time.time() - entry.since, self._horizon_s)
+            self._forget(request_id)
+            return None
+        body = {**entry.body, "recorded_late": {"since": entry.since}}
+        try:
+            written = store.append(entry.kind, request_id, principal=entry.principal, team=entry.team,
+                                   model=entry.model, body=body, policy_revision=entry.policy_revision)
+        except DuplicateTerminalError:
+            written = store.terminal_for(request_id)
+        except InvalidEntryError as exc:  # would be refused forever and hold up the others
+            log.error("dropping pending %s entry of %s the store cannot take: %s", entry.kind, request_id, exc)
+            self._forget(request_id)
+            return None
+        self._forget(request_id)
+        log.info("wrote the pending %s entry of %s", entry.kind, request_id)
+        return written
+
+    def _forget(self, request_id: str) -> None:
+        try:
+            self._client.hdel(PENDING_KEY, request_id)
+        except redis.RedisError as exc:  # written already: a later retry meets the unique constraint
+            log.warning("cannot drop written pending entry of %s: %s", request_id, exc)
