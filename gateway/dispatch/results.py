@@ -129,13 +129,35 @@ class ResultWaiter:
             pieces = self._streams[task_id] = asyncio.Queue()
             channels.append(stream_channel(task_id))
         try:
-            await self._pubsub.subscribe(*channels)
+            await self._subscribe(channels)
             yield PendingResult(self, task_id, future, pieces)
         finally:
             self._pending.pop(task_id, None)
             self._streams.pop(task_id, None)
             with contextlib.suppress(RedisError, OSError):
                 await self._pubsub.unsubscribe(*channels)
+
+    async def _subscribe(self, channels: list[str]) -> None:
+        """Subscribe, with one retry; any failure leaves as a ``RedisError``.
+
+        While the listener re-establishes a lost connection, redis-py 8.1's
+        ``PubSub.subscribe`` can fail with a non-Redis error (an
+        ``AttributeError`` from a connection torn down under it). Callers
+        handle ``RedisError`` as "the queue is unavailable" (503 and a
+        terminal entry); anything else would reach the client as a 500 and
+        leave an accepted request without its end.
+        """
+        for attempt in (1, 2):
+            try:
+                await self._pubsub.subscribe(*channels)
+                return
+            except (RedisError, OSError):
+                if attempt == 2:
+                    raise
+            except Exception as exc:  # noqa: BLE001 - redis-py internals, see above
+                if attempt == 2:
+                    raise RedisError(f"subscribing failed: {type(exc).__name__}: {exc}") from exc
+            await asyncio.sleep(0.05)
 
     async def _check_stored(self, task_id: str) -> None:
         raw = await self._client.get(_CHANNEL_PREFIX + task_id)
@@ -174,8 +196,9 @@ class ResultWaiter:
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
-                log.warning("result listener lost Redis (%s); retrying in %.1fs", exc, backoff)
+            except Exception as exc:  # noqa: BLE001 - the listener must outlive any redis-py failure
+                log.warning("result listener lost Redis (%s: %s); retrying in %.1fs", type(exc).__name__, exc,
+                            backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 await self._recover()
