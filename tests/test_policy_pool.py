@@ -27,7 +27,7 @@ from audit import AuditEntry, AuditStore
 from gateway.auth import KeyStore
 from gateway.cli import main
 from gateway.components import open_database
-from gateway.policy import POLICY_UNAVAILABLE, EmbeddedPolicyEngine, open_policy_engine
+from gateway.policy import POLICY_UNAVAILABLE, EmbeddedPolicyEngine, PolicyUnavailable, open_policy_engine
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.refusals import denial
 from gateway.settings import Settings, SettingsError
@@ -133,7 +133,8 @@ async def test_no_free_evaluator_within_the_wait_bound_is_503_with_retry_after(t
         await wait_until(lambda: engine.free_evaluators == 0, "the evaluator busy")
         with anyio.fail_after(60):
             waited = await engine.decide(request_input(["admin"]))
-            models = await engine.visible_models({"roles": ["admin"]}, [])
+            with pytest.raises(PolicyUnavailable, match="no policy evaluator became free"):
+                await engine.visible_models({"roles": ["admin"]}, [])
         assert not slow.done()
         slow.cancel()
         await asyncio.gather(slow, return_exceptions=True)
@@ -143,7 +144,6 @@ async def test_no_free_evaluator_within_the_wait_bound_is_503_with_retry_after(t
     finally:
         await engine.aclose()
     assert waited.is_unavailable and "no policy evaluator became free within 0.2s" in waited.reasons[0].message
-    assert models == set()
     error = denial(waited.reasons)
     assert error.status == 503 and error.code == POLICY_UNAVAILABLE
     assert int(error.headers["Retry-After"]) >= 1
@@ -239,6 +239,8 @@ async def test_timed_out_and_waiting_requests_get_503_policy_unavailable_and_are
                     quick = await post("quick")
                     if quick.status_code == 503:
                         refused.append(quick)
+                        # The slow one still holds the evaluator: listing models is refused alike, not empty.
+                        listed = await http.get(f"{base}/v1/models", headers=bearer(key))
                         break
                     assert quick.status_code == 200, quick.text
                     assert not slow.done(), slow.text
@@ -255,6 +257,8 @@ async def test_timed_out_and_waiting_requests_get_503_policy_unavailable_and_are
         assert response.json()["error"]["code"] == POLICY_UNAVAILABLE
         assert int(response.headers["retry-after"]) >= 1
     assert "no policy evaluator became free" in refused[0].json()["error"]["message"]
+    assert listed.status_code == 503, listed.text
+    assert listed.json()["error"]["code"] == POLICY_UNAVAILABLE and int(listed.headers["retry-after"]) >= 1
     assert "took longer than 8s" in refused[1].json()["error"]["message"]
     entries = request_entries(audit_store, "patience", start)
     unavailable = [e for e in entries if e.body["decision"].get("unavailable")]

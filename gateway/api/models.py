@@ -8,6 +8,7 @@ same way for models an account cannot access.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from litestar import Controller, get
@@ -20,6 +21,8 @@ from gateway import urls
 from gateway.api.openapi import MODELS_OPERATION, SECURITY
 from gateway.auth import Principal
 from gateway.errors import ApiError
+from gateway.policy import POLICY_UNAVAILABLE, PolicyUnavailable
+from gateway.policy.engine import UNAVAILABLE_RETRY_AFTER_S
 from workers.registry import ModelSpec
 
 
@@ -45,9 +48,18 @@ class ModelsController(Controller):
 
 
 async def _visible(state: State, principal: Principal, specs: list[ModelSpec]) -> list[ModelSpec]:
-    """``specs`` the policy lets ``principal`` use (none when the policy cannot answer)."""
-    allowed = await state.components.policy.visible_models(principal.policy_view(),
-                                                           [s.policy_view() for s in specs])
+    """``specs`` the policy lets ``principal`` use (none when the policy errs).
+
+    A policy that cannot answer in time is a retryable 503, as for a
+    completion: an empty list would tell the client it may use nothing.
+    """
+    try:
+        allowed = await state.components.policy.visible_models(principal.policy_view(),
+                                                               [s.policy_view() for s in specs])
+    except PolicyUnavailable as exc:
+        retry_after = math.ceil(UNAVAILABLE_RETRY_AFTER_S)
+        raise ApiError(503, POLICY_UNAVAILABLE, f"No policy decision could be had in time ({exc}); try again in "
+                       f"{retry_after} s.", headers={"Retry-After": str(retry_after)}) from None
     return [spec for spec in specs if spec.name in allowed]
 
 

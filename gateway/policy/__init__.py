@@ -17,6 +17,7 @@ from gateway.policy.decision import (
     Decision,
     MalformedDecision,
     Obligations,
+    PolicyUnavailable,
     Reason,
 )
 from gateway.policy.engine import (
@@ -58,6 +59,7 @@ __all__ = [
     "POLICY_ERROR",
     "POLICY_TIMEOUT",
     "POLICY_UNAVAILABLE",
+    "PolicyUnavailable",
     "PROMPT_LOGGING_LEVELS",
     "VISIBLE_MODELS_RULE",
     "Decision",

@@ -34,6 +34,15 @@ POLICY_UNAVAILABLE = "policy_unavailable"
 POLICY_TIMEOUT = POLICY_UNAVAILABLE
 
 
+class PolicyUnavailable(RuntimeError):
+    """The engine could not answer in time (no free evaluator, a timeout, OPA unreachable).
+
+    Raised where a question other than a request's decision is asked (which
+    models a key may see): capacity, not permission, so callers answer a
+    retryable 503 ``policy_unavailable`` rather than an empty answer.
+    """
+
+
 class MalformedDecision(ValueError):
     """A decision document does not have the shape of the policy contract."""
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from gateway.policy.child import DECISION_RULE, VISIBLE_MODELS_RULE
-from gateway.policy.decision import POLICY_ERROR, Decision
+from gateway.policy.decision import POLICY_ERROR, Decision, PolicyUnavailable
 from gateway.policy.pool import EvaluatorPool, EvaluatorStartError, Outcome
 from gateway.policy.revision import PolicyFilesError, PolicySnapshot, read_policy
 
@@ -69,7 +69,11 @@ class PolicyEngine(Protocol):
         ...
 
     async def visible_models(self, principal: dict[str, Any], models: list[dict[str, Any]]) -> set[str]:
-        """Names among ``models`` (policy views) that ``principal`` may use; empty on any failure."""
+        """Names among ``models`` (policy views) that ``principal`` may use.
+
+        Empty when the policy errs (fail closed); raises :class:`PolicyUnavailable`
+        when no answer could be had in time.
+        """
         ...
 
     async def aclose(self) -> None:
@@ -153,6 +157,10 @@ class EmbeddedPolicyEngine:
 
     async def visible_models(self, principal: dict[str, Any], models: list[dict[str, Any]]) -> set[str]:
         outcome = await self._run(VISIBLE_MODELS_RULE, {"principal": principal, "models": models})
+        if outcome.kind == "busy":
+            raise PolicyUnavailable(f"no policy evaluator became free within {self._pool.wait_timeout_s:g}s")
+        if outcome.kind == "timeout":
+            raise PolicyUnavailable(f"policy evaluation took longer than {self._timeout_s:g}s")
         if outcome.kind == "undefined":
             return set()
         if outcome.kind != "ok":

@@ -63,7 +63,7 @@ import aiohttp
 from opa_client import AsyncOpaClient
 from opa_client.errors import ConnectionsError, DeletePolicyError, PolicyNotFoundError, RegoParseError, TypeException
 
-from gateway.policy.decision import POLICY_ERROR, Decision
+from gateway.policy.decision import POLICY_ERROR, Decision, PolicyUnavailable
 from gateway.policy.engine import (
     DECISION_RULE,
     DEFAULT_WAIT_TIMEOUT_S,
@@ -247,6 +247,12 @@ class OpaPolicyEngine:
 
     async def visible_models(self, principal: dict[str, Any], models: list[dict[str, Any]]) -> set[str]:
         outcome = await self._query(VISIBLE_MODELS_RULE, {"principal": principal, "models": models})
+        if outcome.kind == "busy":
+            raise PolicyUnavailable(f"no connection to OPA became free within {self._wait_timeout_s:g}s")
+        if outcome.kind == "timeout":
+            raise PolicyUnavailable(f"policy evaluation on OPA took longer than {self._timeout_s:g}s")
+        if outcome.kind == "unreachable":
+            raise PolicyUnavailable(outcome.error)
         if outcome.kind == "undefined":
             return set()
         if outcome.kind != "ok":
