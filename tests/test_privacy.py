@@ -88,6 +88,12 @@ def test_a_partial_output_follows_the_same_rule(store, model) -> None:
         def claim_start(self) -> bool:
             return True
 
+        def streamed_text(self) -> str:
+            return ""
+
+        def forget(self) -> None:
+            return None
+
     result = run_job(job("r-cut", "hash"), model, store, CancelAfterFirstPiece(), digester=DIGESTER)
     entry = store.terminal_for("r-cut")
     assert entry.kind == "cancelled" and result.text

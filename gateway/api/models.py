@@ -18,7 +18,7 @@ from litestar.params import FromPath
 from redis.exceptions import RedisError
 
 from gateway import urls
-from gateway.api.openapi import MODELS_OPERATION, SECURITY
+from gateway.api.openapi import MODEL_OPERATION, MODELS_OPERATION, SECURITY
 from gateway.auth import Principal
 from gateway.errors import ApiError
 from gateway.policy import POLICY_UNAVAILABLE, PolicyUnavailable
@@ -37,7 +37,8 @@ class ModelsController(Controller):
         visible = await _visible(state, principal, specs)
         return {"object": "list", "data": [await _model_object(state, spec) for spec in visible]}
 
-    @get(urls.MODEL, summary="One model this key may use")
+    @get(urls.MODEL, summary="One model this key may use", operation_id="retrieveModel",
+         operation_class=MODEL_OPERATION, security=SECURITY)
     async def retrieve_model(self, state: State, principal: NamedDependency[Principal],
                              model_id: FromPath[str]) -> dict[str, Any]:
         spec = state.components.registry.get(model_id)

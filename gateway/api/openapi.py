@@ -97,20 +97,28 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
     403: ("`policy_denied`: the policy said no; `error.reasons` lists why.", {}),
     404: ("`model_not_found`: no such model in the registry.", {}),
     413: ("`body_too_large`: the body is over GOVGATE_MAX_BODY_BYTES.", {}),
-    422: ("`invalid_value`: a missing field, a wrong type or an out-of-range value (`param` names it).", {}),
+    422: ("`invalid_value`: a missing field, a wrong type or an out-of-range value (`param` names it), or a "
+          "character the model's backend cannot take (a NUL for ctransformers models).", {}),
     429: ("`rate_limited`, `budget_exceeded`, `too_many_in_flight` or `queue_full`: a usage limit or the "
           "model's queue is full; `error.reasons` says which, `Retry-After` when to try again.",
           {"Retry-After": _RETRY_AFTER}),
-    502: ("`worker_error`, `generation_failed` or `worker_lost`: the model worker failed (logged and "
-          "audited).", {}),
+    502: ("`worker_error`, `generation_failed`, `worker_lost` or `stream_inconsistent`: the model worker "
+          "failed, or a stream's text could not be matched to the recorded output (logged and audited).", {}),
     503: ("`audit_unavailable`, `queue_unavailable`, `usage_unavailable`, `auth_unavailable` or `cancelled`: "
-          "a dependency is down, so the request was refused; nothing is served unaudited or uncounted.", {}),
+          "a dependency is down, so the request was refused; nothing is served unaudited or uncounted. "
+          "`policy_unavailable` (with `Retry-After`): no policy decision could be had in time (capacity, "
+          "not permission).", {}),
     504: ("`timed_out`: no result within GOVGATE_REQUEST_TIMEOUT_S, or the worker's generation time limit hit.",
           {}),
 }
 #: The errors of a route that only needs a key (``GET /v1/models``).
 _KEY_ERRORS = {401: _COMPLETION_ERRORS[401],
-               503: ("`auth_unavailable`: API keys cannot be checked (the database is down).", {})}
+               503: ("`auth_unavailable`: API keys cannot be checked (the database is down); "
+                     "`policy_unavailable` (with `Retry-After`): the policy could not say in time which models "
+                     "this key may use.", {})}
+#: ``GET /v1/models/{id}``: a model that does not exist and one this key may not use are answered alike.
+_MODEL_ERRORS = {**_KEY_ERRORS,
+                 404: ("`model_not_found`: no such model, or one this key may not use (answered alike).", {})}
 
 
 def _error(description: str, headers: dict[str, OpenAPIHeader]) -> OpenAPIResponse:
@@ -216,6 +224,7 @@ def _json_operation(body: type, description: str, errors: dict[str, OpenAPIRespo
 CHAT_OPERATION = completion_operation(ChatCompletionRequest, shapes.ChatCompletion, shapes.ChatCompletionChunk)
 COMPLETION_OPERATION = completion_operation(CompletionRequest, shapes.TextCompletion, shapes.TextCompletionChunk)
 MODELS_OPERATION = _json_operation(shapes.ModelList, "The models this key may use.", _errors(_KEY_ERRORS))
+MODEL_OPERATION = _json_operation(shapes.Model, "One model this key may use.", _errors(_MODEL_ERRORS))
 HEALTH_OPERATION = _json_operation(shapes.Health, "Every dependency is reachable.", {"503": OpenAPIResponse(
     description="A dependency is down; `checks` says which.",
     content={_JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(shapes.Health)))})})
