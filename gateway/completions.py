@@ -349,6 +349,8 @@ class CompletionService:
         if winner is not None and winner.kind == "completion":
             result = JobResult.from_terminal(winner.kind, winner.seq, winner.body)
             await self._account(ticket, result.prompt_tokens + result.completion_tokens)
+            if result.status != STATUS_COMPLETED:  # its output was logged only as a digest or masked
+                raise worker_error(result)
             return result
         await self._account(ticket, None)
         raise ApiError(504, "timed_out", f"The model did not answer within {self.request_timeout_s:g} seconds.")

@@ -9,6 +9,7 @@ the embedded default's folders.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 import shutil
 import stat
 import tempfile
@@ -64,6 +65,23 @@ def test_the_worker_keeps_a_redacted_output_with_the_findings_masked(store, mode
     assert result.text == full.text  # the client gets the output; only the log is masked
     logged = store.terminal_for("r-red").body["output"]
     assert found not in logged and "[REDACTED:email]" in logged
+
+
+@pytest.mark.parametrize("logging", ["hash", "redacted"])
+def test_a_redelivered_job_whose_output_the_log_does_not_keep_is_not_served_from_the_log(store, model,
+                                                                                         logging) -> None:
+    first = run_job(job(f"r-again-{logging}", "full"), model, store, digester=DIGESTER)
+    found = first.text[3:15]
+    redelivered = job(f"r-again-{logging}", logging, [{"detector": "email", "text": found}])
+    store_id = f"r-kept-{logging}"
+    run_job(replace(redelivered, request_id=store_id), model, store, digester=DIGESTER)
+    again = run_job(replace(redelivered, request_id=store_id), model, store, digester=DIGESTER)
+    # A second delivery finds the request ended; the log has no usable answer, so it is not a success.
+    assert again.status == "failed" and again.error["code"] == "output_not_kept" and again.text == ""
+    assert again.audit_seq == store.terminal_for(store_id).seq
+    assert store.terminal_for(store_id).kind == "completion"
+    full_again = run_job(job(f"r-again-{logging}", "full"), model, store, digester=DIGESTER)
+    assert full_again.status == "completed" and full_again.text == first.text  # a full log serves it
 
 
 def test_the_worker_keeps_a_hashed_output_as_a_keyed_digest_only(store, model) -> None:

@@ -131,6 +131,13 @@ class JobResult:
         worker racing the gateway's timeout): the log is the source of truth.
         """
         usage = body.get("usage", {})
+        if kind == "completion" and ("output" not in body or body.get("output_masked")):
+            # The log keeps only a digest or a masked copy (prompt_logging): that is not the answer, and
+            # serving it as one would be a false success. The request stays ended as completed.
+            return cls(status=STATUS_FAILED, audit_seq=seq, completion_tokens=usage.get("completion_tokens", 0),
+                       prompt_tokens=usage.get("prompt_tokens", 0), error={
+                           "code": "output_not_kept", "message": "the request completed, but its output was "
+                           "logged only as prompt_logging allows and cannot be served again"})
         return cls(status=STATUS_COMPLETED if kind == "completion" else kind, text=body.get("output", ""),
                    finish_reason=body.get("finish_reason"), prompt_tokens=usage.get("prompt_tokens", 0),
                    completion_tokens=usage.get("completion_tokens", 0), audit_seq=seq,

@@ -50,6 +50,8 @@ def logged_output(output: str, mode: str, redact: Iterable[Mapping[str, Any]],
     if mode == FULL:
         return {"output": output}
     if mode == REDACTED:
-        return {"output": mask(output, redact)}
+        masked = mask(output, redact)
+        # Marked when the log no longer holds the text itself: it cannot be served again from the log.
+        return {"output": masked, **({"output_masked": True} if masked != output else {})}
     digest = {"output_hmac_sha256": digester.hexdigest(output)} if digester is not None else {}
     return {**digest, "output_chars": len(output)}

@@ -102,8 +102,9 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
     429: ("`rate_limited`, `budget_exceeded`, `too_many_in_flight` or `queue_full`: a usage limit or the "
           "model's queue is full; `error.reasons` says which, `Retry-After` when to try again.",
           {"Retry-After": _RETRY_AFTER}),
-    502: ("`worker_error`, `generation_failed`, `worker_lost` or `stream_inconsistent`: the model worker "
-          "failed, or a stream's text could not be matched to the recorded output (logged and audited).", {}),
+    502: ("`worker_error`, `generation_failed`, `worker_lost`, `stream_inconsistent` or `output_not_kept`: "
+          "the model worker failed, or a stream's text could not be matched to the recorded output, or a "
+          "completed output kept only as a digest could not be served again (logged and audited).", {}),
     503: ("`audit_unavailable`, `queue_unavailable`, `usage_unavailable`, `auth_unavailable` or `cancelled`: "
           "a dependency is down, so the request was refused; nothing is served unaudited or uncounted. "
           "`policy_unavailable` (with `Retry-After`): no policy decision could be had in time (capacity, "
