@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
 
 from gateway.settings import Settings, SettingsError
+
+#: When the command began (``govgate up`` prints its time to ready from here).
+_STARTED = time.monotonic()
 
 
 def _settings() -> Settings:
@@ -36,7 +40,7 @@ def up() -> None:
     """Run the embedded default: Redis, one worker per model, and the API."""
     from gateway.supervisor import run_up
 
-    sys.exit(run_up(_settings()))
+    sys.exit(run_up(_settings(), started=_STARTED))
 
 
 @main.command()

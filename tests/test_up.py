@@ -7,6 +7,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,9 @@ import pytest
 
 from tests.conftest import free_port
 from workers.registry import TINY_MODEL_NAME
+
+#: A second model in the test registry: its worker starts only once govgate is up.
+LATER_MODEL = "later-tiny"
 
 
 def processes_of(var_dir: Path) -> list[int]:
@@ -79,8 +83,9 @@ def up_env():
     env = {k: v for k, v in os.environ.items() if not k.startswith("GOVGATE_")}
     # The built-in default also assembles a 253 MB model; the quick start is tested on the tiny one.
     registry = var_dir / "models.toml"
-    registry.write_text(f'[models.{TINY_MODEL_NAME}]\npath = "models/govgate-tiny-llama.gguf"\n'
-                        'generate = "tiny-llama"\ncontext_length = 1024\ntags = ["tiny", "noise"]\n')
+    registry.write_text("".join(f'[models.{name}]\npath = "models/govgate-tiny-llama.gguf"\n'
+                                'generate = "tiny-llama"\ncontext_length = 1024\ntags = ["tiny", "noise"]\n'
+                                for name in (TINY_MODEL_NAME, LATER_MODEL)))
     env.update({"GOVGATE_VAR_DIR": str(var_dir), "GOVGATE_PORT": str(port), "GOVGATE_MODELS_FILE": str(registry)})
     yield env, var_dir, f"http://127.0.0.1:{port}"
     for pid in processes_of(var_dir):  # never leak a stack into the rest of the session
@@ -91,9 +96,15 @@ def up_env():
 def test_up_serves_a_governed_request_and_stops_cleanly(up_env):
     env, var_dir, base = up_env
     up = Up(env)
+    up_line = up.wait_for(r"govgate is up after (\d+\.\d)s: OpenAI-compatible API at (\S+)")
+    assert up_line.group(2) == f"{base}/v1"
     admin_key = up.wait_for(r"admin API key \(shown once, keep it\): (gk_\S+)").group(1)
+    up.wait_for(rf"model {TINY_MODEL_NAME}: ready$")
+    up.wait_for(rf"model {LATER_MODEL}: starting now \(its requests wait in its queue")
     assert up.wait_for(r"Ctrl-C stops everything")
-    assert any(f"{base}/v1" in line for line in up.seen)
+    # The first model serves before the second model's worker is even started:
+    assert not any(f"worker for model {LATER_MODEL}" in line for line in up.seen)
+    up.wait_for(rf"worker for model {LATER_MODEL}: starting")
 
     user_key = subprocess.run([sys.executable, "-m", "gateway.cli", "keys", "create", "--user", "alice",
                                "--team", "research", "--role", "analyst"], env=env, capture_output=True,
@@ -104,11 +115,18 @@ def test_up_serves_a_governed_request_and_stops_cleanly(up_env):
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] == 5
     models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {admin_key}"}).json()
-    assert [m["id"] for m in models["data"]] == [TINY_MODEL_NAME]
+    assert sorted(m["id"] for m in models["data"]) == sorted([TINY_MODEL_NAME, LATER_MODEL])
+    # A request for the model still starting waits in its queue and is served once its worker is up.
+    later = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {admin_key}"},
+                       json={"model": LATER_MODEL, "messages": [{"role": "user", "content": "Hello"}],
+                             "max_tokens": 3}, timeout=120)
+    assert later.status_code == 200, later.text
+    assert later.json()["usage"]["completion_tokens"] == 3
+    up.wait_for(rf"model {LATER_MODEL}: ready after \d+\.\ds")
 
     verify = subprocess.run([sys.executable, "-m", "gateway.cli", "audit", "verify"], env=env,
                             capture_output=True, text=True)
-    assert verify.returncode == 0 and verify.stdout.startswith("ok: 2 entries"), verify.stdout
+    assert verify.returncode == 0 and verify.stdout.startswith("ok: 4 entries"), verify.stdout
 
     children = processes_of(var_dir)
     assert len(children) >= 4  # up, redis, worker (+ its pool process), api
@@ -121,6 +139,25 @@ def test_up_serves_a_governed_request_and_stops_cleanly(up_env):
 
     # A second start reuses the admin key and the model instead of making new ones.
     again = Up(env)
-    assert again.wait_for(r"admin API key: created on an earlier run")
+    assert again.wait_for(r"admin API key: made on an earlier run; secrets are never shown again")
+    hint = again.wait_for(r"^    (\S+) keys create --user admin --role admin$").group(1)
+    assert Path(hint).name == "govgate" and (Path(hint).exists() or hint == "govgate"), hint
     assert again.wait_for(r"Ctrl-C stops everything")
     assert again.interrupt() == 0
+
+
+def test_up_on_a_busy_port_says_so_and_starts_nothing(up_env):
+    env, var_dir, base = up_env
+    port = int(base.rsplit(":", 1)[1])
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        result = subprocess.run([sys.executable, "-m", "gateway.cli", "up"], env=env, capture_output=True,
+                                text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result.stdout + result.stderr
+    problem = [line for line in result.stdout.splitlines() if "cannot start" in line]
+    assert problem == [f"govgate: cannot start: port {port} on 127.0.0.1 is already in use: "
+                       "set GOVGATE_PORT to a free port (or stop what listens there)"], result.stdout
+    assert "govgate is up" not in result.stdout and "worker for model" not in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (var_dir / "redis").exists()  # nothing was started
