@@ -1,19 +1,20 @@
 """``govgate up``: the embedded default, one command from nothing to serving.
 
-Starts (or finds) Redis, prepares the database and an admin key, writes the
-tiny model if the registry asks for it, then runs the API server and one
-Celery worker process per model, and prints where everything is. The API and
-the worker of the smallest model start first and together; govgate is "up"
-as soon as both answer, and the other models' workers start then (on a small
-machine they would otherwise compete for the CPU with the first one).
-Requests for a model whose worker is still starting wait in its queue.
-Ctrl-C (or SIGTERM) stops the API first (no new requests), then the workers
-(they finish what they hold), then Redis; a child that dies on its own brings
-the whole stack down with a message rather than leaving half a gateway running.
+Checks the API's port, starts (or finds) Redis, then starts the API together
+with the worker of the cheapest model (the smallest file: the tiny one in the
+default registry), and prepares the database, an admin key and the other
+models' files while they boot. govgate is "up" as soon as the API and that
+worker answer; the other models' workers start then (on a small machine they
+would otherwise compete for the CPU with the first one), and each is
+announced when it answers. Requests for a model whose worker is still
+starting wait in its queue. Ctrl-C (or SIGTERM) stops the API first (no new
+requests), then the workers (they finish what they hold), then Redis; a
+child that dies on its own brings the whole stack down with a message rather
+than leaving half a gateway running.
 
 This process is on the path from ``govgate up`` to the first answer, so it
-starts the children before its own slow part (the database, Celery) and
-imports those only then; the children import theirs meanwhile.
+imports its slow parts (the database, Celery) only after starting the
+children, which import theirs meanwhile.
 """
 
 from __future__ import annotations
@@ -216,12 +217,15 @@ def _check_alive(stack: Stack) -> None:
 
 
 def start_order(registry: Registry) -> list[str]:
-    """Model names, smallest file first: the cheapest model serves first."""
-    def size(spec: ModelSpec) -> int:
+    """Model names, cheapest to load first: by file size; a missing file counts as
+    large, except the tiny test model (govgate writes it in a moment)."""
+    from workers.registry import GENERATE_TINY
+
+    def size(spec: ModelSpec) -> float:
         try:
             return spec.path.stat().st_size
         except OSError:
-            return 0
+            return 0 if spec.generate == GENERATE_TINY else float("inf")
     return [spec.name for spec in sorted(registry.models.values(), key=size)]
 
 
@@ -251,6 +255,7 @@ class Launcher:
         self.health_url = f"http://{settings.host}:{settings.port}/healthz"
         self.celery = None
         self.api_ready = False
+        self.api_started = 0.0
         self.pending: dict[str, float] = {}  # model -> when its worker was started
 
     def elapsed(self) -> float:
@@ -263,6 +268,7 @@ class Launcher:
         self.celery = make_celery(redis_url)
 
     def start_api(self) -> None:
+        self.api_started = time.monotonic()
         self.stack.api = _spawn(["serve"], self.env, open(self.logs / "api.log", "a", buffering=1))
 
     def start_worker(self, name: str) -> None:
@@ -276,11 +282,12 @@ class Launcher:
         _check_alive(self.stack)
         if not self.api_ready and self.stack.api is not None:
             self.api_ready = _healthy(self.health_url)
-            if not self.api_ready and self.elapsed() > api_timeout_s:
+            if not self.api_ready and time.monotonic() - self.api_started > api_timeout_s:
                 raise StartupError(f"the API did not become healthy at {self.health_url} within {api_timeout_s:.0f}s")
         if not self.pending:
             return []
-        ready = [name for name in self.pending if name in _ready_hosts(self.celery, 0.25)]
+        answering = _ready_hosts(self.celery, 0.25)
+        ready = [name for name in self.pending if name in answering]
         for name in ready:
             del self.pending[name]
         late = [name for name, since in self.pending.items() if time.monotonic() - since > timeout_s]
@@ -344,16 +351,21 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
             redis_url = stack.redis.url
             say(f"  redis: started {stack.redis.process.args[0]} on {stack.redis.socket_path}")
 
-        ensure_models(registry, say)
+        order = start_order(registry)
+        if not order:
+            raise StartupError("the model registry is empty: add a model (see GOVGATE_MODELS_FILE)")
+        first, *later = order
+        ensure_models(Registry({first: registry.models[first]}), say)
         stack.logs = settings.var_dir / "logs"
         stack.logs.mkdir(exist_ok=True)
         launcher = Launcher(settings, stack, child_env(settings, redis_url), say, started)
-        first, *later = start_order(registry)
         launcher.start_api()
         launcher.start_worker(first)
-        # Migrations take a cross-process lock, so the children may open the database meanwhile.
+        # While they boot: the database (migrations take a cross-process lock, so the
+        # children may open it meanwhile) and the other models' files.
         admin_secret = prepare_database(settings)
         say(f"  audit store: {settings.effective_database_url}")
+        ensure_models(Registry({name: registry.models[name] for name in later}), say)
         launcher.connect(redis_url)
         while not (launcher.api_ready and first not in launcher.pending):
             launcher.poll()

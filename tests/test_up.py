@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -180,3 +181,35 @@ def test_a_session_that_leaves_a_scratch_folder_fails(tmp_path):
                            "-c", os.devnull, "--rootdir", str(tmp_path), str(tmp_path / "test_leaky.py"),
                            "-k", "tidy"], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert tidy.returncode == 0, tidy.stdout + tidy.stderr
+
+
+def quick_start_request(model: str) -> dict:
+    """The JSON body of the README quick start's curl command for ``model``."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    bodies = [json.loads(m.group(1)) for m in re.finditer(r"-d '(\{.*?\})'", quick_start)]
+    found = [body for body in bodies if body.get("model") == model]
+    assert found, f"no curl request for {model} in the README's quick start"
+    return found[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_quick_start_question_gets_the_right_answer_from_gemma(up_env):
+    """The README's own example, sent as written to `govgate up` on the default registry."""
+    from workers.registry import DEFAULT_MODEL_NAME
+
+    env, var_dir, base = up_env
+    env = {k: v for k, v in env.items() if k != "GOVGATE_MODELS_FILE"}
+    up = Up(env)
+    up.wait_for(r"Ctrl-C stops everything", timeout_s=600)
+    user_key = subprocess.run([sys.executable, "-m", "gateway.cli", "keys", "create", "--user", "alice",
+                               "--team", "research", "--role", "analyst"], env=env, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    body = quick_start_request(DEFAULT_MODEL_NAME)
+    assert "France" in body["messages"][0]["content"]
+    reply = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {user_key}"},
+                       json=body, timeout=300)
+    assert reply.status_code == 200, reply.text
+    assert "Paris" in reply.json()["choices"][0]["message"]["content"]
+    assert up.interrupt() == 0
