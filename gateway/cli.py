@@ -77,7 +77,24 @@ def _check_serve_settings(settings: Settings) -> None:
         check_port(settings.host, settings.port)
     except (RegistryError, StartupError) as exc:
         raise click.ClickException(str(exc)) from None
-    _open_database(settings).dispose()
+    _check_database(settings)
+
+
+def _check_database(settings: Settings) -> None:
+    """Connect once (the app's startup migrates; doing it here too would slow every start)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from audit import AuditError, make_engine
+
+    try:
+        engine = make_engine(settings.effective_database_url)
+        try:
+            engine.connect().close()
+        finally:
+            engine.dispose()
+    except (AuditError, SQLAlchemyError) as exc:
+        raise click.ClickException(f"GOVGATE_DATABASE_URL={settings.effective_database_url} "
+                                   f"cannot be used: {exc}") from None
 
 
 def _open_database(settings: Settings):
