@@ -213,3 +213,20 @@ def test_the_quick_start_question_gets_the_right_answer_from_gemma(up_env):
     assert reply.status_code == 200, reply.text
     assert "Paris" in reply.json()["choices"][0]["message"]["content"]
     assert up.interrupt() == 0
+
+
+def test_the_readme_python_example_runs_with_the_client_extra(served_api, keyring):
+    """The quick start's Python example, run as written (address and key swapped in), needs only the extra."""
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [dep.split(">")[0] for dep in extras["client"]] == ["openai"]
+    quick_start = (root / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "pip install -e '.[client]'" in quick_start
+    example = re.search(r"```python\n(.*?)```", quick_start, re.S).group(1)
+    assert "http://127.0.0.1:8080/v1" in example and '"gk_…"' in example
+    example = example.replace("http://127.0.0.1:8080/v1", f"{served_api}/v1").replace('"gk_…"', repr(keyring["analyst"]))
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["reply"].usage.completion_tokens > 0  # and the streaming loop ran without an error
