@@ -367,21 +367,16 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
         say(f"  audit store: {settings.effective_database_url}")
         ensure_models(Registry({name: registry.models[name] for name in later}), say)
         launcher.connect(redis_url)
-        while not (launcher.api_ready and first not in launcher.pending):
+        while not (launcher.api_ready and first not in launcher.pending) and not stopping:
             launcher.poll()
-            if stopping:
-                raise KeyboardInterrupt
-        _banner(settings, registry, first, later, admin_secret, launcher.elapsed(), say)
-        for name in later:
-            launcher.start_worker(name)
-
+        if not stopping:
+            _banner(settings, first, later, admin_secret, launcher.elapsed(), say)
+            for name in later:
+                launcher.start_worker(name)
         while not stopping:
             for name in launcher.poll():
                 say(f"  model {name}: ready after {launcher.elapsed():.1f}s")
             time.sleep(0.2)
-        say("govgate: stopping …")
-        return 0
-    except KeyboardInterrupt:
         say("govgate: stopping …")
         return 0
     except (StartupError, RedisUnavailable, RegistryError, BackendError, OSError) as exc:
@@ -396,8 +391,8 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
         say("govgate: stopped")
 
 
-def _banner(settings: Settings, registry: Registry, first: str, later: list[str], admin_secret: str | None,
-            elapsed_s: float, say: Callable[[str], None]) -> None:
+def _banner(settings: Settings, first: str, later: list[str], admin_secret: str | None, elapsed_s: float,
+            say: Callable[[str], None]) -> None:
     base = f"http://{settings.host}:{settings.port}"
     govgate = command_hint()
     say("")
