@@ -212,8 +212,22 @@ def _check_alive(stack: Stack) -> None:
     for name, proc in stack.children().items():
         code = proc.poll()
         if code is not None:
-            where = f" (see {stack.logs / (name.replace(' ', '-') + '.log')})" if stack.logs and name != "redis" else ""
-            raise StartupError(f"{name} exited with code {code}{where}")
+            if not stack.logs or name == "redis":
+                raise StartupError(f"{name} exited with code {code}")
+            log = stack.logs / (name.replace(" ", "-") + ".log")
+            last = _last_line(log)
+            raise StartupError(f"{name} exited with code {code}{': ' + last if last else ''} (see {log})")
+
+
+def _last_line(log: Path) -> str:
+    """The last non-blank line of a child's log: usually the reason it stopped."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
 
 
 def start_order(registry: Registry) -> list[str]:

@@ -230,3 +230,17 @@ def test_the_readme_python_example_runs_with_the_client_extra(served_api, keyrin
     namespace: dict = {}
     exec(compile(example, "README.md", "exec"), namespace)
     assert namespace["reply"].usage.completion_tokens > 0  # and the streaming loop ran without an error
+
+
+def test_up_names_the_reason_a_child_died(up_env):
+    """A child that cannot start: the reason from its log is in the one line ``up`` prints."""
+    env, var_dir, base = up_env
+    env = {**env, "GOVGATE_POLICY_DIR": str(var_dir / "no-such-policies")}
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "up"], env=env, capture_output=True,
+                            text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result.stdout + result.stderr
+    problem = [line for line in result.stdout.splitlines() if "cannot start" in line]
+    assert len(problem) == 1, result.stdout
+    assert problem[0].startswith("govgate: cannot start: api exited with code 1: Error: GOVGATE_POLICY_DIR=")
+    assert "is not a folder" in problem[0] and str(var_dir / "logs" / "api.log") in problem[0]
+    assert "govgate is up" not in result.stdout
