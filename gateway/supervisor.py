@@ -32,10 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
+import redis
+
 from gateway.processes import child_preexec, stop_process
 from gateway.redis_server import RedisProcess, RedisUnavailable, ping
 from gateway.settings import Settings
 from workers.backends import BackendError, ensure_model_file
+from workers.contract import loaded_key
 from workers.registry import ModelSpec, Registry, RegistryError, load_registry
 
 if TYPE_CHECKING:
@@ -258,16 +261,19 @@ def command_hint() -> str:
 class Launcher:
     """Starts the API and the workers, and reports each as it becomes ready.
 
-    One loop polls the API's health and the workers' Celery pings together, so
-    the first model is announced the moment both it and the API answer.
+    One loop polls the API's health and the workers together, so the first
+    model is announced the moment both it and the API answer. A worker counts
+    as ready when it answers a Celery ping and its pool process has said (in
+    Redis) that the model is loaded: the ping alone comes before the load.
     """
 
-    def __init__(self, settings: Settings, stack: Stack, env: dict[str, str],
+    def __init__(self, settings: Settings, stack: Stack, env: dict[str, str], redis_url: str,
                  say: Callable[[str], None], started: float) -> None:
         self.stack, self.env, self.say, self.started = stack, env, say, started
         self.logs = stack.logs
         self.health_url = f"http://{settings.host}:{settings.port}/healthz"
         self.celery = None
+        self.redis = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         self.api_ready = False
         self.api_started = 0.0
         self.pending: dict[str, float] = {}  # model -> when its worker was started
@@ -290,6 +296,8 @@ class Launcher:
         log_file = open(self.logs / f"worker-{name}.log", "a", buffering=1)
         self.stack.workers[name] = _spawn(["worker", "--model", name], self.env, log_file)
         self.pending[name] = time.monotonic()
+        # A key left by an earlier run's worker with the same pid must not count (it loads for seconds).
+        self.redis.delete(loaded_key(name, self.stack.workers[name].pid))
 
     def poll(self, timeout_s: float = 120, api_timeout_s: float = 60) -> list[str]:
         """Check once; the models whose workers became ready since the last call."""
@@ -301,7 +309,7 @@ class Launcher:
         if not self.pending:
             return []
         answering = _ready_hosts(self.celery, 0.25)
-        ready = [name for name in self.pending if name in answering]
+        ready = [name for name in self.pending if name in answering and self._loaded(name)]
         for name in ready:
             del self.pending[name]
         late = [name for name, since in self.pending.items() if time.monotonic() - since > timeout_s]
@@ -309,9 +317,14 @@ class Launcher:
             raise StartupError(f"no worker answered for {sorted(late)} within {timeout_s:.0f}s")
         return ready
 
+    def _loaded(self, name: str) -> bool:
+        """Its pool process has loaded the model (a ping alone answers before that)."""
+        return bool(self.redis.exists(loaded_key(name, self.stack.workers[name].pid)))
+
     def close(self) -> None:
         if self.celery is not None:
             self.celery.close()
+        self.redis.close()
 
 
 def prepare_database(settings: Settings) -> str | None:
@@ -372,7 +385,7 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
         ensure_models(Registry({first: registry.models[first]}), say)
         stack.logs = settings.var_dir / "logs"
         stack.logs.mkdir(exist_ok=True)
-        launcher = Launcher(settings, stack, child_env(settings, redis_url), say, started)
+        launcher = Launcher(settings, stack, child_env(settings, redis_url), redis_url, say, started)
         launcher.start_api()
         launcher.start_worker(first)
         # While they boot: the database (migrations take a cross-process lock, so the

@@ -101,6 +101,8 @@ def test_up_serves_a_governed_request_and_stops_cleanly(up_env):
     assert up_line.group(2) == f"{base}/v1"
     admin_key = up.wait_for(r"admin API key \(shown once, keep it\): (gk_\S+)").group(1)
     up.wait_for(rf"model {TINY_MODEL_NAME}: ready$")
+    # "ready" means its model is loaded, not only that the worker answers pings:
+    assert f"loaded model {TINY_MODEL_NAME}" in (var_dir / "logs" / f"worker-{TINY_MODEL_NAME}.log").read_text()
     up.wait_for(rf"model {LATER_MODEL}: starting now \(its requests wait in its queue")
     assert up.wait_for(r"Ctrl-C stops everything")
     # The first model serves before the second model's worker is even started:
