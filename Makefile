@@ -20,8 +20,11 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # Stamps: reinstall only when pyproject.toml changes.
+# Not --quiet: the first install downloads about 340 MB (the default model is
+# 253 MB of it), and pip's lines and progress bars show it is moving.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	@echo "installing govgate and its dependencies into $(VENV) (the first time: about 340 MB, a few minutes)"
+	$(BIN)/python -m pip install --progress-bar on -e .
 	@touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python

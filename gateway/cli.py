@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
 
 from gateway.settings import Settings, SettingsError
+
+#: ``policy explain``'s exit status on a deny (1 is an error, 2 a usage error: click's).
+EXIT_DENIED = 3
+
+#: When the command began (``govgate up`` prints its time to ready from here).
+_STARTED = time.monotonic()
 
 
 def _settings() -> Settings:
@@ -24,6 +31,7 @@ def _configure_logging(level: str) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="govgate", prog_name="govgate")
 def main() -> None:
     """govgate: a usage-governance gateway for open LLMs.
 
@@ -36,7 +44,7 @@ def up() -> None:
     """Run the embedded default: Redis, one worker per model, and the API."""
     from gateway.supervisor import run_up
 
-    sys.exit(run_up(_settings()))
+    sys.exit(run_up(_settings(), started=_STARTED))
 
 
 @main.command()
@@ -45,9 +53,61 @@ def serve() -> None:
     import uvicorn
 
     settings = _settings()
+    _check_serve_settings(settings)
     _configure_logging(settings.log_level)
     uvicorn.run("gateway.app:app_from_env", factory=True, host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), access_log=False, lifespan="on")
+
+
+def _check_serve_settings(settings: Settings) -> None:
+    """Refuse in one line what would otherwise fail in the app's startup with a traceback."""
+    from gateway.redis_server import ping
+    from gateway.supervisor import StartupError, check_port
+    from workers.registry import RegistryError, load_registry
+
+    if not settings.redis_url:
+        raise click.ClickException("GOVGATE_REDIS_URL is not set: 'govgate serve' needs a Redis "
+                                   "(or run 'govgate up', which starts one)")
+    if not ping(settings.redis_url):
+        raise click.ClickException(f"GOVGATE_REDIS_URL={settings.redis_url} does not answer")
+    if not settings.opa_url and not settings.policy_dir.is_dir():
+        raise click.ClickException(f"GOVGATE_POLICY_DIR={settings.policy_dir} is not a folder")
+    try:
+        load_registry(settings.models_file, settings.var_dir)
+        check_port(settings.host, settings.port)
+    except (RegistryError, StartupError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _check_database(settings)
+
+
+def _check_database(settings: Settings) -> None:
+    """Connect once (the app's startup migrates; doing it here too would slow every start)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from audit import AuditError, make_engine
+
+    try:
+        engine = make_engine(settings.effective_database_url)
+        try:
+            engine.connect().close()
+        finally:
+            engine.dispose()
+    except (AuditError, SQLAlchemyError) as exc:
+        raise click.ClickException(f"GOVGATE_DATABASE_URL={settings.effective_database_url} "
+                                   f"cannot be used: {exc}") from None
+
+
+def _open_database(settings: Settings):
+    """The database engine with its schema up to date, or a one-line error naming the setting."""
+    from audit import AuditError
+    from gateway.auth import KeyStoreError
+    from gateway.db import DatabaseError, open_database
+
+    try:
+        return open_database(settings)
+    except (AuditError, DatabaseError, KeyStoreError) as exc:
+        raise click.ClickException(f"GOVGATE_DATABASE_URL={settings.effective_database_url} "
+                                   f"cannot be used: {exc}") from None
 
 
 @main.command()
@@ -99,18 +159,36 @@ def keys() -> None:
 
 def _key_store():
     from gateway.auth import KeyStore
-    from gateway.components import open_database
 
-    return KeyStore(open_database(_settings()))
+    return KeyStore(_open_database(_settings()))
+
+
+def _policy_roles(settings: Settings) -> list[str]:
+    """The roles the policy grants anything to (``govgate_config.roles`` in its data)."""
+    from gateway.policy.revision import PolicyFilesError, read_policy
+
+    try:
+        roles = read_policy(settings.policy_dir).base_data().get("govgate_config", {}).get("roles", {})
+    except PolicyFilesError as exc:
+        raise click.ClickException(f"cannot read the roles from GOVGATE_POLICY_DIR={settings.policy_dir}: "
+                                   f"{exc}") from None
+    return sorted(roles) if isinstance(roles, dict) else []
 
 
 @keys.command("create")
 @click.option("--user", required=True, help="Who the key belongs to (principal id).")
 @click.option("--team", default=None, help="The user's team (policies and limits use it).")
-@click.option("--role", "roles", multiple=True, help="A role; repeat for several (see policies/data.json).")
+@click.option("--role", "roles", multiple=True,
+              help="A role the policy knows (policies/data.json); repeat for several. At least one.")
 @click.option("--note", default=None, help="Free text shown in 'keys list'.")
 def keys_create(user: str, team: str | None, roles: tuple[str, ...], note: str | None) -> None:
     """Create a key and print it once (it is stored only as a hash)."""
+    known = _policy_roles(_settings())
+    unknown = [role for role in roles if role not in known]
+    if not roles or unknown:
+        what = f"unknown role {', '.join(map(repr, unknown))}" if unknown else "no --role given"
+        raise click.ClickException(f"{what}: a key needs at least one of the roles the policy knows: "
+                                   f"{', '.join(known) or '(none)'}")
     try:
         issued = _key_store().create(user, team=team, roles=list(roles), note=note)
     except ValueError as exc:
@@ -123,18 +201,25 @@ def keys_create(user: str, team: str | None, roles: tuple[str, ...], note: str |
 @keys.command("list")
 @click.option("--all", "include_revoked", is_flag=True, help="Include revoked keys.")
 def keys_list(include_revoked: bool) -> None:
-    """List keys (ids and owners, never secrets)."""
+    """List keys (ids, owners and notes, never secrets)."""
     rows = _key_store().list(include_revoked=include_revoked)
-    click.echo(f"{'KEY ID':<14}{'USER':<20}{'TEAM':<16}{'ROLES':<24}{'CREATED':<27}REVOKED")
+    click.echo(f"{'KEY ID':<14}{'USER':<20}{'TEAM':<16}{'ROLES':<24}{'CREATED':<27}{'REVOKED':<27}NOTE")
     for key in rows:
         click.echo(f"{key.key_id:<14}{key.user:<20}{key.team or '-':<16}{','.join(key.roles) or '-':<24}"
-                   f"{key.created_at:<27}{key.revoked_at or '-'}")
+                   f"{key.created_at:<27}{key.revoked_at or '-':<27}{key.note or '-'}")
 
 
 @keys.command("revoke")
 @click.argument("key_id")
 def keys_revoke(key_id: str) -> None:
-    """Revoke a key by its id; requests with it are refused from now on."""
+    """Revoke a key by its id (the part after gk_, as 'keys list' shows); requests with it are refused from now on."""
+    from gateway.auth.keys import KEY_PREFIX
+
+    if key_id.startswith(KEY_PREFIX):
+        # A secret was pasted: name the id it carries, never echo the secret back.
+        carried = key_id.split("_")[1] if key_id.count("_") >= 2 else ""
+        hint = f": govgate keys revoke {carried}" if carried else " (see 'govgate keys list')"
+        raise click.ClickException(f"that is a key's secret, not its id; pass the key id{hint}")
     if not _key_store().revoke(key_id):
         raise click.ClickException(f"no live key with id {key_id}")
     click.echo(f"revoked {key_id}")
@@ -212,7 +297,7 @@ def policy() -> None:
 @click.option("--policy-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Policy folder (default: GOVGATE_POLICY_DIR).")
 def policy_explain(input_file, policy_dir: Path | None) -> None:
-    """Print the decision, reasons and obligations for one input."""
+    """Print the decision, reasons and obligations for one input; exit 0 on allow, 3 on deny (1 on an error)."""
     import asyncio
 
     try:
@@ -240,6 +325,7 @@ def policy_explain(input_file, policy_dir: Path | None) -> None:
         for reason in decision["reasons"]:
             retry = f" (retry after {reason['retry_after_s']}s)" if reason.get("retry_after_s") else ""
             click.echo(f"denied: {reason['code']}: {reason['message']}{retry}", err=True)
+        sys.exit(EXIT_DENIED)
 
 
 @policy.command("test")

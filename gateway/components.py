@@ -16,10 +16,10 @@ import redis
 import redis.asyncio as aioredis
 from sqlalchemy import Engine
 
-from audit import AuditStore, make_engine, migrate
+from audit import AuditStore
 from gateway.auth import KeyStore
 from gateway.completions import CompletionService
-from gateway.db import migrate_gateway
+from gateway.db import open_database  # noqa: F401  (re-exported: tests and benches import it here)
 from gateway.dispatch import Dispatcher, ResultWaiter
 from gateway.limits import UsageCounters
 from gateway.policy import PolicyEngine, open_policy_engine
@@ -47,14 +47,6 @@ class Components:
     waiter: ResultWaiter
     dispatcher: Dispatcher
     completions: CompletionService
-
-
-def open_database(settings: Settings) -> Engine:
-    """The shared engine with both packages' schemas up to date."""
-    engine = make_engine(settings.effective_database_url)
-    migrate(engine)
-    migrate_gateway(engine)
-    return engine
 
 
 @contextlib.asynccontextmanager

@@ -9,7 +9,7 @@ and workers starting together do not race to create tables.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from alembic import command
 from alembic.config import Config
@@ -18,8 +18,12 @@ from sqlalchemy import Engine, MetaData
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
+from audit import make_engine, migrate
 from audit.db import locked_transaction
 from gateway.auth.keys import ApiKey
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
 
 VERSION_TABLE: Final = "alembic_version_gateway"
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
@@ -50,3 +54,11 @@ def migrate_gateway(engine: Engine, revision: str = "head") -> None:
             command.upgrade(alembic_config(conn), revision)
     except (SQLAlchemyError, CommandError, OSError) as exc:
         raise DatabaseError(f"cannot migrate the gateway schema: {exc}") from exc
+
+
+def open_database(settings: "Settings") -> Engine:
+    """The shared engine with both packages' schemas up to date."""
+    engine = make_engine(settings.effective_database_url)
+    migrate(engine)
+    migrate_gateway(engine)
+    return engine

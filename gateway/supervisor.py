@@ -1,36 +1,49 @@
 """``govgate up``: the embedded default, one command from nothing to serving.
 
-Starts (or finds) Redis, prepares the database and an admin key, writes the
-tiny model if the registry asks for it, then runs one Celery worker process
-per model and the API server, and prints where everything is. Ctrl-C (or
-SIGTERM) stops the API first (no new requests), then the workers (they
-finish what they hold), then Redis; a child that dies on its own brings the
-whole stack down with a message rather than leaving half a gateway running.
+Checks the API's port, starts (or finds) Redis, then starts the API together
+with the worker of the cheapest model (the smallest file: the tiny one in the
+default registry), and prepares the database, an admin key and the other
+models' files while they boot. govgate is "up" as soon as the API and that
+worker answer; the other models' workers start then (on a small machine they
+would otherwise compete for the CPU with the first one), and each is
+announced when it answers. Requests for a model whose worker is still
+starting wait in its queue. Ctrl-C (or SIGTERM) stops the API first (no new
+requests), then the workers (they finish what they hold), then Redis; a
+child that dies on its own brings the whole stack down with a message rather
+than leaving half a gateway running.
+
+This process is on the path from ``govgate up`` to the first answer, so it
+imports its slow parts (the database, Celery) only after starting the
+children, which import theirs meanwhile.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
-from gateway.auth import KeyStore
-from gateway.components import open_database
+import redis
+
 from gateway.processes import child_preexec, stop_process
-from audit import AuditError
-from gateway.db import DatabaseError
 from gateway.redis_server import RedisProcess, RedisUnavailable, ping
 from gateway.settings import Settings
-from workers.celery_app import make_celery
-from workers.registry import Registry, RegistryError, load_registry
 from workers.backends import BackendError, ensure_model_file
 from workers.sealing import KeyFileError, load_or_create_key
+from workers.contract import loaded_key
+from workers.registry import ModelSpec, Registry, RegistryError, load_registry
+
+if TYPE_CHECKING:
+    from gateway.auth import KeyStore
 
 ADMIN_ROLE = "admin"
 
@@ -155,34 +168,68 @@ def _spawn(args: list[str], env: dict[str, str], log_file: TextIO | None) -> sub
                             start_new_session=True, preexec_fn=child_preexec())
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse to start when the API's address is taken, before starting anything.
+
+    Otherwise the API child dies after Redis and the workers are up, and a
+    health check may even be answered by whatever holds the port. The probe
+    sets SO_REUSEADDR as uvicorn does, so a port in TIME_WAIT counts as free.
+    """
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError(f"port {port} on {host} is already in use: set GOVGATE_PORT to a free port "
+                                   "(or stop what listens there)") from None
+            raise StartupError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): "
+                               "check GOVGATE_HOST and GOVGATE_PORT") from None
+
+
+def _ready_hosts(app, timeout_s: float) -> set[str]:
+    """Model names of the workers that answer a Celery ping now."""
+    names = set()
+    for reply in app.control.ping(timeout=timeout_s) or []:
+        for hostname in reply:
+            names.add(hostname.split("@", 1)[0].rsplit(".", 1)[0])
+    return names
+
+
 def wait_for_workers(redis_url: str, models: list[str], stack: Stack, timeout_s: float = 120) -> None:
     """Block until a worker of every model answers a Celery ping."""
+    from workers.celery_app import make_celery
+
     app = make_celery(redis_url)
     waiting = set(models)
     deadline = time.monotonic() + timeout_s
     try:
         while waiting and time.monotonic() < deadline:
             _check_alive(stack)
-            replies = app.control.ping(timeout=0.5) or []
-            for reply in replies:
-                for hostname in reply:
-                    waiting.discard(hostname.split("@", 1)[0].rsplit(".", 1)[0])
+            waiting -= _ready_hosts(app, 0.5)
     finally:
         app.close()
     if waiting:
         raise StartupError(f"no worker answered for {sorted(waiting)} within {timeout_s:.0f}s")
 
 
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 def wait_for_api(url: str, stack: Stack, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         _check_alive(stack)
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
+        if _healthy(url):
+            return
         time.sleep(0.1)
     raise StartupError(f"the API did not become healthy at {url} within {timeout_s:.0f}s")
 
@@ -191,12 +238,141 @@ def _check_alive(stack: Stack) -> None:
     for name, proc in stack.children().items():
         code = proc.poll()
         if code is not None:
-            where = f" (see {stack.logs / (name.replace(' ', '-') + '.log')})" if stack.logs and name != "redis" else ""
-            raise StartupError(f"{name} exited with code {code}{where}")
+            if not stack.logs or name == "redis":
+                raise StartupError(f"{name} exited with code {code}")
+            log = stack.logs / (name.replace(" ", "-") + ".log")
+            last = _last_line(log)
+            raise StartupError(f"{name} exited with code {code}{': ' + last if last else ''} (see {log})")
 
 
-def run_up(settings: Settings, out: TextIO = sys.stdout) -> int:
-    """Run the embedded default until interrupted; returns the exit code."""
+def _last_line(log: Path) -> str:
+    """The last non-blank line of a child's log: usually the reason it stopped."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def start_order(registry: Registry) -> list[str]:
+    """Model names, cheapest to load first: by file size; a missing file counts as
+    large, except the tiny test model (govgate writes it in a moment)."""
+    from workers.registry import GENERATE_TINY
+
+    def size(spec: ModelSpec) -> float:
+        try:
+            return spec.path.stat().st_size
+        except OSError:
+            return 0 if spec.generate == GENERATE_TINY else float("inf")
+    return [spec.name for spec in sorted(registry.models.values(), key=size)]
+
+
+def command_hint() -> str:
+    """How the user should run ``govgate`` from here: the venv's script, relative when under the cwd."""
+    script = Path(sys.executable).parent / "govgate"  # not resolved: a venv's python is a symlink
+    if not script.exists():
+        found = shutil.which("govgate")
+        return "govgate" if found else f"{sys.executable} -m gateway.cli"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
+class Launcher:
+    """Starts the API and the workers, and reports each as it becomes ready.
+
+    One loop polls the API's health and the workers together, so the first
+    model is announced the moment both it and the API answer. A worker counts
+    as ready when it answers a Celery ping and its pool process has said (in
+    Redis) that the model is loaded: the ping alone comes before the load.
+    """
+
+    def __init__(self, settings: Settings, stack: Stack, env: dict[str, str], redis_url: str,
+                 say: Callable[[str], None], started: float) -> None:
+        self.stack, self.env, self.say, self.started = stack, env, say, started
+        self.logs = stack.logs
+        self.health_url = f"http://{settings.host}:{settings.port}/healthz"
+        self.celery = None
+        self.redis = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        self.api_ready = False
+        self.api_started = 0.0
+        self.pending: dict[str, float] = {}  # model -> when its worker was started
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def connect(self, redis_url: str) -> None:
+        """The Celery client that pings workers (imported late: see the module docstring)."""
+        from workers.celery_app import make_celery
+
+        self.celery = make_celery(redis_url)
+
+    def start_api(self) -> None:
+        self.api_started = time.monotonic()
+        self.stack.api = _spawn(["serve"], self.env, private_log(self.logs / "api.log"))
+
+    def start_worker(self, name: str) -> None:
+        self.say(f"  worker for model {name}: starting (log: {self.logs / f'worker-{name}.log'})")
+        log_file = private_log(self.logs / f"worker-{name}.log")
+        self.stack.workers[name] = _spawn(["worker", "--model", name], self.env, log_file)
+        self.pending[name] = time.monotonic()
+        # A key left by an earlier run's worker with the same pid must not count (it loads for seconds).
+        self.redis.delete(loaded_key(name, self.stack.workers[name].pid))
+
+    def poll(self, timeout_s: float = 120, api_timeout_s: float = 60) -> list[str]:
+        """Check once; the models whose workers became ready since the last call."""
+        _check_alive(self.stack)
+        if not self.api_ready and self.stack.api is not None:
+            self.api_ready = _healthy(self.health_url)
+            if not self.api_ready and time.monotonic() - self.api_started > api_timeout_s:
+                raise StartupError(f"the API did not become healthy at {self.health_url} within {api_timeout_s:.0f}s")
+        if not self.pending:
+            return []
+        answering = _ready_hosts(self.celery, 0.25)
+        ready = [name for name in self.pending if name in answering and self._loaded(name)]
+        for name in ready:
+            del self.pending[name]
+        late = [name for name, since in self.pending.items() if time.monotonic() - since > timeout_s]
+        if late:
+            raise StartupError(f"no worker answered for {sorted(late)} within {timeout_s:.0f}s")
+        return ready
+
+    def _loaded(self, name: str) -> bool:
+        """Its pool process has loaded the model (a ping alone answers before that)."""
+        return bool(self.redis.exists(loaded_key(name, self.stack.workers[name].pid)))
+
+    def close(self) -> None:
+        if self.celery is not None:
+            self.celery.close()
+        self.redis.close()
+
+
+def prepare_database(settings: Settings) -> str | None:
+    """Bring the schema up to date and make sure an admin key exists; its secret if made now."""
+    from audit import AuditError
+    from gateway.auth import KeyStore, KeyStoreError
+    from gateway.db import DatabaseError, open_database
+
+    try:
+        engine = open_database(settings)
+        try:
+            return ensure_admin_key(KeyStore(engine))
+        finally:
+            engine.dispose()
+    except (AuditError, DatabaseError, KeyStoreError) as exc:
+        raise StartupError(f"the database at {settings.effective_database_url} cannot be used: {exc}") from None
+
+
+def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None = None) -> int:
+    """Run the embedded default until interrupted; returns the exit code.
+
+    ``started`` is the ``time.monotonic()`` the command began at (for the
+    time-to-ready it prints); by default, now.
+    """
+    started = time.monotonic() if started is None else started
 
     def say(line: str) -> None:
         print(line, file=out, flush=True)
@@ -209,15 +385,13 @@ def run_up(settings: Settings, out: TextIO = sys.stdout) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     stack = Stack()
+    launcher: Launcher | None = None
     try:
+        check_port(settings.host, settings.port)
+        registry = load_registry(settings.models_file, settings.var_dir)
         private_dir(settings.var_dir)
         say(f"govgate: starting the embedded default in {settings.var_dir}")
-        engine = open_database(settings)
-        ensure_keys(settings)
-        admin_secret = ensure_admin_key(KeyStore(engine))
-        engine.dispose()
-        say(f"  audit store: {settings.effective_database_url}")
-
+        ensure_keys(settings)  # before any child starts: they all read the same key files
         if settings.redis_url:
             if not ping(settings.redis_url):
                 raise StartupError(f"GOVGATE_REDIS_URL={settings.redis_url} does not answer")
@@ -228,44 +402,60 @@ def run_up(settings: Settings, out: TextIO = sys.stdout) -> int:
             redis_url = stack.redis.url
             say(f"  redis: started {stack.redis.process.args[0]} on {stack.redis.socket_path}")
 
-        registry = load_registry(settings.models_file, settings.var_dir)
-        ensure_models(registry, say)
-        env = child_env(settings, redis_url)
-        logs = stack.logs = private_dir(settings.var_dir / "logs")
-        for name in registry.names():
-            say(f"  worker for model {name}: starting (log: {logs / f'worker-{name}.log'})")
-            log_file = private_log(logs / f"worker-{name}.log")
-            stack.workers[name] = _spawn(["worker", "--model", name], env, log_file)
-        wait_for_workers(redis_url, registry.names(), stack)
-        say("  workers: ready")
-
-        base = f"http://{settings.host}:{settings.port}"
-        stack.api = _spawn(["serve"], env, private_log(logs / "api.log"))
-        wait_for_api(f"{base}/healthz", stack)
-
-        say("")
-        say(f"govgate is up: OpenAI-compatible API at {base}/v1")
-        if admin_secret:
-            say(f"  admin API key (shown once, keep it): {admin_secret}")
-        else:
-            say("  admin API key: created on an earlier run (see 'govgate keys list')")
-        say("  create a user key:  govgate keys create --user alice --team research --role analyst")
-        say(f"  models: {', '.join(registry.names())}")
-        say(f'  try:  curl -H "Authorization: Bearer <key>" {base}/v1/chat/completions \\')
-        say(f'          -d \'{{"model": "{registry.names()[0]}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'')
-        say("  Ctrl-C stops everything.")
-
+        order = start_order(registry)
+        if not order:
+            raise StartupError("the model registry is empty: add a model (see GOVGATE_MODELS_FILE)")
+        first, *later = order
+        ensure_models(Registry({first: registry.models[first]}), say)
+        stack.logs = private_dir(settings.var_dir / "logs")
+        launcher = Launcher(settings, stack, child_env(settings, redis_url), redis_url, say, started)
+        launcher.start_api()
+        launcher.start_worker(first)
+        # While they boot: the database (migrations take a cross-process lock, so the
+        # children may open it meanwhile) and the other models' files.
+        admin_secret = prepare_database(settings)
+        say(f"  audit store: {settings.effective_database_url}")
+        ensure_models(Registry({name: registry.models[name] for name in later}), say)
+        launcher.connect(redis_url)
+        while not (launcher.api_ready and first not in launcher.pending) and not stopping:
+            launcher.poll()
+        if not stopping:
+            _banner(settings, first, later, admin_secret, launcher.elapsed(), say)
+            for name in later:
+                launcher.start_worker(name)
         while not stopping:
-            _check_alive(stack)
+            for name in launcher.poll():
+                say(f"  model {name}: ready after {launcher.elapsed():.1f}s")
             time.sleep(0.2)
         say("govgate: stopping …")
         return 0
-    except (StartupError, RedisUnavailable, RegistryError, AuditError, DatabaseError,
-            BackendError, OSError) as exc:
+    except (StartupError, RedisUnavailable, RegistryError, BackendError, OSError) as exc:
         say(f"govgate: cannot start: {exc}")
         return 1
     finally:
+        if launcher is not None:
+            launcher.close()
         stack.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         say("govgate: stopped")
+
+
+def _banner(settings: Settings, first: str, later: list[str], admin_secret: str | None, elapsed_s: float,
+            say: Callable[[str], None]) -> None:
+    base = f"http://{settings.host}:{settings.port}"
+    govgate = command_hint()
+    say("")
+    say(f"govgate is up after {elapsed_s:.1f}s: OpenAI-compatible API at {base}/v1")
+    if admin_secret:
+        say(f"  admin API key (shown once, keep it): {admin_secret}")
+    else:
+        say("  admin API key: made on an earlier run; secrets are never shown again. Make another with:")
+        say(f"    {govgate} keys create --user admin --role admin")
+    say(f"  create a user key:  {govgate} keys create --user alice --team research --role analyst")
+    say(f"  model {first}: ready")
+    for name in later:
+        say(f"  model {name}: starting now (its requests wait in its queue until it is ready)")
+    say(f'  try:  curl -H "Authorization: Bearer <key>" {base}/v1/chat/completions \\')
+    say(f'          -d \'{{"model": "{first}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'')
+    say("  Ctrl-C stops everything.")

@@ -67,6 +67,20 @@ def var_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[Callable[[str], Path]]:
+    """Make short-path folders (for unix sockets) named ``<prefix>…``; all removed when the test ends."""
+    made: list[Path] = []
+
+    def make(prefix: str = "gg-") -> Path:
+        made.append(Path(tempfile.mkdtemp(prefix=prefix)))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def redis_server(var_dir: Path) -> Iterator[RedisProcess]:
     """A real Redis, resolved exactly as ``govgate up`` resolves it."""

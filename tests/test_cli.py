@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
 
-from gateway.cli import main
+from gateway.cli import EXIT_DENIED, main
 from gateway.supervisor import child_env
+from tests.conftest import free_port
+from workers.registry import TINY_MODEL_NAME
 
 
 @pytest.fixture
@@ -48,7 +53,7 @@ def test_keys_create_list_revoke(cli):
 
 
 def test_keys_create_refuses_bad_names(cli):
-    result = cli("keys", "create", "--user", "bad name; drop", ok=False)
+    result = cli("keys", "create", "--user", "bad name; drop", "--role", "analyst", ok=False)
     assert result.exit_code == 1 and "must be" in result.output
 
 
@@ -91,3 +96,98 @@ def test_bad_setting_is_a_clear_error(settings):
     result = CliRunner().invoke(main, ["keys", "list"], env=env)
     assert result.exit_code == 1
     assert "GOVGATE_PORT='eighty' is not a whole number" in result.output
+
+
+@pytest.mark.parametrize("roles, problem", [
+    ((), "no --role given"),
+    (("analyst", "wizard"), "unknown role 'wizard'"),
+])
+def test_keys_create_refuses_missing_or_unknown_roles(cli, roles, problem):
+    args = [arg for role in roles for arg in ("--role", role)]
+    result = cli("keys", "create", "--user", "bob", *args, ok=False)
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: {problem}: a key needs at least one of the roles the policy knows: "
+                                     "admin, analyst, viewer")
+    assert "bob" not in cli("keys", "list").stdout  # nothing was made
+
+
+def test_keys_list_shows_the_note(cli):
+    cli("keys", "create", "--user", "carol", "--role", "viewer", "--note", "dashboard read-only")
+    rows = cli("keys", "list").stdout.splitlines()
+    assert rows[0].split()[-1] == "NOTE"
+    assert [row for row in rows if "carol" in row][0].endswith("dashboard read-only")
+
+
+def test_keys_revoke_given_a_secret_names_the_id_to_pass(cli):
+    secret = cli("keys", "create", "--user", "dave", "--role", "analyst").stdout.strip()
+    key_id = secret.split("_")[1]
+    result = cli("keys", "revoke", secret, ok=False)
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: that is a key's secret, not its id; pass the key id: govgate keys revoke {key_id}"
+    assert secret not in result.output  # the secret is not echoed back
+    assert key_id in cli("keys", "list").stdout  # still live
+    assert "revoked" in cli("keys", "revoke", key_id).stdout
+
+
+def test_version(cli):
+    from importlib.metadata import version
+
+    assert cli("--version").stdout.strip() == f"govgate, version {version('govgate')}"
+
+
+def test_policy_explain_exits_non_zero_on_a_deny(cli, tmp_path):
+    case = {
+        "principal": {"id": "victor", "team": "research", "roles": ["viewer"], "key_id": "k1"},
+        "request": {"endpoint": "completions", "model": TINY_MODEL_NAME, "prompt": "hi", "text": "hi",
+                    "max_tokens": 5, "stream": False, "purpose": None},
+        "model": {"name": TINY_MODEL_NAME, "family": "llama", "context_length": 1024, "tags": []},
+        "time": {"now_ns": 1_790_000_000_000_000_000, "hour_utc": 12, "weekday": "Tuesday"},
+    }
+    path = tmp_path / "case.json"
+    path.write_text(json.dumps(case))
+    denied = cli("policy", "explain", "--input", str(path), ok=False)
+    assert denied.exit_code == EXIT_DENIED == 3
+    assert json.loads(denied.stdout)["allow"] is False
+    case["principal"]["roles"] = ["analyst"]
+    path.write_text(json.dumps(case))
+    assert json.loads(cli("policy", "explain", "--input", str(path)).stdout)["allow"] is True
+
+
+def _serve(settings, **env_changes: str | None) -> subprocess.CompletedProcess:
+    """``govgate serve`` as a real process with some variables changed (None: unset)."""
+    env = child_env(settings.with_(port=free_port()), settings.redis_url)
+    for name, value in env_changes.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "serve"], env=env, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"GOVGATE_REDIS_URL": None}, "GOVGATE_REDIS_URL is not set"),
+    ({"GOVGATE_REDIS_URL": "redis://127.0.0.1:9/0"}, "GOVGATE_REDIS_URL=redis://127.0.0.1:9/0 does not answer"),
+    ({"GOVGATE_POLICY_DIR": "/nonexistent/policies"}, "GOVGATE_POLICY_DIR=/nonexistent/policies is not a folder"),
+    ({"GOVGATE_MODELS_FILE": "/nonexistent/models.toml"}, "/nonexistent/models.toml"),
+    ({"GOVGATE_DATABASE_URL": "nosuch://x"}, "GOVGATE_DATABASE_URL=nosuch://x cannot be used"),
+    ({"GOVGATE_PORT": "eighty"}, "GOVGATE_PORT='eighty' is not a whole number"),
+])
+def test_serve_with_a_missing_or_bad_setting_says_so_in_one_line(settings, change, message):
+    result = _serve(settings, **change)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], lines
+
+
+def test_serve_on_a_busy_port_says_so(settings):
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        result = _serve(settings, GOVGATE_PORT=str(port))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"Error: port {port} on 127.0.0.1 is already in use: "
+                                     "set GOVGATE_PORT to a free port (or stop what listens there)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import time
 import sqlite3
-from pathlib import Path
 
 import pytest
 import redis
@@ -86,10 +85,8 @@ async def test_policy_error_denies_and_is_audited(settings, keyring, audit_store
     assert queued(settings, IDLE_MODEL) == before
 
 
-async def test_redis_down_refuses_with_503_and_ends_the_request(settings, keyring, audit_store, tmp_path_factory):
-    import tempfile
-
-    own_redis = RedisProcess.start(Path(tempfile.mkdtemp(prefix="gg-r-")), persist=False)
+async def test_redis_down_refuses_with_503_and_ends_the_request(settings, keyring, audit_store, short_tmp):
+    own_redis = RedisProcess.start(short_tmp("gg-r-"), persist=False)
     try:
         async with AsyncTestClient(create_app(settings.with_(redis_url=own_redis.url)), timeout=60) as client:
             own_redis.stop()
@@ -128,13 +125,11 @@ def test_chain_in_own_database_is_separate(own_database):
     assert store.head() is None
 
 
-async def test_gateway_recovers_when_redis_comes_back(settings, keyring, audit_store):
+async def test_gateway_recovers_when_redis_comes_back(settings, keyring, audit_store, short_tmp):
     """Refuse while Redis is gone; serve again once it is back, without a restart."""
-    import tempfile
-
     from tests.conftest import spawn_cli, wait_for_worker
 
-    redis_dir = Path(tempfile.mkdtemp(prefix="gg-rr-"))
+    redis_dir = short_tmp("gg-rr-")
     own_redis = RedisProcess.start(redis_dir, persist=False)
     own = settings.with_(redis_url=own_redis.url)
     worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=redis_dir / "worker.log")

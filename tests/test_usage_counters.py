@@ -15,7 +15,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -434,8 +433,8 @@ async def test_bad_arguments_are_refused_before_redis() -> None:
         await counters.reserve(rid(), "", None, only(), 1)
 
 
-async def test_redis_down_raises_counters_unavailable() -> None:
-    server = RedisProcess.start(Path(tempfile.mkdtemp(prefix="gg-down-")), persist=False)
+async def test_redis_down_raises_counters_unavailable(short_tmp) -> None:
+    server = RedisProcess.start(short_tmp("gg-down-"), persist=False)
     redis_client = aioredis.Redis.from_url(server.url)
     counters = UsageCounters(redis_client, prefix="down")
     try:

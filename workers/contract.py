@@ -34,6 +34,9 @@ STREAM_CHANNEL_PREFIX = "govgate:stream:"
 CANCEL_KEY_PREFIX = "govgate:cancel:"
 #: How long a cancel request is kept: longer than any job can wait in a queue.
 CANCEL_TTL_S = 24 * 3600
+#: Prefix of the key a worker's pool process sets once its model is loaded (``govgate up`` waits for it).
+LOADED_KEY_PREFIX = "govgate:loaded:"
+LOADED_TTL_S = 24 * 3600
 
 
 def queue_for(model: str) -> str:
@@ -47,6 +50,11 @@ def stream_channel(request_id: str) -> str:
 
 def cancel_key(request_id: str) -> str:
     return CANCEL_KEY_PREFIX + request_id
+
+
+def loaded_key(model: str, worker_pid: int) -> str:
+    """Set when a pool process of the worker whose main process is ``worker_pid`` has loaded ``model``."""
+    return f"{LOADED_KEY_PREFIX}{model}:{worker_pid}"
 
 
 def celery_redis_url(redis_url: str) -> str:

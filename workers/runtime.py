@@ -30,7 +30,7 @@ from sqlalchemy import Engine
 from audit import AuditError, AuditStore, make_engine, migrate
 from workers.backends import LoadedModel, load_model
 from workers.celery_app import make_celery
-from workers.contract import GENERATE_TASK, STATUS_FAILED, GenerateJob, queue_for
+from workers.contract import GENERATE_TASK, LOADED_TTL_S, STATUS_FAILED, GenerateJob, loaded_key, queue_for
 from workers.generation import run_job
 from workers.pending_terminals import PendingTerminals
 from workers.privacy import Digester
@@ -86,6 +86,10 @@ def _load_in_child(**_: Any) -> None:
     _state.model = load_model(config.model)
     log.info("pid %d loaded model %s from %s in %.2fs", os.getpid(), config.model.name,
              config.model.path, time.perf_counter() - started)
+    try:  # tells `govgate up` the model is served now; the worker runs without it
+        _state.redis.set(loaded_key(config.model.name, os.getppid()), os.getpid(), ex=LOADED_TTL_S)
+    except redis.RedisError as exc:
+        log.warning("could not announce the loaded model: %s", exc)
 
 
 def _dispose_in_child(**_: Any) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 
 from gateway.policy.engine import EmbeddedPolicyEngine, PolicyEngine
-from gateway.policy.opa import OpaPolicyEngine
 from gateway.settings import Settings
 
 
@@ -29,6 +28,8 @@ async def open_policy_engine(settings: Settings, *, load_policy: bool = False) -
     Raises ``PolicyLoadError`` when the policy cannot be loaded or proven.
     """
     if settings.opa_url:
+        from gateway.policy.opa import OpaPolicyEngine  # aiohttp: only a gateway on OPA pays for it
+
         return await OpaPolicyEngine.connect(settings.opa_url, settings.policy_dir, settings.policy_timeout_s,
                                              load=load_policy, wait_timeout_s=settings.policy_wait_timeout_s)
     return await asyncio.to_thread(EmbeddedPolicyEngine.load, settings.policy_dir, settings.policy_timeout_s,
