@@ -26,6 +26,7 @@ from gateway.supervisor import private_dir, private_log
 from workers.backends import load_model
 from workers.contract import GenerateJob
 from workers.generation import run_job
+from workers.streams import SilentChannel
 from workers.privacy import Digester, logged_output, mask
 
 
@@ -94,7 +95,7 @@ def test_the_worker_keeps_a_hashed_output_as_a_keyed_digest_only(store, model) -
 
 
 def test_a_partial_output_follows_the_same_rule(store, model) -> None:
-    class CancelAfterFirstPiece:
+    class CancelAfterFirstPiece(SilentChannel):
         pieces = 0
 
         def publish(self, text: str) -> None:
@@ -102,15 +103,6 @@ def test_a_partial_output_follows_the_same_rule(store, model) -> None:
 
         def cancel_requested(self) -> bool:
             return self.pieces >= 2
-
-        def claim_start(self) -> bool:
-            return True
-
-        def streamed_text(self) -> str:
-            return ""
-
-        def forget(self) -> None:
-            return None
 
     result = run_job(job("r-cut", "hash"), model, store, CancelAfterFirstPiece(), digester=DIGESTER)
     entry = store.terminal_for("r-cut")
