@@ -242,3 +242,14 @@ def test_pending_entries_past_the_horizon_are_given_up(pending_parts):
     pending.keep(pending_entry("new"))
     assert pending.write_all(store) == 1 and pending.count() == 0
     assert store.terminal_for("old") is None and store.terminal_for("new") is not None
+
+
+def test_an_entry_sealed_under_another_key_is_left_for_its_owner_not_dropped(pending_parts):
+    client, store = pending_parts
+    owner, stranger = Sealer(os.urandom(32)), Sealer(os.urandom(32))
+    PendingTerminals(client, horizon_s=60, seal=owner.seal, unseal=owner.unseal).keep(pending_entry("r-owned"))
+    misconfigured = PendingTerminals(client, horizon_s=60, seal=stranger.seal, unseal=stranger.unseal)
+    assert misconfigured.write_all(store) == 0 and misconfigured.count() == 1  # kept, not dropped
+    assert store.terminal_for("r-owned") is None
+    assert PendingTerminals(client, horizon_s=60, seal=owner.seal, unseal=owner.unseal).write_all(store) == 1
+    assert store.terminal_for("r-owned").body["output"] == "secret words"

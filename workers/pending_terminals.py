@@ -108,9 +108,15 @@ class PendingTerminals:
 
     def _write(self, store: AuditStore, request_id: str, raw: bytes) -> AuditEntry | None:
         try:
-            fields = json.loads(self._unseal(raw))
+            opened = self._unseal(raw)
+        except Exception as exc:  # sealed under another key: its owner (who holds that key) will write it
+            log.error("cannot unseal the pending terminal entry of %s (%s): is the payload key shared?",
+                      request_id, type(exc).__name__)
+            return None
+        try:
+            fields = json.loads(opened)
             entry = PendingTerminal(**{k: v for k, v in fields.items() if k in PendingTerminal.__dataclass_fields__})
-        except Exception as exc:  # unreadable (another key, corrupted): cannot ever be written
+        except Exception as exc:  # opened but corrupted: can never be written
             log.error("dropping unreadable pending terminal entry of %s: %s", request_id, exc)
             self._forget(request_id)
             return None
