@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from gateway.processes import stop_process
+
 # The stack helpers of the overhead bench (this folder is sys.path[0] when run as a script).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import BENCH_PRINCIPAL, BENCH_TEAM, HEALTH_PATH, HOST, bench_policy_dir, free_port, spawn  # noqa: E402
@@ -189,12 +191,7 @@ class SoakStack:
         """Stop Redis with ``sig``, leave it down ``down_s``, start it on the same socket and data."""
         process = self.redis.process
         self.planned_exits.add(process.pid)
-        process.send_signal(sig)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=15, sig=sig)
         self.down_at = time.monotonic()
         time.sleep(down_s)
         started = time.monotonic()
@@ -205,12 +202,7 @@ class SoakStack:
         """Stop gateway ``index`` with ``sig`` and start it again on the same port."""
         process = self.gateways[index]
         self.planned_exits.add(process.pid)
-        process.send_signal(sig)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=30, sig=sig)
         started = self.down_at = time.monotonic()
         self.gateways[index] = self._spawn_gateway(index)
         self._wait_gateway(index)
@@ -232,8 +224,6 @@ class SoakStack:
 
     def stop(self) -> None:
         """Gateways, then workers, then Redis; anything else ever started is killed."""
-        from gateway.processes import stop_process
-
         for process in self.gateways:
             stop_process(process, timeout_s=15)
         for process in self.workers:

@@ -8,9 +8,12 @@ about determinism (all of them see the same bytes).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
+from audit import AuditStore, make_engine, migrate
+from workers.backends import LoadedModel, load_model
 from workers.registry import ModelSpec
 from workers.tinymodel import write_tiny_llama_gguf
 
@@ -35,3 +38,18 @@ def tiny_spec(tiny_model_path: Path) -> ModelSpec:
         threads=1,
         tags=("test",),
     )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[AuditStore]:
+    """A fresh SQLite audit store for tests that run worker jobs in-process."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
+    migrate(engine)
+    yield AuditStore(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_spec: ModelSpec) -> LoadedModel:
+    """The tiny model loaded once per test module."""
+    return load_model(tiny_spec)

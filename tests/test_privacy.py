@@ -23,7 +23,7 @@ from sqlalchemy import text
 from audit import AuditStore, make_engine, migrate
 from gateway.redis_server import RedisProcess
 from gateway.supervisor import private_dir, private_log
-from workers.backends import load_model
+from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
 from workers.contract import GenerateJob
 from workers.generation import run_job
 from workers.streams import SilentChannel
@@ -32,19 +32,6 @@ from workers.privacy import Digester, logged_output, mask
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-@pytest.fixture
-def store(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
-    migrate(engine)
-    yield AuditStore(engine)
-    engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def model(tiny_spec):
-    return load_model(tiny_spec)
 
 
 def job(request_id: str, logging: str, redact=()) -> GenerateJob:

@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
-from audit import AuditStore, make_engine, migrate, verify_chain
-from workers.backends import load_model
+from audit import verify_chain
+from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
 from workers.contract import STATUS_COMPLETED, GenerateJob
 from workers.generation import run_job
-
-
-@pytest.fixture
-def store(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
-    migrate(engine)
-    yield AuditStore(engine)
-    engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def model(tiny_spec):
-    return load_model(tiny_spec)
 
 
 def job(request_id: str, **params) -> GenerateJob:
