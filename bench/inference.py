@@ -152,7 +152,7 @@ def bench_specs(names: list[str], var_dir: Path, models_dir: Path | None) -> lis
     """
     from dataclasses import replace
 
-    from workers.registry import DEFAULT_MODEL_NAME, default_registry
+    from workers.contract.registry import DEFAULT_MODEL_NAME, default_registry
 
     registry = default_registry(var_dir)
     specs = []
@@ -187,7 +187,7 @@ def registry_toml(specs: list[Any]) -> str:
 
 def write_registry(specs: list[Any], var_dir: Path) -> list[Any]:
     """Write the registry file and read it back: the specs both sides use are the workers' own."""
-    from workers.registry import load_registry
+    from workers.contract.registry import load_registry
 
     path = var_dir / "models.toml"
     path.write_text(registry_toml(specs), encoding="utf-8")
@@ -346,7 +346,7 @@ async def measure_gateway(base_url: str, headers: dict[str, str], body: dict[str
 
 def direct_params(model: Any, max_tokens: int) -> Any:
     """The parameters the worker builds for :func:`request_body` (the same function builds them)."""
-    from workers.contract import GenerateJob
+    from workers.contract.jobs import GenerateJob
     from workers.generation import params_from_job
 
     params = {"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": None,
@@ -538,7 +538,7 @@ def prepare_models(args: argparse.Namespace, var_dir: Path, say: Callable[[str],
     start-up timeout; the supervisor's routine prints progress instead.
     """
     from gateway.supervisor import ensure_models
-    from workers.registry import Registry
+    from workers.contract.registry import Registry
 
     specs = write_registry(bench_specs(args.model_names, var_dir, args.models_dir), var_dir)
     for spec in specs:
@@ -576,7 +576,7 @@ def run(args: argparse.Namespace) -> int:
     from gateway.redis_server import RedisUnavailable
     from gateway.supervisor import StartupError
     from workers.backends import BackendError
-    from workers.registry import RegistryError
+    from workers.contract.registry import RegistryError
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

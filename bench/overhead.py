@@ -312,7 +312,7 @@ def start_govgate(var_dir: Path) -> Started:
     from gateway.redis_server import RedisProcess
     from gateway.settings import Settings
     from gateway.supervisor import Stack, child_env, wait_for_api, wait_for_workers
-    from workers.registry import TINY_MODEL_NAME
+    from workers.contract.registry import TINY_MODEL_NAME
 
     stack = Stack()
     try:
@@ -360,7 +360,7 @@ def start_baseline(var_dir: Path) -> Started:
 
 def request_body() -> dict[str, Any]:
     """One token, greedy: the cheapest request the worker can answer."""
-    from workers.registry import TINY_MODEL_NAME
+    from workers.contract.registry import TINY_MODEL_NAME
 
     return {"model": TINY_MODEL_NAME, "max_tokens": 1, "temperature": 0,
             "messages": [{"role": "user", "content": "Say hello in one word."}]}

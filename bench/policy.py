@@ -137,7 +137,7 @@ def sample_inputs() -> list[Sample]:
     """The mix every engine and every mode evaluates, in this order, round robin."""
     from gateway.auth import Principal
     from gateway.policy_input import build_input
-    from workers.registry import ModelSpec
+    from workers.contract.registry import ModelSpec
 
     def model(name: str, tags: tuple[str, ...] = ()) -> ModelSpec:
         return ModelSpec(name=name, path=Path("/nonexistent"), context_length=4096, tags=tags)

@@ -425,7 +425,7 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
     broker's visibility timeout, plus a margin.
     """
     from audit import AuditStore, make_engine, verify_chain
-    from workers.celery_app import HARD_LIMIT_GRACE_S, VISIBILITY_MARGIN_S
+    from workers.contract.celery_config import HARD_LIMIT_GRACE_S, VISIBILITY_MARGIN_S
 
     faults = list(faults)
     for kind in faults:

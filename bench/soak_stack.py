@@ -38,7 +38,7 @@ class SoakStack:
     def __init__(self, var_dir: Path, *, workers: int, gateways: int, request_timeout_s: float,
                  generation_limit_s: float, log_level: str = "INFO") -> None:
         from gateway.settings import Settings
-        from workers.registry import TINY_MODEL_NAME
+        from workers.contract.registry import TINY_MODEL_NAME
 
         self.var_dir = var_dir
         self.logs = var_dir / "logs"
@@ -108,7 +108,7 @@ class SoakStack:
         self._spawned.append(self.redis.process)
 
     def _spawn_worker(self) -> subprocess.Popen:
-        from workers.registry import TINY_MODEL_NAME
+        from workers.contract.registry import TINY_MODEL_NAME
 
         process = spawn(["-m", "gateway.cli", "worker", "--model", TINY_MODEL_NAME], self._env(),
                         self._log("worker"))
@@ -120,7 +120,7 @@ class SoakStack:
         import kombu.exceptions
         import redis
 
-        from workers.celery_app import make_celery
+        from workers.contract.celery_config import make_celery
 
         app = make_celery(self.redis.url)
         prefix = f".{process.pid}@"

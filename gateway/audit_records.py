@@ -5,7 +5,7 @@ not about serving: the ``prompt_logging`` obligation decides how much of the
 prompt is stored, texts the policy's detectors found are never stored in
 clear (not even inside the recorded decision), and a request refused before
 any decision keeps no text at all. Every digest is keyed
-(:class:`workers.privacy.Digester`), so it proves "same text" only to the
+(:class:`workers.contract.privacy.Digester`), so it proves "same text" only to the
 holder of the key.
 """
 
@@ -17,7 +17,7 @@ from gateway.errors import ApiError
 from gateway.normalize import normalized_text
 from gateway.policy import Decision
 from gateway.policy_input import prompt_text
-from workers.privacy import HASH, REDACTED, Digester, mask
+from workers.contract.privacy import HASH, REDACTED, Digester, mask
 
 
 def decision_for_audit(decision: Decision, digester: Digester) -> dict[str, Any]:

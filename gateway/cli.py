@@ -63,7 +63,7 @@ def _check_serve_settings(settings: Settings) -> None:
     """Refuse in one line what would otherwise fail in the app's startup with a traceback."""
     from gateway.redis_server import ping
     from gateway.supervisor import StartupError, check_port
-    from workers.registry import RegistryError, load_registry
+    from workers.contract.registry import RegistryError, load_registry
 
     if not settings.redis_url:
         raise click.ClickException("GOVGATE_REDIS_URL is not set: 'govgate serve' needs a Redis "
@@ -115,9 +115,9 @@ def _open_database(settings: Settings):
 @click.option("--concurrency", default=1, show_default=True, help="Pool processes (each loads the model).")
 def worker(model_name: str, concurrency: int) -> None:
     """Run a Celery worker serving one model's queue."""
-    from workers.registry import RegistryError, load_registry
+    from workers.contract.registry import RegistryError, load_registry
     from workers.runtime import WorkerConfig, run_worker
-    from workers.sealing import KeyFileError
+    from workers.contract.sealing import KeyFileError
     from workers.backends import BackendError, ensure_model_file
 
     settings = _settings()

@@ -43,11 +43,11 @@ from gateway.policy import Decision
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.policy_input import build_input, prompt_text, without_prompt
 from gateway.refusals import admission_refusal, denial, worker_error
-from workers.celery_app import queue_keys
-from workers.contract import CANCEL_TTL_S, STATUS_COMPLETED, GenerateJob, JobResult, cancel_key, queue_for
-from workers.pending_terminals import PendingTerminal, PendingTerminals
-from workers.privacy import Digester, logged_output
-from workers.registry import ModelSpec, Registry
+from workers.contract.celery_config import queue_keys
+from workers.contract.jobs import CANCEL_TTL_S, STATUS_COMPLETED, GenerateJob, JobResult, cancel_key, queue_for
+from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
+from workers.contract.privacy import Digester, logged_output
+from workers.contract.registry import ModelSpec, Registry
 
 log = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ from gateway.policy import PolicyEngine, open_policy_engine
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.settings import Settings
 from gateway.terminal_retry import retry_pending_terminals
-from workers.celery_app import make_celery, visibility_timeout_s
-from workers.pending_terminals import PendingTerminals
-from workers.privacy import Digester
-from workers.registry import Registry, load_registry
-from workers.sealing import KeyFileError, Sealer, load_or_create_key
+from workers.contract.celery_config import make_celery, visibility_timeout_s
+from workers.contract.pending_terminals import PendingTerminals
+from workers.contract.privacy import Digester
+from workers.contract.registry import Registry, load_registry
+from workers.contract.sealing import KeyFileError, Sealer, load_or_create_key
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Prompt length is checked twice before queueing: at the door, against a bound
 that needs no tokenizer (no tokenizer encodes more than
 ``MAX_BYTES_PER_TOKEN`` bytes in one token, so a huge body is refused before
 any work), and after the policy has set ``max_tokens``, with the model's own
-tokenizer when the gateway can read the model file (``workers.tokenizers``
+tokenizer when the gateway can read the model file (``workers.contract.tokenizers``
 reproduces the backends' counts exactly without loading weights). A gateway
 that cannot read the file (workers on other machines) leaves the exact check
 to the worker, which refuses before generating.
@@ -19,9 +19,9 @@ import anyio
 
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.errors import ApiError
-from workers.prompts import render_chat
-from workers.registry import BACKEND_FEATURES, BACKEND_REFUSED_CHARACTERS, ModelSpec
-from workers.tokenizers import Tokenizer, TokenizerError, load_tokenizer
+from workers.contract.prompts import render_chat
+from workers.contract.registry import BACKEND_FEATURES, BACKEND_REFUSED_CHARACTERS, ModelSpec
+from workers.contract.tokenizers import Tokenizer, TokenizerError, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway.auth import Principal
 from gateway.normalize import normalize, normalized_text
-from workers.registry import ModelSpec
+from workers.contract.registry import ModelSpec
 
 #: Fields of ``input.request`` that carry prompt text (kept out of the stored copy).
 PROMPT_FIELDS = ("text", "normalized_text", "messages", "prompt")

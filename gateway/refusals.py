@@ -7,7 +7,7 @@ from typing import Any
 
 from gateway.errors import ApiError
 from gateway.policy import POLICY_UNAVAILABLE, Reason
-from workers.contract import JobResult
+from workers.contract.jobs import JobResult
 
 
 #: Reason codes that mean "not now" (429 with Retry-After) rather than "not allowed" (403).

@@ -38,9 +38,9 @@ from gateway.processes import child_preexec, stop_process
 from gateway.redis_server import RedisProcess, RedisUnavailable, ping
 from gateway.settings import Settings
 from workers.backends import BackendError, ensure_model_file
-from workers.sealing import KeyFileError, load_or_create_key
-from workers.contract import loaded_key
-from workers.registry import ModelSpec, Registry, RegistryError, load_registry
+from workers.contract.sealing import KeyFileError, load_or_create_key
+from workers.contract.jobs import loaded_key
+from workers.contract.registry import ModelSpec, Registry, RegistryError, load_registry
 
 if TYPE_CHECKING:
     from gateway.auth import KeyStore
@@ -91,7 +91,7 @@ def ensure_models(registry: Registry, say: Callable[[str], None], progress_inter
     notice the Gemma terms ask to pass on.
     """
     from workers.default_model import GEMMA_NOTICE, Progress
-    from workers.registry import GENERATE_GEMMA, GENERATE_TINY
+    from workers.contract.registry import GENERATE_GEMMA, GENERATE_TINY
 
     for spec in registry.models.values():
         if spec.path.exists():
@@ -201,7 +201,7 @@ def _ready_hosts(app, timeout_s: float) -> set[str]:
 
 def wait_for_workers(redis_url: str, models: list[str], stack: Stack, timeout_s: float = 120) -> None:
     """Block until a worker of every model answers a Celery ping."""
-    from workers.celery_app import make_celery
+    from workers.contract.celery_config import make_celery
 
     app = make_celery(redis_url)
     waiting = set(models)
@@ -259,7 +259,7 @@ def _last_line(log: Path) -> str:
 def start_order(registry: Registry) -> list[str]:
     """Model names, cheapest to load first: by file size; a missing file counts as
     large, except the tiny test model (govgate writes it in a moment)."""
-    from workers.registry import GENERATE_TINY
+    from workers.contract.registry import GENERATE_TINY
 
     def size(spec: ModelSpec) -> float:
         try:
@@ -306,7 +306,7 @@ class Launcher:
 
     def connect(self, redis_url: str) -> None:
         """The Celery client that pings workers (imported late: see the module docstring)."""
-        from workers.celery_app import make_celery
+        from workers.contract.celery_config import make_celery
 
         self.celery = make_celery(redis_url)
 

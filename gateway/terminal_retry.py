@@ -1,7 +1,7 @@
 """The gateway's share of writing terminal entries the database refused earlier.
 
 A gateway keeps the terminal entries it cannot write (see
-``workers.pending_terminals``) and, like the workers, writes everything
+``workers.contract.pending_terminals``) and, like the workers, writes everything
 pending once the database takes writes again: at start and then every few
 seconds. One retry at a time, in a thread (a locked SQLite database holds a
 write for its busy timeout).
@@ -15,7 +15,7 @@ import logging
 import anyio
 
 from audit import AuditStore
-from workers.pending_terminals import PendingTerminals
+from workers.contract.pending_terminals import PendingTerminals
 
 log = logging.getLogger(__name__)
 

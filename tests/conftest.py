@@ -32,8 +32,8 @@ from gateway.processes import child_preexec, stop_process
 from gateway.redis_server import RedisProcess
 from gateway.settings import Settings
 from gateway.supervisor import child_env
-from workers.celery_app import make_celery
-from workers.registry import TINY_MODEL_NAME
+from workers.contract.celery_config import make_celery
+from workers.contract.registry import TINY_MODEL_NAME
 from tests.conftest_models import tiny_model_path, tiny_spec  # noqa: F401  (shared fixtures)
 from tests.opa_fixtures import opa_binary, opa_log_dir, opa_policy_server, opa_server, start_opa  # noqa: F401
 

@@ -14,7 +14,7 @@ import pytest
 
 from audit import AuditStore, make_engine, migrate
 from workers.backends import LoadedModel, load_model
-from workers.registry import ModelSpec
+from workers.contract.registry import ModelSpec
 from workers.tinymodel import write_tiny_llama_gguf
 
 TINY_CONTEXT = 256

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.registry import ModelSpec
+from workers.contract.registry import ModelSpec
 from workers.tinyggml import FAMILIES, family_file_name
 
 #: Context of every family's tiny model. The legacy GGML loaders take the

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from tests.conftest import bearer
-from workers.registry import TINY_MODEL_NAME
+from workers.contract.registry import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.anyio
 
@@ -139,8 +139,8 @@ async def test_prompt_longer_than_the_context_is_refused_before_queueing(client,
     """The gateway counts with the model's own tokenizer: nothing too long is ever queued."""
     from tests.test_fail_closed import queued
     from workers.backends import load_model
-    from workers.prompts import render_chat
-    from workers.registry import load_registry
+    from workers.contract.prompts import render_chat
+    from workers.contract.registry import load_registry
 
     spec = load_registry(settings.models_file, settings.var_dir).get(TINY_MODEL_NAME)
     model = load_model(spec)
@@ -166,8 +166,8 @@ async def test_prompt_longer_than_the_context_is_refused_before_queueing(client,
 
 async def test_a_prompt_that_just_fits_is_served(client, keyring, settings):
     from workers.backends import load_model
-    from workers.prompts import render_chat
-    from workers.registry import load_registry
+    from workers.contract.prompts import render_chat
+    from workers.contract.registry import load_registry
 
     spec = load_registry(settings.models_file, settings.var_dir).get(TINY_MODEL_NAME)
     messages = [{"role": "user", "content": "Hello there"}]
@@ -275,7 +275,7 @@ async def test_a_nul_is_refused_before_queueing_and_served_where_the_backend_tak
     from gateway.api.schemas import ChatCompletionRequest
     from gateway.fit import check_fits
     from tests.test_fail_closed import queued
-    from workers.registry import BACKEND_LLAMACPP, load_registry
+    from workers.contract.registry import BACKEND_LLAMACPP, load_registry
 
     before = queued(settings, TINY_MODEL_NAME)
     response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),

@@ -8,8 +8,8 @@ from audit import verify_chain
 from gateway.settings import Settings
 from tests.conftest import bearer
 from workers.backends import GenerationParams, load_model
-from workers.prompts import render_chat
-from workers.registry import TINY_MODEL_NAME, load_registry
+from workers.contract.prompts import render_chat
+from workers.contract.registry import TINY_MODEL_NAME, load_registry
 
 pytestmark = pytest.mark.anyio
 

@@ -18,7 +18,7 @@ from workers.backends import (
     load_model,
 )
 from workers.backends.ctransformers_backend import CTransformersModel, choose_lib
-from workers.registry import ModelSpec
+from workers.contract.registry import ModelSpec
 
 PROMPT = "System: be brief\n\nUser: open the gate\n\nAssistant:"
 GREEDY = GenerationParams(max_tokens=40, temperature=0)

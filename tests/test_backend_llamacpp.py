@@ -27,7 +27,7 @@ from workers.backends import (
 )
 from workers.backends.ctransformers_backend import CTransformersModel
 from workers.backends.llamacpp_backend import LlamaCppModel, token_pieces
-from workers.registry import BACKEND_LLAMACPP, ModelSpec
+from workers.contract.registry import BACKEND_LLAMACPP, ModelSpec
 from workers.tinymodel import EOS_ID
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,7 +130,7 @@ FORK_SCRIPT = """
 import json, os, sys
 from pathlib import Path
 from workers.backends import GenerationParams, load_model
-from workers.registry import ModelSpec
+from workers.contract.registry import ModelSpec
 
 spec = ModelSpec(name="forked", path=Path(sys.argv[1]), backend="llama.cpp", context_length=int(sys.argv[2]))
 texts = []
@@ -319,7 +319,7 @@ def test_tokens_match_ctransformers(model: LlamaCppModel, ctransformers_model: C
 
 def test_a_nul_in_the_prompt_is_served(model: LlamaCppModel, llama_spec: ModelSpec) -> None:
     """llama.cpp takes any character, so the gateway lets a NUL through for its models (ctransformers cannot)."""
-    from workers.tokenizers import load_tokenizer
+    from workers.contract.tokenizers import load_tokenizer
 
     text = "open\x00the gate"
     run = model.generate(text, GenerationParams(max_tokens=3, temperature=0))

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from gateway.cli import EXIT_DENIED, main
 from gateway.supervisor import child_env
 from tests.conftest import free_port
-from workers.registry import TINY_MODEL_NAME
+from workers.contract.registry import TINY_MODEL_NAME
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import bearer
-from workers.registry import TINY_MODEL_NAME
+from workers.contract.registry import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.anyio
 

@@ -19,8 +19,8 @@ from tests.slow_marker import RUN_SLOW_ENV, run_slow
 from workers import default_model
 from workers.backends import BackendError, GenerationParams, check_model_file, ensure_model_file, load_model
 from workers.default_model import AssemblyError, PackagedModel, Progress, assemble, gemma_package, notice_path
-from workers.prompts import render_chat
-from workers.registry import (
+from workers.contract.prompts import render_chat
+from workers.contract.registry import (
     BACKEND_CTRANSFORMERS,
     BACKEND_LLAMACPP,
     DEFAULT_MODEL_NAME,

@@ -22,9 +22,9 @@ from gateway.auth import KeyStore
 from gateway.components import open_database
 from gateway.redis_server import RedisProcess
 from tests.conftest import IDLE_MODEL, bearer
-from workers.celery_app import queue_keys
-from workers.contract import queue_for
-from workers.registry import TINY_MODEL_NAME
+from workers.contract.celery_config import queue_keys
+from workers.contract.jobs import queue_for
+from workers.contract.registry import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.anyio
 

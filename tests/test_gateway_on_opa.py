@@ -8,7 +8,7 @@ from litestar.testing import AsyncTestClient
 from gateway.app import create_app
 from gateway.policy import EmbeddedPolicyEngine
 from tests.conftest import ROOT, bearer
-from workers.registry import TINY_MODEL_NAME
+from workers.contract.registry import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.anyio
 

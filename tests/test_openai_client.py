@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from workers.registry import TINY_MODEL_NAME
+from workers.contract.registry import TINY_MODEL_NAME
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from gateway.api.parsing import parse_body
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.app import create_app
 from gateway.settings import Settings
-from workers.registry import TINY_MODEL_NAME
+from workers.contract.registry import TINY_MODEL_NAME
 from tests.conftest import ROOT, policy_copy, serving
 
 COMPLETION_ROUTES = {urls.CHAT_COMPLETIONS: ChatCompletionRequest, urls.COMPLETIONS: CompletionRequest}

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from gateway.cli import main
 from gateway.supervisor import child_env
 from tests.conftest import ROOT, bearer, policy_copy
-from workers.registry import TINY_MODEL_NAME
+from workers.contract.registry import TINY_MODEL_NAME
 
 
 def run(settings, *args: str):

@@ -35,7 +35,7 @@ from gateway.policy import (
 )
 from gateway.policy.decision import Limits, Redaction, UsageLimits
 from gateway.policy.child import _build_engine, _evaluate
-from workers.registry import ModelSpec
+from workers.contract.registry import ModelSpec
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
 TIMEOUT_S = 5.0

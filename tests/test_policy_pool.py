@@ -34,7 +34,7 @@ from gateway.settings import Settings, SettingsError
 from gateway.supervisor import child_env
 from tests.conftest import bearer, serving
 from tests.test_policy_engine import ALLOW, SLOW, SLOW_WHEN_ASKED, exited, request_input, write_policy
-from workers.registry import TINY_MODEL_NAME
+from workers.contract.registry import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.anyio
 

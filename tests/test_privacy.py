@@ -1,7 +1,7 @@
 """What the log keeps of a conversation, and who may read the files that hold it.
 
 Real model, real audit store, real Redis: the output rules of
-``prompt_logging`` (workers/privacy.py) as a worker applies them, the keyed
+``prompt_logging`` (workers/contract/privacy.py) as a worker applies them, the keyed
 digests the gateway stores, and the modes of the database, Redis's files and
 the embedded default's folders.
 """
@@ -24,10 +24,10 @@ from audit import AuditStore, make_engine, migrate
 from gateway.redis_server import RedisProcess
 from gateway.supervisor import private_dir, private_log
 from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
-from workers.contract import GenerateJob
+from workers.contract.jobs import GenerateJob
 from workers.generation import run_job
 from workers.streams import SilentChannel
-from workers.privacy import Digester, logged_output, mask
+from workers.contract.privacy import Digester, logged_output, mask
 
 
 def mode(path: Path) -> int:
@@ -115,8 +115,8 @@ def test_keyed_digests_differ_by_key_so_they_cannot_be_looked_up() -> None:
 async def test_a_request_refused_at_the_door_keeps_no_text_only_a_keyed_digest(client, keyring, audit_store,
                                                                                settings) -> None:
     from tests.conftest import bearer
-    from workers.registry import TINY_MODEL_NAME
-    from workers.sealing import load_or_create_key
+    from workers.contract.registry import TINY_MODEL_NAME
+    from workers.contract.sealing import load_or_create_key
 
     raw = (b'{"model": "%s", "messages": [{"role": "user", "content": "my mail is ann@example.org"}], '
            b'"unknown_knob": 1}' % TINY_MODEL_NAME.encode())

@@ -35,7 +35,7 @@ from gateway.redis_server import RedisProcess
 from gateway.settings import Settings
 from tests.conftest import (IDLE_MODEL, _roomy_limits, bearer, free_port, policy_copy, serving, spawn_cli,
                             wait_for_worker)
-from workers.registry import TINY_MODEL_NAME
+from workers.contract.registry import TINY_MODEL_NAME
 
 
 def levels(config: dict) -> None:

@@ -14,8 +14,8 @@ from gateway.app import create_app
 from gateway.limits.charge import prompt_tokens_to_hold, used_tokens
 from tests.conftest import bearer, policy_copy
 from tests.test_usage_rules_api import limits_for, new_key
-from workers.registry import TINY_MODEL_NAME, load_registry
-from workers.tokenizers import load_tokenizer
+from workers.contract.registry import TINY_MODEL_NAME, load_registry
+from workers.contract.tokenizers import load_tokenizer
 
 pytestmark = pytest.mark.anyio
 

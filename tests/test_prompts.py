@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.prompts import message_text, render_chat
+from workers.contract.prompts import message_text, render_chat
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

@@ -1,4 +1,4 @@
-"""Sealed payloads and the key files behind them (workers/sealing.py, the contract's sealed forms)."""
+"""Sealed payloads and the key files behind them (workers/contract/sealing.py, the contract's sealed forms)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from workers.contract import GenerateJob, JobResult, open_piece, open_result, seal_piece
-from workers.sealing import SealError, Sealer, load_or_create_key
+from workers.contract.jobs import GenerateJob, JobResult, open_piece, open_result, seal_piece
+from workers.contract.sealing import SealError, Sealer, load_or_create_key
 
 SECRET = "the launch code is swordfish"
 
@@ -120,7 +120,7 @@ def test_a_worker_with_an_unusable_key_file_stops_with_a_message(settings, tmp_p
 
     from gateway.cli import main
     from gateway.supervisor import child_env
-    from workers.registry import TINY_MODEL_NAME
+    from workers.contract.registry import TINY_MODEL_NAME
 
     bad = tmp_path / "payload.key"
     bad.write_text("not a key\n")

@@ -22,7 +22,7 @@ from tests.family_models import (  # noqa: F401 - fixtures
 )
 from workers.backends import BackendError, GenerationParams, LoadedModel, PromptTooLongError, load_model
 from workers.backends.ctransformers_backend import CTransformersModel
-from workers.registry import load_registry
+from workers.contract.registry import load_registry
 from workers.tinyggml import DOLLY_SPECIALS, FAMILIES, GGML_MAGIC, family_file_name
 
 PROMPT = "System: be brief\n\nUser: open the gate\n\nAssistant:"

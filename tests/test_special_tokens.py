@@ -16,10 +16,10 @@ from gguf import TokenType
 
 from tests.conftest_models import TINY_CONTEXT
 from workers.backends import GenerationParams, load_model
-from workers.registry import BACKEND_CTRANSFORMERS, BACKEND_LLAMACPP, ModelSpec
+from workers.contract.registry import BACKEND_CTRANSFORMERS, BACKEND_LLAMACPP, ModelSpec
 from workers.special_tokens import hidden_tokens, is_marker
 from workers.tinymodel import write_tiny_llama_gguf
-from workers.tokenizers import read_gguf_metadata
+from workers.contract.tokenizers import read_gguf_metadata
 
 PROMPT = "System: be brief\n\nUser: open the gate\n\nAssistant:"
 MARKERS = (("<start_of_image>", TokenType.USER_DEFINED), ("<|ctl|>", TokenType.CONTROL),
@@ -104,7 +104,7 @@ def test_a_file_without_token_types_hides_nothing(tmp_path):
 @pytest.mark.timeout(600)
 def test_gemma_markers_are_hidden_and_its_text_tokens_kept(tmp_path: Path) -> None:
     from gateway.supervisor import ensure_models
-    from workers.registry import DEFAULT_MODEL_NAME, Registry, default_registry
+    from workers.contract.registry import DEFAULT_MODEL_NAME, Registry, default_registry
 
     spec = default_registry(tmp_path).get(DEFAULT_MODEL_NAME)
     ensure_models(Registry({spec.name: spec}), lambda line: None)

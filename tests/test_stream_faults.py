@@ -24,7 +24,7 @@ from gateway.processes import stop_process
 from gateway.redis_server import RedisProcess
 from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
 from tests.test_crash_safety import pool_children
-from workers.registry import TINY_MODEL_NAME
+from workers.contract.registry import TINY_MODEL_NAME
 
 
 def stream_once(base: str, key: str, body: dict, *, stop_after: int | None = None) -> dict:

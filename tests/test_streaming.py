@@ -9,7 +9,7 @@ import httpx
 import openai
 
 from tests.conftest import bearer
-from workers.registry import TINY_MODEL_NAME
+from workers.contract.registry import TINY_MODEL_NAME
 
 HELLO = [{"role": "user", "content": "Hello"}]
 

@@ -31,10 +31,10 @@ from gateway.redis_server import RedisProcess
 from gateway.settings import Settings
 from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
 from tests.test_fail_closed import queued
-from workers.celery_app import make_celery
-from workers.pending_terminals import PENDING_KEY, PendingTerminal, PendingTerminals
-from workers.registry import TINY_MODEL_NAME
-from workers.sealing import Sealer
+from workers.contract.celery_config import make_celery
+from workers.contract.pending_terminals import PENDING_KEY, PendingTerminal, PendingTerminals
+from workers.contract.registry import TINY_MODEL_NAME
+from workers.contract.sealing import Sealer
 
 
 def wait_terminals(audit_store, request_ids: list[str], timeout_s: float = 90) -> dict:

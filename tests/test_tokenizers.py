@@ -1,7 +1,7 @@
 """The gateway's pure-Python token counters equal the real backends' counts.
 
 Why against the real backends: the gateway refuses over-long prompts with the
-counts of :mod:`workers.tokenizers`, so an off-by-one there either rejects a
+counts of :mod:`workers.contract.tokenizers`, so an off-by-one there either rejects a
 prompt the model would take or queues one the worker must refuse. Every text
 of a broad corpus is counted by the backend that serves the model and by the
 tokenizer, and the two must agree exactly.
@@ -18,10 +18,10 @@ import pytest
 
 from tests.family_models import FAMILY_CONTEXT, family_spec
 from workers.backends import load_model
-from workers.registry import ModelSpec
+from workers.contract.registry import ModelSpec
 from workers.tinyggml import FAMILIES, family_file_name
 from workers.tinymodel import write_tiny_llama_gguf
-from workers.tokenizers import GgmlTokenizer, SpmTokenizer, load_tokenizer
+from workers.contract.tokenizers import GgmlTokenizer, SpmTokenizer, load_tokenizer
 
 
 def _corpus() -> list[str]:
@@ -199,7 +199,7 @@ def test_unsupported_kinds_give_none(tmp_path: Path, ggml_files: dict[str, Path]
 @pytest.fixture(scope="module")
 def gemma_spec(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelSpec]:
     from workers.default_model import assemble_gemma
-    from workers.registry import default_model_spec
+    from workers.contract.registry import default_model_spec
 
     var = tmp_path_factory.mktemp("gemma-var")
     spec = default_model_spec(var)

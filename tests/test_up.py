@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from workers.registry import TINY_MODEL_NAME
+from workers.contract.registry import TINY_MODEL_NAME
 
 #: A second model in the test registry: its worker starts only once govgate is up.
 LATER_MODEL = "later-tiny"
@@ -199,7 +199,7 @@ def quick_start_request(model: str) -> dict:
 @pytest.mark.timeout(900)
 def test_the_quick_start_question_gets_the_right_answer_from_gemma(up_env):
     """The README's own example, sent as written to `govgate up` on the default registry."""
-    from workers.registry import DEFAULT_MODEL_NAME
+    from workers.contract.registry import DEFAULT_MODEL_NAME
 
     env, var_dir, base = up_env
     env = {k: v for k, v in env.items() if k != "GOVGATE_MODELS_FILE"}

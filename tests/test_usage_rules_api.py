@@ -16,7 +16,7 @@ from gateway.app import create_app
 from gateway.auth import KeyStore
 from gateway.components import open_database
 from tests.conftest import IDLE_MODEL, bearer, policy_copy, serving
-from workers.registry import TINY_MODEL_NAME
+from workers.contract.registry import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.anyio
 
@@ -224,8 +224,8 @@ def test_sighup_reloads_the_policy_of_a_running_gateway(settings, worker, keyrin
 async def test_hash_prompt_logging_keeps_only_a_digest(settings, worker, keyring, audit_store, tmp_path):
     import hashlib
 
-    from workers.privacy import Digester
-    from workers.sealing import load_or_create_key
+    from workers.contract.privacy import Digester
+    from workers.contract.sealing import load_or_create_key
 
     def hashed(config: dict) -> None:
         config["roles"]["analyst"]["prompt_logging"] = "hash"

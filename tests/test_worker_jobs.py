@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from audit import verify_chain
 from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
-from workers.contract import STATUS_COMPLETED, GenerateJob
+from workers.contract.jobs import STATUS_COMPLETED, GenerateJob
 from workers.generation import run_job
 
 

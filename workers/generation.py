@@ -6,7 +6,7 @@ request the gateway already gave up on) is answered from that entry and not
 generated again; every other outcome is written to the audit log before it
 is returned, because nothing may reach a client unaudited. The entry keeps
 the output only as the request's ``prompt_logging`` obligation allows
-(:func:`workers.privacy.logged_output`), partial outputs included.
+(:func:`workers.contract.privacy.logged_output`), partial outputs included.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
 from audit.kinds import FAILED
 from workers.backends import BackendError, GenerationParams, LoadedModel, PromptTooLongError
-from workers.contract import (STATUS_CANCELLED, STATUS_COMPLETED, STATUS_FAILED, STATUS_TIMED_OUT, GenerateJob,
+from workers.contract.jobs import (STATUS_CANCELLED, STATUS_COMPLETED, STATUS_FAILED, STATUS_TIMED_OUT, GenerateJob,
                               JobResult)
-from workers.pending_terminals import PendingTerminal, PendingTerminals
-from workers.privacy import Digester, logged_output
-from workers.prompts import render_chat
+from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
+from workers.contract.privacy import Digester, logged_output
+from workers.contract.prompts import render_chat
 from workers.streams import JobChannel, SilentChannel
 
 log = logging.getLogger(__name__)

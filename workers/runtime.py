@@ -6,7 +6,7 @@ the parent ran inference, and a model per process is the unit of capacity
 anyway. The database engine is made after fork for the same reason
 (connections must not be shared across fork).
 
-Jobs arrive sealed and results leave sealed (:mod:`workers.sealing`), and
+Jobs arrive sealed and results leave sealed (:mod:`workers.contract.sealing`), and
 Celery's success line is cut to ids and timings: neither Redis nor the
 worker's log holds a prompt or an output.
 """
@@ -29,13 +29,13 @@ from sqlalchemy import Engine
 
 from audit import AuditError, AuditStore, make_engine, migrate
 from workers.backends import LoadedModel, load_model
-from workers.celery_app import make_celery
-from workers.contract import GENERATE_TASK, LOADED_TTL_S, STATUS_FAILED, GenerateJob, loaded_key, queue_for
+from workers.contract.celery_config import make_celery
+from workers.contract.jobs import GENERATE_TASK, LOADED_TTL_S, STATUS_FAILED, GenerateJob, loaded_key, queue_for
 from workers.generation import run_job
-from workers.pending_terminals import PendingTerminals
-from workers.privacy import Digester
-from workers.registry import ModelSpec
-from workers.sealing import SealError, Sealer, load_or_create_key
+from workers.contract.pending_terminals import PendingTerminals
+from workers.contract.privacy import Digester
+from workers.contract.registry import ModelSpec
+from workers.contract.sealing import SealError, Sealer, load_or_create_key
 from workers.streams import RedisJobChannel
 
 log = logging.getLogger(__name__)

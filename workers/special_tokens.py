@@ -13,7 +13,7 @@ from the GGUF vocabulary's token types, what is hidden:
 * ``user-defined`` tokens that are markers by their spelling: ``<|name|>``,
   snake-case tags such as ``<start_of_image>`` (no HTML tag has an
   underscore), bracketed words such as ``[multimodal]``, and the texts
-  llama.cpp itself treats as control (``workers.tokenizers``). Other
+  llama.cpp itself treats as control (``workers.contract.tokenizers``). Other
   user-defined tokens are text the model writes (Gemma's ``<table>``,
   ``<h1>``, runs of newlines and tabs) and are kept.
 
@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workers.tokenizers import _CONTROL_LOOKING, TokenizerError, read_gguf_metadata
+from workers.contract.tokenizers import _CONTROL_LOOKING, TokenizerError, read_gguf_metadata
 
 _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 2, 3, 4
 _MARKER = re.compile(r"<\|[^|<>\s]+\|>|<[A-Za-z0-9]+(?:_[A-Za-z0-9]+)+>|\[[A-Za-z_]+\]")

@@ -24,8 +24,8 @@ from typing import Protocol
 
 import redis
 
-from workers.contract import cancel_key, seal_piece, stream_channel
-from workers.sealing import SealError, Sealer
+from workers.contract.jobs import cancel_key, seal_piece, stream_channel
+from workers.contract.sealing import SealError, Sealer
 
 log = logging.getLogger(__name__)
 

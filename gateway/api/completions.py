@@ -16,7 +16,7 @@ from gateway.api.openapi import CHAT_OPERATION, COMPLETION_OPERATION, SECURITY
 from gateway.auth import Principal
 from gateway.completions import CHAT, COMPLETIONS, CompletionService, Ticket
 from gateway.errors import ApiError, errors_of
-from workers.contract import JobResult
+from workers.contract.jobs import JobResult
 
 
 def _reader(request: Request):

@@ -23,7 +23,7 @@ from gateway.auth import Principal
 from gateway.errors import ApiError
 from gateway.policy import POLICY_UNAVAILABLE, PolicyUnavailable
 from gateway.policy.engine import UNAVAILABLE_RETRY_AFTER_S
-from workers.registry import ModelSpec
+from workers.contract.registry import ModelSpec
 
 
 class ModelsController(Controller):

@@ -31,7 +31,7 @@ from litestar.openapi.spec import (
 from gateway import urls
 from gateway.api import shapes
 from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
-from workers.registry import TINY_MODEL_NAME
+from workers.contract.registry import TINY_MODEL_NAME
 
 BEARER = "bearer"
 #: The security requirement of every ``/v1`` route.

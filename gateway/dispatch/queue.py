@@ -26,8 +26,8 @@ from celery import Celery
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
-from workers.contract import GENERATE_TASK, GenerateJob, queue_for
-from workers.sealing import Sealer
+from workers.contract.jobs import GENERATE_TASK, GenerateJob, queue_for
+from workers.contract.sealing import Sealer
 
 
 class QueueUnavailable(RuntimeError):

@@ -9,7 +9,7 @@ a result stored before the subscription took effect (or while the connection
 was being re-established) is not missed. A probe measured this at 340 req/s
 where waiting in threads (``anyio.to_thread``) stalled at 38 req/s.
 
-Results and stream pieces arrive sealed (:mod:`workers.sealing`) and are
+Results and stream pieces arrive sealed (:mod:`workers.contract.sealing`) and are
 opened here, so the rest of the gateway sees plain results.
 """
 
@@ -25,8 +25,8 @@ from typing import Any, AsyncIterator
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from workers.contract import STREAM_CHANNEL_PREFIX, open_piece, open_result, stream_channel
-from workers.sealing import SealError, Sealer
+from workers.contract.jobs import STREAM_CHANNEL_PREFIX, open_piece, open_result, stream_channel
+from workers.contract.sealing import SealError, Sealer
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from workers.backends.base import (
     PromptTooLongError,
     check_model_file,
 )
-from workers.registry import (
+from workers.contract.registry import (
     BACKEND_CTRANSFORMERS,
     BACKEND_LLAMACPP,
     GENERATE_GEMMA,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
-from workers.registry import ModelSpec
+from workers.contract.registry import ModelSpec
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"

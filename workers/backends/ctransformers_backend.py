@@ -53,7 +53,7 @@ from workers.backends.base import (
     PromptTooLongError,
     check_model_file,
 )
-from workers.registry import ModelSpec
+from workers.contract.registry import ModelSpec
 from workers.special_tokens import hidden_tokens
 
 _LIB_NAMES = {"Linux": "libctransformers.so", "Darwin": "libctransformers.dylib", "Windows": "ctransformers.dll"}

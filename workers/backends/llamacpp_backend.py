@@ -74,7 +74,7 @@ from workers.backends.base import (
     PromptTooLongError,
     check_model_file,
 )
-from workers.registry import ModelSpec
+from workers.contract.registry import ModelSpec
 from workers.special_tokens import hidden_tokens
 
 #: Tokens the repetition penalty looks back over (as the ctransformers backend).

@@ -54,7 +54,7 @@ from pathlib import Path
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from workers.registry import BACKEND_CTRANSFORMERS, BACKEND_LLAMACPP, ModelSpec
+from workers.contract.registry import BACKEND_CTRANSFORMERS, BACKEND_LLAMACPP, ModelSpec
 
 __all__ = [
     "GgmlTokenizer",

@@ -9,7 +9,7 @@ database's unique terminal constraint settles duplicates, so any number of
 retriers may race. An entry older than the horizon is given up (logged).
 
 Entries can hold output text, so each is sealed before it reaches Redis
-(``seal``/``unseal``: a :class:`workers.sealing.Sealer`'s methods).
+(``seal``/``unseal``: a :class:`workers.contract.sealing.Sealer`'s methods).
 """
 
 from __future__ import annotations

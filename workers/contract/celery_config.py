@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from workers.contract import celery_redis_url
+from workers.contract.jobs import celery_redis_url
 
 #: How long results stay in Redis: long enough for a slow client, short
 #: enough that Redis does not become a second audit log.

@@ -1,12 +1,9 @@
-"""What the gateway and the workers agree on: the task name, its payload, its result.
+"""The job a gateway sends and the result a worker returns, and the Redis keys around them.
 
-The gateway imports this module (with the registry and the shared rules of
-``sealing`` and ``privacy``) from ``workers``: it sends tasks by name, so it
-never imports the model code.
 Payloads are plain JSON dicts because Celery serialises them as JSON; the
-dataclasses here give both sides one definition of the fields. Whatever
-carries text (the job's prompt, the result's output, stream pieces) crosses
-Redis sealed (:mod:`workers.sealing`): only ids stay readable.
+dataclasses give both sides one definition of the fields. Whatever carries
+text (the job's prompt, the result's output, stream pieces) crosses Redis
+sealed (:mod:`workers.contract.sealing`): only ids stay readable.
 """
 
 from __future__ import annotations
@@ -16,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from workers.sealing import SealError, Sealer
+from workers.contract.sealing import SealError, Sealer
 
 #: Celery task name of a generation.
 GENERATE_TASK = "govgate.generate"
