@@ -223,9 +223,9 @@ def _admin_keys(settings: Any, names: list[str]) -> dict[str, dict[str, str]]:
 
 def start_stack(var_dir: Path, models_file: Path, names: list[str]) -> Running:
     """Redis, one worker per model, ``govgate serve``; stopped again if any step fails."""
-    from gateway.redis_server import RedisProcess
+    from govgate.redis_server import RedisProcess
     from gateway.settings import Settings
-    from gateway.supervisor import Stack, child_env, wait_for_api, wait_for_workers
+    from govgate.supervisor import Stack, child_env, wait_for_api, wait_for_workers
 
     stack = Stack()
     try:
@@ -236,10 +236,10 @@ def start_stack(var_dir: Path, models_file: Path, names: list[str]) -> Running:
         headers = _admin_keys(settings, names)
         env = child_env(settings, stack.redis.url)
         for name in names:
-            stack.workers[name] = spawn(["-m", "gateway.cli", "worker", "--model", name], env,
+            stack.workers[name] = spawn(["-m", "govgate.cli", "worker", "--model", name], env,
                                         var_dir / f"worker-{name}.log")
         wait_for_workers(stack.redis.url, names, stack, timeout_s=120)
-        stack.api = spawn(["-m", "gateway.cli", "serve"], env, var_dir / "serve.log")
+        stack.api = spawn(["-m", "govgate.cli", "serve"], env, var_dir / "serve.log")
         base_url = f"http://{HOST}:{settings.port}"
         wait_for_api(base_url + HEALTH_PATH, stack)
     except BaseException:
@@ -537,7 +537,7 @@ def prepare_models(args: argparse.Namespace, var_dir: Path, say: Callable[[str],
     Why here: a worker would assemble Gemma itself, silently and inside the
     start-up timeout; the supervisor's routine prints progress instead.
     """
-    from gateway.supervisor import ensure_models
+    from govgate.supervisor import ensure_models
     from workers.contract.registry import Registry
 
     specs = write_registry(bench_specs(args.model_names, var_dir, args.models_dir), var_dir)
@@ -573,8 +573,8 @@ def measure_all(args: argparse.Namespace, var_dir: Path, say: Callable[[str], No
 
 def run(args: argparse.Namespace) -> int:
     """Measure every model, then print the table and the JSON line."""
-    from gateway.redis_server import RedisUnavailable
-    from gateway.supervisor import StartupError
+    from govgate.redis_server import RedisUnavailable
+    from govgate.supervisor import StartupError
     from workers.backends import BackendError
     from workers.contract.registry import RegistryError
 

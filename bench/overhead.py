@@ -262,7 +262,7 @@ def forget_govgate_environment() -> None:
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """A child in its own session (Ctrl-C reaches only us; we stop it in order)."""
-    from gateway.processes import child_preexec
+    from govgate.processes import child_preexec
 
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -309,9 +309,9 @@ def start_govgate(var_dir: Path) -> Started:
     """Redis, one tiny-model worker, ``govgate serve``, and an admin key."""
     from gateway.auth import KeyStore
     from gateway.components import open_database
-    from gateway.redis_server import RedisProcess
+    from govgate.redis_server import RedisProcess
     from gateway.settings import Settings
-    from gateway.supervisor import Stack, child_env, wait_for_api, wait_for_workers
+    from govgate.supervisor import Stack, child_env, wait_for_api, wait_for_workers
     from workers.contract.registry import TINY_MODEL_NAME
 
     stack = Stack()
@@ -325,10 +325,10 @@ def start_govgate(var_dir: Path) -> Started:
         engine.dispose()
         env = child_env(settings, stack.redis.url)
         env["GOVGATE_REQUEST_TIMEOUT_S"] = str(REQUEST_TIMEOUT_S)
-        stack.workers[TINY_MODEL_NAME] = spawn(["-m", "gateway.cli", "worker", "--model", TINY_MODEL_NAME],
+        stack.workers[TINY_MODEL_NAME] = spawn(["-m", "govgate.cli", "worker", "--model", TINY_MODEL_NAME],
                                                env, var_dir / "worker.log")
         wait_for_workers(stack.redis.url, [TINY_MODEL_NAME], stack, timeout_s=120)
-        stack.api = spawn(["-m", "gateway.cli", "serve"], env, var_dir / "serve.log")
+        stack.api = spawn(["-m", "govgate.cli", "serve"], env, var_dir / "serve.log")
         base_url = f"http://{HOST}:{settings.port}"
         wait_for_api(base_url + HEALTH_PATH, stack)
     except BaseException:
@@ -343,7 +343,7 @@ def start_govgate(var_dir: Path) -> Started:
 
 def start_baseline(var_dir: Path) -> Started:
     """The bare Litestar app in its own uvicorn process (this file, ``--serve-baseline``)."""
-    from gateway.supervisor import Stack, wait_for_api
+    from govgate.supervisor import Stack, wait_for_api
 
     port = free_port()
     stack = Stack(api=spawn([str(Path(__file__).resolve()), "--serve-baseline", str(port)],
@@ -509,8 +509,8 @@ def _log_tails(var_dir: Path, lines: int = 15) -> Iterator[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Measure govgate, then the baseline, and print the table and the JSON line."""
-    from gateway.supervisor import StartupError
-    from gateway.redis_server import RedisUnavailable
+    from govgate.supervisor import StartupError
+    from govgate.redis_server import RedisUnavailable
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

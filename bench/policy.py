@@ -327,7 +327,7 @@ class OpaProcess:
     @classmethod
     def start(cls, binary: Path, log_dir: Path) -> "OpaProcess":
         """Start and wait for ``/health``; ``RuntimeError`` with the log's end if it does not come up."""
-        from gateway.processes import child_preexec
+        from govgate.processes import child_preexec
 
         port = _free_port()
         log_path = log_dir / "opa.log"
@@ -356,7 +356,7 @@ class OpaProcess:
         return False
 
     def stop(self) -> None:
-        from gateway.processes import stop_process
+        from govgate.processes import stop_process
 
         stop_process(self.process, timeout_s=10)
 
@@ -655,7 +655,7 @@ async def measure(opa_url: str | None, redis_url: str, samples: list[Sample], ar
 def run(args: argparse.Namespace) -> int:
     """Start Redis and OPA, measure, stop them, print the table and the JSON line."""
     from gateway.policy import PolicyLoadError
-    from gateway.redis_server import RedisProcess, RedisUnavailable
+    from govgate.redis_server import RedisProcess, RedisUnavailable
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

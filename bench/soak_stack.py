@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from gateway.processes import stop_process
+from govgate.processes import stop_process
 
 # The stack helpers of the overhead bench (this folder is sys.path[0] when run as a script).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -92,7 +92,7 @@ class SoakStack:
             engine.dispose()
 
     def _env(self, port: int | None = None) -> dict[str, str]:
-        from gateway.supervisor import child_env
+        from govgate.supervisor import child_env
 
         settings = self.settings if port is None else self.settings.with_(port=port)
         return child_env(settings, self.redis.url)
@@ -102,7 +102,7 @@ class SoakStack:
         return self.logs / f"{name}-{self._starts[name]}.log"
 
     def _start_redis(self) -> None:
-        from gateway.redis_server import RedisProcess
+        from govgate.redis_server import RedisProcess
 
         self.redis = RedisProcess.start(self.var_dir / "redis", persist=True)
         self._spawned.append(self.redis.process)
@@ -110,7 +110,7 @@ class SoakStack:
     def _spawn_worker(self) -> subprocess.Popen:
         from workers.contract.registry import TINY_MODEL_NAME
 
-        process = spawn(["-m", "gateway.cli", "worker", "--model", TINY_MODEL_NAME], self._env(),
+        process = spawn(["-m", "govgate.cli", "worker", "--model", TINY_MODEL_NAME], self._env(),
                         self._log("worker"))
         self._spawned.append(process)
         return process
@@ -141,7 +141,7 @@ class SoakStack:
         raise TimeoutError(f"worker {process.pid} did not answer within {START_TIMEOUT_S:.0f}s")
 
     def _spawn_gateway(self, index: int) -> subprocess.Popen:
-        process = spawn(["-m", "gateway.cli", "serve"], self._env(self.ports[index]), self._log(f"gateway{index}"))
+        process = spawn(["-m", "govgate.cli", "serve"], self._env(self.ports[index]), self._log(f"gateway{index}"))
         self._spawned.append(process)
         return process
 

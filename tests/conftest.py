@@ -28,10 +28,10 @@ from audit import AuditStore, make_engine
 from gateway.app import create_app
 from gateway.auth import KeyStore
 from gateway.components import open_database
-from gateway.processes import child_preexec, stop_process
-from gateway.redis_server import RedisProcess
+from govgate.processes import child_preexec, stop_process
+from govgate.redis_server import RedisProcess
 from gateway.settings import Settings
-from gateway.supervisor import child_env
+from govgate.supervisor import child_env
 from workers.contract.celery_config import make_celery
 from workers.contract.registry import TINY_MODEL_NAME
 from tests.conftest_models import tiny_model_path, tiny_spec  # noqa: F401  (shared fixtures)
@@ -131,7 +131,7 @@ def spawn_cli(settings: Settings, *args: str, log: Path | None = None) -> subpro
     """Run ``govgate <args>`` as a real child process configured by ``settings``."""
     env = child_env(settings, settings.redis_url)
     out = open(log, "ab") if log else subprocess.DEVNULL
-    return subprocess.Popen([sys.executable, "-m", "gateway.cli", *args], env=env, stdin=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-m", "govgate.cli", *args], env=env, stdin=subprocess.DEVNULL,
                             stdout=out, stderr=subprocess.STDOUT, preexec_fn=child_preexec())
 
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from gateway.cli import EXIT_DENIED, main
-from gateway.supervisor import child_env
+from govgate.cli import EXIT_DENIED, main
+from govgate.supervisor import child_env
 from tests.conftest import free_port
 from workers.contract.registry import TINY_MODEL_NAME
 
@@ -161,7 +161,7 @@ def _serve(settings, **env_changes: str | None) -> subprocess.CompletedProcess:
             env.pop(name, None)
         else:
             env[name] = value
-    return subprocess.run([sys.executable, "-m", "gateway.cli", "serve"], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "govgate.cli", "serve"], env=env, capture_output=True,
                           text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from gateway.processes import stop_process
+from govgate.processes import stop_process
 from tests.conftest import CRASH_MODEL, LIMITED_MODEL, bearer, spawn_cli, wait_for_worker
 
 

@@ -20,7 +20,7 @@ from audit import AuditStore, make_engine, verify_chain
 from gateway.app import create_app
 from gateway.auth import KeyStore
 from gateway.components import open_database
-from gateway.redis_server import RedisProcess
+from govgate.redis_server import RedisProcess
 from tests.conftest import IDLE_MODEL, bearer
 from workers.contract.celery_config import queue_keys
 from workers.contract.jobs import queue_for
@@ -144,7 +144,7 @@ async def test_gateway_recovers_when_redis_comes_back(settings, keyring, audit_s
             wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
             back = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]), json=request)
     finally:
-        from gateway.processes import stop_process
+        from govgate.processes import stop_process
 
         stop_process(worker, timeout_s=30)
         own_redis.stop()

@@ -15,7 +15,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
-from gateway.processes import stop_process
+from govgate.processes import stop_process
 from tests.conftest import bearer, spawn_cli, wait_for_worker
 from tests.family_models import MODEL_NAMES, write_family_registry
 

@@ -10,8 +10,8 @@ import anyio
 import pytest
 from click.testing import CliRunner
 
-from gateway.cli import main
-from gateway.supervisor import child_env
+from govgate.cli import main
+from govgate.supervisor import child_env
 from tests.conftest import ROOT, bearer, policy_copy
 from workers.contract.registry import TINY_MODEL_NAME
 

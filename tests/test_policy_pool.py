@@ -25,13 +25,13 @@ from click.testing import CliRunner
 
 from audit import AuditEntry, AuditStore
 from gateway.auth import KeyStore
-from gateway.cli import main
+from govgate.cli import main
 from gateway.components import open_database
 from gateway.policy import POLICY_UNAVAILABLE, EmbeddedPolicyEngine, PolicyUnavailable, open_policy_engine
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.refusals import denial
 from gateway.settings import Settings, SettingsError
-from gateway.supervisor import child_env
+from govgate.supervisor import child_env
 from tests.conftest import bearer, serving
 from tests.test_policy_engine import ALLOW, SLOW, SLOW_WHEN_ASKED, exited, request_input, write_policy
 from workers.contract.registry import TINY_MODEL_NAME

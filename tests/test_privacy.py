@@ -21,8 +21,8 @@ import redis
 from sqlalchemy import text
 
 from audit import AuditStore, make_engine, migrate
-from gateway.redis_server import RedisProcess
-from gateway.supervisor import private_dir, private_log
+from govgate.redis_server import RedisProcess
+from govgate.supervisor import private_dir, private_log
 from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
 from workers.contract.jobs import GenerateJob
 from workers.generation import run_job

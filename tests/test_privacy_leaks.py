@@ -30,8 +30,8 @@ import redis
 from audit import AuditStore, make_engine
 from gateway.auth import KeyStore
 from gateway.components import open_database
-from gateway.processes import stop_process
-from gateway.redis_server import RedisProcess
+from govgate.processes import stop_process
+from govgate.redis_server import RedisProcess
 from gateway.settings import Settings
 from tests.conftest import (IDLE_MODEL, _roomy_limits, bearer, free_port, policy_copy, serving, spawn_cli,
                             wait_for_worker)

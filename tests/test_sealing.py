@@ -118,8 +118,8 @@ def test_key_files_default_under_var_and_reach_child_processes_spelled_out(tmp_p
 def test_a_worker_with_an_unusable_key_file_stops_with_a_message(settings, tmp_path) -> None:
     from click.testing import CliRunner
 
-    from gateway.cli import main
-    from gateway.supervisor import child_env
+    from govgate.cli import main
+    from govgate.supervisor import child_env
     from workers.contract.registry import TINY_MODEL_NAME
 
     bad = tmp_path / "payload.key"

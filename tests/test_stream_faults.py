@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.processes import stop_process
-from gateway.redis_server import RedisProcess
+from govgate.processes import stop_process
+from govgate.redis_server import RedisProcess
 from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
 from tests.test_crash_safety import pool_children
 from workers.contract.registry import TINY_MODEL_NAME

@@ -26,8 +26,8 @@ from audit import AuditStore, make_engine, verify_chain
 
 from gateway.auth import KeyStore
 from gateway.components import open_database
-from gateway.processes import stop_process
-from gateway.redis_server import RedisProcess
+from govgate.processes import stop_process
+from govgate.redis_server import RedisProcess
 from gateway.settings import Settings
 from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
 from tests.test_fail_closed import queued

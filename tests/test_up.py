@@ -47,7 +47,7 @@ class Up:
     """A ``govgate up`` process whose output is read line by line."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "up"], env=env,
+        self.process = subprocess.Popen([sys.executable, "-m", "govgate.cli", "up"], env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         stdin=subprocess.DEVNULL)
         self.lines: queue.Queue[str] = queue.Queue()
@@ -109,7 +109,7 @@ def test_up_serves_a_governed_request_and_stops_cleanly(up_env):
     assert not any(f"worker for model {LATER_MODEL}" in line for line in up.seen)
     up.wait_for(rf"worker for model {LATER_MODEL}: starting")
 
-    user_key = subprocess.run([sys.executable, "-m", "gateway.cli", "keys", "create", "--user", "alice",
+    user_key = subprocess.run([sys.executable, "-m", "govgate.cli", "keys", "create", "--user", "alice",
                                "--team", "research", "--role", "analyst"], env=env, capture_output=True,
                               text=True, check=True).stdout.strip()
     reply = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {user_key}"},
@@ -127,7 +127,7 @@ def test_up_serves_a_governed_request_and_stops_cleanly(up_env):
     assert later.json()["usage"]["completion_tokens"] == 3
     up.wait_for(rf"model {LATER_MODEL}: ready after \d+\.\ds")
 
-    verify = subprocess.run([sys.executable, "-m", "gateway.cli", "audit", "verify"], env=env,
+    verify = subprocess.run([sys.executable, "-m", "govgate.cli", "audit", "verify"], env=env,
                             capture_output=True, text=True)
     assert verify.returncode == 0 and verify.stdout.startswith("ok: 4 entries"), verify.stdout
 
@@ -155,7 +155,7 @@ def test_up_on_a_busy_port_says_so_and_starts_nothing(up_env):
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", port))
         squatter.listen()
-        result = subprocess.run([sys.executable, "-m", "gateway.cli", "up"], env=env, capture_output=True,
+        result = subprocess.run([sys.executable, "-m", "govgate.cli", "up"], env=env, capture_output=True,
                                 text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 1, result.stdout + result.stderr
     problem = [line for line in result.stdout.splitlines() if "cannot start" in line]
@@ -205,7 +205,7 @@ def test_the_quick_start_question_gets_the_right_answer_from_gemma(up_env):
     env = {k: v for k, v in env.items() if k != "GOVGATE_MODELS_FILE"}
     up = Up(env)
     up.wait_for(r"Ctrl-C stops everything", timeout_s=600)
-    user_key = subprocess.run([sys.executable, "-m", "gateway.cli", "keys", "create", "--user", "alice",
+    user_key = subprocess.run([sys.executable, "-m", "govgate.cli", "keys", "create", "--user", "alice",
                                "--team", "research", "--role", "analyst"], env=env, capture_output=True,
                               text=True, check=True).stdout.strip()
     body = quick_start_request(DEFAULT_MODEL_NAME)
@@ -238,7 +238,7 @@ def test_up_names_the_reason_a_child_died(up_env):
     """A child that cannot start: the reason from its log is in the one line ``up`` prints."""
     env, var_dir, base = up_env
     env = {**env, "GOVGATE_POLICY_DIR": str(var_dir / "no-such-policies")}
-    result = subprocess.run([sys.executable, "-m", "gateway.cli", "up"], env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "govgate.cli", "up"], env=env, capture_output=True,
                             text=True, timeout=180, stdin=subprocess.DEVNULL)
     assert result.returncode == 1, result.stdout + result.stderr
     problem = [line for line in result.stdout.splitlines() if "cannot start" in line]

@@ -24,7 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.limits import CountersUnavailable, Refusal, Reservation, Scope, UsageCounters
-from gateway.redis_server import RedisProcess
+from govgate.redis_server import RedisProcess
 
 pytestmark = pytest.mark.anyio
 

@@ -42,7 +42,7 @@ def main() -> None:
 @main.command()
 def up() -> None:
     """Run the embedded default: Redis, one worker per model, and the API."""
-    from gateway.supervisor import run_up
+    from govgate.supervisor import run_up
 
     sys.exit(run_up(_settings(), started=_STARTED))
 
@@ -61,8 +61,8 @@ def serve() -> None:
 
 def _check_serve_settings(settings: Settings) -> None:
     """Refuse in one line what would otherwise fail in the app's startup with a traceback."""
-    from gateway.redis_server import ping
-    from gateway.supervisor import StartupError, check_port
+    from govgate.redis_server import ping
+    from govgate.supervisor import StartupError, check_port
     from workers.contract.registry import RegistryError, load_registry
 
     if not settings.redis_url:

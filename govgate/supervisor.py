@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Callable, TextIO
 
 import redis
 
-from gateway.processes import child_preexec, stop_process
-from gateway.redis_server import RedisProcess, RedisUnavailable, ping
+from govgate.processes import child_preexec, stop_process
+from govgate.redis_server import RedisProcess, RedisUnavailable, ping
 from gateway.settings import Settings
 from workers.backends import BackendError, ensure_model_file
 from workers.contract.sealing import KeyFileError, load_or_create_key
@@ -163,7 +163,7 @@ def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
 
 
 def _spawn(args: list[str], env: dict[str, str], log_file: TextIO | None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gateway.cli", *args], env=env, stdin=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-m", "govgate.cli", *args], env=env, stdin=subprocess.DEVNULL,
                             stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
                             start_new_session=True, preexec_fn=child_preexec())
 
@@ -274,7 +274,7 @@ def command_hint() -> str:
     script = Path(sys.executable).parent / "govgate"  # not resolved: a venv's python is a symlink
     if not script.exists():
         found = shutil.which("govgate")
-        return "govgate" if found else f"{sys.executable} -m gateway.cli"
+        return "govgate" if found else f"{sys.executable} -m govgate.cli"
     try:
         return str(script.relative_to(Path.cwd()))
     except ValueError:

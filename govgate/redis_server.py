@@ -21,7 +21,7 @@ from pathlib import Path
 
 import redis
 
-from gateway.processes import child_preexec, stop_process
+from govgate.processes import child_preexec, stop_process
 
 
 class RedisUnavailable(RuntimeError):

@@ -1,0 +1,64 @@
+"""The package rules of docs/architecture.md, read from the import graph.
+
+``gateway`` may import ``audit`` and ``workers.contract`` but no other part
+of ``workers``; ``workers`` never imports ``gateway``; ``workers.contract``
+imports no other part of ``workers``; ``audit`` imports neither side; only
+``govgate`` (the launchers) sits above all three. Every ``import`` counts,
+including those inside functions, so a lazy import cannot slip past.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: package folder → (prefixes it may import despite ``forbidden``, prefixes it may not import)
+RULES = {
+    "gateway": (("workers.contract",), ("workers", "govgate")),
+    "workers": ((), ("gateway", "govgate")),
+    "workers/contract": (("workers.contract",), ("workers", "gateway", "govgate")),
+    "audit": ((), ("gateway", "workers", "govgate")),
+}
+
+
+def imported_modules(folder: str) -> list[tuple[str, str]]:
+    """(file, absolute module name) for every import statement under ``folder``."""
+    found: list[tuple[str, str]] = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found.extend((str(path.relative_to(ROOT)), alias.name) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.append((str(path.relative_to(ROOT)), node.module))
+    return found
+
+
+def _under(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes)
+
+
+def breaking(edges: list[tuple[str, str]], allowed: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:
+    """The edges that import a forbidden package and are not explicitly allowed."""
+    return [f"{file} imports {module}" for file, module in edges
+            if _under(module, forbidden) and not _under(module, allowed)]
+
+
+@pytest.mark.parametrize("folder", sorted(RULES))
+def test_package_imports_follow_the_rules(folder: str):
+    allowed, forbidden = RULES[folder]
+    edges = imported_modules(folder)
+    assert edges, f"no imports found under {folder}: the scan is broken"
+    assert breaking(edges, allowed, forbidden) == []
+
+
+def test_a_breaking_import_is_reported():
+    """The rule check itself can fail: a gateway module reaching into the worker runtime is caught."""
+    allowed, forbidden = RULES["gateway"]
+    edges = [("gateway/x.py", "workers.contract.jobs"), ("gateway/x.py", "workers.runtime"),
+             ("gateway/x.py", "workersmith")]
+    assert breaking(edges, allowed, forbidden) == ["gateway/x.py imports workers.runtime"]
