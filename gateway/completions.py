@@ -1,6 +1,6 @@
 """The request path of a completion: validate, decide, record, queue, wait.
 
-This is the service behind both OpenAI endpoints (DESIGN.md, "The request
+This is the service behind both OpenAI endpoints (docs/architecture.md, "The request
 path"). Its ordering is the product's promise:
 
 * a request is recorded in the audit log (with its decision and the policy

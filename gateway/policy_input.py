@@ -1,4 +1,4 @@
-"""Building the policy input document (DESIGN.md, "Policy input").
+"""Building the policy input document (docs/architecture.md, "Policy input").
 
 One module so both endpoints, ``policy explain`` and ``policy replay``
 describe a request to the policy in exactly the same way.
