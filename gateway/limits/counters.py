@@ -40,17 +40,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.limits import scripts
+from gateway.limits.catalogue import LIMIT_NAMES, MINUTE_WINDOW_FREES_IN, USAGE_LIMITS, UsageLimit
 
 log = logging.getLogger(__name__)
 
-LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month", "in_flight")
-_CODES = {
-    "requests_per_minute": "rate_limited",
-    "tokens_per_minute": "rate_limited",
-    "tokens_per_day": "budget_exceeded",
-    "tokens_per_month": "budget_exceeded",
-    "in_flight": "too_many_in_flight",
-}
 _US = 1_000_000
 WINDOW_S = 60
 _WINDOW_US = WINDOW_S * _US
@@ -175,16 +168,17 @@ def _limit_args(limits: dict | None, where: str) -> list[int]:
     return [_limit(limits.get(name), f"{where}.{name}") for name in LIMIT_NAMES]
 
 
-def _message(scope: Scope, limit_name: str, limit: int, used: int, tokens: int) -> str:
+_PERIODS = {"minute": "in the last minute", "day": "today", "month": "this month"}
+
+
+def _message(scope: Scope, limit: UsageLimit, value: int, used: int, tokens: int) -> str:
     who = f"{scope.kind} '{scope.name}'"
-    if limit_name == "requests_per_minute":
-        return f"{who} has made {used} of {limit} requests allowed per minute"
-    if limit_name == "in_flight":
-        return f"{who} has {used} of {limit} allowed requests in flight"
-    period = {"tokens_per_minute": "in the last minute", "tokens_per_day": "today",
-              "tokens_per_month": "this month"}[limit_name]
-    text = f"{who} has used {used} of {limit} tokens {period}"
-    if tokens > limit:
+    if limit.cost == "request":
+        if limit.window == "in_flight":
+            return f"{who} has {used} of {value} allowed requests in flight"
+        return f"{who} has made {used} of {value} requests allowed per {limit.window}"
+    text = f"{who} has used {used} of {value} tokens {_PERIODS[limit.window]}"
+    if tokens > value:
         return f"{text}; this request alone needs {tokens}, more than the limit"
     return f"{text}; this request needs {tokens}"
 
@@ -236,8 +230,8 @@ class UsageCounters:
         keys = [k for s in scopes for k in self._scope_keys(s, now_us)]
         reply = await self._run(scripts.SNAPSHOT, keys, [now_us, _WINDOW_US, len(scopes), ""])
         views = [
-            {"requests_last_minute": int(u[0]), "tokens_last_minute": int(u[1]), "tokens_today": int(u[2]),
-             "tokens_this_month": int(u[3]), "in_flight": int(u[4]), "minute_window_frees_in_s": _ceil_s(int(u[5]))}
+            {**{limit.counter: int(value) for limit, value in zip(USAGE_LIMITS, u)},
+             MINUTE_WINDOW_FREES_IN: _ceil_s(int(u[len(USAGE_LIMITS)]))}
             for u in reply
         ]
         return {"principal": views[0], "team": views[1] if team is not None else None}
@@ -281,10 +275,10 @@ class UsageCounters:
             return Reservation(request_id, scopes, int(reply[2]), int(reply[3]) / _US)
         scope_index, limit_index, limit, used, wait_us = (int(v) for v in reply[1:])
         scope = scopes[scope_index - 1]
-        limit_name = LIMIT_NAMES[limit_index - 1]
-        return Refusal(code=_CODES[limit_name], scope=scope, limit_name=limit_name, limit=limit, used=used,
+        refusing = USAGE_LIMITS[limit_index - 1]
+        return Refusal(code=refusing.code, scope=scope, limit_name=refusing.name, limit=limit, used=used,
                        retry_after_s=max(1, _ceil_s(wait_us)),
-                       message=_message(scope, limit_name, limit, used, tokens))
+                       message=_message(scope, refusing, limit, used, tokens))
 
     async def settle(self, reservation: Reservation, actual_tokens: int, *, now: float | None = None) -> None:
         """The request finished having used ``actual_tokens``: replace the

@@ -28,6 +28,12 @@ from typing import Any, Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+#: The counters the scripts keep per scope, in the order ``usage()`` returns
+#: them and the reserve script reads the limits (one limit per counter, in
+#: ``gateway.limits.catalogue`` order). A limit with a new counter needs a key
+#: and a line in ``usage()`` and ``wait()`` here.
+COUNTERS = ("requests_last_minute", "tokens_last_minute", "tokens_today", "tokens_this_month", "in_flight")
+
 # Lua quirks this code respects: numbers concatenated into strings are
 # formatted with %.14g (so µs timestamps would lose digits; numbers passed to
 # redis.call are formatted with %.17g and stay exact); a Lua number returned
@@ -66,7 +72,7 @@ local function prune(s)
   redis.call('ZREMRANGEBYSCORE', s.fly, '-inf', NOW)
 end
 
--- Current usage in LIMIT_NAMES order.
+-- Current usage, one value per counter in COUNTERS order.
 local function usage(s)
   prune(s)
   return {redis.call('ZCARD', s.win),
