@@ -14,7 +14,8 @@ denials contains {"code": "config_error", "message": msg} if some msg in config_
 
 # ---------------------------------------------------------------- input
 
-usage_counters := ["requests_last_minute", "tokens_last_minute", "tokens_today", "tokens_this_month", "in_flight", "minute_window_frees_in_s"]
+# The fields of input.usage.<scope>: the limits' counters and when the minute window frees.
+usage_counters := {check.counter | some check in usage_checks} | {"minute_window_frees_in_s"}
 
 input_problems contains "input.request.max_tokens must be a whole number from 1 to 2^53" if not requested_max_tokens
 

@@ -57,10 +57,9 @@ denials contains {"code": "max_tokens_exceeded", "message": msg} if {
 
 # ---------------------------------------------------------------- usage limits
 
-limit_names := ["requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month", "in_flight"]
-
 # What each limit counts, what a request adds to it, the reason it gives and
-# the window that decides when to retry.
+# the window that decides when to retry. The gateway declares the same list
+# in gateway/limits/catalogue.py; tests/test_limits_catalogue.py compares them.
 usage_checks := [
 	{"limit": "requests_per_minute", "counter": "requests_last_minute", "cost": "request", "code": "rate_limited", "window": "minute"},
 	{"limit": "tokens_per_minute", "counter": "tokens_last_minute", "cost": "tokens", "code": "rate_limited", "window": "minute"},
@@ -68,6 +67,8 @@ usage_checks := [
 	{"limit": "tokens_per_month", "counter": "tokens_this_month", "cost": "tokens", "code": "budget_exceeded", "window": "month"},
 	{"limit": "in_flight", "counter": "in_flight", "cost": "request", "code": "too_many_in_flight", "window": "in_flight"},
 ]
+
+limit_names := [check.limit | some check in usage_checks]
 
 # How the counters read in a message.
 counter_phrases := {

@@ -12,28 +12,11 @@ completion reconciles to the real count (``settle``); a request whose model
 never ran gives its tokens back (``release``). The sum of real tokens therefore
 never exceeds a budget, however many requests are in flight at once.
 
-Key layout (all keys share the hash tag ``{prefix}`` so one script may touch
-a principal's and a team's keys even on Redis Cluster, where a script's keys
-must live in one slot)::
-
-    {prefix}:r:<request id>          hash  state, tokens reserved, at (µs)   2 days
-    {prefix}:<p|t>:<name>:win        zset  request id -> time (µs)            2 min
-    {prefix}:<p|t>:<name>:wtok       hash  request id -> tokens in window      2 min
-    {prefix}:<p|t>:<name>:wsum       str   sum of wtok (kept by the scripts)   2 min
-    {prefix}:<p|t>:<name>:d:YYYYMMDD str   tokens that UTC day                 2 days
-    {prefix}:<p|t>:<name>:m:YYYYMM   str   tokens that UTC month               62 days
-    {prefix}:<p|t>:<name>:fly        zset  request id -> expiry (µs)           ttl + 2 min
+The scripts and the Redis key layout are in ``gateway.limits.scripts``.
 
 Names are percent-encoded (``:``, ``{``, ``%`` … included), long ones
 replaced by ``#`` + SHA-256, so no principal, team or request id can spell
 another key. TTLs are refreshed on every write; nothing lives forever.
-
-Why a sorted set plus a running sum for the minute windows: the set gives an
-exact sliding window (no bucket edges: "N per minute" means N in any 60 s),
-the per-request hash lets ``settle``/``release`` adjust a request's tokens
-while it is still in the window, and the running sum makes the common path
-O(log n) instead of summing the window on every call. Scripts prune entries
-that left the window (subtracting their tokens) before they read.
 
 Time: callers pass ``now`` (default ``time.time()``) and the scripts work in
 integer microseconds, so arithmetic is exact (a double holds integers up to
@@ -54,18 +37,13 @@ from typing import Any, Sequence
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
+
+from gateway.limits import scripts
+from gateway.limits.catalogue import LIMIT_NAMES, MINUTE_WINDOW_FREES_IN, USAGE_LIMITS, UsageLimit
 
 log = logging.getLogger(__name__)
 
-LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month", "in_flight")
-_CODES = {
-    "requests_per_minute": "rate_limited",
-    "tokens_per_minute": "rate_limited",
-    "tokens_per_day": "budget_exceeded",
-    "tokens_per_month": "budget_exceeded",
-    "in_flight": "too_many_in_flight",
-}
 _US = 1_000_000
 WINDOW_S = 60
 _WINDOW_US = WINDOW_S * _US
@@ -143,199 +121,6 @@ class Refusal:
                 "limit_name": self.limit_name, "limit": self.limit, "used": self.used}
 
 
-# --- Lua ------------------------------------------------------------------
-# Lua quirks this code respects: numbers concatenated into strings are
-# formatted with %.14g (so µs timestamps would lose digits; numbers passed to
-# redis.call are formatted with %.17g and stay exact); a Lua number returned
-# to Redis becomes an integer (fractions are truncated); a missing value
-# from GET/HGET/HMGET is `false`, not nil.
-
-_PRELUDE = """
-local NOW = tonumber(ARGV[1])
-local WINDOW = tonumber(ARGV[2])
-local NSCOPES = tonumber(ARGV[3])
-local ID = ARGV[4]
-
--- The six keys of scope i; the scope keys start at KEYS[first].
-local function scope(i, first)
-  local b = first + (i - 1) * 6
-  return {win = KEYS[b], wtok = KEYS[b + 1], wsum = KEYS[b + 2],
-          day = KEYS[b + 3], mon = KEYS[b + 4], fly = KEYS[b + 5]}
-end
-
--- Drop window entries at or before NOW - WINDOW (the window is (NOW-WINDOW, NOW]),
--- subtracting their tokens from the running sum; drop expired in-flight entries.
-local function prune(s)
-  local cutoff = NOW - WINDOW
-  while true do
-    local gone = redis.call('ZRANGEBYSCORE', s.win, '-inf', cutoff, 'LIMIT', 0, 256)
-    if #gone == 0 then break end
-    local freed = 0
-    for _, v in ipairs(redis.call('HMGET', s.wtok, unpack(gone))) do
-      if v then freed = freed + tonumber(v) end
-    end
-    redis.call('HDEL', s.wtok, unpack(gone))
-    redis.call('ZREM', s.win, unpack(gone))
-    if freed ~= 0 then redis.call('DECRBY', s.wsum, freed) end
-  end
-  if redis.call('EXISTS', s.win) == 0 then redis.call('DEL', s.wtok, s.wsum) end
-  redis.call('ZREMRANGEBYSCORE', s.fly, '-inf', NOW)
-end
-
--- Current usage in LIMIT_NAMES order.
-local function usage(s)
-  prune(s)
-  return {redis.call('ZCARD', s.win),
-          tonumber(redis.call('GET', s.wsum) or 0),
-          tonumber(redis.call('GET', s.day) or 0),
-          tonumber(redis.call('GET', s.mon) or 0),
-          redis.call('ZCARD', s.fly)}
-end
-"""
-
-_RESERVE = _PRELUDE + """
--- KEYS[1] request record, then six keys per scope.
--- ARGV 5 tokens, 6 in-flight expiry, 7 window ttl ms, 8 in-flight ttl ms, 9 day ttl ms,
--- 10 month ttl ms, 11 record ttl ms, 12 day end, 13 month end, 14.. five limits per scope (-1: none)
-local TOKENS = tonumber(ARGV[5])
-local held = redis.call('HMGET', KEYS[1], 'state', 'tokens', 'at')
-if held[1] then return {'held', held[1], held[2], held[3]} end
-
--- Microseconds until limit j of scope s admits the request, given it fails now.
-local function wait(j, s, used, limit)
-  if j == 1 then
-    -- the (used + 1 - limit)-th oldest request has to leave the window
-    local entry = redis.call('ZRANGE', s.win, used - limit, used - limit, 'WITHSCORES')
-    if entry[2] then return tonumber(entry[2]) + WINDOW - NOW end
-    return WINDOW
-  elseif j == 2 then
-    if TOKENS > limit then return WINDOW end
-    local must_free, freed, start = used + TOKENS - limit, 0, 0
-    while true do
-      local batch = redis.call('ZRANGE', s.win, start, start + 255, 'WITHSCORES')
-      if #batch == 0 then return WINDOW end
-      local ids = {}
-      for k = 1, #batch, 2 do ids[#ids + 1] = batch[k] end
-      local toks = redis.call('HMGET', s.wtok, unpack(ids))
-      for k = 1, #ids do
-        if toks[k] then freed = freed + tonumber(toks[k]) end
-        if freed >= must_free then return tonumber(batch[2 * k]) + WINDOW - NOW end
-      end
-      start = start + 256
-    end
-  elseif j == 3 then return tonumber(ARGV[12]) - NOW
-  elseif j == 4 then return tonumber(ARGV[13]) - NOW
-  end
-  return 1000000
-end
-
-local scopes, best = {}, nil
-local need = {1, TOKENS, TOKENS, TOKENS, 1}
-for i = 1, NSCOPES do
-  local s = scope(i, 2)
-  scopes[i] = s
-  local u = usage(s)
-  for j = 1, 5 do
-    local limit = tonumber(ARGV[13 + (i - 1) * 5 + j])
-    if limit >= 0 and u[j] + need[j] > limit then
-      local w = wait(j, s, u[j], limit)
-      if best == nil or w > best[5] then best = {i, j, limit, u[j], w} end
-    end
-  end
-end
-if best then return {'refused', best[1], best[2], best[3], best[4], best[5]} end
-
-for i = 1, NSCOPES do
-  local s = scopes[i]
-  redis.call('ZADD', s.win, ARGV[1], ID)
-  redis.call('HSET', s.wtok, ID, ARGV[5])
-  redis.call('INCRBY', s.wsum, ARGV[5])
-  redis.call('PEXPIRE', s.win, ARGV[7])
-  redis.call('PEXPIRE', s.wtok, ARGV[7])
-  redis.call('PEXPIRE', s.wsum, ARGV[7])
-  redis.call('INCRBY', s.day, ARGV[5])
-  redis.call('PEXPIRE', s.day, ARGV[9])
-  redis.call('INCRBY', s.mon, ARGV[5])
-  redis.call('PEXPIRE', s.mon, ARGV[10])
-  redis.call('ZADD', s.fly, ARGV[6], ID)
-  redis.call('PEXPIRE', s.fly, ARGV[8])
-end
-redis.call('HSET', KEYS[1], 'state', 'reserved', 'tokens', ARGV[5], 'at', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[11])
-return {'reserved'}
-"""
-
-_FINISH = _PRELUDE + """
--- KEYS[1] request record, then six keys per scope (day/month of the reservation).
--- ARGV 5 'settled' | 'released', 6 tokens actually used (settle), 7 record ttl ms.
-local MODE = ARGV[5]
-local held = redis.call('HMGET', KEYS[1], 'state', 'tokens')
-if not held[1] then
-  -- Unknown request: a release leaves a tombstone so that a reserve still on
-  -- its way (e.g. a cancelled call whose script had not run yet) is a no-op.
-  if MODE == 'released' then
-    redis.call('HSET', KEYS[1], 'state', 'released', 'tokens', 0, 'at', ARGV[1])
-    redis.call('PEXPIRE', KEYS[1], ARGV[7])
-  end
-  return 0
-end
-if held[1] ~= 'reserved' then return 0 end
-local reserved = tonumber(held[2])
-local final = 0
-if MODE == 'settled' then final = tonumber(ARGV[6]) end
-for i = 1, NSCOPES do
-  local s = scope(i, 2)
-  prune(s)
-  local counted = redis.call('HGET', s.wtok, ID)
-  if counted then
-    redis.call('HSET', s.wtok, ID, final)
-    redis.call('INCRBY', s.wsum, final - tonumber(counted))
-  end
-  -- a counter that expired must not be re-created without a TTL
-  if redis.call('EXISTS', s.day) == 1 then redis.call('INCRBY', s.day, final - reserved) end
-  if redis.call('EXISTS', s.mon) == 1 then redis.call('INCRBY', s.mon, final - reserved) end
-  redis.call('ZREM', s.fly, ID)
-end
-redis.call('HSET', KEYS[1], 'state', MODE, 'actual', final)
-return 1
-"""
-
-_SNAPSHOT = _PRELUDE + """
--- KEYS: six per scope. Returns per scope the five usages and µs until the
--- oldest window entry leaves (0 when the window is empty).
-local out = {}
-for i = 1, NSCOPES do
-  local s = scope(i, 1)
-  local u = usage(s)
-  local oldest = redis.call('ZRANGE', s.win, 0, 0, 'WITHSCORES')
-  if oldest[2] then u[6] = tonumber(oldest[2]) + WINDOW - NOW else u[6] = 0 end
-  out[i] = u
-end
-return out
-"""
-
-
-class _Script:
-    """A Lua script run by SHA; after a SCRIPT FLUSH or a Redis restart
-    (NOSCRIPT) it is loaded again and retried once."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    async def __call__(self, client: aioredis.Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await client.script_load(self.source)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-
-
-_RESERVE_SCRIPT = _Script(_RESERVE)
-_FINISH_SCRIPT = _Script(_FINISH)
-_SNAPSHOT_SCRIPT = _Script(_SNAPSHOT)
-
-
 # --- helpers ---------------------------------------------------------------
 
 def _micros(now: float | None) -> int:
@@ -383,16 +168,17 @@ def _limit_args(limits: dict | None, where: str) -> list[int]:
     return [_limit(limits.get(name), f"{where}.{name}") for name in LIMIT_NAMES]
 
 
-def _message(scope: Scope, limit_name: str, limit: int, used: int, tokens: int) -> str:
+_PERIODS = {"minute": "in the last minute", "day": "today", "month": "this month"}
+
+
+def _message(scope: Scope, limit: UsageLimit, value: int, used: int, tokens: int) -> str:
     who = f"{scope.kind} '{scope.name}'"
-    if limit_name == "requests_per_minute":
-        return f"{who} has made {used} of {limit} requests allowed per minute"
-    if limit_name == "in_flight":
-        return f"{who} has {used} of {limit} allowed requests in flight"
-    period = {"tokens_per_minute": "in the last minute", "tokens_per_day": "today",
-              "tokens_per_month": "this month"}[limit_name]
-    text = f"{who} has used {used} of {limit} tokens {period}"
-    if tokens > limit:
+    if limit.cost == "request":
+        if limit.window == "in_flight":
+            return f"{who} has {used} of {value} allowed requests in flight"
+        return f"{who} has made {used} of {value} requests allowed per {limit.window}"
+    text = f"{who} has used {used} of {value} tokens {_PERIODS[limit.window]}"
+    if tokens > value:
         return f"{text}; this request alone needs {tokens}, more than the limit"
     return f"{text}; this request needs {tokens}"
 
@@ -429,7 +215,7 @@ class UsageCounters:
         principal_scope = Scope("principal", principal)
         return (principal_scope,) if team is None else (principal_scope, Scope("team", team))
 
-    async def _run(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def _run(self, script: scripts.Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
             return await script(self._client, keys, args)
         except (RedisError, OSError) as exc:
@@ -442,10 +228,10 @@ class UsageCounters:
         now_us = _micros(now)
         scopes = self._scopes(principal, team)
         keys = [k for s in scopes for k in self._scope_keys(s, now_us)]
-        reply = await self._run(_SNAPSHOT_SCRIPT, keys, [now_us, _WINDOW_US, len(scopes), ""])
+        reply = await self._run(scripts.SNAPSHOT, keys, [now_us, _WINDOW_US, len(scopes), ""])
         views = [
-            {"requests_last_minute": int(u[0]), "tokens_last_minute": int(u[1]), "tokens_today": int(u[2]),
-             "tokens_this_month": int(u[3]), "in_flight": int(u[4]), "minute_window_frees_in_s": _ceil_s(int(u[5]))}
+            {**{limit.counter: int(value) for limit, value in zip(USAGE_LIMITS, u)},
+             MINUTE_WINDOW_FREES_IN: _ceil_s(int(u[len(USAGE_LIMITS)]))}
             for u in reply
         ]
         return {"principal": views[0], "team": views[1] if team is not None else None}
@@ -477,7 +263,7 @@ class UsageCounters:
         args = [now_us, _WINDOW_US, len(scopes), request_id, tokens, now_us + self._fly_ttl_us, _WINDOW_TTL_MS,
                 self._fly_key_ttl_ms, _DAY_TTL_MS, _MONTH_TTL_MS, _RECORD_TTL_MS, day_end, month_end, *limit_args]
         try:
-            reply = await self._run(_RESERVE_SCRIPT, keys, args)
+            reply = await self._run(scripts.RESERVE, keys, args)
         except asyncio.CancelledError:
             # The script may have run although we will never see its reply.
             self._release_in_background(Reservation(request_id, scopes, tokens, now_us / _US), now_us / _US)
@@ -489,10 +275,10 @@ class UsageCounters:
             return Reservation(request_id, scopes, int(reply[2]), int(reply[3]) / _US)
         scope_index, limit_index, limit, used, wait_us = (int(v) for v in reply[1:])
         scope = scopes[scope_index - 1]
-        limit_name = LIMIT_NAMES[limit_index - 1]
-        return Refusal(code=_CODES[limit_name], scope=scope, limit_name=limit_name, limit=limit, used=used,
+        refusing = USAGE_LIMITS[limit_index - 1]
+        return Refusal(code=refusing.code, scope=scope, limit_name=refusing.name, limit=limit, used=used,
                        retry_after_s=max(1, _ceil_s(wait_us)),
-                       message=_message(scope, limit_name, limit, used, tokens))
+                       message=_message(scope, refusing, limit, used, tokens))
 
     async def settle(self, reservation: Reservation, actual_tokens: int, *, now: float | None = None) -> None:
         """The request finished having used ``actual_tokens``: replace the
@@ -518,7 +304,7 @@ class UsageCounters:
         keys += [k for s in reservation.scopes for k in self._scope_keys(s, at_us)]
         args = [_micros(now), _WINDOW_US, len(reservation.scopes), reservation.request_id, mode, actual,
                 _RECORD_TTL_MS]
-        await self._run(_FINISH_SCRIPT, keys, args)
+        await self._run(scripts.FINISH, keys, args)
 
     def _release_in_background(self, reservation: Reservation, now: float) -> None:
         async def release() -> None:

@@ -14,13 +14,12 @@ import math
 from dataclasses import dataclass
 from typing import AbstractSet, Any, Iterator, Literal, Mapping, cast
 
+from gateway.limits.catalogue import LIMIT_NAMES
+
 PromptLogging = Literal["full", "redacted", "hash"]
 
 #: How much of a prompt the audit trail may keep, from most to least.
 PROMPT_LOGGING_LEVELS: tuple[PromptLogging, ...] = ("full", "redacted", "hash")
-
-#: The usage limits a ``limits`` obligation gives for a principal or a team.
-LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month", "in_flight")
 
 #: Queue priorities, 0 the most urgent (Celery's convention on Redis).
 PRIORITY_RANGE = range(0, 10)
@@ -75,7 +74,12 @@ class Redaction:
 
 @dataclass(frozen=True)
 class Limits:
-    """One scope's usage limits (a principal's or a team's); ``None`` is unlimited."""
+    """One scope's usage limits (a principal's or a team's); ``None`` is unlimited.
+
+    One field per ``gateway.limits.catalogue`` entry, in its order (the
+    ``limits`` obligation has exactly these keys; tests/test_limits_catalogue.py
+    holds the two together).
+    """
 
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
