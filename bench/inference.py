@@ -225,7 +225,8 @@ def start_stack(var_dir: Path, models_file: Path, names: list[str]) -> Running:
     """Redis, one worker per model, ``govgate serve``; stopped again if any step fails."""
     from govgate.redis_server import RedisProcess
     from gateway.settings import Settings
-    from govgate.supervisor import Stack, child_env, wait_for_api, wait_for_workers
+    from govgate.stack import Stack, wait_for_api, wait_for_workers
+    from govgate.supervisor import child_env
 
     stack = Stack()
     try:
@@ -574,7 +575,7 @@ def measure_all(args: argparse.Namespace, var_dir: Path, say: Callable[[str], No
 def run(args: argparse.Namespace) -> int:
     """Measure every model, then print the table and the JSON line."""
     from govgate.redis_server import RedisUnavailable
-    from govgate.supervisor import StartupError
+    from govgate.stack import StartupError
     from workers.backends import BackendError
     from workers.contract.registry import RegistryError
 

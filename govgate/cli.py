@@ -62,7 +62,8 @@ def serve() -> None:
 def _check_serve_settings(settings: Settings) -> None:
     """Refuse in one line what would otherwise fail in the app's startup with a traceback."""
     from govgate.redis_server import ping
-    from govgate.supervisor import StartupError, check_port
+    from govgate.stack import StartupError
+    from govgate.supervisor import check_port
     from workers.contract.registry import RegistryError, load_registry
 
     if not settings.redis_url:

@@ -27,15 +27,14 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
 import redis
 
-from govgate.processes import child_preexec, stop_process
+from govgate.processes import child_preexec
 from govgate.redis_server import RedisProcess, RedisUnavailable, ping
+from govgate.stack import Stack, StartupError, check_alive, healthy, ready_hosts
 from gateway.settings import Settings
 from workers.backends import BackendError, ensure_model_file
 from workers.contract.sealing import KeyFileError, load_or_create_key
@@ -46,39 +45,6 @@ if TYPE_CHECKING:
     from gateway.auth import KeyStore
 
 ADMIN_ROLE = "admin"
-
-
-class StartupError(RuntimeError):
-    """The stack could not be brought up; the message says what to do."""
-
-
-@dataclass
-class Stack:
-    """What ``up`` started, in start order (stopped in reverse)."""
-
-    redis: RedisProcess | None = None
-    workers: dict[str, subprocess.Popen] = field(default_factory=dict)
-    api: subprocess.Popen | None = None
-    logs: Path | None = None
-
-    def children(self) -> dict[str, subprocess.Popen]:
-        named = {f"worker {name}": proc for name, proc in self.workers.items()}
-        if self.api is not None:
-            named["api"] = self.api
-        if self.redis is not None:
-            named["redis"] = self.redis.process
-        return named
-
-    def stop(self) -> None:
-        if self.api is not None:
-            stop_process(self.api, timeout_s=15)
-        for proc in self.workers.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.workers.values():
-            stop_process(proc, timeout_s=30)
-        if self.redis is not None:
-            self.redis.stop()
 
 
 def ensure_models(registry: Registry, say: Callable[[str], None], progress_interval_s: float = 1.0) -> None:
@@ -190,72 +156,6 @@ def check_port(host: str, port: int) -> None:
                                "check GOVGATE_HOST and GOVGATE_PORT") from None
 
 
-def _ready_hosts(app, timeout_s: float) -> set[str]:
-    """Model names of the workers that answer a Celery ping now."""
-    names = set()
-    for reply in app.control.ping(timeout=timeout_s) or []:
-        for hostname in reply:
-            names.add(hostname.split("@", 1)[0].rsplit(".", 1)[0])
-    return names
-
-
-def wait_for_workers(redis_url: str, models: list[str], stack: Stack, timeout_s: float = 120) -> None:
-    """Block until a worker of every model answers a Celery ping."""
-    from workers.contract.celery_config import make_celery
-
-    app = make_celery(redis_url)
-    waiting = set(models)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while waiting and time.monotonic() < deadline:
-            _check_alive(stack)
-            waiting -= _ready_hosts(app, 0.5)
-    finally:
-        app.close()
-    if waiting:
-        raise StartupError(f"no worker answered for {sorted(waiting)} within {timeout_s:.0f}s")
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def wait_for_api(url: str, stack: Stack, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        _check_alive(stack)
-        if _healthy(url):
-            return
-        time.sleep(0.1)
-    raise StartupError(f"the API did not become healthy at {url} within {timeout_s:.0f}s")
-
-
-def _check_alive(stack: Stack) -> None:
-    for name, proc in stack.children().items():
-        code = proc.poll()
-        if code is not None:
-            if not stack.logs or name == "redis":
-                raise StartupError(f"{name} exited with code {code}")
-            log = stack.logs / (name.replace(" ", "-") + ".log")
-            last = _last_line(log)
-            raise StartupError(f"{name} exited with code {code}{': ' + last if last else ''} (see {log})")
-
-
-def _last_line(log: Path) -> str:
-    """The last non-blank line of a child's log: usually the reason it stopped."""
-    try:
-        with log.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
-
-
 def start_order(registry: Registry) -> list[str]:
     """Model names, cheapest to load first: by file size; a missing file counts as
     large, except the tiny test model (govgate writes it in a moment)."""
@@ -324,14 +224,14 @@ class Launcher:
 
     def poll(self, timeout_s: float = 120, api_timeout_s: float = 60) -> list[str]:
         """Check once; the models whose workers became ready since the last call."""
-        _check_alive(self.stack)
+        check_alive(self.stack)
         if not self.api_ready and self.stack.api is not None:
-            self.api_ready = _healthy(self.health_url)
+            self.api_ready = healthy(self.health_url)
             if not self.api_ready and time.monotonic() - self.api_started > api_timeout_s:
                 raise StartupError(f"the API did not become healthy at {self.health_url} within {api_timeout_s:.0f}s")
         if not self.pending:
             return []
-        answering = _ready_hosts(self.celery, 0.25)
+        answering = ready_hosts(self.celery, 0.25)
         ready = [name for name in self.pending if name in answering and self._loaded(name)]
         for name in ready:
             del self.pending[name]
