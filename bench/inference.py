@@ -538,7 +538,7 @@ def prepare_models(args: argparse.Namespace, var_dir: Path, say: Callable[[str],
     Why here: a worker would assemble Gemma itself, silently and inside the
     start-up timeout; the supervisor's routine prints progress instead.
     """
-    from govgate.supervisor import ensure_models
+    from govgate.model_files import ensure_models
     from workers.contract.registry import Registry
 
     specs = write_registry(bench_specs(args.model_names, var_dir, args.models_dir), var_dir)

