@@ -17,7 +17,7 @@ def _open_database(settings: Settings):
     """The database engine with its schema up to date, or a one-line error naming the setting."""
     from audit import AuditError
     from gateway.auth import KeyStoreError
-    from gateway.db import DatabaseError, open_database
+    from gateway.db_setup import DatabaseError, open_database
 
     try:
         return open_database(settings)

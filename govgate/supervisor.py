@@ -197,7 +197,7 @@ def prepare_database(settings: Settings) -> str | None:
     """Bring the schema up to date and make sure an admin key exists; its secret if made now."""
     from audit import AuditError
     from gateway.auth import KeyStore, KeyStoreError
-    from gateway.db import DatabaseError, open_database
+    from gateway.db_setup import DatabaseError, open_database
 
     try:
         engine = open_database(settings)
