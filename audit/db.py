@@ -203,7 +203,7 @@ def migration_options() -> dict[str, Any]:
     Own version table, and autogenerate only looks at audit tables, so the
     gateway's tables and history in the same database are never touched.
     """
-    from .models import audit_metadata  # models import SQLModel; only needed here
+    from .tables import audit_metadata  # the tables import SQLModel; only needed here
 
     def include_name(name: str | None, type_: str, _parents: Any) -> bool:
         return type_ != "table" or name in audit_metadata.tables

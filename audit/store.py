@@ -26,7 +26,7 @@ from .db import APPEND_LOCK_KEY, DB_ERRORS, describe, locked_transaction, reason
 from .entry import AuditEntry
 from .errors import AuditError, CorruptEntryError, DuplicateTerminalError, InvalidEntryError
 from .kinds import KINDS, TERMINAL_KINDS
-from .models import NAME_LEN, audit_table
+from .tables import NAME_LEN, audit_table
 
 _t = audit_table.c
 

@@ -225,7 +225,8 @@ def start_stack(var_dir: Path, models_file: Path, names: list[str]) -> Running:
     """Redis, one worker per model, ``govgate serve``; stopped again if any step fails."""
     from govgate.redis_server import RedisProcess
     from gateway.settings import Settings
-    from govgate.supervisor import Stack, child_env, wait_for_api, wait_for_workers
+    from govgate.stack import Stack, wait_for_api, wait_for_workers
+    from govgate.supervisor import child_env
 
     stack = Stack()
     try:
@@ -537,7 +538,7 @@ def prepare_models(args: argparse.Namespace, var_dir: Path, say: Callable[[str],
     Why here: a worker would assemble Gemma itself, silently and inside the
     start-up timeout; the supervisor's routine prints progress instead.
     """
-    from govgate.supervisor import ensure_models
+    from govgate.model_files import ensure_models
     from workers.contract.registry import Registry
 
     specs = write_registry(bench_specs(args.model_names, var_dir, args.models_dir), var_dir)
@@ -574,7 +575,7 @@ def measure_all(args: argparse.Namespace, var_dir: Path, say: Callable[[str], No
 def run(args: argparse.Namespace) -> int:
     """Measure every model, then print the table and the JSON line."""
     from govgate.redis_server import RedisUnavailable
-    from govgate.supervisor import StartupError
+    from govgate.stack import StartupError
     from workers.backends import BackendError
     from workers.contract.registry import RegistryError
 

@@ -311,7 +311,8 @@ def start_govgate(var_dir: Path) -> Started:
     from gateway.components import open_database
     from govgate.redis_server import RedisProcess
     from gateway.settings import Settings
-    from govgate.supervisor import Stack, child_env, wait_for_api, wait_for_workers
+    from govgate.stack import Stack, wait_for_api, wait_for_workers
+    from govgate.supervisor import child_env
     from workers.contract.registry import TINY_MODEL_NAME
 
     stack = Stack()
@@ -343,7 +344,7 @@ def start_govgate(var_dir: Path) -> Started:
 
 def start_baseline(var_dir: Path) -> Started:
     """The bare Litestar app in its own uvicorn process (this file, ``--serve-baseline``)."""
-    from govgate.supervisor import Stack, wait_for_api
+    from govgate.stack import Stack, wait_for_api
 
     port = free_port()
     stack = Stack(api=spawn([str(Path(__file__).resolve()), "--serve-baseline", str(port)],
@@ -509,7 +510,7 @@ def _log_tails(var_dir: Path, lines: int = 15) -> Iterator[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Measure govgate, then the baseline, and print the table and the JSON line."""
-    from govgate.supervisor import StartupError
+    from govgate.stack import StartupError
     from govgate.redis_server import RedisUnavailable
 
     def say(line: str) -> None:

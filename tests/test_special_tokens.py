@@ -103,7 +103,7 @@ def test_a_file_without_token_types_hides_nothing(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_gemma_markers_are_hidden_and_its_text_tokens_kept(tmp_path: Path) -> None:
-    from govgate.supervisor import ensure_models
+    from govgate.model_files import ensure_models
     from workers.contract.registry import DEFAULT_MODEL_NAME, Registry, default_registry
 
     spec = default_registry(tmp_path).get(DEFAULT_MODEL_NAME)

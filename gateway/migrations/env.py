@@ -1,10 +1,10 @@
-"""Alembic environment for the gateway's tables; run via gateway.db.migrate_gateway."""
+"""Alembic environment for the gateway's tables; run via gateway.db_setup.migrate_gateway."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from gateway.db import VERSION_TABLE, gateway_metadata
+from gateway.db_setup import VERSION_TABLE, gateway_metadata
 
 
 def _include_name(name: str | None, type_: str, _parents: dict[str, str | None]) -> bool:
@@ -22,7 +22,7 @@ if context.is_offline_mode():
 else:
     connection = context.config.attributes.get("connection")
     if connection is None:
-        raise RuntimeError("run gateway migrations via gateway.db.migrate_gateway(engine)")
+        raise RuntimeError("run gateway migrations via gateway.db_setup.migrate_gateway(engine)")
     context.configure(connection=connection, **_common)
 with context.begin_transaction():
     context.run_migrations()

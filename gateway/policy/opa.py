@@ -6,45 +6,27 @@ and answers with the same :class:`Decision` as the embedded engine, so the
 gateway cannot tell the two apart, and ``tests/test_policy_cases.py`` holds
 them to the same answers.
 
-Three things the client does not do for us, and why they are done here:
-
-* **Fail closed within the timeout.** The client retries a POST that OPA
-  answers with 500/502/504 and a refused connection (about 0.9 s of
-  back-off), and surfaces HTTP failures as raw ``aiohttp`` exceptions. Here
-  retries are off, every evaluation is bounded by ``timeout_s`` with
-  ``asyncio.wait_for``, and no failure lets a request through: a slow or
-  broken OPA must never stall or crash a request. An OPA that does not
-  answer in time or cannot be reached (refused or dropped connection, a
-  proxy's 502/503/504) gives :meth:`Decision.unavailable`, which the gateway
-  refuses with a retryable 503; an error OPA reports about the evaluation
-  (HTTP 500, say), no decision or a malformed one is a deny. As with the
-  embedded engine's evaluators, waiting for one of the session's connections
-  is bounded apart (``wait_timeout_s``), so a burst does not use up the
-  evaluation's time in line.
-* **Upload policies verbatim.** ``update_policy_from_string`` defaults to
-  ``rego_compat=True``, which rewrites a module that OPA refuses (old Rego
-  syntax) with regular expressions and uploads the rewrite without a word;
-  ``update_policy_from_file`` cannot turn that off. Modules are therefore
-  uploaded as strings with ``rego_compat=False``: a module OPA refuses is a
-  load error, never a silently different policy.
-* **Prove which policy OPA holds.** Every audit entry names the policy
-  revision that decided it. After loading (or, when OPA loaded the folder
-  itself, instead of loading), the engine reads the modules and data back
-  from OPA and computes the revision over them exactly as over the local
-  folder (:func:`gateway.policy.revision.compute_revision`). A mismatch is a
-  :class:`PolicyLoadError` naming both revisions; the gateway never records
-  a revision OPA is not evaluating.
+**Fail closed within the timeout.** The client retries a POST that OPA
+answers with 500/502/504 and a refused connection (about 0.9 s of back-off),
+and surfaces HTTP failures as raw ``aiohttp`` exceptions. Here retries are
+off, every evaluation is bounded by ``timeout_s`` with ``asyncio.wait_for``,
+and no failure lets a request through: a slow or broken OPA must never stall
+or crash a request. An OPA that does not answer in time or cannot be reached
+(refused or dropped connection, a proxy's 502/503/504) gives
+:meth:`Decision.unavailable`, which the gateway refuses with a retryable
+503; an error OPA reports about the evaluation (HTTP 500, say), no decision
+or a malformed one is a deny. As with the embedded engine's evaluators,
+waiting for one of the session's connections is bounded apart
+(``wait_timeout_s``), so a burst does not use up the evaluation's time in
+line.
 
 Two ways to get the policy into OPA. Production lets OPA load the folder
 itself (``opa run --server /policies``; ``load=False``): the gateway only
-proves the revision. With ``load=True`` the gateway uploads the folder. OPA's
-REST API takes one module at a time and compiles it with those it already
-holds, so a folder whose modules use each other's rules both ways (as
-``policies/`` does) can be uploaded over an OPA that already holds a version
-of it (a reload), but not into an empty one; see :func:`_apply`. A reload
-that fails puts the previous policy back; if even that cannot be verified,
-the engine denies every request until a reload succeeds, rather than record
-a revision that may not be the one in force.
+proves the revision. With ``load=True`` the gateway uploads the folder
+(:mod:`gateway.policy.opa_sync` does both). A reload that fails puts the
+previous policy back; if even that cannot be verified, the engine denies
+every request until a reload succeeds, rather than record a revision that
+may not be the one in force.
 """
 
 from __future__ import annotations
@@ -71,7 +53,8 @@ from gateway.policy.engine import (
     VISIBLE_MODELS_RULE,
     PolicyLoadError,
 )
-from gateway.policy.revision import PolicyFilesError, PolicySnapshot, compute_revision, module_name, read_policy
+from gateway.policy.opa_sync import describe_error, read_back, read_snapshot, upload_policy, verify_policy
+from gateway.policy.revision import PolicySnapshot, compute_revision
 
 log = logging.getLogger("govgate.policy")
 
@@ -81,8 +64,6 @@ ADMIN_TIMEOUT_S = 30.0
 #: How long :meth:`OpaPolicyEngine.connect` waits for OPA's ``/health`` by default
 #: (OPA may still be starting beside the gateway).
 READY_TIMEOUT_S = 10.0
-
-_TEST_SUFFIX = "_test.rego"
 
 #: Decisions in flight at once: the connection limit of the aiohttp session
 #: opa-python-client opens (aiohttp's default). More would only queue inside
@@ -190,7 +171,7 @@ class OpaPolicyEngine:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
         address = OpaAddress.parse(url)
-        snapshot = _read(Path(policy_dir))
+        snapshot = read_snapshot(Path(policy_dir))
         engine = cls(address, url.strip().rstrip("/"), snapshot, Path(policy_dir), timeout_s, load, wait_timeout_s)
         async with engine._admin("reach OPA") as client:
             try:
@@ -202,9 +183,9 @@ class OpaPolicyEngine:
                     from None
         if load:
             async with engine._admin("load the policy into OPA") as client:
-                await _apply(client, snapshot)
+                await upload_policy(client, snapshot)
         async with engine._admin("read the policy back from OPA") as client:
-            await _verify(client, snapshot, engine._url, Path(policy_dir))
+            await verify_policy(client, snapshot, engine._url, Path(policy_dir))
         # The decision session: its own timeout is only a backstop behind wait_for.
         engine._client = await engine._stack.enter_async_context(address.client(timeout_s + 1.0))
         log.info("policy revision %s on OPA at %s (%s)", snapshot.revision, engine._url,
@@ -278,13 +259,13 @@ class OpaPolicyEngine:
         """
         folder = Path(policy_dir) if policy_dir is not None else self._policy_dir
         async with self._reload_lock:
-            snapshot = _read(folder)
+            snapshot = read_snapshot(folder)
             try:
                 if self._load:
                     async with self._admin("load the policy into OPA") as client:
-                        await _apply(client, snapshot)
+                        await upload_policy(client, snapshot)
                 async with self._admin("read the policy back from OPA") as client:
-                    await _verify(client, snapshot, self._url, folder)
+                    await verify_policy(client, snapshot, self._url, folder)
             except PolicyLoadError:
                 await self._restore()
                 raise
@@ -303,7 +284,7 @@ class OpaPolicyEngine:
         async with self._reload_lock:
             try:
                 async with self._admin("read the policy back from OPA") as client:
-                    await _verify(client, self._snapshot, self._url, self._policy_dir)
+                    await verify_policy(client, self._snapshot, self._url, self._policy_dir)
             except PolicyLoadError as exc:
                 self._out_of_sync = str(exc)
                 raise
@@ -313,7 +294,7 @@ class OpaPolicyEngine:
     async def remote_revision(self) -> str:
         """The revision of what OPA holds now, computed as for a folder (for operators and tests)."""
         async with self._admin("read the policy back from OPA") as client:
-            modules, data = await _read_back(client, self._snapshot.base_data().keys())
+            modules, data = await read_back(client, self._snapshot.base_data().keys())
         return compute_revision(modules, data)
 
     async def aclose(self) -> None:
@@ -372,9 +353,9 @@ class OpaPolicyEngine:
         try:
             if self._load:
                 async with self._admin("restore the previous policy on OPA") as client:
-                    await _apply(client, self._snapshot)
+                    await upload_policy(client, self._snapshot)
             async with self._admin("read the policy back from OPA") as client:
-                await _verify(client, self._snapshot, self._url, self._policy_dir)
+                await verify_policy(client, self._snapshot, self._url, self._policy_dir)
         except PolicyLoadError as exc:
             self._out_of_sync = str(exc)
             log.error("OPA at %s no longer holds policy revision %s; denying until a reload succeeds: %s",
@@ -391,173 +372,7 @@ class OpaPolicyEngine:
         except PolicyLoadError:
             raise
         except _REQUEST_ERRORS as exc:
-            raise PolicyLoadError(f"could not {what} at {self._url}: {_describe(exc)}") from None
-
-
-def _read(policy_dir: Path) -> PolicySnapshot:
-    try:
-        snapshot = read_policy(policy_dir)
-        snapshot.base_data()  # a bad data file fails here, not halfway through a load
-    except PolicyFilesError as exc:
-        raise PolicyLoadError(str(exc)) from None
-    return snapshot
-
-
-async def _apply(client: AsyncOpaClient, snapshot: PolicySnapshot) -> None:
-    """Make OPA's modules and base data exactly the snapshot's.
-
-    OPA's REST API takes one module at a time and compiles it together with
-    the modules it already holds, so the order matters: a module that calls
-    another's function is refused until that one is in. Modules are therefore
-    put in rounds, each retrying what the last refused, while rounds make
-    progress. A module OPA already holds under a longer id (``opa run`` names
-    modules by their path, e.g. ``policies/govgate.rego``) is replaced under
-    that id, in place. If modules are still refused, an old module may be in
-    the way (a renamed file, a rule moved between files): the modules the
-    folder no longer has are deleted and the rounds tried once more.
-
-    Modules of one package that use each other's rules both ways cannot be
-    put into an OPA that holds none of them, in any order: OPA has to load
-    such a folder itself (``opa run --server <folder>``, and ``load=False``).
-    The data goes in one request (``PUT /v1/data``), which also drops data
-    the policy no longer has.
-    """
-    existing = set(await client.get_policies_list())
-    wanted = {_opa_id(rel, existing): text for rel, text in snapshot.modules}
-    stale = existing - wanted.keys()
-    refused = await _put_in_rounds(client, wanted)
-    if refused and stale:
-        log.info("OPA refused %s beside the old modules; deleting %s and trying again",
-                 ", ".join(refused), ", ".join(sorted(stale)))
-        stale = await _delete_in_rounds(client, stale)
-        refused = await _put_in_rounds(client, {pid: wanted[pid] for pid in refused})
-    if refused:
-        detail = "; ".join(f"{pid}: {error}" for pid, error in refused.items())
-        hint = "" if len(refused) < 2 else (
-            " (OPA compiles each uploaded module with those it already holds, so modules that use each other's "
-            "rules cannot be uploaded one at a time: start OPA with the folder, `opa run --server <folder>`, "
-            "and connect with load=False)")
-        raise PolicyLoadError(f"OPA refused module {detail}{hint}")
-    try:
-        await client.update_or_create_data(snapshot.base_data(), "")
-    except RegoParseError as exc:
-        raise PolicyLoadError(f"OPA refused the policy's data: {_describe(exc)}") from None
-    left = await _delete_in_rounds(client, stale)
-    if left:
-        raise PolicyLoadError(f"OPA refused to delete modules the folder does not have: {', '.join(sorted(left))}")
-
-
-def _opa_id(rel: str, existing: set[str]) -> str:
-    """The id to put module ``rel`` under: OPA's own id for that file when it has exactly one, else ``rel``."""
-    if rel in existing:
-        return rel
-    same_file = [pid for pid in existing if pid.endswith("/" + rel)]
-    return same_file[0] if len(same_file) == 1 else rel
-
-
-async def _put_in_rounds(client: AsyncOpaClient, modules: dict[str, str]) -> dict[str, str]:
-    """Put modules, retrying refused ones while a round makes progress; the refused ones and why."""
-    pending = dict(modules)
-    refused: dict[str, str] = {}
-    while pending:
-        refused = {}
-        for policy_id, text in pending.items():
-            try:
-                # rego_compat=False: upload exactly this text or fail.
-                await client.update_policy_from_string(text, policy_id, rego_compat=False)
-            except (RegoParseError, TypeException) as exc:
-                refused[policy_id] = _describe(exc)
-        if len(refused) == len(pending):
-            break
-        pending = {pid: pending[pid] for pid in refused}
-    return refused
-
-
-async def _delete_in_rounds(client: AsyncOpaClient, ids: set[str]) -> set[str]:
-    """Delete modules (a module others use is refused until they are gone); the ones left."""
-    pending = set(ids)
-    while pending:
-        left = set()
-        for policy_id in sorted(pending):
-            try:
-                await client.delete_policy(policy_id)
-            except DeletePolicyError as exc:
-                if exc.expression != "resource_not_found":
-                    left.add(policy_id)
-        if len(left) == len(pending):
-            break
-        pending = left
-    return pending
-
-
-async def _read_back(client: AsyncOpaClient, data_keys: Any) -> tuple[list[tuple[str, str]], dict[str, Any]]:
-    """OPA's modules (tests excluded, as locally) and its data under the policy's top-level keys.
-
-    Only the keys the local policy has are read: ``GET /v1/data`` would also
-    evaluate every rule of every package. Data OPA holds under other keys is
-    not seen (no rule of this policy can read it unless the folder has it).
-    """
-    modules = []
-    for policy_id in await client.get_policies_list():
-        if module_name(policy_id).endswith(_TEST_SUFFIX):
-            continue
-        raw = (await client.get_policy(policy_id)).get("result", {}).get("raw")
-        if not isinstance(raw, str):
-            raise PolicyLoadError(f"OPA gave no text for module {policy_id}")
-        modules.append((policy_id, raw))
-    data = {}
-    for key in data_keys:
-        try:
-            data[key] = (await client.get_data(key))["result"]
-        except PolicyNotFoundError:
-            continue  # absent on OPA: the revision will differ
-    return modules, data
-
-
-async def _verify(client: AsyncOpaClient, snapshot: PolicySnapshot, url: str, folder: Path) -> None:
-    """Raise ``PolicyLoadError`` unless OPA holds exactly the snapshot's policy."""
-    local_data = snapshot.base_data()
-    modules, data = await _read_back(client, local_data.keys())
-    remote = compute_revision(modules, data)
-    if remote != snapshot.revision:
-        raise PolicyLoadError(
-            f"OPA at {url} holds policy revision {remote}, but {folder} is revision {snapshot.revision} "
-            f"({_difference(snapshot.module_entries(), modules, local_data, data)})"
-        )
-    # As the embedded engine refuses at load a policy without its entry points:
-    # on OPA a missing rule would only show as every request denied.
-    info = await client.get_policies_info()
-    defined = {rule_url.removeprefix(client.root_url + "/") for policy in info.values() for rule_url in policy["rules"]}
-    for rule in (DECISION_RULE, VISIBLE_MODELS_RULE):
-        if rule.replace(".", "/") not in defined:
-            raise PolicyLoadError(f"the policy in {folder} defines no rule {rule}")
-
-
-def _difference(local_modules: list[tuple[str, str]], remote_modules: list[tuple[str, str]],
-                local_data: dict[str, Any], remote_data: dict[str, Any]) -> str:
-    """Which modules and data keys differ, for the operator reading the error."""
-    local = {module_name(n): t for n, t in local_modules}
-    remote: dict[str, str | None] = {}
-    for name, text in remote_modules:
-        # Two OPA modules with one file name cannot both match one local file.
-        remote[module_name(name)] = None if module_name(name) in remote else text
-    parts = []
-    only_opa = sorted(remote.keys() - local.keys())
-    only_local = sorted(local.keys() - remote.keys())
-    changed = sorted(n for n in local.keys() & remote.keys() if local[n] != remote[n])
-    changed_data = sorted(k for k in local_data if local_data[k] != remote_data.get(k, _MISSING))
-    if only_opa:
-        parts.append(f"modules only on OPA: {', '.join(only_opa)}")
-    if only_local:
-        parts.append(f"modules missing on OPA: {', '.join(only_local)}")
-    if changed:
-        parts.append(f"modules that differ: {', '.join(changed)}")
-    if changed_data:
-        parts.append(f"data that differs: {', '.join('data.' + k for k in changed_data)}")
-    return "; ".join(parts) or "the same files, different content"
-
-
-_MISSING = object()
+            raise PolicyLoadError(f"could not {what} at {self._url}: {describe_error(exc)}") from None
 
 
 def _deny(code: str, message: str) -> Decision:
@@ -568,16 +383,3 @@ def _deny(code: str, message: str) -> Decision:
 def _unavailable(message: str) -> Decision:
     log.warning("policy unavailable: %s", message)
     return Decision.unavailable(message, retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
-
-
-def _describe(exc: BaseException) -> str:
-    """One line for an error from the client, aiohttp or OPA (the client's errors have no useful str)."""
-    if isinstance(exc, RegoParseError):
-        return str(exc).strip("()")
-    if isinstance(exc, (ConnectionsError, DeletePolicyError, PolicyNotFoundError)):
-        return f"{exc.expression}: {exc.message}"
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return f"HTTP {exc.status} {exc.message}"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

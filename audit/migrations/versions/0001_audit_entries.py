@@ -4,7 +4,7 @@ Revision ID: audit_0001
 Revises:
 Create Date: 2025-11-26
 
-Frozen copy of the schema at this revision (no imports from audit.models, so
+Frozen copy of the schema at this revision (no imports from audit.tables, so
 later model changes cannot rewrite history).
 """
 

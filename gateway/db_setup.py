@@ -1,9 +1,11 @@
-"""The gateway's own tables (API keys) and their Alembic history.
+"""Setting up the database: the gateway's own tables (API keys), their Alembic
+history, and :func:`open_database`, which brings both packages' schemas up to date.
 
-They live in the same database as the audit log but keep a separate Alembic
-version table, so each package evolves its schema on its own. Migrations run
-under the audit store's cross-process lock (a different key), so a gateway
-and workers starting together do not race to create tables.
+The gateway's tables live in the same database as the audit log but keep a
+separate Alembic version table, so each package evolves its schema on its
+own. Migrations run under the audit store's cross-process lock (a different
+key), so a gateway and workers starting together do not race to create
+tables.
 """
 
 from __future__ import annotations

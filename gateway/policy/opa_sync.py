@@ -1,0 +1,222 @@
+"""Putting a policy folder into OPA, and proving which policy OPA holds.
+
+The OPA engine (:mod:`gateway.policy.opa`) calls these when it connects and
+on every reload. Two things the client does not do for us, and why:
+
+* **Upload policies verbatim.** ``update_policy_from_string`` defaults to
+  ``rego_compat=True``, which rewrites a module that OPA refuses (old Rego
+  syntax) with regular expressions and uploads the rewrite without a word;
+  ``update_policy_from_file`` cannot turn that off. Modules are therefore
+  uploaded as strings with ``rego_compat=False``: a module OPA refuses is a
+  load error, never a silently different policy.
+* **Prove which policy OPA holds.** Every audit entry names the policy
+  revision that decided it. After loading (or, when OPA loaded the folder
+  itself, instead of loading), the modules and data are read back from OPA
+  and the revision computed over them exactly as over the local folder
+  (:func:`gateway.policy.revision.compute_revision`). A mismatch is a
+  :class:`PolicyLoadError` naming both revisions; the gateway never records
+  a revision OPA is not evaluating.
+
+OPA's REST API takes one module at a time and compiles it with those it
+already holds, so a folder whose modules use each other's rules both ways
+(as ``policies/`` does) can be uploaded over an OPA that already holds a
+version of it (a reload), but not into an empty one; see
+:func:`upload_policy`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from opa_client import AsyncOpaClient
+from opa_client.errors import ConnectionsError, DeletePolicyError, PolicyNotFoundError, RegoParseError, TypeException
+
+from gateway.policy.engine import DECISION_RULE, VISIBLE_MODELS_RULE, PolicyLoadError
+from gateway.policy.revision import PolicyFilesError, PolicySnapshot, compute_revision, module_name, read_policy
+
+log = logging.getLogger("govgate.policy")
+
+_TEST_SUFFIX = "_test.rego"
+
+
+def read_snapshot(policy_dir: Path) -> PolicySnapshot:
+    """The folder's policy; a folder that cannot be read is a ``PolicyLoadError``."""
+    try:
+        snapshot = read_policy(policy_dir)
+        snapshot.base_data()  # a bad data file fails here, not halfway through a load
+    except PolicyFilesError as exc:
+        raise PolicyLoadError(str(exc)) from None
+    return snapshot
+
+
+async def upload_policy(client: AsyncOpaClient, snapshot: PolicySnapshot) -> None:
+    """Make OPA's modules and base data exactly the snapshot's.
+
+    OPA's REST API takes one module at a time and compiles it together with
+    the modules it already holds, so the order matters: a module that calls
+    another's function is refused until that one is in. Modules are therefore
+    put in rounds, each retrying what the last refused, while rounds make
+    progress. A module OPA already holds under a longer id (``opa run`` names
+    modules by their path, e.g. ``policies/govgate.rego``) is replaced under
+    that id, in place. If modules are still refused, an old module may be in
+    the way (a renamed file, a rule moved between files): the modules the
+    folder no longer has are deleted and the rounds tried once more.
+
+    Modules of one package that use each other's rules both ways cannot be
+    put into an OPA that holds none of them, in any order: OPA has to load
+    such a folder itself (``opa run --server <folder>``, and ``load=False``).
+    The data goes in one request (``PUT /v1/data``), which also drops data
+    the policy no longer has.
+    """
+    existing = set(await client.get_policies_list())
+    wanted = {_opa_id(rel, existing): text for rel, text in snapshot.modules}
+    stale = existing - wanted.keys()
+    refused = await _put_in_rounds(client, wanted)
+    if refused and stale:
+        log.info("OPA refused %s beside the old modules; deleting %s and trying again",
+                 ", ".join(refused), ", ".join(sorted(stale)))
+        stale = await _delete_in_rounds(client, stale)
+        refused = await _put_in_rounds(client, {pid: wanted[pid] for pid in refused})
+    if refused:
+        detail = "; ".join(f"{pid}: {error}" for pid, error in refused.items())
+        hint = "" if len(refused) < 2 else (
+            " (OPA compiles each uploaded module with those it already holds, so modules that use each other's "
+            "rules cannot be uploaded one at a time: start OPA with the folder, `opa run --server <folder>`, "
+            "and connect with load=False)")
+        raise PolicyLoadError(f"OPA refused module {detail}{hint}")
+    try:
+        await client.update_or_create_data(snapshot.base_data(), "")
+    except RegoParseError as exc:
+        raise PolicyLoadError(f"OPA refused the policy's data: {describe_error(exc)}") from None
+    left = await _delete_in_rounds(client, stale)
+    if left:
+        raise PolicyLoadError(f"OPA refused to delete modules the folder does not have: {', '.join(sorted(left))}")
+
+
+def _opa_id(rel: str, existing: set[str]) -> str:
+    """The id to put module ``rel`` under: OPA's own id for that file when it has exactly one, else ``rel``."""
+    if rel in existing:
+        return rel
+    same_file = [pid for pid in existing if pid.endswith("/" + rel)]
+    return same_file[0] if len(same_file) == 1 else rel
+
+
+async def _put_in_rounds(client: AsyncOpaClient, modules: dict[str, str]) -> dict[str, str]:
+    """Put modules, retrying refused ones while a round makes progress; the refused ones and why."""
+    pending = dict(modules)
+    refused: dict[str, str] = {}
+    while pending:
+        refused = {}
+        for policy_id, text in pending.items():
+            try:
+                # rego_compat=False: upload exactly this text or fail.
+                await client.update_policy_from_string(text, policy_id, rego_compat=False)
+            except (RegoParseError, TypeException) as exc:
+                refused[policy_id] = describe_error(exc)
+        if len(refused) == len(pending):
+            break
+        pending = {pid: pending[pid] for pid in refused}
+    return refused
+
+
+async def _delete_in_rounds(client: AsyncOpaClient, ids: set[str]) -> set[str]:
+    """Delete modules (a module others use is refused until they are gone); the ones left."""
+    pending = set(ids)
+    while pending:
+        left = set()
+        for policy_id in sorted(pending):
+            try:
+                await client.delete_policy(policy_id)
+            except DeletePolicyError as exc:
+                if exc.expression != "resource_not_found":
+                    left.add(policy_id)
+        if len(left) == len(pending):
+            break
+        pending = left
+    return pending
+
+
+async def read_back(client: AsyncOpaClient, data_keys: Any) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """OPA's modules (tests excluded, as locally) and its data under the policy's top-level keys.
+
+    Only the keys the local policy has are read: ``GET /v1/data`` would also
+    evaluate every rule of every package. Data OPA holds under other keys is
+    not seen (no rule of this policy can read it unless the folder has it).
+    """
+    modules = []
+    for policy_id in await client.get_policies_list():
+        if module_name(policy_id).endswith(_TEST_SUFFIX):
+            continue
+        raw = (await client.get_policy(policy_id)).get("result", {}).get("raw")
+        if not isinstance(raw, str):
+            raise PolicyLoadError(f"OPA gave no text for module {policy_id}")
+        modules.append((policy_id, raw))
+    data = {}
+    for key in data_keys:
+        try:
+            data[key] = (await client.get_data(key))["result"]
+        except PolicyNotFoundError:
+            continue  # absent on OPA: the revision will differ
+    return modules, data
+
+
+async def verify_policy(client: AsyncOpaClient, snapshot: PolicySnapshot, url: str, folder: Path) -> None:
+    """Raise ``PolicyLoadError`` unless OPA holds exactly the snapshot's policy."""
+    local_data = snapshot.base_data()
+    modules, data = await read_back(client, local_data.keys())
+    remote = compute_revision(modules, data)
+    if remote != snapshot.revision:
+        raise PolicyLoadError(
+            f"OPA at {url} holds policy revision {remote}, but {folder} is revision {snapshot.revision} "
+            f"({_difference(snapshot.module_entries(), modules, local_data, data)})"
+        )
+    # As the embedded engine refuses at load a policy without its entry points:
+    # on OPA a missing rule would only show as every request denied.
+    info = await client.get_policies_info()
+    defined = {rule_url.removeprefix(client.root_url + "/") for policy in info.values() for rule_url in policy["rules"]}
+    for rule in (DECISION_RULE, VISIBLE_MODELS_RULE):
+        if rule.replace(".", "/") not in defined:
+            raise PolicyLoadError(f"the policy in {folder} defines no rule {rule}")
+
+
+def _difference(local_modules: list[tuple[str, str]], remote_modules: list[tuple[str, str]],
+                local_data: dict[str, Any], remote_data: dict[str, Any]) -> str:
+    """Which modules and data keys differ, for the operator reading the error."""
+    local = {module_name(n): t for n, t in local_modules}
+    remote: dict[str, str | None] = {}
+    for name, text in remote_modules:
+        # Two OPA modules with one file name cannot both match one local file.
+        remote[module_name(name)] = None if module_name(name) in remote else text
+    parts = []
+    only_opa = sorted(remote.keys() - local.keys())
+    only_local = sorted(local.keys() - remote.keys())
+    changed = sorted(n for n in local.keys() & remote.keys() if local[n] != remote[n])
+    changed_data = sorted(k for k in local_data if local_data[k] != remote_data.get(k, _MISSING))
+    if only_opa:
+        parts.append(f"modules only on OPA: {', '.join(only_opa)}")
+    if only_local:
+        parts.append(f"modules missing on OPA: {', '.join(only_local)}")
+    if changed:
+        parts.append(f"modules that differ: {', '.join(changed)}")
+    if changed_data:
+        parts.append(f"data that differs: {', '.join('data.' + k for k in changed_data)}")
+    return "; ".join(parts) or "the same files, different content"
+
+
+_MISSING = object()
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an error from the client, aiohttp or OPA (the client's errors have no useful str)."""
+    if isinstance(exc, RegoParseError):
+        return str(exc).strip("()")
+    if isinstance(exc, (ConnectionsError, DeletePolicyError, PolicyNotFoundError)):
+        return f"{exc.expression}: {exc.message}"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"HTTP {exc.status} {exc.message}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

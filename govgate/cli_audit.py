@@ -1,0 +1,57 @@
+"""``govgate audit``: read and verify the audit log."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from govgate.cli_common import audit_engine
+
+
+@click.group()
+def audit() -> None:
+    """Read and verify the audit log."""
+
+
+@audit.command("tail")
+@click.option("-n", "count", default=20, show_default=True, help="How many of the newest entries.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def audit_tail(count: int, as_json: bool) -> None:
+    """Show the newest audit entries."""
+    from audit import AuditStore
+
+    for entry in AuditStore(audit_engine()).tail(count):
+        if as_json:
+            click.echo(json.dumps(entry.to_document(), sort_keys=True, default=str))
+        else:
+            click.echo(f"{entry.seq:>6} {entry.created_at} {entry.kind:<10} {entry.request_id} "
+                       f"{entry.principal or '-'} {entry.model or '-'} {_summary(entry)}")
+
+
+def _summary(entry) -> str:
+    body = entry.body
+    if entry.kind == "request":
+        decision = body.get("decision", {})
+        if decision.get("unavailable"):  # no decision could be had: refused with 503, not denied
+            return "unavailable"
+        verdict = "allow" if decision.get("allow") else "deny " + ",".join(r.get("code", "?") for r in decision.get("reasons", []))
+        return verdict
+    if entry.kind == "completion":
+        usage = body.get("usage", {})
+        return f"{body.get('finish_reason')} {usage.get('prompt_tokens')}+{usage.get('completion_tokens')} tokens"
+    return body.get("error", {}).get("code", "")
+
+
+@audit.command("verify")
+def audit_verify() -> None:
+    """Recompute the hash chain; exit 1 and name the first bad entry if it is broken."""
+    from audit import verify_chain
+
+    result = verify_chain(audit_engine())
+    if result.ok:
+        click.echo(f"ok: {result.checked} entries, chain intact")
+        return
+    click.echo(f"BROKEN at seq {result.first_bad_seq}: {result.problem} ({result.checked} entries checked)")
+    sys.exit(1)

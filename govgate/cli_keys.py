@@ -1,0 +1,94 @@
+"""``govgate keys``: create, list and revoke API keys."""
+
+from __future__ import annotations
+
+import click
+
+from gateway.settings import Settings
+from govgate.cli_common import load_settings
+
+
+@click.group()
+def keys() -> None:
+    """Create, list and revoke API keys."""
+
+
+def _open_database(settings: Settings):
+    """The database engine with its schema up to date, or a one-line error naming the setting."""
+    from audit import AuditError
+    from gateway.auth import KeyStoreError
+    from gateway.db_setup import DatabaseError, open_database
+
+    try:
+        return open_database(settings)
+    except (AuditError, DatabaseError, KeyStoreError) as exc:
+        raise click.ClickException(f"GOVGATE_DATABASE_URL={settings.effective_database_url} "
+                                   f"cannot be used: {exc}") from None
+
+
+def _key_store():
+    from gateway.auth import KeyStore
+
+    return KeyStore(_open_database(load_settings()))
+
+
+def _policy_roles(settings: Settings) -> list[str]:
+    """The roles the policy grants anything to (``govgate_config.roles`` in its data)."""
+    from gateway.policy.revision import PolicyFilesError, read_policy
+
+    try:
+        roles = read_policy(settings.policy_dir).base_data().get("govgate_config", {}).get("roles", {})
+    except PolicyFilesError as exc:
+        raise click.ClickException(f"cannot read the roles from GOVGATE_POLICY_DIR={settings.policy_dir}: "
+                                   f"{exc}") from None
+    return sorted(roles) if isinstance(roles, dict) else []
+
+
+@keys.command("create")
+@click.option("--user", required=True, help="Who the key belongs to (principal id).")
+@click.option("--team", default=None, help="The user's team (policies and limits use it).")
+@click.option("--role", "roles", multiple=True,
+              help="A role the policy knows (policies/data.json); repeat for several. At least one.")
+@click.option("--note", default=None, help="Free text shown in 'keys list'.")
+def keys_create(user: str, team: str | None, roles: tuple[str, ...], note: str | None) -> None:
+    """Create a key and print it once (it is stored only as a hash)."""
+    known = _policy_roles(load_settings())
+    unknown = [role for role in roles if role not in known]
+    if not roles or unknown:
+        what = f"unknown role {', '.join(map(repr, unknown))}" if unknown else "no --role given"
+        raise click.ClickException(f"{what}: a key needs at least one of the roles the policy knows: "
+                                   f"{', '.join(known) or '(none)'}")
+    try:
+        issued = _key_store().create(user, team=team, roles=list(roles), note=note)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(issued.secret)
+    click.echo(f"key id {issued.key.key_id}: user={user} team={team or '-'} roles={','.join(roles) or '-'} "
+               "(the key is shown only now)", err=True)
+
+
+@keys.command("list")
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked keys.")
+def keys_list(include_revoked: bool) -> None:
+    """List keys (ids, owners and notes, never secrets)."""
+    rows = _key_store().list(include_revoked=include_revoked)
+    click.echo(f"{'KEY ID':<14}{'USER':<20}{'TEAM':<16}{'ROLES':<24}{'CREATED':<27}{'REVOKED':<27}NOTE")
+    for key in rows:
+        click.echo(f"{key.key_id:<14}{key.user:<20}{key.team or '-':<16}{','.join(key.roles) or '-':<24}"
+                   f"{key.created_at:<27}{key.revoked_at or '-':<27}{key.note or '-'}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by its id (the part after gk_, as 'keys list' shows); requests with it are refused from now on."""
+    from gateway.auth.keys import KEY_PREFIX
+
+    if key_id.startswith(KEY_PREFIX):
+        # A secret was pasted: name the id it carries, never echo the secret back.
+        carried = key_id.split("_")[1] if key_id.count("_") >= 2 else ""
+        hint = f": govgate keys revoke {carried}" if carried else " (see 'govgate keys list')"
+        raise click.ClickException(f"that is a key's secret, not its id; pass the key id{hint}")
+    if not _key_store().revoke(key_id):
+        raise click.ClickException(f"no live key with id {key_id}")
+    click.echo(f"revoked {key_id}")

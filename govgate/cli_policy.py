@@ -1,0 +1,145 @@
+"""``govgate policy``: explain, test and replay the Rego policy."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from gateway.settings import Settings
+from govgate.cli_common import audit_engine, load_settings
+
+#: ``policy explain``'s exit status on a deny (1 is an error, 2 a usage error: click's).
+EXIT_DENIED = 3
+
+
+@click.group()
+def policy() -> None:
+    """Explain, test and replay the Rego policy."""
+
+
+@policy.command("explain")
+@click.option("--input", "input_file", type=click.File("r"), required=True,
+              help="A policy input document (JSON), as described in the README; '-' for stdin.")
+@click.option("--policy-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Policy folder (default: GOVGATE_POLICY_DIR).")
+def policy_explain(input_file, policy_dir: Path | None) -> None:
+    """Print the decision, reasons and obligations for one input; exit 0 on allow, 3 on deny (1 on an error)."""
+    import asyncio
+
+    try:
+        document = json.load(input_file)
+    except ValueError as exc:
+        raise click.ClickException(f"the input is not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise click.ClickException("the input must be a JSON object")
+    from gateway.policy_input import with_normalized_text
+
+    document = with_normalized_text(document)
+    settings = load_settings()
+
+    async def explain() -> tuple[dict, str]:
+        engine = await _open_engine(settings, policy_dir)
+        try:
+            decision = await engine.decide(document)
+            return decision.to_document(), engine.revision
+        finally:
+            await engine.aclose()
+
+    decision, revision = asyncio.run(explain())
+    click.echo(json.dumps({"revision": revision, **decision}, indent=2, sort_keys=True))
+    if not decision["allow"]:
+        for reason in decision["reasons"]:
+            retry = f" (retry after {reason['retry_after_s']}s)" if reason.get("retry_after_s") else ""
+            click.echo(f"denied: {reason['code']}: {reason['message']}{retry}", err=True)
+        sys.exit(EXIT_DENIED)
+
+
+@policy.command("test")
+@click.option("--policy-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Policy folder (default: GOVGATE_POLICY_DIR).")
+@click.option("--engine", type=click.Choice(["auto", "opa", "embedded"]), default="auto", show_default=True,
+              help="auto: 'opa test' when an opa binary is found, else the embedded engine.")
+def policy_test(policy_dir: Path | None, engine: str) -> None:
+    """Run the Rego unit tests (*_test.rego) beside the policies."""
+    import subprocess
+
+    from gateway.policy.opa_binary import find_opa
+    from gateway.policy.unittests import run_all
+
+    folder = policy_dir or load_settings().policy_dir
+    opa = find_opa()
+    if engine == "opa" and not opa:
+        raise click.ClickException("no opa binary found (build one with 'make opa')")
+    if engine != "embedded" and opa:
+        sys.exit(subprocess.run([opa, "test", str(folder), "-v"]).returncode)
+    results = run_all(folder)
+    failed = [r for r in results if not r.passed]
+    for result in results:
+        mark = "PASS" if result.passed else "FAIL"
+        click.echo(f"{mark} {result.test.file}::{result.test.rule}{': ' + result.detail if result.detail else ''}")
+    click.echo(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    if failed or not results:
+        sys.exit(1)
+
+
+@policy.command("replay")
+@click.option("--candidate", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="The policy folder to try.")
+@click.option("--since", default="7d", show_default=True, help="Period: 7d, 12h, 30m, 2w, or an ISO date.")
+@click.option("--examples", default=3, show_default=True, help="Examples shown per kind of change.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def policy_replay(candidate: Path, since: str, examples: int, as_json: bool) -> None:
+    """Re-decide audited requests under a candidate policy and report what would change."""
+    import asyncio
+
+    from audit import AuditStore
+    from gateway.policy import EmbeddedPolicyEngine, PolicyLoadError
+    from gateway.replay import parse_since, replay
+
+    try:
+        start = parse_since(since)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    settings = load_settings()
+    store = AuditStore(audit_engine())
+
+    async def run():
+        try:
+            engine = EmbeddedPolicyEngine.load(candidate, settings.policy_timeout_s)
+        except PolicyLoadError as exc:
+            raise click.ClickException(f"the candidate policy does not load: {exc}") from None
+        try:
+            return await replay(store.iter_entries(), engine, start, examples_per_change=examples)
+        finally:
+            await engine.aclose()
+
+    report = asyncio.run(run())
+    if as_json:
+        click.echo(json.dumps(report.to_document(), indent=2, sort_keys=True))
+        return
+    click.echo(f"replayed {report.evaluated} requests since {report.since:%Y-%m-%d %H:%M} UTC "
+               f"under candidate revision {report.candidate_revision}")
+    if report.partial:
+        click.echo(f"  {report.partial} had no full prompt logged (content rules judged on what was kept)")
+    if report.skipped:
+        click.echo(f"  {report.skipped} could not be replayed (no recorded policy input)")
+    click.echo(f"  unchanged: {report.unchanged}   would change: {report.changed}")
+    for transition, count in report.transitions.most_common():
+        click.echo(f"\n  {count:>6}  {transition}")
+        for change in report.examples[transition]:
+            detail = f"  [{change.detail}]" if change.detail else ""
+            click.echo(f"          e.g. seq {change.seq} {change.at} {change.principal or '-'} "
+                       f"{change.model or '-'} {change.request_id}{detail}")
+
+
+async def _open_engine(settings: Settings, policy_dir: Path | None):
+    """The engine the gateway would use (OPA when GOVGATE_OPA_URL is set), on ``policy_dir``."""
+    from gateway.policy import PolicyLoadError, open_policy_engine
+
+    try:
+        return await open_policy_engine(settings.with_(policy_dir=policy_dir or settings.policy_dir))
+    except PolicyLoadError as exc:
+        raise click.ClickException(str(exc)) from None

@@ -1,0 +1,122 @@
+"""The children ``govgate up`` started, and waiting until they answer.
+
+A :class:`Stack` stops its children in reverse start order. While the stack
+comes up, every wait also checks that no child has died, so a child that
+exits early is reported with the last line of its log instead of a timeout.
+The benches start the same children and wait with the same functions.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from govgate.processes import stop_process
+from govgate.redis_server import RedisProcess
+
+
+class StartupError(RuntimeError):
+    """The stack could not be brought up; the message says what to do."""
+
+
+@dataclass
+class Stack:
+    """What ``up`` started, in start order (stopped in reverse)."""
+
+    redis: RedisProcess | None = None
+    workers: dict[str, subprocess.Popen] = field(default_factory=dict)
+    api: subprocess.Popen | None = None
+    logs: Path | None = None
+
+    def children(self) -> dict[str, subprocess.Popen]:
+        named = {f"worker {name}": proc for name, proc in self.workers.items()}
+        if self.api is not None:
+            named["api"] = self.api
+        if self.redis is not None:
+            named["redis"] = self.redis.process
+        return named
+
+    def stop(self) -> None:
+        if self.api is not None:
+            stop_process(self.api, timeout_s=15)
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.workers.values():
+            stop_process(proc, timeout_s=30)
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def ready_hosts(app, timeout_s: float) -> set[str]:
+    """Model names of the workers that answer a Celery ping now."""
+    names = set()
+    for reply in app.control.ping(timeout=timeout_s) or []:
+        for hostname in reply:
+            names.add(hostname.split("@", 1)[0].rsplit(".", 1)[0])
+    return names
+
+
+def wait_for_workers(redis_url: str, models: list[str], stack: Stack, timeout_s: float = 120) -> None:
+    """Block until a worker of every model answers a Celery ping."""
+    from workers.contract.celery_config import make_celery
+
+    app = make_celery(redis_url)
+    waiting = set(models)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while waiting and time.monotonic() < deadline:
+            check_alive(stack)
+            waiting -= ready_hosts(app, 0.5)
+    finally:
+        app.close()
+    if waiting:
+        raise StartupError(f"no worker answered for {sorted(waiting)} within {timeout_s:.0f}s")
+
+
+def healthy(url: str) -> bool:
+    """The API at ``url`` answers 200 within a second."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def wait_for_api(url: str, stack: Stack, timeout_s: float = 60) -> None:
+    """Block until the API's health check at ``url`` answers."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        check_alive(stack)
+        if healthy(url):
+            return
+        time.sleep(0.1)
+    raise StartupError(f"the API did not become healthy at {url} within {timeout_s:.0f}s")
+
+
+def check_alive(stack: Stack) -> None:
+    """Raise ``StartupError`` naming the first child that has exited, with its log's last line."""
+    for name, proc in stack.children().items():
+        code = proc.poll()
+        if code is not None:
+            if not stack.logs or name == "redis":
+                raise StartupError(f"{name} exited with code {code}")
+            log = stack.logs / (name.replace(" ", "-") + ".log")
+            last = _last_line(log)
+            raise StartupError(f"{name} exited with code {code}{': ' + last if last else ''} (see {log})")
+
+
+def _last_line(log: Path) -> str:
+    """The last non-blank line of a child's log: usually the reason it stopped."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
