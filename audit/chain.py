@@ -1,19 +1,8 @@
 """How an entry is hashed: canonical JSON and SHA-256, nothing else.
 
-Pure functions with no database access, so a reviewer can re-verify an
-exported trail with this module alone, and so the exact byte format is
-written down in one place:
-
-* canonical JSON = ``json.dumps(obj, sort_keys=True, separators=(",", ":"),
-  ensure_ascii=False, allow_nan=False)`` encoded as UTF-8;
-* the hashed object holds every field of the entry except ``hash``
-  (see :data:`HASHED_FIELDS`), with ``created_at`` as an ISO-8601 UTC string
-  with microseconds (``2024-05-01T12:00:00.000001+00:00``);
-* ``hash = sha256(prev_hash_hex_ascii + canonical_json).hexdigest()``;
-* the first entry's ``prev_hash`` is :data:`GENESIS_HASH` (64 zeros).
-
-Floats are written as Python's shortest round-trip ``repr``; a verifier in
-another language must format them the same way.
+Pure functions without database access, so an exported trail can be
+re-verified with this module alone. The exact byte format (floats, timestamps
+included) is in docs/architecture.md, "Audit entries and the chain".
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
 """Engines, the append lock and schema migration for the audit store.
 
-Several OS processes (the gateway and every Celery worker) append to the same
-database. Keeping *one* unbroken chain needs a lock taken before the head is
-read, not just at commit time:
-
-* SQLite: ``BEGIN IMMEDIATE`` takes the database write lock up front. pysqlite's
-  default ("legacy") transaction control issues its own deferred ``BEGIN``,
-  and only before DML, so we switch that off (``isolation_level = None``) and
-  emit ``BEGIN``/``BEGIN IMMEDIATE`` ourselves from SQLAlchemy's ``begin``
-  event (the recipe in SQLAlchemy's SQLite docs; works on every Python).
-  A deferred transaction that later tries to write in WAL mode can fail with
-  ``SQLITE_BUSY`` *without* waiting, which is why the lock must come first.
-* PostgreSQL: ``pg_advisory_xact_lock`` with a fixed key, released at commit;
-  under READ COMMITTED the head read after the lock sees the last commit.
+The lock is taken before the head is read, so that every process appending
+to the database extends one chain; see docs/architecture.md, "Audit entries
+and the chain", and the SQLite notes at :func:`_install_sqlite_hooks`.
 """
 
 from __future__ import annotations
@@ -118,6 +108,12 @@ def _create_parent_dir(sa_url: URL) -> None:
 
 
 def _install_sqlite_hooks(engine: Engine) -> None:
+    # pysqlite's default ("legacy") transaction control issues its own deferred
+    # BEGIN, and only before DML; a deferred transaction that later writes in
+    # WAL mode can fail with SQLITE_BUSY without waiting. So pysqlite's BEGIN is
+    # switched off (isolation_level = None) and SQLAlchemy's "begin" event emits
+    # BEGIN or BEGIN IMMEDIATE itself (the recipe in SQLAlchemy's SQLite docs;
+    # it works on every Python version).
     busy_ms = int(BUSY_TIMEOUT_S * 1000)
 
     @event.listens_for(engine, "connect")

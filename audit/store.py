@@ -1,14 +1,8 @@
-"""The append-only, hash-chained audit store.
+"""The append-only, hash-chained audit store: put entries on the chain, read them back.
 
-One job: put entries on the chain and read them back. Appends from any
-number of processes form a single chain because each append holds the write
-lock (see :func:`audit.db.locked_transaction`) from reading the head to
-commit. Everything that can go wrong surfaces as :class:`AuditError` so the
-gateway and workers can fail closed with one ``except``.
-
-Reads and writes use SQLAlchemy Core, not ORM sessions: an append is four
-statements and no identity-map bookkeeping, which keeps it well under a
-millisecond on SQLite, and callers get frozen :class:`AuditEntry` values.
+Each append holds the write lock (:func:`audit.db.locked_transaction`) from
+reading the head to commit; every failure is an :class:`AuditError`, so
+callers fail closed with one ``except``.
 """
 
 from __future__ import annotations
@@ -28,6 +22,9 @@ from .errors import AuditError, CorruptEntryError, DuplicateTerminalError, Inval
 from .kinds import KINDS, TERMINAL_KINDS
 from .tables import NAME_LEN, audit_table
 
+# SQLAlchemy Core, not ORM sessions: an append is four statements with no
+# identity-map bookkeeping (well under a millisecond on SQLite), and callers
+# get frozen AuditEntry values.
 _t = audit_table.c
 
 

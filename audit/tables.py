@@ -1,20 +1,9 @@
 """The audit table: one row per entry, append-only, hash-chained.
 
-Rules the *schema* enforces (so they hold whichever process writes):
-
-* ``seq`` is the primary key and ``prev_hash`` is UNIQUE, so the chain cannot
-  fork: no two entries share a position or claim the same predecessor.
-* ``terminal_request_id`` is set only on terminal entries (CHECK) and is
-  UNIQUE, so a request can have at most one terminal entry.
-* ``kind`` is one of :data:`audit.kinds.KINDS` (CHECK).
-* Rows cannot be updated or deleted: the migration installs triggers that
-  abort UPDATE and DELETE. (Anyone with raw write access to the file can drop
-  them; that is what the hash chain and checkpoints are for.)
-
-The table is declared on its own ``MetaData`` so the audit schema and its
-Alembic history stay separate from the gateway's tables in the same database.
-If you change this file, add a migration under ``audit/migrations/versions``;
-``tests/test_audit_store.py`` checks that the two agree.
+The schema itself enforces the chain's rules (no fork, one terminal entry
+per request, no UPDATE or DELETE); see docs/architecture.md, "Audit entries
+and the chain". A change here needs a migration under
+``audit/migrations/versions``; ``tests/test_audit_store.py`` checks they agree.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """Recompute the hash chain and report the first entry that does not fit.
 
-Kept apart from the store so a reviewer's tool can verify without write
-access, and so the checks read as a list: position (seq gap = entries
-deleted), link (prev_hash = entry removed, reordered or replaced before this
-one), content (hash = this entry edited). Streaming: memory stays constant
-however long the trail.
-
-A chain that was cut off at the end, or entirely rewritten from some point
-on, still verifies; signed checkpoints of (seq, head hash) are what catch
-those.
+Read-only and streaming, apart from the store so a reviewer can verify
+without write access. What each check catches, and what it cannot (a cut-off
+tail): docs/architecture.md, "Audit entries and the chain".
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """Setting up the database: the gateway's own tables (API keys), their Alembic
 history, and :func:`open_database`, which brings both packages' schemas up to date.
 
-The gateway's tables live in the same database as the audit log but keep a
-separate Alembic version table, so each package evolves its schema on its
-own. Migrations run under the audit store's cross-process lock (a different
-key), so a gateway and workers starting together do not race to create
-tables.
+The gateway keeps its own Alembic version table beside the audit log's, and
+migrates under the audit store's cross-process lock with its own key.
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
 """Policy replay: what would a candidate policy have decided on past requests?
 
-Every ``request`` audit entry keeps the policy input it was decided on
-(principal, request parameters, model, time and the usage counters of that
-moment), so a candidate policy folder can be evaluated on exactly the
-requests of a period and compared with the decisions that were enforced.
-An operator sees which decisions a rule change would flip, counted by
-reason, with examples, before deploying it.
-
-Requests whose prompt was not logged in full (``prompt_logging`` hash or
-redacted) are evaluated on what was kept and reported as *partial*: content
-rules cannot be judged on text that was never stored.
+Re-decides the policy inputs kept in ``request`` audit entries; requests
+whose prompt was not kept in full are reported as *partial*. See
+docs/architecture.md, "Design notes by package" (gateway/policy).
 """
 
 from __future__ import annotations

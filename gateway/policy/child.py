@@ -1,17 +1,8 @@
 """The policy evaluator process: the only place regorus is imported.
 
-Each evaluator is a plain ``python -c`` subprocess rather than a
-multiprocessing one: multiprocessing's "spawn" re-runs the parent's main
-script in the child, which breaks any script without a ``__main__`` guard,
-and "fork" copies a threaded server. Messages on its stdin and stdout are
-length-framed as ``multiprocessing.connection`` frames them (a 4-byte
-big-endian length, then the bytes); the parent speaks the same framing
-without blocking (gateway/policy/pool.py).
-
-The protocol: the parent sends one setup message (modules and data); the
-child answers ``ready`` or ``error\\n<text>``. Then each request is
-``rule\\ninput-json`` and each reply ``ok\\n<json>``, ``undefined\\n`` or
-``error\\n<text>``, one at a time.
+A ``python -c`` subprocess speaking length-framed messages on stdin and
+stdout (protocol and reasons: docs/architecture.md, "Design notes by
+package", gateway/policy).
 """
 
 from __future__ import annotations
@@ -27,7 +18,11 @@ DECISION_RULE = "data.govgate.decision"
 #: The rule whose value is the set of model names a principal may use.
 VISIBLE_MODELS_RULE = "data.govgate.visible_models"
 
-#: What starts an evaluator (``sys.executable -c CHILD_COMMAND``).
+#: What starts an evaluator (``sys.executable -c CHILD_COMMAND``). Not multiprocessing:
+#: "spawn" re-runs the parent's main script (which breaks one without a ``__main__``
+#: guard) and "fork" copies a threaded server. A process at all, not a thread: regorus holds
+#: the GIL for a whole evaluation (a 0.6 s one let another thread run once) and an
+#: Engine may be used only by the thread that made it.
 CHILD_COMMAND = "from gateway.policy.child import child_main; child_main()"
 
 # What regorus's eval_rule_as_json returns for an undefined rule. A rule whose

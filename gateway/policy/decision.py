@@ -1,11 +1,8 @@
 """The policy decision as the gateway enforces it.
 
-A decision document comes from Rego, which the gateway does not control: an
-operator's edit can change its shape at any time. So the document is checked
-strictly here, once, and anything the gateway would have to guess about is
-refused. The engines turn a refused document into a deny; an obligation the
-gateway does not understand is never silently dropped, because an ignored
-obligation is a rule that is not enforced.
+The Rego document is checked strictly here, once: the engines turn a
+refused document into a deny, since an ignored obligation is a rule that is
+not enforced (docs/architecture.md, "Policy decision").
 """
 
 from __future__ import annotations

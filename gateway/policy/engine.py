@@ -1,31 +1,10 @@
 """Policy engines: evaluate ``policies/`` for a request and return a Decision.
 
-Two engines answer the same questions over the same policy folder: the
-embedded one here (regorus, in a pool of child processes) and, in
-production, an OPA server. The gateway only sees :class:`PolicyEngine`.
-
-Why the embedded engine runs regorus in child processes, not threads:
-regorus holds the GIL for a whole evaluation (measured: a 0.6 s evaluation on
-a worker thread let another Python thread run once). On a thread, a slow or
-runaway policy would freeze the event loop, so a timeout could neither fire
-nor be enforced. In a child process the event loop stays free, and a
-timed-out evaluation is ended by killing the child and starting a fresh one,
-which bounds every evaluation by ``timeout_s``. The child also satisfies
-regorus's other rule: an ``Engine`` may only be used by the thread that
-created it (the child's main thread). The price is one pipe round trip per
-evaluation (tens to hundreds of microseconds; see tests/test_policy_engine.py).
-
-Several children answer at once (``evaluators``, by default one per core),
-so a burst does not queue behind one evaluator; the timeout bounds the
-evaluation, and the wait for a free evaluator has its own bound
-(gateway/policy/pool.py).
-
-What comes back is always a :class:`Decision`; nothing here raises into the
-request path. No decision, a malformed one, an engine error, a crash or a
-closed engine is a deny (``policy_error``). An evaluation that runs out of
-time, or no free evaluator in time, is not an answer about the request:
-that is :meth:`Decision.unavailable` (``policy_unavailable``), which the
-gateway refuses with a retryable 503, never a 403.
+The gateway sees only :class:`PolicyEngine`; the embedded one here runs
+regorus in a pool of child processes (OPA's is :mod:`gateway.policy.opa`).
+Nothing here raises into the request path: an engine failure is a deny, no
+answer in time is :meth:`Decision.unavailable`. Why child processes, and the
+pool's bounds: docs/architecture.md, "Design notes by package".
 """
 
 from __future__ import annotations

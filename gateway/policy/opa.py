@@ -1,32 +1,10 @@
 """The OPA server engine: the same policy folder, evaluated by an OPA server.
 
-Production runs one OPA beside the gateways (``compose.yaml``). This engine
-asks it for ``data.govgate.decision`` over HTTP through ``opa-python-client``
-and answers with the same :class:`Decision` as the embedded engine, so the
-gateway cannot tell the two apart, and ``tests/test_policy_cases.py`` holds
-them to the same answers.
-
-**Fail closed within the timeout.** The client retries a POST that OPA
-answers with 500/502/504 and a refused connection (about 0.9 s of back-off),
-and surfaces HTTP failures as raw ``aiohttp`` exceptions. Here retries are
-off, every evaluation is bounded by ``timeout_s`` with ``asyncio.wait_for``,
-and no failure lets a request through: a slow or broken OPA must never stall
-or crash a request. An OPA that does not answer in time or cannot be reached
-(refused or dropped connection, a proxy's 502/503/504) gives
-:meth:`Decision.unavailable`, which the gateway refuses with a retryable
-503; an error OPA reports about the evaluation (HTTP 500, say), no decision
-or a malformed one is a deny. As with the embedded engine's evaluators,
-waiting for one of the session's connections is bounded apart
-(``wait_timeout_s``), so a burst does not use up the evaluation's time in
-line.
-
-Two ways to get the policy into OPA. Production lets OPA load the folder
-itself (``opa run --server /policies``; ``load=False``): the gateway only
-proves the revision. With ``load=True`` the gateway uploads the folder
-(:mod:`gateway.policy.opa_sync` does both). A reload that fails puts the
-previous policy back; if even that cannot be verified, the engine denies
-every request until a reload succeeds, rather than record a revision that
-may not be the one in force.
+Answers with the same :class:`Decision` as the embedded engine, failing
+closed within ``timeout_s`` (client retries off); loading and proving the
+policy is :mod:`gateway.policy.opa_sync`. What is a deny and what is
+"unavailable", and how reloads fail: docs/architecture.md, "Design notes by
+package" (gateway/policy).
 """
 
 from __future__ import annotations
@@ -115,6 +93,9 @@ class OpaAddress:
 
     def client(self, timeout_s: float) -> AsyncOpaClient:
         """A client without retries (a retry could only break the caller's deadline)."""
+        # The client's default retries a POST answered 500/502/504 or refused
+        # (about 0.9 s of back-off), and it raises HTTP failures as raw aiohttp
+        # exceptions, which _query sorts into "unavailable" and "error".
         return AsyncOpaClient(host=self.host, port=self.port, ssl=self.ssl, retries=0, timeout=timeout_s)
 
 

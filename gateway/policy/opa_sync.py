@@ -1,27 +1,10 @@
 """Putting a policy folder into OPA, and proving which policy OPA holds.
 
-The OPA engine (:mod:`gateway.policy.opa`) calls these when it connects and
-on every reload. Two things the client does not do for us, and why:
-
-* **Upload policies verbatim.** ``update_policy_from_string`` defaults to
-  ``rego_compat=True``, which rewrites a module that OPA refuses (old Rego
-  syntax) with regular expressions and uploads the rewrite without a word;
-  ``update_policy_from_file`` cannot turn that off. Modules are therefore
-  uploaded as strings with ``rego_compat=False``: a module OPA refuses is a
-  load error, never a silently different policy.
-* **Prove which policy OPA holds.** Every audit entry names the policy
-  revision that decided it. After loading (or, when OPA loaded the folder
-  itself, instead of loading), the modules and data are read back from OPA
-  and the revision computed over them exactly as over the local folder
-  (:func:`gateway.policy.revision.compute_revision`). A mismatch is a
-  :class:`PolicyLoadError` naming both revisions; the gateway never records
-  a revision OPA is not evaluating.
-
-OPA's REST API takes one module at a time and compiles it with those it
-already holds, so a folder whose modules use each other's rules both ways
-(as ``policies/`` does) can be uploaded over an OPA that already holds a
-version of it (a reload), but not into an empty one; see
-:func:`upload_policy`.
+Called by :mod:`gateway.policy.opa` on connect and on every reload. Modules
+go up verbatim (see :func:`_put_in_rounds`) and are read back to prove the
+revision, so the gateway never records one OPA is not evaluating; see
+docs/architecture.md, "Design notes by package" and "Library facts the code
+relies on".
 """
 
 from __future__ import annotations
@@ -112,7 +95,9 @@ async def _put_in_rounds(client: AsyncOpaClient, modules: dict[str, str]) -> dic
         refused = {}
         for policy_id, text in pending.items():
             try:
-                # rego_compat=False: upload exactly this text or fail.
+                # rego_compat=False: upload exactly this text or fail. The default
+                # (True) rewrites a module OPA refuses with regular expressions and
+                # uploads the rewrite silently; update_policy_from_file cannot turn it off.
                 await client.update_policy_from_string(text, policy_id, rego_compat=False)
             except (RegoParseError, TypeException) as exc:
                 refused[policy_id] = describe_error(exc)

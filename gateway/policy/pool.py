@@ -1,27 +1,9 @@
 """A pool of policy evaluator processes, so decisions keep up with the gateway.
 
-One evaluator answers one decision at a time (regorus holds the GIL for a
-whole evaluation, so each runs in a process of its own; see
-gateway/policy/child.py). With one evaluator a burst of requests queued
-behind each other and the queueing counted against the evaluation timeout,
-so a capacity problem came back as a denial. Here:
-
-* ``size`` evaluators answer at once;
-* the evaluation timeout starts when an evaluator has the request, so it
-  bounds the evaluation only;
-* waiting for a free evaluator is bounded separately (``wait_timeout_s``);
-  a request that cannot get one in time gets a ``busy`` outcome, which the
-  engine turns into "unavailable", never a deny.
-
-The parent talks to its children from the event loop itself (``add_reader``
-on the pipe, non-blocking writes), not from threads: a thread would need the
-GIL back several times per decision and, while the loop is busy with a
-burst, wait up to a switch interval (5 ms) each time. Only starting a child
-(compiling the policy) and reaping one run on threads.
-
-A child that times out, crashes, or is abandoned mid-evaluation (its reply
-would be read as the next request's) is killed and replaced in the
-background; its slot returns to the pool once the new child is ready.
+The evaluation timeout and the wait for a free evaluator are bounded apart,
+so a burst is "unavailable", never a deny; a child that times out or
+crashes is replaced in the background. See docs/architecture.md, "Design
+notes by package" (gateway/policy).
 """
 
 from __future__ import annotations
@@ -191,6 +173,8 @@ class Evaluator:
             await _write_all(loop, out, _HEADER.pack(len(request)) + request)
             return await reply
 
+        # On the event loop, not a thread: a thread would need the GIL back several
+        # times per decision and, during a burst, wait a switch interval (5 ms) each time.
         loop.add_reader(inp, readable)
         try:
             return await asyncio.wait_for(exchange(), timeout_s)

@@ -1,16 +1,8 @@
 """Hot reload: a changed policy folder takes effect without a restart.
 
-The gateway holds a :class:`ReloadingPolicyEngine` instead of an engine. It
-notices a change by recomputing the folder's revision (polling every
-``interval_s``; SIGHUP asks for an immediate look) and then opens a complete
-new engine. Opening validates: the Rego must compile and pass a trial
-evaluation, so a broken policy is rejected and the old one keeps serving.
-Only after the new engine is ready is it swapped in; the old one is closed a
-little later, so decisions already running on it finish rather than fail.
-
-Each decision is returned with the revision of the engine that made it, so
-the audit entry names the policy that was actually applied even while a
-reload happens.
+A new engine is opened and validated before it is swapped in, and each
+decision carries the revision that made it; see docs/architecture.md,
+"Design notes by package" (gateway/policy).
 """
 
 from __future__ import annotations

@@ -1,27 +1,9 @@
 """Which files make up the policy, and the revision that names them.
 
-Every audit entry records the policy revision that decided it, so a reviewer
-can tell which rules were in force. The revision therefore covers exactly what
-the engines load (Rego modules and data documents) and nothing else: editing a
-``*_test.rego`` file or a README beside the policy changes no decision, so it
-must not change the revision either.
-
-The revision is defined over content that an OPA server can give back as well
-as the local folder can (see :func:`compute_revision`), so the gateway can
-prove that the OPA it talks to evaluates the same policy it records:
-
-* each module as ``(file name, raw text)``: OPA returns a module's raw text
-  byte for byte, under an id ending in the file name (the folder part depends
-  on how OPA was started, and a module's folder changes no decision: its
-  ``package`` line places it);
-* the data as OPA mounts it (a data file in folder ``a/b`` under
-  ``data.a.b``, files merged), one canonical JSON text (sorted keys, compact)
-  per top-level key: reformatting a data file changes no decision, so it
-  leaves the revision alone.
-
-The engines read the files once into a :class:`PolicySnapshot` and hash that
-content, so the revision always matches what was loaded even if an operator
-edits a file while the gateway starts.
+The revision covers exactly what the engines load and is defined over what
+an OPA server can give back, so the gateway can prove OPA evaluates the
+policy it records; see docs/architecture.md, "Design notes by package"
+(gateway/policy).
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """Terminal entries the database refused, kept in Redis until it takes them.
 
-Every accepted request must end in one terminal audit entry, but the database
-can be unwritable for longer than its busy timeout (a long lock, a full disk).
-Whoever fails to write a terminal entry (a worker or the gateway) keeps it
-here instead of losing it, and every party retries: workers at start and
-after each job they record, the gateway at start and every few seconds. The
-database's unique terminal constraint settles duplicates, so any number of
-retriers may race. An entry older than the horizon is given up (logged).
-
-Entries can hold output text, so each is sealed before it reaches Redis
-(``seal``/``unseal``: a :class:`workers.contract.sealing.Sealer`'s methods).
+Workers and the gateway both keep and retry them; the database's unique
+terminal constraint settles duplicates, so retriers may race. Entries are
+sealed, since they can hold output. See docs/architecture.md, "Design notes
+by package" (workers).
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """What of a conversation the audit log may keep: masks and keyed digests.
 
-The policy's ``prompt_logging`` obligation is a promise about the whole
-conversation: ``full`` keeps prompt and output, ``redacted`` keeps both with
-every text the detectors found (the ``redact`` obligation) masked, ``hash``
-keeps only digests. Digests are HMAC-SHA256 under a secret key (made at first
-start, like the payload key), so a digest proves "same text" to whoever
-holds the key and reveals nothing to anyone else: an unkeyed SHA-256 of an
-SSN is reversed by trying all 10^9 of them. The gateway (prompts, findings,
-refused bodies) and the workers (outputs) use the same rules from here.
+Applies the ``prompt_logging`` obligation (README, "Audit") the same way for
+the gateway's prompts and the workers' outputs; digests are HMAC-SHA256
+under a secret key (docs/architecture.md, "Design notes by package", workers).
 """
 
 from __future__ import annotations

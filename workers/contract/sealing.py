@@ -1,12 +1,8 @@
 """Sealing what gateway and workers pass through Redis, and the keys for it.
 
-Redis persists every queued job and every result (the AOF, the RDB) and
-anyone who can read its files or MONITOR it would read the prompts and
-outputs in clear. Payloads that carry text are therefore sealed with
-AES-GCM (authenticated: a forged or altered token is refused, not decoded
-into garbage) under a key both sides share. The embedded default keeps that
-key in a file under ``var/`` it creates on first use; production gives both
-sides the same file.
+AES-GCM under a key file both sides share, because Redis persists every job
+and result; why, and where the key lives: docs/architecture.md, "Processes"
+and "Design notes by package" (workers).
 """
 
 from __future__ import annotations
