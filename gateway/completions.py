@@ -30,13 +30,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
-from gateway.api.parsing import parse_body
-from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.requests.parsing import parse_body
+from gateway.requests.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.audit_records import decision_for_audit, logged_prompt, rejection_record
 from gateway.auth import Principal
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
 from gateway.errors import ApiError, errors_of
-from gateway.fit import PromptCounter, check_fits
+from gateway.requests.fit import PromptCounter, check_fits
 from gateway.limits import CountersUnavailable, Refusal, Reservation, UsageCounters
 from gateway.limits.charge import prompt_tokens_to_hold, used_tokens
 from gateway.policy import Decision

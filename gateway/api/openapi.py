@@ -30,7 +30,7 @@ from litestar.openapi.spec import (
 
 from gateway import urls
 from gateway.api import shapes
-from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.requests.schemas import ChatCompletionRequest, CompletionRequest
 from workers.contract.registry import TINY_MODEL_NAME
 
 BEARER = "bearer"

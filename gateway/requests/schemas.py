@@ -5,7 +5,7 @@ parameter govgate does not implement should hear so instead of getting a
 silently different answer. OpenAI fields that clients and SDK wrappers send
 with their default value (``"logprobs": false``, ``"response_format":
 {"type": "text"}``…) are declared here as ``Any`` and accepted only with a
-value that asks for what govgate does anyway (``gateway.api.parsing``).
+value that asks for what govgate does anyway (``gateway.requests.parsing``).
 
 Counts and seeds have upper bounds, so a value no backend could take (2^53,
 10^24) is a 422 naming the parameter before the policy ever sees it.
