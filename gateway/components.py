@@ -25,7 +25,7 @@ from gateway.limits import UsageCounters
 from gateway.policy import PolicyEngine, open_policy_engine
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.settings import Settings
-from gateway.terminal_retry import retry_pending_terminals
+from gateway.requests.terminal_retry import retry_pending_terminals
 from workers.contract.celery_config import make_celery, visibility_timeout_s
 from workers.contract.pending_terminals import PendingTerminals
 from workers.contract.privacy import Digester

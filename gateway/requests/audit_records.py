@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.errors import ApiError
-from gateway.normalize import normalized_text
 from gateway.policy import Decision
-from gateway.policy_input import prompt_text
+from gateway.requests.normalize import normalized_text
+from gateway.requests.policy_input import prompt_text
 from workers.contract.privacy import HASH, REDACTED, Digester, mask
 
 
