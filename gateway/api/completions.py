@@ -14,8 +14,8 @@ from litestar.response import Stream
 from gateway import urls
 from gateway.api.openapi import CHAT_OPERATION, COMPLETION_OPERATION, SECURITY
 from gateway.auth import Principal
-from gateway.completions import CHAT, COMPLETIONS, CompletionService, Ticket
 from gateway.errors import ApiError, errors_of
+from gateway.requests.service import CHAT, COMPLETIONS, CompletionService, Ticket
 from workers.contract.jobs import JobResult
 
 

@@ -30,19 +30,19 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
-from gateway.requests.parsing import parse_body
-from gateway.requests.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.requests.audit_records import decision_for_audit, logged_prompt, rejection_record
 from gateway.auth import Principal
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
 from gateway.errors import ApiError, errors_of
-from gateway.requests.fit import PromptCounter, check_fits
 from gateway.limits import CountersUnavailable, Refusal, Reservation, UsageCounters
 from gateway.limits.charge import prompt_tokens_to_hold, used_tokens
 from gateway.policy import Decision
 from gateway.policy.reloader import ReloadingPolicyEngine
+from gateway.requests.audit_records import decision_for_audit, logged_prompt, rejection_record
+from gateway.requests.fit import PromptCounter, check_fits
+from gateway.requests.parsing import parse_body
 from gateway.requests.policy_input import build_input, prompt_text, without_prompt
 from gateway.requests.refusals import admission_refusal, denial, worker_error
+from gateway.requests.schemas import ChatCompletionRequest, CompletionRequest
 from workers.contract.celery_config import queue_keys
 from workers.contract.jobs import CANCEL_TTL_S, STATUS_COMPLETED, GenerateJob, JobResult, cancel_key, queue_for
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
