@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
+from workers.contract.sampling import SamplingParams
+
 #: Largest count a backend takes (its C API counts in 32-bit ints).
 MAX_COUNT = 2**31 - 1
 #: Largest ``n`` accepted as a value at all (anything but 1 is then refused as unsupported).
@@ -92,6 +94,16 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling_params(self, max_tokens: int, model_repetition_penalty: float) -> SamplingParams:
+        """The sampling settings to run with: ``max_tokens`` as decided, every left-out default filled in."""
+        optional = {"top_k": self.top_k, "seed": self.seed}  # left out (None): SamplingParams' default
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, stop=tuple(self.stop_list()),
+            repetition_penalty=model_repetition_penalty if self.repetition_penalty is None
+            else self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+            **{name: value for name, value in optional.items() if value is not None})
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):

@@ -35,7 +35,7 @@ from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, Result
 from gateway.errors import ApiError, errors_of
 from gateway.limits import CountersUnavailable, Refusal, Reservation, UsageCounters
 from gateway.limits.charge import prompt_tokens_to_hold, used_tokens
-from gateway.policy import Decision
+from gateway.policy import POLICY_ERROR, Decision
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.audit_records import decision_for_audit, logged_prompt, rejection_record
 from gateway.requests.fit import PromptCounter, check_fits
@@ -156,18 +156,10 @@ class CompletionService:
             revision = self.policy.revision
         else:
             decision, revision = await self.policy.decide_with_revision(policy_input)
+            if decision.allow and decision.obligations.max_tokens < 1:  # nothing could be generated
+                decision = Decision.fail_closed(POLICY_ERROR, "the policy allowed the request with max_tokens 0")
         max_tokens = decision.obligations.get("max_tokens", requested_max) if decision.allow else requested_max
-        params = {
-            "max_tokens": max_tokens,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "top_k": request.top_k,
-            "repetition_penalty": request.repetition_penalty,
-            "frequency_penalty": request.frequency_penalty,
-            "presence_penalty": request.presence_penalty,
-            "stop": request.stop_list(),
-            "seed": request.seed,
-        }
+        params = request.sampling_params(max_tokens, spec.repetition_penalty)
         reservation, admission = None, None
         if decision.allow:
             reservation, admission = await self._admit(request_id, principal, spec, decision, max_tokens,
@@ -178,7 +170,7 @@ class CompletionService:
             "roles": list(principal.roles),
             "purpose": purpose,
             "stream": request.stream,
-            "params": params,
+            "params": params.to_payload(),
             "requested_max_tokens": requested_max,
             "decision": decision_for_audit(decision, self.digester),
             "admission": admission,
