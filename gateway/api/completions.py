@@ -15,7 +15,9 @@ from gateway import urls
 from gateway.api.openapi import CHAT_OPERATION, COMPLETION_OPERATION, SECURITY
 from gateway.auth import Principal
 from gateway.errors import ApiError, errors_of
-from gateway.requests.service import CHAT, COMPLETIONS, CompletionService, Ticket
+from gateway.requests.schemas import CHAT, COMPLETIONS
+from gateway.requests.service import CompletionService
+from gateway.requests.ticket import Ticket
 from workers.contract.jobs import JobResult
 
 

@@ -1,11 +1,18 @@
-"""Turning denials, admission refusals and worker failures into designed HTTP errors."""
+"""Why a request was refused, as typed values that each know their designed HTTP error.
+
+Denials come from the policy's reasons, admission refusals from the checks
+made after an allow (context, limits, queue), worker errors from the job's
+result; each also says what the audit entry records of it.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Union
 
 from gateway.errors import ApiError
+from gateway.limits import Refusal
 from gateway.policy import POLICY_UNAVAILABLE, Reason
 from workers.contract.jobs import JobResult
 
@@ -32,23 +39,86 @@ def denial(reasons: tuple[Reason, ...] | list[Reason]) -> ApiError:
     return ApiError(403, "policy_denied", f"Denied by policy: {summary}", extra={"reasons": documents})
 
 
-def admission_refusal(admission: dict[str, Any]) -> ApiError:
-    code = admission.get("code")
-    if code == "usage_unavailable":
-        return ApiError(503, code, "Usage limits cannot be checked right now (Redis is unavailable), so the "
-                                   "request was refused. Try again shortly.")
-    if code == "queue_unavailable":
-        return ApiError(503, code, "The request queue is unavailable; nothing was generated. Try again shortly.")
-    if code == "context_length_exceeded":
-        return ApiError(400, code, f"The prompt is {admission['prompt_tokens']} tokens and max_tokens is "
-                                   f"{admission['max_tokens']}: more than the model's context of "
-                                   f"{admission['context_length']} tokens.", param="max_tokens")
-    if code == "queue_full":
-        return denial([Reason(code="queue_full", message=f"{admission['waiting']} requests are already waiting "
-                               f"for this model (limit {admission['limit']})", retry_after_s=1)])
-    refusal = admission["refusal"]
-    return denial([Reason(code=refusal["code"], message=refusal["message"],
-                           retry_after_s=refusal["retry_after_s"])])
+USAGE_UNAVAILABLE_MESSAGE = ("Usage limits cannot be checked right now (Redis is unavailable), so the request was "
+                             "refused. Try again shortly.")
+QUEUE_UNAVAILABLE_MESSAGE = "The request queue is unavailable; nothing was generated. Try again shortly."
+
+
+@dataclass(frozen=True)
+class ContextTooLong:
+    """The prompt, counted by the model's tokenizer, and ``max_tokens`` do not fit the context."""
+
+    prompt_tokens: int
+    max_tokens: int
+    context_length: int
+
+    def record(self) -> dict[str, Any]:
+        return {"admitted": False, "code": "context_length_exceeded", "prompt_tokens": self.prompt_tokens,
+                "max_tokens": self.max_tokens, "context_length": self.context_length}
+
+    def error(self) -> ApiError:
+        return ApiError(400, "context_length_exceeded", f"The prompt is {self.prompt_tokens} tokens and max_tokens "
+                        f"is {self.max_tokens}: more than the model's context of {self.context_length} tokens.",
+                        param="max_tokens")
+
+
+@dataclass(frozen=True)
+class UsageUnavailable:
+    """The usage counters (Redis) could not be read or updated: no limit can be checked."""
+
+    message: str
+
+    def record(self) -> dict[str, Any]:
+        return {"admitted": False, "code": "usage_unavailable", "message": self.message}
+
+    def error(self) -> ApiError:
+        return ApiError(503, "usage_unavailable", USAGE_UNAVAILABLE_MESSAGE)
+
+
+@dataclass(frozen=True)
+class OverLimit:
+    """A usage limit refused the reservation (it lifts after ``refusal.retry_after_s``)."""
+
+    refusal: Refusal
+
+    def record(self) -> dict[str, Any]:
+        return {"admitted": False, "code": self.refusal.code, "refusal": self.refusal.to_dict()}
+
+    def error(self) -> ApiError:
+        return denial([Reason(code=self.refusal.code, message=self.refusal.message,
+                              retry_after_s=self.refusal.retry_after_s)])
+
+
+@dataclass(frozen=True)
+class QueueUnreachable:
+    """The model's queue length could not be read."""
+
+    message: str
+
+    def record(self) -> dict[str, Any]:
+        return {"admitted": False, "code": "queue_unavailable", "message": self.message}
+
+    def error(self) -> ApiError:
+        return ApiError(503, "queue_unavailable", QUEUE_UNAVAILABLE_MESSAGE)
+
+
+@dataclass(frozen=True)
+class QueueFull:
+    """As many requests as the gateway allows already wait for this model."""
+
+    waiting: int
+    limit: int
+
+    def record(self) -> dict[str, Any]:
+        return {"admitted": False, "code": "queue_full", "waiting": self.waiting, "limit": self.limit}
+
+    def error(self) -> ApiError:
+        return denial([Reason(code="queue_full", message=f"{self.waiting} requests are already waiting for this "
+                              f"model (limit {self.limit})", retry_after_s=1)])
+
+
+#: Why an allowed request was still not admitted; ``record()`` is its audit entry's ``admission``.
+AdmissionRefusal = Union[ContextTooLong, UsageUnavailable, OverLimit, QueueUnreachable, QueueFull]
 
 
 def worker_error(result: JobResult) -> ApiError:
