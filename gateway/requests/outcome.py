@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
+from gateway.dispatch.results import PendingResult
 from gateway.errors import ApiError
 from gateway.limits import UsageCounters
 from gateway.limits.charge import used_tokens
@@ -59,55 +60,15 @@ class TicketRunner:
             raise await self.queue_down(ticket, exc) from None
         return await self.result_of(ticket, meta)
 
-    @contextlib.asynccontextmanager
-    async def stream(self, ticket: Ticket) -> AsyncIterator[AsyncIterator[str | JobResult]]:
-        """Queue a streaming job; yields an iterator of text pieces ending with the result.
-
-        Entering queues the job (errors here are ordinary HTTP errors, before
-        any byte is sent). If the consumer stops early (the client went away),
-        leaving the block cancels the generation and makes sure the request
-        still gets its terminal entry.
-        """
-        job = ticket.job
-        finished = False
+    async def open_stream(self, ticket: Ticket) -> StreamEvents:
+        """Queue a streaming job and return its events; queueing errors are raised here, before any byte."""
         async with contextlib.AsyncExitStack() as stack:
             try:
-                pending = await stack.enter_async_context(self.waiter.expect(job.request_id, stream=True))
+                pending = await stack.enter_async_context(self.waiter.expect(ticket.request_id, stream=True))
                 await self._enqueue(ticket)
             except (QueueUnavailable, RedisError, OSError) as exc:
                 raise await self.queue_down(ticket, exc) from None
-
-            async def events() -> AsyncIterator[str | JobResult]:
-                nonlocal finished
-                delivered: list[str] = []
-                try:
-                    async with contextlib.aclosing(pending.events(self.request_timeout_s)) as incoming:
-                        async for event in incoming:
-                            if isinstance(event, str):
-                                delivered.append(event)
-                                yield event
-                            else:
-                                finished = True
-                                result = await self.result_of(ticket, event)
-                                break
-                        else:  # pragma: no cover - events() always ends with the result or raises
-                            return
-                except ResultTimeout:  # the audit keeps what the client already received
-                    finished = True
-                    result = await self.timed_out(ticket, output="".join(delivered))
-                except (RedisError, OSError) as exc:
-                    finished = True
-                    raise await self.queue_down(ticket, exc) from None
-                missing = _unsent_text("".join(delivered), result)
-                if missing:
-                    yield missing
-                yield result
-
-            try:
-                yield events()
-            finally:
-                if not finished:
-                    self.abandon(ticket)
+            return StreamEvents(self, ticket, pending, stack.pop_all())
 
     async def _enqueue(self, ticket: Ticket) -> None:
         job = replace(ticket.job, enqueued_at_ns=time.time_ns())
@@ -202,6 +163,65 @@ class TicketRunner:
     async def aclose(self) -> None:
         for task in list(self._background):
             task.cancel()
+
+
+class StreamEvents:
+    """A queued streaming request's events: its text pieces, then its :class:`JobResult`.
+
+    Iterate it once. Closing it before the result (the client went away)
+    cancels the generation and sees the request still gets its terminal
+    entry; :meth:`aclose` runs when the iteration ends and may run again.
+    """
+
+    def __init__(self, runner: TicketRunner, ticket: Ticket, pending: PendingResult,
+                 subscription: contextlib.AsyncExitStack) -> None:
+        self._runner = runner
+        self._ticket = ticket
+        self._pending = pending
+        self._subscription = subscription
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[str | JobResult]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[str | JobResult]:
+        runner, ticket = self._runner, self._ticket
+        delivered: list[str] = []
+        try:
+            try:
+                async with contextlib.aclosing(self._pending.events(runner.request_timeout_s)) as incoming:
+                    async for event in incoming:
+                        if isinstance(event, str):
+                            delivered.append(event)
+                            yield event
+                        else:
+                            self._finished = True
+                            result = await runner.result_of(ticket, event)
+                            break
+                    else:  # pragma: no cover - events() always ends with the result or raises
+                        return
+            except ResultTimeout:  # the audit keeps what the client already received
+                self._finished = True
+                result = await runner.timed_out(ticket, output="".join(delivered))
+            except (RedisError, OSError) as exc:
+                self._finished = True
+                raise await runner.queue_down(ticket, exc) from None
+            missing = _unsent_text("".join(delivered), result)
+            if missing:
+                yield missing
+            yield result
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop listening; if the request has not ended, cancel it (see the class docstring)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._finished:
+            self._runner.abandon(self._ticket)
+        await self._subscription.aclose()
 
 
 def _unsent_text(delivered: str, result: JobResult) -> str:

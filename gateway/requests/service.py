@@ -9,8 +9,7 @@ an accepted request ends in exactly one terminal entry.
 
 from __future__ import annotations
 
-import contextlib
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
@@ -21,7 +20,7 @@ from gateway.errors import errors_of
 from gateway.limits import UsageCounters
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.admission import Admission
-from gateway.requests.outcome import TicketRunner
+from gateway.requests.outcome import StreamEvents, TicketRunner
 from gateway.requests.request_log import RequestLog
 from gateway.requests.ticket import Ticket
 from workers.contract.jobs import JobResult
@@ -55,9 +54,10 @@ class CompletionService:
         with errors_of(ticket.request_id):
             return await self.runner.complete(ticket)
 
-    def stream(self, ticket: Ticket) -> contextlib.AbstractAsyncContextManager[AsyncIterator[str | JobResult]]:
-        """Queue an admitted streaming request on entering; see :meth:`TicketRunner.stream`."""
-        return self.runner.stream(ticket)
+    async def open_stream(self, ticket: Ticket) -> StreamEvents:
+        """Queue an admitted streaming request; its events are text pieces, then the result."""
+        with errors_of(ticket.request_id):
+            return await self.runner.open_stream(ticket)
 
     async def aclose(self) -> None:
         await self.runner.aclose()
