@@ -32,8 +32,10 @@ class SamplingParams:
     #: Multiplies down the odds of tokens already generated (1.0: none). The
     #: gateway fills in the model's registry default when a request gives none.
     repetition_penalty: float = 1.0
-    #: OpenAI's additive penalties; only backends listed in registry.BACKEND_FEATURES honour them.
+    #: OpenAI's penalty growing with how often a token already appeared (0: none); only backends
+    #: listing it in registry.BACKEND_FEATURES honour it (the gateway refuses it for the others).
     frequency_penalty: float = 0.0
+    #: OpenAI's penalty on any token that already appeared (0: none); same backends as above.
     presence_penalty: float = 0.0
 
     def __post_init__(self) -> None:
