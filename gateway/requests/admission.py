@@ -104,7 +104,6 @@ class Admission:
                                              spec.repetition_penalty)
             admission = await self._reserve(request_id, principal, spec, decision, params, messages, prompt) \
                 if decision.allow else None
-            reservation = admission.reservation if isinstance(admission, Admitted) else None
             body = request_record(endpoint=endpoint, principal=principal, purpose=purpose, stream=request.stream,
                                   params=params, requested_max_tokens=requested_max, decision=decision,
                                   admission=None if admission is None else admission.record(),
@@ -112,9 +111,9 @@ class Admission:
                                   digester=self.digester)
             try:
                 await self.request_log.record_request(request_id, principal, spec.name, body, verdict.revision)
-            except ApiError:
-                if reservation is not None:
-                    await release_reservation(self.counters, reservation)
+            except ApiError:  # refused unaudited: give back what it held
+                if isinstance(admission, Admitted):
+                    await release_reservation(self.counters, admission.reservation)
                 raise
             if verdict.counters_down is not None:
                 raise verdict.counters_down.error()
@@ -123,14 +122,13 @@ class Admission:
             if not isinstance(admission, Admitted):
                 assert admission is not None  # an allowed request is always checked
                 raise admission.error()
-            obligations = decision.obligations
             job = GenerateJob(request_id=request_id, model=spec.name, endpoint=endpoint, params=params,
                               principal=principal.id, team=principal.team, policy_revision=verdict.revision,
                               messages=messages, prompt=prompt, stream=request.stream,
-                              prompt_logging=obligations.prompt_logging,
-                              redact=[item.to_document() for item in obligations.redact or ()])
+                              prompt_logging=decision.obligations.prompt_logging,
+                              redact=[item.to_document() for item in decision.obligations.redact or ()])
             return Ticket(request_id=request_id, principal=principal, model=spec.name, created=created, job=job,
-                          priority=obligations.priority, include_usage=request.include_usage,
+                          priority=decision.obligations.priority, include_usage=request.include_usage,
                           reservation=admission.reservation)
 
     async def _read(self, request_id: str, principal: Principal, endpoint: str,
