@@ -346,16 +346,10 @@ async def measure_gateway(base_url: str, headers: dict[str, str], body: dict[str
 
 
 def direct_params(model: Any, max_tokens: int) -> Any:
-    """The parameters the worker builds for :func:`request_body` (the same function builds them)."""
-    from workers.contract.jobs import GenerateJob
-    from workers.generation import params_from_job
+    """The parameters a greedy gateway request gives the worker (defaults as the gateway fills them)."""
+    from workers.contract.sampling import SamplingParams
 
-    params = {"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": None,
-              "repetition_penalty": None, "frequency_penalty": 0.0, "presence_penalty": 0.0,
-              "stop": [], "seed": None}
-    job = GenerateJob(request_id="bench", model=model.spec.name, endpoint="completions", params=params,
-                      principal="bench", team=None, policy_revision="", prompt=PROMPT)
-    return params_from_job(job, (), model)
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, repetition_penalty=model.spec.repetition_penalty)
 
 
 def timed_generate(model: Any, params: Any) -> Sample:

@@ -6,7 +6,7 @@ Two questions, each answered against its own baseline in the same run:
    evaluated by the embedded engine (regorus in a child process) and by a real
    OPA server that loaded the folder itself (``opa run --server policies/``,
    as in production). Both get the same mix of realistic inputs, built with
-   :func:`gateway.policy_input.build_input`: allowed requests, denials by
+   :func:`gateway.requests.policy_input.build_input`: allowed requests, denials by
    role, prompts with PII that content rules redact or deny, a blocked
    pattern, a restricted model with a declared purpose, and usage counters
    just below and at their limits. Each engine runs N decisions one after
@@ -136,7 +136,7 @@ _LONG_CHAT = [
 def sample_inputs() -> list[Sample]:
     """The mix every engine and every mode evaluates, in this order, round robin."""
     from gateway.auth import Principal
-    from gateway.policy_input import build_input
+    from gateway.requests.policy_input import build_input
     from workers.contract.registry import ModelSpec
 
     def model(name: str, tags: tuple[str, ...] = ()) -> ModelSpec:

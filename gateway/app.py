@@ -10,7 +10,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
 from gateway.api.completions import CompletionsController
-from gateway.api.dependencies import provide_principal
+from gateway.api.dependencies import provide_completions, provide_principal
 from gateway.api.health import HealthController
 from gateway.api.openapi import COMPONENTS
 from gateway.api.models import ModelsController
@@ -33,7 +33,8 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
 
     return Litestar(
         route_handlers=[CompletionsController, ModelsController, HealthController],
-        dependencies={"principal": Provide(provide_principal)},
+        dependencies={"principal": Provide(provide_principal),
+                      "completions": Provide(provide_completions, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,

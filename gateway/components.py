@@ -18,14 +18,14 @@ from sqlalchemy import Engine
 
 from audit import AuditStore
 from gateway.auth import KeyStore
-from gateway.completions import CompletionService
 from gateway.db_setup import open_database  # noqa: F401  (re-exported: tests and benches import it here)
 from gateway.dispatch import Dispatcher, ResultWaiter
 from gateway.limits import UsageCounters
 from gateway.policy import PolicyEngine, open_policy_engine
 from gateway.policy.reloader import ReloadingPolicyEngine
+from gateway.requests.service import CompletionService
+from gateway.requests.terminal_retry import retry_pending_terminals
 from gateway.settings import Settings
-from gateway.terminal_retry import retry_pending_terminals
 from workers.contract.celery_config import make_celery, visibility_timeout_s
 from workers.contract.pending_terminals import PendingTerminals
 from workers.contract.privacy import Digester

@@ -14,8 +14,8 @@ from typing import Any, Iterable
 
 from audit import AuditEntry
 from gateway.policy import Decision, PolicyEngine
-from gateway.normalize import normalized_text
-from gateway.policy_input import prompt_text
+from gateway.requests.normalize import normalized_text
+from gateway.requests.policy_input import prompt_text
 
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 

@@ -35,7 +35,7 @@ def policy_explain(input_file, policy_dir: Path | None) -> None:
         raise click.ClickException(f"the input is not JSON: {exc}") from None
     if not isinstance(document, dict):
         raise click.ClickException("the input must be a JSON object")
-    from gateway.policy_input import with_normalized_text
+    from gateway.requests.policy_input import with_normalized_text
 
     document = with_normalized_text(document)
     settings = load_settings()

@@ -259,7 +259,7 @@ async def test_harmless_completion_defaults_are_served(client, keyring):
 
 
 def test_depth_scan_ignores_brackets_in_strings():
-    from gateway.api.parsing import MAX_JSON_DEPTH, json_depth
+    from gateway.requests.parsing import MAX_JSON_DEPTH, json_depth
 
     inside = json.dumps({"messages": [{"content": "[{" * 5000 + '\\"[' * 100}]}).encode()
     assert json_depth(inside) == 3
@@ -271,9 +271,9 @@ async def test_a_nul_is_refused_before_queueing_and_served_where_the_backend_tak
                                                                                       audit_store):
     from dataclasses import replace
 
-    from gateway.api.parsing import parse_body
-    from gateway.api.schemas import ChatCompletionRequest
-    from gateway.fit import check_fits
+    from gateway.requests.parsing import parse_body
+    from gateway.requests.schemas import ChatCompletionRequest
+    from gateway.requests.fit import check_fits
     from tests.test_fail_closed import queued
     from workers.contract.registry import BACKEND_LLAMACPP, load_registry
 

@@ -7,7 +7,7 @@ import pytest
 from audit import verify_chain
 from gateway.settings import Settings
 from tests.conftest import bearer
-from workers.backends import GenerationParams, load_model
+from workers.backends import SamplingParams, load_model
 from workers.contract.prompts import render_chat
 from workers.contract.registry import TINY_MODEL_NAME, load_registry
 
@@ -24,7 +24,7 @@ def direct_model(settings: Settings):
 
 
 def greedy(model, prompt: str, max_tokens: int, stops: tuple[str, ...] = ()):
-    return model.generate(prompt, GenerationParams(max_tokens=max_tokens, temperature=0, stop=stops))
+    return model.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0, stop=stops))
 
 
 async def test_chat_completion_is_generated_by_the_worker_and_audited(client, keyring, audit_store, direct_model):
@@ -173,8 +173,8 @@ async def test_sampling_parameters_reach_the_backend(client, keyring, direct_mod
     response = await client.post("/v1/completions", headers=bearer(keyring["admin"]),
                                  json={"model": TINY_MODEL_NAME, "prompt": "The gate", "max_tokens": 24, **sampled})
     assert response.status_code == 200, response.text
-    expected = direct_model.generate("The gate", GenerationParams(max_tokens=24, **sampled))
-    other = direct_model.generate("The gate", GenerationParams(max_tokens=24, **{**sampled, "top_k": 60}))
+    expected = direct_model.generate("The gate", SamplingParams(max_tokens=24, **sampled))
+    other = direct_model.generate("The gate", SamplingParams(max_tokens=24, **{**sampled, "top_k": 60}))
     assert response.json()["choices"][0]["text"] == expected.text
     assert expected.text != other.text  # top_k really matters, so the equality above is informative
 

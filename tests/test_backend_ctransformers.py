@@ -10,10 +10,10 @@ import pytest
 from tests.conftest_models import TINY_CONTEXT, tiny_model_path, tiny_spec  # noqa: F401 - fixtures
 from workers.backends import (
     BackendError,
-    GenerationParams,
     GenerationRun,
     LoadedModel,
     PromptTooLongError,
+    SamplingParams,
     check_model_file,
     load_model,
 )
@@ -21,7 +21,7 @@ from workers.backends.ctransformers_backend import CTransformersModel, choose_li
 from workers.contract.registry import ModelSpec
 
 PROMPT = "System: be brief\n\nUser: open the gate\n\nAssistant:"
-GREEDY = GenerationParams(max_tokens=40, temperature=0)
+GREEDY = SamplingParams(max_tokens=40, temperature=0)
 BYTE_BASE = 3  # the tiny vocabulary's <0x00> id: after <unk>, <s>, </s>
 
 
@@ -115,27 +115,27 @@ def test_greedy_is_deterministic_within_a_load(model: CTransformersModel, greedy
 
 
 def test_greedy_ignores_sampling_knobs(model: CTransformersModel, greedy_text: str) -> None:
-    params = GenerationParams(max_tokens=40, temperature=0, top_k=50, top_p=0.5, seed=9)
+    params = SamplingParams(max_tokens=40, temperature=0, top_k=50, top_p=0.5, seed=9)
     assert model.generate(PROMPT, params).text == greedy_text
 
 
 def test_output_is_printable_words(model: CTransformersModel, greedy_text: str) -> None:
     assert _is_printable_ascii(greedy_text)
     for seed in range(5):
-        sampled = model.generate(PROMPT, GenerationParams(max_tokens=30, temperature=1.0, seed=seed)).text
+        sampled = model.generate(PROMPT, SamplingParams(max_tokens=30, temperature=1.0, seed=seed)).text
         assert _is_printable_ascii(sampled), sampled
 
 
 def test_seeded_sampling_is_reproducible(model: CTransformersModel) -> None:
     def sample(seed: int) -> str:
-        return model.generate(PROMPT, GenerationParams(max_tokens=30, temperature=0.9, seed=seed)).text
+        return model.generate(PROMPT, SamplingParams(max_tokens=30, temperature=0.9, seed=seed)).text
 
     assert sample(11) == sample(11)
     assert sample(11) != sample(12)
 
 
 def test_max_tokens_gives_length(model: CTransformersModel) -> None:
-    result = model.generate(PROMPT, GenerationParams(max_tokens=17, temperature=0))
+    result = model.generate(PROMPT, SamplingParams(max_tokens=17, temperature=0))
     assert result.finish_reason == "length"
     assert result.completion_tokens == 17
     assert result.prompt_tokens == model.count_tokens(PROMPT)
@@ -144,7 +144,7 @@ def test_max_tokens_gives_length(model: CTransformersModel) -> None:
 def test_stop_sequence_from_the_output_truncates(model: CTransformersModel, greedy_text: str) -> None:
     stop = greedy_text[len(greedy_text) // 2 : len(greedy_text) // 2 + 5]
     expected = greedy_text[: greedy_text.find(stop)]
-    params = GenerationParams(max_tokens=40, temperature=0, stop=("never-seen-@@", stop))
+    params = SamplingParams(max_tokens=40, temperature=0, stop=("never-seen-@@", stop))
     result = model.generate(PROMPT, params)
     assert result.text == expected
     assert stop not in result.text
@@ -163,7 +163,7 @@ def test_stop_sequence_split_across_tokens(model: CTransformersModel) -> None:
     # The token that completes the first occurrence is the last one generated.
     ends = [len("".join(pieces[: k + 1])) for k in range(len(pieces))]
     completing = next(k for k, end in enumerate(ends) if end >= at + len(stop)) + 1
-    run = model.stream(PROMPT, GenerationParams(max_tokens=40, temperature=0, stop=(stop,)))
+    run = model.stream(PROMPT, SamplingParams(max_tokens=40, temperature=0, stop=(stop,)))
     streamed = list(run)
     assert "".join(streamed) == expected
     assert all(stop not in p for p in streamed)
@@ -176,7 +176,7 @@ def test_held_back_stop_prefix_is_released(model: CTransformersModel, greedy_tex
     # The text repeatedly ends with a start of this stop (at least at piece 3),
     # but it can never complete: control bytes are never generated.
     stop = pieces[3] + "\x01"
-    run = model.stream(PROMPT, GenerationParams(max_tokens=40, temperature=0, stop=(stop,)))
+    run = model.stream(PROMPT, SamplingParams(max_tokens=40, temperature=0, stop=(stop,)))
     streamed = list(run)
     assert "".join(streamed) == greedy_text
     assert len(streamed) < len(pieces), "the matching tail should have been held back"
@@ -184,7 +184,7 @@ def test_held_back_stop_prefix_is_released(model: CTransformersModel, greedy_tex
 
 
 def test_stream_and_generate_agree(model: CTransformersModel) -> None:
-    params = GenerationParams(max_tokens=25, temperature=0.7, seed=5, stop=(" the",))
+    params = SamplingParams(max_tokens=25, temperature=0.7, seed=5, stop=(" the",))
     run = model.stream(PROMPT, params)
     text = "".join(run)
     result = model.generate(PROMPT, params)
@@ -200,7 +200,7 @@ def test_prompt_filling_the_context_exactly_works(model: CTransformersModel) -> 
     prompt = "the gate " * 50
     room = TINY_CONTEXT - model.count_tokens(prompt)
     assert room > 0
-    result = model.generate(prompt, GenerationParams(max_tokens=room, temperature=0))
+    result = model.generate(prompt, SamplingParams(max_tokens=room, temperature=0))
     assert result.completion_tokens == room
     assert _is_printable_ascii(result.text)
 
@@ -208,7 +208,7 @@ def test_prompt_filling_the_context_exactly_works(model: CTransformersModel) -> 
 def test_over_long_prompt_is_a_backend_error(model: CTransformersModel) -> None:
     prompt = "the gate " * 200
     with pytest.raises(PromptTooLongError) as info:
-        model.stream(prompt, GenerationParams(max_tokens=10))  # raised before iterating
+        model.stream(prompt, SamplingParams(max_tokens=10))  # raised before iterating
     err = info.value
     assert isinstance(err, BackendError)
     assert err.prompt_tokens == model.count_tokens(prompt)
@@ -220,7 +220,7 @@ def test_prompt_plus_max_tokens_over_context_is_refused(model: CTransformersMode
     prompt = "the gate " * 50
     room = TINY_CONTEXT - model.count_tokens(prompt)
     with pytest.raises(PromptTooLongError):
-        model.generate(prompt, GenerationParams(max_tokens=room + 1))
+        model.generate(prompt, SamplingParams(max_tokens=room + 1))
 
 
 # --- tokenizer -------------------------------------------------------------
@@ -232,7 +232,7 @@ def test_count_tokens_matches_the_tokenizer(model: CTransformersModel) -> None:
     assert model.count_tokens("the gate") == 3  # BOS, "▁the", "▁gate"
     text = "open the gate, audit the token queue"
     assert model.count_tokens(text) == len(model.tokenize(text))
-    assert model.generate(text, GenerationParams(max_tokens=1)).prompt_tokens == model.count_tokens(text)
+    assert model.generate(text, SamplingParams(max_tokens=1)).prompt_tokens == model.count_tokens(text)
 
 
 def test_multibyte_text_does_not_overflow_the_token_buffer(model: CTransformersModel) -> None:
@@ -253,7 +253,7 @@ def test_nul_is_refused(model: CTransformersModel) -> None:
 
 def test_characters_split_over_byte_tokens_are_never_broken(model: CTransformersModel) -> None:
     ids = [BYTE_BASE + b for b in "é🎉".encode()]
-    run = GenerationRun(iter(ids), model._token_bytes, prompt_tokens=1, params=GenerationParams(max_tokens=10))
+    run = GenerationRun(iter(ids), model._token_bytes, prompt_tokens=1, params=SamplingParams(max_tokens=10))
     pieces = list(run)
     assert pieces == ["é", "🎉"]
     assert (run.completion_tokens, run.finish_reason) == (len(ids), "stop")
@@ -261,19 +261,19 @@ def test_characters_split_over_byte_tokens_are_never_broken(model: CTransformers
 
 def test_end_of_sequence_gives_stop(model: CTransformersModel) -> None:
     ids = model.tokenize("the gate")[1:]
-    run = GenerationRun(iter(ids), model._token_bytes, prompt_tokens=4, params=GenerationParams(max_tokens=10))
+    run = GenerationRun(iter(ids), model._token_bytes, prompt_tokens=4, params=SamplingParams(max_tokens=10))
     result = run.collect()
     assert (result.text, result.completion_tokens, result.finish_reason) == (" the gate", 2, "stop")
 
 
 def test_params_are_validated() -> None:
     with pytest.raises(ValueError):
-        GenerationParams(max_tokens=0)
+        SamplingParams(max_tokens=0)
     with pytest.raises(ValueError):
-        GenerationParams(max_tokens=1, temperature=-1)
+        SamplingParams(max_tokens=1, temperature=-1)
     with pytest.raises(ValueError):
-        GenerationParams(max_tokens=1, top_p=0)
-    assert GenerationParams(max_tokens=1, stop="x").stop == ("x",)  # type: ignore[arg-type]
+        SamplingParams(max_tokens=1, top_p=0)
+    assert SamplingParams(max_tokens=1, stop="x").stop == ("x",)  # type: ignore[arg-type]
 
 
 # --- sharing one model -----------------------------------------------------
@@ -301,7 +301,7 @@ def test_model_is_free_once_the_text_is_out(model: CTransformersModel, greedy_te
         k = next(k for k in range(3, len(pieces)) if greedy_text.find(pieces[k][1:3]) == offsets[k] + 1)
         stops = (pieces[k][1:3],)
         expected = greedy_text[: offsets[k] + 1]
-    run = model.stream(PROMPT, GenerationParams(max_tokens=40, temperature=0, stop=stops))
+    run = model.stream(PROMPT, SamplingParams(max_tokens=40, temperature=0, stop=stops))
     text = ""
     while text != expected:  # never asks for StopIteration
         text += next(run)
@@ -317,7 +317,7 @@ def test_second_stream_on_the_same_thread_fails_instead_of_deadlocking(model: CT
     with pytest.raises(BackendError, match="already generating"):
         model.generate(PROMPT, GREEDY)
     first.close()
-    assert model.generate(PROMPT, GenerationParams(max_tokens=3)).completion_tokens == 3
+    assert model.generate(PROMPT, SamplingParams(max_tokens=3)).completion_tokens == 3
 
 
 @pytest.mark.timeout(60)

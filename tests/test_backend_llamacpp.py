@@ -20,9 +20,9 @@ import pytest
 from tests.conftest_models import TINY_CONTEXT, tiny_model_path, tiny_spec  # noqa: F401 - fixtures
 from workers.backends import (
     BackendError,
-    GenerationParams,
     LoadedModel,
     PromptTooLongError,
+    SamplingParams,
     load_model,
 )
 from workers.backends.ctransformers_backend import CTransformersModel
@@ -32,7 +32,7 @@ from workers.tinymodel import EOS_ID
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "System: be brief\n\nUser: open the gate\n\nAssistant:"
-GREEDY = GenerationParams(max_tokens=40, temperature=0)
+GREEDY = SamplingParams(max_tokens=40, temperature=0)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_importing_the_backend_starts_nothing() -> None:
 FORK_SCRIPT = """
 import json, os, sys
 from pathlib import Path
-from workers.backends import GenerationParams, load_model
+from workers.backends import SamplingParams, load_model
 from workers.contract.registry import ModelSpec
 
 spec = ModelSpec(name="forked", path=Path(sys.argv[1]), backend="llama.cpp", context_length=int(sys.argv[2]))
@@ -140,7 +140,7 @@ for _ in range(2):
     if pid == 0:
         os.close(read_end)
         try:
-            text = load_model(spec).generate(sys.argv[3], GenerationParams(max_tokens=40, temperature=0)).text
+            text = load_model(spec).generate(sys.argv[3], SamplingParams(max_tokens=40, temperature=0)).text
             os.write(write_end, json.dumps(text).encode())
         finally:
             os._exit(0)
@@ -180,7 +180,7 @@ def test_greedy_is_the_same_text_as_ctransformers(greedy_text: str, ctransformer
 
 def test_repetition_penalty_matches_ctransformers(model: LlamaCppModel, ctransformers_model: CTransformersModel,
                                                   greedy_text: str) -> None:
-    params = GenerationParams(max_tokens=40, temperature=0, repetition_penalty=1.3)
+    params = SamplingParams(max_tokens=40, temperature=0, repetition_penalty=1.3)
     penalised = model.generate(PROMPT, params).text
     assert penalised == ctransformers_model.generate(PROMPT, params).text
     assert penalised != greedy_text
@@ -197,20 +197,20 @@ def test_greedy_is_deterministic_within_a_load(model: LlamaCppModel, greedy_text
 
 
 def test_greedy_ignores_sampling_knobs(model: LlamaCppModel, greedy_text: str) -> None:
-    params = GenerationParams(max_tokens=40, temperature=0, top_k=50, top_p=0.5, seed=9)
+    params = SamplingParams(max_tokens=40, temperature=0, top_k=50, top_p=0.5, seed=9)
     assert model.generate(PROMPT, params).text == greedy_text
 
 
 def test_output_is_printable_words(model: LlamaCppModel, greedy_text: str) -> None:
     assert _is_printable_ascii(greedy_text)
     for seed in range(5):
-        sampled = model.generate(PROMPT, GenerationParams(max_tokens=30, temperature=1.0, seed=seed)).text
+        sampled = model.generate(PROMPT, SamplingParams(max_tokens=30, temperature=1.0, seed=seed)).text
         assert _is_printable_ascii(sampled), sampled
 
 
 def test_seeded_sampling_is_reproducible(model: LlamaCppModel) -> None:
     def sample(seed: int) -> str:
-        return model.generate(PROMPT, GenerationParams(max_tokens=30, temperature=0.9, seed=seed)).text
+        return model.generate(PROMPT, SamplingParams(max_tokens=30, temperature=0.9, seed=seed)).text
 
     assert sample(11) == sample(11)
     assert sample(11) != sample(12)
@@ -220,13 +220,13 @@ def test_registry_repetition_penalty_is_the_default(llama_spec: ModelSpec, model
     """``repetition_penalty`` in the registry applies when the request gives none (1.0)."""
     penalised = load_model(replace(llama_spec, repetition_penalty=1.3))
     assert penalised.generate(PROMPT, GREEDY).text == model.generate(
-        PROMPT, GenerationParams(max_tokens=40, temperature=0, repetition_penalty=1.3)).text
-    explicit = GenerationParams(max_tokens=40, temperature=0, repetition_penalty=1.1)
+        PROMPT, SamplingParams(max_tokens=40, temperature=0, repetition_penalty=1.3)).text
+    explicit = SamplingParams(max_tokens=40, temperature=0, repetition_penalty=1.1)
     assert penalised.generate(PROMPT, explicit).text == model.generate(PROMPT, explicit).text
 
 
 def test_max_tokens_gives_length(model: LlamaCppModel) -> None:
-    result = model.generate(PROMPT, GenerationParams(max_tokens=17, temperature=0))
+    result = model.generate(PROMPT, SamplingParams(max_tokens=17, temperature=0))
     assert result.finish_reason == "length"
     assert result.completion_tokens == 17
     assert result.prompt_tokens == model.count_tokens(PROMPT)
@@ -235,7 +235,7 @@ def test_max_tokens_gives_length(model: LlamaCppModel) -> None:
 def test_stop_sequence_from_the_output_truncates(model: LlamaCppModel, greedy_text: str) -> None:
     stop = greedy_text[len(greedy_text) // 2 : len(greedy_text) // 2 + 5]
     expected = greedy_text[: greedy_text.find(stop)]
-    params = GenerationParams(max_tokens=40, temperature=0, stop=("never-seen-@@", stop))
+    params = SamplingParams(max_tokens=40, temperature=0, stop=("never-seen-@@", stop))
     result = model.generate(PROMPT, params)
     assert result.text == expected
     assert stop not in result.text
@@ -249,7 +249,7 @@ def test_stop_sequence_split_across_tokens(model: LlamaCppModel) -> None:
     i = next(i for i in range(5, len(pieces) - 1) if len(pieces[i]) >= 3 and len(pieces[i + 1]) >= 3)
     stop = pieces[i][-2:] + pieces[i + 1][:2]
     full = "".join(pieces)
-    run = model.stream(PROMPT, GenerationParams(max_tokens=40, temperature=0, stop=(stop,)))
+    run = model.stream(PROMPT, SamplingParams(max_tokens=40, temperature=0, stop=(stop,)))
     streamed = list(run)
     assert "".join(streamed) == full[: full.find(stop)]
     assert all(stop not in p for p in streamed)
@@ -258,7 +258,7 @@ def test_stop_sequence_split_across_tokens(model: LlamaCppModel) -> None:
 
 
 def test_stream_and_generate_agree(model: LlamaCppModel) -> None:
-    params = GenerationParams(max_tokens=25, temperature=0.7, seed=5, stop=(" the",))
+    params = SamplingParams(max_tokens=25, temperature=0.7, seed=5, stop=(" the",))
     run = model.stream(PROMPT, params)
     text = "".join(run)
     result = model.generate(PROMPT, params)
@@ -280,7 +280,7 @@ def test_prompt_filling_the_context_exactly_works(model: LlamaCppModel) -> None:
     prompt = "the gate " * 50
     room = TINY_CONTEXT - model.count_tokens(prompt)
     assert room > 0
-    result = model.generate(prompt, GenerationParams(max_tokens=room, temperature=0))
+    result = model.generate(prompt, SamplingParams(max_tokens=room, temperature=0))
     assert (result.completion_tokens, result.finish_reason) == (room, "length")
     assert _is_printable_ascii(result.text)
 
@@ -288,7 +288,7 @@ def test_prompt_filling_the_context_exactly_works(model: LlamaCppModel) -> None:
 def test_over_long_prompt_is_refused_before_generating(model: LlamaCppModel) -> None:
     prompt = "the gate " * 200
     with pytest.raises(PromptTooLongError) as info:
-        model.stream(prompt, GenerationParams(max_tokens=10))  # raised before iterating
+        model.stream(prompt, SamplingParams(max_tokens=10))  # raised before iterating
     err = info.value
     assert isinstance(err, BackendError)
     assert err.prompt_tokens == model.count_tokens(prompt)
@@ -299,7 +299,7 @@ def test_prompt_plus_max_tokens_over_context_is_refused(model: LlamaCppModel) ->
     prompt = "the gate " * 50
     room = TINY_CONTEXT - model.count_tokens(prompt)
     with pytest.raises(PromptTooLongError):
-        model.generate(prompt, GenerationParams(max_tokens=room + 1))
+        model.generate(prompt, SamplingParams(max_tokens=room + 1))
 
 
 # --- tokenizer -------------------------------------------------------------
@@ -309,7 +309,7 @@ def test_count_tokens_uses_the_model_tokenizer(model: LlamaCppModel) -> None:
     assert model.count_tokens("") == 1  # just BOS
     assert model.count_tokens("the gate") == 3  # BOS, "▁the", "▁gate"
     text = "open the gate, audit the token queue"
-    assert model.generate(text, GenerationParams(max_tokens=1)).prompt_tokens == model.count_tokens(text)
+    assert model.generate(text, SamplingParams(max_tokens=1)).prompt_tokens == model.count_tokens(text)
 
 
 @pytest.mark.parametrize("text", ["the gate", PROMPT, "é€🎉" * 10, "tabs\tand\nlines", "  spaced  out  "])
@@ -322,7 +322,7 @@ def test_a_nul_in_the_prompt_is_served(model: LlamaCppModel, llama_spec: ModelSp
     from workers.contract.tokenizers import load_tokenizer
 
     text = "open\x00the gate"
-    run = model.generate(text, GenerationParams(max_tokens=3, temperature=0))
+    run = model.generate(text, SamplingParams(max_tokens=3, temperature=0))
     assert run.completion_tokens == 3 and run.text
     assert run.prompt_tokens == model.count_tokens(text) == load_tokenizer(llama_spec).count(text)
 
@@ -386,7 +386,7 @@ def test_second_stream_on_the_same_thread_fails_instead_of_deadlocking(model: Ll
     with pytest.raises(BackendError, match="already generating"):
         model.generate(PROMPT, GREEDY)
     first.close()
-    assert model.generate(PROMPT, GenerationParams(max_tokens=3)).completion_tokens == 3
+    assert model.generate(PROMPT, SamplingParams(max_tokens=3)).completion_tokens == 3
 
 
 @pytest.mark.timeout(60)

@@ -18,7 +18,7 @@ from govgate.model_files import ensure_models
 from govgate.stack import StartupError
 from tests.slow_marker import RUN_SLOW_ENV, run_slow
 from workers import default_model
-from workers.backends import BackendError, GenerationParams, check_model_file, ensure_model_file, load_model
+from workers.backends import BackendError, SamplingParams, check_model_file, ensure_model_file, load_model
 from workers.default_model import AssemblyError, PackagedModel, Progress, assemble, gemma_package, notice_path
 from workers.contract.prompts import render_chat
 from workers.contract.registry import (
@@ -215,16 +215,16 @@ def test_gemma_assembles_loads_and_writes_real_text(tmp_path: Path) -> None:
 
     model = load_model(spec)
     assert model.context_length == spec.context_length
-    fact = model.generate("The Eiffel Tower is in the city of", GenerationParams(max_tokens=8, temperature=0))
+    fact = model.generate("The Eiffel Tower is in the city of", SamplingParams(max_tokens=8, temperature=0))
     assert "Paris" in fact.text
     assert fact.prompt_tokens == model.count_tokens("The Eiffel Tower is in the city of")
 
     prompt, stops = render_chat([{"role": "user", "content": "Name a colour."}], spec.prompt_format)
-    reply = model.generate(prompt, GenerationParams(max_tokens=48, temperature=0, stop=stops))
+    reply = model.generate(prompt, SamplingParams(max_tokens=48, temperature=0, stop=stops))
     assert reply.text.strip() and "User:" not in reply.text
     assert reply.finish_reason in ("stop", "length")
 
     # Four byte tokens per hieroglyph: llama.cpp folds them; counts must stay truthful.
-    glyphs = model.generate("𓀀𓀁𓀂𓀃𓀄𓀅𓀆𓀇𓀈𓀉𓀊𓀋𓀌𓀍𓀎𓀏", GenerationParams(max_tokens=9, temperature=0))
+    glyphs = model.generate("𓀀𓀁𓀂𓀃𓀄𓀅𓀆𓀇𓀈𓀉𓀊𓀋𓀌𓀍𓀎𓀏", SamplingParams(max_tokens=9, temperature=0))
     assert glyphs.completion_tokens == 9
     assert glyphs.text and "\ufffd" not in glyphs.text

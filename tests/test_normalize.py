@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from audit import AuditEntry
-from gateway.audit_records import logged_prompt
+from gateway.requests.audit_records import logged_prompt
 from workers.contract.privacy import Digester
 from gateway.auth import Principal
-from gateway.normalize import normalize, normalized_text
-from gateway.policy_input import build_input, with_normalized_text, without_prompt
+from gateway.requests.normalize import normalize, normalized_text
+from gateway.requests.policy_input import build_input, with_normalized_text, without_prompt
 from gateway.replay import input_from_entry
 from tests.test_policy_cases import CASE_DIR
 from workers.contract.registry import ModelSpec

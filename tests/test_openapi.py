@@ -32,8 +32,8 @@ from schemathesis.specs.openapi.checks import (
 from audit import TERMINAL_KINDS, AuditStore
 from gateway import urls
 from gateway.api.openapi import json_schema
-from gateway.api.parsing import parse_body
-from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.requests.parsing import parse_body
+from gateway.requests.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.app import create_app
 from gateway.settings import Settings
 from workers.contract.registry import TINY_MODEL_NAME

@@ -29,7 +29,7 @@ from govgate.cli import main
 from gateway.components import open_database
 from gateway.policy import POLICY_UNAVAILABLE, EmbeddedPolicyEngine, PolicyUnavailable, open_policy_engine
 from gateway.policy.reloader import ReloadingPolicyEngine
-from gateway.refusals import denial
+from gateway.requests.refusals import denial
 from gateway.settings import Settings, SettingsError
 from govgate.supervisor import child_env
 from tests.conftest import bearer, serving

@@ -25,6 +25,7 @@ from govgate.redis_server import RedisProcess
 from govgate.supervisor import private_dir, private_log
 from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
 from workers.contract.jobs import GenerateJob
+from workers.contract.sampling import SamplingParams
 from workers.generation import run_job
 from workers.streams import SilentChannel
 from workers.contract.privacy import Digester, logged_output, mask
@@ -36,7 +37,7 @@ def mode(path: Path) -> int:
 
 def job(request_id: str, logging: str, redact=()) -> GenerateJob:
     return GenerateJob(request_id=request_id, model="tiny-test", endpoint="completions",
-                       params={"max_tokens": 16, "temperature": 0}, principal="alice", team="research",
+                       params=SamplingParams(max_tokens=16, temperature=0), principal="alice", team="research",
                        policy_revision="rev", prompt="Tell me about ann@example.org",
                        prompt_logging=logging, redact=list(redact))
 

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from workers.contract.jobs import GenerateJob, JobResult, open_piece, open_result, seal_piece
+from workers.contract.sampling import SamplingParams
 from workers.contract.sealing import SealError, Sealer, load_or_create_key
 
 SECRET = "the launch code is swordfish"
@@ -76,7 +77,7 @@ def test_an_unusable_key_file_is_an_error_not_a_new_key(tmp_path) -> None:
 
 def test_a_job_travels_sealed_with_only_ids_in_clear() -> None:
     sealer = Sealer(bytes(range(32)))
-    job = GenerateJob(request_id="r1", model="tiny", endpoint="chat.completions", params={"max_tokens": 2},
+    job = GenerateJob(request_id="r1", model="tiny", endpoint="chat.completions", params=SamplingParams(max_tokens=2),
                       principal="alice", team="research", policy_revision="rev",
                       messages=[{"role": "user", "content": SECRET}], prompt_logging="hash",
                       redact=[{"detector": "email", "text": "ann@example.org"}])

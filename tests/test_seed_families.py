@@ -20,13 +20,13 @@ from tests.family_models import (  # noqa: F401 - fixtures
     family_spec,
     write_family_registry,
 )
-from workers.backends import BackendError, GenerationParams, LoadedModel, PromptTooLongError, load_model
+from workers.backends import BackendError, LoadedModel, PromptTooLongError, SamplingParams, load_model
 from workers.backends.ctransformers_backend import CTransformersModel
 from workers.contract.registry import load_registry
 from workers.tinyggml import DOLLY_SPECIALS, FAMILIES, GGML_MAGIC, family_file_name
 
 PROMPT = "System: be brief\n\nUser: open the gate\n\nAssistant:"
-GREEDY = GenerationParams(max_tokens=30, temperature=0)
+GREEDY = SamplingParams(max_tokens=30, temperature=0)
 ALL = sorted(FAMILIES)
 GGML = sorted(f for f, entry in FAMILIES.items() if entry.file_format != "GGUF")
 
@@ -137,14 +137,14 @@ def test_greedy_is_deterministic_within_a_load(model: CTransformersModel) -> Non
 
 def test_sampled_text_is_printable_and_reproducible(model: CTransformersModel) -> None:
     def sample(seed: int) -> str:
-        return model.generate(PROMPT, GenerationParams(max_tokens=20, temperature=0.9, seed=seed)).text
+        return model.generate(PROMPT, SamplingParams(max_tokens=20, temperature=0.9, seed=seed)).text
 
     assert sample(5) == sample(5)
     assert all(_printable(sample(seed)) for seed in range(3))
 
 
 def test_max_tokens_gives_length(model: CTransformersModel) -> None:
-    result = model.generate(PROMPT, GenerationParams(max_tokens=17, temperature=0))
+    result = model.generate(PROMPT, SamplingParams(max_tokens=17, temperature=0))
     assert result.finish_reason == "length"
     assert result.completion_tokens == 17
     assert result.prompt_tokens == model.count_tokens(PROMPT)
@@ -171,14 +171,14 @@ def test_prompt_filling_the_context_exactly_works(model: CTransformersModel) -> 
     prompt = "the gate " * 40
     room = FAMILY_CONTEXT - model.count_tokens(prompt)
     assert room > 0
-    result = model.generate(prompt, GenerationParams(max_tokens=room, temperature=0))
+    result = model.generate(prompt, SamplingParams(max_tokens=room, temperature=0))
     assert (result.completion_tokens, result.finish_reason) == (room, "length")
 
 
 def test_too_long_prompt_is_refused(model: CTransformersModel) -> None:
     prompt = "the gate " * 200
     with pytest.raises(PromptTooLongError) as info:
-        model.generate(prompt, GenerationParams(max_tokens=10))
+        model.generate(prompt, SamplingParams(max_tokens=10))
     assert info.value.prompt_tokens == model.count_tokens(prompt)
     assert info.value.context_length == FAMILY_CONTEXT
 
@@ -186,7 +186,7 @@ def test_too_long_prompt_is_refused(model: CTransformersModel) -> None:
 def test_empty_prompt_is_deterministic(model: CTransformersModel) -> None:
     """GGML-era tokenizers add no BOS: an empty prompt must not sample stale logits."""
     assert model.count_tokens("") == 1
-    params = GenerationParams(max_tokens=8, temperature=0)
+    params = SamplingParams(max_tokens=8, temperature=0)
     first = model.generate("", params)
     model.generate("something else entirely", params)
     again = model.generate("", params)
@@ -228,7 +228,7 @@ def test_wrong_model_type_is_a_backend_error(
 
 def test_gpt_neox_layouts_are_interchangeable(family_paths: dict[str, Path]) -> None:
     spec = family_spec("stablelm", family_paths["dolly-v2"])
-    assert load_model(spec).generate(PROMPT, GenerationParams(max_tokens=3)).completion_tokens == 3
+    assert load_model(spec).generate(PROMPT, SamplingParams(max_tokens=3)).completion_tokens == 3
 
 
 @pytest.mark.timeout(60)
@@ -256,7 +256,7 @@ def test_family_registry_serves_every_family(family_registry: Path) -> None:
             FAMILY_CONTEXT,
         )
         assert spec.path.is_file()
-        result = load_model(spec).generate(PROMPT, GenerationParams(max_tokens=5, temperature=0))
+        result = load_model(spec).generate(PROMPT, SamplingParams(max_tokens=5, temperature=0))
         assert (result.completion_tokens, result.finish_reason) == (5, "length")
 
 

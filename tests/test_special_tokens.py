@@ -15,7 +15,7 @@ import pytest
 from gguf import TokenType
 
 from tests.conftest_models import TINY_CONTEXT
-from workers.backends import GenerationParams, load_model
+from workers.backends import SamplingParams, load_model
 from workers.contract.registry import BACKEND_CTRANSFORMERS, BACKEND_LLAMACPP, ModelSpec
 from workers.special_tokens import hidden_tokens, is_marker
 from workers.tinymodel import write_tiny_llama_gguf
@@ -25,7 +25,7 @@ PROMPT = "System: be brief\n\nUser: open the gate\n\nAssistant:"
 MARKERS = (("<start_of_image>", TokenType.USER_DEFINED), ("<|ctl|>", TokenType.CONTROL),
            ("<b>", TokenType.USER_DEFINED), ("<unk2>", TokenType.UNKNOWN))
 NEVER_SHOWN = ("<start_of_image>", "<|ctl|>", "<unk2>", "\u2585")
-GREEDY = GenerationParams(max_tokens=40, temperature=0)
+GREEDY = SamplingParams(max_tokens=40, temperature=0)
 
 
 @pytest.fixture(scope="module")
@@ -115,5 +115,5 @@ def test_gemma_markers_are_hidden_and_its_text_tokens_kept(tmp_path: Path) -> No
     for text in (b"<table>", b"<h1>", b"\n\n", b"\t\t"):
         assert tokens.index(text) not in hidden.ids
     model = load_model(spec)
-    reply = model.generate("<start_of_image>", GenerationParams(max_tokens=24, temperature=0))
+    reply = model.generate("<start_of_image>", SamplingParams(max_tokens=24, temperature=0))
     assert "<start_of_image>" not in reply.text and "<end_of_image>" not in reply.text

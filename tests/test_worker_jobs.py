@@ -5,12 +5,13 @@ from __future__ import annotations
 from audit import verify_chain
 from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
 from workers.contract.jobs import STATUS_COMPLETED, GenerateJob
+from workers.contract.sampling import SamplingParams
 from workers.generation import run_job
 
 
 def job(request_id: str, **params) -> GenerateJob:
     return GenerateJob(request_id=request_id, model="tiny-test", endpoint="chat.completions",
-                       params={"max_tokens": 6, "temperature": 0, **params}, principal="alice", team="research",
+                       params=SamplingParams(**{"max_tokens": 6, "temperature": 0, **params}), principal="alice", team="research",
                        policy_revision="rev", messages=[{"role": "user", "content": "Hello"}])
 
 

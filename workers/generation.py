@@ -21,7 +21,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
 from audit.kinds import FAILED
-from workers.backends import BackendError, GenerationParams, LoadedModel, PromptTooLongError
+from workers.backends import BackendError, LoadedModel, PromptTooLongError
 from workers.contract.jobs import (STATUS_CANCELLED, STATUS_COMPLETED, STATUS_FAILED, STATUS_TIMED_OUT, GenerateJob,
                               JobResult)
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
@@ -30,31 +30,6 @@ from workers.contract.prompts import render_chat
 from workers.streams import JobChannel, SilentChannel
 
 log = logging.getLogger(__name__)
-
-
-def params_from_job(job: GenerateJob, extra_stops: tuple[str, ...], model: LoadedModel) -> GenerationParams:
-    """Backend parameters from the request's (already policy-clamped) params.
-
-    A parameter the request left out takes the model's registry default
-    (``repetition_penalty``) or the library default.
-    """
-    p = job.params
-    stop = p.get("stop") or ()
-    if isinstance(stop, str):
-        stop = (stop,)
-    seed = p.get("seed")
-    penalty = p.get("repetition_penalty")
-    return GenerationParams(
-        max_tokens=int(p["max_tokens"]),
-        temperature=float(p.get("temperature", 1.0)),
-        top_p=float(p.get("top_p", 1.0)),
-        top_k=int(p["top_k"]) if p.get("top_k") is not None else 40,
-        stop=tuple(stop) + extra_stops,
-        seed=-1 if seed is None else int(seed),
-        repetition_penalty=float(penalty) if penalty is not None else model.spec.repetition_penalty,
-        frequency_penalty=float(p.get("frequency_penalty") or 0.0),
-        presence_penalty=float(p.get("presence_penalty") or 0.0),
-    )
 
 
 def prompt_for(job: GenerateJob, model: LoadedModel) -> tuple[str, tuple[str, ...]]:
@@ -138,7 +113,7 @@ def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobCh
     ending = None
     try:
         prompt, format_stops = prompt_for(job, model)
-        run = model.stream(prompt, params_from_job(job, format_stops, model))
+        run = model.stream(prompt, job.params.with_stops(format_stops))
         for piece in run:
             text.append(piece)
             channel.publish(piece)

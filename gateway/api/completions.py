@@ -6,7 +6,7 @@ import json
 from typing import Any, AsyncIterator
 
 from litestar import Controller, Request, Response, post
-from litestar.datastructures import State
+from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
@@ -14,8 +14,11 @@ from litestar.response import Stream
 from gateway import urls
 from gateway.api.openapi import CHAT_OPERATION, COMPLETION_OPERATION, SECURITY
 from gateway.auth import Principal
-from gateway.completions import CHAT, COMPLETIONS, CompletionService, Ticket
-from gateway.errors import ApiError, errors_of
+from gateway.errors import ApiError
+from gateway.requests.outcome import StreamEvents
+from gateway.requests.schemas import CHAT, COMPLETIONS
+from gateway.requests.service import CompletionService
+from gateway.requests.ticket import Ticket
 from workers.contract.jobs import JobResult
 
 
@@ -69,7 +72,7 @@ def _sse(document: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(document, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _events(service: CompletionService, ticket: Ticket, shape: _Shape, opened, events) -> AsyncIterator[bytes]:
+async def _sse_events(ticket: Ticket, shape: _Shape, events: StreamEvents) -> AsyncIterator[bytes]:
     """Server-Sent Events in OpenAI's chunk format, ending with ``data: [DONE]``.
 
     Errors after the response has started cannot change its status, so they
@@ -89,7 +92,7 @@ async def _events(service: CompletionService, ticket: Ticket, shape: _Shape, ope
     except ApiError as error:
         yield _sse(error.body())
     finally:
-        await opened.__aexit__(None, None, None)
+        await events.aclose()
 
 
 class CompletionsController(Controller):
@@ -99,13 +102,15 @@ class CompletionsController(Controller):
 
     @post(urls.CHAT_COMPLETIONS, summary="Create a chat completion (OpenAI-compatible)", status_code=200,
           operation_class=CHAT_OPERATION, security=SECURITY, operation_id="createChatCompletion")
-    async def chat(self, request: Request, state: State, principal: NamedDependency[Principal]) -> Response:
-        return await _serve(state.components.completions, request, principal, CHAT)
+    async def chat(self, request: Request, principal: NamedDependency[Principal],
+                   completions: NamedDependency[CompletionService]) -> Response:
+        return await _serve(completions, request, principal, CHAT)
 
     @post(urls.COMPLETIONS, summary="Create a text completion (OpenAI-compatible)", status_code=200,
           operation_class=COMPLETION_OPERATION, security=SECURITY, operation_id="createCompletion")
-    async def completion(self, request: Request, state: State, principal: NamedDependency[Principal]) -> Response:
-        return await _serve(state.components.completions, request, principal, COMPLETIONS)
+    async def completion(self, request: Request, principal: NamedDependency[Principal],
+                         completions: NamedDependency[CompletionService]) -> Response:
+        return await _serve(completions, request, principal, COMPLETIONS)
 
 
 async def _serve(service: CompletionService, request: Request, principal: Principal, endpoint: str) -> Response:
@@ -113,12 +118,11 @@ async def _serve(service: CompletionService, request: Request, principal: Princi
     shape = _Shape(endpoint)
     headers = {urls.REQUEST_ID_HEADER: ticket.request_id}
     if ticket.job.stream:
-        opened = service.stream(ticket)
-        with errors_of(ticket.request_id):
-            events = await opened.__aenter__()  # queue errors are still ordinary HTTP errors here
-        return Stream(_events(service, ticket, shape, opened, events), media_type="text/event-stream",
-                      headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    with errors_of(ticket.request_id):
-        result = await service.complete(ticket)
+        events = await service.open_stream(ticket)  # queue errors are still ordinary HTTP errors here
+        # The background task closes the events if the client left before they were read at all.
+        return Stream(_sse_events(ticket, shape, events), media_type="text/event-stream",
+                      headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                      background=BackgroundTask(events.aclose))
+    result = await service.complete(ticket)
     return Response({**shape.envelope(ticket, shape.object), "choices": [shape.choice(result.text,
                      result.finish_reason)], "usage": _usage(result)}, headers=headers)

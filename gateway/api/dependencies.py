@@ -8,6 +8,7 @@ from litestar.datastructures import State
 
 from gateway.auth import KeyStoreError, Principal
 from gateway.errors import ApiError
+from gateway.requests.service import CompletionService
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -31,3 +32,8 @@ async def provide_principal(request: Request, state: State) -> Principal:
     if principal is None:
         raise ApiError(401, "invalid_api_key", "The API key is unknown or has been revoked.", headers=_CHALLENGE)
     return principal
+
+
+def provide_completions(state: State) -> CompletionService:
+    """The request path's service, built once in the app's lifespan."""
+    return state.components.completions

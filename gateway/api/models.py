@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from gateway import urls
 from gateway.api.openapi import MODEL_OPERATION, MODELS_OPERATION, SECURITY
 from gateway.auth import Principal
+from gateway.dispatch import queue_depth
 from gateway.errors import ApiError
 from gateway.policy import POLICY_UNAVAILABLE, PolicyUnavailable
 from gateway.policy.engine import UNAVAILABLE_RETRY_AFTER_S
@@ -68,7 +69,7 @@ async def _model_object(state: State, spec: ModelSpec) -> dict[str, Any]:
     """OpenAI's model object, plus what govgate knows of the model and its queue."""
     components = state.components
     try:
-        waiting = await components.completions.queue_depth(spec.name)
+        waiting = await queue_depth(components.redis, spec.name)
     except (RedisError, OSError):
         waiting = None
     return {

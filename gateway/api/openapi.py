@@ -30,7 +30,8 @@ from litestar.openapi.spec import (
 
 from gateway import urls
 from gateway.api import shapes
-from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.limits.catalogue import RETRYABLE_CODES_IN_ORDER
+from gateway.requests.schemas import ChatCompletionRequest, CompletionRequest
 from workers.contract.registry import TINY_MODEL_NAME
 
 BEARER = "bearer"
@@ -78,6 +79,12 @@ def json_schema(kind: Any) -> dict[str, Any]:
     return inline(document, ())
 
 
+def _either(codes: tuple[str, ...]) -> str:
+    """```a`, `b` or `c``` for an error description."""
+    quoted = [f"`{code}`" for code in codes]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else quoted[0]
+
+
 def _header(description: str, schema: dict[str, Any], *, required: bool = True) -> OpenAPIHeader:
     return OpenAPIHeader(description=description, required=required, schema=JsonSchema(document=schema))
 
@@ -99,7 +106,7 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
     413: ("`body_too_large`: the body is over GOVGATE_MAX_BODY_BYTES.", {}),
     422: ("`invalid_value`: a missing field, a wrong type or an out-of-range value (`param` names it), or a "
           "character the model's backend cannot take (a NUL for ctransformers models).", {}),
-    429: ("`rate_limited`, `budget_exceeded`, `too_many_in_flight` or `queue_full`: a usage limit or the "
+    429: (f"{_either(RETRYABLE_CODES_IN_ORDER)}: a usage limit or the "
           "model's queue is full; `error.reasons` says which, `Retry-After` when to try again.",
           {"Retry-After": _RETRY_AFTER}),
     502: ("`worker_error`, `generation_failed`, `worker_lost`, `stream_inconsistent` or `output_not_kept`: "

@@ -22,12 +22,22 @@ import time
 from dataclasses import replace
 
 import anyio
+import redis.asyncio as aioredis
 from celery import Celery
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
+from workers.contract.celery_config import queue_keys
 from workers.contract.jobs import GENERATE_TASK, GenerateJob, queue_for
 from workers.contract.sealing import Sealer
+
+
+async def queue_depth(redis: aioredis.Redis, model: str) -> int:
+    """Requests waiting in a model's queue (all priorities); raises ``RedisError`` or ``OSError``."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in queue_keys(queue_for(model)):
+            pipe.llen(key)
+        return sum(await pipe.execute())
 
 
 class QueueUnavailable(RuntimeError):

@@ -68,3 +68,5 @@ QUEUE_FULL = "queue_full"
 LIMIT_CODES: frozenset[str] = frozenset(limit.code for limit in USAGE_LIMITS)
 #: "Not now" codes: a 429 with Retry-After rather than a 403.
 RETRYABLE_CODES: frozenset[str] = LIMIT_CODES | {QUEUE_FULL}
+#: The same codes in catalogue order (for documents that list them).
+RETRYABLE_CODES_IN_ORDER: tuple[str, ...] = (*dict.fromkeys(limit.code for limit in USAGE_LIMITS), QUEUE_FULL)

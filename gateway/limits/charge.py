@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from gateway.fit import MAX_BYTES_PER_TOKEN
+from gateway.requests.fit import MAX_BYTES_PER_TOKEN
 
 
 def prompt_tokens_to_hold(counted: int | None, prompt_text: str) -> int:

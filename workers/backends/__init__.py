@@ -16,10 +16,10 @@ from workers.backends.base import (
     FINISH_STOP,
     BackendError,
     Generation,
-    GenerationParams,
     GenerationRun,
     LoadedModel,
     PromptTooLongError,
+    SamplingParams,
     check_model_file,
 )
 from workers.contract.registry import (
@@ -35,10 +35,10 @@ __all__ = [
     "FINISH_STOP",
     "BackendError",
     "Generation",
-    "GenerationParams",
     "GenerationRun",
     "LoadedModel",
     "PromptTooLongError",
+    "SamplingParams",
     "check_model_file",
     "ensure_model_file",
     "load_model",

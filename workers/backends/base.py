@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 from workers.contract.registry import ModelSpec
+from workers.contract.sampling import SamplingParams
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -47,38 +48,6 @@ class PromptTooLongError(BackendError):
 
 
 @dataclass(frozen=True)
-class GenerationParams:
-    """How to sample. Checked here so every backend rejects the same nonsense."""
-
-    max_tokens: int
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    top_k: int = 40  # 0 or less means the whole vocabulary
-    stop: tuple[str, ...] = ()
-    seed: int = -1  # negative: a fresh random seed
-    repetition_penalty: float = 1.0
-    #: OpenAI's additive penalties; only backends listed in registry.BACKEND_FEATURES honour them.
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must not be negative")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be positive")
-        if isinstance(self.stop, str):  # a lone string would be split into characters
-            object.__setattr__(self, "stop", (self.stop,))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-@dataclass(frozen=True)
 class Generation:
     """A finished completion with the counts an audit record needs."""
 
@@ -103,11 +72,11 @@ class LoadedModel(Protocol):
         """Context slots ``text`` takes when sent as a prompt (BOS included)."""
         ...
 
-    def stream(self, prompt: str, params: GenerationParams) -> "GenerationRun":
+    def stream(self, prompt: str, params: SamplingParams) -> "GenerationRun":
         """Text pieces as they are generated; the run's counts are final once exhausted."""
         ...
 
-    def generate(self, prompt: str, params: GenerationParams) -> Generation:
+    def generate(self, prompt: str, params: SamplingParams) -> Generation:
         """The whole completion; the same loop as :meth:`stream`, drained."""
         ...
 
@@ -131,7 +100,7 @@ class GenerationRun(Iterator[str]):
         token_bytes: Callable[[int], bytes],
         *,
         prompt_tokens: int,
-        params: GenerationParams,
+        params: SamplingParams,
     ) -> None:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0

@@ -48,9 +48,9 @@ from typing import Any
 from workers.backends.base import (
     BackendError,
     Generation,
-    GenerationParams,
     GenerationRun,
     PromptTooLongError,
+    SamplingParams,
     check_model_file,
 )
 from workers.contract.registry import ModelSpec
@@ -245,7 +245,7 @@ class CTransformersModel:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
 
-    def stream(self, prompt: str, params: GenerationParams) -> GenerationRun:
+    def stream(self, prompt: str, params: SamplingParams) -> GenerationRun:
         """Start a generation. Errors about the prompt are raised now, before any piece."""
         tokens = self.tokenize(prompt)
         if len(tokens) + params.max_tokens > self.context_length:
@@ -257,7 +257,7 @@ class CTransformersModel:
             params=params,
         )
 
-    def generate(self, prompt: str, params: GenerationParams) -> Generation:
+    def generate(self, prompt: str, params: SamplingParams) -> Generation:
         return self.stream(prompt, params).collect()
 
     def _token_bytes(self, token: int) -> bytes:
@@ -265,7 +265,7 @@ class CTransformersModel:
             return b""
         return self._detokenize(token) or b""
 
-    def _token_ids(self, tokens: list[int], params: GenerationParams) -> Iterator[int]:
+    def _token_ids(self, tokens: list[int], params: SamplingParams) -> Iterator[int]:
         """Sampled ids until end-of-sequence; holds the model while running.
 
         The lock is taken on the first ``next()`` and released when the run

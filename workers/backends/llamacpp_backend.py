@@ -69,9 +69,9 @@ from urllib.parse import urlsplit
 from workers.backends.base import (
     BackendError,
     Generation,
-    GenerationParams,
     GenerationRun,
     PromptTooLongError,
+    SamplingParams,
     check_model_file,
 )
 from workers.contract.registry import ModelSpec
@@ -162,7 +162,7 @@ class LlamaCppModel:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
 
-    def stream(self, prompt: str, params: GenerationParams) -> GenerationRun:
+    def stream(self, prompt: str, params: SamplingParams) -> GenerationRun:
         """Start a generation. Errors about the prompt are raised now, before any piece."""
         tokens = self.tokenize(prompt)
         if not tokens:
@@ -183,10 +183,10 @@ class LlamaCppModel:
         return GenerationRun(positions(), lambda i: self._hidden.strip(pieces[i]), prompt_tokens=len(tokens),
                              params=params)
 
-    def generate(self, prompt: str, params: GenerationParams) -> Generation:
+    def generate(self, prompt: str, params: SamplingParams) -> Generation:
         return self.stream(prompt, params).collect()
 
-    def request_body(self, tokens: list[int], params: GenerationParams) -> dict[str, Any]:
+    def request_body(self, tokens: list[int], params: SamplingParams) -> dict[str, Any]:
         """The completion request llama.cpp gets: pinned sampling, no stops, no cache.
 
         ``repetition_penalty`` 1.0 (the request gave none) falls back to the
@@ -216,7 +216,7 @@ class LlamaCppModel:
             body["seed"] = params.seed % 2**31
         return body
 
-    def _token_pieces(self, tokens: list[int], params: GenerationParams) -> Iterator[bytes]:
+    def _token_pieces(self, tokens: list[int], params: SamplingParams) -> Iterator[bytes]:
         """Each generated token's bytes until end-of-sequence; holds the model while running.
 
         The lock is taken on the first ``next()`` and released when the run

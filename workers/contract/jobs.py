@@ -1,7 +1,8 @@
 """The job a gateway sends and the result a worker returns, and the Redis keys around them.
 
 Payloads are plain JSON dicts because Celery serialises them as JSON; the
-dataclasses give both sides one definition of the fields. Whatever carries
+dataclasses give both sides one definition of the fields (the job's sampling
+settings are a :class:`~workers.contract.sampling.SamplingParams`). Whatever carries
 text (the job's prompt, the result's output, stream pieces) crosses Redis
 sealed (:mod:`workers.contract.sealing`): only ids stay readable.
 """
@@ -13,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from workers.contract.sampling import SamplingParams
 from workers.contract.sealing import SealError, Sealer
 
 #: Celery task name of a generation.
@@ -75,7 +77,8 @@ class GenerateJob:
     request_id: str
     model: str
     endpoint: str  # "chat.completions" | "completions"
-    params: dict[str, Any]  # max_tokens (after obligations), temperature, top_p, stop, seed
+    #: How to sample, every default filled in and ``max_tokens`` clamped by the policy.
+    params: SamplingParams
     principal: str
     team: str | None
     policy_revision: str
@@ -93,11 +96,11 @@ class GenerateJob:
     deadline_ns: int = 0
 
     def to_payload(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "params": self.params.to_payload()}
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> "GenerateJob":
-        return cls(**payload)
+        return cls(**{**payload, "params": SamplingParams.from_payload(payload["params"])})
 
     def sealed(self, sealer: Sealer) -> dict[str, Any]:
         """The task argument: ids in clear, everything else sealed."""

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.requests.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.errors import ApiError
 
 T = TypeVar("T", ChatCompletionRequest, CompletionRequest)

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from gateway.auth import Principal
-from gateway.normalize import normalize, normalized_text
+from gateway.requests.normalize import normalize, normalized_text
 from workers.contract.registry import ModelSpec
 
 #: Fields of ``input.request`` that carry prompt text (kept out of the stored copy).

@@ -17,7 +17,7 @@ import time
 
 import anyio
 
-from gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.requests.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.errors import ApiError
 from workers.contract.prompts import render_chat
 from workers.contract.registry import BACKEND_FEATURES, BACKEND_REFUSED_CHARACTERS, ModelSpec

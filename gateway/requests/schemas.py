@@ -5,7 +5,7 @@ parameter govgate does not implement should hear so instead of getting a
 silently different answer. OpenAI fields that clients and SDK wrappers send
 with their default value (``"logprobs": false``, ``"response_format":
 {"type": "text"}``…) are declared here as ``Any`` and accepted only with a
-value that asks for what govgate does anyway (``gateway.api.parsing``).
+value that asks for what govgate does anyway (``gateway.requests.parsing``).
 
 Counts and seeds have upper bounds, so a value no backend could take (2^53,
 10^24) is a 422 naming the parameter before the policy ever sees it.
@@ -16,6 +16,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
+
+from workers.contract.sampling import SamplingParams
+
+#: The two endpoints, as the audit log, the policy input and the job name them.
+CHAT = "chat.completions"
+COMPLETIONS = "completions"
 
 #: Largest count a backend takes (its C API counts in 32-bit ints).
 MAX_COUNT = 2**31 - 1
@@ -93,6 +99,25 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    @property
+    def include_usage(self) -> bool:
+        """A stream ends with a usage chunk (``stream_options.include_usage``)."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self, default: int) -> int:
+        """The completion length asked for, before the policy's clamp."""
+        return self.max_tokens if self.max_tokens is not None else default
+
+    def sampling_params(self, max_tokens: int, model_repetition_penalty: float) -> SamplingParams:
+        """The sampling settings to run with: ``max_tokens`` as decided, every left-out default filled in."""
+        optional = {"top_k": self.top_k, "seed": self.seed}  # left out (None): SamplingParams' default
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, stop=tuple(self.stop_list()),
+            repetition_penalty=model_repetition_penalty if self.repetition_penalty is None
+            else self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+            **{name: value for name, value in optional.items() if value is not None})
+
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
@@ -110,6 +135,16 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     audio: Any = None
     reasoning_effort: Any = None
 
+    def requested_max_tokens(self, default: int) -> int:
+        """``max_completion_tokens`` (OpenAI's newer name) wins over ``max_tokens``."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return super().requested_max_tokens(default)
+
+    def prompt_parts(self) -> tuple[list[dict[str, str]] | None, str | None]:
+        """The prompt as policy, audit and job carry it: these messages, no single text."""
+        return [m.as_dict() for m in self.messages], None
+
 
 class CompletionRequest(_Sampling, kw_only=True):
     prompt: Union[str, Annotated[list[str], msgspec.Meta(min_length=1)]]
@@ -117,3 +152,12 @@ class CompletionRequest(_Sampling, kw_only=True):
     echo: Any = None
     best_of: Any = None
     suffix: Any = None
+
+    def prompt_parts(self) -> tuple[list[dict[str, str]] | None, str | None]:
+        """The prompt as policy, audit and job carry it: no messages, the one text."""
+        return None, self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+#: The request shape of each endpoint.
+REQUEST_SHAPES: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
+    CHAT: ChatCompletionRequest, COMPLETIONS: CompletionRequest}

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.auth import Principal
 from gateway.errors import ApiError
-from gateway.normalize import normalized_text
 from gateway.policy import Decision
-from gateway.policy_input import prompt_text
+from gateway.requests.normalize import normalized_text
+from gateway.requests.policy_input import prompt_text, without_prompt
 from workers.contract.privacy import HASH, REDACTED, Digester, mask
+from workers.contract.sampling import SamplingParams
 
 
 def decision_for_audit(decision: Decision, digester: Digester) -> dict[str, Any]:
@@ -63,6 +65,32 @@ def logged_prompt(messages: list[dict[str, str]] | None, prompt: str | None, mod
             return {"prompt_logging": mode, "redacted": found, "messages": masked_messages}
         return {"prompt_logging": mode, "redacted": found, "prompt": masked_prompt}
     return {"prompt_logging": mode, **({"messages": messages} if messages is not None else {"prompt": prompt})}
+
+
+def request_record(*, endpoint: str, principal: Principal, purpose: str | None, stream: bool,
+                   params: SamplingParams, requested_max_tokens: int, decision: Decision,
+                   admission: dict[str, Any] | None, policy_input: dict[str, Any],
+                   messages: list[dict[str, str]] | None, prompt: str | None, digester: Digester) -> dict[str, Any]:
+    """The request entry: who asked what of which endpoint, the decision and admission, the prompt as allowed.
+
+    ``admission`` is what the checks after an allow found (None for a
+    denied request); ``policy_input`` is stored without its prompt text.
+    """
+    obligations = decision.obligations
+    return {
+        "endpoint": endpoint,
+        "key_id": principal.key_id,
+        "roles": list(principal.roles),
+        "purpose": purpose,
+        "stream": stream,
+        "params": params.to_payload(),
+        "requested_max_tokens": requested_max_tokens,
+        "decision": decision_for_audit(decision, digester),
+        "admission": admission,
+        "policy_input": without_prompt(policy_input),
+        **logged_prompt(messages, prompt, obligations.prompt_logging,
+                        [item.to_document() for item in obligations.redact or ()], digester),
+    }
 
 
 def rejection_record(endpoint: str, key_id: str, error: ApiError, raw: bytes,

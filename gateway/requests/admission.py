@@ -1,0 +1,204 @@
+"""Everything before the queue: read, fit, decide, reserve, record; the result is a ticket or a refusal.
+
+The request entry (with its decision and policy revision) is written before
+anything is queued, for denied and refused requests too; a body refused
+before any decision is recorded as ``rejected``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.auth import Principal
+from gateway.dispatch import queue_depth
+from gateway.errors import ApiError, errors_of
+from gateway.limits import CountersUnavailable, Refusal, Reservation, UsageCounters
+from gateway.limits.charge import prompt_tokens_to_hold
+from gateway.policy import POLICY_ERROR, Decision
+from gateway.policy.reloader import ReloadingPolicyEngine
+from gateway.requests.audit_records import request_record
+from gateway.requests.fit import PromptCounter, check_fits
+from gateway.requests.parsing import parse_body
+from gateway.requests.policy_input import build_input, prompt_text
+from gateway.requests.refusals import (AdmissionRefusal, ContextTooLong, OverLimit, QueueFull, QueueUnreachable,
+                                       UsageUnavailable, denial)
+from gateway.requests.request_log import RequestLog
+from gateway.requests.schemas import REQUEST_SHAPES, ChatCompletionRequest, CompletionRequest
+from gateway.requests.ticket import Ticket
+from gateway.requests.usage import release_reservation
+from workers.contract.jobs import GenerateJob
+from workers.contract.privacy import Digester
+from workers.contract.registry import ModelSpec, Registry
+from workers.contract.sampling import SamplingParams
+
+#: The limits reserved against when the policy gives none (a policy older than the ``limits`` obligation).
+NO_LIMITS: dict[str, Any] = {"principal": {}, "team": None}
+
+Request = ChatCompletionRequest | CompletionRequest
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """An allowed request that fits its model, holds its tokens and has room in its queue."""
+
+    reservation: Reservation
+    #: Prompt and completion tokens held against the limits.
+    reserved_tokens: int
+    #: The prompt's exact token count (None when the gateway cannot read the model's tokenizer).
+    prompt_tokens: int | None
+    #: Requests already waiting in the model's queue.
+    waiting: int
+
+    def record(self) -> dict[str, Any]:
+        return {"admitted": True, "reserved_tokens": self.reserved_tokens, "prompt_tokens": self.prompt_tokens,
+                "waiting": self.waiting}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the policy decided about a request, and the input it decided on."""
+
+    decision: Decision
+    revision: str
+    policy_input: dict[str, Any]
+    #: Set when the usage counters could not be read: refused whatever the decision.
+    counters_down: UsageUnavailable | None = None
+
+
+class Admission:
+    """Turns a request body into a :class:`Ticket`, or raises the designed :class:`ApiError`."""
+
+    def __init__(self, *, registry: Registry, policy: ReloadingPolicyEngine, counters: UsageCounters,
+                 request_log: RequestLog, redis: aioredis.Redis, digester: Digester, default_max_tokens: int,
+                 max_queued_per_model: int) -> None:
+        self.registry = registry
+        self.policy = policy
+        self.counters = counters
+        self.request_log = request_log
+        self.redis = redis
+        self.digester = digester
+        self.default_max_tokens = default_max_tokens
+        self.max_queued_per_model = max_queued_per_model
+        self.prompt_counter = PromptCounter()
+
+    async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
+                    purpose_header: str | None) -> Ticket:
+        """Read, decide, reserve and record one request; raise :class:`ApiError` if it is not admitted."""
+        request_id = uuid.uuid4().hex
+        request, spec = await self._read(request_id, principal, endpoint, read_body)
+        with errors_of(request_id):
+            created = int(time.time())
+            requested_max = request.requested_max_tokens(self.default_max_tokens)
+            purpose = purpose_header or (request.metadata or {}).get("purpose")
+            messages, prompt = request.prompt_parts()
+            verdict = await self._decide(principal, endpoint, request, spec, purpose, requested_max, messages,
+                                         prompt)
+            decision = verdict.decision
+            params = request.sampling_params(decision.obligations.max_tokens if decision.allow else requested_max,
+                                             spec.repetition_penalty)
+            admission = await self._reserve(request_id, principal, spec, decision, params, messages, prompt) \
+                if decision.allow else None
+            body = request_record(endpoint=endpoint, principal=principal, purpose=purpose, stream=request.stream,
+                                  params=params, requested_max_tokens=requested_max, decision=decision,
+                                  admission=None if admission is None else admission.record(),
+                                  policy_input=verdict.policy_input, messages=messages, prompt=prompt,
+                                  digester=self.digester)
+            try:
+                await self.request_log.record_request(request_id, principal, spec.name, body, verdict.revision)
+            except ApiError:  # refused unaudited: give back what it held
+                if isinstance(admission, Admitted):
+                    await release_reservation(self.counters, admission.reservation)
+                raise
+            if verdict.counters_down is not None:
+                raise verdict.counters_down.error()
+            if not decision.allow:
+                raise denial(decision.reasons)
+            if not isinstance(admission, Admitted):
+                assert admission is not None  # an allowed request is always checked
+                raise admission.error()
+            job = GenerateJob(request_id=request_id, model=spec.name, endpoint=endpoint, params=params,
+                              principal=principal.id, team=principal.team, policy_revision=verdict.revision,
+                              messages=messages, prompt=prompt, stream=request.stream,
+                              prompt_logging=decision.obligations.prompt_logging,
+                              redact=[item.to_document() for item in decision.obligations.redact or ()])
+            return Ticket(request_id=request_id, principal=principal, model=spec.name, created=created, job=job,
+                          priority=decision.obligations.priority, include_usage=request.include_usage,
+                          reservation=admission.reservation)
+
+    async def _read(self, request_id: str, principal: Principal, endpoint: str,
+                    read_body: Callable[[], Awaitable[bytes]]) -> tuple[Request, ModelSpec]:
+        """Parse the body and check its model can take it; a refused body is recorded as ``rejected``."""
+        raw = b""
+        try:
+            raw = await read_body()
+            request = parse_body(raw, REQUEST_SHAPES[endpoint])
+            spec = self.registry.get(request.model)
+            if spec is None:
+                raise ApiError(404, "model_not_found",
+                               f"The model '{request.model}' does not exist. GET /v1/models lists the models "
+                               "you may use.", param="model")
+            check_fits(request, spec)
+        except ApiError as error:
+            await self.request_log.record_rejection(request_id, principal, endpoint, error, raw)
+            error.request_id = request_id
+            raise
+        return request, spec
+
+    async def _decide(self, principal: Principal, endpoint: str, request: Request, spec: ModelSpec,
+                      purpose: str | None, requested_max: int, messages: list[dict[str, str]] | None,
+                      prompt: str | None) -> Verdict:
+        """Ask the policy, showing it the principal's and team's usage; without usage, fail closed."""
+        counters_down = None
+        try:
+            usage = await self.counters.snapshot(principal.id, principal.team)
+        except CountersUnavailable as exc:
+            usage, counters_down = None, UsageUnavailable(str(exc))
+        policy_input = build_input(principal=principal, endpoint=endpoint, model=spec, max_tokens=requested_max,
+                                   stream=request.stream, purpose=purpose, messages=messages, prompt=prompt,
+                                   usage=usage)
+        if counters_down is not None:  # no counters, no decision
+            decision = Decision.fail_closed("usage_unavailable",
+                                            f"usage counters are unavailable: {counters_down.message}")
+            return Verdict(decision, self.policy.revision, policy_input, counters_down)
+        decision, revision = await self.policy.decide_with_revision(policy_input)
+        if decision.allow and decision.obligations.max_tokens < 1:  # nothing could be generated
+            decision = Decision.fail_closed(POLICY_ERROR, "the policy allowed the request with max_tokens 0")
+        return Verdict(decision, revision, policy_input)
+
+    async def _reserve(self, request_id: str, principal: Principal, spec: ModelSpec, decision: Decision,
+                       params: SamplingParams, messages: list[dict[str, str]] | None,
+                       prompt: str | None) -> Admitted | AdmissionRefusal:
+        """Check the prompt fits, reserve the request's tokens against its limits, then check the queue.
+
+        The policy judged a snapshot of the counters; the reservation is the
+        atomic check that enforces the same limits however many requests race.
+        """
+        max_tokens = params.max_tokens
+        prompt_tokens = await self.prompt_counter.count(spec, messages, prompt)  # text checked by check_fits
+        if prompt_tokens is not None and prompt_tokens + max_tokens > spec.context_length:
+            return ContextTooLong(prompt_tokens, max_tokens, spec.context_length)
+        limits = decision.obligations.limits
+        held_prompt = prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt))
+        reserved = held_prompt + max_tokens  # budgets count prompt and completion tokens
+        try:
+            outcome = await self.counters.reserve(request_id, principal.id, principal.team,
+                                                  NO_LIMITS if limits is None else limits.to_document(), reserved)
+        except CountersUnavailable as exc:
+            return UsageUnavailable(str(exc))
+        if isinstance(outcome, Refusal):
+            return OverLimit(outcome)
+        try:
+            waiting = await queue_depth(self.redis, spec.name)
+        except (RedisError, OSError) as exc:
+            await release_reservation(self.counters, outcome)
+            return QueueUnreachable(str(exc))
+        if waiting >= self.max_queued_per_model:
+            await release_reservation(self.counters, outcome)
+            return QueueFull(waiting, self.max_queued_per_model)
+        return Admitted(outcome, reserved, prompt_tokens, waiting)

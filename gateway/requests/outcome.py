@@ -1,0 +1,241 @@
+"""Everything after admission: queue the job, wait or stream, cancel, time out, settle, record the end.
+
+Every exit leaves exactly one terminal entry: written by the worker
+(completion or failure) or, when the worker cannot be reached or took too
+long, here (failed or timed_out); the database's unique constraint settles
+any race between the two. Usage is settled on every exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import replace
+from typing import Any, AsyncIterator
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
+from gateway.dispatch.results import PendingResult
+from gateway.errors import ApiError
+from gateway.limits import UsageCounters
+from gateway.limits.charge import used_tokens
+from gateway.requests.refusals import QUEUE_UNAVAILABLE_MESSAGE, worker_error
+from gateway.requests.request_log import RequestLog
+from gateway.requests.ticket import Ticket
+from gateway.requests.usage import settle_reservation
+from workers.contract.jobs import CANCEL_TTL_S, STATUS_COMPLETED, JobResult, cancel_key
+from workers.contract.privacy import Digester, logged_output
+
+log = logging.getLogger(__name__)
+
+
+class TicketRunner:
+    """Runs admitted tickets to their end: a result, or a designed :class:`ApiError`."""
+
+    def __init__(self, *, dispatcher: Dispatcher, waiter: ResultWaiter, redis: aioredis.Redis,
+                 counters: UsageCounters, request_log: RequestLog, digester: Digester,
+                 request_timeout_s: float) -> None:
+        self.dispatcher = dispatcher
+        self.waiter = waiter
+        self.redis = redis
+        self.counters = counters
+        self.request_log = request_log
+        self.digester = digester
+        self.request_timeout_s = request_timeout_s
+        self._background: set[asyncio.Task] = set()
+
+    async def complete(self, ticket: Ticket) -> JobResult:
+        """Queue the job and wait for its result."""
+        try:
+            async with self.waiter.expect(ticket.request_id) as pending:
+                await self._enqueue(ticket)
+                meta = await pending.get(self.request_timeout_s)
+        except ResultTimeout:  # before OSError: TimeoutError is one
+            return await self.timed_out(ticket)
+        except (QueueUnavailable, RedisError, OSError) as exc:
+            raise await self.queue_down(ticket, exc) from None
+        return await self.result_of(ticket, meta)
+
+    async def open_stream(self, ticket: Ticket) -> StreamEvents:
+        """Queue a streaming job and return its events; queueing errors are raised here, before any byte."""
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                pending = await stack.enter_async_context(self.waiter.expect(ticket.request_id, stream=True))
+                await self._enqueue(ticket)
+            except (QueueUnavailable, RedisError, OSError) as exc:
+                raise await self.queue_down(ticket, exc) from None
+            return StreamEvents(self, ticket, pending, stack.pop_all())
+
+    async def _enqueue(self, ticket: Ticket) -> None:
+        job = replace(ticket.job, enqueued_at_ns=time.time_ns())
+        await self.dispatcher.enqueue(job, priority=ticket.priority)
+
+    async def result_of(self, ticket: Ticket, meta: dict[str, Any]) -> JobResult:
+        """Turn Celery's result meta into a result, or a designed error."""
+        status = meta.get("status")
+        if status == "SUCCESS" and isinstance(meta.get("result"), dict):
+            result = JobResult.from_payload(meta["result"])
+            await self._settle_usage(ticket, result.prompt_tokens + result.completion_tokens)
+            if result.status == STATUS_COMPLETED:
+                return result
+            if result.audit_seq is None:  # the worker could not record its outcome
+                await self.request_log.end(ticket, "failed", {"error": result.error})
+            raise worker_error(result)
+        await self._settle_usage(ticket, None)
+        if status == "REVOKED":  # expired in the queue before a worker took it
+            await self.request_log.end(ticket, "timed_out", {"error": {"code": "expired",
+                                                                       "message": "expired in queue"}})
+            raise ApiError(504, "timed_out", "The request expired in the queue before a worker could take it.")
+        message = str(meta.get("result", {}).get("exc_message") if isinstance(meta.get("result"), dict) else "")
+        await self.request_log.end(ticket, "failed", {"error": {"code": "worker_error", "message": message}})
+        raise ApiError(502, "worker_error", "The model worker failed on this request; it has been logged.")
+
+    async def timed_out(self, ticket: Ticket, *, output: str | None = None) -> JobResult:
+        """The wait ran out: stop the worker, end the request (unless it just ended), 504.
+
+        ``output`` is what a stream already sent to its client.
+        """
+        job = ticket.job
+        await self._request_cancel(job.request_id)
+        body: dict[str, Any] = {"error": {"code": "timed_out",
+                                          "message": f"no result within {self.request_timeout_s:g}s"}}
+        if output is not None:  # kept as the request's prompt_logging allows, like a worker's output
+            body.update(logged_output(output, job.prompt_logging, job.redact, self.digester))
+        winner = await self.request_log.end(ticket, "timed_out", body)
+        if winner is not None and winner.kind == "completion":
+            result = JobResult.from_terminal(winner.kind, winner.seq, winner.body)
+            await self._settle_usage(ticket, result.prompt_tokens + result.completion_tokens)
+            if result.status != STATUS_COMPLETED:  # its output was logged only as a digest or masked
+                raise worker_error(result)
+            return result
+        await self._settle_usage(ticket, None)
+        raise ApiError(504, "timed_out", f"The model did not answer within {self.request_timeout_s:g} seconds.")
+
+    async def queue_down(self, ticket: Ticket, exc: BaseException) -> ApiError:
+        """Redis failed under the request: settle, record it failed, and give the 503 to raise."""
+        log.error("queue unavailable for %s: %s", ticket.request_id, exc)
+        await self._settle_usage(ticket, None)
+        await self.request_log.end(ticket, "failed", {"error": {"code": "queue_unavailable", "message": str(exc)}})
+        return ApiError(503, "queue_unavailable", QUEUE_UNAVAILABLE_MESSAGE)
+
+    def abandon(self, ticket: Ticket) -> None:
+        """The client left mid-stream: cancel the generation and see the request ended."""
+        task = asyncio.get_running_loop().create_task(self._cancel_and_close(ticket))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cancel_and_close(self, ticket: Ticket) -> None:
+        """Ask the worker to stop; if no worker ever ends the request, end it here.
+
+        A worker that picks the job up (or is running it) sees the cancel key,
+        stops, and records ``cancelled`` with the partial output. If the job
+        never reaches a worker before it expires, nobody else would record an
+        end, so after the queue's expiry the gateway records ``cancelled``.
+        """
+        request_id = ticket.request_id
+        await self._request_cancel(request_id)
+        try:  # the worker (or Celery, for an expired job) publishes a result once the request has ended
+            async with self.waiter.expect(request_id) as pending:
+                await pending.get(self.request_timeout_s + 5)
+        except (ResultTimeout, RedisError, OSError):
+            pass
+        entry = await self.request_log.terminal_for(request_id)
+        if entry is None:  # no worker took it: end it here
+            await self.request_log.end(ticket, "cancelled", {"output": "", "error": {
+                "code": "cancelled", "message": "the client went away before a worker took the request"}})
+            await self._settle_usage(ticket, None)
+            return
+        await self._settle_usage(ticket, used_tokens(entry.body.get("usage")))
+
+    async def _settle_usage(self, ticket: Ticket, tokens: int | None) -> None:
+        await settle_reservation(self.counters, ticket.reservation, tokens)
+
+    async def _request_cancel(self, request_id: str) -> None:
+        try:
+            await self.redis.set(cancel_key(request_id), b"1", ex=CANCEL_TTL_S)
+        except (RedisError, OSError) as exc:
+            log.warning("cannot flag %s as cancelled: %s", request_id, exc)
+
+    async def aclose(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+
+
+class StreamEvents:
+    """A queued streaming request's events: its text pieces, then its :class:`JobResult`.
+
+    Iterate it once. Closing it before the result (the client went away)
+    cancels the generation and sees the request still gets its terminal
+    entry; :meth:`aclose` runs when the iteration ends and may run again.
+    """
+
+    def __init__(self, runner: TicketRunner, ticket: Ticket, pending: PendingResult,
+                 subscription: contextlib.AsyncExitStack) -> None:
+        self._runner = runner
+        self._ticket = ticket
+        self._pending = pending
+        self._subscription = subscription
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[str | JobResult]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[str | JobResult]:
+        runner, ticket = self._runner, self._ticket
+        delivered: list[str] = []
+        try:
+            try:
+                async with contextlib.aclosing(self._pending.events(runner.request_timeout_s)) as incoming:
+                    async for event in incoming:
+                        if isinstance(event, str):
+                            delivered.append(event)
+                            yield event
+                        else:
+                            self._finished = True
+                            result = await runner.result_of(ticket, event)
+                            break
+                    else:  # pragma: no cover - events() always ends with the result or raises
+                        return
+            except ResultTimeout:  # the audit keeps what the client already received
+                self._finished = True
+                result = await runner.timed_out(ticket, output="".join(delivered))
+            except (RedisError, OSError) as exc:
+                self._finished = True
+                raise await runner.queue_down(ticket, exc) from None
+            missing = _unsent_text("".join(delivered), result)
+            if missing:
+                yield missing
+            yield result
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop listening; if the request has not ended, cancel it (see the class docstring)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._finished:
+            self._runner.abandon(self._ticket)
+        await self._subscription.aclose()
+
+
+def _unsent_text(delivered: str, result: JobResult) -> str:
+    """The part of the audited output a stream has not delivered yet.
+
+    Pieces travel on pub/sub and can be lost (a Redis reconnect) or still be
+    unread when the result is found in its stored copy; the result holds the
+    whole audited text, so the stream sends what is missing before it ends.
+    If what was sent is not the start of that text, the stream cannot be made
+    right and ends with an error event instead of a false success.
+    """
+    if result.text.startswith(delivered):
+        return result.text[len(delivered):]
+    log.error("streamed text of a request differs from its result (%d vs %d chars)", len(delivered),
+              len(result.text))
+    raise ApiError(502, "stream_inconsistent", "The streamed text does not match the recorded output; "
+                   "discard what was received. The request has been logged.")

@@ -1,0 +1,135 @@
+"""Why a request was refused, as typed values that each know their designed HTTP error.
+
+Denials come from the policy's reasons, admission refusals from the checks
+made after an allow (context, limits, queue), worker errors from the job's
+result; each also says what the audit entry records of it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Union
+
+from gateway.errors import ApiError
+from gateway.limits import RETRYABLE_CODES, Refusal
+from gateway.limits.catalogue import QUEUE_FULL
+from gateway.policy import POLICY_UNAVAILABLE, Reason
+from workers.contract.jobs import JobResult
+
+
+
+def denial(reasons: tuple[Reason, ...] | list[Reason]) -> ApiError:
+    """403 with the reasons; 429 with Retry-After when every reason is a limit that will pass;
+    503 with Retry-After when there was no decision at all (``Decision.unavailable``)."""
+    documents = [r.to_document() for r in reasons]
+    summary = "; ".join(r.message for r in reasons) or "denied by policy"
+    if reasons and all(r.code == POLICY_UNAVAILABLE for r in reasons):
+        retry = max(math.ceil(r.retry_after_s or 1) for r in reasons)
+        return ApiError(503, POLICY_UNAVAILABLE, f"The policy could not decide in time ({summary}); nothing was "
+                                                 "denied and nothing was generated. Try again shortly.",
+                        extra={"reasons": documents}, headers={"Retry-After": str(retry)})
+    if reasons and all(r.code in RETRYABLE_CODES for r in reasons):
+        retry = max(math.ceil(r.retry_after_s or 1) for r in reasons)
+        return ApiError(429, reasons[0].code if len({r.code for r in reasons}) == 1 else "rate_limited",
+                        f"Limit reached: {summary}", extra={"reasons": documents},
+                        headers={"Retry-After": str(retry)})
+    return ApiError(403, "policy_denied", f"Denied by policy: {summary}", extra={"reasons": documents})
+
+
+USAGE_UNAVAILABLE_MESSAGE = ("Usage limits cannot be checked right now (Redis is unavailable), so the request was "
+                             "refused. Try again shortly.")
+QUEUE_UNAVAILABLE_MESSAGE = "The request queue is unavailable; nothing was generated. Try again shortly."
+
+
+@dataclass(frozen=True)
+class ContextTooLong:
+    """The prompt, counted by the model's tokenizer, and ``max_tokens`` do not fit the context."""
+
+    prompt_tokens: int
+    max_tokens: int
+    context_length: int
+
+    def record(self) -> dict[str, Any]:
+        return {"admitted": False, "code": "context_length_exceeded", "prompt_tokens": self.prompt_tokens,
+                "max_tokens": self.max_tokens, "context_length": self.context_length}
+
+    def error(self) -> ApiError:
+        return ApiError(400, "context_length_exceeded", f"The prompt is {self.prompt_tokens} tokens and max_tokens "
+                        f"is {self.max_tokens}: more than the model's context of {self.context_length} tokens.",
+                        param="max_tokens")
+
+
+@dataclass(frozen=True)
+class UsageUnavailable:
+    """The usage counters (Redis) could not be read or updated: no limit can be checked."""
+
+    message: str
+
+    def record(self) -> dict[str, Any]:
+        return {"admitted": False, "code": "usage_unavailable", "message": self.message}
+
+    def error(self) -> ApiError:
+        return ApiError(503, "usage_unavailable", USAGE_UNAVAILABLE_MESSAGE)
+
+
+@dataclass(frozen=True)
+class OverLimit:
+    """A usage limit refused the reservation (it lifts after ``refusal.retry_after_s``)."""
+
+    refusal: Refusal
+
+    def record(self) -> dict[str, Any]:
+        return {"admitted": False, "code": self.refusal.code, "refusal": self.refusal.to_dict()}
+
+    def error(self) -> ApiError:
+        return denial([Reason(code=self.refusal.code, message=self.refusal.message,
+                              retry_after_s=self.refusal.retry_after_s)])
+
+
+@dataclass(frozen=True)
+class QueueUnreachable:
+    """The model's queue length could not be read."""
+
+    message: str
+
+    def record(self) -> dict[str, Any]:
+        return {"admitted": False, "code": "queue_unavailable", "message": self.message}
+
+    def error(self) -> ApiError:
+        return ApiError(503, "queue_unavailable", QUEUE_UNAVAILABLE_MESSAGE)
+
+
+@dataclass(frozen=True)
+class QueueFull:
+    """As many requests as the gateway allows already wait for this model."""
+
+    waiting: int
+    limit: int
+
+    def record(self) -> dict[str, Any]:
+        return {"admitted": False, "code": QUEUE_FULL, "waiting": self.waiting, "limit": self.limit}
+
+    def error(self) -> ApiError:
+        return denial([Reason(code=QUEUE_FULL, message=f"{self.waiting} requests are already waiting for this "
+                              f"model (limit {self.limit})", retry_after_s=1)])
+
+
+#: Why an allowed request was still not admitted; ``record()`` is its audit entry's ``admission``.
+AdmissionRefusal = Union[ContextTooLong, UsageUnavailable, OverLimit, QueueUnreachable, QueueFull]
+
+
+def worker_error(result: JobResult) -> ApiError:
+    code = result.error.get("code", "worker_error")
+    message = result.error.get("message", "")
+    if result.status == "timed_out":
+        return ApiError(504, "timed_out", "The generation hit the worker's time limit; partial output was logged.")
+    if result.status == "cancelled":
+        return ApiError(503, "cancelled", "The request was cancelled before it completed.")
+    if code == "audit_unavailable":
+        return ApiError(503, code, "The audit log cannot be written, so the output was withheld.")
+    if code == "context_length_exceeded":
+        return ApiError(400, code, f"The request does not fit the model's context: {message}", param="messages")
+    if code == "generation_failed":
+        return ApiError(502, code, f"The model could not generate: {message}")
+    return ApiError(502, code, "The model worker failed on this request; it has been logged.")

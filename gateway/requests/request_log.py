@@ -1,0 +1,91 @@
+"""Writing a request's audit entries: its request entry, a rejection, its one terminal entry.
+
+The request entry is written before anything is queued, and a request whose
+entry cannot be written is refused (503): nothing is served unaudited. A
+terminal entry the database refuses is kept pending and written later, and
+the database's unique constraint on terminal entries settles any race with
+the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any, Callable
+
+import anyio
+
+from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
+from gateway.auth import Principal
+from gateway.errors import ApiError
+from gateway.requests.audit_records import rejection_record
+from gateway.requests.ticket import Ticket
+from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
+from workers.contract.privacy import Digester
+
+log = logging.getLogger(__name__)
+
+
+class RequestLog:
+    """The audit store as the request path writes to it."""
+
+    def __init__(self, audit: AuditStore, *, current_revision: Callable[[], str], digester: Digester,
+                 pending: PendingTerminals | None = None) -> None:
+        self.audit = audit
+        self._current_revision = current_revision
+        self._digester = digester
+        #: Terminal entries the database refused, written later (None: only logged).
+        self._pending = pending
+
+    async def record_request(self, request_id: str, principal: Principal, model: str, body: dict[str, Any],
+                             revision: str) -> None:
+        """Write the request entry; raise a 503 ``audit_unavailable`` if the store refuses it."""
+        try:
+            await self._append("request", request_id, principal, model, body, revision)
+        except AuditError as exc:
+            log.error("audit store unavailable, refusing %s: %s", request_id, exc)
+            raise ApiError(503, "audit_unavailable",
+                           "The audit log cannot be written, so the request was refused (nothing is served "
+                           "unaudited). Try again shortly.") from None
+
+    async def record_rejection(self, request_id: str, principal: Principal, endpoint: str, error: ApiError,
+                               raw: bytes) -> None:
+        """Write the entry of a body refused before any decision (logged, not raised, if that fails)."""
+        body = rejection_record(endpoint, principal.key_id, error, raw, self._digester)
+        try:
+            await self._append("rejected", request_id, principal, None, body)
+        except AuditError as exc:  # the client is refused anyway; say so in the logs
+            log.error("could not record rejection %s: %s", request_id, exc)
+
+    async def end(self, ticket: Ticket, kind: str, body: dict[str, Any]) -> AuditEntry | None:
+        """Write a terminal entry unless one exists; return the entry that ended the request.
+
+        An entry a worker could not write comes first (it holds the output);
+        an entry the database refuses is kept pending and written later.
+        """
+        try:
+            if self._pending is not None:
+                earlier = await anyio.to_thread.run_sync(self._pending.write_one, self.audit, ticket.request_id)
+                if earlier is not None:
+                    return earlier
+            return await self._append(kind, ticket.request_id, ticket.principal, ticket.model, body,
+                                      ticket.job.policy_revision)
+        except DuplicateTerminalError:
+            return await self.terminal_for(ticket.request_id)
+        except AuditError as exc:
+            log.error("could not record %s for %s: %s", kind, ticket.request_id, exc)
+            if self._pending is not None:
+                entry = PendingTerminal(kind=kind, request_id=ticket.request_id, principal=ticket.principal.id,
+                                        team=ticket.principal.team, model=ticket.model, body=body,
+                                        policy_revision=ticket.job.policy_revision)
+                await anyio.to_thread.run_sync(self._pending.keep, entry)
+            return None
+
+    async def terminal_for(self, request_id: str) -> AuditEntry | None:
+        return await anyio.to_thread.run_sync(self.audit.terminal_for, request_id)
+
+    async def _append(self, kind: str, request_id: str, principal: Principal, model: str | None,
+                      body: dict[str, Any], revision: str | None = None) -> AuditEntry:
+        append = partial(self.audit.append, kind, request_id, principal=principal.id, team=principal.team,
+                         model=model, body=body, policy_revision=revision or self._current_revision())
+        return await anyio.to_thread.run_sync(append)

@@ -1,0 +1,63 @@
+"""The request path behind both OpenAI endpoints: admit a request, then run it to its outcome.
+
+Its ordering is the product's promise (docs/architecture.md): a request is
+recorded in the audit log, with its decision and policy revision, before
+anything is queued, and is refused (503) if that record cannot be written;
+denied requests and invalid input from a known principal are recorded too;
+an accepted request ends in exactly one terminal entry.
+"""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+import redis.asyncio as aioredis
+
+from audit import AuditStore
+from gateway.auth import Principal
+from gateway.dispatch import Dispatcher, ResultWaiter
+from gateway.errors import errors_of
+from gateway.limits import UsageCounters
+from gateway.policy.reloader import ReloadingPolicyEngine
+from gateway.requests.admission import Admission
+from gateway.requests.outcome import StreamEvents, TicketRunner
+from gateway.requests.request_log import RequestLog
+from gateway.requests.ticket import Ticket
+from workers.contract.jobs import JobResult
+from workers.contract.pending_terminals import PendingTerminals
+from workers.contract.privacy import Digester
+from workers.contract.registry import Registry
+
+
+class CompletionService:
+    """One entry point for the controllers; every error it raises is an ``ApiError`` naming the request."""
+
+    def __init__(self, *, registry: Registry, policy: ReloadingPolicyEngine, audit: AuditStore,
+                 dispatcher: Dispatcher, waiter: ResultWaiter, redis: aioredis.Redis, counters: UsageCounters,
+                 default_max_tokens: int, request_timeout_s: float, max_queued_per_model: int,
+                 digester: Digester, pending: PendingTerminals | None = None) -> None:
+        request_log = RequestLog(audit, current_revision=lambda: policy.revision, digester=digester,
+                                 pending=pending)
+        self.admission = Admission(registry=registry, policy=policy, counters=counters, request_log=request_log,
+                                   redis=redis, digester=digester, default_max_tokens=default_max_tokens,
+                                   max_queued_per_model=max_queued_per_model)
+        self.runner = TicketRunner(dispatcher=dispatcher, waiter=waiter, redis=redis, counters=counters,
+                                   request_log=request_log, digester=digester, request_timeout_s=request_timeout_s)
+
+    async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
+                    purpose_header: str | None) -> Ticket:
+        """Read, decide, reserve and record a request (see :class:`Admission`)."""
+        return await self.admission.admit(principal, endpoint, read_body, purpose_header)
+
+    async def complete(self, ticket: Ticket) -> JobResult:
+        """Queue an admitted request and wait for its result."""
+        with errors_of(ticket.request_id):
+            return await self.runner.complete(ticket)
+
+    async def open_stream(self, ticket: Ticket) -> StreamEvents:
+        """Queue an admitted streaming request; its events are text pieces, then the result."""
+        with errors_of(ticket.request_id):
+            return await self.runner.open_stream(ticket)
+
+    async def aclose(self) -> None:
+        await self.runner.aclose()

@@ -1,0 +1,27 @@
+"""The ticket of an admitted request: what the steps after the queue need to know."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.auth import Principal
+from gateway.limits import Reservation
+from workers.contract.jobs import GenerateJob
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """An admitted request: recorded, allowed, ready to be queued."""
+
+    request_id: str
+    principal: Principal
+    model: str
+    #: Unix time (s) the request was decided: the ``created`` of its responses.
+    created: int
+    job: GenerateJob
+    #: The policy's ``priority`` obligation (0 first, 9 last; None: the queue's default).
+    priority: int | None = None
+    #: A stream ends with a usage chunk.
+    include_usage: bool = False
+    #: Tokens held against the principal's and team's limits until the request ends.
+    reservation: Reservation | None = None
