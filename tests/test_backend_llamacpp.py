@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.conftest_models import TINY_CONTEXT, tiny_model_path, tiny_spec  # noqa: F401 - fixtures
 from workers.backends import (
     BackendError,
@@ -30,7 +31,6 @@ from workers.backends.llamacpp_backend import LlamaCppModel, token_pieces
 from workers.contract.registry import BACKEND_LLAMACPP, ModelSpec
 from workers.tinymodel import EOS_ID
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "System: be brief\n\nUser: open the gate\n\nAssistant:"
 GREEDY = GenerationParams(max_tokens=40, temperature=0)
 

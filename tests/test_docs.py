@@ -8,13 +8,12 @@ fails here, so an operator never meets a knob or a code the docs do not name.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 from gateway.settings import Settings
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 

@@ -35,9 +35,9 @@ import pytest
 
 from gateway.policy import Decision, EmbeddedPolicyEngine, OpaPolicyEngine
 from gateway.policy.revision import canonical_json
-from tests.opa_fixtures import POLICY_DIR, OpaServer
+from tests.opa_fixtures import POLICY_DIR, ROOT, OpaServer
 
-CASE_DIR = Path(__file__).resolve().parent / "policy_cases"
+CASE_DIR = ROOT / "tests" / "policy_cases"
 TIMEOUT_S = 10.0
 _CASE_KEYS = {"name", "input", "expect"}
 _OPTIONAL_CASE_KEYS = {"data"}

@@ -35,9 +35,9 @@ from gateway.policy import (
 )
 from gateway.policy.decision import Limits, Redaction, UsageLimits
 from gateway.policy.child import _build_engine, _evaluate
+from tests.opa_fixtures import POLICY_DIR
 from workers.contract.registry import ModelSpec
 
-POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
 TIMEOUT_S = 5.0
 
 TINY = ModelSpec(name="govgate-tiny", path=Path("unused.gguf"), tags=("tiny",))

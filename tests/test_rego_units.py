@@ -8,14 +8,13 @@ runs, on the engine the gateway embeds, one pytest case per Rego test rule.
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.policy.unittests import build_engine, discover, run_test
+from tests.opa_fixtures import POLICY_DIR
 
-POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
 CASES = discover(POLICY_DIR)
 
 

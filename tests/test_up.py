@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 from workers.contract.registry import TINY_MODEL_NAME
 
 #: A second model in the test registry: its worker starts only once govgate is up.
@@ -168,7 +168,7 @@ def test_up_on_a_busy_port_says_so_and_starts_nothing(up_env):
 
 def test_a_session_that_leaves_a_scratch_folder_fails(tmp_path):
     """The suite's own guard (tests/scratch_guard.py): a leaked ``gg-*`` folder fails the session."""
-    root = Path(__file__).resolve().parent.parent
+    root = ROOT
     (tmp_path / "test_leaky.py").write_text(
         "import tempfile\n\ndef test_leaks():\n    tempfile.mkdtemp(prefix='gg-leak-')\n\n"
         "def test_tidy():\n    import shutil\n    shutil.rmtree(tempfile.mkdtemp(prefix='gg-tidy-'))\n")
@@ -187,7 +187,7 @@ def test_a_session_that_leaves_a_scratch_folder_fails(tmp_path):
 
 def quick_start_request(model: str) -> dict:
     """The JSON body of the README quick start's curl command for ``model``."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     bodies = [json.loads(m.group(1)) for m in re.finditer(r"-d '(\{.*?\})'", quick_start)]
     found = [body for body in bodies if body.get("model") == model]
@@ -221,7 +221,7 @@ def test_the_readme_python_example_runs_with_the_client_extra(served_api, keyrin
     """The quick start's Python example, run as written (address and key swapped in), needs only the extra."""
     import tomllib
 
-    root = Path(__file__).resolve().parent.parent
+    root = ROOT
     extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert [dep.split(">")[0] for dep in extras["client"]] == ["openai"]
     quick_start = (root / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import AsyncIterator
 
 import pytest
@@ -25,10 +24,10 @@ import redis.asyncio as aioredis
 
 from gateway.limits import CountersUnavailable, Refusal, Reservation, Scope, UsageCounters
 from govgate.redis_server import RedisProcess
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parent.parent
 #: Mid-day, mid-month (2024-03-10 12:00:00 UTC), so minute-window tests cross no calendar edge.
 T = float(calendar.timegm((2024, 3, 10, 12, 0, 0)))
 
