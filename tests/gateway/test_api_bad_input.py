@@ -137,7 +137,7 @@ async def test_body_over_the_limit_is_413_and_audited(client, keyring, settings,
 
 async def test_prompt_longer_than_the_context_is_refused_before_queueing(client, keyring, audit_store, settings):
     """The gateway counts with the model's own tokenizer: nothing too long is ever queued."""
-    from tests.test_fail_closed import queued
+    from tests.gateway.test_fail_closed import queued
     from workers.backends import load_model
     from workers.contract.prompts import render_chat
     from workers.contract.registry import load_registry
@@ -274,7 +274,7 @@ async def test_a_nul_is_refused_before_queueing_and_served_where_the_backend_tak
     from gateway.api.parsing import parse_body
     from gateway.api.schemas import ChatCompletionRequest
     from gateway.fit import check_fits
-    from tests.test_fail_closed import queued
+    from tests.gateway.test_fail_closed import queued
     from workers.contract.registry import BACKEND_LLAMACPP, load_registry
 
     before = queued(settings, TINY_MODEL_NAME)

@@ -23,7 +23,7 @@ import pytest
 from govgate.processes import stop_process
 from govgate.redis_server import RedisProcess
 from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
-from tests.test_crash_safety import pool_children
+from tests.e2e.test_crash_safety import pool_children
 from workers.contract.registry import TINY_MODEL_NAME
 
 

@@ -30,7 +30,7 @@ from govgate.processes import stop_process
 from govgate.redis_server import RedisProcess
 from gateway.settings import Settings
 from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
-from tests.test_fail_closed import queued
+from tests.gateway.test_fail_closed import queued
 from workers.contract.celery_config import make_celery
 from workers.contract.pending_terminals import PENDING_KEY, PendingTerminal, PendingTerminals
 from workers.contract.registry import TINY_MODEL_NAME

@@ -169,7 +169,7 @@ def test_higher_priority_requests_are_served_first(settings, keyring, audit_stor
     from gateway.auth import KeyStore
     from gateway.components import open_database
     from tests.conftest import PRIORITY_MODEL, policy_copy, serving
-    from tests.test_fail_closed import queued
+    from tests.gateway.test_fail_closed import queued
 
     def batch_role(config: dict) -> None:
         config["roles"]["batch"] = {"models": ["*"], "priority": 9}

@@ -20,7 +20,7 @@ from gateway.auth import Principal
 from gateway.normalize import normalize, normalized_text
 from gateway.policy_input import build_input, with_normalized_text, without_prompt
 from gateway.replay import input_from_entry
-from tests.test_policy_cases import CASE_DIR
+from tests.policy.test_policy_cases import CASE_DIR
 from workers.contract.registry import ModelSpec
 
 # (text as sent, its normalised view): the evasions of the content rules' tests.
