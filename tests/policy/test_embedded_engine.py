@@ -1,21 +1,20 @@
-"""The embedded policy engine on the real policy and on policies built to fail.
+"""The embedded policy engine (regorus in a child process) on the real policy and on policies built to fail.
 
 Real regorus throughout. Every way a policy can fail to answer (no decision, a
 wrong shape, an engine error, a panic, a crash, a timeout) must come back as a
-deny, and the engine must keep answering afterwards.
+deny, and the engine must keep answering afterwards. What the shipped policy
+decides is in ``test_shipped_policy.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -23,237 +22,35 @@ import pytest
 from gateway.policy import (
     POLICY_ERROR,
     POLICY_UNAVAILABLE,
-    Decision,
     EmbeddedPolicyEngine,
-    MalformedDecision,
-    Obligations,
     PolicyEngine,
     PolicyLoadError,
-    Reason,
-    policy_files,
     policy_revision,
 )
-from gateway.policy.decision import Limits, Redaction, UsageLimits
 from gateway.policy.child import _build_engine, _evaluate
 from tests.opa_fixtures import POLICY_DIR
-from workers.contract.registry import ModelSpec
+from tests.policy.embedded_fixtures import (  # noqa: F401 - fixtures
+    ALLOW,
+    BIG,
+    SLOW_WHEN_ASKED,
+    TIMEOUT_S,
+    TINY,
+    anyio_backend,
+    codes,
+    engine_for,
+    exited,
+    request_input,
+    shipped,
+    with_text,
+    write_policy,
+)
 
-TIMEOUT_S = 5.0
-
-TINY = ModelSpec(name="govgate-tiny", path=Path("unused.gguf"), tags=("tiny",))
-BIG = ModelSpec(name="big", path=Path("unused.gguf"), context_length=4096)
-
-ALLOW = '{"allow": true, "reasons": [], "obligations": {"max_tokens": 7, "prompt_logging": "full"}}'
-
-# Takes minutes if left alone: 10^12 products.
-SLOW = """
-slow_count := count([p |
-	some i in numbers.range(1, 1000000)
-	some j in numbers.range(1, 1000000)
-	p := i * j
-])
-"""
-
-# Slow only when the input asks: the load-time trial evaluation (empty input) stays quick.
-SLOW_WHEN_ASKED = f"""{SLOW}
-decision := {ALLOW} if not input.slow
-
-decision := {ALLOW} if {{
-	input.slow
-	slow_count > 0
-}}
-
-visible_models := set()
-"""
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-def request_input(roles: list[str], model: ModelSpec = TINY, max_tokens: int = 100) -> dict[str, Any]:
-    """A policy input as the gateway builds it (DESIGN.md, "Policy input")."""
-    return {
-        "principal": {"id": "u-1", "team": "t-1", "roles": roles, "key_id": "k-1"},
-        "request": {
-            "endpoint": "chat.completions",
-            "model": model.name,
-            "messages": [{"role": "user", "content": "hello"}],
-            "text": "hello",
-            "max_tokens": max_tokens,
-            "stream": False,
-            "purpose": None,
-        },
-        "model": model.policy_view(),
-        "time": {"now_ns": 1_700_000_000_000_000_000, "hour_utc": 12, "weekday": "Tuesday"},
-    }
-
-
-def with_text(policy_input: dict[str, Any], text: str) -> dict[str, Any]:
-    return {**policy_input, "request": {**policy_input["request"], "text": text}}
-
-
-def write_policy(folder: Path, rego: str, data: dict[str, Any] | None = None) -> Path:
-    """A policy folder holding one module (``package govgate`` added) and optional data."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "policy.rego").write_text("package govgate\n\n" + rego)
-    if data is not None:
-        (folder / "data.json").write_text(json.dumps(data))
-    return folder
-
-
-@pytest.fixture
-async def shipped() -> AsyncIterator[EmbeddedPolicyEngine]:
-    """The engine on the policy that ships in policies/."""
-    engine = EmbeddedPolicyEngine.load(POLICY_DIR, TIMEOUT_S)
-    try:
-        yield engine
-    finally:
-        await engine.aclose()
-
-
-async def engine_for(folder: Path, rego: str, timeout_s: float = TIMEOUT_S) -> EmbeddedPolicyEngine:
-    return EmbeddedPolicyEngine.load(write_policy(folder, rego), timeout_s)
-
-
-def exited(pid: int) -> bool:
-    """True once ``pid`` is gone or a zombie (its parent has not reaped it yet)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
-def codes(decision: Decision) -> list[str]:
-    return [reason.code for reason in decision.reasons]
-
-
-# ---------------------------------------------------------------- the shipped policy
+# ---------------------------------------------------------------- on the shipped policy
 
 
 @pytest.mark.anyio
 async def test_embedded_engine_is_a_policy_engine(shipped: EmbeddedPolicyEngine) -> None:
     assert isinstance(shipped, PolicyEngine)
-
-
-# The limits policies/data.json gives a principal and a team without entries of their own.
-SHIPPED_LIMITS = UsageLimits(
-    principal=Limits(requests_per_minute=120, tokens_per_minute=20000, tokens_per_day=200000,
-                     tokens_per_month=None, in_flight=8),
-    team=Limits(requests_per_minute=600, tokens_per_minute=100000, tokens_per_day=1000000,
-                tokens_per_month=20000000, in_flight=32),
-)
-
-
-def usage(principal: dict[str, Any], team: dict[str, Any] | None = None) -> dict[str, Any]:
-    """An ``input.usage`` snapshot: every counter 0 unless given."""
-    zero = {"requests_last_minute": 0, "tokens_last_minute": 0, "tokens_today": 0, "tokens_this_month": 0,
-            "in_flight": 0, "minute_window_frees_in_s": 0}
-    return {"principal": {**zero, **principal}, "team": None if team is None else {**zero, **team}}
-
-
-@pytest.mark.anyio
-async def test_analyst_allowed_granted_model(shipped: EmbeddedPolicyEngine) -> None:
-    decision = await shipped.decide(request_input(["analyst"]))
-    assert decision == Decision(True, (), Obligations(max_tokens=100, prompt_logging="full", priority=5,
-                                                      redact=(), limits=SHIPPED_LIMITS))
-
-
-@pytest.mark.anyio
-async def test_admin_role_priority_applies(shipped: EmbeddedPolicyEngine) -> None:
-    decision = await shipped.decide(request_input(["admin"]))
-    assert decision.obligations.priority == 2
-
-
-@pytest.mark.anyio
-async def test_rate_limit_denies_with_retry_after(shipped: EmbeddedPolicyEngine) -> None:
-    decision = await shipped.decide({**request_input(["analyst"]),
-                                     "usage": usage({"requests_last_minute": 120, "minute_window_frees_in_s": 7.5})})
-    assert not decision.allow
-    assert codes(decision) == ["rate_limited"]
-    assert decision.reasons[0].retry_after_s == 8
-    assert "principal 'u-1'" in decision.reasons[0].message and "requests_per_minute" in decision.reasons[0].message
-
-
-@pytest.mark.anyio
-async def test_team_budget_binds_and_retries_at_midnight(shipped: EmbeddedPolicyEngine) -> None:
-    decision = await shipped.decide({**request_input(["analyst"]),
-                                     "usage": usage({}, {"tokens_today": 999_950})})
-    assert codes(decision) == ["budget_exceeded"]
-    assert "team 't-1'" in decision.reasons[0].message
-    assert decision.reasons[0].retry_after_s == 6400  # 2023-11-14 22:13:20 UTC to midnight
-
-
-@pytest.mark.anyio
-async def test_personal_data_redacted_or_denied(shipped: EmbeddedPolicyEngine) -> None:
-    text = "mail ann@example.org, call +44 20 7946 0958"
-    allowed = await shipped.decide(with_text(request_input(["analyst"]), text))
-    assert allowed.allow
-    assert allowed.obligations.prompt_logging == "redacted"
-    assert allowed.obligations.redact == (Redaction("email", "ann@example.org"), Redaction("phone", "+44 20 7946 0958"))
-    denied = await shipped.decide(with_text(request_input(["analyst"]), "card 4111 1111 1111 1111"))
-    assert codes(denied) == ["pii_detected"]
-    assert "4111" not in denied.reasons[0].message
-
-
-@pytest.mark.anyio
-async def test_malformed_input_denied_with_reason_not_error(shipped: EmbeddedPolicyEngine) -> None:
-    bad = request_input(["analyst"])
-    bad["request"] = {**bad["request"], "max_tokens": "lots", "text": None}
-    bad["usage"] = {"principal": {"in_flight": "two"}, "team": None}
-    decision = await shipped.decide(bad)
-    assert not decision.allow
-    assert set(codes(decision)) == {"invalid_input"}
-    assert len(decision.reasons) == 3
-
-
-@pytest.mark.anyio
-async def test_analyst_denied_other_model_with_reason(shipped: EmbeddedPolicyEngine) -> None:
-    decision = await shipped.decide(request_input(["analyst"], BIG))
-    assert not decision.allow
-    assert codes(decision) == ["model_not_allowed"]
-    assert "'big'" in decision.reasons[0].message
-
-
-@pytest.mark.anyio
-async def test_viewer_denied_every_model(shipped: EmbeddedPolicyEngine) -> None:
-    decision = await shipped.decide(request_input(["viewer"]))
-    assert not decision.allow
-    assert codes(decision) == ["model_not_allowed"]
-
-
-@pytest.mark.anyio
-async def test_max_tokens_clamped_to_role_cap(shipped: EmbeddedPolicyEngine) -> None:
-    analyst = await shipped.decide(request_input(["analyst"], max_tokens=1000))
-    admin = await shipped.decide(request_input(["admin"], BIG, max_tokens=100_000))
-    assert analyst.allow and analyst.obligations.max_tokens == 256
-    assert admin.allow and admin.obligations.max_tokens == 4096
-
-
-@pytest.mark.anyio
-async def test_most_generous_cap_of_granting_roles_applies(shipped: EmbeddedPolicyEngine) -> None:
-    decision = await shipped.decide(request_input(["analyst", "admin"], max_tokens=1000))
-    assert decision.obligations.max_tokens == 1000
-
-
-@pytest.mark.anyio
-async def test_unknown_role_denied_with_reason(shipped: EmbeddedPolicyEngine) -> None:
-    decision = await shipped.decide(request_input(["stranger"]))
-    assert not decision.allow
-    assert codes(decision) == ["unknown_role"]
-    assert "u-1" in decision.reasons[0].message
-
-
-@pytest.mark.anyio
-async def test_visible_models_follow_roles(shipped: EmbeddedPolicyEngine) -> None:
-    views = [TINY.policy_view(), BIG.policy_view()]
-    principal = request_input([])["principal"]
-    assert await shipped.visible_models({**principal, "roles": ["admin"]}, views) == {"govgate-tiny", "big"}
-    assert await shipped.visible_models({**principal, "roles": ["analyst"]}, views) == {"govgate-tiny"}
-    assert await shipped.visible_models({**principal, "roles": ["viewer"]}, views) == set()
-    assert await shipped.visible_models({**principal, "roles": ["stranger"]}, views) == set()
 
 
 @pytest.mark.anyio
@@ -576,189 +373,3 @@ visible_models := set()
     finally:
         await engine.aclose()
     assert decision.allow
-
-
-# ---------------------------------------------------------------- revision
-
-
-@pytest.fixture
-def policy_copy(tmp_path: Path) -> Path:
-    return Path(shutil.copytree(POLICY_DIR, tmp_path / "policies"))
-
-
-def test_policy_files_are_modules_and_data_without_tests(policy_copy: Path) -> None:
-    (policy_copy / ".hidden.rego").write_text("package x\n")
-    names = [p.name for p in policy_files(policy_copy)]
-    assert "govgate.rego" in names and "data.json" in names
-    assert not [n for n in names if n.endswith("_test.rego") or n.startswith(".")]
-
-
-def test_revision_changes_when_a_module_changes(policy_copy: Path) -> None:
-    before = policy_revision(policy_copy)
-    with (policy_copy / "govgate.rego").open("a") as f:
-        f.write("\n# edited\n")
-    assert policy_revision(policy_copy) != before
-
-
-def test_revision_changes_when_data_changes(policy_copy: Path) -> None:
-    before = policy_revision(policy_copy)
-    data = json.loads((policy_copy / "data.json").read_text())
-    data["govgate_config"]["roles"]["analyst"]["max_tokens"] = 512
-    (policy_copy / "data.json").write_text(json.dumps(data))
-    assert policy_revision(policy_copy) != before
-
-
-def test_revision_changes_when_a_module_is_renamed(policy_copy: Path) -> None:
-    before = policy_revision(policy_copy)
-    (policy_copy / "govgate.rego").rename(policy_copy / "main.rego")
-    assert policy_revision(policy_copy) != before
-
-
-def test_revision_ignores_tests_and_hidden_files(policy_copy: Path) -> None:
-    before = policy_revision(policy_copy)
-    with (policy_copy / "govgate_test.rego").open("a") as f:
-        f.write("\ntest_added if true\n")
-    (policy_copy / ".regal.yaml").write_text("rules: {}\n")
-    (policy_copy / "README.md").write_text("notes\n")
-    assert policy_revision(policy_copy) == before
-
-
-def test_revision_is_stable(policy_copy: Path) -> None:
-    assert policy_revision(policy_copy) == policy_revision(POLICY_DIR)
-
-
-# ---------------------------------------------------------------- the decision document
-
-
-def test_decision_from_valid_document_round_trips() -> None:
-    doc = {
-        "allow": False,
-        "reasons": [{"code": "over_budget", "message": "m", "retry_after_s": 30}],
-        "obligations": {"max_tokens": 0, "prompt_logging": "redacted"},
-    }
-    decision = Decision.from_document(doc)
-    assert decision.reasons == (Reason("over_budget", "m", 30.0),)
-    assert decision.obligations.get("prompt_logging") == "redacted"
-    assert decision.to_document()["reasons"] == [{"code": "over_budget", "message": "m", "retry_after_s": 30.0}]
-    assert decision.to_document()["obligations"] == doc["obligations"]
-
-
-def document(allow: object = True, reasons: object = (), **obligations: object) -> dict[str, Any]:
-    """A decision document; obligations default to valid ones."""
-    return {
-        "allow": allow,
-        "reasons": list(reasons) if isinstance(reasons, tuple) else reasons,
-        "obligations": {"max_tokens": 1, "prompt_logging": "full", **obligations},
-    }
-
-
-REASON = {"code": "c", "message": "m"}
-
-
-def test_document_helper_builds_a_valid_decision() -> None:
-    """The malformed cases below differ from this valid one in one field each."""
-    assert Decision.from_document(document()) == Decision(True, (), Obligations(1, "full"))
-    assert Decision.from_document(document(allow=False, reasons=(REASON,))).reasons == (Reason("c", "m"),)
-
-
-@pytest.mark.parametrize(
-    "doc",
-    [
-        None,
-        document(max_tokens=True),
-        document(max_tokens=-1),
-        document(max_tokens=1.5),
-        {**document(), "obligations": {"prompt_logging": "full"}},
-        document(allow=False),
-        document(allow=False, reasons=({"code": "", "message": "m"},)),
-        document(allow=False, reasons=({"code": "c"},)),
-        document(allow=False, reasons=({**REASON, "x": 1},)),
-        document(allow=False, reasons=({**REASON, "retry_after_s": -1},)),
-        document(allow=False, reasons="no"),
-        {**document(), "extra": 1},
-    ],
-    ids=[
-        "null", "max-tokens-bool", "max-tokens-negative", "max-tokens-fraction", "max-tokens-missing",
-        "deny-without-reason", "empty-code", "no-message", "unknown-reason-key", "negative-retry",
-        "reasons-not-list", "unknown-decision-key",
-    ],
-)
-def test_malformed_decision_document_rejected(doc: object) -> None:
-    with pytest.raises(MalformedDecision):
-        Decision.from_document(doc)
-
-
-FULL_OBLIGATIONS = {
-    "max_tokens": 5,
-    "priority": 3,
-    "prompt_logging": "redacted",
-    "redact": [{"detector": "email", "text": "a@example.org"}],
-    "limits": {
-        "principal": {"requests_per_minute": 10, "tokens_per_minute": None, "tokens_per_day": 100,
-                      "tokens_per_month": None, "in_flight": 2},
-        "team": None,
-    },
-}
-
-
-def test_decision_with_every_obligation_round_trips() -> None:
-    doc = {"allow": True, "reasons": [], "obligations": FULL_OBLIGATIONS}
-    decision = Decision.from_document(doc)
-    assert decision.obligations.priority == 3
-    assert decision.obligations.redact == (Redaction("email", "a@example.org"),)
-    assert decision.obligations.limits == UsageLimits(Limits(10, None, 100, None, 2), None)
-    assert decision.obligations["limits"] == FULL_OBLIGATIONS["limits"]  # the mapping gives the JSON shape
-    assert decision.obligations.get("redact") == FULL_OBLIGATIONS["redact"]
-    assert set(decision.obligations) == set(FULL_OBLIGATIONS)
-    assert decision.to_document() == doc
-
-
-def test_obligations_a_policy_leaves_out_are_not_keys() -> None:
-    obligations = Decision.from_document(document()).obligations
-    assert set(obligations) == {"max_tokens", "prompt_logging"}
-    assert obligations.get("priority") is None and obligations.limits is None
-
-
-PRINCIPAL_LIMITS = FULL_OBLIGATIONS["limits"]["principal"]
-
-
-def test_team_limits_round_trip() -> None:
-    limits = {"principal": PRINCIPAL_LIMITS, "team": {**PRINCIPAL_LIMITS, "in_flight": None}}
-    decision = Decision.from_document(document(limits=limits))
-    assert decision.obligations.limits is not None
-    assert decision.obligations.limits.team == Limits(10, None, 100, None, None)
-
-
-@pytest.mark.parametrize(
-    "obligations",
-    [
-        {"priority": 10},
-        {"priority": -1},
-        {"priority": "high"},
-        {"priority": None},
-        {"limits": None},
-        {"redact": "all"},
-        {"redact": [{"detector": "email"}]},
-        {"redact": [{"detector": "email", "text": ""}]},
-        {"redact": [{"detector": "email", "text": "a", "at": 3}]},
-        {"limits": {"principal": PRINCIPAL_LIMITS}},
-        {"limits": {"principal": {"requests_per_minute": 10}, "team": None}},
-        {"limits": {"principal": PRINCIPAL_LIMITS, "team": {**PRINCIPAL_LIMITS, "in_flight": -1}}},
-        {"limits": {"principal": {**PRINCIPAL_LIMITS, "in_flight": 1.5}, "team": None}},
-    ],
-    ids=[
-        "priority-above-9", "priority-negative", "priority-string", "priority-null", "limits-null",
-        "redact-not-list", "redact-no-text", "redact-empty-text", "redact-unknown-key", "limits-no-team",
-        "limits-missing-names", "limits-negative", "limits-fraction",
-    ],
-)
-def test_malformed_new_obligation_rejected(obligations: dict[str, Any]) -> None:
-    with pytest.raises(MalformedDecision):
-        Decision.from_document(document(**obligations))
-
-
-def test_fail_closed_is_a_deny_with_one_reason() -> None:
-    decision = Decision.fail_closed(POLICY_ERROR, "broken")
-    assert not decision.allow
-    assert decision.reasons == (Reason(POLICY_ERROR, "broken"),)
-    assert decision.obligations == Obligations(max_tokens=0, prompt_logging="hash")

@@ -33,7 +33,7 @@ from gateway.refusals import denial
 from gateway.settings import Settings, SettingsError
 from govgate.supervisor import child_env
 from tests.conftest import bearer, serving
-from tests.policy.test_embedded_engine import ALLOW, SLOW, SLOW_WHEN_ASKED, exited, request_input, write_policy
+from tests.policy.embedded_fixtures import ALLOW, SLOW, SLOW_WHEN_ASKED, exited, request_input, write_policy
 from workers.contract.registry import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.anyio
