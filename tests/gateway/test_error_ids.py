@@ -12,7 +12,7 @@ from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
 from tests.conftest import IDLE_MODEL, bearer, policy_copy
-from tests.gateway.test_usage_rules_api import limits_for, new_key
+from tests.keys_and_limits import limits_for, new_key
 from workers.contract.registry import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.anyio

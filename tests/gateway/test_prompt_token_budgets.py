@@ -13,7 +13,7 @@ from litestar.testing import AsyncTestClient
 from gateway.app import create_app
 from gateway.limits.charge import prompt_tokens_to_hold, used_tokens
 from tests.conftest import bearer, policy_copy
-from tests.gateway.test_usage_rules_api import limits_for, new_key
+from tests.keys_and_limits import limits_for, new_key
 from workers.contract.registry import TINY_MODEL_NAME, load_registry
 from workers.contract.tokenizers import load_tokenizer
 

@@ -134,6 +134,35 @@ async def test_a_request_refused_at_the_door_keeps_no_text_only_a_keyed_digest(c
     assert "ann@example.org" not in str(entry.body)
 
 
+@pytest.mark.anyio
+async def test_hash_prompt_logging_keeps_only_a_digest(settings, worker, keyring, audit_store, tmp_path):
+    import hashlib
+
+    from litestar.testing import AsyncTestClient
+
+    from gateway.app import create_app
+    from tests.conftest import bearer, policy_copy
+    from workers.contract.privacy import Digester
+    from workers.contract.registry import TINY_MODEL_NAME
+    from workers.contract.sealing import load_or_create_key
+
+    def hashed(config: dict) -> None:
+        config["roles"]["analyst"]["prompt_logging"] = "hash"
+
+    own = settings.with_(policy_dir=policy_copy(tmp_path, hashed))
+    secret = "the launch code is swordfish"
+    async with AsyncTestClient(create_app(own), timeout=60) as client:
+        response = await client.post("/v1/chat/completions", headers=bearer(keyring["analyst"]),
+                                     json={"model": TINY_MODEL_NAME, "max_tokens": 2,
+                                           "messages": [{"role": "user", "content": secret}]})
+    assert response.status_code == 200, response.text
+    entry = audit_store.entries_for(response.headers["x-govgate-request-id"])[0]
+    assert entry.body["prompt_logging"] == "hash"
+    digest = Digester(load_or_create_key(own.effective_digest_key_file)).hexdigest(secret)
+    assert entry.body["prompt_hmac_sha256"] == digest != hashlib.sha256(secret.encode()).hexdigest()
+    assert "swordfish" not in str(entry.body)
+
+
 # ---------------------------------------------------------------- file modes
 
 
