@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import sqlite3
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -27,14 +24,11 @@ from audit import AuditStore, make_engine, verify_chain
 from gateway.auth import KeyStore
 from gateway.components import open_database
 from govgate.processes import stop_process
-from govgate.redis_server import RedisProcess
-from gateway.settings import Settings
 from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
 from tests.gateway.test_fail_closed import queued
-from workers.contract.celery_config import make_celery
-from workers.contract.pending_terminals import PENDING_KEY, PendingTerminal, PendingTerminals
+from tests.own_redis import own_redis  # noqa: F401 - fixture
+from workers.contract.pending_terminals import PENDING_KEY
 from workers.contract.registry import TINY_MODEL_NAME
-from workers.contract.sealing import Sealer
 
 
 def wait_terminals(audit_store, request_ids: list[str], timeout_s: float = 90) -> dict:
@@ -48,26 +42,6 @@ def wait_terminals(audit_store, request_ids: list[str], timeout_s: float = 90) -
     missing = [r for r in request_ids if r not in found]
     assert not missing, f"no terminal entry for {missing}"
     return found
-
-
-@pytest.fixture
-def own_redis(settings):
-    """A Redis of its own: its queues hold only this test's jobs, and no worker serves them yet."""
-    redis_dir = Path(tempfile.mkdtemp(prefix="gg-tr-"))
-    server = RedisProcess.start(redis_dir, persist=False)
-    yield settings.with_(redis_url=server.url)
-    server.stop()
-    shutil.rmtree(redis_dir, ignore_errors=True)
-
-
-def test_default_redelivery_comes_before_the_request_timeout():
-    """A whole worker's death is rescued only if the broker hands its task on while the client still waits."""
-    defaults = Settings()
-    app = make_celery("redis://127.0.0.1:1/0", time_limit_s=defaults.generation_time_limit_s)
-    try:
-        assert app.conf.broker_transport_options["visibility_timeout"] < defaults.request_timeout_s
-    finally:
-        app.close()
 
 
 def own_key(settings, user: str) -> str:
@@ -202,54 +176,3 @@ def test_a_worker_started_while_the_database_is_locked_waits_for_it(own_redis, t
         wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker, timeout_s=120)
     finally:
         stop_process(worker, timeout_s=30)
-
-
-@pytest.fixture
-def pending_parts(own_redis, tmp_path):
-    """A real Redis client and a fresh audit store for the pending-entry store itself."""
-    engine = open_database(own_redis.with_(database_url=f"sqlite:///{tmp_path / 'pending.db'}"))
-    client = redis.Redis.from_url(own_redis.redis_url)
-    yield client, AuditStore(engine)
-    client.close()
-    engine.dispose()
-
-
-def pending_entry(request_id: str, **changes) -> PendingTerminal:
-    return PendingTerminal(**{"kind": "failed", "request_id": request_id, "principal": "p", "team": None,
-                              "model": TINY_MODEL_NAME, "body": {"output": "secret words", "error": {}},
-                              "policy_revision": "r1", **changes})
-
-
-def test_pending_entries_are_sealed_in_redis_and_written_once(pending_parts):
-    client, store = pending_parts
-    sealer = Sealer(os.urandom(32))
-    pending = PendingTerminals(client, horizon_s=60, seal=sealer.seal, unseal=sealer.unseal)
-    assert pending.keep(pending_entry("r-1"))
-    assert pending.keep(pending_entry("r-1", kind="timed_out"))  # a later one for the same request is ignored
-    raw = client.hget(PENDING_KEY, "r-1")
-    assert b"secret words" not in raw  # what Redis holds went through the seal
-    assert pending.write_all(store) == 1 and pending.count() == 0
-    written = store.terminal_for("r-1")
-    assert written.kind == "failed" and written.body["output"] == "secret words"
-    assert "recorded_late" in written.body
-
-
-def test_pending_entries_past_the_horizon_are_given_up(pending_parts):
-    client, store = pending_parts
-    sealer = Sealer(os.urandom(32))
-    pending = PendingTerminals(client, horizon_s=5, seal=sealer.seal, unseal=sealer.unseal)
-    pending.keep(pending_entry("old", since=time.time() - 60))
-    pending.keep(pending_entry("new"))
-    assert pending.write_all(store) == 1 and pending.count() == 0
-    assert store.terminal_for("old") is None and store.terminal_for("new") is not None
-
-
-def test_an_entry_sealed_under_another_key_is_left_for_its_owner_not_dropped(pending_parts):
-    client, store = pending_parts
-    owner, stranger = Sealer(os.urandom(32)), Sealer(os.urandom(32))
-    PendingTerminals(client, horizon_s=60, seal=owner.seal, unseal=owner.unseal).keep(pending_entry("r-owned"))
-    misconfigured = PendingTerminals(client, horizon_s=60, seal=stranger.seal, unseal=stranger.unseal)
-    assert misconfigured.write_all(store) == 0 and misconfigured.count() == 1  # kept, not dropped
-    assert store.terminal_for("r-owned") is None
-    assert PendingTerminals(client, horizon_s=60, seal=owner.seal, unseal=owner.unseal).write_all(store) == 1
-    assert store.terminal_for("r-owned").body["output"] == "secret words"
