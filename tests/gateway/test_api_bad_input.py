@@ -285,7 +285,7 @@ async def test_a_nul_is_refused_before_queueing_and_served_where_the_backend_tak
     assert audit_store.tail(1)[0].kind == "rejected"
     assert queued(settings, TINY_MODEL_NAME) == before
     # The same prompt for a llama.cpp model passes the gateway's checks (the backend serves it:
-    # tests/test_backend_llamacpp.py::test_a_nul_in_the_prompt_is_served).
+    # tests/workers/backends/test_llamacpp.py::test_a_nul_in_the_prompt_is_served).
     spec = replace(load_registry(settings.models_file, settings.var_dir).get(TINY_MODEL_NAME), backend=BACKEND_LLAMACPP)
     request = parse_body(b'{"model": "x", "messages": [{"role": "user", "content": "a\\u0000b"}]}',
                          ChatCompletionRequest)

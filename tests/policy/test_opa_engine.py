@@ -1,7 +1,7 @@
 """The OPA engine against real OPA servers (``make opa``).
 
-The same questions as tests/test_policy_engine.py asks of the embedded
-engine, and the OPA-only ones: does the gateway prove which policy OPA
+The same questions as tests/policy/test_embedded_engine.py asks of the
+embedded engine, and the OPA-only ones: does the gateway prove which policy OPA
 holds, and does a stopped, hung, failing or empty OPA always come back as a
 deny within the timeout? The "hung OPA" is a small TCP proxy on 127.0.0.1 in
 front of a real OPA that, once stalled, takes requests and never answers.

@@ -1,6 +1,6 @@
 """The Rego unit tests and the strict checker, run by OPA itself.
 
-``tests/test_rego_units.py`` runs the same ``*_test.rego`` rules through
+``tests/policy/test_rego_units.py`` runs the same ``*_test.rego`` rules through
 regorus; running them on OPA too means a rule that only one engine reads
 the intended way fails here or there, not in production.
 """

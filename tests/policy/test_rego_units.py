@@ -1,6 +1,6 @@
 """Runs the Rego unit tests (``policies/**/*_test.rego``) through regorus.
 
-``opa test policies/`` is the usual runner (tests/test_rego_opa.py runs it
+``opa test policies/`` is the usual runner (tests/policy/test_rego_opa.py runs it
 where an opa binary exists); this makes the same tests run wherever pytest
 runs, on the engine the gateway embeds, one pytest case per Rego test rule.
 """
