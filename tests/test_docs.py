@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from gateway.settings import Settings
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 

@@ -10,11 +10,10 @@ including those inside functions, so a lazy import cannot slip past.
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 #: package folder → (prefixes it may import despite ``forbidden``, prefixes it may not import)
 RULES = {

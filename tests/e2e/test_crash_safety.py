@@ -1,0 +1,214 @@
+"""Queues under faults: killed worker processes, time limits. Every request ends exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from govgate.processes import stop_process
+from tests.conftest import CRASH_MODEL, LIMITED_MODEL, bearer, spawn_cli, wait_for_worker
+
+
+def pool_children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children]
+
+
+@pytest.fixture(scope="module")
+def crash_worker(settings):
+    process = spawn_cli(settings, "worker", "--model", CRASH_MODEL, log=settings.var_dir / "crash-worker.log")
+    wait_for_worker(settings.redis_url, CRASH_MODEL, process)
+    yield process
+    stop_process(process, timeout_s=30)
+
+
+@pytest.fixture(scope="module")
+def limited_worker(settings):
+    limited = settings.with_(generation_time_limit_s=0.3)
+    process = spawn_cli(limited, "worker", "--model", LIMITED_MODEL, log=settings.var_dir / "limited-worker.log")
+    wait_for_worker(settings.redis_url, LIMITED_MODEL, process)
+    yield process
+    stop_process(process, timeout_s=30)
+
+
+def kill_pool_process_once_generating(settings, worker, found: dict) -> None:
+    """Wait until a generation has begun in the worker's pool process, then SIGKILL that process."""
+    client = redis.Redis.from_url(settings.redis_url)
+    before = set(client.keys("govgate:started:*"))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        started = set(client.keys("govgate:started:*")) - before
+        if started:
+            time.sleep(0.2)  # well inside a ~1 s generation
+            victim = pool_children(worker.pid)[0]
+            os.kill(victim, signal.SIGKILL)
+            found["victim"] = victim
+            found["request_id"] = started.pop().decode().rsplit(":", 1)[1]
+            return
+        time.sleep(0.01)
+
+
+def test_killed_pool_process_is_redelivered_and_the_request_ends_once(settings, served_api, crash_worker,
+                                                                     keyring, audit_store):
+    found: dict = {}
+    killer = threading.Thread(target=kill_pool_process_once_generating, args=(settings, crash_worker, found))
+    killer.start()
+    response = httpx.post(f"{served_api}/v1/completions", headers=bearer(keyring["admin"]), timeout=120,
+                          json={"model": CRASH_MODEL, "prompt": "Tell", "max_tokens": 4000, "temperature": 0})
+    killer.join()
+    assert found.get("victim"), "the generation was never seen starting"
+    assert response.status_code == 200, response.text
+    request_id = response.headers["x-govgate-request-id"]
+    assert request_id == found["request_id"]
+    assert response.json()["usage"]["completion_tokens"] == 4000
+    entries = audit_store.entries_for(request_id)
+    assert [e.kind for e in entries] == ["request", "completion"]  # redelivered, generated once more, ended once
+    assert entries[1].body["worker"]["pid"] != found["victim"]
+    assert crash_worker.poll() is None  # the worker itself survived and replaced its pool process
+
+
+def test_a_stream_whose_worker_dies_ends_with_an_error_not_a_repeat(settings, served_api, crash_worker,
+                                                                   keyring, audit_store):
+    found: dict = {}
+    killer = threading.Thread(target=kill_pool_process_once_generating, args=(settings, crash_worker, found))
+    killer.start()
+    events = []
+    with httpx.stream("POST", f"{served_api}/v1/completions", headers=bearer(keyring["admin"]), timeout=120,
+                      json={"model": CRASH_MODEL, "prompt": "Tell", "max_tokens": 4000, "temperature": 0,
+                            "stream": True}) as response:
+        request_id = response.headers["x-govgate-request-id"]
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    killer.join()
+    assert found.get("request_id") == request_id
+    assert "error" in events[-1] and events[-1]["error"]["code"] == "worker_lost"
+    delivered = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
+    assert delivered  # the client saw part of the first run before it died
+    terminal = audit_store.terminal_for(request_id)
+    assert terminal.kind == "failed" and terminal.body["error"]["code"] == "worker_lost"
+    assert terminal.body["output"] == delivered  # the audit holds what reached the client
+    assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "failed"]
+
+
+def test_generation_time_limit_gives_504_and_a_timed_out_entry(served_api, limited_worker, keyring, audit_store):
+    response = httpx.post(f"{served_api}/v1/completions", headers=bearer(keyring["admin"]), timeout=120,
+                          json={"model": LIMITED_MODEL, "prompt": "Tell", "max_tokens": 4000, "temperature": 0})
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "timed_out"
+    entry = audit_store.tail(1)[0]
+    assert entry.kind == "timed_out" and entry.model == LIMITED_MODEL
+    assert 0 < entry.body["usage"]["completion_tokens"] < 4000  # stopped part-way, partial output kept
+    assert entry.body["output"]
+
+
+def test_a_whole_worker_killed_mid_generation_is_rescued_by_another(settings, served_api, keyring, audit_store):
+    """The unacknowledged task of a dead worker goes to another once the visibility timeout passes."""
+    from tests.conftest import RESCUE_MODEL
+
+    # Soft limit 3 s: hard 13 s, visibility timeout 43 s (the test waits about that long). The
+    # request asks for 1000 tokens, well inside 3 s even on a busy machine.
+    own = settings.with_(generation_time_limit_s=3.0)
+    first = spawn_cli(own, "worker", "--model", RESCUE_MODEL, log=settings.var_dir / "rescue-1.log")
+    wait_for_worker(settings.redis_url, RESCUE_MODEL, first)
+    second = None
+    found: dict = {}
+
+    def kill_the_whole_worker() -> None:
+        client = redis.Redis.from_url(settings.redis_url)
+        before = set(client.keys("govgate:started:*"))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            started = set(client.keys("govgate:started:*")) - before
+            if started:
+                found["request_id"] = started.pop().decode().rsplit(":", 1)[1]
+                children = pool_children(first.pid)
+                os.kill(first.pid, signal.SIGKILL)  # the worker and its pool process die at once,
+                for child in children:                # with no chance to hand the task back
+                    os.kill(child, signal.SIGKILL)
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_the_whole_worker)
+    try:
+        killer.start()
+        outcome: dict = {}
+
+        def ask() -> None:
+            outcome["response"] = httpx.post(
+                f"{served_api}/v1/completions", headers=bearer(keyring["admin"]), timeout=120,
+                json={"model": RESCUE_MODEL, "prompt": "Tell", "max_tokens": 1000, "temperature": 0})
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        killer.join()
+        assert found.get("request_id"), "the generation was never seen starting"
+        first.wait(10)
+        second = spawn_cli(own, "worker", "--model", RESCUE_MODEL, log=settings.var_dir / "rescue-2.log")
+        asker.join(110)
+        response = outcome["response"]
+    finally:
+        for process in (first, second):
+            if process is not None:
+                stop_process(process, timeout_s=30)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-govgate-request-id"] == found["request_id"]
+    assert [e.kind for e in audit_store.entries_for(found["request_id"])] == ["request", "completion"]
+
+
+def test_higher_priority_requests_are_served_first(settings, keyring, audit_store, tmp_path):
+    """The policy's priority obligation orders a model's queue (0 first, Celery-on-Redis)."""
+    from gateway.auth import KeyStore
+    from gateway.components import open_database
+    from tests.conftest import PRIORITY_MODEL, policy_copy, serving
+    from tests.gateway.test_fail_closed import queued
+
+    def batch_role(config: dict) -> None:
+        config["roles"]["batch"] = {"models": ["*"], "priority": 9}
+        config["roles"]["admin"]["priority"] = 0
+        config["limits"] = {"principals": {"default": {}}, "teams": {"default": {}}}
+
+    own = settings.with_(policy_dir=policy_copy(tmp_path, batch_role))
+    store = KeyStore(open_database(own))
+    batch_key = store.create("bart", team="batch", roles=["batch"]).secret
+    store.engine.dispose()
+    worker = None
+    ids: dict[str, str] = {}
+    askers = []
+
+    def wait_queued(count: int) -> None:
+        deadline = time.monotonic() + 30
+        while queued(own, PRIORITY_MODEL) < count:
+            assert time.monotonic() < deadline, f"never saw {count} waiting requests"
+            time.sleep(0.02)
+
+    with serving(own, tmp_path / "serve.log") as base:
+        def ask(label: str, key: str) -> None:
+            response = httpx.post(f"{base}/v1/completions", headers=bearer(key), timeout=120,
+                                  json={"model": PRIORITY_MODEL, "prompt": label, "max_tokens": 2})
+            assert response.status_code == 200, response.text
+            ids[label] = response.headers["x-govgate-request-id"]
+
+        try:
+            for n, (label, key) in enumerate([("batch-0", batch_key), ("batch-1", batch_key),
+                                              ("batch-2", batch_key), ("urgent", keyring["admin"])]):
+                askers.append(threading.Thread(target=ask, args=(label, key)))
+                askers[-1].start()
+                wait_queued(n + 1)  # low priority first, the urgent request last
+            worker = spawn_cli(own, "worker", "--model", PRIORITY_MODEL, log=tmp_path / "worker.log")
+            for thread in askers:
+                thread.join(120)
+        finally:
+            if worker is not None:
+                stop_process(worker, timeout_s=30)
+    assert len(ids) == 4
+    order = sorted(ids, key=lambda label: audit_store.terminal_for(ids[label]).seq)
+    assert order[0] == "urgent", order

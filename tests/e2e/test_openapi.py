@@ -1,0 +1,173 @@
+"""``/schema/openapi.json`` tells the truth, checked by schemathesis on a served gateway.
+
+The cheap checks of the document itself are in ``tests/gateway/test_openapi_document.py``.
+The fuzzing test sends bounded, derandomized batches of generated requests
+(positive and negative) to a real ``govgate serve`` with the tiny model, and
+holds every answer to the document: no 5xx, a documented status, a documented
+content type and headers, a body that matches the schema (the SSE stream
+event by event). Then every request the gateway served has exactly one
+request entry and one terminal entry in the audit store.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings as hypothesis_settings, strategies as st
+from schemathesis.checks import not_a_server_error
+from schemathesis.generation import GenerationMode
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from audit import TERMINAL_KINDS, AuditStore
+from gateway import urls
+from gateway.requests.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.settings import Settings
+from workers.contract.registry import TINY_MODEL_NAME
+from tests.conftest import policy_copy, serving
+
+COMPLETION_ROUTES = {urls.CHAT_COMPLETIONS: ChatCompletionRequest, urls.COMPLETIONS: CompletionRequest}
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
+          response_schema_conformance]
+#: Per operation and generation mode; small enough for a busy 2-core machine, large enough to serve some.
+MAX_EXAMPLES = 25
+
+
+@pytest.fixture(scope="module")
+def api_schema(served_api: str) -> schemathesis.BaseSchema:
+    return schemathesis.openapi.from_url(f"{served_api}/schema/openapi.json")
+
+
+def _header(response: Any, name: str) -> str | None:
+    """One header of a schemathesis response (its headers map lower-cased names to lists of values)."""
+    values = {key.lower(): value for key, value in response.headers.items()}.get(name.lower())
+    return values[0] if values else None
+
+
+def _operations(schema: schemathesis.BaseSchema) -> list[Any]:
+    return [result.ok() for result in schema.get_all_operations()]
+
+
+def _wait_for_terminal(audit_store: AuditStore, request_id: str, timeout_s: float = 60) -> list[str]:
+    """The kinds of ``request_id``'s entries once its terminal entry is there (the worker may still write it)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        kinds = [entry.kind for entry in audit_store.entries_for(request_id)]
+        if any(kind in TERMINAL_KINDS for kind in kinds) or time.monotonic() > deadline:
+            return kinds
+        time.sleep(0.2)
+
+
+def _assert_audited(audit_store: AuditStore, served: list[str]) -> None:
+    for request_id in served:
+        kinds = _wait_for_terminal(audit_store, request_id)
+        assert kinds.count("request") == 1, (request_id, kinds)
+        assert sum(kind in TERMINAL_KINDS for kind in kinds) == 1, (request_id, kinds)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("path", sorted(COMPLETION_ROUTES))
+def test_documented_examples_are_served_as_described(api_schema, served_api: str, keyring: dict[str, str],
+                                                     audit_store: AuditStore, path: str, stream: bool) -> None:
+    operation = api_schema[path]["POST"]
+    example = operation.definition.raw["requestBody"]["content"]["application/json"]["example"]
+    case = operation.Case(body={**example, "stream": stream}, media_type="application/json")
+
+    response = case.call(base_url=served_api, headers={"Authorization": f"Bearer {keyring['analyst']}"},
+                         timeout=120)
+    case.validate_response(response, checks=CHECKS)
+
+    assert response.status_code == 200
+    assert _header(response, "content-type").startswith("text/event-stream" if stream else "application/json")
+    _assert_audited(audit_store, [_header(response, urls.REQUEST_ID_HEADER)])
+
+
+@pytest.mark.parametrize(("key", "change", "status", "code"), [
+    ("viewer", {}, 403, "policy_denied"),
+    ("revoked", {}, 401, "invalid_api_key"),
+    ("analyst", {"model": "no-such-model"}, 404, "model_not_found"),
+    ("analyst", {"n": 2}, 400, "unsupported_parameter"),
+    ("analyst", {"temperature": 9}, 422, "invalid_value"),
+], ids=["denied", "revoked", "unknown-model", "unsupported", "out-of-range"])
+def test_refusals_are_as_described(api_schema, served_api: str, keyring: dict[str, str], audit_store: AuditStore,
+                                   key: str, change: dict[str, Any], status: int, code: str) -> None:
+    """Refusals of a documented example: the documented status, error body and headers; and audited."""
+    operation = api_schema[urls.CHAT_COMPLETIONS]["POST"]
+    example = operation.definition.raw["requestBody"]["content"]["application/json"]["example"]
+    case = operation.Case(body={**example, **change}, media_type="application/json")
+    before = audit_store.head()
+
+    response = case.call(base_url=served_api, headers={"Authorization": f"Bearer {keyring[key]}"}, timeout=120)
+    case.validate_response(response, checks=CHECKS)
+
+    assert (response.status_code, response.json()["error"]["code"]) == (status, code)
+    new = [entry for entry in audit_store.tail(5) if before is None or entry.seq > before.seq]
+    if key == "revoked":
+        assert new == []  # no principal, nothing to attribute
+    else:
+        assert [entry.kind for entry in new] == ["request" if status == 403 else "rejected"]
+
+
+def test_a_limit_refusal_is_as_described(api_schema, settings: Settings, worker, keyring: dict[str, str],
+                                         tmp_path: Path) -> None:
+    """429 on a gateway whose policy allows no request a minute: the error body and a Retry-After header."""
+    def no_requests(config: dict[str, Any]) -> None:
+        config.setdefault("limits", {}).setdefault("principals", {})["alice"] = {"requests_per_minute": 0}
+
+    own = settings.with_(policy_dir=policy_copy(tmp_path, no_requests))
+    operation = api_schema[urls.COMPLETIONS]["POST"]
+    example = operation.definition.raw["requestBody"]["content"]["application/json"]["example"]
+    case = operation.Case(body=example, media_type="application/json")
+    with serving(own, tmp_path / "serve.log") as base:
+        response = case.call(base_url=base, headers={"Authorization": f"Bearer {keyring['analyst']}"}, timeout=120)
+    case.validate_response(response, checks=CHECKS)  # Retry-After is documented as required on 429
+
+    assert (response.status_code, response.json()["error"]["code"]) == (429, "rate_limited")
+    assert int(_header(response, "retry-after")) >= 1
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=str)
+def test_generated_requests_conform_to_the_description(api_schema, served_api: str, keyring: dict[str, str],
+                                                       audit_store: AuditStore, mode: GenerationMode) -> None:
+    """Generated requests to every operation: only documented answers, and every served one audited.
+
+    Half the positive completion bodies name the served model (a generated
+    name is almost never one), so generation reaches the worker too, streamed
+    or not; negative bodies keep what was generated.
+    """
+    headers = {"Authorization": f"Bearer {keyring['analyst']}"}
+    served: list[str] = []
+    statuses: dict[str, set[int]] = {}
+    checks = CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
+
+    # Negative mode needs something to break: only the completion routes take input.
+    operations = [op for op in _operations(api_schema) if mode is GenerationMode.POSITIVE or op.body]
+    for operation in operations:
+
+        @given(case=operation.as_strategy(generation_mode=mode), served_model=st.booleans())
+        @hypothesis_settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
+                             phases=[Phase.explicit, Phase.generate],
+                             suppress_health_check=list(HealthCheck))
+        def run(case, served_model: bool) -> None:
+            if served_model and mode is GenerationMode.POSITIVE and isinstance(case.body, dict):
+                case.body["model"] = TINY_MODEL_NAME
+            response = case.call(base_url=served_api, headers=headers, timeout=120)
+            case.validate_response(response, checks=checks)
+            statuses.setdefault(operation.label, set()).add(response.status_code)
+            if response.status_code < 300 and _header(response, urls.REQUEST_ID_HEADER):
+                served.append(_header(response, urls.REQUEST_ID_HEADER))
+
+        run()
+
+    assert all(statuses.get(op.label) for op in operations), statuses
+    assert served or mode is GenerationMode.NEGATIVE  # negative bodies are refused (negative_data_rejection)
+    _assert_audited(audit_store, served)

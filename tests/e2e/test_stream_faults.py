@@ -1,0 +1,176 @@
+"""Streams under faults: what the client saw is what the audit holds, and nothing is left behind.
+
+Each test runs a served gateway (real uvicorn, real worker, real Redis) and
+breaks something a stream depends on: the client leaves, Redis restarts, the
+pool process generating the stream dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from govgate.processes import stop_process
+from govgate.redis_server import RedisProcess
+from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
+from tests.e2e.test_crash_safety import pool_children
+from workers.contract.registry import TINY_MODEL_NAME
+
+
+def stream_once(base: str, key: str, body: dict, *, stop_after: int | None = None) -> dict:
+    """Send one streaming request; return its id, the text received, the last event and whether it saw [DONE].
+
+    ``stop_after`` abandons the stream (closes the connection) after that many text chunks.
+    """
+    text, last, done, chunks = "", None, False, 0
+    with httpx.stream("POST", f"{base}/v1/completions", headers=bearer(key), timeout=120,
+                      json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        request_id = response.headers["x-govgate-request-id"]
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            last = json.loads(line[6:])
+            if "choices" in last and last["choices"]:
+                piece = last["choices"][0].get("text") or ""
+                text += piece
+                chunks += bool(piece)
+                if stop_after is not None and chunks >= stop_after:
+                    break
+    return {"request_id": request_id, "text": text, "last": last, "done": done}
+
+
+def wait_terminal(audit_store, request_id: str, timeout_s: float = 60):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        entry = audit_store.terminal_for(request_id)
+        if entry is not None:
+            return entry
+        time.sleep(0.1)
+    raise AssertionError(f"request {request_id} never got its terminal entry")
+
+
+def test_abandoned_streams_leave_no_pending_task_behind(settings, worker, keyring, audit_store, tmp_path):
+    log = tmp_path / "serve.log"
+    with serving(settings, log) as base:
+        ids = []
+        for _ in range(12):
+            ids.append(stream_once(base, keyring["admin"], {"model": TINY_MODEL_NAME, "prompt": "Tell",
+                                                            "max_tokens": 2000, "temperature": 0},
+                                   stop_after=2)["request_id"])
+        for request_id in ids:
+            wait_terminal(audit_store, request_id)
+        for _ in range(20):  # ordinary traffic afterwards: garbage gets collected meanwhile
+            response = httpx.post(f"{base}/v1/completions", headers=bearer(keyring["admin"]), timeout=60,
+                                  json={"model": TINY_MODEL_NAME, "prompt": "Once", "max_tokens": 2})
+            assert response.status_code == 200, response.text
+    assert [audit_store.terminal_for(i).kind for i in ids] == ["cancelled"] * len(ids)
+    text = Path(log).read_text()
+    assert "Task was destroyed but it is pending" not in text
+
+
+@pytest.fixture
+def own_redis_gateway(settings, tmp_path):
+    """A Redis, a tiny-model worker and a served gateway of their own (the test restarts that Redis)."""
+    redis_dir = Path(tempfile.mkdtemp(prefix="gg-sf-"))
+    state = {"redis": RedisProcess.start(redis_dir, persist=False), "dir": redis_dir}
+    own = settings.with_(redis_url=state["redis"].url)
+    worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=tmp_path / "worker.log")
+    try:
+        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
+        with serving(own, tmp_path / "serve.log") as base:
+            state.update(base=base, settings=own, worker=worker)
+            yield state
+    finally:
+        stop_process(worker, timeout_s=30)
+        state["redis"].stop()
+        shutil.rmtree(redis_dir, ignore_errors=True)
+
+
+def test_streams_after_a_redis_restart_deliver_exactly_the_audited_output(own_redis_gateway, keyring,
+                                                                         audit_store):
+    """The waiter's reconnect may find results stored before their pieces were read: nothing may go missing."""
+    state = own_redis_gateway
+    outcomes: list[dict] = []
+    state["redis"].stop()
+    # Down long enough that the result listener backs off for seconds and the worker reconnects
+    # while it still sleeps: results are then stored before their pieces are read.
+    time.sleep(11.5)
+    state["redis"] = RedisProcess.start(state["dir"], persist=False)
+    until = time.monotonic() + 8
+
+    def streams(n: int) -> list[dict]:
+        done = []
+        while time.monotonic() < until:
+            try:
+                done.append(stream_once(state["base"], keyring["admin"], {
+                    "model": TINY_MODEL_NAME, "prompt": f"Story {n}", "max_tokens": 8, "temperature": 0}))
+            except AssertionError:  # refused (503) while the gateway finds Redis again
+                time.sleep(0.05)
+        return done
+
+    with ThreadPoolExecutor(6) as pool:
+        for done in pool.map(streams, range(6)):
+            outcomes += done
+    assert len(outcomes) >= 6
+    for outcome in outcomes:
+        terminal = wait_terminal(audit_store, outcome["request_id"])
+        if outcome["done"]:  # a success delivers exactly the audited output
+            assert terminal.kind == "completion"
+            assert outcome["text"] == terminal.body["output"], outcome
+        else:  # or the stream ends with an error event
+            assert "error" in outcome["last"], outcome
+
+
+def test_a_stream_whose_worker_stalls_records_what_the_client_received(settings, keyring, audit_store, tmp_path):
+    """The gateway gives up on a frozen worker (as on a dead one): its timed_out entry holds the text it sent."""
+    redis_dir = Path(tempfile.mkdtemp(prefix="gg-st-"))
+    server = RedisProcess.start(redis_dir, persist=False)
+    own = settings.with_(redis_url=server.url, request_timeout_s=5.0)
+    worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=tmp_path / "worker.log")
+    frozen: list[int] = []
+    try:
+        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
+        with serving(own, tmp_path / "serve.log") as base:
+            text, last = "", None
+            with httpx.stream("POST", f"{base}/v1/completions", headers=bearer(keyring["admin"]), timeout=60,
+                              json={"model": TINY_MODEL_NAME, "prompt": "Tell", "max_tokens": 4000,
+                                    "temperature": 0, "stream": True}) as response:
+                request_id = response.headers["x-govgate-request-id"]
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    last = json.loads(line[6:])
+                    if last.get("choices"):
+                        text += last["choices"][0].get("text") or ""
+                        if text and not frozen:  # the generation is under way: freeze it
+                            frozen += pool_children(worker.pid)
+                            for pid in frozen:
+                                os.kill(pid, signal.SIGSTOP)
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+            terminal = wait_terminal(audit_store, request_id)
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        stop_process(worker, timeout_s=30)
+        server.stop()
+        shutil.rmtree(redis_dir, ignore_errors=True)
+    assert frozen and text
+    assert last["error"]["code"] == "timed_out"
+    assert terminal.kind == "timed_out"
+    assert terminal.body["output"] == text

@@ -1,0 +1,178 @@
+"""Every accepted request ends in a terminal entry, whoever dies or whatever is locked.
+
+A gateway killed while its jobs wait in the queue, a database locked for
+longer than its busy timeout: each test breaks the real part and waits for
+the terminal entries the promise requires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import threading
+import time
+from typing import Iterator
+
+import httpx
+import pytest
+import redis
+
+from audit import AuditStore, make_engine, verify_chain
+
+from gateway.auth import KeyStore
+from gateway.components import open_database
+from govgate.processes import stop_process
+from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
+from tests.gateway.test_fail_closed import queued
+from tests.own_redis import own_redis  # noqa: F401 - fixture
+from workers.contract.pending_terminals import PENDING_KEY
+from workers.contract.registry import TINY_MODEL_NAME
+
+
+def wait_terminals(audit_store, request_ids: list[str], timeout_s: float = 90) -> dict:
+    deadline = time.monotonic() + timeout_s
+    found: dict = {}
+    while time.monotonic() < deadline and len(found) < len(request_ids):
+        for request_id in request_ids:
+            if request_id not in found and (entry := audit_store.terminal_for(request_id)) is not None:
+                found[request_id] = entry
+        time.sleep(0.2)
+    missing = [r for r in request_ids if r not in found]
+    assert not missing, f"no terminal entry for {missing}"
+    return found
+
+
+def own_key(settings, user: str) -> str:
+    """A key of a principal no other test uses, so its audit entries are this test's alone."""
+    engine = open_database(settings)
+    try:
+        return KeyStore(engine).create(user, team="ops", roles=["admin"]).secret
+    finally:
+        engine.dispose()
+
+
+def test_jobs_queued_by_a_killed_gateway_are_recorded_as_expired(own_redis, audit_store, tmp_path):
+    own = own_redis.with_(request_timeout_s=8.0)
+    key = own_key(own, "expiry-user")
+    before = audit_store.head().seq if audit_store.head() else 0
+    answered: list[int] = []
+    with serving(own, tmp_path / "serve.log") as base:
+        def ask(n: int) -> None:
+            try:
+                answered.append(httpx.post(f"{base}/v1/completions", headers=bearer(key), timeout=60,
+                                           json={"model": TINY_MODEL_NAME, "prompt": f"expiry {n}",
+                                                 "max_tokens": 4, "stream": n == 0}).status_code)
+            except httpx.HTTPError:  # the gateway died under the request
+                pass
+
+        sent = time.monotonic()
+        askers = [threading.Thread(target=ask, args=(n,)) for n in range(3)]
+        for thread in askers:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while queued(own, TINY_MODEL_NAME) < 3:
+            assert time.monotonic() < deadline, "the requests were never queued"
+            time.sleep(0.05)
+        os.kill(base.process.pid, signal.SIGKILL)
+        for thread in askers:
+            thread.join(30)
+    assert answered == []  # nobody was answered: the gateway died with all three waiting
+    ids = [e.request_id for e in audit_store.iter_entries(before)
+           if e.kind == "request" and e.principal == "expiry-user"]
+    assert len(ids) == 3 and all(audit_store.terminal_for(i) is None for i in ids)
+    time.sleep(max(0.0, sent + own.request_timeout_s + 1 - time.monotonic()))  # past every deadline
+    worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=tmp_path / "worker.log")
+    try:
+        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
+        terminals = wait_terminals(audit_store, ids)
+    finally:
+        stop_process(worker, timeout_s=30)
+    for entry in terminals.values():
+        assert entry.kind == "timed_out" and entry.body["error"]["code"] == "expired"
+        assert entry.body["output"] == ""
+
+
+@contextlib.contextmanager
+def locked(database_url: str) -> Iterator[sqlite3.Connection]:
+    """Hold the SQLite database's write lock (as a long transaction elsewhere would) until the block ends."""
+    conn = sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None, timeout=60)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+
+
+@pytest.fixture
+def own_everything(own_redis, tmp_path):
+    """A database and Redis of their own, a key in that database, and a tiny-model worker on both."""
+    own = own_redis.with_(database_url=f"sqlite:///{tmp_path / 'own.db'}", request_timeout_s=120.0)
+    key = own_key(own, "locked-user")
+    worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=tmp_path / "worker.log")
+    try:
+        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
+        yield own, key
+    finally:
+        stop_process(worker, timeout_s=30)
+
+
+def test_a_terminal_entry_refused_by_a_locked_database_is_written_when_it_is_back(own_everything, tmp_path):
+    own, key = own_everything
+    store = AuditStore(make_engine(own.effective_database_url))
+    client = redis.Redis.from_url(own.redis_url)
+    outcome: dict = {}
+    with serving(own, tmp_path / "serve.log") as base:
+        def ask() -> None:
+            outcome["response"] = httpx.post(
+                f"{base}/v1/completions", headers=bearer(key), timeout=300,
+                json={"model": TINY_MODEL_NAME, "prompt": "Tell", "max_tokens": 4000, "temperature": 0})
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        deadline = time.monotonic() + 60
+        while not (started := client.keys("govgate:started:*")):
+            assert time.monotonic() < deadline, "the generation was never seen starting"
+            time.sleep(0.01)
+        request_id = started[0].decode().rsplit(":", 1)[1]
+        with locked(own.effective_database_url):  # longer than the busy timeout of worker and gateway
+            asker.join(280)
+            response = outcome["response"]
+            assert store.terminal_for(request_id) is None
+            assert client.hexists(PENDING_KEY, request_id)  # kept, to be written later
+        terminal = wait_terminals(store, [request_id], timeout_s=60)[request_id]
+        deadline = time.monotonic() + 30
+        while client.hexists(PENDING_KEY, request_id):
+            assert time.monotonic() < deadline, "the written entry stayed pending"
+            time.sleep(0.1)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "audit_unavailable"
+    assert terminal.kind == "failed" and terminal.body["error"]["code"] == "audit_unavailable"
+    assert terminal.body["ended_as"] == "completion"
+    assert terminal.body["usage"]["completion_tokens"] == 4000 and terminal.body["output"]  # what was generated
+    assert [e.kind for e in store.entries_for(request_id)] == ["request", "failed"]
+    assert verify_chain(store).ok
+    store.engine.dispose()
+
+
+def test_a_worker_started_while_the_database_is_locked_waits_for_it(own_redis, tmp_path):
+    own = own_redis.with_(database_url=f"sqlite:///{tmp_path / 'own.db'}")
+    open_database(own).dispose()
+    log = tmp_path / "worker.log"
+    with locked(own.effective_database_url):
+        worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=log)
+        try:
+            deadline = time.monotonic() + 120
+            while "waiting for it" not in log.read_text():
+                assert worker.poll() is None, f"the worker exited with {worker.returncode}"
+                assert time.monotonic() < deadline, "the worker never said it waits for the database"
+                time.sleep(0.5)
+        except BaseException:
+            stop_process(worker, timeout_s=30)
+            raise
+    try:
+        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker, timeout_s=120)
+    finally:
+        stop_process(worker, timeout_s=30)

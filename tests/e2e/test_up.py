@@ -1,0 +1,229 @@
+"""``govgate up`` from nothing: Redis, worker, API, admin key; Ctrl-C leaves nothing running."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, free_port
+from workers.contract.registry import TINY_MODEL_NAME
+
+#: A second model in the test registry: its worker starts only once govgate is up.
+LATER_MODEL = "later-tiny"
+
+
+def processes_of(var_dir: Path) -> list[int]:
+    """Pids of live processes started with this var dir in their environment."""
+    marker = f"GOVGATE_VAR_DIR={var_dir}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                status = (entry / "status").read_text()
+                if "State:\tZ" not in status:
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+class Up:
+    """A ``govgate up`` process whose output is read line by line."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "govgate.cli", "up"], env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        stdin=subprocess.DEVNULL)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_for(self, pattern: str, timeout_s: float = 180) -> re.Match:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                assert self.process.poll() is None, "govgate up exited:\n" + "\n".join(self.seen)
+                continue
+            self.seen.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+        raise AssertionError(f"no line matching {pattern!r}:\n" + "\n".join(self.seen))
+
+    def interrupt(self) -> int:
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(90)
+
+
+@pytest.fixture
+def up_env():
+    var_dir = Path(tempfile.mkdtemp(prefix="gg-up-"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GOVGATE_")}
+    # The built-in default also assembles a 253 MB model; the quick start is tested on the tiny one.
+    registry = var_dir / "models.toml"
+    registry.write_text("".join(f'[models.{name}]\npath = "models/govgate-tiny-llama.gguf"\n'
+                                'generate = "tiny-llama"\ncontext_length = 1024\ntags = ["tiny", "noise"]\n'
+                                for name in (TINY_MODEL_NAME, LATER_MODEL)))
+    env.update({"GOVGATE_VAR_DIR": str(var_dir), "GOVGATE_PORT": str(port), "GOVGATE_MODELS_FILE": str(registry)})
+    yield env, var_dir, f"http://127.0.0.1:{port}"
+    for pid in processes_of(var_dir):  # never leak a stack into the rest of the session
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(var_dir, ignore_errors=True)
+
+
+def test_up_serves_a_governed_request_and_stops_cleanly(up_env):
+    env, var_dir, base = up_env
+    up = Up(env)
+    up_line = up.wait_for(r"govgate is up after (\d+\.\d)s: OpenAI-compatible API at (\S+)")
+    assert up_line.group(2) == f"{base}/v1"
+    admin_key = up.wait_for(r"admin API key \(shown once, keep it\): (gk_\S+)").group(1)
+    up.wait_for(rf"model {TINY_MODEL_NAME}: ready$")
+    # "ready" means its model is loaded, not only that the worker answers pings:
+    assert f"loaded model {TINY_MODEL_NAME}" in (var_dir / "logs" / f"worker-{TINY_MODEL_NAME}.log").read_text()
+    up.wait_for(rf"model {LATER_MODEL}: starting now \(its requests wait in its queue")
+    assert up.wait_for(r"Ctrl-C stops everything")
+    # The first model serves before the second model's worker is even started:
+    assert not any(f"worker for model {LATER_MODEL}" in line for line in up.seen)
+    up.wait_for(rf"worker for model {LATER_MODEL}: starting")
+
+    user_key = subprocess.run([sys.executable, "-m", "govgate.cli", "keys", "create", "--user", "alice",
+                               "--team", "research", "--role", "analyst"], env=env, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    reply = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {user_key}"},
+                       json={"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Hello"}],
+                             "max_tokens": 5}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == 5
+    models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {admin_key}"}).json()
+    assert sorted(m["id"] for m in models["data"]) == sorted([TINY_MODEL_NAME, LATER_MODEL])
+    # A request for the model still starting waits in its queue and is served once its worker is up.
+    later = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {admin_key}"},
+                       json={"model": LATER_MODEL, "messages": [{"role": "user", "content": "Hello"}],
+                             "max_tokens": 3}, timeout=120)
+    assert later.status_code == 200, later.text
+    assert later.json()["usage"]["completion_tokens"] == 3
+    up.wait_for(rf"model {LATER_MODEL}: ready after \d+\.\ds")
+
+    verify = subprocess.run([sys.executable, "-m", "govgate.cli", "audit", "verify"], env=env,
+                            capture_output=True, text=True)
+    assert verify.returncode == 0 and verify.stdout.startswith("ok: 4 entries"), verify.stdout
+
+    children = processes_of(var_dir)
+    assert len(children) >= 4  # up, redis, worker (+ its pool process), api
+    assert up.interrupt() == 0
+    deadline = time.monotonic() + 30
+    while processes_of(var_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_of(var_dir) == []
+    assert not (var_dir / "redis" / "redis.sock").exists()
+
+    # A second start reuses the admin key and the model instead of making new ones.
+    again = Up(env)
+    assert again.wait_for(r"admin API key: made on an earlier run; secrets are never shown again")
+    hint = again.wait_for(r"^    (\S+) keys create --user admin --role admin$").group(1)
+    assert Path(hint).name == "govgate" and (Path(hint).exists() or hint == "govgate"), hint
+    assert again.wait_for(r"Ctrl-C stops everything")
+    assert again.interrupt() == 0
+
+
+def test_up_on_a_busy_port_says_so_and_starts_nothing(up_env):
+    env, var_dir, base = up_env
+    port = int(base.rsplit(":", 1)[1])
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        result = subprocess.run([sys.executable, "-m", "govgate.cli", "up"], env=env, capture_output=True,
+                                text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result.stdout + result.stderr
+    problem = [line for line in result.stdout.splitlines() if "cannot start" in line]
+    assert problem == [f"govgate: cannot start: port {port} on 127.0.0.1 is already in use: "
+                       "set GOVGATE_PORT to a free port (or stop what listens there)"], result.stdout
+    assert "govgate is up" not in result.stdout and "worker for model" not in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (var_dir / "redis").exists()  # nothing was started
+
+
+def quick_start_request(model: str) -> dict:
+    """The JSON body of the README quick start's curl command for ``model``."""
+    readme = (ROOT / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    bodies = [json.loads(m.group(1)) for m in re.finditer(r"-d '(\{.*?\})'", quick_start)]
+    found = [body for body in bodies if body.get("model") == model]
+    assert found, f"no curl request for {model} in the README's quick start"
+    return found[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_quick_start_question_gets_the_right_answer_from_gemma(up_env):
+    """The README's own example, sent as written to `govgate up` on the default registry."""
+    from workers.contract.registry import DEFAULT_MODEL_NAME
+
+    env, var_dir, base = up_env
+    env = {k: v for k, v in env.items() if k != "GOVGATE_MODELS_FILE"}
+    up = Up(env)
+    up.wait_for(r"Ctrl-C stops everything", timeout_s=600)
+    user_key = subprocess.run([sys.executable, "-m", "govgate.cli", "keys", "create", "--user", "alice",
+                               "--team", "research", "--role", "analyst"], env=env, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    body = quick_start_request(DEFAULT_MODEL_NAME)
+    assert "France" in body["messages"][0]["content"]
+    reply = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {user_key}"},
+                       json=body, timeout=300)
+    assert reply.status_code == 200, reply.text
+    assert "Paris" in reply.json()["choices"][0]["message"]["content"]
+    assert up.interrupt() == 0
+
+
+def test_the_readme_python_example_runs_with_the_client_extra(served_api, keyring):
+    """The quick start's Python example, run as written (address and key swapped in), needs only the extra."""
+    import tomllib
+
+    root = ROOT
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [dep.split(">")[0] for dep in extras["client"]] == ["openai"]
+    quick_start = (root / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "pip install -e '.[client]'" in quick_start
+    example = re.search(r"```python\n(.*?)```", quick_start, re.S).group(1)
+    assert "http://127.0.0.1:8080/v1" in example and '"gk_…"' in example
+    example = example.replace("http://127.0.0.1:8080/v1", f"{served_api}/v1").replace('"gk_…"', repr(keyring["analyst"]))
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["reply"].usage.completion_tokens > 0  # and the streaming loop ran without an error
+
+
+def test_up_names_the_reason_a_child_died(up_env):
+    """A child that cannot start: the reason from its log is in the one line ``up`` prints."""
+    env, var_dir, base = up_env
+    env = {**env, "GOVGATE_POLICY_DIR": str(var_dir / "no-such-policies")}
+    result = subprocess.run([sys.executable, "-m", "govgate.cli", "up"], env=env, capture_output=True,
+                            text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result.stdout + result.stderr
+    problem = [line for line in result.stdout.splitlines() if "cannot start" in line]
+    assert len(problem) == 1, result.stdout
+    assert problem[0].startswith("govgate: cannot start: api exited with code 1: Error: GOVGATE_POLICY_DIR=")
+    assert "is not a folder" in problem[0] and str(var_dir / "logs" / "api.log") in problem[0]
+    assert "govgate is up" not in result.stdout

@@ -1,0 +1,292 @@
+"""Every kind of bad input gets its designed status and an OpenAI-shaped error.
+
+None of them may produce a 500 or reach a worker; those from a known
+principal are recorded as ``rejected`` audit entries.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import bearer
+from workers.contract.registry import TINY_MODEL_NAME
+
+pytestmark = pytest.mark.anyio
+
+OK_MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def chat(**fields) -> bytes:
+    return json.dumps({"model": TINY_MODEL_NAME, "messages": OK_MESSAGES, **fields}).encode()
+
+
+def nested(depth: int, where: str) -> bytes:
+    """A chat body with arrays/objects nested ``depth`` deep at ``where`` (built as text: json.dumps would recurse)."""
+    deep = (b'{"a":[' * (depth // 2)) + b"1" + (b"]}" * (depth // 2))
+    if where == "content":
+        return b'{"model": "%s", "messages": [{"role": "user", "content": %s}]}' % (TINY_MODEL_NAME.encode(), deep)
+    return chat()[:-1] + b', "%s": %s}' % (where.encode(), deep)
+
+
+BAD_BODIES = [
+    # (case id, raw body, status, code, param)
+    ("not-json", b"{model: nope", 400, "invalid_json", None),
+    ("empty-body", b"", 400, "invalid_json", None),
+    ("json-array", b"[1, 2]", 400, "invalid_json", None),
+    ("json-string", b'"hello"', 400, "invalid_json", None),
+    ("invalid-utf8", b'{"model": "\xff\xfe"}', 400, "invalid_json", None),
+    ("missing-messages", json.dumps({"model": TINY_MODEL_NAME}).encode(), 422, "invalid_value", "messages"),
+    ("missing-model", json.dumps({"messages": OK_MESSAGES}).encode(), 422, "invalid_value", "model"),
+    ("empty-messages", chat(messages=[]), 422, "invalid_value", "messages"),
+    ("messages-not-list", chat(messages="hello"), 422, "invalid_value", "messages"),
+    ("message-not-object", chat(messages=["hello"]), 422, "invalid_value", "messages[0]"),
+    ("bad-role", chat(messages=[{"role": "wizard", "content": "x"}]), 422, "invalid_value", "messages[0].role"),
+    ("content-number", chat(messages=[{"role": "user", "content": 5}]), 422, "invalid_value",
+     "messages[0].content"),
+    ("content-null", chat(messages=[{"role": "user", "content": None}]), 422, "invalid_value",
+     "messages[0].content"),
+    ("max-tokens-zero", chat(max_tokens=0), 422, "invalid_value", "max_tokens"),
+    ("max-tokens-negative", chat(max_tokens=-5), 422, "invalid_value", "max_tokens"),
+    ("max-tokens-string", chat(max_tokens="10"), 422, "invalid_value", "max_tokens"),
+    ("max-tokens-float", chat(max_tokens=1.5), 422, "invalid_value", "max_tokens"),
+    ("temperature-too-high", chat(temperature=7), 422, "invalid_value", "temperature"),
+    ("top-p-zero", chat(top_p=0), 422, "invalid_value", "top_p"),
+    ("model-number", chat(model=42), 422, "invalid_value", "model"),
+    ("too-many-stops", chat(stop=["a", "b", "c", "d", "e"]), 422, "invalid_value", "stop"),
+    ("unknown-field", chat(frobnicate=True), 400, "unsupported_parameter", "frobnicate"),
+    ("logprobs-true", chat(logprobs=True), 400, "unsupported_parameter", "logprobs"),
+    ("top-logprobs", chat(top_logprobs=3), 400, "unsupported_parameter", "top_logprobs"),
+    ("json-schema", chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), 400,
+     "unsupported_parameter", "response_format"),
+    ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "unsupported_parameter", "tools"),
+    ("message-tool-calls", chat(messages=[{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]},
+                                          *OK_MESSAGES]), 400, "unsupported_parameter", "messages[0].tool_calls"),
+    ("n-two", chat(n=2), 400, "unsupported_parameter", "n"),
+    ("nested-1000-in-unknown-field", nested(1000, "extra"), 400, "invalid_json", None),
+    ("nested-1000-in-metadata", nested(1000, "metadata"), 400, "invalid_json", None),
+    ("nested-1000-in-content", nested(1000, "content"), 400, "invalid_json", None),
+    ("nested-100000", nested(100000, "extra"), 400, "invalid_json", None),
+    ("nested-66", nested(66, "extra"), 400, "invalid_json", None),
+    ("nested-60-is-parsed", nested(60, "extra"), 400, "unsupported_parameter", "extra"),  # under the limit
+    ("lone-surrogate", b'{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+     % TINY_MODEL_NAME.encode(), 400, "invalid_json", None),
+    ("max-tokens-2-53", chat(max_tokens=2**53), 422, "invalid_value", "max_tokens"),
+    ("max-tokens-10-24", chat(max_tokens=10**24), 422, "invalid_value", "max_tokens"),
+    ("max-completion-tokens-2-53", chat(max_completion_tokens=2**53), 422, "invalid_value", "max_completion_tokens"),
+    ("n-10-24", chat(n=10**24), 422, "invalid_value", "n"),
+    ("top-k-2-53", chat(top_k=2**53), 422, "invalid_value", "top_k"),
+    ("seed-10-24", chat(seed=10**24), 422, "invalid_value", "seed"),
+    ("image-part", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+     422, "invalid_value", "messages[0].content[0].type"),
+    ("unknown-model", chat(model="no-such-model"), 404, "model_not_found", "model"),
+    # govgate-tiny is served by ctransformers, whose C API takes NUL-terminated text
+    ("nul-in-content", chat(messages=[{"role": "user", "content": "a\x00b"}]), 422, "invalid_value",
+     "messages[0].content"),
+    ("nul-in-a-later-part", chat(messages=[OK_MESSAGES[0], {"role": "user", "content": [
+        {"type": "text", "text": "x"}, {"type": "text", "text": "\x00"}]}]), 422, "invalid_value",
+     "messages[1].content"),
+]
+
+
+@pytest.mark.parametrize("raw,status,code,param", [case[1:] for case in BAD_BODIES],
+                         ids=[case[0] for case in BAD_BODIES])
+async def test_bad_chat_body(client, keyring, audit_store, raw, status, code, param):
+    before = audit_store.head()
+    response = await client.post("/v1/chat/completions", content=raw,
+                                 headers={**bearer(keyring["analyst"]), "Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["param"] == param
+    assert error["message"] and error["type"]
+    # Recorded as a rejection by the known principal, and nothing else happened.
+    new = [e for e in audit_store.tail(5) if before is None or e.seq > before.seq]
+    assert [e.kind for e in new] == ["rejected"]
+    assert new[0].principal == "alice"
+    assert new[0].body["error"]["code"] == code
+    assert new[0].body["body_bytes"] == len(raw)
+
+
+@pytest.mark.parametrize("raw,status,code", [
+    (b'{"model": "%s", "prompt": "x", "max_tokens": %d}' % (TINY_MODEL_NAME.encode(), 10**24), 422, "invalid_value"),
+    (b'{"model": "%s", "prompt": "x", "logprobs": 0}' % TINY_MODEL_NAME.encode(), 400, "unsupported_parameter"),
+    (b'{"model": "%s", "prompt": "x", "echo": true}' % TINY_MODEL_NAME.encode(), 400, "unsupported_parameter"),
+    (b'{"model": "%s", "prompt": %s}' % (TINY_MODEL_NAME.encode(), b"[" * 500 + b"]" * 500), 400, "invalid_json"),
+    (b'{"model": "%s", "prompt": "a\\u0000b"}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
+    (b'{"model": "%s", "prompt": 12}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
+    (b'{"model": "%s", "prompt": ["a", "b"]}' % TINY_MODEL_NAME.encode(), 400, "unsupported_parameter"),
+    (b'{"model": "%s"}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
+    (b'{"model": "%s", "prompt": "x", "max_tokens": 0}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
+])
+async def test_bad_completion_body(client, keyring, raw, status, code):
+    response = await client.post("/v1/completions", content=raw, headers=bearer(keyring["admin"]))
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+async def test_body_over_the_limit_is_413_and_audited(client, keyring, settings, audit_store):
+    huge = chat(messages=[{"role": "user", "content": "x" * (settings.max_body_bytes + 10)}])
+    response = await client.post("/v1/chat/completions", content=huge, headers=bearer(keyring["analyst"]))
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+    latest = audit_store.tail(1)[0]
+    assert latest.kind == "rejected" and latest.body["error"]["code"] == "body_too_large"
+
+
+async def test_prompt_longer_than_the_context_is_refused_before_queueing(client, keyring, audit_store, settings):
+    """The gateway counts with the model's own tokenizer: nothing too long is ever queued."""
+    from tests.gateway.test_fail_closed import queued
+    from workers.backends import load_model
+    from workers.contract.prompts import render_chat
+    from workers.contract.registry import load_registry
+
+    spec = load_registry(settings.models_file, settings.var_dir).get(TINY_MODEL_NAME)
+    model = load_model(spec)
+    cases = [
+        ([{"role": "user", "content": " ".join(["gate"] * 6000)}], 16),  # the prompt alone is too long
+        ([{"role": "user", "content": "Hello there"}], spec.context_length - 5),  # prompt + max_tokens is
+    ]
+    for messages, max_tokens in cases:
+        before = queued(settings, TINY_MODEL_NAME)
+        response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                     json={"model": TINY_MODEL_NAME, "messages": messages, "max_tokens": max_tokens})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "context_length_exceeded"
+        entry = audit_store.tail(1)[0]
+        assert entry.kind == "request" and audit_store.terminal_for(entry.request_id) is None
+        assert entry.body["admission"]["code"] == "context_length_exceeded"
+        exact = model.count_tokens(render_chat(messages, spec.prompt_format)[0])
+        assert entry.body["admission"]["prompt_tokens"] == exact  # the gateway's count is the model's
+        assert f"{exact} tokens" in error["message"]
+        assert queued(settings, TINY_MODEL_NAME) == before
+
+
+async def test_a_prompt_that_just_fits_is_served(client, keyring, settings):
+    from workers.backends import load_model
+    from workers.contract.prompts import render_chat
+    from workers.contract.registry import load_registry
+
+    spec = load_registry(settings.models_file, settings.var_dir).get(TINY_MODEL_NAME)
+    messages = [{"role": "user", "content": "Hello there"}]
+    exact = load_model(spec).count_tokens(render_chat(messages, spec.prompt_format)[0])
+    response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                 json={"model": TINY_MODEL_NAME, "messages": messages,
+                                       "max_tokens": spec.context_length - exact, "stop": ["Zq"]})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] == exact
+
+
+@pytest.mark.parametrize("headers,code", [
+    ({}, "missing_api_key"),
+    ({"Authorization": "Bearer"}, "invalid_api_key"),
+    ({"Authorization": "Basic dXNlcjpwYXNz"}, "invalid_api_key"),
+    ({"Authorization": "Bearer gk_000000000000_" + "A" * 43}, "invalid_api_key"),
+    ({"Authorization": "Bearer not-a-key"}, "invalid_api_key"),
+    ({"Authorization": "Bearer " + "x" * 5000}, "invalid_api_key"),
+])
+async def test_missing_or_unknown_key_is_401(client, audit_store, headers, code):
+    before = audit_store.head()
+    response = await client.post("/v1/chat/completions", content=chat(), headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    error = response.json()["error"]
+    assert error["code"] == code and error["type"] == "authentication_error"
+    assert audit_store.head() == before  # no principal, nothing to attribute
+
+
+async def test_revoked_key_is_401(client, keyring):
+    response = await client.post("/v1/chat/completions", content=chat(), headers=bearer(keyring["revoked"]))
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+async def test_models_needs_a_key(client):
+    response = await client.get("/v1/models")
+    assert response.status_code == 401
+
+
+@pytest.mark.parametrize("method,path,status", [
+    ("GET", "/v1/chat/completions", 405),
+    ("POST", "/v1/nowhere", 404),
+    ("DELETE", "/v1/models", 405),
+])
+async def test_routing_errors_are_openai_shaped(client, keyring, method, path, status):
+    response = await client.request(method, path, headers=bearer(keyring["admin"]))
+    assert response.status_code == status
+    assert set(response.json()["error"]) >= {"message", "type", "code"}
+
+
+HARMLESS_DEFAULTS = [
+    # (case id, extra fields) — each asks for exactly what govgate does anyway
+    ("logprobs-false", {"logprobs": False, "top_logprobs": None}),
+    ("top-logprobs-zero", {"top_logprobs": 0}),
+    ("response-format-text", {"response_format": {"type": "text"}}),
+    ("stream-options-null", {"stream_options": None}),
+    ("stream-options-without-stream", {"stream_options": {"include_usage": True}}),  # usage is always returned
+    ("n-one-and-user", {"n": 1, "user": "someone@example.org"}),
+    ("no-tools", {"tools": [], "tool_choice": "none", "parallel_tool_calls": None, "functions": None,
+                  "function_call": "none"}),
+    ("other-defaults", {"logit_bias": {}, "service_tier": "auto", "store": False, "modalities": ["text"],
+                        "prediction": None, "audio": None, "reasoning_effort": None}),
+    ("echoed-assistant-message", {"messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello", "refusal": None, "tool_calls": None, "function_call": None,
+         "audio": None, "annotations": []},
+        {"role": "user", "content": "and?"}]}),
+    ("max-tokens-at-the-bound", {"max_tokens": 2**31 - 1}),  # the policy clamps it
+]
+
+
+@pytest.mark.parametrize("extra", [case[1] for case in HARMLESS_DEFAULTS], ids=[case[0] for case in HARMLESS_DEFAULTS])
+async def test_harmless_openai_defaults_are_served(client, keyring, audit_store, extra):
+    fields = {"max_tokens": 3, **extra}
+    response = await client.post("/v1/chat/completions", content=chat(**fields), headers=bearer(keyring["analyst"]))
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"]
+    kinds = [e.kind for e in audit_store.entries_for(response.headers["x-govgate-request-id"])]
+    assert kinds == ["request", "completion"]
+
+
+async def test_harmless_completion_defaults_are_served(client, keyring):
+    body = {"model": TINY_MODEL_NAME, "prompt": "The gate", "max_tokens": 3, "logprobs": None, "echo": False,
+            "best_of": 1, "suffix": None, "n": 1, "user": "u"}
+    response = await client.post("/v1/completions", json=body, headers=bearer(keyring["admin"]))
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"]
+
+
+def test_depth_scan_ignores_brackets_in_strings():
+    from gateway.requests.parsing import MAX_JSON_DEPTH, json_depth
+
+    inside = json.dumps({"messages": [{"content": "[{" * 5000 + '\\"[' * 100}]}).encode()
+    assert json_depth(inside) == 3
+    assert json_depth(b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1)) == MAX_JSON_DEPTH + 1
+    assert json_depth(b'["\\\\", ' + b"[" * 70 + b"]" * 70 + b"]") == 71
+
+
+async def test_a_nul_is_refused_before_queueing_and_served_where_the_backend_takes_it(client, keyring, settings,
+                                                                                      audit_store):
+    from dataclasses import replace
+
+    from gateway.requests.parsing import parse_body
+    from gateway.requests.schemas import ChatCompletionRequest
+    from gateway.requests.fit import check_fits
+    from tests.gateway.test_fail_closed import queued
+    from workers.contract.registry import BACKEND_LLAMACPP, load_registry
+
+    before = queued(settings, TINY_MODEL_NAME)
+    response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                 json={"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "\x00"}]})
+    assert response.status_code == 422, response.text
+    assert "U+0000" in response.json()["error"]["message"]
+    assert audit_store.tail(1)[0].kind == "rejected"
+    assert queued(settings, TINY_MODEL_NAME) == before
+    # The same prompt for a llama.cpp model passes the gateway's checks (the backend serves it:
+    # tests/workers/backends/test_llamacpp.py::test_a_nul_in_the_prompt_is_served).
+    spec = replace(load_registry(settings.models_file, settings.var_dir).get(TINY_MODEL_NAME), backend=BACKEND_LLAMACPP)
+    request = parse_body(b'{"model": "x", "messages": [{"role": "user", "content": "a\\u0000b"}]}',
+                         ChatCompletionRequest)
+    check_fits(request, spec)

@@ -1,0 +1,155 @@
+"""When a dependency fails, the gateway refuses clearly and audits what it can.
+
+Each test breaks one real part (the database schema, the policy, Redis) or
+starves a request of a worker, and checks that the client gets a designed
+error, that nothing reached a worker, and that the audit trail says what
+happened.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+
+import pytest
+import redis
+from litestar.testing import AsyncTestClient
+
+from audit import AuditStore, make_engine, verify_chain
+from gateway.app import create_app
+from gateway.auth import KeyStore
+from gateway.components import open_database
+from govgate.redis_server import RedisProcess
+from tests.conftest import IDLE_MODEL, bearer
+from workers.contract.celery_config import queue_keys
+from workers.contract.jobs import queue_for
+from workers.contract.registry import TINY_MODEL_NAME
+
+pytestmark = pytest.mark.anyio
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def queued(settings, model: str) -> int:
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        return sum(client.llen(key) for key in queue_keys(queue_for(model)))
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def own_database(settings, tmp_path):
+    """Settings with a database of their own (so breaking it spares the session's) and a key in it."""
+    own = settings.with_(database_url=f"sqlite:///{tmp_path / 'own.db'}")
+    engine = open_database(own)
+    key = KeyStore(engine).create("olga", team="ops", roles=["admin"]).secret
+    engine.dispose()
+    return own, key
+
+
+async def test_audit_store_failure_refuses_with_503_and_queues_nothing(own_database):
+    own, key = own_database
+    async with AsyncTestClient(create_app(own), timeout=60) as client:
+        before = queued(own, IDLE_MODEL)
+        db_file = own.effective_database_url.removeprefix("sqlite:///")
+        with sqlite3.connect(db_file) as raw:  # the audit table disappears under the running gateway
+            raw.execute("DROP TABLE audit_entries")
+        response = await client.post("/v1/chat/completions", headers=bearer(key),
+                                     json={"model": IDLE_MODEL, "messages": HELLO})
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "audit_unavailable"
+        assert queued(own, IDLE_MODEL) == before
+
+
+async def test_policy_error_denies_and_is_audited(settings, keyring, audit_store, tmp_path):
+    broken = tmp_path / "policies"
+    shutil.copytree(settings.policy_dir, broken, ignore=shutil.ignore_patterns("*_test.rego"))
+    rego = broken / "govgate.rego"
+    # Loads (an empty trial input leaves it undefined), then fails on every real request: a division by zero.
+    source = rego.read_text()
+    assert '"max_tokens": granted_max_tokens,' in source
+    rego.write_text(source.replace('"max_tokens": granted_max_tokens,',
+                                   '"max_tokens": granted_max_tokens / (count(input.request.text) * 0),'))
+    async with AsyncTestClient(create_app(settings.with_(policy_dir=broken)), timeout=60) as client:
+        before = queued(settings, IDLE_MODEL)
+        response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                     json={"model": IDLE_MODEL, "messages": HELLO})
+    assert response.status_code == 403, response.text
+    error = response.json()["error"]
+    assert error["code"] == "policy_denied"
+    assert [r["code"] for r in error["reasons"]] == ["policy_error"]
+    entry = audit_store.tail(1)[0]
+    assert entry.kind == "request" and entry.body["decision"]["allow"] is False
+    assert queued(settings, IDLE_MODEL) == before
+
+
+async def test_redis_down_refuses_with_503_and_ends_the_request(settings, keyring, audit_store, short_tmp):
+    own_redis = RedisProcess.start(short_tmp("gg-r-"), persist=False)
+    try:
+        async with AsyncTestClient(create_app(settings.with_(redis_url=own_redis.url)), timeout=60) as client:
+            own_redis.stop()
+            response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                         json={"model": TINY_MODEL_NAME, "messages": HELLO})
+            health = await client.get("/healthz")
+    finally:
+        own_redis.stop()
+    # The usage counters are the first to need Redis: the request is refused before any queueing.
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "usage_unavailable"
+    request_entry = audit_store.tail(1)[0]
+    assert request_entry.kind == "request"
+    assert request_entry.body["decision"]["allow"] is False
+    assert [r["code"] for r in request_entry.body["decision"]["reasons"]] == ["usage_unavailable"]
+    assert audit_store.terminal_for(request_entry.request_id) is None  # never accepted, so no terminal entry
+    assert health.status_code == 503
+    assert health.json()["checks"]["redis"].startswith("error")
+
+
+async def test_no_worker_in_time_is_504_with_one_timed_out_entry(settings, keyring, audit_store):
+    async with AsyncTestClient(create_app(settings.with_(request_timeout_s=0.5)), timeout=60) as client:
+        response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                     json={"model": IDLE_MODEL, "messages": HELLO})
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "timed_out"
+    request_entry, terminal = audit_store.tail(2)
+    assert (request_entry.kind, terminal.kind) == ("request", "timed_out")
+    assert audit_store.terminal_for(request_entry.request_id).kind == "timed_out"
+    assert verify_chain(audit_store).ok
+
+
+def test_chain_in_own_database_is_separate(own_database):
+    own, _ = own_database
+    store = AuditStore(make_engine(own.effective_database_url))
+    assert store.head() is None
+
+
+async def test_gateway_recovers_when_redis_comes_back(settings, keyring, audit_store, short_tmp):
+    """Refuse while Redis is gone; serve again once it is back, without a restart."""
+    from tests.conftest import spawn_cli, wait_for_worker
+
+    redis_dir = short_tmp("gg-rr-")
+    own_redis = RedisProcess.start(redis_dir, persist=False)
+    own = settings.with_(redis_url=own_redis.url)
+    worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=redis_dir / "worker.log")
+    request = {"model": TINY_MODEL_NAME, "messages": HELLO, "max_tokens": 3, "temperature": 0}
+    try:
+        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
+        async with AsyncTestClient(create_app(own), timeout=60) as client:
+            first = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]), json=request)
+            own_redis.stop()
+            down = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]), json=request)
+            own_redis = RedisProcess.start(redis_dir, persist=False)
+            wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
+            back = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]), json=request)
+    finally:
+        from govgate.processes import stop_process
+
+        stop_process(worker, timeout_s=30)
+        own_redis.stop()
+    assert first.status_code == 200, first.text
+    assert down.status_code == 503 and down.json()["error"]["code"] == "usage_unavailable"
+    assert back.status_code == 200, back.text
+    # Greedy decoding, same prompt: the same text before and after the outage.
+    assert back.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    assert audit_store.terminal_for(back.headers["x-govgate-request-id"]).kind == "completion"

@@ -1,0 +1,25 @@
+"""A Redis of a test's own, for tests whose queues or keys no other test may touch.
+
+A plain module of fixtures (like ``tests/conftest_models.py``): test files
+import ``own_redis`` by name.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from govgate.redis_server import RedisProcess
+
+
+@pytest.fixture
+def own_redis(settings):
+    """A Redis of its own: its queues hold only this test's jobs, and no worker serves them yet."""
+    redis_dir = Path(tempfile.mkdtemp(prefix="gg-tr-"))
+    server = RedisProcess.start(redis_dir, persist=False)
+    yield settings.with_(redis_url=server.url)
+    server.stop()
+    shutil.rmtree(redis_dir, ignore_errors=True)

@@ -1,0 +1,252 @@
+"""One table of decision cases, run through both engines: they must agree, and be right.
+
+DESIGN.md promises that the embedded engine (regorus) and an OPA server
+return the same decisions for the same policy folder. Each case runs through
+both, on the policy in ``policies/``; a case passes when the two decision
+documents are equal and match what the case expects.
+
+Cases live in ``tests/policy_cases/*.json`` (every file there is loaded),
+each a JSON list of::
+
+    {"name": "unique-name",
+     "input": {...},                       # the policy input (any JSON)
+     "data": {...},                        # optional: replaces data.govgate_config
+     "expect": {"allow": true,
+                "reason_codes": ["a", "b"], # the distinct reason codes, sorted
+                "obligations": {...}}}      # optional: these keys must match exactly
+
+``reason_codes`` lists each code once: two reasons with one code (two
+malformed fields, say) are one entry. Cases with the same ``data`` share a
+policy folder (``policies/`` copied, ``govgate_config`` replaced), an
+embedded engine and one push to OPA, so a file of many cases stays fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from gateway.policy import Decision, EmbeddedPolicyEngine, OpaPolicyEngine
+from gateway.policy.revision import canonical_json
+from tests.opa_fixtures import POLICY_DIR, ROOT, OpaServer
+
+CASE_DIR = ROOT / "tests" / "policy_cases"
+TIMEOUT_S = 10.0
+_CASE_KEYS = {"name", "input", "expect"}
+_OPTIONAL_CASE_KEYS = {"data"}
+_EXPECT_KEYS = {"allow", "reason_codes"}
+_OPTIONAL_EXPECT_KEYS = {"obligations"}
+
+
+@dataclass(frozen=True)
+class Case:
+    file: str
+    name: str
+    input: Any
+    data: dict[str, Any] | None
+    expect: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return f"{self.file}::{self.name}"
+
+    @property
+    def group(self) -> str:
+        """Cases evaluated on the same data share an engine."""
+        return "" if self.data is None else canonical_json(self.data).decode()
+
+
+def load_cases(folder: Path) -> tuple[list[Case], list[str]]:
+    """Every case in ``folder``, and the problems found in the files (reported by a test, not at collection)."""
+    cases: list[Case] = []
+    problems: list[str] = []
+    names: set[str] = set()
+    for path in sorted(folder.glob("*.json")):
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            problems.append(f"{path.name}: not readable JSON: {exc}")
+            continue
+        if not isinstance(items, list):
+            problems.append(f"{path.name}: must hold a JSON list of cases")
+            continue
+        for index, item in enumerate(items):
+            where = f"{path.name}[{index}]"
+            problem = _case_problem(item)
+            if problem:
+                problems.append(f"{where}: {problem}")
+                continue
+            if item["name"] in names:
+                problems.append(f"{where}: the name {item['name']!r} is used twice")
+                continue
+            names.add(item["name"])
+            cases.append(Case(path.name, item["name"], item["input"], item.get("data"), item["expect"]))
+    return cases, problems
+
+
+def _case_problem(item: Any) -> str | None:
+    if not isinstance(item, dict):
+        return "a case must be an object"
+    if missing := _CASE_KEYS - item.keys():
+        return f"lacks {sorted(missing)}"
+    if unknown := item.keys() - _CASE_KEYS - _OPTIONAL_CASE_KEYS:
+        return f"unknown keys {sorted(unknown)}"
+    if not isinstance(item["name"], str) or not item["name"]:
+        return "name must be a non-empty string"
+    if "data" in item and not isinstance(item["data"], dict):
+        return "data must be an object (the whole govgate_config document)"
+    expect = item["expect"]
+    if not isinstance(expect, dict):
+        return "expect must be an object"
+    if missing := _EXPECT_KEYS - expect.keys():
+        return f"expect lacks {sorted(missing)}"
+    if unknown := expect.keys() - _EXPECT_KEYS - _OPTIONAL_EXPECT_KEYS:
+        return f"expect has unknown keys {sorted(unknown)}"
+    if not isinstance(expect["allow"], bool):
+        return "expect.allow must be true or false"
+    codes = expect["reason_codes"]
+    if not isinstance(codes, list) or not all(isinstance(c, str) for c in codes):
+        return "expect.reason_codes must be a list of strings"
+    if codes != sorted(set(codes)):
+        return f"expect.reason_codes must be sorted and distinct: {sorted(set(codes))}"
+    if not isinstance(expect.get("obligations", {}), dict):
+        return "expect.obligations must be an object"
+    return None
+
+
+CASES, PROBLEMS = load_cases(CASE_DIR)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    embedded: Decision
+    #: None where no opa binary is available (the case is then checked on the embedded engine only).
+    opa: Decision | None
+
+
+@dataclass(frozen=True)
+class GroupRevisions:
+    folder: str
+    embedded: str
+    opa: str
+
+
+def policy_folder(target: Path, config: dict[str, Any] | None) -> Path:
+    """``policies/`` copied to ``target``, with ``govgate_config`` replaced when ``config`` is given."""
+    folder = Path(shutil.copytree(POLICY_DIR, target))
+    if config is not None:
+        data_file = folder / "data.json"
+        data = json.loads(data_file.read_text(encoding="utf-8")) if data_file.exists() else {}
+        data["govgate_config"] = config
+        data_file.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    return folder
+
+
+async def evaluate_all(opa_url: str | None, workdir: Path) -> tuple[dict[str, Outcome], list[GroupRevisions]]:
+    """Every case on both engines (OPA when ``opa_url``): one embedded engine and one OPA push per data group."""
+    groups: dict[str, list[Case]] = defaultdict(list)
+    for case in CASES:
+        groups[case.group].append(case)
+    outcomes: dict[str, Outcome] = {}
+    revisions: list[GroupRevisions] = []
+    opa: OpaPolicyEngine | None = None
+    try:
+        for index, cases in enumerate(groups.values()):
+            folder = policy_folder(workdir / f"group-{index}", cases[0].data)
+            embedded = await asyncio.to_thread(EmbeddedPolicyEngine.load, folder, TIMEOUT_S)
+            try:
+                by_embedded = await asyncio.gather(*(embedded.decide(case.input) for case in cases))
+                by_opa: list[Decision | None] = [None] * len(cases)
+                if opa_url is not None:
+                    if opa is None:
+                        opa = await OpaPolicyEngine.connect(opa_url, folder, TIMEOUT_S)
+                    else:
+                        await opa.reload(folder)
+                    revisions.append(GroupRevisions(folder.name, embedded.revision, opa.revision))
+                    by_opa = list(await asyncio.gather(*(opa.decide(case.input) for case in cases)))
+            finally:
+                await embedded.aclose()
+            for case, mine, theirs in zip(cases, by_embedded, by_opa):
+                outcomes[case.id] = Outcome(mine, theirs)
+    finally:
+        if opa is not None:
+            await opa.aclose()
+    return outcomes, revisions
+
+
+@pytest.fixture(scope="module")
+def evaluated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+              ) -> Iterator[tuple[dict[str, Outcome], list[GroupRevisions]]]:
+    """All outcomes, computed once, on an OPA of this module's own that loaded ``policies/``.
+
+    The gateway then uploads each group's folder over it: the same modules
+    (OPA keeps them; see ``OpaPolicyEngine``) and that group's data. Without
+    an opa binary (and not required to have one) the cases still run on the
+    embedded engine; ``test_cases_ran_on_opa`` then skips and says why.
+    """
+    try:
+        binary: Path | None = request.getfixturevalue("opa_binary")
+    except pytest.skip.Exception:
+        binary = None
+    server = None
+    if binary is not None:
+        server = OpaServer(binary, request.getfixturevalue("opa_log_dir"), POLICY_DIR).start()
+    try:
+        yield asyncio.run(evaluate_all(server.url if server else None, tmp_path_factory.mktemp("policy-cases")))
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def test_case_files_are_well_formed() -> None:
+    assert not PROBLEMS, "\n".join(PROBLEMS)
+    assert CASES, f"no cases in {CASE_DIR}"
+
+
+def test_cases_ran_on_opa(opa_binary: Path) -> None:
+    """Skips (fails in CI) where there is no opa binary: the table then ran on one engine only."""
+
+
+def test_both_engines_load_the_same_revision_for_each_data(evaluated: Any) -> None:
+    _, revisions = evaluated
+    assert [r for r in revisions if r.embedded != r.opa] == []
+
+
+def mismatches(decision: Decision, expect: dict[str, Any]) -> list[str]:
+    """How ``decision`` differs from what a case expects (empty when it matches)."""
+    found = []
+    if decision.allow != expect["allow"]:
+        found.append(f"allow is {decision.allow}, expected {expect['allow']}")
+    codes = sorted({reason.code for reason in decision.reasons})
+    if codes != expect["reason_codes"]:
+        found.append(f"reason codes are {codes}, expected {expect['reason_codes']}")
+    obligations = decision.to_document()["obligations"]
+    for key, value in expect.get("obligations", {}).items():
+        if key not in obligations:
+            found.append(f"obligation {key} is missing, expected {value!r}")
+        elif obligations[key] != value or isinstance(obligations[key], bool) != isinstance(value, bool):
+            found.append(f"obligation {key} is {obligations[key]!r}, expected {value!r}")
+    return found
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_case(case: Case, evaluated: Any) -> None:
+    outcome: Outcome = evaluated[0][case.id]
+    embedded = outcome.embedded.to_document()
+    opa = outcome.opa.to_document() if outcome.opa is not None else None
+    problems = [f"embedded: {m}" for m in mismatches(outcome.embedded, case.expect)]
+    if outcome.opa is not None:
+        problems += [f"opa: {m}" for m in mismatches(outcome.opa, case.expect)]
+        if embedded != opa:
+            problems.append("the engines disagree")
+    assert not problems, (
+        "\n".join(problems)
+        + f"\nembedded decision: {json.dumps(embedded)}\nOPA decision:      {json.dumps(opa)}"
+    )

@@ -1,0 +1,155 @@
+"""The pool of policy evaluators: decisions at once, and capacity is never a denial.
+
+These drive :class:`EmbeddedPolicyEngine` with a real regorus child per
+evaluator on policies built to be slow on demand. The same promises through
+a served gateway are in ``tests/e2e/test_policy_pool_api.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from gateway.policy import POLICY_UNAVAILABLE, EmbeddedPolicyEngine, PolicyUnavailable, open_policy_engine
+from gateway.policy.reloader import ReloadingPolicyEngine
+from gateway.requests.refusals import denial
+from gateway.settings import Settings, SettingsError
+from tests.policy.embedded_fixtures import ALLOW, SLOW_WHEN_ASKED, exited, request_input, write_policy
+
+pytestmark = pytest.mark.anyio
+
+SLOW_INPUT = {**request_input(["admin"]), "slow": True}
+
+
+async def wait_until(condition: Any, what: str, timeout_s: float = 60) -> None:
+    """Poll ``condition`` until it holds (the bound guards against a hang; it is no speed check)."""
+    try:
+        with anyio.fail_after(timeout_s):
+            while not condition():
+                await anyio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"still waiting for {what} after {timeout_s:g}s") from None
+
+
+async def test_pool_runs_one_child_per_evaluator_and_decides_on_all_at_once(tmp_path: Path) -> None:
+    engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, SLOW_WHEN_ASKED), 120.0, evaluators=3)
+    try:
+        pids = engine.evaluator_pids
+        assert len(set(pids)) == 3 and all(pid is not None and not exited(pid) for pid in pids)
+        # Two evaluations that run for minutes hold two evaluators ...
+        slow = [asyncio.create_task(engine.decide(SLOW_INPUT)) for _ in range(2)]
+        await wait_until(lambda: engine.free_evaluators == 1, "two evaluators busy")
+        # ... and the third still decides: one evaluator would have queued it behind them.
+        with anyio.fail_after(60):
+            quick = await engine.decide(request_input(["admin"]))
+        assert quick.allow
+        assert not any(task.done() for task in slow)
+        for task in slow:  # abandoned evaluations: their children are killed and replaced
+            task.cancel()
+        await asyncio.gather(*slow, return_exceptions=True)
+        await wait_until(lambda: engine.free_evaluators == 3, "replacements ready")
+        replaced = engine.evaluator_pids
+        assert len(set(replaced)) == 3 and len(set(replaced) & set(pids)) == 1
+        assert all(exited(pid) for pid in set(pids) - set(replaced))
+        with anyio.fail_after(60):
+            decisions = await asyncio.gather(*(engine.decide(request_input(["admin"])) for _ in range(9)))
+        assert all(d.allow for d in decisions)
+    finally:
+        await engine.aclose()
+    assert all(exited(pid) for pid in replaced if pid is not None)
+
+
+async def test_stuck_evaluation_is_unavailable_not_a_deny_and_others_keep_deciding(tmp_path: Path) -> None:
+    engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, SLOW_WHEN_ASKED), 2.0, evaluators=2)
+    try:
+        with anyio.fail_after(60):
+            stuck, quick = await asyncio.gather(engine.decide(SLOW_INPUT), engine.decide(request_input(["admin"])))
+    finally:
+        await engine.aclose()
+    assert quick.allow
+    assert stuck.is_unavailable and [r.code for r in stuck.reasons] == [POLICY_UNAVAILABLE]
+    assert "took longer than 2s" in stuck.reasons[0].message
+    assert stuck.to_document()["unavailable"] is True
+    error = denial(stuck.reasons)
+    assert (error.status, error.code, error.headers) == (503, POLICY_UNAVAILABLE, {"Retry-After": "1"})
+
+
+async def test_no_free_evaluator_within_the_wait_bound_is_503_with_retry_after(tmp_path: Path) -> None:
+    engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, SLOW_WHEN_ASKED), 120.0, evaluators=1,
+                                       wait_timeout_s=0.2)
+    try:
+        slow = asyncio.create_task(engine.decide(SLOW_INPUT))
+        await wait_until(lambda: engine.free_evaluators == 0, "the evaluator busy")
+        with anyio.fail_after(60):
+            waited = await engine.decide(request_input(["admin"]))
+            with pytest.raises(PolicyUnavailable, match="no policy evaluator became free"):
+                await engine.visible_models({"roles": ["admin"]}, [])
+        assert not slow.done()
+        slow.cancel()
+        await asyncio.gather(slow, return_exceptions=True)
+        await wait_until(lambda: engine.free_evaluators == 1, "the replacement ready")
+        with anyio.fail_after(60):
+            after = await engine.decide(request_input(["admin"]))
+    finally:
+        await engine.aclose()
+    assert waited.is_unavailable and "no policy evaluator became free within 0.2s" in waited.reasons[0].message
+    error = denial(waited.reasons)
+    assert error.status == 503 and error.code == POLICY_UNAVAILABLE
+    assert int(error.headers["Retry-After"]) >= 1
+    assert error.body()["error"]["type"] == "service_unavailable_error"
+    assert after.allow
+
+
+async def test_closing_the_pool_ends_every_child_and_then_denies(tmp_path: Path) -> None:
+    engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, SLOW_WHEN_ASKED), 120.0, evaluators=2)
+    pids = engine.evaluator_pids
+    running = asyncio.create_task(engine.decide(SLOW_INPUT))
+    await wait_until(lambda: engine.free_evaluators == 1, "one evaluator busy")
+    with anyio.fail_after(60):
+        await engine.aclose()
+        interrupted = await running
+        after = await engine.decide(request_input(["admin"]))
+    assert all(exited(pid) for pid in pids if pid is not None)
+    assert not interrupted.allow and not interrupted.is_unavailable
+    assert not after.allow and not after.is_unavailable
+
+
+def test_pool_settings_are_read_from_the_environment() -> None:
+    default = Settings.from_env({})
+    assert default.policy_evaluators == len(os.sched_getaffinity(0))
+    assert default.policy_wait_timeout_s == 5.0
+    own = Settings.from_env({"GOVGATE_POLICY_EVALUATORS": "3", "GOVGATE_POLICY_WAIT_TIMEOUT_S": "0.25"})
+    assert (own.policy_evaluators, own.policy_wait_timeout_s) == (3, 0.25)
+    assert Settings.from_env(own.to_env()).policy_evaluators == 3  # what child processes read back
+    with pytest.raises(SettingsError, match="GOVGATE_POLICY_EVALUATORS"):
+        Settings.from_env({"GOVGATE_POLICY_EVALUATORS": "0"})
+    with pytest.raises(SettingsError, match="GOVGATE_POLICY_WAIT_TIMEOUT_S"):
+        Settings.from_env({"GOVGATE_POLICY_WAIT_TIMEOUT_S": "soon"})
+
+
+async def test_reload_replaces_every_evaluator_of_the_pool(tmp_path: Path) -> None:
+    settings = Settings(policy_dir=write_policy(tmp_path, f"decision := {ALLOW}\nvisible_models := set()\n"),
+                        policy_evaluators=2, policy_wait_timeout_s=30.0)
+    first = await open_policy_engine(settings)
+    assert isinstance(first, EmbeddedPolicyEngine) and first.wait_timeout_s == 30.0
+    reloading = ReloadingPolicyEngine(first, lambda: open_policy_engine(settings), policy_dir=settings.policy_dir)
+    old = first.evaluator_pids
+    try:
+        with (settings.policy_dir / "policy.rego").open("a") as rego:
+            rego.write('\nvisible_models_note := "edited"\n')
+        result = await reloading.reload()
+        current = reloading.current
+        assert isinstance(current, EmbeddedPolicyEngine)
+        new = current.evaluator_pids
+        decision, revision = await reloading.decide_with_revision(request_input(["admin"]))
+    finally:
+        await reloading.aclose()  # also ends the retiring engine
+    assert result.changed and revision == result.revision != first.revision
+    assert decision.allow
+    assert len(old) == len(set(new)) == 2 and not set(old) & set(new)
+    assert all(exited(pid) for pid in old + new if pid is not None)

@@ -1,0 +1,49 @@
+"""A running gateway takes a changed policy folder and keeps its policy when the new one is broken.
+
+The real app in-process, polling the folder; the reload a signal asks for is
+in ``tests/e2e/test_policy_reload_on_sighup.py``.
+"""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from litestar.testing import AsyncTestClient
+
+from gateway.app import create_app
+from tests.conftest import bearer, policy_copy
+from workers.contract.registry import TINY_MODEL_NAME
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_policy_hot_reload_applies_new_rules_and_rejects_broken_ones(settings, worker, keyring, audit_store,
+                                                                          tmp_path):
+    folder = policy_copy(tmp_path)
+    own = settings.with_(policy_dir=folder, policy_reload_interval_s=0.1)
+    request = {"model": TINY_MODEL_NAME, "prompt": "x", "max_tokens": 1}
+    async with AsyncTestClient(create_app(own), timeout=60) as client:
+        before = await client.post("/v1/completions", headers=bearer(keyring["analyst"]), json=request)
+        old_revision = audit_store.entries_for(before.headers["x-govgate-request-id"])[0].policy_revision
+
+        data = folder / "data.json"
+        import json
+        document = json.loads(data.read_text())
+        document["govgate_config"]["roles"]["analyst"]["models"] = []
+        data.write_text(json.dumps(document))
+        with anyio.fail_after(15):
+            while (await client.get("/healthz")).json()["policy_revision"] == old_revision:
+                await anyio.sleep(0.1)
+        after = await client.post("/v1/completions", headers=bearer(keyring["analyst"]), json=request)
+        new_revision = (await client.get("/healthz")).json()["policy_revision"]
+
+        (folder / "govgate.rego").write_text((folder / "govgate.rego").read_text() + "\nthis is not rego\n")
+        await anyio.sleep(1.0)  # several reload intervals
+        still = await client.post("/v1/completions", headers=bearer(keyring["analyst"]), json=request)
+        kept_revision = (await client.get("/healthz")).json()["policy_revision"]
+    assert before.status_code == 200
+    assert after.status_code == 403
+    assert [r["code"] for r in after.json()["error"]["reasons"]] == ["model_not_allowed"]
+    denied_entry = audit_store.tail(5)
+    assert any(e.policy_revision == new_revision for e in denied_entry) and new_revision != old_revision
+    assert still.status_code == 403 and kept_revision == new_revision  # the broken policy was not taken
