@@ -40,15 +40,14 @@ common case one token per word. No merges table is needed.
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
+from workers.atomic_file import atomic_path
 from workers.tinymodel import _WORDS, write_tiny_llama_gguf
 
 #: Shape shared by the GGML families; the feed-forward width is 4 * N_EMBD in
@@ -116,7 +115,9 @@ def write_tiny_cerebras_gpt_ggml(path: Path, *, seed: int = 0, context_length: i
     rng = np.random.default_rng(seed)
     hparams = [len(tokens), context_length, N_EMBD, N_HEAD, N_LAYER, _FTYPE_ALL_F32]
     tensors = _gpt2_tensors(rng, biases, context_length)
-    return _write_atomically(path, lambda fh: _write_ggml(fh, hparams, tokens, tensors, vocab_count=True))
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        _write_ggml(fh, hparams, tokens, tensors, vocab_count=True)
+    return Path(path)
 
 
 def write_tiny_dolly_v2_ggml(path: Path, *, seed: int = 0, context_length: int = 256) -> Path:
@@ -295,7 +296,9 @@ def _write_neox(path: Path, seed: int, context_length: int, specials: list[str])
     par_res = 1  # Pythia (Dolly) and StableLM-alpha both use the parallel residual
     hparams = [len(tokens), context_length, N_EMBD, N_HEAD, N_LAYER, N_ROT, par_res, _FTYPE_ALL_F32]
     tensors = _neox_tensors(rng, biases)
-    return _write_atomically(path, lambda fh: _write_ggml(fh, hparams, tokens, tensors, vocab_count=False))
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        _write_ggml(fh, hparams, tokens, tensors, vocab_count=False)
+    return Path(path)
 
 
 # --- the file --------------------------------------------------------------
@@ -329,21 +332,3 @@ def _write_ggml(
         fh.write(struct.pack(f"<{data.ndim}i", *reversed(data.shape)))
         fh.write(encoded)
         fh.write(data.tobytes())
-
-
-def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write via a temp file in the same folder, then rename: never a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
