@@ -223,11 +223,39 @@ def _output(rand: _Rand, biases: np.ndarray) -> np.ndarray:
     return out
 
 
+#: One transformer block's tensor names, in the order both converters write
+#: them: two norms (weight, bias), then attention in, attention out, MLP up
+#: and MLP down (each weight, bias).
+_GPT2_BLOCK = (
+    "ln_1/g", "ln_1/b", "ln_2/g", "ln_2/b", "attn/c_attn/w", "attn/c_attn/b",
+    "attn/c_proj/w", "attn/c_proj/b", "mlp/c_fc/w", "mlp/c_fc/b", "mlp/c_proj/w", "mlp/c_proj/b",
+)
+_NEOX_BLOCK = (
+    "input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight",
+    "post_attention_layernorm.bias", "attention.query_key_value.weight", "attention.query_key_value.bias",
+    "attention.dense.weight", "attention.dense.bias", "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias",
+    "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias",
+)
+
+
+def _block(rand: _Rand, prefix: str, names: tuple[str, ...]) -> list[tuple[str, np.ndarray]]:
+    """One block's tensors under ``prefix`` + ``names``: unit norms, random projections (4x MLP)."""
+    e = N_EMBD
+    ones, zeros = np.ones(e, dtype=np.float32), np.zeros(e, dtype=np.float32)
+    arrays = [
+        ones, zeros, ones, zeros,
+        rand(3 * e, e, scale=0.5), rand(3 * e, scale=0.1),
+        rand(e, e, scale=0.3), rand(e, scale=0.1),
+        rand(4 * e, e, scale=0.3), rand(4 * e, scale=0.1),
+        rand(e, 4 * e, scale=0.3), rand(e, scale=0.1),
+    ]
+    return [(prefix + name, array) for name, array in zip(names, arrays, strict=True)]
+
+
 def _gpt2_tensors(rng: np.random.Generator, biases: np.ndarray, n_ctx: int) -> list[tuple[str, np.ndarray]]:
     """gpt-2 tensors, numpy shape (out, in): the file lists dims innermost first."""
     rand = _Rand(rng)
     e, n_vocab = N_EMBD, len(biases)
-    ones, zeros = np.ones(e, dtype=np.float32), np.zeros(e, dtype=np.float32)
     ln_f_g, ln_f_b = _final_norm()
     tensors = [
         ("model/ln_f/g", ln_f_g),
@@ -237,21 +265,7 @@ def _gpt2_tensors(rng: np.random.Generator, biases: np.ndarray, n_ctx: int) -> l
         ("model/lm_head", _output(rand, biases)),
     ]
     for i in range(N_LAYER):
-        p = f"model/h{i}"
-        tensors += [
-            (f"{p}/ln_1/g", ones),
-            (f"{p}/ln_1/b", zeros),
-            (f"{p}/ln_2/g", ones),
-            (f"{p}/ln_2/b", zeros),
-            (f"{p}/attn/c_attn/w", rand(3 * e, e, scale=0.5)),
-            (f"{p}/attn/c_attn/b", rand(3 * e, scale=0.1)),
-            (f"{p}/attn/c_proj/w", rand(e, e, scale=0.3)),
-            (f"{p}/attn/c_proj/b", rand(e, scale=0.1)),
-            (f"{p}/mlp/c_fc/w", rand(4 * e, e, scale=0.3)),
-            (f"{p}/mlp/c_fc/b", rand(4 * e, scale=0.1)),
-            (f"{p}/mlp/c_proj/w", rand(e, 4 * e, scale=0.3)),
-            (f"{p}/mlp/c_proj/b", rand(e, scale=0.1)),
-        ]
+        tensors += _block(rand, f"model/h{i}/", _GPT2_BLOCK)
     return tensors
 
 
@@ -259,25 +273,10 @@ def _neox_tensors(rng: np.random.Generator, biases: np.ndarray) -> list[tuple[st
     """gpt-neox tensors under their Hugging Face names, as ggml's converter keeps them."""
     rand = _Rand(rng)
     e, n_vocab = N_EMBD, len(biases)
-    ones, zeros = np.ones(e, dtype=np.float32), np.zeros(e, dtype=np.float32)
     norm_w, norm_b = _final_norm()
     tensors = [("gpt_neox.embed_in.weight", rand(n_vocab, e, scale=1.0))]
     for i in range(N_LAYER):
-        p = f"gpt_neox.layers.{i}"
-        tensors += [
-            (f"{p}.input_layernorm.weight", ones),
-            (f"{p}.input_layernorm.bias", zeros),
-            (f"{p}.post_attention_layernorm.weight", ones),
-            (f"{p}.post_attention_layernorm.bias", zeros),
-            (f"{p}.attention.query_key_value.weight", rand(3 * e, e, scale=0.5)),
-            (f"{p}.attention.query_key_value.bias", rand(3 * e, scale=0.1)),
-            (f"{p}.attention.dense.weight", rand(e, e, scale=0.3)),
-            (f"{p}.attention.dense.bias", rand(e, scale=0.1)),
-            (f"{p}.mlp.dense_h_to_4h.weight", rand(4 * e, e, scale=0.3)),
-            (f"{p}.mlp.dense_h_to_4h.bias", rand(4 * e, scale=0.1)),
-            (f"{p}.mlp.dense_4h_to_h.weight", rand(e, 4 * e, scale=0.3)),
-            (f"{p}.mlp.dense_4h_to_h.bias", rand(e, scale=0.1)),
-        ]
+        tensors += _block(rand, f"gpt_neox.layers.{i}.", _NEOX_BLOCK)
     tensors += [
         ("gpt_neox.final_layer_norm.weight", norm_w),
         ("gpt_neox.final_layer_norm.bias", norm_b),
