@@ -55,24 +55,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-# The stack helpers of the overhead bench (this folder is sys.path[0] when run as a script).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import (  # noqa: E402
-    BENCH_PRINCIPAL,
-    BENCH_TEAM,
-    HEALTH_PATH,
-    HOST,
-    LOG_LEVEL,
-    ROOT,
-    TempDir,
-    _log_tails,
-    _stop_on_sigterm,
-    bench_policy_dir,
-    forget_govgate_environment,
-    free_port,
-    signals_deferred,
-    spawn,
-)
+if not __package__:  # run as `python bench/inference.py`: import the bench package from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._stack import ROOT, in_temp_dir, run_interruptible, say, start_govgate  # noqa: E402
 
 COMPLETIONS_PATH = "/v1/completions"
 #: One raw prompt for every request on both paths; a base model continues it.
@@ -193,60 +178,6 @@ def write_registry(specs: list[Any], var_dir: Path) -> list[Any]:
     path.write_text(registry_toml(specs), encoding="utf-8")
     registry = load_registry(path, var_dir)
     return [registry.models[spec.name] for spec in specs]
-
-
-# ---------------------------------------------------------------- the stack
-
-
-@dataclass
-class Running:
-    """The started stack: where to send, with which key per model, how to stop it."""
-
-    base_url: str
-    headers: dict[str, dict[str, str]]
-    stop: Callable[[], None]
-
-
-def _admin_keys(settings: Any, names: list[str]) -> dict[str, dict[str, str]]:
-    """An admin key for the bench principal (unlimited in the bench's policy copy), one header per model."""
-    from gateway.auth import KeyStore
-    from gateway.components import open_database
-
-    engine = open_database(settings)
-    try:
-        secret = KeyStore(engine).create(BENCH_PRINCIPAL, team=BENCH_TEAM, roles=["admin"],
-                                         note="bench/inference.py").secret
-        return {name: {"Authorization": "Bearer " + secret} for name in names}
-    finally:
-        engine.dispose()
-
-
-def start_stack(var_dir: Path, models_file: Path, names: list[str]) -> Running:
-    """Redis, one worker per model, ``govgate serve``; stopped again if any step fails."""
-    from govgate.redis_server import RedisProcess
-    from gateway.settings import Settings
-    from govgate.supervisor import Stack, child_env, wait_for_api, wait_for_workers
-
-    stack = Stack()
-    try:
-        stack.redis = RedisProcess.start(var_dir / "redis", persist=False)
-        settings = Settings(var_dir=var_dir, redis_url=stack.redis.url, policy_dir=bench_policy_dir(var_dir), host=HOST,
-                            port=free_port(), log_level=LOG_LEVEL, models_file=str(models_file),
-                            request_timeout_s=REQUEST_TIMEOUT_S)
-        headers = _admin_keys(settings, names)
-        env = child_env(settings, stack.redis.url)
-        for name in names:
-            stack.workers[name] = spawn(["-m", "govgate.cli", "worker", "--model", name], env,
-                                        var_dir / f"worker-{name}.log")
-        wait_for_workers(stack.redis.url, names, stack, timeout_s=120)
-        stack.api = spawn(["-m", "govgate.cli", "serve"], env, var_dir / "serve.log")
-        base_url = f"http://{HOST}:{settings.port}"
-        wait_for_api(base_url + HEALTH_PATH, stack)
-    except BaseException:
-        with signals_deferred():
-            stack.stop()
-        raise
-    return Running(base_url=base_url, headers=headers, stop=stack.stop)
 
 
 # ---------------------------------------------------------------- through the gateway
@@ -552,7 +483,8 @@ def measure_all(args: argparse.Namespace, var_dir: Path, say: Callable[[str], No
     """Start the stack, then per model: gateway phases, then direct phases; stop the stack."""
     models_file, specs = prepare_models(args, var_dir, say)
     say(f"starting the stack: redis, {len(specs)} worker(s), api …")
-    running = start_stack(var_dir, models_file, [spec.name for spec in specs])
+    running = start_govgate(var_dir, [spec.name for spec in specs], note="bench/inference.py",
+                            models_file=str(models_file), request_timeout_s=REQUEST_TIMEOUT_S)
     results = []
     try:
         for spec in specs:
@@ -560,14 +492,13 @@ def measure_all(args: argparse.Namespace, var_dir: Path, say: Callable[[str], No
             say(f"{spec.name}: gateway, 1 warm-up + {args.requests} sequential + batch of {args.batch} "
                 f"+ {args.requests} streamed (max_tokens {max_tokens}) …")
             body = request_body(spec.name, max_tokens)
-            gateway = asyncio.run(measure_gateway(running.base_url, running.headers[spec.name], body,
-                                                  args.requests, args.batch))
+            gateway = asyncio.run(measure_gateway(running.base_url, running.headers, body, args.requests,
+                                                  args.batch))
             say(f"{spec.name}: direct, load + 1 warm-up + {args.requests} generate + {args.requests} first pieces …")
             direct = measure_direct(spec, max_tokens, args.requests)
             results.append(model_figures(spec.name, max_tokens, gateway, direct))
     finally:
-        with signals_deferred():
-            running.stop()
+        running.stop()
     return results
 
 
@@ -578,18 +509,10 @@ def run(args: argparse.Namespace) -> int:
     from workers.backends import BackendError
     from workers.contract.registry import RegistryError
 
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    forget_govgate_environment()
-    with TempDir() as var_dir:
-        try:
-            results = measure_all(args, var_dir, say)
-        except (StartupError, RedisUnavailable, BackendError, RegistryError, TimeoutError, OSError) as exc:
-            say(f"bench: {type(exc).__name__}: {exc}")
-            for line in _log_tails(var_dir):
-                say(line)
-            return 1
+    results = in_temp_dir(lambda var_dir: measure_all(args, var_dir, say),
+                          (StartupError, RedisUnavailable, BackendError, RegistryError, TimeoutError, OSError))
+    if results is None:
+        return 1
     cores = os.cpu_count()
     print(f"{cores} CPU cores; gateway and direct runs take turns (never overlap). POST {COMPLETIONS_PATH}, "
           f"temperature 0, {args.requests} sequential + batch of {args.batch} + {args.requests} streamed "
@@ -604,12 +527,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _stop_on_sigterm()
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("bench: interrupted; everything it started has been stopped", file=sys.stderr)
-        return 130
+    return run_interruptible(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -61,13 +61,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-# Process-handling helpers shared with the overhead bench (this folder is sys.path[0] when run as a script).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import _stop_on_sigterm, signals_deferred  # noqa: E402
-
+if not __package__:  # run as `python bench/policy.py`: import the bench package from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._stack import ROOT, run_interruptible, signals_deferred  # noqa: E402
 from gateway.policy.opa_binary import LOCAL_OPA, find_opa  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 
 POLICY_DIR = ROOT / "policies"
 HOST = "127.0.0.1"
@@ -706,12 +703,7 @@ def print_report(policy: dict[str, Any], opa_skipped: str, counters: dict[str, A
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _stop_on_sigterm()
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("bench: interrupted; everything it started has been stopped", file=sys.stderr)
-        return 130
+    return run_interruptible(lambda: run(args))
 
 
 if __name__ == "__main__":

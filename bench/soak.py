@@ -65,10 +65,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-# The overhead bench's helpers and the soak's parts (this folder is sys.path[0] when run as a script).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import TempDir, _stop_on_sigterm, signals_deferred  # noqa: E402
-from soak_audit import (  # noqa: E402
+if not __package__:  # run as `python bench/soak.py`: import the bench package from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._stack import TempDir, run_interruptible, say, signals_deferred  # noqa: E402
+from bench.soak_audit import (  # noqa: E402
     CHECKS,
     Check,
     Fault,
@@ -78,7 +78,7 @@ from soak_audit import (  # noqa: E402
     log_problems,
     wait_for_terminals,
 )
-from soak_stack import SoakStack  # noqa: E402
+from bench.soak_stack import SoakStack  # noqa: E402
 
 WORKER_KILL = "worker_kill"
 POOL_KILL = "pool_kill"
@@ -503,25 +503,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _stop_on_sigterm()
 
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+    def run() -> int:
+        try:
+            report = run_soak(requests=args.requests, concurrency=args.concurrency, faults=args.fault_list,
+                              duration_s=args.duration, stream_share=args.stream_share, max_tokens=args.max_tokens,
+                              keep_dir=args.keep, say=say)
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            say(f"soak: {type(exc).__name__}: {exc}")
+            return 1
+        print(report.render())
+        if args.json:
+            print(json.dumps(report.to_document(), sort_keys=True))
+        return 0 if report.ok else 1
 
-    try:
-        report = run_soak(requests=args.requests, concurrency=args.concurrency, faults=args.fault_list,
-                          duration_s=args.duration, stream_share=args.stream_share, max_tokens=args.max_tokens,
-                          keep_dir=args.keep, say=say)
-    except KeyboardInterrupt:
-        say("soak: interrupted; everything it started has been stopped")
-        return 130
-    except (RuntimeError, TimeoutError, OSError) as exc:
-        say(f"soak: {type(exc).__name__}: {exc}")
-        return 1
-    print(report.render())
-    if args.json:
-        print(json.dumps(report.to_document(), sort_keys=True))
-    return 0 if report.ok else 1
+    return run_interruptible(run, "soak")
 
 
 if __name__ == "__main__":
