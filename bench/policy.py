@@ -48,14 +48,9 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,18 +58,23 @@ from typing import Any, Awaitable, Callable
 
 if not __package__:  # run as `python bench/policy.py`: import the bench package from this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._stack import ROOT, run_interruptible, signals_deferred  # noqa: E402
+from bench._stack import (  # noqa: E402
+    ROOT,
+    TempDir,
+    forget_govgate_environment,
+    run_interruptible,
+    say,
+    stop_later,
+)
 from gateway.policy.opa_binary import LOCAL_OPA, find_opa  # noqa: E402
 
 POLICY_DIR = ROOT / "policies"
-HOST = "127.0.0.1"
 #: Per-decision timeout of both engines: generous, so a slow machine shows as latency, not as denials.
 DECISION_TIMEOUT_S = 5.0
 #: The longest one measured phase may take; a stuck engine or Redis ends the run, not hangs it.
 PHASE_TIMEOUT_S = 300.0
 #: Building OPA from source can take minutes on a cold Go cache.
 MAKE_OPA_TIMEOUT_S = 1200.0
-OPA_START_TIMEOUT_S = 20.0
 #: A policy folder being edited may be momentarily broken or change between loads: retry this often.
 LOAD_ATTEMPTS = 3
 LOAD_RETRY_DELAY_S = 2.0
@@ -301,61 +301,6 @@ def ensure_opa(say: Callable[[str], None]) -> tuple[Path | None, str]:
     if binary is None:
         return None, f"OPA part skipped: no opa binary and {failed or '`make opa` built none'}"
     return binary, ""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class OpaProcess:
-    """``opa run --server`` on loopback, loading the policy folder itself (as in production)."""
-
-    process: subprocess.Popen
-    port: int
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    @classmethod
-    def start(cls, binary: Path, log_dir: Path) -> "OpaProcess":
-        """Start and wait for ``/health``; ``RuntimeError`` with the log's end if it does not come up."""
-        from govgate.processes import child_preexec
-
-        port = _free_port()
-        log_path = log_dir / "opa.log"
-        command = [str(binary), "run", "--server", "--addr", f"{HOST}:{port}", "--log-level", "error",
-                   "--skip-version-check", str(POLICY_DIR)]
-        with open(log_path, "ab") as log:
-            # Own session: Ctrl-C reaches only us, and we stop OPA in order.
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                       start_new_session=True, preexec_fn=child_preexec())
-        server = cls(process, port, log_path)
-        if not server._wait_healthy():
-            server.stop()
-            raise RuntimeError(f"OPA did not start:\n{log_path.read_text(errors='replace')[-2000:]}")
-        return server
-
-    def _wait_healthy(self) -> bool:
-        deadline = time.monotonic() + OPA_START_TIMEOUT_S
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as reply:
-                    if reply.status == 200:
-                        return True
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        return False
-
-    def stop(self) -> None:
-        from govgate.processes import stop_process
-
-        stop_process(self.process, timeout_s=10)
 
 
 # ---------------------------------------------------------------- policy engines
@@ -604,24 +549,6 @@ def summary(policy: dict[str, Any], opa_skipped: str, counters: dict[str, Any], 
             "warmup": args.warmup, "cpus": os.cpu_count(), "policy": policy_doc, "counters": counters_doc}
 
 
-# ---------------------------------------------------------------- process handling
-
-
-def stop_later(stack: contextlib.ExitStack, stop: Callable[[], None]) -> None:
-    """Register a stop that a Ctrl-C cannot interrupt halfway."""
-    def deferred() -> None:
-        with signals_deferred():
-            stop()
-
-    stack.callback(deferred)
-
-
-def forget_govgate_environment() -> None:
-    """Drop inherited GOVGATE_* variables: the bench measures its own processes only."""
-    for name in [n for n in os.environ if n.startswith("GOVGATE_")]:
-        del os.environ[name]
-
-
 # ---------------------------------------------------------------- main
 
 
@@ -652,25 +579,21 @@ async def measure(opa_url: str | None, redis_url: str, samples: list[Sample], ar
 def run(args: argparse.Namespace) -> int:
     """Start Redis and OPA, measure, stop them, print the table and the JSON line."""
     from gateway.policy import PolicyLoadError
+    from govgate.opa_server import OpaServer
     from govgate.redis_server import RedisProcess, RedisUnavailable
-
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
 
     forget_govgate_environment()
     samples = sample_inputs()
     opa_skipped = "OPA part skipped: --no-opa" if args.no_opa else ""
     with contextlib.ExitStack() as stack:
-        # A short path: unix socket paths are limited to ~100 bytes.
-        work_dir = Path(tempfile.mkdtemp(prefix="ggp-", dir="/tmp"))
-        stack.callback(shutil.rmtree, work_dir, ignore_errors=True)
+        work_dir = stack.enter_context(TempDir())
         try:
             opa_url = None
             if not args.no_opa:
                 binary, opa_skipped = ensure_opa(say)
                 if binary is not None:
                     say(f"opa: starting {binary} on the policy folder …")
-                    opa = OpaProcess.start(binary, work_dir)
+                    opa = OpaServer(binary, work_dir, POLICY_DIR).start()
                     stop_later(stack, opa.stop)
                     opa_url = opa.url
             if opa_skipped:
