@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import sys
 import time
@@ -57,6 +56,7 @@ from typing import Any, Callable
 
 if not __package__:  # run as `python bench/inference.py`: import the bench package from this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._figures import percentile, ratio, rounded, table_row  # noqa: E402
 from bench._stack import ROOT, in_temp_dir, run_interruptible, say, start_govgate  # noqa: E402
 
 COMPLETIONS_PATH = "/v1/completions"
@@ -117,8 +117,8 @@ def tokens_per_s(samples: list[Sample], wall_s: float | None = None) -> float | 
 
 def p50_ms(samples: list[Sample]) -> float | None:
     """Nearest-rank median of the successful samples' time, in milliseconds."""
-    ordered = sorted(s.seconds for s in samples if s.ok)
-    return ordered[max(0, math.ceil(len(ordered) / 2) - 1)] * 1000 if ordered else None
+    median = percentile([s.seconds for s in samples if s.ok], 50)
+    return None if median is None else median * 1000
 
 
 def statuses(*groups: list[Sample]) -> Counter:
@@ -329,14 +329,6 @@ def measure_direct(spec: Any, max_tokens: int, requests: int) -> DirectRun:
 # ---------------------------------------------------------------- reporting
 
 
-def _rounded(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 2) if a is not None and b else None
-
-
 def model_figures(name: str, max_tokens: int, gateway: GatewayRun, direct: DirectRun) -> dict[str, Any]:
     """One model's figures and ratios; the table and the JSON line carry the same numbers."""
     gw_seq, gw_batch = tokens_per_s(gateway.sequential), tokens_per_s(gateway.batch, gateway.batch_wall_s)
@@ -349,26 +341,26 @@ def model_figures(name: str, max_tokens: int, gateway: GatewayRun, direct: Direc
         "model": name,
         "max_tokens": max_tokens,
         "gateway": {
-            "tokens_per_s": _rounded(gw_seq, 1),
-            "batch_tokens_per_s": _rounded(gw_batch, 1),
+            "tokens_per_s": rounded(gw_seq, 1),
+            "batch_tokens_per_s": rounded(gw_batch, 1),
             "batch_size": len(gateway.batch),
-            "request_p50_ms": _rounded(p50_ms(gateway.sequential), 1),
-            "ttft_p50_ms": _rounded(gw_ttft, 1),
+            "request_p50_ms": rounded(p50_ms(gateway.sequential), 1),
+            "ttft_p50_ms": rounded(gw_ttft, 1),
             "completion_tokens": [s.tokens for s in gateway.sequential if s.ok],
             "errors": sum(n for status, n in gw_status.items() if status != "200"),
             "statuses": dict(gw_status),
         },
         "direct": {
-            "tokens_per_s": _rounded(dr_seq, 1),
-            "request_p50_ms": _rounded(p50_ms(direct.sequential), 1),
-            "ttft_p50_ms": _rounded(dr_ttft, 1),
+            "tokens_per_s": rounded(dr_seq, 1),
+            "request_p50_ms": rounded(p50_ms(direct.sequential), 1),
+            "ttft_p50_ms": rounded(dr_ttft, 1),
             "completion_tokens": [s.tokens for s in direct.sequential if s.ok],
             "load_s": round(direct.load_s, 2),
         },
         "ratios": {
-            "tokens_per_s": _ratio(gw_seq, dr_seq),
-            "batch_tokens_per_s": _ratio(gw_batch, dr_seq),
-            "ttft": _ratio(gw_ttft, dr_ttft),
+            "tokens_per_s": ratio(gw_seq, dr_seq),
+            "batch_tokens_per_s": ratio(gw_batch, dr_seq),
+            "ttft": ratio(gw_ttft, dr_ttft),
         },
         # Greedy decoding on both sides: the same text shows both ran the same prompt and parameters.
         "same_output": bool(gw_texts) and gw_texts == dr_texts,
@@ -380,8 +372,7 @@ _COLUMNS = ("tok/s", "batch tok/s", "req p50 ms", "TTFT p50 ms", "tok/req", "err
 
 
 def _row(label: str, cells: list[Any], suffix: str = "") -> str:
-    texts = ["-" if c is None else f"{c}{suffix}" for c in cells]
-    return label.ljust(_LABEL_WIDTH) + "".join(t.rjust(_CELL_WIDTH) for t in texts)
+    return table_row(label, cells, (_LABEL_WIDTH, _CELL_WIDTH), suffix)
 
 
 def _tokens_cell(counts: list[int]) -> str | None:
@@ -395,13 +386,13 @@ def table(results: list[dict[str, Any]]) -> str:
     """Three rows per model: gateway, direct, and gateway / direct."""
     lines = [_row("", list(_COLUMNS))]
     for r in results:
-        gw, dr, ratio = r["gateway"], r["direct"], r["ratios"]
+        gw, dr, by = r["gateway"], r["direct"], r["ratios"]
         lines.append(_row(f"{r['model']} gateway", [gw["tokens_per_s"], gw["batch_tokens_per_s"],
                      gw["request_p50_ms"], gw["ttft_p50_ms"], _tokens_cell(gw["completion_tokens"]), gw["errors"]]))
         lines.append(_row(f"{r['model']} direct", [dr["tokens_per_s"], None, dr["request_p50_ms"],
                      dr["ttft_p50_ms"], _tokens_cell(dr["completion_tokens"]), None]))
-        lines.append(_row("  gateway / direct", [ratio["tokens_per_s"], ratio["batch_tokens_per_s"], None,
-                     ratio["ttft"], None, None], suffix="x"))
+        lines.append(_row("  gateway / direct", [by["tokens_per_s"], by["batch_tokens_per_s"], None,
+                     by["ttft"], None, None], suffix="x"))
     return "\n".join(lines)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import sys
 import time
@@ -37,6 +36,7 @@ from typing import Any, Callable
 
 if not __package__:  # run as `python bench/overhead.py`: import the bench package from this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._figures import percentile, ratio, rounded, table_row  # noqa: E402
 from bench._stack import (  # noqa: E402
     HEALTH_PATH,
     HOST,
@@ -194,10 +194,7 @@ class Phase:
 
     def percentile(self, p: float) -> float | None:
         """Nearest-rank percentile of successful requests' latency."""
-        ordered = sorted(self.latencies_ms)
-        if not ordered:
-            return None
-        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+        return percentile(self.latencies_ms, p)
 
 
 async def drive(base_url: str, headers: dict[str, str], body: dict[str, Any],
@@ -310,10 +307,6 @@ def run_one(start: Callable[[Path], Started], var_dir: Path, args: argparse.Name
 # ---------------------------------------------------------------- reporting
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
 def figures(phase: Phase, cpu: dict[str, float]) -> dict[str, Any]:
     """One side's figures, rounded for reading; the JSON line carries the same."""
     p50, p99 = phase.percentile(50), phase.percentile(99)
@@ -321,8 +314,8 @@ def figures(phase: Phase, cpu: dict[str, float]) -> dict[str, Any]:
         "requests": phase.requests,
         "wall_s": round(phase.wall_s, 3),
         "rps": round(phase.rps, 1),
-        "p50_ms": None if p50 is None else round(p50, 2),
-        "p99_ms": None if p99 is None else round(p99, 2),
+        "p50_ms": rounded(p50, 2),
+        "p99_ms": rounded(p99, 2),
         "errors": phase.errors,
         "statuses": dict(phase.statuses),
         "cpu_ms_per_request": {k: round(v, 3) for k, v in cpu.items()},
@@ -332,14 +325,13 @@ def figures(phase: Phase, cpu: dict[str, float]) -> dict[str, Any]:
 def ratios(gov: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
     """govgate / baseline; throughput below 1 and latency/CPU above 1 mean overhead."""
     gov_cpu, base_cpu = gov["cpu_ms_per_request"], base["cpu_ms_per_request"]
-    raw = {
-        "rps": _ratio(gov["rps"], base["rps"]),
-        "p50": _ratio(gov["p50_ms"], base["p50_ms"]),
-        "p99": _ratio(gov["p99_ms"], base["p99_ms"]),
-        "server_cpu": _ratio(gov_cpu["server"], base_cpu["server"]),
-        "total_cpu": _ratio(sum(gov_cpu[k] for k in ("server", "worker", "redis")), base_cpu["server"]),
+    return {
+        "rps": ratio(gov["rps"], base["rps"]),
+        "p50": ratio(gov["p50_ms"], base["p50_ms"]),
+        "p99": ratio(gov["p99_ms"], base["p99_ms"]),
+        "server_cpu": ratio(gov_cpu["server"], base_cpu["server"]),
+        "total_cpu": ratio(sum(gov_cpu[k] for k in ("server", "worker", "redis")), base_cpu["server"]),
     }
-    return {k: None if v is None else round(v, 2) for k, v in raw.items()}
 
 
 _LABEL_WIDTH, _CELL_WIDTH = 16, 9
@@ -347,11 +339,10 @@ _COLUMNS = ("req/s", "p50 ms", "p99 ms", "errors", "server", "worker", "redis", 
 
 
 def _row(label: str, cells: list[Any], suffix: str = "") -> str:
-    texts = ["-" if c is None else f"{c}{suffix}" for c in cells]
-    return label.ljust(_LABEL_WIDTH) + "".join(t.rjust(_CELL_WIDTH) for t in texts)
+    return table_row(label, cells, (_LABEL_WIDTH, _CELL_WIDTH), suffix)
 
 
-def table(gov: dict[str, Any], base: dict[str, Any], ratio: dict[str, Any]) -> str:
+def table(gov: dict[str, Any], base: dict[str, Any], ratio_of: dict[str, Any]) -> str:
     """A small aligned table: one row per side, one for the ratios."""
     cpu_title = "--- CPU ms per request ---".center(4 * _CELL_WIDTH)
     lines = [(" " * (_LABEL_WIDTH + 4 * _CELL_WIDTH) + cpu_title).rstrip(), _row("", list(_COLUMNS))]
@@ -359,9 +350,9 @@ def table(gov: dict[str, Any], base: dict[str, Any], ratio: dict[str, Any]) -> s
         cpu = side["cpu_ms_per_request"]
         lines.append(_row(name, [side["rps"], side["p50_ms"], side["p99_ms"], side["errors"],
                                  *(cpu.get(k) for k in ("server", "worker", "redis", "client"))]))
-    lines.append(_row("govgate / bare", [ratio["rps"], ratio["p50"], ratio["p99"], None,
-                                         ratio["server_cpu"], None, None, None], suffix="x"))
-    lines.append(f"all govgate server-side processes (server+worker+redis) / bare server CPU: {ratio['total_cpu']}x")
+    lines.append(_row("govgate / bare", [ratio_of["rps"], ratio_of["p50"], ratio_of["p99"], None,
+                                         ratio_of["server_cpu"], None, None, None], suffix="x"))
+    lines.append(f"all govgate server-side processes (server+worker+redis) / bare server CPU: {ratio_of['total_cpu']}x")
     return "\n".join(lines)
 
 
@@ -401,14 +392,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     (gov_phase, gov_cpu), (base_phase, base_cpu) = measured
     gov, base = figures(gov_phase, gov_cpu), figures(base_phase, base_cpu)
-    ratio = ratios(gov, base)
+    side_ratios = ratios(gov, base)
     print(f"concurrency {args.concurrency}, {args.requests} requests per side, max_tokens 1, "
           f"{os.cpu_count()} CPUs")
-    print(table(gov, base, ratio))
+    print(table(gov, base, side_ratios))
     for note in filter(None, (_status_note("govgate", gov), _status_note("bare litestar", base))):
         print(note)
     print(json.dumps({"concurrency": args.concurrency, "requests": args.requests, "warmup": args.warmup,
-                      "govgate": gov, "baseline": base, "ratios": ratio}, sort_keys=True))
+                      "govgate": gov, "baseline": base, "ratios": side_ratios}, sort_keys=True))
     return 0
 
 

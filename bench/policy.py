@@ -46,7 +46,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -58,6 +57,7 @@ from typing import Any, Awaitable, Callable
 
 if not __package__:  # run as `python bench/policy.py`: import the bench package from this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._figures import percentile, ratio, rounded, table_row  # noqa: E402
 from bench._stack import (  # noqa: E402
     ROOT,
     TempDir,
@@ -225,19 +225,8 @@ class Run:
 
     def figures(self) -> dict[str, Any]:
         return {"count": self.count, "wall_s": round(self.wall_s, 4), "per_s": round(self.per_s, 1),
-                "p50_us": _round(self.percentile(50)), "p99_us": _round(self.percentile(99)),
+                "p50_us": rounded(self.percentile(50)), "p99_us": rounded(self.percentile(99)),
                 "failures": dict(self.failures)}
-
-
-def percentile(values: list[float], p: float) -> float | None:
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def _round(value: float | None, digits: int = 1) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 #: One operation of a phase: given its sequence number, do it; return a failure label or None.
@@ -421,7 +410,7 @@ def ping_operation(client: Any) -> Operation:
 
 
 def _step_figures(per_op: dict[str, list[float]]) -> dict[str, dict[str, float | None]]:
-    return {name: {"p50_us": _round(percentile(values, 50)), "p99_us": _round(percentile(values, 99))}
+    return {name: {"p50_us": rounded(percentile(values, 50)), "p99_us": rounded(percentile(values, 99))}
             for name, values in per_op.items()}
 
 
@@ -460,9 +449,6 @@ def _new_steps() -> dict[str, list[float]]:
 
 def ratios(top: Run, bottom: Run) -> dict[str, float | None]:
     """top / bottom; latency above 1 and throughput below 1 mean ``top`` costs more."""
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return round(a / b, 2) if a is not None and b else None
-
     return {"p50": ratio(top.percentile(50), bottom.percentile(50)),
             "p99": ratio(top.percentile(99), bottom.percentile(99)),
             "per_s": ratio(top.per_s, bottom.per_s)}
@@ -473,17 +459,16 @@ _COLUMNS = ("p50 µs", "p99 µs", "per s", "failures")
 
 
 def _row(label: str, cells: list[Any], suffix: str = "") -> str:
-    texts = ["-" if c is None else f"{c}{suffix}" for c in cells]
-    return label.ljust(_LABEL_WIDTH) + "".join(t.rjust(_CELL_WIDTH) for t in texts)
+    return table_row(label, cells, (_LABEL_WIDTH, _CELL_WIDTH), suffix)
 
 
 def _run_row(label: str, run: Run) -> str:
-    return _row(label, [_round(run.percentile(50)), _round(run.percentile(99)), round(run.per_s),
+    return _row(label, [rounded(run.percentile(50)), rounded(run.percentile(99)), round(run.per_s),
                         sum(run.failures.values())])
 
 
-def _ratio_row(label: str, ratio: dict[str, float | None]) -> str:
-    return _row(label, [ratio["p50"], ratio["p99"], ratio["per_s"]], suffix="x")
+def _ratio_row(label: str, by: dict[str, float | None]) -> str:
+    return _row(label, [by["p50"], by["p99"], by["per_s"]], suffix="x")
 
 
 def policy_table(policy: dict[str, Any], args: argparse.Namespace) -> list[str]:

@@ -67,6 +67,7 @@ from typing import Any, Callable, Iterable
 
 if not __package__:  # run as `python bench/soak.py`: import the bench package from this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._figures import rounded  # noqa: E402
 from bench._stack import TempDir, run_interruptible, say, signals_deferred  # noqa: E402
 from bench.soak_audit import (  # noqa: E402
     CHECKS,
@@ -161,17 +162,13 @@ class SoakReport:
         return {
             "requests": self.requests, "concurrency": self.concurrency, "wall_s": round(self.wall_s, 2),
             "outcomes": dict(self.outcomes), "accepted": self.accepted, "audit_entries": self.audit_entries,
-            "faults": [{"kind": f.kind, "detail": f.detail, "restart_s": _rounded(f.restart_s),
-                        "recovery_s": _rounded(f.recovery_s)} for f in self.faults],
+            "faults": [{"kind": f.kind, "detail": f.detail, "restart_s": rounded(f.restart_s, 2),
+                        "recovery_s": rounded(f.recovery_s, 2)} for f in self.faults],
             "checks": {name: {"ok": c.ok, "failures": c.failures, "examples": c.examples,
                               "by_fault": dict(c.by_fault)}
                        for name, c in self.checks.items()},
             "log_problems": self.log_problems, "ok": self.ok,
         }
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 2)
 
 
 def _cell(value: float | None, missing: str = "-") -> str:
