@@ -46,33 +46,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
-# The stack helpers of the overhead bench (this folder is sys.path[0] when run as a script).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import (  # noqa: E402
-    BENCH_PRINCIPAL,
-    BENCH_TEAM,
-    HEALTH_PATH,
-    HOST,
-    LOG_LEVEL,
-    ROOT,
-    TempDir,
-    _log_tails,
-    _stop_on_sigterm,
-    bench_policy_dir,
-    forget_govgate_environment,
-    free_port,
-    signals_deferred,
-    spawn,
-)
+if not __package__:  # run as `python bench/inference.py`: import the bench package from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._stack import ROOT, in_temp_dir, run_interruptible, say, start_govgate  # noqa: E402
+from bench.inference_report import DirectRun, GatewayRun, Sample, model_figures, notes, table  # noqa: E402
 
 COMPLETIONS_PATH = "/v1/completions"
 #: One raw prompt for every request on both paths; a base model continues it.
@@ -85,59 +69,6 @@ PHASE_TIMEOUT_S = 600.0
 MAX_BATCH = 8
 #: Short names accepted by ``--models``.
 ALIASES = {"tiny": "govgate-tiny", "gemma": "gemma-3-270m"}
-
-
-# ---------------------------------------------------------------- samples
-
-
-@dataclass
-class Sample:
-    """One request or one direct call: how many tokens, how long, what text."""
-
-    status: str
-    seconds: float = 0.0
-    tokens: int = 0
-    text: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "200"
-
-
-@dataclass
-class GatewayRun:
-    """One model's figures through the gateway."""
-
-    sequential: list[Sample]
-    batch: list[Sample]
-    batch_wall_s: float
-    first_piece: list[Sample]  # ``seconds`` is the time to the first text piece
-
-
-@dataclass
-class DirectRun:
-    """One model's figures from a backend call in this process."""
-
-    load_s: float
-    sequential: list[Sample]
-    first_piece: list[Sample]
-
-
-def tokens_per_s(samples: list[Sample], wall_s: float | None = None) -> float | None:
-    """Completion tokens of the successful samples over their summed time (or ``wall_s``)."""
-    good = [s for s in samples if s.ok]
-    seconds = sum(s.seconds for s in good) if wall_s is None else wall_s
-    return sum(s.tokens for s in good) / seconds if good and seconds > 0 else None
-
-
-def p50_ms(samples: list[Sample]) -> float | None:
-    """Nearest-rank median of the successful samples' time, in milliseconds."""
-    ordered = sorted(s.seconds for s in samples if s.ok)
-    return ordered[max(0, math.ceil(len(ordered) / 2) - 1)] * 1000 if ordered else None
-
-
-def statuses(*groups: list[Sample]) -> Counter:
-    return Counter(s.status for group in groups for s in group)
 
 
 # ---------------------------------------------------------------- registry
@@ -193,61 +124,6 @@ def write_registry(specs: list[Any], var_dir: Path) -> list[Any]:
     path.write_text(registry_toml(specs), encoding="utf-8")
     registry = load_registry(path, var_dir)
     return [registry.models[spec.name] for spec in specs]
-
-
-# ---------------------------------------------------------------- the stack
-
-
-@dataclass
-class Running:
-    """The started stack: where to send, with which key per model, how to stop it."""
-
-    base_url: str
-    headers: dict[str, dict[str, str]]
-    stop: Callable[[], None]
-
-
-def _admin_keys(settings: Any, names: list[str]) -> dict[str, dict[str, str]]:
-    """An admin key for the bench principal (unlimited in the bench's policy copy), one header per model."""
-    from gateway.auth import KeyStore
-    from gateway.components import open_database
-
-    engine = open_database(settings)
-    try:
-        secret = KeyStore(engine).create(BENCH_PRINCIPAL, team=BENCH_TEAM, roles=["admin"],
-                                         note="bench/inference.py").secret
-        return {name: {"Authorization": "Bearer " + secret} for name in names}
-    finally:
-        engine.dispose()
-
-
-def start_stack(var_dir: Path, models_file: Path, names: list[str]) -> Running:
-    """Redis, one worker per model, ``govgate serve``; stopped again if any step fails."""
-    from govgate.redis_server import RedisProcess
-    from gateway.settings import Settings
-    from govgate.stack import Stack, wait_for_api, wait_for_workers
-    from govgate.supervisor import child_env
-
-    stack = Stack()
-    try:
-        stack.redis = RedisProcess.start(var_dir / "redis", persist=False)
-        settings = Settings(var_dir=var_dir, redis_url=stack.redis.url, policy_dir=bench_policy_dir(var_dir), host=HOST,
-                            port=free_port(), log_level=LOG_LEVEL, models_file=str(models_file),
-                            request_timeout_s=REQUEST_TIMEOUT_S)
-        headers = _admin_keys(settings, names)
-        env = child_env(settings, stack.redis.url)
-        for name in names:
-            stack.workers[name] = spawn(["-m", "govgate.cli", "worker", "--model", name], env,
-                                        var_dir / f"worker-{name}.log")
-        wait_for_workers(stack.redis.url, names, stack, timeout_s=120)
-        stack.api = spawn(["-m", "govgate.cli", "serve"], env, var_dir / "serve.log")
-        base_url = f"http://{HOST}:{settings.port}"
-        wait_for_api(base_url + HEALTH_PATH, stack)
-    except BaseException:
-        with signals_deferred():
-            stack.stop()
-        raise
-    return Running(base_url=base_url, headers=headers, stop=stack.stop)
 
 
 # ---------------------------------------------------------------- through the gateway
@@ -390,96 +266,6 @@ def measure_direct(spec: Any, max_tokens: int, requests: int) -> DirectRun:
     return DirectRun(load_s=load_s, sequential=sequential, first_piece=first)
 
 
-# ---------------------------------------------------------------- reporting
-
-
-def _rounded(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 2) if a is not None and b else None
-
-
-def model_figures(name: str, max_tokens: int, gateway: GatewayRun, direct: DirectRun) -> dict[str, Any]:
-    """One model's figures and ratios; the table and the JSON line carry the same numbers."""
-    gw_seq, gw_batch = tokens_per_s(gateway.sequential), tokens_per_s(gateway.batch, gateway.batch_wall_s)
-    dr_seq = tokens_per_s(direct.sequential)
-    gw_ttft, dr_ttft = p50_ms(gateway.first_piece), p50_ms(direct.first_piece)
-    gw_texts = {s.text for s in gateway.sequential if s.ok}
-    dr_texts = {s.text for s in direct.sequential if s.ok}
-    gw_status = statuses(gateway.sequential, gateway.batch, gateway.first_piece)
-    return {
-        "model": name,
-        "max_tokens": max_tokens,
-        "gateway": {
-            "tokens_per_s": _rounded(gw_seq, 1),
-            "batch_tokens_per_s": _rounded(gw_batch, 1),
-            "batch_size": len(gateway.batch),
-            "request_p50_ms": _rounded(p50_ms(gateway.sequential), 1),
-            "ttft_p50_ms": _rounded(gw_ttft, 1),
-            "completion_tokens": [s.tokens for s in gateway.sequential if s.ok],
-            "errors": sum(n for status, n in gw_status.items() if status != "200"),
-            "statuses": dict(gw_status),
-        },
-        "direct": {
-            "tokens_per_s": _rounded(dr_seq, 1),
-            "request_p50_ms": _rounded(p50_ms(direct.sequential), 1),
-            "ttft_p50_ms": _rounded(dr_ttft, 1),
-            "completion_tokens": [s.tokens for s in direct.sequential if s.ok],
-            "load_s": round(direct.load_s, 2),
-        },
-        "ratios": {
-            "tokens_per_s": _ratio(gw_seq, dr_seq),
-            "batch_tokens_per_s": _ratio(gw_batch, dr_seq),
-            "ttft": _ratio(gw_ttft, dr_ttft),
-        },
-        # Greedy decoding on both sides: the same text shows both ran the same prompt and parameters.
-        "same_output": bool(gw_texts) and gw_texts == dr_texts,
-    }
-
-
-_LABEL_WIDTH, _CELL_WIDTH = 26, 12
-_COLUMNS = ("tok/s", "batch tok/s", "req p50 ms", "TTFT p50 ms", "tok/req", "errors")
-
-
-def _row(label: str, cells: list[Any], suffix: str = "") -> str:
-    texts = ["-" if c is None else f"{c}{suffix}" for c in cells]
-    return label.ljust(_LABEL_WIDTH) + "".join(t.rjust(_CELL_WIDTH) for t in texts)
-
-
-def _tokens_cell(counts: list[int]) -> str | None:
-    """Tokens per request: one number when all agree (they should, greedy), else min-max."""
-    if not counts:
-        return None
-    return str(counts[0]) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
-
-
-def table(results: list[dict[str, Any]]) -> str:
-    """Three rows per model: gateway, direct, and gateway / direct."""
-    lines = [_row("", list(_COLUMNS))]
-    for r in results:
-        gw, dr, ratio = r["gateway"], r["direct"], r["ratios"]
-        lines.append(_row(f"{r['model']} gateway", [gw["tokens_per_s"], gw["batch_tokens_per_s"],
-                     gw["request_p50_ms"], gw["ttft_p50_ms"], _tokens_cell(gw["completion_tokens"]), gw["errors"]]))
-        lines.append(_row(f"{r['model']} direct", [dr["tokens_per_s"], None, dr["request_p50_ms"],
-                     dr["ttft_p50_ms"], _tokens_cell(dr["completion_tokens"]), None]))
-        lines.append(_row("  gateway / direct", [ratio["tokens_per_s"], ratio["batch_tokens_per_s"], None,
-                     ratio["ttft"], None, None], suffix="x"))
-    return "\n".join(lines)
-
-
-def notes(results: list[dict[str, Any]]) -> list[str]:
-    """What a reader must know to trust the table: failures and output mismatches."""
-    found = []
-    for r in results:
-        if r["gateway"]["errors"]:
-            found.append(f"{r['model']}: non-200 outcomes {json.dumps(r['gateway']['statuses'], sort_keys=True)}")
-        if not r["same_output"]:
-            found.append(f"{r['model']}: gateway and direct greedy outputs differ (different prompt or parameters?)")
-    return found
-
-
 # ---------------------------------------------------------------- main
 
 
@@ -547,7 +333,8 @@ def measure_all(args: argparse.Namespace, var_dir: Path, say: Callable[[str], No
     """Start the stack, then per model: gateway phases, then direct phases; stop the stack."""
     models_file, specs = prepare_models(args, var_dir, say)
     say(f"starting the stack: redis, {len(specs)} worker(s), api …")
-    running = start_stack(var_dir, models_file, [spec.name for spec in specs])
+    running = start_govgate(var_dir, [spec.name for spec in specs], note="bench/inference.py",
+                            models_file=str(models_file), request_timeout_s=REQUEST_TIMEOUT_S)
     results = []
     try:
         for spec in specs:
@@ -555,14 +342,13 @@ def measure_all(args: argparse.Namespace, var_dir: Path, say: Callable[[str], No
             say(f"{spec.name}: gateway, 1 warm-up + {args.requests} sequential + batch of {args.batch} "
                 f"+ {args.requests} streamed (max_tokens {max_tokens}) …")
             body = request_body(spec.name, max_tokens)
-            gateway = asyncio.run(measure_gateway(running.base_url, running.headers[spec.name], body,
-                                                  args.requests, args.batch))
+            gateway = asyncio.run(measure_gateway(running.base_url, running.headers, body, args.requests,
+                                                  args.batch))
             say(f"{spec.name}: direct, load + 1 warm-up + {args.requests} generate + {args.requests} first pieces …")
             direct = measure_direct(spec, max_tokens, args.requests)
             results.append(model_figures(spec.name, max_tokens, gateway, direct))
     finally:
-        with signals_deferred():
-            running.stop()
+        running.stop()
     return results
 
 
@@ -573,18 +359,10 @@ def run(args: argparse.Namespace) -> int:
     from workers.backends import BackendError
     from workers.contract.registry import RegistryError
 
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    forget_govgate_environment()
-    with TempDir() as var_dir:
-        try:
-            results = measure_all(args, var_dir, say)
-        except (StartupError, RedisUnavailable, BackendError, RegistryError, TimeoutError, OSError) as exc:
-            say(f"bench: {type(exc).__name__}: {exc}")
-            for line in _log_tails(var_dir):
-                say(line)
-            return 1
+    results = in_temp_dir(lambda var_dir: measure_all(args, var_dir, say),
+                          (StartupError, RedisUnavailable, BackendError, RegistryError, TimeoutError, OSError))
+    if results is None:
+        return 1
     cores = os.cpu_count()
     print(f"{cores} CPU cores; gateway and direct runs take turns (never overlap). POST {COMPLETIONS_PATH}, "
           f"temperature 0, {args.requests} sequential + batch of {args.batch} + {args.requests} streamed "
@@ -599,12 +377,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _stop_on_sigterm()
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("bench: interrupted; everything it started has been stopped", file=sys.stderr)
-        return 130
+    return run_interruptible(lambda: run(args))
 
 
 if __name__ == "__main__":

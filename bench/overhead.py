@@ -25,28 +25,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import math
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
+if not __package__:  # run as `python bench/overhead.py`: import the bench package from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._figures import percentile, ratio, rounded, table_row  # noqa: E402
+from bench._stack import (  # noqa: E402
+    HEALTH_PATH,
+    HOST,
+    LOG_LEVEL,
+    Running,
+    free_port,
+    in_temp_dir,
+    run_interruptible,
+    say,
+    spawn,
+    start_govgate,
+)
+
 CHAT_PATH = "/v1/chat/completions"
-HEALTH_PATH = "/healthz"
-#: uvicorn log level for both servers (the same settings on both sides).
-LOG_LEVEL = "INFO"
 #: The longest a single request may take before it counts as an error.
 REQUEST_TIMEOUT_S = 30.0
 #: The longest one measured phase may take; a stuck stack ends the run, not hangs it.
@@ -190,10 +194,7 @@ class Phase:
 
     def percentile(self, p: float) -> float | None:
         """Nearest-rank percentile of successful requests' latency."""
-        ordered = sorted(self.latencies_ms)
-        if not ordered:
-            return None
-        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+        return percentile(self.latencies_ms, p)
 
 
 async def drive(base_url: str, headers: dict[str, str], body: dict[str, Any],
@@ -244,32 +245,6 @@ def measure(base_url: str, headers: dict[str, str], body: dict[str, Any], args: 
 # ---------------------------------------------------------------- the stacks
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def forget_govgate_environment() -> None:
-    """Drop inherited GOVGATE_* variables: the bench measures its own stack only.
-
-    ``child_env`` starts from this process's environment, so a developer's
-    shell pointing at another Redis or registry would otherwise leak in.
-    """
-    for name in [n for n in os.environ if n.startswith("GOVGATE_")]:
-        del os.environ[name]
-
-
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """A child in its own session (Ctrl-C reaches only us; we stop it in order)."""
-    from govgate.processes import child_preexec
-
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, *args], env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=child_preexec())
-
-
 @dataclass
 class Started:
     """What one start step gives the measurement: where to send, what to watch."""
@@ -280,83 +255,33 @@ class Started:
     stop: Callable[[], None]
 
 
-BENCH_PRINCIPAL = "bench"
-BENCH_TEAM = "bench"
-
-
-def bench_policy_dir(var_dir: Path) -> Path:
-    """The shipped policy with the bench principal and team given no usage limits.
-
-    The shipped defaults (e.g. 120 requests a minute) would turn a load test
-    into a measurement of 429s; an operator would give a load-test principal
-    its own limits entry the same way.
-    """
-    import json
-    import shutil
-
-    target = var_dir / "policies"
-    shutil.copytree(ROOT / "policies", target, ignore=shutil.ignore_patterns("*_test.rego"))
-    data_file = target / "data.json"
-    document = json.loads(data_file.read_text())
-    limits = document["govgate_config"].setdefault("limits", {})
-    limits.setdefault("principals", {})[BENCH_PRINCIPAL] = {}
-    limits.setdefault("teams", {})[BENCH_TEAM] = {}
-    data_file.write_text(json.dumps(document, indent=2))
-    return target
-
-
-def start_govgate(var_dir: Path) -> Started:
+def start_gateway_side(var_dir: Path) -> Started:
     """Redis, one tiny-model worker, ``govgate serve``, and an admin key."""
-    from gateway.auth import KeyStore
-    from gateway.components import open_database
-    from govgate.redis_server import RedisProcess
-    from gateway.settings import Settings
-    from govgate.stack import Stack, wait_for_api, wait_for_workers
-    from govgate.supervisor import child_env
     from workers.contract.registry import TINY_MODEL_NAME
 
-    stack = Stack()
-    try:
-        stack.redis = RedisProcess.start(var_dir / "redis", persist=False)
-        settings = Settings(var_dir=var_dir, redis_url=stack.redis.url, policy_dir=bench_policy_dir(var_dir),
-                            host=HOST, port=free_port(), log_level=LOG_LEVEL)
-        engine = open_database(settings)
-        secret = KeyStore(engine).create(BENCH_PRINCIPAL, team=BENCH_TEAM, roles=["admin"],
-                                         note="bench/overhead.py").secret
-        engine.dispose()
-        env = child_env(settings, stack.redis.url)
-        env["GOVGATE_REQUEST_TIMEOUT_S"] = str(REQUEST_TIMEOUT_S)
-        stack.workers[TINY_MODEL_NAME] = spawn(["-m", "govgate.cli", "worker", "--model", TINY_MODEL_NAME],
-                                               env, var_dir / "worker.log")
-        wait_for_workers(stack.redis.url, [TINY_MODEL_NAME], stack, timeout_s=120)
-        stack.api = spawn(["-m", "govgate.cli", "serve"], env, var_dir / "serve.log")
-        base_url = f"http://{HOST}:{settings.port}"
-        wait_for_api(base_url + HEALTH_PATH, stack)
-    except BaseException:
-        with signals_deferred():
-            stack.stop()
-        raise
-    return Started(base_url=base_url, headers={"Authorization": f"Bearer {secret}"},
+    running = start_govgate(var_dir, [TINY_MODEL_NAME], note="bench/overhead.py", request_timeout_s=REQUEST_TIMEOUT_S)
+    stack = running.stack
+    return Started(base_url=running.base_url, headers=running.headers,
                    cpu_pids={"server": stack.api.pid, "worker": stack.workers[TINY_MODEL_NAME].pid,
                              "redis": stack.redis.process.pid},
-                   stop=stack.stop)
+                   stop=running.stop)
 
 
 def start_baseline(var_dir: Path) -> Started:
     """The bare Litestar app in its own uvicorn process (this file, ``--serve-baseline``)."""
     from govgate.stack import Stack, wait_for_api
 
-    port = free_port()
-    stack = Stack(api=spawn([str(Path(__file__).resolve()), "--serve-baseline", str(port)],
-                            dict(os.environ), var_dir / "baseline.log"))
-    base_url = f"http://{HOST}:{port}"
+    port = free_port(HOST)
+    running = Running(base_url=f"http://{HOST}:{port}", headers={}, stack=Stack(
+        api=spawn([str(Path(__file__).resolve()), "--serve-baseline", str(port)], dict(os.environ),
+                  var_dir / "baseline.log")))
     try:
-        wait_for_api(base_url + HEALTH_PATH, stack)
+        wait_for_api(running.base_url + HEALTH_PATH, running.stack)
     except BaseException:
-        with signals_deferred():
-            stack.stop()
+        running.stop()
         raise
-    return Started(base_url=base_url, headers={}, cpu_pids={"server": stack.api.pid}, stop=stack.stop)
+    return Started(base_url=running.base_url, headers={}, cpu_pids={"server": running.stack.api.pid},
+                   stop=running.stop)
 
 
 def request_body() -> dict[str, Any]:
@@ -376,15 +301,10 @@ def run_one(start: Callable[[Path], Started], var_dir: Path, args: argparse.Name
         say(f"{name}: {args.warmup} warm-up + {args.requests} measured requests at concurrency {args.concurrency}")
         return measure(started.base_url, started.headers, request_body(), args, CpuProbe(started.cpu_pids))
     finally:
-        with signals_deferred():
-            started.stop()
+        started.stop()
 
 
 # ---------------------------------------------------------------- reporting
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
 
 
 def figures(phase: Phase, cpu: dict[str, float]) -> dict[str, Any]:
@@ -394,8 +314,8 @@ def figures(phase: Phase, cpu: dict[str, float]) -> dict[str, Any]:
         "requests": phase.requests,
         "wall_s": round(phase.wall_s, 3),
         "rps": round(phase.rps, 1),
-        "p50_ms": None if p50 is None else round(p50, 2),
-        "p99_ms": None if p99 is None else round(p99, 2),
+        "p50_ms": rounded(p50, 2),
+        "p99_ms": rounded(p99, 2),
         "errors": phase.errors,
         "statuses": dict(phase.statuses),
         "cpu_ms_per_request": {k: round(v, 3) for k, v in cpu.items()},
@@ -405,14 +325,13 @@ def figures(phase: Phase, cpu: dict[str, float]) -> dict[str, Any]:
 def ratios(gov: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
     """govgate / baseline; throughput below 1 and latency/CPU above 1 mean overhead."""
     gov_cpu, base_cpu = gov["cpu_ms_per_request"], base["cpu_ms_per_request"]
-    raw = {
-        "rps": _ratio(gov["rps"], base["rps"]),
-        "p50": _ratio(gov["p50_ms"], base["p50_ms"]),
-        "p99": _ratio(gov["p99_ms"], base["p99_ms"]),
-        "server_cpu": _ratio(gov_cpu["server"], base_cpu["server"]),
-        "total_cpu": _ratio(sum(gov_cpu[k] for k in ("server", "worker", "redis")), base_cpu["server"]),
+    return {
+        "rps": ratio(gov["rps"], base["rps"]),
+        "p50": ratio(gov["p50_ms"], base["p50_ms"]),
+        "p99": ratio(gov["p99_ms"], base["p99_ms"]),
+        "server_cpu": ratio(gov_cpu["server"], base_cpu["server"]),
+        "total_cpu": ratio(sum(gov_cpu[k] for k in ("server", "worker", "redis")), base_cpu["server"]),
     }
-    return {k: None if v is None else round(v, 2) for k, v in raw.items()}
 
 
 _LABEL_WIDTH, _CELL_WIDTH = 16, 9
@@ -420,11 +339,10 @@ _COLUMNS = ("req/s", "p50 ms", "p99 ms", "errors", "server", "worker", "redis", 
 
 
 def _row(label: str, cells: list[Any], suffix: str = "") -> str:
-    texts = ["-" if c is None else f"{c}{suffix}" for c in cells]
-    return label.ljust(_LABEL_WIDTH) + "".join(t.rjust(_CELL_WIDTH) for t in texts)
+    return table_row(label, cells, (_LABEL_WIDTH, _CELL_WIDTH), suffix)
 
 
-def table(gov: dict[str, Any], base: dict[str, Any], ratio: dict[str, Any]) -> str:
+def table(gov: dict[str, Any], base: dict[str, Any], ratio_of: dict[str, Any]) -> str:
     """A small aligned table: one row per side, one for the ratios."""
     cpu_title = "--- CPU ms per request ---".center(4 * _CELL_WIDTH)
     lines = [(" " * (_LABEL_WIDTH + 4 * _CELL_WIDTH) + cpu_title).rstrip(), _row("", list(_COLUMNS))]
@@ -432,9 +350,9 @@ def table(gov: dict[str, Any], base: dict[str, Any], ratio: dict[str, Any]) -> s
         cpu = side["cpu_ms_per_request"]
         lines.append(_row(name, [side["rps"], side["p50_ms"], side["p99_ms"], side["errors"],
                                  *(cpu.get(k) for k in ("server", "worker", "redis", "client"))]))
-    lines.append(_row("govgate / bare", [ratio["rps"], ratio["p50"], ratio["p99"], None,
-                                         ratio["server_cpu"], None, None, None], suffix="x"))
-    lines.append(f"all govgate server-side processes (server+worker+redis) / bare server CPU: {ratio['total_cpu']}x")
+    lines.append(_row("govgate / bare", [ratio_of["rps"], ratio_of["p50"], ratio_of["p99"], None,
+                                         ratio_of["server_cpu"], None, None, None], suffix="x"))
+    lines.append(f"all govgate server-side processes (server+worker+redis) / bare server CPU: {ratio_of['total_cpu']}x")
     return "\n".join(lines)
 
 
@@ -460,81 +378,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold Ctrl-C/SIGTERM while stopping children, then act on it.
-
-    A second Ctrl-C must not cut a stop short (and leave a child running), but
-    it must not be lost either: the run ends once the stop is done.
-    """
-    received: list[int] = []
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum)) for sig in signals}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if received:
-        raise KeyboardInterrupt
-
-
-def _stop_on_sigterm() -> None:
-    """Turn SIGTERM into KeyboardInterrupt so the same cleanup runs as on Ctrl-C."""
-    def handler(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
-@dataclass
-class TempDir:
-    """A short folder under /tmp (unix socket paths are limited to ~100 bytes)."""
-
-    path: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ggb-", dir="/tmp")))
-
-    def __enter__(self) -> Path:
-        return self.path
-
-    def __exit__(self, *exc: object) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _log_tails(var_dir: Path, lines: int = 15) -> Iterator[str]:
-    """The end of each child's log, shown when a start fails (the folder is removed after)."""
-    for log in sorted(var_dir.glob("*.log")) + sorted(var_dir.glob("redis/*.log")):
-        tail = log.read_text(errors="replace").splitlines()[-lines:]
-        yield f"--- {log.name} (last {len(tail)} lines)"
-        yield from tail
-
-
 def run(args: argparse.Namespace) -> int:
     """Measure govgate, then the baseline, and print the table and the JSON line."""
-    from govgate.stack import StartupError
     from govgate.redis_server import RedisUnavailable
+    from govgate.stack import StartupError
 
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+    def both(var_dir: Path) -> tuple[tuple[Phase, dict[str, float]], ...]:
+        return (run_one(start_gateway_side, var_dir, args, say, "govgate"),
+                run_one(start_baseline, var_dir, args, say, "bare litestar"))
 
-    forget_govgate_environment()
-    with TempDir() as var_dir:
-        try:
-            gov_phase, gov_cpu = run_one(start_govgate, var_dir, args, say, "govgate")
-            base_phase, base_cpu = run_one(start_baseline, var_dir, args, say, "bare litestar")
-        except (StartupError, RedisUnavailable, TimeoutError, OSError) as exc:
-            say(f"bench: {type(exc).__name__}: {exc}")
-            for line in _log_tails(var_dir):
-                say(line)
-            return 1
+    measured = in_temp_dir(both, (StartupError, RedisUnavailable, TimeoutError, OSError))
+    if measured is None:
+        return 1
+    (gov_phase, gov_cpu), (base_phase, base_cpu) = measured
     gov, base = figures(gov_phase, gov_cpu), figures(base_phase, base_cpu)
-    ratio = ratios(gov, base)
+    side_ratios = ratios(gov, base)
     print(f"concurrency {args.concurrency}, {args.requests} requests per side, max_tokens 1, "
           f"{os.cpu_count()} CPUs")
-    print(table(gov, base, ratio))
+    print(table(gov, base, side_ratios))
     for note in filter(None, (_status_note("govgate", gov), _status_note("bare litestar", base))):
         print(note)
     print(json.dumps({"concurrency": args.concurrency, "requests": args.requests, "warmup": args.warmup,
-                      "govgate": gov, "baseline": base, "ratios": ratio}, sort_keys=True))
+                      "govgate": gov, "baseline": base, "ratios": side_ratios}, sort_keys=True))
     return 0
 
 
@@ -543,12 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_baseline is not None:
         serve_baseline(args.serve_baseline)
         return 0
-    _stop_on_sigterm()
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("bench: interrupted; everything it started has been stopped", file=sys.stderr)
-        return 130
+    return run_interruptible(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -46,44 +46,36 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
-import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-# Process-handling helpers shared with the overhead bench (this folder is sys.path[0] when run as a script).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import _stop_on_sigterm, signals_deferred  # noqa: E402
-
+if not __package__:  # run as `python bench/policy.py`: import the bench package from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._figures import percentile, rounded  # noqa: E402
+from bench._stack import (  # noqa: E402
+    ROOT,
+    TempDir,
+    forget_govgate_environment,
+    run_interruptible,
+    say,
+    stop_later,
+)
+from bench.policy_inputs import Sample, mix_notes, sample_inputs  # noqa: E402
+from bench.policy_report import print_report  # noqa: E402
+from bench.policy_timing import Operation, Run, sequential_and_concurrent, timed  # noqa: E402
 from gateway.policy.opa_binary import LOCAL_OPA, find_opa  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-
 POLICY_DIR = ROOT / "policies"
-HOST = "127.0.0.1"
 #: Per-decision timeout of both engines: generous, so a slow machine shows as latency, not as denials.
 DECISION_TIMEOUT_S = 5.0
-#: The longest one measured phase may take; a stuck engine or Redis ends the run, not hangs it.
-PHASE_TIMEOUT_S = 300.0
 #: Building OPA from source can take minutes on a cold Go cache.
 MAKE_OPA_TIMEOUT_S = 1200.0
-OPA_START_TIMEOUT_S = 20.0
 #: A policy folder being edited may be momentarily broken or change between loads: retry this often.
 LOAD_ATTEMPTS = 3
 LOAD_RETRY_DELAY_S = 2.0
-#: A fixed time (Tuesday 2023-11-14 12:00 UTC, inside the restricted model's hours) so schedule
-#: rules decide the same way on every run.
-FIXED_NOW_NS = 1_699_963_200 * 1_000_000_000
 
 #: Tokens a counters request reserves and then really uses.
 RESERVED_TOKENS = 256
@@ -94,195 +86,6 @@ TEAMS = 4
 #: Finite (so every limit check runs) but far above what the bench can use.
 NON_BINDING = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "tokens_per_day": 10**12,
                "tokens_per_month": 10**13, "in_flight": 10**6}
-
-
-# ---------------------------------------------------------------- the input mix
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One policy input and what the shipped policy is meant to answer to it.
-
-    ``expect_code`` is one reason code the deny must carry (None for an allow).
-    """
-
-    name: str
-    input: dict[str, Any]
-    expect_allow: bool
-    expect_code: str | None = None
-
-
-def _usage(requests: int = 3, tokens_minute: int = 900, today: int = 12_000, month: int = 150_000,
-           in_flight: int = 1) -> dict[str, Any]:
-    """A usage snapshot shaped as ``UsageCounters.snapshot`` returns it (the team's counters are 4x)."""
-    def view(scale: int) -> dict[str, int]:
-        return {"requests_last_minute": requests * scale, "tokens_last_minute": tokens_minute * scale,
-                "tokens_today": today * scale, "tokens_this_month": month * scale,
-                "in_flight": in_flight * scale, "minute_window_frees_in_s": 17}
-    return {"principal": view(1), "team": view(4)}
-
-
-_LONG_CHAT = [
-    {"role": "system", "content": "You are a careful assistant for the support team. Answer briefly and "
-                                  "never repeat personal data back to the customer."},
-    {"role": "user", "content": "Here is the ticket history. " + " ".join(
-        f"Entry {i}: the customer reported that the export job failed at step {i % 7} with a timeout "
-        f"after {30 + i} seconds; retrying did not help and the log shows a lock wait." for i in range(24))},
-    {"role": "assistant", "content": "Understood. Which part should I summarise?"},
-    {"role": "user", "content": "Summarise the root cause and draft a reply to ops-desk@example.org."},
-]
-
-
-def sample_inputs() -> list[Sample]:
-    """The mix every engine and every mode evaluates, in this order, round robin."""
-    from gateway.auth import Principal
-    from gateway.requests.policy_input import build_input
-    from workers.contract.registry import ModelSpec
-
-    def model(name: str, tags: tuple[str, ...] = ()) -> ModelSpec:
-        return ModelSpec(name=name, path=Path("/nonexistent"), context_length=4096, tags=tags)
-
-    def build(roles: tuple[str, ...], model_spec: ModelSpec, *, text: str | None = None,
-              messages: list[dict[str, str]] | None = None, team: str = "support", purpose: str | None = None,
-              usage: dict[str, Any] | None = None, max_tokens: int = 200) -> dict[str, Any]:
-        if messages is None:
-            messages = [{"role": "user", "content": text or ""}]
-        principal = Principal(id="u-bench", team=team, roles=roles, key_id="k-bench")
-        return build_input(principal=principal, endpoint="chat.completions", model=model_spec,
-                           max_tokens=max_tokens, stream=False, purpose=purpose, messages=messages,
-                           usage=usage if usage is not None else _usage(), now_ns=FIXED_NOW_NS)
-
-    tiny, big = model("govgate-tiny"), model("big")
-    restricted = model("govgate-restricted", tags=("restricted",))
-    return [
-        Sample("allowed: analyst, plain prompt",
-               build(("analyst",), tiny, text="Summarise these incident notes in three bullet points."), True),
-        Sample("allowed: long chat with an email (redacted)",
-               build(("analyst",), tiny, messages=_LONG_CHAT), True),
-        Sample("allowed: admin, email+phone+IBAN (redacted)",
-               build(("admin",), big, team="research", text="Write to jane.doe@example.com or call "
-                     "+44 20 7946 0958; refund to IBAN GB82 WEST 1234 5698 7654 32 today.", max_tokens=1000),
-               True),
-        Sample("denied by role: viewer",
-               build(("viewer",), tiny, text="hello"), False, "model_not_allowed"),
-        Sample("denied by role: analyst asks for big",
-               build(("analyst",), big, text="hello"), False, "model_not_allowed"),
-        Sample("denied by content: card number",
-               build(("analyst",), tiny, text="Charge card 4111 1111 1111 1111 exp 12/29 for the order."),
-               False, "pii_detected"),
-        Sample("denied by content: US SSN",
-               build(("analyst",), tiny, text="The applicant's SSN is 123-45-6789, please verify it."),
-               False, "pii_detected"),
-        Sample("denied by content: private key",
-               build(("admin",), big, text="Why does this fail?\n-----BEGIN RSA PRIVATE KEY-----\nMIIEow"),
-               False, "blocked_content"),
-        Sample("allowed: restricted model with purpose",
-               build(("admin",), restricted, team="research", text="Evaluate this answer.", purpose="evaluation"),
-               True),
-        Sample("denied: restricted model, no purpose",
-               build(("admin",), restricted, team="research", text="Evaluate this answer."),
-               False, "purpose_required"),
-        Sample("allowed: limits nearly exhausted",
-               build(("analyst",), tiny, text="One more question.", max_tokens=100,
-                     usage=_usage(requests=119, tokens_minute=19_800, today=199_900)), True),
-        Sample("denied: requests per minute used up",
-               build(("analyst",), tiny, text="One more question.", usage=_usage(requests=120)),
-               False, "rate_limited"),
-        Sample("denied: daily tokens used up",
-               build(("analyst",), tiny, text="One more question.", usage=_usage(today=199_950)),
-               False, "budget_exceeded"),
-    ]
-
-
-def mix_notes(name: str, samples: list[Sample], decisions: list[Any]) -> list[str]:
-    """Where the engine's answers differ from what the inputs are meant to show."""
-    notes = []
-    for sample, decision in zip(samples, decisions):
-        codes = sorted({reason.code for reason in decision.reasons})
-        if decision.allow != sample.expect_allow or (sample.expect_code and sample.expect_code not in codes):
-            wanted = "allow" if sample.expect_allow else f"deny {sample.expect_code}"
-            got = "allow" if decision.allow else f"deny {','.join(codes)}"
-            notes.append(f"{name}: input '{sample.name}' meant to show {wanted}, got {got}")
-    return notes
-
-
-# ---------------------------------------------------------------- timing
-
-
-@dataclass
-class Run:
-    """One measured phase: how long it took and each operation's latency."""
-
-    count: int
-    wall_s: float
-    latencies_us: list[float]
-    failures: Counter = field(default_factory=Counter)
-
-    @property
-    def per_s(self) -> float:
-        return self.count / self.wall_s if self.wall_s > 0 else 0.0
-
-    def percentile(self, p: float) -> float | None:
-        """Nearest-rank percentile (no interpolation: every figure is a latency that happened)."""
-        return percentile(self.latencies_us, p)
-
-    def figures(self) -> dict[str, Any]:
-        return {"count": self.count, "wall_s": round(self.wall_s, 4), "per_s": round(self.per_s, 1),
-                "p50_us": _round(self.percentile(50)), "p99_us": _round(self.percentile(99)),
-                "failures": dict(self.failures)}
-
-
-def percentile(values: list[float], p: float) -> float | None:
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
-def _round(value: float | None, digits: int = 1) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-#: One operation of a phase: given its sequence number, do it; return a failure label or None.
-Operation = Callable[[int], Awaitable[str | None]]
-
-
-async def timed(operation: Operation, count: int, concurrency: int) -> Run:
-    """Run ``count`` operations with ``concurrency`` in flight, timing each one.
-
-    Coroutines share one iterator of sequence numbers, so the work is the
-    same whatever the concurrency; the whole phase is bounded by
-    ``PHASE_TIMEOUT_S``.
-    """
-    latencies: list[float] = []
-    failures: Counter = Counter()
-    numbers = iter(range(count))
-
-    async def loop() -> None:
-        for number in numbers:
-            started = time.perf_counter_ns()
-            failure = await operation(number)
-            latencies.append((time.perf_counter_ns() - started) / 1000)
-            if failure:
-                failures[failure] += 1
-
-    started = time.perf_counter()
-    try:
-        # A TaskGroup, not gather: on an error, a timeout or Ctrl-C the coroutines are
-        # cancelled and awaited before the caller closes what they are using.
-        async with asyncio.timeout(PHASE_TIMEOUT_S), asyncio.TaskGroup() as group:
-            for _ in range(concurrency):
-                group.create_task(loop())
-    except TimeoutError:
-        raise TimeoutError(f"{count} operations did not finish within {PHASE_TIMEOUT_S:.0f}s") from None
-    return Run(count=count, wall_s=time.perf_counter() - started, latencies_us=latencies, failures=failures)
-
-
-async def sequential_and_concurrent(operation: Operation, args: argparse.Namespace, count: int) -> dict[str, Run]:
-    """Warm up (unmeasured), then one sequential and one concurrent phase."""
-    await timed(operation, args.warmup, min(args.concurrency, max(args.warmup, 1)))
-    return {"sequential": await timed(operation, count, 1),
-            "concurrent": await timed(operation, count, args.concurrency)}
 
 
 # ---------------------------------------------------------------- OPA
@@ -304,61 +107,6 @@ def ensure_opa(say: Callable[[str], None]) -> tuple[Path | None, str]:
     if binary is None:
         return None, f"OPA part skipped: no opa binary and {failed or '`make opa` built none'}"
     return binary, ""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class OpaProcess:
-    """``opa run --server`` on loopback, loading the policy folder itself (as in production)."""
-
-    process: subprocess.Popen
-    port: int
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    @classmethod
-    def start(cls, binary: Path, log_dir: Path) -> "OpaProcess":
-        """Start and wait for ``/health``; ``RuntimeError`` with the log's end if it does not come up."""
-        from govgate.processes import child_preexec
-
-        port = _free_port()
-        log_path = log_dir / "opa.log"
-        command = [str(binary), "run", "--server", "--addr", f"{HOST}:{port}", "--log-level", "error",
-                   "--skip-version-check", str(POLICY_DIR)]
-        with open(log_path, "ab") as log:
-            # Own session: Ctrl-C reaches only us, and we stop OPA in order.
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                       start_new_session=True, preexec_fn=child_preexec())
-        server = cls(process, port, log_path)
-        if not server._wait_healthy():
-            server.stop()
-            raise RuntimeError(f"OPA did not start:\n{log_path.read_text(errors='replace')[-2000:]}")
-        return server
-
-    def _wait_healthy(self) -> bool:
-        deadline = time.monotonic() + OPA_START_TIMEOUT_S
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as reply:
-                    if reply.status == 200:
-                        return True
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        return False
-
-    def stop(self) -> None:
-        from govgate.processes import stop_process
-
-        stop_process(self.process, timeout_s=10)
 
 
 # ---------------------------------------------------------------- policy engines
@@ -479,7 +227,7 @@ def ping_operation(client: Any) -> Operation:
 
 
 def _step_figures(per_op: dict[str, list[float]]) -> dict[str, dict[str, float | None]]:
-    return {name: {"p50_us": _round(percentile(values, 50)), "p99_us": _round(percentile(values, 99))}
+    return {name: {"p50_us": rounded(percentile(values, 50)), "p99_us": rounded(percentile(values, 99))}
             for name, values in per_op.items()}
 
 
@@ -513,118 +261,6 @@ def _new_steps() -> dict[str, list[float]]:
     return {"snapshot": [], "reserve": [], "settle": []}
 
 
-# ---------------------------------------------------------------- reporting
-
-
-def ratios(top: Run, bottom: Run) -> dict[str, float | None]:
-    """top / bottom; latency above 1 and throughput below 1 mean ``top`` costs more."""
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return round(a / b, 2) if a is not None and b else None
-
-    return {"p50": ratio(top.percentile(50), bottom.percentile(50)),
-            "p99": ratio(top.percentile(99), bottom.percentile(99)),
-            "per_s": ratio(top.per_s, bottom.per_s)}
-
-
-_LABEL_WIDTH, _CELL_WIDTH = 40, 11
-_COLUMNS = ("p50 µs", "p99 µs", "per s", "failures")
-
-
-def _row(label: str, cells: list[Any], suffix: str = "") -> str:
-    texts = ["-" if c is None else f"{c}{suffix}" for c in cells]
-    return label.ljust(_LABEL_WIDTH) + "".join(t.rjust(_CELL_WIDTH) for t in texts)
-
-
-def _run_row(label: str, run: Run) -> str:
-    return _row(label, [_round(run.percentile(50)), _round(run.percentile(99)), round(run.per_s),
-                        sum(run.failures.values())])
-
-
-def _ratio_row(label: str, ratio: dict[str, float | None]) -> str:
-    return _row(label, [ratio["p50"], ratio["p99"], ratio["per_s"]], suffix="x")
-
-
-def policy_table(policy: dict[str, Any], args: argparse.Namespace) -> list[str]:
-    """Rows per engine and mode, then OPA / embedded."""
-    lines = [_row("policy decisions", list(_COLUMNS))]
-    runs = policy["runs"]
-    for name, by_mode in runs.items():
-        for mode, run in by_mode.items():
-            lines.append(_run_row(f"  {name} {_mode_label(mode, args)}", run))
-    if "opa" in runs:
-        for mode in ("sequential", "concurrent"):
-            lines.append(_ratio_row(f"  opa / embedded {_mode_label(mode, args)}",
-                                    ratios(runs["opa"][mode], runs["embedded"][mode])))
-        lines.append("  (latency above 1x and per s below 1x: OPA costs more; failures are fail-closed denies)")
-    return lines
-
-
-def counters_table(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
-    """PING and counters rows per mode, the steps of a request, then counters / PING."""
-    lines = [_row("usage counters (per request)", list(_COLUMNS))]
-    for mode in ("sequential", "concurrent"):
-        lines.append(_run_row(f"  PING {_mode_label(mode, args)}", result["ping"][mode]))
-        lines.append(_run_row(f"  snapshot+reserve+settle {_mode_label(mode, args)}", result["counters"][mode]))
-        for step, figures in result["steps"][mode].items():
-            lines.append(_row(f"    {step}", [figures["p50_us"], figures["p99_us"]]))
-    for mode in ("sequential", "concurrent"):
-        lines.append(_ratio_row(f"  counters / PING {_mode_label(mode, args)}",
-                                ratios(result["counters"][mode], result["ping"][mode])))
-    lines.append("  (a counters request is three scripted round trips; PING is one bare round trip)")
-    return lines
-
-
-def _mode_label(mode: str, args: argparse.Namespace) -> str:
-    return "seq" if mode == "sequential" else f"c={args.concurrency}"
-
-
-def _figures(by_mode: dict[str, Run]) -> dict[str, Any]:
-    return {mode: run.figures() for mode, run in by_mode.items()}
-
-
-def summary(policy: dict[str, Any], opa_skipped: str, counters: dict[str, Any], samples: list[Sample],
-            args: argparse.Namespace) -> dict[str, Any]:
-    """Every figure of the run, for the JSON line."""
-    runs = policy["runs"]
-    policy_doc: dict[str, Any] = {
-        "revision": policy["revision"],
-        "inputs": [s.name for s in samples],
-        "embedded": _figures(runs["embedded"]),
-        "opa": _figures(runs["opa"]) if "opa" in runs else None,
-        "opa_skipped": opa_skipped or None,
-        "opa_over_embedded": None if "opa" not in runs else {
-            mode: ratios(runs["opa"][mode], runs["embedded"][mode]) for mode in ("sequential", "concurrent")},
-        "notes": policy["notes"],
-    }
-    counters_doc = {
-        "ping": _figures(counters["ping"]),
-        "snapshot_reserve_settle": _figures(counters["counters"]),
-        "steps": counters["steps"],
-        "counters_over_ping": {mode: ratios(counters["counters"][mode], counters["ping"][mode])
-                               for mode in ("sequential", "concurrent")},
-    }
-    return {"decisions": args.decisions, "requests": args.requests, "concurrency": args.concurrency,
-            "warmup": args.warmup, "cpus": os.cpu_count(), "policy": policy_doc, "counters": counters_doc}
-
-
-# ---------------------------------------------------------------- process handling
-
-
-def stop_later(stack: contextlib.ExitStack, stop: Callable[[], None]) -> None:
-    """Register a stop that a Ctrl-C cannot interrupt halfway."""
-    def deferred() -> None:
-        with signals_deferred():
-            stop()
-
-    stack.callback(deferred)
-
-
-def forget_govgate_environment() -> None:
-    """Drop inherited GOVGATE_* variables: the bench measures its own processes only."""
-    for name in [n for n in os.environ if n.startswith("GOVGATE_")]:
-        del os.environ[name]
-
-
 # ---------------------------------------------------------------- main
 
 
@@ -655,25 +291,21 @@ async def measure(opa_url: str | None, redis_url: str, samples: list[Sample], ar
 def run(args: argparse.Namespace) -> int:
     """Start Redis and OPA, measure, stop them, print the table and the JSON line."""
     from gateway.policy import PolicyLoadError
+    from govgate.opa_server import OpaServer
     from govgate.redis_server import RedisProcess, RedisUnavailable
-
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
 
     forget_govgate_environment()
     samples = sample_inputs()
     opa_skipped = "OPA part skipped: --no-opa" if args.no_opa else ""
     with contextlib.ExitStack() as stack:
-        # A short path: unix socket paths are limited to ~100 bytes.
-        work_dir = Path(tempfile.mkdtemp(prefix="ggp-", dir="/tmp"))
-        stack.callback(shutil.rmtree, work_dir, ignore_errors=True)
+        work_dir = stack.enter_context(TempDir())
         try:
             opa_url = None
             if not args.no_opa:
                 binary, opa_skipped = ensure_opa(say)
                 if binary is not None:
                     say(f"opa: starting {binary} on the policy folder …")
-                    opa = OpaProcess.start(binary, work_dir)
+                    opa = OpaServer(binary, work_dir, POLICY_DIR).start()
                     stop_later(stack, opa.stop)
                     opa_url = opa.url
             if opa_skipped:
@@ -689,29 +321,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_report(policy: dict[str, Any], opa_skipped: str, counters: dict[str, Any], samples: list[Sample],
-                 args: argparse.Namespace) -> None:
-    allowed = sum(s.expect_allow for s in samples)
-    print(f"policy revision {policy['revision']}; {len(samples)} inputs round robin "
-          f"({allowed} allowed, {len(samples) - allowed} denied); {os.cpu_count()} CPUs")
-    print("\n".join(policy_table(policy, args)))
-    if opa_skipped:
-        print(opa_skipped)
-    for note in policy["notes"]:
-        print(f"note: {note}")
-    print()
-    print("\n".join(counters_table(counters, args)))
-    print(json.dumps(summary(policy, opa_skipped, counters, samples, args), sort_keys=True))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _stop_on_sigterm()
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("bench: interrupted; everything it started has been stopped", file=sys.stderr)
-        return 130
+    return run_interruptible(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -55,30 +55,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import signal
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-# The overhead bench's helpers and the soak's parts (this folder is sys.path[0] when run as a script).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import TempDir, _stop_on_sigterm, signals_deferred  # noqa: E402
-from soak_audit import (  # noqa: E402
-    CHECKS,
-    Check,
-    Fault,
-    Sent,
-    audit_checks,
-    accepted,
-    log_problems,
-    wait_for_terminals,
-)
-from soak_stack import SoakStack  # noqa: E402
+if not __package__:  # run as `python bench/soak.py`: import the bench package from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._stack import TempDir, run_interruptible, say, signals_deferred  # noqa: E402
+from bench.soak_audit import Check, Fault, Sent, accepted, audit_checks, log_problems, wait_for_terminals  # noqa: E402
+from bench.soak_client import CHAT_PATH, DISCONNECTED, TEXT_PATH, request_body, send_request  # noqa: E402
+from bench.soak_report import SoakReport  # noqa: E402
+from bench.soak_stack import SoakStack  # noqa: E402
 
 WORKER_KILL = "worker_kill"
 POOL_KILL = "pool_kill"
@@ -91,11 +83,6 @@ CLIENT_DISCONNECT = "client_disconnect"
 FAULT_KINDS = (POOL_KILL, WORKER_KILL, REDIS_RESTART, GATEWAY_TERM, CLIENT_DISCONNECT, GATEWAY_KILL, REDIS_KILL)
 _GATEWAY_FAULTS = (GATEWAY_TERM, GATEWAY_KILL)
 
-#: The outcome of a client that hung up on purpose.
-DISCONNECTED = "client disconnect mid-stream"
-CHAT_PATH = "/v1/chat/completions"
-TEXT_PATH = "/v1/completions"
-REQUEST_ID_HEADER = "x-govgate-request-id"
 #: How long Redis stays down in a Redis fault (the issue's follow-up used 5 s).
 REDIS_DOWN_S = 3.0
 #: The gateways' request timeout: a job lost with a worker ends (504) after this.
@@ -103,79 +90,6 @@ REQUEST_TIMEOUT_S = 15.0
 #: A generation's soft limit in the workers; the broker's visibility timeout
 #: (when a dead worker's task goes to another) is this + 10 s + 30 s.
 GENERATION_LIMIT_S = 2.0
-
-
-@dataclass
-class SoakReport:
-    """What :func:`run_soak` measured and found; ``ok`` is the verdict."""
-
-    requests: int
-    concurrency: int
-    wall_s: float
-    outcomes: Counter
-    faults: list[Fault]
-    checks: dict[str, Check]
-    audit_entries: int = 0
-    accepted: int = 0
-    log_problems: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return all(check.ok for check in self.checks.values())
-
-    @property
-    def failed_checks(self) -> list[str]:
-        return [name for name, check in self.checks.items() if not check.ok]
-
-    def verdict(self) -> str:
-        if self.ok:
-            return (f"soak: PASS: {self.requests} requests, {len(self.faults)} faults, "
-                    f"{self.accepted} accepted, every audit check holds")
-        return f"soak: FAIL: {', '.join(self.failed_checks)}"
-
-    def render(self) -> str:
-        """The figures as aligned text, ending with the verdict line."""
-        lines = [f"{self.requests} requests at concurrency {self.concurrency} in {self.wall_s:.1f}s "
-                 f"({self.requests / self.wall_s:.1f} req/s), {os.cpu_count()} CPUs", "", "outcomes:"]
-        for outcome, count in sorted(self.outcomes.items(), key=lambda item: (-item[1], item[0])):
-            lines.append(f"  {count:>7}  {outcome}")
-        lines += ["", "faults:                at s    restart s   recovery s  detail"]
-        start = self.faults[0].at if self.faults else 0.0
-        for fault in self.faults:
-            lines.append(f"  {fault.kind:<18}{fault.at - start:>8.1f}{_cell(fault.restart_s):>13}"
-                         f"{_cell(fault.recovery_s, 'never'):>13}  {fault.detail}")
-        lines += ["", f"audit: {self.audit_entries} entries, {self.accepted} accepted requests"]
-        for name, check in self.checks.items():
-            mark = "ok  " if check.ok else "FAIL"
-            near = ", ".join(f"{kind} {count}" for kind, count in check.by_fault.most_common())
-            lines.append(f"  {mark} {name}: {CHECKS[name]}"
-                         + ("" if check.ok else f" ({check.failures} failures{': ' + near if near else ''})"))
-            lines.extend(f"         e.g. {example}" for example in check.examples)
-        if self.log_problems:
-            lines += ["", "log lines worth a look: " + ", ".join(
-                f"{name} {count}" for name, count in sorted(self.log_problems.items()))]
-        lines += ["", self.verdict()]
-        return "\n".join(lines)
-
-    def to_document(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests, "concurrency": self.concurrency, "wall_s": round(self.wall_s, 2),
-            "outcomes": dict(self.outcomes), "accepted": self.accepted, "audit_entries": self.audit_entries,
-            "faults": [{"kind": f.kind, "detail": f.detail, "restart_s": _rounded(f.restart_s),
-                        "recovery_s": _rounded(f.recovery_s)} for f in self.faults],
-            "checks": {name: {"ok": c.ok, "failures": c.failures, "examples": c.examples,
-                              "by_fault": dict(c.by_fault)}
-                       for name, c in self.checks.items()},
-            "log_problems": self.log_problems, "ok": self.ok,
-        }
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 2)
-
-
-def _cell(value: float | None, missing: str = "-") -> str:
-    return missing if value is None else f"{value:.1f}"
 
 
 # ---------------------------------------------------------------- traffic
@@ -245,12 +159,13 @@ class Traffic:
                 disconnect = True
             record.stream = disconnect or self.random.random() < self.plan.stream_share
             chat = self.random.random() < 0.5
-            body = _body(self.stack.model, index, chat, record.stream, self.random.randint(2, self.plan.max_tokens))
+            max_tokens = self.random.randint(2, self.plan.max_tokens)
+            body = request_body(self.stack.model, index, chat, record.stream, max_tokens)
             bound = self.plan.request_timeout_s * 2 + 30
             try:
                 async with asyncio.timeout(bound):
-                    await _send(clients[record.gateway], CHAT_PATH if chat else TEXT_PATH, body, record, chat,
-                                disconnect)
+                    await send_request(clients[record.gateway], CHAT_PATH if chat else TEXT_PATH, body, record,
+                                       chat, disconnect)
             except TimeoutError:
                 record.outcome = record.outcome or f"no answer within {bound:g}s"
             record.ended = time.monotonic()
@@ -317,83 +232,6 @@ class Traffic:
             if recovery_of(fault, self.sent) is not None:
                 return
             await asyncio.sleep(0.1)
-
-
-def _body(model: str, index: int, chat: bool, stream: bool, max_tokens: int) -> dict[str, Any]:
-    text = f"Tell a short story number {index}."
-    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "stream": stream}
-    if chat:
-        body["messages"] = [{"role": "user", "content": text}]
-    else:
-        body["prompt"] = text
-    return body
-
-
-def _piece(event: dict[str, Any], chat: bool) -> str:
-    choices = event.get("choices") or []
-    if not choices:
-        return ""
-    if chat:
-        return choices[0].get("delta", {}).get("content") or ""
-    return choices[0].get("text") or ""
-
-
-def _error_code(raw: bytes) -> str:
-    try:
-        return str(json.loads(raw)["error"]["code"])
-    except (ValueError, KeyError, TypeError):
-        return "not-openai-shaped"
-
-
-async def _send(client: Any, path: str, body: dict[str, Any], record: Sent, chat: bool, disconnect: bool) -> None:
-    """One request; fills in ``record`` (outcome label, text, request id)."""
-    import httpx
-
-    try:
-        if not record.stream:
-            response = await client.post(path, json=body)
-            record.status = response.status_code
-            record.request_id = response.headers.get(REQUEST_ID_HEADER)
-            if response.status_code != 200:
-                record.outcome = f"{response.status_code} {_error_code(response.content)}"
-                return
-            choice = response.json()["choices"][0]
-            record.text = (choice["message"]["content"] if chat else choice["text"]) or ""
-            record.outcome, record.served = "200", True
-            return
-        async with client.stream("POST", path, json=body) as response:
-            record.status = response.status_code
-            record.request_id = response.headers.get(REQUEST_ID_HEADER)
-            if response.status_code != 200:
-                record.outcome = f"{response.status_code} {_error_code(await response.aread())}"
-                return
-            pieces = record.pieces
-            try:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[len("data: "):]
-                    if data == "[DONE]":
-                        record.outcome, record.served = "200 stream [DONE]", True
-                        return
-                    event = json.loads(data)
-                    if "error" in event:
-                        record.outcome = f"200 stream error event {event['error'].get('code')}"
-                        return
-                    piece = _piece(event, chat)
-                    pieces.append(piece)
-                    if disconnect and piece:
-                        record.outcome = DISCONNECTED
-                        return  # leaving the block closes the connection
-                record.outcome = "200 stream ended without [DONE]"
-            finally:
-                record.text = "".join(pieces)
-    except httpx.HTTPError as exc:
-        where = "mid-stream" if record.status is not None else "before an answer"
-        record.outcome = record.outcome or f"transport {type(exc).__name__} {where}"
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        record.served = False
-        record.outcome = f"{record.status} unreadable answer"
 
 
 def recovery_of(fault: Fault, sent: Iterable[Sent]) -> float | None:
@@ -503,25 +341,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _stop_on_sigterm()
 
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+    def run() -> int:
+        try:
+            report = run_soak(requests=args.requests, concurrency=args.concurrency, faults=args.fault_list,
+                              duration_s=args.duration, stream_share=args.stream_share, max_tokens=args.max_tokens,
+                              keep_dir=args.keep, say=say)
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            say(f"soak: {type(exc).__name__}: {exc}")
+            return 1
+        print(report.render())
+        if args.json:
+            print(json.dumps(report.to_document(), sort_keys=True))
+        return 0 if report.ok else 1
 
-    try:
-        report = run_soak(requests=args.requests, concurrency=args.concurrency, faults=args.fault_list,
-                          duration_s=args.duration, stream_share=args.stream_share, max_tokens=args.max_tokens,
-                          keep_dir=args.keep, say=say)
-    except KeyboardInterrupt:
-        say("soak: interrupted; everything it started has been stopped")
-        return 130
-    except (RuntimeError, TimeoutError, OSError) as exc:
-        say(f"soak: {type(exc).__name__}: {exc}")
-        return 1
-    print(report.render())
-    if args.json:
-        print(json.dumps(report.to_document(), sort_keys=True))
-    return 0 if report.ok else 1
+    return run_interruptible(run, "soak")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The soak's stack: Redis, workers and gateways it starts, breaks and restarts.
 
 Kept apart from ``soak.py`` (traffic, checks, report) so each reads on its
-own. Every child is started with the same helpers as the overhead bench and
-``govgate up`` (``child_env``, ``RedisProcess``, ``govgate worker``/``serve``).
+own. Every child is started with the same helpers as the other benches
+(:mod:`bench._stack`) and ``govgate up`` (``child_env``, ``RedisProcess``,
+``govgate worker``/``serve``).
 """
 
 from __future__ import annotations
@@ -10,18 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench._stack import HEALTH_PATH, HOST, bench_policy_dir, create_admin_key, free_port, spawn
 from govgate.processes import stop_process
-
-# The stack helpers of the overhead bench (this folder is sys.path[0] when run as a script).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import BENCH_PRINCIPAL, BENCH_TEAM, HEALTH_PATH, HOST, bench_policy_dir, free_port, spawn  # noqa: E402
 
 #: Longest wait for one process to start and answer.
 START_TIMEOUT_S = 120.0
@@ -47,7 +44,7 @@ class SoakStack:
         self.worker_count = workers
         self.workers: list[subprocess.Popen] = []
         self.gateways: list[subprocess.Popen] = []
-        self.ports = [free_port() for _ in range(gateways)]
+        self.ports = [free_port(HOST) for _ in range(gateways)]
         self.planned_exits: set[int] = set()
         #: When the last fault's victim was gone (``time.monotonic()``); set by each fault.
         self.down_at: float | None = None
@@ -71,7 +68,7 @@ class SoakStack:
         """Redis, the API key, the workers, the gateways; each waited for (call :meth:`stop` also on failure)."""
         self._start_redis()
         self.settings = self.settings.with_(redis_url=self.redis.url)
-        self.secret = self._create_key()
+        self.secret = create_admin_key(self.settings, "bench/soak.py")
         for _ in range(self.worker_count):
             self.workers.append(self._spawn_worker())
         for process in self.workers:
@@ -79,17 +76,6 @@ class SoakStack:
         self.gateways = [self._spawn_gateway(i) for i in range(len(self.ports))]
         for i in range(len(self.ports)):
             self._wait_gateway(i)
-
-    def _create_key(self) -> str:
-        from gateway.auth import KeyStore
-        from gateway.components import open_database
-
-        engine = open_database(self.settings)
-        try:
-            return KeyStore(engine).create(BENCH_PRINCIPAL, team=BENCH_TEAM, roles=["admin"],
-                                           note="bench/soak.py").secret
-        finally:
-            engine.dispose()
 
     def _env(self, port: int | None = None) -> dict[str, str]:
         from govgate.supervisor import child_env

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import signal
+import socket
 import subprocess
 import sys
 from typing import Callable
@@ -37,3 +38,10 @@ def stop_process(process: subprocess.Popen, *, timeout_s: float = 15.0, sig: int
         except subprocess.TimeoutExpired:
             process.kill()
     return process.wait()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now; another process may take it before the caller binds it."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

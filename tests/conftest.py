@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from audit import AuditStore, make_engine
 from gateway.app import create_app
 from gateway.auth import KeyStore
 from gateway.components import open_database
-from govgate.processes import child_preexec, stop_process
+from govgate.processes import child_preexec, free_port, stop_process
 from govgate.redis_server import RedisProcess
 from gateway.settings import Settings
 from govgate.supervisor import child_env
@@ -52,12 +51,6 @@ PRIORITY_MODEL = "priority-tiny"
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

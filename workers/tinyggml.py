@@ -40,15 +40,14 @@ common case one token per word. No merges table is needed.
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
+from workers.atomic_file import atomic_path
 from workers.tinymodel import _WORDS, write_tiny_llama_gguf
 
 #: Shape shared by the GGML families; the feed-forward width is 4 * N_EMBD in
@@ -116,7 +115,9 @@ def write_tiny_cerebras_gpt_ggml(path: Path, *, seed: int = 0, context_length: i
     rng = np.random.default_rng(seed)
     hparams = [len(tokens), context_length, N_EMBD, N_HEAD, N_LAYER, _FTYPE_ALL_F32]
     tensors = _gpt2_tensors(rng, biases, context_length)
-    return _write_atomically(path, lambda fh: _write_ggml(fh, hparams, tokens, tensors, vocab_count=True))
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        _write_ggml(fh, hparams, tokens, tensors, vocab_count=True)
+    return Path(path)
 
 
 def write_tiny_dolly_v2_ggml(path: Path, *, seed: int = 0, context_length: int = 256) -> Path:
@@ -222,11 +223,39 @@ def _output(rand: _Rand, biases: np.ndarray) -> np.ndarray:
     return out
 
 
+#: One transformer block's tensor names, in the order both converters write
+#: them: two norms (weight, bias), then attention in, attention out, MLP up
+#: and MLP down (each weight, bias).
+_GPT2_BLOCK = (
+    "ln_1/g", "ln_1/b", "ln_2/g", "ln_2/b", "attn/c_attn/w", "attn/c_attn/b",
+    "attn/c_proj/w", "attn/c_proj/b", "mlp/c_fc/w", "mlp/c_fc/b", "mlp/c_proj/w", "mlp/c_proj/b",
+)
+_NEOX_BLOCK = (
+    "input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight",
+    "post_attention_layernorm.bias", "attention.query_key_value.weight", "attention.query_key_value.bias",
+    "attention.dense.weight", "attention.dense.bias", "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias",
+    "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias",
+)
+
+
+def _block(rand: _Rand, prefix: str, names: tuple[str, ...]) -> list[tuple[str, np.ndarray]]:
+    """One block's tensors under ``prefix`` + ``names``: unit norms, random projections (4x MLP)."""
+    e = N_EMBD
+    ones, zeros = np.ones(e, dtype=np.float32), np.zeros(e, dtype=np.float32)
+    arrays = [
+        ones, zeros, ones, zeros,
+        rand(3 * e, e, scale=0.5), rand(3 * e, scale=0.1),
+        rand(e, e, scale=0.3), rand(e, scale=0.1),
+        rand(4 * e, e, scale=0.3), rand(4 * e, scale=0.1),
+        rand(e, 4 * e, scale=0.3), rand(e, scale=0.1),
+    ]
+    return [(prefix + name, array) for name, array in zip(names, arrays, strict=True)]
+
+
 def _gpt2_tensors(rng: np.random.Generator, biases: np.ndarray, n_ctx: int) -> list[tuple[str, np.ndarray]]:
     """gpt-2 tensors, numpy shape (out, in): the file lists dims innermost first."""
     rand = _Rand(rng)
     e, n_vocab = N_EMBD, len(biases)
-    ones, zeros = np.ones(e, dtype=np.float32), np.zeros(e, dtype=np.float32)
     ln_f_g, ln_f_b = _final_norm()
     tensors = [
         ("model/ln_f/g", ln_f_g),
@@ -236,21 +265,7 @@ def _gpt2_tensors(rng: np.random.Generator, biases: np.ndarray, n_ctx: int) -> l
         ("model/lm_head", _output(rand, biases)),
     ]
     for i in range(N_LAYER):
-        p = f"model/h{i}"
-        tensors += [
-            (f"{p}/ln_1/g", ones),
-            (f"{p}/ln_1/b", zeros),
-            (f"{p}/ln_2/g", ones),
-            (f"{p}/ln_2/b", zeros),
-            (f"{p}/attn/c_attn/w", rand(3 * e, e, scale=0.5)),
-            (f"{p}/attn/c_attn/b", rand(3 * e, scale=0.1)),
-            (f"{p}/attn/c_proj/w", rand(e, e, scale=0.3)),
-            (f"{p}/attn/c_proj/b", rand(e, scale=0.1)),
-            (f"{p}/mlp/c_fc/w", rand(4 * e, e, scale=0.3)),
-            (f"{p}/mlp/c_fc/b", rand(4 * e, scale=0.1)),
-            (f"{p}/mlp/c_proj/w", rand(e, 4 * e, scale=0.3)),
-            (f"{p}/mlp/c_proj/b", rand(e, scale=0.1)),
-        ]
+        tensors += _block(rand, f"model/h{i}/", _GPT2_BLOCK)
     return tensors
 
 
@@ -258,25 +273,10 @@ def _neox_tensors(rng: np.random.Generator, biases: np.ndarray) -> list[tuple[st
     """gpt-neox tensors under their Hugging Face names, as ggml's converter keeps them."""
     rand = _Rand(rng)
     e, n_vocab = N_EMBD, len(biases)
-    ones, zeros = np.ones(e, dtype=np.float32), np.zeros(e, dtype=np.float32)
     norm_w, norm_b = _final_norm()
     tensors = [("gpt_neox.embed_in.weight", rand(n_vocab, e, scale=1.0))]
     for i in range(N_LAYER):
-        p = f"gpt_neox.layers.{i}"
-        tensors += [
-            (f"{p}.input_layernorm.weight", ones),
-            (f"{p}.input_layernorm.bias", zeros),
-            (f"{p}.post_attention_layernorm.weight", ones),
-            (f"{p}.post_attention_layernorm.bias", zeros),
-            (f"{p}.attention.query_key_value.weight", rand(3 * e, e, scale=0.5)),
-            (f"{p}.attention.query_key_value.bias", rand(3 * e, scale=0.1)),
-            (f"{p}.attention.dense.weight", rand(e, e, scale=0.3)),
-            (f"{p}.attention.dense.bias", rand(e, scale=0.1)),
-            (f"{p}.mlp.dense_h_to_4h.weight", rand(4 * e, e, scale=0.3)),
-            (f"{p}.mlp.dense_h_to_4h.bias", rand(4 * e, scale=0.1)),
-            (f"{p}.mlp.dense_4h_to_h.weight", rand(e, 4 * e, scale=0.3)),
-            (f"{p}.mlp.dense_4h_to_h.bias", rand(e, scale=0.1)),
-        ]
+        tensors += _block(rand, f"gpt_neox.layers.{i}.", _NEOX_BLOCK)
     tensors += [
         ("gpt_neox.final_layer_norm.weight", norm_w),
         ("gpt_neox.final_layer_norm.bias", norm_b),
@@ -295,7 +295,9 @@ def _write_neox(path: Path, seed: int, context_length: int, specials: list[str])
     par_res = 1  # Pythia (Dolly) and StableLM-alpha both use the parallel residual
     hparams = [len(tokens), context_length, N_EMBD, N_HEAD, N_LAYER, N_ROT, par_res, _FTYPE_ALL_F32]
     tensors = _neox_tensors(rng, biases)
-    return _write_atomically(path, lambda fh: _write_ggml(fh, hparams, tokens, tensors, vocab_count=False))
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        _write_ggml(fh, hparams, tokens, tensors, vocab_count=False)
+    return Path(path)
 
 
 # --- the file --------------------------------------------------------------
@@ -329,21 +331,3 @@ def _write_ggml(
         fh.write(struct.pack(f"<{data.ndim}i", *reversed(data.shape)))
         fh.write(encoded)
         fh.write(data.tobytes())
-
-
-def _write_atomically(path: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write via a temp file in the same folder, then rename: never a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path

@@ -19,12 +19,12 @@ and a current llama.cpp can read the file.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from gguf import GGUFWriter, LlamaFileType, TokenType
+
+from workers.atomic_file import atomic_path
 
 #: Shape of the model: small enough to load and run in milliseconds.
 N_EMBD = 64
@@ -95,11 +95,7 @@ def write_tiny_llama_gguf(path: Path, *, seed: int = 0, context_length: int = 25
         biases.append(_BIAS_MARKER)
     tensors = _weights(np.random.default_rng(seed), biases)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path) as tmp:
         writer = GGUFWriter(tmp, arch="llama")
         _write_metadata(writer, context_length, tokens, scores, types)
         for name, array in tensors:
@@ -108,12 +104,6 @@ def write_tiny_llama_gguf(path: Path, *, seed: int = 0, context_length: int = 25
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

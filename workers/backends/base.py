@@ -13,12 +13,12 @@ This module imports no model library, so the gateway can use the types.
 from __future__ import annotations
 
 import codecs
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
+from workers.contract.modelfile import GGUF_MAGIC, ModelFileError, UnsupportedGgufVersion, check_gguf_extent, file_magic
 from workers.contract.registry import ModelSpec
 from workers.contract.sampling import SamplingParams
 
@@ -190,11 +190,6 @@ def stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
     return longest
 
 
-_GGUF_MAGIC = b"GGUF"
-_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
 def check_model_file(path: Path) -> None:
     """Raise :class:`BackendError` unless ``path`` is a loadable-looking model file.
 
@@ -210,67 +205,11 @@ def check_model_file(path: Path) -> None:
     if not path.is_file():
         raise BackendError(f"model path {path} is not a file")
     try:
-        with open(path, "rb") as fh:
-            if fh.read(4) != _GGUF_MAGIC:
-                return
-            _check_gguf(fh, path.stat().st_size)
+        if file_magic(path) == GGUF_MAGIC:
+            check_gguf_extent(path)
     except OSError as exc:
         raise BackendError(f"model file {path} cannot be read: {exc}") from None
-    except (struct.error, ValueError, KeyError, UnicodeDecodeError) as exc:
-        raise BackendError(f"model file {path} is not a valid GGUF file ({exc}); is it truncated?") from None
-
-
-def _check_gguf(fh: BinaryIO, file_size: int) -> None:
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    def read(fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        data = fh.read(size)
-        if len(data) != size:
-            raise ValueError("unexpected end of file")
-        return struct.unpack(fmt, data)[0]
-
-    def read_string() -> str:
-        n = read("<Q")
-        if n > file_size:
-            raise ValueError("string length beyond end of file")
-        return fh.read(n).decode("utf-8")
-
-    def skip_value(vtype: int) -> None:
-        if vtype == _GGUF_STRING:
-            fh.seek(read("<Q"), 1)
-        elif vtype == _GGUF_ARRAY:
-            item_type, count = read("<I"), read("<Q")
-            if item_type in _GGUF_SCALAR_SIZES:
-                fh.seek(_GGUF_SCALAR_SIZES[item_type] * count, 1)
-            else:
-                for _ in range(count):
-                    skip_value(item_type)
-        else:
-            fh.seek(_GGUF_SCALAR_SIZES[vtype], 1)
-
-    if read("<I") not in (2, 3):
+    except UnsupportedGgufVersion:
         return  # GGUF v1 (32-bit lengths) or a future layout: the backend decides
-    n_tensors, n_kv = read("<Q"), read("<Q")
-    alignment = 32
-    for _ in range(n_kv):
-        key, vtype = read_string(), read("<I")
-        if key == "general.alignment" and vtype == 4:
-            alignment = read("<I")
-        else:
-            skip_value(vtype)
-        if fh.tell() > file_size:
-            raise ValueError("metadata runs past the end of the file")
-    end = 0
-    for _ in range(n_tensors):
-        read_string()
-        dims = [read("<Q") for _ in range(read("<I"))]
-        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(read("<I"))]
-        offset = read("<Q")
-        elements = 1
-        for d in dims:
-            elements *= d
-        end = max(end, offset + elements // block * type_size)
-    data_start = -(-fh.tell() // alignment) * alignment
-    if data_start + end > file_size:
-        raise ValueError(f"tensor data needs {data_start + end} bytes but the file has {file_size}")
+    except ModelFileError as exc:
+        raise BackendError(f"model file {path} is not a valid GGUF file ({exc.reason}); is it truncated?") from None

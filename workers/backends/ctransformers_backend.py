@@ -37,9 +37,7 @@ Quirks of ctransformers 0.2.27 handled here (each found by trying):
 from __future__ import annotations
 
 import ctypes
-import math
 import platform
-import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +51,7 @@ from workers.backends.base import (
     SamplingParams,
     check_model_file,
 )
+from workers.contract.modelfile import GGUF_MAGIC, ModelFileError, check_ggml_file, file_magic, ggml_layout
 from workers.contract.registry import ModelSpec
 from workers.special_tokens import hidden_tokens
 
@@ -60,17 +59,6 @@ _LIB_NAMES = {"Linux": "libctransformers.so", "Darwin": "libctransformers.dylib"
 
 #: Tokens the repetition penalty looks back over (ctransformers' default).
 _LAST_N_TOKENS = 64
-
-_GGML_MAGIC = 0x67676D6C
-#: Legacy GGML layouts checked before loading, keyed as ctransformers matches
-#: model types ('-' and '_' dropped): hyperparameter count, whether the
-#: vocabulary starts with its own count, and the prefixes of tensor names.
-_GGML_LAYOUTS: dict[str, tuple[int, bool, tuple[str, ...]]] = {
-    "gpt2": (6, True, ("model/",)),
-    "gptneox": (8, False, ("gpt_neox.", "embed_out.")),
-    "dollyv2": (8, False, ("gpt_neox.", "embed_out.")),
-}
-
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     """The CPU feature flags Linux reports; empty where there is no /proc/cpuinfo."""
@@ -114,70 +102,22 @@ def choose_lib(flags: set[str] | None = None) -> str:
 def check_ggml_layout(path: Path, model_type: str) -> None:
     """Raise :class:`BackendError` unless ``path`` is laid out as ``model_type`` expects.
 
-    Only the legacy GGML layouts in ``_GGML_LAYOUTS`` are checked (GGUF files
-    carry their architecture; other model types are left to ctransformers).
-    Walks the hyperparameters, the vocabulary and the tensor table without
-    reading tensor data, and requires the last tensor to end the file.
+    Only the legacy GGML layouts govgate knows are checked (GGUF files carry
+    their architecture; other model types are left to ctransformers); see
+    :func:`~workers.contract.modelfile.check_ggml_file`.
     """
-    layout = _GGML_LAYOUTS.get(model_type.replace("-", "").replace("_", ""))
+    layout = ggml_layout(model_type)
     if layout is None:
         return
-    n_hparams, vocab_count, prefixes = layout
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as fh:
-            if fh.read(4) == b"GGUF":
-                return
-            fh.seek(0)
-            _walk_ggml(fh, size, n_hparams, vocab_count, prefixes)
+        if file_magic(path) != GGUF_MAGIC:
+            check_ggml_file(path, layout)
     except OSError as exc:
         raise BackendError(f"model file {path} cannot be read: {exc}") from None
-    except (struct.error, ValueError, KeyError, UnicodeDecodeError) as exc:
+    except ModelFileError as exc:
         raise BackendError(
-            f"model file {path} is not a {model_type!r} GGML file ({exc}); check model_type, or is it truncated?"
+            f"model file {path} is not a {model_type!r} GGML file ({exc.reason}); check model_type, or is it truncated?"
         ) from None
-
-
-def _walk_ggml(fh: Any, size: int, n_hparams: int, vocab_count: bool, prefixes: tuple[str, ...]) -> None:
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    def read(fmt: str) -> tuple[Any, ...]:
-        data = fh.read(struct.calcsize(fmt))
-        if len(data) != struct.calcsize(fmt):
-            raise ValueError("unexpected end of file")
-        return struct.unpack(fmt, data)
-
-    (magic,) = read("<I")
-    if magic != _GGML_MAGIC:
-        raise ValueError(f"magic {magic:#010x} is not legacy GGML's {_GGML_MAGIC:#010x}")
-    hparams = read(f"<{n_hparams}i")
-    n_vocab, _n_ctx, n_embd, n_head, _n_layer = hparams[:5]
-    if min(hparams[:5]) < 1 or n_embd % n_head:
-        raise ValueError(f"implausible hyperparameters {list(hparams)}")
-    if n_hparams == 8 and not (0 < hparams[5] <= n_embd // n_head and hparams[6] in (0, 1)):
-        raise ValueError(f"implausible n_rot/par_res {list(hparams[5:7])}")
-    if vocab_count and read("<i")[0] != n_vocab:
-        raise ValueError(f"vocabulary count does not match n_vocab {n_vocab}")
-    for _ in range(n_vocab):
-        fh.seek(read("<I")[0], 1)
-        if fh.tell() > size:
-            raise ValueError("vocabulary runs past the end of the file")
-    tensors = 0
-    while fh.tell() < size:
-        n_dims, name_len, ttype = read("<3i")
-        if not (1 <= n_dims <= 4 and 0 < name_len <= 256):
-            raise ValueError(f"tensor record {tensors} is malformed")
-        dims = read(f"<{n_dims}i")
-        name = fh.read(name_len).decode("utf-8")
-        if not name.startswith(prefixes) or min(dims) < 1:
-            raise ValueError(f"unexpected tensor {name!r} {list(dims)}")
-        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-        fh.seek(math.prod(dims) // block * type_size, 1)
-        if fh.tell() > size:
-            raise ValueError(f"tensor {name!r} runs past the end of the file")
-        tensors += 1
-    if not tensors:
-        raise ValueError("no tensors")
 
 
 class CTransformersModel:

@@ -46,14 +46,22 @@ xllamacpp), so the gateway can use it.
 from __future__ import annotations
 
 import heapq
-import mmap
 import re
-import struct
-from array import array
 from pathlib import Path
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from workers.contract.modelfile import (
+    GGUF_MAGIC,
+    TOKEN_NORMAL,
+    TOKEN_USER_DEFINED,
+    ModelFileError,
+    file_magic,
+    ggml_layout,
+    is_ggml,
+    read_ggml_header,
+    read_gguf_metadata,
+)
 from workers.contract.registry import BACKEND_CTRANSFORMERS, BACKEND_LLAMACPP, ModelSpec
 
 __all__ = [
@@ -66,7 +74,6 @@ __all__ = [
 ]
 
 _SPACE = "\u2581"  # SentencePiece's visible space
-_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 2, 3, 4
 #: Texts current llama.cpp treats as control tokens whatever the file says (its
 #: end-of-generation and fill-in-the-middle detection by text overrides the
 #: type, logging "control-looking token ... will be overridden"), so they are
@@ -93,116 +100,14 @@ _CONTROL_LOOKING = frozenset(
 _MEMO_LIMIT = 100_000
 
 
-class TokenizerError(ValueError):
-    """The model file cannot be read as the format it claims to be."""
+#: What an unreadable model file raises (the name the gateway catches).
+TokenizerError = ModelFileError
 
 
 class Tokenizer(Protocol):
     def count(self, text: str) -> int:
         """Context slots ``text`` takes as a prompt, exactly as the backend counts them."""
         ...
-
-
-# --- GGUF metadata -----------------------------------------------------------
-
-_GGUF_MAGIC = b"GGUF"
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-#: GGUF scalar value types: struct format.
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-#: Arrays read with :mod:`array` (one call, no per-item Python work).
-_ARRAY_CODES = {4: "I", 5: "i", 6: "f"}
-
-
-def read_gguf_metadata(path: Path, wanted: set[str] | None = None) -> dict[str, Any]:
-    """The key/value metadata of a GGUF (v2 or v3) file; tensors are never touched.
-
-    ``wanted`` limits which keys are decoded (others are skipped by length),
-    so a 262k-token vocabulary costs one pass over its strings. String
-    arrays come back as lists of ``bytes``; numeric arrays as lists.
-    """
-    with open(path, "rb") as fh:
-        if fh.read(4) != _GGUF_MAGIC:
-            raise TokenizerError(f"{path} is not a GGUF file")
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            try:
-                return _parse_kv(buf, wanted)
-            except (struct.error, IndexError, KeyError, ValueError) as exc:
-                raise TokenizerError(f"{path}: unreadable GGUF metadata ({exc})") from None
-
-
-def _parse_kv(buf: Any, wanted: set[str] | None) -> dict[str, Any]:
-    unpack_from = struct.unpack_from
-    size = len(buf)
-    (version,) = unpack_from("<I", buf, 4)
-    if version not in (2, 3):
-        raise ValueError(f"GGUF version {version} is not supported")
-    n_kv = unpack_from("<Q", buf, 16)[0]
-    off = 24
-    out: dict[str, Any] = {}
-
-    def string_at(o: int) -> tuple[bytes, int]:
-        (n,) = unpack_from("<Q", buf, o)
-        o += 8
-        if o + n > size:
-            raise ValueError("string runs past the end of the file")
-        return buf[o : o + n], o + n
-
-    def skip(vtype: int, o: int) -> int:
-        if vtype == _GGUF_STRING:
-            return o + 8 + unpack_from("<Q", buf, o)[0]
-        if vtype == _GGUF_ARRAY:
-            item, count = unpack_from("<IQ", buf, o)
-            o += 12
-            if item in _GGUF_SCALARS:
-                return o + struct.calcsize("<" + _GGUF_SCALARS[item]) * count
-            for _ in range(count):
-                o = skip(item, o)
-            return o
-        return o + struct.calcsize("<" + _GGUF_SCALARS[vtype])
-
-    for _ in range(n_kv):
-        key_bytes, off = string_at(off)
-        key = key_bytes.decode("utf-8", "replace")
-        (vtype,) = unpack_from("<I", buf, off)
-        off += 4
-        if wanted is not None and key not in wanted:
-            off = skip(vtype, off)
-        elif vtype == _GGUF_STRING:
-            value, off = string_at(off)
-            out[key] = value.decode("utf-8", "replace")
-        elif vtype == _GGUF_ARRAY:
-            item, count = unpack_from("<IQ", buf, off)
-            off += 12
-            if item == _GGUF_STRING:
-                items = []
-                append = items.append
-                for _ in range(count):
-                    (n,) = unpack_from("<Q", buf, off)
-                    off += 8
-                    append(buf[off : off + n])
-                    off += n
-                if off > size:
-                    raise ValueError("string array runs past the end of the file")
-                out[key] = items
-            elif item in _ARRAY_CODES:
-                arr = array(_ARRAY_CODES[item])
-                end = off + arr.itemsize * count
-                if end > size:
-                    raise ValueError("array runs past the end of the file")
-                arr.frombytes(buf[off:end])
-                if array("I", [1]).tobytes()[0] != 1:  # big-endian host
-                    arr.byteswap()
-                out[key] = arr.tolist()
-                off = end
-            else:
-                off = skip(_GGUF_ARRAY, off - 12)
-        else:
-            fmt = "<" + _GGUF_SCALARS[vtype]
-            (out[key],) = unpack_from(fmt, buf, off)
-            off += struct.calcsize(fmt)
-        if off > size:
-            raise ValueError("metadata runs past the end of the file")
-    return out
 
 
 _SPM_KEYS = {
@@ -361,14 +266,14 @@ def _load_spm(spec: ModelSpec) -> SpmTokenizer | None:
     if raw_scores is None or len(raw_scores) != n:
         return None  # llama.cpp would score every merge 0; not worth guessing
     if types is None or len(types) != n:
-        types = [_TOKEN_NORMAL] * n
+        types = [TOKEN_NORMAL] * n
     scores = dict(zip(tokens, raw_scores))  # last id wins, as llama.cpp's map
     if any(f"<0x{b:02X}>" not in scores for b in range(256)):
         return None  # llama.cpp's fallback for a missing byte token is not reproduced
     if spec.backend == BACKEND_LLAMACPP:
         by_length: dict[int, list[str]] = {}
         for tok, kind in zip(tokens, types):
-            if kind == _TOKEN_USER_DEFINED and tok and tok not in _CONTROL_LOOKING:
+            if kind == TOKEN_USER_DEFINED and tok and tok not in _CONTROL_LOOKING:
                 by_length.setdefault(len(tok.encode("utf-8", "surrogateescape")), []).append(tok)
         user_defined = tuple(t for length in sorted(by_length, reverse=True) for t in by_length[length])
         return SpmTokenizer(
@@ -386,13 +291,8 @@ def _load_spm(spec: ModelSpec) -> SpmTokenizer | None:
 
 # --- legacy GGML (ggml's gpt_tokenize) -----------------------------------------
 
-_GGML_MAGIC = 0x67676D6C
-#: model_type (without '-' and '_') -> (hyperparameter count, vocabulary starts with a count, specials)
-_GGML_KINDS: dict[str, tuple[int, bool, tuple[bytes, ...]]] = {
-    "gpt2": (6, True, ()),
-    "gptneox": (8, False, ()),
-    "dollyv2": (8, False, (b"### End", b"### Instruction:", b"### Response:")),
-}
+#: Instruction markers ggml's dolly-v2 tokenizer splits out before the regex.
+_GGML_SPECIALS: dict[str, tuple[bytes, ...]] = {"dollyv2": (b"### End", b"### Instruction:", b"### Response:")}
 #: ggml's GPT-2 split, as std::regex runs it in the C locale over bytes.
 _GPT2_SPLIT = re.compile(
     rb"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"
@@ -439,35 +339,13 @@ class GgmlTokenizer:
 
 
 def _load_ggml(spec: ModelSpec) -> GgmlTokenizer | None:
-    kind = _GGML_KINDS.get(spec.model_type.replace("-", "").replace("_", "").lower())
-    if kind is None:
+    model_type = spec.model_type.lower()
+    layout = ggml_layout(model_type)
+    if layout is None:
         return None
-    n_hparams, vocab_count, specials = kind
-    try:
-        with open(spec.path, "rb") as fh:
-            head = fh.read(4 + 4 * n_hparams + 4)
-            (magic,) = struct.unpack_from("<I", head, 0)
-            if magic != _GGML_MAGIC:
-                return None
-            (n_vocab,) = struct.unpack_from("<i", head, 4)
-            fh.seek(4 + 4 * n_hparams)
-            if vocab_count:
-                (count,) = struct.unpack("<i", fh.read(4))
-                if count != n_vocab:
-                    raise TokenizerError(f"{spec.path}: vocabulary count {count} != n_vocab {n_vocab}")
-            if not 0 < n_vocab <= 10_000_000:
-                raise TokenizerError(f"{spec.path}: implausible n_vocab {n_vocab}")
-            vocab: set[bytes] = set()
-            read = fh.read
-            for _ in range(n_vocab):
-                (length,) = struct.unpack("<I", read(4))
-                word = read(length)
-                if len(word) != length:
-                    raise TokenizerError(f"{spec.path}: vocabulary runs past the end of the file")
-                vocab.add(word)
-    except struct.error:
-        raise TokenizerError(f"{spec.path}: truncated GGML header or vocabulary") from None
-    return GgmlTokenizer(vocab, specials)
+    header = read_ggml_header(spec.path, layout)
+    specials = _GGML_SPECIALS.get(model_type.replace("-", "").replace("_", ""), ())
+    return GgmlTokenizer(set(header.vocab), specials)
 
 
 # --- entry point ---------------------------------------------------------------
@@ -498,10 +376,9 @@ def load_tokenizer(spec: ModelSpec) -> Tokenizer | None:
     path = Path(spec.path)
     if not path.is_file():
         return None
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic == _GGUF_MAGIC:
+    magic = file_magic(path)
+    if magic == GGUF_MAGIC:
         return _load_spm(spec)
-    if spec.backend == BACKEND_CTRANSFORMERS and len(magic) == 4 and struct.unpack("<I", magic)[0] == _GGML_MAGIC:
+    if spec.backend == BACKEND_CTRANSFORMERS and is_ggml(magic):
         return _load_ggml(spec)
     return None

@@ -1,0 +1,344 @@
+"""Reading model-file headers: GGUF metadata and tensor table, legacy GGML vocabulary and tensors.
+
+Why one reader: the gateway counts prompt tokens from a file's vocabulary,
+the workers check a file before a C loader trusts it, and both read the same
+layouts. No tensor data is ever read.
+
+Why not ``gguf.GGUFReader``: it builds numpy views of every field. Measured
+on a loaded 2-core machine: on Gemma 3 270M (253 MB, 262k-token vocabulary)
+opening it took 13.4 s against 89 ms here, on the tiny model 40 ms against
+0.6 ms, and ``import gguf`` (numpy) ~140 ms against ~20 ms for
+:mod:`workers.contract.tokenizers`. The gateway loads tokenizers on the
+request path, so nothing heavy is imported here; only the worker-side checks
+import ``gguf.constants`` (for tensor type sizes), inside the function.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+__all__ = [
+    "GGML_LAYOUTS",
+    "GGML_MAGIC",
+    "GGUF_MAGIC",
+    "TOKEN_CONTROL",
+    "TOKEN_NORMAL",
+    "TOKEN_UNKNOWN",
+    "TOKEN_USER_DEFINED",
+    "GgmlHeader",
+    "GgmlLayout",
+    "ModelFileError",
+    "UnsupportedGgufVersion",
+    "check_ggml_file",
+    "check_gguf_extent",
+    "file_magic",
+    "ggml_layout",
+    "is_ggml",
+    "read_ggml_header",
+    "read_gguf_metadata",
+]
+
+GGUF_MAGIC = b"GGUF"
+GGML_MAGIC = 0x67676D6C
+#: GGUF token types (``tokenizer.ggml.token_type``).
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 2, 3, 4
+
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+#: GGUF scalar value types: struct format.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+#: Arrays read with :mod:`array` (one call, no per-item Python work).
+_ARRAY_CODES = {4: "I", 5: "i", 6: "f"}
+_ALIGNMENT_KEY = "general.alignment"
+_DEFAULT_ALIGNMENT = 32
+_MAX_VOCAB = 10_000_000
+
+
+class ModelFileError(ValueError):
+    """The model file cannot be read as the format it claims to be."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
+
+
+class UnsupportedGgufVersion(ModelFileError):
+    """A GGUF version this reader does not know (v1, or a later one): the loader decides."""
+
+
+def file_magic(path: Path) -> bytes:
+    """The first four bytes of ``path`` (fewer for a shorter file)."""
+    with open(path, "rb") as fh:
+        return fh.read(4)
+
+
+def is_ggml(magic: bytes) -> bool:
+    """Whether ``magic`` opens a legacy (unversioned) GGML file."""
+    return len(magic) == 4 and struct.unpack("<I", magic)[0] == GGML_MAGIC
+
+
+# --- GGUF ------------------------------------------------------------------------
+
+
+def read_gguf_metadata(path: Path, wanted: set[str] | None = None) -> dict[str, Any]:
+    """The key/value metadata of a GGUF (v2 or v3) file; tensors are never touched.
+
+    ``wanted`` limits which keys are decoded (others are skipped by length),
+    so a 262k-token vocabulary costs one pass over its strings. String
+    arrays come back as lists of ``bytes``; numeric arrays as lists.
+    """
+    return _read_gguf(path, wanted, with_tensors=False)[0]
+
+
+def check_gguf_extent(path: Path) -> None:
+    """Raise :class:`ModelFileError` unless every tensor of the GGUF file lies inside it.
+
+    Walks the metadata and the tensor table (no tensor data); a truncated
+    copy fails here instead of reading past the end of a memory map later.
+    """
+    size = path.stat().st_size
+    _, data_start, tensors = _read_gguf(path, {_ALIGNMENT_KEY}, with_tensors=True)
+    try:
+        end = max((offset + _tensor_bytes(kind, dims) for dims, kind, offset in tensors), default=0)
+    except (KeyError, ValueError) as exc:
+        raise ModelFileError(path, f"unknown tensor type ({exc})") from None
+    if data_start + end > size:
+        raise ModelFileError(path, f"tensor data needs {data_start + end} bytes but the file has {size}")
+
+
+def _read_gguf(path: Path, wanted: set[str] | None, *, with_tensors: bool) -> tuple[dict[str, Any], int, list]:
+    with open(path, "rb") as fh:
+        if fh.read(4) != GGUF_MAGIC:
+            raise ModelFileError(path, "not a GGUF file")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                return _parse_gguf(buf, path, wanted, with_tensors)
+            except ModelFileError:
+                raise
+            except (struct.error, IndexError, KeyError, ValueError) as exc:
+                raise ModelFileError(path, f"unreadable GGUF header ({exc})") from None
+
+
+def _parse_gguf(buf: Any, path: Path, wanted: set[str] | None, with_tensors: bool) -> tuple[dict[str, Any], int, list]:
+    """(metadata, offset of the tensor data, [(dims, type, offset)]) of a mapped GGUF file."""
+    unpack_from = struct.unpack_from
+    size = len(buf)
+    (version,) = unpack_from("<I", buf, 4)
+    if version not in (2, 3):
+        raise UnsupportedGgufVersion(path, f"GGUF version {version} is not supported")
+    n_tensors, n_kv = unpack_from("<QQ", buf, 8)
+    off = 24
+    out: dict[str, Any] = {}
+    # The file check rejects a key that is not UTF-8 (damage); metadata readers never did.
+    key_errors = "strict" if with_tensors else "replace"
+
+    def string_at(o: int) -> tuple[bytes, int]:
+        (n,) = unpack_from("<Q", buf, o)
+        o += 8
+        if o + n > size:
+            raise ValueError("string runs past the end of the file")
+        return buf[o : o + n], o + n
+
+    def skip(vtype: int, o: int) -> int:
+        if vtype == _GGUF_STRING:
+            return o + 8 + unpack_from("<Q", buf, o)[0]
+        if vtype == _GGUF_ARRAY:
+            item, count = unpack_from("<IQ", buf, o)
+            o += 12
+            if item in _GGUF_SCALARS:
+                return o + struct.calcsize("<" + _GGUF_SCALARS[item]) * count
+            for _ in range(count):
+                o = skip(item, o)
+                if o > size:
+                    raise ValueError("array runs past the end of the file")
+            return o
+        return o + struct.calcsize("<" + _GGUF_SCALARS[vtype])
+
+    for _ in range(n_kv):
+        key_bytes, off = string_at(off)
+        key = key_bytes.decode("utf-8", key_errors)
+        (vtype,) = unpack_from("<I", buf, off)
+        off += 4
+        if wanted is not None and key not in wanted:
+            off = skip(vtype, off)
+        elif vtype == _GGUF_STRING:
+            value, off = string_at(off)
+            out[key] = value.decode("utf-8", "replace")
+        elif vtype == _GGUF_ARRAY:
+            item, count = unpack_from("<IQ", buf, off)
+            off += 12
+            if item == _GGUF_STRING:
+                items = []
+                append = items.append
+                for _ in range(count):
+                    (n,) = unpack_from("<Q", buf, off)
+                    off += 8
+                    append(buf[off : off + n])
+                    off += n
+                if off > size:
+                    raise ValueError("string array runs past the end of the file")
+                out[key] = items
+            elif item in _ARRAY_CODES:
+                arr = array(_ARRAY_CODES[item])
+                end = off + arr.itemsize * count
+                if end > size:
+                    raise ValueError("array runs past the end of the file")
+                arr.frombytes(buf[off:end])
+                if array("I", [1]).tobytes()[0] != 1:  # big-endian host
+                    arr.byteswap()
+                out[key] = arr.tolist()
+                off = end
+            else:
+                off = skip(_GGUF_ARRAY, off - 12)
+        else:
+            fmt = "<" + _GGUF_SCALARS[vtype]
+            (out[key],) = unpack_from(fmt, buf, off)
+            off += struct.calcsize(fmt)
+        if off > size:
+            raise ValueError("metadata runs past the end of the file")
+    if not with_tensors:
+        return out, 0, []
+    tensors = []
+    for _ in range(n_tensors):
+        name, off = string_at(off)
+        name.decode("utf-8")  # a name that is not UTF-8 means a damaged table
+        (n_dims,) = unpack_from("<I", buf, off)
+        dims = unpack_from(f"<{n_dims}Q", buf, off + 4)
+        kind, offset = unpack_from("<IQ", buf, off + 4 + 8 * n_dims)
+        off += 4 + 8 * n_dims + 12
+        tensors.append((dims, kind, offset))
+    alignment = out.get(_ALIGNMENT_KEY, _DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment < 1:
+        raise ValueError(f"alignment {alignment!r}")
+    return out, -(-off // alignment) * alignment, tensors
+
+
+def _tensor_bytes(kind: int, dims: tuple[int, ...]) -> int:
+    """Bytes one tensor of ggml type ``kind`` and shape ``dims`` takes (worker side: imports gguf)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+    return math.prod(dims) // block * type_size
+
+
+# --- legacy GGML -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GgmlLayout:
+    """How one legacy GGML family (the ``ggml`` examples of mid-2023) lays out its file."""
+
+    n_hparams: int
+    #: Whether the vocabulary starts with its own count (gpt-2 does, gpt-neox does not).
+    vocab_count: bool
+    tensor_prefixes: tuple[str, ...]
+
+
+#: Keyed as ctransformers matches model types ('-' and '_' dropped).
+GGML_LAYOUTS: dict[str, GgmlLayout] = {
+    "gpt2": GgmlLayout(6, True, ("model/",)),
+    "gptneox": GgmlLayout(8, False, ("gpt_neox.", "embed_out.")),
+    "dollyv2": GgmlLayout(8, False, ("gpt_neox.", "embed_out.")),
+}
+
+
+def ggml_layout(model_type: str) -> GgmlLayout | None:
+    """The layout of ``model_type``'s legacy GGML files, if it is one govgate knows."""
+    return GGML_LAYOUTS.get(model_type.replace("-", "").replace("_", ""))
+
+
+@dataclass(frozen=True)
+class GgmlHeader:
+    """Hyperparameters (n_vocab first) and vocabulary of a legacy GGML file."""
+
+    hparams: tuple[int, ...]
+    vocab: list[bytes]
+
+
+def read_ggml_header(path: Path, layout: GgmlLayout) -> GgmlHeader:
+    """Magic, hyperparameters and vocabulary of a legacy GGML file laid out as ``layout``."""
+    with open(path, "rb") as fh:
+        return _read_ggml_header(fh, path, layout)
+
+
+def check_ggml_file(path: Path, layout: GgmlLayout) -> None:
+    """Raise :class:`ModelFileError` unless ``path`` is laid out as ``layout`` expects.
+
+    Checks the hyperparameters are plausible, reads the vocabulary, and walks
+    the tensor table without reading tensor data: every name must carry one of
+    the layout's prefixes, and the last tensor must end the file.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        header = _read_ggml_header(fh, path, layout)
+        _check_hparams(path, header.hparams)
+        try:
+            tensors = _walk_ggml_tensors(fh, size, layout.tensor_prefixes)
+        except (struct.error, ValueError, KeyError) as exc:
+            raise ModelFileError(path, str(exc)) from None
+    if not tensors:
+        raise ModelFileError(path, "no tensors")
+
+
+def _read_ggml_header(fh: BinaryIO, path: Path, layout: GgmlLayout) -> GgmlHeader:
+    try:
+        (magic,) = _read(fh, "<I")
+        if magic != GGML_MAGIC:
+            raise ModelFileError(path, f"magic {magic:#010x} is not legacy GGML's {GGML_MAGIC:#010x}")
+        hparams = _read(fh, f"<{layout.n_hparams}i")
+        n_vocab = hparams[0]
+        if layout.vocab_count:
+            (count,) = _read(fh, "<i")
+            if count != n_vocab:
+                raise ModelFileError(path, f"vocabulary count {count} != n_vocab {n_vocab}")
+        if not 0 < n_vocab <= _MAX_VOCAB:
+            raise ModelFileError(path, f"implausible n_vocab {n_vocab}")
+        vocab: list[bytes] = []
+        read = fh.read
+        size = os.fstat(fh.fileno()).st_size
+        for _ in range(n_vocab):
+            (length,) = _read(fh, "<I")
+            word = read(min(length, size))  # a damaged length must not allocate gigabytes
+            if len(word) != length:
+                raise ModelFileError(path, "vocabulary runs past the end of the file")
+            vocab.append(word)
+    except struct.error:
+        raise ModelFileError(path, "truncated GGML header or vocabulary") from None
+    return GgmlHeader(hparams, vocab)
+
+
+def _check_hparams(path: Path, hparams: tuple[int, ...]) -> None:
+    n_vocab, _n_ctx, n_embd, n_head, _n_layer = hparams[:5]
+    if min(hparams[:5]) < 1 or n_embd % n_head:
+        raise ModelFileError(path, f"implausible hyperparameters {list(hparams)}")
+    if len(hparams) == 8 and not (0 < hparams[5] <= n_embd // n_head and hparams[6] in (0, 1)):
+        raise ModelFileError(path, f"implausible n_rot/par_res {list(hparams[5:7])}")
+
+
+def _walk_ggml_tensors(fh: BinaryIO, size: int, prefixes: tuple[str, ...]) -> int:
+    """Tensors in the table from the current position to the end of the file."""
+    tensors = 0
+    while fh.tell() < size:
+        n_dims, name_len, kind = _read(fh, "<3i")
+        if not (1 <= n_dims <= 4 and 0 < name_len <= 256):
+            raise ValueError(f"tensor record {tensors} is malformed")
+        dims = _read(fh, f"<{n_dims}i")
+        name = fh.read(name_len).decode("utf-8")
+        if not name.startswith(prefixes) or min(dims) < 1:
+            raise ValueError(f"unexpected tensor {name!r} {list(dims)}")
+        fh.seek(_tensor_bytes(kind, dims), 1)
+        if fh.tell() > size:
+            raise ValueError(f"tensor {name!r} runs past the end of the file")
+        tensors += 1
+    return tensors
+
+
+def _read(fh: BinaryIO, fmt: str) -> tuple[Any, ...]:
+    """``fmt`` unpacked from the next bytes; :class:`struct.error` at the end of the file."""
+    return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))
