@@ -15,7 +15,7 @@ from gateway.api.health import HealthController
 from gateway.api.openapi import COMPONENTS
 from gateway.api.models import ModelsController
 from gateway.components import Components, build_components
-from gateway.errors import EXCEPTION_HANDLERS
+from gateway.api_errors import EXCEPTION_HANDLERS
 from gateway.settings import Settings
 
 ComponentsFactory = Callable[[Settings], contextlib.AbstractAsyncContextManager[Components]]

@@ -14,7 +14,7 @@ from litestar.response import Stream
 from gateway import urls
 from gateway.api.openapi import CHAT_OPERATION, COMPLETION_OPERATION, SECURITY
 from gateway.auth import Principal
-from gateway.errors import ApiError
+from gateway.api_errors import ApiError
 from gateway.requests.outcome import StreamEvents
 from gateway.requests.schemas import CHAT, COMPLETIONS
 from gateway.requests.service import CompletionService

@@ -7,7 +7,7 @@ from litestar import Request
 from litestar.datastructures import State
 
 from gateway.auth import KeyStoreError, Principal
-from gateway.errors import ApiError
+from gateway.api_errors import ApiError
 from gateway.requests.service import CompletionService
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}

@@ -21,7 +21,7 @@ from gateway import urls
 from gateway.api.openapi import MODEL_OPERATION, MODELS_OPERATION, SECURITY
 from gateway.auth import Principal
 from gateway.dispatch import queue_depth
-from gateway.errors import ApiError
+from gateway.api_errors import ApiError
 from gateway.policy import POLICY_UNAVAILABLE, PolicyUnavailable
 from gateway.policy.engine import UNAVAILABLE_RETRY_AFTER_S
 from workers.contract.registry import ModelSpec

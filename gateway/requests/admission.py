@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from gateway.auth import Principal
 from gateway.dispatch import queue_depth
-from gateway.errors import ApiError, errors_of
+from gateway.api_errors import ApiError, errors_of
 from gateway.limits import CountersUnavailable, Refusal, Reservation, UsageCounters
 from gateway.limits.charge import prompt_tokens_to_hold
 from gateway.policy import POLICY_ERROR, Decision

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.auth import Principal
-from gateway.errors import ApiError
+from gateway.api_errors import ApiError
 from gateway.policy import Decision
 from gateway.requests.normalize import normalized_text
 from gateway.requests.policy_input import prompt_text, without_prompt

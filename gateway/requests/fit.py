@@ -18,7 +18,7 @@ import time
 import anyio
 
 from gateway.requests.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.errors import ApiError
+from gateway.api_errors import ApiError
 from workers.contract.prompts import render_chat
 from workers.contract.registry import BACKEND_FEATURES, BACKEND_REFUSED_CHARACTERS, ModelSpec
 from workers.contract.tokenizers import Tokenizer, TokenizerError, load_tokenizer

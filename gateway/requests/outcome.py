@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
 from gateway.dispatch.results import PendingResult
-from gateway.errors import ApiError
+from gateway.api_errors import ApiError
 from gateway.limits import UsageCounters
 from gateway.limits.charge import used_tokens
 from gateway.requests.refusals import QUEUE_UNAVAILABLE_MESSAGE, worker_error

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from gateway.requests.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.errors import ApiError
+from gateway.api_errors import ApiError
 
 T = TypeVar("T", ChatCompletionRequest, CompletionRequest)
 

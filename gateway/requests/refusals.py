@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Union
 
-from gateway.errors import ApiError
+from gateway.api_errors import ApiError
 from gateway.limits import RETRYABLE_CODES, Refusal
 from gateway.limits.catalogue import QUEUE_FULL
 from gateway.policy import POLICY_UNAVAILABLE, Reason

@@ -17,7 +17,7 @@ import anyio
 
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
 from gateway.auth import Principal
-from gateway.errors import ApiError
+from gateway.api_errors import ApiError
 from gateway.requests.audit_records import rejection_record
 from gateway.requests.ticket import Ticket
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals

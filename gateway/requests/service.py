@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from audit import AuditStore
 from gateway.auth import Principal
 from gateway.dispatch import Dispatcher, ResultWaiter
-from gateway.errors import errors_of
+from gateway.api_errors import errors_of
 from gateway.limits import UsageCounters
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.admission import Admission
