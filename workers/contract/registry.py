@@ -72,7 +72,7 @@ class RegistryError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One servable model. ``queue`` is where its requests are sent."""
+    """One servable model (its queue is ``jobs.queue_for(name)``)."""
 
     name: str
     path: Path
@@ -88,10 +88,6 @@ class ModelSpec:
     repetition_penalty: float = 1.0
     #: When set, govgate makes the file itself if missing (see the module docstring).
     generate: str = ""
-
-    @property
-    def queue(self) -> str:
-        return f"model.{self.name}"
 
     def policy_view(self) -> dict:
         """What policies see of the model as ``input.model``."""
