@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workers.contract.tokenizers import _CONTROL_LOOKING, TokenizerError, read_gguf_metadata
+from workers.contract.modelfile import (GGUF_MAGIC, TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED, ModelFileError,
+                                        file_magic, read_gguf_metadata)
+from workers.contract.tokenizers import _CONTROL_LOOKING
 
-_TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 2, 3, 4
 _MARKER = re.compile(r"<\|[^|<>\s]+\|>|<[A-Za-z0-9]+(?:_[A-Za-z0-9]+)+>|\[[A-Za-z_]+\]")
 
 
@@ -47,20 +48,19 @@ class HiddenTokens:
 def hidden_tokens(path: Path) -> HiddenTokens:
     """What of ``path``'s vocabulary must not reach a client (nothing for a file without token types)."""
     try:
-        with open(path, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                return HiddenTokens()
+        if file_magic(Path(path)) != GGUF_MAGIC:
+            return HiddenTokens()
         meta = read_gguf_metadata(Path(path), {"tokenizer.ggml.tokens", "tokenizer.ggml.token_type"})
-    except (OSError, TokenizerError):
+    except (OSError, ModelFileError):
         return HiddenTokens()
     tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type")
     if not tokens or types is None or len(types) != len(tokens):
         return HiddenTokens()
     ids, texts = set(), []
     for token_id, (raw, kind) in enumerate(zip(tokens, types)):
-        if kind in (_TOKEN_CONTROL, _TOKEN_UNKNOWN):
+        if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN):
             ids.add(token_id)
-        elif kind == _TOKEN_USER_DEFINED and raw and is_marker(raw.decode("utf-8", "replace")):
+        elif kind == TOKEN_USER_DEFINED and raw and is_marker(raw.decode("utf-8", "replace")):
             ids.add(token_id)
             texts.append(raw)
     return HiddenTokens(frozenset(ids), tuple(texts))
