@@ -3,7 +3,7 @@
 The schema itself enforces the chain's rules (no fork, one terminal entry
 per request, no UPDATE or DELETE); see docs/architecture.md, "Audit entries
 and the chain". A change here needs a migration under
-``audit/migrations/versions``; ``tests/test_audit_store.py`` checks they agree.
+``audit/migrations/versions``; ``tests/audit/test_audit_store.py`` checks they agree.
 """
 
 from __future__ import annotations

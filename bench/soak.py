@@ -36,7 +36,7 @@ same gateway for gateway faults), and then checks the audit store:
 * no process the soak did not kill itself exited.
 
 It ends with a verdict line and exits 1 if any check fails. Nothing here
-asserts a timing. The core is :func:`run_soak`, which ``tests/test_soak.py``
+asserts a timing. The core is :func:`run_soak`, which ``tests/e2e/test_soak.py``
 calls for a short run.
 
 Usage::

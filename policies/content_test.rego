@@ -192,7 +192,7 @@ test_portable_constructs_are_usable if {
 # ---------------------------------------------------------------- evasions
 #
 # Each input gives the text as sent and its normalised view as
-# gateway/normalize.py writes it (tests/test_normalize.py checks the same
+# gateway/normalize.py writes it (tests/gateway/test_normalize.py checks the same
 # pairs); the rules must see through the spelling.
 
 seeing(text, normalized) := decide(data.govgate_test.fixtures.normalized_request(text, normalized))

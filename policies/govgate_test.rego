@@ -1,6 +1,6 @@
 # Unit tests for govgate.rego: how the decision is assembled, and the
 # data.json that ships. They run under `opa test policies/` and under
-# regorus via tests/test_rego_units.py.
+# regorus via tests/policy/test_rego_units.py.
 package govgate_test
 
 import rego.v1

@@ -2,7 +2,7 @@
 
 The controllers build these bodies as plain dicts (the stream writes them
 chunk by chunk); these structs exist so ``/schema/openapi.json`` can describe
-them exactly, through ``msgspec.json.schema``. ``tests/test_openapi.py``
+them exactly, through ``msgspec.json.schema``. ``tests/e2e/test_openapi.py``
 holds a served gateway to them with schemathesis. The completion shapes are
 closed (a field added to a response but not here fails that test); errors,
 the model list and health stay open for extra fields. Class docstrings become
