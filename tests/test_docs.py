@@ -162,7 +162,6 @@ def test_the_path_check_reports_what_does_not_exist(tmp_path: Path) -> None:
                                                "workers/backends/<name>.py", "workers/contract/"]
 
 
-@pytest.mark.xfail(strict=False, reason="paths land with the restructure")
 def test_architecture_names_only_files_that_exist() -> None:
     markdown = ARCHITECTURE.read_text(encoding="utf-8")
     assert len(named_paths(markdown)) > 50  # the scan finds the document's paths
