@@ -39,21 +39,29 @@ def limited_worker(settings):
     stop_process(process, timeout_s=30)
 
 
-def kill_pool_process_once_generating(settings, worker, found: dict) -> None:
-    """Wait until a generation has begun in the worker's pool process, then SIGKILL that process."""
-    client = redis.Redis.from_url(settings.redis_url)
+def wait_for_a_generation(redis_url: str, timeout_s: float = 30) -> str | None:
+    """The request id of the next generation that begins (its ``govgate:started:`` key), or None."""
+    client = redis.Redis.from_url(redis_url)
     before = set(client.keys("govgate:started:*"))
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         started = set(client.keys("govgate:started:*")) - before
         if started:
-            time.sleep(0.2)  # well inside a ~1 s generation
-            victim = pool_children(worker.pid)[0]
-            os.kill(victim, signal.SIGKILL)
-            found["victim"] = victim
-            found["request_id"] = started.pop().decode().rsplit(":", 1)[1]
-            return
+            return started.pop().decode().rsplit(":", 1)[1]
         time.sleep(0.01)
+    return None
+
+
+def kill_pool_process_once_generating(settings, worker, found: dict) -> None:
+    """Wait until a generation has begun in the worker's pool process, then SIGKILL that process."""
+    request_id = wait_for_a_generation(settings.redis_url)
+    if request_id is None:
+        return
+    time.sleep(0.2)  # well inside a ~1 s generation
+    victim = pool_children(worker.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    found["victim"] = victim
+    found["request_id"] = request_id
 
 
 def test_killed_pool_process_is_redelivered_and_the_request_ends_once(settings, served_api, crash_worker,
@@ -123,19 +131,14 @@ def test_a_whole_worker_killed_mid_generation_is_rescued_by_another(settings, se
     found: dict = {}
 
     def kill_the_whole_worker() -> None:
-        client = redis.Redis.from_url(settings.redis_url)
-        before = set(client.keys("govgate:started:*"))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            started = set(client.keys("govgate:started:*")) - before
-            if started:
-                found["request_id"] = started.pop().decode().rsplit(":", 1)[1]
-                children = pool_children(first.pid)
-                os.kill(first.pid, signal.SIGKILL)  # the worker and its pool process die at once,
-                for child in children:                # with no chance to hand the task back
-                    os.kill(child, signal.SIGKILL)
-                return
-            time.sleep(0.01)
+        request_id = wait_for_a_generation(settings.redis_url)
+        if request_id is None:
+            return
+        found["request_id"] = request_id
+        children = pool_children(first.pid)
+        os.kill(first.pid, signal.SIGKILL)  # the worker and its pool process die at once,
+        for child in children:                # with no chance to hand the task back
+            os.kill(child, signal.SIGKILL)
 
     killer = threading.Thread(target=kill_the_whole_worker)
     try:

@@ -40,6 +40,7 @@ from gateway.policy import (
 from gateway.policy.opa import MAX_QUERIES, OpaAddress
 from gateway.settings import Settings
 from tests.opa_fixtures import POLICY_DIR, OpaServer
+from tests.policy.embedded_fixtures import write_policy
 
 pytestmark = pytest.mark.anyio
 
@@ -82,15 +83,6 @@ def request_input(roles: Any, model: str = "govgate-tiny", max_tokens: Any = 100
 
 def model_views(*names: str) -> list[dict[str, Any]]:
     return [{"name": n, "family": "llama", "context_length": 512, "tags": []} for n in names]
-
-
-def write_policy(folder: Path, rego: str, data: dict[str, Any] | None = None) -> Path:
-    """A policy folder with one module (``package govgate`` added) and optional data."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "policy.rego").write_text("package govgate\n\n" + rego)
-    if data is not None:
-        (folder / "data.json").write_text(json.dumps(data))
-    return folder
 
 
 def codes(decision: Decision) -> list[str]:
