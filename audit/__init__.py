@@ -1,7 +1,6 @@
-"""govgate's tamper-evident audit trail.
+"""govgate's tamper-evident audit trail; ``gateway`` and ``workers`` use only these names.
 
-The public surface is this module; ``gateway`` and ``workers`` use only these
-names (this package imports neither of them). Typical start-up::
+This package imports neither of them. Typical start-up::
 
     engine = make_engine(settings.effective_database_url)
     migrate(engine)

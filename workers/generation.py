@@ -1,12 +1,8 @@
 """Running one queued job: generate, then write its one terminal audit entry.
 
-Kept apart from the Celery wiring so the rules are plain functions: a job
-whose request already has a terminal entry (a redelivery after a crash, or a
-request the gateway already gave up on) is answered from that entry and not
-generated again; every other outcome is written to the audit log before it
-is returned, because nothing may reach a client unaudited. The entry keeps
-the output only as the request's ``prompt_logging`` obligation allows
-(:func:`workers.contract.privacy.logged_output`), partial outputs included.
+Kept apart from the Celery wiring so the rules are plain functions (see
+:func:`run_job`); nothing may reach a client unaudited. See
+docs/architecture.md, section "The request path", steps 11 and 12.
 """
 
 from __future__ import annotations
@@ -55,7 +51,14 @@ class _Unrecorded(Exception):
 
 def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobChannel | None = None,
             pending: PendingTerminals | None = None, *, digester: Digester | None = None) -> JobResult:
-    """Generate for ``job`` and record the outcome; see the module docstring.
+    """Generate for ``job`` and record the outcome.
+
+    A job whose request already has a terminal entry (a redelivery after a
+    crash, or a request the gateway already gave up on) is answered from that
+    entry and not generated again; every other outcome is written to the audit
+    log before it is returned. The entry keeps the output only as the request's
+    ``prompt_logging`` obligation allows
+    (:func:`workers.contract.privacy.logged_output`), partial outputs included.
 
     If the database refuses the terminal entry, the client gets no output
     (nothing is served unaudited) and the entry is kept in ``pending`` as

@@ -1,41 +1,11 @@
 """Tiny random-weight models of every family govgate's founding essay names.
 
-Why: the essay argues for governing the open models of its day (LLaMA,
-Alpaca, Cerebras-GPT, Dolly, StableLM). Saying govgate serves them means
-nothing unless each architecture really loads and generates here, on a clean
-machine with no download. Real weights are gigabytes, so this module writes
-tiny files with the same *layout* a real conversion has and random weights.
-
-LLaMA and Alpaca are the llama architecture in GGUF, written by
-:mod:`workers.tinymodel` (Alpaca is a llama fine-tune: same file, different
-prompt format). The other three are the legacy GGML files of mid-2023 that
-ctransformers' bundled loaders read (the ``ggml`` examples' formats):
-
-* Cerebras-GPT: the gpt-2 layout (``model_type="gpt2"``).
-* Dolly v2 (a Pythia fine-tune): the gpt-neox layout, ``model_type="dolly-v2"``.
-* StableLM (alpha): the gpt-neox layout, ``model_type="gpt_neox"``.
-
-A legacy GGML file is: magic ``0x67676d6c``, int32 hyperparameters, the
-vocabulary as (uint32 length, raw bytes) pairs (gpt-2 prefixes it with an
-int32 count, gpt-neox does not), then tensors, each (int32 n_dims, int32
-name length, int32 type, int32 dims innermost first, name, raw data), with no
-alignment padding. Everything is little-endian F32 here (file type 0).
-
-Why the noise looks like words (the same idea as the tiny llama, done with
-the final layer norm instead of a reserved embedding channel): both
-architectures end with a LayerNorm that has a bias, so giving it weight 0 and
-bias 1 in hidden dimension 0 makes that dimension exactly 1 for every token.
-Column 0 of the output matrix is then a per-token logit bias: strongly
-negative for control tokens, non-ASCII bytes and end-of-text (so greedy output
-never ends early and is printable), positive for whole words.
-
-Why the vocabulary is raw bytes: the converters of the time decode GPT-2's
-byte-level BPE alphabet back to bytes before writing, and ctransformers'
-tokenizer for these files (ggml's ``gpt_tokenize``) splits text with a
-GPT-2-style regex and then takes the longest vocabulary entry at each
-position. So the 256 single bytes make any text tokenizable and decodable,
-and whole words (with their leading space, as GPT-2 pieces have) make the
-common case one token per word. No merges table is needed.
+LLaMA, Alpaca, Cerebras-GPT, Dolly v2 and StableLM: files with the *layout* a
+real conversion has (LLaMA and Alpaca as GGUF via :mod:`workers.tinymodel`,
+the others as the legacy GGML files ctransformers' bundled loaders read) and
+random weights, so each architecture is shown to load and generate on a clean
+machine with no download. See docs/architecture.md, section "workers/backends
+and model files".
 """
 
 from __future__ import annotations
@@ -173,6 +143,13 @@ def family_file_name(family: str) -> str:
 # --- vocabulary ------------------------------------------------------------
 
 
+# Why the vocabulary is raw bytes: the converters of the time decode GPT-2's
+# byte-level BPE alphabet back to bytes before writing, and ctransformers'
+# tokenizer for these files (ggml's ``gpt_tokenize``) splits text with a
+# GPT-2-style regex, then takes the longest vocabulary entry at each position.
+# So the 256 single bytes make any text tokenizable and decodable, and whole
+# words (with GPT-2's leading space) make the common case one token per word.
+# No merges table is needed.
 def _byte_tokens() -> list[bytes]:
     return [bytes([b]) for b in range(256)]
 
@@ -210,7 +187,16 @@ class _Rand:
 
 
 def _final_norm() -> tuple[np.ndarray, np.ndarray]:
-    """Final LayerNorm (weight, bias) pinning hidden dimension 0 to 1 (see module docstring)."""
+    """Final LayerNorm (weight, bias) pinning hidden dimension 0 to 1.
+
+    Why the noise looks like words (the tiny llama's idea, done with the final
+    layer norm instead of a reserved embedding channel): both architectures end
+    with a LayerNorm that has a bias, so weight 0 and bias 1 in hidden dimension
+    0 make that dimension exactly 1 for every token. Column 0 of the output
+    matrix (:func:`_output`) is then a per-token logit bias: strongly negative
+    for control tokens, non-ASCII bytes and end-of-text (greedy output never
+    ends early and is printable), positive for whole words.
+    """
     weight = np.ones(N_EMBD, dtype=np.float32)
     bias = np.zeros(N_EMBD, dtype=np.float32)
     weight[0], bias[0] = 0.0, 1.0
@@ -316,7 +302,14 @@ def _write_ggml(
     *,
     vocab_count: bool,
 ) -> None:
-    """Legacy (unversioned) GGML: magic, hparams, vocabulary, tensors; no padding."""
+    """Legacy (unversioned) GGML: magic, hparams, vocabulary, tensors; no padding.
+
+    Magic ``0x67676d6c``, int32 hyperparameters, the vocabulary as (uint32
+    length, raw bytes) pairs (gpt-2 prefixes it with an int32 count, gpt-neox
+    does not), then tensors, each (int32 n_dims, int32 name length, int32 type,
+    int32 dims innermost first, name, raw data), with no alignment padding.
+    Everything is little-endian F32 here (file type 0).
+    """
     fh.write(struct.pack("<I", GGML_MAGIC))
     fh.write(struct.pack(f"<{len(hparams)}i", *hparams))
     if vocab_count:

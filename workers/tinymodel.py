@@ -1,20 +1,10 @@
 """A tiny random-weight llama GGUF that govgate writes itself.
 
-Why: every layer (queue, worker, backend, streaming, audit) must be testable on
-a clean machine with no download. Real weights are hundreds of megabytes; this
-file is well under a megabyte, loads in milliseconds and speaks noise.
-
-Why the noise looks like words: the output layer gets a per-token *bias*
-through a trick. Hidden dimension 0 is a constant "bias channel": every token
-embedding holds ``_BIAS_CHANNEL`` there and no layer ever writes to it
-(``attn_output``/``ffn_down`` have a zero row 0), so after the final RMS norm
-that dimension is always positive. Column 0 of ``output.weight`` is then a
-per-token bias: strongly negative for control and byte tokens (so greedy output
-is never ``</s>`` or a raw control byte), positive for whole words. The rest
-of the weights are plain seeded random numbers.
-
-The metadata is ordinary llama metadata so both ctransformers' bundled loader
-and a current llama.cpp can read the file.
+Well under a megabyte, loaded in milliseconds, so every layer (queue, worker,
+backend, streaming, audit) can be tested on a clean machine with no
+download. Its metadata is ordinary llama metadata, so both ctransformers'
+bundled loader and a current llama.cpp read it. See docs/architecture.md,
+section "workers/backends and model files".
 """
 
 from __future__ import annotations
@@ -33,7 +23,13 @@ N_HEAD = 4
 N_FF = 128
 RMS_EPS = 1e-5
 
-#: Value held by hidden dimension 0 in every embedding (see module docstring).
+#: Value held by hidden dimension 0 in every embedding. Why the noise looks
+#: like words: dimension 0 is a constant "bias channel" that no layer writes to
+#: (``attn_output``/``ffn_down`` have a zero row 0), so after the final RMS norm
+#: it is always positive, and column 0 of ``output.weight`` is then a per-token
+#: bias: strongly negative for control and byte tokens (greedy output is never
+#: ``</s>`` or a raw control byte), positive for whole words (see ``_weights``).
+#: The rest of the weights are plain seeded random numbers.
 _BIAS_CHANNEL = 4.0
 
 #: Output biases, scaled by the (positive) normalised bias channel. Banned

@@ -1,13 +1,9 @@
 """The OpenAPI description of the API, written from the msgspec structs.
 
-The completion handlers read the raw body themselves, so that a body the
-gateway rejects is still audited; Litestar therefore sees no request type and
-would describe no body. The operation classes here fill in what Litestar
-cannot infer: the request body (``msgspec.json.schema`` of the very struct the
-body is validated against), the success bodies (JSON and the SSE stream), the
-bearer security requirement and every error of README's table. Schemas are
-inlined per operation, because Litestar rebuilds ``components/schemas`` from
-its own types and would drop ours.
+The completion handlers read the raw body themselves (so a body the gateway
+rejects is still audited), so Litestar sees no request type; the operation
+classes here fill in the request and success bodies (``msgspec.json.schema`` of
+the very structs), the bearer requirement and every error of README's table.
 """
 
 from __future__ import annotations
@@ -57,6 +53,9 @@ class JsonSchema(Schema):
 
 def json_schema(kind: Any) -> dict[str, Any]:
     """``msgspec.json.schema`` of ``kind`` with every ``$ref`` replaced by its definition.
+
+    Inlined per operation because Litestar rebuilds ``components/schemas``
+    from its own types and would drop ours.
 
     The structs are not recursive, so inlining ends; a recursive one would
     fail here loudly rather than produce a dangling reference.

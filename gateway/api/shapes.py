@@ -1,12 +1,11 @@
 """Response shapes, as msgspec structs: what the API description promises.
 
-The controllers build these bodies as plain dicts (the stream writes them
-chunk by chunk); these structs exist so ``/schema/openapi.json`` can describe
-them exactly, through ``msgspec.json.schema``. ``tests/e2e/test_openapi.py``
-holds a served gateway to them with schemathesis. The completion shapes are
-closed (a field added to a response but not here fails that test); errors,
-the model list and health stay open for extra fields. Class docstrings become
-the schemas' descriptions, so they are Markdown.
+The controllers build these bodies as plain dicts (the stream chunk by chunk);
+the structs let ``/schema/openapi.json`` describe them exactly, and
+``tests/e2e/test_openapi.py`` holds a served gateway to them with schemathesis
+(completion shapes are closed: a field sent but not declared here fails it;
+errors, the model list and health stay open). Class docstrings become the
+schemas' descriptions, so they are Markdown.
 """
 
 from __future__ import annotations

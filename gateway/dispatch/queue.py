@@ -1,19 +1,8 @@
 """Sending admitted requests to the model's Celery queue.
 
-Publishing is a blocking socket write in kombu, with retries that could hold
-the event loop for seconds if Redis is gone, so it runs in a worker thread
-with retries off: if Redis cannot take the task now, the request is refused
-(503) instead of waiting blind.
-
-The job travels sealed (its prompt is ciphertext in Redis and its AOF), and
-``argsrepr``/``kwargsrepr`` (which Celery stores in the message and logs)
-name only the request.
-
-A job carries its own deadline instead of Celery's ``expires``: Celery drops
-an expired message without running the task, so nothing would write the
-request's terminal entry if its gateway had gone meanwhile. The worker that
-takes a job past its deadline records it as expired instead (see
-``workers.generation``).
+If Redis cannot take the task now the request is refused (503) rather than
+waited on blind. The job travels sealed, with its own deadline. See
+docs/architecture.md, section "gateway/requests and gateway/dispatch".
 """
 
 from __future__ import annotations
@@ -58,7 +47,15 @@ class Dispatcher:
         ``priority`` 0 is served first, 9 last (Celery on Redis); None is the default (5).
         """
 
+        # The job carries its own deadline instead of Celery's ``expires``: Celery
+        # drops an expired message without running the task, so nothing would
+        # write the request's terminal entry if its gateway had gone meanwhile.
+        # A worker that takes a job past its deadline records it as expired
+        # (``workers.generation``).
         job = replace(job, deadline_ns=time.time_ns() + int(self._expires_s * 1e9))
+        # Sealed: the prompt is ciphertext in Redis and its AOF. ``argsrepr`` and
+        # ``kwargsrepr`` (which Celery stores in the message and logs) name only
+        # the request.
         payload = job.sealed(self._sealer)
 
         def send() -> None:
@@ -73,6 +70,9 @@ class Dispatcher:
                 retry=False,
             )
 
+        # Publishing is a blocking socket write in kombu, with retries that could
+        # hold the event loop for seconds if Redis is gone: a worker thread, and
+        # ``retry=False`` above.
         try:
             await anyio.to_thread.run_sync(send, limiter=self._limiter)
         except (KombuError, RedisError, OSError) as exc:

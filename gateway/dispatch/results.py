@@ -1,16 +1,9 @@
 """Awaiting Celery results on the event loop, without a thread per request.
 
-Celery's Redis result backend stores a task's result under
-``celery-task-meta-<task_id>`` and PUBLISHes it on a channel of the same
-name. One shared pub/sub connection per gateway process subscribes to the
-channel of each pending request and resolves an asyncio future when the
-message arrives. The order is: subscribe, enqueue, then also GET the key, so
-a result stored before the subscription took effect (or while the connection
-was being re-established) is not missed. A probe measured this at 340 req/s
-where waiting in threads (``anyio.to_thread``) stalled at 38 req/s.
-
-Results and stream pieces arrive sealed (:mod:`workers.contract.sealing`) and are
-opened here, so the rest of the gateway sees plain results.
+One shared pub/sub connection per gateway process resolves a future per
+pending request; results and stream pieces arrive sealed and are opened here,
+so the rest of the gateway sees plain results. See docs/architecture.md,
+section "gateway/requests and gateway/dispatch".
 """
 
 from __future__ import annotations
@@ -30,6 +23,8 @@ from workers.contract.sealing import SealError, Sealer
 
 log = logging.getLogger(__name__)
 
+#: Celery's Redis result backend stores a task's result under this prefix plus
+#: the task id and PUBLISHes it on a channel of the same name.
 _CHANNEL_PREFIX = "celery-task-meta-"
 
 
@@ -160,6 +155,9 @@ class ResultWaiter:
             await asyncio.sleep(0.05)
 
     async def _check_stored(self, task_id: str) -> None:
+        # The order is: subscribe, enqueue, then also GET the key, so a result
+        # stored before the subscription took effect (or while the connection was
+        # being re-established) is not missed.
         raw = await self._client.get(_CHANNEL_PREFIX + task_id)
         if raw is not None:
             self._resolve(task_id, raw)

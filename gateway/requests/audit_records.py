@@ -1,12 +1,10 @@
 """What a request's audit entry records of its prompt and its decision.
 
-Kept apart from the request service because these are rules about the log,
-not about serving: the ``prompt_logging`` obligation decides how much of the
-prompt is stored, texts the policy's detectors found are never stored in
-clear (not even inside the recorded decision), and a request refused before
-any decision keeps no text at all. Every digest is keyed
-(:class:`workers.contract.privacy.Digester`), so it proves "same text" only to the
-holder of the key.
+Rules about the log, not about serving, hence apart from the request service:
+``prompt_logging`` decides how much of the prompt is stored, texts the
+policy's detectors found are never stored in clear, a request refused before
+any decision keeps no text, and every digest is keyed
+(:class:`workers.contract.privacy.Digester`).
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """Checks that a request can run on its model at all, made before it is queued.
 
-Prompt length is checked twice before queueing: at the door, against a bound
-that needs no tokenizer (no tokenizer encodes more than
-``MAX_BYTES_PER_TOKEN`` bytes in one token, so a huge body is refused before
-any work), and after the policy has set ``max_tokens``, with the model's own
-tokenizer when the gateway can read the model file (``workers.contract.tokenizers``
-reproduces the backends' counts exactly without loading weights). A gateway
-that cannot read the file (workers on other machines) leaves the exact check
-to the worker, which refuses before generating.
+The prompt's length is checked at the door against a bound that needs no
+tokenizer (``MAX_BYTES_PER_TOKEN``), then, once the policy has set
+``max_tokens``, with the model's own tokenizer if the gateway can read the
+model file (else the worker refuses before generating). See
+docs/architecture.md, section "The request path", steps 3 and 7.
 """
 
 from __future__ import annotations

@@ -1,31 +1,10 @@
 """The normalised view of prompt text that content rules look at.
 
-Why: a careful user can hide a secret from a pattern without hiding it from
-a model, which reads through a zero-width space, a full-width digit, a
-Cyrillic "Р" in "PRIVATE" or a tab where a space was. The policy therefore
-sees, besides the text as sent (``input.request.text``), this view of it
-(``input.request.normalized_text``):
-
-1. Unicode NFKC (full-width and other compatibility forms become their plain
-   letters, digits and spaces; NBSP becomes a space);
-2. line breaks (CR LF, CR, VT, FF, NEL, U+2028/9) become ``\\n``;
-3. tabs and every other space separator become a space, and runs of spaces
-   one space;
-4. invisible characters are removed: control characters (but ``\\n``),
-   format characters (zero-width space/joiners, soft hyphen, BOM, bidi
-   controls), combining marks NFKC left on their own, Hangul fillers and the
-   blank Braille pattern;
-5. decimal digits of every script become ASCII digits, and every dash
-   (hyphen, en dash, minus sign…) becomes ``-``;
-6. the Cyrillic and Greek letters that look like Latin ones (``CONFUSABLES``)
-   become those Latin letters. NFKC leaves them alone; this small fold covers
-   the letters the shipped detectors and key headers are spelt with, not
-   Unicode's whole confusables list.
-
-Case is kept (IBAN country codes are capitals; a rule that should ignore
-case says ``(?i)``). Messages are normalised one by one and joined with a
-newline, as ``text`` is; content.rego removes all spacing from this view for
-rules that must see a secret split across messages or lines.
+A model reads through a zero-width space, a full-width digit or a Cyrillic
+"Р" that a pattern would not, so the policy sees, besides the text as sent
+(``input.request.text``), this view of it (``input.request.normalized_text``);
+:func:`normalize` lists the steps. See docs/architecture.md, section
+"gateway/requests and gateway/dispatch".
 """
 
 from __future__ import annotations
@@ -82,7 +61,27 @@ def _fold(char: str) -> str:
 
 
 def normalize(text: str) -> str:
-    """The normalised view of one text (see the module docstring)."""
+    """The normalised view of one text.
+
+    1. Unicode NFKC (full-width and other compatibility forms become their
+       plain letters, digits and spaces; NBSP becomes a space);
+    2. line breaks (CR LF, CR, VT, FF, NEL, U+2028/9) become ``\\n``;
+    3. tabs and every other space separator become a space, and runs of
+       spaces one space;
+    4. invisible characters are removed: control characters (but ``\\n``),
+       format characters (zero-width space/joiners, soft hyphen, BOM, bidi
+       controls), combining marks NFKC left on their own, Hangul fillers and
+       the blank Braille pattern;
+    5. decimal digits of every script become ASCII digits, and every dash
+       (hyphen, en dash, minus sign…) becomes ``-``;
+    6. the Cyrillic and Greek letters that look like Latin ones
+       (:data:`CONFUSABLES`) become those Latin letters. NFKC leaves them
+       alone; this small fold covers the letters the shipped detectors and key
+       headers are spelt with, not Unicode's whole confusables list.
+
+    Case is kept (IBAN country codes are capitals; a rule that should ignore
+    case says ``(?i)``).
+    """
     text = unicodedata.normalize("NFKC", text.replace("\r\n", "\n"))
     if text.isascii():  # the common case: no look-ups in the Unicode database
         return _SPACES.sub(" ", text.translate(_ASCII_FOLD))
@@ -105,7 +104,12 @@ def _learn(chars: set[str]) -> None:
 
 
 def normalized_text(messages: list[dict[str, str]] | None, prompt: str | None) -> str:
-    """All prompt text normalised: ``input.request.normalized_text``."""
+    """All prompt text normalised: ``input.request.normalized_text``.
+
+    Messages are normalised one by one and joined with a newline, as ``text``
+    is; content.rego removes all spacing from this view for rules that must see
+    a secret split across messages or lines.
+    """
     if messages is not None:
         return "\n".join(normalize(m["content"]) for m in messages)
     return normalize(prompt or "")

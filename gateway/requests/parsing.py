@@ -1,16 +1,9 @@
 """Turning a raw request body into a validated request, or a designed error.
 
-Syntax errors (not JSON, not an object) are 400; a well-formed body that
-breaks the schema (missing field, wrong type, out-of-range value) is 422 and
-names the offending parameter; a parameter or value govgate does not support
-is 400 ``unsupported_parameter``.
-
-Nesting is bounded before decoding: msgspec (like any recursive parser)
-recurses once per level and raises ``RecursionError`` near Python's limit,
-so a body nested deeper than ``MAX_JSON_DEPTH`` is refused as
-``invalid_json`` by a scan of the raw bytes, whatever field holds it. No
-valid request comes near the limit (the deepest is
-``messages[i].content[j]``, four levels).
+Not JSON or not an object: 400; a body that breaks the schema (missing
+field, wrong type, out-of-range value): 422 naming the parameter; a parameter
+or value govgate does not support: 400 ``unsupported_parameter``. See
+docs/architecture.md, section "The request path", step 2.
 """
 
 from __future__ import annotations
@@ -31,7 +24,11 @@ _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
 _MISSING_FIELD = re.compile(r"Object missing required field `(?P<field>[^`]+)`")
 
-#: Deepest nesting of arrays and objects a request body may have.
+#: Deepest nesting of arrays and objects a request body may have. Checked on
+#: the raw bytes before decoding: msgspec (like any recursive parser) recurses
+#: once per level and raises ``RecursionError`` near Python's limit, so a deeper
+#: body is refused as ``invalid_json`` whatever field holds it. No valid request
+#: comes near it (the deepest is ``messages[i].content[j]``, four levels).
 MAX_JSON_DEPTH = 64
 #: Brackets as +1 (open) / -1 (close) bytes, everything else deleted.
 _BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")

@@ -2,13 +2,8 @@
 
 Unknown fields are refused rather than ignored: a client that sends a
 parameter govgate does not implement should hear so instead of getting a
-silently different answer. OpenAI fields that clients and SDK wrappers send
-with their default value (``"logprobs": false``, ``"response_format":
-{"type": "text"}``…) are declared here as ``Any`` and accepted only with a
-value that asks for what govgate does anyway (``gateway.requests.parsing``).
-
-Counts and seeds have upper bounds, so a value no backend could take (2^53,
-10^24) is a 422 naming the parameter before the policy ever sees it.
+silently different answer. See docs/architecture.md, section
+"gateway/requests and gateway/dispatch".
 """
 
 from __future__ import annotations
@@ -23,6 +18,8 @@ from workers.contract.sampling import SamplingParams
 CHAT = "chat.completions"
 COMPLETIONS = "completions"
 
+# Counts and seeds have upper bounds, so a value no backend could take (2^53,
+# 10^24) is a 422 naming the parameter before the policy ever sees it.
 #: Largest count a backend takes (its C API counts in 32-bit ints).
 MAX_COUNT = 2**31 - 1
 #: Largest ``n`` accepted as a value at all (anything but 1 is then refused as unsupported).
@@ -89,7 +86,10 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     n: Choices = 1
     user: str | None = None
     metadata: dict[str, str] | None = None
-    # Accepted with their default value only (see the module docstring).
+    # OpenAI fields that clients and SDK wrappers send with their default value
+    # (``"logprobs": false``, ``"response_format": {"type": "text"}``…): declared
+    # as ``Any`` and accepted only with a value that asks for what govgate does
+    # anyway (checked in ``gateway.requests.parsing``).
     logit_bias: Any = None
     service_tier: Any = None
     store: Any = None

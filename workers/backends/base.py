@@ -1,13 +1,9 @@
 """The contract every model backend meets, and the token loop they share.
 
-Why one shared loop (:class:`GenerationRun`): the accounting a governance
-gateway records (prompt and completion token counts, why generation ended)
-must mean the same thing whichever library runs the model. A backend only
-supplies its tokenizer's counts, an iterator of sampled token ids that ends at
-end-of-sequence, and the bytes of each token; everything else (max_tokens,
-stop sequences, UTF-8 reassembly, streaming hold-back) is done here once.
-
-This module imports no model library, so the gateway can use the types.
+One loop (:class:`GenerationRun`) so that the token counts and finish reasons
+the log records mean the same whichever library runs the model. This module
+imports no model library, so the gateway can use the types. See
+docs/architecture.md, section "workers/backends and model files".
 """
 
 from __future__ import annotations

@@ -1,37 +1,11 @@
-"""Serve GGUF/GGML models on CPU with ctransformers.
+"""Serve GGUF/GGML models on CPU with ctransformers (0.2.27).
 
-Why generation is driven token by token here rather than with ctransformers'
-``llm(prompt, max_new_tokens=...)``: the gateway needs truthful counts from the
-model's own tokenizer and a truthful finish reason, and ctransformers' own
-text loop neither reports them nor decodes multi-byte characters correctly.
-So this module supplies ids (``llm.generate``) and token bytes, and the shared
-:class:`~workers.backends.base.GenerationRun` does the rest.
-
-Quirks of ctransformers 0.2.27 handled here (each found by trying):
-
-* ``LLM.tokenize`` allocates ``len(text) + 1`` ints, but the llama tokenizer
-  adds a BOS and a leading-space piece and falls back to one token per UTF-8
-  byte, so it can write past the buffer. We call the C function with our own
-  buffer sized from the UTF-8 length.
-* Going past the context window only logs a warning and then produces garbage,
-  so prompt + max_tokens is checked before any evaluation.
-* ``temperature=0`` divides by zero in the sampler; greedy is ``top_k=1``.
-* A path that does not exist is looked up on the Hugging Face hub, and a
-  truncated GGUF loads and then reads past its memory map; the file is checked
-  first (:func:`~workers.backends.base.check_model_file`).
-* For GGUF files the architecture comes from the file; ``model_type`` is only
-  used for old GGML files.
-* Old GGML files (gpt2, gpt_neox, dolly-v2) get no BOS token, so an empty
-  prompt has no tokens, and generating from none samples from the *previous*
-  request's logits: noise that depends on someone else's prompt. Such a prompt
-  starts from the model's start token instead (GPT-2's ``<|endoftext|>``).
-* For those files the context is the file's ``n_ctx``; ``context_length`` is
-  ignored, so :attr:`CTransformersModel.context_length` asks the library.
-* Those loaders also trust the file completely: given the wrong
-  ``model_type`` (a gpt2 file as ``gpt_neox``) they hang or allocate until the
-  kernel kills the worker, and a truncated file loads and serves garbage. The
-  layouts of the families govgate documents are walked first
-  (:func:`check_ggml_layout`).
+Generation is driven token by token (``llm.generate``) rather than through
+ctransformers' own text loop, which reports neither counts nor a finish reason
+and mangles multi-byte characters: this module supplies ids and token bytes,
+:class:`~workers.backends.base.GenerationRun` does the rest. The library's
+quirks are handled where noted; see docs/architecture.md, sections
+"workers/backends and model files" and "Library facts the code relies on".
 """
 
 from __future__ import annotations
@@ -131,7 +105,11 @@ class CTransformersModel:
         #: Control, unknown and marker tokens: generated, counted, never shown.
         self._hidden = hidden_tokens(spec.path).ids
         bos = llm.bos_token_id
-        #: What an empty prompt is sent as when the tokenizer adds no BOS.
+        #: What an empty prompt is sent as when the tokenizer adds no BOS. Old
+        #: GGML files (gpt2, gpt_neox, dolly-v2) get no BOS, and generating from
+        #: no tokens samples from the *previous* request's logits: noise that
+        #: depends on someone else's prompt. So it starts from the model's start
+        #: token instead (GPT-2's ``<|endoftext|>``).
         self._start_token = bos if 0 <= bos < llm.vocab_size else llm.eos_token_id
         self._lock = threading.Lock()
         self._owner: int | None = None
@@ -139,7 +117,12 @@ class CTransformersModel:
     @classmethod
     def load(cls, spec: ModelSpec) -> CTransformersModel:
         """Load ``spec.path``; every failure is a :class:`BackendError` naming the model."""
+        # ctransformers looks a path that does not exist up on the Hugging Face
+        # hub, and a truncated GGUF loads and then reads past its memory map.
         check_model_file(spec.path)
+        # Its GGML loaders trust the file completely: given the wrong model_type
+        # (a gpt2 file as gpt_neox) they hang or allocate until the kernel kills
+        # the worker, and a truncated file serves garbage.
         check_ggml_layout(spec.path, spec.model_type)
         try:
             from ctransformers import AutoModelForCausalLM
@@ -149,7 +132,7 @@ class CTransformersModel:
         try:
             llm = AutoModelForCausalLM.from_pretrained(
                 str(spec.path),
-                model_type=spec.model_type,
+                model_type=spec.model_type,  # used for old GGML files only; GGUF names its architecture
                 lib=lib,
                 threads=spec.threads,
                 context_length=spec.context_length,
@@ -164,19 +147,25 @@ class CTransformersModel:
 
     @property
     def context_length(self) -> int:
-        """Context slots the loaded model really has (what ctransformers allocated)."""
+        """Context slots the loaded model really has (what ctransformers allocated).
+
+        Asked of the library because for old GGML files it is the file's
+        ``n_ctx`` and the ``context_length`` we passed is ignored.
+        """
         return self._llm.context_length
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` as a prompt, exactly as the model will see them.
 
         llama models get BOS first; GGML-era models get none, except that an
-        empty text becomes their start token (see the module docstring).
+        empty text becomes their start token (see ``_start_token``).
         """
         data = text.encode("utf-8")
         if b"\x00" in data:
             raise BackendError("text contains a NUL character, which the model's C API cannot take")
         # Worst case: BOS, the leading-space piece, then one byte token per byte.
+        # Not ``LLM.tokenize``: it allocates len(text) + 1 ints, and the llama
+        # tokenizer can write past that (it falls back to one token per byte).
         buffer = (ctypes.c_int * (len(data) + 8))()
         n = self._llm.ctransformers_llm_tokenize(data, True, buffer)
         # Never empty: with no tokens the model would sample stale logits.
@@ -188,6 +177,8 @@ class CTransformersModel:
     def stream(self, prompt: str, params: SamplingParams) -> GenerationRun:
         """Start a generation. Errors about the prompt are raised now, before any piece."""
         tokens = self.tokenize(prompt)
+        # Past the context window ctransformers only logs a warning and then
+        # produces garbage, so the fit is checked before any evaluation.
         if len(tokens) + params.max_tokens > self.context_length:
             raise PromptTooLongError(len(tokens), params.max_tokens, self.context_length)
         return GenerationRun(
@@ -216,7 +207,7 @@ class CTransformersModel:
             raise BackendError(
                 f"model {self.spec.name} is already generating on this thread; finish or close that stream first"
             )
-        if params.greedy:
+        if params.greedy:  # temperature=0 divides by zero in the sampler; greedy is top_k=1
             top_k, top_p, temperature = 1, 1.0, 1.0
         else:
             top_k = params.top_k if params.top_k > 0 else self._llm.vocab_size

@@ -1,58 +1,11 @@
 """Serve GGUF models on CPU with a current llama.cpp, through ``xllamacpp``.
 
-Why xllamacpp: it ships prebuilt wheels of a current llama.cpp (installed in
-seconds, no compiler), where llama-cpp-python builds from source for many
-minutes. Its one way in is llama.cpp's own server, embedded:
-``Server(CommonParams)`` loads the model and runs the server's loop on threads
-of its own, and ``handle_completions(request, callback)`` runs an
-OpenAI-style completion, calling back once per streamed chunk. How that is
-fitted to the backend contract (each point found by trying, xllamacpp
-2026.10.11549):
-
-* **Tokens.** xllamacpp has no tokenize call, but the embedded server always
-  listens on loopback HTTP too, with ``/tokenize``. Prompts are tokenized
-  there (the model's own tokenizer, BOS added, special tokens *not* parsed,
-  so a user's ``<end_of_turn>`` stays text) and the ids are sent as the
-  prompt: ``count_tokens`` is exactly what the model is fed.
-* **The HTTP listener is locked.** Anyone on the machine could otherwise use
-  the model through it, ungoverned and unaudited; it gets a random API key
-  only this object knows, and its web UI and slot endpoints are off.
-* **One entry per token.** Chunks carry text, not ids, and llama.cpp sends
-  no chunk for a token that ends inside a UTF-8 character (its bytes come
-  with the next chunk). With per-token timings each chunk also carries how
-  many tokens exist so far, so :func:`token_pieces` turns chunks back into one
-  entry per token (folded tokens get no bytes, the chunk's last token gets its
-  text) and the shared :class:`~workers.backends.base.GenerationRun` does
-  counting, stop sequences and max_tokens exactly as for ctransformers. It
-  sees positions rather than vocabulary ids; nothing it does needs the ids.
-* **End of sequence.** The stream does not say which token ended it, so each
-  token is passed on only once the next chunk has arrived. A final chunk
-  saying ``"stop"`` means end-of-generation (govgate gives llama.cpp no stop
-  strings, so nothing else can cause it): that last token is dropped, as the
-  contract asks. This costs one token of latency.
-* **Sampling is pinned**, not left to llama.cpp's defaults (which add
-  ``min_p = 0.05`` among others): penalties, top-k, top-p, temperature, with
-  the repetition penalty over the last 64 tokens, as ctransformers does;
-  temperature 0 is greedy. Greedy output is the same text as ctransformers'
-  on the same file.
-* **No state between requests.** The prompt cache (in the KV cache and in host
-  memory) is off: the same request gives the same output whatever ran before,
-  and one principal's prompt cannot speed up, and so reveal itself to, another.
-  The price is re-evaluating shared prefixes.
-* **Context.** llama.cpp quietly stops early when prompt plus completion
-  outgrow the window, so that is checked before generating.
-* **Threads and fork.** Importing this module imports no native library and
-  starts no thread (``xllamacpp`` is imported in :meth:`LlamaCppModel.load`).
-  A loaded server runs threads of its own (seven to nine here: its loop, the
-  HTTP listener, the compute pool), and a process that forks after
-  inference leaves the child hanging, so models are loaded after fork
-  (``workers/runtime.py``).
-* **Special tokens.** llama.cpp prints user-defined tokens verbatim, markers
-  such as Gemma's ``<start_of_image>`` included; each token's bytes pass
-  through :meth:`~workers.special_tokens.HiddenTokens.strip`, so no marker
-  reaches a client (control tokens it already leaves out).
-* **Logging.** llama.cpp logs every request at its default verbosity; here
-  only its errors reach stderr (the worker's log), e.g. why a file did not load.
+xllamacpp's one way in is llama.cpp's own server, embedded: ``Server`` loads
+the model and runs its loop on threads of its own, ``handle_completions``
+calls back once per streamed chunk. This module fits that to the backend
+contract; each choice is noted where it is made. See docs/architecture.md,
+section "workers/backends and model files" (and "Library facts the code
+relies on" for llama.cpp's quirks).
 """
 
 from __future__ import annotations
@@ -100,6 +53,9 @@ class LlamaCppModel:
         self._host, self._port = address.hostname, address.port
         self._lock = threading.Lock()
         self._owner: int | None = None
+        # llama.cpp leaves control tokens out but prints user-defined ones
+        # verbatim (Gemma's ``<start_of_image>``); every token's bytes go through
+        # ``self._hidden.strip`` so no marker reaches a client.
         self._hidden = hidden_tokens(spec.path)
         self._n_ctx = min(spec.context_length, self._server_context() or spec.context_length)
 
@@ -107,6 +63,10 @@ class LlamaCppModel:
     def load(cls, spec: ModelSpec) -> LlamaCppModel:
         """Load ``spec.path``; every failure is a :class:`BackendError` naming the model."""
         check_model_file(spec.path)
+        # Imported here, not at module level: importing this module must load no
+        # native library and start no thread (workers fork after importing it).
+        # A loaded server runs threads of its own (seven to nine: its loop, the
+        # HTTP listener, the compute pool), so models are loaded after fork.
         try:
             import xllamacpp
         except ImportError as exc:
@@ -120,12 +80,21 @@ class LlamaCppModel:
         params.cpuparams.n_threads = spec.threads
         params.cpuparams_batch.n_threads = spec.threads
         params.ctx_shift = False
+        # No state between requests: no prompt cache (KV cache or host memory),
+        # so the same request gives the same output whatever ran before and one
+        # principal's prompt cannot speed up, and so reveal itself to, another.
+        # The price is re-evaluating shared prefixes.
         params.cache_prompt = False
         params.cache_ram_mib = 0
         params.cache_idle_slots = False
         params.n_ctx_checkpoints = 0
         params.fit_params = False
+        # llama.cpp logs every request at its default verbosity; only its errors
+        # reach stderr (the worker's log), e.g. why a file did not load.
         params.verbosity = _LOG_ERRORS_ONLY
+        # The embedded server always listens on loopback HTTP too. Anyone on the
+        # machine could use the model through it, ungoverned and unaudited, so it
+        # gets a random key only this object knows, and no web UI or slot endpoints.
         params.hostnames = ["127.0.0.1"]
         params.port = 0
         params.api_keys = [api_key]
@@ -153,6 +122,10 @@ class LlamaCppModel:
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` as a prompt: BOS first if the model adds one, specials as text."""
+        # xllamacpp has no tokenize call; the loopback server's /tokenize is the
+        # model's own tokenizer. Special tokens are not parsed, so a user's
+        # ``<end_of_turn>`` stays text, and the ids are sent as the prompt:
+        # ``count_tokens`` is exactly what the model is fed.
         reply = self._http("POST", "/tokenize", {"content": text, "add_special": True, "parse_special": False})
         tokens = reply.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
@@ -167,6 +140,8 @@ class LlamaCppModel:
         tokens = self.tokenize(prompt)
         if not tokens:
             raise BackendError(f"model {self.spec.name}: the prompt is empty and this model adds no BOS token")
+        # llama.cpp quietly stops early when prompt plus completion outgrow the
+        # window, so that is checked here, before generating.
         if len(tokens) + params.max_tokens > self.context_length:
             raise PromptTooLongError(len(tokens), params.max_tokens, self.context_length)
         pieces: list[bytes] = []
@@ -191,6 +166,12 @@ class LlamaCppModel:
 
         ``repetition_penalty`` 1.0 (the request gave none) falls back to the
         registry's default for this model.
+
+        Sampling is pinned rather than left to llama.cpp's defaults (which add
+        ``min_p = 0.05`` among others): the same steps as ctransformers, the
+        repetition penalty over the last 64 tokens, temperature 0 greedy; greedy
+        output is the same text as ctransformers' on the same file. No stop
+        strings are given, so a final ``"stop"`` can only mean end-of-generation.
         """
         penalty = params.repetition_penalty if params.repetition_penalty != 1.0 else self.spec.repetition_penalty
         body: dict[str, Any] = {
@@ -337,6 +318,10 @@ def token_pieces(chunks: Iterable[dict[str, Any]], model: str = "llama.cpp") -> 
     end-of-generation and is not yielded. Tokens counted by the final chunk
     alone (a character left unfinished at the limit) are yielded without bytes:
     llama.cpp drops an unfinished character's bytes.
+
+    Chunks carry text, not ids, so :class:`~workers.backends.base.GenerationRun`
+    sees positions rather than vocabulary ids; nothing it does needs the ids.
+    Holding each token until the next chunk costs one token of latency.
     """
     held: bytes | None = None
     counted = 0

@@ -1,16 +1,10 @@
 """Reading model-file headers: GGUF metadata and tensor table, legacy GGML vocabulary and tensors.
 
-Why one reader: the gateway counts prompt tokens from a file's vocabulary,
-the workers check a file before a C loader trusts it, and both read the same
-layouts. No tensor data is ever read.
-
-Why not ``gguf.GGUFReader``: it builds numpy views of every field. Measured
-on a loaded 2-core machine: on Gemma 3 270M (253 MB, 262k-token vocabulary)
-opening it took 13.4 s against 89 ms here, on the tiny model 40 ms against
-0.6 ms, and ``import gguf`` (numpy) ~140 ms against ~20 ms for
-:mod:`workers.contract.tokenizers`. The gateway loads tokenizers on the
-request path, so nothing heavy is imported here; only the worker-side checks
-import ``gguf.constants`` (for tensor type sizes), inside the function.
+One reader for the gateway (counting prompt tokens from a file's vocabulary)
+and the workers (checking a file before a C loader trusts it); no tensor data
+is ever read. Not ``gguf.GGUFReader`` (far too slow to open on the request
+path), and nothing heavy is imported at module level. See docs/architecture.md,
+section "workers/backends and model files".
 """
 
 from __future__ import annotations

