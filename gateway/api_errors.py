@@ -1,16 +1,9 @@
 """Errors users see, in OpenAI's shape: ``{"error": {message, type, code, param}}``.
 
-Every refusal the gateway makes is an :class:`ApiError` with a stable
-``code`` a script can switch on and a message a person can act on. The
-exception handlers below also turn Litestar's own errors (unknown route,
-wrong method, body too large) and anything unexpected into the same shape,
-so no client ever sees a traceback.
-
-Every error response carries ``X-Govgate-Request-Id``. An error the gateway
-audited (a rejected body, a denial, a failure after admission) carries the
-request id of its audit entries; one refused before anything is recorded
-(no or bad key, unknown route, an unexpected error) gets a fresh id that
-names no audit entry but appears in the gateway's log for a 500.
+Every refusal is an :class:`ApiError` with a stable ``code``; the handlers
+below give Litestar's own errors and anything unexpected the same shape, so
+no client sees a traceback. Every error response carries
+``X-Govgate-Request-Id`` (the README says which id it names).
 """
 
 from __future__ import annotations
