@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import AbstractSet, Any, Iterator, Literal, Mapping, cast
+from typing import AbstractSet, Any, Literal, Mapping, cast
 
 from gateway.limits.catalogue import LIMIT_NAMES
 
@@ -103,19 +103,14 @@ class UsageLimits:
 
 
 @dataclass(frozen=True)
-class Obligations(Mapping[str, Any]):
-    """What the gateway must do to a request it serves.
+class Obligations:
+    """What the gateway must do to a request it serves, as typed attributes.
 
     ``max_tokens`` and ``prompt_logging`` are always present. ``priority``,
     ``redact`` and ``limits`` are ``None`` when the policy does not give them
-    (a policy written before they existed), and then are not keys of the
-    mapping either.
-
-    Also a read-only mapping (``obligations["max_tokens"]``, ``.get(...)``), the
-    way the contract names them, so callers can treat obligations added by later
-    contracts the same way. The mapping gives each value in its JSON shape
-    (``redact`` a list of ``{detector, text}``, ``limits`` an object); the
-    attributes give the typed ones (``Redaction``, ``UsageLimits``).
+    (a policy written before they existed). There is deliberately no
+    ``.get(name, default)``: a default chosen at the call site would be the
+    least private one. :meth:`to_document` gives the JSON shape.
     """
 
     max_tokens: int
@@ -123,18 +118,6 @@ class Obligations(Mapping[str, Any]):
     priority: int | None = None
     redact: tuple[Redaction, ...] | None = None
     limits: UsageLimits | None = None
-
-    def __getitem__(self, key: str) -> Any:
-        return self.to_document()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._present())
-
-    def __len__(self) -> int:
-        return len(self._present())
-
-    def _present(self) -> tuple[str, ...]:
-        return _REQUIRED_OBLIGATIONS + tuple(k for k in _OPTIONAL_OBLIGATIONS if getattr(self, k) is not None)
 
     def to_document(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"max_tokens": self.max_tokens, "prompt_logging": self.prompt_logging}

@@ -22,7 +22,7 @@ def test_decision_from_valid_document_round_trips() -> None:
     }
     decision = Decision.from_document(doc)
     assert decision.reasons == (Reason("over_budget", "m", 30.0),)
-    assert decision.obligations.get("prompt_logging") == "redacted"
+    assert decision.obligations.prompt_logging == "redacted"
     assert decision.to_document()["reasons"] == [{"code": "over_budget", "message": "m", "retry_after_s": 30.0}]
     assert decision.to_document()["obligations"] == doc["obligations"]
 
@@ -91,16 +91,22 @@ def test_decision_with_every_obligation_round_trips() -> None:
     assert decision.obligations.priority == 3
     assert decision.obligations.redact == (Redaction("email", "a@example.org"),)
     assert decision.obligations.limits == UsageLimits(Limits(10, None, 100, None, 2), None)
-    assert decision.obligations["limits"] == FULL_OBLIGATIONS["limits"]  # the mapping gives the JSON shape
-    assert decision.obligations.get("redact") == FULL_OBLIGATIONS["redact"]
-    assert set(decision.obligations) == set(FULL_OBLIGATIONS)
+    assert decision.obligations.to_document() == FULL_OBLIGATIONS  # the JSON shape, every key kept
     assert decision.to_document() == doc
 
 
-def test_obligations_a_policy_leaves_out_are_not_keys() -> None:
+def test_obligations_a_policy_leaves_out_are_none_and_not_in_the_document() -> None:
     obligations = Decision.from_document(document()).obligations
-    assert set(obligations) == {"max_tokens", "prompt_logging"}
-    assert obligations.get("priority") is None and obligations.limits is None
+    assert set(obligations.to_document()) == {"max_tokens", "prompt_logging"}
+    assert obligations.priority is None and obligations.redact is None and obligations.limits is None
+
+
+def test_obligations_offer_no_lookup_with_a_default() -> None:
+    """Typed attributes only: a ``.get(name, default)`` would let a caller pick the least private default."""
+    obligations = Decision.from_document(document()).obligations
+    assert not hasattr(obligations, "get")
+    with pytest.raises(TypeError):
+        obligations["prompt_logging"]  # type: ignore[index]
 
 
 PRINCIPAL_LIMITS = FULL_OBLIGATIONS["limits"]["principal"]
