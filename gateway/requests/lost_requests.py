@@ -32,8 +32,8 @@ LOST_MESSAGE = "the gateway stopped after recording the request and before queue
 #: Beyond the request timeout and the visibility timeout: the broker's restore
 #: interval, a worker's last write, clocks that differ a little.
 MARGIN_S = 15.0
-#: Seconds between two sweeps.
-SWEEP_INTERVAL_S = 10.0
+#: Seconds between two sweeps (each reads only the entries that became old enough since the last).
+SWEEP_INTERVAL_S = 5.0
 #: Request entries read per query, and queries per sweep (a long look-back is read over several sweeps).
 PAGE = 200
 PAGES_PER_SWEEP = 25
