@@ -24,6 +24,7 @@ import redis
 import redis.asyncio as aioredis
 
 from audit import AuditEntry, AuditStore, make_engine, migrate
+from gateway.components import build_components
 from gateway.limits import UsageCounters
 from gateway.requests.lost_requests import (LOST_CODE, LostRequestSweep, lost_after_s, sweep_lost_requests,
                                             sweep_once)
@@ -178,3 +179,13 @@ async def test_the_loop_outlives_a_database_it_cannot_read(tmp_path, pending, co
             await task
     unmigrated.engine.dispose()
     assert sum("looking for lost requests failed" in r.getMessage() for r in caplog.records) >= 2
+
+
+async def test_every_gateway_runs_the_sweep_while_it_is_up(settings):
+    def sweeps() -> list[asyncio.Task]:
+        return [t for t in asyncio.all_tasks() if t.get_name() == "govgate-lost-requests"]
+
+    async with build_components(settings):
+        running = sweeps()
+        assert len(running) == 1 and not running[0].done()
+    assert running[0].done() and sweeps() == []
