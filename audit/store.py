@@ -12,14 +12,14 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Iterator, Mapping
 
-from sqlalchemy import Engine, Select, select
+from sqlalchemy import Engine, Select, exists, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from .chain import GENESIS_HASH, canonical_json, entry_hash
 from .db import APPEND_LOCK_KEY, DB_ERRORS, describe, locked_transaction, reason
 from .entry import AuditEntry
 from .errors import AuditError, CorruptEntryError, DuplicateTerminalError, InvalidEntryError
-from .kinds import KINDS, TERMINAL_KINDS
+from .kinds import KINDS, REQUEST, TERMINAL_KINDS
 from .tables import NAME_LEN, audit_table
 
 # SQLAlchemy Core, not ORM sessions: an append is four statements with no
@@ -115,6 +115,32 @@ class AuditStore:
     def entries_for(self, request_id: str) -> list[AuditEntry]:
         """Every entry of one request, oldest first."""
         return self._fetch(select(audit_table).where(_t.request_id == request_id).order_by(_t.seq))
+
+    def requests_without_terminal(self, *, before: datetime, after: datetime | None = None,
+                                  page_after: AuditEntry | None = None, limit: int = 100) -> list[AuditEntry]:
+        """``request`` entries created in ``[after, before)`` whose request has no terminal entry.
+
+        Denied requests are among them (they never end); telling them apart
+        is the caller's business. Ordered by time, then seq; pass the last
+        entry of a page as ``page_after`` for the next one. The window is read
+        through the ``created_at`` index (which also gives the order) and each
+        candidate's terminal through the unique index on
+        ``terminal_request_id``, so a call costs its window, not the log.
+        """
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        ended = audit_table.alias("ended")
+        stmt = (select(audit_table)
+                .where(_t.kind == REQUEST, _t.created_at < before,
+                       ~exists().where(ended.c.terminal_request_id == _t.request_id))
+                .order_by(_t.created_at, _t.seq).limit(limit))
+        if after is not None:
+            stmt = stmt.where(_t.created_at >= after)
+        if page_after is not None:
+            # Keyset on (created_at, seq), spelt so the range part can use the index.
+            stmt = stmt.where(_t.created_at >= page_after.created_at,
+                              or_(_t.created_at > page_after.created_at, _t.seq > page_after.seq))
+        return self._fetch(stmt)
 
     def tail(self, n: int = 20) -> list[AuditEntry]:
         """The last ``n`` entries in seq order (oldest of them first)."""

@@ -23,6 +23,7 @@ from gateway.dispatch import Dispatcher, ResultWaiter
 from gateway.limits import UsageCounters
 from gateway.policy import PolicyEngine, open_policy_engine
 from gateway.policy.reloader import ReloadingPolicyEngine
+from gateway.requests.lost_requests import LostRequestSweep, lost_after_s, sweep_lost_requests
 from gateway.requests.service import CompletionService
 from gateway.requests.terminal_retry import retry_pending_terminals
 from gateway.settings import Settings
@@ -90,6 +91,9 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         request_timeout_s=settings.request_timeout_s, max_queued_per_model=settings.max_queued_per_model,
         digester=digester, pending=pending)
     retrier = asyncio.create_task(retry_pending_terminals(pending, audit_store), name="govgate-terminal-retry")
+    lost = LostRequestSweep(audit_store, pending, lookback_s=settings.terminal_retry_horizon_s,
+                            lost_after_s=lost_after_s(settings.request_timeout_s, settings.generation_time_limit_s))
+    sweeper = asyncio.create_task(sweep_lost_requests(lost, counters), name="govgate-lost-requests")
     try:
         await waiter.start()
         await policy.start()
@@ -99,9 +103,10 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
             completions=completions,
         )
     finally:
-        retrier.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await retrier
+        for task in (retrier, sweeper):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         pending_client.close()
         await completions.aclose()
         await counters.aclose()

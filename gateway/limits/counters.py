@@ -223,6 +223,20 @@ class UsageCounters:
         ]
         return {"principal": views[0], "team": views[1] if team is not None else None}
 
+    async def held(self, request_id: str, principal: str, team: str | None) -> Reservation | None:
+        """The request's reservation if it still holds tokens, for a caller that no longer has it.
+
+        Read from the request's record (its tokens and the time that fixes
+        its day and month); None once settled, released or expired.
+        """
+        try:
+            state, tokens, at = await self._client.hmget(self._record_key(request_id), "state", "tokens", "at")
+        except (RedisError, OSError) as exc:
+            raise CountersUnavailable(f"usage counters unavailable: {type(exc).__name__}: {exc}") from exc
+        if state is None or _text(state) != "reserved" or tokens is None or at is None:
+            return None
+        return Reservation(request_id, self._scopes(principal, team), int(tokens), int(at) / _US)
+
     # writes
 
     async def reserve(self, request_id: str, principal: str, team: str | None, limits: dict, tokens: int,

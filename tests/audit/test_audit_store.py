@@ -178,6 +178,34 @@ def test_invalid_input_is_refused_and_nothing_recorded(
     assert store.head() is None
 
 
+def test_requests_without_terminal_are_found_in_their_window_only(store: AuditStore) -> None:
+    old_open = _append(store, "request", "old-open")
+    ended = _append(store, "request", "ended")
+    _append(store, "rejected", "bad-input")
+    open_a = _append(store, "request", "open-a")
+    open_b = _append(store, "request", "open-b")
+    _append(store, "completion", "ended", output="x")
+    _append(store, "failed", "ended-without-request")
+    late = _append(store, "request", "too-late")
+
+    window = dict(before=late.created_at, after=ended.created_at)
+    assert store.requests_without_terminal(**window) == [open_a, open_b]
+    assert store.requests_without_terminal(before=late.created_at) == [old_open, open_a, open_b]
+    assert store.requests_without_terminal(before=open_a.created_at, after=open_a.created_at) == []
+
+    # Pages: each starts after the last entry of the one before, nothing twice or skipped.
+    first = store.requests_without_terminal(**window, limit=1)
+    second = store.requests_without_terminal(**window, limit=1, page_after=first[-1])
+    assert first + second == [open_a, open_b]
+    assert store.requests_without_terminal(**window, page_after=open_b) == []
+
+    # A terminal written later takes the request out.
+    _append(store, "timed_out", "open-a")
+    assert store.requests_without_terminal(**window) == [open_b]
+    with pytest.raises(ValueError):
+        store.requests_without_terminal(**window, limit=0)
+
+
 # -- several processes at once ------------------------------------------------
 
 

@@ -60,6 +60,10 @@ class PendingTerminals:
         log.warning("kept the %s entry of %s to write when the audit store is back", entry.kind, entry.request_id)
         return True
 
+    def holds(self, request_id: str) -> bool:
+        """Whether an entry of the request waits here; raises ``redis.RedisError`` when Redis cannot say."""
+        return bool(self._client.hexists(PENDING_KEY, request_id))
+
     def count(self) -> int:
         try:
             return int(self._client.hlen(PENDING_KEY))

@@ -1,0 +1,166 @@
+"""Ending accepted requests that nobody else will end: their gateway died before queueing them.
+
+The request entry is written before the job is queued (nothing is queued
+unaudited), so a gateway killed between the two leaves an accepted request
+that no worker will ever see. Once ``request timeout + the broker's
+visibility timeout + a margin`` has passed since its request entry, a job
+that did reach the queue has been ended by a worker (a late job is recorded
+as expired) or by its gateway; a request still without a terminal entry then
+was never queued, and every gateway's sweep ends it ``failed`` with code
+``gateway_lost``. The database's unique terminal constraint settles a race
+with another gateway or a late worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timedelta, timezone
+from typing import Any, Mapping
+
+import anyio
+
+from audit import AuditEntry, AuditStore, DuplicateTerminalError
+from gateway.limits import CountersUnavailable, UsageCounters
+from workers.contract.celery_config import visibility_timeout_s
+from workers.contract.pending_terminals import PendingTerminals
+
+log = logging.getLogger(__name__)
+
+LOST_CODE = "gateway_lost"
+LOST_MESSAGE = "the gateway stopped after recording the request and before queueing it"
+#: Beyond the request timeout and the visibility timeout: the broker's restore
+#: interval, a worker's last write, clocks that differ a little.
+MARGIN_S = 15.0
+#: Seconds between two sweeps (each reads only the entries that became old enough since the last).
+SWEEP_INTERVAL_S = 5.0
+#: Request entries read per query, and queries per sweep (a long look-back is read over several sweeps).
+PAGE = 200
+PAGES_PER_SWEEP = 25
+
+
+def lost_after_s(request_timeout_s: float, generation_time_limit_s: float) -> float:
+    """How old an accepted request without a terminal entry must be before it counts as lost."""
+    return request_timeout_s + visibility_timeout_s(generation_time_limit_s) + MARGIN_S
+
+
+def was_admitted(body: Mapping[str, Any]) -> bool:
+    """Whether a request entry's body records an allowed and admitted request (one that needs an end)."""
+    decision = body.get("decision")
+    admission = body.get("admission")
+    return (isinstance(decision, Mapping) and decision.get("allow") is True
+            and isinstance(admission, Mapping) and admission.get("admitted") is True)
+
+
+def lost_body() -> dict[str, Any]:
+    """The ``failed`` entry's body: the gateway's usual error shape, and nothing of the prompt."""
+    return {"error": {"code": LOST_CODE, "message": LOST_MESSAGE}}
+
+
+class LostRequestSweep:
+    """One gateway's look for lost requests; blocking (database, Redis): run :meth:`run_once` in a thread.
+
+    Each entry is looked at once per process: a sweep reads the request
+    entries between the last window's end and ``now - lost_after_s`` (the
+    first one from ``now - lookback_s``), denied ones included, and a window
+    left unfinished (an error, or more than ``PAGES_PER_SWEEP`` pages) is
+    continued after the last entry handled.
+    """
+
+    def __init__(self, audit: AuditStore, pending: PendingTerminals | None, *, lost_after_s: float,
+                 lookback_s: float, page: int = PAGE, pages_per_sweep: int = PAGES_PER_SWEEP) -> None:
+        self._audit = audit
+        self._pending = pending
+        self._lost_after = timedelta(seconds=lost_after_s)
+        self._lookback = timedelta(seconds=lookback_s)
+        self._page = page
+        self._pages_per_sweep = pages_per_sweep
+        #: Entries created before this have been looked at.
+        self._swept_until: datetime | None = None
+        #: The window being read (after, before) and the last entry read of it.
+        self._window: tuple[datetime, datetime] | None = None
+        self._cursor: AuditEntry | None = None
+
+    def run_once(self, now: datetime | None = None) -> list[AuditEntry]:
+        """End the lost requests of the next window; return their request entries.
+
+        Raises what the store or Redis raised; the next sweep then goes on
+        with the same window after the last entry handled.
+        """
+        if self._window is None:
+            now = now or datetime.now(timezone.utc)
+            before = now - self._lost_after
+            after = now - self._lookback
+            if self._swept_until is not None:
+                after = max(after, self._swept_until)
+            if after >= before:
+                return []
+            self._window, self._cursor = (after, before), None
+        after, before = self._window
+        ended: list[AuditEntry] = []
+        for _ in range(self._pages_per_sweep):
+            page = self._audit.requests_without_terminal(before=before, after=after, page_after=self._cursor,
+                                                         limit=self._page)
+            for entry in page:
+                if was_admitted(entry.body) and self._end(entry):
+                    ended.append(entry)
+                self._cursor = entry
+            if len(page) < self._page:
+                self._swept_until, self._window, self._cursor = before, None, None
+                break
+        return ended
+
+    def _end(self, request: AuditEntry) -> bool:
+        """Write the lost request's ``failed`` entry; False when its end was found elsewhere."""
+        request_id = request.request_id
+        # An end the database refused earlier waits in Redis and is the real one: write it instead.
+        if self._pending is not None and self._pending.holds(request_id):
+            self._pending.write_one(self._audit, request_id)
+            return False
+        try:
+            self._audit.append("failed", request_id, principal=request.principal, team=request.team,
+                               model=request.model, body=lost_body(), policy_revision=request.policy_revision)
+        except DuplicateTerminalError:  # another gateway's sweep or a late worker ended it first
+            return False
+        log.warning("request %s was accepted but never queued (its gateway stopped): recorded as failed (%s)",
+                    request_id, LOST_CODE)
+        return True
+
+
+async def release_lost(counters: UsageCounters, request: AuditEntry) -> None:
+    """Give back what a lost request still holds: it never ran.
+
+    Found from its record in Redis (kept two days). When that cannot be read
+    the in-flight slot still expires with its TTL, but the reserved tokens
+    stay counted in that day's and month's usage until those counters expire.
+    """
+    if request.principal is None:
+        return
+    try:
+        reservation = await counters.held(request.request_id, request.principal, request.team)
+        if reservation is not None:
+            await counters.release(reservation)
+    except CountersUnavailable as exc:
+        log.error("could not release the reservation of lost request %s: %s", request.request_id, exc)
+
+
+async def sweep_once(sweep: LostRequestSweep, counters: UsageCounters,
+                     now: datetime | None = None) -> list[AuditEntry]:
+    """One sweep: the blocking part in a thread, then the reservations of the requests it ended."""
+    ended = await anyio.to_thread.run_sync(sweep.run_once, now)
+    for request in ended:
+        await release_lost(counters, request)
+    return ended
+
+
+async def sweep_lost_requests(sweep: LostRequestSweep, counters: UsageCounters,
+                              interval_s: float = SWEEP_INTERVAL_S) -> None:
+    """Sweep until cancelled; a failed sweep is logged and tried again next time."""
+    while True:
+        try:
+            await sweep_once(sweep, counters)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the database or Redis is down: the next sweep continues the same window
+            log.exception("looking for lost requests failed")
+        await asyncio.sleep(interval_s)
