@@ -129,8 +129,7 @@ class ResultWaiter:
         finally:
             self._pending.pop(task_id, None)
             self._streams.pop(task_id, None)
-            with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.unsubscribe(*channels)
+            await self._unsubscribe(channels)
 
     async def _subscribe(self, channels: list[str]) -> None:
         """Subscribe, with one retry; any failure leaves as a ``RedisError``.
@@ -153,6 +152,25 @@ class ResultWaiter:
                 if attempt == 2:
                     raise RedisError(f"subscribing failed: {type(exc).__name__}: {exc}") from exc
             await asyncio.sleep(0.05)
+
+    async def _unsubscribe(self, channels: list[str]) -> None:
+        """Unsubscribe if Redis lets us; no failure leaves here.
+
+        It runs as ``expect`` exits, often while the listener re-establishes a
+        lost connection, when redis-py 8.1's ``PubSub.unsubscribe`` can fail
+        with a non-Redis error (``AttributeError: 'NoneType' object has no
+        attribute 'writelines'``: the listener's reconnect closed the
+        connection between the send's check and its write). Escaping, it would
+        replace the request's own outcome (a result, a timeout, a
+        ``RedisError``) and reach the client as a 500. A channel left
+        subscribed is harmless: its messages find no pending request.
+        """
+        try:
+            await self._pubsub.unsubscribe(*channels)
+        except (RedisError, OSError):
+            pass
+        except Exception as exc:  # noqa: BLE001 - redis-py internals, see above
+            log.warning("unsubscribing failed (%s: %s)", type(exc).__name__, exc)
 
     async def _check_stored(self, task_id: str) -> None:
         # The order is: subscribe, enqueue, then also GET the key, so a result
