@@ -2,6 +2,7 @@
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY govgate ./govgate
 COPY gateway ./gateway
 COPY workers ./workers
 COPY audit ./audit

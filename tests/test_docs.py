@@ -171,3 +171,21 @@ def test_architecture_names_only_files_that_exist() -> None:
 
 def test_the_readme_points_to_the_architecture() -> None:
     assert "(docs/architecture.md)" in README.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+
+
+def packaged_folders() -> list[str]:
+    """The top-level packages ``pyproject.toml`` installs (its ``packages.find`` include list)."""
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"][
+        "packages"]["find"]["include"]
+    return sorted(pattern.rstrip("*") for pattern in include)
+
+
+def test_the_image_copies_every_package_the_project_installs() -> None:
+    """A package added to pyproject.toml but not copied into the image would make ``pip install .`` miss it."""
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    copied = set(re.findall(r"^COPY (\S+) \./", dockerfile, flags=re.M))
+    packages = packaged_folders()
+    assert "govgate" in packages and "gateway" in packages  # the include list was read
+    assert [name for name in packages if name not in copied] == []
