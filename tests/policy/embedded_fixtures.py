@@ -53,7 +53,7 @@ def anyio_backend() -> str:
 
 
 def request_input(roles: list[str], model: ModelSpec = TINY, max_tokens: int = 100) -> dict[str, Any]:
-    """A policy input as the gateway builds it (DESIGN.md, "Policy input")."""
+    """A policy input as the gateway builds it (docs/architecture.md, "Policy input")."""
     return {
         "principal": {"id": "u-1", "team": "t-1", "roles": roles, "key_id": "k-1"},
         "request": {

@@ -71,7 +71,7 @@ visible_models := set()
 
 
 def request_input(roles: Any, model: str = "govgate-tiny", max_tokens: Any = 100) -> dict[str, Any]:
-    """A policy input as the gateway builds it (DESIGN.md, "Policy input")."""
+    """A policy input as the gateway builds it (docs/architecture.md, "Policy input")."""
     return {
         "principal": {"id": "u-1", "team": "t-1", "roles": roles, "key_id": "k-1"},
         "request": {"endpoint": "chat.completions", "model": model, "messages": [{"role": "user", "content": "hi"}],

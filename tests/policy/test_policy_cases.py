@@ -1,6 +1,6 @@
 """One table of decision cases, run through both engines: they must agree, and be right.
 
-DESIGN.md promises that the embedded engine (regorus) and an OPA server
+docs/architecture.md ("Why these parts") promises that the embedded engine (regorus) and an OPA server
 return the same decisions for the same policy folder. Each case runs through
 both, on the policy in ``policies/``; a case passes when the two decision
 documents are equal and match what the case expects.
