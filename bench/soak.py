@@ -259,18 +259,20 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
 
     Sends at least ``requests`` (more if the faults are not all done by then)
     unless ``duration_s`` passes first. ``settle_s`` bounds the wait for late
-    terminal entries afterwards; by default a request timeout plus the
-    broker's visibility timeout, plus a margin.
+    terminal entries afterwards; by default until the gateways' lost-request
+    sweep has ended what no worker will, plus a margin.
     """
     from audit import AuditStore, make_engine, verify_chain
-    from workers.contract.celery_config import HARD_LIMIT_GRACE_S, VISIBILITY_MARGIN_S
+    from gateway.requests.lost_requests import SWEEP_INTERVAL_S, lost_after_s
 
     faults = list(faults)
     for kind in faults:
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)}")
     if settle_s is None:
-        settle_s = request_timeout_s + generation_limit_s + HARD_LIMIT_GRACE_S + VISIBILITY_MARGIN_S + 15
+        # By then every accepted request has ended: a late worker's entry, or the
+        # gateways' lost-request sweep (one more sweep round, and a margin for a busy machine).
+        settle_s = lost_after_s(request_timeout_s, generation_limit_s) + 2 * SWEEP_INTERVAL_S + 10
     temp = TempDir()  # children get only the stack's settings: child_env drops inherited GOVGATE_* variables
     stack: SoakStack | None = None
     try:
