@@ -215,6 +215,18 @@ def test_closed_stream_frees_the_model(model: LoadedModel, greedy_text: str) -> 
     assert model.generate(PROMPT, GREEDY).text == greedy_text
 
 
+def test_held_back_stop_prefix_is_released(model: LoadedModel, greedy_text: str) -> None:
+    pieces = list(model.stream(PROMPT, GREEDY))
+    # The text repeatedly ends with a start of this stop (at least at piece 3),
+    # but it can never complete: control bytes are never generated.
+    stop = pieces[3] + "\x01"
+    run = model.stream(PROMPT, SamplingParams(max_tokens=40, temperature=0, stop=(stop,)))
+    streamed = list(run)
+    assert "".join(streamed) == greedy_text
+    assert len(streamed) < len(pieces), "the matching tail should have been held back"
+    assert run.finish_reason == "length"
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("use_stop", [True, False])
 def test_model_is_free_once_the_text_is_out(model: LoadedModel, greedy_text: str, use_stop: bool) -> None:

@@ -68,18 +68,6 @@ def test_lib_choice_follows_cpu_flags(model: CTransformersModel) -> None:
 # --- generation ------------------------------------------------------------
 
 
-def test_held_back_stop_prefix_is_released(model: CTransformersModel, greedy_text: str) -> None:
-    pieces = list(model.stream(PROMPT, GREEDY))
-    # The text repeatedly ends with a start of this stop (at least at piece 3),
-    # but it can never complete: control bytes are never generated.
-    stop = pieces[3] + "\x01"
-    run = model.stream(PROMPT, SamplingParams(max_tokens=40, temperature=0, stop=(stop,)))
-    streamed = list(run)
-    assert "".join(streamed) == greedy_text
-    assert len(streamed) < len(pieces), "the matching tail should have been held back"
-    assert run.finish_reason == "length"
-
-
 # --- tokenizer -------------------------------------------------------------
 
 
