@@ -14,14 +14,14 @@ from pathlib import Path
 
 from workers.contract.modelfile import (GGUF_MAGIC, TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED, ModelFileError,
                                         file_magic, read_gguf_metadata)
-from workers.contract.tokenizers import _CONTROL_LOOKING
+from workers.contract.tokenizers import CONTROL_LOOKING
 
 _MARKER = re.compile(r"<\|[^|<>\s]+\|>|<[A-Za-z0-9]+(?:_[A-Za-z0-9]+)+>|\[[A-Za-z_]+\]")
 
 
 def is_marker(text: str) -> bool:
     """Whether a user-defined token spelled ``text`` is a marker rather than text."""
-    return text in _CONTROL_LOOKING or _MARKER.fullmatch(text) is not None
+    return text in CONTROL_LOOKING or _MARKER.fullmatch(text) is not None
 
 
 @dataclass(frozen=True)

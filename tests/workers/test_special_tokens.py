@@ -19,7 +19,7 @@ from workers.backends import SamplingParams, load_model
 from workers.contract.registry import BACKEND_CTRANSFORMERS, BACKEND_LLAMACPP, ModelSpec
 from workers.special_tokens import hidden_tokens, is_marker
 from workers.tinymodel import write_tiny_llama_gguf
-from workers.contract.tokenizers import read_gguf_metadata
+from workers.contract.modelfile import read_gguf_metadata
 
 PROMPT = "System: be brief\n\nUser: open the gate\n\nAssistant:"
 MARKERS = (("<start_of_image>", TokenType.USER_DEFINED), ("<|ctl|>", TokenType.CONTROL),

@@ -30,12 +30,12 @@ from workers.contract.modelfile import (
 from workers.contract.registry import BACKEND_CTRANSFORMERS, BACKEND_LLAMACPP, ModelSpec
 
 __all__ = [
+    "CONTROL_LOOKING",
     "GgmlTokenizer",
     "SpmTokenizer",
     "Tokenizer",
     "TokenizerError",
     "load_tokenizer",
-    "read_gguf_metadata",
 ]
 
 _SPACE = "\u2581"  # SentencePiece's visible space
@@ -44,7 +44,7 @@ _SPACE = "\u2581"  # SentencePiece's visible space
 #: type, logging "control-looking token ... will be overridden"), so they are
 #: never split out as user-defined tokens. Gemma 3 marks "</s>" user-defined
 #: and llama.cpp does not split it; the rest is llama.cpp's list as of 2025-26.
-_CONTROL_LOOKING = frozenset(
+CONTROL_LOOKING = frozenset(
     {
         "</s>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
         "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|eom_id|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
@@ -259,7 +259,7 @@ def _load_spm(spec: ModelSpec) -> SpmTokenizer | None:
     if spec.backend == BACKEND_LLAMACPP:
         by_length: dict[int, list[str]] = {}
         for tok, kind in zip(tokens, types):
-            if kind == TOKEN_USER_DEFINED and tok and tok not in _CONTROL_LOOKING:
+            if kind == TOKEN_USER_DEFINED and tok and tok not in CONTROL_LOOKING:
                 by_length.setdefault(len(tok.encode("utf-8", "surrogateescape")), []).append(tok)
         user_defined = tuple(t for length in sorted(by_length, reverse=True) for t in by_length[length])
         return SpmTokenizer(
