@@ -23,12 +23,13 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from audit import AuditEntry, AuditStore, make_engine, migrate
+from audit import AuditEntry, AuditStore, make_engine
 from gateway.components import build_components
 from gateway.limits import UsageCounters
 from gateway.requests.lost_requests import (LOST_CODE, LostRequestSweep, lost_after_s, sweep_lost_requests,
                                             sweep_once)
 from govgate.redis_server import RedisProcess
+from tests.conftest_models import store  # noqa: F401 - fixture (a fresh migrated SQLite store)
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
 from workers.contract.sealing import Sealer
 
@@ -45,14 +46,6 @@ def redis_url() -> Iterator[str]:
     yield server.url
     server.stop()
     shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[AuditStore]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
-    migrate(engine)
-    yield AuditStore(engine)
-    engine.dispose()
 
 
 @pytest.fixture
