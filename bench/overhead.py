@@ -58,7 +58,18 @@ from bench._bare import CHAT_PATH  # noqa: E402
 from bench._commandstats import CommandProbe  # noqa: E402
 from bench._cpu import Role, RoleProbe  # noqa: E402
 from bench._load import REQUEST_TIMEOUT_S, Endpoint, run_phase  # noqa: E402
-from bench._stack import HEALTH_PATH, HOST, Running, free_port, in_temp_dir, run_interruptible, say, spawn, start_govgate, stop_later  # noqa: E402,E501
+from bench._stack import (  # noqa: E402
+    HEALTH_PATH,
+    HOST,
+    Running,
+    free_port,
+    in_temp_dir,
+    run_interruptible,
+    say,
+    spawn,
+    start_govgate,
+    stop_later,
+)
 from bench.overhead_report import SideRun, report, table  # noqa: E402
 
 #: The longest one measured phase may take; a stuck stack ends the run, not hangs it.
