@@ -74,13 +74,14 @@ def test_a_reaped_childs_cpu_stays_in_the_children_role_not_the_parents_own() ->
     import os
 
     me = os.getpid()
-    probe = RoleProbe([Role("own", me, "own"), Role("children", me, "children")])
+    probe = RoleProbe([Role("own", me, "own"), Role("children", me, "children"), Role("tree", me, "tree")])
     probe.start()
     subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\n"
                     "while time.process_time() - t < 0.3: pass"], check=True)
     spent = probe.stop()
     assert spent["children"] >= 0.2
     assert spent["own"] < spent["children"]
+    assert abs(spent["own"] + spent["children"] - spent["tree"]) <= 0.02  # the split loses nothing (two ticks)
 
 
 def test_quick_shrinks_a_run_and_bad_counts_are_refused() -> None:
