@@ -55,7 +55,7 @@ bench: $(VENV)/.installed-dev
 		script=bench/$$name.py; \
 		if [ ! -f $$script ]; then echo "== $$script: not in this checkout, skipped"; continue; fi; \
 		rm -f $(BENCH_OUT)/$$name.json; \
-		quick=""; if [ -n "$(QUICK)" ] && grep -q -- '"--quick"' $$script; then quick=--quick; fi; \
+		quick=""; if [ -n "$(QUICK)" ] && grep -q -- '--quick' $$script; then quick=--quick; fi; \
 		echo "== $$script $$quick"; \
 		$(BIN)/python $$script --json $(BENCH_OUT)/$$name.json $$quick || failed="$$failed $$name"; \
 	done; \
