@@ -15,6 +15,7 @@ system's cost and stays in.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["CommandProbe", "command_diff"]
 
@@ -36,23 +37,31 @@ def command_diff(before: dict[str, int], after: dict[str, int]) -> dict[str, int
 
 @dataclass
 class CommandProbe:
-    """Reads a Redis's commandstats around a phase."""
+    """Reads a Redis's commandstats around a phase, over one connection.
+
+    One connection for both readings: it is opened (``HELLO``/``CLIENT
+    SETINFO`` and the like) before the first, so the only commands the probe
+    adds inside the window are its ``INFO`` calls, which are left out.
+    """
 
     url: str
     before: dict[str, int] = field(default_factory=dict)
+    _client: Any = None
 
     def _read(self) -> dict[str, int]:
-        import redis
-
-        client = redis.Redis.from_url(self.url)
-        try:
-            return _calls(client.info("commandstats"))
-        finally:
-            client.close()
+        return _calls(self._client.info("commandstats"))
 
     def start(self) -> None:
+        import redis
+
+        if self._client is None:
+            self._client = redis.Redis.from_url(self.url)
         self.before = self._read()
 
     def stop(self) -> dict[str, int]:
-        """Calls per command since :meth:`start`, most frequent first."""
-        return command_diff(self.before, self._read())
+        """Calls per command since :meth:`start`, most frequent first; the connection is closed."""
+        try:
+            return command_diff(self.before, self._read())
+        finally:
+            self._client.close()
+            self._client = None

@@ -158,13 +158,13 @@ async def run_phase(endpoint: Endpoint, count: int, concurrency: int, *,
     try:
         async with asyncio.timeout(phase_timeout_s):
             await asyncio.gather(*(loop(i) for i in range(concurrency)))
+        wall, client_cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        on_stop()
     except TimeoutError:
         raise TimeoutError(f"{count} requests to {endpoint.host}:{endpoint.port} did not finish "
                            f"within {phase_timeout_s:.0f}s") from None
     finally:
-        wall, client_cpu = time.perf_counter() - started, time.process_time() - cpu_started
         for connection in connections:
             connection.close()
-    on_stop()
     return Phase(requests=count, concurrency=concurrency, wall_s=wall, latencies_ms=latencies,
                  statuses=statuses, client_cpu_s=client_cpu)
