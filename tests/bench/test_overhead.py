@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from bench._commandstats import command_diff
 from bench._cpu import Role, RoleProbe
 from bench._load import Phase
 from bench.overhead import parse_args, run
@@ -63,11 +62,6 @@ def test_the_report_has_the_issue_shape_and_takes_each_side_from_its_better_roun
     assert document["bare"]["cpu_ms_per_request"] == 0.4
     assert document["ratios"] == {"cpu": 12.5, "c1_p50": 8.0, "rps": 1.0}
     assert "govgate / bare" in table(document)
-
-
-def test_commandstats_diff_drops_the_probes_own_info_and_unchanged_commands() -> None:
-    assert command_diff({"get": 5, "info": 1, "set": 2}, {"get": 9, "info": 3, "set": 2, "evalsha": 1}) == \
-        {"get": 4, "evalsha": 1}
 
 
 def test_a_reaped_childs_cpu_stays_in_the_children_role_not_the_parents_own() -> None:
