@@ -125,10 +125,15 @@ def table(document: dict[str, Any]) -> str:
         shown = ", ".join(f"{name} {count}" for name, count in top[:12])
         more = f", … {len(top) - 12} more" if len(top) > 12 else ""
         lines.append(f"redis commands per request: {gov['redis_commands_per_request']} ({shown}{more})")
+    lines.append("")
+    lines.append(_row("each round", ["CPU ms/req", "c=1 p50 ms", "req/s", "client ms", "idle side"]))
     for name, side in (("bare litestar", bare), ("govgate", gov)):
-        rounds = "; ".join(f"{r['cpu_ms_per_request']} ms/req, {r['rps']} req/s, c=1 p50 {r['c1_p50_ms']} ms, "
-                           f"other side idle {r['other_side_idle_cpu_pct']}% CPU" for r in side["rounds"])
-        lines.append(f"{name} rounds: {rounds}")
+        for number, r in enumerate(side["rounds"], 1):
+            lines.append(_row(f"{name} {number}", [r["cpu_ms_per_request"], r["c1_p50_ms"], r["rps"],
+                                                   r["client_cpu_ms_per_request"],
+                                                   f"{r['other_side_idle_cpu_pct']}%"]))
+    lines.append("client ms: the load client's CPU per request; idle side: the other side's CPU during this "
+                 "c=32 phase, in % of one core")
     for name, side in (("bare litestar", bare), ("govgate", gov)):
         if side["non_2xx"] or side["non_2xx_c1"]:
             lines.append(f"{name}: outcomes of the c=32 phases {side['statuses']}, non-2xx at c=1 {side['non_2xx_c1']}")
