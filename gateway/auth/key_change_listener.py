@@ -105,8 +105,7 @@ class KeyChangeListener:
                     if subscribed:
                         raise SubscriptionLost("redis-py re-made the subscription after a reconnect; "
                                                "changes may have been missed")
-                    subscribed = True
-                    self._cache.revoke_lease()  # nothing from before this subscription can be trusted
+                    subscribed = True  # the lease was revoked when the last session ended (or never held)
                 elif kind == "pong" and pings:
                     sent = pings.popleft()
                     if subscribed:
