@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import click
 
 from gateway.settings import Settings
@@ -26,7 +28,8 @@ def _open_database(settings: Settings):
                                    f"cannot be used: {exc}") from None
 
 
-def _key_store(on_change=None):
+def _key_store(on_change: Callable[[str], None] | None = None):
+    """The key store; ``on_change`` hears the ids of keys whose access was narrowed (see KeyStore)."""
     from gateway.auth import KeyStore
 
     return KeyStore(_open_database(load_settings()), on_change=on_change)
