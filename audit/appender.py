@@ -60,8 +60,10 @@ class Appender:
         self._names = names
         self._processors: dict[str, Callable[[Any], Any]] = {}
         for name in _COLUMNS:
+            if name == "body":
+                continue  # bound as the canonical text itself, never re-serialised
             processor = audit_table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-            if name != "body" and processor is not None:
+            if processor is not None:
                 self._processors[name] = processor
 
     def append(self, fields: dict[str, Any], body_text: str) -> Chained:
