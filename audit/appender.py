@@ -47,7 +47,7 @@ class Appender:
 
     def __init__(self, engine: Engine) -> None:
         dialect = engine.dialect
-        lock_statements(engine)  # refuses other dialects before anything is compiled
+        self._begin = lock_statements(engine, APPEND_LOCK_KEY)  # refuses other dialects first
         self._engine = engine
         head = select(_t.seq, _t.hash).order_by(_t.seq.desc()).limit(1)
         self._head_sql = str(head.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
@@ -76,7 +76,7 @@ class Appender:
         so entries are numbered and timed in one order across processes.
         Database errors leave as SQLAlchemy exceptions (see :mod:`audit.dbapi`).
         """
-        with dbapi_cursor(self._engine, lock_key=APPEND_LOCK_KEY) as cursor:
+        with dbapi_cursor(self._engine, begin=self._begin) as cursor:
             cursor.execute(self._head_sql)
             head = cursor.fetchone()
             seq, prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)

@@ -23,24 +23,21 @@ from typing import Any, Iterator
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from .db import lock_statements
-
 
 @contextmanager
-def dbapi_cursor(engine: Engine, *, lock_key: int | None = None) -> Iterator[Any]:
+def dbapi_cursor(engine: Engine, *, begin: tuple[str, ...] = ()) -> Iterator[Any]:
     """A DBAPI cursor in a transaction that commits when the block exits normally.
 
-    With ``lock_key`` the transaction holds the write lock from its first
-    statement, as :func:`audit.db.locked_transaction` does (SQLite ``BEGIN
-    IMMEDIATE``, PostgreSQL ``pg_advisory_xact_lock``). Without it, the block
-    reads: SQLite connections run in autocommit (pysqlite's own ``BEGIN`` is
+    ``begin`` runs first: :func:`audit.db.lock_statements` makes the
+    transaction hold the write lock from its first statement, as
+    :func:`audit.db.locked_transaction` does (SQLite ``BEGIN IMMEDIATE``,
+    PostgreSQL ``pg_advisory_xact_lock``). Without it, the block reads: SQLite connections run in autocommit (pysqlite's own ``BEGIN`` is
     switched off), PostgreSQL's implicit transaction ends at commit.
     Driver errors leave as SQLAlchemy ``DBAPIError`` subclasses; a connection
     the driver reports as lost is invalidated, not returned to the pool.
     """
     dialect = engine.dialect
     dbapi_error = dialect.loaded_dbapi.Error
-    begin = lock_statements(engine, lock_key) if lock_key is not None else ()
     conn: Any = None
     cursor: Any = None
     try:

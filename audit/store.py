@@ -244,7 +244,7 @@ def _normalise_body(body: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if not isinstance(body, Mapping):
         raise InvalidEntryError(f"body must be a mapping, not {type(body).__name__}")
     try:
-        text = canonical_text(dict(body))
+        text = canonical_text(body if type(body) is dict else dict(body))
         stored = json.loads(text)
         if not _only_str_keys(body):
             text = canonical_text(stored)
