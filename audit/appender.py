@@ -54,7 +54,7 @@ class Appender:
         insert = audit_table.insert().compile(dialect=dialect)
         self._insert_sql = str(insert)
         names = tuple(insert.positiontup or ()) if dialect.positional else tuple(insert.params)
-        if sorted(names) != sorted(_COLUMNS):
+        if sorted(names) != sorted(_COLUMNS):  # a renamed bind would silently insert NULL
             raise RuntimeError(f"compiled audit insert binds {names}, expected the columns {_COLUMNS}")
         self._positional = dialect.positional
         self._names = names
