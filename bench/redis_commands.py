@@ -1,0 +1,85 @@
+"""Redis commands per admitted request on the usage path (counters and queue depth).
+
+Runs on a private Redis what admission and the end of a request ask of it:
+``UsageCounters.snapshot``, ``reserve``, ``queue_depth`` and ``settle``,
+for a principal in a team with every limit set, and prints the commands
+per request from ``INFO commandstats`` (commands inside Lua scripts
+included). Two cases: the model's queue empty, and holding waiting
+messages. The clock is stepped 0.2 s per request, so after the first
+300 requests every call also prunes the minute window, as under steady load.
+Counts, not timings: the figure does not move with the machine's load.
+
+Usage::
+
+    .venv/bin/python bench/redis_commands.py [--requests 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+if not __package__:  # run as `python bench/redis_commands.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import redis.asyncio as aioredis  # noqa: E402
+
+from bench._redis_stats import command_calls_async, commands_since_async, per_request  # noqa: E402
+from gateway.dispatch import queue_depth  # noqa: E402
+from gateway.limits import Reservation, UsageCounters  # noqa: E402
+from govgate.redis_server import RedisProcess  # noqa: E402
+from workers.contract.jobs import queue_for  # noqa: E402
+
+MODEL = "bench-model"
+BIG = 10**9
+LIMITS = {"principal": {"requests_per_minute": BIG, "tokens_per_minute": BIG, "tokens_per_day": BIG,
+                        "tokens_per_month": BIG, "in_flight": BIG},
+          "team": {"requests_per_minute": BIG, "tokens_per_minute": BIG, "tokens_per_day": BIG,
+                   "tokens_per_month": BIG, "in_flight": BIG}}
+
+
+async def one_request(counters: UsageCounters, client: aioredis.Redis, now: float) -> None:
+    """The usage path of one admitted request that used 60 of the 100 tokens it held."""
+    await counters.snapshot("alice", "research", now=now)
+    outcome = await counters.reserve(uuid.uuid4().hex, "alice", "research", LIMITS, 100, now=now)
+    assert isinstance(outcome, Reservation), outcome
+    await queue_depth(client, MODEL)
+    await counters.settle(outcome, 60, now=now)
+
+
+async def measure(client: aioredis.Redis, requests: int, *, waiting: int) -> dict[str, float]:
+    await client.flushall()
+    if waiting:  # messages at the policy's default priority (5)
+        await client.rpush(f"{queue_for(MODEL)}:5", *[b"x"] * waiting)
+    counters = UsageCounters(client, prefix=f"bench:{uuid.uuid4().hex}")
+    start = time.time()
+    await one_request(counters, client, start)  # scripts loaded, keys created
+    before = await command_calls_async(client)
+    for i in range(requests):
+        await one_request(counters, client, start + 0.2 * (i + 1))
+    return per_request(await commands_since_async(client, before), requests)
+
+
+async def main(requests: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="gg-rc-") as folder:
+        server = RedisProcess.start(Path(folder), persist=False)
+        client = aioredis.Redis.from_url(server.url)
+        try:
+            for label, waiting in (("queue empty", 0), ("queue holding 3", 3)):
+                figures = await measure(client, requests, waiting=waiting)
+                detail = ", ".join(f"{name} {value:.2f}" for name, value in figures.items() if name != "total")
+                print(f"{label:16s} {figures['total']:6.2f} commands per request  ({detail})")
+        finally:
+            await client.aclose()
+            server.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=600)
+    asyncio.run(main(parser.parse_args().requests))
