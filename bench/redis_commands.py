@@ -1,11 +1,14 @@
 """Redis commands per admitted request on the usage path (counters and queue depth).
 
-Runs on a private Redis what admission and the end of a request ask of it:
-``UsageCounters.snapshot``, ``reserve``, ``queue_depth`` and ``settle``,
-for a principal in a team with every limit set, and prints the commands
-per request from ``INFO commandstats`` (commands inside Lua scripts
-included). Two cases: the model's queue empty, and holding waiting
-messages. The clock is stepped 0.2 s per request, so after the first
+Runs on a private Redis what admission and the end of a request ask of it
+in the common case (``gateway.requests.admission``: the policy obliges
+the limits it obliged last time): ``UsageCounters.admit`` (snapshot,
+reservation and queue depth in one script) and ``settle``, for a principal
+in a team with every limit set, and prints the commands per request from
+``INFO commandstats`` (commands inside Lua scripts included). Before the
+one-script path (snapshot, reserve, a pipeline of 10 ``LLEN`` and settle)
+this printed 103 per request. Two cases: the model's queue empty, and
+holding waiting messages at the policy's default priority. The clock is stepped 0.2 s per request, so after the first
 300 requests every call also prunes the minute window, as under steady load.
 Counts, not timings: the figure does not move with the machine's load.
 
@@ -30,9 +33,9 @@ if not __package__:  # run as `python bench/redis_commands.py`
 import redis.asyncio as aioredis  # noqa: E402
 
 from bench._redis_stats import command_calls_async, commands_since_async, per_request  # noqa: E402
-from gateway.dispatch import queue_depth  # noqa: E402
-from gateway.limits import Reservation, UsageCounters  # noqa: E402
+from gateway.limits import QueueCheck, Reservation, UsageCounters  # noqa: E402
 from govgate.redis_server import RedisProcess  # noqa: E402
+from workers.contract.celery_config import queue_keys  # noqa: E402
 from workers.contract.jobs import queue_for  # noqa: E402
 
 MODEL = "bench-model"
@@ -43,13 +46,12 @@ LIMITS = {"principal": {"requests_per_minute": BIG, "tokens_per_minute": BIG, "t
                    "tokens_per_month": BIG, "in_flight": BIG}}
 
 
-async def one_request(counters: UsageCounters, client: aioredis.Redis, now: float) -> None:
+async def one_request(counters: UsageCounters, now: float) -> None:
     """The usage path of one admitted request that used 60 of the 100 tokens it held."""
-    await counters.snapshot("alice", "research", now=now)
-    outcome = await counters.reserve(uuid.uuid4().hex, "alice", "research", LIMITS, 100, now=now)
-    assert isinstance(outcome, Reservation), outcome
-    await queue_depth(client, MODEL)
-    await counters.settle(outcome, 60, now=now)
+    reply = await counters.admit(uuid.uuid4().hex, "alice", "research", LIMITS, 100, now=now,
+                                 queue=QueueCheck(tuple(queue_keys(queue_for(MODEL))), 64))
+    assert isinstance(reply.outcome, Reservation), reply.outcome
+    await counters.settle(reply.outcome, 60, now=now)
 
 
 async def measure(client: aioredis.Redis, requests: int, *, waiting: int) -> dict[str, float]:
@@ -58,10 +60,10 @@ async def measure(client: aioredis.Redis, requests: int, *, waiting: int) -> dic
         await client.rpush(f"{queue_for(MODEL)}:5", *[b"x"] * waiting)
     counters = UsageCounters(client, prefix=f"bench:{uuid.uuid4().hex}")
     start = time.time()
-    await one_request(counters, client, start)  # scripts loaded, keys created
+    await one_request(counters, start)  # scripts loaded, keys created
     before = await command_calls_async(client)
     for i in range(requests):
-        await one_request(counters, client, start + 0.2 * (i + 1))
+        await one_request(counters, start + 0.2 * (i + 1))
     return per_request(await commands_since_async(client, before), requests)
 
 

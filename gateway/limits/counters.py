@@ -398,7 +398,7 @@ class UsageCounters:
         keys = [self._record_key(reservation.request_id)]
         keys += [k for s in reservation.scopes for k in self._scope_keys(s)]
         args = [_micros(now), _WINDOW_US, len(reservation.scopes), reservation.request_id, mode, actual,
-                _RECORD_TTL_MS, periods.day, periods.month]
+                _RECORD_TTL_MS, periods.day, periods.month, reservation.tokens, round(reservation.at * _US)]
         await self._run(scripts.FINISH, keys, args)
 
     def _release_in_background(self, reservation: Reservation, now: float) -> None:

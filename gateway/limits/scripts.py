@@ -111,18 +111,21 @@ local function load(s)
     if tonumber(head[k + 1]) <= CUTOFF then gone[#gone + 1] = 'w:' .. head[k]
     elseif not s.oldest then s.oldest = tonumber(head[k + 1]) end
   end
-  local v = hget(s.h, {'n', 's', unpack(PERIOD)})
-  for f, value in pairs(v) do s[f] = value end
+  local fields = {'n', 's', unpack(PERIOD)}
+  for _, f in ipairs(gone) do fields[#fields + 1] = f end  -- the leaving entries' tokens too
+  local v = hget(s.h, fields)
+  for _, f in ipairs(PERIOD) do s[f] = v[f] end
   if not v.n then
     -- no counters hash (never written, or expired): nothing in the window is known
     if #head > 0 then redis.call('DEL', s.win) end
     s.n, s.s, s.oldest, s.fresh = 0, 0, nil, true
   else
     s.n, s.s = tonumber(v.n), tonumber(v.s)
-    local size = FIRST
+    local size, toks = FIRST, {}
+    for k, f in ipairs(gone) do toks[k] = v[f] end
     while #gone > 0 do
-      for _, t in ipairs(redis.call('HMGET', s.h, unpack(gone))) do
-        if t then s.s = s.s - tonumber(t) end
+      for k = 1, #gone do
+        if toks[k] then s.s = s.s - tonumber(toks[k]) end
       end
       redis.call('HDEL', s.h, unpack(gone))
       redis.call('ZREMRANGEBYRANK', s.win, 0, #gone - 1)
@@ -135,6 +138,7 @@ local function load(s)
         if tonumber(batch[k + 1]) <= CUTOFF then gone[#gone + 1] = 'w:' .. batch[k]
         elseif not s.oldest then s.oldest = tonumber(batch[k + 1]) end
       end
+      if #gone > 0 then toks = redis.call('HMGET', s.h, unpack(gone)) end
     end
   end
   -- (the day before's counter answers a caller whose clock is behind the last writer's)
@@ -200,12 +204,15 @@ local function add(s)
   redis.call('ZADD', s.win, ARGV[1], ID)
   redis.call('ZADD', s.fly, ARGV[7], ID)
   if new_month or s.n == 0 then
-    -- the hash or the window was created: all three get the scope's lifetime
+    -- The hash or the window was created: all three get the scope's
+    -- lifetime. The in-flight set keeps a member '' (score 0, never counted)
+    -- so that it is never emptied and re-created without a TTL; entries
+    -- left by a gateway that died are dropped here too.
+    redis.call('ZREMRANGEBYSCORE', s.fly, '(0', ARGV[1])
+    redis.call('ZADD', s.fly, 0, '')
     redis.call('PEXPIRE', s.h, ARGV[8])
     redis.call('PEXPIRE', s.win, ARGV[8])
     redis.call('PEXPIRE', s.fly, ARGV[8])
-  elseif s.flying == 0 then
-    redis.call('PEXPIRE', s.fly, ARGV[8])  -- may have been created
   end
 end
 
@@ -235,15 +242,21 @@ local function reply(scopes, waiting, outcome)
   return out
 end
 
-local held = nil
+-- The request's record: claimed first (one SET NX, given back on a refusal);
+-- a request that has one already is answered from it.
+local RECORD = 'reserved ' .. ARGV[6] .. ' ' .. ARGV[1]
+local held, claimed = nil, false
 if MODE == 'reserve' then
-  held = redis.call('GET', KEYS[1])
-  if held and ARGV[17] == '1' then
-    local state, tokens = string.match(held, '^(%S+) (%S+)')
+  if ARGV[17] == '1' then
+    held = redis.call('GET', KEYS[1])
+    local state, tokens = string.match(held or '', '^(%S+) (%S+)')
     if state == 'reserved' then
       for i = 1, NSCOPES do finish(scope(i), true, tonumber(tokens), 0, ARGV[18], ARGV[19]) end
       held = nil
     end
+  else
+    claimed = redis.call('SET', KEYS[1], RECORD, 'NX', 'PX', ARGV[9])
+    if not claimed then held = redis.call('GET', KEYS[1]) end
   end
 end
 
@@ -290,6 +303,7 @@ elseif limit >= 0 and waiting >= limit then
   outcome = {'queue_full', waiting}
 end
 if outcome then
+  if claimed then redis.call('DEL', KEYS[1]) end
   for i = 1, NSCOPES do
     local s = scopes[i]
     if s.dirty then redis.call('HSET', s.h, 'n', s.n, 's', s.s) end
@@ -297,30 +311,34 @@ if outcome then
   return reply(scopes, waiting, outcome)
 end
 for i = 1, NSCOPES do add(scopes[i]) end
-redis.call('SET', KEYS[1], 'reserved ' .. ARGV[6] .. ' ' .. ARGV[1], 'PX', ARGV[9])
+if not claimed then redis.call('SET', KEYS[1], RECORD, 'PX', ARGV[9]) end
 return reply(scopes, waiting, {'reserved'})
 """
 
 _FINISH = _PRELUDE + """
 -- KEYS[1] request record, then three keys per scope.
 -- ARGV 5 'settled' | 'released' | 'undone', 6 tokens actually used (settle), 7 record ttl (ms),
--- 8 the reservation's day, 9 its month.
+-- 8 the reservation's day, 9 its month, 10 its tokens, 11 its time (µs).
 local MODE = ARGV[5]
-local held = redis.call('GET', KEYS[1])
+-- One SET ... GET marks the record and reads what it was; the rare cases put it right.
+local held = redis.call('SET', KEYS[1], MODE .. ' ' .. ARGV[10] .. ' ' .. ARGV[11], 'KEEPTTL', 'GET')
 if not held then
   -- Unknown request: a release leaves a tombstone so that a reserve still on
   -- its way (e.g. a cancelled call whose script had not run yet) is a no-op.
-  if MODE ~= 'settled' then redis.call('SET', KEYS[1], 'released 0 ' .. ARGV[1], 'PX', ARGV[7]) end
+  if MODE == 'settled' then redis.call('DEL', KEYS[1])
+  else redis.call('SET', KEYS[1], 'released 0 ' .. ARGV[1], 'PX', ARGV[7]) end
   return 0
 end
-local state, tokens, at = string.match(held, '^(%S+) (%S+) (%S+)$')
-if state ~= 'reserved' then return 0 end
+local state, tokens = string.match(held, '^(%S+) (%S+)')
+if state ~= 'reserved' then
+  redis.call('SET', KEYS[1], held, 'KEEPTTL')  -- settled or released already: as it was
+  return 0
+end
 local final = 0
 if MODE == 'settled' then final = tonumber(ARGV[6]) end
 for i = 1, NSCOPES do
   finish(scope(i), MODE == 'undone', tonumber(tokens), final, ARGV[8], ARGV[9])
 end
-redis.call('SET', KEYS[1], MODE .. ' ' .. tokens .. ' ' .. at, 'KEEPTTL')
 return 1
 """
 
