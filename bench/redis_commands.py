@@ -8,8 +8,9 @@ in a team with every limit set, and prints the commands per request from
 ``INFO commandstats`` (commands inside Lua scripts included). Before the
 one-script path (snapshot, reserve, a pipeline of 10 ``LLEN`` and settle)
 this printed 103 per request. Two cases: the model's queue empty, and
-holding waiting messages at the policy's default priority. The clock is stepped 0.2 s per request, so after the first
-300 requests every call also prunes the minute window, as under steady load.
+holding waiting messages at the policy's default priority. The clock is stepped 0.2 s per request and the measured requests
+follow a full minute of them, so every admission also prunes the window,
+as under steady load.
 Counts, not timings: the figure does not move with the machine's load.
 
 Usage::
@@ -33,12 +34,16 @@ if not __package__:  # run as `python bench/redis_commands.py`
 import redis.asyncio as aioredis  # noqa: E402
 
 from bench._redis_stats import command_calls_async, commands_since_async, per_request  # noqa: E402
-from gateway.limits import QueueCheck, Reservation, UsageCounters  # noqa: E402
+from gateway.limits import Reservation, UsageCounters  # noqa: E402
+from gateway.limits.queue import model_queue  # noqa: E402
 from govgate.redis_server import RedisProcess  # noqa: E402
-from workers.contract.celery_config import queue_keys  # noqa: E402
+from workers.contract.celery_config import DEFAULT_PRIORITY  # noqa: E402
 from workers.contract.jobs import queue_for  # noqa: E402
 
 MODEL = "bench-model"
+#: Simulated time between requests; WARMUP requests fill the minute window first.
+STEP_S = 0.2
+WARMUP = 301
 BIG = 10**9
 LIMITS = {"principal": {"requests_per_minute": BIG, "tokens_per_minute": BIG, "tokens_per_day": BIG,
                         "tokens_per_month": BIG, "in_flight": BIG},
@@ -49,7 +54,7 @@ LIMITS = {"principal": {"requests_per_minute": BIG, "tokens_per_minute": BIG, "t
 async def one_request(counters: UsageCounters, now: float) -> None:
     """The usage path of one admitted request that used 60 of the 100 tokens it held."""
     reply = await counters.admit(uuid.uuid4().hex, "alice", "research", LIMITS, 100, now=now,
-                                 queue=QueueCheck(tuple(queue_keys(queue_for(MODEL))), 64))
+                                 queue=model_queue(MODEL, 64, DEFAULT_PRIORITY))
     assert isinstance(reply.outcome, Reservation), reply.outcome
     await counters.settle(reply.outcome, 60, now=now)
 
@@ -57,13 +62,14 @@ async def one_request(counters: UsageCounters, now: float) -> None:
 async def measure(client: aioredis.Redis, requests: int, *, waiting: int) -> dict[str, float]:
     await client.flushall()
     if waiting:  # messages at the policy's default priority (5)
-        await client.rpush(f"{queue_for(MODEL)}:5", *[b"x"] * waiting)
+        await client.rpush(f"{queue_for(MODEL)}:{DEFAULT_PRIORITY}", *[b"x"] * waiting)
     counters = UsageCounters(client, prefix=f"bench:{uuid.uuid4().hex}")
     start = time.time()
-    await one_request(counters, start)  # scripts loaded, keys created
+    for i in range(WARMUP):  # scripts loaded, keys created, a full minute window
+        await one_request(counters, start + STEP_S * i)
     before = await command_calls_async(client)
-    for i in range(requests):
-        await one_request(counters, start + 0.2 * (i + 1))
+    for i in range(WARMUP, WARMUP + requests):
+        await one_request(counters, start + STEP_S * i)
     return per_request(await commands_since_async(client, before), requests)
 
 

@@ -24,8 +24,8 @@ import redis.asyncio as aioredis
 
 from gateway.auth import Principal
 from gateway.api_errors import ApiError, errors_of
-from gateway.limits import (CountersReply, CountersUnavailable, QueueAtLimit, QueueCheck, Refusal, Reservation,
-                            UsageCounters)
+from gateway.limits import CountersReply, CountersUnavailable, QueueAtLimit, Refusal, Reservation, UsageCounters
+from gateway.limits.queue import model_queue
 from gateway.limits.charge import prompt_tokens_to_hold
 from gateway.policy import POLICY_ERROR, Decision
 from gateway.policy.reloader import ReloadingPolicyEngine
@@ -39,8 +39,7 @@ from gateway.requests.request_log import RequestLog
 from gateway.requests.schemas import REQUEST_SHAPES, ChatCompletionRequest, CompletionRequest
 from gateway.requests.ticket import Ticket
 from gateway.requests.usage import release_reservation, undo_reservation
-from workers.contract.celery_config import queue_keys
-from workers.contract.jobs import GenerateJob, queue_for
+from workers.contract.jobs import GenerateJob
 from workers.contract.privacy import Digester
 from workers.contract.registry import ModelSpec, Registry
 from workers.contract.sampling import SamplingParams
@@ -50,8 +49,16 @@ NO_LIMITS: dict[str, Any] = {"principal": {}, "team": None}
 
 Request = ChatCompletionRequest | CompletionRequest
 
-#: Principal, team and model whose last allowed decision's ``limits`` are remembered (bounded, oldest dropped).
+#: Principal, team and model whose last allowed decision's obligations are remembered (bounded, oldest dropped).
 _GUESSES_KEPT = 4096
+
+
+@dataclass(frozen=True)
+class Obliged:
+    """What the last allowed decision for a principal, team and model obliged: the next one's likely terms."""
+
+    limits: dict[str, Any]
+    priority: int | None
 
 
 @dataclass(frozen=True)
@@ -113,8 +120,8 @@ class Admission:
         self.default_max_tokens = default_max_tokens
         self.max_queued_per_model = max_queued_per_model
         self.prompt_counter = PromptCounter()
-        #: (principal, team, model) → the ``limits`` document of its last allowed decision.
-        self._limits_seen: dict[tuple[str, str | None, str], dict[str, Any]] = {}
+        #: (principal, team, model) → what its last allowed decision obliged.
+        self._obliged: dict[tuple[str, str | None, str], Obliged] = {}
 
     async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
                     purpose_header: str | None) -> Ticket:
@@ -184,9 +191,6 @@ class Admission:
             raise
         return request, spec
 
-    def _queue(self, spec: ModelSpec) -> QueueCheck:
-        return QueueCheck(tuple(queue_keys(queue_for(spec.name))), self.max_queued_per_model)
-
     async def _decide(self, request_id: str, principal: Principal, endpoint: str, request: Request,
                       spec: ModelSpec, purpose: str | None, requested_max: int,
                       messages: list[dict[str, str]] | None, prompt: str | None) -> Verdict:
@@ -196,16 +200,17 @@ class Admission:
         policy will oblige can be guessed (see the module docstring).
         """
         counters_down, early = None, None
-        guess = self._limits_seen.get((principal.id, principal.team, spec.name))
+        guess = self._obliged.get((principal.id, principal.team, spec.name))
         try:
             if guess is None:
                 usage = await self.counters.snapshot(principal.id, principal.team)
             else:
                 prompt_tokens = await self.prompt_counter.count(spec, messages, prompt)
                 tokens = prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt)) + requested_max
-                reply = await self.counters.admit(request_id, principal.id, principal.team, guess, tokens,
-                                                  queue=self._queue(spec))
-                usage, early = reply.usage, EarlyReservation(guess, tokens, prompt_tokens, reply)
+                reply = await self.counters.admit(
+                    request_id, principal.id, principal.team, guess.limits, tokens,
+                    queue=model_queue(spec.name, self.max_queued_per_model, guess.priority))
+                usage, early = reply.usage, EarlyReservation(guess.limits, tokens, prompt_tokens, reply)
         except CountersUnavailable as exc:
             usage, counters_down = None, UsageUnavailable(str(exc))
         policy_input = build_input(principal=principal, endpoint=endpoint, model=spec, max_tokens=requested_max,
@@ -248,13 +253,15 @@ class Admission:
         wanted = NO_LIMITS if limits is None else limits.to_document()
         held_prompt = prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt))
         reserved = held_prompt + max_tokens  # budgets count prompt and completion tokens
-        self._remember(principal, spec, wanted)
+        priority = decision.obligations.priority
+        self._remember(principal, spec, Obliged(wanted, priority))
         if early is not None and early.limits == wanted and early.tokens == reserved:
             reply = early.reply
         else:
             try:
                 reply = await self.counters.admit(request_id, principal.id, principal.team, wanted, reserved,
-                                                  queue=self._queue(spec),
+                                                  queue=model_queue(spec.name, self.max_queued_per_model,
+                                                                    priority),
                                                   replace=None if early is None else early.reservation)
             except CountersUnavailable as exc:
                 if early is not None and early.reservation is not None:
@@ -268,11 +275,11 @@ class Admission:
         assert isinstance(outcome, Reservation) and reply.waiting is not None
         return Admitted(outcome, reserved, prompt_tokens, reply.waiting)
 
-    def _remember(self, principal: Principal, spec: ModelSpec, limits: dict[str, Any]) -> None:
-        """Keep the limits an allowed decision obliged, to reserve against them with the next snapshot."""
+    def _remember(self, principal: Principal, spec: ModelSpec, obliged: Obliged) -> None:
+        """Keep what an allowed decision obliged, to reserve against it with the next snapshot."""
         key = (principal.id, principal.team, spec.name)
-        if self._limits_seen.get(key) == limits:
+        if self._obliged.get(key) == obliged:
             return
-        if len(self._limits_seen) >= _GUESSES_KEPT:
-            del self._limits_seen[next(iter(self._limits_seen))]
-        self._limits_seen[key] = limits
+        if len(self._obliged) >= _GUESSES_KEPT:
+            del self._obliged[next(iter(self._obliged))]
+        self._obliged[key] = obliged
