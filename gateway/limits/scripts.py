@@ -252,7 +252,8 @@ if MODE == 'reserve' then
     local state, tokens = string.match(held or '', '^(%S+) (%S+)')
     if state == 'reserved' then
       for i = 1, NSCOPES do finish(scope(i), true, tonumber(tokens), 0, ARGV[18], ARGV[19]) end
-      held = nil
+      -- the record now speaks for the new reservation (and goes if it is refused)
+      claimed, held = redis.call('SET', KEYS[1], RECORD, 'PX', ARGV[9]), nil
     end
   else
     claimed = redis.call('SET', KEYS[1], RECORD, 'NX', 'PX', ARGV[9])
