@@ -115,7 +115,7 @@ class Admission:
         self.policy = policy
         self.counters = counters
         self.request_log = request_log
-        self.redis = redis
+        self.redis = redis  # the queue depth is read by the counters' script now; kept for callers that pass it
         self.digester = digester
         self.default_max_tokens = default_max_tokens
         self.max_queued_per_model = max_queued_per_model

@@ -150,3 +150,17 @@ async def test_an_admitted_request_costs_a_bounded_number_of_redis_commands(shor
     finally:
         await client.aclose()
         server.stop()
+
+
+async def test_a_refused_replacement_leaves_nothing_to_release(counters: UsageCounters) -> None:
+    early = await counters.admit("req-1", "alice", "research", EVERYTHING, 300, now=T)
+    assert isinstance(early.outcome, Reservation)
+    strict = {"principal": {"tokens_per_day": 100}, "team": {}}
+    replaced = await counters.admit("req-1", "alice", "research", strict, 150, replace=early.outcome, now=T)
+    assert isinstance(replaced.outcome, Refusal) and replaced.outcome.used == 0  # the early tokens were given back
+    assert await counters.held("req-1", "alice", "research") is None
+    await counters.release(early.outcome, now=T)  # a caller that still releases it gives nothing back twice
+    usage = await counters.snapshot("alice", "research", now=T)
+    for scope in ("principal", "team"):
+        assert (usage[scope]["requests_last_minute"], usage[scope]["tokens_today"], usage[scope]["in_flight"]) \
+            == (0, 0, 0), scope
