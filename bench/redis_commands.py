@@ -8,7 +8,9 @@ in a team with every limit set, and prints the commands per request from
 ``INFO commandstats`` (commands inside Lua scripts included). Before the
 one-script path (snapshot, reserve, a pipeline of 10 ``LLEN`` and settle)
 this printed 103 per request. Two cases: the model's queue empty, and
-holding waiting messages at the policy's default priority. The clock is stepped 0.2 s per request and the measured requests
+holding waiting messages at the policy's default priority; and, the
+queue holding them, a request whose limits admission could not guess
+(snapshot, then reserve: two calls). The clock is stepped 0.2 s per request and the measured requests
 follow a full minute of them, so every admission also prunes the window,
 as under steady load.
 Counts, not timings: the figure does not move with the machine's load.
@@ -51,15 +53,22 @@ LIMITS = {"principal": {"requests_per_minute": BIG, "tokens_per_minute": BIG, "t
                    "tokens_per_month": BIG, "in_flight": BIG}}
 
 
-async def one_request(counters: UsageCounters, now: float) -> None:
-    """The usage path of one admitted request that used 60 of the 100 tokens it held."""
+async def one_request(counters: UsageCounters, now: float, *, guessed: bool = True) -> None:
+    """The usage path of one admitted request that used 60 of the 100 tokens it held.
+
+    ``guessed``: admission knew the limits the policy would oblige (the
+    common case); else it reads the snapshot first and reserves after the
+    decision, two calls (a principal's first request to a model).
+    """
+    if not guessed:
+        await counters.snapshot("alice", "research", now=now)
     reply = await counters.admit(uuid.uuid4().hex, "alice", "research", LIMITS, 100, now=now,
                                  queue=model_queue(MODEL, 64, DEFAULT_PRIORITY))
     assert isinstance(reply.outcome, Reservation), reply.outcome
     await counters.settle(reply.outcome, 60, now=now)
 
 
-async def measure(client: aioredis.Redis, requests: int, *, waiting: int) -> dict[str, float]:
+async def measure(client: aioredis.Redis, requests: int, *, waiting: int, guessed: bool) -> dict[str, float]:
     await client.flushall()
     if waiting:  # messages at the policy's default priority (5)
         await client.rpush(f"{queue_for(MODEL)}:{DEFAULT_PRIORITY}", *[b"x"] * waiting)
@@ -69,7 +78,7 @@ async def measure(client: aioredis.Redis, requests: int, *, waiting: int) -> dic
         await one_request(counters, start + STEP_S * i)
     before = await command_calls_async(client)
     for i in range(WARMUP, WARMUP + requests):
-        await one_request(counters, start + STEP_S * i)
+        await one_request(counters, start + STEP_S * i, guessed=guessed)
     return per_request(await commands_since_async(client, before), requests)
 
 
@@ -78,8 +87,9 @@ async def main(requests: int) -> None:
         server = RedisProcess.start(Path(folder), persist=False)
         client = aioredis.Redis.from_url(server.url)
         try:
-            for label, waiting in (("queue empty", 0), ("queue holding 3", 3)):
-                figures = await measure(client, requests, waiting=waiting)
+            for label, waiting, guessed in (("queue empty", 0, True), ("queue holding 3", 3, True),
+                                            ("not guessed", 3, False)):
+                figures = await measure(client, requests, waiting=waiting, guessed=guessed)
                 detail = ", ".join(f"{name} {value:.2f}" for name, value in figures.items() if name != "total")
                 print(f"{label:16s} {figures['total']:6.2f} commands per request  ({detail})")
         finally:
