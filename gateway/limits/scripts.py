@@ -101,10 +101,12 @@ local MODE = ARGV[5]
 local TOKENS = tonumber(ARGV[6])
 local CUTOFF = NOW - WINDOW
 local FIRST = 8  -- window entries read at once: the oldest in-window one and what left since the last call
+local LAZY = 4   -- fewer entries than this that left the window are counted out but deleted later, together
 
 -- Prune scope s's window (entries at or before NOW - WINDOW leave with their
 -- tokens) and read its counters into s.
 local function load(s)
+  s.lag, s.lagged = 0, 0  -- entries that left the window but are still stored, and their tokens
   local head = redis.call('ZRANGE', s.win, 0, FIRST - 1, 'WITHSCORES')
   local gone = {}
   for k = 1, #head, 2 do
@@ -123,6 +125,16 @@ local function load(s)
     s.n, s.s = tonumber(v.n), tonumber(v.s)
     local size, toks = FIRST, {}
     for k, f in ipairs(gone) do toks[k] = v[f] end
+    if #gone > 0 and #gone < LAZY and s.oldest then
+      -- A few left (and the head shows where the window begins): they are
+      -- counted out of n and s here, but stay stored until more have left,
+      -- so that steady traffic pays the two deletions once per LAZY calls.
+      s.lag = #gone
+      for k = 1, #gone do
+        if toks[k] then s.lagged = s.lagged + tonumber(toks[k]) end
+      end
+      gone = {}
+    end
     while #gone > 0 do
       for k = 1, #gone do
         if toks[k] then s.s = s.s - tonumber(toks[k]) end
@@ -145,19 +157,20 @@ local function load(s)
   s.today = (s.D == ARGV[12] and tonumber(s.d)) or (s.PD == ARGV[12] and tonumber(s.pd)) or 0
   s.month = (s.M == ARGV[14] and tonumber(s.m)) or (s.PM == ARGV[14] and tonumber(s.pm)) or 0
   s.flying = redis.call('ZCOUNT', s.fly, '(' .. ARGV[1], '+inf')
-  s.usage = {s.n, s.s, s.today, s.month, s.flying}
+  s.usage = {s.n - s.lag, s.s - s.lagged, s.today, s.month, s.flying}
 end
 
 -- Microseconds until limit j of scope s admits the request, given it fails now.
 local function wait(j, s, used, limit)
   if j == 1 then
-    -- the (used + 1 - limit)-th oldest request has to leave the window
-    local entry = redis.call('ZRANGE', s.win, used - limit, used - limit, 'WITHSCORES')
+    -- the (used + 1 - limit)-th oldest request in the window has to leave it
+    local rank = s.lag + used - limit
+    local entry = redis.call('ZRANGE', s.win, rank, rank, 'WITHSCORES')
     if entry[2] then return tonumber(entry[2]) + WINDOW - NOW end
     return WINDOW
   elseif j == 2 then
     if TOKENS > limit then return WINDOW end
-    local must_free, freed, start = used + TOKENS - limit, 0, 0
+    local must_free, freed, start = used + TOKENS - limit, 0, s.lag
     while true do
       local batch = redis.call('ZRANGE', s.win, start, start + 255, 'WITHSCORES')
       if #batch == 0 then return WINDOW end
