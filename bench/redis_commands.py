@@ -5,15 +5,15 @@ in the common case (``gateway.requests.admission``: the policy obliges
 the limits it obliged last time): ``UsageCounters.admit`` (snapshot,
 reservation and queue depth in one script) and ``settle``, for a principal
 in a team with every limit set, and prints the commands per request from
-``INFO commandstats`` (commands inside Lua scripts included). Before the
+``INFO commandstats`` (commands inside Lua scripts included). Three cases:
+the model's queue empty; holding waiting messages at the policy's default
+priority; and, the queue holding them, a request whose limits admission
+could not guess (snapshot, then reserve: two calls). The clock is stepped
+0.2 s per request and the measured requests follow a full minute of them,
+so admissions also prune the window, as under steady load. Counts, not
+timings: the figure does not move with the machine's load. Before the
 one-script path (snapshot, reserve, a pipeline of 10 ``LLEN`` and settle)
-this printed 103 per request. Two cases: the model's queue empty, and
-holding waiting messages at the policy's default priority; and, the
-queue holding them, a request whose limits admission could not guess
-(snapshot, then reserve: two calls). The clock is stepped 0.2 s per request and the measured requests
-follow a full minute of them, so every admission also prunes the window,
-as under steady load.
-Counts, not timings: the figure does not move with the machine's load.
+this printed 108 per request in the same steady state.
 
 Usage::
 

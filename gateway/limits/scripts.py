@@ -120,7 +120,7 @@ local function load(s)
   if not v.n then
     -- no counters hash (never written, or expired): nothing in the window is known
     if #head > 0 then redis.call('DEL', s.win) end
-    s.n, s.s, s.oldest, s.fresh = 0, 0, nil, true
+    s.n, s.s, s.oldest = 0, 0, nil
   else
     s.n, s.s = tonumber(v.n), tonumber(v.s)
     local size, toks = FIRST, {}

@@ -121,7 +121,7 @@ async def test_an_early_reservation_is_replaced_or_undone(counters: UsageCounter
 async def test_an_admitted_request_costs_a_bounded_number_of_redis_commands(short_tmp) -> None:
     """Admission (snapshot, reserve and queue depth: one script) plus the settle, for a principal in a
     team with every limit set, a full minute window to prune and a queue holding requests: at most 26
-    commands a request, scripts' own commands counted (before the one-script path it was 103)."""
+    commands a request, scripts' own commands counted (before the one-script path it was 108)."""
     server = RedisProcess.start(short_tmp("gg-cmds-"), persist=False)
     client = aioredis.Redis.from_url(server.url)
     try:
