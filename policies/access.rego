@@ -32,8 +32,24 @@ granting_roles(model_name) := {role |
 	role_grants(role, model_name)
 }
 
+# The settings of each of the principal's known roles, over the defaults
+# (what role_setting gives, worked out once per decision).
+known_role_settings := {role: object.union(defaults, config.roles[role]) | some role in known_roles}
+
+# The principal's roles that grant the requested model (granting_roles of
+# it), as a rule, so one decision works it out once for all who ask. The
+# load-time check (checks.rego) makes every role's `models` a list.
+granting := roles if {
+	wanted := {"*", requested_model}
+	roles := {role |
+		some role in known_roles
+		some listed in object.get(config.roles[role], "models", [])
+		listed in wanted
+	}
+}
+
 # The principal may use the requested model through at least one role.
-model_permitted if count(granting_roles(requested_model)) > 0
+model_permitted if count(granting) > 0
 
 denials contains {"code": "unknown_role", "message": msg} if {
 	count(known_roles) == 0

@@ -63,8 +63,10 @@ input_problems contains sprintf("input.usage.%s must be an object or null", [sco
 input_problems contains sprintf("input.usage.%s.%s must be a number from 0 to 2^53", [scope, counter]) if {
 	some scope in ["principal", "team"]
 	counters := input.usage[scope]
+	is_object(counters)
+	not all_countable(counters) # the usual case, answered in one pass
 	some counter in usage_counters
-	value := counters[counter]
+	value := counters[counter] # one variable per lookup: regorus is slow on x[a][b]
 	not countable(value)
 }
 
@@ -225,7 +227,7 @@ config_problems contains "govgate_config.content.detectors must be an object" if
 config_problems contains sprintf("govgate_config.content.detectors.%s names no detector (built-in: %s; or a national_ids id)", [name, listing(builtin_detectors)]) if {
 	some name, _ in detectors
 	not name in builtin_detectors
-	not name in {rule.id | some rule in national_ids}
+	not name in {rule.id | some rule in usable_national_ids}
 }
 
 config_problems contains sprintf("govgate_config.content.detectors.%s.action must be \"deny\" or \"redact\"", [name]) if {

@@ -39,19 +39,27 @@ compact_text := regex.replace(detection_text, `[ \n]+`, "")
 
 blocked_patterns := as_list(setting(["content", "blocked_patterns"]))
 
+# Every rule is usable: the load-time check (checks.rego) refuses data with
+# one that is not.
 denials contains {"code": "blocked_content", "message": msg} if {
 	some rule in blocked_patterns
-	usable_content_rule(rule)
 	blocked_match(rule)
 	msg := blocked_message(rule)
 }
 
 blocked_match(rule) if regex.match(rule.pattern, request_text)
 
-blocked_match(rule) if regex.match(rule.pattern, detection_text)
+# A view equal to one already searched is not searched again (`not a == b`:
+# true when either side is undefined, unlike `a != b`).
+blocked_match(rule) if {
+	not detection_text == request_text
+	regex.match(rule.pattern, detection_text)
+}
 
 blocked_match(rule) if {
 	rule.ignore_spacing == true
+	not compact_text == detection_text
+	not compact_text == request_text
 	regex.match(rule.pattern, compact_text)
 }
 
@@ -99,8 +107,18 @@ detector_action(name) := action if {
 	action in detector_actions
 }
 
-# National id formats that can run: {id, pattern} pairs.
+# The configured detectors' actions by name. Every configured detector has a
+# known action: the load-time check (checks.rego) refuses data without.
+detector_actions_by_name := {name: settings.action | some name, settings in detectors}
+
+# National id formats: {id, pattern} pairs. Every entry can run: the
+# load-time check refuses data with one that cannot.
 national_ids contains {"id": rule.id, "pattern": rule.pattern} if {
+	some rule in as_list(setting(["content", "national_ids"]))
+}
+
+# The national ids that can run, for the load-time check itself.
+usable_national_ids contains {"id": rule.id, "pattern": rule.pattern} if {
 	some rule in as_list(setting(["content", "national_ids"]))
 	is_string(rule.id)
 	not rule.id in builtin_detectors
@@ -109,28 +127,28 @@ national_ids contains {"id": rule.id, "pattern": rule.pattern} if {
 
 # Every finding of every configured detector, before overlaps are settled.
 raw_findings contains {"detector": "email", "text": text} if {
-	detector_action("email")
+	detector_actions_by_name.email
 	some text in pii.emails(detection_text)
 }
 
 raw_findings contains {"detector": "phone", "text": text} if {
-	detector_action("phone")
+	detector_actions_by_name.phone
 	some text in pii.phones(detection_text)
 }
 
 raw_findings contains {"detector": "payment_card", "text": text} if {
-	detector_action("payment_card")
+	detector_actions_by_name.payment_card
 	some text in pii.payment_cards(detection_text)
 }
 
 raw_findings contains {"detector": "iban", "text": text} if {
-	detector_action("iban")
+	detector_actions_by_name.iban
 	some text in pii.ibans(detection_text)
 }
 
 raw_findings contains {"detector": rule.id, "text": text} if {
 	some rule in national_ids
-	detector_action(rule.id)
+	detector_actions_by_name[rule.id]
 	some text in pii.pattern_matches(rule.pattern, detection_text)
 }
 
@@ -163,7 +181,7 @@ covers(_, finding) if finding.detector == "phone"
 
 denials contains {"code": "pii_detected", "message": msg} if {
 	some name in {finding.detector | some finding in findings}
-	detector_action(name) == "deny"
+	detector_actions_by_name[name] == "deny"
 	found := count({finding | some finding in findings; finding.detector == name})
 	msg := sprintf("the request contains personal data found by detector '%s' (%s found)", [name, format_int(found, 10)])
 }

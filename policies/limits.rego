@@ -22,22 +22,17 @@ requested_max_tokens := n if {
 	n >= 1
 }
 
-# A role's setting, or the default when the role sets none.
-role_setting(role, name) := object.get(config.roles[role], name, defaults[name])
-
 # The most generous cap among the roles that grant the model: holding one
 # more role should never take tokens away.
-token_cap := max({cap |
-	some role in granting_roles(requested_model)
-	cap := role_setting(role, "max_tokens")
-	whole_number(cap)
-})
+# Every cap is a whole number: the load-time check (checks.rego) refuses
+# data with one that is not.
+token_cap := max({known_role_settings[role].max_tokens | some role in granting})
 
 # "clamp" when any granting role clamps (the more permissive mode), else
 # "deny": a request asking for more than the cap is refused.
 max_tokens_mode := "clamp" if {
-	some role in granting_roles(requested_model)
-	role_setting(role, "max_tokens_mode") == "clamp"
+	some role in granting
+	known_role_settings[role].max_tokens_mode == "clamp"
 } else := "deny"
 
 # The request's max_tokens, clamped to the cap. 0 when no role grants the
@@ -90,13 +85,12 @@ limits_entry(kind, name) := entry if {
 	is_object(entry)
 } else := {}
 
-# The five limits of an entry, each a whole number or null (unlimited).
-limits_in_effect(entry) := {name: limit_value(entry, name) | some name in limit_names}
+# The five limits of an entry, each a whole number or null (unlimited): the
+# load-time check (checks.rego) lets no other value through, so the entry's
+# own values need no check here.
+limits_in_effect(entry) := object.union(unlimited, object.filter(entry, limit_names))
 
-limit_value(entry, name) := value if {
-	value := entry[name]
-	whole_number(value)
-} else := null
+unlimited := {name: null | some name in limit_names}
 
 # The limits that bind this request, by scope. A team's limits bind each
 # member whatever the member's own limits are.
@@ -108,20 +102,27 @@ scope_label("principal") := sprintf("principal '%s'", [principal_label])
 
 scope_label("team") := sprintf("team '%s'", [principal_team])
 
-# A counter from the usage snapshot; 0 when the input has none (a malformed
-# counter is reported by checks.rego).
-# One variable per lookup (x[a] then [b]): regorus takes tens of microseconds
-# for a reference indexed by two variables at once.
-usage_counter(scope, counter) := value if {
+# The usage snapshot's counters by scope, without those that do not count
+# (a malformed counter counts as 0; checks.rego reports it). A counter the
+# input lacks counts as 0 too.
+counted_usage[scope] := counters if {
+	some scope in ["principal", "team"]
 	counters := input.usage[scope]
-	value := counters[counter]
-	countable(value)
-} else := 0
+	is_object(counters)
+	all_countable(counters)
+}
 
-# What the request adds to a counter.
-request_cost("request") := 1
+counted_usage[scope] := {counter: value | some counter, value in counters; countable(value)} if {
+	some scope in ["principal", "team"]
+	counters := input.usage[scope]
+	is_object(counters)
+	not all_countable(counters)
+}
 
-request_cost("tokens") := granted_max_tokens
+# What the request adds to a counter, by the check's `cost`.
+request_costs := {"request": 1, "tokens": granted_max_tokens}
+
+request_cost(cost) := request_costs[cost]
 
 cost_phrase("request") := "1 request"
 
@@ -129,11 +130,12 @@ cost_phrase("tokens") := sprintf("%s tokens", [format_int(granted_max_tokens, 10
 
 denials contains {"code": check.code, "message": msg, "retry_after_s": retry_after_s(check.window, scope)} if {
 	some scope, limits in scope_limits
+	usage := object.get(counted_usage, scope, {})
 	some check in usage_checks
 	limit := limits[check.limit]
 	limit != null
-	used := usage_counter(scope, check.counter)
-	used + request_cost(check.cost) > limit
+	used := object.get(usage, check.counter, 0)
+	used + request_costs[check.cost] > limit
 	msg := sprintf("%s has reached its %s limit of %s (%s %s; this request needs %s)", [
 		scope_label(scope), check.limit, format_int(limit, 10),
 		format_int(used, 10), counter_phrases[check.counter], cost_phrase(check.cost),

@@ -12,11 +12,11 @@ weekday_names := ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Satur
 
 # ---------------------------------------------------------------- hours
 
-# The model's [start, end) window, when the data gives a usable one
-# (checks.rego reports an unusable one).
+# The model's [start, end) window, when the data gives one (the load-time
+# check in checks.rego refuses an unusable one).
 hours_window := window if {
 	window := model_settings.hours_utc
-	valid_hours_window(window)
+	window != null
 }
 
 valid_hours_window(window) if {
@@ -71,10 +71,10 @@ denials contains {"code": "outside_hours", "message": msg} if {
 
 # ---------------------------------------------------------------- weekdays
 
-# The model's days, when the data gives a usable list.
+# The model's days, when the data gives them (checked at load).
 open_weekdays := days if {
 	days := model_settings.weekdays
-	valid_weekdays(days)
+	days != null
 }
 
 valid_weekdays(days) if {
