@@ -51,12 +51,12 @@ granting := roles if {
 # The principal may use the requested model through at least one role.
 model_permitted if count(granting) > 0
 
-denials contains {"code": "unknown_role", "message": msg} if {
+access_denials contains {"code": "unknown_role", "message": msg} if {
 	count(known_roles) == 0
 	msg := sprintf("principal '%s' has no role this policy knows", [principal_label])
 }
 
-denials contains {"code": "model_not_allowed", "message": msg} if {
+access_denials contains {"code": "model_not_allowed", "message": msg} if {
 	count(known_roles) > 0
 	not model_permitted
 	msg := sprintf(
@@ -83,7 +83,7 @@ team_allows(_) if "*" in as_list(team_settings.models)
 
 team_allows(model_name) if model_name in as_list(team_settings.models)
 
-denials contains {"code": "team_model_not_allowed", "message": msg} if {
+access_denials contains {"code": "team_model_not_allowed", "message": msg} if {
 	requested_model
 	not team_allows(requested_model)
 	msg := sprintf("team '%s' of principal '%s' may not use model '%s'", [principal_team, principal_label, requested_model])

@@ -14,7 +14,7 @@ package govgate
 
 import rego.v1
 
-denials contains {"code": "invalid_input", "message": msg} if some msg in input_problems
+input_denials contains {"code": "invalid_input", "message": msg} if some msg in input_problems
 
 # ---------------------------------------------------------------- input
 

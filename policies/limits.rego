@@ -41,7 +41,7 @@ default granted_max_tokens := 0
 
 granted_max_tokens := min({requested_max_tokens, token_cap})
 
-denials contains {"code": "max_tokens_exceeded", "message": msg} if {
+limits_denials contains {"code": "max_tokens_exceeded", "message": msg} if {
 	max_tokens_mode == "deny"
 	requested_max_tokens > token_cap
 	msg := sprintf(
@@ -128,7 +128,7 @@ cost_phrase("request") := "1 request"
 
 cost_phrase("tokens") := sprintf("%s tokens", [format_int(granted_max_tokens, 10)])
 
-denials contains {"code": check.code, "message": msg, "retry_after_s": retry_after_s(check.window, scope)} if {
+limits_denials contains {"code": check.code, "message": msg, "retry_after_s": retry_after_s(check.window, scope)} if {
 	some scope, limits in scope_limits
 	usage := object.get(counted_usage, scope, {})
 	some check in usage_checks

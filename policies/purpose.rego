@@ -36,7 +36,7 @@ permitted_purposes := as_list(model_settings.purposes) if {
 	model_settings.purposes != null
 } else := as_list(setting(["purposes", "allowed"]))
 
-denials contains {"code": "purpose_required", "message": msg} if {
+purpose_denials contains {"code": "purpose_required", "message": msg} if {
 	purpose_required
 	not declared_purpose
 	msg := sprintf(
@@ -45,7 +45,7 @@ denials contains {"code": "purpose_required", "message": msg} if {
 	)
 }
 
-denials contains {"code": "purpose_not_allowed", "message": msg} if {
+purpose_denials contains {"code": "purpose_not_allowed", "message": msg} if {
 	purpose_required
 	declared_purpose
 	not declared_purpose in permitted_purposes

@@ -53,7 +53,7 @@ open_at(hour, [start, end]) if {
 	hour < end
 }
 
-denials contains {"code": "outside_hours", "message": msg} if {
+schedule_denials contains {"code": "outside_hours", "message": msg} if {
 	window := hours_window
 	current_hour
 	not open_at(current_hour, window)
@@ -63,7 +63,7 @@ denials contains {"code": "outside_hours", "message": msg} if {
 	)
 }
 
-denials contains {"code": "outside_hours", "message": msg} if {
+schedule_denials contains {"code": "outside_hours", "message": msg} if {
 	hours_window
 	not current_hour
 	msg := sprintf("model '%s' has usage hours but input.time.hour_utc is not a UTC hour", [model_label])
@@ -90,7 +90,7 @@ current_weekday := input.time.weekday if input.time.weekday in weekday_names
 # The model's days in week order, for messages.
 open_weekdays_listing := concat(", ", [day | some day in weekday_names; day in open_weekdays])
 
-denials contains {"code": "outside_hours", "message": msg} if {
+schedule_denials contains {"code": "outside_hours", "message": msg} if {
 	days := open_weekdays
 	current_weekday
 	not current_weekday in days
@@ -100,7 +100,7 @@ denials contains {"code": "outside_hours", "message": msg} if {
 	)
 }
 
-denials contains {"code": "outside_hours", "message": msg} if {
+schedule_denials contains {"code": "outside_hours", "message": msg} if {
 	open_weekdays
 	not current_weekday
 	msg := sprintf("model '%s' has usage weekdays but input.time.weekday is not a day name", [model_label])
