@@ -76,7 +76,7 @@ team_settings := as_object(setting(["teams", principal_team])) if {
 team_restricts_models if team_settings.models != null
 
 # A model the team lets its members use. A `models` value that is not a list
-# lets them use none (and checks.rego reports it).
+# lets them use none (and the load-time check in checks.rego refuses it).
 team_allows(_) if not team_restricts_models
 
 team_allows(_) if "*" in as_list(team_settings.models)

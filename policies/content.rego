@@ -69,7 +69,7 @@ blocked_message(rule) := sprintf("the request matches blocked content rule '%s':
 
 # A pattern both engines evaluate alike: valid on both, and using none of
 # the constructs on which regorus (Rust's regex) and OPA (Go's regexp)
-# disagree. checks.rego reports any other pattern as a config_error.
+# disagree. The load-time check (checks.rego) refuses data with any other.
 usable_pattern(pattern) if {
 	is_string(pattern)
 	every construct in unportable_constructs {

@@ -17,7 +17,8 @@
 #     limits.rego       max_tokens caps, and usage limits per principal and team
 #     content.rego      blocked patterns and PII detectors on the prompt text
 #     obligations.rego  priority, prompt logging, redaction and limits obligations
-#     checks.rego       malformed input and unusable data deny, never crash
+#     checks.rego       malformed input denies, never crashes; unusable data
+#                       is refused when the policy is loaded (config_problems)
 #   with pure helpers in govgate.pii (detectors, Luhn, IBAN) and
 #   govgate.calendar (UTC date arithmetic).
 #
