@@ -43,7 +43,7 @@ unnoticed.
 Usage::
 
     .venv/bin/python bench/policy.py [--decisions 2000] [--concurrency 32] [--requests N] [--warmup 100]
-        [--evaluators N] [--rounds 50] [--no-opa] [--no-counters] [--json FILE]
+        [--evaluators N] [--rounds 50] [--no-opa] [--no-counters] [--policy-dir DIR] [--json FILE]
 
 ``--json FILE`` writes the figures (the same document as the JSON line) to FILE.
 
@@ -143,7 +143,7 @@ def decide_operation(engine: Any, samples: list[Sample]) -> Operation:
     return operation
 
 
-async def load_engines(opa_url: str | None, evaluators: int) -> tuple[Any, Any | None]:
+async def load_engines(opa_url: str | None, evaluators: int, policy_dir: Path) -> tuple[Any, Any | None]:
     """Both engines on the same revision of ``policies/``, retried while the folder is being edited.
 
     OPA read the folder when it started; if the folder changed since, the
@@ -155,9 +155,9 @@ async def load_engines(opa_url: str | None, evaluators: int) -> tuple[Any, Any |
     for attempt in range(1, LOAD_ATTEMPTS + 1):
         embedded = opa = None
         try:
-            embedded = EmbeddedPolicyEngine.load(POLICY_DIR, DECISION_TIMEOUT_S, evaluators=evaluators)
+            embedded = EmbeddedPolicyEngine.load(policy_dir, DECISION_TIMEOUT_S, evaluators=evaluators)
             if opa_url is not None:
-                opa = await OpaPolicyEngine.connect(opa_url, POLICY_DIR, DECISION_TIMEOUT_S, load=False)
+                opa = await OpaPolicyEngine.connect(opa_url, policy_dir, DECISION_TIMEOUT_S, load=False)
                 if opa.revision != embedded.revision:
                     raise PolicyLoadError(f"revisions differ: OPA {opa.revision}, embedded {embedded.revision}")
             return embedded, opa
@@ -188,7 +188,7 @@ async def check_mix(engines: dict[str, Any], samples: list[Sample]) -> list[str]
 async def bench_policy(opa_url: str | None, samples: list[Sample], args: argparse.Namespace,
                        say: Callable[[str], None]) -> dict[str, Any]:
     """Both engines, sequential then concurrent, back to back in one run."""
-    embedded, opa = await load_engines(opa_url, args.evaluators)
+    embedded, opa = await load_engines(opa_url, args.evaluators, args.policy_dir)
     try:
         engines = {"embedded": embedded} if opa is None else {"embedded": embedded, "opa": opa}
         notes = await check_mix(engines, samples)
@@ -291,6 +291,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="embedded engine's evaluator processes (default: as the gateway, one per core)")
     parser.add_argument("--rounds", type=int, default=50,
                         help="rounds of the input mix for the per-module timing (default 50)")
+    parser.add_argument("--policy-dir", type=Path, default=POLICY_DIR,
+                        help="the policy folder to measure (default: policies/), e.g. an older revision to compare")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures to FILE")
     args = parser.parse_args(argv)
     if args.evaluators is None:
@@ -312,7 +314,7 @@ async def measure(opa_url: str | None, redis_url: str | None, samples: list[Samp
     policy = await bench_policy(opa_url, samples, args, say)
     say(f"policy: rule modules in-process, {args.rounds} rounds of {len(samples)} inputs")
     policy["modules"] = {name: figures.figures() for name, figures in
-                         time_modules(POLICY_DIR, [s.input for s in samples], args.rounds).items()}
+                         time_modules(args.policy_dir, [s.input for s in samples], args.rounds).items()}
     counters = await bench_counters(redis_url, args, say) if redis_url is not None else None
     return policy, counters
 
@@ -334,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
                 binary, opa_skipped = ensure_opa(say)
                 if binary is not None:
                     say(f"opa: starting {binary} on the policy folder …")
-                    opa = OpaServer(binary, work_dir, POLICY_DIR).start()
+                    opa = OpaServer(binary, work_dir, args.policy_dir).start()
                     stop_later(stack, opa.stop)
                     opa_url = opa.url
             if opa_skipped:
