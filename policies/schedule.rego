@@ -31,8 +31,10 @@ valid_hours_window(window) if {
 # The current UTC hour; undefined when the input lacks a usable one.
 current_hour := hour if {
 	hour := input.time.hour_utc
-	whole_number(hour)
+	is_number(hour)
+	hour >= 0
 	hour < 24
+	hour == round(hour)
 }
 
 # Whether `hour` is in the window [start, end). start == end is empty.
