@@ -92,7 +92,7 @@ limits_entry(kind, name) := entry if {
 # The five limits of an entry, each a whole number or null (unlimited): the
 # load-time check (checks.rego) lets no other value through, so the entry's
 # own values need no check here.
-limits_in_effect(entry) := object.union(unlimited, object.filter(entry, limit_names))
+limits_in_effect(entry) := object.union(unlimited, object.filter(entry, unlimited))
 
 # Written out (limits_test.rego holds its keys equal to limit_names).
 unlimited := {
