@@ -10,6 +10,7 @@ a ``config_error`` reason of a decision any more.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -99,8 +100,7 @@ def test_embedded_engine_refuses_broken_data_at_load(name: str, tmp_path: Path) 
 async def test_reload_with_broken_data_keeps_the_running_policy(tmp_path: Path) -> None:
     folder = Path(shutil.copytree(POLICY_DIR, tmp_path / "policy"))
     engine = EmbeddedPolicyEngine.load(folder, TIMEOUT_S)
-    reloading = ReloadingPolicyEngine(
-        engine, lambda: _open(folder), policy_dir=folder)
+    reloading = ReloadingPolicyEngine(engine, lambda: _open(folder), policy_dir=folder)
     try:
         change, problem = BROKEN["limit that is not a number"]
         break_data(folder, change)
@@ -113,8 +113,6 @@ async def test_reload_with_broken_data_keeps_the_running_policy(tmp_path: Path) 
 
 
 async def _open(folder: Path) -> EmbeddedPolicyEngine:
-    import asyncio
-
     return await asyncio.to_thread(EmbeddedPolicyEngine.load, folder, TIMEOUT_S)
 
 
