@@ -1,6 +1,7 @@
-"""What do a policy decision and the usage counters cost per request?
+"""What do a policy decision, each rule module and the usage counters cost per request?
 
-Two questions, each answered against its own baseline in the same run:
+Three questions, answered in the same run (the first and last against a
+baseline of their own):
 
 1. **Policy decisions.** The full shipped policy set (``policies/``) is
    evaluated by the embedded engine (regorus in a child process) and by a real
