@@ -75,13 +75,14 @@ team_settings := as_object(setting(["teams", principal_team])) if {
 # A team restricts models when its entry has a (non-null) `models` key.
 team_restricts_models if team_settings.models != null
 
-# A model the team lets its members use. A `models` value that is not a list
-# lets them use none (and the load-time check in checks.rego refuses it).
+# A model the team lets its members use. The load-time check (checks.rego)
+# makes a restricting team's `models` a list.
 team_allows(_) if not team_restricts_models
 
-team_allows(_) if "*" in as_list(team_settings.models)
-
-team_allows(model_name) if model_name in as_list(team_settings.models)
+team_allows(model_name) if {
+	some listed in team_settings.models
+	listed in {"*", model_name}
+}
 
 access_denials contains {"code": "team_model_not_allowed", "message": msg} if {
 	requested_model
