@@ -121,10 +121,11 @@ class Launcher:
     One loop polls the API's health and the workers together, so the first
     model is announced the moment both it and the API answer. A worker counts
     as ready when its pool process has said (in Redis) that the model is
-    loaded: the pool forks once the worker's main process is connected, and
-    a job queued before its consumer starts waits in the queue, so nothing
-    sent after that moment is lost (the Celery ping that used to confirm it
-    cost this process Celery's imports).
+    loaded. The worker's main process connects its consumer meanwhile (in
+    the logs, before the load ends); were it a moment later, a job queued
+    then waits in the queue and is taken when it attaches, so nothing sent
+    once the key is there is lost. A Celery ping confirmed the consumer
+    too, at the price of Celery's imports in this long-lived process.
     """
 
     def __init__(self, settings: Settings, stack: Stack, env: dict[str, str], redis_url: str,
