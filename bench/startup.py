@@ -150,6 +150,25 @@ def cpu_s(root: int) -> float:
     return total / ticks
 
 
+def cpu_by_process(up_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the supervisor and of each child of it with what runs under it."""
+    figures = {"supervisor": _own_cpu_s(up_pid)}
+    for pid in _children().get(up_pid, []):
+        cmd = _cmdline(pid)
+        role = ("redis" if any("redis-server" in part for part in cmd[:1]) else "api" if "serve" in cmd
+                else f"worker_{cmd[cmd.index('--model') + 1]}" if "--model" in cmd else f"other_{pid}")
+        figures[role] = round(cpu_s(pid), 2)
+    return figures
+
+
+def _own_cpu_s(pid: int) -> float:
+    try:
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return round(sum(int(value) for value in fields[11:13]) / os.sysconf("SC_CLK_TCK"), 2)
+
+
 def rss_mb(pid: int) -> float:
     """VmRSS of ``pid`` in MB (0 if it is gone)."""
     try:
@@ -294,6 +313,7 @@ def warm_run(var_dir: Path, env: dict[str, str], key: str, base: str, requests: 
     try:
         first = first_completion(base, key, started)
         cpu_at_first = cpu_s(up.process.pid)
+        cpu_parts = cpu_by_process(up.process.pid)
         up.wait_for(r"Ctrl-C stops everything")
         names = _model_names(up)
         for name in names:
@@ -301,7 +321,7 @@ def warm_run(var_dir: Path, env: dict[str, str], key: str, base: str, requests: 
         all_ready = time.monotonic() - started
         time.sleep(1.0)  # let the children settle after the last load
         result = {"first_completion_s": round(first, 2), "cpu_s_to_first_completion": round(cpu_at_first, 2),
-                  "all_models_ready_s": round(all_ready, 2),
+                  "cpu_s_by_process_at_first_completion": cpu_parts, "all_models_ready_s": round(all_ready, 2),
                   "rss_mb": memory(up.process.pid)}
         if requests:
             ok, failed = asyncio.run(_load(base, key, requests, 16))
@@ -362,6 +382,9 @@ def main() -> int:
           f"(runs: {', '.join(f'{s:.2f}' for s in firsts)}; load average {os.getloadavg()[0]:.1f})")
     print(f"CPU-seconds of all its processes until then: median {summary['cpu_s_to_first_completion_median']:.1f} "
           f"(runs: {', '.join(f'{s:.1f}' for s in cpus)})")
+    print("CPU-seconds by process at the first completion (last run): "
+          + ", ".join(f"{name} {value}" for name, value in runs[-1]["cpu_s_by_process_at_first_completion"].items()))
+    print("resident memory, MB (last run):")
     for name, value in runs[-1]["rss_mb"].items():
         print(f"  {name:<40} {value:>8}")
     if "api_rss_after_requests_mb" in runs[-1]:
