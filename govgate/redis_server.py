@@ -134,17 +134,6 @@ def ping(url: str, timeout_s: float = 1.0) -> bool:
         raise
 
 
-def refuse_if_live(data_dir: Path) -> None:
-    """Raise ``RedisUnavailable`` if a Redis already answers on ``data_dir``'s socket (another ``up`` here).
-
-    :meth:`RedisProcess.start` checks the same; ``govgate up`` asks first
-    because it starts the first worker before Redis (see its ``run_up``).
-    """
-    socket_path = data_dir / "redis.sock"
-    if socket_path.exists():
-        _refuse_if_live(socket_path)
-
-
 def _refuse_if_live(socket_path: Path) -> None:
     if ping(socket_url(socket_path)):
         raise RedisUnavailable(

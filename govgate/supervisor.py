@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from govgate.processes import child_preexec
-from govgate.redis_server import RedisProcess, RedisUnavailable, ping, refuse_if_live, socket_url
+from govgate.redis_server import RedisProcess, RedisUnavailable, ping
 from govgate.stack import Stack, StartupError, check_alive, healthy
 from gateway.settings import Settings
 from workers.contract.registry import Registry, RegistryError, load_registry
@@ -147,20 +147,12 @@ class Launcher:
         self.api_started = time.monotonic()
         self.stack.api = _spawn(["serve"], self.env, private_log(self.logs / "api.log"))
 
-    def start_worker(self, name: str, redis_up: bool = True) -> None:
-        """Spawn ``name``'s worker; ``redis_up=False`` when Redis is still starting (call :meth:`forget_stale` then)."""
+    def start_worker(self, name: str) -> None:
         self.say(f"  worker for model {name}: starting (log: {self.logs / f'worker-{name}.log'})")
         log_file = private_log(self.logs / f"worker-{name}.log")
         self.stack.workers[name] = _spawn(["worker", "--model", name], self.env, log_file)
         self.pending[name] = time.monotonic()
-        if redis_up:
-            self.forget_stale(name)
-
-    def forget_stale(self, name: str) -> None:
-        """Delete a loaded-model key an earlier run's worker with the same pid left (Redis keeps it a day).
-
-        The new worker's pool process sets its own only after seconds of imports and loading.
-        """
+        # A key left by an earlier run's worker with the same pid must not count (it loads for seconds).
         self.redis.delete(_loaded_key(name, self.stack.workers[name].pid))
 
     def poll(self, timeout_s: float = 120, api_timeout_s: float = 60) -> list[str]:
@@ -258,30 +250,26 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
         private_dir(settings.var_dir)
         say(f"govgate: starting the embedded default in {settings.var_dir}")
         ensure_keys(settings)  # before any child starts: they all read the same key files
-        order = start_order(registry)
-        if not order:
-            raise StartupError("the model registry is empty: add a model (see GOVGATE_MODELS_FILE)")
-        first, *later = order
-        ensure_models(Registry({first: registry.models[first]}), say)
         if settings.redis_url:
             if not ping(settings.redis_url):
                 raise StartupError(f"GOVGATE_REDIS_URL={settings.redis_url} does not answer")
             redis_url = settings.redis_url
             say(f"  redis: {redis_url} (given)")
         else:
-            refuse_if_live(settings.var_dir / "redis")
-            redis_url = socket_url(settings.var_dir / "redis" / "redis.sock")
+            stack.redis = RedisProcess.start(settings.var_dir / "redis")
+            redis_url = stack.redis.url
+            say(f"  redis: started {stack.redis.process.args[0]} on {stack.redis.socket_path}")
+
+        order = start_order(registry)
+        if not order:
+            raise StartupError("the model registry is empty: add a model (see GOVGATE_MODELS_FILE)")
+        first, *later = order
+        ensure_models(Registry({first: registry.models[first]}), say)
         stack.logs = private_dir(settings.var_dir / "logs")
         env = child_env(settings, redis_url)
         launcher = Launcher(settings, stack, env, redis_url, say, started)
-        # The first worker spends its first seconds importing, long before it reaches Redis,
-        # so it starts before our own Redis does; the API pings Redis at once, so it starts after.
-        launcher.start_worker(first, redis_up=bool(settings.redis_url))
-        if not settings.redis_url:
-            stack.redis = RedisProcess.start(settings.var_dir / "redis")
-            say(f"  redis: started {stack.redis.process.args[0]} on {stack.redis.socket_path}")
-            launcher.forget_stale(first)
         launcher.start_api()
+        launcher.start_worker(first)
         # While they boot: the other models' files (assembling one takes seconds on a cold start).
         ensure_models(Registry({name: registry.models[name] for name in later}), say)
         while not stopping and not (launcher.api_ready and first not in launcher.pending):

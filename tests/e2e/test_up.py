@@ -252,19 +252,3 @@ def test_up_names_the_reason_a_child_died(up_env):
     assert problem[0].startswith("govgate: cannot start: api exited with code 1: Error: GOVGATE_POLICY_DIR=")
     assert "is not a folder" in problem[0] and str(var_dir / "logs" / "api.log") in problem[0]
     assert "govgate is up" not in result.stdout
-
-
-def test_up_beside_a_live_redis_in_its_folder_starts_no_worker(up_env):
-    """The first worker starts before Redis, so another ``up``'s Redis is refused before it."""
-    from govgate.redis_server import RedisProcess
-
-    env, var_dir, base = up_env
-    other = RedisProcess.start(var_dir / "redis", persist=False)
-    try:
-        result = subprocess.run([sys.executable, "-m", "govgate.cli", "up"], env=env, capture_output=True,
-                                text=True, timeout=120, stdin=subprocess.DEVNULL)
-    finally:
-        other.stop()
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "govgate: cannot start: a Redis is already listening on" in result.stdout, result.stdout
-    assert "worker for model" not in result.stdout and not (var_dir / "logs").exists()
