@@ -367,7 +367,8 @@ def main() -> int:
             last = number == args.runs - 1
             run = warm_run(var_dir, env, key, base, args.requests if last else 0, args.checkout)
             say(f"startup: run {number + 1}: first completion after {run['first_completion_s']:.2f}s "
-                f"({run['cpu_s_to_first_completion']:.1f} CPU-s), all models ready after {run['all_models_ready_s']:.2f}s")
+                f"({run['cpu_s_to_first_completion']:.1f} CPU-s), "
+                f"all models ready after {run['all_models_ready_s']:.2f}s")
             runs.append(run)
     finally:
         if not args.var_dir:
