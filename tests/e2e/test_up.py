@@ -46,8 +46,8 @@ def processes_of(var_dir: Path) -> list[int]:
 class Up:
     """A ``govgate up`` process whose output is read line by line."""
 
-    def __init__(self, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "govgate.cli", "up"], env=env,
+    def __init__(self, env: dict[str, str], python_options: tuple[str, ...] = ()) -> None:
+        self.process = subprocess.Popen([sys.executable, *python_options, "-m", "govgate.cli", "up"], env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         stdin=subprocess.DEVNULL)
         self.lines: queue.Queue[str] = queue.Queue()
@@ -59,6 +59,10 @@ class Up:
             self.lines.put(line.rstrip("\n"))
 
     def wait_for(self, pattern: str, timeout_s: float = 180) -> re.Match:
+        """The first line so far or to come that matches (so lines printed in either order are found)."""
+        for line in self.seen:
+            if match := re.search(pattern, line):
+                return match
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -99,7 +103,6 @@ def test_up_serves_a_governed_request_and_stops_cleanly(up_env):
     up = Up(env)
     up_line = up.wait_for(r"govgate is up after (\d+\.\d)s: OpenAI-compatible API at (\S+)")
     assert up_line.group(2) == f"{base}/v1"
-    admin_key = up.wait_for(r"admin API key \(shown once, keep it\): (gk_\S+)").group(1)
     up.wait_for(rf"model {TINY_MODEL_NAME}: ready$")
     # "ready" means its model is loaded, not only that the worker answers pings:
     assert f"loaded model {TINY_MODEL_NAME}" in (var_dir / "logs" / f"worker-{TINY_MODEL_NAME}.log").read_text()
@@ -108,6 +111,8 @@ def test_up_serves_a_governed_request_and_stops_cleanly(up_env):
     # The first model serves before the second model's worker is even started:
     assert not any(f"worker for model {LATER_MODEL}" in line for line in up.seen)
     up.wait_for(rf"worker for model {LATER_MODEL}: starting")
+    # The database step (schema, admin key) runs in a child once the first model serves; its lines follow.
+    admin_key = up.wait_for(r"admin API key \(shown once, keep it\): (gk_\S+)").group(1)
 
     user_key = subprocess.run([sys.executable, "-m", "govgate.cli", "keys", "create", "--user", "alice",
                                "--team", "research", "--role", "analyst"], env=env, capture_output=True,
@@ -147,6 +152,26 @@ def test_up_serves_a_governed_request_and_stops_cleanly(up_env):
     assert Path(hint).name == "govgate" and (Path(hint).exists() or hint == "govgate"), hint
     assert again.wait_for(r"Ctrl-C stops everything")
     assert again.interrupt() == 0
+
+
+#: Packages the supervisor must never import: it lives as long as the stack and only starts and watches it.
+HEAVY = ("celery", "kombu", "billiard", "sqlalchemy", "sqlmodel", "alembic", "audit", "litestar", "uvicorn",
+         "regorus", "ctransformers", "xllamacpp", "gguf", "numpy", "httpx", "redis")
+
+
+def test_the_supervisor_stays_lean_through_a_whole_start(up_env):
+    """Every module ``govgate up`` imports, up to a full start and stop (``-X importtime`` lists them)."""
+    env, var_dir, base = up_env
+    up = Up(env, python_options=("-X", "importtime"))
+    up.wait_for(r"Ctrl-C stops everything")
+    up.wait_for(r"admin API key \(shown once, keep it\): gk_")  # the database step ran (in its own process)
+    up.wait_for(rf"model {LATER_MODEL}: ready after")
+    assert up.interrupt() == 0
+    imported = {m.group(1).split(".")[0] for line in up.seen
+                if (m := re.match(r"import time:\s+\d+ \|\s+\d+ \|\s+(\S+)", line))}
+    assert "govgate.supervisor" in {m.group(1).strip() for line in up.seen
+                                    if (m := re.match(r"import time:.*\|\s+(\S+)$", line))}
+    assert [name for name in HEAVY if name in imported] == []
 
 
 def test_up_on_a_busy_port_says_so_and_starts_nothing(up_env):
