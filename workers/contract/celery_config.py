@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery
 
+from workers.contract.kombu_redis import TRANSPORT_NAME  # importing it registers the transport with kombu
 
 #: Priorities 0 (highest, Celery-on-Redis convention) to 9; each has its own list.
 PRIORITY_STEPS = list(range(10))
@@ -51,12 +52,16 @@ def celery_redis_url(redis_url: str) -> str:
     """Turn a redis-py URL into the broker URL Celery's workers and the gateway use.
 
     redis-py spells a unix socket ``unix:///path?db=N``; kombu wants
-    ``redis+socket:///path?virtual_host=N``. TCP URLs are the same for both.
+    ``<transport>+socket:///path?virtual_host=N``. The transport is
+    :mod:`workers.contract.kombu_redis` (kombu's Redis transport without a
+    new client per ack); ``rediss://`` (TLS) stays on kombu's own.
     """
     parts = urlsplit(redis_url)
     if parts.scheme == "unix":
         db = parse_qs(parts.query).get("db", ["0"])[0]
-        return f"redis+socket://{parts.path}?virtual_host={db}"
+        return f"{TRANSPORT_NAME}+socket://{parts.path}?virtual_host={db}"
+    if parts.scheme == "redis":
+        return TRANSPORT_NAME + redis_url[len("redis"):]
     return redis_url
 
 
