@@ -35,7 +35,7 @@ class ResultTimeout(TimeoutError):
 
 
 class PendingResult:
-    """A subscription for one task's result; await :meth:`get`, or iterate :meth:`events`."""
+    """The wait for one job's outcome; await :meth:`get`, or iterate :meth:`events`."""
 
     def __init__(self, waiter: "ResultWaiter", task_id: str, future: asyncio.Future,
                  pieces: asyncio.Queue | None = None) -> None:
