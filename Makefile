@@ -40,8 +40,27 @@ up: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Every bench in BENCHES that exists in this checkout runs with
+# --json bench/results/<name>.json (and --quick with QUICK=1, for the benches
+# that take it); one that fails does not stop the others. bench/collect.py then
+# merges the files, with the machine they came from, into
+# bench/results/latest.json, and make fails if any bench did.
+BENCHES     ?= overhead ttft policy audit_append startup
+BENCH_OUT   := bench/results
+QUICK       ?=
+
 bench: $(VENV)/.installed-dev
-	$(BIN)/python bench/overhead.py
+	@mkdir -p $(BENCH_OUT); failed=""; \
+	for name in $(BENCHES); do \
+		script=bench/$$name.py; \
+		if [ ! -f $$script ]; then echo "== $$script: not in this checkout, skipped"; continue; fi; \
+		rm -f $(BENCH_OUT)/$$name.json; \
+		quick=""; if [ -n "$(QUICK)" ] && grep -q -- '--quick' $$script; then quick=--quick; fi; \
+		echo "== $$script $$quick"; \
+		$(BIN)/python $$script --json $(BENCH_OUT)/$$name.json $$quick || failed="$$failed $$name"; \
+	done; \
+	$(BIN)/python bench/collect.py --results $(BENCH_OUT) $(BENCHES); \
+	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed" >&2; exit 1; fi
 
 # Skips the build when .tools/bin/opa already is this version.
 opa:

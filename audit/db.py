@@ -159,6 +159,22 @@ def _switch_to_wal(cursor: Any) -> None:
         delay = min(delay * 2, 0.05)
 
 
+def lock_statements(engine: Engine, lock_key: int = APPEND_LOCK_KEY) -> tuple[str, ...]:
+    """What a DBAPI-level transaction runs first to hold the write lock (see :mod:`audit.dbapi`).
+
+    The same lock :func:`locked_transaction` takes, spelt as raw SQL for a
+    driver connection that SQLAlchemy does not begin: SQLite ``BEGIN
+    IMMEDIATE`` (the engine's connections leave ``BEGIN`` to us), PostgreSQL
+    the advisory lock inside the driver's implicit transaction.
+    """
+    dialect = engine.dialect.name
+    if dialect == "sqlite":
+        return ("BEGIN IMMEDIATE",)
+    if dialect == "postgresql":
+        return (f"SELECT pg_advisory_xact_lock({int(lock_key)})",)
+    raise AuditError(f"audit store supports SQLite and PostgreSQL, not {dialect}")
+
+
 @contextmanager
 def locked_transaction(engine: Engine, lock_key: int = APPEND_LOCK_KEY) -> Iterator[Connection]:
     """A transaction that holds the store's write lock from its first statement.

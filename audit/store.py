@@ -1,7 +1,7 @@
 """The append-only, hash-chained audit store: put entries on the chain, read them back.
 
-Each append holds the write lock (:func:`audit.db.locked_transaction`) from
-reading the head to commit; every failure is an :class:`AuditError`, so
+Each append holds the write lock (the one :func:`audit.db.locked_transaction`
+takes) from reading the head to commit (:mod:`audit.appender`); every failure is an :class:`AuditError`, so
 callers fail closed with one ``except``.
 """
 
@@ -9,22 +9,25 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Iterator, Mapping
 
 from sqlalchemy import Engine, Select, exists, or_, select
 from sqlalchemy.exc import IntegrityError
 
-from .chain import GENESIS_HASH, canonical_json, entry_hash
-from .db import APPEND_LOCK_KEY, DB_ERRORS, describe, locked_transaction, reason
+from .appender import Appender
+from .chain import canonical_text
+from .db import DB_ERRORS, describe, reason
 from .entry import AuditEntry
 from .errors import AuditError, CorruptEntryError, DuplicateTerminalError, InvalidEntryError
 from .kinds import KINDS, REQUEST, TERMINAL_KINDS
+from .lookup import KeyedLookup
 from .tables import NAME_LEN, audit_table
 
-# SQLAlchemy Core, not ORM sessions: an append is four statements with no
-# identity-map bookkeeping (well under a millisecond on SQLite), and callers
-# get frozen AuditEntry values.
+# Reads use SQLAlchemy Core, not ORM sessions: no identity-map bookkeeping,
+# and callers get frozen AuditEntry values. Appends run statements compiled
+# once on the engine's DBAPI connection (audit/appender.py), because the
+# append is on every request's path.
 _t = audit_table.c
 
 
@@ -37,6 +40,8 @@ class AuditStore:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._compiled_appender: Appender | None = None
+        self._terminal_lookup: KeyedLookup | None = None
 
     @property
     def engine(self) -> Engine:
@@ -65,26 +70,19 @@ class AuditStore:
         :class:`AuditError` if the database fails (nothing was recorded).
         """
         _check_args(kind, request_id, principal=principal, team=team, model=model, policy_revision=policy_revision)
-        stored_body = _normalise_body(body)
+        body_text, stored_body = _normalise_body(body)
         terminal_request_id = request_id if kind in TERMINAL_KINDS else None
+        fields: dict[str, Any] = {
+            "request_id": request_id,
+            "kind": kind,
+            "principal": principal,
+            "team": team,
+            "model": model,
+            "policy_revision": policy_revision,
+            "terminal_request_id": terminal_request_id,
+        }
         try:
-            with locked_transaction(self._engine, APPEND_LOCK_KEY) as conn:
-                head = conn.execute(select(_t.seq, _t.hash).order_by(_t.seq.desc()).limit(1)).first()
-                fields: dict[str, Any] = {
-                    "seq": head.seq + 1 if head else 1,
-                    "created_at": datetime.now(timezone.utc),
-                    "request_id": request_id,
-                    "kind": kind,
-                    "principal": principal,
-                    "team": team,
-                    "model": model,
-                    "body": stored_body,
-                    "policy_revision": policy_revision,
-                    "terminal_request_id": terminal_request_id,
-                    "prev_hash": head.hash if head else GENESIS_HASH,
-                }
-                fields["hash"] = entry_hash(fields)
-                conn.execute(audit_table.insert(), fields)
+            chained = self._appender().append(fields, body_text)
         except IntegrityError as exc:
             if terminal_request_id is not None:
                 existing = self.terminal_for(request_id)
@@ -93,7 +91,15 @@ class AuditStore:
             raise AuditError(f"audit append refused by {describe(self._engine)}: {exc.orig}") from exc
         except DB_ERRORS as exc:
             raise AuditError(f"audit append failed on {describe(self._engine)}: {reason(exc)}") from exc
-        return AuditEntry(**fields)
+        return AuditEntry(seq=chained.seq, created_at=chained.created_at, body=stored_body,
+                          prev_hash=chained.prev_hash, hash=chained.hash, **fields)
+
+    def _appender(self) -> Appender:
+        """The compiled append statements, built on first use (a race only builds them twice)."""
+        appender = self._compiled_appender
+        if appender is None:
+            appender = self._compiled_appender = Appender(self._engine)
+        return appender
 
     # -- reading -----------------------------------------------------------
 
@@ -109,7 +115,13 @@ class AuditStore:
 
     def terminal_for(self, request_id: str) -> AuditEntry | None:
         """The request's terminal entry (completion/failed/timed_out/cancelled), if any."""
-        rows = self._fetch(select(audit_table).where(_t.terminal_request_id == request_id))
+        lookup = self._terminal_lookup
+        if lookup is None:
+            lookup = self._terminal_lookup = KeyedLookup(self._engine, _t.terminal_request_id)
+        try:
+            rows = lookup.rows(request_id)  # through the unique index on terminal_request_id
+        except DB_ERRORS as exc:
+            raise AuditError(f"audit read failed on {describe(self._engine)}: {reason(exc)}") from exc
         return rows[0] if rows else None
 
     def entries_for(self, request_id: str) -> list[AuditEntry]:
@@ -220,11 +232,47 @@ def _check_args(kind: str, request_id: str, **optional: str | None) -> None:
             raise InvalidEntryError(f"{name} must be None or a string of at most {NAME_LEN} characters")
 
 
-def _normalise_body(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON round-trip of ``body``: exactly what the database will hand back."""
+def _normalise_body(body: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The body's canonical JSON text, and its JSON round-trip: exactly what the database will hand back.
+
+    The text is what is hashed and stored. Canonical JSON of a body whose
+    dicts all have string keys is also canonical JSON of its round-trip, so
+    it is serialised once; other keys (``{2: …, 10: …}``) are sorted as
+    numbers but read back as strings, so such a body is serialised again from
+    its round-trip, or the stored entry would not verify.
+    """
     if not isinstance(body, Mapping):
         raise InvalidEntryError(f"body must be a mapping, not {type(body).__name__}")
     try:
-        return json.loads(canonical_json(dict(body)))
+        text = canonical_text(body if type(body) is dict else dict(body))
+        stored = json.loads(text)
+        if not _only_str_keys(body):
+            text = canonical_text(stored)
+        text.encode("utf-8")  # lone surrogates are JSON text but not UTF-8: refuse them here
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidEntryError(f"body is not plain JSON: {exc}") from exc
+    return text, stored
+
+
+_CONTAINERS = (dict, list, tuple)
+
+
+def _only_str_keys(value: Any) -> bool:
+    """True if every dict inside ``value`` (a body that serialised) has only ``str`` keys.
+
+    A plain loop over the containers only: it runs on every append, at about
+    half the cost of serialising the body again.
+    """
+    pending = [value]
+    push, pop = pending.append, pending.pop
+    while pending:
+        item = pop()
+        if isinstance(item, dict):
+            for key in item:
+                if type(key) is not str:
+                    return False
+            item = item.values()
+        for inner in item:
+            if isinstance(inner, _CONTAINERS):
+                push(inner)
+    return True

@@ -1,20 +1,38 @@
 """How much does governance cost per request? (``make bench``)
 
 Starts a private govgate stack (Redis, one worker for the tiny model, the API
-under uvicorn) in a temporary folder, plus a bare Litestar app served by the
-same uvicorn settings, drives both with the same async client loop, and
-prints throughput, latency and server CPU per request for each, with the
-ratios govgate / baseline. Requests ask for one token at temperature 0, so
-what is measured is the gateway's path (auth, policy, audit, queue, result
-hand-back), not generation.
+under uvicorn) in a temporary folder, and a bare Litestar app under the same
+uvicorn settings (``bench/_bare.py``). Then, ``--rounds`` times (default 2),
+each side in turn, bare first:
 
-The absolute figures move with whatever else the machine is doing; the
-ratios are the figures to watch, because both sides run back to back under
-the same noise. Nothing here asserts a timing.
+* a c=32 phase: ``--requests`` requests, 32 in flight, with the CPU of every
+  server process read from ``/proc`` before and after (``bench/_cpu.py``),
+  split by process (gateway, its policy evaluators, the Celery main process,
+  its pool children, Redis), and Redis ``INFO commandstats`` read around it
+  (``bench/_commandstats.py``);
+* a c=1 phase: one request at a time, for the latency a lone user sees.
+
+Requests ask for one token at temperature 0, so what is measured is the
+gateway's path (auth, policy, audit, queue, result hand-back), not
+generation. Each side's figures come from its better round
+(``bench/overhead_report.py`` says which figure comes from where).
+
+Why both stacks stay up and take turns rather than being started and
+stopped per round: starting govgate costs seconds of CPU each time, and
+an idle stack costs next to nothing; the table prints what the idle side
+spent during the other's phases, so a reader can check that claim. The
+rounds interleave so that a slow spell on the machine hits both sides.
+
+The load comes from ``bench/_load.py``, a raw-asyncio HTTP/1.1 client with
+kept-alive connections, light enough that the bare server, not the client,
+is what is measured; the client's own CPU per request is printed too.
+Absolute figures move with whatever else the machine does; the ratios are
+the figures to watch. Nothing here asserts a timing.
 
 Usage::
 
-    .venv/bin/python bench/overhead.py [--requests 1000] [--concurrency 32] [--warmup 64]
+    .venv/bin/python bench/overhead.py [--requests 1000] [--c1-requests 200] [--concurrency 32]
+        [--warmup 64] [--rounds 2] [--quick] [--json FILE]
 
 Everything started here listens on loopback or a unix socket and is stopped
 at the end, also on Ctrl-C, SIGTERM or an error; if this process is killed
@@ -25,22 +43,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
-import time
-from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if not __package__:  # run as `python bench/overhead.py`: import the bench package from this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._figures import percentile, ratio, rounded, table_row  # noqa: E402
+from bench._bare import CHAT_PATH  # noqa: E402
+from bench._commandstats import CommandProbe  # noqa: E402
+from bench._cpu import Role, RoleProbe  # noqa: E402
+from bench._load import REQUEST_TIMEOUT_S, Endpoint, run_phase  # noqa: E402
 from bench._stack import (  # noqa: E402
     HEALTH_PATH,
     HOST,
-    LOG_LEVEL,
     Running,
     free_port,
     in_temp_dir,
@@ -48,240 +68,24 @@ from bench._stack import (  # noqa: E402
     say,
     spawn,
     start_govgate,
+    stop_later,
 )
+from bench.overhead_report import SideRun, report, table  # noqa: E402
 
-CHAT_PATH = "/v1/chat/completions"
-#: The longest a single request may take before it counts as an error.
-REQUEST_TIMEOUT_S = 30.0
 #: The longest one measured phase may take; a stuck stack ends the run, not hangs it.
 PHASE_TIMEOUT_S = 300.0
-
-
-# ---------------------------------------------------------------- baseline app
-
-
-def baseline_app() -> Any:
-    """A Litestar app doing what any JSON endpoint does and nothing else.
-
-    It parses the same body and answers with a chat-completion-shaped document
-    of similar size, so the difference to govgate is the governance path, not
-    the framework or JSON handling.
-    """
-    import uuid
-
-    from litestar import Litestar, get, post
-
-    @post(CHAT_PATH, status_code=200)
-    async def chat(data: dict[str, Any]) -> dict[str, Any]:
-        request_id = uuid.uuid4().hex
-        return {
-            "id": f"chatcmpl-{request_id}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": str(data.get("model", "")),
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": "x"},
-                "finish_reason": "length",
-                "logprobs": None,
-            }],
-            "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9},
-        }
-
-    @get(HEALTH_PATH)
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    return Litestar(route_handlers=[chat, health], debug=False)
-
-
-def serve_baseline(port: int) -> None:
-    """Run the baseline with the uvicorn options ``govgate serve`` uses."""
-    import uvicorn
-
-    uvicorn.run(baseline_app(), host=HOST, port=port, log_level=LOG_LEVEL.lower(),
-                access_log=False, lifespan="on")
-
-
-# ---------------------------------------------------------------- CPU accounting
-
-
-def _stat_fields(pid: int) -> list[str]:
-    """Fields of /proc/<pid>/stat after the command name (which may hold spaces)."""
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    return raw[raw.rindex(")") + 2:].split()
-
-
-def _child_map() -> dict[int, list[int]]:
-    """ppid -> pids for every process visible now (one scan of /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int(_stat_fields(int(entry.name))[1])
-        except (OSError, ValueError, IndexError):
-            continue  # exited while we looked
-        children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and all its live descendants (a Celery worker forks its pool)."""
-    children = _child_map()
-    found, todo = [], [pid]
-    while todo and len(found) < 10_000:
-        current = todo.pop()
-        found.append(current)
-        todo.extend(children.get(current, []))
-    return found
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """User+system CPU of a process tree, including children it already reaped.
-
-    Each live process contributes utime+stime plus cutime+cstime (its reaped
-    children), so a pool process replaced mid-run is still counted once.
-    """
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for member in _tree(pid):
-        try:
-            fields = _stat_fields(member)
-        except OSError:
-            continue
-        total += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
-    return total / ticks
+#: Requests at c=1 before the measured c=1 phase (connection and caches warm).
+C1_WARMUP = 8
 
 
 @dataclass
-class CpuProbe:
-    """Named process trees whose CPU is read before and after a phase."""
+class Side:
+    """One started server: where to send, which processes are its CPU, where its Redis is."""
 
-    pids: dict[str, int]
-    before: dict[str, float] = field(default_factory=dict)
-
-    def start(self) -> None:
-        self.before = {name: tree_cpu_seconds(pid) for name, pid in self.pids.items()}
-
-    def ms_per_request(self, requests: int) -> dict[str, float]:
-        """CPU milliseconds each tree spent per request since :meth:`start`."""
-        return {name: (tree_cpu_seconds(pid) - self.before[name]) * 1000 / max(requests, 1)
-                for name, pid in self.pids.items()}
-
-
-# ---------------------------------------------------------------- client loop
-
-
-@dataclass
-class Phase:
-    """The outcome of one measured run against one server."""
-
-    requests: int
-    wall_s: float
-    latencies_ms: list[float]
-    statuses: Counter
-    #: CPU this process spent driving the phase: when it nears wall time, the client is the bottleneck.
-    client_cpu_s: float = 0.0
-
-    @property
-    def errors(self) -> int:
-        return sum(n for status, n in self.statuses.items() if status != "200")
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.wall_s if self.wall_s > 0 else 0.0
-
-    def percentile(self, p: float) -> float | None:
-        """Nearest-rank percentile of successful requests' latency."""
-        return percentile(self.latencies_ms, p)
-
-
-async def drive(base_url: str, headers: dict[str, str], body: dict[str, Any],
-                count: int, concurrency: int) -> Phase:
-    """Send ``count`` requests with ``concurrency`` in flight; one client, kept-alive connections."""
-    import httpx
-
-    latencies: list[float] = []
-    statuses: Counter = Counter()
-    numbers = iter(range(count))  # shared: each loop takes the next request number
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits,
-                                 timeout=REQUEST_TIMEOUT_S) as client:
-        async def loop() -> None:
-            for _ in numbers:
-                started = time.perf_counter()
-                try:
-                    response = await client.post(CHAT_PATH, json=body)
-                    status = str(response.status_code)
-                except httpx.HTTPError as exc:
-                    status = type(exc).__name__
-                if status == "200":
-                    latencies.append((time.perf_counter() - started) * 1000)
-                statuses[status] += 1
-
-        started, cpu_started = time.perf_counter(), time.process_time()
-        try:
-            async with asyncio.timeout(PHASE_TIMEOUT_S):
-                await asyncio.gather(*(loop() for _ in range(concurrency)))
-        except TimeoutError:
-            raise TimeoutError(f"{count} requests to {base_url} did not finish within {PHASE_TIMEOUT_S:.0f}s") from None
-        wall, client_cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    return Phase(requests=count, wall_s=wall, latencies_ms=latencies, statuses=statuses, client_cpu_s=client_cpu)
-
-
-def measure(base_url: str, headers: dict[str, str], body: dict[str, Any], args: argparse.Namespace,
-            probe: CpuProbe) -> tuple[Phase, dict[str, float]]:
-    """Warm up (unmeasured), then one measured phase with CPU read around it."""
-    asyncio.run(drive(base_url, headers, body, args.warmup, args.concurrency))
-    probe.start()
-    phase = asyncio.run(drive(base_url, headers, body, args.requests, args.concurrency))
-    cpu = probe.ms_per_request(phase.requests)
-    cpu["client"] = phase.client_cpu_s * 1000 / phase.requests
-    return phase, cpu
-
-
-# ---------------------------------------------------------------- the stacks
-
-
-@dataclass
-class Started:
-    """What one start step gives the measurement: where to send, what to watch."""
-
-    base_url: str
-    headers: dict[str, str]
-    cpu_pids: dict[str, int]
-    stop: Callable[[], None]
-
-
-def start_gateway_side(var_dir: Path) -> Started:
-    """Redis, one tiny-model worker, ``govgate serve``, and an admin key."""
-    from workers.contract.registry import TINY_MODEL_NAME
-
-    running = start_govgate(var_dir, [TINY_MODEL_NAME], note="bench/overhead.py", request_timeout_s=REQUEST_TIMEOUT_S)
-    stack = running.stack
-    return Started(base_url=running.base_url, headers=running.headers,
-                   cpu_pids={"server": stack.api.pid, "worker": stack.workers[TINY_MODEL_NAME].pid,
-                             "redis": stack.redis.process.pid},
-                   stop=running.stop)
-
-
-def start_baseline(var_dir: Path) -> Started:
-    """The bare Litestar app in its own uvicorn process (this file, ``--serve-baseline``)."""
-    from govgate.stack import Stack, wait_for_api
-
-    port = free_port(HOST)
-    running = Running(base_url=f"http://{HOST}:{port}", headers={}, stack=Stack(
-        api=spawn([str(Path(__file__).resolve()), "--serve-baseline", str(port)], dict(os.environ),
-                  var_dir / "baseline.log")))
-    try:
-        wait_for_api(running.base_url + HEALTH_PATH, running.stack)
-    except BaseException:
-        running.stop()
-        raise
-    return Started(base_url=running.base_url, headers={}, cpu_pids={"server": running.stack.api.pid},
-                   stop=running.stop)
+    name: str
+    endpoint: Endpoint
+    roles: list[Role]
+    redis_url: str | None = None
 
 
 def request_body() -> dict[str, Any]:
@@ -292,123 +96,120 @@ def request_body() -> dict[str, Any]:
             "messages": [{"role": "user", "content": "Say hello in one word."}]}
 
 
-def run_one(start: Callable[[Path], Started], var_dir: Path, args: argparse.Namespace,
-            say: Callable[[str], None], name: str) -> tuple[Phase, dict[str, float]]:
-    """Start one server, measure it, stop it, so the other side runs on a quiet machine."""
-    say(f"{name}: starting …")
-    started = start(var_dir)
-    try:
-        say(f"{name}: {args.warmup} warm-up + {args.requests} measured requests at concurrency {args.concurrency}")
-        return measure(started.base_url, started.headers, request_body(), args, CpuProbe(started.cpu_pids))
-    finally:
-        started.stop()
+def start_govgate_side(var_dir: Path, stops: contextlib.ExitStack) -> Side:
+    """Redis, one tiny-model worker, ``govgate serve``, and an admin key."""
+    from workers.contract.registry import TINY_MODEL_NAME
+
+    running = start_govgate(var_dir, [TINY_MODEL_NAME], note="bench/overhead.py", request_timeout_s=REQUEST_TIMEOUT_S)
+    stop_later(stops, running.stack.stop)
+    stack = running.stack
+    api, worker, redis = stack.api.pid, stack.workers[TINY_MODEL_NAME].pid, stack.redis.process.pid
+    roles = [Role("gateway", api, "own"), Role("evaluators", api, "children"),
+             Role("worker_main", worker, "own"), Role("worker_pool", worker, "children"), Role("redis", redis)]
+    return Side("govgate", Endpoint.post_json(running.base_url, CHAT_PATH, request_body(), running.headers),
+                roles, redis_url=stack.redis.url)
 
 
-# ---------------------------------------------------------------- reporting
+def start_bare_side(var_dir: Path, stops: contextlib.ExitStack) -> Side:
+    """The bare Litestar app in its own uvicorn process (``python -m bench._bare PORT``)."""
+    from govgate.stack import Stack, wait_for_api
+
+    port = free_port(HOST)
+    running = Running(base_url=f"http://{HOST}:{port}", headers={}, stack=Stack(
+        api=spawn(["-m", "bench._bare", str(port)], dict(os.environ), var_dir / "baseline.log")))
+    stop_later(stops, running.stack.stop)
+    wait_for_api(running.base_url + HEALTH_PATH, running.stack)
+    return Side("bare litestar", Endpoint.post_json(running.base_url, CHAT_PATH, request_body(), {}),
+                [Role("server", running.stack.api.pid)])
 
 
-def figures(phase: Phase, cpu: dict[str, float]) -> dict[str, Any]:
-    """One side's figures, rounded for reading; the JSON line carries the same."""
-    p50, p99 = phase.percentile(50), phase.percentile(99)
-    return {
-        "requests": phase.requests,
-        "wall_s": round(phase.wall_s, 3),
-        "rps": round(phase.rps, 1),
-        "p50_ms": rounded(p50, 2),
-        "p99_ms": rounded(p99, 2),
-        "errors": phase.errors,
-        "statuses": dict(phase.statuses),
-        "cpu_ms_per_request": {k: round(v, 3) for k, v in cpu.items()},
-    }
+async def measure_round(side: Side, other: Side, args: argparse.Namespace) -> SideRun:
+    """Warm-up, the c=32 phase with CPU and Redis probes around it, then the c=1 phase."""
+    probe, idle = RoleProbe(side.roles), RoleProbe(other.roles)
+    commands = CommandProbe(side.redis_url) if side.redis_url else None
+    read: dict[str, Any] = {}
+
+    def on_start() -> None:
+        if commands:
+            commands.start()
+        idle.start()
+        probe.start()
+
+    def on_stop() -> None:
+        read["cpu"] = probe.stop()
+        read["idle"] = idle.stop()
+        read["commands"] = commands.stop() if commands else None
+
+    if args.warmup:
+        await run_phase(side.endpoint, args.warmup, args.concurrency, phase_timeout_s=PHASE_TIMEOUT_S)
+    c32 = await run_phase(side.endpoint, args.requests, args.concurrency, on_start=on_start, on_stop=on_stop,
+                          phase_timeout_s=PHASE_TIMEOUT_S)
+    await run_phase(side.endpoint, C1_WARMUP, 1, phase_timeout_s=PHASE_TIMEOUT_S)
+    c1 = await run_phase(side.endpoint, args.c1_requests, 1, phase_timeout_s=PHASE_TIMEOUT_S)
+    return SideRun(c32=c32, cpu_s=read["cpu"], c1=c1, commands=read["commands"],
+                   other_side_cpu_s=sum(read["idle"].values()))
 
 
-def ratios(gov: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
-    """govgate / baseline; throughput below 1 and latency/CPU above 1 mean overhead."""
-    gov_cpu, base_cpu = gov["cpu_ms_per_request"], base["cpu_ms_per_request"]
-    return {
-        "rps": ratio(gov["rps"], base["rps"]),
-        "p50": ratio(gov["p50_ms"], base["p50_ms"]),
-        "p99": ratio(gov["p99_ms"], base["p99_ms"]),
-        "server_cpu": ratio(gov_cpu["server"], base_cpu["server"]),
-        "total_cpu": ratio(sum(gov_cpu[k] for k in ("server", "worker", "redis")), base_cpu["server"]),
-    }
-
-
-_LABEL_WIDTH, _CELL_WIDTH = 16, 9
-_COLUMNS = ("req/s", "p50 ms", "p99 ms", "errors", "server", "worker", "redis", "client")
-
-
-def _row(label: str, cells: list[Any], suffix: str = "") -> str:
-    return table_row(label, cells, (_LABEL_WIDTH, _CELL_WIDTH), suffix)
-
-
-def table(gov: dict[str, Any], base: dict[str, Any], ratio_of: dict[str, Any]) -> str:
-    """A small aligned table: one row per side, one for the ratios."""
-    cpu_title = "--- CPU ms per request ---".center(4 * _CELL_WIDTH)
-    lines = [(" " * (_LABEL_WIDTH + 4 * _CELL_WIDTH) + cpu_title).rstrip(), _row("", list(_COLUMNS))]
-    for name, side in (("govgate", gov), ("bare litestar", base)):
-        cpu = side["cpu_ms_per_request"]
-        lines.append(_row(name, [side["rps"], side["p50_ms"], side["p99_ms"], side["errors"],
-                                 *(cpu.get(k) for k in ("server", "worker", "redis", "client"))]))
-    lines.append(_row("govgate / bare", [ratio_of["rps"], ratio_of["p50"], ratio_of["p99"], None,
-                                         ratio_of["server_cpu"], None, None, None], suffix="x"))
-    lines.append(f"all govgate server-side processes (server+worker+redis) / bare server CPU: {ratio_of['total_cpu']}x")
-    return "\n".join(lines)
-
-
-def _status_note(name: str, side: dict[str, Any]) -> str | None:
-    if not side["errors"]:
-        return None
-    return f"{name}: non-200 outcomes {json.dumps(side['statuses'], sort_keys=True)}"
-
-
-# ---------------------------------------------------------------- main
+def measure(args: argparse.Namespace, var_dir: Path) -> dict[str, list[SideRun]]:
+    """Start both sides, run the interleaved rounds, stop both."""
+    runs: dict[str, list[SideRun]] = {"govgate": [], "bare litestar": []}
+    with contextlib.ExitStack() as stops:
+        say("govgate: starting redis, a tiny-model worker and the api …")
+        gov = start_govgate_side(var_dir, stops)
+        say("bare litestar: starting …")
+        bare = start_bare_side(var_dir, stops)
+        for number in range(1, args.rounds + 1):
+            for side, other in ((bare, gov), (gov, bare)):
+                say(f"round {number}/{args.rounds}, {side.name}: {args.warmup} warm-up + {args.requests} at "
+                    f"c={args.concurrency}, then {args.c1_requests} at c=1")
+                runs[side.name].append(asyncio.run(measure_round(side, other, args)))
+    return runs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # 1000 by default: CPU is read in 10 ms ticks, and the bare server spends well under 1 ms a request.
-    parser.add_argument("--requests", type=int, default=1000, help="measured requests per side (default 1000)")
-    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
-    parser.add_argument("--warmup", type=int, default=64, help="unmeasured requests first (default 64)")
-    parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--requests", type=int, default=1000, help="measured requests at c=32 per side and round")
+    parser.add_argument("--c1-requests", type=int, default=200, help="measured requests at c=1 per side and round")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight in the loaded phase")
+    parser.add_argument("--warmup", type=int, default=64, help="unmeasured requests before each loaded phase")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the better one counts")
+    parser.add_argument("--quick", action="store_true", help="a short run: 300 / 50 requests, 32 warm-up")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON to FILE")
     args = parser.parse_args(argv)
-    if args.requests < 1 or args.concurrency < 1 or args.warmup < 0:
-        parser.error("--requests and --concurrency must be at least 1, --warmup at least 0")
+    if args.quick:
+        args.requests, args.c1_requests, args.warmup = min(args.requests, 300), min(args.c1_requests, 50), 32
+    if min(args.requests, args.c1_requests, args.concurrency, args.rounds) < 1 or args.warmup < 0:
+        parser.error("--requests, --c1-requests, --concurrency and --rounds must be at least 1, --warmup at least 0")
     return args
 
 
-def run(args: argparse.Namespace) -> int:
-    """Measure govgate, then the baseline, and print the table and the JSON line."""
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    return {"requests": args.requests, "c1_requests": args.c1_requests, "concurrency": args.concurrency,
+            "warmup": args.warmup, "rounds": args.rounds, "max_tokens": 1, "cpu_cores": os.cpu_count()}
+
+
+def run(args: argparse.Namespace, write: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Measure, print the table, write the JSON; the document, or None when a part failed."""
     from govgate.redis_server import RedisUnavailable
     from govgate.stack import StartupError
 
-    def both(var_dir: Path) -> tuple[tuple[Phase, dict[str, float]], ...]:
-        return (run_one(start_gateway_side, var_dir, args, say, "govgate"),
-                run_one(start_baseline, var_dir, args, say, "bare litestar"))
-
-    measured = in_temp_dir(both, (StartupError, RedisUnavailable, TimeoutError, OSError))
-    if measured is None:
-        return 1
-    (gov_phase, gov_cpu), (base_phase, base_cpu) = measured
-    gov, base = figures(gov_phase, gov_cpu), figures(base_phase, base_cpu)
-    side_ratios = ratios(gov, base)
-    print(f"concurrency {args.concurrency}, {args.requests} requests per side, max_tokens 1, "
-          f"{os.cpu_count()} CPUs")
-    print(table(gov, base, side_ratios))
-    for note in filter(None, (_status_note("govgate", gov), _status_note("bare litestar", base))):
-        print(note)
-    print(json.dumps({"concurrency": args.concurrency, "requests": args.requests, "warmup": args.warmup,
-                      "govgate": gov, "baseline": base, "ratios": side_ratios}, sort_keys=True))
-    return 0
+    runs = in_temp_dir(lambda var_dir: measure(args, var_dir), (StartupError, RedisUnavailable, TimeoutError, OSError))
+    if runs is None:
+        return None
+    document = report(runs["govgate"], runs["bare litestar"], settings_of(args))
+    write(f"c={args.concurrency}: {args.requests} requests, c=1: {args.c1_requests} requests, per side and round; "
+          f"{args.rounds} interleaved rounds, the better counts; max_tokens 1; {os.cpu_count()} CPUs")
+    write(table(document))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
+    return document
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.serve_baseline is not None:
-        serve_baseline(args.serve_baseline)
-        return 0
-    return run_interruptible(lambda: run(args))
+    return run_interruptible(lambda: 0 if run(args) is not None else 1)
 
 
 if __name__ == "__main__":

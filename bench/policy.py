@@ -1,6 +1,7 @@
-"""What do a policy decision and the usage counters cost per request?
+"""What do a policy decision, each rule module and the usage counters cost per request?
 
-Two questions, each answered against its own baseline in the same run:
+Three questions, answered in the same run (the first and last against a
+baseline of their own):
 
 1. **Policy decisions.** The full shipped policy set (``policies/``) is
    evaluated by the embedded engine (regorus in a child process) and by a real
@@ -14,7 +15,17 @@ Two questions, each answered against its own baseline in the same run:
    ratio OPA / embedded, because both sides run back to back under the same
    noise. The OPA figure includes the HTTP client, as the gateway pays it.
 
-2. **Usage counters.** Against a private Redis on a unix socket, each
+   The embedded engine runs as the gateway runs it, with one evaluator per
+   core (``--evaluators``), so decisions per second at c=1 show one
+   evaluator's latency and at c=32 how far the pool scales with the cores.
+
+2. **Rule modules.** In this process, on regorus itself (no pipe, no
+   pool): the p50 of the whole ``data.govgate.decision`` and of each
+   module's main rules on the same inputs (``bench/policy_modules.py``), on
+   the wall clock and on the thread's CPU clock (which a busy machine
+   disturbs less).
+
+3. **Usage counters.** Against a private Redis on a unix socket, each
    request does what the gateway does on the counters: ``snapshot`` (before
    the policy), ``reserve`` (after an allow) and ``settle`` (after the
    model answered), three scripted round trips. A plain ``PING`` round trip
@@ -33,6 +44,9 @@ unnoticed.
 Usage::
 
     .venv/bin/python bench/policy.py [--decisions 2000] [--concurrency 32] [--requests N] [--warmup 100]
+        [--evaluators N] [--rounds 50] [--no-opa] [--no-counters] [--policy-dir DIR] [--json FILE]
+
+``--json FILE`` writes the figures (the same document as the JSON line) to FILE.
 
 Everything started here listens on loopback or a unix socket and is stopped
 at the end, also on Ctrl-C, SIGTERM or an error; if this process is killed
@@ -64,6 +78,7 @@ from bench._stack import (  # noqa: E402
     stop_later,
 )
 from bench.policy_inputs import Sample, mix_notes, sample_inputs  # noqa: E402
+from bench.policy_modules import time_modules  # noqa: E402
 from bench.policy_report import print_report  # noqa: E402
 from bench.policy_timing import Operation, Run, sequential_and_concurrent, timed  # noqa: E402
 from gateway.policy.opa_binary import LOCAL_OPA, find_opa  # noqa: E402
@@ -129,7 +144,7 @@ def decide_operation(engine: Any, samples: list[Sample]) -> Operation:
     return operation
 
 
-async def load_engines(opa_url: str | None) -> tuple[Any, Any | None]:
+async def load_engines(opa_url: str | None, evaluators: int, policy_dir: Path) -> tuple[Any, Any | None]:
     """Both engines on the same revision of ``policies/``, retried while the folder is being edited.
 
     OPA read the folder when it started; if the folder changed since, the
@@ -141,9 +156,9 @@ async def load_engines(opa_url: str | None) -> tuple[Any, Any | None]:
     for attempt in range(1, LOAD_ATTEMPTS + 1):
         embedded = opa = None
         try:
-            embedded = EmbeddedPolicyEngine.load(POLICY_DIR, DECISION_TIMEOUT_S)
+            embedded = EmbeddedPolicyEngine.load(policy_dir, DECISION_TIMEOUT_S, evaluators=evaluators)
             if opa_url is not None:
-                opa = await OpaPolicyEngine.connect(opa_url, POLICY_DIR, DECISION_TIMEOUT_S, load=False)
+                opa = await OpaPolicyEngine.connect(opa_url, policy_dir, DECISION_TIMEOUT_S, load=False)
                 if opa.revision != embedded.revision:
                     raise PolicyLoadError(f"revisions differ: OPA {opa.revision}, embedded {embedded.revision}")
             return embedded, opa
@@ -174,7 +189,7 @@ async def check_mix(engines: dict[str, Any], samples: list[Sample]) -> list[str]
 async def bench_policy(opa_url: str | None, samples: list[Sample], args: argparse.Namespace,
                        say: Callable[[str], None]) -> dict[str, Any]:
     """Both engines, sequential then concurrent, back to back in one run."""
-    embedded, opa = await load_engines(opa_url)
+    embedded, opa = await load_engines(opa_url, args.evaluators, args.policy_dir)
     try:
         engines = {"embedded": embedded} if opa is None else {"embedded": embedded, "opa": opa}
         notes = await check_mix(engines, samples)
@@ -272,19 +287,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="counters requests and PINGs per mode (default: as --decisions)")
     parser.add_argument("--warmup", type=int, default=100, help="unmeasured operations before each (default 100)")
     parser.add_argument("--no-opa", action="store_true", help="measure the embedded engine only")
+    parser.add_argument("--no-counters", action="store_true", help="skip the usage counters part (no Redis)")
+    parser.add_argument("--evaluators", type=int, default=None,
+                        help="embedded engine's evaluator processes (default: as the gateway, one per core)")
+    parser.add_argument("--rounds", type=int, default=50,
+                        help="rounds of the input mix for the per-module timing (default 50)")
+    parser.add_argument("--policy-dir", type=Path, default=POLICY_DIR,
+                        help="the policy folder to measure (default: policies/), e.g. an older revision to compare")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures to FILE")
     args = parser.parse_args(argv)
+    if args.evaluators is None:
+        from gateway.settings import Settings
+
+        args.evaluators = Settings().policy_evaluators
     if args.requests is None:
         args.requests = args.decisions
-    if args.decisions < 1 or args.requests < 1 or args.concurrency < 1 or args.warmup < 0:
-        parser.error("--decisions, --requests and --concurrency must be at least 1, --warmup at least 0")
+    if (args.decisions < 1 or args.requests < 1 or args.concurrency < 1 or args.warmup < 0 or args.evaluators < 1
+            or args.rounds < 1):
+        parser.error("--decisions, --requests, --concurrency, --evaluators and --rounds must be at least 1, "
+                     "--warmup at least 0")
     return args
 
 
-async def measure(opa_url: str | None, redis_url: str, samples: list[Sample], args: argparse.Namespace,
-                  say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Policy first, then counters: one event loop, nothing else running."""
+async def measure(opa_url: str | None, redis_url: str | None, samples: list[Sample], args: argparse.Namespace,
+                  say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Policy first, then the rule modules in this process, then counters: one thing at a time."""
     policy = await bench_policy(opa_url, samples, args, say)
-    counters = await bench_counters(redis_url, args, say)
+    say(f"policy: rule modules in-process, {args.rounds} rounds of {len(samples)} inputs")
+    policy["modules"] = {name: figures.figures() for name, figures in
+                         time_modules(args.policy_dir, [s.input for s in samples], args.rounds).items()}
+    counters = await bench_counters(redis_url, args, say) if redis_url is not None else None
     return policy, counters
 
 
@@ -305,19 +337,25 @@ def run(args: argparse.Namespace) -> int:
                 binary, opa_skipped = ensure_opa(say)
                 if binary is not None:
                     say(f"opa: starting {binary} on the policy folder …")
-                    opa = OpaServer(binary, work_dir, POLICY_DIR).start()
+                    opa = OpaServer(binary, work_dir, args.policy_dir).start()
                     stop_later(stack, opa.stop)
                     opa_url = opa.url
             if opa_skipped:
                 say(opa_skipped)
-            say("redis: starting …")
-            redis = RedisProcess.start(work_dir / "redis", persist=False)
-            stop_later(stack, redis.stop)
-            policy, counters = asyncio.run(measure(opa_url, redis.url, samples, args, say))
+            redis_url = None
+            if not args.no_counters:
+                say("redis: starting …")
+                redis = RedisProcess.start(work_dir / "redis", persist=False)
+                stop_later(stack, redis.stop)
+                redis_url = redis.url
+            policy, counters = asyncio.run(measure(opa_url, redis_url, samples, args, say))
         except (PolicyLoadError, RedisUnavailable, RuntimeError, TimeoutError, OSError) as exc:
             say(f"bench: {type(exc).__name__}: {exc}")
             return 1
-    print_report(policy, opa_skipped, counters, samples, args)
+    document = print_report(policy, opa_skipped, counters, samples, args)
+    if args.json is not None:
+        args.json.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        say(f"bench: figures written to {args.json}")
     return 0
 
 

@@ -51,6 +51,24 @@ def policy_table(policy: dict[str, Any], args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def throughput_line(policy: dict[str, Any], args: argparse.Namespace) -> str:
+    """Embedded decisions per second at c=1 and at the bench's concurrency, the issue's headline figures."""
+    runs = policy["runs"]["embedded"]
+    return (f"embedded decisions/s: c=1 {round(runs['sequential'].per_s)}, c={args.concurrency} "
+            f"{round(runs['concurrent'].per_s)} ({args.evaluators} evaluators)")
+
+
+def modules_table(modules: dict[str, dict[str, Any]]) -> list[str]:
+    """p50 and p99 per rule module, in-process on regorus, wall and CPU clocks."""
+    lines = [_row("rule modules (in-process, per input)", ["p50 µs", "p99 µs", "cpu p50", "cpu p99"])]
+    for name, figures in modules.items():
+        lines.append(_row(f"  {name}", [figures["p50_us"], figures["p99_us"], figures["cpu_p50_us"],
+                                         figures["cpu_p99_us"]]))
+    lines.append("  (each module's main rules with what they depend on; config_problems runs once per load, "
+                 "never in a decision)")
+    return lines
+
+
 def counters_table(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
     """PING and counters rows per mode, the steps of a request, then counters / PING."""
     lines = [_row("usage counters (per request)", list(_COLUMNS))]
@@ -74,7 +92,7 @@ def _figures(by_mode: dict[str, Run]) -> dict[str, Any]:
     return {mode: run.figures() for mode, run in by_mode.items()}
 
 
-def summary(policy: dict[str, Any], opa_skipped: str, counters: dict[str, Any], samples: list[Sample],
+def summary(policy: dict[str, Any], opa_skipped: str, counters: dict[str, Any] | None, samples: list[Sample],
             args: argparse.Namespace) -> dict[str, Any]:
     """Every figure of the run, for the JSON line."""
     runs = policy["runs"]
@@ -87,7 +105,14 @@ def summary(policy: dict[str, Any], opa_skipped: str, counters: dict[str, Any], 
         "opa_over_embedded": None if "opa" not in runs else {
             mode: ratios(runs["opa"][mode], runs["embedded"][mode]) for mode in ("sequential", "concurrent")},
         "notes": policy["notes"],
+        "evaluators": args.evaluators,
+        "decisions_per_s": {"c=1": round(runs["embedded"]["sequential"].per_s, 1),
+                            f"c={args.concurrency}": round(runs["embedded"]["concurrent"].per_s, 1)},
+        "modules": policy.get("modules"),
     }
+    if counters is None:
+        return {"decisions": args.decisions, "requests": args.requests, "concurrency": args.concurrency,
+                "warmup": args.warmup, "cpus": os.cpu_count(), "policy": policy_doc, "counters": None}
     counters_doc = {
         "ping": _figures(counters["ping"]),
         "snapshot_reserve_settle": _figures(counters["counters"]),
@@ -99,8 +124,9 @@ def summary(policy: dict[str, Any], opa_skipped: str, counters: dict[str, Any], 
             "warmup": args.warmup, "cpus": os.cpu_count(), "policy": policy_doc, "counters": counters_doc}
 
 
-def print_report(policy: dict[str, Any], opa_skipped: str, counters: dict[str, Any], samples: list[Sample],
-                 args: argparse.Namespace) -> None:
+def print_report(policy: dict[str, Any], opa_skipped: str, counters: dict[str, Any] | None, samples: list[Sample],
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """Print the tables and the JSON line; return the JSON line's document."""
     allowed = sum(s.expect_allow for s in samples)
     print(f"policy revision {policy['revision']}; {len(samples)} inputs round robin "
           f"({allowed} allowed, {len(samples) - allowed} denied); {os.cpu_count()} CPUs")
@@ -109,6 +135,13 @@ def print_report(policy: dict[str, Any], opa_skipped: str, counters: dict[str, A
         print(opa_skipped)
     for note in policy["notes"]:
         print(f"note: {note}")
-    print()
-    print("\n".join(counters_table(counters, args)))
-    print(json.dumps(summary(policy, opa_skipped, counters, samples, args), sort_keys=True))
+    print(throughput_line(policy, args))
+    if policy.get("modules"):
+        print()
+        print("\n".join(modules_table(policy["modules"])))
+    if counters is not None:
+        print()
+        print("\n".join(counters_table(counters, args)))
+    document = summary(policy, opa_skipped, counters, samples, args)
+    print(json.dumps(document, sort_keys=True))
+    return document

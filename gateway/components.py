@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from sqlalchemy import Engine
 
 from audit import AuditStore
-from gateway.auth import KeyStore
+from gateway.auth import Authenticator, KeyChangeListener, KeyStore, PrincipalCache
 from gateway.db_setup import open_database  # noqa: F401  (re-exported: tests and benches import it here)
 from gateway.dispatch import Dispatcher, ResultWaiter
 from gateway.limits import UsageCounters
@@ -48,6 +48,7 @@ class Components:
     waiter: ResultWaiter
     dispatcher: Dispatcher
     completions: CompletionService
+    auth: Authenticator
 
 
 @contextlib.asynccontextmanager
@@ -93,13 +94,17 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
     lost = LostRequestSweep(audit_store, pending, lookback_s=settings.terminal_retry_horizon_s,
                             lost_after_s=lost_after_s(settings.request_timeout_s, settings.generation_time_limit_s))
     sweeper = asyncio.create_task(sweep_lost_requests(lost, counters), name="govgate-lost-requests")
+    principals = PrincipalCache(ttl_s=settings.auth_cache_ttl_s, max_entries=settings.auth_cache_size)
+    key_changes = KeyChangeListener(client, principals)
+    keys = KeyStore(db_engine)
     try:
+        await key_changes.start()
         await waiter.start()
         await policy.start()
         yield Components(
-            settings=settings, registry=registry, db_engine=db_engine, keys=KeyStore(db_engine),
+            settings=settings, registry=registry, db_engine=db_engine, keys=keys,
             audit=audit_store, policy=policy, redis=client, waiter=waiter, dispatcher=dispatcher,
-            completions=completions,
+            completions=completions, auth=Authenticator(keys, principals),
         )
     finally:
         for task in (retrier, sweeper):
@@ -107,6 +112,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         pending_client.close()
+        await key_changes.aclose()
         await completions.aclose()
         await counters.aclose()
         await waiter.aclose()

@@ -79,6 +79,12 @@ class Settings:
     redis_max_connections: int = 64
     #: Log level for gateway and workers.
     log_level: str = "INFO"
+    #: How long a gateway keeps a key's principal without asking the database (0 turns the cache off).
+    #: Revocation does not wait for it (a Redis signal drops the key at once); it bounds changes made
+    #: where no signal reaches the gateways.
+    auth_cache_ttl_s: float = 10.0
+    #: Most principals a gateway process keeps (least recently used leave first).
+    auth_cache_size: int = 10000
     #: AES-GCM key sealing job payloads and results in Redis; empty means ``var_dir/keys/payload.key``.
     payload_key_file: str = ""
     #: HMAC key of the audit log's digests; empty means ``var_dir/keys/digest.key``.
@@ -155,6 +161,8 @@ class Settings:
             default_max_tokens=int(number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens, int, 1)),
             redis_max_connections=int(number("REDIS_MAX_CONNECTIONS", defaults.redis_max_connections, int, 2)),
             log_level=text("LOG_LEVEL", defaults.log_level).upper(),
+            auth_cache_ttl_s=float(number("AUTH_CACHE_TTL_S", defaults.auth_cache_ttl_s, float, 0.0)),
+            auth_cache_size=int(number("AUTH_CACHE_SIZE", defaults.auth_cache_size, int, 1)),
             payload_key_file=_path_text(text("PAYLOAD_KEY_FILE", "")),
             digest_key_file=_path_text(text("DIGEST_KEY_FILE", "")),
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import click
 
 from gateway.settings import Settings
@@ -26,10 +28,26 @@ def _open_database(settings: Settings):
                                    f"cannot be used: {exc}") from None
 
 
-def _key_store():
+def _key_store(on_change: Callable[[str], None] | None = None):
+    """The key store; ``on_change`` hears the ids of keys whose access was narrowed (see KeyStore)."""
     from gateway.auth import KeyStore
 
-    return KeyStore(_open_database(load_settings()))
+    return KeyStore(_open_database(load_settings()), on_change=on_change)
+
+
+def _gateways_redis_url(settings: Settings) -> str:
+    """Where running gateways listen for key changes: ``GOVGATE_REDIS_URL``, else ``govgate up``'s own Redis.
+
+    ``govgate up`` starts Redis on ``$GOVGATE_VAR_DIR/redis/redis.sock`` and
+    passes its URL to its children only, so a ``govgate keys`` run in another
+    terminal finds it there.
+    """
+    from govgate.redis_server import socket_url
+
+    if settings.redis_url:
+        return settings.redis_url
+    embedded = settings.var_dir / "redis" / "redis.sock"
+    return socket_url(embedded) if embedded.exists() else ""
 
 
 def _policy_roles(settings: Settings) -> list[str]:
@@ -89,6 +107,19 @@ def keys_revoke(key_id: str) -> None:
         carried = key_id.split("_")[1] if key_id.count("_") >= 2 else ""
         hint = f": govgate keys revoke {carried}" if carried else " (see 'govgate keys list')"
         raise click.ClickException(f"that is a key's secret, not its id; pass the key id{hint}")
-    if not _key_store().revoke(key_id):
+    from gateway.auth.key_changes import KeyChangeAnnouncer
+
+    settings = load_settings()
+    announcer = KeyChangeAnnouncer(_gateways_redis_url(settings))
+    if not _key_store(on_change=announcer).revoke(key_id):
         raise click.ClickException(f"no live key with id {key_id}")
     click.echo(f"revoked {key_id}")
+    if announcer.failure:
+        # The revocation is committed; only its signal is missing. A gateway whose own Redis
+        # connection is down asks the database anyway, so the window is a gateway that reaches
+        # a Redis this command could not: it may accept the key until its cached entry expires.
+        ttl = settings.auth_cache_ttl_s
+        click.echo(f"warning: running gateways were not told: {announcer.failure}. A gateway that accepted "
+                   f"this key in the last {ttl:g} s (GOVGATE_AUTH_CACHE_TTL_S) may accept it for up to "
+                   f"{ttl:g} s more; set GOVGATE_REDIS_URL to the gateways' Redis to make it immediate.",
+                   err=True)

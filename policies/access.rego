@@ -32,15 +32,31 @@ granting_roles(model_name) := {role |
 	role_grants(role, model_name)
 }
 
-# The principal may use the requested model through at least one role.
-model_permitted if count(granting_roles(requested_model)) > 0
+# The settings of each of the principal's known roles, over the defaults
+# (what role_setting gives, worked out once per decision).
+known_role_settings := {role: object.union(defaults, config.roles[role]) | some role in known_roles}
 
-denials contains {"code": "unknown_role", "message": msg} if {
+# The principal's roles that grant the requested model (granting_roles of
+# it), as a rule, so one decision works it out once for all who ask. The
+# load-time check (checks.rego) makes every role's `models` a list.
+granting := roles if {
+	wanted := {"*", requested_model}
+	roles := {role |
+		some role in known_roles
+		some listed in object.get(config.roles[role], "models", [])
+		listed in wanted
+	}
+}
+
+# The principal may use the requested model through at least one role.
+model_permitted if count(granting) > 0
+
+access_denials contains {"code": "unknown_role", "message": msg} if {
 	count(known_roles) == 0
 	msg := sprintf("principal '%s' has no role this policy knows", [principal_label])
 }
 
-denials contains {"code": "model_not_allowed", "message": msg} if {
+access_denials contains {"code": "model_not_allowed", "message": msg} if {
 	count(known_roles) > 0
 	not model_permitted
 	msg := sprintf(
@@ -59,15 +75,16 @@ team_settings := as_object(setting(["teams", principal_team])) if {
 # A team restricts models when its entry has a (non-null) `models` key.
 team_restricts_models if team_settings.models != null
 
-# A model the team lets its members use. A `models` value that is not a list
-# lets them use none (and checks.rego reports it).
+# A model the team lets its members use. The load-time check (checks.rego)
+# makes a restricting team's `models` a list.
 team_allows(_) if not team_restricts_models
 
-team_allows(_) if "*" in as_list(team_settings.models)
+team_allows(model_name) if {
+	some listed in team_settings.models
+	listed in {"*", model_name}
+}
 
-team_allows(model_name) if model_name in as_list(team_settings.models)
-
-denials contains {"code": "team_model_not_allowed", "message": msg} if {
+access_denials contains {"code": "team_model_not_allowed", "message": msg} if {
 	requested_model
 	not team_allows(requested_model)
 	msg := sprintf("team '%s' of principal '%s' may not use model '%s'", [principal_team, principal_label, requested_model])

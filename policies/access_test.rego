@@ -122,10 +122,8 @@ test_team_and_role_denials_both_reported if {
 	codes(d) == {"model_not_allowed", "team_model_not_allowed"}
 }
 
-test_team_models_not_a_list_allows_no_model if {
-	d := data.govgate.decision with input as data.govgate_test.fixtures.input_with({"principal": {"team": "odd"}})
-		with data.govgate_config as object.union(config, {"teams": {"odd": {"models": "govgate-tiny"}}})
-	codes(d) == {"team_model_not_allowed", "config_error"}
+test_team_models_not_a_list_is_refused_at_load if {
+	count(data.govgate_test.fixtures.config_problems_with({"teams": {"odd": {"models": "govgate-tiny"}}})) == 1
 }
 
 test_principal_without_team_is_not_restricted if {

@@ -1,16 +1,20 @@
 # Malformed input and unusable data.
 #
 # The gateway builds the input and an operator writes the data; either can
-# be wrong. A rule that cannot be checked must deny, with a reason that
-# names the field, rather than pass silently or stop the engine. Input
-# problems give invalid_input, data problems config_error.
+# be wrong. A malformed input field must deny with invalid_input, naming the
+# field, rather than pass silently or stop the engine.
+#
+# The data is checked once, when a policy is loaded, not on every decision:
+# config_problems depends on the data alone, and the gateway evaluates it
+# when it loads or reloads the policy (the embedded evaluators and an OPA
+# server alike) and refuses a policy for which it is not empty, naming each
+# problem (config_error). The decision rules can therefore rely on data that
+# passed these checks.
 package govgate
 
 import rego.v1
 
-denials contains {"code": "invalid_input", "message": msg} if some msg in input_problems
-
-denials contains {"code": "config_error", "message": msg} if some msg in config_problems
+input_denials contains {"code": "invalid_input", "message": msg} if some msg in input_problems
 
 # ---------------------------------------------------------------- input
 
@@ -58,13 +62,18 @@ input_problems contains sprintf("input.usage.%s must be an object or null", [sco
 
 input_problems contains sprintf("input.usage.%s.%s must be a number from 0 to 2^53", [scope, counter]) if {
 	some scope in ["principal", "team"]
+	counters := input.usage[scope]
+	is_object(counters)
+	not all_countable(counters) # the usual case, answered in one pass
 	some counter in usage_counters
-	value := input.usage[scope][counter]
+	value := counters[counter] # one variable per lookup: regorus is slow on x[a][b]
 	not countable(value)
 }
 
 # ---------------------------------------------------------------- data
 
+# Every problem of the data, for every role, team, model and limits entry
+# (not only those one request touches): evaluated once per load.
 config_problems contains "govgate_config must be an object" if {
 	c := data.govgate_config
 	not is_object(c)
@@ -92,38 +101,52 @@ config_problems contains sprintf("govgate_config.defaults.%s must be %s", [name,
 	not valid_setting(name, value)
 }
 
+# The roles a principal can hold (access.rego ignores an entry that is not an object).
+configured_roles := {role: settings |
+	some role, settings in as_object(config.roles)
+	is_object(settings)
+}
+
 config_problems contains sprintf("govgate_config.roles.%s.%s must be %s", [role, name, rule]) if {
-	some role in known_roles
+	some role, settings in configured_roles
 	some name, rule in setting_rules
-	value := config.roles[role][name]
+	value := settings[name]
 	not valid_setting(name, value)
 }
 
 config_problems contains sprintf("govgate_config.roles.%s.models must be a list", [role]) if {
-	some role in known_roles
-	models := config.roles[role].models
+	some role, settings in configured_roles
+	models := settings.models
 	not is_array(models)
 }
 
-config_problems contains sprintf("govgate_config.teams.%s.models must be a list or null", [principal_team]) if {
-	team_restricts_models
-	not is_array(team_settings.models)
+config_problems contains sprintf("govgate_config.teams.%s.models must be a list or null", [team]) if {
+	some team, settings in as_object(setting(["teams"]))
+	models := as_object(settings).models
+	models != null
+	not is_array(models)
 }
 
-config_problems contains sprintf("govgate_config.models.%s.hours_utc must be [start, end] in whole hours from 0 to 24", [requested_model]) if {
-	window := model_settings.hours_utc
+# The settings of every model the data names.
+configured_models := {name: as_object(settings) | some name, settings in as_object(setting(["models"]))}
+
+config_problems contains sprintf("govgate_config.models.%s.hours_utc must be [start, end] in whole hours from 0 to 24", [name]) if {
+	some name, settings in configured_models
+	window := settings.hours_utc
 	window != null
 	not valid_hours_window(window)
 }
 
-config_problems contains sprintf("govgate_config.models.%s.weekdays must be a list of day names (Monday ... Sunday)", [requested_model]) if {
-	days := model_settings.weekdays
+config_problems contains sprintf("govgate_config.models.%s.weekdays must be a list of day names (Monday ... Sunday)", [name]) if {
+	some name, settings in configured_models
+	days := settings.weekdays
 	days != null
 	not valid_weekdays(days)
 }
 
-config_problems contains sprintf("govgate_config.models.%s.purposes must be a list of strings or null", [requested_model]) if {
-	purposes := model_settings.purposes
+config_problems contains sprintf("govgate_config.models.%s.purposes must be a list of strings or null", [name]) if {
+	some name, settings in configured_models
+	purposes := settings.purposes
 	purposes != null
 	not string_list(purposes)
 }
@@ -142,18 +165,18 @@ string_list(value) if {
 	}
 }
 
-# The limits entries this request is held to (see limits.rego).
+# Every limits entry (see limits.rego), the default ones included.
 config_problems contains sprintf("govgate_config.limits.%s.%s must be an object", [kind, name]) if {
-	some kind, name in {"principals": principal_label, "teams": principal_team}
-	some key in [name, "default"]
-	entry := setting(["limits", kind, key])
+	some kind in ["principals", "teams"]
+	some name, entry in as_object(setting(["limits", kind]))
 	entry != null
 	not is_object(entry)
 }
 
 config_problems contains sprintf("govgate_config.limits.%s limits must be whole numbers >= 0 or null (%s)", [kind, limit]) if {
-	some kind, name in {"principals": principal_label, "teams": principal_team}
-	entry := limits_entry(kind, name)
+	some kind in ["principals", "teams"]
+	some entry in as_object(setting(["limits", kind]))
+	is_object(entry)
 	some limit in limit_names
 	value := entry[limit]
 	value != null
@@ -204,7 +227,7 @@ config_problems contains "govgate_config.content.detectors must be an object" if
 config_problems contains sprintf("govgate_config.content.detectors.%s names no detector (built-in: %s; or a national_ids id)", [name, listing(builtin_detectors)]) if {
 	some name, _ in detectors
 	not name in builtin_detectors
-	not name in {rule.id | some rule in national_ids}
+	not name in {rule.id | some rule in usable_national_ids}
 }
 
 config_problems contains sprintf("govgate_config.content.detectors.%s.action must be \"deny\" or \"redact\"", [name]) if {

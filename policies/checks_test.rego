@@ -1,5 +1,5 @@
-# Unit tests for checks.rego: malformed input and unusable data deny with a
-# reason naming the field.
+# Unit tests for checks.rego: malformed input denies with a reason naming
+# the field; unusable data is a problem the load-time check names.
 package govgate.checks_test
 
 import rego.v1
@@ -7,6 +7,7 @@ import rego.v1
 import data.govgate_test.fixtures.base_input
 import data.govgate_test.fixtures.codes
 import data.govgate_test.fixtures.config
+import data.govgate_test.fixtures.config_problems_with
 import data.govgate_test.fixtures.decide
 
 messages(d) := {r.message | some r in d.reasons}
@@ -14,11 +15,6 @@ messages(d) := {r.message | some r in d.reasons}
 without(path) := d if {
 	d := data.govgate.decision with input as json.remove(base_input, [path])
 		with data.govgate_config as config
-}
-
-with_config(overrides) := d if {
-	d := data.govgate.decision with input as base_input
-		with data.govgate_config as object.union(config, overrides)
 }
 
 # ---------------------------------------------------------------- input
@@ -76,44 +72,56 @@ test_input_that_is_not_an_object_denied_with_reasons if {
 
 # ---------------------------------------------------------------- data
 
-test_role_cap_of_wrong_type_is_a_config_error if {
-	d := with_config({"roles": {"analyst": {"max_tokens": "256"}}})
-	messages(d) == {"govgate_config.roles.analyst.max_tokens must be a whole number >= 0"}
+# Data problems are found once, when the policy is loaded (a policy with any
+# is refused), so they never show in a decision.
+
+test_fixture_config_has_no_problems if {
+	count(config_problems_with({})) == 0
 }
 
-test_unknown_mode_is_a_config_error if {
-	d := with_config({"roles": {"analyst": {"max_tokens_mode": "strict"}}})
-	messages(d) == {"govgate_config.roles.analyst.max_tokens_mode must be \"clamp\" or \"deny\""}
+test_role_cap_of_wrong_type_is_a_config_problem if {
+	config_problems_with({"roles": {"analyst": {"max_tokens": "256"}}}) == {"govgate_config.roles.analyst.max_tokens must be a whole number >= 0"}
 }
 
-test_bad_default_is_a_config_error if {
-	d := with_config({"defaults": {"priority": "high"}})
-	messages(d) == {"govgate_config.defaults.priority must be a whole number from 0 to 9"}
+test_unknown_mode_is_a_config_problem if {
+	config_problems_with({"roles": {"analyst": {"max_tokens_mode": "strict"}}}) == {"govgate_config.roles.analyst.max_tokens_mode must be \"clamp\" or \"deny\""}
 }
 
-test_settings_of_roles_the_principal_lacks_are_not_checked if {
-	with_config({"roles": {"viewer": {"max_tokens": "lots"}}}).allow
+test_bad_default_is_a_config_problem if {
+	config_problems_with({"defaults": {"priority": "high"}}) == {"govgate_config.defaults.priority must be a whole number from 0 to 9"}
 }
 
-test_role_models_not_a_list_is_a_config_error if {
-	d := with_config({"roles": {"analyst": {"models": "govgate-tiny"}}})
-	codes(d) == {"config_error", "model_not_allowed"}
+test_settings_of_every_role_are_checked if {
+	config_problems_with({"roles": {"viewer": {"max_tokens": "lots"}}}) == {"govgate_config.roles.viewer.max_tokens must be a whole number >= 0"}
 }
 
-test_limit_of_wrong_type_is_a_config_error if {
-	d := with_config({"limits": {"principals": {"default": {"in_flight": "4"}}}})
-	messages(d) == {"govgate_config.limits.principals limits must be whole numbers >= 0 or null (in_flight)"}
-	d.obligations.limits.principal.in_flight == null
+test_role_that_is_not_an_object_is_ignored if {
+	count(config_problems_with({"roles": {"odd": 5}})) == 0
 }
 
-test_limits_entry_of_wrong_type_is_a_config_error if {
-	d := with_config({"limits": {"teams": {"t-1": 600}}})
-	messages(d) == {"govgate_config.limits.teams.t-1 must be an object"}
+test_role_models_not_a_list_is_a_config_problem if {
+	config_problems_with({"roles": {"analyst": {"models": "govgate-tiny"}}}) == {"govgate_config.roles.analyst.models must be a list"}
 }
 
-test_purpose_lists_of_wrong_type_are_config_errors if {
-	d := with_config({"purposes": {"allowed": "research"}})
-	messages(d) == {"govgate_config.purposes.allowed must be a list of strings"}
+test_team_models_not_a_list_is_a_config_problem if {
+	config_problems_with({"teams": {"odd": {"models": "govgate-tiny"}}}) == {"govgate_config.teams.odd.models must be a list or null"}
+}
+
+test_limit_of_wrong_type_is_a_config_problem if {
+	config_problems_with({"limits": {"principals": {"default": {"in_flight": "4"}}}}) == {"govgate_config.limits.principals limits must be whole numbers >= 0 or null (in_flight)"}
+}
+
+test_limit_of_an_own_entry_is_checked if {
+	config_problems_with({"limits": {"teams": {"t-9": {"in_flight": -1}}}}) == {"govgate_config.limits.teams limits must be whole numbers >= 0 or null (in_flight)"}
+}
+
+test_limits_entry_of_wrong_type_is_a_config_problem if {
+	config_problems_with({"limits": {"teams": {"t-1": 600}}}) == {"govgate_config.limits.teams.t-1 must be an object"}
+}
+
+test_purpose_lists_of_wrong_type_are_config_problems if {
+	config_problems_with({"purposes": {"allowed": "research"}}) == {"govgate_config.purposes.allowed must be a list of strings"}
+	config_problems_with({"models": {"legal": {"purposes": [1]}}}) == {"govgate_config.models.legal.purposes must be a list of strings or null"}
 }
 
 test_numbers_beyond_two_to_the_53_denied if {
@@ -122,10 +130,15 @@ test_numbers_beyond_two_to_the_53_denied if {
 	codes(decide({"usage": {"principal": {"tokens_today": 1e300}}})) == {"invalid_input"}
 }
 
-test_config_that_is_not_an_object_is_a_config_error if {
-	d := data.govgate.decision with input as base_input
-		with data.govgate_config as ["admin"]
-	codes(d) == {"config_error", "unknown_role"}
+test_config_that_is_not_an_object_is_a_config_problem if {
+	problems := data.govgate.config_problems with data.govgate_config as ["admin"]
+	problems == {"govgate_config must be an object"}
+}
+
+test_config_problems_do_not_depend_on_the_input if {
+	problems := data.govgate.config_problems with input as {}
+		with data.govgate_config as object.union(config, {"models": {"night": {"hours_utc": [9]}}})
+	problems == {"govgate_config.models.night.hours_utc must be [start, end] in whole hours from 0 to 24"}
 }
 
 test_normalized_text_of_wrong_type_denied if {
@@ -133,8 +146,7 @@ test_normalized_text_of_wrong_type_denied if {
 	messages(decide({"request": {"normalized_text": null}})) == {"input.request.normalized_text must be a string"}
 }
 
-test_ignore_spacing_of_wrong_type_is_a_config_error if {
+test_ignore_spacing_of_wrong_type_is_a_config_problem if {
 	rule := {"id": "k", "pattern": "secret", "ignore_spacing": "yes"}
-	d := with_config({"content": {"blocked_patterns": [rule]}})
-	messages(d) == {"govgate_config.content.blocked_patterns[0].ignore_spacing must be true or false"}
+	config_problems_with({"content": {"blocked_patterns": [rule]}}) == {"govgate_config.content.blocked_patterns[0].ignore_spacing must be true or false"}
 }

@@ -39,19 +39,27 @@ compact_text := regex.replace(detection_text, `[ \n]+`, "")
 
 blocked_patterns := as_list(setting(["content", "blocked_patterns"]))
 
-denials contains {"code": "blocked_content", "message": msg} if {
+# Every rule is usable: the load-time check (checks.rego) refuses data with
+# one that is not.
+content_denials contains {"code": "blocked_content", "message": msg} if {
 	some rule in blocked_patterns
-	usable_content_rule(rule)
 	blocked_match(rule)
 	msg := blocked_message(rule)
 }
 
 blocked_match(rule) if regex.match(rule.pattern, request_text)
 
-blocked_match(rule) if regex.match(rule.pattern, detection_text)
+# A view equal to one already searched is not searched again (`not a == b`:
+# true when either side is undefined, unlike `a != b`).
+blocked_match(rule) if {
+	not detection_text == request_text
+	regex.match(rule.pattern, detection_text)
+}
 
 blocked_match(rule) if {
 	rule.ignore_spacing == true
+	not compact_text == detection_text
+	not compact_text == request_text
 	regex.match(rule.pattern, compact_text)
 }
 
@@ -61,7 +69,7 @@ blocked_message(rule) := sprintf("the request matches blocked content rule '%s':
 
 # A pattern both engines evaluate alike: valid on both, and using none of
 # the constructs on which regorus (Rust's regex) and OPA (Go's regexp)
-# disagree. checks.rego reports any other pattern as a config_error.
+# disagree. The load-time check (checks.rego) refuses data with any other.
 usable_pattern(pattern) if {
 	is_string(pattern)
 	every construct in unportable_constructs {
@@ -99,8 +107,18 @@ detector_action(name) := action if {
 	action in detector_actions
 }
 
-# National id formats that can run: {id, pattern} pairs.
+# The configured detectors' actions by name. Every configured detector has a
+# known action: the load-time check (checks.rego) refuses data without.
+detector_actions_by_name := {name: settings.action | some name, settings in detectors}
+
+# National id formats: {id, pattern} pairs. Every entry can run: the
+# load-time check refuses data with one that cannot.
 national_ids contains {"id": rule.id, "pattern": rule.pattern} if {
+	some rule in as_list(setting(["content", "national_ids"]))
+}
+
+# The national ids that can run, for the load-time check itself.
+usable_national_ids contains {"id": rule.id, "pattern": rule.pattern} if {
 	some rule in as_list(setting(["content", "national_ids"]))
 	is_string(rule.id)
 	not rule.id in builtin_detectors
@@ -108,29 +126,40 @@ national_ids contains {"id": rule.id, "pattern": rule.pattern} if {
 }
 
 # Every finding of every configured detector, before overlaps are settled.
+# Each built-in detector first asks a question far cheaper than its search
+# and that every text it can find something in answers yes (on regorus a
+# large pattern is compiled again on every call).
 raw_findings contains {"detector": "email", "text": text} if {
-	detector_action("email")
+	detector_actions_by_name.email
+	contains(detection_text, "@")
 	some text in pii.emails(detection_text)
 }
 
 raw_findings contains {"detector": "phone", "text": text} if {
-	detector_action("phone")
+	detector_actions_by_name.phone
+	nine_digits
 	some text in pii.phones(detection_text)
 }
 
 raw_findings contains {"detector": "payment_card", "text": text} if {
-	detector_action("payment_card")
+	detector_actions_by_name.payment_card
+	nine_digits
 	some text in pii.payment_cards(detection_text)
 }
 
 raw_findings contains {"detector": "iban", "text": text} if {
-	detector_action("iban")
+	detector_actions_by_name.iban
+	regex.match(`[A-Z]{2}[0-9]{2}`, detection_text)
 	some text in pii.ibans(detection_text)
 }
 
+# The text holds nine digits or more: a phone number has 9 to 15, a card
+# number 13 to 19.
+nine_digits if regex.match(`[0-9](?:[^0-9]*[0-9]){8}`, detection_text)
+
 raw_findings contains {"detector": rule.id, "text": text} if {
 	some rule in national_ids
-	detector_action(rule.id)
+	detector_actions_by_name[rule.id]
 	some text in pii.pattern_matches(rule.pattern, detection_text)
 }
 
@@ -161,9 +190,9 @@ covers(other, finding) if count(other.text) > count(finding.text)
 
 covers(_, finding) if finding.detector == "phone"
 
-denials contains {"code": "pii_detected", "message": msg} if {
+content_denials contains {"code": "pii_detected", "message": msg} if {
 	some name in {finding.detector | some finding in findings}
-	detector_action(name) == "deny"
+	detector_actions_by_name[name] == "deny"
 	found := count({finding | some finding in findings; finding.detector == name})
 	msg := sprintf("the request contains personal data found by detector '%s' (%s found)", [name, format_int(found, 10)])
 }

@@ -18,6 +18,11 @@ with_content(content, text) := d if {
 		with data.govgate_config as object.union(object.remove(config, ["content"]), {"content": content})
 }
 
+# What the load-time check finds with govgate_config.content replaced by `content`.
+content_problems(content) := problems if {
+	problems := data.govgate.config_problems with data.govgate_config as object.union(object.remove(config, ["content"]), {"content": content})
+}
+
 # ---------------------------------------------------------------- blocked patterns
 
 test_blocked_pattern_denies if {
@@ -132,26 +137,22 @@ test_card_in_an_email_address_is_the_address if {
 
 # ---------------------------------------------------------------- data problems
 
-test_unknown_detector_name_is_a_config_error if {
-	d := with_content({"detectors": {"passport": {"action": "deny"}}}, "hi")
-	codes(d) == {"config_error"}
+test_unknown_detector_name_is_a_config_problem if {
+	count(content_problems({"detectors": {"passport": {"action": "deny"}}})) == 1
 }
 
-test_unknown_detector_action_is_a_config_error if {
-	d := with_content({"detectors": {"email": {"action": "mask"}}}, "ann@example.org")
-	codes(d) == {"config_error"}
-	d.obligations.redact == []
+test_unknown_detector_action_is_a_config_problem if {
+	content_problems({"detectors": {"email": {"action": "mask"}}}) == {"govgate_config.content.detectors.email.action must be \"deny\" or \"redact\""}
 }
 
-test_invalid_pattern_is_a_config_error if {
-	d := with_content({"blocked_patterns": [{"id": "bad", "pattern": "[a-"}]}, "hi")
-	d.reasons == [{"code": "config_error", "message": "govgate_config.content.blocked_patterns[0] needs a string id and a usable pattern"}]
+test_invalid_pattern_is_a_config_problem if {
+	content_problems({"blocked_patterns": [{"id": "bad", "pattern": "[a-"}]}) == {"govgate_config.content.blocked_patterns[0] needs a string id and a usable pattern"}
 }
 
-test_unicode_dependent_class_is_a_config_error if {
+test_unicode_dependent_class_is_a_config_problem if {
 	# \d is Unicode on regorus and ASCII on OPA: the engines would disagree
-	codes(with_content({"blocked_patterns": [{"id": "digits", "pattern": `\d{4}`}]}, "hi")) == {"config_error"}
-	codes(with_content({"national_ids": [{"id": "x", "pattern": `\bX[0-9]+`}], "detectors": {}}, "hi")) == {"config_error"}
+	count(content_problems({"blocked_patterns": [{"id": "digits", "pattern": `\d{4}`}]})) == 1
+	count(content_problems({"national_ids": [{"id": "x", "pattern": `\bX[0-9]+`}], "detectors": {}})) == 1
 }
 
 test_escaped_backslash_before_d_is_usable if {
@@ -159,22 +160,21 @@ test_escaped_backslash_before_d_is_usable if {
 	not data.govgate.usable_pattern(`C:\\\d`)
 }
 
-test_national_id_named_like_a_builtin_is_a_config_error if {
-	codes(with_content({"national_ids": [{"id": "email", "pattern": "x"}], "detectors": {}}, "hi")) == {"config_error"}
+test_national_id_named_like_a_builtin_is_a_config_problem if {
+	count(content_problems({"national_ids": [{"id": "email", "pattern": "x"}], "detectors": {}})) == 1
 }
 
-test_duplicate_national_id_is_a_config_error if {
-	d := with_content({"national_ids": [{"id": "x", "pattern": "a"}, {"id": "x", "pattern": "b"}], "detectors": {}}, "hi")
-	"govgate_config.content.national_ids has the id 'x' more than once" in {r.message | some r in d.reasons}
+test_duplicate_national_id_is_a_config_problem if {
+	problems := content_problems({"national_ids": [{"id": "x", "pattern": "a"}, {"id": "x", "pattern": "b"}], "detectors": {}})
+	"govgate_config.content.national_ids has the id 'x' more than once" in problems
 }
 
 test_text_that_is_not_a_string_denied if {
 	codes(saying(["a", "b"])) == {"invalid_input"}
 }
 
-test_blocked_rule_with_an_id_that_is_not_a_string_is_a_config_error if {
-	d := with_content({"blocked_patterns": [{"id": 7, "pattern": "secret"}]}, "a secret")
-	codes(d) == {"config_error"}
+test_blocked_rule_with_an_id_that_is_not_a_string_is_a_config_problem if {
+	content_problems({"blocked_patterns": [{"id": 7, "pattern": "secret"}]}) == {"govgate_config.content.blocked_patterns[0] needs a string id and a usable pattern"}
 }
 
 test_constructs_the_engines_disagree_on_are_unusable if {

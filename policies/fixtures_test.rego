@@ -112,6 +112,12 @@ text_request(text) := {"request": {"text": text}}
 # gateway's gateway/normalize.py spells it.
 normalized_request(text, normalized) := {"request": {"text": text, "normalized_text": normalized}}
 
+# The problems the load-time check finds in the fixture config with
+# `overrides` merged in (a policy with any is refused at load).
+config_problems_with(overrides) := problems if {
+	problems := data.govgate.config_problems with data.govgate_config as object.union(config, overrides)
+}
+
 # The set of reason codes of a decision.
 codes(d) := {r.code | some r in d.reasons}
 

@@ -101,6 +101,10 @@ shipped_request(roles, model, max_tokens, text) := d if {
 	})
 }
 
+test_shipped_config_has_no_problems if {
+	count(data.govgate.config_problems) == 0
+}
+
 test_shipped_config_analyst_limited_to_builtin_models if {
 	d := shipped_request(["analyst"], "govgate-tiny", 1000, "hello")
 	d.allow

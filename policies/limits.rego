@@ -16,28 +16,27 @@ import data.govgate.calendar
 
 # The request's max_tokens; undefined when it is not a whole number >= 1
 # (checks.rego reports that).
+# (whole_number() spelled out: two nested function calls cost more than the
+# checks on every decision.)
 requested_max_tokens := n if {
 	n := input.request.max_tokens
-	whole_number(n)
+	is_number(n)
 	n >= 1
+	n <= 9007199254740991
+	n == round(n)
 }
-
-# A role's setting, or the default when the role sets none.
-role_setting(role, name) := object.get(config.roles[role], name, defaults[name])
 
 # The most generous cap among the roles that grant the model: holding one
 # more role should never take tokens away.
-token_cap := max({cap |
-	some role in granting_roles(requested_model)
-	cap := role_setting(role, "max_tokens")
-	whole_number(cap)
-})
+# Every cap is a whole number: the load-time check (checks.rego) refuses
+# data with one that is not.
+token_cap := max({known_role_settings[role].max_tokens | some role in granting})
 
 # "clamp" when any granting role clamps (the more permissive mode), else
 # "deny": a request asking for more than the cap is refused.
 max_tokens_mode := "clamp" if {
-	some role in granting_roles(requested_model)
-	role_setting(role, "max_tokens_mode") == "clamp"
+	some role in granting
+	known_role_settings[role].max_tokens_mode == "clamp"
 } else := "deny"
 
 # The request's max_tokens, clamped to the cap. 0 when no role grants the
@@ -46,7 +45,7 @@ default granted_max_tokens := 0
 
 granted_max_tokens := min({requested_max_tokens, token_cap})
 
-denials contains {"code": "max_tokens_exceeded", "message": msg} if {
+limits_denials contains {"code": "max_tokens_exceeded", "message": msg} if {
 	max_tokens_mode == "deny"
 	requested_max_tokens > token_cap
 	msg := sprintf(
@@ -83,20 +82,26 @@ counter_phrases := {
 # one, else the `default` entry, else none ({}: unlimited). An own entry
 # replaces the default as a whole: a key it leaves out is unlimited.
 limits_entry(kind, name) := entry if {
-	entry := setting(["limits", kind, name])
+	entry := object.get(config, ["limits", kind, name], null)
 	is_object(entry)
 } else := entry if {
-	entry := setting(["limits", kind, "default"])
+	entry := object.get(config, ["limits", kind, "default"], null)
 	is_object(entry)
 } else := {}
 
-# The five limits of an entry, each a whole number or null (unlimited).
-limits_in_effect(entry) := {name: limit_value(entry, name) | some name in limit_names}
+# The five limits of an entry, each a whole number or null (unlimited): the
+# load-time check (checks.rego) lets no other value through, so the entry's
+# own values need no check here.
+limits_in_effect(entry) := object.union(unlimited, object.filter(entry, unlimited))
 
-limit_value(entry, name) := value if {
-	value := entry[name]
-	whole_number(value)
-} else := null
+# Written out (limits_test.rego holds its keys equal to limit_names).
+unlimited := {
+	"requests_per_minute": null,
+	"tokens_per_minute": null,
+	"tokens_per_day": null,
+	"tokens_per_month": null,
+	"in_flight": null,
+}
 
 # The limits that bind this request, by scope. A team's limits bind each
 # member whatever the member's own limits are.
@@ -108,29 +113,38 @@ scope_label("principal") := sprintf("principal '%s'", [principal_label])
 
 scope_label("team") := sprintf("team '%s'", [principal_team])
 
-# A counter from the usage snapshot; 0 when the input has none (a malformed
-# counter is reported by checks.rego).
-usage_counter(scope, counter) := value if {
-	value := input.usage[scope][counter]
-	countable(value)
-} else := 0
+# The usage snapshot's counters by scope, without those that do not count
+# (a malformed counter counts as 0; checks.rego reports it). A counter the
+# input lacks counts as 0 too.
+# (countable() spelled out: a function call per counter costs more than the check.)
+counted_usage[scope] := {counter: value |
+	some counter, value in counters
+	is_number(value)
+	value >= 0
+	value <= 9007199254740991
+} if {
+	some scope in ["principal", "team"]
+	counters := input.usage[scope]
+	is_object(counters)
+}
 
-# What the request adds to a counter.
-request_cost("request") := 1
+# What the request adds to a counter, by the check's `cost`.
+request_costs := {"request": 1, "tokens": granted_max_tokens}
 
-request_cost("tokens") := granted_max_tokens
+request_cost(cost) := request_costs[cost]
 
 cost_phrase("request") := "1 request"
 
 cost_phrase("tokens") := sprintf("%s tokens", [format_int(granted_max_tokens, 10)])
 
-denials contains {"code": check.code, "message": msg, "retry_after_s": retry_after_s(check.window, scope)} if {
+limits_denials contains {"code": check.code, "message": msg, "retry_after_s": retry_after_s(check.window, scope)} if {
 	some scope, limits in scope_limits
+	usage := object.get(counted_usage, scope, {})
 	some check in usage_checks
 	limit := limits[check.limit]
 	limit != null
-	used := usage_counter(scope, check.counter)
-	used + request_cost(check.cost) > limit
+	used := object.get(usage, check.counter, 0)
+	used + request_costs[check.cost] > limit
 	msg := sprintf("%s has reached its %s limit of %s (%s %s; this request needs %s)", [
 		scope_label(scope), check.limit, format_int(limit, 10),
 		format_int(used, 10), counter_phrases[check.counter], cost_phrase(check.cost),

@@ -257,3 +257,10 @@ test_time_given_as_a_float_gives_the_same_retry if {
 	d := with_usage({"time": {"now_ns": 1.7e18}}, {"tokens_today": 99950}, null)
 	d.reasons[0].retry_after_s == 6400
 }
+
+test_unlimited_names_every_limit if {
+	object.keys(data.govgate.unlimited) == {name | some name in data.govgate.limit_names}
+	every value in data.govgate.unlimited {
+		value == null
+	}
+}

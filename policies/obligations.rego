@@ -16,9 +16,9 @@ valid_priority(value) if {
 	value <= 9
 }
 
-default_priority := defaults.priority if {
-	valid_priority(defaults.priority)
-} else := builtin_defaults.priority
+# Every priority in the data is valid: the load-time check (checks.rego)
+# refuses data with one that is not.
+default_priority := defaults.priority
 
 # The most urgent priority among the roles that grant the model: holding one
 # more role should never slow a principal down.
@@ -26,11 +26,7 @@ priority := min(granting_priorities) if {
 	count(granting_priorities) > 0
 } else := default_priority
 
-granting_priorities := {p |
-	some role in granting_roles(requested_model)
-	p := role_setting(role, "priority")
-	valid_priority(p)
-}
+granting_priorities := {known_role_settings[role].priority | some role in granting}
 
 # ---------------------------------------------------------------- prompt logging
 
@@ -38,15 +34,11 @@ prompt_logging_levels := {"full", "redacted", "hash"}
 
 # Logging levels of all the principal's known roles (not only those granting
 # the model) so that a denied request is logged as the person's roles ask;
-# the default level for a principal without one. A level the policy does not
-# know counts as "hash", the most private (checks.rego reports it).
-logging_levels contains known_level(role_setting(role, "prompt_logging")) if some role in known_roles
+# the default level for a principal without one. Every level is a known one:
+# the load-time check (checks.rego) refuses data with another.
+logging_levels contains settings.prompt_logging if some settings in known_role_settings
 
-logging_levels contains known_level(defaults.prompt_logging) if count(known_roles) == 0
-
-known_level(level) := level if {
-	level in prompt_logging_levels
-} else := "hash"
+logging_levels contains defaults.prompt_logging if count(known_roles) == 0
 
 # The most private level wins: a role set to redact or hash prompts exists
 # to protect what its holders type, and a second role must not undo that.

@@ -5,6 +5,7 @@ package govgate.obligations_test
 import rego.v1
 
 import data.govgate_test.fixtures.config
+import data.govgate_test.fixtures.config_problems_with
 import data.govgate_test.fixtures.decide
 import data.govgate_test.fixtures.decide_as
 
@@ -38,11 +39,8 @@ test_priority_without_data_default_is_five if {
 	d.obligations.priority == 5
 }
 
-test_priority_out_of_range_is_a_config_error if {
-	d := data.govgate.decision with input as data.govgate_test.fixtures.base_input
-		with data.govgate_config as object.union(config, {"roles": {"analyst": {"priority": 10}}})
-	d.reasons == [{"code": "config_error", "message": "govgate_config.roles.analyst.priority must be a whole number from 0 to 9"}]
-	d.obligations.priority == 5
+test_priority_out_of_range_is_a_config_problem if {
+	config_problems_with({"roles": {"analyst": {"priority": 10}}}) == {"govgate_config.roles.analyst.priority must be a whole number from 0 to 9"}
 }
 
 # ---------------------------------------------------------------- prompt logging
@@ -77,11 +75,8 @@ test_prompt_logging_of_principal_without_known_role_is_default if {
 	d.obligations.prompt_logging == "hash"
 }
 
-test_unknown_prompt_logging_level_counts_as_hash if {
-	d := data.govgate.decision with input as data.govgate_test.fixtures.base_input
-		with data.govgate_config as object.union(config, {"roles": {"analyst": {"prompt_logging": "verbose"}}})
-	d.obligations.prompt_logging == "hash"
-	d.reasons[0].code == "config_error"
+test_unknown_prompt_logging_level_is_a_config_problem if {
+	config_problems_with({"roles": {"analyst": {"prompt_logging": "verbose"}}}) == {"govgate_config.roles.analyst.prompt_logging must be \"full\", \"redacted\" or \"hash\""}
 }
 
 # ---------------------------------------------------------------- redact

@@ -202,3 +202,7 @@ test_bounded_match_edges_that_are_not_alphanumeric if {
 	# a match that starts with "+" or "(" may follow a letter
 	pii.bounded("+44 20 7946 0958", "tel+44 20 7946 0958")
 }
+
+test_phone_pattern_is_the_one_built_from_its_parts if {
+	pii.phone_pattern == pii.phone_pattern_built
+}

@@ -16,10 +16,13 @@ model_settings := as_object(setting(["models", requested_model])) if {
 # The model's tags ([] when the input gives none).
 model_tags := as_list(input.model.tags)
 
+# The tags that call for a declared purpose.
+required_tags := as_list(setting(["purposes", "required_for_tags"]))
+
 # Tags of the requested model that call for a declared purpose.
 purpose_tags contains tag if {
 	some tag in model_tags
-	tag in as_list(setting(["purposes", "required_for_tags"]))
+	tag in required_tags
 }
 
 purpose_required if count(purpose_tags) > 0
@@ -36,7 +39,7 @@ permitted_purposes := as_list(model_settings.purposes) if {
 	model_settings.purposes != null
 } else := as_list(setting(["purposes", "allowed"]))
 
-denials contains {"code": "purpose_required", "message": msg} if {
+purpose_denials contains {"code": "purpose_required", "message": msg} if {
 	purpose_required
 	not declared_purpose
 	msg := sprintf(
@@ -45,7 +48,7 @@ denials contains {"code": "purpose_required", "message": msg} if {
 	)
 }
 
-denials contains {"code": "purpose_not_allowed", "message": msg} if {
+purpose_denials contains {"code": "purpose_not_allowed", "message": msg} if {
 	purpose_required
 	declared_purpose
 	not declared_purpose in permitted_purposes

@@ -12,11 +12,11 @@ weekday_names := ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Satur
 
 # ---------------------------------------------------------------- hours
 
-# The model's [start, end) window, when the data gives a usable one
-# (checks.rego reports an unusable one).
+# The model's [start, end) window, when the data gives one (the load-time
+# check in checks.rego refuses an unusable one).
 hours_window := window if {
 	window := model_settings.hours_utc
-	valid_hours_window(window)
+	window != null
 }
 
 valid_hours_window(window) if {
@@ -31,8 +31,10 @@ valid_hours_window(window) if {
 # The current UTC hour; undefined when the input lacks a usable one.
 current_hour := hour if {
 	hour := input.time.hour_utc
-	whole_number(hour)
+	is_number(hour)
+	hour >= 0
 	hour < 24
+	hour == round(hour)
 }
 
 # Whether `hour` is in the window [start, end). start == end is empty.
@@ -53,7 +55,7 @@ open_at(hour, [start, end]) if {
 	hour < end
 }
 
-denials contains {"code": "outside_hours", "message": msg} if {
+schedule_denials contains {"code": "outside_hours", "message": msg} if {
 	window := hours_window
 	current_hour
 	not open_at(current_hour, window)
@@ -63,7 +65,7 @@ denials contains {"code": "outside_hours", "message": msg} if {
 	)
 }
 
-denials contains {"code": "outside_hours", "message": msg} if {
+schedule_denials contains {"code": "outside_hours", "message": msg} if {
 	hours_window
 	not current_hour
 	msg := sprintf("model '%s' has usage hours but input.time.hour_utc is not a UTC hour", [model_label])
@@ -71,10 +73,10 @@ denials contains {"code": "outside_hours", "message": msg} if {
 
 # ---------------------------------------------------------------- weekdays
 
-# The model's days, when the data gives a usable list.
+# The model's days, when the data gives them (checked at load).
 open_weekdays := days if {
 	days := model_settings.weekdays
-	valid_weekdays(days)
+	days != null
 }
 
 valid_weekdays(days) if {
@@ -90,7 +92,7 @@ current_weekday := input.time.weekday if input.time.weekday in weekday_names
 # The model's days in week order, for messages.
 open_weekdays_listing := concat(", ", [day | some day in weekday_names; day in open_weekdays])
 
-denials contains {"code": "outside_hours", "message": msg} if {
+schedule_denials contains {"code": "outside_hours", "message": msg} if {
 	days := open_weekdays
 	current_weekday
 	not current_weekday in days
@@ -100,7 +102,7 @@ denials contains {"code": "outside_hours", "message": msg} if {
 	)
 }
 
-denials contains {"code": "outside_hours", "message": msg} if {
+schedule_denials contains {"code": "outside_hours", "message": msg} if {
 	open_weekdays
 	not current_weekday
 	msg := sprintf("model '%s' has usage weekdays but input.time.weekday is not a day name", [model_label])

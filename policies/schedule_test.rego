@@ -5,6 +5,7 @@ import rego.v1
 
 import data.govgate_test.fixtures.codes
 import data.govgate_test.fixtures.config
+import data.govgate_test.fixtures.config_problems_with
 import data.govgate_test.fixtures.decide
 import data.govgate_test.fixtures.model_request
 
@@ -68,10 +69,10 @@ test_empty_window_never_open if {
 	codes(with_hours([9, 9], 9)) == {"outside_hours"}
 }
 
-test_invalid_window_is_a_config_error if {
-	codes(with_hours([9], 10)) == {"config_error"}
-	codes(with_hours([9, 25], 10)) == {"config_error"}
-	codes(with_hours("9-17", 10)) == {"config_error"}
+test_invalid_window_is_a_config_problem if {
+	every window in [[9], [9, 25], "9-17", [9.5, 17]] {
+		config_problems_with({"models": {"govgate-tiny": {"hours_utc": window}}}) == {"govgate_config.models.govgate-tiny.hours_utc must be [start, end] in whole hours from 0 to 24"}
+	}
 }
 
 test_unknown_hour_denied_for_model_with_hours if {
@@ -101,8 +102,6 @@ test_unknown_weekday_denied_for_model_with_weekdays if {
 	codes(at("office", 10, "monday")) == {"outside_hours"}
 }
 
-test_misspelled_weekday_in_data_is_a_config_error if {
-	d := data.govgate.decision with input as data.govgate_test.fixtures.input_with({"principal": {"roles": ["admin"]}})
-		with data.govgate_config as object.union(config, {"models": {"govgate-tiny": {"weekdays": ["Munday"]}}})
-	codes(d) == {"config_error"}
+test_misspelled_weekday_in_data_is_a_config_problem if {
+	config_problems_with({"models": {"govgate-tiny": {"weekdays": ["Munday"]}}}) == {"govgate_config.models.govgate-tiny.weekdays must be a list of day names (Monday ... Sunday)"}
 }

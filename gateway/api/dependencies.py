@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import anyio
 from litestar import Request
 from litestar.datastructures import State
 
@@ -14,7 +13,12 @@ _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 async def provide_principal(request: Request, state: State) -> Principal:
-    """Authenticate the bearer key; 401 when missing, unknown or revoked, 503 when the store is down."""
+    """Authenticate the bearer key; 401 when missing, unknown or revoked, 503 when the store is down.
+
+    A key seen recently is answered from the principal cache on the event
+    loop; only a miss reaches the database, on a worker thread
+    (``gateway/auth/authenticator.py``).
+    """
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
@@ -25,7 +29,7 @@ async def provide_principal(request: Request, state: State) -> Principal:
         raise ApiError(401, "invalid_api_key", "The Authorization header must be 'Bearer <key>'.",
                        headers=_CHALLENGE)
     try:
-        principal = await anyio.to_thread.run_sync(state.components.keys.authenticate, token.strip())
+        principal = await state.components.auth.authenticate(token.strip())
     except KeyStoreError:
         raise ApiError(503, "auth_unavailable",
                        "API keys cannot be checked right now (the database is unavailable).") from None

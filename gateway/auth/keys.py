@@ -16,6 +16,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Callable
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -71,8 +72,14 @@ class IssuedKey:
     key: ApiKey
 
 
-def _hash(secret: str) -> str:
+def key_digest(secret: str) -> str:
+    """The stored form of a key: SHA-256 of the whole secret (the principal cache is keyed by it too)."""
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def well_formed(presented: str) -> bool:
+    """True when ``presented`` has a key's shape (anything else is refused without a lookup)."""
+    return _KEY_RE.match(presented) is not None
 
 
 def _now() -> str:
@@ -86,11 +93,24 @@ def validate_name(kind: str, value: str) -> str:
     return value
 
 
-class KeyStore:
-    """Create, list, revoke and check keys in the gateway's database."""
+#: Told the id of a key whose access was narrowed, after the change is committed.
+KeyChanged = Callable[[str], None]
 
-    def __init__(self, engine: Engine) -> None:
+
+class KeyStore:
+    """Create, list, revoke and check keys in the gateway's database.
+
+    Running gateways cache principals (``gateway/auth/principal_cache.py``),
+    so every method that narrows what a key may do calls ``on_change`` with
+    the key id once its change is committed; the CLI passes a
+    :class:`gateway.auth.key_changes.KeyChangeAnnouncer`, which PUBLISHes it
+    to the gateways. Creating a key needs no signal: unknown keys are never
+    cached.
+    """
+
+    def __init__(self, engine: Engine, *, on_change: KeyChanged | None = None) -> None:
         self.engine = engine
+        self._on_change = on_change
 
     def create(self, user: str, *, team: str | None, roles: list[str], note: str | None = None) -> IssuedKey:
         validate_name("user", user)
@@ -100,7 +120,7 @@ class KeyStore:
             validate_name("role", role)
         key_id = secrets.token_hex(6)
         secret = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
-        row = ApiKey(key_id=key_id, key_hash=_hash(secret), user=user, team=team,
+        row = ApiKey(key_id=key_id, key_hash=key_digest(secret), user=user, team=team,
                      roles_json=json.dumps(sorted(set(roles))), created_at=_now(), note=note)
         try:
             with Session(self.engine, expire_on_commit=False) as session:
@@ -132,9 +152,11 @@ class KeyStore:
             with Session(self.engine) as session:
                 changed = session.exec(statement).rowcount
                 session.commit()
-                return changed == 1
         except SQLAlchemyError as exc:
             raise KeyStoreError(f"cannot revoke key {key_id}: {exc}") from exc
+        if changed == 1 and self._on_change is not None:
+            self._on_change(key_id)
+        return changed == 1
 
     def has_role(self, role: str) -> bool:
         """True when some live key carries ``role`` (``up`` uses it to make the admin key once)."""
@@ -152,6 +174,6 @@ class KeyStore:
             raise KeyStoreError(f"cannot read keys: {exc}") from exc
         # Compare even when the row is missing so timing does not reveal key ids.
         expected = row.key_hash if row is not None else "0" * 64
-        if not hmac.compare_digest(expected, _hash(presented)) or row is None or row.revoked_at:
+        if not hmac.compare_digest(expected, key_digest(presented)) or row is None or row.revoked_at:
             return None
         return Principal(id=row.user, team=row.team, roles=tuple(row.roles), key_id=row.key_id)

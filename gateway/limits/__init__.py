@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Any
 from gateway.limits.catalogue import LIMIT_NAMES, RETRYABLE_CODES, USAGE_LIMITS, UsageLimit
 
 if TYPE_CHECKING:
-    from gateway.limits.counters import CountersUnavailable, Refusal, Reservation, Scope, UsageCounters
+    from gateway.limits.counters import (CountersReply, CountersUnavailable, QueueAtLimit, QueueCheck, Refusal,
+                                         Reservation, Scope, UsageCounters)
 
 # Imported on first use: the decision parser reads the catalogue in the
 # policy's evaluator processes, which must not pay for redis (~100 ms).
-_COUNTERS_API = {"CountersUnavailable", "Refusal", "Reservation", "Scope", "UsageCounters"}
+_COUNTERS_API = {"CountersReply", "CountersUnavailable", "QueueAtLimit", "QueueCheck", "Refusal", "Reservation",
+                 "Scope", "UsageCounters"}
 
 
 def __getattr__(name: str) -> Any:
@@ -28,7 +30,10 @@ __all__ = [
     "LIMIT_NAMES",
     "RETRYABLE_CODES",
     "USAGE_LIMITS",
+    "CountersReply",
     "CountersUnavailable",
+    "QueueAtLimit",
+    "QueueCheck",
     "Refusal",
     "Reservation",
     "Scope",

@@ -1,9 +1,11 @@
 """Usage counters that every gateway replica shares and no request can race.
 
-Snapshot, reserve, settle and release are each one atomic Lua script
-(:mod:`gateway.limits.scripts`): a limit is only a limit if checking and
-recording usage are one step. Reservations, key layout and time:
-docs/architecture.md, "Usage counters".
+Every call is one atomic Lua script (:mod:`gateway.limits.scripts`): a
+limit is only a limit if checking and recording usage are one step. One
+call reads the snapshot the policy needs and the model's queue depth and
+may reserve in the same step; one more settles or releases. Reservations,
+key layout, time and the cost in Redis commands: docs/architecture.md,
+"Usage counters".
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ log = logging.getLogger(__name__)
 _US = 1_000_000
 WINDOW_S = 60
 _WINDOW_US = WINDOW_S * _US
-_WINDOW_TTL_MS = 2 * WINDOW_S * 1000
-_DAY_TTL_MS = 2 * 86_400 * 1000
-_MONTH_TTL_MS = 62 * 86_400 * 1000
+#: A scope's keys live this long after they are created or a month begins:
+#: more than a month, so an active scope's keys never expire under it.
+_SCOPE_TTL_MS = 62 * 86_400 * 1000
 _RECORD_TTL_MS = 2 * 86_400 * 1000
 _MAX_NAME = 100
 
@@ -124,13 +126,26 @@ def _escape(name: str) -> str:
     return "#" + hashlib.sha256(name.encode()).hexdigest()  # '#' never appears in a quoted name
 
 
-def _periods(now_us: int) -> tuple[str, int, str, int]:
-    """UTC day label, day end (µs), month label, month end (µs) for ``now_us``."""
-    day = datetime.fromtimestamp(now_us // _US, tz=timezone.utc).date()
-    next_day = day + timedelta(days=1)
-    next_month = date(day.year + 1, 1, 1) if day.month == 12 else date(day.year, day.month + 1, 1)
-    return (day.strftime("%Y%m%d"), calendar.timegm(next_day.timetuple()) * _US,
-            day.strftime("%Y%m"), calendar.timegm(next_month.timetuple()) * _US)
+@dataclass(frozen=True)
+class _Periods:
+    """The UTC day and month of an instant, as the scripts label them, and when they end."""
+
+    day: str
+    yesterday: str
+    day_end_us: int
+    month: str
+    last_month: str
+    month_end_us: int
+
+    @classmethod
+    def at(cls, now_us: int) -> "_Periods":
+        day = datetime.fromtimestamp(now_us // _US, tz=timezone.utc).date()
+        next_day = day + timedelta(days=1)
+        next_month = date(day.year + 1, 1, 1) if day.month == 12 else date(day.year, day.month + 1, 1)
+        last_month = day.replace(day=1) - timedelta(days=1)
+        return cls(day.strftime("%Y%m%d"), (day - timedelta(days=1)).strftime("%Y%m%d"),
+                   calendar.timegm(next_day.timetuple()) * _US, day.strftime("%Y%m"),
+                   last_month.strftime("%Y%m"), calendar.timegm(next_month.timetuple()) * _US)
 
 
 def _text(value: bytes | str) -> str:
@@ -168,6 +183,42 @@ def _message(scope: Scope, limit: UsageLimit, value: int, used: int, tokens: int
     return f"{text}; this request needs {tokens}"
 
 
+# --- what a call answers ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class QueueCheck:
+    """The model's queue, checked in the same step as the reservation.
+
+    ``keys`` are the Redis lists that hold its waiting messages (one per
+    priority); a request is refused while ``limit`` or more wait.
+    """
+
+    keys: tuple[str, ...]
+    limit: int
+
+
+@dataclass(frozen=True)
+class QueueAtLimit:
+    """The model's queue already holds ``limit`` waiting requests: nothing was reserved."""
+
+    waiting: int
+    limit: int
+
+
+@dataclass(frozen=True)
+class CountersReply:
+    """One call's answer: the usage before it, the queue depth, and the reservation's outcome.
+
+    ``usage`` is shaped as the policy input's ``usage`` document and never
+    includes this request; ``waiting`` is None when no queue was read;
+    ``outcome`` is None when nothing was to be reserved.
+    """
+
+    usage: dict[str, Any]
+    waiting: int | None
+    outcome: Reservation | Refusal | QueueAtLimit | None
+
+
 # --- the counters ------------------------------------------------------------
 
 class UsageCounters:
@@ -180,7 +231,6 @@ class UsageCounters:
         self._client = client
         self._tag = "{" + prefix + "}"
         self._fly_ttl_us = round(in_flight_ttl_s * _US)
-        self._fly_key_ttl_ms = self._fly_ttl_us // 1000 + _WINDOW_TTL_MS
         # releases of reserve calls that were cancelled mid-flight
         self._background: set[asyncio.Task] = set()
 
@@ -191,11 +241,9 @@ class UsageCounters:
 
     # The key layout is a table in docs/architecture.md, "Usage counters"; all
     # keys share the hash tag, so one script may touch them on Redis Cluster.
-    def _scope_keys(self, scope: Scope, now_us: int) -> list[str]:
+    def _scope_keys(self, scope: Scope) -> list[str]:
         base = f"{self._tag}:{scope.kind[0]}:{_escape(scope.name)}"
-        day, _, month, _ = _periods(now_us)
-        return [f"{base}:win", f"{base}:wtok", f"{base}:wsum", f"{base}:d:{day}", f"{base}:m:{month}",
-                f"{base}:fly"]
+        return [f"{base}:{name}" for name in scripts.SCOPE_KEYS]
 
     @staticmethod
     def _scopes(principal: str, team: str | None) -> tuple[Scope, ...]:
@@ -212,16 +260,7 @@ class UsageCounters:
 
     async def snapshot(self, principal: str, team: str | None, *, now: float | None = None) -> dict:
         """Current usage, shaped as the policy input's ``usage`` document."""
-        now_us = _micros(now)
-        scopes = self._scopes(principal, team)
-        keys = [k for s in scopes for k in self._scope_keys(s, now_us)]
-        reply = await self._run(scripts.SNAPSHOT, keys, [now_us, _WINDOW_US, len(scopes), ""])
-        views = [
-            {**{limit.counter: int(value) for limit, value in zip(USAGE_LIMITS, u)},
-             MINUTE_WINDOW_FREES_IN: _ceil_s(int(u[len(USAGE_LIMITS)]))}
-            for u in reply
-        ]
-        return {"principal": views[0], "team": views[1] if team is not None else None}
+        return (await self.admit(None, principal, team, None, 0, now=now)).usage
 
     async def held(self, request_id: str, principal: str, team: str | None) -> Reservation | None:
         """The request's reservation if it still holds tokens, for a caller that no longer has it.
@@ -230,10 +269,13 @@ class UsageCounters:
         its day and month); None once settled, released or expired.
         """
         try:
-            state, tokens, at = await self._client.hmget(self._record_key(request_id), "state", "tokens", "at")
+            record = await self._client.get(self._record_key(request_id))
         except (RedisError, OSError) as exc:
             raise CountersUnavailable(f"usage counters unavailable: {type(exc).__name__}: {exc}") from exc
-        if state is None or _text(state) != "reserved" or tokens is None or at is None:
+        if record is None:
+            return None
+        state, tokens, at = _text(record).split(" ")
+        if state != "reserved":
             return None
         return Reservation(request_id, self._scopes(principal, team), int(tokens), int(at) / _US)
 
@@ -252,28 +294,74 @@ class UsageCounters:
         """
         if not isinstance(request_id, str) or not request_id:
             raise ValueError("request_id must be a non-empty string")
+        outcome = (await self.admit(request_id, principal, team, limits, tokens, now=now)).outcome
+        assert isinstance(outcome, (Reservation, Refusal))  # no queue was checked
+        return outcome
+
+    async def admit(self, request_id: str | None, principal: str, team: str | None, limits: dict | None,
+                    tokens: int, *, queue: QueueCheck | None = None, replace: Reservation | None = None,
+                    now: float | None = None) -> CountersReply:
+        """Read usage and the queue depth and, given ``limits``, reserve ``tokens``: one script.
+
+        ``usage`` in the reply is what the counters held before this call, so
+        the policy may judge it although the reservation was already made.
+        ``limits`` None only reads (``request_id`` may then be None).
+        ``queue``: refuse (:class:`QueueAtLimit`, nothing reserved) while the
+        queue holds its limit, in the same step, so no request slips in
+        between the check and the reservation. ``replace``: the reservation
+        this request already holds is given back first, in the same step (a
+        reservation made under limits the policy then did not oblige).
+        """
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"tokens must be a non-negative integer, not {tokens!r}")
         scopes = self._scopes(principal, team)
-        limit_args = _limit_args(limits.get("principal"), "principal")
-        if team is not None:
-            limit_args += _limit_args(limits.get("team"), "team")
+        limit_args: list[int] = []
+        if limits is not None:
+            if not isinstance(request_id, str) or not request_id:
+                raise ValueError("request_id must be a non-empty string")
+            limit_args = _limit_args(limits.get("principal"), "principal")
+            if team is not None:
+                limit_args += _limit_args(limits.get("team"), "team")
         now_us = _micros(now)
-        _, day_end, _, month_end = _periods(now_us)
-        keys = [self._record_key(request_id)] + [k for s in scopes for k in self._scope_keys(s, now_us)]
-        args = [now_us, _WINDOW_US, len(scopes), request_id, tokens, now_us + self._fly_ttl_us, _WINDOW_TTL_MS,
-                self._fly_key_ttl_ms, _DAY_TTL_MS, _MONTH_TTL_MS, _RECORD_TTL_MS, day_end, month_end, *limit_args]
+        periods = _Periods.at(now_us)
+        replaced = _Periods.at(round(replace.at * _US)) if replace is not None else periods
+        keys = [self._record_key(request_id or "-")] + [k for s in scopes for k in self._scope_keys(s)]
+        keys += queue.keys if queue is not None else ()
+        args = [now_us, _WINDOW_US, len(scopes), request_id or "-", "snapshot" if limits is None else "reserve",
+                tokens, now_us + self._fly_ttl_us, _SCOPE_TTL_MS, _RECORD_TTL_MS, periods.day_end_us,
+                periods.month_end_us, periods.day, periods.yesterday, periods.month, periods.last_month,
+                queue.limit if queue is not None else -1, 1 if replace is not None else 0, replaced.day,
+                replaced.month, *limit_args]
         try:
-            reply = await self._run(scripts.RESERVE, keys, args)
+            reply = await self._run(scripts.ADMIT, keys, args)
         except asyncio.CancelledError:
-            # The script may have run although we will never see its reply.
-            self._release_in_background(Reservation(request_id, scopes, tokens, now_us / _US), now_us / _US)
+            if limits is not None:  # the script may have run although we will never see its reply
+                assert request_id is not None
+                self._release_in_background(Reservation(request_id, scopes, tokens, now_us / _US), now_us / _US)
             raise
+        views = [
+            {**{limit.counter: int(value) for limit, value in zip(USAGE_LIMITS, u)},
+             MINUTE_WINDOW_FREES_IN: _ceil_s(int(u[len(USAGE_LIMITS)]))}
+            for u in reply[:len(scopes)]
+        ]
+        usage = {"principal": views[0], "team": views[1] if team is not None else None}
+        waiting = int(reply[len(scopes)])
+        return CountersReply(usage, None if waiting < 0 else waiting,
+                             self._outcome(reply[len(scopes) + 1], request_id, scopes, tokens, now_us, queue))
+
+    def _outcome(self, reply: list, request_id: str | None, scopes: tuple[Scope, ...], tokens: int, now_us: int,
+                 queue: QueueCheck | None) -> Reservation | Refusal | QueueAtLimit | None:
         kind = _text(reply[0])
+        if kind == "snapshot":
+            return None
+        assert request_id is not None
         if kind == "reserved":
             return Reservation(request_id, scopes, tokens, now_us / _US)
         if kind == "held":
             return Reservation(request_id, scopes, int(reply[2]), int(reply[3]) / _US)
+        if kind == "queue_full":
+            assert queue is not None
+            return QueueAtLimit(int(reply[1]), queue.limit)
         scope_index, limit_index, limit, used, wait_us = (int(v) for v in reply[1:])
         scope = scopes[scope_index - 1]
         refusing = USAGE_LIMITS[limit_index - 1]
@@ -299,12 +387,18 @@ class UsageCounters:
         after a settle."""
         await self._finish(reservation, "released", 0, now)
 
+    async def undo(self, reservation: Reservation, *, now: float | None = None) -> None:
+        """Take back a reservation made ahead of a decision that did not admit
+        the request: as if it was never made (it leaves the rate window too,
+        as a denied request never entered it). A no-op once settled or released."""
+        await self._finish(reservation, "undone", 0, now)
+
     async def _finish(self, reservation: Reservation, mode: str, actual: int, now: float | None) -> None:
-        at_us = round(reservation.at * _US)
+        periods = _Periods.at(round(reservation.at * _US))
         keys = [self._record_key(reservation.request_id)]
-        keys += [k for s in reservation.scopes for k in self._scope_keys(s, at_us)]
+        keys += [k for s in reservation.scopes for k in self._scope_keys(s)]
         args = [_micros(now), _WINDOW_US, len(reservation.scopes), reservation.request_id, mode, actual,
-                _RECORD_TTL_MS]
+                _RECORD_TTL_MS, periods.day, periods.month, reservation.tokens, round(reservation.at * _US)]
         await self._run(scripts.FINISH, keys, args)
 
     def _release_in_background(self, reservation: Reservation, now: float) -> None:

@@ -1,7 +1,10 @@
 """The Lua scripts that check and record usage, each one atomic step in Redis.
 
-The keys they read and write, and why a minute window is a sorted set plus a
-running sum: docs/architecture.md, "Usage counters".
+Two scripts: ``ADMIT`` reads a snapshot of the counters and the model's queue
+depth and, in the same step, may check the limits and reserve (or refuse
+``queue_full``); ``FINISH`` settles, releases or undoes a reservation. The
+keys, why the layout is what it is and what each call costs in Redis
+commands: docs/architecture.md, "Usage counters".
 """
 
 from __future__ import annotations
@@ -13,185 +16,355 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 #: The counters the scripts keep per scope, in the order ``usage()`` returns
-#: them and the reserve script reads the limits (one limit per counter, in
-#: ``gateway.limits.catalogue`` order). A limit with a new counter needs a key
-#: and a line in ``usage()`` and ``wait()`` here.
+#: them and the admit script reads the limits (one limit per counter, in
+#: ``gateway.limits.catalogue`` order). A limit with a new counter needs a
+#: field and a line in ``usage()`` and ``wait()`` here.
 COUNTERS = ("requests_last_minute", "tokens_last_minute", "tokens_today", "tokens_this_month", "in_flight")
 
+#: Keys per scope, in the order the scripts read them: the window (sorted
+#: set), the counters (hash), the requests in flight (sorted set).
+SCOPE_KEYS = ("win", "h", "fly")
+
 # Lua quirks this code respects: numbers concatenated into strings are
-# formatted with %.14g (so µs timestamps would lose digits; numbers passed to
-# redis.call are formatted with %.17g and stay exact); a Lua number returned
-# to Redis becomes an integer (fractions are truncated); a missing value
-# from GET/HGET/HMGET is `false`, not nil.
+# formatted with %.14g (so µs timestamps would lose digits: they travel as
+# the ARGV strings they came in; numbers passed to redis.call are formatted
+# with %.17g and stay exact); a Lua number returned to Redis becomes an
+# integer (fractions are truncated); a missing value from GET/HMGET is
+# `false`, not nil.
 
 _PRELUDE = """
 local NOW = tonumber(ARGV[1])
 local WINDOW = tonumber(ARGV[2])
 local NSCOPES = tonumber(ARGV[3])
 local ID = ARGV[4]
+local WID = 'w:' .. ID
 
--- The six keys of scope i; the scope keys start at KEYS[first].
-local function scope(i, first)
-  local b = first + (i - 1) * 6
-  return {win = KEYS[b], wtok = KEYS[b + 1], wsum = KEYS[b + 2],
-          day = KEYS[b + 3], mon = KEYS[b + 4], fly = KEYS[b + 5]}
+-- The three keys of scope i (they follow the request record, KEYS[1]).
+local function scope(i)
+  local b = 2 + (i - 1) * 3
+  return {win = KEYS[b], h = KEYS[b + 1], fly = KEYS[b + 2]}
 end
 
--- Drop window entries at or before NOW - WINDOW (the window is (NOW-WINDOW, NOW]),
--- subtracting their tokens from the running sum; drop expired in-flight entries.
-local function prune(s)
-  local cutoff = NOW - WINDOW
-  while true do
-    local gone = redis.call('ZRANGEBYSCORE', s.win, '-inf', cutoff, 'LIMIT', 0, 256)
-    if #gone == 0 then break end
-    local freed = 0
-    for _, v in ipairs(redis.call('HMGET', s.wtok, unpack(gone))) do
-      if v then freed = freed + tonumber(v) end
+-- The counters hash: n and s (requests and tokens in the window), w:<id> (a
+-- request's tokens while it is in the window), D/d today's label and tokens,
+-- PD/pd the day before's, M/m and PM/pm the same for months.
+local PERIOD = {'D', 'd', 'PD', 'pd', 'M', 'm', 'PM', 'pm'}
+
+-- Add `delta` tokens to the day and month a request was charged to, if
+-- their counters are still kept (a period that is gone stays gone).
+local function charge(out, v, day, month, delta)
+  if v.D == day then out[#out + 1] = 'd'; out[#out + 1] = tonumber(v.d) + delta
+  elseif v.PD == day then out[#out + 1] = 'pd'; out[#out + 1] = tonumber(v.pd) + delta end
+  if v.M == month then out[#out + 1] = 'm'; out[#out + 1] = tonumber(v.m) + delta
+  elseif v.PM == month then out[#out + 1] = 'pm'; out[#out + 1] = tonumber(v.pm) + delta end
+end
+
+-- HMGET of `fields` as a table keyed by field name.
+local function hget(key, fields)
+  local got = redis.call('HMGET', key, unpack(fields))
+  local v = {}
+  for k, f in ipairs(fields) do v[f] = got[k] end
+  return v
+end
+
+-- The request `ID` is done with in scope s: its window tokens become `final`
+-- (or, `undo`, it leaves the window as if never made), its day and month are
+-- charged `final - reserved`, its in-flight slot is freed.
+local function finish(s, undo, reserved, final, day, month)
+  local v = hget(s.h, {'n', 's', WID, unpack(PERIOD)})
+  local out = {}
+  if v[WID] then
+    if undo then
+      redis.call('ZREM', s.win, ID)
+      redis.call('HDEL', s.h, WID)
+      out = {'n', tonumber(v.n) - 1, 's', tonumber(v.s) - tonumber(v[WID])}
+    else
+      out = {'s', tonumber(v.s) + final - tonumber(v[WID]), WID, final}
     end
-    redis.call('HDEL', s.wtok, unpack(gone))
-    redis.call('ZREM', s.win, unpack(gone))
-    if freed ~= 0 then redis.call('DECRBY', s.wsum, freed) end
   end
-  if redis.call('EXISTS', s.win) == 0 then redis.call('DEL', s.wtok, s.wsum) end
-  redis.call('ZREMRANGEBYSCORE', s.fly, '-inf', NOW)
-end
-
--- Current usage, one value per counter in COUNTERS order.
-local function usage(s)
-  prune(s)
-  return {redis.call('ZCARD', s.win),
-          tonumber(redis.call('GET', s.wsum) or 0),
-          tonumber(redis.call('GET', s.day) or 0),
-          tonumber(redis.call('GET', s.mon) or 0),
-          redis.call('ZCARD', s.fly)}
+  charge(out, v, day, month, final - reserved)
+  if #out > 0 then redis.call('HSET', s.h, unpack(out)) end
+  redis.call('ZREM', s.fly, ID)
 end
 """
 
-_RESERVE = _PRELUDE + """
--- KEYS[1] request record, then six keys per scope.
--- ARGV 5 tokens, 6 in-flight expiry, 7 window ttl ms, 8 in-flight ttl ms, 9 day ttl ms,
--- 10 month ttl ms, 11 record ttl ms, 12 day end, 13 month end, 14.. five limits per scope (-1: none)
-local TOKENS = tonumber(ARGV[5])
-local held = redis.call('HMGET', KEYS[1], 'state', 'tokens', 'at')
-if held[1] then return {'held', held[1], held[2], held[3]} end
+_ADMIT = _PRELUDE + """
+-- KEYS: [1] request record, three per scope, then the model's queue lists (maybe none).
+-- ARGV 5 'snapshot' | 'reserve', 6 tokens, 7 in-flight expiry (µs), 8 key ttl (ms), 9 record ttl (ms),
+-- 10 day end (µs), 11 month end (µs), 12 today, 13 yesterday, 14 this month, 15 last month,
+-- 16 queue limit (-1: none), 17 '1': replace a reservation this request holds (18, 19: its day and month),
+-- 20.. five limits per scope (-1: none).
+-- Returns {usage per scope (five counters and µs until the oldest window entry leaves),
+--          queue depth (-1: not read), outcome...}; outcome is {'snapshot'}, {'reserved'},
+-- {'held', state, tokens, at}, {'refused', scope, limit, value, used, wait µs} or {'queue_full', depth}.
+local MODE = ARGV[5]
+local TOKENS = tonumber(ARGV[6])
+local CUTOFF = NOW - WINDOW
+local FIRST = 8  -- window entries read at once: the oldest in-window one and what left since the last call
+local LAZY = 4   -- fewer entries than this that left the window are counted out but deleted later, together
+
+-- Prune scope s's window (entries at or before NOW - WINDOW leave with their
+-- tokens) and read its counters into s.
+local function load(s)
+  s.lag, s.lagged = 0, 0  -- entries that left the window but are still stored, and their tokens
+  local head = redis.call('ZRANGE', s.win, 0, FIRST - 1, 'WITHSCORES')
+  local gone = {}
+  for k = 1, #head, 2 do
+    if tonumber(head[k + 1]) <= CUTOFF then gone[#gone + 1] = 'w:' .. head[k]
+    elseif not s.oldest then s.oldest = tonumber(head[k + 1]) end
+  end
+  local fields = {'n', 's', unpack(PERIOD)}
+  for _, f in ipairs(gone) do fields[#fields + 1] = f end  -- the leaving entries' tokens too
+  local v = hget(s.h, fields)
+  for _, f in ipairs(PERIOD) do s[f] = v[f] end
+  if not v.n then
+    -- no counters hash (never written, or expired): nothing in the window is known
+    if #head > 0 then redis.call('DEL', s.win) end
+    s.n, s.s, s.oldest = 0, 0, nil
+  else
+    s.n, s.s = tonumber(v.n), tonumber(v.s)
+    local size, toks = FIRST, {}
+    for k, f in ipairs(gone) do toks[k] = v[f] end
+    if #gone > 0 and #gone < LAZY and s.oldest then
+      -- A few left (and the head shows where the window begins): they are
+      -- counted out of n and s here, but stay stored until more have left,
+      -- so that steady traffic pays the two deletions once per LAZY calls.
+      s.lag = #gone
+      for k = 1, #gone do
+        if toks[k] then s.lagged = s.lagged + tonumber(toks[k]) end
+      end
+      gone = {}
+    end
+    while #gone > 0 do
+      for k = 1, #gone do
+        if toks[k] then s.s = s.s - tonumber(toks[k]) end
+      end
+      redis.call('HDEL', s.h, unpack(gone))
+      redis.call('ZREMRANGEBYRANK', s.win, 0, #gone - 1)
+      s.n, s.dirty = s.n - #gone, true
+      if s.oldest or #gone < size then break end
+      -- all of the head had left: read on until the window's first entry
+      gone, size = {}, 256
+      local batch = redis.call('ZRANGE', s.win, 0, 255, 'WITHSCORES')
+      for k = 1, #batch, 2 do
+        if tonumber(batch[k + 1]) <= CUTOFF then gone[#gone + 1] = 'w:' .. batch[k]
+        elseif not s.oldest then s.oldest = tonumber(batch[k + 1]) end
+      end
+      if #gone > 0 then toks = redis.call('HMGET', s.h, unpack(gone)) end
+    end
+  end
+  -- (the day before's counter answers a caller whose clock is behind the last writer's)
+  s.today = (s.D == ARGV[12] and tonumber(s.d)) or (s.PD == ARGV[12] and tonumber(s.pd)) or 0
+  s.month = (s.M == ARGV[14] and tonumber(s.m)) or (s.PM == ARGV[14] and tonumber(s.pm)) or 0
+  s.flying = redis.call('ZCOUNT', s.fly, '(' .. ARGV[1], '+inf')
+  s.usage = {s.n - s.lag, s.s - s.lagged, s.today, s.month, s.flying}
+end
 
 -- Microseconds until limit j of scope s admits the request, given it fails now.
 local function wait(j, s, used, limit)
   if j == 1 then
-    -- the (used + 1 - limit)-th oldest request has to leave the window
-    local entry = redis.call('ZRANGE', s.win, used - limit, used - limit, 'WITHSCORES')
+    -- the (used + 1 - limit)-th oldest request in the window has to leave it
+    local rank = s.lag + used - limit
+    local entry = redis.call('ZRANGE', s.win, rank, rank, 'WITHSCORES')
     if entry[2] then return tonumber(entry[2]) + WINDOW - NOW end
     return WINDOW
   elseif j == 2 then
     if TOKENS > limit then return WINDOW end
-    local must_free, freed, start = used + TOKENS - limit, 0, 0
+    local must_free, freed, start = used + TOKENS - limit, 0, s.lag
     while true do
       local batch = redis.call('ZRANGE', s.win, start, start + 255, 'WITHSCORES')
       if #batch == 0 then return WINDOW end
       local ids = {}
-      for k = 1, #batch, 2 do ids[#ids + 1] = batch[k] end
-      local toks = redis.call('HMGET', s.wtok, unpack(ids))
+      for k = 1, #batch, 2 do ids[#ids + 1] = 'w:' .. batch[k] end
+      local toks = redis.call('HMGET', s.h, unpack(ids))
       for k = 1, #ids do
         if toks[k] then freed = freed + tonumber(toks[k]) end
         if freed >= must_free then return tonumber(batch[2 * k]) + WINDOW - NOW end
       end
       start = start + 256
     end
-  elseif j == 3 then return tonumber(ARGV[12]) - NOW
-  elseif j == 4 then return tonumber(ARGV[13]) - NOW
+  elseif j == 3 then return tonumber(ARGV[10]) - NOW
+  elseif j == 4 then return tonumber(ARGV[11]) - NOW
   end
   return 1000000
 end
 
-local scopes, best = {}, nil
+-- Charge TOKENS to the period `label` (the one before it: `before`); L/l
+-- are the fields of the current period's label and count, PL/pl the
+-- previous one's. Returns true when this write begins a new period.
+local function advance(out, s, L, l, PL, pl, label, before)
+  local function put(...) for _, x in ipairs({...}) do out[#out + 1] = x end end
+  if s[L] == label then put(l, tonumber(s[l]) + TOKENS); return false end
+  if s[L] and label < s[L] then
+    -- a replica whose clock is behind the last writer's, around midnight
+    if s[PL] == label then put(pl, tonumber(s[pl]) + TOKENS) end
+    return false
+  end
+  local keep = s[L] == before
+  put(PL, keep and s[L] or '', pl, keep and s[l] or 0, L, label, l, TOKENS)
+  return true
+end
+
+-- Record the request in scope s: one request and TOKENS tokens in the window,
+-- today and this month, one in flight. Keys get their TTL when they are
+-- created and when a month begins, not on every write (an active scope's
+-- keys are renewed at least monthly; the TTL outlasts a month).
+local function add(s)
+  local out = {'n', s.n + 1, 's', s.s + TOKENS, WID, TOKENS}
+  advance(out, s, 'D', 'd', 'PD', 'pd', ARGV[12], ARGV[13])
+  local new_month = advance(out, s, 'M', 'm', 'PM', 'pm', ARGV[14], ARGV[15])
+  redis.call('HSET', s.h, unpack(out))
+  redis.call('ZADD', s.win, ARGV[1], ID)
+  redis.call('ZADD', s.fly, ARGV[7], ID)
+  if new_month or s.n == 0 then
+    -- The hash or the window was created: all three get the scope's
+    -- lifetime. The in-flight set keeps a member '' (score 0, never counted)
+    -- so that it is never emptied and re-created without a TTL; entries
+    -- left by a gateway that died are dropped here too.
+    redis.call('ZREMRANGEBYSCORE', s.fly, '(0', ARGV[1])
+    redis.call('ZADD', s.fly, 0, '')
+    redis.call('PEXPIRE', s.h, ARGV[8])
+    redis.call('PEXPIRE', s.win, ARGV[8])
+    redis.call('PEXPIRE', s.fly, ARGV[8])
+  end
+end
+
+local function depth()
+  local first = 2 + 3 * NSCOPES
+  if #KEYS < first then return -1 end
+  local nonempty = redis.call('EXISTS', unpack(KEYS, first))
+  local total = 0
+  for k = first, #KEYS do
+    if nonempty == 0 then break end
+    local n = redis.call('LLEN', KEYS[k])
+    if n > 0 then total, nonempty = total + n, nonempty - 1 end
+  end
+  return total
+end
+
+local function reply(scopes, waiting, outcome)
+  local out = {}
+  for i = 1, NSCOPES do
+    local s = scopes[i]
+    local u = {unpack(s.usage)}
+    u[6] = s.oldest and (s.oldest + WINDOW - NOW) or 0
+    out[i] = u
+  end
+  out[NSCOPES + 1] = waiting
+  out[NSCOPES + 2] = outcome
+  return out
+end
+
+-- The request's record: claimed first (one SET NX, given back on a refusal);
+-- a request that has one already is answered from it.
+local RECORD = 'reserved ' .. ARGV[6] .. ' ' .. ARGV[1]
+local held, claimed = nil, false
+if MODE == 'reserve' then
+  if ARGV[17] == '1' then
+    held = redis.call('GET', KEYS[1])
+    local state, tokens = string.match(held or '', '^(%S+) (%S+)')
+    if state == 'reserved' then
+      for i = 1, NSCOPES do finish(scope(i), true, tonumber(tokens), 0, ARGV[18], ARGV[19]) end
+      -- the record now speaks for the new reservation (and goes if it is refused)
+      claimed, held = redis.call('SET', KEYS[1], RECORD, 'PX', ARGV[9]), nil
+    end
+  else
+    claimed = redis.call('SET', KEYS[1], RECORD, 'NX', 'PX', ARGV[9])
+    if not claimed then held = redis.call('GET', KEYS[1]) end
+  end
+end
+
+local scopes = {}
+for i = 1, NSCOPES do
+  scopes[i] = scope(i)
+  load(scopes[i])
+end
+local waiting = depth()
+
+if MODE ~= 'reserve' then
+  for i = 1, NSCOPES do
+    local s = scopes[i]
+    if s.dirty then redis.call('HSET', s.h, 'n', s.n, 's', s.s) end
+  end
+  return reply(scopes, waiting, {'snapshot'})
+end
+if held then
+  local state, tokens, at = string.match(held, '^(%S+) (%S+) (%S+)$')
+  for i = 1, NSCOPES do
+    local s = scopes[i]
+    if s.dirty then redis.call('HSET', s.h, 'n', s.n, 's', s.s) end
+  end
+  return reply(scopes, waiting, {'held', state, tokens, at})
+end
+
+local best = nil
 local need = {1, TOKENS, TOKENS, TOKENS, 1}
 for i = 1, NSCOPES do
-  local s = scope(i, 2)
-  scopes[i] = s
-  local u = usage(s)
+  local s = scopes[i]
   for j = 1, 5 do
-    local limit = tonumber(ARGV[13 + (i - 1) * 5 + j])
-    if limit >= 0 and u[j] + need[j] > limit then
-      local w = wait(j, s, u[j], limit)
-      if best == nil or w > best[5] then best = {i, j, limit, u[j], w} end
+    local limit = tonumber(ARGV[19 + (i - 1) * 5 + j])
+    if limit >= 0 and s.usage[j] + need[j] > limit then
+      local w = wait(j, s, s.usage[j], limit)
+      if best == nil or w > best[5] then best = {i, j, limit, s.usage[j], w} end
     end
   end
 end
-if best then return {'refused', best[1], best[2], best[3], best[4], best[5]} end
-
-for i = 1, NSCOPES do
-  local s = scopes[i]
-  redis.call('ZADD', s.win, ARGV[1], ID)
-  redis.call('HSET', s.wtok, ID, ARGV[5])
-  redis.call('INCRBY', s.wsum, ARGV[5])
-  redis.call('PEXPIRE', s.win, ARGV[7])
-  redis.call('PEXPIRE', s.wtok, ARGV[7])
-  redis.call('PEXPIRE', s.wsum, ARGV[7])
-  redis.call('INCRBY', s.day, ARGV[5])
-  redis.call('PEXPIRE', s.day, ARGV[9])
-  redis.call('INCRBY', s.mon, ARGV[5])
-  redis.call('PEXPIRE', s.mon, ARGV[10])
-  redis.call('ZADD', s.fly, ARGV[6], ID)
-  redis.call('PEXPIRE', s.fly, ARGV[8])
+local outcome
+local limit = tonumber(ARGV[16])
+if best then
+  outcome = {'refused', best[1], best[2], best[3], best[4], best[5]}
+elseif limit >= 0 and waiting >= limit then
+  outcome = {'queue_full', waiting}
 end
-redis.call('HSET', KEYS[1], 'state', 'reserved', 'tokens', ARGV[5], 'at', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[11])
-return {'reserved'}
+if outcome then
+  if claimed then redis.call('DEL', KEYS[1]) end
+  for i = 1, NSCOPES do
+    local s = scopes[i]
+    if s.dirty then redis.call('HSET', s.h, 'n', s.n, 's', s.s) end
+  end
+  return reply(scopes, waiting, outcome)
+end
+for i = 1, NSCOPES do add(scopes[i]) end
+if not claimed then redis.call('SET', KEYS[1], RECORD, 'PX', ARGV[9]) end
+return reply(scopes, waiting, {'reserved'})
 """
 
 _FINISH = _PRELUDE + """
--- KEYS[1] request record, then six keys per scope (day/month of the reservation).
--- ARGV 5 'settled' | 'released', 6 tokens actually used (settle), 7 record ttl ms.
+-- KEYS[1] request record, then three keys per scope.
+-- ARGV 5 'settled' | 'released' | 'undone', 6 tokens actually used (settle), 7 record ttl (ms),
+-- 8 the reservation's day, 9 its month, 10 its tokens, 11 its time (µs).
 local MODE = ARGV[5]
-local held = redis.call('HMGET', KEYS[1], 'state', 'tokens')
-if not held[1] then
+-- One SET ... GET marks the record and reads what it was; the rare cases put it right.
+local held = redis.call('SET', KEYS[1], MODE .. ' ' .. ARGV[10] .. ' ' .. ARGV[11], 'KEEPTTL', 'GET')
+if not held then
   -- Unknown request: a release leaves a tombstone so that a reserve still on
   -- its way (e.g. a cancelled call whose script had not run yet) is a no-op.
-  if MODE == 'released' then
-    redis.call('HSET', KEYS[1], 'state', 'released', 'tokens', 0, 'at', ARGV[1])
-    redis.call('PEXPIRE', KEYS[1], ARGV[7])
-  end
+  if MODE == 'settled' then redis.call('DEL', KEYS[1])
+  else redis.call('SET', KEYS[1], 'released 0 ' .. ARGV[1], 'PX', ARGV[7]) end
   return 0
 end
-if held[1] ~= 'reserved' then return 0 end
-local reserved = tonumber(held[2])
+local state, tokens = string.match(held, '^(%S+) (%S+)')
+if state ~= 'reserved' then
+  redis.call('SET', KEYS[1], held, 'KEEPTTL')  -- settled or released already: as it was
+  return 0
+end
 local final = 0
 if MODE == 'settled' then final = tonumber(ARGV[6]) end
 for i = 1, NSCOPES do
-  local s = scope(i, 2)
-  prune(s)
-  local counted = redis.call('HGET', s.wtok, ID)
-  if counted then
-    redis.call('HSET', s.wtok, ID, final)
-    redis.call('INCRBY', s.wsum, final - tonumber(counted))
-  end
-  -- a counter that expired must not be re-created without a TTL
-  if redis.call('EXISTS', s.day) == 1 then redis.call('INCRBY', s.day, final - reserved) end
-  if redis.call('EXISTS', s.mon) == 1 then redis.call('INCRBY', s.mon, final - reserved) end
-  redis.call('ZREM', s.fly, ID)
+  finish(scope(i), MODE == 'undone', tonumber(tokens), final, ARGV[8], ARGV[9])
 end
-redis.call('HSET', KEYS[1], 'state', MODE, 'actual', final)
 return 1
-"""
-
-_SNAPSHOT = _PRELUDE + """
--- KEYS: six per scope. Returns per scope the five usages and µs until the
--- oldest window entry leaves (0 when the window is empty).
-local out = {}
-for i = 1, NSCOPES do
-  local s = scope(i, 1)
-  local u = usage(s)
-  local oldest = redis.call('ZRANGE', s.win, 0, 0, 'WITHSCORES')
-  if oldest[2] then u[6] = tonumber(oldest[2]) + WINDOW - NOW else u[6] = 0 end
-  out[i] = u
-end
-return out
 """
 
 
 class Script:
     """A Lua script run by SHA; after a SCRIPT FLUSH or a Redis restart
-    (NOSCRIPT) it is loaded again and retried once."""
+    (NOSCRIPT) it is loaded again and retried once.
+
+    The SHA is computed here once, so the common call is one ``EVALSHA``
+    that sends no source (redis-py's own ``Script`` object would do the
+    same, but it may not be shared across clients of different pools).
+    """
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -205,6 +378,5 @@ class Script:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
-RESERVE = Script(_RESERVE)
+ADMIT = Script(_ADMIT)
 FINISH = Script(_FINISH)
-SNAPSHOT = Script(_SNAPSHOT)

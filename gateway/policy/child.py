@@ -13,6 +13,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from gateway.policy.config_check import CONFIG_PROBLEMS_RULE, config_refusal
+
 #: The rule whose value is the decision for one request.
 DECISION_RULE = "data.govgate.decision"
 #: The rule whose value is the set of model names a principal may use.
@@ -75,7 +77,9 @@ def child_main() -> None:
 
 def _build_engine(modules: list[tuple[str, str]], data: list[str]) -> Any:
     """Compile the policy, and prove it: regorus reports some errors (unsafe
-    variables, a missing entry point) only when a rule is first evaluated."""
+    variables, a missing entry point) only when a rule is first evaluated.
+    Then check the data once (:mod:`gateway.policy.config_check`), so that no
+    decision has to."""
     import regorus
 
     engine = regorus.Engine()
@@ -92,7 +96,22 @@ def _build_engine(modules: list[tuple[str, str]], data: list[str]) -> Any:
             if "not a valid rule path" in str(exc):
                 raise RuntimeError(f"the policy defines no rule {rule}") from None
             raise RuntimeError(f"the policy fails a trial evaluation of {rule} with an empty input: {exc}") from None
+    refusal = config_refusal(_config_problems(engine))
+    if refusal is not None:
+        raise RuntimeError(refusal)
     return engine
+
+
+def _config_problems(engine: Any) -> Any:
+    """The value of ``config_problems`` (None when the policy has no such rule)."""
+    engine.set_input_json("{}")
+    try:
+        value = engine.eval_rule_as_json(CONFIG_PROBLEMS_RULE)
+    except RuntimeError as exc:
+        if "not a valid rule path" in str(exc):
+            return None
+        raise RuntimeError(f"the policy fails its data check ({CONFIG_PROBLEMS_RULE}): {exc}") from None
+    return None if value == _UNDEFINED_JSON else json.loads(value)
 
 
 def _evaluate(engine: Any, request: bytes) -> bytes:

@@ -31,7 +31,14 @@ from gateway.policy.engine import (
     VISIBLE_MODELS_RULE,
     PolicyLoadError,
 )
-from gateway.policy.opa_sync import describe_error, read_back, read_snapshot, upload_policy, verify_policy
+from gateway.policy.opa_sync import (
+    check_config,
+    describe_error,
+    read_back,
+    read_snapshot,
+    upload_policy,
+    verify_policy,
+)
 from gateway.policy.revision import PolicySnapshot, compute_revision
 
 log = logging.getLogger("govgate.policy")
@@ -142,8 +149,10 @@ class OpaPolicyEngine:
 
         With ``load=False`` OPA is assumed to have loaded the folder itself
         (``opa run --server /policies``); only the proof is done. Either way
-        OPA must then report the same revision as ``policy_dir``, or
-        ``PolicyLoadError`` is raised. ``load=True`` makes OPA's modules and
+        OPA must then report the same revision as ``policy_dir``, and the
+        policy must find no problem in its data (``config_problems``, checked
+        here once rather than on every decision), or ``PolicyLoadError`` is
+        raised. ``load=True`` makes OPA's modules and
         base data exactly the folder's: other modules on OPA are deleted.
 
         A failed load may leave OPA partly loaded; to change the policy of a
@@ -167,6 +176,7 @@ class OpaPolicyEngine:
                 await upload_policy(client, snapshot)
         async with engine._admin("read the policy back from OPA") as client:
             await verify_policy(client, snapshot, engine._url, Path(policy_dir))
+            await check_config(client, Path(policy_dir))
         # The decision session: its own timeout is only a backstop behind wait_for.
         engine._client = await engine._stack.enter_async_context(address.client(timeout_s + 1.0))
         log.info("policy revision %s on OPA at %s (%s)", snapshot.revision, engine._url,
@@ -247,6 +257,7 @@ class OpaPolicyEngine:
                         await upload_policy(client, snapshot)
                 async with self._admin("read the policy back from OPA") as client:
                     await verify_policy(client, snapshot, self._url, folder)
+                    await check_config(client, folder)
             except PolicyLoadError:
                 await self._restore()
                 raise

@@ -17,6 +17,7 @@ import aiohttp
 from opa_client import AsyncOpaClient
 from opa_client.errors import ConnectionsError, DeletePolicyError, PolicyNotFoundError, RegoParseError, TypeException
 
+from gateway.policy.config_check import CONFIG_PROBLEMS_RULE, config_refusal
 from gateway.policy.engine import DECISION_RULE, VISIBLE_MODELS_RULE, PolicyLoadError
 from gateway.policy.revision import PolicyFilesError, PolicySnapshot, compute_revision, module_name, read_policy
 
@@ -165,6 +166,21 @@ async def verify_policy(client: AsyncOpaClient, snapshot: PolicySnapshot, url: s
     for rule in (DECISION_RULE, VISIBLE_MODELS_RULE):
         if rule.replace(".", "/") not in defined:
             raise PolicyLoadError(f"the policy in {folder} defines no rule {rule}")
+
+
+async def check_config(client: AsyncOpaClient, folder: Path) -> None:
+    """Raise ``PolicyLoadError`` when the policy OPA holds finds problems in its own data.
+
+    The decision rules rely on data that passed this check, which no decision
+    repeats (:mod:`gateway.policy.config_check`); run it once OPA is proven to
+    hold the folder's revision.
+    """
+    package, _, name = CONFIG_PROBLEMS_RULE.removeprefix("data.").rpartition(".")
+    body = await client.query_rule({}, package, name)
+    problems = body.get("result") if isinstance(body, dict) else body
+    refusal = config_refusal(problems)
+    if refusal is not None:
+        raise PolicyLoadError(f"the policy in {folder} is refused: {refusal}")
 
 
 def _difference(local_modules: list[tuple[str, str]], remote_modules: list[tuple[str, str]],

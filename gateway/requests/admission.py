@@ -3,6 +3,14 @@
 The request entry (with its decision and policy revision) is written before
 anything is queued, for denied and refused requests too; a body refused
 before any decision is recorded as ``rejected``.
+
+Usage costs one Redis call in the common case: the call that reads the
+snapshot for the policy also reserves, ahead of the decision, against the
+``limits`` the policy obliged last time for this principal, team and model,
+and checks the model's queue. The reservation stands only if the decision
+then obliges exactly those limits and grants the tokens reserved; otherwise
+it is replaced (one more call) or undone. docs/architecture.md, "Usage
+counters", says why this is as sound as reserving after the decision.
 """
 
 from __future__ import annotations
@@ -13,12 +21,11 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from gateway.auth import Principal
-from gateway.dispatch import queue_depth
 from gateway.api_errors import ApiError, errors_of
-from gateway.limits import CountersUnavailable, Refusal, Reservation, UsageCounters
+from gateway.limits import CountersReply, CountersUnavailable, QueueAtLimit, Refusal, Reservation, UsageCounters
+from gateway.limits.queue import model_queue
 from gateway.limits.charge import prompt_tokens_to_hold
 from gateway.policy import POLICY_ERROR, Decision
 from gateway.policy.reloader import ReloadingPolicyEngine
@@ -26,12 +33,12 @@ from gateway.requests.audit_records import request_record
 from gateway.requests.fit import PromptCounter, check_fits
 from gateway.requests.parsing import parse_body
 from gateway.requests.policy_input import build_input, prompt_text
-from gateway.requests.refusals import (AdmissionRefusal, ContextTooLong, OverLimit, QueueFull, QueueUnreachable,
-                                       UsageUnavailable, denial)
+from gateway.requests.refusals import (AdmissionRefusal, ContextTooLong, OverLimit, QueueFull, UsageUnavailable,
+                                       denial)
 from gateway.requests.request_log import RequestLog
 from gateway.requests.schemas import REQUEST_SHAPES, ChatCompletionRequest, CompletionRequest
 from gateway.requests.ticket import Ticket
-from gateway.requests.usage import release_reservation
+from gateway.requests.usage import release_reservation, undo_reservation
 from workers.contract.jobs import GenerateJob
 from workers.contract.privacy import Digester
 from workers.contract.registry import ModelSpec, Registry
@@ -41,6 +48,17 @@ from workers.contract.sampling import SamplingParams
 NO_LIMITS: dict[str, Any] = {"principal": {}, "team": None}
 
 Request = ChatCompletionRequest | CompletionRequest
+
+#: Principal, team and model whose last allowed decision's obligations are remembered (bounded, oldest dropped).
+_GUESSES_KEPT = 4096
+
+
+@dataclass(frozen=True)
+class Obliged:
+    """What the last allowed decision for a principal, team and model obliged: the next one's likely terms."""
+
+    limits: dict[str, Any]
+    priority: int | None
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,22 @@ class Verdict:
     policy_input: dict[str, Any]
     #: Set when the usage counters could not be read: refused whatever the decision.
     counters_down: UsageUnavailable | None = None
+    #: The reservation tried with the snapshot, ahead of the decision (None: none was tried).
+    early: "EarlyReservation | None" = None
+
+
+@dataclass(frozen=True)
+class EarlyReservation:
+    """What the snapshot's call reserved (or refused) before the policy decided, and under what."""
+
+    limits: dict[str, Any]
+    tokens: int
+    prompt_tokens: int | None
+    reply: CountersReply
+
+    @property
+    def reservation(self) -> Reservation | None:
+        return self.reply.outcome if isinstance(self.reply.outcome, Reservation) else None
 
 
 class Admission:
@@ -81,11 +115,13 @@ class Admission:
         self.policy = policy
         self.counters = counters
         self.request_log = request_log
-        self.redis = redis
+        self.redis = redis  # the queue depth is read by the counters' script now; kept for callers that pass it
         self.digester = digester
         self.default_max_tokens = default_max_tokens
         self.max_queued_per_model = max_queued_per_model
         self.prompt_counter = PromptCounter()
+        #: (principal, team, model) → what its last allowed decision obliged.
+        self._obliged: dict[tuple[str, str | None, str], Obliged] = {}
 
     async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
                     purpose_header: str | None) -> Ticket:
@@ -97,13 +133,18 @@ class Admission:
             requested_max = request.requested_max_tokens(self.default_max_tokens)
             purpose = purpose_header or (request.metadata or {}).get("purpose")
             messages, prompt = request.prompt_parts()
-            verdict = await self._decide(principal, endpoint, request, spec, purpose, requested_max, messages,
-                                         prompt)
+            verdict = await self._decide(request_id, principal, endpoint, request, spec, purpose, requested_max,
+                                         messages, prompt)
             decision = verdict.decision
             params = request.sampling_params(decision.obligations.max_tokens if decision.allow else requested_max,
                                              spec.repetition_penalty)
-            admission = await self._reserve(request_id, principal, spec, decision, params, messages, prompt) \
-                if decision.allow else None
+            if decision.allow and verdict.counters_down is None:
+                admission = await self._reserve(request_id, principal, spec, decision, params, messages, prompt,
+                                                verdict.early)
+            else:
+                admission = None
+                if verdict.early is not None and verdict.early.reservation is not None:
+                    await undo_reservation(self.counters, verdict.early.reservation)
             body = request_record(endpoint=endpoint, principal=principal, purpose=purpose, stream=request.stream,
                                   params=params, requested_max_tokens=requested_max, decision=decision,
                                   admission=None if admission is None else admission.record(),
@@ -150,13 +191,26 @@ class Admission:
             raise
         return request, spec
 
-    async def _decide(self, principal: Principal, endpoint: str, request: Request, spec: ModelSpec,
-                      purpose: str | None, requested_max: int, messages: list[dict[str, str]] | None,
-                      prompt: str | None) -> Verdict:
-        """Ask the policy, showing it the principal's and team's usage; without usage, fail closed."""
-        counters_down = None
+    async def _decide(self, request_id: str, principal: Principal, endpoint: str, request: Request,
+                      spec: ModelSpec, purpose: str | None, requested_max: int,
+                      messages: list[dict[str, str]] | None, prompt: str | None) -> Verdict:
+        """Ask the policy, showing it the principal's and team's usage; without usage, fail closed.
+
+        The call that reads the usage also reserves, when the limits the
+        policy will oblige can be guessed (see the module docstring).
+        """
+        counters_down, early = None, None
+        guess = self._obliged.get((principal.id, principal.team, spec.name))
         try:
-            usage = await self.counters.snapshot(principal.id, principal.team)
+            if guess is None:
+                usage = await self.counters.snapshot(principal.id, principal.team)
+            else:
+                prompt_tokens = await self.prompt_counter.count(spec, messages, prompt)
+                tokens = prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt)) + requested_max
+                reply = await self.counters.admit(
+                    request_id, principal.id, principal.team, guess.limits, tokens,
+                    queue=model_queue(spec.name, self.max_queued_per_model, guess.priority))
+                usage, early = reply.usage, EarlyReservation(guess.limits, tokens, prompt_tokens, reply)
         except CountersUnavailable as exc:
             usage, counters_down = None, UsageUnavailable(str(exc))
         policy_input = build_input(principal=principal, endpoint=endpoint, model=spec, max_tokens=requested_max,
@@ -166,39 +220,66 @@ class Admission:
             decision = Decision.fail_closed("usage_unavailable",
                                             f"usage counters are unavailable: {counters_down.message}")
             return Verdict(decision, self.policy.revision, policy_input, counters_down)
-        decision, revision = await self.policy.decide_with_revision(policy_input)
+        try:
+            decision, revision = await self.policy.decide_with_revision(policy_input)
+        except BaseException:
+            if early is not None and early.reservation is not None:
+                await undo_reservation(self.counters, early.reservation)
+            raise
         if decision.allow and decision.obligations.max_tokens < 1:  # nothing could be generated
             decision = Decision.fail_closed(POLICY_ERROR, "the policy allowed the request with max_tokens 0")
-        return Verdict(decision, revision, policy_input)
+        return Verdict(decision, revision, policy_input, early=early)
 
     async def _reserve(self, request_id: str, principal: Principal, spec: ModelSpec, decision: Decision,
-                       params: SamplingParams, messages: list[dict[str, str]] | None,
-                       prompt: str | None) -> Admitted | AdmissionRefusal:
-        """Check the prompt fits, reserve the request's tokens against its limits, then check the queue.
+                       params: SamplingParams, messages: list[dict[str, str]] | None, prompt: str | None,
+                       early: EarlyReservation | None) -> Admitted | AdmissionRefusal:
+        """Check the prompt fits, then hold the request's tokens against its limits and check the queue.
 
         The policy judged a snapshot of the counters; the reservation is the
-        atomic check that enforces the same limits however many requests race.
+        atomic check that enforces the same limits however many requests
+        race. The early reservation stands if it was made under exactly the
+        decision's limits and tokens; else it is replaced in one call.
         """
         max_tokens = params.max_tokens
-        prompt_tokens = await self.prompt_counter.count(spec, messages, prompt)  # text checked by check_fits
+        if early is not None:
+            prompt_tokens = early.prompt_tokens
+        else:
+            prompt_tokens = await self.prompt_counter.count(spec, messages, prompt)  # text checked by check_fits
         if prompt_tokens is not None and prompt_tokens + max_tokens > spec.context_length:
+            if early is not None and early.reservation is not None:
+                await undo_reservation(self.counters, early.reservation)
             return ContextTooLong(prompt_tokens, max_tokens, spec.context_length)
         limits = decision.obligations.limits
+        wanted = NO_LIMITS if limits is None else limits.to_document()
         held_prompt = prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt))
         reserved = held_prompt + max_tokens  # budgets count prompt and completion tokens
-        try:
-            outcome = await self.counters.reserve(request_id, principal.id, principal.team,
-                                                  NO_LIMITS if limits is None else limits.to_document(), reserved)
-        except CountersUnavailable as exc:
-            return UsageUnavailable(str(exc))
+        priority = decision.obligations.priority
+        self._remember(principal, spec, Obliged(wanted, priority))
+        if early is not None and early.limits == wanted and early.tokens == reserved:
+            reply = early.reply
+        else:
+            try:
+                reply = await self.counters.admit(request_id, principal.id, principal.team, wanted, reserved,
+                                                  queue=model_queue(spec.name, self.max_queued_per_model,
+                                                                    priority),
+                                                  replace=None if early is None else early.reservation)
+            except CountersUnavailable as exc:
+                if early is not None and early.reservation is not None:
+                    await undo_reservation(self.counters, early.reservation)
+                return UsageUnavailable(str(exc))
+        outcome = reply.outcome
         if isinstance(outcome, Refusal):
             return OverLimit(outcome)
-        try:
-            waiting = await queue_depth(self.redis, spec.name)
-        except (RedisError, OSError) as exc:
-            await release_reservation(self.counters, outcome)
-            return QueueUnreachable(str(exc))
-        if waiting >= self.max_queued_per_model:
-            await release_reservation(self.counters, outcome)
-            return QueueFull(waiting, self.max_queued_per_model)
-        return Admitted(outcome, reserved, prompt_tokens, waiting)
+        if isinstance(outcome, QueueAtLimit):
+            return QueueFull(outcome.waiting, outcome.limit)
+        assert isinstance(outcome, Reservation) and reply.waiting is not None
+        return Admitted(outcome, reserved, prompt_tokens, reply.waiting)
+
+    def _remember(self, principal: Principal, spec: ModelSpec, obliged: Obliged) -> None:
+        """Keep what an allowed decision obliged, to reserve against it with the next snapshot."""
+        key = (principal.id, principal.team, spec.name)
+        if self._obliged.get(key) == obliged:
+            return
+        if len(self._obliged) >= _GUESSES_KEPT:
+            del self._obliged[next(iter(self._obliged))]
+        self._obliged[key] = obliged

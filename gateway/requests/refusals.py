@@ -62,7 +62,11 @@ class ContextTooLong:
 
 @dataclass(frozen=True)
 class UsageUnavailable:
-    """The usage counters (Redis) could not be read or updated: no limit can be checked."""
+    """The usage counters (Redis) could not be read or updated: no limit can be checked.
+
+    The model's queue depth is read in the same script, so a Redis that
+    cannot answer is this refusal, whichever of the two it failed to read.
+    """
 
     message: str
 
@@ -88,19 +92,6 @@ class OverLimit:
 
 
 @dataclass(frozen=True)
-class QueueUnreachable:
-    """The model's queue length could not be read."""
-
-    message: str
-
-    def record(self) -> dict[str, Any]:
-        return {"admitted": False, "code": "queue_unavailable", "message": self.message}
-
-    def error(self) -> ApiError:
-        return ApiError(503, "queue_unavailable", QUEUE_UNAVAILABLE_MESSAGE)
-
-
-@dataclass(frozen=True)
 class QueueFull:
     """As many requests as the gateway allows already wait for this model."""
 
@@ -116,7 +107,7 @@ class QueueFull:
 
 
 #: Why an allowed request was still not admitted; ``record()`` is its audit entry's ``admission``.
-AdmissionRefusal = Union[ContextTooLong, UsageUnavailable, OverLimit, QueueUnreachable, QueueFull]
+AdmissionRefusal = Union[ContextTooLong, UsageUnavailable, OverLimit, QueueFull]
 
 
 def worker_error(result: JobResult) -> ApiError:

@@ -22,6 +22,14 @@ async def release_reservation(counters: UsageCounters, reservation: Reservation)
         log.error("could not release reservation of %s: %s", reservation.request_id, exc)
 
 
+async def undo_reservation(counters: UsageCounters, reservation: Reservation) -> None:
+    """Take back a reservation made with the snapshot, ahead of a decision that did not admit the request."""
+    try:
+        await counters.undo(reservation)
+    except CountersUnavailable as exc:
+        log.error("could not undo the early reservation of %s: %s", reservation.request_id, exc)
+
+
 async def settle_reservation(counters: UsageCounters, reservation: Reservation | None, tokens: int | None) -> None:
     """Reconcile the reservation with the tokens really used (None or 0: nothing was generated)."""
     if reservation is None:

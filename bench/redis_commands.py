@@ -1,0 +1,103 @@
+"""Redis commands per admitted request on the usage path (counters and queue depth).
+
+Runs on a private Redis what admission and the end of a request ask of it
+in the common case (``gateway.requests.admission``: the policy obliges
+the limits it obliged last time): ``UsageCounters.admit`` (snapshot,
+reservation and queue depth in one script) and ``settle``, for a principal
+in a team with every limit set, and prints the commands per request from
+``INFO commandstats`` (commands inside Lua scripts included). Three cases:
+the model's queue empty; holding waiting messages at the policy's default
+priority; and, the queue holding them, a request whose limits admission
+could not guess (snapshot, then reserve: two calls). The clock is stepped
+0.2 s per request and the measured requests follow a full minute of them,
+so admissions also prune the window, as under steady load. Counts, not
+timings: the figure does not move with the machine's load. Before the
+one-script path (snapshot, reserve, a pipeline of 10 ``LLEN`` and settle)
+this printed 108 per request in the same steady state.
+
+Usage::
+
+    .venv/bin/python bench/redis_commands.py [--requests 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+if not __package__:  # run as `python bench/redis_commands.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import redis.asyncio as aioredis  # noqa: E402
+
+from bench._redis_stats import command_calls_async, commands_since_async, per_request  # noqa: E402
+from gateway.limits import Reservation, UsageCounters  # noqa: E402
+from gateway.limits.queue import model_queue  # noqa: E402
+from govgate.redis_server import RedisProcess  # noqa: E402
+from workers.contract.celery_config import DEFAULT_PRIORITY  # noqa: E402
+from workers.contract.jobs import queue_for  # noqa: E402
+
+MODEL = "bench-model"
+#: Simulated time between requests; WARMUP requests fill the minute window first.
+STEP_S = 0.2
+WARMUP = 301
+BIG = 10**9
+LIMITS = {"principal": {"requests_per_minute": BIG, "tokens_per_minute": BIG, "tokens_per_day": BIG,
+                        "tokens_per_month": BIG, "in_flight": BIG},
+          "team": {"requests_per_minute": BIG, "tokens_per_minute": BIG, "tokens_per_day": BIG,
+                   "tokens_per_month": BIG, "in_flight": BIG}}
+
+
+async def one_request(counters: UsageCounters, now: float, *, guessed: bool = True) -> None:
+    """The usage path of one admitted request that used 60 of the 100 tokens it held.
+
+    ``guessed``: admission knew the limits the policy would oblige (the
+    common case); else it reads the snapshot first and reserves after the
+    decision, two calls (a principal's first request to a model).
+    """
+    if not guessed:
+        await counters.snapshot("alice", "research", now=now)
+    reply = await counters.admit(uuid.uuid4().hex, "alice", "research", LIMITS, 100, now=now,
+                                 queue=model_queue(MODEL, 64, DEFAULT_PRIORITY))
+    assert isinstance(reply.outcome, Reservation), reply.outcome
+    await counters.settle(reply.outcome, 60, now=now)
+
+
+async def measure(client: aioredis.Redis, requests: int, *, waiting: int, guessed: bool) -> dict[str, float]:
+    await client.flushall()
+    if waiting:  # messages at the policy's default priority (5)
+        await client.rpush(f"{queue_for(MODEL)}:{DEFAULT_PRIORITY}", *[b"x"] * waiting)
+    counters = UsageCounters(client, prefix=f"bench:{uuid.uuid4().hex}")
+    start = time.time()
+    for i in range(WARMUP):  # scripts loaded, keys created, a full minute window
+        await one_request(counters, start + STEP_S * i)
+    before = await command_calls_async(client)
+    for i in range(WARMUP, WARMUP + requests):
+        await one_request(counters, start + STEP_S * i, guessed=guessed)
+    return per_request(await commands_since_async(client, before), requests)
+
+
+async def main(requests: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="gg-rc-") as folder:
+        server = RedisProcess.start(Path(folder), persist=False)
+        client = aioredis.Redis.from_url(server.url)
+        try:
+            for label, waiting, guessed in (("queue empty", 0, True), ("queue holding 3", 3, True),
+                                            ("not guessed", 3, False)):
+                figures = await measure(client, requests, waiting=waiting, guessed=guessed)
+                detail = ", ".join(f"{name} {value:.2f}" for name, value in figures.items() if name != "total")
+                print(f"{label:16s} {figures['total']:6.2f} commands per request  ({detail})")
+        finally:
+            await client.aclose()
+            server.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=600)
+    asyncio.run(main(parser.parse_args().requests))

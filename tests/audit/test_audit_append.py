@@ -1,0 +1,261 @@
+"""The DBAPI append path: the body hashed is the body stored, and old trails keep growing as one chain.
+
+The append serialises the body once and runs compiled statements on the
+engine's driver connection (audit/appender.py); these tests hold it to the
+byte format of audit/chain.py, to what the old SQLAlchemy Core append
+stored (tests/audit/old_append.py), to the error mapping callers rely on,
+and to one unbroken chain when old and new writers in several processes
+append at once.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_mock_engine
+from sqlalchemy.exc import IntegrityError
+
+from audit import (
+    AuditError,
+    AuditStore,
+    CorruptEntryError,
+    DuplicateTerminalError,
+    InvalidEntryError,
+    make_engine,
+    migrate,
+    verify_chain,
+)
+from audit.appender import Appender
+from audit.chain import HASHED_FIELDS, canonical_json, canonical_text, chain_hash, entry_payload, entry_payload_with_body
+from audit.db import lock_statements
+from audit.lookup import KeyedLookup
+from audit.tables import audit_table
+from tests.audit.old_append import old_append
+
+SPAWN = multiprocessing.get_context("spawn")
+JOIN_TIMEOUT_S = 120
+
+BODIES: list[dict[str, Any]] = [
+    {},
+    {"prompt": "héllo ✓ 日本", "params": {"temperature": 0.7, "top_p": 1.0, "stop": ["\n"], "seed": None}},
+    {"z": 1, "a": {"y": [1, 2.5, -0.0, 1e300, True, None], "x": "\u2028 \"quoted\" \\ \t"}},
+    {"messages": [{"role": "user", "content": "x" * 5000}], "big": 2**70, "neg": -3},
+]
+
+
+def _url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    path = tmp_path / "audit.db"
+    engine = make_engine(_url(path))
+    migrate(engine)
+    engine.dispose()
+    return path
+
+
+@pytest.fixture
+def store(db_path: Path) -> AuditStore:
+    store = AuditStore(make_engine(_url(db_path)))
+    yield store  # type: ignore[misc]
+    store.engine.dispose()
+
+
+def _append(store: AuditStore, kind: str, request_id: str, body: dict[str, Any]) -> Any:
+    return store.append(kind, request_id, principal="alice", team="blue", model="tiny", body=body,
+                        policy_revision="rev-1")
+
+
+def _raw_rows(path: Path) -> list[tuple[Any, ...]]:
+    con = sqlite3.connect(path)
+    try:
+        return con.execute("SELECT seq, created_at, body, prev_hash, hash FROM audit_entries ORDER BY seq").fetchall()
+    finally:
+        con.close()
+
+
+# -- the byte format ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_payload_with_body_text_is_the_entry_payload(body: dict[str, Any]) -> None:
+    fields: dict[str, Any] = {
+        "seq": 12, "created_at": datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc), "request_id": "r", "kind": "request",
+        "principal": "ä", "team": None, "model": "m", "policy_revision": None, "terminal_request_id": None,
+        "prev_hash": "cd" * 32,
+    }
+    assert entry_payload_with_body(fields, canonical_text(body)) == entry_payload({**fields, "body": body})
+
+
+def test_payload_with_body_text_insists_on_the_other_hashed_fields() -> None:
+    others = {name: None for name in HASHED_FIELDS if name != "body"}
+    with pytest.raises(ValueError, match="hashed fields mismatch"):
+        entry_payload_with_body({**others, "body": {}}, "{}")
+    with pytest.raises(ValueError, match="hashed fields mismatch"):
+        entry_payload_with_body({k: v for k, v in others.items() if k != "seq"}, "{}")
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_stored_body_is_byte_for_byte_the_canonical_json_that_was_hashed(
+        store: AuditStore, db_path: Path, body: dict[str, Any]) -> None:
+    entry = _append(store, "request", "r1", body)
+    [(seq, created_at, stored_body, prev_hash, stored_hash)] = _raw_rows(db_path)
+
+    assert stored_body.encode("utf-8") == canonical_json(body)
+    others = {k: v for k, v in entry.hashed_fields().items() if k != "body"}
+    assert stored_hash == entry.hash == chain_hash(prev_hash, entry_payload_with_body(others, stored_body))
+    # The other columns are stored as SQLAlchemy's own insert stored them.
+    assert created_at == entry.created_at.replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+    assert store.get(seq) == entry and verify_chain(store).ok
+
+
+def test_body_with_non_string_keys_is_stored_as_it_reads_back(store: AuditStore, db_path: Path) -> None:
+    """``{2: …, 10: …}`` sorts as numbers but reads back as strings: the hash must be of what reads back."""
+    entry = _append(store, "request", "r1", {"bias": {2: 0.5, 10: -1.0}, "list": [{3: "c", 20: "d"}]})
+    assert entry.body == {"bias": {"2": 0.5, "10": -1.0}, "list": [{"3": "c", "20": "d"}]}
+    [(_, _, stored_body, _, _)] = _raw_rows(db_path)
+    assert stored_body.encode("utf-8") == canonical_json(entry.body)
+    assert store.get(1) == entry and verify_chain(store).ok
+
+
+def test_lone_surrogate_is_refused_before_the_database(store: AuditStore) -> None:
+    with pytest.raises(InvalidEntryError):
+        _append(store, "request", "r1", {"text": "\ud800"})
+    assert store.head() is None
+
+
+# -- old trails, errors ---------------------------------------------------------
+
+
+def test_trail_written_by_the_old_append_keeps_growing_as_one_chain(store: AuditStore, db_path: Path) -> None:
+    for i, body in enumerate(BODIES):
+        old_append(store.engine, "request", f"old-{i}", body)
+    old_append(store.engine, "completion", "old-0", {"output": "done"})
+    assert verify_chain(store).ok
+    stored_before = _raw_rows(db_path)
+
+    new = [_append(store, "completion", f"old-{i}", body) for i, body in enumerate(BODIES) if i > 0]
+    old_append(store.engine, "request", "old-again", {"after": "new"})  # and the old writer after the new one
+    new.append(_append(store, "request", "new", {"last": True}))
+
+    result = verify_chain(store)
+    assert result.ok and result.checked == 2 * len(BODIES) + 2
+    assert _raw_rows(db_path)[: len(stored_before)] == stored_before
+    assert [store.get(e.seq) for e in new] == new
+
+
+def test_duplicate_terminal_after_an_old_terminal_raises_as_before(store: AuditStore) -> None:
+    old_append(store.engine, "request", "r1", {})
+    old_append(store.engine, "timed_out", "r1", {"after_s": 30})
+    with pytest.raises(DuplicateTerminalError) as caught:
+        _append(store, "completion", "r1", {"output": "late"})
+    assert caught.value.request_id == "r1" and caught.value.existing_kind == "timed_out"
+    # The database's refusal, chained as SQLAlchemy wraps it, like the Core path did.
+    assert isinstance(caught.value.__cause__, IntegrityError)
+    assert isinstance(caught.value.__cause__.orig, sqlite3.IntegrityError)
+    assert store.head().seq == 2 and verify_chain(store).ok  # type: ignore[union-attr]
+
+
+def test_other_integrity_errors_stay_plain_audit_errors(store: AuditStore, db_path: Path) -> None:
+    """A refusal that is not a second terminal (here a fork on prev_hash) is an AuditError naming the constraint."""
+    _append(store, "request", "r1", {})
+    con = sqlite3.connect(db_path)
+    try:  # an entry that claims the next seq's predecessor but sits at a far seq: the next append collides
+        con.execute("DROP TRIGGER audit_entries_no_update")
+        head_hash = con.execute("SELECT hash FROM audit_entries").fetchone()[0]
+        con.execute("INSERT INTO audit_entries (seq, created_at, request_id, kind, body, prev_hash, hash)"
+                    " VALUES (0, '2024-01-01 00:00:00.000000', 'x', 'request', '{}', ?, ?)", (head_hash, "e" * 64))
+        con.commit()
+    finally:
+        con.close()
+    with pytest.raises(AuditError) as caught:
+        _append(store, "request", "r2", {})
+    assert type(caught.value) is AuditError and "prev_hash" in str(caught.value)
+    assert isinstance(caught.value.__cause__, IntegrityError)
+
+
+def test_terminal_for_reports_a_tampered_row_as_corrupt(store: AuditStore, db_path: Path) -> None:
+    done = _append(store, "completion", "r1", {"output": "x"})
+    assert store.terminal_for("r1") == done and store.terminal_for("r2") is None
+    con = sqlite3.connect(db_path)
+    try:
+        con.execute("DROP TRIGGER audit_entries_no_update")
+        con.execute("UPDATE audit_entries SET body = '{not json' WHERE seq = 1")
+        con.commit()
+    finally:
+        con.close()
+    with pytest.raises(CorruptEntryError):
+        store.terminal_for("r1")
+
+
+# -- the PostgreSQL statements (compiled only: the suite has no PostgreSQL) -------
+
+
+def test_postgresql_statements_bind_every_column_and_take_the_advisory_lock() -> None:
+    engine = create_mock_engine("postgresql+psycopg2://", lambda *_a, **_k: None)
+    appender = Appender(engine)  # type: ignore[arg-type]
+    insert_sql = appender._insert_sql
+    for column in audit_table.columns:
+        assert f"%({column.name})s" in insert_sql
+    assert "%(body)s::JSON" in insert_sql  # canonical text cast to the JSON column, not re-serialised
+    assert appender._head_sql.split() == "SELECT audit_entries.seq, audit_entries.hash FROM audit_entries " \
+        "ORDER BY audit_entries.seq DESC LIMIT 1".split()
+    assert lock_statements(engine) == ("SELECT pg_advisory_xact_lock(6947504604346056705)",)  # type: ignore[arg-type]
+    assert "%(key)s" in KeyedLookup(engine, audit_table.c.terminal_request_id)._sql  # type: ignore[arg-type]
+
+
+def test_databases_without_the_write_lock_are_refused(store: AuditStore) -> None:
+    engine = create_mock_engine("mysql://", lambda *_a, **_k: None)
+    with pytest.raises(AuditError, match="SQLite and PostgreSQL"):
+        AuditStore(engine).append("request", "r1", principal=None, team=None, model=None, body={},  # type: ignore[arg-type]
+                                  policy_revision=None)
+
+
+# -- old and new writers in several processes ----------------------------------
+
+
+def _writer(url: str, worker: int, count: int, use_old: bool, barrier: Any) -> None:
+    """Child process: append request/completion pairs with the old or the new code."""
+    engine = make_engine(url)
+    store = AuditStore(engine)
+    barrier.wait()
+    for i in range(count):
+        rid, kind = f"w{worker}-{i // 2}", ("request", "completion")[i % 2]
+        body = {"worker": worker, "i": i, "text": "é" * (i % 7)}
+        if use_old:
+            old_append(engine, kind, rid, body, principal=f"p{worker}")
+        else:
+            store.append(kind, rid, principal=f"p{worker}", team="t", model="m", body=body, policy_revision="1")
+
+
+def test_old_and_new_writers_in_several_processes_leave_one_unbroken_chain(db_path: Path, store: AuditStore) -> None:
+    plan = [False, False, True, False]  # three new writers, one old
+    per_worker = 40
+    barrier = SPAWN.Barrier(len(plan))
+    processes = [SPAWN.Process(target=_writer, args=(_url(db_path), w, per_worker, old, barrier))
+                 for w, old in enumerate(plan)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(JOIN_TIMEOUT_S)
+    assert [p.exitcode for p in processes] == [0] * len(processes)
+
+    entries = list(store.iter_entries())
+    assert [e.seq for e in entries] == list(range(1, len(plan) * per_worker + 1))
+    assert all(later.prev_hash == earlier.hash for earlier, later in zip(entries, entries[1:]))
+    assert all(sum(e.principal == f"p{w}" for e in entries) == per_worker for w in range(len(plan)))
+    result = verify_chain(store)
+    assert result.ok and result.checked == len(plan) * per_worker
+    # New writers stored their canonical text; the old one its JSON column's own serialisation.
+    for (_, _, stored_body, _, _), entry in zip(_raw_rows(db_path), entries):
+        assert json.loads(stored_body) == entry.body
+        if entry.principal != "p2":
+            assert stored_body.encode("utf-8") == canonical_json(entry.body)

@@ -1,0 +1,160 @@
+"""The policy's data is checked once, when a policy is loaded, and never on a decision.
+
+``data.govgate.config_problems`` (policies/checks.rego) depends on the data
+alone; the embedded evaluators and the OPA engine evaluate it at load and
+refuse a policy whose data has problems, naming them (gateway/policy/
+config_check.py). A reload with such data keeps the running policy. The
+decision rules do not evaluate the check, so broken data cannot show up as
+a ``config_error`` reason of a decision any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from gateway.policy import EmbeddedPolicyEngine, OpaPolicyEngine, PolicyLoadError
+from gateway.policy.config_check import CONFIG_PROBLEMS_RULE, config_refusal
+from gateway.policy.reloader import ReloadingPolicyEngine
+from gateway.policy.unittests import build_engine
+from tests.opa_fixtures import POLICY_DIR, OpaServer
+
+pytestmark = pytest.mark.anyio
+
+TIMEOUT_S = 5.0
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """A change to ``govgate_config`` that sets the dotted ``path`` to ``value``."""
+    *parents, leaf = path.split(".")
+
+    def change(config: dict[str, Any]) -> None:
+        for key in parents:
+            config = config.setdefault(key, {})
+        config[leaf] = value
+
+    return change
+
+
+#: Broken data, and the problem the load must name.
+BROKEN = {
+    "invalid blocked pattern": (
+        _set("content.blocked_patterns", [{"id": "bad", "pattern": "[a-"}]),
+        "govgate_config.content.blocked_patterns[0] needs a string id and a usable pattern"),
+    "Unicode-dependent class": (
+        _set("content.blocked_patterns", [{"id": "digits", "pattern": r"\d{6}"}]),
+        "govgate_config.content.blocked_patterns[0] needs a string id and a usable pattern"),
+    "unknown detector action": (
+        _set("content.detectors.email.action", "mask"),
+        'govgate_config.content.detectors.email.action must be "deny" or "redact"'),
+    "malformed hours window": (
+        _set("models.govgate-tiny.hours_utc", [9, 30]),
+        "govgate_config.models.govgate-tiny.hours_utc must be [start, end] in whole hours from 0 to 24"),
+    "limit that is not a number": (
+        _set("limits.principals.default.in_flight", "8"),
+        "govgate_config.limits.principals limits must be whole numbers >= 0 or null (in_flight)"),
+    "setting of a role nobody holds": (
+        _set("roles.viewer.priority", 12),
+        "govgate_config.roles.viewer.priority must be a whole number from 0 to 9"),
+}
+
+
+def broken_policy(target: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    """``policies/`` copied to ``target`` with ``change`` applied to its ``govgate_config``."""
+    folder = Path(shutil.copytree(POLICY_DIR, target))
+    break_data(folder, change)
+    return folder
+
+
+def break_data(folder: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    data_file = folder / "data.json"
+    document = json.loads(data_file.read_text(encoding="utf-8"))
+    change(document["govgate_config"])
+    data_file.write_text(json.dumps(document, indent=2), encoding="utf-8")
+
+
+def test_refusal_names_every_problem_and_passes_usable_data() -> None:
+    assert config_refusal([]) is None
+    assert config_refusal(None) is None  # a policy without the check
+    refusal = config_refusal(["b is wrong", "a is wrong"])
+    assert refusal == "config_error: the policy's data is unusable: a is wrong; b is wrong"
+    assert "and 5 more" in config_refusal([f"p{i:02}" for i in range(25)])
+    assert "not a set of messages" in config_refusal({"a": 1})
+    assert "not a set of messages" in config_refusal([1])
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_embedded_engine_refuses_broken_data_at_load(name: str, tmp_path: Path) -> None:
+    change, problem = BROKEN[name]
+    folder = broken_policy(tmp_path / "policy", change)
+    with pytest.raises(PolicyLoadError) as refused:
+        EmbeddedPolicyEngine.load(folder, TIMEOUT_S)
+    assert "config_error" in str(refused.value) and problem in str(refused.value)
+
+
+async def test_reload_with_broken_data_keeps_the_running_policy(tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(POLICY_DIR, tmp_path / "policy"))
+    engine = EmbeddedPolicyEngine.load(folder, TIMEOUT_S)
+    reloading = ReloadingPolicyEngine(engine, lambda: _open(folder), policy_dir=folder)
+    try:
+        change, problem = BROKEN["limit that is not a number"]
+        break_data(folder, change)
+        result = await reloading.reload()
+        assert not result.changed and result.revision == engine.revision
+        assert result.error is not None and problem in result.error
+        assert reloading.current is engine
+    finally:
+        await reloading.aclose()
+
+
+async def _open(folder: Path) -> EmbeddedPolicyEngine:
+    return await asyncio.to_thread(EmbeddedPolicyEngine.load, folder, TIMEOUT_S)
+
+
+def test_a_decision_does_not_evaluate_the_data_check(tmp_path: Path) -> None:
+    """On data the load would refuse, the check finds the problem but a decision does not report it."""
+    change, problem = BROKEN["setting of a role nobody holds"]
+    folder = broken_policy(tmp_path / "policy", change)
+    engine = build_engine(folder)
+    engine.set_input_json("{}")
+    assert problem in json.loads(engine.eval_rule_as_json(CONFIG_PROBLEMS_RULE))
+    engine.set_input_json(json.dumps({"principal": {"id": "u", "roles": ["viewer"]}}))
+    codes = {reason["code"] for reason in json.loads(engine.eval_rule_as_json("data.govgate.decision"))["reasons"]}
+    assert "model_not_allowed" in codes and "config_error" not in codes
+
+
+def test_the_shipped_data_passes_the_check() -> None:
+    engine = build_engine(POLICY_DIR)
+    engine.set_input_json("{}")
+    assert json.loads(engine.eval_rule_as_json(CONFIG_PROBLEMS_RULE)) == []
+
+
+async def test_opa_engine_refuses_broken_data_at_connect(start_opa: Callable[..., OpaServer], tmp_path: Path) -> None:
+    change, problem = BROKEN["malformed hours window"]
+    folder = broken_policy(tmp_path / "policy", change)
+    server = start_opa(folder)
+    with pytest.raises(PolicyLoadError) as refused:
+        await OpaPolicyEngine.connect(server.url, folder, TIMEOUT_S, load=False)
+    assert "config_error" in str(refused.value) and problem in str(refused.value)
+
+
+async def test_opa_reload_with_broken_data_puts_the_old_policy_back(start_opa: Callable[..., OpaServer],
+                                                                    tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(POLICY_DIR, tmp_path / "policy"))
+    server = start_opa(folder)
+    engine = await OpaPolicyEngine.connect(server.url, folder, TIMEOUT_S, load=True)
+    try:
+        before = engine.revision
+        change, problem = BROKEN["unknown detector action"]
+        broken = broken_policy(tmp_path / "broken", change)
+        with pytest.raises(PolicyLoadError, match="config_error") as refused:
+            await engine.reload(broken)
+        assert problem in str(refused.value)
+        assert engine.revision == before and await engine.remote_revision() == before
+    finally:
+        await engine.aclose()
