@@ -27,7 +27,7 @@ from gateway.requests.lost_requests import LostRequestSweep, lost_after_s, sweep
 from gateway.requests.service import CompletionService
 from gateway.requests.terminal_retry import retry_pending_terminals
 from gateway.settings import Settings
-from workers.contract.celery_config import make_celery, visibility_timeout_s
+from workers.contract.celery_config import visibility_timeout_s
 from workers.contract.pending_terminals import PendingTerminals
 from workers.contract.privacy import Digester
 from workers.contract.registry import Registry, load_registry
@@ -75,12 +75,11 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         socket_timeout=10, socket_connect_timeout=5)
     client = aioredis.Redis(connection_pool=pool)
     waiter = ResultWaiter(client, sealer)
-    celery_app = make_celery(settings.redis_url, time_limit_s=settings.generation_time_limit_s)
     if visibility_timeout_s(settings.generation_time_limit_s) >= settings.request_timeout_s:
         log.warning("a task redelivered after a worker death comes after the request timeout: it will be "
                     "recorded as expired (lower GOVGATE_GENERATION_TIME_LIMIT_S below "
                     "GOVGATE_REQUEST_TIMEOUT_S - 40 s to let it answer)")
-    dispatcher = Dispatcher(celery_app, expires_s=settings.request_timeout_s, sealer=sealer)
+    dispatcher = Dispatcher(client, expires_s=settings.request_timeout_s, sealer=sealer)
     audit_store = AuditStore(db_engine)
     counters = UsageCounters(client)
     pending_client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
@@ -119,6 +118,5 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         await waiter.aclose()
         await client.aclose()
         await pool.disconnect()
-        dispatcher.close()
         await policy.aclose()
         db_engine.dispose()

@@ -94,10 +94,16 @@ def _keep(job: GenerateJob, lost: _Unrecorded, pending: PendingTerminals | None)
 
 def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobChannel,
          digester: Digester | None) -> JobResult:
-    existing = store.terminal_for(job.request_id)
-    if existing is not None:
-        log.info("request %s already ended as %s; not generating again", job.request_id, existing.kind)
-        return result_from_entry(existing)
+    # The SET NX tells a first delivery from a redelivery; only a redelivery can
+    # find the request already ended by an earlier run, so only it asks the
+    # database. A first run that races the gateway's own end (timeout, cancel)
+    # loses at the unique constraint and defers to the winner (_append_terminal).
+    first_run = channel.claim_start()
+    if not first_run:
+        existing = store.terminal_for(job.request_id)
+        if existing is not None:
+            log.info("request %s already ended as %s; not generating again", job.request_id, existing.kind)
+            return result_from_entry(existing)
 
     started_ns = time.time_ns()
     queue_ms = (started_ns - job.enqueued_at_ns) / 1e6 if job.enqueued_at_ns else None
@@ -106,7 +112,7 @@ def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobCh
         return _record_end(job, store, STATUS_CANCELLED, "", 0, 0, None, worker, queue_ms, started_ns, digester)
     if job.deadline_ns and started_ns > job.deadline_ns:  # nobody waits for it any more (its gateway may be gone)
         return _record_expired(job, store, worker, queue_ms)
-    if not channel.claim_start() and job.stream:
+    if not first_run and job.stream:
         # The client already received what the first run published: record it.
         return _record_failure(job, store, "worker_lost",
                                "the worker generating this stream died; a stream cannot be resumed", worker,

@@ -31,6 +31,7 @@ from workers.contract.pending_terminals import PendingTerminals
 from workers.contract.privacy import Digester
 from workers.contract.registry import ModelSpec
 from workers.contract.sealing import SealError, Sealer, load_or_create_key
+from workers.replies import deliver, failure, success
 from workers.streams import RedisJobChannel
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class _ProcessState:
     sealer: Sealer | None = None
     digester: Digester | None = None
     pending: PendingTerminals | None = None
+    next_pending_check: float = 0.0
 
 
 _state = _ProcessState()
@@ -94,8 +96,37 @@ def _dispose_in_child(**_: Any) -> None:
         _state.redis.close()
 
 
-def generate(payload: dict[str, Any]) -> dict[str, Any]:
-    """The Celery task body: run one sealed job with this process's model; return its result sealed.
+def generate(payload: dict[str, Any]) -> None:
+    """The Celery task body: run one sealed job and hand its outcome to its gateway.
+
+    The outcome (the sealed result, or the exception a task raised) is
+    published on the gateway's reply channel and stored briefly
+    (:mod:`workers.replies`); Celery keeps no result (``ignore_result``).
+    A worker killed mid-job delivers nothing: the broker redelivers the job
+    (late ack, ``reject_on_worker_lost``) and the next run delivers it.
+    Nothing is returned: a return value would only be pickled back to the
+    pool's parent process for nobody.
+    """
+    request_id, reply_to = _reply_address(payload)
+    try:
+        sealed = _run_sealed(payload)
+    except Exception as exc:
+        if _state.redis is not None:  # else the gateway's own timeout ends the request
+            deliver(_state.redis, request_id, reply_to, failure(exc))
+        raise
+    assert _state.redis is not None
+    deliver(_state.redis, request_id, reply_to, success(sealed))
+
+
+def _reply_address(payload: Any) -> tuple[str, str]:
+    """The request id and reply channel a task argument names in clear ("?" and "" if it names none)."""
+    if not isinstance(payload, dict):
+        return "?", ""
+    return str(payload.get("request_id", "?")), str(payload.get("reply_to") or "")
+
+
+def _run_sealed(payload: dict[str, Any]) -> dict[str, Any]:
+    """Run one sealed job with this process's model; its result, sealed.
 
     A job this worker cannot unseal (another key) fails without text; the
     gateway records the failure, since the worker cannot read whose it is.
@@ -111,11 +142,27 @@ def generate(payload: dict[str, Any]) -> dict[str, Any]:
             "code": "payload_unreadable", "message": "the worker could not unseal the job (payload key mismatch)"}}
     if _state.config and job.model != _state.config.model.name:
         raise ValueError(f"job for model {job.model!r} reached the worker of {_state.config.model.name!r}")
-    channel = RedisJobChannel(_state.redis, job.request_id, streaming=job.stream, sealer=_state.sealer)
+    channel = RedisJobChannel(_state.redis, job.request_id, streaming=job.stream, sealer=_state.sealer,
+                              reply_to=job.reply_to)
     result = run_job(job, _state.model, _state.store, channel, _state.pending, digester=_state.digester)
-    if result.audit_seq is not None and _state.pending is not None and _state.pending.count():
-        _state.pending.write_all(_state.store)  # the database takes writes again: catch up
+    if result.audit_seq is not None and _state.pending is not None and _pending_check_due():
+        if _state.pending.count():
+            _state.pending.write_all(_state.store)  # the database takes writes again: catch up
     return result.sealed(_state.sealer)
+
+
+#: Least time between two looks for kept terminal entries after a recorded job. The
+#: gateway's retry loop writes them anyway; the look here only makes it sooner, so
+#: one HLEN per job would buy little.
+PENDING_CHECK_INTERVAL_S = 5.0
+
+
+def _pending_check_due() -> bool:
+    now = time.monotonic()
+    if now < _state.next_pending_check:
+        return False
+    _state.next_pending_check = now + PENDING_CHECK_INTERVAL_S
+    return True
 
 
 #: Celery's success line without the return value (it logs ``%(return_value)s`` by default).
@@ -146,7 +193,8 @@ def build_worker_app(config: WorkerConfig) -> Celery:
     _state.config = config
     celery.app.trace.LOG_SUCCESS = _LOG_SUCCESS
     app = make_celery(config.redis_url, time_limit_s=config.time_limit_s)
-    app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True)(generate)
+    # ignore_result: the outcome travels on the gateway's reply channel (workers.replies).
+    app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)(generate)
     # After fork, in each pool process: llama.cpp-based backends hang in a child
     # forked after the parent ran inference (and a model per process is the unit
     # of capacity anyway); database connections must not cross a fork either.

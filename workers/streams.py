@@ -1,7 +1,7 @@
 """The job's line back to the gateway while it runs: text pieces out, cancel in.
 
-Pieces are published sealed on the request's channel and mirrored on a
-short-lived list, so a redelivered job knows what the client already got;
+Pieces are published sealed on the reply channel of the gateway that waits
+for the job (tagged with the request id) and mirrored on a short-lived list, so a redelivered job knows what the client already got;
 see docs/architecture.md, "Design notes by package" (workers).
 """
 
@@ -13,7 +13,7 @@ from typing import Protocol
 
 import redis
 
-from workers.contract.jobs import cancel_key, seal_piece, stream_channel
+from workers.contract.jobs import REPLY_PIECE, cancel_key, reply_message, seal_piece
 from workers.contract.sealing import SealError, Sealer
 
 log = logging.getLogger(__name__)
@@ -43,16 +43,20 @@ class JobChannel(Protocol):
 class RedisJobChannel:
     """A job's channel over the worker's Redis connection."""
 
-    def __init__(self, client: redis.Redis, request_id: str, *, streaming: bool, sealer: Sealer) -> None:
+    def __init__(self, client: redis.Redis, request_id: str, *, streaming: bool, sealer: Sealer,
+                 reply_to: str = "") -> None:
         self._client = client
         self._sealer = sealer
+        self._request_id = request_id
         self._streamed_key = STREAMED_KEY_PREFIX + request_id
-        self._channel = stream_channel(request_id)
+        self._reply_to = reply_to
         self._cancel_key = cancel_key(request_id)
         self._started_key = STARTED_KEY_PREFIX + request_id
         self._streaming = streaming
         self._seq = 0
         self._next_check = 0.0
+        #: The cancel flag as read with :meth:`claim_start`, answered by the next look.
+        self._cancel_seen: bool | None = None
 
     def claim_start(self) -> bool:
         """True the first time a job's generation begins; False on a redelivery.
@@ -61,15 +65,27 @@ class RedisJobChannel:
         already received the first run's text, and a second run would repeat
         it (or, sampled, contradict it).
         """
-        return bool(self._client.set(self._started_key, b"1", nx=True, ex=STARTED_TTL_S))
+        # The first look at the cancel key rides along: the job looks at it right
+        # after this (the client may have left while the job was queued), and one
+        # round trip is cheaper than two.
+        with self._client.pipeline(transaction=False) as pipe:
+            pipe.set(self._started_key, b"1", nx=True, ex=STARTED_TTL_S)
+            pipe.exists(self._cancel_key)
+            claimed, cancelled = pipe.execute()
+        self._cancel_seen = bool(cancelled)
+        self._next_check = time.monotonic() + CANCEL_CHECK_INTERVAL_S
+        return bool(claimed)
 
     def publish(self, text: str) -> None:
         if not self._streaming or not text:
             return
         with self._client.pipeline(transaction=False) as pipe:
             pipe.rpush(self._streamed_key, self._sealer.seal(text.encode()))
-            pipe.expire(self._streamed_key, STREAMED_TTL_S)
-            pipe.publish(self._channel, seal_piece(self._sealer, self._seq, text))
+            if self._seq == 0:  # the mirror outlives any stream by far: one expiry is enough
+                pipe.expire(self._streamed_key, STREAMED_TTL_S)
+            if self._reply_to:
+                pipe.publish(self._reply_to, reply_message(REPLY_PIECE, self._request_id,
+                                                           seal_piece(self._sealer, self._seq, text)))
             pipe.execute()
         self._seq += 1
 
@@ -96,6 +112,9 @@ class RedisJobChannel:
             log.warning("cannot delete %s: %s", self._streamed_key, exc)
 
     def cancel_requested(self) -> bool:
+        if self._cancel_seen is not None:
+            seen, self._cancel_seen = self._cancel_seen, None
+            return seen
         now = time.monotonic()
         if now < self._next_check:
             return False

@@ -10,12 +10,10 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-import anyio
 import redis.asyncio as aioredis
-from celery import Celery
-from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
+from gateway.dispatch.celery_message import task_message
 from workers.contract.celery_config import queue_keys
 from workers.contract.jobs import GENERATE_TASK, GenerateJob, queue_for
 from workers.contract.sealing import Sealer
@@ -34,12 +32,13 @@ class QueueUnavailable(RuntimeError):
 
 
 class Dispatcher:
-    def __init__(self, celery_app: Celery, *, expires_s: float, sealer: Sealer) -> None:
+    """Queues jobs for the workers: one LPUSH of a Celery task message on the async client."""
+
+    def __init__(self, redis: aioredis.Redis, *, expires_s: float, sealer: Sealer) -> None:
         """``expires_s``: how long after queueing a job is still worth running (the request timeout)."""
-        self._app = celery_app
+        self._redis = redis
         self._sealer = sealer
         self._expires_s = expires_s
-        self._limiter = anyio.CapacityLimiter(8)
 
     async def enqueue(self, job: GenerateJob, *, priority: int | None = None) -> None:
         """Queue ``job`` on its model's queue, the request id as task id.
@@ -53,30 +52,14 @@ class Dispatcher:
         # A worker that takes a job past its deadline records it as expired
         # (``workers.generation``).
         job = replace(job, deadline_ns=time.time_ns() + int(self._expires_s * 1e9))
-        # Sealed: the prompt is ciphertext in Redis and its AOF. ``argsrepr`` and
-        # ``kwargsrepr`` (which Celery stores in the message and logs) name only
-        # the request.
-        payload = job.sealed(self._sealer)
-
-        def send() -> None:
-            self._app.send_task(
-                GENERATE_TASK,
-                args=[payload],
-                argsrepr=f"(<sealed job {job.request_id}>,)",
-                kwargsrepr="{}",
-                task_id=job.request_id,
-                queue=queue_for(job.model),
-                priority=priority,
-                retry=False,
-            )
-
-        # Publishing is a blocking socket write in kombu, with retries that could
-        # hold the event loop for seconds if Redis is gone: a worker thread, and
-        # ``retry=False`` above.
+        # Sealed: the prompt is ciphertext in Redis and its AOF. ``argsrepr``
+        # (which Celery stores in the message and logs) names only the request.
+        key, message = task_message(GENERATE_TASK, job.request_id, [job.sealed(self._sealer)],
+                                    queue=queue_for(job.model), priority=priority,
+                                    argsrepr=f"(<sealed job {job.request_id}>,)")
+        # One command on the event loop's own client: no thread, no retries that
+        # could hold the request for seconds if Redis is gone.
         try:
-            await anyio.to_thread.run_sync(send, limiter=self._limiter)
-        except (KombuError, RedisError, OSError) as exc:
+            await self._redis.lpush(key, message)
+        except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"the queue did not accept the request: {exc}") from exc
-
-    def close(self) -> None:
-        self._app.close()

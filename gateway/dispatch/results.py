@@ -1,9 +1,12 @@
-"""Awaiting Celery results on the event loop, without a thread per request.
+"""Awaiting job outcomes on the event loop, without a thread or a subscription per request.
 
-One shared pub/sub connection per gateway process resolves a future per
-pending request; results and stream pieces arrive sealed and are opened here,
-so the rest of the gateway sees plain results. See docs/architecture.md,
-section "gateway/requests and gateway/dispatch".
+Each gateway process subscribes once, at start, to its own reply channel;
+every job it queues names that channel, and workers publish the job's
+outcome and stream pieces there, tagged with the request id
+(:mod:`workers.replies`). Outcomes are also stored briefly under a key, read
+back after the pub/sub connection was lost. They arrive sealed and are
+opened here, so the rest of the gateway sees plain results. See
+docs/architecture.md, section "gateway/requests and gateway/dispatch".
 """
 
 from __future__ import annotations
@@ -18,14 +21,13 @@ from typing import Any, AsyncIterator
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from workers.contract.jobs import STREAM_CHANNEL_PREFIX, open_piece, open_result, stream_channel
+from workers.contract.jobs import REPLY_PIECE, REPLY_RESULT, open_piece, open_result, parse_reply, result_key
 from workers.contract.sealing import SealError, Sealer
 
 log = logging.getLogger(__name__)
 
-#: Celery's Redis result backend stores a task's result under this prefix plus
-#: the task id and PUBLISHes it on a channel of the same name.
-_CHANNEL_PREFIX = "celery-task-meta-"
+#: Outcome statuses that end a wait (the names Celery's result meta used).
+_FINAL = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 
 
 class ResultTimeout(TimeoutError):
@@ -33,7 +35,7 @@ class ResultTimeout(TimeoutError):
 
 
 class PendingResult:
-    """A subscription for one task's result; await :meth:`get`, or iterate :meth:`events`."""
+    """The wait for one job's outcome; await :meth:`get`, or iterate :meth:`events`."""
 
     def __init__(self, waiter: "ResultWaiter", task_id: str, future: asyncio.Future,
                  pieces: asyncio.Queue | None = None) -> None:
@@ -43,7 +45,7 @@ class PendingResult:
         self._pieces = pieces
 
     async def events(self, timeout_s: float) -> AsyncIterator[str | dict[str, Any]]:
-        """Text pieces as the worker publishes them, then the final Celery meta dict.
+        """Text pieces as the worker publishes them, then the job's outcome dict.
 
         Pieces are published before the result, on the same subscription, so
         every piece is yielded before the meta. Raises :class:`ResultTimeout`
@@ -52,7 +54,6 @@ class PendingResult:
         assert self._pieces is not None, "expect(..., stream=True) is needed to read pieces"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        await self._waiter._check_stored(self.task_id)
         while True:
             while not self._pieces.empty():
                 yield self._pieces.get_nowait()
@@ -72,9 +73,17 @@ class PendingResult:
             if getter in done:
                 yield getter.result()
 
-    async def get(self, timeout_s: float) -> dict[str, Any]:
-        """The task's Celery meta dict (``status``, ``result``, …)."""
-        await self._waiter._check_stored(self.task_id)
+    async def get(self, timeout_s: float, *, look_stored: bool = False) -> dict[str, Any]:
+        """The job's outcome (``status``, ``result``, …).
+
+        ``look_stored`` reads the stored outcome first: for a wait that
+        begins after the job may have ended (a request being cleaned up).
+        A wait registered before its job was queued needs no look: the reply
+        channel was subscribed before, and a publish missed while the
+        connection was down is read back when it is re-established.
+        """
+        if look_stored:
+            await self._waiter._check_stored([self.task_id])
         try:
             return await asyncio.wait_for(asyncio.shield(self._future), timeout_s)
         except asyncio.TimeoutError:
@@ -82,7 +91,7 @@ class PendingResult:
 
 
 class ResultWaiter:
-    """One pub/sub listener resolving futures for every pending request."""
+    """One pub/sub listener on this process's reply channel, resolving futures for every pending request."""
 
     def __init__(self, client: aioredis.Redis, sealer: Sealer) -> None:
         self._client = client
@@ -91,12 +100,18 @@ class ResultWaiter:
         self._pending: dict[str, asyncio.Future] = {}
         self._streams: dict[str, asyncio.Queue] = {}
         self._listener: asyncio.Task | None = None
-        self._control_channel = f"govgate:gateway:{uuid.uuid4().hex}"
+        self._reply_channel = f"govgate:gateway:{uuid.uuid4().hex}"
+        #: Set by the connection's connect callback: stored outcomes must be read.
+        self._reconnected = False
+
+    @property
+    def reply_channel(self) -> str:
+        """The channel workers answer this process on (it goes into every job, :attr:`GenerateJob.reply_to`)."""
+        return self._reply_channel
 
     async def start(self) -> None:
-        # A standing subscription keeps the connection open and the listener's
-        # loop alive while no request is pending.
-        await self._pubsub.subscribe(self._control_channel)
+        # Subscribed before any job names the channel, and for the process's life.
+        await self._pubsub.subscribe(self._reply_channel)
         self._listener = asyncio.create_task(self._listen(), name="govgate-result-listener")
 
     async def aclose(self) -> None:
@@ -112,73 +127,30 @@ class ResultWaiter:
 
     @contextlib.asynccontextmanager
     async def expect(self, task_id: str, *, stream: bool = False) -> AsyncIterator[PendingResult]:
-        """Subscribe to ``task_id``'s result (and its text pieces) before the task is sent.
+        """Wait for ``task_id``'s outcome (and its text pieces): enter before the job is queued.
 
-        Raises ``redis.RedisError`` (or ``OSError``) when Redis is unreachable.
+        No Redis command runs here: the reply channel is already subscribed.
         """
         future = asyncio.get_running_loop().create_future()
         self._pending[task_id] = future
-        channels = [_CHANNEL_PREFIX + task_id]
         pieces: asyncio.Queue | None = None
         if stream:
             pieces = self._streams[task_id] = asyncio.Queue()
-            channels.append(stream_channel(task_id))
         try:
-            await self._subscribe(channels)
             yield PendingResult(self, task_id, future, pieces)
         finally:
-            self._pending.pop(task_id, None)
+            if self._pending.get(task_id) is future:
+                del self._pending[task_id]
             self._streams.pop(task_id, None)
-            await self._unsubscribe(channels)
 
-    async def _subscribe(self, channels: list[str]) -> None:
-        """Subscribe, with one retry; any failure leaves as a ``RedisError``.
-
-        While the listener re-establishes a lost connection, redis-py 8.1's
-        ``PubSub.subscribe`` can fail with a non-Redis error (an
-        ``AttributeError`` from a connection torn down under it). Callers
-        handle ``RedisError`` as "the queue is unavailable" (503 and a
-        terminal entry); anything else would reach the client as a 500 and
-        leave an accepted request without its end.
-        """
-        for attempt in (1, 2):
-            try:
-                await self._pubsub.subscribe(*channels)
-                return
-            except (RedisError, OSError):
-                if attempt == 2:
-                    raise
-            except Exception as exc:  # noqa: BLE001 - redis-py internals, see above
-                if attempt == 2:
-                    raise RedisError(f"subscribing failed: {type(exc).__name__}: {exc}") from exc
-            await asyncio.sleep(0.05)
-
-    async def _unsubscribe(self, channels: list[str]) -> None:
-        """Unsubscribe if Redis lets us; no failure leaves here.
-
-        It runs as ``expect`` exits, often while the listener re-establishes a
-        lost connection, when redis-py 8.1's ``PubSub.unsubscribe`` can fail
-        with a non-Redis error (``AttributeError: 'NoneType' object has no
-        attribute 'writelines'``: the listener's reconnect closed the
-        connection between the send's check and its write). Escaping, it would
-        replace the request's own outcome (a result, a timeout, a
-        ``RedisError``) and reach the client as a 500. A channel left
-        subscribed is harmless: its messages find no pending request.
-        """
-        try:
-            await self._pubsub.unsubscribe(*channels)
-        except (RedisError, OSError):
-            pass
-        except Exception as exc:  # noqa: BLE001 - redis-py internals, see above
-            log.warning("unsubscribing failed (%s: %s)", type(exc).__name__, exc)
-
-    async def _check_stored(self, task_id: str) -> None:
-        # The order is: subscribe, enqueue, then also GET the key, so a result
-        # stored before the subscription took effect (or while the connection was
-        # being re-established) is not missed.
-        raw = await self._client.get(_CHANNEL_PREFIX + task_id)
-        if raw is not None:
-            self._resolve(task_id, raw)
+    async def _check_stored(self, task_ids: list[str]) -> None:
+        """Resolve waits whose outcome is stored (published while nobody could hear it)."""
+        if not task_ids:
+            return
+        raws = await self._client.mget([result_key(task_id) for task_id in task_ids])
+        for task_id, raw in zip(task_ids, raws):
+            if raw is not None:
+                self._resolve(task_id, raw)
 
     def _resolve(self, task_id: str, raw: bytes | str) -> None:
         future = self._pending.get(task_id)
@@ -189,8 +161,7 @@ class ResultWaiter:
         except (TypeError, ValueError):
             log.error("unreadable result for %s", task_id)
             return
-        # Celery may publish intermediate states; only final ones end the wait.
-        if meta.get("status") in {"SUCCESS", "FAILURE", "REVOKED"}:
+        if isinstance(meta, dict) and meta.get("status") in _FINAL:
             if meta.get("status") == "SUCCESS" and isinstance(meta.get("result"), dict):
                 meta["result"] = open_result(meta["result"], self._sealer)
             future.set_result(meta)
@@ -204,9 +175,36 @@ class ResultWaiter:
         except (SealError, TypeError, ValueError, KeyError):
             log.error("unreadable stream piece for %s", task_id)
 
+    def _dispatch(self, raw: bytes | str) -> None:
+        """Route one reply-channel message to its request."""
+        try:
+            kind, task_id, data = parse_reply(raw)
+        except (ValueError, UnicodeDecodeError):
+            log.error("unreadable message on the reply channel")
+            return
+        if kind == REPLY_RESULT:
+            self._resolve(task_id, data)
+        elif kind == REPLY_PIECE:
+            self._piece(task_id, data)
+
+    def _on_connect(self, _connection: Any) -> None:
+        """Called by redis-py after the pub/sub connection is (re)made and the channel re-subscribed."""
+        self._reconnected = True
+
     async def _listen(self) -> None:
+        # redis-py re-establishes a lost pub/sub connection on its own (sometimes
+        # inside one get_message call, without raising): the connect callback
+        # marks every reconnect, and outcomes published while nobody listened
+        # are then read from their stored copies. It runs after redis-py's own
+        # callback re-subscribed, so an outcome published at any moment is
+        # either heard on the new subscription or already stored.
+        assert self._pubsub.connection is not None, "start() subscribes first"
+        self._pubsub.connection.register_connect_callback(self._on_connect)
         backoff = 0.1
         while True:
+            if self._reconnected:
+                self._reconnected = False
+                await self._recover()
             try:
                 message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 backoff = 0.1
@@ -217,19 +215,29 @@ class ResultWaiter:
                             backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-                await self._recover()
+                await self._reconnect()
                 continue
             if message is None or message.get("type") != "message":
                 continue
-            channel = message["channel"]
-            channel = channel.decode() if isinstance(channel, bytes) else channel
-            if channel.startswith(_CHANNEL_PREFIX):
-                self._resolve(channel[len(_CHANNEL_PREFIX):], message["data"])
-            elif channel.startswith(STREAM_CHANNEL_PREFIX):
-                self._piece(channel[len(STREAM_CHANNEL_PREFIX):], message["data"])
+            self._dispatch(message["data"])
+
+    async def _reconnect(self) -> None:
+        """Make the connection again now (its callback re-subscribes and marks it); the loop retries on failure."""
+        try:
+            await self._pubsub.connect()
+        except Exception as exc:  # noqa: BLE001 - redis-py internals while reconnecting
+            log.debug("reply channel not reconnected yet (%s: %s)", type(exc).__name__, exc)
 
     async def _recover(self) -> None:
-        """After a reconnect, pick up results that were published meanwhile."""
-        for task_id in list(self._pending):
-            with contextlib.suppress(RedisError, OSError):
-                await self._check_stored(task_id)
+        """Read the outcomes of pending requests that were stored while the connection was down.
+
+        Stream pieces published meanwhile are lost; the result holds the whole
+        text, and the stream sends what it missed before it ends
+        (``outcome._unsent_text``).
+        """
+        try:
+            await self._check_stored(list(self._pending))
+        except (RedisError, OSError) as exc:
+            log.warning("cannot read stored outcomes yet (%s); trying again", exc)
+            self._reconnected = True
+            await asyncio.sleep(0.1)

@@ -71,11 +71,12 @@ class TicketRunner:
             return StreamEvents(self, ticket, pending, stack.pop_all())
 
     async def _enqueue(self, ticket: Ticket) -> None:
-        job = replace(ticket.job, enqueued_at_ns=time.time_ns())
+        job = replace(ticket.job, enqueued_at_ns=time.time_ns(), reply_to=self.waiter.reply_channel)
         await self.dispatcher.enqueue(job, priority=ticket.priority)
 
     async def result_of(self, ticket: Ticket, meta: dict[str, Any]) -> JobResult:
-        """Turn Celery's result meta into a result, or a designed error."""
+        """Turn a job's outcome (``workers.replies``: SUCCESS or FAILURE; REVOKED stays understood) into a
+        result, or a designed error."""
         status = meta.get("status")
         if status == "SUCCESS" and isinstance(meta.get("result"), dict):
             result = JobResult.from_payload(meta["result"])
@@ -138,9 +139,9 @@ class TicketRunner:
         """
         request_id = ticket.request_id
         await self._request_cancel(request_id)
-        try:  # the worker (or Celery, for an expired job) publishes a result once the request has ended
+        try:  # the worker publishes (and stores) the outcome once the request has ended; it may have already
             async with self.waiter.expect(request_id) as pending:
-                await pending.get(self.request_timeout_s + 5)
+                await pending.get(self.request_timeout_s + 5, look_stored=True)
         except (ResultTimeout, RedisError, OSError):
             pass
         entry = await self.request_log.terminal_for(request_id)

@@ -1,20 +1,25 @@
-"""The Celery application both sides use: the gateway to send, workers to run.
+"""The Celery application and queue layout both sides share.
+
+Workers run it; the gateway writes task messages for it itself
+(``gateway/dispatch/celery_message.py``) into the lists :func:`queue_keys` names.
 
 Settings are chosen for a queue where losing a request is worse than running
 it twice (and running it twice is made harmless by the task's idempotency):
 late acks, redelivery when a worker process dies, one task prefetched at a
-time so a slow generation does not hold others hostage.
+time so a slow generation does not hold others hostage. There is no result
+backend: a job's outcome travels on its gateway's reply channel
+(``workers.replies``), one SET+PUBLISH instead of Celery's per-request
+result key, subscription and polling.
 """
 
 from __future__ import annotations
 
+from urllib.parse import parse_qs, urlsplit
+
 from celery import Celery
 
-from workers.contract.jobs import celery_redis_url
+from workers.contract.kombu_redis import TRANSPORT_NAME  # importing it registers the transport with kombu
 
-#: How long results stay in Redis: long enough for a slow client, short
-#: enough that Redis does not become a second audit log.
-RESULT_EXPIRES_S = 3600
 #: Priorities 0 (highest, Celery-on-Redis convention) to 9; each has its own list.
 PRIORITY_STEPS = list(range(10))
 DEFAULT_PRIORITY = 5
@@ -43,8 +48,25 @@ def queue_keys(queue: str) -> list[str]:
     return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
 
 
+def celery_redis_url(redis_url: str) -> str:
+    """Turn a redis-py URL into the broker URL Celery's workers and the gateway use.
+
+    redis-py spells a unix socket ``unix:///path?db=N``; kombu wants
+    ``<transport>+socket:///path?virtual_host=N``. The transport is
+    :mod:`workers.contract.kombu_redis` (kombu's Redis transport without a
+    new client per ack); ``rediss://`` (TLS) stays on kombu's own.
+    """
+    parts = urlsplit(redis_url)
+    if parts.scheme == "unix":
+        db = parse_qs(parts.query).get("db", ["0"])[0]
+        return f"{TRANSPORT_NAME}+socket://{parts.path}?virtual_host={db}"
+    if parts.scheme == "redis":
+        return TRANSPORT_NAME + redis_url[len("redis"):]
+    return redis_url
+
+
 def make_celery(redis_url: str, *, time_limit_s: float = 60.0) -> Celery:
-    """A configured Celery app on ``redis_url`` (broker and result backend).
+    """A configured Celery app on ``redis_url`` (the broker; no result backend).
 
     ``time_limit_s`` is a generation's soft time limit; the hard limit and
     the broker's visibility timeout are derived from it so they stay in the
@@ -52,16 +74,15 @@ def make_celery(redis_url: str, *, time_limit_s: float = 60.0) -> Celery:
     """
     url = celery_redis_url(redis_url)
     hard_limit_s = time_limit_s + HARD_LIMIT_GRACE_S
-    app = Celery("govgate", broker=url, backend=url, set_as_current=False)
+    app = Celery("govgate", broker=url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
-        result_serializer="json",
         accept_content=["json"],
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_track_started=False,
-        result_expires=RESULT_EXPIRES_S,
+        task_ignore_result=True,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
@@ -78,7 +99,6 @@ def make_celery(redis_url: str, *, time_limit_s: float = 60.0) -> Celery:
             "unacked_restore_interval": 2,
             "unacked_restore_throttle": 1,
         },
-        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
         enable_utc=True,
     )
     return app

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from workers.contract.sampling import SamplingParams
 from workers.contract.sealing import SealError, Sealer
@@ -27,8 +26,16 @@ STATUS_FAILED = "failed"
 STATUS_TIMED_OUT = "timed_out"
 STATUS_CANCELLED = "cancelled"
 
-#: Prefix of the pub/sub channel a streaming job publishes its text pieces on.
-STREAM_CHANNEL_PREFIX = "govgate:stream:"
+#: Prefix of the key a worker stores a job's outcome under (sealed), next to
+#: publishing it on the job's reply channel: a gateway whose pub/sub connection
+#: was down when the outcome was published reads it from there.
+RESULT_KEY_PREFIX = "govgate:result:"
+#: How long a stored outcome is kept: longer than a gateway takes to reconnect
+#: and look (seconds), short enough that Redis is no second audit log.
+RESULT_TTL_S = 600
+#: Kinds of message on a gateway's reply channel (see :func:`reply_message`).
+REPLY_RESULT = "r"
+REPLY_PIECE = "p"
 #: Prefix of the key that asks a job to stop (client gone, or the gateway gave up).
 CANCEL_KEY_PREFIX = "govgate:cancel:"
 #: How long a cancel request is kept: longer than any job can wait in a queue.
@@ -43,8 +50,25 @@ def queue_for(model: str) -> str:
     return f"model.{model}"
 
 
-def stream_channel(request_id: str) -> str:
-    return STREAM_CHANNEL_PREFIX + request_id
+def result_key(request_id: str) -> str:
+    return RESULT_KEY_PREFIX + request_id
+
+
+def reply_message(kind: str, request_id: str, data: str) -> str:
+    """One message on a gateway's reply channel: ``kind``, the request id, then the (sealed) data.
+
+    One channel per gateway process carries every outcome and stream piece
+    of its requests, so the gateway subscribes once at start instead of twice
+    per request; the request id in front tells the gateway whose it is.
+    """
+    return f"{kind}\n{request_id}\n{data}"
+
+
+def parse_reply(raw: bytes | str) -> tuple[str, str, str]:
+    """``(kind, request_id, data)`` of a reply message; raises ``ValueError`` if it is not one."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    kind, request_id, data = text.split("\n", 2)
+    return kind, request_id, data
 
 
 def cancel_key(request_id: str) -> str:
@@ -54,20 +78,6 @@ def cancel_key(request_id: str) -> str:
 def loaded_key(model: str, worker_pid: int) -> str:
     """Set when a pool process of the worker whose main process is ``worker_pid`` has loaded ``model``."""
     return f"{LOADED_KEY_PREFIX}{model}:{worker_pid}"
-
-
-def celery_redis_url(redis_url: str) -> str:
-    """Turn a redis-py URL into the form Celery's broker and backend accept.
-
-    redis-py spells a unix socket ``unix:///path?db=N``; kombu and Celery's
-    result backend want ``redis+socket:///path?virtual_host=N``. TCP URLs are
-    the same for both.
-    """
-    parts = urlsplit(redis_url)
-    if parts.scheme != "unix":
-        return redis_url
-    db = parse_qs(parts.query).get("db", ["0"])[0]
-    return f"redis+socket://{parts.path}?virtual_host={db}"
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,7 @@ class GenerateJob:
     messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
     enqueued_at_ns: int = 0
-    #: Publish text pieces on :func:`stream_channel` as they are generated.
+    #: Publish text pieces on the reply channel as they are generated.
     stream: bool = False
     #: The policy's ``prompt_logging`` obligation: how much of the output the terminal entry keeps.
     prompt_logging: str = "full"
@@ -94,6 +104,9 @@ class GenerateJob:
     #: Wall-clock time (ns) after which nobody waits for the result: a worker that
     #: takes the job later records it as expired instead of generating (0: none).
     deadline_ns: int = 0
+    #: The pub/sub channel of the gateway process that waits for this job:
+    #: the worker publishes the outcome and stream pieces there ("" publishes nothing).
+    reply_to: str = ""
 
     def to_payload(self) -> dict[str, Any]:
         return {**asdict(self), "params": self.params.to_payload()}
@@ -103,8 +116,12 @@ class GenerateJob:
         return cls(**{**payload, "params": SamplingParams.from_payload(payload["params"])})
 
     def sealed(self, sealer: Sealer) -> dict[str, Any]:
-        """The task argument: ids in clear, everything else sealed."""
-        return {"request_id": self.request_id, "model": self.model,
+        """The task argument: ids (and the reply channel) in clear, everything else sealed.
+
+        The reply channel stays readable so a worker that cannot unseal the
+        job can still tell its gateway so.
+        """
+        return {"request_id": self.request_id, "model": self.model, "reply_to": self.reply_to,
                 "sealed": sealer.seal_text(json.dumps(self.to_payload()).encode())}
 
     @classmethod

@@ -82,7 +82,7 @@ def test_a_job_travels_sealed_with_only_ids_in_clear() -> None:
                       messages=[{"role": "user", "content": SECRET}], prompt_logging="hash",
                       redact=[{"detector": "email", "text": "ann@example.org"}])
     payload = job.sealed(sealer)
-    assert set(payload) == {"request_id", "model", "sealed"}
+    assert set(payload) == {"request_id", "model", "reply_to", "sealed"}  # the reply channel names a gateway process
     assert "swordfish" not in str(payload) and "ann@example.org" not in str(payload)
     assert GenerateJob.unsealed(payload, sealer) == job
     with pytest.raises(SealError):  # a sealed job moved to another request's id
