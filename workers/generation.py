@@ -50,7 +50,8 @@ class _Unrecorded(Exception):
 
 
 def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobChannel | None = None,
-            pending: PendingTerminals | None = None, *, digester: Digester | None = None) -> JobResult:
+            pending: PendingTerminals | None = None, *, digester: Digester | None = None,
+            worker: dict[str, Any] | None = None) -> JobResult:
     """Generate for ``job`` and record the outcome.
 
     A job whose request already has a terminal entry (a redelivery after a
@@ -65,11 +66,13 @@ def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: Jo
     ``failed``/``audit_unavailable`` with what was generated, to be written
     when the database is back. ``digester`` makes the digest of an output
     logged as ``hash``; without one such an output is recorded by its length
-    alone.
+    alone. ``worker`` names the process in the entry (hostname and pid); a
+    pool process passes its own, made once, instead of asking the OS per job.
     """
     channel = channel or SilentChannel()
+    worker = worker or {"hostname": socket.gethostname(), "pid": os.getpid()}
     try:
-        return _run(job, model, store, channel, digester)
+        return _run(job, model, store, channel, digester, worker)
     except _Unrecorded as lost:
         return _keep(job, lost, pending)
     finally:  # the outcome is recorded (or kept, or the process is dying): the stream's mirror is not needed
@@ -93,7 +96,7 @@ def _keep(job: GenerateJob, lost: _Unrecorded, pending: PendingTerminals | None)
 
 
 def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobChannel,
-         digester: Digester | None) -> JobResult:
+         digester: Digester | None, worker: dict[str, Any]) -> JobResult:
     # The SET NX tells a first delivery from a redelivery; only a redelivery can
     # find the request already ended by an earlier run, so only it asks the
     # database. A first run that races the gateway's own end (timeout, cancel)
@@ -107,7 +110,6 @@ def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobCh
 
     started_ns = time.time_ns()
     queue_ms = (started_ns - job.enqueued_at_ns) / 1e6 if job.enqueued_at_ns else None
-    worker = {"hostname": socket.gethostname(), "pid": os.getpid()}
     if channel.cancel_requested():  # the client left while the job was queued
         return _record_end(job, store, STATUS_CANCELLED, "", 0, 0, None, worker, queue_ms, started_ns, digester)
     if job.deadline_ns and started_ns > job.deadline_ns:  # nobody waits for it any more (its gateway may be gone)

@@ -1,6 +1,6 @@
 """The task body hands every outcome to its gateway: a result, or the exception it raised (real Redis).
 
-``workers.runtime.generate`` stores and publishes the outcome on the job's
+``workers.runtime.generate`` (its body: ``workers.pool.generate``) stores and publishes the outcome on the job's
 reply channel (``workers/replies.py``); Celery keeps none. A task that
 raises must still end its gateway's wait, or the client would wait for the
 request timeout.
@@ -18,7 +18,7 @@ import redis
 
 from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
 from tests.workers.test_worker_jobs import job
-from workers import runtime
+from workers import pool, runtime
 from workers.contract.jobs import REPLY_RESULT, STATUS_COMPLETED, open_result, parse_reply, result_key
 from workers.contract.sealing import Sealer
 
@@ -30,7 +30,7 @@ def worker_state(monkeypatch, redis_server, model, store):  # noqa: F811
     config = runtime.WorkerConfig(model=model.spec, redis_url=redis_server.url, database_url="sqlite://")
     for name, value in {"config": config, "model": model, "store": store, "redis": client, "sealer": sealer,
                         "digester": None, "pending": None}.items():
-        monkeypatch.setattr(runtime._state, name, value)
+        monkeypatch.setattr(pool._state, name, value)
     yield client, sealer
     client.close()
 

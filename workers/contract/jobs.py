@@ -146,7 +146,13 @@ class JobResult:
     error: dict[str, str] = field(default_factory=dict)
 
     def to_payload(self) -> dict[str, Any]:
-        return asdict(self)
+        """The result as a JSON-ready dict (what :func:`dataclasses.asdict` gives, built without its deep copies).
+
+        Built once per task in the worker's pool process; ``asdict`` deep-copies every field.
+        """
+        return {"status": self.status, "text": self.text, "finish_reason": self.finish_reason,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "audit_seq": self.audit_seq, "error": dict(self.error)}
 
     @classmethod
     def from_terminal(cls, kind: str, seq: int, body: dict[str, Any]) -> "JobResult":

@@ -12,9 +12,6 @@ import os
 import secrets
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 #: Bytes of a key made by :func:`load_or_create_key` (AES-256; also an HMAC-SHA256 key).
 KEY_BYTES = 32
 _NONCE_BYTES = 12
@@ -34,6 +31,10 @@ class Sealer:
     def __init__(self, key: bytes) -> None:
         if len(key) not in (16, 24, 32):
             raise ValueError("an AES-GCM key has 16, 24 or 32 bytes")
+        # Imported here: processes that only handle key files (the supervisor, a
+        # worker's main process) would otherwise hold cryptography's ~6 MB for nothing.
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         self._aead = AESGCM(key)
 
     def seal(self, data: bytes) -> bytes:
@@ -43,6 +44,8 @@ class Sealer:
     def unseal(self, token: bytes) -> bytes:
         if len(token) < _NONCE_BYTES + 16:
             raise SealError("sealed token too short")
+        from cryptography.exceptions import InvalidTag  # already loaded with AESGCM: a dict look-up
+
         try:
             return self._aead.decrypt(token[:_NONCE_BYTES], token[_NONCE_BYTES:], None)
         except InvalidTag:

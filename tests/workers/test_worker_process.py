@@ -1,0 +1,115 @@
+"""A real worker process: a lean main process, and an audit store ready before its first job.
+
+The worker's main process only consumes the queue; the audit store and the
+generation code are loaded by its pool process after fork, and the schema is
+migrated (and terminal entries kept while the database was down are
+written) by a short-lived child before the pool forks (``workers/runtime.py``,
+``workers/store_prep.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import redis
+
+from audit import AuditStore, make_engine
+from govgate.processes import child_preexec, stop_process
+from govgate.supervisor import child_env
+from tests.conftest import wait_for_worker
+from tests.own_redis import own_redis  # noqa: F401 - fixture
+from workers.contract.celery_config import make_celery
+from workers.contract.jobs import GENERATE_TASK, STATUS_COMPLETED, GenerateJob, open_result, queue_for, result_key
+from workers.contract.pending_terminals import PENDING_KEY, PendingTerminal, PendingTerminals
+from workers.contract.registry import TINY_MODEL_NAME
+from workers.contract.sampling import SamplingParams
+from workers.contract.sealing import Sealer, load_or_create_key
+
+#: Runs ``govgate worker`` and, as its main process exits, lists the modules it imported.
+#: (Forked children leave with ``os._exit`` and never run the hook.)
+_LIST_MODULES = """
+import atexit, os, runpy, sys
+main, out = os.getpid(), sys.argv.pop(1)
+def _list():
+    if os.getpid() == main:
+        with open(out, "w") as handle:
+            handle.write("\\n".join(sorted(sys.modules)))
+atexit.register(_list)
+sys.argv[0] = "govgate"
+runpy.run_module("govgate.cli", run_name="__main__", alter_sys=True)
+"""
+
+#: What the main process must not load (each stays resident there for the life of the worker).
+POOL_ONLY = ("sqlalchemy", "sqlmodel", "alembic", "audit", "workers.generation", "workers.pool", "ctransformers",
+             "xllamacpp", "workers.backends.ctransformers_backend", "workers.backends.llamacpp_backend",
+             "cryptography.hazmat.primitives.ciphers")
+
+
+@pytest.fixture
+def empty_database_worker(own_redis, tmp_path):  # noqa: F811
+    """A tiny-model worker on a database file that does not exist yet, with one terminal entry kept."""
+    own = own_redis.with_(database_url=f"sqlite:///{tmp_path / 'fresh' / 'audit.db'}")
+    client = redis.Redis.from_url(own.redis_url)
+    sealer = Sealer(load_or_create_key(own.effective_payload_key_file))
+    PendingTerminals(client, horizon_s=3600, seal=sealer.seal, unseal=sealer.unseal).keep(PendingTerminal(
+        kind="failed", request_id="kept-while-down", principal="alice", team="research", model=TINY_MODEL_NAME,
+        body={"error": {"code": "audit_unavailable"}}, policy_revision="rev"))
+    modules = tmp_path / "modules.txt"
+    log = open(tmp_path / "worker.log", "ab")
+    worker = subprocess.Popen([sys.executable, "-c", _LIST_MODULES, str(modules), "worker", "--model", TINY_MODEL_NAME],
+                              env=child_env(own, own.redis_url), stdin=subprocess.DEVNULL, stdout=log,
+                              stderr=subprocess.STDOUT, preexec_fn=child_preexec())
+    try:
+        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker, timeout_s=120)
+        yield own, worker, client, sealer, modules
+    finally:
+        stop_process(worker, timeout_s=30)
+        log.close()
+        client.close()
+
+
+def _run_one_job(own, client: redis.Redis, sealer: Sealer) -> dict:
+    request_id = f"first-{uuid.uuid4().hex[:8]}"
+    job = GenerateJob(request_id=request_id, model=TINY_MODEL_NAME, endpoint="completions", prompt="Hi",
+                      params=SamplingParams(max_tokens=2, temperature=0), principal="alice", team="research",
+                      policy_revision="rev")
+    app = make_celery(own.redis_url)
+    try:
+        app.send_task(GENERATE_TASK, args=[job.sealed(sealer)], queue=queue_for(TINY_MODEL_NAME),
+                      task_id=request_id)
+    finally:
+        app.close()
+    deadline = time.monotonic() + 60
+    while (raw := client.get(result_key(request_id))) is None:
+        assert time.monotonic() < deadline, "the job was never answered"
+        time.sleep(0.05)
+    return {"request_id": request_id, **json.loads(raw)}
+
+
+def test_a_worker_on_an_empty_database_records_its_first_job_and_the_kept_entries(empty_database_worker):
+    own, _worker, client, sealer, _modules = empty_database_worker
+    store = AuditStore(make_engine(own.effective_database_url))
+    try:
+        # The kept entry was written before the pool forked, into the schema made just before.
+        assert store.terminal_for("kept-while-down").kind == "failed"
+        assert not client.hexists(PENDING_KEY, "kept-while-down")
+        outcome = _run_one_job(own, client, sealer)
+        assert outcome["status"] == "SUCCESS"
+        assert open_result(outcome["result"], sealer)["status"] == STATUS_COMPLETED
+        assert store.terminal_for(outcome["request_id"]).kind == "completion"
+    finally:
+        store.engine.dispose()
+
+
+def test_the_worker_main_process_imports_no_audit_store_or_model_code(empty_database_worker):
+    own, worker, client, sealer, modules = empty_database_worker
+    assert _run_one_job(own, client, sealer)["status"] == "SUCCESS"  # the pool process ran a job meanwhile
+    stop_process(worker, timeout_s=30)
+    imported = modules.read_text().split()
+    assert "celery" in imported and "workers.runtime" in imported  # the listing is of the worker's main process
+    assert [m for m in imported if any(m == name or m.startswith(name + ".") for name in POOL_ONLY)] == []

@@ -1,0 +1,153 @@
+"""What a worker's pool process holds and runs: its model, audit store and the task body.
+
+Imported only in the pool process, after fork (:mod:`workers.runtime` names
+it lazily): the worker's main process only consumes the queue and never
+needs SQLAlchemy, SQLModel, the audit store or the generation code, which
+would otherwise stay resident there (tens of MB) for the life of the worker.
+The model and the database engine are made here, never in the parent:
+llama.cpp-based backends hang in a child forked after the parent ran
+inference, and database connections must not cross a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from audit import AuditStore, make_engine
+from workers.backends import LoadedModel, load_model
+from workers.contract.jobs import LOADED_TTL_S, STATUS_FAILED, GenerateJob, loaded_key
+from workers.contract.pending_terminals import PendingTerminals
+from workers.contract.privacy import Digester
+from workers.contract.sealing import SealError, Sealer, load_or_create_key
+from workers.generation import run_job
+from workers.replies import deliver, failure, success
+from workers.store_prep import pending_terminals
+from workers.streams import RedisJobChannel
+
+if TYPE_CHECKING:
+    from workers.runtime import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+
+class _ProcessState:
+    """Per-process model and audit store, filled in after fork."""
+
+    config: WorkerConfig | None = None
+    model: LoadedModel | None = None
+    store: AuditStore | None = None
+    redis: redis.Redis | None = None
+    sealer: Sealer | None = None
+    digester: Digester | None = None
+    pending: PendingTerminals | None = None
+    next_pending_check: float = 0.0
+    #: Who runs the jobs, as each terminal entry records it (fixed for the life of the process).
+    worker: dict[str, Any] | None = None
+
+
+_state = _ProcessState()
+
+
+def load(config: WorkerConfig) -> None:
+    """Load this process's model, audit store, keys and Redis client (once per pool process)."""
+    _state.config = config
+    started = time.perf_counter()
+    engine = make_engine(config.database_url)
+    _state.store = AuditStore(engine)
+    _state.redis = redis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    _state.sealer = Sealer(load_or_create_key(config.payload_key_file))
+    _state.digester = Digester(load_or_create_key(config.digest_key_file))
+    _state.pending = pending_terminals(_state.redis, config, _state.sealer)
+    _state.worker = {"hostname": socket.gethostname(), "pid": os.getpid()}
+    _state.model = load_model(config.model)
+    log.info("pid %d loaded model %s from %s in %.2fs", os.getpid(), config.model.name,
+             config.model.path, time.perf_counter() - started)
+    try:  # tells `govgate up` the model is served now; the worker runs without it
+        _state.redis.set(loaded_key(config.model.name, os.getppid()), os.getpid(), ex=LOADED_TTL_S)
+    except redis.RedisError as exc:
+        log.warning("could not announce the loaded model: %s", exc)
+
+
+def dispose() -> None:
+    """Close the database engine and Redis client as the pool process exits."""
+    if _state.store is not None:
+        _state.store.engine.dispose()
+    if _state.redis is not None:
+        _state.redis.close()
+
+
+def generate(payload: dict[str, Any]) -> None:
+    """The Celery task body: run one sealed job and hand its outcome to its gateway.
+
+    The outcome (the sealed result, or the exception a task raised) is
+    published on the gateway's reply channel and stored briefly
+    (:mod:`workers.replies`); Celery keeps no result (``ignore_result``).
+    A worker killed mid-job delivers nothing: the broker redelivers the job
+    (late ack, ``reject_on_worker_lost``) and the next run delivers it.
+    Nothing is returned: a return value would only be pickled back to the
+    pool's parent process for nobody.
+    """
+    request_id, reply_to = _reply_address(payload)
+    try:
+        sealed = _run_sealed(payload)
+    except Exception as exc:
+        if _state.redis is not None:  # else the gateway's own timeout ends the request
+            deliver(_state.redis, request_id, reply_to, failure(exc))
+        raise
+    assert _state.redis is not None
+    deliver(_state.redis, request_id, reply_to, success(sealed))
+
+
+def _reply_address(payload: Any) -> tuple[str, str]:
+    """The request id and reply channel a task argument names in clear ("?" and "" if it names none)."""
+    if not isinstance(payload, dict):
+        return "?", ""
+    return str(payload.get("request_id", "?")), str(payload.get("reply_to") or "")
+
+
+def _run_sealed(payload: dict[str, Any]) -> dict[str, Any]:
+    """Run one sealed job with this process's model; its result, sealed.
+
+    A job this worker cannot unseal (another key) fails without text; the
+    gateway records the failure, since the worker cannot read whose it is.
+    """
+    if _state.model is None or _state.store is None or _state.sealer is None:
+        assert _state.config is not None, "worker started without configuration"
+        load(_state.config)
+    try:
+        job = GenerateJob.unsealed(payload, _state.sealer)
+    except (SealError, KeyError, TypeError, ValueError) as exc:
+        log.error("job %s cannot be unsealed (%s): do the gateway and this worker share the payload key?",
+                  payload.get("request_id") if isinstance(payload, dict) else "?", exc)
+        return {"status": STATUS_FAILED, "error": {
+            "code": "payload_unreadable", "message": "the worker could not unseal the job (payload key mismatch)"}}
+    if _state.config and job.model != _state.config.model.name:
+        raise ValueError(f"job for model {job.model!r} reached the worker of {_state.config.model.name!r}")
+    channel = RedisJobChannel(_state.redis, job.request_id, streaming=job.stream, sealer=_state.sealer,
+                              reply_to=job.reply_to)
+    result = run_job(job, _state.model, _state.store, channel, _state.pending, digester=_state.digester,
+                     worker=_state.worker)
+    if result.audit_seq is not None and _state.pending is not None and _pending_check_due():
+        if _state.pending.count():
+            _state.pending.write_all(_state.store)  # the database takes writes again: catch up
+    return result.sealed(_state.sealer)
+
+
+#: Least time between two looks for kept terminal entries after a recorded job. The
+#: gateway's retry loop writes them anyway; the look here only makes it sooner, so
+#: one HLEN per job would buy little.
+PENDING_CHECK_INTERVAL_S = 5.0
+
+
+def _pending_check_due() -> bool:
+    now = time.monotonic()
+    if now < _state.next_pending_check:
+        return False
+    _state.next_pending_check = now + PENDING_CHECK_INTERVAL_S
+    return True
