@@ -26,6 +26,7 @@ from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.lost_requests import LostRequestSweep, lost_after_s, sweep_lost_requests
 from gateway.requests.service import CompletionService
 from gateway.requests.terminal_retry import retry_pending_terminals
+from gateway.resp_pack import fast_packing
 from gateway.settings import Settings
 from workers.contract.celery_config import visibility_timeout_s
 from workers.contract.pending_terminals import PendingTerminals
@@ -70,9 +71,9 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
 
     policy = ReloadingPolicyEngine(policy or await open_engine(), open_engine, policy_dir=settings.policy_dir,
                                    interval_s=settings.policy_reload_interval_s)
-    pool = aioredis.BlockingConnectionPool.from_url(
+    pool = fast_packing(aioredis.BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=settings.redis_max_connections, timeout=5,
-        socket_timeout=10, socket_connect_timeout=5)
+        socket_timeout=10, socket_connect_timeout=5))
     client = aioredis.Redis(connection_pool=pool)
     waiter = ResultWaiter(client, sealer)
     if visibility_timeout_s(settings.generation_time_limit_s) >= settings.request_timeout_s:

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.dispatch.celery_message import task_message
+from gateway.dispatch.job_payload import sealed_job
 from workers.contract.celery_config import queue_keys
 from workers.contract.jobs import GENERATE_TASK, GenerateJob, queue_for
 from workers.contract.sealing import Sealer
@@ -54,7 +55,7 @@ class Dispatcher:
         job = replace(job, deadline_ns=time.time_ns() + int(self._expires_s * 1e9))
         # Sealed: the prompt is ciphertext in Redis and its AOF. ``argsrepr``
         # (which Celery stores in the message and logs) names only the request.
-        key, message = task_message(GENERATE_TASK, job.request_id, [job.sealed(self._sealer)],
+        key, message = task_message(GENERATE_TASK, job.request_id, [sealed_job(job, self._sealer)],
                                     queue=queue_for(job.model), priority=priority,
                                     argsrepr=f"(<sealed job {job.request_id}>,)")
         # One command on the event loop's own client: no thread, no retries that

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import functools
 import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, timedelta
 from typing import Any, Sequence
 from urllib.parse import quote
 
@@ -29,6 +30,7 @@ from gateway.limits.catalogue import LIMIT_NAMES, MINUTE_WINDOW_FREES_IN, USAGE_
 log = logging.getLogger(__name__)
 
 _US = 1_000_000
+_DAY_US = 86_400 * _US
 WINDOW_S = 60
 _WINDOW_US = WINDOW_S * _US
 #: A scope's keys live this long after they are created or a month begins:
@@ -139,13 +141,25 @@ class _Periods:
 
     @classmethod
     def at(cls, now_us: int) -> "_Periods":
-        day = datetime.fromtimestamp(now_us // _US, tz=timezone.utc).date()
+        return _periods_of_day(now_us // _DAY_US)
+
+    @classmethod
+    def of_day(cls, day_number: int) -> "_Periods":
+        """The periods of UTC day ``day_number`` (days since the epoch)."""
+        day = date(1970, 1, 1) + timedelta(days=day_number)
         next_day = day + timedelta(days=1)
         next_month = date(day.year + 1, 1, 1) if day.month == 12 else date(day.year, day.month + 1, 1)
         last_month = day.replace(day=1) - timedelta(days=1)
         return cls(day.strftime("%Y%m%d"), (day - timedelta(days=1)).strftime("%Y%m%d"),
                    calendar.timegm(next_day.timetuple()) * _US, day.strftime("%Y%m"),
                    last_month.strftime("%Y%m"), calendar.timegm(next_month.timetuple()) * _US)
+
+
+@functools.lru_cache(maxsize=4)
+def _periods_of_day(day_number: int) -> _Periods:
+    """Every reservation and settlement needs the labels of its day; they change once a day, so
+    they are worked out once a day (eight ``strftime`` calls a request otherwise)."""
+    return _Periods.of_day(day_number)
 
 
 def _text(value: bytes | str) -> str:
