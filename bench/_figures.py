@@ -6,8 +6,10 @@ a latency that really happened.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -33,3 +35,13 @@ def table_row(label: str, cells: Sequence[Any], widths: tuple[int, int], suffix:
     label_width, cell_width = widths
     texts = ["-" if c is None else f"{c}{suffix}" for c in cells]
     return label.ljust(label_width) + "".join(t.rjust(cell_width) for t in texts)
+
+
+def write_json(path: Path, document: Any) -> None:
+    """Write a bench's figures for ``--json``: the folder made if needed, UTF-8, one trailing newline.
+
+    ``make bench`` points every bench at ``bench/results/<name>.json`` and
+    ``bench/collect.py`` merges them, so they are all written the same way.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")

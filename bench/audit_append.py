@@ -57,7 +57,7 @@ from audit.db import APPEND_LOCK_KEY, locked_transaction  # noqa: E402
 from audit.kinds import TERMINAL_KINDS  # noqa: E402
 from audit.store import _check_args  # noqa: E402
 from audit.tables import audit_table  # noqa: E402
-from bench._figures import ratio, rounded  # noqa: E402
+from bench._figures import ratio, rounded, write_json  # noqa: E402
 
 _t = audit_table.c
 
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.appends, args.rounds, args.lookups)
     print_report(result)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

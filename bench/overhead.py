@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -57,6 +56,7 @@ if not __package__:  # run as `python bench/overhead.py`: import the bench packa
 from bench._bare import CHAT_PATH  # noqa: E402
 from bench._commandstats import CommandProbe  # noqa: E402
 from bench._cpu import Role, RoleProbe  # noqa: E402
+from bench._figures import write_json  # noqa: E402
 from bench._load import REQUEST_TIMEOUT_S, Endpoint, run_phase  # noqa: E402
 from bench._stack import (  # noqa: E402
     HEALTH_PATH,
@@ -202,8 +202,7 @@ def run(args: argparse.Namespace, write: Callable[[str], None] = print) -> dict[
           f"{args.rounds} interleaved rounds, the better counts; max_tokens 1; {os.cpu_count()} CPUs")
     write(table(document))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
+        write_json(args.json, document)
     return document
 
 

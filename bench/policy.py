@@ -68,7 +68,7 @@ from typing import Any, Awaitable, Callable
 
 if not __package__:  # run as `python bench/policy.py`: import the bench package from this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._figures import percentile, rounded  # noqa: E402
+from bench._figures import percentile, rounded, write_json  # noqa: E402
 from bench._stack import (  # noqa: E402
     ROOT,
     TempDir,
@@ -354,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
     document = print_report(policy, opa_skipped, counters, samples, args)
     if args.json is not None:
-        args.json.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_json(args.json, document)
         say(f"bench: figures written to {args.json}")
     return 0
 

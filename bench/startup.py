@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import queue
 import re
@@ -46,6 +45,7 @@ import httpx
 
 if not __package__:  # run as `python bench/startup.py`: import the bench package from this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._figures import write_json  # noqa: E402
 from bench._stack import BENCH_PRINCIPAL, BENCH_TEAM, HOST, ROOT, bench_policy_dir, free_port, say  # noqa: E402
 
 TINY = "govgate-tiny"
@@ -392,7 +392,7 @@ def main() -> int:
         print(f"  api after {args.requests} requests ({runs[-1]['requests']}): "
               f"{runs[-1]['api_rss_after_requests_mb']} MB")
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(args.json, summary)
     return 0
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 if not __package__:  # run as `python bench/ttft.py`: import the bench package from this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench._figures import percentile, rounded  # noqa: E402
+from bench._figures import percentile, rounded, write_json  # noqa: E402
 from bench._load import REQUEST_TIMEOUT_S, Connection, Endpoint  # noqa: E402
 from bench._stack import in_temp_dir, run_interruptible, say, start_govgate  # noqa: E402
 from bench.inference import COMPLETIONS_PATH, _sse_text, direct_params, prepare_models, request_body  # noqa: E402
@@ -183,8 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
           f"{os.cpu_count()} CPUs")
     print(table(document))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        write_json(args.json, document)
     return document
 
 
