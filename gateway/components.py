@@ -27,6 +27,7 @@ from gateway.requests.lost_requests import LostRequestSweep, lost_after_s, sweep
 from gateway.requests.service import CompletionService
 from gateway.requests.terminal_retry import retry_pending_terminals
 from gateway.resp_pack import fast_packing
+from gateway.task_stop import stop_tasks
 from gateway.settings import Settings
 from workers.contract.celery_config import visibility_timeout_s
 from workers.contract.pending_terminals import PendingTerminals
@@ -108,10 +109,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
             completions=completions, auth=Authenticator(keys, principals),
         )
     finally:
-        for task in (retrier, sweeper):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks([retrier, sweeper])
         pending_client.close()
         await key_changes.aclose()
         await completions.aclose()

@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 
 from gateway.auth.key_changes import KEYS_CHANGED_CHANNEL
 from gateway.auth.principal_cache import PrincipalCache
+from gateway.task_stop import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,7 @@ class KeyChangeListener:
             self._task = asyncio.create_task(self._run(), name="govgate-key-changes")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         self._cache.revoke_lease()
 
     async def _run(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.task_stop import stop_task
 from workers.contract.jobs import REPLY_PIECE, REPLY_RESULT, open_piece, open_result, parse_reply, result_key
 from workers.contract.sealing import SealError, Sealer
 
@@ -115,10 +116,7 @@ class ResultWaiter:
         self._listener = asyncio.create_task(self._listen(), name="govgate-result-listener")
 
     async def aclose(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
+        await stop_task(self._listener)
         for future in self._pending.values():
             if not future.done():
                 future.cancel()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from gateway.task_stop import stop_tasks
 from gateway.policy.decision import Decision
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.revision import PolicyFilesError, policy_revision
@@ -100,12 +101,7 @@ class ReloadingPolicyEngine:
         if self._hup_installed:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-        tasks = [t for t in (self._watcher, *self._tasks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks([self._watcher, *self._tasks])
         await self._engine.aclose()
 
     async def _watch(self) -> None:
