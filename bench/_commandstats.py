@@ -14,10 +14,11 @@ system's cost and stays in.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CommandProbe", "command_diff"]
+__all__ = ["CommandProbe", "command_calls_async", "command_diff", "commands_since_async", "per_request"]
 
 #: Commands the probe itself sends.
 _OWN_COMMANDS = frozenset({"info"})
@@ -27,6 +28,25 @@ def _calls(info: dict[str, dict[str, int]]) -> dict[str, int]:
     """{"cmdstat_get": {"calls": 3, …}} -> {"get": 3}; newer Redis names subcommands "client|setname"."""
     return {name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in info.items()
             if name.startswith("cmdstat_")}
+
+
+async def command_calls_async(client: Any) -> dict[str, int]:
+    """Calls per command so far, read through a ``redis.asyncio`` client (for probes inside an event loop)."""
+    return _calls(await client.info("commandstats"))
+
+
+async def commands_since_async(client: Any, before: dict[str, int]) -> Counter[str]:
+    """Calls per command since ``before`` (a :func:`command_calls_async` reading), the probe's INFO left out.
+
+    A Counter, so a command that did not run reads as 0.
+    """
+    return Counter(command_diff(before, await command_calls_async(client)))
+
+
+def per_request(spent: dict[str, int], requests: int) -> dict[str, float]:
+    """Commands per request, per command, largest first, with ``total``."""
+    ordered = sorted(spent.items(), key=lambda item: (-item[1], item[0]))
+    return {"total": sum(spent.values()) / requests, **{name: count / requests for name, count in ordered}}
 
 
 def command_diff(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

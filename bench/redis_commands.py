@@ -35,7 +35,7 @@ if not __package__:  # run as `python bench/redis_commands.py`
 
 import redis.asyncio as aioredis  # noqa: E402
 
-from bench._redis_stats import command_calls_async, commands_since_async, per_request  # noqa: E402
+from bench._commandstats import command_calls_async, commands_since_async, per_request  # noqa: E402
 from gateway.limits import Reservation, UsageCounters  # noqa: E402
 from gateway.limits.queue import model_queue  # noqa: E402
 from govgate.redis_server import RedisProcess  # noqa: E402

@@ -17,7 +17,7 @@ from typing import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from bench._redis_stats import command_calls_async, commands_since_async
+from bench._commandstats import command_calls_async, commands_since_async
 from gateway.limits import QueueAtLimit, Refusal, Reservation, UsageCounters
 from gateway.limits.queue import model_queue
 from govgate.redis_server import RedisProcess
