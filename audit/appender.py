@@ -66,7 +66,8 @@ class Appender:
             if processor is not None:
                 self._processors[name] = processor
 
-    def append(self, fields: dict[str, Any], body_text: str) -> Chained:
+    def append(self, fields: dict[str, Any], body_text: str,
+               alongside: Callable[[Any], None] | None = None) -> Chained:
         """Put one entry at the head of the chain; ``fields`` are the caller's columns.
 
         ``fields`` holds ``request_id``, ``kind``, ``principal``, ``team``,
@@ -75,6 +76,10 @@ class Appender:
         from the head read to commit, and ``created_at`` is taken under it,
         so entries are numbered and timed in one order across processes.
         Database errors leave as SQLAlchemy exceptions (see :mod:`audit.dbapi`).
+        ``alongside`` runs on the same cursor after the insert, before
+        commit, still under the lock: what it writes commits with the entry
+        or not at all, and an exception from it rolls both back (the key
+        store writes key rows this way).
         """
         with dbapi_cursor(self._engine, begin=self._begin) as cursor:
             cursor.execute(self._head_sql)
@@ -89,4 +94,6 @@ class Appender:
             for name, processor in self._processors.items():
                 row[name] = processor(row[name])
             cursor.execute(self._insert_sql, [row[n] for n in self._names] if self._positional else row)
+            if alongside is not None:
+                alongside(cursor)
         return chained

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from sqlalchemy import Engine, Select, exists, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -59,6 +59,7 @@ class AuditStore:
         model: str | None,
         body: Mapping[str, Any],
         policy_revision: str | None,
+        alongside: Callable[[Any], None] | None = None,
     ) -> AuditEntry:
         """Append one entry at the head of the chain and return it as stored.
 
@@ -68,6 +69,9 @@ class AuditStore:
         for bad arguments, :class:`DuplicateTerminalError` if ``kind`` is
         terminal and the request already has a terminal entry, and
         :class:`AuditError` if the database fails (nothing was recorded).
+        ``alongside(cursor)`` runs inside the append's transaction (see
+        :meth:`audit.appender.Appender.append`); its own exceptions other
+        than database errors reach the caller unchanged, after the rollback.
         """
         _check_args(kind, request_id, principal=principal, team=team, model=model, policy_revision=policy_revision)
         body_text, stored_body = _normalise_body(body)
@@ -82,7 +86,7 @@ class AuditStore:
             "terminal_request_id": terminal_request_id,
         }
         try:
-            chained = self._appender().append(fields, body_text)
+            chained = self._appender().append(fields, body_text, alongside)
         except IntegrityError as exc:
             if terminal_request_id is not None:
                 existing = self.terminal_for(request_id)

@@ -126,7 +126,7 @@ class _Abandon(Exception):
 
 def _execute(cursor: Any, dialect: Any, statement: Any) -> Any:
     """Run a Core statement on the append transaction's DBAPI cursor (the chain's own connection)."""
-    compiled = statement.compile(dialect=dialect)
+    compiled = statement.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
     params = compiled.construct_params()
     cursor.execute(str(compiled), [params[name] for name in compiled.positiontup] if dialect.positional else params)
     return cursor

@@ -183,10 +183,11 @@ def test_a_key_row_edited_with_sql_is_reported(own, engine, tamper, code):
 
 def test_a_revocation_undone_with_sql_is_reported(own, engine):
     store = KeyStore(engine)
-    key_id = store.create("ivy", team=None, roles=["admin"]).key.key_id
+    issued = store.create("ivy", team=None, roles=["admin"])
+    key_id = issued.key.key_id
     store.revoke(key_id)
     sql(own, "UPDATE api_keys SET revoked_at = NULL WHERE key_id = ?", key_id)
-    assert store.authenticate is not None
+    assert store.authenticate(issued.secret) is not None  # what the attacker gained
     output = verify(own, ok=False)
     assert f"KEY TAMPERED: key {key_id}: revoked_on_chain_only: " in output
 
