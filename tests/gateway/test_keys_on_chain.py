@@ -285,3 +285,11 @@ def test_gateways_starting_together_write_one_backfill(own, monkeypatch):
     finally:
         engine.dispose()
     assert "(1 keys)" in verify(own, ok=True)
+
+
+def test_the_admin_key_govgate_up_makes_is_recorded_as_made_by_it(engine):
+    from govgate.admin_key import ensure_admin_key
+
+    assert ensure_admin_key(KeyStore(engine)) is not None
+    (admin,) = KeyStore(engine).list()
+    assert [(kind, body["by"]) for kind, body in key_entries(engine, admin.key_id)] == [("key_created", "govgate-up")]
