@@ -188,6 +188,9 @@ def report_key_table(engine) -> bool:
     keys_known, problems = key_discrepancies(engine)
     for problem in problems:
         click.echo(f"KEY TAMPERED: {problem}")
+    if problems and keys_known == 0:
+        click.echo("keys: the chain records no key at all: if this database was upgraded and not opened since, "
+                   "run any 'govgate keys' command (or start govgate) once to record the existing keys, then verify")
     if not problems:
         click.echo(f"keys: the key table matches the chain ({keys_known} keys)")
     return not problems

@@ -245,6 +245,8 @@ def _old_store(own, rows: list[tuple[str, str, str | None]]) -> None:
 
 def test_keys_made_before_the_upgrade_are_recorded_once_as_a_backfill(own):
     _old_store(own, [("aaaaaaaaaaaa", '["admin"]', None), ("bbbbbbbbbbbb", '["viewer"]', "2026-02-01")])
+    before = verify(own, ok=False)  # verify alone does not record them: it reads, and says what to do
+    assert "key aaaaaaaaaaaa: not_on_chain" in before and "run any 'govgate keys' command" in before
     engine = open_database(own)
     try:
         (backfill,) = AuditStore(engine).entries_for(BACKFILL_REQUEST_ID)
