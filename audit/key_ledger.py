@@ -286,8 +286,10 @@ def _compare(key: ChainKey, row: KeyRecord) -> Iterator[Discrepancy]:
 def count_key_entries(up_to: int) -> Select[Any]:
     """A query counting the chain's key entries, stopping at ``up_to`` (is there any? only one?).
 
-    A scan of ``kind`` (no index): the backfill runs it once per store,
-    while it has no backfill entry yet.
+    A scan of ``kind`` (no index) that stops at ``up_to`` matches: the
+    backfill check runs it at each start of a store without a backfill
+    entry, where the first key entry (``govgate up``'s admin key) is among
+    the first entries, and once under the append lock when it backfills.
     """
     some = select(audit_table.c.seq).where(audit_table.c.kind.in_(sorted(KEY_KINDS))).limit(up_to).subquery()
     return select(func.count()).select_from(some)

@@ -290,11 +290,13 @@ class KeyStore:
     def record_existing_keys(self, *, by: str = "upgrade") -> int | None:
         """Put the keys made before keys went on the chain onto it, once: one backfill entry.
 
-        Runs at every :func:`gateway.db_setup.open_database` and costs one
-        indexed look-up once done. It writes only while the chain has no key
-        entry at all and the key table has rows, i.e. at the first start
-        after the upgrade; a fresh store's first key is created with its own
-        entry, so a row planted by SQL later is never backfilled. Under the
+        Runs at every :func:`gateway.db_setup.open_database`: one look-up
+        through the ``request_id`` index once a backfill exists; in a store
+        that began with keys on the chain, a ``kind`` scan that stops at the
+        first key entry, near the start. It writes only while the chain has
+        no key entry at all and the key table has rows, i.e. at the first
+        start after the upgrade; a fresh store's first key is created with
+        its own entry, so a row planted by SQL later is never backfilled. Under the
         append lock it checks again that it is the only key entry, so
         gateways starting together write it once. Returns how many keys it
         recorded, or None when there was nothing to do.
