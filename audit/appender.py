@@ -82,7 +82,7 @@ class Appender:
                 self._processors[name] = processor
 
     def append(self, fields: dict[str, Any], body_text: str, payload_text: str | None,
-               payload_digest: str | None) -> Chained:
+               payload_digest: str | None, alongside: Callable[[Any], None] | None = None) -> Chained:
         """Put one entry at the head of the chain; ``fields`` are the caller's columns.
 
         ``fields`` holds ``request_id``, ``kind``, ``principal``, ``team``,
@@ -92,6 +92,10 @@ class Appender:
         is held from the head read to commit, and ``created_at`` is taken
         under it, so entries are numbered and timed in one order across
         processes. Database errors leave as SQLAlchemy exceptions (see :mod:`audit.dbapi`).
+        ``alongside`` runs on the same cursor after the insert, before
+        commit, still under the lock: what it writes commits with the entry
+        or not at all, and an exception from it rolls both back (the key
+        store writes key rows this way).
         """
         with dbapi_cursor(self._engine, begin=self._begin) as cursor:
             cursor.execute(self._head_sql)
@@ -103,6 +107,8 @@ class Appender:
                 head = (boundary.seq, boundary.hash)
             chained = self._insert(cursor, {**fields, "payload_digest": payload_digest}, head[0] + 1, head[1], now,
                                    body_text, payload_text, FORMAT_2)
+            if alongside is not None:
+                alongside(cursor)
         return chained
 
     def _insert(self, cursor: Any, fields: dict[str, Any], seq: int, prev_hash: str, now: datetime,

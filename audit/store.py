@@ -11,7 +11,7 @@ import json
 import secrets
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from sqlalchemy import Engine, Select, exists, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -62,6 +62,7 @@ class AuditStore:
         body: Mapping[str, Any],
         policy_revision: str | None,
         payload: Mapping[str, Any] | None = None,
+        alongside: Callable[[Any], None] | None = None,
     ) -> AuditEntry:
         """Append one entry at the head of the chain and return it as stored.
 
@@ -74,7 +75,10 @@ class AuditStore:
         verifies. Raises :class:`InvalidEntryError` for bad arguments,
         :class:`DuplicateTerminalError` if ``kind`` is terminal and the request
         already has a terminal entry, and :class:`AuditError` if the database
-        fails (nothing was recorded).
+        fails (nothing was recorded). ``alongside(cursor)`` runs inside the
+        append's transaction (see :meth:`audit.appender.Appender.append`);
+        its own exceptions other than database errors reach the caller
+        unchanged, after the rollback.
         """
         _check_args(kind, request_id, principal=principal, team=team, model=model, policy_revision=policy_revision)
         if kind == CHAIN_FORMAT:
@@ -92,7 +96,7 @@ class AuditStore:
             "terminal_request_id": terminal_request_id,
         }
         try:
-            chained = self._appender().append(fields, body_text, payload_text, digest)
+            chained = self._appender().append(fields, body_text, payload_text, digest, alongside)
         except IntegrityError as exc:
             if terminal_request_id is not None:
                 existing = self.terminal_for(request_id)

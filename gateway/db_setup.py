@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from audit import make_engine, migrate
 from audit.db import locked_transaction
-from gateway.auth.keys import ApiKey
+from gateway.auth.keys import ApiKey, KeyStore
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -56,8 +56,14 @@ def migrate_gateway(engine: Engine, revision: str = "head") -> None:
 
 
 def open_database(settings: "Settings") -> Engine:
-    """The shared engine with both packages' schemas up to date."""
+    """The shared engine with both packages' schemas up to date and the keys on the audit chain.
+
+    Keys made before key changes were audited are recorded once, as one
+    backfill entry, the first time a store is opened after the upgrade
+    (:meth:`gateway.auth.keys.KeyStore.record_existing_keys`).
+    """
     engine = make_engine(settings.effective_database_url)
     migrate(engine)
     migrate_gateway(engine)
+    KeyStore(engine).record_existing_keys()
     return engine

@@ -32,7 +32,7 @@ def ensure_admin_key(keys: KeyStore) -> str | None:
     """The admin key's secret if it was created now; None if one already exists."""
     if keys.has_role(ADMIN_ROLE):
         return None
-    return keys.create("admin", team=None, roles=[ADMIN_ROLE], note="created by govgate up").secret
+    return keys.create("admin", team=None, roles=[ADMIN_ROLE], note="created by govgate up", by="govgate-up").secret
 
 
 def prepare_database(settings: Settings) -> str | None:

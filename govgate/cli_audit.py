@@ -48,13 +48,17 @@ def _summary(entry) -> str:
 def audit_verify() -> None:
     """Recompute the hash chain; exit 1 and name the first bad entry if it is broken."""
     from audit import verify_chain
+    from govgate.cli_keys import report_key_table
 
-    result = verify_chain(audit_engine())
+    engine = audit_engine()
+    result = verify_chain(engine)
     if result.ok:
         click.echo(f"ok: {result.checked} entries, chain intact")
-        return
-    click.echo(f"BROKEN at seq {result.first_bad_seq}: {result.problem} ({result.checked} entries checked)")
-    sys.exit(1)
+    else:
+        click.echo(f"BROKEN at seq {result.first_bad_seq}: {result.problem} ({result.checked} entries checked)")
+    keys_ok = report_key_table(engine)  # the key table held to the chain's key entries
+    if not (result.ok and keys_ok):
+        sys.exit(1)
 
 
 @audit.command("prune")

@@ -1,4 +1,4 @@
-"""``govgate keys``: create, list and revoke API keys."""
+"""``govgate keys``: create, list, revoke and re-role API keys; each change is an audit entry naming who made it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,24 @@ from govgate.cli_common import load_settings
 
 @click.group()
 def keys() -> None:
-    """Create, list and revoke API keys."""
+    """Create, list, revoke and change the roles of API keys (each change goes on the audit chain)."""
+
+
+def cli_actor() -> str:
+    """Who made a change from this command line, for the entry's ``by``: ``cli:<os user>``.
+
+    The OS account is what an operator's shell can tell; a deployment that
+    shares one account between people should say who in ``--note`` or its
+    own records.
+    """
+    import getpass
+    import os
+
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):  # no login name and no passwd entry (some containers)
+        name = f"uid{os.getuid()}"
+    return f"cli:{name}"
 
 
 def _open_database(settings: Settings):
@@ -62,6 +79,27 @@ def _policy_roles(settings: Settings) -> list[str]:
     return sorted(roles) if isinstance(roles, dict) else []
 
 
+def _checked_roles(roles: tuple[str, ...]) -> list[str]:
+    """The roles, if there is at least one and the policy knows each; else a one-line error."""
+    known = _policy_roles(load_settings())
+    unknown = [role for role in roles if role not in known]
+    if not roles or unknown:
+        what = f"unknown role {', '.join(map(repr, unknown))}" if unknown else "no --role given"
+        raise click.ClickException(f"{what}: a key needs at least one of the roles the policy knows: "
+                                   f"{', '.join(known) or '(none)'}")
+    return list(roles)
+
+
+def _refuse_a_secret(key_id: str, command: str) -> None:
+    """A secret pasted where a key id belongs: name the id it carries, never echo the secret back."""
+    from gateway.auth.keys import KEY_PREFIX
+
+    if key_id.startswith(KEY_PREFIX):
+        carried = key_id.split("_")[1] if key_id.count("_") >= 2 else ""
+        hint = f": govgate keys {command} {carried}" if carried else " (see 'govgate keys list')"
+        raise click.ClickException(f"that is a key's secret, not its id; pass the key id{hint}")
+
+
 @keys.command("create")
 @click.option("--user", required=True, help="Who the key belongs to (principal id).")
 @click.option("--team", default=None, help="The user's team (policies and limits use it).")
@@ -70,14 +108,9 @@ def _policy_roles(settings: Settings) -> list[str]:
 @click.option("--note", default=None, help="Free text shown in 'keys list'.")
 def keys_create(user: str, team: str | None, roles: tuple[str, ...], note: str | None) -> None:
     """Create a key and print it once (it is stored only as a hash)."""
-    known = _policy_roles(load_settings())
-    unknown = [role for role in roles if role not in known]
-    if not roles or unknown:
-        what = f"unknown role {', '.join(map(repr, unknown))}" if unknown else "no --role given"
-        raise click.ClickException(f"{what}: a key needs at least one of the roles the policy knows: "
-                                   f"{', '.join(known) or '(none)'}")
+    checked = _checked_roles(roles)
     try:
-        issued = _key_store().create(user, team=team, roles=list(roles), note=note)
+        issued = _key_store().create(user, team=team, roles=checked, note=note, by=cli_actor())
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(issued.secret)
@@ -100,26 +133,96 @@ def keys_list(include_revoked: bool) -> None:
 @click.argument("key_id")
 def keys_revoke(key_id: str) -> None:
     """Revoke a key by its id (the part after gk_, as 'keys list' shows); requests with it are refused from now on."""
-    from gateway.auth.keys import KEY_PREFIX
-
-    if key_id.startswith(KEY_PREFIX):
-        # A secret was pasted: name the id it carries, never echo the secret back.
-        carried = key_id.split("_")[1] if key_id.count("_") >= 2 else ""
-        hint = f": govgate keys revoke {carried}" if carried else " (see 'govgate keys list')"
-        raise click.ClickException(f"that is a key's secret, not its id; pass the key id{hint}")
+    _refuse_a_secret(key_id, "revoke")
     from gateway.auth.key_changes import KeyChangeAnnouncer
 
     settings = load_settings()
     announcer = KeyChangeAnnouncer(_gateways_redis_url(settings))
-    if not _key_store(on_change=announcer).revoke(key_id):
+    if not _key_store(on_change=announcer).revoke(key_id, by=cli_actor()):
         raise click.ClickException(f"no live key with id {key_id}")
     click.echo(f"revoked {key_id}")
+    _warn_if_not_told(announcer, settings, "accepted this key", "accept it")
+
+
+@keys.command("roles")
+@click.argument("key_id")
+@click.argument("roles", nargs=-1, required=True)
+def keys_roles(key_id: str, roles: tuple[str, ...]) -> None:
+    """Give a live key exactly these roles (replacing its old ones); running gateways are told."""
+    _refuse_a_secret(key_id, "roles")
+    checked = _checked_roles(roles)
+    from gateway.auth.key_changes import KeyChangeAnnouncer
+
+    settings = load_settings()
+    announcer = KeyChangeAnnouncer(_gateways_redis_url(settings))
+    try:
+        change = _key_store(on_change=announcer).set_roles(key_id, checked, by=cli_actor())
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if change is None:
+        raise click.ClickException(f"no live key with id {key_id}")
+    if not change.changed:
+        click.echo(f"{key_id} already has roles {','.join(change.new_roles)}: nothing changed")
+        return
+    click.echo(f"{key_id}: roles {','.join(change.old_roles) or '-'} -> {','.join(change.new_roles)}")
+    _warn_if_not_told(announcer, settings, "served this key", "serve it with its old roles")
+
+
+def _warn_if_not_told(announcer, settings: Settings, seen: str, stale: str) -> None:
+    """The change is committed; only its signal is missing: say how long a gateway may lag.
+
+    A gateway whose own Redis connection is down asks the database anyway,
+    so the window is a gateway that reaches a Redis this command could not:
+    it may keep its cached principal until the entry expires.
+    """
     if announcer.failure:
-        # The revocation is committed; only its signal is missing. A gateway whose own Redis
-        # connection is down asks the database anyway, so the window is a gateway that reaches
-        # a Redis this command could not: it may accept the key until its cached entry expires.
         ttl = settings.auth_cache_ttl_s
-        click.echo(f"warning: running gateways were not told: {announcer.failure}. A gateway that accepted "
-                   f"this key in the last {ttl:g} s (GOVGATE_AUTH_CACHE_TTL_S) may accept it for up to "
+        click.echo(f"warning: running gateways were not told: {announcer.failure}. A gateway that {seen} "
+                   f"in the last {ttl:g} s (GOVGATE_AUTH_CACHE_TTL_S) may {stale} for up to "
                    f"{ttl:g} s more; set GOVGATE_REDIS_URL to the gateways' Redis to make it immediate.",
                    err=True)
+
+
+def report_key_table(engine) -> bool:
+    """``govgate audit verify``'s key part: one line per discrepancy (tampering), or one "matches" line."""
+    keys_known, problems = key_discrepancies(engine)
+    for problem in problems:
+        click.echo(f"KEY TAMPERED: {problem}")
+    if problems and keys_known == 0:
+        click.echo("keys: the chain records no key at all: if this database was upgraded and not opened since, "
+                   "run any 'govgate keys' command (or start govgate) once to record the existing keys, then verify")
+    if not problems:
+        click.echo(f"keys: the key table matches the chain ({keys_known} keys)")
+    return not problems
+
+
+def key_discrepancies(engine) -> tuple[int, list[str]]:
+    """For ``govgate audit verify``: how many keys the chain knows, and each way the key table disagrees.
+
+    Reads the key table (the gateway's) and folds the chain's key entries
+    (:mod:`audit.key_ledger`). A database without the key table (an audit
+    store only) is compared as an empty table.
+    """
+    from sqlalchemy import inspect
+
+    from audit.key_ledger import KeyRecord, key_fingerprint, read_ledger, reconcile
+    from gateway.auth import KeyStore
+
+    ledger = read_ledger(engine)
+    rows = KeyStore(engine).list(include_revoked=True) if inspect(engine).has_table("api_keys") else []
+    records = [KeyRecord(key_id=row.key_id, roles=_stored_roles(row.roles_json), revoked=row.revoked_at is not None,
+                         user=row.user, team=row.team, fingerprint=key_fingerprint(row.key_hash)) for row in rows]
+    return len(ledger.keys), [found.describe() for found in reconcile(ledger, records)]
+
+
+def _stored_roles(roles_json: str) -> tuple[str, ...]:
+    """A row's roles; text that is not a JSON list of names (edited by hand) is kept as one odd "role"."""
+    import json
+
+    try:
+        roles = json.loads(roles_json)
+    except ValueError:
+        roles = None
+    if isinstance(roles, list) and all(isinstance(role, str) for role in roles):
+        return tuple(roles)
+    return (f"<unreadable roles_json {roles_json[:40]!r}>",)

@@ -1,10 +1,17 @@
-"""API keys: issued once, stored only as a hash, compared in constant time.
+"""API keys: issued once, stored only as a hash, compared in constant time, every change on the chain.
 
 A key looks like ``gk_<key id>_<secret>``. The key id is public (it appears
 in listings and audit entries, so a reviewer can tell which key made a
 request without seeing the key); the secret is 256 random bits. Because the
 secret is high-entropy, a single SHA-256 is enough to make the stored hash
 useless to someone who reads the database: there is nothing to brute-force.
+
+Every change (created, revoked, roles changed) is an audit entry written in
+the same database transaction as the key row, under the audit store's write
+lock (``AuditStore.append``'s ``alongside``), so there is never a key change
+without its entry nor an entry without its change; ``govgate audit verify``
+holds the key table to those entries (:mod:`audit.key_ledger`).
+docs/architecture.md, "Keys on the chain".
 """
 
 from __future__ import annotations
@@ -16,12 +23,15 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Any, Callable
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, insert, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy import update
 from sqlmodel import Field, Session, SQLModel, select
+
+from audit import AuditError, AuditStore
+from audit.key_ledger import BACKFILL_REQUEST_ID, count_key_entries, key_fingerprint, key_request_id
+from audit.kinds import KEY_CREATED, KEY_REVOKED, KEY_ROLES_CHANGED
 
 KEY_PREFIX = "gk_"
 _KEY_RE = re.compile(r"^gk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
@@ -93,16 +103,44 @@ def validate_name(kind: str, value: str) -> str:
     return value
 
 
-#: Told the id of a key whose access was narrowed, after the change is committed.
+#: Told the id of a key whose access changed, after the change is committed.
 KeyChanged = Callable[[str], None]
+
+#: ``by`` when a caller does not say who made a change (the CLI and ``govgate up`` always say).
+UNSPECIFIED_ACTOR = "unspecified"
+
+
+@dataclass(frozen=True)
+class RolesChange:
+    """What :meth:`KeyStore.set_roles` did; ``changed`` is False when the key already had those roles."""
+
+    key_id: str
+    old_roles: list[str]
+    new_roles: list[str]
+    changed: bool
+
+
+class _Abandon(Exception):
+    """Raised inside an append's transaction to roll back both the entry and the key change."""
+
+
+def _execute(cursor: Any, dialect: Any, statement: Any) -> Any:
+    """Run a Core statement on the append transaction's DBAPI cursor (the chain's own connection)."""
+    compiled = statement.compile(dialect=dialect, compile_kwargs={"render_postcompile": True})
+    params = compiled.construct_params()
+    cursor.execute(str(compiled), [params[name] for name in compiled.positiontup] if dialect.positional else params)
+    return cursor
 
 
 class KeyStore:
-    """Create, list, revoke and check keys in the gateway's database.
+    """Create, list, revoke, re-role and check keys in the gateway's database.
 
-    Running gateways cache principals (``gateway/auth/principal_cache.py``),
-    so every method that narrows what a key may do calls ``on_change`` with
-    the key id once its change is committed; the CLI passes a
+    Each change is appended to the audit chain together with the key row
+    (same transaction); ``by`` names who made it (``cli:<os user>``,
+    ``govgate-up``). Running gateways cache principals
+    (``gateway/auth/principal_cache.py``), so every method that changes what
+    a key may do calls ``on_change`` with the key id once its change is
+    committed; the CLI passes a
     :class:`gateway.auth.key_changes.KeyChangeAnnouncer`, which PUBLISHes it
     to the gateways. Creating a key needs no signal: unknown keys are never
     cached.
@@ -111,8 +149,10 @@ class KeyStore:
     def __init__(self, engine: Engine, *, on_change: KeyChanged | None = None) -> None:
         self.engine = engine
         self._on_change = on_change
+        self._audit = AuditStore(engine)
 
-    def create(self, user: str, *, team: str | None, roles: list[str], note: str | None = None) -> IssuedKey:
+    def create(self, user: str, *, team: str | None, roles: list[str], note: str | None = None,
+               by: str = UNSPECIFIED_ACTOR) -> IssuedKey:
         validate_name("user", user)
         if team is not None:
             validate_name("team", team)
@@ -120,14 +160,19 @@ class KeyStore:
             validate_name("role", role)
         key_id = secrets.token_hex(6)
         secret = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+        sorted_roles = sorted(set(roles))
         row = ApiKey(key_id=key_id, key_hash=key_digest(secret), user=user, team=team,
-                     roles_json=json.dumps(sorted(set(roles))), created_at=_now(), note=note)
-        try:
-            with Session(self.engine, expire_on_commit=False) as session:
-                session.add(row)
-                session.commit()
-        except SQLAlchemyError as exc:
-            raise KeyStoreError(f"cannot store the new key: {exc}") from exc
+                     roles_json=json.dumps(sorted_roles), created_at=_now(), note=note)
+        body: dict[str, Any] = {"key_id": key_id, "user": user, "team": team, "roles": sorted_roles,
+                                "fingerprint": key_fingerprint(row.key_hash), "by": by}
+        if note is not None:
+            body["note"] = note
+        values = row.model_dump()
+
+        def write(cursor: Any) -> None:
+            _execute(cursor, self.engine.dialect, insert(ApiKey.__table__).values(**values))
+
+        self._append(KEY_CREATED, row, body, write, what="cannot store the new key")
         return IssuedKey(secret=secret, key=row)
 
     def list(self, *, include_revoked: bool = False) -> list[ApiKey]:
@@ -140,23 +185,72 @@ class KeyStore:
         except SQLAlchemyError as exc:
             raise KeyStoreError(f"cannot read keys: {exc}") from exc
 
-    def revoke(self, key_id: str) -> bool:
+    def get(self, key_id: str) -> ApiKey | None:
+        """One key by id, revoked or not."""
+        try:
+            with Session(self.engine, expire_on_commit=False) as session:
+                return session.get(ApiKey, key_id)
+        except SQLAlchemyError as exc:
+            raise KeyStoreError(f"cannot read keys: {exc}") from exc
+
+    def revoke(self, key_id: str, *, by: str = UNSPECIFIED_ACTOR) -> bool:
         """Revoke by key id; False when no such live key exists.
 
-        One conditional UPDATE (no read-then-write), so it cannot lose a race
-        with another writer on SQLite and revoking twice is harmless.
+        The UPDATE is conditional (``revoked_at IS NULL``) and runs in the
+        entry's transaction: when another writer revoked the key first, it
+        changes nothing and the entry is rolled back with it, so revoking
+        twice writes one entry.
         """
+        row = self.get(key_id)
+        if row is None or row.revoked_at is not None:
+            return False
         statement = (update(ApiKey).where(ApiKey.key_id == key_id, ApiKey.revoked_at.is_(None))
                      .values(revoked_at=_now()))
+
+        def write(cursor: Any) -> None:
+            if _execute(cursor, self.engine.dialect, statement).rowcount != 1:
+                raise _Abandon
+
         try:
-            with Session(self.engine) as session:
-                changed = session.exec(statement).rowcount
-                session.commit()
-        except SQLAlchemyError as exc:
-            raise KeyStoreError(f"cannot revoke key {key_id}: {exc}") from exc
-        if changed == 1 and self._on_change is not None:
-            self._on_change(key_id)
-        return changed == 1
+            self._append(KEY_REVOKED, row, {"key_id": key_id, "by": by}, write, what=f"cannot revoke key {key_id}")
+        except _Abandon:
+            return False
+        self._changed(key_id)
+        return True
+
+    def set_roles(self, key_id: str, roles: list[str], *, by: str = UNSPECIFIED_ACTOR) -> RolesChange | None:
+        """Give a live key exactly ``roles``; None when no such live key exists.
+
+        Compare-and-set on the roles the key had when read, inside the
+        entry's transaction, so the entry's ``old_roles`` are always the
+        roles it replaced; a concurrent change makes it read and try again.
+        """
+        for role in roles:
+            validate_name("role", role)
+        new_roles = sorted(set(roles))
+        for _attempt in range(5):
+            row = self.get(key_id)
+            if row is None or row.revoked_at is not None:
+                return None
+            old_roles = row.roles
+            if old_roles == new_roles:
+                return RolesChange(key_id, old_roles, new_roles, changed=False)
+            statement = (update(ApiKey).where(ApiKey.key_id == key_id, ApiKey.revoked_at.is_(None),
+                                              ApiKey.roles_json == row.roles_json)
+                         .values(roles_json=json.dumps(new_roles)))
+
+            def write(cursor: Any, statement: Any = statement) -> None:
+                if _execute(cursor, self.engine.dialect, statement).rowcount != 1:
+                    raise _Abandon
+
+            body = {"key_id": key_id, "old_roles": old_roles, "new_roles": new_roles, "by": by}
+            try:
+                self._append(KEY_ROLES_CHANGED, row, body, write, what=f"cannot change the roles of key {key_id}")
+            except _Abandon:
+                continue  # changed or revoked meanwhile: read it again
+            self._changed(key_id)
+            return RolesChange(key_id, old_roles, new_roles, changed=True)
+        raise KeyStoreError(f"cannot change the roles of key {key_id}: it kept changing under us")
 
     def has_role(self, role: str) -> bool:
         """True when some live key carries ``role`` (``up`` uses it to make the admin key once)."""
@@ -177,3 +271,66 @@ class KeyStore:
         if not hmac.compare_digest(expected, key_digest(presented)) or row is None or row.revoked_at:
             return None
         return Principal(id=row.user, team=row.team, roles=tuple(row.roles), key_id=row.key_id)
+
+    # -- the chain ---------------------------------------------------------
+
+    def _append(self, kind: str, row: ApiKey, body: dict[str, Any], write: Callable[[Any], None], *,
+                what: str) -> None:
+        """Append the entry and run ``write`` (the key row's change) in its transaction."""
+        try:
+            self._audit.append(kind, key_request_id(row.key_id), principal=row.user, team=row.team, model=None,
+                               body=body, policy_revision=None, alongside=write)
+        except AuditError as exc:
+            raise KeyStoreError(f"{what}: {exc}") from exc
+
+    def _changed(self, key_id: str) -> None:
+        if self._on_change is not None:
+            self._on_change(key_id)
+
+    def record_existing_keys(self, *, by: str = "upgrade") -> int | None:
+        """Put the keys made before keys went on the chain onto it, once: one backfill entry.
+
+        Runs at every :func:`gateway.db_setup.open_database`: one look-up
+        through the ``request_id`` index once a backfill exists; in a store
+        that began with keys on the chain, a ``kind`` scan that stops at the
+        first key entry, near the start. It writes only while the chain has
+        no key entry at all and the key table has rows, i.e. at the first
+        start after the upgrade; a fresh store's first key is created with
+        its own entry, so a row planted by SQL later is never backfilled. Under the
+        append lock it checks again that it is the only key entry, so
+        gateways starting together write it once. Returns how many keys it
+        recorded, or None when there was nothing to do.
+        """
+        try:
+            if self._audit.entries_for(BACKFILL_REQUEST_ID):
+                return None
+            rows = self.list(include_revoked=True)
+            if not rows:
+                return None
+            with self.engine.connect() as conn:
+                if conn.execute(count_key_entries(1)).scalar_one():
+                    return None
+        except (AuditError, SQLAlchemyError) as exc:
+            raise KeyStoreError(f"cannot check the keys against the audit chain: {exc}") from exc
+        items = []
+        for row in rows:
+            item: dict[str, Any] = {"key_id": row.key_id, "user": row.user, "team": row.team, "roles": row.roles,
+                                    "revoked": row.revoked_at is not None,
+                                    "fingerprint": key_fingerprint(row.key_hash)}
+            if row.note is not None:
+                item["note"] = row.note
+            items.append(item)
+
+        def only_one(cursor: Any) -> None:
+            if _execute(cursor, self.engine.dialect, count_key_entries(2)).fetchone()[0] > 1:
+                raise _Abandon  # another process recorded keys first
+
+        try:
+            self._audit.append(KEY_CREATED, BACKFILL_REQUEST_ID, principal=None, team=None, model=None,
+                               body={"backfilled": True, "by": by, "keys": items}, policy_revision=None,
+                               alongside=only_one)
+        except _Abandon:
+            return None
+        except AuditError as exc:
+            raise KeyStoreError(f"cannot record the existing keys on the audit chain: {exc}") from exc
+        return len(items)

@@ -134,7 +134,10 @@ def test_up_serves_a_governed_request_and_stops_cleanly(up_env):
 
     verify = subprocess.run([sys.executable, "-m", "govgate.cli", "audit", "verify"], env=env,
                             capture_output=True, text=True)
-    assert verify.returncode == 0 and verify.stdout.startswith("ok: 5 entries"), verify.stdout  # the chain_format entry, then 2 x 2
+    # The chain_format boundary, two requests and their completions, and the two keys' creations (admin by
+    # up, alice by the CLI).
+    assert verify.returncode == 0 and verify.stdout.startswith("ok: 7 entries"), verify.stdout
+    assert "keys: the key table matches the chain (2 keys)" in verify.stdout, verify.stdout
 
     children = processes_of(var_dir)
     assert len(children) >= 4  # up, redis, worker (+ its pool process), api
