@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from govgate.cli_audit_checkpoints import checkpoint_options, register, report_checkpoints
 from govgate.cli_common import audit_engine
 
 
@@ -45,13 +46,20 @@ def _summary(entry) -> str:
 
 
 @audit.command("verify")
-def audit_verify() -> None:
-    """Recompute the hash chain; exit 1 and name the first bad entry if it is broken."""
+@checkpoint_options
+def audit_verify(**checkpoint_args: object) -> None:
+    """Recompute the hash chain and hold it against the signed checkpoints; exit 1 on any sign of tampering."""
     from audit import verify_chain
 
-    result = verify_chain(audit_engine())
+    engine = audit_engine()
+    result = verify_chain(engine)
     if result.ok:
         click.echo(f"ok: {result.checked} entries, chain intact")
-        return
-    click.echo(f"BROKEN at seq {result.first_bad_seq}: {result.problem} ({result.checked} entries checked)")
-    sys.exit(1)
+    else:
+        click.echo(f"BROKEN at seq {result.first_bad_seq}: {result.problem} ({result.checked} entries checked)")
+    checkpoints_ok = report_checkpoints(engine, **checkpoint_args)  # type: ignore[arg-type]
+    if not (result.ok and checkpoints_ok):
+        sys.exit(1)
+
+
+register(audit)
