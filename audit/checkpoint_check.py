@@ -25,16 +25,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Final
 
-from sqlalchemy import JSON, BigInteger, String, column, func, select, table
-
 from .checkpoints import Checkpoint, CheckpointStore
 from .chain import format_timestamp
 from .errors import AuditError
+from .kinds import CHAIN_ANOMALY
 from .signing import PublicKey
-from .sqltypes import UTCDateTime
 
-#: The kind of entry a gateway appends at start for entries nobody signed.
-CHAIN_ANOMALY: Final = "chain_anomaly"
 #: A tail after a closing checkpoint younger than this is a gateway that started since and has
 #: not signed yet (it signs the first entry after a closing checkpoint within a second).
 CLOSING_GRACE_S: Final = 5.0
@@ -42,10 +38,6 @@ CLOSING_GRACE_S: Final = 5.0
 FUTURE_SKEW_S: Final = 60.0
 #: Problems listed one by one before the rest are counted.
 MAX_LISTED: Final = 20
-
-_entries = table("audit_entries", column("seq", BigInteger()), column("created_at", UTCDateTime()),
-                 column("kind", String()), column("body", JSON()))
-
 
 def default_max_unsigned_age_s(interval_s: float) -> float:
     """Twice the checkpoint interval and 30 s: a running gateway signs well within it."""
@@ -93,24 +85,12 @@ class CheckpointVerdict:
 
 
 def unsigned_tail(store: CheckpointStore, latest: Checkpoint | None) -> UnsignedTail | None:
-    """The entries after ``latest`` (after seq 0 when None), summarised; None when there are none."""
-    after = latest.seq if latest else 0
-    stmt = (select(func.min(_entries.c.seq), func.max(_entries.c.seq), func.min(_entries.c.created_at),
-                   func.max(_entries.c.created_at)).where(_entries.c.seq > after))
-    row = store._one(stmt)  # noqa: SLF001 - same package, same error mapping
-    if row is None or row[0] is None:
+    """The entries after ``latest`` (all of them when None), summarised; None when there are none."""
+    found = store.entries_after(latest.seq if latest else 0)
+    if found is None:
         return None
-    oldest, newest = (_aware(value) for value in (row[2], row[3]))
-    return UnsignedTail(first_seq=row[0], last_seq=row[1], oldest_at=oldest, newest_at=newest, after=latest)
-
-
-def _aware(value: Any) -> datetime:
-    """min()/max() of a timestamp comes back untyped on SQLite (text): parse it as UTCDateTime would."""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+    first, last, oldest, newest = found
+    return UnsignedTail(first_seq=first, last_seq=last, oldest_at=oldest, newest_at=newest, after=latest)
 
 
 def check_checkpoints(store: CheckpointStore, public_key: PublicKey | None, *, external: Checkpoint | None = None,
@@ -133,7 +113,7 @@ def check_checkpoints(store: CheckpointStore, public_key: PublicKey | None, *, e
     except AuditError as exc:
         verdict.problem(f"stored checkpoints cannot be read: {exc}")
     if external is not None:
-        stored = _entry_hash_at(store, external.seq)
+        stored = store.entry_hash(external.seq)
         _check_one(verdict, external, stored, public_key, "checkpoint file")
     tail = unsigned_tail(store, verdict.latest)
     verdict.tail = tail
@@ -157,12 +137,6 @@ def _check_one(verdict: CheckpointVerdict, checkpoint: Checkpoint, entry_hash: s
     elif entry_hash != checkpoint.head_hash:
         verdict.problem(f"{what} at seq {checkpoint.seq} signs hash {checkpoint.head_hash[:16]}… but entry "
                         f"{checkpoint.seq} stores {entry_hash[:16]}… (the chain was rewritten at or before it)")
-
-
-def _entry_hash_at(store: CheckpointStore, seq: int) -> str | None:
-    hashes = table("audit_entries", column("seq", BigInteger()), column("hash", String()))
-    row = store._one(select(hashes.c.hash).where(hashes.c.seq == seq))  # noqa: SLF001
-    return row[0] if row else None
 
 
 def _judge_tail(verdict: CheckpointVerdict, tail: UnsignedTail, *, strict: bool, max_unsigned_age_s: float,
@@ -210,7 +184,7 @@ def anomaly_at_start(store: CheckpointStore, *, max_unsigned_age_s: float) -> di
         why = "unsigned_too_long"
     else:
         return None
-    for _seq, _at, body in _anomaly_rows(store, after_seq=latest.seq):
+    for _seq, _at, body in store.entries_of_kind(CHAIN_ANOMALY, after_seq=latest.seq):
         if isinstance(body, dict) and body.get("first_seq") == tail.first_seq:
             return None
     return {"reason": why, "first_seq": tail.first_seq, "last_seq": tail.last_seq, "after_checkpoint": latest.seq,
@@ -226,7 +200,7 @@ def anomaly_request_id(body: dict[str, Any]) -> str:
 def anomaly_descriptions(store: CheckpointStore) -> list[str]:
     """One line per ``chain_anomaly`` entry on the chain, oldest first."""
     lines = []
-    for seq, at, body in _anomaly_rows(store, after_seq=0):
+    for seq, at, body in store.entries_of_kind(CHAIN_ANOMALY):
         if not isinstance(body, dict):
             lines.append(f"entry {seq} ({format_timestamp(at)}): chain_anomaly with an unreadable body")
             continue
@@ -236,13 +210,3 @@ def anomaly_descriptions(store: CheckpointStore) -> list[str]:
         lines.append(f"entry {seq} ({format_timestamp(at)}): entries {body.get('first_seq')}..{body.get('last_seq')} "
                      f"were {reason} {body.get('after_checkpoint')} and signed by nobody until this restart")
     return lines
-
-
-def _anomaly_rows(store: CheckpointStore, *, after_seq: int) -> list[tuple[int, datetime, Any]]:
-    stmt = (select(_entries.c.seq, _entries.c.created_at, _entries.c.body)
-            .where(_entries.c.kind == CHAIN_ANOMALY, _entries.c.seq > after_seq).order_by(_entries.c.seq))
-    try:
-        rows = store._fetch(stmt)  # noqa: SLF001
-    except AuditError:
-        return []
-    return [(row["seq"], row["created_at"], row["body"]) for row in rows]

@@ -18,24 +18,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Final, Iterator
 
-from sqlalchemy import BigInteger, Boolean, Engine, String, column, select, table
+from sqlalchemy import Engine, func, select
 
 from .chain import canonical_json, canonical_text, format_timestamp
 from .db import DB_ERRORS, describe, reason
 from .errors import AuditError
 from .signing import PublicKey, SigningKey
-from .sqltypes import UTCDateTime
+from .tables import audit_table, checkpoint_table
 
 #: The ``format`` of the signed message; a verifier refuses any other.
 FORMAT: Final = "govgate-checkpoint/1"
-CHECKPOINT_TABLE: Final = "audit_checkpoints"
 
-# Only the columns used here; the table itself is declared with the schema (audit/tables.py).
-_cp = table(CHECKPOINT_TABLE, column("seq", BigInteger()), column("head_hash", String()),
-            column("created_at", UTCDateTime()), column("key_id", String()), column("signature", String()),
-            column("closing", Boolean()))
-_entries = table("audit_entries", column("seq", BigInteger()), column("hash", String()),
-                 column("created_at", UTCDateTime()))
+_cp = checkpoint_table
+_entries = audit_table
 
 
 class CheckpointFileError(AuditError):
@@ -221,6 +216,28 @@ class CheckpointStore:
                 return
             last = rows[-1]["seq"]
 
+    # -- what the checks need of the entries ---------------------------------
+
+    def entry_hash(self, seq: int) -> str | None:
+        """The stored hash of entry ``seq``, None if there is no such entry."""
+        row = self._one(select(_entries.c.hash).where(_entries.c.seq == seq))
+        return row[0] if row else None
+
+    def entries_after(self, seq: int) -> tuple[int, int, datetime, datetime] | None:
+        """(first seq, last seq, oldest created_at, newest created_at) of the entries after ``seq``; None if none."""
+        stmt = select(func.min(_entries.c.seq), func.max(_entries.c.seq), func.min(_entries.c.created_at),
+                      func.max(_entries.c.created_at)).where(_entries.c.seq > seq)
+        row = self._one(stmt)
+        if row is None or row[0] is None:
+            return None
+        return row[0], row[1], _aware(row[2]), _aware(row[3])
+
+    def entries_of_kind(self, kind: str, *, after_seq: int = 0) -> list[tuple[int, datetime, Any]]:
+        """(seq, created_at, body) of every entry of ``kind`` after ``after_seq``, in seq order (a rare kind)."""
+        stmt = (select(_entries.c.seq, _entries.c.created_at, _entries.c.body)
+                .where(_entries.c.kind == kind, _entries.c.seq > after_seq).order_by(_entries.c.seq))
+        return [(row["seq"], row["created_at"], row["body"]) for row in self._fetch(stmt)]
+
     # -- plumbing ------------------------------------------------------------
 
     def _fetch(self, stmt: Any) -> list[Any]:
@@ -243,6 +260,15 @@ class CheckpointStore:
 
     def _rows(self, stmt: Any) -> list[Checkpoint]:
         return [_checkpoint(row) for row in self._fetch(stmt)]
+
+
+def _aware(value: Any) -> datetime:
+    """min()/max() of a timestamp come back untyped on SQLite (text): read them as UTCDateTime does."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
 
 
 def _checkpoint(row: Any) -> Checkpoint:

@@ -20,11 +20,12 @@ import asyncio
 import logging
 from collections import deque
 from datetime import datetime, timedelta, timezone
-from typing import Final
+from typing import Callable, Final
 
 from audit import AuditError, AuditStore
-from audit.checkpoint_check import CHAIN_ANOMALY, anomaly_at_start, anomaly_request_id, default_max_unsigned_age_s
+from audit.checkpoint_check import anomaly_at_start, anomaly_request_id, default_max_unsigned_age_s
 from audit.checkpoints import Checkpoint, CheckpointStore, checkpoint_file_text
+from audit.kinds import CHAIN_ANOMALY
 from audit.signing import SigningKey
 from gateway.task_stop import stop_task
 
@@ -43,7 +44,7 @@ class Checkpointer:
 
     def __init__(self, checkpoints: CheckpointStore, audit: AuditStore, key: SigningKey, *, every_entries: int,
                  interval_s: float, command: str = "", command_timeout_s: float = COMMAND_TIMEOUT_S,
-                 poll_s: float | None = None) -> None:
+                 poll_s: float | None = None, clock: Callable[[], datetime] | None = None) -> None:
         self._checkpoints = checkpoints
         self._audit = audit
         self._key = key
@@ -53,6 +54,7 @@ class Checkpointer:
         self._command = command
         self._command_timeout_s = command_timeout_s
         self._poll_s = poll_s if poll_s is not None else min(POLL_S, interval_s)
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
         self._task: asyncio.Task | None = None
         self._start_checked = False
         self._failing = False
@@ -132,7 +134,7 @@ class Checkpointer:
             if head[0] <= latest.seq:
                 return None
             due = (latest.closing or head[0] - latest.seq >= self._every
-                   or datetime.now(timezone.utc) - latest.created_at >= self._interval)
+                   or self._clock() - latest.created_at >= self._interval)
             if not due:
                 return None
         return self._make(False)
