@@ -133,6 +133,10 @@ class Checkpointer:
         if latest is not None:
             if head[0] <= latest.seq:
                 return None
+            if self._checkpoints.entry_hash(latest.seq) != latest.head_hash:
+                # Rewritten below the latest checkpoint: signing on would vouch for the rewrite.
+                raise AuditError(f"entry {latest.seq} no longer holds the hash its checkpoint signed; "
+                                 "not signing until `govgate audit verify` has been looked at")
             due = (latest.closing or head[0] - latest.seq >= self._every
                    or self._clock() - latest.created_at >= self._interval)
             if not due:

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from audit import AuditStore, make_engine, migrate
+from audit import AuditError, AuditStore, make_engine, migrate
 from audit.checkpoints import Checkpoint, CheckpointStore
 from audit.signing import SigningKey
 from gateway.checkpointer import Checkpointer
@@ -201,3 +201,22 @@ async def test_a_database_failure_is_logged_and_retried(store: AuditStore, tmp_p
     await checkpointer.aclose()
     assert sum("checkpoint failed" in r.getMessage() for r in caplog.records) == 1  # logged once, not per retry
     assert any("written again" in r.getMessage() for r in caplog.records)
+
+
+async def test_it_refuses_to_sign_over_a_chain_rewritten_below_its_latest_checkpoint(store: AuditStore) -> None:
+    key = SigningKey.generate()
+    checkpointer = _checkpointer(store, key, every_entries=1)
+    _append(store, 3)
+    signed = await checkpointer.tick()
+    path = store.engine.url.database
+    store.engine.dispose()
+    raw = sqlite3.connect(path)
+    for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        raw.execute(f'DROP TRIGGER "{name}"')
+    raw.execute(f"DELETE FROM audit_entries WHERE seq >= {signed.seq}")
+    raw.commit()
+    raw.close()
+    _append(store, 2)  # the rewrite: fresh, correct hashes from the signed entry on
+    with pytest.raises(AuditError, match="no longer holds the hash"):
+        await checkpointer.tick()
+    assert CheckpointStore(store.engine).latest() == signed
