@@ -99,9 +99,10 @@ class Checkpointer:
                     await self._start_check()
                     continue
                 await self.tick()
-            except AuditError as exc:
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
                 if not self._failing:
-                    log.error("audit checkpoint failed (retrying every %.1fs): %s", self._poll_s, exc)
+                    log.error("audit checkpoint failed (retrying every %.1fs): %s", self._poll_s, exc,
+                              exc_info=not isinstance(exc, AuditError))
                 self._failing = True
                 continue
             if self._failing:
@@ -133,10 +134,6 @@ class Checkpointer:
         if latest is not None:
             if head[0] <= latest.seq:
                 return None
-            if self._checkpoints.entry_hash(latest.seq) != latest.head_hash:
-                # Rewritten below the latest checkpoint: signing on would vouch for the rewrite.
-                raise AuditError(f"entry {latest.seq} no longer holds the hash its checkpoint signed; "
-                                 "not signing until `govgate audit verify` has been looked at")
             due = (latest.closing or head[0] - latest.seq >= self._every
                    or self._clock() - latest.created_at >= self._interval)
             if not due:
@@ -145,6 +142,11 @@ class Checkpointer:
 
     def _make(self, closing: bool) -> Checkpoint | None:
         """Sign and store the head; the checkpoint if this process wrote it, None if one was there already."""
+        latest = self._checkpoints.latest()
+        if latest is not None and self._checkpoints.entry_hash(latest.seq) != latest.head_hash:
+            # Rewritten (or cut) below the latest checkpoint: signing on would vouch for the rewrite.
+            raise AuditError(f"entry {latest.seq} no longer holds the hash its checkpoint signed; "
+                             "not signing until `govgate audit verify` has been looked at")
         made = self._checkpoints.make(self._key, closing=closing)
         if made is None or not made[1]:
             return None
