@@ -26,10 +26,12 @@ class Env:
         migrate(self.engine)
         self.store = AuditStore(self.engine)
 
-    def append(self, n: int) -> None:
+    def append(self, n: int) -> int:
+        """Append ``n`` entries; the head's seq (a new store's first entry is the chain_format one)."""
         for i in range(n):
             self.store.append("request", f"r-{i}", principal="alice", team=None, model="tiny", body={"i": i},
                               policy_revision=None)
+        return self.store.head().seq
 
     def run(self, *args: str) -> Result:
         self.engine.dispose()
@@ -52,13 +54,13 @@ def test_without_a_signing_key_the_commands_say_where_it_should_be(env: Env) -> 
 
 def test_public_key_and_checkpoint_files_verify(env: Env, tmp_path: Path) -> None:
     key = load_or_create_signing_key(env.var_dir / "audit-signing.key")
-    env.append(4)
+    head = env.append(4)
     pub, cp = tmp_path / "pub.pem", tmp_path / "cp.json"
     assert env.run("public-key", "--out", str(pub)).exit_code == 0
     assert load_public_key(pub) == key.public
     result = env.run("checkpoint", "--out", str(cp))
-    assert result.exit_code == 0 and "checkpoint of entry 4 (signed now)" in result.output
-    assert json.loads(cp.read_text())["seq"] == 4
+    assert result.exit_code == 0 and f"checkpoint of entry {head} (signed now)" in result.output
+    assert json.loads(cp.read_text())["seq"] == head
     again = env.run("checkpoint")  # to stdout; the head is already signed
     assert json.loads(again.stdout)["signature"] == json.loads(cp.read_text())["signature"]
     verified = env.run("verify", "--checkpoint", str(cp), "--public-key", str(pub), "--strict")
@@ -68,14 +70,14 @@ def test_public_key_and_checkpoint_files_verify(env: Env, tmp_path: Path) -> Non
 
 def test_verify_exits_1_on_truncation_caught_by_the_file(env: Env, tmp_path: Path) -> None:
     load_or_create_signing_key(env.var_dir / "audit-signing.key")
-    env.append(5)
+    head = env.append(5)
     pub, cp = tmp_path / "pub.pem", tmp_path / "cp.json"
     env.run("public-key", "--out", str(pub))
     env.run("checkpoint", "--out", str(cp))
     raw = sqlite3.connect(env.db)
     for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
         raw.execute(f'DROP TRIGGER "{name}"')
-    raw.execute("DELETE FROM audit_entries WHERE seq > 3")
+    raw.execute(f"DELETE FROM audit_entries WHERE seq > {head - 2}")
     raw.execute("DELETE FROM audit_checkpoints")
     raw.commit()
     raw.close()
@@ -83,7 +85,7 @@ def test_verify_exits_1_on_truncation_caught_by_the_file(env: Env, tmp_path: Pat
     result = env.run("verify", "--checkpoint", str(cp), "--public-key", str(pub))
     assert result.exit_code == 1
     assert "chain intact" in result.output and "checkpoints TAMPERED" in result.output
-    assert "the chain has no entry 5" in result.output
+    assert f"the chain has no entry {head}" in result.output
 
 
 def test_verify_without_public_key_says_it_trusts_the_stores_own_key(env: Env) -> None:
@@ -99,9 +101,9 @@ def test_verify_strict_and_max_unsigned_age_fail_on_an_unsigned_tail(env: Env) -
     key = load_or_create_signing_key(env.var_dir / "audit-signing.key")
     env.append(2)
     CheckpointStore(env.engine).make(key)
-    env.append(1)
+    head = env.append(1)
     relaxed = env.run("verify")
-    assert relaxed.exit_code == 0 and "unsigned tail: entries 3..3" in relaxed.output
+    assert relaxed.exit_code == 0 and f"unsigned tail: entries {head}..{head}" in relaxed.output
     assert env.run("verify", "--strict").exit_code == 1
     assert env.run("verify", "--max-unsigned-age", "0").exit_code == 1
 
@@ -118,14 +120,14 @@ def test_verify_with_a_bad_checkpoint_or_key_file_is_a_one_line_error(env: Env, 
 
 def test_verify_reports_a_broken_chain_and_the_checkpoints_both(env: Env) -> None:
     key = load_or_create_signing_key(env.var_dir / "audit-signing.key")
-    env.append(3)
+    head = env.append(3)
     CheckpointStore(env.engine).make(key)
     raw = sqlite3.connect(env.db)
     for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
         raw.execute(f'DROP TRIGGER "{name}"')
-    raw.execute("UPDATE audit_entries SET hash = ? WHERE seq = 3", ("0" * 64,))
+    raw.execute("UPDATE audit_entries SET hash = ? WHERE seq = ?", ("0" * 64, head))
     raw.commit()
     raw.close()
     result = env.run("verify")
     assert result.exit_code == 1
-    assert "BROKEN at seq 3" in result.output and "checkpoints TAMPERED" in result.output
+    assert f"BROKEN at seq {head}" in result.output and "checkpoints TAMPERED" in result.output
