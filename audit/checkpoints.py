@@ -199,6 +199,16 @@ class CheckpointStore:
         rows = self._rows(select(_cp).order_by(_cp.c.seq.desc()).limit(1))
         return rows[0] if rows else None
 
+    def between(self, first: int, last: int, batch: int = 1000) -> Iterator[Checkpoint]:
+        """The checkpoints of entries ``first``..``last`` in seq order, read in batches (constant memory)."""
+        after = first - 1
+        while True:
+            rows = self._rows(select(_cp).where(_cp.c.seq > after, _cp.c.seq <= last).order_by(_cp.c.seq).limit(batch))
+            yield from rows
+            if len(rows) < batch:
+                return
+            after = rows[-1].seq
+
     def with_entry_hashes(self, batch: int = 1000) -> Iterator[tuple[Checkpoint, str | None]]:
         """Every checkpoint in seq order with the stored hash of the entry it covers (None: no such entry).
 

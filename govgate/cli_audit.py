@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from govgate.cli_audit_checkpoints import checkpoint_options, register, report_checkpoints
+from govgate.cli_audit_checkpoints import checkpoint_options, register, report_bundle, report_checkpoints
 from govgate.cli_common import audit_engine
 
 
@@ -47,10 +47,17 @@ def _summary(entry) -> str:
 
 @audit.command("verify")
 @checkpoint_options
-def audit_verify(**checkpoint_args: object) -> None:
-    """Recompute the hash chain and hold it against the signed checkpoints; exit 1 on any sign of tampering."""
+def audit_verify(export_file: str | None, **checkpoint_args: object) -> None:
+    """Recompute the hash chain and hold it against the signed checkpoints; exit 1 on any sign of tampering.
+
+    With --export, check an audit bundle alone instead (no database).
+    """
     from audit import verify_chain
 
+    if export_file is not None:
+        if not report_bundle(export_file, checkpoint_args.get("public_key_file")):  # type: ignore[arg-type]
+            sys.exit(1)
+        return
     engine = audit_engine()
     result = verify_chain(engine)
     if result.ok:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import json
+
 import click
 
 from govgate.cli_common import audit_engine, load_settings
@@ -19,6 +21,7 @@ def register(group: click.Group) -> None:
     """Add this module's commands to ``group`` (the ``audit`` group)."""
     group.add_command(audit_checkpoint)
     group.add_command(audit_public_key)
+    group.add_command(audit_export_bundle)
 
 
 def _signing_key():  # -> audit.signing.SigningKey
@@ -81,6 +84,71 @@ def audit_public_key(out: str) -> None:
         click.echo(f"public key {key.key_id} written to {out}", err=True)
 
 
+@click.command("export-bundle")
+@click.option("--out", required=True, metavar="FILE", help="The bundle to write (JSON Lines).")
+@click.option("--team", default=None, help="Only this team's entries (default: everyone's).")
+@click.option("--since", default=None, help="Only entries from then on: 7d, 12h, 30m, 2w, or an ISO date "
+                                            "(default: from the first entry).")
+def audit_export_bundle(out: str, team: str | None, since: str | None) -> None:
+    """Write entries with what proves them: their chain links to a signed checkpoint, for `verify --export`.
+
+    Entries of the range outside the selection show their hashed fields
+    (who, when, model, decision) but never their payload (prompt, output).
+    """
+    from audit import AuditError, AuditStore
+    from audit.bundle import Selection, write_bundle
+    from gateway.replay import parse_since
+
+    try:
+        start = parse_since(since) if since else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    key = _signing_key()
+    store = AuditStore(audit_engine())
+    try:
+        with open(out, "w", encoding="utf-8") as handle:
+            summary = write_bundle(store, key, handle, Selection(team=team, since=start))
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
+    except AuditError as exc:
+        Path(out).unlink(missing_ok=True)
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{summary.selected} entries selected of entries {summary.first_seq}..{summary.last_seq}, "
+               f"{summary.checkpoints} checkpoints, written to {out}", err=True)
+
+
+def report_bundle(export_file: str, public_key_file: str | None) -> bool:
+    """``verify --export``: check a bundle without the database; True when it holds."""
+    from audit.bundle import verify_bundle
+    from audit.signing import SigningKeyError, load_public_key
+
+    if public_key_file is None:
+        raise click.UsageError("--export needs --public-key: a bundle cannot vouch for itself")
+    try:
+        public_key = load_public_key(Path(public_key_file))
+        with open(export_file, encoding="utf-8") as handle:
+            header = handle.readline()
+            handle.seek(0)
+            verdict = verify_bundle(handle, public_key)
+    except SigningKeyError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"cannot read {export_file}: {exc}") from None
+    try:
+        selection = json.loads(header).get("selection")
+    except (ValueError, AttributeError):
+        selection = None
+    if verdict.ok:
+        click.echo(f"bundle ok: {verdict.selected} selected of {verdict.entries} entries "
+                   f"{verdict.first_seq}..{verdict.last_seq}, selection {json.dumps(selection, sort_keys=True)}, "
+                   f"complete and linked up to a checkpoint signed {verdict.signed_at} by {public_key.key_id[:16]}…")
+        return True
+    click.echo(f"bundle TAMPERED ({verdict.entries} entries checked before the problem):")
+    for problem in verdict.problems:
+        click.echo(f"  - {problem}")
+    return False
+
+
 def checkpoint_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The options ``audit verify`` takes for checkpoints."""
     options = [
@@ -90,6 +158,8 @@ def checkpoint_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--public-key", "public_key_file", type=click.Path(dir_okay=False), default=None,
                      help="The only key trusted for signatures (PEM from `audit public-key`); "
                           "default: the store's own signing key, with a warning."),
+        click.option("--export", "export_file", type=click.Path(dir_okay=False), default=None,
+                     help="Check an audit bundle (`audit export-bundle`) instead of the database; needs --public-key."),
         click.option("--strict", is_flag=True, help="Fail if any entry is not covered by a checkpoint yet."),
         click.option("--max-unsigned-age", "max_unsigned_age", type=click.FloatRange(min=0), default=None,
                      help="Seconds an entry may stay unsigned [default: 2 x GOVGATE_CHECKPOINT_INTERVAL_S + 30]."),
