@@ -190,8 +190,15 @@ def verify_bundle(lines: Iterable[str], public_key: PublicKey) -> BundleVerdict:
 def _selection(doc: Any) -> Selection:
     if not isinstance(doc, dict):
         raise TypeError("selection")
-    since = doc.get("since")
-    return Selection(team=doc.get("team"), since=datetime.fromisoformat(since) if since else None)
+    team, since = doc.get("team"), doc.get("since")
+    if team is not None and not isinstance(team, str):
+        raise TypeError("selection team")
+    if since is None:
+        return Selection(team=team)
+    moment = datetime.fromisoformat(since)  # TypeError/ValueError for anything but an ISO string
+    if moment.tzinfo is None:
+        raise ValueError("selection 'since' has no time zone")
+    return Selection(team=team, since=moment)
 
 
 def _entry_problem(doc: dict[str, Any], chosen: bool, seq: int, prev_hash: str | None, prev_at: str | None,

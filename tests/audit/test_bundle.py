@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from audit import AuditStore, make_engine, migrate
 from audit.bundle import BundleVerdict, Selection, verify_bundle, write_bundle
+from audit.chain import document_hash
 from audit.checkpoints import CheckpointStore
 from audit.signing import SigningKey, load_or_create_signing_key
 from govgate.cli import main
@@ -106,10 +107,14 @@ DOCTORINGS: dict[str, tuple[Callable[[list[dict]], list[dict]], str]] = {
                                                     "selected but outside"),
     "an unselected entry's payload leaked": (lambda ls: _edit(ls, "r-1", lambda e: e["entry"].update(payload={"x": 1})),
                                              "carries its payload"),
+    "rewritten with fresh hashes to the end": (lambda ls: _rehash(_edit(ls, "r-0", lambda e: e["entry"]["body"].update(
+        decision={})), "r-0"), "does not sign the entry before it"),
     "the anchoring checkpoint removed": (lambda ls: ls[:-1], "not anchored"),
     "the anchoring checkpoint edited": (lambda ls: ls[:-1] + [_with(ls[-1], closing=True)], "does not verify"),
     "the tail cut and the header changed": (lambda ls: _cut_after(ls, "r-2"), "not anchored"),
     "two entries swapped": (lambda ls: [ls[0], ls[2], ls[1], *ls[3:]], "expected entry"),
+    "the header's since made naive": (lambda ls: [dict(ls[0], selection={"team": "blue", "since": "2024-01-01T00:00:00"}),
+                                                  *ls[1:]], "header is malformed"),
     "the header's selection widened": (lambda ls: [dict(ls[0], selection={"team": None, "since": None}), *ls[1:]],
                                        "left out although inside"),
 }
@@ -124,6 +129,22 @@ def _edit(lines: list[dict], request_id: str, change: Callable[[dict], None]) ->
     for line in lines:
         if _rid(line) == request_id:
             change(line)
+    return lines
+
+
+def _rehash(lines: list[dict], request_id: str) -> list[dict]:
+    """Recompute every hash from ``request_id``'s entry on, as a forger without the key can."""
+    prev = None
+    started = False
+    for line in lines:
+        if "entry" not in line:
+            continue
+        entry = line["entry"]
+        started = started or entry["request_id"] == request_id
+        if started:
+            entry["prev_hash"] = prev if prev is not None else entry["prev_hash"]
+            entry["hash"] = document_hash(entry)
+        prev = entry["hash"]
     return lines
 
 
