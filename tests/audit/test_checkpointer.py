@@ -220,3 +220,34 @@ async def test_it_refuses_to_sign_over_a_chain_rewritten_below_its_latest_checkp
     with pytest.raises(AuditError, match="no longer holds the hash"):
         await checkpointer.tick()
     assert CheckpointStore(store.engine).latest() == signed
+
+
+def _replica_signs(url: str, barrier, queue) -> None:
+    engine = make_engine(url)
+    try:
+        barrier.wait(30)
+        made = CheckpointStore(engine).make(SigningKey.generate())
+        queue.put((made[0].signature, made[1]))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        queue.put(("error", repr(exc)))
+    finally:
+        engine.dispose()
+
+
+def test_replicas_signing_the_same_head_at_once_write_one_checkpoint(store: AuditStore) -> None:
+    import multiprocessing
+
+    _append(store, 3)
+    store.engine.dispose()
+    ctx = multiprocessing.get_context("fork")
+    barrier, queue = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_replica_signs, args=(str(store.engine.url), barrier, queue)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+    assert all(signature != "error" for signature, _ in results), results
+    assert sum(new for _, new in results) == 1  # one wrote it; the others got it back
+    assert len({signature for signature, _ in results}) == 1
+    assert CheckpointStore(store.engine).latest().signature == results[0][0]
