@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Final
 
-from .checkpoints import Checkpoint, CheckpointStore
+from .checkpoints import Checkpoint, CheckpointRowError, CheckpointStore
 from .chain import format_timestamp
-from .errors import AuditError
 from .kinds import CHAIN_ANOMALY
 from .signing import PublicKey
 
@@ -110,7 +109,7 @@ def check_checkpoints(store: CheckpointStore, public_key: PublicKey | None, *, e
             verdict.checked += 1
             verdict.latest = checkpoint
             _check_one(verdict, checkpoint, entry_hash, public_key, "stored checkpoint")
-    except AuditError as exc:
+    except CheckpointRowError as exc:
         verdict.problem(f"stored checkpoints cannot be read: {exc}")
     if external is not None:
         stored = store.entry_hash(external.seq)

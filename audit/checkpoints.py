@@ -37,6 +37,10 @@ class CheckpointFileError(AuditError):
     """A checkpoint file that cannot be read or does not hold a checkpoint."""
 
 
+class CheckpointRowError(AuditError):
+    """A stored checkpoint (or entry) row that no longer decodes: tampering or corruption, a verdict."""
+
+
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     """One signed checkpoint. ``created_at`` is aware UTC; ``signature`` is hex."""
@@ -257,7 +261,7 @@ class CheckpointStore:
         except DB_ERRORS as exc:
             raise AuditError(f"checkpoint read failed on {describe(self._engine)}: {reason(exc)}") from exc
         except (ValueError, TypeError) as exc:  # a timestamp that no longer parses: an edited row
-            raise AuditError(f"a checkpoint row cannot be decoded (edited?): {exc}") from exc
+            raise CheckpointRowError(f"a checkpoint row cannot be decoded (edited?): {exc}") from exc
 
     def _one(self, stmt: Any) -> Any:
         try:
@@ -266,7 +270,7 @@ class CheckpointStore:
         except DB_ERRORS as exc:
             raise AuditError(f"audit read failed on {describe(self._engine)}: {reason(exc)}") from exc
         except (ValueError, TypeError) as exc:
-            raise AuditError(f"an audit row cannot be decoded (edited?): {exc}") from exc
+            raise CheckpointRowError(f"an audit row cannot be decoded (edited?): {exc}") from exc
 
     def _rows(self, stmt: Any) -> list[Checkpoint]:
         return [_checkpoint(row) for row in self._fetch(stmt)]
