@@ -210,3 +210,15 @@ def test_the_selection_matches_team_and_time() -> None:
     assert selection.matches("blue", moment) and not selection.matches("red", moment)
     assert not selection.matches("blue", moment.replace(year=2023))
     assert Selection().matches(None, moment)
+
+
+def test_a_bundle_of_erased_payloads_still_verifies(store: AuditStore) -> None:
+    from audit.prune import prune_payloads
+
+    key = SigningKey.generate()
+    _fill(store)
+    prune_payloads(store, datetime.now(timezone.utc))
+    lines = _bundle(store, key, Selection(team="blue"))
+    assert _verify(lines, key).ok
+    selected = [line["entry"] for line in _entries(lines) if line["selected"]]
+    assert selected and all(e["payload"] is None and e["payload_digest"] for e in selected)
