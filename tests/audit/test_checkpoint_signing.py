@@ -131,3 +131,24 @@ def test_checkpoint_file_round_trips_and_bad_files_are_refused(tmp_path: Path) -
 
 def _fields(checkpoint: Checkpoint) -> dict[str, object]:
     return {name: getattr(checkpoint, name) for name in Checkpoint.__slots__}
+
+
+def test_checkpoint_settings_defaults_env_and_refusals(tmp_path: Path) -> None:
+    from gateway.settings import Settings, SettingsError
+
+    default = Settings.from_env({"GOVGATE_VAR_DIR": str(tmp_path)})
+    assert default.effective_audit_signing_key_file == tmp_path.resolve() / "audit-signing.key"
+    assert (default.checkpoint_every_entries, default.checkpoint_interval_s, default.checkpoint_command) == (1000, 10.0, "")
+    given = Settings.from_env({"GOVGATE_VAR_DIR": str(tmp_path), "GOVGATE_AUDIT_SIGNING_KEY_FILE": "~/k.pem",
+                               "GOVGATE_CHECKPOINT_EVERY_ENTRIES": "50", "GOVGATE_CHECKPOINT_INTERVAL_S": "2.5",
+                               "GOVGATE_CHECKPOINT_COMMAND": "  cat > /tmp/x  "})
+    assert given.effective_audit_signing_key_file == Path("~/k.pem").expanduser().resolve()
+    assert (given.checkpoint_every_entries, given.checkpoint_interval_s, given.checkpoint_command) == \
+        (50, 2.5, "cat > /tmp/x")
+    child = Settings.from_env(given.to_env())  # what child processes read back
+    assert (child.effective_audit_signing_key_file, child.checkpoint_every_entries, child.checkpoint_interval_s,
+            child.checkpoint_command) == (given.effective_audit_signing_key_file, 50, 2.5, "cat > /tmp/x")
+    for name, value in (("CHECKPOINT_EVERY_ENTRIES", "0"), ("CHECKPOINT_INTERVAL_S", "0"),
+                        ("CHECKPOINT_EVERY_ENTRIES", "many")):
+        with pytest.raises(SettingsError, match=f"GOVGATE_{name}"):
+            Settings.from_env({f"GOVGATE_{name}": value})
