@@ -17,7 +17,10 @@ and failures are logged and retried: requests never wait on any of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
 from collections import deque
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Final
@@ -162,24 +165,29 @@ class Checkpointer:
         try:
             process = await asyncio.create_subprocess_exec(
                 "sh", "-c", self._command, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True)  # its own process group, so a kill reaches what the shell started
         except OSError as exc:
             log.error("GOVGATE_CHECKPOINT_COMMAND could not start for checkpoint %d: %s", checkpoint.seq, exc)
             return
         try:
             _, stderr = await asyncio.wait_for(process.communicate(data), timeout_s)
         except asyncio.TimeoutError:
-            process.kill()
-            await process.wait()
+            await _kill(process)
             log.error("GOVGATE_CHECKPOINT_COMMAND ran longer than %.0fs for checkpoint %d and was killed",
                       timeout_s, checkpoint.seq)
             return
         except BaseException:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+            await _kill(process)
             raise
         if process.returncode != 0:
             tail = (stderr or b"").decode("utf-8", "replace").strip()[-300:]
             log.error("GOVGATE_CHECKPOINT_COMMAND exited %s for checkpoint %d: %s", process.returncode,
                       checkpoint.seq, tail)
+
+
+async def _kill(process: asyncio.subprocess.Process) -> None:
+    """Kill the command's whole process group (``sh -c 'a | b'`` leaves children a plain kill would not reach)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    await process.wait()

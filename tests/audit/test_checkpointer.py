@@ -56,6 +56,14 @@ def _checkpointer(store: AuditStore, key: SigningKey, **kwargs: object) -> Check
     return Checkpointer(CheckpointStore(store.engine), store, key, **options)  # type: ignore[arg-type]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
 async def _eventually(condition: Callable[[], object], what: str, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -172,11 +180,14 @@ async def test_a_hanging_command_is_killed_and_never_blocks_the_loop(store: Audi
     tick.cancel()
     with pytest.raises(asyncio.CancelledError):
         await tick
-    short = _checkpointer(store, SigningKey.generate(), command="exec sleep 600", command_timeout_s=0.2,
-                          every_entries=1)
+    pid_file = tmp_path / "sleeper.pid"
+    short = _checkpointer(store, SigningKey.generate(), command=f'sleep 600 & echo $! > "{pid_file}"; wait',
+                          command_timeout_s=0.5, every_entries=1)
     with caplog.at_level(logging.ERROR, logger="gateway.checkpointer"):
         assert await short.tick() is not None
     assert any("was killed" in r.getMessage() for r in caplog.records)
+    sleeper = int(pid_file.read_text())
+    await _eventually(lambda: not _alive(sleeper), "what the shell started is killed with it")
 
 
 async def test_a_database_failure_is_logged_and_retried(store: AuditStore, tmp_path: Path,
