@@ -17,6 +17,9 @@ import redis.asyncio as aioredis
 from sqlalchemy import Engine
 
 from audit import AuditStore
+from audit.checkpoints import CheckpointStore
+from audit.signing import SigningKeyError, load_or_create_signing_key
+from gateway.checkpointer import Checkpointer
 from gateway.auth import Authenticator, KeyChangeListener, KeyStore, PrincipalCache
 from gateway.db_setup import open_database  # noqa: F401  (re-exported: tests and benches import it here)
 from gateway.dispatch import Dispatcher, ResultWaiter
@@ -63,6 +66,11 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         digester = Digester(load_or_create_key(settings.effective_digest_key_file))
     except KeyFileError as exc:
         raise RuntimeError(f"{exc}: replace it, or remove it to have a new key made") from None
+    try:
+        signing_key = load_or_create_signing_key(settings.effective_audit_signing_key_file)
+    except SigningKeyError as exc:
+        raise RuntimeError(f"{exc} (GOVGATE_AUDIT_SIGNING_KEY_FILE): restore the key; a new one cannot vouch "
+                           "for the checkpoints already signed") from None
     registry = load_registry(settings.models_file, settings.var_dir)
     db_engine = open_database(settings)
 
@@ -99,7 +107,11 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
     principals = PrincipalCache(ttl_s=settings.auth_cache_ttl_s, max_entries=settings.auth_cache_size)
     key_changes = KeyChangeListener(client, principals)
     keys = KeyStore(db_engine)
+    checkpointer = Checkpointer(CheckpointStore(db_engine), audit_store, signing_key,
+                                every_entries=settings.checkpoint_every_entries,
+                                interval_s=settings.checkpoint_interval_s, command=settings.checkpoint_command)
     try:
+        await checkpointer.start()
         await key_changes.start()
         await waiter.start()
         await policy.start()
@@ -118,4 +130,5 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         await client.aclose()
         await pool.disconnect()
         await policy.aclose()
+        await checkpointer.aclose()  # last: the closing checkpoint covers every entry this process wrote
         db_engine.dispose()

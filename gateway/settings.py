@@ -89,6 +89,14 @@ class Settings:
     payload_key_file: str = ""
     #: HMAC key of the audit log's digests; empty means ``var_dir/keys/digest.key``.
     digest_key_file: str = ""
+    #: Ed25519 key (PEM PKCS #8) signing the audit checkpoints; empty means ``var_dir/audit-signing.key``.
+    audit_signing_key_file: str = ""
+    #: A checkpoint is written once this many entries follow the last one (checked every second) ...
+    checkpoint_every_entries: int = 1000
+    #: ... or this many seconds after it, if the head moved.
+    checkpoint_interval_s: float = 10.0
+    #: Shell command (``sh -c``) each new checkpoint file is piped to, e.g. to copy it off this host.
+    checkpoint_command: str = ""
 
     @property
     def effective_database_url(self) -> str:
@@ -102,12 +110,17 @@ class Settings:
     def effective_digest_key_file(self) -> Path:
         return Path(self.digest_key_file) if self.digest_key_file else self.var_dir / "keys" / "digest.key"
 
+    @property
+    def effective_audit_signing_key_file(self) -> Path:
+        return Path(self.audit_signing_key_file) if self.audit_signing_key_file else self.var_dir / "audit-signing.key"
+
     def to_env(self) -> dict[str, str]:
         """These settings as ``GOVGATE_*`` variables, so a child process reads back the same."""
         env = {f"GOVGATE_{name.upper()}": str(getattr(self, name)) for name in self.__dataclass_fields__}
         env["GOVGATE_DATABASE_URL"] = self.effective_database_url
         env["GOVGATE_PAYLOAD_KEY_FILE"] = str(self.effective_payload_key_file)
         env["GOVGATE_DIGEST_KEY_FILE"] = str(self.effective_digest_key_file)
+        env["GOVGATE_AUDIT_SIGNING_KEY_FILE"] = str(self.effective_audit_signing_key_file)
         return {key: value for key, value in env.items() if value != ""}
 
     def with_(self, **changes: object) -> "Settings":
@@ -165,6 +178,11 @@ class Settings:
             auth_cache_size=int(number("AUTH_CACHE_SIZE", defaults.auth_cache_size, int, 1)),
             payload_key_file=_path_text(text("PAYLOAD_KEY_FILE", "")),
             digest_key_file=_path_text(text("DIGEST_KEY_FILE", "")),
+            audit_signing_key_file=_path_text(text("AUDIT_SIGNING_KEY_FILE", "")),
+            checkpoint_every_entries=int(number("CHECKPOINT_EVERY_ENTRIES", defaults.checkpoint_every_entries,
+                                                int, 1)),
+            checkpoint_interval_s=float(number("CHECKPOINT_INTERVAL_S", defaults.checkpoint_interval_s, float, 0.1)),
+            checkpoint_command=env.get("GOVGATE_CHECKPOINT_COMMAND", "").strip(),
         )
 
 

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from govgate.cli_audit_checkpoints import checkpoint_options, register, report_bundle, report_checkpoints
 from govgate.cli_common import audit_engine
 
 
@@ -45,11 +46,19 @@ def _summary(entry) -> str:
 
 
 @audit.command("verify")
-def audit_verify() -> None:
-    """Recompute the hash chain; exit 1 and name the first bad entry if it is broken."""
+@checkpoint_options
+def audit_verify(export_file: str | None, **checkpoint_args: object) -> None:
+    """Recompute the hash chain and hold it against the signed checkpoints; exit 1 on any sign of tampering.
+
+    With --export, check an audit bundle alone instead (no database).
+    """
     from audit import verify_chain
     from govgate.cli_keys import report_key_table
 
+    if export_file is not None:
+        if not report_bundle(export_file, checkpoint_args.get("public_key_file")):  # type: ignore[arg-type]
+            sys.exit(1)
+        return
     engine = audit_engine()
     result = verify_chain(engine)
     if result.ok:
@@ -57,7 +66,8 @@ def audit_verify() -> None:
     else:
         click.echo(f"BROKEN at seq {result.first_bad_seq}: {result.problem} ({result.checked} entries checked)")
     keys_ok = report_key_table(engine)  # the key table held to the chain's key entries
-    if not (result.ok and keys_ok):
+    checkpoints_ok = report_checkpoints(engine, **checkpoint_args)  # type: ignore[arg-type]
+    if not (result.ok and keys_ok and checkpoints_ok):
         sys.exit(1)
 
 
@@ -95,3 +105,6 @@ def audit_prune(before: str, batch: int) -> None:
                    "breaking the chain; they were left as they are")
     if result.warning:
         click.echo(f"warning: {result.warning}", err=True)
+
+
+register(audit)

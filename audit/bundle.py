@@ -1,0 +1,233 @@
+"""A verifiable audit bundle: a selection of entries an outsider can check without the database.
+
+One JSON Lines file. Line 1 is the header; then every entry of the range in
+seq order, each marked ``selected`` or not, and after an entry the signed
+checkpoint of it, if there is one. The range runs from the entry before the selection's
+start (a witness that it is earlier) to the head at export, where a
+checkpoint signs it. What that proves, why unselected entries show their
+metadata (never their payload), and the procedure step by step:
+docs/architecture.md, "Audit bundles".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import IO, Any, Final, Iterable
+
+from sqlalchemy import func, select
+
+from .chain import GENESIS_HASH, canonical_json, canonical_text, document_hash, format_timestamp, payload_digest
+from .checkpoints import Checkpoint, CheckpointFileError, CheckpointStore
+from .db import DB_ERRORS, describe, reason
+from .errors import AuditError
+from .signing import PublicKey, SigningKey
+from .store import AuditStore
+from .tables import audit_table
+
+FORMAT: Final = "govgate-audit-bundle/1"
+
+_t = audit_table.c
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which entries are exported: one team's (or everyone's) from a moment on (or from the start)."""
+
+    team: str | None = None
+    since: datetime | None = None
+
+    def matches(self, team: Any, created_at: datetime) -> bool:
+        return (self.team is None or team == self.team) and (self.since is None or created_at >= self.since)
+
+    def to_document(self) -> dict[str, Any]:
+        return {"team": self.team, "since": format_timestamp(self.since) if self.since else None}
+
+
+@dataclass(frozen=True)
+class BundleSummary:
+    first_seq: int
+    last_seq: int
+    selected: int
+    checkpoints: int
+
+
+def write_bundle(store: AuditStore, key: SigningKey, out: IO[str], selection: Selection) -> BundleSummary:
+    """Write the bundle for ``selection`` to ``out``, signing the head first if it is not signed yet.
+
+    Streams the entries (constant memory). Raises :class:`AuditError` for an
+    empty log or a database failure.
+    """
+    checkpoints = CheckpointStore(store.engine)
+    made = checkpoints.make(key)
+    if made is None:
+        raise AuditError("the audit log is empty: nothing to export")
+    last = made[0].seq
+    first = _first_seq(store, selection, last)
+    header = {"bundle": FORMAT, "selection": selection.to_document(), "first_seq": first, "last_seq": last,
+              "public_key": key.public.hex, "exported_at": format_timestamp(datetime.now(timezone.utc))}
+    out.write(canonical_text(header) + "\n")
+    count = selected = 0
+    signed = checkpoints.between(first, last)
+    pending = next(signed, None)
+    for entry in store.iter_entries(first - 1):
+        if entry.seq > last:
+            break
+        chosen = selection.matches(entry.team, entry.created_at)
+        document = entry.to_document()
+        if not chosen:
+            document["payload"] = None  # the digest in the hash stands for it
+        selected += chosen
+        out.write(canonical_text({"entry": document, "selected": chosen}) + "\n")
+        while pending is not None and pending.seq <= entry.seq:
+            if pending.seq == entry.seq:
+                out.write(canonical_text({"checkpoint": pending.to_document(key.public)}) + "\n")
+                count += 1
+            pending = next(signed, None)
+    return BundleSummary(first_seq=first, last_seq=last, selected=selected, checkpoints=count)
+
+
+def _first_seq(store: AuditStore, selection: Selection, last: int) -> int:
+    """The entry before the first one at or after ``since`` (its witness: it is earlier), or 1.
+
+    When nothing is that recent, the signed head itself is the witness.
+    """
+    if selection.since is None:
+        return 1
+    stmt = select(func.min(_t.seq)).where(_t.created_at >= selection.since)
+    try:
+        with store.engine.connect() as conn:
+            start = conn.execute(stmt).scalar()
+    except DB_ERRORS as exc:
+        raise AuditError(f"cannot read the audit log in {describe(store.engine)}: {reason(exc)}") from exc
+    return last if start is None or start > last else max(1, start - 1)
+
+
+# -- verification (needs nothing but this file, the chain module and the public key) -------------
+
+
+@dataclass
+class BundleVerdict:
+    problems: list[str] = field(default_factory=list)
+    entries: int = 0
+    selected: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    signed_at: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_bundle(lines: Iterable[str], public_key: PublicKey) -> BundleVerdict:
+    """Check a bundle; see docs/architecture.md, "Audit bundles", for the steps (the same here)."""
+    verdict = BundleVerdict()
+    stream = iter(lines)
+    try:
+        header = json.loads(next(stream))
+    except (StopIteration, ValueError):
+        verdict.problems.append("the bundle has no header line")
+        return verdict
+    if not isinstance(header, dict) or header.get("bundle") != FORMAT:
+        verdict.problems.append(f"not a {FORMAT} bundle")
+        return verdict
+    try:
+        selection = _selection(header["selection"])
+        first, last = header["first_seq"], header["last_seq"]
+        if type(first) is not int or type(last) is not int or not 1 <= first <= last:
+            raise ValueError("first_seq/last_seq")
+        if selection.since is None and first != 1:
+            raise ValueError("a selection without 'since' starts at entry 1")
+    except (KeyError, TypeError, ValueError) as exc:
+        verdict.problems.append(f"the bundle header is malformed ({exc})")
+        return verdict
+    verdict.first_seq, verdict.last_seq = first, last
+    expected_seq, prev_hash, prev_at = first, None, None
+    last_signed: Checkpoint | None = None
+    for number, line in enumerate(stream, start=2):
+        try:
+            item = json.loads(line)
+        except ValueError:
+            verdict.problems.append(f"line {number} is not JSON")
+            return verdict
+        if isinstance(item, dict) and "checkpoint" in item:
+            try:
+                checkpoint = Checkpoint.from_document(item["checkpoint"])
+            except CheckpointFileError as exc:
+                verdict.problems.append(f"line {number}: {exc}")
+                return verdict
+            problem = checkpoint.signature_problem(public_key)
+            if problem is None and (checkpoint.seq != expected_seq - 1 or checkpoint.head_hash != prev_hash):
+                problem = f"the checkpoint of entry {checkpoint.seq} does not sign the entry before it"
+            if problem is not None:
+                verdict.problems.append(f"line {number}: {problem}")
+                return verdict
+            last_signed = checkpoint
+            continue
+        document, chosen = (item.get("entry"), item.get("selected")) if isinstance(item, dict) else (None, None)
+        if not isinstance(document, dict) or type(chosen) is not bool:
+            verdict.problems.append(f"line {number} is neither a checkpoint nor an entry")
+            return verdict
+        problem = _entry_problem(document, chosen, expected_seq, prev_hash, prev_at, first, selection)
+        if problem is not None:
+            verdict.problems.append(f"line {number}: {problem}")
+            return verdict
+        verdict.entries += 1
+        verdict.selected += chosen
+        prev_hash, prev_at = document["hash"], document["created_at"]
+        expected_seq += 1
+    if expected_seq != last + 1:
+        verdict.problems.append(f"the bundle ends at entry {expected_seq - 1}, its header says {last}")
+    elif last_signed is None or last_signed.seq != last:
+        verdict.problems.append(f"no checkpoint signs the last entry {last}: the range is not anchored")
+    else:
+        verdict.signed_at = format_timestamp(last_signed.created_at)
+    return verdict
+
+
+def _selection(doc: Any) -> Selection:
+    if not isinstance(doc, dict):
+        raise TypeError("selection")
+    team, since = doc.get("team"), doc.get("since")
+    if team is not None and not isinstance(team, str):
+        raise TypeError("selection team")
+    if since is None:
+        return Selection(team=team)
+    moment = datetime.fromisoformat(since)  # TypeError/ValueError for anything but an ISO string
+    if moment.tzinfo is None:
+        raise ValueError("selection 'since' has no time zone")
+    return Selection(team=team, since=moment)
+
+
+def _entry_problem(doc: dict[str, Any], chosen: bool, seq: int, prev_hash: str | None, prev_at: str | None,
+                   first: int, selection: Selection) -> str | None:
+    if doc.get("seq") != seq:
+        return f"expected entry {seq}, found {doc.get('seq')!r} (entries are missing or out of order)"
+    if prev_hash is not None and doc.get("prev_hash") != prev_hash:
+        return f"entry {seq} does not link to entry {seq - 1}"
+    if seq == 1 and doc.get("prev_hash") != GENESIS_HASH:
+        return "entry 1 does not start from the genesis hash"
+    try:
+        recomputed = document_hash(doc)
+        created_at = datetime.fromisoformat(doc["created_at"])
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"entry {seq} lacks a hashed field or has a malformed one ({exc})"
+    if recomputed != doc.get("hash"):
+        return f"entry {seq}'s fields do not hash to its hash (the entry was altered)"
+    if prev_at is not None and doc["created_at"] < prev_at:
+        return f"entry {seq} is dated before entry {seq - 1}: the selection by time cannot be trusted"
+    if chosen != selection.matches(doc.get("team"), created_at):
+        which = "selected but outside" if chosen else "left out although inside"
+        return f"entry {seq} is {which} the selection (the selection is incomplete or padded)"
+    if seq == first and first > 1 and selection.since is not None and created_at >= selection.since:
+        return (f"the first entry {seq} is not earlier than the selection's start: "
+                "entries before it may have been left out")
+    payload = doc.get("payload")
+    if payload is not None:
+        if not chosen:
+            return f"entry {seq} is not selected but carries its payload"
+        if payload_digest(canonical_json(payload)) != doc.get("payload_digest"):
+            return f"entry {seq}'s payload does not match its digest"
+    return None

@@ -1,0 +1,193 @@
+"""The gateway's background checkpointer: sign the chain's head every N entries or T seconds.
+
+Each gateway process runs one (replicas too: the checkpoint table takes one
+row per seq, so two signing the same head is a no-op). It looks once a
+second (or every interval, if shorter) at the head and the latest
+checkpoint, whoever wrote it, and signs when the head moved and either
+``every_entries`` entries or ``interval_s`` seconds have passed since, or
+the latest checkpoint is a closing one (a replica stopped; its successor
+signs at once so that nothing stays unsigned after a closing checkpoint).
+At start, before it signs anything, it appends a ``chain_anomaly`` entry if
+it finds entries nobody signed (:func:`audit.checkpoint_check.anomaly_at_start`);
+at a clean stop it writes a closing checkpoint. Each checkpoint it writes
+is piped to ``GOVGATE_CHECKPOINT_COMMAND``. Database calls run in a thread
+and failures are logged and retried: requests never wait on any of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections import deque
+from datetime import datetime, timedelta, timezone
+from typing import Callable, Final
+
+from audit import AuditError, AuditStore
+from audit.checkpoint_check import anomaly_at_start, anomaly_request_id, default_max_unsigned_age_s
+from audit.checkpoints import Checkpoint, CheckpointStore, checkpoint_file_text
+from audit.kinds import CHAIN_ANOMALY
+from audit.signing import SigningKey
+from gateway.task_stop import stop_task
+
+log = logging.getLogger(__name__)
+
+#: Longest GOVGATE_CHECKPOINT_COMMAND may run for one checkpoint before it is killed.
+COMMAND_TIMEOUT_S: Final = 30.0
+#: At shutdown the closing checkpoint and its command get this long, so a stop never hangs on them.
+CLOSING_TIMEOUT_S: Final = 10.0
+#: How often the head is looked at (at most; a shorter interval looks more often).
+POLL_S: Final = 1.0
+
+
+class Checkpointer:
+    """Start with :meth:`start`, stop with :meth:`aclose` (which writes the closing checkpoint)."""
+
+    def __init__(self, checkpoints: CheckpointStore, audit: AuditStore, key: SigningKey, *, every_entries: int,
+                 interval_s: float, command: str = "", command_timeout_s: float = COMMAND_TIMEOUT_S,
+                 poll_s: float | None = None, clock: Callable[[], datetime] | None = None) -> None:
+        self._checkpoints = checkpoints
+        self._audit = audit
+        self._key = key
+        self._every = every_entries
+        self._interval = timedelta(seconds=interval_s)
+        self._max_unsigned_age_s = default_max_unsigned_age_s(interval_s)
+        self._command = command
+        self._command_timeout_s = command_timeout_s
+        self._poll_s = poll_s if poll_s is not None else min(POLL_S, interval_s)
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._task: asyncio.Task | None = None
+        self._start_checked = False
+        self._failing = False
+        #: The latest checkpoints this process wrote (newest last).
+        self.written: deque[Checkpoint] = deque(maxlen=64)
+
+    async def start(self) -> None:
+        """Look for unsigned entries (recording an anomaly) now, then sign in the background."""
+        await self._start_check()
+        self._task = asyncio.create_task(self._run(), name="govgate-checkpointer")
+
+    async def aclose(self) -> None:
+        """Stop the loop, then write and pipe the closing checkpoint (bounded: a stop never hangs)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        await stop_task(task)
+        if not self._start_checked:
+            return  # never got to check what it found at start: signing now would bless it
+        try:
+            checkpoint = await asyncio.wait_for(asyncio.to_thread(self._make, True), CLOSING_TIMEOUT_S)
+        except (AuditError, asyncio.TimeoutError) as exc:
+            log.error("no closing audit checkpoint written: %s", exc)
+            return
+        if checkpoint is None:
+            log.info("audit head already checkpointed; no closing checkpoint (one per entry)")
+            return
+        await self._pipe(checkpoint, min(self._command_timeout_s, CLOSING_TIMEOUT_S))
+
+    async def tick(self) -> Checkpoint | None:
+        """One look at the head; the checkpoint written, if one was due. Raises :class:`AuditError`."""
+        checkpoint = await asyncio.to_thread(self._sign_if_due)
+        if checkpoint is not None:
+            await self._pipe(checkpoint, self._command_timeout_s)
+        return checkpoint
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_s)
+            try:
+                if not self._start_checked:
+                    await self._start_check()
+                    continue
+                await self.tick()
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
+                if not self._failing:
+                    log.error("audit checkpoint failed (retrying every %.1fs): %s", self._poll_s, exc,
+                              exc_info=not isinstance(exc, AuditError))
+                self._failing = True
+                continue
+            if self._failing:
+                log.info("audit checkpoints are written again")
+                self._failing = False
+
+    async def _start_check(self) -> None:
+        try:
+            await asyncio.to_thread(self._record_anomaly)
+        except AuditError as exc:
+            log.error("cannot check the audit chain's unsigned tail at start (retrying): %s", exc)
+            return
+        self._start_checked = True
+
+    def _record_anomaly(self) -> None:
+        body = anomaly_at_start(self._checkpoints, max_unsigned_age_s=self._max_unsigned_age_s)
+        if body is None:
+            return
+        log.warning("audit entries %s..%s were signed by no checkpoint (%s); recorded as a chain_anomaly entry",
+                    body["first_seq"], body["last_seq"], body["reason"])
+        self._audit.append(CHAIN_ANOMALY, anomaly_request_id(body), principal=None, team=None, model=None,
+                           body=body, policy_revision=None)
+
+    def _sign_if_due(self) -> Checkpoint | None:
+        head = self._checkpoints.head()
+        if head is None:
+            return None
+        latest = self._checkpoints.latest()
+        if latest is not None:
+            if head[0] <= latest.seq:
+                return None
+            due = (latest.closing or head[0] - latest.seq >= self._every
+                   or self._clock() - latest.created_at >= self._interval)
+            if not due:
+                return None
+        return self._make(False)
+
+    def _make(self, closing: bool) -> Checkpoint | None:
+        """Sign and store the head; the checkpoint if this process wrote it, None if one was there already."""
+        latest = self._checkpoints.latest()
+        if latest is not None and self._checkpoints.entry_hash(latest.seq) != latest.head_hash:
+            # Rewritten (or cut) below the latest checkpoint: signing on would vouch for the rewrite.
+            raise AuditError(f"entry {latest.seq} no longer holds the hash its checkpoint signed; "
+                             "not signing until `govgate audit verify` has been looked at")
+        made = self._checkpoints.make(self._key, closing=closing)
+        if made is None or not made[1]:
+            return None
+        self.written.append(made[0])
+        log.debug("audit checkpoint at seq %d%s", made[0].seq, " (closing)" if closing else "")
+        return made[0]
+
+    async def _pipe(self, checkpoint: Checkpoint, timeout_s: float) -> None:
+        """Give the checkpoint file to the command on stdin; a failure is logged, the next checkpoint tries again."""
+        if not self._command:
+            return
+        data = checkpoint_file_text(checkpoint, self._key.public).encode("utf-8")
+        try:
+            process = await asyncio.create_subprocess_exec(
+                "sh", "-c", self._command, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True)  # its own process group, so a kill reaches what the shell started
+        except OSError as exc:
+            log.error("GOVGATE_CHECKPOINT_COMMAND could not start for checkpoint %d: %s", checkpoint.seq, exc)
+            return
+        try:
+            _, stderr = await asyncio.wait_for(process.communicate(data), timeout_s)
+        except asyncio.TimeoutError:
+            await _kill(process)
+            log.error("GOVGATE_CHECKPOINT_COMMAND ran longer than %.0fs for checkpoint %d and was killed",
+                      timeout_s, checkpoint.seq)
+            return
+        except BaseException:
+            await _kill(process)
+            raise
+        if process.returncode != 0:
+            tail = (stderr or b"").decode("utf-8", "replace").strip()[-300:]
+            log.error("GOVGATE_CHECKPOINT_COMMAND exited %s for checkpoint %d: %s", process.returncode,
+                      checkpoint.seq, tail)
+
+
+async def _kill(process: asyncio.subprocess.Process) -> None:
+    """Kill the command's whole process group (``sh -c 'a | b'`` leaves children a plain kill would not reach)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    await process.wait()

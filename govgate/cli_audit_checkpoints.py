@@ -1,0 +1,218 @@
+"""``govgate audit checkpoint``, ``govgate audit public-key`` and the checkpoint half of ``audit verify``.
+
+:func:`register` adds the commands to the ``audit`` group; ``audit verify``
+takes :func:`checkpoint_options` and calls :func:`report_checkpoints` after
+the hash check. What is checked: :mod:`audit.checkpoint_check`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import json
+
+import click
+
+from govgate.cli_common import audit_engine, load_settings
+
+
+def register(group: click.Group) -> None:
+    """Add this module's commands to ``group`` (the ``audit`` group)."""
+    group.add_command(audit_checkpoint)
+    group.add_command(audit_public_key)
+    group.add_command(audit_export_bundle)
+
+
+def _signing_key():  # -> audit.signing.SigningKey
+    """The store's signing key; never made here, so a wrong GOVGATE_VAR_DIR cannot start a second key."""
+    from audit.signing import SigningKeyError, load_signing_key
+
+    path = load_settings().effective_audit_signing_key_file
+    if not path.exists():
+        raise click.ClickException(f"no audit signing key at {path}: a gateway makes it at its first start "
+                                   "(or set GOVGATE_AUDIT_SIGNING_KEY_FILE)")
+    try:
+        return load_signing_key(path)
+    except SigningKeyError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.command("checkpoint")
+@click.option("--out", default="-", show_default=True, metavar="FILE",
+              help="Where to write the checkpoint file (JSON); '-' is standard output.")
+def audit_checkpoint(out: str) -> None:
+    """Sign the head of the audit chain now and write the checkpoint, to keep it somewhere else.
+
+    A copy kept off this host catches a log cut off below it, even by
+    someone who holds the signing key.
+    """
+    from audit import AuditError
+    from audit.checkpoints import CheckpointStore, checkpoint_file_text, write_checkpoint_file
+
+    key = _signing_key()
+    try:
+        made = CheckpointStore(audit_engine()).make(key)
+    except AuditError as exc:
+        raise click.ClickException(str(exc)) from None
+    if made is None:
+        raise click.ClickException("the audit log is empty: nothing to checkpoint")
+    checkpoint, new = made
+    if out == "-":
+        click.echo(checkpoint_file_text(checkpoint, key.public), nl=False)
+    else:
+        write_checkpoint_file(Path(out), checkpoint, key.public)
+    what = "signed now" if new else "already checkpointed, the stored checkpoint"
+    click.echo(f"checkpoint of entry {checkpoint.seq} ({what}){'' if out == '-' else ' written to ' + out}",
+               err=True)
+
+
+@click.command("public-key")
+@click.option("--out", default="-", show_default=True, metavar="FILE",
+              help="Where to write the PEM public key; '-' is standard output.")
+def audit_public_key(out: str) -> None:
+    """Write the public key that verifies the audit checkpoints (PEM), for `verify --public-key`."""
+    key = _signing_key()
+    pem = key.public.pem()
+    if out == "-":
+        click.echo(pem.decode("ascii"), nl=False)
+    else:
+        try:
+            Path(out).write_bytes(pem)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
+        click.echo(f"public key {key.key_id} written to {out}", err=True)
+
+
+@click.command("export-bundle")
+@click.option("--out", required=True, metavar="FILE", help="The bundle to write (JSON Lines).")
+@click.option("--team", default=None, help="Only this team's entries (default: everyone's).")
+@click.option("--since", default=None, help="Only entries from then on: 7d, 12h, 30m, 2w, or an ISO date "
+                                            "(default: from the first entry).")
+def audit_export_bundle(out: str, team: str | None, since: str | None) -> None:
+    """Write entries with what proves them: their chain links to a signed checkpoint, for `verify --export`.
+
+    Entries of the range outside the selection show their hashed fields
+    (who, when, model, decision) but never their payload (prompt, output).
+    """
+    from audit import AuditError, AuditStore
+    from audit.bundle import Selection, write_bundle
+    from gateway.replay import parse_since
+
+    try:
+        start = parse_since(since) if since else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    key = _signing_key()
+    store = AuditStore(audit_engine())
+    try:
+        with open(out, "w", encoding="utf-8") as handle:
+            summary = write_bundle(store, key, handle, Selection(team=team, since=start))
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
+    except AuditError as exc:
+        Path(out).unlink(missing_ok=True)
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{summary.selected} entries selected of entries {summary.first_seq}..{summary.last_seq}, "
+               f"{summary.checkpoints} checkpoints, written to {out}", err=True)
+
+
+def report_bundle(export_file: str, public_key_file: str | None) -> bool:
+    """``verify --export``: check a bundle without the database; True when it holds."""
+    from audit.bundle import verify_bundle
+    from audit.signing import SigningKeyError, load_public_key
+
+    if public_key_file is None:
+        raise click.UsageError("--export needs --public-key: a bundle cannot vouch for itself")
+    try:
+        public_key = load_public_key(Path(public_key_file))
+        with open(export_file, encoding="utf-8") as handle:
+            header = handle.readline()
+            handle.seek(0)
+            verdict = verify_bundle(handle, public_key)
+    except SigningKeyError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"cannot read {export_file}: {exc}") from None
+    try:
+        selection = json.loads(header).get("selection")
+    except (ValueError, AttributeError):
+        selection = None
+    if verdict.ok:
+        click.echo(f"bundle ok: {verdict.selected} selected of {verdict.entries} entries "
+                   f"{verdict.first_seq}..{verdict.last_seq}, selection {json.dumps(selection, sort_keys=True)}, "
+                   f"complete and linked up to a checkpoint signed {verdict.signed_at} by {public_key.key_id[:16]}…")
+        return True
+    click.echo(f"bundle TAMPERED ({verdict.entries} entries checked before the problem):")
+    for problem in verdict.problems:
+        click.echo(f"  - {problem}")
+    return False
+
+
+def checkpoint_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options ``audit verify`` takes for checkpoints."""
+    options = [
+        click.option("--checkpoint", "checkpoint_file", type=click.Path(dir_okay=False), default=None,
+                     help="A checkpoint file kept elsewhere (from `audit checkpoint --out` or "
+                          "GOVGATE_CHECKPOINT_COMMAND); the chain must still hold what it signs."),
+        click.option("--public-key", "public_key_file", type=click.Path(dir_okay=False), default=None,
+                     help="The only key trusted for signatures (PEM from `audit public-key`); "
+                          "default: the store's own signing key, with a warning."),
+        click.option("--export", "export_file", type=click.Path(dir_okay=False), default=None,
+                     help="Check an audit bundle (`audit export-bundle`) instead of the database; needs --public-key."),
+        click.option("--strict", is_flag=True, help="Fail if any entry is not covered by a checkpoint yet."),
+        click.option("--max-unsigned-age", "max_unsigned_age", type=click.FloatRange(min=0), default=None,
+                     help="Seconds an entry may stay unsigned [default: 2 x GOVGATE_CHECKPOINT_INTERVAL_S + 30]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def report_checkpoints(engine: Any, *, checkpoint_file: str | None, public_key_file: str | None, strict: bool,
+                       max_unsigned_age: float | None) -> bool:
+    """Check the checkpoints and print the result; True when nothing points at tampering."""
+    from audit import AuditError
+    from audit.checkpoint_check import check_checkpoints, default_max_unsigned_age_s
+    from audit.checkpoints import CheckpointStore, read_checkpoint_file
+    from audit.signing import SigningKeyError, load_public_key, load_signing_key
+
+    settings = load_settings()
+    try:
+        if public_key_file is not None:
+            public_key = load_public_key(Path(public_key_file))
+            source = f"the given public key {public_key.key_id[:16]}…"
+        else:
+            own = settings.effective_audit_signing_key_file
+            public_key = load_signing_key(own).public if own.exists() else None
+            source = (f"the store's own key {own} (whoever holds it can re-sign a rewritten log; "
+                      "pass --public-key with a copy kept elsewhere)") if public_key else "no key"
+        external = named = None
+        if checkpoint_file is not None:
+            external, named = read_checkpoint_file(Path(checkpoint_file))
+    except (SigningKeyError, AuditError) as exc:
+        raise click.ClickException(str(exc)) from None
+    max_age = max_unsigned_age if max_unsigned_age is not None else \
+        default_max_unsigned_age_s(settings.checkpoint_interval_s)
+    try:
+        verdict = check_checkpoints(CheckpointStore(engine), public_key, external=external, strict=strict,
+                                    max_unsigned_age_s=max_age)
+    except AuditError as exc:
+        raise click.ClickException(str(exc)) from None
+    latest = verdict.latest
+    where = f"latest at seq {latest.seq}{' (closing)' if latest.closing else ''}" if latest else "none stored"
+    file_part = f" and the checkpoint file (seq {external.seq})" if external else ""
+    if verdict.ok:
+        click.echo(f"checkpoints ok: {verdict.checked} stored{file_part}, {where}; signatures checked against {source}")
+    else:
+        click.echo(f"checkpoints TAMPERED: {verdict.checked} stored{file_part}, {where}; "
+                   f"signatures checked against {source}")
+        for problem in verdict.problems:
+            click.echo(f"  - {problem}")
+    if named is not None and public_key is not None and named != public_key.hex:
+        click.echo("  note: the checkpoint file names another public key than the trusted one")
+    for note in verdict.notes:
+        click.echo(f"  note: {note}")
+    for anomaly in verdict.anomalies:
+        click.echo(f"  chain_anomaly: {anomaly}")
+    return verdict.ok

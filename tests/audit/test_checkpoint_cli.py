@@ -1,0 +1,133 @@
+"""``govgate audit checkpoint``, ``audit public-key`` and ``audit verify`` with checkpoints, through click."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from click.testing import CliRunner, Result
+
+from audit import AuditStore, make_engine, migrate
+from audit.checkpoints import CheckpointStore
+from audit.signing import load_or_create_signing_key, load_public_key
+from govgate.cli import main
+
+
+class Env:
+    def __init__(self, root: Path) -> None:
+        self.var_dir = root / "var"
+        self.db = self.var_dir / "govgate.db"
+        self.env = {"GOVGATE_VAR_DIR": str(self.var_dir), "GOVGATE_DATABASE_URL": "",
+                    "GOVGATE_AUDIT_SIGNING_KEY_FILE": "", "GOVGATE_CHECKPOINT_INTERVAL_S": "10"}
+        self.engine = make_engine(f"sqlite:///{self.db}")
+        migrate(self.engine)
+        self.store = AuditStore(self.engine)
+
+    def append(self, n: int) -> int:
+        """Append ``n`` entries; the head's seq (a new store's first entry is the chain_format one)."""
+        for i in range(n):
+            self.store.append("request", f"r-{i}", principal="alice", team=None, model="tiny", body={"i": i},
+                              policy_revision=None)
+        return self.store.head().seq
+
+    def run(self, *args: str) -> Result:
+        self.engine.dispose()
+        return CliRunner().invoke(main, ["audit", *args], env=self.env, catch_exceptions=False)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    made = Env(tmp_path)
+    yield made
+    made.engine.dispose()
+
+
+def test_without_a_signing_key_the_commands_say_where_it_should_be(env: Env) -> None:
+    for args in (["public-key"], ["checkpoint"]):
+        result = env.run(*args)
+        assert result.exit_code == 1
+        assert "no audit signing key at" in result.output and "audit-signing.key" in result.output
+
+
+def test_public_key_and_checkpoint_files_verify(env: Env, tmp_path: Path) -> None:
+    key = load_or_create_signing_key(env.var_dir / "audit-signing.key")
+    head = env.append(4)
+    pub, cp = tmp_path / "pub.pem", tmp_path / "cp.json"
+    assert env.run("public-key", "--out", str(pub)).exit_code == 0
+    assert load_public_key(pub) == key.public
+    result = env.run("checkpoint", "--out", str(cp))
+    assert result.exit_code == 0 and f"checkpoint of entry {head} (signed now)" in result.output
+    assert json.loads(cp.read_text())["seq"] == head
+    again = env.run("checkpoint")  # to stdout; the head is already signed
+    assert json.loads(again.stdout)["signature"] == json.loads(cp.read_text())["signature"]
+    verified = env.run("verify", "--checkpoint", str(cp), "--public-key", str(pub), "--strict")
+    assert verified.exit_code == 0, verified.output
+    assert "chain intact" in verified.output and "checkpoints ok: 1 stored and the checkpoint file" in verified.output
+
+
+def test_verify_exits_1_on_truncation_caught_by_the_file(env: Env, tmp_path: Path) -> None:
+    load_or_create_signing_key(env.var_dir / "audit-signing.key")
+    head = env.append(5)
+    pub, cp = tmp_path / "pub.pem", tmp_path / "cp.json"
+    env.run("public-key", "--out", str(pub))
+    env.run("checkpoint", "--out", str(cp))
+    raw = sqlite3.connect(env.db)
+    for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        raw.execute(f'DROP TRIGGER "{name}"')
+    raw.execute(f"DELETE FROM audit_entries WHERE seq > {head - 2}")
+    raw.execute("DELETE FROM audit_checkpoints")
+    raw.commit()
+    raw.close()
+    assert env.run("verify", "--public-key", str(pub)).exit_code == 0  # nothing left in the database tells
+    result = env.run("verify", "--checkpoint", str(cp), "--public-key", str(pub))
+    assert result.exit_code == 1
+    assert "chain intact" in result.output and "checkpoints TAMPERED" in result.output
+    assert f"the chain has no entry {head}" in result.output
+
+
+def test_verify_without_public_key_says_it_trusts_the_stores_own_key(env: Env) -> None:
+    key = load_or_create_signing_key(env.var_dir / "audit-signing.key")
+    env.append(2)
+    CheckpointStore(env.engine).make(key)
+    result = env.run("verify")
+    assert result.exit_code == 0
+    assert "the store's own key" in result.output and "--public-key" in result.output
+
+
+def test_verify_strict_and_max_unsigned_age_fail_on_an_unsigned_tail(env: Env) -> None:
+    key = load_or_create_signing_key(env.var_dir / "audit-signing.key")
+    env.append(2)
+    CheckpointStore(env.engine).make(key)
+    head = env.append(1)
+    relaxed = env.run("verify")
+    assert relaxed.exit_code == 0 and f"unsigned tail: entries {head}..{head}" in relaxed.output
+    assert env.run("verify", "--strict").exit_code == 1
+    assert env.run("verify", "--max-unsigned-age", "0").exit_code == 1
+
+
+def test_verify_with_a_bad_checkpoint_or_key_file_is_a_one_line_error(env: Env, tmp_path: Path) -> None:
+    load_or_create_signing_key(env.var_dir / "audit-signing.key")
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    result = env.run("verify", "--checkpoint", str(bad))
+    assert result.exit_code == 1 and "Error: a checkpoint is a JSON object" in result.output
+    result = env.run("verify", "--public-key", str(bad))
+    assert result.exit_code == 1 and "neither PEM nor a hex" in result.output
+
+
+def test_verify_reports_a_broken_chain_and_the_checkpoints_both(env: Env) -> None:
+    key = load_or_create_signing_key(env.var_dir / "audit-signing.key")
+    head = env.append(3)
+    CheckpointStore(env.engine).make(key)
+    raw = sqlite3.connect(env.db)
+    for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        raw.execute(f'DROP TRIGGER "{name}"')
+    raw.execute("UPDATE audit_entries SET hash = ? WHERE seq = ?", ("0" * 64, head))
+    raw.commit()
+    raw.close()
+    result = env.run("verify")
+    assert result.exit_code == 1
+    assert f"BROKEN at seq {head}" in result.output and "checkpoints TAMPERED" in result.output
