@@ -38,7 +38,7 @@ def _make(path: str, queue: "multiprocessing.Queue[str]") -> None:
 
 def test_processes_starting_together_end_up_with_one_key(tmp_path: Path) -> None:
     path = tmp_path / "audit-signing.key"
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # not fork: a pytest process with threads may fork a child stuck on a held lock
     queue = ctx.Queue()
     procs = [ctx.Process(target=_make, args=(str(path), queue)) for _ in range(4)]
     for proc in procs:

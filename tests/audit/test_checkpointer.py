@@ -250,9 +250,9 @@ def test_replicas_signing_the_same_head_at_once_write_one_checkpoint(store: Audi
 
     _append(store, 3)
     store.engine.dispose()
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # not fork: a pytest process with threads may fork a child stuck on a held lock
     barrier, queue = ctx.Barrier(4), ctx.Queue()
-    procs = [ctx.Process(target=_replica_signs, args=(str(store.engine.url), barrier, queue)) for _ in range(4)]
+    procs = [ctx.Process(target=_replica_signs, args=(store.engine.url.render_as_string(hide_password=False), barrier, queue)) for _ in range(4)]
     for proc in procs:
         proc.start()
     results = [queue.get(timeout=60) for _ in procs]
