@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,8 @@ from workers.contract.celery_config import make_celery
 from workers.contract.registry import TINY_MODEL_NAME
 from tests.conftest_models import tiny_model_path, tiny_spec  # noqa: F401  (shared fixtures)
 from tests.opa_fixtures import opa_binary, opa_log_dir, opa_policy_server, opa_server, start_opa  # noqa: F401
+from tests.postgres_server import REQUIRE_ENV as REQUIRE_POSTGRES_ENV
+from tests.postgres_server import PostgresServer, PostgresUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 #: A model in the test registry that no worker serves (timeouts, expiry).
@@ -78,6 +81,23 @@ def short_tmp() -> Iterator[Callable[[str], Path]]:
 def redis_server(var_dir: Path) -> Iterator[RedisProcess]:
     """A real Redis, resolved exactly as ``govgate up`` resolves it."""
     server = RedisProcess.start(var_dir / "redis", persist=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL on loopback for the session (tests/postgres_server.py).
+
+    Skips the tests that need it when there is no PostgreSQL, or fails them
+    when ``GOVGATE_TEST_REQUIRE_POSTGRES=1`` (CI), so CI cannot pass by skipping.
+    """
+    try:
+        server = PostgresServer.start()
+    except PostgresUnavailable as exc:
+        if os.environ.get(REQUIRE_POSTGRES_ENV) == "1":
+            pytest.fail(f"{exc}; {REQUIRE_POSTGRES_ENV}=1 requires PostgreSQL")
+        pytest.skip(str(exc))
     yield server
     server.stop()
 
