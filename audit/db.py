@@ -90,13 +90,16 @@ def _postgresql_engine(sa_url: URL) -> Engine:
       for. Under REPEATABLE READ the snapshot is taken at the lock statement,
       before the wait, and the append would fork the chain (refused by the
       unique ``prev_hash``, so appends would fail under contention).
+    - UTF-8 as the client encoding (see :func:`_check_encoding` for the server's).
     - A connect timeout, so an unreachable server fails requests closed
       instead of holding them for the operating system's TCP timeout.
     - ``pool_pre_ping``: a server restart costs one ping, not a failed append.
     """
     if sa_url.drivername == "postgresql":
         sa_url = sa_url.set(drivername=POSTGRESQL_DRIVER)
-    connect_args: dict[str, Any] = {}
+    # UTF-8 on the wire whatever the database's encoding: under SQL_ASCII psycopg would
+    # hand back bytes, which SQLAlchemy's first connect cannot even parse the version from.
+    connect_args: dict[str, Any] = {"client_encoding": "utf8"}
     if "connect_timeout" not in sa_url.query:
         connect_args["connect_timeout"] = int(PG_CONNECT_TIMEOUT_S)
     return create_engine(sa_url, pool_pre_ping=True, isolation_level="READ COMMITTED", connect_args=connect_args)

@@ -5,7 +5,7 @@ engine's driver connection (audit/appender.py); these tests hold it to the
 byte format of audit/chain.py, to what the old SQLAlchemy Core append
 stored (tests/audit/old_append.py), to the error mapping callers rely on,
 and to one unbroken chain when old and new writers in several processes
-append at once.
+append at once, on SQLite and on PostgreSQL (tests/audit/conftest.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 import multiprocessing
 import sqlite3
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,7 +27,6 @@ from audit import (
     DuplicateTerminalError,
     InvalidEntryError,
     make_engine,
-    migrate,
     verify_chain,
 )
 from audit.appender import Appender
@@ -36,6 +34,7 @@ from audit.chain import HASHED_FIELDS, canonical_json, canonical_text, chain_has
 from audit.db import lock_statements
 from audit.lookup import KeyedLookup
 from audit.tables import audit_table
+from tests.audit.conftest import RawDB
 from tests.audit.old_append import old_append
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -49,37 +48,13 @@ BODIES: list[dict[str, Any]] = [
 ]
 
 
-def _url(path: Path) -> str:
-    return f"sqlite:///{path}"
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    path = tmp_path / "audit.db"
-    engine = make_engine(_url(path))
-    migrate(engine)
-    engine.dispose()
-    return path
-
-
-@pytest.fixture
-def store(db_path: Path) -> AuditStore:
-    store = AuditStore(make_engine(_url(db_path)))
-    yield store  # type: ignore[misc]
-    store.engine.dispose()
-
-
 def _append(store: AuditStore, kind: str, request_id: str, body: dict[str, Any]) -> Any:
     return store.append(kind, request_id, principal="alice", team="blue", model="tiny", body=body,
                         policy_revision="rev-1")
 
 
-def _raw_rows(path: Path) -> list[tuple[Any, ...]]:
-    con = sqlite3.connect(path)
-    try:
-        return con.execute("SELECT seq, created_at, body, prev_hash, hash FROM audit_entries ORDER BY seq").fetchall()
-    finally:
-        con.close()
+def _raw_rows(raw: RawDB) -> list[tuple[Any, ...]]:
+    return raw.stored_rows()
 
 
 # -- the byte format ----------------------------------------------------------
@@ -105,23 +80,26 @@ def test_payload_with_body_text_insists_on_the_other_hashed_fields() -> None:
 
 @pytest.mark.parametrize("body", BODIES)
 def test_stored_body_is_byte_for_byte_the_canonical_json_that_was_hashed(
-        store: AuditStore, db_path: Path, body: dict[str, Any]) -> None:
+        store: AuditStore, raw: RawDB, body: dict[str, Any]) -> None:
     entry = _append(store, "request", "r1", body)
-    [(seq, created_at, stored_body, prev_hash, stored_hash)] = _raw_rows(db_path)
+    [(seq, created_at, stored_body, prev_hash, stored_hash)] = _raw_rows(raw)
 
     assert stored_body.encode("utf-8") == canonical_json(body)
     others = {k: v for k, v in entry.hashed_fields().items() if k != "body"}
     assert stored_hash == entry.hash == chain_hash(prev_hash, entry_payload_with_body(others, stored_body))
     # The other columns are stored as SQLAlchemy's own insert stored them.
-    assert created_at == entry.created_at.replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+    if raw.backend == "sqlite":
+        assert created_at == entry.created_at.replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+    else:  # timestamptz: the same instant, to the microsecond
+        assert created_at.tzinfo is not None and created_at == entry.created_at
     assert store.get(seq) == entry and verify_chain(store).ok
 
 
-def test_body_with_non_string_keys_is_stored_as_it_reads_back(store: AuditStore, db_path: Path) -> None:
+def test_body_with_non_string_keys_is_stored_as_it_reads_back(store: AuditStore, raw: RawDB) -> None:
     """``{2: …, 10: …}`` sorts as numbers but reads back as strings: the hash must be of what reads back."""
     entry = _append(store, "request", "r1", {"bias": {2: 0.5, 10: -1.0}, "list": [{3: "c", 20: "d"}]})
     assert entry.body == {"bias": {"2": 0.5, "10": -1.0}, "list": [{"3": "c", "20": "d"}]}
-    [(_, _, stored_body, _, _)] = _raw_rows(db_path)
+    [(_, _, stored_body, _, _)] = _raw_rows(raw)
     assert stored_body.encode("utf-8") == canonical_json(entry.body)
     assert store.get(1) == entry and verify_chain(store).ok
 
@@ -135,12 +113,12 @@ def test_lone_surrogate_is_refused_before_the_database(store: AuditStore) -> Non
 # -- old trails, errors ---------------------------------------------------------
 
 
-def test_trail_written_by_the_old_append_keeps_growing_as_one_chain(store: AuditStore, db_path: Path) -> None:
+def test_trail_written_by_the_old_append_keeps_growing_as_one_chain(store: AuditStore, raw: RawDB) -> None:
     for i, body in enumerate(BODIES):
         old_append(store.engine, "request", f"old-{i}", body)
     old_append(store.engine, "completion", "old-0", {"output": "done"})
     assert verify_chain(store).ok
-    stored_before = _raw_rows(db_path)
+    stored_before = _raw_rows(raw)
 
     new = [_append(store, "completion", f"old-{i}", body) for i, body in enumerate(BODIES) if i > 0]
     old_append(store.engine, "request", "old-again", {"after": "new"})  # and the old writer after the new one
@@ -148,11 +126,11 @@ def test_trail_written_by_the_old_append_keeps_growing_as_one_chain(store: Audit
 
     result = verify_chain(store)
     assert result.ok and result.checked == 2 * len(BODIES) + 2
-    assert _raw_rows(db_path)[: len(stored_before)] == stored_before
+    assert _raw_rows(raw)[: len(stored_before)] == stored_before
     assert [store.get(e.seq) for e in new] == new
 
 
-def test_duplicate_terminal_after_an_old_terminal_raises_as_before(store: AuditStore) -> None:
+def test_duplicate_terminal_after_an_old_terminal_raises_as_before(store: AuditStore, backend: str) -> None:
     old_append(store.engine, "request", "r1", {})
     old_append(store.engine, "timed_out", "r1", {"after_s": 30})
     with pytest.raises(DuplicateTerminalError) as caught:
@@ -160,47 +138,49 @@ def test_duplicate_terminal_after_an_old_terminal_raises_as_before(store: AuditS
     assert caught.value.request_id == "r1" and caught.value.existing_kind == "timed_out"
     # The database's refusal, chained as SQLAlchemy wraps it, like the Core path did.
     assert isinstance(caught.value.__cause__, IntegrityError)
-    assert isinstance(caught.value.__cause__.orig, sqlite3.IntegrityError)
+    if backend == "sqlite":
+        assert isinstance(caught.value.__cause__.orig, sqlite3.IntegrityError)
+    else:
+        import psycopg.errors
+
+        assert isinstance(caught.value.__cause__.orig, psycopg.errors.UniqueViolation)
     assert store.head().seq == 2 and verify_chain(store).ok  # type: ignore[union-attr]
 
 
-def test_other_integrity_errors_stay_plain_audit_errors(store: AuditStore, db_path: Path) -> None:
+def test_other_integrity_errors_stay_plain_audit_errors(store: AuditStore, raw: RawDB) -> None:
     """A refusal that is not a second terminal (here a fork on prev_hash) is an AuditError naming the constraint."""
     _append(store, "request", "r1", {})
-    con = sqlite3.connect(db_path)
-    try:  # an entry that claims the next seq's predecessor but sits at a far seq: the next append collides
-        con.execute("DROP TRIGGER audit_entries_no_update")
-        head_hash = con.execute("SELECT hash FROM audit_entries").fetchone()[0]
-        con.execute("INSERT INTO audit_entries (seq, created_at, request_id, kind, body, prev_hash, hash)"
-                    " VALUES (0, '2024-01-01 00:00:00.000000', 'x', 'request', '{}', ?, ?)", (head_hash, "e" * 64))
-        con.commit()
-    finally:
-        con.close()
+    # An entry that claims the next seq's predecessor but sits at a far seq: the next append collides.
+    [(head_hash,)] = raw.rows("SELECT hash FROM audit_entries")
+    raw.without_guards("INSERT INTO audit_entries (seq, created_at, request_id, kind, body, prev_hash, hash)"
+                       " VALUES (0, '2024-01-01 00:00:00.000000', 'x', 'request', '{}', :prev, :hash)",
+                       params={"prev": head_hash, "hash": "e" * 64})
     with pytest.raises(AuditError) as caught:
         _append(store, "request", "r2", {})
     assert type(caught.value) is AuditError and "prev_hash" in str(caught.value)
     assert isinstance(caught.value.__cause__, IntegrityError)
 
 
-def test_terminal_for_reports_a_tampered_row_as_corrupt(store: AuditStore, db_path: Path) -> None:
+def test_terminal_for_reports_a_tampered_row_as_corrupt(store: AuditStore, raw: RawDB) -> None:
     done = _append(store, "completion", "r1", {"output": "x"})
     assert store.terminal_for("r1") == done and store.terminal_for("r2") is None
-    con = sqlite3.connect(db_path)
-    try:
-        con.execute("DROP TRIGGER audit_entries_no_update")
-        con.execute("UPDATE audit_entries SET body = '{not json' WHERE seq = 1")
-        con.commit()
-    finally:
-        con.close()
+    if raw.backend == "postgresql":
+        # The json type refuses text that is not JSON; what is left is a value psycopg's
+        # loader cannot build (a driver DataError at fetch time): a read failure, never an entry.
+        raw.without_guards("UPDATE audit_entries SET created_at = 'infinity' WHERE seq = 1")
+        with pytest.raises(AuditError, match="timestamp too large"):
+            store.terminal_for("r1")
+        return
+    raw.without_guards("UPDATE audit_entries SET body = '{not json' WHERE seq = 1")
     with pytest.raises(CorruptEntryError):
         store.terminal_for("r1")
 
 
-# -- the PostgreSQL statements (compiled only: the suite has no PostgreSQL) -------
+# -- the PostgreSQL statements as compiled (they also run on a real server above) -------
 
 
 def test_postgresql_statements_bind_every_column_and_take_the_advisory_lock() -> None:
-    engine = create_mock_engine("postgresql+psycopg2://", lambda *_a, **_k: None)
+    engine = create_mock_engine("postgresql+psycopg://", lambda *_a, **_k: None)
     appender = Appender(engine)  # type: ignore[arg-type]
     insert_sql = appender._insert_sql
     for column in audit_table.columns:
@@ -212,7 +192,7 @@ def test_postgresql_statements_bind_every_column_and_take_the_advisory_lock() ->
     assert "%(key)s" in KeyedLookup(engine, audit_table.c.terminal_request_id)._sql  # type: ignore[arg-type]
 
 
-def test_databases_without_the_write_lock_are_refused(store: AuditStore) -> None:
+def test_databases_without_the_write_lock_are_refused() -> None:
     engine = create_mock_engine("mysql://", lambda *_a, **_k: None)
     with pytest.raises(AuditError, match="SQLite and PostgreSQL"):
         AuditStore(engine).append("request", "r1", principal=None, team=None, model=None, body={},  # type: ignore[arg-type]
@@ -236,11 +216,12 @@ def _writer(url: str, worker: int, count: int, use_old: bool, barrier: Any) -> N
             store.append(kind, rid, principal=f"p{worker}", team="t", model="m", body=body, policy_revision="1")
 
 
-def test_old_and_new_writers_in_several_processes_leave_one_unbroken_chain(db_path: Path, store: AuditStore) -> None:
+def test_old_and_new_writers_in_several_processes_leave_one_unbroken_chain(
+        store_url: str, store: AuditStore, raw: RawDB) -> None:
     plan = [False, False, True, False]  # three new writers, one old
     per_worker = 40
     barrier = SPAWN.Barrier(len(plan))
-    processes = [SPAWN.Process(target=_writer, args=(_url(db_path), w, per_worker, old, barrier))
+    processes = [SPAWN.Process(target=_writer, args=(store_url, w, per_worker, old, barrier))
                  for w, old in enumerate(plan)]
     for process in processes:
         process.start()
@@ -255,7 +236,7 @@ def test_old_and_new_writers_in_several_processes_leave_one_unbroken_chain(db_pa
     result = verify_chain(store)
     assert result.ok and result.checked == len(plan) * per_worker
     # New writers stored their canonical text; the old one its JSON column's own serialisation.
-    for (_, _, stored_body, _, _), entry in zip(_raw_rows(db_path), entries):
+    for (_, _, stored_body, _, _), entry in zip(_raw_rows(raw), entries):
         assert json.loads(stored_body) == entry.body
         if entry.principal != "p2":
             assert stored_body.encode("utf-8") == canonical_json(entry.body)

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy.exc import DBAPIError
 
-from audit import AuditStore, make_engine, migrate, verify_chain
+from audit import AuditStore, make_engine, verify_chain
 from tests.audit.conftest import RawDB
 from audit.chain import (
     GENESIS_HASH,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import sqlite3
 import subprocess
 import sys
 from datetime import timezone
@@ -39,7 +38,6 @@ from audit.chain import GENESIS_HASH, entry_hash
 from audit.db import VERSION_TABLE, migration_options
 from audit.tables import audit_metadata
 from tests.audit.conftest import RawDB
-from tests.postgres_server import PostgresServer
 
 SPAWN = multiprocessing.get_context("spawn")
 JOIN_TIMEOUT_S = 120
