@@ -49,6 +49,8 @@ CRASH_MODEL = "crash-tiny"
 LIMITED_MODEL = "limited-tiny"
 RESCUE_MODEL = "rescue-tiny"
 PRIORITY_MODEL = "priority-tiny"
+#: Served only by the PostgreSQL end-to-end test's own worker (tests/e2e/test_postgres_gateway.py).
+POSTGRES_MODEL = "postgres-tiny"
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +109,8 @@ def models_file(var_dir: Path) -> Path:
     """The test registry: the built-in tiny model under several names, each with its own queue."""
     path = var_dir / "models.toml"
     model = var_dir / "models" / "govgate-tiny-llama.gguf"
-    names = [TINY_MODEL_NAME, IDLE_MODEL, QUEUE_MODEL, CRASH_MODEL, LIMITED_MODEL, RESCUE_MODEL, PRIORITY_MODEL]
+    names = [TINY_MODEL_NAME, IDLE_MODEL, QUEUE_MODEL, CRASH_MODEL, LIMITED_MODEL, RESCUE_MODEL, PRIORITY_MODEL,
+             POSTGRES_MODEL]
     path.write_text("\n".join(
         f'[models.{name}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 4096\n'
         f'family = "llama"\ntags = ["tiny"]\n' for name in names))
