@@ -240,3 +240,9 @@ def test_old_and_new_writers_in_several_processes_leave_one_unbroken_chain(
         assert json.loads(stored_body) == entry.body
         if entry.principal != "p2":
             assert stored_body.encode("utf-8") == canonical_json(entry.body)
+
+
+def test_an_entry_without_payload_stores_sql_null(store: AuditStore, raw: RawDB) -> None:
+    """Not the JSON text ``null``: erasure writes SQL NULL and the guards and searches expect it."""
+    _append(store, "request", "r1", {"prompt": "x"})
+    assert raw.rows("SELECT count(*) FROM audit_entries WHERE payload IS NULL") == [(1,)]

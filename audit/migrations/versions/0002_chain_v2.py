@@ -175,7 +175,11 @@ def _upgrade_sqlite() -> None:
 
 def _upgrade_postgresql() -> None:
     op.execute("ALTER TABLE audit_entries ALTER COLUMN kind TYPE VARCHAR(32)")
-    op.execute("ALTER TABLE audit_entries DROP CONSTRAINT ck_audit_entries_kind")
+    # audit_0001's op.create_table applied the metadata's naming convention to the name it was
+    # given, so on a real store the CHECK is "ck_audit_entries_ck_audit_entries_kind"; the plain
+    # name is dropped too in case a store was made some other way. The new one is named as written.
+    op.execute("ALTER TABLE audit_entries DROP CONSTRAINT IF EXISTS ck_audit_entries_ck_audit_entries_kind")
+    op.execute("ALTER TABLE audit_entries DROP CONSTRAINT IF EXISTS ck_audit_entries_kind")
     op.execute(f"ALTER TABLE audit_entries ADD CONSTRAINT ck_audit_entries_kind CHECK (kind IN {_KINDS})")
     # JSON, never JSONB: JSON keeps the text byte for byte, which the digest covers.
     op.add_column("audit_entries", sa.Column("payload", sa.JSON(), nullable=True))
