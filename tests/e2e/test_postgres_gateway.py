@@ -64,15 +64,17 @@ def test_a_gateway_and_worker_on_postgresql_audit_completions_and_denials_there(
         assert (request.kind, request.principal, request.model) == ("request", "pat", POSTGRES_MODEL)
         assert request.body["decision"]["allow"] is True
         assert completion.kind == "completion" and store.terminal_for(done_id) == completion
-        assert completion.body["output"] == done.json()["choices"][0]["message"]["content"]
+        assert request.payload["messages"] == [{"role": "user", "content": "Hello from PostgreSQL"}]
+        assert completion.payload["output"] == done.json()["choices"][0]["message"]["content"]
         [refusal] = store.entries_for(denied_id)
         assert (refusal.kind, refusal.principal) == ("request", "val")
         assert refusal.body["decision"]["allow"] is False and store.terminal_for(denied_id) is None
 
         entries = list(store.iter_entries())
-        assert {e.request_id for e in entries} == {done_id, denied_id}
+        assert entries[0].kind == "chain_format"  # a new store's first entry
+        assert {e.request_id for e in entries[1:]} == {done_id, denied_id}
         result = verify_chain(store)
-        assert result.ok and result.checked == len(entries) == 3
+        assert result.ok and result.checked == len(entries) == 4
     finally:
         store.engine.dispose()
 
