@@ -134,3 +134,43 @@ def test_checkpoints_are_append_only(raw: RawDB) -> None:
         with pytest.raises(DBAPIError, match="append-only"):
             raw.execute(statement)
     assert raw.rows("SELECT seq, closing FROM audit_checkpoints") == [(1, False)]
+
+
+def test_payloads_erased_by_prune_leave_a_chain_that_verifies(store: AuditStore, raw: RawDB) -> None:
+    """Format 2 on PostgreSQL end to end: payload text kept verbatim, erased by the one allowed UPDATE, VACUUMed."""
+    from datetime import datetime, timezone
+
+    from audit.prune import prune_payloads
+
+    common: dict[str, Any] = dict(principal="a", team="t", model="m", policy_revision="1")
+    kept = [store.append("request", f"r{i}", body={"n": i}, payload={"messages": [{"role": "user", "content": f"SECRET{i} é"}]},
+                         **common) for i in range(5)]
+    stored = raw.rows("SELECT seq, CAST(payload AS TEXT), payload_digest FROM audit_entries"
+                      " WHERE payload IS NOT NULL ORDER BY seq")
+    assert [(seq, digest) for seq, _, digest in stored] == [(e.seq, e.payload_digest) for e in kept]
+    assert all(f"SECRET{i} é" in text for i, (_, text, _) in enumerate(stored))
+    assert verify_chain(store).ok
+
+    result = prune_payloads(store, datetime.now(timezone.utc))
+    assert result.erased == 5 and result.entry is not None and result.entry.kind == "payloads_erased"
+    assert raw.rows("SELECT count(*) FROM audit_entries WHERE payload IS NOT NULL") == [(0,)]
+    assert [store.get(e.seq).payload_digest for e in kept] == [e.payload_digest for e in kept]  # type: ignore[union-attr]
+    verdict = verify_chain(store)
+    assert verdict.ok and verdict.checked == 1 + 5 + 1
+
+
+@pytest.mark.parametrize("change", [
+    # A payload respelt (same meaning, other bytes) no longer matches its digest.
+    "UPDATE audit_entries SET payload = CAST(replace(CAST(payload AS TEXT), ':', ': ') AS json) WHERE seq = 2",
+    # A duplicate key in front: json keeps it, every JSON reader sees the forged value, verify sees other bytes.
+    "UPDATE audit_entries SET body = CAST('{\"n\"' || chr(58) || '99,' || substr(CAST(body AS TEXT), 2) AS json)"
+    " WHERE seq = 2",
+], ids=["payload-respelt", "duplicate-key-in-front"])
+def test_verify_hashes_the_stored_text_on_postgresql(store: AuditStore, raw: RawDB, change: str) -> None:
+    store.append("request", "r1", principal="a", team="t", model="m", policy_revision="1", body={"n": 1},
+                 payload={"messages": [{"role": "user", "content": "hello"}]})
+    assert verify_chain(store).ok
+    raw.without_guards(change)
+    [(body,)] = raw.rows("SELECT CAST(body AS TEXT) FROM audit_entries WHERE seq = 2")
+    result = verify_chain(store)
+    assert (result.ok, result.first_bad_seq) == (False, 2), (body, result)
