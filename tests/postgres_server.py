@@ -130,7 +130,7 @@ class PostgresServer:
         """
         external = os.environ.get(EXTERNAL_URL_ENV)
         if external:
-            return cls._external(external)
+            return cls.attach(external)
         bin_dir = find_bin_dir()
         if bin_dir is None:
             raise PostgresUnavailable("no PostgreSQL server binaries (initdb, postgres) on PATH or in "
@@ -168,7 +168,8 @@ class PostgresServer:
         return server
 
     @classmethod
-    def _external(cls, url: str) -> "PostgresServer":
+    def attach(cls, url: str) -> "PostgresServer":
+        """A server someone else runs (superuser URL); :meth:`stop` leaves it running."""
         from sqlalchemy.engine import make_url
 
         parsed = make_url(url)
