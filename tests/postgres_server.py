@@ -33,12 +33,13 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from govgate.processes import child_preexec, free_port, stop_process
 
@@ -119,6 +120,8 @@ class PostgresServer:
     folder: Path | None = None
     process: subprocess.Popen | None = None
     _names: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _command: list[str] = field(default_factory=list)
+    _as_owner: dict[str, Any] = field(default_factory=dict)
 
     # -- starting and stopping ---------------------------------------------
 
@@ -150,15 +153,11 @@ class PostgresServer:
                 cwd=folder, capture_output=True, text=True, timeout=120, **as_owner)
             if init.returncode != 0:
                 raise PostgresUnavailable(f"initdb failed ({init.returncode}): {init.stderr.strip()[-2000:]}")
-            port = free_port()
-            settings = [arg for setting in FAST_SETTINGS for arg in ("-c", setting)]
-            with open(log, "ab") as out:
-                process = subprocess.Popen(
-                    [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sockets), *settings],
-                    cwd=folder, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    preexec_fn=child_preexec(), **as_owner)
-            server = cls(host="127.0.0.1", port=port, user=SUPERUSER, folder=folder, process=process)
-            server._wait_ready(log)
+            server = cls(host="127.0.0.1", port=free_port(), user=SUPERUSER, folder=folder)
+            server._command = [str(bin_dir / "postgres"), "-D", str(data), "-k", str(sockets),
+                               *[arg for setting in FAST_SETTINGS for arg in ("-c", setting)]]
+            server._as_owner = as_owner
+            server.resume()
         except BaseException:
             if "server" in locals():
                 server.stop()
@@ -166,6 +165,23 @@ class PostgresServer:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
         return server
+
+    def pause(self) -> None:
+        """Shut the server down (fast: connections are cut), keeping its data, for outage tests."""
+
+        if self.process is not None:
+            stop_process(self.process, timeout_s=30, sig=signal.SIGINT)
+            self.process = None
+
+    def resume(self) -> None:
+        """Start the server (again) on its data folder and port; returns once it accepts connections."""
+        assert self.folder is not None and self.process is None, "only a cluster this helper made, when stopped"
+        log = self.folder / "postgres.log"
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen(
+                [*self._command, "-p", str(self.port)], cwd=self.folder, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, preexec_fn=child_preexec(), **self._as_owner)
+        self._wait_ready(log)
 
     @classmethod
     def attach(cls, url: str) -> "PostgresServer":
@@ -196,10 +212,7 @@ class PostgresServer:
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT: roll back, disconnect, stop) and remove the folder."""
-        import signal
-
-        if self.process is not None:
-            stop_process(self.process, timeout_s=30, sig=signal.SIGINT)
+        self.pause()
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
 

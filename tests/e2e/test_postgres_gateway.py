@@ -3,7 +3,9 @@ pointing at the session's PostgreSQL (tests/postgres_server.py), a fresh databas
 
 Both packages' migrations run there (the gateway's API keys, the audit table
 and its triggers), the gateway appends the request entries, the worker the
-completion entry, and the chain they build together verifies.
+completion entry, and the chain they build together verifies. And when the
+server goes away, requests are refused (503, nothing queued, nothing half
+written) until it is back, when they work again without a restart.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from gateway.components import open_database
 from gateway.settings import Settings
 from govgate.processes import stop_process
 from tests.conftest import POSTGRES_MODEL, bearer, serving, spawn_cli, wait_for_worker
-from tests.postgres_server import PostgresServer
+from tests.postgres_server import PostgresServer, PostgresUnavailable
 
 
 @pytest.fixture
@@ -88,3 +90,52 @@ def test_a_gateway_and_worker_on_postgresql_audit_completions_and_denials_there(
         plain.dispose()
     assert users == {"pat", "val"}
     assert audit_version.startswith("audit_") and gateway_version.startswith("gateway_")
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of this test's own, which it may stop and start (the session's is shared)."""
+    try:
+        server = PostgresServer.start()
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))  # the session fixture already fails in CI when there is none
+    yield server
+    server.stop()
+
+
+def test_a_postgresql_outage_fails_requests_closed_and_service_returns_with_it(
+        settings: Settings, own_postgres: PostgresServer, tmp_path: Path) -> None:
+    if own_postgres.process is None:
+        pytest.skip("GOVGATE_TEST_POSTGRES_URL: the server is not ours to stop")
+    url = own_postgres.fresh_database("outage")
+    own = settings.with_(database_url=url, auth_cache_ttl_s=600.0)  # the key from cache: the audit is what fails
+    keys = KeyStore(open_database(own))
+    admin = keys.create("olga", team="ops", roles=["admin"]).secret
+    keys.engine.dispose()
+
+    worker = spawn_cli(own, "worker", "--model", POSTGRES_MODEL, log=tmp_path / "worker.log")
+    try:
+        wait_for_worker(own.redis_url, POSTGRES_MODEL, worker)
+        with serving(own, tmp_path / "serve.log") as base:
+            before = _chat(base, admin, "before")
+            own_postgres.pause()
+            try:
+                during = _chat(base, admin, "during")
+            finally:
+                own_postgres.resume()
+            after = _chat(base, admin, "after")
+    finally:
+        stop_process(worker, timeout_s=30)
+    assert before.status_code == 200, before.text
+    assert during.status_code == 503 and during.json()["error"]["code"] == "audit_unavailable", during.text
+    assert after.status_code == 200, after.text
+
+    store = AuditStore(make_engine(url))
+    try:
+        entries = list(store.iter_entries())
+        ids = [response.headers["x-govgate-request-id"] for response in (before, after)]
+        assert [(e.kind, e.request_id) for e in entries[1:]] == [
+            ("request", ids[0]), ("completion", ids[0]), ("request", ids[1]), ("completion", ids[1])]
+        assert verify_chain(store).ok  # nothing of the refused request, and no gap
+    finally:
+        store.engine.dispose()
