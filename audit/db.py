@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 #: How long a SQLite writer waits for the lock before giving up (fail closed).
 BUSY_TIMEOUT_S: Final = 30.0
+#: How long connecting to a PostgreSQL server may take before the store gives up (fail closed).
+PG_CONNECT_TIMEOUT_S: Final = 10
+#: The SQLAlchemy driver for a ``postgresql://`` URL that names none.
+POSTGRESQL_DRIVER: Final = "postgresql+psycopg"
 #: Alembic version table of the audit schema (the gateway keeps its own).
 VERSION_TABLE: Final = "alembic_version_audit"
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
@@ -53,7 +57,7 @@ def reason(exc: BaseException) -> str:
 def make_engine(url: str) -> Engine:
     """Create an engine for the audit store (SQLite tuned for many processes).
 
-    For SQLite: WAL (readers never block the writer), ``busy_timeout`` so
+    For PostgreSQL see :func:`_postgresql_engine`. For SQLite: WAL (readers never block the writer), ``busy_timeout`` so
     contending writers queue instead of failing, ``synchronous=NORMAL`` (safe
     with WAL: a power cut may lose the last commits, never corrupt), foreign
     keys on, and SQLAlchemy-controlled ``BEGIN`` so :func:`locked_transaction`
@@ -62,6 +66,8 @@ def make_engine(url: str) -> Engine:
     """
     try:
         sa_url = make_url(url)
+        if sa_url.get_backend_name() == "postgresql":
+            return _postgresql_engine(sa_url)
         if sa_url.get_backend_name() != "sqlite":
             return create_engine(sa_url, pool_pre_ping=True)
         _create_parent_dir(sa_url)
@@ -71,6 +77,32 @@ def make_engine(url: str) -> Engine:
         raise AuditError(f"cannot use audit database URL {url!r}: {exc}") from exc
     _install_sqlite_hooks(engine)
     return engine
+
+
+def _postgresql_engine(sa_url: URL) -> Engine:
+    """An engine for PostgreSQL through psycopg 3 (the driver govgate depends on).
+
+    - ``postgresql://`` names no driver, and SQLAlchemy's default for it is
+      psycopg2, which govgate does not install: it means psycopg 3 here.
+    - ``READ COMMITTED`` whatever the server's ``default_transaction_isolation``:
+      the append reads the head *after* the advisory lock is granted, and only
+      in READ COMMITTED does that read see the commit of the writer it waited
+      for. Under REPEATABLE READ the snapshot is taken at the lock statement,
+      before the wait, and the append would fork the chain (refused by the
+      unique ``prev_hash``, so appends would fail under contention).
+    - UTF-8 as the client encoding (see :func:`_check_encoding` for the server's).
+    - A connect timeout, so an unreachable server fails requests closed
+      instead of holding them for the operating system's TCP timeout.
+    - ``pool_pre_ping``: a server restart costs one ping, not a failed append.
+    """
+    if sa_url.drivername == "postgresql":
+        sa_url = sa_url.set(drivername=POSTGRESQL_DRIVER)
+    # UTF-8 on the wire whatever the database's encoding: under SQL_ASCII psycopg would
+    # hand back bytes, which SQLAlchemy's first connect cannot even parse the version from.
+    connect_args: dict[str, Any] = {"client_encoding": "utf8"}
+    if "connect_timeout" not in sa_url.query:
+        connect_args["connect_timeout"] = int(PG_CONNECT_TIMEOUT_S)
+    return create_engine(sa_url, pool_pre_ping=True, isolation_level="READ COMMITTED", connect_args=connect_args)
 
 
 def _sqlite_file(sa_url: URL) -> Path | None:
@@ -245,6 +277,23 @@ def migrate(engine: Engine, revision: str = "head") -> None:
 
     try:
         with locked_transaction(engine, MIGRATE_LOCK_KEY) as conn:
+            _check_encoding(conn)
             command.upgrade(alembic_config(conn), revision)
     except (*DB_ERRORS, CommandError) as exc:
         raise AuditError(f"cannot migrate audit schema in {describe(engine)}: {reason(exc)}") from exc
+
+
+def _check_encoding(conn: Connection) -> None:
+    """Refuse a PostgreSQL database that does not store UTF-8.
+
+    A body is hashed as UTF-8 canonical JSON and must read back as the same
+    characters; a ``SQL_ASCII`` or ``LATIN1`` database would refuse or
+    mangle non-ASCII text (``CREATE DATABASE … ENCODING 'UTF8'`` makes one
+    that fits; Debian's clusters are UTF-8 under a UTF-8 locale).
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    encoding = conn.exec_driver_sql("SHOW server_encoding").scalar()
+    if encoding != "UTF8":
+        raise AuditError(f"the audit database must use the UTF8 encoding, not {encoding} "
+                         f"(create it with ENCODING 'UTF8')")

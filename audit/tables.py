@@ -81,8 +81,9 @@ class AuditEntryRow(AuditModel, table=True):
     hash: str = Field(sa_column=Column(String(64), nullable=False))
     #: The erasable texts (prompt/messages as ``prompt_logging`` allows, output), canonical JSON
     #: with a random ``salt``; NULL when the entry has none or once erased. JSON, never JSONB on
-    #: PostgreSQL: the stored text must stay byte for byte what was digested.
-    payload: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(), nullable=True))
+    #: PostgreSQL: the stored text must stay byte for byte what was digested. ``none_as_null``: None
+    #: is SQL NULL (what erasure writes and the guards expect), not the JSON text ``null``.
+    payload: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True), nullable=True))
     #: Hex SHA-256 of the stored payload text; the format-2 hash covers this, and it stays after erasure.
     payload_digest: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,8 @@ from workers.contract.celery_config import make_celery
 from workers.contract.registry import TINY_MODEL_NAME
 from tests.conftest_models import tiny_model_path, tiny_spec  # noqa: F401  (shared fixtures)
 from tests.opa_fixtures import opa_binary, opa_log_dir, opa_policy_server, opa_server, start_opa  # noqa: F401
+from tests.postgres_server import REQUIRE_ENV as REQUIRE_POSTGRES_ENV
+from tests.postgres_server import PostgresServer, PostgresUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 #: A model in the test registry that no worker serves (timeouts, expiry).
@@ -46,6 +49,8 @@ CRASH_MODEL = "crash-tiny"
 LIMITED_MODEL = "limited-tiny"
 RESCUE_MODEL = "rescue-tiny"
 PRIORITY_MODEL = "priority-tiny"
+#: Served only by the PostgreSQL end-to-end test's own worker (tests/e2e/test_postgres_gateway.py).
+POSTGRES_MODEL = "postgres-tiny"
 
 
 @pytest.fixture(scope="session")
@@ -83,11 +88,29 @@ def redis_server(var_dir: Path) -> Iterator[RedisProcess]:
 
 
 @pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL on loopback for the session (tests/postgres_server.py).
+
+    Skips the tests that need it when there is no PostgreSQL, or fails them
+    when ``GOVGATE_TEST_REQUIRE_POSTGRES=1`` (CI), so CI cannot pass by skipping.
+    """
+    try:
+        server = PostgresServer.start()
+    except PostgresUnavailable as exc:
+        if os.environ.get(REQUIRE_POSTGRES_ENV) == "1":
+            pytest.fail(f"{exc}; {REQUIRE_POSTGRES_ENV}=1 requires PostgreSQL")
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def models_file(var_dir: Path) -> Path:
     """The test registry: the built-in tiny model under several names, each with its own queue."""
     path = var_dir / "models.toml"
     model = var_dir / "models" / "govgate-tiny-llama.gguf"
-    names = [TINY_MODEL_NAME, IDLE_MODEL, QUEUE_MODEL, CRASH_MODEL, LIMITED_MODEL, RESCUE_MODEL, PRIORITY_MODEL]
+    names = [TINY_MODEL_NAME, IDLE_MODEL, QUEUE_MODEL, CRASH_MODEL, LIMITED_MODEL, RESCUE_MODEL, PRIORITY_MODEL,
+             POSTGRES_MODEL]
     path.write_text("\n".join(
         f'[models.{name}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 4096\n'
         f'family = "llama"\ntags = ["tiny"]\n' for name in names))

@@ -7,7 +7,7 @@ stored (tests/audit/old_append.py), to the error mapping callers rely on,
 and to one unbroken chain when old writers in several processes wrote a
 trail at audit_0001, and new writers in several processes go on after the
 upgrade (old writers must be stopped before it: their entries after the
-format boundary are reported).
+format boundary are reported); on SQLite and on PostgreSQL (tests/audit/conftest.py).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from audit.chain import HASHED_FIELDS, canonical_json, canonical_text, chain_has
 from audit.db import lock_statements
 from audit.lookup import KeyedLookup
 from audit.tables import audit_table
+from tests.audit.conftest import RawDB
 from tests.audit.old_append import old_append
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -51,40 +52,19 @@ BODIES: list[dict[str, Any]] = [
 ]
 
 
-def _url(path: Path) -> str:
-    return f"sqlite:///{path}"
-
-
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    path = tmp_path / "audit.db"
-    engine = make_engine(_url(path))
-    migrate(engine)
-    engine.dispose()
-    return path
-
-
-@pytest.fixture
-def old_db_path(tmp_path: Path) -> Path:
+def old_db_url(db_url: str) -> str:
     """A store still at audit_0001, where the old append wrote its trails."""
-    path = tmp_path / "old.db"
-    engine = make_engine(_url(path))
+    engine = make_engine(db_url)
     migrate(engine, "audit_0001")
     engine.dispose()
-    return path
+    return db_url
 
 
-def _upgrade(path: Path) -> AuditStore:
-    engine = make_engine(_url(path))
+def _upgrade(url: str) -> AuditStore:
+    engine = make_engine(url)
     migrate(engine)
     return AuditStore(engine)
-
-
-@pytest.fixture
-def store(db_path: Path) -> AuditStore:
-    store = AuditStore(make_engine(_url(db_path)))
-    yield store  # type: ignore[misc]
-    store.engine.dispose()
 
 
 def _append(store: AuditStore, kind: str, request_id: str, body: dict[str, Any]) -> Any:
@@ -92,12 +72,13 @@ def _append(store: AuditStore, kind: str, request_id: str, body: dict[str, Any])
                         policy_revision="rev-1")
 
 
-def _raw_rows(path: Path) -> list[tuple[Any, ...]]:
-    con = sqlite3.connect(path)
+def _raw_rows(url: str) -> list[tuple[Any, ...]]:
+    """``(seq, created_at, body text as stored, prev_hash, hash)`` of every entry (see RawDB.stored_rows)."""
+    raw = RawDB(url, "sqlite" if url.startswith("sqlite") else "postgresql")
     try:
-        return con.execute("SELECT seq, created_at, body, prev_hash, hash FROM audit_entries ORDER BY seq").fetchall()
+        return raw.stored_rows()
     finally:
-        con.close()
+        raw.dispose()
 
 
 # -- the byte format ----------------------------------------------------------
@@ -123,24 +104,27 @@ def test_payload_with_body_text_insists_on_the_other_hashed_fields() -> None:
 
 @pytest.mark.parametrize("body", BODIES)
 def test_stored_body_is_byte_for_byte_the_canonical_json_that_was_hashed(
-        store: AuditStore, db_path: Path, body: dict[str, Any]) -> None:
+        store: AuditStore, store_url: str, backend: str, body: dict[str, Any]) -> None:
     entry = _append(store, "request", "r1", body)
-    [(seq, created_at, stored_body, prev_hash, stored_hash)] = _raw_rows(db_path)[1:]  # after the boundary
+    [(seq, created_at, stored_body, prev_hash, stored_hash)] = _raw_rows(store_url)[1:]  # after the boundary
 
     assert stored_body.encode("utf-8") == canonical_json(body)
     others = {k: v for k, v in entry.hashed_fields().items() if k != "body"}
     assert "payload_digest" in others and entry.format == 2
     assert stored_hash == entry.hash == chain_hash(prev_hash, entry_payload_with_body(others, stored_body, format=2))
     # The other columns are stored as SQLAlchemy's own insert stored them.
-    assert created_at == entry.created_at.replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+    if backend == "sqlite":
+        assert created_at == entry.created_at.replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+    else:  # timestamptz: the same instant, to the microsecond
+        assert created_at.tzinfo is not None and created_at == entry.created_at
     assert store.get(seq) == entry and verify_chain(store).ok
 
 
-def test_body_with_non_string_keys_is_stored_as_it_reads_back(store: AuditStore, db_path: Path) -> None:
+def test_body_with_non_string_keys_is_stored_as_it_reads_back(store: AuditStore, store_url: str) -> None:
     """``{2: …, 10: …}`` sorts as numbers but reads back as strings: the hash must be of what reads back."""
     entry = _append(store, "request", "r1", {"bias": {2: 0.5, 10: -1.0}, "list": [{3: "c", 20: "d"}]})
     assert entry.body == {"bias": {"2": 0.5, "10": -1.0}, "list": [{"3": "c", "20": "d"}]}
-    [(_, _, stored_body, _, _)] = _raw_rows(db_path)[1:]
+    [(_, _, stored_body, _, _)] = _raw_rows(store_url)[1:]
     assert stored_body.encode("utf-8") == canonical_json(entry.body)
     assert store.get(2) == entry and verify_chain(store).ok
 
@@ -154,13 +138,13 @@ def test_lone_surrogate_is_refused_before_the_database(store: AuditStore) -> Non
 # -- old trails, errors ---------------------------------------------------------
 
 
-def test_trail_written_by_the_old_append_keeps_growing_as_one_chain(old_db_path: Path) -> None:
-    old_engine = make_engine(_url(old_db_path))
+def test_trail_written_by_the_old_append_keeps_growing_as_one_chain(old_db_url: str) -> None:
+    old_engine = make_engine(old_db_url)
     for i, body in enumerate(BODIES):
         old_append(old_engine, "request", f"old-{i}", body)
     old_append(old_engine, "completion", "old-0", {"output": "done"})
-    stored_before = _raw_rows(old_db_path)
-    store = _upgrade(old_db_path)
+    stored_before = _raw_rows(old_db_url)
+    store = _upgrade(old_db_url)
     assert verify_chain(store).ok
 
     new = [_append(store, "completion", f"old-{i}", body) for i, body in enumerate(BODIES) if i > 0]
@@ -169,7 +153,7 @@ def test_trail_written_by_the_old_append_keeps_growing_as_one_chain(old_db_path:
     result = verify_chain(store)
     assert result.ok and result.checked == len(stored_before) + 1 + len(new)
     assert result.format_boundary == len(stored_before) + 1
-    assert _raw_rows(old_db_path)[: len(stored_before)] == stored_before
+    assert _raw_rows(old_db_url)[: len(stored_before)] == stored_before
     assert [store.get(e.seq) for e in new] == new
     assert [store.get(seq).format for seq in (1, len(stored_before) + 1, new[0].seq)] == [1, 1, 2]  # type: ignore[union-attr]
 
@@ -180,57 +164,59 @@ def test_trail_written_by_the_old_append_keeps_growing_as_one_chain(old_db_path:
     assert "format mismatch" in (result.problem or "")
 
 
-def test_duplicate_terminal_after_an_old_terminal_raises_as_before(old_db_path: Path) -> None:
-    old_engine = make_engine(_url(old_db_path))
+def test_duplicate_terminal_after_an_old_terminal_raises_as_before(old_db_url: str, backend: str) -> None:
+    old_engine = make_engine(old_db_url)
     old_append(old_engine, "request", "r1", {})
     old_append(old_engine, "timed_out", "r1", {"after_s": 30})
-    store = _upgrade(old_db_path)
+    store = _upgrade(old_db_url)
     with pytest.raises(DuplicateTerminalError) as caught:
         _append(store, "completion", "r1", {"output": "late"})
     assert caught.value.request_id == "r1" and caught.value.existing_kind == "timed_out"
     # The database's refusal, chained as SQLAlchemy wraps it, like the Core path did.
     assert isinstance(caught.value.__cause__, IntegrityError)
-    assert isinstance(caught.value.__cause__.orig, sqlite3.IntegrityError)
+    if backend == "sqlite":
+        assert isinstance(caught.value.__cause__.orig, sqlite3.IntegrityError)
+    else:
+        import psycopg.errors
+
+        assert isinstance(caught.value.__cause__.orig, psycopg.errors.UniqueViolation)
     assert store.head().seq == 3 and verify_chain(store).ok  # type: ignore[union-attr]  # 3: the boundary
 
 
-def test_other_integrity_errors_stay_plain_audit_errors(store: AuditStore, db_path: Path) -> None:
+def test_other_integrity_errors_stay_plain_audit_errors(store: AuditStore, raw: RawDB) -> None:
     """A refusal that is not a second terminal (here a fork on prev_hash) is an AuditError naming the constraint."""
     _append(store, "request", "r1", {})
-    con = sqlite3.connect(db_path)
-    try:  # an entry that claims the next seq's predecessor but sits at a far seq: the next append collides
-        con.execute("DROP TRIGGER audit_entries_no_update")
-        head_hash = con.execute("SELECT hash FROM audit_entries ORDER BY seq DESC").fetchone()[0]
-        con.execute("INSERT INTO audit_entries (seq, created_at, request_id, kind, body, prev_hash, hash)"
-                    " VALUES (0, '2024-01-01 00:00:00.000000', 'x', 'request', '{}', ?, ?)", (head_hash, "e" * 64))
-        con.commit()
-    finally:
-        con.close()
+    # An entry that claims the next seq's predecessor but sits at a far seq: the next append collides.
+    [(head_hash,)] = raw.rows("SELECT hash FROM audit_entries ORDER BY seq DESC LIMIT 1")
+    raw.without_guards("INSERT INTO audit_entries (seq, created_at, request_id, kind, body, prev_hash, hash)"
+                       " VALUES (0, '2024-01-01 00:00:00.000000', 'x', 'request', '{}', :prev, :hash)",
+                       params={"prev": head_hash, "hash": "e" * 64})
     with pytest.raises(AuditError) as caught:
         _append(store, "request", "r2", {})
     assert type(caught.value) is AuditError and "prev_hash" in str(caught.value)
     assert isinstance(caught.value.__cause__, IntegrityError)
 
 
-def test_terminal_for_reports_a_tampered_row_as_corrupt(store: AuditStore, db_path: Path) -> None:
+def test_terminal_for_reports_a_tampered_row_as_corrupt(store: AuditStore, raw: RawDB) -> None:
     done = _append(store, "completion", "r1", {"output": "x"})
     assert store.terminal_for("r1") == done and store.terminal_for("r2") is None
-    con = sqlite3.connect(db_path)
-    try:
-        con.execute("DROP TRIGGER audit_entries_no_update")
-        con.execute("UPDATE audit_entries SET body = '{not json' WHERE seq = 2")
-        con.commit()
-    finally:
-        con.close()
+    if raw.backend == "postgresql":
+        # The json type refuses text that is not JSON; what is left is a value psycopg's
+        # loader cannot build (a driver DataError at fetch time): a read failure, never an entry.
+        raw.without_guards("UPDATE audit_entries SET created_at = 'infinity' WHERE seq = 2")
+        with pytest.raises(AuditError, match="timestamp too large"):
+            store.terminal_for("r1")
+        return
+    raw.without_guards("UPDATE audit_entries SET body = '{not json' WHERE seq = 2")
     with pytest.raises(CorruptEntryError):
         store.terminal_for("r1")
 
 
-# -- the PostgreSQL statements (compiled only: the suite has no PostgreSQL) -------
+# -- the PostgreSQL statements as compiled (they also run on a real server above) -------
 
 
 def test_postgresql_statements_bind_every_column_and_take_the_advisory_lock() -> None:
-    engine = create_mock_engine("postgresql+psycopg2://", lambda *_a, **_k: None)
+    engine = create_mock_engine("postgresql+psycopg://", lambda *_a, **_k: None)
     appender = Appender(engine)  # type: ignore[arg-type]
     insert_sql = appender._insert_sql
     for column in audit_table.columns:
@@ -243,7 +229,7 @@ def test_postgresql_statements_bind_every_column_and_take_the_advisory_lock() ->
     assert "%(key)s" in KeyedLookup(engine, audit_table.c.terminal_request_id, lambda _seq: 2)._sql  # type: ignore[arg-type]
 
 
-def test_databases_without_the_write_lock_are_refused(store: AuditStore) -> None:
+def test_databases_without_the_write_lock_are_refused() -> None:
     engine = create_mock_engine("mysql://", lambda *_a, **_k: None)
     with pytest.raises(AuditError, match="SQLite and PostgreSQL"):
         AuditStore(engine).append("request", "r1", principal=None, team=None, model=None, body={},  # type: ignore[arg-type]
@@ -278,11 +264,11 @@ def _run_writers(url: str, plan: list[bool], per_worker: int, first_worker: int 
     assert [p.exitcode for p in processes] == [0] * len(processes)
 
 
-def test_old_writers_then_new_writers_in_several_processes_leave_one_unbroken_chain(old_db_path: Path) -> None:
+def test_old_writers_then_new_writers_in_several_processes_leave_one_unbroken_chain(old_db_url: str) -> None:
     per_worker = 30
-    _run_writers(_url(old_db_path), [True, True], per_worker)  # the old code, at audit_0001
-    store = _upgrade(old_db_path)
-    _run_writers(_url(old_db_path), [False, False, False], per_worker, first_worker=2)  # the new code
+    _run_writers(old_db_url, [True, True], per_worker)  # the old code, at audit_0001
+    store = _upgrade(old_db_url)
+    _run_writers(old_db_url, [False, False, False], per_worker, first_worker=2)  # the new code
 
     entries = list(store.iter_entries())
     old_count, total = 2 * per_worker, 5 * per_worker + 1
@@ -294,7 +280,13 @@ def test_old_writers_then_new_writers_in_several_processes_leave_one_unbroken_ch
     result = verify_chain(store)
     assert result.ok and result.checked == total and result.format_boundary == old_count + 1
     # New writers stored their canonical text; the old ones their JSON column's own serialisation.
-    for (_, _, stored_body, _, _), entry in zip(_raw_rows(old_db_path), entries):
+    for (_, _, stored_body, _, _), entry in zip(_raw_rows(old_db_url), entries):
         assert json.loads(stored_body) == entry.body
         if entry.format == 2:
             assert stored_body.encode("utf-8") == canonical_json(entry.body)
+
+
+def test_an_entry_without_payload_stores_sql_null(store: AuditStore, raw: RawDB) -> None:
+    """Not the JSON text ``null``: erasure writes SQL NULL and the guards and searches expect it."""
+    _append(store, "rejected", "r1", {"status": 400})
+    assert raw.rows("SELECT count(*) FROM audit_entries WHERE payload IS NULL") == [(2,)]  # with the boundary

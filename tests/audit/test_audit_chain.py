@@ -1,21 +1,22 @@
-"""The hash chain: its byte format (pure functions) and tamper detection on a real SQLite file.
+"""The hash chain: its byte format (pure functions) and tamper detection on a real database.
 
-Tampering is done the way an attacker with file access would: open the file
-with ``sqlite3``, drop the append-only triggers, change rows. The chain must
-then point at the first entry that no longer fits, and say what is wrong.
+Tampering is done the way an attacker with database access would: switch the
+append-only triggers off (SQLite: drop them; PostgreSQL: disable them) and
+change rows with plain SQL, on both backends (tests/audit/conftest.py). The
+chain must then point at the first entry that no longer fits, and say what is wrong.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import DBAPIError
 
-from audit import AuditStore, make_engine, migrate, verify_chain
+from audit import AuditStore, make_engine, verify_chain
+from tests.audit.conftest import RawDB
 from audit.chain import (
     GENESIS_HASH,
     HASHED_FIELDS,
@@ -97,38 +98,27 @@ def test_every_field_is_covered_by_the_hash(name: str) -> None:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    """A migrated SQLite file holding the format boundary (entry 1) and entries 2..11 (request/completion pairs)."""
-    path = tmp_path / "audit.db"
-    engine = make_engine(f"sqlite:///{path}")
-    migrate(engine)
-    store = AuditStore(engine)
+def db(raw: RawDB) -> RawDB:
+    """A migrated database (each backend) holding the format boundary (entry 1) and entries 2..11
+    (request/completion pairs)."""
+    store = raw.store()
     for i in range(1, 6):
         common = dict(principal="alice", team="blue", model="tiny", policy_revision="rev-1")
         store.append("request", f"r{i}", body={"prompt": f"question {i}", "decision": {"allow": True}}, **common)
         store.append("completion", f"r{i}", body={"output": f"answer {i}", "tokens": i}, **common)
-    engine.dispose()
-    return path
+    return raw
 
 
-def _store(path: Path) -> AuditStore:
-    return AuditStore(make_engine(f"sqlite:///{path}"))
+def _store(db: RawDB) -> AuditStore:
+    return db.store()
 
 
-def _tamper(path: Path, *statements: str, params: tuple[object, ...] = ()) -> None:
-    """Change rows behind the store's back, as someone with the file would."""
-    con = sqlite3.connect(path)
-    try:
-        con.execute("DROP TRIGGER audit_entries_no_update")
-        con.execute("DROP TRIGGER audit_entries_no_delete")
-        for statement in statements:
-            con.execute(statement, params if "?" in statement else ())
-        con.commit()
-    finally:
-        con.close()
+def _tamper(db: RawDB, *statements: str, params: dict[str, object] | None = None) -> None:
+    """Change rows behind the store's back, as someone with database access would."""
+    db.without_guards(*statements, params=params)
 
 
-def test_untouched_chain_verifies(db: Path) -> None:
+def test_untouched_chain_verifies(db: RawDB) -> None:
     store = _store(db)
     result = verify_chain(store)
     assert result.ok and result.checked == 11 and result.format_boundary == 1
@@ -137,27 +127,25 @@ def test_untouched_chain_verifies(db: Path) -> None:
     assert verify_chain(store.engine) == result  # accepts an engine too
 
 
-def test_empty_chain_verifies(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
-    migrate(engine)
+def test_empty_chain_verifies(store_url: str) -> None:
+    engine = make_engine(store_url)
     assert verify_chain(engine) == verify_chain(AuditStore(engine))
     result = verify_chain(engine)
     assert result.ok and result.checked == 0 and result.head_hash is None
+    engine.dispose()
 
 
-def test_rows_cannot_be_changed_while_the_triggers_stand(db: Path) -> None:
-    con = sqlite3.connect(db)
-    try:
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            con.execute("UPDATE audit_entries SET body = '{}' WHERE seq = 3")
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            con.execute("DELETE FROM audit_entries WHERE seq = 3")
-    finally:
-        con.close()
+def test_rows_cannot_be_changed_while_the_triggers_stand(db: RawDB) -> None:
+    refused = ["UPDATE audit_entries SET body = '{}' WHERE seq = 3", "DELETE FROM audit_entries WHERE seq = 3"]
+    if db.backend == "postgresql":
+        refused.append("TRUNCATE audit_entries")  # SQLite has no TRUNCATE (a bare DELETE is one)
+    for statement in refused:
+        with pytest.raises(DBAPIError, match="append-only"):
+            db.execute(statement)
     assert verify_chain(_store(db)).ok
 
 
-def test_edited_body_is_reported_at_that_entry(db: Path) -> None:
+def test_edited_body_is_reported_at_that_entry(db: RawDB) -> None:
     _tamper(db, """UPDATE audit_entries SET body = '{"output": "answer 2 (edited)", "tokens": 2}' WHERE seq = 4""")
     result = verify_chain(_store(db))
     assert not result.ok
@@ -165,14 +153,19 @@ def test_edited_body_is_reported_at_that_entry(db: Path) -> None:
     assert "hash mismatch" in (result.problem or "") and "edited" in (result.problem or "")
 
 
-def test_edited_timestamp_is_reported(db: Path) -> None:
+def test_edited_timestamp_is_reported(db: RawDB) -> None:
     _tamper(db, "UPDATE audit_entries SET created_at = '2001-01-01 00:00:00.000000' WHERE seq = 7")
     result = verify_chain(_store(db))
     assert (result.ok, result.first_bad_seq) == (False, 7)
     assert "hash mismatch" in (result.problem or "")
 
 
-def test_body_that_is_no_longer_json_is_reported(db: Path) -> None:
+def test_body_that_is_no_longer_json_is_reported(db: RawDB) -> None:
+    if db.backend == "postgresql":  # the json column type itself refuses it
+        with pytest.raises(DBAPIError, match="(?i)json"):
+            _tamper(db, "UPDATE audit_entries SET body = '{not json' WHERE seq = 6")
+        assert verify_chain(_store(db)).ok
+        return
     _tamper(db, "UPDATE audit_entries SET body = '{not json' WHERE seq = 6")
     for batch in (1000, 4, 1):  # bad row in the middle of a batch, or alone
         result = _verify(db, batch)
@@ -180,45 +173,45 @@ def test_body_that_is_no_longer_json_is_reported(db: Path) -> None:
         assert "hash mismatch" in (result.problem or "")  # format 2 hashes the stored text, never parses it
 
 
-def _verify(path: Path, batch: int):  # type: ignore[no-untyped-def]
-    return verify_chain(_store(path), batch=batch)
+def _verify(db: RawDB, batch: int):  # type: ignore[no-untyped-def]
+    return verify_chain(_store(db), batch=batch)
 
 
-def test_deleted_middle_entry_is_reported(db: Path) -> None:
+def test_deleted_middle_entry_is_reported(db: RawDB) -> None:
     _tamper(db, "DELETE FROM audit_entries WHERE seq = 5")
     result = verify_chain(_store(db))
     assert (result.ok, result.first_bad_seq, result.checked) == (False, 6, 4)
     assert "missing" in (result.problem or "") and "5..5" in (result.problem or "")
 
 
-def test_deleted_first_entry_is_reported(db: Path) -> None:
+def test_deleted_first_entry_is_reported(db: RawDB) -> None:
     _tamper(db, "DELETE FROM audit_entries WHERE seq = 1")
     result = verify_chain(_store(db))
     assert (result.ok, result.first_bad_seq, result.checked) == (False, 2, 0)
 
 
-def test_deletion_renumbered_to_hide_the_gap_is_reported(db: Path) -> None:
+def test_deletion_renumbered_to_hide_the_gap_is_reported(db: RawDB) -> None:
     _tamper(db, "DELETE FROM audit_entries WHERE seq = 5", "UPDATE audit_entries SET seq = seq - 1 WHERE seq > 5")
     result = verify_chain(_store(db))
     assert (result.ok, result.first_bad_seq) == (False, 5)
     assert "prev_hash mismatch" in (result.problem or "")
 
 
-def test_changed_prev_hash_is_reported(db: Path) -> None:
+def test_changed_prev_hash_is_reported(db: RawDB) -> None:
     _tamper(db, f"UPDATE audit_entries SET prev_hash = '{'f' * 64}' WHERE seq = 8")
     result = verify_chain(_store(db))
     assert (result.ok, result.first_bad_seq, result.checked) == (False, 8, 7)
     assert "prev_hash mismatch" in (result.problem or "")
 
 
-def test_changed_genesis_link_is_reported(db: Path) -> None:
+def test_changed_genesis_link_is_reported(db: RawDB) -> None:
     _tamper(db, f"UPDATE audit_entries SET prev_hash = '{'1' * 64}' WHERE seq = 1")
     result = verify_chain(_store(db))
     assert (result.ok, result.first_bad_seq) == (False, 1)
     assert "genesis" in (result.problem or "")
 
 
-def test_edit_with_recomputed_hash_breaks_the_next_link(db: Path) -> None:
+def test_edit_with_recomputed_hash_breaks_the_next_link(db: RawDB) -> None:
     """Re-hashing the edited entry only moves the evidence one entry later."""
     store = _store(db)
     victim = store.get(3)
@@ -227,15 +220,15 @@ def test_edit_with_recomputed_hash_breaks_the_next_link(db: Path) -> None:
     forged_hash = entry_hash({**victim.hashed_fields(), "body": forged_body}, format=victim.format)
     _tamper(
         db,
-        "UPDATE audit_entries SET body = ?, hash = ? WHERE seq = 3",
-        params=(canonical_json(forged_body).decode(), forged_hash),
+        "UPDATE audit_entries SET body = :body, hash = :hash WHERE seq = 3",
+        params={"body": canonical_json(forged_body).decode(), "hash": forged_hash},
     )
     result = verify_chain(_store(db))
     assert (result.ok, result.first_bad_seq, result.checked) == (False, 4, 3)
     assert "prev_hash mismatch" in (result.problem or "")
 
 
-def test_bad_entry_beyond_the_first_batch_is_found(db: Path) -> None:
+def test_bad_entry_beyond_the_first_batch_is_found(db: RawDB) -> None:
     _tamper(db, """UPDATE audit_entries SET body = '{"output": "x", "tokens": 5}' WHERE seq = 10""")
     result = _verify(db, 3)
     assert (result.ok, result.first_bad_seq, result.checked) == (False, 10, 9)

@@ -1,14 +1,16 @@
-"""The audit store on real SQLite files, with real OS processes appending at once.
+"""The audit store on a real SQLite file and a real PostgreSQL database, with real OS processes appending at once.
 
-Worker functions live at module level because the 'spawn' start method
-imports this module in each child, as a fresh Celery worker process would.
+Tests that take ``store``/``store_url``/``db_url``/``raw`` run on both
+backends (tests/audit/conftest.py); the SQLite-only ones at the end are about
+SQLite itself. Worker functions live at module level because the 'spawn'
+start method imports this module in each child, as a fresh Celery worker
+process would.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
-import sqlite3
 import subprocess
 import sys
 from datetime import timezone
@@ -19,7 +21,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from audit import (
     KINDS,
@@ -36,6 +38,7 @@ from audit import (
 from audit.chain import GENESIS_HASH, document_hash
 from audit.db import VERSION_TABLE, migration_options
 from audit.tables import audit_metadata
+from tests.audit.conftest import RawDB
 
 SPAWN = multiprocessing.get_context("spawn")
 JOIN_TIMEOUT_S = 120
@@ -47,18 +50,12 @@ def _url(path: Path) -> str:
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
+    """A migrated SQLite file, for the tests about SQLite itself."""
     path = tmp_path / "var" / "audit.db"
     engine = make_engine(_url(path))
     migrate(engine)
     engine.dispose()
     return path
-
-
-@pytest.fixture
-def store(db_path: Path) -> AuditStore:
-    store = AuditStore(make_engine(_url(db_path)))
-    yield store  # type: ignore[misc]
-    store.engine.dispose()
 
 
 def _append(store: AuditStore, kind: str, request_id: str, **body: Any) -> AuditEntry:
@@ -70,7 +67,7 @@ def _append(store: AuditStore, kind: str, request_id: str, **body: Any) -> Audit
 # -- append and read back ----------------------------------------------------
 
 
-def test_append_returns_what_reads_back(store: AuditStore, db_path: Path) -> None:
+def test_append_returns_what_reads_back(store: AuditStore, store_url: str) -> None:
     first = _append(store, "request", "r1", prompt="hi", params=(1, 2), decision={"allow": True, "reasons": []})
     last = _append(store, "completion", "r1", output="hello", tokens={"completion": 2})
 
@@ -80,7 +77,7 @@ def test_append_returns_what_reads_back(store: AuditStore, db_path: Path) -> Non
     assert first.terminal_request_id is None and last.terminal_request_id == "r1" and last.is_terminal
 
     # A different engine (as another process would have) sees identical entries.
-    other = AuditStore(make_engine(_url(db_path)))
+    other = AuditStore(make_engine(store_url))
     boundary = other.get(1)
     assert boundary is not None and (boundary.kind, boundary.body, boundary.format) == ("chain_format", {"format": 2}, 1)
     assert (boundary.prev_hash, first.prev_hash) == (GENESIS_HASH, boundary.hash)
@@ -140,25 +137,23 @@ def test_second_terminal_entry_is_refused(store: AuditStore) -> None:
     assert verify_chain(store).ok
 
 
-def test_schema_itself_refuses_a_second_terminal(store: AuditStore, db_path: Path) -> None:
+def test_schema_itself_refuses_a_second_terminal(store: AuditStore, raw: RawDB) -> None:
     """Even a writer that bypasses AuditStore cannot add a second terminal entry."""
     _append(store, "completion", "r1")
-    con = sqlite3.connect(db_path)
-    try:
-        with pytest.raises(sqlite3.IntegrityError, match="terminal_request_id"):
-            con.execute(
-                "INSERT INTO audit_entries (seq, created_at, request_id, kind, body, terminal_request_id,"
-                " prev_hash, hash) VALUES (3, '2024-01-01 00:00:00.000000', 'r1', 'failed', '{}', 'r1', ?, ?)",
-                ("a" * 64, "b" * 64),
-            )
-        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):  # terminal kind without the column set
-            con.execute(
-                "INSERT INTO audit_entries (seq, created_at, request_id, kind, body, prev_hash, hash)"
-                " VALUES (3, '2024-01-01 00:00:00.000000', 'r2', 'failed', '{}', ?, ?)",
-                ("a" * 64, "b" * 64),
-            )
-    finally:
-        con.close()
+    hashes = {"prev": "a" * 64, "hash": "b" * 64}
+    with pytest.raises(IntegrityError, match="terminal_request_id"):
+        raw.execute(
+            "INSERT INTO audit_entries (seq, created_at, request_id, kind, body, terminal_request_id,"
+            " prev_hash, hash) VALUES (3, '2024-01-01 00:00:00.000000', 'r1', 'failed', '{}', 'r1', :prev, :hash)",
+            hashes,
+        )
+    with pytest.raises(IntegrityError, match="(?i)check"):  # terminal kind without the column set
+        raw.execute(
+            "INSERT INTO audit_entries (seq, created_at, request_id, kind, body, prev_hash, hash)"
+            " VALUES (3, '2024-01-01 00:00:00.000000', 'r2', 'failed', '{}', :prev, :hash)",
+            hashes,
+        )
+    assert [e.seq for e in store.iter_entries()] == [1, 2]
 
 
 @pytest.mark.parametrize(
@@ -249,10 +244,10 @@ def _run(processes: list[Any]) -> None:
     assert [p.exitcode for p in processes] == [0] * len(processes)
 
 
-def test_concurrent_processes_leave_one_unbroken_chain(db_path: Path, store: AuditStore) -> None:
+def test_concurrent_processes_leave_one_unbroken_chain(store_url: str, store: AuditStore) -> None:
     workers, per_worker = 4, 50
     barrier = SPAWN.Barrier(workers)
-    _run([SPAWN.Process(target=_append_many, args=(_url(db_path), w, per_worker, barrier)) for w in range(workers)])
+    _run([SPAWN.Process(target=_append_many, args=(store_url, w, per_worker, barrier)) for w in range(workers)])
 
     entries = list(store.iter_entries())
     assert [e.seq for e in entries] == list(range(1, workers * per_worker + 2))  # the boundary, then theirs
@@ -263,12 +258,12 @@ def test_concurrent_processes_leave_one_unbroken_chain(db_path: Path, store: Aud
     assert result.ok and result.checked == workers * per_worker + 1
 
 
-def test_racing_terminal_writers_have_exactly_one_winner_per_request(db_path: Path, store: AuditStore) -> None:
+def test_racing_terminal_writers_have_exactly_one_winner_per_request(store_url: str, store: AuditStore) -> None:
     request_ids = [f"r{i}" for i in range(30)]
     for rid in request_ids:
         _append(store, "request", rid)
     barrier, results = SPAWN.Barrier(2), SPAWN.Queue()
-    processes = [SPAWN.Process(target=_race_terminals, args=(_url(db_path), request_ids, barrier, results)) for _ in range(2)]
+    processes = [SPAWN.Process(target=_race_terminals, args=(store_url, request_ids, barrier, results)) for _ in range(2)]
     for process in processes:
         process.start()
     won = [results.get(timeout=JOIN_TIMEOUT_S) for _ in processes]  # drain before join
@@ -293,12 +288,13 @@ def _migrate_only(url: str, barrier: Any) -> None:
 
 
 @pytest.mark.parametrize("attempt", [1, 2])
-def test_processes_starting_together_can_all_migrate(tmp_path: Path, attempt: int) -> None:
-    """Workers opening a fresh file together: the switch to WAL and the migration must queue, not fail."""
-    url = _url(tmp_path / f"fresh{attempt}.db")
+def test_processes_starting_together_can_all_migrate(db_url: str, attempt: int) -> None:
+    """Workers opening a fresh database together: the switch to WAL and the migration must queue, not fail."""
     barrier = SPAWN.Barrier(8)
-    _run([SPAWN.Process(target=_migrate_only, args=(url, barrier)) for _ in range(8)])
-    assert _versions(make_engine(url)) == ["audit_0002"]
+    _run([SPAWN.Process(target=_migrate_only, args=(db_url, barrier)) for _ in range(8)])
+    engine = make_engine(db_url)
+    assert _versions(engine) == ["audit_0002"]
+    engine.dispose()
 
 
 # -- schema and migrations ---------------------------------------------------
@@ -327,8 +323,8 @@ def test_models_match_the_migrations(store: AuditStore) -> None:
     assert _schema_diff(store.engine) == []
 
 
-def test_gateway_tables_and_history_are_left_alone(tmp_path: Path) -> None:
-    engine = make_engine(_url(tmp_path / "shared.db"))
+def test_gateway_tables_and_history_are_left_alone(db_url: str) -> None:
+    engine = make_engine(db_url)
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE api_keys (id INTEGER PRIMARY KEY, name TEXT)"))
         conn.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)"))
@@ -339,10 +335,11 @@ def test_gateway_tables_and_history_are_left_alone(tmp_path: Path) -> None:
         conn.execute(text("SELECT count(*) FROM api_keys")).scalar_one()
     assert _versions(engine) == ["audit_0002"]
     assert _schema_diff(engine) == []  # autogenerate would not drop the gateway's table
+    engine.dispose()
 
 
-def test_sqlite_connections_are_tuned_for_many_processes(store: AuditStore) -> None:
-    with store.engine.connect() as conn:
+def test_sqlite_connections_are_tuned_for_many_processes(db_path: Path) -> None:
+    with make_engine(_url(db_path)).connect() as conn:
         pragma = lambda name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()  # noqa: E731
         assert pragma("journal_mode") == "wal"
         assert pragma("busy_timeout") == 30000
@@ -391,12 +388,14 @@ def test_read_only_database_gives_audit_error(db_path: Path) -> None:
     assert "readonly" in str(caught.value)
 
 
-def test_unmigrated_database_gives_audit_error(tmp_path: Path) -> None:
-    store = AuditStore(make_engine(_url(tmp_path / "blank.db")))
-    with pytest.raises(AuditError) as caught:
-        _append(store, "request", "r1")
-    _assert_clean_audit_error(caught)
-    assert "no such table" in str(caught.value)
+def test_unmigrated_database_gives_audit_error(db_url: str, backend: str) -> None:
+    store = AuditStore(make_engine(db_url))
+    for attempt in (lambda: _append(store, "request", "r1"), lambda: store.terminal_for("r1"), store.tail):
+        with pytest.raises(AuditError) as caught:
+            attempt()
+        _assert_clean_audit_error(caught)
+        assert ("no such table" if backend == "sqlite" else "does not exist") in str(caught.value)
+    store.engine.dispose()
 
 
 def test_uncreatable_folder_gives_audit_error(tmp_path: Path) -> None:

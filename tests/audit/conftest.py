@@ -1,0 +1,135 @@
+"""The audit tests run against both backends: a SQLite file and a real PostgreSQL database.
+
+A test that asks for ``store`` (or ``store_url``, ``db_url``, ``raw``) runs
+twice, ``[sqlite]`` and ``[postgresql]``; each run gets a database of its own
+(a fresh file, or a fresh database on the session's server from
+``tests/postgres_server.py``). Tests about SQLite itself (pragmas, file
+modes) keep their own SQLite fixtures in their modules.
+
+``raw`` reaches the database behind the store's back, as an attacker or a
+careless administrator with database access would: plain SQL on a plain
+SQLAlchemy engine, with helpers for the few statements that differ between
+the backends (switching the append-only triggers off, reading a body's text).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from audit import AuditStore, make_engine, migrate
+from tests.postgres_server import PostgresServer
+
+BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which database the test runs on."""
+    return request.param
+
+
+@pytest.fixture
+def new_db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[[], str]]:
+    """Make empty (unmigrated) databases on the backend; each call a new one, all dropped at the end."""
+    made: list[str] = []
+    server: PostgresServer | None = request.getfixturevalue("postgres_server") if backend == "postgresql" else None
+
+    def make() -> str:
+        if server is None:
+            url = f"sqlite:///{tmp_path / f'db{len(made)}' / 'audit.db'}"
+        else:
+            url = server.fresh_database("audit")
+        made.append(url)
+        return url
+
+    yield make
+    if server is not None:
+        for url in made:
+            server.drop_database(url)
+
+
+@pytest.fixture
+def db_url(new_db_url: Callable[[], str]) -> str:
+    """An empty database (no schema yet)."""
+    return new_db_url()
+
+
+@pytest.fixture
+def store_url(db_url: str) -> str:
+    """A database with the audit schema, empty."""
+    engine = make_engine(db_url)
+    try:
+        migrate(engine)
+    finally:
+        engine.dispose()
+    return db_url
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[AuditStore]:
+    store = AuditStore(make_engine(store_url))
+    yield store
+    store.engine.dispose()
+
+
+class RawDB:
+    """Plain SQL on the store's database, outside the store (no locks, no hooks)."""
+
+    def __init__(self, url: str, backend: str) -> None:
+        self.url = url
+        self.backend = backend
+        self.engine: Engine = make_engine(url) if backend == "sqlite" else create_engine(url)
+        self._stores: list[AuditStore] = []
+
+    def store(self) -> AuditStore:
+        """A new store on this database (its own engine, as another process would have)."""
+        self._stores.append(AuditStore(make_engine(self.url)))
+        return self._stores[-1]
+
+    def execute(self, sql: str, params: dict[str, Any] | None = None) -> None:
+        """Run statements in one committed transaction (``;``-free statements, one at a time)."""
+        with self.engine.begin() as conn:
+            conn.execute(text(sql), params or {})
+
+    def rows(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        with self.engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(text(sql), params or {})]
+
+    def stored_rows(self) -> list[tuple[Any, ...]]:
+        """``(seq, created_at, body text as stored, prev_hash, hash)`` of every entry, in seq order.
+
+        ``CAST(body AS TEXT)`` is the stored text on both: SQLite keeps JSON as
+        text, and PostgreSQL's ``json`` (not ``jsonb``) keeps its input verbatim.
+        """
+        return self.rows("SELECT seq, created_at, CAST(body AS TEXT), prev_hash, hash FROM audit_entries ORDER BY seq")
+
+    def without_guards(self, *statements: str, params: dict[str, Any] | None = None) -> None:
+        """Run statements with the append-only triggers out of the way, as someone with DDL rights would."""
+        with self.engine.begin() as conn:
+            if self.backend == "sqlite":
+                for (name,) in conn.execute(text(
+                        "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit_entries'")):
+                    conn.execute(text(f'DROP TRIGGER "{name}"'))
+            else:
+                conn.execute(text("ALTER TABLE audit_entries DISABLE TRIGGER USER"))
+            for statement in statements:
+                conn.execute(text(statement), params or {})
+            if self.backend == "postgresql":
+                conn.execute(text("ALTER TABLE audit_entries ENABLE TRIGGER USER"))
+
+    def dispose(self) -> None:
+        for store in self._stores:
+            store.engine.dispose()
+        self.engine.dispose()
+
+
+@pytest.fixture
+def raw(store_url: str, backend: str) -> Iterator[RawDB]:
+    """The store's database, reached directly (see :class:`RawDB`)."""
+    db = RawDB(store_url, backend)
+    yield db
+    db.dispose()

@@ -1,0 +1,141 @@
+"""The whole product on PostgreSQL: ``govgate serve`` and a real Celery worker with ``GOVGATE_DATABASE_URL``
+pointing at the session's PostgreSQL (tests/postgres_server.py), a fresh database of its own.
+
+Both packages' migrations run there (the gateway's API keys, the audit table
+and its triggers), the gateway appends the request entries, the worker the
+completion entry, and the chain they build together verifies. And when the
+server goes away, requests are refused (503, nothing queued, nothing half
+written) until it is back, when they work again without a restart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from audit import AuditStore, make_engine, verify_chain
+from gateway.auth import KeyStore
+from gateway.components import open_database
+from gateway.settings import Settings
+from govgate.processes import stop_process
+from tests.conftest import POSTGRES_MODEL, bearer, serving, spawn_cli, wait_for_worker
+from tests.postgres_server import PostgresServer, PostgresUnavailable
+
+
+@pytest.fixture
+def pg_settings(settings: Settings, postgres_server: PostgresServer) -> Iterator[Settings]:
+    url = postgres_server.fresh_database("e2e")
+    yield settings.with_(database_url=url)
+    postgres_server.drop_database(url)
+
+
+def _chat(base: str, key: str, content: str) -> httpx.Response:
+    return httpx.post(f"{base}/v1/chat/completions", headers=bearer(key), timeout=120,
+                      json={"model": POSTGRES_MODEL, "messages": [{"role": "user", "content": content}],
+                            "max_tokens": 8, "temperature": 0})
+
+
+def test_a_gateway_and_worker_on_postgresql_audit_completions_and_denials_there(
+        pg_settings: Settings, tmp_path: Path) -> None:
+    url = pg_settings.effective_database_url
+    assert url.startswith("postgresql+psycopg://")
+    keys = KeyStore(open_database(pg_settings))
+    admin = keys.create("pat", team="ops", roles=["admin"]).secret
+    viewer = keys.create("val", team="research", roles=["viewer"]).secret
+    keys.engine.dispose()
+
+    worker = spawn_cli(pg_settings, "worker", "--model", POSTGRES_MODEL, log=tmp_path / "worker.log")
+    try:
+        wait_for_worker(pg_settings.redis_url, POSTGRES_MODEL, worker)
+        with serving(pg_settings, tmp_path / "serve.log") as base:
+            done = _chat(base, admin, "Hello from PostgreSQL")
+            denied = _chat(base, viewer, "Hello again")
+    finally:
+        stop_process(worker, timeout_s=30)
+    assert done.status_code == 200, done.text
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "policy_denied", denied.text
+
+    store = AuditStore(make_engine(url))
+    try:
+        done_id, denied_id = done.headers["x-govgate-request-id"], denied.headers["x-govgate-request-id"]
+        request, completion = store.entries_for(done_id)
+        assert (request.kind, request.principal, request.model) == ("request", "pat", POSTGRES_MODEL)
+        assert request.body["decision"]["allow"] is True
+        assert completion.kind == "completion" and store.terminal_for(done_id) == completion
+        assert request.payload["messages"] == [{"role": "user", "content": "Hello from PostgreSQL"}]
+        assert completion.payload["output"] == done.json()["choices"][0]["message"]["content"]
+        [refusal] = store.entries_for(denied_id)
+        assert (refusal.kind, refusal.principal) == ("request", "val")
+        assert refusal.body["decision"]["allow"] is False and store.terminal_for(denied_id) is None
+
+        entries = list(store.iter_entries())
+        assert entries[0].kind == "chain_format"  # a new store's first entry
+        assert {e.request_id for e in entries[1:]} == {done_id, denied_id}
+        result = verify_chain(store)
+        assert result.ok and result.checked == len(entries) == 4
+    finally:
+        store.engine.dispose()
+
+    plain = create_engine(url)  # the keys and both schemas' histories live in the same database
+    try:
+        with plain.connect() as conn:
+            users = set(conn.execute(text('SELECT "user" FROM api_keys')).scalars())
+            audit_version = conn.execute(text("SELECT version_num FROM alembic_version_audit")).scalar_one()
+            gateway_version = conn.execute(text("SELECT version_num FROM alembic_version_gateway")).scalar_one()
+    finally:
+        plain.dispose()
+    assert users == {"pat", "val"}
+    assert audit_version.startswith("audit_") and gateway_version.startswith("gateway_")
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of this test's own, which it may stop and start (the session's is shared)."""
+    try:
+        server = PostgresServer.start()
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))  # the session fixture already fails in CI when there is none
+    yield server
+    server.stop()
+
+
+def test_a_postgresql_outage_fails_requests_closed_and_service_returns_with_it(
+        settings: Settings, own_postgres: PostgresServer, tmp_path: Path) -> None:
+    if own_postgres.process is None:
+        pytest.skip("GOVGATE_TEST_POSTGRES_URL: the server is not ours to stop")
+    url = own_postgres.fresh_database("outage")
+    own = settings.with_(database_url=url, auth_cache_ttl_s=600.0)  # the key from cache: the audit is what fails
+    keys = KeyStore(open_database(own))
+    admin = keys.create("olga", team="ops", roles=["admin"]).secret
+    keys.engine.dispose()
+
+    worker = spawn_cli(own, "worker", "--model", POSTGRES_MODEL, log=tmp_path / "worker.log")
+    try:
+        wait_for_worker(own.redis_url, POSTGRES_MODEL, worker)
+        with serving(own, tmp_path / "serve.log") as base:
+            before = _chat(base, admin, "before")
+            own_postgres.pause()
+            try:
+                during = _chat(base, admin, "during")
+            finally:
+                own_postgres.resume()
+            after = _chat(base, admin, "after")
+    finally:
+        stop_process(worker, timeout_s=30)
+    assert before.status_code == 200, before.text
+    assert during.status_code == 503 and during.json()["error"]["code"] == "audit_unavailable", during.text
+    assert after.status_code == 200, after.text
+
+    store = AuditStore(make_engine(url))
+    try:
+        entries = list(store.iter_entries())
+        ids = [response.headers["x-govgate-request-id"] for response in (before, after)]
+        assert [(e.kind, e.request_id) for e in entries[1:]] == [
+            ("request", ids[0]), ("completion", ids[0]), ("request", ids[1]), ("completion", ids[1])]
+        assert verify_chain(store).ok  # nothing of the refused request, and no gap
+    finally:
+        store.engine.dispose()
