@@ -1,0 +1,237 @@
+"""Searching the audit trail: filters on columns and on the body's JSON, keyset pages on ``seq``.
+
+Reviewers ask "what did this team send to that model last week, and what was
+denied": the indexed columns (``created_at``, ``principal``, ``team``,
+``model``, ``kind``, ``request_id``) narrow the rows, the body's JSON answers
+the rest (decision, reason codes), and free text is a ``LIKE`` over the
+stored texts of prompts and outputs. Pages are keyset-paginated on ``seq``
+(the cursor is the last ``seq`` of a page), so a page costs the same at the
+end of a million entries as at the start, and entries appended while a
+reviewer pages never make a page repeat or skip one. The SQL is portable
+between SQLite and PostgreSQL except where JSON arrays are unnested
+(:func:`reason_codes_of`), which branches on the dialect.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final, Iterator, Literal
+
+from sqlalchemy import JSON, Engine, String, and_, cast, exists, false, func, literal_column, or_, select, true
+from sqlalchemy.sql.elements import ColumnElement
+
+from .db import DB_ERRORS, describe, reason
+from .entry import AuditEntry
+from .errors import AuditError, CorruptEntryError
+from .kinds import REQUEST
+from .tables import audit_table
+
+_t = audit_table.c
+
+#: The largest page a search returns (a bigger ``limit`` is refused, not silently cut).
+MAX_PAGE_SIZE: Final = 500
+DEFAULT_PAGE_SIZE: Final = 50
+#: Rows per read when a whole result is streamed (export): memory stays at one batch.
+STREAM_BATCH: Final = 1000
+
+Decision = Literal["allow", "deny", "unavailable"]
+DECISIONS: Final = ("allow", "deny", "unavailable")
+
+#: Body keys that held a prompt's or an output's text in entries written before the
+#: ``payload`` column existed (format 1); searched and withheld like the payload.
+LEGACY_TEXT_FIELDS: Final = ("messages", "prompt", "output")
+
+#: The LIKE escape character (not a backslash: JSON text is full of those).
+_ESCAPE: Final = "!"
+
+
+@dataclass(frozen=True)
+class EntryFilter:
+    """Which entries a search or an export wants; every field left ``None`` matches all.
+
+    ``since`` is inclusive and ``until`` exclusive, both aware datetimes.
+    ``decision`` and ``reason`` match ``request`` entries only (the kinds
+    that carry a decision). ``text`` matches prompts and outputs as stored
+    (case-insensitively for ASCII letters).
+    """
+
+    principal: str | None = None
+    team: str | None = None
+    model: str | None = None
+    request_id: str | None = None
+    kinds: frozenset[str] = field(default_factory=frozenset)
+    decision: Decision | None = None
+    reason: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a search: its entries and the cursor of the next page (None on the last)."""
+
+    entries: list[AuditEntry]
+    next_cursor: int | None
+
+
+def search(engine: Engine, where: EntryFilter, *, newest_first: bool = True, limit: int = DEFAULT_PAGE_SIZE,
+           cursor: int | None = None) -> Page:
+    """One page of the entries matching ``where``, after ``cursor`` in the page order.
+
+    Reads ``limit + 1`` rows to know whether another page follows, so the
+    last page says so without a further, empty one.
+    """
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise ValueError(f"limit must be 1 to {MAX_PAGE_SIZE}")
+    stmt = _ordered(select(audit_table), engine, where, newest_first, cursor).limit(limit + 1)
+    entries = _fetch(engine, stmt)
+    if len(entries) > limit:
+        return Page(entries[:limit], entries[limit - 1].seq)
+    return Page(entries, None)
+
+
+def iter_matching(engine: Engine, where: EntryFilter, *, newest_first: bool = False,
+                  batch: int = STREAM_BATCH) -> Iterator[AuditEntry]:
+    """Every entry matching ``where``, in constant memory: keyset batches, each its own short read.
+
+    No transaction stays open between batches (a long export neither holds
+    a snapshot nor blocks SQLite's WAL checkpoints). Entries appended during
+    the scan are included when the order is oldest first.
+    """
+    cursor: int | None = None
+    while True:
+        stmt = _ordered(select(audit_table), engine, where, newest_first, cursor).limit(batch)
+        entries = _fetch(engine, stmt)
+        yield from entries
+        if len(entries) < batch:
+            return
+        cursor = entries[-1].seq
+
+
+def count_matching(engine: Engine, where: EntryFilter) -> int:
+    """How many entries match ``where`` (the CLI's progress bar)."""
+    stmt = select(func.count()).select_from(audit_table).where(*conditions(where, engine.dialect.name))
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
+    except DB_ERRORS as exc:
+        raise AuditError(f"audit read failed on {describe(engine)}: {reason(exc)}") from exc
+
+
+def conditions(where: EntryFilter, dialect: str) -> list[ColumnElement[bool]]:
+    """The WHERE clauses of ``where`` (shared with :mod:`audit.aggregates`)."""
+    clauses: list[ColumnElement[bool]] = []
+    for column, value in ((_t.principal, where.principal), (_t.team, where.team), (_t.model, where.model),
+                          (_t.request_id, where.request_id)):
+        if value is not None:
+            clauses.append(column == value)
+    if where.kinds:
+        clauses.append(_t.kind.in_(sorted(where.kinds)))
+    if where.since is not None:
+        clauses.append(_t.created_at >= where.since)
+    if where.until is not None:
+        clauses.append(_t.created_at < where.until)
+    if where.decision is not None:
+        clauses.append(_t.kind == REQUEST)
+        clauses.append(decision_is(where.decision))
+    if where.reason is not None:
+        clauses.append(_t.kind == REQUEST)
+        clauses.append(has_reason(where.reason, dialect))
+    if where.text is not None:
+        clauses.append(text_matches(where.text))
+    return clauses
+
+
+def decision_is(decision: Decision) -> ColumnElement[bool]:
+    """A request entry's decision: allowed, denied by the policy, or refused for want of a decision."""
+    allow = _t.body[("decision", "allow")].as_boolean()
+    unavailable = _t.body[("decision", "unavailable")].as_boolean()
+    if decision == "allow":
+        return allow == true()
+    if decision == "unavailable":
+        return unavailable == true()
+    return and_(allow == false(), or_(unavailable.is_(None), unavailable == false()))
+
+
+def has_reason(code: str, dialect: str) -> ColumnElement[bool]:
+    """The entry's decision lists a reason with this code (any position)."""
+    items = ReasonItems.of(dialect)
+    return exists(select(literal_column("1")).select_from(items.table).where(items.code == code, *items.where))
+
+
+@dataclass(frozen=True)
+class ReasonItems:
+    """The reason objects of ``audit_entries.body``'s decision as rows, beside the entry's own row.
+
+    SQLite unnests a JSON array with ``json_each``, PostgreSQL with
+    ``json_array_elements`` (the column is JSON, not JSONB). Both accept a
+    function in FROM that reads a column of a table before it (PostgreSQL
+    makes a function call in FROM lateral by itself), so the same join and
+    the same correlated ``EXISTS`` work on both. A body whose
+    ``decision.reasons`` is missing or not an array gives no rows.
+    """
+
+    table: Any
+    code: ColumnElement[Any]
+    where: tuple[ColumnElement[bool], ...]
+
+    @classmethod
+    def of(cls, dialect: str) -> "ReasonItems":
+        if dialect == "postgresql":
+            safe = literal_column(
+                "CASE WHEN json_typeof(audit_entries.body #> '{decision,reasons}') = 'array' "
+                "THEN audit_entries.body #> '{decision,reasons}' ELSE '[]'::json END", type_=JSON)
+            elements = func.json_array_elements(safe).table_valued("value").alias("reason_items")
+            code = elements.c.value.op("->>")("code")
+            return cls(elements, code, (func.json_typeof(elements.c.value) == "object",))
+        elements = func.json_each(_t.body, "$.decision.reasons").table_valued("value", "type").alias("reason_items")
+        return cls(elements, func.json_extract(elements.c.value, "$.code"), (elements.c.type == "object",))
+
+
+def like_pattern(term: str) -> str:
+    """``%term%`` for LIKE with ``%``, ``_`` and the escape character escaped."""
+    escaped = term.replace(_ESCAPE, _ESCAPE * 2).replace("%", _ESCAPE + "%").replace("_", _ESCAPE + "_")
+    return f"%{escaped}%"
+
+
+def json_escaped(term: str) -> str:
+    """``term`` as it appears inside a JSON string (quotes, backslashes, control characters escaped)."""
+    return json.dumps(term, ensure_ascii=False)[1:-1]
+
+
+def text_matches(term: str) -> ColumnElement[bool]:
+    """The entry's prompt or output text contains ``term`` (LIKE, ASCII case folded).
+
+    The payload column and the format-1 body's ``messages`` hold JSON text,
+    in which a quote or a newline is escaped, so the term is matched in its
+    JSON-escaped form there; ``prompt`` and ``output`` are read as strings.
+    """
+    as_json = like_pattern(json_escaped(term))
+    as_text = like_pattern(term)
+    candidates = [cast(_t.body[LEGACY_TEXT_FIELDS[0]], String).ilike(as_json, escape=_ESCAPE)]
+    candidates += [_t.body[name].as_string().ilike(as_text, escape=_ESCAPE) for name in LEGACY_TEXT_FIELDS[1:]]
+    if "payload" in _t:
+        candidates.append(cast(_t.payload, String).ilike(as_json, escape=_ESCAPE))
+    return or_(*candidates)
+
+
+def _ordered(stmt: Any, engine: Engine, where: EntryFilter, newest_first: bool, cursor: int | None) -> Any:
+    stmt = stmt.where(*conditions(where, engine.dialect.name))
+    if cursor is not None:
+        stmt = stmt.where(_t.seq < cursor if newest_first else _t.seq > cursor)
+    return stmt.order_by(_t.seq.desc() if newest_first else _t.seq)
+
+
+def _fetch(engine: Engine, stmt: Any) -> list[AuditEntry]:
+    try:
+        with engine.connect() as conn:
+            try:
+                rows = conn.execute(stmt).mappings().all()
+            except (ValueError, TypeError) as exc:
+                raise CorruptEntryError(None, str(exc)) from exc
+    except DB_ERRORS as exc:
+        raise AuditError(f"audit read failed on {describe(engine)}: {reason(exc)}") from exc
+    return [AuditEntry.from_row(row) for row in rows]
