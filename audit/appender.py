@@ -85,6 +85,7 @@ class Appender:
             chained = Chained(seq, row["created_at"], prev_hash, entry_hash)
             row["hash"] = entry_hash
             row["body"] = body_text
+            row["payload"] = row["payload_digest"] = None
             for name, processor in self._processors.items():
                 row[name] = processor(row[name])
             cursor.execute(self._insert_sql, [row[n] for n in self._names] if self._positional else row)

@@ -31,6 +31,8 @@ class AuditEntry:
     terminal_request_id: str | None
     prev_hash: str
     hash: str
+    payload: dict[str, Any] | None = None
+    payload_digest: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -69,4 +71,6 @@ class AuditEntry:
             terminal_request_id=row["terminal_request_id"],
             prev_hash=row["prev_hash"],
             hash=row["hash"],
+            payload=row["payload"],
+            payload_digest=row["payload_digest"],
         )

@@ -1,8 +1,9 @@
-"""The audit table: one row per entry, append-only, hash-chained.
+"""The audit tables: one row per entry, append-only, hash-chained; and the signed checkpoints.
 
 The schema itself enforces the chain's rules (no fork, one terminal entry
-per request, no UPDATE or DELETE); see docs/architecture.md, "Audit entries
-and the chain". A change here needs a migration under
+per request, no UPDATE but a payload's erasure, no DELETE, no INSERT OR
+REPLACE over an entry; the triggers are made by the migrations); see
+docs/architecture.md, "Audit entries and the chain". A change here needs a migration under
 ``audit/migrations/versions``; ``tests/audit/test_audit_store.py`` checks they agree.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, CheckConstraint, Column, Integer, MetaData, String
+from sqlalchemy import JSON, BigInteger, Boolean, CheckConstraint, Column, Integer, MetaData, String
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
@@ -19,6 +20,7 @@ from .kinds import KINDS, TERMINAL_KINDS, sql_in_list
 from .sqltypes import UTCDateTime
 
 TABLE_NAME = "audit_entries"
+CHECKPOINT_TABLE_NAME = "audit_checkpoints"
 
 #: Length limit for ids and names; checked in the store so overlong values
 #: give a clear error on every backend rather than a PostgreSQL truncation error.
@@ -64,7 +66,7 @@ class AuditEntryRow(AuditModel, table=True):
     seq: int = Field(sa_column=Column(_SEQ_TYPE, primary_key=True, autoincrement=False))
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))
     request_id: str = Field(sa_column=Column(String(NAME_LEN), nullable=False, index=True))
-    kind: str = Field(sa_column=Column(String(16), nullable=False))
+    kind: str = Field(sa_column=Column(String(32), nullable=False))
     principal: str | None = Field(default=None, sa_column=Column(String(NAME_LEN), nullable=True))
     team: str | None = Field(default=None, sa_column=Column(String(NAME_LEN), nullable=True))
     model: str | None = Field(default=None, sa_column=Column(String(NAME_LEN), nullable=True))
@@ -77,6 +79,30 @@ class AuditEntryRow(AuditModel, table=True):
     )
     prev_hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
     hash: str = Field(sa_column=Column(String(64), nullable=False))
+    #: The erasable texts (prompt/messages as ``prompt_logging`` allows, output), canonical JSON
+    #: with a random ``salt``; NULL when the entry has none or once erased. JSON, never JSONB on
+    #: PostgreSQL: the stored text must stay byte for byte what was digested.
+    payload: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(), nullable=True))
+    #: Hex SHA-256 of the stored payload text; the format-2 hash covers this, and it stays after erasure.
+    payload_digest: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+
+
+class AuditCheckpointRow(AuditModel, table=True):
+    """A signed checkpoint of the chain head (written by :mod:`audit.checkpoints`); append-only."""
+
+    __tablename__ = CHECKPOINT_TABLE_NAME
+
+    #: The entry whose hash is ``head_hash``.
+    seq: int = Field(sa_column=Column(_SEQ_TYPE, primary_key=True, autoincrement=False))
+    head_hash: str = Field(sa_column=Column(String(64), nullable=False))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    #: Hex SHA-256 of the raw 32-byte Ed25519 public key.
+    key_id: str = Field(sa_column=Column(String(64), nullable=False))
+    #: Hex Ed25519 signature.
+    signature: str = Field(sa_column=Column(String(128), nullable=False))
+    #: Written at a clean shutdown.
+    closing: bool = Field(sa_column=Column(Boolean(), nullable=False))
 
 
 audit_table = AuditEntryRow.__table__
+checkpoint_table = AuditCheckpointRow.__table__
