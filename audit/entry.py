@@ -11,13 +11,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping
 
-from .chain import HASHED_FIELDS, entry_hash, format_timestamp
+from .chain import CURRENT_FORMAT, entry_hash, format_timestamp, hashed_fields
 from .kinds import TERMINAL_KINDS
 
 
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
-    """One entry of the trail as stored. ``body`` is a plain dict (do not mutate it)."""
+    """One entry of the trail as stored. ``body`` and ``payload`` are plain dicts (do not mutate them).
+
+    ``payload`` holds the entry's erasable texts (the prompt or messages as
+    ``prompt_logging`` allowed them, the output), with the random ``"salt"``
+    the store added; None when the entry has none, or once ``govgate audit
+    prune`` erased it (``payload_digest`` stays). ``format`` is the chain
+    format the entry was hashed in (1 up to and including the
+    ``chain_format`` boundary, 2 after it).
+    """
 
     seq: int
     created_at: datetime
@@ -33,30 +41,41 @@ class AuditEntry:
     hash: str
     payload: dict[str, Any] | None = None
     payload_digest: str | None = None
+    format: int = CURRENT_FORMAT
 
     @property
     def is_terminal(self) -> bool:
         """True for completion/failed/timed_out/cancelled entries."""
         return self.kind in TERMINAL_KINDS
 
+    @property
+    def payload_erased(self) -> bool:
+        """True when the entry had a payload and it was erased (its digest is all that is left)."""
+        return self.payload is None and self.payload_digest is not None
+
     def hashed_fields(self) -> dict[str, Any]:
-        """Every field except ``hash``: the input to :func:`audit.chain.entry_hash`."""
-        return {name: getattr(self, name) for name in HASHED_FIELDS}
+        """The fields its format hashes (every stored field but ``hash`` and ``payload``)."""
+        return {name: getattr(self, name) for name in hashed_fields(self.format)}
 
     def to_document(self) -> dict[str, Any]:
         """Every field as plain JSON (time in its hashed ISO form), for export and display.
 
-        ``hash`` can be re-checked from the document alone: ``entry_hash`` of
-        the document without ``hash`` equals it.
+        Holds ``format``, ``hash`` and ``payload`` besides the hashed fields;
+        :func:`audit.chain.document_hash` of the document equals ``hash``.
         """
-        return {**self.hashed_fields(), "created_at": format_timestamp(self.created_at), "hash": self.hash}
+        return {**self.hashed_fields(), "created_at": format_timestamp(self.created_at), "hash": self.hash,
+                "payload": self.payload, "payload_digest": self.payload_digest, "format": self.format}
 
     def expected_hash(self) -> str:
-        """What ``hash`` should be, recomputed from the other fields."""
-        return entry_hash(self.hashed_fields())
+        """What ``hash`` should be, recomputed from the other fields.
+
+        For format 2 this re-serialises the parsed body; :func:`audit.verify_chain`
+        hashes the stored text itself, which is what catches a non-canonical body.
+        """
+        return entry_hash(self.hashed_fields(), format=self.format)
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> "AuditEntry":
+    def from_row(cls, row: Mapping[str, Any], format: int = CURRENT_FORMAT) -> "AuditEntry":
         """Build from a Core result row mapping with the table's column names."""
         return cls(
             seq=row["seq"],
@@ -73,4 +92,5 @@ class AuditEntry:
             hash=row["hash"],
             payload=row["payload"],
             payload_digest=row["payload_digest"],
+            format=format,
         )

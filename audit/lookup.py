@@ -26,9 +26,10 @@ _KEY = "key"
 class KeyedLookup:
     """``SELECT <every column> FROM audit_entries WHERE <column> = :key`` for one engine."""
 
-    def __init__(self, engine: Engine, column: Column[Any]) -> None:
+    def __init__(self, engine: Engine, column: Column[Any], format_of: Callable[[int], int]) -> None:
         dialect = engine.dialect
         self._engine = engine
+        self._format_of = format_of  # the chain format of an entry, by its seq
         compiled = select(audit_table).where(column == bindparam(_KEY)).compile(dialect=dialect)
         self._sql = str(compiled)
         self._positional = dialect.positional
@@ -58,4 +59,5 @@ class KeyedLookup:
         except (ValueError, TypeError) as exc:
             # Result processing (JSON, timestamps) choked on a tampered row.
             raise CorruptEntryError(None, str(exc)) from exc
-        return AuditEntry(**dict(zip(self._names, values)))
+        fields = dict(zip(self._names, values))
+        return AuditEntry(**fields, format=self._format_of(fields["seq"]))

@@ -8,6 +8,7 @@ callers fail closed with one ``except``.
 from __future__ import annotations
 
 import json
+import secrets
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Iterator, Mapping
@@ -16,11 +17,11 @@ from sqlalchemy import Engine, Select, exists, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from .appender import Appender
-from .chain import canonical_text
+from .chain import FORMAT_1, FORMAT_2, canonical_text, payload_digest
 from .db import DB_ERRORS, describe, reason
 from .entry import AuditEntry
 from .errors import AuditError, CorruptEntryError, DuplicateTerminalError, InvalidEntryError
-from .kinds import KINDS, REQUEST, TERMINAL_KINDS
+from .kinds import CHAIN_FORMAT, CHAIN_FORMAT_REQUEST_ID, KINDS, REQUEST, TERMINAL_KINDS
 from .lookup import KeyedLookup
 from .tables import NAME_LEN, audit_table
 
@@ -42,6 +43,7 @@ class AuditStore:
         self._engine = engine
         self._compiled_appender: Appender | None = None
         self._terminal_lookup: KeyedLookup | None = None
+        self._boundary: int | None = None  # seq of the chain_format entry, once seen (it never moves)
 
     @property
     def engine(self) -> Engine:
@@ -59,18 +61,26 @@ class AuditStore:
         model: str | None,
         body: Mapping[str, Any],
         policy_revision: str | None,
+        payload: Mapping[str, Any] | None = None,
     ) -> AuditEntry:
         """Append one entry at the head of the chain and return it as stored.
 
         ``body`` must be JSON-compatible; it is stored (and returned) in its
         JSON round-tripped form, e.g. tuples become lists, so that what is
-        hashed is exactly what reads back. Raises :class:`InvalidEntryError`
-        for bad arguments, :class:`DuplicateTerminalError` if ``kind`` is
-        terminal and the request already has a terminal entry, and
-        :class:`AuditError` if the database fails (nothing was recorded).
+        hashed is exactly what reads back. ``payload`` holds the entry's
+        erasable texts (prompt, output): stored as canonical JSON with a
+        random ``"salt"`` added (a reserved key), only its SHA-256 is chained,
+        so it can later be erased (``govgate audit prune``) while the chain
+        verifies. Raises :class:`InvalidEntryError` for bad arguments,
+        :class:`DuplicateTerminalError` if ``kind`` is terminal and the request
+        already has a terminal entry, and :class:`AuditError` if the database
+        fails (nothing was recorded).
         """
         _check_args(kind, request_id, principal=principal, team=team, model=model, policy_revision=policy_revision)
+        if kind == CHAIN_FORMAT:
+            raise InvalidEntryError("chain_format entries are written by the store itself")
         body_text, stored_body = _normalise_body(body)
+        payload_text, stored_payload, digest = _normalise_payload(payload)
         terminal_request_id = request_id if kind in TERMINAL_KINDS else None
         fields: dict[str, Any] = {
             "request_id": request_id,
@@ -82,7 +92,7 @@ class AuditStore:
             "terminal_request_id": terminal_request_id,
         }
         try:
-            chained = self._appender().append(fields, body_text)
+            chained = self._appender().append(fields, body_text, payload_text, digest)
         except IntegrityError as exc:
             if terminal_request_id is not None:
                 existing = self.terminal_for(request_id)
@@ -92,7 +102,8 @@ class AuditStore:
         except DB_ERRORS as exc:
             raise AuditError(f"audit append failed on {describe(self._engine)}: {reason(exc)}") from exc
         return AuditEntry(seq=chained.seq, created_at=chained.created_at, body=stored_body,
-                          prev_hash=chained.prev_hash, hash=chained.hash, **fields)
+                          prev_hash=chained.prev_hash, hash=chained.hash, payload=stored_payload,
+                          payload_digest=digest, format=FORMAT_2, **fields)
 
     def _appender(self) -> Appender:
         """The compiled append statements, built on first use (a race only builds them twice)."""
@@ -117,7 +128,7 @@ class AuditStore:
         """The request's terminal entry (completion/failed/timed_out/cancelled), if any."""
         lookup = self._terminal_lookup
         if lookup is None:
-            lookup = self._terminal_lookup = KeyedLookup(self._engine, _t.terminal_request_id)
+            lookup = self._terminal_lookup = KeyedLookup(self._engine, _t.terminal_request_id, self.format_of)
         try:
             rows = lookup.rows(request_id)  # through the unique index on terminal_request_id
         except DB_ERRORS as exc:
@@ -200,6 +211,31 @@ class AuditStore:
             if entry is not None:
                 yield entry
 
+    # -- formats -----------------------------------------------------------
+
+    def boundary_seq(self) -> int | None:
+        """The seq of the ``chain_format`` entry (format 2 starts after it), or None if there is none yet.
+
+        Found through the request_id index once per store object, then
+        remembered: the chain is append-only, the boundary never moves.
+        """
+        if self._boundary is None:
+            stmt = (select(_t.seq).where(_t.request_id == CHAIN_FORMAT_REQUEST_ID, _t.kind == CHAIN_FORMAT)
+                    .order_by(_t.seq).limit(1))
+            with self._reading() as conn:
+                self._boundary = conn.execute(stmt).scalar()
+        return self._boundary
+
+    def format_of(self, seq: int) -> int:
+        """The chain format of entry ``seq``: 1 up to and including the boundary, 2 after it.
+
+        Without a boundary every entry is format 1 (a store that was never
+        upgraded); :func:`audit.verify_chain` reads the boundary from the
+        chain itself instead.
+        """
+        boundary = self.boundary_seq()
+        return FORMAT_2 if boundary is not None and seq > boundary else FORMAT_1
+
     # -- plumbing ----------------------------------------------------------
 
     @contextmanager
@@ -218,7 +254,12 @@ class AuditStore:
             except (ValueError, TypeError) as exc:
                 # Result processing (JSON, timestamps) choked on a tampered row.
                 raise CorruptEntryError(seq, str(exc)) from exc
-        return [AuditEntry.from_row(row) for row in rows]
+        if not rows:
+            return []
+        boundary = self.boundary_seq()  # one look-up per read, not per row
+        if boundary is None:  # never upgraded: all format 1
+            return [AuditEntry.from_row(row, FORMAT_1) for row in rows]
+        return [AuditEntry.from_row(row, FORMAT_2 if row["seq"] > boundary else FORMAT_1) for row in rows]
 
 
 def _check_args(kind: str, request_id: str, **optional: str | None) -> None:
@@ -232,7 +273,24 @@ def _check_args(kind: str, request_id: str, **optional: str | None) -> None:
             raise InvalidEntryError(f"{name} must be None or a string of at most {NAME_LEN} characters")
 
 
-def _normalise_body(body: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+def _normalise_payload(payload: Mapping[str, Any] | None) -> tuple[str | None, dict[str, Any] | None, str | None]:
+    """The payload's stored text (salted canonical JSON), its round-trip and its digest; all None without one.
+
+    The salt (128 random bits) keeps the digest of a short prompt from being
+    confirmed by hashing guesses: the digest stays on the chain forever, the
+    payload may not.
+    """
+    if payload is None:
+        return None, None, None
+    if not isinstance(payload, Mapping):
+        raise InvalidEntryError(f"payload must be a mapping or None, not {type(payload).__name__}")
+    if "salt" in payload:
+        raise InvalidEntryError("payload key 'salt' is reserved (the store adds it)")
+    text, stored = _normalise_body({**payload, "salt": secrets.token_hex(16)}, "payload")
+    return text, stored, payload_digest(text.encode("utf-8"))
+
+
+def _normalise_body(body: Mapping[str, Any], what: str = "body") -> tuple[str, dict[str, Any]]:
     """The body's canonical JSON text, and its JSON round-trip: exactly what the database will hand back.
 
     The text is what is hashed and stored. Canonical JSON of a body whose
@@ -242,7 +300,7 @@ def _normalise_body(body: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     its round-trip, or the stored entry would not verify.
     """
     if not isinstance(body, Mapping):
-        raise InvalidEntryError(f"body must be a mapping, not {type(body).__name__}")
+        raise InvalidEntryError(f"{what} must be a mapping, not {type(body).__name__}")
     try:
         text = canonical_text(body if type(body) is dict else dict(body))
         stored = json.loads(text)
@@ -250,7 +308,7 @@ def _normalise_body(body: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
             text = canonical_text(stored)
         text.encode("utf-8")  # lone surrogates are JSON text but not UTF-8: refuse them here
     except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidEntryError(f"body is not plain JSON: {exc}") from exc
+        raise InvalidEntryError(f"{what} is not plain JSON: {exc}") from exc
     return text, stored
 
 

@@ -1,19 +1,40 @@
 """Recompute the hash chain and report the first entry that does not fit.
 
 Read-only and streaming, apart from the store so a reviewer can verify
-without write access. What each check catches, and what it cannot (a cut-off
-tail): docs/architecture.md, "Audit entries and the chain".
+without write access. Each format is applied to its range: entries up to and
+including the ``chain_format`` boundary are format 1 (the body parsed and
+re-serialised, as it always was), entries after it format 2, checked on the
+raw DBAPI rows: the *stored* body text is hashed byte for byte (never
+parsed), so a duplicate key or any other non-canonical text breaks the hash,
+and a stored payload must match its digest. What each check catches, and
+what it cannot (a cut-off tail, without a checkpoint): docs/architecture.md,
+"Audit entries and the chain".
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable, Final, Iterator
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, Text, bindparam, cast, select
 
-from .chain import GENESIS_HASH
-from .errors import CorruptEntryError
+from .chain import FORMAT_1, FORMAT_2, GENESIS_HASH, HASHED_FIELDS, entry_hash, format_timestamp
+from .db import DB_ERRORS, describe, reason
+from .dbapi import dbapi_cursor
+from .errors import AuditError
+from .kinds import CHAIN_FORMAT, CHAIN_FORMAT_REQUEST_ID
 from .store import AuditStore
+from .tables import audit_table
+
+_t = audit_table.c
+#: The columns read, in this order (body and payload as their stored text).
+_NAMES: Final = ("seq", "created_at", "request_id", "kind", "principal", "team", "model", "body",
+                 "policy_revision", "terminal_request_id", "prev_hash", "hash", "payload", "payload_digest")
+_ENCODER: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_sha256 = hashlib.sha256
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,8 +42,9 @@ class VerifyResult:
     """Outcome of :func:`verify_chain`.
 
     ``checked`` counts entries found sound before the first bad one (all of
-    them when ``ok``). ``head_hash`` is the hash of the last sound entry,
-    what a checkpoint would sign.
+    them when ``ok``). ``head_seq`` and ``head_hash`` are those of the last
+    sound entry, what a checkpoint would sign. ``format_boundary`` is the
+    seq of the ``chain_format`` entry when one was reached.
     """
 
     ok: bool
@@ -30,48 +52,169 @@ class VerifyResult:
     first_bad_seq: int | None
     problem: str | None
     head_hash: str | None = None
+    head_seq: int | None = None
+    format_boundary: int | None = None
 
 
-def verify_chain(source: AuditStore | Engine, *, batch: int = 1000) -> VerifyResult:
+class _Bad(Exception):
+    def __init__(self, seq: int, problem: str) -> None:
+        self.seq, self.problem = seq, problem
+
+
+class _Reader:
+    """Keyset-paginated raw rows of the chain, each batch its own short read."""
+
+    def __init__(self, engine: Engine) -> None:
+        dialect = engine.dialect
+        text_cols = {"body", "payload"}
+        # PostgreSQL's driver would parse JSON; its ::text is the stored text exactly (JSON, not JSONB).
+        columns = [cast(_t[n], Text) if n in text_cols and dialect.name == "postgresql" else _t[n] for n in _NAMES]
+        stmt = select(*columns).where(_t.seq > bindparam("after")).order_by(_t.seq)
+        self._sql = str(stmt.compile(dialect=dialect)) + " LIMIT {limit}"  # the same on both dialects
+        self._positional = dialect.positional
+        self._engine = engine
+        processor = _t.created_at.type.dialect_impl(dialect).result_processor(dialect, None)
+        self.created_at: Callable[[Any], datetime] = processor or (lambda value: value)
+
+    def batches(self, batch: int) -> Iterator[list[tuple[Any, ...]]]:
+        after = 0
+        sql = self._sql.format(limit=int(batch))
+        while True:
+            params: Any = (after,) if self._positional else {"after": after}
+            with dbapi_cursor(self._engine) as cursor:
+                cursor.execute(sql, params)
+                rows = cursor.fetchall()
+            if rows:
+                yield rows
+                after = rows[-1][0]
+            if len(rows) < batch:
+                return
+
+
+def verify_chain(source: AuditStore | Engine, *, batch: int = 5000) -> VerifyResult:
     """Check every entry in seq order; stop at the first problem.
 
     Raises :class:`audit.AuditError` if the database cannot be read at all
     (that is not a verdict on the chain).
     """
-    store = source if isinstance(source, AuditStore) else AuditStore(source)
-    expected_seq = 1
-    prev_hash = GENESIS_HASH
-    checked = 0
-    head_hash: str | None = None
-
-    def bad(seq: int, problem: str) -> VerifyResult:
-        return VerifyResult(ok=False, checked=checked, first_bad_seq=seq, problem=problem, head_hash=head_hash)
-
+    if batch <= 0:
+        raise ValueError("batch must be positive")
+    engine = source.engine if isinstance(source, AuditStore) else source
+    reader = _Reader(engine)
+    state = _Walk(reader.created_at)
     try:
-        for entry in store.iter_entries(0, batch):
-            if entry.seq != expected_seq:
-                return bad(
-                    entry.seq,
-                    f"seq gap: expected entry {expected_seq}, found {entry.seq}; "
-                    f"entries {expected_seq}..{entry.seq - 1} are missing (deleted)",
-                )
-            if entry.prev_hash != prev_hash:
-                what = "the genesis hash" if entry.seq == 1 else f"the hash of entry {entry.seq - 1}"
-                return bad(
-                    entry.seq,
-                    f"prev_hash mismatch: entry {entry.seq} does not link to {what} "
-                    "(an entry was removed, reordered or replaced before it)",
-                )
-            recomputed = entry.expected_hash()
-            if entry.hash != recomputed:
-                return bad(
-                    entry.seq,
-                    f"hash mismatch: entry {entry.seq} stores {entry.hash[:16]}… but its content "
-                    f"hashes to {recomputed[:16]}… (the entry was edited)",
-                )
-            checked += 1
-            expected_seq += 1
-            prev_hash = head_hash = entry.hash
-    except CorruptEntryError as exc:
-        return bad(exc.seq if exc.seq is not None else expected_seq, f"{exc} (the entry was edited)")
-    return VerifyResult(ok=True, checked=checked, first_bad_seq=None, problem=None, head_hash=head_hash)
+        for rows in reader.batches(batch):
+            state.walk(rows)
+    except _Bad as bad:
+        return VerifyResult(ok=False, checked=state.checked, first_bad_seq=bad.seq, problem=bad.problem,
+                            head_hash=state.head_hash, head_seq=state.head_seq, format_boundary=state.boundary)
+    except DB_ERRORS as exc:
+        raise AuditError(f"audit read failed on {describe(engine)}: {reason(exc)}") from exc
+    return VerifyResult(ok=True, checked=state.checked, first_bad_seq=None, problem=None,
+                        head_hash=state.head_hash, head_seq=state.head_seq, format_boundary=state.boundary)
+
+
+class _Walk:
+    """The walk's state across batches: the expected seq and link, the format in force."""
+
+    def __init__(self, created_at: Callable[[Any], datetime]) -> None:
+        self.created_at = created_at
+        self.checked = 0
+        self.head_hash: str | None = None
+        self.head_seq: int | None = None
+        self.boundary: int | None = None
+
+    def walk(self, rows: list[tuple[Any, ...]]) -> None:
+        expected_seq = (self.head_seq or 0) + 1
+        prev_hash = self.head_hash or GENESIS_HASH
+        encode = _ENCODER.encode
+        for row in rows:
+            (seq, created_at, request_id, kind, principal, team, model, body, policy_revision,
+             terminal_request_id, prev, stored_hash, payload, digest) = row
+            if seq != expected_seq:
+                raise _Bad(seq, f"seq gap: expected entry {expected_seq}, found {seq}; "
+                                f"entries {expected_seq}..{seq - 1} are missing (deleted)")
+            if prev != prev_hash:
+                what = "the genesis hash" if seq == 1 else f"the hash of entry {seq - 1}"
+                raise _Bad(seq, f"prev_hash mismatch: entry {seq} does not link to {what} "
+                                "(an entry was removed, reordered or replaced before it)")
+            if self.boundary is None:
+                self._format_1(row)
+            else:
+                # Format 2, the hot loop: the stored texts are hashed as they are, nothing is parsed.
+                if type(created_at) is str and len(created_at) == 26 and created_at[10] == " ":
+                    moment = f"{created_at[:10]}T{created_at[11:]}+00:00"  # SQLite's stored form, as hashed
+                else:
+                    moment = self._timestamp(seq, created_at)
+                if type(body) is not str:
+                    raise _Bad(seq, f"audit entry {seq} cannot be decoded: its body is not stored as text "
+                                    "(the entry was edited)")
+                rest = encode({"created_at": moment, "kind": kind, "model": model, "payload_digest": digest,
+                               "policy_revision": policy_revision, "prev_hash": prev, "principal": principal,
+                               "request_id": request_id, "seq": seq, "team": team,
+                               "terminal_request_id": terminal_request_id})
+                computed = _sha256(f'{prev}{{"body":{body},{rest[1:]}'.encode("utf-8")).hexdigest()
+                if computed != stored_hash:
+                    raise _Bad(seq, self._v2_mismatch(row, computed))
+                if payload is not None:
+                    self._check_payload(seq, payload, digest)
+                if kind == CHAIN_FORMAT:
+                    raise _Bad(seq, f"entry {seq} is a second chain_format entry after the boundary at "
+                                    f"{self.boundary} (the chain was tampered with)")
+            self.checked += 1
+            expected_seq = seq + 1
+            prev_hash = self.head_hash = stored_hash
+            self.head_seq = seq
+
+    def _timestamp(self, seq: int, value: Any) -> str:
+        """The hashed form of a ``created_at`` that is not SQLite's usual text (PostgreSQL's datetime)."""
+        if isinstance(value, datetime):
+            return format_timestamp(self.created_at(value))
+        raise _Bad(seq, f"audit entry {seq} cannot be decoded: created_at is not stored in the store's "
+                        "form (the entry was edited)")
+
+    def _check_payload(self, seq: int, payload: Any, digest: str | None) -> None:
+        if digest is None:
+            raise _Bad(seq, f"entry {seq} has a payload but no payload_digest: the payload was added "
+                            "after the fact (the entry was edited)")
+        data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
+        if _sha256(data).hexdigest() != digest:
+            raise _Bad(seq, f"payload mismatch: the stored payload of entry {seq} does not match its "
+                            "chained payload_digest (the payload was edited)")
+
+    def _v2_mismatch(self, row: tuple[Any, ...], computed: str) -> str:
+        seq, stored_hash = row[0], row[11]
+        problem = (f"hash mismatch: entry {seq} stores {stored_hash[:16]}… but its stored content hashes "
+                   f"to {computed[:16]}… (the entry was edited, or its body is not the canonical text)")
+        try:  # a format-1 hash after the boundary: written by a process still running the old code
+            if row[13] is None and self._v1_hash(row) == stored_hash:
+                problem = (f"format mismatch: entry {seq} is hashed in format 1 but comes after the "
+                           f"chain_format boundary at {self.boundary} (written by an old process?)")
+        except _Bad:
+            pass
+        return problem
+
+    def _v1_hash(self, row: tuple[Any, ...]) -> str:
+        seq = row[0]
+        try:
+            fields = dict(zip(_NAMES, row))
+            fields["body"] = json.loads(fields["body"])
+            fields["created_at"] = self.created_at(fields["created_at"])
+            return entry_hash({name: fields[name] for name in HASHED_FIELDS}, format=FORMAT_1)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise _Bad(seq, f"audit entry {seq} cannot be decoded: {exc} (the entry was edited)") from None
+
+    def _format_1(self, row: tuple[Any, ...]) -> None:
+        """An entry up to the boundary: parse and re-serialise, as format 1 always did."""
+        seq, kind, body, stored_hash = row[0], row[3], row[7], row[11]
+        recomputed = self._v1_hash(row)
+        if recomputed != stored_hash:
+            raise _Bad(seq, f"hash mismatch: entry {seq} stores {stored_hash[:16]}… but its content "
+                            f"hashes to {recomputed[:16]}… (the entry was edited)")
+        if row[12] is not None or row[13] is not None:
+            raise _Bad(seq, f"entry {seq} is format 1 (before the chain_format boundary) but carries a "
+                            "payload or payload_digest, which format 1 does not chain (added after the fact)")
+        if kind == CHAIN_FORMAT:
+            if row[2] != CHAIN_FORMAT_REQUEST_ID or json.loads(body) != {"format": FORMAT_2}:
+                raise _Bad(seq, f"entry {seq} is a chain_format entry for an unknown format")
+            self.boundary = seq

@@ -1,11 +1,13 @@
-"""The DBAPI append path: the body hashed is the body stored, and old trails keep growing as one chain.
+"""The DBAPI append path: the body hashed is the body stored, and old trails keep growing as one chain after the upgrade.
 
 The append serialises the body once and runs compiled statements on the
 engine's driver connection (audit/appender.py); these tests hold it to the
 byte format of audit/chain.py, to what the old SQLAlchemy Core append
 stored (tests/audit/old_append.py), to the error mapping callers rely on,
-and to one unbroken chain when old and new writers in several processes
-append at once.
+and to one unbroken chain when old writers in several processes wrote a
+trail at audit_0001, and new writers in several processes go on after the
+upgrade (old writers must be stopped before it: their entries after the
+format boundary are reported).
 """
 
 from __future__ import annotations
@@ -63,6 +65,22 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def old_db_path(tmp_path: Path) -> Path:
+    """A store still at audit_0001, where the old append wrote its trails."""
+    path = tmp_path / "old.db"
+    engine = make_engine(_url(path))
+    migrate(engine, "audit_0001")
+    engine.dispose()
+    return path
+
+
+def _upgrade(path: Path) -> AuditStore:
+    engine = make_engine(_url(path))
+    migrate(engine)
+    return AuditStore(engine)
+
+
+@pytest.fixture
 def store(db_path: Path) -> AuditStore:
     store = AuditStore(make_engine(_url(db_path)))
     yield store  # type: ignore[misc]
@@ -107,11 +125,12 @@ def test_payload_with_body_text_insists_on_the_other_hashed_fields() -> None:
 def test_stored_body_is_byte_for_byte_the_canonical_json_that_was_hashed(
         store: AuditStore, db_path: Path, body: dict[str, Any]) -> None:
     entry = _append(store, "request", "r1", body)
-    [(seq, created_at, stored_body, prev_hash, stored_hash)] = _raw_rows(db_path)
+    [(seq, created_at, stored_body, prev_hash, stored_hash)] = _raw_rows(db_path)[1:]  # after the boundary
 
     assert stored_body.encode("utf-8") == canonical_json(body)
     others = {k: v for k, v in entry.hashed_fields().items() if k != "body"}
-    assert stored_hash == entry.hash == chain_hash(prev_hash, entry_payload_with_body(others, stored_body))
+    assert "payload_digest" in others and entry.format == 2
+    assert stored_hash == entry.hash == chain_hash(prev_hash, entry_payload_with_body(others, stored_body, format=2))
     # The other columns are stored as SQLAlchemy's own insert stored them.
     assert created_at == entry.created_at.replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
     assert store.get(seq) == entry and verify_chain(store).ok
@@ -121,9 +140,9 @@ def test_body_with_non_string_keys_is_stored_as_it_reads_back(store: AuditStore,
     """``{2: …, 10: …}`` sorts as numbers but reads back as strings: the hash must be of what reads back."""
     entry = _append(store, "request", "r1", {"bias": {2: 0.5, 10: -1.0}, "list": [{3: "c", 20: "d"}]})
     assert entry.body == {"bias": {"2": 0.5, "10": -1.0}, "list": [{"3": "c", "20": "d"}]}
-    [(_, _, stored_body, _, _)] = _raw_rows(db_path)
+    [(_, _, stored_body, _, _)] = _raw_rows(db_path)[1:]
     assert stored_body.encode("utf-8") == canonical_json(entry.body)
-    assert store.get(1) == entry and verify_chain(store).ok
+    assert store.get(2) == entry and verify_chain(store).ok
 
 
 def test_lone_surrogate_is_refused_before_the_database(store: AuditStore) -> None:
@@ -135,33 +154,44 @@ def test_lone_surrogate_is_refused_before_the_database(store: AuditStore) -> Non
 # -- old trails, errors ---------------------------------------------------------
 
 
-def test_trail_written_by_the_old_append_keeps_growing_as_one_chain(store: AuditStore, db_path: Path) -> None:
+def test_trail_written_by_the_old_append_keeps_growing_as_one_chain(old_db_path: Path) -> None:
+    old_engine = make_engine(_url(old_db_path))
     for i, body in enumerate(BODIES):
-        old_append(store.engine, "request", f"old-{i}", body)
-    old_append(store.engine, "completion", "old-0", {"output": "done"})
+        old_append(old_engine, "request", f"old-{i}", body)
+    old_append(old_engine, "completion", "old-0", {"output": "done"})
+    stored_before = _raw_rows(old_db_path)
+    store = _upgrade(old_db_path)
     assert verify_chain(store).ok
-    stored_before = _raw_rows(db_path)
 
     new = [_append(store, "completion", f"old-{i}", body) for i, body in enumerate(BODIES) if i > 0]
-    old_append(store.engine, "request", "old-again", {"after": "new"})  # and the old writer after the new one
     new.append(_append(store, "request", "new", {"last": True}))
 
     result = verify_chain(store)
-    assert result.ok and result.checked == 2 * len(BODIES) + 2
-    assert _raw_rows(db_path)[: len(stored_before)] == stored_before
+    assert result.ok and result.checked == len(stored_before) + 1 + len(new)
+    assert result.format_boundary == len(stored_before) + 1
+    assert _raw_rows(old_db_path)[: len(stored_before)] == stored_before
     assert [store.get(e.seq) for e in new] == new
+    assert [store.get(seq).format for seq in (1, len(stored_before) + 1, new[0].seq)] == [1, 1, 2]  # type: ignore[union-attr]
+
+    # An old writer still running after the upgrade: its entry is reported, and said to be one.
+    old_append(old_engine, "request", "old-again", {"after": "new"})
+    result = verify_chain(store)
+    assert (result.ok, result.first_bad_seq) == (False, new[-1].seq + 1)
+    assert "format mismatch" in (result.problem or "")
 
 
-def test_duplicate_terminal_after_an_old_terminal_raises_as_before(store: AuditStore) -> None:
-    old_append(store.engine, "request", "r1", {})
-    old_append(store.engine, "timed_out", "r1", {"after_s": 30})
+def test_duplicate_terminal_after_an_old_terminal_raises_as_before(old_db_path: Path) -> None:
+    old_engine = make_engine(_url(old_db_path))
+    old_append(old_engine, "request", "r1", {})
+    old_append(old_engine, "timed_out", "r1", {"after_s": 30})
+    store = _upgrade(old_db_path)
     with pytest.raises(DuplicateTerminalError) as caught:
         _append(store, "completion", "r1", {"output": "late"})
     assert caught.value.request_id == "r1" and caught.value.existing_kind == "timed_out"
     # The database's refusal, chained as SQLAlchemy wraps it, like the Core path did.
     assert isinstance(caught.value.__cause__, IntegrityError)
     assert isinstance(caught.value.__cause__.orig, sqlite3.IntegrityError)
-    assert store.head().seq == 2 and verify_chain(store).ok  # type: ignore[union-attr]
+    assert store.head().seq == 3 and verify_chain(store).ok  # type: ignore[union-attr]  # 3: the boundary
 
 
 def test_other_integrity_errors_stay_plain_audit_errors(store: AuditStore, db_path: Path) -> None:
@@ -170,7 +200,7 @@ def test_other_integrity_errors_stay_plain_audit_errors(store: AuditStore, db_pa
     con = sqlite3.connect(db_path)
     try:  # an entry that claims the next seq's predecessor but sits at a far seq: the next append collides
         con.execute("DROP TRIGGER audit_entries_no_update")
-        head_hash = con.execute("SELECT hash FROM audit_entries").fetchone()[0]
+        head_hash = con.execute("SELECT hash FROM audit_entries ORDER BY seq DESC").fetchone()[0]
         con.execute("INSERT INTO audit_entries (seq, created_at, request_id, kind, body, prev_hash, hash)"
                     " VALUES (0, '2024-01-01 00:00:00.000000', 'x', 'request', '{}', ?, ?)", (head_hash, "e" * 64))
         con.commit()
@@ -188,7 +218,7 @@ def test_terminal_for_reports_a_tampered_row_as_corrupt(store: AuditStore, db_pa
     con = sqlite3.connect(db_path)
     try:
         con.execute("DROP TRIGGER audit_entries_no_update")
-        con.execute("UPDATE audit_entries SET body = '{not json' WHERE seq = 1")
+        con.execute("UPDATE audit_entries SET body = '{not json' WHERE seq = 2")
         con.commit()
     finally:
         con.close()
@@ -206,10 +236,11 @@ def test_postgresql_statements_bind_every_column_and_take_the_advisory_lock() ->
     for column in audit_table.columns:
         assert f"%({column.name})s" in insert_sql
     assert "%(body)s::JSON" in insert_sql  # canonical text cast to the JSON column, not re-serialised
+    assert "%(payload)s::JSON" in insert_sql
     assert appender._head_sql.split() == "SELECT audit_entries.seq, audit_entries.hash FROM audit_entries " \
         "ORDER BY audit_entries.seq DESC LIMIT 1".split()
     assert lock_statements(engine) == ("SELECT pg_advisory_xact_lock(6947504604346056705)",)  # type: ignore[arg-type]
-    assert "%(key)s" in KeyedLookup(engine, audit_table.c.terminal_request_id)._sql  # type: ignore[arg-type]
+    assert "%(key)s" in KeyedLookup(engine, audit_table.c.terminal_request_id, lambda _seq: 2)._sql  # type: ignore[arg-type]
 
 
 def test_databases_without_the_write_lock_are_refused(store: AuditStore) -> None:
@@ -236,11 +267,9 @@ def _writer(url: str, worker: int, count: int, use_old: bool, barrier: Any) -> N
             store.append(kind, rid, principal=f"p{worker}", team="t", model="m", body=body, policy_revision="1")
 
 
-def test_old_and_new_writers_in_several_processes_leave_one_unbroken_chain(db_path: Path, store: AuditStore) -> None:
-    plan = [False, False, True, False]  # three new writers, one old
-    per_worker = 40
+def _run_writers(url: str, plan: list[bool], per_worker: int, first_worker: int = 0) -> None:
     barrier = SPAWN.Barrier(len(plan))
-    processes = [SPAWN.Process(target=_writer, args=(_url(db_path), w, per_worker, old, barrier))
+    processes = [SPAWN.Process(target=_writer, args=(url, first_worker + w, per_worker, old, barrier))
                  for w, old in enumerate(plan)]
     for process in processes:
         process.start()
@@ -248,14 +277,24 @@ def test_old_and_new_writers_in_several_processes_leave_one_unbroken_chain(db_pa
         process.join(JOIN_TIMEOUT_S)
     assert [p.exitcode for p in processes] == [0] * len(processes)
 
+
+def test_old_writers_then_new_writers_in_several_processes_leave_one_unbroken_chain(old_db_path: Path) -> None:
+    per_worker = 30
+    _run_writers(_url(old_db_path), [True, True], per_worker)  # the old code, at audit_0001
+    store = _upgrade(old_db_path)
+    _run_writers(_url(old_db_path), [False, False, False], per_worker, first_worker=2)  # the new code
+
     entries = list(store.iter_entries())
-    assert [e.seq for e in entries] == list(range(1, len(plan) * per_worker + 1))
+    old_count, total = 2 * per_worker, 5 * per_worker + 1
+    assert [e.seq for e in entries] == list(range(1, total + 1))
     assert all(later.prev_hash == earlier.hash for earlier, later in zip(entries, entries[1:]))
-    assert all(sum(e.principal == f"p{w}" for e in entries) == per_worker for w in range(len(plan)))
+    assert all(sum(e.principal == f"p{w}" for e in entries) == per_worker for w in range(5))
+    assert entries[old_count].kind == "chain_format"
+    assert [e.format for e in entries] == [1] * (old_count + 1) + [2] * (total - old_count - 1)
     result = verify_chain(store)
-    assert result.ok and result.checked == len(plan) * per_worker
-    # New writers stored their canonical text; the old one its JSON column's own serialisation.
-    for (_, _, stored_body, _, _), entry in zip(_raw_rows(db_path), entries):
+    assert result.ok and result.checked == total and result.format_boundary == old_count + 1
+    # New writers stored their canonical text; the old ones their JSON column's own serialisation.
+    for (_, _, stored_body, _, _), entry in zip(_raw_rows(old_db_path), entries):
         assert json.loads(stored_body) == entry.body
-        if entry.principal != "p2":
+        if entry.format == 2:
             assert stored_body.encode("utf-8") == canonical_json(entry.body)

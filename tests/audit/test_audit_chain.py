@@ -98,7 +98,7 @@ def test_every_field_is_covered_by_the_hash(name: str) -> None:
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
-    """A migrated SQLite file holding entries 1..10 (request/completion pairs)."""
+    """A migrated SQLite file holding the format boundary (entry 1) and entries 2..11 (request/completion pairs)."""
     path = tmp_path / "audit.db"
     engine = make_engine(f"sqlite:///{path}")
     migrate(engine)
@@ -131,9 +131,9 @@ def _tamper(path: Path, *statements: str, params: tuple[object, ...] = ()) -> No
 def test_untouched_chain_verifies(db: Path) -> None:
     store = _store(db)
     result = verify_chain(store)
-    assert result.ok and result.checked == 10
+    assert result.ok and result.checked == 11 and result.format_boundary == 1
     assert result.first_bad_seq is None and result.problem is None
-    assert result.head_hash == store.head().hash  # type: ignore[union-attr]
+    assert result.head_hash == store.head().hash and result.head_seq == 11  # type: ignore[union-attr]
     assert verify_chain(store.engine) == result  # accepts an engine too
 
 
@@ -177,7 +177,7 @@ def test_body_that_is_no_longer_json_is_reported(db: Path) -> None:
     for batch in (1000, 4, 1):  # bad row in the middle of a batch, or alone
         result = _verify(db, batch)
         assert (result.ok, result.first_bad_seq, result.checked) == (False, 6, 5), batch
-        assert "cannot be decoded" in (result.problem or "")
+        assert "hash mismatch" in (result.problem or "")  # format 2 hashes the stored text, never parses it
 
 
 def _verify(path: Path, batch: int):  # type: ignore[no-untyped-def]
@@ -224,11 +224,11 @@ def test_edit_with_recomputed_hash_breaks_the_next_link(db: Path) -> None:
     victim = store.get(3)
     assert victim is not None
     forged_body = {**victim.body, "prompt": "something else"}
-    forged_hash = entry_hash({**victim.hashed_fields(), "body": forged_body})
+    forged_hash = entry_hash({**victim.hashed_fields(), "body": forged_body}, format=victim.format)
     _tamper(
         db,
         "UPDATE audit_entries SET body = ?, hash = ? WHERE seq = 3",
-        params=(json.dumps(forged_body), forged_hash),
+        params=(canonical_json(forged_body).decode(), forged_hash),
     )
     result = verify_chain(_store(db))
     assert (result.ok, result.first_bad_seq, result.checked) == (False, 4, 3)

@@ -22,6 +22,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from audit import (
+    KINDS,
     TERMINAL_KINDS,
     AuditEntry,
     AuditError,
@@ -32,7 +33,7 @@ from audit import (
     migrate,
     verify_chain,
 )
-from audit.chain import GENESIS_HASH, entry_hash
+from audit.chain import GENESIS_HASH, document_hash
 from audit.db import VERSION_TABLE, migration_options
 from audit.tables import audit_metadata
 
@@ -73,14 +74,17 @@ def test_append_returns_what_reads_back(store: AuditStore, db_path: Path) -> Non
     first = _append(store, "request", "r1", prompt="hi", params=(1, 2), decision={"allow": True, "reasons": []})
     last = _append(store, "completion", "r1", output="hello", tokens={"completion": 2})
 
-    assert (first.seq, first.prev_hash, last.seq, last.prev_hash) == (1, GENESIS_HASH, 2, first.hash)
+    assert (first.seq, last.seq, last.prev_hash) == (2, 3, first.hash)  # entry 1: the format boundary
     assert first.body["params"] == [1, 2]  # stored as its JSON round-trip
     assert first.created_at.tzinfo is timezone.utc
     assert first.terminal_request_id is None and last.terminal_request_id == "r1" and last.is_terminal
 
     # A different engine (as another process would have) sees identical entries.
     other = AuditStore(make_engine(_url(db_path)))
-    assert other.get(1) == first and other.get(2) == last and other.get(3) is None
+    boundary = other.get(1)
+    assert boundary is not None and (boundary.kind, boundary.body, boundary.format) == ("chain_format", {"format": 2}, 1)
+    assert (boundary.prev_hash, first.prev_hash) == (GENESIS_HASH, boundary.hash)
+    assert other.get(2) == first and other.get(3) == last and other.get(4) is None
     assert other.entries_for("r1") == [first, last]
     assert other.terminal_for("r1") == last and other.terminal_for("nope") is None
     assert other.head() == last
@@ -92,26 +96,28 @@ def test_document_form_is_json_and_self_verifying(store: AuditStore) -> None:
     doc = json.loads(json.dumps(entry.to_document()))  # plain JSON all the way down
     assert doc["created_at"] == entry.created_at.isoformat(timespec="microseconds")
     assert doc["hash"] == entry.hash and doc["body"] == {"prompt": "héllo", "decision": {"allow": False}}
-    assert entry_hash({k: v for k, v in doc.items() if k != "hash"}) == entry.hash
+    assert document_hash(doc) == entry.hash and doc["format"] == 2
 
 
 def test_tail_and_iteration_keep_seq_order(store: AuditStore) -> None:
     assert store.head() is None and store.tail() == [] and list(store.iter_entries()) == []
     appended = [_append(store, "request", f"r{i}", i=i) for i in range(1, 26)]
 
-    assert [e.seq for e in store.tail(3)] == [23, 24, 25]
-    assert store.tail(100) == appended and store.tail(0) == []
-    assert [e.seq for e in store.tail()] == list(range(6, 26))
-    assert list(store.iter_entries(batch=4)) == appended  # crosses batch boundaries
-    assert [e.seq for e in store.iter_entries(since_seq=20, batch=2)] == [21, 22, 23, 24, 25]
-    assert verify_chain(store).checked == 25
+    assert [e.seq for e in store.tail(3)] == [24, 25, 26]
+    assert store.tail(100)[1:] == appended and store.tail(0) == []
+    assert [e.seq for e in store.tail()] == list(range(7, 27))
+    assert list(store.iter_entries(since_seq=1, batch=4)) == appended  # crosses batch boundaries
+    assert [e.seq for e in store.iter_entries(since_seq=21, batch=2)] == [22, 23, 24, 25, 26]
+    assert verify_chain(store).checked == 26
 
 
 def test_every_kind_is_accepted(store: AuditStore) -> None:
-    kinds = ["request", "rejected", *sorted(TERMINAL_KINDS)]
+    kinds = sorted(KINDS - {"chain_format"})
     for i, kind in enumerate(kinds):
         assert _append(store, kind, f"r{i}").kind == kind
-    assert verify_chain(store).checked == len(kinds)
+    assert verify_chain(store).checked == len(kinds) + 1
+    with pytest.raises(InvalidEntryError, match="chain_format"):  # only the store writes the boundary
+        _append(store, "chain_format", "chain-format-2", format=2)
 
 
 # -- exactly one terminal entry ---------------------------------------------
@@ -130,7 +136,7 @@ def test_second_terminal_entry_is_refused(store: AuditStore) -> None:
     # Non-terminal entries for the same request are still fine, and the chain is whole.
     note = _append(store, "rejected", "r1", reason="retry with bad input")
     assert store.terminal_for("r1") == done
-    assert [e.seq for e in store.entries_for("r1")] == [1, 2, note.seq] and note.seq == 3
+    assert [e.seq for e in store.entries_for("r1")] == [2, 3, note.seq] and note.seq == 4
     assert verify_chain(store).ok
 
 
@@ -142,13 +148,13 @@ def test_schema_itself_refuses_a_second_terminal(store: AuditStore, db_path: Pat
         with pytest.raises(sqlite3.IntegrityError, match="terminal_request_id"):
             con.execute(
                 "INSERT INTO audit_entries (seq, created_at, request_id, kind, body, terminal_request_id,"
-                " prev_hash, hash) VALUES (2, '2024-01-01 00:00:00.000000', 'r1', 'failed', '{}', 'r1', ?, ?)",
+                " prev_hash, hash) VALUES (3, '2024-01-01 00:00:00.000000', 'r1', 'failed', '{}', 'r1', ?, ?)",
                 ("a" * 64, "b" * 64),
             )
         with pytest.raises(sqlite3.IntegrityError, match="CHECK"):  # terminal kind without the column set
             con.execute(
                 "INSERT INTO audit_entries (seq, created_at, request_id, kind, body, prev_hash, hash)"
-                " VALUES (2, '2024-01-01 00:00:00.000000', 'r2', 'failed', '{}', ?, ?)",
+                " VALUES (3, '2024-01-01 00:00:00.000000', 'r2', 'failed', '{}', ?, ?)",
                 ("a" * 64, "b" * 64),
             )
     finally:
@@ -249,12 +255,12 @@ def test_concurrent_processes_leave_one_unbroken_chain(db_path: Path, store: Aud
     _run([SPAWN.Process(target=_append_many, args=(_url(db_path), w, per_worker, barrier)) for w in range(workers)])
 
     entries = list(store.iter_entries())
-    assert [e.seq for e in entries] == list(range(1, workers * per_worker + 1))
+    assert [e.seq for e in entries] == list(range(1, workers * per_worker + 2))  # the boundary, then theirs
     assert all(later.prev_hash == earlier.hash for earlier, later in zip(entries, entries[1:]))
     for w in range(workers):
         assert sum(e.principal == f"p{w}" for e in entries) == per_worker
     result = verify_chain(store)
-    assert result.ok and result.checked == workers * per_worker
+    assert result.ok and result.checked == workers * per_worker + 1
 
 
 def test_racing_terminal_writers_have_exactly_one_winner_per_request(db_path: Path, store: AuditStore) -> None:
@@ -308,7 +314,7 @@ def test_migrate_is_idempotent_and_keeps_data(store: AuditStore) -> None:
     migrate(store.engine)
     migrate(store.engine)
     assert _versions(store.engine) == ["audit_0003"]
-    assert store.get(1) == entry
+    assert store.get(2) == entry
 
 
 def _schema_diff(engine: Engine) -> list[Any]:
