@@ -22,7 +22,7 @@ import json
 from typing import Any, Final, Iterable, Iterator
 
 from .entry import AuditEntry
-from .search import LEGACY_TEXT_FIELDS
+from .search import TEXT_FIELDS
 
 FORMATS: Final = ("jsonl", "csv")
 MEDIA_TYPES: Final = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
@@ -39,7 +39,7 @@ def has_text(entry: AuditEntry) -> bool:
     """True when the entry holds a prompt's or an output's text (a read of it must be audited)."""
     if getattr(entry, "payload", None) is not None:
         return True
-    return any(name in entry.body for name in LEGACY_TEXT_FIELDS)
+    return any(name in entry.body for name in TEXT_FIELDS)
 
 
 def entry_document(entry: AuditEntry, *, with_text: bool) -> dict[str, Any]:
@@ -52,9 +52,9 @@ def entry_document(entry: AuditEntry, *, with_text: bool) -> dict[str, Any]:
         return document
     withheld: list[str] = []
     body = document.get("body")
-    if isinstance(body, dict) and any(name in body for name in LEGACY_TEXT_FIELDS):
-        document["body"] = {key: value for key, value in body.items() if key not in LEGACY_TEXT_FIELDS}
-        withheld += [f"body.{name}" for name in LEGACY_TEXT_FIELDS if name in body]
+    if isinstance(body, dict) and any(name in body for name in TEXT_FIELDS):
+        document["body"] = {key: value for key, value in body.items() if key not in TEXT_FIELDS}
+        withheld += [f"body.{name}" for name in TEXT_FIELDS if name in body]
     if document.get("payload") is not None:
         document["payload"] = None
         withheld.append("payload")

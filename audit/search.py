@@ -22,10 +22,12 @@ from typing import Any, Final, Iterator, Literal
 from sqlalchemy import JSON, Engine, String, and_, cast, exists, false, func, literal_column, or_, select, true
 from sqlalchemy.sql.elements import ColumnElement
 
+from .chain import FORMAT_1, FORMAT_2
 from .db import DB_ERRORS, describe, reason
 from .entry import AuditEntry
 from .errors import AuditError, CorruptEntryError
 from .kinds import REQUEST
+from .store import AuditStore
 from .tables import audit_table
 
 _t = audit_table.c
@@ -39,9 +41,9 @@ STREAM_BATCH: Final = 1000
 Decision = Literal["allow", "deny", "unavailable"]
 DECISIONS: Final = ("allow", "deny", "unavailable")
 
-#: Body keys that held a prompt's or an output's text in entries written before the
-#: ``payload`` column existed (format 1); searched and withheld like the payload.
-LEGACY_TEXT_FIELDS: Final = ("messages", "prompt", "output")
+#: The keys of an entry's texts (``workers.contract.privacy.TEXT_KEYS``): in its payload, or in its
+#: body for entries of chain format 1, written before the payload existed.
+TEXT_FIELDS: Final = ("messages", "prompt", "output")
 
 #: The LIKE escape character (not a backslash: JSON text is full of those).
 _ESCAPE: Final = "!"
@@ -77,7 +79,7 @@ class Page:
     next_cursor: int | None
 
 
-def search(engine: Engine, where: EntryFilter, *, newest_first: bool = True, limit: int = DEFAULT_PAGE_SIZE,
+def search(store: AuditStore, where: EntryFilter, *, newest_first: bool = True, limit: int = DEFAULT_PAGE_SIZE,
            cursor: int | None = None) -> Page:
     """One page of the entries matching ``where``, after ``cursor`` in the page order.
 
@@ -86,14 +88,14 @@ def search(engine: Engine, where: EntryFilter, *, newest_first: bool = True, lim
     """
     if not 1 <= limit <= MAX_PAGE_SIZE:
         raise ValueError(f"limit must be 1 to {MAX_PAGE_SIZE}")
-    stmt = _ordered(select(audit_table), engine, where, newest_first, cursor).limit(limit + 1)
-    entries = _fetch(engine, stmt)
+    stmt = _ordered(select(audit_table), store.engine, where, newest_first, cursor).limit(limit + 1)
+    entries = _fetch(store, stmt)
     if len(entries) > limit:
         return Page(entries[:limit], entries[limit - 1].seq)
     return Page(entries, None)
 
 
-def iter_matching(engine: Engine, where: EntryFilter, *, newest_first: bool = False,
+def iter_matching(store: AuditStore, where: EntryFilter, *, newest_first: bool = False,
                   batch: int = STREAM_BATCH) -> Iterator[AuditEntry]:
     """Every entry matching ``where``, in constant memory: keyset batches, each its own short read.
 
@@ -103,8 +105,8 @@ def iter_matching(engine: Engine, where: EntryFilter, *, newest_first: bool = Fa
     """
     cursor: int | None = None
     while True:
-        stmt = _ordered(select(audit_table), engine, where, newest_first, cursor).limit(batch)
-        entries = _fetch(engine, stmt)
+        stmt = _ordered(select(audit_table), store.engine, where, newest_first, cursor).limit(batch)
+        entries = _fetch(store, stmt)
         yield from entries
         if len(entries) < batch:
             return
@@ -205,16 +207,19 @@ def json_escaped(term: str) -> str:
 def text_matches(term: str) -> ColumnElement[bool]:
     """The entry's prompt or output text contains ``term`` (LIKE, ASCII case folded).
 
-    The payload column and the format-1 body's ``messages`` hold JSON text,
-    in which a quote or a newline is escaped, so the term is matched in its
-    JSON-escaped form there; ``prompt`` and ``output`` are read as strings.
+    Looked for under :data:`TEXT_FIELDS` of the payload and, for entries of
+    chain format 1, of the body: never the payload as a whole, whose random
+    ``salt`` would match almost any short hexadecimal term. ``messages`` is
+    read as JSON text, in which a quote or a newline is escaped, so the term
+    is matched in its JSON-escaped form there; ``prompt`` and ``output`` are
+    read as strings.
     """
     as_json = like_pattern(json_escaped(term))
     as_text = like_pattern(term)
-    candidates = [cast(_t.body[LEGACY_TEXT_FIELDS[0]], String).ilike(as_json, escape=_ESCAPE)]
-    candidates += [_t.body[name].as_string().ilike(as_text, escape=_ESCAPE) for name in LEGACY_TEXT_FIELDS[1:]]
-    if "payload" in _t:
-        candidates.append(cast(_t.payload, String).ilike(as_json, escape=_ESCAPE))
+    candidates = []
+    for column in (_t.payload, _t.body):
+        candidates.append(cast(column[TEXT_FIELDS[0]], String).ilike(as_json, escape=_ESCAPE))
+        candidates += [column[name].as_string().ilike(as_text, escape=_ESCAPE) for name in TEXT_FIELDS[1:]]
     return or_(*candidates)
 
 
@@ -225,7 +230,9 @@ def _ordered(stmt: Any, engine: Engine, where: EntryFilter, newest_first: bool, 
     return stmt.order_by(_t.seq.desc() if newest_first else _t.seq)
 
 
-def _fetch(engine: Engine, stmt: Any) -> list[AuditEntry]:
+def _fetch(store: AuditStore, stmt: Any) -> list[AuditEntry]:
+    """Whole rows as entries, each labelled with the chain format it was hashed in."""
+    engine = store.engine
     try:
         with engine.connect() as conn:
             try:
@@ -234,4 +241,8 @@ def _fetch(engine: Engine, stmt: Any) -> list[AuditEntry]:
                 raise CorruptEntryError(None, str(exc)) from exc
     except DB_ERRORS as exc:
         raise AuditError(f"audit read failed on {describe(engine)}: {reason(exc)}") from exc
-    return [AuditEntry.from_row(row) for row in rows]
+    if not rows:
+        return []
+    boundary = store.boundary_seq()
+    return [AuditEntry.from_row(row, FORMAT_2 if boundary is not None and row["seq"] > boundary else FORMAT_1)
+            for row in rows]

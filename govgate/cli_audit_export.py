@@ -73,13 +73,14 @@ def audit_export(since: datetime, until: datetime | None, team: str | None, prin
     where = EntryFilter(principal=principal, team=team, model=model, kinds=frozenset(kinds), since=since,
                         until=until or datetime.now(timezone.utc))
     engine = audit_engine()
+    store = AuditStore(engine)
     try:
         total = count_matching(engine, where)
         if include_text:
-            _record_read(AuditStore(engine), PAYLOAD_READ, where)
+            _record_read(store, PAYLOAD_READ, where)
         with _output(out) as sink, click.progressbar(length=total, label=f"exporting {total} entries",
                                                      file=sys.stderr) as bar:
-            entries = _counted(iter_matching(engine, where), bar.update)
+            entries = _counted(iter_matching(store, where), bar.update)
             for chunk in chunks(fmt, entries, with_text=include_text):
                 sink.write(chunk)
     except AuditError as exc:

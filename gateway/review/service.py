@@ -76,7 +76,7 @@ class ReviewService:
 
     async def search(self, access: Access, query: EntryQuery) -> Answer:
         where = replace(query.where, principal=access.own_principal(query.where.principal))
-        page = await self._run(partial(search, self.audit.engine, where, newest_first=query.newest_first,
+        page = await self._run(partial(search, self.audit, where, newest_first=query.newest_first,
                                        limit=query.limit, cursor=query.cursor))
         read_id = None
         read = [e.request_id for e in page.entries if (query.include_text and has_text(e)) or where.text is not None]
@@ -114,7 +114,7 @@ class ReviewService:
         if query.include_text or where.text is not None:
             read_id = await self._record_read(access, [], via="export", text_search=where.text is not None,
                                               scope=_filter_document(where))
-        entries = iter_matching(self.audit.engine, where, newest_first=query.newest_first)
+        entries = iter_matching(self.audit, where, newest_first=query.newest_first)
         return read_id, _logged(chunks(query.fmt, entries, with_text=query.include_text))
 
     # -- review actions --------------------------------------------------------

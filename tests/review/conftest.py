@@ -89,21 +89,35 @@ def seed(store: AuditStore, count: int, *, rng: random.Random, team: str | None 
         else:
             decision = {"allow": True, "reasons": [], "obligations": {"max_tokens": 16, "prompt_logging": "full"}}
         text = f"needle-{i} {rng.choice(TEXTS)}"
+        # Most texts go to the erasable payload (chain format 2); some stay in the body, as entries of
+        # format 1 hold them, so both places are searched and withheld.
+        legacy = rng.random() < 0.3
+        messages = {"messages": [{"role": "user", "content": text}]}
         store.append("request", request_id, **who, policy_revision="rev-1",
                      body={"endpoint": "chat.completions", "key_id": "k", "decision": decision,
-                           "messages": [{"role": "user", "content": text}]})
+                           **(messages if legacy else {})},
+                     payload=None if legacy else messages)
         if decision["allow"] and rng.random() < 0.9:
             prompt, completion = rng.randint(1, 50), rng.randint(0, 16)
             kind = rng.choice(("completion", "completion", "failed", "cancelled"))
+            output = {"output": f"answer {i}"}
             store.append(kind, request_id, **who, policy_revision="rev-1",
-                         body={"output": f"answer {i}", "finish_reason": "length",
+                         body={"finish_reason": "length", **(output if legacy else {}),
                                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                                         "total_tokens": prompt + completion}})
+                                         "total_tokens": prompt + completion}},
+                         payload=None if legacy else output)
     return ids
 
 
 def all_entries(store: AuditStore) -> list[AuditEntry]:
     return list(store.iter_entries())
+
+
+def texts(entry: AuditEntry) -> dict[str, Any]:
+    """The entry's texts, wherever it keeps them (payload, or the body in chain format 1)."""
+    if entry.payload is not None:
+        return {k: v for k, v in entry.payload.items() if k in ("messages", "prompt", "output")}
+    return {k: v for k, v in entry.body.items() if k in ("messages", "prompt", "output")}
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,10 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import event
 
+from audit.chain import document_hash
 from audit.export import CSV_COLUMNS
 from govgate.cli import main
-from tests.review.conftest import all_entries, bearer, seed
+from tests.review.conftest import all_entries, bearer, seed, texts
 
 pytestmark = pytest.mark.anyio
 
@@ -44,6 +45,14 @@ async def test_jsonl_parses_back_to_the_stored_entries(rclient, rstore, rkeys):
         assert document["body"] == _without_texts(entry.body)
         assert document["created_at"] == entry.to_document()["created_at"]
     assert "needle" not in response.text
+    # Without its payload a document still proves its hash (only the payload's digest is chained);
+    # a format-1 body that had its texts taken out does not, and says so.
+    for document in documents:
+        if "body.messages" in document.get("withheld", []) or "body.output" in document.get("withheld", []):
+            assert document_hash(document) != document["hash"]
+        else:
+            assert document_hash(document) == document["hash"], document["seq"]
+    assert any(d.get("withheld") == ["payload"] for d in documents)
 
 
 async def test_csv_parses_back_with_texts_when_asked(rclient, rstore, rkeys):
@@ -57,8 +66,11 @@ async def test_csv_parses_back_with_texts_when_asked(rclient, rstore, rkeys):
     assert [int(r["seq"]) for r in rows] == [e.seq for e in requests]
     for row, entry in zip(rows, requests):
         assert json.loads(row["body"]) == entry.body  # texts with quotes, newlines, backslashes survive
+        assert (json.loads(row["payload"]) if row["payload"] else None) == entry.payload
         assert row["team"] == (entry.team or "") and row["withheld"] == ""
-    assert any("\n" in json.loads(r["body"])["messages"][0]["content"] for r in rows)
+        assert row["payload_digest"] == (entry.payload_digest or "")
+    assert any("\n" in texts(e)["messages"][0]["content"] for e in requests if texts(e))
+    assert {bool(r["payload"]) for r in rows} == {True, False}  # texts in payloads and in format-1 bodies
     read = [e for e in all_entries(rstore) if e.kind == "payload_read"]
     assert len(read) == reads + 1
     assert read[-1].principal == "rita" and read[-1].body["via"] == "export"
@@ -129,7 +141,7 @@ def test_cli_export_writes_the_file_with_a_progress_bar(rsettings, rstore, tmp_p
                                       "--include-text"], env=env, catch_exceptions=False)
     assert texts.exit_code == 0, texts.output
     documents = [json.loads(line) for line in texts.stdout.splitlines()]
-    assert documents and all("messages" in d["body"] for d in documents if d["principal"] != "victor")
+    assert documents and all("messages" in (d["payload"] or d["body"]) for d in documents)
     read = [e for e in all_entries(rstore) if e.kind == "payload_read"][-1]
     assert read.principal.startswith("cli:") and read.body["via"] == "cli-export"
     assert read.seq > documents[-1]["seq"]
