@@ -16,6 +16,7 @@ from audit import AuditEntry
 from gateway.policy import Decision, PolicyEngine
 from gateway.requests.normalize import normalized_text
 from gateway.requests.policy_input import prompt_text
+from workers.contract.privacy import texts_of
 
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -42,8 +43,10 @@ def input_from_entry(entry: AuditEntry) -> tuple[dict[str, Any], bool] | None:
     document = {key: value for key, value in stored.items()}
     request = dict(document.get("request") or {})
     complete = body.get("prompt_logging") == "full"
+    texts = texts_of(body, entry.payload)  # the payload; a format-1 entry's body
+    complete = complete and ("messages" in texts or "prompt" in texts)  # not when erased (audit prune)
     if complete:
-        messages, prompt = body.get("messages"), body.get("prompt")
+        messages, prompt = texts.get("messages"), texts.get("prompt")
         if messages is not None:
             request["messages"] = messages
         else:

@@ -55,3 +55,39 @@ def audit_verify() -> None:
         return
     click.echo(f"BROKEN at seq {result.first_bad_seq}: {result.problem} ({result.checked} entries checked)")
     sys.exit(1)
+
+
+@audit.command("prune")
+@click.option("--before", "before", required=True, metavar="DATE",
+              help="Erase the payloads of entries created before this ISO date or time (UTC unless it says).")
+@click.option("--batch", default=500, show_default=True, help="Entries erased per transaction.")
+def audit_prune(before: str, batch: int) -> None:
+    """Erase prompts and outputs older than DATE; digests, metadata and the chain stay, and verify passes."""
+    from datetime import datetime, timezone
+
+    from audit import AuditError, AuditStore
+    from audit.prune import prune_payloads
+
+    try:
+        moment = datetime.fromisoformat(before)
+    except ValueError:
+        raise click.BadParameter(f"cannot read {before!r} as an ISO date or time", param_hint="--before") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    try:
+        result = prune_payloads(AuditStore(audit_engine()), moment, batch=batch)
+    except AuditError as exc:
+        click.echo(f"prune failed: {exc}", err=True)
+        sys.exit(1)
+    when = moment.isoformat()
+    if result.entry is None:
+        click.echo(f"no payload to erase before {when}")
+    else:
+        click.echo(f"erased the payloads of {result.erased} entries (seq {result.first_seq}..{result.last_seq}) "
+                   f"created before {when}; recorded as entry {result.entry.seq} (payloads_erased)")
+    if result.skipped_format_1:
+        click.echo(f"{result.skipped_format_1} entries before {when} are of chain format 1 (written before the "
+                   "upgrade): any text they hold is inside their hashed body and cannot be erased without "
+                   "breaking the chain; they were left as they are")
+    if result.warning:
+        click.echo(f"warning: {result.warning}", err=True)

@@ -21,7 +21,7 @@ from workers.backends import BackendError, LoadedModel, PromptTooLongError
 from workers.contract.jobs import (STATUS_CANCELLED, STATUS_COMPLETED, STATUS_FAILED, STATUS_TIMED_OUT, GenerateJob,
                               JobResult)
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
-from workers.contract.privacy import Digester, logged_output
+from workers.contract.privacy import Digester, logged_output, split_texts
 from workers.contract.prompts import render_chat
 from workers.streams import JobChannel, SilentChannel
 
@@ -37,7 +37,7 @@ def prompt_for(job: GenerateJob, model: LoadedModel) -> tuple[str, tuple[str, ..
 
 def result_from_entry(entry: AuditEntry) -> JobResult:
     """Rebuild a job's result from its terminal audit entry (redelivery path)."""
-    return JobResult.from_terminal(entry.kind, entry.seq, entry.body)
+    return JobResult.from_terminal(entry.kind, entry.seq, entry.body, entry.payload)
 
 
 class _Unrecorded(Exception):
@@ -218,9 +218,10 @@ def _record_failure(job: GenerateJob, store: AuditStore, code: str, message: str
 def _append_terminal(job: GenerateJob, store: AuditStore, kind: str,
                      body: dict[str, Any]) -> AuditEntry | JobResult:
     """Append the terminal entry; if another process ended the request first, defer to it."""
+    metadata, texts = split_texts(body)  # the output goes to the erasable payload
     try:
         return store.append(kind, job.request_id, principal=job.principal, team=job.team,
-                            model=job.model, body=body, policy_revision=job.policy_revision)
+                            model=job.model, body=metadata, policy_revision=job.policy_revision, payload=texts)
     except DuplicateTerminalError:
         winner = store.terminal_for(job.request_id)
         log.warning("request %s was ended elsewhere first (%s); dropping this %s",

@@ -108,7 +108,7 @@ class TicketRunner:
             body.update(logged_output(output, job.prompt_logging, job.redact, self.digester))
         winner = await self.request_log.end(ticket, "timed_out", body)
         if winner is not None and winner.kind == "completion":
-            result = JobResult.from_terminal(winner.kind, winner.seq, winner.body)
+            result = JobResult.from_terminal(winner.kind, winner.seq, winner.body, winner.payload)
             await self._settle_usage(ticket, result.prompt_tokens + result.completion_tokens)
             if result.status != STATUS_COMPLETED:  # its output was logged only as a digest or masked
                 raise worker_error(result)

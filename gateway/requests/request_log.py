@@ -21,7 +21,7 @@ from gateway.api_errors import ApiError
 from gateway.requests.audit_records import rejection_record
 from gateway.requests.ticket import Ticket
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
-from workers.contract.privacy import Digester
+from workers.contract.privacy import Digester, split_texts
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ class RequestLog:
 
     async def _append(self, kind: str, request_id: str, principal: Principal, model: str | None,
                       body: dict[str, Any], revision: str | None = None) -> AuditEntry:
+        metadata, texts = split_texts(body)  # the texts go to the erasable payload
         append = partial(self.audit.append, kind, request_id, principal=principal.id, team=principal.team,
-                         model=model, body=body, policy_revision=revision or self._current_revision())
+                         model=model, body=metadata, policy_revision=revision or self._current_revision(),
+                         payload=texts)
         return await anyio.to_thread.run_sync(append)

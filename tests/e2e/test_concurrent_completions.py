@@ -36,5 +36,5 @@ async def test_concurrent_requests_each_get_their_own_result(served_api, keyring
         assert got["body"]["usage"]["completion_tokens"] == n
         completion = audit_store.terminal_for(got["request_id"])
         assert completion.kind == "completion"
-        assert completion.body["output"] == got["body"]["choices"][0]["text"]
+        assert completion.payload["output"] == got["body"]["choices"][0]["text"]
     assert verify_chain(audit_store).ok

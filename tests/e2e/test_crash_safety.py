@@ -103,7 +103,7 @@ def test_a_stream_whose_worker_dies_ends_with_an_error_not_a_repeat(settings, se
     assert delivered  # the client saw part of the first run before it died
     terminal = audit_store.terminal_for(request_id)
     assert terminal.kind == "failed" and terminal.body["error"]["code"] == "worker_lost"
-    assert terminal.body["output"] == delivered  # the audit holds what reached the client
+    assert terminal.payload["output"] == delivered  # the audit holds what reached the client
     assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "failed"]
 
 
@@ -115,7 +115,7 @@ def test_generation_time_limit_gives_504_and_a_timed_out_entry(served_api, limit
     entry = audit_store.tail(1)[0]
     assert entry.kind == "timed_out" and entry.model == LIMITED_MODEL
     assert 0 < entry.body["usage"]["completion_tokens"] < 4000  # stopped part-way, partial output kept
-    assert entry.body["output"]
+    assert entry.payload["output"]
 
 
 def test_a_whole_worker_killed_mid_generation_is_rescued_by_another(settings, served_api, keyring, audit_store):

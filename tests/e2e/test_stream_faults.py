@@ -130,7 +130,7 @@ def test_streams_after_a_redis_restart_deliver_exactly_the_audited_output(own_re
         terminal = wait_terminal(audit_store, outcome["request_id"])
         if outcome["done"]:  # a success delivers exactly the audited output
             assert terminal.kind == "completion"
-            assert outcome["text"] == terminal.body["output"], outcome
+            assert outcome["text"] == terminal.payload["output"], outcome
         else:  # or the stream ends with an error event
             assert "error" in outcome["last"], outcome
 
@@ -173,4 +173,4 @@ def test_a_stream_whose_worker_stalls_records_what_the_client_received(settings,
     assert frozen and text
     assert last["error"]["code"] == "timed_out"
     assert terminal.kind == "timed_out"
-    assert terminal.body["output"] == text
+    assert terminal.payload["output"] == text

@@ -39,7 +39,7 @@ def test_openai_client_streams_the_same_text_as_a_plain_request(served_api, keyr
     entries = audit_store.entries_for(request_id)
     assert [e.kind for e in entries] == ["request", "completion"]
     assert entries[0].body["stream"] is True
-    assert entries[1].body["output"] == text  # the audit holds the whole output
+    assert entries[1].payload["output"] == text  # the audit holds the whole output
 
 
 def test_text_completion_stream_ends_with_done(served_api, keyring):
@@ -83,7 +83,7 @@ def test_disconnect_cancels_generation_and_records_the_partial_output(served_api
     assert terminal is not None, "the abandoned request never got its terminal entry"
     assert terminal.kind == "cancelled"
     assert 0 < terminal.body["usage"]["completion_tokens"] < max_tokens
-    assert terminal.body["output"].startswith(received)
+    assert terminal.payload["output"].startswith(received)
     # The worker was freed: the next request is served.
     after = httpx.post(f"{served_api}/v1/completions", headers=bearer(keyring["admin"]), timeout=30,
                        json={"model": TINY_MODEL_NAME, "prompt": "Once", "max_tokens": 3})

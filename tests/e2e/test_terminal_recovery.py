@@ -91,7 +91,7 @@ def test_jobs_queued_by_a_killed_gateway_are_recorded_as_expired(own_redis, audi
         stop_process(worker, timeout_s=30)
     for entry in terminals.values():
         assert entry.kind == "timed_out" and entry.body["error"]["code"] == "expired"
-        assert entry.body["output"] == ""
+        assert entry.payload["output"] == ""
 
 
 @contextlib.contextmanager
@@ -151,7 +151,7 @@ def test_a_terminal_entry_refused_by_a_locked_database_is_written_when_it_is_bac
     assert response.json()["error"]["code"] == "audit_unavailable"
     assert terminal.kind == "failed" and terminal.body["error"]["code"] == "audit_unavailable"
     assert terminal.body["ended_as"] == "completion"
-    assert terminal.body["usage"]["completion_tokens"] == 4000 and terminal.body["output"]  # what was generated
+    assert terminal.body["usage"]["completion_tokens"] == 4000 and terminal.payload["output"]  # what was generated
     assert [e.kind for e in store.entries_for(request_id)] == ["request", "failed"]
     assert verify_chain(store).ok
     store.engine.dispose()

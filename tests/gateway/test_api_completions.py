@@ -49,10 +49,10 @@ async def test_chat_completion_is_generated_by_the_worker_and_audited(client, ke
     assert [e.kind for e in entries] == ["request", "completion"]
     request, completion = entries
     assert request.principal == "alice" and request.team == "research"
-    assert request.body["messages"] == HELLO
+    assert request.payload["messages"] == HELLO and "messages" not in request.body  # the text: in the payload only
     assert request.body["decision"]["allow"] is True
     assert request.policy_revision and request.policy_revision == completion.policy_revision
-    assert completion.body["output"] == expected.text
+    assert completion.payload["output"] == expected.text
     assert completion.body["usage"]["completion_tokens"] == 12
     assert completion.prev_hash == request.hash or completion.seq > request.seq
     assert verify_chain(audit_store).ok

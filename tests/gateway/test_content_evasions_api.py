@@ -46,6 +46,6 @@ async def test_finding_spelt_otherwise_withholds_the_prompt_from_the_log(client,
     entry = audit_store.entries_for(response.headers["x-govgate-request-id"])[0]
     assert entry.body["prompt_logging"] == "redacted"
     assert entry.body["prompt_withheld"] is True
-    assert "messages" not in entry.body
+    assert "messages" not in entry.body and entry.payload is None
     assert "example.org" not in str(entry.body)
     assert not {"text", "normalized_text"} & entry.body["policy_input"]["request"].keys()

@@ -57,7 +57,7 @@ async def test_family_generates_through_the_gateway(family_stack, keyring, audit
     assert body["choices"][0]["text"] == again.json()["choices"][0]["text"]  # greedy: deterministic
     completion = audit_store.terminal_for(response.headers["x-govgate-request-id"])
     assert completion.kind == "completion" and completion.model == model
-    assert completion.body["output"] == body["choices"][0]["text"]
+    assert completion.payload["output"] == body["choices"][0]["text"]
     # Generated in the pool process of this family's own worker (one model per worker).
     assert parent_of(completion.body["worker"]["pid"]) == workers[model].pid
 

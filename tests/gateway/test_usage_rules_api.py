@@ -50,7 +50,7 @@ async def test_pii_is_redacted_in_the_audit_log_and_cards_are_refused(client, ke
     assert response.status_code == 200, response.text
     entry = audit_store.entries_for(response.headers["x-govgate-request-id"])[0]
     assert entry.body["prompt_logging"] == "redacted"
-    assert entry.body["messages"][0]["content"] == "Mail [REDACTED:email] about it"
+    assert entry.payload["messages"][0]["content"] == "Mail [REDACTED:email] about it"
     assert "alice@example.com" not in str(entry.body)  # not in the decision's obligations either
 
     card = await client.post("/v1/chat/completions", headers=bearer(keyring["analyst"]),

@@ -78,7 +78,27 @@ def test_audit_tail_and_verify(cli):
     as_json = cli("audit", "tail", "-n", "1", "--json").stdout
     assert '"request_id": "req-2"' in as_json and '"hash":' in as_json
     verified = cli("audit", "verify").stdout
-    assert verified.startswith("ok: 3 entries")
+    assert verified.startswith("ok: 4 entries")  # the chain_format boundary, then the three
+
+
+def test_audit_prune_erases_old_payloads_and_verify_still_passes(cli):
+    from datetime import datetime, timedelta, timezone
+
+    from audit import AuditStore, make_engine, migrate
+
+    store = AuditStore(make_engine(cli.settings.effective_database_url))
+    migrate(store.engine)
+    store.append("completion", "r1", principal="alice", team="research", model="m", body={"usage": {}},
+                 policy_revision="r1", payload={"output": "kept until pruned"})
+    store.engine.dispose()
+    tomorrow = (datetime.now(timezone.utc) + timedelta(days=1)).date().isoformat()
+
+    pruned = cli("audit", "prune", "--before", tomorrow).stdout
+    assert "erased the payloads of 1 entries (seq 2..2)" in pruned and "payloads_erased" in pruned
+    assert "chain format 1" in pruned  # the boundary entry is counted as format 1, left alone
+    assert cli("audit", "verify").stdout.startswith("ok: 3 entries")
+    assert "no payload to erase" in cli("audit", "prune", "--before", tomorrow).stdout
+    assert cli("audit", "prune", "--before", "someday", ok=False).exit_code == 2
 
 
 def test_audit_verify_reports_the_first_tampered_entry(cli):

@@ -20,7 +20,7 @@ def test_a_job_writes_one_completion(store, model):
     assert result.status == STATUS_COMPLETED and result.completion_tokens == 6
     terminal = store.terminal_for("r1")
     assert terminal.kind == "completion" and terminal.seq == result.audit_seq
-    assert terminal.body["output"] == result.text
+    assert terminal.payload["output"] == result.text
     assert terminal.body["usage"] == {"prompt_tokens": result.prompt_tokens, "completion_tokens": 6,
                                       "total_tokens": result.prompt_tokens + 6}
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from workers.contract.sampling import SamplingParams
 from workers.contract.sealing import SealError, Sealer
+from workers.contract.privacy import texts_of
 
 #: Celery task name of a generation.
 GENERATE_TASK = "govgate.generate"
@@ -155,21 +156,24 @@ class JobResult:
                 "audit_seq": self.audit_seq, "error": dict(self.error)}
 
     @classmethod
-    def from_terminal(cls, kind: str, seq: int, body: dict[str, Any]) -> "JobResult":
-        """The result a request's terminal audit entry stands for.
+    def from_terminal(cls, kind: str, seq: int, body: dict[str, Any],
+                      payload: dict[str, Any] | None = None) -> "JobResult":
+        """The result a request's terminal audit entry stands for (its body and its payload).
 
         Used when a request already ended (a redelivered task, or a late
         worker racing the gateway's timeout): the log is the source of truth.
+        The output is in the entry's payload (or, in chain format 1, its body).
         """
         usage = body.get("usage", {})
-        if kind == "completion" and ("output" not in body or body.get("output_masked")):
+        texts = texts_of(body, payload)
+        if kind == "completion" and ("output" not in texts or body.get("output_masked")):
             # The log keeps only a digest or a masked copy (prompt_logging): that is not the answer, and
             # serving it as one would be a false success. The request stays ended as completed.
             return cls(status=STATUS_FAILED, audit_seq=seq, completion_tokens=usage.get("completion_tokens", 0),
                        prompt_tokens=usage.get("prompt_tokens", 0), error={
                            "code": "output_not_kept", "message": "the request completed, but its output was "
                            "logged only as prompt_logging allows and cannot be served again"})
-        return cls(status=STATUS_COMPLETED if kind == "completion" else kind, text=body.get("output", ""),
+        return cls(status=STATUS_COMPLETED if kind == "completion" else kind, text=texts.get("output", ""),
                    finish_reason=body.get("finish_reason"), prompt_tokens=usage.get("prompt_tokens", 0),
                    completion_tokens=usage.get("completion_tokens", 0), audit_seq=seq,
                    error=body.get("error", {}))

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import redis
 
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError, InvalidEntryError
+from workers.contract.privacy import split_texts
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,10 @@ class PendingTerminals:
             return None
         body = {**entry.body, "recorded_late": {"since": entry.since}}
         try:
+            metadata, texts = split_texts(body)  # the output goes to the erasable payload
             written = store.append(entry.kind, request_id, principal=entry.principal, team=entry.team,
-                                   model=entry.model, body=body, policy_revision=entry.policy_revision)
+                                   model=entry.model, body=metadata, policy_revision=entry.policy_revision,
+                                   payload=texts)
         except DuplicateTerminalError:
             written = store.terminal_for(request_id)
         except InvalidEntryError as exc:  # would be refused forever and hold up the others

@@ -15,6 +15,30 @@ FULL = "full"
 REDACTED = "redacted"
 HASH = "hash"
 
+#: The keys of an entry's texts (prompt or messages, output) as ``prompt_logging`` let them be kept.
+#: They go to the entry's erasable payload, never into its chained body (audit chain format 2), so
+#: ``govgate audit prune`` can erase them while the chain still verifies. Digests, masks'
+#: markers and lengths stay in the body.
+TEXT_KEYS = ("messages", "prompt", "output")
+
+
+def split_texts(body: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``body`` without its texts, and the texts as the entry's payload (None when it has none)."""
+    payload = {key: body[key] for key in TEXT_KEYS if key in body}
+    if not payload:
+        return dict(body), None
+    return {key: value for key, value in body.items() if key not in payload}, payload
+
+
+def texts_of(body: Mapping[str, Any], payload: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The texts an entry keeps: its payload, or, for an entry of chain format 1, those in its body.
+
+    Empty when the entry never had any or they were erased (``govgate audit prune``).
+    """
+    if payload is not None:
+        return {key: payload[key] for key in TEXT_KEYS if key in payload}
+    return {key: body[key] for key in TEXT_KEYS if key in body}
+
 
 class Digester:
     """Keyed digests (HMAC-SHA256, hex) of texts the log must not keep in clear."""

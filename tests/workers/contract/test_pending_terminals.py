@@ -47,7 +47,7 @@ def test_pending_entries_are_sealed_in_redis_and_written_once(pending_parts):
     assert b"secret words" not in raw  # what Redis holds went through the seal
     assert pending.write_all(store) == 1 and pending.count() == 0
     written = store.terminal_for("r-1")
-    assert written.kind == "failed" and written.body["output"] == "secret words"
+    assert written.kind == "failed" and written.payload["output"] == "secret words"
     assert "recorded_late" in written.body
 
 
@@ -69,4 +69,4 @@ def test_an_entry_sealed_under_another_key_is_left_for_its_owner_not_dropped(pen
     assert misconfigured.write_all(store) == 0 and misconfigured.count() == 1  # kept, not dropped
     assert store.terminal_for("r-owned") is None
     assert PendingTerminals(client, horizon_s=60, seal=owner.seal, unseal=owner.unseal).write_all(store) == 1
-    assert store.terminal_for("r-owned").body["output"] == "secret words"
+    assert store.terminal_for("r-owned").payload["output"] == "secret words"

@@ -48,11 +48,11 @@ DIGESTER = Digester(b"k" * 32)
 def test_the_worker_keeps_a_redacted_output_with_the_findings_masked(store, model) -> None:
     full = run_job(job("r-full", "full"), model, store, digester=DIGESTER)
     found = full.text[3:15]  # a stretch of this (deterministic) output, posing as a finding
-    assert found.strip() and store.terminal_for("r-full").body["output"] == full.text
+    assert found.strip() and store.terminal_for("r-full").payload["output"] == full.text
     result = run_job(job("r-red", "redacted", [{"detector": "email", "text": found}]), model, store,
                      digester=DIGESTER)
     assert result.text == full.text  # the client gets the output; only the log is masked
-    logged = store.terminal_for("r-red").body["output"]
+    logged = store.terminal_for("r-red").payload["output"]
     assert found not in logged and "[REDACTED:email]" in logged
 
 
@@ -76,6 +76,7 @@ def test_a_redelivered_job_whose_output_the_log_does_not_keep_is_not_served_from
 def test_the_worker_keeps_a_hashed_output_as_a_keyed_digest_only(store, model) -> None:
     result = run_job(job("r-hash", "hash"), model, store, digester=DIGESTER)
     body = store.terminal_for("r-hash").body
+    assert store.terminal_for("r-hash").payload is None  # no text kept: nothing to erase later
     assert "output" not in body and result.text and result.text not in str(body)
     assert body["output_hmac_sha256"] == DIGESTER.hexdigest(result.text)
     assert body["output_hmac_sha256"] != hashlib.sha256(result.text.encode()).hexdigest()

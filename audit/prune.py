@@ -1,0 +1,120 @@
+"""Erase the payloads (prompts, outputs) of entries older than a date; the chain keeps verifying.
+
+Format 2 chains a payload's digest, never the payload, so ``payload -> NULL``
+changes nothing the chain covers; it is the one UPDATE the schema's guard
+allows (audit_0002). Entries of format 1 (up to the ``chain_format``
+boundary) keep their texts inside the hashed body: erasing those would break
+their hashes, so they are counted and left alone. The erasure itself is
+recorded on the chain as a ``payloads_erased`` entry.
+
+On SQLite the erasing connection turns on ``secure_delete`` (freed bytes are
+overwritten with zeros) and the WAL is checkpointed and truncated afterwards,
+so the old page images do not linger in the ``-wal`` file. PostgreSQL keeps
+old row versions until VACUUM, which prune runs on the table afterwards.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Callable
+
+from sqlalchemy import func, null, select, update
+
+from .chain import format_timestamp
+from .db import DB_ERRORS, describe, locked_transaction, reason
+from .entry import AuditEntry
+from .errors import AuditError
+from .kinds import PAYLOADS_ERASED
+from .store import AuditStore
+from .tables import audit_table
+
+_t = audit_table.c
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    """What :func:`prune_payloads` did.
+
+    ``erased`` payloads, of entries ``first_seq..last_seq`` (not every seq in
+    between had one); ``skipped_format_1`` entries created before the date
+    are of chain format 1 and keep whatever text their body holds; ``entry``
+    is the ``payloads_erased`` entry (None when nothing was erased).
+    ``warning`` says what was done but did not fully succeed afterwards
+    (PostgreSQL's VACUUM, SQLite's WAL truncation).
+    """
+
+    before: datetime
+    erased: int
+    first_seq: int | None
+    last_seq: int | None
+    skipped_format_1: int
+    entry: AuditEntry | None
+    warning: str | None = None
+
+
+def prune_payloads(store: AuditStore, before: datetime, *, batch: int = 500,
+                   progress: Callable[[int], None] | None = None) -> PruneResult:
+    """Erase the payloads of format-2 entries created before ``before`` (aware), in batches.
+
+    Each batch is its own short transaction under the store's write lock, so
+    appends go on in between. ``progress`` is called with the running count.
+    Raises :class:`AuditError` if the database fails (payloads erased by
+    earlier batches stay erased; run prune again to finish and record).
+    """
+    if before.tzinfo is None or before.utcoffset() is None:
+        raise ValueError("the prune date must be timezone-aware")
+    if batch <= 0:
+        raise ValueError("batch must be positive")
+    engine = store.engine
+    boundary = store.boundary_seq() or 0  # no boundary: no format-2 entry, nothing erasable
+    erased, first_seq, last_seq, after = 0, None, None, boundary
+    try:
+        format_1 = _t.seq <= boundary if boundary else _t.seq > 0  # without a boundary, every entry
+        with engine.connect() as conn:
+            skipped = conn.execute(select(func.count()).select_from(audit_table)
+                                   .where(format_1, _t.created_at < before)).scalar_one()
+        while boundary:
+            with locked_transaction(engine) as conn:
+                if engine.dialect.name == "sqlite":
+                    conn.exec_driver_sql("PRAGMA secure_delete = ON")
+                seqs = conn.execute(
+                    select(_t.seq).where(_t.seq > after, _t.created_at < before, _t.payload.is_not(None))
+                    .order_by(_t.seq).limit(batch)).scalars().all()
+                if not seqs:
+                    break
+                conn.execute(update(audit_table).where(_t.seq.in_(seqs)).values(payload=null()))  # SQL NULL; None would be JSON "null"
+            erased += len(seqs)
+            first_seq = seqs[0] if first_seq is None else first_seq
+            last_seq = after = seqs[-1]
+            if progress is not None:
+                progress(erased)
+    except DB_ERRORS as exc:
+        raise AuditError(f"audit prune failed on {describe(engine)} after erasing {erased} payloads: "
+                         f"{reason(exc)}") from exc
+    if not erased:
+        return PruneResult(before, 0, None, None, skipped, None)
+    entry = store.append(PAYLOADS_ERASED, f"prune-{uuid.uuid4().hex}", principal=None, team=None, model=None,
+                         body={"before": format_timestamp(before), "count": erased, "first_seq": first_seq,
+                               "last_seq": last_seq, "skipped_format_1": skipped},
+                         policy_revision=None)
+    return PruneResult(before, erased, first_seq, last_seq, skipped, entry, _reclaim(store))
+
+
+def _reclaim(store: AuditStore) -> str | None:
+    """Make the erased bytes go away on disk as far as the database allows; a warning if it could not."""
+    engine = store.engine
+    try:
+        if engine.dialect.name == "sqlite":
+            with engine.connect() as conn:
+                busy = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()
+            if busy is not None and busy[0]:
+                return ("the WAL file could not be truncated while other connections read it; old page images "
+                        "stay in it until the next checkpoint")
+        elif engine.dialect.name == "postgresql":
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.exec_driver_sql(f"VACUUM {audit_table.name}")
+    except DB_ERRORS as exc:
+        return f"payloads erased, but reclaiming their space failed: {reason(exc)}"
+    return None

@@ -1,0 +1,106 @@
+"""``prune_payloads``: the texts of old entries go, their digests, metadata and the chain stay and verify."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from audit import AuditStore, make_engine, migrate, verify_chain
+from audit.prune import prune_payloads
+from tests.audit.old_append import old_append
+
+
+def _url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def _pair(store: AuditStore, rid: str, marker: str) -> list[Any]:
+    common: dict[str, Any] = dict(principal="alice", team="blue", model="tiny", policy_revision="rev-1")
+    return [
+        store.append("request", rid, body={"prompt_logging": "full", "decision": {"allow": True}},
+                     payload={"messages": [{"role": "user", "content": f"{marker} question"}]}, **common),
+        store.append("completion", rid, body={"usage": {"total_tokens": 5}},
+                     payload={"output": f"{marker} answer"}, **common),
+        store.append("rejected", f"{rid}-bad", body={"status": 400}, **common),  # no payload at all
+    ]
+
+
+def _cut() -> datetime:
+    """A moment strictly between what was appended before and what is appended after."""
+    time.sleep(0.01)
+    cut = datetime.now(timezone.utc)
+    time.sleep(0.01)
+    return cut
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> AuditStore:
+    engine = make_engine(_url(tmp_path / "audit.db"))
+    migrate(engine)
+    store = AuditStore(engine)
+    yield store  # type: ignore[misc]
+    engine.dispose()
+
+
+def test_old_payloads_are_erased_and_the_erasure_is_on_the_chain(store: AuditStore, tmp_path: Path) -> None:
+    old = [e for i in range(20) for e in _pair(store, f"old-{i}", f"OLDSECRET{i:03d}")]
+    cut = _cut()
+    new = [e for i in range(5) for e in _pair(store, f"new-{i}", f"NEWTEXT{i:03d}")]
+    seen: list[int] = []
+
+    result = prune_payloads(store, cut, batch=7, progress=seen.append)  # several batches
+
+    with_payload = [e for e in old if e.payload is not None]
+    assert result.erased == len(with_payload) == 40 and seen[-1] == 40 and len(seen) == 6
+    assert (result.first_seq, result.last_seq) == (with_payload[0].seq, with_payload[-1].seq)
+    assert result.skipped_format_1 == 1  # the boundary entry of this new store
+    for before in old:
+        after = store.get(before.seq)
+        assert after is not None and after.payload is None
+        assert (after.payload_digest, after.hash, after.body) == (before.payload_digest, before.hash, before.body)
+    assert [store.get(e.seq) for e in new] == new  # the newer ones untouched
+
+    entry = result.entry
+    assert entry is not None and entry.kind == "payloads_erased" and store.head() == entry
+    assert entry.body == {"before": cut.isoformat(timespec="microseconds"), "count": 40,
+                          "first_seq": result.first_seq, "last_seq": result.last_seq, "skipped_format_1": 1}
+    verdict = verify_chain(store)
+    assert verdict.ok and verdict.checked == 1 + len(old) + len(new) + 1
+
+    # The erased texts are gone from the files too (secure_delete, WAL truncated), the newer ones are not.
+    store.engine.dispose()
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("audit.db*"))
+    assert b"OLDSECRET" not in raw and b"NEWTEXT004 answer" in raw
+
+    again = prune_payloads(store, cut)
+    assert (again.erased, again.entry) == (0, None)  # nothing left to erase, nothing recorded
+
+
+def test_nothing_before_the_date_means_nothing_erased(store: AuditStore) -> None:
+    _pair(store, "r", "x")
+    result = prune_payloads(store, datetime.now(timezone.utc) - timedelta(days=1))
+    assert (result.erased, result.entry, result.skipped_format_1) == (0, None, 0)
+    with pytest.raises(ValueError):
+        prune_payloads(store, datetime(2024, 1, 1))  # naive: ambiguous
+
+
+def test_format_1_entries_are_counted_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    engine = make_engine(_url(path))
+    migrate(engine, "audit_0001")
+    for i in range(4):
+        old_append(engine, "request", f"v1-{i}", {"prompt": f"old text {i}"})
+    migrate(engine)
+    store = AuditStore(engine)
+    v2 = _pair(store, "v2", "V2TEXT")
+    cut = _cut()
+
+    result = prune_payloads(store, cut)
+    assert result.erased == 2 and result.skipped_format_1 == 5  # four old entries and the boundary
+    assert store.get(1).body == {"prompt": "old text 0"}  # type: ignore[union-attr]
+    assert all(store.get(e.seq).payload is None for e in v2)  # type: ignore[union-attr]
+    assert verify_chain(store).ok
