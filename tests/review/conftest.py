@@ -44,9 +44,11 @@ class Keys:
     viewer: str
 
 
-def review_settings(var_dir: Path, redis_server: RedisProcess, models_file: Path) -> Settings:
+def review_settings(var_dir: Path, redis_server: RedisProcess, models_file: Path,
+                    database_url: str = "") -> Settings:
     return Settings(var_dir=var_dir, redis_url=redis_server.url, policy_dir=policy_copy(var_dir, _roomy_limits),
-                    models_file=str(models_file), request_timeout_s=60.0, port=free_port())
+                    models_file=str(models_file), request_timeout_s=60.0, port=free_port(),
+                    database_url=database_url)
 
 
 def make_keys(settings: Settings) -> Keys:
@@ -125,9 +127,28 @@ def review_var(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("review")
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def review_database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each module runs on SQLite (the embedded default) and on a fresh PostgreSQL database.
+
+    PostgreSQL comes from the suite's ``postgres_server`` fixture
+    (tests/postgres_server.py), which skips, or fails in CI, without one.
+    """
+    if request.param == "sqlite":
+        yield ""
+        return
+    try:
+        server = request.getfixturevalue("postgres_server")
+    except pytest.FixtureLookupError:
+        pytest.skip("this tree has no postgres_server fixture")
+    url = server.fresh_database("review")
+    yield url
+    server.drop_database(url)
+
+
 @pytest.fixture(scope="module")
-def rsettings(review_var: Path, redis_server: RedisProcess, models_file: Path) -> Settings:
-    return review_settings(review_var, redis_server, models_file)
+def rsettings(review_var: Path, redis_server: RedisProcess, models_file: Path, review_database: str) -> Settings:
+    return review_settings(review_var, redis_server, models_file, review_database)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import contextlib
 from typing import Iterator
 
 import pytest
-from sqlalchemy import text
 
 from audit import AuditStore, verify_chain
 from tests.review.conftest import all_entries, bearer
@@ -175,14 +174,25 @@ async def test_a_text_search_and_a_page_with_texts_are_recorded(rclient, rstore,
 @contextlib.contextmanager
 def refusing(store: AuditStore, kind: str) -> Iterator[None]:
     """The database refuses to record entries of ``kind`` (a real refusal, by a trigger) while inside."""
+    if store.engine.dialect.name == "postgresql":
+        make = [f"CREATE FUNCTION refuse_{kind}() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$",
+                f"CREATE TRIGGER refuse_{kind} BEFORE INSERT ON audit_entries FOR EACH ROW "
+                f"WHEN (NEW.kind = '{kind}') EXECUTE FUNCTION refuse_{kind}()"]
+        drop = [f"DROP TRIGGER refuse_{kind} ON audit_entries", f"DROP FUNCTION refuse_{kind}()"]
+    else:
+        make = [f"CREATE TRIGGER refuse_{kind} BEFORE INSERT ON audit_entries WHEN NEW.kind = '{kind}' "
+                "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"]
+        drop = [f"DROP TRIGGER refuse_{kind}"]
     with store.engine.begin() as conn:
-        conn.execute(text(f"CREATE TRIGGER refuse_{kind} BEFORE INSERT ON audit_entries WHEN NEW.kind = '{kind}' "
-                          "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"))
+        for statement in make:
+            conn.exec_driver_sql(statement)
     try:
         yield
     finally:
         with store.engine.begin() as conn:
-            conn.execute(text(f"DROP TRIGGER refuse_{kind}"))
+            for statement in drop:
+                conn.exec_driver_sql(statement)
 
 
 async def test_no_text_is_shown_when_its_read_cannot_be_recorded(rclient, rstore, rkeys):
