@@ -91,7 +91,10 @@ def audit_export(since: datetime, until: datetime | None, team: str | None, prin
 
 def _record_read(store: Any, kind: str, where: Any) -> None:
     """The operator's read of texts, on the chain before any text is written out."""
-    user = getpass.getuser()
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name (a container's bare uid): the uid names the operator
+        user = f"uid-{os.getuid()}"
     store.append(kind, f"cli-export-{os.getpid()}-{int(datetime.now(timezone.utc).timestamp() * 1e6)}",
                  principal=f"cli:{user}", team=None, model=None, policy_revision=None,
                  body={"via": "cli-export", "request_ids": [], "text_search": False,
