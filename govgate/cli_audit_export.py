@@ -36,12 +36,12 @@ class Moment(click.ParamType):
             if len(value) == 10:
                 return datetime.combine(date.fromisoformat(value), time(0), tzinfo=timezone.utc)
             moment = datetime.fromisoformat(value)
-        except ValueError:
-            self.fail(f"{value!r} is not an ISO-8601 date (2026-05-01) or date-time (2026-05-01T12:00:00Z)",
-                      param, ctx)
-        if moment.tzinfo is None or moment.utcoffset() is None:
-            moment = moment.replace(tzinfo=timezone.utc)
-        return moment.astimezone(timezone.utc)
+            if moment.tzinfo is None or moment.utcoffset() is None:
+                moment = moment.replace(tzinfo=timezone.utc)
+            return moment.astimezone(timezone.utc)
+        except (ValueError, OverflowError):
+            self.fail(f"{value!r} is not an ISO-8601 date (2026-05-01) or date-time (2026-05-01T12:00:00Z) "
+                      "within years 1 to 9999 in UTC", param, ctx)
 
 
 @audit.command("export")

@@ -110,12 +110,12 @@ def parse_time(param: str, value: str) -> datetime:
         if len(value) == 10:
             return datetime.combine(date.fromisoformat(value), time(0), tzinfo=timezone.utc)
         moment = datetime.fromisoformat(value)
-    except ValueError:
+        if moment.tzinfo is None or moment.utcoffset() is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return moment.astimezone(timezone.utc)  # OverflowError at the ends of the calendar (year 1 +05:00)
+    except (ValueError, OverflowError):
         raise bad(param, f"{param} must be an ISO-8601 date (2026-05-01) or date-time "
-                         "(2026-05-01T12:00:00Z).") from None
-    if moment.tzinfo is None or moment.utcoffset() is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
+                         "(2026-05-01T12:00:00Z) within years 1 to 9999 in UTC.") from None
 
 
 def _time_range(values: Mapping[str, str]) -> tuple[datetime | None, datetime | None]:

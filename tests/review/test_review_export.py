@@ -150,6 +150,7 @@ def test_cli_export_writes_the_file_with_a_progress_bar(rsettings, rstore, tmp_p
 @pytest.mark.parametrize("args,message", [
     (["--format", "csv"], "--since"),
     (["--since", "last week", "--format", "csv"], "not an ISO-8601 date"),
+    (["--since", "0001-01-01T00:00:00+05:00", "--format", "csv"], "within years 1 to 9999"),
     (["--since", "2026-05-02", "--until", "2026-05-01", "--format", "csv"], "later than --since"),
     (["--since", "2026-05-01", "--format", "xml"], "xml"),
     (["--since", "2026-05-01", "--format", "csv", "--kind", "nope"], "unknown kind"),
