@@ -148,6 +148,12 @@ async def test_ugly_values_are_answered_not_crashed(rclient, rkeys):
         response = await rclient.get("/v1/audit/entries", headers=bearer(rkeys.reviewer), params=params)
         assert response.status_code == 200, (params, response.text)
         assert response.json()["data"] == [] or "q" in params or "since" in params
+    for raw in ("team=%ff", "%00=1", "q=%00", "limit", "kind", "cursor=%2B1", "since=%2B002026-05-01"):
+        response = await rclient.get(f"/v1/audit/entries?{raw}", headers=bearer(rkeys.reviewer))
+        assert response.status_code in (200, 400), (raw, response.text)
+        assert response.json()["error"]["param"] if response.status_code == 400 else True
+    nul = await rclient.get("/v1/audit/requests/a%00b", headers=bearer(rkeys.reviewer))
+    assert nul.status_code == 404, nul.text
     long_id = "r" * 300
     _error(await rclient.get(f"/v1/audit/requests/{long_id}", headers=bearer(rkeys.reviewer)), 404,
            "request_not_found")
