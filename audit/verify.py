@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from json.encoder import encode_basestring  # the C quoting of JSONEncoder(ensure_ascii=False)
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Final, Iterator
@@ -127,7 +128,7 @@ class _Walk:
     def walk(self, rows: list[tuple[Any, ...]]) -> None:
         expected_seq = (self.head_seq or 0) + 1
         prev_hash = self.head_hash or GENESIS_HASH
-        encode = _ENCODER.encode
+        quote = encode_basestring
         for row in rows:
             (seq, created_at, request_id, kind, principal, team, model, body, policy_revision,
              terminal_request_id, prev, stored_hash, payload, digest) = row
@@ -141,19 +142,27 @@ class _Walk:
             if self.boundary is None:
                 self._format_1(row)
             else:
-                # Format 2, the hot loop: the stored texts are hashed as they are, nothing is parsed.
-                if type(created_at) is str and len(created_at) == 26 and created_at[10] == " ":
-                    moment = f"{created_at[:10]}T{created_at[11:]}+00:00"  # SQLite's stored form, as hashed
-                else:
-                    moment = self._timestamp(seq, created_at)
-                if type(body) is not str:
-                    raise _Bad(seq, f"audit entry {seq} cannot be decoded: its body is not stored as text "
-                                    "(the entry was edited)")
-                rest = encode({"created_at": moment, "kind": kind, "model": model, "payload_digest": digest,
-                               "policy_revision": policy_revision, "prev_hash": prev, "principal": principal,
-                               "request_id": request_id, "seq": seq, "team": team,
-                               "terminal_request_id": terminal_request_id})
-                computed = _sha256(f'{prev}{{"body":{body},{rest[1:]}'.encode("utf-8")).hexdigest()
+                # Format 2, the hot loop: the stored texts are hashed as they are, nothing is parsed. The
+                # common case (SQLite's stored timestamp, text columns holding text) is spelt out by hand,
+                # as the canonical encoder would write it; anything else goes through the encoder itself.
+                text = None
+                if type(created_at) is str and len(created_at) == 26 and created_at[10] == " " \
+                        and type(body) is str:
+                    try:
+                        text = (f'{prev}{{"body":{body},"created_at":"{created_at[:10]}T{created_at[11:]}+00:00",'
+                                f'"kind":{quote(kind)},"model":{"null" if model is None else quote(model)},'
+                                f'"payload_digest":{"null" if digest is None else quote(digest)},'
+                                f'"policy_revision":{"null" if policy_revision is None else quote(policy_revision)},'
+                                f'"prev_hash":{quote(prev)},'
+                                f'"principal":{"null" if principal is None else quote(principal)},'
+                                f'"request_id":{quote(request_id)},"seq":{seq},'
+                                f'"team":{"null" if team is None else quote(team)},"terminal_request_id":'
+                                f'{"null" if terminal_request_id is None else quote(terminal_request_id)}}}')
+                    except TypeError:  # a column holding something other than text: the encoder decides
+                        text = None
+                if text is None:
+                    text = self._v2_text(row)
+                computed = _sha256(text.encode("utf-8")).hexdigest()
                 if computed != stored_hash:
                     raise _Bad(seq, self._v2_mismatch(row, computed))
                 if payload is not None:
@@ -165,6 +174,26 @@ class _Walk:
             expected_seq = seq + 1
             prev_hash = self.head_hash = stored_hash
             self.head_seq = seq
+
+    def _v2_text(self, row: tuple[Any, ...]) -> str:
+        """``prev_hash`` and the format-2 canonical text of a raw row, through the canonical encoder."""
+        (seq, created_at, request_id, kind, principal, team, model, body, policy_revision,
+         terminal_request_id, prev, _hash, _payload, digest) = row
+        if type(created_at) is str and len(created_at) == 26 and created_at[10] == " ":
+            moment = f"{created_at[:10]}T{created_at[11:]}+00:00"  # SQLite's stored form, as hashed
+        else:
+            moment = self._timestamp(seq, created_at)
+        if type(body) is not str:
+            raise _Bad(seq, f"audit entry {seq} cannot be decoded: its body is not stored as text "
+                            "(the entry was edited)")
+        try:
+            rest = _ENCODER.encode({
+                "created_at": moment, "kind": kind, "model": model, "payload_digest": digest,
+                "policy_revision": policy_revision, "prev_hash": prev, "principal": principal,
+                "request_id": request_id, "seq": seq, "team": team, "terminal_request_id": terminal_request_id})
+        except (TypeError, ValueError) as exc:
+            raise _Bad(seq, f"audit entry {seq} cannot be decoded: {exc} (the entry was edited)") from None
+        return f'{prev}{{"body":{body},{rest[1:]}'
 
     def _timestamp(self, seq: int, value: Any) -> str:
         """The hashed form of a ``created_at`` that is not SQLite's usual text (PostgreSQL's datetime)."""

@@ -4,7 +4,10 @@ Rules about the log, not about serving, hence apart from the request service:
 ``prompt_logging`` decides how much of the prompt is stored, texts the
 policy's detectors found are never stored in clear, a request refused before
 any decision keeps no text, and every digest is keyed
-(:class:`workers.contract.privacy.Digester`).
+(:class:`workers.contract.privacy.Digester`). The texts kept here
+(``messages``/``prompt``) are moved into the entry's erasable payload when it
+is written (:func:`workers.contract.privacy.split_texts` in the request log),
+so the chained body holds only metadata and digests.
 """
 
 from __future__ import annotations

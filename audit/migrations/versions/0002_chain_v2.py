@@ -56,6 +56,9 @@ _KINDS = (
     " 'rejected', 'request', 'timed_out')"
 )
 _REFUSAL = "audit entries are append-only"
+#: The CHECK names audit_0001 actually made (the naming convention prefixed its explicit names once more).
+_KIND_CHECK = "ck_audit_entries_ck_audit_entries_kind"
+_TERMINAL_CHECK = "ck_audit_entries_ck_audit_entries_terminal"
 _CHECKPOINT_REFUSAL = "audit checkpoints are append-only"
 #: audit.db.APPEND_LOCK_KEY at this revision (PostgreSQL advisory lock of the appenders).
 _APPEND_LOCK_KEY = 0x60_6A_7E_A0_D1_70_00_01
@@ -90,12 +93,12 @@ def _entries_table(name: str) -> None:
         sa.Column("payload", sa.JSON(), nullable=True),
         sa.Column("payload_digest", sa.String(64), nullable=True),
         sa.PrimaryKeyConstraint("seq", name="pk_audit_entries"),
-        sa.CheckConstraint(f"kind IN {_KINDS}", name="ck_audit_entries_kind"),
+        sa.CheckConstraint(f"kind IN {_KINDS}", name=op.f(_KIND_CHECK)),
         sa.CheckConstraint(
             f"(kind IN {_TERMINAL}"
             " AND terminal_request_id IS NOT NULL AND terminal_request_id = request_id)"
             f" OR (kind NOT IN {_TERMINAL} AND terminal_request_id IS NULL)",
-            name="ck_audit_entries_terminal",
+            name=op.f(_TERMINAL_CHECK),
         ),
         sa.UniqueConstraint("terminal_request_id", name="uq_audit_entries_terminal_request_id"),
         sa.UniqueConstraint("prev_hash", name="uq_audit_entries_prev_hash"),
@@ -175,8 +178,8 @@ def _upgrade_sqlite() -> None:
 
 def _upgrade_postgresql() -> None:
     op.execute("ALTER TABLE audit_entries ALTER COLUMN kind TYPE VARCHAR(32)")
-    op.execute("ALTER TABLE audit_entries DROP CONSTRAINT ck_audit_entries_kind")
-    op.execute(f"ALTER TABLE audit_entries ADD CONSTRAINT ck_audit_entries_kind CHECK (kind IN {_KINDS})")
+    op.execute(f"ALTER TABLE audit_entries DROP CONSTRAINT {_KIND_CHECK}")
+    op.execute(f"ALTER TABLE audit_entries ADD CONSTRAINT {_KIND_CHECK} CHECK (kind IN {_KINDS})")
     # JSON, never JSONB: JSON keeps the text byte for byte, which the digest covers.
     op.add_column("audit_entries", sa.Column("payload", sa.JSON(), nullable=True))
     op.add_column("audit_entries", sa.Column("payload_digest", sa.String(64), nullable=True))
