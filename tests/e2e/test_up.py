@@ -134,7 +134,7 @@ def test_up_serves_a_governed_request_and_stops_cleanly(up_env):
 
     verify = subprocess.run([sys.executable, "-m", "govgate.cli", "audit", "verify"], env=env,
                             capture_output=True, text=True)
-    assert verify.returncode == 0 and verify.stdout.startswith("ok: 4 entries"), verify.stdout
+    assert verify.returncode == 0 and verify.stdout.startswith("ok: 5 entries"), verify.stdout  # the chain_format entry, then 2 x 2
 
     children = processes_of(var_dir)
     assert len(children) >= 4  # up, redis, worker (+ its pool process), api
