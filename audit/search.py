@@ -26,7 +26,7 @@ from .chain import FORMAT_1, FORMAT_2
 from .db import DB_ERRORS, describe, reason
 from .entry import AuditEntry
 from .errors import AuditError, CorruptEntryError
-from .kinds import REQUEST
+from .kinds import PAYLOAD_READ, REQUEST
 from .store import AuditStore
 from .tables import audit_table
 
@@ -54,6 +54,7 @@ class EntryFilter:
     """Which entries a search or an export wants; every field left ``None`` matches all.
 
     ``since`` is inclusive and ``until`` exclusive, both aware datetimes.
+    ``read_of`` answers "who read this request's texts".
     ``decision`` and ``reason`` match ``request`` entries only (the kinds
     that carry a decision). ``text`` matches prompts and outputs as stored
     (case-insensitively for ASCII letters).
@@ -66,6 +67,8 @@ class EntryFilter:
     kinds: frozenset[str] = field(default_factory=frozenset)
     decision: Decision | None = None
     reason: str | None = None
+    #: ``payload_read`` entries that name this request id among the requests read.
+    read_of: str | None = None
     since: datetime | None = None
     until: datetime | None = None
     text: str | None = None
@@ -144,6 +147,9 @@ def conditions(where: EntryFilter, dialect: str) -> list[ColumnElement[bool]]:
         clauses.append(has_reason(where.reason, dialect))
     if where.text is not None:
         clauses.append(text_matches(where.text))
+    if where.read_of is not None:
+        clauses.append(_t.kind == PAYLOAD_READ)
+        clauses.append(names_read(where.read_of, dialect))
     return clauses
 
 
@@ -191,6 +197,19 @@ class ReasonItems:
             return cls(elements, code, (func.json_typeof(elements.c.value) == "object",))
         elements = func.json_each(_t.body, "$.decision.reasons").table_valued("value", "type").alias("reason_items")
         return cls(elements, func.json_extract(elements.c.value, "$.code"), (elements.c.type == "object",))
+
+
+def names_read(request_id: str, dialect: str) -> ColumnElement[bool]:
+    """A ``payload_read`` entry's ``request_ids`` hold ``request_id`` (unnested as :class:`ReasonItems` is)."""
+    if dialect == "postgresql":
+        safe = literal_column(
+            "CASE WHEN json_typeof(audit_entries.body -> 'request_ids') = 'array' "
+            "THEN audit_entries.body -> 'request_ids' ELSE '[]'::json END", type_=JSON)
+        items = func.json_array_elements_text(safe).table_valued("value").alias("read_items")
+        return exists(select(literal_column("1")).select_from(items).where(items.c.value == request_id))
+    items = func.json_each(_t.body, "$.request_ids").table_valued("value", "type").alias("read_items")
+    return exists(select(literal_column("1")).select_from(items)
+                  .where(items.c.type == "text", items.c.value == request_id))
 
 
 def like_pattern(term: str) -> str:

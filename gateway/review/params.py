@@ -25,10 +25,11 @@ INVALID_FILTER: Final = "invalid_filter"
 MAX_TEXT: Final = 1000
 
 _FILTERS: Final = ("principal", "team", "model", "request_id", "since", "until")
-ENTRY_PARAMS: Final = frozenset({*_FILTERS, "kind", "decision", "reason", "q", "order", "limit", "cursor",
-                                 "include_text"})
+ENTRY_PARAMS: Final = frozenset({*_FILTERS, "kind", "decision", "reason", "read_of", "q", "order", "limit",
+                                 "cursor", "include_text"})
 USAGE_PARAMS: Final = frozenset({*_FILTERS, "group_by"})
-EXPORT_PARAMS: Final = frozenset({*_FILTERS, "kind", "decision", "reason", "q", "order", "format", "include_text"})
+EXPORT_PARAMS: Final = frozenset({*_FILTERS, "kind", "decision", "reason", "read_of", "q", "order", "format",
+                                  "include_text"})
 STORY_PARAMS: Final = frozenset({"include_text"})
 
 Query = Mapping[str, Sequence[str]]
@@ -68,7 +69,8 @@ def entry_query(query: Query, *, allowed: frozenset[str] = ENTRY_PARAMS) -> Entr
     since, until = _time_range(values)
     where = EntryFilter(principal=values.get("principal"), team=values.get("team"), model=values.get("model"),
                         request_id=values.get("request_id"), kinds=frozenset(kinds), decision=decision,  # type: ignore[arg-type]
-                        reason=values.get("reason"), since=since, until=until, text=text)
+                        reason=values.get("reason"), read_of=values.get("read_of"), since=since, until=until,
+                        text=text)
     order = values.get("order", "newest")
     if order not in ("newest", "oldest"):
         raise bad("order", "order must be 'newest' (the default) or 'oldest'.")

@@ -24,7 +24,7 @@ from audit.aggregates import usage
 from audit.export import chunks, entry_document, has_text
 from audit.kinds import (COMMENTED, DISPOSITIONED, FLAGGED, PAYLOAD_READ, REJECTED, REQUEST, REVIEW_KINDS,
                          TERMINAL_KINDS)
-from audit.search import EntryFilter, iter_matching, search
+from audit.search import MAX_PAGE_SIZE, EntryFilter, iter_matching, search
 from gateway.api_errors import ApiError, new_request_id
 from gateway.review.access import Access
 from gateway.review.params import EntryQuery
@@ -95,11 +95,18 @@ class ReviewService:
         own = [entry for entry in entries if entry.kind in _REQUEST_KINDS]
         if not own:
             raise request_not_found(request_id)
+        reads: list[AuditEntry] = []
+        if access.sees_all:  # who read this request's texts (before this read)
+            where = EntryFilter(read_of=request_id)
+            reads = (await self._run(partial(search, self.audit, where, limit=MAX_PAGE_SIZE))).entries
+            reads.reverse()
         read_id = None
         if include_text and any(has_text(entry) for entry in own):
             read_id = await self._record_read(access, [request_id], via="story", text_search=False)
-        return Answer(_story(request_id, own, [e for e in entries if e.kind in REVIEW_KINDS], include_text),
-                      read_id)
+        story = _story(request_id, own, [e for e in entries if e.kind in REVIEW_KINDS], include_text)
+        if access.sees_all:
+            story["reads"] = [entry_document(entry, with_text=False) for entry in reads]
+        return Answer(story, read_id)
 
     async def usage(self, access: Access, where: EntryFilter, groups: tuple[str, ...]) -> Answer:
         where = replace(where, principal=access.own_principal(where.principal))
@@ -186,7 +193,7 @@ def _filter_document(where: EntryFilter) -> dict[str, Any]:
     """What an export covered, for its ``payload_read`` entry (the search text itself is not kept)."""
     return {"principal": where.principal, "team": where.team, "model": where.model,
             "request_id": where.request_id, "kinds": sorted(where.kinds), "decision": where.decision,
-            "reason": where.reason, "since": where.since.isoformat() if where.since else None,
+            "reason": where.reason, "read_of": where.read_of, "since": where.since.isoformat() if where.since else None,
             "until": where.until.isoformat() if where.until else None}
 
 

@@ -148,6 +148,15 @@ async def test_reading_texts_is_recorded_before_they_are_shown(rclient, rstore, 
         assert read.principal == who and read.body["request_ids"] == [request_id]
         assert read.body["via"] == "story" and read.seq > entries[-1]["seq"]
     assert len(_reads(rstore)) == reads + 3
+    # Who read it: in the story (for reviewers and auditors) and as a search.
+    story = (await rclient.get(url, headers=bearer(rkeys.auditor))).json()
+    assert [(r["principal"], r["body"]["request_ids"]) for r in story["reads"]] == \
+        [("rita", [request_id]), ("otto", [request_id]), ("bob", [request_id])]
+    found = await rclient.get("/v1/audit/entries", headers=bearer(rkeys.reviewer), params={"read_of": request_id})
+    assert [d["principal"] for d in found.json()["data"]] == ["bob", "otto", "rita"]
+    assert "reads" not in (await rclient.get(url, headers=bearer(rkeys.bob))).json()
+    other = await rclient.get("/v1/audit/entries", headers=bearer(rkeys.reviewer), params={"read_of": "no-such"})
+    assert other.json()["data"] == []
 
 
 async def test_a_text_search_and_a_page_with_texts_are_recorded(rclient, rstore, rkeys):
