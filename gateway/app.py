@@ -14,6 +14,7 @@ from gateway.api.dependencies import provide_completions, provide_principal
 from gateway.api.health import HealthController
 from gateway.api.openapi import COMPONENTS
 from gateway.api.models import ModelsController
+from gateway.api.review import ReviewController
 from gateway.components import Components, build_components
 from gateway.api_errors import EXCEPTION_HANDLERS
 from gateway.settings import Settings
@@ -32,7 +33,7 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
             yield
 
     return Litestar(
-        route_handlers=[CompletionsController, ModelsController, HealthController],
+        route_handlers=[CompletionsController, ModelsController, HealthController, ReviewController],
         dependencies={"principal": Provide(provide_principal),
                       "completions": Provide(provide_completions, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,

@@ -10,3 +10,10 @@ HEALTH = "/healthz"
 PURPOSE_HEADER = "X-Govgate-Purpose"
 #: Header on every completion and error response naming its audit request id.
 REQUEST_ID_HEADER = "X-Govgate-Request-Id"
+
+#: The review API (reviewers, auditors, and every key for its own entries).
+AUDIT = "/v1/audit"
+AUDIT_ENTRIES = "/v1/audit/entries"
+AUDIT_REQUEST = "/v1/audit/requests/{request_id:str}"
+AUDIT_USAGE = "/v1/audit/usage"
+AUDIT_EXPORT = "/v1/audit/export"

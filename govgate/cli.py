@@ -15,6 +15,7 @@ import click
 
 from gateway.settings import Settings
 from govgate.cli_audit import audit
+import govgate.cli_audit_export  # noqa: F401  (adds "audit export" to the audit group)
 from govgate.cli_common import load_settings
 from govgate.cli_keys import keys
 from govgate.cli_policy import policy

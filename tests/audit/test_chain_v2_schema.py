@@ -55,7 +55,7 @@ def test_upgrade_keeps_every_stored_byte_and_the_chain_verifies(v1_store: Path) 
     engine = make_engine(_url(v1_store))
     migrate(engine)
     with engine.connect() as conn:
-        assert list(conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars()) == ["audit_0002"]
+        assert list(conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars()) == ["audit_0003"]
 
     after = _raw(v1_store, "SELECT seq, created_at, request_id, kind, principal, team, model, body, policy_revision,"
                            " terminal_request_id, prev_hash, hash, payload, payload_digest FROM audit_entries ORDER BY seq")
@@ -73,7 +73,7 @@ def test_upgrade_keeps_every_stored_byte_and_the_chain_verifies(v1_store: Path) 
 
 
 def test_upgrade_keeps_indexes_and_makes_the_new_guards(v1_store: Path) -> None:
-    migrate(make_engine(_url(v1_store)))
+    migrate(make_engine(_url(v1_store)), "audit_0002")  # this revision's own indexes (audit_0003 adds more)
     names = {name for (name,) in _raw(v1_store, "SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger')"
                                                 " AND name NOT LIKE 'sqlite_autoindex%'")}
     assert names == {

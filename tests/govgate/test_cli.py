@@ -128,7 +128,7 @@ def test_keys_create_refuses_missing_or_unknown_roles(cli, roles, problem):
     result = cli("keys", "create", "--user", "bob", *args, ok=False)
     assert result.exit_code == 1
     assert result.output.strip() == (f"Error: {problem}: a key needs at least one of the roles the policy knows: "
-                                     "admin, analyst, viewer")
+                                     "admin, analyst, auditor, reviewer, viewer")
     assert "bob" not in cli("keys", "list").stdout  # nothing was made
 
 

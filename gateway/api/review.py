@@ -1,0 +1,105 @@
+"""The review API under ``/v1/audit``: search, a request's story, usage, review actions, export (thin).
+
+Routes read their query strictly (``gateway/review/params.py``) and hand
+over to :class:`gateway.review.service.ReviewService`; access is decided by
+the caller's roles (``gateway/review/access.py``). There is deliberately no
+PUT, PATCH or DELETE anywhere under this path: entries are appended, never
+changed. The routes are left out of the OpenAPI description for now (its
+schema tests cover the completion routes' every answer; see the README).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.di import NamedDependency
+from litestar.exceptions import HTTPException
+from litestar.params import FromPath
+from litestar.response import Stream
+
+from audit.export import MEDIA_TYPES
+from audit.tables import NAME_LEN
+from gateway import urls
+from gateway.api_errors import ApiError
+from gateway.auth import Principal
+from gateway.review.access import Access
+from gateway.review.actions import parse_action
+from gateway.review.params import EXPORT_PARAMS, entry_query, story_query, usage_query
+from gateway.review.service import Answer, ReviewService, request_not_found
+
+_ACTION_PATH = "/requests/{request_id:str}/{action:str}"
+
+
+def _service(state: State) -> ReviewService:
+    return ReviewService(state.components.audit)
+
+
+def _query(request: Request) -> dict[str, list[str]]:
+    return {name: list(values) for name, values in request.query_params.dict().items()}
+
+
+def _checked(request_id: str) -> str:
+    if not request_id or len(request_id) > NAME_LEN or "\x00" in request_id:
+        raise request_not_found(request_id)
+    return request_id
+
+
+def _respond(answer: Answer, status: int = 200) -> Response[dict[str, Any]]:
+    headers = {urls.REQUEST_ID_HEADER: answer.request_id} if answer.request_id else {}
+    return Response(answer.body, status_code=status, headers=headers)
+
+
+class ReviewController(Controller):
+    path = urls.AUDIT
+    tags = ["audit"]
+    include_in_schema = False
+
+    @get("/entries", summary="Search audit entries")
+    async def entries(self, request: Request, state: State,
+                      principal: NamedDependency[Principal]) -> Response[dict[str, Any]]:
+        query = entry_query(_query(request))
+        return _respond(await _service(state).search(Access(principal), query))
+
+    @get("/requests/{request_id:str}", summary="One request's whole story")
+    async def story(self, request: Request, state: State, principal: NamedDependency[Principal],
+                    request_id: FromPath[str]) -> Response[dict[str, Any]]:
+        include_text = story_query(_query(request))
+        answer = await _service(state).story(Access(principal), _checked(request_id), include_text=include_text)
+        return _respond(answer)
+
+    @get("/usage", summary="Requests, tokens and denials per day, team, model")
+    async def usage(self, request: Request, state: State,
+                    principal: NamedDependency[Principal]) -> Response[dict[str, Any]]:
+        where, groups = usage_query(_query(request))
+        return _respond(await _service(state).usage(Access(principal), where, groups))
+
+    @get("/export", summary="Export entries as JSONL or CSV (streamed)")
+    async def export(self, request: Request, state: State, principal: NamedDependency[Principal]) -> Stream:
+        query = entry_query(_query(request), allowed=EXPORT_PARAMS)
+        read_id, chunks = await _service(state).export(Access(principal), query)
+        headers = {"Content-Disposition": f'attachment; filename="audit.{query.fmt}"'}
+        if read_id:
+            headers[urls.REQUEST_ID_HEADER] = read_id
+        return Stream(chunks, media_type=MEDIA_TYPES[query.fmt], headers=headers)
+
+    @post(_ACTION_PATH, summary="Flag, comment on or dispose of a request", status_code=201)
+    async def act(self, request: Request, state: State, principal: NamedDependency[Principal],
+                  request_id: FromPath[str], action: FromPath[str]) -> Response[dict[str, Any]]:
+        if action not in ("flag", "comment", "disposition"):
+            raise ApiError(404, "not_found", "No such endpoint. Review actions are flag, comment and disposition.")
+        access = Access(principal)
+        access.require_reviewer()  # before reading the body: a non-reviewer learns nothing from its errors
+        fields = parse_action(action, await _body(request))
+        return _respond(await _service(state).act(access, _checked(request_id), action, fields), 201)
+
+
+async def _body(request: Request) -> bytes:
+    try:
+        return await request.body()
+    except HTTPException as exc:
+        if exc.status_code == 413:
+            raise ApiError(413, "body_too_large", "The request body is larger than this gateway accepts "
+                           "(GOVGATE_MAX_BODY_BYTES).") from None
+        raise

@@ -1,0 +1,206 @@
+"""The review API's work: search, one request's story, usage, review actions, export.
+
+Every answer that shows the text of a prompt or an output (``include_text``)
+or that matched one (``q``) is preceded by a ``payload_read`` entry on the
+chain naming the reader and the requests read; if that entry cannot be
+written, nothing is shown (503 ``audit_unavailable``), as a completion is
+not served unaudited. Review actions (``flagged``, ``commented``,
+``dispositioned``) are entries of their own on the chain, under the target's
+request id, so a request's story holds its review and verification covers
+it. Database calls run on worker threads: the store is synchronous.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, Callable, Final, Iterator, TypeVar
+
+import anyio.to_thread
+
+from audit import AuditEntry, AuditError, AuditStore
+from audit.aggregates import usage
+from audit.export import chunks, entry_document, has_text
+from audit.kinds import (COMMENTED, DISPOSITIONED, FLAGGED, PAYLOAD_READ, REJECTED, REQUEST, REVIEW_KINDS,
+                         TERMINAL_KINDS)
+from audit.search import MAX_PAGE_SIZE, EntryFilter, iter_matching, search
+from gateway.api_errors import ApiError, new_request_id
+from gateway.review.access import Access
+from gateway.review.params import EntryQuery
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The dispositions a reviewer may record.
+DISPOSITIONS: Final = ("ok", "violation", "needs-follow-up")
+#: What each action route appends.
+ACTION_KINDS: Final = {"flag": FLAGGED, "comment": COMMENTED, "disposition": DISPOSITIONED}
+#: Entries a request is made of (a review action needs one of these to act on).
+_REQUEST_KINDS: Final = frozenset({REQUEST, REJECTED}) | TERMINAL_KINDS
+
+
+def audit_unavailable() -> ApiError:
+    return ApiError(503, "audit_unavailable", "The audit log cannot be read or written right now; nothing was "
+                    "shown or recorded. Try again shortly.")
+
+
+def request_not_found(request_id: str) -> ApiError:
+    return ApiError(404, "request_not_found", "No audit entries for this request id that this key may read.",
+                    param="request_id")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A JSON body and the request id the response names (a ``payload_read`` or an action entry's)."""
+
+    body: dict[str, Any]
+    request_id: str | None = None
+
+
+class ReviewService:
+    """Reads and review actions over one audit store (built per request; it holds no state)."""
+
+    def __init__(self, audit: AuditStore) -> None:
+        self.audit = audit
+
+    async def _run(self, call: Callable[[], T]) -> T:
+        try:
+            return await anyio.to_thread.run_sync(call)
+        except AuditError as exc:
+            log.error("review: audit store unavailable: %s", exc)
+            raise audit_unavailable() from None
+
+    # -- reads ---------------------------------------------------------------
+
+    async def search(self, access: Access, query: EntryQuery) -> Answer:
+        where = replace(query.where, principal=access.own_principal(query.where.principal))
+        page = await self._run(partial(search, self.audit, where, newest_first=query.newest_first,
+                                       limit=query.limit, cursor=query.cursor))
+        read_id = None
+        read = [e.request_id for e in page.entries if (query.include_text and has_text(e)) or where.text is not None]
+        if read:
+            read_id = await self._record_read(access, read, via="search", text_search=where.text is not None)
+        body = {"object": "list",
+                "data": [entry_document(entry, with_text=query.include_text) for entry in page.entries],
+                "has_more": page.next_cursor is not None,
+                "next_cursor": None if page.next_cursor is None else str(page.next_cursor)}
+        return Answer(body, read_id)
+
+    async def story(self, access: Access, request_id: str, *, include_text: bool) -> Answer:
+        entries = await self._run(partial(self.audit.entries_for, request_id))
+        if not access.sees_all:
+            entries = [entry for entry in entries if entry.principal == access.principal.id]
+        own = [entry for entry in entries if entry.kind in _REQUEST_KINDS]
+        if not own:
+            raise request_not_found(request_id)
+        reads: list[AuditEntry] = []
+        if access.sees_all:  # who read this request's texts (before this read)
+            where = EntryFilter(read_of=request_id)
+            reads = (await self._run(partial(search, self.audit, where, limit=MAX_PAGE_SIZE))).entries
+            reads.reverse()
+        read_id = None
+        if include_text and any(has_text(entry) for entry in own):
+            read_id = await self._record_read(access, [request_id], via="story", text_search=False)
+        story = _story(request_id, own, [e for e in entries if e.kind in REVIEW_KINDS], include_text)
+        if access.sees_all:
+            story["reads"] = [entry_document(entry, with_text=False) for entry in reads]
+        return Answer(story, read_id)
+
+    async def usage(self, access: Access, where: EntryFilter, groups: tuple[str, ...]) -> Answer:
+        where = replace(where, principal=access.own_principal(where.principal))
+        result = await self._run(partial(usage, self.audit.engine, where, groups))
+        return Answer({"object": "audit.usage", "group_by": list(result.groups), "data": result.rows,
+                       "denials": result.denials, "truncated": result.truncated})
+
+    async def export(self, access: Access, query: EntryQuery) -> tuple[str | None, Iterator[bytes]]:
+        """The read entry's id (when texts are exported) and the chunks, read lazily as they are sent."""
+        where = replace(query.where, principal=access.own_principal(query.where.principal))
+        read_id = None
+        if query.include_text or where.text is not None:
+            read_id = await self._record_read(access, [], via="export", text_search=where.text is not None,
+                                              scope=_filter_document(where))
+        entries = iter_matching(self.audit, where, newest_first=query.newest_first)
+        return read_id, _logged(chunks(query.fmt, entries, with_text=query.include_text))
+
+    # -- review actions --------------------------------------------------------
+
+    async def act(self, access: Access, request_id: str, action: str, fields: dict[str, Any]) -> Answer:
+        """Append a ``flagged``/``commented``/``dispositioned`` entry for an existing request."""
+        access.require_reviewer()
+        entries = await self._run(partial(self.audit.entries_for, request_id))
+        target = next((entry for entry in entries if entry.kind in _REQUEST_KINDS), None)
+        if target is None:
+            raise request_not_found(request_id)
+        principal = access.principal
+        body = {"key_id": principal.key_id, "roles": list(principal.roles),
+                "target": {"principal": target.principal, "team": target.team, "model": target.model,
+                           "seq": target.seq}, **fields}
+        entry = await self._run(partial(self.audit.append, ACTION_KINDS[action], request_id, principal=principal.id,
+                                        team=principal.team, model=target.model, body=body,
+                                        policy_revision=None))
+        return Answer(entry_document(entry, with_text=False), request_id)
+
+    async def _record_read(self, access: Access, request_ids: list[str], *, via: str, text_search: bool,
+                           scope: dict[str, Any] | None = None) -> str:
+        """Put "who read which requests' texts" on the chain before they are shown; 503 if it cannot be."""
+        principal = access.principal
+        read_id = new_request_id()
+        body: dict[str, Any] = {"key_id": principal.key_id, "roles": list(principal.roles), "via": via,
+                                "request_ids": sorted(set(request_ids)), "text_search": text_search}
+        if scope is not None:
+            body["filter"] = scope
+        await self._run(partial(self.audit.append, PAYLOAD_READ, read_id, principal=principal.id,
+                                team=principal.team, model=None, body=body, policy_revision=None))
+        return read_id
+
+
+def _story(request_id: str, entries: list[AuditEntry], review: list[AuditEntry], include_text: bool) -> dict[str, Any]:
+    """One request from its entries: who, what was decided and why, how it ended, what reviewers said."""
+    first = entries[0]
+    request = next((entry for entry in entries if entry.kind == REQUEST), None)
+    terminal = next((entry for entry in entries if entry.kind in TERMINAL_KINDS), None)
+    decision = request.body.get("decision") if request is not None else None
+    if terminal is not None:
+        status = terminal.kind
+    elif any(entry.kind == REJECTED for entry in entries):
+        status = "rejected"
+    elif isinstance(decision, dict) and decision.get("unavailable"):
+        status = "unavailable"
+    elif isinstance(decision, dict) and decision.get("allow") is False:
+        status = "denied"
+    else:
+        status = "pending"
+    dispositions = [entry for entry in review if entry.kind == DISPOSITIONED]
+    return {
+        "object": "audit.request",
+        "request_id": request_id,
+        "principal": first.principal,
+        "team": first.team,
+        "model": first.model,
+        "policy_revision": (request or first).policy_revision,
+        "status": status,
+        "decision": decision,
+        "flagged": any(entry.kind == FLAGGED for entry in review),
+        "disposition": dispositions[-1].body.get("disposition") if dispositions else None,
+        "entries": [entry_document(entry, with_text=include_text) for entry in entries],
+        "review": [entry_document(entry, with_text=False) for entry in review],
+    }
+
+
+def _filter_document(where: EntryFilter) -> dict[str, Any]:
+    """What an export covered, for its ``payload_read`` entry (the search text itself is not kept)."""
+    return {"principal": where.principal, "team": where.team, "model": where.model,
+            "request_id": where.request_id, "kinds": sorted(where.kinds), "decision": where.decision,
+            "reason": where.reason, "read_of": where.read_of, "since": where.since.isoformat() if where.since else None,
+            "until": where.until.isoformat() if where.until else None}
+
+
+def _logged(parts: Iterator[bytes]) -> Iterator[bytes]:
+    """Pass the chunks on; a read failing mid-stream is logged and cuts the response off (no clean end)."""
+    try:
+        yield from parts
+    except AuditError as exc:
+        log.error("review export cut off: the audit store failed mid-stream: %s", exc)
+        raise

@@ -1,0 +1,161 @@
+"""Export over HTTP and from the CLI: JSONL and CSV that parse back, filters, texts only when recorded, streaming."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from datetime import timedelta
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import event
+
+from audit.chain import document_hash
+from audit.export import CSV_COLUMNS
+from govgate.cli import main
+from tests.review.conftest import all_entries, bearer, seed, texts
+
+pytestmark = pytest.mark.anyio
+
+
+def _without_texts(body: dict) -> dict:
+    return {k: v for k, v in body.items() if k not in ("messages", "prompt", "output")}
+
+
+async def _export(client, key, **params):
+    response = await client.get("/v1/audit/export", headers=bearer(key), params=params)
+    assert response.status_code == 200, response.text
+    return response
+
+
+async def test_jsonl_parses_back_to_the_stored_entries(rclient, rstore, rkeys):
+    response = await _export(rclient, rkeys.auditor, format="jsonl", order="oldest")
+    assert response.headers["content-type"].startswith("application/x-ndjson")
+    assert 'filename="audit.jsonl"' in response.headers["content-disposition"]
+    lines = response.text.splitlines()
+    documents = [json.loads(line) for line in lines]
+    entries = all_entries(rstore)[: len(documents)]
+    assert len(documents) >= 120 and [d["seq"] for d in documents] == [e.seq for e in entries]
+    for document, entry in zip(documents, entries):
+        assert (document["request_id"], document["kind"], document["principal"], document["team"],
+                document["model"], document["hash"], document["prev_hash"]) == \
+            (entry.request_id, entry.kind, entry.principal, entry.team, entry.model, entry.hash, entry.prev_hash)
+        assert document["body"] == _without_texts(entry.body)
+        assert document["created_at"] == entry.to_document()["created_at"]
+    assert "needle" not in response.text
+    # Without its payload a document still proves its hash (only the payload's digest is chained);
+    # a format-1 body that had its texts taken out does not, and says so.
+    for document in documents:
+        if "body.messages" in document.get("withheld", []) or "body.output" in document.get("withheld", []):
+            assert document_hash(document) != document["hash"]
+        else:
+            assert document_hash(document) == document["hash"], document["seq"]
+    assert any(d.get("withheld") == ["payload"] for d in documents)
+
+
+async def test_csv_parses_back_with_texts_when_asked(rclient, rstore, rkeys):
+    reads = sum(e.kind == "payload_read" for e in all_entries(rstore))
+    response = await _export(rclient, rkeys.reviewer, format="csv", order="oldest", include_text="true",
+                             kind="request")
+    assert response.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(response.text, newline="")))
+    assert list(rows[0]) == list(CSV_COLUMNS)
+    requests = [e for e in all_entries(rstore) if e.kind == "request"]
+    assert [int(r["seq"]) for r in rows] == [e.seq for e in requests]
+    for row, entry in zip(rows, requests):
+        assert json.loads(row["body"]) == entry.body  # texts with quotes, newlines, backslashes survive
+        assert (json.loads(row["payload"]) if row["payload"] else None) == entry.payload
+        assert row["team"] == (entry.team or "") and row["withheld"] == ""
+        assert row["payload_digest"] == (entry.payload_digest or "")
+    assert any("\n" in texts(e)["messages"][0]["content"] for e in requests if texts(e))
+    assert {bool(r["payload"]) for r in rows} == {True, False}  # texts in payloads and in format-1 bodies
+    read = [e for e in all_entries(rstore) if e.kind == "payload_read"]
+    assert len(read) == reads + 1
+    assert read[-1].principal == "rita" and read[-1].body["via"] == "export"
+    assert read[-1].body["filter"]["kinds"] == ["request"]
+    assert response.headers["x-govgate-request-id"] == read[-1].request_id
+
+
+async def test_export_filters_and_own_entries_only(rclient, rstore, rkeys):
+    entries = all_entries(rstore)
+    since = entries[50].created_at
+    response = await _export(rclient, rkeys.reviewer, team="support", since=since.isoformat(), format="jsonl")
+    got = [json.loads(line)["seq"] for line in response.text.splitlines()]
+    assert got == [e.seq for e in reversed(entries) if e.team == "support" and e.created_at >= since]
+    assert got
+    mine = await _export(rclient, rkeys.bob, format="jsonl")
+    assert {json.loads(line)["principal"] for line in mine.text.splitlines()} == {"bob"}
+    refused = await rclient.get("/v1/audit/export", headers=bearer(rkeys.bob), params={"team": "research",
+                                                                                     "principal": "alice"})
+    assert refused.status_code == 403
+    empty = await _export(rclient, rkeys.reviewer, format="csv", team="no-such-team")
+    assert empty.text.splitlines() == [",".join(CSV_COLUMNS)]
+
+
+async def test_a_large_export_is_read_in_bounded_batches(rclient, rstore, rkeys):
+    seed(rstore, 2500, rng=random.Random(3), team="bulk")
+    expected = [e.seq for e in all_entries(rstore) if e.team == "bulk"]
+    assert len(expected) > 2500
+    engine = rclient.app.state.components.audit.engine
+    statements: list[tuple[str, object]] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        if "FROM audit_entries" in statement and "audit_entries.team =" in statement:  # the export's reads
+            statements.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        response = await _export(rclient, rkeys.auditor, team="bulk", format="jsonl", order="oldest")
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert "content-length" not in response.headers  # streamed, not a body built whole
+    assert [json.loads(line)["seq"] for line in response.text.splitlines()] == expected
+    # Every read of the table is a keyset batch of at most 1000 rows, one after another.
+    assert len(statements) == len(expected) // 1000 + 1
+    for statement, parameters in statements:
+        assert "LIMIT" in statement and "ORDER BY audit_entries.seq" in statement
+        assert 1000 in (parameters.values() if isinstance(parameters, dict) else parameters)
+    assert sum("audit_entries.seq >" in s for s, _ in statements) == len(statements) - 1
+
+
+def test_cli_export_writes_the_file_with_a_progress_bar(rsettings, rstore, tmp_path):
+    entries = all_entries(rstore)
+    out = tmp_path / "support.csv"
+    env = {"GOVGATE_VAR_DIR": str(rsettings.var_dir), "GOVGATE_DATABASE_URL": rsettings.effective_database_url}
+    since = entries[0].created_at.date().isoformat()
+    until = (entries[-1].created_at + timedelta(seconds=1)).isoformat()
+    result = CliRunner().invoke(main, ["audit", "export", "--since", since, "--until", until, "--team", "support",
+                                       "--format", "csv", "--out", str(out)], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    expected = [e for e in entries if e.team == "support"]
+    assert f"exporting {len(expected)} entries" in result.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    rows = list(csv.DictReader(out.open(newline="")))
+    assert [int(r["seq"]) for r in rows] == [e.seq for e in expected]
+    assert all(json.loads(r["body"]) == _without_texts(e.body) for r, e in zip(rows, expected))
+    assert not list(tmp_path.glob("*.partial-*"))
+
+    texts = CliRunner().invoke(main, ["audit", "export", "--since", since, "--format", "jsonl", "--kind", "request",
+                                      "--include-text"], env=env, catch_exceptions=False)
+    assert texts.exit_code == 0, texts.output
+    documents = [json.loads(line) for line in texts.stdout.splitlines()]
+    assert documents and all("messages" in (d["payload"] or d["body"]) for d in documents)
+    read = [e for e in all_entries(rstore) if e.kind == "payload_read"][-1]
+    assert read.principal.startswith("cli:") and read.body["via"] == "cli-export"
+    assert read.seq > documents[-1]["seq"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "csv"], "--since"),
+    (["--since", "last week", "--format", "csv"], "not an ISO-8601 date"),
+    (["--since", "0001-01-01T00:00:00+05:00", "--format", "csv"], "within years 1 to 9999"),
+    (["--since", "2026-05-02", "--until", "2026-05-01", "--format", "csv"], "later than --since"),
+    (["--since", "2026-05-01", "--format", "xml"], "xml"),
+    (["--since", "2026-05-01", "--format", "csv", "--kind", "nope"], "unknown kind"),
+])
+def test_cli_export_refuses_bad_arguments(rsettings, args, message):
+    env = {"GOVGATE_VAR_DIR": str(rsettings.var_dir), "GOVGATE_DATABASE_URL": rsettings.effective_database_url}
+    result = CliRunner().invoke(main, ["audit", "export", *args], env=env)
+    assert result.exit_code == 2 and message in result.output
