@@ -74,9 +74,11 @@ def test_a_gateway_and_worker_on_postgresql_audit_completions_and_denials_there(
 
         entries = list(store.iter_entries())
         assert entries[0].kind == "chain_format"  # a new store's first entry
-        assert {e.request_id for e in entries[1:]} == {done_id, denied_id}
+        keys = [e for e in entries if e.kind == "key_created"]  # the two keys this test made, on the chain too
+        assert sorted(e.principal for e in keys) == ["pat", "val"]
+        assert {e.request_id for e in entries[1:] if e not in keys} == {done_id, denied_id}
         result = verify_chain(store)
-        assert result.ok and result.checked == len(entries) == 4
+        assert result.ok and result.checked == len(entries) == 6
     finally:
         store.engine.dispose()
 
@@ -134,7 +136,7 @@ def test_a_postgresql_outage_fails_requests_closed_and_service_returns_with_it(
     try:
         entries = list(store.iter_entries())
         ids = [response.headers["x-govgate-request-id"] for response in (before, after)]
-        assert [(e.kind, e.request_id) for e in entries[1:]] == [
+        assert [(e.kind, e.request_id) for e in entries[1:] if e.kind != "key_created"] == [
             ("request", ids[0]), ("completion", ids[0]), ("request", ids[1]), ("completion", ids[1])]
         assert verify_chain(store).ok  # nothing of the refused request, and no gap
     finally:
