@@ -9,6 +9,15 @@ audited by whoever serves it. A document that had texts taken out says so
 in ``withheld``: its ``hash`` can then no longer be recomputed from the
 document alone, and a verifier knows why.
 
+A CSV export is opened in spreadsheets, which run a cell that starts with
+``=``, ``+``, ``-`` or ``@`` (and, in some, a tab or a carriage return) as
+a formula: a prompt or a principal named ``=HYPERLINK(…)`` would become a
+link or worse on a compliance reviewer's screen (OWASP "CSV injection").
+So a CSV cell starting with one of those, or with ``'`` itself, gets one
+``'`` in front (:func:`csv_safe`): spreadsheets show the text as text, and
+removing the one leading ``'`` of any cell that starts with it gives the
+value back exactly. JSONL is for programs and keeps every value as is.
+
 The writers turn an iterator of entries into an iterator of ``bytes``
 chunks, so an export of any size holds one batch of rows and one chunk in
 memory (:func:`audit.search.iter_matching` reads the rows in keyset batches).
@@ -30,6 +39,10 @@ MEDIA_TYPES: Final = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset
 #: CSV columns, in order: the entry's fields, the body (and payload, when kept) as JSON text.
 CSV_COLUMNS: Final = ("seq", "created_at", "request_id", "kind", "principal", "team", "model", "policy_revision",
                       "terminal_request_id", "prev_hash", "hash", "payload_digest", "withheld", "body", "payload")
+
+#: What a CSV cell may not start with unprotected: formula triggers, and the quote that protects them.
+FORMULA_TRIGGERS: Final = ("=", "+", "-", "@", "\t", "\r")
+_QUOTED: Final = (*FORMULA_TRIGGERS, "'")
 
 #: Roughly how many bytes a chunk gathers before it is handed on (fewer, larger writes).
 CHUNK_BYTES: Final = 64 * 1024
@@ -94,6 +107,15 @@ def chunks(fmt: str, entries: Iterable[AuditEntry], *, with_text: bool) -> Itera
     raise ValueError(f"format must be one of {', '.join(FORMATS)}")
 
 
+def csv_safe(text: str) -> str:
+    """``text`` as a CSV cell no spreadsheet runs as a formula: a ``'`` in front of a risky first character.
+
+    A text that starts with ``'`` gets one more, so that dropping the first
+    ``'`` of every cell that has one restores every value exactly.
+    """
+    return "'" + text if text.startswith(_QUOTED) else text
+
+
 def _csv_row(document: dict[str, Any]) -> list[str]:
     def cell(name: str) -> str:
         value = document.get(name)
@@ -102,7 +124,7 @@ def _csv_row(document: dict[str, Any]) -> list[str]:
         if name in ("body", "payload", "withheld"):
             return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
         return str(value)
-    return [cell(name) for name in CSV_COLUMNS]
+    return [csv_safe(cell(name)) for name in CSV_COLUMNS]
 
 
 def _chunked(pieces: Iterable[str]) -> Iterator[bytes]:

@@ -37,7 +37,7 @@ COMPONENTS = Components(security_schemes={BEARER: SecurityScheme(
     type="http", scheme="bearer", bearer_format="gk_…",
     description="An API key made with 'govgate keys create', sent as 'Authorization: Bearer gk_…'.")})
 
-_JSON = "application/json"
+JSON = "application/json"
 _SSE = "text/event-stream"
 
 
@@ -84,14 +84,15 @@ def _either(codes: tuple[str, ...]) -> str:
     return ", ".join(quoted[:-1]) + " or " + quoted[-1] if len(quoted) > 1 else quoted[0]
 
 
-def _header(description: str, schema: dict[str, Any], *, required: bool = True) -> OpenAPIHeader:
+def header(description: str, schema: dict[str, Any], *, required: bool = True) -> OpenAPIHeader:
+    """A response header of the description."""
     return OpenAPIHeader(description=description, required=required, schema=JsonSchema(document=schema))
 
 
-_REQUEST_ID = _header("The id of this request's audit entries ('govgate audit show <id>').",
-                      {"type": "string", "minLength": 1})
-_RETRY_AFTER = _header("Seconds to wait before trying again.", {"type": "integer", "minimum": 0})
-_CHALLENGE = _header("Always 'Bearer'.", {"type": "string"})
+_REQUEST_ID = header("The id of this request's audit entries ('govgate audit show <id>').",
+                     {"type": "string", "minLength": 1})
+_RETRY_AFTER = header("Seconds to wait before trying again.", {"type": "integer", "minimum": 0})
+_CHALLENGE = header("Always 'Bearer'.", {"type": "string"})
 
 #: status -> (description, extra headers): README's error table, per status.
 _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
@@ -118,8 +119,10 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
     504: ("`timed_out`: no result within GOVGATE_REQUEST_TIMEOUT_S, or the worker's generation time limit hit.",
           {}),
 }
+#: 401, as every route that needs a key answers it.
+UNAUTHORIZED = _COMPLETION_ERRORS[401]
 #: The errors of a route that only needs a key (``GET /v1/models``).
-_KEY_ERRORS = {401: _COMPLETION_ERRORS[401],
+_KEY_ERRORS = {401: UNAUTHORIZED,
                503: ("`auth_unavailable`: API keys cannot be checked (the database is down); "
                      "`policy_unavailable` (with `Retry-After`): the policy could not say in time which models "
                      "this key may use.", {})}
@@ -130,10 +133,11 @@ _MODEL_ERRORS = {**_KEY_ERRORS,
 
 def _error(description: str, headers: dict[str, OpenAPIHeader]) -> OpenAPIResponse:
     return OpenAPIResponse(description=description, headers=headers or None, content={
-        _JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(shapes.ErrorResponse)))})
+        JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(shapes.ErrorResponse)))})
 
 
-def _errors(table: dict[int, tuple[str, dict[str, OpenAPIHeader]]]) -> dict[str, OpenAPIResponse]:
+def error_responses(table: dict[int, tuple[str, dict[str, OpenAPIHeader]]]) -> dict[str, OpenAPIResponse]:
+    """Status -> an error answer in OpenAI's shape, from ``{status: (description, headers)}``."""
     return {str(status): _error(description, headers) for status, (description, headers) in table.items()}
 
 
@@ -150,7 +154,7 @@ def _event_stream(chunk: type) -> dict[str, Any]:
         "properties": {
             "event": {"type": "string", "const": "message"},
             "data": {"if": {"const": "[DONE]"},
-                     "else": {"contentMediaType": _JSON, "contentSchema": payload}},
+                     "else": {"contentMediaType": JSON, "contentSchema": payload}},
         },
     }
 
@@ -203,16 +207,16 @@ def completion_operation(request: type, response: type, chunk: type) -> type[Ope
             self.request_body = RequestBody(required=True, description=(
                 "Validated against this schema by the gateway itself (the body is read raw so that a refused "
                 "body is audited too). An unknown field is refused with 400 `unsupported_parameter`."),
-                content={_JSON: OpenAPIMediaType(schema=JsonSchema(document=_noted(json_schema(request))),
-                                                 example=_EXAMPLES[request])})
+                content={JSON: OpenAPIMediaType(schema=JsonSchema(document=_noted(json_schema(request))),
+                                                example=_EXAMPLES[request])})
             self.responses = {
                 "200": OpenAPIResponse(
                     description=("The completion; with `\"stream\": true` a `text/event-stream` of chunk objects "
                                  "as `data:` lines, ending with `data: [DONE]`."),
                     headers={urls.REQUEST_ID_HEADER: _REQUEST_ID},
-                    content={_JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(response))),
+                    content={JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(response))),
                              _SSE: OpenAPIMediaType(schema=JsonSchema(document=_event_stream(chunk)))}),
-                **_errors(_COMPLETION_ERRORS),
+                **error_responses(_COMPLETION_ERRORS),
             }
 
     return CompletionOperation
@@ -223,16 +227,16 @@ def _json_operation(body: type, description: str, errors: dict[str, OpenAPIRespo
     class JsonOperation(Operation):
         def __post_init__(self) -> None:
             self.responses = {"200": OpenAPIResponse(description=description, content={
-                _JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(body)))}), **errors}
+                JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(body)))}), **errors}
 
     return JsonOperation
 
 
 CHAT_OPERATION = completion_operation(ChatCompletionRequest, shapes.ChatCompletion, shapes.ChatCompletionChunk)
 COMPLETION_OPERATION = completion_operation(CompletionRequest, shapes.TextCompletion, shapes.TextCompletionChunk)
-MODELS_OPERATION = _json_operation(shapes.ModelList, "The models this key may use.", _errors(_KEY_ERRORS))
-MODEL_OPERATION = _json_operation(shapes.Model, "One model this key may use.", _errors(_MODEL_ERRORS))
+MODELS_OPERATION = _json_operation(shapes.ModelList, "The models this key may use.", error_responses(_KEY_ERRORS))
+MODEL_OPERATION = _json_operation(shapes.Model, "One model this key may use.", error_responses(_MODEL_ERRORS))
 HEALTH_OPERATION = _json_operation(shapes.Health, "Every dependency is reachable.", {"503": OpenAPIResponse(
     description="A dependency is down; `checks` says which.",
-    content={_JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(shapes.Health)))})})
+    content={JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(shapes.Health)))})})
 

@@ -4,8 +4,9 @@ Routes read their query strictly (``gateway/review/params.py``) and hand
 over to :class:`gateway.review.service.ReviewService`; access is decided by
 the caller's roles (``gateway/review/access.py``). There is deliberately no
 PUT, PATCH or DELETE anywhere under this path: entries are appended, never
-changed. The routes are left out of the OpenAPI description for now (its
-schema tests cover the completion routes' every answer; see the README).
+changed. Since Litestar sees neither the query nor the bodies, their
+description (parameters, bodies, answers, errors) comes from
+``gateway/api/review_openapi.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from litestar.response import Stream
 from audit.export import MEDIA_TYPES
 from audit.tables import NAME_LEN
 from gateway import urls
+from gateway.api.openapi import SECURITY
+from gateway.api.review_openapi import (COMMENT_OPERATION, DISPOSITION_OPERATION, ENTRIES_OPERATION,
+                                        EXPORT_OPERATION, FLAG_OPERATION, STORY_OPERATION, USAGE_OPERATION)
 from gateway.api_errors import ApiError
 from gateway.auth import Principal
 from gateway.review.access import Access
@@ -29,7 +33,7 @@ from gateway.review.actions import parse_action
 from gateway.review.params import EXPORT_PARAMS, entry_query, story_query, usage_query
 from gateway.review.service import Answer, ReviewService, request_not_found
 
-_ACTION_PATH = "/requests/{request_id:str}/{action:str}"
+_STORY_PATH = "/requests/{request_id:str}"
 
 
 def _service(state: State) -> ReviewService:
@@ -54,28 +58,32 @@ def _respond(answer: Answer, status: int = 200) -> Response[dict[str, Any]]:
 class ReviewController(Controller):
     path = urls.AUDIT
     tags = ["audit"]
-    include_in_schema = False
+    security = SECURITY
 
-    @get("/entries", summary="Search audit entries")
+    @get("/entries", summary="Search audit entries", operation_id="listAuditEntries",
+         operation_class=ENTRIES_OPERATION)
     async def entries(self, request: Request, state: State,
                       principal: NamedDependency[Principal]) -> Response[dict[str, Any]]:
         query = entry_query(_query(request))
         return _respond(await _service(state).search(Access(principal), query))
 
-    @get("/requests/{request_id:str}", summary="One request's whole story")
+    @get(_STORY_PATH, summary="One request's whole story", operation_id="retrieveAuditRequest",
+         operation_class=STORY_OPERATION)
     async def story(self, request: Request, state: State, principal: NamedDependency[Principal],
                     request_id: FromPath[str]) -> Response[dict[str, Any]]:
         include_text = story_query(_query(request))
         answer = await _service(state).story(Access(principal), _checked(request_id), include_text=include_text)
         return _respond(answer)
 
-    @get("/usage", summary="Requests, tokens and denials per day, team, model")
+    @get("/usage", summary="Requests, tokens and denials per day, team, model", operation_id="getAuditUsage",
+         operation_class=USAGE_OPERATION)
     async def usage(self, request: Request, state: State,
                     principal: NamedDependency[Principal]) -> Response[dict[str, Any]]:
         where, groups = usage_query(_query(request))
         return _respond(await _service(state).usage(Access(principal), where, groups))
 
-    @get("/export", summary="Export entries as JSONL or CSV (streamed)")
+    @get("/export", summary="Export entries as JSONL or CSV (streamed)", operation_id="exportAuditEntries",
+         operation_class=EXPORT_OPERATION)
     async def export(self, request: Request, state: State, principal: NamedDependency[Principal]) -> Stream:
         query = entry_query(_query(request), allowed=EXPORT_PARAMS)
         read_id, chunks = await _service(state).export(Access(principal), query)
@@ -84,15 +92,32 @@ class ReviewController(Controller):
             headers[urls.REQUEST_ID_HEADER] = read_id
         return Stream(chunks, media_type=MEDIA_TYPES[query.fmt], headers=headers)
 
-    @post(_ACTION_PATH, summary="Flag, comment on or dispose of a request", status_code=201)
-    async def act(self, request: Request, state: State, principal: NamedDependency[Principal],
-                  request_id: FromPath[str], action: FromPath[str]) -> Response[dict[str, Any]]:
-        if action not in ("flag", "comment", "disposition"):
-            raise ApiError(404, "not_found", "No such endpoint. Review actions are flag, comment and disposition.")
-        access = Access(principal)
-        access.require_reviewer()  # before reading the body: a non-reviewer learns nothing from its errors
-        fields = parse_action(action, await _body(request))
-        return _respond(await _service(state).act(access, _checked(request_id), action, fields), 201)
+    @post(f"{_STORY_PATH}/flag", summary="Flag a request for attention", operation_id="flagAuditRequest",
+          operation_class=FLAG_OPERATION, status_code=201)
+    async def flag(self, request: Request, state: State, principal: NamedDependency[Principal],
+                   request_id: FromPath[str]) -> Response[dict[str, Any]]:
+        return await _act(request, state, principal, request_id, "flag")
+
+    @post(f"{_STORY_PATH}/comment", summary="Comment on a request", operation_id="commentAuditRequest",
+          operation_class=COMMENT_OPERATION, status_code=201)
+    async def comment(self, request: Request, state: State, principal: NamedDependency[Principal],
+                      request_id: FromPath[str]) -> Response[dict[str, Any]]:
+        return await _act(request, state, principal, request_id, "comment")
+
+    @post(f"{_STORY_PATH}/disposition", summary="Record the verdict on a request",
+          operation_id="disposeAuditRequest", operation_class=DISPOSITION_OPERATION, status_code=201)
+    async def disposition(self, request: Request, state: State, principal: NamedDependency[Principal],
+                          request_id: FromPath[str]) -> Response[dict[str, Any]]:
+        return await _act(request, state, principal, request_id, "disposition")
+
+
+async def _act(request: Request, state: State, principal: Principal, request_id: str,
+               action: str) -> Response[dict[str, Any]]:
+    """A review action (any other path under a request is Litestar's 404 ``not_found``)."""
+    access = Access(principal)
+    access.require_reviewer()  # before reading the body: a non-reviewer learns nothing from its errors
+    fields = parse_action(action, await _body(request))
+    return _respond(await _service(state).act(access, _checked(request_id), action, fields), 201)
 
 
 async def _body(request: Request) -> bytes:

@@ -22,19 +22,19 @@ Note = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NOTE)]
 
 
 class Flag(msgspec.Struct, forbid_unknown_fields=True):
-    """``POST …/flag``: mark the request for attention, optionally saying why."""
+    """`POST …/flag`: mark the request for attention, optionally saying why."""
 
     note: Note | None = None
 
 
 class Comment(msgspec.Struct, forbid_unknown_fields=True):
-    """``POST …/comment``: a reviewer's note."""
+    """`POST …/comment`: a reviewer's note."""
 
     text: Note
 
 
 class Disposition(msgspec.Struct, forbid_unknown_fields=True):
-    """``POST …/disposition``: the reviewer's verdict."""
+    """`POST …/disposition`: the reviewer's verdict."""
 
     disposition: Literal["ok", "violation", "needs-follow-up"]
     note: Note | None = None

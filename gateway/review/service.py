@@ -22,6 +22,7 @@ import anyio.to_thread
 from audit import AuditEntry, AuditError, AuditStore
 from audit.aggregates import usage
 from audit.export import chunks, entry_document, has_text
+from audit.filters import filter_document
 from audit.kinds import (COMMENTED, DISPOSITIONED, FLAGGED, PAYLOAD_READ, REJECTED, REQUEST, REVIEW_KINDS,
                          TERMINAL_KINDS)
 from audit.search import MAX_PAGE_SIZE, EntryFilter, iter_matching, search
@@ -120,7 +121,7 @@ class ReviewService:
         read_id = None
         if query.include_text or where.text is not None:
             read_id = await self._record_read(access, [], via="export", text_search=where.text is not None,
-                                              scope=_filter_document(where))
+                                              scope=filter_document(where))
         entries = iter_matching(self.audit, where, newest_first=query.newest_first)
         return read_id, _logged(chunks(query.fmt, entries, with_text=query.include_text))
 
@@ -187,14 +188,6 @@ def _story(request_id: str, entries: list[AuditEntry], review: list[AuditEntry],
         "entries": [entry_document(entry, with_text=include_text) for entry in entries],
         "review": [entry_document(entry, with_text=False) for entry in review],
     }
-
-
-def _filter_document(where: EntryFilter) -> dict[str, Any]:
-    """What an export covered, for its ``payload_read`` entry (the search text itself is not kept)."""
-    return {"principal": where.principal, "team": where.team, "model": where.model,
-            "request_id": where.request_id, "kinds": sorted(where.kinds), "decision": where.decision,
-            "reason": where.reason, "read_of": where.read_of, "since": where.since.isoformat() if where.since else None,
-            "until": where.until.isoformat() if where.until else None}
 
 
 def _logged(parts: Iterator[bytes]) -> Iterator[bytes]:

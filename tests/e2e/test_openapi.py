@@ -7,14 +7,23 @@ holds every answer to the document: no 5xx, a documented status, a documented
 content type and headers, a body that matches the schema (the SSE stream
 event by event). Then every request the gateway served has exactly one
 request entry and one terminal entry in the audit store.
+
+The review API (``/v1/audit``) is generated for twice: with the analyst key
+of every other operation (which may read only its own entries and act on
+nothing: a documented 403 or 404), and with a reviewer's key, where half the
+generated request ids name a request that exists, so that every review
+operation must also answer successfully (200 or 201) at least once and its
+body match the description.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings as hypothesis_settings, strategies as st
@@ -30,6 +39,8 @@ from schemathesis.specs.openapi.checks import (
 
 from audit import TERMINAL_KINDS, AuditStore
 from gateway import urls
+from gateway.auth import KeyStore
+from gateway.components import open_database
 from gateway.requests.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.settings import Settings
 from workers.contract.registry import TINY_MODEL_NAME
@@ -47,6 +58,34 @@ def api_schema(served_api: str) -> schemathesis.BaseSchema:
     return schemathesis.openapi.from_url(f"{served_api}/schema/openapi.json")
 
 
+@schemathesis.deserializer("application/x-ndjson")
+def _ndjson(_ctx: Any, response: Any) -> list[Any]:
+    """A JSONL export as the list of its lines' documents (its description's schema is that list).
+
+    Lines end at "\n" only: a text may hold U+2028 or U+0085 unescaped, which ``str.splitlines`` splits at.
+    """
+    return [json.loads(line) for line in response.content.decode("utf-8").split("\n") if line]
+
+
+@pytest.fixture(scope="module")
+def reviewer_key(settings: Settings) -> str:
+    store = KeyStore(open_database(settings))
+    try:
+        return store.create("rita", team="compliance", roles=["reviewer"]).secret
+    finally:
+        store.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def known_request(served_api: str, keyring: dict[str, str]) -> str:
+    """The id of a request on the chain: one the policy denied (the viewer may use no model)."""
+    response = httpx.post(f"{served_api}{urls.CHAT_COMPLETIONS}", timeout=60,
+                          headers={"Authorization": f"Bearer {keyring['viewer']}"},
+                          json={"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 403, response.text
+    return response.headers[urls.REQUEST_ID_HEADER]
+
+
 def _header(response: Any, name: str) -> str | None:
     """One header of a schemathesis response (its headers map lower-cased names to lists of values)."""
     values = {key.lower(): value for key, value in response.headers.items()}.get(name.lower())
@@ -55,6 +94,10 @@ def _header(response: Any, name: str) -> str | None:
 
 def _operations(schema: schemathesis.BaseSchema) -> list[Any]:
     return [result.ok() for result in schema.get_all_operations()]
+
+
+def _is_review(operation: Any) -> bool:
+    return operation.path.startswith(urls.AUDIT + "/")
 
 
 def _wait_for_terminal(audit_store: AuditStore, request_id: str, timeout_s: float = 60) -> list[str]:
@@ -150,8 +193,10 @@ def test_generated_requests_conform_to_the_description(api_schema, served_api: s
     statuses: dict[str, set[int]] = {}
     checks = CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
 
-    # Negative mode needs something to break: only the completion routes take input.
-    operations = [op for op in _operations(api_schema) if mode is GenerationMode.POSITIVE or op.body]
+    # Negative mode needs something to break: the completion routes' bodies (the review routes' input is
+    # broken with a reviewer's key below: with this key they refuse everything with 403 first).
+    operations = [op for op in _operations(api_schema)
+                  if mode is GenerationMode.POSITIVE or (op.body and not _is_review(op))]
     for operation in operations:
 
         @given(case=operation.as_strategy(generation_mode=mode), served_model=st.booleans())
@@ -164,7 +209,7 @@ def test_generated_requests_conform_to_the_description(api_schema, served_api: s
             response = case.call(base_url=served_api, headers=headers, timeout=120)
             case.validate_response(response, checks=checks)
             statuses.setdefault(operation.label, set()).add(response.status_code)
-            if response.status_code < 300 and _header(response, urls.REQUEST_ID_HEADER):
+            if response.status_code < 300 and operation.path in COMPLETION_ROUTES:
                 served.append(_header(response, urls.REQUEST_ID_HEADER))
 
         run()
@@ -172,3 +217,46 @@ def test_generated_requests_conform_to_the_description(api_schema, served_api: s
     assert all(statuses.get(op.label) for op in operations), statuses
     assert served or mode is GenerationMode.NEGATIVE  # negative bodies are refused (negative_data_rejection)
     _assert_audited(audit_store, served)
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=str)
+def test_review_requests_conform_to_the_description(api_schema, served_api: str, reviewer_key: str,
+                                                    known_request: str, audit_store: AuditStore,
+                                                    mode: GenerationMode) -> None:
+    """Generated requests to the review operations with a reviewer's key: only documented answers.
+
+    Half the positive cases name a request that exists, so the story and
+    the review actions get past 404, and each operation must have answered
+    2xx at least once (its success body checked against the description).
+    Negative cases (a bad filter, a bad body) must all be refused.
+    """
+    headers = {"Authorization": f"Bearer {reviewer_key}"}
+    statuses: dict[str, set[int]] = {}
+    checks = CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
+    before = len(_review_actions(audit_store, known_request))
+    operations = [op for op in _operations(api_schema) if _is_review(op)]
+    assert len(operations) == 7, [op.label for op in operations]
+    for operation in operations:
+
+        @given(case=operation.as_strategy(generation_mode=mode), known=st.booleans())
+        @hypothesis_settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
+                             phases=[Phase.explicit, Phase.generate],
+                             suppress_health_check=list(HealthCheck))
+        def run(case, known: bool) -> None:
+            if known and mode is GenerationMode.POSITIVE and case.path_parameters:
+                case.path_parameters["request_id"] = known_request
+            response = case.call(base_url=served_api, headers=headers, timeout=120)
+            case.validate_response(response, checks=checks)
+            statuses.setdefault(operation.label, set()).add(response.status_code)
+
+        run()
+
+    assert all(statuses.get(op.label) for op in operations), statuses
+    if mode is GenerationMode.POSITIVE:
+        assert {label: codes for label, codes in statuses.items() if not any(c < 300 for c in codes)} == {}
+        actions = _review_actions(audit_store, known_request)
+        assert len(actions) > before and {e.principal for e in actions} == {"rita"}
+
+
+def _review_actions(audit_store: AuditStore, request_id: str) -> list[Any]:
+    return [e for e in audit_store.entries_for(request_id) if e.kind in ("flagged", "commented", "dispositioned")]

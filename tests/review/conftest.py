@@ -123,7 +123,8 @@ def texts(entry: AuditEntry) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def review_var(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def review_var(tmp_path_factory: pytest.TempPathFactory, review_database: str) -> Path:
+    """A folder per module and database: its policy copy, keys and (on SQLite) database are its own."""
     return tmp_path_factory.mktemp("review")
 
 

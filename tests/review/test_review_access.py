@@ -117,6 +117,7 @@ BAD = [
     ("/v1/audit/usage", {"group_by": "week"}, "group_by"),
     ("/v1/audit/usage", {"group_by": "team,team"}, "group_by"),
     ("/v1/audit/usage", {"group_by": ","}, "group_by"),
+    ("/v1/audit/usage", {"group_by": "day,"}, "group_by"),
     ("/v1/audit/usage", {"kind": "request"}, "kind"),
     ("/v1/audit/export", {"format": "xml"}, "format"),
     ("/v1/audit/export", {"limit": "10"}, "limit"),

