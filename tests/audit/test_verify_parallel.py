@@ -205,3 +205,35 @@ def test_tampering_around_the_boundary(upgraded: AuditStore, sql: str, seq: int)
         raw.dispose()
     serial, parallel = verify_chain(upgraded), verify_chain(upgraded, workers=WORKERS)
     assert parallel == serial and serial.first_bad_seq == seq, serial
+
+
+# -- govgate audit verify --jobs ---------------------------------------------------------------
+
+
+def test_the_cli_verifies_with_jobs_and_names_the_same_entry(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import audit
+    from tests.audit.test_checkpoint_cli import Env
+
+    env = Env(tmp_path)
+    env.append(60)
+    raw = RawDB(str(env.engine.url), "sqlite")
+    raw.without_guards("UPDATE audit_entries SET principal = 'mallory' WHERE seq = 45")
+    raw.dispose()
+    asked: list[int | None] = []
+    real = audit.verify_chain
+
+    def spy(source: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("workers"))
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(audit, "verify_chain", spy)
+    try:
+        for args, workers in ((["--jobs", "3"], 3), (["-j", "1"], 1), ([], os.cpu_count())):
+            result = env.run("verify", *args)
+            assert result.exit_code == 1 and "BROKEN at seq 45: hash mismatch" in result.output, result.output
+            assert "(44 entries checked)" in result.output and asked[-1] == workers
+        assert env.run("verify", "--jobs", "0").exit_code == 2
+    finally:
+        env.engine.dispose()
