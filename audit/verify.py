@@ -1,41 +1,43 @@
 """Recompute the hash chain and report the first entry that does not fit.
 
 Read-only and streaming, apart from the store so a reviewer can verify
-without write access. Each format is applied to its range: entries up to and
-including the ``chain_format`` boundary are format 1 (the body parsed and
-re-serialised, as it always was), entries after it format 2, checked on the
-raw DBAPI rows: the *stored* body text is hashed byte for byte (never
-parsed), so a duplicate key or any other non-canonical text breaks the hash,
-and a stored payload must match its digest. What each check catches, and
-what it cannot (a cut-off tail, without a checkpoint): docs/architecture.md,
-"Audit entries and the chain".
+without write access. The checks themselves (each format on its range, the
+stored body hashed byte for byte, payload digests, links, seq continuity)
+are :mod:`audit.verify_walk`'s; this module splits the chain into seq
+ranges walked by worker processes at once and stitches their findings
+together, so that the result is the serial walk's to the letter: the same
+first bad entry, problem, ``checked`` count and head. What each check
+catches, what it cannot (a cut-off tail, without a checkpoint), and why
+verify is fast: docs/architecture.md, "Audit entries and the chain".
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from json.encoder import encode_basestring  # the C quoting of JSONEncoder(ensure_ascii=False)
+import multiprocessing
+import threading
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Callable, Final, Iterator
+from typing import Any, Final
 
-from sqlalchemy import Engine, Text, bindparam, cast, select
+from sqlalchemy import Engine, func, select
 
-from .chain import FORMAT_1, FORMAT_2, GENESIS_HASH, HASHED_FIELDS, entry_hash, format_timestamp
-from .db import DB_ERRORS, describe, reason
+from .chain import GENESIS_HASH
+from .db import DB_ERRORS, describe, make_engine, reason
 from .dbapi import dbapi_cursor
 from .errors import AuditError
-from .kinds import CHAIN_FORMAT, CHAIN_FORMAT_REQUEST_ID
+from .kinds import CHAIN_FORMAT
 from .store import AuditStore
 from .tables import audit_table
+from .verify_walk import RangeResult, Statements, gap_problem, link_problem, walk_range
 
 _t = audit_table.c
-#: The columns read, in this order (body and payload as their stored text).
-_NAMES: Final = ("seq", "created_at", "request_id", "kind", "principal", "team", "model", "body",
-                 "policy_revision", "terminal_request_id", "prev_hash", "hash", "payload", "payload_digest")
-_ENCODER: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_sha256 = hashlib.sha256
+#: Fewer entries than this per worker and a worker costs more than it saves (measured: see the docs).
+MIN_ENTRIES_PER_WORKER: Final = 20_000
+#: SQLite reads the file through a memory map of up to this size while verifying (its build caps it,
+#: 2 GiB by default): a page read is then a memory access, not a read() system call and a copy.
+SQLITE_MMAP_BYTES: Final = 1 << 40
+#: How long to wait for a worker to go after its result is in (or after it was told to stop).
+_JOIN_TIMEOUT_S: Final = 30.0
+_NONE_BAD: Final = 2**62
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,193 +59,172 @@ class VerifyResult:
     format_boundary: int | None = None
 
 
-class _Bad(Exception):
-    def __init__(self, seq: int, problem: str) -> None:
-        self.seq, self.problem = seq, problem
+def verify_chain(source: AuditStore | Engine, *, batch: int = 5000, workers: int | None = None) -> VerifyResult:
+    """Check every entry in seq order; report the first problem.
 
-
-class _Reader:
-    """Keyset-paginated raw rows of the chain, each batch its own short read."""
-
-    def __init__(self, engine: Engine) -> None:
-        dialect = engine.dialect
-        text_cols = {"body", "payload"}
-        # PostgreSQL's driver would parse JSON; its ::text is the stored text exactly (JSON, not JSONB).
-        columns = [cast(_t[n], Text) if n in text_cols and dialect.name == "postgresql" else _t[n] for n in _NAMES]
-        stmt = select(*columns).where(_t.seq > bindparam("after")).order_by(_t.seq)
-        self._sql = str(stmt.compile(dialect=dialect)) + " LIMIT {limit}"  # the same on both dialects
-        self._positional = dialect.positional
-        self._engine = engine
-        processor = _t.created_at.type.dialect_impl(dialect).result_processor(dialect, None)
-        self.created_at: Callable[[Any], datetime] = processor or (lambda value: value)
-
-    def batches(self, batch: int) -> Iterator[list[tuple[Any, ...]]]:
-        after = 0
-        sql = self._sql.format(limit=int(batch))
-        while True:
-            params: Any = (after,) if self._positional else {"after": after}
-            with dbapi_cursor(self._engine) as cursor:
-                cursor.execute(sql, params)
-                rows = cursor.fetchall()
-            if rows:
-                yield rows
-                after = rows[-1][0]
-            if len(rows) < batch:
-                return
-
-
-def verify_chain(source: AuditStore | Engine, *, batch: int = 5000) -> VerifyResult:
-    """Check every entry in seq order; stop at the first problem.
+    ``workers``: how many processes walk the chain at once (this one
+    included); None or 1 walks it here alone. Fewer are used on a short
+    chain (:data:`MIN_ENTRIES_PER_WORKER`) and on an in-memory database.
+    Workers open their own connections from the engine's URL. The result
+    does not depend on ``workers`` or ``batch``.
 
     Raises :class:`audit.AuditError` if the database cannot be read at all
     (that is not a verdict on the chain).
     """
     if batch <= 0:
         raise ValueError("batch must be positive")
+    if workers is not None and workers <= 0:
+        raise ValueError("workers must be positive")
     engine = source.engine if isinstance(source, AuditStore) else source
-    reader = _Reader(engine)
-    state = _Walk(reader.created_at)
     try:
-        for rows in reader.batches(batch):
-            state.walk(rows)
-    except _Bad as bad:
-        return VerifyResult(ok=False, checked=state.checked, first_bad_seq=bad.seq, problem=bad.problem,
-                            head_hash=state.head_hash, head_seq=state.head_seq, format_boundary=state.boundary)
+        statements = Statements(engine)
+        ranges, boundary = _plan(engine, workers or 1)
+        if len(ranges) == 1:
+            results = [walk_range(engine, 0, None, None, batch=batch, statements=statements,
+                                  mmap_bytes=SQLITE_MMAP_BYTES)]
+        else:
+            results = _in_parallel(engine, statements, ranges, boundary, batch)
     except DB_ERRORS as exc:
         raise AuditError(f"audit read failed on {describe(engine)}: {reason(exc)}") from exc
-    return VerifyResult(ok=True, checked=state.checked, first_bad_seq=None, problem=None,
-                        head_hash=state.head_hash, head_seq=state.head_seq, format_boundary=state.boundary)
+    return stitch(results)
 
 
-class _Walk:
-    """The walk's state across batches: the expected seq and link, the format in force."""
+def stitch(results: list[RangeResult]) -> VerifyResult:
+    """The serial walk's result from consecutive ranges' results (the lowest bad entry wins).
 
-    def __init__(self, created_at: Callable[[Any], datetime]) -> None:
-        self.created_at = created_at
-        self.checked = 0
-        self.head_hash: str | None = None
-        self.head_seq: int | None = None
-        self.boundary: int | None = None
+    Each range's first row is held against the last entry of the ranges
+    before it, exactly as the serial walk holds every row against the one
+    before: a seq gap or a broken link at a range edge is reported there.
+    """
+    checked, head_seq, head_hash, boundary = 0, None, None, None
+    expected_seq, expected_prev = 1, GENESIS_HASH
+    for result in results:
+        if result.cancelled:  # only after a lower bad entry, which ends the loop first
+            raise AuditError("verify: a range was cancelled although no entry below it is bad")
+        if result.first_seq is None:
+            continue  # no entry in this range
+        problem = None
+        if result.first_seq != expected_seq:
+            problem = gap_problem(expected_seq, result.first_seq)
+        elif result.first_prev != expected_prev:
+            problem = link_problem(result.first_seq)
+        if problem is not None:
+            return VerifyResult(ok=False, checked=checked, first_bad_seq=result.first_seq, problem=problem,
+                                head_hash=head_hash, head_seq=head_seq, format_boundary=boundary)
+        checked += result.checked
+        boundary = result.boundary
+        if result.head_seq is not None:
+            head_seq, head_hash = result.head_seq, result.head_hash
+        if result.bad_seq is not None:
+            return VerifyResult(ok=False, checked=checked, first_bad_seq=result.bad_seq, problem=result.problem,
+                                head_hash=head_hash, head_seq=head_seq, format_boundary=boundary)
+        expected_seq, expected_prev = (head_seq or 0) + 1, head_hash
+    return VerifyResult(ok=True, checked=checked, first_bad_seq=None, problem=None,
+                        head_hash=head_hash, head_seq=head_seq, format_boundary=boundary)
 
-    def walk(self, rows: list[tuple[Any, ...]]) -> None:
-        expected_seq = (self.head_seq or 0) + 1
-        prev_hash = self.head_hash or GENESIS_HASH
-        quote = encode_basestring
-        for row in rows:
-            (seq, created_at, request_id, kind, principal, team, model, body, policy_revision,
-             terminal_request_id, prev, stored_hash, payload, digest) = row
-            if seq != expected_seq:
-                raise _Bad(seq, f"seq gap: expected entry {expected_seq}, found {seq}; "
-                                f"entries {expected_seq}..{seq - 1} are missing (deleted)")
-            if prev != prev_hash:
-                what = "the genesis hash" if seq == 1 else f"the hash of entry {seq - 1}"
-                raise _Bad(seq, f"prev_hash mismatch: entry {seq} does not link to {what} "
-                                "(an entry was removed, reordered or replaced before it)")
-            if self.boundary is None:
-                self._format_1(row)
-            else:
-                # Format 2, the hot loop: the stored texts are hashed as they are, nothing is parsed. The
-                # common case (SQLite's stored timestamp, text columns holding text) is spelt out by hand,
-                # as the canonical encoder would write it; anything else goes through the encoder itself.
-                text = None
-                if type(created_at) is str and len(created_at) == 26 and created_at[10] == " " \
-                        and type(body) is str:
-                    try:
-                        text = (f'{prev}{{"body":{body},"created_at":"{created_at[:10]}T{created_at[11:]}+00:00",'
-                                f'"kind":{quote(kind)},"model":{"null" if model is None else quote(model)},'
-                                f'"payload_digest":{"null" if digest is None else quote(digest)},'
-                                f'"policy_revision":{"null" if policy_revision is None else quote(policy_revision)},'
-                                f'"prev_hash":{quote(prev)},'
-                                f'"principal":{"null" if principal is None else quote(principal)},'
-                                f'"request_id":{quote(request_id)},"seq":{seq},'
-                                f'"team":{"null" if team is None else quote(team)},"terminal_request_id":'
-                                f'{"null" if terminal_request_id is None else quote(terminal_request_id)}}}')
-                    except TypeError:  # a column holding something other than text: the encoder decides
-                        text = None
-                if text is None:
-                    text = self._v2_text(row)
-                computed = _sha256(text.encode("utf-8")).hexdigest()
-                if computed != stored_hash:
-                    raise _Bad(seq, self._v2_mismatch(row, computed))
-                if payload is not None:
-                    self._check_payload(seq, payload, digest)
-                if kind == CHAIN_FORMAT:
-                    raise _Bad(seq, f"entry {seq} is a second chain_format entry after the boundary at "
-                                    f"{self.boundary} (the chain was tampered with)")
-            self.checked += 1
-            expected_seq = seq + 1
-            prev_hash = self.head_hash = stored_hash
-            self.head_seq = seq
 
-    def _v2_text(self, row: tuple[Any, ...]) -> str:
-        """``prev_hash`` and the format-2 canonical text of a raw row, through the canonical encoder."""
-        (seq, created_at, request_id, kind, principal, team, model, body, policy_revision,
-         terminal_request_id, prev, _hash, _payload, digest) = row
-        if type(created_at) is str and len(created_at) == 26 and created_at[10] == " ":
-            moment = f"{created_at[:10]}T{created_at[11:]}+00:00"  # SQLite's stored form, as hashed
-        else:
-            moment = self._timestamp(seq, created_at)
-        if type(body) is not str:
-            raise _Bad(seq, f"audit entry {seq} cannot be decoded: its body is not stored as text "
-                            "(the entry was edited)")
-        try:
-            rest = _ENCODER.encode({
-                "created_at": moment, "kind": kind, "model": model, "payload_digest": digest,
-                "policy_revision": policy_revision, "prev_hash": prev, "principal": principal,
-                "request_id": request_id, "seq": seq, "team": team, "terminal_request_id": terminal_request_id})
-        except (TypeError, ValueError) as exc:
-            raise _Bad(seq, f"audit entry {seq} cannot be decoded: {exc} (the entry was edited)") from None
-        return f'{prev}{{"body":{body},{rest[1:]}'
+def _plan(engine: Engine, workers: int) -> tuple[list[tuple[int, int | None]], int | None]:
+    """Seq ranges ``(after, upto]`` for the workers (the last open-ended) and the format boundary's seq.
 
-    def _timestamp(self, seq: int, value: Any) -> str:
-        """The hashed form of a ``created_at`` that is not SQLite's usual text (PostgreSQL's datetime)."""
-        if isinstance(value, datetime):
-            return format_timestamp(self.created_at(value))
-        raise _Bad(seq, f"audit entry {seq} cannot be decoded: created_at is not stored in the store's "
-                        "form (the entry was edited)")
+    The boundary is the lowest ``chain_format`` entry (the ``kind`` index):
+    the serial walk takes the first one it meets as the boundary or stops
+    there, so a range starting above it is format 2 if everything below is
+    sound, and nothing above matters otherwise.
+    """
+    if workers == 1 or engine.url.get_backend_name() == "sqlite" and engine.url.database in (None, "", ":memory:"):
+        return [(0, None)], None
+    with dbapi_cursor(engine) as cursor:
+        cursor.execute(str(select(func.max(_t.seq)).compile(dialect=engine.dialect)))
+        (head,) = cursor.fetchone()
+        boundary_sql = select(func.min(_t.seq)).where(_t.kind == CHAIN_FORMAT)
+        cursor.execute(str(boundary_sql.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True})))
+        (boundary,) = cursor.fetchone()
+    workers = min(workers, int(head or 0) // MIN_ENTRIES_PER_WORKER)
+    if workers <= 1:
+        return [(0, None)], None
+    edges = [head * k // workers for k in range(workers)]
+    return [(edges[k], edges[k + 1] if k + 1 < workers else None) for k in range(workers)], boundary
 
-    def _check_payload(self, seq: int, payload: Any, digest: str | None) -> None:
-        if digest is None:
-            raise _Bad(seq, f"entry {seq} has a payload but no payload_digest: the payload was added "
-                            "after the fact (the entry was edited)")
-        data = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
-        if _sha256(data).hexdigest() != digest:
-            raise _Bad(seq, f"payload mismatch: the stored payload of entry {seq} does not match its "
-                            "chained payload_digest (the payload was edited)")
 
-    def _v2_mismatch(self, row: tuple[Any, ...], computed: str) -> str:
-        seq, stored_hash = row[0], row[11]
-        problem = (f"hash mismatch: entry {seq} stores {stored_hash[:16]}… but its stored content hashes "
-                   f"to {computed[:16]}… (the entry was edited, or its body is not the canonical text)")
-        try:  # a format-1 hash after the boundary: written by a process still running the old code
-            if row[13] is None and self._v1_hash(row) == stored_hash:
-                problem = (f"format mismatch: entry {seq} is hashed in format 1 but comes after the "
-                           f"chain_format boundary at {self.boundary} (written by an old process?)")
-        except _Bad:
-            pass
-        return problem
+def _in_parallel(engine: Engine, statements: Statements, ranges: list[tuple[int, int | None]],
+                 boundary: int | None, batch: int) -> list[RangeResult]:
+    """Walk ``ranges[0]`` here and the others in child processes; their results in range order.
 
-    def _v1_hash(self, row: tuple[Any, ...]) -> str:
-        seq = row[0]
-        try:
-            fields = dict(zip(_NAMES, row))
-            fields["body"] = json.loads(fields["body"])
-            fields["created_at"] = self.created_at(fields["created_at"])
-            return entry_hash({name: fields[name] for name in HASHED_FIELDS}, format=FORMAT_1)
-        except (ValueError, TypeError, RecursionError) as exc:
-            raise _Bad(seq, f"audit entry {seq} cannot be decoded: {exc} (the entry was edited)") from None
+    Children are forked when this process runs no other thread (a fork
+    copies the imported modules: a spawned interpreter spends about 0.7 s of
+    CPU importing SQLAlchemy first), spawned otherwise (a forked child can
+    hang on a lock another thread held). This engine's pooled connections
+    are closed first, so no child inherits SQLite's per-process lock state
+    for them. A child that finds a bad entry lowers ``lowest``; ranges above
+    it stop at their next batch.
+    """
+    fork = threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if fork else "spawn")
+    engine.dispose()
+    lowest = context.Value("q", _NONE_BAD)
+    url = engine.url.render_as_string(hide_password=False)
+    children: list[tuple[Any, Any]] = []
+    try:
+        for after, upto in ranges[1:]:
+            receive, send = context.Pipe(duplex=False)
+            in_force = boundary if boundary is not None and boundary <= after else None
+            child = context.Process(target=_child, args=(send, url, after, upto, in_force, batch, lowest),
+                                    name=f"govgate-verify-{after}", daemon=True)
+            child.start()
+            send.close()
+            children.append((child, receive))
+        first = walk_range(engine, 0, ranges[0][1], None, batch=batch, statements=statements,
+                           mmap_bytes=SQLITE_MMAP_BYTES)
+        if first.bad_seq is not None:
+            _lower(lowest, first.bad_seq)
+        results = [first]
+        if first.bad_seq is None:
+            for child, receive in children:
+                results.append(_receive(child, receive))
+                if results[-1].bad_seq is not None:
+                    break  # the ranges above cannot matter
+        return results
+    finally:
+        _lower(lowest, 0)  # whatever still runs stops at its next batch
+        for child, receive in children:
+            receive.close()
+            child.join(_JOIN_TIMEOUT_S)
+            if child.is_alive():
+                child.kill()
+                child.join()
 
-    def _format_1(self, row: tuple[Any, ...]) -> None:
-        """An entry up to the boundary: parse and re-serialise, as format 1 always did."""
-        seq, kind, body, stored_hash = row[0], row[3], row[7], row[11]
-        recomputed = self._v1_hash(row)
-        if recomputed != stored_hash:
-            raise _Bad(seq, f"hash mismatch: entry {seq} stores {stored_hash[:16]}… but its content "
-                            f"hashes to {recomputed[:16]}… (the entry was edited)")
-        if row[12] is not None or row[13] is not None:
-            raise _Bad(seq, f"entry {seq} is format 1 (before the chain_format boundary) but carries a "
-                            "payload or payload_digest, which format 1 does not chain (added after the fact)")
-        if kind == CHAIN_FORMAT:
-            if row[2] != CHAIN_FORMAT_REQUEST_ID or json.loads(body) != {"format": FORMAT_2}:
-                raise _Bad(seq, f"entry {seq} is a chain_format entry for an unknown format")
-            self.boundary = seq
+
+def _receive(child: Any, receive: Any) -> RangeResult:
+    try:
+        message = receive.recv()
+    except EOFError:
+        child.join(_JOIN_TIMEOUT_S)
+        raise AuditError(f"a verify worker ended without a result (exit code {child.exitcode})") from None
+    if isinstance(message, str):
+        raise AuditError(f"a verify worker could not read the audit store: {message}")
+    return message
+
+
+def _lower(lowest: Any, seq: int) -> None:
+    with lowest.get_lock():
+        if seq < lowest.value:
+            lowest.value = seq
+
+
+def _child(send: Any, url: str, after: int, upto: int | None, boundary: int | None, batch: int,
+           lowest: Any) -> None:
+    """A worker process: walk one range on its own connection and send the result (or why it could not)."""
+    engine = None
+    try:
+        engine = make_engine(url)
+        result = walk_range(engine, after, upto, boundary, batch=batch, stop_below=lambda: lowest.value,
+                            mmap_bytes=SQLITE_MMAP_BYTES)
+        if result.bad_seq is not None:
+            _lower(lowest, result.bad_seq)
+        send.send(result)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises AuditError
+        send.send(reason(exc) if isinstance(exc, DB_ERRORS) else f"{type(exc).__name__}: {exc}")
+    finally:
+        if engine is not None:
+            engine.dispose()
+        send.close()
