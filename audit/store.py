@@ -267,14 +267,24 @@ class AuditStore:
 
 
 def _check_args(kind: str, request_id: str, **optional: str | None) -> None:
-    """Refuse what the schema would refuse, with a message naming the argument."""
+    """Refuse what the schema would refuse, with a message naming the argument.
+
+    A NUL character is refused on both databases: PostgreSQL's text cannot
+    hold one while SQLite stores it, and a trail must not accept on one
+    backend an entry it could not hold on the other (nor could it be copied
+    across). Bodies and payloads may hold NUL: JSON escapes it.
+    """
     if kind not in KINDS:
         raise InvalidEntryError(f"unknown audit kind {kind!r}; expected one of {sorted(KINDS)}")
     if not isinstance(request_id, str) or not request_id or len(request_id) > NAME_LEN:
         raise InvalidEntryError(f"request_id must be a non-empty string of at most {NAME_LEN} characters")
+    if "\x00" in request_id:
+        raise InvalidEntryError("request_id must not contain a NUL character")
     for name, value in optional.items():
         if value is not None and (not isinstance(value, str) or len(value) > NAME_LEN):
             raise InvalidEntryError(f"{name} must be None or a string of at most {NAME_LEN} characters")
+        if value is not None and "\x00" in value:
+            raise InvalidEntryError(f"{name} must not contain a NUL character")
 
 
 def _normalise_payload(payload: Mapping[str, Any] | None) -> tuple[str | None, dict[str, Any] | None, str | None]:
