@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any, Callable, Iterator, Mapping
 
 from sqlalchemy import Engine, Select, exists, or_, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 
 from .appender import Appender
 from .chain import FORMAT_1, FORMAT_2, canonical_text, payload_digest
@@ -253,11 +253,15 @@ class AuditStore:
     def _fetch(self, stmt: Select[Any], *, seq: int | None = None) -> list[AuditEntry]:
         """Run a SELECT of whole rows; ``seq`` names the row for error messages."""
         with self._reading() as conn:
+            result = conn.execute(stmt)  # a failure here is the database's (AuditError)
             try:
-                rows = conn.execute(stmt).mappings().all()
+                rows = result.mappings().all()
             except (ValueError, TypeError) as exc:
                 # Result processing (JSON, timestamps) choked on a tampered row.
                 raise CorruptEntryError(seq, str(exc)) from exc
+            except DataError as exc:
+                # The driver could not load a value (PostgreSQL: a created_at of 'infinity').
+                raise CorruptEntryError(seq, reason(exc)) from exc
         if not rows:
             return []
         boundary = self.boundary_seq()  # one look-up per read, not per row

@@ -76,6 +76,10 @@ class _Reader:
         self._engine = engine
         processor = _t.created_at.type.dialect_impl(dialect).result_processor(dialect, None)
         self.created_at: Callable[[Any], datetime] = processor or (lambda value: value)
+        # PostgreSQL: a timestamp psycopg cannot build (``infinity``, year 10000, BC) would fail the
+        # whole batch's fetch; read as its text instead, it reaches the walk, which names its entry.
+        self._prepare: Callable[[Any], None] = _keep_bad_timestamps if dialect.name == "postgresql" \
+            else (lambda cursor: None)
 
     def batches(self, batch: int) -> Iterator[list[tuple[Any, ...]]]:
         after = 0
@@ -83,6 +87,7 @@ class _Reader:
         while True:
             params: Any = (after,) if self._positional else {"after": after}
             with dbapi_cursor(self._engine) as cursor:
+                self._prepare(cursor)
                 cursor.execute(sql, params)
                 rows = cursor.fetchall()
             if rows:
@@ -90,6 +95,34 @@ class _Reader:
                 after = rows[-1][0]
             if len(rows) < batch:
                 return
+
+
+_lenient_loader: Any = None
+
+
+def _keep_bad_timestamps(cursor: Any) -> None:
+    """Make this psycopg cursor hand back a ``timestamptz`` Python cannot hold as its text, not raise.
+
+    psycopg raises ``DataError`` for such a value while fetching, for the
+    whole batch, and the verdict would be a read failure instead of the
+    entry. Set on the verify cursor only: everywhere else such a row is an
+    error. The text (never a datetime) is then reported by
+    :meth:`_Walk._timestamp` as an edited ``created_at``.
+    """
+    global _lenient_loader
+    if _lenient_loader is None:
+        from psycopg import DataError
+        from psycopg.types.datetime import TimestamptzLoader
+
+        class LenientTimestamptzLoader(TimestamptzLoader):
+            def load(self, data: Any) -> Any:
+                try:
+                    return super().load(data)
+                except DataError:
+                    return bytes(data).decode("utf-8", "replace")
+
+        _lenient_loader = LenientTimestamptzLoader
+    cursor.adapters.register_loader("timestamptz", _lenient_loader)
 
 
 def verify_chain(source: AuditStore | Engine, *, batch: int = 5000) -> VerifyResult:
@@ -102,7 +135,7 @@ def verify_chain(source: AuditStore | Engine, *, batch: int = 5000) -> VerifyRes
         raise ValueError("batch must be positive")
     engine = source.engine if isinstance(source, AuditStore) else source
     reader = _Reader(engine)
-    state = _Walk(reader.created_at)
+    state = _Walk(reader.created_at, datetimes=engine.dialect.name == "postgresql")
     try:
         for rows in reader.batches(batch):
             state.walk(rows)
@@ -118,8 +151,10 @@ def verify_chain(source: AuditStore | Engine, *, batch: int = 5000) -> VerifyRes
 class _Walk:
     """The walk's state across batches: the expected seq and link, the format in force."""
 
-    def __init__(self, created_at: Callable[[Any], datetime]) -> None:
+    def __init__(self, created_at: Callable[[Any], datetime], *, datetimes: bool) -> None:
         self.created_at = created_at
+        #: The driver hands back datetimes (PostgreSQL), so anything else is a value it could not load.
+        self.datetimes = datetimes
         self.checked = 0
         self.head_hash: str | None = None
         self.head_seq: int | None = None
@@ -199,7 +234,8 @@ class _Walk:
         """The hashed form of a ``created_at`` that is not SQLite's usual text (PostgreSQL's datetime)."""
         if isinstance(value, datetime):
             return format_timestamp(self.created_at(value))
-        raise _Bad(seq, f"audit entry {seq} cannot be decoded: created_at is not stored in the store's "
+        shown = f" {value[:40]!r}" if isinstance(value, str) else ""  # e.g. PostgreSQL's 'infinity'
+        raise _Bad(seq, f"audit entry {seq} cannot be decoded: created_at{shown} is not stored in the store's "
                         "form (the entry was edited)")
 
     def _check_payload(self, seq: int, payload: Any, digest: str | None) -> None:
@@ -228,7 +264,8 @@ class _Walk:
         try:
             fields = dict(zip(_NAMES, row))
             fields["body"] = json.loads(fields["body"])
-            fields["created_at"] = self.created_at(fields["created_at"])
+            created_at = fields["created_at"]
+            fields["created_at"] = self._timestamp(seq, created_at) if self.datetimes else self.created_at(created_at)
             return entry_hash({name: fields[name] for name in HASHED_FIELDS}, format=FORMAT_1)
         except (ValueError, TypeError, RecursionError) as exc:
             raise _Bad(seq, f"audit entry {seq} cannot be decoded: {exc} (the entry was edited)") from None

@@ -215,6 +215,15 @@ def test_an_edited_field_is_caught(db: RawDB, column: str, value: Any) -> None:
     _bad(db, seq, "hash mismatch")
 
 
+@pytest.mark.parametrize("value", ["infinity", "-infinity", "10000-01-01 00:00:00", "0044-03-15 00:00:00 BC"])
+def test_a_created_at_no_reader_can_load_names_its_entry(db: RawDB, value: str) -> None:
+    """PostgreSQL takes these timestamps; psycopg cannot load them (Python's datetime stops at years 1..9999),
+    so a plain read of the row fails. Verify must still name the entry, not report a read failure."""
+    seq = _seq_of(db, "completion", 30)
+    _tamper(db, "UPDATE audit_entries SET created_at = :v WHERE seq = :seq", v=value, seq=seq)
+    _bad(db, seq, "created_at", "edited")
+
+
 def test_an_edited_body_value_is_caught(db: RawDB) -> None:
     if db.backend == "postgresql":
         edit = "CAST(jsonb_set(CAST(body AS jsonb), '{decision,allow}', 'false') AS json)"
@@ -358,6 +367,11 @@ def test_a_payload_planted_on_a_format_1_entry_is_caught(upgraded: RawDB) -> Non
     _tamper(upgraded, f"UPDATE audit_entries SET payload = {_json(upgraded, 'p')}, payload_digest = :d WHERE seq = 5",
             p=text, d=hashlib.sha256(text.encode()).hexdigest())
     _bad(upgraded, 5, "format 1")
+
+
+def test_a_format_1_entry_dated_infinity_is_named(upgraded: RawDB) -> None:
+    _tamper(upgraded, "UPDATE audit_entries SET created_at = 'infinity' WHERE seq = 12")
+    _bad(upgraded, 12, "cannot be decoded", "edited")
 
 
 def test_moving_the_format_boundary_is_caught(upgraded: RawDB) -> None:
