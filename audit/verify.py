@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any, Callable, Final, Iterator
 
 from sqlalchemy import Engine, Text, bindparam, cast, select
+from sqlalchemy.exc import DataError
 
 from .chain import FORMAT_1, FORMAT_2, GENESIS_HASH, HASHED_FIELDS, entry_hash, format_timestamp
 from .db import DB_ERRORS, describe, reason
@@ -76,25 +77,34 @@ class _Reader:
         self._engine = engine
         processor = _t.created_at.type.dialect_impl(dialect).result_processor(dialect, None)
         self.created_at: Callable[[Any], datetime] = processor or (lambda value: value)
-        # PostgreSQL: a timestamp psycopg cannot build (``infinity``, year 10000, BC) would fail the
-        # whole batch's fetch; read as its text instead, it reaches the walk, which names its entry.
-        self._prepare: Callable[[Any], None] = _keep_bad_timestamps if dialect.name == "postgresql" \
-            else (lambda cursor: None)
+        self._postgresql = dialect.name == "postgresql"
 
     def batches(self, batch: int) -> Iterator[list[tuple[Any, ...]]]:
         after = 0
         sql = self._sql.format(limit=int(batch))
         while True:
             params: Any = (after,) if self._positional else {"after": after}
-            with dbapi_cursor(self._engine) as cursor:
-                self._prepare(cursor)
-                cursor.execute(sql, params)
-                rows = cursor.fetchall()
+            try:
+                rows = self._read(sql, params, lenient=False)
+            except DataError:
+                if not self._postgresql:
+                    raise
+                # A timestamp psycopg cannot build (``infinity``, year 10000, BC) fails the whole batch's
+                # fetch. Read again with it as its text, it reaches the walk, which names its entry. Only
+                # then: the lenient loader is psycopg's Python one, several times slower than its C one.
+                rows = self._read(sql, params, lenient=True)
             if rows:
                 yield rows
                 after = rows[-1][0]
             if len(rows) < batch:
                 return
+
+    def _read(self, sql: str, params: Any, *, lenient: bool) -> list[tuple[Any, ...]]:
+        with dbapi_cursor(self._engine) as cursor:
+            if lenient:
+                _keep_bad_timestamps(cursor)
+            cursor.execute(sql, params)
+            return cursor.fetchall()
 
 
 _lenient_loader: Any = None
@@ -105,20 +115,20 @@ def _keep_bad_timestamps(cursor: Any) -> None:
 
     psycopg raises ``DataError`` for such a value while fetching, for the
     whole batch, and the verdict would be a read failure instead of the
-    entry. Set on the verify cursor only: everywhere else such a row is an
-    error. The text (never a datetime) is then reported by
-    :meth:`_Walk._timestamp` as an edited ``created_at``.
+    entry. Set only on the cursor that reads such a batch again: everywhere
+    else such a row is an error. The text (never a datetime) is then
+    reported by :meth:`_Walk._timestamp` as an edited ``created_at``.
     """
     global _lenient_loader
     if _lenient_loader is None:
-        from psycopg import DataError
+        from psycopg import DataError as Unloadable
         from psycopg.types.datetime import TimestamptzLoader
 
         class LenientTimestamptzLoader(TimestamptzLoader):
             def load(self, data: Any) -> Any:
                 try:
                     return super().load(data)
-                except DataError:
+                except Unloadable:
                     return bytes(data).decode("utf-8", "replace")
 
         _lenient_loader = LenientTimestamptzLoader
