@@ -16,9 +16,10 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Final, Iterator
+from typing import Any, Callable, Final, Iterator
 
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import DataError
 
 from .chain import canonical_json, canonical_text, format_timestamp
 from .db import DB_ERRORS, describe, reason
@@ -257,23 +258,34 @@ class CheckpointStore:
     def _fetch(self, stmt: Any) -> list[Any]:
         try:
             with self._engine.connect() as conn:
-                return list(conn.execute(stmt).mappings().all())
+                result = conn.execute(stmt)
+                return list(_decoded(lambda: result.mappings().all(), "a checkpoint row"))
         except DB_ERRORS as exc:
             raise AuditError(f"checkpoint read failed on {describe(self._engine)}: {reason(exc)}") from exc
-        except (ValueError, TypeError) as exc:  # a timestamp that no longer parses: an edited row
-            raise CheckpointRowError(f"a checkpoint row cannot be decoded (edited?): {exc}") from exc
 
     def _one(self, stmt: Any) -> Any:
         try:
             with self._engine.connect() as conn:
-                return conn.execute(stmt).first()
+                result = conn.execute(stmt)
+                return _decoded(result.first, "an audit row")
         except DB_ERRORS as exc:
             raise AuditError(f"audit read failed on {describe(self._engine)}: {reason(exc)}") from exc
-        except (ValueError, TypeError) as exc:
-            raise CheckpointRowError(f"an audit row cannot be decoded (edited?): {exc}") from exc
 
     def _rows(self, stmt: Any) -> list[Checkpoint]:
         return [_checkpoint(row) for row in self._fetch(stmt)]
+
+
+def _decoded(fetch: Callable[[], Any], what: str) -> Any:
+    """``fetch()``'s rows, or :class:`CheckpointRowError` if a value in them no longer decodes.
+
+    Our own processing raises ValueError/TypeError (a timestamp that no longer
+    parses); the driver raises ``DataError`` for a value it cannot load
+    (PostgreSQL's ``infinity``). Either is an edited row, a verdict, not a read failure.
+    """
+    try:
+        return fetch()
+    except (ValueError, TypeError, DataError) as exc:
+        raise CheckpointRowError(f"{what} cannot be decoded (edited?): {reason(exc)}") from exc
 
 
 def _aware(value: Any) -> datetime:

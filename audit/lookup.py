@@ -48,7 +48,11 @@ class KeyedLookup:
         """
         with dbapi_cursor(self._engine) as cursor:
             cursor.execute(self._sql, (key,) if self._positional else {_KEY: key})
-            raw_rows = cursor.fetchall()
+            try:
+                raw_rows = cursor.fetchall()
+            except self._engine.dialect.loaded_dbapi.DataError as exc:
+                # The driver could not load a value (PostgreSQL: a created_at of 'infinity').
+                raise CorruptEntryError(None, str(exc)) from exc
         return [self._entry(row) for row in raw_rows]
 
     def _entry(self, row: Any) -> AuditEntry:

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any, Callable, Iterator, Mapping
 
 from sqlalchemy import Engine, Select, exists, or_, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 
 from .appender import Appender
 from .chain import FORMAT_1, FORMAT_2, canonical_text, payload_digest
@@ -253,11 +253,15 @@ class AuditStore:
     def _fetch(self, stmt: Select[Any], *, seq: int | None = None) -> list[AuditEntry]:
         """Run a SELECT of whole rows; ``seq`` names the row for error messages."""
         with self._reading() as conn:
+            result = conn.execute(stmt)  # a failure here is the database's (AuditError)
             try:
-                rows = conn.execute(stmt).mappings().all()
+                rows = result.mappings().all()
             except (ValueError, TypeError) as exc:
                 # Result processing (JSON, timestamps) choked on a tampered row.
                 raise CorruptEntryError(seq, str(exc)) from exc
+            except DataError as exc:
+                # The driver could not load a value (PostgreSQL: a created_at of 'infinity').
+                raise CorruptEntryError(seq, reason(exc)) from exc
         if not rows:
             return []
         boundary = self.boundary_seq()  # one look-up per read, not per row
@@ -267,14 +271,24 @@ class AuditStore:
 
 
 def _check_args(kind: str, request_id: str, **optional: str | None) -> None:
-    """Refuse what the schema would refuse, with a message naming the argument."""
+    """Refuse what the schema would refuse, with a message naming the argument.
+
+    A NUL character is refused on both databases: PostgreSQL's text cannot
+    hold one while SQLite stores it, and a trail must not accept on one
+    backend an entry it could not hold on the other (nor could it be copied
+    across). Bodies and payloads may hold NUL: JSON escapes it.
+    """
     if kind not in KINDS:
         raise InvalidEntryError(f"unknown audit kind {kind!r}; expected one of {sorted(KINDS)}")
     if not isinstance(request_id, str) or not request_id or len(request_id) > NAME_LEN:
         raise InvalidEntryError(f"request_id must be a non-empty string of at most {NAME_LEN} characters")
+    if "\x00" in request_id:
+        raise InvalidEntryError("request_id must not contain a NUL character")
     for name, value in optional.items():
         if value is not None and (not isinstance(value, str) or len(value) > NAME_LEN):
             raise InvalidEntryError(f"{name} must be None or a string of at most {NAME_LEN} characters")
+        if value is not None and "\x00" in value:
+            raise InvalidEntryError(f"{name} must not contain a NUL character")
 
 
 def _normalise_payload(payload: Mapping[str, Any] | None) -> tuple[str | None, dict[str, Any] | None, str | None]:

@@ -167,9 +167,7 @@ def walk_range(engine: Engine, after: int, upto: int | None, boundary: int | Non
                 sql = (statements.fast if fast else statements.reference).format(limit=int(batch))
                 for statement in statements.begin:
                     cursor.execute(statement)
-                cursor.execute(sql, statements.params(after=after, upto=last))
-                rows = cursor.fetchall()
-                cursor.connection.commit()  # each batch its own short read (no snapshot held, no WAL pinned)
+                rows = _fetch_batch(cursor, statements, sql, statements.params(after=after, upto=last))
                 if rows:
                     try:
                         walk.walk_fast(rows) if fast else walk.walk(rows)
@@ -192,10 +190,55 @@ def _map_file(cursor: Any, size: int) -> int:
 
 
 def _fetch_one(cursor: Any, statements: Statements, seq: int) -> tuple[Any, ...] | None:
-    cursor.execute(statements.one, statements.params(seq=seq))
-    row = cursor.fetchone()
+    rows = _fetch_batch(cursor, statements, statements.one, statements.params(seq=seq))
+    return rows[0] if rows else None
+
+
+def _fetch_batch(cursor: Any, statements: Statements, sql: str, params: Any) -> list[tuple[Any, ...]]:
+    """One batch, its own short read (no snapshot held, no WAL pinned).
+
+    On PostgreSQL a ``created_at`` Python cannot hold (``infinity``, year
+    10000, BC: only SQL can write one) fails the whole batch's fetch with the
+    driver's ``DataError``, and the verdict would be a read failure instead
+    of the entry. The batch is then read again with such values as their
+    text, which the walk names as an edited ``created_at``. Only then: the
+    lenient loader is psycopg's Python one, several times slower than its C one.
+    """
+    try:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    except Exception as exc:
+        if not (statements.postgresql and type(exc).__name__ == "DataError"):
+            raise
+        cursor.connection.rollback()
+        for statement in statements.begin:
+            cursor.execute(statement)
+        _keep_bad_timestamps(cursor)
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
     cursor.connection.commit()
-    return row
+    return rows
+
+
+_lenient_loader: Any = None
+
+
+def _keep_bad_timestamps(cursor: Any) -> None:
+    """Make this psycopg cursor hand back a ``timestamptz`` Python cannot hold as its text, not raise."""
+    global _lenient_loader
+    if _lenient_loader is None:
+        from psycopg import DataError as Unloadable
+        from psycopg.types.datetime import TimestamptzLoader
+
+        class LenientTimestamptzLoader(TimestamptzLoader):
+            def load(self, data: Any) -> Any:
+                try:
+                    return super().load(data)
+                except Unloadable:
+                    return bytes(data).decode("utf-8", "replace")
+
+        _lenient_loader = LenientTimestamptzLoader
+    cursor.adapters.register_loader("timestamptz", _lenient_loader)
 
 
 class _Walk:
@@ -349,7 +392,8 @@ class _Walk:
         """The hashed form of a ``created_at`` that is not SQLite's usual text (PostgreSQL's datetime)."""
         if isinstance(value, datetime):
             return format_timestamp(self.created_at(value))
-        raise Bad(seq, f"audit entry {seq} cannot be decoded: created_at is not stored in the store's "
+        shown = f" {value[:40]!r}" if isinstance(value, str) else ""  # e.g. PostgreSQL's 'infinity'
+        raise Bad(seq, f"audit entry {seq} cannot be decoded: created_at{shown} is not stored in the store's "
                        "form (the entry was edited)")
 
     def _v2_mismatch(self, seq: int, stored_hash: str, computed: str, row: tuple[Any, ...] | None = None) -> str:
@@ -371,7 +415,7 @@ class _Walk:
             fields["body"] = json.loads(fields["body"])
             fields["created_at"] = self.created_at(fields["created_at"])
             return entry_hash({name: fields[name] for name in HASHED_FIELDS}, format=FORMAT_1)
-        except (ValueError, TypeError, RecursionError) as exc:
+        except (ValueError, TypeError, AttributeError, RecursionError) as exc:  # AttributeError: a timestamp read as text
             raise Bad(seq, f"audit entry {seq} cannot be decoded: {exc} (the entry was edited)") from None
 
     def _format_1(self, row: tuple[Any, ...]) -> None:

@@ -227,13 +227,20 @@ class PostgresServer:
         auth = f"{self.user}:{self.password}" if self.password else self.user
         return f"{DRIVER}://{auth}@{self.host}:{self.port}/{database}"
 
-    def fresh_database(self, prefix: str = "t") -> str:
-        """Create an empty database (a copy of ``template1``) and return its URL."""
+    def fresh_database(self, prefix: str = "t", *, template: str | None = None) -> str:
+        """Create a database and return its URL: empty (a copy of ``template1``), or a copy of ``template``.
+
+        ``template`` is the URL of a database made here that nobody is
+        connected to (PostgreSQL copies it file by file): a store written
+        once per module, copied for each test that tampers with it.
+        """
         import psycopg
+        from sqlalchemy.engine import make_url
 
         name = f"{prefix}_{os.getpid()}_{next(self._names)}"
+        source = "" if template is None else f' TEMPLATE "{make_url(template).database}"'
         with psycopg.connect(self._conninfo("postgres"), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')  # noqa: S608 - our own generated name
+            conn.execute(f'CREATE DATABASE "{name}"{source}')  # noqa: S608 - our own generated names
         return self.url(name)
 
     def drop_database(self, url: str) -> None:

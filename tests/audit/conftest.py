@@ -24,6 +24,8 @@ from audit import AuditStore, make_engine, migrate
 from tests.postgres_server import PostgresServer
 
 BACKENDS = ("sqlite", "postgresql")
+#: The append-only tables, whose guard triggers :meth:`RawDB.without_guards` gets out of the way.
+GUARDED_TABLES = ("audit_entries", "audit_checkpoints")
 
 
 @pytest.fixture(params=BACKENDS)
@@ -112,14 +114,17 @@ class RawDB:
         with self.engine.begin() as conn:
             if self.backend == "sqlite":
                 for (name,) in conn.execute(text(
-                        "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit_entries'")):
+                        "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+                        " AND tbl_name IN ('audit_entries', 'audit_checkpoints')")):
                     conn.execute(text(f'DROP TRIGGER "{name}"'))
             else:
-                conn.execute(text("ALTER TABLE audit_entries DISABLE TRIGGER USER"))
+                for table in GUARDED_TABLES:
+                    conn.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER USER"))
             for statement in statements:
                 conn.execute(text(statement), params or {})
             if self.backend == "postgresql":
-                conn.execute(text("ALTER TABLE audit_entries ENABLE TRIGGER USER"))
+                for table in GUARDED_TABLES:
+                    conn.execute(text(f"ALTER TABLE {table} ENABLE TRIGGER USER"))
 
     def dispose(self) -> None:
         for store in self._stores:

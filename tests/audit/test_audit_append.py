@@ -202,14 +202,21 @@ def test_terminal_for_reports_a_tampered_row_as_corrupt(store: AuditStore, raw: 
     assert store.terminal_for("r1") == done and store.terminal_for("r2") is None
     if raw.backend == "postgresql":
         # The json type refuses text that is not JSON; what is left is a value psycopg's
-        # loader cannot build (a driver DataError at fetch time): a read failure, never an entry.
+        # loader cannot build (a driver DataError at fetch time): a corrupt entry, never an entry.
         raw.without_guards("UPDATE audit_entries SET created_at = 'infinity' WHERE seq = 2")
-        with pytest.raises(AuditError, match="timestamp too large"):
-            store.terminal_for("r1")
-        return
-    raw.without_guards("UPDATE audit_entries SET body = '{not json' WHERE seq = 2")
+    else:
+        raw.without_guards("UPDATE audit_entries SET body = '{not json' WHERE seq = 2")
     with pytest.raises(CorruptEntryError):
         store.terminal_for("r1")
+    with pytest.raises(CorruptEntryError) as caught:  # the other reads name the row
+        store.get(2)
+    assert caught.value.seq == 2
+    seen = []
+    with pytest.raises(CorruptEntryError) as caught:
+        for entry in store.iter_entries():
+            seen.append(entry.seq)
+    assert seen == [1] and caught.value.seq == 2  # everything before it first
+    assert store.get(1) is not None and store.terminal_for("r2") is None  # the sound rows still read
 
 
 # -- the PostgreSQL statements as compiled (they also run on a real server above) -------

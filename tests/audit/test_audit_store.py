@@ -179,6 +179,24 @@ def test_invalid_input_is_refused_and_nothing_recorded(
     assert store.head() is None
 
 
+@pytest.mark.parametrize("field", ["request_id", "principal", "team", "model", "policy_revision"])
+def test_a_nul_character_in_a_name_is_refused_on_both_backends(store: AuditStore, field: str) -> None:
+    """PostgreSQL text cannot hold NUL and SQLite can: the store refuses it on both, before the database sees it."""
+    first = _append(store, "request", "r1")
+    args: dict[str, Any] = dict(principal="alice", team="blue", model="tiny", policy_revision="rev-1")
+    request_id = "r\x00evil" if field == "request_id" else "r2"
+    if field != "request_id":
+        args[field] = "a\x00b"
+    with pytest.raises(InvalidEntryError, match=f"{field} must not contain a NUL character") as caught:
+        store.append("request", request_id, body={}, **args)
+    assert isinstance(caught.value, ValueError) and caught.value.__cause__ is None  # not a database error
+    assert store.head() == first and verify_chain(store).ok
+    # NUL inside a body is JSON's business (escaped as \u0000) and is kept on both.
+    clean = args if field == "request_id" else {**args, field: "ok"}
+    kept = store.append("request", "r3", body={"text": "a\x00b"}, **clean)
+    assert store.get(kept.seq) == kept and kept.body == {"text": "a\x00b"} and verify_chain(store).ok
+
+
 def test_requests_without_terminal_are_found_in_their_window_only(store: AuditStore) -> None:
     old_open = _append(store, "request", "old-open")
     ended = _append(store, "request", "ended")

@@ -1,4 +1,7 @@
-"""Audit bundles: one team's entries, verifiable without the database, and every way to doctor one."""
+"""Audit bundles: one team's entries, verifiable without the database, and every way to doctor one.
+
+Written from both backends (the ``store`` fixture of tests/audit/conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,12 @@ import io
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 from click.testing import CliRunner
 
-from audit import AuditStore, make_engine, migrate
+from audit import AuditStore, make_engine
 from audit.bundle import BundleVerdict, Selection, verify_bundle, write_bundle
 from audit.chain import document_hash
 from audit.checkpoints import CheckpointStore
@@ -19,14 +22,6 @@ from audit.signing import SigningKey, load_or_create_signing_key
 from govgate.cli import main
 
 TEAMS = ["blue", "red", "blue", None, "red", "blue"]
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[AuditStore]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
-    migrate(engine)
-    yield AuditStore(engine)
-    engine.dispose()
 
 
 def _fill(store: AuditStore, teams: list[str | None] = TEAMS, tag: str = "r") -> None:
@@ -176,14 +171,13 @@ def test_a_bundle_signed_by_another_key_is_refused(store: AuditStore) -> None:
     assert "another key" in "\n".join(verdict.problems)
 
 
-def test_export_bundle_and_verify_export_on_the_command_line(tmp_path: Path) -> None:
+def test_export_bundle_and_verify_export_on_the_command_line(store_url: str, tmp_path: Path) -> None:
     var = tmp_path / "var"
-    engine = make_engine(f"sqlite:///{var / 'govgate.db'}")
-    migrate(engine)
+    engine = make_engine(store_url)
     _fill(AuditStore(engine))
     engine.dispose()
     load_or_create_signing_key(var / "audit-signing.key")
-    env = {"GOVGATE_VAR_DIR": str(var), "GOVGATE_DATABASE_URL": "", "GOVGATE_AUDIT_SIGNING_KEY_FILE": ""}
+    env = {"GOVGATE_VAR_DIR": str(var), "GOVGATE_DATABASE_URL": store_url, "GOVGATE_AUDIT_SIGNING_KEY_FILE": ""}
     runner = CliRunner()
 
     def run(*args: str):

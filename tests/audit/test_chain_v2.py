@@ -1,16 +1,14 @@
-"""Chain format 2 on a real SQLite file: the payload (texts) apart from the chained body, only its digest chained."""
+"""Chain format 2 on both backends: the payload (texts) apart from the chained body, only its digest chained."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from audit import AuditStore, InvalidEntryError, make_engine, migrate, verify_chain
+from audit import AuditStore, InvalidEntryError, verify_chain
 from audit.chain import (
     FORMAT_2,
     HASHED_FIELDS_V2,
@@ -21,24 +19,9 @@ from audit.chain import (
     entry_payload,
     entry_payload_with_body,
 )
+from tests.audit.conftest import RawDB
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo ✓ \"quoted\""}]
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    path = tmp_path / "audit.db"
-    engine = make_engine(f"sqlite:///{path}")
-    migrate(engine)
-    engine.dispose()
-    return path
-
-
-@pytest.fixture
-def store(db: Path) -> AuditStore:
-    store = AuditStore(make_engine(f"sqlite:///{db}"))
-    yield store  # type: ignore[misc]
-    store.engine.dispose()
 
 
 def _append(store: AuditStore, request_id: str = "r1", payload: Any = None, kind: str = "request") -> Any:
@@ -47,18 +30,16 @@ def _append(store: AuditStore, request_id: str = "r1", payload: Any = None, kind
                         payload=payload)
 
 
-def _stored(db: Path, seq: int) -> tuple[Any, ...]:
-    con = sqlite3.connect(db)
-    try:
-        return con.execute("SELECT body, payload, payload_digest, hash, prev_hash FROM audit_entries WHERE seq = ?",
-                           (seq,)).fetchone()
-    finally:
-        con.close()
+def _stored(raw: RawDB, seq: int) -> tuple[Any, ...]:
+    """``(body, payload, payload_digest, hash, prev_hash)`` as stored, the JSON columns as their text."""
+    [row] = raw.rows("SELECT CAST(body AS TEXT), CAST(payload AS TEXT), payload_digest, hash, prev_hash"
+                     " FROM audit_entries WHERE seq = :seq", {"seq": seq})
+    return row
 
 
-def test_payload_is_stored_salted_and_only_its_digest_is_chained(store: AuditStore, db: Path) -> None:
+def test_payload_is_stored_salted_and_only_its_digest_is_chained(store: AuditStore, raw: RawDB) -> None:
     entry = _append(store, payload={"messages": MESSAGES})
-    body_text, payload_text, digest, stored_hash, prev_hash = _stored(db, entry.seq)
+    body_text, payload_text, digest, stored_hash, prev_hash = _stored(raw, entry.seq)
 
     payload = json.loads(payload_text)
     assert payload == entry.payload and payload["messages"] == MESSAGES
@@ -84,10 +65,10 @@ def test_the_same_text_twice_has_two_different_digests(store: AuditStore) -> Non
         first.payload_digest, second.payload_digest)
 
 
-def test_an_entry_without_payload_has_neither_column(store: AuditStore, db: Path) -> None:
+def test_an_entry_without_payload_has_neither_column(store: AuditStore, raw: RawDB) -> None:
     entry = _append(store)
     assert (entry.payload, entry.payload_digest, entry.payload_erased) == (None, None, False)
-    assert _stored(db, entry.seq)[1:3] == (None, None)
+    assert _stored(raw, entry.seq)[1:3] == (None, None)
     assert verify_chain(store).ok
 
 
@@ -99,14 +80,10 @@ def test_bad_payloads_are_refused_and_nothing_recorded(store: AuditStore, payloa
     assert store.head() is None
 
 
-def test_erasing_a_payload_keeps_the_chain_verifying(store: AuditStore, db: Path) -> None:
+def test_erasing_a_payload_keeps_the_chain_verifying(store: AuditStore, raw: RawDB) -> None:
     entries = [_append(store, f"r{i}", payload={"prompt": f"question {i}"}) for i in range(5)]
-    con = sqlite3.connect(db)  # triggers in place: this is the one UPDATE they allow
-    try:
-        con.execute("UPDATE audit_entries SET payload = NULL WHERE seq = ?", (entries[2].seq,))
-        con.commit()
-    finally:
-        con.close()
+    # Guards in place: this is the one UPDATE they allow.
+    raw.execute("UPDATE audit_entries SET payload = NULL WHERE seq = :seq", {"seq": entries[2].seq})
     erased = AuditStore(store.engine).get(entries[2].seq)
     assert erased is not None and erased.payload is None and erased.payload_erased
     assert erased.payload_digest == entries[2].payload_digest and erased.hash == entries[2].hash

@@ -1,29 +1,31 @@
-"""``govgate audit checkpoint``, ``audit public-key`` and ``audit verify`` with checkpoints, through click."""
+"""``govgate audit checkpoint``, ``audit public-key`` and ``audit verify`` with checkpoints, through click.
+
+On both backends: the commands reach the store through ``GOVGATE_DATABASE_URL``.
+"""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 from click.testing import CliRunner, Result
 
-from audit import AuditStore, make_engine, migrate
+from audit import AuditStore, make_engine
 from audit.checkpoints import CheckpointStore
 from audit.signing import load_or_create_signing_key, load_public_key
 from govgate.cli import main
+from tests.audit.conftest import RawDB
 
 
 class Env:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, raw: RawDB) -> None:
         self.var_dir = root / "var"
-        self.db = self.var_dir / "govgate.db"
-        self.env = {"GOVGATE_VAR_DIR": str(self.var_dir), "GOVGATE_DATABASE_URL": "",
+        self.raw = raw
+        self.env = {"GOVGATE_VAR_DIR": str(self.var_dir), "GOVGATE_DATABASE_URL": raw.url,
                     "GOVGATE_AUDIT_SIGNING_KEY_FILE": "", "GOVGATE_CHECKPOINT_INTERVAL_S": "10"}
-        self.engine = make_engine(f"sqlite:///{self.db}")
-        migrate(self.engine)
+        self.engine = make_engine(raw.url)  # migrated by the fixture
         self.store = AuditStore(self.engine)
 
     def append(self, n: int) -> int:
@@ -39,8 +41,8 @@ class Env:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
-    made = Env(tmp_path)
+def env(tmp_path: Path, raw: RawDB) -> Iterator[Env]:
+    made = Env(tmp_path, raw)
     yield made
     made.engine.dispose()
 
@@ -74,13 +76,7 @@ def test_verify_exits_1_on_truncation_caught_by_the_file(env: Env, tmp_path: Pat
     pub, cp = tmp_path / "pub.pem", tmp_path / "cp.json"
     env.run("public-key", "--out", str(pub))
     env.run("checkpoint", "--out", str(cp))
-    raw = sqlite3.connect(env.db)
-    for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
-        raw.execute(f'DROP TRIGGER "{name}"')
-    raw.execute(f"DELETE FROM audit_entries WHERE seq > {head - 2}")
-    raw.execute("DELETE FROM audit_checkpoints")
-    raw.commit()
-    raw.close()
+    env.raw.without_guards(f"DELETE FROM audit_entries WHERE seq > {head - 2}", "DELETE FROM audit_checkpoints")
     assert env.run("verify", "--public-key", str(pub)).exit_code == 0  # nothing left in the database tells
     result = env.run("verify", "--checkpoint", str(cp), "--public-key", str(pub))
     assert result.exit_code == 1
@@ -122,12 +118,7 @@ def test_verify_reports_a_broken_chain_and_the_checkpoints_both(env: Env) -> Non
     key = load_or_create_signing_key(env.var_dir / "audit-signing.key")
     head = env.append(3)
     CheckpointStore(env.engine).make(key)
-    raw = sqlite3.connect(env.db)
-    for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
-        raw.execute(f'DROP TRIGGER "{name}"')
-    raw.execute("UPDATE audit_entries SET hash = ? WHERE seq = ?", ("0" * 64, head))
-    raw.commit()
-    raw.close()
+    env.raw.without_guards("UPDATE audit_entries SET hash = :h WHERE seq = :seq", params={"h": "0" * 64, "seq": head})
     result = env.run("verify")
     assert result.exit_code == 1
     assert f"BROKEN at seq {head}" in result.output and "checkpoints TAMPERED" in result.output

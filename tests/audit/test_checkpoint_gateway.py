@@ -1,4 +1,7 @@
-"""Every gateway process runs a checkpointer while it is up and leaves a closing checkpoint behind."""
+"""Every gateway process runs a checkpointer while it is up and leaves a closing checkpoint behind.
+
+On both backends: the gateway's database is the empty one ``db_url`` gives (tests/audit/conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ from gateway.settings import Settings
 pytestmark = pytest.mark.anyio
 
 
-async def test_a_gateway_signs_while_up_and_closes_with_a_closing_checkpoint(settings: Settings) -> None:
+async def test_a_gateway_signs_while_up_and_closes_with_a_closing_checkpoint(settings: Settings, db_url: str) -> None:
+    settings = settings.with_(database_url=db_url)
+
     def checkpointers() -> list[asyncio.Task]:
         return [t for t in asyncio.all_tasks() if t.get_name() == "govgate-checkpointer"]
 

@@ -1,35 +1,35 @@
-"""What the chain alone cannot see, the signed checkpoints must: tampering with a real SQLite store.
+"""What the chain alone cannot see, the signed checkpoints must: tampering with a real store, SQLite and PostgreSQL.
 
-The attacker has the database file (and drops its triggers) but not the
-signing key, except where a test says otherwise. Each case also shows the
+The attacker has the database (and switches its guard triggers off) but not
+the signing key, except where a test says otherwise. Each case also shows the
 hash check alone passing, so the checkpoint check is what catches it.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from audit import AuditStore, make_engine, migrate, verify_chain
+from audit import AuditStore, make_engine, verify_chain
 from audit.checkpoint_check import CheckpointVerdict, anomaly_at_start, check_checkpoints
 from audit.checkpoints import CheckpointStore, read_checkpoint_file, sign_checkpoint, write_checkpoint_file
 from audit.signing import SigningKey
 from gateway.checkpointer import Checkpointer
+from tests.audit.conftest import RawDB
 
 MAX_AGE = 50.0
 
 
 class Trail:
-    """A migrated SQLite store, its signing key and raw access for the attacker."""
+    """A migrated store (either backend), its signing key and raw access for the attacker."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.engine = make_engine(f"sqlite:///{path}")
-        migrate(self.engine)
+    def __init__(self, raw: RawDB) -> None:
+        self.raw = raw
+        self.backend = raw.backend
+        self.engine = make_engine(raw.url)
         self.audit = AuditStore(self.engine)
         self.checkpoints = CheckpointStore(self.engine)
         self.key = SigningKey.generate()
@@ -48,18 +48,10 @@ class Trail:
         return check_checkpoints(self.checkpoints, (key or self.key).public, max_unsigned_age_s=MAX_AGE,
                                  now=now, **kwargs)
 
-    def sql(self, *statements: str, params: tuple = ()) -> None:
-        """Run SQL as an attacker with the file: triggers dropped first."""
+    def sql(self, *statements: str) -> None:
+        """Run SQL as an attacker with database access: the guard triggers out of the way first."""
         self.engine.dispose()
-        conn = sqlite3.connect(self.path)
-        try:
-            for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
-                conn.execute(f'DROP TRIGGER "{name}"')
-            for statement in statements:
-                conn.execute(statement, params)
-            conn.commit()
-        finally:
-            conn.close()
+        self.raw.without_guards(*statements)
 
     def head_seq(self) -> int:
         head = self.audit.head()
@@ -68,8 +60,8 @@ class Trail:
 
 
 @pytest.fixture
-def trail(tmp_path: Path) -> Iterator[Trail]:
-    t = Trail(tmp_path / "audit.db")
+def trail(raw: RawDB) -> Iterator[Trail]:
+    t = Trail(raw)
     yield t
     t.engine.dispose()
 
@@ -269,7 +261,7 @@ def test_a_rewrite_re_signed_with_the_stolen_key_is_caught_only_by_a_file_kept_e
 
 @pytest.mark.parametrize("change", [
     "head_hash = (SELECT hash FROM audit_entries WHERE seq = 2)",
-    "closing = 1",
+    "closing = NOT closing",
     "created_at = '2020-01-01 00:00:00.000000'",
     "seq = seq - 1",
 ])
@@ -284,7 +276,9 @@ def test_an_edited_checkpoint_row_is_detected(trail: Trail, change: str) -> None
 def test_an_undecodable_checkpoint_row_is_a_problem_not_a_crash(trail: Trail) -> None:
     trail.append(2)
     trail.checkpoint()
-    trail.sql("UPDATE audit_checkpoints SET created_at = 'yesterday'")
+    # SQLite: text that is no timestamp; PostgreSQL (which parses 'yesterday'): one psycopg cannot load.
+    value = "infinity" if trail.backend == "postgresql" else "yesterday"
+    trail.sql(f"UPDATE audit_checkpoints SET created_at = '{value}'")
     assert "cannot be read" in _problems(trail.check())
 
 
@@ -310,5 +304,7 @@ def test_without_a_trusted_key_no_checkpoint_vouches(trail: Trail) -> None:
 def test_the_guards_refuse_changes_to_checkpoints_through_the_store(trail: Trail) -> None:
     trail.append(2)
     trail.checkpoint()
-    with trail.engine.begin() as conn, pytest.raises(Exception, match="append-only"):
-        conn.exec_driver_sql("UPDATE audit_checkpoints SET closing = 1")
+    for statement in ("UPDATE audit_checkpoints SET closing = NOT closing", "DELETE FROM audit_checkpoints"):
+        with trail.engine.begin() as conn, pytest.raises(Exception, match="append-only"):
+            conn.exec_driver_sql(statement)
+    assert trail.check().ok

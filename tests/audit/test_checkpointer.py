@@ -1,4 +1,5 @@
-"""The gateway's checkpointer on a real SQLite store: when it signs, the closing checkpoint, the command.
+"""The gateway's checkpointer on a real store, SQLite and PostgreSQL: when it signs, the closing checkpoint,
+the command, and what it does when the database fails or the chain was rewritten under it.
 
 Time is the checkpointer's injected clock where a rule depends on it, so no
 test waits for an interval; the loop tests wait for an outcome, never for a duration.
@@ -9,18 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
-from audit import AuditError, AuditStore, make_engine, migrate
+from audit import AuditError, AuditStore, make_engine
 from audit.checkpoints import Checkpoint, CheckpointStore
 from audit.signing import SigningKey
 from gateway.checkpointer import Checkpointer
+from tests.audit.conftest import RawDB
 
 pytestmark = pytest.mark.anyio
 
@@ -34,14 +35,6 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[AuditStore]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
-    migrate(engine)
-    yield AuditStore(engine)
-    engine.dispose()
 
 
 def _append(store: AuditStore, n: int) -> int:
@@ -190,23 +183,18 @@ async def test_a_hanging_command_is_killed_and_never_blocks_the_loop(store: Audi
     await _eventually(lambda: not _alive(sleeper), "what the shell started is killed with it")
 
 
-async def test_a_database_failure_is_logged_and_retried(store: AuditStore, tmp_path: Path,
+async def test_a_database_failure_is_logged_and_retried(store: AuditStore, raw: RawDB,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     checkpoints = CheckpointStore(store.engine)
     checkpointer = _checkpointer(store, SigningKey.generate(), interval_s=0.01, poll_s=0.01)
     await checkpointer.start()
-    path = store.engine.url.database
-    store.engine.dispose()
-    raw = sqlite3.connect(path)
+    store.engine.dispose()  # no pooled connection holds the table (PostgreSQL's ALTER waits for them)
     raw.execute("ALTER TABLE audit_checkpoints RENAME TO hidden")
-    raw.commit()
     head = _append(store, 1)
     with caplog.at_level(logging.INFO, logger="gateway.checkpointer"):
         await _eventually(lambda: any("checkpoint failed" in r.getMessage() for r in caplog.records),
                           "the failure is logged")
         raw.execute("ALTER TABLE hidden RENAME TO audit_checkpoints")
-        raw.commit()
-        raw.close()
         await _eventually(lambda: (checkpoints.latest() is not None and checkpoints.latest().seq == head),
                           "the head is signed once the table is back")
     await checkpointer.aclose()
@@ -214,19 +202,13 @@ async def test_a_database_failure_is_logged_and_retried(store: AuditStore, tmp_p
     assert any("written again" in r.getMessage() for r in caplog.records)
 
 
-async def test_it_refuses_to_sign_over_a_chain_rewritten_below_its_latest_checkpoint(store: AuditStore) -> None:
+async def test_it_refuses_to_sign_over_a_chain_rewritten_below_its_latest_checkpoint(store: AuditStore,
+                                                                                     raw: RawDB) -> None:
     key = SigningKey.generate()
     checkpointer = _checkpointer(store, key, every_entries=1)
     _append(store, 3)
     signed = await checkpointer.tick()
-    path = store.engine.url.database
-    store.engine.dispose()
-    raw = sqlite3.connect(path)
-    for (name,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
-        raw.execute(f'DROP TRIGGER "{name}"')
-    raw.execute(f"DELETE FROM audit_entries WHERE seq >= {signed.seq}")
-    raw.commit()
-    raw.close()
+    raw.without_guards(f"DELETE FROM audit_entries WHERE seq >= {signed.seq}")
     _append(store, 2)  # the rewrite: fresh, correct hashes from the signed entry on
     with pytest.raises(AuditError, match="no longer holds the hash"):
         await checkpointer.tick()
@@ -245,14 +227,14 @@ def _replica_signs(url: str, barrier, queue) -> None:
         engine.dispose()
 
 
-def test_replicas_signing_the_same_head_at_once_write_one_checkpoint(store: AuditStore) -> None:
+def test_replicas_signing_the_same_head_at_once_write_one_checkpoint(store: AuditStore, store_url: str) -> None:
     import multiprocessing
 
     _append(store, 3)
     store.engine.dispose()
     ctx = multiprocessing.get_context("spawn")  # not fork: a pytest process with threads may fork a child stuck on a held lock
     barrier, queue = ctx.Barrier(4), ctx.Queue()
-    procs = [ctx.Process(target=_replica_signs, args=(store.engine.url.render_as_string(hide_password=False), barrier, queue)) for _ in range(4)]
+    procs = [ctx.Process(target=_replica_signs, args=(store_url, barrier, queue)) for _ in range(4)]
     for proc in procs:
         proc.start()
     results = [queue.get(timeout=60) for _ in procs]

@@ -216,9 +216,13 @@ def test_the_cli_verifies_with_jobs_and_names_the_same_entry(tmp_path: Any, monk
     import audit
     from tests.audit.test_checkpoint_cli import Env
 
-    env = Env(tmp_path)
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    engine = make_engine(url)
+    migrate(engine)
+    engine.dispose()
+    raw = RawDB(url, "sqlite")
+    env = Env(tmp_path, raw)
     env.append(60)
-    raw = RawDB(str(env.engine.url), "sqlite")
     raw.without_guards("UPDATE audit_entries SET principal = 'mallory' WHERE seq = 45")
     raw.dispose()
     asked: list[int | None] = []

@@ -2,8 +2,9 @@
 
 The key statements run on the append's own psycopg cursor (named
 parameters, an advisory lock instead of ``BEGIN IMMEDIATE``), so this is
-not the SQLite path again. Uses the ``postgres_server`` fixture
-(tests/conftest.py); skipped where the suite has none.
+not the SQLite path again. Uses the session's ``postgres_server``
+(tests/conftest.py): skipped without PostgreSQL, failed instead when
+``GOVGATE_TEST_REQUIRE_POSTGRES=1`` (CI).
 """
 
 from __future__ import annotations
@@ -19,11 +20,8 @@ from govgate.cli_keys import key_discrepancies
 
 
 @pytest.fixture
-def pg_engine(request, settings):
-    try:
-        server = request.getfixturevalue("postgres_server")
-    except pytest.FixtureLookupError:
-        pytest.skip("this suite has no postgres_server fixture")
+def pg_engine(postgres_server, settings):
+    server = postgres_server
     url = server.fresh_database("keys")
     engine = open_database(settings.with_(database_url=url))
     yield engine

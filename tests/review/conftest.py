@@ -122,12 +122,6 @@ def texts(entry: AuditEntry) -> dict[str, Any]:
     return {k: v for k, v in entry.body.items() if k in ("messages", "prompt", "output")}
 
 
-@pytest.fixture(scope="module")
-def review_var(tmp_path_factory: pytest.TempPathFactory, review_database: str) -> Path:
-    """A folder per module and database: its policy copy, keys and (on SQLite) database are its own."""
-    return tmp_path_factory.mktemp("review")
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def review_database(request: pytest.FixtureRequest) -> Iterator[str]:
     """Each module runs on SQLite (the embedded default) and on a fresh PostgreSQL database.
@@ -138,13 +132,16 @@ def review_database(request: pytest.FixtureRequest) -> Iterator[str]:
     if request.param == "sqlite":
         yield ""
         return
-    try:
-        server = request.getfixturevalue("postgres_server")
-    except pytest.FixtureLookupError:
-        pytest.skip("this tree has no postgres_server fixture")
+    server = request.getfixturevalue("postgres_server")
     url = server.fresh_database("review")
     yield url
     server.drop_database(url)
+
+
+@pytest.fixture(scope="module")
+def review_var(tmp_path_factory: pytest.TempPathFactory, review_database: str) -> Path:
+    """A var folder per module and backend: its policy copy, and on SQLite its database, are the run's own."""
+    return tmp_path_factory.mktemp("review")
 
 
 @pytest.fixture(scope="module")
