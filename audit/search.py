@@ -266,7 +266,7 @@ def _page(engine: Engine, where: EntryFilter, newest_first: bool, cursor: int | 
     the range (the ``created_at`` index is not in ``seq`` order) to keep 51
     of them, 48 ms a page for one day of 100,000 entries and ten times that
     on a million; through the seqs alone the same page takes a few
-    milliseconds (docs/architecture.md, "Searching the audit trail"). The
+    milliseconds (docs/architecture.md, "The indexes, chosen by measurement"). The
     filter's JSON conditions stay in the inner query, where they name
     ``audit_entries`` as before.
     """
