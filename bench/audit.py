@@ -1,4 +1,4 @@
-"""How fast is the audit store on each backend: chained appends (one writer, four at once) and verify.
+"""How fast is the audit store: chained appends and verify on each backend, and reads, verify and export on a million entries.
 
 For SQLite (a file in WAL mode) and PostgreSQL (a real server: the one
 ``tests/postgres_server.py`` starts, ``initdb`` into a temporary folder on
