@@ -1,4 +1,4 @@
-"""How fast is the audit store: chained appends and verify on each backend, and reads, verify and export on a million entries.
+"""How fast is the audit store: appends and verify on each backend, reads and export on a million entries.
 
 For SQLite (a file in WAL mode) and PostgreSQL (a real server: the one
 ``tests/postgres_server.py`` starts, ``initdb`` into a temporary folder on
