@@ -181,12 +181,12 @@ def audit_checks(sent: list[Sent], by_request: dict[str, list[Any]], verified: A
                 unaudited.add(f"#{record.index} {record.outcome} id={record.request_id} entries={kinds}",
                               fault, record.ended)
                 continue
-            output = completion[0].body.get("output")
+            output = _output(completion[0])
             if output != record.text:
                 unequal.add(f"#{record.index} {record.outcome} id={record.request_id}: client got "
                             f"{len(record.text)} chars, audit holds {len(output or '')}", fault, record.ended)
         elif record.stream and record.text:
-            output = terminal[0].body.get("output") if terminal else None
+            output = _output(terminal[0]) if terminal else None
             if not isinstance(output, str) or not _holds_in_order(output, record.pieces):
                 holder = f"its {terminal[0].kind} entry" if terminal else "no terminal entry"
                 holds = "no output" if output is None else f"{len(output)} chars without them in order"
@@ -235,3 +235,8 @@ def log_problems(logs: Path) -> dict[str, int]:
                 if pattern in line:
                     counts[f"{component} {name}"] += 1
     return dict(counts)
+
+
+def _output(entry: Any) -> Any:
+    """The output an entry keeps: in its payload (chain format 2), or its body (an entry of format 1)."""
+    return (entry.payload if entry.payload is not None else entry.body).get("output")
