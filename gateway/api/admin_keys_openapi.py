@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, Parameter, RequestBody
 
 from gateway.api import admin_keys_shapes as shapes
-from gateway.api.openapi import JSON, UNAUTHORIZED, JsonSchema, error_responses, json_schema
+from gateway.api.openapi import JSON, UNAUTHORIZED, JsonSchema, error_responses, header, json_schema
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -53,8 +53,12 @@ def _json(kind: type) -> dict[str, OpenAPIMediaType]:
     return {JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(kind)))}
 
 
+_NO_STORE = {"Cache-Control": header("`no-store`: the answer holds a secret no cache may keep.",
+                                     {"type": "string", "const": "no-store"})}
+
+
 def _operation(*, success: tuple[str, str, type], errors: dict[int, tuple[str, dict]], body: type | None = None,
-               body_note: str = "", query: tuple[str, ...] = ()) -> type[Operation]:
+               body_note: str = "", query: tuple[str, ...] = (), headers: dict | None = None) -> type[Operation]:
     """An ``Operation`` class: the path's key id, the query, the body and every answer."""
 
     @dataclass
@@ -66,7 +70,7 @@ def _operation(*, success: tuple[str, str, type], errors: dict[int, tuple[str, d
                 self.request_body = RequestBody(required=True, content=_json(body), description=(
                     f"{body_note} Read strictly: an unknown field is refused with 400 `unsupported_parameter`."))
             status, description, kind = success
-            self.responses = {status: OpenAPIResponse(description=description, content=_json(kind)),
+            self.responses = {status: OpenAPIResponse(description=description, content=_json(kind), headers=headers),
                               **error_responses({401: UNAUTHORIZED, 403: _FORBIDDEN, 503: _UNAVAILABLE, **errors})}
 
     return AdminKeysOperation
@@ -74,7 +78,7 @@ def _operation(*, success: tuple[str, str, type], errors: dict[int, tuple[str, d
 
 CREATE_OPERATION = _operation(
     success=("201", "The new key, with its secret (`key`) shown this once.", shapes.CreatedKey),
-    errors={400: _BAD_BODY, 413: _TOO_LARGE, 422: _BAD_VALUE}, body=shapes.CreateKey,
+    errors={400: _BAD_BODY, 413: _TOO_LARGE, 422: _BAD_VALUE}, body=shapes.CreateKey, headers=_NO_STORE,
     body_note="Who the key is for and what it may do.")
 LIST_OPERATION = _operation(
     success=("200", "A page of keys, oldest first.", shapes.KeyList),

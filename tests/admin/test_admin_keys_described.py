@@ -66,6 +66,8 @@ def test_admin_routes_are_described(document: dict[str, Any], method: str, path:
 def test_the_secret_is_described_only_where_it_is_shown(document: dict[str, Any]) -> None:
     created = document["paths"]["/admin/keys"]["post"]["responses"]["201"]["content"]["application/json"]["schema"]
     assert "key" in created["required"]
+    headers = document["paths"]["/admin/keys"]["post"]["responses"]["201"]["headers"]
+    assert headers["Cache-Control"]["required"] is True
     for path, method in (("/admin/keys/{key_id}", "get"), ("/admin/keys/{key_id}/revoke", "post")):
         schema = document["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]
         assert "key" not in schema["properties"]
