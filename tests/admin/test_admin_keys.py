@@ -327,3 +327,12 @@ async def test_a_database_that_refuses_writes_is_503_and_changes_nothing(fresh_g
         finally:
             store.engine.dispose()
         verify(settings)
+
+
+async def test_the_readmes_curl_works_without_a_json_content_type(aclient, akeys: Keys) -> None:
+    """``curl -d`` sends ``application/x-www-form-urlencoded``; the body is read as JSON all the same."""
+    response = await aclient.post(KEYS, content=b'{"user": "alice2", "roles": ["analyst"]}',
+                                  headers={**bearer(akeys.admin),
+                                           "Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 201, response.text
+    assert response.json()["user"] == "alice2"
