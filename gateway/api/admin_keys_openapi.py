@@ -10,6 +10,7 @@ the operation classes here declare them from the structs of
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, Parameter, RequestBody
 
 from gateway.api import admin_keys_shapes as shapes
@@ -28,8 +29,8 @@ _QUERY = {
                        schema=JsonSchema(document={"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE,
                                                    "default": DEFAULT_PAGE_SIZE})),
     "cursor": Parameter(name="cursor", param_in="query", required=False,
-                        description="The `next_cursor` of the page before (keyset pages: keys created while "
-                                    "paging come at the end, none is repeated or skipped).",
+                        description="The `next_cursor` of the page before (keyset pages: no key that existed "
+                                    "when paging began is repeated or skipped).",
                         schema=JsonSchema(document={"type": "string", "pattern": "^[0-9a-f]{12}$"})),
     "include_revoked": Parameter(name="include_revoked", param_in="query", required=False,
                                  description="List revoked keys too.",

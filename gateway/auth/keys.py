@@ -212,8 +212,9 @@ class KeyStore:
         """Up to ``limit`` keys in ``list``'s order after the key ``after``, and whether more follow.
 
         Keyset paging on (created_at, key_id): rows are never deleted, so
-        the key a cursor names always exists (even revoked since), and keys
-        created while paging appear at the end, never shifting a page.
+        the key a cursor names always exists (even revoked since), and a key
+        created while paging never shifts a page: it comes on a later one, or
+        not at all when it sorts before the cursor (same second, lower id).
         None when ``after`` names no key.
         """
         statement = select(ApiKey).order_by(ApiKey.created_at, ApiKey.key_id).limit(limit + 1)
