@@ -20,16 +20,16 @@ from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 
 from gateway import urls
-from gateway.api.admin_keys_openapi import (CREATE_OPERATION, DEFAULT_PAGE_SIZE, GET_OPERATION, LIST_OPERATION,
-                                            LIST_PARAMS, MAX_PAGE_SIZE, REVOKE_OPERATION, ROLES_OPERATION)
+from gateway.api.admin_keys_openapi import (CREATE_OPERATION, GET_OPERATION, LIST_OPERATION, LIST_PARAMS,
+                                            REVOKE_OPERATION, ROLES_OPERATION)
 from gateway.api.admin_keys_shapes import CreateKey, SetRoles, key_document, parse
 from gateway.api.openapi import SECURITY
 from gateway.api_errors import ApiError
 from gateway.auth import Principal
 from gateway.keys_admin import KeyChangeSignal
-from gateway.keys_admin.service import (InvalidField, KeyAdmin, KeyAdminError, KeyChange, KeyIsRevoked,
-                                        KeyNotFound, KeysUnavailable, LastAdmin, NotAdmin, UnknownCursor,
-                                        UnknownRole)
+from gateway.keys_admin.service import (DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, InvalidField, KeyAdmin, KeyAdminError,
+                                        KeyChange, KeyIsRevoked, KeyNotFound, KeysUnavailable, LastAdmin, NotAdmin,
+                                        UnknownCursor, UnknownRole)
 
 #: Service refusal -> (status, code).
 _ERRORS: dict[type[KeyAdminError], tuple[int, str]] = {

@@ -15,9 +15,8 @@ from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, 
 
 from gateway.api import admin_keys_shapes as shapes
 from gateway.api.openapi import JSON, UNAUTHORIZED, JsonSchema, error_responses, header, json_schema
+from gateway.keys_admin.service import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 #: The query parameters ``GET /admin/keys`` reads (any other is refused).
 LIST_PARAMS = ("limit", "cursor", "include_revoked")
 

@@ -34,6 +34,9 @@ ADMIN_ROLE: Final = "admin"
 #: Longest name (user, team, role) a key row holds; longest note.
 MAX_NAME: Final = 128
 MAX_NOTE: Final = 256
+#: Keys per page of a listing: by default, and at most.
+DEFAULT_PAGE_SIZE: Final = 50
+MAX_PAGE_SIZE: Final = 500
 #: Most roles one key may hold (a policy with more roles than this is not one people can reason about).
 MAX_ROLES: Final = 32
 _HEX = frozenset("0123456789abcdef")
@@ -121,12 +124,12 @@ def well_formed_id(key_id: str) -> bool:
 
 
 def _name(kind: str, value: str) -> str:
-    if len(value) > MAX_NAME:
-        raise InvalidField(f"'{kind}' must be at most {MAX_NAME} characters.", param=kind)
+    """``value`` if the key store takes it as a ``kind`` name; the refusal does not quote it."""
     try:
         return validate_name(kind, value)
-    except ValueError as exc:
-        raise InvalidField(f"'{kind}': {exc}.", param=kind) from None
+    except ValueError:
+        raise InvalidField(f"'{kind}' must be 1-{MAX_NAME} letters, digits or . _ @ - (starting with a letter "
+                           "or digit).", param=kind) from None
 
 
 def _note(note: str | None) -> str | None:
@@ -156,6 +159,8 @@ class KeyAdmin:
     # -- reads ---------------------------------------------------------------
 
     async def page(self, *, cursor: str | None, limit: int, include_revoked: bool) -> KeyPage:
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise InvalidField(f"'limit' must be from 1 to {MAX_PAGE_SIZE}.", param="limit")
         if cursor is not None and not well_formed_id(cursor):
             raise UnknownCursor("'cursor' must be the next_cursor of a previous page.", param="cursor")
         found = await self._store(self.store.page, after=cursor, limit=limit, include_revoked=include_revoked)

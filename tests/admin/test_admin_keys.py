@@ -141,6 +141,8 @@ async def test_create_refuses_bad_bodies_clearly_and_writes_nothing(aclient, ake
     if code == "unknown_role":
         assert "analyst" in error["message"] and "reviewer" in error["message"]  # it lists the known roles
     assert "\x00" not in error["message"]
+    if isinstance(body, dict) and isinstance(body.get("user"), str) and body["user"] != "ann":
+        assert body["user"] not in error["message"]  # a refused value is named by its field, never quoted
     assert len(astore.list(include_revoked=True)) == before
 
 
