@@ -9,6 +9,7 @@ from litestar import Litestar
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
+from gateway.api.admin_keys import AdminKeysController
 from gateway.api.completions import CompletionsController
 from gateway.api.dependencies import provide_completions, provide_principal
 from gateway.api.health import HealthController
@@ -33,7 +34,8 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
             yield
 
     return Litestar(
-        route_handlers=[CompletionsController, ModelsController, HealthController, ReviewController],
+        route_handlers=[CompletionsController, ModelsController, HealthController, ReviewController,
+                        AdminKeysController],
         dependencies={"principal": Provide(provide_principal),
                       "completions": Provide(provide_completions, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,

@@ -17,3 +17,8 @@ AUDIT_ENTRIES = "/v1/audit/entries"
 AUDIT_REQUEST = "/v1/audit/requests/{request_id:str}"
 AUDIT_USAGE = "/v1/audit/usage"
 AUDIT_EXPORT = "/v1/audit/export"
+
+#: Key administration (keys with the ``admin`` role).
+ADMIN_KEYS = "/admin/keys"
+#: One key, relative to :data:`ADMIN_KEYS`.
+ADMIN_KEY = "/{key_id:str}"

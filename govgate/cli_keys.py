@@ -67,27 +67,17 @@ def _gateways_redis_url(settings: Settings) -> str:
     return socket_url(embedded) if embedded.exists() else ""
 
 
-def _policy_roles(settings: Settings) -> list[str]:
-    """The roles the policy grants anything to (``govgate_config.roles`` in its data)."""
-    from gateway.policy.revision import PolicyFilesError, read_policy
+def _checked_roles(roles: tuple[str, ...]) -> list[str]:
+    """The roles, if there is at least one and the policy knows each; else a one-line error.
+
+    The rule is :func:`gateway.keys_admin.roles.checked_roles`, which the HTTP key administration uses too.
+    """
+    from gateway.keys_admin.roles import RolesUnreadable, UnknownRoles, checked_roles, policy_roles
 
     try:
-        roles = read_policy(settings.policy_dir).base_data().get("govgate_config", {}).get("roles", {})
-    except PolicyFilesError as exc:
-        raise click.ClickException(f"cannot read the roles from GOVGATE_POLICY_DIR={settings.policy_dir}: "
-                                   f"{exc}") from None
-    return sorted(roles) if isinstance(roles, dict) else []
-
-
-def _checked_roles(roles: tuple[str, ...]) -> list[str]:
-    """The roles, if there is at least one and the policy knows each; else a one-line error."""
-    known = _policy_roles(load_settings())
-    unknown = [role for role in roles if role not in known]
-    if not roles or unknown:
-        what = f"unknown role {', '.join(map(repr, unknown))}" if unknown else "no --role given"
-        raise click.ClickException(f"{what}: a key needs at least one of the roles the policy knows: "
-                                   f"{', '.join(known) or '(none)'}")
-    return list(roles)
+        return checked_roles(roles, policy_roles(load_settings().policy_dir), none_given="no --role given")
+    except (RolesUnreadable, UnknownRoles) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _refuse_a_secret(key_id: str, command: str) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from sqlalchemy import Engine, insert, update
+from sqlalchemy import Engine, and_, func, insert, or_, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, select
 
@@ -40,6 +40,20 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 
 class KeyStoreError(RuntimeError):
     """The key store cannot be read or written (the gateway fails closed)."""
+
+
+class LastHolderError(Exception):
+    """A change refused because it would leave no live key with a role that must keep a holder.
+
+    Raised from inside the change's transaction (so nothing was written):
+    the key administration API keeps one live ``admin`` key, or nobody could
+    administer keys over HTTP again.
+    """
+
+    def __init__(self, role: str, key_id: str) -> None:
+        super().__init__(f"key {key_id} holds the last live {role!r} role")
+        self.role = role
+        self.key_id = key_id
 
 
 class ApiKey(SQLModel, table=True):
@@ -98,7 +112,7 @@ def _now() -> str:
 
 def validate_name(kind: str, value: str) -> str:
     """User, team and role names: short, printable, no spaces (they reach logs and Rego)."""
-    if not _NAME_RE.match(value):
+    if not _NAME_RE.fullmatch(value):  # not match: "$" would let a trailing newline through
         raise ValueError(f"{kind} {value!r} must be 1-128 letters, digits or . _ @ - (starting with a letter or digit)")
     return value
 
@@ -193,23 +207,55 @@ class KeyStore:
         except SQLAlchemyError as exc:
             raise KeyStoreError(f"cannot read keys: {exc}") from exc
 
-    def revoke(self, key_id: str, *, by: str = UNSPECIFIED_ACTOR) -> bool:
+    def page(self, *, after: str | None, limit: int,
+             include_revoked: bool = False) -> tuple[list[ApiKey], bool] | None:
+        """Up to ``limit`` keys in ``list``'s order after the key ``after``, and whether more follow.
+
+        Keyset paging on (created_at, key_id): rows are never deleted, so
+        the key a cursor names always exists (even revoked since), and a key
+        created while paging never shifts a page: it comes on a later one, or
+        not at all when it sorts before the cursor (same second, lower id).
+        None when ``after`` names no key.
+        """
+        statement = select(ApiKey).order_by(ApiKey.created_at, ApiKey.key_id).limit(limit + 1)
+        if not include_revoked:
+            statement = statement.where(ApiKey.revoked_at.is_(None))
+        try:
+            with Session(self.engine, expire_on_commit=False) as session:
+                if after is not None:
+                    last = session.get(ApiKey, after)
+                    if last is None:
+                        return None
+                    statement = statement.where(or_(ApiKey.created_at > last.created_at,
+                                                    and_(ApiKey.created_at == last.created_at,
+                                                         ApiKey.key_id > last.key_id)))
+                rows = list(session.exec(statement))
+        except SQLAlchemyError as exc:
+            raise KeyStoreError(f"cannot read keys: {exc}") from exc
+        return rows[:limit], len(rows) > limit
+
+    def revoke(self, key_id: str, *, by: str = UNSPECIFIED_ACTOR, keep_role: str | None = None) -> bool:
         """Revoke by key id; False when no such live key exists.
 
         The UPDATE is conditional (``revoked_at IS NULL``) and runs in the
         entry's transaction: when another writer revoked the key first, it
         changes nothing and the entry is rolled back with it, so revoking
-        twice writes one entry.
+        twice writes one entry. With ``keep_role``, revoking the last live
+        key holding that role raises :class:`LastHolderError` (checked in
+        the same transaction, under the append lock, so two admins revoking
+        each other's keys at once cannot both succeed).
         """
         row = self.get(key_id)
         if row is None or row.revoked_at is not None:
             return False
         statement = (update(ApiKey).where(ApiKey.key_id == key_id, ApiKey.revoked_at.is_(None))
                      .values(revoked_at=_now()))
+        guarded = keep_role if keep_role is not None and keep_role in row.roles else None
 
         def write(cursor: Any) -> None:
             if _execute(cursor, self.engine.dialect, statement).rowcount != 1:
                 raise _Abandon
+            self._keep_a_holder(cursor, guarded, key_id)
 
         try:
             self._append(KEY_REVOKED, row, {"key_id": key_id, "by": by}, write, what=f"cannot revoke key {key_id}")
@@ -218,12 +264,15 @@ class KeyStore:
         self._changed(key_id)
         return True
 
-    def set_roles(self, key_id: str, roles: list[str], *, by: str = UNSPECIFIED_ACTOR) -> RolesChange | None:
+    def set_roles(self, key_id: str, roles: list[str], *, by: str = UNSPECIFIED_ACTOR,
+                  keep_role: str | None = None) -> RolesChange | None:
         """Give a live key exactly ``roles``; None when no such live key exists.
 
         Compare-and-set on the roles the key had when read, inside the
         entry's transaction, so the entry's ``old_roles`` are always the
         roles it replaced; a concurrent change makes it read and try again.
+        With ``keep_role``, taking that role from its last live holder raises
+        :class:`LastHolderError` (see :meth:`revoke`).
         """
         for role in roles:
             validate_name("role", role)
@@ -239,9 +288,12 @@ class KeyStore:
                                               ApiKey.roles_json == row.roles_json)
                          .values(roles_json=json.dumps(new_roles)))
 
-            def write(cursor: Any, statement: Any = statement) -> None:
+            guarded = keep_role if keep_role in old_roles and keep_role not in new_roles else None
+
+            def write(cursor: Any, statement: Any = statement, guarded: str | None = guarded) -> None:
                 if _execute(cursor, self.engine.dialect, statement).rowcount != 1:
                     raise _Abandon
+                self._keep_a_holder(cursor, guarded, key_id)
 
             body = {"key_id": key_id, "old_roles": old_roles, "new_roles": new_roles, "by": by}
             try:
@@ -282,6 +334,21 @@ class KeyStore:
                                body=body, policy_revision=None, alongside=write)
         except AuditError as exc:
             raise KeyStoreError(f"{what}: {exc}") from exc
+
+    def _keep_a_holder(self, cursor: Any, role: str | None, key_id: str) -> None:
+        """Inside a change's transaction, after its UPDATE: refuse it if no live key holds ``role`` any more.
+
+        Roles are stored as the JSON of a sorted list of validated names
+        (no quote can occur in one), so ``"<role>"`` matches exactly that
+        role; ``_`` is escaped as LIKE would read it as a wildcard.
+        """
+        if role is None:
+            return
+        pattern = '%"' + role.replace("_", "\\_") + '"%'
+        holders = (select(func.count()).select_from(ApiKey)
+                   .where(ApiKey.revoked_at.is_(None), ApiKey.roles_json.like(pattern, escape="\\")))
+        if _execute(cursor, self.engine.dialect, holders).fetchone()[0] == 0:
+            raise LastHolderError(role, key_id)
 
     def _changed(self, key_id: str) -> None:
         if self._on_change is not None:

@@ -14,6 +14,10 @@ nothing: a documented 403 or 404), and with a reviewer's key, where half the
 generated request ids name a request that exists, so that every review
 operation must also answer successfully (200 or 201) at least once and its
 body match the description.
+
+Key administration (``/admin/keys``) is generated for with an admin's key
+too: half the positive cases name a key that exists and roles the policy
+knows, so every operation must answer 2xx at least once.
 """
 
 from __future__ import annotations
@@ -256,6 +260,55 @@ def test_review_requests_conform_to_the_description(api_schema, served_api: str,
         assert {label: codes for label, codes in statuses.items() if not any(c < 300 for c in codes)} == {}
         actions = _review_actions(audit_store, known_request)
         assert len(actions) > before and {e.principal for e in actions} == {"rita"}
+
+
+def _is_admin(operation: Any) -> bool:
+    return operation.path.startswith(urls.ADMIN_KEYS)
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=str)
+def test_key_administration_conforms_to_the_description(api_schema, served_api: str, keyring: dict[str, str],
+                                                        settings: Settings, mode: GenerationMode) -> None:
+    """Generated requests to ``/admin/keys`` with an admin's key: only documented answers.
+
+    Half the positive cases name a live key (a revocation its own, so the
+    role change's key stays live) and a role the policy knows (``viewer``,
+    which grants no model), so each operation must answer 2xx at least once.
+    """
+    store = KeyStore(open_database(settings))
+    try:
+        target = store.create("tina", team=None, roles=["viewer"], by="test").key.key_id
+        doomed = store.create("dora", team=None, roles=["viewer"], by="test").key.key_id
+    finally:
+        store.engine.dispose()
+    headers = {"Authorization": f"Bearer {keyring['admin']}"}
+    statuses: dict[str, set[int]] = {}
+    checks = CHECKS + ([negative_data_rejection] if mode is GenerationMode.NEGATIVE else [])
+    operations = [op for op in _operations(api_schema) if _is_admin(op)]
+    assert len(operations) == 5, [op.label for op in operations]
+    for operation in operations:
+
+        @given(case=operation.as_strategy(generation_mode=mode), known=st.booleans())
+        @hypothesis_settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
+                             phases=[Phase.explicit, Phase.generate],
+                             suppress_health_check=list(HealthCheck))
+        def run(case, known: bool) -> None:
+            if known and mode is GenerationMode.POSITIVE:
+                if case.path_parameters:
+                    case.path_parameters["key_id"] = doomed if case.path.endswith("/revoke") else target
+                if isinstance(case.body, dict) and "roles" in case.body:
+                    case.body["roles"] = ["viewer"]
+                if case.query:
+                    case.query.pop("cursor", None)
+            response = case.call(base_url=served_api, headers=headers, timeout=120)
+            case.validate_response(response, checks=checks)
+            statuses.setdefault(operation.label, set()).add(response.status_code)
+
+        run()
+
+    assert all(statuses.get(op.label) for op in operations), statuses
+    if mode is GenerationMode.POSITIVE:
+        assert {label: codes for label, codes in statuses.items() if not any(c < 300 for c in codes)} == {}
 
 
 def _review_actions(audit_store: AuditStore, request_id: str) -> list[Any]:
