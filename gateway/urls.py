@@ -1,5 +1,7 @@
 """Route paths, in one place so controllers, tests and docs agree."""
 
+from urllib.parse import quote
+
 CHAT_COMPLETIONS = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MODELS = "/v1/models"
@@ -17,3 +19,19 @@ AUDIT_ENTRIES = "/v1/audit/entries"
 AUDIT_REQUEST = "/v1/audit/requests/{request_id:str}"
 AUDIT_USAGE = "/v1/audit/usage"
 AUDIT_EXPORT = "/v1/audit/export"
+
+#: The review console (server-rendered pages for reviewers and auditors).
+CONSOLE = "/console"
+CONSOLE_QUEUE = "/console/"
+CONSOLE_SEARCH = "/console/search"
+CONSOLE_REQUEST = "/console/requests/{request_id:str}"
+CONSOLE_USAGE = "/console/usage"
+CONSOLE_CHAIN = "/console/chain"
+CONSOLE_SIGN_IN = "/console/sign-in"
+CONSOLE_SIGN_OUT = "/console/sign-out"
+CONSOLE_STATIC = "/console/static"
+
+
+def console_request(request_id: str) -> str:
+    """The console page of one request (the id quoted for a URL path)."""
+    return CONSOLE_REQUEST.replace("{request_id:str}", quote(request_id, safe=""))
