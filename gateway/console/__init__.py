@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
-from litestar import Router
+from litestar import Response, Router
 from litestar.datastructures import ResponseHeader
 from litestar.di import Provide
 from litestar.static_files import create_static_files_router
@@ -27,13 +27,21 @@ from gateway.console.signin import provide_reviewer
 STATIC_DIR: Final = Path(__file__).parent / "static"
 
 
+async def _secured(response: Response) -> Response:
+    """The static files' responses carry the pages' headers too (the static router takes no headers)."""
+    response.headers.update(SECURITY_HEADERS)
+    response.headers["Cache-Control"] = "public, max-age=3600"  # a stylesheet holds no prompt
+    return response
+
+
 def console_router() -> Router:
     """A router of the console (one per app: a Litestar router belongs to the app it is registered on)."""
     return Router(
         path=urls.CONSOLE,
         route_handlers=[ConsolePages, ReviewActions, SignIn,
                         create_static_files_router(path=urls.CONSOLE_STATIC.removeprefix(urls.CONSOLE),
-                                                   directories=[STATIC_DIR], name="console-static")],
+                                                   directories=[STATIC_DIR], name="console-static",
+                                                   after_request=_secured)],
         dependencies={"reviewer": Provide(provide_reviewer)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         response_headers=[ResponseHeader(name=name, value=value) for name, value in SECURITY_HEADERS.items()],

@@ -36,6 +36,8 @@ from gateway.review.service import DISPOSITIONS, ReviewService, request_not_foun
 SEARCH_FIELDS = ("q", "principal", "team", "model", "request_id", "kind", "decision", "reason", "read_of", "since",
                  "until", "order", "limit")
 USAGE_FIELDS = ("since", "until", "team", "model", "principal")
+#: What the request page confirms after an action (``?done=``, set by the action's redirect).
+DONE = {"flag": "Flag recorded.", "comment": "Comment recorded.", "disposition": "Disposition recorded."}
 #: The usage page's range when none is asked for.
 DEFAULT_DAYS = 30
 
@@ -96,10 +98,11 @@ class ConsolePages(Controller):
     @get(urls.CONSOLE_REQUEST.removeprefix(urls.CONSOLE), name="console-request")
     async def request_page(self, request: Request, state: State, reviewer: NamedDependency[Reviewer],
                            request_id: FromPath[str]) -> Template:
-        refused(request, ())
+        refused(request, ("done",))
+        done = DONE.get(request.query_params.get("done", ""))
         answer = await service(state).story(reviewer.access, checked_request_id(request_id), include_text=True)
         return page("request.html", user=reviewer, view=story_view(answer.body), dispositions=DISPOSITIONS,
-                    read_id=answer.request_id)
+                    read_id=answer.request_id, done=done)
 
     @get(urls.CONSOLE_USAGE.removeprefix(urls.CONSOLE), name="console-usage")
     async def usage(self, request: Request, state: State, reviewer: NamedDependency[Reviewer]) -> Template:
@@ -132,5 +135,5 @@ class ConsolePages(Controller):
     async def chain(self, request: Request, state: State, reviewer: NamedDependency[Reviewer]) -> Template:
         refused(request, ())
         status = await chain_status(state.components.redis, state.components.audit.engine)
-        return page("chain.html", user=reviewer, active=urls.CONSOLE_CHAIN, status=status, step=STEP,
+        return page("chain.html", user=reviewer, active=urls.CONSOLE_CHAIN, chain=status, step=STEP,
                     now=datetime.now(timezone.utc).timestamp())
