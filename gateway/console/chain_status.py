@@ -10,17 +10,19 @@ kept hash exactly as verify holds each entry to the one before. One replica
 walks at a time (a Redis lock); the others show the figure as it stands.
 
 What this does not prove: an entry edited after the console verified it
-(the walk does not go back). Signed checkpoints and a full ``govgate audit
-verify`` catch that; the page says when the figure was reached and points
-at the command. Once a problem is found it is kept and shown until the
-operator clears ``govgate:console:verified`` after investigating.
+(the walk does not go back; only the last verified entry's hash is
+compared again on each view). Signed checkpoints and a full ``govgate audit
+verify`` catch that; the page says so and points at the command. Once a
+problem is found it is kept and shown until the operator deletes the
+``govgate:console:verified:*`` key after investigating. The state is kept
+per chain, named by the hash of its first entry.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Final, TypeVar
 
@@ -41,8 +43,9 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
+#: Prefix of the Redis hash holding how far a chain is verified (``:<first entry's hash>`` follows).
 STATE_KEY: Final = "govgate:console:verified"
-_LOCK_KEY: Final = "govgate:console:verifying"
+_LOCK_SUFFIX: Final = ":lock"
 #: Entries one page view verifies at most (tens of milliseconds of one core).
 STEP: Final = 20_000
 _LOCK_S: Final = 120
@@ -73,19 +76,30 @@ class ChainStatus:
 async def chain_status(client: aioredis.Redis, engine: Engine) -> ChainStatus:
     checkpoints = CheckpointStore(engine)
     head, latest = await _read(checkpoints.head), await _read(checkpoints.latest)
-    verified = await _load(client)
+    if head is None:
+        return ChainStatus(0, None, latest, Verified(0, GENESIS_HASH, None, None))
+    # The state is kept per chain (named by its first entry's hash): gateways of another database on the
+    # same Redis keep their own.
+    first = await _read(partial(checkpoints.entry_hash, 1))
+    state_key = f"{STATE_KEY}:{(first or 'none')[:32]}"
+    verified = await _load(client, state_key)
     note = None
-    head_seq = head[0] if head else 0
-    if verified.problem is None and verified.seq < head_seq and await _lock(client):
+    if verified.problem is None and verified.seq > 0:
+        now_hash = await _read(partial(checkpoints.entry_hash, verified.seq))
+        if now_hash != verified.hash:  # the last verified entry itself was changed or removed since
+            verified = replace(verified, bad_seq=verified.seq, at=time.time(),
+                               problem=f"entry {verified.seq} no longer has the hash it had when verified")
+            await _save(client, state_key, verified)
+    if verified.problem is None and verified.seq < head[0] and await _lock(client, state_key):
         try:
-            verified = await anyio.to_thread.run_sync(partial(advance, engine, verified, head_seq))
-            await _save(client, verified)
+            verified = await anyio.to_thread.run_sync(partial(advance, engine, verified, head[0]))
+            await _save(client, state_key, verified)
         except DB_ERRORS as exc:
             log.error("console: chain verify step failed: %s", exc)
             note = "The database failed while verifying; the figure is where the last step left it."
         finally:
-            await _unlock(client)
-    return ChainStatus(head_seq, head[2] if head else None, latest, verified, note)
+            await _unlock(client, state_key)
+    return ChainStatus(head[0], head[2], latest, verified, note)
 
 
 def advance(engine: Engine, verified: Verified, head_seq: int) -> Verified:
@@ -116,9 +130,9 @@ async def _read(call: Callable[[], T]) -> T:
         raise audit_unavailable() from None
 
 
-async def _load(client: aioredis.Redis) -> Verified:
+async def _load(client: aioredis.Redis, state_key: str) -> Verified:
     try:
-        raw = await client.hgetall(STATE_KEY)
+        raw = await client.hgetall(state_key)
     except (RedisError, OSError) as exc:
         raise SessionStoreDown(str(exc)) from None
     fields = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
@@ -131,26 +145,26 @@ async def _load(client: aioredis.Redis) -> Verified:
         return Verified(0, GENESIS_HASH, None, None)
 
 
-async def _save(client: aioredis.Redis, verified: Verified) -> None:
+async def _save(client: aioredis.Redis, state_key: str, verified: Verified) -> None:
     fields = {"seq": str(verified.seq), "hash": verified.hash,
               "boundary": "" if verified.boundary is None else str(verified.boundary),
               "at": "" if verified.at is None else repr(verified.at),
               "bad_seq": "" if verified.bad_seq is None else str(verified.bad_seq), "problem": verified.problem or ""}
     try:
-        await client.hset(STATE_KEY, mapping=fields)
+        await client.hset(state_key, mapping=fields)
     except (RedisError, OSError) as exc:
         raise SessionStoreDown(str(exc)) from None
 
 
-async def _lock(client: aioredis.Redis) -> bool:
+async def _lock(client: aioredis.Redis, state_key: str) -> bool:
     try:
-        return bool(await client.set(_LOCK_KEY, "1", nx=True, ex=_LOCK_S))
+        return bool(await client.set(state_key + _LOCK_SUFFIX, "1", nx=True, ex=_LOCK_S))
     except (RedisError, OSError) as exc:
         raise SessionStoreDown(str(exc)) from None
 
 
-async def _unlock(client: aioredis.Redis) -> None:
+async def _unlock(client: aioredis.Redis, state_key: str) -> None:
     try:
-        await client.delete(_LOCK_KEY)
+        await client.delete(state_key + _LOCK_SUFFIX)
     except (RedisError, OSError):
         pass  # it expires on its own
