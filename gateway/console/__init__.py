@@ -18,7 +18,7 @@ from litestar.di import Provide
 from litestar.static_files import create_static_files_router
 
 from gateway import urls
-from gateway.console.actions import ReviewActions, SignIn
+from gateway.console.actions import NotAPage, ReviewActions, SignIn
 from gateway.console.errors import EXCEPTION_HANDLERS
 from gateway.console.pages import ConsolePages
 from gateway.console.render import SECURITY_HEADERS, TEMPLATE_CONFIG
@@ -38,7 +38,7 @@ def console_router() -> Router:
     """A router of the console (one per app: a Litestar router belongs to the app it is registered on)."""
     return Router(
         path=urls.CONSOLE,
-        route_handlers=[ConsolePages, ReviewActions, SignIn,
+        route_handlers=[ConsolePages, ReviewActions, SignIn, NotAPage,
                         create_static_files_router(path=urls.CONSOLE_STATIC.removeprefix(urls.CONSOLE),
                                                    directories=[STATIC_DIR], name="console-static",
                                                    after_request=_secured)],

@@ -9,6 +9,7 @@ auditor's post is refused there (403), not only hidden from the page.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Final
 
 import anyio.to_thread
@@ -93,6 +94,14 @@ class SignIn(Controller):
         response = Redirect(urls.CONSOLE_SIGN_IN, status_code=303, headers=SECURITY_HEADERS)
         response.delete_cookie(SESSION_COOKIE, path=urls.CONSOLE)
         return response
+
+
+class NotAPage(Controller):
+    """Any other path under ``/console``: a 404 page, not the API's JSON 404."""
+
+    @get("/{rest:path}", name="console-not-found", status_code=404)
+    async def missing(self, rest: FromPath[Path]) -> Response:
+        return error_page(404, "not_found", "There is no such console page.")
 
 
 def _sign_in_page(request: Request, *, status: int, message: str | None, after: str | None = None) -> Template:

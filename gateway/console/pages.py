@@ -120,16 +120,12 @@ class ConsolePages(Controller):
             reasons[row["reason"]] = reasons.get(row["reason"], 0) + row["count"]
         totals = {name: sum(row[name] for row in team_rows)
                   for name in ("requests", "allowed", "denied", "unavailable", "rejected", "total_tokens")}
+        drawn = [(f"{what} per day by {key}", charts.stacked_bars(rows, key, column, unit=what.lower()))
+                 for key, rows in (("team", team_rows), ("model", model_rows))
+                 for what, column in (("Requests", "requests"), ("Tokens", "total_tokens"))]
+        drawn.append(("Denials by reason", charts.bars(sorted(reasons.items()), unit="denials")))
         return page("usage.html", user=reviewer, active=urls.CONSOLE_USAGE, values=values, totals=totals,
-                    truncated=by_team.body["truncated"] or by_model.body["truncated"],
-                    charts=[
-                        ("Requests per day by team", charts.stacked_bars(team_rows, "team", "requests", unit="requests")),
-                        ("Tokens per day by team", charts.stacked_bars(team_rows, "team", "total_tokens", unit="tokens")),
-                        ("Requests per day by model", charts.stacked_bars(model_rows, "model", "requests",
-                                                                          unit="requests")),
-                        ("Tokens per day by model", charts.stacked_bars(model_rows, "model", "total_tokens",
-                                                                        unit="tokens")),
-                        ("Denials by reason", charts.bars(sorted(reasons.items()), unit="denials"))])
+                    truncated=by_team.body["truncated"] or by_model.body["truncated"], charts=drawn)
 
     @get(urls.CONSOLE_CHAIN.removeprefix(urls.CONSOLE), name="console-chain")
     async def chain(self, request: Request, state: State, reviewer: NamedDependency[Reviewer]) -> Template:

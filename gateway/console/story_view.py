@@ -75,7 +75,7 @@ def story_view(story: dict[str, Any]) -> StoryView:
     start = _parse(request["created_at"]) if request else None
     end = _parse(terminal["created_at"]) if terminal else None
     if start and end:
-        timings.append(("request to end", f"{(end - start).total_seconds() * 1000:.0f} ms"))
+        timings.append(("total (request to end)", f"{(end - start).total_seconds() * 1000:.0f} ms"))
     for name, value in (body.get("timings") or {}).items():
         if isinstance(value, (int, float)):
             timings.append((name.removesuffix("_ms").replace("_", " "), f"{value:.0f} ms"))

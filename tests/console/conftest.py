@@ -43,7 +43,8 @@ class Console:
 
 
 @pytest.fixture(scope="module")
-def console(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProcess, models_file: Path) -> Iterator[Console]:
+def console(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProcess,
+            models_file: Path) -> Iterator[Console]:
     settings = review_settings(tmp_path_factory.mktemp("console"), redis_server, models_file)
     keys = make_keys(settings)
     engine = make_engine(settings.effective_database_url)

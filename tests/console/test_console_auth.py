@@ -6,10 +6,11 @@ import hashlib
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
-from gateway.console.sessions import PREFIX
+from gateway.console.sessions import MAX_AGE_S, PREFIX, SessionStore
 from govgate.redis_server import RedisProcess
 from tests.console.conftest import Console, form_token, key_store, new_key, sign_in
 
@@ -214,3 +215,31 @@ async def test_with_redis_down_nobody_is_let_in(console: Console, short_tmp) -> 
             assert refused.status_code == 503
     finally:
         own.stop()
+
+
+async def test_a_session_is_good_on_every_replica_and_sign_out_ends_it_on_all(console: Console) -> None:
+    """Two gateway apps on the same Redis and database stand for two replicas behind a load balancer."""
+    async with AsyncTestClient(create_app(console.settings), timeout=60) as first, \
+            AsyncTestClient(create_app(console.settings), timeout=60) as second:
+        first.follow_redirects = second.follow_redirects = False
+        csrf = await sign_in(first, console.keys.reviewer)
+        second.cookies.set("govgate_console", first.cookies["govgate_console"], path="/console")
+        assert (await second.get("/console/")).status_code == 200
+        assert (await second.post("/console/sign-out", data={"csrf_token": csrf})).status_code == 303
+        assert (await first.get("/console/")).status_code == 303
+
+
+async def test_a_session_ends_at_its_maximum_age_however_busy(console: Console) -> None:
+    client = aioredis.Redis.from_url(console.settings.redis_url)
+    now = [1_000_000.0]
+    store = SessionStore(client, idle_s=60, clock=lambda: now[0])
+    try:
+        session = await store.open("abcdef012345")
+        now[0] += MAX_AGE_S - 1
+        assert (await store.load(session.token)) == session
+        now[0] += 2
+        assert await store.load(session.token) is None
+        assert not await client.exists(PREFIX + hashlib.sha256(session.token.encode()).hexdigest())
+        assert await store.load("not-a-token") is None and await store.load(None) is None
+    finally:
+        await client.aclose()

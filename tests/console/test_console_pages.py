@@ -45,8 +45,8 @@ async def test_prompt_and_output_markup_shows_as_text(client: AsyncTestClient, c
 async def test_the_request_page_tells_the_whole_story(client: AsyncTestClient, console: Console) -> None:
     await sign_in(client, console.keys.auditor)
     page = (await client.get(f"/console/requests/{MARKUP_REQUEST}")).text
-    for expected in ("alice", "research", "govgate-tiny", "rev-1", "allowed", "completion", "queue", "generate", "42 ms",
-                     "total tokens", "14", "stop"):
+    for expected in ("alice", "research", "govgate-tiny", "rev-1", "allowed", "completion", "queue", "generate",
+                     "42 ms", "total tokens", "14", "stop"):
         assert expected in page, expected
     denied = (await client.get(f"/console/requests/{DENIED_REQUEST}")).text
     assert "denied" in denied and "model_not_allowed" in denied and "may I?" in denied
@@ -102,10 +102,14 @@ async def test_other_bad_queries_are_400_pages(client: AsyncTestClient, console:
     assert response.headers["content-type"].startswith("text/html")
 
 
-async def test_an_unknown_console_page_is_a_404(client: AsyncTestClient, console: Console) -> None:
+@pytest.mark.parametrize("path", ["/console/nothing", "/console/a/b/c", "/console/static/missing.css",
+                                  "/console/static/%2e%2e/__init__.py"])
+async def test_an_unknown_console_page_is_a_404_page(client: AsyncTestClient, console: Console, path: str) -> None:
     await sign_in(client, console.keys.reviewer)
-    response = await client.get("/console/requests/x/y/z")
-    assert response.status_code in (404, 405)
+    response = await client.get(path)
+    assert response.status_code == 404
+    assert response.headers["content-type"].startswith("text/html")
+    assert "Content-Security-Policy" in response.headers
 
 
 # -- search --------------------------------------------------------------------------------------------------
