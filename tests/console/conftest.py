@@ -42,10 +42,22 @@ class Console:
     store: AuditStore
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def console_database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The console's pages on SQLite and on a fresh PostgreSQL database (skips, or fails in CI, without one)."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    server = request.getfixturevalue("postgres_server")
+    url = server.fresh_database("console")
+    yield url
+    server.drop_database(url)
+
+
 @pytest.fixture(scope="module")
-def console(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProcess,
-            models_file: Path) -> Iterator[Console]:
-    settings = review_settings(tmp_path_factory.mktemp("console"), redis_server, models_file)
+def console(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProcess, models_file: Path,
+            console_database: str) -> Iterator[Console]:
+    settings = review_settings(tmp_path_factory.mktemp("console"), redis_server, models_file, console_database)
     keys = make_keys(settings)
     engine = make_engine(settings.effective_database_url)
     store = AuditStore(engine)

@@ -32,6 +32,12 @@ def _chromium() -> str | None:
 
 
 @pytest.fixture(scope="module")
+def console_database() -> str:
+    """SQLite only here: the pages' reads are tested on both databases by the client tests."""
+    return ""
+
+
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
