@@ -36,6 +36,8 @@ from gateway.review.service import DISPOSITIONS, ReviewService, request_not_foun
 SEARCH_FIELDS = ("q", "principal", "team", "model", "request_id", "kind", "decision", "reason", "read_of", "since",
                  "until", "order", "limit")
 USAGE_FIELDS = ("since", "until", "team", "model", "principal")
+#: Rows of the review queue shown at once (the newest).
+QUEUE_SHOWN = 200
 #: What the request page confirms after an action (``?done=``, set by the action's redirect).
 DONE = {"flag": "Flag recorded.", "comment": "Comment recorded.", "disposition": "Disposition recorded."}
 #: The usage page's range when none is asked for.
@@ -71,7 +73,8 @@ class ConsolePages(Controller):
     @get(urls.CONSOLE_QUEUE.removeprefix(urls.CONSOLE), name="console-queue")
     async def queue(self, state: State, reviewer: NamedDependency[Reviewer]) -> Template:
         found = await review_queue(service(state), reviewer.access)
-        return page("queue.html", user=reviewer, active=urls.CONSOLE_QUEUE, queue=found, window=WINDOW)
+        return page("queue.html", user=reviewer, active=urls.CONSOLE_QUEUE, queue=found, window=WINDOW,
+                    shown=QUEUE_SHOWN)
 
     @get(urls.CONSOLE_SEARCH.removeprefix(urls.CONSOLE), name="console-search")
     async def search(self, request: Request, state: State, reviewer: NamedDependency[Reviewer]) -> Template:
@@ -112,20 +115,21 @@ class ConsolePages(Controller):
             start = datetime.now(timezone.utc).date() - timedelta(days=DEFAULT_DAYS - 1)
             values["since"] = start.isoformat()
         params = {name: [value] for name, value in values.items()}
-        by_team = (await service(state).usage(reviewer.access, *usage_query({**params, "group_by": ["day,team"]})))
-        by_model = (await service(state).usage(reviewer.access, *usage_query({**params, "group_by": ["day,model"]})))
-        team_rows, model_rows = by_team.body["data"], by_model.body["data"]
+        # One query grouped by day, team and model (the service's cost is per query); the charts add up the
+        # rows of each day and team, or day and model.
+        answer = (await service(state).usage(reviewer.access,
+                                             *usage_query({**params, "group_by": ["day,team,model"]}))).body
+        rows = answer["data"]
         reasons: dict[str, float] = {}
-        for row in by_team.body["denials"]:
+        for row in answer["denials"]:
             reasons[row["reason"]] = reasons.get(row["reason"], 0) + row["count"]
-        totals = {name: sum(row[name] for row in team_rows)
+        totals = {name: sum(row[name] for row in rows)
                   for name in ("requests", "allowed", "denied", "unavailable", "rejected", "total_tokens")}
         drawn = [(f"{what} per day by {key}", charts.stacked_bars(rows, key, column, unit=what.lower()))
-                 for key, rows in (("team", team_rows), ("model", model_rows))
-                 for what, column in (("Requests", "requests"), ("Tokens", "total_tokens"))]
+                 for key in ("team", "model") for what, column in (("Requests", "requests"), ("Tokens", "total_tokens"))]
         drawn.append(("Denials by reason", charts.bars(sorted(reasons.items()), unit="denials")))
         return page("usage.html", user=reviewer, active=urls.CONSOLE_USAGE, values=values, totals=totals,
-                    truncated=by_team.body["truncated"] or by_model.body["truncated"], charts=drawn)
+                    truncated=answer["truncated"], charts=drawn)
 
     @get(urls.CONSOLE_CHAIN.removeprefix(urls.CONSOLE), name="console-chain")
     async def chain(self, request: Request, state: State, reviewer: NamedDependency[Reviewer]) -> Template:
