@@ -59,7 +59,7 @@ class ReviewActions(Controller):
 
 
 class SignIn(Controller):
-    """Sign in with a key; sign out. The only console pages open without a session."""
+    """Sign in with a key (the one console page open without a session); sign out."""
 
     @get(urls.CONSOLE_SIGN_IN.removeprefix(urls.CONSOLE), name="console-sign-in-form")
     async def form(self, request: Request) -> Template:
