@@ -80,7 +80,9 @@ class SignIn(Controller):
         if not may_use_console(principal):
             return _sign_in_page(request, status=403, after=after, message=(
                 "This key may not use the review console: it needs the 'reviewer' or 'auditor' role."))
-        session = await session_store(state).open(principal.key_id)
+        store = session_store(state)
+        await store.end(request.cookies.get(SESSION_COOKIE))  # a session this browser had is not left behind
+        session = await store.open(principal.key_id)
         response = Redirect(after, status_code=303, headers=SECURITY_HEADERS)
         response.set_cookie(cookie(request, SESSION_COOKIE, session.token))
         response.delete_cookie(SIGN_IN_COOKIE, path=urls.CONSOLE)

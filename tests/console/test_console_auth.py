@@ -243,3 +243,15 @@ async def test_a_session_ends_at_its_maximum_age_however_busy(console: Console) 
         assert await store.load("not-a-token") is None and await store.load(None) is None
     finally:
         await client.aclose()
+
+
+async def test_signing_in_again_ends_the_session_the_browser_had(client: AsyncTestClient, console: Console) -> None:
+    await sign_in(client, console.keys.reviewer)
+    old = client.cookies["govgate_console"]
+    await sign_in(client, console.keys.auditor)
+    assert client.cookies["govgate_console"] != old
+    client_redis = redis.Redis.from_url(console.settings.redis_url)
+    try:
+        assert not client_redis.exists(PREFIX + hashlib.sha256(old.encode()).hexdigest())
+    finally:
+        client_redis.close()
