@@ -18,7 +18,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response import Template
 
-from audit.kinds import KINDS
+from audit.kinds import KINDS, REJECTED, REQUEST, REVIEW_KINDS, TERMINAL_KINDS
 from audit.search import DECISIONS
 from audit.tables import NAME_LEN
 from gateway import urls
@@ -36,6 +36,8 @@ from gateway.review.service import DISPOSITIONS, ReviewService, request_not_foun
 SEARCH_FIELDS = ("q", "principal", "team", "model", "request_id", "kind", "decision", "reason", "read_of", "since",
                  "until", "order", "limit")
 USAGE_FIELDS = ("since", "until", "team", "model", "principal")
+#: Entries whose request id is a request's (a link to its page); a read's or a key's id is not.
+LINKED_KINDS = frozenset({REQUEST, REJECTED}) | TERMINAL_KINDS | REVIEW_KINDS
 #: Rows of the review queue shown at once (the newest).
 QUEUE_SHOWN = 200
 #: What the request page confirms after an action (``?done=``, set by the action's redirect).
@@ -81,7 +83,7 @@ class ConsolePages(Controller):
         refused(request, SEARCH_FIELDS)
         values = form_values(request, SEARCH_FIELDS)
         context: dict[str, Any] = {"user": reviewer, "active": urls.CONSOLE_SEARCH, "values": values,
-                                   "kinds": sorted(KINDS), "decisions": DECISIONS, "results": None, "error": None}
+                                   "kinds": sorted(KINDS), "decisions": DECISIONS, "linked": LINKED_KINDS, "results": None, "error": None}
         if values or "cursor" in request.query_params:
             params = {name: [value] for name, value in values.items()}
             if "cursor" in request.query_params:

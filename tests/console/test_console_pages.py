@@ -279,3 +279,13 @@ async def test_static_files_are_served_with_the_policy_and_nothing_comes_from_el
                  f"/console/requests/{MARKUP_REQUEST}"):
         page = (await client.get(path)).text
         assert not re.search(r'(src|href)="(https?:)?//', page), path
+
+
+async def test_only_entries_of_a_request_link_to_a_request_page(client: AsyncTestClient, console: Console) -> None:
+    await sign_in(client, console.keys.auditor)
+    await client.get(f"/console/requests/{MARKUP_REQUEST}")  # makes a payload_read entry
+    read = search(console.store, EntryFilter(kinds=frozenset({"payload_read"})), limit=1).entries[0]
+    page = (await client.get("/console/search?kind=payload_read&limit=5")).text
+    assert read.request_id in page and f"/console/requests/{read.request_id}" not in page
+    page = (await client.get(f"/console/search?request_id={MARKUP_REQUEST}")).text
+    assert f'href="/console/requests/{MARKUP_REQUEST}"' in page
