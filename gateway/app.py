@@ -17,6 +17,7 @@ from gateway.api.openapi import COMPONENTS
 from gateway.api.models import ModelsController
 from gateway.api.review import ReviewController
 from gateway.components import Components, build_components
+from gateway.console import TEMPLATE_CONFIG, console_router
 from gateway.api_errors import EXCEPTION_HANDLERS
 from gateway.settings import Settings
 
@@ -35,12 +36,13 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
 
     return Litestar(
         route_handlers=[CompletionsController, ModelsController, HealthController, ReviewController,
-                        AdminKeysController],
+                        AdminKeysController, console_router()],
         dependencies={"principal": Provide(provide_principal),
                       "completions": Provide(provide_completions, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
+        template_config=TEMPLATE_CONFIG,
         openapi_config=OpenAPIConfig(title="govgate", version="0.1.0", components=COMPONENTS),
         debug=False,
     )

@@ -97,6 +97,11 @@ class Settings:
     checkpoint_interval_s: float = 10.0
     #: Shell command (``sh -c``) each new checkpoint file is piped to, e.g. to copy it off this host.
     checkpoint_command: str = ""
+    #: A review console session ends after this many seconds without a request (re-signing in is cheap).
+    console_idle_timeout_s: float = 900.0
+    #: Mark the console's cookies ``Secure`` (set it when the gateway is reached over https, even
+    #: through a TLS-terminating proxy; a request that arrives as https gets them anyway).
+    console_secure_cookies: bool = False
 
     @property
     def effective_database_url(self) -> str:
@@ -183,7 +188,21 @@ class Settings:
                                                 int, 1)),
             checkpoint_interval_s=float(number("CHECKPOINT_INTERVAL_S", defaults.checkpoint_interval_s, float, 0.1)),
             checkpoint_command=env.get("GOVGATE_CHECKPOINT_COMMAND", "").strip(),
+            console_idle_timeout_s=float(number("CONSOLE_IDLE_TIMEOUT_S", defaults.console_idle_timeout_s, float,
+                                                10.0)),
+            console_secure_cookies=_boolean(env, "CONSOLE_SECURE_COOKIES", defaults.console_secure_cookies),
         )
+
+
+def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(f"GOVGATE_{name}", "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"GOVGATE_{name}={raw!r} must be true or false")
 
 
 def _path_text(raw: str) -> str:

@@ -1,5 +1,7 @@
 """Route paths, in one place so controllers, tests and docs agree."""
 
+from urllib.parse import quote
+
 CHAT_COMPLETIONS = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MODELS = "/v1/models"
@@ -22,3 +24,18 @@ AUDIT_EXPORT = "/v1/audit/export"
 ADMIN_KEYS = "/admin/keys"
 #: One key, relative to :data:`ADMIN_KEYS`.
 ADMIN_KEY = "/{key_id:str}"
+#: The review console (server-rendered pages for reviewers and auditors).
+CONSOLE = "/console"
+CONSOLE_QUEUE = "/console/"
+CONSOLE_SEARCH = "/console/search"
+CONSOLE_REQUEST = "/console/requests/{request_id:str}"
+CONSOLE_USAGE = "/console/usage"
+CONSOLE_CHAIN = "/console/chain"
+CONSOLE_SIGN_IN = "/console/sign-in"
+CONSOLE_SIGN_OUT = "/console/sign-out"
+CONSOLE_STATIC = "/console/static"
+
+
+def console_request(request_id: str) -> str:
+    """The console page of one request (the id quoted for a URL path)."""
+    return CONSOLE_REQUEST.replace("{request_id:str}", quote(request_id, safe=""))

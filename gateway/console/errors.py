@@ -1,0 +1,89 @@
+"""Console refusals as pages: a person reads them, so they are HTML with the same code the API would use.
+
+The review service raises :class:`gateway.api_errors.ApiError` (OpenAI's
+shape for API clients); under ``/console`` the same refusal is a page with
+its status, its code and its message, so a bad date or an unknown request
+id is a clear 4xx page, never a 500. A missing session is a redirect to the
+sign-in page.
+"""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import urlencode
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+from litestar.response import Redirect
+
+from gateway import urls
+from gateway.api_errors import ApiError, new_request_id
+from gateway.auth import KeyStoreError
+from gateway.console.csrf import CsrfRefused
+from gateway.console.render import SECURITY_HEADERS, page
+from gateway.console.sessions import SessionStoreDown
+from gateway.console.signin import SignInRequired
+
+log = logging.getLogger(__name__)
+
+_TITLES = {400: "Bad request", 403: "Not allowed", 404: "Not found", 405: "Not allowed", 413: "Too large",
+           422: "Cannot do that", 500: "Something went wrong", 503: "Unavailable"}
+
+
+def error_page(status: int, code: str, message: str) -> Response:
+    return page("error.html", status=status, title=_TITLES.get(status, "Error"), code=code, message=message,
+                back=urls.CONSOLE_QUEUE)
+
+
+def _sign_in(request: Request, exc: SignInRequired) -> Response:
+    query = {"next": request.url.path} if request.method == "GET" else {}
+    if exc.reason:
+        query["why"] = "ended"
+    target = urls.CONSOLE_SIGN_IN + (f"?{urlencode(query)}" if query else "")
+    return Redirect(target, status_code=303, headers=SECURITY_HEADERS)
+
+
+def _api(_: Request, exc: ApiError) -> Response:
+    return error_page(exc.status, exc.code, exc.message)
+
+
+def _csrf(_: Request, __: CsrfRefused) -> Response:
+    return error_page(403, "csrf_refused", "This form was refused: its security token is missing or out of date. "
+                      "Go back, reload the page and try again.")
+
+
+def _sessions_down(_: Request, exc: SessionStoreDown) -> Response:
+    log.error("console: session store (Redis) unavailable: %s", exc)
+    return error_page(503, "console_unavailable", "The console cannot check sessions right now (Redis is not "
+                      "answering), so nobody is let in. Try again shortly.")
+
+
+def _keys_down(_: Request, exc: KeyStoreError) -> Response:
+    log.error("console: key store unavailable: %s", exc)
+    return error_page(503, "auth_unavailable", "Keys cannot be checked right now (the database is unavailable).")
+
+
+def _http(_: Request, exc: HTTPException) -> Response:
+    status = exc.status_code
+    messages = {404: "There is no such console page.", 405: "This page does not accept that method.",
+                413: "The form is larger than this gateway accepts."}
+    return error_page(status, "not_found" if status == 404 else "invalid_request",
+                      messages.get(status, str(exc.detail)))
+
+
+def _unexpected(request: Request, exc: Exception) -> Response:
+    request_id = new_request_id()
+    log.exception("console: unhandled error on %s %s (request id %s)", request.method, request.url.path, request_id)
+    return error_page(500, "internal_error", f"The console hit an unexpected error; it has been logged (request id "
+                      f"{request_id}).")
+
+
+EXCEPTION_HANDLERS = {
+    SignInRequired: _sign_in,
+    ApiError: _api,
+    CsrfRefused: _csrf,
+    SessionStoreDown: _sessions_down,
+    KeyStoreError: _keys_down,
+    HTTPException: _http,
+    Exception: _unexpected,
+}

@@ -1,0 +1,65 @@
+"""Rendering console pages: the Jinja environment (autoescaping on), the headers every page carries.
+
+Prompts, outputs, notes and names are untrusted text: autoescape turns
+``<script>`` into text, and the Content-Security-Policy allows scripts,
+styles and images from the gateway itself only (no inline script or style,
+no CDN), so even a markup slip could not run anything. Pages hold prompts
+and outputs, so no cache may keep them (``no-store``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Final
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from litestar.plugins.jinja import JinjaTemplateEngine
+from litestar.response import Template
+from litestar.template import TemplateConfig
+
+from gateway import urls
+from gateway.console.csrf import FIELD
+
+CSP: Final = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+              "font-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+
+#: On every console response, pages, static files and error pages alike.
+SECURITY_HEADERS: Final = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+#: The nav bar: (path, label). Admin pages (keys) are not the console's yet.
+NAV: Final = ((urls.CONSOLE_QUEUE, "Review queue"), (urls.CONSOLE_SEARCH, "Search"),
+              (urls.CONSOLE_USAGE, "Usage"), (urls.CONSOLE_CHAIN, "Chain"))
+
+
+def _when(value: Any) -> str:
+    """An ISO time as ``YYYY-MM-DD HH:MM:SS`` UTC (what a reviewer reads), anything else as is."""
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, str) and len(value) >= 19 and value[10] == "T":
+        return f"{value[:10]} {value[11:19]}"
+    return "" if value is None else str(value)
+
+
+def _environment() -> Environment:
+    env = Environment(loader=PackageLoader("gateway.console", "templates"), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["when"] = _when
+    env.globals.update(nav=NAV, urls=urls, csrf_field=FIELD)
+    return env
+
+
+TEMPLATE_CONFIG: Final = TemplateConfig(instance=JinjaTemplateEngine(engine_instance=_environment()))
+
+
+def page(name: str, *, status: int = 200, headers: dict[str, str] | None = None, **context: Any) -> Template:
+    """A console page; ``context`` needs ``user`` (None on pages shown signed out)."""
+    context.setdefault("user", None)
+    context.setdefault("active", None)
+    return Template(template_name=name, context=context, status_code=status,
+                    headers={**SECURITY_HEADERS, **(headers or {})}, media_type="text/html")

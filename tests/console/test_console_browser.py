@@ -1,0 +1,158 @@
+"""The console in a real browser: headless Chromium (Debian's) driven by Playwright, against ``govgate serve``.
+
+Signs in, searches, opens a request, flags it, finds the flag on the audit
+chain, and saves a screenshot of each page under
+``var/test-artifacts/console/``. Also holds the page to its
+Content-Security-Policy as the browser enforces it: a markup prompt runs
+nothing, and no resource is refused. Skips without Chromium or Playwright,
+unless ``GOVGATE_TEST_REQUIRE_BROWSER=1`` (``.ci/run``), when it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from audit import verify_chain
+from tests.conftest import serving
+from tests.console.conftest import DENIED_REQUEST, MARKUP_PROMPT, MARKUP_REQUEST, Console
+
+REQUIRE_ENV = "GOVGATE_TEST_REQUIRE_BROWSER"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "var" / "test-artifacts" / "console"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def _chromium() -> str | None:
+    found = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+    return found
+
+
+@pytest.fixture(scope="module")
+def console_database() -> str:
+    """SQLite only here: the pages' reads are tested on both databases by the client tests."""
+    return ""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    executable = _chromium()
+    if sync_playwright is None or executable is None:
+        missing = "playwright" if sync_playwright is None else "chromium"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{missing} is not installed and {REQUIRE_ENV}=1")
+        pytest.skip(f"{missing} is not installed (set {REQUIRE_ENV}=1 to fail instead)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def served(console: Console) -> Iterator[str]:
+    log = console.settings.var_dir / "console-serve.log"
+    with serving(console.settings, log) as base:
+        yield base
+
+
+@pytest.fixture
+def page(browser: Any, served: str) -> Iterator[Any]:
+    context = browser.new_context(base_url=served, viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.problems = []  # console errors (a CSP refusal is one), dialogs (a script that ran), failed loads
+    page.on("console", lambda message: message.type == "error" and page.problems.append(message.text))
+    page.on("dialog", lambda dialog: (page.problems.append(f"dialog: {dialog.message}"), dialog.dismiss()))
+    # A load cut short by the next navigation (net::ERR_ABORTED) is the test moving on, not a refusal.
+    page.on("requestfailed", lambda request: "ERR_ABORTED" not in (request.failure or "")
+            and page.problems.append(f"failed: {request.url} {request.failure}"))
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+def _shot(page: Any, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _sign_in(page: Any, key: str) -> None:
+    page.goto("/console/sign-in")
+    _shot(page, "01-sign-in")
+    page.fill("input[name=key]", key)
+    page.click("button:has-text('Sign in')")
+    page.wait_for_url("**/console/**")
+    page.wait_for_load_state("load")
+
+
+def test_sign_in_search_open_flag_and_find_the_flag_on_the_chain(page: Any, console: Console) -> None:
+    _sign_in(page, console.keys.reviewer)
+    assert page.locator("h1").first.inner_text().startswith("Review queue")
+    # The stylesheet was loaded and applied under the page's Content-Security-Policy.
+    assert page.eval_on_selector(".topbar", "e => getComputedStyle(e).backgroundColor") == "rgb(31, 58, 95)"
+    assert page.locator(f"a:has-text('{DENIED_REQUEST}')").count() == 1
+    _shot(page, "02-queue")
+
+    page.click("nav >> text=Search")
+    page.fill("input[name=team]", "support")
+    page.select_option("select[name=decision]", "deny")
+    page.click("button:has-text('Search')")
+    page.wait_for_selector("table tbody tr")
+    assert "team=support" in page.url
+    _shot(page, "03-search")
+
+    page.click(f"a:has-text('{DENIED_REQUEST}')")
+    page.wait_for_selector("text=model_not_allowed")
+    assert page.locator("pre.text").first.inner_text() == "may I?"
+    _shot(page, "04-request")
+
+    before = [e.seq for e in console.store.entries_for(DENIED_REQUEST) if e.kind == "flagged"]
+    page.fill("form[action$='/flag'] input[name=note]", "flagged from the browser")
+    page.click("form[action$='/flag'] button")
+    page.wait_for_url("**?done=flag")
+    assert page.locator(".badge:has-text('flagged')").count() >= 1
+    assert page.locator("text=flagged from the browser").count() == 1
+    _shot(page, "05-request-flagged")
+
+    flags = [e for e in console.store.entries_for(DENIED_REQUEST) if e.kind == "flagged" and e.seq not in before]
+    assert len(flags) == 1
+    assert flags[0].principal == "rita" and flags[0].body["note"] == "flagged from the browser"
+    assert flags[0].body["target"]["principal"] == "bob"
+    result = verify_chain(console.store)
+    assert result.ok and result.head_seq >= flags[0].seq  # the flag is a sound entry of the chain
+
+    page.click("nav >> text=Usage")
+    page.goto("/console/usage?since=2000-01-01")
+    assert page.locator("figure.chart > svg").count() == 5
+    _shot(page, "06-usage")
+    page.click("nav >> text=Chain")
+    page.wait_for_selector("text=verified up to entry")
+    _shot(page, "07-chain")
+    assert page.problems == []
+
+
+def test_markup_in_a_prompt_runs_nothing_in_the_browser(page: Any, console: Console) -> None:
+    _sign_in(page, console.keys.auditor)
+    page.goto(f"/console/requests/{MARKUP_REQUEST}")
+    assert page.locator("pre.text").first.inner_text() == MARKUP_PROMPT
+    assert page.locator("form[action$='/flag']").count() == 0  # an auditor has no action forms
+    _shot(page, "08-request-auditor")
+    assert page.problems == []
+
+
+def test_sign_out_in_the_browser(page: Any, console: Console) -> None:
+    _sign_in(page, console.keys.reviewer)
+    page.click("button:has-text('Sign out')")
+    page.wait_for_url("**/console/sign-in")
+    page.goto("/console/search")
+    assert "/console/sign-in" in page.url
+    assert page.problems == []

@@ -1,0 +1,109 @@
+"""The chain page's incremental verify: it reaches what ``verify_chain`` reaches, step by step, and finds tampering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import redis.asyncio as aioredis
+from sqlalchemy import text
+
+from audit import AuditStore, verify_chain
+from gateway.components import open_database
+from gateway.console import chain_status as status_module
+from gateway.console.chain_status import Verified, advance, chain_status
+from gateway.settings import Settings
+from govgate.redis_server import RedisProcess
+
+pytestmark = pytest.mark.anyio
+
+
+def _fill(store: AuditStore, count: int, start: int = 0) -> None:
+    for i in range(start, start + count):
+        store.append("request", f"chain-{i}", principal="p", team="t", model="m", policy_revision="rev",
+                     body={"endpoint": "chat.completions", "decision": {"allow": True, "reasons": []}},
+                     payload={"messages": [{"role": "user", "content": f"hello {i}"}]})
+
+
+def _new_store(folder: Path, count: int) -> AuditStore:
+    store = AuditStore(open_database(Settings(var_dir=folder)))
+    _fill(store, count)
+    return store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[AuditStore]:
+    store = _new_store(tmp_path, 30)
+    yield store
+    store.engine.dispose()
+
+
+def _tamper(store: AuditStore, statement: str) -> None:
+    """Change a row behind the store's back (the append-only triggers dropped first, as a DBA could)."""
+    with store.engine.begin() as conn:
+        for (name,) in conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger' "
+                                         "AND tbl_name = 'audit_entries'")):
+            conn.execute(text(f'DROP TRIGGER "{name}"'))
+        conn.execute(text(statement))
+
+
+def _until_head(store: AuditStore, verified: Verified) -> tuple[Verified, list[int]]:
+    head = store.head().seq
+    steps = []
+    while verified.problem is None and verified.seq < head:
+        verified = advance(store.engine, verified, head)
+        steps.append(verified.seq)
+    return verified, steps
+
+
+def test_step_by_step_it_reaches_what_verify_reaches(store: AuditStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(status_module, "STEP", 7)
+    verified, steps = _until_head(store, Verified(0, "0" * 64, None, None))
+    full = verify_chain(store)
+    assert full.ok and verified.problem is None
+    assert (verified.seq, verified.hash) == (full.head_seq, full.head_hash)
+    assert all(b - a <= 7 for a, b in zip([0, *steps], steps)) and len(steps) >= 4
+    _fill(store, 5, start=30)  # appends after: the next step goes on from where it stopped
+    later, _ = _until_head(store, verified)
+    assert (later.seq, later.hash) == (verify_chain(store).head_seq, verify_chain(store).head_hash)
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE audit_entries SET principal = 'mallory' WHERE seq = 20",
+    "DELETE FROM audit_entries WHERE seq = 20",
+])
+def test_a_change_ahead_of_the_verified_entry_is_found_where_verify_finds_it(
+        store: AuditStore, monkeypatch: pytest.MonkeyPatch, statement: str) -> None:
+    monkeypatch.setattr(status_module, "STEP", 6)
+    verified, _ = _until_head(store, Verified(0, "0" * 64, None, None))
+    _fill(store, 20, start=30)
+    _tamper(store, statement.replace("20", str(verified.seq + 8)))
+    found, _ = _until_head(store, verified)
+    full = verify_chain(store)
+    assert not full.ok and found.problem is not None
+    assert found.bad_seq == full.first_bad_seq
+    assert found.seq < full.first_bad_seq
+
+
+async def test_the_status_is_kept_in_redis_per_chain(store: AuditStore, tmp_path: Path,
+                                                    redis_server: RedisProcess) -> None:
+    client = aioredis.Redis.from_url(redis_server.url)
+    other = _new_store(tmp_path / "other", 12)
+    try:
+        first = await chain_status(client, store.engine)
+        assert first.head_seq == store.head().seq == first.verified.seq and first.verified.problem is None
+        mine = await chain_status(client, other.engine)  # another chain on the same Redis: its own figure
+        assert mine.verified.seq == other.head().seq and mine.verified.problem is None
+        _fill(store, 3, start=100)
+        assert (await chain_status(client, store.engine)).verified.seq == store.head().seq
+        last = store.head().seq
+        _tamper(store, f"UPDATE audit_entries SET hash = '{'f' * 64}' WHERE seq = {last}")
+        broken = await chain_status(client, store.engine)
+        assert broken.verified.problem is not None and broken.verified.bad_seq == last
+        _fill(store, 1, start=200)  # the problem stays: nothing more is verified past it
+        assert (await chain_status(client, store.engine)).verified.problem is not None
+        assert (await chain_status(client, other.engine)).verified.problem is None
+    finally:
+        other.engine.dispose()
+        await client.aclose()

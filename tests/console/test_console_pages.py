@@ -1,0 +1,291 @@
+"""The console's pages through Litestar's test client: what they show, escaping, ugly input, review actions."""
+
+from __future__ import annotations
+
+import html
+import re
+
+from markupsafe import escape
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from audit import verify_chain
+from audit.search import EntryFilter, search
+from tests.console.conftest import (DENIED_REQUEST, MARKUP_OUTPUT, MARKUP_PROMPT, MARKUP_REQUEST, Console,
+                                    sign_in)
+
+pytestmark = pytest.mark.anyio
+
+_SEQ_CELL = re.compile(r'<td class="num">(\d+)</td>')
+
+
+def _reads_by(console: Console, principal: str) -> int:
+    where = EntryFilter(principal=principal, kinds=frozenset({"payload_read"}))
+    return len(search(console.store, where, limit=500).entries)
+
+
+def _review_entries(console: Console, request_id: str) -> list:
+    return [e for e in console.store.entries_for(request_id) if e.kind in ("flagged", "commented", "dispositioned")]
+
+
+# -- escaping and what the request page shows ------------------------------------------------------------
+
+
+async def test_prompt_and_output_markup_shows_as_text(client: AsyncTestClient, console: Console) -> None:
+    await sign_in(client, console.keys.reviewer)
+    page = await client.get(f"/console/requests/{MARKUP_REQUEST}")
+    assert page.status_code == 200
+    assert "<script>alert" not in page.text and "<img src=x" not in page.text
+    assert str(escape(MARKUP_PROMPT)) in page.text
+    assert str(escape(MARKUP_OUTPUT)) in page.text
+    assert "<script" not in page.text  # the console has no script of its own either
+
+
+async def test_the_request_page_tells_the_whole_story(client: AsyncTestClient, console: Console) -> None:
+    await sign_in(client, console.keys.auditor)
+    page = (await client.get(f"/console/requests/{MARKUP_REQUEST}")).text
+    for expected in ("alice", "research", "govgate-tiny", "rev-1", "allowed", "completion", "queue", "generate",
+                     "42 ms", "total tokens", "14", "stop"):
+        assert expected in page, expected
+    denied = (await client.get(f"/console/requests/{DENIED_REQUEST}")).text
+    assert "denied" in denied and "model_not_allowed" in denied and "may I?" in denied
+
+
+async def test_showing_texts_is_recorded_as_a_read(client: AsyncTestClient, console: Console) -> None:
+    await sign_in(client, console.keys.auditor)
+    before = _reads_by(console, "otto")
+    page = await client.get(f"/console/requests/{MARKUP_REQUEST}")
+    assert page.status_code == 200
+    reads = search(console.store, EntryFilter(principal="otto", kinds=frozenset({"payload_read"})), limit=1).entries
+    assert _reads_by(console, "otto") == before + 1
+    assert reads[0].body["request_ids"] == [MARKUP_REQUEST] and reads[0].body["via"] == "story"
+    assert reads[0].request_id in page.text  # the page names its read
+
+
+# -- ugly input: clear 4xx pages, never a 500 -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/console/requests/no-such-request", f"/console/requests/{'x' * 300}",
+                                  "/console/requests/%00nul"])
+async def test_an_unknown_request_is_a_404_page(client: AsyncTestClient, console: Console, path: str) -> None:
+    await sign_in(client, console.keys.reviewer)
+    response = await client.get(path)
+    assert response.status_code == 404
+    assert response.headers["content-type"].startswith("text/html")
+    assert "request_not_found" in response.text
+    assert "Content-Security-Policy" in response.headers
+
+
+@pytest.mark.parametrize(("query", "param"), [
+    ("cursor=abc", "cursor"), ("cursor=-1", "cursor"), ("cursor=" + "9" * 40, "cursor"),
+    ("limit=0", "limit"), ("limit=100000", "limit"), ("limit=ten", "limit"),
+    ("since=2026-13-45", "since"), ("until=yesterday", "until"), ("since=2026-02-02&until=2026-01-01", "until"),
+    ("kind=nonsense", "kind"), ("decision=maybe", "decision"), ("order=sideways", "order"),
+])
+async def test_bad_search_input_is_a_400_page_naming_the_field(
+        client: AsyncTestClient, console: Console, query: str, param: str) -> None:
+    await sign_in(client, console.keys.reviewer)
+    response = await client.get(f"/console/search?{query}")
+    assert response.status_code == 400, response.text
+    assert "invalid_filter" in response.text and f"<code>{param}</code>" in response.text
+    assert 'name="q"' in response.text  # the form is still there to correct
+
+
+@pytest.mark.parametrize("path", ["/console/search?include_text=true", "/console/search?bogus=1",
+                                  "/console/usage?since=not-a-date", "/console/usage?group_by=day",
+                                  "/console/chain?x=1"])
+async def test_other_bad_queries_are_400_pages(client: AsyncTestClient, console: Console, path: str) -> None:
+    await sign_in(client, console.keys.reviewer)
+    response = await client.get(path)
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("text/html")
+
+
+@pytest.mark.parametrize("path", ["/console/nothing", "/console/a/b/c", "/console/static/missing.css",
+                                  "/console/static/%2e%2e/__init__.py"])
+async def test_an_unknown_console_page_is_a_404_page(client: AsyncTestClient, console: Console, path: str) -> None:
+    await sign_in(client, console.keys.reviewer)
+    response = await client.get(path)
+    assert response.status_code == 404
+    assert response.headers["content-type"].startswith("text/html")
+    assert "Content-Security-Policy" in response.headers
+
+
+# -- search --------------------------------------------------------------------------------------------------
+
+
+async def test_search_filters_and_pages_like_the_api(client: AsyncTestClient, console: Console) -> None:
+    await sign_in(client, console.keys.reviewer)
+    expected = [e.seq for e in search(console.store, EntryFilter(team="research", kinds=frozenset({"request"})),
+                                      limit=500).entries]
+    assert len(expected) > 10
+    seen: list[int] = []
+    url = "/console/search?team=research&kind=request&limit=7&principal="  # an empty field: not filtered on
+    for _ in range(20):
+        page = await client.get(url)
+        assert page.status_code == 200
+        seen += [int(seq) for seq in _SEQ_CELL.findall(page.text)]
+        found = re.search(r'<a href="(\?[^"]+)" rel="next">', page.text)
+        if not found:
+            break
+        url = "/console/search" + html.unescape(found.group(1))
+        assert "First page" in (await client.get(url)).text
+    assert seen == expected
+
+
+async def test_text_search_is_recorded_as_a_read(client: AsyncTestClient, console: Console) -> None:
+    await sign_in(client, console.keys.auditor)
+    before = _reads_by(console, "otto")
+    page = await client.get("/console/search?q=needle-1")
+    assert page.status_code == 200 and "No entries match" not in page.text
+    assert _reads_by(console, "otto") == before + 1
+
+
+# -- review actions ---------------------------------------------------------------------------------------
+
+
+async def test_a_reviewer_flags_comments_and_disposes(client: AsyncTestClient, console: Console) -> None:
+    csrf = await sign_in(client, console.keys.reviewer)
+    target = DENIED_REQUEST
+    base = f"/console/requests/{target}"
+    flagged = await client.post(f"{base}/flag", data={"csrf_token": csrf, "note": "<b>odd</b> request"})
+    assert flagged.status_code == 303 and flagged.headers["location"] == f"{base}?done=flag"
+    commented = await client.post(f"{base}/comment", data={"csrf_token": csrf, "text": "asked the team"})
+    assert commented.status_code == 303
+    disposed = await client.post(f"{base}/disposition", data={"csrf_token": csrf, "disposition": "ok", "note": ""})
+    assert disposed.status_code == 303
+    entries = _review_entries(console, target)
+    assert [e.kind for e in entries[-3:]] == ["flagged", "commented", "dispositioned"]
+    assert entries[-3].body["note"] == "<b>odd</b> request" and entries[-3].principal == "rita"
+    assert entries[-2].body["text"] == "asked the team"
+    assert entries[-1].body["disposition"] == "ok" and "note" not in entries[-1].body
+    page = (await client.get(base)).text
+    assert "&lt;b&gt;odd&lt;/b&gt; request" in page and "asked the team" in page
+    assert verify_chain(console.store).ok
+
+
+@pytest.mark.parametrize(("action", "data", "status"), [
+    ("comment", {}, 422), ("comment", {"text": "x" * 4001}, 422), ("disposition", {"disposition": "great"}, 422),
+    ("disposition", {}, 422), ("shout", {"text": "hi"}, 404),
+])
+async def test_bad_action_forms_are_refused_with_a_page(client: AsyncTestClient, console: Console, action: str,
+                                                        data: dict, status: int) -> None:
+    csrf = await sign_in(client, console.keys.reviewer)
+    before = len(_review_entries(console, MARKUP_REQUEST))
+    response = await client.post(f"/console/requests/{MARKUP_REQUEST}/{action}", data={"csrf_token": csrf, **data})
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("text/html")
+    assert len(_review_entries(console, MARKUP_REQUEST)) == before
+
+
+async def test_an_action_on_an_unknown_request_is_a_404_page(client: AsyncTestClient, console: Console) -> None:
+    csrf = await sign_in(client, console.keys.reviewer)
+    response = await client.post("/console/requests/nope/flag", data={"csrf_token": csrf})
+    assert response.status_code == 404 and "request_not_found" in response.text
+
+
+@pytest.mark.parametrize("token", [None, "", "forged"])
+async def test_an_action_without_the_session_token_is_refused(client: AsyncTestClient, console: Console,
+                                                              token: str | None) -> None:
+    await sign_in(client, console.keys.reviewer)
+    before = len(_review_entries(console, MARKUP_REQUEST))
+    data = {"note": "csrf", **({"csrf_token": token} if token is not None else {})}
+    response = await client.post(f"/console/requests/{MARKUP_REQUEST}/flag", data=data)
+    assert response.status_code == 403 and "csrf_refused" in response.text
+    assert len(_review_entries(console, MARKUP_REQUEST)) == before
+
+
+async def test_another_sessions_token_is_refused(client: AsyncTestClient, console: Console) -> None:
+    other = await sign_in(client, console.keys.reviewer)
+    client.cookies.clear()
+    await sign_in(client, console.keys.reviewer)
+    response = await client.post(f"/console/requests/{MARKUP_REQUEST}/flag", data={"csrf_token": other})
+    assert response.status_code == 403
+
+
+async def test_an_auditor_sees_no_action_forms_and_cannot_post_them(client: AsyncTestClient,
+                                                                    console: Console) -> None:
+    csrf = await sign_in(client, console.keys.auditor)
+    page = (await client.get(f"/console/requests/{MARKUP_REQUEST}")).text
+    assert "/flag" not in page and "/comment" not in page and "/disposition" not in page
+    before = len(_review_entries(console, MARKUP_REQUEST))
+    for action, data in (("flag", {}), ("comment", {"text": "hi"}), ("disposition", {"disposition": "ok"})):
+        response = await client.post(f"/console/requests/{MARKUP_REQUEST}/{action}", data={"csrf_token": csrf, **data})
+        assert response.status_code == 403 and "review_forbidden" in response.text
+    assert len(_review_entries(console, MARKUP_REQUEST)) == before
+
+
+# -- queue, usage, chain ----------------------------------------------------------------------------------
+
+
+async def test_the_queue_holds_flagged_and_denied_until_disposed(client: AsyncTestClient, console: Console) -> None:
+    csrf = await sign_in(client, console.keys.reviewer)
+    target = MARKUP_REQUEST  # allowed, so only a flag puts it in the queue
+    assert target not in (await client.get("/console/")).text
+    await client.post(f"/console/requests/{target}/flag", data={"csrf_token": csrf, "note": "look"})
+    queue = (await client.get("/console/")).text
+    assert target in queue and "look" in queue
+    await client.post(f"/console/requests/{target}/disposition", data={"csrf_token": csrf, "disposition": "violation"})
+    assert target not in (await client.get("/console/")).text
+    await client.post(f"/console/requests/{target}/flag", data={"csrf_token": csrf, "note": "again"})
+    assert target in (await client.get("/console/")).text  # flagged after its disposition: back in the queue
+    await client.post(f"/console/requests/{target}/disposition", data={"csrf_token": csrf, "disposition": "ok"})
+
+
+async def test_the_queue_lists_seeded_denials_without_disposition(client: AsyncTestClient, console: Console) -> None:
+    await sign_in(client, console.keys.auditor)
+    denied = search(console.store, EntryFilter(decision="deny"), limit=500).entries
+    settled = {e.request_id for e in search(console.store, EntryFilter(kinds=frozenset({"dispositioned"})),
+                                            limit=500).entries}
+    queue = (await client.get("/console/")).text
+    waiting = [e.request_id for e in denied if e.request_id not in settled]
+    assert waiting
+    for request_id in waiting:
+        assert request_id in queue
+    for request_id in settled:
+        flagged_later = any(e.kind == "flagged" and e.seq > max(d.seq for d in console.store.entries_for(request_id)
+                                                                 if d.kind == "dispositioned")
+                            for e in console.store.entries_for(request_id))
+        assert (f">{request_id}<" in queue) == flagged_later
+
+
+async def test_the_usage_page_draws_the_counts(client: AsyncTestClient, console: Console) -> None:
+    await sign_in(client, console.keys.reviewer)
+    page = await client.get("/console/usage?since=2000-01-01")
+    assert page.status_code == 200
+    requests = len(search(console.store, EntryFilter(kinds=frozenset({"request"})), limit=500).entries)
+    assert f'<div class="figure">{requests:,}</div><div class="label">requests</div>' in page.text
+    assert page.text.count("<svg viewBox") == 5
+    for title in ("Requests per day by team", "Tokens per day by model", "Denials by reason"):
+        assert title in page.text
+    assert "model_not_allowed" in page.text and "research" in page.text and "govgate-tiny" in page.text
+
+
+async def test_the_chain_page_verifies_up_to_the_head(client: AsyncTestClient, console: Console) -> None:
+    await sign_in(client, console.keys.auditor)
+    head = console.store.head().seq
+    page = (await client.get("/console/chain")).text
+    assert f'<div class="figure">{head:,}</div><div class="label">entries</div>' in page
+    assert f'<div class="figure">{head:,}</div><div class="label">verified up to entry</div>' in page
+
+
+async def test_static_files_are_served_with_the_policy_and_nothing_comes_from_elsewhere(
+        client: AsyncTestClient, console: Console) -> None:
+    css = await client.get("/console/static/console.css")
+    assert css.status_code == 200 and "Content-Security-Policy" in css.headers
+    await sign_in(client, console.keys.reviewer)
+    for path in ("/console/", "/console/search", "/console/usage", "/console/chain",
+                 f"/console/requests/{MARKUP_REQUEST}"):
+        page = (await client.get(path)).text
+        assert not re.search(r'(src|href)="(https?:)?//', page), path
+
+
+async def test_only_entries_of_a_request_link_to_a_request_page(client: AsyncTestClient, console: Console) -> None:
+    await sign_in(client, console.keys.auditor)
+    await client.get(f"/console/requests/{MARKUP_REQUEST}")  # makes a payload_read entry
+    read = search(console.store, EntryFilter(kinds=frozenset({"payload_read"})), limit=1).entries[0]
+    page = (await client.get("/console/search?kind=payload_read&limit=5")).text
+    assert read.request_id in page and f"/console/requests/{read.request_id}" not in page
+    page = (await client.get(f"/console/search?request_id={MARKUP_REQUEST}")).text
+    assert f'href="/console/requests/{MARKUP_REQUEST}"' in page
