@@ -37,7 +37,10 @@ compact_text := regex.replace(detection_text, `[ \n]+`, "")
 
 # ---------------------------------------------------------------- blocked patterns
 
-blocked_patterns := as_list(setting(["content", "blocked_patterns"]))
+blocked_patterns := patterns if {
+	patterns := object.get(config, ["content", "blocked_patterns"], null)
+	is_array(patterns)
+} else := []
 
 # Every rule is usable: the load-time check (checks.rego) refuses data with
 # one that is not.
@@ -99,7 +102,12 @@ unportable_constructs := {
 # ---------------------------------------------------------------- detectors
 
 # The configured detectors: name -> settings ({} when none).
-detectors := as_object(setting(["content", "detectors"]))
+# (as_list/as_object(setting(...)) spelled out here and below: each function
+# call costs regorus more than the check.)
+detectors := settings if {
+	settings := object.get(config, ["content", "detectors"], null)
+	is_object(settings)
+} else := {}
 
 # The action of a configured detector, when it is a known one.
 detector_action(name) := action if {
@@ -114,7 +122,9 @@ detector_actions_by_name := {name: settings.action | some name, settings in dete
 # National id formats: {id, pattern} pairs. Every entry can run: the
 # load-time check refuses data with one that cannot.
 national_ids contains {"id": rule.id, "pattern": rule.pattern} if {
-	some rule in as_list(setting(["content", "national_ids"]))
+	rules := object.get(config, ["content", "national_ids"], null)
+	is_array(rules)
+	some rule in rules
 }
 
 # The national ids that can run, for the load-time check itself.
