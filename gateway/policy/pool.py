@@ -185,6 +185,8 @@ class Evaluator:
         finally:
             timer.cancel()
             loop.remove_reader(inp)
+            if reply.done() and not reply.cancelled():
+                reply.exception()  # settled but not awaited (the write timed out): not an unretrieved error
 
 
 def _write_some(fd: int, data: bytes) -> int:
