@@ -18,6 +18,10 @@ baseline of their own):
    The embedded engine runs as the gateway runs it, with one evaluator per
    core (``--evaluators``), so decisions per second at c=1 show one
    evaluator's latency and at c=32 how far the pool scales with the cores.
+   A further pair of phases (c=1, then c=C) reads the CPU each side spends
+   per decision: this process standing in for the gateway (encoding the
+   input, the pipe round trip on the event loop, reading the decision) and
+   the evaluator children (from ``/proc``, clock ticks).
 
 2. **Rule modules.** In this process, on regorus itself (no pipe, no
    pool): the p50 of the whole ``data.govgate.decision`` and of each
@@ -198,11 +202,35 @@ async def bench_policy(opa_url: str | None, samples: list[Sample], args: argpars
             say(f"policy: {name}: {args.warmup} warm-up + {args.decisions} sequential + "
                 f"{args.decisions} at concurrency {args.concurrency}")
             runs[name] = await sequential_and_concurrent(decide_operation(engine, samples), args, args.decisions)
-        return {"revision": embedded.revision, "runs": runs, "notes": notes}
+        say(f"policy: embedded: CPU per decision, {args.decisions} sequential + {args.decisions} "
+            f"at concurrency {args.concurrency}")
+        cpu = {mode: await cpu_per_decision(embedded, samples, args.decisions, concurrency)
+               for mode, concurrency in (("c=1", 1), (f"c={args.concurrency}", args.concurrency))}
+        return {"revision": embedded.revision, "runs": runs, "notes": notes, "cpu_per_decision": cpu}
     finally:
         for engine in (opa, embedded):
             if engine is not None:
                 await engine.aclose()
+
+
+async def cpu_per_decision(engine: Any, samples: list[Sample], count: int, concurrency: int) -> dict[str, Any]:
+    """CPU µs per decision of this process (the gateway's side) and of the evaluator children.
+
+    This process's side is ``time.process_time`` (it includes the bench's own
+    loop, a few µs); the children's is read from ``/proc`` in clock ticks, so
+    a phase must last a good part of a second for the figure to mean much.
+    """
+    from bench._cpu import Role, RoleProbe
+
+    pids = [pid for pid in engine.evaluator_pids if pid is not None]
+    probe = RoleProbe([Role("evaluators", pid, "own") for pid in pids])
+    probe.start()
+    started = time.process_time()
+    run = await timed(decide_operation(engine, samples), count, concurrency)
+    gateway_s = time.process_time() - started
+    evaluators_s = probe.stop().get("evaluators", 0.0)
+    return {"gateway_us": round(gateway_s / count * 1e6, 1), "evaluators_us": round(evaluators_s / count * 1e6, 1),
+            "per_s": round(run.per_s, 1), "failures": dict(run.failures)}
 
 
 # ---------------------------------------------------------------- usage counters

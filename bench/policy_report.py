@@ -58,6 +58,19 @@ def throughput_line(policy: dict[str, Any], args: argparse.Namespace) -> str:
             f"{round(runs['concurrent'].per_s)} ({args.evaluators} evaluators)")
 
 
+def cpu_lines(policy: dict[str, Any]) -> list[str]:
+    """CPU per decision on each side of the evaluator pipe (absent from older result files)."""
+    cpu = policy.get("cpu_per_decision")
+    if not cpu:
+        return []
+    lines = [_row("CPU per embedded decision", ["gateway µs", "evaluator", "per s"])]
+    for mode, figures in cpu.items():
+        lines.append(_row(f"  {mode}", [figures["gateway_us"], figures["evaluators_us"], round(figures["per_s"])]))
+    lines.append("  (gateway: this process encoding the input, the pipe round trip and the reply; "
+                 "evaluator: the regorus children, from /proc)")
+    return lines
+
+
 def modules_table(modules: dict[str, dict[str, Any]]) -> list[str]:
     """p50 and p99 per rule module, in-process on regorus, wall and CPU clocks."""
     lines = [_row("rule modules (in-process, per input)", ["p50 µs", "p99 µs", "cpu p50", "cpu p99"])]
@@ -109,6 +122,7 @@ def summary(policy: dict[str, Any], opa_skipped: str, counters: dict[str, Any] |
         "decisions_per_s": {"c=1": round(runs["embedded"]["sequential"].per_s, 1),
                             f"c={args.concurrency}": round(runs["embedded"]["concurrent"].per_s, 1)},
         "modules": policy.get("modules"),
+        "cpu_per_decision": policy.get("cpu_per_decision"),
     }
     if counters is None:
         return {"decisions": args.decisions, "requests": args.requests, "concurrency": args.concurrency,
@@ -136,6 +150,8 @@ def print_report(policy: dict[str, Any], opa_skipped: str, counters: dict[str, A
     for note in policy["notes"]:
         print(f"note: {note}")
     print(throughput_line(policy, args))
+    for line in cpu_lines(policy):
+        print(line)
     if policy.get("modules"):
         print()
         print("\n".join(modules_table(policy["modules"])))

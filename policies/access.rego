@@ -68,8 +68,9 @@ access_denials contains {"code": "model_not_allowed", "message": msg} if {
 # ---------------------------------------------------------------- teams
 
 # The principal's team's settings ({} without a team or an entry for it).
-team_settings := as_object(setting(["teams", principal_team])) if {
-	principal_team
+team_settings := settings if {
+	settings := object.get(config, ["teams", principal_team], null)
+	is_object(settings)
 } else := {}
 
 # A team restricts models when its entry has a (non-null) `models` key.

@@ -37,7 +37,10 @@ compact_text := regex.replace(detection_text, `[ \n]+`, "")
 
 # ---------------------------------------------------------------- blocked patterns
 
-blocked_patterns := as_list(setting(["content", "blocked_patterns"]))
+blocked_patterns := patterns if {
+	patterns := object.get(config, ["content", "blocked_patterns"], null)
+	is_array(patterns)
+} else := []
 
 # Every rule is usable: the load-time check (checks.rego) refuses data with
 # one that is not.
@@ -99,7 +102,12 @@ unportable_constructs := {
 # ---------------------------------------------------------------- detectors
 
 # The configured detectors: name -> settings ({} when none).
-detectors := as_object(setting(["content", "detectors"]))
+# (as_list/as_object(setting(...)) spelled out here and below: each function
+# call costs regorus more than the check.)
+detectors := settings if {
+	settings := object.get(config, ["content", "detectors"], null)
+	is_object(settings)
+} else := {}
 
 # The action of a configured detector, when it is a known one.
 detector_action(name) := action if {
@@ -114,7 +122,9 @@ detector_actions_by_name := {name: settings.action | some name, settings in dete
 # National id formats: {id, pattern} pairs. Every entry can run: the
 # load-time check refuses data with one that cannot.
 national_ids contains {"id": rule.id, "pattern": rule.pattern} if {
-	some rule in as_list(setting(["content", "national_ids"]))
+	rules := object.get(config, ["content", "national_ids"], null)
+	is_array(rules)
+	some rule in rules
 }
 
 # The national ids that can run, for the load-time check itself.
@@ -126,29 +136,31 @@ usable_national_ids contains {"id": rule.id, "pattern": rule.pattern} if {
 }
 
 # Every finding of every configured detector, before overlaps are settled.
+# A detector runs when the data configures it (`detectors.email`: checked
+# data gives every configured detector a known action).
 # Each built-in detector first asks a question far cheaper than its search
 # and that every text it can find something in answers yes (on regorus a
 # large pattern is compiled again on every call).
 raw_findings contains {"detector": "email", "text": text} if {
-	detector_actions_by_name.email
+	detectors.email
 	contains(detection_text, "@")
 	some text in pii.emails(detection_text)
 }
 
 raw_findings contains {"detector": "phone", "text": text} if {
-	detector_actions_by_name.phone
+	detectors.phone
 	nine_digits
 	some text in pii.phones(detection_text)
 }
 
 raw_findings contains {"detector": "payment_card", "text": text} if {
-	detector_actions_by_name.payment_card
+	detectors.payment_card
 	nine_digits
 	some text in pii.payment_cards(detection_text)
 }
 
 raw_findings contains {"detector": "iban", "text": text} if {
-	detector_actions_by_name.iban
+	detectors.iban
 	regex.match(`[A-Z]{2}[0-9]{2}`, detection_text)
 	some text in pii.ibans(detection_text)
 }
@@ -159,7 +171,7 @@ nine_digits if regex.match(`[0-9](?:[^0-9]*[0-9]){8}`, detection_text)
 
 raw_findings contains {"detector": rule.id, "text": text} if {
 	some rule in national_ids
-	detector_actions_by_name[rule.id]
+	detectors[rule.id]
 	some text in pii.pattern_matches(rule.pattern, detection_text)
 }
 

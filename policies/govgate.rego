@@ -96,14 +96,13 @@ builtin_defaults := {
 	"priority": 5,
 }
 
-# govgate_config.defaults as written in the data ({} when absent).
-defaults_config := d if {
+# The defaults in force: govgate_config.defaults as written in the data, over
+# the built-in ones (one rule: each rule a decision evaluates costs regorus
+# about as much as a dozen expressions).
+defaults := object.union(builtin_defaults, d) if {
 	d := config.defaults
 	is_object(d)
-} else := {}
-
-# The defaults in force: the data's, over the built-in ones.
-defaults := object.union(builtin_defaults, defaults_config)
+} else := builtin_defaults
 
 # ---------------------------------------------------------------- input
 

@@ -264,3 +264,17 @@ test_unlimited_names_every_limit if {
 		value == null
 	}
 }
+
+test_limit_counters_follow_usage_checks if {
+	data.govgate.limit_counters == {check.limit: check.counter | some check in data.govgate.usage_checks}
+}
+
+test_limit_costs_follow_usage_checks if {
+	every max_tokens in [1, 100, 4096] {
+		costs := data.govgate.limit_costs with input as {"request": {"max_tokens": max_tokens}, "principal": {"roles": ["admin"]}}
+			with data.govgate_config as config
+		wanted := data.govgate.request_costs with input as {"request": {"max_tokens": max_tokens}, "principal": {"roles": ["admin"]}}
+			with data.govgate_config as config
+		costs == {check.limit: wanted[check.cost] | some check in data.govgate.usage_checks}
+	}
+}

@@ -157,18 +157,20 @@ iban_valid(compact) if {
 }
 
 # The IBAN as the number mod-97 checks: the first four characters moved to
-# the end, letters as two digits (A = 10 ... Z = 35).
-iban_digits(compact) := concat("", [char_digits(c) | some c in split(rearranged, "")]) if {
+# the end, letters as two digits (A = 10 ... Z = 35). iban_valid has checked
+# that every character is a digit or a capital letter.
+iban_digits(compact) := concat("", [iban_char_digits[c] | some c in split(rearranged, "")]) if {
 	rearranged := concat("", [substring(compact, 4, -1), substring(compact, 0, 4)])
 }
 
-char_digits(c) := c if {
-	regex.match(`^[0-9]$`, c)
-} else := format_int(indexof("ABCDEFGHIJKLMNOPQRSTUVWXYZ", c) + 10, 10)
+# Each character an IBAN may hold, as the digits mod-97 reads for it. A table
+# lookup, where a function call and a regex match per character made an IBAN
+# check the costliest part of a decision (pii_test.rego holds it to the rule).
+iban_char_digits := {"0": "0", "1": "1", "2": "2", "3": "3", "4": "4", "5": "5", "6": "6", "7": "7", "8": "8", "9": "9", "A": "10", "B": "11", "C": "12", "D": "13", "E": "14", "F": "15", "G": "16", "H": "17", "I": "18", "J": "19", "K": "20", "L": "21", "M": "22", "N": "23", "O": "24", "P": "25", "Q": "26", "R": "27", "S": "28", "T": "29", "U": "30", "V": "31", "W": "32", "X": "33", "Y": "34", "Z": "35"}
 
 # The remainder of a long decimal number (a string of up to 72 digits) by 97,
 # without big integers: the sum of each digit times 10^position mod 97.
-mod97(number) := sum([digit_mod97(c, (n - 1) - i) | some i, c in chars]) % 97 if {
+mod97(number) := sum([term | some i, c in chars; term := to_number(c) * pow10_mod97_table[(n - 1) - i]]) % 97 if {
 	chars := split(number, "")
 	n := count(chars)
 	n <= 72
@@ -177,9 +179,16 @@ mod97(number) := sum([digit_mod97(c, (n - 1) - i) | some i, c in chars]) % 97 if
 # digit * 10^position mod 97 (below 97 * 9).
 digit_mod97(digit, position) := to_number(digit) * pow10_mod97(position)
 
-# 10^k mod 97 for 0 <= k < 72, as (10^8)^a * 10^b with k = 8a + b. Every
-# product stays below 2^53 (97^8 < 8e15), so no engine rounds it.
-pow10_mod97(k) := (power(100000000 % 97, a) * (pow10_small[b] % 97)) % 97 if {
+# 10^k mod 97 for 0 <= k < 72.
+pow10_mod97(k) := pow10_mod97_table[k]
+
+# The same, written out: working it out per digit (pow10_mod97_computed)
+# cost more than the rest of the check. pii_test.rego holds the two equal.
+pow10_mod97_table := [1, 10, 3, 30, 9, 90, 27, 76, 81, 34, 49, 5, 50, 15, 53, 45, 62, 38, 89, 17, 73, 51, 25, 56, 75, 71, 31, 19, 93, 57, 85, 74, 61, 28, 86, 84, 64, 58, 95, 77, 91, 37, 79, 14, 43, 42, 32, 29, 96, 87, 94, 67, 88, 7, 70, 21, 16, 63, 48, 92, 47, 82, 44, 52, 35, 59, 8, 80, 24, 46, 72, 41]
+
+# 10^k mod 97 as (10^8)^a * 10^b with k = 8a + b. Every product stays below
+# 2^53 (97^8 < 8e15), so no engine rounds it.
+pow10_mod97_computed(k) := (power(100000000 % 97, a) * (pow10_small[b] % 97)) % 97 if {
 	b := k % 8
 	a := (k - b) / 8
 }

@@ -119,6 +119,20 @@ test_mod97_powers_of_ten if {
 	}
 }
 
+test_mod97_table_is_the_computed_powers if {
+	pii.pow10_mod97_table == [pii.pow10_mod97_computed(k) | some k in numbers.range(0, 71)]
+}
+
+test_iban_char_digits_are_digits_and_letters_from_10 if {
+	every c in split("0123456789", "") {
+		pii.iban_char_digits[c] == c
+	}
+	every i, c in split("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "") {
+		pii.iban_char_digits[c] == format_int(i + 10, 10)
+	}
+	count(pii.iban_char_digits) == 36
+}
+
 test_mod97_of_a_long_number if {
 	# 3214282912345698765432161182 is GB82WEST12345698765432 rearranged
 	pii.mod97("3214282912345698765432161182") == 1

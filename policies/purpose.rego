@@ -9,15 +9,22 @@ package govgate
 import rego.v1
 
 # The requested model's settings ({} when the data has none).
-model_settings := as_object(setting(["models", requested_model])) if {
-	requested_model
+model_settings := settings if {
+	settings := object.get(config, ["models", requested_model], null)
+	is_object(settings)
 } else := {}
 
 # The model's tags ([] when the input gives none).
-model_tags := as_list(input.model.tags)
+model_tags := tags if {
+	tags := input.model.tags
+	is_array(tags)
+} else := []
 
 # The tags that call for a declared purpose.
-required_tags := as_list(setting(["purposes", "required_for_tags"]))
+required_tags := tags if {
+	tags := object.get(config, ["purposes", "required_for_tags"], null)
+	is_array(tags)
+} else := []
 
 # Tags of the requested model that call for a declared purpose.
 purpose_tags contains tag if {

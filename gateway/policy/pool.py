@@ -169,17 +169,32 @@ class Evaluator:
                 elif len(received) >= _HEADER.size + length:
                     _settle(reply, bytes(received[_HEADER.size:_HEADER.size + length]))
 
-        async def exchange() -> bytes:
-            await _write_all(loop, out, _HEADER.pack(len(request)) + request)
-            return await reply
-
+        frame = _HEADER.pack(len(request)) + request
+        deadline = loop.time() + timeout_s
         # On the event loop, not a thread: a thread would need the GIL back several
         # times per decision and, during a burst, wait a switch interval (5 ms) each time.
+        # No task or wait_for either: the reply is one future, the timeout one timer, so a
+        # decision costs the loop two turns (write and wait, read) instead of five.
         loop.add_reader(inp, readable)
+        timer = loop.call_at(deadline, _settle, reply, TimeoutError())
         try:
-            return await asyncio.wait_for(exchange(), timeout_s)
+            written = _write_some(out, frame)
+            if written < len(frame):  # a large prompt filled the pipe: wait for room
+                await asyncio.wait_for(_write_all(loop, out, frame[written:]), max(deadline - loop.time(), 0))
+            return await reply
         finally:
+            timer.cancel()
             loop.remove_reader(inp)
+            if reply.done() and not reply.cancelled():
+                reply.exception()  # settled but not awaited (the write timed out): not an unretrieved error
+
+
+def _write_some(fd: int, data: bytes) -> int:
+    """Write what the non-blocking pipe takes now (0 when it is full)."""
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
 
 
 def _settle(future: asyncio.Future[bytes], result: bytes | BaseException) -> None:

@@ -79,6 +79,33 @@ async def test_stuck_evaluation_is_unavailable_not_a_deny_and_others_keep_decidi
     assert (error.status, error.code, error.headers) == (503, POLICY_UNAVAILABLE, {"Retry-After": "1"})
 
 
+async def test_an_input_larger_than_the_pipe_is_written_in_parts_and_decided(tmp_path: Path) -> None:
+    """A 2 MB prompt fills the pipe to the child many times over: the write waits for room, then decides."""
+    engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, SLOW_WHEN_ASKED), 120.0)
+    try:
+        big = request_input(["admin"])
+        big["request"] = {**big["request"], "text": "plain words " * 180_000}
+        with anyio.fail_after(60):
+            assert (await engine.decide(big)).allow
+            assert (await engine.decide(request_input(["admin"]))).allow  # the pipe is in step again
+    finally:
+        await engine.aclose()
+
+
+async def test_a_timeout_while_writing_a_large_input_is_unavailable_and_replaces_the_child(tmp_path: Path) -> None:
+    engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, SLOW_WHEN_ASKED), 0.001)
+    try:
+        pid = engine.evaluator_pid
+        big = request_input(["admin"])
+        big["request"] = {**big["request"], "text": "plain words " * 180_000}
+        decision = await engine.decide(big)
+        assert not decision.allow and [r.code for r in decision.reasons] == [POLICY_UNAVAILABLE]
+        await wait_until(lambda: engine.free_evaluators == 1, "the replacement ready")
+        assert engine.evaluator_pid != pid and exited(pid)
+    finally:
+        await engine.aclose()
+
+
 async def test_no_free_evaluator_within_the_wait_bound_is_503_with_retry_after(tmp_path: Path) -> None:
     engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, SLOW_WHEN_ASKED), 120.0, evaluators=1,
                                        wait_timeout_s=0.2)
