@@ -220,6 +220,12 @@ async def test_event_loop_runs_during_a_slow_evaluation(tmp_path: Path) -> None:
     assert len(ticks) == 10 and ticks[-1] < decided_at
 
 
+def _cpu_ticks(pid: int) -> int:
+    """User + system CPU clock ticks the process has used (``/proc/PID/stat`` fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
 @pytest.mark.anyio
 async def test_evaluator_crash_during_evaluation_denied_and_recovered(tmp_path: Path) -> None:
     engine = await engine_for(tmp_path, SLOW_WHEN_ASKED, timeout_s=30.0)
@@ -230,7 +236,12 @@ async def test_evaluator_crash_during_evaluation_denied_and_recovered(tmp_path: 
             async with anyio.create_task_group() as tg:
 
                 async def kill_soon() -> None:
-                    await anyio.sleep(0.3)
+                    # Kill only once the child is evaluating (burning CPU), not on a
+                    # clock: on a loaded machine the request may not be written yet
+                    # after a fixed delay, and the answer would then be another code.
+                    idle = _cpu_ticks(pid)
+                    while _cpu_ticks(pid) < idle + 5:
+                        await anyio.sleep(0.02)
                     os.kill(pid, signal.SIGKILL)
 
                 tg.start_soon(kill_soon)
