@@ -85,6 +85,12 @@ async def test_an_admin_only_key_signs_in_to_the_keys_page_and_is_refused_the_re
         assert refused.status_code == 403, path
         assert "console_forbidden" in refused.text and "keys page" in refused.text
         assert 'href="/console/keys"' in refused.text  # the refusal page keeps the admin's nav
+    csrf = form_token((await client.get(KEYS)).text)
+    flag = await client.post("/console/requests/x/flag", data={"csrf_token": csrf, "note": "n"})
+    assert flag.status_code == 403 and "console_forbidden" in flag.text
+    out = await client.post("/console/sign-out", data={"csrf_token": csrf})
+    assert out.status_code == 303 and out.headers["location"] == "/console/sign-in"
+    assert (await client.get(KEYS)).status_code == 303
 
 
 async def test_an_admin_asking_for_a_review_page_at_sign_in_lands_on_the_keys_page(
