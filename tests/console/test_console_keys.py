@@ -14,6 +14,8 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from audit.key_ledger import key_request_id
+from gateway.app import create_app
+from tests.conftest import policy_copy
 from tests.console.conftest import Console, form_token, key_store, new_key, sign_in
 
 pytestmark = pytest.mark.anyio
@@ -334,3 +336,18 @@ async def test_an_admin_reviewer_who_drops_admin_keeps_the_review_pages(
     page = await client.get("/console/search")
     assert page.status_code == 200 and 'href="/console/keys"' not in page.text
 
+
+
+async def test_unreadable_policy_roles_are_said_and_refuse_a_create(console: Console, tmp_path) -> None:  # noqa: ANN001
+    """The checkboxes come from the policy's files: when they cannot be read, the page says so and nothing is made."""
+    policy_dir = policy_copy(tmp_path)
+    async with AsyncTestClient(create_app(console.settings.with_(policy_dir=policy_dir)), timeout=60) as client:
+        client.follow_redirects = False
+        csrf = await sign_in_admin(client, console.keys.admin)
+        policy_dir.rename(tmp_path / "policies-away")  # as a volume unmounted under a running gateway
+        page = await client.get(KEYS)
+        assert page.status_code == 200 and "roles cannot be read right now" in page.text
+        assert 'name="roles"' not in page.text
+        response = await client.post(KEYS, data={"csrf_token": csrf, "user": "nadia", "roles": "viewer"})
+        assert response.status_code == 503 and "The roles cannot be checked" in response.text
+    assert keys_of_user(console, "nadia") == []
