@@ -33,7 +33,7 @@ from gateway.console.signin import PageRefused, Reviewer, provide_user
 from gateway.keys_admin import KeyAdmin, KeyAdminError, KeyChange, KeyChangeSignal, RolesUnreadable, policy_roles
 from gateway.keys_admin.service import DEFAULT_PAGE_SIZE, InvalidField
 
-#: Fields of the create form and of the roles form (beside the CSRF token).
+#: The create form's text fields (beside the CSRF token and the ``roles`` checkboxes).
 CREATE_FIELDS: Final = ("user", "team", "note")
 #: The revoke form's confirmation box must come back with this value.
 CONFIRM: Final = "yes"
