@@ -34,8 +34,15 @@ CONSOLE_CHAIN = "/console/chain"
 CONSOLE_SIGN_IN = "/console/sign-in"
 CONSOLE_SIGN_OUT = "/console/sign-out"
 CONSOLE_STATIC = "/console/static"
+CONSOLE_KEYS = "/console/keys"
+CONSOLE_KEY = "/console/keys/{key_id:str}"
 
 
 def console_request(request_id: str) -> str:
     """The console page of one request (the id quoted for a URL path)."""
     return CONSOLE_REQUEST.replace("{request_id:str}", quote(request_id, safe=""))
+
+
+def console_key(key_id: str) -> str:
+    """The console page of one key (admins)."""
+    return CONSOLE_KEY.replace("{key_id:str}", quote(key_id, safe=""))

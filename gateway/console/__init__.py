@@ -1,4 +1,5 @@
-"""The review console: server-rendered pages for reviewers and auditors, a view over the review service.
+"""The review console: server-rendered pages for reviewers and auditors, a view over the review service,
+and a keys page for admins, a view over :class:`gateway.keys_admin.KeyAdmin`.
 
 Mounted under ``/console`` by ``gateway/app.py`` (:func:`console_router` and
 the template config). Pages call :class:`gateway.review.service.ReviewService`
@@ -22,7 +23,8 @@ from gateway.console.actions import NotAPage, ReviewActions, SignIn
 from gateway.console.errors import EXCEPTION_HANDLERS
 from gateway.console.pages import ConsolePages
 from gateway.console.render import SECURITY_HEADERS, TEMPLATE_CONFIG
-from gateway.console.signin import provide_reviewer
+from gateway.console.keys import KeysPage
+from gateway.console.signin import provide_reviewer, provide_user
 
 STATIC_DIR: Final = Path(__file__).parent / "static"
 
@@ -38,11 +40,11 @@ def console_router() -> Router:
     """A router of the console (one per app: a Litestar router belongs to the app it is registered on)."""
     return Router(
         path=urls.CONSOLE,
-        route_handlers=[ConsolePages, ReviewActions, SignIn, NotAPage,
+        route_handlers=[ConsolePages, ReviewActions, KeysPage, SignIn, NotAPage,
                         create_static_files_router(path=urls.CONSOLE_STATIC.removeprefix(urls.CONSOLE),
                                                    directories=[STATIC_DIR], name="console-static",
                                                    after_request=_secured)],
-        dependencies={"reviewer": Provide(provide_reviewer)},
+        dependencies={"reviewer": Provide(provide_reviewer), "user": Provide(provide_user)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         response_headers=[ResponseHeader(name=name, value=value) for name, value in SECURITY_HEADERS.items()],
         include_in_schema=False,

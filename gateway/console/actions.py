@@ -1,4 +1,5 @@
-"""The console's forms (POST): sign in, sign out, and the review actions on a request.
+"""The console's forms (POST): sign in, sign out, and the review actions on a request (the keys page's are
+in :mod:`gateway.console.keys`).
 
 Every form is checked for its CSRF token first (:mod:`gateway.console.csrf`).
 A review action is the review API's (``parse_action`` reads the fields as
@@ -25,8 +26,8 @@ from gateway.console import csrf
 from gateway.console.errors import error_page
 from gateway.console.pages import checked_request_id, service
 from gateway.console.render import SECURITY_HEADERS, page
-from gateway.console.signin import (SESSION_COOKIE, SIGN_IN_COOKIE, Reviewer, cookie, may_use_console, safe_next,
-                                    session_store)
+from gateway.console.signin import (SESSION_COOKIE, SIGN_IN_COOKIE, Reviewer, cookie, may_review, may_use_console,
+                                    safe_next, session_store)
 from gateway.review.actions import parse_action
 
 #: The fields each action's form may send (beside the CSRF token).
@@ -79,7 +80,10 @@ class SignIn(Controller):
                                  message="That key is unknown or has been revoked.")
         if not may_use_console(principal):
             return _sign_in_page(request, status=403, after=after, message=(
-                "This key may not use the review console: it needs the 'reviewer' or 'auditor' role."))
+                "This key may not use the review console: it needs the 'reviewer' or 'auditor' role "
+                "(or 'admin', for the keys page)."))
+        if not may_review(principal) and not after.startswith(urls.CONSOLE_KEYS):
+            after = urls.CONSOLE_KEYS  # an admin-only key would be refused the review pages
         store = session_store(state)
         await store.end(request.cookies.get(SESSION_COOKIE))  # a session this browser had is not left behind
         session = await store.open(principal.key_id)
@@ -89,10 +93,10 @@ class SignIn(Controller):
         return response
 
     @post(urls.CONSOLE_SIGN_OUT.removeprefix(urls.CONSOLE), name="console-sign-out", status_code=303)
-    async def sign_out(self, request: Request, state: State, reviewer: NamedDependency[Reviewer]) -> Redirect:
+    async def sign_out(self, request: Request, state: State, user: NamedDependency[Reviewer]) -> Redirect:
         form = await _form(request)
-        csrf.check(reviewer.session.csrf, form.get(csrf.FIELD))
-        await session_store(state).end(reviewer.session.token)
+        csrf.check(user.session.csrf, form.get(csrf.FIELD))
+        await session_store(state).end(user.session.token)
         response = Redirect(urls.CONSOLE_SIGN_IN, status_code=303, headers=SECURITY_HEADERS)
         response.delete_cookie(SESSION_COOKIE, path=urls.CONSOLE)
         return response

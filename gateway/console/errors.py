@@ -22,7 +22,7 @@ from gateway.auth import KeyStoreError
 from gateway.console.csrf import CsrfRefused
 from gateway.console.render import SECURITY_HEADERS, page
 from gateway.console.sessions import SessionStoreDown
-from gateway.console.signin import SignInRequired
+from gateway.console.signin import PageRefused, Reviewer, SignInRequired
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,14 @@ _TITLES = {400: "Bad request", 403: "Not allowed", 404: "Not found", 405: "Not a
            422: "Cannot do that", 500: "Something went wrong", 503: "Unavailable"}
 
 
-def error_page(status: int, code: str, message: str) -> Response:
+def error_page(status: int, code: str, message: str, *, user: Reviewer | None = None) -> Response:
+    """A refusal as a page; with ``user``, the signed-in nav and a way back to the pages that key may use."""
     return page("error.html", status=status, title=_TITLES.get(status, "Error"), code=code, message=message,
-                back=urls.CONSOLE_QUEUE)
+                back=user.home if user else urls.CONSOLE_QUEUE, user=user)
+
+
+def _refused(_: Request, exc: PageRefused) -> Response:
+    return error_page(403, "console_forbidden", exc.message, user=exc.user)
 
 
 def _sign_in(request: Request, exc: SignInRequired) -> Response:
@@ -80,6 +85,7 @@ def _unexpected(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS = {
     SignInRequired: _sign_in,
+    PageRefused: _refused,
     ApiError: _api,
     CsrfRefused: _csrf,
     SessionStoreDown: _sessions_down,

@@ -32,9 +32,10 @@ SECURITY_HEADERS: Final = {
     "Cache-Control": "no-store",
 }
 
-#: The nav bar: (path, label). Admin pages (keys) are not the console's yet.
-NAV: Final = ((urls.CONSOLE_QUEUE, "Review queue"), (urls.CONSOLE_SEARCH, "Search"),
-              (urls.CONSOLE_USAGE, "Usage"), (urls.CONSOLE_CHAIN, "Chain"))
+#: The nav bar: (path, label); the review pages' for reviewers and auditors, the keys page's for admins.
+REVIEW_NAV: Final = ((urls.CONSOLE_QUEUE, "Review queue"), (urls.CONSOLE_SEARCH, "Search"),
+                     (urls.CONSOLE_USAGE, "Usage"), (urls.CONSOLE_CHAIN, "Chain"))
+ADMIN_NAV: Final = ((urls.CONSOLE_KEYS, "Keys"),)
 
 
 def _when(value: Any) -> str:
@@ -50,7 +51,7 @@ def _environment() -> Environment:
     env = Environment(loader=PackageLoader("gateway.console", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["when"] = _when
-    env.globals.update(nav=NAV, urls=urls, csrf_field=FIELD)
+    env.globals.update(urls=urls, csrf_field=FIELD)
     return env
 
 

@@ -1,9 +1,11 @@
 """Who is using the console: sign-in with a key, the session's key re-checked on every request, sign-out.
 
-Only keys holding ``reviewer`` or ``auditor`` get in. Admins do not, unless
-their key also holds one of those roles: the review API lets an admin read
-only its own entries (``gateway/review/access.py``), and the console is a
-view of that API, not a way around it.
+Keys holding ``reviewer``, ``auditor`` or ``admin`` get in, and each sees
+the pages of its roles: the review pages need ``reviewer`` or ``auditor``
+(an admin-only key gets the console's 403 page there, since the review API
+lets an admin read only its own entries, ``gateway/review/access.py``, and
+the console is a view of that API, not a way around it); the keys page
+needs ``admin`` (:mod:`gateway.console.keys`).
 
 The session cookie is HttpOnly (no script reads it), SameSite=Strict and
 scoped to ``/console``. Strict rather than Lax: a link from a chat or a
@@ -26,15 +28,27 @@ from litestar.datastructures import Cookie, State
 
 from gateway import urls
 from gateway.auth import ApiKey, Principal
+from gateway.console.render import ADMIN_NAV, REVIEW_NAV
 from gateway.console.sessions import Session, SessionStore
+from gateway.keys_admin import ADMIN_ROLE
 from gateway.review.access import AUDITOR, REVIEWER, Access
 from gateway.settings import Settings
 
 SESSION_COOKIE: Final = "govgate_console"
 #: The sign-in form's double-submit CSRF cookie (before there is a session).
 SIGN_IN_COOKIE: Final = "govgate_console_sign_in"
-#: Roles that open the console.
-CONSOLE_ROLES: Final = (REVIEWER, AUDITOR)
+#: Roles that open the review pages; with the admin's, the roles that open the console at all.
+REVIEW_ROLES: Final = (REVIEWER, AUDITOR)
+CONSOLE_ROLES: Final = (*REVIEW_ROLES, ADMIN_ROLE)
+
+
+class PageRefused(Exception):
+    """A signed-in key on a page its roles do not open: the console's 403 page, with the nav it may use."""
+
+    def __init__(self, user: Reviewer, message: str) -> None:
+        super().__init__(message)
+        self.user = user
+        self.message = message
 
 
 class SignInRequired(Exception):
@@ -47,7 +61,10 @@ class SignInRequired(Exception):
 
 @dataclass(frozen=True)
 class Reviewer:
-    """The signed-in person: their key's principal as of this request, and their session."""
+    """The signed-in person: their key's principal as of this request, and their session.
+
+    Named for the review pages it was made for; on the keys page it is an admin.
+    """
 
     principal: Principal
     session: Session
@@ -61,12 +78,42 @@ class Reviewer:
         return self.access.may_act
 
     @property
+    def may_review(self) -> bool:
+        return may_review(self.principal)
+
+    @property
+    def may_admin(self) -> bool:
+        return ADMIN_ROLE in self.principal.roles
+
+    @property
     def role(self) -> str:
-        return REVIEWER if self.may_act else AUDITOR
+        """The badge beside the name: the review role if any, else ``admin``."""
+        if self.may_review:
+            return REVIEWER if self.may_act else AUDITOR
+        return ADMIN_ROLE
+
+    @property
+    def badges(self) -> list[str]:
+        """Every console role the key holds, as badges (a reviewer who is also an admin shows both)."""
+        return [self.role, *([ADMIN_ROLE] if self.may_admin and self.role != ADMIN_ROLE else [])]
+
+    @property
+    def nav(self) -> tuple[tuple[str, str], ...]:
+        """The pages this key may use: the nav shows nothing it would be refused."""
+        return (REVIEW_NAV if self.may_review else ()) + (ADMIN_NAV if self.may_admin else ())
+
+    @property
+    def home(self) -> str:
+        """Where the brand link and sign-in lead: the review queue, or the keys page for an admin-only key."""
+        return urls.CONSOLE_QUEUE if self.may_review else urls.CONSOLE_KEYS
 
 
 def may_use_console(principal: Principal) -> bool:
     return any(role in principal.roles for role in CONSOLE_ROLES)
+
+
+def may_review(principal: Principal) -> bool:
+    return any(role in principal.roles for role in REVIEW_ROLES)
 
 
 def console_principal(row: ApiKey | None) -> Principal | None:
@@ -83,7 +130,17 @@ def session_store(state: State) -> SessionStore:
 
 
 async def provide_reviewer(request: Request, state: State) -> Reviewer:
-    """The signed-in reviewer or auditor; :class:`SignInRequired` otherwise.
+    """The signed-in reviewer or auditor; :class:`SignInRequired` or (a signed-in admin-only key)
+    :class:`PageRefused` otherwise."""
+    user = await provide_user(request, state)
+    if not user.may_review:
+        raise PageRefused(user, "This page is for keys with the 'reviewer' or 'auditor' role; this key may use "
+                          "the keys page only.")
+    return user
+
+
+async def provide_user(request: Request, state: State) -> Reviewer:
+    """Whoever is signed in, with any console role; :class:`SignInRequired` otherwise.
 
     The key is read again by id on every request (a primary-key read, on a
     worker thread), so revoking it or taking its role away ends the session
@@ -99,7 +156,7 @@ async def provide_reviewer(request: Request, state: State) -> Reviewer:
     principal = console_principal(row)
     if principal is None:
         await store.end(token)
-        raise SignInRequired("Your key was revoked or no longer holds the reviewer or auditor role.")
+        raise SignInRequired("Your key was revoked or no longer holds a console role.")
     return Reviewer(principal, session)
 
 

@@ -77,7 +77,7 @@ async def test_an_auditor_gets_in(client: AsyncTestClient, console: Console) -> 
     assert page.status_code == 200 and "auditor" in page.text
 
 
-@pytest.mark.parametrize("who", ["admin", "alice", "viewer"])
+@pytest.mark.parametrize("who", ["alice", "viewer"])
 async def test_keys_without_a_review_role_are_refused_with_a_clear_page(
         client: AsyncTestClient, console: Console, who: str) -> None:
     form = await client.get("/console/sign-in")

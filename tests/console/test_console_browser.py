@@ -1,7 +1,8 @@
 """The console in a real browser: headless Chromium (Debian's) driven by Playwright, against ``govgate serve``.
 
 Signs in, searches, opens a request, flags it, finds the flag on the audit
-chain, and saves a screenshot of each page under
+chain; as an admin, creates a key (its secret shown once) and revokes it,
+finding both on the chain in the admin's name; and saves a screenshot of each page under
 ``var/test-artifacts/console/``. Also holds the page to its
 Content-Security-Policy as the browser enforces it: a markup prompt runs
 nothing, and no resource is refused. Skips without Chromium or Playwright,
@@ -19,6 +20,7 @@ import pytest
 
 from audit import verify_chain
 from tests.conftest import serving
+from audit.key_ledger import key_request_id
 from tests.console.conftest import DENIED_REQUEST, MARKUP_PROMPT, MARKUP_REQUEST, Console
 
 REQUIRE_ENV = "GOVGATE_TEST_REQUIRE_BROWSER"
@@ -155,4 +157,46 @@ def test_sign_out_in_the_browser(page: Any, console: Console) -> None:
     page.wait_for_url("**/console/sign-in")
     page.goto("/console/search")
     assert "/console/sign-in" in page.url
+    assert page.problems == []
+
+
+def test_an_admin_creates_a_key_sees_its_secret_once_and_revokes_it(page: Any, console: Console) -> None:
+    admin_id = console.keys.admin.split("_")[1]
+    _sign_in(page, console.keys.admin)
+    assert page.url.endswith("/console/keys")
+    assert page.locator("nav a").all_inner_texts() == ["Keys"]  # an admin-only key is offered the keys page only
+    _shot(page, "09-keys")
+
+    page.fill("#create input[name=user]", "browser-made")
+    page.fill("#create input[name=team]", "research")
+    page.check("#create input[name=roles][value=analyst]")
+    page.fill("#create input[name=note]", "made in the browser test")
+    page.click("#create button:has-text('Create key')")
+    page.wait_for_selector("text=it will not be shown again")
+    secret = page.input_value("input.secret")
+    assert secret.startswith("gk_")
+    key_id = secret.split("_")[1]
+    _shot(page, "10-key-created")
+
+    page.click("text=This key's page")
+    page.wait_for_selector("h1:has-text('Key')")
+    assert secret not in page.content()  # shown once: not on the key's page
+    _shot(page, "11-key")
+    page.check("#revoke input[name=confirm]")
+    page.click(f"#revoke button:has-text('Revoke key {key_id}')")
+    page.wait_for_selector("text=Revoked: the key stops working")
+    assert page.locator("h1 .badge:has-text('revoked')").count() == 1
+    _shot(page, "12-key-revoked")
+
+    page.goto("/console/keys?include_revoked=true")
+    assert page.locator(f"tr.revoked >> text={key_id}").count() == 1
+    assert secret not in page.content()
+    _shot(page, "13-keys-with-revoked")
+
+    entries = console.store.entries_for(key_request_id(key_id))
+    assert [(e.kind, e.body["by"]) for e in entries] == [("key_created", f"key:{admin_id}"),
+                                                          ("key_revoked", f"key:{admin_id}")]
+    assert all(secret not in str(e.body) for e in entries)
+    result = verify_chain(console.store)
+    assert result.ok and result.head_seq >= entries[-1].seq
     assert page.problems == []
