@@ -80,7 +80,7 @@ class AdminKeysController(Controller):
 
     @get("/", summary="List API keys", operation_id="listKeys", operation_class=LIST_OPERATION)
     async def list_keys(self, request: Request, key_admin: NamedDependency[KeyAdmin]) -> Response[dict[str, Any]]:
-        limit, cursor, include_revoked = _list_query(request)
+        limit, cursor, include_revoked = list_query(request)
         try:
             page = await key_admin.page(cursor=cursor, limit=limit, include_revoked=include_revoked)
         except KeyAdminError as refusal:
@@ -119,7 +119,7 @@ def _changed(change: KeyChange) -> Response[dict[str, Any]]:
                      "gateways_told": change.warning is None, "warning": change.warning})
 
 
-def _list_query(request: Request) -> tuple[int, str | None, bool]:
+def list_query(request: Request) -> tuple[int, str | None, bool]:
     """``GET /admin/keys``'s query, read strictly: (limit, cursor, include_revoked)."""
     query = {name: list(values) for name, values in request.query_params.dict().items()}
     for name, values in query.items():

@@ -24,7 +24,7 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath
 
 from gateway import urls
-from gateway.api.admin_keys import _list_query, api_error
+from gateway.api.admin_keys import list_query, api_error
 from gateway.api.admin_keys_shapes import key_document
 from gateway.console import csrf
 from gateway.console.errors import error_page
@@ -169,7 +169,7 @@ async def _known_roles(state: State) -> tuple[list[str], str | None]:
 async def _list_page(request: Request, state: State, admin: Admin, *, refusal: KeyAdminError | None = None,
                      values: dict[str, str | None] | None = None, chosen: list[str] | None = None) -> Response:
     """The list (paged as ``GET /admin/keys`` pages) with the create form; a create refusal shown above it."""
-    limit, cursor, include_revoked = _list_query(request)  # strict, as the API reads it (a POST has no query)
+    limit, cursor, include_revoked = list_query(request)  # strict, as the API reads it (a POST has no query)
     try:
         found = await admin.keys.page(cursor=cursor, limit=limit, include_revoked=include_revoked)
     except KeyAdminError as listing_refusal:
