@@ -17,6 +17,7 @@ from gateway.api.models import ModelsController
 from gateway.api.review import ReviewController
 from gateway.components import Components, build_components
 from gateway.api_errors import EXCEPTION_HANDLERS
+from gateway.observability.setup import instrument
 from gateway.settings import Settings
 
 ComponentsFactory = Callable[[Settings], contextlib.AbstractAsyncContextManager[Components]]
@@ -32,7 +33,7 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
             app.state.components = built
             yield
 
-    return Litestar(
+    return instrument(settings, Litestar(
         route_handlers=[CompletionsController, ModelsController, HealthController, ReviewController],
         dependencies={"principal": Provide(provide_principal),
                       "completions": Provide(provide_completions, sync_to_thread=False)},
@@ -41,7 +42,7 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="govgate", version="0.1.0", components=COMPONENTS),
         debug=False,
-    )
+    ))
 
 
 def app_from_env() -> Litestar:
