@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from litestar import Controller, Response, get
 from litestar.datastructures import State
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
 
 from gateway import urls
 from gateway.api.openapi import MetricsOperation
 from gateway.observability.cluster import read_cluster
 from gateway.observability.exposition import cluster_text
 from gateway.observability.metrics import REGISTRY
+
+#: The text format ``generate_latest`` writes (prometheus_client's CONTENT_TYPE_LATEST names 1.0.0; Litestar adds
+#: the charset).
+MEDIA_TYPE = "text/plain; version=0.0.4"
 
 
 class MetricsController(Controller):
@@ -27,4 +31,4 @@ class MetricsController(Controller):
     async def metrics(self, state: State) -> Response:
         components = state.components
         cluster = await read_cluster(components.redis, components.registry.names())
-        return Response(generate_latest(REGISTRY) + cluster_text(cluster), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(REGISTRY) + cluster_text(cluster), media_type=MEDIA_TYPE)
