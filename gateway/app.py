@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="govgate", version="0.1.0", components=COMPONENTS),
         debug=False,
+        logging_config=None,  # logging is set up once per process (gateway/observability/logs.py), not replaced here
     ))
 
 

@@ -135,7 +135,8 @@ def worker(model_name: str, concurrency: int) -> None:
                           time_limit_s=settings.generation_time_limit_s,
                           payload_key_file=settings.effective_payload_key_file,
                           digest_key_file=settings.effective_digest_key_file,
-                          terminal_retry_horizon_s=settings.terminal_retry_horizon_s)
+                          terminal_retry_horizon_s=settings.terminal_retry_horizon_s,
+                          banner=settings.log_format != "json")
     try:
         run_worker(config)
     except KeyFileError as exc:

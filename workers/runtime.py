@@ -45,6 +45,8 @@ class WorkerConfig:
     digest_key_file: Path = Path("var/keys/digest.key")
     #: How long a terminal entry the database refused is retried before it is given up.
     terminal_retry_horizon_s: float = 86400.0
+    #: Celery's startup banner on stdout (off when logs are JSON: every line must be a JSON object).
+    banner: bool = True
 
 
 class _Config:
@@ -139,6 +141,7 @@ def run_worker(config: WorkerConfig) -> None:
     _config.store_prep = StorePrep.start(config)
     app = build_worker_app(config)
     app.worker_main([
+        *([] if config.banner else ["--quiet"]),
         "worker",
         f"--loglevel={config.loglevel}",
         "--pool=prefork",

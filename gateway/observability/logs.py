@@ -82,3 +82,5 @@ def configure_logging(level: str, log_format: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # JSON: warnings (Celery's, the libraries') become records too, instead of raw lines on stderr.
+    logging.captureWarnings(log_format == "json")
