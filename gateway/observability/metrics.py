@@ -14,7 +14,7 @@ names the registry knows, error codes the gateway defines.
 from __future__ import annotations
 
 import time
-from typing import Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 
@@ -50,6 +50,7 @@ TOKENS = Counter(
 _CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 _children: dict[tuple[str, str, str, str], object] = {}
 _durations: dict[str, object] = {}
+_cached: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
 
 def count_request(endpoint: str, model: str, status: int, code: str, seconds: float) -> None:
@@ -74,9 +75,18 @@ async def timed_decision(decision: Awaitable[T]) -> T:
         POLICY_SECONDS.observe(time.perf_counter() - started)
 
 
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, looked up once (``labels()`` takes a lock and checks every value)."""
+    key = (metric, labels)
+    child = _cached.get(key)
+    if child is None:
+        child = _cached[key] = metric.labels(*labels)
+    return child
+
+
 def timed_append(kind: str, append: Callable[[], T]) -> Callable[[], T]:
     """``append`` recording its own duration; run in the worker thread, so the hand-off is not counted."""
-    histogram = AUDIT_APPEND_SECONDS.labels(kind)
+    histogram = _child(AUDIT_APPEND_SECONDS, kind)
 
     def run() -> T:
         started = time.perf_counter()
@@ -91,8 +101,8 @@ def timed_append(kind: str, append: Callable[[], T]) -> Callable[[], T]:
 def observe_result(model: str, prompt_tokens: int, completion_tokens: int, queue_ms: float | None) -> None:
     """A worker's result arrived: count its tokens and how long it queued."""
     if prompt_tokens:
-        TOKENS.labels(model, "prompt").inc(prompt_tokens)
+        _child(TOKENS, model, "prompt").inc(prompt_tokens)
     if completion_tokens:
-        TOKENS.labels(model, "completion").inc(completion_tokens)
+        _child(TOKENS, model, "completion").inc(completion_tokens)
     if queue_ms is not None and queue_ms >= 0:
-        QUEUE_WAIT_SECONDS.labels(model).observe(queue_ms / 1000)
+        _child(QUEUE_WAIT_SECONDS, model).observe(queue_ms / 1000)
