@@ -106,7 +106,7 @@ def api_can_serve(url: str) -> bool:
             checks = json.loads(error.read())["checks"]
         except (ValueError, KeyError, TypeError, OSError):
             return False
-        return all(checks.get(name) == "ok" for name in ("database", "redis", "policy"))
+        return isinstance(checks, dict) and all(checks.get(name) == "ok" for name in ("database", "redis", "policy"))
     except OSError:
         return False
 
