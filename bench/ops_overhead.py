@@ -18,7 +18,7 @@ measure the neighbours); each figure is the best of ``--repeats`` runs of
 
 Usage::
 
-    .venv/bin/python bench/ops_overhead.py [--requests 20000] [--repeats 5]
+    .venv/bin/python bench/ops_overhead.py [--requests 5000] [--repeats 30]
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ def hooks(repeats: int, n: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=20000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}; "
           f"best of {args.repeats} x {args.requests} calls, CPU time (time.process_time)")
