@@ -16,6 +16,7 @@ from typing import Any, Iterator
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 
+from gateway.observability.context import current_request_id, note_error
 from gateway.urls import REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ class ApiError(Exception):
         return {"error": error}
 
     def to_response(self) -> Response:
-        headers = {**self.headers, REQUEST_ID_HEADER: self.request_id or new_request_id()}
+        note_error(self.code)
+        headers = {**self.headers, REQUEST_ID_HEADER: self.request_id or current_request_id() or new_request_id()}
         return Response(self.body(), status_code=self.status, headers=headers, media_type=MediaType.JSON)
 
 
@@ -101,7 +103,7 @@ def http_exception_handler(_: Request, exc: HTTPException) -> Response:
 
 def unexpected_error_handler(request: Request, exc: Exception) -> Response:
     """Last resort: log the traceback for operators, show the client no internals."""
-    request_id = new_request_id()
+    request_id = current_request_id() or new_request_id()
     log.exception("unhandled error on %s %s (request id %s)", request.method, request.url.path, request_id)
     return ApiError(500, "internal_error", "The gateway hit an unexpected error; it has been logged. Nothing was "
                     "served.", request_id=request_id).to_response()

@@ -19,6 +19,7 @@ from gateway.api.review import ReviewController
 from gateway.components import Components, build_components
 from gateway.console import TEMPLATE_CONFIG, console_router
 from gateway.api_errors import EXCEPTION_HANDLERS
+from gateway.observability.setup import instrument
 from gateway.settings import Settings
 
 ComponentsFactory = Callable[[Settings], contextlib.AbstractAsyncContextManager[Components]]
@@ -34,7 +35,7 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
             app.state.components = built
             yield
 
-    return Litestar(
+    return instrument(settings, Litestar(
         route_handlers=[CompletionsController, ModelsController, HealthController, ReviewController,
                         AdminKeysController, console_router()],
         dependencies={"principal": Provide(provide_principal),
@@ -45,7 +46,8 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
         template_config=TEMPLATE_CONFIG,
         openapi_config=OpenAPIConfig(title="govgate", version="0.1.0", components=COMPONENTS),
         debug=False,
-    )
+        logging_config=None,  # logging is set up once per process (gateway/observability/logs.py), not replaced here
+    ))
 
 
 def app_from_env() -> Litestar:

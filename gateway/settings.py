@@ -79,6 +79,12 @@ class Settings:
     redis_max_connections: int = 64
     #: Log level for gateway and workers.
     log_level: str = "INFO"
+    #: ``text`` (one readable line per record) or ``json`` (one JSON object per line, for log shippers).
+    log_format: str = "text"
+    #: One ``govgate.access`` log line per HTTP request (route, status, model, error code, duration, id).
+    access_log: bool = False
+    #: Serve ``GET /metrics`` (Prometheus text format, no key needed).
+    metrics_enabled: bool = True
     #: How long a gateway keeps a key's principal without asking the database (0 turns the cache off).
     #: Revocation does not wait for it (a Redis signal drops the key at once); it bounds changes made
     #: where no signal reaches the gateways.
@@ -179,6 +185,9 @@ class Settings:
             default_max_tokens=int(number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens, int, 1)),
             redis_max_connections=int(number("REDIS_MAX_CONNECTIONS", defaults.redis_max_connections, int, 2)),
             log_level=text("LOG_LEVEL", defaults.log_level).upper(),
+            log_format=_choice(text("LOG_FORMAT", defaults.log_format).lower(), "LOG_FORMAT", ("text", "json")),
+            access_log=_flag(text("ACCESS_LOG", ""), "ACCESS_LOG", defaults.access_log),
+            metrics_enabled=_flag(text("METRICS_ENABLED", ""), "METRICS_ENABLED", defaults.metrics_enabled),
             auth_cache_ttl_s=float(number("AUTH_CACHE_TTL_S", defaults.auth_cache_ttl_s, float, 0.0)),
             auth_cache_size=int(number("AUTH_CACHE_SIZE", defaults.auth_cache_size, int, 1)),
             payload_key_file=_path_text(text("PAYLOAD_KEY_FILE", "")),
@@ -208,3 +217,24 @@ def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
 def _path_text(raw: str) -> str:
     """An absolute path for a non-empty setting, so child processes agree on it."""
     return str(Path(raw).expanduser().resolve()) if raw else ""
+
+
+def _choice(value: str, name: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise SettingsError(f"GOVGATE_{name}={value!r} must be one of: {', '.join(allowed)}")
+    return value
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _flag(raw: str, name: str, default: bool) -> bool:
+    """A yes/no setting: 1/true/yes/on or 0/false/no/off (empty: ``default``)."""
+    value = raw.lower()
+    if not value:
+        return default
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SettingsError(f"GOVGATE_{name}={raw!r} is not a yes/no value (use 1 or 0)")

@@ -6,7 +6,7 @@ CHAT_COMPLETIONS = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MODELS = "/v1/models"
 MODEL = "/v1/models/{model_id:str}"
-HEALTH = "/healthz"
+HEALTH = "/healthz"  # liveness; READY and METRICS below
 
 #: Header a client may use to declare the purpose of a request (policies read it).
 PURPOSE_HEADER = "X-Govgate-Purpose"
@@ -46,3 +46,6 @@ def console_request(request_id: str) -> str:
 def console_key(key_id: str) -> str:
     """The console page of one key (admins)."""
     return CONSOLE_KEY.replace("{key_id:str}", quote(key_id, safe=""))
+#: Operations (no key needed): liveness, readiness, Prometheus metrics.
+READY = "/readyz"
+METRICS = "/metrics"

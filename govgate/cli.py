@@ -7,7 +7,6 @@ The process commands (``up``, ``serve``, ``worker``) are here; the groups
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 
@@ -24,8 +23,10 @@ from govgate.cli_policy import policy
 _STARTED = time.monotonic()
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _configure_logging(settings: Settings) -> None:
+    from gateway.observability.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,9 +58,10 @@ def serve() -> None:
 
     settings = load_settings()
     _check_serve_settings(settings)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
+    # log_config=None: uvicorn's own lines go through the handler configured above (JSON too), not its own.
     uvicorn.run("gateway.app:app_from_env", factory=True, host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), access_log=False, lifespan="on")
+                log_level=settings.log_level.lower(), access_log=False, lifespan="on", log_config=None)
 
 
 def _check_serve_settings(settings: Settings) -> None:
@@ -114,7 +116,7 @@ def worker(model_name: str, concurrency: int) -> None:
     settings = load_settings()
     if not settings.redis_url:
         raise click.ClickException("GOVGATE_REDIS_URL must be set for a standalone worker")
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
     try:
         registry = load_registry(settings.models_file, settings.var_dir)
     except RegistryError as exc:
@@ -133,7 +135,8 @@ def worker(model_name: str, concurrency: int) -> None:
                           time_limit_s=settings.generation_time_limit_s,
                           payload_key_file=settings.effective_payload_key_file,
                           digest_key_file=settings.effective_digest_key_file,
-                          terminal_retry_horizon_s=settings.terminal_retry_horizon_s)
+                          terminal_retry_horizon_s=settings.terminal_retry_horizon_s,
+                          banner=settings.log_format != "json")
     try:
         run_worker(config)
     except KeyFileError as exc:

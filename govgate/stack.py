@@ -8,10 +8,12 @@ The benches start the same children and wait with the same functions.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +86,27 @@ def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
             return response.status == 200
+    except OSError:
+        return False
+
+
+def api_can_serve(url: str) -> bool:
+    """The API's ``/readyz`` at ``url`` finds its database, Redis and policy (its workers are not asked).
+
+    ``govgate up`` watches each model's worker itself and announces models one
+    by one, so a model still loading must not hold back the API's readiness.
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except urllib.error.HTTPError as error:
+        if error.code != 503:
+            return False
+        try:
+            checks = json.loads(error.read())["checks"]
+        except (ValueError, KeyError, TypeError, OSError):
+            return False
+        return isinstance(checks, dict) and all(checks.get(name) == "ok" for name in ("database", "redis", "policy"))
     except OSError:
         return False
 

@@ -23,7 +23,7 @@ from typing import Callable, TextIO
 
 from govgate.processes import child_preexec
 from govgate.redis_server import RedisProcess, RedisUnavailable, ping
-from govgate.stack import Stack, StartupError, check_alive, healthy
+from govgate.stack import Stack, StartupError, api_can_serve, check_alive
 from gateway.settings import Settings
 from workers.contract.registry import Registry, RegistryError, load_registry
 
@@ -134,7 +134,7 @@ class Launcher:
 
         self.stack, self.env, self.say, self.started = stack, env, say, started
         self.logs = stack.logs
-        self.health_url = f"http://{settings.host}:{settings.port}/healthz"
+        self.health_url = f"http://{settings.host}:{settings.port}/readyz"
         self.redis = small_client(redis_url)
         self.api_ready = False
         self.api_started = 0.0
@@ -159,9 +159,9 @@ class Launcher:
         """Check once; the models whose workers became ready since the last call."""
         check_alive(self.stack)
         if not self.api_ready and self.stack.api is not None:
-            self.api_ready = healthy(self.health_url)
+            self.api_ready = api_can_serve(self.health_url)
             if not self.api_ready and time.monotonic() - self.api_started > api_timeout_s:
-                raise StartupError(f"the API did not become healthy at {self.health_url} within {api_timeout_s:.0f}s")
+                raise StartupError(f"the API did not become ready at {self.health_url} within {api_timeout_s:.0f}s")
         if not self.pending:
             return []
         ready = [name for name in self.pending if self._loaded(name)]

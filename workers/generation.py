@@ -181,7 +181,8 @@ def _record_end(job: GenerateJob, store: AuditStore, kind: str, output: str, pro
         return entry
     return JobResult(status=STATUS_COMPLETED if kind == "completion" else kind, text=output,
                      finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-                     completion_tokens=completion_tokens, audit_seq=entry.seq, error=body.get("error", {}))
+                     completion_tokens=completion_tokens, audit_seq=entry.seq, error=body.get("error", {}),
+                     queue_ms=queue_ms)
 
 
 _END_MESSAGES = {

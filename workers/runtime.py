@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import celery.app.trace
 from celery import Celery
-from celery.signals import worker_init, worker_process_init, worker_process_shutdown
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from workers.contract.celery_config import make_celery
 from workers.contract.jobs import GENERATE_TASK, queue_for
@@ -26,6 +26,7 @@ from workers.contract.registry import ModelSpec
 from workers.contract.sealing import load_or_create_key
 
 if TYPE_CHECKING:
+    from workers.heartbeat import Heartbeat
     from workers.store_prep import StorePrep
 
 
@@ -44,6 +45,8 @@ class WorkerConfig:
     digest_key_file: Path = Path("var/keys/digest.key")
     #: How long a terminal entry the database refused is retried before it is given up.
     terminal_retry_horizon_s: float = 86400.0
+    #: Celery's startup banner on stdout (off when logs are JSON: every line must be a JSON object).
+    banner: bool = True
 
 
 class _Config:
@@ -52,6 +55,8 @@ class _Config:
     value: WorkerConfig | None = None
     #: The child readying the audit store, waited for before the pool forks.
     store_prep: StorePrep | None = None
+    #: The main process's heartbeat (``workers.heartbeat``), once the worker consumes.
+    heartbeat: Heartbeat | None = None
 
 
 _config = _Config()
@@ -74,6 +79,22 @@ def _dispose_in_child(**_: Any) -> None:
     from workers import pool
 
     pool.dispose()
+
+
+def _start_heartbeat(sender: Any = None, **_: Any) -> None:
+    """Once the worker consumes (Celery's ``worker_ready``, main process): beat until shutdown."""
+    from workers.heartbeat import Heartbeat
+
+    assert _config.value is not None, "worker started without configuration"
+    name = getattr(sender, "hostname", None) or f"{_config.value.model.name}.{os.getpid()}"
+    _config.heartbeat = Heartbeat(_config.value.redis_url, _config.value.model.name, name)
+    _config.heartbeat.start()
+
+
+def _stop_heartbeat(**_: Any) -> None:
+    if _config.heartbeat is not None:
+        _config.heartbeat.stop()
+        _config.heartbeat = None
 
 
 def generate(payload: dict[str, Any]) -> None:
@@ -102,6 +123,8 @@ def build_worker_app(config: WorkerConfig) -> Celery:
     worker_init.connect(_wait_for_store, weak=False)
     worker_process_init.connect(_load_in_child, weak=False)
     worker_process_shutdown.connect(_dispose_in_child, weak=False)
+    worker_ready.connect(_start_heartbeat, weak=False)
+    worker_shutdown.connect(_stop_heartbeat, weak=False)
     return app
 
 
@@ -118,6 +141,7 @@ def run_worker(config: WorkerConfig) -> None:
     _config.store_prep = StorePrep.start(config)
     app = build_worker_app(config)
     app.worker_main([
+        *([] if config.banner else ["--quiet"]),
         "worker",
         f"--loglevel={config.loglevel}",
         "--pool=prefork",

@@ -1,8 +1,13 @@
-"""``GET /healthz``: can this gateway serve right now? (no key needed)
+"""``GET /healthz`` (is this process up?) and ``GET /readyz`` (can it serve?); no key needed.
 
-Checks what a request needs — the database, Redis and a loaded policy — and
-answers 503 when any is missing, so a load balancer stops sending traffic to
-a gateway that would only refuse it.
+Two questions with two answers, as orchestrators ask them: a failing
+liveness probe restarts the process, a failing readiness probe takes it out
+of the load balancer. A gateway whose Redis is down must not be restarted
+in a loop (restarting does not bring Redis back), so ``/healthz`` checks
+nothing but that the event loop answers; ``/readyz`` checks what a request
+needs — the database, Redis, a loaded policy, and a live worker for every
+model (a model without one would only queue requests until they time
+out) — and answers 503 naming what is missing.
 """
 
 from __future__ import annotations
@@ -10,41 +15,60 @@ from __future__ import annotations
 import anyio
 from litestar import Controller, Response, get
 from litestar.datastructures import State
-from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import urls
-from gateway.api.openapi import HEALTH_OPERATION
+from gateway.api.openapi import HEALTH_OPERATION, READY_OPERATION
+from gateway.observability.cluster import read_cluster
+
+#: Longest the database check waits (the connection pool's own timeout may be longer).
+DATABASE_TIMEOUT_S = 2.0
 
 
 class HealthController(Controller):
     tags = ["operations"]
 
-    @get(urls.HEALTH, summary="Readiness of the gateway and its dependencies", operation_class=HEALTH_OPERATION,
+    @get(urls.HEALTH, summary="Liveness: the gateway process is up", operation_class=HEALTH_OPERATION,
          operation_id="health")
-    async def health(self, state: State) -> Response:
+    async def health(self) -> Response:
+        return Response({"status": "ok"})
+
+    @get(urls.READY, summary="Readiness of the gateway and its dependencies", operation_class=READY_OPERATION,
+         operation_id="ready")
+    async def ready(self, state: State) -> Response:
         components = state.components
-        checks = {"database": "ok", "redis": "ok", "policy": "ok"}
+        models = components.registry.names()
+        checks = {"database": "ok", "redis": "ok", "policy": "ok", "workers": "ok"}
+        missing: list[str] = []
         try:
-            await anyio.to_thread.run_sync(_ping_database, components.db_engine)
+            with anyio.fail_after(DATABASE_TIMEOUT_S):
+                await anyio.to_thread.run_sync(_ping_database, components.db_engine, abandon_on_cancel=True)
         except SQLAlchemyError as exc:
             checks["database"] = f"error: {type(exc).__name__}"
-        try:
-            with anyio.fail_after(2):
-                await components.redis.ping()
-        except (RedisError, OSError, TimeoutError) as exc:
-            checks["redis"] = f"error: {type(exc).__name__}"
+        except TimeoutError:
+            checks["database"] = f"error: no answer within {DATABASE_TIMEOUT_S:g}s"
+        cluster = await read_cluster(components.redis, models)
+        if cluster.error is not None:
+            checks["redis"] = f"error: {cluster.error}"
+            checks["workers"] = "error: unknown (Redis unreadable)"
+        else:
+            idle = [model for model in models if not cluster.workers.get(model)]
+            if idle:
+                checks["workers"] = f"error: no live worker for {', '.join(idle)}"
+                missing.extend(f"workers:{model}" for model in idle)
         if not components.policy.revision:
             checks["policy"] = "error: not loaded"
-        healthy = all(v == "ok" for v in checks.values())
+        missing[:0] = [name for name in ("database", "redis", "policy") if checks[name] != "ok"]
         body = {
-            "status": "ok" if healthy else "unavailable",
+            "status": "unavailable" if missing else "ready",
             "checks": checks,
+            "missing": missing,
+            "workers": cluster.workers,
             "policy_revision": components.policy.revision,
-            "models": components.registry.names(),
+            "models": models,
         }
-        return Response(body, status_code=200 if healthy else 503)
+        return Response(body, status_code=503 if missing else 200)
 
 
 def _ping_database(engine) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+from litestar.openapi.spec.enums import OpenAPIType
 from litestar.openapi.spec import (
     Components,
     OpenAPIHeader,
@@ -236,7 +237,20 @@ CHAT_OPERATION = completion_operation(ChatCompletionRequest, shapes.ChatCompleti
 COMPLETION_OPERATION = completion_operation(CompletionRequest, shapes.TextCompletion, shapes.TextCompletionChunk)
 MODELS_OPERATION = _json_operation(shapes.ModelList, "The models this key may use.", error_responses(_KEY_ERRORS))
 MODEL_OPERATION = _json_operation(shapes.Model, "One model this key may use.", error_responses(_MODEL_ERRORS))
-HEALTH_OPERATION = _json_operation(shapes.Health, "Every dependency is reachable.", {"503": OpenAPIResponse(
-    description="A dependency is down; `checks` says which.",
-    content={JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(shapes.Health)))})})
+HEALTH_OPERATION = _json_operation(shapes.Health, "The process is up and serving HTTP.", {})
+READY_OPERATION = _json_operation(shapes.Readiness, "Database, Redis, policy and a worker for every model are "
+                                  "reachable.", {"503": OpenAPIResponse(
+    description="Something a request needs is missing; `missing` names it and `checks` says why.",
+    content={JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(shapes.Readiness)))})})
+
+
+@dataclass
+class MetricsOperation(Operation):
+    """``GET /metrics``: Prometheus's text exposition format, not JSON."""
+
+    def __post_init__(self) -> None:
+        self.responses = {"200": OpenAPIResponse(
+            description="This gateway process's metrics, and queue depth and live workers per model read from "
+                        "Redis, in Prometheus's text format (README, \"Monitoring\").",
+            content={"text/plain; version=0.0.4; charset=utf-8": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))})}
 

@@ -159,16 +159,29 @@ class ModelList(msgspec.Struct):
     data: list[Model]
 
 
-class HealthChecks(msgspec.Struct):
+class Health(msgspec.Struct):
+    """`GET /healthz`: the process is up and serving (always `ok`; nothing else is checked)."""
+
+    status: Literal["ok"]
+
+
+class ReadinessChecks(msgspec.Struct):
+    """Each dependency: `ok` or `error: <why>`."""
+
     database: str
     redis: str
     policy: str
+    workers: str
 
 
-class Health(msgspec.Struct):
-    """`GET /healthz`: `ok` (200) or `unavailable` (503), with each check's outcome."""
+class Readiness(msgspec.Struct):
+    """`GET /readyz`: `ready` (200) or `unavailable` (503), with each check and what is missing."""
 
-    status: Literal["ok", "unavailable"]
-    checks: HealthChecks
+    status: Literal["ready", "unavailable"]
+    checks: ReadinessChecks
+    #: What keeps the gateway from serving: `database`, `redis`, `policy`, `workers:<model>`.
+    missing: list[str]
+    #: Live workers per model (empty when Redis could not be read).
+    workers: dict[str, int]
     policy_revision: str | None
     models: list[str]

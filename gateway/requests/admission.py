@@ -27,6 +27,8 @@ from gateway.api_errors import ApiError, errors_of
 from gateway.limits import CountersReply, CountersUnavailable, QueueAtLimit, Refusal, Reservation, UsageCounters
 from gateway.limits.queue import model_queue
 from gateway.limits.charge import prompt_tokens_to_hold
+from gateway.observability.context import current_request_id, note_model
+from gateway.observability.metrics import timed_decision
 from gateway.policy import POLICY_ERROR, Decision
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.audit_records import request_record
@@ -126,7 +128,7 @@ class Admission:
     async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
                     purpose_header: str | None) -> Ticket:
         """Read, decide, reserve and record one request; raise :class:`ApiError` if it is not admitted."""
-        request_id = uuid.uuid4().hex
+        request_id = current_request_id() or uuid.uuid4().hex  # the id the response header and logs name
         request, spec = await self._read(request_id, principal, endpoint, read_body)
         with errors_of(request_id):
             created = int(time.time())
@@ -184,6 +186,7 @@ class Admission:
                 raise ApiError(404, "model_not_found",
                                f"The model '{request.model}' does not exist. GET /v1/models lists the models "
                                "you may use.", param="model")
+            note_model(spec.name)
             check_fits(request, spec)
         except ApiError as error:
             await self.request_log.record_rejection(request_id, principal, endpoint, error, raw)
@@ -221,7 +224,7 @@ class Admission:
                                             f"usage counters are unavailable: {counters_down.message}")
             return Verdict(decision, self.policy.revision, policy_input, counters_down)
         try:
-            decision, revision = await self.policy.decide_with_revision(policy_input)
+            decision, revision = await timed_decision(self.policy.decide_with_revision(policy_input))
         except BaseException:
             if early is not None and early.reservation is not None:
                 await undo_reservation(self.counters, early.reservation)

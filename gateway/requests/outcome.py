@@ -23,6 +23,7 @@ from gateway.dispatch.results import PendingResult
 from gateway.api_errors import ApiError
 from gateway.limits import UsageCounters
 from gateway.limits.charge import used_tokens
+from gateway.observability.metrics import observe_result
 from gateway.requests.refusals import QUEUE_UNAVAILABLE_MESSAGE, worker_error
 from gateway.requests.request_log import RequestLog
 from gateway.requests.ticket import Ticket
@@ -80,6 +81,7 @@ class TicketRunner:
         status = meta.get("status")
         if status == "SUCCESS" and isinstance(meta.get("result"), dict):
             result = JobResult.from_payload(meta["result"])
+            observe_result(ticket.model, result.prompt_tokens, result.completion_tokens, result.queue_ms)
             await self._settle_usage(ticket, result.prompt_tokens + result.completion_tokens)
             if result.status == STATUS_COMPLETED:
                 return result

@@ -18,6 +18,7 @@ import anyio
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
 from gateway.auth import Principal
 from gateway.api_errors import ApiError
+from gateway.observability.metrics import timed_append
 from gateway.requests.audit_records import rejection_record
 from gateway.requests.ticket import Ticket
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
@@ -90,4 +91,4 @@ class RequestLog:
         append = partial(self.audit.append, kind, request_id, principal=principal.id, team=principal.team,
                          model=model, body=metadata, policy_revision=revision or self._current_revision(),
                          payload=texts)
-        return await anyio.to_thread.run_sync(append)
+        return await anyio.to_thread.run_sync(timed_append(kind, append))

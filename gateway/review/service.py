@@ -27,6 +27,7 @@ from audit.kinds import (COMMENTED, DISPOSITIONED, FLAGGED, PAYLOAD_READ, REJECT
                          TERMINAL_KINDS)
 from audit.search import MAX_PAGE_SIZE, EntryFilter, iter_matching, search
 from gateway.api_errors import ApiError, new_request_id
+from gateway.observability.context import current_request_id
 from gateway.review.access import Access
 from gateway.review.params import EntryQuery
 
@@ -147,7 +148,7 @@ class ReviewService:
                            scope: dict[str, Any] | None = None) -> str:
         """Put "who read which requests' texts" on the chain before they are shown; 503 if it cannot be."""
         principal = access.principal
-        read_id = new_request_id()
+        read_id = current_request_id() or new_request_id()  # the HTTP request's id: header, entry and logs agree
         body: dict[str, Any] = {"key_id": principal.key_id, "roles": list(principal.roles), "via": via,
                                 "request_ids": sorted(set(request_ids)), "text_search": text_search}
         if scope is not None:

@@ -53,6 +53,8 @@ from tests.conftest import policy_copy, serving
 COMPLETION_ROUTES = {urls.CHAT_COMPLETIONS: ChatCompletionRequest, urls.COMPLETIONS: CompletionRequest}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
+#: Routes whose 503 is a designed answer here: readiness, with models in the suite's registry no worker serves.
+DESIGNED_503 = {urls.READY}
 #: Per operation and generation mode; small enough for a busy 2-core machine, large enough to serve some.
 MAX_EXAMPLES = 25
 
@@ -211,7 +213,8 @@ def test_generated_requests_conform_to_the_description(api_schema, served_api: s
             if served_model and mode is GenerationMode.POSITIVE and isinstance(case.body, dict):
                 case.body["model"] = TINY_MODEL_NAME
             response = case.call(base_url=served_api, headers=headers, timeout=120)
-            case.validate_response(response, checks=checks)
+            designed = operation.path in DESIGNED_503 and response.status_code == 503
+            case.validate_response(response, checks=[c for c in checks if not (designed and c is not_a_server_error)])
             statuses.setdefault(operation.label, set()).add(response.status_code)
             if response.status_code < 300 and operation.path in COMPLETION_ROUTES:
                 served.append(_header(response, urls.REQUEST_ID_HEADER))

@@ -16,16 +16,16 @@ def test_sighup_reloads_the_policy_of_a_running_gateway(settings, worker, keyrin
     folder = policy_copy(tmp_path)
     own = settings.with_(policy_dir=folder, policy_reload_interval_s=0)  # no polling: only the signal
     with serving(own, tmp_path / "serve.log") as base:
-        first = httpx.get(f"{base}/healthz").json()["policy_revision"]
+        first = httpx.get(f"{base}/readyz").json()["policy_revision"]
         data = folder / "data.json"
         document = json.loads(data.read_text())
         document["govgate_config"]["roles"]["analyst"]["max_tokens"] = 7
         data.write_text(json.dumps(document))
         time.sleep(0.5)
-        unchanged = httpx.get(f"{base}/healthz").json()["policy_revision"]
+        unchanged = httpx.get(f"{base}/readyz").json()["policy_revision"]
         base.process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 20
-        while httpx.get(f"{base}/healthz").json()["policy_revision"] == first:
+        while httpx.get(f"{base}/readyz").json()["policy_revision"] == first:
             assert time.monotonic() < deadline, "SIGHUP did not reload the policy"
             time.sleep(0.1)
         response = httpx.post(f"{base}/v1/completions", headers=bearer(keyring["analyst"]), timeout=60,

@@ -6,7 +6,7 @@ import pytest
 
 from audit import verify_chain
 from gateway.settings import Settings
-from tests.conftest import bearer
+from tests.conftest import IDLE_MODEL, bearer
 from workers.backends import SamplingParams, load_model
 from workers.contract.prompts import render_chat
 from workers.contract.registry import TINY_MODEL_NAME, load_registry
@@ -130,12 +130,17 @@ async def test_models_lists_only_what_the_caller_may_use(client, keyring):
     assert viewer["data"] == []
 
 
-async def test_health_reports_dependencies(client):
-    response = await client.get("/healthz")
-    assert response.status_code == 200
+async def test_readiness_reports_dependencies(client):
+    """The suite's registry has models no worker serves: ready in every check but those models' workers."""
+    response = await client.get("/readyz")
+    assert response.status_code == 503
     body = response.json()
-    assert body["checks"] == {"database": "ok", "redis": "ok", "policy": "ok"}
+    assert {name: body["checks"][name] for name in ("database", "redis", "policy")} == {
+        "database": "ok", "redis": "ok", "policy": "ok"}
+    assert body["workers"][TINY_MODEL_NAME] >= 1
+    assert "workers:" + TINY_MODEL_NAME not in body["missing"] and "workers:" + IDLE_MODEL in body["missing"]
     assert len(body["policy_revision"]) == 16
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
 
 
 async def test_sampling_parameters_reach_the_backend(client, keyring, direct_model):

@@ -91,7 +91,7 @@ async def test_redis_down_refuses_with_503_and_ends_the_request(settings, keyrin
             own_redis.stop()
             response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
                                          json={"model": TINY_MODEL_NAME, "messages": HELLO})
-            health = await client.get("/healthz")
+            health = await client.get("/readyz")
     finally:
         own_redis.stop()
     # The usage counters are the first to need Redis: the request is refused before any queueing.
@@ -104,6 +104,7 @@ async def test_redis_down_refuses_with_503_and_ends_the_request(settings, keyrin
     assert audit_store.terminal_for(request_entry.request_id) is None  # never accepted, so no terminal entry
     assert health.status_code == 503
     assert health.json()["checks"]["redis"].startswith("error")
+    assert health.json()["missing"][0] == "redis"
 
 
 async def test_no_worker_in_time_is_504_with_one_timed_out_entry(settings, keyring, audit_store):

@@ -101,7 +101,10 @@ def test_models_and_health_are_described(document: dict[str, Any]) -> None:
     assert model["responses"]["200"]["content"]["application/json"]["schema"]["title"] == "Model"
     assert model["operationId"] == "retrieveModel"
     health = document["paths"][urls.HEALTH]["get"]
-    assert "security" not in health and set(health["responses"]) == {"200", "503"}
+    assert "security" not in health and set(health["responses"]) == {"200"}
+    ready = document["paths"][urls.READY]["get"]
+    assert "security" not in ready and set(ready["responses"]) == {"200", "503"}
+    assert ready["responses"]["503"]["content"]["application/json"]["schema"]["title"] == "Readiness"
 
 
 #: The review routes: (method, path) -> (operation id, the query parameters the route reads, statuses).

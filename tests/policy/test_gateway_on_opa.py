@@ -19,7 +19,7 @@ async def test_requests_are_decided_by_opa_with_the_same_answers_and_revision(
     embedded = EmbeddedPolicyEngine.load(ROOT / "policies", 1.0)
     try:
         async with AsyncTestClient(create_app(on_opa), timeout=60) as client:
-            health = (await client.get("/healthz")).json()
+            health = (await client.get("/readyz")).json()
             allowed = await client.post("/v1/chat/completions", headers=bearer(keyring["analyst"]),
                                         json={"model": TINY_MODEL_NAME, "max_tokens": 500,
                                               "messages": [{"role": "user", "content": "Hello"}]})
@@ -71,14 +71,14 @@ async def test_policy_change_reaches_opa_and_the_gateway_follows(settings, keyri
     own = settings.with_(opa_url=server.url, policy_dir=folder, policy_reload_interval_s=0.2)
     request = {"model": TINY_MODEL_NAME, "prompt": "x", "max_tokens": 1}
     async with AsyncTestClient(create_app(own), timeout=60) as client:
-        first = (await client.get("/healthz")).json()["policy_revision"]
+        first = (await client.get("/readyz")).json()["policy_revision"]
         before = await client.post("/v1/completions", headers=bearer(keyring["viewer"]), json=request)
         data = folder / "data.json"
         document = json.loads(data.read_text())
         document["govgate_config"]["roles"]["viewer"]["models"] = [TINY_MODEL_NAME]
         data.write_text(json.dumps(document))
         with anyio.fail_after(20):
-            while (await client.get("/healthz")).json()["policy_revision"] == first:
+            while (await client.get("/readyz")).json()["policy_revision"] == first:
                 await anyio.sleep(0.2)
         after = await client.post("/v1/completions", headers=bearer(keyring["viewer"]), json=request)
     assert before.status_code == 403

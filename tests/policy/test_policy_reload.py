@@ -32,15 +32,15 @@ async def test_policy_hot_reload_applies_new_rules_and_rejects_broken_ones(setti
         document["govgate_config"]["roles"]["analyst"]["models"] = []
         data.write_text(json.dumps(document))
         with anyio.fail_after(15):
-            while (await client.get("/healthz")).json()["policy_revision"] == old_revision:
+            while (await client.get("/readyz")).json()["policy_revision"] == old_revision:
                 await anyio.sleep(0.1)
         after = await client.post("/v1/completions", headers=bearer(keyring["analyst"]), json=request)
-        new_revision = (await client.get("/healthz")).json()["policy_revision"]
+        new_revision = (await client.get("/readyz")).json()["policy_revision"]
 
         (folder / "govgate.rego").write_text((folder / "govgate.rego").read_text() + "\nthis is not rego\n")
         await anyio.sleep(1.0)  # several reload intervals
         still = await client.post("/v1/completions", headers=bearer(keyring["analyst"]), json=request)
-        kept_revision = (await client.get("/healthz")).json()["policy_revision"]
+        kept_revision = (await client.get("/readyz")).json()["policy_revision"]
     assert before.status_code == 200
     assert after.status_code == 403
     assert [r["code"] for r in after.json()["error"]["reasons"]] == ["model_not_allowed"]

@@ -145,6 +145,8 @@ class JobResult:
     completion_tokens: int = 0
     audit_seq: int | None = None
     error: dict[str, str] = field(default_factory=dict)
+    #: How long the job waited in its queue before a worker began it (the gateway's queue-wait metric).
+    queue_ms: float | None = None
 
     def to_payload(self) -> dict[str, Any]:
         """The result as a JSON-ready dict (what :func:`dataclasses.asdict` gives, built without its deep copies).
@@ -153,7 +155,7 @@ class JobResult:
         """
         return {"status": self.status, "text": self.text, "finish_reason": self.finish_reason,
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "audit_seq": self.audit_seq, "error": dict(self.error)}
+                "audit_seq": self.audit_seq, "error": dict(self.error), "queue_ms": self.queue_ms}
 
     @classmethod
     def from_terminal(cls, kind: str, seq: int, body: dict[str, Any],

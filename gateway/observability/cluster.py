@@ -1,0 +1,53 @@
+"""What belongs to the whole deployment, read from Redis when asked: queue depth and live workers per model.
+
+Every gateway replica would count these the same, so they are not counted
+but read: one pipelined round trip (the queue lists' lengths, every
+priority, and the live-workers set of :mod:`workers.contract.liveness`),
+bounded by a short timeout so a slow or absent Redis makes a scrape or a
+readiness probe answer "unknown" quickly instead of hanging, and never
+blocks the event loop (the async client).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import anyio
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from workers.contract.celery_config import queue_keys
+from workers.contract.jobs import queue_for
+from workers.contract.liveness import LIVE_SCRIPT, WORKERS_KEY, live_counts
+
+#: Longest a scrape or probe waits for Redis.
+READ_TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """Per model: jobs waiting in its queue, workers alive; ``error`` says why it could not be read."""
+
+    queued: dict[str, int]
+    workers: dict[str, int]
+    error: str | None = None
+
+
+async def read_cluster(redis: aioredis.Redis, models: list[str], timeout_s: float = READ_TIMEOUT_S) -> ClusterState:
+    """Read the queues and live workers of ``models``; a failure is reported in ``error``, not raised."""
+    try:
+        with anyio.fail_after(timeout_s):
+            async with redis.pipeline(transaction=False) as pipe:
+                for model in models:
+                    for key in queue_keys(queue_for(model)):
+                        pipe.llen(key)
+                pipe.eval(LIVE_SCRIPT, 1, WORKERS_KEY)
+                replies = await pipe.execute()
+    except TimeoutError:
+        return ClusterState({}, {}, f"Redis did not answer within {timeout_s:g}s")
+    except (RedisError, OSError) as exc:
+        return ClusterState({}, {}, f"Redis: {type(exc).__name__}")
+    steps = len(queue_keys(""))
+    queued = {model: sum(int(n) for n in replies[i * steps:(i + 1) * steps]) for i, model in enumerate(models)}
+    alive = live_counts(replies[-1])
+    return ClusterState(queued, {model: alive.get(model, 0) for model in models})

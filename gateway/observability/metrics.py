@@ -1,0 +1,108 @@
+"""The gateway process's Prometheus metrics, and the one-line hooks the request path calls.
+
+Each gateway process counts what it served itself; a Prometheus scrapes
+every replica and adds them up (``sum by (model) (…)``). What belongs to
+the whole deployment (queue depth, live workers) is not counted here but
+read from Redis when ``/metrics`` is scraped (:mod:`gateway.observability.cluster`).
+
+Cost on the request path is what matters (issue 9): a labelled child is
+looked up once and cached, so a hook is a dict lookup and a locked add.
+Labels take only bounded values: route templates (never a raw path), model
+names the registry knows, error codes the gateway defines.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+
+T = TypeVar("T")
+
+#: This process's metrics (not prometheus_client's global registry, so nothing else registers into it).
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY, namespace="")  # process_cpu_seconds_total, process_resident_memory_bytes, …
+
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_SLOW = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+REQUESTS = Counter(
+    "govgate_requests", "HTTP requests answered, by route, model, status class and error code.",
+    ["endpoint", "model", "status", "code"], registry=REGISTRY)
+REQUEST_SECONDS = Histogram(
+    "govgate_request_duration_seconds", "Time from a request's arrival to its response's last byte.",
+    ["endpoint"], buckets=_SLOW, registry=REGISTRY)
+POLICY_SECONDS = Histogram(
+    "govgate_policy_decision_seconds", "Time one policy decision took (waiting for an evaluator included).",
+    buckets=_FAST, registry=REGISTRY)
+AUDIT_APPEND_SECONDS = Histogram(
+    "govgate_audit_append_seconds", "Time one audit append by this gateway took (in its worker thread).",
+    ["kind"], buckets=_FAST, registry=REGISTRY)
+QUEUE_WAIT_SECONDS = Histogram(
+    "govgate_queue_wait_seconds", "Time a request waited in its model's queue before a worker began it.",
+    ["model"], buckets=_SLOW, registry=REGISTRY)
+TOKENS = Counter(
+    "govgate_tokens", "Tokens of the requests this gateway served, by model and kind (prompt, completion).",
+    ["model", "kind"], registry=REGISTRY)
+
+#: Status classes by the status code's first digit.
+_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+_children: dict[tuple[str, str, str, str], object] = {}
+_durations: dict[str, object] = {}
+_cached: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def count_request(endpoint: str, model: str, status: int, code: str, seconds: float) -> None:
+    """One answered request (called once per request by the request middleware)."""
+    key = (endpoint, model, _CLASSES.get(status // 100, "other"), code)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = REQUESTS.labels(*key)
+    child.inc()  # type: ignore[attr-defined]
+    duration = _durations.get(endpoint)
+    if duration is None:
+        duration = _durations[endpoint] = REQUEST_SECONDS.labels(endpoint)
+    duration.observe(seconds)  # type: ignore[attr-defined]
+
+
+async def timed_decision(decision: Awaitable[T]) -> T:
+    """Await a policy decision and record how long it took (errors and timeouts too)."""
+    started = time.perf_counter()
+    try:
+        return await decision
+    finally:
+        POLICY_SECONDS.observe(time.perf_counter() - started)
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, looked up once (``labels()`` takes a lock and checks every value)."""
+    key = (metric, labels)
+    child = _cached.get(key)
+    if child is None:
+        child = _cached[key] = metric.labels(*labels)
+    return child
+
+
+def timed_append(kind: str, append: Callable[[], T]) -> Callable[[], T]:
+    """``append`` recording its own duration; run in the worker thread, so the hand-off is not counted."""
+    histogram = _child(AUDIT_APPEND_SECONDS, kind)
+
+    def run() -> T:
+        started = time.perf_counter()
+        try:
+            return append()
+        finally:
+            histogram.observe(time.perf_counter() - started)
+
+    return run
+
+
+def observe_result(model: str, prompt_tokens: int, completion_tokens: int, queue_ms: float | None) -> None:
+    """A worker's result arrived: count its tokens and how long it queued."""
+    if prompt_tokens:
+        _child(TOKENS, model, "prompt").inc(prompt_tokens)
+    if completion_tokens:
+        _child(TOKENS, model, "completion").inc(completion_tokens)
+    if queue_ms is not None and queue_ms >= 0:
+        _child(QUEUE_WAIT_SECONDS, model).observe(queue_ms / 1000)
