@@ -47,7 +47,9 @@ end
 
 -- The counters hash: n and s (requests and tokens in the window), w:<id> (a
 -- request's tokens while it is in the window), D/d today's label and tokens,
--- PD/pd the day before's, M/m and PM/pm the same for months.
+-- PD/pd the day before's, M/m and PM/pm the same for months, f the in-flight
+-- set's entries (the '' member left out) and fx no later than the earliest of
+-- their expiries (so while fx > NOW none has expired and f is the count).
 local PERIOD = {'D', 'd', 'PD', 'pd', 'M', 'm', 'PM', 'pm'}
 
 -- Add `delta` tokens to the day and month a request was charged to, if
@@ -71,8 +73,9 @@ end
 -- (or, `undo`, it leaves the window as if never made), its day and month are
 -- charged `final - reserved`, its in-flight slot is freed.
 local function finish(s, undo, reserved, final, day, month)
-  local v = hget(s.h, {'n', 's', WID, unpack(PERIOD)})
+  local v = hget(s.h, {'n', 's', 'f', WID, unpack(PERIOD)})
   local out = {}
+  local freed = redis.call('ZREM', s.fly, ID)
   if v[WID] then
     if undo then
       redis.call('ZREM', s.win, ID)
@@ -83,8 +86,8 @@ local function finish(s, undo, reserved, final, day, month)
     end
   end
   charge(out, v, day, month, final - reserved)
+  if v.f and freed > 0 then out[#out + 1] = 'f'; out[#out + 1] = tonumber(v.f) - freed end
   if #out > 0 then redis.call('HSET', s.h, unpack(out)) end
-  redis.call('ZREM', s.fly, ID)
 end
 """
 
@@ -103,6 +106,27 @@ local CUTOFF = NOW - WINDOW
 local FIRST = 8  -- window entries read at once: the oldest in-window one and what left since the last call
 local LAZY = 4   -- fewer entries than this that left the window are counted out but deleted later, together
 
+-- Scope s's requests in flight. The count kept in the hash answers while no
+-- entry can have expired (fx > NOW); otherwise (a gateway died holding slots,
+-- or just fx is stale: about once per in-flight expiry) the expired entries
+-- are dropped and the rest counted, fx read again, and the hash (if it
+-- exists: `known`) gets both at its next write.
+local function in_flight(s, known)
+  if s.f and (s.f == 0 or (s.fx and s.fx > NOW)) then return s.f end
+  redis.call('ZREMRANGEBYSCORE', s.fly, '(0', ARGV[1])
+  local first = redis.call('ZRANGE', s.fly, '(0', '+inf', 'BYSCORE', 'LIMIT', 0, 1, 'WITHSCORES')
+  s.f, s.fx = 0, nil
+  if first[2] then s.f, s.fx = redis.call('ZCOUNT', s.fly, '(0', '+inf'), tonumber(first[2]) end
+  if known then s.dirty = true end
+  return s.f
+end
+
+-- The hash's window counters and in-flight count, after a call that changed
+-- them without recording a request.
+local function flush(s)
+  if s.dirty then redis.call('HSET', s.h, 'n', s.n, 's', s.s, 'f', s.f, 'fx', s.fx or 0) end
+end
+
 -- Prune scope s's window (entries at or before NOW - WINDOW leave with their
 -- tokens) and read its counters into s.
 local function load(s)
@@ -113,10 +137,11 @@ local function load(s)
     if tonumber(head[k + 1]) <= CUTOFF then gone[#gone + 1] = 'w:' .. head[k]
     elseif not s.oldest then s.oldest = tonumber(head[k + 1]) end
   end
-  local fields = {'n', 's', unpack(PERIOD)}
+  local fields = {'n', 's', 'f', 'fx', unpack(PERIOD)}
   for _, f in ipairs(gone) do fields[#fields + 1] = f end  -- the leaving entries' tokens too
   local v = hget(s.h, fields)
   for _, f in ipairs(PERIOD) do s[f] = v[f] end
+  s.f, s.fx = tonumber(v.f), tonumber(v.fx)
   if not v.n then
     -- no counters hash (never written, or expired): nothing in the window is known
     if #head > 0 then redis.call('DEL', s.win) end
@@ -156,7 +181,7 @@ local function load(s)
   -- (the day before's counter answers a caller whose clock is behind the last writer's)
   s.today = (s.D == ARGV[12] and tonumber(s.d)) or (s.PD == ARGV[12] and tonumber(s.pd)) or 0
   s.month = (s.M == ARGV[14] and tonumber(s.m)) or (s.PM == ARGV[14] and tonumber(s.pm)) or 0
-  s.flying = redis.call('ZCOUNT', s.fly, '(' .. ARGV[1], '+inf')
+  s.flying = in_flight(s, v.n)
   s.usage = {s.n - s.lag, s.s - s.lagged, s.today, s.month, s.flying}
 end
 
@@ -213,15 +238,20 @@ local function add(s)
   local out = {'n', s.n + 1, 's', s.s + TOKENS, WID, TOKENS}
   advance(out, s, 'D', 'd', 'PD', 'pd', ARGV[12], ARGV[13])
   local new_month = advance(out, s, 'M', 'm', 'PM', 'pm', ARGV[14], ARGV[15])
+  local renew = new_month or s.n == 0
+  -- (entries left by a gateway that died are dropped when the keys are renewed)
+  if renew then s.f = s.f - redis.call('ZREMRANGEBYSCORE', s.fly, '(0', ARGV[1]) end
+  local expiry = tonumber(ARGV[7])
+  local fx = expiry
+  if s.f > 0 and s.fx and s.fx < expiry then fx = s.fx end
+  out[#out + 1] = 'f'; out[#out + 1] = s.f + redis.call('ZADD', s.fly, ARGV[7], ID)
+  out[#out + 1] = 'fx'; out[#out + 1] = fx
   redis.call('HSET', s.h, unpack(out))
   redis.call('ZADD', s.win, ARGV[1], ID)
-  redis.call('ZADD', s.fly, ARGV[7], ID)
-  if new_month or s.n == 0 then
+  if renew then
     -- The hash or the window was created: all three get the scope's
     -- lifetime. The in-flight set keeps a member '' (score 0, never counted)
-    -- so that it is never emptied and re-created without a TTL; entries
-    -- left by a gateway that died are dropped here too.
-    redis.call('ZREMRANGEBYSCORE', s.fly, '(0', ARGV[1])
+    -- so that it is never emptied and re-created without a TTL.
     redis.call('ZADD', s.fly, 0, '')
     redis.call('PEXPIRE', s.h, ARGV[8])
     redis.call('PEXPIRE', s.win, ARGV[8])
@@ -284,7 +314,7 @@ local waiting = depth()
 if MODE ~= 'reserve' then
   for i = 1, NSCOPES do
     local s = scopes[i]
-    if s.dirty then redis.call('HSET', s.h, 'n', s.n, 's', s.s) end
+    flush(s)
   end
   return reply(scopes, waiting, {'snapshot'})
 end
@@ -292,7 +322,7 @@ if held then
   local state, tokens, at = string.match(held, '^(%S+) (%S+) (%S+)$')
   for i = 1, NSCOPES do
     local s = scopes[i]
-    if s.dirty then redis.call('HSET', s.h, 'n', s.n, 's', s.s) end
+    flush(s)
   end
   return reply(scopes, waiting, {'held', state, tokens, at})
 end
@@ -320,7 +350,7 @@ if outcome then
   if claimed then redis.call('DEL', KEYS[1]) end
   for i = 1, NSCOPES do
     local s = scopes[i]
-    if s.dirty then redis.call('HSET', s.h, 'n', s.n, 's', s.s) end
+    flush(s)
   end
   return reply(scopes, waiting, outcome)
 end

@@ -342,6 +342,46 @@ async def test_in_flight_expires_after_the_ttl(client: aioredis.Redis, prefix: s
     assert isinstance(await counters.reserve(rid(), "alice", None, limits, 10, now=T + 900), Reservation)
 
 
+async def test_the_in_flight_count_kept_in_the_hash_always_equals_the_live_slots(client: aioredis.Redis,
+                                                                                prefix: str) -> None:
+    """The admit script answers in_flight from a count in the counters hash (no ZCOUNT) while no
+    slot can have expired; whatever happens (settles, releases, undos, replacements, slots whose
+    gateway died and expire, a hash written before the count was kept) it equals the live slots."""
+    counters = UsageCounters(client, prefix=prefix, in_flight_ttl_s=30)
+    fly = f"{{{prefix}}}:p:alice:fly"
+    hash_key = f"{{{prefix}}}:p:alice:h"
+    rng = random.Random(9)
+    held: list[Reservation] = []
+    now = T
+    for step in range(400):
+        now += rng.choice((0.5, 1, 3, 11))
+        roll = rng.random()
+        if roll < 0.45 or not held:
+            reservation = await counters.reserve(rid(), "alice", "team-a", {"principal": {}, "team": {}}, 5, now=now)
+            assert isinstance(reservation, Reservation)
+            held.append(reservation)
+        else:
+            reservation = held.pop(rng.randrange(len(held)))
+            if roll < 0.6:
+                await counters.settle(reservation, 3, now=now)
+            elif roll < 0.7:
+                await counters.release(reservation, now=now)
+            elif roll < 0.8:
+                await counters.undo(reservation, now=now)
+            elif roll < 0.9:
+                reply = await counters.admit(reservation.request_id, "alice", "team-a",
+                                             {"principal": {}, "team": {}}, 7, replace=reservation, now=now)
+                assert isinstance(reply.outcome, Reservation)
+                held.append(reply.outcome)
+            # else: its gateway died; the slot expires 30 s after it was taken
+        if step == 200:  # as a gateway from before the count was kept left the hash
+            await client.hdel(hash_key, "f", "fx")
+        live = await client.zcount(fly, f"({round(now * 1_000_000)}", "+inf")
+        usage = await counters.snapshot("alice", "team-a", now=now)
+        assert usage["principal"]["in_flight"] == live == usage["team"]["in_flight"], step
+    assert 0 < live < len(held)  # some held slots did expire on the way
+
+
 async def test_cancelled_reserve_leaves_nothing_held(counters: UsageCounters) -> None:
     limits = only(tokens_per_day=1000)
     seen = []
