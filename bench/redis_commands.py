@@ -13,7 +13,11 @@ could not guess (snapshot, then reserve: two calls). The clock is stepped
 so admissions also prune the window, as under steady load. Counts, not
 timings: the figure does not move with the machine's load. Before the
 one-script path (snapshot, reserve, a pipeline of 10 ``LLEN`` and settle)
-this printed 108 per request in the same steady state.
+this printed 108 per request in the same steady state; with a ``ZCOUNT``
+per scope for the requests in flight and their slots in sets of their own,
+25 (queue holding 3); now 21. The whole request's commands (the broker's and
+the worker's too) are counted by ``bench/overhead.py`` and listed in
+docs/architecture.md, "Redis commands of one request".
 
 Usage::
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import redis
 
-from workers.contract.jobs import REPLY_PIECE, cancel_key, reply_message, seal_piece
+from workers.contract.jobs import CANCEL_TTL_S, JOB_STARTED, REPLY_PIECE, cancel_key, reply_message, seal_piece
 from workers.contract.sealing import SealError, Sealer
 
 log = logging.getLogger(__name__)
@@ -22,9 +22,6 @@ log = logging.getLogger(__name__)
 CANCEL_CHECK_INTERVAL_S = 0.05
 
 
-#: Prefix of the key that records that a job's generation has begun.
-STARTED_KEY_PREFIX = "govgate:started:"
-STARTED_TTL_S = 24 * 3600
 #: Prefix of the list that mirrors a stream's published pieces (sealed).
 STREAMED_KEY_PREFIX = "govgate:streamed:"
 #: How long a stream's mirror outlives its last piece when nobody deletes it:
@@ -50,8 +47,8 @@ class RedisJobChannel:
         self._request_id = request_id
         self._streamed_key = STREAMED_KEY_PREFIX + request_id
         self._reply_to = reply_to
+        #: The job's state key: ``JOB_STARTED`` once generation began, anything else a cancel request.
         self._cancel_key = cancel_key(request_id)
-        self._started_key = STARTED_KEY_PREFIX + request_id
         self._streaming = streaming
         self._seq = 0
         self._next_check = 0.0
@@ -65,16 +62,20 @@ class RedisJobChannel:
         already received the first run's text, and a second run would repeat
         it (or, sampled, contradict it).
         """
-        # The first look at the cancel key rides along: the job looks at it right
-        # after this (the client may have left while the job was queued), and one
-        # round trip is cheaper than two.
-        with self._client.pipeline(transaction=False) as pipe:
-            pipe.set(self._started_key, b"1", nx=True, ex=STARTED_TTL_S)
-            pipe.exists(self._cancel_key)
-            claimed, cancelled = pipe.execute()
-        self._cancel_seen = bool(cancelled)
+        # The claim and the first look at the cancel flag are one command on one
+        # key (SET … GET: Redis 6.2 has no SET NX GET): nothing there, a first run;
+        # JOB_STARTED, a redelivery; anything else, a cancel request. A cancel it
+        # overwrote is written back, so that a redelivery of this job (its worker
+        # dying before it recorded the cancel) sees it too; and as it cannot tell
+        # whether an earlier run began, it answers False, which costs only the
+        # database's look for an earlier end.
+        was = self._client.set(self._cancel_key, JOB_STARTED, ex=CANCEL_TTL_S, get=True)
+        cancelled = was is not None and was != JOB_STARTED
+        if cancelled:
+            self._client.set(self._cancel_key, was, ex=CANCEL_TTL_S)
+        self._cancel_seen = cancelled
         self._next_check = time.monotonic() + CANCEL_CHECK_INTERVAL_S
-        return bool(claimed)
+        return was is None
 
     def publish(self, text: str) -> None:
         if not self._streaming or not text:
@@ -120,7 +121,8 @@ class RedisJobChannel:
             return False
         self._next_check = now + CANCEL_CHECK_INTERVAL_S
         try:
-            return bool(self._client.exists(self._cancel_key))
+            state = self._client.get(self._cancel_key)
+            return state is not None and state != JOB_STARTED
         except redis.RedisError as exc:  # keep generating: the result still goes through the log
             log.warning("cannot read cancel flag for %s: %s", self._cancel_key, exc)
             return False

@@ -306,8 +306,8 @@ class UsageCounters:
         returns the first reservation without counting twice; that also makes
         redis-py's automatic re-send of a command after a timeout harmless.
         """
-        if not isinstance(request_id, str) or not request_id:
-            raise ValueError("request_id must be a non-empty string")
+        if not isinstance(request_id, str) or not request_id or request_id.startswith("\0"):
+            raise ValueError("request_id must be a non-empty string not beginning with NUL")
         outcome = (await self.admit(request_id, principal, team, limits, tokens, now=now)).outcome
         assert isinstance(outcome, (Reservation, Refusal))  # no queue was checked
         return outcome
@@ -331,8 +331,9 @@ class UsageCounters:
         scopes = self._scopes(principal, team)
         limit_args: list[int] = []
         if limits is not None:
-            if not isinstance(request_id, str) or not request_id:
-                raise ValueError("request_id must be a non-empty string")
+            if not isinstance(request_id, str) or not request_id or request_id.startswith("\0"):
+                # (a NUL first marks a request's in-flight slot in the window's sorted set)
+                raise ValueError("request_id must be a non-empty string not beginning with NUL")
             limit_args = _limit_args(limits.get("principal"), "principal")
             if team is not None:
                 limit_args += _limit_args(limits.get("team"), "team")

@@ -21,9 +21,10 @@ from redis.exceptions import NoScriptError
 #: field and a line in ``usage()`` and ``wait()`` here.
 COUNTERS = ("requests_last_minute", "tokens_last_minute", "tokens_today", "tokens_this_month", "in_flight")
 
-#: Keys per scope, in the order the scripts read them: the window (sorted
-#: set), the counters (hash), the requests in flight (sorted set).
-SCOPE_KEYS = ("win", "h", "fly")
+#: Keys per scope, in the order the scripts read them: the window and the
+#: requests in flight (one sorted set: window entries at positive scores,
+#: in-flight slots at negative ones), the counters (hash).
+SCOPE_KEYS = ("win", "h")
 
 # Lua quirks this code respects: numbers concatenated into strings are
 # formatted with %.14g (so µs timestamps would lose digits: they travel as
@@ -38,16 +39,23 @@ local WINDOW = tonumber(ARGV[2])
 local NSCOPES = tonumber(ARGV[3])
 local ID = ARGV[4]
 local WID = 'w:' .. ID
+-- A request's in-flight slot: a member of the window's sorted set, at minus its
+-- expiry, so that window entries (scores > 0: their time) and slots (< 0) are
+-- read apart by score. Its name cannot be a window entry's: request ids never
+-- begin with a NUL (gateway.limits.counters refuses them).
+local FID = '\0' .. ID
 
--- The three keys of scope i (they follow the request record, KEYS[1]).
+-- The two keys of scope i (they follow the request record, KEYS[1]).
 local function scope(i)
-  local b = 2 + (i - 1) * 3
-  return {win = KEYS[b], h = KEYS[b + 1], fly = KEYS[b + 2]}
+  local b = 2 + (i - 1) * 2
+  return {win = KEYS[b], h = KEYS[b + 1]}
 end
 
 -- The counters hash: n and s (requests and tokens in the window), w:<id> (a
 -- request's tokens while it is in the window), D/d today's label and tokens,
--- PD/pd the day before's, M/m and PM/pm the same for months.
+-- PD/pd the day before's, M/m and PM/pm the same for months, f the in-flight
+-- slots stored (in the window's set) and fx no later than the earliest of
+-- their expiries (so while fx > NOW none has expired and f is the count).
 local PERIOD = {'D', 'd', 'PD', 'pd', 'M', 'm', 'PM', 'pm'}
 
 -- Add `delta` tokens to the day and month a request was charged to, if
@@ -71,11 +79,17 @@ end
 -- (or, `undo`, it leaves the window as if never made), its day and month are
 -- charged `final - reserved`, its in-flight slot is freed.
 local function finish(s, undo, reserved, final, day, month)
-  local v = hget(s.h, {'n', 's', WID, unpack(PERIOD)})
+  local v = hget(s.h, {'n', 's', 'f', WID, unpack(PERIOD)})
   local out = {}
+  local freed
+  if v[WID] and undo then
+    -- the window entry goes too (it is stored while its w: field is)
+    freed = math.max(0, redis.call('ZREM', s.win, ID, FID) - 1)
+  else
+    freed = redis.call('ZREM', s.win, FID)
+  end
   if v[WID] then
     if undo then
-      redis.call('ZREM', s.win, ID)
       redis.call('HDEL', s.h, WID)
       out = {'n', tonumber(v.n) - 1, 's', tonumber(v.s) - tonumber(v[WID])}
     else
@@ -83,8 +97,8 @@ local function finish(s, undo, reserved, final, day, month)
     end
   end
   charge(out, v, day, month, final - reserved)
+  if v.f and freed > 0 then out[#out + 1] = 'f'; out[#out + 1] = tonumber(v.f) - freed end
   if #out > 0 then redis.call('HSET', s.h, unpack(out)) end
-  redis.call('ZREM', s.fly, ID)
 end
 """
 
@@ -103,23 +117,45 @@ local CUTOFF = NOW - WINDOW
 local FIRST = 8  -- window entries read at once: the oldest in-window one and what left since the last call
 local LAZY = 4   -- fewer entries than this that left the window are counted out but deleted later, together
 
+-- Scope s's requests in flight. The count kept in the hash answers while no
+-- entry can have expired (fx > NOW); otherwise (a gateway died holding slots,
+-- or just fx is stale: about once per in-flight expiry) the expired entries
+-- are dropped and the rest counted, fx read again, and the hash (if it
+-- exists: `known`) gets both at its next write.
+local function in_flight(s, known)
+  if s.f and (s.f == 0 or (s.fx and s.fx > NOW)) then return s.f end
+  redis.call('ZREMRANGEBYSCORE', s.win, '-' .. ARGV[1], '(0')
+  local last = redis.call('ZRANGE', s.win, '(-' .. ARGV[1], '-inf', 'BYSCORE', 'REV', 'LIMIT', 0, 1, 'WITHSCORES')
+  s.f, s.fx = 0, nil
+  if last[2] then s.f, s.fx = redis.call('ZCOUNT', s.win, '-inf', '(-' .. ARGV[1]), -tonumber(last[2]) end
+  if known then s.dirty = true end
+  return s.f
+end
+
+-- The hash's window counters and in-flight count, after a call that changed
+-- them without recording a request.
+local function flush(s)
+  if s.dirty then redis.call('HSET', s.h, 'n', s.n, 's', s.s, 'f', s.f, 'fx', s.fx or 0) end
+end
+
 -- Prune scope s's window (entries at or before NOW - WINDOW leave with their
 -- tokens) and read its counters into s.
 local function load(s)
   s.lag, s.lagged = 0, 0  -- entries that left the window but are still stored, and their tokens
-  local head = redis.call('ZRANGE', s.win, 0, FIRST - 1, 'WITHSCORES')
+  local head = redis.call('ZRANGE', s.win, '(0', '+inf', 'BYSCORE', 'LIMIT', 0, FIRST, 'WITHSCORES')
   local gone = {}
   for k = 1, #head, 2 do
     if tonumber(head[k + 1]) <= CUTOFF then gone[#gone + 1] = 'w:' .. head[k]
     elseif not s.oldest then s.oldest = tonumber(head[k + 1]) end
   end
-  local fields = {'n', 's', unpack(PERIOD)}
+  local fields = {'n', 's', 'f', 'fx', unpack(PERIOD)}
   for _, f in ipairs(gone) do fields[#fields + 1] = f end  -- the leaving entries' tokens too
   local v = hget(s.h, fields)
   for _, f in ipairs(PERIOD) do s[f] = v[f] end
+  s.f, s.fx = tonumber(v.f), tonumber(v.fx)
   if not v.n then
     -- no counters hash (never written, or expired): nothing in the window is known
-    if #head > 0 then redis.call('DEL', s.win) end
+    if #head > 0 then redis.call('ZREMRANGEBYSCORE', s.win, '(0', '+inf') end
     s.n, s.s, s.oldest = 0, 0, nil
   else
     s.n, s.s = tonumber(v.n), tonumber(v.s)
@@ -140,12 +176,14 @@ local function load(s)
         if toks[k] then s.s = s.s - tonumber(toks[k]) end
       end
       redis.call('HDEL', s.h, unpack(gone))
-      redis.call('ZREMRANGEBYRANK', s.win, 0, #gone - 1)
+      local members = {}
+      for k, f in ipairs(gone) do members[k] = string.sub(f, 3) end
+      redis.call('ZREM', s.win, unpack(members))
       s.n, s.dirty = s.n - #gone, true
       if s.oldest or #gone < size then break end
       -- all of the head had left: read on until the window's first entry
       gone, size = {}, 256
-      local batch = redis.call('ZRANGE', s.win, 0, 255, 'WITHSCORES')
+      local batch = redis.call('ZRANGE', s.win, '(0', '+inf', 'BYSCORE', 'LIMIT', 0, 256, 'WITHSCORES')
       for k = 1, #batch, 2 do
         if tonumber(batch[k + 1]) <= CUTOFF then gone[#gone + 1] = 'w:' .. batch[k]
         elseif not s.oldest then s.oldest = tonumber(batch[k + 1]) end
@@ -156,7 +194,7 @@ local function load(s)
   -- (the day before's counter answers a caller whose clock is behind the last writer's)
   s.today = (s.D == ARGV[12] and tonumber(s.d)) or (s.PD == ARGV[12] and tonumber(s.pd)) or 0
   s.month = (s.M == ARGV[14] and tonumber(s.m)) or (s.PM == ARGV[14] and tonumber(s.pm)) or 0
-  s.flying = redis.call('ZCOUNT', s.fly, '(' .. ARGV[1], '+inf')
+  s.flying = in_flight(s, v.n)
   s.usage = {s.n - s.lag, s.s - s.lagged, s.today, s.month, s.flying}
 end
 
@@ -165,14 +203,14 @@ local function wait(j, s, used, limit)
   if j == 1 then
     -- the (used + 1 - limit)-th oldest request in the window has to leave it
     local rank = s.lag + used - limit
-    local entry = redis.call('ZRANGE', s.win, rank, rank, 'WITHSCORES')
+    local entry = redis.call('ZRANGE', s.win, '(0', '+inf', 'BYSCORE', 'LIMIT', rank, 1, 'WITHSCORES')
     if entry[2] then return tonumber(entry[2]) + WINDOW - NOW end
     return WINDOW
   elseif j == 2 then
     if TOKENS > limit then return WINDOW end
     local must_free, freed, start = used + TOKENS - limit, 0, s.lag
     while true do
-      local batch = redis.call('ZRANGE', s.win, start, start + 255, 'WITHSCORES')
+      local batch = redis.call('ZRANGE', s.win, '(0', '+inf', 'BYSCORE', 'LIMIT', start, 256, 'WITHSCORES')
       if #batch == 0 then return WINDOW end
       local ids = {}
       for k = 1, #batch, 2 do ids[#ids + 1] = 'w:' .. batch[k] end
@@ -213,24 +251,28 @@ local function add(s)
   local out = {'n', s.n + 1, 's', s.s + TOKENS, WID, TOKENS}
   advance(out, s, 'D', 'd', 'PD', 'pd', ARGV[12], ARGV[13])
   local new_month = advance(out, s, 'M', 'm', 'PM', 'pm', ARGV[14], ARGV[15])
+  local renew = new_month or s.n == 0
+  -- (entries left by a gateway that died are dropped when the keys are renewed)
+  if renew then s.f = s.f - redis.call('ZREMRANGEBYSCORE', s.win, '-' .. ARGV[1], '(0') end
+  local expiry = tonumber(ARGV[7])
+  local fx = expiry
+  if s.f > 0 and s.fx and s.fx < expiry then fx = s.fx end
+  -- the window entry and the in-flight slot, in one command; both are new but
+  -- for odd histories of a reused request id, where the next call counts again
+  if redis.call('ZADD', s.win, ARGV[1], ID, '-' .. ARGV[7], FID) ~= 2 then fx = 0 end
+  out[#out + 1] = 'f'; out[#out + 1] = s.f + 1
+  out[#out + 1] = 'fx'; out[#out + 1] = fx
   redis.call('HSET', s.h, unpack(out))
-  redis.call('ZADD', s.win, ARGV[1], ID)
-  redis.call('ZADD', s.fly, ARGV[7], ID)
-  if new_month or s.n == 0 then
-    -- The hash or the window was created: all three get the scope's
-    -- lifetime. The in-flight set keeps a member '' (score 0, never counted)
-    -- so that it is never emptied and re-created without a TTL; entries
-    -- left by a gateway that died are dropped here too.
-    redis.call('ZREMRANGEBYSCORE', s.fly, '(0', ARGV[1])
-    redis.call('ZADD', s.fly, 0, '')
+  if renew then
+    -- The hash or the window was created (an emptied sorted set is deleted,
+    -- and then its window was empty): both get the scope's lifetime.
     redis.call('PEXPIRE', s.h, ARGV[8])
     redis.call('PEXPIRE', s.win, ARGV[8])
-    redis.call('PEXPIRE', s.fly, ARGV[8])
   end
 end
 
 local function depth()
-  local first = 2 + 3 * NSCOPES
+  local first = 2 + 2 * NSCOPES
   if #KEYS < first then return -1 end
   local nonempty = redis.call('EXISTS', unpack(KEYS, first))
   local total = 0
@@ -284,7 +326,7 @@ local waiting = depth()
 if MODE ~= 'reserve' then
   for i = 1, NSCOPES do
     local s = scopes[i]
-    if s.dirty then redis.call('HSET', s.h, 'n', s.n, 's', s.s) end
+    flush(s)
   end
   return reply(scopes, waiting, {'snapshot'})
 end
@@ -292,7 +334,7 @@ if held then
   local state, tokens, at = string.match(held, '^(%S+) (%S+) (%S+)$')
   for i = 1, NSCOPES do
     local s = scopes[i]
-    if s.dirty then redis.call('HSET', s.h, 'n', s.n, 's', s.s) end
+    flush(s)
   end
   return reply(scopes, waiting, {'held', state, tokens, at})
 end
@@ -320,7 +362,7 @@ if outcome then
   if claimed then redis.call('DEL', KEYS[1]) end
   for i = 1, NSCOPES do
     local s = scopes[i]
-    if s.dirty then redis.call('HSET', s.h, 'n', s.n, 's', s.s) end
+    flush(s)
   end
   return reply(scopes, waiting, outcome)
 end

@@ -15,6 +15,7 @@ import redis
 
 from govgate.processes import stop_process
 from tests.conftest import CRASH_MODEL, LIMITED_MODEL, bearer, spawn_cli, wait_for_worker
+from workers.contract.jobs import CANCEL_KEY_PREFIX, JOB_STARTED
 
 
 def pool_children(pid: int) -> list[int]:
@@ -39,13 +40,18 @@ def limited_worker(settings):
     stop_process(process, timeout_s=30)
 
 
+def started_jobs(client: redis.Redis) -> set[bytes]:
+    """The job keys (``govgate:job:<request id>``) whose generation has begun."""
+    return {key for key in client.keys(CANCEL_KEY_PREFIX + "*") if client.get(key) == JOB_STARTED}
+
+
 def wait_for_a_generation(redis_url: str, timeout_s: float = 30) -> str | None:
-    """The request id of the next generation that begins (its ``govgate:started:`` key), or None."""
+    """The request id of the next generation that begins (its job key set to ``started``), or None."""
     client = redis.Redis.from_url(redis_url)
-    before = set(client.keys("govgate:started:*"))
+    before = started_jobs(client)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        started = set(client.keys("govgate:started:*")) - before
+        started = started_jobs(client) - before
         if started:
             return started.pop().decode().rsplit(":", 1)[1]
         time.sleep(0.01)

@@ -25,6 +25,7 @@ from gateway.auth import KeyStore
 from gateway.components import open_database
 from govgate.processes import stop_process
 from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
+from tests.e2e.test_crash_safety import started_jobs
 from tests.gateway.test_fail_closed import queued
 from tests.own_redis import own_redis  # noqa: F401 - fixture
 from workers.contract.pending_terminals import PENDING_KEY
@@ -133,7 +134,7 @@ def test_a_terminal_entry_refused_by_a_locked_database_is_written_when_it_is_bac
         asker = threading.Thread(target=ask)
         asker.start()
         deadline = time.monotonic() + 60
-        while not (started := client.keys("govgate:started:*")):
+        while not (started := list(started_jobs(client))):
             assert time.monotonic() < deadline, "the generation was never seen starting"
             time.sleep(0.01)
         request_id = started[0].decode().rsplit(":", 1)[1]

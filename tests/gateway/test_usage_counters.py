@@ -342,6 +342,46 @@ async def test_in_flight_expires_after_the_ttl(client: aioredis.Redis, prefix: s
     assert isinstance(await counters.reserve(rid(), "alice", None, limits, 10, now=T + 900), Reservation)
 
 
+async def test_the_in_flight_count_kept_in_the_hash_always_equals_the_live_slots(client: aioredis.Redis,
+                                                                                prefix: str) -> None:
+    """The admit script answers in_flight from a count in the counters hash (no ZCOUNT) while no
+    slot can have expired; whatever happens (settles, releases, undos, replacements, slots whose
+    gateway died and expire, a hash written before the count was kept) it equals the live slots."""
+    counters = UsageCounters(client, prefix=prefix, in_flight_ttl_s=30)
+    window = f"{{{prefix}}}:p:alice:win"  # its in-flight slots: members at minus their expiry
+    hash_key = f"{{{prefix}}}:p:alice:h"
+    rng = random.Random(9)
+    held: list[Reservation] = []
+    now = T
+    for step in range(400):
+        now += rng.choice((0.5, 1, 3, 11))
+        roll = rng.random()
+        if roll < 0.45 or not held:
+            reservation = await counters.reserve(rid(), "alice", "team-a", {"principal": {}, "team": {}}, 5, now=now)
+            assert isinstance(reservation, Reservation)
+            held.append(reservation)
+        else:
+            reservation = held.pop(rng.randrange(len(held)))
+            if roll < 0.6:
+                await counters.settle(reservation, 3, now=now)
+            elif roll < 0.7:
+                await counters.release(reservation, now=now)
+            elif roll < 0.8:
+                await counters.undo(reservation, now=now)
+            elif roll < 0.9:
+                reply = await counters.admit(reservation.request_id, "alice", "team-a",
+                                             {"principal": {}, "team": {}}, 7, replace=reservation, now=now)
+                assert isinstance(reply.outcome, Reservation)
+                held.append(reply.outcome)
+            # else: its gateway died; the slot expires 30 s after it was taken
+        if step == 200:  # as a gateway from before the count was kept left the hash
+            await client.hdel(hash_key, "f", "fx")
+        live = await client.zcount(window, "-inf", f"(-{round(now * 1_000_000)}")
+        usage = await counters.snapshot("alice", "team-a", now=now)
+        assert usage["principal"]["in_flight"] == live == usage["team"]["in_flight"], step
+    assert 0 < live < len(held)  # some held slots did expire on the way
+
+
 async def test_cancelled_reserve_leaves_nothing_held(counters: UsageCounters) -> None:
     limits = only(tokens_per_day=1000)
     seen = []
@@ -405,9 +445,9 @@ async def test_names_cannot_collide_and_every_key_expires(client: aioredis.Redis
         assert usage["principal"]["tokens_today"] == usage["team"]["tokens_today"] == tokens, name
         assert usage["principal"]["requests_last_minute"] == 1, name
     keys = [key.decode() async for key in client.scan_iter(match=f"{{{prefix}}}:*")]
-    assert len(keys) == 2 * len(names) * 3 + len(names)
+    assert len(keys) == 2 * len(names) * 2 + len(names)  # per scope: window (with in-flight slots), hash
     # names are escaped into one ':'-free, bounded segment: the layout stays parseable
-    layout = re.compile(r"\{%s\}:(r:[^:]+|[pt]:[^:]{1,100}:(win|h|fly))" % re.escape(prefix))
+    layout = re.compile(r"\{%s\}:(r:[^:]+|[pt]:[^:]{1,100}:(win|h))" % re.escape(prefix))
     assert [key for key in keys if not layout.fullmatch(key)] == []
     ttls = [await client.pttl(key) for key in keys]
     assert all(ttl > 0 for ttl in ttls), sorted(zip(ttls, keys))[:3]
@@ -430,6 +470,10 @@ async def test_bad_arguments_are_refused_before_redis() -> None:
         await counters.reserve(rid(), "alice", None, only(), -1)
     with pytest.raises(ValueError, match="name"):
         await counters.reserve(rid(), "", None, only(), 1)
+    with pytest.raises(ValueError, match="NUL"):  # the mark of an in-flight slot in the window's set
+        await counters.reserve("\0" + rid(), "alice", None, only(), 1)
+    with pytest.raises(ValueError, match="NUL"):
+        await counters.admit("\0x", "alice", None, only(), 1)
 
 
 async def test_redis_down_raises_counters_unavailable(short_tmp) -> None:

@@ -37,9 +37,13 @@ RESULT_TTL_S = 600
 #: Kinds of message on a gateway's reply channel (see :func:`reply_message`).
 REPLY_RESULT = "r"
 REPLY_PIECE = "p"
-#: Prefix of the key that asks a job to stop (client gone, or the gateway gave up).
-CANCEL_KEY_PREFIX = "govgate:cancel:"
-#: How long a cancel request is kept: longer than any job can wait in a queue.
+#: Prefix of a job's state key: the worker sets it to ``JOB_STARTED`` when generation
+#: begins; any other value (the gateway writes ``1``) asks the job to stop (client gone,
+#: or the gateway gave up). One key for both, so the worker's start claim reads the
+#: cancel flag in the same command (``workers/streams.py``).
+CANCEL_KEY_PREFIX = "govgate:job:"
+JOB_STARTED = b"started"
+#: How long a job's state (a cancel request included) is kept: longer than any job can wait in a queue.
 CANCEL_TTL_S = 24 * 3600
 #: Prefix of the key a worker's pool process sets once its model is loaded (``govgate up`` waits for it).
 LOADED_KEY_PREFIX = "govgate:loaded:"
