@@ -170,14 +170,19 @@ def walk_range(engine: Engine, after: int, upto: int | None, boundary: int | Non
                 for statement in statements.begin:
                     cursor.execute(statement)
                 rows = _fetch_batch(cursor, statements, sql, statements.params(after=after, upto=last))
+                done = after
                 if rows:
                     try:
-                        walk.walk_fast(rows) if fast else walk.walk(rows)
+                        if fast:
+                            walk.walk_fast(rows)
+                            done = rows[-1][0]
+                        else:  # up to the boundary if it is in this batch: the rows after it are read fast
+                            done = walk.walk(rows)
                     except Bad as bad:
                         return walk.result(bad=bad)
-                    after = rows[-1][0]
-                if len(rows) < batch:
+                if len(rows) < batch and (not rows or done == rows[-1][0]):
                     return walk.result()
+                after = done
         finally:
             if restore is not None:
                 cursor.execute(f"PRAGMA mmap_size = {int(restore)}")
@@ -271,8 +276,14 @@ class _Walk:
         self.first = (first_row[0], first_row[10])
         return self.first  # taken on trust, reported in the result
 
-    def walk(self, rows: list[tuple[Any, ...]]) -> None:
-        """Reference rows (driver-typed), checked by the formats' definitions."""
+    def walk(self, rows: list[tuple[Any, ...]]) -> int:
+        """Reference rows (driver-typed), checked by the formats' definitions; returns the last seq checked.
+
+        A walk in format 1 stops right after the ``chain_format`` entry (the
+        boundary, at seq 1 in every store made since format 2): the rows
+        after it are read again by the fast statement, instead of the rest of
+        a batch going through the reference check at several times its cost.
+        """
         expected_seq, prev_hash = self._expected(rows[0])
         for row in rows:
             seq, kind, prev, stored_hash = row[0], row[3], row[10], row[11]
@@ -280,14 +291,19 @@ class _Walk:
                 raise Bad(seq, gap_problem(expected_seq, seq))
             if prev != prev_hash:
                 raise Bad(seq, link_problem(seq))
-            if self.boundary is None:
+            met = self.boundary is None
+            if met:
                 self._format_1(row)
+                met = self.boundary is not None
             else:
                 self._format_2(row)
             self.checked += 1
             expected_seq = seq + 1
             prev_hash = self.head_hash = stored_hash
             self.head_seq = seq
+            if met:
+                return seq
+        return rows[-1][0]
 
     def walk_fast(self, rows: list[tuple[Any, ...]]) -> None:
         """Format-2 rows from the fast statement; the hot loop, spelt out by hand (see the module docstring).

@@ -129,3 +129,18 @@ def test_a_value_of_another_type_gets_the_reference_verdict(db: RawDB, monkeypat
 def test_a_timestamp_edited_on_postgresql_gets_the_reference_verdict(db: RawDB, monkeypatch: pytest.MonkeyPatch,
                                                                      sql: str, seq: int | None) -> None:
     _same_verdicts(db, monkeypatch, sql, seq)
+
+
+def test_the_rows_after_the_boundary_take_the_fast_loop(db: RawDB, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The boundary (seq 1) is checked by the reference; the rest of its batch is read again, fast."""
+    fast_rows: list[int] = []
+    real = verify_walk._Walk.walk_fast
+
+    def counting(self: Any, rows: list[tuple[Any, ...]]) -> None:
+        fast_rows.extend(row[0] for row in rows)
+        real(self, rows)
+
+    monkeypatch.setattr(verify_walk._Walk, "walk_fast", counting)
+    result = verify_chain(db.store())
+    assert result.ok and result.checked == 61 and result.format_boundary == 1, result
+    assert fast_rows == list(range(2, 62))
