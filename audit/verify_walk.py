@@ -361,12 +361,11 @@ class _Walk:
                                rid if terminal_request_id == request_id else quote(terminal_request_id))
                         dig = "null" if digest is None else f'"{digest}"' if pay == digest else quote(digest)
                         pv = f'"{prev}"' if hex_prev else quote(prev)
+                        rev = "null" if policy_revision is None else known(policy_revision) or learn(policy_revision)
                         rest = (f',"created_at":{quote(f"{created_at[:10]}T{created_at[11:]}+00:00")},'
                                 f'"kind":{known(kind) or learn(kind)},'
                                 f'"model":{"null" if model is None else known(model) or learn(model)},'
-                                f'"payload_digest":{dig},"policy_revision":'
-                                f'{"null" if policy_revision is None else known(policy_revision) or learn(policy_revision)},'
-                                f'"prev_hash":{pv},'
+                                f'"payload_digest":{dig},"policy_revision":{rev},"prev_hash":{pv},'
                                 f'"principal":{"null" if principal is None else known(principal) or learn(principal)},'
                                 f'"request_id":{rid},"seq":{seq:d},'
                                 f'"team":{"null" if team is None else known(team) or learn(team)},'
