@@ -38,6 +38,9 @@ SQLITE_MMAP_BYTES: Final = 1 << 40
 #: How long to wait for a worker to go after its result is in (or after it was told to stop).
 _JOIN_TIMEOUT_S: Final = 30.0
 _NONE_BAD: Final = 2**62
+#: Rows per read: a batch of about 1.3 MB of row objects stays in a core's cache while it is checked
+#: (measured: 1,000 rows took less CPU an entry than 5,000; see the docs).
+BATCH: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +62,7 @@ class VerifyResult:
     format_boundary: int | None = None
 
 
-def verify_chain(source: AuditStore | Engine, *, batch: int = 5000, workers: int | None = None) -> VerifyResult:
+def verify_chain(source: AuditStore | Engine, *, batch: int = BATCH, workers: int | None = None) -> VerifyResult:
     """Check every entry in seq order; report the first problem.
 
     ``workers``: how many processes walk the chain at once (this one

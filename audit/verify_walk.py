@@ -50,6 +50,8 @@ _ENCODER: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure
 _sha256 = hashlib.sha256
 #: The ``upto`` of an open-ended range (the last one runs to the end, entries appended meanwhile included).
 _UNBOUNDED: Final = 2**62
+#: At most this many distinct strings are kept quoted per walk (a few hundred principals, teams, models are usual).
+_QUOTED_MAX: Final = 10_000
 
 
 class Bad(Exception):
@@ -168,14 +170,19 @@ def walk_range(engine: Engine, after: int, upto: int | None, boundary: int | Non
                 for statement in statements.begin:
                     cursor.execute(statement)
                 rows = _fetch_batch(cursor, statements, sql, statements.params(after=after, upto=last))
+                done = after
                 if rows:
                     try:
-                        walk.walk_fast(rows) if fast else walk.walk(rows)
+                        if fast:
+                            walk.walk_fast(rows)
+                            done = rows[-1][0]
+                        else:  # up to the boundary if it is in this batch: the rows after it are read fast
+                            done = walk.walk(rows)
                     except Bad as bad:
                         return walk.result(bad=bad)
-                    after = rows[-1][0]
-                if len(rows) < batch:
+                if len(rows) < batch and (not rows or done == rows[-1][0]):
                     return walk.result()
+                after = done
         finally:
             if restore is not None:
                 cursor.execute(f"PRAGMA mmap_size = {int(restore)}")
@@ -253,6 +260,8 @@ class _Walk:
         self.head_seq: int | None = None
         self.first: tuple[int, str] | None = None
         self.one: Callable[[int], tuple[Any, ...] | None] = lambda seq: None
+        #: ``encode_basestring`` of the strings met in the repeating columns (:meth:`walk_fast`).
+        self.quoted: dict[str, str] = {}
 
     def result(self, *, bad: Bad | None = None, cancelled: bool = False) -> RangeResult:
         first = self.first or (None, None)
@@ -267,8 +276,14 @@ class _Walk:
         self.first = (first_row[0], first_row[10])
         return self.first  # taken on trust, reported in the result
 
-    def walk(self, rows: list[tuple[Any, ...]]) -> None:
-        """Reference rows (driver-typed), checked by the formats' definitions."""
+    def walk(self, rows: list[tuple[Any, ...]]) -> int:
+        """Reference rows (driver-typed), checked by the formats' definitions; returns the last seq checked.
+
+        A walk in format 1 stops right after the ``chain_format`` entry (the
+        boundary, at seq 1 in every store made since format 2): the rows
+        after it are read again by the fast statement, instead of the rest of
+        a batch going through the reference check at several times its cost.
+        """
         expected_seq, prev_hash = self._expected(rows[0])
         for row in rows:
             seq, kind, prev, stored_hash = row[0], row[3], row[10], row[11]
@@ -276,28 +291,53 @@ class _Walk:
                 raise Bad(seq, gap_problem(expected_seq, seq))
             if prev != prev_hash:
                 raise Bad(seq, link_problem(seq))
-            if self.boundary is None:
+            met = self.boundary is None
+            if met:
                 self._format_1(row)
+                met = self.boundary is not None
             else:
                 self._format_2(row)
             self.checked += 1
             expected_seq = seq + 1
             prev_hash = self.head_hash = stored_hash
             self.head_seq = seq
+            if met:
+                return seq
+        return rows[-1][0]
 
     def walk_fast(self, rows: list[tuple[Any, ...]]) -> None:
         """Format-2 rows from the fast statement; the hot loop, spelt out by hand (see the module docstring).
 
-        The hashed text is written without the encoder only when every
-        hashed column but the body is a string (or NULL) and none holds a
-        character the encoder would escape (a quote, a backslash, a control
-        character): one call of the encoder's own quoting on all of them
-        together tells, as it adds nothing but the two quotes exactly then.
-        Each is then written as ``"`` + value + ``"``, what the encoder
-        writes. Any other row goes to the reference check.
+        The hashed text is ``prev_hash`` + ``{"body":`` + the stored body +
+        the rest of the object, which the canonical encoder writes as its
+        keys in order, ``null`` for None, ``int.__repr__`` for the seq and
+        :func:`json.encoder.encode_basestring` of each string (the C encoder
+        calls that very function). The loop writes the rest the same way,
+        only cheaper where that provably gives the same characters:
+
+        - a string seen before in a repeating column (kind, principal, team,
+          model, policy revision) takes its quoted form from
+          :attr:`quoted`, which holds ``encode_basestring(v)`` for exact
+          ``str`` keys only (no other type ever equals a ``str``);
+        - a value equal to a SHA-256 hex digest this process computed (the
+          ``prev_hash`` of any row after the walk's first: it equals the
+          previous entry's hash, checked against its recomputation; the
+          ``payload_digest`` when it equals its payload's digest) is
+          written as ``"`` + value + ``"``, which is what
+          ``encode_basestring`` writes for hex digits;
+        - a ``terminal_request_id`` equal to the row's ``request_id`` reuses
+          that one's quoted form.
+
+        Anything the encoder would refuse or write otherwise (a value that
+        is not a string, a timestamp not in the store's form, a body not
+        stored as text) raises here or fails the form check, and the row
+        goes to the reference check. The payload's digest is computed
+        first, but a hash mismatch is still reported before a payload one.
         """
         expected_seq, prev_hash = self._expected(rows[0])
-        sha256, pad, join, quote, Q = _sha256, self.pad_fraction, "".join, encode_basestring, '"'  # noqa: N806
+        hex_prev = self.head_seq is not None  # the first row's prev_hash is taken on trust, not computed here
+        sha256, pad, quote = _sha256, self.pad_fraction, encode_basestring
+        known, learn = self.quoted.get, self._quote
         boundary = self.boundary
         checked = self.checked
         head_seq, head_hash = self.head_seq, self.head_hash
@@ -309,26 +349,27 @@ class _Walk:
                     raise Bad(seq, gap_problem(expected_seq, seq))
                 if prev != prev_hash:
                     raise Bad(seq, link_problem(seq))
-                data = None
                 if pad and type(created_at) is str and len(created_at) != 26:
                     created_at = _padded(created_at)
-                try:  # join() refuses anything but strings: such a row goes to the reference check
-                    plain = join((created_at, request_id, kind, prev, "" if principal is None else principal,
-                                  "" if team is None else team, "" if model is None else model,
-                                  "" if policy_revision is None else policy_revision,
-                                  "" if terminal_request_id is None else terminal_request_id,
-                                  "" if digest is None else digest))
-                    if len(created_at) == 26 and created_at[10] == " " and len(quote(plain)) == len(plain) + 2:
-                        rest = (f',"created_at":"{created_at[:10]}T{created_at[11:]}+00:00","kind":"{kind}",'
-                                f'"model":{"null" if model is None else Q + model + Q},'
-                                f'"payload_digest":{"null" if digest is None else Q + digest + Q},'
-                                f'"policy_revision":'
-                                f'{"null" if policy_revision is None else Q + policy_revision + Q},'
-                                f'"prev_hash":"{prev}",'
-                                f'"principal":{"null" if principal is None else Q + principal + Q},'
-                                f'"request_id":"{request_id}","seq":{seq:d},'
-                                f'"team":{"null" if team is None else Q + team + Q},"terminal_request_id":'
-                                f'{"null" if terminal_request_id is None else Q + terminal_request_id + Q}}}')
+                data = pay = None
+                try:  # TypeError: not a string where the store writes one; such a row goes to the reference
+                    if payload is not None:
+                        pay = sha256(payload if type(payload) is bytes else payload.encode()).hexdigest()
+                    if len(created_at) == 26 and created_at[10] == " ":
+                        rid = quote(request_id)
+                        tid = ("null" if terminal_request_id is None else
+                               rid if terminal_request_id == request_id else quote(terminal_request_id))
+                        dig = "null" if digest is None else f'"{digest}"' if pay == digest else quote(digest)
+                        pv = f'"{prev}"' if hex_prev else quote(prev)
+                        rev = "null" if policy_revision is None else known(policy_revision) or learn(policy_revision)
+                        rest = (f',"created_at":{quote(f"{created_at[:10]}T{created_at[11:]}+00:00")},'
+                                f'"kind":{known(kind) or learn(kind)},'
+                                f'"model":{"null" if model is None else known(model) or learn(model)},'
+                                f'"payload_digest":{dig},"policy_revision":{rev},"prev_hash":{pv},'
+                                f'"principal":{"null" if principal is None else known(principal) or learn(principal)},'
+                                f'"request_id":{rid},"seq":{seq:d},'
+                                f'"team":{"null" if team is None else known(team) or learn(team)},'
+                                f'"terminal_request_id":{tid}}}')
                         data = b"".join(((prev + '{"body":').encode(),
                                          body if type(body) is bytes else body.encode(), rest.encode()))
                 except (TypeError, ValueError, AttributeError):
@@ -339,8 +380,7 @@ class _Walk:
                     computed = sha256(data).hexdigest()
                     if computed != stored_hash:
                         raise Bad(seq, self._v2_mismatch(seq, stored_hash, computed))
-                    if payload is not None and (digest is None or sha256(
-                            payload if type(payload) is bytes else payload.encode()).hexdigest() != digest):
+                    if payload is not None and pay != digest:
                         _check_payload(seq, payload, digest)  # raises, with the message
                     if kind == CHAIN_FORMAT:
                         raise Bad(seq, _second_boundary(seq, boundary))
@@ -348,8 +388,16 @@ class _Walk:
                 expected_seq = seq + 1
                 prev_hash = head_hash = stored_hash
                 head_seq = seq
+                hex_prev = True  # stored_hash equalled the hash recomputed for it
         finally:
             self.checked, self.head_seq, self.head_hash = checked, head_seq, head_hash
+
+    def _quote(self, value: Any) -> str:
+        """``encode_basestring(value)`` (TypeError for anything but a string), kept for a ``str`` seen again."""
+        quoted = encode_basestring(value)
+        if type(value) is str and len(self.quoted) < _QUOTED_MAX:
+            self.quoted[value] = quoted
+        return quoted
 
     def _reference(self, seq: int) -> None:
         """Check one format-2 row as the reference statement reads it (raises :class:`Bad`)."""

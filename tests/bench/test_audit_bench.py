@@ -39,9 +39,11 @@ def test_a_short_run_measures_both_backends_and_the_large_store(tmp_path: Path,
     for name, figures in large["reads"].items():
         assert 0 < figures["p50_ms"] <= figures["p99_ms"], name
         assert figures["runs"] >= 2
-    assert set(large["verify"]) == {"entries", "workers", "entries_per_s", "entries_per_s_one_process"}
+    assert set(large["verify"]) == {"entries", "workers", "runs", "load_average", "entries_per_s",
+                                    "entries_per_s_one_process", "cpu_us_per_entry", "cpu_us_per_entry_one_process"}
     assert large["verify"]["entries"] == 13000 and large["verify"]["workers"] >= 1
     assert large["verify"]["entries_per_s"] > 0 and large["verify"]["entries_per_s_one_process"] > 0
+    assert large["verify"]["cpu_us_per_entry"] > 0 and large["verify"]["cpu_us_per_entry_one_process"] > 0
     for fmt in ("jsonl", "csv"):
         part, whole = large["export"][fmt]["part"], large["export"][fmt]["whole"]
         assert (part["entries"], whole["entries"]) == (1300, 13000)
