@@ -26,6 +26,9 @@ Where an append's time goes, and what was tried: docs/architecture.md,
 
 from __future__ import annotations
 
+import os
+import threading
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Final
@@ -51,6 +54,13 @@ _BOUNDARY_FIELDS: Final = {"request_id": CHAIN_FORMAT_REQUEST_ID, "kind": CHAIN_
                            "team": None, "model": None, "policy_revision": None, "terminal_request_id": None}
 
 
+#: Every appender of this process, so a forked child starts with empty queues.
+_APPENDERS: "weakref.WeakSet[Appender]" = weakref.WeakSet()
+_SAVEPOINT: Final = "SAVEPOINT govgate_append"
+_ROLLBACK_TO_SAVEPOINT: Final = "ROLLBACK TO SAVEPOINT govgate_append"
+_RELEASE_SAVEPOINT: Final = "RELEASE SAVEPOINT govgate_append"
+
+
 @dataclass(frozen=True, slots=True)
 class Chained:
     """What the append decided inside the lock: the entry's place on the chain."""
@@ -59,6 +69,34 @@ class Chained:
     created_at: datetime
     prev_hash: str
     hash: str
+
+
+class _Pending:
+    """One append waiting for (or being written by) the thread that leads the next transaction."""
+
+    __slots__ = ("fields", "body_text", "payload_text", "alongside", "chained", "error", "event", "lead")
+
+    def __init__(self, fields: dict[str, Any], body_text: str, payload_text: str | None,
+                 alongside: Callable[[Any], None] | None) -> None:
+        self.fields = fields
+        self.body_text = body_text
+        self.payload_text = payload_text
+        self.alongside = alongside
+        self.chained: Chained | None = None
+        self.error: BaseException | None = None
+        self.event: threading.Event | None = None  # only for a thread that waits for a leader
+        self.lead = False  # handed the lead by the previous leader
+
+    def outcome(self) -> Chained:
+        if self.error is not None:
+            raise self.error
+        assert self.chained is not None, "an append left without an outcome"
+        return self.chained
+
+
+def _abandoned(exc: BaseException) -> OSError:
+    """What the others in a batch get when its leader is interrupted (an OSError: callers fail closed on it)."""
+    return OSError(f"audit append abandoned: the thread writing it was interrupted ({type(exc).__name__})")
 
 
 class Appender:
@@ -73,6 +111,10 @@ class Appender:
         self._begin = lock_statements(engine, APPEND_LOCK_KEY)  # refuses other dialects first
         self._engine = engine
         self._writer: WriterConnection | None = None  # made at the first append (a mock engine has none)
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Pending] = []  # appends waiting for the next transaction
+        self._leader: int | None = None  # the thread writing a transaction now (-1: handed on, not yet awake)
+        _APPENDERS.add(self)
         head = select(_t.seq, _t.hash).order_by(_t.seq.desc()).limit(1)
         self._head_sql = str(head.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
         insert = audit_table.insert().compile(dialect=dialect)
@@ -107,26 +149,97 @@ class Appender:
         ``alongside`` runs on the same cursor after the insert, before
         commit, still under the lock: what it writes commits with the entry
         or not at all, and an exception from it rolls both back (the key
-        store writes key rows this way).
-        """
-        def work(cursor: Any) -> Chained:
-            cursor.execute(self._head_sql)
-            head = cursor.fetchone()
-            now = datetime.now(timezone.utc)
-            if head is None:  # a new store: its first entry is the format boundary
-                boundary = self._insert(cursor, _BOUNDARY_FIELDS, 1, GENESIS_HASH, now, BOUNDARY_BODY_TEXT, None,
-                                        FORMAT_1)
-                head = (boundary.seq, boundary.hash)
-            chained = self._insert(cursor, {**fields, "payload_digest": payload_digest}, head[0] + 1, head[1], now,
-                                   body_text, payload_text, FORMAT_2)
-            if alongside is not None:
-                alongside(cursor)
-            return chained
+        store writes key rows this way); it may run on another thread (below).
 
+        Group commit: threads of this process that append while another
+        thread's transaction is running queue up, and the next transaction
+        writes all of them (each on its own savepoint, so one entry's refusal
+        or ``alongside`` exception rolls back that entry alone) and commits
+        once; each caller returns when its entry is committed, or raises
+        what refused it. The thread that writes a batch hands the next one to
+        the first thread waiting, so no caller writes others' entries forever.
+        A single thread appending alone pays for none of it but two uncontended locks.
+        """
+        pending = _Pending({**fields, "payload_digest": payload_digest}, body_text, payload_text, alongside)
+        me = threading.get_ident()
+        with self._queue_lock:
+            if self._leader == me:  # from an alongside: it would wait for the very batch it is part of
+                raise RuntimeError("an audit append cannot run inside another append's transaction (alongside)")
+            self._queue.append(pending)
+            if self._leader is None:
+                self._leader = me
+            else:
+                pending.event = threading.Event()
+        if pending.event is not None:
+            pending.event.wait()  # the leader writes it, or hands this thread the lead
+            if not pending.lead:
+                return pending.outcome()
+        self._lead(me)
+        return pending.outcome()
+
+    def _lead(self, me: int) -> None:
+        """Write everything queued so far in one transaction, then hand the lead to the next one waiting."""
+        with self._queue_lock:
+            batch, self._queue = self._queue, []
+            self._leader = me
         writer = self._writer
-        if writer is None:
-            writer = self._writer = writer_for(self._engine)
-        return writer.run(self._begin, work)
+        try:
+            if writer is None:
+                writer = self._writer = writer_for(self._engine)
+            writer.run(self._begin, lambda cursor: self._write(cursor, batch))
+        except BaseException as exc:
+            for pending in batch:  # the transaction is rolled back: none of them is written
+                pending.chained = None
+                pending.error = exc if isinstance(exc, Exception) else _abandoned(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            with self._queue_lock:
+                if self._queue:
+                    successor = self._queue[0]
+                    self._leader = -1  # taken: nobody else may lead before the successor wakes
+                    successor.lead = True
+                else:
+                    successor = None
+                    self._leader = None
+            for pending in batch:
+                if pending.event is not None:
+                    pending.event.set()
+            if successor is not None:
+                assert successor.event is not None  # it queued while a leader was writing
+                successor.event.set()
+
+    def _write(self, cursor: Any, batch: list[_Pending]) -> None:
+        """Inside the locked transaction: chain and insert each queued entry, each on its own savepoint when several."""
+        cursor.execute(self._head_sql)
+        head = cursor.fetchone()
+        now = datetime.now(timezone.utc)
+        if head is None:  # a new store: its first entry is the format boundary
+            boundary = self._insert(cursor, _BOUNDARY_FIELDS, 1, GENESIS_HASH, now, BOUNDARY_BODY_TEXT, None,
+                                    FORMAT_1)
+            head = (boundary.seq, boundary.hash)
+        if len(batch) == 1:  # one entry: a failure rolls back the transaction, no savepoint needed
+            [pending] = batch
+            pending.chained = self._insert(cursor, pending.fields, head[0] + 1, head[1], now, pending.body_text,
+                                           pending.payload_text, FORMAT_2)
+            if pending.alongside is not None:
+                pending.alongside(cursor)
+            return
+        for pending in batch:
+            cursor.execute(_SAVEPOINT)
+            try:
+                chained = self._insert(cursor, pending.fields, head[0] + 1, head[1], now, pending.body_text,
+                                       pending.payload_text, FORMAT_2)
+                if pending.alongside is not None:
+                    pending.alongside(cursor)
+            except Exception as exc:  # this entry only: the others go on without it
+                cursor.execute(_ROLLBACK_TO_SAVEPOINT)
+                cursor.execute(_RELEASE_SAVEPOINT)
+                pending.error = self._writer.wrap(exc) if self._writer is not None else exc
+                continue
+            cursor.execute(_RELEASE_SAVEPOINT)
+            pending.chained = chained
+            head = (chained.seq, chained.hash)
 
     def _insert(self, cursor: Any, fields: dict[str, Any], seq: int, prev_hash: str, now: datetime,
                 body_text: str, payload_text: str | None, format: int) -> Chained:
@@ -181,3 +294,14 @@ def _created_at_binder(processor: Callable[[Any], Any] | None,
 def _sqlite_text(iso: str) -> str:
     """``2024-02-29T23:59:58.000007+00:00`` -> ``2024-02-29 23:59:58.000007``."""
     return f"{iso[:10]} {iso[11:26]}"
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: the threads that queued or led appends in the parent do not exist here."""
+    for appender in list(_APPENDERS):
+        appender._queue_lock = threading.Lock()
+        appender._queue = []
+        appender._leader = None
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

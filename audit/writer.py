@@ -141,6 +141,13 @@ class WriterConnection:
         return DBAPIError.instance(None, None, exc, self._dbapi_error, connection_invalidated=lost,
                                    dialect=self._dialect)
 
+    def wrap(self, exc: Exception) -> Exception:
+        """A driver error raised inside :meth:`run`'s work, wrapped as SQLAlchemy would (others unchanged)."""
+        if isinstance(exc, self._dbapi_error):
+            return DBAPIError.instance(None, None, exc, self._dbapi_error, connection_invalidated=False,
+                                       dialect=self._dialect)
+        return exc
+
     def _is_disconnect(self, exc: Exception) -> bool:
         return self._conn is not None and self._dialect.is_disconnect(exc, self._conn, self._cursor)
 

@@ -11,6 +11,7 @@ lost connections, which only a server can make, in test_writer_postgres.py.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -162,3 +163,110 @@ def test_what_is_stored_is_the_canonical_json_of_what_reads_back(store: AuditSto
     [(stored,)] = raw.rows("SELECT CAST(body AS TEXT) FROM audit_entries WHERE seq = 2")
     assert stored.encode("utf-8") == canonical_json(entry.body)
     assert store.get(2) == entry and verify_chain(store).ok
+
+
+# -- group commit: threads that append while a transaction runs share the next one ----------
+
+
+class _Batched:
+    """Appends queued behind a held writer, so that the next transaction writes them together."""
+
+    def __init__(self, store: AuditStore) -> None:
+        self.store = store
+        self.appender = store._appender()
+        self.writer = writer_for(store.engine)
+        self.results: dict[str, Any] = {}
+        self.threads: list[threading.Thread] = []
+
+    def start(self, name: str, kind: str, request_id: str, **kwargs: Any) -> None:
+        def run() -> None:
+            try:
+                self.results[name] = _append(self.store, kind, request_id, {"name": name}, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - the test looks at it
+                self.results[name] = exc
+
+        thread = threading.Thread(target=run)
+        self.threads.append(thread)
+        thread.start()
+
+    def wait_queued(self, count: int) -> None:
+        deadline = time.monotonic() + 30
+        while len(self.appender._queue) < count:
+            assert time.monotonic() < deadline, "the appends never queued"
+            time.sleep(0.001)
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(60)
+
+
+def test_appends_queued_behind_a_transaction_commit_together_and_fail_alone(store: AuditStore) -> None:
+    _append(store, "completion", "done-before")
+    batched = _Batched(store)
+
+    class Refused(Exception):
+        pass
+
+    def refuse(_cursor: Any) -> None:
+        raise Refused
+
+    assert batched.writer._lock.acquire()  # a transaction of this process is running
+    try:
+        batched.start("leader", "request", "r0")
+        batched.wait_queued(0)  # the leader took its own entry and waits for the writer
+        time.sleep(0.05)
+        batched.start("a", "request", "r1")
+        batched.wait_queued(1)
+        batched.start("duplicate", "completion", "done-before")  # refused by the database
+        batched.wait_queued(2)
+        batched.start("refused", "request", "r2", alongside=refuse)  # refused by its alongside
+        batched.wait_queued(3)
+        batched.start("b", "completion", "r1")
+        batched.wait_queued(4)
+    finally:
+        batched.writer._lock.release()
+    batched.join()
+
+    results = batched.results
+    assert isinstance(results["duplicate"], DuplicateTerminalError)
+    assert isinstance(results["refused"], Refused)
+    a, b, leader = results["a"], results["b"], results["leader"]
+    assert (leader.seq, a.seq, b.seq) == (3, 4, 5)  # the refused ones took no place on the chain
+    assert a.created_at == b.created_at != leader.created_at  # one transaction for the four queued
+    entries = list(store.iter_entries())
+    assert [e.request_id for e in entries] == ["chain-format-2", "done-before", "r0", "r1", "r1"]
+    assert entries[3] == a and entries[4] == b
+    assert verify_chain(store).ok
+
+
+def test_a_batch_whose_transaction_fails_records_none_of_it(store: AuditStore) -> None:
+    """An interrupt (not an error one entry can be refused for) in an alongside rolls the whole batch back."""
+    _append(store, "request", "r0")
+    batched = _Batched(store)
+
+    class Interrupt(BaseException):
+        pass
+
+    def interrupt(_cursor: Any) -> None:
+        raise Interrupt
+
+    assert batched.writer._lock.acquire()
+    try:
+        batched.start("leader", "request", "r1")
+        time.sleep(0.05)
+        batched.start("first", "request", "q0")  # inserted before the interrupt: rolled back with it
+        batched.wait_queued(1)
+        batched.start("interrupted", "request", "q1", alongside=interrupt)
+        batched.wait_queued(2)
+        batched.start("last", "request", "q2")
+        batched.wait_queued(3)
+    finally:
+        batched.writer._lock.release()
+    batched.join()
+    results = batched.results
+    # The batch ran on the thread of its first entry: the interrupt is raised there, where it happened.
+    assert isinstance(results["first"], Interrupt)
+    for name in ("interrupted", "last"):
+        assert isinstance(results[name], AuditError) and "abandoned" in str(results[name])
+    assert [e.request_id for e in store.iter_entries()] == ["chain-format-2", "r0", "r1"]
+    assert _append(store, "request", "after").seq == 4 and verify_chain(store).ok
