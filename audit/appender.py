@@ -3,10 +3,12 @@
 The statements are SQLAlchemy Core compiled once per engine from the
 SQLModel table (:data:`audit.tables.audit_table`), so the column list and the
 dialect's SQL and paramstyle come from the schema, not from hand-written
-SQL; they run on the engine's DBAPI connection (:mod:`audit.dbapi`). Column
-values go through each column type's own bind processor, so they are stored
-exactly as a SQLAlchemy insert would store them, except ``body`` and
-``payload``: the body is the canonical JSON text the hash was computed
+SQL; they run on the engine's writer connection, one long-lived driver
+connection per engine and process (:mod:`audit.writer`), with nothing of
+SQLAlchemy on the way. Column values are stored exactly as a SQLAlchemy
+insert would store them (``created_at`` as its type's bind processor makes
+it, checked against the processor when the appender is built), except
+``body`` and ``payload``: the body is the canonical JSON text the hash was computed
 over, the payload the canonical text its digest was computed over, both
 stored as is (a JSON column holds text on SQLite and keeps the text on
 PostgreSQL), so each is serialised once and what is stored is byte for byte
@@ -17,21 +19,28 @@ first append first writes the ``chain_format`` boundary entry (seq 1, format
 1, as every boundary is) in the same transaction; a store that held entries
 when it was upgraded got its boundary from the migration (audit_0002). So
 the only check on the hot path is the head read that was there anyway.
+
+Where an append's time goes, and what was tried: docs/architecture.md,
+"Audit entries and the chain" (the append's cost).
 """
 
 from __future__ import annotations
 
+import os
+import threading
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Final
 
 from sqlalchemy import Engine, select
 
-from .chain import FORMAT_1, FORMAT_2, GENESIS_HASH, canonical_text, chain_hash, entry_payload_with_body
+from .chain import (FORMAT_1, FORMAT_2, GENESIS_HASH, canonical_text, chain_hash, entry_payload_with_body,
+                    format_timestamp, hashed_fields)
 from .db import APPEND_LOCK_KEY, lock_statements
-from .dbapi import dbapi_cursor
 from .kinds import CHAIN_FORMAT, CHAIN_FORMAT_REQUEST_ID
 from .tables import audit_table
+from .writer import WriterConnection, writer_for
 
 _t = audit_table.c
 _COLUMNS: Final = tuple(column.name for column in audit_table.columns)
@@ -39,8 +48,17 @@ _COLUMNS: Final = tuple(column.name for column in audit_table.columns)
 _TEXT_COLUMNS: Final = ("body", "payload")
 #: The boundary entry every format-2 chain has (its body, hashed in format 1).
 BOUNDARY_BODY_TEXT: Final = canonical_text({"format": FORMAT_2})
+#: The format-2 hashed fields the append binds besides the body (spliced in as its text).
+_V2_OTHER_FIELDS: Final = frozenset(hashed_fields(FORMAT_2)) - {"body"}
 _BOUNDARY_FIELDS: Final = {"request_id": CHAIN_FORMAT_REQUEST_ID, "kind": CHAIN_FORMAT, "principal": None,
                            "team": None, "model": None, "policy_revision": None, "terminal_request_id": None}
+
+
+#: Every appender of this process, so a forked child starts with empty queues.
+_APPENDERS: "weakref.WeakSet[Appender]" = weakref.WeakSet()
+_SAVEPOINT: Final = "SAVEPOINT govgate_append"
+_ROLLBACK_TO_SAVEPOINT: Final = "ROLLBACK TO SAVEPOINT govgate_append"
+_RELEASE_SAVEPOINT: Final = "RELEASE SAVEPOINT govgate_append"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +71,36 @@ class Chained:
     hash: str
 
 
+class _Pending:
+    """One append waiting for (or being written by) the thread that leads the next transaction."""
+
+    __slots__ = ("fields", "body_text", "payload_text", "alongside", "chained", "error", "event", "lead")
+
+    def __init__(self, fields: dict[str, Any], body_text: str, payload_text: str | None,
+                 alongside: Callable[[Any], None] | None) -> None:
+        self.fields = fields
+        self.body_text = body_text
+        self.payload_text = payload_text
+        self.alongside = alongside
+        self.chained: Chained | None = None
+        self.error: BaseException | None = None
+        self.event: threading.Event | None = None  # only for a thread that waits for a leader
+        self.lead = False  # handed the lead by the previous leader
+
+    def outcome(self) -> Chained:
+        if self.error is not None:
+            raise self.error
+        assert self.chained is not None, "an append left without an outcome"
+        return self.chained
+
+
+def _abandoned(exc: BaseException) -> OSError:
+    """What the others in a batch get when its leader is interrupted (an OSError: callers fail closed on it)."""
+    return OSError(f"audit append abandoned: the thread writing it was interrupted ({type(exc).__name__})")
+
+
 class Appender:
-    """Compiled append statements for one engine's dialect.
+    """Compiled append statements for one engine's dialect, run on the engine's writer connection.
 
     Raises :class:`audit.AuditError` when built for a database the store does
     not support (only SQLite and PostgreSQL have the write lock it needs).
@@ -64,6 +110,11 @@ class Appender:
         dialect = engine.dialect
         self._begin = lock_statements(engine, APPEND_LOCK_KEY)  # refuses other dialects first
         self._engine = engine
+        self._writer: WriterConnection | None = None  # made at the first append (a mock engine has none)
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Pending] = []  # appends waiting for the next transaction
+        self._leader: int | None = None  # the thread writing a transaction now (-1: handed on, not yet awake)
+        _APPENDERS.add(self)
         head = select(_t.seq, _t.hash).order_by(_t.seq.desc()).limit(1)
         self._head_sql = str(head.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
         insert = audit_table.insert().compile(dialect=dialect)
@@ -80,6 +131,9 @@ class Appender:
             processor = audit_table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
             if processor is not None:
                 self._processors[name] = processor
+        self._created_at = _created_at_binder(self._processors.pop("created_at", None), dialect.name)
+        if self._processors:  # only created_at needs one today; a new typed column must be bound here too
+            raise RuntimeError(f"audit columns {sorted(self._processors)} need bind processing the append lacks")
 
     def append(self, fields: dict[str, Any], body_text: str, payload_text: str | None,
                payload_digest: str | None, alongside: Callable[[Any], None] | None = None) -> Chained:
@@ -91,38 +145,163 @@ class Appender:
         payload's (or None) and ``payload_digest`` its digest. The write lock
         is held from the head read to commit, and ``created_at`` is taken
         under it, so entries are numbered and timed in one order across
-        processes. Database errors leave as SQLAlchemy exceptions (see :mod:`audit.dbapi`).
+        processes. Database errors leave as SQLAlchemy exceptions (see :mod:`audit.writer`).
         ``alongside`` runs on the same cursor after the insert, before
         commit, still under the lock: what it writes commits with the entry
         or not at all, and an exception from it rolls both back (the key
-        store writes key rows this way).
+        store writes key rows this way); it may run on another thread (below).
+
+        Group commit: threads of this process that append while another
+        thread's transaction is running queue up, and the next transaction
+        writes all of them (each on its own savepoint, so one entry's refusal
+        or ``alongside`` exception rolls back that entry alone) and commits
+        once; each caller returns when its entry is committed, or raises
+        what refused it. The thread that writes a batch hands the next one to
+        the first thread waiting, so no caller writes others' entries forever.
+        A single thread appending alone pays for none of it but two uncontended locks.
         """
-        with dbapi_cursor(self._engine, begin=self._begin) as cursor:
-            cursor.execute(self._head_sql)
-            head = cursor.fetchone()
-            now = datetime.now(timezone.utc)
-            if head is None:  # a new store: its first entry is the format boundary
-                boundary = self._insert(cursor, {**_BOUNDARY_FIELDS, "payload_digest": None}, 1, GENESIS_HASH, now,
-                                        BOUNDARY_BODY_TEXT, None, FORMAT_1)
-                head = (boundary.seq, boundary.hash)
-            chained = self._insert(cursor, {**fields, "payload_digest": payload_digest}, head[0] + 1, head[1], now,
-                                   body_text, payload_text, FORMAT_2)
-            if alongside is not None:
-                alongside(cursor)
-        return chained
+        pending = _Pending({**fields, "payload_digest": payload_digest}, body_text, payload_text, alongside)
+        me = threading.get_ident()
+        with self._queue_lock:
+            if self._leader == me:  # from an alongside: it would wait for the very batch it is part of
+                raise RuntimeError("an audit append cannot run inside another append's transaction (alongside)")
+            self._queue.append(pending)
+            if self._leader is None:
+                self._leader = me
+            else:
+                pending.event = threading.Event()
+        if pending.event is not None:
+            pending.event.wait()  # the leader writes it, or hands this thread the lead
+            if not pending.lead:
+                return pending.outcome()
+        self._lead(me)
+        return pending.outcome()
+
+    def _lead(self, me: int) -> None:
+        """Write everything queued so far in one transaction, then hand the lead to the next one waiting."""
+        with self._queue_lock:
+            batch, self._queue = self._queue, []
+            self._leader = me
+        writer = self._writer
+        try:
+            if writer is None:
+                writer = self._writer = writer_for(self._engine)
+            writer.run(self._begin, lambda cursor: self._write(cursor, batch))
+        except BaseException as exc:
+            for pending in batch:  # the transaction is rolled back: none of them is written
+                pending.chained = None
+                pending.error = exc if isinstance(exc, Exception) else _abandoned(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            with self._queue_lock:
+                if self._queue:
+                    successor = self._queue[0]
+                    self._leader = -1  # taken: nobody else may lead before the successor wakes
+                    successor.lead = True
+                else:
+                    successor = None
+                    self._leader = None
+            for pending in batch:
+                if pending.event is not None:
+                    pending.event.set()
+            if successor is not None:
+                assert successor.event is not None  # it queued while a leader was writing
+                successor.event.set()
+
+    def _write(self, cursor: Any, batch: list[_Pending]) -> None:
+        """Inside the locked transaction: chain and insert each queued entry, each on its own savepoint when several."""
+        cursor.execute(self._head_sql)
+        head = cursor.fetchone()
+        now = datetime.now(timezone.utc)
+        if head is None:  # a new store: its first entry is the format boundary
+            boundary = self._insert(cursor, _BOUNDARY_FIELDS, 1, GENESIS_HASH, now, BOUNDARY_BODY_TEXT, None,
+                                    FORMAT_1)
+            head = (boundary.seq, boundary.hash)
+        if len(batch) == 1:  # one entry: a failure rolls back the transaction, no savepoint needed
+            [pending] = batch
+            pending.chained = self._insert(cursor, pending.fields, head[0] + 1, head[1], now, pending.body_text,
+                                           pending.payload_text, FORMAT_2)
+            if pending.alongside is not None:
+                pending.alongside(cursor)
+            return
+        for pending in batch:
+            cursor.execute(_SAVEPOINT)
+            try:
+                chained = self._insert(cursor, pending.fields, head[0] + 1, head[1], now, pending.body_text,
+                                       pending.payload_text, FORMAT_2)
+                if pending.alongside is not None:
+                    pending.alongside(cursor)
+            except Exception as exc:  # this entry only: the others go on without it
+                cursor.execute(_ROLLBACK_TO_SAVEPOINT)
+                cursor.execute(_RELEASE_SAVEPOINT)
+                pending.error = self._writer.wrap(exc) if self._writer is not None else exc
+                continue
+            cursor.execute(_RELEASE_SAVEPOINT)
+            pending.chained = chained
+            head = (chained.seq, chained.hash)
 
     def _insert(self, cursor: Any, fields: dict[str, Any], seq: int, prev_hash: str, now: datetime,
                 body_text: str, payload_text: str | None, format: int) -> Chained:
-        row = {**fields, "seq": seq, "created_at": now, "prev_hash": prev_hash}
-        if format == FORMAT_1:
-            del row["payload_digest"]
-        entry_hash = chain_hash(prev_hash, entry_payload_with_body(row, body_text, format=format))
-        chained = Chained(seq, now, prev_hash, entry_hash)
-        row["hash"] = entry_hash
+        """Chain and insert one entry; ``fields`` are its hashed fields but the body and its place on the chain.
+
+        Format 2 builds what :func:`audit.chain.entry_payload_with_body`
+        builds (the stored body text spliced into the canonical JSON of the
+        other fields, which sort after ``"body"``) without that function's
+        per-call copying; the key check below is its check, and
+        tests/audit/test_audit_append.py holds the two together.
+        """
+        created_at = format_timestamp(now)
+        hashed = {**fields, "seq": seq, "created_at": created_at, "prev_hash": prev_hash}
+        if format == FORMAT_2:
+            if hashed.keys() != _V2_OTHER_FIELDS:  # never silently hash a field too few or too many
+                raise ValueError(f"hashed fields mismatch: expected {sorted(_V2_OTHER_FIELDS)}, got {sorted(hashed)}")
+            rest = canonical_text(hashed)
+            entry_hash = chain_hash(prev_hash, f'{{"body":{body_text},{rest[1:]}'.encode("utf-8"))
+        else:
+            entry_hash = chain_hash(prev_hash, entry_payload_with_body(hashed, body_text, format=format))
+            hashed["payload_digest"] = None  # format 1 hashes no digest; the column is NULL
+        row = hashed
+        row["created_at"] = self._created_at(now, created_at)
         row["body"] = body_text
         row["payload"] = payload_text
-        row["payload_digest"] = fields["payload_digest"]
-        for name, processor in self._processors.items():
-            row[name] = processor(row[name])
+        row["hash"] = entry_hash
         cursor.execute(self._insert_sql, [row[n] for n in self._names] if self._positional else row)
-        return chained
+        return Chained(seq, now, prev_hash, entry_hash)
+
+
+def _created_at_binder(processor: Callable[[Any], Any] | None,
+                       dialect_name: str) -> Callable[[datetime, str], Any]:
+    """How ``created_at`` is bound: what the column type's bind processor makes of the time, cheaply.
+
+    On SQLite that is the text ``YYYY-MM-DD HH:MM:SS.ffffff`` of the UTC
+    time, which is the hashed ISO form with the ``T`` and the offset cut
+    out; checked here against the processor itself, or the processor is used.
+    """
+    if processor is None:
+        return lambda now, _iso: now
+    if dialect_name == "sqlite":
+        for sample in (datetime(2024, 2, 29, 23, 59, 58, 7, tzinfo=timezone.utc),
+                       datetime(1, 1, 1, tzinfo=timezone.utc)):
+            iso = format_timestamp(sample)
+            if processor(sample) != _sqlite_text(iso):
+                break
+        else:
+            return lambda _now, iso: _sqlite_text(iso)
+    return lambda now, _iso: processor(now)
+
+
+def _sqlite_text(iso: str) -> str:
+    """``2024-02-29T23:59:58.000007+00:00`` -> ``2024-02-29 23:59:58.000007``."""
+    return f"{iso[:10]} {iso[11:26]}"
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: the threads that queued or led appends in the parent do not exist here."""
+    for appender in list(_APPENDERS):
+        appender._queue_lock = threading.Lock()
+        appender._queue = []
+        appender._leader = None
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

@@ -2,12 +2,13 @@
 
 An append through a SQLAlchemy ``Connection`` spends more CPU in SQLAlchemy
 (events, cache keys, parameter processing, result wrapping) than SQLite
-spends on the insert. The append (:mod:`audit.appender`) and the keyed
-look-ups (:mod:`audit.lookup`) therefore run statements compiled once from
-the same SQLModel table on a connection checked out of the *same* engine
-pool: same database, same connect-time settings (:func:`audit.db.make_engine`),
-same pool resets and disposal after fork, same write lock as
-:func:`audit.db.locked_transaction`.
+spends on the insert. The keyed look-ups (:mod:`audit.lookup`) and
+verify's reads therefore run statements compiled once from the same
+SQLModel table on a connection checked out of the *same* engine pool: same
+database, same connect-time settings (:func:`audit.db.make_engine`), same
+pool resets and disposal after fork; with ``begin`` the same write lock as
+:func:`audit.db.locked_transaction`. The append goes further and keeps one
+connection for itself (:mod:`audit.writer`): it runs on every request.
 
 Driver errors are wrapped into SQLAlchemy's exception classes exactly as a
 ``Connection`` would wrap them, so the store's error mapping (``IntegrityError``

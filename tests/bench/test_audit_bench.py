@@ -31,6 +31,9 @@ def test_a_short_run_measures_both_backends_and_the_large_store(tmp_path: Path,
     assert set(document["backends"]) == {"sqlite", "postgresql"}
     for figures in document["backends"].values():
         assert figures["one_writer"]["appends"] == 40 and figures["one_writer"]["appends_per_s"] > 0
+        assert figures["one_writer"]["rounds"] >= 1 and figures["one_writer"]["cpu_ms_per_append"] > 0
+        assert figures["threads_one_process"]["appends"] == 40 and figures["threads_one_process"]["threads"] == 8
+        assert figures["threads_one_process"]["appends_per_s"] > 0
         assert figures["four_writers"]["appends"] == 40 and figures["four_writers"]["writers"] == 4
         assert figures["verify"]["entries"] == 41  # the four writers' appends and the chain_format boundary
     large = document["large_store"]
