@@ -15,6 +15,7 @@ from gateway import urls
 from gateway.api.openapi import CHAT_OPERATION, COMPLETION_OPERATION, SECURITY
 from gateway.auth import Principal
 from gateway.api_errors import ApiError
+from gateway.observability.context import note_error
 from gateway.requests.outcome import StreamEvents
 from gateway.requests.schemas import CHAT, COMPLETIONS
 from gateway.requests.service import CompletionService
@@ -90,6 +91,7 @@ async def _sse_events(ticket: Ticket, shape: _Shape, events: StreamEvents) -> As
                 yield _sse({**shape.envelope(ticket, shape.chunk_object), "choices": [], "usage": _usage(event)})
         yield b"data: [DONE]\n\n"
     except ApiError as error:
+        note_error(error.code)  # the status stays 200, but /metrics counts the request under its error code
         yield _sse(error.body())
     finally:
         await events.aclose()

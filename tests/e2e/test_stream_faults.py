@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from govgate.processes import stop_process
 from govgate.redis_server import RedisProcess
@@ -163,6 +164,7 @@ def test_a_stream_whose_worker_stalls_records_what_the_client_received(settings,
             for pid in frozen:
                 os.kill(pid, signal.SIGCONT)
             terminal = wait_terminal(audit_store, request_id)
+            counted = streamed_errors(httpx.get(f"{base}/metrics", timeout=30).text)
     finally:
         for pid in frozen:
             with contextlib.suppress(ProcessLookupError):
@@ -174,3 +176,15 @@ def test_a_stream_whose_worker_stalls_records_what_the_client_received(settings,
     assert last["error"]["code"] == "timed_out"
     assert terminal.kind == "timed_out"
     assert terminal.payload["output"] == text
+    assert counted == {"timed_out": 1.0}  # sent with a 200, counted under the error it ended with
+
+
+def streamed_errors(exposition: str) -> dict[str, float]:
+    """``govgate_requests_total`` of completions answered 2xx with an error code, by code."""
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "govgate_requests_total" and labels.get("status") == "2xx" and labels.get("code"):
+                found[labels["code"]] = found.get(labels["code"], 0.0) + sample.value
+    return found
