@@ -16,7 +16,6 @@ from typing import Any
 from litestar import Controller, Request, Response, get, post, put
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
-from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 
 from gateway import urls
@@ -24,6 +23,7 @@ from gateway.api.admin_keys_openapi import (CREATE_OPERATION, GET_OPERATION, LIS
                                             REVOKE_OPERATION, ROLES_OPERATION)
 from gateway.api.admin_keys_shapes import CreateKey, SetRoles, key_document, parse
 from gateway.api.openapi import SECURITY
+from gateway.api.bodies import read_body
 from gateway.api_errors import ApiError
 from gateway.auth import Principal
 from gateway.keys_admin import KeyChangeSignal
@@ -70,7 +70,7 @@ class AdminKeysController(Controller):
     @post("/", summary="Create an API key (its secret is shown once)", operation_id="createKey",
           operation_class=CREATE_OPERATION, status_code=201)
     async def create(self, request: Request, key_admin: NamedDependency[KeyAdmin]) -> Response[dict[str, Any]]:
-        body = parse(await _body(request), CreateKey)
+        body = parse(await read_body(request), CreateKey)
         try:
             issued = await key_admin.create(body.user, team=body.team, roles=body.roles, note=body.note)
         except KeyAdminError as refusal:
@@ -107,7 +107,7 @@ class AdminKeysController(Controller):
          operation_class=ROLES_OPERATION)
     async def set_roles(self, request: Request, key_admin: NamedDependency[KeyAdmin],
                         key_id: FromPath[str]) -> Response[dict[str, Any]]:
-        body = parse(await _body(request), SetRoles)
+        body = parse(await read_body(request), SetRoles)
         try:
             return _changed(await key_admin.set_roles(key_id, body.roles))
         except KeyAdminError as refusal:
@@ -141,12 +141,3 @@ def list_query(request: Request) -> tuple[int, str | None, bool]:
     cursor = query.get("cursor", [None])[0]
     return int(limit_text), cursor, flag == "true"
 
-
-async def _body(request: Request) -> bytes:
-    try:
-        return await request.body()
-    except HTTPException as exc:
-        if exc.status_code == 413:
-            raise ApiError(413, "body_too_large", "The request body is larger than this gateway accepts "
-                           "(GOVGATE_MAX_BODY_BYTES).") from None
-        raise

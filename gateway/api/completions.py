@@ -8,12 +8,12 @@ from typing import Any, AsyncIterator
 from litestar import Controller, Request, Response, post
 from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency
-from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
 from gateway import urls
 from gateway.api.openapi import CHAT_OPERATION, COMPLETION_OPERATION, SECURITY
 from gateway.auth import Principal
+from gateway.api.bodies import read_body
 from gateway.api_errors import ApiError
 from gateway.observability.context import note_error
 from gateway.requests.outcome import StreamEvents
@@ -24,16 +24,7 @@ from workers.contract.jobs import JobResult
 
 
 def _reader(request: Request):
-    async def read() -> bytes:
-        try:
-            return await request.body()
-        except HTTPException as exc:
-            if exc.status_code == 413:
-                raise ApiError(413, "body_too_large",
-                               "The request body is larger than this gateway accepts "
-                               "(GOVGATE_MAX_BODY_BYTES).") from None
-            raise
-    return read
+    return lambda: read_body(request)
 
 
 def _usage(result: JobResult) -> dict[str, int]:

@@ -16,7 +16,6 @@ from typing import Any
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
-from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 from litestar.response import Stream
 
@@ -26,7 +25,7 @@ from gateway import urls
 from gateway.api.openapi import SECURITY
 from gateway.api.review_openapi import (COMMENT_OPERATION, DISPOSITION_OPERATION, ENTRIES_OPERATION,
                                         EXPORT_OPERATION, FLAG_OPERATION, STORY_OPERATION, USAGE_OPERATION)
-from gateway.api_errors import ApiError
+from gateway.api.bodies import read_body
 from gateway.auth import Principal
 from gateway.review.access import Access
 from gateway.review.actions import parse_action
@@ -116,15 +115,6 @@ async def _act(request: Request, state: State, principal: Principal, request_id:
     """A review action (any other path under a request is Litestar's 404 ``not_found``)."""
     access = Access(principal)
     access.require_reviewer()  # before reading the body: a non-reviewer learns nothing from its errors
-    fields = parse_action(action, await _body(request))
+    fields = parse_action(action, await read_body(request))
     return _respond(await _service(state).act(access, _checked(request_id), action, fields), 201)
 
-
-async def _body(request: Request) -> bytes:
-    try:
-        return await request.body()
-    except HTTPException as exc:
-        if exc.status_code == 413:
-            raise ApiError(413, "body_too_large", "The request body is larger than this gateway accepts "
-                           "(GOVGATE_MAX_BODY_BYTES).") from None
-        raise
