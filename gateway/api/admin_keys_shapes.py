@@ -11,7 +11,6 @@ schemas' descriptions, so they are Markdown.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -19,7 +18,7 @@ import msgspec
 from gateway.api_errors import ApiError
 from gateway.auth import ApiKey
 from gateway.keys_admin.service import MAX_NAME, MAX_NOTE, MAX_ROLES
-from gateway.requests.parsing import MAX_JSON_DEPTH, json_depth
+from gateway.requests.parsing import decode_struct
 
 #: The key store's name rule (``validate_name``), as a JSON Schema pattern.
 NAME_PATTERN = f"^[A-Za-z0-9][A-Za-z0-9._@-]{{0,{MAX_NAME - 1}}}$"
@@ -95,32 +94,10 @@ def key_document(row: ApiKey) -> dict[str, Any]:
 
 
 B = TypeVar("B", CreateKey, SetRoles)
-_UNKNOWN = re.compile(r"unknown field `(?P<field>[^`]*)`")
-_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
-_MISSING = re.compile(r"missing required field `(?P<field>[^`]*)`")
 
 
 def parse(raw: bytes, kind: type[B]) -> B:
     """``raw`` read as ``kind``, or the designed 400/422."""
     if not raw.strip():
         raise ApiError(400, "invalid_json", "The request body is empty; send a JSON object.")
-    if json_depth(raw) > MAX_JSON_DEPTH:
-        raise ApiError(400, "invalid_json", "The request body nests too deep.")
-    try:
-        document = msgspec.json.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
-    if not isinstance(document, dict):
-        raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
-    try:
-        return msgspec.convert(document, kind, strict=True)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        unknown = _UNKNOWN.search(message)
-        if unknown:
-            field = unknown.group("field")[:64]
-            raise ApiError(400, "unsupported_parameter", f"Unsupported parameter: '{field}' is not accepted here.",
-                           param=field) from None
-        missing, path = _MISSING.search(message), _PATH.search(message)
-        param = missing.group("field") if missing else (path.group("path") if path else None)
-        raise ApiError(422, "invalid_value", f"Invalid request: {message}", param=param or None) from None
+    return decode_struct(raw, kind)

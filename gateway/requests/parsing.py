@@ -19,6 +19,7 @@ from gateway.requests.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.api_errors import ApiError
 
 T = TypeVar("T", ChatCompletionRequest, CompletionRequest)
+S = TypeVar("S", bound=msgspec.Struct)
 
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
@@ -158,3 +159,38 @@ def _check_supported(request: ChatCompletionRequest | CompletionRequest) -> None
     if isinstance(request, ChatCompletionRequest) and request.messages[-1].role == "assistant":
         raise ApiError(422, "invalid_value", "The last message must not be the assistant's own.",
                        param="messages")
+
+
+_UNKNOWN_FIELD = re.compile(r"unknown field `(?P<field>[^`]*)`")
+_AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+_MISSING_ANY = re.compile(r"missing required field `(?P<field>[^`]*)`")
+
+
+def decode_struct(raw: bytes, kind: type[S]) -> S:
+    """A small JSON-object body (review actions, key administration) as ``kind``, read strictly.
+
+    One reading for every such body, so each refuses the same way: too deep,
+    not JSON or not an object → 400 ``invalid_json``; a field the struct does
+    not know → 400 ``unsupported_parameter``; a wrong or missing value → 422
+    ``invalid_value`` naming it.
+    """
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise ApiError(400, "invalid_json", "The request body nests too deep.")
+    try:
+        document = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
+    if not isinstance(document, dict):
+        raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
+    try:
+        return msgspec.convert(document, kind, strict=True)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        unknown = _UNKNOWN_FIELD.search(message)
+        if unknown:
+            field = unknown.group("field")[:64]
+            raise ApiError(400, "unsupported_parameter", f"Unsupported parameter: '{field}' is not accepted here.",
+                           param=field) from None
+        missing, path = _MISSING_ANY.search(message), _AT_PATH.search(message)
+        param = missing.group("field") if missing else (path.group("path") if path else None)
+        raise ApiError(422, "invalid_value", f"Invalid request: {message}", param=param or None) from None

@@ -9,12 +9,12 @@ not for quoting a prompt (read the prompt through the audited story).
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 from gateway.api_errors import ApiError
+from gateway.requests.parsing import decode_struct
 
 MAX_NOTE: int = 4000
 
@@ -42,39 +42,13 @@ class Disposition(msgspec.Struct, forbid_unknown_fields=True):
 
 BODIES: dict[str, type[msgspec.Struct]] = {"flag": Flag, "comment": Comment, "disposition": Disposition}
 
-_UNKNOWN = re.compile(r"unknown field `(?P<field>[^`]*)`")
-_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
-_MISSING = re.compile(r"missing required field `(?P<field>[^`]*)`")
-
 
 def parse_action(action: str, raw: bytes) -> dict[str, Any]:
     """The action's fields as they go into its entry (absent optional fields left out)."""
     kind = BODIES[action]
     if not raw.strip():
         raw = b"{}"  # a flag needs no body
-    try:
-        document = msgspec.json.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
-    except RecursionError:
-        raise ApiError(400, "invalid_json", "The request body nests too deep.") from None
-    if not isinstance(document, dict):
-        raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
-    try:
-        parsed = msgspec.convert(document, kind, strict=True)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        unknown = _UNKNOWN.search(message)
-        if unknown:
-            field = unknown.group("field")[:64]
-            raise ApiError(400, "unsupported_parameter", f"Unsupported parameter: '{field}' is not accepted here.",
-                           param=field) from None
-        path = _PATH.search(message)
-        missing = _MISSING.search(message)
-        param = missing.group("field") if missing else (path.group("path") if path else None)
-        raise ApiError(422, "invalid_value", f"Invalid request: {message}", param=param or None) from None
-    except RecursionError:
-        raise ApiError(400, "invalid_json", "The request body nests too deep.") from None
+    parsed = decode_struct(raw, kind)
     fields = {name: value for name, value in msgspec.structs.asdict(parsed).items() if value is not None}
     for name, value in fields.items():
         if isinstance(value, str) and "\x00" in value:  # PostgreSQL cannot read it back out of JSON as text

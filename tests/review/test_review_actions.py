@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Iterator
 
 import pytest
@@ -100,6 +101,7 @@ async def test_a_denied_request_made_through_the_gateway_has_its_story(rclient, 
     ("flag", [], 400, "invalid_json", None),
     ("flag", "not json", 400, "invalid_json", None),
     ("comment", {"text": "x" * (2 * 1024 * 1024)}, 413, "body_too_large", None),  # over GOVGATE_MAX_BODY_BYTES
+    ("flag", {"note": json.loads("[" * 100 + "]" * 100)}, 400, "invalid_json", None),  # nests too deep
 ])
 async def test_bad_action_bodies_are_refused_and_leave_no_entry(rclient, rstore, rkeys, action, body, status, code,
                                                                 param):
