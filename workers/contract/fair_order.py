@@ -45,6 +45,12 @@ PRUNE_AFTER_S = 3600.0
 RECOUNT_EVERY_S = 1.0
 #: Weight of one new service time in the running mean ``svc``.
 SVC_ALPHA = 0.2
+#: A new service time enters the running mean at most this many times the mean (one odd job does not
+#: make every later charge wrong; the team's tags still get the time it really took).
+SVC_CLAMP = 4.0
+#: A correction's service time for a job that was not measured (a pool process's warm-up): the job is
+#: charged the model's mean (``svc``), or nothing while that is unknown, and the mean is left alone.
+NOT_MEASURED = -1.0
 
 # KEYS: [1] registry, [2] tags, [3] waiting, [4] wake list, [5] shares.
 # ARGV: [1] now (s), [2] the list just popped ('' none), [3] estimate when svc is unknown (ms),
@@ -112,11 +118,16 @@ for c = 0, ncorr - 1 do
   local team, principal = parts(ARGV[5 + 3 * c])
   local actual, charged = tonumber(ARGV[6 + 3 * c]), tonumber(ARGV[7 + 3 * c])
   if team and actual and charged then
+    local svc = tag['svc']
+    local measured = actual >= 0
+    if not measured then actual = svc or 0 end
     local diff = actual - charged
     set('t:' .. team, get('t:' .. team) + diff / w(team))
     set('p:' .. team .. '/' .. principal, get('p:' .. team .. '/' .. principal) + diff)
-    local svc = tag['svc']
-    if svc then set('svc', svc + {SVC_ALPHA} * (actual - svc)) else set('svc', actual) end
+    if measured then
+      if svc then set('svc', svc + {SVC_ALPHA} * (math.min(actual, {SVC_CLAMP} * svc) - svc))
+      else set('svc', actual) end
+    end
   end
 end
 

@@ -235,3 +235,30 @@ def test_names_with_separators_and_long_names_stay_apart(client, model):
     tags = client.hgetall(tags_key(model))
     assert f"t:{encode_name(odd_team)}".encode() in tags and b"t:ops" in tags
     assert plain != odd
+
+
+def test_a_warm_up_job_costs_the_mean_and_an_odd_job_moves_the_mean_only_so_far(client, model):
+    from workers.contract.fair_order import NOT_MEASURED, SVC_ALPHA, SVC_CLAMP
+
+    key = queue_jobs(client, model, "a", "alice", 3)
+    queue = key.rsplit(":", 1)[0]
+    order = pick(client, model, now=NOW).order
+    assert client.rpop(order[0]) is not None
+    first = pick(client, model, popped=key, now=NOW)
+    assert first.charged_ms == DEFAULT_ESTIMATE_MS
+    # a pool process's first job (not measured) while the mean is unknown: it costs nothing, teaches nothing
+    pick(client, model, corrections=[(queue, NOT_MEASURED, first.charged_ms)], now=NOW)
+    tags = client.hgetall(tags_key(model))
+    assert float(tags[b"t:a"]) == 0 and b"svc" not in tags
+    client.rpop(key)
+    second = pick(client, model, popped=key, now=NOW)
+    pick(client, model, corrections=[(queue, 20.0, second.charged_ms)], now=NOW)
+    assert float(client.hget(tags_key(model), "svc")) == 20.0
+    client.rpop(key)
+    third = pick(client, model, popped=key, now=NOW)
+    assert third.charged_ms == 20.0
+    before = float(client.hget(tags_key(model), "t:a"))
+    pick(client, model, corrections=[(queue, 2000.0, third.charged_ms)], now=NOW)  # one stalled job
+    tags = client.hgetall(tags_key(model))
+    assert float(tags[b"t:a"]) == pytest.approx(before + 2000.0 - 20.0)  # the team pays the real time
+    assert float(tags[b"svc"]) == pytest.approx(20.0 + SVC_ALPHA * (SVC_CLAMP * 20.0 - 20.0))  # the mean, bounded
