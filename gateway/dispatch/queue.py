@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.dispatch.celery_message import task_message
-from gateway.dispatch.fair_push import FairPush
+from gateway.dispatch.fair_push import fair_push
 from gateway.dispatch.job_payload import sealed_job
 from workers.contract.celery_config import queue_keys
 from workers.contract.fair_queues import MODE_FAIR, MODE_FIFO, job_queue, team_field
@@ -49,7 +49,7 @@ class Dispatcher:
         self._redis = redis
         self._sealer = sealer
         self._expires_s = expires_s
-        self._fair = FairPush(redis) if mode == MODE_FAIR else None
+        self._fair = mode == MODE_FAIR
 
     async def enqueue(self, job: GenerateJob, *, priority: int | None = None) -> None:
         """Queue ``job`` on its model's queue, the request id as task id.
@@ -66,15 +66,15 @@ class Dispatcher:
         # Sealed: the prompt is ciphertext in Redis and its AOF. ``argsrepr``
         # (which Celery stores in the message and logs) names only the request.
         # The routing key is the queue too: a redelivered message goes back to its own list.
-        queue = queue_for(job.model) if self._fair is None else job_queue(job.model, job.team, job.principal)
+        queue = job_queue(job.model, job.team, job.principal) if self._fair else queue_for(job.model)
         key, message = task_message(GENERATE_TASK, job.request_id, [sealed_job(job, self._sealer)],
                                     queue=queue, priority=priority, argsrepr=f"(<sealed job {job.request_id}>,)")
         # One command on the event loop's own client: no thread, no retries that
         # could hold the request for seconds if Redis is gone.
         try:
-            if self._fair is None:
-                await self._redis.lpush(key, message)
+            if self._fair:
+                await fair_push(self._redis, job.model, team_field(job.team), key, message)
             else:
-                await self._fair.push(job.model, team_field(job.team), key, message)
+                await self._redis.lpush(key, message)
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"the queue did not accept the request: {exc}") from exc

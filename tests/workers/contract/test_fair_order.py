@@ -166,23 +166,24 @@ def test_a_new_list_wakes_a_worker_and_the_token_is_consumed(client, model, redi
 
     import redis.asyncio as aioredis
 
-    from gateway.dispatch.fair_push import FairPush
+    from gateway.dispatch.fair_push import fair_push
 
-    async def push(pusher: FairPush, team: str) -> str:
+    async def push(async_client: aioredis.Redis, team: str) -> str:
         key = queue_key(fair_queue(model, team, "pat"), 5)
-        await pusher.push(model, encode_name(team), key, "job")
+        await fair_push(async_client, model, encode_name(team), key, "job")
         return key
 
     async def scenario() -> tuple[str, str, int, int]:
         async_client = aioredis.Redis.from_url(redis_server.url)
         try:
-            pusher = FairPush(async_client)
-            first = await push(pusher, "a")
+            first = await push(async_client, "a")
             tokens_after_new = client.llen(wake_key(model))
-            await push(pusher, "a")                     # known to this gateway: no registration
-            await push(FairPush(async_client), "a")     # another gateway: registers, but nothing new
+            await push(async_client, "a")  # registered already: no token
+            client.zadd(registry_key(model), {first: 1.0})  # registered long ago: registered again, no token
+            await push(async_client, "a")
             tokens_after_known = client.llen(wake_key(model))
-            second = await push(pusher, "b")
+            assert client.zscore(registry_key(model), first) > 1.0
+            second = await push(async_client, "b")
             return first, second, tokens_after_new, tokens_after_known
         finally:
             await async_client.aclose()
