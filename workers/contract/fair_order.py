@@ -39,8 +39,11 @@ from workers.contract.fair_queues import SHARES_KEY, registry_key, tags_key, wai
 
 #: Service time (ms) charged before the model's mean is known; corrected once the job is acknowledged.
 DEFAULT_ESTIMATE_MS = 1000.0
-#: A registered list that has been empty and not pushed to for this long leaves the registry.
-PRUNE_AFTER_S = 3600.0
+#: A registered list that has been empty and not pushed to for this long leaves the registry. Losing
+#: nothing: a push re-registers a list it does not find (``gateway/dispatch/fair_push.py``), and a tag
+#: is dropped only when behind its virtual time. Short, because each pick's cost grows with the
+#: registered lists (about 20 us a list on the test machine's Redis; docs/architecture.md, "Fair share").
+PRUNE_AFTER_S = 300.0
 #: How often (at most) a pick recounts the waiting jobs from the lists and prunes the registry.
 RECOUNT_EVERY_S = 1.0
 #: Weight of one new service time in the running mean ``svc``.
@@ -62,11 +65,17 @@ local now = tonumber(ARGV[1])
 local popped = ARGV[2]
 
 -- team and principal (encoded) of a fair list or queue: model.<model>/<team>/<principal>[:<priority>]
+local parsed = {{}}
 local function parts(key)
-  local base, pri = string.match(key, '^(.*):(%d)$')
-  if not base then base, pri = key, '0' end
-  local team, principal = string.match(base, '^model%.[^/]+/([^/]+)/([^/]+)$')
-  return team, principal, base, tonumber(pri)
+  local p = parsed[key]
+  if not p then
+    local base, pri = string.match(key, '^(.*):(%d)$')
+    if not base then base, pri = key, '0' end
+    local team, principal = string.match(base, '^model%.[^/]+/([^/]+)/([^/]+)$')
+    p = {{team, principal, base, tonumber(pri)}}
+    parsed[key] = p
+  end
+  return p[1], p[2], p[3], p[4]
 end
 
 local function chunked(command, key, items)
@@ -79,7 +88,7 @@ local function chunked(command, key, items)
 end
 
 -- the registered lists
-local members = redis.call('ZRANGE', REG, 0, -1, 'WITHSCORES')
+local members = redis.call('ZRANGE', REG, 0, -1)
 
 -- every tag this call may read
 local fields, seen = {{'V', 'svc', 'rc'}}, {{}}
@@ -88,7 +97,7 @@ local function want_list(key)
   local team, principal = parts(key)
   if team then want('t:' .. team); want('v:' .. team); want('p:' .. team .. '/' .. principal) end
 end
-for i = 1, #members, 2 do want_list(members[i]) end
+for _, key in ipairs(members) do want_list(key) end
 if popped ~= '' then want_list(popped) end
 local ncorr = tonumber(ARGV[4])
 for c = 0, ncorr - 1 do want_list(ARGV[5 + 3 * c]) end
@@ -157,12 +166,12 @@ local live = members
 if now - get('rc') >= {RECOUNT_EVERY_S} then
   set('rc', now)
   live = {{}}
-  local counts, gone = {{}}, {{}}
-  for i = 1, #members, 2 do
-    local key, score = members[i], tonumber(members[i + 1])
+  local counts, gone, idle = {{}}, {{}}, {{}}
+  for _, key in ipairs(redis.call('ZRANGEBYSCORE', REG, '-inf', '(' .. (now - {PRUNE_AFTER_S}))) do idle[key] = true end
+  for _, key in ipairs(members) do
     local n = redis.call('LLEN', key)
     local team, principal = parts(key)
-    if n == 0 and score < now - {PRUNE_AFTER_S} then
+    if n == 0 and idle[key] then
       gone[#gone + 1] = key
       if team then
         local pf = 'p:' .. team .. '/' .. principal
@@ -172,7 +181,7 @@ if now - get('rc') >= {RECOUNT_EVERY_S} then
         if tag[tf] and tag[tf] <= get('V') then redis.call('HDEL', TAGS, tf); tag[tf] = nil; dirty[tf] = nil end
       end
     else
-      live[#live + 1] = key; live[#live + 1] = members[i + 1]
+      live[#live + 1] = key
       if team then counts[team] = (counts[team] or 0) + n end
     end
   end
@@ -192,13 +201,13 @@ if #changed > 0 then chunked('HSET', TAGS, changed) end
 -- (c) the order: teams by (next start, finish tag, name), priority 0..9, principals likewise
 local V = get('V')
 local teams, by_team = {{}}, {{}}
-for i = 1, #live, 2 do
-  local team, principal, base, pri = parts(live[i])
+for _, key in ipairs(live) do
+  local team, principal, base, pri = parts(key)
   if team then
     local t = by_team[team]
     if not t then t = {{principals = {{}}, lists = {{}}}}; by_team[team] = t; teams[#teams + 1] = team end
     if not t.lists[principal] then t.lists[principal] = {{}}; t.principals[#t.principals + 1] = principal end
-    t.lists[principal][pri] = live[i]
+    t.lists[principal][pri] = key
   end
 end
 local function before(a, b, fa, fb, now_v)
@@ -207,13 +216,14 @@ local function before(a, b, fa, fb, now_v)
   if fa ~= fb then return fa < fb end
   return a < b
 end
-table.sort(teams, function(a, b) return before(a, b, get('t:' .. a), get('t:' .. b), V) end)
+local tt = {{}}
+for _, team in ipairs(teams) do tt[team] = get('t:' .. team) end
+table.sort(teams, function(a, b) return before(a, b, tt[a], tt[b], V) end)
 local order = {{charged}}
 for _, team in ipairs(teams) do
-  local t, vt = by_team[team], get('v:' .. team)
-  table.sort(t.principals, function(a, b)
-    return before(a, b, get('p:' .. team .. '/' .. a), get('p:' .. team .. '/' .. b), vt)
-  end)
+  local t, vt, pt = by_team[team], get('v:' .. team), {{}}
+  for _, principal in ipairs(t.principals) do pt[principal] = get('p:' .. team .. '/' .. principal) end
+  table.sort(t.principals, function(a, b) return before(a, b, pt[a], pt[b], vt) end)
   for pri = 0, 9 do
     for _, principal in ipairs(t.principals) do
       local key = t.lists[principal][pri]
