@@ -89,7 +89,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         log.warning("a task redelivered after a worker death comes after the request timeout: it will be "
                     "recorded as expired (lower GOVGATE_GENERATION_TIME_LIMIT_S below "
                     "GOVGATE_REQUEST_TIMEOUT_S - 40 s to let it answer)")
-    dispatcher = Dispatcher(client, expires_s=settings.request_timeout_s, sealer=sealer)
+    dispatcher = Dispatcher(client, expires_s=settings.request_timeout_s, sealer=sealer, mode=settings.queue_mode)
     audit_store = AuditStore(db_engine)
     counters = UsageCounters(client)
     pending_client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
