@@ -22,10 +22,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.policy.revision import PolicyFilesError
-from workers.contract.fair_queues import ANY_TEAM, SHARES_KEY, encode_name
+from workers.contract.fair_queues import SHARES_KEY, encode_name
 
 log = logging.getLogger("govgate.policy")
 
+#: ``SHARES_KEY``'s field for the weight of every team the policy gives no share of its own.
+ANY_TEAM = "*"
 #: A team's weight when neither its own entry nor ``teams.default`` gives one.
 DEFAULT_SHARE = 1.0
 #: A gateway writes the hash again after this long even if its revision did not change.

@@ -18,10 +18,10 @@ import redis.asyncio as aioredis
 
 from gateway.policy import EmbeddedPolicyEngine
 from gateway.policy.reloader import ReloadingPolicyEngine
-from gateway.policy.shares import SharePublisher, team_shares, weight_text
+from gateway.policy.shares import ANY_TEAM, SharePublisher, team_shares, weight_text
 from govgate.redis_server import RedisProcess
 from tests.conftest import policy_copy
-from workers.contract.fair_queues import ANY_TEAM, SHARES_KEY, encode_name
+from workers.contract.fair_queues import SHARES_KEY, encode_name
 from tests.policy.test_config_at_load import break_data
 
 pytestmark = pytest.mark.anyio

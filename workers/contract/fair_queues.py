@@ -91,15 +91,3 @@ def wake_key(model: str) -> str:
     """List a gateway pushes a token onto when it registers a new fair list: a worker blocked in BRPOP on
     the old set of lists wakes, discards the token and orders the lists again."""
     return f"govgate:fair:{model}:wake"
-
-
-#: The field of a principal without a team in the fair-share hashes (``waiting_key``, ``SHARES_KEY``): no
-#: encoded name can spell it (``#`` begins only the 65-character hashed form).
-NO_TEAM = "#none"
-#: ``SHARES_KEY``'s field for the weight of a team the policy does not name (``waiting_key``'s for the total).
-ANY_TEAM = "*"
-
-
-def team_field(team: str | None) -> str:
-    """``team`` as the fair-share hashes name it: :func:`encode_name`, or :data:`NO_TEAM` for none."""
-    return NO_TEAM if not team else encode_name(team)
