@@ -22,7 +22,7 @@ def test_full_queue_answers_429_with_retry_after(settings, keyring, audit_store,
 
     from tests.conftest import QUEUE_MODEL, serving
 
-    own = settings.with_(max_queued_per_model=2, request_timeout_s=6)
+    own = settings.with_(max_queued_per_model=2, request_timeout_s=6, queue_mode="fifo")  # the total check
     statuses: list[int] = []
     with serving(own, tmp_path / "serve.log") as base:
         def wait_in_queue() -> None:
