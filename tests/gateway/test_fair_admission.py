@@ -234,3 +234,29 @@ async def test_fair_admission_costs_one_script_and_two_hash_reads(client, counte
     assert isinstance(await ask(counters, "a"), QueueAtLimit)
     spent = await commands_since_async(client, before)
     assert spent["hget"] == 1 and spent["zrangebyscore"] == 1
+
+
+async def test_an_admitted_and_settled_request_costs_what_it_costs_in_fifo_mode(client) -> None:
+    """A principal in a team with every limit set, a full minute window, two teams waiting: at most 22
+    commands a request, as tests/gateway/test_usage_admit.py holds fifo mode (21 in both when measured)."""
+    every = {name: 10**9 for name in ("requests_per_minute", "tokens_per_minute", "tokens_per_day",
+                                      "tokens_per_month", "in_flight")}
+    limits = {"principal": every, "team": every}
+    counters = UsageCounters(client)
+    await seed(client, {"research": 2, "b": 3}, {"*": 1})
+    queue = fair_model_queue(MODEL, "research", LIMIT)
+
+    async def one(now: float) -> None:
+        reply = await counters.admit(uuid.uuid4().hex, "alice", "research", limits, 100, queue=queue, now=now)
+        assert isinstance(reply.outcome, Reservation) and reply.waiting == 5
+        await counters.settle(reply.outcome, 60, now=now)
+
+    for i in range(301):  # a minute of requests, 0.2 s apart: from now on each admission prunes one
+        await one(T + 0.2 * i)
+    before = await command_calls_async(client)
+    for i in range(301, 309):
+        await one(T + 0.2 * i)
+    spent = await commands_since_async(client, before)
+    print(f"\n{sum(spent.values()) / 8} commands per request: {dict(spent.most_common())}")
+    assert spent["evalsha"] == 2 * 8 and spent["hgetall"] == 8 and spent["llen"] == 0
+    assert sum(spent.values()) <= 22 * 8
