@@ -309,13 +309,19 @@ end
 -- The team's weight and the waiting teams' (its own included), from the shares hash: one HMGET, and
 -- none while no other team waits (the team then has every place). A team without a weight of its own
 -- has the '*' one, else 1 (gateway/policy/shares.py writes the hash).
+local function positive(v)
+  local n = tonumber(v)
+  if n and n > 0 then return n end
+  return nil
+end
+
 local function fair_weights(others)
   if #others == 0 then return 1, 1 end
   local got = redis.call('HMGET', KEYS[QFIRST + 1], TEAM, '*', unpack(others))
-  local default = tonumber(got[2]) or 1
-  local w = tonumber(got[1]) or default
+  local default = positive(got[2]) or 1
+  local w = positive(got[1]) or default
   local sum = w
-  for k = 3, #got do sum = sum + (tonumber(got[k]) or default) end
+  for k = 3, #got do sum = sum + (positive(got[k]) or default) end
   return w, sum
 end
 

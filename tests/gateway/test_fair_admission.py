@@ -129,6 +129,11 @@ async def test_weights_three_to_one(client, counters) -> None:
     await seed(client, {"a": 10, "c": 16}, {"a": 3})
     refused = await ask(counters, "c")
     assert isinstance(refused, QueueAtLimit) and refused.team is not None and refused.team.cap == 16
+    # a weight that is not a positive number (never published so) counts as the '*' one
+    await seed(client, {"a": 10, "c": 32}, {"a": 0, "c": "x", "*": 2})
+    refused = await ask(counters, "c")
+    assert isinstance(refused, QueueAtLimit) and refused.team is not None
+    assert (refused.team.cap, refused.team.weight, refused.team.waiting_weight) == (32, 2.0, 4.0)
 
 
 async def test_one_teams_burst_does_not_lock_the_others_out(client, counters) -> None:
