@@ -16,9 +16,12 @@ request every ``--every-ms`` until the burst is answered (or for
 ``--trickle-s``). Figures: the trickling teams' queue waits (p50/p95), one
 job's service time, throughput over the burst, each team's share of all
 worker time. The **shares phase**: the first team sends ``--burst`` at
-once and every other team ``--burst`` at once ``--stagger-ms`` later, so
-all are backlogged together: each team's share of the worker's time while
-all are backlogged, and the share error against the weights.
+once; as soon as the audit holds all of them (they are queued), every other
+team sends ``--burst`` at once (``--stagger-ms`` later, 0 by default). So
+all are backlogged together, and under FIFO the late teams wait behind the
+whole first burst however fast the gateway admitted it: each team's share
+of the worker's time while all are backlogged, and the share error against
+the weights.
 
 Each phase runs against the FIFO gateway and the fair one back to back,
 alternating which goes first, ``--repeat`` times. How the figures are made
@@ -63,7 +66,7 @@ import resource
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +89,8 @@ SCENARIOS: dict[str, tuple[Team, ...]] = {
 }
 #: The longest one request may take (a FIFO trickle request waits behind whole bursts).
 REQUEST_TIMEOUT_S = 300.0
+#: How often the shares phase asks the audit whether the first burst is all recorded.
+ADMISSION_POLL_S = 0.02
 #: The longest one phase may take; a stuck stack ends the run instead of hanging it.
 PHASE_TIMEOUT_S = 900.0
 _CLIENT_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, TimeoutError)
@@ -119,9 +124,19 @@ async def _request(endpoint: Endpoint, opened: Connection | None = None) -> tupl
             connection.close()
 
 
-async def _burst(endpoint: Endpoint, connections: list[Connection], delay_s: float) -> list[tuple[str, str | None]]:
-    await asyncio.sleep(delay_s)
+async def _burst(endpoint: Endpoint, connections: list[Connection],
+                 go: Awaitable[None] | None = None) -> list[tuple[str, str | None]]:
+    """Every connection sends its one request at once (after ``go``, when given)."""
+    if go is not None:
+        await go
     return list(await asyncio.gather(*(_request(endpoint, c) for c in connections)))
+
+
+async def _admitted_then(admitted: Callable[[], int], count: int, pause_s: float) -> None:
+    """Return ``pause_s`` after ``admitted()`` (a count the audit gives) reaches ``count``."""
+    while await asyncio.to_thread(admitted) < count:
+        await asyncio.sleep(ADMISSION_POLL_S)
+    await asyncio.sleep(pause_s)
 
 
 async def _trickle(endpoint: Endpoint, every_s: float, stop: asyncio.Event,
@@ -144,9 +159,15 @@ async def _trickle(endpoint: Endpoint, every_s: float, stop: asyncio.Event,
     return list(await asyncio.gather(*sent))
 
 
-async def _drive(endpoints: dict[str, Endpoint], teams: tuple[Team, ...], phase: str,
-                 args: argparse.Namespace) -> dict[str, list[tuple[str, str | None]]]:
-    """The phase's load; every team's answers once all are in."""
+async def _drive(endpoints: dict[str, Endpoint], teams: tuple[Team, ...], phase: str, args: argparse.Namespace,
+                 admitted: Callable[[], int]) -> dict[str, list[tuple[str, str | None]]]:
+    """The phase's load; every team's answers once all are in.
+
+    ``admitted()`` counts the first team's requests the gateway has recorded
+    (and so queued, or refused): in the shares phase the other teams send
+    their bursts ``--stagger-ms`` after it reaches ``--burst``, so under FIFO
+    they queue behind the whole first burst however fast the gateway admits.
+    """
     first, others = teams[0], teams[1:]
     bursting = [first, *others] if phase == "shares" else [first]
     opened = {t.name: [await Connection.open(endpoints[t.name]) for _ in range(args.burst)] for t in bursting}
@@ -154,8 +175,8 @@ async def _drive(endpoints: dict[str, Endpoint], teams: tuple[Team, ...], phase:
     tasks: dict[str, asyncio.Task] = {}
     async with asyncio.timeout(PHASE_TIMEOUT_S):
         for team in bursting:
-            delay = 0.0 if team is first else args.stagger_ms / 1000
-            tasks[team.name] = asyncio.create_task(_burst(endpoints[team.name], opened[team.name], delay))
+            go = None if team is first else _admitted_then(admitted, args.burst, args.stagger_ms / 1000)
+            tasks[team.name] = asyncio.create_task(_burst(endpoints[team.name], opened[team.name], go))
         if phase == "latency":
             for team in others:
                 tasks[team.name] = asyncio.create_task(
@@ -184,6 +205,19 @@ def _jobs(store: Any, since_seq: int, request_ids: set[str]) -> tuple[list[Job],
     return jobs, completions
 
 
+def _recorded(store: Any, since_seq: int, team: str) -> int:
+    """How many ``request`` entries of ``team`` the audit holds after ``since_seq``: requests admitted or refused."""
+    from sqlalchemy import func, select
+
+    from audit.tables import AuditEntryRow
+
+    table = AuditEntryRow.__table__
+    query = select(func.count()).select_from(table).where(
+        table.c.seq > since_seq, table.c.team == team, table.c.kind == "request")
+    with store.engine.connect() as connection:
+        return int(connection.execute(query).scalar_one())
+
+
 def run_phase(stack: FairStack, store: Any, scenario: str, phase: str, mode: str,
               args: argparse.Namespace) -> PhaseRun:
     """One phase against ``mode``'s gateway, with CPU probes around it and its jobs read back."""
@@ -193,13 +227,14 @@ def run_phase(stack: FairStack, store: Any, scenario: str, phase: str, mode: str
     probe = RoleProbe([Role("gateway", stack.gateway_pids[mode], "tree"), Role("worker_main", stack.worker_pid, "own"),
                        Role("worker_pool", stack.worker_pid, "children"), Role("redis", stack.redis_pid)])
     head = store.head()
+    since = head.seq if head else 0
     probe.start()
-    answers = asyncio.run(_drive(endpoints, teams, phase, args))
+    answers = asyncio.run(_drive(endpoints, teams, phase, args, lambda: _recorded(store, since, teams[0].name)))
     cpu = probe.stop()
     run = PhaseRun(scenario=scenario, phase=phase, mode=mode, teams=teams, cpu_s=cpu,
                    statuses={name: Counter(status for status, _ in got) for name, got in answers.items()})
     ids = {rid for got in answers.values() for _, rid in got if rid}
-    run.jobs, run.completions = _jobs(store, head.seq if head else 0, ids)
+    run.jobs, run.completions = _jobs(store, since, ids)
     return run
 
 
@@ -265,8 +300,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--burst", type=int, default=200, help="requests a bursting team sends at once")
     parser.add_argument("--every-ms", type=float, default=100.0, help="a trickling team's interval")
     parser.add_argument("--trickle-s", type=float, help="trickle for this long (default: until the burst is answered)")
-    parser.add_argument("--stagger-ms", type=float, default=500.0,
-                        help="shares phase: how long after the first team the others send their bursts")
+    parser.add_argument("--stagger-ms", type=float, default=0.0,
+                        help="shares phase: how long after the first team's burst is all admitted the others send")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per request (see the docstring: why 16)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of every phase in each mode")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured requests per team and gateway first")
