@@ -36,6 +36,8 @@ MODES = ("fifo", "fair")
 PHASES = ("latency", "shares")
 #: The issue's goals for fair share, against the equal-weight case.
 GOAL_WAIT_SERVICES, GOAL_SHARE_ERROR, GOAL_THROUGHPUT = 2.0, 0.05, 0.95
+#: The processes whose CPU is read around each phase (the gateway in use, the worker's two parts, Redis).
+CPU_ROLES = ("gateway", "worker_main", "worker_pool", "redis")
 #: The scenario whose figures head the document (the issue's two teams of equal weight).
 HEADLINE_SCENARIO = "equal"
 
@@ -82,7 +84,7 @@ def _mode_figures(runs: Sequence[PhaseRun], phase: str) -> dict[str, Any]:
         "throughput_per_s": rounded(_median([throughput(r.jobs, _bursting(r)) for r in runs]), 2),
         "throughput_runs": [rounded(throughput(r.jobs, _bursting(r)), 2) for r in runs],
         "cpu_ms_per_job": {role: rounded(sum(r.cpu_s.get(role, 0.0) for r in runs) * 1000 / jobs_count, 2)
-                           for role in ("gateway", "worker_main", "worker_pool", "redis")} if jobs_count else {},
+                           for role in CPU_ROLES} if jobs_count else {},
         "jobs": jobs_count,
     }
     if phase == "latency":
@@ -134,6 +136,12 @@ def _ratios(runs: Sequence[PhaseRun], scenario: str, phase: str) -> list[float]:
     return [f / b for f, b in zip(series("fair"), series("fifo")) if f and b]
 
 
+def _cpu_ratio(fair: dict[str, Any], fifo: dict[str, Any]) -> float | None:
+    """Fair's CPU per job over FIFO's, all measured processes together (the gateway, the worker, Redis)."""
+    spent = [sum(v for v in side["cpu_ms_per_job"].values() if v is not None) for side in (fair, fifo)]
+    return round(spent[0] / spent[1], 3) if spent[1] else None
+
+
 def report(runs: Sequence[PhaseRun], settings: dict[str, Any], load: dict[str, Any]) -> dict[str, Any]:
     """The ``--json`` document (see the module docstring)."""
     scenarios: dict[str, Any] = {}
@@ -150,6 +158,9 @@ def report(runs: Sequence[PhaseRun], settings: dict[str, Any], load: dict[str, A
             if "fair" in entry[phase]:
                 entry[phase]["fair"]["throughput_vs_fifo"] = rounded(_median(ratios), 3)
                 entry[phase]["fair"]["throughput_vs_fifo_runs"] = [round(x, 3) for x in ratios]
+                if "fifo" in entry[phase]:
+                    entry[phase]["fair"]["cpu_per_job_vs_fifo"] = _cpu_ratio(entry[phase]["fair"],
+                                                                             entry[phase]["fifo"])
         scenarios[scenario] = entry
     document: dict[str, Any] = {"settings": settings, "load": load, "scenarios": scenarios,
                                 "requests": _counts(runs)}
@@ -191,9 +202,22 @@ def _counts(runs: Sequence[PhaseRun]) -> dict[str, int]:
             "jobs_with_timings": sum(len(r.jobs) for r in runs)}
 
 
+def _common_rows(row: Callable[..., None], block: dict[str, Any]) -> None:
+    """Throughput and CPU per job, and fair against FIFO, for one phase."""
+    def cpu(f: dict[str, Any], *roles: str) -> float | None:
+        return rounded(sum(f["cpu_ms_per_job"].get(r) or 0.0 for r in roles), 2) if f["cpu_ms_per_job"] else None
+
+    row("  throughput jobs/s", lambda f: f["throughput_per_s"], block)
+    row("    fair / fifo (median of repeats)", lambda f: f.get("throughput_vs_fifo"), block)
+    row("  CPU ms/job: worker (main + pool)", lambda f: cpu(f, "worker_main", "worker_pool"), block)
+    row("  CPU ms/job: gateway, Redis", lambda f: f"{cpu(f, 'gateway')}, {cpu(f, 'redis')}", block)
+    row("  CPU ms/job: all", lambda f: cpu(f, *CPU_ROLES), block)
+    row("    fair / fifo", lambda f: f.get("cpu_per_job_vs_fifo"), block)
+
+
 def table(document: dict[str, Any]) -> str:
     """The figures as text: one block per scenario, FIFO and fair side by side."""
-    widths = (34, 12)
+    widths = (36, 12)
     lines = []
     for name, entry in document["scenarios"].items():
         weights = ", ".join(f"{t} {w:g}" for t, w in entry["weights"].items())
@@ -203,22 +227,19 @@ def table(document: dict[str, Any]) -> str:
         def row(label: str, pick: Callable[[dict[str, Any]], Any], block: dict[str, Any]) -> None:
             lines.append(table_row(label, [pick(block[m]) if m in block else None for m in MODES], widths))
 
+        first = next(iter(entry["weights"]))
+        lines.append(f"latency phase: {first} bursts, the others trickle")
         for team in list(entry["weights"])[1:]:
-            row(f"{team} wait p50 ms", lambda f, t=team: f["waits_ms"][t]["p50"], latency)
-            row(f"{team} wait p95 ms", lambda f, t=team: f["waits_ms"][t]["p95"], latency)
-        row("service ms (one job, median)", lambda f: f["service_ms"], latency)
-        row("throughput jobs/s (latency phase)", lambda f: f["throughput_per_s"], latency)
-        row("  fair / fifo (median of repeats)", lambda f: f.get("throughput_vs_fifo"), latency)
+            row(f"  {team} wait p50 ms", lambda f, t=team: f["waits_ms"][t]["p50"], latency)
+            row(f"  {team} wait p95 ms", lambda f, t=team: f["waits_ms"][t]["p95"], latency)
+        row("  service ms (one job, median)", lambda f: f["service_ms"], latency)
+        _common_rows(row, latency)
+        lines.append("shares phase: every team bursts")
         for team in entry["weights"]:
-            row(f"{team} share, all backlogged", lambda f, t=team: f["shares_backlogged"][t], shares)
-        row("share error (max |share - weight|)", lambda f: f["share_error"], shares)
-        row("backlogged jobs (all repeats)", lambda f: f["backlogged_jobs"], shares)
-        row("throughput jobs/s (shares phase)", lambda f: f["throughput_per_s"], shares)
-        row("  fair / fifo (median of repeats)", lambda f: f.get("throughput_vs_fifo"), shares)
-        row("worker CPU ms/job (main+pool)",
-            lambda f: rounded(f["cpu_ms_per_job"].get("worker_main", 0) + f["cpu_ms_per_job"].get("worker_pool", 0), 2)
-            if f["cpu_ms_per_job"] else None, latency)
-        row("redis CPU ms/job", lambda f: f["cpu_ms_per_job"].get("redis"), latency)
+            row(f"  {team} share, all backlogged", lambda f, t=team: f["shares_backlogged"][t], shares)
+        row("  share error", lambda f: f["share_error"], shares)
+        row("  backlogged jobs (all repeats)", lambda f: f["backlogged_jobs"], shares)
+        _common_rows(row, shares)
     counts = document["requests"]
     lines += ["", f"requests: {counts['sent']} sent, {counts['ok']} answered 200, {counts['completed_in_audit']} "
                   f"ended as completion in the audit, {counts['not_ok']} not 200"]
