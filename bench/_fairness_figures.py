@@ -28,6 +28,11 @@ already queued at the previous end (the worker did not sit idle before it).
 * **throughput**: jobs ended per second from the first job's start to the
   last end of the teams that burst (the worker is backlogged all that time).
 
+A trickling team's request is also seen from the client (:class:`Answer`,
+matched to its job by request id): its **latency** (send to answer), its
+**admission** (send to ``queued``: the time the gateway held it before
+queueing it).
+
 An append that waits for the database's write lock moves its job's
 ``ended`` (and so ``started``) later by the wait; that moves slot time
 between neighbouring jobs, never the total.
@@ -43,8 +48,8 @@ from typing import Any
 
 from bench._figures import percentile
 
-__all__ = ["Job", "Slot", "backlogged_shares", "job_from_entry", "overall_shares", "schedule", "service_ms",
-           "share_error", "throughput", "waits_ms"]
+__all__ = ["Answer", "Job", "Slot", "admissions_ms", "backlogged_shares", "job_from_entry", "latencies_ms",
+           "overall_shares", "schedule", "service_ms", "share_error", "throughput", "wait_figures", "waits_ms"]
 
 
 @dataclass(frozen=True)
@@ -55,10 +60,21 @@ class Job:
     queued: float
     started: float
     ended: float
+    request_id: str = ""
 
     @property
     def wait_ms(self) -> float:
         return (self.started - self.queued) * 1000
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request as the client saw it: its status (or exception name), its id, when sent and answered (epoch s)."""
+
+    status: str
+    request_id: str | None
+    sent: float
+    done: float
 
 
 @dataclass(frozen=True)
@@ -83,7 +99,8 @@ def job_from_entry(entry: Any) -> Job | None:
         return None
     ended = entry.created_at.timestamp()
     started = ended - generate_ms / 1000
-    return Job(team=entry.team, queued=started - queue_ms / 1000, started=started, ended=ended)
+    return Job(team=entry.team, queued=started - queue_ms / 1000, started=started, ended=ended,
+               request_id=entry.request_id)
 
 
 def schedule(jobs: Iterable[Job]) -> list[Slot]:
@@ -111,7 +128,19 @@ def waits_ms(jobs: Iterable[Job], team: str) -> list[float]:
 
 def wait_figures(waits: Sequence[float]) -> dict[str, float | None]:
     """p50, p95 and the largest of ``waits`` (nearest rank)."""
-    return {"p50": percentile(waits, 50), "p95": percentile(waits, 95), "max": max(waits) if waits else None}
+    return {"p50": percentile(waits, 50), "p95": percentile(waits, 95), "max": max(waits) if waits else None,
+            "count": len(waits)}
+
+
+def latencies_ms(answers: Iterable[Answer]) -> list[float]:
+    """Send to answer, in milliseconds, of the requests answered 200 (the client's clock)."""
+    return [(a.done - a.sent) * 1000 for a in answers if a.status == "200"]
+
+
+def admissions_ms(answers: Iterable[Answer], jobs: Iterable[Job]) -> list[float]:
+    """Send to enqueue, in milliseconds: the time each request spent in the gateway before it was queued."""
+    queued = {j.request_id: j.queued for j in jobs if j.request_id}
+    return [(queued[a.request_id] - a.sent) * 1000 for a in answers if a.request_id in queued]
 
 
 class _Backlog:

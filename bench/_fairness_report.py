@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench._fairness_figures import (
+    Answer,
     Job,
+    admissions_ms,
     backlogged_shares,
+    latencies_ms,
     overall_shares,
     schedule,
     service_ms,
@@ -30,10 +33,12 @@ from bench._fairness_figures import (
 from bench._fairness_stack import Team
 from bench._figures import rounded, table_row
 
-__all__ = ["MODES", "PHASES", "PhaseRun", "report", "table"]
+__all__ = ["MODES", "PHASES", "TRICKLE_PHASES", "PhaseRun", "report", "table"]
 
 MODES = ("fifo", "fair")
-PHASES = ("latency", "shares")
+#: The phases, in the order they run: the trickle from the start, the trickle once the burst is queued, bursts.
+PHASES = ("latency", "latency_queued", "shares")
+TRICKLE_PHASES = ("latency", "latency_queued")
 #: The issue's goals for fair share, against the equal-weight case.
 GOAL_WAIT_SERVICES, GOAL_SHARE_ERROR, GOAL_THROUGHPUT = 2.0, 0.05, 0.95
 #: The processes whose CPU is read around each phase (the gateway in use, the worker's two parts, Redis).
@@ -50,7 +55,7 @@ class PhaseRun:
     phase: str
     mode: str
     teams: tuple[Team, ...]
-    statuses: dict[str, Counter] = field(default_factory=dict)  # team -> status (or exception name) -> count
+    answers: dict[str, list[Answer]] = field(default_factory=dict)  # team -> its requests as the client saw them
     jobs: list[Job] = field(default_factory=list)  # ended as completion, in no particular order
     completions: int = 0  # the phase's requests that ended as ``completion`` in the audit
     cpu_s: dict[str, float] = field(default_factory=dict)
@@ -58,6 +63,11 @@ class PhaseRun:
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.teams]
+
+    @property
+    def statuses(self) -> dict[str, Counter]:
+        """Team -> status (or exception name) -> how many."""
+        return {team: Counter(a.status for a in got) for team, got in self.answers.items()}
 
     @property
     def sent(self) -> int:
@@ -87,11 +97,16 @@ def _mode_figures(runs: Sequence[PhaseRun], phase: str) -> dict[str, Any]:
                            for role in CPU_ROLES} if jobs_count else {},
         "jobs": jobs_count,
     }
-    if phase == "latency":
-        figures["waits_ms"] = {}
-        for name in names[1:]:
-            waits = [w for r in runs for w in waits_ms(r.jobs, name)]
-            figures["waits_ms"][name] = {k: rounded(v, 1) for k, v in wait_figures(waits).items()}
+    if phase in TRICKLE_PHASES:
+        pooled: dict[str, Callable[[PhaseRun, str], list[float]]] = {
+            "waits_ms": lambda r, n: waits_ms(r.jobs, n),
+            "admission_ms": lambda r, n: admissions_ms(r.answers.get(n, []), r.jobs),
+            "latency_ms": lambda r, n: latencies_ms(r.answers.get(n, [])),
+        }
+        for key, values_of in pooled.items():
+            figures[key] = {name: {k: rounded(v, 1) for k, v in
+                                   wait_figures([v for r in runs for v in values_of(r, name)]).items()}
+                            for name in names[1:]}
         shares = _summed(overall_shares, runs, names)
         figures["shares_overall"] = {n: round(s, 3) for n, s in shares.items()}
     else:
@@ -176,8 +191,14 @@ def report(runs: Sequence[PhaseRun], settings: dict[str, Any], load: dict[str, A
 def _headline(equal: dict[str, Any], mode: str) -> dict[str, Any]:
     """The issue's figures for the equal-weight case: team B's wait, one job's time, shares, throughput."""
     latency, shares = equal["latency"][mode], equal.get("shares", {}).get(mode, {})
-    b_wait = latency["waits_ms"][list(equal["weights"])[1]]
+    queued = equal.get("latency_queued", {}).get(mode)
+    b = list(equal["weights"])[1]
+    b_wait = latency["waits_ms"][b]
     return {"b_wait_p50_ms": b_wait["p50"], "b_wait_p95_ms": b_wait["p95"], "service_ms": latency["service_ms"],
+            "b_wait_p50_ms_burst_queued_first": queued["waits_ms"][b]["p50"] if queued else None,
+            "b_wait_p95_ms_burst_queued_first": queued["waits_ms"][b]["p95"] if queued else None,
+            "b_admission_p95_ms": latency["admission_ms"][b]["p95"],
+            "b_latency_p50_ms": latency["latency_ms"][b]["p50"], "b_latency_p95_ms": latency["latency_ms"][b]["p95"],
             "share_error": shares.get("share_error"), "shares_backlogged": shares.get("shares_backlogged"),
             "throughput_per_s": latency["throughput_per_s"],
             "throughput_vs_fifo": latency.get("throughput_vs_fifo", 1.0 if mode == "fifo" else None)}
@@ -222,18 +243,24 @@ def table(document: dict[str, Any]) -> str:
     for name, entry in document["scenarios"].items():
         weights = ", ".join(f"{t} {w:g}" for t, w in entry["weights"].items())
         lines += ["", f"{name} (weights {weights})", table_row("", MODES, widths)]
-        latency, shares = entry["latency"], entry["shares"]
+        shares = entry["shares"]
 
         def row(label: str, pick: Callable[[dict[str, Any]], Any], block: dict[str, Any]) -> None:
             lines.append(table_row(label, [pick(block[m]) if m in block else None for m in MODES], widths))
 
         first = next(iter(entry["weights"]))
-        lines.append(f"latency phase: {first} bursts, the others trickle")
-        for team in list(entry["weights"])[1:]:
-            row(f"  {team} wait p50 ms", lambda f, t=team: f["waits_ms"][t]["p50"], latency)
-            row(f"  {team} wait p95 ms", lambda f, t=team: f["waits_ms"][t]["p95"], latency)
-        row("  service ms (one job, median)", lambda f: f["service_ms"], latency)
-        _common_rows(row, latency)
+        for phase, when in (("latency", "from the start"), ("latency_queued", "once the burst is queued")):
+            block = entry[phase]
+            lines.append(f"{phase} phase: {first} bursts, the others trickle {when}")
+            for team in list(entry["weights"])[1:]:
+                row(f"  {team} queue wait p50 ms", lambda f, t=team: f["waits_ms"][t]["p50"], block)
+                row(f"  {team} queue wait p95 ms", lambda f, t=team: f["waits_ms"][t]["p95"], block)
+                row("    in the gateway before, p50 ms", lambda f, t=team: f["admission_ms"][t]["p50"], block)
+                row("    in the gateway before, p95 ms", lambda f, t=team: f["admission_ms"][t]["p95"], block)
+                row(f"  {team} latency p50 ms (client)", lambda f, t=team: f["latency_ms"][t]["p50"], block)
+                row(f"  {team} latency p95 ms (client)", lambda f, t=team: f["latency_ms"][t]["p95"], block)
+            row("  service ms (one job, median)", lambda f: f["service_ms"], block)
+            _common_rows(row, block)
         lines.append("shares phase: every team bursts")
         for team in entry["weights"]:
             row(f"  {team} share, all backlogged", lambda f, t=team: f["shares_backlogged"][t], shares)

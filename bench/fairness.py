@@ -13,9 +13,15 @@ and the database. Each team has one principal, no usage limits and its
 The **latency phase**: the first team sends ``--burst`` requests at once
 (each on its own connection, opened beforehand); every other team sends one
 request every ``--every-ms`` until the burst is answered (or for
-``--trickle-s``). Figures: the trickling teams' queue waits (p50/p95), one
-job's service time, throughput over the burst, each team's share of all
-worker time. The **shares phase**: the first team sends ``--burst`` at
+``--trickle-s``). Figures: the trickling teams' queue waits (p50/p95), how
+long the gateway held their requests before queueing them and their
+latency at the client, one job's service time, throughput over the burst,
+each team's share of all worker time. The **latency_queued phase** is the
+same, except that the trickle starts once the audit holds the whole burst:
+the gateway admits requests in the order they came, so during the burst
+the trickle's requests wait behind it in the gateway and reach the queue
+in a clump; starting later shows the worker's schedule alone. The
+**shares phase**: the first team sends ``--burst`` at
 once; as soon as the audit holds all of them (they are queued), every other
 team sends ``--burst`` at once (``--stagger-ms`` later, 0 by default). So
 all are backlogged together, and under FIFO the late teams wait behind the
@@ -65,7 +71,6 @@ import os
 import resource
 import sys
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -74,8 +79,8 @@ if not __package__:  # run as `python bench/fairness.py`: import the bench packa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._bare import CHAT_PATH  # noqa: E402
 from bench._cpu import Role, RoleProbe  # noqa: E402
-from bench._fairness_figures import Job, job_from_entry  # noqa: E402
-from bench._fairness_report import MODES, PHASES, PhaseRun, report, table  # noqa: E402
+from bench._fairness_figures import Answer, Job, job_from_entry  # noqa: E402
+from bench._fairness_report import MODES, PHASES, TRICKLE_PHASES, PhaseRun, report, table  # noqa: E402
 from bench._fairness_stack import FairStack, Team, fair_mode_available, start_fair_stack  # noqa: E402
 from bench._figures import write_json  # noqa: E402
 from bench._load import Connection, Endpoint  # noqa: E402
@@ -107,25 +112,26 @@ def request_body(max_tokens: int) -> dict[str, Any]:
             "messages": [{"role": "user", "content": "Say hello."}]}
 
 
-async def _request(endpoint: Endpoint, opened: Connection | None = None) -> tuple[str, str | None]:
-    """One request on ``opened`` (or a new connection), closed after: its status and request id."""
+async def _request(endpoint: Endpoint, opened: Connection | None = None) -> Answer:
+    """One request on ``opened`` (or a new connection), closed after: what came back, and when."""
     connection = None
+    sent = time.time()  # the wall clock: compared with the worker's and the audit's times
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT_S):
             connection = opened or await Connection.open(endpoint)
             status, headers = await connection.send(endpoint.request)
             async for _ in connection.chunks(headers):
                 pass
-        return str(status), headers.get("x-govgate-request-id")
+        return Answer(str(status), headers.get("x-govgate-request-id"), sent, time.time())
     except _CLIENT_ERRORS as exc:
-        return type(exc).__name__, None
+        return Answer(type(exc).__name__, None, sent, time.time())
     finally:
         if connection is not None:
             connection.close()
 
 
 async def _burst(endpoint: Endpoint, connections: list[Connection],
-                 go: Awaitable[None] | None = None) -> list[tuple[str, str | None]]:
+                 go: Awaitable[None] | None = None) -> list[Answer]:
     """Every connection sends its one request at once (after ``go``, when given)."""
     if go is not None:
         await go
@@ -139,9 +145,14 @@ async def _admitted_then(admitted: Callable[[], int], count: int, pause_s: float
     await asyncio.sleep(pause_s)
 
 
-async def _trickle(endpoint: Endpoint, every_s: float, stop: asyncio.Event,
-                   for_s: float | None) -> list[tuple[str, str | None]]:
-    """One request every ``every_s`` (not waiting for answers) until ``stop`` is set, or for ``for_s``."""
+async def _trickle(endpoint: Endpoint, every_s: float, stop: asyncio.Event, for_s: float | None,
+                   go: Awaitable[None] | None = None) -> list[Answer]:
+    """One request every ``every_s`` (not waiting for answers) until ``stop`` is set, or for ``for_s``.
+
+    It starts at once, or after ``go`` when given.
+    """
+    if go is not None:
+        await go
     loop = asyncio.get_running_loop()
     started, sent = loop.time(), []
     count = None if for_s is None else math.floor(for_s / every_s + 1e-9)
@@ -160,13 +171,14 @@ async def _trickle(endpoint: Endpoint, every_s: float, stop: asyncio.Event,
 
 
 async def _drive(endpoints: dict[str, Endpoint], teams: tuple[Team, ...], phase: str, args: argparse.Namespace,
-                 admitted: Callable[[], int]) -> dict[str, list[tuple[str, str | None]]]:
+                 admitted: Callable[[], int]) -> dict[str, list[Answer]]:
     """The phase's load; every team's answers once all are in.
 
     ``admitted()`` counts the first team's requests the gateway has recorded
     (and so queued, or refused): in the shares phase the other teams send
     their bursts ``--stagger-ms`` after it reaches ``--burst``, so under FIFO
-    they queue behind the whole first burst however fast the gateway admits.
+    they queue behind the whole first burst however fast the gateway admits;
+    in the ``latency_queued`` phase the other teams start trickling then.
     """
     first, others = teams[0], teams[1:]
     bursting = [first, *others] if phase == "shares" else [first]
@@ -177,10 +189,11 @@ async def _drive(endpoints: dict[str, Endpoint], teams: tuple[Team, ...], phase:
         for team in bursting:
             go = None if team is first else _admitted_then(admitted, args.burst, args.stagger_ms / 1000)
             tasks[team.name] = asyncio.create_task(_burst(endpoints[team.name], opened[team.name], go))
-        if phase == "latency":
+        if phase in TRICKLE_PHASES:
             for team in others:
+                go = _admitted_then(admitted, args.burst, 0.0) if phase == "latency_queued" else None
                 tasks[team.name] = asyncio.create_task(
-                    _trickle(endpoints[team.name], args.every_ms / 1000, answered, args.trickle_s))
+                    _trickle(endpoints[team.name], args.every_ms / 1000, answered, args.trickle_s, go))
         await tasks[first.name]
         answered.set()
         return {name: await task for name, task in tasks.items()}
@@ -232,8 +245,8 @@ def run_phase(stack: FairStack, store: Any, scenario: str, phase: str, mode: str
     answers = asyncio.run(_drive(endpoints, teams, phase, args, lambda: _recorded(store, since, teams[0].name)))
     cpu = probe.stop()
     run = PhaseRun(scenario=scenario, phase=phase, mode=mode, teams=teams, cpu_s=cpu,
-                   statuses={name: Counter(status for status, _ in got) for name, got in answers.items()})
-    ids = {rid for got in answers.values() for _, rid in got if rid}
+                   answers=answers)
+    ids = {a.request_id for got in answers.values() for a in got if a.request_id}
     run.jobs, run.completions = _jobs(store, since, ids)
     return run
 
@@ -247,7 +260,7 @@ def _warm_up(stack: FairStack, args: argparse.Namespace) -> None:
                     endpoint = Endpoint.post_json(stack.base_urls[mode], CHAT_PATH, request_body(args.max_tokens),
                                                   {"Authorization": f"Bearer {stack.keys[team.name]}"})
                     for _ in range(args.warmup):
-                        status, _ = await _request(endpoint)
+                        status = (await _request(endpoint)).status
                         if status != "200":
                             raise RuntimeError(f"warm-up request of team {team.name} to the {mode} gateway "
                                                f"answered {status}")

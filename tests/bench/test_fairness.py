@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,9 +18,12 @@ from types import SimpleNamespace
 import pytest
 
 from bench._fairness_figures import (
+    Answer,
     Job,
+    admissions_ms,
     backlogged_shares,
     job_from_entry,
+    latencies_ms,
     overall_shares,
     schedule,
     service_ms,
@@ -32,7 +34,8 @@ from bench._fairness_stack import fair_mode_available
 from bench._fairness_report import MODES, PhaseRun, report, table
 from bench.fairness import SCENARIOS, parse_args, run
 
-HEADLINE_KEYS = {"b_wait_p50_ms", "b_wait_p95_ms", "service_ms", "share_error", "throughput_vs_fifo"}
+HEADLINE_KEYS = {"b_wait_p50_ms", "b_wait_p95_ms", "service_ms", "share_error", "throughput_vs_fifo",
+                 "b_admission_p95_ms", "b_latency_p95_ms", "b_wait_p95_ms_burst_queued_first"}
 
 
 def _job(team: str, queued: float, started: float, ended: float) -> Job:
@@ -89,11 +92,19 @@ def test_throughput_counts_jobs_ended_by_the_bursting_teams_last_end() -> None:
     assert throughput([], ["a"]) is None
 
 
+def test_a_trickled_request_is_split_into_its_time_in_the_gateway_and_in_the_queue() -> None:
+    jobs = [_job("a", 0.0, 0.0, 1.0), Job("b", 0.5, 1.0, 2.0, request_id="b1"), _job("a", 0.6, 2.0, 3.0),
+            Job("b", 3.5, 3.5, 4.0, request_id="b2")]
+    answers = [Answer("200", "b1", 0.25, 2.5), Answer("200", "b2", 3.5, 4.25), Answer("503", None, 1.0, 1.5)]
+    assert latencies_ms(answers) == pytest.approx([2250.0, 750.0])  # the 503 is not a latency
+    assert admissions_ms(answers, jobs) == pytest.approx([250.0, 0.0])
+
+
 def test_a_job_is_read_from_a_terminal_entry_and_one_without_timings_is_skipped() -> None:
     at = datetime(2026, 11, 30, 9, 0, 1, tzinfo=timezone.utc)
-    entry = SimpleNamespace(team="eq-b", created_at=at, body={"timings": {"queue_ms": 250.0, "generate_ms": 500.0}})
+    entry = SimpleNamespace(team="eq-b", request_id="r1", created_at=at, body={"timings": {"queue_ms": 250.0, "generate_ms": 500.0}})
     job = job_from_entry(entry)
-    assert job is not None and job.team == "eq-b"
+    assert job is not None and job.team == "eq-b" and job.request_id == "r1"
     assert job.ended == at.timestamp() and job.started == at.timestamp() - 0.5
     assert job.wait_ms == pytest.approx(250.0)
     assert job_from_entry(SimpleNamespace(team="x", created_at=at, body={"timings": {"queue_ms": 1.0}})) is None
@@ -103,24 +114,29 @@ def _fake_run(scenario: str, phase: str, mode: str, order: str, step: float) -> 
     teams = SCENARIOS[scenario]
     names = [t.name for t in teams]
     letters = dict(zip("abc", names))
-    jobs = [_job(letters[c], 0.0, i * step, (i + 1) * step) for i, c in enumerate(order)]
+    jobs = [Job(letters[c], 0.0, i * step, (i + 1) * step, request_id=f"r{i}") for i, c in enumerate(order)]
+    answers = {n: [Answer("200", j.request_id, -0.001, j.ended + 0.001) for j in jobs if j.team == n] for n in names}
     return PhaseRun(scenario=scenario, phase=phase, mode=mode, teams=teams, jobs=jobs, completions=len(jobs),
-                    statuses={n: Counter({"200": sum(1 for j in jobs if j.team == n)}) for n in names},
-                    cpu_s={"worker_main": 0.01})
+                    answers=answers, cpu_s={"worker_main": 0.01})
 
 
 def test_the_report_has_the_issue_shape_and_the_throughput_ratio_is_per_repeat() -> None:
     runs = [_fake_run("equal", "latency", "fifo", "aaab", 0.02), _fake_run("equal", "latency", "fair", "abaa", 0.025),
+            _fake_run("equal", "latency_queued", "fifo", "aaab", 0.02),
+            _fake_run("equal", "latency_queued", "fair", "aaba", 0.02),
             _fake_run("equal", "shares", "fifo", "aabb", 0.02), _fake_run("equal", "shares", "fair", "abab", 0.02)]
     document = report(runs, {"burst": 3}, {"before": [0.1], "after": [0.2]})
     assert HEADLINE_KEYS <= document["fifo"].keys() and HEADLINE_KEYS <= document["fair"].keys()
     assert document["fair"]["throughput_vs_fifo"] == 0.8  # 4 jobs in 0.1 s against 3 in 0.06 s
     assert document["fair"]["share_error"] == 0.0 and document["fifo"]["share_error"] == 0.5
-    assert document["requests"] == {"sent": 16, "ok": 16, "completed_in_audit": 16, "not_ok": 0,
-                                    "jobs_with_timings": 16}
+    assert document["requests"] == {"sent": 24, "ok": 24, "completed_in_audit": 24, "not_ok": 0,
+                                    "jobs_with_timings": 24}
+    assert document["fair"]["b_wait_p95_ms_burst_queued_first"] == 40.0  # b's one job started third
     assert set(document["goals"]) == {"b_wait_p95_within_2_services", "share_error_within_5_percent",
                                       "throughput_within_5_percent_of_fifo"}
-    assert "eq-b wait p95 ms" in table(document)
+    assert document["fair"]["b_latency_p95_ms"] == pytest.approx(52.0)  # b's one job: sent at -1 ms, ended at 50
+    assert document["fair"]["b_admission_p95_ms"] == pytest.approx(1.0)
+    assert "eq-b queue wait p95 ms" in table(document)
     json.dumps(document)
 
 
@@ -151,21 +167,24 @@ def test_a_short_real_run_completes_every_request_and_writes_the_issue_shape(
     assert document is not None, capsys.readouterr().err
     assert json.loads(out.read_text()) == json.loads(json.dumps(document))
 
-    # equal: 20 + 10 trickled, then 20 + 20; three teams: 20 + 2 x 10, then 3 x 20; in each mode
-    expected = len(modes) * ((20 + 10) + 40 + (20 + 20) + 60)
+    # equal: twice 20 + 10 trickled, then 20 + 20; three teams: twice 20 + 2 x 10, then 3 x 20; in each mode
+    expected = len(modes) * (2 * (20 + 10) + 40 + 2 * (20 + 20) + 60)
     assert document["requests"] == {"sent": expected, "ok": expected, "completed_in_audit": expected,
                                     "not_ok": 0, "jobs_with_timings": expected}
     for mode in modes:
         assert {"b_wait_p50_ms", "b_wait_p95_ms", "service_ms", "share_error"} <= document[mode].keys()
         assert document[mode]["b_wait_p95_ms"] >= document[mode]["b_wait_p50_ms"] >= 0
         assert document[mode]["service_ms"] > 0
-        for name in ("equal", "three_teams"):
-            latency = document["scenarios"][name]["latency"][mode]
+        for name, phase in [(n, p) for n in ("equal", "three_teams") for p in ("latency", "latency_queued")]:
+            latency = document["scenarios"][name][phase][mode]
             shares = document["scenarios"][name]["shares"][mode]
             _sums_to_one_or_none(latency["shares_overall"])
             assert sum(latency["shares_overall"].values()) > 0
             _sums_to_one_or_none(shares["shares_backlogged"])
-            assert set(latency["waits_ms"]) == {t.name for t in SCENARIOS[name][1:]}
+            trickling = {t.name for t in SCENARIOS[name][1:]}
+            assert set(latency["waits_ms"]) == set(latency["latency_ms"]) == set(latency["admission_ms"]) == trickling
+            for team in trickling:  # every trickled request was answered, and matched to its job
+                assert latency["latency_ms"][team]["count"] == latency["admission_ms"][team]["count"] == 10
             assert latency["throughput_per_s"] > 0 and shares["throughput_per_s"] > 0
     if "fair" in modes:
         assert document["fair"]["throughput_vs_fifo"] > 0
