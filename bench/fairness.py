@@ -138,9 +138,13 @@ async def _burst(endpoint: Endpoint, connections: list[Connection],
     return list(await asyncio.gather(*(_request(endpoint, c) for c in connections)))
 
 
-async def _admitted_then(admitted: Callable[[], int], count: int, pause_s: float) -> None:
-    """Return ``pause_s`` after ``admitted()`` (a count the audit gives) reaches ``count``."""
-    while await asyncio.to_thread(admitted) < count:
+async def _admitted_then(admitted: Callable[[], int], count: int, pause_s: float, give_up: asyncio.Event) -> None:
+    """Return ``pause_s`` after ``admitted()`` (a count the audit gives) reaches ``count``.
+
+    Or once ``give_up`` is set (the burst was answered: a request that never
+    reached the gateway is not recorded, and the phase must still end).
+    """
+    while not give_up.is_set() and await asyncio.to_thread(admitted) < count:
         await asyncio.sleep(ADMISSION_POLL_S)
     await asyncio.sleep(pause_s)
 
@@ -187,11 +191,11 @@ async def _drive(endpoints: dict[str, Endpoint], teams: tuple[Team, ...], phase:
     tasks: dict[str, asyncio.Task] = {}
     async with asyncio.timeout(PHASE_TIMEOUT_S):
         for team in bursting:
-            go = None if team is first else _admitted_then(admitted, args.burst, args.stagger_ms / 1000)
+            go = None if team is first else _admitted_then(admitted, args.burst, args.stagger_ms / 1000, answered)
             tasks[team.name] = asyncio.create_task(_burst(endpoints[team.name], opened[team.name], go))
         if phase in TRICKLE_PHASES:
             for team in others:
-                go = _admitted_then(admitted, args.burst, 0.0) if phase == "latency_queued" else None
+                go = _admitted_then(admitted, args.burst, 0.0, answered) if phase == "latency_queued" else None
                 tasks[team.name] = asyncio.create_task(
                     _trickle(endpoints[team.name], args.every_ms / 1000, answered, args.trickle_s, go))
         await tasks[first.name]
@@ -277,7 +281,8 @@ def measure(args: argparse.Namespace, var_dir: Path) -> tuple[list[PhaseRun], di
     runs: list[PhaseRun] = []
     load = {"before": os.getloadavg()}
     with contextlib.ExitStack() as stops:
-        say(f"starting redis, one tiny-model worker (concurrency 1) and a gateway per mode ({', '.join(args.modes)}) …")
+        say(f"starting redis, one tiny-model worker (concurrency 1) and a gateway per mode "
+            f"({', '.join(args.modes)}) …")
         stack = start_fair_stack(var_dir, all_teams, args.modes, stops,
                                  request_timeout_s=REQUEST_TIMEOUT_S)
         engine = make_engine(stack.database_url)

@@ -102,7 +102,8 @@ def test_a_trickled_request_is_split_into_its_time_in_the_gateway_and_in_the_que
 
 def test_a_job_is_read_from_a_terminal_entry_and_one_without_timings_is_skipped() -> None:
     at = datetime(2026, 11, 30, 9, 0, 1, tzinfo=timezone.utc)
-    entry = SimpleNamespace(team="eq-b", request_id="r1", created_at=at, body={"timings": {"queue_ms": 250.0, "generate_ms": 500.0}})
+    entry = SimpleNamespace(team="eq-b", request_id="r1", created_at=at,
+                            body={"timings": {"queue_ms": 250.0, "generate_ms": 500.0}})
     job = job_from_entry(entry)
     assert job is not None and job.team == "eq-b" and job.request_id == "r1"
     assert job.ended == at.timestamp() and job.started == at.timestamp() - 0.5
