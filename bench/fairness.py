@@ -4,7 +4,7 @@ Starts a private stack (``bench/_fairness_stack.py``): Redis, ONE tiny-model
 worker at concurrency 1, and one ``govgate serve`` per queue mode
 (``GOVGATE_QUEUE_MODE=fifo`` and ``fair``) sharing that worker, the Redis
 and the database. Each team has one principal, no usage limits and its
-``share`` in the policy's data. Three scenarios, each in two phases:
+``share`` in the policy's data. Three scenarios, each in three phases:
 
 * ``equal``: teams ``eq-a`` and ``eq-b``, weights 1:1 (the issue's case);
 * ``weights_3_1``: ``w31-a`` 3, ``w31-b`` 1;
@@ -41,16 +41,19 @@ is read from ``/proc`` around each phase: the machine is shared, and CPU
 time is less noisy than wall time.
 
 Why ``--max-tokens`` 16 and not 1: on a two-core machine the gateway
-admits a request in about as much CPU time as the worker serves a one-token
-job, so a "burst" of one-token jobs never builds a queue (the gateway
-feeds the worker about as fast as it drains) and FIFO would look fair.
-Sixteen tokens of the tiny model make a job a few times dearer than its
-admission, so the burst waits in the queue as it would in front of a real
-model, while a run stays short.
+spends about as much CPU admitting a request (7-10 ms, connection
+included) as the worker takes to serve a one-token job, so a "burst" of
+one-token jobs hardly builds a queue (the gateway feeds the worker about
+as fast as it drains) and FIFO would look fair. Sixteen tokens of the tiny
+model make a job's service about twice its admission (13-21 ms measured),
+so the burst waits in the queue as it would in front of a real model,
+while a run stays short.
 
 The ``--json`` document: ``fifo`` and ``fair`` hold the equal-weight case
 (``b_wait_p50_ms``, ``b_wait_p95_ms``, ``service_ms``, ``share_error``,
-``throughput_per_s``, ``throughput_vs_fifo``), ``scenarios`` every
+``throughput_per_s``, ``throughput_vs_fifo``, and B's wait with the burst
+queued first, its time in the gateway and its latency at the client),
+``goals`` the issue's targets met or not, ``scenarios`` every
 scenario, phase and mode in full, ``requests`` the counts (sent, answered
 200, ended ``completion`` in the audit, refused), ``settings`` and
 ``load`` (the load average around the run). Nothing here asserts a timing.
