@@ -13,41 +13,51 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from gateway.policy.decision import Obligations
+from gateway.policy.decision import Decision, Obligations
 from gateway.requests.normalize import normalize
 
 #: The fields of the request's ``input.request`` the output decision sees (no prompt text).
 REQUEST_FIELDS = ("endpoint", "model", "purpose", "stream", "max_tokens")
 
 
-def output_policy_input(request_input: Mapping[str, Any], obligations: Obligations | Mapping[str, Any],
+def output_policy_input(policy_input: Mapping[str, Any] | None,
+                        decision: Decision | Obligations | Mapping[str, Any] | None,
                         text: str, *, offset: int = 0, final: bool = True) -> dict[str, Any]:
     """The ``input`` of the output decision on ``text``, a window of the output.
 
-    ``request_input`` is the request's policy input (``build_input``; or the
+    ``policy_input`` is the request's policy input (``build_input``; or the
     copy an audit entry keeps, which lacks only the prompt fields) and
-    ``obligations`` the allowed decision's obligations (an
-    :class:`Obligations` or its ``to_document()``). ``offset`` counts the
-    characters of output before the window; ``final`` says the window
-    reaches the end of the output (a plain completion is one final window
-    at offset 0).
+    ``decision`` the decision that admitted the request: a :class:`Decision`,
+    its :class:`Obligations`, or either's document (``to_document()``, as the
+    audit entry keeps it). ``offset`` counts the characters of output before
+    the window; ``final`` says the window reaches the end of the output (a
+    plain completion is one final window at offset 0).
     """
     if offset < 0:
         raise ValueError("offset must not be negative")
-    request = request_input.get("request")
+    policy_input = policy_input or {}
+    request = policy_input.get("request")
     request = request if isinstance(request, Mapping) else {}
     return {
-        "principal": request_input.get("principal"),
-        "model": request_input.get("model"),
+        "principal": policy_input.get("principal"),
+        "model": policy_input.get("model"),
         "request": {field: request.get(field) for field in REQUEST_FIELDS},
-        "decision": {"allow": True, "obligations": _obligations_view(obligations)},
+        "decision": {"allow": True, "obligations": _obligations_view(decision)},
         "output": {"text": text, "normalized_text": normalize(text), "offset": offset, "final": final},
     }
 
 
-def _obligations_view(obligations: Obligations | Mapping[str, Any]) -> dict[str, Any]:
+def _obligations_view(decision: Decision | Obligations | Mapping[str, Any] | None) -> dict[str, Any]:
     """The obligations with ``redact`` as the sorted names of the detectors that found something."""
-    doc = dict(obligations.to_document() if isinstance(obligations, Obligations) else obligations)
+    if isinstance(decision, Decision):
+        decision = decision.obligations
+    if isinstance(decision, Obligations):
+        doc: dict[str, Any] = decision.to_document()
+    elif isinstance(decision, Mapping):
+        inner = decision.get("obligations")  # a decision document, or the obligations themselves
+        doc = dict(inner) if isinstance(inner, Mapping) else dict(decision)
+    else:
+        doc = {}
     redact = doc.get("redact")
     if isinstance(redact, list):
         doc["redact"] = sorted({item["detector"] for item in redact

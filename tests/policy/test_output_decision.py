@@ -17,8 +17,10 @@ import pytest
 from gateway.policy import (
     POLICY_ERROR,
     POLICY_UNAVAILABLE,
+    Decision,
     EmbeddedPolicyEngine,
     MalformedDecision,
+    Obligations,
     OpaPolicyEngine,
     OutputDecision,
     PolicyEngine,
@@ -146,6 +148,17 @@ def test_input_keeps_the_request_context_and_not_the_prompt() -> None:
     assert document["decision"] == {"allow": True, "obligations": {**OBLIGATIONS, "redact": ["email"]}}
     assert document["output"] == {"text": "Ｏｎｅ\u200btwo", "normalized_text": "Onetwo", "offset": 12, "final": False}
     assert "a@b.example" not in repr(document) and "hello" not in repr(document)
+
+
+def test_input_takes_the_decision_its_obligations_or_their_documents() -> None:
+    request = request_input(["analyst"])
+    decision = Decision(True, (), Obligations(max_tokens=100, prompt_logging="redacted", priority=5,
+                                              redact=(Redaction("phone", "555 123 4567"),)))
+    expected = {"max_tokens": 100, "prompt_logging": "redacted", "priority": 5, "redact": ["phone"]}
+    for given in (decision, decision.obligations, decision.to_document(), decision.obligations.to_document()):
+        document = output_policy_input(policy_input=request, decision=given, text="x", offset=0, final=True)
+        assert document["decision"] == {"allow": True, "obligations": expected}
+    assert output_policy_input(None, None, "x")["decision"] == {"allow": True, "obligations": {}}
 
 
 def test_negative_offset_refused() -> None:
