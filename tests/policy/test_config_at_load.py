@@ -61,6 +61,15 @@ BROKEN = {
     "setting of a role nobody holds": (
         _set("roles.viewer.priority", 12),
         "govgate_config.roles.viewer.priority must be a whole number from 0 to 9"),
+    "unknown output action": (
+        _set("content.output.detectors.payment_card", {"action": "deny"}),
+        'govgate_config.content.output.detectors.payment_card must be {"action": "allow", "redact" or "stop"}'),
+    "output rule for no detector": (
+        _set("content.output.roles.admin", {"passport": "allow"}),
+        "govgate_config.content.output.roles.admin.passport names no detector"),
+    "masking a blocked pattern's match": (
+        _set("content.output.detectors.private_key", {"action": "redact"}),
+        "govgate_config.content.output.detectors.private_key: a blocked pattern's action is \"allow\" or \"stop\""),
 }
 
 
