@@ -143,8 +143,10 @@ def test_the_shipped_data_passes_the_check() -> None:
     assert json.loads(engine.eval_rule_as_json(CONFIG_PROBLEMS_RULE)) == []
 
 
-async def test_opa_engine_refuses_broken_data_at_connect(start_opa: Callable[..., OpaServer], tmp_path: Path) -> None:
-    change, problem = BROKEN["malformed hours window"]
+@pytest.mark.parametrize("name", ["malformed hours window", "unknown output action", "masking a blocked pattern's match"])
+async def test_opa_engine_refuses_broken_data_at_connect(start_opa: Callable[..., OpaServer], tmp_path: Path,
+                                                         name: str) -> None:
+    change, problem = BROKEN[name]
     folder = broken_policy(tmp_path / "policy", change)
     server = start_opa(folder)
     with pytest.raises(PolicyLoadError) as refused:
