@@ -118,8 +118,11 @@ def test_stop_document_parsed_and_redact_may_be_left_out() -> None:
     ({"allow": False, "reasons": [], "obligations": {}}, "without a reason"),
     ({"allow": "yes", "reasons": [], "obligations": {}}, "must be a boolean"),
     ({"allow": True, "reasons": [], "obligations": {"stop": True}}, "unknown keys"),
-    ({"allow": True, "reasons": [], "obligations": {"redact": [{"detector": "email"}]}}, "lacks"),
+    ({"allow": True, "reasons": [], "obligations": {"redact": [{"detector": "email"}]}},
+     r"output_decision.obligations.redact\[0\] lacks"),
     ({"allow": True, "reasons": [], "obligations": {"redact": [{"detector": "email", "text": ""}]}}, "non-empty"),
+    ({"allow": False, "reasons": [{"code": "", "message": "m"}], "obligations": {}},
+     r"output_decision.reasons\[0\].code must be a non-empty string"),
     ({"allow": True, "reasons": []}, "lacks"),
     ([], "must be an object"),
 ])
