@@ -45,7 +45,7 @@ phone_pattern_built := concat("|", [
 ])
 
 phones(text) := {m |
-	some m in regex.find_n(phone_pattern, text, -1)
+	some m in distinct_matches(phone_pattern, text)
 	phone_number(m)
 	bounded(m, text)
 }
@@ -70,7 +70,7 @@ card_candidate_patterns := [
 
 payment_cards(text) := {m |
 	some pattern in card_candidate_patterns
-	some m in regex.find_n(pattern, text, -1)
+	some m in distinct_matches(pattern, text)
 	card_number(m)
 	card_bounded(m, text)
 }
@@ -133,7 +133,7 @@ luhn_term(digit, position_from_right) := digit if {
 iban_candidate_pattern := `[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?`
 
 ibans(text) := {iban |
-	some candidate in regex.find_n(iban_candidate_pattern, text, -1)
+	some candidate in distinct_matches(iban_candidate_pattern, text)
 	iban := longest_iban(candidate)
 	bounded(iban, text)
 }
@@ -204,12 +204,17 @@ power(base, exponent) := product([base | some _ in numbers.range(1, exponent)]) 
 
 # Non-empty matches of a configured pattern (a national id format).
 pattern_matches(pattern, text) := {m |
-	some m in regex.find_n(pattern, text, -1)
+	some m in distinct_matches(pattern, text)
 	m != ""
 	bounded(m, text)
 }
 
 # ---------------------------------------------------------------- helpers
+
+# Each text `pattern` matches in `text`, once: a text repeating one number
+# hundreds of times (a model in a loop) would otherwise have each copy's
+# every occurrence checked (bounded), a cost cubic in the text's length.
+distinct_matches(pattern, text) := {m | some m in regex.find_n(pattern, text, -1)}
 
 digits_of(s) := regex.replace(s, `[^0-9]`, "")
 

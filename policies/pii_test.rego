@@ -220,3 +220,12 @@ test_bounded_match_edges_that_are_not_alphanumeric if {
 test_phone_pattern_is_the_one_built_from_its_parts if {
 	pii.phone_pattern == pii.phone_pattern_built
 }
+
+# A number a text repeats (a model in a loop) is found once, and an
+# occurrence glued to a letter does not hide a free one later in the text.
+test_repeated_numbers_found_once if {
+	text := concat("", [sprintf("call 555 123 %d now. ", [4567]) | some _ in numbers.range(1, 200)])
+	pii.phones(text) == {"555 123 4567"}
+	pii.payment_cards(concat(" ", ["x4111 1111 1111 1111" | some _ in numbers.range(1, 50)])) == {"4111 1111 1111 1111"}
+	pii.pattern_matches(`[0-9]{3}-[0-9]{2}-[0-9]{4}`, "a123-45-6789 and 123-45-6789") == {"123-45-6789"}
+}
