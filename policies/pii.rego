@@ -79,8 +79,15 @@ payment_cards(text) := {m |
 # letter ("card4111111111111111") it counts when its prefix and length are
 # those of a major network's cards (card_network_pattern): an identifier's
 # digits ("ORD1700000000123") seldom are, and pass the Luhn check too.
+# (First occurrence first, as bounded does, below.)
 card_bounded(match, text) if {
+	card_free_at(match, text, indexof(text, match))
+} else if {
 	some start in indexof_n(text, match)
+	card_free_at(match, text, start)
+}
+
+card_free_at(match, text, start) if {
 	not digit_before(text, start)
 	not digit_after(text, match, start)
 	card_edges(text, match, start)
@@ -221,8 +228,19 @@ digits_of(s) := regex.replace(s, `[^0-9]`, "")
 # Some occurrence of `match` in `text` is not glued to a letter or digit on a
 # side where the match itself begins or ends with one. Positions count
 # characters (code points) on both engines, as indexof_n and substring do.
+#
+# The first occurrence is asked first, and the others (`else`) only when it
+# is glued: each position costs a substring, which regorus counts from the
+# text's start, so asking every occurrence of a number a long text repeats
+# was quadratic in the text's length.
 bounded(match, text) if {
+	free_at(match, text, indexof(text, match))
+} else if {
 	some start in indexof_n(text, match)
+	free_at(match, text, start)
+}
+
+free_at(match, text, start) if {
 	not glued_before(text, match, start)
 	not glued_after(text, match, start)
 }
