@@ -166,9 +166,14 @@ iban_valid(compact) if {
 # The IBAN as the number mod-97 checks: the first four characters moved to
 # the end, letters as two digits (A = 10 ... Z = 35). iban_valid has checked
 # that every character is a digit or a capital letter.
-iban_digits(compact) := concat("", [iban_char_digits[c] | some c in split(rearranged, "")]) if {
-	rearranged := concat("", [substring(compact, 4, -1), substring(compact, 0, 4)])
-}
+iban_digits(compact) := concat("", [letters_as_digits(substring(compact, 4, -1)), letters_as_digits(substring(compact, 0, 4))])
+
+# A run of digits and capitals with each letter as its two digits; most
+# BBANs are digits only and are taken as they are, without a lookup per
+# character.
+letters_as_digits(s) := s if {
+	regex.match(`^[0-9]*$`, s)
+} else := concat("", [iban_char_digits[c] | some c in split(s, "")])
 
 # Each character an IBAN may hold, as the digits mod-97 reads for it. A table
 # lookup, where a function call and a regex match per character made an IBAN
@@ -176,10 +181,20 @@ iban_digits(compact) := concat("", [iban_char_digits[c] | some c in split(rearra
 iban_char_digits := {"0": "0", "1": "1", "2": "2", "3": "3", "4": "4", "5": "5", "6": "6", "7": "7", "8": "8", "9": "9", "A": "10", "B": "11", "C": "12", "D": "13", "E": "14", "F": "15", "G": "16", "H": "17", "I": "18", "J": "19", "K": "20", "L": "21", "M": "22", "N": "23", "O": "24", "P": "25", "Q": "26", "R": "27", "S": "28", "T": "29", "U": "30", "V": "31", "W": "32", "X": "33", "Y": "34", "Z": "35"}
 
 # The remainder of a long decimal number (a string of up to 72 digits) by 97,
-# without big integers: the sum of each digit times 10^position mod 97.
-mod97(number) := sum([term | some i, c in chars; term := to_number(c) * pow10_mod97_table[(n - 1) - i]]) % 97 if {
-	chars := split(number, "")
-	n := count(chars)
+# without big integers: the sum of each six-digit chunk times 10^position
+# mod 97 (below 10^6 * 97 each, twelve at most: every engine adds them
+# exactly). Chunks, not digits: a third of the builtin calls of an IBAN check.
+mod97(number) := sum([term |
+	some i in numbers.range(0, 11)
+	start := i * 6
+	start < n
+	chunk := substring(number, start, 6)
+	size := count(chunk)
+
+	# "1" in front: regorus's to_number refuses a leading zero ("012")
+	term := (to_number(concat("", ["1", chunk])) - pow10_small[size]) * pow10_mod97_table[(n - start) - size]
+]) % 97 if {
+	n := count(number)
 	n <= 72
 }
 

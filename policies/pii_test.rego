@@ -133,6 +133,17 @@ test_iban_char_digits_are_digits_and_letters_from_10 if {
 	count(pii.iban_char_digits) == 36
 }
 
+# mod97 reads six-digit chunks: zeros at a chunk's start, short last chunks
+# and the empty number come out as the whole number's remainder.
+test_mod97_chunks_with_zeros_and_short_tails if {
+	pii.mod97("000000000000123") == 123 % 97
+	pii.mod97("1000000") == 1000000 % 97
+	pii.mod97("100000000001") == 100000000001 % 97
+	pii.mod97("123456789012") == 123456789012 % 97
+	pii.mod97("0") == 0
+	pii.mod97("") == 0
+}
+
 test_mod97_of_a_long_number if {
 	# 3214282912345698765432161182 is GB82WEST12345698765432 rearranged
 	pii.mod97("3214282912345698765432161182") == 1
