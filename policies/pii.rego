@@ -191,7 +191,7 @@ mod97(number) := sum([term |
 	chunk := substring(number, start, 6)
 	size := count(chunk)
 
-	# "1" in front: regorus's to_number refuses a leading zero ("012")
+	# "1" in front: to_number reads JSON numbers, and refuses "012" on both engines
 	term := (to_number(concat("", ["1", chunk])) - pow10_small[size]) * pow10_mod97_table[(n - start) - size]
 ]) % 97 if {
 	n := count(number)
