@@ -34,7 +34,8 @@ MODE_FAIR = "fair"
 QUEUE_MODES = (MODE_FIFO, MODE_FAIR)
 
 #: Hash, team → weight (a positive number as text), ``*`` → the weight of a team the policy does not
-#: name. Written by gateways from the policy's data on every (re)load; read by the workers' ordering.
+#: name. Written by gateways from the policy's data on every (re)load; read by the workers' ordering,
+#: which looks a team up by its encoded name (:func:`team_field`) and then by its name as is.
 SHARES_KEY = "govgate:fair:shares"
 
 
