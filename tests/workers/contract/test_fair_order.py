@@ -276,3 +276,5 @@ def test_principals_without_a_team_share_one_place_in_the_schedule(client, model
     served = serve(client, model, 12)
     assert_shares_held(teams_of(served), {NO_TEAM: 1, "a": 1})  # the two team-less principals: one share
     assert_shares_held([job.split("/")[1] for job in served if job.startswith(NO_TEAM)], {"nora": 1, "ned": 1})
+    # names are never empty (keys.validate_name), but an empty one must still make a queue a worker reads
+    assert parse_fair_queue(job_queue(model, "", "")) is not None
