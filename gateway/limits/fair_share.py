@@ -13,19 +13,15 @@ from __future__ import annotations
 import math
 from urllib.parse import unquote
 
-from workers.contract.fair_queues import encode_name
+from workers.contract.fair_queues import NO_TEAM, team_field
 
-#: The team field of principals without a team, as the fair queues spell it (F1's ``team_field``).
-NO_TEAM = "!"
+__all__ = ["CEILING_FACTOR", "FALLBACK_SERVICE_MS", "NO_TEAM", "drain_wait_s", "estimated_wait_s", "position",
+           "service_ms", "team_cap", "team_field", "team_label"]
+
 #: Mean service time assumed while the workers have measured none (ms).
 FALLBACK_SERVICE_MS = 1000.0
 #: How far the total of all teams may grow past ``GOVGATE_MAX_QUEUED_PER_MODEL`` (see :func:`team_cap`).
 CEILING_FACTOR = 2
-
-
-def team_field(team: str | None) -> str:
-    """``team`` as the fair-share hashes name it (None: :data:`NO_TEAM`)."""
-    return NO_TEAM if team is None else encode_name(team)
 
 
 def team_label(field: str) -> str:
