@@ -20,17 +20,20 @@ from gateway.dispatch.celery_message import task_message
 from gateway.dispatch.fair_push import fair_push
 from gateway.dispatch.job_payload import sealed_job
 from workers.contract.celery_config import queue_keys
-from workers.contract.fair_queues import MODE_FAIR, MODE_FIFO, job_queue, team_field
+from workers.contract.fair_queues import MODE_FAIR, MODE_FIFO, job_queue, team_field, waiting_key
 from workers.contract.jobs import GENERATE_TASK, GenerateJob, queue_for
 from workers.contract.sealing import Sealer
 
 
 async def queue_depth(redis: aioredis.Redis, model: str) -> int:
-    """Requests waiting in a model's queue (all priorities); raises ``RedisError`` or ``OSError``."""
+    """Requests waiting for a model (all priorities; its one queue and, in fair mode, its teams' queues
+    by their waiting counts); raises ``RedisError`` or ``OSError``."""
     async with redis.pipeline(transaction=False) as pipe:
         for key in queue_keys(queue_for(model)):
             pipe.llen(key)
-        return sum(await pipe.execute())
+        pipe.hvals(waiting_key(model))
+        *lengths, per_team = await pipe.execute()
+        return sum(lengths) + sum(int(n) for n in per_team)
 
 
 class QueueUnavailable(RuntimeError):

@@ -92,6 +92,8 @@ def test_a_worker_serves_teams_by_their_shares_not_by_arrival(own_redis, audit_s
             client.hset(SHARES_KEY, mapping={**shares, "*": 1})
             client.close()
             assert waiting == counts  # every push counted its team's job
+            listing = httpx.get(f"{base}/v1/models", headers=bearer(next(iter(keys.values())))).json()
+            assert {m["id"]: m["queue"] for m in listing["data"]}[TINY_MODEL_NAME]["waiting"] == total
             worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, "--concurrency", "1",
                                log=tmp_path / "worker.log")
             for thread in askers:

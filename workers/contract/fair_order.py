@@ -42,7 +42,7 @@ DEFAULT_ESTIMATE_MS = 1000.0
 #: A registered list that has been empty and not pushed to for this long leaves the registry. Losing
 #: nothing: a push re-registers a list it does not find (``gateway/dispatch/fair_push.py``), and a tag
 #: is dropped only when behind its virtual time. Short, because each pick's cost grows with the
-#: registered lists (about 20 us a list on the test machine's Redis; docs/architecture.md, "Fair share").
+#: registered lists (about 10 us a list on the test machine's Redis; docs/architecture.md, "Fair share").
 PRUNE_AFTER_S = 300.0
 #: How often (at most) a pick recounts the waiting jobs from the lists and prunes the registry.
 RECOUNT_EVERY_S = 1.0

@@ -34,7 +34,8 @@ MODE_FAIR = "fair"
 QUEUE_MODES = (MODE_FIFO, MODE_FAIR)
 
 #: Hash, team → weight (a positive number as text), ``*`` → the weight of a team the policy does not
-#: name. Written by gateways from the policy's data on every (re)load; read by the workers' ordering.
+#: name. Written by gateways from the policy's data on every (re)load; read by the workers' ordering,
+#: which looks a team up by its encoded name (:func:`team_field`) and then by its name as is.
 SHARES_KEY = "govgate:fair:shares"
 
 
@@ -101,9 +102,9 @@ NO_TEAM = "!"
 
 def team_field(team: str | None) -> str:
     """``team`` as it appears in fair queue names and in the ``waiting``/``tags`` hashes (None: :data:`NO_TEAM`)."""
-    return NO_TEAM if team is None else encode_name(team)
+    return encode_name(team) if team else NO_TEAM  # "" too: an empty part would make no fair queue at all
 
 
 def job_queue(model: str, team: str | None, principal: str) -> str:
     """The fair queue a job of ``principal`` of ``team`` (None: no team) for ``model`` goes on."""
-    return PART_SEP.join((queue_for(model), team_field(team), encode_name(principal)))
+    return PART_SEP.join((queue_for(model), team_field(team), encode_name(principal) or NO_TEAM))

@@ -144,7 +144,6 @@ class Channel(kombu_redis.Channel):
             shared = self._shared_client = self._create_client()
         yield shared
 
-
     # ---------------------------------------------------------------- fair share
 
     def _brpop_start(self, timeout: float | None = None) -> None:

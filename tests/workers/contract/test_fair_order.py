@@ -263,3 +263,18 @@ def test_a_warm_up_job_costs_the_mean_and_an_odd_job_moves_the_mean_only_so_far(
     tags = client.hgetall(tags_key(model))
     assert float(tags[b"t:a"]) == pytest.approx(before + 2000.0 - 20.0)  # the team pays the real time
     assert float(tags[b"svc"]) == pytest.approx(20.0 + SVC_ALPHA * (SVC_CLAMP * 20.0 - 20.0))  # the mean, bounded
+
+
+def test_principals_without_a_team_share_one_place_in_the_schedule(client, model):
+    from workers.contract.fair_queues import NO_TEAM, job_queue
+
+    for principal in ("nora", "ned"):
+        key = queue_key(job_queue(model, None, principal), 5)
+        client.lpush(key, *[f"{NO_TEAM}/{principal}/5/{n}" for n in range(10)])
+        client.zadd(registry_key(model), {key: NOW})
+    queue_jobs(client, model, "a", "alice", 10)
+    served = serve(client, model, 12)
+    assert_shares_held(teams_of(served), {NO_TEAM: 1, "a": 1})  # the two team-less principals: one share
+    assert_shares_held([job.split("/")[1] for job in served if job.startswith(NO_TEAM)], {"nora": 1, "ned": 1})
+    # names are never empty (keys.validate_name), but an empty one must still make a queue a worker reads
+    assert parse_fair_queue(job_queue(model, "", "")) is not None

@@ -205,3 +205,100 @@ def test_a_rejected_fair_job_goes_back_to_its_own_list_and_is_registered_again(r
                       wake_key(model))
         client.close()
         app.close()
+
+
+def test_plain_jobs_come_first_and_cost_no_script_each(redis_server):
+    """A mixed fleet during a rollout: jobs a fifo gateway queued (the model's plain lists) and fair ones are
+    both served, the plain ones first; a plain job costs no pick script (the order is refreshed at most
+    once a second, not per job), so a worker with nothing registered costs what it did."""
+    import uuid
+
+    import redis as redis_py
+
+    from bench._commandstats import CommandProbe
+    from gateway.dispatch.celery_message import task_message
+    from workers.contract.fair_queues import registry_key, tags_key, waiting_key, wake_key
+
+    model = f"kplain-{uuid.uuid4().hex[:8]}"
+    client = redis_py.Redis.from_url(redis_server.url)
+    app = make_celery(redis_server.url)
+    probe = CommandProbe(redis_server.url)
+    try:
+        for i in range(20):
+            key, message = task_message("govgate.noop", f"plain-{i}", [], queue=f"model.{model}", priority=5,
+                                        argsrepr="()")
+            client.lpush(key, message)
+        delivered: list = []
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+
+            def on_message(message) -> None:
+                delivered.append(message.delivery_info["routing_key"])
+                message.ack()
+
+            channel.basic_consume(f"model.{model}", no_ack=False, callback=on_message, consumer_tag="plain-test")
+            probe.start()
+            _drain(connection, delivered, 20)
+            spent = probe.stop()
+            assert delivered == [f"model.{model}"] * 20
+            assert spent.get("evalsha", 0) <= 5, spent  # a refresh now and then, not one per job
+            _fair_push(client, model, "a", "ann", 2)
+            for i in range(2):
+                key, message = task_message("govgate.noop", f"late-plain-{i}", [], queue=f"model.{model}",
+                                            priority=9, argsrepr="()")
+                client.lpush(key, message)
+            _drain(connection, delivered, 24)
+            channel.basic_cancel("plain-test")
+        # the plain lists come first in the BRPOP, even a plain job of the lowest priority
+        assert [key.count("/") for key in delivered[20:]] == [0, 0, 2, 2], delivered[20:]
+    finally:
+        client.delete(*client.keys(f"model.{model}*"), registry_key(model), tags_key(model), waiting_key(model),
+                      wake_key(model))
+        client.close()
+        app.close()
+
+
+def test_a_job_whose_charge_fails_is_still_delivered(redis_server, monkeypatch):
+    """The pick script fails right after the BRPOP took a job (Redis refused it): the job is delivered
+    anyway, never dropped; the next pick charges again."""
+    import uuid
+
+    import redis as redis_py
+    from redis.exceptions import ResponseError
+
+    from workers.contract import fair_order
+    from workers.contract.fair_queues import registry_key, tags_key, waiting_key, wake_key
+
+    model = f"kfail-{uuid.uuid4().hex[:8]}"
+    client = redis_py.Redis.from_url(redis_server.url)
+    app = make_celery(redis_server.url)
+    real_pick = fair_order.pick
+    failed: list = []
+
+    def failing_pick(redis_client, model_name, *, popped=None, **kwargs):
+        if popped is not None and not failed:
+            failed.append(popped)
+            raise ResponseError("BUSY Redis is busy running a script")
+        return real_pick(redis_client, model_name, popped=popped, **kwargs)
+
+    monkeypatch.setattr(fair_order, "pick", failing_pick)
+    try:
+        _fair_push(client, model, "a", "ann", 2)
+        delivered: list = []
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+
+            def on_message(message) -> None:
+                delivered.append(message.delivery_info["routing_key"])
+                message.ack()
+
+            channel.basic_consume(f"model.{model}", no_ack=False, callback=on_message, consumer_tag="fail-test")
+            _drain(connection, delivered, 2)
+            channel.basic_cancel("fail-test")
+        assert failed and len(delivered) == 2  # the first charge failed; both jobs were served
+        assert client.llen(failed[0]) == 0
+    finally:
+        client.delete(*client.keys(f"model.{model}*"), registry_key(model), tags_key(model), waiting_key(model),
+                      wake_key(model))
+        client.close()
+        app.close()
