@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.policy.revision import PolicyFilesError
+from gateway.task_stop import stop_task
 from workers.contract.fair_queues import SHARES_KEY, encode_name
 
 log = logging.getLogger("govgate.policy")
@@ -117,13 +118,8 @@ class SharePublisher:
             self._task = asyncio.create_task(self._run(), name="govgate-share-publisher")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await stop_task(self._task)  # not cancel-and-await: a cancel can be lost on 3.11 (gateway/task_stop.py)
+        self._task = None
 
     async def publish_if_due(self) -> bool:
         """Write the shares if the revision changed, the last write failed, or they are old; True if written."""
@@ -160,7 +156,8 @@ class SharePublisher:
             except Exception:  # a bug here must not end the loop: the next tick tries again
                 log.exception("publishing the fair-share weights failed")
             try:
-                await asyncio.wait_for(self._wake.wait(), self._tick_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self._tick_s):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
             self._wake.clear()
