@@ -69,6 +69,11 @@ class Settings:
     generation_time_limit_s: float = 60.0
     #: How long a terminal entry the database refused is kept (in Redis) and retried before it is given up.
     terminal_retry_horizon_s: float = 86400.0
+    #: Longest a worker waits for its gateway's verdict on an output before it records ``output_unchecked``.
+    output_verdict_timeout_s: float = 10.0
+    #: Streaming under output rules: the characters held back until the text after them was checked
+    #: (the client sees text about this many characters, roughly a quarter as many tokens, late).
+    output_holdback_chars: int = 64
     #: Requests that may wait in one model's queue; beyond it the gateway answers 429.
     max_queued_per_model: int = 64
     #: Largest request body accepted (413 above it).
@@ -180,6 +185,9 @@ class Settings:
                                                  float, 0.1)),
             terminal_retry_horizon_s=float(number("TERMINAL_RETRY_HORIZON_S", defaults.terminal_retry_horizon_s,
                                                   float, 1.0)),
+            output_verdict_timeout_s=float(number("OUTPUT_VERDICT_TIMEOUT_S", defaults.output_verdict_timeout_s,
+                                                  float, 0.1)),
+            output_holdback_chars=int(number("OUTPUT_HOLDBACK_CHARS", defaults.output_holdback_chars, int, 1)),
             max_queued_per_model=int(number("MAX_QUEUED_PER_MODEL", defaults.max_queued_per_model, int, 1)),
             max_body_bytes=int(number("MAX_BODY_BYTES", defaults.max_body_bytes, int, 1024)),
             default_max_tokens=int(number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens, int, 1)),

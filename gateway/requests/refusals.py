@@ -16,6 +16,7 @@ from gateway.limits import RETRYABLE_CODES, Refusal
 from gateway.limits.catalogue import QUEUE_FULL
 from gateway.policy import POLICY_UNAVAILABLE, Reason
 from workers.contract.jobs import JobResult
+from workers.contract.output_check import OUTPUT_POLICY_UNAVAILABLE, OUTPUT_UNCHECKED
 
 
 
@@ -119,6 +120,12 @@ def worker_error(result: JobResult) -> ApiError:
         return ApiError(503, "cancelled", "The request was cancelled before it completed.")
     if code == "audit_unavailable":
         return ApiError(503, code, "The audit log cannot be written, so the output was withheld.")
+    if code == OUTPUT_POLICY_UNAVAILABLE:
+        return ApiError(503, POLICY_UNAVAILABLE, "The output rules could not be evaluated, so the output was "
+                        "withheld; the request has been logged. Retry later.")
+    if code == OUTPUT_UNCHECKED:
+        return ApiError(503, code, "The output could not be checked against the output rules in time, so it "
+                        "was withheld; the request has been logged. Retry later.")
     if code == "context_length_exceeded":
         return ApiError(400, code, f"The request does not fit the model's context: {message}", param="messages")
     if code == "generation_failed":
