@@ -322,6 +322,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="rounds of the input mix for the per-module timing (default 50)")
     parser.add_argument("--policy-dir", type=Path, default=POLICY_DIR,
                         help="the policy folder to measure (default: policies/), e.g. an older revision to compare")
+    parser.add_argument("--tokens", action="store_true",
+                        help="also measure tokens/s through a gateway with the output rules on against the tiny "
+                             "model called directly (bench/output_tokens.py; starts a stack)")
+    parser.add_argument("--token-requests", type=int, default=10,
+                        help="requests per side of the tokens/s part (default 10)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="tokens per request of that part (default 256)")
+    parser.add_argument("--holdback", type=int, default=None,
+                        help="GOVGATE_OUTPUT_HOLDBACK_CHARS of that gateway (default: the setting's default)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures to FILE")
     args = parser.parse_args(argv)
     if args.evaluators is None:
@@ -330,6 +338,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.evaluators = Settings().policy_evaluators
     if args.requests is None:
         args.requests = args.decisions
+    if args.holdback is None:
+        from gateway.settings import Settings
+
+        args.holdback = Settings().output_holdback_chars
     if (args.decisions < 1 or args.requests < 1 or args.concurrency < 1 or args.warmup < 0 or args.evaluators < 1
             or args.rounds < 1):
         parser.error("--decisions, --requests, --concurrency, --evaluators and --rounds must be at least 1, "
@@ -381,6 +393,19 @@ def run(args: argparse.Namespace) -> int:
             say(f"bench: {type(exc).__name__}: {exc}")
             return 1
     document = print_report(policy, opa_skipped, counters, samples, args)
+    if args.tokens:
+        from bench._stack import in_temp_dir
+        from bench.output_tokens import measure_tokens, print_tokens
+        from govgate.redis_server import RedisUnavailable
+        from govgate.stack import StartupError
+
+        tokens = in_temp_dir(lambda var_dir: measure_tokens(var_dir, args.token_requests, args.max_tokens,
+                                                            args.holdback, say),
+                             (StartupError, RedisUnavailable, TimeoutError, OSError))
+        if tokens is None:
+            return 1
+        print_tokens(tokens)
+        document["tokens"] = tokens
     if args.json is not None:
         write_json(args.json, document)
         say(f"bench: figures written to {args.json}")
