@@ -99,12 +99,13 @@ class HoldBack:
             document = {"code": reason.code, "message": reason.message}
             if document not in self._reasons:
                 self._reasons.append(document)
+        for finding in decision.redact:  # a stop lists its findings too: the log masks them all
+            self._findings.setdefault(finding.text, finding.detector)
         if not decision.allow:
             self.unavailable = unavailable
             self.stopped = True
             return ""
         for finding in decision.redact:
-            self._findings.setdefault(finding.text, finding.detector)
             if finding.text and finding.text not in window.text:
                 self._stop({"code": OUTPUT_UNMASKABLE, "message": f"a {finding.detector} finding could not be "
                                                                   "located in the output to mask it"})

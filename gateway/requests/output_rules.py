@@ -42,13 +42,15 @@ def policy_input_for(ticket: Ticket, window: Window) -> dict[str, Any]:
     """The ``output_decision`` input for one window of ``ticket``'s output (``gateway/requests/output_input.py``)."""
     from gateway.requests.output_input import output_policy_input
 
-    return output_policy_input(policy_input=ticket.policy_input or {}, decision=ticket.decision,
-                               text=window.text, offset=window.offset, final=window.final)
+    obligations = ticket.decision.obligations if ticket.decision is not None else {}
+    return output_policy_input(ticket.policy_input or {}, obligations, window.text, offset=window.offset,
+                               final=window.final)
 
 
 def is_unavailable(decision: Judged) -> bool:
     """A stop because the policy could not judge (not because of the output): the client gets a 503."""
-    return not decision.allow and any(reason.code == POLICY_UNAVAILABLE for reason in decision.reasons)
+    return not decision.allow and bool(decision.reasons) and all(
+        reason.code == POLICY_UNAVAILABLE for reason in decision.reasons)
 
 
 class OutputRules:

@@ -111,3 +111,12 @@ def test_a_hold_back_as_long_as_the_finding_always_masks_it(holdback: int) -> No
 
 def test_a_window_knows_where_it_ends() -> None:
     assert Window("abc", 5, False).end == 8
+
+
+def test_a_stop_keeps_its_findings_so_the_log_can_mask_them() -> None:
+    hold = HoldBack(8)
+    hold.add("pay with " + CARD)
+    stop = Decided(allow=False, reasons=(Reason("output_pii_detected", "a card"),),
+                   redact=(Redaction("payment_card", CARD),))
+    assert hold.apply(hold.window(final=True), stop) == ""
+    assert hold.redact == [{"detector": "payment_card", "text": CARD}]
