@@ -254,3 +254,83 @@ usable_national_id(rule) if {
 	usable_id_and_pattern(rule)
 	not rule.id in builtin_detectors
 }
+
+# ---------------------------------------------------------------- output rules data
+
+# The names an output action may be set for: the built-in detectors, the
+# national ids and the blocked patterns.
+output_detector_names := (builtin_detectors | {rule.id | some rule in usable_national_ids}) | {rule.id | some rule in blocked_patterns; is_string(rule.id)}
+
+blocked_pattern_ids := {rule.id | some rule in blocked_patterns; is_string(rule.id)}
+
+config_problems contains "govgate_config.content.output must be an object" if {
+	value := setting(["content", "output"])
+	value != null
+	not is_object(value)
+}
+
+config_problems contains sprintf("govgate_config.content.output.%s must be an object", [key]) if {
+	some key in ["detectors", "roles"]
+	value := setting(["content", "output", key])
+	value != null
+	not is_object(value)
+}
+
+config_problems contains sprintf("govgate_config.content.output.detectors.%s must be {\"action\": \"allow\", \"redact\" or \"stop\"}", [name]) if {
+	some name, entry in as_object(setting(["content", "output", "detectors"]))
+	not output_action_setting(entry)
+}
+
+config_problems contains sprintf("govgate_config.content.output.roles.%s must be an object of detector names and actions", [role]) if {
+	some role, actions in as_object(setting(["content", "output", "roles"]))
+	not is_object(actions)
+}
+
+config_problems contains sprintf("govgate_config.content.output.roles.%s.%s must be \"allow\", \"redact\" or \"stop\"", [role, name]) if {
+	some role, actions in as_object(setting(["content", "output", "roles"]))
+	some name, action in as_object(actions)
+	not action in output_actions_allowed
+}
+
+config_problems contains sprintf("govgate_config.content.output.%s names no detector (built-in: %s; or a national_ids or blocked_patterns id)", [where, listing(builtin_detectors)]) if {
+	some where, name in output_configured_names
+	not name in output_detector_names
+}
+
+config_problems contains sprintf("govgate_config.content.output.%s: a blocked pattern's action is \"allow\" or \"stop\" (a pattern's match is no finding to mask)", [where]) if {
+	some where, name in output_configured_names
+	name in blocked_pattern_ids
+	output_configured_action[where] == "redact"
+}
+
+config_problems contains sprintf("govgate_config.content.output: '%s' is both a national id and a blocked pattern", [name]) if {
+	some name in blocked_pattern_ids
+	name in {rule.id | some rule in usable_national_ids}
+	name in {configured | some _, configured in output_configured_names}
+}
+
+# Where each name is set ("detectors.<name>" or "roles.<role>.<name>") -> the name.
+output_configured_names[sprintf("detectors.%s", [name])] := name if {
+	some name, _ in as_object(setting(["content", "output", "detectors"]))
+}
+
+output_configured_names[sprintf("roles.%s.%s", [role, name])] := name if {
+	some role, actions in as_object(setting(["content", "output", "roles"]))
+	some name, _ in as_object(actions)
+}
+
+output_configured_action[sprintf("detectors.%s", [name])] := entry.action if {
+	some name, entry in as_object(setting(["content", "output", "detectors"]))
+	is_object(entry)
+}
+
+output_configured_action[sprintf("roles.%s.%s", [role, name])] := action if {
+	some role, actions in as_object(setting(["content", "output", "roles"]))
+	some name, action in as_object(actions)
+}
+
+output_action_setting(entry) if {
+	is_object(entry)
+	object.keys(entry) == {"action"}
+	entry.action in output_actions_allowed
+}

@@ -135,68 +135,79 @@ usable_national_ids contains {"id": rule.id, "pattern": rule.pattern} if {
 	usable_pattern(rule.pattern)
 }
 
-# Every finding of every configured detector, before overlaps are settled.
-# A detector runs when the data configures it (`detectors.email`: checked
-# data gives every configured detector a known action).
-# Each built-in detector first asks a question far cheaper than its search
-# and that every text it can find something in answers yes (on regorus a
-# large pattern is compiled again on every call).
-raw_findings contains {"detector": "email", "text": text} if {
-	detectors.email
-	contains(detection_text, "@")
-	some text in pii.emails(detection_text)
+# The prompt's findings: every configured detector run on the normalised
+# view, overlaps settled (text_findings).
+findings := text_findings(detection_text, detectors)
+
+# ---------------------------------------------------------------- detection on a text
+
+# Every finding in `text` (a normalised view) of the detectors `active` names
+# (an object keyed by detector name), overlaps settled: the one detection both
+# entry points run, on the prompt (findings) and on an output (output.rego).
+# A number found by the broad phone or payment_card detectors inside a
+# finding of another detector (an IBAN, an e-mail address, a national id) is
+# part of that finding, not a finding of its own. Where a phone and a payment
+# card cover the same text, it is a payment card.
+text_findings(text, active) := {finding |
+	some finding in raw
+	not shadowed(finding, raw, covering)
+} if {
+	raw := raw_text_findings(text, active)
+
+	# The texts that can hold a phone number or card of their own, joined: one
+	# search over this skips the pairwise comparison for most findings.
+	covering := concat("\n", [finding.text | some finding in raw; finding.detector != "phone"])
 }
 
-raw_findings contains {"detector": "phone", "text": text} if {
-	detectors.phone
-	nine_digits
-	some text in pii.phones(detection_text)
+# Every finding, before overlaps are settled. Each built-in detector first
+# asks a question far cheaper than its search and that every text it can find
+# something in answers yes (on regorus a large pattern is compiled again on
+# every call).
+raw_text_findings(text, active) := ((email_findings(text, active) | number_findings(text, active)) | iban_findings(text, active)) | national_id_findings(text, active)
+
+email_findings(text, active) := {{"detector": "email", "text": found} |
+	active.email
+	contains(text, "@")
+	some found in pii.emails(text)
 }
 
-raw_findings contains {"detector": "payment_card", "text": text} if {
-	detectors.payment_card
-	nine_digits
-	some text in pii.payment_cards(detection_text)
+# A phone number has 9 to 15 digits, a card number 13 to 19: a text without
+# nine digits holds neither.
+number_findings(text, active) := phone_findings(text, active) | card_findings(text, active) if {
+	regex.match(`[0-9](?:[^0-9]*[0-9]){8}`, text)
+} else := set()
+
+phone_findings(text, active) := {{"detector": "phone", "text": found} |
+	active.phone
+	some found in pii.phones(text)
 }
 
-raw_findings contains {"detector": "iban", "text": text} if {
-	detectors.iban
-	regex.match(`[A-Z]{2}[0-9]{2}`, detection_text)
-	some text in pii.ibans(detection_text)
+card_findings(text, active) := {{"detector": "payment_card", "text": found} |
+	active.payment_card
+	some found in pii.payment_cards(text)
 }
 
-# The text holds nine digits or more: a phone number has 9 to 15, a card
-# number 13 to 19.
-nine_digits if regex.match(`[0-9](?:[^0-9]*[0-9]){8}`, detection_text)
+iban_findings(text, active) := {{"detector": "iban", "text": found} |
+	active.iban
+	regex.match(`[A-Z]{2}[0-9]{2}`, text)
+	some found in pii.ibans(text)
+}
 
-raw_findings contains {"detector": rule.id, "text": text} if {
+national_id_findings(text, active) := {{"detector": rule.id, "text": found} |
 	some rule in national_ids
-	detectors[rule.id]
-	some text in pii.pattern_matches(rule.pattern, detection_text)
+	active[rule.id]
+	some found in pii.pattern_matches(rule.pattern, text)
 }
 
-# The findings: a number found by the broad phone or payment_card detectors
-# inside a finding of another detector (an IBAN, an e-mail address, a
-# national id) is part of that finding, not a finding of its own. Where a
-# phone and a payment card cover the same text, it is a payment card.
-findings := {finding |
-	some finding in raw_findings
-	not shadowed(finding)
-}
-
-shadowed(finding) if {
+shadowed(finding, raw, covering) if {
 	finding.detector in {"phone", "payment_card"}
-	contains(covering_texts, finding.text)
-	some other in raw_findings
+	contains(covering, finding.text)
+	some other in raw
 	other.detector != finding.detector
 	other.detector != "phone"
 	contains(other.text, finding.text)
 	covers(other, finding)
 }
-
-# The texts that can hold a phone number or card of their own, joined: one
-# search over this skips the pairwise comparison for most findings.
-covering_texts := concat("\n", [finding.text | some finding in raw_findings; finding.detector != "phone"])
 
 covers(other, finding) if count(other.text) > count(finding.text)
 

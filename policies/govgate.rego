@@ -9,6 +9,8 @@
 #   Entry points read by the gateway:
 #     data.govgate.decision        {allow, reasons, obligations}
 #     data.govgate.visible_models  names of input.models the principal may use
+#     data.govgate.output_decision {allow, reasons, obligations: {redact}} on
+#                                  generated text (output.rego)
 #
 #   The rules are split by concern, all in package govgate:
 #     access.rego       roles and teams grant models (and the model list)
@@ -17,6 +19,7 @@
 #     limits.rego       max_tokens caps, and usage limits per principal and team
 #     content.rego      blocked patterns and PII detectors on the prompt text
 #     obligations.rego  priority, prompt logging, redaction and limits obligations
+#     output.rego       the output decision: detectors on generated text, per role
 #     checks.rego       malformed input denies, never crashes; unusable data
 #                       is refused when the policy is loaded (config_problems)
 #   with pure helpers in govgate.pii (detectors, Luhn, IBAN) and

@@ -1,7 +1,7 @@
 """Policy decisions: the Decision contract, the policy revision, the engines.
 
 The gateway asks a :class:`PolicyEngine` for a :class:`Decision` on every
-request and records the engine's ``revision`` with it. Two engines evaluate
+request (and for an :class:`OutputDecision` on what the model generates) and records the engine's ``revision`` with it. Two engines evaluate
 the same folder: :class:`EmbeddedPolicyEngine` (regorus in a pool of child
 processes) and :class:`OpaPolicyEngine` (an OPA server);
 :func:`open_policy_engine` picks one from the settings.
@@ -19,7 +19,9 @@ from gateway.policy.decision import (
     Obligations,
     PolicyUnavailable,
     Reason,
+    Redaction,
 )
+from gateway.policy.output_decision import OUTPUT_DECISION_RULE, OutputDecision
 from gateway.policy.engine import (
     DECISION_RULE,
     VISIBLE_MODELS_RULE,
@@ -66,12 +68,15 @@ __all__ = [
     "EmbeddedPolicyEngine",
     "MalformedDecision",
     "Obligations",
+    "OUTPUT_DECISION_RULE",
+    "OutputDecision",
     "OpaPolicyEngine",
     "PolicyEngine",
     "PolicyFilesError",
     "PolicyLoadError",
     "PolicySnapshot",
     "Reason",
+    "Redaction",
     "compute_revision",
     "open_policy_engine",
     "policy_files",

@@ -16,17 +16,22 @@ from typing import Any, Protocol, runtime_checkable
 
 from gateway.policy.child import DECISION_RULE, VISIBLE_MODELS_RULE
 from gateway.policy.decision import POLICY_ERROR, Decision, PolicyUnavailable
+from gateway.policy.output_decision import OUTPUT_DECISION_RULE, OutputDecision
 from gateway.policy.pool import EvaluatorPool, EvaluatorStartError, Outcome
 from gateway.policy.revision import PolicyFilesError, PolicySnapshot, read_policy
 
 log = logging.getLogger("govgate.policy")
 
-__all__ = ["DECISION_RULE", "VISIBLE_MODELS_RULE", "EmbeddedPolicyEngine", "PolicyEngine", "PolicyLoadError"]
+__all__ = ["DECISION_RULE", "OUTPUT_DECISION_RULE", "VISIBLE_MODELS_RULE", "EmbeddedPolicyEngine", "PolicyEngine",
+           "PolicyLoadError"]
 
 #: How long a request may wait for a free evaluator when the caller does not say.
 DEFAULT_WAIT_TIMEOUT_S = 5.0
 #: ``Retry-After`` of a request refused because no decision could be had in time.
 UNAVAILABLE_RETRY_AFTER_S = 1.0
+#: The input of the load-time question "does this policy have an output rule at all?": the shipped
+#: output_decision is defined for any input (a malformed one stops), so undefined here means no rule.
+OUTPUT_RULE_PROBE: dict[str, Any] = {}
 
 
 class PolicyLoadError(RuntimeError):
@@ -45,6 +50,16 @@ class PolicyEngine(Protocol):
     async def decide(self, input: dict[str, Any]) -> Decision:
         """The decision for one request; a deny whenever the policy gives no usable answer,
         :meth:`Decision.unavailable` when none could be had in time."""
+        ...
+
+    async def decide_output(self, input: dict[str, Any]) -> OutputDecision:
+        """The output decision on one window of generated text (``gateway/requests/output_input.py``).
+
+        A stop with ``policy_error`` whenever the policy gives no usable
+        answer, :meth:`OutputDecision.unavailable` when none could be had in
+        time, and an allow when the policy has no output rule at all (a
+        policy written before output rules: outputs go unchecked).
+        """
         ...
 
     async def visible_models(self, principal: dict[str, Any], models: list[dict[str, Any]]) -> set[str]:
@@ -76,6 +91,8 @@ class EmbeddedPolicyEngine:
             raise PolicyLoadError(str(exc)) from None
         self._revision = snapshot.revision
         self._timeout_s = timeout_s
+        #: Whether the policy has an output rule (None: not asked yet); one engine holds one revision.
+        self._has_output_rule: bool | None = None
         setup = json.dumps({"modules": list(snapshot.modules), "data": data}).encode()
         try:
             self._pool = EvaluatorPool(setup, evaluators, timeout_s, wait_timeout_s)
@@ -134,6 +151,37 @@ class EmbeddedPolicyEngine:
         except ValueError as exc:  # MalformedDecision, or not JSON at all
             return _deny(POLICY_ERROR, f"the policy returned a malformed decision: {exc}")
 
+    async def decide_output(self, input: dict[str, Any]) -> OutputDecision:
+        outcome = await self._run(OUTPUT_DECISION_RULE, input)
+        if _no_rule(outcome):
+            if await self._output_rule_absent():
+                return OutputDecision.allowed()
+            return _stop(POLICY_ERROR, "the policy gave no output decision for this output")
+        if outcome.kind == "busy":
+            return _output_unavailable(f"no policy evaluator became free within {self._pool.wait_timeout_s:g}s")
+        if outcome.kind == "timeout":
+            return _output_unavailable(f"policy evaluation took longer than {self._timeout_s:g}s")
+        if outcome.kind == "error":
+            return _stop(POLICY_ERROR, f"output policy evaluation failed: {_summarize(outcome.text)}",
+                         detail=outcome.text)
+        try:
+            return OutputDecision.from_document(json.loads(outcome.text))
+        except ValueError as exc:  # MalformedDecision, or not JSON at all
+            return _stop(POLICY_ERROR, f"the policy returned a malformed output decision: {exc}")
+
+    async def _output_rule_absent(self) -> bool:
+        """Whether the policy has no output rule: asked once per engine, on :data:`OUTPUT_RULE_PROBE`.
+
+        An answer that cannot be had (busy, timeout) counts as "has one", so
+        the output is stopped rather than let through unchecked.
+        """
+        if self._has_output_rule is None:
+            probe = await self._run(OUTPUT_DECISION_RULE, OUTPUT_RULE_PROBE)
+            if probe.kind in ("busy", "timeout"):
+                return False
+            self._has_output_rule = not _no_rule(probe)
+        return not self._has_output_rule
+
     async def visible_models(self, principal: dict[str, Any], models: list[dict[str, Any]]) -> set[str]:
         outcome = await self._run(VISIBLE_MODELS_RULE, {"principal": principal, "models": models})
         if outcome.kind == "busy":
@@ -189,6 +237,21 @@ def _deny(code: str, message: str, detail: str = "") -> Decision:
     # The reason carries a one-line summary; the log keeps the full engine error.
     log.warning("policy deny %s: %s%s", code, message, f"\n{detail}" if "\n" in detail else "")
     return Decision.fail_closed(code, message)
+
+
+def _no_rule(outcome: Outcome) -> bool:
+    """The rule has no value: undefined, or (regorus) no rule of that name at all."""
+    return outcome.kind == "undefined" or (outcome.kind == "error" and outcome.text.startswith("not a valid rule path"))
+
+
+def _output_unavailable(message: str) -> OutputDecision:
+    log.warning("output policy unavailable: %s", message)
+    return OutputDecision.unavailable(message, retry_after_s=int(UNAVAILABLE_RETRY_AFTER_S))
+
+
+def _stop(code: str, message: str, detail: str = "") -> OutputDecision:
+    log.warning("output policy stop %s: %s%s", code, message, f"\n{detail}" if "\n" in detail else "")
+    return OutputDecision.fail_closed(code, message)
 
 
 def _summarize(text: str, limit: int = 300) -> str:

@@ -27,6 +27,7 @@ from gateway.policy.decision import POLICY_ERROR, Decision, PolicyUnavailable
 from gateway.policy.engine import (
     DECISION_RULE,
     DEFAULT_WAIT_TIMEOUT_S,
+    OUTPUT_RULE_PROBE,
     UNAVAILABLE_RETRY_AFTER_S,
     VISIBLE_MODELS_RULE,
     PolicyLoadError,
@@ -39,6 +40,7 @@ from gateway.policy.opa_sync import (
     upload_policy,
     verify_policy,
 )
+from gateway.policy.output_decision import OUTPUT_DECISION_RULE, OutputDecision
 from gateway.policy.revision import PolicySnapshot, compute_revision
 
 log = logging.getLogger("govgate.policy")
@@ -140,6 +142,8 @@ class OpaPolicyEngine:
         #: Why OPA's policy cannot be trusted to be ``revision`` (decisions deny while set).
         self._out_of_sync: str | None = None
         self._reload_lock = asyncio.Lock()
+        #: Whether OPA's policy has an output rule, per revision asked about (a reload changes the answer).
+        self._has_output_rule: dict[str, bool] = {}
 
     @classmethod
     async def connect(cls, url: str, policy_dir: Path, timeout_s: float, *, load: bool = True,
@@ -216,6 +220,36 @@ class OpaPolicyEngine:
             return Decision.from_document(outcome.value)
         except ValueError as exc:  # MalformedDecision
             return _deny(POLICY_ERROR, f"the policy returned a malformed decision: {exc}")
+
+    async def decide_output(self, input: dict[str, Any]) -> OutputDecision:
+        revision = self.revision  # the probe's answer holds for the policy this query ran on
+        outcome = await self._query(OUTPUT_DECISION_RULE, input)
+        if outcome.kind == "undefined":
+            if await self._output_rule_absent(revision):
+                return OutputDecision.allowed()
+            return _stop(POLICY_ERROR, "the policy gave no output decision for this output")
+        if outcome.kind == "busy":
+            return _output_unavailable(f"no connection to OPA became free within {self._wait_timeout_s:g}s")
+        if outcome.kind == "timeout":
+            return _output_unavailable(f"policy evaluation on OPA took longer than {self._timeout_s:g}s")
+        if outcome.kind == "unreachable":
+            return _output_unavailable(outcome.error)
+        if outcome.kind == "error":
+            return _stop(POLICY_ERROR, f"output policy evaluation on OPA failed: {outcome.error}")
+        try:
+            return OutputDecision.from_document(outcome.value)
+        except ValueError as exc:  # MalformedDecision
+            return _stop(POLICY_ERROR, f"the policy returned a malformed output decision: {exc}")
+
+    async def _output_rule_absent(self, revision: str) -> bool:
+        """Whether OPA's policy has no output rule (undefined on :data:`OUTPUT_RULE_PROBE`), asked once per
+        revision; no answer counts as "has one", so the output is stopped rather than let through."""
+        if revision not in self._has_output_rule:
+            probe = await self._query(OUTPUT_DECISION_RULE, OUTPUT_RULE_PROBE)
+            if probe.kind not in ("ok", "undefined", "error") or self.revision != revision:
+                return False
+            self._has_output_rule[revision] = probe.kind != "undefined"
+        return not self._has_output_rule[revision]
 
     async def visible_models(self, principal: dict[str, Any], models: list[dict[str, Any]]) -> set[str]:
         outcome = await self._query(VISIBLE_MODELS_RULE, {"principal": principal, "models": models})
@@ -375,3 +409,13 @@ def _deny(code: str, message: str) -> Decision:
 def _unavailable(message: str) -> Decision:
     log.warning("policy unavailable: %s", message)
     return Decision.unavailable(message, retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
+
+
+def _stop(code: str, message: str) -> OutputDecision:
+    log.warning("output policy stop %s: %s", code, message)
+    return OutputDecision.fail_closed(code, message)
+
+
+def _output_unavailable(message: str) -> OutputDecision:
+    log.warning("output policy unavailable: %s", message)
+    return OutputDecision.unavailable(message, retry_after_s=int(UNAVAILABLE_RETRY_AFTER_S))

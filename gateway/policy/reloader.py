@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable
 from gateway.task_stop import stop_tasks
 from gateway.policy.decision import Decision
 from gateway.policy.engine import PolicyEngine
+from gateway.policy.output_decision import OutputDecision
 from gateway.policy.revision import PolicyFilesError, policy_revision
 
 log = logging.getLogger("govgate.policy")
@@ -63,6 +64,13 @@ class ReloadingPolicyEngine:
     async def decide_with_revision(self, input: dict[str, Any]) -> tuple[Decision, str]:
         engine = self._engine  # the revision must be that of the engine that decided
         return await engine.decide(input), engine.revision
+
+    async def decide_output(self, input: dict[str, Any]) -> OutputDecision:
+        return await self._engine.decide_output(input)
+
+    async def decide_output_with_revision(self, input: dict[str, Any]) -> tuple[OutputDecision, str]:
+        engine = self._engine  # the revision must be that of the engine that decided
+        return await engine.decide_output(input), engine.revision
 
     async def visible_models(self, principal: dict[str, Any], models: list[dict[str, Any]]) -> set[str]:
         return await self._engine.visible_models(principal, models)

@@ -9,12 +9,15 @@ Cases live in ``tests/policy_cases/*.json`` (every file there is loaded),
 each a JSON list of::
 
     {"name": "unique-name",
+     "entry": "output_decision",           # optional: the rule judged, "decision" (the default)
+                                           # or "output_decision" (input: an output window)
      "input": {...},                       # the policy input (any JSON)
      "data": {...},                        # optional: replaces data.govgate_config
      "expect": {"allow": true,
                 "reason_codes": ["a", "b"], # the distinct reason codes, sorted
                 "obligations": {...}}}      # optional: these keys must match exactly
 
+For an output case ``obligations`` can only hold ``redact``.
 ``reason_codes`` lists each code once: two reasons with one code (two
 malformed fields, say) are one entry. Cases with the same ``data`` share a
 policy folder (``policies/`` copied, ``govgate_config`` replaced), an
@@ -33,14 +36,16 @@ from typing import Any, Iterator
 
 import pytest
 
-from gateway.policy import Decision, EmbeddedPolicyEngine, OpaPolicyEngine
+from gateway.policy import Decision, EmbeddedPolicyEngine, OpaPolicyEngine, OutputDecision
 from gateway.policy.revision import canonical_json
 from tests.opa_fixtures import POLICY_DIR, ROOT, OpaServer
 
 CASE_DIR = ROOT / "tests" / "policy_cases"
 TIMEOUT_S = 10.0
 _CASE_KEYS = {"name", "input", "expect"}
-_OPTIONAL_CASE_KEYS = {"data"}
+_OPTIONAL_CASE_KEYS = {"data", "entry"}
+#: The rules a case may judge (``entry``), and the engine method that asks each.
+ENTRIES = {"decision": "decide", "output_decision": "decide_output"}
 _EXPECT_KEYS = {"allow", "reason_codes"}
 _OPTIONAL_EXPECT_KEYS = {"obligations"}
 
@@ -52,6 +57,7 @@ class Case:
     input: Any
     data: dict[str, Any] | None
     expect: dict[str, Any]
+    entry: str = "decision"
 
     @property
     def id(self) -> str:
@@ -87,7 +93,8 @@ def load_cases(folder: Path) -> tuple[list[Case], list[str]]:
                 problems.append(f"{where}: the name {item['name']!r} is used twice")
                 continue
             names.add(item["name"])
-            cases.append(Case(path.name, item["name"], item["input"], item.get("data"), item["expect"]))
+            cases.append(Case(path.name, item["name"], item["input"], item.get("data"), item["expect"],
+                              item.get("entry", "decision")))
     return cases, problems
 
 
@@ -100,6 +107,8 @@ def _case_problem(item: Any) -> str | None:
         return f"unknown keys {sorted(unknown)}"
     if not isinstance(item["name"], str) or not item["name"]:
         return "name must be a non-empty string"
+    if "entry" in item and item["entry"] not in ENTRIES:
+        return f"entry must be one of {sorted(ENTRIES)}"
     if "data" in item and not isinstance(item["data"], dict):
         return "data must be an object (the whole govgate_config document)"
     expect = item["expect"]
@@ -118,6 +127,8 @@ def _case_problem(item: Any) -> str | None:
         return f"expect.reason_codes must be sorted and distinct: {sorted(set(codes))}"
     if not isinstance(expect.get("obligations", {}), dict):
         return "expect.obligations must be an object"
+    if item.get("entry") == "output_decision" and expect.get("obligations", {}).keys() - {"redact"}:
+        return "an output case's expect.obligations can only hold redact"
     return None
 
 
@@ -126,9 +137,9 @@ CASES, PROBLEMS = load_cases(CASE_DIR)
 
 @dataclass(frozen=True)
 class Outcome:
-    embedded: Decision
+    embedded: Decision | OutputDecision
     #: None where no opa binary is available (the case is then checked on the embedded engine only).
-    opa: Decision | None
+    opa: Decision | OutputDecision | None
 
 
 @dataclass(frozen=True)
@@ -162,15 +173,15 @@ async def evaluate_all(opa_url: str | None, workdir: Path) -> tuple[dict[str, Ou
             folder = policy_folder(workdir / f"group-{index}", cases[0].data)
             embedded = await asyncio.to_thread(EmbeddedPolicyEngine.load, folder, TIMEOUT_S)
             try:
-                by_embedded = await asyncio.gather(*(embedded.decide(case.input) for case in cases))
-                by_opa: list[Decision | None] = [None] * len(cases)
+                by_embedded = await asyncio.gather(*(ask(embedded, case) for case in cases))
+                by_opa: list[Decision | OutputDecision | None] = [None] * len(cases)
                 if opa_url is not None:
                     if opa is None:
                         opa = await OpaPolicyEngine.connect(opa_url, folder, TIMEOUT_S)
                     else:
                         await opa.reload(folder)
                     revisions.append(GroupRevisions(folder.name, embedded.revision, opa.revision))
-                    by_opa = list(await asyncio.gather(*(opa.decide(case.input) for case in cases)))
+                    by_opa = list(await asyncio.gather(*(ask(opa, case) for case in cases)))
             finally:
                 await embedded.aclose()
             for case, mine, theirs in zip(cases, by_embedded, by_opa):
@@ -179,6 +190,11 @@ async def evaluate_all(opa_url: str | None, workdir: Path) -> tuple[dict[str, Ou
         if opa is not None:
             await opa.aclose()
     return outcomes, revisions
+
+
+async def ask(engine: EmbeddedPolicyEngine | OpaPolicyEngine, case: Case) -> Decision | OutputDecision:
+    """The engine's answer to the rule the case judges."""
+    return await getattr(engine, ENTRIES[case.entry])(case.input)
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +235,7 @@ def test_both_engines_load_the_same_revision_for_each_data(evaluated: Any) -> No
     assert [r for r in revisions if r.embedded != r.opa] == []
 
 
-def mismatches(decision: Decision, expect: dict[str, Any]) -> list[str]:
+def mismatches(decision: Decision | OutputDecision, expect: dict[str, Any]) -> list[str]:
     """How ``decision`` differs from what a case expects (empty when it matches)."""
     found = []
     if decision.allow != expect["allow"]:
