@@ -42,8 +42,7 @@ def policy_input_for(ticket: Ticket, window: Window) -> dict[str, Any]:
     """The ``output_decision`` input for one window of ``ticket``'s output (``gateway/requests/output_input.py``)."""
     from gateway.requests.output_input import output_policy_input
 
-    obligations = ticket.decision.obligations if ticket.decision is not None else {}
-    return output_policy_input(ticket.policy_input or {}, obligations, window.text, offset=window.offset,
+    return output_policy_input(ticket.policy_input, ticket.decision, window.text, offset=window.offset,
                                final=window.final)
 
 
