@@ -102,7 +102,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         request_timeout_s=settings.request_timeout_s, max_queued_per_model=settings.max_queued_per_model,
         digester=digester, pending=pending,
         output_rules=OutputRules(policy=policy, redis=client, sealer=sealer,
-                                 holdback_chars=settings.output_holdback_chars))
+                                 holdback_chars=settings.output_holdback_chars) if settings.output_rules else None)
     retrier = asyncio.create_task(retry_pending_terminals(pending, audit_store), name="govgate-terminal-retry")
     lost = LostRequestSweep(audit_store, pending, lookback_s=settings.terminal_retry_horizon_s,
                             lost_after_s=lost_after_s(settings.request_timeout_s, settings.generation_time_limit_s))

@@ -69,6 +69,8 @@ class Settings:
     generation_time_limit_s: float = 60.0
     #: How long a terminal entry the database refused is kept (in Redis) and retried before it is given up.
     terminal_retry_horizon_s: float = 86400.0
+    #: Judge outputs with the policy's output rules (off: outputs are served unjudged, as before the rules).
+    output_rules: bool = True
     #: Longest a worker waits for its gateway's verdict on an output before it records ``output_unchecked``.
     output_verdict_timeout_s: float = 10.0
     #: Streaming under output rules: the characters held back until the text after them was checked
@@ -185,6 +187,7 @@ class Settings:
                                                  float, 0.1)),
             terminal_retry_horizon_s=float(number("TERMINAL_RETRY_HORIZON_S", defaults.terminal_retry_horizon_s,
                                                   float, 1.0)),
+            output_rules=_flag(text("OUTPUT_RULES", ""), "OUTPUT_RULES", defaults.output_rules),
             output_verdict_timeout_s=float(number("OUTPUT_VERDICT_TIMEOUT_S", defaults.output_verdict_timeout_s,
                                                   float, 0.1)),
             output_holdback_chars=int(number("OUTPUT_HOLDBACK_CHARS", defaults.output_holdback_chars, int, 1)),
