@@ -37,8 +37,8 @@ def text_of(chars: int, finding: str | None = None, start: int = 0) -> str:
     text = text[:chars]
     if finding is None:
         return text
-    middle = (chars - len(finding)) // 2
-    return text[:middle] + finding + text[middle + len(finding):]
+    middle = (chars - len(finding) - 2) // 2
+    return text[:middle] + " " + finding + " " + text[middle + len(finding) + 2:]
 
 
 def output_inputs(samples: list[Sample], holdback_chars: int) -> dict[str, list[dict[str, Any]]]:
