@@ -240,10 +240,12 @@ def _record_checked(job: GenerateJob, store: AuditStore, verdict: OutputVerdict 
     checked = {"output_decision": decision_record(verdict, digester),
                **logged_client_output(verdict.client_text, job.prompt_logging, [*job.redact, *verdict.redact],
                                       digester)}
-    if verdict.unavailable:
+    if verdict.unavailable:  # the engine's reasons say why (no evaluator free, a timeout): no text in them
+        why = "; ".join(str(reason.get("message", "")) for reason in verdict.decision.get("reasons") or ()
+                        if isinstance(reason, dict))
         return record(STATUS_FAILED, finish_reason, checked=checked, findings=verdict.redact, error={
             "code": OUTPUT_POLICY_UNAVAILABLE,
-            "message": "the output rules could not be evaluated; the output was withheld"})
+            "message": f"the output rules could not be evaluated ({why or 'no answer'}); the output was withheld"})
     finish = FINISH_CONTENT_FILTER if verdict.stopped else finish_reason
     return record("completion", finish, checked=checked, findings=verdict.redact, served=verdict.client_text)
 

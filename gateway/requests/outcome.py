@@ -73,8 +73,9 @@ class TicketRunner:
         """Queue a streaming job and return its events; queueing errors are raised here, before any byte."""
         async with contextlib.AsyncExitStack() as stack:
             try:
-                pending = await stack.enter_async_context(
-                self.waiter.expect(ticket.request_id, stream=True, checked=self.output_rules is not None))
+                checked = self.output_rules is not None
+                pending = await stack.enter_async_context(self.waiter.expect(ticket.request_id, stream=True,
+                                                                             checked=checked))
                 await self._enqueue(ticket)
             except (QueueUnavailable, RedisError, OSError) as exc:
                 raise await self.queue_down(ticket, exc) from None

@@ -120,12 +120,12 @@ def worker_error(result: JobResult) -> ApiError:
         return ApiError(503, "cancelled", "The request was cancelled before it completed.")
     if code == "audit_unavailable":
         return ApiError(503, code, "The audit log cannot be written, so the output was withheld.")
-    if code == OUTPUT_POLICY_UNAVAILABLE:
-        return ApiError(503, POLICY_UNAVAILABLE, "The output rules could not be evaluated, so the output was "
-                        "withheld; the request has been logged. Retry later.")
+    if code == OUTPUT_POLICY_UNAVAILABLE:  # capacity, as at admission: retryable, with Retry-After
+        return ApiError(503, POLICY_UNAVAILABLE, f"The output was generated but withheld: {message}. The request "
+                        "has been logged; try again shortly.", headers={"Retry-After": "1"})
     if code == OUTPUT_UNCHECKED:
         return ApiError(503, code, "The output could not be checked against the output rules in time, so it "
-                        "was withheld; the request has been logged. Retry later.")
+                        "was withheld; the request has been logged. Try again shortly.", headers={"Retry-After": "1"})
     if code == "context_length_exceeded":
         return ApiError(400, code, f"The request does not fit the model's context: {message}", param="messages")
     if code == "generation_failed":

@@ -267,7 +267,7 @@ def test_output_rules_that_cannot_be_evaluated_end_the_stream_with_an_error(rule
         signal_all(worker, signal.SIGCONT)
         signal_all(evaluators, signal.SIGCONT)
     events = [json.loads(line[6:]) for line in lines]
-    assert events[-1]["error"]["code"] == "policy_unavailable"
+    assert events[-1]["error"]["code"] == "policy_unavailable" and "withheld" in events[-1]["error"]["message"]
     assert content_chunks(events[:-1]) == []  # nothing was judged, so nothing was released
     terminal = audit_store.terminal_for(request_id)
     assert terminal.kind == "failed" and terminal.body["error"]["code"] == "output_policy_unavailable"
