@@ -19,6 +19,15 @@ per scope for the requests in flight and their slots in sets of their own,
 the worker's too) are counted by ``bench/overhead.py`` and listed in
 docs/architecture.md, "Redis commands of one request".
 
+Then the queue, per job, in both ``GOVGATE_QUEUE_MODE``s: the gateway's push
+(``gateway/dispatch/queue.py``) of jobs of two teams, and a worker's channel
+(``workers/contract/kombu_redis.py``, a real kombu consumer in this process)
+taking and acknowledging them all under backlog, each job "served" for
+5 ms so the measured service times are even, as a worker's are. In fair
+mode that adds the push script's bookkeeping, the pick script per job and
+its once-a-second recount (the run lasts a few seconds, so the recount
+shows at about its real rate).
+
 Usage::
 
     .venv/bin/python bench/redis_commands.py [--requests 600]
@@ -86,6 +95,65 @@ async def measure(client: aioredis.Redis, requests: int, *, waiting: int, guesse
     return per_request(await commands_since_async(client, before), requests)
 
 
+async def push_jobs(client: aioredis.Redis, mode: str, jobs: int) -> None:
+    """``jobs`` jobs of two teams (two principals each) queued as a gateway in ``mode`` queues them."""
+    import os
+
+    from gateway.dispatch.queue import Dispatcher
+    from workers.contract.jobs import GenerateJob
+    from workers.contract.sampling import SamplingParams
+    from workers.contract.sealing import Sealer
+
+    dispatcher = Dispatcher(client, expires_s=60, sealer=Sealer(os.urandom(32)), mode=mode)
+    for n in range(jobs):
+        team = ("alpha", "beta")[n % 2]
+        await dispatcher.enqueue(GenerateJob(
+            request_id=uuid.uuid4().hex, model=MODEL, endpoint="completions", params=SamplingParams(1),
+            principal=f"{team}-{n % 4 // 2}", team=team, policy_revision="r", prompt="x"), priority=None)
+
+
+def take_jobs(url: str, jobs: int) -> None:
+    """A worker's channel consuming ``model.<MODEL>`` until it took and acked ``jobs`` jobs."""
+    import socket
+
+    from workers.contract.celery_config import make_celery
+
+    app = make_celery(url)
+    taken: list[int] = []
+
+    def on_message(message) -> None:
+        time.sleep(0.005)
+        message.ack()
+        taken.append(1)
+
+    try:
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            channel.basic_qos(prefetch_count=1)
+            channel.basic_consume(queue_for(MODEL), no_ack=False, callback=on_message, consumer_tag="bench")
+            while len(taken) < jobs:
+                try:
+                    connection.drain_events(timeout=5)
+                except socket.timeout:
+                    raise RuntimeError(f"took {len(taken)} of {jobs} jobs") from None
+            channel.basic_cancel("bench")
+    finally:
+        app.close()
+
+
+async def measure_queue(client: aioredis.Redis, url: str, mode: str, jobs: int) -> tuple[dict, dict]:
+    """Commands per job of the push, then of the take (with its ack), in ``mode``."""
+    await client.flushall()
+    await push_jobs(client, mode, 8)  # scripts loaded, lists registered, the service time learnt
+    await asyncio.to_thread(take_jobs, url, 8)
+    before = await command_calls_async(client)
+    await push_jobs(client, mode, jobs)
+    pushed = per_request(await commands_since_async(client, before), jobs)
+    before = await command_calls_async(client)
+    await asyncio.to_thread(take_jobs, url, jobs)
+    return pushed, per_request(await commands_since_async(client, before), jobs)
+
+
 async def main(requests: int) -> None:
     with tempfile.TemporaryDirectory(prefix="gg-rc-") as folder:
         server = RedisProcess.start(Path(folder), persist=False)
@@ -96,6 +164,11 @@ async def main(requests: int) -> None:
                 figures = await measure(client, requests, waiting=waiting, guessed=guessed)
                 detail = ", ".join(f"{name} {value:.2f}" for name, value in figures.items() if name != "total")
                 print(f"{label:16s} {figures['total']:6.2f} commands per request  ({detail})")
+            jobs = max(100, requests // 2)
+            for mode in ("fifo", "fair"):
+                for part, figures in zip(("push", "take"), await measure_queue(client, server.url, mode, jobs)):
+                    detail = ", ".join(f"{name} {value:.2f}" for name, value in figures.items() if name != "total")
+                    print(f"{mode} {part:11s} {figures['total']:6.2f} commands per job      ({detail})")
         finally:
             await client.aclose()
             server.stop()

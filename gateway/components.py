@@ -26,6 +26,7 @@ from gateway.dispatch import Dispatcher, ResultWaiter
 from gateway.limits import UsageCounters
 from gateway.policy import PolicyEngine, open_policy_engine
 from gateway.policy.reloader import ReloadingPolicyEngine
+from gateway.policy.shares import SharePublisher
 from gateway.requests.lost_requests import LostRequestSweep, lost_after_s, sweep_lost_requests
 from gateway.requests.output_rules import OutputRules
 from gateway.requests.service import CompletionService
@@ -90,7 +91,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         log.warning("a task redelivered after a worker death comes after the request timeout: it will be "
                     "recorded as expired (lower GOVGATE_GENERATION_TIME_LIMIT_S below "
                     "GOVGATE_REQUEST_TIMEOUT_S - 40 s to let it answer)")
-    dispatcher = Dispatcher(client, expires_s=settings.request_timeout_s, sealer=sealer)
+    dispatcher = Dispatcher(client, expires_s=settings.request_timeout_s, sealer=sealer, mode=settings.queue_mode)
     audit_store = AuditStore(db_engine)
     counters = UsageCounters(client)
     pending_client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
@@ -100,13 +101,15 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         registry=registry, policy=policy, audit=audit_store, dispatcher=dispatcher, waiter=waiter,
         redis=client, counters=counters, default_max_tokens=settings.default_max_tokens,
         request_timeout_s=settings.request_timeout_s, max_queued_per_model=settings.max_queued_per_model,
-        digester=digester, pending=pending,
+        digester=digester, pending=pending, queue_mode=settings.queue_mode,
         output_rules=OutputRules(policy=policy, redis=client, sealer=sealer,
                                  holdback_chars=settings.output_holdback_chars) if settings.output_rules else None)
     retrier = asyncio.create_task(retry_pending_terminals(pending, audit_store), name="govgate-terminal-retry")
     lost = LostRequestSweep(audit_store, pending, lookback_s=settings.terminal_retry_horizon_s,
                             lost_after_s=lost_after_s(settings.request_timeout_s, settings.generation_time_limit_s))
     sweeper = asyncio.create_task(sweep_lost_requests(lost, counters), name="govgate-lost-requests")
+    shares = SharePublisher(client, policy, tick_s=settings.policy_reload_interval_s or 2.0)
+    policy.on_reload(shares.poke)
     principals = PrincipalCache(ttl_s=settings.auth_cache_ttl_s, max_entries=settings.auth_cache_size)
     key_changes = KeyChangeListener(client, principals)
     keys = KeyStore(db_engine)
@@ -118,6 +121,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         await key_changes.start()
         await waiter.start()
         await policy.start()
+        await shares.start()
         yield Components(
             settings=settings, registry=registry, db_engine=db_engine, keys=keys,
             audit=audit_store, policy=policy, redis=client, waiter=waiter, dispatcher=dispatcher,
@@ -125,6 +129,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         )
     finally:
         await stop_tasks([retrier, sweeper])
+        await shares.aclose()
         pending_client.close()
         await key_changes.aclose()
         await completions.aclose()

@@ -78,6 +78,9 @@ class Settings:
     output_holdback_chars: int = 64
     #: Requests that may wait in one model's queue; beyond it the gateway answers 429.
     max_queued_per_model: int = 64
+    #: How gateways queue jobs: ``fair`` (a queue per model, team and principal, served by weighted fair share)
+    #: or ``fifo`` (one queue per model, first come first served within a priority). Workers serve both.
+    queue_mode: str = "fair"
     #: Largest request body accepted (413 above it).
     max_body_bytes: int = 1024 * 1024
     #: ``max_tokens`` used when a request does not give one (policy may clamp it).
@@ -192,6 +195,7 @@ class Settings:
                                                   float, 0.1)),
             output_holdback_chars=int(number("OUTPUT_HOLDBACK_CHARS", defaults.output_holdback_chars, int, 1)),
             max_queued_per_model=int(number("MAX_QUEUED_PER_MODEL", defaults.max_queued_per_model, int, 1)),
+            queue_mode=_choice(text("QUEUE_MODE", defaults.queue_mode).lower(), "QUEUE_MODE", ("fifo", "fair")),
             max_body_bytes=int(number("MAX_BODY_BYTES", defaults.max_body_bytes, int, 1024)),
             default_max_tokens=int(number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens, int, 1)),
             redis_max_connections=int(number("REDIS_MAX_CONNECTIONS", defaults.redis_max_connections, int, 2)),

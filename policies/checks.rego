@@ -127,6 +127,23 @@ config_problems contains sprintf("govgate_config.teams.%s.models must be a list 
 	not is_array(models)
 }
 
+# A team's fair share of a model's workers (README, "Fair share"): a number
+# greater than 0 and at most 1000 (null or absent: the `default` entry's
+# share, else 1). The gateway publishes the weights to Redis as it loads the
+# policy; the decision rules never read them.
+config_problems contains sprintf("govgate_config.teams.%s.share must be a number greater than 0 and at most 1000, or null", [team]) if {
+	some team, settings in as_object(setting(["teams"]))
+	share := as_object(settings).share
+	share != null
+	not valid_share(share)
+}
+
+valid_share(value) if {
+	is_number(value)
+	value > 0
+	value <= 1000
+}
+
 # The settings of every model the data names.
 configured_models := {name: as_object(settings) | some name, settings in as_object(setting(["models"]))}
 

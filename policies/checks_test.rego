@@ -107,6 +107,18 @@ test_team_models_not_a_list_is_a_config_problem if {
 	config_problems_with({"teams": {"odd": {"models": "govgate-tiny"}}}) == {"govgate_config.teams.odd.models must be a list or null"}
 }
 
+test_team_share_must_be_a_number_from_above_0_to_1000 if {
+	every value in [0, -1, 1000.5, 5000, "2", true, [1], {"w": 1}] {
+		config_problems_with({"teams": {"odd": {"share": value}}}) == {"govgate_config.teams.odd.share must be a number greater than 0 and at most 1000, or null"}
+	}
+}
+
+test_team_share_that_is_usable_is_no_problem if {
+	every value in [0.5, 1, 3, 1000, null] {
+		count(config_problems_with({"teams": {"odd": {"share": value}, "default": {"share": 2}}})) == 0
+	}
+}
+
 test_limit_of_wrong_type_is_a_config_problem if {
 	config_problems_with({"limits": {"principals": {"default": {"in_flight": "4"}}}}) == {"govgate_config.limits.principals limits must be whole numbers >= 0 or null (in_flight)"}
 }

@@ -40,6 +40,8 @@ from tests.postgres_server import REQUIRE_ENV as REQUIRE_POSTGRES_ENV
 from tests.postgres_server import PostgresServer, PostgresUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Run the suite's gateways in this queue mode (``fair``, the default, or ``fifo``).
+QUEUE_MODE_ENV = "GOVGATE_TEST_QUEUE_MODE"
 #: A model in the test registry that no worker serves (timeouts, expiry).
 IDLE_MODEL = "idle-tiny"
 #: Another unserved model, kept for the queue-admission test alone (its queue only fills there).
@@ -144,7 +146,8 @@ def _roomy_limits(config: dict) -> None:
 def settings(var_dir: Path, redis_server: RedisProcess, models_file: Path) -> Settings:
     """The suite's settings: the shipped policy with limits lifted (limit tests set their own)."""
     return Settings(var_dir=var_dir, redis_url=redis_server.url, policy_dir=policy_copy(var_dir, _roomy_limits),
-                    models_file=str(models_file), request_timeout_s=60.0, port=free_port())
+                    models_file=str(models_file), request_timeout_s=60.0, port=free_port(),
+                    queue_mode=os.environ.get(QUEUE_MODE_ENV, Settings.queue_mode))
 
 
 def spawn_cli(settings: Settings, *args: str, log: Path | None = None) -> subprocess.Popen:

@@ -1,4 +1,5 @@
-"""``GET /v1/models`` and ``GET /v1/models/{id}``: the models the caller may use, as the policy decides.
+"""``GET /v1/models`` and ``GET /v1/models/{id}``: the models the caller may use, as the policy decides,
+with each one's queue as the caller may see it (``gateway/limits/queue_view.py``).
 
 A model the policy does not let this key use is answered exactly like one
 that does not exist (404 ``model_not_found``), as the list leaves it out:
@@ -8,6 +9,7 @@ same way for models an account cannot access.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -20,11 +22,13 @@ from redis.exceptions import RedisError
 from gateway import urls
 from gateway.api.openapi import MODEL_OPERATION, MODELS_OPERATION, SECURITY
 from gateway.auth import Principal
-from gateway.dispatch import queue_depth
+from gateway.limits.queue_view import ADMIN_ROLE, queue_views
 from gateway.api_errors import ApiError
 from gateway.policy import POLICY_UNAVAILABLE, PolicyUnavailable
 from gateway.policy.engine import UNAVAILABLE_RETRY_AFTER_S
 from workers.contract.registry import ModelSpec
+
+log = logging.getLogger(__name__)
 
 
 class ModelsController(Controller):
@@ -36,7 +40,8 @@ class ModelsController(Controller):
         components = state.components
         specs = [components.registry.models[name] for name in components.registry.names()]
         visible = await _visible(state, principal, specs)
-        return {"object": "list", "data": [await _model_object(state, spec) for spec in visible]}
+        queues = await _queues(state, principal, visible)
+        return {"object": "list", "data": [_model_object(spec, queues.get(spec.name)) for spec in visible]}
 
     @get(urls.MODEL, summary="One model this key may use", operation_id="retrieveModel",
          operation_class=MODEL_OPERATION, security=SECURITY)
@@ -46,7 +51,7 @@ class ModelsController(Controller):
         if spec is None or not await _visible(state, principal, [spec]):
             raise ApiError(404, "model_not_found", f"The model '{model_id}' does not exist or this key may not "
                            "use it. GET /v1/models lists the models you may use.", param="model")
-        return await _model_object(state, spec)
+        return _model_object(spec, (await _queues(state, principal, [spec])).get(spec.name))
 
 
 async def _visible(state: State, principal: Principal, specs: list[ModelSpec]) -> list[ModelSpec]:
@@ -65,13 +70,21 @@ async def _visible(state: State, principal: Principal, specs: list[ModelSpec]) -
     return [spec for spec in specs if spec.name in allowed]
 
 
-async def _model_object(state: State, spec: ModelSpec) -> dict[str, Any]:
-    """OpenAI's model object, plus what govgate knows of the model and its queue."""
-    components = state.components
+async def _queues(state: State, principal: Principal, specs: list[ModelSpec]) -> dict[str, dict[str, Any]]:
+    """Each model's queue as ``principal`` may see it (every team's count for an admin, its own place for
+    others); none when Redis cannot answer: the list still answers, with ``"queue": null``."""
+    settings = state.components.settings
     try:
-        waiting = await queue_depth(components.redis, spec.name)
-    except (RedisError, OSError):
-        waiting = None
+        return await queue_views(state.components.redis, [spec.name for spec in specs], team=principal.team,
+                                 admin=ADMIN_ROLE in principal.roles, limit=settings.max_queued_per_model,
+                                 mode=settings.queue_mode)
+    except (RedisError, OSError) as exc:
+        log.warning("GET /v1/models without queues: Redis did not answer: %s: %s", type(exc).__name__, exc)
+        return {}
+
+
+def _model_object(spec: ModelSpec, queue: dict[str, Any] | None) -> dict[str, Any]:
+    """OpenAI's model object, plus what govgate knows of the model and its queue."""
     return {
         "id": spec.name,
         "object": "model",
@@ -80,5 +93,5 @@ async def _model_object(state: State, spec: ModelSpec) -> dict[str, Any]:
         "family": spec.family,
         "context_length": spec.context_length,
         "tags": list(spec.tags),
-        "queue": {"waiting": waiting, "limit": components.settings.max_queued_per_model},
+        "queue": queue,
     }

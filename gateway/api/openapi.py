@@ -108,7 +108,8 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
     422: ("`invalid_value`: a missing field, a wrong type or an out-of-range value (`param` names it), or a "
           "character the model's backend cannot take (a NUL for ctransformers models).", {}),
     429: (f"{_either(RETRYABLE_CODES_IN_ORDER)}: a usage limit or the "
-          "model's queue is full; `error.reasons` says which, `Retry-After` when to try again.",
+          "model's queue is full (in fair mode, the places of the caller's team: its share of the model's "
+          "queue, named in the message); `error.reasons` says which, `Retry-After` when to try again.",
           {"Retry-After": _RETRY_AFTER}),
     502: ("`worker_error`, `generation_failed`, `worker_lost`, `stream_inconsistent` or `output_not_kept`: "
           "the model worker failed, or a stream's text could not be matched to the recorded output, or a "

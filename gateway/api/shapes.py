@@ -136,9 +136,25 @@ class ErrorResponse(msgspec.Struct):
     error: ErrorDetail
 
 
+class TeamQueue(msgspec.Struct):
+    """One team's jobs waiting for the model, and its fraction of the waiting teams' weight."""
+
+    waiting: int
+    share: float
+
+
 class QueueInfo(msgspec.Struct):
-    waiting: int | None
+    """The model's queue. `waiting`: jobs waiting in all; `limit`: `GOVGATE_MAX_QUEUED_PER_MODEL`. In fair
+    mode (`GOVGATE_QUEUE_MODE=fair`) an admin also gets `teams` (each waiting team's count and share); any
+    other key gets only its own team's view: `your_team_waiting`, `position` (where a request sent now would
+    be served, 1 = next) and `estimated_wait_s` (position × mean service time / live workers)."""
+
+    waiting: int
     limit: int
+    teams: dict[str, TeamQueue] | UnsetType = UNSET
+    your_team_waiting: int | UnsetType = UNSET
+    position: int | UnsetType = UNSET
+    estimated_wait_s: float | UnsetType = UNSET
 
 
 class Model(msgspec.Struct):
@@ -149,7 +165,8 @@ class Model(msgspec.Struct):
     family: str
     context_length: int
     tags: list[str]
-    queue: QueueInfo
+    #: null when Redis cannot be read: the list still answers.
+    queue: QueueInfo | None
 
 
 class ModelList(msgspec.Struct):

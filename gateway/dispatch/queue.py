@@ -1,8 +1,11 @@
 """Sending admitted requests to the model's Celery queue.
 
 If Redis cannot take the task now the request is refused (503) rather than
-waited on blind. The job travels sealed, with its own deadline. See
-docs/architecture.md, section "gateway/requests and gateway/dispatch".
+waited on blind. The job travels sealed, with its own deadline. In fair mode
+(``GOVGATE_QUEUE_MODE=fair``) the queue is the job's team's and principal's
+own (``workers/contract/fair_queues.py``, pushed by ``gateway/dispatch/fair_push.py``);
+in fifo mode it is the model's one queue. See docs/architecture.md, sections
+"gateway/requests and gateway/dispatch" and "Fair share".
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.dispatch.celery_message import task_message
+from gateway.dispatch.fair_push import fair_push
 from gateway.dispatch.job_payload import sealed_job
 from workers.contract.celery_config import queue_keys
+from workers.contract.fair_queues import MODE_FAIR, MODE_FIFO, job_queue, team_field
 from workers.contract.jobs import GENERATE_TASK, GenerateJob, queue_for
 from workers.contract.sealing import Sealer
 
@@ -33,13 +38,18 @@ class QueueUnavailable(RuntimeError):
 
 
 class Dispatcher:
-    """Queues jobs for the workers: one LPUSH of a Celery task message on the async client."""
+    """Queues jobs for the workers: a Celery task message pushed on the async client (fifo: one LPUSH;
+    fair: one script that also counts the team's waiting job and registers the list)."""
 
-    def __init__(self, redis: aioredis.Redis, *, expires_s: float, sealer: Sealer) -> None:
-        """``expires_s``: how long after queueing a job is still worth running (the request timeout)."""
+    def __init__(self, redis: aioredis.Redis, *, expires_s: float, sealer: Sealer, mode: str = MODE_FAIR) -> None:
+        """``expires_s``: how long after queueing a job is still worth running (the request timeout);
+        ``mode``: ``fair`` or ``fifo`` (``GOVGATE_QUEUE_MODE``)."""
+        if mode not in (MODE_FAIR, MODE_FIFO):
+            raise ValueError(f"queue mode must be {MODE_FAIR!r} or {MODE_FIFO!r}, not {mode!r}")
         self._redis = redis
         self._sealer = sealer
         self._expires_s = expires_s
+        self._fair = mode == MODE_FAIR
 
     async def enqueue(self, job: GenerateJob, *, priority: int | None = None) -> None:
         """Queue ``job`` on its model's queue, the request id as task id.
@@ -55,12 +65,16 @@ class Dispatcher:
         job = replace(job, deadline_ns=time.time_ns() + int(self._expires_s * 1e9))
         # Sealed: the prompt is ciphertext in Redis and its AOF. ``argsrepr``
         # (which Celery stores in the message and logs) names only the request.
+        # The routing key is the queue too: a redelivered message goes back to its own list.
+        queue = job_queue(job.model, job.team, job.principal) if self._fair else queue_for(job.model)
         key, message = task_message(GENERATE_TASK, job.request_id, [sealed_job(job, self._sealer)],
-                                    queue=queue_for(job.model), priority=priority,
-                                    argsrepr=f"(<sealed job {job.request_id}>,)")
+                                    queue=queue, priority=priority, argsrepr=f"(<sealed job {job.request_id}>,)")
         # One command on the event loop's own client: no thread, no retries that
         # could hold the request for seconds if Redis is gone.
         try:
-            await self._redis.lpush(key, message)
+            if self._fair:
+                await fair_push(self._redis, job.model, team_field(job.team), key, message)
+            else:
+                await self._redis.lpush(key, message)
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"the queue did not accept the request: {exc}") from exc

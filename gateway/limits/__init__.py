@@ -10,12 +10,12 @@ from gateway.limits.catalogue import LIMIT_NAMES, RETRYABLE_CODES, USAGE_LIMITS,
 
 if TYPE_CHECKING:
     from gateway.limits.counters import (CountersReply, CountersUnavailable, QueueAtLimit, QueueCheck, Refusal,
-                                         Reservation, Scope, UsageCounters)
+                                         Reservation, Scope, TeamPlaces, UsageCounters)
 
 # Imported on first use: the decision parser reads the catalogue in the
 # policy's evaluator processes, which must not pay for redis (~100 ms).
 _COUNTERS_API = {"CountersReply", "CountersUnavailable", "QueueAtLimit", "QueueCheck", "Refusal", "Reservation",
-                 "Scope", "UsageCounters"}
+                 "Scope", "TeamPlaces", "UsageCounters"}
 
 
 def __getattr__(name: str) -> Any:
@@ -37,6 +37,7 @@ __all__ = [
     "Refusal",
     "Reservation",
     "Scope",
+    "TeamPlaces",
     "UsageCounters",
     "UsageLimit",
 ]

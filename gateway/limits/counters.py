@@ -166,6 +166,15 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _positive(text: str) -> float | None:
+    """A measured time read back from Redis; None when absent or not a positive number."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 < value < float("inf") else None
+
+
 def _limit(value: Any, where: str) -> int:
     if value is None:
         return -1
@@ -203,20 +212,59 @@ def _message(scope: Scope, limit: UsageLimit, value: int, used: int, tokens: int
 class QueueCheck:
     """The model's queue, checked in the same step as the reservation.
 
-    ``keys`` are the Redis lists that hold its waiting messages (one per
-    priority); a request is refused while ``limit`` or more wait.
+    fifo (``team`` None): ``keys`` are the Redis lists that hold its waiting
+    messages (one per priority); a request is refused while ``limit`` or
+    more wait. Fair share (``team`` the requester's field in the waiting
+    hash): ``keys`` are the model's waiting hash, the shares hash, its tags
+    hash and the live workers' set, and a request is refused while its team
+    holds its cap of places (``gateway/limits/fair_share.py``) or all teams
+    together hold twice ``limit``. ``worker_prefix``: the model's members in
+    the live workers' set.
     """
 
     keys: tuple[str, ...]
     limit: int
+    team: str | None = None
+    worker_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class TeamPlaces:
+    """A fair-share refusal's figures: the team's places in the model's queue and how fast they free."""
+
+    #: The team's waiting jobs, and the places it may hold.
+    waiting: int
+    cap: int
+    #: The team's weight, and the sum of the weights of the teams with jobs waiting (its own included).
+    weight: float
+    waiting_weight: float
+    #: The workers' mean service time of one job (ms), None while unmeasured.
+    service_ms: float | None
+    live_workers: int
+    #: Refused because all teams together hold twice the limit, not (only) by the team's cap.
+    at_ceiling: bool
+
+    @property
+    def share(self) -> float:
+        """The team's fraction of the waiting teams' weight: its fraction of the workers while they wait."""
+        return self.weight / self.waiting_weight if self.waiting_weight > 0 else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"waiting": self.waiting, "cap": self.cap, "weight": self.weight,
+                "waiting_weight": self.waiting_weight, "share": round(self.share, 6),
+                "service_ms": self.service_ms, "live_workers": self.live_workers, "at_ceiling": self.at_ceiling}
 
 
 @dataclass(frozen=True)
 class QueueAtLimit:
-    """The model's queue already holds ``limit`` waiting requests: nothing was reserved."""
+    """The model's queue (fifo), or the team's places in it (fair), are full: nothing was reserved.
+
+    ``waiting`` is the model's total; ``team`` is set in fair mode.
+    """
 
     waiting: int
     limit: int
+    team: TeamPlaces | None = None
 
 
 @dataclass(frozen=True)
@@ -346,7 +394,9 @@ class UsageCounters:
                 tokens, now_us + self._fly_ttl_us, _SCOPE_TTL_MS, _RECORD_TTL_MS, periods.day_end_us,
                 periods.month_end_us, periods.day, periods.yesterday, periods.month, periods.last_month,
                 queue.limit if queue is not None else -1, 1 if replace is not None else 0, replaced.day,
-                replaced.month, *limit_args]
+                replaced.month, "fair" if queue is not None and queue.team is not None else "",
+                queue.team if queue is not None and queue.team is not None else "",
+                queue.worker_prefix if queue is not None else "", *limit_args]
         try:
             reply = await self._run(scripts.ADMIT, keys, args)
         except asyncio.CancelledError:
@@ -376,7 +426,13 @@ class UsageCounters:
             return Reservation(request_id, scopes, int(reply[2]), int(reply[3]) / _US)
         if kind == "queue_full":
             assert queue is not None
-            return QueueAtLimit(int(reply[1]), queue.limit)
+            if queue.team is None:
+                return QueueAtLimit(int(reply[1]), queue.limit)
+            team_waiting, cap, weight, waiting_weight, svc, live, ceiling = reply[2:9]
+            return QueueAtLimit(int(reply[1]), queue.limit, TeamPlaces(
+                waiting=int(team_waiting), cap=int(cap), weight=float(_text(weight)),
+                waiting_weight=float(_text(waiting_weight)), service_ms=_positive(_text(svc)),
+                live_workers=int(live), at_ceiling=int(ceiling) == 1))
         scope_index, limit_index, limit, used, wait_us = (int(v) for v in reply[1:])
         scope = scopes[scope_index - 1]
         refusing = USAGE_LIMITS[limit_index - 1]

@@ -103,14 +103,18 @@ end
 """
 
 _ADMIT = _PRELUDE + """
--- KEYS: [1] request record, three per scope, then the model's queue lists (maybe none).
+-- KEYS: [1] request record, two per scope, then the model's queue: its lists (fifo, maybe none), or
+-- (fair) its waiting hash, the shares hash, its tags hash and the live workers' set.
 -- ARGV 5 'snapshot' | 'reserve', 6 tokens, 7 in-flight expiry (µs), 8 key ttl (ms), 9 record ttl (ms),
 -- 10 day end (µs), 11 month end (µs), 12 today, 13 yesterday, 14 this month, 15 last month,
 -- 16 queue limit (-1: none), 17 '1': replace a reservation this request holds (18, 19: its day and month),
--- 20.. five limits per scope (-1: none).
+-- 20 'fair' (the queue keys are fair share's) or '', 21 the team's field in the waiting hash,
+-- 22 the model's members' prefix in the live workers' set, 23.. five limits per scope (-1: none).
 -- Returns {usage per scope (five counters and µs until the oldest window entry leaves),
 --          queue depth (-1: not read), outcome...}; outcome is {'snapshot'}, {'reserved'},
--- {'held', state, tokens, at}, {'refused', scope, limit, value, used, wait µs} or {'queue_full', depth}.
+-- {'held', state, tokens, at}, {'refused', scope, limit, value, used, wait µs}, {'queue_full', depth}
+-- or (fair) {'queue_full', depth, team waiting, team cap, weight, waiting teams' weight, svc, live workers,
+-- 1 if the ceiling refused}.
 local MODE = ARGV[5]
 local TOKENS = tonumber(ARGV[6])
 local CUTOFF = NOW - WINDOW
@@ -284,6 +288,62 @@ local function depth()
   return total
 end
 
+-- Fair share: the model's waiting jobs per team (one HGETALL): the total, this team's, the other teams
+-- with jobs waiting.
+local FAIR = ARGV[20] == 'fair'
+local TEAM = ARGV[21]
+local QFIRST = 2 + 2 * NSCOPES
+local function fair_depth()
+  local flat = redis.call('HGETALL', KEYS[QFIRST])
+  local total, mine, others = 0, 0, {}
+  for k = 1, #flat, 2 do
+    local n = tonumber(flat[k + 1]) or 0
+    if n > 0 then
+      total = total + n
+      if flat[k] == TEAM then mine = n else others[#others + 1] = flat[k] end
+    end
+  end
+  return total, mine, others
+end
+
+-- The team's weight and the waiting teams' (its own included), from the shares hash: one HMGET, and
+-- none while no other team waits (the team then has every place). A team without a weight of its own
+-- has the '*' one, else 1 (gateway/policy/shares.py writes the hash).
+local function positive(v)
+  local n = tonumber(v)
+  if n and n > 0 then return n end
+  return nil
+end
+
+local function fair_weights(others)
+  if #others == 0 then return 1, 1 end
+  local got = redis.call('HMGET', KEYS[QFIRST + 1], TEAM, '*', unpack(others))
+  local default = positive(got[2]) or 1
+  local w = positive(got[1]) or default
+  local sum = w
+  for k = 3, #got do sum = sum + (positive(got[k]) or default) end
+  return w, sum
+end
+
+-- A team may hold max(1, floor(limit × w / W)) waiting jobs (gateway/limits/fair_share.py, team_cap);
+-- all teams together never reach twice the limit. nil admits; a refusal carries what its 429 needs
+-- (the mean service time and the live workers: two reads, on the refusal only).
+local function fair_check(limit, total, mine, others)
+  local ceiling = total >= 2 * limit
+  if mine == 0 and not ceiling then return nil end
+  local w, sum = fair_weights(others)
+  local cap = limit
+  if sum > w then cap = math.max(1, math.floor(limit * w / sum + 1e-9)) end
+  if mine < cap and not ceiling then return nil end
+  local svc = redis.call('HGET', KEYS[QFIRST + 2], 'svc') or ''
+  local members = redis.call('ZRANGEBYSCORE', KEYS[QFIRST + 3], '(' .. math.floor(NOW / 1000000), '+inf')
+  local live, prefix = 0, ARGV[22]
+  for _, m in ipairs(members) do
+    if string.sub(m, 1, #prefix) == prefix then live = live + 1 end
+  end
+  return {'queue_full', total, mine, cap, tostring(w), tostring(sum), svc, live, ceiling and 1 or 0}
+end
+
 local function reply(scopes, waiting, outcome)
   local out = {}
   for i = 1, NSCOPES do
@@ -321,7 +381,8 @@ for i = 1, NSCOPES do
   scopes[i] = scope(i)
   load(scopes[i])
 end
-local waiting = depth()
+local waiting, mine, others
+if FAIR then waiting, mine, others = fair_depth() else waiting = depth() end
 
 if MODE ~= 'reserve' then
   for i = 1, NSCOPES do
@@ -344,7 +405,7 @@ local need = {1, TOKENS, TOKENS, TOKENS, 1}
 for i = 1, NSCOPES do
   local s = scopes[i]
   for j = 1, 5 do
-    local limit = tonumber(ARGV[19 + (i - 1) * 5 + j])
+    local limit = tonumber(ARGV[22 + (i - 1) * 5 + j])
     if limit >= 0 and s.usage[j] + need[j] > limit then
       local w = wait(j, s, s.usage[j], limit)
       if best == nil or w > best[5] then best = {i, j, limit, s.usage[j], w} end
@@ -355,6 +416,8 @@ local outcome
 local limit = tonumber(ARGV[16])
 if best then
   outcome = {'refused', best[1], best[2], best[3], best[4], best[5]}
+elseif limit >= 0 and FAIR then
+  outcome = fair_check(limit, waiting, mine, others)
 elseif limit >= 0 and waiting >= limit then
   outcome = {'queue_full', waiting}
 end

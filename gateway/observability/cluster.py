@@ -2,7 +2,8 @@
 
 Every gateway replica would count these the same, so they are not counted
 but read: one pipelined round trip (the queue lists' lengths, every
-priority, and the live-workers set of :mod:`workers.contract.liveness`),
+priority; the fair-share queues' waiting counts per team,
+``workers.contract.fair_queues.waiting_key``; and the live-workers set of :mod:`workers.contract.liveness`),
 bounded by a short timeout so a slow or absent Redis makes a scrape or a
 readiness probe answer "unknown" quickly instead of hanging, and never
 blocks the event loop (the async client).
@@ -17,6 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from workers.contract.celery_config import queue_keys
+from workers.contract.fair_queues import waiting_key
 from workers.contract.jobs import queue_for
 from workers.contract.liveness import LIVE_SCRIPT, WORKERS_KEY, live_counts
 
@@ -41,13 +43,15 @@ async def read_cluster(redis: aioredis.Redis, models: list[str], timeout_s: floa
                 for model in models:
                     for key in queue_keys(queue_for(model)):
                         pipe.llen(key)
+                    pipe.hvals(waiting_key(model))
                 pipe.eval(LIVE_SCRIPT, 1, WORKERS_KEY)
                 replies = await pipe.execute()
     except TimeoutError:
         return ClusterState({}, {}, f"Redis did not answer within {timeout_s:g}s")
     except (RedisError, OSError) as exc:
         return ClusterState({}, {}, f"Redis: {type(exc).__name__}")
-    steps = len(queue_keys(""))
-    queued = {model: sum(int(n) for n in replies[i * steps:(i + 1) * steps]) for i, model in enumerate(models)}
+    steps = len(queue_keys("")) + 1  # the plain lists, then the fair queues' counts per team
+    queued = {model: sum(sum(int(v) for v in n) if isinstance(n, list) else int(n)
+                         for n in replies[i * steps:(i + 1) * steps]) for i, model in enumerate(models)}
     alive = live_counts(replies[-1])
     return ClusterState(queued, {model: alive.get(model, 0) for model in models})

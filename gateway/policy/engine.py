@@ -89,6 +89,7 @@ class EmbeddedPolicyEngine:
             data = [json.dumps(doc) for _, doc in snapshot.data_documents()]
         except PolicyFilesError as exc:
             raise PolicyLoadError(str(exc)) from None
+        self._snapshot = snapshot
         self._revision = snapshot.revision
         self._timeout_s = timeout_s
         #: Whether the policy has an output rule (None: not asked yet); one engine holds one revision.
@@ -116,6 +117,11 @@ class EmbeddedPolicyEngine:
     @property
     def timeout_s(self) -> float:
         return self._timeout_s
+
+    @property
+    def snapshot(self) -> PolicySnapshot:
+        """The policy (modules and data) the evaluators were started with; its data gives the team shares."""
+        return self._snapshot
 
     @property
     def wait_timeout_s(self) -> float:

@@ -49,6 +49,7 @@ class ReloadingPolicyEngine:
         self._tasks: set[asyncio.Task] = set()
         self._watcher: asyncio.Task | None = None
         self._hup_installed = False
+        self._listeners: list[Callable[[], None]] = []
 
     @property
     def revision(self) -> str:
@@ -72,6 +73,10 @@ class ReloadingPolicyEngine:
         engine = self._engine  # the revision must be that of the engine that decided
         return await engine.decide_output(input), engine.revision
 
+    def on_reload(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (synchronously; it must not block) each time a new engine is swapped in."""
+        self._listeners.append(listener)
+
     async def visible_models(self, principal: dict[str, Any], models: list[dict[str, Any]]) -> set[str]:
         return await self._engine.visible_models(principal, models)
 
@@ -93,6 +98,11 @@ class ReloadingPolicyEngine:
                 return ReloadResult(False, old.revision, str(exc))
             self._engine = new
             log.info("policy reloaded: revision %s -> %s", old.revision, new.revision)
+            for listener in self._listeners:
+                try:
+                    listener()
+                except Exception:  # a listener's bug must not undo a load that succeeded
+                    log.exception("policy reload listener failed")
             if new is not old:
                 self._spawn(self._retire(old))
             return ReloadResult(new.revision != old.revision, new.revision)

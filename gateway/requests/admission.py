@@ -24,8 +24,9 @@ import redis.asyncio as aioredis
 
 from gateway.auth import Principal
 from gateway.api_errors import ApiError, errors_of
-from gateway.limits import CountersReply, CountersUnavailable, QueueAtLimit, Refusal, Reservation, UsageCounters
-from gateway.limits.queue import model_queue
+from gateway.limits import (CountersReply, CountersUnavailable, QueueAtLimit, QueueCheck, Refusal, Reservation,
+                            UsageCounters)
+from gateway.limits.queue import fair_model_queue, model_queue
 from gateway.limits.charge import prompt_tokens_to_hold
 from gateway.observability.context import current_request_id, note_model
 from gateway.observability.metrics import timed_decision
@@ -41,6 +42,7 @@ from gateway.requests.request_log import RequestLog
 from gateway.requests.schemas import REQUEST_SHAPES, ChatCompletionRequest, CompletionRequest
 from gateway.requests.ticket import Ticket
 from gateway.requests.usage import release_reservation, undo_reservation
+from workers.contract.fair_queues import MODE_FAIR, MODE_FIFO, QUEUE_MODES
 from workers.contract.jobs import GenerateJob
 from workers.contract.privacy import Digester
 from workers.contract.registry import ModelSpec, Registry
@@ -112,7 +114,7 @@ class Admission:
 
     def __init__(self, *, registry: Registry, policy: ReloadingPolicyEngine, counters: UsageCounters,
                  request_log: RequestLog, redis: aioredis.Redis, digester: Digester, default_max_tokens: int,
-                 max_queued_per_model: int) -> None:
+                 max_queued_per_model: int, queue_mode: str = MODE_FIFO) -> None:
         self.registry = registry
         self.policy = policy
         self.counters = counters
@@ -121,6 +123,10 @@ class Admission:
         self.digester = digester
         self.default_max_tokens = default_max_tokens
         self.max_queued_per_model = max_queued_per_model
+        if queue_mode not in QUEUE_MODES:
+            raise ValueError(f"queue_mode must be one of {QUEUE_MODES}, not {queue_mode!r}")
+        #: fair: a team may hold its share of the model's places (gateway/limits/fair_share.py); fifo: the total.
+        self.queue_mode = queue_mode
         self.prompt_counter = PromptCounter()
         #: (principal, team, model) → what its last allowed decision obliged.
         self._obliged: dict[tuple[str, str | None, str], Obliged] = {}
@@ -213,7 +219,7 @@ class Admission:
                 tokens = prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt)) + requested_max
                 reply = await self.counters.admit(
                     request_id, principal.id, principal.team, guess.limits, tokens,
-                    queue=model_queue(spec.name, self.max_queued_per_model, guess.priority))
+                    queue=self._queue(spec, principal, guess.priority))
                 usage, early = reply.usage, EarlyReservation(guess.limits, tokens, prompt_tokens, reply)
         except CountersUnavailable as exc:
             usage, counters_down = None, UsageUnavailable(str(exc))
@@ -264,8 +270,7 @@ class Admission:
         else:
             try:
                 reply = await self.counters.admit(request_id, principal.id, principal.team, wanted, reserved,
-                                                  queue=model_queue(spec.name, self.max_queued_per_model,
-                                                                    priority),
+                                                  queue=self._queue(spec, principal, priority),
                                                   replace=None if early is None else early.reservation)
             except CountersUnavailable as exc:
                 if early is not None and early.reservation is not None:
@@ -275,9 +280,15 @@ class Admission:
         if isinstance(outcome, Refusal):
             return OverLimit(outcome)
         if isinstance(outcome, QueueAtLimit):
-            return QueueFull(outcome.waiting, outcome.limit)
+            return QueueFull(outcome.waiting, outcome.limit, spec.name, principal.team, outcome.team)
         assert isinstance(outcome, Reservation) and reply.waiting is not None
         return Admitted(outcome, reserved, prompt_tokens, reply.waiting)
+
+    def _queue(self, spec: ModelSpec, principal: Principal, priority: int | None) -> QueueCheck:
+        """The queue check of this request: its team's places (fair), or the model's total (fifo)."""
+        if self.queue_mode == MODE_FAIR:
+            return fair_model_queue(spec.name, principal.team, self.max_queued_per_model)
+        return model_queue(spec.name, self.max_queued_per_model, priority)
 
     def _remember(self, principal: Principal, spec: ModelSpec, obliged: Obliged) -> None:
         """Keep what an allowed decision obliged, to reserve against it with the next snapshot."""

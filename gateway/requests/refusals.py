@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from gateway.api_errors import ApiError
-from gateway.limits import RETRYABLE_CODES, Refusal
+from gateway.limits import RETRYABLE_CODES, Refusal, TeamPlaces
+from gateway.limits.fair_share import CEILING_FACTOR, FALLBACK_SERVICE_MS, drain_wait_s
 from gateway.limits.catalogue import QUEUE_FULL
 from gateway.policy import POLICY_UNAVAILABLE, Reason
 from workers.contract.jobs import JobResult
@@ -94,17 +95,51 @@ class OverLimit:
 
 @dataclass(frozen=True)
 class QueueFull:
-    """As many requests as the gateway allows already wait for this model."""
+    """As many requests as the gateway allows already wait for this model (fifo), or for this team's
+    share of it (fair: ``places`` set)."""
 
     waiting: int
     limit: int
+    model: str = ""
+    team: str | None = None
+    places: TeamPlaces | None = None
 
     def record(self) -> dict[str, Any]:
-        return {"admitted": False, "code": QUEUE_FULL, "waiting": self.waiting, "limit": self.limit}
+        record = {"admitted": False, "code": QUEUE_FULL, "waiting": self.waiting, "limit": self.limit}
+        if self.places is not None:
+            record["team"] = {"name": self.team, **self.places.to_dict(), "retry_after_s": self.retry_after_s()}
+        return record
+
+    def retry_after_s(self) -> int:
+        """fifo: 1 s. Fair: the time for the team's places (or, at the ceiling, the model's) to free enough
+        for one more job, served at its share of the model's live workers (gateway/limits/fair_share.py)."""
+        places = self.places
+        if places is None:
+            return 1
+        svc = places.service_ms if places.service_ms is not None else FALLBACK_SERVICE_MS
+        if places.at_ceiling and places.waiting < places.cap:  # the team has room; the model has not
+            return drain_wait_s(self.waiting - CEILING_FACTOR * self.limit + 1, svc, places.live_workers, 1.0)
+        return drain_wait_s(places.waiting - places.cap + 1, svc, places.live_workers, places.share)
+
+    def message(self) -> str:
+        places = self.places
+        if places is None:
+            return f"{self.waiting} requests are already waiting for this model (limit {self.limit})"
+        team = "(no team)" if self.team is None else self.team
+        text = (f"model '{self.model}' queue, team {team}: {places.waiting} of {places.cap} places, its share "
+                f"{_percent(places.share)} % of {self.limit}; {self.waiting} requests wait in all")
+        if places.at_ceiling:
+            text += f", the most all teams together may hold ({CEILING_FACTOR * self.limit})"
+        return text
 
     def error(self) -> ApiError:
-        return denial([Reason(code=QUEUE_FULL, message=f"{self.waiting} requests are already waiting for this "
-                              f"model (limit {self.limit})", retry_after_s=1)])
+        return denial([Reason(code=QUEUE_FULL, message=self.message(), retry_after_s=self.retry_after_s())])
+
+
+def _percent(fraction: float) -> str:
+    """A share as people read it: ``50``, ``33``, ``0.5``."""
+    value = fraction * 100
+    return f"{value:.0f}" if value >= 1 else f"{value:.2g}"
 
 
 #: Why an allowed request was still not admitted; ``record()`` is its audit entry's ``admission``.

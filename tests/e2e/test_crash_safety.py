@@ -176,7 +176,9 @@ def test_a_whole_worker_killed_mid_generation_is_rescued_by_another(settings, se
 
 
 def test_higher_priority_requests_are_served_first(settings, keyring, audit_store, tmp_path):
-    """The policy's priority obligation orders a model's queue (0 first, Celery-on-Redis)."""
+    """The policy's priority obligation orders a model's queue (0 first, Celery-on-Redis); in fair mode
+    it orders a team's queue, so both principals are of one team here (tests/e2e/test_fair_share.py
+    holds that it never jumps another team's share)."""
     from gateway.auth import KeyStore
     from gateway.components import open_database
     from tests.conftest import PRIORITY_MODEL, policy_copy, serving
@@ -189,7 +191,7 @@ def test_higher_priority_requests_are_served_first(settings, keyring, audit_stor
 
     own = settings.with_(policy_dir=policy_copy(tmp_path, batch_role))
     store = KeyStore(open_database(own))
-    batch_key = store.create("bart", team="batch", roles=["batch"]).secret
+    batch_key = store.create("bart", team="ops", roles=["batch"]).secret  # the admin's team
     store.engine.dispose()
     worker = None
     ids: dict[str, str] = {}

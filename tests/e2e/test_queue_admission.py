@@ -22,7 +22,8 @@ def test_full_queue_answers_429_with_retry_after(settings, keyring, audit_store,
 
     from tests.conftest import QUEUE_MODEL, serving
 
-    own = settings.with_(max_queued_per_model=2, request_timeout_s=6)
+    # fifo: the total cap over the model's one queue (fair mode's per-team caps are tested with them)
+    own = settings.with_(max_queued_per_model=2, request_timeout_s=6, queue_mode="fifo")
     statuses: list[int] = []
     with serving(own, tmp_path / "serve.log") as base:
         def wait_in_queue() -> None:

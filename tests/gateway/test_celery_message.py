@@ -55,3 +55,82 @@ def test_the_gateway_writes_what_send_task_writes(redis_server, priority):
         client.delete(*queue_keys(queue))
         client.close()
         app.close()
+
+
+def _job(request_id: str, model: str, team: str | None):
+    from workers.contract.jobs import GenerateJob
+    from workers.contract.sampling import SamplingParams
+
+    return GenerateJob(request_id=request_id, model=model, endpoint="completions", params=SamplingParams(1),
+                       principal="pat", team=team, policy_revision="r", prompt="Hi", reply_to="govgate:gateway:x")
+
+
+@pytest.mark.parametrize("team", ["research", "eu:ops/1", None])
+def test_in_fair_mode_the_message_is_send_tasks_on_the_team_and_principals_queue(redis_server, team):
+    """Byte-compatible with ``send_task`` apart from the queue, which is also the routing key (so a
+    redelivery goes back to the same list), and the push counts the team's job and registers its list."""
+    import asyncio
+    import os
+
+    import redis.asyncio as aioredis
+
+    from gateway.dispatch.queue import Dispatcher
+    from workers.contract.fair_queues import job_queue, registry_key, team_field, waiting_key, wake_key
+    from workers.contract.sealing import Sealer
+
+    model = f"msgfair-{uuid.uuid4().hex[:8]}"
+    queue = job_queue(model, team, "pat")
+    client = redis.Redis.from_url(redis_server.url)
+    app = make_celery(redis_server.url)
+
+    async def enqueue() -> None:
+        async_client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            dispatcher = Dispatcher(async_client, expires_s=60, sealer=Sealer(os.urandom(32)))
+            await dispatcher.enqueue(_job("req-f1", model, team), priority=2)
+            await dispatcher.enqueue(_job("req-f2", model, team), priority=2)
+        finally:
+            await async_client.aclose()
+
+    try:
+        asyncio.run(enqueue())
+        key = queue_keys(queue)[2]
+        assert client.llen(key) == 2
+        assert client.hgetall(waiting_key(model)) == {team_field(team).encode(): b"2"}
+        assert client.zrange(registry_key(model), 0, -1) == [key.encode()]
+        assert client.llen(wake_key(model)) == 1  # registered once: one worker woken
+        ours = json.loads(client.rpop(key))
+        assert ours["properties"]["delivery_info"] == {"exchange": "", "routing_key": queue}
+        args = json.loads(base64.b64decode(ours["body"]))[0]
+        app.send_task(GENERATE_TASK, args=args, argsrepr="(<sealed job req-f1>,)", kwargsrepr="{}",
+                      task_id="req-f1", queue=queue, priority=2, retry=False)
+        theirs = client.lpop(key)  # the newest: req-f2 still waits behind it
+        assert _comparable(json.dumps(ours)) == _comparable(theirs)
+    finally:
+        client.delete(*queue_keys(queue), registry_key(model), waiting_key(model), wake_key(model))
+        client.close()
+        app.close()
+
+
+@pytest.mark.parametrize("mode", ["fair", "fifo"])
+def test_a_push_redis_refuses_is_queue_unavailable(mode):
+    """Fail closed: no Redis, no job queued, and the caller learns it as ``QueueUnavailable`` (503)."""
+    import asyncio
+    import os
+
+    import redis.asyncio as aioredis
+
+    from gateway.dispatch.queue import Dispatcher, QueueUnavailable
+    from govgate.processes import free_port
+    from workers.contract.sealing import Sealer
+
+    async def enqueue() -> None:
+        async_client = aioredis.Redis(port=free_port(), socket_connect_timeout=1)
+        try:
+            dispatcher = Dispatcher(async_client, expires_s=60, sealer=Sealer(os.urandom(32)), mode=mode)
+            await dispatcher.enqueue(_job("req-down", "m", "t"))
+        finally:
+            await async_client.aclose()
+
+    with pytest.raises(QueueUnavailable):
+        asyncio.run(enqueue())

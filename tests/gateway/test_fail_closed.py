@@ -22,6 +22,7 @@ from gateway.components import open_database
 from govgate.redis_server import RedisProcess
 from tests.conftest import IDLE_MODEL, bearer
 from workers.contract.celery_config import queue_keys
+from workers.contract.fair_queues import registry_key
 from workers.contract.jobs import queue_for
 from workers.contract.registry import TINY_MODEL_NAME
 
@@ -31,9 +32,11 @@ HELLO = [{"role": "user", "content": "Hello"}]
 
 
 def queued(settings, model: str) -> int:
+    """Jobs waiting for ``model``: on its plain lists (fifo mode) and on its registered fair lists."""
     client = redis.Redis.from_url(settings.redis_url)
     try:
-        return sum(client.llen(key) for key in queue_keys(queue_for(model)))
+        keys = [*queue_keys(queue_for(model)), *client.zrange(registry_key(model), 0, -1)]
+        return sum(client.llen(key) for key in keys)
     finally:
         client.close()
 

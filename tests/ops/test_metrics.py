@@ -11,6 +11,7 @@ from govgate.redis_server import RedisProcess
 from tests.conftest import IDLE_MODEL, bearer
 from tests.ops.metrics_text import samples, value
 from workers.contract.celery_config import queue_keys
+from workers.contract.fair_queues import waiting_key
 from workers.contract.jobs import queue_for
 from workers.contract.registry import TINY_MODEL_NAME
 
@@ -71,9 +72,14 @@ async def test_queue_depth_is_read_from_redis(client, settings):
         direct.lpush(keys[0], "a", "b")
         direct.lpush(keys[5], "c")
         assert value(await scrape(client), "govgate_queue_depth", model=IDLE_MODEL) == base + 3
+        # fair mode's queues: the waiting count per team the pushes keep
+        direct.hincrby(waiting_key(IDLE_MODEL), "metrics-team-a", 2)
+        direct.hincrby(waiting_key(IDLE_MODEL), "metrics-team-b", 1)
+        assert value(await scrape(client), "govgate_queue_depth", model=IDLE_MODEL) == base + 6
     finally:
         for key in (keys[0], keys[5]):
             direct.lrem(key, 0, "a"), direct.lrem(key, 0, "b"), direct.lrem(key, 0, "c")
+        direct.hdel(waiting_key(IDLE_MODEL), "metrics-team-a", "metrics-team-b")
         direct.close()
 
 

@@ -82,8 +82,9 @@ def tags_key(model: str) -> str:
 
 
 def waiting_key(model: str) -> str:
-    """Hash of waiting jobs per team (encoded), ``*`` the model's total: raised by each push, recounted
-    exactly from the lists by each worker pick (so it may be high by the jobs popped since)."""
+    """Hash of waiting jobs per team (encoded, :func:`team_field`); the model's total is the sum of the values.
+    Raised by each push (and each restore), lowered by each worker pick, and recounted exactly from the
+    lists by a worker's pick at most once a second (which heals drift from crashes)."""
     return f"govgate:fair:{model}:waiting"
 
 
@@ -91,3 +92,18 @@ def wake_key(model: str) -> str:
     """List a gateway pushes a token onto when it registers a new fair list: a worker blocked in BRPOP on
     the old set of lists wakes, discards the token and orders the lists again."""
     return f"govgate:fair:{model}:wake"
+
+
+#: The team part of the queues (and the field in the hashes) of principals without a team: they share
+#: one team's place in the schedule. ``!`` never appears in an encoded name, so no team can spell it.
+NO_TEAM = "!"
+
+
+def team_field(team: str | None) -> str:
+    """``team`` as it appears in fair queue names and in the ``waiting``/``tags`` hashes (None: :data:`NO_TEAM`)."""
+    return NO_TEAM if team is None else encode_name(team)
+
+
+def job_queue(model: str, team: str | None, principal: str) -> str:
+    """The fair queue a job of ``principal`` of ``team`` (None: no team) for ``model`` goes on."""
+    return PART_SEP.join((queue_for(model), team_field(team), encode_name(principal)))

@@ -21,6 +21,15 @@ drops the entry. A delivery is restored only after the visibility timeout,
 so a restore never races the bookkeeping of a fresh delivery. Restores
 themselves stay kombu's (a WATCH/MULTI/EXEC transaction).
 
+Its channel also serves fair share (``workers/contract/fair_queues.py``): the
+worker consumes only ``model.<name>``, but BRPOPs the model's plain lists
+first, then the fair lists in the order :mod:`workers.contract.fair_order`'s
+script returns, then the model's wake list. A job popped from a fair list is
+delivered to the consumer of ``model.<name>``; its message keeps the fair
+queue as routing key, so kombu's restore (redelivery, reject-requeue,
+visibility timeout) puts it back on its own list, which the restore here
+registers again. See docs/architecture.md, "Fair share".
+
 It is used through the transport name :data:`TRANSPORT_NAME` in the broker
 URL (``workers.contract.jobs.celery_redis_url``), registered in kombu's
 transport aliases when this module is imported.
@@ -28,15 +37,23 @@ transport aliases when this module is imported.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
-from time import time
+from queue import Empty
+from time import monotonic, time
 from typing import Any, Iterator
 
 import redis
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import QoS as VirtualQoS
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+
+from workers.contract import fair_order
+from workers.contract.fair_queues import PART_SEP, parse_fair_queue, registry_key, waiting_key, wake_key
+
+log = logging.getLogger(__name__)
 
 #: The broker URL scheme of this transport (``govgate-redis://``, ``govgate-redis+socket://``).
 TRANSPORT_NAME = "govgate-redis"
@@ -57,9 +74,11 @@ class QoS(kombu_redis.QoS):
 
     def ack(self, delivery_tag: Any) -> None:
         self._forget(delivery_tag)
+        self.channel.served(delivery_tag)
         VirtualQoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        self.channel.served(delivery_tag)  # the worker's time was spent, whatever became of the job
         if requeue:
             self.restore_by_tag(delivery_tag, leftmost=True)
         else:
@@ -75,11 +94,45 @@ class QoS(kombu_redis.QoS):
                 pipe.execute()
 
 
+#: The model queues' prefix (``workers.contract.jobs.queue_for``).
+_MODEL_PREFIX = "model."
+#: How long a fair order is used before it is asked for again when no job was popped meanwhile.
+ORDER_FRESH_S = 1.0
+#: A job whose service time is more than this many times its charge, or less than its charge over this,
+#: is corrected at its ack (one more script call) instead of with the next pick: the next job's order was
+#: made before, and a tag off by more than a job would favour the wrong team (one charged too much looks
+#: behind the others). Off by less, the error is within what fair queueing's own bound allows.
+CORRECT_AT_ONCE = 2.0
+#: Most deliveries whose service time is awaited (a bound, not a limit reached: prefetch is one).
+_MAX_IN_SERVICE = 1024
+
+
+def _model_of(queue: str) -> str | None:
+    """The model a consumed queue serves (``model.<name>``), or None for any other queue."""
+    if queue.startswith(_MODEL_PREFIX) and PART_SEP not in queue:
+        return queue[len(_MODEL_PREFIX):]
+    return None
+
+
 class Channel(kombu_redis.Channel):
-    """A kombu Redis channel that reuses one synchronous client."""
+    """A kombu Redis channel that reuses one synchronous client and takes jobs in fair-share order."""
 
     QoS = QoS
     _shared_client: redis.Redis | None = None
+    #: model queue → (monotonic time, fair lists in order, wake list last)
+    _orders: dict[str, tuple[float, list[str]]]
+    #: wake list → model queue
+    _wakes: dict[str, str]
+    #: delivery tag → (fair queue, ms charged, monotonic time of delivery, a warm-up), until acked or rejected
+    _in_service: dict[Any, tuple[str, float, float, bool]]
+    #: fair jobs this channel took
+    _taken: int = 0
+    #: model queue → [(fair queue, service ms, ms charged)] for the model's next pick
+    _corrections: dict[str, list[tuple[str, float, float]]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._orders, self._wakes, self._in_service, self._corrections = {}, {}, {}, {}
+        super().__init__(*args, **kwargs)
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -90,6 +143,136 @@ class Channel(kombu_redis.Channel):
         if shared is None or shared.connection_pool is not self.pool:  # kombu replaces the pool on reconnect
             shared = self._shared_client = self._create_client()
         yield shared
+
+
+    # ---------------------------------------------------------------- fair share
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        """kombu's, with each model queue's fair lists and wake list after its plain ones."""
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        keys: list[Any] = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        for queue in queues:
+            if _model_of(queue) is not None:
+                keys.extend(self._fair_order(queue))
+        keys.append(timeout or 0)
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        command_args = ["BRPOP", *keys]
+        if self.global_keyprefix:
+            command_args = self.client._prefix_args(command_args)
+        self.client.connection.send_command(*command_args)
+
+    def _brpop_read(self, **options: Any) -> bool:
+        """kombu's, delivering a fair list's job to its model queue's consumer and charging it at once."""
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if not dest__item:
+                raise Empty()
+            dest, item = dest__item
+            key = bytes_to_str(dest)
+            woken = self._wakes.get(key)
+            if woken is not None:  # a new fair list: order again (the token is not a job)
+                self._orders.pop(woken, None)
+                self._order_after(woken, popped=key)
+                raise Empty()
+            message = loads(bytes_to_str(item))
+            queue = key.rsplit(self.sep, 1)[0]
+            fair = parse_fair_queue(queue)
+            if fair is not None:
+                self._charge(fair.model_queue, queue, key, message)
+                queue = fair.model_queue
+            self._queue_cycle.rotate(queue)
+            self.connection._deliver(message, queue)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _fair_order(self, model_queue: str) -> list[str]:
+        """The model's fair lists in order: the cached order if fresh, else a new one (no charge)."""
+        cached = self._orders.get(model_queue)
+        if cached is not None and monotonic() - cached[0] < ORDER_FRESH_S:
+            return cached[1]
+        result = self._order_after(model_queue)
+        return result.order if result is not None else []
+
+    def _order_after(self, model_queue: str, popped: str | None = None) -> fair_order.Pick | None:
+        """Run the pick script for ``model_queue`` (charging ``popped``), cache and return its order.
+
+        Redis errors propagate only when nothing was popped: a popped job must be delivered whatever
+        its charge did (the waiting counts heal at the next recount)."""
+        model = model_queue[len(_MODEL_PREFIX):]
+        corrections = self._corrections.pop(model_queue, [])
+        try:
+            with self.conn_or_acquire() as client:
+                result = fair_order.pick(client, model, popped=popped, corrections=corrections)
+        except Exception:
+            if popped is None:
+                self._corrections.setdefault(model_queue, []).extend(corrections)
+                raise
+            log.warning("fair share: could not charge a job of %s (it is served anyway)", model_queue,
+                        exc_info=True)
+            self._orders.pop(model_queue, None)
+            return None
+        self._orders[model_queue] = (monotonic(), result.order)
+        self._wakes[wake_key(model)] = model_queue
+        return result
+
+    def _charge(self, model_queue: str, queue: str, key: str, message: dict[str, Any]) -> None:
+        """Charge the job popped from ``key`` (fair ``queue``) and note when its service began."""
+        result = self._order_after(model_queue, popped=key)
+        if result is None or result.charged_ms is None:
+            return
+        tag = message.get("properties", {}).get("delivery_tag")
+        if tag is not None and len(self._in_service) < _MAX_IN_SERVICE:
+            # A pool process's first job carries its warm-up (imports, connections: a second or more on
+            # the tiny model's ~20 ms jobs); no team should pay for that. One per pool process: the
+            # channel's first prefetch-count deliveries.
+            self._taken += 1
+            warm_up = self._taken <= max(1, self.qos.prefetch_count or 1)
+            self._in_service[tag] = (queue, result.charged_ms, monotonic(), warm_up)
+
+    def served(self, delivery_tag: Any) -> None:
+        """A delivery ended (acked or rejected): its real service time corrects its team's tags at the next pick."""
+        begun = self._in_service.pop(delivery_tag, None)
+        if begun is None:
+            return
+        queue, charged_ms, started, warm_up = begun
+        fair = parse_fair_queue(queue)
+        if fair is None:
+            return
+        actual_ms = fair_order.NOT_MEASURED if warm_up else (monotonic() - started) * 1000.0
+        self._corrections.setdefault(fair.model_queue, []).append((queue, actual_ms, charged_ms))
+        if warm_up or not charged_ms / CORRECT_AT_ONCE <= actual_ms <= charged_ms * CORRECT_AT_ONCE:
+            # The next job's order was made before this correction; far off, it would favour the wrong
+            # team (a team charged too much looks behind the others), so order again now.
+            try:
+                self._order_after(fair.model_queue)
+            except Exception:  # the correction stays queued for the next pick
+                log.warning("fair share: could not correct the tags of %s", fair.model_queue, exc_info=True)
+
+    def _do_restore_message(self, payload: Any, exchange: Any, routing_key: Any, pipe: Any,
+                            leftmost: bool = False) -> None:
+        """kombu's, and a job going back to a fair list registers that list again and counts as waiting
+        (the registry may have dropped the list meanwhile), and wakes a worker."""
+        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+        fair = parse_fair_queue(routing_key or "") if not exchange else None
+        if fair is None:
+            return
+        model = fair.model_queue[len(_MODEL_PREFIX):]
+        key = self._q_for_pri(routing_key, self._get_message_priority(payload, reverse=False))
+        pipe.zadd(registry_key(model), {key: time()}, gt=True)
+        pipe.hincrby(waiting_key(model), fair.team, 1)
+        pipe.lpush(wake_key(model), "1")
+        pipe.ltrim(wake_key(model), 0, 63)
 
 
 class Transport(kombu_redis.Transport):

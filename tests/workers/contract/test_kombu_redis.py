@@ -90,3 +90,118 @@ def test_the_unacked_bookkeeping_is_four_commands_and_an_unacked_delivery_is_sti
             channel.queue_delete(queue)
     finally:
         app.close()
+
+
+def _fair_push(client, model: str, team: str, principal: str, n: int, *, priority: int = 5) -> str:
+    """A gateway's fair push, done by hand: the task message on the team's list, the list registered."""
+    import time
+
+    from gateway.dispatch.celery_message import task_message
+    from workers.contract.fair_queues import fair_queue, registry_key, waiting_key
+
+    queue = fair_queue(model, team, principal)
+    for i in range(n):
+        key, message = task_message("govgate.noop", f"{team}-{i}", [], queue=queue, priority=priority,
+                                    argsrepr="()")
+        client.lpush(key, message)
+    client.zadd(registry_key(model), {key: time.time()})
+    client.hincrby(waiting_key(model), team, n)
+    return key
+
+
+def _drain(connection, delivered: list, count: int) -> None:
+    import socket
+
+    for _ in range(count * 4):
+        if len(delivered) >= count:
+            return
+        try:
+            connection.drain_events(timeout=2)
+        except socket.timeout:
+            pass
+
+
+def test_the_channel_takes_fair_lists_in_fair_order_and_delivers_to_the_model_queue(redis_server):
+    """The consumer of ``model.<name>`` gets the fair lists' jobs, teams alternating though one queued first;
+    acks feed the real service time back (``svc``) and the waiting counts go down."""
+    import time
+    import uuid
+
+    import redis as redis_py
+
+    from workers.contract.fair_queues import registry_key, tags_key, waiting_key, wake_key
+
+    model = f"kfair-{uuid.uuid4().hex[:8]}"
+    client = redis_py.Redis.from_url(redis_server.url)
+    app = make_celery(redis_server.url)
+    try:
+        _fair_push(client, model, "a", "ann", 6)
+        _fair_push(client, model, "b", "ben", 3)
+        delivered: list = []
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+
+            def on_message(message) -> None:
+                delivered.append(message.delivery_info["routing_key"])
+                time.sleep(0.01)  # every job takes about as long: the measured times keep the teams even
+                message.ack()
+
+            channel.basic_consume(f"model.{model}", no_ack=False, callback=on_message, consumer_tag="fair-test")
+            _drain(connection, delivered, 9)
+            assert {key.rsplit("/", 2)[0] for key in delivered} == {f"model.{model}"}
+            teams = [key.split("/")[1] for key in delivered]
+            # one list each would serve a's six first; fair share brings b in at once and ends it first
+            assert "b" in teams[:3] and len(teams) - teams[::-1].index("b") < len(teams), teams
+            channel.basic_cancel("fair-test")
+            channel._order_after(f"model.{model}")  # the last ack's correction goes with the next pick
+        assert client.hget(tags_key(model), "svc") is not None
+        assert not client.hgetall(waiting_key(model))
+        assert client.llen(wake_key(model)) == 0
+    finally:
+        client.delete(*client.keys(f"model.{model}*"), registry_key(model), tags_key(model), waiting_key(model),
+                      wake_key(model))
+        client.close()
+        app.close()
+
+
+def test_a_rejected_fair_job_goes_back_to_its_own_list_and_is_registered_again(redis_server):
+    """Redelivery in fair mode: the restore puts the message back on its fair list (its routing key),
+    registers the list again even if the registry dropped it, counts it as waiting and wakes a worker."""
+    import uuid
+
+    import redis as redis_py
+
+    from workers.contract.fair_queues import registry_key, tags_key, waiting_key, wake_key
+
+    model = f"kfair-{uuid.uuid4().hex[:8]}"
+    client = redis_py.Redis.from_url(redis_server.url)
+    app = make_celery(redis_server.url)
+    try:
+        key = _fair_push(client, model, "a", "ann", 1, priority=3)
+        delivered: list = []
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+
+            def on_message(message) -> None:
+                delivered.append(message)
+
+            channel.basic_consume(f"model.{model}", no_ack=False, callback=on_message, consumer_tag="fair-test")
+            _drain(connection, delivered, 1)
+            assert len(delivered) == 1 and client.llen(key) == 0
+            assert not client.hgetall(waiting_key(model))
+            client.delete(registry_key(model))  # as if pruned while the job ran
+            delivered[0].reject(requeue=True)
+            assert client.llen(key) == 1
+            assert client.zrange(registry_key(model), 0, -1) == [key.encode()]
+            assert client.hgetall(waiting_key(model)) == {b"a": b"1"}
+            assert client.llen(wake_key(model)) == 1
+            _drain(connection, delivered, 2)  # taken again, from its own list
+            assert len(delivered) == 2 and delivered[1].delivery_info["routing_key"] == key.rsplit(":", 1)[0]
+            assert delivered[1].headers["redelivered"] is True
+            delivered[1].ack()
+            channel.basic_cancel("fair-test")
+    finally:
+        client.delete(*client.keys(f"model.{model}*"), registry_key(model), tags_key(model), waiting_key(model),
+                      wake_key(model))
+        client.close()
+        app.close()

@@ -1,0 +1,55 @@
+"""The gateway's push onto a fair-share queue: the message, the team's waiting count and, when needed,
+the list's registration, in one Lua script (one ``EVALSHA``).
+
+A worker only BRPOPs the fair lists it finds in the model's registry
+(``workers/contract/fair_queues.py``), so a list must be registered before a
+worker can take its job. The script asks the registry (``ZSCORE``, a read)
+and writes it only when the list is missing or its time is older than
+:data:`REREGISTER_S` (the workers prune a list only when it has been empty
+and not registered for an hour). A list registered for the first time wakes
+a worker blocked on the old set of lists (a token on the wake list).
+
+Not a cache in the gateway process: that would save the ``ZSCORE`` but could
+not see a Redis restart or flush, and jobs pushed meanwhile would wait on
+lists no worker looks at (tests/gateway/test_fail_closed.py's Redis restart
+caught that). See docs/architecture.md, "Fair share".
+"""
+
+from __future__ import annotations
+
+import time
+
+import redis.asyncio as aioredis
+
+from gateway.limits.scripts import Script
+from workers.contract.fair_queues import registry_key, waiting_key, wake_key
+
+#: A list's registration is refreshed when a push finds it older than this (s).
+REREGISTER_S = 60.0
+#: Most wake tokens kept: one wakes one blocked worker; more would only make idle workers spin.
+WAKE_TOKENS = 64
+
+# KEYS: [1] the list, [2] waiting counts, [3] registry, [4] wake list.
+# ARGV: [1] the message, [2] team field, [3] now (s).
+_PUSH = f"""
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+local now = tonumber(ARGV[3])
+local seen = tonumber(redis.call('ZSCORE', KEYS[3], KEYS[1]))
+if not seen or seen < now - {REREGISTER_S} then
+  redis.call('ZADD', KEYS[3], 'GT', ARGV[3], KEYS[1])
+  if not seen then
+    redis.call('LPUSH', KEYS[4], '1')
+    redis.call('LTRIM', KEYS[4], 0, {WAKE_TOKENS - 1})
+  end
+end
+return 1
+"""
+PUSH = Script(_PUSH)
+
+
+async def fair_push(redis: aioredis.Redis, model: str, team: str, key: str, message: str) -> None:
+    """LPUSH ``message`` on ``key`` (a fair list of ``model``; ``team`` as in the hashes), count it as
+    waiting, register the list if needed; raises ``RedisError`` or ``OSError``."""
+    await PUSH(redis, (key, waiting_key(model), registry_key(model), wake_key(model)),
+               (message, team, repr(time.time())))

@@ -1,0 +1,270 @@
+"""The workers' fair-share order: one Lua script that charges the job just taken and orders a model's lists.
+
+A worker takes a job with BRPOP over a model's lists, and BRPOP pops from the
+first non-empty list in the order it is given. :data:`PICK` returns that order:
+the team furthest below its share first, inside it priority 0 to 9, inside a
+priority the principal furthest below its share first, then the model's wake
+list. The measure is start-time fair queueing (Goyal et al., 1996) over
+Redis hashes (``workers/contract/fair_queues.py``): serving a job of team
+``t`` starts at ``S = max(V, F_t)``, moves the team's finish tag to
+``F_t = S + est / w_t`` and the virtual time to ``V = S``; teams are ordered
+by ``max(V, F_t)`` (their next start). A team that was idle starts at ``V``,
+so waiting builds no credit, and a backlogged team of weight 3 is served
+three times for every job of one of weight 1. Inside a team the same rule
+runs over principals with equal weights (``v:<team>``, ``p:<team>/<principal>``).
+
+``est`` is ``svc``, the running mean service time of the model (ms); each
+later call brings the real service time of jobs acknowledged since (measured
+by the worker's main process from delivery to acknowledgement), and the tags
+are corrected by the difference, so a team of long jobs pays for them.
+
+The script is given the fixed keys; the lists themselves come from the
+registry (Celery's lists live on one Redis, not a Cluster, as before).
+It lives in ``workers.contract`` because the worker's main process (the
+transport, :mod:`workers.contract.kombu_redis`) runs it, and tests drive it
+directly. See docs/architecture.md, "Fair share".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import redis
+from redis.exceptions import NoScriptError
+
+from workers.contract.fair_queues import SHARES_KEY, registry_key, tags_key, waiting_key, wake_key
+
+#: Service time (ms) charged before the model's mean is known; corrected once the job is acknowledged.
+DEFAULT_ESTIMATE_MS = 1000.0
+#: A registered list that has been empty and not pushed to for this long leaves the registry. Losing
+#: nothing: a push re-registers a list it does not find (``gateway/dispatch/fair_push.py``), and a tag
+#: is dropped only when behind its virtual time. Short, because each pick's cost grows with the
+#: registered lists (about 20 us a list on the test machine's Redis; docs/architecture.md, "Fair share").
+PRUNE_AFTER_S = 300.0
+#: How often (at most) a pick recounts the waiting jobs from the lists and prunes the registry.
+RECOUNT_EVERY_S = 1.0
+#: Weight of one new service time in the running mean ``svc``.
+SVC_ALPHA = 0.2
+#: A new service time enters the running mean at most this many times the mean (one odd job does not
+#: make every later charge wrong; the team's tags still get the time it really took).
+SVC_CLAMP = 4.0
+#: A correction's service time for a job that was not measured (a pool process's warm-up): the job is
+#: charged the model's mean (``svc``), or nothing while that is unknown, and the mean is left alone.
+NOT_MEASURED = -1.0
+
+# KEYS: [1] registry, [2] tags, [3] waiting, [4] wake list, [5] shares.
+# ARGV: [1] now (s), [2] the list just popped ('' none), [3] estimate when svc is unknown (ms),
+#       [4] the number of corrections, then per correction: a fair queue or list, its service ms, the ms charged.
+# Returns {charged ms ('' if nothing was charged), list, list, ..., wake list}.
+_PICK = f"""
+local REG, TAGS, WAIT, WAKE, SHARES = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local now = tonumber(ARGV[1])
+local popped = ARGV[2]
+
+-- team and principal (encoded) of a fair list or queue: model.<model>/<team>/<principal>[:<priority>]
+local parsed = {{}}
+local function parts(key)
+  local p = parsed[key]
+  if not p then
+    local base, pri = string.match(key, '^(.*):(%d)$')
+    if not base then base, pri = key, '0' end
+    local team, principal = string.match(base, '^model%.[^/]+/([^/]+)/([^/]+)$')
+    p = {{team, principal, base, tonumber(pri)}}
+    parsed[key] = p
+  end
+  return p[1], p[2], p[3], p[4]
+end
+
+local function chunked(command, key, items)
+  local out = {{}}
+  for i = 1, #items, 1000 do
+    local part = redis.call(command, key, unpack(items, i, math.min(i + 999, #items)))
+    if type(part) == 'table' then for _, v in ipairs(part) do out[#out + 1] = v end end
+  end
+  return out
+end
+
+-- the registered lists
+local members = redis.call('ZRANGE', REG, 0, -1)
+
+-- every tag this call may read
+local fields, seen = {{'V', 'svc', 'rc'}}, {{}}
+local function want(f) if not seen[f] then seen[f] = true; fields[#fields + 1] = f end end
+local function want_list(key)
+  local team, principal = parts(key)
+  if team then want('t:' .. team); want('v:' .. team); want('p:' .. team .. '/' .. principal) end
+end
+for _, key in ipairs(members) do want_list(key) end
+if popped ~= '' then want_list(popped) end
+local ncorr = tonumber(ARGV[4])
+for c = 0, ncorr - 1 do want_list(ARGV[5 + 3 * c]) end
+local values = chunked('HMGET', TAGS, fields)
+local tag, dirty = {{}}, {{}}
+for i, f in ipairs(fields) do tag[f] = tonumber(values[i]) end
+local function get(f) return tag[f] or 0 end
+local function set(f, v) tag[f] = v; dirty[f] = true end
+
+-- weights: the team's (as encoded, or decoded), else '*', else 1
+local weight = {{}}
+local raw = redis.call('HGETALL', SHARES)
+for i = 1, #raw, 2 do weight[raw[i]] = tonumber(raw[i + 1]) end
+local function positive(x) if x and x > 0 then return x end end
+local default_w = positive(weight['*']) or 1
+local function w(team)
+  local x = positive(weight[team])
+  if not x then
+    local decoded = string.gsub(team, '%%(%x%x)', function(h) return string.char(tonumber(h, 16)) end)
+    x = positive(weight[decoded])
+  end
+  return x or default_w
+end
+
+-- (b) corrections: the real service time of jobs acknowledged since the last call
+for c = 0, ncorr - 1 do
+  local team, principal = parts(ARGV[5 + 3 * c])
+  local actual, charged = tonumber(ARGV[6 + 3 * c]), tonumber(ARGV[7 + 3 * c])
+  if team and actual and charged then
+    local svc = tag['svc']
+    local measured = actual >= 0
+    if not measured then actual = svc or 0 end
+    local diff = actual - charged
+    set('t:' .. team, get('t:' .. team) + diff / w(team))
+    set('p:' .. team .. '/' .. principal, get('p:' .. team .. '/' .. principal) + diff)
+    if measured then
+      if svc then set('svc', svc + {SVC_ALPHA} * (math.min(actual, {SVC_CLAMP} * svc) - svc))
+      else set('svc', actual) end
+    end
+  end
+end
+
+-- (a) charge the list just popped
+local charged = ''
+if popped == WAKE then
+  redis.call('DEL', WAKE)  -- the token did its work: this call sees the new lists
+elseif popped ~= '' then
+  local team, principal = parts(popped)
+  if team then
+    local est = tag['svc'] or tonumber(ARGV[3])
+    local V = get('V')
+    local start = math.max(V, get('t:' .. team))
+    set('t:' .. team, start + est / w(team))
+    set('V', start)
+    local pf = 'p:' .. team .. '/' .. principal
+    local pstart = math.max(get('v:' .. team), get(pf))
+    set(pf, pstart + est)
+    set('v:' .. team, pstart)
+    if redis.call('HINCRBY', WAIT, team, -1) <= 0 then redis.call('HDEL', WAIT, team) end
+    charged = tostring(est)
+  end
+end
+
+-- recount and prune, at most once every {RECOUNT_EVERY_S} s
+local live = members
+if now - get('rc') >= {RECOUNT_EVERY_S} then
+  set('rc', now)
+  live = {{}}
+  local counts, gone, idle = {{}}, {{}}, {{}}
+  for _, key in ipairs(redis.call('ZRANGEBYSCORE', REG, '-inf', '(' .. (now - {PRUNE_AFTER_S}))) do idle[key] = true end
+  for _, key in ipairs(members) do
+    local n = redis.call('LLEN', key)
+    local team, principal = parts(key)
+    if n == 0 and idle[key] then
+      gone[#gone + 1] = key
+      if team then
+        local pf = 'p:' .. team .. '/' .. principal
+        -- a tag at or behind its virtual time says nothing max() would not: dropping it loses nothing
+        if tag[pf] and tag[pf] <= get('v:' .. team) then redis.call('HDEL', TAGS, pf); tag[pf] = nil; dirty[pf] = nil end
+        local tf = 't:' .. team
+        if tag[tf] and tag[tf] <= get('V') then redis.call('HDEL', TAGS, tf); tag[tf] = nil; dirty[tf] = nil end
+      end
+    else
+      live[#live + 1] = key
+      if team then counts[team] = (counts[team] or 0) + n end
+    end
+  end
+  if #gone > 0 then chunked('ZREM', REG, gone) end
+  redis.call('DEL', WAIT)
+  local flat = {{}}
+  for team, n in pairs(counts) do
+    if n > 0 then flat[#flat + 1] = team; flat[#flat + 1] = n end
+  end
+  if #flat > 0 then chunked('HSET', WAIT, flat) end
+end
+
+local changed = {{}}
+for f, _ in pairs(dirty) do changed[#changed + 1] = f; changed[#changed + 1] = tostring(tag[f]) end
+if #changed > 0 then chunked('HSET', TAGS, changed) end
+
+-- (c) the order: teams by (next start, finish tag, name), priority 0..9, principals likewise
+local V = get('V')
+local teams, by_team = {{}}, {{}}
+for _, key in ipairs(live) do
+  local team, principal, base, pri = parts(key)
+  if team then
+    local t = by_team[team]
+    if not t then t = {{principals = {{}}, lists = {{}}}}; by_team[team] = t; teams[#teams + 1] = team end
+    if not t.lists[principal] then t.lists[principal] = {{}}; t.principals[#t.principals + 1] = principal end
+    t.lists[principal][pri] = key
+  end
+end
+local function before(a, b, fa, fb, now_v)
+  local sa, sb = math.max(now_v, fa), math.max(now_v, fb)
+  if sa ~= sb then return sa < sb end
+  if fa ~= fb then return fa < fb end
+  return a < b
+end
+local tt = {{}}
+for _, team in ipairs(teams) do tt[team] = get('t:' .. team) end
+table.sort(teams, function(a, b) return before(a, b, tt[a], tt[b], V) end)
+local order = {{charged}}
+for _, team in ipairs(teams) do
+  local t, vt, pt = by_team[team], get('v:' .. team), {{}}
+  for _, principal in ipairs(t.principals) do pt[principal] = get('p:' .. team .. '/' .. principal) end
+  table.sort(t.principals, function(a, b) return before(a, b, pt[a], pt[b], vt) end)
+  for pri = 0, 9 do
+    for _, principal in ipairs(t.principals) do
+      local key = t.lists[principal][pri]
+      if key then order[#order + 1] = key end
+    end
+  end
+end
+order[#order + 1] = WAKE
+return order
+"""
+
+PICK_SHA = hashlib.sha1(_PICK.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Pick:
+    """What one call of the script returned: the ms charged for the popped list (None: none), the order."""
+
+    charged_ms: float | None
+    order: list[str]
+
+
+def pick(client: redis.Redis, model: str, *, popped: str | None = None,
+         corrections: Iterable[tuple[str, float, float]] = (), now: float | None = None,
+         default_estimate_ms: float = DEFAULT_ESTIMATE_MS) -> Pick:
+    """Charge ``popped`` (a list of ``model`` just BRPOPped, if any), apply ``corrections``
+    (fair queue, service ms, ms charged) and return the order of ``model``'s fair lists (wake list last).
+
+    One ``EVALSHA``; after a SCRIPT FLUSH or a Redis restart (NOSCRIPT) the
+    script is loaded and the call retried once. Raises ``RedisError``.
+    """
+    flat: list[str] = []
+    for queue, actual_ms, charged_ms in corrections:
+        flat += [queue, repr(float(actual_ms)), repr(float(charged_ms))]
+    keys = (registry_key(model), tags_key(model), waiting_key(model), wake_key(model), SHARES_KEY)
+    args: Sequence[str] = (repr(time.time() if now is None else now), popped or "", repr(default_estimate_ms),
+                           str(len(flat) // 3), *flat)
+    try:
+        reply = client.evalsha(PICK_SHA, len(keys), *keys, *args)
+    except NoScriptError:
+        client.script_load(_PICK)
+        reply = client.evalsha(PICK_SHA, len(keys), *keys, *args)
+    values = [item.decode() if isinstance(item, bytes) else str(item) for item in reply]
+    return Pick(float(values[0]) if values[0] else None, values[1:])
