@@ -29,7 +29,7 @@ baseline of their own):
    the wall clock and on the thread's CPU clock (which a busy machine
    disturbs less).
 
-3. **Output decisions** (``bench/policy_outputs.py``). What the output
+3. **Output decisions** (``bench/policy_output_latency.py``). What the output
    rules add: ``data.govgate.output_decision`` on each engine, one at a
    time, per stream window (1.5 × the hold-back) and per completion (the
    whole output), on plain text and with findings, p50/p99 and this
@@ -95,7 +95,7 @@ from bench._stack import (  # noqa: E402
 )
 from bench.policy_inputs import Sample, mix_notes, sample_inputs  # noqa: E402
 from bench.policy_modules import time_modules  # noqa: E402
-from bench.policy_outputs import bench_outputs, print_outputs  # noqa: E402
+from bench.policy_output_latency import bench_outputs, print_outputs  # noqa: E402
 from bench.policy_report import print_report  # noqa: E402
 from bench.policy_timing import Operation, Run, sequential_and_concurrent, timed  # noqa: E402
 from gateway.policy.opa_binary import LOCAL_OPA, find_opa  # noqa: E402

@@ -1,119 +1,153 @@
-"""The policy bench's output part: what the output rules add per stream window and per completion.
+"""What does one output decision cost, next to a request decision, on regorus?
 
-The gateway asks ``data.govgate.output_decision`` once per completion (the
-whole output, one final window) and, streamed, once per window of about
-1.5 × ``GOVGATE_OUTPUT_HOLDBACK_CHARS`` characters (a window is judged every
-half hold-back of new text). Each figure here is one such evaluation on an
-engine as the gateway runs it, on the input
-:func:`gateway.requests.output_input.output_policy_input` builds from an
-allowed request of the bench's mix: plain generated text, and the same text
-with a finding the shipped rules redact (an IBAN) or stop on (a card number).
+The output rules (``data.govgate.output_decision``, policies/output.rego)
+are asked once per completion and once per window of a stream, so their cost
+multiplies with the output's length. Here, in this process on regorus
+itself (as ``bench/policy_modules.py`` times the request rules: no pipe, no
+pool), each output window of a mix is judged ``rounds`` times round robin,
+and the whole request decision on the policy bench's inputs is timed in the
+same rounds as the baseline. Then the same through an embedded engine as
+the gateway calls it (child process, pipe round trip), one call at a time.
+
+The window mix: clean prose of 64, 256 and 1,024 characters (64 is the
+default stream hold-back, 1,024 a short completion), and 256 characters
+holding an e-mail address, a masked SSN, an IBAN, a card number (a stop) and
+a private key header (a stop), each for an analyst (the shipped data masks
+e-mail and phone for analysts) and for an admin.
+
+Nothing here asserts a timing; the figures are p50 and p99 in microseconds
+on the wall clock and on the thread's CPU clock (steadier on a busy machine).
+
+Usage::
+
+    .venv/bin/python bench/policy_outputs.py [--rounds 30] [--calls 400] [--policy-dir DIR] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import asyncio
+import json
+import sys
 import time
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
-from bench.policy_inputs import Sample
-from bench.policy_timing import Operation, Run, timed
+if not __package__:  # run as `python bench/policy_outputs.py`: import the bench package from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._figures import percentile, ratio, rounded, write_json  # noqa: E402
+from bench.policy_inputs import sample_inputs  # noqa: E402
+from bench.policy_modules import build_engine  # noqa: E402
 
-#: Words of the tiny model's kind of output, cycled into text of any length.
-WORDS = ("grow us city thought have low in he than only night cross on hand men word hard did near and country "
-         "know good call under earth your day build act still self their other when more very think").split()
-#: A completion of the bench's kind: 256 tokens of about four characters.
-COMPLETION_CHARS = 1024
-FINDINGS = {"iban": "DE89 3704 0044 0532 0130 00", "card": "4111 1111 1111 1111"}
+ROOT = Path(__file__).resolve().parent.parent
+DECISION_RULE = "data.govgate.decision"
+OUTPUT_DECISION_RULE = "data.govgate.output_decision"
 
-
-def text_of(chars: int, finding: str | None = None, start: int = 0) -> str:
-    """``chars`` characters of words (from word ``start``), ``finding`` in the middle when given."""
-    words = itertools.islice(itertools.cycle(WORDS), start, None)
-    text = ""
-    while len(text) < chars:
-        text += " " + next(words)
-    text = text[:chars]
-    if finding is None:
-        return text
-    middle = (chars - len(finding) - 2) // 2
-    return text[:middle] + " " + finding + " " + text[middle + len(finding) + 2:]
+_PROSE = ("The export job failed at step three because a lock wait timed out; retrying later usually "
+          "helps, and the log shows which table held the lock. ")
 
 
-def output_inputs(samples: list[Sample], holdback_chars: int) -> dict[str, list[dict[str, Any]]]:
-    """Inputs per kind of evaluation: windows and completions, plain and with findings."""
+def _prose(chars: int) -> str:
+    return (_PROSE * (chars // len(_PROSE) + 1))[:chars]
+
+
+def output_windows() -> dict[str, dict[str, Any]]:
+    """The window mix, each an ``output_decision`` input as the gateway builds it."""
     from gateway.requests.output_input import output_policy_input
 
-    request = next(sample.input for sample in samples if sample.expect_allow)
-    obligations = {"max_tokens": 256, "prompt_logging": "full"}
-    window = holdback_chars + holdback_chars // 2
-
-    def windows(finding: str | None) -> list[dict[str, Any]]:
-        return [output_policy_input(request, obligations, text_of(window, finding, start),
-                                    offset=start * window, final=False) for start in range(8)]
-
-    def completions(finding: str | None) -> list[dict[str, Any]]:
-        return [output_policy_input(request, obligations, text_of(COMPLETION_CHARS, finding, start))
-                for start in range(8)]
-
-    return {"window": windows(None), "window_iban": windows(FINDINGS["iban"]),
-            "window_card": windows(FINDINGS["card"]), "completion": completions(None),
-            "completion_iban": completions(FINDINGS["iban"])}
-
-
-def output_operation(engine: Any, inputs: list[dict[str, Any]]) -> Operation:
-    """One output decision; an answer the engine could not give (unavailable, policy error) is a failure."""
-    from gateway.policy import POLICY_ERROR, POLICY_UNAVAILABLE
-
-    broken = {POLICY_ERROR, POLICY_UNAVAILABLE}
-
-    async def operation(number: int) -> str | None:
-        decision = await engine.decide_output(inputs[number % len(inputs)])
-        for reason in decision.reasons:
-            if reason.code in broken:
-                return reason.code
-        return None
-
-    return operation
+    findings = {
+        "email": "Write to ops-desk@example.org for the export logs.",
+        "ssn": "The customer's SSN on file is 123-45-6789.",
+        "iban": "Refund to IBAN DE89 3704 0044 0532 0130 00 today.",
+        "card (stop)": "The card used was 4111 1111 1111 1111, declined.",
+        "private key (stop)": "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA",
+    }
+    requests = {sample.name: sample.input for sample in sample_inputs()}
+    by_role = {"analyst": next(i for i in requests.values() if "analyst" in i["principal"]["roles"]),
+               "admin": next(i for i in requests.values() if "admin" in i["principal"]["roles"])}
+    obligations = {"max_tokens": 256, "prompt_logging": "full", "priority": 5, "redact": []}
+    windows: dict[str, dict[str, Any]] = {}
+    for role, request in by_role.items():
+        for chars in (64, 256, 1024):
+            windows[f"{role}: clean {chars} chars"] = output_policy_input(request, obligations, _prose(chars))
+        for name, sentence in findings.items():
+            text = _prose(256 - len(sentence) - 1) + " " + sentence
+            windows[f"{role}: 256 chars with {name}"] = output_policy_input(request, obligations, text,
+                                                                             offset=512, final=False)
+    return windows
 
 
-async def bench_outputs(engines: dict[str, Any], samples: list[Sample], args: argparse.Namespace,
-                        say: Callable[[str], None]) -> dict[str, Any]:
-    """Each kind of output evaluation on each engine, one at a time (as one stream asks), with its CPU."""
-    inputs = output_inputs(samples, args.holdback)
-    figures: dict[str, Any] = {"holdback_chars": args.holdback,
-                               "window_chars": args.holdback + args.holdback // 2,
-                               "completion_chars": COMPLETION_CHARS, "engines": {}}
-    for name, engine in engines.items():
-        say(f"outputs: {name}: {args.warmup} warm-up + {args.output_decisions} decisions per kind "
-            f"({', '.join(inputs)})")
-        runs: dict[str, Any] = {}
-        for kind, kind_inputs in inputs.items():
-            operation = output_operation(engine, kind_inputs)
-            await timed(operation, args.warmup, 1)
-            started = time.process_time()
-            run: Run = await timed(operation, args.output_decisions, 1)
-            gateway_us = (time.process_time() - started) / args.output_decisions * 1e6
-            first = await engine.decide_output(kind_inputs[0])
-            runs[kind] = {**run.figures(), "gateway_cpu_us": round(gateway_us, 1),
-                          "outcome": "stop" if not first.allow else ("redact" if first.redact else "allow")}
-        figures["engines"][name] = runs
-    return figures
+def time_rules(policy_dir: Path, rounds: int) -> dict[str, dict[str, Any]]:
+    """p50/p99 per window of ``output_decision``, and of ``decision`` over the request mix (the baseline)."""
+    engine = build_engine(policy_dir)
+    jobs: list[tuple[str, str, str]] = [(name, OUTPUT_DECISION_RULE, json.dumps(doc, ensure_ascii=False))
+                                        for name, doc in output_windows().items()]
+    jobs += [("request decision (policy bench mix)", DECISION_RULE, json.dumps(s.input, ensure_ascii=False))
+             for s in sample_inputs()]
+    wall: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    for round_number in range(rounds + 1):
+        for name, rule, payload in jobs:
+            started_wall, started_cpu = time.perf_counter_ns(), time.thread_time_ns()
+            engine.set_input_json(payload)
+            engine.eval_rule_as_json(rule)
+            spent_cpu, spent_wall = time.thread_time_ns() - started_cpu, time.perf_counter_ns() - started_wall
+            if round_number:  # round 0 warms up
+                wall.setdefault(name, []).append(spent_wall / 1000)
+                cpu.setdefault(name, []).append(spent_cpu / 1000)
+    return {name: {"p50_us": rounded(percentile(wall[name], 50)), "p99_us": rounded(percentile(wall[name], 99)),
+                   "cpu_p50_us": rounded(percentile(cpu[name], 50)), "cpu_p99_us": rounded(percentile(cpu[name], 99))}
+            for name in wall}
 
 
-def print_outputs(figures: dict[str, Any]) -> None:
-    print(f"\noutput decisions, one at a time (window {figures['window_chars']} chars = 1.5 x hold-back "
-          f"{figures['holdback_chars']}; completion {figures['completion_chars']} chars):")
-    print(f"  {'engine':<9} {'kind':<16} {'outcome':<8} {'p50 us':>9} {'p99 us':>9} {'gw CPU us':>10}  failures")
-    for engine, runs in figures["engines"].items():
-        for kind, run in runs.items():
-            print(f"  {engine:<9} {kind:<16} {run['outcome']:<8} {run['p50_us']!s:>9} {run['p99_us']!s:>9} "
-                  f"{run['gateway_cpu_us']!s:>10}  {run['failures'] or ''}")
-    window = figures["engines"].get("embedded", {}).get("window")
-    if window and window.get("p50_us"):
-        per_token = window["p50_us"] / (figures["holdback_chars"] / 2 / 4)
-        print(f"  streamed: one window per {figures['holdback_chars'] // 2} new characters (~"
-              f"{figures['holdback_chars'] // 8} tokens): ~{per_token:.0f} us of judgement per token (embedded p50), "
-              f"besides the hold-back itself ({figures['holdback_chars']} chars ~ {figures['holdback_chars'] // 4} "
-              "tokens of delay)")
+async def time_engine(policy_dir: Path, calls: int) -> dict[str, Any]:
+    """``decide_output`` and ``decide`` through an embedded engine (child process), one call at a time."""
+    from gateway.policy import EmbeddedPolicyEngine
+
+    windows = list(output_windows().values())
+    requests = [s.input for s in sample_inputs()]
+    engine = await asyncio.to_thread(EmbeddedPolicyEngine.load, policy_dir, 10.0)
+    try:
+        figures: dict[str, Any] = {}
+        for label, ask, items in (("decide_output", engine.decide_output, windows),
+                                  ("decide", engine.decide, requests)):
+            for item in items:  # warm-up
+                await ask(item)
+            spent = []
+            for number in range(calls):
+                started = time.perf_counter_ns()
+                await ask(items[number % len(items)])
+                spent.append((time.perf_counter_ns() - started) / 1000)
+            figures[label] = {"p50_us": rounded(percentile(spent, 50)), "p99_us": rounded(percentile(spent, 99))}
+        return figures
+    finally:
+        await engine.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=30, help="rounds of the whole mix on regorus in-process")
+    parser.add_argument("--calls", type=int, default=400, help="calls of each kind through the embedded engine")
+    parser.add_argument("--policy-dir", type=Path, default=ROOT / "policies")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    rules = time_rules(args.policy_dir, args.rounds)
+    baseline = rules["request decision (policy bench mix)"]
+    print(f"regorus in-process, {args.rounds} rounds (us)")
+    print(f"{'':44}{'p50':>9}{'p99':>9}{'cpu p50':>9}{'cpu p99':>9}{'cpu p50 / request':>19}")
+    for name, row in rules.items():
+        print(f"{name:44}{row['p50_us']:>9}{row['p99_us']:>9}{row['cpu_p50_us']:>9}{row['cpu_p99_us']:>9}"
+              f"{ratio(row['cpu_p50_us'], baseline['cpu_p50_us']):>19}")
+    engine = asyncio.run(time_engine(args.policy_dir, args.calls))
+    print(f"\nembedded engine (child process, one call at a time, {args.calls} calls each, us)")
+    for label, row in engine.items():
+        print(f"{label:44}{row['p50_us']:>9}{row['p99_us']:>9}")
+    document = {"rules": rules, "engine": engine}
+    print(json.dumps(document, separators=(",", ":")))
+    if args.json is not None:
+        write_json(args.json, document)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

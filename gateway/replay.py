@@ -1,8 +1,11 @@
-"""Policy replay: what would a candidate policy have decided on past requests?
+"""Policy replay: what would a candidate policy have decided on past requests, and on their outputs?
 
 Re-decides the policy inputs kept in ``request`` audit entries; requests
-whose prompt was not kept in full are reported as *partial*. See
-docs/architecture.md, "Design notes by package" (gateway/policy).
+whose prompt was not kept in full are reported as *partial*. Then judges
+the output of each ``completion`` entry whose output was kept in full with
+the candidate's ``output_decision`` (one final window, in the context of its
+request entry); outputs kept only as a digest or masked are counted as not
+judged. See docs/architecture.md, "Design notes by package" (gateway/policy).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable
 
 from audit import AuditEntry
-from gateway.policy import Decision, PolicyEngine
+from gateway.policy import Decision, OutputDecision, PolicyEngine
 from gateway.requests.normalize import normalized_text
+from gateway.requests.output_input import output_policy_input
 from gateway.requests.policy_input import prompt_text
 from workers.contract.privacy import texts_of
 
@@ -78,6 +82,62 @@ class Change:
     detail: str = ""
 
 
+#: The output decision of a completion recorded without one (before output rules): it was served as generated.
+SERVED_UNCHECKED: dict[str, Any] = {"allow": True, "reasons": [], "findings": []}
+
+
+def _output_summary(decision: dict[str, Any]) -> str:
+    """``allow`` or ``stop[codes]``."""
+    if decision.get("allow"):
+        return "allow"
+    codes = sorted({r.get("code", "?") for r in decision.get("reasons") or [] if isinstance(r, dict)})
+    return "stop[" + ",".join(codes) + "]"
+
+
+def _masked_detectors(items: Any) -> list[str]:
+    """The detector names of an output decision's findings (``redact`` or the audit's ``findings``)."""
+    return sorted({item.get("detector") for item in items or [] if isinstance(item, dict)
+                   and isinstance(item.get("detector"), str)})
+
+
+def output_from_entry(entry: AuditEntry) -> str | None:
+    """The output of a ``completion`` entry as generated, when the entry kept it in full (else None)."""
+    texts = texts_of(entry.body, entry.payload)
+    output = texts.get("output")
+    if not isinstance(output, str) or entry.body.get("output_masked"):
+        return None  # a digest and a length, a masked copy, or erased (audit prune)
+    return output
+
+
+@dataclass
+class OutputReplay:
+    """What the candidate's output rules would have done to the outputs of the period."""
+
+    evaluated: int = 0
+    #: Completions whose output was kept only as a digest or masked: not judged.
+    not_judged: int = 0
+    #: Completions whose request entry is outside the period or has no policy input.
+    skipped: int = 0
+    unchanged: int = 0
+    transitions: Counter = field(default_factory=Counter)
+    examples: dict[str, list["Change"]] = field(default_factory=lambda: defaultdict(list))
+
+    @property
+    def changed(self) -> int:
+        return sum(self.transitions.values())
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "evaluated": self.evaluated,
+            "not_judged": self.not_judged,
+            "skipped": self.skipped,
+            "unchanged": self.unchanged,
+            "changed": self.changed,
+            "transitions": dict(self.transitions.most_common()),
+            "examples": {key: [vars(c) for c in changes] for key, changes in self.examples.items()},
+        }
+
+
 @dataclass
 class ReplayReport:
     since: datetime
@@ -88,6 +148,7 @@ class ReplayReport:
     unchanged: int = 0
     transitions: Counter = field(default_factory=Counter)
     examples: dict[str, list[Change]] = field(default_factory=lambda: defaultdict(list))
+    outputs: OutputReplay = field(default_factory=OutputReplay)
 
     @property
     def changed(self) -> int:
@@ -95,6 +156,7 @@ class ReplayReport:
 
     def to_document(self) -> dict[str, Any]:
         return {
+            "outputs": self.outputs.to_document(),
             "since": self.since.isoformat(),
             "candidate_revision": self.candidate_revision,
             "evaluated": self.evaluated,
@@ -117,32 +179,82 @@ def _obligation_change(before: dict[str, Any], after: Decision) -> str:
 
 async def replay(entries: Iterable[AuditEntry], candidate: PolicyEngine, since: datetime, *,
                  examples_per_change: int = 3) -> ReplayReport:
-    """Evaluate ``candidate`` on every audited request since ``since`` and compare."""
+    """Evaluate ``candidate`` on every audited request since ``since``, and on its output; compare."""
     report = ReplayReport(since=since, candidate_revision=candidate.revision)
+    #: request id -> (its policy input, its recorded decision), until its completion is judged.
+    contexts: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     for entry in entries:
-        if entry.kind != "request" or entry.created_at < since:
+        if entry.created_at < since:
             continue
-        rebuilt = input_from_entry(entry)
-        if rebuilt is None:
-            report.skipped += 1
-            continue
-        document, complete = rebuilt
-        report.evaluated += 1
-        report.partial += 0 if complete else 1
-        recorded = entry.body.get("decision") or {}
-        decision = await candidate.decide(document)
-        before, after = _summary(recorded), _summary(decision.to_document())
-        detail = ""
-        if before == after == "allow":
-            detail = _obligation_change(recorded, decision)
-            if detail:
-                after = "allow (obligations changed)"
-        if before == after:
-            report.unchanged += 1
-            continue
-        key = f"{before} -> {after}"
-        report.transitions[key] += 1
-        if len(report.examples[key]) < examples_per_change:
-            report.examples[key].append(Change(entry.seq, entry.request_id, entry.created_at.isoformat(),
-                                               entry.principal, entry.model, before, after, detail))
+        if entry.kind == "request":
+            recorded = await _replay_request(entry, candidate, report, examples_per_change)
+            stored = entry.body.get("policy_input")
+            if recorded.get("allow") and isinstance(stored, dict):
+                contexts[entry.request_id] = (stored, recorded)
+        elif entry.kind == "completion":
+            await _replay_output(entry, contexts.pop(entry.request_id, None), candidate, report.outputs,
+                                 examples_per_change)
     return report
+
+
+async def _replay_request(entry: AuditEntry, candidate: PolicyEngine, report: ReplayReport,
+                          examples_per_change: int) -> dict[str, Any]:
+    """Decide one request entry again; returns its recorded decision."""
+    recorded = entry.body.get("decision") or {}
+    rebuilt = input_from_entry(entry)
+    if rebuilt is None:
+        report.skipped += 1
+        return recorded
+    document, complete = rebuilt
+    report.evaluated += 1
+    report.partial += 0 if complete else 1
+    decision = await candidate.decide(document)
+    before, after = _summary(recorded), _summary(decision.to_document())
+    detail = ""
+    if before == after == "allow":
+        detail = _obligation_change(recorded, decision)
+        if detail:
+            after = "allow (obligations changed)"
+    if before == after:
+        report.unchanged += 1
+        return recorded
+    _note(report.transitions, report.examples, entry, before, after, detail, examples_per_change)
+    return recorded
+
+
+async def _replay_output(entry: AuditEntry, context: tuple[dict[str, Any], dict[str, Any]] | None,
+                         candidate: PolicyEngine, report: OutputReplay, examples_per_change: int) -> None:
+    """Judge one completion's output (as one final window) under the candidate's output rules."""
+    if context is None:
+        report.skipped += 1
+        return
+    output = output_from_entry(entry)
+    if output is None:
+        report.not_judged += 1
+        return
+    report.evaluated += 1
+    policy_input, decision = context
+    recorded = entry.body.get("output_decision")
+    if not isinstance(recorded, dict):
+        recorded = SERVED_UNCHECKED
+    judged: OutputDecision = await candidate.decide_output(output_policy_input(policy_input, decision, output))
+    before, after = _output_summary(recorded), _output_summary(judged.to_document())
+    detail = ""
+    if before == after == "allow":
+        old = _masked_detectors(recorded.get("findings", recorded.get("redact")))
+        new = _masked_detectors([item.to_document() for item in judged.redact])
+        if old != new:
+            detail, after = f"masks {old or '[]'} -> {new or '[]'}", "allow (masking changed)"
+    if before == after:
+        report.unchanged += 1
+        return
+    _note(report.transitions, report.examples, entry, before, after, detail, examples_per_change)
+
+
+def _note(transitions: Counter, examples: dict[str, list[Change]], entry: AuditEntry, before: str, after: str,
+          detail: str, examples_per_change: int) -> None:
+    key = f"{before} -> {after}"
+    transitions[key] += 1
+    if len(examples[key]) < examples_per_change:
+        examples[key].append(Change(entry.seq, entry.request_id, entry.created_at.isoformat(), entry.principal,
+                                    entry.model, before, after, detail))

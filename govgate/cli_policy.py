@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import click
 
 from gateway.settings import Settings
 from govgate.cli_common import audit_engine, load_settings
 
-#: ``policy explain``'s exit status on a deny (1 is an error, 2 a usage error: click's).
+#: ``policy explain``'s exit status on a deny, or on an output the output rules stop (1 is an error,
+#: 2 a usage error: click's).
 EXIT_DENIED = 3
 
 
@@ -23,10 +26,14 @@ def policy() -> None:
 @policy.command("explain")
 @click.option("--input", "input_file", type=click.File("r"), required=True,
               help="A policy input document (JSON), as described in the README; '-' for stdin.")
+@click.option("--output", "output_file", type=click.File("r", encoding="utf-8"), default=None,
+              help="A file holding a model's output: also judge it with the output rules (output_decision), "
+                   "as one whole output of the request the input describes.")
 @click.option("--policy-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Policy folder (default: GOVGATE_POLICY_DIR).")
-def policy_explain(input_file, policy_dir: Path | None) -> None:
-    """Print the decision, reasons and obligations for one input; exit 0 on allow, 3 on deny (1 on an error)."""
+def policy_explain(input_file, output_file, policy_dir: Path | None) -> None:
+    """Print the decision, reasons and obligations for one input (and with --output the output decision on
+    a text); exit 0 on allow, 3 on deny or a stopped output (1 on an error)."""
     import asyncio
 
     try:
@@ -38,22 +45,35 @@ def policy_explain(input_file, policy_dir: Path | None) -> None:
     from gateway.requests.policy_input import with_normalized_text
 
     document = with_normalized_text(document)
+    output = output_file.read() if output_file is not None else None
     settings = load_settings()
 
-    async def explain() -> tuple[dict, str]:
+    async def explain() -> tuple[dict, dict | None, str]:
+        from gateway.requests.output_input import output_policy_input
+
         engine = await _open_engine(settings, policy_dir)
         try:
             decision = await engine.decide(document)
-            return decision.to_document(), engine.revision
+            judged = None
+            if output is not None:  # in the request's context, as the gateway would after an allow
+                judged = await engine.decide_output(output_policy_input(document, decision, output))
+            return decision.to_document(), None if judged is None else judged.to_document(), engine.revision
         finally:
             await engine.aclose()
 
-    decision, revision = asyncio.run(explain())
-    click.echo(json.dumps({"revision": revision, **decision}, indent=2, sort_keys=True))
+    decision, output_decision, revision = asyncio.run(explain())
+    shown = {"revision": revision, **decision}
+    if output_decision is not None:
+        shown["output_decision"] = output_decision
+    click.echo(json.dumps(shown, indent=2, sort_keys=True))
     if not decision["allow"]:
         for reason in decision["reasons"]:
             retry = f" (retry after {reason['retry_after_s']}s)" if reason.get("retry_after_s") else ""
             click.echo(f"denied: {reason['code']}: {reason['message']}{retry}", err=True)
+    if output_decision is not None and not output_decision["allow"]:
+        for reason in output_decision["reasons"]:
+            click.echo(f"output stopped: {reason['code']}: {reason['message']}", err=True)
+    if not decision["allow"] or (output_decision is not None and not output_decision["allow"]):
         sys.exit(EXIT_DENIED)
 
 
@@ -92,7 +112,8 @@ def policy_test(policy_dir: Path | None, engine: str) -> None:
 @click.option("--examples", default=3, show_default=True, help="Examples shown per kind of change.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def policy_replay(candidate: Path, since: str, examples: int, as_json: bool) -> None:
-    """Re-decide audited requests under a candidate policy and report what would change."""
+    """Re-decide audited requests under a candidate policy and report what would change; judge the outputs
+    the log kept in full with the candidate's output rules too."""
     import asyncio
 
     from audit import AuditStore
@@ -127,9 +148,22 @@ def policy_replay(candidate: Path, since: str, examples: int, as_json: bool) -> 
     if report.skipped:
         click.echo(f"  {report.skipped} could not be replayed (no recorded policy input)")
     click.echo(f"  unchanged: {report.unchanged}   would change: {report.changed}")
-    for transition, count in report.transitions.most_common():
+    _print_changes(report.transitions, report.examples)
+    outputs = report.outputs
+    click.echo(f"\noutputs: judged {outputs.evaluated} completions under the candidate's output rules")
+    if outputs.not_judged:
+        click.echo(f"  {outputs.not_judged} not judged (output kept only as a digest or masked)")
+    if outputs.skipped:
+        click.echo(f"  {outputs.skipped} skipped (their request entry is outside the period or has no policy input)")
+    click.echo(f"  unchanged: {outputs.unchanged}   would change: {outputs.changed}")
+    _print_changes(outputs.transitions, outputs.examples)
+
+
+def _print_changes(transitions: Counter, examples: dict[str, list[Any]]) -> None:
+    """Each kind of change, most frequent first, with its examples."""
+    for transition, count in transitions.most_common():
         click.echo(f"\n  {count:>6}  {transition}")
-        for change in report.examples[transition]:
+        for change in examples[transition]:
             detail = f"  [{change.detail}]" if change.detail else ""
             click.echo(f"          e.g. seq {change.seq} {change.at} {change.principal or '-'} "
                        f"{change.model or '-'} {change.request_id}{detail}")

@@ -229,3 +229,31 @@ test_name_both_national_id_and_blocked_pattern_refused if {
 	problems := data.govgate.config_problems with data.govgate_config as clash
 	"govgate_config.content.output: 'us_ssn' is both a national id and a blocked pattern" in problems
 }
+
+# ---------------------------------------------------------------- shipped data.json
+
+# The output decision under the data.json that ships (no `with data.govgate_config`).
+shipped(text, roles) := d if {
+	d := data.govgate.output_decision with input as window(text, roles)
+}
+
+test_shipped_output_rules_stop_cards_and_keys_for_everyone if {
+	every roles in [["admin"], ["analyst"], ["viewer"], []] {
+		codes(shipped("card 4111 1111 1111 1111", roles)) == {"output_pii_detected"}
+		codes(shipped("-----BEGIN OPENSSH PRIVATE KEY-----", roles)) == {"output_blocked_content"}
+	}
+}
+
+test_shipped_output_rules_mask_ssn_and_iban_except_for_admins if {
+	text := "ssn 123-45-6789 iban DE89 3704 0044 0532 0130 00"
+	[f.detector | some f in shipped(text, ["analyst"]).obligations.redact] == ["iban", "us_ssn"]
+	shipped(text, ["admin"]).obligations.redact == []
+	shipped(text, ["admin"]).allow
+}
+
+test_shipped_output_rules_mask_contacts_for_analysts_only if {
+	text := "mail ops@example.com, call +1 555 123 4567"
+	[f.detector | some f in shipped(text, ["analyst"]).obligations.redact] == ["email", "phone"]
+	shipped(text, ["viewer"]).obligations.redact == []
+	shipped(text, ["admin", "analyst"]).obligations.redact == shipped(text, ["analyst"]).obligations.redact
+}

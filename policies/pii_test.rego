@@ -133,6 +133,17 @@ test_iban_char_digits_are_digits_and_letters_from_10 if {
 	count(pii.iban_char_digits) == 36
 }
 
+# mod97 reads six-digit chunks: zeros at a chunk's start, short last chunks
+# and the empty number come out as the whole number's remainder.
+test_mod97_chunks_with_zeros_and_short_tails if {
+	pii.mod97("000000000000123") == 123 % 97
+	pii.mod97("1000000") == 1000000 % 97
+	pii.mod97("100000000001") == 100000000001 % 97
+	pii.mod97("123456789012") == 123456789012 % 97
+	pii.mod97("0") == 0
+	pii.mod97("") == 0
+}
+
 test_mod97_of_a_long_number if {
 	# 3214282912345698765432161182 is GB82WEST12345698765432 rearranged
 	pii.mod97("3214282912345698765432161182") == 1
@@ -219,4 +230,13 @@ test_bounded_match_edges_that_are_not_alphanumeric if {
 
 test_phone_pattern_is_the_one_built_from_its_parts if {
 	pii.phone_pattern == pii.phone_pattern_built
+}
+
+# A number a text repeats (a model in a loop) is found once, and an
+# occurrence glued to a letter does not hide a free one later in the text.
+test_repeated_numbers_found_once if {
+	text := concat("", [sprintf("call 555 123 %d now. ", [4567]) | some _ in numbers.range(1, 200)])
+	pii.phones(text) == {"555 123 4567"}
+	pii.payment_cards(concat(" ", ["x4111 1111 1111 1111" | some _ in numbers.range(1, 50)])) == {"4111 1111 1111 1111"}
+	pii.pattern_matches(`[0-9]{3}-[0-9]{2}-[0-9]{4}`, "a123-45-6789 and 123-45-6789") == {"123-45-6789"}
 }

@@ -209,8 +209,8 @@ class Decision:
         return doc
 
 
-def _reason(item: object, index: int) -> Reason:
-    where = f"decision.reasons[{index}]"
+def _reason(item: object, index: int, root: str = "decision") -> Reason:
+    where = f"{root}.reasons[{index}]"
     obj = _object(item, where, required={"code", "message"}, optional={"retry_after_s"})
     code, message = obj["code"], obj["message"]
     if not isinstance(code, str) or not code:
@@ -249,8 +249,7 @@ def _obligations(value: object) -> Obligations:
     )
 
 
-def _redactions(value: object) -> tuple[Redaction, ...]:
-    where = "decision.obligations.redact"
+def _redactions(value: object, where: str = "decision.obligations.redact") -> tuple[Redaction, ...]:
     if not isinstance(value, list):
         raise MalformedDecision(f"{where} must be a list, got {_kind(value)}")
     items = []

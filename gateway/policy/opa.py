@@ -242,11 +242,23 @@ class OpaPolicyEngine:
             return _stop(POLICY_ERROR, f"the policy returned a malformed output decision: {exc}")
 
     async def _output_rule_absent(self, revision: str) -> bool:
-        """Whether OPA's policy has no output rule (undefined on :data:`OUTPUT_RULE_PROBE`), asked once per
-        revision; no answer counts as "has one", so the output is stopped rather than let through."""
+        """Whether OPA's policy has no output rule, asked once per revision; no answer counts as "has one",
+        so the output is stopped rather than let through.
+
+        The output rule undefined on :data:`OUTPUT_RULE_PROBE` means no rule
+        only while the request decision is defined on it: an OPA that lost
+        its policy (restarted empty) answers every rule undefined, and that
+        must stop outputs, not let them through.
+        """
         if revision not in self._has_output_rule:
             probe = await self._query(OUTPUT_DECISION_RULE, OUTPUT_RULE_PROBE)
-            if probe.kind not in ("ok", "undefined", "error") or self.revision != revision:
+            if probe.kind == "undefined":
+                policy = await self._query(DECISION_RULE, OUTPUT_RULE_PROBE)
+                if policy.kind != "ok":
+                    return False
+            elif probe.kind not in ("ok", "error"):
+                return False
+            if self.revision != revision:
                 return False
             self._has_output_rule[revision] = probe.kind != "undefined"
         return not self._has_output_rule[revision]

@@ -54,14 +54,15 @@ class OutputDecision:
         raw_reasons = obj["reasons"]
         if not isinstance(raw_reasons, list):
             raise MalformedDecision(f"output_decision.reasons must be a list, got {_kind(raw_reasons)}")
-        reasons = tuple(_reason(item, i) for i, item in enumerate(raw_reasons))
+        reasons = tuple(_reason(item, i, "output_decision") for i, item in enumerate(raw_reasons))
         if allow and reasons:
             raise MalformedDecision("output_decision allows the output but gives reasons")
         if not allow and not reasons:
             raise MalformedDecision("output_decision stops the output without a reason")
         obligations = _object(obj["obligations"], "output_decision.obligations", required=set(),
                               optional={"redact"})
-        redact = _redactions(obligations["redact"]) if "redact" in obligations else ()
+        redact = (_redactions(obligations["redact"], "output_decision.obligations.redact")
+                  if "redact" in obligations else ())
         return cls(allow=allow, reasons=reasons, redact=redact)
 
     @classmethod

@@ -67,6 +67,15 @@ BROKEN = {
     "setting of a role nobody holds": (
         _set("roles.viewer.priority", 12),
         "govgate_config.roles.viewer.priority must be a whole number from 0 to 9"),
+    "unknown output action": (
+        _set("content.output.detectors.payment_card", {"action": "deny"}),
+        'govgate_config.content.output.detectors.payment_card must be {"action": "allow", "redact" or "stop"}'),
+    "output rule for no detector": (
+        _set("content.output.roles.admin", {"passport": "allow"}),
+        "govgate_config.content.output.roles.admin.passport names no detector"),
+    "masking a blocked pattern's match": (
+        _set("content.output.detectors.private_key", {"action": "redact"}),
+        "govgate_config.content.output.detectors.private_key: a blocked pattern's action is \"allow\" or \"stop\""),
 }
 
 
@@ -140,8 +149,10 @@ def test_the_shipped_data_passes_the_check() -> None:
     assert json.loads(engine.eval_rule_as_json(CONFIG_PROBLEMS_RULE)) == []
 
 
-async def test_opa_engine_refuses_broken_data_at_connect(start_opa: Callable[..., OpaServer], tmp_path: Path) -> None:
-    change, problem = BROKEN["malformed hours window"]
+@pytest.mark.parametrize("name", ["malformed hours window", "unknown output action", "masking a blocked pattern's match"])
+async def test_opa_engine_refuses_broken_data_at_connect(start_opa: Callable[..., OpaServer], tmp_path: Path,
+                                                         name: str) -> None:
+    change, problem = BROKEN[name]
     folder = broken_policy(tmp_path / "policy", change)
     server = start_opa(folder)
     with pytest.raises(PolicyLoadError) as refused:

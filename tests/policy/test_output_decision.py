@@ -27,6 +27,7 @@ from gateway.policy import (
     Reason,
     Redaction,
 )
+from gateway.policy.opa import OpaAddress
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.output_input import output_policy_input
 from tests.opa_fixtures import POLICY_DIR
@@ -117,8 +118,11 @@ def test_stop_document_parsed_and_redact_may_be_left_out() -> None:
     ({"allow": False, "reasons": [], "obligations": {}}, "without a reason"),
     ({"allow": "yes", "reasons": [], "obligations": {}}, "must be a boolean"),
     ({"allow": True, "reasons": [], "obligations": {"stop": True}}, "unknown keys"),
-    ({"allow": True, "reasons": [], "obligations": {"redact": [{"detector": "email"}]}}, "lacks"),
+    ({"allow": True, "reasons": [], "obligations": {"redact": [{"detector": "email"}]}},
+     r"output_decision.obligations.redact\[0\] lacks"),
     ({"allow": True, "reasons": [], "obligations": {"redact": [{"detector": "email", "text": ""}]}}, "non-empty"),
+    ({"allow": False, "reasons": [{"code": "", "message": "m"}], "obligations": {}},
+     r"output_decision.reasons\[0\].code must be a non-empty string"),
     ({"allow": True, "reasons": []}, "lacks"),
     ([], "must be an object"),
 ])
@@ -239,3 +243,19 @@ async def test_reloading_engine_gives_the_deciding_revision(tmp_path: Path) -> N
         await reloading.aclose()
     assert codes(first) == ["x"] and second == OutputDecision.allowed()
     assert first_revision != second_revision == reloading.revision
+
+
+async def test_emptied_opa_stops_outputs_rather_than_taking_them_for_unchecked(
+        start_opa: Callable[..., Any], tmp_path: Path) -> None:
+    """An OPA that lost its policy answers every rule undefined: not "a policy without output rules"."""
+    folder = policy(tmp_path, "")  # no output rule: outputs would pass, were OPA holding this policy
+    server = start_opa(folder)
+    engine = await OpaPolicyEngine.connect(server.url, folder, TIMEOUT_S, load=False)
+    try:
+        async with OpaAddress.parse(server.url).client(TIMEOUT_S) as client:
+            for policy_id in await client.get_policies_list():
+                await client.delete_policy(policy_id)
+        emptied = await engine.decide_output(window("text", ["analyst"]))
+    finally:
+        await engine.aclose()
+    assert codes(emptied) == [POLICY_ERROR]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 from datetime import datetime, timezone
 
 import anyio
@@ -107,3 +108,76 @@ def test_replay_refuses_a_candidate_that_does_not_load(settings, tmp_path):
     (candidate / "govgate.rego").write_text("package govgate\n\nthis is not rego\n")
     result = run(settings, "policy", "replay", "--candidate", str(candidate), "--since", "1d")
     assert result.exit_code == 1 and "does not load" in result.output
+
+
+def test_explain_judges_an_output_in_the_context_of_the_input(settings, tmp_path):
+    case, output = tmp_path / "case.json", tmp_path / "output.txt"
+    case.write_text(json.dumps(case_input()))
+    output.write_text("Her SSN is 123-45-6789.", encoding="utf-8")
+    masked = run(settings, "policy", "explain", "--input", str(case), "--output", str(output))
+    assert masked.exit_code == 0, masked.output
+    assert json.loads(masked.stdout)["output_decision"] == {
+        "allow": True, "reasons": [], "obligations": {"redact": [{"detector": "us_ssn", "text": "123-45-6789"}]}}
+
+    case.write_text(json.dumps(case_input(role="admin")))  # admins see SSNs in outputs
+    shown = run(settings, "policy", "explain", "--input", str(case), "--output", str(output))
+    assert json.loads(shown.stdout)["output_decision"]["obligations"] == {"redact": []}
+
+    output.write_text("pay with 4111\u200b1111 1111 1111", encoding="utf-8")
+    stopped = run(settings, "policy", "explain", "--input", str(case), "--output", str(output))
+    assert stopped.exit_code == 3
+    assert json.loads(stopped.stdout)["output_decision"]["allow"] is False
+    assert "output stopped: output_pii_detected" in stopped.stderr and "4111" not in stopped.stderr
+
+    plain = run(settings, "policy", "explain", "--input", str(case))
+    assert "output_decision" not in json.loads(plain.stdout)
+
+
+def test_replay_judges_the_outputs_kept_in_full_under_the_candidates_output_rules(settings, audit_store, tmp_path):
+    since = datetime.now(timezone.utc).isoformat()
+    context = {key: value for key, value in case_input().items()}
+    context["request"] = {k: v for k, v in context["request"].items() if k not in ("text", "prompt")}
+    allowed = {"allow": True, "reasons": [], "obligations": {"max_tokens": 256, "prompt_logging": "full",
+                                                             "redact": []}}
+
+    def completion(output_fields: dict, payload: dict | None, *, request: bool = True) -> str:
+        request_id = uuid.uuid4().hex
+        common = {"principal": "alice", "team": "research", "model": TINY_MODEL_NAME, "policy_revision": "r"}
+        if request:
+            audit_store.append("request", request_id, body={"decision": allowed, "policy_input": context,
+                                                            "prompt_logging": "full"},
+                               payload={"prompt": "hello"}, **common)
+        audit_store.append("completion", request_id, body={"finish_reason": "stop", **output_fields},
+                           payload=payload, **common)
+        return request_id
+
+    unchecked_ssn = completion({}, {"output": "Her SSN is 123-45-6789."})
+    judged_ssn = completion({"output_decision": {"allow": True, "reasons": [],
+                                                 "findings": [{"detector": "us_ssn"}]}},
+                            {"output": "SSN 987-65-4321 on file"})
+    mail = completion({"output_decision": {"allow": True, "reasons": [], "findings": []}},
+                      {"output": "write to ops@example.com"})
+    completion({}, {"output": "nothing to see"})
+    completion({"output_masked": True}, {"output": "SSN [REDACTED:us_ssn]"})
+    completion({"output_hmac_sha256": "ab" * 32, "output_chars": 20}, None)
+    completion({}, {"output": "4111 1111 1111 1111"}, request=False)
+
+    def ssn_stops(config: dict) -> None:
+        config["content"]["output"]["detectors"]["us_ssn"] = {"action": "stop"}
+
+    candidate = policy_copy(tmp_path, ssn_stops)
+    result = run(settings, "policy", "replay", "--candidate", str(candidate), "--since", since, "--json")
+    assert result.exit_code == 0, result.output
+    outputs = json.loads(result.stdout)["outputs"]
+    assert outputs["transitions"] == {"allow -> stop[output_pii_detected]": 2,
+                                      "allow -> allow (masking changed)": 1}
+    assert outputs["evaluated"] == 4 and outputs["unchanged"] == 1 and outputs["not_judged"] == 2
+    assert outputs["skipped"] >= 1  # the completion without its request entry (and any late one of another test)
+    stops = {example["request_id"] for example in outputs["examples"]["allow -> stop[output_pii_detected]"]}
+    assert stops == {unchecked_ssn, judged_ssn}
+    [masking] = outputs["examples"]["allow -> allow (masking changed)"]
+    assert masking["request_id"] == mail and masking["detail"] == "masks [] -> ['email']"
+
+    text = run(settings, "policy", "replay", "--candidate", str(candidate), "--since", since)
+    assert "outputs: judged 4 completions" in text.stdout and "2 not judged" in text.stdout
+    assert "123-45-6789" not in text.stdout + result.stdout
