@@ -1,6 +1,6 @@
 """What do a policy decision, each rule module and the usage counters cost per request?
 
-Three questions, answered in the same run (the first and last against a
+Four questions (five with ``--tokens``), answered in the same run (the first and last against a
 baseline of their own):
 
 1. **Policy decisions.** The full shipped policy set (``policies/``) is
@@ -29,7 +29,13 @@ baseline of their own):
    the wall clock and on the thread's CPU clock (which a busy machine
    disturbs less).
 
-3. **Usage counters.** Against a private Redis on a unix socket, each
+3. **Output decisions** (``bench/policy_output_latency.py``). What the output
+   rules add: ``data.govgate.output_decision`` on each engine, one at a
+   time, per stream window (1.5 × the hold-back) and per completion (the
+   whole output), on plain text and with findings, p50/p99 and this
+   process's CPU per decision.
+
+4. **Usage counters.** Against a private Redis on a unix socket, each
    request does what the gateway does on the counters: ``snapshot`` (before
    the policy), ``reserve`` (after an allow) and ``settle`` (after the
    model answered), three scripted round trips. A plain ``PING`` round trip
@@ -49,6 +55,12 @@ Usage::
 
     .venv/bin/python bench/policy.py [--decisions 2000] [--concurrency 32] [--requests N] [--warmup 100]
         [--evaluators N] [--rounds 50] [--no-opa] [--no-counters] [--policy-dir DIR] [--json FILE]
+        [--output-decisions 1000] [--no-outputs] [--tokens [--token-requests 10] [--max-tokens 256]
+        [--holdback N]]
+
+``--tokens`` (off by default: it starts a stack) adds tokens/s through a
+gateway with the output rules on against the tiny model called directly
+(``bench/output_tokens.py``), with the ratio (goal ≥ 0.95, never asserted).
 
 ``--json FILE`` writes the figures (the same document as the JSON line) to FILE.
 
@@ -83,6 +95,7 @@ from bench._stack import (  # noqa: E402
 )
 from bench.policy_inputs import Sample, mix_notes, sample_inputs  # noqa: E402
 from bench.policy_modules import time_modules  # noqa: E402
+from bench.policy_output_latency import bench_outputs, print_outputs  # noqa: E402
 from bench.policy_report import print_report  # noqa: E402
 from bench.policy_timing import Operation, Run, sequential_and_concurrent, timed  # noqa: E402
 from gateway.policy.opa_binary import LOCAL_OPA, find_opa  # noqa: E402
@@ -206,7 +219,10 @@ async def bench_policy(opa_url: str | None, samples: list[Sample], args: argpars
             f"at concurrency {args.concurrency}")
         cpu = {mode: await cpu_per_decision(embedded, samples, args.decisions, concurrency)
                for mode, concurrency in (("c=1", 1), (f"c={args.concurrency}", args.concurrency))}
-        return {"revision": embedded.revision, "runs": runs, "notes": notes, "cpu_per_decision": cpu}
+        figures = {"revision": embedded.revision, "runs": runs, "notes": notes, "cpu_per_decision": cpu}
+        if not args.no_outputs:
+            figures["outputs"] = await bench_outputs(engines, samples, args, say)
+        return figures
     finally:
         for engine in (opa, embedded):
             if engine is not None:
@@ -322,6 +338,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="rounds of the input mix for the per-module timing (default 50)")
     parser.add_argument("--policy-dir", type=Path, default=POLICY_DIR,
                         help="the policy folder to measure (default: policies/), e.g. an older revision to compare")
+    parser.add_argument("--output-decisions", type=int, default=1000,
+                        help="output decisions per engine and kind of window or completion (default 1000)")
+    parser.add_argument("--no-outputs", action="store_true", help="skip the output decisions part")
+    parser.add_argument("--tokens", action="store_true",
+                        help="also measure tokens/s through a gateway with the output rules on against the tiny "
+                             "model called directly (bench/output_tokens.py; starts a stack)")
+    parser.add_argument("--token-requests", type=int, default=10,
+                        help="requests per side of the tokens/s part (default 10)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="tokens per request of that part (default 256)")
+    parser.add_argument("--holdback", type=int, default=None,
+                        help="GOVGATE_OUTPUT_HOLDBACK_CHARS of that gateway (default: the setting's default)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures to FILE")
     args = parser.parse_args(argv)
     if args.evaluators is None:
@@ -330,10 +357,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.evaluators = Settings().policy_evaluators
     if args.requests is None:
         args.requests = args.decisions
+    if args.holdback is None:
+        from gateway.settings import Settings
+
+        args.holdback = Settings().output_holdback_chars
     if (args.decisions < 1 or args.requests < 1 or args.concurrency < 1 or args.warmup < 0 or args.evaluators < 1
-            or args.rounds < 1):
-        parser.error("--decisions, --requests, --concurrency, --evaluators and --rounds must be at least 1, "
-                     "--warmup at least 0")
+            or args.rounds < 1 or args.output_decisions < 1 or args.token_requests < 1 or args.max_tokens < 1
+            or args.holdback < 1):
+        parser.error("--decisions, --requests, --concurrency, --evaluators, --rounds, --output-decisions, "
+                     "--token-requests, --max-tokens and --holdback must be at least 1, --warmup at least 0")
     return args
 
 
@@ -381,6 +413,22 @@ def run(args: argparse.Namespace) -> int:
             say(f"bench: {type(exc).__name__}: {exc}")
             return 1
     document = print_report(policy, opa_skipped, counters, samples, args)
+    if policy.get("outputs"):
+        print_outputs(policy["outputs"])
+        document["outputs"] = policy["outputs"]
+    if args.tokens:
+        from bench._stack import in_temp_dir
+        from bench.output_tokens import measure_tokens, print_tokens
+        from govgate.redis_server import RedisUnavailable
+        from govgate.stack import StartupError
+
+        tokens = in_temp_dir(lambda var_dir: measure_tokens(var_dir, args.token_requests, args.max_tokens,
+                                                            args.holdback, say),
+                             (StartupError, RedisUnavailable, TimeoutError, OSError))
+        if tokens is None:
+            return 1
+        print_tokens(tokens)
+        document["tokens"] = tokens
     if args.json is not None:
         write_json(args.json, document)
         say(f"bench: figures written to {args.json}")

@@ -28,6 +28,7 @@ from gateway.policy import PolicyEngine, open_policy_engine
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.policy.shares import SharePublisher
 from gateway.requests.lost_requests import LostRequestSweep, lost_after_s, sweep_lost_requests
+from gateway.requests.output_rules import OutputRules
 from gateway.requests.service import CompletionService
 from gateway.requests.terminal_retry import retry_pending_terminals
 from gateway.resp_pack import fast_packing
@@ -100,7 +101,9 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         registry=registry, policy=policy, audit=audit_store, dispatcher=dispatcher, waiter=waiter,
         redis=client, counters=counters, default_max_tokens=settings.default_max_tokens,
         request_timeout_s=settings.request_timeout_s, max_queued_per_model=settings.max_queued_per_model,
-        digester=digester, pending=pending, queue_mode=settings.queue_mode)
+        digester=digester, pending=pending, queue_mode=settings.queue_mode,
+        output_rules=OutputRules(policy=policy, redis=client, sealer=sealer,
+                                 holdback_chars=settings.output_holdback_chars) if settings.output_rules else None)
     retrier = asyncio.create_task(retry_pending_terminals(pending, audit_store), name="govgate-terminal-retry")
     lost = LostRequestSweep(audit_store, pending, lookback_s=settings.terminal_retry_horizon_s,
                             lost_after_s=lost_after_s(settings.request_timeout_s, settings.generation_time_limit_s))

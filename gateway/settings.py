@@ -69,6 +69,13 @@ class Settings:
     generation_time_limit_s: float = 60.0
     #: How long a terminal entry the database refused is kept (in Redis) and retried before it is given up.
     terminal_retry_horizon_s: float = 86400.0
+    #: Judge outputs with the policy's output rules (off: outputs are served unjudged, as before the rules).
+    output_rules: bool = True
+    #: Longest a worker waits for its gateway's verdict on an output before it records ``output_unchecked``.
+    output_verdict_timeout_s: float = 10.0
+    #: Streaming under output rules: the characters held back until the text after them was checked
+    #: (the client sees text about this many characters, roughly a quarter as many tokens, late).
+    output_holdback_chars: int = 64
     #: Requests that may wait in one model's queue; beyond it the gateway answers 429.
     max_queued_per_model: int = 64
     #: How gateways queue jobs: ``fair`` (a queue per model, team and principal, served by weighted fair share)
@@ -183,6 +190,10 @@ class Settings:
                                                  float, 0.1)),
             terminal_retry_horizon_s=float(number("TERMINAL_RETRY_HORIZON_S", defaults.terminal_retry_horizon_s,
                                                   float, 1.0)),
+            output_rules=_flag(text("OUTPUT_RULES", ""), "OUTPUT_RULES", defaults.output_rules),
+            output_verdict_timeout_s=float(number("OUTPUT_VERDICT_TIMEOUT_S", defaults.output_verdict_timeout_s,
+                                                  float, 0.1)),
+            output_holdback_chars=int(number("OUTPUT_HOLDBACK_CHARS", defaults.output_holdback_chars, int, 1)),
             max_queued_per_model=int(number("MAX_QUEUED_PER_MODEL", defaults.max_queued_per_model, int, 1)),
             queue_mode=_choice(text("QUEUE_MODE", defaults.queue_mode).lower(), "QUEUE_MODE", ("fifo", "fair")),
             max_body_bytes=int(number("MAX_BODY_BYTES", defaults.max_body_bytes, int, 1024)),

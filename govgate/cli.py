@@ -136,6 +136,7 @@ def worker(model_name: str, concurrency: int) -> None:
                           payload_key_file=settings.effective_payload_key_file,
                           digest_key_file=settings.effective_digest_key_file,
                           terminal_retry_horizon_s=settings.terminal_retry_horizon_s,
+                          output_verdict_timeout_s=settings.output_verdict_timeout_s,
                           banner=settings.log_format != "json")
     try:
         run_worker(config)

@@ -53,6 +53,10 @@ RESCUE_MODEL = "rescue-tiny"
 PRIORITY_MODEL = "priority-tiny"
 #: Served only by the PostgreSQL end-to-end test's own worker (tests/e2e/test_postgres_gateway.py).
 POSTGRES_MODEL = "postgres-tiny"
+#: Served only by the output rules' end-to-end tests' own workers (tests/e2e/test_output_rules.py);
+#: the second one by a worker started after its gateway died.
+OUTPUT_MODEL = "output-tiny"
+ORPHAN_MODEL = "orphan-tiny"
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +116,7 @@ def models_file(var_dir: Path) -> Path:
     path = var_dir / "models.toml"
     model = var_dir / "models" / "govgate-tiny-llama.gguf"
     names = [TINY_MODEL_NAME, IDLE_MODEL, QUEUE_MODEL, CRASH_MODEL, LIMITED_MODEL, RESCUE_MODEL, PRIORITY_MODEL,
-             POSTGRES_MODEL]
+             POSTGRES_MODEL, OUTPUT_MODEL, ORPHAN_MODEL]
     path.write_text("\n".join(
         f'[models.{name}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 4096\n'
         f'family = "llama"\ntags = ["tiny"]\n' for name in names))

@@ -20,6 +20,8 @@ from audit.kinds import FAILED
 from workers.backends import BackendError, LoadedModel, PromptTooLongError
 from workers.contract.jobs import (STATUS_CANCELLED, STATUS_COMPLETED, STATUS_FAILED, STATUS_TIMED_OUT, GenerateJob,
                               JobResult)
+from workers.contract.output_check import (FINISH_CONTENT_FILTER, OUTPUT_POLICY_UNAVAILABLE, OUTPUT_UNCHECKED,
+                                           OutputReport, OutputVerdict, decision_record, logged_client_output)
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
 from workers.contract.privacy import Digester, logged_output, split_texts
 from workers.contract.prompts import render_chat
@@ -51,7 +53,7 @@ class _Unrecorded(Exception):
 
 def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobChannel | None = None,
             pending: PendingTerminals | None = None, *, digester: Digester | None = None,
-            worker: dict[str, Any] | None = None) -> JobResult:
+            worker: dict[str, Any] | None = None, verdict_timeout_s: float = 10.0) -> JobResult:
     """Generate for ``job`` and record the outcome.
 
     A job whose request already has a terminal entry (a redelivery after a
@@ -68,11 +70,17 @@ def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: Jo
     logged as ``hash``; without one such an output is recorded by its length
     alone. ``worker`` names the process in the entry (hostname and pid); a
     pool process passes its own, made once, instead of asking the OS per job.
+
+    A job under the output rules (``job.check_output``) that completed, or
+    that the gateway stopped under them, is recorded only once its gateway's
+    verdict arrived (at most ``verdict_timeout_s``, and never past the job's
+    deadline); without one it is recorded ``failed``/``output_unchecked``
+    and the client gets nothing (docs/architecture.md, "Output rules").
     """
     channel = channel or SilentChannel()
     worker = worker or {"hostname": socket.gethostname(), "pid": os.getpid()}
     try:
-        return _run(job, model, store, channel, digester, worker)
+        return _run(job, model, store, channel, digester, worker, verdict_timeout_s)
     except _Unrecorded as lost:
         return _keep(job, lost, pending)
     finally:  # the outcome is recorded (or kept, or the process is dying): the stream's mirror is not needed
@@ -96,7 +104,7 @@ def _keep(job: GenerateJob, lost: _Unrecorded, pending: PendingTerminals | None)
 
 
 def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobChannel,
-         digester: Digester | None, worker: dict[str, Any]) -> JobResult:
+         digester: Digester | None, worker: dict[str, Any], verdict_timeout_s: float) -> JobResult:
     # The SET NX tells a first delivery from a redelivery; only a redelivery can
     # find the request already ended by an earlier run, so only it asks the
     # database. A first run that races the gateway's own end (timeout, cancel)
@@ -149,6 +157,16 @@ def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobCh
     completion_tokens = run.completion_tokens if run is not None else 0
     kind = ending or "completion"
     finish = run.finish_reason if run is not None and ending is None else None
+    if job.check_output and (ending is None or (ending == STATUS_CANCELLED and channel.stopped_by_rules())):
+        timeout_s = verdict_timeout_s
+        if job.deadline_ns:  # past the deadline its gateway has ended the request already
+            timeout_s = min(timeout_s, max(0.0, (job.deadline_ns - time.time_ns()) / 1e9))
+        try:
+            verdict = channel.await_verdict(OutputReport("".join(text), stopped=ending is not None), timeout_s)
+        except SoftTimeLimitExceeded:  # the time limit came while waiting: recorded unchecked, never lost
+            verdict = None
+        return _record_checked(job, store, verdict, "".join(text), prompt_tokens, completion_tokens, finish,
+                               worker, queue_ms, started_ns, digester)
     return _record_end(job, store, kind, "".join(text), prompt_tokens, completion_tokens, finish, worker,
                        queue_ms, started_ns, digester)
 
@@ -160,29 +178,76 @@ def _sent(job: GenerateJob, text: list[str]) -> str | None:
 
 def _record_end(job: GenerateJob, store: AuditStore, kind: str, output: str, prompt_tokens: int,
                 completion_tokens: int, finish_reason: str | None, worker: dict[str, Any],
-                queue_ms: float | None, started_ns: int, digester: Digester | None) -> JobResult:
-    """Write the terminal entry of a generation that ran (completed, cancelled or timed out)."""
+                queue_ms: float | None, started_ns: int, digester: Digester | None, *,
+                checked: dict[str, Any] | None = None, findings: list[dict[str, str]] | None = None,
+                served: str | None = None, error: dict[str, str] | None = None) -> JobResult:
+    """Write the terminal entry of a generation that ran (completed, cancelled, timed out, or failed its check).
+
+    ``checked`` holds the output check's fields (the decision, the client's
+    text as logging allows), ``findings`` the output's findings (masked in
+    a redacted log like the request's), ``served`` the text the client
+    receives (the output when unchecked), ``error`` a failure's error (a
+    ``kind`` other than ``completion`` or ``failed`` has its own).
+    """
     usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
     body: dict[str, Any] = {
-        **logged_output(output, job.prompt_logging, job.redact, digester),
+        **logged_output(output, job.prompt_logging, [*job.redact, *(findings or ())], digester),
+        **(checked or {}),
         "finish_reason": finish_reason,
         "usage": usage,
         "timings": {"queue_ms": queue_ms, "generate_ms": (time.time_ns() - started_ns) / 1e6},
         "worker": worker,
     }
-    if kind != "completion":
+    if error is not None:
+        body["error"] = error
+    elif kind != "completion":
         body["error"] = {"code": kind, "message": _END_MESSAGES[kind]}
     entry = _append_terminal(job, store, kind, body)
     if isinstance(entry, JobResult):
         return entry
-    return JobResult(status=STATUS_COMPLETED if kind == "completion" else kind, text=output,
-                     finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-                     completion_tokens=completion_tokens, audit_seq=entry.seq, error=body.get("error", {}),
-                     queue_ms=queue_ms)
+    if kind == STATUS_FAILED:  # nothing of a failed generation is served
+        return JobResult(status=STATUS_FAILED, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         audit_seq=entry.seq, error=body["error"], queue_ms=queue_ms)
+    return JobResult(status=STATUS_COMPLETED if kind == "completion" else kind,
+                     text=output if served is None else served, finish_reason=finish_reason,
+                     prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, audit_seq=entry.seq,
+                     error=body.get("error", {}), queue_ms=queue_ms)
+
+
+def _record_checked(job: GenerateJob, store: AuditStore, verdict: OutputVerdict | None, output: str,
+                    prompt_tokens: int, completion_tokens: int, finish_reason: str | None,
+                    worker: dict[str, Any], queue_ms: float | None, started_ns: int,
+                    digester: Digester | None) -> JobResult:
+    """Write the terminal entry of a checked generation, per its gateway's verdict.
+
+    The output is kept as generated (as ``prompt_logging`` allows, the
+    output's findings masked too when it asks for redaction), beside the
+    decision (findings as digests) and what the client received. A stopped
+    generation is a ``completion`` with finish reason ``content_filter``.
+    """
+    def record(kind: str, finish: str | None, **fields: Any) -> JobResult:
+        return _record_end(job, store, kind, output, prompt_tokens, completion_tokens, finish, worker, queue_ms,
+                           started_ns, digester, **fields)
+
+    if verdict is None:  # its gateway is gone, or Redis failed: nobody may serve it
+        return record(STATUS_FAILED, finish_reason, error={
+            "code": OUTPUT_UNCHECKED,
+            "message": "no output verdict came from the gateway in time; the output was neither checked nor served"})
+    checked = {"output_decision": decision_record(verdict, digester),
+               **logged_client_output(verdict.client_text, job.prompt_logging, [*job.redact, *verdict.redact],
+                                      digester)}
+    if verdict.unavailable:  # the engine's reasons say why (no evaluator free, a timeout): no text in them
+        why = "; ".join(str(reason.get("message", "")) for reason in verdict.decision.get("reasons") or ()
+                        if isinstance(reason, dict))
+        return record(STATUS_FAILED, finish_reason, checked=checked, findings=verdict.redact, error={
+            "code": OUTPUT_POLICY_UNAVAILABLE,
+            "message": f"the output rules could not be evaluated ({why or 'no answer'}); the output was withheld"})
+    finish = FINISH_CONTENT_FILTER if verdict.stopped else finish_reason
+    return record("completion", finish, checked=checked, findings=verdict.redact, served=verdict.client_text)
 
 
 _END_MESSAGES = {

@@ -132,7 +132,8 @@ def _run_sealed(payload: dict[str, Any]) -> dict[str, Any]:
     channel = RedisJobChannel(_state.redis, job.request_id, streaming=job.stream, sealer=_state.sealer,
                               reply_to=job.reply_to)
     result = run_job(job, _state.model, _state.store, channel, _state.pending, digester=_state.digester,
-                     worker=_state.worker)
+                     worker=_state.worker, verdict_timeout_s=_state.config.output_verdict_timeout_s
+                     if _state.config else 10.0)
     if result.audit_seq is not None and _state.pending is not None and _pending_check_due():
         if _state.pending.count():
             _state.pending.write_all(_state.store)  # the database takes writes again: catch up

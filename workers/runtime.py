@@ -45,6 +45,8 @@ class WorkerConfig:
     digest_key_file: Path = Path("var/keys/digest.key")
     #: How long a terminal entry the database refused is retried before it is given up.
     terminal_retry_horizon_s: float = 86400.0
+    #: Longest a checked job waits for its gateway's output verdict before it records ``output_unchecked``.
+    output_verdict_timeout_s: float = 10.0
     #: Celery's startup banner on stdout (off when logs are JSON: every line must be a JSON object).
     banner: bool = True
 

@@ -14,12 +14,17 @@ from typing import Protocol
 import redis
 
 from workers.contract.jobs import CANCEL_TTL_S, JOB_STARTED, REPLY_PIECE, cancel_key, reply_message, seal_piece
+from workers.contract.output_check import (REPLY_OUTPUT, STOP_CONTENT_FILTER, OutputReport, OutputVerdict,
+                                           verdict_key)
 from workers.contract.sealing import SealError, Sealer
 
 log = logging.getLogger(__name__)
 
 #: Least time between two looks at the cancel key.
 CANCEL_CHECK_INTERVAL_S = 0.05
+#: Longest one BLPOP for a verdict blocks: below the worker client's socket timeout (5 s), which a
+#: longer blocking command would trip.
+VERDICT_POLL_S = 4.0
 
 
 #: Prefix of the list that mirrors a stream's published pieces (sealed).
@@ -35,6 +40,8 @@ class JobChannel(Protocol):
     def claim_start(self) -> bool: ...
     def streamed_text(self) -> str: ...
     def forget(self) -> None: ...
+    def stopped_by_rules(self) -> bool: ...
+    def await_verdict(self, report: OutputReport, timeout_s: float) -> OutputVerdict | None: ...
 
 
 class RedisJobChannel:
@@ -54,6 +61,8 @@ class RedisJobChannel:
         self._next_check = 0.0
         #: The cancel flag as read with :meth:`claim_start`, answered by the next look.
         self._cancel_seen: bool | None = None
+        #: The cancel seen was the gateway stopping the output under its rules (not a client gone).
+        self._stopped_by_rules = False
 
     def claim_start(self) -> bool:
         """True the first time a job's generation begins; False on a redelivery.
@@ -71,6 +80,7 @@ class RedisJobChannel:
         # database's look for an earlier end.
         was = self._client.set(self._cancel_key, JOB_STARTED, ex=CANCEL_TTL_S, get=True)
         cancelled = was is not None and was != JOB_STARTED
+        self._stopped_by_rules = was == STOP_CONTENT_FILTER
         if cancelled:
             self._client.set(self._cancel_key, was, ex=CANCEL_TTL_S)
         self._cancel_seen = cancelled
@@ -122,10 +132,40 @@ class RedisJobChannel:
         self._next_check = now + CANCEL_CHECK_INTERVAL_S
         try:
             state = self._client.get(self._cancel_key)
+            self._stopped_by_rules = state == STOP_CONTENT_FILTER
             return state is not None and state != JOB_STARTED
         except redis.RedisError as exc:  # keep generating: the result still goes through the log
             log.warning("cannot read cancel flag for %s: %s", self._cancel_key, exc)
             return False
+
+    def stopped_by_rules(self) -> bool:
+        """The last cancel seen was the gateway's output rules stopping the stream (it waits for the end)."""
+        return self._stopped_by_rules
+
+    def await_verdict(self, report: OutputReport, timeout_s: float) -> OutputVerdict | None:
+        """Report the output to the waiting gateway and wait for its verdict; None if none came in time.
+
+        The report is published (sealed) on the reply channel; the verdict is
+        BLPOPped from the request's verdict key, in steps shorter than the
+        client's socket timeout. None also when Redis fails or the verdict
+        cannot be opened: the caller records the output as unchecked.
+        """
+        if not self._reply_to:
+            return None
+        key = verdict_key(self._request_id)
+        deadline = time.monotonic() + timeout_s
+        try:
+            self._client.publish(self._reply_to, reply_message(REPLY_OUTPUT, self._request_id,
+                                                               report.sealed(self._sealer)))
+            while (remaining := deadline - time.monotonic()) > 0:
+                popped = self._client.blpop([key], timeout=min(remaining, VERDICT_POLL_S))
+                if popped is not None:
+                    return OutputVerdict.opened(popped[1], self._sealer)
+        except (redis.RedisError, OSError) as exc:
+            log.error("no output verdict for %s (Redis: %s)", self._request_id, exc)
+        except (SealError, ValueError) as exc:
+            log.error("unreadable output verdict for %s: %s", self._request_id, exc)
+        return None
 
 
 class SilentChannel:
@@ -144,4 +184,10 @@ class SilentChannel:
         return ""
 
     def forget(self) -> None:
+        return None
+
+    def stopped_by_rules(self) -> bool:
+        return False
+
+    def await_verdict(self, report: OutputReport, timeout_s: float) -> OutputVerdict | None:
         return None

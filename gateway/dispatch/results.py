@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from gateway.task_stop import stop_task
 from workers.contract.jobs import REPLY_PIECE, REPLY_RESULT, open_piece, open_result, parse_reply, result_key
+from workers.contract.output_check import REPLY_OUTPUT, OutputReport
 from workers.contract.sealing import SealError, Sealer
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,18 @@ class PendingResult:
         self._future = future
         self._pieces = pieces
 
-    async def events(self, timeout_s: float) -> AsyncIterator[str | dict[str, Any]]:
-        """Text pieces as the worker publishes them, then the job's outcome dict.
+    def backlog(self) -> int:
+        """Pieces (and reports) received but not yet read."""
+        return self._pieces.qsize() if self._pieces is not None else 0
 
-        Pieces are published before the result, on the same subscription, so
-        every piece is yielded before the meta. Raises :class:`ResultTimeout`
-        when the whole exchange takes longer than ``timeout_s``.
+    async def events(self, timeout_s: float) -> AsyncIterator[str | OutputReport | dict[str, Any]]:
+        """Text pieces as the worker publishes them, its output report (checked jobs), then the outcome dict.
+
+        Pieces and the report are published before the result, on the same
+        subscription, so every one is yielded before the meta. Raises
+        :class:`ResultTimeout` when the whole exchange takes longer than ``timeout_s``.
         """
-        assert self._pieces is not None, "expect(..., stream=True) is needed to read pieces"
+        assert self._pieces is not None, "expect(..., stream=True) or checked=True is needed to read events"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
@@ -73,6 +78,10 @@ class PendingResult:
                     getter.cancel()
             if getter in done:
                 yield getter.result()
+
+    async def look_stored(self) -> None:
+        """Resolve the wait now if the outcome is stored already (a wait begun after the job may have ended)."""
+        await self._waiter._check_stored([self.task_id])
 
     async def get(self, timeout_s: float, *, look_stored: bool = False) -> dict[str, Any]:
         """The job's outcome (``status``, ``result``, …).
@@ -124,15 +133,18 @@ class ResultWaiter:
             await self._pubsub.aclose()
 
     @contextlib.asynccontextmanager
-    async def expect(self, task_id: str, *, stream: bool = False) -> AsyncIterator[PendingResult]:
-        """Wait for ``task_id``'s outcome (and its text pieces): enter before the job is queued.
+    async def expect(self, task_id: str, *, stream: bool = False,
+                     checked: bool = False) -> AsyncIterator[PendingResult]:
+        """Wait for ``task_id``'s outcome (its text pieces, its output report): enter before the job is queued.
 
+        ``checked``: the job is under the output rules, its worker reports
+        the output before the outcome (read through :meth:`PendingResult.events`).
         No Redis command runs here: the reply channel is already subscribed.
         """
         future = asyncio.get_running_loop().create_future()
         self._pending[task_id] = future
         pieces: asyncio.Queue | None = None
-        if stream:
+        if stream or checked:
             pieces = self._streams[task_id] = asyncio.Queue()
         try:
             yield PendingResult(self, task_id, future, pieces)
@@ -173,6 +185,16 @@ class ResultWaiter:
         except (SealError, TypeError, ValueError, KeyError):
             log.error("unreadable stream piece for %s", task_id)
 
+    def _report(self, task_id: str, raw: bytes | str) -> None:
+        queue = self._streams.get(task_id)
+        if queue is None:  # nobody judges it here: the worker records the output unchecked
+            log.warning("output report for %s, which this process does not wait for", task_id)
+            return
+        try:
+            queue.put_nowait(OutputReport.opened(raw, self._sealer))
+        except (SealError, TypeError, ValueError, KeyError):
+            log.error("unreadable output report for %s", task_id)
+
     def _dispatch(self, raw: bytes | str) -> None:
         """Route one reply-channel message to its request."""
         try:
@@ -184,6 +206,8 @@ class ResultWaiter:
             self._resolve(task_id, data)
         elif kind == REPLY_PIECE:
             self._piece(task_id, data)
+        elif kind == REPLY_OUTPUT:
+            self._report(task_id, data)
 
     def _on_connect(self, _connection: Any) -> None:
         """Called by redis-py after the pub/sub connection is (re)made and the channel re-subscribed."""

@@ -35,7 +35,7 @@ from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.audit_records import request_record
 from gateway.requests.fit import PromptCounter, check_fits
 from gateway.requests.parsing import parse_body
-from gateway.requests.policy_input import build_input, prompt_text
+from gateway.requests.policy_input import build_input, prompt_text, without_prompt
 from gateway.requests.refusals import (AdmissionRefusal, ContextTooLong, OverLimit, QueueFull, UsageUnavailable,
                                        denial)
 from gateway.requests.request_log import RequestLog
@@ -178,7 +178,8 @@ class Admission:
                               redact=[item.to_document() for item in decision.obligations.redact or ()])
             return Ticket(request_id=request_id, principal=principal, model=spec.name, created=created, job=job,
                           priority=decision.obligations.priority, include_usage=request.include_usage,
-                          reservation=admission.reservation)
+                          reservation=admission.reservation, policy_input=without_prompt(verdict.policy_input),
+                          decision=decision)
 
     async def _read(self, request_id: str, principal: Principal, endpoint: str,
                     read_body: Callable[[], Awaitable[bytes]]) -> tuple[Request, ModelSpec]:

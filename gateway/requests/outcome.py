@@ -24,11 +24,14 @@ from gateway.api_errors import ApiError
 from gateway.limits import UsageCounters
 from gateway.limits.charge import used_tokens
 from gateway.observability.metrics import observe_result
+from gateway.requests.holdback import HoldBack
+from gateway.requests.output_rules import OutputRules
 from gateway.requests.refusals import QUEUE_UNAVAILABLE_MESSAGE, worker_error
 from gateway.requests.request_log import RequestLog
 from gateway.requests.ticket import Ticket
 from gateway.requests.usage import settle_reservation
 from workers.contract.jobs import CANCEL_TTL_S, STATUS_COMPLETED, JobResult, cancel_key
+from workers.contract.output_check import STOP_CONTENT_FILTER, OutputReport
 from workers.contract.privacy import Digester, logged_output
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,7 @@ class TicketRunner:
 
     def __init__(self, *, dispatcher: Dispatcher, waiter: ResultWaiter, redis: aioredis.Redis,
                  counters: UsageCounters, request_log: RequestLog, digester: Digester,
-                 request_timeout_s: float) -> None:
+                 request_timeout_s: float, output_rules: OutputRules | None = None) -> None:
         self.dispatcher = dispatcher
         self.waiter = waiter
         self.redis = redis
@@ -47,14 +50,19 @@ class TicketRunner:
         self.request_log = request_log
         self.digester = digester
         self.request_timeout_s = request_timeout_s
+        #: The output rules (None: outputs are not checked; jobs say so to their workers).
+        self.output_rules = output_rules
         self._background: set[asyncio.Task] = set()
 
     async def complete(self, ticket: Ticket) -> JobResult:
-        """Queue the job and wait for its result."""
+        """Queue the job and wait for its result (judging its output on the way, under output rules)."""
         try:
-            async with self.waiter.expect(ticket.request_id) as pending:
+            async with self.waiter.expect(ticket.request_id, checked=self.output_rules is not None) as pending:
                 await self._enqueue(ticket)
-                meta = await pending.get(self.request_timeout_s)
+                if self.output_rules is None:
+                    meta = await pending.get(self.request_timeout_s)
+                else:
+                    meta = await self._judged_outcome(ticket, pending, self.output_rules.hold())
         except ResultTimeout:  # before OSError: TimeoutError is one
             return await self.timed_out(ticket)
         except (QueueUnavailable, RedisError, OSError) as exc:
@@ -65,15 +73,35 @@ class TicketRunner:
         """Queue a streaming job and return its events; queueing errors are raised here, before any byte."""
         async with contextlib.AsyncExitStack() as stack:
             try:
-                pending = await stack.enter_async_context(self.waiter.expect(ticket.request_id, stream=True))
+                checked = self.output_rules is not None
+                pending = await stack.enter_async_context(self.waiter.expect(ticket.request_id, stream=True,
+                                                                             checked=checked))
                 await self._enqueue(ticket)
             except (QueueUnavailable, RedisError, OSError) as exc:
                 raise await self.queue_down(ticket, exc) from None
             return StreamEvents(self, ticket, pending, stack.pop_all())
 
     async def _enqueue(self, ticket: Ticket) -> None:
-        job = replace(ticket.job, enqueued_at_ns=time.time_ns(), reply_to=self.waiter.reply_channel)
+        job = replace(ticket.job, enqueued_at_ns=time.time_ns(), reply_to=self.waiter.reply_channel,
+                      check_output=self.output_rules is not None)
         await self.dispatcher.enqueue(job, priority=ticket.priority)
+
+    async def _judged_outcome(self, ticket: Ticket, pending: PendingResult, hold: HoldBack, *,
+                              timeout_s: float | None = None, abandoned: bool = False) -> dict[str, Any]:
+        """The outcome of a checked job whose text is not relayed: its report is answered on the way.
+
+        A non-streamed output is judged whole, as one final window (a stop
+        leaves the client nothing, as nothing was released before it);
+        ``abandoned``: the client has left, what it received stays what ``hold`` released.
+        """
+        assert self.output_rules is not None
+        async with contextlib.aclosing(pending.events(timeout_s or self.request_timeout_s)) as incoming:
+            async for event in incoming:
+                if isinstance(event, OutputReport):
+                    await self.output_rules.answer(ticket, hold, event, abandoned=abandoned)
+                elif isinstance(event, dict):
+                    return event
+        raise ResultTimeout(f"no result for {ticket.request_id}")  # pragma: no cover - events() ends with it
 
     async def result_of(self, ticket: Ticket, meta: dict[str, Any]) -> JobResult:
         """Turn a job's outcome (``workers.replies``: SUCCESS or FAILURE; REVOKED stays understood) into a
@@ -125,13 +153,16 @@ class TicketRunner:
         await self.request_log.end(ticket, "failed", {"error": {"code": "queue_unavailable", "message": str(exc)}})
         return ApiError(503, "queue_unavailable", QUEUE_UNAVAILABLE_MESSAGE)
 
-    def abandon(self, ticket: Ticket) -> None:
-        """The client left mid-stream: cancel the generation and see the request ended."""
-        task = asyncio.get_running_loop().create_task(self._cancel_and_close(ticket))
+    def abandon(self, ticket: Ticket, hold: HoldBack | None = None) -> None:
+        """The client left mid-stream: cancel the generation and see the request ended.
+
+        ``hold``: the stream's hold-back (what the client received), under output rules.
+        """
+        task = asyncio.get_running_loop().create_task(self._cancel_and_close(ticket, hold))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _cancel_and_close(self, ticket: Ticket) -> None:
+    async def _cancel_and_close(self, ticket: Ticket, hold: HoldBack | None = None) -> None:
         """Ask the worker to stop; if no worker ever ends the request, end it here.
 
         A worker that picks the job up (or is running it) sees the cancel key,
@@ -142,8 +173,14 @@ class TicketRunner:
         request_id = ticket.request_id
         await self._request_cancel(request_id)
         try:  # the worker publishes (and stores) the outcome once the request has ended; it may have already
-            async with self.waiter.expect(request_id) as pending:
-                await pending.get(self.request_timeout_s + 5, look_stored=True)
+            if self.output_rules is None or hold is None:
+                async with self.waiter.expect(request_id) as pending:
+                    await pending.get(self.request_timeout_s + 5, look_stored=True)
+            else:  # a worker that finished before it saw the cancel reports its output: answer it
+                async with self.waiter.expect(request_id, checked=True) as pending:
+                    await pending.look_stored()
+                    await self._judged_outcome(ticket, pending, hold, timeout_s=self.request_timeout_s + 5,
+                                               abandoned=True)
         except (ResultTimeout, RedisError, OSError):
             pass
         entry = await self.request_log.terminal_for(request_id)
@@ -157,11 +194,15 @@ class TicketRunner:
     async def _settle_usage(self, ticket: Ticket, tokens: int | None) -> None:
         await settle_reservation(self.counters, ticket.reservation, tokens)
 
-    async def _request_cancel(self, request_id: str) -> None:
+    async def _request_cancel(self, request_id: str, value: bytes = b"1") -> None:
         try:
-            await self.redis.set(cancel_key(request_id), b"1", ex=CANCEL_TTL_S)
+            await self.redis.set(cancel_key(request_id), value, ex=CANCEL_TTL_S)
         except (RedisError, OSError) as exc:
             log.warning("cannot flag %s as cancelled: %s", request_id, exc)
+
+    async def stop_output(self, request_id: str) -> None:
+        """The output rules stopped the output: the worker stops, reports it and records the verdict."""
+        await self._request_cancel(request_id, STOP_CONTENT_FILTER)
 
     async def aclose(self) -> None:
         for task in list(self._background):
@@ -184,6 +225,8 @@ class StreamEvents:
         self._subscription = subscription
         self._finished = False
         self._closed = False
+        #: Under output rules: what was received, judged and released of the output.
+        self._hold = runner.output_rules.hold() if runner.output_rules is not None else None
 
     def __aiter__(self) -> AsyncIterator[str | JobResult]:
         return self._events()
@@ -196,8 +239,13 @@ class StreamEvents:
                 async with contextlib.aclosing(self._pending.events(runner.request_timeout_s)) as incoming:
                     async for event in incoming:
                         if isinstance(event, str):
-                            delivered.append(event)
-                            yield event
+                            released = await self._released(event)
+                            if released:
+                                delivered.append(released)
+                                yield released
+                        elif isinstance(event, OutputReport):
+                            if self._hold is not None and runner.output_rules is not None:
+                                await runner.output_rules.answer(ticket, self._hold, event)
                         else:
                             self._finished = True
                             result = await runner.result_of(ticket, event)
@@ -217,13 +265,34 @@ class StreamEvents:
         finally:
             await self.aclose()
 
+    async def _released(self, piece: str) -> str:
+        """What a received piece lets the client have: itself, or (under output rules) the text judged safe.
+
+        The window is judged here, in the stream's own task (one evaluation
+        at a time per stream): pieces arriving meanwhile wait in the queue,
+        and nothing could be released before the judgement anyway. When more
+        pieces already wait, they are read first, so one window covers them.
+        """
+        hold = self._hold
+        if hold is None or self._runner.output_rules is None:
+            return piece
+        if hold.stopped:
+            return ""
+        hold.add(piece)
+        if not hold.due() or self._pending.backlog():
+            return ""
+        released, _ = await self._runner.output_rules.judge(self._ticket, hold)
+        if hold.stopped:  # the worker stops, reports, and records per the verdict; the result ends the stream
+            await self._runner.stop_output(self._ticket.request_id)
+        return released
+
     async def aclose(self) -> None:
         """Stop listening; if the request has not ended, cancel it (see the class docstring)."""
         if self._closed:
             return
         self._closed = True
         if not self._finished:
-            self._runner.abandon(self._ticket)
+            self._runner.abandon(self._ticket, self._hold)
         await self._subscription.aclose()
 
 

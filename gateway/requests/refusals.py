@@ -17,6 +17,7 @@ from gateway.limits.fair_share import CEILING_FACTOR, FALLBACK_SERVICE_MS, drain
 from gateway.limits.catalogue import QUEUE_FULL
 from gateway.policy import POLICY_UNAVAILABLE, Reason
 from workers.contract.jobs import JobResult
+from workers.contract.output_check import OUTPUT_POLICY_UNAVAILABLE, OUTPUT_UNCHECKED
 
 
 
@@ -154,6 +155,12 @@ def worker_error(result: JobResult) -> ApiError:
         return ApiError(503, "cancelled", "The request was cancelled before it completed.")
     if code == "audit_unavailable":
         return ApiError(503, code, "The audit log cannot be written, so the output was withheld.")
+    if code == OUTPUT_POLICY_UNAVAILABLE:  # capacity, as at admission: retryable, with Retry-After
+        return ApiError(503, POLICY_UNAVAILABLE, f"The output was generated but withheld: {message}. The request "
+                        "has been logged; try again shortly.", headers={"Retry-After": "1"})
+    if code == OUTPUT_UNCHECKED:
+        return ApiError(503, code, "The output could not be checked against the output rules in time, so it "
+                        "was withheld; the request has been logged. Try again shortly.", headers={"Retry-After": "1"})
     if code == "context_length_exceeded":
         return ApiError(400, code, f"The request does not fit the model's context: {message}", param="messages")
     if code == "generation_failed":

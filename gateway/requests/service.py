@@ -21,6 +21,7 @@ from gateway.limits import UsageCounters
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.admission import Admission
 from gateway.requests.outcome import StreamEvents, TicketRunner
+from gateway.requests.output_rules import OutputRules
 from gateway.requests.request_log import RequestLog
 from gateway.requests.ticket import Ticket
 from workers.contract.fair_queues import MODE_FIFO
@@ -36,14 +37,16 @@ class CompletionService:
     def __init__(self, *, registry: Registry, policy: ReloadingPolicyEngine, audit: AuditStore,
                  dispatcher: Dispatcher, waiter: ResultWaiter, redis: aioredis.Redis, counters: UsageCounters,
                  default_max_tokens: int, request_timeout_s: float, max_queued_per_model: int,
-                 digester: Digester, pending: PendingTerminals | None = None, queue_mode: str = MODE_FIFO) -> None:
+                 digester: Digester, pending: PendingTerminals | None = None, queue_mode: str = MODE_FIFO,
+                 output_rules: OutputRules | None = None) -> None:
         request_log = RequestLog(audit, current_revision=lambda: policy.revision, digester=digester,
                                  pending=pending)
         self.admission = Admission(registry=registry, policy=policy, counters=counters, request_log=request_log,
                                    redis=redis, digester=digester, default_max_tokens=default_max_tokens,
                                    max_queued_per_model=max_queued_per_model, queue_mode=queue_mode)
         self.runner = TicketRunner(dispatcher=dispatcher, waiter=waiter, redis=redis, counters=counters,
-                                   request_log=request_log, digester=digester, request_timeout_s=request_timeout_s)
+                                   request_log=request_log, digester=digester, request_timeout_s=request_timeout_s,
+                                   output_rules=output_rules)
 
     async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
                     purpose_header: str | None) -> Ticket:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.auth import Principal
 from gateway.limits import Reservation
+from gateway.policy import Decision
 from workers.contract.jobs import GenerateJob
 
 
@@ -25,3 +27,7 @@ class Ticket:
     include_usage: bool = False
     #: Tokens held against the principal's and team's limits until the request ends.
     reservation: Reservation | None = None
+    #: The request's policy input without its prompt, and the decision that admitted it: the context
+    #: the output rules judge the output in (``gateway/requests/output_rules.py``).
+    policy_input: dict[str, Any] | None = None
+    decision: Decision | None = None

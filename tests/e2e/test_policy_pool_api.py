@@ -80,8 +80,10 @@ visible_models contains m.name if some m in input.models
 
 async def test_timed_out_and_waiting_requests_get_503_policy_unavailable_and_are_audited(
         settings: Settings, worker: subprocess.Popen, audit_store: AuditStore, tmp_path: Path) -> None:
+    # The request decision's pool is under test: output rules off, so that a served request's output
+    # judgement does not take the one evaluator (that case is tests/e2e/test_output_rules.py's).
     own = settings.with_(policy_dir=slow_on_request_policy(tmp_path / "policy"), policy_evaluators=1,
-                         policy_timeout_s=8.0, policy_wait_timeout_s=1.0)
+                         policy_timeout_s=8.0, policy_wait_timeout_s=1.0, output_rules=False)
     key = new_key(own, "patience")
     start = head_seq(audit_store)
     refused: list[httpx.Response] = []
@@ -132,7 +134,9 @@ async def test_timed_out_and_waiting_requests_get_503_policy_unavailable_and_are
 
 async def test_burst_of_100_beside_a_cpu_burner_is_never_a_403_the_policy_did_not_decide(
         settings: Settings, worker: subprocess.Popen, audit_store: AuditStore, tmp_path: Path) -> None:
-    own = settings.with_(max_queued_per_model=500)  # the queue limit is not under test
+    # Neither the queue limit nor the output rules are under test (an output judgement refused for want of
+    # an evaluator would be a 503 the request decision did not make).
+    own = settings.with_(max_queued_per_model=500, output_rules=False)
     key = new_key(own, "burst")
     start = head_seq(audit_store)
     outcomes: dict[int, httpx.Response] = {}

@@ -112,6 +112,10 @@ class GenerateJob:
     #: The pub/sub channel of the gateway process that waits for this job:
     #: the worker publishes the outcome and stream pieces there ("" publishes nothing).
     reply_to: str = ""
+    #: The output rules apply: before recording, the worker reports the output to its gateway and
+    #: records per the verdict (``workers/contract/output_check.py``). False for jobs queued by a
+    #: gateway that predates them.
+    check_output: bool = False
 
     def to_payload(self) -> dict[str, Any]:
         return {**asdict(self), "params": self.params.to_payload()}
@@ -172,14 +176,18 @@ class JobResult:
         """
         usage = body.get("usage", {})
         texts = texts_of(body, payload)
-        if kind == "completion" and ("output" not in texts or body.get("output_masked")):
+        if "output_decision" in body:  # checked by the output rules: the client's text is what was served
+            served, masked = "client_output", body.get("client_output_masked")
+        else:
+            served, masked = "output", body.get("output_masked")
+        if kind == "completion" and (served not in texts or masked):
             # The log keeps only a digest or a masked copy (prompt_logging): that is not the answer, and
             # serving it as one would be a false success. The request stays ended as completed.
             return cls(status=STATUS_FAILED, audit_seq=seq, completion_tokens=usage.get("completion_tokens", 0),
                        prompt_tokens=usage.get("prompt_tokens", 0), error={
                            "code": "output_not_kept", "message": "the request completed, but its output was "
                            "logged only as prompt_logging allows and cannot be served again"})
-        return cls(status=STATUS_COMPLETED if kind == "completion" else kind, text=texts.get("output", ""),
+        return cls(status=STATUS_COMPLETED if kind == "completion" else kind, text=texts.get(served, ""),
                    finish_reason=body.get("finish_reason"), prompt_tokens=usage.get("prompt_tokens", 0),
                    completion_tokens=usage.get("completion_tokens", 0), audit_seq=seq,
                    error=body.get("error", {}))

@@ -15,11 +15,11 @@ FULL = "full"
 REDACTED = "redacted"
 HASH = "hash"
 
-#: The keys of an entry's texts (prompt or messages, output) as ``prompt_logging`` let them be kept.
+#: The keys of an entry's texts (prompt or messages, output, what the client received) as ``prompt_logging`` let them be kept.
 #: They go to the entry's erasable payload, never into its chained body (audit chain format 2), so
 #: ``govgate audit prune`` can erase them while the chain still verifies. Digests, masks'
 #: markers and lengths stay in the body.
-TEXT_KEYS = ("messages", "prompt", "output")
+TEXT_KEYS = ("messages", "prompt", "output", "client_output")
 
 
 def split_texts(body: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:

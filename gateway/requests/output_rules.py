@@ -1,0 +1,108 @@
+"""The gateway's side of the output rules: judge windows of an output, answer the worker's report.
+
+The policy's ``output_decision`` judges the output the way ``decision``
+judged the prompt (``gateway/policy``); :class:`~gateway.requests.holdback.HoldBack`
+says what of it the client may receive; the verdict (sealed, LPUSHed on
+``govgate:verdict:<request id>``) tells the worker what to record. Any
+failure to judge fails closed: an unavailable decision stops the output. See
+docs/architecture.md, "Output rules".
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.policy.decision import POLICY_UNAVAILABLE, Reason
+from gateway.policy.reloader import ReloadingPolicyEngine
+from gateway.requests.holdback import HoldBack, Judged, Window
+from gateway.requests.ticket import Ticket
+from workers.contract.output_check import VERDICT_TTL_S, OutputReport, OutputVerdict, verdict_key
+from workers.contract.sealing import Sealer
+
+log = logging.getLogger(__name__)
+
+InputBuilder = Callable[[Ticket, Window], dict[str, Any]]
+
+
+class _Unavailable:
+    """The decision of an evaluation that failed in an unexpected way (the engines report their own)."""
+
+    allow = False
+    redact: Sequence[Any] = ()
+
+    def __init__(self, message: str) -> None:
+        self.reasons = (Reason(POLICY_UNAVAILABLE, message),)
+
+
+def policy_input_for(ticket: Ticket, window: Window) -> dict[str, Any]:
+    """The ``output_decision`` input for one window of ``ticket``'s output (``gateway/requests/output_input.py``)."""
+    from gateway.requests.output_input import output_policy_input
+
+    return output_policy_input(ticket.policy_input, ticket.decision, window.text, offset=window.offset,
+                               final=window.final)
+
+
+def is_unavailable(decision: Judged) -> bool:
+    """A stop because the policy could not judge (not because of the output): the client gets a 503."""
+    return not decision.allow and bool(decision.reasons) and all(
+        reason.code == POLICY_UNAVAILABLE for reason in decision.reasons)
+
+
+class OutputRules:
+    """Judges outputs for one gateway process and answers the workers' reports."""
+
+    def __init__(self, *, policy: ReloadingPolicyEngine, redis: aioredis.Redis, sealer: Sealer,
+                 holdback_chars: int, build_input: InputBuilder = policy_input_for) -> None:
+        self.policy = policy
+        self.redis = redis
+        self.sealer = sealer
+        self.holdback_chars = holdback_chars
+        self.build_input = build_input
+
+    def hold(self) -> HoldBack:
+        return HoldBack(self.holdback_chars)
+
+    async def judge(self, ticket: Ticket, hold: HoldBack, *, final: bool = False) -> tuple[str, str]:
+        """Judge the text ``hold`` has not released; the text this releases (masked) and the policy revision."""
+        window = hold.window(final=final)
+        try:
+            decision, revision = await self.policy.decide_output_with_revision(self.build_input(ticket, window))
+        except Exception as exc:  # noqa: BLE001 - whatever fails, the output must not pass unjudged
+            log.error("output decision for %s failed: %s: %s", ticket.request_id, type(exc).__name__, exc)
+            decision, revision = _Unavailable("the output rules could not be evaluated"), self.policy.revision
+        hold.revision = revision
+        return hold.apply(window, decision, unavailable=is_unavailable(decision)), revision
+
+    async def answer(self, ticket: Ticket, hold: HoldBack, report: OutputReport, *,
+                     abandoned: bool = False) -> OutputVerdict:
+        """Judge what ``report`` adds to ``hold`` (its final window) and send the worker its verdict.
+
+        The tail is judged unless the output was stopped already; pieces the
+        gateway did not receive are taken from the report. ``abandoned``: the
+        client left, so it receives nothing more (the tail is judged for the
+        record only). A verdict that cannot be sent leaves the worker to
+        record ``output_unchecked``.
+        """
+        received = hold.client_text
+        if hold.replace_text(report.text) and not hold.stopped:
+            await self.judge(ticket, hold, final=True)
+        verdict = OutputVerdict(decision=hold.decision_document(),
+                                client_text=received if abandoned else hold.client_text,
+                                stopped=hold.stopped, unavailable=hold.unavailable,
+                                revision=hold.revision or self.policy.revision)
+        await self.send(ticket.request_id, verdict)
+        return verdict
+
+    async def send(self, request_id: str, verdict: OutputVerdict) -> None:
+        key = verdict_key(request_id)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.lpush(key, verdict.sealed(self.sealer))
+                pipe.expire(key, VERDICT_TTL_S)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.error("cannot send the output verdict of %s: %s", request_id, exc)

@@ -1,0 +1,122 @@
+"""The hold-back's rules, piece by piece: what a client may receive of a checked output, and masked how."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from gateway.policy.decision import Reason, Redaction
+from gateway.requests.holdback import OUTPUT_UNMASKABLE, STREAM_INCONSISTENT, HoldBack, Window
+
+CARD = "4111 1111 1111 1111"
+
+
+@dataclass(frozen=True)
+class Decided:
+    """An output decision as the engines return it (allow, reasons, redact)."""
+
+    allow: bool = True
+    reasons: tuple[Reason, ...] = ()
+    redact: tuple[Redaction, ...] = ()
+
+
+def judge(text: str) -> Decided:
+    """A detector over the window's text: the card number is redacted wherever it is whole."""
+    return Decided(redact=(Redaction("payment_card", CARD),) if CARD in text else ())
+
+
+def stream(hold: HoldBack, pieces: list[str]) -> list[str]:
+    """Feed pieces, judging whenever a window is due; the texts released (empty ones left out)."""
+    out = []
+    for piece in pieces:
+        hold.add(piece)
+        if hold.due():
+            window = hold.window()
+            released = hold.apply(window, judge(window.text))
+            if released:
+                out.append(released)
+    window = hold.window(final=True)
+    out.append(hold.apply(window, judge(window.text)))
+    return out
+
+
+def test_nothing_is_released_before_a_window_past_it_was_judged() -> None:
+    hold = HoldBack(16, 8)
+    hold.add("a" * 23)
+    assert not hold.due()
+    hold.add("b")
+    assert hold.due()
+    released = hold.apply(hold.window(), Decided())
+    assert released == "a" * 8 and hold.released == 8  # the last 16 characters stay held
+
+
+def test_a_finding_split_across_pieces_is_masked_and_never_released_in_part() -> None:
+    text = "my card is " + CARD + " and that is all there is to say about it, really."
+    pieces = [text[i:i + 3] for i in range(0, len(text), 3)]  # the number arrives in seven pieces
+    hold = HoldBack(len(CARD) + 1, 4)
+    released = stream(hold, pieces)
+    assert "".join(released) == text.replace(CARD, "[REDACTED:payment_card]")
+    for part in released:  # no released piece ends with a prefix of the number
+        assert not any(part.endswith(CARD[:n]) for n in range(2, len(CARD)))
+
+
+def test_the_release_point_moves_back_to_the_start_of_a_finding_that_crosses_it() -> None:
+    hold = HoldBack(8, 4)
+    hold.add("x" * 10 + CARD + "yy")  # 31 characters: the release point (23) falls inside the number
+    released = hold.apply(hold.window(), judge(hold.text))
+    assert released == "x" * 10 and hold.released == 10
+
+
+def test_a_stop_releases_nothing_more_and_the_folded_decision_says_why() -> None:
+    hold = HoldBack(8, 4)
+    hold.add("a" * 12)
+    assert hold.apply(hold.window(), Decided()) == "aaaa"
+    hold.add("b" * 12)
+    stop = Decided(allow=False, reasons=(Reason("output_blocked", "a blocked pattern"),))
+    assert hold.apply(hold.window(), stop) == ""
+    hold.add("c" * 12)
+    assert not hold.due()
+    assert hold.apply(hold.window(final=True), Decided()) == ""
+    assert hold.client_text == "aaaa" and hold.stopped
+    assert hold.decision_document() == {"allow": False, "reasons": [
+        {"code": "output_blocked", "message": "a blocked pattern"}], "redact": []}
+
+
+def test_a_finding_only_in_the_normalised_view_stops_the_output() -> None:
+    hold = HoldBack(8)
+    hold.add("4111\u200b1111")
+    decision = Decided(redact=(Redaction("payment_card", "41111111"),))
+    assert hold.apply(hold.window(final=True), decision) == ""
+    assert hold.stopped and hold.decision_document()["reasons"][0]["code"] == OUTPUT_UNMASKABLE
+
+
+def test_a_report_that_contradicts_what_was_released_stops_the_output() -> None:
+    hold = HoldBack(4, 2)
+    hold.add("abcdefgh")
+    hold.apply(hold.window(), Decided())
+    assert hold.client_text == "abcd"
+    assert hold.replace_text("abcdefghij")  # pieces were lost: the report completes them
+    assert not hold.replace_text("zzzzefghij")
+    assert hold.stopped and hold.decision_document()["reasons"][0]["code"] == STREAM_INCONSISTENT
+
+
+@pytest.mark.parametrize("holdback", [len(CARD), len(CARD) + 1, 64, 500])
+def test_a_hold_back_as_long_as_the_finding_always_masks_it(holdback: int) -> None:
+    text = ("word " * 20) + CARD + (" tail" * 10)
+    for size in (1, 2, 7):
+        released = stream(HoldBack(holdback), [text[i:i + size] for i in range(0, len(text), size)])
+        assert "".join(released) == text.replace(CARD, "[REDACTED:payment_card]")
+
+
+def test_a_window_knows_where_it_ends() -> None:
+    assert Window("abc", 5, False).end == 8
+
+
+def test_a_stop_keeps_its_findings_so_the_log_can_mask_them() -> None:
+    hold = HoldBack(8)
+    hold.add("pay with " + CARD)
+    stop = Decided(allow=False, reasons=(Reason("output_pii_detected", "a card"),),
+                   redact=(Redaction("payment_card", CARD),))
+    assert hold.apply(hold.window(final=True), stop) == ""
+    assert hold.redact == [{"detector": "payment_card", "text": CARD}]

@@ -1,0 +1,170 @@
+"""A checked job is recorded per its gateway's verdict (real model, real store, real Redis).
+
+The test plays the gateway's part of the protocol (``workers/contract/output_check.py``):
+it hears the worker's sealed report on the reply channel and LPUSHes a sealed verdict.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from dataclasses import replace
+from typing import Callable, Iterator
+
+import pytest
+import redis
+
+from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
+from workers.contract.jobs import STATUS_COMPLETED, STATUS_FAILED, GenerateJob, parse_reply
+from workers.contract.output_check import (REPLY_OUTPUT, OutputReport, OutputVerdict, verdict_key)
+from workers.contract.privacy import Digester, mask
+from workers.contract.sampling import SamplingParams
+from workers.contract.sealing import Sealer
+from workers.generation import run_job
+from workers.streams import RedisJobChannel
+
+SEALER = Sealer(os.urandom(32))
+DIGESTER = Digester(os.urandom(32))
+
+
+@pytest.fixture
+def client(redis_server) -> Iterator[redis.Redis]:
+    redis_client = redis.Redis.from_url(redis_server.url)
+    try:
+        yield redis_client
+    finally:
+        redis_client.close()
+
+
+def checked_job(reply_to: str, **fields) -> GenerateJob:
+    return GenerateJob(request_id=uuid.uuid4().hex, model="tiny-test", endpoint="completions",
+                       params=SamplingParams(max_tokens=12, temperature=0), principal="alice", team="research",
+                       policy_revision="rev", prompt="Once upon a time", reply_to=reply_to, check_output=True,
+                       **fields)
+
+
+class Gateway:
+    """Answers the first output report on ``channel`` with ``decide(report)`` (None: never answers)."""
+
+    def __init__(self, client: redis.Redis, decide: Callable[[OutputReport], OutputVerdict | None]) -> None:
+        self.channel = f"govgate:gateway:{uuid.uuid4().hex}"
+        self.reports: list[OutputReport] = []
+        self._pubsub = client.pubsub()
+        self._pubsub.subscribe(self.channel)
+        self._pubsub.get_message(timeout=5)  # the subscribe confirmation
+        self._client = client
+        self._decide = decide
+        self._thread = threading.Thread(target=self._answer, daemon=True)
+        self._thread.start()
+
+    def _answer(self) -> None:
+        message = self._pubsub.get_message(ignore_subscribe_messages=True, timeout=30)
+        if message is None:
+            return
+        kind, request_id, data = parse_reply(message["data"])
+        assert kind == REPLY_OUTPUT
+        report = OutputReport.opened(data, SEALER)
+        self.reports.append(report)
+        verdict = self._decide(report)
+        if verdict is not None:
+            self._client.lpush(verdict_key(request_id), verdict.sealed(SEALER))
+
+    def close(self) -> None:
+        self._thread.join(timeout=30)
+        self._pubsub.close()
+
+
+def run(client: redis.Redis, job: GenerateJob, store, model, timeout_s: float = 10.0):
+    channel = RedisJobChannel(client, job.request_id, streaming=job.stream, sealer=SEALER, reply_to=job.reply_to)
+    return run_job(job, model, store, channel, digester=DIGESTER, verdict_timeout_s=timeout_s)
+
+
+def redacting(word: str) -> Callable[[OutputReport], OutputVerdict]:
+    def decide(report: OutputReport) -> OutputVerdict:
+        found = [{"detector": "secret_word", "text": word}]
+        return OutputVerdict(decision={"allow": True, "reasons": [], "redact": found},
+                             client_text=mask(report.text, found), revision="rev-2")
+    return decide
+
+
+def test_a_redacted_output_reaches_the_client_masked_and_the_log_keeps_both(client, store, model) -> None:
+    probe = run_job(replace(checked_job(""), check_output=False), model, store)  # what the model says here
+    word = probe.text.split()[0]
+    gateway = Gateway(client, redacting(word))
+    job = checked_job(gateway.channel)
+    result = run(client, job, store, model)
+    gateway.close()
+    assert gateway.reports == [OutputReport(probe.text)]
+    assert result.status == STATUS_COMPLETED and word not in result.text
+    assert "[REDACTED:secret_word]" in result.text
+    entry = store.terminal_for(job.request_id)
+    assert entry.kind == "completion"
+    assert entry.payload["output"] == probe.text  # as generated (prompt_logging full)
+    assert entry.payload["client_output"] == result.text
+    decision = entry.body["output_decision"]
+    assert decision["allow"] is True and decision["policy_revision"] == "rev-2"
+    assert decision["findings"] == [{"detector": "secret_word", "hmac_sha256": DIGESTER.hexdigest(word)}]
+    assert word not in str(entry.body)
+
+
+def test_under_redacted_logging_the_log_masks_the_outputs_findings_too(client, store, model) -> None:
+    probe = run_job(replace(checked_job(""), check_output=False), model, store)
+    word = probe.text.split()[0]
+    gateway = Gateway(client, redacting(word))
+    job = checked_job(gateway.channel, prompt_logging="redacted")
+    run(client, job, store, model)
+    gateway.close()
+    entry = store.terminal_for(job.request_id)
+    assert word not in entry.payload["output"] and word not in entry.payload["client_output"]
+    assert entry.body["output_masked"] is True
+
+
+def test_a_stopped_output_is_a_completion_with_the_content_filter_finish(client, store, model) -> None:
+    def stop(report: OutputReport) -> OutputVerdict:
+        return OutputVerdict(decision={"allow": False, "reasons": [{"code": "output_blocked", "message": "no"}],
+                                       "redact": []}, client_text="", stopped=True)
+    gateway = Gateway(client, stop)
+    job = checked_job(gateway.channel)
+    result = run(client, job, store, model)
+    gateway.close()
+    assert (result.status, result.text, result.finish_reason) == (STATUS_COMPLETED, "", "content_filter")
+    entry = store.terminal_for(job.request_id)
+    assert entry.body["finish_reason"] == "content_filter"
+    assert entry.body["output_decision"]["reasons"] == [{"code": "output_blocked", "message": "no"}]
+    assert entry.payload["client_output"] == "" and entry.payload["output"] == gateway.reports[0].text != ""
+
+
+def test_an_unavailable_verdict_fails_the_request_and_keeps_the_output(client, store, model) -> None:
+    def unavailable(report: OutputReport) -> OutputVerdict:
+        return OutputVerdict(decision={"allow": False, "reasons": [{"code": "policy_unavailable", "message": "x"}],
+                                       "redact": []}, client_text="", stopped=True, unavailable=True)
+    gateway = Gateway(client, unavailable)
+    job = checked_job(gateway.channel)
+    result = run(client, job, store, model)
+    gateway.close()
+    assert result.status == STATUS_FAILED and result.text == ""
+    assert result.error["code"] == "output_policy_unavailable"
+    entry = store.terminal_for(job.request_id)
+    assert entry.kind == "failed" and entry.payload["output"] == gateway.reports[0].text
+
+
+def test_without_a_verdict_in_time_the_output_is_recorded_unchecked_and_not_served(client, store, model) -> None:
+    gateway = Gateway(client, lambda report: None)  # a gateway that died after it queued the job
+    job = checked_job(gateway.channel)
+    result = run(client, job, store, model, timeout_s=0.3)
+    gateway.close()
+    assert result.status == STATUS_FAILED and result.text == "" and result.error["code"] == "output_unchecked"
+    entry = store.terminal_for(job.request_id)
+    assert entry.kind == "failed" and entry.payload["output"] == gateway.reports[0].text
+
+
+def test_a_redelivery_is_answered_with_what_the_client_received(client, store, model) -> None:
+    probe = run_job(replace(checked_job(""), check_output=False), model, store)
+    word = probe.text.split()[0]
+    gateway = Gateway(client, redacting(word))
+    job = checked_job(gateway.channel)
+    first = run(client, job, store, model)
+    gateway.close()
+    again = run(client, job, store, model, timeout_s=0.3)  # the claim says started: answered from the log
+    assert again.text == first.text and word not in again.text
