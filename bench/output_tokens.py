@@ -99,30 +99,35 @@ def _ratio(gateway: dict[str, Any], direct: dict[str, Any], key: str) -> float |
 
 
 def measure_tokens(var_dir: Path, requests: int, max_tokens: int, holdback_chars: int,
-                   say: Callable[[str], None]) -> dict[str, Any]:
-    """Start the stack, measure through it, stop it, measure directly; the figures and ratios."""
+                   say: Callable[[str], None], model_name: str = MODEL) -> dict[str, Any]:
+    """Start the stack, measure through it, stop it, measure directly; the figures and ratios.
+
+    ``model_name`` is a model of the default registry: the tiny model (the
+    gateway's fixed cost weighs most against its thousands of tokens a second)
+    or ``gemma-3-270m`` (a real model's pace, where the goal is meant).
+    """
     from bench._stack import start_govgate
     from govgate.model_files import ensure_models
     from workers.contract.registry import Registry, default_registry
 
     for sub in ("on", "off"):
         (var_dir / sub).mkdir()
-    spec = default_registry(var_dir / "on").models[MODEL]
-    ensure_models(Registry({MODEL: spec}), say)
+    spec = default_registry(var_dir / "on").models[model_name]
+    ensure_models(Registry({model_name: spec}), say)
 
     from workers.backends import load_model
 
     stacks: dict[str, Any] = {}
     try:
         for name in ("on", "off"):
-            say(f"tokens: stack with the tiny model, output rules {name} (hold-back {holdback_chars} chars) …")
-            stacks[name] = start_govgate(var_dir / name, [MODEL], note="bench/policy.py --tokens",
+            say(f"tokens: stack with {model_name}, output rules {name} (hold-back {holdback_chars} chars) …")
+            stacks[name] = start_govgate(var_dir / name, [model_name], note="bench/policy.py --tokens",
                                          request_timeout_s=REQUEST_TIMEOUT_S, output_holdback_chars=holdback_chars,
                                          output_rules=name == "on")
         model = load_model(spec)  # after every child was started (bench/inference.py says why)
         say(f"tokens: {requests} rounds of: whole and streamed on each stack ({max_tokens} tokens), one direct "
             "generation …")
-        samples = asyncio.run(_rounds(stacks, model, request_body(MODEL, max_tokens), requests))
+        samples = asyncio.run(_rounds(stacks, model, request_body(model_name, max_tokens), requests))
     finally:
         for running in stacks.values():
             running.stop()
@@ -133,13 +138,13 @@ def measure_tokens(var_dir: Path, requests: int, max_tokens: int, holdback_chars
                          for key in ("best", "p50")}
     figures["ratios"].update({f"{side}_on_vs_off_{key}": _ratio(figures[side], figures[f"{side}_off"], key)
                               for side in ("whole", "streamed") for key in ("best", "p50")})
-    figures.update(max_tokens=max_tokens, holdback_chars=holdback_chars)
+    figures.update(max_tokens=max_tokens, holdback_chars=holdback_chars, model=model_name)
     return figures
 
 
 def print_tokens(figures: dict[str, Any]) -> None:
     ratios = figures["ratios"]
-    print(f"\ntokens/s, tiny model, {figures['max_tokens']} tokens (hold-back {figures['holdback_chars']} chars); "
+    print(f"\ntokens/s, {figures.get('model', MODEL)}, {figures['max_tokens']} tokens (hold-back {figures['holdback_chars']} chars); "
           f"best / p50 of {figures['direct']['requests']} requests; ratios best / p50 (goal: rules on >= 0.95 "
           "of direct):")
     print(f"  {'':<20} {'best':>9} {'p50':>9}   {'vs direct':>13}   {'on vs off':>13}")

@@ -55,7 +55,7 @@ Usage::
 
     .venv/bin/python bench/policy.py [--decisions 2000] [--concurrency 32] [--requests N] [--warmup 100]
         [--evaluators N] [--rounds 50] [--no-opa] [--no-counters] [--policy-dir DIR] [--json FILE]
-        [--output-decisions 1000] [--no-outputs] [--tokens [--token-requests 10] [--max-tokens 256]
+        [--output-decisions 1000] [--no-outputs] [--tokens [--token-model govgate-tiny] [--token-requests 10] [--max-tokens 256]
         [--holdback N]]
 
 ``--tokens`` (off by default: it starts a stack) adds tokens/s through a
@@ -346,6 +346,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "model called directly (bench/output_tokens.py; starts a stack)")
     parser.add_argument("--token-requests", type=int, default=10,
                         help="requests per side of the tokens/s part (default 10)")
+    parser.add_argument("--token-model", default="govgate-tiny",
+                        help="the model of the tokens/s part: govgate-tiny (default) or gemma-3-270m, a real "
+                             "model's pace")
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens per request of that part (default 256)")
     parser.add_argument("--holdback", type=int, default=None,
                         help="GOVGATE_OUTPUT_HOLDBACK_CHARS of that gateway (default: the setting's default)")
@@ -423,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
         from govgate.stack import StartupError
 
         tokens = in_temp_dir(lambda var_dir: measure_tokens(var_dir, args.token_requests, args.max_tokens,
-                                                            args.holdback, say),
+                                                            args.holdback, say, args.token_model),
                              (StartupError, RedisUnavailable, TimeoutError, OSError))
         if tokens is None:
             return 1
