@@ -31,7 +31,10 @@ from gateway.policy.engine import (
     UNAVAILABLE_RETRY_AFTER_S,
     VISIBLE_MODELS_RULE,
     PolicyLoadError,
+    input_team,
+    team_weights,
 )
+from gateway.policy.fair_line import FairLine
 from gateway.policy.opa_sync import (
     check_config,
     describe_error,
@@ -54,7 +57,8 @@ READY_TIMEOUT_S = 10.0
 
 #: Decisions in flight at once: the connection limit of the aiohttp session
 #: opa-python-client opens (aiohttp's default). More would only queue inside
-#: aiohttp, where the wait would count against the evaluation's timeout.
+#: aiohttp, where the wait would count against the evaluation's timeout; they
+#: wait for a slot in a line that serves teams by their shares instead.
 MAX_QUERIES = 100
 
 #: HTTP statuses that say nothing about the request, only that no answer came
@@ -134,7 +138,11 @@ class OpaPolicyEngine:
         self._policy_dir = policy_dir
         self._timeout_s = timeout_s
         self._wait_timeout_s = wait_timeout_s
-        self._slots = asyncio.Semaphore(MAX_QUERIES)
+        self._free_slots = MAX_QUERIES
+        #: Team weights of the policy OPA holds (replaced on reload), read by the slot line.
+        self._weights = team_weights(snapshot)
+        #: Queries waiting for a slot, by team (served by ``self._weights``, FIFO within a team).
+        self._slot_line: FairLine[bool] = FairLine(lambda team: self._weights(team))
         self._load = load
         self._stack = AsyncExitStack()
         self._client: AsyncOpaClient | None = None
@@ -308,6 +316,7 @@ class OpaPolicyEngine:
                 await self._restore()
                 raise
             old, self._snapshot, self._policy_dir = self._snapshot.revision, snapshot, folder
+            self._weights = team_weights(snapshot)
             self._out_of_sync = None
         if old != snapshot.revision:
             log.info("policy reloaded on OPA at %s: revision %s -> %s", self._url, old, snapshot.revision)
@@ -358,13 +367,8 @@ class OpaPolicyEngine:
         except (TypeError, ValueError) as exc:
             return _Outcome("error", error=f"the policy input is not JSON: {exc}")
         package, _, name = rule.removeprefix("data.").rpartition(".")
-        if self._slots.locked():  # all connections busy: wait in line, bounded apart
-            try:
-                await asyncio.wait_for(self._slots.acquire(), self._wait_timeout_s)
-            except TimeoutError:
-                return _Outcome("busy")
-        else:
-            await self._slots.acquire()
+        if not await self._take_slot(input_team(input)):  # all connections busy that long
+            return _Outcome("busy")
         try:
             body = await asyncio.wait_for(self._client.query_rule(input, package, name), self._timeout_s)
         except TimeoutError:
@@ -379,12 +383,43 @@ class OpaPolicyEngine:
             log.exception("policy query to OPA could not run")
             return _Outcome("error", error=f"{type(exc).__name__}: {exc}")
         finally:
-            self._slots.release()
+            self._give_slot()
         if not isinstance(body, dict):
             return _Outcome("error", error="OPA's answer is not a JSON object")
         if "result" not in body:
             return _Outcome("undefined")
         return _Outcome("ok", value=body["result"])
+
+    async def _take_slot(self, team: str | None) -> bool:
+        """A query slot (one of the session's connections), waiting in ``team``'s line when all are taken.
+
+        False when none frees up within ``wait_timeout_s``: the wait is
+        bounded apart from the query. A team's weight is read when it starts
+        waiting after being idle, so a reload's new shares apply from then.
+        """
+        if self._free_slots > 0:
+            self._free_slots -= 1
+            return True
+        loop = asyncio.get_running_loop()
+        handed: asyncio.Future[bool] = loop.create_future()
+        self._slot_line.push(team, handed)
+        timer = loop.call_later(self._wait_timeout_s, _settle_slot, handed, False)
+        try:
+            return await handed
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled() and handed.result():
+                self._give_slot()  # handed over just as the waiter was cancelled: the next one's
+            raise
+        finally:
+            timer.cancel()
+
+    def _give_slot(self) -> None:
+        """Hand a finished query's slot to the waiter whose turn it is, or free it."""
+        waiter = self._slot_line.pop()
+        if waiter is not None:
+            waiter.set_result(True)
+        else:
+            self._free_slots += 1
 
     async def _restore(self) -> None:
         """After a failed reload: put the current policy back (when we load it) and re-verify it."""
@@ -411,6 +446,11 @@ class OpaPolicyEngine:
             raise
         except _REQUEST_ERRORS as exc:
             raise PolicyLoadError(f"could not {what} at {self._url}: {describe_error(exc)}") from None
+
+
+def _settle_slot(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
 
 
 def _deny(code: str, message: str) -> Decision:
