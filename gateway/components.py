@@ -100,7 +100,8 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         registry=registry, policy=policy, audit=audit_store, dispatcher=dispatcher, waiter=waiter,
         redis=client, counters=counters, default_max_tokens=settings.default_max_tokens,
         request_timeout_s=settings.request_timeout_s, max_queued_per_model=settings.max_queued_per_model,
-        digester=digester, pending=pending, queue_mode=settings.queue_mode)
+        digester=digester, pending=pending, queue_mode=settings.queue_mode,
+        admission_concurrency=settings.admission_concurrency, admission_wait_s=settings.policy_wait_timeout_s)
     retrier = asyncio.create_task(retry_pending_terminals(pending, audit_store), name="govgate-terminal-retry")
     lost = LostRequestSweep(audit_store, pending, lookback_s=settings.terminal_retry_horizon_s,
                             lost_after_s=lost_after_s(settings.request_timeout_s, settings.generation_time_limit_s))

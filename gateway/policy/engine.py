@@ -95,9 +95,11 @@ class EmbeddedPolicyEngine:
         self._timeout_s = timeout_s
         #: Whether the policy has an output rule (None: not asked yet); one engine holds one revision.
         self._has_output_rule: bool | None = None
+        #: A team's share in this revision's data: its weight in the waiting lines (pool, admission).
+        self.team_weight: Callable[[Team], float] = team_weights(snapshot)
         setup = json.dumps({"modules": list(snapshot.modules), "data": data}).encode()
         try:
-            self._pool = EvaluatorPool(setup, evaluators, timeout_s, wait_timeout_s, team_weights(snapshot))
+            self._pool = EvaluatorPool(setup, evaluators, timeout_s, wait_timeout_s, self.team_weight)
         except EvaluatorStartError as exc:
             raise PolicyLoadError(str(exc)) from None
 

@@ -121,3 +121,60 @@ class FairLine(Generic[T]):
             del self._teams[team]
         if not self._teams:
             self._virtual = 0.0
+
+
+class FairSlots:
+    """``size`` slots lent out one at a time; when none is free, borrowers wait in a :class:`FairLine`.
+
+    A fair semaphore with a bounded wait: :meth:`take` is False when no slot
+    came within the bound. A slot handed to a borrower that was cancelled in
+    that moment goes to the next one.
+    """
+
+    def __init__(self, size: int, weight_of: Callable[[Team], float] | None = None) -> None:
+        if size < 1:
+            raise ValueError("size must be at least 1")
+        self.size = size
+        self._free = size
+        self._line: FairLine[bool] = FairLine(weight_of)
+
+    @property
+    def free(self) -> int:
+        return self._free
+
+    def waiting(self) -> dict[Team, int]:
+        """Borrowers waiting for a slot, per team."""
+        return self._line.waiting()
+
+    async def take(self, team: Team, timeout_s: float) -> bool:
+        """A slot (True), waiting in ``team``'s line when all are taken; False after ``timeout_s``."""
+        if self._free > 0:
+            self._free -= 1
+            return True
+        if timeout_s <= 0:
+            return False
+        loop = asyncio.get_running_loop()
+        handed: asyncio.Future[bool] = loop.create_future()
+        self._line.push(team, handed)
+        timer = loop.call_later(timeout_s, _settle, handed, False)
+        try:
+            return await handed
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled() and handed.result():
+                self.give()  # handed over just as the borrower was cancelled: the next one's
+            raise
+        finally:
+            timer.cancel()
+
+    def give(self) -> None:
+        """Give back a slot :meth:`take` lent: to the borrower whose turn it is, or free."""
+        waiter = self._line.pop()
+        if waiter is not None:
+            waiter.set_result(True)
+        else:
+            self._free += 1
+
+
+def _settle(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)

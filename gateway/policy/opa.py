@@ -34,7 +34,7 @@ from gateway.policy.engine import (
     input_team,
     team_weights,
 )
-from gateway.policy.fair_line import FairLine
+from gateway.policy.fair_line import FairSlots
 from gateway.policy.opa_sync import (
     check_config,
     describe_error,
@@ -138,11 +138,10 @@ class OpaPolicyEngine:
         self._policy_dir = policy_dir
         self._timeout_s = timeout_s
         self._wait_timeout_s = wait_timeout_s
-        self._free_slots = MAX_QUERIES
-        #: Team weights of the policy OPA holds (replaced on reload), read by the slot line.
+        #: Team weights of the policy OPA holds (replaced on reload), read by the slots' line.
         self._weights = team_weights(snapshot)
-        #: Queries waiting for a slot, by team (served by ``self._weights``, FIFO within a team).
-        self._slot_line: FairLine[bool] = FairLine(lambda team: self._weights(team))
+        #: The session's connections; queries wait for one by team (``self._weights``), FIFO within a team.
+        self._slots = FairSlots(MAX_QUERIES, self.team_weight)
         self._load = load
         self._stack = AsyncExitStack()
         self._client: AsyncOpaClient | None = None
@@ -211,6 +210,10 @@ class OpaPolicyEngine:
     def snapshot(self) -> PolicySnapshot:
         """The policy (as read from the folder) that OPA was proven to hold."""
         return self._snapshot
+
+    def team_weight(self, team: str | None) -> float:
+        """A team's share in the policy OPA holds: its weight in the waiting lines (slots, admission)."""
+        return self._weights(team)
 
     async def decide(self, input: dict[str, Any]) -> Decision:
         outcome = await self._query(DECISION_RULE, input)
@@ -367,7 +370,9 @@ class OpaPolicyEngine:
         except (TypeError, ValueError) as exc:
             return _Outcome("error", error=f"the policy input is not JSON: {exc}")
         package, _, name = rule.removeprefix("data.").rpartition(".")
-        if not await self._take_slot(input_team(input)):  # all connections busy that long
+        # All connections busy: wait in line, bounded apart. A team's weight is read when it
+        # starts waiting after being idle, so a reload's new shares apply from then.
+        if not await self._slots.take(input_team(input), self._wait_timeout_s):
             return _Outcome("busy")
         try:
             body = await asyncio.wait_for(self._client.query_rule(input, package, name), self._timeout_s)
@@ -383,43 +388,12 @@ class OpaPolicyEngine:
             log.exception("policy query to OPA could not run")
             return _Outcome("error", error=f"{type(exc).__name__}: {exc}")
         finally:
-            self._give_slot()
+            self._slots.give()
         if not isinstance(body, dict):
             return _Outcome("error", error="OPA's answer is not a JSON object")
         if "result" not in body:
             return _Outcome("undefined")
         return _Outcome("ok", value=body["result"])
-
-    async def _take_slot(self, team: str | None) -> bool:
-        """A query slot (one of the session's connections), waiting in ``team``'s line when all are taken.
-
-        False when none frees up within ``wait_timeout_s``: the wait is
-        bounded apart from the query. A team's weight is read when it starts
-        waiting after being idle, so a reload's new shares apply from then.
-        """
-        if self._free_slots > 0:
-            self._free_slots -= 1
-            return True
-        loop = asyncio.get_running_loop()
-        handed: asyncio.Future[bool] = loop.create_future()
-        self._slot_line.push(team, handed)
-        timer = loop.call_later(self._wait_timeout_s, _settle_slot, handed, False)
-        try:
-            return await handed
-        except asyncio.CancelledError:
-            if handed.done() and not handed.cancelled() and handed.result():
-                self._give_slot()  # handed over just as the waiter was cancelled: the next one's
-            raise
-        finally:
-            timer.cancel()
-
-    def _give_slot(self) -> None:
-        """Hand a finished query's slot to the waiter whose turn it is, or free it."""
-        waiter = self._slot_line.pop()
-        if waiter is not None:
-            waiter.set_result(True)
-        else:
-            self._free_slots += 1
 
     async def _restore(self) -> None:
         """After a failed reload: put the current policy back (when we load it) and re-verify it."""
@@ -446,11 +420,6 @@ class OpaPolicyEngine:
             raise
         except _REQUEST_ERRORS as exc:
             raise PolicyLoadError(f"could not {what} at {self._url}: {describe_error(exc)}") from None
-
-
-def _settle_slot(waiter: asyncio.Future[bool], value: bool) -> None:
-    if not waiter.done():
-        waiter.set_result(value)
 
 
 def _deny(code: str, message: str) -> Decision:

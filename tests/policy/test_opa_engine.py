@@ -563,29 +563,28 @@ async def test_closed_engine_denies(opa_policy_server: str) -> None:
 
 async def test_queries_waiting_for_a_connection_are_served_by_team_not_first_come() -> None:
     """All of the session's connections taken: a team that comes late goes ahead of another's backlog,
-    and a wait that runs out leaves the line. (No OPA is reached: only the slots are taken and given.)"""
+    and a wait that runs out leaves the line. (No OPA is reached: only the engine's slots are taken and given.)"""
     from gateway.policy.opa_sync import read_snapshot
 
     address = OpaAddress.parse("http://127.0.0.1:9")
     engine = OpaPolicyEngine(address, "http://127.0.0.1:9", read_snapshot(POLICY_DIR), POLICY_DIR, 2.0, False,
                              wait_timeout_s=60.0)
     for _ in range(MAX_QUERIES):
-        assert await engine._take_slot("a")
+        assert await engine._slots.take("a", 60.0)
     order: list[str] = []
 
     async def wait(label: str, team: str) -> None:
-        assert await engine._take_slot(team)
+        assert await engine._slots.take(team, 60.0)
         order.append(label)
 
     waiting = []
     for label, team in [("a0", "a"), ("a1", "a"), ("a2", "a"), ("b0", "b")]:
         waiting.append(asyncio.create_task(wait(label, team)))
         await asyncio.sleep(0)  # in line, in this order
-    assert engine._slot_line.waiting() == {"a": 3, "b": 1}
+    assert engine._slots.waiting() == {"a": 3, "b": 1}
     for _ in waiting:
-        engine._give_slot()
+        engine._slots.give()
     await asyncio.wait_for(asyncio.gather(*waiting), 60)
     assert order == ["a0", "b0", "a1", "a2"]  # first come, first served would have made b0 last
-    engine._wait_timeout_s = 0.05
-    assert not await engine._take_slot("b")  # still none free: busy, and out of the line
-    assert engine._slot_line.waiting() == {}
+    assert not await engine._slots.take("b", 0.05)  # still none free: busy, and out of the line
+    assert engine._slots.waiting() == {}
