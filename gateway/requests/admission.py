@@ -140,10 +140,15 @@ class Admission:
     async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
                     purpose_header: str | None) -> Ticket:
         """Read, decide, reserve and record one request; raise :class:`ApiError` if it is not admitted."""
-        if self.gate is None:
+        gate = self.gate
+        if gate is None:
             return await self._admit(principal, endpoint, read_body, purpose_header)
-        async with self.gate.admitting(principal.team):
+        held = await gate.enter(principal.team)
+        try:
             return await self._admit(principal, endpoint, read_body, purpose_header)
+        finally:
+            if held:
+                gate.leave()
 
     async def _admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
                      purpose_header: str | None) -> Ticket:
