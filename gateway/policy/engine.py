@@ -242,10 +242,11 @@ class EmbeddedPolicyEngine:
         return Outcome("error", text)
 
 
-def input_team(input: dict[str, Any]) -> Team:
+def input_team(input: Any) -> Team:
     """The team whose line a policy question waits in: ``principal.team`` of its input (request,
-    output or ``visible_models``), None when there is none."""
-    principal = input.get("principal")
+    output or ``visible_models``), None when there is none or the input is malformed (the policy
+    judges that, not the line)."""
+    principal = input.get("principal") if isinstance(input, dict) else None
     team = principal.get("team") if isinstance(principal, dict) else None
     return team if isinstance(team, str) else None
 

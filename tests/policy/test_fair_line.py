@@ -162,3 +162,19 @@ def test_weights_are_read_again_after_a_team_was_idle(loop) -> None:
     backlog(line, loop, "b", 2)
     teams = "".join(label[0] for label in serve(line))
     assert Counter(teams[:4]) == Counter(teams[4:]) == Counter("aaab"), teams  # was "abab" at 1:1
+
+
+@pytest.mark.parametrize(("policy_input", "team"), [
+    ({"principal": {"id": "u", "team": "t-1"}}, "t-1"),
+    ({"principal": {"id": "u", "team": None}}, None),
+    ({"principal": {"id": "u"}}, None),
+    ({"principal": {"id": "u", "team": ["t"]}}, None),
+    ({"principal": "u"}, None),
+    ({}, None),
+    ([1, 2, 3], None),  # a malformed input is the policy's to judge; it still waits in a line
+    (None, None),
+])
+def test_the_team_is_read_from_the_policy_input_whatever_its_shape(policy_input, team) -> None:
+    from gateway.policy.engine import input_team
+
+    assert input_team(policy_input) == team
