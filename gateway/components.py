@@ -102,6 +102,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         redis=client, counters=counters, default_max_tokens=settings.default_max_tokens,
         request_timeout_s=settings.request_timeout_s, max_queued_per_model=settings.max_queued_per_model,
         digester=digester, pending=pending, queue_mode=settings.queue_mode,
+        admission_concurrency=settings.admission_concurrency, admission_wait_s=settings.policy_wait_timeout_s,
         output_rules=OutputRules(policy=policy, redis=client, sealer=sealer,
                                  holdback_chars=settings.output_holdback_chars) if settings.output_rules else None)
     retrier = asyncio.create_task(retry_pending_terminals(pending, audit_store), name="govgate-terminal-retry")

@@ -55,6 +55,9 @@ class Settings:
     policy_evaluators: int = field(default_factory=_cores)
     #: Longest a request waits for a free policy evaluator (or OPA connection); past it 503 ``policy_unavailable``.
     policy_wait_timeout_s: float = 5.0
+    #: Requests admitted at once (counters, decision, reservation, request entry); more wait in a line served by
+    #: team share (gateway/requests/admission_gate.py). 0: no gate.
+    admission_concurrency: int = 16
     #: OPA server to evaluate policies on; empty means the embedded engine.
     opa_url: str = ""
     #: How often the gateway looks for changed policy files (0 turns polling off; SIGHUP still reloads).
@@ -181,6 +184,7 @@ class Settings:
             policy_timeout_s=float(number("POLICY_TIMEOUT_S", defaults.policy_timeout_s, float, 0.001)),
             policy_evaluators=int(number("POLICY_EVALUATORS", defaults.policy_evaluators, int, 1)),
             policy_wait_timeout_s=float(number("POLICY_WAIT_TIMEOUT_S", defaults.policy_wait_timeout_s, float, 0.0)),
+            admission_concurrency=int(number("ADMISSION_CONCURRENCY", defaults.admission_concurrency, int, 0)),
             opa_url=text("OPA_URL", "").rstrip("/"),
             policy_reload_interval_s=float(number("POLICY_RELOAD_INTERVAL_S", defaults.policy_reload_interval_s,
                                                   float, 0.0)),

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from gateway.policy.child import DECISION_RULE, VISIBLE_MODELS_RULE
 from gateway.policy.decision import POLICY_ERROR, Decision, PolicyUnavailable
+from gateway.policy.fair_line import Team
 from gateway.policy.output_decision import OUTPUT_DECISION_RULE, OutputDecision
 from gateway.policy.pool import EvaluatorPool, EvaluatorStartError, Outcome
 from gateway.policy.revision import PolicyFilesError, PolicySnapshot, read_policy
@@ -94,9 +95,11 @@ class EmbeddedPolicyEngine:
         self._timeout_s = timeout_s
         #: Whether the policy has an output rule (None: not asked yet); one engine holds one revision.
         self._has_output_rule: bool | None = None
+        #: A team's share in this revision's data: its weight in the waiting lines (pool, admission).
+        self.team_weight: Callable[[Team], float] = team_weights(snapshot)
         setup = json.dumps({"modules": list(snapshot.modules), "data": data}).encode()
         try:
-            self._pool = EvaluatorPool(setup, evaluators, timeout_s, wait_timeout_s)
+            self._pool = EvaluatorPool(setup, evaluators, timeout_s, wait_timeout_s, self.team_weight)
         except EvaluatorStartError as exc:
             raise PolicyLoadError(str(exc)) from None
 
@@ -136,6 +139,11 @@ class EmbeddedPolicyEngine:
     def free_evaluators(self) -> int:
         """Evaluators ready for a decision right now (for operators and tests)."""
         return self._pool.free
+
+    @property
+    def waiting_by_team(self) -> dict[Team, int]:
+        """Requests waiting for an evaluator, per team (for operators and tests)."""
+        return self._pool.waiting
 
     @property
     def evaluator_pid(self) -> int | None:
@@ -214,13 +222,13 @@ class EmbeddedPolicyEngine:
         await self._pool.aclose()
 
     async def _run(self, rule: str, input: dict[str, Any]) -> Outcome:
-        """Evaluate ``rule`` on a free evaluator of the pool."""
+        """Evaluate ``rule`` on a free evaluator of the pool, waiting in the line of the input's team."""
         try:
             payload = json.dumps(input, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
             return Outcome("error", f"the policy input is not JSON: {exc}")
         try:
-            outcome, reply = await self._pool.run(rule.encode() + b"\n" + payload)
+            outcome, reply = await self._pool.run(rule.encode() + b"\n" + payload, input_team(input))
         except Exception as exc:  # a bug here must deny, not crash the request
             log.exception("policy evaluation could not run")
             return Outcome("error", f"{type(exc).__name__}: {exc}")
@@ -232,6 +240,37 @@ class EmbeddedPolicyEngine:
         if status == "undefined":
             return Outcome("undefined")
         return Outcome("error", text)
+
+
+def input_team(input: Any) -> Team:
+    """The team whose line a policy question waits in: ``principal.team`` of its input (request,
+    output or ``visible_models``), None when there is none or the input is malformed (the policy
+    judges that, not the line)."""
+    principal = input.get("principal") if isinstance(input, dict) else None
+    team = principal.get("team") if isinstance(principal, dict) else None
+    return team if isinstance(team, str) else None
+
+
+def team_weights(snapshot: PolicySnapshot) -> Callable[[Team], float]:
+    """A team's weight in the waiting line: its ``share`` in this policy's data, as the workers read it.
+
+    Imported here, not at the top: the evaluator children import this
+    package, and the shares module brings in redis, which they must not pay
+    for at every (re)start.
+    """
+    from gateway.policy.shares import ANY_TEAM, team_shares
+    from workers.contract.fair_queues import encode_name
+
+    try:
+        shares = team_shares(snapshot.base_data())
+    except PolicyFilesError:  # cannot happen for a policy that loaded; equal weights then
+        shares = {}
+    default = shares.get(ANY_TEAM, 1.0)
+
+    def weight_of(team: Team) -> float:
+        return default if team is None else shares.get(encode_name(team), default)
+
+    return weight_of
 
 
 def _unavailable(message: str) -> Decision:

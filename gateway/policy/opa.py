@@ -31,7 +31,10 @@ from gateway.policy.engine import (
     UNAVAILABLE_RETRY_AFTER_S,
     VISIBLE_MODELS_RULE,
     PolicyLoadError,
+    input_team,
+    team_weights,
 )
+from gateway.policy.fair_line import FairSlots
 from gateway.policy.opa_sync import (
     check_config,
     describe_error,
@@ -54,7 +57,8 @@ READY_TIMEOUT_S = 10.0
 
 #: Decisions in flight at once: the connection limit of the aiohttp session
 #: opa-python-client opens (aiohttp's default). More would only queue inside
-#: aiohttp, where the wait would count against the evaluation's timeout.
+#: aiohttp, where the wait would count against the evaluation's timeout; they
+#: wait for a slot in a line that serves teams by their shares instead.
 MAX_QUERIES = 100
 
 #: HTTP statuses that say nothing about the request, only that no answer came
@@ -134,7 +138,10 @@ class OpaPolicyEngine:
         self._policy_dir = policy_dir
         self._timeout_s = timeout_s
         self._wait_timeout_s = wait_timeout_s
-        self._slots = asyncio.Semaphore(MAX_QUERIES)
+        #: Team weights of the policy OPA holds (replaced on reload), read by the slots' line.
+        self._weights = team_weights(snapshot)
+        #: The session's connections; queries wait for one by team (``self._weights``), FIFO within a team.
+        self._slots = FairSlots(MAX_QUERIES, self.team_weight)
         self._load = load
         self._stack = AsyncExitStack()
         self._client: AsyncOpaClient | None = None
@@ -203,6 +210,10 @@ class OpaPolicyEngine:
     def snapshot(self) -> PolicySnapshot:
         """The policy (as read from the folder) that OPA was proven to hold."""
         return self._snapshot
+
+    def team_weight(self, team: str | None) -> float:
+        """A team's share in the policy OPA holds: its weight in the waiting lines (slots, admission)."""
+        return self._weights(team)
 
     async def decide(self, input: dict[str, Any]) -> Decision:
         outcome = await self._query(DECISION_RULE, input)
@@ -308,6 +319,7 @@ class OpaPolicyEngine:
                 await self._restore()
                 raise
             old, self._snapshot, self._policy_dir = self._snapshot.revision, snapshot, folder
+            self._weights = team_weights(snapshot)
             self._out_of_sync = None
         if old != snapshot.revision:
             log.info("policy reloaded on OPA at %s: revision %s -> %s", self._url, old, snapshot.revision)
@@ -358,13 +370,10 @@ class OpaPolicyEngine:
         except (TypeError, ValueError) as exc:
             return _Outcome("error", error=f"the policy input is not JSON: {exc}")
         package, _, name = rule.removeprefix("data.").rpartition(".")
-        if self._slots.locked():  # all connections busy: wait in line, bounded apart
-            try:
-                await asyncio.wait_for(self._slots.acquire(), self._wait_timeout_s)
-            except TimeoutError:
-                return _Outcome("busy")
-        else:
-            await self._slots.acquire()
+        # All connections busy: wait in line, bounded apart. A team's weight is read when it
+        # starts waiting after being idle, so a reload's new shares apply from then.
+        if not await self._slots.take(input_team(input), self._wait_timeout_s):
+            return _Outcome("busy")
         try:
             body = await asyncio.wait_for(self._client.query_rule(input, package, name), self._timeout_s)
         except TimeoutError:
@@ -379,7 +388,7 @@ class OpaPolicyEngine:
             log.exception("policy query to OPA could not run")
             return _Outcome("error", error=f"{type(exc).__name__}: {exc}")
         finally:
-            self._slots.release()
+            self._slots.give()
         if not isinstance(body, dict):
             return _Outcome("error", error="OPA's answer is not a JSON object")
         if "result" not in body:

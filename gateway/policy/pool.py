@@ -15,13 +15,13 @@ import os
 import struct
 import subprocess
 import sys
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Literal
+from typing import Callable, Literal
 
 from gateway.policy.child import CHILD_COMMAND, child_environment
+from gateway.policy.fair_line import FairLine, Team
 
 log = logging.getLogger("govgate.policy")
 
@@ -222,9 +222,14 @@ async def _write_all(loop: asyncio.AbstractEventLoop, fd: int, data: bytes) -> N
 
 
 class EvaluatorPool:
-    """``size`` evaluators of one policy, lent out one request at a time."""
+    """``size`` evaluators of one policy, lent out one request at a time.
 
-    def __init__(self, setup: bytes, size: int, timeout_s: float, wait_timeout_s: float) -> None:
+    When none is free, requests wait in a :class:`FairLine`: by team, served
+    by ``weight_of(team)`` (the policy's team shares), FIFO within a team.
+    """
+
+    def __init__(self, setup: bytes, size: int, timeout_s: float, wait_timeout_s: float,
+                 weight_of: Callable[[Team], float] | None = None) -> None:
         """Start every evaluator (blocking; compiles the policy ``size`` times at once)."""
         if size < 1:
             raise ValueError("size must be at least 1")
@@ -232,7 +237,7 @@ class EvaluatorPool:
         self.wait_timeout_s = wait_timeout_s
         self._evaluators = [Evaluator(setup) for _ in range(size)]
         self._idle: list[Evaluator] = []
-        self._waiters: deque[asyncio.Future[Evaluator | None]] = deque()
+        self._waiters: FairLine[Evaluator | None] = FairLine(weight_of)
         self._replacing: set[asyncio.Task[None]] = set()
         self._closed = False
         with ThreadPoolExecutor(max_workers=size, thread_name_prefix="govgate-policy-start") as starter:
@@ -254,14 +259,22 @@ class EvaluatorPool:
         """Evaluators waiting for work (not evaluating, not being replaced)."""
         return len(self._idle)
 
-    async def run(self, request: bytes) -> tuple[Outcome, bytes]:
-        """Evaluate ``request`` on a free evaluator: ``(Outcome("ok"), reply)`` or a failure outcome."""
+    @property
+    def waiting(self) -> dict[Team, int]:
+        """Requests waiting for an evaluator, per team (for operators and tests)."""
+        return self._waiters.waiting()
+
+    async def run(self, request: bytes, team: Team = None) -> tuple[Outcome, bytes]:
+        """Evaluate ``request`` on a free evaluator: ``(Outcome("ok"), reply)`` or a failure outcome.
+
+        ``team`` places the request in the waiting line when no evaluator is free.
+        """
         if self._closed:
             return Outcome("error", "the policy engine is closed"), b""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_timeout_s
         while True:
-            evaluator = await self._acquire(deadline - loop.time())
+            evaluator = await self._acquire(deadline - loop.time(), team)
             if evaluator is None:
                 if self._closed:
                     return Outcome("error", "the policy engine is closed"), b""
@@ -288,8 +301,8 @@ class EvaluatorPool:
         if self._closed:
             return
         self._closed = True
-        while self._waiters:
-            _hand(self._waiters.popleft(), None)
+        for waiter in self._waiters.drain():
+            _hand(waiter, None)
         for evaluator in self._evaluators:
             evaluator.kill()  # running evaluations see EOF and hand their evaluator back
         while self._replacing:
@@ -305,15 +318,19 @@ class EvaluatorPool:
         for evaluator in self._evaluators:
             evaluator.stop()
 
-    async def _acquire(self, timeout_s: float) -> Evaluator | None:
-        """A free evaluator, or ``None`` when none frees up within ``timeout_s`` (or the pool closes)."""
+    async def _acquire(self, timeout_s: float, team: Team) -> Evaluator | None:
+        """A free evaluator, or ``None`` when none frees up within ``timeout_s`` (or the pool closes).
+
+        A waiter that times out or is cancelled stays in the line as a done
+        future, which the line drops when its turn comes (no O(n) removal).
+        """
         if self._idle:
             return self._idle.pop()
         if timeout_s <= 0 or self._closed:
             return None
         loop = asyncio.get_running_loop()
         handed: asyncio.Future[Evaluator | None] = loop.create_future()
-        self._waiters.append(handed)
+        self._waiters.push(team, handed)
         timer = loop.call_later(timeout_s, _hand, handed, None)
         try:
             return await handed
@@ -324,16 +341,14 @@ class EvaluatorPool:
             raise
         finally:
             timer.cancel()
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(handed)
 
     def _release(self, evaluator: Evaluator) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(evaluator)
-                return
-        self._idle.append(evaluator)
+        """Hand ``evaluator`` to the waiter whose turn it is, or keep it idle."""
+        waiter = self._waiters.pop()
+        if waiter is not None:
+            waiter.set_result(evaluator)
+        else:
+            self._idle.append(evaluator)
 
     def _replace(self, evaluator: Evaluator, why: str) -> None:
         """Kill ``evaluator``'s child now; start another in the background, then return the slot."""

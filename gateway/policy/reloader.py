@@ -66,6 +66,11 @@ class ReloadingPolicyEngine:
         engine = self._engine  # the revision must be that of the engine that decided
         return await engine.decide(input), engine.revision
 
+    def team_weight(self, team: str | None) -> float:
+        """The team's share in the policy now loaded (1 for an engine that keeps no data, a test's stand-in)."""
+        weight_of = getattr(self._engine, "team_weight", None)
+        return 1.0 if weight_of is None else weight_of(team)
+
     def on_reload(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` (synchronously; it must not block) each time a new engine is swapped in."""
         self._listeners.append(listener)

@@ -32,6 +32,7 @@ from gateway.observability.context import current_request_id, note_model
 from gateway.observability.metrics import timed_decision
 from gateway.policy import POLICY_ERROR, Decision
 from gateway.policy.reloader import ReloadingPolicyEngine
+from gateway.requests.admission_gate import AdmissionGate
 from gateway.requests.audit_records import request_record
 from gateway.requests.fit import PromptCounter, check_fits
 from gateway.requests.parsing import parse_body
@@ -114,7 +115,10 @@ class Admission:
 
     def __init__(self, *, registry: Registry, policy: ReloadingPolicyEngine, counters: UsageCounters,
                  request_log: RequestLog, redis: aioredis.Redis, digester: Digester, default_max_tokens: int,
-                 max_queued_per_model: int, queue_mode: str = MODE_FIFO) -> None:
+                 max_queued_per_model: int, queue_mode: str = MODE_FIFO, concurrency: int = 0,
+                 gate_wait_s: float = 5.0) -> None:
+        """``concurrency`` > 0: at most that many admissions at once, the others lined up by team share
+        (:class:`AdmissionGate`, waiting at most ``gate_wait_s``)."""
         self.registry = registry
         self.policy = policy
         self.counters = counters
@@ -130,10 +134,24 @@ class Admission:
         self.prompt_counter = PromptCounter()
         #: (principal, team, model) → what its last allowed decision obliged.
         self._obliged: dict[tuple[str, str | None, str], Obliged] = {}
+        weight_of = getattr(policy, "team_weight", None)
+        self.gate = AdmissionGate(concurrency, gate_wait_s, weight_of) if concurrency > 0 else None
 
     async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
                     purpose_header: str | None) -> Ticket:
         """Read, decide, reserve and record one request; raise :class:`ApiError` if it is not admitted."""
+        gate = self.gate
+        if gate is None:
+            return await self._admit(principal, endpoint, read_body, purpose_header)
+        held = await gate.enter(principal.team)
+        try:
+            return await self._admit(principal, endpoint, read_body, purpose_header)
+        finally:
+            if held:
+                gate.leave()
+
+    async def _admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
+                     purpose_header: str | None) -> Ticket:
         request_id = current_request_id() or uuid.uuid4().hex  # the id the response header and logs name
         request, spec = await self._read(request_id, principal, endpoint, read_body)
         with errors_of(request_id):

@@ -38,12 +38,14 @@ class CompletionService:
                  dispatcher: Dispatcher, waiter: ResultWaiter, redis: aioredis.Redis, counters: UsageCounters,
                  default_max_tokens: int, request_timeout_s: float, max_queued_per_model: int,
                  digester: Digester, pending: PendingTerminals | None = None, queue_mode: str = MODE_FIFO,
+                 admission_concurrency: int = 0, admission_wait_s: float = 5.0,
                  output_rules: OutputRules | None = None) -> None:
         request_log = RequestLog(audit, current_revision=lambda: policy.revision, digester=digester,
                                  pending=pending)
         self.admission = Admission(registry=registry, policy=policy, counters=counters, request_log=request_log,
                                    redis=redis, digester=digester, default_max_tokens=default_max_tokens,
-                                   max_queued_per_model=max_queued_per_model, queue_mode=queue_mode)
+                                   max_queued_per_model=max_queued_per_model, queue_mode=queue_mode,
+                                   concurrency=admission_concurrency, gate_wait_s=admission_wait_s)
         self.runner = TicketRunner(dispatcher=dispatcher, waiter=waiter, redis=redis, counters=counters,
                                    request_log=request_log, digester=digester, request_timeout_s=request_timeout_s,
                                    output_rules=output_rules)

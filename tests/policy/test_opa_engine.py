@@ -559,3 +559,32 @@ async def test_closed_engine_denies(opa_policy_server: str) -> None:
     await engine.aclose()
     await engine.aclose()  # twice is harmless
     assert codes(await engine.decide(request_input(["analyst"]))) == [POLICY_ERROR]
+
+
+async def test_queries_waiting_for_a_connection_are_served_by_team_not_first_come() -> None:
+    """All of the session's connections taken: a team that comes late goes ahead of another's backlog,
+    and a wait that runs out leaves the line. (No OPA is reached: only the engine's slots are taken and given.)"""
+    from gateway.policy.opa_sync import read_snapshot
+
+    address = OpaAddress.parse("http://127.0.0.1:9")
+    engine = OpaPolicyEngine(address, "http://127.0.0.1:9", read_snapshot(POLICY_DIR), POLICY_DIR, 2.0, False,
+                             wait_timeout_s=60.0)
+    for _ in range(MAX_QUERIES):
+        assert await engine._slots.take("a", 60.0)
+    order: list[str] = []
+
+    async def wait(label: str, team: str) -> None:
+        assert await engine._slots.take(team, 60.0)
+        order.append(label)
+
+    waiting = []
+    for label, team in [("a0", "a"), ("a1", "a"), ("a2", "a"), ("b0", "b")]:
+        waiting.append(asyncio.create_task(wait(label, team)))
+        await asyncio.sleep(0)  # in line, in this order
+    assert engine._slots.waiting() == {"a": 3, "b": 1}
+    for _ in waiting:
+        engine._slots.give()
+    await asyncio.wait_for(asyncio.gather(*waiting), 60)
+    assert order == ["a0", "b0", "a1", "a2"]  # first come, first served would have made b0 last
+    assert not await engine._slots.take("b", 0.05)  # still none free: busy, and out of the line
+    assert engine._slots.waiting() == {}

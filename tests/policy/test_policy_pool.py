@@ -180,3 +180,81 @@ async def test_reload_replaces_every_evaluator_of_the_pool(tmp_path: Path) -> No
     assert decision.allow
     assert len(old) == len(set(new)) == 2 and not set(old) & set(new)
     assert all(exited(pid) for pid in old + new if pid is not None)
+
+
+def team_input(team: str | None) -> dict[str, Any]:
+    policy_input = request_input(["admin"])
+    return {**policy_input, "principal": {**policy_input["principal"], "team": team}}
+
+
+async def served_order(engine: EmbeddedPolicyEngine, teams: list[str | None]) -> list[str]:
+    """Hold the one evaluator, line up a decision per entry of ``teams`` (in that order), free the evaluator:
+    the teams in the order their decisions were made."""
+    order: list[str] = []
+
+    async def decide(label: str, team: str | None) -> None:
+        decision = await engine.decide(team_input(team))
+        assert decision.allow
+        order.append(label)
+
+    hold = asyncio.create_task(engine.decide(SLOW_INPUT))
+    await wait_until(lambda: engine.free_evaluators == 0, "the evaluator busy")
+    lined: list[asyncio.Task[None]] = []
+    for i, team in enumerate(teams):
+        lined.append(asyncio.create_task(decide(f"{team}{i}", team)))
+        await wait_until(lambda: sum(engine.waiting_by_team.values()) == i + 1, f"waiter {i} in line")
+    hold.cancel()  # its child is killed; the replacement goes to the line's first turn
+    await asyncio.gather(hold, return_exceptions=True)
+    with anyio.fail_after(120):
+        await asyncio.gather(*lined)
+    return order
+
+
+async def test_a_late_team_overtakes_another_teams_backlog_of_waiters(tmp_path: Path) -> None:
+    engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, SLOW_WHEN_ASKED), 120.0, evaluators=1,
+                                       wait_timeout_s=120.0)
+    try:
+        order = await served_order(engine, ["a"] * 8 + ["b"])
+    finally:
+        await engine.aclose()
+    # First come, first served would decide b's last, behind all of a's.
+    assert order == ["a0", "b8", "a1", "a2", "a3", "a4", "a5", "a6", "a7"]
+
+
+@pytest.mark.parametrize(("shares", "first_four"), [({}, "abab"), ({"a": 3}, "aaab")])
+async def test_the_line_serves_teams_by_the_policys_shares(tmp_path: Path, shares: dict[str, float],
+                                                            first_four: str) -> None:
+    data = {"govgate_config": {"teams": {team: {"share": share} for team, share in shares.items()}}}
+    engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, SLOW_WHEN_ASKED, data), 120.0, evaluators=1,
+                                       wait_timeout_s=120.0)
+    try:
+        order = await served_order(engine, ["a"] * 6 + ["b"] * 6)
+    finally:
+        await engine.aclose()
+    assert sorted(label[0] for label in order[:4]) == sorted(first_four), order
+    assert [label for label in order if label[0] == "a"] == [f"a{i}" for i in range(6)]  # FIFO within a team
+
+
+async def test_a_waiter_that_gives_up_is_skipped_and_the_evaluator_goes_to_the_next(tmp_path: Path) -> None:
+    engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, SLOW_WHEN_ASKED), 120.0, evaluators=1,
+                                       wait_timeout_s=120.0)
+    try:
+        hold = asyncio.create_task(engine.decide(SLOW_INPUT))
+        await wait_until(lambda: engine.free_evaluators == 0, "the evaluator busy")
+        gone = asyncio.create_task(engine.decide(team_input("a")))
+        await wait_until(lambda: engine.waiting_by_team == {"a": 1}, "a in line")
+        kept = asyncio.create_task(engine.decide(team_input("a")))
+        other = asyncio.create_task(engine.decide(team_input("b")))
+        await wait_until(lambda: engine.waiting_by_team == {"a": 2, "b": 1}, "three in line")
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        assert engine.waiting_by_team == {"a": 1, "b": 1}
+        hold.cancel()
+        await asyncio.gather(hold, return_exceptions=True)
+        with anyio.fail_after(120):
+            decisions = await asyncio.gather(kept, other)
+        assert all(decision.allow for decision in decisions)
+        assert gone.cancelled() and engine.waiting_by_team == {}
+        await wait_until(lambda: engine.free_evaluators == 1, "the evaluator back")
+    finally:
+        await engine.aclose()
