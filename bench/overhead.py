@@ -96,11 +96,17 @@ def request_body() -> dict[str, Any]:
             "messages": [{"role": "user", "content": "Say hello in one word."}]}
 
 
-def start_govgate_side(var_dir: Path, stops: contextlib.ExitStack) -> Side:
-    """Redis, one tiny-model worker, ``govgate serve``, and an admin key."""
+def start_govgate_side(var_dir: Path, stops: contextlib.ExitStack, **settings: Any) -> Side:
+    """Redis, one tiny-model worker, ``govgate serve``, and an admin key.
+
+    ``settings`` are further gateway settings (``--queue-mode``, ``--output-rules``,
+    ``--admission-concurrency``): what one part of the governed path costs is the
+    difference between runs with it on and off.
+    """
     from workers.contract.registry import TINY_MODEL_NAME
 
-    running = start_govgate(var_dir, [TINY_MODEL_NAME], note="bench/overhead.py", request_timeout_s=REQUEST_TIMEOUT_S)
+    running = start_govgate(var_dir, [TINY_MODEL_NAME], note="bench/overhead.py", request_timeout_s=REQUEST_TIMEOUT_S,
+                            **settings)
     stop_later(stops, running.stack.stop)
     stack = running.stack
     api, worker, redis = stack.api.pid, stack.workers[TINY_MODEL_NAME].pid, stack.redis.process.pid
@@ -155,7 +161,7 @@ def measure(args: argparse.Namespace, var_dir: Path) -> dict[str, list[SideRun]]
     runs: dict[str, list[SideRun]] = {"govgate": [], "bare litestar": []}
     with contextlib.ExitStack() as stops:
         say("govgate: starting redis, a tiny-model worker and the api …")
-        gov = start_govgate_side(var_dir, stops)
+        gov = start_govgate_side(var_dir, stops, **path_settings(args))
         say("bare litestar: starting …")
         bare = start_bare_side(var_dir, stops)
         for number in range(1, args.rounds + 1):
@@ -176,17 +182,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the better one counts")
     parser.add_argument("--quick", action="store_true", help="a short run: 300 / 50 requests, 32 warm-up")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON to FILE")
+    parser.add_argument("--queue-mode", choices=("fair", "fifo"), help="GOVGATE_QUEUE_MODE of the gateway "
+                        "(default: the setting's default)")
+    parser.add_argument("--output-rules", choices=("on", "off"), help="GOVGATE_OUTPUT_RULES of the gateway "
+                        "(default: the setting's default)")
+    parser.add_argument("--admission-concurrency", type=int, metavar="N",
+                        help="GOVGATE_ADMISSION_CONCURRENCY of the gateway (0: no gate; default: the setting's)")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.c1_requests, args.warmup = min(args.requests, 300), min(args.c1_requests, 50), 32
     if min(args.requests, args.c1_requests, args.concurrency, args.rounds) < 1 or args.warmup < 0:
         parser.error("--requests, --c1-requests, --concurrency and --rounds must be at least 1, --warmup at least 0")
+    if args.admission_concurrency is not None and args.admission_concurrency < 0:
+        parser.error("--admission-concurrency must be at least 0")
     return args
+
+
+def path_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The gateway settings the command line chose (only those given: the rest keep their defaults)."""
+    chosen: dict[str, Any] = {}
+    if getattr(args, "queue_mode", None) is not None:
+        chosen["queue_mode"] = args.queue_mode
+    if getattr(args, "output_rules", None) is not None:
+        chosen["output_rules"] = args.output_rules == "on"
+    if getattr(args, "admission_concurrency", None) is not None:
+        chosen["admission_concurrency"] = args.admission_concurrency
+    return chosen
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     return {"requests": args.requests, "c1_requests": args.c1_requests, "concurrency": args.concurrency,
-            "warmup": args.warmup, "rounds": args.rounds, "max_tokens": 1, "cpu_cores": os.cpu_count()}
+            "warmup": args.warmup, "rounds": args.rounds, "max_tokens": 1, "cpu_cores": os.cpu_count(),
+            **path_settings(args)}
 
 
 def run(args: argparse.Namespace, write: Callable[[str], None] = print) -> dict[str, Any] | None:
