@@ -145,20 +145,8 @@ class Decision:
     @classmethod
     def from_document(cls, doc: object) -> "Decision":
         """Check a decision document and build the decision, or raise ``MalformedDecision``."""
-        obj = _object(doc, "decision", required={"allow", "reasons", "obligations"})
-        allow = obj["allow"]
-        if not isinstance(allow, bool):
-            raise MalformedDecision(f"decision.allow must be a boolean, got {_kind(allow)}")
-        raw_reasons = obj["reasons"]
-        if not isinstance(raw_reasons, list):
-            raise MalformedDecision(f"decision.reasons must be a list, got {_kind(raw_reasons)}")
-        reasons = tuple(_reason(item, i) for i, item in enumerate(raw_reasons))
-        # Reasons explain denials only; a mix would leave the gateway guessing
-        # whether the policy meant to allow.
-        if allow and reasons:
-            raise MalformedDecision("decision allows the request but gives reasons")
-        if not allow and not reasons:
-            raise MalformedDecision("decision denies the request without a reason")
+        obj, allow, reasons = verdict_head(doc, "decision", allows="allows the request",
+                                           refuses="denies the request")
         return cls(allow=allow, reasons=reasons, obligations=_obligations(obj["obligations"]))
 
     @classmethod
@@ -207,6 +195,29 @@ class Decision:
         if self.is_unavailable:
             doc["unavailable"] = True
         return doc
+
+
+def verdict_head(doc: object, root: str, *, allows: str,
+                 refuses: str) -> tuple[Mapping[str, Any], bool, tuple[Reason, ...]]:
+    """The checked ``allow`` and ``reasons`` of a decision document (request or output), and the object.
+
+    Both entry points answer ``{allow, reasons, obligations}`` under the same
+    rule: reasons explain refusals only; a mix would leave the gateway guessing
+    whether the policy meant to allow. ``allows``/``refuses`` word the complaint.
+    """
+    obj = _object(doc, root, required={"allow", "reasons", "obligations"})
+    allow = obj["allow"]
+    if not isinstance(allow, bool):
+        raise MalformedDecision(f"{root}.allow must be a boolean, got {_kind(allow)}")
+    raw_reasons = obj["reasons"]
+    if not isinstance(raw_reasons, list):
+        raise MalformedDecision(f"{root}.reasons must be a list, got {_kind(raw_reasons)}")
+    reasons = tuple(_reason(item, i, root) for i, item in enumerate(raw_reasons))
+    if allow and reasons:
+        raise MalformedDecision(f"{root} {allows} but gives reasons")
+    if not allow and not reasons:
+        raise MalformedDecision(f"{root} {refuses} without a reason")
+    return obj, allow, reasons
 
 
 def _reason(item: object, index: int, root: str = "decision") -> Reason:

@@ -14,13 +14,11 @@ from typing import Any
 from gateway.policy.decision import (
     POLICY_ERROR,
     POLICY_UNAVAILABLE,
-    MalformedDecision,
     Reason,
     Redaction,
-    _kind,
     _object,
-    _reason,
     _redactions,
+    verdict_head,
 )
 
 #: The rule whose value is the decision on one window of output.
@@ -47,18 +45,8 @@ class OutputDecision:
     @classmethod
     def from_document(cls, doc: object) -> "OutputDecision":
         """Check an output decision document and build the decision, or raise ``MalformedDecision``."""
-        obj = _object(doc, "output_decision", required={"allow", "reasons", "obligations"})
-        allow = obj["allow"]
-        if not isinstance(allow, bool):
-            raise MalformedDecision(f"output_decision.allow must be a boolean, got {_kind(allow)}")
-        raw_reasons = obj["reasons"]
-        if not isinstance(raw_reasons, list):
-            raise MalformedDecision(f"output_decision.reasons must be a list, got {_kind(raw_reasons)}")
-        reasons = tuple(_reason(item, i, "output_decision") for i, item in enumerate(raw_reasons))
-        if allow and reasons:
-            raise MalformedDecision("output_decision allows the output but gives reasons")
-        if not allow and not reasons:
-            raise MalformedDecision("output_decision stops the output without a reason")
+        obj, allow, reasons = verdict_head(doc, "output_decision", allows="allows the output",
+                                           refuses="stops the output")
         obligations = _object(obj["obligations"], "output_decision.obligations", required=set(),
                               optional={"redact"})
         redact = (_redactions(obligations["redact"], "output_decision.obligations.redact")
