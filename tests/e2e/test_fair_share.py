@@ -32,6 +32,14 @@ from workers.contract.fair_queues import SHARES_KEY, job_queue, registry_key, wa
 from workers.contract.registry import TINY_MODEL_NAME
 
 
+def log_tail(path, chars: int = 6000) -> str:
+    """The end of a child's log, for an assertion's message (the tiny model's outputs are not secrets)."""
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError as exc:
+        return f"(unreadable: {exc})"
+
+
 def fair_settings(own_redis, tmp_path, shares: dict[str, int]):
     """Fair mode, the suite's roomy limits, and the teams' shares in the policy data."""
     def with_shares(config: dict) -> None:
@@ -147,12 +155,14 @@ def test_a_killed_pool_process_redelivers_the_job_from_its_fair_list_and_it_ends
         client.close()
     finally:
         stop_process(worker, timeout_s=30)
-    assert found.get("victim"), "the generation was never seen starting"
-    assert response.status_code == 200, response.text
+    # Once seen (a 504 after 90 s, under a load average of 8): the logs say what the worker did meanwhile.
+    logs = "".join(f"\n--- {name} (tail) ---\n{log_tail(tmp_path / name)}" for name in ("worker.log", "serve.log"))
+    assert found.get("victim"), "the generation was never seen starting" + logs
+    assert response.status_code == 200, response.text + logs
     request_id = response.headers["x-govgate-request-id"]
     assert request_id == found["request_id"]
     entries = audit_store.entries_for(request_id)
-    assert [e.kind for e in entries] == ["request", "completion"]
+    assert [e.kind for e in entries] == ["request", "completion"], logs
     assert entries[1].body["worker"]["pid"] != found["victim"]
     assert any(k.startswith(job_queue(TINY_MODEL_NAME, "gamma", user)) for k in registered), registered
     assert not waiting or waiting == {b"gamma": b"0"}  # counted up by the restore, down by the second take
