@@ -19,7 +19,8 @@ def _job(**changes) -> GenerateJob:
     values = dict(request_id="r1", model="m", endpoint="chat.completions", params=params, principal="p",
                   team="t", policy_revision="rev", messages=[{"role": "user", "content": "hi"}], prompt=None,
                   enqueued_at_ns=5, stream=True, prompt_logging="digest",
-                  redact=[{"detector": "email", "text": "a@b.c"}], deadline_ns=9, reply_to="chan", check_output=True)
+                  redact=[{"detector": "email", "text": "a@b.c"}], deadline_ns=9, reply_to="chan", check_output=True,
+                  output_rule_absent=True)
     values.update(changes)
     return GenerateJob(**values)
 

@@ -197,3 +197,23 @@ def test_no_time_left_reports_the_output_and_records_it_unchecked_without_blocki
     gateway.close()
     assert result.status == STATUS_FAILED and result.error["code"] == "output_unchecked"
     assert len(gateway.reports) == 1 and not client.exists(verdict_key(job.request_id))
+
+
+def test_under_a_revision_without_output_rules_the_worker_records_the_allow_without_asking(client, store,
+                                                                                          model) -> None:
+    # The gateway knew the admitting revision has no output rule: no report, no wait, the same entry.
+    listener = client.pubsub()
+    channel = f"govgate:gateway:{uuid.uuid4().hex}"
+    listener.subscribe(channel)
+    listener.get_message(timeout=5)  # the subscribe confirmation
+    job = checked_job(channel, output_rule_absent=True)
+    result = run(client, job, store, model, timeout_s=30.0)
+    heard = listener.get_message(ignore_subscribe_messages=True, timeout=0.2)
+    listener.close()
+    assert heard is None  # nothing was reported (a result is published by the task wrapper, not run_job)
+    entry = store.terminal_for(job.request_id)
+    assert result.status == STATUS_COMPLETED and result.text and entry.kind == "completion"
+    assert entry.body["output_decision"] == {"allow": True, "reasons": [], "findings": [], "stopped": False,
+                                             "policy_revision": "rev"}
+    assert entry.payload["client_output"] == entry.payload["output"] == result.text
+    assert entry.body["finish_reason"] != "content_filter" and "error" not in entry.body
