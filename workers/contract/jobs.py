@@ -122,7 +122,10 @@ class GenerateJob:
     output_rule_absent: bool = False
 
     def to_payload(self) -> dict[str, Any]:
-        return {**asdict(self), "params": self.params.to_payload()}
+        payload = {**asdict(self), "params": self.params.to_payload()}
+        if not self.output_rule_absent:  # left out unless set: a worker that predates it can read the job
+            del payload["output_rule_absent"]
+        return payload
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> "GenerateJob":
