@@ -161,10 +161,14 @@ def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobCh
         timeout_s = verdict_timeout_s
         if job.deadline_ns:  # past the deadline its gateway has ended the request already
             timeout_s = min(timeout_s, max(0.0, (job.deadline_ns - time.time_ns()) / 1e9))
-        try:
-            verdict = channel.await_verdict(OutputReport("".join(text), stopped=ending is not None), timeout_s)
-        except SoftTimeLimitExceeded:  # the time limit came while waiting: recorded unchecked, never lost
-            verdict = None
+        if job.output_rule_absent:  # nothing to judge it by: its gateway would answer "allow, whole"
+            verdict = OutputVerdict.unruled("".join(text), job.policy_revision)
+        else:
+            try:
+                verdict = channel.await_verdict(OutputReport("".join(text), stopped=ending is not None),
+                                                timeout_s)
+            except SoftTimeLimitExceeded:  # the time limit came while waiting: recorded unchecked, never lost
+                verdict = None
         return _record_checked(job, store, verdict, "".join(text), prompt_tokens, completion_tokens, finish,
                                worker, queue_ms, started_ns, digester)
     return _record_end(job, store, kind, "".join(text), prompt_tokens, completion_tokens, finish, worker,

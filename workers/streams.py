@@ -25,6 +25,9 @@ CANCEL_CHECK_INTERVAL_S = 0.05
 #: Longest one BLPOP for a verdict blocks: below the worker client's socket timeout (5 s), which a
 #: longer blocking command would trip.
 VERDICT_POLL_S = 4.0
+#: Shortest BLPOP for a verdict: Redis reads a timeout in whole milliseconds, and one that rounds
+#: down to 0 would block for ever.
+MIN_VERDICT_WAIT_S = 0.01
 
 
 #: Prefix of the list that mirrors a stream's published pieces (sealed).
@@ -145,8 +148,10 @@ class RedisJobChannel:
     def await_verdict(self, report: OutputReport, timeout_s: float) -> OutputVerdict | None:
         """Report the output to the waiting gateway and wait for its verdict; None if none came in time.
 
-        The report is published (sealed) on the reply channel; the verdict is
-        BLPOPped from the request's verdict key, in steps shorter than the
+        The report is published (sealed) on the reply channel and the first
+        BLPOP of the request's verdict key follows it in the same round trip
+        (a pipeline: Redis runs the PUBLISH, then blocks on the BLPOP); a wait
+        longer than one step goes on in further BLPOPs, each shorter than the
         client's socket timeout. None also when Redis fails or the verdict
         cannot be opened: the caller records the output as unchecked.
         """
@@ -154,13 +159,19 @@ class RedisJobChannel:
             return None
         key = verdict_key(self._request_id)
         deadline = time.monotonic() + timeout_s
+        message = reply_message(REPLY_OUTPUT, self._request_id, report.sealed(self._sealer))
         try:
-            self._client.publish(self._reply_to, reply_message(REPLY_OUTPUT, self._request_id,
-                                                               report.sealed(self._sealer)))
-            while (remaining := deadline - time.monotonic()) > 0:
+            if timeout_s < MIN_VERDICT_WAIT_S:  # no time to wait: the gateway still hears the output
+                self._client.publish(self._reply_to, message)
+                return None
+            with self._client.pipeline(transaction=False) as pipe:
+                pipe.publish(self._reply_to, message)
+                pipe.blpop([key], timeout=min(timeout_s, VERDICT_POLL_S))
+                _, popped = pipe.execute()
+            while popped is None and (remaining := deadline - time.monotonic()) >= MIN_VERDICT_WAIT_S:
                 popped = self._client.blpop([key], timeout=min(remaining, VERDICT_POLL_S))
-                if popped is not None:
-                    return OutputVerdict.opened(popped[1], self._sealer)
+            if popped is not None:
+                return OutputVerdict.opened(popped[1], self._sealer)
         except (redis.RedisError, OSError) as exc:
             log.error("no output verdict for %s (Redis: %s)", self._request_id, exc)
         except (SealError, ValueError) as exc:

@@ -12,6 +12,7 @@ docs/architecture.md, section "gateway/requests and gateway/dispatch".
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -36,11 +37,43 @@ class ResultTimeout(TimeoutError):
     """No result arrived within the request's timeout."""
 
 
+class _Inbox:
+    """A job's pieces and output report, in order, and the one reader waiting for the next.
+
+    Not an ``asyncio.Queue``: reading it while also watching the outcome cost
+    a task and an ``asyncio.wait`` per event; here the reader waits on one
+    future that a new item or the outcome settles, its deadline one timer.
+    """
+
+    def __init__(self) -> None:
+        self.items: collections.deque[Any] = collections.deque()
+        self._wake: asyncio.Future[None] | None = None
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+        self.notify()
+
+    def notify(self, *_: object) -> None:
+        """Wake the reader (something arrived, or the outcome is settled)."""
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def wait(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """Until :meth:`notify` or ``deadline`` (loop time), whichever comes first."""
+        wake = self._wake = loop.create_future()
+        timer = loop.call_at(deadline, self.notify)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            self._wake = None
+
+
 class PendingResult:
     """The wait for one job's outcome; await :meth:`get`, or iterate :meth:`events`."""
 
     def __init__(self, waiter: "ResultWaiter", task_id: str, future: asyncio.Future,
-                 pieces: asyncio.Queue | None = None) -> None:
+                 pieces: _Inbox | None = None) -> None:
         self._waiter = waiter
         self.task_id = task_id
         self._future = future
@@ -48,7 +81,7 @@ class PendingResult:
 
     def backlog(self) -> int:
         """Pieces (and reports) received but not yet read."""
-        return self._pieces.qsize() if self._pieces is not None else 0
+        return len(self._pieces.items) if self._pieces is not None else 0
 
     async def events(self, timeout_s: float) -> AsyncIterator[str | OutputReport | dict[str, Any]]:
         """Text pieces as the worker publishes them, its output report (checked jobs), then the outcome dict.
@@ -60,24 +93,16 @@ class PendingResult:
         assert self._pieces is not None, "expect(..., stream=True) or checked=True is needed to read events"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        inbox = self._pieces
         while True:
-            while not self._pieces.empty():
-                yield self._pieces.get_nowait()
+            while inbox.items:
+                yield inbox.items.popleft()
             if self._future.done():
                 yield self._future.result()
                 return
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+            if deadline - loop.time() <= 0:
                 raise ResultTimeout(f"no result for {self.task_id} within {timeout_s:g}s")
-            getter = asyncio.ensure_future(self._pieces.get())
-            try:
-                done, _ = await asyncio.wait({getter, self._future}, timeout=remaining,
-                                             return_when=asyncio.FIRST_COMPLETED)
-            finally:  # also when the reader is cancelled (client gone): no orphaned task
-                if not getter.done():
-                    getter.cancel()
-            if getter in done:
-                yield getter.result()
+            await inbox.wait(loop, deadline)
 
     async def look_stored(self) -> None:
         """Resolve the wait now if the outcome is stored already (a wait begun after the job may have ended)."""
@@ -108,7 +133,7 @@ class ResultWaiter:
         self._sealer = sealer
         self._pubsub = client.pubsub()
         self._pending: dict[str, asyncio.Future] = {}
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, _Inbox] = {}
         self._listener: asyncio.Task | None = None
         self._reply_channel = f"govgate:gateway:{uuid.uuid4().hex}"
         #: Set by the connection's connect callback: stored outcomes must be read.
@@ -143,9 +168,10 @@ class ResultWaiter:
         """
         future = asyncio.get_running_loop().create_future()
         self._pending[task_id] = future
-        pieces: asyncio.Queue | None = None
+        pieces: _Inbox | None = None
         if stream or checked:
-            pieces = self._streams[task_id] = asyncio.Queue()
+            pieces = self._streams[task_id] = _Inbox()
+            future.add_done_callback(pieces.notify)  # the outcome (or a cancel) ends the reader's wait
         try:
             yield PendingResult(self, task_id, future, pieces)
         finally:
@@ -175,13 +201,16 @@ class ResultWaiter:
             if meta.get("status") == "SUCCESS" and isinstance(meta.get("result"), dict):
                 meta["result"] = open_result(meta["result"], self._sealer)
             future.set_result(meta)
+            inbox = self._streams.get(task_id)
+            if inbox is not None:  # at once, not a loop turn later through the future's callback
+                inbox.notify()
 
     def _piece(self, task_id: str, raw: bytes | str) -> None:
         queue = self._streams.get(task_id)
         if queue is None:
             return
         try:
-            queue.put_nowait(open_piece(self._sealer, raw))
+            queue.put(open_piece(self._sealer, raw))
         except (SealError, TypeError, ValueError, KeyError):
             log.error("unreadable stream piece for %s", task_id)
 
@@ -191,7 +220,7 @@ class ResultWaiter:
             log.warning("output report for %s, which this process does not wait for", task_id)
             return
         try:
-            queue.put_nowait(OutputReport.opened(raw, self._sealer))
+            queue.put(OutputReport.opened(raw, self._sealer))
         except (SealError, TypeError, ValueError, KeyError):
             log.error("unreadable output report for %s", task_id)
 

@@ -63,6 +63,11 @@ class PolicyEngine(Protocol):
         """
         ...
 
+    async def has_output_rule(self) -> bool:
+        """False only when the policy is known to have no output rule (outputs pass unchecked); asked
+        once per revision, and True whenever the question goes unanswered (fail closed)."""
+        ...
+
     async def visible_models(self, principal: dict[str, Any], models: list[dict[str, Any]]) -> set[str]:
         """Names among ``models`` (policy views) that ``principal`` may use.
 
@@ -182,6 +187,9 @@ class EmbeddedPolicyEngine:
             return OutputDecision.from_document(json.loads(outcome.text))
         except ValueError as exc:  # MalformedDecision, or not JSON at all
             return _stop(POLICY_ERROR, f"the policy returned a malformed output decision: {exc}")
+
+    async def has_output_rule(self) -> bool:
+        return not await self._output_rule_absent()
 
     async def _output_rule_absent(self) -> bool:
         """Whether the policy has no output rule: asked once per engine, on :data:`OUTPUT_RULE_PROBE`.

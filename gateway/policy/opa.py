@@ -252,6 +252,9 @@ class OpaPolicyEngine:
         except ValueError as exc:  # MalformedDecision
             return _stop(POLICY_ERROR, f"the policy returned a malformed output decision: {exc}")
 
+    async def has_output_rule(self) -> bool:
+        return not await self._output_rule_absent(self.revision)
+
     async def _output_rule_absent(self, revision: str) -> bool:
         """Whether OPA's policy has no output rule, asked once per revision; no answer counts as "has one",
         so the output is stopped rather than let through.

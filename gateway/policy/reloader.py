@@ -85,6 +85,19 @@ class ReloadingPolicyEngine:
     async def visible_models(self, principal: dict[str, Any], models: list[dict[str, Any]]) -> set[str]:
         return await self._engine.visible_models(principal, models)
 
+    async def output_rule_absent(self, revision: str) -> bool:
+        """True only when the policy at ``revision`` is the one loaded and has no output rule at all.
+
+        A request admitted under another revision (a reload came between its
+        decision and now), an engine that cannot answer the question, or one
+        that keeps no such knowledge (a test's stand-in) counts as having one.
+        """
+        engine = self._engine
+        has_output_rule = getattr(engine, "has_output_rule", None)
+        if has_output_rule is None or engine.revision != revision:
+            return False
+        return not await has_output_rule()
+
     async def reload(self, *, force: bool = False) -> ReloadResult:
         """Load the folder again if its revision changed; keep the old policy on any error."""
         async with self._lock:

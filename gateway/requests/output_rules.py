@@ -66,6 +66,18 @@ class OutputRules:
     def hold(self) -> HoldBack:
         return HoldBack(self.holdback_chars)
 
+    async def rule_absent(self, ticket: Ticket) -> bool:
+        """True when the policy revision that admitted ``ticket`` has no output rule at all (asked once
+        per revision); False on any doubt, so the output is judged as usual."""
+        ask = getattr(self.policy, "output_rule_absent", None)  # a bare engine (tests) keeps no such answer
+        if ask is None:
+            return False
+        try:
+            return await ask(ticket.job.policy_revision)
+        except Exception as exc:  # noqa: BLE001 - a failed question means: judge it
+            log.error("cannot tell whether the policy has output rules: %s: %s", type(exc).__name__, exc)
+            return False
+
     async def judge(self, ticket: Ticket, hold: HoldBack, *, final: bool = False) -> tuple[str, str]:
         """Judge the text ``hold`` has not released; the text this releases (masked) and the policy revision."""
         window = hold.window(final=final)

@@ -19,7 +19,8 @@ def _job(**changes) -> GenerateJob:
     values = dict(request_id="r1", model="m", endpoint="chat.completions", params=params, principal="p",
                   team="t", policy_revision="rev", messages=[{"role": "user", "content": "hi"}], prompt=None,
                   enqueued_at_ns=5, stream=True, prompt_logging="digest",
-                  redact=[{"detector": "email", "text": "a@b.c"}], deadline_ns=9, reply_to="chan", check_output=True)
+                  redact=[{"detector": "email", "text": "a@b.c"}], deadline_ns=9, reply_to="chan", check_output=True,
+                  output_rule_absent=True)
     values.update(changes)
     return GenerateJob(**values)
 
@@ -52,3 +53,11 @@ def test_sealed_job_opens_as_the_job() -> None:
     assert {k: v for k, v in sealed.items() if k != "sealed"} == {k: v for k, v in reference.items()
                                                                    if k != "sealed"}
     assert GenerateJob.unsealed(sealed, sealer) == job
+
+
+def test_output_rule_absent_travels_only_when_set() -> None:
+    """A worker that predates the field can still read every job that does not need it."""
+    plain = _job(output_rule_absent=False)
+    assert "output_rule_absent" not in plain.to_payload()
+    assert GenerateJob.from_payload(plain.to_payload()) == plain
+    assert GenerateJob.from_payload(_job().to_payload()).output_rule_absent is True

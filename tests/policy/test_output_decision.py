@@ -259,3 +259,31 @@ async def test_emptied_opa_stops_outputs_rather_than_taking_them_for_unchecked(
     finally:
         await engine.aclose()
     assert codes(emptied) == [POLICY_ERROR]
+
+
+async def test_whether_a_revision_has_an_output_rule_is_known_on_both_engines(open_engine: Opener,
+                                                                              tmp_path: Path) -> None:
+    # One after the other: on OPA both engines load into the one server.
+    without = await open_engine(policy(tmp_path / "without", ""))
+    assert await without.has_output_rule() is False
+    with_rule = await open_engine(policy(tmp_path / "with", f"output_decision := {STOP}\n"))
+    assert await with_rule.has_output_rule() is True
+
+
+async def test_the_reloader_says_a_rule_is_absent_only_for_the_revision_it_holds(tmp_path: Path) -> None:
+    folder = policy(tmp_path, "")  # no output rule
+
+    async def opener() -> PolicyEngine:
+        return EmbeddedPolicyEngine.load(folder, TIMEOUT_S)
+
+    reloading = ReloadingPolicyEngine(await opener(), opener, policy_dir=folder)
+    try:
+        first = reloading.revision
+        assert await reloading.output_rule_absent(first) is True
+        assert await reloading.output_rule_absent("another revision") is False  # admitted under another
+        write_policy(folder, f"decision := {ALLOW}\nvisible_models := set()\noutput_decision := {STOP}\n")
+        assert (await reloading.reload()).changed
+        assert await reloading.output_rule_absent(first) is False
+        assert await reloading.output_rule_absent(reloading.revision) is False
+    finally:
+        await reloading.aclose()

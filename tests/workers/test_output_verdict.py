@@ -22,6 +22,7 @@ from workers.contract.privacy import Digester, mask
 from workers.contract.sampling import SamplingParams
 from workers.contract.sealing import Sealer
 from workers.generation import run_job
+from workers import streams
 from workers.streams import RedisJobChannel
 
 SEALER = Sealer(os.urandom(32))
@@ -168,3 +169,51 @@ def test_a_redelivery_is_answered_with_what_the_client_received(client, store, m
     gateway.close()
     again = run(client, job, store, model, timeout_s=0.3)  # the claim says started: answered from the log
     assert again.text == first.text and word not in again.text
+
+
+def test_a_verdict_that_comes_after_the_first_wait_step_is_still_taken(client, store, model, monkeypatch) -> None:
+    # The first BLPOP rides with the report's PUBLISH; a verdict slower than one step is read by a later one.
+    monkeypatch.setattr(streams, "VERDICT_POLL_S", 0.05)
+    released = threading.Event()
+
+    def slow(report: OutputReport) -> OutputVerdict:
+        released.wait(0.5)  # several steps pass while nothing answers
+        return redacting(report.text.split()[0])(report)
+
+    gateway = Gateway(client, slow)
+    job = checked_job(gateway.channel)
+    result = run(client, job, store, model, timeout_s=10.0)
+    gateway.close()
+    word = gateway.reports[0].text.split()[0]
+    assert result.status == STATUS_COMPLETED and word not in result.text
+    assert store.terminal_for(job.request_id).body["output_decision"]["policy_revision"] == "rev-2"
+
+
+def test_no_time_left_reports_the_output_and_records_it_unchecked_without_blocking(client, store, model) -> None:
+    # A BLPOP timeout that rounds down to 0 ms would block for ever: none is sent.
+    gateway = Gateway(client, lambda report: None)
+    job = checked_job(gateway.channel)
+    result = run(client, job, store, model, timeout_s=0.0)
+    gateway.close()
+    assert result.status == STATUS_FAILED and result.error["code"] == "output_unchecked"
+    assert len(gateway.reports) == 1 and not client.exists(verdict_key(job.request_id))
+
+
+def test_under_a_revision_without_output_rules_the_worker_records_the_allow_without_asking(client, store,
+                                                                                          model) -> None:
+    # The gateway knew the admitting revision has no output rule: no report, no wait, the same entry.
+    listener = client.pubsub()
+    channel = f"govgate:gateway:{uuid.uuid4().hex}"
+    listener.subscribe(channel)
+    listener.get_message(timeout=5)  # the subscribe confirmation
+    job = checked_job(channel, output_rule_absent=True)
+    result = run(client, job, store, model, timeout_s=30.0)
+    heard = listener.get_message(ignore_subscribe_messages=True, timeout=0.2)
+    listener.close()
+    assert heard is None  # nothing was reported (a result is published by the task wrapper, not run_job)
+    entry = store.terminal_for(job.request_id)
+    assert result.status == STATUS_COMPLETED and result.text and entry.kind == "completion"
+    assert entry.body["output_decision"] == {"allow": True, "reasons": [], "findings": [], "stopped": False,
+                                             "policy_revision": "rev"}
+    assert entry.payload["client_output"] == entry.payload["output"] == result.text
+    assert entry.body["finish_reason"] != "content_filter" and "error" not in entry.body

@@ -116,9 +116,16 @@ class GenerateJob:
     #: records per the verdict (``workers/contract/output_check.py``). False for jobs queued by a
     #: gateway that predates them.
     check_output: bool = False
+    #: With ``check_output``: the policy revision that admitted the job has no output rule at all, so
+    #: every output passes unchecked and the worker records that verdict itself, without asking its
+    #: gateway (no report, no wait). Only a gateway that knew the revision's rules sets it.
+    output_rule_absent: bool = False
 
     def to_payload(self) -> dict[str, Any]:
-        return {**asdict(self), "params": self.params.to_payload()}
+        payload = {**asdict(self), "params": self.params.to_payload()}
+        if not self.output_rule_absent:  # left out unless set: a worker that predates it can read the job
+            del payload["output_rule_absent"]
+        return payload
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> "GenerateJob":

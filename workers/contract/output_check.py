@@ -89,6 +89,16 @@ class OutputVerdict:
                    stopped=bool(document.get("stopped")), unavailable=bool(document.get("unavailable")),
                    revision=str(document.get("revision") or ""))
 
+    @classmethod
+    def unruled(cls, text: str, revision: str) -> "OutputVerdict":
+        """The verdict on ``text`` under a policy revision with no output rule: it passes whole.
+
+        What the gateway's engine answers for such a policy
+        (``OutputDecision.allowed()``), folded as :class:`HoldBack` folds it,
+        so that the entry is the same whether the gateway was asked or not.
+        """
+        return cls(decision={"allow": True, "reasons": [], "redact": []}, client_text=text, revision=revision)
+
     @property
     def redact(self) -> list[dict[str, str]]:
         """The findings the client's text was masked for (``[{detector, text}]``)."""

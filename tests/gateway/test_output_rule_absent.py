@@ -1,0 +1,90 @@
+"""A policy revision without an output rule: outputs pass unchecked with no report/verdict round trip.
+
+The gateway asks once per revision whether its policy has an output rule
+(``ReloadingPolicyEngine.output_rule_absent``); without one it tells the
+worker so in the job, and the worker records the verdict the gateway would
+have sent (allow, the whole output served). A revision with an output rule
+is still judged: a rule that stops every output stops this one. The verdict
+round trip is seen in Redis's own counters: BLPOP is the worker's wait for a
+verdict (Celery's consumers use BRPOP).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+from litestar.testing import AsyncTestClient
+
+from gateway.app import create_app
+from tests.conftest import _roomy_limits, bearer, policy_copy
+from workers.contract.registry import TINY_MODEL_NAME
+
+pytestmark = pytest.mark.anyio
+
+BODY = {"model": TINY_MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+STOP_ALL = '''package govgate
+
+import rego.v1
+
+output_decision := {"allow": false, "reasons": [{"code": "test_stop", "message": "every output stops"}],
+	"obligations": {"redact": []}}
+'''
+
+
+def without_output_rule(folder: Path) -> Path:
+    """The shipped policy with its output rule renamed away (its helpers stay: checks.rego uses them)."""
+    target = policy_copy(folder, _roomy_limits)
+    output = target / "output.rego"
+    output.write_text(output.read_text().replace("output_decision :=", "retired_output_decision :=", 1))
+    return target
+
+
+def stopping_every_output(folder: Path) -> Path:
+    target = without_output_rule(folder)
+    (target / "stop_all.rego").write_text(STOP_ALL)
+    return target
+
+
+def verdict_waits(redis_url: str) -> int:
+    """BLPOP calls Redis has served so far: one per verdict a worker waited for."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return int(client.info("commandstats").get("cmdstat_blpop", {}).get("calls", 0))
+    finally:
+        client.close()
+
+
+async def complete(settings, folder: Path, key: str):
+    async with AsyncTestClient(create_app(settings.with_(policy_dir=folder, output_rules=True)),
+                               timeout=120) as client:
+        return await client.post("/v1/completions", headers=bearer(key), json=BODY)
+
+
+async def test_no_output_rule_records_the_allow_without_the_round_trip(settings, worker, keyring, audit_store,
+                                                                         tmp_path):
+    before = verdict_waits(settings.redis_url)
+    response = await complete(settings, without_output_rule(tmp_path), keyring["analyst"])
+    assert response.status_code == 200, response.text
+    assert verdict_waits(settings.redis_url) == before
+    terminal = audit_store.terminal_for(response.headers["x-govgate-request-id"])
+    text = response.json()["choices"][0]["text"]
+    assert terminal.kind == "completion" and text
+    assert terminal.body["output_decision"] == {"allow": True, "reasons": [], "findings": [], "stopped": False,
+                                                "policy_revision": terminal.policy_revision}
+    assert terminal.payload["client_output"] == terminal.payload["output"] == text
+
+
+async def test_an_output_rule_is_still_asked_and_can_stop_the_output(settings, worker, keyring, audit_store,
+                                                                     tmp_path):
+    before = verdict_waits(settings.redis_url)
+    response = await complete(settings, stopping_every_output(tmp_path), keyring["analyst"])
+    assert response.status_code == 200, response.text
+    assert verdict_waits(settings.redis_url) == before + 1
+    choice = response.json()["choices"][0]
+    assert choice["finish_reason"] == "content_filter" and choice["text"] == ""
+    terminal = audit_store.terminal_for(response.headers["x-govgate-request-id"])
+    decision = terminal.body["output_decision"]
+    assert decision["allow"] is False and decision["stopped"] is True
+    assert decision["reasons"] == [{"code": "test_stop", "message": "every output stops"}]
