@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import sqlite3
+
 import pytest
 
 import audit.verify as verify_module
@@ -93,6 +95,9 @@ SQLITE_ONLY = [
     ("UPDATE audit_entries SET created_at = replace(created_at, ' ', 'T') WHERE seq = 28", 28),
     ("UPDATE audit_entries SET payload_digest = CAST(payload_digest AS BLOB) WHERE seq = 29", 29),
     ("UPDATE audit_entries SET body = CAST(body AS BLOB) WHERE seq = 30", 30),
+    ("UPDATE audit_entries SET body = X'' WHERE seq = 30", 30),  # the empty BLOB, the lowest of them
+    ("UPDATE audit_entries SET body = 5 WHERE seq = 30", 30),  # a number (the JSON column's affinity keeps it)
+    ("UPDATE audit_entries SET body = 1.5 WHERE seq = 30", 30),
     ("UPDATE audit_entries SET request_id = request_id || char(0) WHERE seq = 31", 31),
     ("UPDATE audit_entries SET terminal_request_id = NULL WHERE seq = 35", 35),
     ("UPDATE audit_entries SET terminal_request_id = 'r-17\"' WHERE seq = 37", 37),  # not the request id
@@ -144,3 +149,28 @@ def test_the_rows_after_the_boundary_take_the_fast_loop(db: RawDB, monkeypatch: 
     result = verify_chain(db.store())
     assert result.ok and result.checked == 61 and result.format_boundary == 1, result
     assert fast_rows == list(range(2, 62))
+
+
+#: Values of every SQLite storage class, the edges of each (the empty text and BLOB, a NUL inside).
+STORED = ["{}", "", "a\x00b", "\x00", "5", "1.5", "ABC", "é日本", b"", b"\x00", b"{}", 5, -1, 0, 1.5, None]
+
+
+@pytest.mark.parametrize("declared", ["JSON", "TEXT", "BLOB", "INTEGER", "", "TEXT COLLATE NOCASE",
+                                      "JSON COLLATE RTRIM"])
+def test_the_fast_statement_reads_a_body_as_bytes_exactly_when_it_is_stored_as_text(declared: str) -> None:
+    """The comparisons in the fast statement's body column pick TEXT and nothing else, as typeof() would.
+
+    Whatever the column's declared type (its affinity turns '5' into a number under JSON's NUMERIC) or
+    collation: a body they let through is hashed as its bytes, one they hold back goes to the reference.
+    """
+    conn = sqlite3.connect(":memory:")
+    conn.execute(f"CREATE TABLE t (body {declared})")
+    conn.executemany("INSERT INTO t VALUES (?)", [(value,) for value in STORED])
+    rows = conn.execute(f"SELECT {verify_walk._BODY_AS_STORED_BYTES}, "
+                        "CASE WHEN typeof(body) = 'text' THEN CAST(body AS BLOB) END, typeof(body) FROM t").fetchall()
+    assert len(rows) == len(STORED)
+    for fast, by_typeof, kind in rows:
+        assert fast == by_typeof, (declared, kind, fast, by_typeof)
+        assert (fast is not None) == (kind == "text")
+    assert {kind for _, _, kind in rows} >= {"text", "blob", "null"}
+    conn.close()
