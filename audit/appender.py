@@ -20,6 +20,14 @@ first append first writes the ``chain_format`` boundary entry (seq 1, format
 when it was upgraded got its boundary from the migration (audit_0002). So
 the only check on the hot path is the head read that was there anyway.
 
+``created_at`` never goes back along the chain: an entry gets the later of
+the clock and its predecessor's ``created_at``, decided under the write
+lock, so a clock stepped back (or another process's slower clock) repeats
+the head's time rather than writing an older one. That order is what lets a
+search turn a time range into a ``seq`` range (:mod:`audit.time_order`)
+instead of keeping an index on ``(column, created_at)`` for each searched
+column, which cost the append a third of SQLite's work (audit_0005).
+
 Where an append's time goes, and what was tried: docs/architecture.md,
 "Audit entries and the chain" (the append's cost).
 """
@@ -38,6 +46,7 @@ from sqlalchemy import Engine, select
 from .chain import (FORMAT_1, FORMAT_2, GENESIS_HASH, canonical_text, chain_hash, entry_payload_with_body,
                     format_timestamp, hashed_fields)
 from .db import APPEND_LOCK_KEY, lock_statements
+from .errors import CorruptEntryError
 from .kinds import CHAIN_FORMAT, CHAIN_FORMAT_REQUEST_ID
 from .tables import audit_table
 from .writer import WriterConnection, writer_for
@@ -115,7 +124,7 @@ class Appender:
         self._queue: list[_Pending] = []  # appends waiting for the next transaction
         self._leader: int | None = None  # the thread writing a transaction now (-1: handed on, not yet awake)
         _APPENDERS.add(self)
-        head = select(_t.seq, _t.hash).order_by(_t.seq.desc()).limit(1)
+        head = select(_t.seq, _t.hash, _t.created_at).order_by(_t.seq.desc()).limit(1)
         self._head_sql = str(head.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
         insert = audit_table.insert().compile(dialect=dialect)
         self._insert_sql = str(insert)
@@ -214,6 +223,8 @@ class Appender:
         cursor.execute(self._head_sql)
         head = cursor.fetchone()
         now = datetime.now(timezone.utc)
+        if head is not None:
+            now = _not_before(now, head)
         if head is None:  # a new store: its first entry is the format boundary
             boundary = self._insert(cursor, _BOUNDARY_FIELDS, 1, GENESIS_HASH, now, BOUNDARY_BODY_TEXT, None,
                                     FORMAT_1)
@@ -268,6 +279,24 @@ class Appender:
         row["hash"] = entry_hash
         cursor.execute(self._insert_sql, [row[n] for n in self._names] if self._positional else row)
         return Chained(seq, now, prev_hash, entry_hash)
+
+
+def _not_before(now: datetime, head: Any) -> datetime:
+    """``now``, or the head's ``created_at`` when that is later: time never goes back along the chain.
+
+    ``head`` is ``(seq, hash, created_at)`` as the driver returns it: the
+    stored text on SQLite (``YYYY-MM-DD HH:MM:SS.ffffff``, UTC), an aware
+    datetime on PostgreSQL. A head whose time cannot be read refuses the
+    append (fail closed): it is a tampered row, which ``verify`` reports too.
+    """
+    stored = head[2]
+    try:
+        if isinstance(stored, str):
+            stored = datetime.fromisoformat(stored)
+        stored = stored.replace(tzinfo=timezone.utc) if stored.tzinfo is None else stored.astimezone(timezone.utc)
+        return stored if stored > now else now
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CorruptEntryError(head[0], f"the chain head's created_at is unreadable ({exc})") from None
 
 
 def _created_at_binder(processor: Callable[[Any], Any] | None,

@@ -29,6 +29,7 @@ from .errors import AuditError, CorruptEntryError
 from .kinds import PAYLOAD_READ, REQUEST
 from .store import AuditStore
 from .tables import audit_table
+from .time_order import SeqRange, seq_range
 
 _t = audit_table.c
 
@@ -91,7 +92,7 @@ def search(store: AuditStore, where: EntryFilter, *, newest_first: bool = True, 
     """
     if not 1 <= limit <= MAX_PAGE_SIZE:
         raise ValueError(f"limit must be 1 to {MAX_PAGE_SIZE}")
-    entries = _fetch(store, _page(store.engine, where, newest_first, cursor, limit + 1))
+    entries = _fetch(store, _page(store.engine, where, newest_first, cursor, limit + 1, _seqs(store.engine, where)))
     if len(entries) > limit:
         return Page(entries[:limit], entries[limit - 1].seq)
     return Page(entries, None)
@@ -107,7 +108,7 @@ def iter_matching(store: AuditStore, where: EntryFilter, *, newest_first: bool =
     """
     cursor: int | None = None
     while True:
-        entries = _fetch(store, _page(store.engine, where, newest_first, cursor, batch))
+        entries = _fetch(store, _page(store.engine, where, newest_first, cursor, batch, _seqs(store.engine, where)))
         yield from entries
         if len(entries) < batch:
             return
@@ -116,16 +117,22 @@ def iter_matching(store: AuditStore, where: EntryFilter, *, newest_first: bool =
 
 def count_matching(engine: Engine, where: EntryFilter) -> int:
     """How many entries match ``where`` (the CLI's progress bar)."""
-    stmt = select(func.count()).select_from(audit_table).where(*conditions(where, engine.dialect.name))
     try:
         with engine.connect() as conn:
+            seqs = seq_range(conn, where.since, where.until)
+            stmt = select(func.count()).select_from(audit_table).where(*conditions(where, engine.dialect.name, seqs))
             return int(conn.execute(stmt).scalar_one())
     except DB_ERRORS as exc:
         raise AuditError(f"audit read failed on {describe(engine)}: {reason(exc)}") from exc
 
 
-def conditions(where: EntryFilter, dialect: str) -> list[ColumnElement[bool]]:
-    """The WHERE clauses of ``where`` (shared with :mod:`audit.aggregates`)."""
+def conditions(where: EntryFilter, dialect: str, seqs: SeqRange | None = None) -> list[ColumnElement[bool]]:
+    """The WHERE clauses of ``where`` (shared with :mod:`audit.aggregates`).
+
+    ``seqs``, the time range as a seq range (:func:`audit.time_order.seq_range`),
+    replaces the ``created_at`` conditions: the same entries, picked from the
+    ``(column, seq)`` indexes or the primary key.
+    """
     clauses: list[ColumnElement[bool]] = []
     for column, value in ((_t.principal, where.principal), (_t.team, where.team), (_t.model, where.model),
                           (_t.request_id, where.request_id)):
@@ -133,10 +140,18 @@ def conditions(where: EntryFilter, dialect: str) -> list[ColumnElement[bool]]:
             clauses.append(column == value)
     if where.kinds:
         clauses.append(_t.kind.in_(sorted(where.kinds)))
-    if where.since is not None:
-        clauses.append(_t.created_at >= where.since)
-    if where.until is not None:
-        clauses.append(_t.created_at < where.until)
+    if seqs is not None:
+        if seqs.empty:
+            clauses.append(false())
+        if seqs.start is not None:
+            clauses.append(_t.seq >= seqs.start)
+        if seqs.stop is not None:
+            clauses.append(_t.seq < seqs.stop)
+    else:
+        if where.since is not None:
+            clauses.append(_t.created_at >= where.since)
+        if where.until is not None:
+            clauses.append(_t.created_at < where.until)
     if where.decision is not None:
         clauses.append(_t.kind == REQUEST)
         clauses.append(decision_is(where.decision))
@@ -257,7 +272,19 @@ def text_matches(term: str) -> ColumnElement[bool]:
     return or_(*candidates)
 
 
-def _page(engine: Engine, where: EntryFilter, newest_first: bool, cursor: int | None, limit: int) -> Any:
+def _seqs(engine: Engine, where: EntryFilter) -> SeqRange | None:
+    """``where``'s time range as a seq range (None: filter on ``created_at``), read in its own short connection."""
+    if where.since is None and where.until is None:
+        return None
+    try:
+        with engine.connect() as conn:
+            return seq_range(conn, where.since, where.until)
+    except DB_ERRORS as exc:
+        raise AuditError(f"audit read failed on {describe(engine)}: {reason(exc)}") from exc
+
+
+def _page(engine: Engine, where: EntryFilter, newest_first: bool, cursor: int | None, limit: int,
+          seqs: SeqRange | None = None) -> Any:
     """The rows of one page: first the page's ``seq`` values, then those rows by primary key.
 
     Picking the seqs reads only an index when the filter's columns are in
@@ -265,23 +292,28 @@ def _page(engine: Engine, where: EntryFilter, newest_first: bool, cursor: int | 
     row before it can sort them: a time range on SQLite read each row of
     the range (the ``created_at`` index is not in ``seq`` order) to keep 51
     of them, 48 ms a page for one day of 100,000 entries and ten times that
-    on a million; through the seqs alone the same page takes a few
-    milliseconds (docs/architecture.md, "The indexes, chosen by measurement"). The
-    filter's JSON conditions stay in the inner query, where they name
-    ``audit_entries`` as before.
+    on a million. A time range comes as ``seqs`` (:mod:`audit.time_order`),
+    a stretch of the ``(column, seq)`` index or of the primary key, so the
+    page reads its own entries only (docs/architecture.md, "The indexes,
+    chosen by measurement"). The filter's JSON conditions stay in the inner
+    query, where they name ``audit_entries`` as before.
     """
-    hits = _ordered(select(_t.seq), engine, where, newest_first, cursor).limit(limit).subquery("page")
+    hits = _ordered(select(_t.seq), engine, where, newest_first, cursor, seqs).limit(limit).subquery("page")
     stmt = select(audit_table).join(hits, _t.seq == hits.c.seq)
     return stmt.order_by(_t.seq.desc() if newest_first else _t.seq)
 
 
-def _ordered(stmt: Any, engine: Engine, where: EntryFilter, newest_first: bool, cursor: int | None) -> Any:
-    stmt = stmt.where(*conditions(where, engine.dialect.name))
+def _ordered(stmt: Any, engine: Engine, where: EntryFilter, newest_first: bool, cursor: int | None,
+             seqs: SeqRange | None) -> Any:
+    stmt = stmt.where(*conditions(where, engine.dialect.name, seqs))
     if cursor is not None:
-        # Within a time range the cursor must not steer SQLite's planner to ``(column, seq)`` (walking the
-        # column's rows from the cursor, reading each to test its time): ``seq + 0`` is no index's key, so
-        # the page is picked from the ``(column, created_at)`` range (audit_0004). Same rows either way.
-        key = _t.seq + 0 if where.since is not None or where.until is not None else _t.seq
+        if seqs is None and (where.since is not None or where.until is not None):
+            # Filtering on created_at itself (a range reaching entries from before audit_0005's ordered
+            # stretch): ``seq + 0`` is no index's key, so SQLite's planner picks the page from the
+            # created_at index rather than walking ``(column, seq)`` from the cursor. Same rows either way.
+            key = _t.seq + 0
+        else:
+            key = _t.seq
         stmt = stmt.where(key < cursor if newest_first else key > cursor)
     return stmt.order_by(_t.seq.desc() if newest_first else _t.seq)
 

@@ -1,6 +1,6 @@
 """The audit tables: one row per entry, append-only, hash-chained; and the signed checkpoints.
 
-The schema itself enforces the chain's rules (no fork, one terminal entry
+The schema itself enforces the chain's rules (one entry per ``seq``, one terminal entry
 per request, no UPDATE but a payload's erasure, no DELETE, no INSERT OR
 REPLACE over an entry; the triggers are made by the migrations); see
 docs/architecture.md, "Audit entries and the chain". A change here needs a migration under
@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, CheckConstraint, Column, Index, Integer, MetaData, String
+from sqlalchemy import JSON, BigInteger, Boolean, CheckConstraint, Column, Index, Integer, MetaData, String, text
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
@@ -21,6 +21,7 @@ from .sqltypes import UTCDateTime
 
 TABLE_NAME = "audit_entries"
 CHECKPOINT_TABLE_NAME = "audit_checkpoints"
+TIME_ORDER_TABLE_NAME = "audit_time_order"
 
 #: Length limit for ids and names; checked in the store so overlong values
 #: give a clear error on every backend rather than a PostgreSQL truncation error.
@@ -63,9 +64,13 @@ class AuditEntryRow(AuditModel, table=True):
         CheckConstraint(TERMINAL_CHECK, name="terminal"),
         # The review API's searches filter on one of these and page on seq (audit_0003).
         *(Index(f"ix_audit_entries_{column}_seq", column, "seq") for column in ("principal", "team", "model", "kind")),
-        # The same within a time range: the range is one stretch of the index (audit_0004).
-        *(Index(f"ix_audit_entries_{column}_created_at", column, "created_at")
-          for column in ("principal", "team", "model")),
+        # Within a time range they page on the same indexes: the range is turned into a seq range
+        # (audit.time_order), so no (column, created_at) index is kept (audit_0004 made them, audit_0005
+        # dropped them: a third of an append's SQLite work).
+        # One terminal entry per request; partial, so the entries without one never touch it (audit_0005).
+        Index("uq_audit_entries_terminal_request_id", "terminal_request_id", unique=True,
+              sqlite_where=text("terminal_request_id IS NOT NULL"),
+              postgresql_where=text("terminal_request_id IS NOT NULL")),
     )
 
     seq: int = Field(sa_column=Column(_SEQ_TYPE, primary_key=True, autoincrement=False))
@@ -80,9 +85,11 @@ class AuditEntryRow(AuditModel, table=True):
         default=None, sa_column=Column(String(NAME_LEN), nullable=True)
     )
     terminal_request_id: str | None = Field(
-        default=None, sa_column=Column(String(NAME_LEN), nullable=True, unique=True)
+        default=None, sa_column=Column(String(NAME_LEN), nullable=True)
     )
-    prev_hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    #: Not unique in the schema: the append takes it and ``seq`` (the primary key) from one head row,
+    #: so a fork collides on ``seq``; a row forged around the store fails ``verify`` (audit_0005).
+    prev_hash: str = Field(sa_column=Column(String(64), nullable=False))
     hash: str = Field(sa_column=Column(String(64), nullable=False))
     #: The erasable texts (prompt/messages as ``prompt_logging`` allows, output), canonical JSON
     #: with a random ``salt``; NULL when the entry has none or once erased. JSON, never JSONB on
@@ -110,5 +117,24 @@ class AuditCheckpointRow(AuditModel, table=True):
     closing: bool = Field(sa_column=Column(Boolean(), nullable=False))
 
 
+class AuditTimeOrderRow(AuditModel, table=True):
+    """From which ``seq`` on ``created_at`` never goes back along the chain; one row (id 1), made by audit_0005.
+
+    The append keeps ``created_at`` non-decreasing (:mod:`audit.appender`);
+    entries written before audit_0005 may not be, so the migration recorded
+    where the ordered stretch begins and the latest time before it. A search
+    uses it to turn a time range into a ``seq`` range (:mod:`audit.time_order`).
+    """
+
+    __tablename__ = TIME_ORDER_TABLE_NAME
+
+    id: int = Field(sa_column=Column(Integer(), primary_key=True, autoincrement=False))
+    #: The first seq of the stretch in which ``created_at`` never decreases (1: the whole chain).
+    ordered_from: int = Field(sa_column=Column(BigInteger(), nullable=False))
+    #: The latest ``created_at`` before ``ordered_from`` (None when that is 1).
+    earlier_latest: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+
+
 audit_table = AuditEntryRow.__table__
+time_order_table = AuditTimeOrderRow.__table__
 checkpoint_table = AuditCheckpointRow.__table__

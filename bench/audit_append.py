@@ -13,6 +13,8 @@ its ``completion`` entry, alternately.
   chain format 1 (texts in the body), so it has its own file at audit_0001.
 - **store**: :meth:`audit.AuditStore.append` as it is now: format 2, the
   texts (messages, output) in the salted payload, its digest chained.
+- **store@0004**: the same, on a file migrated only to audit_0004 (the
+  schema before audit_0005 made the append leaner): the schema's share.
 - **sqlite floor**: the same three statements and commit on one open
   ``sqlite3`` connection to a third file, with a row of the same shape
   (the bodies serialised in advance, hashes and times as scattered as real
@@ -229,9 +231,15 @@ def run(appends: int, rounds: int, lookups: int) -> dict[str, Any]:
         baseline_engine = make_engine(f"sqlite:///{folder}/baseline.db")
         migrate(baseline_engine, "audit_0001")
         baseline_store = AuditStore(baseline_engine)
+        # The same store code on the schema before audit_0005 (unique prev_hash, full unique terminal index,
+        # three (x, created_at) indexes, the two-statement guard): what the schema change alone is worth.
+        before_engine = make_engine(f"sqlite:///{folder}/audit_0004.db")
+        migrate(before_engine, "audit_0004")
+        before_store = AuditStore(before_engine)
         floor = SqliteFloor(f"sqlite:///{folder}/floor.db")
         paths: dict[str, Append] = {
             "baseline": lambda _store, kind, rid, body: baseline_append(baseline_store, kind, rid, body),
+            "store@0004": lambda _store, kind, rid, body: store_append(before_store, kind, rid, body),
             "store": store_append, "sqlite floor": floor.append}
         for name, append in paths.items():  # warm-up: connections, compiled statements, page cache
             append_round(store, append, f"warm-{name}", 200)
@@ -251,6 +259,7 @@ def run(appends: int, rounds: int, lookups: int) -> dict[str, Any]:
         verdict = verify_chain(store)
         engine.dispose()
         baseline_engine.dispose()
+        before_engine.dispose()
     append_figures = {name: figures(s, appends) for name, s in samples.items()}
     lookup_figures = {name: figures(s, lookups) for name, s in lookup_samples.items()}
     return {
@@ -258,6 +267,7 @@ def run(appends: int, rounds: int, lookups: int) -> dict[str, Any]:
         "rounds": rounds,
         "append": append_figures,
         "append_cpu_ratio": ratio(append_figures["baseline"]["cpu_ms"], append_figures["store"]["cpu_ms"]),
+        "append_cpu_ratio_0004": ratio(append_figures["store@0004"]["cpu_ms"], append_figures["store"]["cpu_ms"]),
         "append_cpu_above_floor_ms": rounded(
             (append_figures["store"]["cpu_ms"] or 0) - (append_figures["sqlite floor"]["cpu_ms"] or 0), 3),
         "terminal_for_per_round": lookups,
@@ -274,6 +284,7 @@ def print_report(result: dict[str, Any]) -> None:
     for name, fig in result["append"].items():
         print(f"{name:<14}{fig['cpu_ms']:>16}{fig['per_s']:>12}")
     print(f"CPU ratio baseline/store: {result['append_cpu_ratio']}")
+    print(f"CPU ratio store@0004/store (the schema before audit_0005): {result['append_cpu_ratio_0004']}")
     print(f"store above the sqlite floor: {result['append_cpu_above_floor_ms']} ms CPU per append")
     print(f"\nterminal_for, {result['rounds']} rounds x {result['terminal_for_per_round']} look-ups")
     print(f"{'path':<14}{'CPU ms/call':>16}{'calls/s':>12}")

@@ -2,8 +2,9 @@
 
 Each variant is a SQLite file migrated the product's way (WAL,
 ``synchronous=NORMAL``, :func:`audit.make_engine`, :func:`audit.migrate`),
-then changed as its name says (an index group or the guard trigger dropped,
-another page size), and gets the statements an append runs and nothing
+(or to the earlier revision it names), then changed as its name says (an
+index group dropped or made, the guard trigger dropped, another page size
+or checkpoint interval), and gets the statements an append runs and nothing
 else: ``BEGIN IMMEDIATE``, the head read, the insert of a ~1 KB entry (its
 texts and hashes made in advance), commit. Variants run in alternating
 rounds in one process, so the machine's noise hits all alike; CPU is
@@ -37,17 +38,20 @@ from audit.tables import audit_table  # noqa: E402
 from bench._figures import rounded, write_json  # noqa: E402
 from bench.audit import COMPLETION_BODY, COMPLETION_PAYLOAD, REQUEST_BODY, REQUEST_PAYLOAD  # noqa: E402
 
-_CREATED_AT_INDEXES = [f"DROP INDEX ix_audit_entries_{c}_created_at" for c in ("principal", "team", "model")]
+#: audit_0004's three (column, created_at) indexes, which audit_0005 dropped.
+_CREATED_AT_INDEXES = [f"CREATE INDEX ix_audit_entries_{c}_created_at ON audit_entries ({c}, created_at)"
+                       for c in ("principal", "team", "model")]
 _SEQ_INDEXES = [f"DROP INDEX ix_audit_entries_{c}_seq" for c in ("principal", "team", "model", "kind")]
-#: name -> (statements run after migrating, page size)
-VARIANTS: dict[str, tuple[list[str], int]] = {
-    "as shipped": ([], 4096),
-    "without the no_replace trigger": (["DROP TRIGGER audit_entries_no_replace"], 4096),
-    "without the 3 (x, created_at) indexes": (_CREATED_AT_INDEXES, 4096),
-    "without the 4 (x, seq) indexes": (_SEQ_INDEXES, 4096),
-    "page_size 2048": ([], 2048),
-    "page_size 1024": ([], 1024),
-    "without the 7 review indexes, page 2048": (_CREATED_AT_INDEXES + _SEQ_INDEXES, 2048),
+#: name -> (statements run after migrating, page size, audit schema revision)
+VARIANTS: dict[str, tuple[list[str], int, str]] = {
+    "as shipped": ([], 4096, "head"),
+    "audit_0004 (before audit_0005)": ([], 4096, "audit_0004"),
+    "with audit_0004's 3 (x, created_at) indexes": (_CREATED_AT_INDEXES, 4096, "head"),
+    "without the no_replace trigger": (["DROP TRIGGER audit_entries_no_replace"], 4096, "head"),
+    "without the 4 (x, seq) indexes": (_SEQ_INDEXES, 4096, "head"),
+    "wal_autocheckpoint 4000 pages": (["PRAGMA wal_autocheckpoint = 4000"], 4096, "head"),
+    "page_size 2048": ([], 2048, "head"),
+    "without the 4 (x, seq) indexes, page 2048": (_SEQ_INDEXES, 2048, "head"),
 }
 _HEAD = "SELECT seq, hash FROM audit_entries ORDER BY seq DESC LIMIT 1"
 
@@ -55,13 +59,13 @@ _HEAD = "SELECT seq, hash FROM audit_entries ORDER BY seq DESC LIMIT 1"
 class Variant:
     """One SQLite file and the append's statements on it."""
 
-    def __init__(self, path: Path, statements: list[str], page_size: int) -> None:
+    def __init__(self, path: Path, statements: list[str], page_size: int, revision: str = "head") -> None:
         conn = sqlite3.connect(path)
         conn.execute(f"PRAGMA page_size = {page_size}")  # before the first table: it sets the file's page size
         conn.execute("PRAGMA journal_mode = WAL")
         conn.close()
         self._engine = make_engine(f"sqlite:///{path}")
-        migrate(self._engine)
+        migrate(self._engine, revision)
         self._proxied = self._engine.raw_connection()  # the product's connect-time settings
         self._conn = self._proxied.dbapi_connection
         for statement in statements:
@@ -104,8 +108,8 @@ class Variant:
 
 def run(appends: int, rounds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="govgate-bench-floor-") as folder:
-        variants = {name: Variant(Path(folder) / f"v{i}.db", statements, page)
-                    for i, (name, (statements, page)) in enumerate(VARIANTS.items())}
+        variants = {name: Variant(Path(folder) / f"v{i}.db", statements, page, revision)
+                    for i, (name, (statements, page, revision)) in enumerate(VARIANTS.items())}
         try:
             for variant in variants.values():
                 variant.append_round(min(appends, 300))  # warm-up: statement cache, page cache
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.appends, args.rounds)
     print(f"SQLite's own work per audit append, best of {args.rounds} rounds x {args.appends} appends (CPU)")
     for name, figures in result["variants"].items():
-        print(f"{name:<42} {figures['cpu_ms_per_append']:>7} ms  x{figures['vs_shipped']}")
+        print(f"{name:<46} {figures['cpu_ms_per_append']:>7} ms  x{figures['vs_shipped']}")
     if args.json:
         write_json(args.json, result)
     return 0

@@ -184,17 +184,30 @@ def test_duplicate_terminal_after_an_old_terminal_raises_as_before(old_db_url: s
 
 
 def test_other_integrity_errors_stay_plain_audit_errors(store: AuditStore, raw: RawDB) -> None:
-    """A refusal that is not a second terminal (here a fork on prev_hash) is an AuditError naming the constraint."""
+    """A refusal that is not a second terminal (here a unique index an operator added) is an AuditError naming it."""
     _append(store, "request", "r1", {})
-    # An entry that claims the next seq's predecessor but sits at a far seq: the next append collides.
-    [(head_hash,)] = raw.rows("SELECT hash FROM audit_entries ORDER BY seq DESC LIMIT 1")
-    raw.without_guards("INSERT INTO audit_entries (seq, created_at, request_id, kind, body, prev_hash, hash)"
-                       " VALUES (0, '2024-01-01 00:00:00.000000', 'x', 'request', '{}', :prev, :hash)",
-                       params={"prev": head_hash, "hash": "e" * 64})
+    raw.execute("CREATE UNIQUE INDEX ux_test_one_entry_per_request ON audit_entries (request_id)")
     with pytest.raises(AuditError) as caught:
-        _append(store, "request", "r2", {})
-    assert type(caught.value) is AuditError and "prev_hash" in str(caught.value)
+        _append(store, "rejected", "r1", {})
+    assert type(caught.value) is AuditError and "request_id" in str(caught.value)
     assert isinstance(caught.value.__cause__, IntegrityError)
+    assert store.head().seq == 2 and verify_chain(store).ok  # type: ignore[union-attr]  # nothing written
+
+
+def test_a_writer_with_a_stale_head_collides_on_seq(store: AuditStore, raw: RawDB) -> None:
+    """What prev_hash's unique index guarded until audit_0005: a fork from a writer that read an old head.
+
+    seq and prev_hash come from the same head row, so the fork takes an
+    existing seq and the primary key refuses it, with no index on prev_hash.
+    """
+    _append(store, "request", "r1", {})
+    _append(store, "request", "r2", {})
+    [(seq, prev_hash)] = raw.rows("SELECT seq, prev_hash FROM audit_entries WHERE request_id = 'r2'")
+    with pytest.raises(IntegrityError, match="seq|pk_audit_entries"):
+        raw.execute("INSERT INTO audit_entries (seq, created_at, request_id, kind, body, prev_hash, hash)"
+                    " VALUES (:seq, '2024-01-01 00:00:00.000000', 'fork', 'request', '{}', :prev, :hash)",
+                    {"seq": seq, "prev": prev_hash, "hash": "e" * 64})
+    assert [e.request_id for e in store.iter_entries()][1:] == ["r1", "r2"] and verify_chain(store).ok
 
 
 def test_terminal_for_reports_a_tampered_row_as_corrupt(store: AuditStore, raw: RawDB) -> None:
@@ -230,7 +243,8 @@ def test_postgresql_statements_bind_every_column_and_take_the_advisory_lock() ->
         assert f"%({column.name})s" in insert_sql
     assert "%(body)s::JSON" in insert_sql  # canonical text cast to the JSON column, not re-serialised
     assert "%(payload)s::JSON" in insert_sql
-    assert appender._head_sql.split() == "SELECT audit_entries.seq, audit_entries.hash FROM audit_entries " \
+    assert appender._head_sql.split() == "SELECT audit_entries.seq, audit_entries.hash, audit_entries.created_at " \
+        "FROM audit_entries " \
         "ORDER BY audit_entries.seq DESC LIMIT 1".split()
     assert lock_statements(engine) == ("SELECT pg_advisory_xact_lock(6947504604346056705)",)  # type: ignore[arg-type]
     assert "%(key)s" in KeyedLookup(engine, audit_table.c.terminal_request_id, lambda _seq: 2)._sql  # type: ignore[arg-type]

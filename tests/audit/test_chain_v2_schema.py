@@ -55,7 +55,7 @@ def test_upgrade_keeps_every_stored_byte_and_the_chain_verifies(v1_store: Path) 
     engine = make_engine(_url(v1_store))
     migrate(engine)
     with engine.connect() as conn:
-        assert list(conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars()) == ["audit_0004"]
+        assert list(conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars()) == ["audit_0005"]
 
     after = _raw(v1_store, "SELECT seq, created_at, request_id, kind, principal, team, model, body, policy_revision,"
                            " terminal_request_id, prev_hash, hash, payload, payload_digest FROM audit_entries ORDER BY seq")
@@ -122,9 +122,6 @@ def _execute(path: Path, sql: str, params: tuple[object, ...] = ()) -> None:
     "INSERT OR REPLACE INTO audit_entries SELECT * FROM audit_entries WHERE seq = 2",
     "REPLACE INTO audit_entries (seq, created_at, request_id, kind, body, prev_hash, hash)"
     " SELECT seq, created_at, 'forged', kind, '{}', prev_hash, hash FROM audit_entries WHERE seq = 3",
-    # a new seq, but the predecessor of an existing entry: REPLACE would delete that one
-    "INSERT OR REPLACE INTO audit_entries (seq, created_at, request_id, kind, body, prev_hash, hash)"
-    " SELECT 99, created_at, 'x', 'request', '{}', prev_hash, 'f' FROM audit_entries WHERE seq = 2",
     # a second terminal entry that would replace the first
     "INSERT OR REPLACE INTO audit_entries (seq, created_at, request_id, kind, body, terminal_request_id,"
     " prev_hash, hash) VALUES (99, '2024-01-01 00:00:00.000000', 'r0', 'failed', '{}', 'r0', 'p', 'h')",
@@ -137,6 +134,22 @@ def test_replacing_an_entry_is_refused(db: Path, statement: str) -> None:
         _execute(db, statement)
     assert _raw(db, "SELECT * FROM audit_entries ORDER BY seq") == before
     assert verify_chain(AuditStore(make_engine(_url(db)))).ok
+
+
+def test_a_fork_at_a_new_seq_replaces_nothing_and_verify_reports_it(db: Path) -> None:
+    """prev_hash is not unique since audit_0005: a row naming an existing entry's predecessor deletes no entry.
+
+    Under audit_0004 an INSERT OR REPLACE of such a row would have deleted the
+    entry holding that prev_hash (the guard refused it); with no unique key
+    on prev_hash there is nothing for REPLACE to delete, so the row is one
+    more forged row, which verify reports.
+    """
+    before = _raw(db, "SELECT * FROM audit_entries ORDER BY seq")
+    _execute(db, "INSERT OR REPLACE INTO audit_entries (seq, created_at, request_id, kind, body, prev_hash, hash)"
+                 " SELECT 99, created_at, 'x', 'request', '{}', prev_hash, 'f' FROM audit_entries WHERE seq = 2")
+    assert _raw(db, "SELECT * FROM audit_entries WHERE seq < 99 ORDER BY seq") == before  # every entry kept
+    result = verify_chain(AuditStore(make_engine(_url(db))))
+    assert not result.ok and result.first_bad_seq == 99, result
 
 
 @pytest.mark.parametrize("statement", [

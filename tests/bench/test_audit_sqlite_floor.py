@@ -27,9 +27,9 @@ def test_a_short_run_reports_every_variant_against_the_shipped_schema(tmp_path: 
 
 
 def test_each_variant_is_the_schema_it_names_and_its_appends_land(tmp_path: Path) -> None:
-    for i, (name, (statements, page_size)) in enumerate(VARIANTS.items()):
+    for i, (name, (statements, page_size, revision)) in enumerate(VARIANTS.items()):
         path = tmp_path / f"v{i}.db"
-        variant = Variant(path, statements, page_size)
+        variant = Variant(path, statements, page_size, revision)
         variant.append_round(4)
         variant.close()
         conn = sqlite3.connect(path)
@@ -38,8 +38,11 @@ def test_each_variant_is_the_schema_it_names_and_its_appends_land(tmp_path: Path
             assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",), name
             assert conn.execute("SELECT count(*), max(seq) FROM audit_entries").fetchone() == (4, 4), name
             schema = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger')")}
+            [(version,)] = conn.execute("SELECT version_num FROM alembic_version_audit").fetchall()
         finally:
             conn.close()
-        dropped = {statement.split()[-1] for statement in statements}
-        assert not dropped & schema, name
+        assert version == (revision if revision != "head" else "audit_0005"), name
+        dropped = {statement.split()[-1] for statement in statements if statement.startswith("DROP")}
+        made = {statement.split()[2] for statement in statements if statement.startswith("CREATE")}
+        assert not (dropped - made) & schema and made <= schema, name
         assert "audit_entries_no_delete" in schema and "ix_audit_entries_request_id" in schema, name
