@@ -4,9 +4,13 @@ Everything here works on :class:`Job` values (team, and when it was queued,
 started and ended), made from the terminal entries the worker wrote:
 
 * ``ended`` is the terminal entry's ``created_at`` (taken when the worker
-  appends it, just before it answers);
+  appends it, just before it answers), or for an output the worker handed
+  over to its gateway (non-streamed, under output rules) that minus
+  ``timings.handed_over_ms`` (the gateway recorded it that long after the
+  worker was free again);
 * ``started`` is ``ended`` minus the entry's ``timings.generate_ms`` (the
-  worker's clock from start to the entry's body);
+  worker's clock from start to the end of generation) and
+  ``timings.verdict_ms`` (a worker's wait for its output verdict, when it waited);
 * ``queued`` is ``started`` minus ``timings.queue_ms`` (the worker's start
   minus the gateway's ``enqueued_at``: the request's wait in the queue).
 
@@ -97,8 +101,10 @@ def job_from_entry(entry: Any) -> Job | None:
     queue_ms, generate_ms = timings.get("queue_ms"), timings.get("generate_ms")
     if queue_ms is None or generate_ms is None or entry.team is None:
         return None
-    ended = entry.created_at.timestamp()
-    started = ended - generate_ms / 1000
+    # A worker that waited for its output verdict was busy until it recorded (verdict_ms); one that
+    # handed its output over was free again when it did, its gateway recording later (handed_over_ms).
+    ended = entry.created_at.timestamp() - (timings.get("handed_over_ms") or 0) / 1000
+    started = ended - (generate_ms + (timings.get("verdict_ms") or 0)) / 1000
     return Job(team=entry.team, queued=started - queue_ms / 1000, started=started, ended=ended,
                request_id=entry.request_id)
 

@@ -18,12 +18,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
 from audit.kinds import FAILED
 from workers.backends import BackendError, LoadedModel, PromptTooLongError
-from workers.contract.jobs import (STATUS_CANCELLED, STATUS_COMPLETED, STATUS_FAILED, STATUS_TIMED_OUT, GenerateJob,
-                              JobResult)
-from workers.contract.output_check import (FINISH_CONTENT_FILTER, OUTPUT_POLICY_UNAVAILABLE, OUTPUT_UNCHECKED,
-                                           OutputReport, OutputVerdict, decision_record, logged_client_output)
+from workers.contract.jobs import STATUS_CANCELLED, STATUS_FAILED, STATUS_TIMED_OUT, GenerateJob, JobResult
+from workers.contract.output_check import OutputReport, OutputVerdict
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
 from workers.contract.privacy import Digester, logged_output, split_texts
+from workers.contract.terminal_body import Generated, checked_ending, ended_result, generation_body, withheld_body
 from workers.contract.prompts import render_chat
 from workers.streams import JobChannel, SilentChannel
 
@@ -40,6 +39,11 @@ def prompt_for(job: GenerateJob, model: LoadedModel) -> tuple[str, tuple[str, ..
 def result_from_entry(entry: AuditEntry) -> JobResult:
     """Rebuild a job's result from its terminal audit entry (redelivery path)."""
     return JobResult.from_terminal(entry.kind, entry.seq, entry.body, entry.payload)
+
+
+#: What :func:`run_job` returns for an output handed over to its gateway, which records the request's
+#: end and answers its client: the task delivers no outcome of its own.
+HANDED_OVER = JobResult(status="handed_over")
 
 
 class _Unrecorded(Exception):
@@ -76,35 +80,35 @@ def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: Jo
     verdict arrived (at most ``verdict_timeout_s``, and never past the job's
     deadline); without one it is recorded ``failed``/``output_unchecked``
     and the client gets nothing (docs/architecture.md, "Output rules").
+    A non-streamed completion whose gateway records it (``job.gateway_records``)
+    is handed over instead, with a fallback entry kept in ``pending`` that
+    a retry writes once ``verdict_timeout_s`` passed unless the gateway
+    recorded the end first; that returns :data:`HANDED_OVER`.
     """
     channel = channel or SilentChannel()
     worker = worker or {"hostname": socket.gethostname(), "pid": os.getpid()}
     try:
-        return _run(job, model, store, channel, digester, worker, verdict_timeout_s)
+        return _run(job, model, store, channel, pending, digester, worker, verdict_timeout_s)
     except _Unrecorded as lost:
         return _keep(job, lost, pending)
     finally:  # the outcome is recorded (or kept, or the process is dying): the stream's mirror is not needed
         channel.forget()
 
 
-_WITHHELD = {"code": "audit_unavailable", "message": "the audit store could not be written when the request "
-                                                     "ended; the output was withheld from the client"}
-
-
 def _keep(job: GenerateJob, lost: _Unrecorded, pending: PendingTerminals | None) -> JobResult:
     """Keep the refused terminal entry for a later write; the client is told the audit is unavailable."""
     log.error("cannot record %s for %s: %s", lost.kind, job.request_id, lost)
     if pending is not None:
-        body = {**lost.body, "error": _WITHHELD, "ended_as": lost.kind}
         pending.keep(PendingTerminal(kind=FAILED, request_id=job.request_id, principal=job.principal,
-                                     team=job.team, model=job.model, body=body,
+                                     team=job.team, model=job.model, body=withheld_body(lost.body, lost.kind),
                                      policy_revision=job.policy_revision))
     return JobResult(status=STATUS_FAILED,
                      error={"code": "audit_unavailable", "message": "the audit store cannot be written"})
 
 
 def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobChannel,
-         digester: Digester | None, worker: dict[str, Any], verdict_timeout_s: float) -> JobResult:
+         pending: PendingTerminals | None, digester: Digester | None, worker: dict[str, Any],
+         verdict_timeout_s: float) -> JobResult:
     # The SET NX tells a first delivery from a redelivery; only a redelivery can
     # find the request already ended by an earlier run, so only it asks the
     # database. A first run that races the gateway's own end (timeout, cancel)
@@ -158,21 +162,46 @@ def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobCh
     kind = ending or "completion"
     finish = run.finish_reason if run is not None and ending is None else None
     if job.check_output and (ending is None or (ending == STATUS_CANCELLED and channel.stopped_by_rules())):
+        ended_ns = time.time_ns()
+        generated = Generated("".join(text), prompt_tokens, completion_tokens, finish, worker, queue_ms,
+                              (ended_ns - started_ns) / 1e6, ended_ns)
         timeout_s = verdict_timeout_s
         if job.deadline_ns:  # past the deadline its gateway has ended the request already
-            timeout_s = min(timeout_s, max(0.0, (job.deadline_ns - time.time_ns()) / 1e9))
+            timeout_s = min(timeout_s, max(0.0, (job.deadline_ns - ended_ns) / 1e9))
         if job.output_rule_absent:  # nothing to judge it by: its gateway would answer "allow, whole"
-            verdict = OutputVerdict.unruled("".join(text), job.policy_revision)
+            verdict = OutputVerdict.unruled(generated.output, job.policy_revision)
+        elif job.gateway_records and not job.stream and ending is None and pending is not None:
+            if _hand_over(job, generated, channel, pending, timeout_s, digester):
+                return HANDED_OVER
+            verdict = None  # nobody can judge it: recorded unchecked, here and now
         else:
             try:
-                verdict = channel.await_verdict(OutputReport("".join(text), stopped=ending is not None),
+                verdict = channel.await_verdict(OutputReport(generated.output, stopped=ending is not None),
                                                 timeout_s)
             except SoftTimeLimitExceeded:  # the time limit came while waiting: recorded unchecked, never lost
                 verdict = None
-        return _record_checked(job, store, verdict, "".join(text), prompt_tokens, completion_tokens, finish,
-                               worker, queue_ms, started_ns, digester)
+        return _record_checked(job, store, verdict, generated, digester)
     return _record_end(job, store, kind, "".join(text), prompt_tokens, completion_tokens, finish, worker,
                        queue_ms, started_ns, digester)
+
+
+def _hand_over(job: GenerateJob, generated: Generated, channel: JobChannel, pending: PendingTerminals,
+               timeout_s: float, digester: Digester | None) -> bool:
+    """Give a finished output to the gateway that records it; keep the unchecked end as a fallback.
+
+    The fallback is what this worker would record had no verdict come:
+    ``failed``/``output_unchecked`` with the output as logging allows. Kept
+    with ``not_before`` at the moment this worker would have given up
+    waiting, it is written by a retry only if the gateway did not record the
+    end by then (it dropped the gateway, or Redis lost the report).
+    """
+    fallback = checked_ending(job, None, generated.finish_reason, digester)
+    body = generation_body(job, generated, digester, finish_reason=fallback.finish_reason, error=fallback.error)
+    entry = PendingTerminal(kind=fallback.kind, request_id=job.request_id, principal=job.principal, team=job.team,
+                            model=job.model, body=body, policy_revision=job.policy_revision,
+                            not_before=time.time() + timeout_s)
+    report = OutputReport(generated.output, handed_over=generated.to_payload())
+    return channel.hand_over(report, pending.sealed(entry))
 
 
 def _sent(job: GenerateJob, text: list[str]) -> str | None:
@@ -182,76 +211,38 @@ def _sent(job: GenerateJob, text: list[str]) -> str | None:
 
 def _record_end(job: GenerateJob, store: AuditStore, kind: str, output: str, prompt_tokens: int,
                 completion_tokens: int, finish_reason: str | None, worker: dict[str, Any],
-                queue_ms: float | None, started_ns: int, digester: Digester | None, *,
-                checked: dict[str, Any] | None = None, findings: list[dict[str, str]] | None = None,
-                served: str | None = None, error: dict[str, str] | None = None) -> JobResult:
-    """Write the terminal entry of a generation that ran (completed, cancelled, timed out, or failed its check).
+                queue_ms: float | None, started_ns: int, digester: Digester | None) -> JobResult:
+    """Write the terminal entry of an unchecked generation that ran (completed, cancelled or timed out)."""
+    generated = Generated(output, prompt_tokens, completion_tokens, finish_reason, worker, queue_ms,
+                          (time.time_ns() - started_ns) / 1e6)
+    error = None if kind == "completion" else {"code": kind, "message": _END_MESSAGES[kind]}
+    return _record(job, store, kind, generated, digester, finish_reason=finish_reason, error=error)
 
-    ``checked`` holds the output check's fields (the decision, the client's
-    text as logging allows), ``findings`` the output's findings (masked in
-    a redacted log like the request's), ``served`` the text the client
-    receives (the output when unchecked), ``error`` a failure's error (a
-    ``kind`` other than ``completion`` or ``failed`` has its own).
+
+def _record_checked(job: GenerateJob, store: AuditStore, verdict: OutputVerdict | None, generated: Generated,
+                    digester: Digester | None) -> JobResult:
+    """Write the terminal entry of a checked generation, per its gateway's verdict (None: none came).
+
+    What goes into it is :func:`workers.contract.terminal_body.checked_ending`'s,
+    as when the gateway records a handed-over output; the time spent waiting
+    for the verdict is the entry's ``timings.verdict_ms``.
     """
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-    body: dict[str, Any] = {
-        **logged_output(output, job.prompt_logging, [*job.redact, *(findings or ())], digester),
-        **(checked or {}),
-        "finish_reason": finish_reason,
-        "usage": usage,
-        "timings": {"queue_ms": queue_ms, "generate_ms": (time.time_ns() - started_ns) / 1e6},
-        "worker": worker,
-    }
-    if error is not None:
-        body["error"] = error
-    elif kind != "completion":
-        body["error"] = {"code": kind, "message": _END_MESSAGES[kind]}
+    ending = checked_ending(job, verdict, generated.finish_reason, digester)
+    return _record(job, store, ending.kind, generated, digester, checked=ending.checked, findings=ending.findings,
+                   finish_reason=ending.finish_reason, served=ending.served, error=ending.error,
+                   extra_timings={"verdict_ms": generated.waited_ms(time.time_ns())})
+
+
+def _record(job: GenerateJob, store: AuditStore, kind: str, generated: Generated, digester: Digester | None, *,
+            finish_reason: str | None, error: dict[str, str] | None, checked: dict[str, Any] | None = None,
+            findings: list[dict[str, str]] | None = None, served: str | None = None,
+            extra_timings: dict[str, float] | None = None) -> JobResult:
+    body = generation_body(job, generated, digester, checked=checked, findings=findings, finish_reason=finish_reason,
+                           error=error, extra_timings=extra_timings)
     entry = _append_terminal(job, store, kind, body)
     if isinstance(entry, JobResult):
         return entry
-    if kind == STATUS_FAILED:  # nothing of a failed generation is served
-        return JobResult(status=STATUS_FAILED, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                         audit_seq=entry.seq, error=body["error"], queue_ms=queue_ms)
-    return JobResult(status=STATUS_COMPLETED if kind == "completion" else kind,
-                     text=output if served is None else served, finish_reason=finish_reason,
-                     prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, audit_seq=entry.seq,
-                     error=body.get("error", {}), queue_ms=queue_ms)
-
-
-def _record_checked(job: GenerateJob, store: AuditStore, verdict: OutputVerdict | None, output: str,
-                    prompt_tokens: int, completion_tokens: int, finish_reason: str | None,
-                    worker: dict[str, Any], queue_ms: float | None, started_ns: int,
-                    digester: Digester | None) -> JobResult:
-    """Write the terminal entry of a checked generation, per its gateway's verdict.
-
-    The output is kept as generated (as ``prompt_logging`` allows, the
-    output's findings masked too when it asks for redaction), beside the
-    decision (findings as digests) and what the client received. A stopped
-    generation is a ``completion`` with finish reason ``content_filter``.
-    """
-    def record(kind: str, finish: str | None, **fields: Any) -> JobResult:
-        return _record_end(job, store, kind, output, prompt_tokens, completion_tokens, finish, worker, queue_ms,
-                           started_ns, digester, **fields)
-
-    if verdict is None:  # its gateway is gone, or Redis failed: nobody may serve it
-        return record(STATUS_FAILED, finish_reason, error={
-            "code": OUTPUT_UNCHECKED,
-            "message": "no output verdict came from the gateway in time; the output was neither checked nor served"})
-    checked = {"output_decision": decision_record(verdict, digester),
-               **logged_client_output(verdict.client_text, job.prompt_logging, [*job.redact, *verdict.redact],
-                                      digester)}
-    if verdict.unavailable:  # the engine's reasons say why (no evaluator free, a timeout): no text in them
-        why = "; ".join(str(reason.get("message", "")) for reason in verdict.decision.get("reasons") or ()
-                        if isinstance(reason, dict))
-        return record(STATUS_FAILED, finish_reason, checked=checked, findings=verdict.redact, error={
-            "code": OUTPUT_POLICY_UNAVAILABLE,
-            "message": f"the output rules could not be evaluated ({why or 'no answer'}); the output was withheld"})
-    finish = FINISH_CONTENT_FILTER if verdict.stopped else finish_reason
-    return record("completion", finish, checked=checked, findings=verdict.redact, served=verdict.client_text)
+    return ended_result(kind, generated, entry.seq, finish_reason=finish_reason, served=served, error=error)
 
 
 _END_MESSAGES = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ from workers.contract.jobs import LOADED_TTL_S, STATUS_FAILED, GenerateJob, load
 from workers.contract.pending_terminals import PendingTerminals
 from workers.contract.privacy import Digester
 from workers.contract.sealing import SealError, Sealer, load_or_create_key
-from workers.generation import run_job
+from workers.generation import HANDED_OVER, run_job
 from workers.replies import deliver, failure, success
 from workers.store_prep import pending_terminals
 from workers.streams import RedisJobChannel
@@ -46,7 +47,6 @@ class _ProcessState:
     sealer: Sealer | None = None
     digester: Digester | None = None
     pending: PendingTerminals | None = None
-    next_pending_check: float = 0.0
     #: Who runs the jobs, as each terminal entry records it (fixed for the life of the process).
     worker: dict[str, Any] | None = None
 
@@ -65,6 +65,8 @@ def load(config: WorkerConfig) -> None:
     _state.digester = Digester(load_or_create_key(config.digest_key_file))
     _state.pending = pending_terminals(_state.redis, config, _state.sealer)
     _state.worker = {"hostname": socket.gethostname(), "pid": os.getpid()}
+    threading.Thread(target=_write_pending_forever, args=(_state.pending, _state.store),
+                     name="govgate-pending-terminals", daemon=True).start()
     _state.model = load_model(config.model)
     log.info("pid %d loaded model %s from %s in %.2fs", os.getpid(), config.model.name,
              config.model.path, time.perf_counter() - started)
@@ -101,7 +103,8 @@ def generate(payload: dict[str, Any]) -> None:
             deliver(_state.redis, request_id, reply_to, failure(exc))
         raise
     assert _state.redis is not None
-    deliver(_state.redis, request_id, reply_to, success(sealed))
+    if sealed is not None:  # None: handed over, its gateway records the end and answers
+        deliver(_state.redis, request_id, reply_to, success(sealed))
 
 
 def _reply_address(payload: Any) -> tuple[str, str]:
@@ -111,8 +114,8 @@ def _reply_address(payload: Any) -> tuple[str, str]:
     return str(payload.get("request_id", "?")), str(payload.get("reply_to") or "")
 
 
-def _run_sealed(payload: dict[str, Any]) -> dict[str, Any]:
-    """Run one sealed job with this process's model; its result, sealed.
+def _run_sealed(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """Run one sealed job with this process's model; its result, sealed (None: the output was handed over).
 
     A job this worker cannot unseal (another key) fails without text; the
     gateway records the failure, since the worker cannot read whose it is.
@@ -134,21 +137,28 @@ def _run_sealed(payload: dict[str, Any]) -> dict[str, Any]:
     result = run_job(job, _state.model, _state.store, channel, _state.pending, digester=_state.digester,
                      worker=_state.worker, verdict_timeout_s=_state.config.output_verdict_timeout_s
                      if _state.config else 10.0)
-    if result.audit_seq is not None and _state.pending is not None and _pending_check_due():
-        if _state.pending.count():
-            _state.pending.write_all(_state.store)  # the database takes writes again: catch up
+    if result is HANDED_OVER:
+        return None
     return result.sealed(_state.sealer)
 
 
-#: Least time between two looks for kept terminal entries after a recorded job. The
-#: gateway's retry loop writes them anyway; the look here only makes it sooner, so
-#: one HLEN per job would buy little.
+#: Seconds between two looks for kept terminal entries (one HLEN when there are none).
 PENDING_CHECK_INTERVAL_S = 5.0
 
 
-def _pending_check_due() -> bool:
-    now = time.monotonic()
-    if now < _state.next_pending_check:
-        return False
-    _state.next_pending_check = now + PENDING_CHECK_INTERVAL_S
-    return True
+def _write_pending_forever(pending: PendingTerminals, store: AuditStore) -> None:
+    """Write kept terminal entries as they become due, for the life of the pool process.
+
+    In a thread of its own, not after jobs: a handed-over output's fallback
+    (``workers/generation.py``) must be written when its gateway died, also
+    when no further job comes; and an entry the database refused is written
+    once it takes writes again. The gateways' retry loops do the same; the
+    database's unique terminal constraint settles who wins.
+    """
+    while True:
+        time.sleep(PENDING_CHECK_INTERVAL_S)
+        try:
+            if pending.count():
+                pending.write_all(store)
+        except Exception:  # noqa: BLE001 - a failed round must not end the retries
+            log.exception("writing kept terminal entries failed; retrying")

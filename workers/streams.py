@@ -16,6 +16,7 @@ import redis
 from workers.contract.jobs import CANCEL_TTL_S, JOB_STARTED, REPLY_PIECE, cancel_key, reply_message, seal_piece
 from workers.contract.output_check import (REPLY_OUTPUT, STOP_CONTENT_FILTER, OutputReport, OutputVerdict,
                                            verdict_key)
+from workers.contract.pending_terminals import PENDING_KEY
 from workers.contract.sealing import SealError, Sealer
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class JobChannel(Protocol):
     def forget(self) -> None: ...
     def stopped_by_rules(self) -> bool: ...
     def await_verdict(self, report: OutputReport, timeout_s: float) -> OutputVerdict | None: ...
+    def hand_over(self, report: OutputReport, fallback: bytes) -> bool: ...
 
 
 class RedisJobChannel:
@@ -178,6 +180,27 @@ class RedisJobChannel:
             log.error("unreadable output verdict for %s: %s", self._request_id, exc)
         return None
 
+    def hand_over(self, report: OutputReport, fallback: bytes) -> bool:
+        """Keep ``fallback`` (a sealed pending terminal entry) and publish ``report``, in one round trip.
+
+        The fallback goes first (Redis runs a pipeline in order), so a gateway
+        that hears the report always finds it to drop once it has recorded the
+        real end. False when there is nobody to report to or Redis failed:
+        the caller records the output unchecked itself.
+        """
+        if not self._reply_to:
+            return False
+        message = reply_message(REPLY_OUTPUT, self._request_id, report.sealed(self._sealer))
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                pipe.hsetnx(PENDING_KEY, self._request_id, fallback)
+                pipe.publish(self._reply_to, message)
+                pipe.execute()
+            return True
+        except (redis.RedisError, OSError) as exc:
+            log.error("cannot hand the output of %s over to its gateway (Redis: %s)", self._request_id, exc)
+            return False
+
 
 class SilentChannel:
     """For jobs run outside a worker (tests, benchmarks): publishes nothing, never cancelled."""
@@ -202,3 +225,6 @@ class SilentChannel:
 
     def await_verdict(self, report: OutputReport, timeout_s: float) -> OutputVerdict | None:
         return None
+
+    def hand_over(self, report: OutputReport, fallback: bytes) -> bool:
+        return False

@@ -15,7 +15,7 @@ import json
 from dataclasses import fields
 from typing import Any
 
-from workers.contract.jobs import GenerateJob
+from workers.contract.jobs import OPTIONAL_FLAGS, GenerateJob
 from workers.contract.sampling import SamplingParams
 from workers.contract.sealing import Sealer
 
@@ -24,8 +24,11 @@ _PARAM_FIELDS = tuple(f.name for f in fields(SamplingParams))
 
 
 def job_payload(job: GenerateJob) -> dict[str, Any]:
-    """``job.to_payload()``, read field by field (no copies)."""
+    """``job.to_payload()``, read field by field (no copies); flags a worker may predate only when set."""
     payload = {name: getattr(job, name) for name in _JOB_FIELDS}
+    for name in OPTIONAL_FLAGS:
+        if not payload[name]:
+            del payload[name]
     params = job.params
     payload["params"] = {name: getattr(params, name) for name in _PARAM_FIELDS}
     payload["params"]["stop"] = list(params.stop)

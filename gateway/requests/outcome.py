@@ -1,9 +1,10 @@
 """Everything after admission: queue the job, wait or stream, cancel, time out, settle, record the end.
 
 Every exit leaves exactly one terminal entry: written by the worker
-(completion or failure) or, when the worker cannot be reached or took too
-long, here (failed or timed_out); the database's unique constraint settles
-any race between the two. Usage is settled on every exit.
+(completion or failure), here for an output the worker handed over under
+the output rules (``gateway/requests/handed_over.py``), or here when the
+worker cannot be reached or took too long (failed or timed_out); the
+database's unique constraint settles any race. Usage is settled on every exit.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from gateway.api_errors import ApiError
 from gateway.limits import UsageCounters
 from gateway.limits.charge import used_tokens
 from gateway.observability.metrics import observe_result
+from gateway.requests.handed_over import HandedOver
 from gateway.requests.holdback import HoldBack
 from gateway.requests.output_rules import OutputRules
 from gateway.requests.refusals import QUEUE_UNAVAILABLE_MESSAGE, worker_error
@@ -52,6 +54,9 @@ class TicketRunner:
         self.request_timeout_s = request_timeout_s
         #: The output rules (None: outputs are not checked; jobs say so to their workers).
         self.output_rules = output_rules
+        #: Records the outputs workers hand over (non-streamed, under the output rules).
+        self.handed_over = HandedOver(rules=output_rules, request_log=request_log, redis=redis,
+                                      digester=digester) if output_rules is not None else None
         self._background: set[asyncio.Task] = set()
 
     async def complete(self, ticket: Ticket) -> JobResult:
@@ -62,7 +67,7 @@ class TicketRunner:
         checked = self.output_rules is not None and not unruled
         try:
             async with self.waiter.expect(ticket.request_id, checked=checked) as pending:
-                await self._enqueue(ticket, output_rule_absent=unruled)
+                await self._enqueue(ticket, output_rule_absent=unruled, gateway_records=checked)
                 if not checked:
                     meta = await pending.get(self.request_timeout_s)
                 else:
@@ -72,6 +77,8 @@ class TicketRunner:
             return await self.timed_out(ticket)
         except (QueueUnavailable, RedisError, OSError) as exc:
             raise await self.queue_down(ticket, exc) from None
+        if isinstance(meta, JobResult):  # handed over: recorded here
+            return await self.ended(ticket, meta)
         return await self.result_of(ticket, meta)
 
     async def open_stream(self, ticket: Ticket) -> StreamEvents:
@@ -86,24 +93,34 @@ class TicketRunner:
                 raise await self.queue_down(ticket, exc) from None
             return StreamEvents(self, ticket, pending, stack.pop_all())
 
-    async def _enqueue(self, ticket: Ticket, *, output_rule_absent: bool = False) -> None:
+    async def _enqueue(self, ticket: Ticket, *, output_rule_absent: bool = False,
+                       gateway_records: bool = False) -> None:
         job = replace(ticket.job, enqueued_at_ns=time.time_ns(), reply_to=self.waiter.reply_channel,
-                      check_output=self.output_rules is not None, output_rule_absent=output_rule_absent)
+                      check_output=self.output_rules is not None, output_rule_absent=output_rule_absent,
+                      gateway_records=gateway_records)
         await self.dispatcher.enqueue(job, priority=ticket.priority)
 
     async def _judged_outcome(self, ticket: Ticket, pending: PendingResult, hold: HoldBack, *,
-                              timeout_s: float | None = None, abandoned: bool = False) -> dict[str, Any]:
+                              timeout_s: float | None = None,
+                              abandoned: bool = False) -> dict[str, Any] | JobResult:
         """The outcome of a checked job whose text is not relayed: its report is answered on the way.
 
         A non-streamed output is judged whole, as one final window (a stop
         leaves the client nothing, as nothing was released before it);
         ``abandoned``: the client has left, what it received stays what ``hold`` released.
+        An output the worker handed over is recorded here: its result is returned.
         """
         assert self.output_rules is not None
         async with contextlib.aclosing(pending.events(timeout_s or self.request_timeout_s)) as incoming:
             async for event in incoming:
                 if isinstance(event, OutputReport):
-                    await self.output_rules.answer(ticket, hold, event, abandoned=abandoned)
+                    if event.handed_over is None:
+                        await self.output_rules.answer(ticket, hold, event, abandoned=abandoned)
+                        continue
+                    assert self.handed_over is not None
+                    recorded = await self.handed_over.record(ticket, hold, event, abandoned=abandoned)
+                    if recorded is not None:
+                        return recorded
                 elif isinstance(event, dict):
                     return event
         raise ResultTimeout(f"no result for {ticket.request_id}")  # pragma: no cover - events() ends with it
@@ -113,14 +130,7 @@ class TicketRunner:
         result, or a designed error."""
         status = meta.get("status")
         if status == "SUCCESS" and isinstance(meta.get("result"), dict):
-            result = JobResult.from_payload(meta["result"])
-            observe_result(ticket.model, result.prompt_tokens, result.completion_tokens, result.queue_ms)
-            await self._settle_usage(ticket, result.prompt_tokens + result.completion_tokens)
-            if result.status == STATUS_COMPLETED:
-                return result
-            if result.audit_seq is None:  # the worker could not record its outcome
-                await self.request_log.end(ticket, "failed", {"error": result.error})
-            raise worker_error(result)
+            return await self.ended(ticket, JobResult.from_payload(meta["result"]))
         await self._settle_usage(ticket, None)
         if status == "REVOKED":  # expired in the queue before a worker took it
             await self.request_log.end(ticket, "timed_out", {"error": {"code": "expired",
@@ -129,6 +139,17 @@ class TicketRunner:
         message = str(meta.get("result", {}).get("exc_message") if isinstance(meta.get("result"), dict) else "")
         await self.request_log.end(ticket, "failed", {"error": {"code": "worker_error", "message": message}})
         raise ApiError(502, "worker_error", "The model worker failed on this request; it has been logged.")
+
+    async def ended(self, ticket: Ticket, result: JobResult) -> JobResult:
+        """A generation's result (recorded by its worker, or here for a handed-over output): the
+        completion, or its designed error; usage is settled either way."""
+        observe_result(ticket.model, result.prompt_tokens, result.completion_tokens, result.queue_ms)
+        await self._settle_usage(ticket, result.prompt_tokens + result.completion_tokens)
+        if result.status == STATUS_COMPLETED:
+            return result
+        if result.audit_seq is None:  # its end could not be recorded: kept pending, or recorded now
+            await self.request_log.end(ticket, "failed", {"error": result.error})
+        raise worker_error(result)
 
     async def timed_out(self, ticket: Ticket, *, output: str | None = None) -> JobResult:
         """The wait ran out: stop the worker, end the request (unless it just ended), 504.

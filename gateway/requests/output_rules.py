@@ -3,7 +3,9 @@
 The policy's ``output_decision`` judges the output the way ``decision``
 judged the prompt (``gateway/policy``); :class:`~gateway.requests.holdback.HoldBack`
 says what of it the client may receive; the verdict (sealed, LPUSHed on
-``govgate:verdict:<request id>``) tells the worker what to record. Any
+``govgate:verdict:<request id>``) tells the worker what to record, or, for
+an output the worker handed over, goes into the terminal entry the gateway
+records itself (``gateway/requests/handed_over.py``). Any
 failure to judge fails closed: an unavailable decision stops the output. See
 docs/architecture.md, "Output rules".
 """
@@ -91,23 +93,30 @@ class OutputRules:
 
     async def answer(self, ticket: Ticket, hold: HoldBack, report: OutputReport, *,
                      abandoned: bool = False) -> OutputVerdict:
-        """Judge what ``report`` adds to ``hold`` (its final window) and send the worker its verdict.
+        """Judge what ``report`` adds to ``hold`` (:meth:`verdict_on`) and send the worker its verdict.
+
+        A verdict that cannot be sent leaves the worker to record ``output_unchecked``.
+        """
+        verdict = await self.verdict_on(ticket, hold, report, abandoned=abandoned)
+        await self.send(ticket.request_id, verdict)
+        return verdict
+
+    async def verdict_on(self, ticket: Ticket, hold: HoldBack, report: OutputReport, *,
+                         abandoned: bool = False) -> OutputVerdict:
+        """The verdict on ``report``'s output: what it adds to ``hold`` is judged as the final window.
 
         The tail is judged unless the output was stopped already; pieces the
         gateway did not receive are taken from the report. ``abandoned``: the
         client left, so it receives nothing more (the tail is judged for the
-        record only). A verdict that cannot be sent leaves the worker to
-        record ``output_unchecked``.
+        record only).
         """
         received = hold.client_text
         if hold.replace_text(report.text) and not hold.stopped:
             await self.judge(ticket, hold, final=True)
-        verdict = OutputVerdict(decision=hold.decision_document(),
-                                client_text=received if abandoned else hold.client_text,
-                                stopped=hold.stopped, unavailable=hold.unavailable,
-                                revision=hold.revision or self.policy.revision)
-        await self.send(ticket.request_id, verdict)
-        return verdict
+        return OutputVerdict(decision=hold.decision_document(),
+                             client_text=received if abandoned else hold.client_text,
+                             stopped=hold.stopped, unavailable=hold.unavailable,
+                             revision=hold.revision or self.policy.revision)
 
     async def send(self, request_id: str, verdict: OutputVerdict) -> None:
         key = verdict_key(request_id)

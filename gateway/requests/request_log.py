@@ -16,6 +16,7 @@ from typing import Any, Callable
 import anyio
 
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
+from audit.kinds import FAILED
 from gateway.auth import Principal
 from gateway.api_errors import ApiError
 from gateway.observability.metrics import timed_append
@@ -23,6 +24,7 @@ from gateway.requests.audit_records import rejection_record
 from gateway.requests.ticket import Ticket
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
 from workers.contract.privacy import Digester, split_texts
+from workers.contract.terminal_body import withheld_body
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,30 @@ class RequestLog:
                                         team=ticket.principal.team, model=ticket.model, body=body,
                                         policy_revision=ticket.job.policy_revision)
                 await anyio.to_thread.run_sync(self._pending.keep, entry)
+            return None
+
+    async def record_end(self, ticket: Ticket, kind: str, body: dict[str, Any]) -> AuditEntry | None:
+        """Write the terminal entry of an output a worker handed over.
+
+        Unlike :meth:`end`, nothing kept pending is written first: what is kept
+        for this request is the worker's fallback, which this entry replaces.
+        Raises :class:`DuplicateTerminalError` if the request ended meanwhile
+        (the fallback was written, or the gateway's own timeout). None: the
+        database refused it, and it is kept pending as ``failed`` (``ended_as``
+        its kind) in the fallback's place, to be written when the database is back.
+        """
+        try:
+            return await self._append(kind, ticket.request_id, ticket.principal, ticket.model, body,
+                                      ticket.job.policy_revision)
+        except DuplicateTerminalError:
+            raise
+        except AuditError as exc:
+            log.error("could not record %s for %s: %s", kind, ticket.request_id, exc)
+            if self._pending is not None:
+                entry = PendingTerminal(kind=FAILED, request_id=ticket.request_id, principal=ticket.principal.id,
+                                        team=ticket.principal.team, model=ticket.model,
+                                        body=withheld_body(body, kind), policy_revision=ticket.job.policy_revision)
+                await anyio.to_thread.run_sync(partial(self._pending.keep, entry, replace=True))
             return None
 
     async def terminal_for(self, request_id: str) -> AuditEntry | None:

@@ -111,6 +111,18 @@ def test_a_job_is_read_from_a_terminal_entry_and_one_without_timings_is_skipped(
     assert job_from_entry(SimpleNamespace(team="x", created_at=at, body={"timings": {"queue_ms": 1.0}})) is None
 
 
+def test_a_handed_over_job_ends_when_its_worker_was_free_and_a_waiting_one_when_it_recorded() -> None:
+    at = datetime(2026, 11, 30, 9, 0, 1, tzinfo=timezone.utc)
+    handed = job_from_entry(SimpleNamespace(team="t", request_id="h", created_at=at, body={"timings": {
+        "queue_ms": 100.0, "generate_ms": 400.0, "handed_over_ms": 200.0}}))
+    assert handed.ended == pytest.approx(at.timestamp() - 0.2)  # the gateway recorded it 200 ms later
+    assert handed.started == pytest.approx(at.timestamp() - 0.6) and handed.wait_ms == pytest.approx(100.0)
+    waited = job_from_entry(SimpleNamespace(team="t", request_id="w", created_at=at, body={"timings": {
+        "queue_ms": 100.0, "generate_ms": 400.0, "verdict_ms": 200.0}}))
+    assert waited.ended == at.timestamp()  # busy until it recorded
+    assert waited.started == pytest.approx(at.timestamp() - 0.6)
+
+
 def _fake_run(scenario: str, phase: str, mode: str, order: str, step: float) -> PhaseRun:
     teams = SCENARIOS[scenario]
     names = [t.name for t in teams]

@@ -23,10 +23,12 @@ from typing import Iterator
 
 import httpx
 import pytest
+import redis
 
 from govgate.processes import stop_process
 from tests.conftest import (ORPHAN_MODEL, OUTPUT_MODEL, _roomy_limits, bearer, policy_copy, serving, spawn_cli,
                             wait_for_worker)
+from workers.contract.pending_terminals import PENDING_KEY
 from workers.contract.privacy import Digester
 from workers.contract.sealing import load_or_create_key
 
@@ -160,6 +162,72 @@ def test_a_gateway_killed_before_the_verdict_leaves_the_output_recorded_unchecke
     assert terminal.body["error"]["code"] == "output_unchecked"
     assert terminal.body["usage"]["completion_tokens"] == 16  # it was generated, and kept as logging allows
     assert "output_decision" not in terminal.body and "client_output" not in (terminal.payload or {})
+
+
+def test_a_gateway_killed_before_it_records_a_handed_over_output_leaves_it_recorded_unchecked(
+        settings, keyring, audit_store, tmp_path):
+    """A non-streamed job: its worker hands the output over and moves on; nobody records it but the fallback."""
+    outcome: dict = {}
+    with serving(settings, tmp_path / "serve.log") as base:
+        def ask() -> None:
+            try:
+                outcome["response"] = httpx.post(
+                    f"{base}/v1/completions", headers=bearer(keyring["admin"]), timeout=60,
+                    json={"model": ORPHAN_MODEL, "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0})
+            except httpx.HTTPError as exc:  # the gateway dies under the request
+                outcome["error"] = exc
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        deadline = time.monotonic() + 60
+        while not (ids := [e.request_id for e in audit_store.iter_entries(audit_store.head().seq - 50)
+                           if e.kind == "request" and e.model == ORPHAN_MODEL
+                           and audit_store.terminal_for(e.request_id) is None]):
+            assert time.monotonic() < deadline, "the request was never recorded"
+            time.sleep(0.05)
+        base.process.kill()  # the gateway dies with the job in the queue
+        base.process.wait(timeout=30)
+        asker.join(30)
+    assert "response" not in outcome
+    [request_id] = ids
+    worker = spawn_cli(settings.with_(output_verdict_timeout_s=1.0), "worker", "--model", ORPHAN_MODEL,
+                       log=tmp_path / "worker.log")
+    try:
+        wait_for_worker(settings.redis_url, ORPHAN_MODEL, worker)
+        deadline = time.monotonic() + 60
+        while audit_store.terminal_for(request_id) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop_process(worker, timeout_s=30)
+    terminal = audit_store.terminal_for(request_id)
+    assert terminal is not None and terminal.kind == "failed", (tmp_path / "worker.log").read_text()[-3000:]
+    assert terminal.body["error"]["code"] == "output_unchecked"
+    assert terminal.body["usage"]["completion_tokens"] == 16 and "recorded_late" in terminal.body
+    assert "output_decision" not in terminal.body and terminal.payload["output"]
+    assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "failed"]
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        assert not client.hexists(PENDING_KEY, request_id)  # written once, then dropped
+    finally:
+        client.close()
+
+
+def test_a_handed_over_completion_is_recorded_once_by_its_gateway(rules, settings, keyring, audit_store):
+    response = httpx.post(f"{rules.base}/v1/completions", headers=bearer(keyring["admin"]), timeout=60,
+                          json=body(STOP_PROMPT, max_tokens=4))
+    assert response.status_code == 200, response.text
+    request_id = response.headers["x-govgate-request-id"]
+    assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "completion"]
+    terminal = audit_store.terminal_for(request_id)
+    assert terminal.body["timings"]["handed_over_ms"] >= 0 and terminal.body["timings"]["generate_ms"] > 0
+    assert "verdict_ms" not in terminal.body["timings"]  # the worker did not wait for one
+    assert terminal.body["worker"]["pid"] != rules.base.process.pid  # the worker's, as it generated it
+    assert terminal.payload["client_output"] == terminal.payload["output"] == response.json()["choices"][0]["text"]
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        assert not client.hexists(PENDING_KEY, request_id)  # the worker's fallback was dropped
+    finally:
+        client.close()
 
 
 def content_chunks(events: list[dict]) -> list[str]:

@@ -20,7 +20,7 @@ def _job(**changes) -> GenerateJob:
                   team="t", policy_revision="rev", messages=[{"role": "user", "content": "hi"}], prompt=None,
                   enqueued_at_ns=5, stream=True, prompt_logging="digest",
                   redact=[{"detector": "email", "text": "a@b.c"}], deadline_ns=9, reply_to="chan", check_output=True,
-                  output_rule_absent=True)
+                  output_rule_absent=True, gateway_records=True)
     values.update(changes)
     return GenerateJob(**values)
 
@@ -43,6 +43,8 @@ def test_payload_equals_to_payload() -> None:
     assert json.dumps(job_payload(job)) == json.dumps(job.to_payload())
     text_job = _job(endpoint="completions", messages=None, prompt="once upon", team=None, redact=[])
     assert job_payload(text_job) == text_job.to_payload()
+    unflagged = _job(output_rule_absent=False, gateway_records=False)
+    assert job_payload(unflagged) == unflagged.to_payload()
 
 
 def test_sealed_job_opens_as_the_job() -> None:
@@ -55,9 +57,11 @@ def test_sealed_job_opens_as_the_job() -> None:
     assert GenerateJob.unsealed(sealed, sealer) == job
 
 
-def test_output_rule_absent_travels_only_when_set() -> None:
-    """A worker that predates the field can still read every job that does not need it."""
-    plain = _job(output_rule_absent=False)
-    assert "output_rule_absent" not in plain.to_payload()
-    assert GenerateJob.from_payload(plain.to_payload()) == plain
-    assert GenerateJob.from_payload(_job().to_payload()).output_rule_absent is True
+def test_the_optional_flags_travel_only_when_set() -> None:
+    """A worker that predates a flag can still read every job that does not need it, from either builder."""
+    plain = _job(output_rule_absent=False, gateway_records=False)
+    for payload in (plain.to_payload(), job_payload(plain)):
+        assert "output_rule_absent" not in payload and "gateway_records" not in payload
+        assert GenerateJob.from_payload(payload) == plain
+    flagged = GenerateJob.from_payload(job_payload(_job()))
+    assert flagged.output_rule_absent is True and flagged.gateway_records is True

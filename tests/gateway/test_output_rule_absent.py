@@ -4,9 +4,10 @@ The gateway asks once per revision whether its policy has an output rule
 (``ReloadingPolicyEngine.output_rule_absent``); without one it tells the
 worker so in the job, and the worker records the verdict the gateway would
 have sent (allow, the whole output served). A revision with an output rule
-is still judged: a rule that stops every output stops this one. The verdict
-round trip is seen in Redis's own counters: BLPOP is the worker's wait for a
-verdict (Celery's consumers use BRPOP).
+is still judged: a rule that stops every output stops this one. The
+report to the gateway is seen in Redis's own counters: a non-streamed output
+is handed over with an HSETNX of its fallback entry (and a stream's worker
+would wait for a verdict with BLPOP; Celery's consumers use BRPOP).
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ def stopping_every_output(folder: Path) -> Path:
 
 
 def verdict_waits(redis_url: str) -> int:
-    """BLPOP calls Redis has served so far: one per verdict a worker waited for."""
+    """HSETNX and BLPOP calls Redis has served so far: one per output handed over or verdict waited for."""
     client = redis.Redis.from_url(redis_url)
     try:
-        return int(client.info("commandstats").get("cmdstat_blpop", {}).get("calls", 0))
+        stats = client.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("hsetnx", "blpop"))
     finally:
         client.close()
 

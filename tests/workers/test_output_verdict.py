@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from dataclasses import replace
 from typing import Callable, Iterator
@@ -16,12 +17,14 @@ import pytest
 import redis
 
 from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
-from workers.contract.jobs import STATUS_COMPLETED, STATUS_FAILED, GenerateJob, parse_reply
+from workers.contract.jobs import REPLY_PIECE, STATUS_COMPLETED, STATUS_FAILED, GenerateJob, parse_reply
 from workers.contract.output_check import (REPLY_OUTPUT, OutputReport, OutputVerdict, verdict_key)
+from workers.contract.pending_terminals import PENDING_KEY, PendingTerminals
 from workers.contract.privacy import Digester, mask
 from workers.contract.sampling import SamplingParams
 from workers.contract.sealing import Sealer
-from workers.generation import run_job
+from workers.contract.terminal_body import Generated
+from workers.generation import HANDED_OVER, run_job
 from workers import streams
 from workers.streams import RedisJobChannel
 
@@ -60,10 +63,12 @@ class Gateway:
         self._thread.start()
 
     def _answer(self) -> None:
-        message = self._pubsub.get_message(ignore_subscribe_messages=True, timeout=30)
-        if message is None:
-            return
-        kind, request_id, data = parse_reply(message["data"])
+        kind = REPLY_PIECE
+        while kind == REPLY_PIECE:  # a stream's pieces come first
+            message = self._pubsub.get_message(ignore_subscribe_messages=True, timeout=30)
+            if message is None:
+                return
+            kind, request_id, data = parse_reply(message["data"])
         assert kind == REPLY_OUTPUT
         report = OutputReport.opened(data, SEALER)
         self.reports.append(report)
@@ -217,3 +222,47 @@ def test_under_a_revision_without_output_rules_the_worker_records_the_allow_with
                                              "policy_revision": "rev"}
     assert entry.payload["client_output"] == entry.payload["output"] == result.text
     assert entry.body["finish_reason"] != "content_filter" and "error" not in entry.body
+
+
+def handed_over_run(client: redis.Redis, job: GenerateJob, store, model, timeout_s: float = 10.0):
+    """``run`` with the pending terminals a pool process has (a hand-over keeps its fallback there)."""
+    pending = PendingTerminals(client, horizon_s=60, seal=SEALER.seal, unseal=SEALER.unseal)
+    channel = RedisJobChannel(client, job.request_id, streaming=job.stream, sealer=SEALER, reply_to=job.reply_to)
+    return run_job(job, model, store, channel, pending, digester=DIGESTER, verdict_timeout_s=timeout_s), pending
+
+
+def test_a_job_its_gateway_records_is_handed_over_with_a_fallback_and_no_wait(client, store, model) -> None:
+    gateway = Gateway(client, lambda report: None)  # hears the report; sends no verdict (none is awaited)
+    job = checked_job(gateway.channel, gateway_records=True)
+    started = time.monotonic()
+    result, pending = handed_over_run(client, job, store, model, timeout_s=30.0)
+    assert time.monotonic() - started < 30  # it did not wait out the verdict timeout
+    gateway.close()
+    assert result is HANDED_OVER and store.terminal_for(job.request_id) is None
+    [report] = gateway.reports
+    generated = Generated.from_payload(report.text, report.handed_over)
+    assert generated.completion_tokens > 0 and generated.worker["pid"] == os.getpid()
+    assert generated.generate_ms > 0 and generated.ended_ns > 0
+    assert not client.exists(verdict_key(job.request_id))
+    raw = client.hget(PENDING_KEY, job.request_id)
+    assert raw is not None and report.text.encode() not in raw  # kept sealed
+    assert pending.write_all(store) == 0  # not due: its gateway may still record the end
+    fallback = pending.write_one(store, job.request_id)  # as the gateway's timeout would write it
+    assert fallback.kind == "failed" and fallback.body["error"]["code"] == "output_unchecked"
+    assert fallback.payload["output"] == report.text and "output_decision" not in fallback.body
+
+
+def test_a_hand_over_nobody_can_hear_is_recorded_unchecked_at_once(client, store, model) -> None:
+    job = checked_job("", gateway_records=True)  # no reply channel: nobody to hand the output to
+    result, pending = handed_over_run(client, job, store, model)
+    assert result.status == STATUS_FAILED and result.error["code"] == "output_unchecked"
+    assert store.terminal_for(job.request_id).kind == "failed" and not pending.holds(job.request_id)
+
+
+def test_a_stream_is_never_handed_over(client, store, model) -> None:
+    gateway = Gateway(client, redacting("the"))
+    job = checked_job(gateway.channel, gateway_records=True, stream=True)
+    result, pending = handed_over_run(client, job, store, model)
+    gateway.close()
+    assert result is not HANDED_OVER and result.audit_seq is not None
+    assert gateway.reports[0].handed_over is None and not pending.holds(job.request_id)

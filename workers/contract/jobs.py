@@ -50,6 +50,11 @@ LOADED_KEY_PREFIX = "govgate:loaded:"
 LOADED_TTL_S = 24 * 3600
 
 
+#: Job fields sent only when set, so that a worker that predates them can still read every job that
+#: does not need them (upgrade workers before gateways).
+OPTIONAL_FLAGS = ("output_rule_absent", "gateway_records")
+
+
 def queue_for(model: str) -> str:
     """The Celery queue that carries one model's requests."""
     return f"model.{model}"
@@ -120,11 +125,16 @@ class GenerateJob:
     #: every output passes unchecked and the worker records that verdict itself, without asking its
     #: gateway (no report, no wait). Only a gateway that knew the revision's rules sets it.
     output_rule_absent: bool = False
+    #: With ``check_output``: the gateway judges a non-streamed output and records its terminal entry
+    #: itself, so the worker hands the output over (``OutputReport.handed_over``) and takes its next job
+    #: instead of waiting for a verdict. Only a gateway that records handed-over outputs sets it.
+    gateway_records: bool = False
 
     def to_payload(self) -> dict[str, Any]:
         payload = {**asdict(self), "params": self.params.to_payload()}
-        if not self.output_rule_absent:  # left out unless set: a worker that predates it can read the job
-            del payload["output_rule_absent"]
+        for name in OPTIONAL_FLAGS:
+            if not payload[name]:
+                del payload[name]
         return payload
 
     @classmethod

@@ -1,11 +1,15 @@
 """The output check between a worker and its gateway: the report, the verdict, and what the log keeps of them.
 
-The policy engine lives in the gateway, the terminal entry is the worker's to
-write, and that entry must record the output decision and what the client
-received. So a worker that generated for a checked job reports the output
-(``o`` on the gateway's reply channel, sealed) and waits for the verdict
-(sealed, on ``govgate:verdict:<request id>``) before it records; see
-docs/architecture.md, "Output rules".
+The policy engine lives in the gateway, and the terminal entry must record
+the output decision and what the client received. So a worker that
+generated for a checked job reports the output (``o`` on the gateway's reply
+channel, sealed). For a stream (or a job its gateway did not offer to
+record) it then waits for the verdict (sealed, on
+``govgate:verdict:<request id>``) and records; a non-streamed completion is
+handed over instead: the report carries what the entry needs, the gateway
+judges and records it, and the worker takes its next job at once (a
+fallback entry kept in Redis records the output unchecked if no gateway
+does). See docs/architecture.md, "Output rules".
 """
 
 from __future__ import annotations
@@ -39,13 +43,22 @@ def verdict_key(request_id: str) -> str:
 
 @dataclass(frozen=True)
 class OutputReport:
-    """What a worker generated, sent to the gateway to be judged (``stopped``: the gateway stopped it)."""
+    """What a worker generated, sent to the gateway to be judged (``stopped``: the gateway stopped it).
+
+    ``handed_over``: the worker does not wait for a verdict; the gateway
+    records the terminal entry itself from these fields (the generation's
+    counts and timings, ``workers.contract.terminal_body.Generated``'s payload).
+    """
 
     text: str
     stopped: bool = False
+    handed_over: dict[str, Any] | None = None
 
     def sealed(self, sealer: Sealer) -> str:
-        return sealer.seal_text(json.dumps({"text": self.text, "stopped": self.stopped}).encode())
+        document: dict[str, Any] = {"text": self.text, "stopped": self.stopped}
+        if self.handed_over is not None:
+            document["handed_over"] = self.handed_over
+        return sealer.seal_text(json.dumps(document).encode())
 
     @classmethod
     def opened(cls, raw: str | bytes, sealer: Sealer) -> "OutputReport":
@@ -53,7 +66,10 @@ class OutputReport:
         document = json.loads(sealer.unseal_text(raw))
         if not isinstance(document, dict) or not isinstance(document.get("text"), str):
             raise ValueError("not an output report")
-        return cls(text=document["text"], stopped=bool(document.get("stopped")))
+        handed_over = document.get("handed_over")
+        if handed_over is not None and not isinstance(handed_over, dict):
+            raise ValueError("not an output report")
+        return cls(text=document["text"], stopped=bool(document.get("stopped")), handed_over=handed_over)
 
 
 @dataclass(frozen=True)

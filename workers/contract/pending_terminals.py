@@ -40,6 +40,9 @@ class PendingTerminal:
     policy_revision: str | None
     #: When the first write failed (epoch seconds); the horizon counts from here.
     since: float = field(default_factory=time.time)
+    #: Not written by a retry before this time (epoch seconds): a fallback kept while its gateway may
+    #: still record the request's real end (a handed-over output being judged; see ``output_check``).
+    not_before: float = 0.0
 
 
 class PendingTerminals:
@@ -51,15 +54,26 @@ class PendingTerminals:
         self._seal = seal
         self._unseal = unseal
 
-    def keep(self, entry: PendingTerminal) -> bool:
-        """Keep ``entry`` until it can be written; the first kept for a request wins (like the database)."""
+    def keep(self, entry: PendingTerminal, *, replace: bool = False) -> bool:
+        """Keep ``entry`` until it can be written; the first kept for a request wins (like the database).
+
+        ``replace``: this entry says more than one kept earlier for the request (a handed-over output's
+        fallback, replaced by the judged end that the database refused).
+        """
         try:
-            self._client.hsetnx(PENDING_KEY, entry.request_id, self._seal(json.dumps(asdict(entry)).encode()))
+            if replace:
+                self._client.hset(PENDING_KEY, entry.request_id, self.sealed(entry))
+            else:
+                self._client.hsetnx(PENDING_KEY, entry.request_id, self.sealed(entry))
         except redis.RedisError as exc:
             log.error("cannot keep the %s entry of %s for a later write: %s", entry.kind, entry.request_id, exc)
             return False
         log.warning("kept the %s entry of %s to write when the audit store is back", entry.kind, entry.request_id)
         return True
+
+    def sealed(self, entry: PendingTerminal) -> bytes:
+        """``entry`` as it is kept under :data:`PENDING_KEY` (for a caller that sends it in its own pipeline)."""
+        return self._seal(json.dumps(asdict(entry)).encode())
 
     def holds(self, request_id: str) -> bool:
         """Whether an entry of the request waits here; raises ``redis.RedisError`` when Redis cannot say."""
@@ -87,7 +101,11 @@ class PendingTerminals:
         return self._write(store, request_id, raw)
 
     def write_all(self, store: AuditStore) -> int:
-        """Write every pending entry the database takes now; stop at the first refusal. Returns how many."""
+        """Write every pending entry the database takes now; stop at the first refusal. Returns how many.
+
+        An entry kept with a ``not_before`` still ahead is left for later (its gateway may yet record
+        the request's end); :meth:`write_one`, asked by the request's own gateway, writes it at once.
+        """
         try:
             pending = self._client.hgetall(PENDING_KEY)
         except redis.RedisError as exc:
@@ -97,7 +115,7 @@ class PendingTerminals:
         for key, raw in pending.items():
             request_id = key.decode() if isinstance(key, bytes) else key
             try:
-                if self._write(store, request_id, raw) is not None:
+                if self._write(store, request_id, raw, due_only=True) is not None:
                     written += 1
             except AuditError as exc:
                 log.error("audit store still refuses pending terminal entries (%d waiting): %s",
@@ -105,7 +123,8 @@ class PendingTerminals:
                 break
         return written
 
-    def _write(self, store: AuditStore, request_id: str, raw: bytes) -> AuditEntry | None:
+    def _write(self, store: AuditStore, request_id: str, raw: bytes, *,
+               due_only: bool = False) -> AuditEntry | None:
         try:
             opened = self._unseal(raw)
         except Exception as exc:  # sealed under another key: its owner (who holds that key) will write it
@@ -118,6 +137,8 @@ class PendingTerminals:
         except Exception as exc:  # opened but corrupted: can never be written
             log.error("dropping unreadable pending terminal entry of %s: %s", request_id, exc)
             self._forget(request_id)
+            return None
+        if due_only and entry.not_before > time.time():  # its gateway may still record the real end
             return None
         if time.time() - entry.since > self._horizon_s:
             log.error("giving up the %s entry of %s: not writable for %.0f s (horizon %.0f s)", entry.kind,

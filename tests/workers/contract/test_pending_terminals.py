@@ -70,3 +70,28 @@ def test_an_entry_sealed_under_another_key_is_left_for_its_owner_not_dropped(pen
     assert store.terminal_for("r-owned") is None
     assert PendingTerminals(client, horizon_s=60, seal=owner.seal, unseal=owner.unseal).write_all(store) == 1
     assert store.terminal_for("r-owned").payload["output"] == "secret words"
+
+
+def test_an_entry_not_due_yet_waits_for_retries_but_its_own_gateway_writes_it_at_once(pending_parts):
+    # A handed-over output's fallback: a retry leaves it while its gateway may still record the real end.
+    client, store = pending_parts
+    sealer = Sealer(os.urandom(32))
+    pending = PendingTerminals(client, horizon_s=60, seal=sealer.seal, unseal=sealer.unseal)
+    pending.keep(pending_entry("later", not_before=time.time() + 60))
+    pending.keep(pending_entry("due", not_before=time.time() - 1))
+    assert pending.write_all(store) == 1
+    assert store.terminal_for("due") is not None and store.terminal_for("later") is None
+    assert pending.holds("later") and not pending.holds("due")
+    written = pending.write_one(store, "later")  # the request's gateway ends it: no waiting
+    assert written is not None and written.kind == "failed" and not pending.holds("later")
+
+
+def test_a_replacing_keep_takes_the_place_of_the_fallback(pending_parts):
+    client, store = pending_parts
+    sealer = Sealer(os.urandom(32))
+    pending = PendingTerminals(client, horizon_s=60, seal=sealer.seal, unseal=sealer.unseal)
+    pending.keep(pending_entry("r-2", body={"output": "x", "error": {"code": "output_unchecked"}},
+                               not_before=time.time() + 60))
+    pending.keep(pending_entry("r-2", body={"output": "x", "error": {"code": "audit_unavailable"}}), replace=True)
+    assert pending.write_all(store) == 1  # the replacement is due at once
+    assert store.terminal_for("r-2").body["error"]["code"] == "audit_unavailable"

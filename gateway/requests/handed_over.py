@@ -1,0 +1,93 @@
+"""Recording an output its worker handed over: judge it whole, write its terminal entry, drop the fallback.
+
+A worker that finished a non-streamed completion under the output rules
+does not wait for the verdict (its pool process would idle while this
+gateway judges, and under a burst of admissions that wait was most of a
+job's time): it reports the output with everything the terminal entry
+needs, keeps a fallback entry (``failed``/``output_unchecked``) in the
+pending terminals, and takes its next job. This gateway judges the output,
+writes the entry the worker would have written (built by the same code,
+``workers/contract/terminal_body.py``) and drops the fallback. Exactly one
+terminal entry still ends the request: the database's unique terminal
+constraint decides between this entry, the fallback (written by a retry
+only after the worker's verdict timeout) and the gateway's own timeout. See
+docs/architecture.md, "Output rules".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from audit import DuplicateTerminalError
+from gateway.requests.holdback import HoldBack
+from gateway.requests.output_rules import OutputRules
+from gateway.requests.request_log import RequestLog
+from gateway.requests.ticket import Ticket
+from workers.contract.jobs import STATUS_FAILED, JobResult
+from workers.contract.output_check import OutputReport
+from workers.contract.pending_terminals import PENDING_KEY
+from workers.contract.privacy import Digester
+from workers.contract.terminal_body import Generated, checked_ending, ended_result, generation_body
+
+log = logging.getLogger(__name__)
+
+#: The result when the database refused the entry (kept pending; the client is told, nothing is served).
+_UNRECORDED = JobResult(status=STATUS_FAILED,
+                        error={"code": "audit_unavailable", "message": "the audit store cannot be written"})
+
+
+class HandedOver:
+    """Records handed-over outputs for one gateway process."""
+
+    def __init__(self, *, rules: OutputRules, request_log: RequestLog, redis: aioredis.Redis,
+                 digester: Digester) -> None:
+        self.rules = rules
+        self.request_log = request_log
+        self.redis = redis
+        self.digester = digester
+
+    async def record(self, ticket: Ticket, hold: HoldBack, report: OutputReport, *,
+                     abandoned: bool = False) -> JobResult | None:
+        """Judge and record ``report``'s output; the request's result (None: the report is unreadable).
+
+        An unreadable report is left alone: the worker's fallback ends the
+        request (written by this gateway's timeout, or by a retry).
+        ``abandoned``: the client left; what it received stays what ``hold`` released.
+        """
+        assert report.handed_over is not None
+        try:
+            generated = Generated.from_payload(report.text, report.handed_over)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.error("unreadable hand-over of %s: %s", ticket.request_id, exc)
+            return None
+        verdict = await self.rules.verdict_on(ticket, hold, report, abandoned=abandoned)
+        ending = checked_ending(ticket.job, verdict, generated.finish_reason, self.digester)
+        body = generation_body(ticket.job, generated, self.digester, checked=ending.checked,
+                               findings=ending.findings, finish_reason=ending.finish_reason, error=ending.error,
+                               extra_timings={"handed_over_ms": generated.waited_ms(time.time_ns())})
+        try:
+            entry = await self.request_log.record_end(ticket, ending.kind, body)
+        except DuplicateTerminalError:  # the request ended first elsewhere: that entry is its answer
+            winner = await self.request_log.terminal_for(ticket.request_id)
+            await self._drop_fallback(ticket.request_id)
+            if winner is None:  # pragma: no cover - the constraint implies a winner exists
+                return _UNRECORDED
+            log.warning("request %s was ended elsewhere first (%s); dropping its handed-over %s",
+                        ticket.request_id, winner.kind, ending.kind)
+            return JobResult.from_terminal(winner.kind, winner.seq, winner.body, winner.payload)
+        if entry is None:  # kept pending in the fallback's place
+            return _UNRECORDED
+        await self._drop_fallback(ticket.request_id)
+        return ended_result(ending.kind, generated, entry.seq, finish_reason=ending.finish_reason,
+                            served=ending.served, error=ending.error)
+
+    async def _drop_fallback(self, request_id: str) -> None:
+        """The request has its terminal entry: its worker's fallback is not needed."""
+        try:
+            await self.redis.hdel(PENDING_KEY, request_id)
+        except (RedisError, OSError) as exc:  # a retry meets the unique constraint and drops it then
+            log.warning("cannot drop the fallback entry of %s: %s", request_id, exc)
