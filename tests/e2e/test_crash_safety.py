@@ -13,6 +13,7 @@ import httpx
 import pytest
 import redis
 
+from bench._fairness_figures import job_from_entry
 from govgate.processes import stop_process
 from tests.conftest import CRASH_MODEL, LIMITED_MODEL, bearer, spawn_cli, wait_for_worker
 from workers.contract.jobs import CANCEL_KEY_PREFIX, JOB_STARTED
@@ -223,5 +224,6 @@ def test_higher_priority_requests_are_served_first(settings, keyring, audit_stor
             if worker is not None:
                 stop_process(worker, timeout_s=30)
     assert len(ids) == 4
-    order = sorted(ids, key=lambda label: audit_store.terminal_for(ids[label]).seq)
+    # The worker's order (a handed-over output's entry is the gateway's, in the order judgements end).
+    order = sorted(ids, key=lambda label: job_from_entry(audit_store.terminal_for(ids[label])).started)
     assert order[0] == "urgent", order

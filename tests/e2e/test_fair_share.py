@@ -19,6 +19,7 @@ import httpx
 import pytest
 import redis
 
+from bench._fairness_figures import job_from_entry
 from gateway.auth import KeyStore
 from gateway.components import open_database
 from govgate.processes import stop_process
@@ -111,7 +112,9 @@ def test_a_worker_serves_teams_by_their_shares_not_by_arrival(own_redis, audit_s
                 stop_process(worker, timeout_s=30)
     assert not failures, failures
     assert Counter(served.values()) == counts
-    order = [served[r] for r in sorted(served, key=lambda r: audit_store.terminal_for(r).seq)]
+    # The worker's order: when each job started on its clock (a handed-over output is recorded by the
+    # gateway, so the entries' own order is the order their judgements ended, not the worker's).
+    order = [served[r] for r in sorted(served, key=lambda r: job_from_entry(audit_store.terminal_for(r)).started)]
     # FIFO would serve all of alpha's jobs first. The schedule charges measured worker time, so one odd
     # job (a stall) may shift it by a job: the shares are held to two jobs, not one.
     assert order.index("beta") <= 2, order
