@@ -217,6 +217,19 @@ async def client(settings: Settings, worker: subprocess.Popen) -> AsyncIterator[
         yield test_client
 
 
+@pytest.fixture(scope="module")
+async def module_client(settings: Settings, worker: subprocess.Popen) -> AsyncIterator[AsyncTestClient]:
+    """``client``'s app started once for a whole module (its start, ~0.4 s, is most of a small test's time).
+
+    Only for modules whose tests share nothing through the app's own state:
+    they read the audit log by their own request ids or since their own
+    ``head()``, use the session's keys unchanged, and break no component.
+    Such a module overrides ``client`` with a fixture that returns this one.
+    """
+    async with AsyncTestClient(create_app(settings), timeout=120) as test_client:
+        yield test_client
+
+
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
