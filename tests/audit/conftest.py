@@ -184,3 +184,55 @@ def raw(store_url: str, backend: str) -> Iterator[RawDB]:
     db = RawDB(store_url, backend)
     yield db
     db.dispose()
+
+
+@pytest.fixture(scope="module")
+def _seeded_templates() -> Iterator[dict[tuple[str, str], tuple[str, PostgresServer | None]]]:
+    """The module's seeded stores (:func:`seeded_raw`), by backend and seed; dropped with the module."""
+    made: dict[tuple[str, str], tuple[str, PostgresServer | None]] = {}
+    yield made
+    for url, server in made.values():
+        if server is not None:
+            server.drop_database(url)
+
+
+@pytest.fixture
+def seeded_raw(backend: str, new_db_url: Callable[..., str], request: pytest.FixtureRequest,
+               tmp_path_factory: pytest.TempPathFactory,
+               _seeded_templates: dict[tuple[str, str], tuple[str, PostgresServer | None]],
+               ) -> Iterator[Callable[[Callable[[RawDB], None]], RawDB]]:
+    """``seeded_raw(seed)``: a store of the test's own holding what ``seed(raw)`` appends.
+
+    ``seed`` runs once per module and backend, on a template; each test gets
+    a copy (as :func:`store_url` copies the empty one), so tests that tamper
+    with it never see each other's changes. The entries' times are those of
+    the seeding, earlier in the module.
+    """
+    opened: list[RawDB] = []
+
+    def make(seed: Callable[[RawDB], None]) -> RawDB:
+        key = (backend, f"{seed.__module__}.{seed.__qualname__}")
+        if key not in _seeded_templates:
+            empty = request.getfixturevalue(f"_{backend}_store_template")
+            server: PostgresServer | None = None
+            if backend == "sqlite":
+                path = tmp_path_factory.mktemp("seeded") / "audit.db"
+                shutil.copyfile(empty.removeprefix("sqlite:///"), path)
+                os.chmod(path, 0o600)
+                url = f"sqlite:///{path}"
+            else:
+                server = request.getfixturevalue("postgres_server")
+                url = server.fresh_database("seeded", template=empty)
+            template = RawDB(url, backend)
+            try:
+                seed(template)
+            finally:
+                template.dispose()
+            _seeded_templates[key] = (_migrated_template(url), server)  # (checkpointed; migrating again is a no-op)
+        opened.append(RawDB(new_db_url(template=_seeded_templates[key][0]), backend))
+        return opened[-1]
+
+    yield make
+    for raw in opened:
+        raw.dispose()
+
