@@ -7,7 +7,6 @@ and the chain", and the SQLite notes at :func:`_install_sqlite_hooks`.
 
 from __future__ import annotations
 
-import math
 import os
 import sqlite3
 import time
@@ -29,6 +28,8 @@ if TYPE_CHECKING:
 #: How long a SQLite writer waits for the lock before giving up (fail closed), unless the
 #: engine was made with another (``GOVGATE_DATABASE_BUSY_TIMEOUT_S``, :func:`make_engine`).
 BUSY_TIMEOUT_S: Final = 30.0
+#: The longest busy timeout accepted: a day (SQLite takes it in milliseconds as a C int, 24.8 days at most).
+MAX_BUSY_TIMEOUT_S: Final = 86400.0
 #: How long connecting to a PostgreSQL server may take before the store gives up (fail closed).
 PG_CONNECT_TIMEOUT_S: Final = 10
 #: The SQLAlchemy driver for a ``postgresql://`` URL that names none.
@@ -86,8 +87,9 @@ def make_engine(url: str, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> Engine:
     can use ``BEGIN IMMEDIATE``. The file's parent folder is created.
     Raises :class:`AuditError` for a malformed URL or an uncreatable folder.
     """
-    if not 0 < busy_timeout_s < math.inf:  # also refuses NaN
-        raise AuditError(f"the audit database's busy timeout must be more than 0 s, not {busy_timeout_s!r}")
+    if not 0 < busy_timeout_s <= MAX_BUSY_TIMEOUT_S:  # also refuses NaN
+        raise AuditError(f"the audit database's busy timeout must be more than 0 s and at most "
+                         f"{MAX_BUSY_TIMEOUT_S:g} s, not {busy_timeout_s!r}")
     try:
         sa_url = make_url(url)
         if sa_url.get_backend_name() == "postgresql":

@@ -238,7 +238,7 @@ def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 def _positive_seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    """A duration that must be more than 0 and finite (``number``'s minimum is inclusive and lets inf by)."""
+    """A duration of more than 0 and at most a day (``number``'s minimum is inclusive and lets inf by)."""
     raw = env.get(f"GOVGATE_{name}", "").strip()
     if not raw:
         return default
@@ -246,8 +246,8 @@ def _positive_seconds(env: Mapping[str, str], name: str, default: float) -> floa
         value = float(raw)
     except ValueError:
         raise SettingsError(f"GOVGATE_{name}={raw!r} is not a number") from None
-    if not 0 < value < float("inf"):  # NaN fails both
-        raise SettingsError(f"GOVGATE_{name}={raw!r} must be more than 0 seconds")
+    if not 0 < value <= 86400:  # NaN fails both
+        raise SettingsError(f"GOVGATE_{name}={raw!r} must be more than 0 and at most 86400 seconds")
     return value
 
 

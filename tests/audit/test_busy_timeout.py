@@ -37,7 +37,7 @@ def test_the_default_is_thirty_seconds(tmp_path: Path) -> None:
         engine.dispose()
 
 
-@pytest.mark.parametrize(("seconds", "millis"), [(2.5, 2500), (0.0004, 1), (600, 600000)])
+@pytest.mark.parametrize(("seconds", "millis"), [(2.5, 2500), (0.0004, 1), (600, 600000), (86400, 86400000)])
 def test_sqlite_waits_as_long_as_the_engine_was_told(tmp_path: Path, seconds: float, millis: int) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}", busy_timeout_s=seconds)
     try:
@@ -58,7 +58,7 @@ def test_each_engine_keeps_its_own(tmp_path: Path) -> None:
         long.dispose()
 
 
-@pytest.mark.parametrize("seconds", [0, -1, float("nan"), float("inf")])
+@pytest.mark.parametrize("seconds", [0, -1, float("nan"), float("inf"), 86400.5])
 def test_a_timeout_that_is_not_a_positive_duration_is_refused(tmp_path: Path, seconds: float) -> None:
     with pytest.raises(AuditError, match="busy timeout"):
         make_engine(f"sqlite:///{tmp_path / 'a.db'}", busy_timeout_s=seconds)

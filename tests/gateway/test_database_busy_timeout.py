@@ -28,6 +28,7 @@ def test_the_setting_is_read_and_defaults_to_thirty_seconds() -> None:
     assert Settings.from_env({}).database_busy_timeout_s == 30.0
     assert Settings.from_env({"GOVGATE_DATABASE_BUSY_TIMEOUT_S": " 2.5 "}).database_busy_timeout_s == 2.5
     assert Settings.from_env({"GOVGATE_DATABASE_BUSY_TIMEOUT_S": ""}).database_busy_timeout_s == 30.0
+    assert Settings.from_env({"GOVGATE_DATABASE_BUSY_TIMEOUT_S": "86400"}).database_busy_timeout_s == 86400.0
 
 
 def test_a_child_process_reads_back_the_same() -> None:
@@ -37,7 +38,7 @@ def test_a_child_process_reads_back_the_same() -> None:
 
 @pytest.mark.parametrize(("value", "problem"), [("0", "more than 0"), ("-3", "more than 0"),
                                                 ("soon", "not a number"), ("nan", "more than 0"),
-                                                ("inf", "more than 0")])
+                                                ("inf", "more than 0"), ("86401", "at most 86400")])
 def test_unusable_values_are_refused_naming_the_variable(value: str, problem: str) -> None:
     with pytest.raises(SettingsError, match=f"GOVGATE_DATABASE_BUSY_TIMEOUT_S='{value}'.*{problem}"):
         Settings.from_env({"GOVGATE_DATABASE_BUSY_TIMEOUT_S": value})
