@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Iterator
@@ -24,8 +25,11 @@ from .errors import AuditError
 if TYPE_CHECKING:
     from alembic.config import Config
 
-#: How long a SQLite writer waits for the lock before giving up (fail closed).
+#: How long a SQLite writer waits for the lock before giving up (fail closed), unless the
+#: engine was made with another (``GOVGATE_DATABASE_BUSY_TIMEOUT_S``, :func:`make_engine`).
 BUSY_TIMEOUT_S: Final = 30.0
+#: The longest busy timeout accepted: a day (SQLite takes it in milliseconds as a C int, 24.8 days at most).
+MAX_BUSY_TIMEOUT_S: Final = 86400.0
 #: How long connecting to a PostgreSQL server may take before the store gives up (fail closed).
 PG_CONNECT_TIMEOUT_S: Final = 10
 #: The SQLAlchemy driver for a ``postgresql://`` URL that names none.
@@ -43,6 +47,20 @@ DB_ERRORS: Final = (SQLAlchemyError, sqlite3.Error, OSError)
 
 _BEGIN_OPTION: Final = "govgate_audit_begin"
 
+#: The busy timeout each engine was made with, so every wait on its database uses the same one.
+_BUSY_TIMEOUTS: "weakref.WeakKeyDictionary[Engine, float]" = weakref.WeakKeyDictionary()
+
+
+def busy_timeout_s(engine: Engine) -> float:
+    """How long waits on ``engine``'s database lock may last (:func:`make_engine`'s ``busy_timeout_s``).
+
+    Kept beside the engine rather than re-read from the settings: ``audit``
+    does not import ``gateway``, and the writer's wait for its own process's
+    appends (:mod:`audit.writer`) must match SQLite's wait for other processes'.
+    An engine made elsewhere gets the default.
+    """
+    return _BUSY_TIMEOUTS.get(engine, BUSY_TIMEOUT_S)
+
 
 def describe(engine: Engine) -> str:
     """The engine's URL without password, for error messages."""
@@ -54,8 +72,13 @@ def reason(exc: BaseException) -> str:
     return str(getattr(exc, "orig", None) or exc)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> Engine:
     """Create an engine for the audit store (SQLite tuned for many processes).
+
+    ``busy_timeout_s`` is how long a write waits for a locked database before
+    it fails (closed): SQLite's busy handler, switching a fresh file to WAL,
+    and (both backends) a thread's wait for this process's other appends
+    (:func:`busy_timeout_s` tells it to :mod:`audit.writer`).
 
     For PostgreSQL see :func:`_postgresql_engine`. For SQLite: WAL (readers never block the writer), ``busy_timeout`` so
     contending writers queue instead of failing, ``synchronous=NORMAL`` (safe
@@ -64,18 +87,23 @@ def make_engine(url: str) -> Engine:
     can use ``BEGIN IMMEDIATE``. The file's parent folder is created.
     Raises :class:`AuditError` for a malformed URL or an uncreatable folder.
     """
+    if not 0 < busy_timeout_s <= MAX_BUSY_TIMEOUT_S:  # also refuses NaN
+        raise AuditError(f"the audit database's busy timeout must be more than 0 s and at most "
+                         f"{MAX_BUSY_TIMEOUT_S:g} s, not {busy_timeout_s!r}")
     try:
         sa_url = make_url(url)
         if sa_url.get_backend_name() == "postgresql":
-            return _postgresql_engine(sa_url)
-        if sa_url.get_backend_name() != "sqlite":
-            return create_engine(sa_url, pool_pre_ping=True)
-        _create_parent_dir(sa_url)
-        engine = create_engine(sa_url, connect_args={"timeout": BUSY_TIMEOUT_S})
+            engine = _postgresql_engine(sa_url)
+        elif sa_url.get_backend_name() != "sqlite":
+            engine = create_engine(sa_url, pool_pre_ping=True)
+        else:
+            _create_parent_dir(sa_url)
+            engine = create_engine(sa_url, connect_args={"timeout": busy_timeout_s})
+            _install_sqlite_hooks(engine, busy_timeout_s)
     except (ArgumentError, SQLAlchemyError, ImportError) as exc:
         # Unparseable URL, unknown dialect, or its driver is not installed.
         raise AuditError(f"cannot use audit database URL {url!r}: {exc}") from exc
-    _install_sqlite_hooks(engine)
+    _BUSY_TIMEOUTS[engine] = busy_timeout_s
     return engine
 
 
@@ -139,14 +167,14 @@ def _create_parent_dir(sa_url: URL) -> None:
         raise AuditError(f"cannot create folder for audit database {path}: {exc}") from exc
 
 
-def _install_sqlite_hooks(engine: Engine) -> None:
+def _install_sqlite_hooks(engine: Engine, busy_timeout_s: float) -> None:
     # pysqlite's default ("legacy") transaction control issues its own deferred
     # BEGIN, and only before DML; a deferred transaction that later writes in
     # WAL mode can fail with SQLITE_BUSY without waiting. So pysqlite's BEGIN is
     # switched off (isolation_level = None) and SQLAlchemy's "begin" event emits
     # BEGIN or BEGIN IMMEDIATE itself (the recipe in SQLAlchemy's SQLite docs;
     # it works on every Python version).
-    busy_ms = int(BUSY_TIMEOUT_S * 1000)
+    busy_ms = max(1, round(busy_timeout_s * 1000))
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -160,7 +188,7 @@ def _install_sqlite_hooks(engine: Engine) -> None:
             # read-only connections to a WAL database still open.
             (mode,) = cursor.execute("PRAGMA journal_mode").fetchone()
             if mode.lower() not in ("wal", "memory"):
-                _switch_to_wal(cursor)
+                _switch_to_wal(cursor, busy_timeout_s)
             cursor.execute("PRAGMA synchronous = NORMAL")
         finally:
             cursor.close()
@@ -171,14 +199,14 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def _switch_to_wal(cursor: Any) -> None:
+def _switch_to_wal(cursor: Any, busy_timeout_s: float) -> None:
     """``PRAGMA journal_mode = WAL``, retried while other connections hold the file.
 
     SQLite answers this pragma with "database is locked" straight away, without
     consulting the busy handler, when another process has the file open at the
     same moment (e.g. several workers opening a fresh database together).
     """
-    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    deadline = time.monotonic() + busy_timeout_s
     delay = 0.001
     while True:
         try:

@@ -8,7 +8,7 @@ connection, made by the engine (same connect-time settings and PRAGMAs,
 :func:`audit.db.make_engine`) and then detached from its pool, and runs
 every append of the process on it, one at a time (a lock): appends
 serialise on the database's write lock anyway. A thread waits for the
-lock at most :data:`audit.db.BUSY_TIMEOUT_S`, as it would wait for SQLite's
+lock at most the engine's busy timeout (:func:`audit.db.busy_timeout_s`), as it would wait for SQLite's
 lock, then fails closed; an append from inside an append's ``alongside``
 is refused (on one connection it would roll the outer one back).
 
@@ -38,7 +38,7 @@ from typing import Any, Callable, TypeVar
 from sqlalchemy import Engine, event
 from sqlalchemy.exc import DBAPIError
 
-from .db import BUSY_TIMEOUT_S
+from .db import busy_timeout_s
 
 T = TypeVar("T")
 
@@ -67,6 +67,7 @@ class WriterConnection:
         self._engine = weakref.ref(engine)  # the engine's dispose event holds us; we must not hold it
         self._dialect = engine.dialect
         self._dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
+        self._wait_s = busy_timeout_s(engine)  # as long as SQLite waits for another process's lock
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside run(), to refuse an append from within an append
         self._conn: Any = None
@@ -85,10 +86,10 @@ class WriterConnection:
         if self._owner == me:
             # On the same connection the inner BEGIN would fail and roll the outer transaction back.
             raise RuntimeError("an audit append cannot run inside another append's transaction (alongside)")
-        if not self._lock.acquire(timeout=BUSY_TIMEOUT_S):
+        if not self._lock.acquire(timeout=self._wait_s):
             # Other threads of this process hold the writer (each waiting on the database's lock):
             # fail closed as a database that stays locked does (TimeoutError is an OSError).
-            raise TimeoutError(f"waited {BUSY_TIMEOUT_S:.0f} s for this process's other audit appends")
+            raise TimeoutError(f"waited {self._wait_s:g} s for this process's other audit appends")
         self._owner = me
         try:
             cursor = self._begin(begin)

@@ -62,7 +62,7 @@ def open_database(settings: "Settings") -> Engine:
     backfill entry, the first time a store is opened after the upgrade
     (:meth:`gateway.auth.keys.KeyStore.record_existing_keys`).
     """
-    engine = make_engine(settings.effective_database_url)
+    engine = make_engine(settings.effective_database_url, busy_timeout_s=settings.database_busy_timeout_s)
     migrate(engine)
     migrate_gateway(engine)
     KeyStore(engine).record_existing_keys()

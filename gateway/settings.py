@@ -45,6 +45,9 @@ class Settings:
     var_dir: Path = field(default_factory=lambda: Path.cwd() / "var")
     #: SQLAlchemy URL of the audit/key store; empty means SQLite in ``var_dir``.
     database_url: str = ""
+    #: How long a SQLite write waits for a locked database (and a request for its process's other audit
+    #: appends) before it fails closed: the request is refused with 503 ``audit_unavailable``.
+    database_busy_timeout_s: float = 30.0
     #: Redis for queue, results and counters; empty means ``govgate up`` starts one.
     redis_url: str = ""
     #: Folder of Rego modules and data documents.
@@ -179,6 +182,7 @@ class Settings:
             port=int(number("PORT", defaults.port, int, 0)),
             var_dir=var_dir,
             database_url=text("DATABASE_URL", ""),
+            database_busy_timeout_s=_positive_seconds(env, "DATABASE_BUSY_TIMEOUT_S", defaults.database_busy_timeout_s),
             redis_url=text("REDIS_URL", ""),
             policy_dir=Path(text("POLICY_DIR", str(defaults.policy_dir))).expanduser().resolve(),
             policy_timeout_s=float(number("POLICY_TIMEOUT_S", defaults.policy_timeout_s, float, 0.001)),
@@ -231,6 +235,20 @@ def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise SettingsError(f"GOVGATE_{name}={raw!r} must be true or false")
+
+
+def _positive_seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    """A duration of more than 0 and at most a day (``number``'s minimum is inclusive and lets inf by)."""
+    raw = env.get(f"GOVGATE_{name}", "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"GOVGATE_{name}={raw!r} is not a number") from None
+    if not 0 < value <= 86400:  # NaN fails both
+        raise SettingsError(f"GOVGATE_{name}={raw!r} must be more than 0 and at most 86400 seconds")
+    return value
 
 
 def _path_text(raw: str) -> str:

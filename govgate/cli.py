@@ -93,7 +93,7 @@ def _check_database(settings: Settings) -> None:
     from audit import AuditError, make_engine
 
     try:
-        engine = make_engine(settings.effective_database_url)
+        engine = make_engine(settings.effective_database_url, busy_timeout_s=settings.database_busy_timeout_s)
         try:
             engine.connect().close()
         finally:
@@ -131,6 +131,7 @@ def worker(model_name: str, concurrency: int) -> None:
     if not spec.path.exists():
         raise click.ClickException(f"model file {spec.path} does not exist")
     config = WorkerConfig(model=spec, redis_url=settings.redis_url, database_url=settings.effective_database_url,
+                          database_busy_timeout_s=settings.database_busy_timeout_s,
                           concurrency=concurrency, loglevel=settings.log_level,
                           time_limit_s=settings.generation_time_limit_s,
                           payload_key_file=settings.effective_payload_key_file,

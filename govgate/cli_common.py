@@ -24,6 +24,7 @@ def audit_engine() -> Engine:
     """The audit database, its schema brought up to date."""
     from audit import make_engine, migrate
 
-    engine = make_engine(load_settings().effective_database_url)
+    settings = load_settings()
+    engine = make_engine(settings.effective_database_url, busy_timeout_s=settings.database_busy_timeout_s)
     migrate(engine)
     return engine

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -159,19 +160,24 @@ def spawn_cli(settings: Settings, *args: str, log: Path | None = None) -> subpro
 
 
 def wait_for_worker(redis_url: str, model: str, process: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Until the worker ``process`` (``govgate worker``, serving ``model``) answers a ping.
+
+    The ping names that worker's node (``<model>.<pid>@<host>``, workers/runtime.py) and
+    stops at its reply: a ping to all waits its whole timeout for replies that may still come.
+    """
     app = make_celery(redis_url)
+    node = f"{model}.{process.pid}@{socket.gethostname()}"
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
             assert process.poll() is None, f"worker for {model} exited with {process.returncode}"
             try:
-                replies = app.control.ping(timeout=0.5) or []
+                replies = app.control.ping(destination=[node], timeout=0.5, limit=1) or []
             except (OSError, redis.RedisError, kombu.exceptions.KombuError):
                 time.sleep(0.2)  # Redis is (re)starting
                 continue
-            for reply in replies:
-                if any(name.startswith(f"{model}.") for name in reply):
-                    return
+            if any(node in reply for reply in replies):
+                return
         raise TimeoutError(f"worker for {model} did not answer within {timeout_s}s")
     finally:
         app.close()
@@ -213,6 +219,19 @@ def audit_store(settings: Settings) -> Iterator[AuditStore]:
 @pytest.fixture
 async def client(settings: Settings, worker: subprocess.Popen) -> AsyncIterator[AsyncTestClient]:
     """The real app in-process, talking to the real Redis, worker and database."""
+    async with AsyncTestClient(create_app(settings), timeout=120) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+async def module_client(settings: Settings, worker: subprocess.Popen) -> AsyncIterator[AsyncTestClient]:
+    """``client``'s app started once for a whole module (its start, ~0.4 s, is most of a small test's time).
+
+    Only for modules whose tests share nothing through the app's own state:
+    they read the audit log by their own request ids or since their own
+    ``head()``, use the session's keys unchanged, and break no component.
+    Such a module overrides ``client`` with a fixture that returns this one.
+    """
     async with AsyncTestClient(create_app(settings), timeout=120) as test_client:
         yield test_client
 

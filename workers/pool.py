@@ -58,7 +58,7 @@ def load(config: WorkerConfig) -> None:
     """Load this process's model, audit store, keys and Redis client (once per pool process)."""
     _state.config = config
     started = time.perf_counter()
-    engine = make_engine(config.database_url)
+    engine = make_engine(config.database_url, busy_timeout_s=config.database_busy_timeout_s)
     _state.store = AuditStore(engine)
     _state.redis = redis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=5)
     _state.sealer = Sealer(load_or_create_key(config.payload_key_file))

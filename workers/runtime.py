@@ -38,6 +38,8 @@ class WorkerConfig:
     redis_url: str
     database_url: str
     concurrency: int = 1
+    #: How long an audit write waits for a locked database before it fails (``GOVGATE_DATABASE_BUSY_TIMEOUT_S``).
+    database_busy_timeout_s: float = 30.0
     loglevel: str = "INFO"
     time_limit_s: float = 60.0
     #: Key files shared with the gateway (created on first use when missing).

@@ -65,7 +65,7 @@ def ready_store(config: WorkerConfig, parent_pid: int | None = None) -> None:
     from audit import AuditStore, make_engine
     from workers.contract.sealing import Sealer, load_or_create_key
 
-    engine = make_engine(config.database_url)
+    engine = make_engine(config.database_url, busy_timeout_s=config.database_busy_timeout_s)
     try:
         migrate_when_writable(engine, parent_pid)
         client = redis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=5)

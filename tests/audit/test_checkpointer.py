@@ -197,6 +197,10 @@ async def test_a_database_failure_is_logged_and_retried(store: AuditStore, raw: 
         raw.execute("ALTER TABLE hidden RENAME TO audit_checkpoints")
         await _eventually(lambda: (checkpoints.latest() is not None and checkpoints.latest().seq == head),
                           "the head is signed once the table is back")
+        # The checkpoint is visible a moment before the loop logs its recovery: wait for the line here,
+        # while INFO is still captured (leaving the block first made this test fail now and then).
+        await _eventually(lambda: any("written again" in r.getMessage() for r in caplog.records),
+                          "the recovery is logged")
     await checkpointer.aclose()
     assert sum("checkpoint failed" in r.getMessage() for r in caplog.records) == 1  # logged once, not per retry
     assert any("written again" in r.getMessage() for r in caplog.records)

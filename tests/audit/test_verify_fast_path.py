@@ -14,7 +14,7 @@ whose ranges start on a row whose ``prev_hash`` is taken on trust.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import sqlite3
 
@@ -36,8 +36,12 @@ def small_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def db(raw: RawDB) -> RawDB:
-    """The boundary and 30 request/completion pairs with odd names, ids and payloads."""
+def db(seeded_raw: Callable[[Callable[[RawDB], None]], RawDB]) -> RawDB:
+    """The boundary and 30 request/completion pairs with odd names, ids and payloads (a copy, the test's own)."""
+    return seeded_raw(_seed)
+
+
+def _seed(raw: RawDB) -> None:
     store = raw.store()
     for i in range(30):
         name = NAMES[i % len(NAMES)]
@@ -48,7 +52,6 @@ def db(raw: RawDB) -> RawDB:
                      payload={"messages": [{"role": "user", "content": f"question {i} {name}"}]}, **common)
         store.append("completion", rid, body={"usage": {"completion_tokens": i}},
                      payload={"output": f"answer {i}"} if i % 7 else None, **common)
-    return raw
 
 
 def _reference_only(self: Any, rows: list[tuple[Any, ...]]) -> None:

@@ -10,7 +10,7 @@ bad entry, problem, ``checked``, head, boundary) must be the serial one.
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -28,8 +28,7 @@ def small_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(verify_module, "MIN_ENTRIES_PER_WORKER", 10)
 
 
-@pytest.fixture
-def db(raw: RawDB) -> RawDB:
+def _seed(raw: RawDB) -> None:
     store = raw.store()
     for i in range(30):
         common: dict[str, Any] = dict(principal=f"user{i % 3}", team="blue", model="tiny", policy_revision="rev-1")
@@ -37,7 +36,12 @@ def db(raw: RawDB) -> RawDB:
                      payload={"messages": [{"role": "user", "content": f"question {i}"}]}, **common)
         store.append("completion", f"r{i}", body={"usage": {"completion_tokens": i}},
                      payload={"output": f"answer {i}"}, **common)
-    return raw
+
+
+@pytest.fixture
+def db(seeded_raw: Callable[[Callable[[RawDB], None]], RawDB]) -> RawDB:
+    """The boundary and 30 request/completion pairs: a copy of the module's seeded store, the test's own."""
+    return seeded_raw(_seed)
 
 
 def _both(db: RawDB) -> tuple[Any, Any]:

@@ -2,7 +2,9 @@
 
 A gateway killed while its jobs wait in the queue, a database locked for
 longer than its busy timeout: each test breaks the real part and waits for
-the terminal entries the promise requires.
+the terminal entries the promise requires. The locked-database tests own
+their database and give it a short busy timeout (``GOVGATE_DATABASE_BUSY_TIMEOUT_S``),
+so a lock held "longer than the busy timeout" costs seconds, not half a minute each.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from tests.gateway.test_fail_closed import queued
 from tests.own_redis import own_redis  # noqa: F401 - fixture
 from workers.contract.pending_terminals import PENDING_KEY
 from workers.contract.registry import TINY_MODEL_NAME
+
+#: The busy timeout of the locked-database tests' own stores (the default is 30 s): what they hold
+#: the lock longer than. Short, yet long enough that a busy machine's ordinary writes never hit it.
+SHORT_BUSY_TIMEOUT_S = 3.0
 
 
 def wait_terminals(audit_store, request_ids: list[str], timeout_s: float = 90) -> dict:
@@ -110,7 +116,8 @@ def locked(database_url: str) -> Iterator[sqlite3.Connection]:
 @pytest.fixture
 def own_everything(own_redis, tmp_path):
     """A database and Redis of their own, a key in that database, and a tiny-model worker on both."""
-    own = own_redis.with_(database_url=f"sqlite:///{tmp_path / 'own.db'}", request_timeout_s=120.0)
+    own = own_redis.with_(database_url=f"sqlite:///{tmp_path / 'own.db'}", request_timeout_s=120.0,
+                          database_busy_timeout_s=SHORT_BUSY_TIMEOUT_S)
     key = own_key(own, "locked-user")
     worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=tmp_path / "worker.log")
     try:
@@ -159,7 +166,8 @@ def test_a_terminal_entry_refused_by_a_locked_database_is_written_when_it_is_bac
 
 
 def test_a_worker_started_while_the_database_is_locked_waits_for_it(own_redis, tmp_path):
-    own = own_redis.with_(database_url=f"sqlite:///{tmp_path / 'own.db'}")
+    own = own_redis.with_(database_url=f"sqlite:///{tmp_path / 'own.db'}",
+                          database_busy_timeout_s=SHORT_BUSY_TIMEOUT_S)
     open_database(own).dispose()
     log = tmp_path / "worker.log"
     with locked(own.effective_database_url):

@@ -18,6 +18,12 @@ pytestmark = pytest.mark.anyio
 OK_MESSAGES = [{"role": "user", "content": "hi"}]
 
 
+@pytest.fixture
+def client(module_client):
+    """The module's one app (``module_client``): its tests share nothing through the app's state."""
+    return module_client
+
+
 def chat(**fields) -> bytes:
     return json.dumps({"model": TINY_MODEL_NAME, "messages": OK_MESSAGES, **fields}).encode()
 

@@ -16,6 +16,12 @@ pytestmark = pytest.mark.anyio
 HELLO = [{"role": "user", "content": "Hello"}]
 
 
+@pytest.fixture
+def client(module_client):
+    """The module's one app (``module_client``): its tests share nothing through the app's state."""
+    return module_client
+
+
 @pytest.fixture(scope="module")
 def direct_model(settings: Settings):
     """The same model file, loaded in the test process, to know the exact expected text."""

@@ -15,6 +15,12 @@ from workers.contract.registry import TINY_MODEL_NAME
 pytestmark = pytest.mark.anyio
 
 
+@pytest.fixture
+def client(module_client):
+    """The module's one app (``module_client``): its tests share nothing through the app's state."""
+    return module_client
+
+
 async def chat(client, key: str, *contents: str):
     return await client.post("/v1/chat/completions", headers=bearer(key),
                              json={"model": TINY_MODEL_NAME, "max_tokens": 2,

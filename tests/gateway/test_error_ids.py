@@ -21,6 +21,12 @@ HELLO = [{"role": "user", "content": "Hello"}]
 ID_HEADER = "x-govgate-request-id"
 
 
+@pytest.fixture
+def client(module_client):
+    """The module's one app (``module_client``): its tests share nothing through the app's state."""
+    return module_client
+
+
 @pytest.mark.parametrize("role,body,status,kinds", [
     ("analyst", b"{not json", 400, ["rejected"]),
     ("analyst", {"model": TINY_MODEL_NAME, "messages": HELLO, "max_tokens": 2**53}, 422, ["rejected"]),
