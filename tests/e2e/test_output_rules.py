@@ -136,6 +136,19 @@ def stream_events(base: str, key: str, body: dict) -> tuple[str, list[dict]]:
     return request_id, events
 
 
+def orphan_worker_ends(settings, audit_store, request_id: str, log: Path):
+    """Start the orphaned model's worker (1 s verdict timeout); the request's terminal entry once written."""
+    worker = spawn_cli(settings.with_(output_verdict_timeout_s=1.0), "worker", "--model", ORPHAN_MODEL, log=log)
+    try:
+        wait_for_worker(settings.redis_url, ORPHAN_MODEL, worker)
+        deadline = time.monotonic() + 60
+        while audit_store.terminal_for(request_id) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop_process(worker, timeout_s=30)
+    return audit_store.terminal_for(request_id)
+
+
 def test_a_gateway_killed_before_the_verdict_leaves_the_output_recorded_unchecked(settings, keyring, audit_store,
                                                                                    tmp_path):
     """The job is queued, its gateway dies, then a worker runs it: nobody answers its report."""
@@ -148,16 +161,7 @@ def test_a_gateway_killed_before_the_verdict_leaves_the_output_recorded_unchecke
             assert [e.kind for e in audit_store.entries_for(request_id)] == ["request"]  # recorded, then queued
             base.process.kill()  # the gateway dies with the job in the queue
             base.process.wait(timeout=30)
-    worker = spawn_cli(settings.with_(output_verdict_timeout_s=1.0), "worker", "--model", ORPHAN_MODEL,
-                       log=tmp_path / "worker.log")
-    try:
-        wait_for_worker(settings.redis_url, ORPHAN_MODEL, worker)
-        deadline = time.monotonic() + 60
-        while audit_store.terminal_for(request_id) is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        stop_process(worker, timeout_s=30)
-    terminal = audit_store.terminal_for(request_id)
+    terminal = orphan_worker_ends(settings, audit_store, request_id, tmp_path / "worker.log")
     assert terminal is not None and terminal.kind == "failed"
     assert terminal.body["error"]["code"] == "output_unchecked"
     assert terminal.body["usage"]["completion_tokens"] == 16  # it was generated, and kept as logging allows
@@ -190,16 +194,7 @@ def test_a_gateway_killed_before_it_records_a_handed_over_output_leaves_it_recor
         asker.join(30)
     assert "response" not in outcome
     [request_id] = ids
-    worker = spawn_cli(settings.with_(output_verdict_timeout_s=1.0), "worker", "--model", ORPHAN_MODEL,
-                       log=tmp_path / "worker.log")
-    try:
-        wait_for_worker(settings.redis_url, ORPHAN_MODEL, worker)
-        deadline = time.monotonic() + 60
-        while audit_store.terminal_for(request_id) is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        stop_process(worker, timeout_s=30)
-    terminal = audit_store.terminal_for(request_id)
+    terminal = orphan_worker_ends(settings, audit_store, request_id, tmp_path / "worker.log")
     assert terminal is not None and terminal.kind == "failed", (tmp_path / "worker.log").read_text()[-3000:]
     assert terminal.body["error"]["code"] == "output_unchecked"
     assert terminal.body["usage"]["completion_tokens"] == 16 and "recorded_late" in terminal.body
