@@ -193,7 +193,7 @@ def _hand_over(job: GenerateJob, generated: Generated, channel: JobChannel, pend
     ``failed``/``output_unchecked`` with the output as logging allows. Kept
     with ``not_before`` at the moment this worker would have given up
     waiting, it is written by a retry only if the gateway did not record the
-    end by then (it dropped the gateway, or Redis lost the report).
+    end by then (the gateway died, or Redis lost the report).
     """
     fallback = checked_ending(job, None, generated.finish_reason, digester)
     body = generation_body(job, generated, digester, finish_reason=fallback.finish_reason, error=fallback.error)
@@ -237,6 +237,7 @@ def _record(job: GenerateJob, store: AuditStore, kind: str, generated: Generated
             finish_reason: str | None, error: dict[str, str] | None, checked: dict[str, Any] | None = None,
             findings: list[dict[str, str]] | None = None, served: str | None = None,
             extra_timings: dict[str, float] | None = None) -> JobResult:
+    """Append a generation's terminal entry; its client's result (or the earlier end it lost to)."""
     body = generation_body(job, generated, digester, checked=checked, findings=findings, finish_reason=finish_reason,
                            error=error, extra_timings=extra_timings)
     entry = _append_terminal(job, store, kind, body)
