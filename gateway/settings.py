@@ -8,6 +8,7 @@ knobs in one place that the README mirrors.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -176,13 +177,21 @@ class Settings:
                 raise SettingsError(f"GOVGATE_{name}={raw!r} must be at least {minimum}")
             return value
 
+        def seconds_up_to_a_day(name: str, default: float) -> float:
+            """More than 0 and at most a day (``number``'s minimum is inclusive and lets inf and NaN by)."""
+            value = number(name, default, float, -math.inf)
+            if not 0 < value <= 86400:  # NaN fails both
+                raw = env.get(f"GOVGATE_{name}", "").strip()
+                raise SettingsError(f"GOVGATE_{name}={raw!r} must be more than 0 and at most 86400 seconds")
+            return value
+
         var_dir = Path(text("VAR_DIR", str(defaults.var_dir))).expanduser().resolve()
         return cls(
             host=text("HOST", defaults.host),
             port=int(number("PORT", defaults.port, int, 0)),
             var_dir=var_dir,
             database_url=text("DATABASE_URL", ""),
-            database_busy_timeout_s=_positive_seconds(env, "DATABASE_BUSY_TIMEOUT_S", defaults.database_busy_timeout_s),
+            database_busy_timeout_s=seconds_up_to_a_day("DATABASE_BUSY_TIMEOUT_S", defaults.database_busy_timeout_s),
             redis_url=text("REDIS_URL", ""),
             policy_dir=Path(text("POLICY_DIR", str(defaults.policy_dir))).expanduser().resolve(),
             policy_timeout_s=float(number("POLICY_TIMEOUT_S", defaults.policy_timeout_s, float, 0.001)),
@@ -235,20 +244,6 @@ def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise SettingsError(f"GOVGATE_{name}={raw!r} must be true or false")
-
-
-def _positive_seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    """A duration of more than 0 and at most a day (``number``'s minimum is inclusive and lets inf by)."""
-    raw = env.get(f"GOVGATE_{name}", "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"GOVGATE_{name}={raw!r} is not a number") from None
-    if not 0 < value <= 86400:  # NaN fails both
-        raise SettingsError(f"GOVGATE_{name}={raw!r} must be more than 0 and at most 86400 seconds")
-    return value
 
 
 def _path_text(raw: str) -> str:
