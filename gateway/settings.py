@@ -83,6 +83,9 @@ class Settings:
     #: Streaming under output rules: the characters held back until the text after them was checked
     #: (the client sees text about this many characters, roughly a quarter as many tokens, late).
     output_holdback_chars: int = 64
+    #: Workers: least time between two pieces of a stream; tokens made meanwhile travel as one piece (0: each
+    #: token on its own). Relaying a piece costs more than a fast model takes to make a token.
+    stream_flush_interval_ms: float = 10.0
     #: Requests that may wait in one model's queue; beyond it the gateway answers 429.
     max_queued_per_model: int = 64
     #: How gateways queue jobs: ``fair`` (a queue per model, team and principal, served by weighted fair share)
@@ -185,6 +188,14 @@ class Settings:
                 raise SettingsError(f"GOVGATE_{name}={raw!r} must be more than 0 and at most 86400 seconds")
             return value
 
+        def milliseconds_up_to_a_second(name: str, default: float) -> float:
+            """0 to 1000 (a piece held longer than a second would no longer read as a stream)."""
+            value = number(name, default, float, -math.inf)
+            if not 0 <= value <= 1000:  # NaN fails both
+                raw = env.get(f"GOVGATE_{name}", "").strip()
+                raise SettingsError(f"GOVGATE_{name}={raw!r} must be between 0 and 1000 milliseconds")
+            return value
+
         var_dir = Path(text("VAR_DIR", str(defaults.var_dir))).expanduser().resolve()
         return cls(
             host=text("HOST", defaults.host),
@@ -211,6 +222,8 @@ class Settings:
             output_verdict_timeout_s=float(number("OUTPUT_VERDICT_TIMEOUT_S", defaults.output_verdict_timeout_s,
                                                   float, 0.1)),
             output_holdback_chars=int(number("OUTPUT_HOLDBACK_CHARS", defaults.output_holdback_chars, int, 1)),
+            stream_flush_interval_ms=milliseconds_up_to_a_second("STREAM_FLUSH_INTERVAL_MS",
+                                                                 defaults.stream_flush_interval_ms),
             max_queued_per_model=int(number("MAX_QUEUED_PER_MODEL", defaults.max_queued_per_model, int, 1)),
             queue_mode=_choice(text("QUEUE_MODE", defaults.queue_mode).lower(), "QUEUE_MODE", ("fifo", "fair")),
             max_body_bytes=int(number("MAX_BODY_BYTES", defaults.max_body_bytes, int, 1024)),

@@ -137,12 +137,15 @@ def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobCh
     try:
         prompt, format_stops = prompt_for(job, model)
         run = model.stream(prompt, job.params.with_stops(format_stops))
-        for piece in run:
-            text.append(piece)
-            channel.publish(piece)
-            if channel.cancel_requested():
-                ending = STATUS_CANCELLED
-                break
+        try:
+            for piece in run:
+                text.append(piece)
+                channel.publish(piece)
+                if channel.cancel_requested():
+                    ending = STATUS_CANCELLED
+                    break
+        finally:  # however the generation ended, the stream has all of it before the end is recorded
+            channel.flush()
     except SoftTimeLimitExceeded:
         ending = STATUS_TIMED_OUT
     except PromptTooLongError as exc:

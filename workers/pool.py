@@ -29,7 +29,7 @@ from workers.contract.sealing import SealError, Sealer, load_or_create_key
 from workers.generation import HANDED_OVER, run_job
 from workers.replies import deliver, failure, success
 from workers.store_prep import pending_terminals
-from workers.streams import RedisJobChannel
+from workers.streams import STREAM_FLUSH_INTERVAL_S, RedisJobChannel
 
 if TYPE_CHECKING:
     from workers.runtime import WorkerConfig
@@ -133,7 +133,8 @@ def _run_sealed(payload: dict[str, Any]) -> dict[str, Any] | None:
     if _state.config and job.model != _state.config.model.name:
         raise ValueError(f"job for model {job.model!r} reached the worker of {_state.config.model.name!r}")
     channel = RedisJobChannel(_state.redis, job.request_id, streaming=job.stream, sealer=_state.sealer,
-                              reply_to=job.reply_to)
+                              reply_to=job.reply_to, flush_interval_s=_state.config.stream_flush_interval_s
+                              if _state.config else STREAM_FLUSH_INTERVAL_S)
     result = run_job(job, _state.model, _state.store, channel, _state.pending, digester=_state.digester,
                      worker=_state.worker, verdict_timeout_s=_state.config.output_verdict_timeout_s
                      if _state.config else 10.0)

@@ -49,6 +49,9 @@ class WorkerConfig:
     terminal_retry_horizon_s: float = 86400.0
     #: Longest a checked job waits for its gateway's output verdict before it records ``output_unchecked``.
     output_verdict_timeout_s: float = 10.0
+    #: Least time between two pieces of a stream (``GOVGATE_STREAM_FLUSH_INTERVAL_MS``, in seconds here; the
+    #: default is ``workers.streams.STREAM_FLUSH_INTERVAL_S``, not imported: the main process must not load it).
+    stream_flush_interval_s: float = 0.01
     #: Celery's startup banner on stdout (off when logs are JSON: every line must be a JSON object).
     banner: bool = True
 

@@ -31,6 +31,9 @@ VERDICT_POLL_S = 4.0
 MIN_VERDICT_WAIT_S = 0.01
 
 
+#: Default least time between two pieces a stream sends (``GOVGATE_STREAM_FLUSH_INTERVAL_MS``).
+STREAM_FLUSH_INTERVAL_S = 0.01
+
 #: Prefix of the list that mirrors a stream's published pieces (sealed).
 STREAMED_KEY_PREFIX = "govgate:streamed:"
 #: How long a stream's mirror outlives its last piece when nobody deletes it:
@@ -40,6 +43,7 @@ STREAMED_TTL_S = 3600
 
 class JobChannel(Protocol):
     def publish(self, text: str) -> None: ...
+    def flush(self) -> None: ...
     def cancel_requested(self) -> bool: ...
     def claim_start(self) -> bool: ...
     def streamed_text(self) -> str: ...
@@ -50,10 +54,20 @@ class JobChannel(Protocol):
 
 
 class RedisJobChannel:
-    """A job's channel over the worker's Redis connection."""
+    """A job's channel over the worker's Redis connection.
+
+    A stream's text goes out in pieces at most every ``flush_interval_s``:
+    what the model makes meanwhile waits and travels as one piece. Each piece
+    costs a Redis round trip here and a message, an unsealing and an SSE
+    chunk at the gateway, so a fast model sending every token on its own
+    spent more on relaying than on generating; at a reader's pace (tens of
+    tokens a second) every token still goes at once. The first piece never
+    waits (time to first token), and a token waits at most until the next
+    one is made once the interval has passed.
+    """
 
     def __init__(self, client: redis.Redis, request_id: str, *, streaming: bool, sealer: Sealer,
-                 reply_to: str = "") -> None:
+                 reply_to: str = "", flush_interval_s: float = STREAM_FLUSH_INTERVAL_S) -> None:
         self._client = client
         self._sealer = sealer
         self._request_id = request_id
@@ -63,6 +77,10 @@ class RedisJobChannel:
         self._cancel_key = cancel_key(request_id)
         self._streaming = streaming
         self._seq = 0
+        self._flush_interval_s = flush_interval_s
+        #: Text generated but not yet sent, and when the next piece may go.
+        self._unsent: list[str] = []
+        self._next_flush = 0.0
         self._next_check = 0.0
         #: The cancel flag as read with :meth:`claim_start`, answered by the next look.
         self._cancel_seen: bool | None = None
@@ -93,8 +111,30 @@ class RedisJobChannel:
         return was is None
 
     def publish(self, text: str) -> None:
+        """Send ``text`` towards the client now, or with the next piece if one went less than the interval ago."""
         if not self._streaming or not text:
             return
+        self._unsent.append(text)
+        now = time.monotonic()
+        if now >= self._next_flush:
+            self._send_unsent(now)
+
+    def flush(self) -> None:
+        """Send what waits: before the job's end is reported, so the stream holds the whole text first.
+
+        Never raises: if Redis fails here the text is not lost, the job's
+        result holds all of it and the gateway sends what its stream missed.
+        """
+        if not self._unsent:
+            return
+        try:
+            self._send_unsent(time.monotonic())
+        except (redis.RedisError, OSError) as exc:
+            log.warning("cannot send the last piece of %s: %s", self._request_id, exc)
+
+    def _send_unsent(self, now: float) -> None:
+        text = "".join(self._unsent)
+        self._unsent.clear()
         with self._client.pipeline(transaction=False) as pipe:
             pipe.rpush(self._streamed_key, self._sealer.seal(text.encode()))
             if self._seq == 0:  # the mirror outlives any stream by far: one expiry is enough
@@ -104,6 +144,7 @@ class RedisJobChannel:
                                                            seal_piece(self._sealer, self._seq, text)))
             pipe.execute()
         self._seq += 1
+        self._next_flush = now + self._flush_interval_s
 
     def streamed_text(self) -> str:
         """What earlier runs of this job published (and so sent towards the client)."""
@@ -206,6 +247,9 @@ class SilentChannel:
     """For jobs run outside a worker (tests, benchmarks): publishes nothing, never cancelled."""
 
     def publish(self, text: str) -> None:
+        return None
+
+    def flush(self) -> None:
         return None
 
     def cancel_requested(self) -> bool:

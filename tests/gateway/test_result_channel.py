@@ -65,9 +65,9 @@ async def test_an_outcome_reaches_the_request_it_names_and_no_other(waiter, work
 
 async def test_stream_pieces_arrive_before_the_outcome_of_their_request(waiter, worker_redis):
     channel = RedisJobChannel(worker_redis, "rc-s", streaming=True, sealer=waiter._sealer,
-                              reply_to=waiter.reply_channel)
+                              reply_to=waiter.reply_channel, flush_interval_s=0)
     other = RedisJobChannel(worker_redis, "rc-other", streaming=True, sealer=waiter._sealer,
-                            reply_to=waiter.reply_channel)
+                            reply_to=waiter.reply_channel, flush_interval_s=0)
     async with waiter.expect("rc-s", stream=True) as pending:
         channel.publish("Hel")
         other.publish("not mine")

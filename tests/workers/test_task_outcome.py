@@ -70,3 +70,28 @@ def test_a_task_that_raises_still_ends_the_wait(worker_state):
     pubsub.close()
     assert (kind, request_id, outcome["status"]) == (REPLY_RESULT, "to-raise", "FAILURE")
     assert outcome["result"]["exc_type"] == "ValueError"
+
+
+@pytest.mark.parametrize("interval_s", [3600.0, 0.0])
+def test_a_stream_is_sent_in_pieces_as_the_workers_setting_says(worker_state, model, monkeypatch,
+                                                                interval_s):  # noqa: F811
+    client, sealer = worker_state
+    monkeypatch.setattr(pool._state, "config", replace(pool._state.config, stream_flush_interval_s=interval_s))
+    pubsub = client.pubsub()
+    pubsub.subscribe("govgate:gateway:test-pieces")
+    sent = replace(job(f"to-pieces-{interval_s:g}", max_tokens=12), model=model.spec.name, stream=True,
+                   reply_to="govgate:gateway:test-pieces")
+    assert runtime.generate(sent.sealed(sealer)) is None
+    kinds: list[str] = []
+    deadline = time.monotonic() + 10
+    while REPLY_RESULT not in kinds and time.monotonic() < deadline:
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+        if message is not None:
+            kinds.append(parse_reply(message["data"])[0])
+    pubsub.close()
+    assert kinds[-1] == REPLY_RESULT
+    pieces = len(kinds) - 1
+    outcome = open_result(json.loads(client.get(result_key(sent.request_id)))["result"], sealer)
+    assert outcome["completion_tokens"] == 12
+    # an hour's interval: the first token at once, the rest together before the end; none: token by token
+    assert pieces == 2 if interval_s else pieces > 2
