@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
+from tests.workers.test_job_channel import client  # noqa: F401  (a client of the suite's Redis)
 from workers import streams
 from workers.contract.jobs import REPLY_PIECE, GenerateJob, open_piece, parse_reply
 from workers.contract.sampling import SamplingParams
@@ -25,15 +26,6 @@ from workers.generation import run_job
 from workers.streams import RedisJobChannel
 
 SEALER = Sealer(os.urandom(32))
-
-
-@pytest.fixture
-def client(redis_server):
-    redis_client = redis.Redis.from_url(redis_server.url)
-    try:
-        yield redis_client
-    finally:
-        redis_client.close()
 
 
 class Listener:
