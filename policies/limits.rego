@@ -45,9 +45,11 @@ default granted_max_tokens := 0
 
 granted_max_tokens := min({requested_max_tokens, token_cap})
 
+# (The cap first: max_tokens_mode walks the granting roles again, and most
+# requests stay under the cap.)
 limits_denials contains {"code": "max_tokens_exceeded", "message": msg} if {
-	max_tokens_mode == "deny"
 	requested_max_tokens > token_cap
+	max_tokens_mode == "deny"
 	msg := sprintf(
 		"max_tokens %s is above the cap of %s for model '%s' of principal '%s'",
 		[format_int(requested_max_tokens, 10), format_int(token_cap, 10), model_label, principal_label],
