@@ -118,7 +118,9 @@ scope_label("team") := sprintf("team '%s'", [principal_team])
 # The usage snapshot's counters by scope, without those that do not count
 # (a malformed counter counts as 0; checks.rego reports it). A counter the
 # input lacks counts as 0 too.
-# (countable() spelled out: a function call per counter costs more than the check.)
+# (countable() spelled out: a function call per counter costs more than the
+# check.) checks.rego compares its size with the input's, rather than make a
+# second pass over the counters.
 counted_usage[scope] := {counter: value |
 	some counter, value in counters
 	is_number(value)
