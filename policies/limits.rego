@@ -162,13 +162,18 @@ limit_costs := {
 	"in_flight": 1,
 }
 
+# The tables are bound to local names before the loops: regorus looks a rule
+# up by its path on every reference, a local variable by name.
 limits_denials contains {"code": check.code, "message": msg, "retry_after_s": retry_after_s(check.window, scope)} if {
+	counters := limit_counters
+	costs := limit_costs
+	usage_by_scope := counted_usage
 	some scope, limits in scope_limits
-	usage := object.get(counted_usage, scope, {})
+	usage := object.get(usage_by_scope, scope, {})
 	some name, limit in limits
 	limit != null
-	used := object.get(usage, limit_counters[name], 0)
-	used + limit_costs[name] > limit
+	used := object.get(usage, counters[name], 0)
+	used + costs[name] > limit
 	some check in usage_checks
 	check.limit == name
 	msg := sprintf("%s has reached its %s limit of %s (%s %s; this request needs %s)", [
