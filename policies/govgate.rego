@@ -118,13 +118,12 @@ principal_team := input.principal.team if {
 	input.principal.team != ""
 }
 
-# The principal's id; undefined when the input lacks it.
-principal_id := input.principal.id if is_string(input.principal.id)
-
 # Names for messages that exist even when the input lacks them, so that a
-# malformed input still gets its reason.
-principal_label := principal_id if {
-	principal_id
+# malformed input still gets its reason. (Each rule a decision evaluates
+# costs regorus about 5 µs, so a name used once is not a rule of its own.)
+principal_label := id if {
+	id := input.principal.id
+	is_string(id)
 } else := "(unknown)"
 
 model_label := requested_model if {
