@@ -73,12 +73,10 @@ team_settings := settings if {
 	is_object(settings)
 } else := {}
 
-# A team restricts models when its entry has a (non-null) `models` key.
-team_restricts_models if team_settings.models != null
-
-# A model the team lets its members use. The load-time check (checks.rego)
-# makes a restricting team's `models` a list.
-team_allows(_) if not team_restricts_models
+# A model the team lets its members use: any, when the team's entry has no
+# (or a null) `models` key. The load-time check (checks.rego) makes a
+# restricting team's `models` a list.
+team_allows(_) if object.get(team_settings, "models", null) == null
 
 team_allows(model_name) if {
 	some listed in team_settings.models

@@ -32,8 +32,9 @@ detection_text := input.request.normalized_text if {
 } else := request_text
 
 # The normalised view without spaces and line breaks: what was split across
-# lines or messages, joined.
-compact_text := regex.replace(detection_text, `[ \n]+`, "")
+# lines or messages, joined. Two plain replaces: a third of what
+# regex.replace costs regorus on a long prompt.
+compact_text := replace(replace(detection_text, " ", ""), "\n", "")
 
 # ---------------------------------------------------------------- blocked patterns
 

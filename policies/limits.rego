@@ -45,9 +45,11 @@ default granted_max_tokens := 0
 
 granted_max_tokens := min({requested_max_tokens, token_cap})
 
+# (The cap first: max_tokens_mode walks the granting roles again, and most
+# requests stay under the cap.)
 limits_denials contains {"code": "max_tokens_exceeded", "message": msg} if {
-	max_tokens_mode == "deny"
 	requested_max_tokens > token_cap
+	max_tokens_mode == "deny"
 	msg := sprintf(
 		"max_tokens %s is above the cap of %s for model '%s' of principal '%s'",
 		[format_int(requested_max_tokens, 10), format_int(token_cap, 10), model_label, principal_label],
@@ -103,11 +105,15 @@ unlimited := {
 	"in_flight": null,
 }
 
-# The limits that bind this request, by scope. A team's limits bind each
-# member whatever the member's own limits are.
-scope_limits["principal"] := limits_in_effect(limits_entry("principals", principal_label))
+# The limits that bind this request, by scope ("team" for a principal with
+# a team). A team's limits bind each member whatever the member's own limits
+# are. (One rule, not one per scope: regorus's RVM compiler takes no partial
+# object rule with constant keys; see bench/policy_rvm.py.)
+scope_limits := {"principal": principal_limits, "team": limits_in_effect(limits_entry("teams", principal_team))} if {
+	principal_team
+} else := {"principal": principal_limits}
 
-scope_limits["team"] := limits_in_effect(limits_entry("teams", principal_team))
+principal_limits := limits_in_effect(limits_entry("principals", principal_label))
 
 scope_label("principal") := sprintf("principal '%s'", [principal_label])
 
@@ -116,7 +122,9 @@ scope_label("team") := sprintf("team '%s'", [principal_team])
 # The usage snapshot's counters by scope, without those that do not count
 # (a malformed counter counts as 0; checks.rego reports it). A counter the
 # input lacks counts as 0 too.
-# (countable() spelled out: a function call per counter costs more than the check.)
+# (countable() spelled out: a function call per counter costs more than the
+# check.) checks.rego compares its size with the input's, rather than make a
+# second pass over the counters.
 counted_usage[scope] := {counter: value |
 	some counter, value in counters
 	is_number(value)
@@ -158,13 +166,18 @@ limit_costs := {
 	"in_flight": 1,
 }
 
+# The tables are bound to local names before the loops: regorus looks a rule
+# up by its path on every reference, a local variable by name.
 limits_denials contains {"code": check.code, "message": msg, "retry_after_s": retry_after_s(check.window, scope)} if {
+	counters := limit_counters
+	costs := limit_costs
+	usage_by_scope := counted_usage
 	some scope, limits in scope_limits
-	usage := object.get(counted_usage, scope, {})
+	usage := object.get(usage_by_scope, scope, {})
 	some name, limit in limits
 	limit != null
-	used := object.get(usage, limit_counters[name], 0)
-	used + limit_costs[name] > limit
+	used := object.get(usage, counters[name], 0)
+	used + costs[name] > limit
 	some check in usage_checks
 	check.limit == name
 	msg := sprintf("%s has reached its %s limit of %s (%s %s; this request needs %s)", [

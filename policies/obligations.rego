@@ -16,17 +16,14 @@ valid_priority(value) if {
 	value <= 9
 }
 
-# Every priority in the data is valid: the load-time check (checks.rego)
-# refuses data with one that is not.
-default_priority := defaults.priority
-
 # The most urgent priority among the roles that grant the model: holding one
-# more role should never slow a principal down.
-priority := min(granting_priorities) if {
-	count(granting_priorities) > 0
-} else := default_priority
-
-granting_priorities := {known_role_settings[role].priority | some role in granting}
+# more role should never slow a principal down; the default one when no role
+# grants it. Every priority in the data is valid: the load-time check
+# (checks.rego) refuses data with one that is not.
+priority := min(priorities) if {
+	priorities := {known_role_settings[role].priority | some role in granting}
+	count(priorities) > 0
+} else := defaults.priority
 
 # ---------------------------------------------------------------- prompt logging
 
@@ -36,9 +33,9 @@ prompt_logging_levels := {"full", "redacted", "hash"}
 # the model) so that a denied request is logged as the person's roles ask;
 # the default level for a principal without one. Every level is a known one:
 # the load-time check (checks.rego) refuses data with another.
-logging_levels contains settings.prompt_logging if some settings in known_role_settings
-
-logging_levels contains defaults.prompt_logging if count(known_roles) == 0
+logging_levels := {settings.prompt_logging | some settings in known_role_settings} if {
+	count(known_roles) > 0
+} else := {defaults.prompt_logging}
 
 # The most private level wins: a role set to redact or hash prompts exists
 # to protect what its holders type, and a second role must not undo that.

@@ -144,7 +144,7 @@ pattern_in_text(rule, text, view) if {
 
 pattern_in_text(rule, text, view) if {
 	rule.ignore_spacing == true
-	compact := regex.replace(view, `[ \n]+`, "")
+	compact := replace(replace(view, " ", ""), "\n", "") # as content.rego's compact_text
 	compact != view
 	compact != text
 	regex.match(rule.pattern, compact)

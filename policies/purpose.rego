@@ -14,12 +14,6 @@ model_settings := settings if {
 	is_object(settings)
 } else := {}
 
-# The model's tags ([] when the input gives none).
-model_tags := tags if {
-	tags := input.model.tags
-	is_array(tags)
-} else := []
-
 # The tags that call for a declared purpose.
 required_tags := tags if {
 	tags := object.get(config, ["purposes", "required_for_tags"], null)
@@ -28,7 +22,9 @@ required_tags := tags if {
 
 # Tags of the requested model that call for a declared purpose.
 purpose_tags contains tag if {
-	some tag in model_tags
+	tags := input.model.tags
+	is_array(tags)
+	some tag in tags
 	tag in required_tags
 }
 

@@ -56,6 +56,7 @@ open_at(hour, [start, end]) if {
 }
 
 schedule_denials contains {"code": "outside_hours", "message": msg} if {
+	hours_window # asked before it is bound: regorus's RVM binds an undefined rule's value
 	window := hours_window
 	current_hour
 	not open_at(current_hour, window)
@@ -93,6 +94,7 @@ current_weekday := input.time.weekday if input.time.weekday in weekday_names
 open_weekdays_listing := concat(", ", [day | some day in weekday_names; day in open_weekdays])
 
 schedule_denials contains {"code": "outside_hours", "message": msg} if {
+	open_weekdays # (as above)
 	days := open_weekdays
 	current_weekday
 	not current_weekday in days
