@@ -32,11 +32,15 @@ from gateway.requests.refusals import QUEUE_UNAVAILABLE_MESSAGE, worker_error
 from gateway.requests.request_log import RequestLog
 from gateway.requests.ticket import Ticket
 from gateway.requests.usage import settle_reservation
-from workers.contract.jobs import CANCEL_TTL_S, STATUS_COMPLETED, JobResult, cancel_key
+from workers.contract.jobs import (CANCEL_TTL_S, STATUS_CANCELLED, STATUS_COMPLETED, STATUS_TIMED_OUT, JobResult,
+                                  cancel_key)
 from workers.contract.output_check import STOP_CONTENT_FILTER, OutputReport
 from workers.contract.privacy import Digester, logged_output
 
 log = logging.getLogger(__name__)
+
+#: Terminal kinds that end a request without an answer of its own: a timeout that lost to one keeps its 504.
+_GAVE_UP = frozenset({STATUS_TIMED_OUT, STATUS_CANCELLED})
 
 
 class TicketRunner:
@@ -154,7 +158,13 @@ class TicketRunner:
     async def timed_out(self, ticket: Ticket, *, output: str | None = None) -> JobResult:
         """The wait ran out: stop the worker, end the request (unless it just ended), 504.
 
-        ``output`` is what a stream already sent to its client.
+        ``output`` is what a stream already sent to its client. If another
+        end won the unique terminal constraint (the worker's, a handed-over
+        output's fallback written by a retry, a lost-request sweep), that
+        entry is the request's answer: usage is settled to what it records,
+        and the client gets its completion or the error it records, as if
+        the worker's result had arrived. A winner that is itself a timeout
+        or a cancel keeps the 504.
         """
         job = ticket.job
         await self._request_cancel(job.request_id)
@@ -163,13 +173,15 @@ class TicketRunner:
         if output is not None:  # kept as the request's prompt_logging allows, like a worker's output
             body.update(logged_output(output, job.prompt_logging, job.redact, self.digester))
         winner = await self.request_log.end(ticket, "timed_out", body)
-        if winner is not None and winner.kind == "completion":
+        if winner is not None and winner.kind not in _GAVE_UP:
             result = JobResult.from_terminal(winner.kind, winner.seq, winner.body, winner.payload)
             await self._settle_usage(ticket, result.prompt_tokens + result.completion_tokens)
-            if result.status != STATUS_COMPLETED:  # its output was logged only as a digest or masked
+            if result.status != STATUS_COMPLETED:  # a failure, or an output logged only as a digest or masked
                 raise worker_error(result)
             return result
-        await self._settle_usage(ticket, None)
+        # This timeout's own entry (nothing used), one written earlier (a worker's time limit, a cancel,
+        # with what it generated), or none (refused by the database, kept pending: nothing charged).
+        await self._settle_usage(ticket, used_tokens(winner.body.get("usage")) if winner is not None else None)
         raise ApiError(504, "timed_out", f"The model did not answer within {self.request_timeout_s:g} seconds.")
 
     async def queue_down(self, ticket: Ticket, exc: BaseException) -> ApiError:
