@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
-from gateway.dispatch.results import PendingResult
+from gateway.dispatch.results import FoundFallback, PendingResult
 from gateway.api_errors import ApiError
 from gateway.limits import UsageCounters
 from gateway.limits.charge import used_tokens
@@ -70,7 +70,7 @@ class TicketRunner:
         unruled = self.output_rules is not None and await self.output_rules.rule_absent(ticket)
         checked = self.output_rules is not None and not unruled
         try:
-            async with self.waiter.expect(ticket.request_id, checked=checked) as pending:
+            async with self.waiter.expect(ticket.request_id, checked=checked, handed_over=checked) as pending:
                 await self._enqueue(ticket, output_rule_absent=unruled, gateway_records=checked)
                 if not checked:
                     meta = await pending.get(self.request_timeout_s)
@@ -112,7 +112,9 @@ class TicketRunner:
         A non-streamed output is judged whole, as one final window (a stop
         leaves the client nothing, as nothing was released before it);
         ``abandoned``: the client has left, what it received stays what ``hold`` released.
-        An output the worker handed over is recorded here: its result is returned.
+        An output the worker handed over is recorded here: its result is
+        returned; so is the end made of its fallback when the report was lost
+        (:meth:`HandedOver.record_fallback`).
         """
         assert self.output_rules is not None
         async with contextlib.aclosing(pending.events(timeout_s or self.request_timeout_s)) as incoming:
@@ -123,6 +125,12 @@ class TicketRunner:
                         continue
                     assert self.handed_over is not None
                     recorded = await self.handed_over.record(ticket, hold, event, abandoned=abandoned)
+                    if recorded is not None:
+                        return recorded
+                elif isinstance(event, FoundFallback):
+                    assert self.handed_over is not None
+                    recorded = await self.handed_over.record_fallback(ticket, hold, event.entry,
+                                                                      abandoned=abandoned)
                     if recorded is not None:
                         return recorded
                 elif isinstance(event, dict):
