@@ -4,10 +4,11 @@ Each gateway process subscribes once, at start, to its own reply channel;
 every job it queues names that channel, and workers publish the job's
 outcome and stream pieces there, tagged with the request id
 (:mod:`workers.replies`). Outcomes are also stored briefly under a key, read
-back after the pub/sub connection was lost; so are the fallbacks of outputs
-handed over to this gateway (their reports are not stored). They arrive
-sealed and are opened here, so the rest of the gateway sees plain results.
-See docs/architecture.md, section "gateway/requests and gateway/dispatch".
+back after the pub/sub connection was lost; a report of an output handed
+over to this gateway is not stored, so the fallback its worker kept in the
+pending terminals is looked up then instead. Everything arrives sealed and
+is opened here, so the rest of the gateway sees plain results. See
+docs/architecture.md, section "gateway/requests and gateway/dispatch".
 """
 
 from __future__ import annotations
