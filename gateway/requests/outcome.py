@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from audit import AuditEntry
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
 from gateway.dispatch.results import FoundFallback, PendingResult
 from gateway.api_errors import ApiError
@@ -139,18 +140,37 @@ class TicketRunner:
 
     async def result_of(self, ticket: Ticket, meta: dict[str, Any]) -> JobResult:
         """Turn a job's outcome (``workers.replies``: SUCCESS or FAILURE; REVOKED stays understood) into a
-        result, or a designed error."""
+        result, or a designed error.
+
+        A failure is recorded here unless the request already ended (a
+        worker that recorded its end, then raised): that end then answers,
+        and is charged, as in :meth:`timed_out`.
+        """
         status = meta.get("status")
         if status == "SUCCESS" and isinstance(meta.get("result"), dict):
             return await self.ended(ticket, JobResult.from_payload(meta["result"]))
-        await self._settle_usage(ticket, None)
         if status == "REVOKED":  # expired in the queue before a worker took it
-            await self.request_log.end(ticket, "timed_out", {"error": {"code": "expired",
-                                                                       "message": "expired in queue"}})
+            winner = await self.request_log.end(ticket, "timed_out", {"error": {"code": "expired",
+                                                                                "message": "expired in queue"}})
+            if winner is not None and winner.kind not in _GAVE_UP:
+                return await self._answered_by(ticket, winner)
+            await self._settle_usage(ticket, used_tokens(winner.body.get("usage")) if winner is not None else None)
             raise ApiError(504, "timed_out", "The request expired in the queue before a worker could take it.")
         message = str(meta.get("result", {}).get("exc_message") if isinstance(meta.get("result"), dict) else "")
-        await self.request_log.end(ticket, "failed", {"error": {"code": "worker_error", "message": message}})
+        winner = await self.request_log.end(ticket, "failed", {"error": {"code": "worker_error", "message": message}})
+        if winner is not None:  # this failure (502 worker_error, nothing charged), or an end written before it
+            return await self._answered_by(ticket, winner)
+        await self._settle_usage(ticket, None)
         raise ApiError(502, "worker_error", "The model worker failed on this request; it has been logged.")
+
+    async def _answered_by(self, ticket: Ticket, winner: AuditEntry) -> JobResult:
+        """The answer the request's terminal entry gives (its completion, or the error a worker's result
+        with that entry would give); usage is settled to what it records."""
+        result = JobResult.from_terminal(winner.kind, winner.seq, winner.body, winner.payload)
+        await self._settle_usage(ticket, result.prompt_tokens + result.completion_tokens)
+        if result.status != STATUS_COMPLETED:  # a failure, or an output logged only as a digest or masked
+            raise worker_error(result)
+        return result
 
     async def ended(self, ticket: Ticket, result: JobResult) -> JobResult:
         """A generation's result (recorded by its worker, or here for a handed-over output): the
@@ -182,11 +202,7 @@ class TicketRunner:
             body.update(logged_output(output, job.prompt_logging, job.redact, self.digester))
         winner = await self.request_log.end(ticket, "timed_out", body)
         if winner is not None and winner.kind not in _GAVE_UP:
-            result = JobResult.from_terminal(winner.kind, winner.seq, winner.body, winner.payload)
-            await self._settle_usage(ticket, result.prompt_tokens + result.completion_tokens)
-            if result.status != STATUS_COMPLETED:  # a failure, or an output logged only as a digest or masked
-                raise worker_error(result)
-            return result
+            return await self._answered_by(ticket, winner)
         # This timeout's own entry (nothing used), one written earlier (a worker's time limit, a cancel,
         # with what it generated), or none (refused by the database, kept pending: nothing charged).
         await self._settle_usage(ticket, used_tokens(winner.body.get("usage")) if winner is not None else None)

@@ -1,13 +1,14 @@
-"""The gateway's request timeout when another end of the request won: that end answers, and is charged.
+"""When the gateway ends a request (its timeout, a worker's failure outcome) and another end won: that end answers.
 
 A served gateway with a short request timeout, a model no worker serves (so
 nothing ends the request but what the test writes), and the competing end
 written through the store (or kept in the pending terminals, as a worker's
-hand-over fallback is) while the gateway still waits: at its timeout the
-gateway's ``timed_out`` entry meets the unique terminal constraint (or the
-pending entry is written first), and the request must be answered and
-settled as the winning entry says. Each test has a principal of its own, so
-its usage counters show what was charged.
+hand-over fallback is) while the gateway still waits: the gateway's own
+entry (``timed_out`` at its timeout, ``failed`` on a task's failure
+outcome) meets the unique terminal constraint (or the pending entry is
+written first), and the request must be answered and settled as the
+winning entry says. Each test has a principal of its own, so its usage
+counters show what was charged.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tests.conftest import IDLE_MODEL, bearer, serving
 from tests.keys_and_limits import new_key
 from workers.contract.pending_terminals import PENDING_KEY, PendingTerminal, PendingTerminals
 from workers.contract.sealing import Sealer, load_or_create_key
+from workers.replies import deliver, failure
 
 pytestmark = pytest.mark.anyio
 
@@ -172,4 +174,40 @@ async def test_the_gateways_own_timeout_charges_nothing(gateway, settings, audit
     assert asked.response.status_code == 504, asked.response.text
     assert asked.response.json()["error"]["code"] == "timed_out"
     assert terminal_kinds(audit_store, asked.request_id) == ["timed_out"]
+    assert await charged(settings, asked.principal) == {"tokens_today": 0, "in_flight": 0}
+
+
+def fail_task(settings, then=None):
+    """Publish a task failure for the request to every gateway (as a worker whose task raised), after ``then``."""
+    def end(asked: Asked) -> None:
+        if then is not None:
+            then(asked)
+        client = redis.Redis.from_url(settings.redis_url)
+        try:
+            channels = client.pubsub_channels("govgate:gateway:*")
+            assert channels
+            for channel in channels:  # the others wait for no such request
+                assert deliver(client, asked.request_id, channel.decode(), failure(RuntimeError("task raised")))
+        finally:
+            client.close()
+    return end
+
+
+async def test_a_task_failure_after_the_worker_recorded_a_completion_serves_the_completion(gateway, settings,
+                                                                                           audit_store):
+    body = {"finish_reason": "length", "usage": usage(3, 4)}
+    asked = await race(gateway, settings, audit_store, fail_task(settings, write_end(
+        audit_store, "completion", body, {"output": "recorded before the task raised"})))
+    assert asked.response.status_code == 200, asked.response.text
+    assert asked.response.json()["choices"][0]["text"] == "recorded before the task raised"
+    assert terminal_kinds(audit_store, asked.request_id) == ["completion"]
+    assert await charged(settings, asked.principal) == {"tokens_today": 7, "in_flight": 0}
+
+
+async def test_a_task_failure_alone_is_a_502_worker_error_that_charges_nothing(gateway, settings, audit_store):
+    asked = await race(gateway, settings, audit_store, fail_task(settings))
+    assert asked.response.status_code == 502, asked.response.text
+    assert asked.response.json()["error"]["code"] == "worker_error"
+    [terminal] = [e for e in audit_store.entries_for(asked.request_id) if e.kind != "request"]
+    assert terminal.kind == "failed" and terminal.body["error"] == {"code": "worker_error", "message": "task raised"}
     assert await charged(settings, asked.principal) == {"tokens_today": 0, "in_flight": 0}
