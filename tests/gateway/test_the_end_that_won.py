@@ -33,8 +33,9 @@ from workers.replies import deliver, failure
 
 pytestmark = pytest.mark.anyio
 
-#: Long enough for the test to find the request and write the competing end well before it fires.
-TIMEOUT_S = 4.0
+#: Counted from the queueing, right after the request entry: long enough for the test to find that
+#: entry and write the competing end well before the timeout fires, even on a busy machine.
+TIMEOUT_S = 6.0
 TEAM = "tw-team"
 
 
@@ -69,9 +70,9 @@ async def race(gateway: str, settings, audit_store, end) -> Asked:
 
     async with anyio.create_task_group() as group:
         group.start_soon(anyio.to_thread.run_sync, ask)
-        deadline = time.monotonic() + TIMEOUT_S / 2
+        deadline = time.monotonic() + 60
         while not asked.request_id:
-            assert time.monotonic() < deadline, "the request was not recorded in time"
+            assert time.monotonic() < deadline, "the request was never recorded"
             await anyio.sleep(0.02)
             asked.request_id = next((e.request_id for e in audit_store.iter_entries(start)
                                      if e.kind == "request" and e.principal == asked.principal), "")
