@@ -4,8 +4,10 @@ Each gateway process subscribes once, at start, to its own reply channel;
 every job it queues names that channel, and workers publish the job's
 outcome and stream pieces there, tagged with the request id
 (:mod:`workers.replies`). Outcomes are also stored briefly under a key, read
-back after the pub/sub connection was lost. They arrive sealed and are
-opened here, so the rest of the gateway sees plain results. See
+back after the pub/sub connection was lost; a report of an output handed
+over to this gateway is not stored, so the fallback its worker kept in the
+pending terminals is looked up then instead. Everything arrives sealed and
+is opened here, so the rest of the gateway sees plain results. See
 docs/architecture.md, section "gateway/requests and gateway/dispatch".
 """
 
@@ -17,6 +19,7 @@ import contextlib
 import json
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import redis.asyncio as aioredis
@@ -25,6 +28,7 @@ from redis.exceptions import RedisError
 from gateway.task_stop import stop_task
 from workers.contract.jobs import REPLY_PIECE, REPLY_RESULT, open_piece, open_result, parse_reply, result_key
 from workers.contract.output_check import REPLY_OUTPUT, OutputReport
+from workers.contract.pending_terminals import PENDING_KEY
 from workers.contract.sealing import SealError, Sealer
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,21 @@ _FINAL = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 
 class ResultTimeout(TimeoutError):
     """No result arrived within the request's timeout."""
+
+
+@dataclass(frozen=True)
+class FoundFallback:
+    """A handed-over output's fallback, found after the reply channel reconnected and no report came.
+
+    The worker keeps it (``failed``/``output_unchecked``) in the pending
+    terminals right before it publishes the report; a report published while
+    the connection was down is lost, but the fallback is still there.
+    ``entry`` holds the fields of the worker's
+    :class:`~workers.contract.pending_terminals.PendingTerminal` (``kind``,
+    ``body``: the output as logging allows, counts, timings; ``since``).
+    """
+
+    entry: dict[str, Any]
 
 
 class _Inbox:
@@ -48,8 +67,12 @@ class _Inbox:
     def __init__(self) -> None:
         self.items: collections.deque[Any] = collections.deque()
         self._wake: asyncio.Future[None] | None = None
+        #: An output report (or the fallback standing for a lost one) was put here.
+        self.reported = False
 
     def put(self, item: Any) -> None:
+        if isinstance(item, (OutputReport, FoundFallback)):
+            self.reported = True
         self.items.append(item)
         self.notify()
 
@@ -83,11 +106,13 @@ class PendingResult:
         """Pieces (and reports) received but not yet read."""
         return len(self._pieces.items) if self._pieces is not None else 0
 
-    async def events(self, timeout_s: float) -> AsyncIterator[str | OutputReport | dict[str, Any]]:
+    async def events(self, timeout_s: float) -> AsyncIterator[str | OutputReport | FoundFallback | dict[str, Any]]:
         """Text pieces as the worker publishes them, its output report (checked jobs), then the outcome dict.
 
         Pieces and the report are published before the result, on the same
-        subscription, so every one is yielded before the meta. Raises
+        subscription, so every one is yielded before the meta. A handed-over
+        output whose report was lost with the connection yields its
+        :class:`FoundFallback` instead (and no outcome follows either). Raises
         :class:`ResultTimeout` when the whole exchange takes longer than ``timeout_s``.
         """
         assert self._pieces is not None, "expect(..., stream=True) or checked=True is needed to read events"
@@ -134,6 +159,11 @@ class ResultWaiter:
         self._pubsub = client.pubsub()
         self._pending: dict[str, asyncio.Future] = {}
         self._streams: dict[str, _Inbox] = {}
+        #: Requests whose worker may hand its output over (their fallbacks are looked up on reconnect).
+        self._handed_over: set[str] = set()
+        #: Fallbacks found on the last reconnect, delivered once the PING of this token comes back.
+        self._found: tuple[bytes, dict[str, FoundFallback]] | None = None
+        self._barriers = 0
         self._listener: asyncio.Task | None = None
         self._reply_channel = f"govgate:gateway:{uuid.uuid4().hex}"
         #: Set by the connection's connect callback: stored outcomes must be read.
@@ -158,12 +188,15 @@ class ResultWaiter:
             await self._pubsub.aclose()
 
     @contextlib.asynccontextmanager
-    async def expect(self, task_id: str, *, stream: bool = False,
-                     checked: bool = False) -> AsyncIterator[PendingResult]:
+    async def expect(self, task_id: str, *, stream: bool = False, checked: bool = False,
+                     handed_over: bool = False) -> AsyncIterator[PendingResult]:
         """Wait for ``task_id``'s outcome (its text pieces, its output report): enter before the job is queued.
 
         ``checked``: the job is under the output rules, its worker reports
         the output before the outcome (read through :meth:`PendingResult.events`).
+        ``handed_over`` (with ``checked``): the worker may hand the output
+        over, with no outcome after the report; if the connection is lost,
+        the fallback it kept is looked up instead (:class:`FoundFallback`).
         No Redis command runs here: the reply channel is already subscribed.
         """
         future = asyncio.get_running_loop().create_future()
@@ -172,12 +205,16 @@ class ResultWaiter:
         if stream or checked:
             pieces = self._streams[task_id] = _Inbox()
             future.add_done_callback(pieces.notify)  # the outcome (or a cancel) ends the reader's wait
+        if handed_over and checked:
+            self._handed_over.add(task_id)
         try:
             yield PendingResult(self, task_id, future, pieces)
         finally:
             if self._pending.get(task_id) is future:
                 del self._pending[task_id]
-            self._streams.pop(task_id, None)
+                self._handed_over.discard(task_id)
+            if self._streams.get(task_id) is pieces:
+                self._streams.pop(task_id, None)
 
     async def _check_stored(self, task_ids: list[str]) -> None:
         """Resolve waits whose outcome is stored (published while nobody could hear it)."""
@@ -213,6 +250,66 @@ class ResultWaiter:
             queue.put(open_piece(self._sealer, raw))
         except (SealError, TypeError, ValueError, KeyError):
             log.error("unreadable stream piece for %s", task_id)
+
+    def _awaits_report(self, task_id: str) -> _Inbox | None:
+        """The inbox of a handed-over request that is still waiting and has heard no report (else None)."""
+        future = self._pending.get(task_id)
+        inbox = self._streams.get(task_id)
+        if future is None or future.done() or inbox is None or inbox.reported:
+            return None
+        return inbox
+
+    def _opened_fallback(self, task_id: str, raw: bytes) -> FoundFallback | None:
+        """A pending terminal entry of ``task_id`` if it is a hand-over's fallback (``not_before`` set)."""
+        try:
+            entry = json.loads(self._sealer.unseal(raw))
+        except (SealError, TypeError, ValueError):
+            log.error("unreadable pending terminal entry for %s", task_id)
+            return None
+        # An entry kept because the database refused a worker's end is not one: that worker also
+        # delivered an outcome, read from its stored copy.
+        if not isinstance(entry, dict) or not isinstance(entry.get("body"), dict) \
+                or not entry.get("not_before") or entry.get("request_id") != task_id:
+            return None
+        return FoundFallback(entry)
+
+    async def _look_for_fallbacks(self) -> None:
+        """Find the fallbacks of handed-over requests that heard no report, and fence them with a PING.
+
+        The worker keeps the fallback and then publishes the report (one
+        pipeline): a fallback found here has its report either lost (published
+        while the connection was down) or coming on the new subscription. The
+        PING on the pub/sub connection, sent after the look, comes back after
+        every message published before it, so a report in flight is heard
+        first; the fallbacks of requests still without one are delivered then.
+        """
+        task_ids = [task_id for task_id in self._handed_over if self._awaits_report(task_id) is not None]
+        if not task_ids:
+            return
+        raws = await self._client.hmget(PENDING_KEY, task_ids)
+        found = {task_id: fallback for task_id, raw in zip(task_ids, raws)
+                 if raw is not None and (fallback := self._opened_fallback(task_id, raw)) is not None}
+        if not found:
+            return
+        self._barriers += 1
+        token = f"govgate-fallbacks-{self._barriers}".encode()
+        self._found = (token, found)
+        await self._pubsub.ping(token)
+
+    def _pong(self, data: Any) -> None:
+        """A PING came back: deliver the fallbacks it fenced to requests that still heard no report."""
+        if self._found is None:
+            return
+        token, found = self._found
+        if (data.encode() if isinstance(data, str) else data) != token:
+            return
+        self._found = None
+        for task_id, fallback in found.items():
+            inbox = self._awaits_report(task_id)
+            if inbox is not None:
+                log.warning("the output report of %s was lost with the reply channel; its fallback stands in",
+                            task_id)
+                inbox.put(fallback)
 
     def _report(self, task_id: str, raw: bytes | str) -> None:
         queue = self._streams.get(task_id)
@@ -268,9 +365,12 @@ class ResultWaiter:
                 backoff = min(backoff * 2, 5.0)
                 await self._reconnect()
                 continue
-            if message is None or message.get("type") != "message":
+            if message is None:
                 continue
-            self._dispatch(message["data"])
+            if message.get("type") == "message":
+                self._dispatch(message["data"])
+            elif message.get("type") == "pong":
+                self._pong(message.get("data"))
 
     async def _reconnect(self) -> None:
         """Make the connection again now (its callback re-subscribes and marks it); the loop retries on failure."""
@@ -284,10 +384,12 @@ class ResultWaiter:
 
         Stream pieces published meanwhile are lost; the result holds the whole
         text, and the stream sends what it missed before it ends
-        (``outcome._unsent_text``).
+        (``outcome._unsent_text``). A handed-over output's report is not
+        stored: its fallback is looked up instead (:meth:`_look_for_fallbacks`).
         """
         try:
             await self._check_stored(list(self._pending))
+            await self._look_for_fallbacks()
         except (RedisError, OSError) as exc:
             log.warning("cannot read stored outcomes yet (%s); trying again", exc)
             self._reconnected = True

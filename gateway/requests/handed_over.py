@@ -10,14 +10,20 @@ writes the entry the worker would have written (built by the same code,
 ``workers/contract/terminal_body.py``) and drops the fallback. Exactly one
 terminal entry still ends the request: the database's unique terminal
 constraint decides between this entry, the fallback (written by a retry
-only after the worker's verdict timeout) and the gateway's own timeout. See
-docs/architecture.md, "Output rules".
+only after the worker's verdict timeout) and the gateway's own timeout.
+
+A report lost with the gateway's pub/sub connection leaves the fallback
+alone in Redis; the reconnecting gateway finds it
+(``gateway/dispatch/results.py``) and ends the request from it at once: as
+if the report had come when the fallback holds the output as generated,
+else by writing the fallback. See docs/architecture.md, "Output rules".
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -85,9 +91,63 @@ class HandedOver:
         return ended_result(ending.kind, generated, entry.seq, finish_reason=ending.finish_reason,
                             served=ending.served, error=ending.error)
 
+    async def record_fallback(self, ticket: Ticket, hold: HoldBack, entry: dict[str, Any], *,
+                              abandoned: bool = False) -> JobResult | None:
+        """End a request whose report was lost, from the fallback its worker kept (``PendingTerminal`` fields).
+
+        A fallback holds what its report held but the output only as
+        ``prompt_logging`` allows: when that is the output as generated (full
+        logging, or redacted logging with nothing masked), it is judged and
+        recorded as the report would have been (:meth:`record`); otherwise the
+        fallback itself is written now (``failed``/``output_unchecked``: the
+        client gets 503) rather than at the request timeout. Either way the
+        unique terminal constraint decides against any other end. None: the
+        fallback cannot be read (the request timeout writes it).
+        """
+        report = report_of(entry)
+        if report is not None:
+            return await self.record(ticket, hold, report, abandoned=abandoned)
+        kind, body = entry.get("kind"), entry.get("body")
+        if not isinstance(kind, str) or not isinstance(body, dict):
+            log.error("unreadable fallback of %s", ticket.request_id)
+            return None
+        winner = await self.request_log.end(ticket, kind, body)  # the kept fallback itself, written first
+        if winner is None:  # the database refused it: still kept, written later
+            usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+            return JobResult(status=STATUS_FAILED, error=dict(_UNRECORDED.error),
+                             prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                             completion_tokens=int(usage.get("completion_tokens") or 0))
+        return JobResult.from_terminal(winner.kind, winner.seq, winner.body, winner.payload)
+
     async def _drop_fallback(self, request_id: str) -> None:
         """The request has its terminal entry: its worker's fallback is not needed."""
         try:
             await self.redis.hdel(PENDING_KEY, request_id)
         except (RedisError, OSError) as exc:  # a retry meets the unique constraint and drops it then
             log.warning("cannot drop the fallback entry of %s: %s", request_id, exc)
+
+
+def report_of(entry: dict[str, Any]) -> OutputReport | None:
+    """The report a fallback stands for, if it holds the output as generated (None: it does not, or is unreadable).
+
+    The fallback's body is :func:`~workers.contract.terminal_body.generation_body`'s
+    for the unjudged output: its counts, finish reason, timings and worker are
+    the report's; the output is the report's text unless logging kept only a
+    digest or masked it. When generation ended is taken from when the
+    fallback was made (``since``), right after it.
+    """
+    body = entry.get("body")
+    if not isinstance(body, dict) or not isinstance(body.get("output"), str) or body.get("output_masked"):
+        return None
+    usage, timings = body.get("usage"), body.get("timings")
+    if not isinstance(usage, dict) or not isinstance(timings, dict):
+        return None
+    payload = {"prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
+               "finish_reason": body.get("finish_reason"), "worker": body.get("worker"),
+               "queue_ms": timings.get("queue_ms"), "generate_ms": timings.get("generate_ms")}
+    try:
+        payload["ended_ns"] = int(float(entry.get("since") or 0) * 1e9)
+        Generated.from_payload(body["output"], payload)  # what record() will read
+    except (KeyError, TypeError, ValueError):
+        return None
+    return OutputReport(body["output"], handed_over=payload)

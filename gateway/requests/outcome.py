@@ -19,8 +19,9 @@ from typing import Any, AsyncIterator
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from audit import AuditEntry
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
-from gateway.dispatch.results import PendingResult
+from gateway.dispatch.results import FoundFallback, PendingResult
 from gateway.api_errors import ApiError
 from gateway.limits import UsageCounters
 from gateway.limits.charge import used_tokens
@@ -32,11 +33,15 @@ from gateway.requests.refusals import QUEUE_UNAVAILABLE_MESSAGE, worker_error
 from gateway.requests.request_log import RequestLog
 from gateway.requests.ticket import Ticket
 from gateway.requests.usage import settle_reservation
-from workers.contract.jobs import CANCEL_TTL_S, STATUS_COMPLETED, JobResult, cancel_key
+from workers.contract.jobs import (CANCEL_TTL_S, STATUS_CANCELLED, STATUS_COMPLETED, STATUS_TIMED_OUT, JobResult,
+                                  cancel_key)
 from workers.contract.output_check import STOP_CONTENT_FILTER, OutputReport
 from workers.contract.privacy import Digester, logged_output
 
 log = logging.getLogger(__name__)
+
+#: Terminal kinds that end a request without an answer of its own: a timeout that lost to one keeps its 504.
+_GAVE_UP = frozenset({STATUS_TIMED_OUT, STATUS_CANCELLED})
 
 
 class TicketRunner:
@@ -66,7 +71,7 @@ class TicketRunner:
         unruled = self.output_rules is not None and await self.output_rules.rule_absent(ticket)
         checked = self.output_rules is not None and not unruled
         try:
-            async with self.waiter.expect(ticket.request_id, checked=checked) as pending:
+            async with self.waiter.expect(ticket.request_id, checked=checked, handed_over=checked) as pending:
                 await self._enqueue(ticket, output_rule_absent=unruled, gateway_records=checked)
                 if not checked:
                     meta = await pending.get(self.request_timeout_s)
@@ -108,7 +113,9 @@ class TicketRunner:
         A non-streamed output is judged whole, as one final window (a stop
         leaves the client nothing, as nothing was released before it);
         ``abandoned``: the client has left, what it received stays what ``hold`` released.
-        An output the worker handed over is recorded here: its result is returned.
+        An output the worker handed over is recorded here: its result is
+        returned; so is the end made of its fallback when the report was lost
+        (:meth:`HandedOver.record_fallback`).
         """
         assert self.output_rules is not None
         async with contextlib.aclosing(pending.events(timeout_s or self.request_timeout_s)) as incoming:
@@ -121,24 +128,49 @@ class TicketRunner:
                     recorded = await self.handed_over.record(ticket, hold, event, abandoned=abandoned)
                     if recorded is not None:
                         return recorded
+                elif isinstance(event, FoundFallback):
+                    assert self.handed_over is not None
+                    recorded = await self.handed_over.record_fallback(ticket, hold, event.entry,
+                                                                      abandoned=abandoned)
+                    if recorded is not None:
+                        return recorded
                 elif isinstance(event, dict):
                     return event
         raise ResultTimeout(f"no result for {ticket.request_id}")  # pragma: no cover - events() ends with it
 
     async def result_of(self, ticket: Ticket, meta: dict[str, Any]) -> JobResult:
         """Turn a job's outcome (``workers.replies``: SUCCESS or FAILURE; REVOKED stays understood) into a
-        result, or a designed error."""
+        result, or a designed error.
+
+        A failure is recorded here unless the request already ended (a
+        worker that recorded its end, then raised): that end then answers,
+        and is charged, as in :meth:`timed_out`.
+        """
         status = meta.get("status")
         if status == "SUCCESS" and isinstance(meta.get("result"), dict):
             return await self.ended(ticket, JobResult.from_payload(meta["result"]))
-        await self._settle_usage(ticket, None)
         if status == "REVOKED":  # expired in the queue before a worker took it
-            await self.request_log.end(ticket, "timed_out", {"error": {"code": "expired",
-                                                                       "message": "expired in queue"}})
+            winner = await self.request_log.end(ticket, "timed_out", {"error": {"code": "expired",
+                                                                                "message": "expired in queue"}})
+            if winner is not None and winner.kind not in _GAVE_UP:
+                return await self._answered_by(ticket, winner)
+            await self._settle_usage(ticket, used_tokens(winner.body.get("usage")) if winner is not None else None)
             raise ApiError(504, "timed_out", "The request expired in the queue before a worker could take it.")
         message = str(meta.get("result", {}).get("exc_message") if isinstance(meta.get("result"), dict) else "")
-        await self.request_log.end(ticket, "failed", {"error": {"code": "worker_error", "message": message}})
+        winner = await self.request_log.end(ticket, "failed", {"error": {"code": "worker_error", "message": message}})
+        if winner is not None:  # this failure (502 worker_error, nothing charged), or an end written before it
+            return await self._answered_by(ticket, winner)
+        await self._settle_usage(ticket, None)
         raise ApiError(502, "worker_error", "The model worker failed on this request; it has been logged.")
+
+    async def _answered_by(self, ticket: Ticket, winner: AuditEntry) -> JobResult:
+        """The answer the request's terminal entry gives (its completion, or the error a worker's result
+        with that entry would give); usage is settled to what it records."""
+        result = JobResult.from_terminal(winner.kind, winner.seq, winner.body, winner.payload)
+        await self._settle_usage(ticket, result.prompt_tokens + result.completion_tokens)
+        if result.status != STATUS_COMPLETED:  # a failure, or an output logged only as a digest or masked
+            raise worker_error(result)
+        return result
 
     async def ended(self, ticket: Ticket, result: JobResult) -> JobResult:
         """A generation's result (recorded by its worker, or here for a handed-over output): the
@@ -154,7 +186,13 @@ class TicketRunner:
     async def timed_out(self, ticket: Ticket, *, output: str | None = None) -> JobResult:
         """The wait ran out: stop the worker, end the request (unless it just ended), 504.
 
-        ``output`` is what a stream already sent to its client.
+        ``output`` is what a stream already sent to its client. If another
+        end won the unique terminal constraint (the worker's, a handed-over
+        output's fallback written by a retry, a lost-request sweep), that
+        entry is the request's answer: usage is settled to what it records,
+        and the client gets its completion or the error it records, as if
+        the worker's result had arrived. A winner that is itself a timeout
+        or a cancel keeps the 504.
         """
         job = ticket.job
         await self._request_cancel(job.request_id)
@@ -163,13 +201,11 @@ class TicketRunner:
         if output is not None:  # kept as the request's prompt_logging allows, like a worker's output
             body.update(logged_output(output, job.prompt_logging, job.redact, self.digester))
         winner = await self.request_log.end(ticket, "timed_out", body)
-        if winner is not None and winner.kind == "completion":
-            result = JobResult.from_terminal(winner.kind, winner.seq, winner.body, winner.payload)
-            await self._settle_usage(ticket, result.prompt_tokens + result.completion_tokens)
-            if result.status != STATUS_COMPLETED:  # its output was logged only as a digest or masked
-                raise worker_error(result)
-            return result
-        await self._settle_usage(ticket, None)
+        if winner is not None and winner.kind not in _GAVE_UP:
+            return await self._answered_by(ticket, winner)
+        # This timeout's own entry (nothing used), one written earlier (a worker's time limit, a cancel,
+        # with what it generated), or none (refused by the database, kept pending: nothing charged).
+        await self._settle_usage(ticket, used_tokens(winner.body.get("usage")) if winner is not None else None)
         raise ApiError(504, "timed_out", f"The model did not answer within {self.request_timeout_s:g} seconds.")
 
     async def queue_down(self, ticket: Ticket, exc: BaseException) -> ApiError:

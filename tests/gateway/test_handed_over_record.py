@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict, replace
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from sqlalchemy import text
 
 from audit import AuditStore, DuplicateTerminalError
 from gateway.auth import Principal
 from gateway.components import open_database
+from gateway.requests.handed_over import HandedOver, report_of
+from gateway.requests.holdback import HoldBack
 from gateway.requests.request_log import RequestLog
 from gateway.requests.ticket import Ticket
 from tests.own_redis import own_redis  # noqa: F401 - fixture
@@ -100,3 +104,86 @@ async def test_a_request_that_ended_first_leaves_the_gateways_record_refused(par
     with pytest.raises(DuplicateTerminalError):
         await request_log.record_end(ticket, kind, body)
     assert [e.kind for e in store.entries_for("handed-2")] == ["failed"]
+
+
+def fallback_entry(ticket: Ticket, output: str, *, logging: str, redact=()) -> dict:
+    """A fallback's fields as the worker keeps them (``workers/generation.py``, ``_hand_over``)."""
+    job = replace(ticket.job, prompt_logging=logging, redact=list(redact))
+    generated = Generated(output, 3, 5, "length", {"hostname": "w", "pid": 1}, 2.0, 9.0)
+    ending = checked_ending(job, None, generated.finish_reason, DIGESTER)
+    body = generation_body(job, generated, DIGESTER, finish_reason=ending.finish_reason, error=ending.error)
+    return asdict(PendingTerminal(kind=ending.kind, request_id=ticket.request_id, principal="ann", team="ops",
+                                  model="tiny", body=body, policy_revision="rev", not_before=time.time() + 60))
+
+
+def test_a_fallback_that_keeps_the_output_as_generated_stands_for_its_report():
+    ticket = ticket_for("handed-3")
+    for logging, redact in (("full", ()), ("redacted", [{"detector": "email", "text": "ann@example.org"}])):
+        entry = fallback_entry(ticket, "the output as generated", logging=logging, redact=redact)
+        report = report_of(entry)
+        assert report is not None and report.text == "the output as generated", logging
+        generated = Generated.from_payload(report.text, report.handed_over)
+        assert (generated.prompt_tokens, generated.completion_tokens, generated.finish_reason) == (3, 5, "length")
+        assert (generated.queue_ms, generated.generate_ms, generated.worker["pid"]) == (2.0, 9.0, 1)
+        assert abs(generated.ended_ns / 1e9 - entry["since"]) < 1e-3
+
+
+def test_a_fallback_that_keeps_a_digest_or_a_masked_output_stands_for_no_report():
+    ticket = ticket_for("handed-4")
+    assert report_of(fallback_entry(ticket, "the output as generated", logging="hash")) is None
+    masked = fallback_entry(ticket, "write to ann@example.org", logging="redacted",
+                            redact=[{"detector": "email", "text": "ann@example.org"}])
+    assert masked["body"]["output_masked"] is True and report_of(masked) is None
+    assert report_of({"body": {"output": "x", "usage": "not an object"}}) is None
+    assert report_of({"kind": "failed"}) is None
+
+
+
+@pytest.fixture
+async def recorder(parts, own_redis):
+    """The gateway's recorder of handed-over outputs, on the test's store and Redis."""
+    client = aioredis.Redis.from_url(own_redis.redis_url)
+    # No rules: they judge only an output its fallback holds as generated; these fallbacks hold digests.
+    yield HandedOver(rules=None, request_log=parts[3], redis=client, digester=DIGESTER)  # type: ignore[arg-type]
+    await client.aclose()
+
+
+def keep_hashed_fallback(pending: PendingTerminals, ticket: Ticket) -> dict:
+    entry = fallback_entry(ticket, "the output as generated", logging="hash")
+    assert pending.keep(PendingTerminal(**entry))
+    return entry
+
+
+async def test_a_fallback_that_cannot_be_judged_is_written_now(parts, recorder):
+    store, client, pending, _ = parts
+    ticket = ticket_for("handed-5")
+    entry = keep_hashed_fallback(pending, ticket)
+    result = await recorder.record_fallback(ticket, HoldBack(16), entry)
+    [terminal] = [e for e in store.entries_for("handed-5")]
+    assert terminal.kind == "failed" and "recorded_late" in terminal.body
+    assert (result.status, result.error["code"], result.audit_seq) == ("failed", "output_unchecked", terminal.seq)
+    assert (result.prompt_tokens, result.completion_tokens) == (3, 5)
+    assert not client.hexists(PENDING_KEY, "handed-5")
+
+
+async def test_a_fallback_written_first_by_a_retry_is_the_answer_once(parts, recorder):
+    store, client, pending, _ = parts
+    ticket = ticket_for("handed-6")
+    entry = keep_hashed_fallback(pending, ticket)
+    written = pending.write_one(store, "handed-6")  # a retry (the worker's thread) wrote it meanwhile
+    result = await recorder.record_fallback(ticket, HoldBack(16), entry)
+    assert [e.kind for e in store.entries_for("handed-6")] == ["failed"]
+    assert result.audit_seq == written.seq and result.error["code"] == "output_unchecked"
+
+
+async def test_a_fallback_the_database_refuses_stays_kept_and_the_client_hears_so(parts, recorder):
+    store, client, pending, _ = parts
+    ticket = ticket_for("handed-7")
+    entry = keep_hashed_fallback(pending, ticket)
+    with store.engine.begin() as conn:
+        conn.execute(text("CREATE TRIGGER refuse_insert BEFORE INSERT ON audit_entries "
+                          "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"))
+    result = await recorder.record_fallback(ticket, HoldBack(16), entry)
+    assert (result.status, result.error["code"], result.audit_seq) == ("failed", "audit_unavailable", None)
+    assert (result.prompt_tokens, result.completion_tokens) == (3, 5)  # charged, as generated
+    assert store.terminal_for("handed-7") is None and pending.holds("handed-7")
