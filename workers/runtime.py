@@ -42,6 +42,8 @@ class WorkerConfig:
     database_busy_timeout_s: float = 30.0
     loglevel: str = "INFO"
     time_limit_s: float = 60.0
+    #: Longest a new pool process may take to load the model (``GOVGATE_WORKER_START_TIMEOUT_S``).
+    start_timeout_s: float = 300.0
     #: Key files shared with the gateway (created on first use when missing).
     payload_key_file: Path = Path("var/keys/payload.key")
     digest_key_file: Path = Path("var/keys/digest.key")
@@ -117,13 +119,23 @@ def generate(payload: dict[str, Any]) -> None:
 _LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
 
 
+def worker_app(config: WorkerConfig) -> Celery:
+    """The worker's Celery app: the broker's settings, the pool's start timeout, the generate task."""
+    app = make_celery(config.redis_url, time_limit_s=config.time_limit_s)
+    # A pool process says it is up only once worker_process_init has loaded the model (build_worker_app);
+    # Celery kills one that has not after worker_proc_alive_timeout, 4 s by default, and starts another,
+    # which a model that takes longer to load never survives.
+    app.conf.worker_proc_alive_timeout = config.start_timeout_s
+    # ignore_result: the outcome travels on the gateway's reply channel (workers.replies).
+    app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)(generate)
+    return app
+
+
 def build_worker_app(config: WorkerConfig) -> Celery:
     """The Celery app with the generate task registered and the fork hooks wired."""
     _config.value = config
     celery.app.trace.LOG_SUCCESS = _LOG_SUCCESS
-    app = make_celery(config.redis_url, time_limit_s=config.time_limit_s)
-    # ignore_result: the outcome travels on the gateway's reply channel (workers.replies).
-    app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)(generate)
+    app = worker_app(config)
     # After fork, in each pool process: llama.cpp-based backends hang in a child
     # forked after the parent ran inference (and a model per process is the unit
     # of capacity anyway); database connections must not cross a fork either.
