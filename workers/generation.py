@@ -200,10 +200,12 @@ def _hand_over(job: GenerateJob, generated: Generated, channel: JobChannel, pend
     """
     fallback = checked_ending(job, None, generated.finish_reason, digester)
     body = generation_body(job, generated, digester, finish_reason=fallback.finish_reason, error=fallback.error)
+    handed_over = generated.to_payload()
     entry = PendingTerminal(kind=fallback.kind, request_id=job.request_id, principal=job.principal, team=job.team,
                             model=job.model, body=body, policy_revision=job.policy_revision,
-                            not_before=time.time() + timeout_s)
-    report = OutputReport(generated.output, handed_over=generated.to_payload())
+                            not_before=time.time() + timeout_s,
+                            report={"output": generated.output, "handed_over": handed_over})
+    report = OutputReport(generated.output, handed_over=handed_over)
     return channel.hand_over(report, pending.sealed(entry))
 
 

@@ -130,12 +130,21 @@ class HandedOver:
 def report_of(entry: dict[str, Any]) -> OutputReport | None:
     """The report a fallback stands for, if it holds the output as generated (None: it does not, or is unreadable).
 
-    The fallback's body is :func:`~workers.contract.terminal_body.generation_body`'s
-    for the unjudged output: its counts, finish reason, timings and worker are
-    the report's; the output is the report's text unless logging kept only a
-    digest or masked it. When generation ended is taken from when the
+    A worker keeps the report itself beside its fallback (``report``, since
+    2026-11-30), whatever the logging. A fallback from before holds only its
+    body, :func:`~workers.contract.terminal_body.generation_body`'s for the
+    unjudged output: its counts, finish reason, timings and worker are the
+    report's; the output is the report's text unless logging kept only a
+    digest or masked it, and when generation ended is taken from when the
     fallback was made (``since``), right after it.
     """
+    kept = entry.get("report")
+    if isinstance(kept, dict) and isinstance(kept.get("output"), str) and isinstance(kept.get("handed_over"), dict):
+        try:
+            Generated.from_payload(kept["output"], kept["handed_over"])  # what record() will read
+        except (KeyError, TypeError, ValueError):
+            return None
+        return OutputReport(kept["output"], handed_over=kept["handed_over"])
     body = entry.get("body")
     if not isinstance(body, dict) or not isinstance(body.get("output"), str) or body.get("output_masked"):
         return None

@@ -128,6 +128,19 @@ def test_a_fallback_that_keeps_the_output_as_generated_stands_for_its_report():
         assert abs(generated.ended_ns / 1e9 - entry["since"]) < 1e-3
 
 
+def test_a_fallback_with_its_report_kept_beside_it_stands_for_that_report_whatever_the_logging():
+    ticket = ticket_for("handed-3b")
+    generated = Generated("the output as generated", 3, 5, "length", {"hostname": "w", "pid": 1}, 2.0, 9.0, 123)
+    for logging in ("hash", "redacted", "full"):
+        entry = fallback_entry(ticket, generated.output, logging=logging)
+        entry["report"] = {"output": generated.output, "handed_over": generated.to_payload()}
+        report = report_of(entry)
+        assert report is not None and report.text == generated.output, logging
+        assert Generated.from_payload(report.text, report.handed_over) == generated
+    unreadable = {**fallback_entry(ticket, "x", logging="hash"), "report": {"output": "x", "handed_over": {}}}
+    assert report_of(unreadable) is None
+
+
 def test_a_fallback_that_keeps_a_digest_or_a_masked_output_stands_for_no_report():
     ticket = ticket_for("handed-4")
     assert report_of(fallback_entry(ticket, "the output as generated", logging="hash")) is None

@@ -6,6 +6,7 @@ it hears the worker's sealed report on the reply channel and LPUSHes a sealed ve
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -246,6 +247,8 @@ def test_a_job_its_gateway_records_is_handed_over_with_a_fallback_and_no_wait(cl
     assert not client.exists(verdict_key(job.request_id))
     raw = client.hget(PENDING_KEY, job.request_id)
     assert raw is not None and report.text.encode() not in raw  # kept sealed
+    kept = json.loads(SEALER.unseal(raw))["report"]  # the report beside it, for a gateway that lost it
+    assert kept == {"output": report.text, "handed_over": report.handed_over}
     assert pending.write_all(store) == 0  # not due: its gateway may still record the end
     fallback = pending.write_one(store, job.request_id)  # as the gateway's timeout would write it
     assert fallback.kind == "failed" and fallback.body["error"]["code"] == "output_unchecked"

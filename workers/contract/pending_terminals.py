@@ -43,6 +43,10 @@ class PendingTerminal:
     #: Not written by a retry before this time (epoch seconds): a fallback kept while its gateway may
     #: still record the request's real end (a handed-over output being judged; see ``output_check``).
     not_before: float = 0.0
+    #: A hand-over's fallback only: the report it stands in for (``output`` as generated, ``handed_over``: the
+    #: counts, finish reason and timings), so a gateway whose report was lost still judges the output itself.
+    #: Kept as sealed as the rest and gone with the entry; never written to the audit.
+    report: dict[str, Any] | None = None
 
 
 class PendingTerminals:
