@@ -65,3 +65,11 @@ def test_the_optional_flags_travel_only_when_set() -> None:
         assert GenerateJob.from_payload(payload) == plain
     flagged = GenerateJob.from_payload(job_payload(_job()))
     assert flagged.output_rule_absent is True and flagged.gateway_records is True
+
+
+def test_sampling_params_payload_holds_every_field_and_reads_back() -> None:
+    params = _job().params
+    payload = params.to_payload()
+    assert payload == {**{f.name: getattr(params, f.name) for f in fields(SamplingParams)}, "stop": ["\n", "END"]}
+    assert list(payload) == [f.name for f in fields(SamplingParams)]
+    assert SamplingParams.from_payload(json.loads(json.dumps(payload))) == params

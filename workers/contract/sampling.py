@@ -9,7 +9,7 @@ nonsense.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 
@@ -61,9 +61,19 @@ class SamplingParams:
         return replace(self, stop=self.stop + extra) if extra else self
 
     def to_payload(self) -> dict[str, Any]:
-        """A JSON object (the stop sequences as a list)."""
-        return {**asdict(self), "stop": list(self.stop)}
+        """A JSON object (the stop sequences as a list).
+
+        Field by field rather than ``dataclasses.asdict``, which deep-copies
+        recursively and was a visible part of the gateway's CPU per request.
+        """
+        payload = {name: getattr(self, name) for name in _FIELDS}
+        payload["stop"] = list(self.stop)
+        return payload
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> "SamplingParams":
         return cls(**payload)
+
+
+#: The fields of :class:`SamplingParams`, in order (its payload's keys).
+_FIELDS = tuple(field.name for field in fields(SamplingParams))
