@@ -42,6 +42,9 @@ class WorkerConfig:
     database_busy_timeout_s: float = 30.0
     loglevel: str = "INFO"
     time_limit_s: float = 60.0
+    #: The broker's visibility timeout over the hard limit (``GOVGATE_REDELIVERY_MARGIN_S``): how long after a
+    #: whole worker died this worker hands its unacknowledged task to another (restores run in the consumers).
+    redelivery_margin_s: float = 30.0
     #: Key files shared with the gateway (created on first use when missing).
     payload_key_file: Path = Path("var/keys/payload.key")
     digest_key_file: Path = Path("var/keys/digest.key")
@@ -118,7 +121,8 @@ def build_worker_app(config: WorkerConfig) -> Celery:
     """The Celery app with the generate task registered and the fork hooks wired."""
     _config.value = config
     celery.app.trace.LOG_SUCCESS = _LOG_SUCCESS
-    app = make_celery(config.redis_url, time_limit_s=config.time_limit_s)
+    app = make_celery(config.redis_url, time_limit_s=config.time_limit_s,
+                      redelivery_margin_s=config.redelivery_margin_s)
     # ignore_result: the outcome travels on the gateway's reply channel (workers.replies).
     app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)(generate)
     # After fork, in each pool process: llama.cpp-based backends hang in a child
