@@ -77,7 +77,8 @@ def make_celery(redis_url: str, *, time_limit_s: float = 60.0,
     order that makes redelivery safe (soft < hard < visibility).
     ``redelivery_margin_s`` is the visibility timeout's margin over the hard
     limit (:func:`visibility_timeout_s`); the worker that restores a dead
-    worker's task applies its own.
+    worker's task applies its own, to every unacknowledged task in its Redis
+    (kombu keeps one index of them), so workers sharing a Redis should agree.
     """
     url = celery_redis_url(redis_url)
     hard_limit_s = time_limit_s + HARD_LIMIT_GRACE_S
