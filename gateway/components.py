@@ -114,7 +114,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
     retrier = asyncio.create_task(retry_pending_terminals(pending, audit_store), name="govgate-terminal-retry")
     lost = LostRequestSweep(audit_store, pending, lookback_s=settings.terminal_retry_horizon_s,
                             lost_after_s=lost_after_s(settings.request_timeout_s, settings.generation_time_limit_s,
-                                                         settings.redelivery_margin_s))
+                                                      settings.redelivery_margin_s))
     sweeper = asyncio.create_task(sweep_lost_requests(lost, counters), name="govgate-lost-requests")
     shares = SharePublisher(client, policy, tick_s=settings.policy_reload_interval_s or 2.0)
     policy.on_reload(shares.poke)

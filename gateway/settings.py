@@ -71,7 +71,7 @@ class Settings:
     #: Longest a request waits for its completion before a 504.
     request_timeout_s: float = 120.0
     #: Soft time limit of one generation in a worker (a hard limit 10 s later kills the pool process).
-    #: With the broker's visibility timeout (hard limit + 30 s) it stays below the request timeout,
+    #: With the broker's visibility timeout (hard limit + ``redelivery_margin_s``) it stays below the request timeout,
     #: so a task redelivered after a whole worker died can still answer its client.
     generation_time_limit_s: float = 60.0
     #: The broker's visibility timeout is the hard limit + this: a whole worker's death hands its task to
