@@ -58,6 +58,15 @@ class Components:
     auth: Authenticator
 
 
+def warn_if_redelivery_is_late(settings: Settings) -> None:
+    """Warn when a dead worker's task would be handed on only after its client stopped waiting."""
+    redelivery_s = visibility_timeout_s(settings.generation_time_limit_s, settings.redelivery_margin_s)
+    if redelivery_s >= settings.request_timeout_s:
+        log.warning("a task redelivered after a worker death comes after the request timeout: it will be "
+                    "recorded as expired (keep GOVGATE_GENERATION_TIME_LIMIT_S + 10 s + "
+                    "GOVGATE_REDELIVERY_MARGIN_S below GOVGATE_REQUEST_TIMEOUT_S to let it answer)")
+
+
 @contextlib.asynccontextmanager
 async def build_components(settings: Settings, *, policy: PolicyEngine | None = None) -> AsyncIterator[Components]:
     """Open everything a gateway needs; ``policy`` lets tests bring another engine."""
@@ -87,10 +96,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         socket_timeout=10, socket_connect_timeout=5))
     client = aioredis.Redis(connection_pool=pool)
     waiter = ResultWaiter(client, sealer)
-    if visibility_timeout_s(settings.generation_time_limit_s) >= settings.request_timeout_s:
-        log.warning("a task redelivered after a worker death comes after the request timeout: it will be "
-                    "recorded as expired (lower GOVGATE_GENERATION_TIME_LIMIT_S below "
-                    "GOVGATE_REQUEST_TIMEOUT_S - 40 s to let it answer)")
+    warn_if_redelivery_is_late(settings)
     dispatcher = Dispatcher(client, expires_s=settings.request_timeout_s, sealer=sealer, mode=settings.queue_mode)
     audit_store = AuditStore(db_engine)
     counters = UsageCounters(client)
@@ -107,7 +113,8 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
                                  holdback_chars=settings.output_holdback_chars) if settings.output_rules else None)
     retrier = asyncio.create_task(retry_pending_terminals(pending, audit_store), name="govgate-terminal-retry")
     lost = LostRequestSweep(audit_store, pending, lookback_s=settings.terminal_retry_horizon_s,
-                            lost_after_s=lost_after_s(settings.request_timeout_s, settings.generation_time_limit_s))
+                            lost_after_s=lost_after_s(settings.request_timeout_s, settings.generation_time_limit_s,
+                                                      settings.redelivery_margin_s))
     sweeper = asyncio.create_task(sweep_lost_requests(lost, counters), name="govgate-lost-requests")
     shares = SharePublisher(client, policy, tick_s=settings.policy_reload_interval_s or 2.0)
     policy.on_reload(shares.poke)

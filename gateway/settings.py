@@ -71,13 +71,17 @@ class Settings:
     #: Longest a request waits for its completion before a 504.
     request_timeout_s: float = 120.0
     #: Soft time limit of one generation in a worker (a hard limit 10 s later kills the pool process).
-    #: With the broker's visibility timeout (hard limit + 30 s) it stays below the request timeout,
+    #: With the broker's visibility timeout (hard limit + ``redelivery_margin_s``) it stays below the request timeout,
     #: so a task redelivered after a whole worker died can still answer its client.
     generation_time_limit_s: float = 60.0
     #: Longest a worker's new pool process may take to load its model before Celery kills it and starts another
     #: (Celery's own default, 4 s, is shorter than loading many models takes: a pool process replaced after a
     #: crash was then killed over and over, and the worker never served again).
     worker_start_timeout_s: float = 300.0
+    #: The broker's visibility timeout is the hard limit + this: a whole worker's death hands its task to
+    #: another worker this long after the hard limit. Shorter rescues sooner; too short, and a task that
+    #: waited in a live worker before it began is run a second time (one terminal entry wins; work wasted).
+    redelivery_margin_s: float = 30.0
     #: How long a terminal entry the database refused is kept (in Redis) and retried before it is given up.
     terminal_retry_horizon_s: float = 86400.0
     #: Judge outputs with the policy's output rules (off: outputs are served unjudged, as before the rules).
@@ -221,6 +225,7 @@ class Settings:
             generation_time_limit_s=float(number("GENERATION_TIME_LIMIT_S", defaults.generation_time_limit_s,
                                                  float, 0.1)),
             worker_start_timeout_s=seconds_up_to_a_day("WORKER_START_TIMEOUT_S", defaults.worker_start_timeout_s),
+            redelivery_margin_s=seconds_up_to_a_day("REDELIVERY_MARGIN_S", defaults.redelivery_margin_s),
             terminal_retry_horizon_s=float(number("TERMINAL_RETRY_HORIZON_S", defaults.terminal_retry_horizon_s,
                                                   float, 1.0)),
             output_rules=_flag(text("OUTPUT_RULES", ""), "OUTPUT_RULES", defaults.output_rules),

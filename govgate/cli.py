@@ -135,6 +135,7 @@ def worker(model_name: str, concurrency: int) -> None:
                           concurrency=concurrency, loglevel=settings.log_level,
                           time_limit_s=settings.generation_time_limit_s,
                           start_timeout_s=settings.worker_start_timeout_s,
+                          redelivery_margin_s=settings.redelivery_margin_s,
                           payload_key_file=settings.effective_payload_key_file,
                           digest_key_file=settings.effective_digest_key_file,
                           terminal_retry_horizon_s=settings.terminal_retry_horizon_s,

@@ -44,6 +44,9 @@ class WorkerConfig:
     time_limit_s: float = 60.0
     #: Longest a new pool process may take to load the model (``GOVGATE_WORKER_START_TIMEOUT_S``).
     start_timeout_s: float = 300.0
+    #: The broker's visibility timeout over the hard limit (``GOVGATE_REDELIVERY_MARGIN_S``): how long after a
+    #: whole worker died this worker hands its unacknowledged task to another (restores run in the consumers).
+    redelivery_margin_s: float = 30.0
     #: Key files shared with the gateway (created on first use when missing).
     payload_key_file: Path = Path("var/keys/payload.key")
     digest_key_file: Path = Path("var/keys/digest.key")
@@ -121,7 +124,8 @@ _LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
 
 def worker_app(config: WorkerConfig) -> Celery:
     """The worker's Celery app: the broker's settings, the pool's start timeout, the generate task."""
-    app = make_celery(config.redis_url, time_limit_s=config.time_limit_s)
+    app = make_celery(config.redis_url, time_limit_s=config.time_limit_s,
+                      redelivery_margin_s=config.redelivery_margin_s)
     # A pool process says it is up only once worker_process_init has loaded the model (build_worker_app);
     # Celery kills one that has not after worker_proc_alive_timeout, 4 s by default, and starts another,
     # which a model that takes longer to load never survives.

@@ -22,7 +22,7 @@ import anyio
 
 from audit import AuditEntry, AuditStore, DuplicateTerminalError
 from gateway.limits import CountersUnavailable, UsageCounters
-from workers.contract.celery_config import visibility_timeout_s
+from workers.contract.celery_config import VISIBILITY_MARGIN_S, visibility_timeout_s
 from workers.contract.pending_terminals import PendingTerminals
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,10 @@ PAGE = 200
 PAGES_PER_SWEEP = 25
 
 
-def lost_after_s(request_timeout_s: float, generation_time_limit_s: float) -> float:
+def lost_after_s(request_timeout_s: float, generation_time_limit_s: float,
+                 redelivery_margin_s: float = VISIBILITY_MARGIN_S) -> float:
     """How old an accepted request without a terminal entry must be before it counts as lost."""
-    return request_timeout_s + visibility_timeout_s(generation_time_limit_s) + MARGIN_S
+    return request_timeout_s + visibility_timeout_s(generation_time_limit_s, redelivery_margin_s) + MARGIN_S
 
 
 def was_admitted(body: Mapping[str, Any]) -> bool:

@@ -27,20 +27,23 @@ DEFAULT_PRIORITY = 5
 PRIORITY_SEP = ":"
 #: Hard limit = soft limit + this: time for the task to record its own timeout first.
 HARD_LIMIT_GRACE_S = 10.0
-#: Visibility timeout = hard limit + this. A message unacknowledged for longer
-#: is handed to another worker (the whole worker died): it must exceed the
-#: longest a task may run, or a slow task would run twice.
+#: Visibility timeout = hard limit + this (the default of ``GOVGATE_REDELIVERY_MARGIN_S``).
+#: A message unacknowledged for longer is handed to another worker (the whole
+#: worker died): the timeout must exceed the longest a task may run, or a slow
+#: task would run twice; the margin covers a task that waited in its worker
+#: before it started, and clocks that differ a little.
 VISIBILITY_MARGIN_S = 30.0
 
 
-def visibility_timeout_s(time_limit_s: float) -> float:
+def visibility_timeout_s(time_limit_s: float, margin_s: float = VISIBILITY_MARGIN_S) -> float:
     """When the broker hands a dead worker's unacknowledged task to another.
 
     A redelivered task can only still serve its client if this is shorter
     than the gateway's request timeout; past that the job's deadline has
-    passed and the worker that takes it records it as expired.
+    passed and the worker that takes it records it as expired. ``margin_s``
+    is ``GOVGATE_REDELIVERY_MARGIN_S``.
     """
-    return time_limit_s + HARD_LIMIT_GRACE_S + VISIBILITY_MARGIN_S
+    return time_limit_s + HARD_LIMIT_GRACE_S + margin_s
 
 
 def queue_keys(queue: str) -> list[str]:
@@ -65,12 +68,17 @@ def celery_redis_url(redis_url: str) -> str:
     return redis_url
 
 
-def make_celery(redis_url: str, *, time_limit_s: float = 60.0) -> Celery:
+def make_celery(redis_url: str, *, time_limit_s: float = 60.0,
+                redelivery_margin_s: float = VISIBILITY_MARGIN_S) -> Celery:
     """A configured Celery app on ``redis_url`` (the broker; no result backend).
 
     ``time_limit_s`` is a generation's soft time limit; the hard limit and
     the broker's visibility timeout are derived from it so they stay in the
     order that makes redelivery safe (soft < hard < visibility).
+    ``redelivery_margin_s`` is the visibility timeout's margin over the hard
+    limit (:func:`visibility_timeout_s`); the worker that restores a dead
+    worker's task applies its own, to every unacknowledged task in its Redis
+    (kombu keeps one index of them), so workers sharing a Redis should agree.
     """
     url = celery_redis_url(redis_url)
     hard_limit_s = time_limit_s + HARD_LIMIT_GRACE_S
@@ -94,7 +102,7 @@ def make_celery(redis_url: str, *, time_limit_s: float = 60.0) -> Celery:
             "queue_order_strategy": "priority",
             "priority_steps": PRIORITY_STEPS,
             "sep": PRIORITY_SEP,
-            "visibility_timeout": visibility_timeout_s(time_limit_s),
+            "visibility_timeout": visibility_timeout_s(time_limit_s, redelivery_margin_s),
             # Look for abandoned messages every ~2 s (default: ~100 s).
             "unacked_restore_interval": 2,
             "unacked_restore_throttle": 1,
