@@ -91,7 +91,11 @@ def pick_stop(text: str, avoid: str) -> str:
 
 @pytest.fixture(scope="module")
 def output_worker(settings) -> Iterator:
-    process = spawn_cli(settings, "worker", "--model", OUTPUT_MODEL, log=settings.var_dir / "output-worker.log")
+    # Token by token (GOVGATE_STREAM_FLUSH_INTERVAL_MS=0): the hold-back's hardest case, a phrase split across
+    # many pieces, and as many windows as the text allows; with the default interval this fast model's
+    # stream arrives in a few pieces, as many as the machine's speed makes.
+    process = spawn_cli(settings.with_(stream_flush_interval_ms=0), "worker", "--model", OUTPUT_MODEL,
+                        log=settings.var_dir / "output-worker.log")
     wait_for_worker(settings.redis_url, OUTPUT_MODEL, process)
     yield process
     stop_process(process, timeout_s=30)

@@ -24,10 +24,11 @@ def sse_documents(lines):
 
 def test_openai_client_streams_the_same_text_as_a_plain_request(served_api, keyring, audit_store):
     client = openai.OpenAI(base_url=f"{served_api}/v1", api_key=keyring["analyst"], max_retries=0)
-    # 60 tokens: far more text than the output rules' hold-back (64 characters), so the stream is
-    # released in several windows; a 20-token answer fits in one and arrives as one piece.
-    plain = client.chat.completions.create(model=TINY_MODEL_NAME, messages=HELLO, max_tokens=60, temperature=0)
-    chunks = list(client.chat.completions.create(model=TINY_MODEL_NAME, messages=HELLO, max_tokens=60,
+    # 200 tokens: far more text than the output rules' hold-back (64 characters), and long enough that
+    # even a fast machine's worker sends it in several pieces (GOVGATE_STREAM_FLUSH_INTERVAL_MS, 10 ms
+    # apart), so the stream is released in several windows; a 20-token answer fits in one.
+    plain = client.chat.completions.create(model=TINY_MODEL_NAME, messages=HELLO, max_tokens=200, temperature=0)
+    chunks = list(client.chat.completions.create(model=TINY_MODEL_NAME, messages=HELLO, max_tokens=200,
                                                  temperature=0, stream=True,
                                                  stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -36,7 +37,7 @@ def test_openai_client_streams_the_same_text_as_a_plain_request(served_api, keyr
     assert chunks[0].choices[0].delta.role == "assistant"
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish == ["length"]
-    assert chunks[-1].usage.completion_tokens == 60 and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 200 and chunks[-1].choices == []
     request_id = chunks[0].id.removeprefix("chatcmpl-")
     entries = audit_store.entries_for(request_id)
     assert [e.kind for e in entries] == ["request", "completion"]
