@@ -246,6 +246,30 @@ class Pick:
     order: list[str]
 
 
+def pick_command(model: str, *, popped: str | None = None,
+                 corrections: Iterable[tuple[str, float, float]] = (), now: float | None = None,
+                 default_estimate_ms: float = DEFAULT_ESTIMATE_MS) -> tuple[str, ...]:
+    """The ``EVALSHA`` of one pick (command name first), for a caller that sends it and reads the reply
+    later (:mod:`workers.contract.deferred_replies`); :func:`pick` is the same call, waited for."""
+    flat: list[str] = []
+    for queue, actual_ms, charged_ms in corrections:
+        flat += [queue, repr(float(actual_ms)), repr(float(charged_ms))]
+    keys = (registry_key(model), tags_key(model), waiting_key(model), wake_key(model), SHARES_KEY)
+    return ("EVALSHA", PICK_SHA, str(len(keys)), *keys, repr(time.time() if now is None else now), popped or "",
+            repr(default_estimate_ms), str(len(flat) // 3), *flat)
+
+
+def parse_pick(reply: Sequence[bytes | str]) -> Pick:
+    """A pick's reply as a :class:`Pick`."""
+    values = [item.decode() if isinstance(item, bytes) else str(item) for item in reply]
+    return Pick(float(values[0]) if values[0] else None, values[1:])
+
+
+def load_script(client: redis.Redis) -> None:
+    """Load the script into Redis (after a SCRIPT FLUSH or a restart, an ``EVALSHA`` answers NOSCRIPT)."""
+    client.script_load(_PICK)
+
+
 def pick(client: redis.Redis, model: str, *, popped: str | None = None,
          corrections: Iterable[tuple[str, float, float]] = (), now: float | None = None,
          default_estimate_ms: float = DEFAULT_ESTIMATE_MS) -> Pick:
@@ -255,16 +279,11 @@ def pick(client: redis.Redis, model: str, *, popped: str | None = None,
     One ``EVALSHA``; after a SCRIPT FLUSH or a Redis restart (NOSCRIPT) the
     script is loaded and the call retried once. Raises ``RedisError``.
     """
-    flat: list[str] = []
-    for queue, actual_ms, charged_ms in corrections:
-        flat += [queue, repr(float(actual_ms)), repr(float(charged_ms))]
-    keys = (registry_key(model), tags_key(model), waiting_key(model), wake_key(model), SHARES_KEY)
-    args: Sequence[str] = (repr(time.time() if now is None else now), popped or "", repr(default_estimate_ms),
-                           str(len(flat) // 3), *flat)
+    command = pick_command(model, popped=popped, corrections=corrections, now=now,
+                           default_estimate_ms=default_estimate_ms)
     try:
-        reply = client.evalsha(PICK_SHA, len(keys), *keys, *args)
+        reply = client.execute_command(*command)
     except NoScriptError:
-        client.script_load(_PICK)
-        reply = client.evalsha(PICK_SHA, len(keys), *keys, *args)
-    values = [item.decode() if isinstance(item, bytes) else str(item) for item in reply]
-    return Pick(float(values[0]) if values[0] else None, values[1:])
+        load_script(client)
+        reply = client.execute_command(*command)
+    return parse_pick(reply)

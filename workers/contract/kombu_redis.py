@@ -21,6 +21,14 @@ drops the entry. A delivery is restored only after the visibility timeout,
 so a restore never races the bookkeeping of a fresh delivery. Restores
 themselves stay kombu's (a WATCH/MULTI/EXEC transaction).
 
+The delivery's bookkeeping and a fair job's pick are sent without waiting
+for their replies (:mod:`workers.contract.deferred_replies`): the job goes
+on to the pool process at once. Everything that depends on them (the ack,
+a reject, a restore, the next BRPOP, a synchronous pick) reads the
+outstanding replies first, and all of them travel on one connection, so
+Redis applies them in the order they were sent and before anything that
+depends on them.
+
 Its channel also serves fair share (``workers/contract/fair_queues.py``): the
 worker consumes only ``model.<name>``, but BRPOPs the model's plain lists
 first, then the fair lists in the order :mod:`workers.contract.fair_order`'s
@@ -50,7 +58,10 @@ from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from redis.exceptions import NoScriptError
+
 from workers.contract import fair_order
+from workers.contract.deferred_replies import DeferredReplies, ignore_reply
 from workers.contract.fair_queues import PART_SEP, parse_fair_queue, registry_key, waiting_key, wake_key
 
 log = logging.getLogger(__name__)
@@ -63,27 +74,37 @@ class QoS(kombu_redis.QoS):
     """kombu's Redis QoS with its per-task bookkeeping sent as ordered pipelines, not transactions."""
 
     def append(self, message: Any, delivery_tag: Any) -> None:
+        """The bookkeeping is sent, not waited for: the delivery goes on to the pool at once."""
         delivery = message.delivery_info
         payload = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with self.channel.conn_or_acquire() as client:
-            with client.pipeline(transaction=False) as pipe:
-                pipe.hset(self.unacked_key, delivery_tag, payload)
-                pipe.zadd(self.unacked_index_key, {delivery_tag: time()})
-                pipe.execute()
+        self.channel.send_deferred(
+            [("HSET", self.unacked_key, delivery_tag, payload),
+             ("ZADD", self.unacked_index_key, repr(time()), delivery_tag)],
+            [ignore_reply, ignore_reply])
         VirtualQoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: Any) -> None:
+        self.channel.settle_deferred()
         self._forget(delivery_tag)
         self.channel.served(delivery_tag)
         VirtualQoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        self.channel.settle_deferred()
         self.channel.served(delivery_tag)  # the worker's time was spent, whatever became of the job
         if requeue:
             self.restore_by_tag(delivery_tag, leftmost=True)
         else:
             self._forget(delivery_tag)
         VirtualQoS.ack(self, delivery_tag)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        self.channel.settle_deferred()
+        super().restore_unacked(client)
+
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
+        self.channel.settle_deferred()
+        super().restore_by_tag(tag, client, leftmost)
 
     def _forget(self, delivery_tag: Any) -> None:
         """The payload first: from then on no restore can bring the delivery back."""
@@ -129,10 +150,26 @@ class Channel(kombu_redis.Channel):
     _taken: int = 0
     #: model queue → [(fair queue, service ms, ms charged)] for the model's next pick
     _corrections: dict[str, list[tuple[str, float, float]]]
+    #: commands sent whose replies are read when next needed (the bookkeeping, a fair job's pick)
+    _deferred: DeferredReplies
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._orders, self._wakes, self._in_service, self._corrections = {}, {}, {}, {}
+        self._deferred = DeferredReplies()
         super().__init__(*args, **kwargs)
+
+    def send_deferred(self, commands: list[tuple[Any, ...]], handlers: list[Any]) -> None:
+        """Send ``commands`` on the channel's deferred connection; each reply goes to its handler later."""
+        self._deferred.send(self.pool, commands, handlers)
+
+    def settle_deferred(self) -> None:
+        """Read the outstanding replies (before anything that depends on what they answer)."""
+        if self._deferred.outstanding:
+            self._deferred.settle()
+
+    def close(self) -> None:
+        self.settle_deferred()
+        super().close()
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -150,6 +187,7 @@ class Channel(kombu_redis.Channel):
         """kombu's, with each model queue's fair lists and wake list after its plain ones."""
         if timeout is None:
             timeout = self.brpop_timeout
+        self.settle_deferred()  # the order the last pick returned; the bookkeeping in place
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
@@ -208,6 +246,7 @@ class Channel(kombu_redis.Channel):
 
         Redis errors propagate only when nothing was popped: a popped job must be delivered whatever
         its charge did (the waiting counts heal at the next recount)."""
+        self.settle_deferred()
         model = model_queue[len(_MODEL_PREFIX):]
         corrections = self._corrections.pop(model_queue, [])
         try:
@@ -226,21 +265,57 @@ class Channel(kombu_redis.Channel):
         return result
 
     def _charge(self, model_queue: str, queue: str, key: str, message: dict[str, Any]) -> None:
-        """Charge the job popped from ``key`` (fair ``queue``) and note when its service began."""
-        result = self._order_after(model_queue, popped=key)
-        if result is None or result.charged_ms is None:
-            return
+        """Charge the job popped from ``key`` (fair ``queue``) and note when its service began.
+
+        The pick is sent, not waited for: Redis charges the job when the command arrives, before any
+        later command of this worker, which is what the model's other workers need; its reply (the
+        next order, the ms charged) is read when next needed. A pick that fails is logged and the job
+        served anyway (the waiting counts heal at the next recount)."""
+        model = model_queue[len(_MODEL_PREFIX):]
+        corrections = self._corrections.pop(model_queue, [])
         tag = message.get("properties", {}).get("delivery_tag")
-        if tag is not None and len(self._in_service) < _MAX_IN_SERVICE:
-            # A pool process's first job carries its warm-up (imports, connections: a second or more on
-            # the tiny model's ~20 ms jobs); no team should pay for that. One per pool process: the
-            # channel's first prefetch-count deliveries.
-            self._taken += 1
-            warm_up = self._taken <= max(1, self.qos.prefetch_count or 1)
-            self._in_service[tag] = (queue, result.charged_ms, monotonic(), warm_up)
+        popped_at = monotonic()
+
+        def on_reply(reply: Any) -> None:
+            if isinstance(reply, NoScriptError):  # the script was not run (a SCRIPT FLUSH, a new Redis)
+                try:
+                    with self.conn_or_acquire() as client:
+                        result = fair_order.pick(client, model, popped=key, corrections=corrections)
+                except Exception as error:
+                    reply = error
+                else:
+                    reply = result
+            if isinstance(reply, Exception):
+                log.warning("fair share: the pick charging a job of %s failed or its reply was lost (the job "
+                            "is served anyway): %s", model_queue, reply)
+                self._orders.pop(model_queue, None)
+                return
+            result = reply if isinstance(reply, fair_order.Pick) else fair_order.parse_pick(reply)
+            self._orders[model_queue] = (monotonic(), result.order)
+            self._wakes[wake_key(model)] = model_queue
+            self._begin_service(tag, queue, result.charged_ms, popped_at)
+
+        try:
+            self.send_deferred([fair_order.pick_command(model, popped=key, corrections=corrections)], [on_reply])
+        except Exception:
+            log.warning("fair share: could not charge a job of %s (it is served anyway)", model_queue,
+                        exc_info=True)
+            self._orders.pop(model_queue, None)
+
+    def _begin_service(self, tag: Any, queue: str, charged_ms: float | None, popped_at: float) -> None:
+        """Note that the delivery ``tag`` of fair ``queue``, charged ``charged_ms``, began at ``popped_at``."""
+        if charged_ms is None or tag is None or len(self._in_service) >= _MAX_IN_SERVICE:
+            return
+        # A pool process's first job carries its warm-up (imports, connections: a second or more on
+        # the tiny model's ~20 ms jobs); no team should pay for that. One per pool process: the
+        # channel's first prefetch-count deliveries.
+        self._taken += 1
+        warm_up = self._taken <= max(1, self.qos.prefetch_count or 1)
+        self._in_service[tag] = (queue, charged_ms, popped_at, warm_up)
 
     def served(self, delivery_tag: Any) -> None:
         """A delivery ended (acked or rejected): its real service time corrects its team's tags at the next pick."""
+        self.settle_deferred()  # a pick not read yet holds the delivery's charge
         begun = self._in_service.pop(delivery_tag, None)
         if begun is None:
             return

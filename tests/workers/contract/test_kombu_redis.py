@@ -259,12 +259,11 @@ def test_plain_jobs_come_first_and_cost_no_script_each(redis_server):
 
 
 def test_a_job_whose_charge_fails_is_still_delivered(redis_server, monkeypatch):
-    """The pick script fails right after the BRPOP took a job (Redis refused it): the job is delivered
-    anyway, never dropped; the next pick charges again."""
+    """The pick that charges a job just taken is refused by Redis (an error reply, read after the job was
+    delivered): the job is served anyway, never dropped, and the next pick works."""
     import uuid
 
     import redis as redis_py
-    from redis.exceptions import ResponseError
 
     from workers.contract import fair_order
     from workers.contract.fair_queues import registry_key, tags_key, waiting_key, wake_key
@@ -272,16 +271,16 @@ def test_a_job_whose_charge_fails_is_still_delivered(redis_server, monkeypatch):
     model = f"kfail-{uuid.uuid4().hex[:8]}"
     client = redis_py.Redis.from_url(redis_server.url)
     app = make_celery(redis_server.url)
-    real_pick = fair_order.pick
+    real_command = fair_order.pick_command
     failed: list = []
 
-    def failing_pick(redis_client, model_name, *, popped=None, **kwargs):
+    def refused_command(model_name, *, popped=None, **kwargs):
         if popped is not None and not failed:
             failed.append(popped)
-            raise ResponseError("BUSY Redis is busy running a script")
-        return real_pick(redis_client, model_name, popped=popped, **kwargs)
+            return ("EVALSHA", fair_order.PICK_SHA, "not-a-number")  # Redis answers with an error
+        return real_command(model_name, popped=popped, **kwargs)
 
-    monkeypatch.setattr(fair_order, "pick", failing_pick)
+    monkeypatch.setattr(fair_order, "pick_command", refused_command)
     try:
         _fair_push(client, model, "a", "ann", 2)
         delivered: list = []
@@ -295,8 +294,96 @@ def test_a_job_whose_charge_fails_is_still_delivered(redis_server, monkeypatch):
             channel.basic_consume(f"model.{model}", no_ack=False, callback=on_message, consumer_tag="fail-test")
             _drain(connection, delivered, 2)
             channel.basic_cancel("fail-test")
+            assert client.hlen(channel.unacked_key) == 0  # both acked, bookkeeping gone
         assert failed and len(delivered) == 2  # the first charge failed; both jobs were served
         assert client.llen(failed[0]) == 0
+        assert client.hget(waiting_key(model), "a") == b"1"  # only the second charge counted (healed by recount)
+    finally:
+        client.delete(*client.keys(f"model.{model}*"), registry_key(model), tags_key(model), waiting_key(model),
+                      wake_key(model))
+        client.close()
+        app.close()
+
+
+def test_the_pick_and_bookkeeping_replies_are_read_after_the_job_is_delivered(redis_server):
+    """A fair job reaches its consumer before the worker waits for any reply: the pick (its charge) and the
+    unacked bookkeeping are already in Redis, their replies outstanding; the ack reads them first, so the
+    job's service time is measured from when it was taken and its bookkeeping removed."""
+    import time
+    import uuid
+
+    import redis as redis_py
+
+    from workers.contract.fair_queues import registry_key, tags_key, waiting_key, wake_key
+
+    model = f"kdefer-{uuid.uuid4().hex[:8]}"
+    client = redis_py.Redis.from_url(redis_server.url)
+    app = make_celery(redis_server.url)
+    try:
+        _fair_push(client, model, "a", "ann", 3)
+        delivered: list = []
+        seen: list = []
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+
+            def on_message(message) -> None:
+                # Nothing read yet: pick + HSET + ZADD outstanding, yet Redis already holds what they did.
+                seen.append((channel._deferred.outstanding, client.hget(channel.unacked_key, message.delivery_tag)
+                             is not None, int(client.hget(waiting_key(model), "a") or 0)))
+                delivered.append(message.delivery_info["routing_key"])
+                time.sleep(0.02)
+                message.ack()
+                assert channel._deferred.outstanding == 0
+
+            channel.basic_consume(f"model.{model}", no_ack=False, callback=on_message, consumer_tag="defer-test")
+            _drain(connection, delivered, 3)
+            channel.basic_cancel("defer-test")
+            channel._order_after(f"model.{model}")  # the last ack's correction goes with the next pick
+            assert client.hlen(channel.unacked_key) == 0 and client.zcard(channel.unacked_index_key) == 0
+        assert seen == [(3, True, 2), (3, True, 1), (3, True, 0)], seen
+        # the second and third jobs were measured (the first is the pool's warm-up): ~20 ms each, not 0
+        assert 5.0 < float(client.hget(tags_key(model), "svc")) < 1000.0
+    finally:
+        client.delete(*client.keys(f"model.{model}*"), registry_key(model), tags_key(model), waiting_key(model),
+                      wake_key(model))
+        client.close()
+        app.close()
+
+
+def test_a_killed_deferred_connection_loses_no_job(redis_server):
+    """The connection that carried a job's pick and bookkeeping is killed (CLIENT KILL) while their replies
+    are unread: what was sent was applied, the ack still removes the bookkeeping, and the next job is taken
+    and charged on a new connection. (A Redis that dies before replying: test_deferred_replies.py.)"""
+    import uuid
+
+    import redis as redis_py
+
+    from workers.contract.fair_queues import registry_key, tags_key, waiting_key, wake_key
+
+    model = f"kkill-{uuid.uuid4().hex[:8]}"
+    client = redis_py.Redis.from_url(redis_server.url)
+    app = make_celery(redis_server.url)
+    try:
+        _fair_push(client, model, "a", "ann", 2)
+        delivered: list = []
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+
+            def on_message(message) -> None:
+                if not delivered:
+                    # the deferred connection is the one whose last command was the bookkeeping's ZADD
+                    ids = [c["id"] for c in client.client_list() if c["cmd"] == "zadd"]
+                    assert len(ids) == 1 and channel._deferred.outstanding == 3
+                    assert client.client_kill_filter(_id=ids[0]) == 1
+                delivered.append((message.delivery_info["routing_key"], message.delivery_tag))
+                message.ack()
+
+            channel.basic_consume(f"model.{model}", no_ack=False, callback=on_message, consumer_tag="kill-test")
+            _drain(connection, delivered, 2)
+            channel.basic_cancel("kill-test")
+            assert client.hlen(channel.unacked_key) == 0 and client.zcard(channel.unacked_index_key) == 0
+        assert len(delivered) == 2
+        assert not client.hgetall(waiting_key(model))  # both charges were applied before the kill
     finally:
         client.delete(*client.keys(f"model.{model}*"), registry_key(model), tags_key(model), waiting_key(model),
                       wake_key(model))
