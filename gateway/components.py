@@ -32,6 +32,7 @@ from gateway.requests.output_rules import OutputRules
 from gateway.requests.service import CompletionService
 from gateway.requests.terminal_retry import retry_pending_terminals
 from gateway.resp_pack import fast_packing
+from gateway.resp_send import immediate_sending
 from gateway.task_stop import stop_tasks
 from gateway.settings import Settings
 from workers.contract.celery_config import visibility_timeout_s
@@ -91,9 +92,9 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
 
     policy = ReloadingPolicyEngine(policy or await open_engine(), open_engine, policy_dir=settings.policy_dir,
                                    interval_s=settings.policy_reload_interval_s)
-    pool = fast_packing(aioredis.BlockingConnectionPool.from_url(
+    pool = immediate_sending(fast_packing(aioredis.BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=settings.redis_max_connections, timeout=5,
-        socket_timeout=10, socket_connect_timeout=5))
+        socket_timeout=10, socket_connect_timeout=5)))
     client = aioredis.Redis(connection_pool=pool)
     waiter = ResultWaiter(client, sealer)
     warn_if_redelivery_is_late(settings)
