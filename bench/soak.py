@@ -88,8 +88,10 @@ REDIS_DOWN_S = 3.0
 #: The gateways' request timeout: a job lost with a worker ends (504) after this.
 REQUEST_TIMEOUT_S = 15.0
 #: A generation's soft limit in the workers; the broker's visibility timeout
-#: (when a dead worker's task goes to another) is this + 10 s + 30 s.
+#: (when a dead worker's task goes to another) is this + 10 s + the redelivery margin.
 GENERATION_LIMIT_S = 2.0
+#: The redelivery margin (``GOVGATE_REDELIVERY_MARGIN_S``): the product's default, 30 s.
+REDELIVERY_MARGIN_S = 30.0
 
 
 # ---------------------------------------------------------------- traffic
@@ -253,14 +255,17 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
              duration_s: float = 900.0, stream_share: float = 0.5, max_tokens: int = 24,
              disconnects_per_fault: int = 6, workers: int = 2, gateways: int = 2,
              request_timeout_s: float = REQUEST_TIMEOUT_S, generation_limit_s: float = GENERATION_LIMIT_S,
-             settle_s: float | None = None, keep_dir: bool = False,
-             say: Callable[[str], None] = lambda line: None) -> SoakReport:
+             redelivery_margin_s: float = REDELIVERY_MARGIN_S, settle_s: float | None = None,
+             keep_dir: bool = False, say: Callable[[str], None] = lambda line: None) -> SoakReport:
     """Start a stack, send ``requests`` while injecting ``faults``, check the audit, stop everything.
 
     Sends at least ``requests`` (more if the faults are not all done by then)
     unless ``duration_s`` passes first. ``settle_s`` bounds the wait for late
     terminal entries afterwards; by default until the gateways' lost-request
-    sweep has ended what no worker will, plus a margin.
+    sweep has ended what no worker will, plus a margin. ``redelivery_margin_s``
+    is the stack's ``GOVGATE_REDELIVERY_MARGIN_S`` (workers and gateways): a
+    shorter one hands a dead worker's task on sooner and lets the sweep call a
+    request lost sooner, so a short run ends sooner (tests/e2e/test_soak.py).
     """
     from audit import AuditStore, make_engine, verify_chain
     from gateway.requests.lost_requests import SWEEP_INTERVAL_S, lost_after_s
@@ -272,13 +277,13 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
     if settle_s is None:
         # By then every accepted request has ended: a late worker's entry, or the
         # gateways' lost-request sweep (one more sweep round, and a margin for a busy machine).
-        settle_s = lost_after_s(request_timeout_s, generation_limit_s) + 2 * SWEEP_INTERVAL_S + 10
+        settle_s = lost_after_s(request_timeout_s, generation_limit_s, redelivery_margin_s) + 2 * SWEEP_INTERVAL_S + 10
     temp = TempDir()  # children get only the stack's settings: child_env drops inherited GOVGATE_* variables
     stack: SoakStack | None = None
     try:
         say(f"soak: starting the stack in {temp.path}")
         stack = SoakStack(temp.path, workers=workers, gateways=gateways, request_timeout_s=request_timeout_s,
-                          generation_limit_s=generation_limit_s)
+                          generation_limit_s=generation_limit_s, redelivery_margin_s=redelivery_margin_s)
         stack.start()
         plan = Plan(requests=requests, concurrency=concurrency, deadline=time.monotonic() + duration_s,
                     faults=faults, stream_share=stream_share, max_tokens=max_tokens,

@@ -33,7 +33,7 @@ class SoakStack:
     """
 
     def __init__(self, var_dir: Path, *, workers: int, gateways: int, request_timeout_s: float,
-                 generation_limit_s: float, log_level: str = "INFO") -> None:
+                 generation_limit_s: float, redelivery_margin_s: float, log_level: str = "INFO") -> None:
         from gateway.settings import Settings
         from workers.contract.registry import TINY_MODEL_NAME
 
@@ -56,7 +56,7 @@ class SoakStack:
         self._starts: Counter = Counter()
         self.settings = Settings(var_dir=var_dir, policy_dir=bench_policy_dir(var_dir), host=HOST,
                                  port=self.ports[0], log_level=log_level, request_timeout_s=request_timeout_s,
-                                 generation_time_limit_s=generation_limit_s)
+                                 generation_time_limit_s=generation_limit_s, redelivery_margin_s=redelivery_margin_s)
         self.secret = ""
         self.model = TINY_MODEL_NAME
 

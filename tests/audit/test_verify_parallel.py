@@ -162,12 +162,20 @@ def test_spawned_workers_give_the_same_result(db: RawDB) -> None:
 
 
 def test_a_worker_that_cannot_read_is_an_audit_error(db: RawDB, monkeypatch: pytest.MonkeyPatch) -> None:
-    def unreadable(*_args: Any, **_kwargs: Any) -> Any:
-        raise RuntimeError("no such database")
+    """The workers open the store from the URL they are given, forked or spawned (another thread running).
 
-    monkeypatch.setattr(verify_module, "make_engine", unreadable)  # the forked children open theirs with it
+    Here that URL names no database (on SQLite a folder under the database
+    file, which cannot be made), while this process's own connections, made
+    from the engine's original arguments, still reach the real one. A patch
+    of ``make_engine`` in this process would reach forked children only.
+    """
+    store = db.store()
+    url = store.engine.url
+    missing = (url.set(database=f"{url.database}/no such database/audit.db") if db.backend == "sqlite"
+               else url.set(database="no such database"))
+    monkeypatch.setattr(store.engine, "url", missing)
     with pytest.raises(AuditError, match="verify worker could not read.*no such database"):
-        verify_chain(db.store(), workers=WORKERS)
+        verify_chain(store, workers=WORKERS)
 
 
 # -- an upgraded store: format 1, the boundary, format 2 across the ranges ----------------------

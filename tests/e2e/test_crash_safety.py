@@ -131,13 +131,14 @@ def test_a_whole_worker_killed_mid_generation_is_rescued_by_another(settings, se
     """The unacknowledged task of a dead worker goes to another once the visibility timeout passes."""
     from tests.conftest import RESCUE_MODEL
 
-    # Soft limit 3 s: hard 13 s; a redelivery margin of 5 s (GOVGATE_REDELIVERY_MARGIN_S, default 30)
-    # puts the visibility timeout at 18 s, which the test waits about (the default's 43 s would say
+    # Soft limit 3 s: hard 13 s; a redelivery margin of 2 s (GOVGATE_REDELIVERY_MARGIN_S, default 30)
+    # puts the visibility timeout at 15 s, which the test waits about (the default's 43 s would say
     # the same, later). The request asks for 1000 tokens, well inside 3 s even on a busy machine,
-    # so the rescuer's own run never outlasts its visibility timeout (its hard limit kills it first).
+    # so the rescuer's own run never outlasts its visibility timeout (its hard limit, 2 s before it,
+    # kills it first).
     # (A worker's restore applies its timeout to every unacknowledged task in the Redis; no other job
     # runs meanwhile, the suite's tests being sequential.)
-    own = settings.with_(generation_time_limit_s=3.0, redelivery_margin_s=5.0)
+    own = settings.with_(generation_time_limit_s=3.0, redelivery_margin_s=2.0)
     first = spawn_cli(own, "worker", "--model", RESCUE_MODEL, log=settings.var_dir / "rescue-1.log")
     wait_for_worker(settings.redis_url, RESCUE_MODEL, first)
     second = None

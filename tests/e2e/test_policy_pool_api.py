@@ -82,8 +82,10 @@ async def test_timed_out_and_waiting_requests_get_503_policy_unavailable_and_are
         settings: Settings, worker: subprocess.Popen, audit_store: AuditStore, tmp_path: Path) -> None:
     # The request decision's pool is under test: output rules off, so that a served request's output
     # judgement does not take the one evaluator (that case is tests/e2e/test_output_rules.py's).
+    # The slow request holds the one evaluator for policy_timeout_s: long enough for a quick request and the
+    # model listing to wait their 1 s each and be refused meanwhile, even on a busy machine; waited out once.
     own = settings.with_(policy_dir=slow_on_request_policy(tmp_path / "policy"), policy_evaluators=1,
-                         policy_timeout_s=8.0, policy_wait_timeout_s=1.0, output_rules=False)
+                         policy_timeout_s=5.0, policy_wait_timeout_s=1.0, output_rules=False)
     key = new_key(own, "patience")
     start = head_seq(audit_store)
     refused: list[httpx.Response] = []
@@ -120,7 +122,7 @@ async def test_timed_out_and_waiting_requests_get_503_policy_unavailable_and_are
     assert "no policy evaluator became free" in refused[0].json()["error"]["message"]
     assert listed.status_code == 503, listed.text
     assert listed.json()["error"]["code"] == POLICY_UNAVAILABLE and int(listed.headers["retry-after"]) >= 1
-    assert "took longer than 8s" in refused[1].json()["error"]["message"]
+    assert "took longer than 5s" in refused[1].json()["error"]["message"]
     entries = request_entries(audit_store, "patience", start)
     unavailable = [e for e in entries if e.body["decision"].get("unavailable")]
     assert len(unavailable) >= 2

@@ -140,7 +140,8 @@ def test_a_stream_whose_worker_stalls_records_what_the_client_received(settings,
     """The gateway gives up on a frozen worker (as on a dead one): its timed_out entry holds the text it sent."""
     redis_dir = Path(tempfile.mkdtemp(prefix="gg-st-"))
     server = RedisProcess.start(redis_dir, persist=False)
-    own = settings.with_(redis_url=server.url, request_timeout_s=5.0)
+    # The test waits this out once the worker is frozen, which is right after its first piece arrives.
+    own = settings.with_(redis_url=server.url, request_timeout_s=3.0)
     worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=tmp_path / "worker.log")
     frozen: list[int] = []
     try:

@@ -61,7 +61,9 @@ def own_key(settings, user: str) -> str:
 
 
 def test_jobs_queued_by_a_killed_gateway_are_recorded_as_expired(own_redis, audit_store, tmp_path):
-    own = own_redis.with_(request_timeout_s=8.0)
+    # Long enough for three requests to be queued and their gateway killed before any times out (well under
+    # a second here); the test then waits it out.
+    own = own_redis.with_(request_timeout_s=5.0)
     key = own_key(own, "expiry-user")
     before = audit_store.head().seq if audit_store.head() else 0
     answered: list[int] = []
