@@ -378,7 +378,10 @@ class OpaPolicyEngine:
         if not await self._slots.take(input_team(input), self._wait_timeout_s):
             return _Outcome("busy")
         try:
-            body = await asyncio.wait_for(self._client.query_rule(input, package, name), self._timeout_s)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the query as a task of its own,
+            # whose request leaves one loop turn later (gateway/resp_send.py says what that costs).
+            async with asyncio.timeout(self._timeout_s):
+                body = await self._client.query_rule(input, package, name)
         except TimeoutError:
             return _Outcome("timeout")
         except aiohttp.ClientResponseError as exc:
