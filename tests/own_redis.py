@@ -6,7 +6,9 @@ import ``own_redis`` by name.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -22,4 +24,16 @@ def own_redis(settings):
     server = RedisProcess.start(redis_dir, persist=False)
     yield settings.with_(redis_url=server.url)
     server.stop()
+    shutil.rmtree(redis_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def doomed_redis():
+    """A Redis of the test's own that the test may stop (SIGSTOP) or kill: left running or stopped here."""
+    redis_dir = Path(tempfile.mkdtemp(prefix="gg-dr-"))
+    server = RedisProcess.start(redis_dir, persist=False)
+    yield server
+    if server.process.poll() is None:
+        os.kill(server.process.pid, signal.SIGCONT)
+        server.stop()
     shutil.rmtree(redis_dir, ignore_errors=True)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import tempfile
-from pathlib import Path
 
 import pytest
 import redis as redis_sync
@@ -16,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.resp_pack import fast_packing
 from gateway.resp_send import ImmediateSendMixin, immediate_send, immediate_sending
-from govgate.redis_server import RedisProcess
+from tests.own_redis import doomed_redis  # noqa: F401 - fixture
 
 
 def _client(url: str, **options) -> aioredis.Redis:
@@ -76,16 +73,6 @@ def test_a_value_larger_than_the_socket_takes_is_drained_whole(redis_server):
             await client.aclose()
 
     asyncio.run(main())
-
-
-@pytest.fixture
-def doomed_redis():
-    data_dir = Path(tempfile.mkdtemp(prefix="gg-rs-"))
-    server = RedisProcess.start(data_dir, persist=False)
-    yield server
-    if server.process.poll() is None:
-        server.stop()
-    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def test_a_redis_that_is_gone_is_an_error_not_a_hang(doomed_redis):

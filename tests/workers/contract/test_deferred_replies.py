@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
-from pathlib import Path
 
 import pytest
 import redis as redis_py
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from govgate.redis_server import RedisProcess
+from tests.own_redis import doomed_redis  # noqa: F401 - fixture
 from workers.contract.deferred_replies import DeferredReplies
 
 
@@ -75,18 +72,6 @@ def test_sending_on_a_new_pool_first_settles_what_went_out_on_the_old(redis_serv
     finally:
         old.disconnect()
         new.disconnect()
-
-
-@pytest.fixture
-def doomed_redis():
-    """A Redis of this test's own, which the test stops and kills."""
-    data_dir = Path(tempfile.mkdtemp(prefix="gg-dr-"))
-    server = RedisProcess.start(data_dir, persist=False)
-    yield server
-    if server.process.poll() is None:
-        os.kill(server.process.pid, signal.SIGCONT)
-        server.stop()
-    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def test_a_redis_that_dies_before_replying_hands_every_handler_the_error(doomed_redis):

@@ -109,6 +109,14 @@ def _fair_push(client, model: str, team: str, principal: str, n: int, *, priorit
     return key
 
 
+def _forget_model(client, model: str) -> None:
+    """Delete every key a fair test of ``model`` made: its lists and the fair-share state."""
+    from workers.contract.fair_queues import registry_key, tags_key, waiting_key, wake_key
+
+    client.delete(*client.keys(f"model.{model}*"), registry_key(model), tags_key(model), waiting_key(model),
+                  wake_key(model))
+
+
 def _drain(connection, delivered: list, count: int) -> None:
     import socket
 
@@ -129,7 +137,7 @@ def test_the_channel_takes_fair_lists_in_fair_order_and_delivers_to_the_model_qu
 
     import redis as redis_py
 
-    from workers.contract.fair_queues import registry_key, tags_key, waiting_key, wake_key
+    from workers.contract.fair_queues import tags_key, waiting_key, wake_key
 
     model = f"kfair-{uuid.uuid4().hex[:8]}"
     client = redis_py.Redis.from_url(redis_server.url)
@@ -158,8 +166,7 @@ def test_the_channel_takes_fair_lists_in_fair_order_and_delivers_to_the_model_qu
         assert not client.hgetall(waiting_key(model))
         assert client.llen(wake_key(model)) == 0
     finally:
-        client.delete(*client.keys(f"model.{model}*"), registry_key(model), tags_key(model), waiting_key(model),
-                      wake_key(model))
+        _forget_model(client, model)
         client.close()
         app.close()
 
@@ -171,7 +178,7 @@ def test_a_rejected_fair_job_goes_back_to_its_own_list_and_is_registered_again(r
 
     import redis as redis_py
 
-    from workers.contract.fair_queues import registry_key, tags_key, waiting_key, wake_key
+    from workers.contract.fair_queues import registry_key, waiting_key, wake_key
 
     model = f"kfair-{uuid.uuid4().hex[:8]}"
     client = redis_py.Redis.from_url(redis_server.url)
@@ -201,8 +208,7 @@ def test_a_rejected_fair_job_goes_back_to_its_own_list_and_is_registered_again(r
             delivered[1].ack()
             channel.basic_cancel("fair-test")
     finally:
-        client.delete(*client.keys(f"model.{model}*"), registry_key(model), tags_key(model), waiting_key(model),
-                      wake_key(model))
+        _forget_model(client, model)
         client.close()
         app.close()
 
@@ -217,7 +223,6 @@ def test_plain_jobs_come_first_and_cost_no_script_each(redis_server):
 
     from bench._commandstats import CommandProbe
     from gateway.dispatch.celery_message import task_message
-    from workers.contract.fair_queues import registry_key, tags_key, waiting_key, wake_key
 
     model = f"kplain-{uuid.uuid4().hex[:8]}"
     client = redis_py.Redis.from_url(redis_server.url)
@@ -252,8 +257,7 @@ def test_plain_jobs_come_first_and_cost_no_script_each(redis_server):
         # the plain lists come first in the BRPOP, even a plain job of the lowest priority
         assert [key.count("/") for key in delivered[20:]] == [0, 0, 2, 2], delivered[20:]
     finally:
-        client.delete(*client.keys(f"model.{model}*"), registry_key(model), tags_key(model), waiting_key(model),
-                      wake_key(model))
+        _forget_model(client, model)
         client.close()
         app.close()
 
@@ -266,7 +270,7 @@ def test_a_job_whose_charge_fails_is_still_delivered(redis_server, monkeypatch):
     import redis as redis_py
 
     from workers.contract import fair_order
-    from workers.contract.fair_queues import registry_key, tags_key, waiting_key, wake_key
+    from workers.contract.fair_queues import waiting_key
 
     model = f"kfail-{uuid.uuid4().hex[:8]}"
     client = redis_py.Redis.from_url(redis_server.url)
@@ -299,8 +303,7 @@ def test_a_job_whose_charge_fails_is_still_delivered(redis_server, monkeypatch):
         assert client.llen(failed[0]) == 0
         assert client.hget(waiting_key(model), "a") == b"1"  # only the second charge counted (healed by recount)
     finally:
-        client.delete(*client.keys(f"model.{model}*"), registry_key(model), tags_key(model), waiting_key(model),
-                      wake_key(model))
+        _forget_model(client, model)
         client.close()
         app.close()
 
@@ -314,7 +317,7 @@ def test_the_pick_and_bookkeeping_replies_are_read_after_the_job_is_delivered(re
 
     import redis as redis_py
 
-    from workers.contract.fair_queues import registry_key, tags_key, waiting_key, wake_key
+    from workers.contract.fair_queues import tags_key, waiting_key
 
     model = f"kdefer-{uuid.uuid4().hex[:8]}"
     client = redis_py.Redis.from_url(redis_server.url)
@@ -344,8 +347,7 @@ def test_the_pick_and_bookkeeping_replies_are_read_after_the_job_is_delivered(re
         # the second and third jobs were measured (the first is the pool's warm-up): ~20 ms each, not 0
         assert 5.0 < float(client.hget(tags_key(model), "svc")) < 1000.0
     finally:
-        client.delete(*client.keys(f"model.{model}*"), registry_key(model), tags_key(model), waiting_key(model),
-                      wake_key(model))
+        _forget_model(client, model)
         client.close()
         app.close()
 
@@ -358,7 +360,7 @@ def test_a_killed_deferred_connection_loses_no_job(redis_server):
 
     import redis as redis_py
 
-    from workers.contract.fair_queues import registry_key, tags_key, waiting_key, wake_key
+    from workers.contract.fair_queues import waiting_key
 
     model = f"kkill-{uuid.uuid4().hex[:8]}"
     client = redis_py.Redis.from_url(redis_server.url)
@@ -385,7 +387,6 @@ def test_a_killed_deferred_connection_loses_no_job(redis_server):
         assert len(delivered) == 2
         assert not client.hgetall(waiting_key(model))  # both charges were applied before the kill
     finally:
-        client.delete(*client.keys(f"model.{model}*"), registry_key(model), tags_key(model), waiting_key(model),
-                      wake_key(model))
+        _forget_model(client, model)
         client.close()
         app.close()
