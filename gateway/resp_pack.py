@@ -48,16 +48,26 @@ class FastPackMixin:
         return [b"".join(parts)]
 
 
-_FAST_CLASSES: dict[type, type] = {}
+_MIXED: dict[tuple[type, type], type] = {}
+
+
+def mixed_in(mixin: type, cls: type) -> type:
+    """``cls`` with ``mixin`` in front: one subclass per pair, made once; ``cls`` itself if it has it.
+
+    The pool makes its connections from the class it holds, so each behaviour the gateway adds to
+    redis-py's connections (this packer, ``gateway/resp_send.py``'s immediate write) is a mixin put in
+    front of whatever class the pool was given (TCP or Unix socket)."""
+    if issubclass(cls, mixin):
+        return cls
+    key = (mixin, cls)
+    if key not in _MIXED:
+        _MIXED[key] = type(f"{mixin.__name__.removesuffix('Mixin')}{cls.__name__}", (mixin, cls), {})
+    return _MIXED[key]
 
 
 def fast_connection_class(cls: type[AbstractConnection]) -> type[AbstractConnection]:
     """``cls`` with :class:`FastPackMixin`'s packer (one subclass per class)."""
-    if issubclass(cls, FastPackMixin):
-        return cls
-    if cls not in _FAST_CLASSES:
-        _FAST_CLASSES[cls] = type(f"FastPack{cls.__name__}", (FastPackMixin, cls), {})
-    return _FAST_CLASSES[cls]
+    return mixed_in(FastPackMixin, cls)
 
 
 def fast_packing(pool: ConnectionPool) -> ConnectionPool:

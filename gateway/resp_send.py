@@ -29,6 +29,8 @@ from typing import Any, Iterable
 
 from redis.asyncio.connection import ConnectionPool
 
+from gateway.resp_pack import mixed_in
+
 _NOTHING: list[bytes] = []
 
 
@@ -57,16 +59,9 @@ class ImmediateSendMixin:
             await sender(_NOTHING, False)
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def immediate_send(cls: type[Any]) -> type[Any]:
     """``cls`` with :class:`ImmediateSendMixin` in front (one subclass per class; unchanged if it has it)."""
-    if issubclass(cls, ImmediateSendMixin):
-        return cls
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"ImmediateSend{cls.__name__}", (ImmediateSendMixin, cls), {})
-    return _CLASSES[cls]
+    return mixed_in(ImmediateSendMixin, cls)
 
 
 def immediate_sending(pool: ConnectionPool) -> ConnectionPool:
