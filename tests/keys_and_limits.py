@@ -23,3 +23,9 @@ def limits_for(kind: str, name: str, **limits):
     def change(config: dict) -> None:
         config.setdefault("limits", {}).setdefault(kind + "s", {})[name] = limits
     return change
+
+
+def secret_part(key: str) -> str:
+    """The random part of a key ``gk_<key id>_<secret>``: what must never be logged or shown again. Split
+    from the left: the secret itself may hold ``_`` (its last piece can be one character long)."""
+    return key.split("_", 2)[2]
