@@ -21,6 +21,7 @@ from bench._fairness_figures import (
     Job,
     admissions_ms,
     backlogged_shares,
+    handovers_ms,
     latencies_ms,
     overall_shares,
     schedule,
@@ -31,7 +32,7 @@ from bench._fairness_figures import (
     waits_ms,
 )
 from bench._fairness_stack import Team
-from bench._figures import rounded, table_row
+from bench._figures import percentile, rounded, table_row
 
 __all__ = ["MODES", "PHASES", "TRICKLE_PHASES", "PhaseRun", "report", "table"]
 
@@ -83,6 +84,10 @@ def _median(values: Sequence[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def _percentiles(values: Sequence[float], ranks: Sequence[int]) -> dict[str, float | None]:
+    return {f"p{rank}": percentile(values, rank) for rank in ranks}
+
+
 def _mode_figures(runs: Sequence[PhaseRun], phase: str) -> dict[str, Any]:
     """One scenario's phase in one mode, over its repeats."""
     teams = runs[0].teams
@@ -96,6 +101,9 @@ def _mode_figures(runs: Sequence[PhaseRun], phase: str) -> dict[str, Any]:
         "cpu_ms_per_job": {role: rounded(sum(r.cpu_s.get(role, 0.0) for r in runs) * 1000 / jobs_count, 2)
                            for role in CPU_ROLES} if jobs_count else {},
         "jobs": jobs_count,
+        # Between jobs: most of a short job's slot, and what a trickled job waits for after the slot in progress.
+        "handover_ms": {k: rounded(v, 2) for k, v in _percentiles([h for r in runs for h in handovers_ms(r.jobs)],
+                                                                   (50, 90)).items()},
     }
     if phase in TRICKLE_PHASES:
         pooled: dict[str, Callable[[PhaseRun, str], list[float]]] = {
@@ -232,6 +240,8 @@ def _common_rows(row: Callable[..., None], block: dict[str, Any]) -> None:
     def cpu(f: dict[str, Any], *roles: str) -> float | None:
         return rounded(sum(f["cpu_ms_per_job"].get(r) or 0.0 for r in roles), 2) if f["cpu_ms_per_job"] else None
 
+    row("  hand-over between jobs p50 / p90 ms", lambda f: f"{f['handover_ms']['p50']} / {f['handover_ms']['p90']}",
+        block)
     row("  throughput jobs/s", lambda f: f["throughput_per_s"], block)
     row("    fair / fifo (median of repeats)", lambda f: f.get("throughput_vs_fifo"), block)
     row("  CPU ms/job: worker (main + pool)", lambda f: cpu(f, "worker_main", "worker_pool"), block)

@@ -47,7 +47,15 @@ one-token jobs hardly builds a queue (the gateway feeds the worker about
 as fast as it drains) and FIFO would look fair. Sixteen tokens of the tiny
 model make a job's service about twice its admission (13-21 ms measured),
 so the burst waits in the queue as it would in front of a real model,
-while a run stays short.
+while a run stays short. On the faster, quiet VM of 2026-11-30's evening
+that no longer holds: sixteen tokens take 1.6-2.0 ms of generation and the
+worker's hand-over between jobs 2.0-2.6 ms (printed as "hand-over between
+jobs"), against about 5 ms of gateway CPU per request, so the machine, not
+the worker, is the bottleneck while a burst is admitted, and B's longest
+waits are its first jobs, queued while the gateway admits A's burst and
+the worker's processes wait for a core (``--schedule-json`` shows each
+job; docs/architecture.md, "Fair share"). The default stays 16 so figures
+compare across runs; ``--max-tokens`` changes it.
 
 The ``--json`` document: ``fifo`` and ``fair`` hold the equal-weight case
 (``b_wait_p50_ms``, ``b_wait_p95_ms``, ``service_ms``, ``share_error``,
@@ -56,12 +64,17 @@ queued first, its time in the gateway and its latency at the client),
 ``goals`` the issue's targets met or not, ``scenarios`` every
 scenario, phase and mode in full, ``requests`` the counts (sent, answered
 200, ended ``completion`` in the audit, refused), ``settings`` and
-``load`` (the load average around the run). Nothing here asserts a timing.
+``load`` (the load average around the run). Each phase's figures also
+hold ``handover_ms`` (p50, p90: a busy slot's previous end to its job's
+start). ``--schedule-json`` writes every phase run's schedule: per job its
+team, request id, times from the phase's first queued job, wait and
+hand-over. Nothing here asserts a timing.
 
 Usage::
 
     .venv/bin/python bench/fairness.py [--burst 200] [--every-ms 100] [--repeat 3] [--max-tokens 16]
         [--scenarios equal,weights_3_1,three_teams] [--modes fifo,fair] [--quick] [--json FILE]
+        [--schedule-json FILE]
 """
 
 from __future__ import annotations
@@ -82,7 +95,7 @@ if not __package__:  # run as `python bench/fairness.py`: import the bench packa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._bare import CHAT_PATH  # noqa: E402
 from bench._cpu import Role, RoleProbe  # noqa: E402
-from bench._fairness_figures import Answer, Job, job_from_entry  # noqa: E402
+from bench._fairness_figures import Answer, Job, job_from_entry, timeline  # noqa: E402
 from bench._fairness_report import MODES, PHASES, TRICKLE_PHASES, PhaseRun, report, table  # noqa: E402
 from bench._fairness_stack import FairStack, Team, fair_mode_available, start_fair_stack  # noqa: E402
 from bench._figures import write_json  # noqa: E402
@@ -330,6 +343,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated queue modes: fifo, fair")
     parser.add_argument("--quick", action="store_true", help="a short run: bursts of 60, one repeat")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON to FILE")
+    parser.add_argument("--schedule-json", type=Path, metavar="FILE",
+                        help="also write every phase's schedule (each job's times, wait and hand-over) to FILE")
     args = parser.parse_args(argv)
     if args.quick:
         args.burst, args.repeat = min(args.burst, 60), 1
@@ -374,7 +389,21 @@ def run(args: argparse.Namespace, write: Callable[[str], None] = print) -> dict[
     write(table(document))
     if args.json:
         write_json(args.json, document)
+    if getattr(args, "schedule_json", None):
+        write_json(args.schedule_json, schedules(runs))
     return document
+
+
+def schedules(runs: list[PhaseRun]) -> list[dict[str, Any]]:
+    """Each phase run's schedule (:func:`bench._fairness_figures.timeline`), numbered by repeat."""
+    seen: dict[tuple[str, str, str], int] = {}
+    out = []
+    for r in runs:
+        key = (r.scenario, r.phase, r.mode)
+        seen[key] = seen.get(key, 0) + 1
+        out.append({"scenario": r.scenario, "phase": r.phase, "mode": r.mode, "repeat": seen[key],
+                    "jobs": timeline(r.jobs)})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from bench._fairness_figures import (
     Job,
     admissions_ms,
     backlogged_shares,
+    handovers_ms,
     job_from_entry,
     latencies_ms,
     overall_shares,
@@ -29,10 +30,11 @@ from bench._fairness_figures import (
     service_ms,
     share_error,
     throughput,
+    timeline,
 )
 from bench._fairness_stack import fair_mode_available
 from bench._fairness_report import MODES, PhaseRun, report, table
-from bench.fairness import SCENARIOS, parse_args, run
+from bench.fairness import SCENARIOS, parse_args, run, schedules
 
 HEADLINE_KEYS = {"b_wait_p50_ms", "b_wait_p95_ms", "service_ms", "share_error", "throughput_vs_fifo",
                  "b_admission_p95_ms", "b_latency_p95_ms", "b_wait_p95_ms_burst_queued_first"}
@@ -123,6 +125,18 @@ def test_a_handed_over_job_ends_when_its_worker_was_free_and_a_waiting_one_when_
     assert waited.started == pytest.approx(at.timestamp() - 0.6)
 
 
+def test_a_hand_over_is_the_gap_before_a_busy_slot_and_the_timeline_names_each_jobs_place() -> None:
+    jobs = [_job("a", 10.0, 10.0, 10.004), _job("b", 10.001, 10.0065, 10.009),  # waited 5.5 ms, 2.5 of hand-over
+            _job("a", 10.020, 10.020, 10.022)]  # queued after b ended: the worker sat idle, no hand-over
+    assert handovers_ms(reversed(jobs)) == [pytest.approx(2.5)]
+    rows = timeline(reversed(jobs))
+    assert [r["team"] for r in rows] == ["a", "b", "a"]
+    assert rows[1] == {"team": "b", "request_id": "", "queued_ms": 1.0, "started_ms": 6.5, "ended_ms": 9.0,
+                       "wait_ms": 5.5, "handover_ms": 2.5}
+    assert rows[0]["handover_ms"] is None and rows[2]["handover_ms"] is None and rows[2]["queued_ms"] == 20.0
+    assert timeline([]) == [] and handovers_ms([]) == []
+
+
 def _fake_run(scenario: str, phase: str, mode: str, order: str, step: float) -> PhaseRun:
     teams = SCENARIOS[scenario]
     names = [t.name for t in teams]
@@ -151,6 +165,12 @@ def test_the_report_has_the_issue_shape_and_the_throughput_ratio_is_per_repeat()
     assert document["fair"]["b_latency_p95_ms"] == pytest.approx(52.0)  # b's one job: sent at -1 ms, ended at 50
     assert document["fair"]["b_admission_p95_ms"] == pytest.approx(1.0)
     assert "eq-b queue wait p95 ms" in table(document)
+    # back to back with no gap: every busy slot's hand-over is 0
+    assert document["scenarios"]["equal"]["shares"]["fair"]["handover_ms"] == {"p50": 0.0, "p90": 0.0}
+    assert "hand-over between jobs p50 / p90 ms" in table(document)
+    numbered = schedules(runs + [_fake_run("equal", "latency", "fair", "ab", 0.02)])
+    assert [(s["phase"], s["mode"], s["repeat"]) for s in numbered][-1] == ("latency", "fair", 2)
+    assert [row["team"] for row in numbered[1]["jobs"]] == ["eq-a", "eq-b", "eq-a", "eq-a"]
     json.dumps(document)
 
 
@@ -176,10 +196,18 @@ def test_a_short_real_run_completes_every_request_and_writes_the_issue_shape(
     modes = list(MODES) if fair_mode_available() else ["fifo"]
     out = tmp_path / "fairness.json"
     args = argparse.Namespace(burst=20, every_ms=100.0, trickle_s=1.0, stagger_ms=0.0, max_tokens=4, repeat=1,
-                              warmup=1, scenarios=["equal", "three_teams"], modes=modes, quick=False, json=out)
+                              warmup=1, scenarios=["equal", "three_teams"], modes=modes, quick=False, json=out,
+                              schedule_json=tmp_path / "schedule.json")
     document = run(args)
     assert document is not None, capsys.readouterr().err
     assert json.loads(out.read_text()) == json.loads(json.dumps(document))
+    runs = json.loads((tmp_path / "schedule.json").read_text())
+    assert len(runs) == len(modes) * 2 * 3  # two scenarios, three phases, one repeat
+    for one in runs:  # each job once, in the worker's order, none ending before it started
+        assert len({row["request_id"] for row in one["jobs"]}) == len(one["jobs"]) > 0
+        ends = [row["ended_ms"] for row in one["jobs"]]
+        assert ends == sorted(ends) and all(r["ended_ms"] >= r["started_ms"] >= r["queued_ms"] - 1
+                                            for r in one["jobs"])
 
     # equal: twice 20 + 10 trickled, then 20 + 20; three teams: twice 20 + 2 x 10, then 3 x 20; in each mode
     expected = len(modes) * (2 * (20 + 10) + 40 + 2 * (20 + 20) + 60)
