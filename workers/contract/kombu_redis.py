@@ -21,13 +21,19 @@ drops the entry. A delivery is restored only after the visibility timeout,
 so a restore never races the bookkeeping of a fresh delivery. Restores
 themselves stay kombu's (a WATCH/MULTI/EXEC transaction).
 
-The delivery's bookkeeping and a fair job's pick are sent without waiting
-for their replies (:mod:`workers.contract.deferred_replies`): the job goes
-on to the pool process at once. Everything that depends on them (the ack,
-a reject, a restore, the next BRPOP, a synchronous pick) reads the
+The delivery's bookkeeping, a fair job's pick and the ack's removal of the
+bookkeeping are sent without waiting for their replies
+(:mod:`workers.contract.deferred_replies`): the job goes on to the pool
+process at once, and after an ack the next BRPOP goes out at once. Everything
+that depends on them (the ack, a reject, a restore, a synchronous pick, and
+the next BRPOP when a pick's reply, its order, is outstanding) reads the
 outstanding replies first, and all of them travel on one connection, so
 Redis applies them in the order they were sent and before anything that
-depends on them.
+depends on them. The next BRPOP does not wait for an ack's removal: it
+touches other keys, and a removal that failed leaves only a served
+delivery in the unacked index, which the visibility timeout restores and
+the worker then ends without running again (its job key says it ran), as
+after a worker that died between its terminal entry and its ack.
 
 Its channel also serves fair share (``workers/contract/fair_queues.py``): the
 worker consumes only ``model.<name>``, but BRPOPs the model's plain lists
@@ -84,9 +90,13 @@ class QoS(kombu_redis.QoS):
         VirtualQoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: Any) -> None:
+        """The bookkeeping's removal is sent, not waited for: the next BRPOP goes out at once.
+
+        ``served`` first: it reads the outstanding pick (its charge is what the service time corrects)
+        and may run a synchronous pick, both before the removal is sent; nothing after waits for it."""
         self.channel.settle_deferred()
-        self._forget(delivery_tag)
         self.channel.served(delivery_tag)
+        self._forget(delivery_tag, deferred=True)
         VirtualQoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
@@ -106,8 +116,21 @@ class QoS(kombu_redis.QoS):
         self.channel.settle_deferred()
         super().restore_by_tag(tag, client, leftmost)
 
-    def _forget(self, delivery_tag: Any) -> None:
-        """The payload first: from then on no restore can bring the delivery back."""
+    def _forget(self, delivery_tag: Any, *, deferred: bool = False) -> None:
+        """The payload first: from then on no restore can bring the delivery back.
+
+        ``deferred`` (the ack): sent on the channel's deferred connection, replies read when next needed.
+        Safe to leave unread: a removal that fails leaves a delivery that was served in the unacked
+        index, which the visibility timeout restores and the worker then ends without running it again
+        (its job key says it ended), as after a worker that died between its terminal entry and its ack."""
+        if deferred:
+            try:
+                self.channel.send_deferred([("HDEL", self.unacked_key, delivery_tag),
+                                            ("ZREM", self.unacked_index_key, delivery_tag)],
+                                           [ignore_reply, ignore_reply])
+                return
+            except redis.RedisError:  # the deferred connection was lost: as before, on the shared client
+                pass
         with self.channel.conn_or_acquire() as client:
             with client.pipeline(transaction=False) as pipe:
                 pipe.hdel(self.unacked_key, delivery_tag)
@@ -153,6 +176,9 @@ class Channel(kombu_redis.Channel):
     #: commands sent whose replies are read when next needed (the bookkeeping, a fair job's pick)
     _deferred: DeferredReplies
 
+    #: picks sent whose replies (the next order) have not been read
+    _picks_outstanding: int = 0
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._orders, self._wakes, self._in_service, self._corrections = {}, {}, {}, {}
         self._deferred = DeferredReplies()
@@ -187,7 +213,8 @@ class Channel(kombu_redis.Channel):
         """kombu's, with each model queue's fair lists and wake list after its plain ones."""
         if timeout is None:
             timeout = self.brpop_timeout
-        self.settle_deferred()  # the order the last pick returned; the bookkeeping in place
+        if self._picks_outstanding:  # the order the last pick returned (an ack's removal need not be read)
+            self.settle_deferred()
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
@@ -277,6 +304,7 @@ class Channel(kombu_redis.Channel):
         popped_at = monotonic()
 
         def on_reply(reply: Any) -> None:
+            self._picks_outstanding -= 1
             if isinstance(reply, NoScriptError):  # the script was not run (a SCRIPT FLUSH, a new Redis)
                 try:
                     with self.conn_or_acquire() as client:
@@ -297,6 +325,7 @@ class Channel(kombu_redis.Channel):
 
         try:
             self.send_deferred([fair_order.pick_command(model, popped=key, corrections=corrections)], [on_reply])
+            self._picks_outstanding += 1
         except Exception:
             log.warning("fair share: could not charge a job of %s (it is served anyway)", model_queue,
                         exc_info=True)

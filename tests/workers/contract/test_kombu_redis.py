@@ -46,7 +46,11 @@ def test_a_channel_hands_out_one_client_and_acks_through_it(redis_server):
             assert message is not None
             assert first.zcard(channel.unacked_index_key) >= 1
             message.ack()
+            # the removal is sent, its replies not read: the next BRPOP need not wait for them
+            assert channel._deferred.outstanding == 2
+            channel.settle_deferred()
             assert first.hget(channel.unacked_key, message.delivery_tag) is None
+            assert first.zscore(channel.unacked_index_key, message.delivery_tag) is None
             channel.queue_delete(queue)
     finally:
         app.close()
@@ -73,6 +77,7 @@ def test_the_unacked_bookkeeping_is_four_commands_and_an_unacked_delivery_is_sti
             probe.start()
             acked = channel.basic_get(queue, no_ack=False)
             acked.ack()
+            channel.settle_deferred()  # Redis has run the ack's removal
             spent = probe.stop()
             # the fetch itself, then HSET+ZADD at delivery and HDEL+ZREM at the ack
             assert {k: v for k, v in spent.items() if k in ("hset", "zadd", "hdel", "zrem", "multi", "exec")} == \
@@ -298,6 +303,7 @@ def test_a_job_whose_charge_fails_is_still_delivered(redis_server, monkeypatch):
             channel.basic_consume(f"model.{model}", no_ack=False, callback=on_message, consumer_tag="fail-test")
             _drain(connection, delivered, 2)
             channel.basic_cancel("fail-test")
+            channel.settle_deferred()  # the last ack's removal read
             assert client.hlen(channel.unacked_key) == 0  # both acked, bookkeeping gone
         assert failed and len(delivered) == 2  # the first charge failed; both jobs were served
         assert client.llen(failed[0]) == 0
@@ -336,14 +342,17 @@ def test_the_pick_and_bookkeeping_replies_are_read_after_the_job_is_delivered(re
                 delivered.append(message.delivery_info["routing_key"])
                 time.sleep(0.02)
                 message.ack()
-                assert channel._deferred.outstanding == 0
+                assert channel._deferred.outstanding == 2  # the pick and bookkeeping read; the removal sent
 
             channel.basic_consume(f"model.{model}", no_ack=False, callback=on_message, consumer_tag="defer-test")
             _drain(connection, delivered, 3)
             channel.basic_cancel("defer-test")
             channel._order_after(f"model.{model}")  # the last ack's correction goes with the next pick
+            assert channel._deferred.outstanding == 0  # a synchronous pick read the last removal first
             assert client.hlen(channel.unacked_key) == 0 and client.zcard(channel.unacked_index_key) == 0
-        assert seen == [(3, True, 2), (3, True, 1), (3, True, 0)], seen
+        # the second and third jobs came while the previous ack's removal (HDEL, ZREM) was still unread:
+        # the BRPOP that took them did not wait for it
+        assert seen == [(3, True, 2), (5, True, 1), (5, True, 0)], seen
         # the second and third jobs were measured (the first is the pool's warm-up): ~20 ms each, not 0
         assert 5.0 < float(client.hget(tags_key(model), "svc")) < 1000.0
     finally:
@@ -383,10 +392,47 @@ def test_a_killed_deferred_connection_loses_no_job(redis_server):
             channel.basic_consume(f"model.{model}", no_ack=False, callback=on_message, consumer_tag="kill-test")
             _drain(connection, delivered, 2)
             channel.basic_cancel("kill-test")
+            channel.settle_deferred()
             assert client.hlen(channel.unacked_key) == 0 and client.zcard(channel.unacked_index_key) == 0
         assert len(delivered) == 2
         assert not client.hgetall(waiting_key(model))  # both charges were applied before the kill
     finally:
         _forget_model(client, model)
+        client.close()
+        app.close()
+
+
+def test_an_ack_whose_removal_cannot_be_sent_removes_the_bookkeeping_on_the_shared_client(redis_server, monkeypatch):
+    """The ack's removal goes out on the deferred connection; when that send fails, the ack falls back to
+    the shared client and the delivery's bookkeeping is still removed before the ack returns."""
+    import redis as redis_py
+
+    app = make_celery(redis_server.url)
+    client = redis_py.Redis.from_url(redis_server.url)
+    try:
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            queue = "model.kombu-ack-fallback"
+            channel.queue_declare(queue)
+            channel.basic_publish(channel.prepare_message("x"), "", queue)
+            message = channel.basic_get(queue, no_ack=False)
+            channel.settle_deferred()
+            assert client.hget(channel.unacked_key, message.delivery_tag) is not None
+            real_send = channel.send_deferred
+            refused: list = []
+
+            def send_deferred(commands, handlers):
+                if commands[0][0] == "HDEL":
+                    refused.append(commands)
+                    raise redis_py.ConnectionError("the deferred connection is gone")
+                return real_send(commands, handlers)
+
+            monkeypatch.setattr(channel, "send_deferred", send_deferred)
+            message.ack()
+            assert refused and channel._deferred.outstanding == 0  # nothing left unread: done synchronously
+            assert client.hget(channel.unacked_key, message.delivery_tag) is None
+            assert client.zscore(channel.unacked_index_key, message.delivery_tag) is None
+            channel.queue_delete(queue)
+    finally:
         client.close()
         app.close()
