@@ -27,6 +27,13 @@ def test_tls_urls_stay_on_kombus_own_transport():
     assert celery_redis_url("rediss://h:1/0") == "rediss://h:1/0"
 
 
+def _declared_with(channel, queue: str, *bodies: str) -> None:
+    """``queue`` declared on ``channel`` and a message published on it per body (plain, not fair)."""
+    channel.queue_declare(queue)
+    for body in bodies:
+        channel.basic_publish(channel.prepare_message(body), "", queue)
+
+
 def test_a_channel_hands_out_one_client_and_acks_through_it(redis_server):
     app = make_celery(redis_server.url)
     try:
@@ -40,8 +47,7 @@ def test_a_channel_hands_out_one_client_and_acks_through_it(redis_server):
                 assert passed is given
             # A message published, fetched and acked over the channel: the unacked index empties again.
             queue = "model.kombu-test"
-            channel.queue_declare(queue)
-            channel.basic_publish(channel.prepare_message("x"), "", queue)
+            _declared_with(channel, queue, "x")
             message = channel.basic_get(queue, no_ack=False)
             assert message is not None
             assert first.zcard(channel.unacked_index_key) >= 1
@@ -69,9 +75,7 @@ def test_the_unacked_bookkeeping_is_four_commands_and_an_unacked_delivery_is_sti
         with app.connection_for_write() as connection:
             channel = connection.default_channel
             queue = "model.kombu-bookkeeping"
-            channel.queue_declare(queue)
-            channel.basic_publish(channel.prepare_message("x"), "", queue)
-            channel.basic_publish(channel.prepare_message("y"), "", queue)
+            _declared_with(channel, queue, "x", "y")
             with channel.conn_or_acquire() as client:
                 client.ping()
             probe.start()
@@ -413,8 +417,7 @@ def test_an_ack_whose_removal_cannot_be_sent_removes_the_bookkeeping_on_the_shar
         with app.connection_for_write() as connection:
             channel = connection.default_channel
             queue = "model.kombu-ack-fallback"
-            channel.queue_declare(queue)
-            channel.basic_publish(channel.prepare_message("x"), "", queue)
+            _declared_with(channel, queue, "x")
             message = channel.basic_get(queue, no_ack=False)
             channel.settle_deferred()
             assert client.hget(channel.unacked_key, message.delivery_tag) is not None
