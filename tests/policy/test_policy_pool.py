@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +94,15 @@ async def test_an_input_larger_than_the_pipe_is_written_in_parts_and_decided(tmp
 
 
 async def test_a_timeout_while_writing_a_large_input_is_unavailable_and_replaces_the_child(tmp_path: Path) -> None:
-    engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, SLOW_WHEN_ASKED), 0.001)
+    """The child is stopped, so the 2 MB input stays unread past the first pipe-full: the write itself runs
+    into the timeout. (With a running child and a 1 ms timeout, a fast machine wrote it all in time, and
+    a gateway descheduled until the decision was back then read it before the expired timer: allowed.)"""
+    engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, SLOW_WHEN_ASKED), 0.2)
     try:
         pid = engine.evaluator_pid
         big = request_input(["admin"])
         big["request"] = {**big["request"], "text": "plain words " * 180_000}
+        os.kill(pid, signal.SIGSTOP)  # the replacement's SIGKILL ends it stopped or not
         decision = await engine.decide(big)
         assert not decision.allow and [r.code for r in decision.reasons] == [POLICY_UNAVAILABLE]
         await wait_until(lambda: engine.free_evaluators == 1, "the replacement ready")
