@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
 import pytest
 
 from workers.contract.celery_config import celery_redis_url, make_celery
@@ -138,152 +141,134 @@ def _drain(connection, delivered: list, count: int) -> None:
             pass
 
 
-def test_the_channel_takes_fair_lists_in_fair_order_and_delivers_to_the_model_queue(redis_server):
-    """The consumer of ``model.<name>`` gets the fair lists' jobs, teams alternating though one queued first;
-    acks feed the real service time back (``svc``) and the waiting counts go down."""
-    import time
+@contextmanager
+def _fair_model(redis_server, prefix: str) -> Iterator[tuple[str, Any, Any]]:
+    """A model name of its own, a client of the suite's Redis and a Celery connection; every key of the
+    model is deleted after."""
     import uuid
 
     import redis as redis_py
 
-    from workers.contract.fair_queues import tags_key, waiting_key, wake_key
-
-    model = f"kfair-{uuid.uuid4().hex[:8]}"
+    model = f"{prefix}-{uuid.uuid4().hex[:8]}"
     client = redis_py.Redis.from_url(redis_server.url)
     app = make_celery(redis_server.url)
     try:
-        _fair_push(client, model, "a", "ann", 6)
-        _fair_push(client, model, "b", "ben", 3)
-        delivered: list = []
         with app.connection_for_write() as connection:
-            channel = connection.default_channel
-
-            def on_message(message) -> None:
-                delivered.append(message.delivery_info["routing_key"])
-                time.sleep(0.01)  # every job takes about as long: the measured times keep the teams even
-                message.ack()
-
-            channel.basic_consume(f"model.{model}", no_ack=False, callback=on_message, consumer_tag="fair-test")
-            _drain(connection, delivered, 9)
-            assert {key.rsplit("/", 2)[0] for key in delivered} == {f"model.{model}"}
-            teams = [key.split("/")[1] for key in delivered]
-            # one list each would serve a's six first; fair share brings b in at once and ends it first
-            assert "b" in teams[:3] and len(teams) - teams[::-1].index("b") < len(teams), teams
-            channel.basic_cancel("fair-test")
-            channel._order_after(f"model.{model}")  # the last ack's correction goes with the next pick
-        assert client.hget(tags_key(model), "svc") is not None
-        assert not client.hgetall(waiting_key(model))
-        assert client.llen(wake_key(model)) == 0
+            yield model, client, connection
     finally:
         _forget_model(client, model)
         client.close()
         app.close()
+
+
+def _consume(connection, model: str, count: int, handle: Callable[[Any, list], None]) -> list:
+    """Consume ``model.<model>`` until ``count`` deliveries, then cancel: ``handle(message, delivered)``
+    appends what it was given to ``delivered`` and acks or not."""
+    delivered: list = []
+    channel = connection.default_channel
+    channel.basic_consume(f"model.{model}", no_ack=False, callback=lambda message: handle(message, delivered),
+                          consumer_tag="consume-test")
+    _drain(connection, delivered, count)
+    channel.basic_cancel("consume-test")
+    return delivered
+
+
+def _acked(message, delivered: list) -> None:
+    delivered.append(message.delivery_info["routing_key"])
+    message.ack()
+
+
+def test_the_channel_takes_fair_lists_in_fair_order_and_delivers_to_the_model_queue(redis_server):
+    """The consumer of ``model.<name>`` gets the fair lists' jobs, teams alternating though one queued first;
+    acks feed the real service time back (``svc``) and the waiting counts go down."""
+    import time
+
+    from workers.contract.fair_queues import tags_key, waiting_key, wake_key
+
+    def handle(message, delivered: list) -> None:
+        time.sleep(0.01)  # every job takes about as long: the measured times keep the teams even
+        _acked(message, delivered)
+
+    with _fair_model(redis_server, "kfair") as (model, client, connection):
+        _fair_push(client, model, "a", "ann", 6)
+        _fair_push(client, model, "b", "ben", 3)
+        delivered = _consume(connection, model, 9, handle)
+        assert {key.rsplit("/", 2)[0] for key in delivered} == {f"model.{model}"}
+        teams = [key.split("/")[1] for key in delivered]
+        # one list each would serve a's six first; fair share brings b in at once and ends it first
+        assert "b" in teams[:3] and len(teams) - teams[::-1].index("b") < len(teams), teams
+        # the last ack's correction goes with the next pick
+        connection.default_channel._order_after(f"model.{model}")
+        assert client.hget(tags_key(model), "svc") is not None
+        assert not client.hgetall(waiting_key(model))
+        assert client.llen(wake_key(model)) == 0
 
 
 def test_a_rejected_fair_job_goes_back_to_its_own_list_and_is_registered_again(redis_server):
     """Redelivery in fair mode: the restore puts the message back on its fair list (its routing key),
     registers the list again even if the registry dropped it, counts it as waiting and wakes a worker."""
-    import uuid
-
-    import redis as redis_py
-
     from workers.contract.fair_queues import registry_key, waiting_key, wake_key
 
-    model = f"kfair-{uuid.uuid4().hex[:8]}"
-    client = redis_py.Redis.from_url(redis_server.url)
-    app = make_celery(redis_server.url)
-    try:
+    with _fair_model(redis_server, "kfair") as (model, client, connection):
         key = _fair_push(client, model, "a", "ann", 1, priority=3)
         delivered: list = []
-        with app.connection_for_write() as connection:
-            channel = connection.default_channel
-
-            def on_message(message) -> None:
-                delivered.append(message)
-
-            channel.basic_consume(f"model.{model}", no_ack=False, callback=on_message, consumer_tag="fair-test")
-            _drain(connection, delivered, 1)
-            assert len(delivered) == 1 and client.llen(key) == 0
-            assert not client.hgetall(waiting_key(model))
-            client.delete(registry_key(model))  # as if pruned while the job ran
-            delivered[0].reject(requeue=True)
-            assert client.llen(key) == 1
-            assert client.zrange(registry_key(model), 0, -1) == [key.encode()]
-            assert client.hgetall(waiting_key(model)) == {b"a": b"1"}
-            assert client.llen(wake_key(model)) == 1
-            _drain(connection, delivered, 2)  # taken again, from its own list
-            assert len(delivered) == 2 and delivered[1].delivery_info["routing_key"] == key.rsplit(":", 1)[0]
-            assert delivered[1].headers["redelivered"] is True
-            delivered[1].ack()
-            channel.basic_cancel("fair-test")
-    finally:
-        _forget_model(client, model)
-        client.close()
-        app.close()
+        channel = connection.default_channel
+        channel.basic_consume(f"model.{model}", no_ack=False, callback=delivered.append, consumer_tag="fair-test")
+        _drain(connection, delivered, 1)
+        assert len(delivered) == 1 and client.llen(key) == 0
+        assert not client.hgetall(waiting_key(model))
+        client.delete(registry_key(model))  # as if pruned while the job ran
+        delivered[0].reject(requeue=True)
+        assert client.llen(key) == 1
+        assert client.zrange(registry_key(model), 0, -1) == [key.encode()]
+        assert client.hgetall(waiting_key(model)) == {b"a": b"1"}
+        assert client.llen(wake_key(model)) == 1
+        _drain(connection, delivered, 2)  # taken again, from its own list
+        assert len(delivered) == 2 and delivered[1].delivery_info["routing_key"] == key.rsplit(":", 1)[0]
+        assert delivered[1].headers["redelivered"] is True
+        delivered[1].ack()
+        channel.basic_cancel("fair-test")
 
 
 def test_plain_jobs_come_first_and_cost_no_script_each(redis_server):
     """A mixed fleet during a rollout: jobs a fifo gateway queued (the model's plain lists) and fair ones are
     both served, the plain ones first; a plain job costs no pick script (the order is refreshed at most
     once a second, not per job), so a worker with nothing registered costs what it did."""
-    import uuid
-
-    import redis as redis_py
-
     from bench._commandstats import CommandProbe
     from gateway.dispatch.celery_message import task_message
 
-    model = f"kplain-{uuid.uuid4().hex[:8]}"
-    client = redis_py.Redis.from_url(redis_server.url)
-    app = make_celery(redis_server.url)
-    probe = CommandProbe(redis_server.url)
-    try:
-        for i in range(20):
-            key, message = task_message("govgate.noop", f"plain-{i}", [], queue=f"model.{model}", priority=5,
-                                        argsrepr="()")
+    def plain(client, model: str, name: str, count: int, priority: int) -> None:
+        for i in range(count):
+            key, message = task_message("govgate.noop", f"{name}-{i}", [], queue=f"model.{model}",
+                                        priority=priority, argsrepr="()")
             client.lpush(key, message)
+
+    probe = CommandProbe(redis_server.url)
+    with _fair_model(redis_server, "kplain") as (model, client, connection):
+        plain(client, model, "plain", 20, 5)
         delivered: list = []
-        with app.connection_for_write() as connection:
-            channel = connection.default_channel
-
-            def on_message(message) -> None:
-                delivered.append(message.delivery_info["routing_key"])
-                message.ack()
-
-            channel.basic_consume(f"model.{model}", no_ack=False, callback=on_message, consumer_tag="plain-test")
-            probe.start()
-            _drain(connection, delivered, 20)
-            spent = probe.stop()
-            assert delivered == [f"model.{model}"] * 20
-            assert spent.get("evalsha", 0) <= 5, spent  # a refresh now and then, not one per job
-            _fair_push(client, model, "a", "ann", 2)
-            for i in range(2):
-                key, message = task_message("govgate.noop", f"late-plain-{i}", [], queue=f"model.{model}",
-                                            priority=9, argsrepr="()")
-                client.lpush(key, message)
-            _drain(connection, delivered, 24)
-            channel.basic_cancel("plain-test")
+        channel = connection.default_channel
+        channel.basic_consume(f"model.{model}", no_ack=False, callback=lambda m: _acked(m, delivered),
+                              consumer_tag="plain-test")
+        probe.start()
+        _drain(connection, delivered, 20)
+        spent = probe.stop()
+        assert delivered == [f"model.{model}"] * 20
+        assert spent.get("evalsha", 0) <= 5, spent  # a refresh now and then, not one per job
+        _fair_push(client, model, "a", "ann", 2)
+        plain(client, model, "late-plain", 2, 9)
+        _drain(connection, delivered, 24)
+        channel.basic_cancel("plain-test")
         # the plain lists come first in the BRPOP, even a plain job of the lowest priority
         assert [key.count("/") for key in delivered[20:]] == [0, 0, 2, 2], delivered[20:]
-    finally:
-        _forget_model(client, model)
-        client.close()
-        app.close()
 
 
 def test_a_job_whose_charge_fails_is_still_delivered(redis_server, monkeypatch):
     """The pick that charges a job just taken is refused by Redis (an error reply, read after the job was
     delivered): the job is served anyway, never dropped, and the next pick works."""
-    import uuid
-
-    import redis as redis_py
-
     from workers.contract import fair_order
     from workers.contract.fair_queues import waiting_key
 
-    model = f"kfail-{uuid.uuid4().hex[:8]}"
-    client = redis_py.Redis.from_url(redis_server.url)
-    app = make_celery(redis_server.url)
     real_command = fair_order.pick_command
     failed: list = []
 
@@ -294,28 +279,15 @@ def test_a_job_whose_charge_fails_is_still_delivered(redis_server, monkeypatch):
         return real_command(model_name, popped=popped, **kwargs)
 
     monkeypatch.setattr(fair_order, "pick_command", refused_command)
-    try:
+    with _fair_model(redis_server, "kfail") as (model, client, connection):
         _fair_push(client, model, "a", "ann", 2)
-        delivered: list = []
-        with app.connection_for_write() as connection:
-            channel = connection.default_channel
-
-            def on_message(message) -> None:
-                delivered.append(message.delivery_info["routing_key"])
-                message.ack()
-
-            channel.basic_consume(f"model.{model}", no_ack=False, callback=on_message, consumer_tag="fail-test")
-            _drain(connection, delivered, 2)
-            channel.basic_cancel("fail-test")
-            channel.settle_deferred()  # the last ack's removal read
-            assert client.hlen(channel.unacked_key) == 0  # both acked, bookkeeping gone
+        delivered = _consume(connection, model, 2, _acked)
+        channel = connection.default_channel
+        channel.settle_deferred()  # the last ack's removal read
+        assert client.hlen(channel.unacked_key) == 0  # both acked, bookkeeping gone
         assert failed and len(delivered) == 2  # the first charge failed; both jobs were served
         assert client.llen(failed[0]) == 0
         assert client.hget(waiting_key(model), "a") == b"1"  # only the second charge counted (healed by recount)
-    finally:
-        _forget_model(client, model)
-        client.close()
-        app.close()
 
 
 def test_the_pick_and_bookkeeping_replies_are_read_after_the_job_is_delivered(redis_server):
@@ -323,87 +295,56 @@ def test_the_pick_and_bookkeeping_replies_are_read_after_the_job_is_delivered(re
     unacked bookkeeping are already in Redis, their replies outstanding; the ack reads them first, so the
     job's service time is measured from when it was taken and its bookkeeping removed."""
     import time
-    import uuid
-
-    import redis as redis_py
 
     from workers.contract.fair_queues import tags_key, waiting_key
 
-    model = f"kdefer-{uuid.uuid4().hex[:8]}"
-    client = redis_py.Redis.from_url(redis_server.url)
-    app = make_celery(redis_server.url)
-    try:
-        _fair_push(client, model, "a", "ann", 3)
-        delivered: list = []
+    with _fair_model(redis_server, "kdefer") as (model, client, connection):
+        channel = connection.default_channel
         seen: list = []
-        with app.connection_for_write() as connection:
-            channel = connection.default_channel
 
-            def on_message(message) -> None:
-                # Nothing read yet: pick + HSET + ZADD outstanding, yet Redis already holds what they did.
-                seen.append((channel._deferred.outstanding, client.hget(channel.unacked_key, message.delivery_tag)
-                             is not None, int(client.hget(waiting_key(model), "a") or 0)))
-                delivered.append(message.delivery_info["routing_key"])
-                time.sleep(0.02)
-                message.ack()
-                assert channel._deferred.outstanding == 2  # the pick and bookkeeping read; the removal sent
+        def handle(message, delivered: list) -> None:
+            # Nothing read yet: pick + HSET + ZADD outstanding, yet Redis already holds what they did.
+            seen.append((channel._deferred.outstanding, client.hget(channel.unacked_key, message.delivery_tag)
+                         is not None, int(client.hget(waiting_key(model), "a") or 0)))
+            time.sleep(0.02)
+            _acked(message, delivered)
+            assert channel._deferred.outstanding == 2  # the pick and bookkeeping read; the removal sent
 
-            channel.basic_consume(f"model.{model}", no_ack=False, callback=on_message, consumer_tag="defer-test")
-            _drain(connection, delivered, 3)
-            channel.basic_cancel("defer-test")
-            channel._order_after(f"model.{model}")  # the last ack's correction goes with the next pick
-            assert channel._deferred.outstanding == 0  # a synchronous pick read the last removal first
-            assert client.hlen(channel.unacked_key) == 0 and client.zcard(channel.unacked_index_key) == 0
+        _fair_push(client, model, "a", "ann", 3)
+        _consume(connection, model, 3, handle)
+        channel._order_after(f"model.{model}")  # the last ack's correction goes with the next pick
+        assert channel._deferred.outstanding == 0  # a synchronous pick read the last removal first
+        assert client.hlen(channel.unacked_key) == 0 and client.zcard(channel.unacked_index_key) == 0
         # the second and third jobs came while the previous ack's removal (HDEL, ZREM) was still unread:
         # the BRPOP that took them did not wait for it
         assert seen == [(3, True, 2), (5, True, 1), (5, True, 0)], seen
         # the second and third jobs were measured (the first is the pool's warm-up): ~20 ms each, not 0
         assert 5.0 < float(client.hget(tags_key(model), "svc")) < 1000.0
-    finally:
-        _forget_model(client, model)
-        client.close()
-        app.close()
 
 
 def test_a_killed_deferred_connection_loses_no_job(redis_server):
     """The connection that carried a job's pick and bookkeeping is killed (CLIENT KILL) while their replies
     are unread: what was sent was applied, the ack still removes the bookkeeping, and the next job is taken
     and charged on a new connection. (A Redis that dies before replying: test_deferred_replies.py.)"""
-    import uuid
-
-    import redis as redis_py
-
     from workers.contract.fair_queues import waiting_key
 
-    model = f"kkill-{uuid.uuid4().hex[:8]}"
-    client = redis_py.Redis.from_url(redis_server.url)
-    app = make_celery(redis_server.url)
-    try:
+    with _fair_model(redis_server, "kkill") as (model, client, connection):
+        channel = connection.default_channel
+
+        def handle(message, delivered: list) -> None:
+            if not delivered:
+                # the deferred connection is the one whose last command was the bookkeeping's ZADD
+                ids = [c["id"] for c in client.client_list() if c["cmd"] == "zadd"]
+                assert len(ids) == 1 and channel._deferred.outstanding == 3
+                assert client.client_kill_filter(_id=ids[0]) == 1
+            _acked(message, delivered)
+
         _fair_push(client, model, "a", "ann", 2)
-        delivered: list = []
-        with app.connection_for_write() as connection:
-            channel = connection.default_channel
-
-            def on_message(message) -> None:
-                if not delivered:
-                    # the deferred connection is the one whose last command was the bookkeeping's ZADD
-                    ids = [c["id"] for c in client.client_list() if c["cmd"] == "zadd"]
-                    assert len(ids) == 1 and channel._deferred.outstanding == 3
-                    assert client.client_kill_filter(_id=ids[0]) == 1
-                delivered.append((message.delivery_info["routing_key"], message.delivery_tag))
-                message.ack()
-
-            channel.basic_consume(f"model.{model}", no_ack=False, callback=on_message, consumer_tag="kill-test")
-            _drain(connection, delivered, 2)
-            channel.basic_cancel("kill-test")
-            channel.settle_deferred()
-            assert client.hlen(channel.unacked_key) == 0 and client.zcard(channel.unacked_index_key) == 0
+        delivered = _consume(connection, model, 2, handle)
+        channel.settle_deferred()
+        assert client.hlen(channel.unacked_key) == 0 and client.zcard(channel.unacked_index_key) == 0
         assert len(delivered) == 2
         assert not client.hgetall(waiting_key(model))  # both charges were applied before the kill
-    finally:
-        _forget_model(client, model)
-        client.close()
-        app.close()
 
 
 def test_an_ack_whose_removal_cannot_be_sent_removes_the_bookkeeping_on_the_shared_client(redis_server, monkeypatch):
