@@ -8,13 +8,15 @@ next BRPOP) and the unacknowledged bookkeeping (needed only if the job must
 be restored). Each wait is a round trip through Redis while the pool process
 idles, and on a loaded two-core machine a round trip is a scheduling
 decision, not microseconds. Sending them and reading the replies when they
-are next needed takes both off the path from queue to model.
+are next needed takes both off the path from queue to model; the ack's
+removal of the bookkeeping goes the same way, off the path from one job to
+the next.
 
 Order is what the bookkeeping rests on, so the rules are: every command goes
 out on this one connection in the order it was sent, and whoever next uses
 Redis in a way that depends on those commands (an ack, a reject, a restore,
-the next BRPOP, a synchronous pick) calls :meth:`DeferredReplies.settle`
-first, which reads every outstanding reply. A reply arrives whether or not
+a synchronous pick, the next BRPOP while a pick's order is unread) calls
+:meth:`DeferredReplies.settle` first, which reads every outstanding reply. A reply arrives whether or not
 it is read; reading it later costs nothing but the parse.
 """
 

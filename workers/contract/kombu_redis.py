@@ -173,7 +173,8 @@ class Channel(kombu_redis.Channel):
     _taken: int = 0
     #: model queue → [(fair queue, service ms, ms charged)] for the model's next pick
     _corrections: dict[str, list[tuple[str, float, float]]]
-    #: commands sent whose replies are read when next needed (the bookkeeping, a fair job's pick)
+    #: commands sent whose replies are read when next needed (the bookkeeping, its removal at the ack, a fair
+    #: job's pick)
     _deferred: DeferredReplies
 
     #: picks sent whose replies (the next order) have not been read
