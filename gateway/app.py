@@ -11,7 +11,7 @@ from litestar.openapi import OpenAPIConfig
 
 from gateway.api.admin_keys import AdminKeysController
 from gateway.api.completions import CompletionsController
-from gateway.api.dependencies import provide_completions, provide_principal
+from gateway.api.dependencies import provide_principal
 from gateway.api.health import HealthController
 from gateway.api.openapi import COMPONENTS
 from gateway.api.models import ModelsController
@@ -38,8 +38,7 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
     return instrument(settings, Litestar(
         route_handlers=[CompletionsController, ModelsController, HealthController, ReviewController,
                         AdminKeysController, console_router()],
-        dependencies={"principal": Provide(provide_principal),
-                      "completions": Provide(provide_completions, sync_to_thread=False)},
+        dependencies={"principal": Provide(provide_principal)},
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,

@@ -7,6 +7,7 @@ from typing import Any, AsyncIterator
 
 from litestar import Controller, Request, Response, post
 from litestar.background_tasks import BackgroundTask
+from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.response import Stream
 
@@ -14,6 +15,7 @@ from gateway import urls
 from gateway.api.openapi import CHAT_OPERATION, COMPLETION_OPERATION, SECURITY
 from gateway.auth import Principal
 from gateway.api.bodies import read_body
+from gateway.api.dependencies import completion_service
 from gateway.api_errors import ApiError
 from gateway.observability.context import note_error
 from gateway.requests.outcome import StreamEvents
@@ -89,21 +91,25 @@ async def _sse_events(ticket: Ticket, shape: _Shape, events: StreamEvents) -> As
 
 
 class CompletionsController(Controller):
-    """``POST /v1/chat/completions`` and ``POST /v1/completions``."""
+    """``POST /v1/chat/completions`` and ``POST /v1/completions``.
+
+    The principal is the handlers' only dependency and the service comes
+    from the app's state: Litestar resolves two dependencies of one batch in
+    an anyio task group, which cost about 65 µs of CPU per request, a third
+    of what a bare Litestar request costs (measured; README, Performance).
+    """
 
     tags = ["completions"]
 
     @post(urls.CHAT_COMPLETIONS, summary="Create a chat completion (OpenAI-compatible)", status_code=200,
           operation_class=CHAT_OPERATION, security=SECURITY, operation_id="createChatCompletion")
-    async def chat(self, request: Request, principal: NamedDependency[Principal],
-                   completions: NamedDependency[CompletionService]) -> Response:
-        return await _serve(completions, request, principal, CHAT)
+    async def chat(self, request: Request, state: State, principal: NamedDependency[Principal]) -> Response:
+        return await _serve(completion_service(state), request, principal, CHAT)
 
     @post(urls.COMPLETIONS, summary="Create a text completion (OpenAI-compatible)", status_code=200,
           operation_class=COMPLETION_OPERATION, security=SECURITY, operation_id="createCompletion")
-    async def completion(self, request: Request, principal: NamedDependency[Principal],
-                         completions: NamedDependency[CompletionService]) -> Response:
-        return await _serve(completions, request, principal, COMPLETIONS)
+    async def completion(self, request: Request, state: State, principal: NamedDependency[Principal]) -> Response:
+        return await _serve(completion_service(state), request, principal, COMPLETIONS)
 
 
 async def _serve(service: CompletionService, request: Request, principal: Principal, endpoint: str) -> Response:

@@ -38,6 +38,10 @@ async def provide_principal(request: Request, state: State) -> Principal:
     return principal
 
 
-def provide_completions(state: State) -> CompletionService:
-    """The request path's service, built once in the app's lifespan."""
+def completion_service(state: State) -> CompletionService:
+    """The request path's service, built once in the app's lifespan.
+
+    Read from the state by the completion handlers rather than injected:
+    see ``gateway/api/completions.py``.
+    """
     return state.components.completions
