@@ -13,12 +13,11 @@ import logging
 from functools import partial
 from typing import Any, Callable
 
-import anyio
-
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
 from audit.kinds import FAILED
 from gateway.auth import Principal
 from gateway.api_errors import ApiError
+from gateway.requests.blocking_calls import BlockingCalls
 from gateway.observability.metrics import timed_append
 from gateway.requests.audit_records import rejection_record
 from gateway.requests.ticket import Ticket
@@ -33,8 +32,10 @@ class RequestLog:
     """The audit store as the request path writes to it."""
 
     def __init__(self, audit: AuditStore, *, current_revision: Callable[[], str], digester: Digester,
-                 pending: PendingTerminals | None = None) -> None:
+                 pending: PendingTerminals | None = None, calls: BlockingCalls | None = None) -> None:
         self.audit = audit
+        #: The threads the store's calls run on (``gateway/requests/blocking_calls.py``: cheaper than anyio's).
+        self._calls = calls or BlockingCalls(name="govgate-audit")
         self._current_revision = current_revision
         self._digester = digester
         #: Terminal entries the database refused, written later (None: only logged).
@@ -68,7 +69,7 @@ class RequestLog:
         """
         try:
             if self._pending is not None:
-                earlier = await anyio.to_thread.run_sync(self._pending.write_one, self.audit, ticket.request_id)
+                earlier = await self._calls.run(partial(self._pending.write_one, self.audit, ticket.request_id))
                 if earlier is not None:
                     return earlier
             return await self._append(kind, ticket.request_id, ticket.principal, ticket.model, body,
@@ -81,7 +82,7 @@ class RequestLog:
                 entry = PendingTerminal(kind=kind, request_id=ticket.request_id, principal=ticket.principal.id,
                                         team=ticket.principal.team, model=ticket.model, body=body,
                                         policy_revision=ticket.job.policy_revision)
-                await anyio.to_thread.run_sync(self._pending.keep, entry)
+                await self._calls.run(partial(self._pending.keep, entry))
             return None
 
     async def record_end(self, ticket: Ticket, kind: str, body: dict[str, Any]) -> AuditEntry | None:
@@ -105,11 +106,15 @@ class RequestLog:
                 entry = PendingTerminal(kind=FAILED, request_id=ticket.request_id, principal=ticket.principal.id,
                                         team=ticket.principal.team, model=ticket.model,
                                         body=withheld_body(body, kind), policy_revision=ticket.job.policy_revision)
-                await anyio.to_thread.run_sync(partial(self._pending.keep, entry, replace=True))
+                await self._calls.run(partial(self._pending.keep, entry, replace=True))
             return None
 
+    async def aclose(self) -> None:
+        """Wait for the appends still running (the gateway is stopping)."""
+        await self._calls.aclose()
+
     async def terminal_for(self, request_id: str) -> AuditEntry | None:
-        return await anyio.to_thread.run_sync(self.audit.terminal_for, request_id)
+        return await self._calls.run(partial(self.audit.terminal_for, request_id))
 
     async def _append(self, kind: str, request_id: str, principal: Principal, model: str | None,
                       body: dict[str, Any], revision: str | None = None) -> AuditEntry:
@@ -117,4 +122,4 @@ class RequestLog:
         append = partial(self.audit.append, kind, request_id, principal=principal.id, team=principal.team,
                          model=model, body=metadata, policy_revision=revision or self._current_revision(),
                          payload=texts)
-        return await anyio.to_thread.run_sync(timed_append(kind, append))
+        return await self._calls.run(timed_append(kind, append))

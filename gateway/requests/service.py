@@ -42,6 +42,7 @@ class CompletionService:
                  output_rules: OutputRules | None = None) -> None:
         request_log = RequestLog(audit, current_revision=lambda: policy.revision, digester=digester,
                                  pending=pending)
+        self.request_log = request_log
         self.admission = Admission(registry=registry, policy=policy, counters=counters, request_log=request_log,
                                    redis=redis, digester=digester, default_max_tokens=default_max_tokens,
                                    max_queued_per_model=max_queued_per_model, queue_mode=queue_mode,
@@ -67,3 +68,4 @@ class CompletionService:
 
     async def aclose(self) -> None:
         await self.runner.aclose()
+        await self.request_log.aclose()
