@@ -25,17 +25,14 @@ import logging
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from audit import DuplicateTerminalError
+from gateway.requests.fallback_drops import FallbackDrops
 from gateway.requests.holdback import HoldBack
 from gateway.requests.output_rules import OutputRules
 from gateway.requests.request_log import RequestLog
 from gateway.requests.ticket import Ticket
 from workers.contract.jobs import STATUS_FAILED, JobResult
 from workers.contract.output_check import OutputReport
-from workers.contract.pending_terminals import PENDING_KEY
 from workers.contract.privacy import Digester
 from workers.contract.terminal_body import Generated, checked_ending, ended_result, generation_body
 
@@ -49,11 +46,12 @@ _UNRECORDED = JobResult(status=STATUS_FAILED,
 class HandedOver:
     """Records handed-over outputs for one gateway process."""
 
-    def __init__(self, *, rules: OutputRules, request_log: RequestLog, redis: aioredis.Redis,
+    def __init__(self, *, rules: OutputRules, request_log: RequestLog, drops: FallbackDrops,
                  digester: Digester) -> None:
         self.rules = rules
         self.request_log = request_log
-        self.redis = redis
+        #: Removes fallbacks no longer needed, in batches and off the request's path.
+        self.drops = drops
         self.digester = digester
 
     async def record(self, ticket: Ticket, hold: HoldBack, report: OutputReport, *,
@@ -79,7 +77,7 @@ class HandedOver:
             entry = await self.request_log.record_end(ticket, ending.kind, body)
         except DuplicateTerminalError:  # the request ended first elsewhere: that entry is its answer
             winner = await self.request_log.terminal_for(ticket.request_id)
-            await self._drop_fallback(ticket.request_id)
+            self.drops.drop(ticket.request_id)
             if winner is None:  # pragma: no cover - the constraint implies a winner exists
                 return _UNRECORDED
             log.warning("request %s was ended elsewhere first (%s); dropping its handed-over %s",
@@ -87,7 +85,7 @@ class HandedOver:
             return JobResult.from_terminal(winner.kind, winner.seq, winner.body, winner.payload)
         if entry is None:  # kept pending in the fallback's place
             return _UNRECORDED
-        await self._drop_fallback(ticket.request_id)
+        self.drops.drop(ticket.request_id)  # the request has its terminal entry: the fallback is not needed
         return ended_result(ending.kind, generated, entry.seq, finish_reason=ending.finish_reason,
                             served=ending.served, error=ending.error)
 
@@ -119,12 +117,8 @@ class HandedOver:
                              completion_tokens=int(usage.get("completion_tokens") or 0))
         return JobResult.from_terminal(winner.kind, winner.seq, winner.body, winner.payload)
 
-    async def _drop_fallback(self, request_id: str) -> None:
-        """The request has its terminal entry: its worker's fallback is not needed."""
-        try:
-            await self.redis.hdel(PENDING_KEY, request_id)
-        except (RedisError, OSError) as exc:  # a retry meets the unique constraint and drops it then
-            log.warning("cannot drop the fallback entry of %s: %s", request_id, exc)
+    async def aclose(self) -> None:
+        await self.drops.aclose()
 
 
 def report_of(entry: dict[str, Any]) -> OutputReport | None:

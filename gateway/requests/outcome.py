@@ -27,6 +27,7 @@ from gateway.limits import UsageCounters
 from gateway.limits.charge import used_tokens
 from gateway.observability.metrics import observe_result
 from gateway.requests.handed_over import HandedOver
+from gateway.requests.fallback_drops import FallbackDrops
 from gateway.requests.holdback import HoldBack
 from gateway.requests.output_rules import OutputRules
 from gateway.requests.refusals import QUEUE_UNAVAILABLE_MESSAGE, worker_error
@@ -60,7 +61,7 @@ class TicketRunner:
         #: The output rules (None: outputs are not checked; jobs say so to their workers).
         self.output_rules = output_rules
         #: Records the outputs workers hand over (non-streamed, under the output rules).
-        self.handed_over = HandedOver(rules=output_rules, request_log=request_log, redis=redis,
+        self.handed_over = HandedOver(rules=output_rules, request_log=request_log, drops=FallbackDrops(redis),
                                       digester=digester) if output_rules is not None else None
         self._background: set[asyncio.Task] = set()
 
@@ -269,6 +270,8 @@ class TicketRunner:
     async def aclose(self) -> None:
         for task in list(self._background):
             task.cancel()
+        if self.handed_over is not None:  # the fallbacks of the outputs recorded last
+            await self.handed_over.aclose()
 
 
 class StreamEvents:

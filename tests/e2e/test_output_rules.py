@@ -224,7 +224,10 @@ def test_a_handed_over_completion_is_recorded_once_by_its_gateway(rules, setting
     assert terminal.payload["client_output"] == terminal.payload["output"] == response.json()["choices"][0]["text"]
     client = redis.Redis.from_url(settings.redis_url)
     try:
-        assert not client.hexists(PENDING_KEY, request_id)  # the worker's fallback was dropped
+        deadline = time.monotonic() + 10  # dropped in a batch, off the request's path (within 50 ms)
+        while client.hexists(PENDING_KEY, request_id):
+            assert time.monotonic() < deadline, "the worker's fallback was not dropped"
+            time.sleep(0.01)
     finally:
         client.close()
 

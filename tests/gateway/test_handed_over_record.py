@@ -21,6 +21,7 @@ from sqlalchemy import text
 from audit import AuditStore, DuplicateTerminalError
 from gateway.auth import Principal
 from gateway.components import open_database
+from gateway.requests.fallback_drops import FallbackDrops
 from gateway.requests.handed_over import HandedOver, report_of
 from gateway.requests.holdback import HoldBack
 from gateway.requests.request_log import RequestLog
@@ -157,7 +158,10 @@ async def recorder(parts, own_redis):
     """The gateway's recorder of handed-over outputs, on the test's store and Redis."""
     client = aioredis.Redis.from_url(own_redis.redis_url)
     # No rules: they judge only an output its fallback holds as generated; these fallbacks hold digests.
-    yield HandedOver(rules=None, request_log=parts[3], redis=client, digester=DIGESTER)  # type: ignore[arg-type]
+    recorder = HandedOver(rules=None, request_log=parts[3], drops=FallbackDrops(client),  # type: ignore[arg-type]
+                          digester=DIGESTER)
+    yield recorder
+    await recorder.aclose()
     await client.aclose()
 
 
