@@ -19,6 +19,8 @@ import socket
 import uuid
 from typing import Any
 
+import msgspec
+
 from workers.contract.celery_config import DEFAULT_PRIORITY, PRIORITY_STEPS, queue_keys
 
 #: Celery's ``origin`` header (``anon_nodename()``): who sent the task.
@@ -43,7 +45,7 @@ def task_message(task: str, task_id: str, args: list[Any], *, queue: str, priori
     says it, so no repr of the arguments is ever made.
     """
     step = DEFAULT_PRIORITY if priority is None else priority
-    body = json.dumps([args, {}, _EMBED]).encode()
+    body = msgspec.json.encode([args, {}, _EMBED])
     headers = {
         "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None, "expires": None,
         "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": task_id,
@@ -65,4 +67,4 @@ def task_message(task: str, task_id: str, args: list[Any], *, queue: str, priori
             "delivery_tag": str(uuid.uuid4()),
         },
     }
-    return queue_key(queue, priority), json.dumps(message)
+    return queue_key(queue, priority), msgspec.json.encode(message).decode()

@@ -15,6 +15,8 @@ import json
 from dataclasses import fields
 from typing import Any
 
+import msgspec
+
 from workers.contract.jobs import OPTIONAL_FLAGS, GenerateJob
 from workers.contract.sampling import SamplingParams
 from workers.contract.sealing import Sealer
@@ -38,4 +40,4 @@ def job_payload(job: GenerateJob) -> dict[str, Any]:
 def sealed_job(job: GenerateJob, sealer: Sealer) -> dict[str, Any]:
     """``job.sealed(sealer)``: ids and reply channel in clear, everything else sealed."""
     return {"request_id": job.request_id, "model": job.model, "reply_to": job.reply_to,
-            "sealed": sealer.seal_text(json.dumps(job_payload(job)).encode())}
+            "sealed": sealer.seal_text(msgspec.json.encode(job_payload(job)))}
