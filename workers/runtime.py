@@ -11,6 +11,7 @@ timings, so neither Redis nor the log holds a prompt or an output.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,23 @@ def generate(payload: dict[str, Any]) -> None:
 
 #: Celery's success line without the return value (it logs ``%(return_value)s`` by default).
 _LOG_SUCCESS = "Task %(name)s[%(id)s] succeeded in %(runtime)ss"
+#: The logger of Celery's "Task …[id] received" line, written by the main process for every job.
+_RECEIVED_LOGGER = "celery.worker.strategy"
+
+
+def one_line_per_job(loglevel: str) -> None:
+    """Keep Celery's success line per job and drop its "received" line, below DEBUG.
+
+    The received line repeats the id the success line carries, and the main
+    process writes it between taking a job and handing it to the pool: about
+    a tenth of that process's CPU per job (profiled under bench/overhead.py),
+    on the hand-over between two jobs that fair share's waits are made of.
+    At ``GOVGATE_LOG_LEVEL=DEBUG`` it stays. Celery reads the level when its
+    consumer starts, so this runs before.
+    """
+    level = logging.getLevelName(loglevel.upper())
+    if not isinstance(level, int) or level > logging.DEBUG:
+        logging.getLogger(_RECEIVED_LOGGER).setLevel(logging.WARNING)
 
 
 def worker_app(config: WorkerConfig) -> Celery:
@@ -139,6 +157,7 @@ def build_worker_app(config: WorkerConfig) -> Celery:
     """The Celery app with the generate task registered and the fork hooks wired."""
     _config.value = config
     celery.app.trace.LOG_SUCCESS = _LOG_SUCCESS
+    one_line_per_job(config.loglevel)
     app = worker_app(config)
     # After fork, in each pool process: llama.cpp-based backends hang in a child
     # forked after the parent ran inference (and a model per process is the unit

@@ -188,6 +188,7 @@ def test_each_logging_level_keeps_the_marker_only_where_it_promises(stack) -> No
     assert request_ids["hash"].encode() in in_redis
     assert b"succeeded in" in logs and request_ids["hash"].encode() in logs
     assert not re.search(rb"succeeded in [0-9.e-]+s: ", logs)  # ids and timings, not even the sealed result
+    assert b"] received" not in logs  # one line per job at INFO: its end (workers/runtime.py, one_line_per_job)
     places = {"redis files": in_redis, "logs": logs, "pub/sub": published, "database": in_database}
 
     def where(text: str) -> list[str]:
