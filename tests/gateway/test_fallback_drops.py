@@ -4,28 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 
 from gateway.requests.fallback_drops import FallbackDrops
-from govgate.redis_server import RedisProcess
+from tests.own_redis import doomed_redis  # noqa: F401 - fixture
 from workers.contract.pending_terminals import PENDING_KEY
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def server():
-    folder = Path(tempfile.mkdtemp(prefix="gg-fd-"))
-    running = RedisProcess.start(folder, persist=False)
-    yield running
-    running.stop()
-    shutil.rmtree(folder, ignore_errors=True)
+def server(doomed_redis):
+    """A Redis of the test's own (one test stops it)."""
+    return doomed_redis
 
 
 @pytest.fixture
