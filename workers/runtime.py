@@ -126,7 +126,7 @@ _RECEIVED_LOGGER = "celery.worker.strategy"
 
 
 def one_line_per_job(loglevel: str) -> None:
-    """Keep Celery's success line per job and drop its "received" line, below DEBUG.
+    """Keep Celery's success line per job and drop its "received" line at levels above DEBUG.
 
     The received line repeats the id the success line carries, and the main
     process writes it between taking a job and handing it to the pool: about

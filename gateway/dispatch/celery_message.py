@@ -13,7 +13,6 @@ to what ``send_task`` writes, and every end-to-end test runs through it).
 from __future__ import annotations
 
 import base64
-import json
 import os
 import socket
 import uuid

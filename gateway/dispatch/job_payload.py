@@ -11,7 +11,6 @@ holds it equal, for every field, so a new field cannot be left out.
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from typing import Any
 

@@ -26,8 +26,8 @@ from gateway.api_errors import ApiError
 from gateway.limits import UsageCounters
 from gateway.limits.charge import used_tokens
 from gateway.observability.metrics import observe_result
-from gateway.requests.handed_over import HandedOver
 from gateway.requests.fallback_drops import FallbackDrops
+from gateway.requests.handed_over import HandedOver
 from gateway.requests.holdback import HoldBack
 from gateway.requests.output_rules import OutputRules
 from gateway.requests.refusals import QUEUE_UNAVAILABLE_MESSAGE, worker_error

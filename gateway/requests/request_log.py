@@ -17,9 +17,9 @@ from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
 from audit.kinds import FAILED
 from gateway.auth import Principal
 from gateway.api_errors import ApiError
-from gateway.requests.blocking_calls import BlockingCalls
 from gateway.observability.metrics import timed_append
 from gateway.requests.audit_records import rejection_record
+from gateway.requests.blocking_calls import BlockingCalls
 from gateway.requests.ticket import Ticket
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
 from workers.contract.privacy import Digester, split_texts
@@ -32,10 +32,10 @@ class RequestLog:
     """The audit store as the request path writes to it."""
 
     def __init__(self, audit: AuditStore, *, current_revision: Callable[[], str], digester: Digester,
-                 pending: PendingTerminals | None = None, calls: BlockingCalls | None = None) -> None:
+                 pending: PendingTerminals | None = None) -> None:
         self.audit = audit
         #: The threads the store's calls run on (``gateway/requests/blocking_calls.py``: cheaper than anyio's).
-        self._calls = calls or BlockingCalls(name="govgate-audit")
+        self._calls = BlockingCalls(name="govgate-audit")
         self._current_revision = current_revision
         self._digester = digester
         #: Terminal entries the database refused, written later (None: only logged).
