@@ -380,3 +380,34 @@ def test_an_ack_whose_removal_cannot_be_sent_removes_the_bookkeeping_on_the_shar
     finally:
         client.close()
         app.close()
+
+
+def test_an_ack_sends_the_next_brpop_at_once_and_only_one(redis_server):
+    """With one delivery held at prefetch 1 no BRPOP is out; its ack sends the next one at once (not at
+    the event loop's next poll), a BRPOP already out is not doubled, and a channel that stopped consuming
+    sends none."""
+    with _fair_model(redis_server, "kpoll") as (model, client, connection):
+        channel = connection.default_channel
+        queue = f"model.{model}"
+        _declared_with(channel, queue, "one", "two", "three")
+        channel.basic_qos(0, 1, False)  # as the worker: one job at a time
+        held: list = []
+        channel.basic_consume(queue, no_ack=False, callback=held.append, consumer_tag="poll-test")
+        _drain(connection, held, 1)
+        assert len(held) == 1 and not channel._in_poll  # no credit: nothing asked for
+        sent: list = []
+        real_start = channel._brpop_start
+
+        def brpop_start(*args: Any, **kwargs: Any) -> None:
+            sent.append(args)
+            real_start(*args, **kwargs)
+
+        channel._brpop_start = brpop_start
+        held[0].ack()
+        assert len(sent) == 1 and channel._in_poll  # the ack sent it
+        _drain(connection, held, 2)  # the poll reads that BRPOP's reply and sends no other before it
+        assert [message.body for message in held[:2]] == [b"one", b"two"] and len(sent) == 1
+        channel.basic_cancel("poll-test")
+        held[1].ack()
+        assert len(sent) == 1 and not channel._in_poll  # not consuming any more: nothing sent
+        channel.queue_delete(queue)
