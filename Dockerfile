@@ -34,10 +34,8 @@ COPY deploy/healthcheck.py ./deploy/healthcheck.py
 RUN install -d -o govgate -g govgate -m 0700 /var/lib/govgate /etc/govgate/keys /etc/govgate/signing \
  && install -d -o govgate -g govgate -m 0755 /models
 
-# MALLOC_ARENA_MAX: as `govgate up` gives its children (govgate/supervisor.py, MALLOC_ARENAS says why).
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    MALLOC_ARENA_MAX=2 \
     GOVGATE_POLICY_DIR=/app/policies \
     GOVGATE_VAR_DIR=/var/lib/govgate \
     GOVGATE_HOST=0.0.0.0 \

@@ -61,19 +61,9 @@ def private_log(path: Path) -> TextIO:
     return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", buffering=1)
 
 
-#: glibc's malloc arenas per process, unless the operator's environment names its own
-#: (``MALLOC_ARENA_MAX``). glibc gives each thread that allocates an arena of its own, up to eight
-#: per core, and keeps what they free: the API's audit threads grew its memory by 16 MB over 20,000
-#: requests with the default, by 10 with two arenas (``bench/startup.py --requests 20000``), for the
-#: same CPU per request (``bench/overhead.py``, alternating runs). Python's own allocator and the GIL
-#: leave little for more arenas to spread. The image sets the same (``Dockerfile``).
-MALLOC_ARENAS = "2"
-
-
 def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
-    """The environment of a child process: ours, with every setting spelled out (and :data:`MALLOC_ARENAS`)."""
+    """The environment of a child process: ours, with every setting spelled out."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("GOVGATE_")}
-    env.setdefault("MALLOC_ARENA_MAX", MALLOC_ARENAS)
     env.update(settings.with_(redis_url=redis_url).to_env())
     return env
 

@@ -98,13 +98,3 @@ def test_the_database_step_prints_one_json_line(settings, tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert list(json.loads(result.stdout)) == ["secret"]
-
-
-def test_children_get_two_malloc_arenas_unless_the_operator_chose(settings, monkeypatch):
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    assert child_env(settings, settings.redis_url)["MALLOC_ARENA_MAX"] == "2"
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
-    assert child_env(settings, settings.redis_url)["MALLOC_ARENA_MAX"] == "8"
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.environ['MALLOC_ARENA_MAX'])"],
-                           env=child_env(settings, settings.redis_url), capture_output=True, text=True, check=True)
-    assert child.stdout.strip() == "8"
