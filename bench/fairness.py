@@ -300,7 +300,7 @@ def measure(args: argparse.Namespace, var_dir: Path) -> tuple[list[PhaseRun], di
         say(f"starting redis, one tiny-model worker (concurrency 1) and a gateway per mode "
             f"({', '.join(args.modes)}) …")
         stack = start_fair_stack(var_dir, all_teams, args.modes, stops,
-                                 request_timeout_s=REQUEST_TIMEOUT_S)
+                                 request_timeout_s=REQUEST_TIMEOUT_S, worker_pool=args.worker_pool)
         engine = make_engine(stack.database_url)
         stops.callback(engine.dispose)
         store = AuditStore(engine)
@@ -343,6 +343,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated queue modes: fifo, fair")
     parser.add_argument("--quick", action="store_true", help="a short run: bursts of 60, one repeat")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON to FILE")
+    parser.add_argument("--worker-pool", choices=("prefork", "solo"), default="prefork",
+                        help="GOVGATE_WORKER_POOL of the worker (default: prefork, the setting's default)")
     parser.add_argument("--schedule-json", type=Path, metavar="FILE",
                         help="also write every phase's schedule (each job's times, wait and hand-over) to FILE")
     args = parser.parse_args(argv)
@@ -365,6 +367,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     return {"burst": args.burst, "every_ms": args.every_ms, "trickle_s": args.trickle_s,
             "stagger_ms": args.stagger_ms, "max_tokens": args.max_tokens, "repeat": args.repeat,
             "scenarios": args.scenarios, "modes": args.modes, "worker_concurrency": 1,
+            "worker_pool": args.worker_pool,
             "cpu_cores": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -383,7 +386,7 @@ def run(args: argparse.Namespace, write: Callable[[str], None] = print) -> dict[
         return None
     runs, load = measured
     document = report(runs, settings_of(args), load)
-    write(f"one worker (concurrency 1), tiny model, max_tokens {args.max_tokens}; bursts of {args.burst}, "
+    write(f"one worker (concurrency 1, {args.worker_pool} pool), tiny model, max_tokens {args.max_tokens}; bursts of {args.burst}, "
           f"trickle every {args.every_ms:g} ms; {args.repeat} run(s) per phase and mode, alternating; "
           f"{os.cpu_count()} CPUs, load average {load['before'][0]} before, {load['after'][0]} after")
     write(table(document))

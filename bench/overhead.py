@@ -186,6 +186,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: the setting's default)")
     parser.add_argument("--output-rules", choices=("on", "off"), help="GOVGATE_OUTPUT_RULES of the gateway "
                         "(default: the setting's default)")
+    parser.add_argument("--worker-pool", choices=("prefork", "solo"), help="GOVGATE_WORKER_POOL of the workers "
+                        "(default: the setting's default)")
     parser.add_argument("--admission-concurrency", type=int, metavar="N",
                         help="GOVGATE_ADMISSION_CONCURRENCY of the gateway (0: no gate; default: the setting's)")
     args = parser.parse_args(argv)
@@ -207,6 +209,8 @@ def path_settings(args: argparse.Namespace) -> dict[str, Any]:
         chosen["output_rules"] = args.output_rules == "on"
     if getattr(args, "admission_concurrency", None) is not None:
         chosen["admission_concurrency"] = args.admission_concurrency
+    if getattr(args, "worker_pool", None) is not None:
+        chosen["worker_pool"] = args.worker_pool
     return chosen
 
 

@@ -99,6 +99,9 @@ class Settings:
     #: How gateways queue jobs: ``fair`` (a queue per model, team and principal, served by weighted fair share)
     #: or ``fifo`` (one queue per model, first come first served within a priority). Workers serve both.
     queue_mode: str = "fair"
+    #: Celery's pool in each worker: ``prefork`` (the job in a pool process the worker's main process forks and
+    #: watches) or ``solo`` (the job in the worker's main process: no IPC between two jobs, one process less).
+    worker_pool: str = "prefork"
     #: Largest request body accepted (413 above it).
     max_body_bytes: int = 1024 * 1024
     #: ``max_tokens`` used when a request does not give one (policy may clamp it).
@@ -236,6 +239,8 @@ class Settings:
                                                                  defaults.stream_flush_interval_ms),
             max_queued_per_model=int(number("MAX_QUEUED_PER_MODEL", defaults.max_queued_per_model, int, 1)),
             queue_mode=_choice(text("QUEUE_MODE", defaults.queue_mode).lower(), "QUEUE_MODE", ("fifo", "fair")),
+            worker_pool=_choice(text("WORKER_POOL", defaults.worker_pool).lower(), "WORKER_POOL",
+                                ("prefork", "solo")),
             max_body_bytes=int(number("MAX_BODY_BYTES", defaults.max_body_bytes, int, 1024)),
             default_max_tokens=int(number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens, int, 1)),
             redis_max_connections=int(number("REDIS_MAX_CONNECTIONS", defaults.redis_max_connections, int, 2)),

@@ -106,10 +106,12 @@ def _check_database(settings: Settings) -> None:
 @main.command()
 @click.option("--model", "model_name", required=True, help="Registry name of the model this worker serves.")
 @click.option("--concurrency", default=1, show_default=True, help="Pool processes (each loads the model).")
-def worker(model_name: str, concurrency: int) -> None:
+@click.option("--pool", "pool", type=click.Choice(["prefork", "solo"]), default=None,
+              help="Celery's pool (default: GOVGATE_WORKER_POOL, else prefork); solo runs one job at a time.")
+def worker(model_name: str, concurrency: int, pool: str | None) -> None:
     """Run a Celery worker serving one model's queue."""
     from workers.contract.registry import RegistryError, load_registry
-    from workers.runtime import WorkerConfig, run_worker
+    from workers.runtime import WorkerConfig, check_pool, run_worker
     from workers.contract.sealing import KeyFileError
     from workers.backends import BackendError, ensure_model_file
 
@@ -132,7 +134,7 @@ def worker(model_name: str, concurrency: int) -> None:
         raise click.ClickException(f"model file {spec.path} does not exist")
     config = WorkerConfig(model=spec, redis_url=settings.redis_url, database_url=settings.effective_database_url,
                           database_busy_timeout_s=settings.database_busy_timeout_s,
-                          concurrency=concurrency, loglevel=settings.log_level,
+                          concurrency=concurrency, pool=pool or settings.worker_pool, loglevel=settings.log_level,
                           time_limit_s=settings.generation_time_limit_s,
                           start_timeout_s=settings.worker_start_timeout_s,
                           redelivery_margin_s=settings.redelivery_margin_s,
@@ -142,6 +144,10 @@ def worker(model_name: str, concurrency: int) -> None:
                           output_verdict_timeout_s=settings.output_verdict_timeout_s,
                           stream_flush_interval_s=settings.stream_flush_interval_ms / 1000,
                           banner=settings.log_format != "json")
+    try:
+        check_pool(config)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         run_worker(config)
     except KeyFileError as exc:

@@ -6,7 +6,10 @@ needs SQLAlchemy, SQLModel, the audit store or the generation code, which
 would otherwise stay resident there (tens of MB) for the life of the worker.
 The model and the database engine are made here, never in the parent:
 llama.cpp-based backends hang in a child forked after the parent ran
-inference, and database connections must not cross a fork.
+inference, and database connections must not cross a fork. With the solo
+pool (``GOVGATE_WORKER_POOL=solo``) the worker's main process is its own
+pool process: it imports this module and loads it all once, before it
+consumes, and forks nothing after.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from workers.contract.privacy import Digester
 from workers.contract.sealing import SealError, Sealer, load_or_create_key
 from workers.generation import HANDED_OVER, run_job
 from workers.replies import deliver, failure, success
+from workers.runtime import POOL_SOLO
 from workers.store_prep import pending_terminals
 from workers.streams import STREAM_FLUSH_INTERVAL_S, RedisJobChannel
 
@@ -70,8 +74,10 @@ def load(config: WorkerConfig) -> None:
     _state.model = load_model(config.model)
     log.info("pid %d loaded model %s from %s in %.2fs", os.getpid(), config.model.name,
              config.model.path, time.perf_counter() - started)
+    # The worker's pid names the key: the pool process's parent, or this process with the solo pool.
+    worker_pid = os.getpid() if config.pool == POOL_SOLO else os.getppid()
     try:  # tells `govgate up` the model is served now; the worker runs without it
-        _state.redis.set(loaded_key(config.model.name, os.getppid()), os.getpid(), ex=LOADED_TTL_S)
+        _state.redis.set(loaded_key(config.model.name, worker_pid), os.getpid(), ex=LOADED_TTL_S)
     except redis.RedisError as exc:
         log.warning("could not announce the loaded model: %s", exc)
 

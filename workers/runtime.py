@@ -1,12 +1,16 @@
 """A Celery worker that serves one model's queue.
 
-This is the worker's main process: it consumes the queue and runs the pool,
-and imports no more than that needs (Celery, kombu, the transport). The
-model, the audit store and the generation code live in each pool process
-(:mod:`workers.pool`, imported after fork); the audit schema is migrated by
-a short-lived child before the worker consumes (:mod:`workers.store_prep`).
-Jobs and results are sealed and Celery's success line is cut to ids and
-timings, so neither Redis nor the log holds a prompt or an output.
+With Celery's prefork pool (the default) this is the worker's main process:
+it consumes the queue and runs the pool, and imports no more than that needs
+(Celery, kombu, the transport). The model, the audit store and the
+generation code live in each pool process (:mod:`workers.pool`, imported
+after fork). With the solo pool (``GOVGATE_WORKER_POOL=solo``) the job runs
+in this process, which then loads them itself, once, before it consumes, and
+keeps the time limits itself (:mod:`workers.job_limits`). The audit schema is
+migrated by a short-lived child before the worker consumes
+(:mod:`workers.store_prep`). Jobs and results are sealed and Celery's
+success line is cut to ids and timings, so neither Redis nor the log holds a
+prompt or an output.
 """
 
 from __future__ import annotations
@@ -21,14 +25,21 @@ import celery.app.trace
 from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
-from workers.contract.celery_config import make_celery
+from workers.contract.celery_config import HARD_LIMIT_GRACE_S, make_celery
 from workers.contract.jobs import GENERATE_TASK, queue_for
 from workers.contract.registry import ModelSpec
 from workers.contract.sealing import load_or_create_key
 
 if TYPE_CHECKING:
     from workers.heartbeat import Heartbeat
+    from workers.job_limits import JobTimeLimits
     from workers.store_prep import StorePrep
+
+#: Celery pools a worker runs (``GOVGATE_WORKER_POOL``): a pool process per slot, forked and watched by the
+#: worker's main process, or the job in the main process itself (one at a time, no IPC between two jobs).
+POOL_PREFORK = "prefork"
+POOL_SOLO = "solo"
+WORKER_POOLS = (POOL_PREFORK, POOL_SOLO)
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,8 @@ class WorkerConfig:
     redis_url: str
     database_url: str
     concurrency: int = 1
+    #: Celery's pool (:data:`WORKER_POOLS`); solo runs one job at a time, so its concurrency is 1.
+    pool: str = POOL_PREFORK
     #: How long an audit write waits for a locked database before it fails (``GOVGATE_DATABASE_BUSY_TIMEOUT_S``).
     database_busy_timeout_s: float = 30.0
     loglevel: str = "INFO"
@@ -70,6 +83,8 @@ class _Config:
     store_prep: StorePrep | None = None
     #: The main process's heartbeat (``workers.heartbeat``), once the worker consumes.
     heartbeat: Heartbeat | None = None
+    #: The solo pool's time limits (None with prefork, where Celery keeps them).
+    limits: JobTimeLimits | None = None
 
 
 _config = _Config()
@@ -82,10 +97,12 @@ def _wait_for_store(**_: Any) -> None:
 
 
 def _load_in_child(**_: Any) -> None:
-    from workers import pool  # after fork: the main process never holds the model or the audit store
+    from workers import pool  # after fork (prefork): the main process never holds the model or the audit store
 
     assert _config.value is not None, "worker started without configuration"
     pool.load(_config.value)
+    if _config.limits is not None:  # solo: this is the main thread, before the first job
+        _config.limits.start()
 
 
 def _dispose_in_child(**_: Any) -> None:
@@ -111,12 +128,16 @@ def _stop_heartbeat(**_: Any) -> None:
 
 
 def generate(payload: dict[str, Any]) -> None:
-    """The Celery task: :func:`workers.pool.generate` (imported in the pool process, where it runs)."""
+    """The Celery task: :func:`workers.pool.generate` (imported in the process that runs it)."""
     from workers import pool
 
     if pool._state.config is None:
         pool._state.config = _config.value
-    pool.generate(payload)
+    if _config.limits is None:
+        pool.generate(payload)
+        return
+    with _config.limits.running():
+        pool.generate(payload)
 
 
 #: Celery's success line without the return value (it logs ``%(return_value)s`` by default).
@@ -153,8 +174,18 @@ def worker_app(config: WorkerConfig) -> Celery:
     return app
 
 
+def check_pool(config: WorkerConfig) -> None:
+    """Refuse a pool setting the worker cannot honour (``ValueError`` with what to do instead)."""
+    if config.pool not in WORKER_POOLS:
+        raise ValueError(f"unknown worker pool {config.pool!r}: use one of {', '.join(WORKER_POOLS)}")
+    if config.pool == POOL_SOLO and config.concurrency != 1:
+        raise ValueError("the solo pool runs one job at a time: start one worker per slot instead of "
+                         f"--concurrency {config.concurrency}")
+
+
 def build_worker_app(config: WorkerConfig) -> Celery:
     """The Celery app with the generate task registered and the fork hooks wired."""
+    check_pool(config)
     _config.value = config
     celery.app.trace.LOG_SUCCESS = _LOG_SUCCESS
     one_line_per_job(config.loglevel)
@@ -162,9 +193,18 @@ def build_worker_app(config: WorkerConfig) -> Celery:
     # After fork, in each pool process: llama.cpp-based backends hang in a child
     # forked after the parent ran inference (and a model per process is the unit
     # of capacity anyway); database connections must not cross a fork either.
+    # The solo pool sends worker_process_init in the main process as it is made
+    # (after worker_init), and no worker_process_shutdown: the worker's own does.
     worker_init.connect(_wait_for_store, weak=False)
     worker_process_init.connect(_load_in_child, weak=False)
-    worker_process_shutdown.connect(_dispose_in_child, weak=False)
+    if config.pool == POOL_SOLO:
+        from workers.job_limits import JobTimeLimits
+
+        _config.limits = JobTimeLimits(config.time_limit_s, config.time_limit_s + HARD_LIMIT_GRACE_S)
+        worker_shutdown.connect(_dispose_in_child, weak=False)
+    else:
+        _config.limits = None
+        worker_process_shutdown.connect(_dispose_in_child, weak=False)
     worker_ready.connect(_start_heartbeat, weak=False)
     worker_shutdown.connect(_stop_heartbeat, weak=False)
     return app
@@ -186,7 +226,7 @@ def run_worker(config: WorkerConfig) -> None:
         *([] if config.banner else ["--quiet"]),
         "worker",
         f"--loglevel={config.loglevel}",
-        "--pool=prefork",
+        f"--pool={config.pool}",
         f"--concurrency={config.concurrency}",
         f"--queues={queue_for(config.model.name)}",
         f"--hostname={config.model.name}.{os.getpid()}@%h",

@@ -1,0 +1,142 @@
+"""Workers on Celery's solo pool (``GOVGATE_WORKER_POOL=solo``): the job in the worker's own process.
+
+The same promises as prefork's, kept by other means: the time limits by the
+worker itself (workers/job_limits.py), a dead worker's job by the broker's
+redelivery to the next worker. Real workers, a served gateway, the audit log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from govgate.processes import stop_process
+from tests.conftest import (SOLO_LIMITED_MODEL, SOLO_MODEL, SOLO_RESCUE_MODEL, bearer, spawn_cli,
+                            wait_for_worker)
+from tests.e2e.test_crash_safety import wait_for_a_generation
+from workers.contract.jobs import loaded_key
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.fixture(scope="module")
+def solo_worker(settings):
+    process = spawn_cli(settings.with_(worker_pool="solo"), "worker", "--model", SOLO_MODEL,
+                        log=settings.var_dir / "solo-worker.log")
+    wait_for_worker(settings.redis_url, SOLO_MODEL, process)
+    yield process
+    stop_process(process, timeout_s=30)
+
+
+@pytest.fixture(scope="module")
+def solo_limited_worker(settings):
+    limited = settings.with_(worker_pool="solo", generation_time_limit_s=0.3)
+    process = spawn_cli(limited, "worker", "--model", SOLO_LIMITED_MODEL,
+                        log=settings.var_dir / "solo-limited-worker.log")
+    wait_for_worker(settings.redis_url, SOLO_LIMITED_MODEL, process)
+    yield process
+    stop_process(process, timeout_s=30)
+
+
+def complete(base: str, key: str, model: str, **fields) -> httpx.Response:
+    return httpx.post(f"{base}/v1/completions", headers=bearer(key), timeout=120,
+                      json={"model": model, "prompt": "Tell", "temperature": 0, **fields})
+
+
+def test_a_solo_worker_runs_jobs_in_its_own_process(settings, served_api, solo_worker, keyring, audit_store):
+    assert children_of(solo_worker.pid) == []  # no pool process: the store's child is gone once it is ready
+    client = redis.Redis.from_url(settings.redis_url)
+    try:  # it said the model is loaded under its own pid (govgate up waits for this key)
+        assert client.get(loaded_key(SOLO_MODEL, solo_worker.pid)) == str(solo_worker.pid).encode()
+    finally:
+        client.close()
+    response = complete(served_api, keyring["admin"], SOLO_MODEL, max_tokens=8)
+    assert response.status_code == 200, (settings.var_dir / "solo-worker.log").read_text()[-5000:]
+    assert response.json()["usage"]["completion_tokens"] == 8
+    request_id = response.headers["x-govgate-request-id"]
+    entries = audit_store.entries_for(request_id)
+    assert [e.kind for e in entries] == ["request", "completion"]
+    assert entries[1].body["worker"]["pid"] == solo_worker.pid
+
+
+def test_a_solo_worker_streams(served_api, solo_worker, keyring, audit_store):
+    events = []
+    with httpx.stream("POST", f"{served_api}/v1/completions", headers=bearer(keyring["admin"]), timeout=120,
+                      json={"model": SOLO_MODEL, "prompt": "Tell", "max_tokens": 12, "temperature": 0,
+                            "stream": True}) as response:
+        assert response.status_code == 200
+        request_id = response.headers["x-govgate-request-id"]
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    text = "".join(e["choices"][0]["text"] for e in events)
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    terminal = audit_store.terminal_for(request_id)
+    assert terminal.kind == "completion" and terminal.payload["output"] == text
+
+
+def test_the_solo_pool_keeps_the_generation_time_limit(served_api, solo_limited_worker, keyring, audit_store):
+    response = complete(served_api, keyring["admin"], SOLO_LIMITED_MODEL, max_tokens=4000)
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "timed_out"
+    entry = audit_store.terminal_for(response.headers["x-govgate-request-id"])
+    assert entry.kind == "timed_out"
+    assert 0 < entry.body["usage"]["completion_tokens"] < 4000  # stopped part-way, partial output kept
+    assert entry.payload["output"]
+    # The limit ended the job, not the worker: it serves the next one.
+    assert solo_limited_worker.poll() is None
+    after = complete(served_api, keyring["admin"], SOLO_LIMITED_MODEL, max_tokens=4)
+    assert after.status_code == 200, after.text
+
+
+def test_a_killed_solo_worker_s_job_is_served_by_the_next_worker_once(settings, served_api, keyring,
+                                                                       audit_store):
+    """The job is the worker's own: killed, it waits unacknowledged in Redis until the visibility timeout."""
+    # As the prefork rescue test (test_crash_safety.py): soft limit 3 s, hard 13 s, visibility 15 s.
+    own = settings.with_(worker_pool="solo", generation_time_limit_s=3.0, redelivery_margin_s=2.0)
+    first = spawn_cli(own, "worker", "--model", SOLO_RESCUE_MODEL, log=settings.var_dir / "solo-rescue-1.log")
+    wait_for_worker(settings.redis_url, SOLO_RESCUE_MODEL, first)
+    second = None
+    found: dict = {}
+
+    def kill_the_worker() -> None:
+        request_id = wait_for_a_generation(settings.redis_url)
+        if request_id is not None:
+            found["request_id"] = request_id
+            os.kill(first.pid, signal.SIGKILL)
+
+    outcome: dict = {}
+
+    def ask() -> None:
+        outcome["response"] = complete(served_api, keyring["admin"], SOLO_RESCUE_MODEL, max_tokens=1000)
+
+    killer = threading.Thread(target=kill_the_worker)
+    asker = threading.Thread(target=ask)
+    try:
+        killer.start()
+        asker.start()
+        killer.join()
+        assert found.get("request_id"), "the generation was never seen starting"
+        first.wait(10)
+        second = spawn_cli(own, "worker", "--model", SOLO_RESCUE_MODEL, log=settings.var_dir / "solo-rescue-2.log")
+        asker.join(110)
+        response = outcome["response"]
+    finally:
+        for process in (first, second):
+            if process is not None:
+                stop_process(process, timeout_s=30)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-govgate-request-id"] == found["request_id"]
+    entries = audit_store.entries_for(found["request_id"])
+    assert [e.kind for e in entries] == ["request", "completion"]
+    assert entries[1].body["worker"]["pid"] == second.pid
+

@@ -1,0 +1,61 @@
+"""``GOVGATE_WORKER_POOL`` and ``govgate worker --pool``: which Celery pool a worker runs, checked before it starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import govgate.cli
+import workers.runtime
+from gateway.settings import Settings, SettingsError
+from workers.contract.registry import TINY_MODEL_NAME
+from workers.runtime import POOL_PREFORK, POOL_SOLO, WorkerConfig, check_pool
+
+
+def test_the_setting_defaults_to_prefork_and_refuses_other_pools() -> None:
+    assert Settings.from_env({}).worker_pool == POOL_PREFORK
+    assert Settings.from_env({"GOVGATE_WORKER_POOL": "Solo"}).worker_pool == POOL_SOLO
+    assert Settings.from_env(Settings().with_(worker_pool="solo").to_env()).worker_pool == POOL_SOLO
+    for value in ("threads", "gevent", "eventlet", "forked"):
+        with pytest.raises(SettingsError, match="GOVGATE_WORKER_POOL"):
+            Settings.from_env({"GOVGATE_WORKER_POOL": value})
+
+
+def test_solo_runs_one_job_at_a_time(tiny_spec) -> None:
+    config = WorkerConfig(model=tiny_spec, redis_url="redis://127.0.0.1:1/0", database_url="sqlite://",
+                          pool=POOL_SOLO)
+    check_pool(config)
+    with pytest.raises(ValueError, match="one job at a time"):
+        check_pool(WorkerConfig(model=tiny_spec, redis_url="redis://127.0.0.1:1/0", database_url="sqlite://",
+                                pool=POOL_SOLO, concurrency=2))
+    with pytest.raises(ValueError, match="unknown worker pool"):
+        check_pool(WorkerConfig(model=tiny_spec, redis_url="redis://127.0.0.1:1/0", database_url="sqlite://",
+                                pool="threads"))
+
+
+def invoke_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *args: str):
+    started: list[WorkerConfig] = []
+    monkeypatch.setattr(workers.runtime, "run_worker", started.append)  # the command's checks, not a worker
+    monkeypatch.setattr(govgate.cli, "_configure_logging", lambda settings: None)
+    env = {"GOVGATE_VAR_DIR": str(tmp_path), "GOVGATE_REDIS_URL": "redis://127.0.0.1:1/0", **env}
+    result = CliRunner().invoke(govgate.cli.main, ["worker", "--model", TINY_MODEL_NAME, *args], env=env)
+    return result, started
+
+
+def test_the_worker_command_takes_the_setting_or_its_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result, started = invoke_worker(tmp_path, monkeypatch, {"GOVGATE_WORKER_POOL": "solo"})
+    assert result.exit_code == 0, result.output
+    assert started[0].pool == POOL_SOLO
+    result, started = invoke_worker(tmp_path, monkeypatch, {"GOVGATE_WORKER_POOL": "solo"}, "--pool", "prefork",
+                                    "--concurrency", "2")
+    assert result.exit_code == 0, result.output
+    assert (started[0].pool, started[0].concurrency) == (POOL_PREFORK, 2)
+
+
+def test_the_worker_command_refuses_solo_with_more_than_one_slot(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    result, started = invoke_worker(tmp_path, monkeypatch, {}, "--pool", "solo", "--concurrency", "3")
+    assert result.exit_code != 0 and started == []
+    assert "one job at a time" in result.output and "Traceback" not in result.output
