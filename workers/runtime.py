@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,10 +162,15 @@ def one_line_per_job(loglevel: str) -> None:
         logging.getLogger(_RECEIVED_LOGGER).setLevel(logging.WARNING)
 
 
+def node_name(config: WorkerConfig) -> str:
+    """This worker's Celery node name, ``<model>.<pid>@<host>``: unique while it runs, as Celery wants."""
+    return f"{config.model.name}.{os.getpid()}@{socket.gethostname()}"
+
+
 def worker_app(config: WorkerConfig) -> Celery:
     """The worker's Celery app: the broker's settings, the pool's start timeout, the generate task."""
     app = make_celery(config.redis_url, time_limit_s=config.time_limit_s,
-                      redelivery_margin_s=config.redelivery_margin_s)
+                      redelivery_margin_s=config.redelivery_margin_s, owner=node_name(config))
     # A pool process says it is up only once worker_process_init has loaded the model (build_worker_app);
     # Celery kills one that has not after worker_proc_alive_timeout, 4 s by default, and starts another,
     # which a model that takes longer to load never survives.
@@ -229,7 +235,7 @@ def run_worker(config: WorkerConfig) -> None:
         f"--pool={config.pool}",
         f"--concurrency={config.concurrency}",
         f"--queues={queue_for(config.model.name)}",
-        f"--hostname={config.model.name}.{os.getpid()}@%h",
+        f"--hostname={node_name(config)}",
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",

@@ -128,17 +128,18 @@ def test_generation_time_limit_gives_504_and_a_timed_out_entry(served_api, limit
 
 
 def test_a_whole_worker_killed_mid_generation_is_rescued_by_another(settings, served_api, keyring, audit_store):
-    """The unacknowledged task of a dead worker goes to another once the visibility timeout passes."""
-    from tests.conftest import RESCUE_MODEL
+    """The unacknowledged task of a dead worker goes to another as soon as a worker sees it dead.
 
-    # Soft limit 3 s: hard 13 s; a redelivery margin of 2 s (GOVGATE_REDELIVERY_MARGIN_S, default 30)
-    # puts the visibility timeout at 15 s, which the test waits about (the default's 43 s would say
-    # the same, later). The request asks for 1000 tokens, well inside 3 s even on a busy machine,
-    # so the rescuer's own run never outlasts its visibility timeout (its hard limit, 2 s before it,
-    # kills it first).
-    # (A worker's restore applies its timeout to every unacknowledged task in the Redis; no other job
-    # runs meanwhile, the suite's tests being sequential.)
-    own = settings.with_(generation_time_limit_s=3.0, redelivery_margin_s=2.0)
+    Each worker keeps its deliveries under keys of its own (workers/contract/delivery_owners.py); a
+    worker's periodic restore hands back a dead one's at once. With the default limits the visibility
+    timeout is 100 s and the gateway's request timeout here 60 s: a 200 means the task went back
+    because its worker was seen dead, not because the timeout passed.
+    """
+    from tests.conftest import RESCUE_MODEL
+    from workers.contract.celery_config import visibility_timeout_s
+
+    own = settings
+    assert own.request_timeout_s < visibility_timeout_s(own.generation_time_limit_s, own.redelivery_margin_s)
     first = spawn_cli(own, "worker", "--model", RESCUE_MODEL, log=settings.var_dir / "rescue-1.log")
     wait_for_worker(settings.redis_url, RESCUE_MODEL, first)
     second = None

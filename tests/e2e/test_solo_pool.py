@@ -21,6 +21,7 @@ from govgate.processes import stop_process
 from tests.conftest import (SOLO_LIMITED_MODEL, SOLO_MODEL, SOLO_RESCUE_MODEL, bearer, spawn_cli,
                             wait_for_worker)
 from tests.e2e.test_crash_safety import wait_for_a_generation
+from workers.contract.celery_config import visibility_timeout_s
 from workers.contract.jobs import loaded_key
 
 
@@ -100,9 +101,14 @@ def test_the_solo_pool_keeps_the_generation_time_limit(served_api, solo_limited_
 
 def test_a_killed_solo_worker_s_job_is_served_by_the_next_worker_once(settings, served_api, keyring,
                                                                        audit_store):
-    """The job is the worker's own: killed, it waits unacknowledged in Redis until the visibility timeout."""
-    # As the prefork rescue test (test_crash_safety.py): soft limit 3 s, hard 13 s, visibility 15 s.
-    own = settings.with_(worker_pool="solo", generation_time_limit_s=3.0, redelivery_margin_s=2.0)
+    """The job dies with the worker; the next worker's first look at the dead one's deliveries hands it back.
+
+    With the default limits the visibility timeout is 100 s and the gateway's request timeout here 60 s:
+    a 200 means the job went back because its worker was seen dead (workers/contract/delivery_owners.py),
+    not because the timeout passed.
+    """
+    own = settings.with_(worker_pool="solo")
+    assert own.request_timeout_s < visibility_timeout_s(own.generation_time_limit_s, own.redelivery_margin_s)
     first = spawn_cli(own, "worker", "--model", SOLO_RESCUE_MODEL, log=settings.var_dir / "solo-rescue-1.log")
     wait_for_worker(settings.redis_url, SOLO_RESCUE_MODEL, first)
     second = None

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery
 
-from workers.contract.kombu_redis import TRANSPORT_NAME  # importing it registers the transport with kombu
+from workers.contract.kombu_redis import OWNER_OPTION, TRANSPORT_NAME  # importing it registers the transport
 
 #: Priorities 0 (highest, Celery-on-Redis convention) to 9; each has its own list.
 PRIORITY_STEPS = list(range(10))
@@ -69,16 +69,19 @@ def celery_redis_url(redis_url: str) -> str:
 
 
 def make_celery(redis_url: str, *, time_limit_s: float = 60.0,
-                redelivery_margin_s: float = VISIBILITY_MARGIN_S) -> Celery:
+                redelivery_margin_s: float = VISIBILITY_MARGIN_S, owner: str | None = None) -> Celery:
     """A configured Celery app on ``redis_url`` (the broker; no result backend).
 
     ``time_limit_s`` is a generation's soft time limit; the hard limit and
     the broker's visibility timeout are derived from it so they stay in the
     order that makes redelivery safe (soft < hard < visibility).
     ``redelivery_margin_s`` is the visibility timeout's margin over the hard
-    limit (:func:`visibility_timeout_s`); the worker that restores a dead
-    worker's task applies its own, to every unacknowledged task in its Redis
-    (kombu keeps one index of them), so workers sharing a Redis should agree.
+    limit (:func:`visibility_timeout_s`); a worker that restores another live
+    worker's task past it applies its own, so workers sharing a Redis should
+    agree. ``owner`` (a worker's Celery node name) keeps that worker's
+    unacknowledged deliveries under keys of its own, so they go back at once
+    when it dies (:mod:`workers.contract.delivery_owners`); without it, in
+    kombu's shared keys (clients that never consume).
     """
     url = celery_redis_url(redis_url)
     hard_limit_s = time_limit_s + HARD_LIMIT_GRACE_S
@@ -106,6 +109,7 @@ def make_celery(redis_url: str, *, time_limit_s: float = 60.0,
             # Look for abandoned messages every ~2 s (default: ~100 s).
             "unacked_restore_interval": 2,
             "unacked_restore_throttle": 1,
+            **({OWNER_OPTION: owner} if owner else {}),
         },
         enable_utc=True,
     )

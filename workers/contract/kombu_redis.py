@@ -52,6 +52,7 @@ transport aliases when this module is imported.
 from __future__ import annotations
 
 import logging
+import socket
 from contextlib import contextmanager
 from queue import Empty
 from time import monotonic, time
@@ -60,6 +61,7 @@ from typing import Any, Iterator
 import redis
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
+from kombu.transport.redis import Mutex, MutexHeld
 from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
@@ -68,12 +70,18 @@ from redis.exceptions import NoScriptError
 
 from workers.contract import fair_order
 from workers.contract.deferred_replies import DeferredReplies, ignore_reply
+from workers.contract.delivery_owners import (LEGACY_KEYS, OWNERS_KEY, Owner, is_dead, owner_keys,
+                                              process_started_at, this_process)
 from workers.contract.fair_queues import PART_SEP, parse_fair_queue, registry_key, waiting_key, wake_key
+from workers.contract.liveness import LIVE_SCRIPT, WORKERS_KEY
 
 log = logging.getLogger(__name__)
 
 #: The broker URL scheme of this transport (``govgate-redis://``, ``govgate-redis+socket://``).
 TRANSPORT_NAME = "govgate-redis"
+#: Transport option naming the worker whose deliveries a channel keeps under keys of its own
+#: (``workers/contract/delivery_owners.py``); absent, kombu's shared keys.
+OWNER_OPTION = "govgate_owner"
 
 
 class QoS(kombu_redis.QoS):
@@ -118,6 +126,73 @@ class QoS(kombu_redis.QoS):
     def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
         self.channel.settle_deferred()
         super().restore_by_tag(tag, client, leftmost)
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        """kombu's sweep, per owner: a dead worker's deliveries go back at once, a live one's after the
+        visibility timeout (``workers/contract/delivery_owners.py``); then kombu's shared keys, as kombu's."""
+        self._vrestore_count += 1
+        if (self._vrestore_count - 1) % (interval or 1):
+            return
+        self.channel.settle_deferred()
+        with self.channel.conn_or_acquire() as client:
+            try:
+                with Mutex(client, self.unacked_mutex_key, self.unacked_mutex_expire):
+                    self._sweep(client, num)
+            except MutexHeld:
+                pass
+
+    def _sweep(self, client: Any, num: int) -> None:
+        now = time()
+        visible_before = now - self.visibility_timeout
+        mine = self.channel.owner
+        owners = client.hgetall(OWNERS_KEY)
+        live = {bytes_to_str(m).split("\n", 1)[-1] for m in client.eval(LIVE_SCRIPT, 1, WORKERS_KEY)} if owners else set()
+        host = socket.gethostname()
+        for raw_node, raw in owners.items():
+            node = bytes_to_str(raw_node)
+            owner = Owner.parse(node, raw)
+            hash_key, index_key = owner_keys(node)
+            if mine is not None and node == mine.node:
+                # what the keys held before this process registered is a predecessor's of the same name
+                self._restore_older(client, hash_key, index_key, max(visible_before, mine.since), None)
+            elif owner is not None and is_dead(owner, live, host=host, now=now):
+                self._restore_older(client, hash_key, index_key, float("inf"), None)
+                self._forget_owner(client, node, hash_key, index_key)
+            else:
+                self._restore_older(client, hash_key, index_key, visible_before, num)
+        self._restore_older(client, *LEGACY_KEYS, visible_before, num)
+
+    def _restore_older(self, client: Any, hash_key: str, index_key: str, before: float, num: int | None) -> None:
+        """Hand back the deliveries of one owner's keys indexed before ``before`` (at most ``num``; None: all)."""
+        while True:
+            batch = num if num else 100
+            tags = client.zrange(index_key, "(" + repr(before) if before != float("inf") else "+inf", 0,
+                                 desc=True, byscore=True, offset=0, num=batch)
+            for tag in tags:
+                self._restore_from(client, tag, hash_key, index_key)
+            if num or len(tags) < batch:
+                return
+
+    def _restore_from(self, client: Any, tag: Any, hash_key: str, index_key: str) -> None:
+        """kombu's ``restore_by_tag`` on an owner's keys: a transaction WATCHing the payload."""
+
+        def restore_transaction(pipe: Any) -> None:
+            payload = pipe.hget(hash_key, tag)
+            pipe.multi()
+            pipe.zrem(index_key, tag)
+            pipe.hdel(hash_key, tag)
+            if payload:
+                message, exchange, routing_key = loads(bytes_to_str(payload))
+                self.channel._do_restore_message(message, exchange, routing_key, pipe, False)
+
+        client.transaction(restore_transaction, hash_key)
+
+    @staticmethod
+    def _forget_owner(client: Any, node: str, hash_key: str, index_key: str) -> None:
+        """A dead owner whose deliveries are all back: its registration and keys go."""
+        if client.zcard(index_key) == 0 and client.hlen(hash_key) == 0:
+            client.hdel(OWNERS_KEY, node)
+            client.delete(hash_key, index_key)
 
     def _forget(self, delivery_tag: Any, *, deferred: bool = False) -> None:
         """The payload first: from then on no restore can bring the delivery back.
@@ -183,10 +258,29 @@ class Channel(kombu_redis.Channel):
     #: picks sent whose replies (the next order) have not been read
     _picks_outstanding: int = 0
 
+    #: The worker whose deliveries this channel keeps under keys of its own (None: kombu's shared keys).
+    owner: Owner | None = None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._orders, self._wakes, self._in_service, self._corrections = {}, {}, {}, {}
         self._deferred = DeferredReplies()
         super().__init__(*args, **kwargs)
+        node = self.connection.client.transport_options.get(OWNER_OPTION)
+        if node:
+            self.unacked_key, self.unacked_index_key = owner_keys(node)
+            self.owner = self._register(this_process(node))
+
+    def _register(self, owner: Owner) -> Owner:
+        """Say whose keys these are before the first delivery (an owner registered once keeps its first time)."""
+        with self.conn_or_acquire() as client:
+            if not client.hsetnx(OWNERS_KEY, owner.node, owner.record()):
+                known = Owner.parse(owner.node, client.hget(OWNERS_KEY, owner.node) or b"")
+                started = process_started_at(owner.pid) or owner.since
+                if known is not None and (known.host, known.pid) == (owner.host, owner.pid) \
+                        and known.since >= started - 1.0:
+                    return known  # another channel of this process registered first
+                client.hset(OWNERS_KEY, owner.node, owner.record())  # a predecessor of the same name
+        return owner
 
     def send_deferred(self, commands: list[tuple[Any, ...]], handlers: list[Any]) -> None:
         """Send ``commands`` on the channel's deferred connection; each reply goes to its handler later."""

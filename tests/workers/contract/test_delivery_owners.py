@@ -1,0 +1,180 @@
+"""A dead worker's unacknowledged deliveries go back at once; a live one's only past the visibility timeout.
+
+Real Redis, kombu channels of this transport (``workers/contract/kombu_redis.py``) with an owner each,
+as workers have (``workers/contract/delivery_owners.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import pytest
+import redis as redis_py
+
+from workers.contract.celery_config import make_celery
+from workers.contract.delivery_owners import (OWNERS_KEY, REGISTRATION_GRACE_S, Owner, is_dead, owner_keys,
+                                              process_started_at)
+from workers.contract.liveness import BEAT_SCRIPT, WORKERS_KEY, member
+
+QUEUE = "model.owners-test"
+
+
+@pytest.fixture
+def client(redis_server) -> Iterator[redis_py.Redis]:
+    client = redis_py.Redis.from_url(redis_server.url)
+    client.delete(OWNERS_KEY, WORKERS_KEY, QUEUE)
+    yield client
+    client.delete(OWNERS_KEY, WORKERS_KEY, QUEUE)
+    for key in client.keys("govgate:unacked*"):
+        client.delete(key)
+    client.close()
+
+
+@contextmanager
+def worker_channel(redis_server, node: str):
+    """A channel as the worker named ``node`` has it (its deliveries under its own keys)."""
+    app = make_celery(redis_server.url, owner=node)
+    try:
+        with app.connection_for_write() as connection:
+            yield connection.default_channel
+    finally:
+        app.close()
+
+
+def publish(channel, *bodies: str) -> None:
+    channel.queue_declare(QUEUE)
+    for body in bodies:
+        channel.basic_publish(channel.prepare_message(body), "", QUEUE)
+
+
+def take(channel):
+    """One delivery the channel holds unacknowledged (as a worker holds the job it runs)."""
+    message = channel.basic_get(QUEUE, no_ack=False)
+    assert message is not None
+    channel.settle_deferred()
+    return message
+
+
+def abandon(channel) -> None:
+    """Forget the deliveries in memory, as a killed worker does: closing the channel must not hand them back."""
+    channel.qos._delivered.clear()
+
+
+def exited_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def sweep(channel) -> None:
+    channel.qos.restore_visible(num=10, interval=1)
+
+
+def test_a_worker_registers_and_keeps_its_deliveries_under_its_own_keys(redis_server, client):
+    node = f"owned.{os.getpid()}@{socket.gethostname()}"
+    with worker_channel(redis_server, node) as channel:
+        publish(channel, "a")
+        message = take(channel)
+        hash_key, index_key = owner_keys(node)
+        assert (channel.unacked_key, channel.unacked_index_key) == (hash_key, index_key)
+        assert client.hget(hash_key, message.delivery_tag) is not None
+        assert client.hlen("unacked") == 0  # not in kombu's shared keys
+        owner = Owner.parse(node, client.hget(OWNERS_KEY, node))
+        assert (owner.host, owner.pid) == (socket.gethostname(), os.getpid())
+        sweep(channel)  # its own fresh delivery stays where it is
+        assert client.hget(hash_key, message.delivery_tag) is not None and client.llen(QUEUE) == 0
+        message.ack()
+        channel.settle_deferred()
+        assert client.hlen(hash_key) == 0
+
+
+def test_the_deliveries_of_a_worker_whose_process_is_gone_go_back_at_the_next_sweep(redis_server, client):
+    dead = f"dead.1@{socket.gethostname()}"
+    with worker_channel(redis_server, dead) as channel:
+        publish(channel, "a", "b")
+        take(channel), take(channel)
+        abandon(channel)
+    # the worker "died" holding both: its process is gone
+    client.hset(OWNERS_KEY, dead, Owner(dead, socket.gethostname(), exited_pid(), time.time()).record())
+    with worker_channel(redis_server, f"alive.{os.getpid()}@{socket.gethostname()}") as other:
+        assert client.llen(QUEUE) == 0
+        sweep(other)
+        assert client.llen(QUEUE) == 2  # at once, not after the visibility timeout
+        assert not client.exists(*owner_keys(dead)) and not client.hexists(OWNERS_KEY, dead)
+        again = take(other)
+        assert again.delivery_info.get("redelivered") or again.headers.get("redelivered")
+
+
+def test_a_live_workers_deliveries_go_back_only_past_the_visibility_timeout(redis_server, client):
+    here = socket.gethostname()
+    live = f"live.{os.getpid()}@{here}"
+    with worker_channel(redis_server, live) as channel:
+        publish(channel, "fresh", "stale")
+        fresh, stale = take(channel), take(channel)
+        hash_key, index_key = owner_keys(live)
+        client.zadd(index_key, {stale.delivery_tag: 1})  # delivered long ago
+        with worker_channel(redis_server, f"sweeper.{os.getpid()}@{here}") as other:
+            sweep(other)
+        assert client.llen(QUEUE) == 1  # the stale one only
+        assert client.hget(hash_key, fresh.delivery_tag) is not None
+        assert client.hget(hash_key, stale.delivery_tag) is None
+
+
+@pytest.mark.parametrize("beating, registered_ago, gone", [
+    (True, REGISTRATION_GRACE_S * 2, False),     # in the heartbeat set: alive
+    (False, 1.0, False),                         # just registered, no heartbeat yet: alive
+    (False, REGISTRATION_GRACE_S * 2, True),     # silent and old: gone
+])
+def test_a_worker_on_another_host_is_judged_by_its_heartbeat(redis_server, client, beating, registered_ago, gone):
+    node = "remote.7@elsewhere"
+    with worker_channel(redis_server, f"holder.{os.getpid()}@{socket.gethostname()}") as holder:
+        publish(holder, "a")
+        message = take(holder)
+        # move the delivery into the remote worker's keys, as if it had taken it
+        payload = client.hget(holder.unacked_key, message.delivery_tag)
+        client.hdel(holder.unacked_key, message.delivery_tag)
+        client.zrem(holder.unacked_index_key, message.delivery_tag)
+        hash_key, index_key = owner_keys(node)
+        client.hset(hash_key, message.delivery_tag, payload)
+        client.zadd(index_key, {message.delivery_tag: time.time()})
+        client.hset(OWNERS_KEY, node, Owner(node, "elsewhere", 7, time.time() - registered_ago).record())
+        abandon(holder)
+        if beating:
+            client.eval(BEAT_SCRIPT, 1, WORKERS_KEY, member("remote", node), 15)
+        sweep(holder)
+        assert client.llen(QUEUE) == (1 if gone else 0)
+        assert client.hexists(OWNERS_KEY, node) == (not gone)
+
+
+def test_a_worker_restarted_under_its_name_hands_back_what_its_keys_held(redis_server, client):
+    node = f"same.{os.getpid()}@{socket.gethostname()}"
+    hash_key, index_key = owner_keys(node)
+    with worker_channel(redis_server, node) as first:
+        publish(first, "a")
+        take(first)
+        abandon(first)
+    # its predecessor of the same name (a container's pid 1 again) registered before this process started
+    client.hset(OWNERS_KEY, node, Owner(node, socket.gethostname(), os.getpid(),
+                                        process_started_at(os.getpid()) - 60).record())
+    with worker_channel(redis_server, node) as second:
+        assert Owner.parse(node, client.hget(OWNERS_KEY, node)).since > time.time() - 30  # registered anew
+        publish(second, "b")
+        mine = take(second)
+        sweep(second)
+        assert client.llen(QUEUE) == 1  # the predecessor's "a", not its own "b"
+        assert client.hget(hash_key, mine.delivery_tag) is not None
+
+
+def test_a_pid_now_used_by_a_later_process_counts_as_gone():
+    here = socket.gethostname()
+    me = Owner("w.1@" + here, here, os.getpid(), time.time())
+    assert not is_dead(me, set(), host=here, now=time.time())
+    before_me = Owner("w.1@" + here, here, os.getpid(), process_started_at(os.getpid()) - 60)
+    assert is_dead(before_me, set(), host=here, now=time.time())
+    assert is_dead(Owner("w.2@" + here, here, exited_pid(), time.time()), set(), host=here, now=time.time())

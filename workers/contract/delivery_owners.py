@@ -1,0 +1,121 @@
+"""Whose unacknowledged deliveries are whose, so a dead worker's jobs go back at once.
+
+kombu's Redis transport keeps every worker's unacknowledged deliveries in
+one hash and one index (``unacked``, ``unacked_index``) that record no
+owner, so when a whole worker dies nobody can tell its deliveries from a
+live worker's long job: they go back to their queues only once the broker's
+visibility timeout has passed (generation hard limit + 30 s: 100 s by
+default). Prefork hides that for a pool process's death (its parent
+requeues the job at once), not for the worker's own; with the solo pool
+(``GOVGATE_WORKER_POOL=solo``) every crash is the worker's own.
+
+So each worker keeps its deliveries under keys of its own (kombu's
+``unacked_key``/``unacked_index_key`` transport options, named by the
+worker's Celery node name, :func:`owner_keys`) and registers them in
+:data:`OWNERS_KEY` with its host and pid. Every worker's periodic restore
+(``workers/contract/kombu_redis.py``, every ~2 s) then hands back at once
+all deliveries of an owner that is dead (:func:`is_dead`): on the same host,
+its pid is gone (seen the moment it exits); elsewhere, it left the
+heartbeat set (``workers/contract/liveness.py``, within
+``HEARTBEAT_TTL_S``) and registered longer ago than that. Deliveries of live
+owners still go back after the visibility timeout, as before (a worker
+wedged with its process alive). A worker restarted under the same node name
+(a container's pid 1 again) hands back, at its first restore, whatever its
+keys held from before it started.
+
+Names here are the contract between workers; the gateway reads none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from workers.contract.liveness import HEARTBEAT_TTL_S
+
+#: Hash: worker node name → JSON ``{"host", "pid", "since"}`` (``since``: Unix seconds it registered).
+OWNERS_KEY = "govgate:unacked:owners"
+#: kombu's own keys: where deliveries of workers without an owner (older versions) are kept.
+LEGACY_KEYS = ("unacked", "unacked_index")
+#: An owner on another host that registered less than this long ago counts as alive without a heartbeat
+#: (its heartbeat starts once its consumer is ready, after it registered).
+REGISTRATION_GRACE_S = HEARTBEAT_TTL_S + 30
+
+
+def owner_keys(node: str) -> tuple[str, str]:
+    """The unacked hash and index of the worker named ``node`` (Celery's ``<model>.<pid>@<host>``)."""
+    return f"govgate:unacked:{node}", f"govgate:unacked-index:{node}"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A registered worker: its node name, host and pid, and when it registered."""
+
+    node: str
+    host: str
+    pid: int
+    since: float
+
+    def record(self) -> str:
+        return json.dumps({"host": self.host, "pid": self.pid, "since": self.since})
+
+    @classmethod
+    def parse(cls, node: str, raw: str | bytes) -> Owner | None:
+        """The owner a registry entry names; None for an entry that cannot be read (left alone)."""
+        try:
+            fields = json.loads(raw)
+            return cls(node, str(fields["host"]), int(fields["pid"]), float(fields["since"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+def this_process(node: str) -> Owner:
+    """The owner record of this worker process."""
+    return Owner(node, socket.gethostname(), os.getpid(), time.time())
+
+
+def process_started_at(pid: int) -> float | None:
+    """When the process ``pid`` on this host started (Unix seconds), None if there is none.
+
+    Linux's ``/proc``; elsewhere only whether the pid exists is known (then: now, if it does).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        with open("/proc/stat", "rb") as system:
+            boot = next(float(line.split()[1]) for line in system if line.startswith(b"btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 (starttime), after "pid (comm)"
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, IndexError, StopIteration):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return time.time()
+
+
+def is_dead(owner: Owner, live_nodes: set[str], *, host: str, now: float) -> bool:
+    """Whether ``owner`` is gone, so its deliveries can be handed back now.
+
+    On this host its process answers for it: gone the moment it exits, or
+    when its pid now belongs to a process that started after it registered
+    (pid reuse). Elsewhere only the heartbeat can tell (``live_nodes``: the
+    worker names in it), once the registration is older than a heartbeat's
+    life. A live owner's deliveries still go back after the visibility
+    timeout, as kombu's always did.
+    """
+    if owner.host == host:
+        started = process_started_at(owner.pid)
+        return started is None or started > owner.since + PID_REUSE_SLACK_S
+    return owner.node not in live_nodes and now - owner.since > REGISTRATION_GRACE_S
+
+
+#: A process that started this much after its pid's owner registered is another process (clock ticks and
+#: the registration's own delay stay well inside it).
+PID_REUSE_SLACK_S = 5.0
