@@ -178,3 +178,15 @@ def test_a_pid_now_used_by_a_later_process_counts_as_gone():
     before_me = Owner("w.1@" + here, here, os.getpid(), process_started_at(os.getpid()) - 60)
     assert is_dead(before_me, set(), host=here, now=time.time())
     assert is_dead(Owner("w.2@" + here, here, exited_pid(), time.time()), set(), host=here, now=time.time())
+
+
+def test_a_worker_whose_registration_was_lost_registers_again_at_its_next_sweep(redis_server, client):
+    node = f"relost.{os.getpid()}@{socket.gethostname()}"
+    with worker_channel(redis_server, node) as channel:
+        publish(channel, "a")
+        message = take(channel)
+        client.delete(OWNERS_KEY)  # as after a Redis restart that kept the queues but not the registry
+        client.zadd(owner_keys(node)[1], {message.delivery_tag: 1})  # and its delivery long unacknowledged
+        sweep(channel)
+        assert client.hexists(OWNERS_KEY, node)
+        assert client.llen(QUEUE) == 1  # its own stale delivery went back, as kombu's would
