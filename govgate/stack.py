@@ -122,16 +122,26 @@ def wait_for_api(url: str, stack: Stack, timeout_s: float = 60) -> None:
     raise StartupError(f"the API did not become healthy at {url} within {timeout_s:.0f}s")
 
 
-def check_alive(stack: Stack) -> None:
-    """Raise ``StartupError`` naming the first child that has exited, with its log's last line."""
+def check_alive(stack: Stack, *, workers: bool = True) -> None:
+    """Raise ``StartupError`` naming the first child that has exited, with its log's last line.
+
+    ``workers=False`` leaves the workers out: ``govgate up`` restarts those itself (govgate/restarts.py).
+    """
     for name, proc in stack.children().items():
+        if not workers and name.startswith("worker "):
+            continue
         code = proc.poll()
         if code is not None:
-            if not stack.logs or name == "redis":
-                raise StartupError(f"{name} exited with code {code}")
-            log = stack.logs / (name.replace(" ", "-") + ".log")
-            last = _last_line(log)
-            raise StartupError(f"{name} exited with code {code}{': ' + last if last else ''} (see {log})")
+            raise StartupError(f"{name} {exit_reason(stack, name, code)}")
+
+
+def exit_reason(stack: Stack, name: str, code: int) -> str:
+    """``exited with code C: <last line of its log> (see <log>)`` for the child ``name`` of :meth:`Stack.children`."""
+    if not stack.logs or name == "redis":
+        return f"exited with code {code}"
+    log = stack.logs / (name.replace(" ", "-") + ".log")
+    last = _last_line(log)
+    return f"exited with code {code}{': ' + last if last else ''} (see {log})"
 
 
 def _last_line(log: Path) -> str:

@@ -23,7 +23,8 @@ from typing import Callable, TextIO
 
 from govgate.processes import child_preexec
 from govgate.redis_server import RedisProcess, RedisUnavailable, ping
-from govgate.stack import Stack, StartupError, api_can_serve, check_alive
+from govgate.restarts import GiveUp, RestartPolicy
+from govgate.stack import Stack, StartupError, api_can_serve, check_alive, exit_reason
 from gateway.settings import Settings
 from workers.contract.registry import Registry, RegistryError, load_registry
 
@@ -126,6 +127,13 @@ class Launcher:
     then waits in the queue and is taken when it attaches, so nothing sent
     once the key is there is lost. A Celery ping confirmed the consumer
     too, at the price of Celery's imports in this long-lived process.
+
+    A worker that exits is started again under its :class:`RestartPolicy`
+    (without blocking the loop: a restart is due at a time), unless the
+    stack is still starting and that worker never got ready: then its
+    model cannot be served as configured (a broken file, a bad setting) and
+    the start fails naming the reason, rather than loop. The API and Redis
+    are not restarted: their exit stops the stack (:func:`check_alive`).
     """
 
     def __init__(self, settings: Settings, stack: Stack, env: dict[str, str], redis_url: str,
@@ -139,6 +147,12 @@ class Launcher:
         self.api_ready = False
         self.api_started = 0.0
         self.pending: dict[str, float] = {}  # model -> when its worker was started
+        #: The startup phase is over (the banner is out): a worker that exits now is restarted.
+        self.serving = False
+        self.ever_ready: set[str] = set()
+        self.policies: dict[str, RestartPolicy] = {}
+        self.restart_due: dict[str, float] = {}  # model -> when its exited worker is started again
+        self.given_up: set[str] = set()
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -152,25 +166,64 @@ class Launcher:
         log_file = private_log(self.logs / f"worker-{name}.log")
         self.stack.workers[name] = _spawn(["worker", "--model", name], self.env, log_file)
         self.pending[name] = time.monotonic()
+        self.policies.setdefault(name, RestartPolicy()).started(self.pending[name])
         # A key left by an earlier run's worker with the same pid must not count (it loads for seconds).
         self.redis.delete(_loaded_key(name, self.stack.workers[name].pid))
 
     def poll(self, timeout_s: float = 120, api_timeout_s: float = 60) -> list[str]:
-        """Check once; the models whose workers became ready since the last call."""
-        check_alive(self.stack)
+        """Check once; the models whose workers became ready for the first time since the last call.
+
+        A restarted worker that is ready again is announced here ("ready again after …").
+        """
+        check_alive(self.stack, workers=False)
+        self._restart_exited()
         if not self.api_ready and self.stack.api is not None:
             self.api_ready = api_can_serve(self.health_url)
             if not self.api_ready and time.monotonic() - self.api_started > api_timeout_s:
                 raise StartupError(f"the API did not become ready at {self.health_url} within {api_timeout_s:.0f}s")
         if not self.pending:
             return []
-        ready = [name for name in self.pending if self._loaded(name)]
-        for name in ready:
-            del self.pending[name]
-        late = [name for name, since in self.pending.items() if time.monotonic() - since > timeout_s]
+        first_time: list[str] = []
+        for name in [name for name in self.pending if self._loaded(name)]:
+            since = self.pending.pop(name)
+            if name in self.ever_ready:
+                self.say(f"  model {name}: ready again after {time.monotonic() - since:.1f}s")
+            else:
+                self.ever_ready.add(name)
+                first_time.append(name)
+        # A restarted worker that is slow to load is not a failed start: its requests wait in its queue.
+        late = [name for name, since in self.pending.items()
+                if name not in self.ever_ready and time.monotonic() - since > timeout_s]
         if late:
             raise StartupError(f"no worker answered for {sorted(late)} within {timeout_s:.0f}s")
-        return ready
+        return first_time
+
+    def _restart_exited(self) -> None:
+        """Decide for each worker found exited, and start those whose wait is over."""
+        now = time.monotonic()
+        for name, proc in list(self.stack.workers.items()):
+            code = proc.poll()
+            if code is None or name in self.restart_due or name in self.given_up:
+                continue
+            why = exit_reason(self.stack, f"worker {name}", code)
+            if not self.serving and name not in self.ever_ready:
+                raise StartupError(f"worker {name} {why}")
+            self.pending.pop(name, None)
+            policy = self.policies.setdefault(name, RestartPolicy())
+            decision = policy.exited(now)
+            if isinstance(decision, GiveUp):
+                self.given_up.add(name)
+                self.say(f"  worker for model {name}: {why}; restarted {decision.recent} times in the last "
+                         f"{policy.window_s:.0f}s, so not again: requests for {name} wait in its queue until they time "
+                         "out; the rest keeps serving (fix it, then restart govgate up)")
+            else:
+                self.restart_due[name] = now + decision.delay_s
+                self.say(f"  worker for model {name}: {why}; restarting in {decision.delay_s:g}s "
+                         f"({decision.recent} in the last {policy.window_s:.0f}s)")
+        for name, due in list(self.restart_due.items()):
+            if now >= due:
+                del self.restart_due[name]
+                self.start_worker(name)
 
     def _loaded(self, name: str) -> bool:
         """Its pool process has loaded the model."""
@@ -272,10 +325,11 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
         launcher.start_worker(first)
         # While they boot: the other models' files (assembling one takes seconds on a cold start).
         ensure_models(Registry({name: registry.models[name] for name in later}), say)
-        while not stopping and not (launcher.api_ready and first not in launcher.pending):
+        while not stopping and not (launcher.api_ready and first in launcher.ever_ready):
             launcher.poll()
             time.sleep(STARTUP_POLL_S)
         if not stopping:
+            launcher.serving = True
             _banner(settings, first, later, launcher.elapsed(), say)
             database = DatabaseStep(env, stack.logs / "database.log")
             for name in later:

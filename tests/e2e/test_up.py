@@ -157,6 +157,79 @@ def test_up_serves_a_governed_request_and_stops_cleanly(up_env):
     assert again.interrupt() == 0
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live children of ``pid`` (its main thread's, where ``govgate up`` starts them)."""
+    listed = Path(f"/proc/{pid}/task/{pid}/children")
+    if listed.exists():
+        return [int(child) for child in listed.read_text().split()]
+    found = []  # kernels without CONFIG_PROC_CHILDREN: every process's parent
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"\nPPid:\t{pid}\n" in (entry / "status").read_text():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def worker_pid(up: Up, model: str) -> int:
+    """The main process of the ``govgate worker --model MODEL`` child of ``govgate up``."""
+    for pid in child_pids(up.process.pid):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        except OSError:
+            continue
+        if args[-3:] == [b"worker", b"--model", model.encode()]:
+            return pid
+    raise AssertionError(f"no worker for {model} among the children of govgate up:\n" + "\n".join(up.seen))
+
+
+def test_up_restarts_a_killed_worker_and_keeps_serving(up_env):
+    """A worker killed while serving is started again; the API stays up; Ctrl-C mid-restart leaves nothing."""
+    env, var_dir, base = up_env
+    up = Up(env)
+    up.wait_for(r"Ctrl-C stops everything")
+    up.wait_for(r"admin API key \(shown once, keep it\): gk_")  # the database step is done
+    user_key = subprocess.run([sys.executable, "-m", "govgate.cli", "keys", "create", "--user", "alice",
+                               "--team", "research", "--role", "analyst"], env=env, capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    def complete() -> httpx.Response:
+        return httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {user_key}"},
+                          json={"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Hello"}],
+                                "max_tokens": 4}, timeout=150)
+
+    first = complete()
+    assert first.status_code == 200, first.text
+    killed = worker_pid(up, TINY_MODEL_NAME)
+    os.kill(killed, signal.SIGKILL)
+    up.wait_for(rf"^  worker for model {TINY_MODEL_NAME}: exited with code -9: .* \(see \S+worker-"
+                rf"{TINY_MODEL_NAME}\.log\); restarting in 0\.5s \(1 in the last 60s\)$")
+    assert up.process.poll() is None
+    assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200  # the API never stopped
+    # Sent while the model has no worker (its exit is seen, so it holds nothing): waits in the queue.
+    meanwhile = complete()
+    assert meanwhile.status_code == 200, meanwhile.text
+    assert meanwhile.json()["usage"]["completion_tokens"] == 4
+    up.wait_for(rf"^  model {TINY_MODEL_NAME}: ready again after \d+\.\ds$")
+    restarted = worker_pid(up, TINY_MODEL_NAME)
+    assert restarted != killed
+    after = complete()
+    assert after.status_code == 200, after.text
+    log = (var_dir / "logs" / f"worker-{TINY_MODEL_NAME}.log").read_text()
+    assert log.count(f"loaded model {TINY_MODEL_NAME}") >= 2  # appended to, not truncated
+    assert not any("cannot start" in line for line in up.seen)
+
+    # Ctrl-C while the worker is being restarted (waiting out its backoff, or starting) stops everything.
+    os.kill(restarted, signal.SIGKILL)
+    up.wait_for(rf"^  worker for model {TINY_MODEL_NAME}: exited with code -9: .*; restarting in [\d.]+s")
+    assert up.interrupt() == 0
+    deadline = time.monotonic() + 60
+    while processes_of(var_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_of(var_dir) == []
+
+
 #: Packages the supervisor must never import: it lives as long as the stack and only starts and watches it.
 HEAVY = ("celery", "kombu", "billiard", "sqlalchemy", "sqlmodel", "alembic", "audit", "litestar", "uvicorn",
          "regorus", "ctransformers", "xllamacpp", "gguf", "numpy", "httpx", "redis")

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from govgate.processes import stop_process
+from govgate.restarts import RestartPolicy
 from govgate.stack import Stack, StartupError
 from govgate.supervisor import DatabaseStep, Launcher, child_env
 from tests.conftest import ROOT
@@ -26,7 +27,7 @@ def launcher(settings, tmp_path):
     said: list[str] = []
     launch = Launcher(settings, stack, child_env(settings, settings.redis_url), settings.redis_url, said.append,
                       time.monotonic())
-    yield launch, stack
+    yield launch, stack, said
     for proc in stack.workers.values():
         stop_process(proc, timeout_s=5)
     launch.close()
@@ -40,7 +41,7 @@ def _stand_in(stack: Stack, name: str) -> subprocess.Popen:
 
 
 def test_a_worker_is_ready_only_once_its_pool_says_the_model_is_loaded(launcher, settings):
-    launch, stack = launcher
+    launch, stack, _ = launcher
     proc = _stand_in(stack, "slow-model")
     launch.pending["slow-model"] = time.monotonic()
     client = redis.Redis.from_url(settings.redis_url)
@@ -57,11 +58,73 @@ def test_a_worker_is_ready_only_once_its_pool_says_the_model_is_loaded(launcher,
 
 
 def test_a_worker_that_never_loads_is_reported_by_name(launcher):
-    launch, stack = launcher
+    launch, stack, _ = launcher
     _stand_in(stack, "never-loads")
     launch.pending["never-loads"] = time.monotonic() - 10
     with pytest.raises(StartupError, match=r"no worker answered for \['never-loads'\] within 5s"):
         launch.poll(timeout_s=5)
+
+
+def _exited(stack: Stack, name: str, code: int, last_line: str) -> subprocess.Popen:
+    """A stand-in worker that wrote ``last_line`` to its log and has exited with ``code``."""
+    assert stack.logs is not None
+    with (stack.logs / f"worker-{name}.log").open("a") as log:
+        end = f"os.kill(os.getpid(), {-code})" if code < 0 else f"raise SystemExit({code})"  # -N: killed by N
+        proc = subprocess.Popen([sys.executable, "-c", f"import os; print({last_line!r}, flush=True); {end}"],
+                                stdout=log)
+    proc.wait()
+    stack.workers[name] = proc
+    return proc
+
+
+def test_a_worker_that_exits_before_it_was_ever_ready_fails_the_start_naming_why(launcher):
+    launch, stack, said = launcher
+    _exited(stack, "broken", 3, "Error: the model file is broken")
+    launch.pending["broken"] = time.monotonic()
+    with pytest.raises(StartupError, match=r"^worker broken exited with code 3: Error: the model file is broken "
+                                           r"\(see .*worker-broken\.log\)$"):
+        launch.poll()
+
+
+def test_a_worker_that_exits_once_serving_is_restarted_after_its_wait(launcher):
+    launch, stack, said = launcher
+    launch.serving = True
+    launch.ever_ready.add("tiny")
+    launch.policies["tiny"] = RestartPolicy(first_backoff_s=3600)  # due long after this test
+    _exited(stack, "tiny", -9, "pid 7 loaded model tiny")
+    launch.pending["tiny"] = time.monotonic()  # it was loading again, even
+    assert launch.poll() == []
+    assert said[-1].startswith("  worker for model tiny: exited with code -9: pid 7 loaded model tiny (see ")
+    assert said[-1].endswith("; restarting in 3600s (1 in the last 60s)")
+    assert "tiny" in launch.restart_due and "tiny" not in launch.pending
+    assert launch.poll() == [] and len(said) == 1  # one decision per exit, not one per poll
+
+
+def test_a_later_model_that_dies_while_loading_is_restarted_too(launcher):
+    """Past the start, even a worker never ready is restarted: the give-up limit ends a broken one's loop."""
+    launch, stack, said = launcher
+    launch.serving = True
+    launch.policies["later"] = RestartPolicy(first_backoff_s=3600)
+    _exited(stack, "later", 1, "Error: out of memory")
+    launch.pending["later"] = time.monotonic()
+    launch.poll()
+    assert "restarting in 3600s" in said[-1] and "later" in launch.restart_due
+
+
+def test_a_worker_restarted_too_often_is_given_up_and_the_rest_keeps_running(launcher):
+    launch, stack, said = launcher
+    launch.serving = True
+    launch.ever_ready.update({"crashy", "steady"})
+    launch.policies["crashy"] = RestartPolicy(max_restarts=0)
+    _exited(stack, "crashy", 1, "Segmentation fault")
+    _stand_in(stack, "steady")
+    assert launch.poll() == []
+    assert said == ["  worker for model crashy: exited with code 1: Segmentation fault "
+                    f"(see {stack.logs / 'worker-crashy.log'}); restarted 0 times in the last 60s, so not again: "
+                    "requests for crashy wait in its queue until they time out; the rest keeps serving "
+                    "(fix it, then restart govgate up)"]
+    assert launch.given_up == {"crashy"} and launch.restart_due == {}
+    assert launch.poll() == [] and len(said) == 1
 
 
 def test_the_database_step_makes_the_admin_key_once(settings, tmp_path):
