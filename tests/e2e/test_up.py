@@ -58,9 +58,12 @@ class Up:
         for line in self.process.stdout:
             self.lines.put(line.rstrip("\n"))
 
-    def wait_for(self, pattern: str, timeout_s: float = 180) -> re.Match:
-        """The first line so far or to come that matches (so lines printed in either order are found)."""
-        for line in self.seen:
+    def wait_for(self, pattern: str, timeout_s: float = 180, *, new_only: bool = False) -> re.Match:
+        """The first line so far or to come that matches (so lines printed in either order are found).
+
+        ``new_only``: only a line not read yet (one printed after those an earlier wait went through).
+        """
+        for line in [] if new_only else self.seen:
             if match := re.search(pattern, line):
                 return match
         deadline = time.monotonic() + timeout_s
@@ -220,9 +223,11 @@ def test_up_restarts_a_killed_worker_and_keeps_serving(up_env):
     assert log.count(f"loaded model {TINY_MODEL_NAME}") >= 2  # appended to, not truncated
     assert not any("cannot start" in line for line in up.seen)
 
-    # Ctrl-C while the worker is being restarted (waiting out its backoff, or starting) stops everything.
+    # Ctrl-C while the worker is being restarted (its new process starting up) stops everything.
     os.kill(restarted, signal.SIGKILL)
-    up.wait_for(rf"^  worker for model {TINY_MODEL_NAME}: exited with code -9: .*; restarting in [\d.]+s")
+    up.wait_for(rf"^  worker for model {TINY_MODEL_NAME}: exited with code -9: .*; restarting in [\d.]+s",
+                new_only=True)
+    up.wait_for(rf"^  worker for model {TINY_MODEL_NAME}: starting \(log: ", new_only=True)
     assert up.interrupt() == 0
     deadline = time.monotonic() + 60
     while processes_of(var_dir) and time.monotonic() < deadline:
