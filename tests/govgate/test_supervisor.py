@@ -1,4 +1,4 @@
-"""``govgate up``'s supervisor: readiness from Redis, the database step in a child.
+"""``govgate up``'s supervisor: readiness from Redis, restarting workers that exit, the database step in a child.
 
 That the supervisor imports nothing heavy is checked on a real ``govgate up``
 in tests/e2e/test_up.py.
