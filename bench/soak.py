@@ -8,7 +8,9 @@ gateways) while it injects faults on a schedule, one after another:
 
 * ``worker_kill``: SIGKILL a whole worker (main process and pool child at
   once), then start a replacement;
-* ``pool_kill``: SIGKILL a worker's pool child (Celery forks a new one);
+* ``pool_kill``: SIGKILL a worker's pool child (Celery forks a new one); with
+  the solo pool (``GOVGATE_WORKER_POOL``, the default) the job runs in the
+  worker itself, so its worker is killed and started again, as ``worker_kill``;
 * ``redis_restart`` / ``redis_kill``: stop Redis (SIGTERM / SIGKILL), start
   it again on the same socket and data folder a few seconds later;
 * ``gateway_term`` / ``gateway_kill``: stop a gateway (SIGTERM / SIGKILL) and
@@ -256,7 +258,8 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
              disconnects_per_fault: int = 6, workers: int = 2, gateways: int = 2,
              request_timeout_s: float = REQUEST_TIMEOUT_S, generation_limit_s: float = GENERATION_LIMIT_S,
              redelivery_margin_s: float = REDELIVERY_MARGIN_S, settle_s: float | None = None,
-             keep_dir: bool = False, say: Callable[[str], None] = lambda line: None) -> SoakReport:
+             keep_dir: bool = False, worker_pool: str | None = None,
+             say: Callable[[str], None] = lambda line: None) -> SoakReport:
     """Start a stack, send ``requests`` while injecting ``faults``, check the audit, stop everything.
 
     Sends at least ``requests`` (more if the faults are not all done by then)
@@ -283,12 +286,14 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
     try:
         say(f"soak: starting the stack in {temp.path}")
         stack = SoakStack(temp.path, workers=workers, gateways=gateways, request_timeout_s=request_timeout_s,
-                          generation_limit_s=generation_limit_s, redelivery_margin_s=redelivery_margin_s)
+                          generation_limit_s=generation_limit_s, redelivery_margin_s=redelivery_margin_s,
+                          worker_pool=worker_pool)
         stack.start()
         plan = Plan(requests=requests, concurrency=concurrency, deadline=time.monotonic() + duration_s,
                     faults=faults, stream_share=stream_share, max_tokens=max_tokens,
                     disconnects_per_fault=disconnects_per_fault, request_timeout_s=request_timeout_s)
-        say(f"soak: {requests} requests at concurrency {concurrency}, faults: {', '.join(faults) or 'none'}")
+        say(f"soak: {requests} requests at concurrency {concurrency}, {stack.settings.worker_pool} workers, "
+            f"faults: {', '.join(faults) or 'none'}")
         traffic = Traffic(stack, plan, say)
         started = time.monotonic()
         asyncio.run(traffic.run())
@@ -335,6 +340,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream-share", type=float, default=0.5, help="share of streaming requests (0..1)")
     parser.add_argument("--max-tokens", type=int, default=24, help="largest max_tokens asked (default 24)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder and its logs")
+    parser.add_argument("--worker-pool", choices=("prefork", "solo"),
+                        help="GOVGATE_WORKER_POOL of the workers (default: the setting's default)")
     parser.add_argument("--json", action="store_true", help="also print the report as one JSON line")
     args = parser.parse_args(argv)
     args.fault_list = [f for f in args.faults.split(",") if f]
@@ -353,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report = run_soak(requests=args.requests, concurrency=args.concurrency, faults=args.fault_list,
                               duration_s=args.duration, stream_share=args.stream_share, max_tokens=args.max_tokens,
-                              keep_dir=args.keep, say=say)
+                              keep_dir=args.keep, worker_pool=args.worker_pool, say=say)
         except (RuntimeError, TimeoutError, OSError) as exc:
             say(f"soak: {type(exc).__name__}: {exc}")
             return 1

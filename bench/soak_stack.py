@@ -33,7 +33,8 @@ class SoakStack:
     """
 
     def __init__(self, var_dir: Path, *, workers: int, gateways: int, request_timeout_s: float,
-                 generation_limit_s: float, redelivery_margin_s: float, log_level: str = "INFO") -> None:
+                 generation_limit_s: float, redelivery_margin_s: float, log_level: str = "INFO",
+                 worker_pool: str | None = None) -> None:
         from gateway.settings import Settings
         from workers.contract.registry import TINY_MODEL_NAME
 
@@ -56,7 +57,8 @@ class SoakStack:
         self._starts: Counter = Counter()
         self.settings = Settings(var_dir=var_dir, policy_dir=bench_policy_dir(var_dir), host=HOST,
                                  port=self.ports[0], log_level=log_level, request_timeout_s=request_timeout_s,
-                                 generation_time_limit_s=generation_limit_s, redelivery_margin_s=redelivery_margin_s)
+                                 generation_time_limit_s=generation_limit_s, redelivery_margin_s=redelivery_margin_s,
+                                 **({"worker_pool": worker_pool} if worker_pool else {}))
         self.secret = ""
         self.model = TINY_MODEL_NAME
 
@@ -164,7 +166,13 @@ class SoakStack:
         return f"worker {victim.pid} and pool {children}", time.monotonic() - started
 
     def kill_pool_child(self, index: int = 0) -> tuple[str, float | None]:
-        """SIGKILL one pool process of a worker; Celery forks a new one (nothing to restart here)."""
+        """SIGKILL one pool process of a worker; Celery forks a new one (nothing to restart here).
+
+        With the solo pool (the default) the job runs in the worker itself: the process that dies with a
+        crashed generation is the worker, which is started again (as ``govgate up`` or compose would)."""
+        if self.settings.worker_pool == "solo":
+            detail, restart = self.kill_worker(index)
+            return f"solo pool, so the whole {detail}", restart
         children = _children(self.workers[index].pid)
         if not children:
             return "no pool process found", None
@@ -204,7 +212,7 @@ class SoakStack:
         found = [f"{name} exited with {p.returncode}" for name, p in named
                  if p.poll() is not None and p.pid not in self.planned_exits]
         for worker in self.workers:  # a pool process that died alone is replaced; one that never came back is not
-            if worker.poll() is None and not _children(worker.pid):
+            if self.settings.worker_pool == "prefork" and worker.poll() is None and not _children(worker.pid):
                 found.append(f"worker {worker.pid} has no pool process")
         return found
 

@@ -11,8 +11,9 @@ Once every model has said it is ready, it reads the resident memory
 (``/proc/PID/status`` VmRSS) of every process of the stack: the supervisor
 (``govgate up``), Redis, the API and its policy evaluators, and per model
 the worker's main process and its pool process. A worker's *overhead beside
-its model* is main + pool minus what the pool process maps of the model file
-itself (``/proc/PID/smaps``). With ``--requests N`` it then sends N one-token
+its model* is main + pool minus what the process holding the model (the pool
+process; with ``GOVGATE_WORKER_POOL=solo`` the worker itself) maps of the
+model file (``/proc/PID/smaps``). With ``--requests N`` it then sends N one-token
 requests and reads the API's memory again (growth there means a cache
 without bounds).
 
@@ -226,9 +227,10 @@ def memory(up_pid: int) -> dict[str, float]:
             figures["api_evaluator_count"] = len(evaluators)
         elif "worker" in cmd:
             name = cmd[cmd.index("--model") + 1]
+            # prefork: the pool process(es) hold the model; solo (no child but the store's, gone by now): the main
             pool = tree.get(pid, [])
             main, children = rss_mb(pid), sum(rss_mb(child) for child in pool)
-            model = sum(mapped_mb(child, (".gguf", ".bin", ".ggml")) for child in pool)
+            model = sum(mapped_mb(p, (".gguf", ".bin", ".ggml")) for p in (pool or [pid]))
             figures[f"worker_{name}_main"] = main
             figures[f"worker_{name}_pool"] = children
             figures[f"worker_{name}_model_mapped"] = model
@@ -343,6 +345,8 @@ def main() -> int:
     parser.add_argument("--models-file", type=Path, help="a registry file instead of the built-in one")
     parser.add_argument("--var-dir", type=Path, help="keep the folder (and its models) between invocations")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--worker-pool", choices=("prefork", "solo"),
+                        help="GOVGATE_WORKER_POOL of the workers (default: the setting's default)")
     parser.add_argument("--checkout", type=Path, default=ROOT,
                         help="run the measured starts from this checkout (to compare two versions back to back)")
     args = parser.parse_args()
@@ -358,6 +362,8 @@ def main() -> int:
                                           else var_dir / "policies")})
     if args.models_file:
         env["GOVGATE_MODELS_FILE"] = str(args.models_file.resolve())
+    if args.worker_pool:
+        env["GOVGATE_WORKER_POOL"] = args.worker_pool
     base = f"http://{HOST}:{port}"
     try:
         say(f"startup: preparing {var_dir} (models, database, key) …")

@@ -6,10 +6,14 @@ process exists.
 
 - ``gateway URL``: the gateway answers ``URL`` (its ``/readyz``: Redis, the
   database, the policy engine and a worker per model reachable) with 200.
-- ``worker MODEL``: a Celery worker *in this container* (its hostname is
-  ``MODEL.<pid>@<container hostname>``, see workers/runtime.py) answers a
-  ping through the broker, so the check fails when the worker is wedged or has
-  lost Redis, not only when its process is gone.
+- ``worker MODEL``: a Celery worker *in this container* (its node name is
+  ``MODEL.<pid>@<container hostname>``, see workers/runtime.py) is in the
+  live-workers set its heartbeat refreshes in Redis every 5 s
+  (``workers/contract/liveness.py``), so the check fails when the worker has
+  lost Redis or stopped beating, not only when its process is gone. Not a
+  Celery ping: a worker on the solo pool (the default) answers none while it
+  generates, and a long generation is not ill health (its time limits end a
+  stuck one).
 
 Exit status 0 means healthy; anything else is printed in one line (Docker
 keeps the last few in ``docker inspect``). Reads ``GOVGATE_REDIS_URL`` like
@@ -39,25 +43,27 @@ def check_gateway(url: str) -> str | None:
 
 
 def check_worker(model: str) -> str | None:
-    """None when a worker for ``model`` on this host answers a Celery ping, else why not."""
+    """None when a worker for ``model`` on this host is in the live-workers set, else why not."""
     redis_url = os.environ.get("GOVGATE_REDIS_URL", "").strip()
     if not redis_url:
         return "GOVGATE_REDIS_URL is not set"
-    from workers.contract.celery_config import make_celery
+    import redis
+
+    from workers.contract.liveness import LIVE_SCRIPT, WORKERS_KEY
 
     host = socket.gethostname()
-    app = make_celery(redis_url)
+    client = redis.Redis.from_url(redis_url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
     try:
-        replies = app.control.ping(timeout=TIMEOUT_S) or []
-    except Exception as exc:  # broker down: kombu/redis raise many kinds; all mean unhealthy
-        return f"broker unreachable: {type(exc).__name__}"
+        live = client.eval(LIVE_SCRIPT, 1, WORKERS_KEY)
+    except Exception as exc:  # Redis down or refusing: all mean unhealthy
+        return f"redis unreachable: {type(exc).__name__}"
     finally:
-        app.close()
-    for reply in replies:
-        for name in reply:
-            if name.startswith(f"{model}.") and name.endswith(f"@{host}"):
-                return None
-    return f"no worker for {model} on {host} answered a ping"
+        client.close()
+    for raw in live or []:
+        listed_model, _, name = (raw.decode() if isinstance(raw, bytes) else raw).partition("\n")
+        if listed_model == model and name.startswith(f"{model}.") and name.endswith(f"@{host}"):
+            return None
+    return f"no live worker for {model} on {host} (its heartbeat is missing)"
 
 
 def main(argv: list[str]) -> int:

@@ -99,9 +99,9 @@ class Settings:
     #: How gateways queue jobs: ``fair`` (a queue per model, team and principal, served by weighted fair share)
     #: or ``fifo`` (one queue per model, first come first served within a priority). Workers serve both.
     queue_mode: str = "fair"
-    #: Celery's pool in each worker: ``prefork`` (the job in a pool process the worker's main process forks and
-    #: watches) or ``solo`` (the job in the worker's main process: no IPC between two jobs, one process less).
-    worker_pool: str = "prefork"
+    #: Celery's pool in each worker: ``solo`` (the job in the worker's own process: no IPC between two jobs, one
+    #: process per model) or ``prefork`` (the job in a pool process the worker forks and watches; ``--concurrency``).
+    worker_pool: str = "solo"
     #: Largest request body accepted (413 above it).
     max_body_bytes: int = 1024 * 1024
     #: ``max_tokens`` used when a request does not give one (policy may clamp it).

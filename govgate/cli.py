@@ -105,9 +105,10 @@ def _check_database(settings: Settings) -> None:
 
 @main.command()
 @click.option("--model", "model_name", required=True, help="Registry name of the model this worker serves.")
-@click.option("--concurrency", default=1, show_default=True, help="Pool processes (each loads the model).")
+@click.option("--concurrency", default=1, show_default=True,
+              help="Jobs at once: pool processes with --pool prefork, each loading the model (solo: 1).")
 @click.option("--pool", "pool", type=click.Choice(["prefork", "solo"]), default=None,
-              help="Celery's pool (default: GOVGATE_WORKER_POOL, else prefork); solo runs one job at a time.")
+              help="Celery's pool (default: GOVGATE_WORKER_POOL, else solo); solo runs one job at a time.")
 def worker(model_name: str, concurrency: int, pool: str | None) -> None:
     """Run a Celery worker serving one model's queue."""
     from workers.contract.registry import RegistryError, load_registry

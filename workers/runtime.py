@@ -52,7 +52,7 @@ class WorkerConfig:
     database_url: str
     concurrency: int = 1
     #: Celery's pool (:data:`WORKER_POOLS`); solo runs one job at a time, so its concurrency is 1.
-    pool: str = POOL_PREFORK
+    pool: str = POOL_SOLO
     #: How long an audit write waits for a locked database before it fails (``GOVGATE_DATABASE_BUSY_TIMEOUT_S``).
     database_busy_timeout_s: float = 30.0
     loglevel: str = "INFO"
@@ -185,8 +185,8 @@ def check_pool(config: WorkerConfig) -> None:
     if config.pool not in WORKER_POOLS:
         raise ValueError(f"unknown worker pool {config.pool!r}: use one of {', '.join(WORKER_POOLS)}")
     if config.pool == POOL_SOLO and config.concurrency != 1:
-        raise ValueError("the solo pool runs one job at a time: start one worker per slot instead of "
-                         f"--concurrency {config.concurrency}")
+        raise ValueError(f"the solo pool runs one job at a time: for --concurrency {config.concurrency} start "
+                         "one worker per slot, or run pool processes with --pool prefork")
 
 
 def build_worker_app(config: WorkerConfig) -> Celery:

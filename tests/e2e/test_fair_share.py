@@ -131,7 +131,8 @@ def test_a_killed_pool_process_redelivers_the_job_from_its_fair_list_and_it_ends
     own = fair_settings(own_redis, tmp_path, {})
     user = f"crash-{os.urandom(3).hex()}"
     key = make_keys(own, {user: "gamma"})[user]
-    worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=tmp_path / "worker.log")
+    worker = spawn_cli(own.with_(worker_pool="prefork"), "worker", "--model", TINY_MODEL_NAME,
+                       log=tmp_path / "worker.log")
     found: dict = {}
 
     def kill_once_generating() -> None:

@@ -14,10 +14,10 @@ from workers.contract.registry import TINY_MODEL_NAME
 from workers.runtime import POOL_PREFORK, POOL_SOLO, WorkerConfig, check_pool
 
 
-def test_the_setting_defaults_to_prefork_and_refuses_other_pools() -> None:
-    assert Settings.from_env({}).worker_pool == POOL_PREFORK
-    assert Settings.from_env({"GOVGATE_WORKER_POOL": "Solo"}).worker_pool == POOL_SOLO
-    assert Settings.from_env(Settings().with_(worker_pool="solo").to_env()).worker_pool == POOL_SOLO
+def test_the_setting_defaults_to_solo_and_refuses_other_pools() -> None:
+    assert Settings.from_env({}).worker_pool == POOL_SOLO
+    assert Settings.from_env({"GOVGATE_WORKER_POOL": "Prefork"}).worker_pool == POOL_PREFORK
+    assert Settings.from_env(Settings().with_(worker_pool="prefork").to_env()).worker_pool == POOL_PREFORK
     for value in ("threads", "gevent", "eventlet", "forked"):
         with pytest.raises(SettingsError, match="GOVGATE_WORKER_POOL"):
             Settings.from_env({"GOVGATE_WORKER_POOL": value})
@@ -56,6 +56,8 @@ def test_the_worker_command_takes_the_setting_or_its_option(tmp_path: Path, monk
 
 def test_the_worker_command_refuses_solo_with_more_than_one_slot(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    result, started = invoke_worker(tmp_path, monkeypatch, {}, "--pool", "solo", "--concurrency", "3")
-    assert result.exit_code != 0 and started == []
-    assert "one job at a time" in result.output and "Traceback" not in result.output
+    for args in (("--pool", "solo", "--concurrency", "3"), ("--concurrency", "2")):  # solo is the default
+        result, started = invoke_worker(tmp_path, monkeypatch, {}, *args)
+        assert result.exit_code != 0 and started == []
+        assert "one job at a time" in result.output and "--pool prefork" in result.output
+        assert "Traceback" not in result.output

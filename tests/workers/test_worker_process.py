@@ -1,7 +1,8 @@
 """A real worker process: a lean main process, and an audit store ready before its first job.
 
-The worker's main process only consumes the queue; the audit store and the
-generation code are loaded by its pool process after fork, and the schema is
+With Celery's prefork pool (``GOVGATE_WORKER_POOL=prefork``) the worker's main
+process only consumes the queue; the audit store and the generation code are
+loaded by its pool process after fork, and the schema is
 migrated (and terminal entries kept while the database was down are
 written) by a short-lived child before the pool forks (``workers/runtime.py``,
 ``workers/store_prep.py``).
@@ -53,7 +54,8 @@ POOL_ONLY = ("sqlalchemy", "sqlmodel", "alembic", "audit", "workers.generation",
 @pytest.fixture
 def empty_database_worker(own_redis, tmp_path):  # noqa: F811
     """A tiny-model worker on a database file that does not exist yet, with one terminal entry kept."""
-    own = own_redis.with_(database_url=f"sqlite:///{tmp_path / 'fresh' / 'audit.db'}")
+    # prefork: the lean main process is what this module checks (with solo the main process is the pool)
+    own = own_redis.with_(database_url=f"sqlite:///{tmp_path / 'fresh' / 'audit.db'}", worker_pool="prefork")
     client = redis.Redis.from_url(own.redis_url)
     sealer = Sealer(load_or_create_key(own.effective_payload_key_file))
     PendingTerminals(client, horizon_s=3600, seal=sealer.seal, unseal=sealer.unseal).keep(PendingTerminal(
