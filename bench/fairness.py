@@ -300,7 +300,8 @@ def measure(args: argparse.Namespace, var_dir: Path) -> tuple[list[PhaseRun], di
         say(f"starting redis, one tiny-model worker (concurrency 1) and a gateway per mode "
             f"({', '.join(args.modes)}) …")
         stack = start_fair_stack(var_dir, all_teams, args.modes, stops,
-                                 request_timeout_s=REQUEST_TIMEOUT_S, worker_pool=args.worker_pool)
+                                 request_timeout_s=REQUEST_TIMEOUT_S,
+                                 **({"worker_pool": args.worker_pool} if getattr(args, "worker_pool", None) else {}))
         engine = make_engine(stack.database_url)
         stops.callback(engine.dispose)
         store = AuditStore(engine)
@@ -343,8 +344,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated queue modes: fifo, fair")
     parser.add_argument("--quick", action="store_true", help="a short run: bursts of 60, one repeat")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON to FILE")
-    parser.add_argument("--worker-pool", choices=("prefork", "solo"), default="prefork",
-                        help="GOVGATE_WORKER_POOL of the worker (default: prefork, the setting's default)")
+    parser.add_argument("--worker-pool", choices=("prefork", "solo"),
+                        help="GOVGATE_WORKER_POOL of the worker (default: the setting's default)")
     parser.add_argument("--schedule-json", type=Path, metavar="FILE",
                         help="also write every phase's schedule (each job's times, wait and hand-over) to FILE")
     args = parser.parse_args(argv)
@@ -363,11 +364,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def worker_pool_of(args: argparse.Namespace) -> str:
+    """The worker's pool: the one asked for, else the setting's default."""
+    from gateway.settings import Settings
+
+    return getattr(args, "worker_pool", None) or Settings().worker_pool
+
+
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     return {"burst": args.burst, "every_ms": args.every_ms, "trickle_s": args.trickle_s,
             "stagger_ms": args.stagger_ms, "max_tokens": args.max_tokens, "repeat": args.repeat,
             "scenarios": args.scenarios, "modes": args.modes, "worker_concurrency": 1,
-            "worker_pool": args.worker_pool,
+            "worker_pool": worker_pool_of(args),
             "cpu_cores": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -386,7 +394,7 @@ def run(args: argparse.Namespace, write: Callable[[str], None] = print) -> dict[
         return None
     runs, load = measured
     document = report(runs, settings_of(args), load)
-    write(f"one worker (concurrency 1, {args.worker_pool} pool), tiny model, max_tokens {args.max_tokens}; bursts of {args.burst}, "
+    write(f"one worker (concurrency 1, {worker_pool_of(args)} pool), tiny model, max_tokens {args.max_tokens}; bursts of {args.burst}, "
           f"trickle every {args.every_ms:g} ms; {args.repeat} run(s) per phase and mode, alternating; "
           f"{os.cpu_count()} CPUs, load average {load['before'][0]} before, {load['after'][0]} after")
     write(table(document))

@@ -84,7 +84,7 @@ class _Config:
     store_prep: StorePrep | None = None
     #: The main process's heartbeat (``workers.heartbeat``), once the worker consumes.
     heartbeat: Heartbeat | None = None
-    #: The solo pool's time limits (None with prefork, where Celery keeps them).
+    #: The solo pool's time limits, once started (None with prefork, where Celery keeps them).
     limits: JobTimeLimits | None = None
 
 
@@ -102,8 +102,12 @@ def _load_in_child(**_: Any) -> None:
 
     assert _config.value is not None, "worker started without configuration"
     pool.load(_config.value)
-    if _config.limits is not None:  # solo: this is the main thread, before the first job
-        _config.limits.start()
+    if _config.value.pool == POOL_SOLO:  # the worker's own process, main thread, before the first job
+        from workers.job_limits import JobTimeLimits
+
+        limits = JobTimeLimits(_config.value.time_limit_s, _config.value.time_limit_s + HARD_LIMIT_GRACE_S)
+        limits.start()
+        _config.limits = limits
 
 
 def _dispose_in_child(**_: Any) -> None:
@@ -203,13 +207,10 @@ def build_worker_app(config: WorkerConfig) -> Celery:
     # (after worker_init), and no worker_process_shutdown: the worker's own does.
     worker_init.connect(_wait_for_store, weak=False)
     worker_process_init.connect(_load_in_child, weak=False)
+    _config.limits = None  # the solo pool's, started where its jobs run (_load_in_child)
     if config.pool == POOL_SOLO:
-        from workers.job_limits import JobTimeLimits
-
-        _config.limits = JobTimeLimits(config.time_limit_s, config.time_limit_s + HARD_LIMIT_GRACE_S)
         worker_shutdown.connect(_dispose_in_child, weak=False)
     else:
-        _config.limits = None
         worker_process_shutdown.connect(_dispose_in_child, weak=False)
     worker_ready.connect(_start_heartbeat, weak=False)
     worker_shutdown.connect(_stop_heartbeat, weak=False)

@@ -159,7 +159,8 @@ def test_a_stream_whose_worker_stalls_records_what_the_client_received(settings,
                     if last.get("choices"):
                         text += last["choices"][0].get("text") or ""
                         if text and not frozen:  # the generation is under way: freeze it
-                            frozen += pool_children(worker.pid)
+                            # the process generating: the pool process under prefork, the worker under solo
+                            frozen += pool_children(worker.pid) or [worker.pid]
                             for pid in frozen:
                                 os.kill(pid, signal.SIGSTOP)
             for pid in frozen:
