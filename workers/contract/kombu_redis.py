@@ -160,6 +160,8 @@ class QoS(kombu_redis.QoS):
                 self._restore_older(client, hash_key, index_key, max(visible_before, mine.since), None)
             elif owner is not None and is_dead(owner, live, host=host, now=now):
                 self._restore_older(client, hash_key, index_key, float("inf"), None)
+                for tag in client.hkeys(hash_key):  # a payload whose index entry never arrived (died between)
+                    self._restore_from(client, tag, hash_key, index_key)
                 self._forget_owner(client, node, hash_key, index_key)
             else:
                 self._restore_older(client, hash_key, index_key, visible_before, num)

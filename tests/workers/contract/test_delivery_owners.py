@@ -190,3 +190,16 @@ def test_a_worker_whose_registration_was_lost_registers_again_at_its_next_sweep(
         sweep(channel)
         assert client.hexists(OWNERS_KEY, node)
         assert client.llen(QUEUE) == 1  # its own stale delivery went back, as kombu's would
+
+
+def test_a_dead_workers_payload_without_its_index_entry_goes_back_too(redis_server, client):
+    dead = f"halfway.1@{socket.gethostname()}"
+    with worker_channel(redis_server, dead) as channel:
+        publish(channel, "a")
+        message = take(channel)
+        abandon(channel)
+    client.zrem(owner_keys(dead)[1], message.delivery_tag)  # it died between the payload and its index entry
+    client.hset(OWNERS_KEY, dead, Owner(dead, socket.gethostname(), exited_pid(), time.time()).record())
+    with worker_channel(redis_server, f"finder.{os.getpid()}@{socket.gethostname()}") as other:
+        sweep(other)
+    assert client.llen(QUEUE) == 1 and not client.hexists(OWNERS_KEY, dead)
