@@ -128,7 +128,9 @@ def test_generation_time_limit_gives_504_and_a_timed_out_entry(served_api, limit
     assert entry.payload["output"]
 
 
-def test_a_whole_worker_killed_mid_generation_is_rescued_by_another(settings, served_api, keyring, audit_store):
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_a_whole_worker_killed_mid_generation_is_rescued_by_another(settings, served_api, keyring, audit_store,
+                                                                    pool):
     """The unacknowledged task of a dead worker goes to another as soon as a worker sees it dead.
 
     Each worker keeps its deliveries under keys of its own (workers/contract/delivery_owners.py); a
@@ -139,7 +141,7 @@ def test_a_whole_worker_killed_mid_generation_is_rescued_by_another(settings, se
     from tests.conftest import RESCUE_MODEL
     from workers.contract.celery_config import visibility_timeout_s
 
-    own = settings
+    own = settings.with_(worker_pool=pool)  # under solo the killed worker is the process generating
     assert own.request_timeout_s < visibility_timeout_s(own.generation_time_limit_s, own.redelivery_margin_s)
     first = spawn_cli(own, "worker", "--model", RESCUE_MODEL, log=settings.var_dir / "rescue-1.log")
     wait_for_worker(settings.redis_url, RESCUE_MODEL, first)
@@ -155,6 +157,7 @@ def test_a_whole_worker_killed_mid_generation_is_rescued_by_another(settings, se
         os.kill(first.pid, signal.SIGKILL)  # the worker and its pool process die at once,
         for child in children:                # with no chance to hand the task back
             os.kill(child, signal.SIGKILL)
+        found["dead"] = [first.pid, *children]
 
     killer = threading.Thread(target=kill_the_whole_worker)
     try:
@@ -180,7 +183,9 @@ def test_a_whole_worker_killed_mid_generation_is_rescued_by_another(settings, se
                 stop_process(process, timeout_s=30)
     assert response.status_code == 200, response.text
     assert response.headers["x-govgate-request-id"] == found["request_id"]
-    assert [e.kind for e in audit_store.entries_for(found["request_id"])] == ["request", "completion"]
+    entries = audit_store.entries_for(found["request_id"])
+    assert [e.kind for e in entries] == ["request", "completion"]
+    assert entries[1].body["worker"]["pid"] not in found["dead"]  # generated again, by the next worker
 
 
 def test_higher_priority_requests_are_served_first(settings, keyring, audit_store, tmp_path):

@@ -1,16 +1,14 @@
 """Workers on Celery's solo pool (``GOVGATE_WORKER_POOL=solo``): the job in the worker's own process.
 
 The same promises as prefork's, kept by other means: the time limits by the
-worker itself (workers/job_limits.py), a dead worker's job by the broker's
-redelivery to the next worker. Real workers, a served gateway, the audit log.
+worker itself (workers/job_limits.py); a dead worker's job goes to the next
+worker (tests/e2e/test_crash_safety.py, the whole-worker test, runs on both
+pools). Real workers, a served gateway, the audit log.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
 from pathlib import Path
 
 import httpx
@@ -18,10 +16,7 @@ import pytest
 import redis
 
 from govgate.processes import stop_process
-from tests.conftest import (SOLO_LIMITED_MODEL, SOLO_MODEL, SOLO_RESCUE_MODEL, bearer, spawn_cli,
-                            wait_for_worker)
-from tests.e2e.test_crash_safety import wait_for_a_generation
-from workers.contract.celery_config import visibility_timeout_s
+from tests.conftest import SOLO_LIMITED_MODEL, SOLO_MODEL, bearer, spawn_cli, wait_for_worker
 from workers.contract.jobs import loaded_key
 
 
@@ -97,52 +92,4 @@ def test_the_solo_pool_keeps_the_generation_time_limit(served_api, solo_limited_
     assert solo_limited_worker.poll() is None
     after = complete(served_api, keyring["admin"], SOLO_LIMITED_MODEL, max_tokens=4)
     assert after.status_code == 200, after.text
-
-
-def test_a_killed_solo_worker_s_job_is_served_by_the_next_worker_once(settings, served_api, keyring,
-                                                                       audit_store):
-    """The job dies with the worker; the next worker's first look at the dead one's deliveries hands it back.
-
-    With the default limits the visibility timeout is 100 s and the gateway's request timeout here 60 s:
-    a 200 means the job went back because its worker was seen dead (workers/contract/delivery_owners.py),
-    not because the timeout passed.
-    """
-    own = settings.with_(worker_pool="solo")
-    assert own.request_timeout_s < visibility_timeout_s(own.generation_time_limit_s, own.redelivery_margin_s)
-    first = spawn_cli(own, "worker", "--model", SOLO_RESCUE_MODEL, log=settings.var_dir / "solo-rescue-1.log")
-    wait_for_worker(settings.redis_url, SOLO_RESCUE_MODEL, first)
-    second = None
-    found: dict = {}
-
-    def kill_the_worker() -> None:
-        request_id = wait_for_a_generation(settings.redis_url)
-        if request_id is not None:
-            found["request_id"] = request_id
-            os.kill(first.pid, signal.SIGKILL)
-
-    outcome: dict = {}
-
-    def ask() -> None:
-        outcome["response"] = complete(served_api, keyring["admin"], SOLO_RESCUE_MODEL, max_tokens=1000)
-
-    killer = threading.Thread(target=kill_the_worker)
-    asker = threading.Thread(target=ask)
-    try:
-        killer.start()
-        asker.start()
-        killer.join()
-        assert found.get("request_id"), "the generation was never seen starting"
-        first.wait(10)
-        second = spawn_cli(own, "worker", "--model", SOLO_RESCUE_MODEL, log=settings.var_dir / "solo-rescue-2.log")
-        asker.join(110)
-        response = outcome["response"]
-    finally:
-        for process in (first, second):
-            if process is not None:
-                stop_process(process, timeout_s=30)
-    assert response.status_code == 200, response.text
-    assert response.headers["x-govgate-request-id"] == found["request_id"]
-    entries = audit_store.entries_for(found["request_id"])
-    assert [e.kind for e in entries] == ["request", "completion"]
-    assert entries[1].body["worker"]["pid"] == second.pid
 
