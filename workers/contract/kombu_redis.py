@@ -356,13 +356,22 @@ class Channel(kombu_redis.Channel):
         self.client.connection.send_command(*command_args)
 
     def _brpop_read(self, **options: Any) -> bool:
-        """kombu's, delivering a fair list's job to its model queue's consumer and charging it at once."""
+        """kombu's, delivering a fair list's job to its model queue's consumer and charging it at once.
+
+        Unlike kombu's, the BRPOP counts as answered (``_in_poll`` cleared) once its reply is read, before
+        the job is delivered, not after: with the solo pool the job runs inside the delivery, and its ack
+        sends the next BRPOP at once (:meth:`poll_now`) instead of after the delivery returns to the event
+        loop. A BRPOP sent so is left standing here (the loop sees it out and sends no other)."""
+        answered = False
         try:
             try:
                 dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
+            answered = True
+            self._in_poll = None
+            self._flush_brpop_reauth()
             if not dest__item:
                 raise Empty()
             dest, item = dest__item
@@ -382,8 +391,9 @@ class Channel(kombu_redis.Channel):
             self.connection._deliver(message, queue)
             return True
         finally:
-            self._in_poll = None
-            self._flush_brpop_reauth()
+            if not answered:
+                self._in_poll = None
+                self._flush_brpop_reauth()
 
     def _fair_order(self, model_queue: str) -> list[str]:
         """The model's fair lists in order: the cached order if fresh, else a new one (no charge)."""

@@ -411,3 +411,38 @@ def test_an_ack_sends_the_next_brpop_at_once_and_only_one(redis_server):
         held[1].ack()
         assert len(sent) == 1 and not channel._in_poll  # not consuming any more: nothing sent
         channel.queue_delete(queue)
+
+
+def test_an_ack_inside_its_delivery_sends_the_next_brpop_at_once_and_only_one(redis_server):
+    """The solo pool runs the job inside its delivery, so it is acked there: that ack sends the next BRPOP
+    at once, the BRPOP stays out when the delivery returns, and the poll sends no second one."""
+    with _fair_model(redis_server, "kpollin") as (model, client, connection):
+        channel = connection.default_channel
+        queue = f"model.{model}"
+        _declared_with(channel, queue, "one", "two", "three")
+        channel.basic_qos(0, 1, False)
+        sent: list = []
+        real_start = channel._brpop_start
+
+        def brpop_start(*args: Any, **kwargs: Any) -> None:
+            sent.append(len(delivered))
+            real_start(*args, **kwargs)
+
+        delivered: list = []
+        sent_by_ack: list = []
+
+        def run_and_ack(message) -> None:  # as the solo pool: the job and its ack inside the delivery
+            delivered.append(message.body)
+            before = len(sent)
+            message.ack()
+            sent_by_ack.append(len(sent) - before)
+
+        channel._brpop_start = brpop_start
+        channel.basic_consume(queue, no_ack=False, callback=run_and_ack, consumer_tag="poll-in-test")
+        _drain(connection, delivered, 3)
+        channel.basic_cancel("poll-in-test")
+        assert delivered == [b"one", b"two", b"three"]
+        assert sent_by_ack == [1, 1, 1]  # each ack sent the next BRPOP from inside its delivery
+        # and the poll sent none besides: the first BRPOP, then one per ack
+        assert sent == [0, 1, 2, 3] and channel._in_poll
+        channel.queue_delete(queue)
