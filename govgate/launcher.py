@@ -1,0 +1,158 @@
+"""``govgate up``'s launcher: it starts the API and the workers, says when each is ready, restarts workers.
+
+Split from :mod:`govgate.supervisor` (which orders the whole start and stop)
+so that each holds one job: this module owns the children's processes and
+logs while the stack runs; when to restart a worker is
+:mod:`govgate.restarts`'s call.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, TextIO
+
+from govgate.processes import child_preexec
+from govgate.restarts import GiveUp, RestartPolicy
+from govgate.stack import Stack, StartupError, api_can_serve, check_alive, exit_reason
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
+
+
+def private_log(path: Path) -> TextIO:
+    """A log file opened for appending, created 0600 (logs name requests and principals)."""
+    return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", buffering=1)
+
+
+def spawn_govgate(args: list[str], env: dict[str, str], log_file: TextIO | None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "govgate.cli", *args], env=env, stdin=subprocess.DEVNULL,
+                            stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
+                            start_new_session=True, preexec_fn=child_preexec())
+
+
+def _loaded_key(model: str, worker_pid: int) -> str:
+    """``workers.contract.jobs.loaded_key`` (imported late: that module pulls in the sealing crypto)."""
+    from workers.contract.jobs import loaded_key
+
+    return loaded_key(model, worker_pid)
+
+
+class Launcher:
+    """Starts the API and the workers, and reports each as it becomes ready.
+
+    One loop polls the API's health and the workers together, so the first
+    model is announced the moment both it and the API answer. A worker counts
+    as ready when it (under prefork, its pool process) has said in Redis that
+    the model is loaded. The worker's main process connects its consumer meanwhile (in
+    the logs, before the load ends); were it a moment later, a job queued
+    then waits in the queue and is taken when it attaches, so nothing sent
+    once the key is there is lost. A Celery ping confirmed the consumer
+    too, at the price of Celery's imports in this long-lived process.
+
+    A worker that exits is started again under its :class:`RestartPolicy`
+    (without blocking the loop: a restart is due at a time), unless the
+    stack is still starting and that worker never got ready: then its
+    model cannot be served as configured (a broken file, a bad setting) and
+    the start fails naming the reason, rather than loop. The API and Redis
+    are not restarted: their exit stops the stack (:func:`check_alive`).
+    """
+
+    def __init__(self, settings: Settings, stack: Stack, env: dict[str, str], redis_url: str,
+                 say: Callable[[str], None], started: float) -> None:
+        from govgate.resp import small_client
+
+        self.stack, self.env, self.say, self.started = stack, env, say, started
+        self.logs = stack.logs
+        self.health_url = f"http://{settings.host}:{settings.port}/readyz"
+        self.redis = small_client(redis_url)
+        self.api_ready = False
+        self.api_started = 0.0
+        self.pending: dict[str, float] = {}  # model -> when its worker was started
+        #: The startup phase is over (the banner is out): a worker that exits now is restarted.
+        self.serving = False
+        self.ever_ready: set[str] = set()
+        self.policies: dict[str, RestartPolicy] = {}
+        self.restart_due: dict[str, float] = {}  # model -> when its exited worker is started again
+        self.given_up: set[str] = set()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def start_api(self) -> None:
+        self.api_started = time.monotonic()
+        self.stack.api = spawn_govgate(["serve"], self.env, private_log(self.logs / "api.log"))
+
+    def start_worker(self, name: str) -> None:
+        self.say(f"  worker for model {name}: starting (log: {self.logs / f'worker-{name}.log'})")
+        log_file = private_log(self.logs / f"worker-{name}.log")
+        self.stack.workers[name] = spawn_govgate(["worker", "--model", name], self.env, log_file)
+        self.pending[name] = time.monotonic()
+        self.policies.setdefault(name, RestartPolicy()).started(self.pending[name])
+        # A key left by an earlier run's worker with the same pid must not count (it loads for seconds).
+        self.redis.delete(_loaded_key(name, self.stack.workers[name].pid))
+
+    def poll(self, timeout_s: float = 120, api_timeout_s: float = 60) -> list[str]:
+        """Check once; the models whose workers became ready for the first time since the last call.
+
+        A restarted worker that is ready again is announced here ("ready again after …").
+        """
+        check_alive(self.stack, workers=False)
+        self._restart_exited()
+        if not self.api_ready and self.stack.api is not None:
+            self.api_ready = api_can_serve(self.health_url)
+            if not self.api_ready and time.monotonic() - self.api_started > api_timeout_s:
+                raise StartupError(f"the API did not become ready at {self.health_url} within {api_timeout_s:.0f}s")
+        if not self.pending:
+            return []
+        first_time: list[str] = []
+        for name in [name for name in self.pending if self._loaded(name)]:
+            since = self.pending.pop(name)
+            if name in self.ever_ready:
+                self.say(f"  model {name}: ready again after {time.monotonic() - since:.1f}s")
+            else:
+                self.ever_ready.add(name)
+                first_time.append(name)
+        # A restarted worker that is slow to load is not a failed start: its requests wait in its queue.
+        late = [name for name, since in self.pending.items()
+                if name not in self.ever_ready and time.monotonic() - since > timeout_s]
+        if late:
+            raise StartupError(f"no worker answered for {sorted(late)} within {timeout_s:.0f}s")
+        return first_time
+
+    def _restart_exited(self) -> None:
+        """Decide for each worker found exited, and start those whose wait is over."""
+        now = time.monotonic()
+        for name, proc in list(self.stack.workers.items()):
+            code = proc.poll()
+            if code is None or name in self.restart_due or name in self.given_up:
+                continue
+            why = exit_reason(self.stack, f"worker {name}", code)
+            if not self.serving and name not in self.ever_ready:
+                raise StartupError(f"worker {name} {why}")
+            self.pending.pop(name, None)
+            policy = self.policies.setdefault(name, RestartPolicy())
+            decision = policy.exited(now)
+            if isinstance(decision, GiveUp):
+                self.given_up.add(name)
+                self.say(f"  worker for model {name}: {why}; restarted {decision.recent} times in the last "
+                         f"{policy.window_s:.0f}s, so not again: requests for {name} wait in its queue until they time "
+                         "out; the rest keeps serving (fix it, then restart govgate up)")
+            else:
+                self.restart_due[name] = now + decision.delay_s
+                self.say(f"  worker for model {name}: {why}; restarting in {decision.delay_s:g}s "
+                         f"({decision.recent} in the last {policy.window_s:.0f}s)")
+        for name, due in list(self.restart_due.items()):
+            if now >= due:
+                del self.restart_due[name]
+                self.start_worker(name)
+
+    def _loaded(self, name: str) -> bool:
+        """The worker (or its pool process) has loaded the model."""
+        return bool(self.redis.exists(_loaded_key(name, self.stack.workers[name].pid)))
+
+    def close(self) -> None:
+        self.redis.close()
