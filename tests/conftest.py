@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -185,6 +186,17 @@ def wait_for_worker(redis_url: str, model: str, process: subprocess.Popen, timeo
         raise TimeoutError(f"worker for {model} did not answer within {timeout_s}s")
     finally:
         app.close()
+
+
+def served_in_order(log: Path) -> list[str]:
+    """The request ids a worker's log says it served, in the order it ended them.
+
+    One worker at concurrency 1 ends its jobs in the order it started them, and Celery's success line
+    names each (the task id is the request id). The start reconstructed from an audit entry
+    (``bench/_fairness_figures.job_from_entry``) is off by the gateway's delay in recording a handed-over
+    output, a few ms on a busy machine: more than the ~2.5 ms between two jobs on the solo pool.
+    """
+    return re.findall(r"Task govgate\.generate\[([0-9a-f]+)\] succeeded", log.read_text())
 
 
 def stop_processes(processes: Iterable[subprocess.Popen], timeout_s: float = 30) -> None:

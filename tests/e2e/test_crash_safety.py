@@ -13,9 +13,8 @@ import httpx
 import pytest
 import redis
 
-from bench._fairness_figures import job_from_entry
 from govgate.processes import stop_process
-from tests.conftest import CRASH_MODEL, LIMITED_MODEL, bearer, spawn_cli, wait_for_worker
+from tests.conftest import CRASH_MODEL, LIMITED_MODEL, bearer, served_in_order, spawn_cli, wait_for_worker
 from workers.contract.jobs import CANCEL_KEY_PREFIX, JOB_STARTED
 
 
@@ -188,7 +187,7 @@ def test_a_whole_worker_killed_mid_generation_is_rescued_by_another(settings, se
     assert entries[1].body["worker"]["pid"] not in found["dead"]  # generated again, by the next worker
 
 
-def test_higher_priority_requests_are_served_first(settings, keyring, audit_store, tmp_path):
+def test_higher_priority_requests_are_served_first(settings, keyring, tmp_path):
     """The policy's priority obligation orders a model's queue (0 first, Celery-on-Redis); in fair mode
     it orders a team's queue, so both principals are of one team here (tests/e2e/test_fair_share.py
     holds that it never jumps another team's share)."""
@@ -236,6 +235,8 @@ def test_higher_priority_requests_are_served_first(settings, keyring, audit_stor
             if worker is not None:
                 stop_process(worker, timeout_s=30)
     assert len(ids) == 4
-    # The worker's order (a handed-over output's entry is the gateway's, in the order judgements end).
-    order = sorted(ids, key=lambda label: job_from_entry(audit_store.terminal_for(ids[label])).started)
+    # The worker's order, from its own log (tests/conftest.py, served_in_order).
+    label_of = {request_id: label for label, request_id in ids.items()}
+    order = [label_of[r] for r in served_in_order(tmp_path / "worker.log") if r in label_of]
+    assert sorted(order) == sorted(ids)
     assert order[0] == "urgent", order
