@@ -394,7 +394,8 @@ def run(args: argparse.Namespace, write: Callable[[str], None] = print) -> dict[
         return None
     runs, load = measured
     document = report(runs, settings_of(args), load)
-    write(f"one worker (concurrency 1, {worker_pool_of(args)} pool), tiny model, max_tokens {args.max_tokens}; bursts of {args.burst}, "
+    write(f"one worker (concurrency 1, {worker_pool_of(args)} pool), tiny model, max_tokens {args.max_tokens}; "
+          f"bursts of {args.burst}, "
           f"trickle every {args.every_ms:g} ms; {args.repeat} run(s) per phase and mode, alternating; "
           f"{os.cpu_count()} CPUs, load average {load['before'][0]} before, {load['after'][0]} after")
     write(table(document))

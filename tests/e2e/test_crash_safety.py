@@ -26,7 +26,8 @@ def pool_children(pid: int) -> list[int]:
 @pytest.fixture(scope="module")
 def crash_worker(settings):
     """A worker on Celery's prefork pool: the tests kill its pool process, which it replaces."""
-    process = spawn_cli(settings.with_(worker_pool="prefork"), "worker", "--model", CRASH_MODEL, log=settings.var_dir / "crash-worker.log")
+    process = spawn_cli(settings.with_(worker_pool="prefork"), "worker", "--model", CRASH_MODEL,
+                        log=settings.var_dir / "crash-worker.log")
     wait_for_worker(settings.redis_url, CRASH_MODEL, process)
     yield process
     stop_process(process, timeout_s=30)

@@ -149,7 +149,8 @@ class QoS(kombu_redis.QoS):
         if mine is not None and mine.node.encode() not in owners:  # Redis lost it (restarted): register again
             client.hsetnx(OWNERS_KEY, mine.node, mine.record())
             owners[mine.node.encode()] = mine.record().encode()
-        live = {bytes_to_str(m).split("\n", 1)[-1] for m in client.eval(LIVE_SCRIPT, 1, WORKERS_KEY)} if owners else set()
+        live = {bytes_to_str(m).split("\n", 1)[-1] for m in client.eval(LIVE_SCRIPT, 1, WORKERS_KEY)} \
+            if owners else set()
         host = socket.gethostname()
         for raw_node, raw in owners.items():
             node = bytes_to_str(raw_node)
