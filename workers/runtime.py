@@ -1,12 +1,12 @@
 """A Celery worker that serves one model's queue.
 
-With Celery's prefork pool (the default) this is the worker's main process:
-it consumes the queue and runs the pool, and imports no more than that needs
-(Celery, kombu, the transport). The model, the audit store and the
-generation code live in each pool process (:mod:`workers.pool`, imported
-after fork). With the solo pool (``GOVGATE_WORKER_POOL=solo``) the job runs
-in this process, which then loads them itself, once, before it consumes, and
-keeps the time limits itself (:mod:`workers.job_limits`). The audit schema is
+With Celery's solo pool (``GOVGATE_WORKER_POOL=solo``, the default) the job
+runs in this process, which loads the model, the audit store and the
+generation code (:mod:`workers.pool`) once, before it consumes, and keeps the
+time limits itself (:mod:`workers.job_limits`). With the prefork pool this is
+only the worker's main process: it consumes the queue and runs the pool, and
+imports no more than that needs (Celery, kombu, the transport); the rest lives
+in each pool process, imported after fork. The audit schema is
 migrated by a short-lived child before the worker consumes
 (:mod:`workers.store_prep`). Jobs and results are sealed and Celery's
 success line is cut to ids and timings, so neither Redis nor the log holds a
