@@ -60,9 +60,8 @@ POSTGRES_MODEL = "postgres-tiny"
 #: the second one by a worker started after its gateway died.
 OUTPUT_MODEL = "output-tiny"
 ORPHAN_MODEL = "orphan-tiny"
-#: Served only by the solo pool's tests' own workers (tests/e2e/test_solo_pool.py).
+#: Served only by the solo pool's tests' own worker (tests/e2e/test_solo_pool.py).
 SOLO_MODEL = "solo-tiny"
-SOLO_LIMITED_MODEL = "solo-limited-tiny"
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +121,7 @@ def models_file(var_dir: Path) -> Path:
     path = var_dir / "models.toml"
     model = var_dir / "models" / "govgate-tiny-llama.gguf"
     names = [TINY_MODEL_NAME, IDLE_MODEL, QUEUE_MODEL, CRASH_MODEL, LIMITED_MODEL, RESCUE_MODEL, PRIORITY_MODEL,
-             POSTGRES_MODEL, OUTPUT_MODEL, ORPHAN_MODEL, SOLO_MODEL, SOLO_LIMITED_MODEL]
+             POSTGRES_MODEL, OUTPUT_MODEL, ORPHAN_MODEL, SOLO_MODEL]
     path.write_text("\n".join(
         f'[models.{name}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 4096\n'
         f'family = "llama"\ntags = ["tiny"]\n' for name in names))

@@ -33,10 +33,12 @@ def crash_worker(settings):
     stop_process(process, timeout_s=30)
 
 
-@pytest.fixture(scope="module")
-def limited_worker(settings):
-    limited = settings.with_(generation_time_limit_s=0.3)
-    process = spawn_cli(limited, "worker", "--model", LIMITED_MODEL, log=settings.var_dir / "limited-worker.log")
+@pytest.fixture(scope="module", params=["solo", "prefork"])
+def limited_worker(settings, request):
+    """A worker with a 0.3 s generation time limit, on each pool: Celery keeps prefork's, the worker solo's."""
+    limited = settings.with_(generation_time_limit_s=0.3, worker_pool=request.param)
+    process = spawn_cli(limited, "worker", "--model", LIMITED_MODEL,
+                        log=settings.var_dir / f"limited-worker-{request.param}.log")
     wait_for_worker(settings.redis_url, LIMITED_MODEL, process)
     yield process
     stop_process(process, timeout_s=30)
@@ -126,6 +128,11 @@ def test_generation_time_limit_gives_504_and_a_timed_out_entry(served_api, limit
     assert entry.kind == "timed_out" and entry.model == LIMITED_MODEL
     assert 0 < entry.body["usage"]["completion_tokens"] < 4000  # stopped part-way, partial output kept
     assert entry.payload["output"]
+    # The limit ended the job, not the worker: it serves the next one.
+    assert limited_worker.poll() is None
+    after = httpx.post(f"{served_api}/v1/completions", headers=bearer(keyring["admin"]), timeout=120,
+                       json={"model": LIMITED_MODEL, "prompt": "Tell", "max_tokens": 4, "temperature": 0})
+    assert after.status_code == 200, after.text
 
 
 @pytest.mark.parametrize("pool", ["solo", "prefork"])
