@@ -75,7 +75,7 @@ def test_a_worker_serves_teams_by_their_shares_not_by_arrival(own_redis, tmp_pat
     with serving(own, tmp_path / "serve.log") as base:
         def ask(user: str, n: int) -> None:
             response = httpx.post(f"{base}/v1/completions", headers=bearer(keys[user]), timeout=120,
-                                  json={"model": TINY_MODEL_NAME, "prompt": f"fair {n}", "max_tokens": 2})
+                                  json={"model": TINY_MODEL_NAME, "prompt": f"fair {n}", "max_tokens": 128})
             if response.status_code != 200:
                 failures.append(response.text)
                 return
@@ -114,8 +114,10 @@ def test_a_worker_serves_teams_by_their_shares_not_by_arrival(own_redis, tmp_pat
     # The worker's order, from its own log (tests/conftest.py, served_in_order: not the audit entries).
     order = [served[r] for r in served_in_order(tmp_path / "worker.log") if r in served]
     assert len(order) == len(served)
-    # FIFO would serve all of alpha's jobs first. The schedule charges measured worker time, so one odd
-    # job (a stall) may shift it by a job: the shares are held to two jobs, not one.
+    # FIFO would serve all of alpha's jobs first. The schedule charges measured worker time, so a job
+    # the machine stalled costs its team more: 128 tokens make a job ~13 ms, long against a stall on a
+    # busy machine (at 2 tokens, ~2 ms, one stall charged a team several jobs' worth and the order
+    # drifted past the slack 1 run in 5 under a CPU burner). The shares are held to two jobs, not one.
     assert order.index("beta") <= 2, order
     total_weight = sum(shares.values())
     both_waiting = min(counts[team] * total_weight // shares[team] for team in counts)
