@@ -92,9 +92,9 @@ def forget_govgate_environment() -> None:
 
 def log_tails(var_dir: Path, lines: int = 15) -> Iterator[str]:
     """The end of each child's log, shown when a start fails (the folder is removed after)."""
-    for log in sorted(var_dir.glob("*.log")) + sorted(var_dir.glob("redis/*.log")):
+    for log in sorted(var_dir.rglob("*.log")):  # a bench with two stacks keeps each in a folder of its own
         tail = log.read_text(errors="replace").splitlines()[-lines:]
-        yield f"--- {log.name} (last {len(tail)} lines)"
+        yield f"--- {log.relative_to(var_dir)} (last {len(tail)} lines)"
         yield from tail
 
 

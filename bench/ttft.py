@@ -11,6 +11,13 @@ tiny-model worker, the API) like ``bench/overhead.py``, then:
   from writing the request to the first SSE event carrying text (the empty
   opening event is skipped); the rest of the stream is read before the
   next request, so the worker is free again;
+* **gateway, output rules off**: the same against a second stack started
+  with ``output_rules=False`` (``GOVGATE_OUTPUT_RULES=0``). Under output
+  rules (the default) a stream's text is held back until the text
+  ``GOVGATE_OUTPUT_HOLDBACK_CHARS`` past it was judged, so with the bench's
+  8 tokens (fewer characters than the hold-back) the first text is the
+  whole output, judged at its end: that side measures the hold-back's
+  cost, this one the relay path (admission, queue, worker, pub/sub, SSE);
 * **direct**: ``load_model(spec)`` here, then ``stream`` with the same
   prompt and the parameters the worker builds, timed from the call to the
   first piece (``bench/inference.py``'s routine).
@@ -118,41 +125,53 @@ def _summary(seconds: list[float]) -> dict[str, Any]:
 
 def measure(args: argparse.Namespace, var_dir: Path) -> dict[str, Any]:
     """Stack up, gateway samples, stack down, then direct samples."""
+    from gateway.settings import Settings
     from workers.contract.registry import TINY_MODEL_NAME
 
     models_file, specs = prepare_models(argparse.Namespace(model_names=[TINY_MODEL_NAME], models_dir=None),
                                         var_dir, say)
-    say("starting redis, a tiny-model worker and the api …")
-    running = start_govgate(var_dir, [TINY_MODEL_NAME], note="bench/ttft.py", models_file=str(models_file),
-                            request_timeout_s=REQUEST_TIMEOUT_S)
-    try:
-        say(f"gateway: {WARMUP} warm-up + {args.requests} streamed requests …")
-        body = request_body(TINY_MODEL_NAME, args.max_tokens, stream=True)
-        endpoint = Endpoint.post_json(running.base_url, COMPLETIONS_PATH, body, running.headers)
-        gateway, outcomes = asyncio.run(gateway_samples(endpoint, args.requests))
-    finally:
-        running.stop()
+    sides: dict[str, Any] = {}
+    for side, rules in (("gateway", True), ("gateway_rules_off", False)):
+        say(f"starting redis, a tiny-model worker and the api (output rules {'on' if rules else 'off'}) …")
+        running = start_govgate(var_dir / side, [TINY_MODEL_NAME], note="bench/ttft.py",
+                                models_file=str(models_file), request_timeout_s=REQUEST_TIMEOUT_S,
+                                output_rules=rules)
+        try:
+            say(f"{side}: {WARMUP} warm-up + {args.requests} streamed requests …")
+            body = request_body(TINY_MODEL_NAME, args.max_tokens, stream=True)
+            endpoint = Endpoint.post_json(running.base_url, COMPLETIONS_PATH, body, running.headers)
+            seconds, outcomes = asyncio.run(gateway_samples(endpoint, args.requests))
+        finally:
+            running.stop()
+        sides[side] = {**_summary(seconds), "outcomes": outcomes,
+                       "non_2xx": sum(n for k, n in outcomes.items() if k != "200")}
     say(f"direct: load + {WARMUP} warm-up + {args.requests} first pieces …")
     direct = direct_samples(specs[0], args.max_tokens, args.requests)
     document = {"model": TINY_MODEL_NAME, "max_tokens": args.max_tokens, "requests": args.requests,
-                "gateway": {**_summary(gateway), "outcomes": outcomes,
-                            "non_2xx": sum(n for k, n in outcomes.items() if k != "200")},
+                "holdback_chars": Settings().output_holdback_chars, **sides,
                 "direct": _summary(direct), "target_over_direct_ms": TARGET_OVER_DIRECT_MS}
-    gw, dr = document["gateway"]["p50_ms"], document["direct"]["p50_ms"]
-    document["over_direct_p50_ms"] = round(gw - dr, 3) if gw is not None and dr is not None else None
+    dr = document["direct"]["p50_ms"]
+    for side, key in (("gateway", "over_direct_p50_ms"), ("gateway_rules_off", "over_direct_p50_ms_rules_off")):
+        gw = document[side]["p50_ms"]
+        document[key] = round(gw - dr, 3) if gw is not None and dr is not None else None
     return document
 
 
 def table(document: dict[str, Any]) -> str:
-    gw, dr = document["gateway"], document["direct"]
-    rows = [f"{'':10}{'p50 ms':>10}{'p90 ms':>10}{'min ms':>10}{'samples':>9}"]
-    for name, side in (("gateway", gw), ("direct", dr)):
+    names = {"gateway": "gateway, output rules on", "gateway_rules_off": "gateway, output rules off",
+             "direct": "direct"}
+    rows = [f"{'':27}{'p50 ms':>10}{'p90 ms':>10}{'min ms':>10}{'samples':>9}"]
+    for key, name in names.items():
+        side = document[key]
         cells = ("-" if side[k] is None else side[k] for k in ("p50_ms", "p90_ms", "min_ms"))
-        rows.append(f"{name:10}" + "".join(f"{cell:>10}" for cell in cells) + f"{side['samples']:>9}")
-    rows.append(f"gateway p50 - direct p50: {document['over_direct_p50_ms']} ms "
-                f"(issue target <= {TARGET_OVER_DIRECT_MS:g} ms); non-2xx {gw['non_2xx']}")
-    if gw["non_2xx"]:
-        rows.append(f"gateway outcomes: {json.dumps(gw['outcomes'], sort_keys=True)}")
+        rows.append(f"{name:27}" + "".join(f"{cell:>10}" for cell in cells) + f"{side['samples']:>9}")
+    rows.append(f"gateway p50 - direct p50: rules on {document['over_direct_p50_ms']} ms (the hold-back of "
+                f"{document['holdback_chars']} characters included), rules off "
+                f"{document['over_direct_p50_ms_rules_off']} ms (issue target <= {TARGET_OVER_DIRECT_MS:g} ms)")
+    for key in ("gateway", "gateway_rules_off"):
+        side = document[key]
+        rows.append(f"{names[key]}: non-2xx {side['non_2xx']}"
+                    + (f", outcomes {json.dumps(side['outcomes'], sort_keys=True)}" if side["non_2xx"] else ""))
     return "\n".join(rows)
 
 

@@ -1,4 +1,4 @@
-"""``bench/ttft.py``: a short real run gives both sides' first-token figures and their difference.
+"""``bench/ttft.py``: a short real run gives every side's first-token figures and their differences.
 
 The SSE reading is the part most likely to go wrong silently (a first
 token never found reads as "no_text", a connection left mid-stream breaks
@@ -22,6 +22,10 @@ def test_a_short_real_run_finds_the_first_token_on_both_sides(tmp_path: Path) ->
     document = run(parse_args(["--requests", "4", "--json", str(out)]))
     assert document is not None
     assert json.loads(out.read_text()) == document
-    assert document["gateway"]["outcomes"] == {"200": 4}
-    assert document["gateway"]["samples"] == document["direct"]["samples"] == 4
+    for side in ("gateway", "gateway_rules_off"):
+        assert document[side]["outcomes"] == {"200": 4}, side
+        assert document[side]["samples"] == 4, side
+    assert document["direct"]["samples"] == 4
     assert document["over_direct_p50_ms"] is not None
+    assert document["over_direct_p50_ms_rules_off"] is not None
+    assert document["holdback_chars"] > 0
