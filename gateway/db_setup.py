@@ -10,18 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from alembic import command
-from alembic.config import Config
-from alembic.util.exc import CommandError
 from sqlalchemy import Engine, MetaData
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from audit import make_engine, migrate
 from audit.db import locked_transaction
+from audit.migration_heads import at_head
 from gateway.auth.keys import ApiKey, KeyStore
 
 if TYPE_CHECKING:
+    from alembic.config import Config
+
     from gateway.settings import Settings
 
 VERSION_TABLE: Final = "alembic_version_gateway"
@@ -39,6 +39,8 @@ class DatabaseError(RuntimeError):
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """Alembic configuration built in code; also for writing new revisions."""
+    from alembic.config import Config  # Alembic only where there is something to migrate (audit.migration_heads)
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
     config.set_main_option("path_separator", "os")
@@ -47,7 +49,20 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 
 def migrate_gateway(engine: Engine, revision: str = "head") -> None:
-    """Bring the gateway's tables up to ``revision`` (idempotent, safe concurrently)."""
+    """Bring the gateway's tables up to ``revision`` (idempotent, safe concurrently).
+
+    Tables already at head are told without importing Alembic, as for the audit schema (``audit.migrate``).
+    """
+    try:
+        if revision == "head":
+            with engine.connect() as conn:
+                if at_head(conn, MIGRATIONS_DIR / "versions", VERSION_TABLE):
+                    return
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot migrate the gateway schema: {exc}") from exc
+    from alembic import command
+    from alembic.util.exc import CommandError
+
     try:
         with locked_transaction(engine, MIGRATE_LOCK_KEY) as conn:
             command.upgrade(alembic_config(conn), revision)

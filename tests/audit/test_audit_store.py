@@ -36,7 +36,7 @@ from audit import (
     verify_chain,
 )
 from audit.chain import GENESIS_HASH, document_hash
-from audit.db import VERSION_TABLE, migration_options
+from audit.db import SQLITE_CACHE_KIB, VERSION_TABLE, migration_options
 from audit.tables import audit_metadata
 from tests.audit.conftest import RawDB
 
@@ -363,6 +363,7 @@ def test_sqlite_connections_are_tuned_for_many_processes(db_path: Path) -> None:
         assert pragma("busy_timeout") == 30000
         assert pragma("synchronous") == 1  # NORMAL
         assert pragma("foreign_keys") == 1
+        assert pragma("cache_size") == -SQLITE_CACHE_KIB  # negative: KiB, not pages
 
 
 def test_audit_imports_neither_gateway_nor_workers() -> None:
