@@ -16,7 +16,7 @@ import struct
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Final
 
 __all__ = [
     "GGML_LAYOUTS",
@@ -213,11 +213,28 @@ def _parse_gguf(buf: Any, path: Path, wanted: set[str] | None, with_tensors: boo
     return out, -(-off // alignment) * alignment, tensors
 
 
-def _tensor_bytes(kind: int, dims: tuple[int, ...]) -> int:
-    """Bytes one tensor of ggml type ``kind`` and shape ``dims`` takes (worker side: imports gguf)."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+#: (elements per block, bytes per block) of the ggml tensor types by type id: F32, F16, the Q*, K-quant,
+#: IQ*, integer, BF16, ternary and FP4 types, as ``gguf.constants.GGML_QUANT_SIZES`` (gguf 0.19) has them.
+#: A fact about the format, kept here so that checking a model file does not import gguf: its package
+#: imports numpy, ~11 MB that would stay resident in a worker that never uses it. A type not listed
+#: (one newer than this table) is looked up in gguf after all; tests/workers/contract hold the two equal.
+GGML_TYPE_SIZES: Final[dict[int, tuple[int, int]]] = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
+    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82),
+    23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2),
+    34: (256, 54), 35: (256, 66), 39: (32, 17), 40: (64, 36), 41: (128, 18),
+}
 
-    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+
+def _tensor_bytes(kind: int, dims: tuple[int, ...]) -> int:
+    """Bytes one tensor of ggml type ``kind`` and shape ``dims`` takes."""
+    sizes = GGML_TYPE_SIZES.get(kind)
+    if sizes is None:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        sizes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+    block, type_size = sizes
     return math.prod(dims) // block * type_size
 
 
