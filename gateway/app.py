@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
 from typing import AsyncIterator, Callable
 
 from litestar import Litestar
@@ -22,17 +24,43 @@ from gateway.api_errors import EXCEPTION_HANDLERS
 from gateway.observability.setup import instrument
 from gateway.settings import Settings
 
+log = logging.getLogger(__name__)
+
 ComponentsFactory = Callable[[Settings], contextlib.AbstractAsyncContextManager[Components]]
 
 
-def create_app(settings: Settings | None = None, *, components: ComponentsFactory = build_components) -> Litestar:
-    """Build the app; ``components`` lets tests bring their own parts."""
+def freeze_startup_heap() -> None:
+    """Move everything made at startup out of the garbage collector's reach, once the process is up.
+
+    The app, its imports and its parts are some 140,000 tracked objects that
+    live as long as the process. Left to the collector, each full
+    (generation 2) collection walked them all: measured during
+    ``bench/fairness.py``, a 50 ms stall every 6–8 s of load, every
+    request in flight held for it. Frozen (:func:`gc.freeze`, after one
+    collection so no startup garbage is kept), a full collection walks only
+    what was made since: ~3 ms. Reference counting still frees frozen
+    objects as usual; only a cycle among them would never be collected.
+    """
+    gc.collect()
+    gc.freeze()
+    log.info("startup heap frozen: %d objects out of the garbage collector's reach", gc.get_freeze_count())
+
+
+def create_app(settings: Settings | None = None, *, components: ComponentsFactory = build_components,
+               freeze_heap: bool = False) -> Litestar:
+    """Build the app; ``components`` lets tests bring their own parts.
+
+    ``freeze_heap``: :func:`freeze_startup_heap` once the parts are built; for the served process
+    (:func:`app_from_env`), not for tests that make many apps in one process.
+    """
     settings = settings or Settings.from_env()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with components(settings) as built:
             app.state.components = built
+            if freeze_heap:
+                freeze_startup_heap()
             yield
 
     return instrument(settings, Litestar(
@@ -51,4 +79,4 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
 
 def app_from_env() -> Litestar:
     """uvicorn factory entry point: ``uvicorn --factory gateway.app:app_from_env``."""
-    return create_app(Settings.from_env())
+    return create_app(Settings.from_env(), freeze_heap=True)
