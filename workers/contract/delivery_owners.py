@@ -23,6 +23,13 @@ wedged with its process alive). A worker restarted under the same node name
 (a container's pid 1 again) hands back, at its first restore, whatever its
 keys held from before it started.
 
+Keys without a registration (:func:`orphaned_nodes`) are looked for once a
+minute: a worker judged dead by mistake (a host whose heartbeat stalled)
+has its registration dropped, registers again at its next sweep, and if it
+dies before that, its keys would name no owner and wait forever. They are
+registered for the node their name gives (:func:`owner_from_node`), as of
+when they were found, and from then on judged like any owner.
+
 Names here are the contract between workers; the gateway reads none of them.
 """
 
@@ -33,8 +40,12 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from workers.contract.liveness import HEARTBEAT_TTL_S
+
+if TYPE_CHECKING:
+    import redis
 
 #: Hash: worker node name → JSON ``{"host", "pid", "since"}`` (``since``: Unix seconds it registered).
 OWNERS_KEY = "govgate:unacked:owners"
@@ -45,9 +56,15 @@ LEGACY_KEYS = ("unacked", "unacked_index")
 REGISTRATION_GRACE_S = HEARTBEAT_TTL_S + 30
 
 
+#: The prefixes of an owner's keys (:func:`owner_keys`); the registry's own key shares the first.
+HASH_PREFIX, INDEX_PREFIX = "govgate:unacked:", "govgate:unacked-index:"
+#: How often a worker looks for keys of owners nobody registered (a SCAN of the keyspace).
+ORPHAN_SCAN_INTERVAL_S = 60.0
+
+
 def owner_keys(node: str) -> tuple[str, str]:
     """The unacked hash and index of the worker named ``node`` (Celery's ``<model>.<pid>@<host>``)."""
-    return f"govgate:unacked:{node}", f"govgate:unacked-index:{node}"
+    return f"{HASH_PREFIX}{node}", f"{INDEX_PREFIX}{node}"
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,29 @@ class Owner:
             return cls(node, str(fields["host"]), int(fields["pid"]), float(fields["since"]))
         except (ValueError, KeyError, TypeError):
             return None
+
+
+def owner_from_node(node: str, now: float) -> Owner:
+    """The owner a node name gives (``<model>.<pid>@<host>``), registered as of ``now``.
+
+    A name not of that form gives no host (judged by its heartbeat, as an
+    owner elsewhere is) and pid 0.
+    """
+    name, _, host = node.rpartition("@")
+    pid_text = name.rpartition(".")[2]
+    pid = int(pid_text) if pid_text.isdigit() else 0
+    return Owner(node, host if name and host else "", pid, now)
+
+
+def orphaned_nodes(client: redis.Redis, registered: set[str]) -> set[str]:
+    """The nodes whose unacked keys exist but are not in ``registered`` (the registry's nodes)."""
+    found: set[str] = set()
+    for prefix in (INDEX_PREFIX, HASH_PREFIX):
+        for raw in client.scan_iter(match=prefix + "*", count=1000):
+            key = raw.decode() if isinstance(raw, bytes) else raw
+            if key != OWNERS_KEY:
+                found.add(key[len(prefix):])
+    return found - registered
 
 
 def this_process(node: str) -> Owner:

@@ -70,8 +70,9 @@ from redis.exceptions import NoScriptError
 
 from workers.contract import fair_order
 from workers.contract.deferred_replies import DeferredReplies, ignore_reply
-from workers.contract.delivery_owners import (LEGACY_KEYS, OWNERS_KEY, Owner, is_dead, owner_keys,
-                                              process_started_at, this_process)
+from workers.contract.delivery_owners import (LEGACY_KEYS, ORPHAN_SCAN_INTERVAL_S, OWNERS_KEY, Owner, is_dead,
+                                              orphaned_nodes, owner_from_node, owner_keys, process_started_at,
+                                              this_process)
 from workers.contract.fair_queues import PART_SEP, parse_fair_queue, registry_key, waiting_key, wake_key
 from workers.contract.liveness import LIVE_SCRIPT, WORKERS_KEY
 
@@ -86,6 +87,9 @@ OWNER_OPTION = "govgate_owner"
 
 class QoS(kombu_redis.QoS):
     """kombu's Redis QoS with its per-task bookkeeping sent as ordered pipelines, not transactions."""
+
+    #: When the sweep next looks for owners' keys without a registration (the first sweep does).
+    _next_orphan_scan: float = 0.0
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         """The bookkeeping is sent, not waited for: the delivery goes on to the pool at once."""
@@ -149,6 +153,13 @@ class QoS(kombu_redis.QoS):
         if mine is not None and mine.node.encode() not in owners:  # Redis lost it (restarted): register again
             client.hsetnx(OWNERS_KEY, mine.node, mine.record())
             owners[mine.node.encode()] = mine.record().encode()
+        if now >= self._next_orphan_scan:  # keys no registration names: registered for the node they name
+            self._next_orphan_scan = now + ORPHAN_SCAN_INTERVAL_S
+            for node in orphaned_nodes(client, {bytes_to_str(n) for n in owners}):
+                record = owner_from_node(node, now).record()
+                client.hsetnx(OWNERS_KEY, node, record)
+                owners[node.encode()] = record.encode()
+                log.warning("unacknowledged deliveries of %s had no registration: registered now", node)
         live = {bytes_to_str(m).split("\n", 1)[-1] for m in client.eval(LIVE_SCRIPT, 1, WORKERS_KEY)} \
             if owners else set()
         host = socket.gethostname()

@@ -18,8 +18,8 @@ import pytest
 import redis as redis_py
 
 from workers.contract.celery_config import make_celery
-from workers.contract.delivery_owners import (OWNERS_KEY, REGISTRATION_GRACE_S, Owner, is_dead, owner_keys,
-                                              process_started_at)
+from workers.contract.delivery_owners import (OWNERS_KEY, REGISTRATION_GRACE_S, Owner, is_dead, owner_from_node,
+                                              owner_keys, process_started_at)
 from workers.contract.liveness import BEAT_SCRIPT, WORKERS_KEY, member
 
 QUEUE = "model.owners-test"
@@ -203,3 +203,61 @@ def test_a_dead_workers_payload_without_its_index_entry_goes_back_too(redis_serv
     with worker_channel(redis_server, f"finder.{os.getpid()}@{socket.gethostname()}") as other:
         sweep(other)
     assert client.llen(QUEUE) == 1 and not client.hexists(OWNERS_KEY, dead)
+
+
+def test_keys_of_a_dead_worker_nobody_registered_are_found_and_handed_back(redis_server, client):
+    """A worker judged dead by mistake lost its registration, took a job, and died before it registered
+    again: its keys name no owner. The next sweep finds them (a SCAN), registers them for the node their
+    name gives, and, that node's process being gone, hands the delivery back at once."""
+    pid = exited_pid()
+    orphan = f"orphan.{pid}@{socket.gethostname()}"
+    with worker_channel(redis_server, orphan) as channel:
+        publish(channel, "a")
+        take(channel)
+        abandon(channel)
+    client.hdel(OWNERS_KEY, orphan)
+    with worker_channel(redis_server, f"finder.{os.getpid()}@{socket.gethostname()}") as other:
+        sweep(other)
+        assert client.llen(QUEUE) == 1  # back at once: the process the name gives is gone
+        assert not client.exists(*owner_keys(orphan)) and not client.hexists(OWNERS_KEY, orphan)
+
+
+def test_keys_of_a_live_worker_found_without_registration_stay_with_it(redis_server, client):
+    """The same for a worker still running (its pid alive): registered for it, its delivery left alone, and
+    its own registration is not overwritten when it comes."""
+    here = socket.gethostname()
+    live = f"stray.{os.getpid()}@{here}"
+    with worker_channel(redis_server, live) as channel:
+        publish(channel, "a")
+        message = take(channel)
+        client.hdel(OWNERS_KEY, live)
+        with worker_channel(redis_server, f"finder.{os.getpid()}@{here}") as other:
+            sweep(other)
+        found = Owner.parse(live, client.hget(OWNERS_KEY, live))
+        assert (found.host, found.pid) == (here, os.getpid())
+        assert client.llen(QUEUE) == 0 and client.hget(owner_keys(live)[0], message.delivery_tag) is not None
+
+
+def test_the_orphan_scan_runs_once_a_minute_not_every_sweep(redis_server, client):
+    here = socket.gethostname()
+    with worker_channel(redis_server, f"scanner.{os.getpid()}@{here}") as channel:
+        sweep(channel)  # the first sweep scans
+        orphan = f"late.{exited_pid()}@{here}"
+        with worker_channel(redis_server, orphan) as dying:
+            publish(dying, "a")
+            take(dying)
+            abandon(dying)
+        client.hdel(OWNERS_KEY, orphan)
+        sweep(channel)
+        assert client.llen(QUEUE) == 0 and client.exists(*owner_keys(orphan))  # not looked for again yet
+        channel.qos._next_orphan_scan = 0.0  # a minute later
+        sweep(channel)
+        assert client.llen(QUEUE) == 1 and not client.exists(*owner_keys(orphan))
+
+
+@pytest.mark.parametrize("node, host, pid", [("tiny.42@box", "box", 42), ("a.b.7@h.example", "h.example", 7),
+                                              ("no-at-sign", "", 0), ("model.x@box", "box", 0),
+                                              ("@box", "", 0)])
+def test_the_owner_a_node_name_gives(node, host, pid):
+    owner = owner_from_node(node, 12.5)
+    assert (owner.node, owner.host, owner.pid, owner.since) == (node, host, pid, 12.5)
