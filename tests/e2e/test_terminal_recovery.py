@@ -22,6 +22,8 @@ import pytest
 import redis
 
 from audit import AuditStore, make_engine, verify_chain
+from audit.db import MIGRATIONS_DIR, VERSION_TABLE
+from audit.migration_heads import at_head
 
 from gateway.auth import KeyStore
 from gateway.components import open_database
@@ -167,10 +169,12 @@ def test_a_terminal_entry_refused_by_a_locked_database_is_written_when_it_is_bac
     store.engine.dispose()
 
 
-def test_a_worker_started_while_the_database_is_locked_waits_for_it(own_redis, tmp_path):
+def test_a_worker_started_while_the_database_is_locked_waits_for_it_when_it_must_migrate(own_redis, tmp_path):
+    """The schema is not there yet: the worker's migration needs the write lock, and it waits for it."""
     own = own_redis.with_(database_url=f"sqlite:///{tmp_path / 'own.db'}",
                           database_busy_timeout_s=SHORT_BUSY_TIMEOUT_S)
-    open_database(own).dispose()
+    with make_engine(own.effective_database_url).connect():  # the file, in WAL mode, without any table
+        pass
     log = tmp_path / "worker.log"
     with locked(own.effective_database_url):
         worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=log)
@@ -187,3 +191,26 @@ def test_a_worker_started_while_the_database_is_locked_waits_for_it(own_redis, t
         wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker, timeout_s=120)
     finally:
         stop_process(worker, timeout_s=30)
+    engine = make_engine(own.effective_database_url)
+    try:
+        with engine.connect() as conn:  # the worker migrated once the lock was gone
+            assert at_head(conn, MIGRATIONS_DIR / "versions", VERSION_TABLE)
+    finally:
+        engine.dispose()
+
+
+def test_a_worker_started_while_the_database_is_locked_serves_when_its_schema_is_current(own_redis, tmp_path):
+    """A current schema is told by reading it (WAL: readers pass a writer's lock), so nothing waits for the
+    lock at start: the worker is up while the lock is still held (its appends have their own way past a
+    locked database: the pending terminal entries)."""
+    own = own_redis.with_(database_url=f"sqlite:///{tmp_path / 'own.db'}",
+                          database_busy_timeout_s=SHORT_BUSY_TIMEOUT_S)
+    open_database(own).dispose()
+    log = tmp_path / "worker.log"
+    with locked(own.effective_database_url):
+        worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=log)
+        try:
+            wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker, timeout_s=120)
+        finally:
+            stop_process(worker, timeout_s=30)
+    assert "waiting for it" not in log.read_text()
