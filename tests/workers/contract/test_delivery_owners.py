@@ -205,17 +205,22 @@ def test_a_dead_workers_payload_without_its_index_entry_goes_back_too(redis_serv
     assert client.llen(QUEUE) == 1 and not client.hexists(OWNERS_KEY, dead)
 
 
+def died_unregistered(redis_server, client, node: str) -> None:
+    """The worker ``node`` took a job and died holding it, its registration gone (dropped by a sweep that
+    judged it dead by mistake, before it registered again)."""
+    with worker_channel(redis_server, node) as channel:
+        publish(channel, "a")
+        take(channel)
+        abandon(channel)
+    client.hdel(OWNERS_KEY, node)
+
+
 def test_keys_of_a_dead_worker_nobody_registered_are_found_and_handed_back(redis_server, client):
     """A worker judged dead by mistake lost its registration, took a job, and died before it registered
     again: its keys name no owner. The next sweep finds them (a SCAN), registers them for the node their
     name gives, and, that node's process being gone, hands the delivery back at once."""
-    pid = exited_pid()
-    orphan = f"orphan.{pid}@{socket.gethostname()}"
-    with worker_channel(redis_server, orphan) as channel:
-        publish(channel, "a")
-        take(channel)
-        abandon(channel)
-    client.hdel(OWNERS_KEY, orphan)
+    orphan = f"orphan.{exited_pid()}@{socket.gethostname()}"
+    died_unregistered(redis_server, client, orphan)
     with worker_channel(redis_server, f"finder.{os.getpid()}@{socket.gethostname()}") as other:
         sweep(other)
         assert client.llen(QUEUE) == 1  # back at once: the process the name gives is gone
@@ -223,8 +228,8 @@ def test_keys_of_a_dead_worker_nobody_registered_are_found_and_handed_back(redis
 
 
 def test_keys_of_a_live_worker_found_without_registration_stay_with_it(redis_server, client):
-    """The same for a worker still running (its pid alive): registered for it, its delivery left alone, and
-    its own registration is not overwritten when it comes."""
+    """The same for a worker still running (its pid alive): registered for it as its name gives, and its
+    delivery left alone."""
     here = socket.gethostname()
     live = f"stray.{os.getpid()}@{here}"
     with worker_channel(redis_server, live) as channel:
@@ -243,11 +248,7 @@ def test_the_orphan_scan_runs_once_a_minute_not_every_sweep(redis_server, client
     with worker_channel(redis_server, f"scanner.{os.getpid()}@{here}") as channel:
         sweep(channel)  # the first sweep scans
         orphan = f"late.{exited_pid()}@{here}"
-        with worker_channel(redis_server, orphan) as dying:
-            publish(dying, "a")
-            take(dying)
-            abandon(dying)
-        client.hdel(OWNERS_KEY, orphan)
+        died_unregistered(redis_server, client, orphan)
         sweep(channel)
         assert client.llen(QUEUE) == 0 and client.exists(*owner_keys(orphan))  # not looked for again yet
         channel.qos._next_orphan_scan = 0.0  # a minute later
