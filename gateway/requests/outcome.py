@@ -68,7 +68,7 @@ class TicketRunner:
     async def complete(self, ticket: Ticket) -> JobResult:
         """Queue the job and wait for its result (judging its output on the way, under output rules)."""
         # A revision with no output rule passes every output whole: the worker records that verdict
-        # itself, and the round trip of report and verdict is skipped (streams keep theirs).
+        # itself, and the round trip of report and verdict is skipped (a stream's hold-back too: open_stream).
         unruled = self.output_rules is not None and await self.output_rules.rule_absent(ticket)
         checked = self.output_rules is not None and not unruled
         try:
@@ -88,16 +88,22 @@ class TicketRunner:
         return await self.result_of(ticket, meta)
 
     async def open_stream(self, ticket: Ticket) -> StreamEvents:
-        """Queue a streaming job and return its events; queueing errors are raised here, before any byte."""
+        """Queue a streaming job and return its events; queueing errors are raised here, before any byte.
+
+        Under a policy revision with no output rule the stream has nothing to hold its text back for:
+        its pieces go out as they come, and its worker records the "allow, whole" verdict itself, as for
+        a non-streamed completion.
+        """
+        unruled = self.output_rules is not None and await self.output_rules.rule_absent(ticket)
+        checked = self.output_rules is not None and not unruled
         async with contextlib.AsyncExitStack() as stack:
             try:
-                checked = self.output_rules is not None
                 pending = await stack.enter_async_context(self.waiter.expect(ticket.request_id, stream=True,
                                                                              checked=checked))
-                await self._enqueue(ticket)
+                await self._enqueue(ticket, output_rule_absent=unruled)
             except (QueueUnavailable, RedisError, OSError) as exc:
                 raise await self.queue_down(ticket, exc) from None
-            return StreamEvents(self, ticket, pending, stack.pop_all())
+            return StreamEvents(self, ticket, pending, stack.pop_all(), checked=checked)
 
     async def _enqueue(self, ticket: Ticket, *, output_rule_absent: bool = False,
                        gateway_records: bool = False) -> None:
@@ -283,15 +289,15 @@ class StreamEvents:
     """
 
     def __init__(self, runner: TicketRunner, ticket: Ticket, pending: PendingResult,
-                 subscription: contextlib.AsyncExitStack) -> None:
+                 subscription: contextlib.AsyncExitStack, *, checked: bool = True) -> None:
         self._runner = runner
         self._ticket = ticket
         self._pending = pending
         self._subscription = subscription
         self._finished = False
         self._closed = False
-        #: Under output rules: what was received, judged and released of the output.
-        self._hold = runner.output_rules.hold() if runner.output_rules is not None else None
+        #: Under output rules (``checked``: the revision has one): what was received, judged and released.
+        self._hold = runner.output_rules.hold() if runner.output_rules is not None and checked else None
 
     def __aiter__(self) -> AsyncIterator[str | JobResult]:
         return self._events()

@@ -6,23 +6,25 @@ worker so in the job, and the worker records the verdict the gateway would
 have sent (allow, the whole output served). A revision with an output rule
 is still judged: a rule that stops every output stops this one. The
 report to the gateway is seen in Redis's own counters: a non-streamed output
-is handed over with an HSETNX of its fallback entry (and a stream's worker
-would wait for a verdict with BLPOP; Celery's consumers use BRPOP).
+is handed over with an HSETNX of its fallback entry, and a stream's worker
+waits for a verdict with BLPOP (Celery's consumers use BRPOP). Without a rule
+a stream is not held back either: its first token goes out as it comes.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
-from tests.conftest import _roomy_limits, bearer, policy_copy
+from tests.conftest import _roomy_limits, bearer, policy_copy, serving
 from workers.contract.registry import TINY_MODEL_NAME
 
-pytestmark = pytest.mark.anyio
 
 BODY = {"model": TINY_MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
 STOP_ALL = '''package govgate
@@ -64,6 +66,7 @@ async def complete(settings, folder: Path, key: str):
         return await client.post("/v1/completions", headers=bearer(key), json=BODY)
 
 
+@pytest.mark.anyio
 async def test_no_output_rule_records_the_allow_without_the_round_trip(settings, worker, keyring, audit_store,
                                                                          tmp_path):
     before = verdict_waits(settings.redis_url)
@@ -78,6 +81,7 @@ async def test_no_output_rule_records_the_allow_without_the_round_trip(settings,
     assert terminal.payload["client_output"] == terminal.payload["output"] == text
 
 
+@pytest.mark.anyio
 async def test_an_output_rule_is_still_asked_and_can_stop_the_output(settings, worker, keyring, audit_store,
                                                                      tmp_path):
     before = verdict_waits(settings.redis_url)
@@ -90,3 +94,42 @@ async def test_an_output_rule_is_still_asked_and_can_stop_the_output(settings, w
     decision = terminal.body["output_decision"]
     assert decision["allow"] is False and decision["stopped"] is True
     assert decision["reasons"] == [{"code": "test_stop", "message": "every output stops"}]
+
+
+def stream_texts(base: str, key: str) -> tuple[str, list[str]]:
+    """A streamed completion through a served gateway: its request id and the text of each SSE chunk."""
+    texts = []
+    with httpx.stream("POST", f"{base}/v1/completions", headers=bearer(key), timeout=120,
+                      json={**BODY, "max_tokens": 64, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        request_id = response.headers["x-govgate-request-id"]
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                text = json.loads(line[6:])["choices"][0].get("text")
+                if text:
+                    texts.append(text)
+    return request_id, texts
+
+
+@pytest.mark.parametrize("ruled", [False, True], ids=["no-output-rule", "shipped-rules"])
+def test_a_stream_without_an_output_rule_is_not_held_back(settings, worker, keyring, audit_store, tmp_path, ruled):
+    """No rule, no hold-back: the first token goes out as it comes (under the shipped rules the first text
+    waits until the text past it was judged: at least half the hold-back at once), the worker waits for no
+    verdict, and records the allow its gateway would have sent."""
+    folder = policy_copy(tmp_path, _roomy_limits) if ruled else without_output_rule(tmp_path)
+    holdback = settings.output_holdback_chars
+    before = verdict_waits(settings.redis_url)
+    with serving(settings.with_(policy_dir=folder, output_rules=True), tmp_path / "serve.log") as base:
+        request_id, texts = stream_texts(base, keyring["analyst"])
+    whole = "".join(texts)
+    assert len(whole) > 2 * holdback  # long enough for the hold-back to show
+    terminal = audit_store.terminal_for(request_id)
+    assert terminal.kind == "completion" and terminal.payload["client_output"] == terminal.payload["output"] == whole
+    if ruled:
+        assert len(texts[0]) >= holdback // 2
+        assert verdict_waits(settings.redis_url) > before  # the worker reported and waited for the verdict
+        return
+    assert len(texts[0]) < holdback // 2 and len(texts) >= 2
+    assert verdict_waits(settings.redis_url) == before
+    assert terminal.body["output_decision"] == {"allow": True, "reasons": [], "findings": [], "stopped": False,
+                                                "policy_revision": terminal.policy_revision}
