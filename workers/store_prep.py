@@ -2,9 +2,11 @@
 
 Runs in a short-lived child forked by :func:`workers.runtime.run_worker`
 before Celery starts, so that the schema exists before the first append
-while the worker's main process never imports SQLAlchemy, SQLModel or
-Alembic (they would stay resident there for the life of the worker, and
-its pool processes load what they need after fork anyway).
+while what only the start needs stays out of the worker: under prefork the
+main process never imports SQLAlchemy, SQLModel or Alembic (its pool
+processes load what they need after fork); under solo, where the jobs run
+in the main process, it loads the audit store for them, and Alembic still
+only here (and only when a migration is due: ``audit.migration_heads``).
 """
 
 from __future__ import annotations
