@@ -49,7 +49,8 @@ def serve_baseline(port: int, host: str = "127.0.0.1", log_level: str = "info") 
     """Run the baseline with the uvicorn options ``govgate serve`` uses."""
     import uvicorn
 
-    uvicorn.run(baseline_app(), host=host, port=port, log_level=log_level, access_log=False, lifespan="on")
+    uvicorn.run(baseline_app(), host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
+                loop="auto", http="auto")
 
 
 if __name__ == "__main__":

@@ -60,8 +60,11 @@ def serve() -> None:
     _check_serve_settings(settings)
     _configure_logging(settings)
     # log_config=None: uvicorn's own lines go through the handler configured above (JSON too), not its own.
+    # loop/http "auto": uvloop and httptools, both dependencies (pyproject.toml), where they install;
+    # asyncio's loop and h11 elsewhere.
     uvicorn.run("gateway.app:app_from_env", factory=True, host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), access_log=False, lifespan="on", log_config=None)
+                log_level=settings.log_level.lower(), access_log=False, lifespan="on", log_config=None,
+                loop="auto", http="auto")
 
 
 def _check_serve_settings(settings: Settings) -> None:
