@@ -72,10 +72,11 @@ local function parts(key)
     local base, pri = string.match(key, '^(.*):(%d)$')
     if not base then base, pri = key, '0' end
     local team, principal = string.match(base, '^model%.[^/]+/([^/]+)/([^/]+)$')
-    p = {{team, principal, base, tonumber(pri)}}
+    -- the principal's tag field, built once per list and call (the pick read and sorted by it twice)
+    p = {{team, principal, base, tonumber(pri), team and ('p:' .. team .. '/' .. principal)}}
     parsed[key] = p
   end
-  return p[1], p[2], p[3], p[4]
+  return p[1], p[2], p[3], p[4], p[5]
 end
 
 local function chunked(command, key, items)
@@ -91,11 +92,17 @@ end
 local members = redis.call('ZRANGE', REG, 0, -1)
 
 -- every tag this call may read
-local fields, seen = {{'V', 'svc', 'rc'}}, {{}}
+local fields, seen, seen_team = {{'V', 'svc', 'rc'}}, {{}}, {{}}
 local function want(f) if not seen[f] then seen[f] = true; fields[#fields + 1] = f end end
 local function want_list(key)
-  local team, principal = parts(key)
-  if team then want('t:' .. team); want('v:' .. team); want('p:' .. team .. '/' .. principal) end
+  local team, _, _, _, pf = parts(key)
+  if team then
+    if not seen_team[team] then
+      seen_team[team] = true
+      fields[#fields + 1] = 't:' .. team; fields[#fields + 1] = 'v:' .. team
+    end
+    want(pf)
+  end
 end
 for _, key in ipairs(members) do want_list(key) end
 if popped ~= '' then want_list(popped) end
@@ -202,12 +209,15 @@ if #changed > 0 then chunked('HSET', TAGS, changed) end
 local V = get('V')
 local teams, by_team = {{}}, {{}}
 for _, key in ipairs(live) do
-  local team, principal, base, pri = parts(key)
+  local team, principal, _, pri, pf = parts(key)
   if team then
     local t = by_team[team]
-    if not t then t = {{principals = {{}}, lists = {{}}}}; by_team[team] = t; teams[#teams + 1] = team end
-    if not t.lists[principal] then t.lists[principal] = {{}}; t.principals[#t.principals + 1] = principal end
+    if not t then t = {{principals = {{}}, lists = {{}}, pris = {{}}, has = {{}}, pf = {{}}}}; by_team[team] = t; teams[#teams + 1] = team end
+    if not t.lists[principal] then
+      t.lists[principal] = {{}}; t.principals[#t.principals + 1] = principal; t.pf[principal] = pf
+    end
     t.lists[principal][pri] = key
+    if not t.has[pri] then t.has[pri] = true; t.pris[#t.pris + 1] = pri end
   end
 end
 local function before(a, b, fa, fb, now_v)
@@ -222,9 +232,10 @@ table.sort(teams, function(a, b) return before(a, b, tt[a], tt[b], V) end)
 local order = {{charged}}
 for _, team in ipairs(teams) do
   local t, vt, pt = by_team[team], get('v:' .. team), {{}}
-  for _, principal in ipairs(t.principals) do pt[principal] = get('p:' .. team .. '/' .. principal) end
+  for _, principal in ipairs(t.principals) do pt[principal] = get(t.pf[principal]) end
   table.sort(t.principals, function(a, b) return before(a, b, pt[a], pt[b], vt) end)
-  for pri = 0, 9 do
+  table.sort(t.pris)  -- only the priorities the team's lists have, most urgent first
+  for _, pri in ipairs(t.pris) do
     for _, principal in ipairs(t.principals) do
       local key = t.lists[principal][pri]
       if key then order[#order + 1] = key end
