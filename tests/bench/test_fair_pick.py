@@ -1,4 +1,5 @@
-"""``bench/fair_pick.py`` runs end to end on a Redis of its own and writes its figures (their values are not looked at)."""
+"""``bench/fair_pick.py`` runs end to end on a Redis of its own and writes its figures (their values are not
+looked at)."""
 
 from __future__ import annotations
 

@@ -212,7 +212,11 @@ for _, key in ipairs(live) do
   local team, principal, _, pri, pf = parts(key)
   if team then
     local t = by_team[team]
-    if not t then t = {{principals = {{}}, lists = {{}}, pris = {{}}, has = {{}}, pf = {{}}}}; by_team[team] = t; teams[#teams + 1] = team end
+    if not t then
+      -- pris: the priorities its lists have (has: as a set); pf: each principal's tag field
+      t = {{principals = {{}}, lists = {{}}, pris = {{}}, has = {{}}, pf = {{}}}}
+      by_team[team] = t; teams[#teams + 1] = team
+    end
     if not t.lists[principal] then
       t.lists[principal] = {{}}; t.principals[#t.principals + 1] = principal; t.pf[principal] = pf
     end
