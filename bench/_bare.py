@@ -49,8 +49,10 @@ def serve_baseline(port: int, host: str = "127.0.0.1", log_level: str = "info") 
     """Run the baseline with the uvicorn options ``govgate serve`` uses."""
     import uvicorn
 
+    from gateway.http_head import BoundedHttpToolsProtocol
+
     uvicorn.run(baseline_app(), host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
-                loop="auto", http="auto")
+                loop="auto", http=BoundedHttpToolsProtocol)
 
 
 if __name__ == "__main__":

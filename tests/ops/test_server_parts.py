@@ -1,15 +1,19 @@
 """A served gateway runs on uvloop's event loop and httptools' HTTP parser, and the parser refuses bad HTTP.
 
 Both are dependencies because they cut the gateway's CPU per request by
-about an eighth (README, "Performance"); uvicorn picks them only when they
-import, so a broken install would fall back to asyncio's loop and h11
+about an eighth (README, "Performance"); uvicorn's loop "auto" picks uvloop
+only when it imports, so a broken install would fall back to asyncio's loop
 without a word. The process's memory map says which extension modules it
 loaded. Requests the parser cannot read never reach the app: uvicorn answers
-them with a 400 and closes the connection; the server keeps serving.
+them with a 400 and closes the connection; the server keeps serving. A
+request whose line and headers pass 16 KiB gets a 431 in OpenAI's error
+shape (``gateway/http_head.py``: httptools itself has no bound, h11 had
+this one), and one whose headers never end is cut off without being held.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from pathlib import Path
@@ -73,3 +77,69 @@ def test_requests_the_parser_cannot_read_get_a_400_and_the_server_serves_on(sett
     assert after.status_code == 200
     log = (tmp_path / "serve.log").read_text()
     assert "Traceback" not in log, log[-3000:]
+
+
+def rss_kib(pid: int) -> int:
+    return next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("VmRSS:"))
+
+
+def head_of(size: int, path: str = "/healthz") -> bytes:
+    """A GET whose one extra header makes its head about ``size`` bytes."""
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Pad: {'a' * size}\r\n\r\n".encode()
+
+
+def test_a_request_head_over_16_kib_gets_a_431_in_openais_shape(settings, tmp_path) -> None:
+    with serving(settings, tmp_path / "serve.log") as base:
+        answer = exchange(base, head_of(20 * 1024))
+        after = httpx.get(f"{base}/healthz", timeout=10)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"connection: close" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_header_fields_too_large" and error["type"] == "invalid_request_error"
+    assert "16384 bytes" in error["message"]
+    assert after.status_code == 200
+
+
+def test_heads_under_the_bound_pass_one_after_another_on_one_connection(settings, keyring, tmp_path) -> None:
+    """The bound is per request: two 12 KiB heads on a kept-alive connection, and a small head before a
+    large body (read together with it), are all served. (The body is read whole: the key is good and the
+    model unknown, so the app answers only once it has parsed it.)"""
+    with serving(settings, tmp_path / "serve.log") as base:
+        url = urlsplit(base)
+        with socket.create_connection((url.hostname, url.port), timeout=10) as conn:
+            answers = []
+            for _ in range(2):
+                conn.sendall(head_of(12 * 1024))
+                answers.append(conn.recv(65536))
+        body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "a" * 600_000}]}).encode()
+        large = exchange(base, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Authorization: Bearer " + keyring["admin"].encode() + b"\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 200 OK"] * 2
+    assert large.startswith(b"HTTP/1.1 404 "), large[:300]  # the app's answer (no such model), not the bound's
+    assert b"model" in large.partition(b"\r\n\r\n")[2]
+
+
+def test_headers_that_never_end_are_cut_off_without_being_held(settings, tmp_path) -> None:
+    """8 MiB of one header line, never finished: the server closes the connection long before, and its
+    memory does not grow by what was sent (httptools alone held it all: +16 MB for 16 MB)."""
+    with serving(settings, tmp_path / "serve.log") as base:
+        pid = base.process.pid
+        before = rss_kib(pid)
+        url = urlsplit(base)
+        sent = 0
+        with socket.create_connection((url.hostname, url.port), timeout=10) as conn:
+            try:
+                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+                while sent < 8 * 1024 * 1024:
+                    conn.sendall(b"a" * 65536)
+                    sent += 65536
+            except OSError:  # reset or broken pipe: the server closed the connection
+                pass
+        grown = rss_kib(pid) - before
+        after = httpx.get(f"{base}/healthz", timeout=10)
+    assert sent < 8 * 1024 * 1024, "the server read 8 MiB of an unfinished header"
+    assert grown < 4 * 1024, f"the server's memory grew by {grown} KiB"
+    assert after.status_code == 200
