@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from redis.asyncio.connection import ConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.resp_pack import mixed_in
 
@@ -38,8 +39,20 @@ class ImmediateSendMixin:
     """``send_packed_command`` that writes in the caller's step; waits (redis-py's way) only when it must."""
 
     async def send_packed_command(self, command: str | bytes | Iterable[bytes], check_health: bool = True) -> None:
-        sender = super().send_packed_command  # type: ignore[misc]
         writer = getattr(self, "_writer", None)
+        try:
+            await self._send_now(command, check_health, writer)
+        except RuntimeError as exc:
+            # uvloop refuses a write on a closed transport with RuntimeError ("the handler is closed"), where
+            # asyncio's drops it and the drain raises ConnectionResetError: the same lost connection, so the
+            # error redis-py gives for that, which every caller handles (a 503, fail closed), not a 500.
+            if writer is None or not writer.transport.is_closing():
+                raise
+            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+            raise RedisConnectionError(f"Error writing to Redis: the connection is closed ({exc})") from exc
+
+    async def _send_now(self, command: str | bytes | Iterable[bytes], check_health: bool, writer: Any) -> None:
+        sender = super().send_packed_command  # type: ignore[misc]
         if (writer is None or not self.is_connected  # type: ignore[attr-defined]
                 or (check_health and self.health_check_interval)  # type: ignore[attr-defined]
                 or writer.transport.is_closing()):

@@ -91,3 +91,33 @@ def test_a_redis_that_is_gone_is_an_error_not_a_hang(doomed_redis):
             await client.aclose()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_write_on_a_closed_connection_is_a_connection_error_on_either_loop(redis_server, loop):
+    """The connection's transport closed under it (Redis went away, a reset): asyncio's transport drops the
+    write and the drain raises; uvloop's refuses it with a RuntimeError, which once escaped as a 500 (soak,
+    redis_restart). Both are the connection error the gateway's callers turn into a 503; the next command
+    opens a new connection and works."""
+    import uvloop
+
+    async def main() -> None:
+        client = _client(redis_server.url)
+        try:
+            assert await client.ping()
+            # Taken from the pool (which checks a connection it hands out), then closed under its holder:
+            # the moment a command is written on a connection whose Redis just went away.
+            connection = await client.connection_pool.get_connection()
+            connection._writer.transport.close()
+            await asyncio.sleep(0.05)  # the close is done
+            with pytest.raises(RedisConnectionError):
+                await connection.send_packed_command(connection.pack_command("SET", "rs:closed", "x"))
+            await client.connection_pool.release(connection)
+            assert await client.set("rs:closed", "y")
+            assert await client.get("rs:closed") == b"y"
+        finally:
+            await client.delete("rs:closed")
+            await client.aclose()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop if loop == "uvloop" else None) as runner:
+        runner.run(main())
