@@ -171,7 +171,7 @@ class Checkpointer:
             log.error("GOVGATE_CHECKPOINT_COMMAND could not start for checkpoint %d: %s", checkpoint.seq, exc)
             return
         try:
-            _, stderr = await asyncio.wait_for(process.communicate(data), timeout_s)
+            stderr = await asyncio.wait_for(_feed_and_wait(process, data), timeout_s)
         except asyncio.TimeoutError:
             await _kill(process)
             log.error("GOVGATE_CHECKPOINT_COMMAND ran longer than %.0fs for checkpoint %d and was killed",
@@ -184,6 +184,36 @@ class Checkpointer:
             tail = (stderr or b"").decode("utf-8", "replace").strip()[-300:]
             log.error("GOVGATE_CHECKPOINT_COMMAND exited %s for checkpoint %d: %s", process.returncode,
                       checkpoint.seq, tail)
+
+
+async def _feed_and_wait(process: asyncio.subprocess.Process, data: bytes) -> bytes:
+    """Give ``data`` to the command's stdin while reading its stderr; its stderr once it has exited.
+
+    A command that exits without reading all of its stdin is not an error
+    here: its exit status says how it went. asyncio's ``communicate`` ignores
+    the broken pipe that follows, but under uvloop a write to a pipe whose
+    reader is gone raises RuntimeError ("the handler is closed"), which
+    escaped as "audit checkpoint failed" with a traceback, the command's exit
+    status and stderr lost (and from the closing checkpoint, out of the
+    gateway's shutdown).
+    """
+    assert process.stdin is not None and process.stderr is not None
+
+    async def feed() -> None:
+        try:
+            process.stdin.write(data)
+            await process.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except RuntimeError:
+            if not process.stdin.transport.is_closing():
+                raise
+        finally:
+            process.stdin.close()
+
+    _, stderr = await asyncio.gather(feed(), process.stderr.read())
+    await process.wait()
+    return stderr
 
 
 async def _kill(process: asyncio.subprocess.Process) -> None:
