@@ -105,6 +105,8 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
     403: ("`policy_denied`: the policy said no; `error.reasons` lists why.", {}),
     404: ("`model_not_found`: no such model in the registry.", {}),
     413: ("`body_too_large`: the body is over GOVGATE_MAX_BODY_BYTES.", {}),
+    431: ("`request_header_fields_too_large`: the request line and headers together are over 16 KiB; the "
+          "server closes the connection (the request was never read, so it has no audit entry).", {}),
     422: ("`invalid_value`: a missing field, a wrong type or an out-of-range value (`param` names it), or a "
           "character the model's backend cannot take (a NUL for ctransformers models).", {}),
     429: (f"{_either(RETRYABLE_CODES_IN_ORDER)}: a usage limit or the "

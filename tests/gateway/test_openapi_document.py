@@ -24,7 +24,7 @@ from gateway.settings import Settings
 from tests.conftest import ROOT
 
 COMPLETION_ROUTES = {urls.CHAT_COMPLETIONS: ChatCompletionRequest, urls.COMPLETIONS: CompletionRequest}
-ERROR_STATUSES = {"400", "401", "403", "404", "413", "422", "429", "502", "503", "504"}
+ERROR_STATUSES = {"400", "401", "403", "404", "413", "422", "429", "431", "502", "503", "504"}
 
 
 @pytest.fixture(scope="module")
