@@ -59,6 +59,25 @@ def exchange(base: str, raw: bytes) -> bytes:
     return answer
 
 
+def read_response(conn: socket.socket) -> bytes:
+    """One whole HTTP/1.1 response from a kept-alive connection: its head, then as many body bytes as its
+    Content-Length says. (A single ``recv`` may return the head without the body: the server writes them apart.)"""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = conn.recv(65536)
+        assert chunk, f"the connection closed mid-head: {answer[:200]!r}"
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        assert chunk, f"the connection closed mid-body: {answer[:200]!r}"
+        body += chunk
+    assert len(body) == length, "more bytes than the response's Content-Length"
+    return head + b"\r\n\r\n" + body
+
+
 def test_a_served_gateway_runs_on_uvloop_and_httptools(settings, tmp_path) -> None:
     with serving(settings, tmp_path / "serve.log") as base:
         assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
@@ -112,12 +131,13 @@ def test_heads_under_the_bound_pass_one_after_another_on_one_connection(settings
             answers = []
             for _ in range(2):
                 conn.sendall(head_of(12 * 1024))
-                answers.append(conn.recv(65536))
+                answers.append(read_response(conn))
         body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "a" * 600_000}]}).encode()
         large = exchange(base, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Authorization: Bearer " + keyring["admin"].encode() + b"\r\n"
                          b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
     assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 200 OK"] * 2
+    assert all(json.loads(a.partition(b"\r\n\r\n")[2]) == {"status": "ok"} for a in answers)
     assert large.startswith(b"HTTP/1.1 404 "), large[:300]  # the app's answer (no such model), not the bound's
     assert b"model" in large.partition(b"\r\n\r\n")[2]
 
