@@ -51,6 +51,23 @@ POOL_ONLY = ("sqlalchemy", "sqlmodel", "alembic", "audit", "workers.generation",
              "cryptography.hazmat.primitives.ciphers")
 
 
+#: What a worker loads for nothing (each would stay resident beside the model, README "Performance"): celery's
+#: command line with its shell's prompt_toolkit and pygments, and the Hugging Face hub client that
+#: ``import ctransformers`` brings.
+NEVER_LOADED = ("celery.bin", "click_repl", "prompt_toolkit", "pygments", "huggingface_hub", "ctransformers")
+
+
+def _start_listed_worker(own, modules, log_path) -> subprocess.Popen:
+    """``govgate worker`` for the tiny model whose main process lists its modules in ``modules`` as it exits."""
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen([sys.executable, "-c", _LIST_MODULES, str(modules), "worker", "--model",
+                                 TINY_MODEL_NAME], env=child_env(own, own.redis_url), stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=child_preexec())
+    finally:
+        log.close()  # the child holds its own copy
+
+
 @pytest.fixture
 def empty_database_worker(own_redis, tmp_path):  # noqa: F811
     """A tiny-model worker on a database file that does not exist yet, with one terminal entry kept."""
@@ -62,16 +79,12 @@ def empty_database_worker(own_redis, tmp_path):  # noqa: F811
         kind="failed", request_id="kept-while-down", principal="alice", team="research", model=TINY_MODEL_NAME,
         body={"error": {"code": "audit_unavailable"}}, policy_revision="rev"))
     modules = tmp_path / "modules.txt"
-    log = open(tmp_path / "worker.log", "ab")
-    worker = subprocess.Popen([sys.executable, "-c", _LIST_MODULES, str(modules), "worker", "--model", TINY_MODEL_NAME],
-                              env=child_env(own, own.redis_url), stdin=subprocess.DEVNULL, stdout=log,
-                              stderr=subprocess.STDOUT, preexec_fn=child_preexec())
+    worker = _start_listed_worker(own, modules, tmp_path / "worker.log")
     try:
         wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker, timeout_s=120)
         yield own, worker, client, sealer, modules
     finally:
         stop_process(worker, timeout_s=30)
-        log.close()
         client.close()
 
 
@@ -115,3 +128,56 @@ def test_the_worker_main_process_imports_no_audit_store_or_model_code(empty_data
     imported = modules.read_text().split()
     assert "celery" in imported and "workers.runtime" in imported  # the listing is of the worker's main process
     assert [m for m in imported if any(m == name or m.startswith(name + ".") for name in POOL_ONLY)] == []
+
+
+def test_a_solo_worker_serves_without_celerys_command_line_or_the_hub_client(own_redis, tmp_path):  # noqa: F811
+    """The default pool: the one process loads the model and the audit store, and nothing it never uses."""
+    own = own_redis.with_(worker_pool="solo")
+    client = redis.Redis.from_url(own.redis_url)
+    sealer = Sealer(load_or_create_key(own.effective_payload_key_file))
+    modules = tmp_path / "modules.txt"
+    worker = _start_listed_worker(own, modules, tmp_path / "worker.log")
+    try:
+        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker, timeout_s=120)
+        outcome = _run_one_job(own, client, sealer)
+        assert open_result(outcome["result"], sealer)["status"] == STATUS_COMPLETED
+    finally:
+        stop_process(worker, timeout_s=30)
+        client.close()
+    assert worker.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    imported = modules.read_text().split()
+    # the listing is of the process that ran the job, its model loaded through ctransformers' own LLM class
+    assert {"celery.apps.worker", "workers.pool", "_govgate_ctransformers.llm"} <= set(imported)
+    assert [m for m in imported if any(m == name or m.startswith(name + ".") for name in NEVER_LOADED)] == []
+
+
+#: ``govgate worker`` with a planted fault: a worker bootstep whose start raises, as an unusable broker
+#: or pool would (a fault injected into the real worker, not a stand-in for it).
+_FAILING_START = """
+import runpy, sys
+import celery.bootsteps
+import workers.runtime
+
+class PlantedFault(celery.bootsteps.StartStopStep):
+    def start(self, worker):
+        raise RuntimeError("planted fault at start")
+
+_build = workers.runtime.build_worker_app
+def build_with_fault(config):
+    app = _build(config)
+    app.steps["worker"].add(PlantedFault)
+    return app
+workers.runtime.build_worker_app = build_with_fault
+sys.argv[0] = "govgate"
+runpy.run_module("govgate.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_worker_that_cannot_start_exits_with_celerys_failure_status(own_redis, tmp_path):  # noqa: F811
+    """Celery logs the unrecoverable error and stops; the process says so in its exit status (it exited 0
+    while the worker was started through Celery's command line, whose status was dropped)."""
+    done = subprocess.run([sys.executable, "-c", _FAILING_START, "worker", "--model", TINY_MODEL_NAME],
+                          env=child_env(own_redis, own_redis.redis_url), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Unrecoverable error: RuntimeError('planted fault at start')" in done.stdout + done.stderr

@@ -55,7 +55,7 @@ def choose_lib(flags: set[str] | None = None) -> str:
     The avx build also uses F16C, so it needs both flags, as ctransformers
     itself requires.
     """
-    import ctransformers
+    from workers.backends.ctransformers_llm import package_dir
 
     flags = cpu_flags() if flags is None else flags
     if "avx2" in flags:
@@ -67,7 +67,7 @@ def choose_lib(flags: set[str] | None = None) -> str:
     name = _LIB_NAMES.get(platform.system())
     if name is None:
         return build  # ctransformers resolves a build name itself
-    path = Path(ctransformers.__file__).parent / "lib" / build / name
+    path = package_dir() / "lib" / build / name
     if not path.is_file():
         raise BackendError(f"ctransformers has no {build} library at {path}; reinstall ctransformers")
     return str(path)
@@ -125,19 +125,20 @@ class CTransformersModel:
         # the worker, and a truncated file serves garbage.
         check_ggml_layout(spec.path, spec.model_type)
         try:
-            from ctransformers import AutoModelForCausalLM
+            from workers.backends.ctransformers_llm import llm_module
+
+            ctransformers_llm = llm_module()  # ctransformers' model class, without its hub client
         except ImportError as exc:
             raise BackendError(f"model {spec.name}: ctransformers is not installed ({exc})") from None
         lib = choose_lib()
+        # What ctransformers' AutoModelForCausalLM.from_pretrained does for a local file, minus the hub.
+        config = ctransformers_llm.Config(threads=spec.threads, context_length=spec.context_length, gpu_layers=0)
         try:
-            llm = AutoModelForCausalLM.from_pretrained(
-                str(spec.path),
+            llm = ctransformers_llm.LLM(
+                model_path=str(spec.path),
                 model_type=spec.model_type,  # used for old GGML files only; GGUF names its architecture
+                config=config,
                 lib=lib,
-                threads=spec.threads,
-                context_length=spec.context_length,
-                gpu_layers=0,
-                local_files_only=True,
             )
         except (RuntimeError, ValueError, OSError) as exc:
             raise BackendError(f"model {spec.name}: ctransformers cannot load {spec.path}: {exc}") from None
