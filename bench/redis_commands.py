@@ -54,7 +54,7 @@ from bench._commandstats import command_calls_async, commands_since_async, per_r
 from gateway.limits import Reservation, UsageCounters  # noqa: E402
 from gateway.limits.queue import model_queue  # noqa: E402
 from govgate.redis_server import RedisProcess  # noqa: E402
-from workers.contract.celery_config import DEFAULT_PRIORITY  # noqa: E402
+from workers.contract.queue_layout import DEFAULT_PRIORITY  # noqa: E402
 from workers.contract.jobs import queue_for  # noqa: E402
 
 MODEL = "bench-model"

@@ -35,7 +35,7 @@ from gateway.resp_pack import fast_packing
 from gateway.resp_send import immediate_sending
 from gateway.task_stop import stop_tasks
 from gateway.settings import Settings
-from workers.contract.celery_config import visibility_timeout_s
+from workers.contract.queue_layout import visibility_timeout_s
 from workers.contract.pending_terminals import PendingTerminals
 from workers.contract.privacy import Digester
 from workers.contract.registry import Registry, load_registry

@@ -11,6 +11,8 @@ including those inside functions, so a lazy import cannot slip past.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 
 import pytest
 
@@ -64,3 +66,20 @@ def test_a_breaking_import_is_reported():
     edges = [("gateway/x.py", "workers.contract.jobs"), ("gateway/x.py", "workers.runtime"),
              ("gateway/x.py", "workersmith")]
     assert breaking(edges, allowed, forbidden) == ["gateway/x.py imports workers.runtime"]
+
+
+#: What the API process must not load: Celery is the workers' (the gateway writes its task messages itself,
+#: gateway/dispatch/celery_message.py); loaded, it stayed resident there for a few constants (README, Performance).
+WORKERS_ONLY = ("celery", "kombu", "billiard", "amqp", "workers.contract.celery_config",
+                "workers.contract.kombu_redis", "workers.contract.deferred_replies")
+
+
+def test_the_gateway_imports_no_celery():
+    """Not directly (every import statement under gateway/, lazy ones too), nor through what it imports."""
+    assert breaking(imported_modules("gateway"), (), WORKERS_ONLY) == []
+    script = ("import sys, gateway.app, govgate.cli\n"
+              f"print(sorted(m for m in sys.modules if m.split('.')[0] in {WORKERS_ONLY[:4]!r} "
+              f"or m in {WORKERS_ONLY[4:]!r}))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -27,7 +27,8 @@ import celery.app.trace
 from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
-from workers.contract.celery_config import HARD_LIMIT_GRACE_S, make_celery
+from workers.contract.celery_config import make_celery
+from workers.contract.queue_layout import HARD_LIMIT_GRACE_S
 from workers.contract.jobs import GENERATE_TASK, queue_for
 from workers.contract.registry import ModelSpec
 from workers.contract.sealing import load_or_create_key

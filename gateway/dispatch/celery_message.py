@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from workers.contract.celery_config import DEFAULT_PRIORITY, PRIORITY_STEPS, queue_keys
+from workers.contract.queue_layout import DEFAULT_PRIORITY, PRIORITY_STEPS, queue_keys
 
 #: Celery's ``origin`` header (``anon_nodename()``): who sent the task.
 _ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"

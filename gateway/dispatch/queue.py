@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from gateway.dispatch.celery_message import task_message
 from gateway.dispatch.fair_push import fair_push
 from gateway.dispatch.job_payload import sealed_job
-from workers.contract.celery_config import queue_keys
+from workers.contract.queue_layout import queue_keys
 from workers.contract.fair_queues import MODE_FAIR, MODE_FIFO, job_queue, team_field, waiting_key
 from workers.contract.jobs import GENERATE_TASK, GenerateJob, queue_for
 from workers.contract.sealing import Sealer

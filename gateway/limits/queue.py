@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from gateway.limits.counters import QueueCheck
 from gateway.limits.fair_share import team_field
-from workers.contract.celery_config import DEFAULT_PRIORITY, queue_keys
+from workers.contract.queue_layout import DEFAULT_PRIORITY, queue_keys
 from workers.contract.fair_queues import SHARES_KEY, tags_key, waiting_key
 from workers.contract.jobs import queue_for
 from workers.contract.liveness import WORKERS_KEY, member

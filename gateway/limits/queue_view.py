@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from gateway.limits.fair_share import (estimated_wait_s, position, service_ms, team_field,
                                        team_label)
-from workers.contract.celery_config import queue_keys
+from workers.contract.queue_layout import queue_keys
 from workers.contract.fair_queues import MODE_FAIR, SHARES_KEY, tags_key, waiting_key
 from workers.contract.jobs import queue_for
 from workers.contract.liveness import WORKERS_KEY, live_counts

@@ -17,7 +17,7 @@ import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from workers.contract.celery_config import queue_keys
+from workers.contract.queue_layout import queue_keys
 from workers.contract.fair_queues import waiting_key
 from workers.contract.jobs import queue_for
 from workers.contract.liveness import LIVE_SCRIPT, WORKERS_KEY, live_counts

@@ -22,7 +22,7 @@ import anyio
 
 from audit import AuditEntry, AuditStore, DuplicateTerminalError
 from gateway.limits import CountersUnavailable, UsageCounters
-from workers.contract.celery_config import VISIBILITY_MARGIN_S, visibility_timeout_s
+from workers.contract.queue_layout import VISIBILITY_MARGIN_S, visibility_timeout_s
 from workers.contract.pending_terminals import PendingTerminals
 
 log = logging.getLogger(__name__)

@@ -146,7 +146,7 @@ def test_a_whole_worker_killed_mid_generation_is_rescued_by_another(settings, se
     because its worker was seen dead, not because the timeout passed.
     """
     from tests.conftest import RESCUE_MODEL
-    from workers.contract.celery_config import visibility_timeout_s
+    from workers.contract.queue_layout import visibility_timeout_s
 
     own = settings.with_(worker_pool=pool)  # under solo the killed worker is the process generating
     assert own.request_timeout_s < visibility_timeout_s(own.generation_time_limit_s, own.redelivery_margin_s)

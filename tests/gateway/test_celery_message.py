@@ -16,7 +16,8 @@ import pytest
 import redis
 
 from gateway.dispatch.celery_message import task_message
-from workers.contract.celery_config import DEFAULT_PRIORITY, make_celery, queue_keys
+from workers.contract.celery_config import make_celery
+from workers.contract.queue_layout import DEFAULT_PRIORITY, queue_keys
 from workers.contract.jobs import GENERATE_TASK
 
 _PER_SEND = {("properties", "delivery_tag"), ("properties", "reply_to"), ("headers", "origin"),

@@ -21,7 +21,7 @@ from gateway.auth import KeyStore
 from gateway.components import open_database
 from govgate.redis_server import RedisProcess
 from tests.conftest import IDLE_MODEL, bearer
-from workers.contract.celery_config import queue_keys
+from workers.contract.queue_layout import queue_keys
 from workers.contract.fair_queues import registry_key
 from workers.contract.jobs import queue_for
 from workers.contract.registry import TINY_MODEL_NAME

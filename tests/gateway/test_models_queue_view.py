@@ -22,7 +22,7 @@ from gateway.app import create_app
 from gateway.limits.fair_share import team_field
 from govgate.redis_server import RedisProcess
 from tests.conftest import bearer, policy_copy
-from workers.contract.celery_config import queue_keys
+from workers.contract.queue_layout import queue_keys
 from workers.contract.fair_queues import SHARES_KEY, tags_key, waiting_key
 from workers.contract.liveness import WORKERS_KEY, member
 from workers.contract.jobs import queue_for

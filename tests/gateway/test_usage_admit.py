@@ -21,7 +21,7 @@ from bench._commandstats import command_calls_async, commands_since_async
 from gateway.limits import QueueAtLimit, Refusal, Reservation, UsageCounters
 from gateway.limits.queue import model_queue
 from govgate.redis_server import RedisProcess
-from workers.contract.celery_config import queue_keys
+from workers.contract.queue_layout import queue_keys
 from workers.contract.jobs import queue_for
 
 pytestmark = pytest.mark.anyio

@@ -10,7 +10,7 @@ from gateway.app import create_app
 from govgate.redis_server import RedisProcess
 from tests.conftest import IDLE_MODEL, bearer
 from tests.ops.metrics_text import samples, value
-from workers.contract.celery_config import queue_keys
+from workers.contract.queue_layout import queue_keys
 from workers.contract.fair_queues import waiting_key
 from workers.contract.jobs import queue_for
 from workers.contract.registry import TINY_MODEL_NAME

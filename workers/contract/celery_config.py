@@ -1,7 +1,8 @@
-"""The Celery application and queue layout both sides share.
+"""The Celery application workers run, on the queue layout both sides share.
 
-Workers run it; the gateway writes task messages for it itself
-(``gateway/dispatch/celery_message.py``) into the lists :func:`queue_keys` names.
+The layout (lists, priorities, time limits) is :mod:`workers.contract.queue_layout`,
+which imports no Celery: the gateway writes task messages itself
+(``gateway/dispatch/celery_message.py``) into the lists it names.
 
 Settings are chosen for a queue where losing a request is worse than running
 it twice (and running it twice is made harmless by the task's idempotency):
@@ -19,37 +20,8 @@ from urllib.parse import parse_qs, urlsplit
 from celery import Celery
 
 from workers.contract.kombu_redis import OWNER_OPTION, TRANSPORT_NAME  # importing it registers the transport
-
-#: Priorities 0 (highest, Celery-on-Redis convention) to 9; each has its own list.
-PRIORITY_STEPS = list(range(10))
-DEFAULT_PRIORITY = 5
-#: Separator between a queue name and its priority (``model.tiny:3``).
-PRIORITY_SEP = ":"
-#: Hard limit = soft limit + this: time for the task to record its own timeout first.
-HARD_LIMIT_GRACE_S = 10.0
-#: Visibility timeout = hard limit + this (the default of ``GOVGATE_REDELIVERY_MARGIN_S``).
-#: A message unacknowledged for longer is handed to another worker (the whole
-#: worker died): the timeout must exceed the longest a task may run, or a slow
-#: task would run twice; the margin covers a task that waited in its worker
-#: before it started, and clocks that differ a little.
-VISIBILITY_MARGIN_S = 30.0
-
-
-def visibility_timeout_s(time_limit_s: float, margin_s: float = VISIBILITY_MARGIN_S) -> float:
-    """When the broker hands a dead worker's unacknowledged task to another.
-
-    A redelivered task can only still serve its client if this is shorter
-    than the gateway's request timeout; past that the job's deadline has
-    passed and the worker that takes it records it as expired. ``margin_s``
-    is ``GOVGATE_REDELIVERY_MARGIN_S``.
-    """
-    return time_limit_s + HARD_LIMIT_GRACE_S + margin_s
-
-
-def queue_keys(queue: str) -> list[str]:
-    """The Redis lists that hold one queue's waiting messages, one per priority."""
-    return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
-
+from workers.contract.queue_layout import (DEFAULT_PRIORITY, HARD_LIMIT_GRACE_S, PRIORITY_SEP, PRIORITY_STEPS,
+                                           VISIBILITY_MARGIN_S, visibility_timeout_s)
 
 def celery_redis_url(redis_url: str) -> str:
     """Turn a redis-py URL into the broker URL Celery's workers and the gateway use.

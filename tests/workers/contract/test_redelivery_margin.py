@@ -17,7 +17,8 @@ import pytest
 
 from gateway.requests.lost_requests import MARGIN_S, lost_after_s
 from gateway.settings import Settings, SettingsError
-from workers.contract.celery_config import HARD_LIMIT_GRACE_S, make_celery, visibility_timeout_s
+from workers.contract.celery_config import make_celery
+from workers.contract.queue_layout import HARD_LIMIT_GRACE_S, visibility_timeout_s
 from workers.contract.registry import ModelSpec
 from workers.runtime import WorkerConfig, build_worker_app
 
