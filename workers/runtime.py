@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import mmap
 import os
+import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +92,9 @@ class _Config:
     heartbeat: Heartbeat | None = None
     #: The solo pool's time limits, once started (None with prefork, where Celery keeps them).
     limits: JobTimeLimits | None = None
+    #: Prefork: one byte shared with the pool processes (an anonymous mapping made before they fork),
+    #: set by one that could not load what it serves, so the main process exits 1 (:func:`_load_in_child`).
+    load_failed: mmap.mmap | None = None
 
 
 _config = _Config()
@@ -101,11 +106,39 @@ def _wait_for_store(**_: Any) -> None:
         _config.store_prep.wait()
 
 
+#: The exit status of a process that could not load what it serves (Celery's own for a failed start).
+EXIT_CANNOT_SERVE = 1
+
+
 def _load_in_child(**_: Any) -> None:
+    """Load the model and the audit store where the jobs run; a process that cannot, exits.
+
+    Celery calls this from its ``worker_process_init`` signal, which logs an
+    exception from a receiver and carries on: the process would then take
+    jobs without a model and fail every one (loading again, and leaving a
+    thread and a database engine behind, each time). ``SystemExit`` is not
+    caught there. Under the solo pool it leaves the worker's construction,
+    and the worker exits 1 before it consumes anything; ``govgate up``
+    reports it and applies its restart policy. A prefork pool process that
+    only exited would be replaced by Celery every few seconds, each failing
+    alike, so it also marks the failure where the main process reads it and
+    asks that process for a warm shutdown: the worker exits 1 as well, its
+    jobs left in the queue.
+    """
     from workers import pool  # after fork (prefork): the main process never holds the model or the audit store
 
     assert _config.value is not None, "worker started without configuration"
-    pool.load(_config.value)
+    try:
+        pool.load(_config.value)
+    except Exception as exc:
+        solo = _config.value.pool == POOL_SOLO
+        name, reason = _config.value.model.name, str(exc)
+        reason = reason.removeprefix(f"model {name}: ")  # backend errors name the model already
+        log.critical("model %s cannot be served, the worker stops: %s", name, reason)
+        if not solo and _config.load_failed is not None:
+            _config.load_failed[0] = 1
+            os.kill(os.getppid(), signal.SIGTERM)  # the main process's warm shutdown; it exits 1 (run_worker)
+        raise SystemExit(EXIT_CANNOT_SERVE) from None
     if _config.value.pool == POOL_SOLO:  # the worker's own process, main thread, before the first job
         from workers.job_limits import JobTimeLimits
 
@@ -232,6 +265,7 @@ def build_worker_app(config: WorkerConfig) -> Celery:
     worker_init.connect(_wait_for_store, weak=False)
     worker_process_init.connect(_load_in_child, weak=False)
     _config.limits = None  # the solo pool's, started where its jobs run (_load_in_child)
+    _config.load_failed = None if config.pool == POOL_SOLO else mmap.mmap(-1, 1)  # shared with forked children
     if config.pool == POOL_SOLO:
         worker_shutdown.connect(_dispose_in_child, weak=False)
     else:
@@ -269,5 +303,10 @@ def run_worker(config: WorkerConfig) -> None:
         quiet=not config.banner,
     )
     worker.start()
+    if _config.load_failed is not None and _config.load_failed[0]:  # a pool process could not load (_load_in_child)
+        # The log's last line, the one `govgate up` shows, names the reason's line above Celery's shutdown lines.
+        log.critical("model %s cannot be served, the worker stopped: a pool process could not load it (the "
+                     "reason is logged above)", config.model.name)
+        raise SystemExit(EXIT_CANNOT_SERVE)
     if worker.exitcode:
         raise SystemExit(worker.exitcode)

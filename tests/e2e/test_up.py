@@ -333,3 +333,24 @@ def test_up_names_the_reason_a_child_died(up_env):
     assert problem[0].startswith("govgate: cannot start: api exited with code 1: Error: GOVGATE_POLICY_DIR=")
     assert "is not a folder" in problem[0] and str(var_dir / "logs" / "api.log") in problem[0]
     assert "govgate is up" not in result.stdout
+
+
+def test_up_with_a_model_file_that_cannot_load_says_so_at_once(up_env):
+    """A worker whose model the backend refuses exits at once with the reason (it used to consume its queue
+    without a model while ``up`` waited ``GOVGATE_WORKER_START_TIMEOUT_S``, 300 s by default, to say "no
+    worker answered")."""
+    env, var_dir, base = up_env
+    broken = var_dir / "models" / "broken.gguf"
+    broken.parent.mkdir(parents=True, exist_ok=True)
+    broken.write_bytes(b"GGUF" + bytes(60))  # a GGUF header cut short: the file exists, no backend can load it
+    (var_dir / "models.toml").write_text(f'[models.broken]\npath = "{broken}"\ncontext_length = 256\n')
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "govgate.cli", "up"], env=env, capture_output=True,
+                            text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert time.monotonic() - started < 60, result.stdout  # not the start timeout
+    problem = [line for line in result.stdout.splitlines() if "cannot start" in line]
+    assert len(problem) == 1, result.stdout
+    assert problem[0].startswith("govgate: cannot start: worker broken exited with code 1: "), problem[0]
+    assert "model broken cannot be served, the worker stops: ctransformers cannot load " in problem[0], problem[0]
+    assert "govgate is up" not in result.stdout and "Traceback" not in result.stdout + result.stderr

@@ -25,11 +25,13 @@ from govgate.supervisor import child_env
 from tests.conftest import wait_for_worker
 from tests.own_redis import own_redis  # noqa: F401 - fixture
 from workers.contract.celery_config import make_celery
+from workers.contract.queue_layout import queue_keys
 from workers.contract.jobs import GENERATE_TASK, STATUS_COMPLETED, GenerateJob, open_result, queue_for, result_key
 from workers.contract.pending_terminals import PENDING_KEY, PendingTerminal, PendingTerminals
 from workers.contract.registry import TINY_MODEL_NAME
 from workers.contract.sampling import SamplingParams
 from workers.contract.sealing import Sealer, load_or_create_key
+from workers.tinymodel import write_tiny_llama_gguf
 
 #: Runs ``govgate worker`` and, as its main process exits, lists the modules it imported.
 #: (Forked children leave with ``os._exit`` and never run the hook.)
@@ -181,3 +183,52 @@ def test_a_worker_that_cannot_start_exits_with_celerys_failure_status(own_redis,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Unrecoverable error: RuntimeError('planted fault at start')" in done.stdout + done.stderr
+
+
+def _broken_model_settings(own, tmp_path, pool: str):
+    """Settings whose registry has one model, ``broken``: a GGUF file cut short after its header.
+
+    It passes the command's checks (the file exists) and fails in the backend's load, as a truncated
+    download or a file of an architecture the backend cannot run does.
+    """
+    model = tmp_path / "broken.gguf"
+    model.write_bytes(write_tiny_llama_gguf(tmp_path / "whole.gguf").read_bytes()[:4096])
+    registry = tmp_path / "models.toml"
+    registry.write_text(f'[models.broken]\npath = "{model}"\ncontext_length = 256\n')
+    return own.with_(models_file=str(registry), worker_pool=pool)
+
+
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_a_worker_whose_model_fails_to_load_exits_with_the_reason(own_redis, tmp_path, pool):  # noqa: F811
+    """Not a worker that consumes its queue without a model (it failed every job, loading again each time):
+    the process exits 1 with the backend's reason in its log, and the model's jobs stay queued."""
+    own = _broken_model_settings(own_redis, tmp_path, pool)
+    client = redis.Redis.from_url(own.redis_url)
+    sealer = Sealer(load_or_create_key(own.effective_payload_key_file))
+    job = GenerateJob(request_id="waits-for-a-model", model="broken", endpoint="completions", prompt="Hi",
+                      params=SamplingParams(max_tokens=2, temperature=0), principal="alice", team="research",
+                      policy_revision="rev")
+    app = make_celery(own.redis_url)
+    try:
+        app.send_task(GENERATE_TASK, args=[job.sealed(sealer)], queue=queue_for("broken"), task_id=job.request_id)
+    finally:
+        app.close()
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "ab") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "govgate.cli", "worker", "--model", "broken"],
+                                  env=child_env(own, own.redis_url), stdin=subprocess.DEVNULL, stdout=log,
+                                  stderr=subprocess.STDOUT, preexec_fn=child_preexec())
+    try:
+        code = worker.wait(timeout=60)
+    finally:
+        stop_process(worker, timeout_s=10)
+    text = log_path.read_text()
+    assert code == 1, text[-3000:]
+    assert "model broken cannot be served, the worker stops: model file " in text, text[-3000:]
+    last = [line for line in text.splitlines() if line.strip()][-1]  # what `govgate up` shows of it
+    assert "model broken cannot be served" in last, last
+    try:  # the job was neither answered nor lost: it waits in the model's queue for a worker that can serve it
+        assert client.get(result_key(job.request_id)) is None
+        assert sum(client.llen(key) for key in queue_keys(queue_for("broken"))) == 1
+    finally:
+        client.close()
