@@ -267,6 +267,20 @@ async def test_evaluator_that_died_idle_is_replaced(shipped: EmbeddedPolicyEngin
 
 
 @pytest.mark.anyio
+async def test_an_evaluator_loads_regorus_and_not_the_gateways_machinery(shipped: EmbeddedPolicyEngine) -> None:
+    """The evaluator process imports ``gateway.policy.child``, which runs ``gateway/policy/__init__.py`` first:
+    that file imports its names on first use, so the child holds neither the engine's pool nor asyncio
+    (~10 MB an evaluator when it did). Its memory map says which extension modules it loaded."""
+    assert (await shipped.decide(request_input(["analyst"]))).allow
+    pid = shipped.evaluator_pid
+    assert pid is not None
+    mapped = {line.split(maxsplit=5)[5] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+              if len(line.split(maxsplit=5)) == 6}
+    assert any("/regorus/regorus" in path for path in mapped), sorted(mapped)
+    assert not [path for path in mapped if "/_asyncio." in path or "/_ssl." in path]
+
+
+@pytest.mark.anyio
 async def test_input_that_is_not_json_denied(shipped: EmbeddedPolicyEngine) -> None:
     decision = await shipped.decide({**request_input(["admin"]), "odd": {1, 2}})
     assert codes(decision) == [POLICY_ERROR]
