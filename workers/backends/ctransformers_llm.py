@@ -20,6 +20,7 @@ not find is a :class:`ModuleNotFoundError` naming the module.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 import threading
@@ -50,6 +51,8 @@ def llm_module() -> ModuleType:
         package = ModuleType(PACKAGE, "ctransformers' package directory, its __init__ not run (hub-free)")
         package.__path__ = [str(directory)]
         package.__package__ = PACKAGE
+        package.__spec__ = importlib.machinery.ModuleSpec(PACKAGE, None, is_package=True)
+        package.__spec__.submodule_search_locations = package.__path__
         sys.modules[PACKAGE] = package
         try:
             return importlib.import_module(f"{PACKAGE}.llm")
