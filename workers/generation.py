@@ -18,7 +18,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
 from audit.kinds import FAILED
 from workers.backends import BackendError, LoadedModel, PromptTooLongError
-from workers.contract.jobs import STATUS_CANCELLED, STATUS_FAILED, STATUS_TIMED_OUT, GenerateJob, JobResult
+from workers.contract.jobs import (MAX_JOB_RUNS, STATUS_CANCELLED, STATUS_FAILED, STATUS_TIMED_OUT, GenerateJob,
+                                   JobResult)
 from workers.contract.output_check import OutputReport, OutputVerdict
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
 from workers.contract.privacy import Digester, logged_output, split_texts
@@ -131,6 +132,14 @@ def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobCh
         return _record_failure(job, store, "worker_lost",
                                "the worker generating this stream died; a stream cannot be resumed", worker,
                                output=channel.streamed_text(), digester=digester)
+    if not first_run:
+        runs = channel.count_run()
+        if runs is not None and runs > MAX_JOB_RUNS:  # the job itself ends its worker, it seems: not again
+            log.error("request %s: its job's earlier %d runs each ended their worker; recorded failed, not run "
+                      "again", job.request_id, runs - 1)
+            return _record_failure(job, store, "worker_lost",
+                                   f"the worker running this job died {runs - 1} times before it finished; "
+                                   "it is not run again", worker)
     text: list[str] = []
     run = None
     ending = None

@@ -13,7 +13,8 @@ from typing import Protocol
 
 import redis
 
-from workers.contract.jobs import CANCEL_TTL_S, JOB_STARTED, REPLY_PIECE, cancel_key, reply_message, seal_piece
+from workers.contract.jobs import (CANCEL_TTL_S, JOB_STARTED, REPLY_PIECE, cancel_key, reply_message, runs_key,
+                                   seal_piece)
 from workers.contract.output_check import (REPLY_OUTPUT, STOP_CONTENT_FILTER, OutputReport, OutputVerdict,
                                            verdict_key)
 from workers.contract.pending_terminals import PENDING_KEY
@@ -46,6 +47,7 @@ class JobChannel(Protocol):
     def flush(self) -> None: ...
     def cancel_requested(self) -> bool: ...
     def claim_start(self) -> bool: ...
+    def count_run(self) -> int | None: ...
     def streamed_text(self) -> str: ...
     def forget(self) -> None: ...
     def stopped_by_rules(self) -> bool: ...
@@ -109,6 +111,23 @@ class RedisJobChannel:
         self._cancel_seen = cancelled
         self._next_check = time.monotonic() + CANCEL_CHECK_INTERVAL_S
         return was is None
+
+    def count_run(self) -> int | None:
+        """On a redelivery (:meth:`claim_start` False): count this run; how many runs of the job have begun.
+
+        Two commands (``INCR``, ``EXPIRE``), only on a redelivery. None when
+        Redis cannot say: the run goes ahead, as it did before runs were counted.
+        """
+        key = runs_key(self._request_id)
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.incr(key)
+            pipe.expire(key, CANCEL_TTL_S)
+            after_first, _ = pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("cannot count the runs of %s (%s); running it", self._request_id, exc)
+            return None
+        return 1 + int(after_first)
 
     def publish(self, text: str) -> None:
         """Send ``text`` towards the client now, or with the next piece if one went less than the interval ago."""
@@ -257,6 +276,9 @@ class SilentChannel:
 
     def claim_start(self) -> bool:
         return True
+
+    def count_run(self) -> int | None:
+        return 1
 
     def streamed_text(self) -> str:
         return ""

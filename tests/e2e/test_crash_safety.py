@@ -15,7 +15,7 @@ import redis
 
 from govgate.processes import stop_process
 from tests.conftest import CRASH_MODEL, LIMITED_MODEL, bearer, served_in_order, spawn_cli, wait_for_worker
-from workers.contract.jobs import CANCEL_KEY_PREFIX, JOB_STARTED
+from workers.contract.jobs import CANCEL_KEY_PREFIX, JOB_STARTED, runs_key
 
 
 def pool_children(pid: int) -> list[int]:
@@ -193,6 +193,87 @@ def test_a_whole_worker_killed_mid_generation_is_rescued_by_another(settings, se
     entries = audit_store.entries_for(found["request_id"])
     assert [e.kind for e in entries] == ["request", "completion"]
     assert entries[1].body["worker"]["pid"] not in found["dead"]  # generated again, by the next worker
+
+
+def test_a_job_that_ends_its_worker_twice_is_recorded_failed_and_the_next_worker_serves_on(
+        settings, served_api, keyring, audit_store):
+    """A prompt that crashes the model's backend would end every worker that takes its job, and `govgate up`
+    would restart the worker until it gave the model up. Here each of the job's first two runs is ended by
+    SIGKILL as soon as its generation begins (the crash, injected); the third worker to take the job records
+    it ``failed``/``worker_lost`` without running it, the client gets a 502, and that worker serves on."""
+    from tests.conftest import RESCUE_MODEL
+
+    own = settings.with_(worker_pool="solo")  # the killed worker is the process generating
+    client = redis.Redis.from_url(settings.redis_url)
+    workers: list = []
+    outcome: dict = {}
+    found: dict = {}
+
+    def spawn(n: int):
+        process = spawn_cli(own, "worker", "--model", RESCUE_MODEL, log=settings.var_dir / f"poison-{n}.log")
+        workers.append(process)
+        return process
+
+    def ask() -> None:
+        outcome["response"] = httpx.post(
+            f"{served_api}/v1/completions", headers=bearer(keyring["admin"]), timeout=120,
+            json={"model": RESCUE_MODEL, "prompt": "Tell", "max_tokens": 4000, "temperature": 0})
+
+    def kill_each_run_as_it_begins() -> None:
+        """Run 1 shows by its state key ("started"), run 2 by its count (it counts itself just before it
+        generates); each worker is killed at once, well inside a ~1 s generation."""
+        request_id = wait_for_a_generation(settings.redis_url)
+        if request_id is None:
+            return
+        found["request_id"] = request_id
+        os.kill(workers[0].pid, signal.SIGKILL)
+        found["killed"] = 1
+        deadline = time.monotonic() + 60
+        while client.get(runs_key(request_id)) != b"1":
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.001)
+        os.kill(workers[1].pid, signal.SIGKILL)
+        found["killed"] = 2
+
+    try:
+        first = spawn(1)
+        wait_for_worker(settings.redis_url, RESCUE_MODEL, first)
+        killer = threading.Thread(target=kill_each_run_as_it_begins)
+        killer.start()
+        asker = threading.Thread(target=ask)
+        asker.start()
+        deadline = time.monotonic() + 60
+        while found.get("killed") != 1:
+            assert killer.is_alive() and time.monotonic() < deadline, "the generation was never seen starting"
+            time.sleep(0.01)
+        first.wait(10)
+        second = spawn(2)  # takes the job back once it sees the first dead
+        killer.join(70)
+        assert found.get("killed") == 2, "the job was never run a second time"
+        second.wait(10)
+        third = spawn(3)
+        wait_for_worker(settings.redis_url, RESCUE_MODEL, third)
+        asker.join(110)
+        response = outcome["response"]
+        request_id = found["request_id"]
+        after = httpx.post(f"{served_api}/v1/completions", headers=bearer(keyring["admin"]), timeout=60,
+                           json={"model": RESCUE_MODEL, "prompt": "Tell", "max_tokens": 4, "temperature": 0})
+        assert third.poll() is None  # the third worker did not run the job: it is alive
+    finally:
+        for process in workers:
+            stop_process(process, timeout_s=30)
+        client.close()
+    assert response.status_code == 502, response.text
+    error = response.json()["error"]
+    assert error["code"] == "worker_lost", error  # the client's message is the gateway's generic one
+    assert response.headers["x-govgate-request-id"] == request_id
+    entries = audit_store.entries_for(request_id)
+    assert [e.kind for e in entries] == ["request", "failed"]
+    assert entries[1].body["error"]["code"] == "worker_lost"
+    assert "died 2 times before it finished" in entries[1].body["error"]["message"]
+    assert entries[1].body["worker"]["pid"] == third.pid
+    assert after.status_code == 200, after.text  # the model is still served
 
 
 def test_higher_priority_requests_are_served_first(settings, keyring, tmp_path):

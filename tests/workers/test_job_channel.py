@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from bench._commandstats import CommandProbe
-from workers.contract.jobs import CANCEL_TTL_S, cancel_key
+from workers.contract.jobs import CANCEL_TTL_S, cancel_key, runs_key
 from workers.contract.sealing import Sealer
 from workers.streams import RedisJobChannel
 
@@ -74,3 +74,26 @@ def test_a_cancel_during_generation_is_seen_at_the_next_look(client, monkeypatch
     monkeypatch.setattr("workers.streams.CANCEL_CHECK_INTERVAL_S", 0)
     job._next_check = 0.0
     assert job.cancel_requested() is True
+
+
+def test_a_redelivery_counts_its_run_with_two_commands_kept_as_long_as_the_job_state(client, redis_server) -> None:
+    request_id = uuid.uuid4().hex
+    assert channel(client, request_id).claim_start() is True  # the first run counts nothing
+    assert client.exists(runs_key(request_id)) == 0
+    second = channel(client, request_id)
+    assert second.claim_start() is False
+    probe = CommandProbe(redis_server.url)
+    client.ping()
+    probe.start()
+    assert second.count_run() == 2
+    assert probe.stop() == {"incrby": 1, "expire": 1}  # redis-py sends INCR as INCRBY 1
+    third = channel(client, request_id)
+    assert third.claim_start() is False
+    assert third.count_run() == 3
+    assert 0 < client.ttl(runs_key(request_id)) <= CANCEL_TTL_S
+
+
+def test_a_run_that_cannot_be_counted_goes_ahead(client) -> None:
+    broken = redis.Redis(unix_socket_path="/nonexistent/redis.sock", socket_connect_timeout=0.2)
+    job = RedisJobChannel(broken, uuid.uuid4().hex, streaming=False, sealer=Sealer(os.urandom(32)))
+    assert job.count_run() is None

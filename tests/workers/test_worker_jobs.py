@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+
+import redis
+
 from audit import verify_chain
 from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
-from workers.contract.jobs import STATUS_COMPLETED, GenerateJob
+from workers.contract.jobs import STATUS_COMPLETED, GenerateJob, runs_key
 from workers.contract.sampling import SamplingParams
+from workers.contract.sealing import Sealer
 from workers.generation import run_job
+from workers.streams import RedisJobChannel
 
 
 def job(request_id: str, **params) -> GenerateJob:
@@ -61,3 +68,37 @@ def test_a_gateway_timeout_during_generation_wins_and_the_output_is_dropped(stor
     result = run_job(job("r5"), model, store)
     assert result.status == "timed_out"
     assert [e.kind for e in store.entries_for("r5")] == ["timed_out"]
+
+
+def test_a_job_whose_runs_ended_their_worker_twice_is_recorded_failed_not_run_a_third_time(store, model,
+                                                                                         redis_server, monkeypatch):
+    """Each earlier run began (its state key says so) and ended its worker before it finished, as a prompt
+    that crashes the backend would: the second run goes ahead, the third is refused with ``worker_lost``."""
+    client = redis.Redis.from_url(redis_server.url)
+    once, twice = f"r6-{uuid.uuid4().hex}", f"r7-{uuid.uuid4().hex}"  # the suite's Redis is shared: ids of their own
+    try:
+        sealer = Sealer(os.urandom(32))
+        first = RedisJobChannel(client, once, streaming=False, sealer=sealer)
+        assert first.claim_start() is True  # run 1 begins; its worker dies (nothing is recorded)
+        second = run_job(job(once), model, store, RedisJobChannel(client, once, streaming=False, sealer=sealer))
+        assert second.status == STATUS_COMPLETED  # run 2: one death may be anything (a restart, the OOM killer)
+        assert [e.kind for e in store.entries_for(once)] == ["completion"]
+
+        assert RedisJobChannel(client, twice, streaming=False, sealer=sealer).claim_start() is True  # run 1 dies
+        client.incr(runs_key(twice))  # run 2 began, and died too
+        generated: list[str] = []
+        real_stream = model.stream
+
+        def stream_and_note(prompt, params):
+            generated.append(prompt)
+            return real_stream(prompt, params)
+
+        monkeypatch.setattr(model, "stream", stream_and_note)
+        third = run_job(job(twice), model, store, RedisJobChannel(client, twice, streaming=False, sealer=sealer))
+        assert generated == []  # not run a third time
+        assert third.status == "failed" and third.error["code"] == "worker_lost"
+        assert "died 2 times" in third.error["message"]
+        assert [e.kind for e in store.entries_for(twice)] == ["failed"]
+        assert verify_chain(store).ok
+    finally:
+        client.close()

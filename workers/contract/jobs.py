@@ -45,6 +45,14 @@ CANCEL_KEY_PREFIX = "govgate:job:"
 JOB_STARTED = b"started"
 #: How long a job's state (a cancel request included) is kept: longer than any job can wait in a queue.
 CANCEL_TTL_S = 24 * 3600
+#: Prefix of a job's count of runs begun after its first (a redelivery of a job whose generation had
+#: begun adds one; kept as long as the job's state).
+RUNS_KEY_PREFIX = "govgate:runs:"
+#: Runs of one non-streamed job that may begin: the first, and one more after its worker died mid-run (an
+#: out-of-memory kill, a restart). A job whose runs ended their worker this often is taken for the cause
+#: (a prompt that crashes the model's backend): it is recorded ``failed``/``worker_lost`` instead of
+#: ending every next worker, which `govgate up` would restart until it gave the model up.
+MAX_JOB_RUNS = 2
 #: Prefix of the key a worker's pool process sets once its model is loaded (``govgate up`` waits for it).
 LOADED_KEY_PREFIX = "govgate:loaded:"
 LOADED_TTL_S = 24 * 3600
@@ -53,6 +61,11 @@ LOADED_TTL_S = 24 * 3600
 #: Job fields sent only when set, so that a worker that predates them can still read every job that
 #: does not need them (upgrade workers before gateways).
 OPTIONAL_FLAGS = ("output_rule_absent", "gateway_records")
+
+
+def runs_key(request_id: str) -> str:
+    """The Redis key counting a job's runs after its first (:data:`MAX_JOB_RUNS`)."""
+    return RUNS_KEY_PREFIX + request_id
 
 
 def queue_for(model: str) -> str:
