@@ -135,11 +135,11 @@ def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobCh
     if not first_run:
         runs = channel.count_run()
         if runs is not None and runs > MAX_JOB_RUNS:  # the job itself ends its worker, it seems: not again
-            log.error("request %s: its job's earlier %d runs each ended their worker; recorded failed, not run "
-                      "again", job.request_id, runs - 1)
+            log.error("request %s: its job's %d earlier runs never finished (their worker died or stalled); "
+                      "recorded failed, not run again", job.request_id, runs - 1)
             return _record_failure(job, store, "worker_lost",
-                                   f"the worker running this job died {runs - 1} times before it finished; "
-                                   "it is not run again", worker)
+                                   f"this job's {runs - 1} earlier runs never finished (their worker died or "
+                                   "stalled); it is not run again", worker)
     text: list[str] = []
     run = None
     ending = None

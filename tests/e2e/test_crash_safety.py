@@ -271,7 +271,7 @@ def test_a_job_that_ends_its_worker_twice_is_recorded_failed_and_the_next_worker
     entries = audit_store.entries_for(request_id)
     assert [e.kind for e in entries] == ["request", "failed"]
     assert entries[1].body["error"]["code"] == "worker_lost"
-    assert "died 2 times before it finished" in entries[1].body["error"]["message"]
+    assert "2 earlier runs never finished (their worker died or stalled)" in entries[1].body["error"]["message"]
     assert entries[1].body["worker"]["pid"] == third.pid
     assert after.status_code == 200, after.text  # the model is still served
 
