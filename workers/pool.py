@@ -127,8 +127,9 @@ def _run_sealed(payload: dict[str, Any]) -> dict[str, Any] | None:
     gateway records the failure, since the worker cannot read whose it is.
     """
     if _state.model is None or _state.store is None or _state.sealer is None:
-        assert _state.config is not None, "worker started without configuration"
-        load(_state.config)
+        # load() runs once per process before any job (workers.runtime._load_in_child), and a process
+        # whose load failed has exited; loading here again, per job, left an engine and a thread behind.
+        raise RuntimeError("this worker process has no model loaded; it takes no jobs")
     try:
         job = GenerateJob.unsealed(payload, _state.sealer)
     except (SealError, KeyError, TypeError, ValueError) as exc:

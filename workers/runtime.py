@@ -193,8 +193,6 @@ def generate(payload: dict[str, Any]) -> None:
     """The Celery task: :func:`workers.pool.generate` (imported in the process that runs it)."""
     from workers import pool
 
-    if pool._state.config is None:
-        pool._state.config = _config.value
     if _config.limits is None:
         pool.generate(payload)
         return
