@@ -90,17 +90,21 @@ def empty_database_worker(own_redis, tmp_path):  # noqa: F811
         client.close()
 
 
-def _run_one_job(own, client: redis.Redis, sealer: Sealer) -> dict:
-    request_id = f"first-{uuid.uuid4().hex[:8]}"
-    job = GenerateJob(request_id=request_id, model=TINY_MODEL_NAME, endpoint="completions", prompt="Hi",
+def _send_job(own, sealer: Sealer, request_id: str, model: str = TINY_MODEL_NAME) -> None:
+    """Queue one sealed two-token job for ``model``, as a gateway would."""
+    job = GenerateJob(request_id=request_id, model=model, endpoint="completions", prompt="Hi",
                       params=SamplingParams(max_tokens=2, temperature=0), principal="alice", team="research",
                       policy_revision="rev")
     app = make_celery(own.redis_url)
     try:
-        app.send_task(GENERATE_TASK, args=[job.sealed(sealer)], queue=queue_for(TINY_MODEL_NAME),
-                      task_id=request_id)
+        app.send_task(GENERATE_TASK, args=[job.sealed(sealer)], queue=queue_for(model), task_id=request_id)
     finally:
         app.close()
+
+
+def _run_one_job(own, client: redis.Redis, sealer: Sealer) -> dict:
+    request_id = f"first-{uuid.uuid4().hex[:8]}"
+    _send_job(own, sealer, request_id)
     deadline = time.monotonic() + 60
     while (raw := client.get(result_key(request_id))) is None:
         assert time.monotonic() < deadline, "the job was never answered"
@@ -205,14 +209,8 @@ def test_a_worker_whose_model_fails_to_load_exits_with_the_reason(own_redis, tmp
     own = _broken_model_settings(own_redis, tmp_path, pool)
     client = redis.Redis.from_url(own.redis_url)
     sealer = Sealer(load_or_create_key(own.effective_payload_key_file))
-    job = GenerateJob(request_id="waits-for-a-model", model="broken", endpoint="completions", prompt="Hi",
-                      params=SamplingParams(max_tokens=2, temperature=0), principal="alice", team="research",
-                      policy_revision="rev")
-    app = make_celery(own.redis_url)
-    try:
-        app.send_task(GENERATE_TASK, args=[job.sealed(sealer)], queue=queue_for("broken"), task_id=job.request_id)
-    finally:
-        app.close()
+    request_id = "waits-for-a-model"
+    _send_job(own, sealer, request_id, model="broken")
     log_path = tmp_path / "worker.log"
     with open(log_path, "ab") as log:
         worker = subprocess.Popen([sys.executable, "-m", "govgate.cli", "worker", "--model", "broken"],
@@ -228,7 +226,7 @@ def test_a_worker_whose_model_fails_to_load_exits_with_the_reason(own_redis, tmp
     last = [line for line in text.splitlines() if line.strip()][-1]  # what `govgate up` shows of it
     assert "model broken cannot be served" in last, last
     try:  # the job was neither answered nor lost: it waits in the model's queue for a worker that can serve it
-        assert client.get(result_key(job.request_id)) is None
+        assert client.get(result_key(request_id)) is None
         assert sum(client.llen(key) for key in queue_keys(queue_for("broken"))) == 1
     finally:
         client.close()
