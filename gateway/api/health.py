@@ -5,8 +5,9 @@ liveness probe restarts the process, a failing readiness probe takes it out
 of the load balancer. A gateway whose Redis is down must not be restarted
 in a loop (restarting does not bring Redis back), so ``/healthz`` checks
 nothing but that the event loop answers; ``/readyz`` checks what a request
-needs — the database, Redis, a loaded policy, and a live worker for every
-model (a model without one would only queue requests until they time
+needs — the database, Redis (one that takes writes: a full one answers
+reads and refuses every request), a loaded policy, and a live worker for
+every model (a model without one would only queue requests until they time
 out) — and answers 503 naming what is missing.
 """
 
@@ -48,7 +49,9 @@ class HealthController(Controller):
             checks["database"] = f"error: {type(exc).__name__}"
         except TimeoutError:
             checks["database"] = f"error: no answer within {DATABASE_TIMEOUT_S:g}s"
-        cluster = await read_cluster(components.redis, models)
+        cluster = await read_cluster(components.redis, models, probe_write=True)
+        if cluster.write_refused is not None:
+            checks["redis"] = f"error: refuses writes: {cluster.write_refused}"
         if cluster.error is not None:
             checks["redis"] = f"error: {cluster.error}"
             checks["workers"] = "error: unknown (Redis unreadable)"

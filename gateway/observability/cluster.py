@@ -7,6 +7,12 @@ priority; the fair-share queues' waiting counts per team,
 bounded by a short timeout so a slow or absent Redis makes a scrape or a
 readiness probe answer "unknown" quickly instead of hanging, and never
 blocks the event loop (the async client).
+
+A readiness probe also writes one short-lived key in the same round trip
+(:data:`WRITE_PROBE_KEY`): a Redis that answers reads but refuses writes
+(full under ``noeviction``, a failing snapshot under
+``stop-writes-on-bgsave-error``, a read-only replica) refuses every request
+(``usage_unavailable``), and a probe that only read would call it ready.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ from workers.contract.liveness import LIVE_SCRIPT, WORKERS_KEY, live_counts
 
 #: Longest a scrape or probe waits for Redis.
 READ_TIMEOUT_S = 1.0
+#: The key a readiness probe writes (any replica, any value) to learn whether Redis takes writes.
+WRITE_PROBE_KEY = "govgate:ready-probe"
+#: Its lifetime (ms): the key never outlives the probes that write it by more than this.
+WRITE_PROBE_TTL_MS = 10_000
 
 
 @dataclass(frozen=True)
@@ -33,10 +43,17 @@ class ClusterState:
     queued: dict[str, int]
     workers: dict[str, int]
     error: str | None = None
+    #: Why Redis refused the probe's write (redis-py's error class and Redis's reply), when asked to probe.
+    write_refused: str | None = None
 
 
-async def read_cluster(redis: aioredis.Redis, models: list[str], timeout_s: float = READ_TIMEOUT_S) -> ClusterState:
-    """Read the queues and live workers of ``models``; a failure is reported in ``error``, not raised."""
+async def read_cluster(redis: aioredis.Redis, models: list[str], timeout_s: float = READ_TIMEOUT_S, *,
+                       probe_write: bool = False) -> ClusterState:
+    """Read the queues and live workers of ``models``; a failure is reported in ``error``, not raised.
+
+    ``probe_write``: also write :data:`WRITE_PROBE_KEY`; a refusal is
+    reported in ``write_refused`` (the reads still count).
+    """
     try:
         with anyio.fail_after(timeout_s):
             async with redis.pipeline(transaction=False) as pipe:
@@ -45,13 +62,29 @@ async def read_cluster(redis: aioredis.Redis, models: list[str], timeout_s: floa
                         pipe.llen(key)
                     pipe.hvals(waiting_key(model))
                 pipe.eval(LIVE_SCRIPT, 1, WORKERS_KEY)
-                replies = await pipe.execute()
+                if probe_write:
+                    pipe.set(WRITE_PROBE_KEY, "1", px=WRITE_PROBE_TTL_MS)
+                replies = await pipe.execute(raise_on_error=False)
     except TimeoutError:
         return ClusterState({}, {}, f"Redis did not answer within {timeout_s:g}s")
     except (RedisError, OSError) as exc:
         return ClusterState({}, {}, f"Redis: {type(exc).__name__}")
+    write_refused = None
+    if probe_write:
+        probe = replies.pop()
+        if isinstance(probe, Exception):
+            write_refused = f"{type(probe).__name__}: {_first_line(probe)}"
+    # An error reply to a read (a key of the wrong type, a script Redis refused) is a failure to read.
+    failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
+    if failed is not None:
+        return ClusterState({}, {}, f"Redis: {type(failed).__name__}: {_first_line(failed)}", write_refused)
     steps = len(queue_keys("")) + 1  # the plain lists, then the fair queues' counts per team
     queued = {model: sum(sum(int(v) for v in n) if isinstance(n, list) else int(n)
                          for n in replies[i * steps:(i + 1) * steps]) for i, model in enumerate(models)}
     alive = live_counts(replies[-1])
-    return ClusterState(queued, {model: alive.get(model, 0) for model in models})
+    return ClusterState(queued, {model: alive.get(model, 0) for model in models}, write_refused=write_refused)
+
+
+def _first_line(error: Exception) -> str:
+    """An error reply's first line, without the command redis-py appends on a pipeline's error."""
+    return str(error).split("\n", 1)[0].strip()

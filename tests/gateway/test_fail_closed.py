@@ -110,6 +110,43 @@ async def test_redis_down_refuses_with_503_and_ends_the_request(settings, keyrin
     assert health.json()["missing"][0] == "redis"
 
 
+async def test_full_redis_refuses_with_503_and_readiness_says_why(settings, keyring, audit_store, short_tmp):
+    """A Redis that answers reads but refuses writes (full, under ``noeviction``) refuses every request;
+    readiness must not call it ready (its probe read only, once: "redis ok" beside 503s)."""
+    own_redis = RedisProcess.start(short_tmp("gg-r-"), persist=False)
+    try:
+        async with AsyncTestClient(create_app(settings.with_(redis_url=own_redis.url)), timeout=60) as client:
+            ready_before = await client.get("/readyz")
+            raw = redis.Redis.from_url(own_redis.url)
+            try:
+                raw.config_set("maxmemory", "1")  # below what it holds: every write is refused (OOM)
+                response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                             json={"model": TINY_MODEL_NAME, "messages": HELLO})
+                health = await client.get("/readyz")
+                raw.config_set("maxmemory", "0")  # room again: ready as far as Redis goes
+                healed = await client.get("/readyz")
+            finally:
+                raw.close()
+    finally:
+        own_redis.stop()
+    assert ready_before.json()["checks"]["redis"] == "ok"
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "usage_unavailable"
+    request_entry = audit_store.tail(1)[0]
+    assert request_entry.kind == "request"
+    # The usage snapshot is a read, so the policy decided; the reservation, a write, was refused.
+    assert request_entry.body["admission"]["admitted"] is False
+    assert request_entry.body["admission"]["code"] == "usage_unavailable"
+    assert "OOM" in request_entry.body["admission"]["message"]
+    assert audit_store.terminal_for(request_entry.request_id) is None
+    assert health.status_code == 503
+    redis_check = health.json()["checks"]["redis"]
+    assert redis_check.startswith("error: refuses writes: OutOfMemoryError: command not allowed"), redis_check
+    assert health.json()["missing"][0] == "redis"
+    assert health.json()["checks"]["workers"] != "error: unknown (Redis unreadable)"
+    assert healed.json()["checks"]["redis"] == "ok"
+
+
 async def test_no_worker_in_time_is_504_with_one_timed_out_entry(settings, keyring, audit_store):
     async with AsyncTestClient(create_app(settings.with_(request_timeout_s=0.5)), timeout=60) as client:
         response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
