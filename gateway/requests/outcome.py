@@ -163,7 +163,7 @@ class TicketRunner:
                 return await self._answered_by(ticket, winner)
             await self._settle_usage(ticket, used_tokens(winner.body.get("usage")) if winner is not None else None)
             raise ApiError(504, "timed_out", "The request expired in the queue before a worker could take it.")
-        message = str(meta.get("result", {}).get("exc_message") if isinstance(meta.get("result"), dict) else "")
+        message = _raised(meta.get("result"))
         winner = await self.request_log.end(ticket, "failed", {"error": {"code": "worker_error", "message": message}})
         if winner is not None:  # this failure (502 worker_error, nothing charged), or an end written before it
             return await self._answered_by(ticket, winner)
@@ -382,3 +382,15 @@ def _unsent_text(delivered: str, result: JobResult) -> str:
               len(result.text))
     raise ApiError(502, "stream_inconsistent", "The streamed text does not match the recorded output; "
                    "discard what was received. The request has been logged.")
+
+
+def _raised(result: Any) -> str:
+    """What a task that raised reported (``workers.replies.failure``), as the failure entry's message.
+
+    The exception's type leads: "command not allowed when used memory >
+    'maxmemory'" alone does not say that Redis refused it (OutOfMemoryError).
+    """
+    if not isinstance(result, dict):
+        return ""
+    kind, message = result.get("exc_type"), str(result.get("exc_message") or "")
+    return f"{kind}: {message}" if isinstance(kind, str) and kind else message

@@ -212,5 +212,6 @@ async def test_a_task_failure_alone_is_a_502_worker_error_that_charges_nothing(g
     assert asked.response.status_code == 502, asked.response.text
     assert asked.response.json()["error"]["code"] == "worker_error"
     [terminal] = [e for e in audit_store.entries_for(asked.request_id) if e.kind != "request"]
-    assert terminal.kind == "failed" and terminal.body["error"] == {"code": "worker_error", "message": "task raised"}
+    assert terminal.kind == "failed" and terminal.body["error"] == {"code": "worker_error",
+                                                             "message": "RuntimeError: task raised"}
     assert await charged(settings, asked.principal) == {"tokens_today": 0, "in_flight": 0}
