@@ -31,6 +31,10 @@ _MISSING_FIELD = re.compile(r"Object missing required field `(?P<field>[^`]+)`")
 #: body is refused as ``invalid_json`` whatever field holds it. No valid request
 #: comes near it (the deepest is ``messages[i].content[j]``, four levels).
 MAX_JSON_DEPTH = 64
+#: A ``\uD800``–``\uDBFF`` escape (an odd run of backslashes before it: an escape, not escaped text)
+#: not followed by the escape of its low half: no character. msgspec reports it as "Input data was
+#: truncated", which sends a client looking for a cut-off body.
+_LONE_HIGH_SURROGATE = re.compile(rb"(?<!\\)(?:\\\\)*\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
 #: Brackets as +1 (open) / -1 (close) bytes, everything else deleted.
 _BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[{]}")
@@ -62,7 +66,7 @@ def parse_body(raw: bytes, kind: type[T]) -> T:
     try:
         document = msgspec.json.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"The request body is not valid JSON: {exc}") from None
+        raise ApiError(400, "invalid_json", f"The request body is not valid JSON: {_json_problem(raw, exc)}") from None
     except RecursionError:  # the scan above should make this unreachable; never a 500
         raise _too_deep() from None
     if not isinstance(document, dict):
@@ -75,6 +79,14 @@ def parse_body(raw: bytes, kind: type[T]) -> T:
         raise _too_deep() from None
     _check_supported(request)
     return request
+
+
+def _json_problem(raw: bytes, exc: Exception) -> str:
+    """What is wrong with a body the decoder refused, in its words unless they mislead."""
+    if str(exc) == "Input data was truncated" and _LONE_HIGH_SURROGATE.search(raw):
+        return ("a \\uD800-\\uDBFF escape must be followed by its low surrogate's (\\uDC00-\\uDFFF); "
+                "alone it is no character")
+    return str(exc)
 
 
 def _too_deep() -> ApiError:

@@ -115,6 +115,21 @@ async def test_bad_chat_body(client, keyring, audit_store, raw, status, code, pa
     assert new[0].body["body_bytes"] == len(raw)
 
 
+async def test_a_lone_surrogate_escape_is_named_not_called_a_truncated_body(client, keyring):
+    """msgspec calls a high surrogate escape without its low half "Input data was truncated"."""
+    raw = dict((case[0], case[1]) for case in BAD_BODIES)["lone-surrogate"]
+    response = await client.post("/v1/chat/completions", content=raw,
+                                 headers={**bearer(keyring["analyst"]), "Content-Type": "application/json"})
+    message = response.json()["error"]["message"]
+    assert "truncated" not in message and "\\uD800-\\uDBFF escape must be followed by its low surrogate" in message
+    # An escaped backslash before "ud800" is text, not an escape: that body is fine as JSON.
+    fine = raw.replace(b"\\ud800", b"\\\\ud800")
+    assert fine != raw
+    response = await client.post("/v1/chat/completions", content=fine,
+                                 headers={**bearer(keyring["analyst"]), "Content-Type": "application/json"})
+    assert response.json().get("error", {}).get("code") != "invalid_json", response.text
+
+
 @pytest.mark.parametrize("raw,status,code", [
     (b'{"model": "%s", "prompt": "x", "max_tokens": %d}' % (TINY_MODEL_NAME.encode(), 10**24), 422, "invalid_value"),
     (b'{"model": "%s", "prompt": "x", "logprobs": 0}' % TINY_MODEL_NAME.encode(), 400, "unsupported_parameter"),
