@@ -202,9 +202,11 @@ def _headline(equal: dict[str, Any], mode: str) -> dict[str, Any]:
     queued = equal.get("latency_queued", {}).get(mode)
     b = list(equal["weights"])[1]
     b_wait = latency["waits_ms"][b]
-    return {"b_wait_p50_ms": b_wait["p50"], "b_wait_p95_ms": b_wait["p95"], "service_ms": latency["service_ms"],
+    return {"b_wait_p50_ms": b_wait["p50"], "b_wait_p95_ms": b_wait["p95"], "b_waits": b_wait["count"],
+            "service_ms": latency["service_ms"],
             "b_wait_p50_ms_burst_queued_first": queued["waits_ms"][b]["p50"] if queued else None,
             "b_wait_p95_ms_burst_queued_first": queued["waits_ms"][b]["p95"] if queued else None,
+            "b_waits_burst_queued_first": queued["waits_ms"][b]["count"] if queued else None,
             "b_admission_p95_ms": latency["admission_ms"][b]["p95"],
             "b_latency_p50_ms": latency["latency_ms"][b]["p50"], "b_latency_p95_ms": latency["latency_ms"][b]["p95"],
             "share_error": shares.get("share_error"), "shares_backlogged": shares.get("shares_backlogged"),
@@ -269,6 +271,7 @@ def table(document: dict[str, Any]) -> str:
             for team in list(entry["weights"])[1:]:
                 row(f"  {team} queue wait p50 ms", lambda f, t=team: f["waits_ms"][t]["p50"], block)
                 row(f"  {team} queue wait p95 ms", lambda f, t=team: f["waits_ms"][t]["p95"], block)
+                row(f"  {team} queue waits measured", lambda f, t=team: f["waits_ms"][t]["count"], block)
                 row("    in the gateway before, p50 ms", lambda f, t=team: f["admission_ms"][t]["p50"], block)
                 row("    in the gateway before, p95 ms", lambda f, t=team: f["admission_ms"][t]["p95"], block)
                 row(f"  {team} latency p50 ms (client)", lambda f, t=team: f["latency_ms"][t]["p50"], block)
