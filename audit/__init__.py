@@ -11,7 +11,7 @@ This package imports neither of them. Typical start-up::
 
 from __future__ import annotations
 
-from .db import make_engine, migrate
+from .db import make_engine, migrate, write_refusal
 from .entry import AuditEntry
 from .errors import AuditError, CorruptEntryError, DuplicateTerminalError, InvalidEntryError
 from .kinds import KINDS, TERMINAL_KINDS
@@ -31,4 +31,5 @@ __all__ = [
     "make_engine",
     "migrate",
     "verify_chain",
+    "write_refusal",
 ]

@@ -79,6 +79,27 @@ def reason(exc: BaseException) -> str:
     return str(getattr(exc, "orig", None) or exc)
 
 
+def write_refusal(connection: Connection) -> str | None:
+    """Why ``connection``'s database would refuse the audit's writes, as far as a read can tell; None if not.
+
+    For a readiness probe: a PostgreSQL standby (in recovery), or one whose
+    transactions are read-only (``default_transaction_read_only``, what a
+    failover to the wrong server or maintenance leaves), answers ``SELECT 1``
+    and refuses every append. On SQLite a read-only file or a full disk shows
+    only when a write fails (``SELECT 1`` here, as before).
+    """
+    if connection.dialect.name != "postgresql":
+        connection.execute(text("SELECT 1"))
+        return None
+    in_recovery, read_only = connection.execute(
+        text("SELECT pg_is_in_recovery(), current_setting('transaction_read_only')")).one()
+    if in_recovery:
+        return "the server is a standby in recovery (read-only)"
+    if read_only == "on":
+        return "its transactions are read-only (default_transaction_read_only is on)"
+    return None
+
+
 def make_engine(url: str, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> Engine:
     """Create an engine for the audit store (SQLite tuned for many processes).
 

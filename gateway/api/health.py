@@ -5,7 +5,8 @@ liveness probe restarts the process, a failing readiness probe takes it out
 of the load balancer. A gateway whose Redis is down must not be restarted
 in a loop (restarting does not bring Redis back), so ``/healthz`` checks
 nothing but that the event loop answers; ``/readyz`` checks what a request
-needs — the database, Redis (one that takes writes: a full one answers
+needs — the database (a PostgreSQL standby or read-only server answers
+reads and refuses every append), Redis (one that takes writes: a full one answers
 reads and refuses every request), a loaded policy, and a live worker for
 every model (a model without one would only queue requests until they time
 out) — and answers 503 naming what is missing.
@@ -16,9 +17,9 @@ from __future__ import annotations
 import anyio
 from litestar import Controller, Response, get
 from litestar.datastructures import State
-from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from audit import write_refusal
 from gateway import urls
 from gateway.api.openapi import HEALTH_OPERATION, READY_OPERATION
 from gateway.observability.cluster import read_cluster
@@ -44,7 +45,10 @@ class HealthController(Controller):
         missing: list[str] = []
         try:
             with anyio.fail_after(DATABASE_TIMEOUT_S):
-                await anyio.to_thread.run_sync(_ping_database, components.db_engine, abandon_on_cancel=True)
+                refusal = await anyio.to_thread.run_sync(_ping_database, components.db_engine,
+                                                         abandon_on_cancel=True)
+            if refusal is not None:
+                checks["database"] = f"error: refuses writes: {refusal}"
         except SQLAlchemyError as exc:
             checks["database"] = f"error: {type(exc).__name__}"
         except TimeoutError:
@@ -74,6 +78,7 @@ class HealthController(Controller):
         return Response(body, status_code=503 if missing else 200)
 
 
-def _ping_database(engine) -> None:
+def _ping_database(engine) -> str | None:
+    """Ask the database for a reply, and whether it would take writes (None: nothing says it would not)."""
     with engine.connect() as connection:
-        connection.execute(text("SELECT 1"))
+        return write_refusal(connection)
