@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from redis.exceptions import RedisError
 
 from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
 from audit.kinds import FAILED
@@ -161,6 +162,12 @@ def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobCh
         return _record_failure(job, store, "context_length_exceeded", str(exc), worker)
     except BackendError as exc:
         return _record_failure(job, store, "generation_failed", str(exc), worker, output=_sent(job, text),
+                               digester=digester)
+    except RedisError as exc:  # the job's channel (pieces, the cancel flag) lost Redis: not a model bug
+        log.warning("request %s: its channel to the gateway failed mid-generation (Redis: %s); recorded failed",
+                    job.request_id, exc)
+        return _record_failure(job, store, "worker_error", f"the job's channel to its gateway failed "
+                               f"(Redis): {type(exc).__name__}: {exc}", worker, output=_sent(job, text),
                                digester=digester)
     except Exception as exc:  # a model bug must still end the request in the log
         log.exception("generation for %s crashed", job.request_id)

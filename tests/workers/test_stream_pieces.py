@@ -149,6 +149,34 @@ def test_a_stream_cancelled_mid_generation_has_sent_all_it_records(client, liste
     assert len(pieces) == 2 and "".join(pieces) == entry.payload["output"] == result.text != ""
 
 
+def test_a_stream_whose_channel_loses_redis_is_recorded_failed_as_a_relay_failure(client, listener, store, model,
+                                                                                   caplog) -> None:
+    """Redis gone mid-stream is the channel's failure, not a model bug: a warning, not a "crashed" traceback."""
+    class LosesRedisAtThirdToken(RedisJobChannel):
+        tokens = 0
+
+        def publish(self, text: str) -> None:
+            self.tokens += 1
+            if self.tokens == 3:
+                raise redis.ConnectionError("Error while reading from redis.sock : (104, 'Connection reset by peer')")
+            super().publish(text)
+
+    request_id = uuid.uuid4().hex
+    channel = LosesRedisAtThirdToken(client, request_id, streaming=True, sealer=SEALER, reply_to=listener.channel,
+                                     flush_interval_s=0)
+    with caplog.at_level("WARNING", logger="workers.generation"):
+        result = run_job(streamed_job(request_id, listener.channel), model, store, channel)
+    entry = store.terminal_for(request_id)
+    assert entry.kind == "failed" and result.status == "failed"
+    assert entry.body["error"]["code"] == "worker_error"
+    assert entry.body["error"]["message"].startswith("the job's channel to its gateway failed (Redis): ConnectionError")
+    sent = listener.pieces(2)
+    assert len(sent) == 2 and entry.payload["output"].startswith("".join(sent))  # what reached the client is kept
+    assert not [r for r in caplog.records if "crashed" in r.getMessage()]
+    assert any("channel to the gateway failed mid-generation" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
+
+
 def test_the_setting_is_read_bounded_and_reaches_a_child_process() -> None:
     from gateway.settings import Settings, SettingsError
 
