@@ -21,6 +21,7 @@ import mmap
 import os
 import signal
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -300,6 +301,11 @@ def run_worker(config: WorkerConfig) -> None:
         without_heartbeat=True,
         quiet=not config.banner,
     )
+    # Celery warns at every lost broker connection that Celery 6 will cancel running late-ack tasks then;
+    # make_celery chose not to (worker_cancel_long_running_tasks_on_connection_loss=False, and why), so the
+    # warning tells an operator reading a Redis outage's log nothing. After the Worker is made: its log
+    # setup puts an "always" filter for Celery's pending deprecations in front of the others.
+    warnings.filterwarnings("ignore", message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss")
     worker.start()
     if _config.load_failed is not None and _config.load_failed[0]:  # a pool process could not load (_load_in_child)
         # The log's last line, the one `govgate up` shows, names the reason's line above Celery's shutdown lines.

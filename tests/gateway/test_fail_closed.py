@@ -195,3 +195,8 @@ async def test_gateway_recovers_when_redis_comes_back(settings, keyring, audit_s
     # Greedy decoding, same prompt: the same text before and after the outage.
     assert back.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
     assert audit_store.terminal_for(back.headers["x-govgate-request-id"]).kind == "completion"
+    # The worker lost its broker and said so, without Celery's warning about a setting govgate chose
+    # (workers/contract/celery_config.py, worker_cancel_long_running_tasks_on_connection_loss).
+    worker_log = (redis_dir / "worker.log").read_text()
+    assert "Connection to broker lost" in worker_log
+    assert "worker_cancel_long_running_tasks_on_connection_loss" not in worker_log

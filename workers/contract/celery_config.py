@@ -67,6 +67,12 @@ def make_celery(redis_url: str, *, time_limit_s: float = 60.0,
         task_track_started=False,
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
+        # A generation goes on through a lost broker connection (Celery 5's default, which Celery 6 will
+        # change; 5.x warns at every connection loss while it is off, and workers.runtime hides that
+        # warning): its terminal entry is written to the database either way, its ack then fails and kombu
+        # restores the delivery, whose next run finds that entry and does not generate again. Cancelling
+        # would throw away every running generation at each Redis blip and run them all again.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         task_default_queue="govgate.default",

@@ -14,3 +14,13 @@ def test_default_redelivery_comes_before_the_request_timeout():
         assert app.conf.broker_transport_options["visibility_timeout"] < defaults.request_timeout_s
     finally:
         app.close()
+
+
+def test_a_lost_broker_connection_does_not_cancel_running_generations():
+    """Said, not left to Celery's default, which Celery 6 changes (5.x warns at every connection loss)."""
+    app = make_celery("redis://127.0.0.1:1/0")
+    try:
+        assert app.conf.worker_cancel_long_running_tasks_on_connection_loss is False
+        assert app.conf.task_acks_late is True and app.conf.task_reject_on_worker_lost is True
+    finally:
+        app.close()
