@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, TextIO
 
 from govgate.processes import child_preexec
 from govgate.restarts import GiveUp, RestartPolicy
-from govgate.stack import Stack, StartupError, api_can_serve, check_alive, exit_reason
+from govgate.stack import Stack, StartupError, api_not_ready, check_alive, exit_reason
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -103,9 +103,11 @@ class Launcher:
         check_alive(self.stack, workers=False)
         self._restart_exited()
         if not self.api_ready and self.stack.api is not None:
-            self.api_ready = api_can_serve(self.health_url)
-            if not self.api_ready and time.monotonic() - self.api_started > api_timeout_s:
-                raise StartupError(f"the API did not become ready at {self.health_url} within {api_timeout_s:.0f}s")
+            why = api_not_ready(self.health_url)
+            self.api_ready = why is None
+            if why is not None and time.monotonic() - self.api_started > api_timeout_s:
+                raise StartupError(f"the API did not become ready at {self.health_url} within {api_timeout_s:.0f}s: "
+                                   f"{why}")
         if not self.pending:
             return []
         first_time: list[str] = []

@@ -90,25 +90,36 @@ def healthy(url: str) -> bool:
         return False
 
 
-def api_can_serve(url: str) -> bool:
-    """The API's ``/readyz`` at ``url`` finds its database, Redis and policy (its workers are not asked).
+#: The checks of ``/readyz`` the API itself needs (the workers are ``govgate up``'s to watch).
+API_CHECKS = ("database", "redis", "policy")
+
+
+def api_not_ready(url: str) -> str | None:
+    """Why the API at ``url`` cannot serve yet, as ``/readyz`` says it; None once its database, Redis and
+    policy answer (its workers are not asked).
 
     ``govgate up`` watches each model's worker itself and announces models one
     by one, so a model still loading must not hold back the API's readiness.
+    The reason is what ``govgate up`` reports when the API never gets ready: "redis: error:
+    refuses writes: OutOfMemoryError: …" tells an operator what to fix, "did
+    not become ready" alone does not.
     """
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status == 200
+            return None if response.status == 200 else f"/readyz answered {response.status}"
     except urllib.error.HTTPError as error:
         if error.code != 503:
-            return False
+            return f"/readyz answered {error.code}"
         try:
             checks = json.loads(error.read())["checks"]
         except (ValueError, KeyError, TypeError, OSError):
-            return False
-        return isinstance(checks, dict) and all(checks.get(name) == "ok" for name in ("database", "redis", "policy"))
-    except OSError:
-        return False
+            return "/readyz answered 503 without its checks"
+        if not isinstance(checks, dict):
+            return "/readyz answered 503 without its checks"
+        failing = [f"{name}: {checks.get(name)}" for name in API_CHECKS if checks.get(name) != "ok"]
+        return "; ".join(failing) or None
+    except OSError as exc:
+        return f"no answer ({exc.__class__.__name__})"
 
 
 def wait_for_api(url: str, stack: Stack, timeout_s: float = 60) -> None:

@@ -19,6 +19,7 @@ from govgate.restarts import RestartPolicy
 from govgate.stack import Stack, StartupError
 from govgate.supervisor import DatabaseStep, Launcher, child_env
 from tests.conftest import ROOT
+from tests.ops.test_api_can_serve import answering, checks  # noqa: F401  (the fake /readyz fixture)
 from workers.contract.jobs import loaded_key
 
 @pytest.fixture
@@ -63,6 +64,20 @@ def test_a_worker_that_never_loads_is_reported_by_name(launcher):
     launch.pending["never-loads"] = time.monotonic() - 10
     with pytest.raises(StartupError, match=r"no worker answered for \['never-loads'\] within 5s"):
         launch.poll(timeout_s=5)
+
+
+def test_an_api_that_never_gets_ready_fails_the_start_saying_why(launcher, answering):
+    launch, stack, _ = launcher
+    stack.api = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # alive, never ready
+    try:
+        launch.health_url = answering(503, checks(
+            redis="error: refuses writes: OutOfMemoryError: command not allowed when used memory > 'maxmemory'."))
+        launch.api_started = time.monotonic() - 10
+        with pytest.raises(StartupError, match=r"did not become ready at .* within 5s: redis: error: refuses "
+                                               r"writes: OutOfMemoryError: command not allowed"):
+            launch.poll(api_timeout_s=5)
+    finally:
+        stop_process(stack.api, timeout_s=5)
 
 
 def _exited(stack: Stack, name: str, code: int, last_line: str) -> subprocess.Popen:

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-from govgate.stack import api_can_serve
+from govgate.stack import api_not_ready
 
 
 @pytest.fixture
@@ -47,8 +47,8 @@ def checks(**overrides: str) -> bytes:
 
 
 def test_ready_or_only_workers_missing_counts_as_serving(answering):
-    assert api_can_serve(answering(200, b"{}"))
-    assert api_can_serve(answering(503, checks()))
+    assert api_not_ready(answering(200, b"{}")) is None
+    assert api_not_ready(answering(503, checks())) is None
 
 
 @pytest.mark.parametrize("status, body", [
@@ -60,9 +60,19 @@ def test_ready_or_only_workers_missing_counts_as_serving(answering):
     (500, checks()),
 ])
 def test_anything_else_does_not(answering, status, body):
-    assert not api_can_serve(answering(status, body))
+    assert api_not_ready(answering(status, body))
 
 
 def test_nothing_listening_does_not(answering):
     url = answering(200, b"{}").rsplit(":", 1)[0] + ":1/readyz"
-    assert not api_can_serve(url)
+    assert api_not_ready(url).startswith("no answer")
+
+
+def test_the_reason_names_each_failing_check_of_the_api_and_not_the_workers(answering):
+    why = api_not_ready(answering(503, checks(
+        redis="error: refuses writes: OutOfMemoryError: command not allowed when used memory > 'maxmemory'.",
+        policy="error: not loaded")))
+    assert why == ("redis: error: refuses writes: OutOfMemoryError: command not allowed when used memory > "
+                   "'maxmemory'.; policy: error: not loaded")
+    assert api_not_ready(answering(500, checks())) == "/readyz answered 500"
+    assert api_not_ready(answering(503, b"not json")) == "/readyz answered 503 without its checks"
