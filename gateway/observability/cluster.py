@@ -86,5 +86,5 @@ async def read_cluster(redis: aioredis.Redis, models: list[str], timeout_s: floa
 
 
 def _first_line(error: Exception) -> str:
-    """An error reply's first line, without the command redis-py appends on a pipeline's error."""
+    """An error reply's first line: Redis's message (a script's error may run on with its traceback)."""
     return str(error).split("\n", 1)[0].strip()
