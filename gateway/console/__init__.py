@@ -13,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
-from litestar import Response, Router
+from litestar import Request, Response, Router
 from litestar.datastructures import ResponseHeader
 from litestar.di import Provide
+from litestar.exceptions import NotFoundException
 from litestar.static_files import create_static_files_router
 
 from gateway import urls
@@ -27,6 +28,12 @@ from gateway.console.keys import KeysPage
 from gateway.console.signin import provide_reviewer, provide_user
 
 STATIC_DIR: Final = Path(__file__).parent / "static"
+
+
+async def _no_nul(request: Request) -> None:
+    """A NUL in a static file's path names no file: a 404 page, not the ``ValueError`` ``os.stat`` raises (a 500)."""
+    if "\x00" in request.url.path:
+        raise NotFoundException()
 
 
 async def _secured(response: Response) -> Response:
@@ -43,7 +50,7 @@ def console_router() -> Router:
         route_handlers=[ConsolePages, ReviewActions, KeysPage, SignIn, NotAPage,
                         create_static_files_router(path=urls.CONSOLE_STATIC.removeprefix(urls.CONSOLE),
                                                    directories=[STATIC_DIR], name="console-static",
-                                                   after_request=_secured)],
+                                                   before_request=_no_nul, after_request=_secured)],
         dependencies={"reviewer": Provide(provide_reviewer), "user": Provide(provide_user)},
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         response_headers=[ResponseHeader(name=name, value=value) for name, value in SECURITY_HEADERS.items()],

@@ -23,6 +23,7 @@ from gateway.console.csrf import CsrfRefused
 from gateway.console.render import SECURITY_HEADERS, page
 from gateway.console.sessions import SessionStoreDown
 from gateway.console.signin import PageRefused, Reviewer, SignInRequired
+from gateway.observability.context import current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _http(_: Request, exc: HTTPException) -> Response:
 
 
 def _unexpected(request: Request, exc: Exception) -> Response:
-    request_id = new_request_id()
+    request_id = current_request_id() or new_request_id()  # the X-Govgate-Request-Id header's and the log's id
     log.exception("console: unhandled error on %s %s (request id %s)", request.method, request.url.path, request_id)
     return error_page(500, "internal_error", f"The console hit an unexpected error; it has been logged (request id "
                       f"{request_id}).")

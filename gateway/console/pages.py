@@ -56,11 +56,14 @@ def form_values(request: Request, names: tuple[str, ...]) -> dict[str, str]:
 
 
 def refused(request: Request, names: tuple[str, ...]) -> None:
-    """A parameter the form does not have is a 400 (as in the API), not silently dropped."""
+    """A parameter the form does not have is a 400 (as in the API), not silently dropped; so is one given twice
+    (which of the two would count is a guess: the API refuses it too)."""
     for name in request.query_params:
         if name not in names and name != "cursor":
             raise ApiError(400, "unsupported_parameter", f"Unknown parameter {name[:64]!r} for this page.",
                            param=name[:64])
+        if len(request.query_params.getall(name)) > 1:
+            raise ApiError(400, "invalid_filter", f"{name} may be given once.", param=name)
 
 
 def checked_request_id(request_id: str) -> str:
@@ -73,7 +76,8 @@ class ConsolePages(Controller):
     """Every page here needs a signed-in reviewer or auditor (the ``reviewer`` dependency)."""
 
     @get(urls.CONSOLE_QUEUE.removeprefix(urls.CONSOLE), name="console-queue")
-    async def queue(self, state: State, reviewer: NamedDependency[Reviewer]) -> Template:
+    async def queue(self, request: Request, state: State, reviewer: NamedDependency[Reviewer]) -> Template:
+        refused(request, ())
         found = await review_queue(service(state), reviewer.access)
         return page("queue.html", user=reviewer, active=urls.CONSOLE_QUEUE, queue=found, window=WINDOW,
                     shown=QUEUE_SHOWN)

@@ -94,7 +94,9 @@ async def test_bad_search_input_is_a_400_page_naming_the_field(
 
 @pytest.mark.parametrize("path", ["/console/search?include_text=true", "/console/search?bogus=1",
                                   "/console/usage?since=not-a-date", "/console/usage?group_by=day",
-                                  "/console/chain?x=1"])
+                                  "/console/chain?x=1", "/console/?x=1", "/console/search?limit=1&limit=2",
+                                  "/console/search?principal=a&principal=b", "/console/usage?team=a&team=b",
+                                  "/console/requests/x?done=flag&done=comment"])
 async def test_other_bad_queries_are_400_pages(client: AsyncTestClient, console: Console, path: str) -> None:
     await sign_in(client, console.keys.reviewer)
     response = await client.get(path)
@@ -103,7 +105,8 @@ async def test_other_bad_queries_are_400_pages(client: AsyncTestClient, console:
 
 
 @pytest.mark.parametrize("path", ["/console/nothing", "/console/a/b/c", "/console/static/missing.css",
-                                  "/console/static/%2e%2e/__init__.py"])
+                                  "/console/static/%2e%2e/__init__.py", "/console/static/console.css%00",
+                                  "/console/static/%00", "/console/static/a%00b/c"])
 async def test_an_unknown_console_page_is_a_404_page(client: AsyncTestClient, console: Console, path: str) -> None:
     await sign_in(client, console.keys.reviewer)
     response = await client.get(path)
