@@ -19,7 +19,10 @@ async def provide_principal(request: Request, state: State) -> Principal:
     loop; only a miss reaches the database, on a worker thread
     (``gateway/auth/authenticator.py``).
     """
-    header = request.headers.get("authorization", "")
+    given = request.headers.getall("authorization", [])
+    if len(given) > 1:  # which one counts would be a guess (a proxy adding its own, a client sending two)
+        raise ApiError(401, "invalid_api_key", "Send one Authorization header, not several.", headers=_CHALLENGE)
+    header = given[0] if given else ""
     scheme, _, token = header.partition(" ")
     if not header:
         raise ApiError(401, "missing_api_key",

@@ -218,6 +218,17 @@ async def test_missing_or_unknown_key_is_401(client, audit_store, headers, code)
     assert audit_store.head() == before  # no principal, nothing to attribute
 
 
+@pytest.mark.parametrize("second", ["admin", "garbage"])
+async def test_two_authorization_headers_are_401_whichever_comes_first(client, audit_store, keyring, second):
+    other = bearer(keyring["admin"])["Authorization"] if second == "admin" else "Bearer garbage"
+    before = audit_store.head()
+    for pair in ([bearer(keyring["admin"])["Authorization"], other], [other, bearer(keyring["admin"])["Authorization"]]):
+        response = await client.get("/v1/models", headers=[("Authorization", value) for value in pair])
+        assert response.status_code == 401, response.text
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    assert audit_store.head() == before
+
+
 async def test_revoked_key_is_401(client, keyring):
     response = await client.post("/v1/chat/completions", content=chat(), headers=bearer(keyring["revoked"]))
     assert response.status_code == 401
