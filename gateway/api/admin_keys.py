@@ -70,6 +70,7 @@ class AdminKeysController(Controller):
     @post("/", summary="Create an API key (its secret is shown once)", operation_id="createKey",
           operation_class=CREATE_OPERATION, status_code=201)
     async def create(self, request: Request, key_admin: NamedDependency[KeyAdmin]) -> Response[dict[str, Any]]:
+        no_query(request)
         body = parse(await read_body(request), CreateKey)
         try:
             issued = await key_admin.create(body.user, team=body.team, roles=body.roles, note=body.note)
@@ -89,7 +90,9 @@ class AdminKeysController(Controller):
                          "has_more": page.has_more, "next_cursor": page.next_cursor})
 
     @get(urls.ADMIN_KEY, summary="One API key", operation_id="retrieveKey", operation_class=GET_OPERATION)
-    async def retrieve(self, key_admin: NamedDependency[KeyAdmin], key_id: FromPath[str]) -> Response[dict[str, Any]]:
+    async def retrieve(self, request: Request, key_admin: NamedDependency[KeyAdmin],
+                       key_id: FromPath[str]) -> Response[dict[str, Any]]:
+        no_query(request)
         try:
             return Response(key_document(await key_admin.get(key_id)))
         except KeyAdminError as refusal:
@@ -97,7 +100,9 @@ class AdminKeysController(Controller):
 
     @post(f"{urls.ADMIN_KEY}/revoke", summary="Revoke an API key (at once, on every gateway)",
           operation_id="revokeKey", operation_class=REVOKE_OPERATION, status_code=200)
-    async def revoke(self, key_admin: NamedDependency[KeyAdmin], key_id: FromPath[str]) -> Response[dict[str, Any]]:
+    async def revoke(self, request: Request, key_admin: NamedDependency[KeyAdmin],
+                     key_id: FromPath[str]) -> Response[dict[str, Any]]:
+        no_query(request)
         try:
             return _changed(await key_admin.revoke(key_id))
         except KeyAdminError as refusal:
@@ -107,6 +112,7 @@ class AdminKeysController(Controller):
          operation_class=ROLES_OPERATION)
     async def set_roles(self, request: Request, key_admin: NamedDependency[KeyAdmin],
                         key_id: FromPath[str]) -> Response[dict[str, Any]]:
+        no_query(request)
         body = parse(await read_body(request), SetRoles)
         try:
             return _changed(await key_admin.set_roles(key_id, body.roles))
@@ -117,6 +123,14 @@ class AdminKeysController(Controller):
 def _changed(change: KeyChange) -> Response[dict[str, Any]]:
     return Response({**key_document(change.key), "changed": change.changed,
                      "gateways_told": change.warning is None, "warning": change.warning})
+
+
+def no_query(request: Request) -> None:
+    """The routes that take no query parameter refuse one, as the list refuses one it does not take."""
+    for name in request.query_params:
+        shown = name[:64]
+        raise ApiError(400, "unsupported_parameter", f"Unsupported parameter: '{shown}' is not accepted here.",
+                       param=shown)
 
 
 def list_query(request: Request) -> tuple[int, str | None, bool]:

@@ -29,7 +29,7 @@ from gateway.api.bodies import read_body
 from gateway.auth import Principal
 from gateway.review.access import Access
 from gateway.review.actions import parse_action
-from gateway.review.params import EXPORT_PARAMS, entry_query, story_query, usage_query
+from gateway.review.params import EXPORT_PARAMS, action_query, entry_query, story_query, usage_query
 from gateway.review.service import Answer, ReviewService, request_not_found
 
 _STORY_PATH = "/requests/{request_id:str}"
@@ -115,6 +115,7 @@ async def _act(request: Request, state: State, principal: Principal, request_id:
     """A review action (any other path under a request is Litestar's 404 ``not_found``)."""
     access = Access(principal)
     access.require_reviewer()  # before reading the body: a non-reviewer learns nothing from its errors
+    action_query(_query(request))
     fields = parse_action(action, await read_body(request))
     return _respond(await _service(state).act(access, _checked(request_id), action, fields), 201)
 

@@ -8,6 +8,7 @@ docs/architecture.md, section "The request path", step 2.
 
 from __future__ import annotations
 
+import json
 import re
 from array import array
 from itertools import accumulate
@@ -180,6 +181,30 @@ _AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _MISSING_ANY = re.compile(r"missing required field `(?P<field>[^`]*)`")
 
 
+class _Repeated(Exception):
+    pass
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in seen:
+            raise _Repeated(name)
+        seen[name] = value
+    return seen
+
+
+def _repeated_name(raw: bytes) -> str | None:
+    """The first name an object of ``raw`` (valid JSON) gives twice, or None."""
+    try:
+        json.loads(raw, object_pairs_hook=_no_repeats)
+    except _Repeated as exc:
+        return str(exc.args[0])
+    except ValueError:  # what msgspec read, json may still refuse (lone surrogates): not this check's concern
+        return None
+    return None
+
+
 def decode_struct(raw: bytes, kind: type[S]) -> S:
     """A small JSON-object body (review actions, key administration) as ``kind``, read strictly.
 
@@ -196,6 +221,10 @@ def decode_struct(raw: bytes, kind: type[S]) -> S:
         raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
     if not isinstance(document, dict):
         raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
+    repeated = _repeated_name(raw)
+    if repeated is not None:  # msgspec keeps the last; a reader of the body (or a log of it) may see the first
+        shown = repeated[:64]
+        raise ApiError(400, "invalid_json", f"The request body gives '{shown}' more than once.", param=shown)
     try:
         return msgspec.convert(document, kind, strict=True)
     except msgspec.ValidationError as exc:

@@ -77,6 +77,13 @@ def usage_query(query: Query) -> tuple[EntryFilter, tuple[str, ...]]:
     return where, groups
 
 
+def action_query(query: Query) -> None:
+    """``POST …/requests/{id}/{action}``: takes no parameter (its fields are in the body)."""
+    for name in sorted(query):
+        raise ApiError(400, "unsupported_parameter", f"Unknown parameter {shown(name)}; a review action takes "
+                       "no query parameter (its fields go in the JSON body).", param=name[:64])
+
+
 def story_query(query: Query) -> bool:
     """``GET …/requests/{id}``: whether the texts are wanted."""
     return flag(_single(query, STORY_PARAMS), "include_text")

@@ -266,6 +266,31 @@ async def test_roles_change_takes_effect_at_once(aclient, akeys: Keys, astore: K
     verify(asettings)
 
 
+async def test_a_field_given_twice_is_refused_and_writes_nothing(aclient, akeys: Keys, astore: KeyStore) -> None:
+    before = astore.list(include_revoked=True)
+    made = await aclient.post(KEYS, headers={**bearer(akeys.admin), "content-type": "application/json"},
+                              content=b'{"user": "twice", "roles": ["viewer"], "roles": ["admin"]}')
+    assert_error(made, 400, "invalid_json", "roles")
+    changed = await aclient.put(f"{KEYS}/{akeys.analyst_id}/roles",
+                                headers={**bearer(akeys.admin), "content-type": "application/json"},
+                                content=b'{"roles": ["analyst"], "roles": ["admin"]}')
+    assert_error(changed, 400, "invalid_json", "roles")
+    assert astore.list(include_revoked=True) == before
+
+
+async def test_a_query_parameter_is_refused_on_every_route(aclient, akeys: Keys, astore: KeyStore) -> None:
+    before = astore.list(include_revoked=True)
+    key = f"{KEYS}/{akeys.analyst_id}"
+    for response in [
+        await aclient.post(f"{KEYS}?team=x", headers=bearer(akeys.admin), json={"user": "qp", "roles": ["viewer"]}),
+        await aclient.get(f"{key}?x=1", headers=bearer(akeys.admin)),
+        await aclient.post(f"{key}/revoke?dry_run=true", headers=bearer(akeys.admin)),
+        await aclient.put(f"{key}/roles?x=1", headers=bearer(akeys.admin), json={"roles": ["viewer"]}),
+    ]:
+        assert_error(response, 400, "unsupported_parameter")
+    assert astore.list(include_revoked=True) == before  # nothing was changed
+
+
 async def test_other_methods_are_refused_in_openai_shape(aclient, akeys: Keys) -> None:
     assert_error(await aclient.delete(f"{KEYS}/{akeys.analyst_id}", headers=bearer(akeys.admin)), 405,
                  "method_not_allowed")

@@ -118,6 +118,17 @@ async def test_bad_action_bodies_are_refused_and_leave_no_entry(rclient, rstore,
     assert len(all_entries(rstore)) == before
 
 
+@pytest.mark.parametrize("action", ["flag", "comment", "disposition"])
+async def test_a_query_parameter_on_an_action_is_refused_and_leaves_no_entry(rclient, rstore, rkeys, action):
+    before = len(all_entries(rstore))
+    body = {"flag": {}, "comment": {"text": "x"}, "disposition": {"disposition": "ok"}}[action]
+    response = await rclient.post(f"/v1/audit/requests/{_target(rstore)}/{action}?note=x",
+                                  headers=bearer(rkeys.reviewer), json=body)
+    assert response.status_code == 400, response.text
+    assert (response.json()["error"]["code"], response.json()["error"]["param"]) == ("unsupported_parameter", "note")
+    assert len(all_entries(rstore)) == before
+
+
 async def test_actions_need_an_existing_request_and_a_known_action(rclient, rstore, rkeys):
     before = len(all_entries(rstore))
     missing = await rclient.post("/v1/audit/requests/no-such-request/flag", headers=bearer(rkeys.reviewer))
