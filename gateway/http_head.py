@@ -66,19 +66,26 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head, self._head_read = True, 0
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to a request it cannot parse; a head refused for its size gets the 431 instead."""
+        """uvicorn's answer to a request it cannot parse, in OpenAI's error shape (uvicorn's own is text/plain);
+        a head refused for its size gets the 431 instead."""
         if self._head_refused:
             self._refuse_head()
         else:
-            super().send_400_response(msg)
+            error = ApiError(400, "invalid_request", f"The request is not valid HTTP/1.1 ({msg.rstrip('.')}).")
+            self._send_error(b"HTTP/1.1 400 Bad Request\r\n", error)
 
     def _refuse_head(self) -> None:
         self._head_refused = True
         message = f"the request's line and headers are larger than {self._head_limit} bytes"
-        body = json.dumps(ApiError(431, "request_header_fields_too_large", message).body()).encode()
         self.logger.warning("request head over %d bytes refused", self._head_limit)
+        self._send_error(b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+                         ApiError(431, "request_header_fields_too_large", message))
+
+    def _send_error(self, status_line: bytes, error: ApiError) -> None:
+        """``error`` as the connection's last response (JSON, OpenAI's shape), then the connection closed."""
+        body = json.dumps(error.body()).encode()
         self.transport.write(b"".join([
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+            status_line,
             *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers),
             b"content-type: application/json\r\n",
             b"content-length: " + str(len(body)).encode() + b"\r\n",

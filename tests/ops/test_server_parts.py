@@ -36,6 +36,7 @@ BAD_REQUESTS = {
     "chunk size not hex": (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                            b"zz\r\n{}\r\n0\r\n\r\n"),
     "NUL in a header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    "unknown method": b"FOO /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
 }
 
 
@@ -93,6 +94,9 @@ def test_requests_the_parser_cannot_read_get_a_400_and_the_server_serves_on(sett
     for name, answer in answers.items():
         assert answer.startswith(b"HTTP/1.1 400 "), (name, answer[:200])
         assert b"Traceback" not in answer, name
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert b"content-type: application/json" in head.lower(), (name, head)
+        assert json.loads(body)["error"]["code"] == "invalid_request", (name, body)
     assert after.status_code == 200
     log = (tmp_path / "serve.log").read_text()
     assert "Traceback" not in log, log[-3000:]
