@@ -71,7 +71,8 @@ def prune_payloads(store: AuditStore, before: datetime, *, batch: int = 500,
     boundary = store.boundary_seq() or 0  # no boundary: no format-2 entry, nothing erasable
     erased, first_seq, last_seq, after = 0, None, None, boundary
     try:
-        format_1 = _t.seq <= boundary if boundary else _t.seq > 0  # without a boundary, every entry
+        # Entries before the boundary (the boundary itself, chain_format, holds no text); without one, every entry.
+        format_1 = _t.seq < boundary if boundary else _t.seq > 0
         with engine.connect() as conn:
             skipped = conn.execute(select(func.count()).select_from(audit_table)
                                    .where(format_1, _t.created_at < before)).scalar_one()

@@ -48,7 +48,7 @@ def test_old_payloads_are_erased_and_the_erasure_is_on_the_chain(store: AuditSto
     with_payload = [e for e in old if e.payload is not None]
     assert result.erased == len(with_payload) == 40 and seen[-1] == 40 and len(seen) == 6
     assert (result.first_seq, result.last_seq) == (with_payload[0].seq, with_payload[-1].seq)
-    assert result.skipped_format_1 == 1  # the boundary entry of this new store
+    assert result.skipped_format_1 == 0  # the boundary entry (chain_format) holds no text: not counted
     for before in old:
         after = store.get(before.seq)
         assert after is not None and after.payload is None
@@ -58,7 +58,7 @@ def test_old_payloads_are_erased_and_the_erasure_is_on_the_chain(store: AuditSto
     entry = result.entry
     assert entry is not None and entry.kind == "payloads_erased" and store.head() == entry
     assert entry.body == {"before": cut.isoformat(timespec="microseconds"), "count": 40,
-                          "first_seq": result.first_seq, "last_seq": result.last_seq, "skipped_format_1": 1}
+                          "first_seq": result.first_seq, "last_seq": result.last_seq, "skipped_format_1": 0}
     verdict = verify_chain(store)
     assert verdict.ok and verdict.checked == 1 + len(old) + len(new) + 1
 
@@ -94,7 +94,7 @@ def test_format_1_entries_are_counted_and_left_alone(db_url: str) -> None:
     cut = _cut()
 
     result = prune_payloads(store, cut)
-    assert result.erased == 2 and result.skipped_format_1 == 5  # four old entries and the boundary
+    assert result.erased == 2 and result.skipped_format_1 == 4  # the four old entries, not the boundary
     assert store.get(1).body == {"prompt": "old text 0"}  # type: ignore[union-attr]
     assert all(store.get(e.seq).payload is None for e in v2)  # type: ignore[union-attr]
     assert verify_chain(store).ok
