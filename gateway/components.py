@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 
 from audit import AuditStore
 from audit.checkpoints import CheckpointStore
-from audit.signing import SigningKeyError, load_or_create_signing_key
+from audit.signing import SigningKey, SigningKeyError, load_or_create_signing_key
 from gateway.checkpointer import Checkpointer
 from gateway.auth import Authenticator, KeyChangeListener, KeyStore, PrincipalCache
 from gateway.db_setup import open_database  # noqa: F401  (re-exported: tests and benches import it here)
@@ -68,21 +68,34 @@ def warn_if_redelivery_is_late(settings: Settings) -> None:
                     "GOVGATE_REDELIVERY_MARGIN_S below GOVGATE_REQUEST_TIMEOUT_S to let it answer)")
 
 
-@contextlib.asynccontextmanager
-async def build_components(settings: Settings, *, policy: PolicyEngine | None = None) -> AsyncIterator[Components]:
-    """Open everything a gateway needs; ``policy`` lets tests bring another engine."""
-    if not settings.redis_url:
-        raise RuntimeError("GOVGATE_REDIS_URL is not set: run 'govgate up', or point the gateway at a Redis")
-    try:
-        sealer = Sealer(load_or_create_key(settings.effective_payload_key_file))
-        digester = Digester(load_or_create_key(settings.effective_digest_key_file))
-    except KeyFileError as exc:
-        raise RuntimeError(f"{exc}: replace it, or remove it to have a new key made") from None
+def open_keys(settings: Settings) -> tuple[Sealer, Digester, SigningKey]:
+    """The gateway's keys (each made if missing); RuntimeError naming the file and what to do otherwise.
+
+    ``govgate serve`` calls it before starting the server too, so a bad key file is one line, not a
+    traceback out of the app's startup.
+    """
+    keys = []
+    for variable, path in (("GOVGATE_PAYLOAD_KEY_FILE", settings.effective_payload_key_file),
+                           ("GOVGATE_DIGEST_KEY_FILE", settings.effective_digest_key_file)):
+        try:
+            keys.append(load_or_create_key(path))
+        except KeyFileError as exc:
+            raise RuntimeError(f"{exc} ({variable}): replace it, or remove it to have a new key made") from None
+    sealer, digester = Sealer(keys[0]), Digester(keys[1])
     try:
         signing_key = load_or_create_signing_key(settings.effective_audit_signing_key_file)
     except SigningKeyError as exc:
         raise RuntimeError(f"{exc} (GOVGATE_AUDIT_SIGNING_KEY_FILE): restore the key; a new one cannot vouch "
                            "for the checkpoints already signed") from None
+    return sealer, digester, signing_key
+
+
+@contextlib.asynccontextmanager
+async def build_components(settings: Settings, *, policy: PolicyEngine | None = None) -> AsyncIterator[Components]:
+    """Open everything a gateway needs; ``policy`` lets tests bring another engine."""
+    if not settings.redis_url:
+        raise RuntimeError("GOVGATE_REDIS_URL is not set: run 'govgate up', or point the gateway at a Redis")
+    sealer, digester, signing_key = open_keys(settings)
     registry = load_registry(settings.models_file, settings.var_dir)
     db_engine = open_database(settings)
 

@@ -89,6 +89,12 @@ def _check_serve_settings(settings: Settings) -> None:
     except (RegistryError, StartupError) as exc:
         raise click.ClickException(str(exc)) from None
     _check_database(settings)
+    from gateway.components import open_keys
+
+    try:
+        open_keys(settings)  # made here if missing, as the app's startup would
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _check_database(settings: Settings) -> None:

@@ -193,6 +193,8 @@ def _serve(settings, **env_changes: str | None) -> subprocess.CompletedProcess:
     ({"GOVGATE_MODELS_FILE": "/nonexistent/models.toml"}, "/nonexistent/models.toml"),
     ({"GOVGATE_DATABASE_URL": "nosuch://x"}, "GOVGATE_DATABASE_URL=nosuch://x cannot be used"),
     ({"GOVGATE_PORT": "eighty"}, "GOVGATE_PORT='eighty' is not a whole number"),
+    ({"GOVGATE_DIGEST_KEY_FILE": "/"}, "key file / cannot be read or made: Is a directory"),
+    ({"GOVGATE_PAYLOAD_KEY_FILE": "/proc/version"}, "key file /proc/version does not hold a base64 key"),
 ])
 def test_serve_with_a_missing_or_bad_setting_says_so_in_one_line(settings, change, message):
     result = _serve(settings, **change)

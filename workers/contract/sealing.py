@@ -72,22 +72,25 @@ def load_or_create_key(path: Path) -> bytes:
     """
     path = Path(path)
     try:
-        return _read_key(path)
-    except FileNotFoundError:
-        pass
-    _private_folders(path.parent)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(base64.b64encode(secrets.token_bytes(KEY_BYTES)) + b"\n")
         try:
-            os.link(temporary, path)
-        except FileExistsError:
-            pass  # another process made it first: use theirs
-    finally:
-        temporary.unlink(missing_ok=True)
-    return _read_key(path)
+            return _read_key(path)
+        except FileNotFoundError:
+            pass
+        _private_folders(path.parent)
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(base64.b64encode(secrets.token_bytes(KEY_BYTES)) + b"\n")
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                pass  # another process made it first: use theirs
+        finally:
+            temporary.unlink(missing_ok=True)
+        return _read_key(path)
+    except OSError as exc:  # a folder where the file should be, no permission, a read-only disk: one clear line
+        raise KeyFileError(f"key file {path} cannot be read or made: {exc.strerror or exc}") from None
 
 
 def _private_folders(folder: Path) -> None:
