@@ -7,8 +7,9 @@ import gc
 import logging
 from typing import AsyncIterator, Callable
 
-from litestar import Litestar
+from litestar import Litestar, Request, Response
 from litestar.di import Provide
+from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 
 from gateway.api.admin_keys import AdminKeysController
@@ -20,7 +21,9 @@ from gateway.api.models import ModelsController
 from gateway.api.review import ReviewController
 from gateway.components import Components, build_components
 from gateway.console import TEMPLATE_CONFIG, console_router
-from gateway.api_errors import EXCEPTION_HANDLERS
+from gateway import urls
+from gateway.api_errors import EXCEPTION_HANDLERS, http_exception_handler
+from gateway.console.errors import http_error_page
 from gateway.observability.setup import instrument
 from gateway.settings import Settings
 
@@ -67,7 +70,7 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
         route_handlers=[CompletionsController, ModelsController, HealthController, ReviewController,
                         AdminKeysController, console_router()],
         dependencies={"principal": Provide(provide_principal)},
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers={**EXCEPTION_HANDLERS, HTTPException: _routing_error},
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
         template_config=TEMPLATE_CONFIG,
@@ -75,6 +78,15 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
         debug=False,
         logging_config=None,  # logging is set up once per process (gateway/observability/logs.py), not replaced here
     ))
+
+
+def _routing_error(request: Request, exc: HTTPException) -> Response:
+    """Litestar's routing refusals (404, 405) are raised before any router's handlers run: under the
+    console they are its pages (with its headers), elsewhere OpenAI's error shape."""
+    path = request.url.path
+    if path == urls.CONSOLE or path.startswith(urls.CONSOLE + "/"):
+        return http_error_page(request, exc)
+    return http_exception_handler(request, exc)
 
 
 def app_from_env() -> Litestar:

@@ -69,7 +69,8 @@ def _keys_down(_: Request, exc: KeyStoreError) -> Response:
     return error_page(503, "auth_unavailable", "Keys cannot be checked right now (the database is unavailable).")
 
 
-def _http(_: Request, exc: HTTPException) -> Response:
+def http_error_page(_: Request, exc: HTTPException) -> Response:
+    """Litestar's own refusals (no such page, a method a page does not take, a form too large) as a page."""
     status = exc.status_code
     messages = {404: "There is no such console page.", 405: "This page does not accept that method.",
                 413: "The form is larger than this gateway accepts."}
@@ -91,6 +92,6 @@ EXCEPTION_HANDLERS = {
     CsrfRefused: _csrf,
     SessionStoreDown: _sessions_down,
     KeyStoreError: _keys_down,
-    HTTPException: _http,
+    HTTPException: http_error_page,
     Exception: _unexpected,
 }

@@ -115,6 +115,20 @@ async def test_an_unknown_console_page_is_a_404_page(client: AsyncTestClient, co
     assert "Content-Security-Policy" in response.headers
 
 
+@pytest.mark.parametrize("method, path, status", [("POST", "/console/search", 405), ("DELETE", "/console/", 405),
+                                                  ("PUT", "/console/usage", 405), ("GET", "/console/static/", 404)])
+async def test_litestar_s_own_refusals_under_the_console_are_pages(client: AsyncTestClient, console: Console,
+                                                                   method: str, path: str, status: int) -> None:
+    # Routing refusals are raised before the console router's handlers: the app sends them to its pages.
+    await sign_in(client, console.keys.reviewer)
+    response = await client.request(method, path)
+    assert response.status_code == status
+    assert response.headers["content-type"].startswith("text/html")
+    assert "Content-Security-Policy" in response.headers and response.headers["cache-control"] == "no-store"
+    api = await client.request(method, "/v1/models" if status == 405 else "/v1/nothing")
+    assert api.headers["content-type"].startswith("application/json")  # the API's stay OpenAI's shape
+
+
 # -- search --------------------------------------------------------------------------------------------------
 
 
