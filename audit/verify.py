@@ -80,6 +80,11 @@ def verify_chain(source: AuditStore | Engine, *, batch: int = BATCH, workers: in
         raise ValueError("workers must be positive")
     engine = source.engine if isinstance(source, AuditStore) else source
     try:
+        below = _lowest_below_one(engine)
+        if below is not None:  # rows the walk (seq > 0) would never read, but every reader shows
+            return VerifyResult(ok=False, checked=0, first_bad_seq=below,
+                                problem=f"entry {below} has a seq below 1: it is outside the chain, which starts at "
+                                        "entry 1 (a row inserted around the store)")
         statements = Statements(engine)
         ranges, boundary = _plan(engine, workers or 1)
         if len(ranges) == 1:
@@ -124,6 +129,15 @@ def stitch(results: list[RangeResult]) -> VerifyResult:
         expected_seq, expected_prev = (head_seq or 0) + 1, head_hash
     return VerifyResult(ok=True, checked=checked, first_bad_seq=None, problem=None,
                         head_hash=head_hash, head_seq=head_seq, format_boundary=boundary)
+
+
+def _lowest_below_one(engine: Engine) -> int | None:
+    """The lowest seq below 1, if a row has one (the walks read ``seq > 0`` only)."""
+    with dbapi_cursor(engine) as cursor:
+        cursor.execute(str(select(func.min(_t.seq)).where(_t.seq < 1).compile(
+            dialect=engine.dialect, compile_kwargs={"literal_binds": True})))
+        (lowest,) = cursor.fetchone()
+    return None if lowest is None else int(lowest)
 
 
 def _plan(engine: Engine, workers: int) -> tuple[list[tuple[int, int | None]], int | None]:

@@ -176,7 +176,7 @@ def walk_range(engine: Engine, after: int, upto: int | None, boundary: int | Non
                 sql = (statements.fast if fast else statements.reference).format(limit=int(batch))
                 for statement in statements.begin:
                     cursor.execute(statement)
-                rows = _fetch_batch(cursor, statements, sql, statements.params(after=after, upto=last))
+                rows, undecodable = _fetch_decodable(cursor, statements, sql, after, last)
                 done = after
                 if rows:
                     try:
@@ -187,7 +187,9 @@ def walk_range(engine: Engine, after: int, upto: int | None, boundary: int | Non
                             done = walk.walk(rows)
                     except Bad as bad:
                         return walk.result(bad=bad)
-                if len(rows) < batch and (not rows or done == rows[-1][0]):
+                if undecodable is not None and (not rows or done == rows[-1][0]):
+                    return walk.result(bad=walk.undecodable(cursor, *undecodable))
+                if undecodable is None and len(rows) < batch and (not rows or done == rows[-1][0]):
                     return walk.result()
                 after = done
         finally:
@@ -201,6 +203,37 @@ def _map_file(cursor: Any, size: int) -> int:
     row = cursor.fetchone()
     cursor.execute(f"PRAGMA mmap_size = {int(size)}")
     return int(row[0]) if row else 0
+
+
+def _undecodable_column(exc: BaseException) -> str | None:
+    """The column named by SQLite's "Could not decode to UTF-8 column 'x'" (a text value that is not UTF-8)."""
+    text = str(getattr(exc, "orig", None) or exc)
+    if not text.startswith("Could not decode to UTF-8 column "):
+        return None
+    return text[len("Could not decode to UTF-8 column "):].split(" ", 1)[0].strip("'")
+
+
+def _fetch_decodable(cursor: Any, statements: Statements, sql: str, after: int,
+                     last: int) -> tuple[list[tuple[Any, ...]], tuple[int, str] | None]:
+    """A batch, and None; or, when a stored text is not UTF-8 (SQLite then fails the whole fetch), the rows
+    before the first such entry and (its seq, the column)."""
+    try:
+        return _fetch_batch(cursor, statements, sql, statements.params(after=after, upto=last)), None
+    except Exception as exc:
+        if statements.postgresql or _undecodable_column(exc) is None:
+            raise
+    cursor.execute(f"SELECT seq FROM {audit_table.name} WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT "
+                   f"{sql.rsplit('LIMIT', 1)[1].strip()}", (after, last))
+    rows: list[tuple[Any, ...]] = []
+    for (seq,) in cursor.fetchall():
+        try:
+            rows.extend(_fetch_batch(cursor, statements, sql, statements.params(after=seq - 1, upto=seq)))
+        except Exception as exc:
+            column = _undecodable_column(exc)
+            if column is None:
+                raise
+            return rows, (seq, column)
+    return rows, None
 
 
 def _fetch_one(cursor: Any, statements: Statements, seq: int) -> tuple[Any, ...] | None:
@@ -275,6 +308,21 @@ class _Walk:
         return RangeResult(first_seq=first[0], first_prev=first[1], checked=self.checked, head_seq=self.head_seq,
                            head_hash=self.head_hash, boundary=self.boundary, bad_seq=bad.seq if bad else None,
                            problem=bad.problem if bad else None, cancelled=cancelled)
+
+    def undecodable(self, cursor: Any, seq: int, column: str) -> Bad:
+        """The verdict on entry ``seq``, whose ``column`` holds text that is not UTF-8 (SQLite only)."""
+        if self.head_seq is not None and seq != self.head_seq + 1:
+            return Bad(seq, gap_problem(self.head_seq + 1, seq))
+        cursor.execute(f"SELECT CAST(prev_hash AS BLOB) FROM {audit_table.name} WHERE seq = ?", (seq,))
+        found = cursor.fetchone()
+        prev = found[0] if found else None
+        prev = prev.decode("utf-8", "replace") if isinstance(prev, bytes) else prev
+        if self.head_seq is None:  # the range's first row: its link is the stitcher's to check
+            self.first = (seq, prev)
+        elif prev != self.head_hash:  # the link before the rest, as the walk and (at a range's edge) the stitcher
+            return Bad(seq, link_problem(seq))
+        return Bad(seq, f"audit entry {seq} cannot be decoded: its {column} is not valid UTF-8 text "
+                        "(the entry was edited)")
 
     def _expected(self, first_row: tuple[Any, ...]) -> tuple[int, str]:
         """The seq and prev_hash the next row must have."""

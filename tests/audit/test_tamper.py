@@ -295,6 +295,16 @@ def test_an_inserted_entry_with_a_correct_hash_is_caught_at_the_next_one(db: Raw
     _bad(db, at + 2, "hash mismatch")
 
 
+@pytest.mark.parametrize("seq", [0, -5])
+def test_a_row_inserted_below_seq_1_is_named(db: RawDB, seq: int) -> None:
+    """The walks read ``seq > 0``; a forged review verdict at seq 0 (or below) would be shown by every reader."""
+    forged = {**_row(db, 1), "seq": seq, "request_id": "req-0007", "kind": "dispositioned", "principal": "rev",
+              "body": '{"disposition":"ok","note":"reviewed, fine"}', "terminal_request_id": None,
+              "payload": None, "payload_digest": None, "prev_hash": "e" * 64, "hash": "d" * 64}
+    _tamper(db, _insert(db, forged), **forged)
+    _bad(db, seq, f"entry {seq} has a seq below 1", "outside the chain", checked=0)  # workers: test_verify_parallel
+
+
 def test_two_swapped_entries_are_caught(db: RawDB) -> None:
     _tamper(db, "UPDATE audit_entries SET seq = -1 WHERE seq = 90", "UPDATE audit_entries SET seq = 90 WHERE seq = 91",
             "UPDATE audit_entries SET seq = 91 WHERE seq = -1")

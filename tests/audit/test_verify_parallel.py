@@ -148,6 +148,36 @@ def test_a_row_the_fast_path_does_not_take_is_checked_by_the_reference(db: RawDB
     _same_verdict(db, 63, "hash mismatch")
 
 
+@pytest.mark.parametrize("seq", [0, -1])
+def test_a_row_below_seq_1_is_named_whatever_the_workers(db: RawDB, seq: int) -> None:
+    """No range reads it (they start after 0): it is looked for before the walks."""
+    db.without_guards(
+        "INSERT INTO audit_entries (seq, created_at, request_id, kind, principal, team, model, body, policy_revision,"
+        " terminal_request_id, prev_hash, hash, payload, payload_digest) SELECT :seq, created_at, 'r3',"
+        " 'dispositioned', 'reviewer', team, model, body, policy_revision, NULL,"
+        f" '{'e' * 64}', '{'d' * 64}', NULL, NULL"
+        " FROM audit_entries WHERE seq = 10", params={"seq": seq})
+    result = _same_verdict(db, seq, f"entry {seq} has a seq below 1", "outside the chain")
+    assert not result.ok and result.checked == 0
+    assert verify_chain(db.store(), workers=2) == result
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # PostgreSQL stores no text that is not UTF-8
+@pytest.mark.parametrize("seq", [5, 21, 30, 41, ENTRIES])
+@pytest.mark.parametrize(("change", "problem"), [
+    ("principal = CAST(X'61ff62' AS TEXT)", "audit entry {seq} cannot be decoded: its principal is not valid UTF-8"),
+    ("team = CAST(X'ff' AS TEXT)", "audit entry {seq} cannot be decoded: its team is not valid UTF-8"),
+    ("prev_hash = CAST(X'ff' AS TEXT)", "prev_hash mismatch: entry {seq} does not link"),  # the link first,
+    (f"principal = CAST(X'ff' AS TEXT), prev_hash = '{'f' * 64}'", "prev_hash mismatch"),  # as on any row
+])
+def test_text_that_is_not_utf8_is_named_in_any_range(db: RawDB, seq: int, change: str, problem: str) -> None:
+    """SQLite then fails the whole batch's fetch; verify names the entry instead of raising."""
+    db.without_guards(f"UPDATE audit_entries SET {change} WHERE seq = {seq}")
+    result = _same_verdict(db, seq, problem.format(seq=seq))
+    assert result.checked == seq - 1 and result.head_seq == (seq - 1)
+    assert verify_chain(db.store(), workers=2) == result
+
+
 def test_spawned_workers_give_the_same_result(db: RawDB) -> None:
     """Another thread running: the workers are spawned, not forked."""
     db.without_guards("UPDATE audit_entries SET model = 'big' WHERE seq = 44")
