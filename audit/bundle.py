@@ -18,7 +18,7 @@ from typing import IO, Any, Final, Iterable
 
 from sqlalchemy import func, select
 
-from .chain import GENESIS_HASH, canonical_json, canonical_text, document_hash, format_timestamp, payload_digest
+from .chain import FORMAT_1, GENESIS_HASH, canonical_json, canonical_text, document_hash, format_timestamp, payload_digest
 from .checkpoints import Checkpoint, CheckpointFileError, CheckpointStore
 from .db import DB_ERRORS, describe, reason
 from .errors import AuditError
@@ -126,9 +126,18 @@ def verify_bundle(lines: Iterable[str], public_key: PublicKey) -> BundleVerdict:
     verdict = BundleVerdict()
     stream = iter(lines)
     try:
-        header = json.loads(next(stream))
-    except (StopIteration, ValueError):
+        first_line = next(stream)
+        header = json.loads(first_line)
+    except (StopIteration, ValueError, RecursionError):
         verdict.problems.append("the bundle has no header line")
+        return verdict
+    try:
+        canonical = canonical_text(header) == first_line.removesuffix("\n")
+    except ValueError:
+        canonical = False
+    if not canonical:
+        verdict.problems.append("the header line is not canonical JSON as exported (a duplicate key, other spacing "
+                                "or escapes): readers may not see the selection that was checked")
         return verdict
     if not isinstance(header, dict) or header.get("bundle") != FORMAT:
         verdict.problems.append(f"not a {FORMAT} bundle")
@@ -149,8 +158,13 @@ def verify_bundle(lines: Iterable[str], public_key: PublicKey) -> BundleVerdict:
     for number, line in enumerate(stream, start=2):
         try:
             item = json.loads(line)
-        except ValueError:
+            canonical = canonical_text(item) == line.removesuffix("\n")
+        except (ValueError, RecursionError):
             verdict.problems.append(f"line {number} is not JSON")
+            return verdict
+        if not canonical:  # e.g. a duplicate key: another reader would see another value than the one checked
+            verdict.problems.append(f"line {number} is not canonical JSON as exported (a duplicate key, other "
+                                    "spacing or escapes): readers may not see what was checked")
             return verdict
         if isinstance(item, dict) and "checkpoint" in item:
             try:
@@ -212,7 +226,9 @@ def _entry_problem(doc: dict[str, Any], chosen: bool, seq: int, prev_hash: str |
     try:
         recomputed = document_hash(doc)
         created_at = datetime.fromisoformat(doc["created_at"])
-    except (KeyError, TypeError, ValueError) as exc:
+        if created_at.tzinfo is None:
+            raise ValueError("created_at has no time zone")
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
         return f"entry {seq} lacks a hashed field or has a malformed one ({exc})"
     if recomputed != doc.get("hash"):
         return f"entry {seq}'s fields do not hash to its hash (the entry was altered)"
@@ -225,9 +241,16 @@ def _entry_problem(doc: dict[str, Any], chosen: bool, seq: int, prev_hash: str |
         return (f"the first entry {seq} is not earlier than the selection's start: "
                 "entries before it may have been left out")
     payload = doc.get("payload")
+    if doc.get("format", FORMAT_1) == FORMAT_1 and (payload is not None or doc.get("payload_digest") is not None):
+        return (f"entry {seq} is format 1 but carries a payload or payload_digest, which format 1 does not chain "
+                "(added after the fact)")
     if payload is not None:
         if not chosen:
             return f"entry {seq} is not selected but carries its payload"
-        if payload_digest(canonical_json(payload)) != doc.get("payload_digest"):
+        try:
+            matches = payload_digest(canonical_json(payload)) == doc.get("payload_digest")
+        except (TypeError, ValueError, RecursionError):
+            matches = False
+        if not matches:
             return f"entry {seq}'s payload does not match its digest"
     return None

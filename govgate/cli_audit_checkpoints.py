@@ -7,10 +7,11 @@ the hash check. What is checked: :mod:`audit.checkpoint_check`.
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
 from pathlib import Path
 from typing import Any, Callable
-
-import json
 
 import click
 
@@ -38,6 +39,22 @@ def _signing_key():  # -> audit.signing.SigningKey
         raise click.ClickException(str(exc)) from None
 
 
+def _refuse_to_vouch_for_a_rewrite(engine: Any) -> None:
+    """Refuse to sign when a stored checkpoint no longer holds (as the gateway's checkpointer refuses):
+    signing the head then would vouch for a chain rewritten or cut below it."""
+    from audit import AuditError
+    from audit.checkpoints import CheckpointStore
+
+    try:
+        for checkpoint, entry_hash in CheckpointStore(engine).with_entry_hashes():
+            if entry_hash != checkpoint.head_hash:
+                raise click.ClickException(
+                    f"refusing to sign: the stored checkpoint of entry {checkpoint.seq} no longer matches the chain "
+                    "(rewritten or cut below it); run `govgate audit verify`")
+    except AuditError as exc:
+        raise click.ClickException(f"refusing to sign: the stored checkpoints cannot be read: {exc}") from None
+
+
 @click.command("checkpoint")
 @click.option("--out", default="-", show_default=True, metavar="FILE",
               help="Where to write the checkpoint file (JSON); '-' is standard output.")
@@ -51,8 +68,10 @@ def audit_checkpoint(out: str) -> None:
     from audit.checkpoints import CheckpointStore, checkpoint_file_text, write_checkpoint_file
 
     key = _signing_key()
+    engine = audit_engine()
+    _refuse_to_vouch_for_a_rewrite(engine)
     try:
-        made = CheckpointStore(audit_engine()).make(key)
+        made = CheckpointStore(engine).make(key)
     except AuditError as exc:
         raise click.ClickException(str(exc)) from None
     if made is None:
@@ -105,14 +124,29 @@ def audit_export_bundle(out: str, team: str | None, since: str | None) -> None:
         raise click.BadParameter(str(exc), param_hint="--since") from None
     key = _signing_key()
     store = AuditStore(audit_engine())
+    _refuse_to_vouch_for_a_rewrite(store.engine)
+    # The bundle holds prompts and outputs: written private (0600) to a temporary file, renamed when whole.
+    # A target that exists and is not a file (/dev/stdout, a pipe) is written directly: nothing to rename.
+    target = Path(out)
+    direct = target.exists() and not target.is_file()
+    temporary = target if direct else target.with_name(f".{target.name}.{secrets.token_hex(6)}")
     try:
-        with open(out, "w", encoding="utf-8") as handle:
+        opened = open(target, "w", encoding="utf-8") if direct else os.fdopen(
+            os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8")
+        with opened as handle:
             summary = write_bundle(store, key, handle, Selection(team=team, since=start))
+        if not direct:
+            os.replace(temporary, target)
     except OSError as exc:
+        if not direct:
+            temporary.unlink(missing_ok=True)
         raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
-    except AuditError as exc:
-        Path(out).unlink(missing_ok=True)
-        raise click.ClickException(str(exc)) from None
+    except BaseException as exc:
+        if not direct:
+            temporary.unlink(missing_ok=True)
+        if isinstance(exc, AuditError):
+            raise click.ClickException(str(exc)) from None
+        raise
     click.echo(f"{summary.selected} entries selected of entries {summary.first_seq}..{summary.last_seq}, "
                f"{summary.checkpoints} checkpoints, written to {out}", err=True)
 
@@ -136,7 +170,7 @@ def report_bundle(export_file: str, public_key_file: str | None) -> bool:
         raise click.ClickException(f"cannot read {export_file}: {exc}") from None
     try:
         selection = json.loads(header).get("selection")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: nested too deep (verify_bundle says so)
         selection = None
     if verdict.ok:
         click.echo(f"bundle ok: {verdict.selected} selected of {verdict.entries} entries "

@@ -5,18 +5,22 @@ Written from both backends (the ``store`` fixture of tests/audit/conftest.py).
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
+import stat
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
-from audit import AuditStore, make_engine
+import audit.bundle
+from audit import AuditError, AuditStore, make_engine
 from audit.bundle import BundleVerdict, Selection, verify_bundle, write_bundle
-from audit.chain import document_hash
+from audit.chain import canonical_json, canonical_text, document_hash, payload_digest
 from audit.checkpoints import CheckpointStore
 from audit.signing import SigningKey, load_or_create_signing_key
 from govgate.cli import main
@@ -38,7 +42,7 @@ def _bundle(store: AuditStore, key: SigningKey, selection: Selection) -> list[di
 
 
 def _verify(lines: list[dict], key: SigningKey) -> BundleVerdict:
-    return verify_bundle([json.dumps(line) for line in lines], key.public)
+    return verify_bundle([canonical_text(line) + "\n" for line in lines], key.public)
 
 
 def _entries(lines: list[dict]) -> list[dict]:
@@ -164,6 +168,116 @@ def test_a_doctored_bundle_is_caught(store: AuditStore, name: str) -> None:
     assert not verdict.ok and expected in "\n".join(verdict.problems), verdict.problems
 
 
+@pytest.mark.parametrize("planted", ["payload and digest", "digest alone"])
+def test_a_payload_given_to_a_format_1_entry_is_caught(store: AuditStore, planted: str) -> None:
+    """Format 1 chains neither payload nor digest: a matching pair added afterwards would pass every hash."""
+    key = SigningKey.generate()
+    _fill(store)
+    lines = _bundle(store, key, Selection())  # everything selected, the format-1 boundary entry too
+    [boundary] = [line for line in _entries(lines) if line["entry"]["seq"] == 1]
+    assert boundary["selected"] and boundary["entry"]["format"] == 1 and boundary["entry"]["payload"] is None
+    forged = {"messages": [{"role": "user", "content": "a prompt never asked"}]}
+
+    def plant(line: dict) -> None:
+        line["entry"]["payload_digest"] = payload_digest(canonical_json(forged))
+        if planted == "payload and digest":
+            line["entry"]["payload"] = forged
+
+    doctored = _edit(lines, boundary["entry"]["request_id"], plant)
+    assert document_hash(_entries(doctored)[0]["entry"]) == boundary["entry"]["hash"]  # the hash still holds
+    verdict = _verify(doctored, key)
+    assert not verdict.ok
+    problems = "\n".join(verdict.problems)
+    assert "entry 1 is format 1 but carries a payload or payload_digest" in problems, problems
+
+
+def _text_lines(store: AuditStore, key: SigningKey, selection: Selection) -> list[str]:
+    """The bundle as written, line by line (each with its newline)."""
+    out = io.StringIO()
+    write_bundle(store, key, out, selection)
+    return out.getvalue().splitlines(keepends=True)
+
+
+def _line_of(lines: list[str], request_id: str) -> int:
+    return next(i for i, line in enumerate(lines) if f'"request_id":"{request_id}"' in line)
+
+
+def _forged_key_first(lines: list[str]) -> list[str]:
+    """r-0's line with a forged payload in front of the real one: Python keeps the last, other readers the first."""
+    i = _line_of(lines, "r-0")
+    assert lines[i].startswith('{"entry":{')
+    forged = '{"entry":{"payload":{"messages":[{"content":"FORGED","role":"user"}]},' + lines[i][len('{"entry":{'):]
+    return [*lines[:i], forged, *lines[i + 1:]]
+
+
+def _respaced(lines: list[str], i: int) -> list[str]:
+    return [*lines[:i], json.dumps(json.loads(lines[i]), sort_keys=True) + "\n", *lines[i + 1:]]
+
+
+NOT_CANONICAL: dict[str, tuple[Callable[[list[str]], list[str]], str]] = {
+    "a duplicate key in an entry, the forged value first": (_forged_key_first, "line {r0} is not canonical JSON"),
+    "an entry line respaced": (lambda ls: _respaced(ls, _line_of(ls, "r-0")), "line {r0} is not canonical JSON"),
+    "a duplicate key in the header, another team first": (
+        lambda ls: ['{"selection":{"since":null,"team":"red"},' + ls[0][1:], *ls[1:]],
+        "the header line is not canonical JSON"),
+    "the header respaced": (lambda ls: _respaced(ls, 0), "the header line is not canonical JSON"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_CANONICAL))
+def test_a_bundle_line_that_is_not_canonical_json_is_refused(store: AuditStore, name: str) -> None:
+    """Readers may not see what verify checked (which of two keys counts), so only the exported text is taken."""
+    key = SigningKey.generate()
+    _fill(store)
+    lines = _text_lines(store, key, Selection(team="blue"))
+    assert verify_bundle(lines, key.public).ok
+    doctor, expected = NOT_CANONICAL[name]
+    doctored = doctor(lines)
+    assert [json.loads(line) for line in doctored] == [json.loads(line) for line in lines]  # Python sees no change
+    verdict = verify_bundle(doctored, key.public)
+    expected = expected.format(r0=_line_of(lines, "r-0") + 1)
+    assert not verdict.ok and any(problem.startswith(expected) for problem in verdict.problems), verdict.problems
+
+
+def _naive_created_at(lines: list[str]) -> list[str]:
+    """r-0's created_at without its time zone, the entry re-hashed so that it is consistent in itself."""
+    i = _line_of(lines, "r-0")
+    line = json.loads(lines[i])
+    line["entry"]["created_at"] = line["entry"]["created_at"].removesuffix("+00:00")
+    line["entry"]["hash"] = document_hash(line["entry"])
+    return [*lines[:i], canonical_text(line) + "\n", *lines[i + 1:]]
+
+
+def _in_payload(text: str) -> Callable[[list[str]], list[str]]:
+    def change(lines: list[str]) -> list[str]:
+        i = _line_of(lines, "r-0")
+        return [*lines[:i], lines[i].replace('"payload":{', '"payload":{' + text, 1), *lines[i + 1:]]
+    return change
+
+
+DEEP = "[" * 100_000 + "]" * 100_000 + "\n"
+UNREADABLE: dict[str, tuple[Callable[[list[str]], list[str]], str]] = {
+    "NaN in a payload": (_in_payload('"x":NaN,'), "line {r0} is not JSON"),
+    "a lone surrogate in a payload": (_in_payload('"x":"\\ud800",'), "line {r0} is not canonical JSON"),
+    "an entry line nested very deep": (lambda ls: [*ls[:2], DEEP, *ls[3:]], "line 3 is not JSON"),
+    "a header nested very deep": (lambda ls: [DEEP, *ls[1:]], "the bundle has no header line"),
+    "a naive created_at, re-hashed": (_naive_created_at, "line {r0}: entry {seq} lacks a hashed field or has a "
+                                                         "malformed one (created_at has no time zone)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNREADABLE))
+def test_a_bundle_no_parser_agrees_on_is_a_problem_not_a_crash(store: AuditStore, name: str) -> None:
+    key = SigningKey.generate()
+    _fill(store)
+    lines = _text_lines(store, key, Selection(team="blue"))
+    r0 = _line_of(lines, "r-0")
+    doctor, expected = UNREADABLE[name]
+    verdict = verify_bundle(doctor(lines), key.public)
+    expected = expected.format(r0=r0 + 1, seq=json.loads(lines[r0])["entry"]["seq"])
+    assert not verdict.ok and any(problem.startswith(expected) for problem in verdict.problems), verdict.problems
+
+
 def test_a_bundle_signed_by_another_key_is_refused(store: AuditStore) -> None:
     key, other = SigningKey.generate(), SigningKey.generate()
     _fill(store)
@@ -196,6 +310,77 @@ def test_export_bundle_and_verify_export_on_the_command_line(store_url: str, tmp
     doctored = run("verify", "--export", str(bundle), "--public-key", str(pub))
     assert doctored.exit_code == 1 and "bundle TAMPERED" in doctored.output
     assert run("export-bundle", "--out", str(bundle), "--since", "yesterday-ish").exit_code == 2
+
+
+def _command_line(store_url: str, tmp_path: Path) -> Callable[..., Result]:
+    """``govgate audit …`` on the store (three blue entries in it), with a signing key of its own."""
+    var = tmp_path / "var"
+    engine = make_engine(store_url)
+    _fill(AuditStore(engine))
+    engine.dispose()
+    load_or_create_signing_key(var / "audit-signing.key")
+    env = {"GOVGATE_VAR_DIR": str(var), "GOVGATE_DATABASE_URL": store_url, "GOVGATE_AUDIT_SIGNING_KEY_FILE": ""}
+    return lambda *args: CliRunner().invoke(main, ["audit", *args], env=env, catch_exceptions=False)
+
+
+def test_export_bundle_writes_a_private_file(store_url: str, tmp_path: Path) -> None:
+    """The bundle holds prompts and outputs: 0600 whatever the umask, as the database and keys are."""
+    run = _command_line(store_url, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    bundle = out / "blue.jsonl"
+    bundle.write_text("an older bundle")
+    previous = os.umask(0o022)
+    try:
+        assert run("export-bundle", "--out", str(bundle), "--team", "blue").exit_code == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o600 and list(out.iterdir()) == [bundle]
+    assert json.loads(bundle.read_text().splitlines()[0])["selection"]["team"] == "blue"
+
+
+def test_export_bundle_to_a_device_writes_it_directly(store_url: str, tmp_path: Path) -> None:
+    """/dev/stdout, /dev/null, a pipe: no temporary file beside them (in /dev) and nothing to rename."""
+    run = _command_line(store_url, tmp_path)
+    before = set(os.listdir("/dev"))
+    result = run("export-bundle", "--out", "/dev/null", "--team", "blue")
+    assert result.exit_code == 0, result.output
+    assert set(os.listdir("/dev")) - before == set()
+
+
+@pytest.mark.parametrize(("error", "message"), [
+    (AuditError("the database went away"), "Error: the database went away"),
+    (OSError(errno.ENOSPC, "No space left on device"), "Error: cannot write {out}: No space left on device"),
+], ids=["AuditError", "OSError"])
+def test_export_bundle_that_fails_leaves_no_file_behind(store_url: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, error: Exception,
+                                                        message: str) -> None:
+    """Half a bundle (its header and some entries written) is neither left at the target nor in a temporary."""
+    run = _command_line(store_url, tmp_path)
+
+    def failing(store: AuditStore, key: SigningKey, out: IO[str], selection: Selection) -> None:
+        out.write('{"bundle":"half"}\n' * 1000)
+        out.flush()
+        raise error
+
+    monkeypatch.setattr(audit.bundle, "write_bundle", failing)
+    out = tmp_path / "out"
+    out.mkdir()
+    bundle = out / "blue.jsonl"
+    result = run("export-bundle", "--out", str(bundle), "--team", "blue")
+    assert result.exit_code == 1 and result.output.strip() == message.format(out=bundle), result.output
+    assert list(out.iterdir()) == []
+
+
+def test_verify_export_of_a_header_nested_too_deep_is_a_verdict(store_url: str, tmp_path: Path) -> None:
+    run = _command_line(store_url, tmp_path)
+    bundle, pub = tmp_path / "blue.jsonl", tmp_path / "pub.pem"
+    assert run("public-key", "--out", str(pub)).exit_code == 0
+    assert run("export-bundle", "--out", str(bundle), "--team", "blue").exit_code == 0
+    bundle.write_text("[" * 100_000 + "]" * 100_000 + "\n" + "".join(bundle.read_text().splitlines(True)[1:]))
+    result = run("verify", "--export", str(bundle), "--public-key", str(pub))
+    assert result.exit_code == 1 and "bundle TAMPERED" in result.output
+    assert "the bundle has no header line" in result.output
 
 
 def test_the_selection_matches_team_and_time() -> None:

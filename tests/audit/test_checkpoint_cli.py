@@ -12,7 +12,8 @@ from typing import Iterator
 import pytest
 from click.testing import CliRunner, Result
 
-from audit import AuditStore, make_engine
+from audit import AuditStore, make_engine, verify_chain
+from audit.chain import canonical_text, document_hash
 from audit.checkpoints import CheckpointStore
 from audit.signing import load_or_create_signing_key, load_public_key
 from govgate.cli import main
@@ -122,3 +123,37 @@ def test_verify_reports_a_broken_chain_and_the_checkpoints_both(env: Env) -> Non
     result = env.run("verify")
     assert result.exit_code == 1
     assert f"BROKEN at seq {head}" in result.output and "checkpoints TAMPERED" in result.output
+
+
+def _rewrite_from(env: Env, seq: int) -> None:
+    """Entry ``seq``'s body forged and every hash from it to the head recomputed, as anyone with the database can."""
+    prev = env.store.get(seq - 1).hash  # type: ignore[union-attr]
+    body = "CAST(:b AS json)" if env.raw.backend == "postgresql" else ":b"
+    for at in range(seq, env.store.head().seq + 1):
+        doc = env.store.get(at).to_document()  # type: ignore[union-attr]
+        if at == seq:
+            doc["body"] = {**doc["body"], "forged": True}
+        doc["prev_hash"] = prev
+        doc["hash"] = prev = document_hash(doc)
+        env.raw.without_guards(f"UPDATE audit_entries SET body = {body}, prev_hash = :p, hash = :h WHERE seq = :seq",
+                               params={"b": canonical_text(doc["body"]), "p": doc["prev_hash"], "h": doc["hash"],
+                                       "seq": at})
+
+
+@pytest.mark.parametrize("command", ["checkpoint", "export-bundle"])
+def test_signing_over_a_rewritten_chain_is_refused(env: Env, tmp_path: Path, command: str) -> None:
+    """A stored checkpoint contradicts the chain (rewritten below it): signing the head would vouch for the rewrite."""
+    key = load_or_create_signing_key(env.var_dir / "audit-signing.key")
+    signed = env.append(4)
+    CheckpointStore(env.engine).make(key)
+    _rewrite_from(env, 3)
+    head = env.append(1)
+    assert verify_chain(env.store).ok and head == signed + 1  # the chain itself holds: only the checkpoint tells
+    out = tmp_path / "out"
+    out.mkdir()
+    result = env.run(command, "--out", str(out / "signed.json"))
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: refusing to sign: the stored checkpoint of entry {signed} no longer "
+                                     "matches the chain (rewritten or cut below it); run `govgate audit verify`")
+    assert list(out.iterdir()) == []
+    assert [cp.seq for cp, _ in CheckpointStore(env.engine).with_entry_hashes()] == [signed]  # nothing signed
