@@ -161,7 +161,7 @@ def _postgresql_engine(sa_url: URL) -> Engine:
     return create_engine(sa_url, pool_pre_ping=True, isolation_level="READ COMMITTED", connect_args=connect_args)
 
 
-def _sqlite_file(sa_url: URL) -> Path | None:
+def sqlite_file(sa_url: URL) -> Path | None:
     """The database file a SQLite URL names, or None for in-memory databases."""
     database = sa_url.database or ""
     if sa_url.query.get("uri") in ("true", "1", "True"):
@@ -182,7 +182,7 @@ def _create_parent_dir(sa_url: URL) -> None:
     read it. SQLite gives the ``-wal`` and ``-shm`` files the mode of the
     database file, so creating that one private keeps all three private.
     """
-    path = _sqlite_file(sa_url)
+    path = sqlite_file(sa_url)
     if path is None:
         return
     try:
@@ -219,6 +219,10 @@ def _install_sqlite_hooks(engine: Engine, busy_timeout_s: float) -> None:
                 _switch_to_wal(cursor, busy_timeout_s)
             cursor.execute("PRAGMA synchronous = NORMAL")
             cursor.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+            # Whatever any connection frees (a page split moving cells, a migration's dropped table) is
+            # zeroed, so an erased prompt leaves no copy in free space: SQLite's own default is off unless
+            # built with SQLITE_SECURE_DELETE (Debian's is; python.org's and Homebrew's are not).
+            cursor.execute("PRAGMA secure_delete = ON")
         finally:
             cursor.close()
 

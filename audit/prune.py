@@ -91,6 +91,21 @@ def prune_payloads(store: AuditStore, before: datetime, *, batch: int = 500,
             last_seq = after = seqs[-1]
             if progress is not None:
                 progress(erased)
+        # What the record says is what is erased and on no record yet, not only what this run erased: a run
+        # that failed after some batches (or at its own record) left erasures no entry names, and this run
+        # may find nothing left to erase.
+        if boundary:
+            with engine.connect() as conn:
+                recorded = 0
+                for body in conn.execute(select(_t.body).where(_t.kind == PAYLOADS_ERASED)).scalars():
+                    last = body.get("last_seq") if isinstance(body, dict) else None
+                    if type(last) is int and last > recorded:
+                        recorded = last
+                unrecorded = (_t.seq > max(boundary, recorded), _t.payload.is_(None), _t.payload_digest.is_not(None))
+                count, low, high = conn.execute(select(func.count(), func.min(_t.seq), func.max(_t.seq))
+                                                .where(*unrecorded)).one()
+            if count:
+                erased, first_seq, last_seq = count, low, high
     except DB_ERRORS as exc:
         raise AuditError(f"audit prune failed on {describe(engine)} after erasing {erased} payloads: "
                          f"{reason(exc)}") from exc

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from audit import (
@@ -364,6 +364,21 @@ def test_sqlite_connections_are_tuned_for_many_processes(db_path: Path) -> None:
         assert pragma("synchronous") == 1  # NORMAL
         assert pragma("foreign_keys") == 1
         assert pragma("cache_size") == -SQLITE_CACHE_KIB  # negative: KiB, not pages
+
+
+def test_every_sqlite_connection_zeroes_what_it_frees(db_path: Path) -> None:
+    """``secure_delete`` on every connection, not only prune's: a page split or a dropped table moves an erased
+    prompt's bytes too. SQLite's own default is off unless built with SQLITE_SECURE_DELETE (Debian's is on), so
+    each connection first gets the stock default here, as on python.org's or Homebrew's build."""
+    engine = make_engine(_url(db_path))
+    event.listen(engine, "connect", lambda dbapi_conn, _record: dbapi_conn.execute("PRAGMA secure_delete = OFF"),
+                 insert=True)  # before make_engine's own hook
+    engine.dispose()  # no connection made before the listener stays pooled
+    try:
+        with engine.connect() as first, engine.connect() as second:
+            assert [conn.exec_driver_sql("PRAGMA secure_delete").scalar() for conn in (first, second)] == [1, 1]
+    finally:
+        engine.dispose()
 
 
 def test_audit_imports_neither_gateway_nor_workers() -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from audit import AuditStore, make_engine, migrate, verify_chain
 from audit.prune import prune_payloads
+from tests.audit.conftest import RawDB
 from tests.audit.old_append import old_append
 
 
@@ -73,6 +74,32 @@ def test_old_payloads_are_erased_and_the_erasure_is_on_the_chain(store: AuditSto
 
     again = prune_payloads(store, cut)
     assert (again.erased, again.entry) == (0, None)  # nothing left to erase, nothing recorded
+
+
+def test_erasures_no_record_names_are_recorded_by_the_next_run(store: AuditStore, raw: RawDB) -> None:
+    """A run that failed after some batches (or at its own record) erased payloads no payloads_erased entry names:
+    the next run's record covers them, even when it finds nothing left to erase itself."""
+    first = [e.seq for i in range(6) for e in _pair(store, f"old-{i}", f"OLD{i}") if e.payload is not None]
+    cut = _cut()
+    newer = [e.seq for e in _pair(store, "new", "NEW") if e.payload is not None]  # after the date: kept
+    raw.execute(f"UPDATE audit_entries SET payload = NULL WHERE seq IN ({', '.join(map(str, first[:5]))})")
+
+    result = prune_payloads(store, cut)  # erases the other seven, records all twelve
+    assert (result.erased, result.first_seq, result.last_seq) == (12, first[0], first[-1])
+    assert result.entry is not None
+    assert (result.entry.body["count"], result.entry.body["first_seq"], result.entry.body["last_seq"]) == (
+        12, first[0], first[-1])
+
+    assert all(store.get(seq).payload is not None for seq in newer)  # type: ignore[union-attr]
+    second = newer + [e.seq for i in range(2) for e in _pair(store, f"later-{i}", f"LATER{i}") if e.payload is not None]
+    cut = _cut()
+    raw.execute(f"UPDATE audit_entries SET payload = NULL WHERE seq IN ({', '.join(map(str, second))})")
+    again = prune_payloads(store, cut)  # nothing left to erase: it records the six, not the twelve again
+    assert again.entry is not None
+    assert (again.erased, again.entry.body["count"], again.entry.body["first_seq"], again.entry.body["last_seq"]) == (
+        6, 6, second[0], second[-1])
+    assert prune_payloads(store, cut).entry is None  # everything erased is on a record now
+    assert verify_chain(store).ok
 
 
 def test_nothing_before_the_date_means_nothing_erased(store: AuditStore) -> None:
