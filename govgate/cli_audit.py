@@ -22,18 +22,28 @@ def audit() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def audit_tail(count: int, as_json: bool) -> None:
     """Show the newest audit entries."""
-    from audit import AuditStore
+    from audit import AuditError, AuditStore
 
-    for entry in AuditStore(audit_engine()).tail(count):
+    try:
+        entries = AuditStore(audit_engine()).tail(count)
+    except AuditError as exc:  # a row that no longer decodes (edited) or a store that cannot be read
+        raise click.ClickException(f"{exc} (run `govgate audit verify`)") from None
+    for entry in entries:
         if as_json:
             click.echo(json.dumps(entry.to_document(), sort_keys=True, default=str))
         else:
+            try:
+                summary = _summary(entry)
+            except (AttributeError, TypeError):  # a body of another shape than the kind's (edited)
+                summary = "(body not of this kind's shape)"
             click.echo(f"{entry.seq:>6} {entry.created_at} {entry.kind:<10} {entry.request_id} "
-                       f"{entry.principal or '-'} {entry.model or '-'} {_summary(entry)}")
+                       f"{entry.principal or '-'} {entry.model or '-'} {summary}")
 
 
 def _summary(entry) -> str:
     body = entry.body
+    if not isinstance(body, dict):  # stored as other JSON than an object: edited
+        return "(body is not a JSON object)"
     if entry.kind == "request":
         decision = body.get("decision", {})
         if decision.get("unavailable"):  # no decision could be had: refused with 503, not denied
@@ -62,13 +72,23 @@ def audit_verify(export_file: str | None, jobs: int | None, **checkpoint_args: o
         if not report_bundle(export_file, checkpoint_args.get("public_key_file")):  # type: ignore[arg-type]
             sys.exit(1)
         return
+    from audit import AuditError
+    from gateway.auth import KeyStoreError
+
     engine = audit_engine()
-    result = verify_chain(engine, workers=jobs or os.cpu_count() or 1)
+    try:
+        result = verify_chain(engine, workers=jobs or os.cpu_count() or 1)
+    except AuditError as exc:
+        raise click.ClickException(f"cannot verify: {exc}") from None
     if result.ok:
         click.echo(f"ok: {result.checked} entries, chain intact")
     else:
         click.echo(f"BROKEN at seq {result.first_bad_seq}: {result.problem} ({result.checked} entries checked)")
-    keys_ok = report_key_table(engine)  # the key table held to the chain's key entries
+    try:
+        keys_ok = report_key_table(engine)  # the key table held to the chain's key entries
+    except (AuditError, KeyStoreError) as exc:  # an undecodable key entry or row: a verdict, not a crash
+        click.echo(f"KEY TAMPERED: the key entries or the key table cannot be read: {exc}")
+        keys_ok = False
     checkpoints_ok = report_checkpoints(engine, **checkpoint_args)  # type: ignore[arg-type]
     if not (result.ok and keys_ok and checkpoints_ok):
         sys.exit(1)

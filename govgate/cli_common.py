@@ -21,10 +21,29 @@ def load_settings() -> Settings:
 
 
 def audit_engine() -> Engine:
-    """The audit database, its schema brought up to date."""
-    from audit import make_engine, migrate
+    """The audit database, its schema brought up to date; a one-line error if it cannot be opened.
+
+    A SQLite file that is not there (or is empty) is an error, not a new empty store: the audit
+    commands read a store the gateway made, and a mistyped GOVGATE_VAR_DIR must not verify as
+    "0 entries, chain intact" (nor leave an empty database behind).
+    """
+    from sqlalchemy.engine import make_url
+
+    from audit import AuditError, make_engine, migrate
+    from audit.db import sqlite_file
 
     settings = load_settings()
-    engine = make_engine(settings.effective_database_url, busy_timeout_s=settings.database_busy_timeout_s)
-    migrate(engine)
+    url = settings.effective_database_url
+    try:
+        path = sqlite_file(make_url(url)) if url.startswith("sqlite") else None
+    except Exception:  # noqa: BLE001 - make_engine below reports a bad URL
+        path = None
+    if path is not None and (not path.is_file() or path.stat().st_size == 0):
+        raise click.ClickException(f"no audit database at {path} (GOVGATE_VAR_DIR / GOVGATE_DATABASE_URL): "
+                                   "nothing to read, and none is made here")
+    try:
+        engine = make_engine(url, busy_timeout_s=settings.database_busy_timeout_s)
+        migrate(engine)
+    except AuditError as exc:
+        raise click.ClickException(str(exc)) from None
     return engine

@@ -58,6 +58,9 @@ def test_the_gateways_database_waits_as_configured(tmp_path: Path) -> None:
 def test_the_cli_opens_the_store_with_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from govgate.cli_common import audit_engine
 
+    made = audit.make_engine(f"sqlite:///{tmp_path / 'cli.db'}")
+    audit.migrate(made)  # the audit commands read a store the gateway made; they make none
+    made.dispose()
     monkeypatch.setenv("GOVGATE_DATABASE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
     monkeypatch.setenv("GOVGATE_DATABASE_BUSY_TIMEOUT_S", "1.5")
     engine = audit_engine()

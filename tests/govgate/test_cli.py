@@ -71,6 +71,12 @@ def _append_some(settings, n: int = 3) -> None:
     engine.dispose()
 
 
+def _drop_guards(db: sqlite3.Connection) -> None:
+    """Remove the append-only guards, as an attacker (or a careless administrator) with the file can."""
+    for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        db.execute(f"DROP TRIGGER {name}")
+
+
 def test_audit_tail_and_verify(cli):
     _append_some(cli.settings)
     tail = cli("audit", "tail", "-n", "2").stdout.strip().splitlines()
@@ -79,6 +85,32 @@ def test_audit_tail_and_verify(cli):
     assert '"request_id": "req-2"' in as_json and '"hash":' in as_json
     verified = cli("audit", "verify").stdout
     assert verified.startswith("ok: 4 entries")  # the chain_format boundary, then the three
+
+
+@pytest.mark.parametrize("body, shown", [
+    ("[1, 2]", "(body is not a JSON object)"),
+    ('{"decision": 5}', "(body not of this kind's shape)"),
+])
+def test_audit_tail_shows_an_edited_body_of_another_shape(cli, body, shown):
+    _append_some(cli.settings)
+    with sqlite3.connect(cli.database) as db:
+        _drop_guards(db)
+        db.execute("UPDATE audit_entries SET body = ? WHERE seq = 3", (body,))
+    lines = cli("audit", "tail", "-n", "3").stdout.strip().splitlines()
+    assert len(lines) == 3 and "req-1" in lines[1] and lines[1].endswith(shown), lines
+    assert "allow" in lines[2]
+
+
+def test_audit_tail_on_a_body_that_is_not_json_is_a_one_line_error(cli):
+    _append_some(cli.settings)
+    with sqlite3.connect(cli.database) as db:
+        _drop_guards(db)
+        db.execute("UPDATE audit_entries SET body = '{not json' WHERE seq = 3")
+    result = cli("audit", "tail", ok=False)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: an audit entry cannot be decoded: "), lines
+    assert lines[0].endswith("(run `govgate audit verify`)")
 
 
 def test_audit_prune_erases_old_payloads_and_verify_still_passes(cli):
@@ -95,7 +127,7 @@ def test_audit_prune_erases_old_payloads_and_verify_still_passes(cli):
 
     pruned = cli("audit", "prune", "--before", tomorrow).stdout
     assert "erased the payloads of 1 entries (seq 2..2)" in pruned and "payloads_erased" in pruned
-    assert "chain format 1" in pruned  # the boundary entry is counted as format 1, left alone
+    assert "chain format 1" not in pruned  # the boundary entry holds no text: not reported as left alone
     assert cli("audit", "verify").stdout.startswith("ok: 3 entries")
     assert "no payload to erase" in cli("audit", "prune", "--before", tomorrow).stdout
     assert cli("audit", "prune", "--before", "someday", ok=False).exit_code == 2
@@ -104,12 +136,73 @@ def test_audit_prune_erases_old_payloads_and_verify_still_passes(cli):
 def test_audit_verify_reports_the_first_tampered_entry(cli):
     _append_some(cli.settings, 4)
     with sqlite3.connect(cli.database) as db:  # an attacker with the file removes the guard, then edits
-        for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
-            db.execute(f"DROP TRIGGER {name}")
+        _drop_guards(db)
         db.execute("UPDATE audit_entries SET body = json_set(body, '$.i', 99) WHERE seq = 2")
     result = cli("audit", "verify", ok=False)
     assert result.exit_code == 1
     assert "BROKEN at seq 2" in result.output
+
+
+def test_audit_verify_fails_on_a_row_below_seq_1(cli):
+    """A forged review verdict at seq 0: every reader shows it, the walks (seq > 0) never read it."""
+    _append_some(cli.settings)
+    with sqlite3.connect(cli.database) as db:
+        _drop_guards(db)
+        db.execute("INSERT INTO audit_entries SELECT 0, created_at, 'req-1', 'dispositioned', 'rev', team, NULL,"
+                   " '{\"disposition\":\"ok\"}', NULL, NULL, 'e', 'd', NULL, NULL FROM audit_entries WHERE seq = 2")
+    result = cli("audit", "verify", ok=False)
+    assert result.exit_code == 1
+    assert result.output.startswith("BROKEN at seq 0: entry 0 has a seq below 1: it is outside the chain")
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_audit_verify_names_an_entry_whose_text_is_not_utf8(cli, jobs):
+    _append_some(cli.settings, 4)
+    with sqlite3.connect(cli.database) as db:
+        _drop_guards(db)
+        db.execute("UPDATE audit_entries SET principal = CAST(X'61ff62' AS TEXT) WHERE seq = 3")
+    result = cli("audit", "verify", "--jobs", jobs, ok=False)
+    assert result.exit_code == 1
+    assert result.output.startswith("BROKEN at seq 3: audit entry 3 cannot be decoded: its principal is not valid "
+                                    "UTF-8 text (the entry was edited) (2 entries checked)"), result.output
+
+
+@pytest.mark.parametrize("command", [["verify"], ["tail"], ["prune", "--before", "2020-01-01"]])
+@pytest.mark.parametrize("where", ["missing var dir", "missing url", "empty file"])
+def test_audit_commands_on_no_database_say_so_and_make_none(settings, tmp_path, command, where):
+    """A mistyped GOVGATE_VAR_DIR must not verify as "0 entries, chain intact" nor leave a new database behind."""
+    var = tmp_path / "mistyped"
+    database = var / "govgate.db"
+    env = {**child_env(settings.with_(var_dir=var), settings.redis_url), "GOVGATE_DATABASE_URL": None}
+    if where == "missing url":
+        database = tmp_path / "elsewhere" / "audit.db"
+        env["GOVGATE_DATABASE_URL"] = f"sqlite:///{database}"
+    elif where == "empty file":
+        var.mkdir()
+        database.touch()
+    result = CliRunner().invoke(main, ["audit", *command], env=env, catch_exceptions=False)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: no audit database at {database} "), lines
+    if where == "empty file":
+        assert list(var.iterdir()) == [database] and database.stat().st_size == 0
+    else:
+        assert not database.parent.exists()
+
+
+@pytest.mark.parametrize("tamper", [
+    "UPDATE audit_entries SET body = '{not json' WHERE kind = 'key_created'",  # the chain's record of the key
+    "UPDATE api_keys SET roles_json = CAST(X'ff' AS TEXT)",  # the key table's row, not UTF-8
+])
+def test_audit_verify_reports_an_unreadable_key_entry_or_row_as_key_tampering(cli, tamper):
+    cli("keys", "create", "--user", "alice", "--team", "research", "--role", "analyst")
+    _append_some(cli.settings)
+    with sqlite3.connect(cli.database) as db:
+        _drop_guards(db)
+        assert db.execute(tamper).rowcount == 1
+    result = cli("audit", "verify", ok=False)
+    assert result.exit_code == 1
+    assert "KEY TAMPERED: the key entries or the key table cannot be read: " in result.output, result.output
 
 
 def test_bad_setting_is_a_clear_error(settings):
