@@ -8,6 +8,7 @@ and the chain", and the SQLite notes at :func:`_install_sqlite_hooks`.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 import weakref
@@ -130,9 +131,14 @@ def make_engine(url: str, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> Engine:
             _install_sqlite_hooks(engine, busy_timeout_s)
     except (ArgumentError, SQLAlchemyError, ImportError) as exc:
         # Unparseable URL, unknown dialect, or its driver is not installed.
-        raise AuditError(f"cannot use audit database URL {url!r}: {exc}") from exc
+        raise AuditError(f"cannot use audit database URL {_without_password(url)!r}: {exc}") from exc
     _BUSY_TIMEOUTS[engine] = busy_timeout_s
     return engine
+
+
+def _without_password(url: str) -> str:
+    """The URL as an error message may show it (``audit`` imports nothing of ``gateway``, whose settings do the same)."""
+    return re.sub(r"(//[^:/@]*:)[^/]*@", r"\1***@", url)
 
 
 def _postgresql_engine(sa_url: URL) -> Engine:

@@ -30,7 +30,10 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     now = now or datetime.now(timezone.utc)
     text = text.strip()
     if len(text) >= 2 and text[-1] in _UNITS and text[:-1].isdigit():
-        return now - timedelta(**{_UNITS[text[-1]]: int(text[:-1])})
+        try:
+            return now - timedelta(**{_UNITS[text[-1]]: int(text[:-1])})
+        except OverflowError:  # before year 1
+            raise ValueError(f"{text!r} reaches back before the year 1") from None
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
@@ -178,22 +179,33 @@ class Settings:
         def text(name: str, default: str) -> str:
             return env.get(f"GOVGATE_{name}", default).strip() or default
 
-        def number(name: str, default: float, kind: type, minimum: float) -> float | int:
+        def number(name: str, default: float, kind: type, minimum: float,
+                   maximum: float | None = None, *, bounded_by_caller: bool = False) -> float | int:
             raw = env.get(f"GOVGATE_{name}", "").strip()
             if not raw:
                 return default
+            noun = "whole number" if kind is int else "number"
+            if not raw.isascii():  # int() and float() read other scripts' digits ('١٢'): refuse, as for NBSP
+                raise SettingsError(f"GOVGATE_{name}={raw!r} is not a {noun}")
             try:
                 value = kind(raw)
             except ValueError:
-                noun = "whole number" if kind is int else "number"
                 raise SettingsError(f"GOVGATE_{name}={raw!r} is not a {noun}") from None
+            if bounded_by_caller:  # the caller's own range check refuses NaN and inf with its message
+                return value
+            if kind is float and not math.isfinite(value):  # NaN passes every comparison below, inf overflows
+                raise SettingsError(f"GOVGATE_{name}={raw!r} must be a finite number")
             if value < minimum:
                 raise SettingsError(f"GOVGATE_{name}={raw!r} must be at least {minimum}")
+            top = maximum if maximum is not None else (_MAX_COUNT if kind is int else _MAX_SECONDS)
+            if value > top:
+                raise SettingsError(f"GOVGATE_{name}={raw!r} must be at most {top:g}" if kind is float
+                                    else f"GOVGATE_{name}={raw!r} must be at most {top}")
             return value
 
         def seconds_up_to_a_day(name: str, default: float) -> float:
             """More than 0 and at most a day (``number``'s minimum is inclusive and lets inf and NaN by)."""
-            value = number(name, default, float, -math.inf)
+            value = number(name, default, float, -math.inf, bounded_by_caller=True)
             if not 0 < value <= 86400:  # NaN fails both
                 raw = env.get(f"GOVGATE_{name}", "").strip()
                 raise SettingsError(f"GOVGATE_{name}={raw!r} must be more than 0 and at most 86400 seconds")
@@ -201,7 +213,7 @@ class Settings:
 
         def milliseconds_up_to_a_second(name: str, default: float) -> float:
             """0 to 1000 (a piece held longer than a second would no longer read as a stream)."""
-            value = number(name, default, float, -math.inf)
+            value = number(name, default, float, -math.inf, bounded_by_caller=True)
             if not 0 <= value <= 1000:  # NaN fails both
                 raw = env.get(f"GOVGATE_{name}", "").strip()
                 raise SettingsError(f"GOVGATE_{name}={raw!r} must be between 0 and 1000 milliseconds")
@@ -210,17 +222,17 @@ class Settings:
         var_dir = Path(text("VAR_DIR", str(defaults.var_dir))).expanduser().resolve()
         return cls(
             host=text("HOST", defaults.host),
-            port=int(number("PORT", defaults.port, int, 0)),
+            port=int(number("PORT", defaults.port, int, 1, 65535)),
             var_dir=var_dir,
             database_url=text("DATABASE_URL", ""),
             database_busy_timeout_s=seconds_up_to_a_day("DATABASE_BUSY_TIMEOUT_S", defaults.database_busy_timeout_s),
-            redis_url=text("REDIS_URL", ""),
+            redis_url=_url(text("REDIS_URL", ""), "REDIS_URL", ("redis://", "rediss://", "unix://")),
             policy_dir=Path(text("POLICY_DIR", str(defaults.policy_dir))).expanduser().resolve(),
             policy_timeout_s=float(number("POLICY_TIMEOUT_S", defaults.policy_timeout_s, float, 0.001)),
             policy_evaluators=int(number("POLICY_EVALUATORS", defaults.policy_evaluators, int, 1)),
             policy_wait_timeout_s=float(number("POLICY_WAIT_TIMEOUT_S", defaults.policy_wait_timeout_s, float, 0.0)),
             admission_concurrency=int(number("ADMISSION_CONCURRENCY", defaults.admission_concurrency, int, 0)),
-            opa_url=text("OPA_URL", "").rstrip("/"),
+            opa_url=_url(text("OPA_URL", "").rstrip("/"), "OPA_URL", ("http://", "https://")),
             policy_reload_interval_s=float(number("POLICY_RELOAD_INTERVAL_S", defaults.policy_reload_interval_s,
                                                   float, 0.0)),
             models_file=text("MODELS_FILE", ""),
@@ -244,7 +256,8 @@ class Settings:
             max_body_bytes=int(number("MAX_BODY_BYTES", defaults.max_body_bytes, int, 1024)),
             default_max_tokens=int(number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens, int, 1)),
             redis_max_connections=int(number("REDIS_MAX_CONNECTIONS", defaults.redis_max_connections, int, 2)),
-            log_level=text("LOG_LEVEL", defaults.log_level).upper(),
+            log_level=_choice(text("LOG_LEVEL", defaults.log_level).upper(), "LOG_LEVEL",
+                              ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
             log_format=_choice(text("LOG_FORMAT", defaults.log_format).lower(), "LOG_FORMAT", ("text", "json")),
             access_log=_flag(text("ACCESS_LOG", ""), "ACCESS_LOG", defaults.access_log),
             metrics_enabled=_flag(text("METRICS_ENABLED", ""), "METRICS_ENABLED", defaults.metrics_enabled),
@@ -261,6 +274,20 @@ class Settings:
                                                 10.0)),
             console_secure_cookies=_boolean(env, "CONSOLE_SECURE_COOKIES", defaults.console_secure_cookies),
         )
+
+
+#: Largest whole-number setting: the API's own cap on counts (2^31 - 1), far above any sane value.
+_MAX_COUNT = 2**31 - 1
+#: Largest number of seconds (or milliseconds) a setting may hold: about 31 years, well inside what
+#: ``timedelta``, Redis expiries and the event loop's timers can hold (1e30 made the gateway's startup overflow).
+_MAX_SECONDS = 1e9
+
+
+def _url(value: str, name: str, schemes: tuple[str, ...]) -> str:
+    """An empty setting, or a URL with one of ``schemes`` (anything else fails later with a traceback)."""
+    if value and not value.lower().startswith(schemes):
+        raise SettingsError(f"GOVGATE_{name}={value!r} must start with one of: {', '.join(schemes)}")
+    return value
 
 
 def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -298,3 +325,8 @@ def _flag(raw: str, name: str, default: bool) -> bool:
     if value in _FALSE:
         return False
     raise SettingsError(f"GOVGATE_{name}={raw!r} is not a yes/no value (use 1 or 0)")
+
+
+def without_password(url: str) -> str:
+    """A database or Redis URL as a message may show it: the password between ``user:`` and ``@`` hidden."""
+    return re.sub(r"(//[^:/@]*:)[^/]*@", r"\1***@", url)  # to the last @ of the authority

@@ -16,7 +16,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from gateway.settings import Settings, SettingsError
+from gateway.settings import Settings, SettingsError, without_password
 
 if TYPE_CHECKING:
     from gateway.auth import KeyStore
@@ -48,7 +48,7 @@ def prepare_database(settings: Settings) -> str | None:
         finally:
             engine.dispose()
     except (AuditError, DatabaseError, KeyStoreError) as exc:
-        raise DatabaseUnusable(f"the database at {settings.effective_database_url} cannot be used: {exc}") \
+        raise DatabaseUnusable(f"the database at {without_password(settings.effective_database_url)} cannot be used: {exc}") \
             from None
 
 

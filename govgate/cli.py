@@ -12,7 +12,7 @@ import time
 
 import click
 
-from gateway.settings import Settings
+from gateway.settings import Settings, without_password
 from govgate.cli_audit import audit
 import govgate.cli_audit_export  # noqa: F401  (adds "audit export" to the audit group)
 from govgate.cli_common import load_settings
@@ -110,13 +110,13 @@ def _check_database(settings: Settings) -> None:
         finally:
             engine.dispose()
     except (AuditError, SQLAlchemyError) as exc:
-        raise click.ClickException(f"GOVGATE_DATABASE_URL={settings.effective_database_url} "
+        raise click.ClickException(f"GOVGATE_DATABASE_URL={without_password(settings.effective_database_url)} "
                                    f"cannot be used: {exc}") from None
 
 
 @main.command()
 @click.option("--model", "model_name", required=True, help="Registry name of the model this worker serves.")
-@click.option("--concurrency", default=1, show_default=True,
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
               help="Jobs at once: pool processes with --pool prefork, each loading the model (solo: 1).")
 @click.option("--pool", "pool", type=click.Choice(["prefork", "solo"]), default=None,
               help="Celery's pool (default: GOVGATE_WORKER_POOL, else solo); solo runs one job at a time.")

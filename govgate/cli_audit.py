@@ -18,7 +18,8 @@ def audit() -> None:
 
 
 @audit.command("tail")
-@click.option("-n", "count", default=20, show_default=True, help="How many of the newest entries.")
+@click.option("-n", "count", type=click.IntRange(min=0, max=10**9), default=20, show_default=True,
+              help="How many of the newest entries.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def audit_tail(count: int, as_json: bool) -> None:
     """Show the newest audit entries."""
@@ -97,7 +98,8 @@ def audit_verify(export_file: str | None, jobs: int | None, **checkpoint_args: o
 @audit.command("prune")
 @click.option("--before", "before", required=True, metavar="DATE",
               help="Erase the payloads of entries created before this ISO date or time (UTC unless it says).")
-@click.option("--batch", default=500, show_default=True, help="Entries erased per transaction.")
+@click.option("--batch", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Entries erased per transaction.")
 def audit_prune(before: str, batch: int) -> None:
     """Erase prompts and outputs older than DATE; digests, metadata and the chain stay, and verify passes."""
     from datetime import datetime, timezone

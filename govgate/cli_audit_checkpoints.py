@@ -80,7 +80,11 @@ def audit_checkpoint(out: str) -> None:
     if out == "-":
         click.echo(checkpoint_file_text(checkpoint, key.public), nl=False)
     else:
-        write_checkpoint_file(Path(out), checkpoint, key.public)
+        try:
+            write_checkpoint_file(Path(out), checkpoint, key.public)
+        except AuditError as exc:  # the checkpoint is stored; only its file could not be written
+            raise click.ClickException(f"{exc} (the checkpoint of entry {checkpoint.seq} is stored: run the "
+                                       "command again with another --out to get its file)") from None
     what = "signed now" if new else "already checkpointed, the stored checkpoint"
     click.echo(f"checkpoint of entry {checkpoint.seq} ({what}){'' if out == '-' else ' written to ' + out}",
                err=True)
@@ -183,6 +187,13 @@ def report_bundle(export_file: str, public_key_file: str | None) -> bool:
     return False
 
 
+def _not_nan(_ctx: click.Context, _param: click.Parameter, value: float | None) -> float | None:
+    """FloatRange lets NaN by, and an age compared with NaN is never too old: no tail would count as tampering."""
+    if value is not None and value != value:
+        raise click.BadParameter("must be a number of seconds, not NaN")
+    return value
+
+
 def checkpoint_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The options ``audit verify`` takes for checkpoints."""
     options = [
@@ -196,6 +207,7 @@ def checkpoint_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Check an audit bundle (`audit export-bundle`) instead of the database; needs --public-key."),
         click.option("--strict", is_flag=True, help="Fail if any entry is not covered by a checkpoint yet."),
         click.option("--max-unsigned-age", "max_unsigned_age", type=click.FloatRange(min=0), default=None,
+                     callback=_not_nan,
                      help="Seconds an entry may stay unsigned [default: 2 x GOVGATE_CHECKPOINT_INTERVAL_S + 30]."),
     ]
     for option in reversed(options):

@@ -84,15 +84,17 @@ def audit_export(since: str, until: str | None, team: str | None, principal: str
     store = AuditStore(engine)
     try:
         total = count_matching(engine, where)
-        if include_text or where.text is not None:  # a text search reads texts, as over HTTP
-            _record_read(store, PAYLOAD_READ, where)
         with _output(out) as sink, click.progressbar(length=total, label=f"exporting {total} entries",
                                                      file=sys.stderr) as bar:
+            if include_text or where.text is not None:  # a text search reads texts, as over HTTP
+                _record_read(store, PAYLOAD_READ, where)  # once the output is open, before any text is in it
             entries = _counted(iter_matching(store, where), bar.update)
             for chunk in chunks(fmt, entries, with_text=include_text):
                 sink.write(chunk)
     except AuditError as exc:
         raise click.ClickException(f"export failed: {exc}") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out or 'to standard output'}: {exc.strerror or exc}") from None
     finally:
         engine.dispose()
 

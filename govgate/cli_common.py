@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from gateway.settings import Settings, SettingsError
+from gateway.settings import Settings, SettingsError, without_password
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -45,5 +45,7 @@ def audit_engine() -> Engine:
         engine = make_engine(url, busy_timeout_s=settings.database_busy_timeout_s)
         migrate(engine)
     except AuditError as exc:
-        raise click.ClickException(str(exc)) from None
+        why = " ".join(str(exc).split())  # one line: libpq's refusals run on ("\n\tIs the server running ...")
+        raise click.ClickException(f"GOVGATE_DATABASE_URL={without_password(url)} cannot be used: {why}") from None
     return engine
+

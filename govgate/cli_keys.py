@@ -6,7 +6,7 @@ from typing import Callable
 
 import click
 
-from gateway.settings import Settings
+from gateway.settings import Settings, without_password
 from govgate.cli_common import load_settings
 
 
@@ -41,7 +41,7 @@ def _open_database(settings: Settings):
     try:
         return open_database(settings)
     except (AuditError, DatabaseError, KeyStoreError) as exc:
-        raise click.ClickException(f"GOVGATE_DATABASE_URL={settings.effective_database_url} "
+        raise click.ClickException(f"GOVGATE_DATABASE_URL={without_password(settings.effective_database_url)} "
                                    f"cannot be used: {exc}") from None
 
 
@@ -50,6 +50,12 @@ def _key_store(on_change: Callable[[str], None] | None = None):
     from gateway.auth import KeyStore
 
     return KeyStore(_open_database(load_settings()), on_change=on_change)
+
+
+def _refused_write(exc: Exception) -> click.ClickException:
+    """A change the database did not take (locked past GOVGATE_DATABASE_BUSY_TIMEOUT_S, a value too long
+    for a column...): nothing was changed, say so in one line."""
+    return click.ClickException(f"{exc}; nothing was changed")
 
 
 def _gateways_redis_url(settings: Settings) -> str:
@@ -98,13 +104,20 @@ def _refuse_a_secret(key_id: str, command: str) -> None:
 @click.option("--note", default=None, help="Free text shown in 'keys list'.")
 def keys_create(user: str, team: str | None, roles: tuple[str, ...], note: str | None) -> None:
     """Create a key and print it once (it is stored only as a hash)."""
+    from gateway.auth import KeyStoreError
+    from gateway.keys_admin.service import MAX_NOTE
+
     checked = _checked_roles(roles)
+    if note is not None and len(note) > MAX_NOTE:  # the HTTP API's rule; PostgreSQL's column refuses it too
+        raise click.BadParameter(f"at most {MAX_NOTE} characters, not {len(note)}", param_hint="--note")
     try:
         issued = _key_store().create(user, team=team, roles=checked, note=note, by=cli_actor())
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    except KeyStoreError as exc:
+        raise _refused_write(exc) from None
     click.echo(issued.secret)
-    click.echo(f"key id {issued.key.key_id}: user={user} team={team or '-'} roles={','.join(roles) or '-'} "
+    click.echo(f"key id {issued.key.key_id}: user={user} team={team or '-'} roles={','.join(issued.key.roles)} "
                "(the key is shown only now)", err=True)
 
 
@@ -124,11 +137,16 @@ def keys_list(include_revoked: bool) -> None:
 def keys_revoke(key_id: str) -> None:
     """Revoke a key by its id (the part after gk_, as 'keys list' shows); requests with it are refused from now on."""
     _refuse_a_secret(key_id, "revoke")
+    from gateway.auth import KeyStoreError
     from gateway.auth.key_changes import KeyChangeAnnouncer
 
     settings = load_settings()
     announcer = KeyChangeAnnouncer(_gateways_redis_url(settings))
-    if not _key_store(on_change=announcer).revoke(key_id, by=cli_actor()):
+    try:
+        revoked = _key_store(on_change=announcer).revoke(key_id, by=cli_actor())
+    except KeyStoreError as exc:
+        raise _refused_write(exc) from None
+    if not revoked:
         raise click.ClickException(f"no live key with id {key_id}")
     click.echo(f"revoked {key_id}")
     _warn_if_not_told(announcer, settings, "accepted this key", "accept it")
@@ -141,6 +159,7 @@ def keys_roles(key_id: str, roles: tuple[str, ...]) -> None:
     """Give a live key exactly these roles (replacing its old ones); running gateways are told."""
     _refuse_a_secret(key_id, "roles")
     checked = _checked_roles(roles)
+    from gateway.auth import KeyStoreError
     from gateway.auth.key_changes import KeyChangeAnnouncer
 
     settings = load_settings()
@@ -149,6 +168,8 @@ def keys_roles(key_id: str, roles: tuple[str, ...]) -> None:
         change = _key_store(on_change=announcer).set_roles(key_id, checked, by=cli_actor())
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    except KeyStoreError as exc:
+        raise _refused_write(exc) from None
     if change is None:
         raise click.ClickException(f"no live key with id {key_id}")
     if not change.changed:

@@ -38,14 +38,17 @@ def policy_explain(input_file, output_file, policy_dir: Path | None) -> None:
 
     try:
         document = json.load(input_file)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; RecursionError: nesting
         raise click.ClickException(f"the input is not JSON: {exc}") from None
     if not isinstance(document, dict):
         raise click.ClickException("the input must be a JSON object")
     from gateway.requests.policy_input import with_normalized_text
 
     document = with_normalized_text(document)
-    output = output_file.read() if output_file is not None else None
+    try:
+        output = output_file.read() if output_file is not None else None
+    except UnicodeDecodeError as exc:
+        raise click.ClickException(f"the output file is not UTF-8 text: {exc}") from None
     settings = load_settings()
 
     async def explain() -> tuple[dict, dict | None, str]:
@@ -95,7 +98,10 @@ def policy_test(policy_dir: Path | None, engine: str) -> None:
         raise click.ClickException("no opa binary found (build one with 'make opa')")
     if engine != "embedded" and opa:
         sys.exit(subprocess.run([opa, "test", str(folder), "-v"]).returncode)
-    results = run_all(folder)
+    try:
+        results = run_all(folder)
+    except (ValueError, RuntimeError, OSError) as exc:  # no module, not UTF-8, a module that does not compile
+        raise click.ClickException(f"the policy in {folder} cannot be tested: {exc}") from None
     failed = [r for r in results if not r.passed]
     for result in results:
         mark = "PASS" if result.passed else "FAIL"

@@ -25,7 +25,7 @@ from govgate.launcher import Launcher, private_log
 from govgate.processes import child_preexec
 from govgate.redis_server import RedisProcess, RedisUnavailable, ping
 from govgate.stack import Stack, StartupError
-from gateway.settings import Settings
+from gateway.settings import Settings, without_password
 from workers.contract.registry import Registry, RegistryError, load_registry
 
 # Launcher and private_log live in govgate.launcher; named here too, where callers have long found them.
@@ -241,7 +241,7 @@ def _banner(settings: Settings, first: str, later: list[str], elapsed_s: float, 
 def _keys(settings: Settings, admin_secret: str | None, say: Callable[[str], None]) -> None:
     """The admin key lines, once the database step is done (a moment after the banner)."""
     govgate = command_hint()
-    say(f"  audit store: {settings.effective_database_url}")
+    say(f"  audit store: {without_password(settings.effective_database_url)}")
     if admin_secret:
         say(f"  admin API key (shown once, keep it): {admin_secret}")
     else:

@@ -33,7 +33,11 @@ class KeyChangeAnnouncer:
         if not self.redis_url:
             self.failure = "no Redis is configured (GOVGATE_REDIS_URL is empty and no embedded Redis is running)"
             return
-        client = redis.Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        try:
+            client = redis.Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        except ValueError as exc:  # not a Redis URL: the change is committed all the same
+            self.failure = f"{self.redis_url!r} is not a Redis URL ({exc})"
+            return
         try:
             self.receivers += int(client.publish(KEYS_CHANGED_CHANNEL, key_id))
         except (RedisError, OSError) as exc:

@@ -157,3 +157,22 @@ def test_signing_over_a_rewritten_chain_is_refused(env: Env, tmp_path: Path, com
                                      "matches the chain (rewritten or cut below it); run `govgate audit verify`")
     assert list(out.iterdir()) == []
     assert [cp.seq for cp, _ in CheckpointStore(env.engine).with_entry_hashes()] == [signed]  # nothing signed
+
+
+def test_a_checkpoint_file_that_cannot_be_written_is_one_line_saying_the_checkpoint_is_stored(env: Env) -> None:
+    load_or_create_signing_key(env.var_dir / "audit-signing.key")
+    head = env.append(2)
+    result = env.run("checkpoint", "--out", "/nonexistent/dir/cp.json")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: cannot write checkpoint file /nonexistent/dir/cp.json")
+    assert f"the checkpoint of entry {head} is stored" in lines[0] and "another --out" in lines[0]
+    assert CheckpointStore(env.engine).latest().seq == head  # stored: a second run only writes its file
+    assert f"checkpoint of entry {head} (already checkpointed" in env.run("checkpoint").output
+
+
+@pytest.mark.parametrize("age", ["nan", "NaN"])
+def test_verify_refuses_a_max_unsigned_age_that_is_not_a_number(env: Env, age: str) -> None:
+    result = env.run("verify", "--max-unsigned-age", age)
+    assert result.exit_code == 2
+    assert "Invalid value for '--max-unsigned-age': must be a number of seconds, not NaN" in result.output

@@ -134,6 +134,14 @@ def test_the_announcer_reports_a_redis_it_cannot_reach(short_tmp):
     assert nowhere.failure is not None and "no Redis is configured" in nowhere.failure
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:6379/0", "not a url"])
+def test_the_announcer_reports_a_url_that_is_not_redis_instead_of_raising(url):
+    announcer = KeyChangeAnnouncer(url)
+    announcer("k1")  # the change is committed before: only its signal is lost
+    assert announcer.failure is not None and announcer.failure.startswith(f"{url!r} is not a Redis URL (")
+    assert announcer.receivers == 0
+
+
 class ScriptedPubSub:
     """A pub/sub whose connection redis-py re-makes under the listener: a second "subscribe" arrives.
 

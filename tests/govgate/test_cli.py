@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import subprocess
@@ -32,6 +33,7 @@ def cli(settings, tmp_path):
 
     run.database = own.effective_database_url.removeprefix("sqlite:///")
     run.settings = own
+    run.env = env
     return run
 
 
@@ -203,6 +205,73 @@ def test_audit_verify_reports_an_unreadable_key_entry_or_row_as_key_tampering(cl
     result = cli("audit", "verify", ok=False)
     assert result.exit_code == 1
     assert "KEY TAMPERED: the key entries or the key table cannot be read: " in result.output, result.output
+
+
+@pytest.mark.parametrize("args", [("-n", "-5"), ("-n", "99999999999999999999")])
+def test_audit_tail_refuses_a_count_out_of_range(cli, args):
+    result = cli("audit", "tail", *args, ok=False)
+    assert result.exit_code == 2 and "Invalid value for '-n'" in result.output
+
+
+def test_audit_prune_refuses_a_batch_of_nothing(cli):
+    result = cli("audit", "prune", "--before", "2026-01-01", "--batch", "0", ok=False)
+    assert result.exit_code == 2 and "Invalid value for '--batch'" in result.output
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:p@127.0.0.1:1/db", "mysql://u:p@127.0.0.1:1/db"])
+def test_an_unusable_database_url_is_one_line_naming_the_setting(cli, url):
+    result = CliRunner().invoke(main, ["audit", "tail"], env={**cli.env, "GOVGATE_DATABASE_URL": url})
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    lines = result.output.strip().splitlines()
+    shown = url.replace("u:p@", "u:***@")  # never the password
+    assert len(lines) == 1 and lines[0].startswith(f"Error: GOVGATE_DATABASE_URL={shown} cannot be used: "), lines
+    assert ":p@" not in result.output
+
+
+@contextlib.contextmanager
+def _write_locked(database: str):
+    """Another process's write transaction on the SQLite file, held until the block ends."""
+    holder = sqlite3.connect(database, isolation_level=None, timeout=60)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_keys_changes_the_database_refuses_are_one_line_and_change_nothing(cli):
+    secret = cli("keys", "create", "--user", "lena", "--role", "analyst").stdout.strip()
+    key_id = secret.split("_")[1]
+    impatient = {**cli.env, "GOVGATE_DATABASE_BUSY_TIMEOUT_S": "0.2"}
+    with _write_locked(cli.database):
+        results = [CliRunner().invoke(main, args, env=impatient) for args in (
+            ["keys", "create", "--user", "mona", "--role", "analyst"],
+            ["keys", "revoke", key_id],
+            ["keys", "roles", key_id, "viewer"])]
+    for result, what in zip(results, ("cannot store the new key", f"cannot revoke key {key_id}",
+                                      f"cannot change the roles of key {key_id}")):
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"Error: {what}: ") and "database is locked" in lines[0]
+        assert lines[0].endswith("; nothing was changed")
+    listing = cli("keys", "list").stdout.splitlines()
+    assert not [row for row in listing if "mona" in row]
+    [row] = [row for row in listing if key_id in row]  # still live, with its old role
+    assert row.split()[3] == "analyst"
+
+
+def test_keys_create_refuses_a_note_longer_than_the_api_allows(cli):
+    result = cli("keys", "create", "--user", "nina", "--role", "viewer", "--note", "n" * 257, ok=False)
+    assert result.exit_code == 2
+    assert "Invalid value for --note: at most 256 characters, not 257" in result.output
+    assert "nina" not in cli("keys", "list").stdout
+    assert cli("keys", "create", "--user", "nina", "--role", "viewer", "--note", "n" * 256).exit_code == 0
+
+
+def test_keys_create_echoes_the_roles_as_stored(cli):
+    created = cli("keys", "create", "--user", "olga", "--role", "viewer", "--role", "viewer", "--role", "analyst")
+    assert "roles=analyst,viewer " in created.stderr
 
 
 def test_bad_setting_is_a_clear_error(settings):

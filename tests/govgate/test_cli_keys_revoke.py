@@ -105,3 +105,18 @@ def test_revoke_says_how_long_gateways_may_still_accept_a_key_it_could_not_signa
         assert key_id not in {key.key_id for key in KeyStore(engine).list()}
     finally:
         engine.dispose()
+
+
+def test_revoke_with_a_url_that_is_not_redis_still_reports_the_committed_revocation(own_db, monkeypatch):
+    import govgate.cli_keys
+
+    key_id = issue_key(own_db)
+    # GOVGATE_REDIS_URL itself is checked by Settings; the announcer must still not turn a bad URL into a traceback.
+    monkeypatch.setattr(govgate.cli_keys, "_gateways_redis_url", lambda settings: "http://127.0.0.1:1/")
+    result = revoke(own_db, key_id)
+    assert result.stderr.startswith("warning: running gateways were not told: 'http://127.0.0.1:1/' is not a Redis URL")
+    engine = open_database(own_db)
+    try:
+        assert key_id not in {key.key_id for key in KeyStore(engine).list()}
+    finally:
+        engine.dispose()

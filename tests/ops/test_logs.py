@@ -77,10 +77,19 @@ def test_a_value_json_cannot_encode_is_written_as_text():
     assert TextFormatter().format(record).endswith("INFO x: m")
 
 
-@pytest.mark.parametrize("name, raw", [("LOG_FORMAT", "xml"), ("ACCESS_LOG", "maybe"), ("METRICS_ENABLED", "2")])
+@pytest.mark.parametrize("name, raw", [("LOG_FORMAT", "xml"), ("ACCESS_LOG", "maybe"), ("METRICS_ENABLED", "2"),
+                                       ("LOG_LEVEL", "VERBOSE"), ("LOG_LEVEL", "trace")])
 def test_bad_settings_are_refused_by_name(name, raw):
     with pytest.raises(SettingsError, match=f"GOVGATE_{name}"):
         Settings.from_env({f"GOVGATE_{name}": raw})
+
+
+def test_the_log_level_is_one_logging_knows_in_any_case():
+    assert Settings.from_env({"GOVGATE_LOG_LEVEL": "info"}).log_level == "INFO"
+    assert Settings.from_env({"GOVGATE_LOG_LEVEL": " Debug "}).log_level == "DEBUG"
+    with pytest.raises(SettingsError, match="^GOVGATE_LOG_LEVEL='VERBOSE' must be one of: DEBUG, INFO, WARNING, "
+                                            "ERROR, CRITICAL$"):
+        Settings.from_env({"GOVGATE_LOG_LEVEL": "verbose"})
 
 
 def test_settings_survive_a_trip_through_the_environment():

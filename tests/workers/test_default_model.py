@@ -83,6 +83,31 @@ def test_registry_file_refuses_bad_values(tmp_path: Path, line: str, message: st
         load_registry(path, tmp_path)
 
 
+@pytest.mark.parametrize("line, message", [
+    ('tags = "restricted"', "tags must be a list of strings"),  # not the tags r, e, s, t, ...
+    ('tags = ["general", 3]', "tags must be a list of strings"),
+    ('backend = ["llama.cpp"]', "backend must be a string"),
+    ("model_type = 1", "model_type must be a string"),
+    ("family = true", "family must be a string"),
+    ('prompt_format = ["plain"]', "prompt_format must be a string"),
+    (f'generate = ["{GENERATE_GEMMA}"]', "generate must be a string"),
+    ("path = 7", "path must be a string"),
+])
+def test_registry_file_refuses_values_of_the_wrong_type(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "models.toml"
+    key = line.split(" ")[0]
+    path.write_text("[models.g]\n" + ("" if key == "path" else 'path = "g.gguf"\n') + f"{line}\n")
+    with pytest.raises(RegistryError, match=rf"^\[models\.g\]: {message}"):
+        load_registry(path, tmp_path)
+
+
+def test_registry_file_that_is_not_utf8_cannot_be_read(tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_bytes(b'[models.g]\npath = "g\xff\xfe.gguf"\n')
+    with pytest.raises(RegistryError, match=f"^model registry {re.escape(str(path))} cannot be read: .*utf-8"):
+        load_registry(path, tmp_path)
+
+
 # --- the package -----------------------------------------------------------
 
 

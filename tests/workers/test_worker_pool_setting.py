@@ -61,3 +61,12 @@ def test_the_worker_command_refuses_solo_with_more_than_one_slot(tmp_path: Path,
         assert result.exit_code != 0 and started == []
         assert "one job at a time" in result.output and "--pool prefork" in result.output
         assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("slots", ["0", "-3"])
+def test_the_worker_command_refuses_fewer_than_one_slot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        slots: str) -> None:
+    for pool in ("prefork", "solo"):
+        result, started = invoke_worker(tmp_path, monkeypatch, {}, "--pool", pool, "--concurrency", slots)
+        assert result.exit_code == 2 and started == []
+        assert f"Invalid value for '--concurrency': {slots} is not in the range x>=1" in result.output

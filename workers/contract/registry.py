@@ -146,7 +146,7 @@ def load_registry(models_file: str | Path | None, var_dir: Path) -> Registry:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RegistryError(f"model registry {path} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise RegistryError(f"model registry {path} cannot be read: {exc}") from None
     tables = raw.get("models")
     if not isinstance(tables, dict) or not tables:
@@ -168,6 +168,13 @@ def _spec_from_table(name: str, table: object, base: Path) -> ModelSpec:
     if "path" not in table:
         raise RegistryError(f"{where}: 'path' is required")
     values = dict(table)
+    for key in ("path", "backend", "model_type", "family", "prompt_format", "generate"):
+        if key in values and not isinstance(values[key], str):
+            raise RegistryError(f"{where}: {key} must be a string")
+    tags = values.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        # tags = "restricted" would become the tags r, e, s, t, ... and miss every policy rule on the tag
+        raise RegistryError(f"{where}: tags must be a list of strings, e.g. tags = [\"general\"]")
     path = Path(str(values.pop("path"))).expanduser()
     values["path"] = path if path.is_absolute() else (base / path).resolve()
     values["tags"] = tuple(str(t) for t in values.get("tags", ()))

@@ -1,0 +1,94 @@
+"""``Settings.from_env`` refuses numbers and URLs no part of govgate could use, naming the variable.
+
+The settings with a range of their own (tests/gateway/test_database_busy_timeout.py,
+tests/workers/test_stream_pieces.py, ...) keep their own messages; every other
+number is finite, at most 1e9 (seconds) or 2**31 - 1 (counts), and written in
+ASCII digits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+
+from gateway.settings import Settings, SettingsError
+
+#: The float settings read by ``number`` alone (bounded by it), and those with a range of their own.
+FLOAT_SETTINGS = ["POLICY_TIMEOUT_S", "POLICY_WAIT_TIMEOUT_S", "POLICY_RELOAD_INTERVAL_S", "REQUEST_TIMEOUT_S",
+                  "GENERATION_TIME_LIMIT_S", "TERMINAL_RETRY_HORIZON_S", "OUTPUT_VERDICT_TIMEOUT_S",
+                  "AUTH_CACHE_TTL_S", "CHECKPOINT_INTERVAL_S", "CONSOLE_IDLE_TIMEOUT_S"]
+OWN_RANGE = {"DATABASE_BUSY_TIMEOUT_S": "must be more than 0 and at most 86400 seconds",
+             "WORKER_START_TIMEOUT_S": "must be more than 0 and at most 86400 seconds",
+             "REDELIVERY_MARGIN_S": "must be more than 0 and at most 86400 seconds",
+             "STREAM_FLUSH_INTERVAL_MS": "must be between 0 and 1000 milliseconds"}
+#: The whole-number settings but the port (which has its own range).
+INT_SETTINGS = ["POLICY_EVALUATORS", "ADMISSION_CONCURRENCY", "OUTPUT_HOLDBACK_CHARS", "MAX_QUEUED_PER_MODEL",
+                "MAX_BODY_BYTES", "DEFAULT_MAX_TOKENS", "REDIS_MAX_CONNECTIONS", "AUTH_CACHE_SIZE",
+                "CHECKPOINT_EVERY_ENTRIES"]
+
+
+def _refused(name: str, raw: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=f"^GOVGATE_{name}='{raw}' {message}"):
+        Settings.from_env({f"GOVGATE_{name}": raw})
+
+
+def test_the_lists_here_name_every_number_setting() -> None:
+    """A new number setting is covered here, or these lists are updated."""
+    declared = {f.name.upper(): f.type for f in fields(Settings)}
+    assert sorted(FLOAT_SETTINGS + list(OWN_RANGE)) == sorted(n for n, t in declared.items() if t == "float")
+    assert sorted(INT_SETTINGS + ["PORT"]) == sorted(n for n, t in declared.items() if t == "int")
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "NaN", "1e999"])
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+def test_float_settings_refuse_what_is_not_a_finite_number(name: str, raw: str) -> None:
+    _refused(name, raw, "must be a finite number")
+
+
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+def test_float_settings_refuse_more_than_a_billion(name: str) -> None:
+    _refused(name, "1000000001", r"must be at most 1e\+09")
+    assert getattr(Settings.from_env({f"GOVGATE_{name}": "1e9"}), name.lower()) == 1e9
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", sorted(OWN_RANGE))
+def test_settings_with_their_own_range_keep_their_message(name: str, raw: str) -> None:
+    _refused(name, raw, OWN_RANGE[name])
+
+
+@pytest.mark.parametrize("name", INT_SETTINGS)
+def test_int_settings_refuse_more_than_the_largest_count(name: str) -> None:
+    _refused(name, "18446744073709551616", "must be at most 2147483647")
+    _refused(name, "2147483648", "must be at most 2147483647")
+    assert getattr(Settings.from_env({f"GOVGATE_{name}": "2147483647"}), name.lower()) == 2**31 - 1
+
+
+@pytest.mark.parametrize(("name", "noun"), [("DEFAULT_MAX_TOKENS", "whole number"), ("PORT", "whole number"),
+                                            ("REQUEST_TIMEOUT_S", "number"),
+                                            ("DATABASE_BUSY_TIMEOUT_S", "number")])
+@pytest.mark.parametrize("raw", ["\u0661\u0662", "\uff11\uff12", "1\u0662"])  # Arabic-Indic, fullwidth, mixed
+def test_digits_of_other_scripts_are_refused(name: str, noun: str, raw: str) -> None:
+    _refused(name, raw, f"is not a {noun}$")
+
+
+@pytest.mark.parametrize(("raw", "message"), [("0", "must be at least 1$"), ("70000", "must be at most 65535$"),
+                                              ("65536", "must be at most 65535$")])
+def test_the_port_is_one_to_65535(raw: str, message: str) -> None:
+    _refused("PORT", raw, message)
+    assert Settings.from_env({"GOVGATE_PORT": "1"}).port == 1
+    assert Settings.from_env({"GOVGATE_PORT": "65535"}).port == 65535
+
+
+@pytest.mark.parametrize(("name", "good", "bad"), [
+    ("REDIS_URL", ["redis://127.0.0.1:6379/0", "rediss://cache.example:6380/1", "unix:///tmp/r.sock"],
+     ["not a url", "http://127.0.0.1:6379", "127.0.0.1:6379"]),
+    ("OPA_URL", ["http://127.0.0.1:8181", "https://opa.example"], ["not a url", "localhost:8181", "ftp://x"]),
+])
+def test_urls_must_have_a_scheme_the_client_speaks(name: str, good: list[str], bad: list[str]) -> None:
+    for value in good:
+        assert getattr(Settings.from_env({f"GOVGATE_{name}": value}), name.lower()) == value
+    assert getattr(Settings.from_env({f"GOVGATE_{name}": ""}), name.lower()) == ""
+    for value in bad:
+        _refused(name, value, "must start with one of: ")
