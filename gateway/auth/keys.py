@@ -42,6 +42,22 @@ class KeyStoreError(RuntimeError):
     """The key store cannot be read or written (the gateway fails closed)."""
 
 
+class NameLookAlike(ValueError):
+    """A new key's user or team differs only in case from a live key's.
+
+    Policies (``teams.<team>``, ``limits.principals.<id>``), usage counters
+    and fair-share queues match names exactly, so ``Support`` would be a
+    team of its own: outside ``support``'s model list, limits and share.
+    """
+
+    def __init__(self, kind: str, value: str, existing: str) -> None:
+        super().__init__(f"{kind} {value!r} differs only in case from the existing {kind} {existing!r}; names are "
+                         f"matched exactly (policy, limits, fair share), so it would be another {kind}: use "
+                         f"{existing!r}")
+        self.kind = kind
+        self.existing = existing
+
+
 class LastHolderError(Exception):
     """A change refused because it would leave no live key with a role that must keep a holder.
 
@@ -172,6 +188,9 @@ class KeyStore:
             validate_name("team", team)
         for role in roles:
             validate_name("role", role)
+        self._refuse_look_alike("user", user)
+        if team is not None:
+            self._refuse_look_alike("team", team)
         key_id = secrets.token_hex(6)
         secret = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         sorted_roles = sorted(set(roles))
@@ -188,6 +207,19 @@ class KeyStore:
 
         self._append(KEY_CREATED, row, body, write, what="cannot store the new key")
         return IssuedKey(secret=secret, key=row)
+
+    def _refuse_look_alike(self, kind: str, value: str) -> None:
+        """Raise :class:`NameLookAlike` when a live key spells ``value`` (a user or team) in another case."""
+        column = ApiKey.user if kind == "user" else ApiKey.team
+        statement = (select(column).where(ApiKey.revoked_at.is_(None), func.lower(column) == value.lower(),
+                                          column != value).limit(1))
+        try:
+            with Session(self.engine) as session:
+                existing = session.exec(statement).first()
+        except SQLAlchemyError as exc:
+            raise KeyStoreError(f"cannot read keys: {exc}") from exc
+        if existing is not None:
+            raise NameLookAlike(kind, value, existing)
 
     def list(self, *, include_revoked: bool = False) -> list[ApiKey]:
         statement = select(ApiKey).order_by(ApiKey.created_at, ApiKey.key_id)

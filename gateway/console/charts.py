@@ -19,7 +19,9 @@ HEIGHT: Final = 240
 _LEFT, _RIGHT, _TOP, _BOTTOM = 56, 12, 12, 40
 #: Series beyond this many (the smallest) are drawn together as "other".
 MAX_SERIES: Final = 7
-OTHER: Final = "other"
+#: In parentheses, like "(none)": no team or model name (letters, digits, . _ @ -) can spell it, so a team
+#: named "other" is not merged with it.
+OTHER: Final = "(other)"
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from typing import Awaitable, Callable, Final
 
 import anyio
 
-from gateway.auth.keys import (KEY_PREFIX, ApiKey, IssuedKey, KeyStore, KeyStoreError, LastHolderError, Principal,
-                               validate_name)
+from gateway.auth.keys import (KEY_PREFIX, ApiKey, IssuedKey, KeyStore, KeyStoreError, LastHolderError, NameLookAlike,
+                               Principal, validate_name)
 from gateway.keys_admin.roles import RolesUnreadable, UnknownRoles, checked_roles, policy_roles
 
 #: The role that may administer keys.
@@ -183,7 +183,10 @@ class KeyAdmin:
         if team is not None:
             _name("team", team)
         wanted = await self._known(roles)
-        return await self._store(self.store.create, user, team=team, roles=wanted, note=_note(note), by=self.by)
+        try:
+            return await self._store(self.store.create, user, team=team, roles=wanted, note=_note(note), by=self.by)
+        except NameLookAlike as exc:
+            raise InvalidField(f"{exc}.", param=exc.kind) from None
 
     async def revoke(self, key_id: str) -> KeyChange:
         """Revoke (idempotent: an already revoked key is answered as it is, writing nothing)."""

@@ -116,3 +116,25 @@ async def test_a_database_that_is_gone_refuses_reads_and_changes(settings, tmp_p
                  service.create("ann", team=None, roles=["analyst"]), service.revoke(admin.key_id)):
         with pytest.raises(KeysUnavailable):
             await call
+
+
+async def test_a_user_or_team_differing_only_in_case_from_a_live_key_is_refused(store, admin) -> None:
+    # Policies, limits and fair share match names exactly: a key for team 'Support' escaped 'support''s model
+    # list, limits and share; 'Alice' escaped limits.principals.alice.
+    from gateway.auth.keys import NameLookAlike
+    from gateway.keys_admin import InvalidField
+
+    store.create("alice", team="support", roles=["analyst"], by="test")
+    with pytest.raises(NameLookAlike, match="team 'Support' differs only in case from the existing team 'support'"):
+        store.create("sam", team="Support", roles=["analyst"], by="test")
+    with pytest.raises(NameLookAlike, match="user 'Alice'"):
+        store.create("Alice", team="support", roles=["analyst"], by="test")
+    service = KeyAdmin(store, admin, policy_dir=ROOT / "policies")
+    with pytest.raises(InvalidField) as refused:
+        await service.create("sam", team="SUPPORT", roles=["analyst"])
+    assert refused.value.param == "team"
+    assert store.create("alice", team="support", roles=["analyst"], by="test").key.team == "support"  # exact: fine
+    revoked = store.create("bob", team="Typo", roles=["analyst"], by="test").key
+    store.revoke(revoked.key_id, by="test")
+    # a revoked key's spelling does not bind
+    assert store.create("bob", team="typo", roles=["analyst"], by="test").key.team == "typo"

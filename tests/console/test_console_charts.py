@@ -46,3 +46,17 @@ def test_bars_are_largest_first() -> None:
     chart = bars([("b", 2), ("a", 9), ("c", 2)], unit="denials")
     assert [tick.label for tick in chart.y_ticks] == ["a", "b", "c"]
     assert chart.rects[0].w > chart.rects[1].w == chart.rects[2].w
+
+
+def test_a_team_named_other_is_not_merged_with_the_other_series() -> None:
+    # "other" is a valid team name (the key store takes it); it must stay its own series, not be added to the
+    # smallest teams' bucket and drawn twice.
+    rows = [{"day": "2026-05-01", "team": "other", "requests": 100}]
+    rows += [{"day": "2026-05-01", "team": f"t{i}", "requests": 50 - i} for i in range(MAX_SERIES + 1)]
+    chart = stacked_bars(rows, "team", "requests", unit="requests")
+    labels = [label for _, label in chart.legend]
+    assert len(labels) == len(set(labels)) == MAX_SERIES + 1
+    titles = [rect.title for rect in chart.rects]
+    assert "2026-05-01 · other: 100 requests" in titles
+    assert f"2026-05-01 · {OTHER}: {(50 - MAX_SERIES + 1) + (50 - MAX_SERIES)} requests" in titles
+    assert sum(rect.h for rect in chart.rects) <= HEIGHT

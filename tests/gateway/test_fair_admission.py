@@ -102,6 +102,16 @@ def test_caps_positions_and_waits() -> None:
     assert team_label(team_field("a:b/c")) == "a:b/c" and team_label(NO_TEAM) == "(no team)"
 
 
+def test_every_team_name_the_key_store_takes_reads_back_as_itself() -> None:
+    # GET /v1/models shows admins each waiting team by team_label(field): a valid team of 121-128 characters
+    # (or with '@', spelt %40) must not come back as '#<sha256>', which names no team anyone knows.
+    from gateway.auth.keys import validate_name
+    for name in ("x" * 127 + "y", "a" + "@" * 127, "r" * 121):
+        assert validate_name("team", name) == name
+        assert team_label(team_field(name)) == name
+    assert team_field("x" * 400).startswith("#")  # a name no key can hold is still hashed
+
+
 # ---------------------------------------------------------------- admission
 
 async def test_equal_shares_give_each_waiting_team_half_the_places(client, counters) -> None:

@@ -24,8 +24,10 @@ from urllib.parse import quote
 
 from workers.contract.jobs import queue_for
 
-#: Longest encoded team or principal kept as is in a queue name.
-_MAX_NAME = 120
+#: Longest encoded team or principal kept as is in a queue name: every name the key store takes (1-128
+#: letters, digits or . _ @ -, the first a letter or digit; '@' is spelt %40) fits, so the waiting hash and
+#: the admins' queue view (``GET /v1/models``) name a long team as it is, not as ``#`` + its SHA-256.
+_MAX_NAME = 1 + 127 * 3
 #: Separates a fair queue's parts: ``model.<model>/<team>/<principal>``.
 PART_SEP = "/"
 #: Queue mode values (``GOVGATE_QUEUE_MODE``): one FIFO queue per model, or fair share.
