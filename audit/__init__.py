@@ -11,12 +11,32 @@ This package imports neither of them. Typical start-up::
 
 from __future__ import annotations
 
-from .db import make_engine, migrate, write_refusal
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .entry import AuditEntry
+from .entry_store import EntryStore
 from .errors import AuditError, CorruptEntryError, DuplicateTerminalError, InvalidEntryError
 from .kinds import KINDS, TERMINAL_KINDS
-from .store import AuditStore
-from .verify import VerifyResult, verify_chain
+
+if TYPE_CHECKING:
+    from .db import make_engine, migrate, write_refusal
+    from .store import AuditStore
+    from .verify import VerifyResult, verify_chain
+
+#: Names whose modules load SQLAlchemy, imported on first use: a process that appends on the driver
+#: alone (:mod:`audit.driver_store`, a model worker) imports this package without them.
+_LAZY = {"make_engine": ".db", "migrate": ".db", "write_refusal": ".db", "AuditStore": ".store",
+         "VerifyResult": ".verify", "verify_chain": ".verify"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'audit' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "KINDS",
@@ -24,6 +44,7 @@ __all__ = [
     "AuditEntry",
     "AuditError",
     "AuditStore",
+    "EntryStore",
     "CorruptEntryError",
     "DuplicateTerminalError",
     "InvalidEntryError",

@@ -39,22 +39,12 @@ import threading
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Final
-
-from sqlalchemy import Engine, select
+from typing import Any, Callable, Final, Protocol
 
 from .chain import (FORMAT_1, FORMAT_2, GENESIS_HASH, canonical_text, chain_hash, entry_payload_with_body,
                     format_timestamp, hashed_fields)
-from .db import APPEND_LOCK_KEY, lock_statements
 from .errors import CorruptEntryError
 from .kinds import CHAIN_FORMAT, CHAIN_FORMAT_REQUEST_ID
-from .tables import audit_table
-from .writer import WriterConnection, writer_for
-
-_t = audit_table.c
-_COLUMNS: Final = tuple(column.name for column in audit_table.columns)
-#: Bound as the canonical text itself, never re-serialised.
-_TEXT_COLUMNS: Final = ("body", "payload")
 #: The boundary entry every format-2 chain has (its body, hashed in format 1).
 BOUNDARY_BODY_TEXT: Final = canonical_text({"format": FORMAT_2})
 #: The format-2 hashed fields the append binds besides the body (spliced in as its text).
@@ -68,6 +58,47 @@ _APPENDERS: "weakref.WeakSet[Appender]" = weakref.WeakSet()
 _SAVEPOINT: Final = "SAVEPOINT govgate_append"
 _ROLLBACK_TO_SAVEPOINT: Final = "ROLLBACK TO SAVEPOINT govgate_append"
 _RELEASE_SAVEPOINT: Final = "RELEASE SAVEPOINT govgate_append"
+
+
+#: How ``created_at`` is bound: the SQLite text (``YYYY-MM-DD HH:MM:SS.ffffff``, UTC) or the aware datetime.
+CREATED_AT_SQLITE_TEXT: Final = "sqlite-text"
+CREATED_AT_DATETIME: Final = "datetime"
+
+
+@dataclass(frozen=True, slots=True)
+class AppendStatements:
+    """The append's SQL for one database, compiled from the SQLModel table where SQLAlchemy is loaded.
+
+    Plain strings and names (:func:`audit.append_plan.append_statements` makes
+    them), so a process without SQLAlchemy can be handed them
+    (:mod:`audit.driver_store`). ``names`` are the insert's binds in order
+    (``positional``) or by name; ``created_at`` is how that column is bound.
+    """
+
+    head_sql: str
+    insert_sql: str
+    names: tuple[str, ...]
+    positional: bool
+    begin: tuple[str, ...]
+    created_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"head_sql": self.head_sql, "insert_sql": self.insert_sql, "names": list(self.names),
+                "positional": self.positional, "begin": list(self.begin), "created_at": self.created_at}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AppendStatements":
+        return cls(head_sql=str(data["head_sql"]), insert_sql=str(data["insert_sql"]),
+                   names=tuple(str(n) for n in data["names"]), positional=bool(data["positional"]),
+                   begin=tuple(str(b) for b in data["begin"]), created_at=str(data["created_at"]))
+
+
+class Writer(Protocol):
+    """The connection an appender writes on (:class:`audit.writer.WriterConnection`, or the driver store's)."""
+
+    def run(self, begin: tuple[str, ...], work: Callable[[Any], Any]) -> Any: ...
+
+    def wrap(self, exc: Exception) -> Exception: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,40 +140,33 @@ def _abandoned(exc: BaseException) -> OSError:
 
 
 class Appender:
-    """Compiled append statements for one engine's dialect, run on the engine's writer connection.
+    """The append statements of one database, run on a writer connection made on first use.
 
-    Raises :class:`audit.AuditError` when built for a database the store does
-    not support (only SQLite and PostgreSQL have the write lock it needs).
+    ``statements`` come compiled from the SQLModel table
+    (:func:`audit.append_plan.append_statements`); ``writer`` makes the
+    connection they run on (:func:`audit.writer.writer_for` of an engine, or
+    the driver store's own). Nothing here imports SQLAlchemy, so a process
+    that only appends need not load it (:mod:`audit.driver_store`).
     """
 
-    def __init__(self, engine: Engine) -> None:
-        dialect = engine.dialect
-        self._begin = lock_statements(engine, APPEND_LOCK_KEY)  # refuses other dialects first
-        self._engine = engine
-        self._writer: WriterConnection | None = None  # made at the first append (a mock engine has none)
+    def __init__(self, statements: AppendStatements, writer: Callable[[], Writer]) -> None:
+        self._begin = statements.begin
+        self._make_writer = writer
+        self._writer: Writer | None = None  # made at the first append (a mock engine has none)
         self._queue_lock = threading.Lock()
         self._queue: list[_Pending] = []  # appends waiting for the next transaction
         self._leader: int | None = None  # the thread writing a transaction now (-1: handed on, not yet awake)
         _APPENDERS.add(self)
-        head = select(_t.seq, _t.hash, _t.created_at).order_by(_t.seq.desc()).limit(1)
-        self._head_sql = str(head.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
-        insert = audit_table.insert().compile(dialect=dialect)
-        self._insert_sql = str(insert)
-        names = tuple(insert.positiontup or ()) if dialect.positional else tuple(insert.params)
-        if sorted(names) != sorted(_COLUMNS):  # a renamed bind would silently insert NULL
-            raise RuntimeError(f"compiled audit insert binds {names}, expected the columns {_COLUMNS}")
-        self._positional = dialect.positional
-        self._names = names
-        self._processors: dict[str, Callable[[Any], Any]] = {}
-        for name in _COLUMNS:
-            if name in _TEXT_COLUMNS:
-                continue
-            processor = audit_table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-            if processor is not None:
-                self._processors[name] = processor
-        self._created_at = _created_at_binder(self._processors.pop("created_at", None), dialect.name)
-        if self._processors:  # only created_at needs one today; a new typed column must be bound here too
-            raise RuntimeError(f"audit columns {sorted(self._processors)} need bind processing the append lacks")
+        self._head_sql = statements.head_sql
+        self._insert_sql = statements.insert_sql
+        self._positional = statements.positional
+        self._names = statements.names
+        if statements.created_at == CREATED_AT_SQLITE_TEXT:
+            self._created_at: Callable[[datetime, str], Any] = lambda _now, iso: sqlite_text(iso)
+        elif statements.created_at == CREATED_AT_DATETIME:
+            self._created_at = lambda now, _iso: now
+        else:
+            raise ValueError(f"unknown created_at binding {statements.created_at!r}")
 
     def append(self, fields: dict[str, Any], body_text: str, payload_text: str | None,
                payload_digest: str | None, alongside: Callable[[Any], None] | None = None) -> Chained:
@@ -194,7 +218,7 @@ class Appender:
         writer = self._writer
         try:
             if writer is None:
-                writer = self._writer = writer_for(self._engine)
+                writer = self._writer = self._make_writer()
             writer.run(self._begin, lambda cursor: self._write(cursor, batch))
         except BaseException as exc:
             for pending in batch:  # the transaction is rolled back: none of them is written
@@ -299,28 +323,7 @@ def _not_before(now: datetime, head: Any) -> datetime:
         raise CorruptEntryError(head[0], f"the chain head's created_at is unreadable ({exc})") from None
 
 
-def _created_at_binder(processor: Callable[[Any], Any] | None,
-                       dialect_name: str) -> Callable[[datetime, str], Any]:
-    """How ``created_at`` is bound: what the column type's bind processor makes of the time, cheaply.
-
-    On SQLite that is the text ``YYYY-MM-DD HH:MM:SS.ffffff`` of the UTC
-    time, which is the hashed ISO form with the ``T`` and the offset cut
-    out; checked here against the processor itself, or the processor is used.
-    """
-    if processor is None:
-        return lambda now, _iso: now
-    if dialect_name == "sqlite":
-        for sample in (datetime(2024, 2, 29, 23, 59, 58, 7, tzinfo=timezone.utc),
-                       datetime(1, 1, 1, tzinfo=timezone.utc)):
-            iso = format_timestamp(sample)
-            if processor(sample) != _sqlite_text(iso):
-                break
-        else:
-            return lambda _now, iso: _sqlite_text(iso)
-    return lambda now, _iso: processor(now)
-
-
-def _sqlite_text(iso: str) -> str:
+def sqlite_text(iso: str) -> str:
     """``2024-02-29T23:59:58.000007+00:00`` -> ``2024-02-29 23:59:58.000007``."""
     return f"{iso[:10]} {iso[11:26]}"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
-import time
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from .errors import AuditError
 from .migration_heads import at_head
+from .sqlite_setup import SQLITE_CACHE_KIB, configure_sqlite_connection  # noqa: F401  (SQLITE_CACHE_KIB re-exported)
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -40,11 +40,6 @@ POSTGRESQL_DRIVER: Final = "postgresql+psycopg"
 VERSION_TABLE: Final = "alembic_version_audit"
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 
-#: SQLite's page cache per connection, in KiB (SQLite's default is 2000). The appends touch a handful of
-#: pages each (the head, the indexes' leaves), reads page through ranges once, and the OS caches the file
-#: anyway: measured (bench/audit_append.py) no dearer per append at 512 than at 2000, while the API's
-#: pooled connections held ~5 MB less after 20k requests (bench/startup.py --requests 20000).
-SQLITE_CACHE_KIB: Final = 512
 
 #: Fixed PostgreSQL advisory lock keys ("govgate audit" in spirit; any constant works).
 APPEND_LOCK_KEY: Final = 0x60_6A_7E_A0_D1_70_00_01
@@ -57,6 +52,8 @@ _BEGIN_OPTION: Final = "govgate_audit_begin"
 
 #: The busy timeout each engine was made with, so every wait on its database uses the same one.
 _BUSY_TIMEOUTS: "weakref.WeakKeyDictionary[Engine, float]" = weakref.WeakKeyDictionary()
+#: The driver arguments each engine was made with beyond its URL's (:func:`connect_args_of`).
+_CONNECT_ARGS: "weakref.WeakKeyDictionary[Engine, dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
 def busy_timeout_s(engine: Engine) -> float:
@@ -68,6 +65,15 @@ def busy_timeout_s(engine: Engine) -> float:
     An engine made elsewhere gets the default.
     """
     return _BUSY_TIMEOUTS.get(engine, BUSY_TIMEOUT_S)
+
+
+def connect_args_of(engine: Engine) -> dict[str, Any]:
+    """The arguments :func:`make_engine` gave the driver's connect beyond the URL's (timeouts, encoding).
+
+    What a process opening the same database on the driver alone must pass
+    too (:func:`audit.append_plan.driver_plan`); empty for an engine made elsewhere.
+    """
+    return dict(_CONNECT_ARGS.get(engine, {}))
 
 
 def describe(engine: Engine) -> str:
@@ -121,18 +127,21 @@ def make_engine(url: str, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> Engine:
                          f"{MAX_BUSY_TIMEOUT_S:g} s, not {busy_timeout_s!r}")
     try:
         sa_url = make_url(url)
+        connect_args: dict[str, Any] = {}
         if sa_url.get_backend_name() == "postgresql":
-            engine = _postgresql_engine(sa_url)
+            engine, connect_args = _postgresql_engine(sa_url)
         elif sa_url.get_backend_name() != "sqlite":
             engine = create_engine(sa_url, pool_pre_ping=True)
         else:
             _create_parent_dir(sa_url)
-            engine = create_engine(sa_url, connect_args={"timeout": busy_timeout_s})
+            connect_args = {"timeout": busy_timeout_s}
+            engine = create_engine(sa_url, connect_args=connect_args)
             _install_sqlite_hooks(engine, busy_timeout_s)
     except (ArgumentError, SQLAlchemyError, ImportError) as exc:
         # Unparseable URL, unknown dialect, or its driver is not installed.
         raise AuditError(f"cannot use audit database URL {_without_password(url)!r}: {exc}") from exc
     _BUSY_TIMEOUTS[engine] = busy_timeout_s
+    _CONNECT_ARGS[engine] = connect_args
     return engine
 
 
@@ -141,7 +150,7 @@ def _without_password(url: str) -> str:
     return re.sub(r"(//[^:/@]*:)[^/]*@", r"\1***@", url)
 
 
-def _postgresql_engine(sa_url: URL) -> Engine:
+def _postgresql_engine(sa_url: URL) -> tuple[Engine, dict[str, Any]]:
     """An engine for PostgreSQL through psycopg 3 (the driver govgate depends on).
 
     - ``postgresql://`` names no driver, and SQLAlchemy's default for it is
@@ -164,7 +173,8 @@ def _postgresql_engine(sa_url: URL) -> Engine:
     connect_args: dict[str, Any] = {"client_encoding": "utf8"}
     if "connect_timeout" not in sa_url.query:
         connect_args["connect_timeout"] = int(PG_CONNECT_TIMEOUT_S)
-    return create_engine(sa_url, pool_pre_ping=True, isolation_level="READ COMMITTED", connect_args=connect_args)
+    engine = create_engine(sa_url, pool_pre_ping=True, isolation_level="READ COMMITTED", connect_args=connect_args)
+    return engine, connect_args
 
 
 def sqlite_file(sa_url: URL) -> Path | None:
@@ -208,54 +218,14 @@ def _install_sqlite_hooks(engine: Engine, busy_timeout_s: float) -> None:
     # switched off (isolation_level = None) and SQLAlchemy's "begin" event emits
     # BEGIN or BEGIN IMMEDIATE itself (the recipe in SQLAlchemy's SQLite docs;
     # it works on every Python version).
-    busy_ms = max(1, round(busy_timeout_s * 1000))
-
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Take BEGIN away from pysqlite; _on_begin below issues it.
-        dbapi_conn.isolation_level = None
-        cursor = dbapi_conn.cursor()
-        try:
-            cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
-            cursor.execute("PRAGMA foreign_keys = ON")
-            # Switching to WAL needs a write; skip it when already WAL so that
-            # read-only connections to a WAL database still open.
-            (mode,) = cursor.execute("PRAGMA journal_mode").fetchone()
-            if mode.lower() not in ("wal", "memory"):
-                _switch_to_wal(cursor, busy_timeout_s)
-            cursor.execute("PRAGMA synchronous = NORMAL")
-            cursor.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
-            # Whatever any connection frees (a page split moving cells, a migration's dropped table) is
-            # zeroed, so an erased prompt leaves no copy in free space: SQLite's own default is off unless
-            # built with SQLITE_SECURE_DELETE (Debian's is; python.org's and Homebrew's are not).
-            cursor.execute("PRAGMA secure_delete = ON")
-        finally:
-            cursor.close()
+        configure_sqlite_connection(dbapi_conn, busy_timeout_s)  # BEGIN is _on_begin's below
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         immediate = conn.get_execution_options().get(_BEGIN_OPTION) == "IMMEDIATE"
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-
-def _switch_to_wal(cursor: Any, busy_timeout_s: float) -> None:
-    """``PRAGMA journal_mode = WAL``, retried while other connections hold the file.
-
-    SQLite answers this pragma with "database is locked" straight away, without
-    consulting the busy handler, when another process has the file open at the
-    same moment (e.g. several workers opening a fresh database together).
-    """
-    deadline = time.monotonic() + busy_timeout_s
-    delay = 0.001
-    while True:
-        try:
-            cursor.execute("PRAGMA journal_mode = WAL").fetchone()
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
 
 
 def lock_statements(engine: Engine, lock_key: int = APPEND_LOCK_KEY) -> tuple[str, ...]:

@@ -7,8 +7,6 @@ callers fail closed with one ``except``.
 
 from __future__ import annotations
 
-import json
-import secrets
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Callable, Iterator, Mapping
@@ -16,14 +14,17 @@ from typing import Any, Callable, Iterator, Mapping
 from sqlalchemy import Engine, Select, exists, or_, select
 from sqlalchemy.exc import DataError, IntegrityError
 
+from .append_plan import append_statements
 from .appender import Appender
-from .chain import FORMAT_1, FORMAT_2, canonical_text, payload_digest
+from .chain import FORMAT_1, FORMAT_2
 from .db import DB_ERRORS, describe, reason
 from .entry import AuditEntry
+from .entry_args import check_args, normalise_body, normalise_payload
 from .errors import AuditError, CorruptEntryError, DuplicateTerminalError, InvalidEntryError
-from .kinds import CHAIN_FORMAT, CHAIN_FORMAT_REQUEST_ID, KINDS, REQUEST, TERMINAL_KINDS
+from .kinds import CHAIN_FORMAT, CHAIN_FORMAT_REQUEST_ID, REQUEST, TERMINAL_KINDS
 from .lookup import KeyedLookup
-from .tables import NAME_LEN, audit_table
+from .tables import audit_table
+from .writer import writer_for
 
 # Reads use SQLAlchemy Core, not ORM sessions: no identity-map bookkeeping,
 # and callers get frozen AuditEntry values. Appends run statements compiled
@@ -80,11 +81,11 @@ class AuditStore:
         its own exceptions other than database errors reach the caller
         unchanged, after the rollback.
         """
-        _check_args(kind, request_id, principal=principal, team=team, model=model, policy_revision=policy_revision)
+        check_args(kind, request_id, principal=principal, team=team, model=model, policy_revision=policy_revision)
         if kind == CHAIN_FORMAT:
             raise InvalidEntryError("chain_format entries are written by the store itself")
-        body_text, stored_body = _normalise_body(body)
-        payload_text, stored_payload, digest = _normalise_payload(payload)
+        body_text, stored_body = normalise_body(body)
+        payload_text, stored_payload, digest = normalise_payload(payload)
         terminal_request_id = request_id if kind in TERMINAL_KINDS else None
         fields: dict[str, Any] = {
             "request_id": request_id,
@@ -113,7 +114,8 @@ class AuditStore:
         """The compiled append statements, built on first use (a race only builds them twice)."""
         appender = self._compiled_appender
         if appender is None:
-            appender = self._compiled_appender = Appender(self._engine)
+            engine = self._engine
+            appender = self._compiled_appender = Appender(append_statements(engine), lambda: writer_for(engine))
         return appender
 
     # -- reading -----------------------------------------------------------
@@ -268,69 +270,3 @@ class AuditStore:
         if boundary is None:  # never upgraded: all format 1
             return [AuditEntry.from_row(row, FORMAT_1) for row in rows]
         return [AuditEntry.from_row(row, FORMAT_2 if row["seq"] > boundary else FORMAT_1) for row in rows]
-
-
-def _check_args(kind: str, request_id: str, **optional: str | None) -> None:
-    """Refuse what the schema would refuse, with a message naming the argument.
-
-    A NUL character is refused on both databases: PostgreSQL's text cannot
-    hold one while SQLite stores it, and a trail must not accept on one
-    backend an entry it could not hold on the other (nor could it be copied
-    across). Bodies and payloads may hold NUL: JSON escapes it.
-    """
-    if kind not in KINDS:
-        raise InvalidEntryError(f"unknown audit kind {kind!r}; expected one of {sorted(KINDS)}")
-    if not isinstance(request_id, str) or not request_id or len(request_id) > NAME_LEN:
-        raise InvalidEntryError(f"request_id must be a non-empty string of at most {NAME_LEN} characters")
-    if "\x00" in request_id:
-        raise InvalidEntryError("request_id must not contain a NUL character")
-    for name, value in optional.items():
-        if value is not None and (not isinstance(value, str) or len(value) > NAME_LEN):
-            raise InvalidEntryError(f"{name} must be None or a string of at most {NAME_LEN} characters")
-        if value is not None and "\x00" in value:
-            raise InvalidEntryError(f"{name} must not contain a NUL character")
-
-
-def _normalise_payload(payload: Mapping[str, Any] | None) -> tuple[str | None, dict[str, Any] | None, str | None]:
-    """The payload's stored text (salted canonical JSON), its round-trip and its digest; all None without one.
-
-    The salt (128 random bits) keeps the digest of a short prompt from being
-    confirmed by hashing guesses: the digest stays on the chain forever, the
-    payload may not.
-    """
-    if payload is None:
-        return None, None, None
-    if type(payload) is not dict and not isinstance(payload, Mapping):
-        raise InvalidEntryError(f"payload must be a mapping or None, not {type(payload).__name__}")
-    if "salt" in payload:
-        raise InvalidEntryError("payload key 'salt' is reserved (the store adds it)")
-    text, stored = _normalise_body({**payload, "salt": secrets.token_hex(16)}, "payload")
-    return text, stored, payload_digest(text.encode("utf-8"))
-
-
-def _normalise_body(body: Mapping[str, Any], what: str = "body") -> tuple[str, dict[str, Any]]:
-    """The body's canonical JSON text, and its JSON round-trip: exactly what the database will hand back.
-
-    The text is what is hashed and stored. Canonical JSON of a body whose
-    dicts all have string keys is also canonical JSON of its round-trip, so
-    it is serialised once; other keys (``{2: …, 10: …}``) are sorted as
-    numbers but read back as strings, so such a body is serialised again from
-    its round-trip, or the stored entry would not verify. The round-trip
-    equals the body exactly when every key is a string (a number, ``True`` or
-    ``None`` never equals its string) and nothing else changed on the way
-    (a tuple reads back as a list): one comparison in C instead of a walk
-    over the body in Python, and a body that differs is simply serialised again.
-    """
-    if type(body) is not dict:
-        if not isinstance(body, Mapping):
-            raise InvalidEntryError(f"{what} must be a mapping, not {type(body).__name__}")
-        body = dict(body)
-    try:
-        text = canonical_text(body)
-        stored = json.loads(text)
-        if stored != body:
-            text = canonical_text(stored)
-        text.encode("utf-8")  # lone surrogates are JSON text but not UTF-8: refuse them here
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidEntryError(f"{what} is not plain JSON: {exc}") from exc
-    return text, stored

@@ -16,6 +16,7 @@ from sqlalchemy import JSON, BigInteger, Boolean, CheckConstraint, Column, Index
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
 
+from .entry_args import NAME_LEN
 from .kinds import KINDS, TERMINAL_KINDS, sql_in_list
 from .sqltypes import UTCDateTime
 
@@ -23,9 +24,6 @@ TABLE_NAME = "audit_entries"
 CHECKPOINT_TABLE_NAME = "audit_checkpoints"
 TIME_ORDER_TABLE_NAME = "audit_time_order"
 
-#: Length limit for ids and names; checked in the store so overlong values
-#: give a clear error on every backend rather than a PostgreSQL truncation error.
-NAME_LEN = 255
 
 #: Deterministic constraint names, needed for later ALTERs (SQLite batch mode).
 NAMING_CONVENTION = {

@@ -16,7 +16,7 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from redis.exceptions import RedisError
 
-from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
+from audit import AuditEntry, AuditError, DuplicateTerminalError, EntryStore
 from audit.kinds import FAILED
 from workers.backends import BackendError, LoadedModel, PromptTooLongError
 from workers.contract.jobs import (MAX_JOB_RUNS, STATUS_CANCELLED, STATUS_FAILED, STATUS_TIMED_OUT, GenerateJob,
@@ -57,7 +57,7 @@ class _Unrecorded(Exception):
         self.body = body
 
 
-def run_job(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobChannel | None = None,
+def run_job(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobChannel | None = None,
             pending: PendingTerminals | None = None, *, digester: Digester | None = None,
             worker: dict[str, Any] | None = None, verdict_timeout_s: float = 10.0) -> JobResult:
     """Generate for ``job`` and record the outcome.
@@ -108,7 +108,7 @@ def _keep(job: GenerateJob, lost: _Unrecorded, pending: PendingTerminals | None)
                      error={"code": "audit_unavailable", "message": "the audit store cannot be written"})
 
 
-def _run(job: GenerateJob, model: LoadedModel, store: AuditStore, channel: JobChannel,
+def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobChannel,
          pending: PendingTerminals | None, digester: Digester | None, worker: dict[str, Any],
          verdict_timeout_s: float) -> JobResult:
     # The SET NX tells a first delivery from a redelivery; only a redelivery can
@@ -230,7 +230,7 @@ def _sent(job: GenerateJob, text: list[str]) -> str | None:
     return "".join(text) if job.stream and text else None
 
 
-def _record_end(job: GenerateJob, store: AuditStore, kind: str, output: str, prompt_tokens: int,
+def _record_end(job: GenerateJob, store: EntryStore, kind: str, output: str, prompt_tokens: int,
                 completion_tokens: int, finish_reason: str | None, worker: dict[str, Any],
                 queue_ms: float | None, started_ns: int, digester: Digester | None) -> JobResult:
     """Write the terminal entry of an unchecked generation that ran (completed, cancelled or timed out)."""
@@ -240,7 +240,7 @@ def _record_end(job: GenerateJob, store: AuditStore, kind: str, output: str, pro
     return _record(job, store, kind, generated, digester, finish_reason=finish_reason, error=error)
 
 
-def _record_checked(job: GenerateJob, store: AuditStore, verdict: OutputVerdict | None, generated: Generated,
+def _record_checked(job: GenerateJob, store: EntryStore, verdict: OutputVerdict | None, generated: Generated,
                     digester: Digester | None) -> JobResult:
     """Write the terminal entry of a checked generation, per its gateway's verdict (None: none came).
 
@@ -254,7 +254,7 @@ def _record_checked(job: GenerateJob, store: AuditStore, verdict: OutputVerdict 
                    extra_timings={"verdict_ms": generated.waited_ms(time.time_ns())})
 
 
-def _record(job: GenerateJob, store: AuditStore, kind: str, generated: Generated, digester: Digester | None, *,
+def _record(job: GenerateJob, store: EntryStore, kind: str, generated: Generated, digester: Digester | None, *,
             finish_reason: str | None, error: dict[str, str] | None, checked: dict[str, Any] | None = None,
             findings: list[dict[str, str]] | None = None, served: str | None = None,
             extra_timings: dict[str, float] | None = None) -> JobResult:
@@ -273,7 +273,7 @@ _END_MESSAGES = {
 }
 
 
-def _record_expired(job: GenerateJob, store: AuditStore, worker: dict[str, Any],
+def _record_expired(job: GenerateJob, store: EntryStore, worker: dict[str, Any],
                     queue_ms: float | None) -> JobResult:
     """A job taken after its deadline: not generated, recorded as ``timed_out`` with code ``expired``."""
     error = {"code": "expired", "message": "the request's deadline passed before a worker took it"}
@@ -284,7 +284,7 @@ def _record_expired(job: GenerateJob, store: AuditStore, worker: dict[str, Any],
     return JobResult(status=STATUS_TIMED_OUT, audit_seq=entry.seq, error=error)
 
 
-def _record_failure(job: GenerateJob, store: AuditStore, code: str, message: str,
+def _record_failure(job: GenerateJob, store: EntryStore, code: str, message: str,
                     worker: dict[str, Any], *, output: str | None = None,
                     digester: Digester | None = None) -> JobResult:
     """Write a ``failed`` entry; text a stream already sent is kept as ``prompt_logging`` allows."""
@@ -298,7 +298,7 @@ def _record_failure(job: GenerateJob, store: AuditStore, code: str, message: str
     return JobResult(status=STATUS_FAILED, audit_seq=entry.seq, error=error)
 
 
-def _append_terminal(job: GenerateJob, store: AuditStore, kind: str,
+def _append_terminal(job: GenerateJob, store: EntryStore, kind: str,
                      body: dict[str, Any]) -> AuditEntry | JobResult:
     """Append the terminal entry; if another process ended the request first, defer to it."""
     metadata, texts = split_texts(body)  # the output goes to the erasable payload

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from audit import AuditStore, make_engine
+from audit.driver_plan import DriverPlan
+from audit.driver_store import DriverStore
 from workers.backends import LoadedModel, load_model
 from workers.contract.jobs import LOADED_TTL_S, STATUS_FAILED, GenerateJob, loaded_key
 from workers.contract.pending_terminals import PendingTerminals
@@ -46,7 +47,7 @@ class _ProcessState:
 
     config: WorkerConfig | None = None
     model: LoadedModel | None = None
-    store: AuditStore | None = None
+    store: DriverStore | None = None
     redis: redis.Redis | None = None
     sealer: Sealer | None = None
     digester: Digester | None = None
@@ -58,12 +59,18 @@ class _ProcessState:
 _state = _ProcessState()
 
 
-def load(config: WorkerConfig) -> None:
-    """Load this process's model, audit store, keys and Redis client (once per pool process)."""
+def load(config: WorkerConfig, plan: DriverPlan | str | None = None) -> None:
+    """Load this process's model, audit store, keys and Redis client (once per pool process).
+
+    ``plan`` is what the store-prep child compiled (:mod:`workers.store_prep`; its JSON as handed
+    over): the jobs append on the database driver alone, and SQLAlchemy never loads here. Without
+    one (a caller that readied the store itself) the plan is compiled here, which loads it.
+    """
     _state.config = config
     started = time.perf_counter()
-    engine = make_engine(config.database_url, busy_timeout_s=config.database_busy_timeout_s)
-    _state.store = AuditStore(engine)
+    if isinstance(plan, str):
+        plan = DriverPlan.from_json(plan)
+    _state.store = DriverStore(plan if plan is not None else _compiled_plan(config))
     _state.redis = redis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=5)
     _state.sealer = Sealer(load_or_create_key(config.payload_key_file))
     _state.digester = Digester(load_or_create_key(config.digest_key_file))
@@ -82,10 +89,21 @@ def load(config: WorkerConfig) -> None:
         log.warning("could not announce the loaded model: %s", exc)
 
 
+def _compiled_plan(config: WorkerConfig) -> DriverPlan:
+    from audit import make_engine
+    from audit.append_plan import driver_plan
+
+    engine = make_engine(config.database_url, busy_timeout_s=config.database_busy_timeout_s)
+    try:
+        return driver_plan(engine)
+    finally:
+        engine.dispose()
+
+
 def dispose() -> None:
-    """Close the database engine and Redis client as the pool process exits."""
+    """Close the database connection and Redis client as the pool process exits."""
     if _state.store is not None:
-        _state.store.engine.dispose()
+        _state.store.close()
     if _state.redis is not None:
         _state.redis.close()
 
@@ -154,7 +172,7 @@ def _run_sealed(payload: dict[str, Any]) -> dict[str, Any] | None:
 PENDING_CHECK_INTERVAL_S = 5.0
 
 
-def _write_pending_forever(pending: PendingTerminals, store: AuditStore) -> None:
+def _write_pending_forever(pending: PendingTerminals, store: DriverStore) -> None:
     """Write kept terminal entries as they become due, for the life of the pool process.
 
     In a thread of its own, not after jobs: a handed-over output's fallback

@@ -89,6 +89,8 @@ class _Config:
     value: WorkerConfig | None = None
     #: The child readying the audit store, waited for before the pool forks.
     store_prep: StorePrep | None = None
+    #: What the store-prep child handed back, how the jobs append (a DriverPlan's JSON; None until it is done).
+    store_plan: str | None = None
     #: The main process's heartbeat (``workers.heartbeat``), once the worker consumes.
     heartbeat: Heartbeat | None = None
     #: The solo pool's time limits, once started (None with prefork, where Celery keeps them).
@@ -102,9 +104,13 @@ _config = _Config()
 
 
 def _wait_for_store(**_: Any) -> None:
-    """Before the pool forks (Celery's ``worker_init``): the schema exists and kept entries are written."""
+    """Before the pool forks (Celery's ``worker_init``): the schema exists and kept entries are written.
+
+    The child hands back how to append on the database driver (:class:`audit.driver_plan.DriverPlan`),
+    which the pool processes (or, solo, this one) use: no process of a worker but that child loads SQLAlchemy.
+    """
     if _config.store_prep is not None:
-        _config.store_prep.wait()
+        _config.store_plan = _config.store_prep.wait()
 
 
 #: The exit status of a process that could not load what it serves (Celery's own for a failed start).
@@ -130,7 +136,7 @@ def _load_in_child(**_: Any) -> None:
 
     assert _config.value is not None, "worker started without configuration"
     try:
-        pool.load(_config.value)
+        pool.load(_config.value, _config.store_plan)
     except Exception as exc:
         solo = _config.value.pool == POOL_SOLO
         name, reason = _config.value.model.name, str(exc)

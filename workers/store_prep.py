@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import redis
     from sqlalchemy import Engine
 
+    from audit.driver_plan import DriverPlan
+
     from workers.contract.pending_terminals import PendingTerminals
     from workers.contract.sealing import Sealer
     from workers.runtime import WorkerConfig
@@ -60,11 +62,17 @@ def migrate_when_writable(engine: Engine, parent_pid: int | None = None) -> None
                 raise SystemExit("the worker stopped while waiting for the audit database") from None
 
 
-def ready_store(config: WorkerConfig, parent_pid: int | None = None) -> None:
-    """Migrate the audit schema and write the terminal entries kept while the database was down."""
+def ready_store(config: WorkerConfig, parent_pid: int | None = None) -> DriverPlan:
+    """Migrate the audit schema and write the terminal entries kept while the database was down.
+
+    Returns what the worker appends with (:class:`audit.driver_plan.DriverPlan`):
+    the statements compiled here, where SQLAlchemy is loaded anyway, so the
+    worker's own process never loads it.
+    """
     import redis
 
     from audit import AuditStore, make_engine
+    from audit.append_plan import driver_plan
     from workers.contract.sealing import Sealer, load_or_create_key
 
     engine = make_engine(config.database_url, busy_timeout_s=config.database_busy_timeout_s)
@@ -76,6 +84,7 @@ def ready_store(config: WorkerConfig, parent_pid: int | None = None) -> None:
             pending_terminals(client, config, sealer).write_all(AuditStore(engine))
         finally:
             client.close()
+        return driver_plan(engine)
     finally:
         engine.dispose()
 
@@ -90,32 +99,47 @@ class StorePrep:
     pool processes fork (:func:`workers.runtime.build_worker_app`).
     """
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, plan_pipe: int) -> None:
         self.pid = pid
         self.exit_code: int | None = None
+        self._pipe = plan_pipe  # the read end: the child writes the plan, then exits
+        self._plan_text = ""
 
     @classmethod
     def start(cls, config: WorkerConfig) -> "StorePrep":
         parent = os.getpid()
+        read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child never returns (coverage cannot follow it)
-            _child_main(config, parent)
-        return cls(pid)
+            os.close(read_end)
+            _child_main(config, parent, write_end)
+        os.close(write_end)
+        return cls(pid, read_end)
 
-    def wait(self) -> None:
-        """Block until the child is done; SystemExit if it could not ready the store (it logged why)."""
+    def wait(self) -> str:
+        """Block until the child is done and return its plan (:class:`audit.driver_plan.DriverPlan` as JSON,
+        read where the jobs run: a prefork main process imports nothing of the store); SystemExit if the
+        child could not ready the store (it logged why)."""
         if self.exit_code is None:
+            chunks = []
+            with os.fdopen(self._pipe, "rb") as pipe:  # EOF when the child exits (or dies)
+                while chunk := pipe.read(65536):
+                    chunks.append(chunk)
             _, status = os.waitpid(self.pid, 0)
             self.exit_code = os.waitstatus_to_exitcode(status)
+            self._plan_text = b"".join(chunks).decode("utf-8")
         if self.exit_code != 0:
             raise SystemExit(f"the audit store could not be readied (exit code {self.exit_code}); "
                              "see the log above")
+        return self._plan_text
 
 
-def _child_main(config: WorkerConfig, parent: int) -> None:
+def _child_main(config: WorkerConfig, parent: int, plan_pipe: int) -> None:
     code = 1
     try:
-        ready_store(config, parent)
+        plan = ready_store(config, parent)
+        with os.fdopen(plan_pipe, "wb") as pipe:
+            pipe.write(plan.to_json().encode("utf-8"))
         code = 0
     except SystemExit as exc:
         log.warning("%s", exc)

@@ -33,7 +33,7 @@ from audit import (
     migrate,
     verify_chain,
 )
-from audit.appender import Appender
+from audit.append_plan import append_statements
 from audit.chain import HASHED_FIELDS, canonical_json, canonical_text, chain_hash, entry_payload, entry_payload_with_body
 from audit.db import lock_statements
 from audit.lookup import KeyedLookup
@@ -237,13 +237,13 @@ def test_terminal_for_reports_a_tampered_row_as_corrupt(store: AuditStore, raw: 
 
 def test_postgresql_statements_bind_every_column_and_take_the_advisory_lock() -> None:
     engine = create_mock_engine("postgresql+psycopg://", lambda *_a, **_k: None)
-    appender = Appender(engine)  # type: ignore[arg-type]
-    insert_sql = appender._insert_sql
+    appender = append_statements(engine)  # type: ignore[arg-type]
+    insert_sql = appender.insert_sql
     for column in audit_table.columns:
         assert f"%({column.name})s" in insert_sql
     assert "%(body)s::JSON" in insert_sql  # canonical text cast to the JSON column, not re-serialised
     assert "%(payload)s::JSON" in insert_sql
-    assert appender._head_sql.split() == "SELECT audit_entries.seq, audit_entries.hash, audit_entries.created_at " \
+    assert appender.head_sql.split() == "SELECT audit_entries.seq, audit_entries.hash, audit_entries.created_at " \
         "FROM audit_entries " \
         "ORDER BY audit_entries.seq DESC LIMIT 1".split()
     assert lock_statements(engine) == ("SELECT pg_advisory_xact_lock(6947504604346056705)",)  # type: ignore[arg-type]

@@ -94,12 +94,17 @@ def test_the_worker_prepares_its_store_and_appends_with_it(tiny_spec, redis_serv
                           digest_key_file=tmp_path / "digest.key")
     recorder = _Recorder()
     monkeypatch.setattr(audit, "make_engine", recorder)  # store_prep imports it when it runs
-    monkeypatch.setattr(pool, "make_engine", recorder)
-    store_prep.ready_store(config)  # the migration child's work, run here
+    plan = store_prep.ready_store(config)  # the migration child's work, run here
     for name in ("config", "model", "store", "redis", "sealer", "digester", "pending", "worker"):
         monkeypatch.setattr(pool._state, name, getattr(pool._state, name))  # restored after the test
-    pool.load(config)  # what each pool process does once
+    pool.load(config, plan)  # what each pool process does once, with the plan the child handed back
     try:
-        assert recorder.seen == [(3.5, 3500), (3.5, 3500)]
+        assert recorder.seen == [(3.5, 3500)]  # the child's engine; the worker's process makes none
+        assert plan.busy_timeout_s == 3.5
+        store = pool._state.store
+        assert store is not None
+        store.append("request", "r-busy", principal="p", team=None, model="m", body={}, policy_revision=None)
+        # The driver connection the jobs append on waits as long for SQLite's lock as the engines do.
+        assert store._connection.run((), lambda cursor: cursor.execute("PRAGMA busy_timeout").fetchone()[0]) == 3500
     finally:
         pool.dispose()

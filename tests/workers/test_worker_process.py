@@ -54,9 +54,11 @@ POOL_ONLY = ("sqlalchemy", "sqlmodel", "alembic", "audit", "workers.generation",
 
 
 #: What a worker loads for nothing (each would stay resident beside the model, README "Performance"): celery's
-#: command line with its shell's prompt_toolkit and pygments, and the Hugging Face hub client that
-#: ``import ctransformers`` brings.
-NEVER_LOADED = ("celery.bin", "click_repl", "prompt_toolkit", "pygments", "huggingface_hub", "ctransformers")
+#: command line with its shell's prompt_toolkit and pygments, the Hugging Face hub client that
+#: ``import ctransformers`` brings, and SQLAlchemy, SQLModel, pydantic and Alembic (the jobs append on the
+#: database driver with statements the store-prep child compiled: audit/driver_store.py).
+NEVER_LOADED = ("celery.bin", "click_repl", "prompt_toolkit", "pygments", "huggingface_hub", "ctransformers",
+                "sqlalchemy", "sqlmodel", "pydantic", "alembic")
 
 
 def _start_listed_worker(own, modules, log_path) -> subprocess.Popen:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import msgspec
 import redis
 
-from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError, InvalidEntryError
+from audit import AuditEntry, AuditError, DuplicateTerminalError, EntryStore, InvalidEntryError
 from workers.contract.privacy import split_texts
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class PendingTerminals:
         except redis.RedisError:
             return 0
 
-    def write_one(self, store: AuditStore, request_id: str) -> AuditEntry | None:
+    def write_one(self, store: EntryStore, request_id: str) -> AuditEntry | None:
         """Write the request's pending entry, if it has one; return the request's terminal entry then.
 
         None when nothing is pending for it. Raises :class:`AuditError` when
@@ -110,7 +110,7 @@ class PendingTerminals:
             return None
         return self._write(store, request_id, raw)
 
-    def write_all(self, store: AuditStore) -> int:
+    def write_all(self, store: EntryStore) -> int:
         """Write every pending entry the database takes now; stop at the first refusal. Returns how many.
 
         An entry kept with a ``not_before`` still ahead is left for later (its gateway may yet record
@@ -133,7 +133,7 @@ class PendingTerminals:
                 break
         return written
 
-    def _write(self, store: AuditStore, request_id: str, raw: bytes, *,
+    def _write(self, store: EntryStore, request_id: str, raw: bytes, *,
                due_only: bool = False) -> AuditEntry | None:
         try:
             opened = self._unseal(raw)

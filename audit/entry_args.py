@@ -1,0 +1,86 @@
+"""An entry's arguments checked and its body and payload serialised, as every appender does it.
+
+Apart from :mod:`audit.store` so that a process appending without SQLAlchemy
+(:mod:`audit.driver_store`, the workers) checks and serialises exactly as the
+store does: one rule for what may go on the chain, whichever way it is written.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any, Mapping
+
+from .chain import canonical_text, payload_digest
+from .errors import InvalidEntryError
+from .kinds import KINDS
+
+#: Length limit for ids and names; checked here so overlong values give a clear error on every
+#: backend rather than a PostgreSQL truncation error (the columns are ``String(NAME_LEN)``).
+NAME_LEN = 255
+
+
+def check_args(kind: str, request_id: str, **optional: str | None) -> None:
+    """Refuse what the schema would refuse, with a message naming the argument.
+
+    A NUL character is refused on both databases: PostgreSQL's text cannot
+    hold one while SQLite stores it, and a trail must not accept on one
+    backend an entry it could not hold on the other (nor could it be copied
+    across). Bodies and payloads may hold NUL: JSON escapes it.
+    """
+    if kind not in KINDS:
+        raise InvalidEntryError(f"unknown audit kind {kind!r}; expected one of {sorted(KINDS)}")
+    if not isinstance(request_id, str) or not request_id or len(request_id) > NAME_LEN:
+        raise InvalidEntryError(f"request_id must be a non-empty string of at most {NAME_LEN} characters")
+    if "\x00" in request_id:
+        raise InvalidEntryError("request_id must not contain a NUL character")
+    for name, value in optional.items():
+        if value is not None and (not isinstance(value, str) or len(value) > NAME_LEN):
+            raise InvalidEntryError(f"{name} must be None or a string of at most {NAME_LEN} characters")
+        if value is not None and "\x00" in value:
+            raise InvalidEntryError(f"{name} must not contain a NUL character")
+
+
+def normalise_payload(payload: Mapping[str, Any] | None) -> tuple[str | None, dict[str, Any] | None, str | None]:
+    """The payload's stored text (salted canonical JSON), its round-trip and its digest; all None without one.
+
+    The salt (128 random bits) keeps the digest of a short prompt from being
+    confirmed by hashing guesses: the digest stays on the chain forever, the
+    payload may not.
+    """
+    if payload is None:
+        return None, None, None
+    if type(payload) is not dict and not isinstance(payload, Mapping):
+        raise InvalidEntryError(f"payload must be a mapping or None, not {type(payload).__name__}")
+    if "salt" in payload:
+        raise InvalidEntryError("payload key 'salt' is reserved (the store adds it)")
+    text, stored = normalise_body({**payload, "salt": secrets.token_hex(16)}, "payload")
+    return text, stored, payload_digest(text.encode("utf-8"))
+
+
+def normalise_body(body: Mapping[str, Any], what: str = "body") -> tuple[str, dict[str, Any]]:
+    """The body's canonical JSON text, and its JSON round-trip: exactly what the database will hand back.
+
+    The text is what is hashed and stored. Canonical JSON of a body whose
+    dicts all have string keys is also canonical JSON of its round-trip, so
+    it is serialised once; other keys (``{2: …, 10: …}``) are sorted as
+    numbers but read back as strings, so such a body is serialised again from
+    its round-trip, or the stored entry would not verify. The round-trip
+    equals the body exactly when every key is a string (a number, ``True`` or
+    ``None`` never equals its string) and nothing else changed on the way
+    (a tuple reads back as a list): one comparison in C instead of a walk
+    over the body in Python, and a body that differs is simply serialised again.
+    """
+    if type(body) is not dict:
+        if not isinstance(body, Mapping):
+            raise InvalidEntryError(f"{what} must be a mapping, not {type(body).__name__}")
+        body = dict(body)
+    try:
+        text = canonical_text(body)
+        stored = json.loads(text)
+        if stored != body:
+            text = canonical_text(stored)
+        text.encode("utf-8")  # lone surrogates are JSON text but not UTF-8: refuse them here
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidEntryError(f"{what} is not plain JSON: {exc}") from exc
+    return text, stored
