@@ -82,6 +82,31 @@ config_problems contains "govgate_config must be an object" if {
 	not is_object(c)
 }
 
+# Missing altogether (no data.json, or one without the key): govgate.rego's
+# `config` would be {}, every role unknown and every limit lifted.
+config_problems contains "govgate_config is missing: the policy's data (data.json) must define it" if not config_defined
+
+config_defined if {
+	c := data.govgate_config
+	c == c
+}
+
+# A section of the wrong type would read as empty (as_object), silently
+# dropping its roles, teams or limits rather than refusing the data.
+config_problems contains sprintf("govgate_config.%s must be an object or null", [key]) if {
+	some key in ["defaults", "roles", "teams", "models", "limits", "purposes", "content"]
+	value := setting([key])
+	value != null
+	not is_object(value)
+}
+
+config_problems contains sprintf("govgate_config.limits.%s must be an object or null", [kind]) if {
+	some kind in ["principals", "teams"]
+	value := setting(["limits", kind])
+	value != null
+	not is_object(value)
+}
+
 # How each role setting must look.
 setting_rules := {
 	"max_tokens": "a whole number >= 0",

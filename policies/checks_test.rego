@@ -147,6 +147,13 @@ test_config_that_is_not_an_object_is_a_config_problem if {
 	problems == {"govgate_config must be an object"}
 }
 
+test_config_sections_of_the_wrong_type_are_config_problems if {
+	config_problems_with({"limits": {"principals": [{"requests_per_minute": 1}]}}) == {"govgate_config.limits.principals must be an object or null"}
+	config_problems_with({"roles": ["analyst"]}) == {"govgate_config.roles must be an object or null"}
+	config_problems_with({"teams": "research"}) == {"govgate_config.teams must be an object or null"}
+	config_problems_with({"limits": 5}) == {"govgate_config.limits must be an object or null"}
+}
+
 test_config_problems_do_not_depend_on_the_input if {
 	problems := data.govgate.config_problems with input as {}
 		with data.govgate_config as object.union(config, {"models": {"night": {"hours_utc": [9]}}})

@@ -79,6 +79,10 @@ _REQUEST_ERRORS = (
 )
 
 
+class OpaUnreachable(PolicyLoadError):
+    """No answer from OPA (refused, reset, timed out, a proxy's 502/503/504): nothing learnt about its policy."""
+
+
 @dataclass(frozen=True)
 class OpaAddress:
     """Where OPA listens, in the parts ``AsyncOpaClient`` takes (it has no URL argument)."""
@@ -338,9 +342,16 @@ class OpaPolicyEngine:
             try:
                 async with self._admin("read the policy back from OPA") as client:
                     await verify_policy(client, self._snapshot, self._url, self._policy_dir)
+            except OpaUnreachable:
+                raise  # decisions are already "unavailable" while OPA cannot be reached; no verdict on its policy
             except PolicyLoadError as exc:
+                if self._out_of_sync is None:
+                    log.error("OPA at %s no longer holds policy revision %s; denying until it does: %s",
+                              self._url, self.revision, exc)
                 self._out_of_sync = str(exc)
                 raise
+            if self._out_of_sync is not None:
+                log.info("OPA at %s holds policy revision %s again", self._url, self.revision)
             self._out_of_sync = None
             return self._snapshot.revision
 
@@ -424,8 +435,16 @@ class OpaPolicyEngine:
                 yield client
         except PolicyLoadError:
             raise
+        except (aiohttp.ClientConnectionError, TimeoutError, ConnectionsError) as exc:
+            raise OpaUnreachable(f"could not {what} at {self._url}: {describe_error(exc)}") from None
+        except aiohttp.ClientResponseError as exc:
+            error = OpaUnreachable if exc.status in _UNAVAILABLE_STATUSES else PolicyLoadError
+            raise error(f"could not {what} at {self._url}: {describe_error(exc)}") from None
         except _REQUEST_ERRORS as exc:
             raise PolicyLoadError(f"could not {what} at {self._url}: {describe_error(exc)}") from None
+        except (AttributeError, TypeError, KeyError) as exc:  # a 200 of another shape: not OPA's API
+            raise PolicyLoadError(f"could not {what} at {self._url}: the answer is not OPA's "
+                                  f"({type(exc).__name__}: {exc})") from None
 
 
 def _deny(code: str, message: str) -> Decision:

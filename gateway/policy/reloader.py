@@ -108,11 +108,13 @@ class ReloadingPolicyEngine:
                 log.error("policy folder %s unreadable; keeping revision %s: %s", self._policy_dir, old.revision, exc)
                 return ReloadResult(False, old.revision, str(exc))
             if on_disk == old.revision and not force:
+                await self._verify(old)
                 return ReloadResult(False, old.revision)
             try:
                 new = await self._opener()
             except Exception as exc:  # a policy that does not load must never replace one that does
                 log.error("rejected policy revision %s (keeping %s): %s", on_disk, old.revision, exc)
+                await self._verify(old)
                 return ReloadResult(False, old.revision, str(exc))
             self._engine = new
             log.info("policy reloaded: revision %s -> %s", old.revision, new.revision)
@@ -124,6 +126,23 @@ class ReloadingPolicyEngine:
             if new is not old:
                 self._spawn(self._retire(old))
             return ReloadResult(new.revision != old.revision, new.revision)
+
+    async def _verify(self, engine: PolicyEngine) -> None:
+        """Prove again that a remote engine (OPA) still evaluates ``engine.revision``.
+
+        The folder being unchanged, or a change being rejected, says nothing
+        about what OPA holds: it may have been restarted with another policy,
+        or (``opa run --watch``) have loaded the change the gateway refused.
+        An engine that finds a mismatch denies until a reload succeeds
+        (:meth:`OpaPolicyEngine.verify`); the embedded engine has nothing to prove.
+        """
+        verify = getattr(engine, "verify", None)
+        if verify is None:
+            return
+        try:
+            await verify()
+        except Exception as exc:  # logged once per change of state by the engine; never stops the watch
+            log.debug("policy verification of revision %s failed: %s", engine.revision, exc)
 
     async def start(self) -> None:
         """Begin watching the folder and listening for SIGHUP (where the platform has it)."""

@@ -73,6 +73,12 @@ BROKEN = {
     "output rule for no detector": (
         _set("content.output.roles.admin", {"passport": "allow"}),
         "govgate_config.content.output.roles.admin.passport names no detector"),
+    "principal limits that are a list": (
+        _set("limits.principals", [{"requests_per_minute": 1}]),
+        "govgate_config.limits.principals must be an object or null"),
+    "roles that are a list": (
+        _set("roles", ["analyst"]),
+        "govgate_config.roles must be an object or null"),
     "masking a blocked pattern's match": (
         _set("content.output.detectors.private_key", {"action": "redact"}),
         "govgate_config.content.output.detectors.private_key: a blocked pattern's action is \"allow\" or \"stop\""),
@@ -110,6 +116,14 @@ def test_embedded_engine_refuses_broken_data_at_load(name: str, tmp_path: Path) 
     with pytest.raises(PolicyLoadError) as refused:
         EmbeddedPolicyEngine.load(folder, TIMEOUT_S)
     assert "config_error" in str(refused.value) and problem in str(refused.value)
+
+
+def test_embedded_engine_refuses_a_policy_without_its_data(tmp_path: Path) -> None:
+    """No data.json (removed, or mid-replace) would make every role unknown and lift every limit."""
+    folder = Path(shutil.copytree(POLICY_DIR, tmp_path / "policy"))
+    (folder / "data.json").unlink()
+    with pytest.raises(PolicyLoadError, match="config_error: .*govgate_config is missing"):
+        EmbeddedPolicyEngine.load(folder, TIMEOUT_S)
 
 
 async def test_reload_with_broken_data_keeps_the_running_policy(tmp_path: Path) -> None:

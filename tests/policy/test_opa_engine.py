@@ -272,6 +272,42 @@ async def test_module_changed_on_opa_is_refused_with_both_revisions(
         await engine.aclose()
 
 
+async def test_gateway_notices_opa_changing_policy_behind_an_unchanged_folder(
+        start_opa: Callable[..., OpaServer]) -> None:
+    """OPA restarted with another policy (or, under --watch, holding a change the gateway refused):
+    the next poll of the reloader proves the revision again and denies rather than record decisions
+    of another policy under the folder's revision; an OPA that cannot be reached stays "unavailable"."""
+    from gateway.policy.reloader import ReloadingPolicyEngine
+
+    server = start_opa(POLICY_DIR)
+    engine = await OpaPolicyEngine.connect(server.url, POLICY_DIR, TIMEOUT_S, load=False)
+    reloading = ReloadingPolicyEngine(engine, lambda: OpaPolicyEngine.connect(server.url, POLICY_DIR, TIMEOUT_S,
+                                                                               load=False), policy_dir=POLICY_DIR)
+    card = request_input(["analyst"])
+    card["request"]["text"] = card["request"]["normalized_text"] = "card 4111 1111 1111 1111"
+    try:
+        assert codes(await reloading.decide(card)) == ["pii_detected"]
+        async with raw_client(server.url) as client:
+            config = (await client.get_data("govgate_config"))["result"]
+            config["content"]["detectors"]["payment_card"]["action"] = "redact"
+            await client.update_or_create_data(config, "govgate_config")
+        assert not (await reloading.reload()).changed
+        decision = await reloading.decide(card)
+        assert codes(decision) == [POLICY_ERROR] and engine.revision in decision.reasons[0].message
+
+        async with raw_client(server.url) as client:  # OPA holds the folder's policy again
+            config["content"]["detectors"]["payment_card"]["action"] = "deny"
+            await client.update_or_create_data(config, "govgate_config")
+        await reloading.reload()
+        assert codes(await reloading.decide(card)) == ["pii_detected"]
+        server.stop()  # unreachable: no verdict on its policy, so decisions stay unavailable, not denied
+        await reloading.reload()
+        decision = await reloading.decide(card)
+        assert codes(decision) == [POLICY_UNAVAILABLE] and decision.is_unavailable
+    finally:
+        await reloading.aclose()
+
+
 async def test_data_changed_on_opa_is_refused(start_opa: Callable[..., OpaServer]) -> None:
     server = start_opa(POLICY_DIR)
     async with raw_client(server.url) as client:
