@@ -14,6 +14,8 @@ out) — and answers 503 naming what is missing.
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 from litestar import Controller, Response, get
 from litestar.datastructures import State
@@ -26,6 +28,8 @@ from gateway.observability.cluster import read_cluster
 
 #: Longest the database check waits (the connection pool's own timeout may be longer).
 DATABASE_TIMEOUT_S = 2.0
+#: Longest the policy engine's check waits (OPA's health check has a second of its own).
+POLICY_TIMEOUT_S = 1.5
 
 
 class HealthController(Controller):
@@ -66,6 +70,10 @@ class HealthController(Controller):
                 missing.extend(f"workers:{model}" for model in idle)
         if not components.policy.revision:
             checks["policy"] = "error: not loaded"
+        else:
+            problem = await _policy_problem(components.policy)
+            if problem is not None:
+                checks["policy"] = f"error: {problem}"
         missing[:0] = [name for name in ("database", "redis", "policy") if checks[name] != "ok"]
         body = {
             "status": "unavailable" if missing else "ready",
@@ -76,6 +84,18 @@ class HealthController(Controller):
             "models": models,
         }
         return Response(body, status_code=503 if missing else 200)
+
+
+async def _policy_problem(policy: Any) -> str | None:
+    """What keeps the policy engine from deciding now (OPA down or holding another revision, no evaluator)."""
+    check = getattr(policy, "readiness_problem", None)
+    if check is None:
+        return None
+    try:
+        with anyio.fail_after(POLICY_TIMEOUT_S):
+            return await check()
+    except TimeoutError:
+        return f"no answer within {POLICY_TIMEOUT_S:g}s"
 
 
 def _ping_database(engine) -> str | None:

@@ -108,6 +108,13 @@ class EmbeddedPolicyEngine:
         except EvaluatorStartError as exc:
             raise PolicyLoadError(str(exc)) from None
 
+    async def readiness_problem(self) -> str | None:
+        """Why decisions cannot be had now (``/readyz``), or None: no evaluator is running (each is being
+        replaced after a crash or a timeout, or could not be started again)."""
+        if not self._pool.alive:
+            return "no policy evaluator is running"
+        return None
+
     @classmethod
     def load(cls, policy_dir: Path, timeout_s: float, *, evaluators: int = 1,
              wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S) -> "EmbeddedPolicyEngine":

@@ -61,6 +61,9 @@ READY_TIMEOUT_S = 10.0
 #: wait for a slot in a line that serves teams by their shares instead.
 MAX_QUERIES = 100
 
+#: How long ``/readyz`` waits for OPA's own ``/health``.
+READINESS_TIMEOUT_S = 1.0
+
 #: HTTP statuses that say nothing about the request, only that no answer came
 #: through (a proxy or load balancer in front of OPA).
 _UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
@@ -354,6 +357,20 @@ class OpaPolicyEngine:
                 log.info("OPA at %s holds policy revision %s again", self._url, self.revision)
             self._out_of_sync = None
             return self._snapshot.revision
+
+    async def readiness_problem(self) -> str | None:
+        """Why decisions cannot be had now (``/readyz``), or None: OPA holds another revision, or OPA's
+        own ``/health`` does not answer 200 within a second (every decision would be ``policy_unavailable``)."""
+        if self._out_of_sync is not None:
+            return f"OPA does not hold revision {self.revision}: {self._out_of_sync}"
+        try:
+            timeout = aiohttp.ClientTimeout(total=READINESS_TIMEOUT_S)
+            async with aiohttp.ClientSession(timeout=timeout) as session, session.get(f"{self._url}/health") as answer:
+                if answer.status != 200:
+                    return f"OPA at {self._url} answers its health check with HTTP {answer.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return f"OPA at {self._url} does not answer: {describe_error(exc)}"
+        return None
 
     async def remote_revision(self) -> str:
         """The revision of what OPA holds now, computed as for a folder (for operators and tests)."""

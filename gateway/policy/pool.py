@@ -255,6 +255,11 @@ class EvaluatorPool:
         return [evaluator.pid for evaluator in self._evaluators]
 
     @property
+    def alive(self) -> int:
+        """Evaluators whose process is running (a dead one is replaced when it is next handed a decision)."""
+        return sum(1 for evaluator in self._evaluators if evaluator.alive)
+
+    @property
     def free(self) -> int:
         """Evaluators waiting for work (not evaluating, not being replaced)."""
         return len(self._idle)

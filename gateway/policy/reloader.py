@@ -59,6 +59,11 @@ class ReloadingPolicyEngine:
     def current(self) -> PolicyEngine:
         return self._engine
 
+    async def readiness_problem(self) -> str | None:
+        """Why the serving engine cannot decide now, for ``/readyz`` (None: it can, or it cannot tell)."""
+        check = getattr(self._engine, "readiness_problem", None)
+        return None if check is None else await check()
+
     async def decide(self, input: dict[str, Any]) -> Decision:
         return await self._engine.decide(input)
 

@@ -200,3 +200,26 @@ async def test_gateway_recovers_when_redis_comes_back(settings, keyring, audit_s
     worker_log = (redis_dir / "worker.log").read_text()
     assert "Connection to broker lost" in worker_log
     assert "worker_cancel_long_running_tasks_on_connection_loss" not in worker_log
+
+
+async def test_readiness_names_a_policy_that_cannot_decide(settings, keyring):
+    """Every evaluator dead (each is replaced when next handed a decision): readiness says the policy cannot
+    decide now instead of "ok" because a revision is loaded."""
+    import os
+    import signal
+
+    import anyio
+
+    app = create_app(settings)
+    async with AsyncTestClient(app, timeout=60) as client:
+        assert (await client.get("/readyz")).json()["checks"]["policy"] == "ok"
+        engine = app.state.components.policy.current
+        for pid in engine.evaluator_pids:
+            os.kill(pid, signal.SIGKILL)
+        with anyio.fail_after(30):  # a bound against a hang, no speed check
+            while engine._pool.alive:
+                await anyio.sleep(0.01)
+        health = await client.get("/readyz")
+    assert health.status_code == 503
+    assert health.json()["checks"]["policy"] == "error: no policy evaluator is running"
+    assert "policy" in health.json()["missing"]

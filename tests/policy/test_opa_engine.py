@@ -287,6 +287,7 @@ async def test_gateway_notices_opa_changing_policy_behind_an_unchanged_folder(
     card["request"]["text"] = card["request"]["normalized_text"] = "card 4111 1111 1111 1111"
     try:
         assert codes(await reloading.decide(card)) == ["pii_detected"]
+        assert await reloading.readiness_problem() is None  # /readyz: the policy can decide
         async with raw_client(server.url) as client:
             config = (await client.get_data("govgate_config"))["result"]
             config["content"]["detectors"]["payment_card"]["action"] = "redact"
@@ -294,16 +295,21 @@ async def test_gateway_notices_opa_changing_policy_behind_an_unchanged_folder(
         assert not (await reloading.reload()).changed
         decision = await reloading.decide(card)
         assert codes(decision) == [POLICY_ERROR] and engine.revision in decision.reasons[0].message
+        problem = await reloading.readiness_problem()
+        assert problem is not None and problem.startswith(f"OPA does not hold revision {engine.revision}")
 
         async with raw_client(server.url) as client:  # OPA holds the folder's policy again
             config["content"]["detectors"]["payment_card"]["action"] = "deny"
             await client.update_or_create_data(config, "govgate_config")
         await reloading.reload()
         assert codes(await reloading.decide(card)) == ["pii_detected"]
+        assert await reloading.readiness_problem() is None
         server.stop()  # unreachable: no verdict on its policy, so decisions stay unavailable, not denied
         await reloading.reload()
         decision = await reloading.decide(card)
         assert codes(decision) == [POLICY_UNAVAILABLE] and decision.is_unavailable
+        problem = await reloading.readiness_problem()
+        assert problem is not None and problem.startswith(f"OPA at {server.url} does not answer")
     finally:
         await reloading.aclose()
 

@@ -263,3 +263,23 @@ async def test_a_waiter_that_gives_up_is_skipped_and_the_evaluator_goes_to_the_n
         await wait_until(lambda: engine.free_evaluators == 1, "the evaluator back")
     finally:
         await engine.aclose()
+
+
+async def test_readiness_names_a_pool_whose_evaluators_are_all_dead(tmp_path: Path) -> None:
+    """/readyz asks the engine: killed evaluators are replaced at the next decision, and until then the
+    policy cannot decide anything, which readiness says instead of "ok"."""
+    engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, SLOW_WHEN_ASKED), 30.0, evaluators=2)
+    try:
+        assert await engine.readiness_problem() is None
+        pids = engine.evaluator_pids
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: all(exited(pid) for pid in pids), "the evaluators to die")
+        assert await engine.readiness_problem() == "no policy evaluator is running"
+        with anyio.fail_after(60):
+            first = await engine.decide(request_input(["admin"]))  # finds its evaluator dead: unavailable
+        assert first.is_unavailable or first.allow
+        await wait_until(lambda: engine.free_evaluators == 2, "replacements ready")
+        assert await engine.readiness_problem() is None
+    finally:
+        await engine.aclose()
