@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -36,6 +37,30 @@ class ReloadResult:
     error: str | None = None
 
 
+#: A refused revision is tried again after this long, doubling up to REJECTED_RETRY_MAX_S while the
+#: files stay the same (on OPA a refusal can be a race with its own --watch; a slow module would
+#: otherwise keep an evaluator busy for its whole start timeout at every poll, and the log would repeat).
+REJECTED_RETRY_S = 5.0
+REJECTED_RETRY_MAX_S = 60.0
+
+
+@dataclass(frozen=True)
+class _Rejected:
+    """The last revision of the folder that failed to load, and when to try it again."""
+
+    revision: str
+    reason: str
+    retry_at: float
+    wait_s: float
+
+    @classmethod
+    def after(cls, previous: "_Rejected | None", revision: str, reason: str) -> "_Rejected":
+        wait_s = REJECTED_RETRY_S
+        if previous is not None and previous.revision == revision:
+            wait_s = min(previous.wait_s * 2, REJECTED_RETRY_MAX_S)
+        return cls(revision, reason, time.monotonic() + wait_s, wait_s)
+
+
 class ReloadingPolicyEngine:
     """A :class:`PolicyEngine` whose policy can be replaced while it serves."""
 
@@ -50,6 +75,7 @@ class ReloadingPolicyEngine:
         self._watcher: asyncio.Task | None = None
         self._hup_installed = False
         self._listeners: list[Callable[[], None]] = []
+        self._rejected: _Rejected | None = None  # the folder's last refused revision (not retried at every poll)
 
     @property
     def revision(self) -> str:
@@ -115,12 +141,19 @@ class ReloadingPolicyEngine:
             if on_disk == old.revision and not force:
                 await self._verify(old)
                 return ReloadResult(False, old.revision)
+            rejected = self._rejected
+            if rejected is not None and rejected.revision == on_disk and not force \
+                    and time.monotonic() < rejected.retry_at:
+                await self._verify(old)  # the same refused files: not tried (nor logged) again before retry_at
+                return ReloadResult(False, old.revision, rejected.reason)
             try:
                 new = await self._opener()
             except Exception as exc:  # a policy that does not load must never replace one that does
                 log.error("rejected policy revision %s (keeping %s): %s", on_disk, old.revision, exc)
+                self._rejected = _Rejected.after(rejected, on_disk, str(exc))
                 await self._verify(old)
                 return ReloadResult(False, old.revision, str(exc))
+            self._rejected = None
             self._engine = new
             log.info("policy reloaded: revision %s -> %s", old.revision, new.revision)
             for listener in self._listeners:

@@ -189,3 +189,45 @@ async def test_opa_reload_with_broken_data_puts_the_old_policy_back(start_opa: C
         assert engine.revision == before and await engine.remote_revision() == before
     finally:
         await engine.aclose()
+
+
+async def test_a_refused_revision_is_not_tried_again_at_every_poll(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow or broken module would otherwise start an evaluator (and log the refusal) at every poll;
+    the same files are tried again after a backoff, a change or a SIGHUP (forced) at once."""
+    from gateway.policy import reloader
+
+    folder = Path(shutil.copytree(POLICY_DIR, tmp_path / "policy"))
+    engine = EmbeddedPolicyEngine.load(folder, TIMEOUT_S)
+    opened: list[int] = []
+
+    async def counting_open() -> EmbeddedPolicyEngine:
+        opened.append(1)
+        return await _open(folder)
+
+    now = [1000.0]
+    monkeypatch.setattr(reloader.time, "monotonic", lambda: now[0])
+    reloading = ReloadingPolicyEngine(engine, counting_open, policy_dir=folder)
+    try:
+        change, problem = BROKEN["limit that is not a number"]
+        break_data(folder, change)
+        for _ in range(5):  # five polls within the backoff: one attempt
+            result = await reloading.reload()
+            assert not result.changed and result.error is not None and problem in result.error
+        assert len(opened) == 1
+        now[0] += reloader.REJECTED_RETRY_S + 0.1  # the backoff is over: tried again, then waits twice as long
+        await reloading.reload()
+        assert len(opened) == 2
+        now[0] += reloader.REJECTED_RETRY_S + 0.1
+        await reloading.reload()
+        assert len(opened) == 2
+        await reloading.reload(force=True)  # SIGHUP: at once
+        assert len(opened) == 3
+        shutil.copy(POLICY_DIR / "data.json", folder / "data.json")  # put back: the running revision again
+        result = await reloading.reload()
+        assert len(opened) == 3 and result.error is None and reloading.current is engine
+        (folder / "extra.rego").write_text("package govgate_extra\n\nanswer := 42\n")  # another, valid change
+        result = await reloading.reload()  # a new revision: tried at once, and taken
+        assert len(opened) == 4 and result.changed and result.error is None and reloading.current is not engine
+    finally:
+        await reloading.aclose()
