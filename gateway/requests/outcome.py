@@ -222,16 +222,22 @@ class TicketRunner:
         await self.request_log.end(ticket, "failed", {"error": {"code": "queue_unavailable", "message": str(exc)}})
         return ApiError(503, "queue_unavailable", QUEUE_UNAVAILABLE_MESSAGE)
 
-    def abandon(self, ticket: Ticket, hold: HoldBack | None = None) -> None:
+    def abandon(self, ticket: Ticket, hold: HoldBack | None = None, pending: PendingResult | None = None,
+                subscription: contextlib.AsyncExitStack | None = None) -> None:
         """The client left mid-stream: cancel the generation and see the request ended.
 
         ``hold``: the stream's hold-back (what the client received), under output rules.
+        ``pending`` and ``subscription``: the stream's own wait, handed over still open (closed here
+        once the request ended): a report that reached it unread, or that arrives before a new wait
+        could be entered, would be lost, and its worker would wait out its verdict timeout.
         """
-        task = asyncio.get_running_loop().create_task(self._cancel_and_close(ticket, hold))
+        task = asyncio.get_running_loop().create_task(self._cancel_and_close(ticket, hold, pending, subscription))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _cancel_and_close(self, ticket: Ticket, hold: HoldBack | None = None) -> None:
+    async def _cancel_and_close(self, ticket: Ticket, hold: HoldBack | None = None,
+                                pending: PendingResult | None = None,
+                                subscription: contextlib.AsyncExitStack | None = None) -> None:
         """Ask the worker to stop; if no worker ever ends the request, end it here.
 
         A worker that picks the job up (or is running it) sees the cancel key,
@@ -242,11 +248,16 @@ class TicketRunner:
         request_id = ticket.request_id
         await self._request_cancel(request_id)
         try:  # the worker publishes (and stores) the outcome once the request has ended; it may have already
-            if self.output_rules is None or hold is None:
-                async with self.waiter.expect(request_id) as pending:
+            async with contextlib.AsyncExitStack() as stack:
+                if subscription is not None:
+                    stack.push_async_exit(subscription)
+                checked = self.output_rules is not None and hold is not None
+                if pending is None:
+                    pending = await stack.enter_async_context(self.waiter.expect(request_id, checked=checked))
+                if not checked:
                     await pending.get(self.request_timeout_s + 5, look_stored=True)
-            else:  # a worker that finished before it saw the cancel reports its output: answer it
-                async with self.waiter.expect(request_id, checked=True) as pending:
+                else:  # a worker that finished before it saw the cancel reports its output: answer it
+                    assert hold is not None
                     await pending.look_stored()
                     await self._judged_outcome(ticket, pending, hold, timeout_s=self.request_timeout_s + 5,
                                                abandoned=True)
@@ -362,8 +373,9 @@ class StreamEvents:
         if self._closed:
             return
         self._closed = True
-        if not self._finished:
-            self._runner.abandon(self._ticket, self._hold)
+        if not self._finished:  # the wait stays open: what the worker sends from now on is still heard
+            self._runner.abandon(self._ticket, self._hold, self._pending, self._subscription)
+            return
         await self._subscription.aclose()
 
 

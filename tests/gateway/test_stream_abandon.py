@@ -1,0 +1,104 @@
+"""A stream whose client left: the output report its worker sent is still answered (real Redis).
+
+A client that hangs up makes the gateway cancel the job (``TicketRunner.abandon``). A worker that
+had finished before it saw the cancel reports its output and waits for the verdict; the stream's
+own wait must still hear that report, also when it reached the stream unread or arrives while the
+stream is being closed. Lost, the worker waited its whole verdict timeout (10 s, its model idle)
+and recorded ``failed``/``output_unchecked`` instead of the client's cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from types import SimpleNamespace
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from gateway.dispatch import ResultWaiter
+from gateway.requests.outcome import StreamEvents, TicketRunner
+from gateway.requests.ticket import Ticket
+from workers.contract.jobs import STATUS_CANCELLED, JobResult
+from workers.contract.output_check import OutputReport
+from workers.contract.sealing import Sealer
+from workers.replies import deliver, success
+from workers.streams import RedisJobChannel
+
+pytestmark = pytest.mark.anyio
+
+SEALER = Sealer(os.urandom(32))
+
+
+class _Rules:
+    """The output rules, as far as an abandoned stream uses them: the reports they are asked to answer."""
+
+    def __init__(self) -> None:
+        self.answered: list[tuple[str, bool]] = []
+
+    def hold(self) -> object:
+        return SimpleNamespace(stopped=False)
+
+    async def answer(self, ticket, hold, report, *, abandoned=False):
+        self.answered.append((report.text, abandoned))
+
+
+class _Log:
+    async def terminal_for(self, request_id):
+        return SimpleNamespace(body={"usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+
+    async def end(self, *args, **kwargs):  # pragma: no cover - the worker's entry is found
+        return None
+
+
+@pytest.fixture
+async def parts(redis_server):
+    client = aioredis.Redis.from_url(redis_server.url)
+    worker = redis.Redis.from_url(redis_server.url)
+    waiter = ResultWaiter(client, SEALER)
+    await waiter.start()
+    rules = _Rules()
+    runner = TicketRunner(dispatcher=None, waiter=waiter, redis=client, counters=None, request_log=_Log(),
+                          digester=None, request_timeout_s=5, output_rules=rules)
+    try:
+        yield SimpleNamespace(runner=runner, waiter=waiter, worker=worker, rules=rules)
+    finally:
+        await runner.aclose()
+        await waiter.aclose()
+        await client.aclose()
+        worker.close()
+
+
+async def test_a_report_that_reached_the_stream_unread_is_answered_after_the_client_left(parts):
+    request_id = "abandon-unread"
+    ticket = Ticket(request_id=request_id, principal=None, model="tiny", created=0, job=None)
+    async with contextlib.AsyncExitStack() as stack:
+        pending = await stack.enter_async_context(parts.waiter.expect(request_id, stream=True, checked=True))
+        events = StreamEvents(parts.runner, ticket, pending, stack.pop_all(), checked=True)
+    channel = RedisJobChannel(parts.worker, request_id, streaming=True, sealer=SEALER,
+                              reply_to=parts.waiter.reply_channel)
+    # The worker finished, reports its output and waits for the verdict (in its own thread).
+    waiting = asyncio.ensure_future(asyncio.to_thread(channel.await_verdict, OutputReport("all of it"), 3))
+    for _ in range(200):
+        if pending.backlog():
+            break
+        await asyncio.sleep(0.01)
+    assert pending.backlog() == 1  # the report reached the stream, which never read it
+    await events.aclose()  # the client hung up
+    for _ in range(200):
+        if parts.rules.answered:
+            break
+        await asyncio.sleep(0.01)
+    assert parts.rules.answered == [("all of it", True)]
+    await waiting
+    # The worker records its end and publishes the outcome: the abandoned request's wait ends with it.
+    result = JobResult(status=STATUS_CANCELLED, text="", audit_seq=2).sealed(SEALER)
+    deliver(parts.worker, request_id, parts.waiter.reply_channel, success(result))
+    for _ in range(200):
+        if not parts.runner._background:
+            break
+        await asyncio.sleep(0.01)
+    assert not parts.runner._background
+    channel.forget()
