@@ -192,8 +192,9 @@ def check_model_file(path: Path) -> None:
     Why: the C loaders memory-map the file and trust it. A missing path makes
     ctransformers look it up on the Hugging Face hub, and a truncated GGUF
     (an interrupted copy) loads "fine" and then reads past the end of the
-    map. For GGUF files this walks the header and tensor table (cheap, no
-    tensor data is read) and checks every tensor lies inside the file.
+    map. For GGUF files (versions 1 to 3; any other is refused) this walks
+    the header and tensor table (cheap, no tensor data is read) and checks
+    every tensor lies inside the file.
     Other formats (old GGML files) are left to the backend.
     """
     if not path.exists():
@@ -205,7 +206,9 @@ def check_model_file(path: Path) -> None:
             check_gguf_extent(path)
     except OSError as exc:
         raise BackendError(f"model file {path} cannot be read: {exc}") from None
-    except UnsupportedGgufVersion:
-        return  # GGUF v1 (32-bit lengths) or a future layout: the backend decides
+    except UnsupportedGgufVersion as exc:
+        # Not left to the backend: ctransformers reads any version as v2 and, given random bytes, allocates
+        # terabytes and crashes the worker (SIGSEGV); llama.cpp itself refuses all but v2 and v3.
+        raise BackendError(f"model file {path} is not a GGUF file govgate can read ({exc.reason})") from None
     except ModelFileError as exc:
         raise BackendError(f"model file {path} is not a valid GGUF file ({exc.reason}); is it truncated?") from None

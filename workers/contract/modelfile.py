@@ -63,7 +63,7 @@ class ModelFileError(ValueError):
 
 
 class UnsupportedGgufVersion(ModelFileError):
-    """A GGUF version this reader does not know (v1, or a later one): the loader decides."""
+    """A GGUF version this reader does not know (0, or one after 3)."""
 
 
 def file_magic(path: Path) -> bytes:
@@ -81,7 +81,7 @@ def is_ggml(magic: bytes) -> bool:
 
 
 def read_gguf_metadata(path: Path, wanted: set[str] | None = None) -> dict[str, Any]:
-    """The key/value metadata of a GGUF (v2 or v3) file; tensors are never touched.
+    """The key/value metadata of a GGUF (v1 to v3) file; tensors are never touched.
 
     ``wanted`` limits which keys are decoded (others are skipped by length),
     so a 262k-token vocabulary costs one pass over its strings. String
@@ -124,30 +124,33 @@ def _parse_gguf(buf: Any, path: Path, wanted: set[str] | None, with_tensors: boo
     unpack_from = struct.unpack_from
     size = len(buf)
     (version,) = unpack_from("<I", buf, 4)
-    if version not in (2, 3):
+    if version not in (1, 2, 3):
         raise UnsupportedGgufVersion(path, f"GGUF version {version} is not supported")
-    n_tensors, n_kv = unpack_from("<QQ", buf, 8)
-    off = 24
+    # GGUF v1 wrote counts, lengths and tensor dimensions as 32-bit integers, v2 on as 64-bit ones.
+    count = "I" if version == 1 else "Q"
+    count_size = struct.calcsize("<" + count)
+    n_tensors, n_kv = unpack_from(f"<{count}{count}", buf, 8)
+    off = 8 + 2 * count_size
     out: dict[str, Any] = {}
     # The file check rejects a key that is not UTF-8 (damage); metadata readers never did.
     key_errors = "strict" if with_tensors else "replace"
 
     def string_at(o: int) -> tuple[bytes, int]:
-        (n,) = unpack_from("<Q", buf, o)
-        o += 8
+        (n,) = unpack_from("<" + count, buf, o)
+        o += count_size
         if o + n > size:
             raise ValueError("string runs past the end of the file")
         return buf[o : o + n], o + n
 
     def skip(vtype: int, o: int) -> int:
         if vtype == _GGUF_STRING:
-            return o + 8 + unpack_from("<Q", buf, o)[0]
+            return o + count_size + unpack_from("<" + count, buf, o)[0]
         if vtype == _GGUF_ARRAY:
-            item, count = unpack_from("<IQ", buf, o)
-            o += 12
+            item, n = unpack_from("<I" + count, buf, o)
+            o += 4 + count_size
             if item in _GGUF_SCALARS:
-                return o + struct.calcsize("<" + _GGUF_SCALARS[item]) * count
-            for _ in range(count):
+                return o + struct.calcsize("<" + _GGUF_SCALARS[item]) * n
+            for _ in range(n):
                 o = skip(item, o)
                 if o > size:
                     raise ValueError("array runs past the end of the file")
@@ -165,14 +168,14 @@ def _parse_gguf(buf: Any, path: Path, wanted: set[str] | None, with_tensors: boo
             value, off = string_at(off)
             out[key] = value.decode("utf-8", "replace")
         elif vtype == _GGUF_ARRAY:
-            item, count = unpack_from("<IQ", buf, off)
-            off += 12
+            item, n_items = unpack_from("<I" + count, buf, off)
+            off += 4 + count_size
             if item == _GGUF_STRING:
                 items = []
                 append = items.append
-                for _ in range(count):
-                    (n,) = unpack_from("<Q", buf, off)
-                    off += 8
+                for _ in range(n_items):
+                    (n,) = unpack_from("<" + count, buf, off)
+                    off += count_size
                     append(buf[off : off + n])
                     off += n
                 if off > size:
@@ -180,7 +183,7 @@ def _parse_gguf(buf: Any, path: Path, wanted: set[str] | None, with_tensors: boo
                 out[key] = items
             elif item in _ARRAY_CODES:
                 arr = array(_ARRAY_CODES[item])
-                end = off + arr.itemsize * count
+                end = off + arr.itemsize * n_items
                 if end > size:
                     raise ValueError("array runs past the end of the file")
                 arr.frombytes(buf[off:end])
@@ -189,7 +192,7 @@ def _parse_gguf(buf: Any, path: Path, wanted: set[str] | None, with_tensors: boo
                 out[key] = arr.tolist()
                 off = end
             else:
-                off = skip(_GGUF_ARRAY, off - 12)
+                off = skip(_GGUF_ARRAY, off - 4 - count_size)
         else:
             fmt = "<" + _GGUF_SCALARS[vtype]
             (out[key],) = unpack_from(fmt, buf, off)
@@ -203,9 +206,9 @@ def _parse_gguf(buf: Any, path: Path, wanted: set[str] | None, with_tensors: boo
         name, off = string_at(off)
         name.decode("utf-8")  # a name that is not UTF-8 means a damaged table
         (n_dims,) = unpack_from("<I", buf, off)
-        dims = unpack_from(f"<{n_dims}Q", buf, off + 4)
-        kind, offset = unpack_from("<IQ", buf, off + 4 + 8 * n_dims)
-        off += 4 + 8 * n_dims + 12
+        dims = unpack_from(f"<{n_dims}{count}", buf, off + 4)
+        kind, offset = unpack_from("<IQ", buf, off + 4 + count_size * n_dims)
+        off += 4 + count_size * n_dims + 12
         tensors.append((dims, kind, offset))
     alignment = out.get(_ALIGNMENT_KEY, _DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment < 1:

@@ -6,6 +6,8 @@ CPU-specific library, the byte-token detokenizer and the NUL refusal.
 
 from __future__ import annotations
 
+import random
+import struct
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,39 @@ def greedy_text(model: CTransformersModel) -> str:
 def test_check_model_file_accepts_the_tiny_model(tiny_model_path: Path) -> None:
     check_model_file(tiny_model_path)  # raises if not
     assert tiny_model_path.stat().st_size > 0
+
+
+def _gguf_v1(tensor_bytes: int) -> bytes:
+    """A GGUF v1 file (32-bit counts, lengths and dimensions): one string key, one F32 tensor of 8 values."""
+    def text(value: bytes) -> bytes:
+        return struct.pack("<I", len(value)) + value
+    head = b"GGUF" + struct.pack("<III", 1, 1, 1)  # version 1, one tensor, one key
+    head += text(b"general.architecture") + struct.pack("<I", 8) + text(b"llama")
+    head += text(b"t") + struct.pack("<III", 1, 8, 0) + struct.pack("<Q", 0)  # 1 dim of 8, F32, at offset 0
+    head += b"\0" * (-len(head) % 32)
+    return head + b"\0" * tensor_bytes
+
+
+@pytest.mark.parametrize("version", [0, 4, 0x9A3B7F21])
+def test_random_bytes_behind_a_gguf_magic_are_refused_before_the_loader(tmp_path: Path, version: int) -> None:
+    # ctransformers reads any GGUF version as v2: given random bytes it allocated terabytes and the worker
+    # died of SIGSEGV instead of exiting with a reason naming the file.
+    path = tmp_path / "noise.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<I", version) + random.Random(version).randbytes(4096))
+    with pytest.raises(BackendError, match=f"noise.gguf is not a GGUF file govgate can read .*version {version}"):
+        check_model_file(path)
+
+
+def test_a_gguf_v1_file_is_checked_with_its_32_bit_layout(tmp_path: Path) -> None:
+    path = tmp_path / "v1.gguf"
+    path.write_bytes(_gguf_v1(32))
+    check_model_file(path)  # whole: accepted
+    path.write_bytes(_gguf_v1(31))
+    with pytest.raises(BackendError, match="needs .* bytes but the file has"):
+        check_model_file(path)
+    path.write_bytes(b"GGUF" + struct.pack("<I", 1) + random.Random(1).randbytes(4096))
+    with pytest.raises(BackendError, match="not a valid GGUF file"):
+        check_model_file(path)
 
 
 def test_unknown_backend_is_a_backend_error(tiny_model_path: Path) -> None:
