@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import secrets
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,7 +214,9 @@ class CTransformersModel:
         else:
             top_k = params.top_k if params.top_k > 0 else self._llm.vocab_size
             top_p, temperature = params.top_p, params.temperature
-        seed = params.seed % 2**31 if params.seed >= 0 else -1
+        # No seed asks for a fresh one per generation. ctransformers' own -1 seeds with time(NULL), whole
+        # seconds: every unseeded request within one second sampled the same text.
+        seed = params.seed % 2**31 if params.seed >= 0 else secrets.randbelow(2**31)
         with self._lock:
             self._owner = threading.get_ident()
             try:

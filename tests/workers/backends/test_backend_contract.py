@@ -114,6 +114,13 @@ def test_seeded_sampling_is_reproducible(model: LoadedModel) -> None:
     assert sample(11) != sample(12)
 
 
+def test_unseeded_sampling_differs_within_one_second(model: LoadedModel) -> None:
+    # A negative seed means a fresh random seed per generation (SamplingParams); ctransformers' own -1 is
+    # time(NULL), so requests within one second all sampled the same text.
+    params = SamplingParams(max_tokens=30, temperature=1.0, seed=-1)
+    assert len({model.generate(PROMPT, params).text for _ in range(4)}) > 1
+
+
 def test_max_tokens_gives_length(model: LoadedModel) -> None:
     result = model.generate(PROMPT, SamplingParams(max_tokens=17, temperature=0))
     assert result.finish_reason == "length"
