@@ -148,11 +148,24 @@ def check_alive(stack: Stack, *, workers: bool = True) -> None:
 
 def exit_reason(stack: Stack, name: str, code: int) -> str:
     """``exited with code C: <last line of its log> (see <log>)`` for the child ``name`` of :meth:`Stack.children`."""
+    exited = f"exited with code {code}{_signal_name(code)}"
     if not stack.logs or name == "redis":
-        return f"exited with code {code}"
+        return exited
     log = stack.logs / (name.replace(" ", "-") + ".log")
     last = _last_line(log)
-    return f"exited with code {code}{': ' + last if last else ''} (see {log})"
+    return f"{exited}{': ' + last if last else ''} (see {log})"
+
+
+def _signal_name(code: int) -> str:
+    """`` (SIGBUS)`` for a child killed by a signal (a negative code): a killed process logs no reason, and its
+    log's last line (often a routine one) says nothing of why it died (a model file cut short under a running
+    worker is SIGBUS, an out-of-bounds read SIGSEGV, the OOM killer SIGKILL)."""
+    if code >= 0:
+        return ""
+    try:
+        return f" ({signal.Signals(-code).name})"
+    except ValueError:
+        return ""
 
 
 def _last_line(log: Path) -> str:

@@ -109,10 +109,21 @@ def test_a_worker_that_exits_once_serving_is_restarted_after_its_wait(launcher):
     _exited(stack, "tiny", -9, "pid 7 loaded model tiny")
     launch.pending["tiny"] = time.monotonic()  # it was loading again, even
     assert launch.poll() == []
-    assert said[-1].startswith("  worker for model tiny: exited with code -9: pid 7 loaded model tiny (see ")
+    assert said[-1].startswith("  worker for model tiny: exited with code -9 (SIGKILL): pid 7 loaded model tiny (see ")
     assert said[-1].endswith("; restarting in 3600s (1 in the last 60s)")
     assert "tiny" in launch.restart_due and "tiny" not in launch.pending
     assert launch.poll() == [] and len(said) == 1  # one decision per exit, not one per poll
+
+
+def test_a_worker_killed_by_a_signal_is_reported_with_the_signal_s_name(launcher):
+    # A model file cut short under a running worker kills it with SIGBUS; its log's last line is a routine one.
+    launch, stack, said = launcher
+    launch.serving = True
+    launch.ever_ready.add("cut")
+    launch.policies["cut"] = RestartPolicy(first_backoff_s=3600)
+    _exited(stack, "cut", -7, "cut.1205@vm ready.")
+    launch.poll()
+    assert said[-1].startswith("  worker for model cut: exited with code -7 (SIGBUS): cut.1205@vm ready. (see ")
 
 
 def test_a_later_model_that_dies_while_loading_is_restarted_too(launcher):
