@@ -23,6 +23,7 @@ from gateway.checkpointer import Checkpointer
 from gateway.auth import Authenticator, KeyChangeListener, KeyStore, PrincipalCache
 from gateway.db_setup import open_database  # noqa: F401  (re-exported: tests and benches import it here)
 from gateway.dispatch import Dispatcher, ResultWaiter
+from gateway.dispatch.model_health import ModelHealth
 from gateway.limits import UsageCounters
 from gateway.policy import PolicyEngine, open_policy_engine
 from gateway.policy.reloader import ReloadingPolicyEngine
@@ -117,6 +118,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
     pending_client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     pending = PendingTerminals(pending_client, horizon_s=settings.terminal_retry_horizon_s,
                                seal=sealer.seal, unseal=sealer.unseal)
+    model_health = ModelHealth(client, registry.names())
     completions = CompletionService(
         registry=registry, policy=policy, audit=audit_store, dispatcher=dispatcher, waiter=waiter,
         redis=client, counters=counters, default_max_tokens=settings.default_max_tokens,
@@ -124,7 +126,8 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         digester=digester, pending=pending, queue_mode=settings.queue_mode,
         admission_concurrency=settings.admission_concurrency, admission_wait_s=settings.policy_wait_timeout_s,
         output_rules=OutputRules(policy=policy, redis=client, sealer=sealer,
-                                 holdback_chars=settings.output_holdback_chars) if settings.output_rules else None)
+                                 holdback_chars=settings.output_holdback_chars) if settings.output_rules else None,
+        model_health=model_health)
     retrier = asyncio.create_task(retry_pending_terminals(pending, audit_store), name="govgate-terminal-retry")
     lost = LostRequestSweep(audit_store, pending, lookback_s=settings.terminal_retry_horizon_s,
                             lost_after_s=lost_after_s(settings.request_timeout_s, settings.generation_time_limit_s,
@@ -144,6 +147,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         await waiter.start()
         await policy.start()
         await shares.start()
+        await model_health.start()
         yield Components(
             settings=settings, registry=registry, db_engine=db_engine, keys=keys,
             audit=audit_store, policy=policy, redis=client, waiter=waiter, dispatcher=dispatcher,
@@ -151,6 +155,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         )
     finally:
         await stop_tasks([retrier, sweeper])
+        await model_health.aclose()
         await shares.aclose()
         pending_client.close()
         await key_changes.aclose()

@@ -27,6 +27,7 @@ from audit.driver_plan import DriverPlan
 from audit.driver_store import DriverStore
 from workers.backends import LoadedModel, load_model
 from workers.contract.jobs import LOADED_TTL_S, STATUS_FAILED, GenerateJob, loaded_key
+from workers.contract.liveness import model_failed_key
 from workers.contract.pending_terminals import PendingTerminals
 from workers.contract.privacy import Digester
 from workers.contract.sealing import SealError, Sealer, load_or_create_key
@@ -83,8 +84,11 @@ def load(config: WorkerConfig, plan: DriverPlan | str | None = None) -> None:
              config.model.path, time.perf_counter() - started)
     # The worker's pid names the key: the pool process's parent, or this process with the solo pool.
     worker_pid = os.getpid() if config.pool == POOL_SOLO else os.getppid()
-    try:  # tells `govgate up` the model is served now; the worker runs without it
-        _state.redis.set(loaded_key(config.model.name, worker_pid), os.getpid(), ex=LOADED_TTL_S)
+    try:  # tells `govgate up` the model is served now, and gateways that it is no longer failed
+        with _state.redis.pipeline(transaction=False) as pipe:
+            pipe.set(loaded_key(config.model.name, worker_pid), os.getpid(), ex=LOADED_TTL_S)
+            pipe.delete(model_failed_key(config.model.name))
+            pipe.execute()
     except redis.RedisError as exc:
         log.warning("could not announce the loaded model: %s", exc)
 

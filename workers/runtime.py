@@ -142,6 +142,7 @@ def _load_in_child(**_: Any) -> None:
         name, reason = _config.value.model.name, str(exc)
         reason = reason.removeprefix(f"model {name}: ")  # backend errors name the model already
         log.critical("model %s cannot be served, the worker stops: %s", name, reason)
+        _say_model_failed(_config.value, reason)
         if not solo and _config.load_failed is not None:
             _config.load_failed[0] = 1
             os.kill(os.getppid(), signal.SIGTERM)  # the main process's warm shutdown; it exits 1 (run_worker)
@@ -154,6 +155,23 @@ def _load_in_child(**_: Any) -> None:
         _config.limits = limits
     else:  # a prefork pool process, set up for its life
         _freeze_heap()
+
+
+def _say_model_failed(config: WorkerConfig, reason: str) -> None:
+    """Tell gateways why the model cannot be served (they refuse its requests at once while no worker
+    lives); best effort: a Redis that cannot take it leaves them queueing, as before."""
+    import redis
+
+    from workers.contract.liveness import MODEL_FAILED_MAX_CHARS, MODEL_FAILED_TTL_S, model_failed_key
+
+    try:
+        client = redis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        try:
+            client.set(model_failed_key(config.model.name), reason[:MODEL_FAILED_MAX_CHARS], ex=MODEL_FAILED_TTL_S)
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        log.warning("could not tell gateways that model %s cannot be served: %s", config.model.name, exc)
 
 
 def _freeze_heap(**_: Any) -> None:

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from gateway.auth import Principal
 from gateway.api_errors import ApiError, errors_of
+from gateway.dispatch.model_health import ModelHealth
 from gateway.limits import (CountersReply, CountersUnavailable, QueueAtLimit, QueueCheck, Refusal, Reservation,
                             UsageCounters)
 from gateway.limits.queue import fair_model_queue, model_queue
@@ -37,8 +38,8 @@ from gateway.requests.audit_records import request_record
 from gateway.requests.fit import PromptCounter, check_fits
 from gateway.requests.parsing import parse_body
 from gateway.requests.policy_input import build_input, prompt_text, without_prompt
-from gateway.requests.refusals import (AdmissionRefusal, ContextTooLong, OverLimit, QueueFull, UsageUnavailable,
-                                       denial)
+from gateway.requests.refusals import (AdmissionRefusal, ContextTooLong, ModelUnavailable, OverLimit, QueueFull,
+                                       UsageUnavailable, denial)
 from gateway.requests.request_log import RequestLog
 from gateway.requests.schemas import REQUEST_SHAPES, ChatCompletionRequest, CompletionRequest
 from gateway.requests.ticket import Ticket
@@ -116,7 +117,7 @@ class Admission:
     def __init__(self, *, registry: Registry, policy: ReloadingPolicyEngine, counters: UsageCounters,
                  request_log: RequestLog, redis: aioredis.Redis, digester: Digester, default_max_tokens: int,
                  max_queued_per_model: int, queue_mode: str = MODE_FIFO, concurrency: int = 0,
-                 gate_wait_s: float = 5.0) -> None:
+                 gate_wait_s: float = 5.0, model_health: ModelHealth | None = None) -> None:
         """``concurrency`` > 0: at most that many admissions at once, the others lined up by team share
         (:class:`AdmissionGate`, waiting at most ``gate_wait_s``)."""
         self.registry = registry
@@ -132,6 +133,8 @@ class Admission:
         #: fair: a team may hold its share of the model's places (gateway/limits/fair_share.py); fifo: the total.
         self.queue_mode = queue_mode
         self.prompt_counter = PromptCounter()
+        #: Models that cannot be served now (no live worker, and a failed load): refused at once.
+        self.model_health = model_health
         #: (principal, team, model) → what its last allowed decision obliged.
         self._obliged: dict[tuple[str, str | None, str], Obliged] = {}
         weight_of = getattr(policy, "team_weight", None)
@@ -269,6 +272,11 @@ class Admission:
         decision's limits and tokens; else it is replaced in one call.
         """
         max_tokens = params.max_tokens
+        unservable = None if self.model_health is None else self.model_health.unservable(spec.name)
+        if unservable is not None:  # no live worker, and its last one could not load it: not queued to time out
+            if early is not None and early.reservation is not None:
+                await undo_reservation(self.counters, early.reservation)
+            return ModelUnavailable(spec.name, unservable)
         if early is not None:
             prompt_tokens = early.prompt_tokens
         else:

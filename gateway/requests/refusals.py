@@ -39,6 +39,10 @@ def denial(reasons: tuple[Reason, ...] | list[Reason]) -> ApiError:
     return ApiError(403, "policy_denied", f"Denied by policy: {summary}", extra={"reasons": documents})
 
 
+MODEL_UNAVAILABLE = "model_unavailable"
+#: What a refusal for a model that cannot be loaded suggests: an operator must act; a minute is a polite poll.
+MODEL_UNAVAILABLE_RETRY_S = 60
+
 USAGE_UNAVAILABLE_MESSAGE = ("Usage limits cannot be checked right now (Redis is unavailable), so the request was "
                              "refused. Try again shortly.")
 QUEUE_UNAVAILABLE_MESSAGE = "The request queue is unavailable; nothing was generated. Try again shortly."
@@ -143,7 +147,23 @@ def _percent(fraction: float) -> str:
 
 
 #: Why an allowed request was still not admitted; ``record()`` is its audit entry's ``admission``.
-AdmissionRefusal = Union[ContextTooLong, UsageUnavailable, OverLimit, QueueFull]
+@dataclass(frozen=True)
+class ModelUnavailable:
+    """The model has no live worker and its last worker could not load it (gateway/dispatch/model_health.py)."""
+
+    model: str
+    reason: str
+
+    def record(self) -> dict[str, Any]:
+        return {"admitted": False, "code": MODEL_UNAVAILABLE, "model": self.model, "reason": self.reason}
+
+    def error(self) -> ApiError:
+        return ApiError(503, MODEL_UNAVAILABLE, f"The model '{self.model}' cannot be served now: its worker could "
+                        f"not load it ({self.reason}). Nothing was queued.",
+                        headers={"Retry-After": str(MODEL_UNAVAILABLE_RETRY_S)})
+
+
+AdmissionRefusal = Union[ContextTooLong, UsageUnavailable, OverLimit, QueueFull, ModelUnavailable]
 
 
 def worker_error(result: JobResult) -> ApiError:

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from audit import AuditStore
 from gateway.auth import Principal
 from gateway.dispatch import Dispatcher, ResultWaiter
+from gateway.dispatch.model_health import ModelHealth
 from gateway.api_errors import errors_of
 from gateway.limits import UsageCounters
 from gateway.policy.reloader import ReloadingPolicyEngine
@@ -39,14 +40,15 @@ class CompletionService:
                  default_max_tokens: int, request_timeout_s: float, max_queued_per_model: int,
                  digester: Digester, pending: PendingTerminals | None = None, queue_mode: str = MODE_FIFO,
                  admission_concurrency: int = 0, admission_wait_s: float = 5.0,
-                 output_rules: OutputRules | None = None) -> None:
+                 output_rules: OutputRules | None = None, model_health: ModelHealth | None = None) -> None:
         request_log = RequestLog(audit, current_revision=lambda: policy.revision, digester=digester,
                                  pending=pending)
         self.request_log = request_log
         self.admission = Admission(registry=registry, policy=policy, counters=counters, request_log=request_log,
                                    redis=redis, digester=digester, default_max_tokens=default_max_tokens,
                                    max_queued_per_model=max_queued_per_model, queue_mode=queue_mode,
-                                   concurrency=admission_concurrency, gate_wait_s=admission_wait_s)
+                                   concurrency=admission_concurrency, gate_wait_s=admission_wait_s,
+                                   model_health=model_health)
         self.runner = TicketRunner(dispatcher=dispatcher, waiter=waiter, redis=redis, counters=counters,
                                    request_log=request_log, digester=digester, request_timeout_s=request_timeout_s,
                                    output_rules=output_rules)

@@ -223,3 +223,44 @@ async def test_readiness_names_a_policy_that_cannot_decide(settings, keyring):
     assert health.status_code == 503
     assert health.json()["checks"]["policy"] == "error: no policy evaluator is running"
     assert "policy" in health.json()["missing"]
+
+
+async def test_a_model_its_worker_could_not_load_is_refused_at_once(settings, keyring, audit_store, worker):
+    """Its last worker wrote why it could not load the model and none lives: 503 model_unavailable with the
+    reason at once, audited, nothing queued (it was queued and ended 504 after the whole request timeout). A
+    model with a live worker is served whatever such a key says; without the key a request is queued as before."""
+    import anyio
+
+    from workers.contract.liveness import model_failed_key
+
+    raw = redis.Redis.from_url(settings.redis_url)
+    reason = "model file /srv/m.gguf is not a valid GGUF file (tensor data runs past the end); is it truncated?"
+    before = queued(settings, IDLE_MODEL)
+    try:
+        raw.set(model_failed_key(IDLE_MODEL), reason)
+        raw.set(model_failed_key(TINY_MODEL_NAME), "an older worker's failure")  # a worker lives: no effect
+        app = create_app(settings.with_(request_timeout_s=30))
+        async with AsyncTestClient(app, timeout=60) as client:
+            refused = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                        json={"model": IDLE_MODEL, "messages": HELLO})
+            served = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                       json={"model": TINY_MODEL_NAME, "messages": HELLO, "max_tokens": 2})
+            raw.delete(model_failed_key(IDLE_MODEL))  # a worker loaded it (or an operator cleared it)
+            health = app.state.components.completions.admission.model_health
+            with anyio.fail_after(30):  # a bound against a hang, no speed check
+                while health.unservable(IDLE_MODEL) is not None:
+                    await anyio.sleep(0.05)
+    finally:
+        raw.delete(model_failed_key(IDLE_MODEL), model_failed_key(TINY_MODEL_NAME))
+        raw.close()
+    assert refused.status_code == 503, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "model_unavailable" and reason in error["message"]
+    assert refused.headers["retry-after"] == "60"
+    entry = audit_store.entries_for(refused.headers["x-govgate-request-id"])
+    assert [e.kind for e in entry] == ["request"]  # refused before queueing: no terminal entry to wait for
+    assert entry[0].body["admission"] == {"admitted": False, "code": "model_unavailable", "model": IDLE_MODEL,
+                                          "reason": reason}
+    assert queued(settings, IDLE_MODEL) == before
+    assert served.status_code == 200, served.text
+    assert verify_chain(audit_store).ok

@@ -24,6 +24,7 @@ from govgate.processes import child_preexec, stop_process
 from govgate.supervisor import child_env
 from tests.conftest import wait_for_worker
 from tests.own_redis import own_redis  # noqa: F401 - fixture
+from workers.contract.liveness import MODEL_FAILED_TTL_S, model_failed_key
 from workers.contract.celery_config import make_celery
 from workers.contract.queue_layout import queue_keys
 from workers.contract.jobs import GENERATE_TASK, STATUS_COMPLETED, GenerateJob, open_result, queue_for, result_key
@@ -144,9 +145,11 @@ def test_a_solo_worker_serves_without_celerys_command_line_or_the_hub_client(own
     client = redis.Redis.from_url(own.redis_url)
     sealer = Sealer(load_or_create_key(own.effective_payload_key_file))
     modules = tmp_path / "modules.txt"
+    client.set(model_failed_key(TINY_MODEL_NAME), "an earlier worker could not load it")
     worker = _start_listed_worker(own, modules, tmp_path / "worker.log")
     try:
         wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker, timeout_s=120)
+        assert client.get(model_failed_key(TINY_MODEL_NAME)) is None  # a worker that loads it clears the failure
         outcome = _run_one_job(own, client, sealer)
         assert open_result(outcome["result"], sealer)["status"] == STATUS_COMPLETED
     finally:
@@ -230,5 +233,10 @@ def test_a_worker_whose_model_fails_to_load_exits_with_the_reason(own_redis, tmp
     try:  # the job was neither answered nor lost: it waits in the model's queue for a worker that can serve it
         assert client.get(result_key(request_id)) is None
         assert sum(client.llen(key) for key in queue_keys(queue_for("broken"))) == 1
+        # and gateways are told why, to refuse the model's new requests at once while no worker lives
+        said = client.get(model_failed_key("broken"))
+        assert said is not None and said.decode().startswith("model file "), said
+        assert 0 < client.ttl(model_failed_key("broken")) <= MODEL_FAILED_TTL_S
     finally:
+        client.delete(model_failed_key("broken"))
         client.close()

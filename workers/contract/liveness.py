@@ -38,6 +38,20 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
 """
 
 
+#: ``govgate:model-failed:<model>``: why the model's last worker could not load it (its text, a week's TTL).
+#: Written by a worker whose load failed, deleted by one whose load succeeded; a gateway refuses the
+#: model's requests at once while it has no live worker and this key is there, instead of queueing them
+#: to time out (gateway/dispatch/model_health.py).
+MODEL_FAILED_PREFIX = "govgate:model-failed:"
+MODEL_FAILED_TTL_S = 7 * 24 * 3600
+#: The longest reason kept (a backend's error can quote a whole path and more).
+MODEL_FAILED_MAX_CHARS = 500
+
+
+def model_failed_key(model: str) -> str:
+    return f"{MODEL_FAILED_PREFIX}{model}"
+
+
 def member(model: str, worker: str) -> str:
     """A worker's member of :data:`WORKERS_KEY` (``worker``: Celery's node name, unique per worker)."""
     return f"{model}\n{worker}"
