@@ -122,7 +122,10 @@ class JobTimeLimits:
                 self._end_process()
 
     def _end_process(self) -> None:
-        os.write(STDERR_FD, f"govgate worker: a job outlived its hard time limit ({self.hard_s:g}s); ending the "
-                            f"worker (exit code {HARD_LIMIT_EXIT_CODE}). Where each thread was:\n".encode())
+        said = (f"govgate worker: a job outlived its hard time limit ({self.hard_s:g}s); ending the worker "
+                f"(exit code {HARD_LIMIT_EXIT_CODE})")
+        os.write(STDERR_FD, f"{said}. Where each thread was:\n".encode())
         faulthandler.dump_traceback(file=STDERR_FD, all_threads=True)
+        # Again after the dump: `govgate up` reports a worker's exit with its log's last line, which was a frame.
+        os.write(STDERR_FD, f"{said}.\n".encode())
         os._exit(HARD_LIMIT_EXIT_CODE)

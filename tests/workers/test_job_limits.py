@@ -144,6 +144,8 @@ def test_the_hard_limit_ends_a_job_stuck_in_native_code():
     """)
     assert done.returncode == HARD_LIMIT_EXIT_CODE, done
     assert "not reached" not in done.stdout
+    last = [line for line in done.stderr.splitlines() if line.strip()][-1]  # what `govgate up` shows of it
+    assert last.startswith("govgate worker: a job outlived its hard time limit (0.5s)"), last
 
 
 def test_jobs_within_their_limits_never_end_the_process():
