@@ -9,15 +9,63 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
 
-from .chain import canonical_text, payload_digest
+from .chain import FORMAT_2, canonical_text, payload_digest
+from .entry import AuditEntry
 from .errors import InvalidEntryError
-from .kinds import KINDS
+from .kinds import CHAIN_FORMAT, KINDS, TERMINAL_KINDS
+
+if TYPE_CHECKING:
+    from .appender import Chained
 
 #: Length limit for ids and names; checked here so overlong values give a clear error on every
 #: backend rather than a PostgreSQL truncation error (the columns are ``String(NAME_LEN)``).
 NAME_LEN = 255
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedEntry:
+    """One append's arguments checked and serialised: what the appender binds, and the entry it returns."""
+
+    fields: dict[str, Any]
+    body_text: str
+    stored_body: dict[str, Any]
+    payload_text: str | None
+    stored_payload: dict[str, Any] | None
+    digest: str | None
+
+    @property
+    def terminal_request_id(self) -> str | None:
+        return self.fields["terminal_request_id"]
+
+    def entry(self, chained: Chained) -> AuditEntry:
+        """The entry as stored, once the append has chained it."""
+        return AuditEntry(seq=chained.seq, created_at=chained.created_at, body=self.stored_body,
+                          prev_hash=chained.prev_hash, hash=chained.hash, payload=self.stored_payload,
+                          payload_digest=self.digest, format=FORMAT_2, **self.fields)
+
+
+def prepared_entry(kind: str, request_id: str, *, principal: str | None, team: str | None, model: str | None,
+                   body: Mapping[str, Any], policy_revision: str | None,
+                   payload: Mapping[str, Any] | None) -> PreparedEntry:
+    """Check an append's arguments (:class:`InvalidEntryError`) and serialise its body and payload once."""
+    check_args(kind, request_id, principal=principal, team=team, model=model, policy_revision=policy_revision)
+    if kind == CHAIN_FORMAT:
+        raise InvalidEntryError("chain_format entries are written by the store itself")
+    body_text, stored_body = normalise_body(body)
+    payload_text, stored_payload, digest = normalise_payload(payload)
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "kind": kind,
+        "principal": principal,
+        "team": team,
+        "model": model,
+        "policy_revision": policy_revision,
+        "terminal_request_id": request_id if kind in TERMINAL_KINDS else None,
+    }
+    return PreparedEntry(fields, body_text, stored_body, payload_text, stored_payload, digest)
 
 
 def check_args(kind: str, request_id: str, **optional: str | None) -> None:

@@ -19,9 +19,9 @@ from .appender import Appender
 from .chain import FORMAT_1, FORMAT_2
 from .db import DB_ERRORS, describe, reason
 from .entry import AuditEntry
-from .entry_args import check_args, normalise_body, normalise_payload
-from .errors import AuditError, CorruptEntryError, DuplicateTerminalError, InvalidEntryError
-from .kinds import CHAIN_FORMAT, CHAIN_FORMAT_REQUEST_ID, REQUEST, TERMINAL_KINDS
+from .entry_args import prepared_entry
+from .errors import AuditError, CorruptEntryError, DuplicateTerminalError
+from .kinds import CHAIN_FORMAT, CHAIN_FORMAT_REQUEST_ID, REQUEST
 from .lookup import KeyedLookup
 from .tables import audit_table
 from .writer import writer_for
@@ -81,34 +81,20 @@ class AuditStore:
         its own exceptions other than database errors reach the caller
         unchanged, after the rollback.
         """
-        check_args(kind, request_id, principal=principal, team=team, model=model, policy_revision=policy_revision)
-        if kind == CHAIN_FORMAT:
-            raise InvalidEntryError("chain_format entries are written by the store itself")
-        body_text, stored_body = normalise_body(body)
-        payload_text, stored_payload, digest = normalise_payload(payload)
-        terminal_request_id = request_id if kind in TERMINAL_KINDS else None
-        fields: dict[str, Any] = {
-            "request_id": request_id,
-            "kind": kind,
-            "principal": principal,
-            "team": team,
-            "model": model,
-            "policy_revision": policy_revision,
-            "terminal_request_id": terminal_request_id,
-        }
+        entry = prepared_entry(kind, request_id, principal=principal, team=team, model=model, body=body,
+                               policy_revision=policy_revision, payload=payload)
         try:
-            chained = self._appender().append(fields, body_text, payload_text, digest, alongside)
+            chained = self._appender().append(entry.fields, entry.body_text, entry.payload_text, entry.digest,
+                                              alongside)
         except IntegrityError as exc:
-            if terminal_request_id is not None:
+            if entry.terminal_request_id is not None:
                 existing = self.terminal_for(request_id)
                 if existing is not None:
                     raise DuplicateTerminalError(request_id, existing.kind) from exc
             raise AuditError(f"audit append refused by {describe(self._engine)}: {exc.orig}") from exc
         except DB_ERRORS as exc:
             raise AuditError(f"audit append failed on {describe(self._engine)}: {reason(exc)}") from exc
-        return AuditEntry(seq=chained.seq, created_at=chained.created_at, body=stored_body,
-                          prev_hash=chained.prev_hash, hash=chained.hash, payload=stored_payload,
-                          payload_digest=digest, format=FORMAT_2, **fields)
+        return entry.entry(chained)
 
     def _appender(self) -> Appender:
         """The compiled append statements, built on first use (a race only builds them twice)."""

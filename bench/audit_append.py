@@ -56,7 +56,7 @@ from audit import AuditEntry, AuditStore, make_engine, migrate, verify_chain  # 
 from audit.chain import GENESIS_HASH, canonical_text, chain_hash, format_timestamp  # noqa: E402
 from audit.db import APPEND_LOCK_KEY, locked_transaction  # noqa: E402
 from audit.kinds import TERMINAL_KINDS  # noqa: E402
-from audit.store import _check_args  # noqa: E402
+from audit.entry_args import check_args  # noqa: E402
 from audit.tables import audit_table  # noqa: E402
 from bench._figures import ratio, rounded, write_json  # noqa: E402
 
@@ -122,7 +122,7 @@ Append = Callable[[AuditStore, str, str, Mapping[str, Any]], Any]
 
 def baseline_append(store: AuditStore, kind: str, request_id: str, body: Mapping[str, Any]) -> AuditEntry:
     """The append as the store did it before: SQLAlchemy Core on a Connection, the body serialised three times."""
-    _check_args(kind, request_id, principal="alice", team="blue", model="tiny", policy_revision="rev-1")
+    check_args(kind, request_id, principal="alice", team="blue", model="tiny", policy_revision="rev-1")
     stored_body = json.loads(_old_canonical_json(dict(body)))
     terminal_request_id = request_id if kind in TERMINAL_KINDS else None
     with locked_transaction(store.engine, APPEND_LOCK_KEY) as conn:

@@ -31,7 +31,9 @@ from typing import Any, Callable
 if not __package__:  # run as `python bench/verify_speed.py`: import the packages from this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from audit import AuditStore, make_engine, migrate, verify_chain  # noqa: E402
+from audit.append_plan import append_statements  # noqa: E402
 from audit.appender import Appender  # noqa: E402
+from audit.writer import writer_for  # noqa: E402
 from audit.chain import FORMAT_2, canonical_text, payload_digest  # noqa: E402
 from audit.dbapi import dbapi_cursor  # noqa: E402
 from bench._figures import rounded, write_json  # noqa: E402
@@ -65,7 +67,7 @@ def build(url: str, entries: int) -> float:
                  payload=PAYLOAD, policy_revision="rev-1")  # entry 1 the boundary, entry 2 this one
     head = store.head()
     assert head is not None
-    appender = Appender(engine)
+    appender = Appender(append_statements(engine), lambda: writer_for(engine))  # only its _insert is used
     seq, prev = head.seq, head.hash
     moment = head.created_at
     while seq < entries:

@@ -286,17 +286,7 @@ def test_a_bundle_signed_by_another_key_is_refused(store: AuditStore) -> None:
 
 
 def test_export_bundle_and_verify_export_on_the_command_line(store_url: str, tmp_path: Path) -> None:
-    var = tmp_path / "var"
-    engine = make_engine(store_url)
-    _fill(AuditStore(engine))
-    engine.dispose()
-    load_or_create_signing_key(var / "audit-signing.key")
-    env = {"GOVGATE_VAR_DIR": str(var), "GOVGATE_DATABASE_URL": store_url, "GOVGATE_AUDIT_SIGNING_KEY_FILE": ""}
-    runner = CliRunner()
-
-    def run(*args: str):
-        return runner.invoke(main, ["audit", *args], env=env, catch_exceptions=False)
-
+    run = _command_line(store_url, tmp_path)
     bundle, pub = tmp_path / "blue.jsonl", tmp_path / "pub.pem"
     assert run("public-key", "--out", str(pub)).exit_code == 0
     exported = run("export-bundle", "--out", str(bundle), "--team", "blue", "--since", "1d")

@@ -1,0 +1,165 @@
+"""One database connection kept by a process for its appends: short write transactions, one at a time.
+
+The store's writer (:mod:`audit.writer`, the engine's own connection) and
+the workers' driver store (:mod:`audit.driver_store`, a connection it opens
+from a plan) differ only in how they connect, how they tell a lost
+connection and how they hand back driver errors; what keeping one
+connection means is here, once:
+
+- one transaction at a time under a lock, waited for at most the busy
+  timeout (then a ``TimeoutError``, as a database that stays locked fails);
+  a transaction from inside a transaction on the same thread is refused
+  (on one connection its ``BEGIN`` would roll the outer one back);
+- a connection lost *before* the transaction's first statement ran is
+  replaced and the transaction tried once more (nothing was written: a
+  PostgreSQL restart costs a reconnect, not a failed append); lost *inside*
+  it, it is dropped and the transaction fails, never retried (the insert
+  may have run);
+- a forked child forgets its parent's connection without closing it
+  (closing would end the parent's PostgreSQL session or drop its SQLite
+  locks) and connects anew.
+
+Nothing here imports SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+#: Every kept connection of this process, so a fork can make the child forget theirs.
+_KEPT: "weakref.WeakSet[KeptConnection]" = weakref.WeakSet()
+
+
+class KeptConnection:
+    """A connection :meth:`run` runs short transactions on; subclasses say how to connect."""
+
+    def __init__(self, driver_error: type[Exception], wait_s: float) -> None:
+        self._dbapi_error = driver_error
+        self._wait_s = wait_s  # as long as SQLite waits for another process's lock
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread inside run(), to refuse a transaction from within one
+        self._conn: Any = None
+        self._cursor: Any = None
+        _KEPT.add(self)
+
+    # -- what subclasses say ---------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        """Open the connection, set ``self._conn`` and ``self._cursor``, return the cursor."""
+        raise NotImplementedError
+
+    def _is_lost(self, exc: Exception) -> bool:
+        """Whether ``exc`` says the connection itself is gone (not only the statement refused)."""
+        return False
+
+    def _wrapped(self, exc: Exception, lost: bool) -> Exception:
+        """What a driver error leaves :meth:`run` as (unchanged here)."""
+        return exc
+
+    # -- the transaction -------------------------------------------------------------------
+
+    def run(self, begin: tuple[str, ...], work: Callable[[Any], T]) -> T:
+        """Run ``begin``'s statements, then ``work(cursor)``, then commit; roll back if anything raises.
+
+        ``begin`` takes the write lock (:func:`audit.db.lock_statements`).
+        Driver errors leave as :meth:`_wrapped` makes them; anything else
+        ``work`` raises leaves unchanged, after the rollback.
+        """
+        me = threading.get_ident()
+        if self._owner == me:
+            # On the same connection the inner BEGIN would fail and roll the outer transaction back.
+            raise RuntimeError("an audit append cannot run inside another append's transaction (alongside)")
+        if not self._lock.acquire(timeout=self._wait_s):
+            # Other threads of this process hold the connection (each waiting on the database's lock):
+            # fail closed as a database that stays locked does (TimeoutError is an OSError).
+            raise TimeoutError(f"waited {self._wait_s:g} s for this process's other audit appends")
+        self._owner = me
+        try:
+            cursor = self._begin(begin)
+            try:
+                result = work(cursor)
+                self._conn.commit()
+            except self._dbapi_error as exc:
+                raise self._failed(exc) from exc
+            except BaseException:
+                self._roll_back()
+                raise
+            return result
+        finally:
+            self._owner = None
+            self._lock.release()
+
+    def wrap(self, exc: Exception) -> Exception:
+        """A driver error raised inside :meth:`run`'s work, as :meth:`run` would hand it back (others unchanged)."""
+        if isinstance(exc, self._dbapi_error):
+            return self._wrapped(exc, False)
+        return exc
+
+    def _begin(self, begin: tuple[str, ...]) -> Any:
+        """A cursor in a transaction that holds the write lock; reconnects once if the kept connection was lost."""
+        reused = self._conn is not None
+        for attempt in (1, 2):
+            try:
+                cursor = self._cursor if self._conn is not None else self._connect()
+                for statement in begin:
+                    cursor.execute(statement)
+                return cursor
+            except self._dbapi_error as exc:
+                lost = self._conn is not None and self._is_lost(exc)
+                if not (lost and reused and attempt == 1):
+                    raise self._failed(exc) from exc
+                self._drop()  # nothing was written: try once more on a new connection
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _failed(self, exc: Exception) -> Exception:
+        """Roll back (or drop the connection if it is lost) and hand ``exc`` back as :meth:`_wrapped` makes it."""
+        lost = self._conn is not None and self._is_lost(exc)
+        if lost:
+            self._drop()
+        else:
+            self._roll_back()
+        return self._wrapped(exc, lost)
+
+    def _roll_back(self) -> None:
+        """Roll back; a connection that cannot even do that is dropped (errors here would hide the first one)."""
+        if self._conn is None:
+            return
+        try:
+            self._conn.rollback()
+        except Exception:  # noqa: BLE001 - the original error is what the caller needs
+            self._drop()
+
+    def _drop(self) -> None:
+        """Close the connection and forget it; the next transaction connects anew."""
+        conn, self._conn, self._cursor = self._conn, None, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - it is being thrown away
+                pass
+
+    def close(self) -> None:
+        """Close the connection (after a running transaction); the next one connects anew."""
+        if self._owner == threading.get_ident():
+            return  # from inside a transaction (an alongside): closing would pull the connection from under it
+        with self._lock:
+            self._drop()
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: the parent's connection is not ours to use or to close."""
+        self._lock = threading.Lock()  # it may have been held by a thread that does not exist here
+        self._owner = None
+        self._conn = self._cursor = None
+
+
+def _forget_all_after_fork() -> None:
+    for kept in list(_KEPT):
+        kept._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_all_after_fork)
