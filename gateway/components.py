@@ -30,6 +30,7 @@ from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.policy.shares import SharePublisher
 from gateway.requests.lost_requests import LostRequestSweep, lost_after_s, sweep_lost_requests
 from gateway.requests.output_rules import OutputRules
+from gateway.requests.policy_trial import policy_trial
 from gateway.requests.service import CompletionService
 from gateway.requests.terminal_retry import retry_pending_terminals
 from gateway.resp_pack import fast_packing
@@ -105,7 +106,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         return await open_policy_engine(settings)
 
     policy = ReloadingPolicyEngine(policy or await open_engine(), open_engine, policy_dir=settings.policy_dir,
-                                   interval_s=settings.policy_reload_interval_s)
+                                   interval_s=settings.policy_reload_interval_s, trial=policy_trial(registry))
     pool = immediate_sending(fast_packing(aioredis.BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=settings.redis_max_connections, timeout=5,
         socket_timeout=10, socket_connect_timeout=5)))

@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable
 
 from gateway.task_stop import stop_tasks
 from gateway.policy.decision import Decision
-from gateway.policy.engine import PolicyEngine
+from gateway.policy.engine import PolicyEngine, PolicyLoadError
 from gateway.policy.output_decision import OutputDecision
 from gateway.policy.revision import PolicyFilesError, policy_revision
 
@@ -61,13 +61,20 @@ class _Rejected:
         return cls(revision, reason, time.monotonic() + wait_s, wait_s)
 
 
+#: What a reload asks of a new engine before it swaps it in: None, or why it must not serve.
+Trial = Callable[[PolicyEngine], Awaitable["str | None"]]
+
+
 class ReloadingPolicyEngine:
     """A :class:`PolicyEngine` whose policy can be replaced while it serves."""
 
     def __init__(self, engine: PolicyEngine, opener: EngineOpener, *, policy_dir: Path,
-                 interval_s: float = 0.0) -> None:
+                 interval_s: float = 0.0, trial: Trial | None = None) -> None:
+        """``trial``: asked of a newly opened engine before it replaces the serving one; a text refuses it
+        (gateway/requests/policy_trial.py: decisions on requests shaped like real ones)."""
         self._engine = engine
         self._opener = opener
+        self._trial = trial
         self._policy_dir = policy_dir
         self._interval_s = interval_s
         self._lock = asyncio.Lock()
@@ -148,6 +155,10 @@ class ReloadingPolicyEngine:
                 return ReloadResult(False, old.revision, rejected.reason)
             try:
                 new = await self._opener()
+                refusal = None if self._trial is None or new is old else await self._trial(new)
+                if refusal is not None:
+                    await new.aclose()
+                    raise PolicyLoadError(refusal)
             except Exception as exc:  # a policy that does not load must never replace one that does
                 log.error("rejected policy revision %s (keeping %s): %s", on_disk, old.revision, exc)
                 self._rejected = _Rejected.after(rejected, on_disk, str(exc))

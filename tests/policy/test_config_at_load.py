@@ -231,3 +231,29 @@ async def test_a_refused_revision_is_not_tried_again_at_every_poll(tmp_path: Pat
         assert len(opened) == 4 and result.changed and result.error is None and reloading.current is not engine
     finally:
         await reloading.aclose()
+
+
+async def test_a_revision_that_fails_on_real_requests_does_not_replace_the_running_one(tmp_path: Path) -> None:
+    """Rules that conflict only for a real request (never for the empty input the evaluators start on) passed
+    the load and answered policy_error to every request for that model: the reload now tries the new
+    revision on a request per role and model first, and keeps the running one."""
+    from gateway.requests.policy_trial import policy_trial
+    from workers.contract.registry import TINY_MODEL_NAME, load_registry
+
+    folder = Path(shutil.copytree(POLICY_DIR, tmp_path / "policy"))
+    engine = EmbeddedPolicyEngine.load(folder, TIMEOUT_S)
+    registry = load_registry(None, tmp_path / "var")
+    reloading = ReloadingPolicyEngine(engine, lambda: _open(folder), policy_dir=folder, trial=policy_trial(registry))
+    try:
+        (folder / "conflict.rego").write_text(
+            "package govgate\n\n"
+            f'decision := {{"allow": true, "reasons": []}} if input.request.model == "{TINY_MODEL_NAME}"\n')
+        result = await reloading.reload()
+        assert not result.changed and reloading.current is engine
+        assert result.error is not None and "the policy fails on a request of role" in result.error
+        assert f"model '{TINY_MODEL_NAME}'" in result.error
+        (folder / "conflict.rego").write_text("package govgate_extra\n\nanswer := 42\n")  # harmless: taken
+        result = await reloading.reload()
+        assert result.changed and result.error is None and reloading.current is not engine
+    finally:
+        await reloading.aclose()
