@@ -12,6 +12,7 @@ so the chained body holds only metadata and digests.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from gateway.auth import Principal
@@ -19,7 +20,7 @@ from gateway.api_errors import ApiError
 from gateway.policy import Decision
 from gateway.requests.normalize import normalized_text
 from gateway.requests.policy_input import prompt_text, without_prompt
-from workers.contract.privacy import HASH, REDACTED, Digester, mask
+from workers.contract.privacy import FULL, HASH, REDACTED, Digester, mask
 from workers.contract.sampling import SamplingParams
 
 
@@ -68,6 +69,22 @@ def logged_prompt(messages: list[dict[str, str]] | None, prompt: str | None, mod
     return {"prompt_logging": mode, **({"messages": messages} if messages is not None else {"prompt": prompt})}
 
 
+def logged_params(params: SamplingParams, digester: Digester) -> dict[str, Any]:
+    """The sampling parameters as the chained body keeps them: the stop sequences as keyed digests.
+
+    Stop sequences are text the client wrote, which the policy's detectors do
+    not read and which ``govgate audit prune`` could not erase from the
+    chained body: the body keeps their digests whatever ``prompt_logging``
+    says, and only under ``full`` are they kept in clear, in the erasable
+    payload beside the prompt (``stop``, :func:`request_record`).
+    """
+    document = params.to_payload()
+    stop = document.pop("stop")
+    if stop:
+        document["stop_hmac_sha256"] = [digester.hexdigest(text) for text in stop]
+    return document
+
+
 def request_record(*, endpoint: str, principal: Principal, purpose: str | None, stream: bool,
                    params: SamplingParams, requested_max_tokens: int, decision: Decision,
                    admission: dict[str, Any] | None, policy_input: dict[str, Any],
@@ -84,14 +101,35 @@ def request_record(*, endpoint: str, principal: Principal, purpose: str | None, 
         "roles": list(principal.roles),
         "purpose": purpose,
         "stream": stream,
-        "params": params.to_payload(),
+        "params": logged_params(params, digester),
         "requested_max_tokens": requested_max_tokens,
         "decision": decision_for_audit(decision, digester),
         "admission": admission,
         "policy_input": without_prompt(policy_input),
         **logged_prompt(messages, prompt, obligations.prompt_logging,
                         [item.to_document() for item in obligations.redact or ()], digester),
+        # Under full, the stop sequences as sent, moved to the erasable payload with the prompt (TEXT_KEYS).
+        **({"stop": list(params.stop)} if obligations.prompt_logging == FULL and params.stop else {}),
     }
+
+
+#: A quoted value in an error message ('…'): the decoder's messages quote values of the body they refused.
+_QUOTED = re.compile(r"'([^']+)'")
+#: msgspec's refusal of a value outside a Literal: the value is quoted as is (it may hold a ' itself).
+_ENUM_VALUE = re.compile(r"Invalid enum value '.*'(?= - at `|$)", re.DOTALL)
+
+
+def _without_body_values(error: ApiError) -> str:
+    """The error's message with every quoted value elided (``'…'``) but the name of the parameter it is about.
+
+    Messages of the body's decoder quote what they refused ("Invalid enum
+    value '…' - at `$.messages[0].role`", "The model '…' does not exist"):
+    text of the body, which the client may see and the audit entry must not
+    keep. Field names (``param``) stay: they say what was wrong.
+    """
+    names = set(re.split(r"[.\[\]]+", error.param or "")) | {error.param or ""}
+    message = _ENUM_VALUE.sub("Invalid enum value '…'", error.message)
+    return _QUOTED.sub(lambda m: m.group(0) if m.group(1) in names else "'…'", message)
 
 
 def rejection_record(endpoint: str, key_id: str, error: ApiError, raw: bytes,
@@ -105,7 +143,7 @@ def rejection_record(endpoint: str, key_id: str, error: ApiError, raw: bytes,
         "endpoint": endpoint,
         "key_id": key_id,
         "status": error.status,
-        "error": {"code": error.code, "message": error.message, "param": error.param},
+        "error": {"code": error.code, "message": _without_body_values(error), "param": error.param},
         "body_bytes": len(raw),
         "body_hmac_sha256": digester.hexdigest(raw),
     }

@@ -19,7 +19,7 @@ HASH = "hash"
 #: They go to the entry's erasable payload, never into its chained body (audit chain format 2), so
 #: ``govgate audit prune`` can erase them while the chain still verifies. Digests, masks'
 #: markers and lengths stay in the body.
-TEXT_KEYS = ("messages", "prompt", "output", "client_output")
+TEXT_KEYS = ("messages", "prompt", "output", "client_output", "stop")
 
 
 def split_texts(body: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:

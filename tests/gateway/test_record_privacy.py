@@ -1,0 +1,99 @@
+"""Texts of a request that reach the audit log or a message outside the prompt and the output.
+
+Stop sequences are client text the detectors never read and that the chained
+body (which ``audit prune`` cannot erase) held in clear under every
+``prompt_logging`` level; a refused body's value came back in its ``rejected``
+entry through the decoder's message; a Redis URL's password was printed by
+``govgate up``, ``govgate serve`` and ``govgate keys revoke``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import click
+import pytest
+
+from gateway.api_errors import ApiError
+from gateway.auth import Principal
+from gateway.auth.key_changes import KeyChangeAnnouncer
+from gateway.policy import Decision
+from gateway.requests.audit_records import rejection_record, request_record
+from gateway.requests.parsing import parse_body
+from gateway.requests.schemas import ChatCompletionRequest
+from workers.contract.privacy import Digester, split_texts
+from workers.contract.sampling import SamplingParams
+
+SECRET = "ZQXSECRET-987-65-4321"
+DIGESTER = Digester(b"k" * 32)
+PRINCIPAL = Principal(id="hal", team="research", roles=("hasher",), key_id="abc123")
+
+
+def record(mode: str) -> dict:
+    decision = Decision.from_document({"allow": True, "reasons": [], "obligations": {
+        "max_tokens": 8, "priority": 5, "prompt_logging": mode, "redact": []}})
+    return request_record(endpoint="chat.completions", principal=PRINCIPAL, purpose=None, stream=False,
+                          params=SamplingParams(max_tokens=8, stop=(SECRET, "\n\n")), requested_max_tokens=8,
+                          decision=decision, admission=None, policy_input={"request": {}},
+                          messages=[{"role": "user", "content": "hello"}], prompt=None, digester=DIGESTER)
+
+
+@pytest.mark.parametrize("mode", ["hash", "redacted", "full"])
+def test_the_chained_body_keeps_stop_sequences_as_digests(mode: str) -> None:
+    metadata, texts = split_texts(record(mode))  # what the store chains, and what prune may erase
+    assert SECRET not in json.dumps(metadata)
+    assert metadata["params"]["stop_hmac_sha256"] == [DIGESTER.hexdigest(SECRET), DIGESTER.hexdigest("\n\n")]
+    assert "stop" not in metadata["params"]
+    if mode == "full":  # as sent, in the erasable payload beside the prompt
+        assert texts is not None and texts["stop"] == [SECRET, "\n\n"]
+    else:
+        assert SECRET not in json.dumps(texts)
+
+
+def test_no_stop_sequences_leave_no_digests() -> None:
+    decision = Decision.from_document({"allow": True, "reasons": [], "obligations": {
+        "max_tokens": 8, "priority": 5, "prompt_logging": "full", "redact": []}})
+    body = request_record(endpoint="chat.completions", principal=PRINCIPAL, purpose=None, stream=False,
+                          params=SamplingParams(max_tokens=8), requested_max_tokens=8, decision=decision,
+                          admission=None, policy_input={"request": {}},
+                          messages=[{"role": "user", "content": "hello"}], prompt=None, digester=DIGESTER)
+    assert "stop" not in body and "stop" not in body["params"] and "stop_hmac_sha256" not in body["params"]
+
+
+def test_a_rejected_entry_keeps_no_value_the_decoder_quoted() -> None:
+    raw = json.dumps({"model": "m", "messages": [{"role": SECRET, "content": "x"}]}).encode()
+    with pytest.raises(ApiError) as refused:
+        parse_body(raw, ChatCompletionRequest)
+    assert SECRET in refused.value.message  # the client is told what it sent
+    body = rejection_record("chat.completions", "abc123", refused.value, raw, DIGESTER)
+    assert SECRET not in json.dumps(body)
+    assert body["error"]["param"] == "messages[0].role" and "Invalid enum value" in body["error"]["message"]
+
+
+def test_a_rejected_entry_keeps_the_parameter_named() -> None:
+    error = ApiError(400, "unsupported_parameter", "Unsupported parameter: 'logit_bias_x' is not accepted.",
+                     param="logit_bias_x")
+    assert rejection_record("x", "k", error, b"{}", DIGESTER)["error"]["message"] == error.message
+
+
+PASSWORD_URL = "redis://:ZQXPASSWORD@127.0.0.1:1/0"
+
+
+def test_a_key_change_not_told_does_not_show_the_redis_password() -> None:
+    announcer = KeyChangeAnnouncer(PASSWORD_URL)
+    announcer("abc123")
+    assert announcer.failure is not None and "ZQXPASSWORD" not in announcer.failure
+
+
+def test_serve_and_up_do_not_show_the_redis_password(settings, tmp_path) -> None:
+    from govgate.cli import _check_serve_settings
+    from govgate.supervisor import run_up
+
+    own = settings.with_(redis_url=PASSWORD_URL, var_dir=tmp_path / "var")
+    with pytest.raises(click.ClickException) as refused:
+        _check_serve_settings(own)
+    assert "does not answer" in refused.value.message and "ZQXPASSWORD" not in refused.value.message
+    out = io.StringIO()
+    assert run_up(own, out=out) != 0
+    assert "does not answer" in out.getvalue() and "ZQXPASSWORD" not in out.getvalue()
