@@ -80,7 +80,7 @@ def _check_serve_settings(settings: Settings) -> None:
         raise click.ClickException("GOVGATE_REDIS_URL is not set: 'govgate serve' needs a Redis "
                                    "(or run 'govgate up', which starts one)")
     if not ping(settings.redis_url):
-        raise click.ClickException(f"GOVGATE_REDIS_URL={settings.redis_url} does not answer")
+        raise click.ClickException(f"GOVGATE_REDIS_URL={without_password(settings.redis_url)} does not answer")
     if not settings.opa_url and not settings.policy_dir.is_dir():
         raise click.ClickException(f"GOVGATE_POLICY_DIR={settings.policy_dir} is not a folder")
     try:

@@ -173,9 +173,9 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
         ensure_keys(settings)  # before any child starts: they all read the same key files
         if settings.redis_url:
             if not ping(settings.redis_url):
-                raise StartupError(f"GOVGATE_REDIS_URL={settings.redis_url} does not answer")
+                raise StartupError(f"GOVGATE_REDIS_URL={without_password(settings.redis_url)} does not answer")
             redis_url = settings.redis_url
-            say(f"  redis: {redis_url} (given)")
+            say(f"  redis: {without_password(redis_url)} (given)")
         else:
             stack.redis = RedisProcess.start(settings.var_dir / "redis")
             redis_url = stack.redis.url

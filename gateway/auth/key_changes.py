@@ -13,6 +13,8 @@ from __future__ import annotations
 import redis
 from redis.exceptions import RedisError
 
+from gateway.settings import without_password
+
 #: The channel; each message is the id of a key whose access was narrowed.
 KEYS_CHANGED_CHANNEL = "govgate:keys:changed"
 
@@ -36,11 +38,11 @@ class KeyChangeAnnouncer:
         try:
             client = redis.Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=5)
         except ValueError as exc:  # not a Redis URL: the change is committed all the same
-            self.failure = f"{self.redis_url!r} is not a Redis URL ({exc})"
+            self.failure = f"{without_password(self.redis_url)!r} is not a Redis URL ({exc})"
             return
         try:
             self.receivers += int(client.publish(KEYS_CHANGED_CHANNEL, key_id))
         except (RedisError, OSError) as exc:
-            self.failure = f"Redis at {self.redis_url} did not take the signal ({type(exc).__name__}: {exc})"
+            self.failure = f"Redis at {without_password(self.redis_url)} did not take the signal ({type(exc).__name__}: {exc})"
         finally:
             client.close()
