@@ -20,8 +20,12 @@ def load_settings() -> Settings:
         raise click.ClickException(str(exc)) from None
 
 
-def audit_engine() -> Engine:
-    """The audit database, its schema brought up to date; a one-line error if it cannot be opened.
+def audit_engine(*, upgrade: bool = False) -> Engine:
+    """The audit database; a one-line error if it cannot be opened or its schema is not this version's.
+
+    The schema is brought up to date only with ``upgrade``: reading commands (tail, verify, export, …)
+    must not upgrade a store that an older govgate may still be writing to (its next entry would not
+    verify, and an append-only log cannot be mended), nor change a backup they are asked to check.
 
     A SQLite file that is not there (or is empty) is an error, not a new empty store: the audit
     commands read a store the gateway made, and a mistyped GOVGATE_VAR_DIR must not verify as
@@ -43,9 +47,37 @@ def audit_engine() -> Engine:
                                    "nothing to read, and none is made here")
     try:
         engine = make_engine(url, busy_timeout_s=settings.database_busy_timeout_s)
-        migrate(engine)
+        if upgrade:
+            migrate(engine)
+        else:
+            other = _other_schema(engine)
     except AuditError as exc:
         why = " ".join(str(exc).split())  # one line: libpq's refusals run on ("\n\tIs the server running ...")
         raise click.ClickException(f"GOVGATE_DATABASE_URL={without_password(url)} cannot be used: {why}") from None
+    if not upgrade and other is not None:
+        engine.dispose()
+        raise click.ClickException(
+            f"the audit store at {without_password(url)} has schema {other[0]}, this govgate expects {other[1]}: "
+            "this command reads a store as it is and does not upgrade it (an older govgate still writing to it "
+            "would break the chain). Stop every gateway and worker of the older version, then upgrade it by "
+            "starting this one (govgate up / govgate serve) or with any 'govgate keys' command; to read a backup, "
+            "upgrade a copy of it")
     return engine
 
+
+def _other_schema(engine: Engine) -> tuple[str, str] | None:
+    """``(stored, expected)`` revisions when the audit schema is not at this version's heads, else None."""
+    from audit.db import DB_ERRORS, MIGRATIONS_DIR, VERSION_TABLE, describe, reason
+    from audit.errors import AuditError
+    from audit.migration_heads import at_head, script_heads, stored_revisions
+
+    versions = MIGRATIONS_DIR / "versions"
+    try:
+        with engine.connect() as conn:
+            if at_head(conn, versions, VERSION_TABLE):
+                return None
+            stored = stored_revisions(conn, VERSION_TABLE)
+    except DB_ERRORS as exc:
+        raise AuditError(f"cannot read the audit schema's version in {describe(engine)}: {reason(exc)}") from exc
+    heads = script_heads(versions) or frozenset()
+    return (", ".join(sorted(stored)) if stored else "none", ", ".join(sorted(heads)) or "unknown")

@@ -376,3 +376,33 @@ def test_serve_on_a_busy_port_says_so(settings):
     assert result.returncode == 1
     assert result.stderr.strip() == (f"Error: port {port} on 127.0.0.1 is already in use: "
                                      "set GOVGATE_PORT to a free port (or stop what listens there)")
+
+
+@pytest.mark.parametrize("command", [["verify"], ["tail"], ["export", "--since", "2020-01-01", "--format", "jsonl"],
+                                     ["prune", "--before", "2020-01-01"]])
+def test_audit_commands_do_not_upgrade_a_store_an_older_version_may_still_write(cli, command):
+    """An older gateway still appending format-1 entries after the upgrade would break the chain for good.
+
+    So the audit commands (run to look at a store, or at a backup) read it as it is: a store at an older
+    schema is refused, naming the step that upgrades it, and left unchanged.
+    """
+    from audit import make_engine, migrate
+    from tests.audit.old_append import old_append
+
+    engine = make_engine(f"sqlite:///{cli.database}")
+    migrate(engine, "audit_0001")
+    old_append(engine, "request", "old-1", {"prompt": "hello", "decision": {"allow": True}})
+    engine.dispose()
+    with open(cli.database, "rb") as before:
+        content = before.read()
+    result = cli("audit", *command, ok=False)
+    assert result.exit_code == 1
+    assert "has schema audit_0001, this govgate expects audit_0005" in result.output, result.output
+    assert "upgrade it by starting this one" in result.output
+    with sqlite3.connect(cli.database) as db:
+        assert db.execute("SELECT version_num FROM alembic_version_audit").fetchall() == [("audit_0001",)]
+        assert db.execute("SELECT kind FROM audit_entries").fetchall() == [("request",)]  # no chain_format entry
+    cli("keys", "list")  # a documented upgrade step
+    assert cli("audit", *command, ok=command[0] != "verify").exit_code in (0, 1)
+    with sqlite3.connect(cli.database) as db:
+        assert db.execute("SELECT version_num FROM alembic_version_audit").fetchall() == [("audit_0005",)]
