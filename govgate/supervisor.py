@@ -35,6 +35,8 @@ __all__ = ["DatabaseStep", "Launcher", "check_port", "child_env", "private_dir",
 STARTUP_POLL_S = 0.05
 #: How often it looks once govgate is up (later models, children that die).
 RUNNING_POLL_S = 0.2
+#: How long a stop waits for a running database step, so that an admin key it made is shown, not lost.
+DATABASE_STEP_GRACE_S = 10.0
 
 
 def ensure_keys(settings: Settings) -> None:
@@ -210,6 +212,8 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
                 _keys(settings, database.result(), say)
                 keys_told = True
             time.sleep(RUNNING_POLL_S if keys_told else STARTUP_POLL_S)
+        if not keys_told and database is not None:
+            _finish_database_step(database, settings, say)
         say("govgate: stopping …")
         return 0
     except (StartupError, RedisUnavailable, RegistryError, BackendError, OSError) as exc:
@@ -224,6 +228,23 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         say("govgate: stopped")
+
+
+def _finish_database_step(database: DatabaseStep, settings: Settings, say: Callable[[str], None]) -> None:
+    """A stop asked for while the database step runs: let it end (bounded) and show the admin key it made.
+
+    Stopping it instead could kill it after its transaction committed the
+    admin key and before its secret was read: the key would exist, shown
+    nowhere, and every later run would say it was made on an earlier run.
+    """
+    try:
+        database.process.wait(timeout=DATABASE_STEP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        return
+    try:
+        _keys(settings, database.result(), say)
+    except StartupError as exc:
+        say(f"govgate: {exc}")
 
 
 def _banner(settings: Settings, first: str, later: list[str], elapsed_s: float, say: Callable[[str], None]) -> None:

@@ -6,7 +6,10 @@ in tests/e2e/test_up.py.
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -187,3 +190,42 @@ def test_the_database_step_prints_one_json_line(settings, tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert list(json.loads(result.stdout)) == ["secret"]
+
+
+class _StopsAtTheBanner:
+    """A launcher whose API and first model are ready at once; the first poll once serving is a Ctrl-C."""
+
+    def __init__(self, *_args: object) -> None:
+        self.api_ready, self.ever_ready, self.serving = True, set(), False
+
+    def start_api(self) -> None:
+        pass
+
+    def start_worker(self, name: str) -> None:
+        self.ever_ready.add(name)
+
+    def poll(self) -> list[str]:
+        if self.serving:
+            os.kill(os.getpid(), signal.SIGINT)
+        return []
+
+    def elapsed(self) -> float:
+        return 0.0
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_ctrl_c_right_after_the_banner_still_shows_the_admin_key_it_made(settings, tmp_path, monkeypatch):
+    """Stopping the database step instead could lose a committed admin key's secret for good."""
+    import govgate.model_files
+    import govgate.supervisor
+
+    own = settings.with_(database_url=f"sqlite:///{tmp_path / 'up.db'}")
+    monkeypatch.setattr(govgate.supervisor, "Launcher", _StopsAtTheBanner)
+    monkeypatch.setattr(govgate.model_files, "ensure_models", lambda *_args: None)
+    out = io.StringIO()
+    assert govgate.supervisor.run_up(own, out=out) == 0
+    said = out.getvalue()
+    assert "admin API key (shown once, keep it): gk_" in said, said
+    assert said.index("admin API key") < said.index("govgate: stopping")
