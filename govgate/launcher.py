@@ -28,6 +28,11 @@ def private_log(path: Path) -> TextIO:
     return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a", buffering=1)
 
 
+#: What a model given up means for its requests (a worker that could not load it said so: gateways refuse them).
+_UNSERVED = ("requests for {name} are refused with model_unavailable if its worker could not load it, else wait "
+             "in its queue until they time out; the rest keeps serving (fix it, then restart govgate up)")
+
+
 def spawn_govgate(args: list[str], env: dict[str, str], log_file: TextIO | None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "govgate.cli", *args], env=env, stdin=subprocess.DEVNULL,
                             stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
@@ -141,8 +146,7 @@ class Launcher:
             if isinstance(decision, GiveUp):
                 self.given_up.add(name)
                 self.say(f"  worker for model {name}: {why}; restarted {decision.recent} times in the last "
-                         f"{policy.window_s:.0f}s, so not again: requests for {name} wait in its queue until they time "
-                         "out; the rest keeps serving (fix it, then restart govgate up)")
+                         f"{policy.window_s:.0f}s, so not again: {_UNSERVED.format(name=name)}")
             else:
                 self.restart_due[name] = now + decision.delay_s
                 self.say(f"  worker for model {name}: {why}; restarting in {decision.delay_s:g}s "
@@ -150,7 +154,12 @@ class Launcher:
         for name, due in list(self.restart_due.items()):
             if now >= due:
                 del self.restart_due[name]
-                self.start_worker(name)
+                try:
+                    self.start_worker(name)
+                except OSError as exc:  # the command itself is gone (a venv replaced under us): not the others'
+                    self.given_up.add(name)
+                    self.say(f"  worker for model {name}: cannot be started again ({exc.strerror or exc}), so "
+                             f"not again: {_UNSERVED.format(name=name)}")
 
     def _loaded(self, name: str) -> bool:
         """The worker (or its pool process) has loaded the model."""

@@ -150,8 +150,8 @@ def test_a_worker_restarted_too_often_is_given_up_and_the_rest_keeps_running(lau
     assert launch.poll() == []
     assert said == ["  worker for model crashy: exited with code 1: Segmentation fault "
                     f"(see {stack.logs / 'worker-crashy.log'}); restarted 0 times in the last 60s, so not again: "
-                    "requests for crashy wait in its queue until they time out; the rest keeps serving "
-                    "(fix it, then restart govgate up)"]
+                    "requests for crashy are refused with model_unavailable if its worker could not load it, else "
+                    "wait in its queue until they time out; the rest keeps serving (fix it, then restart govgate up)"]
     assert launch.given_up == {"crashy"} and launch.restart_due == {}
     assert launch.poll() == [] and len(said) == 1
 
@@ -229,3 +229,28 @@ def test_a_ctrl_c_right_after_the_banner_still_shows_the_admin_key_it_made(setti
     said = out.getvalue()
     assert "admin API key (shown once, keep it): gk_" in said, said
     assert said.index("admin API key") < said.index("govgate: stopping")
+
+
+def test_a_worker_that_cannot_be_spawned_again_is_given_up_and_the_rest_keeps_running(launcher, monkeypatch):
+    """The command gone under a running `govgate up` (its venv replaced): that model is given up, the API and the
+    other models keep serving (the OSError used to leave run_up as "cannot start" and stop everything)."""
+    from govgate import launcher as launcher_module
+
+    launch, stack, said = launcher
+    launch.serving = True
+    launch.ever_ready.update({"tiny", "steady"})
+    launch.policies["tiny"] = RestartPolicy(first_backoff_s=0)
+    _exited(stack, "tiny", -9, "pid 7 loaded model tiny")
+    _stand_in(stack, "steady")
+
+    def gone(*_args, **_kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "/old/venv/bin/python")
+
+    monkeypatch.setattr(launcher_module, "spawn_govgate", gone)
+    launch.poll()  # decides to restart at once
+    assert launch.poll() == []  # starts it: the spawn fails
+    assert launch.given_up == {"tiny"} and launch.restart_due == {}
+    assert said[-1].startswith("  worker for model tiny: cannot be started again (No such file or directory), so not "
+                               "again: requests for tiny are refused with model_unavailable")
+    assert stack.workers["steady"].poll() is None
+
