@@ -99,10 +99,6 @@ class DriverStore:
         self._boundary: int | None = None
         self._positional = plan.append.positional
 
-    @property
-    def plan(self) -> DriverPlan:
-        return self._plan
-
     def append(
         self,
         kind: str,
