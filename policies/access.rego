@@ -40,8 +40,8 @@ known_role_settings := {role: object.union(defaults, config.roles[role]) | some 
 # it), as a rule, so one decision works it out once for all who ask. The
 # load-time check (checks.rego) makes every role's `models` a list.
 granting := roles if {
-	wanted := {"*", requested_model}
-	roles := {role |
+	wanted = {"*", requested_model}
+	roles = {role |
 		some role in known_roles
 		some listed in object.get(config.roles[role], "models", [])
 		listed in wanted
@@ -53,13 +53,13 @@ model_permitted if count(granting) > 0
 
 access_denials contains {"code": "unknown_role", "message": msg} if {
 	count(known_roles) == 0
-	msg := sprintf("principal '%s' has no role this policy knows", [principal_label])
+	msg = sprintf("principal '%s' has no role this policy knows", [principal_label])
 }
 
 access_denials contains {"code": "model_not_allowed", "message": msg} if {
 	count(known_roles) > 0
 	not model_permitted
-	msg := sprintf(
+	msg = sprintf(
 		"no role of principal '%s' (%s) may use model '%s'",
 		[principal_label, concat(", ", sort(known_roles)), model_label],
 	)
@@ -69,7 +69,7 @@ access_denials contains {"code": "model_not_allowed", "message": msg} if {
 
 # The principal's team's settings ({} without a team or an entry for it).
 team_settings := settings if {
-	settings := object.get(config, ["teams", principal_team], null)
+	settings = object.get(config, ["teams", principal_team], null)
 	is_object(settings)
 } else := {}
 
@@ -86,7 +86,7 @@ team_allows(model_name) if {
 access_denials contains {"code": "team_model_not_allowed", "message": msg} if {
 	requested_model
 	not team_allows(requested_model)
-	msg := sprintf("team '%s' of principal '%s' may not use model '%s'", [principal_team, principal_label, requested_model])
+	msg = sprintf("team '%s' of principal '%s' may not use model '%s'", [principal_team, principal_label, requested_model])
 }
 
 # ---------------------------------------------------------------- model list
@@ -97,7 +97,7 @@ access_denials contains {"code": "team_model_not_allowed", "message": msg} if {
 visible_models contains name if {
 	is_array(input.models)
 	some model in input.models
-	name := model.name
+	name = model.name
 	is_string(name)
 	count(granting_roles(name)) > 0
 	team_allows(name)

@@ -22,22 +22,22 @@ seconds_until_midnight(now_s) := seconds_per_day - (now_s % seconds_per_day)
 # Seconds from `now_s` to 00:00 UTC on the first day of the next month.
 seconds_until_next_month(now_s) := seconds if {
 	[year, month, day] := civil_date(floor_div(now_s, seconds_per_day))
-	days_left := days_in_month(year, month) - day
-	seconds := (days_left * seconds_per_day) + seconds_until_midnight(now_s)
+	days_left = days_in_month(year, month) - day
+	seconds = (days_left * seconds_per_day) + seconds_until_midnight(now_s)
 }
 
 # [year, month, day] of the day `days` days after 1970-01-01.
 # (Howard Hinnant's civil_from_days, for days >= 0.)
 civil_date(days) := [year, month, day] if {
-	z := days + 719468
-	era := floor_div(z, 146097)
-	doe := z - (era * 146097)
-	yoe := floor_div(((doe - floor_div(doe, 1460)) + floor_div(doe, 36524)) - floor_div(doe, 146096), 365)
-	doy := doe - (((365 * yoe) + floor_div(yoe, 4)) - floor_div(yoe, 100))
-	mp := floor_div((5 * doy) + 2, 153)
-	day := (doy - floor_div((153 * mp) + 2, 5)) + 1
-	month := month_from_march_index(mp)
-	year := (yoe + (era * 400)) + january_or_february(month)
+	z = days + 719468
+	era = floor_div(z, 146097)
+	doe = z - (era * 146097)
+	yoe = floor_div(((doe - floor_div(doe, 1460)) + floor_div(doe, 36524)) - floor_div(doe, 146096), 365)
+	doy = doe - (((365 * yoe) + floor_div(yoe, 4)) - floor_div(yoe, 100))
+	mp = floor_div((5 * doy) + 2, 153)
+	day = (doy - floor_div((153 * mp) + 2, 5)) + 1
+	month = month_from_march_index(mp)
+	year = (yoe + (era * 400)) + january_or_february(month)
 }
 
 # Months counted from March (0) to February (11) as 1..12.

@@ -26,50 +26,50 @@ input_problems contains "input.request.max_tokens must be a whole number from 1 
 input_problems contains "input.request.text must be a string" if not request_text
 
 input_problems contains "input.request.normalized_text must be a string" if {
-	value := input.request.normalized_text
+	value = input.request.normalized_text
 	not is_string(value)
 }
 
 input_problems contains "input.request.purpose must be a string or null" if {
-	purpose := input.request.purpose
+	purpose = input.request.purpose
 	purpose != null
 	not is_string(purpose)
 }
 
 input_problems contains "input.principal.team must be a string or null" if {
-	team := input.principal.team
+	team = input.principal.team
 	team != null
 	not is_string(team)
 }
 
 input_problems contains "input.model.tags must be a list" if {
-	tags := input.model.tags
+	tags = input.model.tags
 	not is_array(tags)
 }
 
 input_problems contains "input.usage must be an object or null" if {
-	usage := input.usage
+	usage = input.usage
 	usage != null
 	not is_object(usage)
 }
 
 input_problems contains sprintf("input.usage.%s must be an object or null", [scope]) if {
 	some scope in ["principal", "team"]
-	counters := input.usage[scope]
+	counters = input.usage[scope]
 	counters != null
 	not is_object(counters)
 }
 
 input_problems contains sprintf("input.usage.%s.%s must be a number from 0 to 2^53", [scope, counter]) if {
 	some scope in ["principal", "team"]
-	counters := input.usage[scope]
+	counters = input.usage[scope]
 	is_object(counters)
 
 	# Not the usual case: limits.rego's one pass over the counters (counted_usage)
 	# kept them all.
 	count(counted_usage[scope]) != count(counters)
 	some counter in usage_counters
-	value := counters[counter] # one variable per lookup: regorus is slow on x[a][b]
+	value = counters[counter] # one variable per lookup: regorus is slow on x[a][b]
 	not countable(value)
 }
 
@@ -78,7 +78,7 @@ input_problems contains sprintf("input.usage.%s.%s must be a number from 0 to 2^
 # Every problem of the data, for every role, team, model and limits entry
 # (not only those one request touches): evaluated once per load.
 config_problems contains "govgate_config must be an object" if {
-	c := data.govgate_config
+	c = data.govgate_config
 	not is_object(c)
 }
 
@@ -87,7 +87,7 @@ config_problems contains "govgate_config must be an object" if {
 config_problems contains "govgate_config is missing: the policy's data (data.json) must define it" if not config_defined
 
 config_defined if {
-	c := data.govgate_config
+	c = data.govgate_config
 	c == c
 }
 
@@ -95,14 +95,14 @@ config_defined if {
 # dropping its roles, teams or limits rather than refusing the data.
 config_problems contains sprintf("govgate_config.%s must be an object or null", [key]) if {
 	some key in ["defaults", "roles", "teams", "models", "limits", "purposes", "content"]
-	value := setting([key])
+	value = setting([key])
 	value != null
 	not is_object(value)
 }
 
 config_problems contains sprintf("govgate_config.limits.%s must be an object or null", [kind]) if {
 	some kind in ["principals", "teams"]
-	value := setting(["limits", kind])
+	value = setting(["limits", kind])
 	value != null
 	not is_object(value)
 }
@@ -125,7 +125,7 @@ valid_setting("priority", value) if valid_priority(value)
 
 config_problems contains sprintf("govgate_config.defaults.%s must be %s", [name, rule]) if {
 	some name, rule in setting_rules
-	value := defaults[name]
+	value = defaults[name]
 	not valid_setting(name, value)
 }
 
@@ -138,19 +138,19 @@ configured_roles := {role: settings |
 config_problems contains sprintf("govgate_config.roles.%s.%s must be %s", [role, name, rule]) if {
 	some role, settings in configured_roles
 	some name, rule in setting_rules
-	value := settings[name]
+	value = settings[name]
 	not valid_setting(name, value)
 }
 
 config_problems contains sprintf("govgate_config.roles.%s.models must be a list", [role]) if {
 	some role, settings in configured_roles
-	models := settings.models
+	models = settings.models
 	not is_array(models)
 }
 
 config_problems contains sprintf("govgate_config.teams.%s.models must be a list or null", [team]) if {
 	some team, settings in as_object(setting(["teams"]))
-	models := as_object(settings).models
+	models = as_object(settings).models
 	models != null
 	not is_array(models)
 }
@@ -161,7 +161,7 @@ config_problems contains sprintf("govgate_config.teams.%s.models must be a list 
 # policy; the decision rules never read them.
 config_problems contains sprintf("govgate_config.teams.%s.share must be a number greater than 0 and at most 1000, or null", [team]) if {
 	some team, settings in as_object(setting(["teams"]))
-	share := as_object(settings).share
+	share = as_object(settings).share
 	share != null
 	not valid_share(share)
 }
@@ -177,28 +177,28 @@ configured_models := {name: as_object(settings) | some name, settings in as_obje
 
 config_problems contains sprintf("govgate_config.models.%s.hours_utc must be [start, end] in whole hours from 0 to 24", [name]) if {
 	some name, settings in configured_models
-	window := settings.hours_utc
+	window = settings.hours_utc
 	window != null
 	not valid_hours_window(window)
 }
 
 config_problems contains sprintf("govgate_config.models.%s.weekdays must be a list of day names (Monday ... Sunday)", [name]) if {
 	some name, settings in configured_models
-	days := settings.weekdays
+	days = settings.weekdays
 	days != null
 	not valid_weekdays(days)
 }
 
 config_problems contains sprintf("govgate_config.models.%s.purposes must be a list of strings or null", [name]) if {
 	some name, settings in configured_models
-	purposes := settings.purposes
+	purposes = settings.purposes
 	purposes != null
 	not string_list(purposes)
 }
 
 config_problems contains sprintf("govgate_config.purposes.%s must be a list of strings", [key]) if {
 	some key in ["allowed", "required_for_tags"]
-	value := setting(["purposes", key])
+	value = setting(["purposes", key])
 	value != null
 	not string_list(value)
 }
@@ -223,7 +223,7 @@ config_problems contains sprintf("govgate_config.limits.%s limits must be whole 
 	some entry in as_object(setting(["limits", kind]))
 	is_object(entry)
 	some limit in limit_names
-	value := entry[limit]
+	value = entry[limit]
 	value != null
 	not whole_number(value)
 }
@@ -231,7 +231,7 @@ config_problems contains sprintf("govgate_config.limits.%s limits must be whole 
 # ---------------------------------------------------------------- content data
 
 config_problems contains "govgate_config.content.blocked_patterns must be a list" if {
-	value := setting(["content", "blocked_patterns"])
+	value = setting(["content", "blocked_patterns"])
 	value != null
 	not is_array(value)
 }
@@ -247,7 +247,7 @@ config_problems contains sprintf("govgate_config.content.blocked_patterns[%d].ig
 }
 
 config_problems contains "govgate_config.content.national_ids must be a list" if {
-	value := setting(["content", "national_ids"])
+	value = setting(["content", "national_ids"])
 	value != null
 	not is_array(value)
 }
@@ -258,13 +258,13 @@ config_problems contains sprintf("govgate_config.content.national_ids[%d] needs 
 }
 
 config_problems contains sprintf("govgate_config.content.national_ids has the id '%s' more than once", [id]) if {
-	ids := [rule.id | some rule in as_list(setting(["content", "national_ids"]))]
+	ids = [rule.id | some rule in as_list(setting(["content", "national_ids"]))]
 	some id in {candidate | some candidate in ids; is_string(candidate)}
 	count([other | some other in ids; other == id]) > 1
 }
 
 config_problems contains "govgate_config.content.detectors must be an object" if {
-	value := setting(["content", "detectors"])
+	value = setting(["content", "detectors"])
 	value != null
 	not is_object(value)
 }
@@ -286,7 +286,7 @@ usable_content_rule(rule) if {
 }
 
 spacing_problem(rule) if {
-	value := rule.ignore_spacing
+	value = rule.ignore_spacing
 	not is_boolean(value)
 }
 
@@ -309,14 +309,14 @@ output_detector_names := (builtin_detectors | {rule.id | some rule in usable_nat
 blocked_pattern_ids := {rule.id | some rule in blocked_patterns; is_string(rule.id)}
 
 config_problems contains "govgate_config.content.output must be an object" if {
-	value := setting(["content", "output"])
+	value = setting(["content", "output"])
 	value != null
 	not is_object(value)
 }
 
 config_problems contains sprintf("govgate_config.content.output.%s must be an object", [key]) if {
 	some key in ["detectors", "roles"]
-	value := setting(["content", "output", key])
+	value = setting(["content", "output", key])
 	value != null
 	not is_object(value)
 }

@@ -39,7 +39,7 @@ compact_text := replace(replace(detection_text, " ", ""), "\n", "")
 # ---------------------------------------------------------------- blocked patterns
 
 blocked_patterns := patterns if {
-	patterns := object.get(config, ["content", "blocked_patterns"], null)
+	patterns = object.get(config, ["content", "blocked_patterns"], null)
 	is_array(patterns)
 } else := []
 
@@ -48,7 +48,7 @@ blocked_patterns := patterns if {
 content_denials contains {"code": "blocked_content", "message": msg} if {
 	some rule in blocked_patterns
 	blocked_match(rule)
-	msg := blocked_message(rule)
+	msg = blocked_message(rule)
 }
 
 blocked_match(rule) if regex.match(rule.pattern, request_text)
@@ -106,13 +106,13 @@ unportable_constructs := {
 # (as_list/as_object(setting(...)) spelled out here and below: each function
 # call costs regorus more than the check.)
 detectors := settings if {
-	settings := object.get(config, ["content", "detectors"], null)
+	settings = object.get(config, ["content", "detectors"], null)
 	is_object(settings)
 } else := {}
 
 # The action of a configured detector, when it is a known one.
 detector_action(name) := action if {
-	action := detectors[name].action
+	action = detectors[name].action
 	action in detector_actions
 }
 
@@ -123,7 +123,7 @@ detector_actions_by_name := {name: settings.action | some name, settings in dete
 # National id formats: {id, pattern} pairs. Every entry can run: the
 # load-time check refuses data with one that cannot.
 national_ids contains {"id": rule.id, "pattern": rule.pattern} if {
-	rules := object.get(config, ["content", "national_ids"], null)
+	rules = object.get(config, ["content", "national_ids"], null)
 	is_array(rules)
 	some rule in rules
 }
@@ -153,11 +153,11 @@ text_findings(text, active) := {finding |
 	some finding in raw
 	not shadowed(finding, raw, covering)
 } if {
-	raw := raw_text_findings(text, active)
+	raw = raw_text_findings(text, active)
 
 	# The texts that can hold a phone number or card of their own, joined: one
 	# search over this skips the pairwise comparison for most findings.
-	covering := concat("\n", [finding.text | some finding in raw; finding.detector != "phone"])
+	covering = concat("\n", [finding.text | some finding in raw; finding.detector != "phone"])
 }
 
 # Every finding, before overlaps are settled. Each built-in detector first
@@ -217,6 +217,6 @@ covers(_, finding) if finding.detector == "phone"
 content_denials contains {"code": "pii_detected", "message": msg} if {
 	some name in {finding.detector | some finding in findings}
 	detector_actions_by_name[name] == "deny"
-	found := count({finding | some finding in findings; finding.detector == name})
-	msg := sprintf("the request contains personal data found by detector '%s' (%s found)", [name, format_int(found, 10)])
+	found = count({finding | some finding in findings; finding.detector == name})
+	msg = sprintf("the request contains personal data found by detector '%s' (%s found)", [name, format_int(found, 10)])
 }

@@ -27,6 +27,12 @@
 #
 #   A denial is never inferred from a missing reason: allow must be proven, and
 #   every denial carries at least one reason.
+#
+#   Rule bodies bind a value with `v = ref`, not `v := ref` (the same for a
+#   fresh variable), and a rule with a fallback over a `some ... in` body uses
+#   `default`, not `else`: the gateway answers on regorus's compiled VM, which
+#   binds an undefined value with `:=` and leaves such an `else` undefined
+#   (docs/architecture.md, "What a decision costs"; tests/policy/test_policy_vm.py).
 package govgate
 
 import rego.v1
@@ -34,7 +40,7 @@ import rego.v1
 # The operator's data ({} when it is missing or not an object, which
 # checks.rego reports).
 config := c if {
-	c := data.govgate_config
+	c = data.govgate_config
 	is_object(c)
 } else := {}
 
@@ -103,7 +109,7 @@ builtin_defaults := {
 # the built-in ones (one rule: each rule a decision evaluates costs regorus
 # about as much as a dozen expressions).
 defaults := object.union(builtin_defaults, d) if {
-	d := config.defaults
+	d = config.defaults
 	is_object(d)
 } else := builtin_defaults
 
@@ -122,7 +128,7 @@ principal_team := input.principal.team if {
 # malformed input still gets its reason. (Each rule a decision evaluates
 # costs regorus about 5 µs, so a name used once is not a rule of its own.)
 principal_label := id if {
-	id := input.principal.id
+	id = input.principal.id
 	is_string(id)
 } else := "(unknown)"
 

@@ -19,7 +19,7 @@ import data.govgate.calendar
 # (whole_number() spelled out: two nested function calls cost more than the
 # checks on every decision.)
 requested_max_tokens := n if {
-	n := input.request.max_tokens
+	n = input.request.max_tokens
 	is_number(n)
 	n >= 1
 	n <= 9007199254740991
@@ -34,10 +34,14 @@ token_cap := max({known_role_settings[role].max_tokens | some role in granting})
 
 # "clamp" when any granting role clamps (the more permissive mode), else
 # "deny": a request asking for more than the cap is refused.
+# (A default, not `else`: regorus's VM leaves a rule undefined when the body
+# before an `else` fails in a `some ... in` statement.)
+default max_tokens_mode := "deny"
+
 max_tokens_mode := "clamp" if {
 	some role in granting
 	known_role_settings[role].max_tokens_mode == "clamp"
-} else := "deny"
+}
 
 # The request's max_tokens, clamped to the cap. 0 when no role grants the
 # model (the request is denied then and the value is never used).
@@ -50,7 +54,7 @@ granted_max_tokens := min({requested_max_tokens, token_cap})
 limits_denials contains {"code": "max_tokens_exceeded", "message": msg} if {
 	requested_max_tokens > token_cap
 	max_tokens_mode == "deny"
-	msg := sprintf(
+	msg = sprintf(
 		"max_tokens %s is above the cap of %s for model '%s' of principal '%s'",
 		[format_int(requested_max_tokens, 10), format_int(token_cap, 10), model_label, principal_label],
 	)
@@ -84,10 +88,10 @@ counter_phrases := {
 # one, else the `default` entry, else none ({}: unlimited). An own entry
 # replaces the default as a whole: a key it leaves out is unlimited.
 limits_entry(kind, name) := entry if {
-	entry := object.get(config, ["limits", kind, name], null)
+	entry = object.get(config, ["limits", kind, name], null)
 	is_object(entry)
 } else := entry if {
-	entry := object.get(config, ["limits", kind, "default"], null)
+	entry = object.get(config, ["limits", kind, "default"], null)
 	is_object(entry)
 } else := {}
 
@@ -132,7 +136,7 @@ counted_usage[scope] := {counter: value |
 	value <= 9007199254740991
 } if {
 	some scope in ["principal", "team"]
-	counters := input.usage[scope]
+	counters = input.usage[scope]
 	is_object(counters)
 }
 
@@ -169,18 +173,18 @@ limit_costs := {
 # The tables are bound to local names before the loops: regorus looks a rule
 # up by its path on every reference, a local variable by name.
 limits_denials contains {"code": check.code, "message": msg, "retry_after_s": retry_after_s(check.window, scope)} if {
-	counters := limit_counters
-	costs := limit_costs
-	usage_by_scope := counted_usage
+	counters = limit_counters
+	costs = limit_costs
+	usage_by_scope = counted_usage
 	some scope, limits in scope_limits
-	usage := object.get(usage_by_scope, scope, {})
+	usage = object.get(usage_by_scope, scope, {})
 	some name, limit in limits
 	limit != null
-	used := object.get(usage, counters[name], 0)
+	used = object.get(usage, counters[name], 0)
 	used + costs[name] > limit
 	some check in usage_checks
 	check.limit == name
-	msg := sprintf("%s has reached its %s limit of %s (%s %s; this request needs %s)", [
+	msg = sprintf("%s has reached its %s limit of %s (%s %s; this request needs %s)", [
 		scope_label(scope), check.limit, format_int(limit, 10),
 		format_int(used, 10), counter_phrases[check.counter], cost_phrase(check.cost),
 	])
@@ -191,7 +195,7 @@ limits_denials contains {"code": check.code, "message": msg, "retry_after_s": re
 # Seconds until a minute window frees capacity, as the gateway measured it
 # (from 1 to 60); a whole minute when the input does not say.
 retry_after_s("minute", scope) := max([1, ceil(min([frees_in, 60]))]) if {
-	frees_in := input.usage[scope].minute_window_frees_in_s
+	frees_in = input.usage[scope].minute_window_frees_in_s
 	is_number(frees_in)
 } else := 60
 
@@ -212,7 +216,7 @@ retry_after_s("in_flight", _) := 1
 # input.time.now_ns is not a time from 1970 to 2255. format_int turns a
 # float (1.7e+18) into the integer it holds: regorus refuses % on floats.
 now_s := calendar.seconds_from_ns(to_number(format_int(ns, 10))) if {
-	ns := input.time.now_ns
+	ns = input.time.now_ns
 	is_number(ns)
 	ns >= 0
 	ns < 9000000000000000000

@@ -21,7 +21,7 @@ valid_priority(value) if {
 # grants it. Every priority in the data is valid: the load-time check
 # (checks.rego) refuses data with one that is not.
 priority := min(priorities) if {
-	priorities := {known_role_settings[role].priority | some role in granting}
+	priorities = {known_role_settings[role].priority | some role in granting}
 	count(priorities) > 0
 } else := defaults.priority
 

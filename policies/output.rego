@@ -64,7 +64,7 @@ output_view := input.output.normalized_text if {
 output_input_problems contains "input.output.text must be a string" if not output_text
 
 output_input_problems contains "input.output.normalized_text must be a string" if {
-	value := input.output.normalized_text
+	value = input.output.normalized_text
 	not is_string(value)
 }
 
@@ -78,7 +78,7 @@ output_action_order := ["allow", "redact", "stop"]
 output_rank := {"allow": 0, "redact": 1, "stop": 2}
 
 output_settings := settings if {
-	settings := object.get(config, ["content", "output"], null)
+	settings = object.get(config, ["content", "output"], null)
 	is_object(settings)
 } else := {}
 
@@ -92,7 +92,7 @@ output_default_actions := {name: entry.action |
 output_role_pairs := {[name, action] |
 	some role in as_list(input.principal.roles)
 	is_string(role)
-	settings := output_settings.roles[role]
+	settings = output_settings.roles[role]
 	some name, action in settings
 }
 
@@ -104,7 +104,7 @@ output_role_pairs := {[name, action] |
 # more.
 output_actions := object.union(output_default_actions, {name: output_action_order[rank] |
 	some [name, _] in output_role_pairs
-	rank := min({output_rank[action] | some [other, action] in output_role_pairs; other == name})
+	rank = min({output_rank[action] | some [other, action] in output_role_pairs; other == name})
 })
 
 # ---------------------------------------------------------------- findings
@@ -113,21 +113,21 @@ output_actions := object.union(output_default_actions, {name: output_action_orde
 # as on the prompt (an IBAN's digits are no phone number even where ibans
 # are allowed); output_redact and output_stops keep those that act.
 output_findings := found if {
-	found := text_findings(output_view, output_actions)
+	found = text_findings(output_view, output_actions)
 } else := set()
 
 output_stops contains {"code": "output_pii_detected", "message": msg} if {
 	some name in {finding.detector | some finding in output_findings}
 	output_actions[name] == "stop"
-	found := count({finding | some finding in output_findings; finding.detector == name})
-	msg := sprintf("the output contains personal data found by detector '%s' (%s found)", [name, format_int(found, 10)])
+	found = count({finding | some finding in output_findings; finding.detector == name})
+	msg = sprintf("the output contains personal data found by detector '%s' (%s found)", [name, format_int(found, 10)])
 }
 
 output_stops contains {"code": "output_blocked_content", "message": msg} if {
 	some rule in blocked_patterns
 	output_actions[rule.id] == "stop"
 	pattern_in_text(rule, output_text, output_view)
-	msg := sprintf("the output matches blocked content rule '%s'", [rule.id])
+	msg = sprintf("the output matches blocked content rule '%s'", [rule.id])
 }
 
 output_stops contains {"code": "invalid_input", "message": msg} if some msg in output_input_problems
@@ -144,7 +144,7 @@ pattern_in_text(rule, text, view) if {
 
 pattern_in_text(rule, text, view) if {
 	rule.ignore_spacing == true
-	compact := replace(replace(view, " ", ""), "\n", "") # as content.rego's compact_text
+	compact = replace(replace(view, " ", ""), "\n", "") # as content.rego's compact_text
 	compact != view
 	compact != text
 	regex.match(rule.pattern, compact)

@@ -52,7 +52,7 @@ phones(text) := {m |
 
 # 9 to 15 digits (E.164 allows 15), and not a dotted IPv4 address.
 phone_number(candidate) if {
-	n := count(digits_of(candidate))
+	n = count(digits_of(candidate))
 	n >= 9
 	n <= 15
 	not regex.match(`^[0-9]{1,3}(?:\.[0-9]{1,3}){3}$`, candidate)
@@ -114,7 +114,7 @@ digit_after(text, match, start) if digit(substring(text, start + count(match), 1
 
 # 13 to 19 digits with a valid Luhn check digit.
 card_number(candidate) if {
-	digits := digits_of(candidate)
+	digits = digits_of(candidate)
 	count(digits) >= 13
 	count(digits) <= 19
 	luhn_valid(digits)
@@ -123,8 +123,8 @@ card_number(candidate) if {
 # The Luhn check: from the right, every second digit is doubled (less 9
 # when above 9); the sum of all is a multiple of 10.
 luhn_valid(digits) if {
-	chars := split(digits, "")
-	n := count(chars)
+	chars = split(digits, "")
+	n = count(chars)
 	sum([luhn_term(to_number(c), (n - 1) - i) | some i, c in chars]) % 10 == 0
 }
 
@@ -141,15 +141,15 @@ iban_candidate_pattern := `[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1
 
 ibans(text) := {iban |
 	some candidate in distinct_matches(iban_candidate_pattern, text)
-	iban := longest_iban(candidate)
+	iban = longest_iban(candidate)
 	bounded(iban, text)
 }
 
 # The longest run of the candidate's space-separated groups, from its start,
 # that is a valid IBAN: a written IBAN may be followed by a word in capitals.
 longest_iban(candidate) := concat(" ", array.slice(groups, 0, longest)) if {
-	groups := split(candidate, " ")
-	longest := max({k |
+	groups = split(candidate, " ")
+	longest = max({k |
 		some k in numbers.range(1, count(groups))
 		iban_valid(concat("", array.slice(groups, 0, k)))
 	})
@@ -186,15 +186,15 @@ iban_char_digits := {"0": "0", "1": "1", "2": "2", "3": "3", "4": "4", "5": "5",
 # exactly). Chunks, not digits: a third of the builtin calls of an IBAN check.
 mod97(number) := sum([term |
 	some i in numbers.range(0, 11)
-	start := i * 6
+	start = i * 6
 	start < n
-	chunk := substring(number, start, 6)
-	size := count(chunk)
+	chunk = substring(number, start, 6)
+	size = count(chunk)
 
 	# "1" in front: to_number reads JSON numbers, and refuses "012" on both engines
-	term := (to_number(concat("", ["1", chunk])) - pow10_small[size]) * pow10_mod97_table[(n - start) - size]
+	term = (to_number(concat("", ["1", chunk])) - pow10_small[size]) * pow10_mod97_table[(n - start) - size]
 ]) % 97 if {
-	n := count(number)
+	n = count(number)
 	n <= 72
 }
 
@@ -211,8 +211,8 @@ pow10_mod97_table := [1, 10, 3, 30, 9, 90, 27, 76, 81, 34, 49, 5, 50, 15, 53, 45
 # 10^k mod 97 as (10^8)^a * 10^b with k = 8a + b. Every product stays below
 # 2^53 (97^8 < 8e15), so no engine rounds it.
 pow10_mod97_computed(k) := (power(100000000 % 97, a) * (pow10_small[b] % 97)) % 97 if {
-	b := k % 8
-	a := (k - b) / 8
+	b = k % 8
+	a = (k - b) / 8
 }
 
 pow10_small := [1, 10, 100, 1000, 10000, 100000, 1000000, 10000000]
@@ -267,7 +267,7 @@ glued_before(text, match, start) if {
 }
 
 glued_after(text, match, start) if {
-	length := count(match)
+	length = count(match)
 	alphanumeric(substring(match, length - 1, 1))
 	alphanumeric(substring(text, start + length, 1))
 }

@@ -10,19 +10,19 @@ import rego.v1
 
 # The requested model's settings ({} when the data has none).
 model_settings := settings if {
-	settings := object.get(config, ["models", requested_model], null)
+	settings = object.get(config, ["models", requested_model], null)
 	is_object(settings)
 } else := {}
 
 # The tags that call for a declared purpose.
 required_tags := tags if {
-	tags := object.get(config, ["purposes", "required_for_tags"], null)
+	tags = object.get(config, ["purposes", "required_for_tags"], null)
 	is_array(tags)
 } else := []
 
 # Tags of the requested model that call for a declared purpose.
 purpose_tags contains tag if {
-	tags := input.model.tags
+	tags = input.model.tags
 	is_array(tags)
 	some tag in tags
 	tag in required_tags
@@ -45,7 +45,7 @@ permitted_purposes := as_list(model_settings.purposes) if {
 purpose_denials contains {"code": "purpose_required", "message": msg} if {
 	purpose_required
 	not declared_purpose
-	msg := sprintf(
+	msg = sprintf(
 		"model '%s' is tagged %s and needs a declared purpose (one of: %s)",
 		[model_label, listing(purpose_tags), listing(permitted_purposes)],
 	)
@@ -55,7 +55,7 @@ purpose_denials contains {"code": "purpose_not_allowed", "message": msg} if {
 	purpose_required
 	declared_purpose
 	not declared_purpose in permitted_purposes
-	msg := sprintf(
+	msg = sprintf(
 		"purpose '%s' is not allowed for model '%s' (allowed: %s)",
 		[declared_purpose, model_label, listing(permitted_purposes)],
 	)

@@ -15,7 +15,7 @@ weekday_names := ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Satur
 # The model's [start, end) window, when the data gives one (the load-time
 # check in checks.rego refuses an unusable one).
 hours_window := window if {
-	window := model_settings.hours_utc
+	window = model_settings.hours_utc
 	window != null
 }
 
@@ -30,7 +30,7 @@ valid_hours_window(window) if {
 
 # The current UTC hour; undefined when the input lacks a usable one.
 current_hour := hour if {
-	hour := input.time.hour_utc
+	hour = input.time.hour_utc
 	is_number(hour)
 	hour >= 0
 	hour < 24
@@ -57,10 +57,10 @@ open_at(hour, [start, end]) if {
 
 schedule_denials contains {"code": "outside_hours", "message": msg} if {
 	hours_window # asked before it is bound: regorus's RVM binds an undefined rule's value
-	window := hours_window
+	window = hours_window
 	current_hour
 	not open_at(current_hour, window)
-	msg := sprintf(
+	msg = sprintf(
 		"model '%s' may be used only from %s:00 to %s:00 UTC; it is now %s:00 UTC",
 		[model_label, format_int(window[0], 10), format_int(window[1], 10), format_int(current_hour, 10)],
 	)
@@ -69,14 +69,14 @@ schedule_denials contains {"code": "outside_hours", "message": msg} if {
 schedule_denials contains {"code": "outside_hours", "message": msg} if {
 	hours_window
 	not current_hour
-	msg := sprintf("model '%s' has usage hours but input.time.hour_utc is not a UTC hour", [model_label])
+	msg = sprintf("model '%s' has usage hours but input.time.hour_utc is not a UTC hour", [model_label])
 }
 
 # ---------------------------------------------------------------- weekdays
 
 # The model's days, when the data gives them (checked at load).
 open_weekdays := days if {
-	days := model_settings.weekdays
+	days = model_settings.weekdays
 	days != null
 }
 
@@ -95,10 +95,10 @@ open_weekdays_listing := concat(", ", [day | some day in weekday_names; day in o
 
 schedule_denials contains {"code": "outside_hours", "message": msg} if {
 	open_weekdays # (as above)
-	days := open_weekdays
+	days = open_weekdays
 	current_weekday
 	not current_weekday in days
-	msg := sprintf(
+	msg = sprintf(
 		"model '%s' may be used only on %s (UTC); today is %s",
 		[model_label, open_weekdays_listing, current_weekday],
 	)
@@ -107,5 +107,5 @@ schedule_denials contains {"code": "outside_hours", "message": msg} if {
 schedule_denials contains {"code": "outside_hours", "message": msg} if {
 	open_weekdays
 	not current_weekday
-	msg := sprintf("model '%s' has usage weekdays but input.time.weekday is not a day name", [model_label])
+	msg = sprintf("model '%s' has usage weekdays but input.time.weekday is not a day name", [model_label])
 }
