@@ -29,6 +29,9 @@ from gateway.policy.revision import read_policy
 
 #: Each module's main rules (policies/*.rego), all in package govgate; pii.rego and
 #: calendar.rego are helpers, timed inside the modules that call them.
+#: The decision on the compiled VM, as the gateway's evaluators answer it.
+VM_ROW = "decision on the compiled VM (as served)"
+
 MODULE_RULES: dict[str, tuple[str, ...]] = {
     "decision (govgate.rego, all modules)": (DECISION_RULE,),
     "access.rego": ("data.govgate.access_denials", "data.govgate.granting"),
@@ -69,17 +72,45 @@ def build_engine(policy_dir: Path) -> Any:
     return engine
 
 
+def build_vm(policy_dir: Path) -> Any:
+    """The decision compiled for regorus's VM, as an evaluator child compiles it; None if it does not compile."""
+    import regorus
+
+    snapshot = read_policy(policy_dir)
+    data = json.dumps(snapshot.base_data())
+    try:
+        program = regorus.Program.compile_from_modules(data, list(snapshot.modules), [DECISION_RULE])
+    except RuntimeError:
+        return None
+    vm = regorus.Rvm()
+    vm.load_program(program)
+    vm.set_data_json(data)
+    return vm
+
+
 def time_modules(policy_dir: Path, inputs: list[dict[str, Any]], rounds: int) -> dict[str, ModuleFigures]:
     """Each module's rules on every input, ``rounds`` times round robin (one warm-up round first).
 
     A module whose rules the policy does not define (an older revision) is
-    left out.
+    left out; so is the VM's row when the policy does not compile for it.
     """
     engine = build_engine(policy_dir)
+    vm = build_vm(policy_dir)
     payloads = [json.dumps(item, separators=(",", ":"), ensure_ascii=False) for item in inputs]
     modules = {name: rules for name, rules in MODULE_RULES.items() if all(_defined(engine, rule) for rule in rules)}
     results = {name: ModuleFigures(rules, [], []) for name, rules in modules.items()}
+    if vm is not None:
+        results = {VM_ROW: ModuleFigures((DECISION_RULE,), [], []), **results}
     for round_number in range(rounds + 1):
+        if vm is not None:
+            for payload in payloads:
+                wall, cpu = time.perf_counter_ns(), time.thread_time_ns()
+                vm.set_input_json(payload)
+                vm.execute_entry_point(DECISION_RULE)
+                cpu, wall = time.thread_time_ns() - cpu, time.perf_counter_ns() - wall
+                if round_number:
+                    results[VM_ROW].wall_us.append(wall / 1000)
+                    results[VM_ROW].cpu_us.append(cpu / 1000)
         for name, rules in modules.items():
             for payload in payloads:
                 wall, cpu = time.perf_counter_ns(), time.thread_time_ns()

@@ -135,7 +135,8 @@ def policy_replay(candidate: Path, since: str, examples: int, as_json: bool) -> 
 
     async def run():
         try:
-            engine = EmbeddedPolicyEngine.load(candidate, settings.policy_timeout_s)
+            engine = EmbeddedPolicyEngine.load(candidate, settings.policy_timeout_s, vm=settings.policy_vm,
+                                               vm_check_every=settings.policy_vm_check_every)
         except PolicyLoadError as exc:
             raise click.ClickException(f"the candidate policy does not load: {exc}") from None
         try:

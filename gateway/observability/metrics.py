@@ -43,6 +43,9 @@ REQUEST_SECONDS = Histogram(
 POLICY_SECONDS = Histogram(
     "govgate_policy_decision_seconds", "Time one policy decision took (waiting for an evaluator included).",
     buckets=_FAST, registry=REGISTRY)
+POLICY_VM_MISMATCHES = Counter(
+    "govgate_policy_vm_mismatches", "Policy answers on which an evaluator's compiled VM and its interpreter "
+    "disagreed (the interpreter's was used; that evaluator stopped using the VM).", registry=REGISTRY)
 AUDIT_APPEND_SECONDS = Histogram(
     "govgate_audit_append_seconds", "Time one audit append by this gateway took (in its worker thread).",
     ["kind"], buckets=_FAST, registry=REGISTRY)

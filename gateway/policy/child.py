@@ -1,4 +1,4 @@
-"""The policy evaluator process: the only place regorus is imported.
+"""The policy evaluator process: where the gateway runs regorus (with :mod:`gateway.policy.vm`).
 
 A ``python -c`` subprocess speaking length-framed messages on stdin and
 stdout (protocol and reasons: docs/architecture.md, "Design notes by
@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.policy.config_check import CONFIG_PROBLEMS_RULE, config_refusal
+from gateway.policy.output_decision import OUTPUT_DECISION_RULE
+from gateway.policy.vm import MISMATCH_FLAG, CheckedVm, compile_vm, error_text
 
 #: The rule whose value is the decision for one request.
 DECISION_RULE = "data.govgate.decision"
@@ -31,6 +33,11 @@ CHILD_COMMAND = "from gateway.policy.child import child_main; child_main()"
 # value really is this string is no valid decision or model list either, so
 # reading it as "undefined" denies in both cases.
 _UNDEFINED_JSON = '"<undefined>"'
+
+#: The evaluator's start-up trials: each rule once on an input that exercises its checks of absent fields.
+TRIALS = ((DECISION_RULE, "{}"), (VISIBLE_MODELS_RULE, '{"principal":{},"models":[]}'))
+#: What the output rule is first asked (the engine's probe asks the same).
+_OUTPUT_TRIAL = (OUTPUT_DECISION_RULE, "{}")
 
 # Exceptions that must end the child rather than become an error reply.
 _PASS_THROUGH = (KeyboardInterrupt, SystemExit)
@@ -58,21 +65,41 @@ def child_main() -> None:
     os.dup2(2, 1)  # a stray print must not corrupt the protocol on stdout
     try:
         setup = json.loads(recv.recv_bytes())
-        engine = _build_engine([tuple(m) for m in setup["modules"]], setup["data"])
+        modules = [tuple(m) for m in setup["modules"]]
+        engine = _build_engine(modules, setup["data"])
+        answers = _answerer(engine, modules, setup)
     except (EOFError, OSError):
         return
     except _PASS_THROUGH:
         raise
     except BaseException as exc:  # regorus panics are BaseException (pyo3 PanicException)
-        send.send_bytes(b"error\n" + _error_text(exc).encode())
+        send.send_bytes(b"error\n" + error_text(exc).encode())
         return
-    send.send_bytes(b"ready\n")
+    send.send_bytes(b"ready\n" + json.dumps({"vm": answers.on_vm, "note": answers.note}).encode())
     while True:
         try:
             request = recv.recv_bytes()
-            send.send_bytes(_evaluate(engine, request))
+            send.send_bytes(_evaluate(answers, request))
         except (EOFError, OSError):
             return  # the parent closed the pipe, died, or stopped us
+
+
+def _answerer(engine: Any, modules: list[Any], setup: dict[str, Any]) -> CheckedVm:
+    """Who answers: the compiled VM where it compiles and agrees (``setup["vm"]``), else the interpreter."""
+    check_every = int(setup.get("vm_check_every", 0))
+    if setup.get("vm") != "auto" or setup.get("vm_data") is None:
+        return CheckedVm(engine, None, frozenset(), "interpreter (GOVGATE_POLICY_VM=off)", check_every)
+    trials = list(TRIALS)
+    entry_points = [rule for rule, _ in TRIALS]
+    engine.set_input_json(_OUTPUT_TRIAL[1])
+    try:
+        engine.eval_rule_as_json(_OUTPUT_TRIAL[0])
+    except RuntimeError:  # no output rule (or one failing on an empty input): the interpreter answers it
+        pass
+    else:
+        trials.append(_OUTPUT_TRIAL)
+        entry_points.append(OUTPUT_DECISION_RULE)
+    return compile_vm(engine, modules, setup["vm_data"], entry_points, trials, check_every)
 
 
 def _build_engine(modules: list[tuple[str, str]], data: list[str]) -> Any:
@@ -87,8 +114,7 @@ def _build_engine(modules: list[tuple[str, str]], data: list[str]) -> Any:
         engine.add_policy(path, text)
     for doc in data:
         engine.add_data_json(doc)
-    trials = ((DECISION_RULE, "{}"), (VISIBLE_MODELS_RULE, '{"principal":{},"models":[]}'))
-    for rule, trial_input in trials:
+    for rule, trial_input in TRIALS:
         engine.set_input_json(trial_input)
         try:
             engine.eval_rule_as_json(rule)
@@ -114,23 +140,14 @@ def _config_problems(engine: Any) -> Any:
     return None if value == _UNDEFINED_JSON else json.loads(value)
 
 
-def _evaluate(engine: Any, request: bytes) -> bytes:
-    """One request: ``rule\\ninput-json`` in, ``status\\nbody`` out; never raises for engine faults."""
+def _evaluate(answers: CheckedVm, request: bytes) -> bytes:
+    """One request: ``rule\ninput-json`` in, ``status[ vm-mismatch]\nbody`` out; never raises for engine faults."""
     rule, _, payload = request.partition(b"\n")
     try:
-        engine.set_input_json(payload.decode("utf-8"))
-        value = engine.eval_rule_as_json(rule.decode("utf-8"))
+        answer = answers.answer(rule.decode("utf-8"), payload.decode("utf-8"))
     except _PASS_THROUGH:
         raise
-    except BaseException as exc:  # includes regorus panics
-        return b"error\n" + _error_text(exc).encode("utf-8", "replace")
-    if value == _UNDEFINED_JSON:
-        return b"undefined\n"
-    return b"ok\n" + value.encode("utf-8")
-
-
-def _error_text(exc: BaseException) -> str:
-    text = str(exc).split("Stack backtrace:", 1)[0].strip()
-    if not isinstance(exc, Exception):
-        return f"regorus panicked: {text}"
-    return text
+    except BaseException as exc:  # a bug here must deny, not end the evaluator
+        return b"error\n" + error_text(exc).encode("utf-8", "replace")
+    status = answer.status + (MISMATCH_FLAG if answer.vm_mismatch else "")
+    return status.encode() + b"\n" + answer.text.encode("utf-8", "replace")

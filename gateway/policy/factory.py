@@ -34,4 +34,5 @@ async def open_policy_engine(settings: Settings, *, load_policy: bool = False) -
                                              load=load_policy, wait_timeout_s=settings.policy_wait_timeout_s)
     return await asyncio.to_thread(EmbeddedPolicyEngine.load, settings.policy_dir, settings.policy_timeout_s,
                                    evaluators=settings.policy_evaluators,
-                                   wait_timeout_s=settings.policy_wait_timeout_s)
+                                   wait_timeout_s=settings.policy_wait_timeout_s, vm=settings.policy_vm,
+                                   vm_check_every=settings.policy_vm_check_every)

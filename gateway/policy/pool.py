@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import struct
@@ -22,6 +23,7 @@ from typing import Callable, Literal
 
 from gateway.policy.child import CHILD_COMMAND, child_environment
 from gateway.policy.fair_line import FairLine, Team
+from gateway.policy.vm import MISMATCH_FLAG, mismatch_note
 
 log = logging.getLogger("govgate.policy")
 
@@ -31,6 +33,7 @@ START_TIMEOUT_S = 30.0
 
 _HEADER = struct.Struct("!i")  # multiprocessing.connection's frame header, for frames under 2 GiB
 _READ_CHUNK = 1 << 16
+_MISMATCH = MISMATCH_FLAG.encode()
 
 
 class EvaluatorStartError(RuntimeError):
@@ -63,6 +66,8 @@ class Evaluator:
         self._process: subprocess.Popen[bytes] | None = None
         self._send: Connection | None = None
         self._recv: Connection | None = None
+        #: Who answers in the running child (its ``ready`` line): the compiled VM or the interpreter, and why.
+        self.answered_by = ""
 
     @property
     def pid(self) -> int | None:
@@ -115,6 +120,7 @@ class Evaluator:
         if status != "ready":
             self.stop()
             raise EvaluatorStartError(f"the policy cannot be loaded: {text.strip()}")
+        self.answered_by = _answered_by(text)
         os.set_blocking(send.fileno(), False)
         os.set_blocking(recv.fileno(), False)
 
@@ -189,6 +195,15 @@ class Evaluator:
                 reply.exception()  # settled but not awaited (the write timed out): not an unretrieved error
 
 
+def _answered_by(ready: str) -> str:
+    """The note of a child's ``ready`` line (``{"vm": bool, "note": str}``)."""
+    try:
+        note = json.loads(ready).get("note") if ready else None
+    except (ValueError, AttributeError):
+        note = None
+    return note if isinstance(note, str) else "interpreter"
+
+
 def _write_some(fd: int, data: bytes) -> int:
     """Write what the non-blocking pipe takes now (0 when it is full)."""
     try:
@@ -255,6 +270,11 @@ class EvaluatorPool:
         return [evaluator.pid for evaluator in self._evaluators]
 
     @property
+    def answered_by(self) -> list[str]:
+        """Per evaluator, who answers: the compiled VM or the interpreter, and why (for the log and tests)."""
+        return [evaluator.answered_by for evaluator in self._evaluators]
+
+    @property
     def alive(self) -> int:
         """Evaluators whose process is running (a dead one is replaced when it is next handed a decision)."""
         return sum(1 for evaluator in self._evaluators if evaluator.alive)
@@ -298,6 +318,8 @@ class EvaluatorPool:
         except BaseException:  # cancelled: its late reply must not answer the next request
             self._replace(evaluator, "was abandoned mid-evaluation")
             raise
+        if reply.split(b"\n", 1)[0].endswith(_MISMATCH):  # the child interprets from now on
+            evaluator.answered_by = mismatch_note(request.split(b"\n", 1)[0].decode("utf-8", "replace"))
         self._release(evaluator)
         return Outcome("ok"), reply
 

@@ -23,7 +23,7 @@ OWN_RANGE = {"DATABASE_BUSY_TIMEOUT_S": "must be more than 0 and at most 86400 s
              "REDELIVERY_MARGIN_S": "must be more than 0 and at most 86400 seconds",
              "STREAM_FLUSH_INTERVAL_MS": "must be between 0 and 1000 milliseconds"}
 #: The whole-number settings but the port (which has its own range).
-INT_SETTINGS = ["POLICY_EVALUATORS", "ADMISSION_CONCURRENCY", "OUTPUT_HOLDBACK_CHARS", "MAX_QUEUED_PER_MODEL",
+INT_SETTINGS = ["POLICY_EVALUATORS", "POLICY_VM_CHECK_EVERY", "ADMISSION_CONCURRENCY", "OUTPUT_HOLDBACK_CHARS", "MAX_QUEUED_PER_MODEL",
                 "MAX_BODY_BYTES", "DEFAULT_MAX_TOKENS", "REDIS_MAX_CONNECTIONS", "AUTH_CACHE_SIZE",
                 "CHECKPOINT_EVERY_ENTRIES"]
 

@@ -28,6 +28,7 @@ from gateway.policy import (
     policy_revision,
 )
 from gateway.policy.child import _build_engine, _evaluate
+from gateway.policy.vm import CheckedVm
 from tests.opa_fixtures import POLICY_DIR
 from tests.policy.embedded_fixtures import (  # noqa: F401 - fixtures
     ALLOW,
@@ -343,7 +344,7 @@ def test_regorus_panic_becomes_an_error_reply() -> None:
     thread.start()
     try:
         assert ready.wait(10)
-        reply = _evaluate(built[0], b"data.govgate.decision\n{}")
+        reply = _evaluate(CheckedVm(built[0], None, frozenset(), "interpreter", 0), b"data.govgate.decision\n{}")
     finally:
         done.set()
         thread.join()

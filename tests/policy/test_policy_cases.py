@@ -2,8 +2,12 @@
 
 docs/architecture.md ("Why these parts") promises that the embedded engine (regorus) and an OPA server
 return the same decisions for the same policy folder. Each case runs through
-both, on the policy in ``policies/``; a case passes when the two decision
-documents are equal and match what the case expects.
+both, on the policy in ``policies/``; a case passes when the decision
+documents are equal and match what the case expects. The embedded engine
+runs twice: as the gateway runs it, on regorus's compiled VM
+(:mod:`gateway.policy.vm`, its sampled checks against the interpreter off,
+so that a difference shows here rather than being mended there), and on the
+interpreter alone.
 
 Cases live in ``tests/policy_cases/*.json`` (every file there is loaded),
 each a JSON list of::
@@ -137,7 +141,10 @@ CASES, PROBLEMS = load_cases(CASE_DIR)
 
 @dataclass(frozen=True)
 class Outcome:
+    #: On the compiled VM, as the gateway decides.
     embedded: Decision | OutputDecision
+    #: On regorus's interpreter alone (``vm="off"``).
+    interpreted: Decision | OutputDecision
     #: None where no opa binary is available (the case is then checked on the embedded engine only).
     opa: Decision | OutputDecision | None
 
@@ -147,6 +154,10 @@ class GroupRevisions:
     folder: str
     embedded: str
     opa: str
+
+
+#: Per data group's folder, who answered on the embedded engine after all its cases (evaluator notes).
+ANSWERED_BY: dict[str, list[str]] = {}
 
 
 def policy_folder(target: Path, config: dict[str, Any] | None) -> Path:
@@ -171,9 +182,12 @@ async def evaluate_all(opa_url: str | None, workdir: Path) -> tuple[dict[str, Ou
     try:
         for index, cases in enumerate(groups.values()):
             folder = policy_folder(workdir / f"group-{index}", cases[0].data)
-            embedded = await asyncio.to_thread(EmbeddedPolicyEngine.load, folder, TIMEOUT_S)
+            embedded = await asyncio.to_thread(EmbeddedPolicyEngine.load, folder, TIMEOUT_S, vm_check_every=0)
+            interpreter = await asyncio.to_thread(EmbeddedPolicyEngine.load, folder, TIMEOUT_S, vm="off")
             try:
                 by_embedded = await asyncio.gather(*(ask(embedded, case) for case in cases))
+                by_interpreter = await asyncio.gather(*(ask(interpreter, case) for case in cases))
+                ANSWERED_BY[folder.name] = embedded.answered_by
                 by_opa: list[Decision | OutputDecision | None] = [None] * len(cases)
                 if opa_url is not None:
                     if opa is None:
@@ -184,8 +198,9 @@ async def evaluate_all(opa_url: str | None, workdir: Path) -> tuple[dict[str, Ou
                     by_opa = list(await asyncio.gather(*(ask(opa, case) for case in cases)))
             finally:
                 await embedded.aclose()
-            for case, mine, theirs in zip(cases, by_embedded, by_opa):
-                outcomes[case.id] = Outcome(mine, theirs)
+                await interpreter.aclose()
+            for case, mine, interpreted, theirs in zip(cases, by_embedded, by_interpreter, by_opa):
+                outcomes[case.id] = Outcome(mine, interpreted, theirs)
     finally:
         if opa is not None:
             await opa.aclose()
@@ -230,6 +245,15 @@ def test_cases_ran_on_opa(opa_binary: Path) -> None:
     """Skips (fails in CI) where there is no opa binary: the table then ran on one engine only."""
 
 
+def test_the_embedded_engine_answered_every_case_on_the_compiled_vm(evaluated: Any) -> None:
+    """The shipped policy compiles for regorus's VM and the VM agreed with the interpreter on every answer
+    it checked (the first ones of each evaluator): an evaluator whose VM is off says why."""
+    assert ANSWERED_BY and all(ANSWERED_BY.values())
+    off = {folder: notes for folder, notes in ANSWERED_BY.items()
+           if not all(note.startswith("compiled VM") for note in notes)}
+    assert off == {}
+
+
 def test_both_engines_load_the_same_revision_for_each_data(evaluated: Any) -> None:
     _, revisions = evaluated
     assert [r for r in revisions if r.embedded != r.opa] == []
@@ -258,6 +282,9 @@ def test_case(case: Case, evaluated: Any) -> None:
     embedded = outcome.embedded.to_document()
     opa = outcome.opa.to_document() if outcome.opa is not None else None
     problems = [f"embedded: {m}" for m in mismatches(outcome.embedded, case.expect)]
+    interpreted = outcome.interpreted.to_document()
+    if interpreted != embedded:
+        problems.append(f"the compiled VM and the interpreter disagree; interpreter: {json.dumps(interpreted)}")
     if outcome.opa is not None:
         problems += [f"opa: {m}" for m in mismatches(outcome.opa, case.expect)]
         if embedded != opa:
