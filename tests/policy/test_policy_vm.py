@@ -20,7 +20,7 @@ from gateway.policy import EmbeddedPolicyEngine
 from gateway.policy.vm import CHECK_FIRST, mismatch_note
 from gateway.settings import Settings, SettingsError
 from tests.opa_fixtures import POLICY_DIR
-from tests.policy.embedded_fixtures import TINY, anyio_backend, request_input  # noqa: F401 - fixtures
+from tests.policy.embedded_fixtures import TINY, anyio_backend, request_input, with_text  # noqa: F401 - fixtures
 
 TIMEOUT_S = 10.0
 
@@ -181,6 +181,26 @@ async def test_after_the_first_answers_only_the_sampled_ones_are_checked(
         await engine.aclose()
     assert decision.allow is caught
     assert notes[0].startswith("compiled VM") is not caught
+
+
+@pytest.mark.anyio
+async def test_a_decision_past_the_vms_instruction_budget_is_interpreted_and_the_vm_stays_on() -> None:
+    """regorus's VM stops after 25,000 instructions: a prompt with some thousand findings runs past it.
+    The interpreter decides that one (redacting every finding), and the VM is not taken for wrong."""
+    busy = " ".join(f"line {i}: mail user{i}@example.org, call +44 20 7946 {i:04d}, order #{i * 7919}"
+                    for i in range(600))
+    engine = EmbeddedPolicyEngine.load(POLICY_DIR, TIMEOUT_S, vm_check_every=0)
+    before = _mismatches()
+    try:
+        for _ in range(CHECK_FIRST):  # past the checked answers: an unchecked VM error too goes to the interpreter
+            assert (await engine.decide(request_input(["analyst"]))).allow
+        decision = await engine.decide(with_text(request_input(["analyst"]), busy))
+        notes = engine.answered_by
+    finally:
+        await engine.aclose()
+    assert decision.allow and len(decision.obligations.redact or ()) >= 1000
+    assert notes[0].startswith("compiled VM")
+    assert _mismatches() == before
 
 
 def test_the_settings_name_the_vm_and_its_sampling() -> None:
