@@ -33,6 +33,18 @@ _UNSERVED = ("requests for {name} are refused with model_unavailable if its work
              "in its queue until they time out; the rest keeps serving (fix it, then restart govgate up)")
 
 
+class NeverReady(StartupError):
+    """During the start, ``model``'s worker exited before its model was ever ready (``why``: its exit and log).
+
+    The message is the one ``up`` stops with when no other model is left to
+    try; :func:`govgate.supervisor.run_up` gives the model up instead when one is.
+    """
+
+    def __init__(self, model: str, why: str) -> None:
+        super().__init__(f"worker {model} {why}")
+        self.model, self.why = model, why
+
+
 def spawn_govgate(args: list[str], env: dict[str, str], log_file: TextIO | None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "govgate.cli", *args], env=env, stdin=subprocess.DEVNULL,
                             stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
@@ -62,7 +74,8 @@ class Launcher:
     (without blocking the loop: a restart is due at a time), unless the
     stack is still starting and that worker never got ready: then its
     model cannot be served as configured (a broken file, a bad setting) and
-    the start fails naming the reason, rather than loop. The API and Redis
+    :class:`NeverReady` names the reason, rather than loop (``up`` gives
+    that model up and starts the next, or stops if none is left). The API and Redis
     are not restarted: their exit stops the stack (:func:`check_alive`).
     """
 
@@ -139,7 +152,8 @@ class Launcher:
                 continue
             why = exit_reason(self.stack, f"worker {name}", code)
             if not self.serving and name not in self.ever_ready:
-                raise StartupError(f"worker {name} {why}")
+                self.pending.pop(name, None)
+                raise NeverReady(name, why)
             self.pending.pop(name, None)
             policy = self.policies.setdefault(name, RestartPolicy())
             decision = policy.exited(now)
@@ -160,6 +174,12 @@ class Launcher:
                     self.given_up.add(name)
                     self.say(f"  worker for model {name}: cannot be started again ({exc.strerror or exc}), so "
                              f"not again: {_UNSERVED.format(name=name)}")
+
+    def give_up_unloaded(self, failed: NeverReady) -> None:
+        """During the start: ``failed.model`` is not started again (its worker never got ready)."""
+        self.given_up.add(failed.model)
+        self.say(f"  worker for model {failed.model}: {failed.why}; it never got ready, so not again: "
+                 f"{_UNSERVED.format(name=failed.model)}")
 
     def _loaded(self, name: str) -> bool:
         """The worker (or its pool process) has loaded the model."""

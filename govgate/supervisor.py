@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
-from govgate.launcher import Launcher, private_log
+from govgate.launcher import Launcher, NeverReady, private_log
 from govgate.processes import child_preexec
 from govgate.redis_server import RedisProcess, RedisUnavailable, ping
 from govgate.stack import Stack, StartupError
@@ -196,11 +196,14 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
         # While they boot: the other models' files (assembling one takes seconds on a cold start).
         ensure_models(Registry({name: registry.models[name] for name in later}), say)
         while not stopping and not (launcher.api_ready and first in launcher.ever_ready):
-            launcher.poll()
+            try:
+                launcher.poll()
+            except NeverReady as failed:
+                first = _next_first(launcher, failed, later)
             time.sleep(STARTUP_POLL_S)
         if not stopping:
             launcher.serving = True
-            _banner(settings, first, later, launcher.elapsed(), say)
+            _banner(settings, first, later, sorted(launcher.given_up), launcher.elapsed(), say)
             database = DatabaseStep(env, stack.logs / "database.log")
             for name in later:
                 launcher.start_worker(name)
@@ -230,6 +233,24 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
         say("govgate: stopped")
 
 
+def _next_first(launcher: Launcher, failed: NeverReady, later: list[str]) -> str:
+    """The first model's worker died before its model was ready: give that model up and start the next
+    cheapest (taken out of ``later``), so one broken model does not keep the others from serving.
+
+    With none left, no model can be served and ``up`` stops: :class:`NeverReady` names the last reason
+    (the earlier models' reasons are on their give-up lines above it).
+    """
+    if not later:
+        if launcher.given_up:
+            raise StartupError(f"{failed}; no model could be loaded (given up before it: "
+                               f"{', '.join(sorted(launcher.given_up))})")
+        raise failed
+    launcher.give_up_unloaded(failed)
+    first = later.pop(0)
+    launcher.start_worker(first)
+    return first
+
+
 def _finish_database_step(database: DatabaseStep, settings: Settings, say: Callable[[str], None]) -> None:
     """A stop asked for while the database step runs: let it end (bounded) and show the admin key it made.
 
@@ -247,11 +268,15 @@ def _finish_database_step(database: DatabaseStep, settings: Settings, say: Calla
         say(f"govgate: {exc}")
 
 
-def _banner(settings: Settings, first: str, later: list[str], elapsed_s: float, say: Callable[[str], None]) -> None:
+def _banner(settings: Settings, first: str, later: list[str], given_up: list[str], elapsed_s: float,
+            say: Callable[[str], None]) -> None:
     base = f"http://{settings.host}:{settings.port}"
     say("")
     say(f"govgate is up after {elapsed_s:.1f}s: OpenAI-compatible API at {base}/v1")
     say(f"  model {first}: ready")
+    for name in given_up:
+        say(f"  model {name}: given up, its worker could not start (see above; its requests are refused with "
+            "model_unavailable if the worker could not load it)")
     for name in later:
         say(f"  model {name}: starting now (its requests wait in its queue until it is ready)")
     say(f'  try:  curl -H "Authorization: Bearer <key>" {base}/v1/chat/completions \\')

@@ -356,3 +356,50 @@ def test_up_with_a_model_file_that_cannot_load_says_so_at_once(up_env):
     assert "model broken cannot be served, the worker stops: model file " in problem[0], problem[0]
     assert "is not a GGUF file govgate can read (GGUF version 0 is not supported)" in problem[0], problem[0]
     assert "govgate is up" not in result.stdout and "Traceback" not in result.stdout + result.stderr
+
+
+def test_up_whose_first_model_cannot_load_serves_the_others(up_env, tiny_model_path):
+    """The cheapest model's file is corrupt: that model is given up and the next one is started in its place;
+    the API serves it, and the broken model's requests are refused with 503 model_unavailable and the reason
+    (``up`` used to stop the whole stack here)."""
+    from tests.conftest_models import TINY_CONTEXT
+
+    env, var_dir, base = up_env
+    broken = var_dir / "models" / "broken.gguf"
+    broken.parent.mkdir(parents=True, exist_ok=True)
+    broken.write_bytes(b"GGUF" + bytes(60))  # a header cut short: the smallest file, so started first
+    assert broken.stat().st_size < tiny_model_path.stat().st_size
+    (var_dir / "models.toml").write_text(
+        f'[models.broken]\npath = "{broken}"\ncontext_length = 256\n\n'
+        f'[models.{TINY_MODEL_NAME}]\npath = "{tiny_model_path}"\ncontext_length = {TINY_CONTEXT}\n'
+        'tags = ["tiny", "noise"]\n')
+    up = Up(env)
+    given_up = up.wait_for(r"^  worker for model broken: exited with code 1: .*; it never got ready, so not again: "
+                           r"requests for broken are refused with model_unavailable")
+    assert "is not a GGUF file govgate can read" in given_up.string, given_up.string
+    up.wait_for(rf"^  worker for model {TINY_MODEL_NAME}: starting")
+    up.wait_for(r"govgate is up after")
+    up.wait_for(rf"^  model {TINY_MODEL_NAME}: ready$")
+    up.wait_for(r"^  model broken: given up, its worker could not start")
+    admin_key = up.wait_for(r"admin API key \(shown once, keep it\): (gk_\S+)").group(1)
+    assert not any("cannot start" in line for line in up.seen)
+
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    served = httpx.post(f"{base}/v1/chat/completions", headers=headers, timeout=60,
+                        json={"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "Hello"}],
+                              "max_tokens": 3})
+    assert served.status_code == 200, served.text
+    refused = httpx.post(f"{base}/v1/chat/completions", headers=headers, timeout=60,
+                         json={"model": "broken", "messages": [{"role": "user", "content": "Hello"}],
+                               "max_tokens": 3})
+    assert refused.status_code == 503, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "model_unavailable" and "GGUF version 0 is not supported" in error["message"], error
+    assert up.process.poll() is None
+    log = (var_dir / "logs" / "worker-broken.log").read_text()
+    assert log.count("model broken cannot be served, the worker stops") == 1  # given up: not started again
+    assert up.interrupt() == 0
+    deadline = time.monotonic() + 60
+    while processes_of(var_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_of(var_dir) == []

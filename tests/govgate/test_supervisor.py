@@ -196,7 +196,7 @@ class _StopsAtTheBanner:
     """A launcher whose API and first model are ready at once; the first poll once serving is a Ctrl-C."""
 
     def __init__(self, *_args: object) -> None:
-        self.api_ready, self.ever_ready, self.serving = True, set(), False
+        self.api_ready, self.ever_ready, self.serving, self.given_up = True, set(), False, set()
 
     def start_api(self) -> None:
         pass
@@ -254,3 +254,30 @@ def test_a_worker_that_cannot_be_spawned_again_is_given_up_and_the_rest_keeps_ru
                                "again: requests for tiny are refused with model_unavailable")
     assert stack.workers["steady"].poll() is None
 
+
+
+def test_a_first_model_that_never_got_ready_is_given_up_for_the_next_until_none_is_left(launcher, monkeypatch):
+    """During the start a model whose worker dies before it is ready is given up and the next cheapest is
+    started in its place; ``up`` stops only when no model is left to try, naming the last reason and the
+    models given up before it."""
+    from govgate import launcher as launcher_module
+    from govgate.launcher import NeverReady
+    from govgate.supervisor import _next_first
+
+    launch, stack, said = launcher
+    started: list[str] = []
+    monkeypatch.setattr(launch, "start_worker", started.append)
+    _exited(stack, "broken", 1, "model broken cannot be served, the worker stops: not a GGUF file")
+    launch.pending["broken"] = time.monotonic()
+    with pytest.raises(NeverReady) as failed:
+        launch.poll()
+    later = ["cut", "tiny"]
+    assert _next_first(launch, failed.value, later) == "cut"
+    assert started == ["cut"] and later == ["tiny"] and launch.given_up == {"broken"}
+    assert said[-1].startswith("  worker for model broken: exited with code 1: model broken cannot be served")
+    assert said[-1].endswith("; it never got ready, so not again: " + launcher_module._UNSERVED.format(name="broken"))
+    assert launch.poll() == [] and launch.pending == {}  # the given-up worker is not looked at again
+    assert _next_first(launch, NeverReady("cut", "exited with code 1: bad"), later) == "tiny"
+    with pytest.raises(StartupError, match=r"^worker tiny exited with code 1: bad; no model could be loaded "
+                                           r"\(given up before it: broken, cut\)$"):
+        _next_first(launch, NeverReady("tiny", "exited with code 1: bad"), later)
