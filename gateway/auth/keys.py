@@ -58,6 +58,32 @@ class NameLookAlike(ValueError):
         self.existing = existing
 
 
+#: User and team names the policy's data keeps for itself: ``limits.principals.default`` and
+#: ``limits.teams.default`` are the limits of every principal and team without an entry of their own, and
+#: ``teams.default.share`` the share of every team without one (policies/limits.rego, gateway/policy/shares.py).
+#: A key named so would be read as everyone's entry. (``*``, the shares' "any team", is no valid name anyway.)
+RESERVED_NAMES = ("default",)
+
+
+class ReservedName(ValueError):
+    """A new key's user or team is a name the policy's data reserves (:data:`RESERVED_NAMES`, in any case)."""
+
+    def __init__(self, kind: str, value: str) -> None:
+        entries = "limits.principals.default" if kind == "user" else "limits.teams.default and teams.default.share"
+        #: The refusal without the value (the HTTP API names a refused field, never quotes it).
+        self.why = (f"is a reserved name: the policy's data keeps {', '.join(repr(name) for name in RESERVED_NAMES)} "
+                    f"(in any case) for the entries of every {kind} without one of its own ({entries}); choose "
+                    f"another {kind} name")
+        super().__init__(f"{kind} {value!r} {self.why}")
+        self.kind = kind
+
+
+def refuse_reserved(kind: str, value: str) -> None:
+    """Raise :class:`ReservedName` when ``value`` (a user or team) is one of :data:`RESERVED_NAMES`."""
+    if value.lower() in RESERVED_NAMES:
+        raise ReservedName(kind, value)
+
+
 class LastHolderError(Exception):
     """A change refused because it would leave no live key with a role that must keep a holder.
 
@@ -188,6 +214,9 @@ class KeyStore:
             validate_name("team", team)
         for role in roles:
             validate_name("role", role)
+        refuse_reserved("user", user)
+        if team is not None:
+            refuse_reserved("team", team)
         self._refuse_look_alike("user", user)
         if team is not None:
             self._refuse_look_alike("team", team)

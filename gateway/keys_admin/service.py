@@ -26,7 +26,7 @@ from typing import Awaitable, Callable, Final
 import anyio
 
 from gateway.auth.keys import (KEY_PREFIX, ApiKey, IssuedKey, KeyStore, KeyStoreError, LastHolderError, NameLookAlike,
-                               Principal, validate_name)
+                               Principal, ReservedName, refuse_reserved, validate_name)
 from gateway.keys_admin.roles import RolesUnreadable, UnknownRoles, checked_roles, policy_roles
 
 #: The role that may administer keys.
@@ -182,6 +182,12 @@ class KeyAdmin:
         _name("user", user)
         if team is not None:
             _name("team", team)
+        try:
+            refuse_reserved("user", user)
+            if team is not None:
+                refuse_reserved("team", team)
+        except ReservedName as exc:
+            raise InvalidField(f"'{exc.kind}' {exc.why}.", param=exc.kind) from None
         wanted = await self._known(roles)
         try:
             return await self._store(self.store.create, user, team=team, roles=wanted, note=_note(note), by=self.by)

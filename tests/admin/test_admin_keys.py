@@ -364,3 +364,26 @@ async def test_the_readmes_curl_works_without_a_json_content_type(aclient, akeys
                                            "Content-Type": "application/x-www-form-urlencoded"})
     assert response.status_code == 201, response.text
     assert response.json()["user"] == "alice2"
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"user": "default", "roles": ["analyst"]}, "user"),
+    ({"user": "DEFAULT", "roles": ["analyst"]}, "user"),
+    ({"user": "ann", "team": "default", "roles": ["analyst"]}, "team"),
+    ({"user": "ann", "team": "Default", "roles": ["analyst"]}, "team"),
+])
+async def test_create_refuses_the_names_the_policy_reserves(aclient, akeys: Keys, astore: KeyStore, body: Any,
+                                                           param: str) -> None:
+    """``limits.principals.default``, ``limits.teams.default`` and ``teams.default.share`` are everyone's entries:
+    a key named ``default`` would be read as every principal's or team's (policies/limits.rego)."""
+    before = len(astore.list(include_revoked=True))
+    error = assert_error(await aclient.post(KEYS, headers=bearer(akeys.admin), json=body), 422, "invalid_value",
+                         param)
+    assert error["message"].startswith(f"'{param}' is a reserved name: the policy's data keeps 'default' (in any "
+                                       "case)"), error
+    assert "limits.principals.default" in error["message"] if param == "user" else \
+        "limits.teams.default and teams.default.share" in error["message"]
+    assert len(astore.list(include_revoked=True)) == before
+    created = await aclient.post(KEYS, headers=bearer(akeys.admin),
+                                 json={"user": "defaulter", "team": "defaults", "roles": ["analyst"]})
+    assert created.status_code == 201, created.text  # only the reserved name itself

@@ -406,3 +406,18 @@ def test_audit_commands_do_not_upgrade_a_store_an_older_version_may_still_write(
     assert cli("audit", *command, ok=command[0] != "verify").exit_code in (0, 1)
     with sqlite3.connect(cli.database) as db:
         assert db.execute("SELECT version_num FROM alembic_version_audit").fetchall() == [("audit_0005",)]
+
+
+@pytest.mark.parametrize(("args", "problem"), [
+    (("--user", "default"), "user 'default' is a reserved name: the policy's data keeps 'default' (in any case) "
+                            "for the entries of every user without one of its own (limits.principals.default)"),
+    (("--user", "ann", "--team", "DEFAULT"), "team 'DEFAULT' is a reserved name: the policy's data keeps 'default' "
+                                             "(in any case) for the entries of every team without one of its own "
+                                             "(limits.teams.default and teams.default.share)"),
+])
+def test_keys_create_refuses_the_names_the_policy_reserves(cli, args, problem):
+    before = cli("keys", "list", "--all").output
+    result = cli("keys", "create", *args, "--role", "analyst", ok=False)
+    assert result.exit_code == 1 and f"Error: {problem}; choose another" in result.output, result.output
+    assert "Traceback" not in result.output
+    assert cli("keys", "list", "--all").output == before
