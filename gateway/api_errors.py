@@ -99,6 +99,8 @@ def http_exception_handler(_: Request, exc: HTTPException) -> Response:
     status = exc.status_code
     code, message = _HTTP_CODES.get(status, ("invalid_request" if status < 500 else "server_error", exc.detail))
     headers = dict(exc.headers or {})
+    for name in [name for name in headers if name.lower() == "allow"]:  # the router's order is its own: sort
+        headers[name] = ", ".join(sorted(method.strip() for method in headers[name].split(",") if method.strip()))
     return ApiError(status if status in _TYPES else 400, code, message, headers=headers).to_response()
 
 

@@ -22,6 +22,7 @@ from gateway.api.review import ReviewController
 from gateway.components import Components, build_components
 from gateway.console import TEMPLATE_CONFIG, console_router
 from gateway import urls
+from gateway.allowed_methods import AllowedMethods
 from gateway.api_errors import EXCEPTION_HANDLERS, http_exception_handler
 from gateway.console.errors import http_error_page
 from gateway.observability.setup import instrument
@@ -66,7 +67,7 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
                 freeze_startup_heap()
             yield
 
-    return instrument(settings, Litestar(
+    app = Litestar(
         route_handlers=[CompletionsController, ModelsController, HealthController, ReviewController,
                         AdminKeysController, console_router()],
         dependencies={"principal": Provide(provide_principal)},
@@ -77,7 +78,9 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
         openapi_config=OpenAPIConfig(title="govgate", version="0.1.0", components=COMPONENTS),
         debug=False,
         logging_config=None,  # logging is set up once per process (gateway/observability/logs.py), not replaced here
-    ))
+    )
+    app.asgi_handler = AllowedMethods(app.asgi_handler, app.asgi_router)  # OPTIONS: see gateway/allowed_methods.py
+    return instrument(settings, app)
 
 
 def _routing_error(request: Request, exc: HTTPException) -> Response:

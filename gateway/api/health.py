@@ -1,5 +1,10 @@
 """``GET /healthz`` (is this process up?) and ``GET /readyz`` (can it serve?); no key needed.
 
+Both answer ``HEAD`` too, with the status and headers ``GET`` would give
+and no body: load balancers and uptime checkers (HAProxy's ``option
+httpchk HEAD``, many cloud probes) ask with ``HEAD``, and a 405 there marked
+a healthy gateway down.
+
 Two questions with two answers, as orchestrators ask them: a failing
 liveness probe restarts the process, a failing readiness probe takes it out
 of the load balancer. A gateway whose Redis is down must not be restarted
@@ -17,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-from litestar import Controller, Response, get
+from litestar import Controller, MediaType, Response, get, head
 from litestar.datastructures import State
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -40,50 +45,73 @@ class HealthController(Controller):
     async def health(self) -> Response:
         return Response({"status": "ok"})
 
+    @head(urls.HEALTH, include_in_schema=False)
+    async def health_head(self) -> Response[None]:
+        return _head_of(200)
+
     @get(urls.READY, summary="Readiness of the gateway and its dependencies", operation_class=READY_OPERATION,
          operation_id="ready")
     async def ready(self, state: State) -> Response:
-        components = state.components
-        models = components.registry.names()
-        checks = {"database": "ok", "redis": "ok", "policy": "ok", "workers": "ok"}
-        missing: list[str] = []
-        try:
-            with anyio.fail_after(DATABASE_TIMEOUT_S):
-                refusal = await anyio.to_thread.run_sync(_ping_database, components.db_engine,
-                                                         abandon_on_cancel=True)
-            if refusal is not None:
-                checks["database"] = f"error: refuses writes: {refusal}"
-        except SQLAlchemyError as exc:
-            checks["database"] = f"error: {type(exc).__name__}"
-        except TimeoutError:
-            checks["database"] = f"error: no answer within {DATABASE_TIMEOUT_S:g}s"
-        cluster = await read_cluster(components.redis, models, probe_write=True)
-        if cluster.write_refused is not None:
-            checks["redis"] = f"error: refuses writes: {cluster.write_refused}"
-        if cluster.error is not None:
-            checks["redis"] = f"error: {cluster.error}"
-            checks["workers"] = "error: unknown (Redis unreadable)"
-        else:
-            idle = [model for model in models if not cluster.workers.get(model)]
-            if idle:
-                checks["workers"] = f"error: no live worker for {', '.join(idle)}"
-                missing.extend(f"workers:{model}" for model in idle)
-        if not components.policy.revision:
-            checks["policy"] = "error: not loaded"
-        else:
-            problem = await _policy_problem(components.policy)
-            if problem is not None:
-                checks["policy"] = f"error: {problem}"
-        missing[:0] = [name for name in ("database", "redis", "policy") if checks[name] != "ok"]
-        body = {
-            "status": "unavailable" if missing else "ready",
-            "checks": checks,
-            "missing": missing,
-            "workers": cluster.workers,
-            "policy_revision": components.policy.revision,
-            "models": models,
-        }
-        return Response(body, status_code=503 if missing else 200)
+        body = await _readiness(state)
+        return Response(body, status_code=_ready_status(body))
+
+    @head(urls.READY, include_in_schema=False)
+    async def ready_head(self, state: State) -> Response[None]:
+        """The same checks as ``GET /readyz``: a load balancer's HEAD probe must see a 503 too."""
+        return _head_of(_ready_status(await _readiness(state)))
+
+
+def _head_of(status: int) -> Response[None]:
+    """A HEAD answer: GET's status and content type, no body."""
+    return Response(None, status_code=status, headers={"Content-Type": MediaType.JSON.value})
+
+
+def _ready_status(body: dict[str, Any]) -> int:
+    return 503 if body["missing"] else 200
+
+
+async def _readiness(state: State) -> dict[str, Any]:
+    """``/readyz``'s body: each check, what is missing, the live workers, the policy revision, the models."""
+    components = state.components
+    models = components.registry.names()
+    checks = {"database": "ok", "redis": "ok", "policy": "ok", "workers": "ok"}
+    missing: list[str] = []
+    try:
+        with anyio.fail_after(DATABASE_TIMEOUT_S):
+            refusal = await anyio.to_thread.run_sync(_ping_database, components.db_engine,
+                                                     abandon_on_cancel=True)
+        if refusal is not None:
+            checks["database"] = f"error: refuses writes: {refusal}"
+    except SQLAlchemyError as exc:
+        checks["database"] = f"error: {type(exc).__name__}"
+    except TimeoutError:
+        checks["database"] = f"error: no answer within {DATABASE_TIMEOUT_S:g}s"
+    cluster = await read_cluster(components.redis, models, probe_write=True)
+    if cluster.write_refused is not None:
+        checks["redis"] = f"error: refuses writes: {cluster.write_refused}"
+    if cluster.error is not None:
+        checks["redis"] = f"error: {cluster.error}"
+        checks["workers"] = "error: unknown (Redis unreadable)"
+    else:
+        idle = [model for model in models if not cluster.workers.get(model)]
+        if idle:
+            checks["workers"] = f"error: no live worker for {', '.join(idle)}"
+            missing.extend(f"workers:{model}" for model in idle)
+    if not components.policy.revision:
+        checks["policy"] = "error: not loaded"
+    else:
+        problem = await _policy_problem(components.policy)
+        if problem is not None:
+            checks["policy"] = f"error: {problem}"
+    missing[:0] = [name for name in ("database", "redis", "policy") if checks[name] != "ok"]
+    return {
+        "status": "unavailable" if missing else "ready",
+        "checks": checks,
+        "missing": missing,
+        "workers": cluster.workers,
+        "policy_revision": components.policy.revision,
+        "models": models,
+    }
 
 
 async def _policy_problem(policy: Any) -> str | None:

@@ -1,0 +1,76 @@
+"""HEAD on the health routes, OPTIONS and 405 naming the methods a path really has.
+
+A load balancer probing ``HEAD /healthz`` got 405 (a healthy gateway marked
+down); ``OPTIONS /admin/keys`` said ``OPTIONS, POST`` though ``GET`` lists
+keys (Litestar keeps a route's first OPTIONS handler when a later
+registration adds methods: gateway/allowed_methods.py).
+"""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from gateway import urls
+from tests.conftest import serving
+from tests.ops.test_served import tiny_only_registry
+
+pytestmark = pytest.mark.anyio
+
+HEALTH_ROUTES = (urls.HEALTH, urls.READY)
+
+
+def concrete(path: str) -> str:
+    """A path template of the document with its parameters filled in."""
+    return re.sub(r"\{[^}]+\}", "x1", path)
+
+
+def assert_json_404(response) -> None:
+    assert response.status_code == 404, (response.request.url, response.text)
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    assert response.json()["error"]["code"] == "not_found" and response.json()["error"]["type"] == "not_found_error"
+    assert response.headers.get(urls.REQUEST_ID_HEADER)
+
+
+async def test_options_and_405_name_every_method_a_documented_path_has(client) -> None:
+    document = (await client.get("/schema/openapi.json")).json()
+    assert urls.ADMIN_KEYS in document["paths"]
+    for path, operations in document["paths"].items():
+        documented = {method.upper() for method in operations if method in {"get", "post", "put", "delete", "patch"}}
+        expected = documented | {"OPTIONS"} | ({"HEAD"} if path in HEALTH_ROUTES else set())
+        answer = await client.options(concrete(path))
+        assert answer.status_code == 204, (path, answer.text)
+        assert answer.content == b""
+        assert answer.headers["allow"] == ", ".join(sorted(expected)), (path, answer.headers)
+        assert answer.headers.get(urls.REQUEST_ID_HEADER)
+        refused = await client.request("PATCH" if "PATCH" not in expected else "DELETE", concrete(path))
+        assert refused.status_code == 405, (path, refused.text)
+        assert refused.json()["error"]["code"] == "method_not_allowed"
+        assert refused.headers["allow"] == answer.headers["allow"], path
+
+
+async def test_options_on_an_unknown_path_is_the_json_404(client) -> None:
+    assert_json_404(await client.options("/nope"))
+
+
+async def test_head_on_the_health_routes_answers_get_s_status_without_a_body(client) -> None:
+    for path in HEALTH_ROUTES:
+        got, headed = await client.get(path), await client.head(path)
+        assert headed.status_code == got.status_code, (path, got.text)
+        assert headed.content == b""
+        assert headed.headers["content-type"] == "application/json"
+        assert headed.headers.get(urls.REQUEST_ID_HEADER)
+
+
+def test_a_served_gateway_answers_head_probes(settings, worker, tmp_path) -> None:
+    """Through uvicorn, as a load balancer sees it (ready: the suite's worker serves the registry's one model)."""
+    model_path = settings.var_dir / "models" / "govgate-tiny-llama.gguf"
+    own = settings.with_(models_file=str(tiny_only_registry(tmp_path, model_path)))
+    with serving(own, tmp_path / "serve.log") as base:
+        for path in HEALTH_ROUTES:
+            headed = httpx.head(base + path, timeout=30)
+            assert headed.status_code == 200, (path, headed.status_code)
+            assert headed.content == b""
+        assert httpx.options(base + urls.ADMIN_KEYS, timeout=30).headers["allow"] == "GET, OPTIONS, POST"
