@@ -87,6 +87,11 @@ def api_error_handler(_: Request, exc: ApiError) -> Response:
     return exc.to_response()
 
 
+def not_found_message() -> str:
+    """What a 404 for an unknown path says."""
+    return _HTTP_CODES[404][1]
+
+
 _HTTP_CODES = {
     404: ("not_found", "No such endpoint. The API lives under /v1 (see GET /v1/models)."),
     405: ("method_not_allowed", "This endpoint does not accept that HTTP method."),

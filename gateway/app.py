@@ -17,6 +17,7 @@ from gateway.api.completions import CompletionsController
 from gateway.api.dependencies import provide_principal
 from gateway.api.health import HealthController
 from gateway.api.openapi import COMPONENTS
+from gateway.api.schema_site import schema_router
 from gateway.api.models import ModelsController
 from gateway.api.review import ReviewController
 from gateway.components import Components, build_components
@@ -75,7 +76,8 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
         template_config=TEMPLATE_CONFIG,
-        openapi_config=OpenAPIConfig(title="govgate", version="0.1.0", components=COMPONENTS),
+        openapi_config=OpenAPIConfig(title="govgate", version="0.1.0", components=COMPONENTS,
+                                     openapi_router=schema_router()),
         debug=False,
         logging_config=None,  # logging is set up once per process (gateway/observability/logs.py), not replaced here
     )

@@ -1,9 +1,11 @@
-"""HEAD on the health routes, OPTIONS and 405 naming the methods a path really has.
+"""HEAD on the health routes, OPTIONS and 405 naming the methods a path really has, and JSON 404s under /schema.
 
 A load balancer probing ``HEAD /healthz`` got 405 (a healthy gateway marked
 down); ``OPTIONS /admin/keys`` said ``OPTIONS, POST`` though ``GET`` lists
 keys (Litestar keeps a route's first OPTIONS handler when a later
-registration adds methods: gateway/allowed_methods.py).
+registration adds methods: gateway/allowed_methods.py); an unknown path
+under ``/schema`` got Litestar's HTML 404 page instead of OpenAI's JSON
+error (gateway/api/schema_site.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from tests.ops.test_served import tiny_only_registry
 pytestmark = pytest.mark.anyio
 
 HEALTH_ROUTES = (urls.HEALTH, urls.READY)
+#: Unknown paths outside the console: each must answer OpenAI's JSON 404.
+UNKNOWN = ("/schema/nope", "/schema/openapi.txt", "/schema/swagger/x", "/schema/redoc/x/y", "/nope", "/v1/nope",
+           "/admin/nope", "/healthz/x", "/v1/audit/nope")
 
 
 def concrete(path: str) -> str:
@@ -64,7 +69,19 @@ async def test_head_on_the_health_routes_answers_get_s_status_without_a_body(cli
         assert headed.headers.get(urls.REQUEST_ID_HEADER)
 
 
-def test_a_served_gateway_answers_head_probes(settings, worker, tmp_path) -> None:
+async def test_unknown_paths_outside_the_console_are_json_404s_and_the_schema_pages_are_served(client) -> None:
+    for path in UNKNOWN:
+        assert_json_404(await client.get(path))
+    document = await client.get("/schema/openapi.json")
+    assert document.status_code == 200 and document.json()["info"]["title"] == "govgate"
+    for page in ("/schema", "/schema/redoc", "/schema/swagger"):
+        shown = await client.get(page)
+        assert shown.status_code == 200 and shown.headers["content-type"].startswith("text/html"), page
+    console = await client.get("/console/nope")  # the console keeps its own pages
+    assert console.status_code == 404 and console.headers["content-type"].startswith("text/html")
+
+
+def test_a_served_gateway_answers_head_probes_and_json_404s(settings, worker, tmp_path) -> None:
     """Through uvicorn, as a load balancer sees it (ready: the suite's worker serves the registry's one model)."""
     model_path = settings.var_dir / "models" / "govgate-tiny-llama.gguf"
     own = settings.with_(models_file=str(tiny_only_registry(tmp_path, model_path)))
@@ -74,3 +91,7 @@ def test_a_served_gateway_answers_head_probes(settings, worker, tmp_path) -> Non
             assert headed.status_code == 200, (path, headed.status_code)
             assert headed.content == b""
         assert httpx.options(base + urls.ADMIN_KEYS, timeout=30).headers["allow"] == "GET, OPTIONS, POST"
+        schema = httpx.get(base + "/schema", timeout=30)
+        assert schema.status_code == 200 and schema.headers["content-type"].startswith("text/html")
+        for path in UNKNOWN:
+            assert_json_404(httpx.get(base + path, timeout=30))
