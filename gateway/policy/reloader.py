@@ -3,6 +3,14 @@
 A new engine is opened and validated before it is swapped in, and each
 decision carries the revision that made it; see docs/architecture.md,
 "Design notes by package" (gateway/policy).
+
+The folder's watch loads a revision only once its files have stopped
+changing: the same revision read on two polls in a row, and the engine
+opened on it reading that revision again. An editor or a copy writing a
+module in several writes could otherwise be read mid-way, and a first part
+that still parses (a rule file cut after a complete rule) was loaded and
+decided requests, named by the audit, until the next poll. A SIGHUP (or a
+forced reload) is the operator saying the files are complete: it loads at once.
 """
 
 from __future__ import annotations
@@ -83,6 +91,8 @@ class ReloadingPolicyEngine:
         self._hup_installed = False
         self._listeners: list[Callable[[], None]] = []
         self._rejected: _Rejected | None = None  # the folder's last refused revision (not retried at every poll)
+        #: The changed revision the watch read on its last poll: loaded when the next poll reads it again.
+        self._settling: str | None = None
 
     @property
     def revision(self) -> str:
@@ -136,16 +146,36 @@ class ReloadingPolicyEngine:
             return False
         return not await has_output_rule()
 
-    async def reload(self, *, force: bool = False) -> ReloadResult:
-        """Load the folder again if its revision changed; keep the old policy on any error."""
+    async def poll(self) -> ReloadResult:
+        """The watch's look at the folder: load a changed revision once its files have settled.
+
+        A revision is loaded when this poll reads the same one the previous
+        poll read (the files did not change for a whole interval) and the
+        engine opened on them holds it too; until then the running policy
+        keeps serving and nothing is logged but at debug level.
+        """
+        return await self.reload(settled_only=True)
+
+    async def reload(self, *, force: bool = False, settled_only: bool = False) -> ReloadResult:
+        """Load the folder again if its revision changed; keep the old policy on any error.
+
+        ``settled_only`` (the watch, :meth:`poll`): only a revision read on the previous call too.
+        """
         async with self._lock:
             old = self._engine
             try:
                 on_disk = await asyncio.to_thread(policy_revision, self._policy_dir)
             except (PolicyFilesError, OSError) as exc:
+                self._settling = None  # whatever is read next must be read twice
                 log.error("policy folder %s unreadable; keeping revision %s: %s", self._policy_dir, old.revision, exc)
                 return ReloadResult(False, old.revision, str(exc))
             if on_disk == old.revision and not force:
+                self._settling = None
+                await self._verify(old)
+                return ReloadResult(False, old.revision)
+            if settled_only and on_disk != self._settling:
+                self._settling = on_disk
+                log.debug("policy files changed (revision %s); loading once they stay so for one poll", on_disk)
                 await self._verify(old)
                 return ReloadResult(False, old.revision)
             rejected = self._rejected
@@ -155,6 +185,13 @@ class ReloadingPolicyEngine:
                 return ReloadResult(False, old.revision, rejected.reason)
             try:
                 new = await self._opener()
+                if settled_only and new is not old and new.revision != on_disk:  # changed again since this poll read
+                    self._settling = new.revision
+                    log.debug("policy files changed while loading (revision %s, then %s); waiting for them to settle",
+                              on_disk, new.revision)
+                    await new.aclose()
+                    await self._verify(old)
+                    return ReloadResult(False, old.revision)
                 refusal = None if self._trial is None or new is old else await self._trial(new)
                 if refusal is not None:
                     await new.aclose()
@@ -165,6 +202,7 @@ class ReloadingPolicyEngine:
                 await self._verify(old)
                 return ReloadResult(False, old.revision, str(exc))
             self._rejected = None
+            self._settling = None
             self._engine = new
             log.info("policy reloaded: revision %s -> %s", old.revision, new.revision)
             for listener in self._listeners:
@@ -211,7 +249,7 @@ class ReloadingPolicyEngine:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
-            await self.reload()
+            await self.poll()
 
     async def _retire(self, engine: PolicyEngine) -> None:
         try:
