@@ -158,6 +158,16 @@ class ReviewService:
         return read_id
 
 
+#: A request the policy allowed but the gateway then refused (its request entry's ``admission`` says why):
+#: ended with that refusal, not pending.
+NOT_ADMITTED: Final = "not_admitted"
+
+
+def _not_admitted(body: dict[str, Any]) -> bool:
+    admission = body.get("admission")
+    return isinstance(admission, dict) and admission.get("admitted") is False
+
+
 def _story(request_id: str, entries: list[AuditEntry], review: list[AuditEntry], include_text: bool) -> dict[str, Any]:
     """One request from its entries: who, what was decided and why, how it ended, what reviewers said."""
     first = entries[0]
@@ -172,6 +182,8 @@ def _story(request_id: str, entries: list[AuditEntry], review: list[AuditEntry],
         status = "unavailable"
     elif isinstance(decision, dict) and decision.get("allow") is False:
         status = "denied"
+    elif request is not None and _not_admitted(request.body):
+        status = NOT_ADMITTED  # allowed, then refused before any queue (too long, queue full, a limit): it ended
     else:
         status = "pending"
     dispositions = [entry for entry in review if entry.kind == DISPOSITIONED]

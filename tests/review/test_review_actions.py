@@ -88,6 +88,20 @@ async def test_a_denied_request_made_through_the_gateway_has_its_story(rclient, 
     assert [d["request_id"] for d in denied.json()["data"]][:1] == [request_id]
 
 
+async def test_a_request_refused_at_admission_has_ended_not_pending(rclient, rkeys, worker):
+    """Allowed by the policy, then refused before any queue (here: too long for the model's context): the
+    client had its answer, so the story says it ended (``not_admitted``, the entry's ``admission`` says why).
+    (``worker``: it writes the tiny model's file, whose tokenizer the gateway counts the prompt with.)"""
+    response = await rclient.post("/v1/chat/completions", headers=bearer(rkeys.alice),
+                                  json={"model": "govgate-tiny", "max_tokens": 8,
+                                        "messages": [{"role": "user", "content": "A" * 6000}]})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    request_id = response.headers["x-govgate-request-id"]
+    story = (await rclient.get(f"/v1/audit/requests/{request_id}", headers=bearer(rkeys.reviewer))).json()
+    assert story["status"] == "not_admitted" and story["decision"]["allow"] is True
+    assert story["entries"][0]["body"]["admission"]["code"] == "context_length_exceeded"
+
+
 @pytest.mark.parametrize("action,body,status,code,param", [
     ("comment", {}, 422, "invalid_value", "text"),
     ("comment", {"text": ""}, 422, "invalid_value", "text"),
