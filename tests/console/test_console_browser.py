@@ -21,7 +21,7 @@ import pytest
 from audit import verify_chain
 from tests.conftest import serving
 from audit.key_ledger import key_request_id
-from tests.console.conftest import DENIED_REQUEST, MARKUP_PROMPT, MARKUP_REQUEST, Console
+from tests.console.conftest import DENIED_REQUEST, MARKUP_PROMPT, MARKUP_REQUEST, Console, new_key
 
 REQUIRE_ENV = "GOVGATE_TEST_REQUIRE_BROWSER"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "var" / "test-artifacts" / "console"
@@ -199,4 +199,43 @@ def test_an_admin_creates_a_key_sees_its_secret_once_and_revokes_it(page: Any, c
     assert all(secret not in str(e.body) for e in entries)
     result = verify_chain(console.store)
     assert result.ok and result.head_seq >= entries[-1].seq
+    assert page.problems == []
+
+
+def _page_width(page: Any) -> tuple[int, int]:
+    return page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+
+
+def test_long_unbroken_values_wrap_instead_of_widening_the_page(page: Any, console: Console) -> None:
+    """A note, a name or a model name may be one long word (a pasted hash, a 128-character user): it
+    wraps in its box; before, one such comment made the request page 40,000 pixels wide, pushing the
+    review forms off screen, and a long user pushed the keys table's status and revoke links away."""
+    long_word = "W" * 3000
+    who = {"principal": "alice", "team": "T" * 128, "model": "M" * 200}
+    console.store.append("request", "long-names-1", **who, policy_revision="rev-1",
+                         body={"endpoint": "chat.completions", "key_id": "k",
+                               "decision": {"allow": False, "reasons": [{"code": "c" * 120, "message": long_word}],
+                                            "obligations": {"max_tokens": 16}}},
+                         payload={"messages": [{"role": "user", "content": long_word}]})
+    new_key(console, "u" * 128, ["analyst"])
+    _sign_in(page, console.keys.reviewer)
+    page.goto(f"/console/requests/{MARKUP_REQUEST}")
+    page.fill("form[action$='/comment'] textarea[name=text]", long_word)
+    page.click("form[action$='/comment'] button")
+    page.wait_for_url("**?done=comment")
+    for path in (f"/console/requests/{MARKUP_REQUEST}", "/console/requests/long-names-1",
+                 "/console/search?kind=commented", "/console/search?request_id=long-names-1", "/console/",
+                 "/console/usage"):
+        page.goto(path)
+        width, screen = _page_width(page)
+        if width > screen:
+            _shot(page, "wide-" + path.strip("/").replace("/", "-").replace("?", "-"))
+        assert width <= screen, f"{path} is {width}px wide on a {screen}px screen"
+    page.click("button:has-text('Sign out')")
+    page.wait_for_url("**/console/sign-in")
+    _sign_in(page, console.keys.admin)
+    page.goto("/console/keys?limit=500")
+    assert page.locator("td", has_text="u" * 128).count() == 1
+    width, screen = _page_width(page)
+    assert width <= screen, f"the keys page is {width}px wide on a {screen}px screen"
     assert page.problems == []
