@@ -4,15 +4,19 @@ Prompts, outputs, notes and names are untrusted text: autoescape turns
 ``<script>`` into text, and the Content-Security-Policy allows scripts,
 styles and images from the gateway itself only (no inline script or style,
 no CDN), so even a markup slip could not run anything. Pages hold prompts
-and outputs, so no cache may keep them (``no-store``).
+and outputs, so no cache may keep them (``no-store``). Characters that
+reorder or hide text (bidi overrides, zero-width spaces) are shown as a
+mark by the ``reveal`` filter, so a text reads in the order it was sent.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Final
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup, escape
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Template
 from litestar.template import TemplateConfig
@@ -47,10 +51,25 @@ def _when(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+#: Characters that reorder or hide the text around them without being seen: bidi embeddings, overrides and
+#: isolates, zero-width spaces, word joiners, the BOM. A prompt holding U+202E shows "evil gnp.exe" as
+#: "exe.png live" ("Trojan Source"), so a reviewer would judge other text than the model was sent.
+#: (Zero-width joiners and non-joiners are left alone: emoji and Persian or Indic scripts need them.)
+HIDDEN_CHARS: Final = re.compile("[\u061c\u200b\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+
+
+def _reveal(value: Any) -> Markup:
+    """Untrusted text, escaped, with each hidden character shown as a visible mark (``⟨U+202E⟩``)."""
+    text = str(escape("" if value is None else str(value)))
+    return Markup(HIDDEN_CHARS.sub(lambda found: f'<span class="hidden-char" title="an invisible character">'
+                                                 f'\u27e8U+{ord(found.group()):04X}\u27e9</span>', text))
+
+
 def _environment() -> Environment:
     env = Environment(loader=PackageLoader("gateway.console", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["when"] = _when
+    env.filters["reveal"] = _reveal
     env.globals.update(urls=urls, csrf_field=FIELD)
     return env
 

@@ -52,6 +52,33 @@ async def test_the_request_page_tells_the_whole_story(client: AsyncTestClient, c
     assert "denied" in denied and "model_not_allowed" in denied and "may I?" in denied
 
 
+async def test_characters_that_reorder_or_hide_text_are_shown_as_marks(client: AsyncTestClient,
+                                                                       console: Console) -> None:
+    """A right-to-left override shows "evil gnp.exe" as "exe.png live": the reviewer would judge other text
+    than the model was sent. Such characters (and zero-width spaces) show as marks, in prompts, outputs,
+    reasons and notes; right-to-left scripts and the joiners emoji need are left as they are."""
+    who = {"principal": "alice", "team": "research", "model": "govgate-tiny"}
+    console.store.append("request", "bidi-request-1", **who, policy_revision="rev-1",
+                         body={"endpoint": "chat.completions", "key_id": "k",
+                               "decision": {"allow": False, "obligations": {"max_tokens": 16},
+                                            "reasons": [{"code": "x", "message": "see \u2066inside\u2069"}]}},
+                         payload={"messages": [{"role": "user",
+                                                "content": "run \u202eevil gnp.exe \u05e9\u05dc\u05d5\u05dd "
+                                                           "\U0001f469\u200d\U0001f467"}]})
+    csrf = await sign_in(client, console.keys.reviewer)
+    flagged = await client.post("/console/requests/bidi-request-1/flag",
+                                data={"csrf_token": csrf, "note": "pass\u200bword"})
+    assert flagged.status_code == 303
+    page = (await client.get("/console/requests/bidi-request-1")).text
+    for hidden in ("\u202e", "\u2066", "\u2069", "\u200b"):
+        assert hidden not in page, repr(hidden)
+    for mark in ("\u27e8U+202E\u27e9", "\u27e8U+2066\u27e9", "\u27e8U+2069\u27e9", "\u27e8U+200B\u27e9"):
+        assert mark in page, mark
+    assert "\u05e9\u05dc\u05d5\u05dd" in page and "\U0001f469\u200d\U0001f467" in page
+    notes = (await client.get("/console/search", params={"request_id": "bidi-request-1"})).text
+    assert "\u200b" not in notes and "\u27e8U+200B\u27e9" in notes
+
+
 async def test_showing_texts_is_recorded_as_a_read(client: AsyncTestClient, console: Console) -> None:
     await sign_in(client, console.keys.auditor)
     before = _reads_by(console, "otto")
