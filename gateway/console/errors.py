@@ -42,7 +42,9 @@ def _refused(_: Request, exc: PageRefused) -> Response:
 
 
 def _sign_in(request: Request, exc: SignInRequired) -> Response:
-    query = {"next": request.url.path} if request.method == "GET" else {}
+    # A GET comes back to the same page after sign-in, with its query (a search link keeps its filters).
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    query = {"next": here} if request.method == "GET" else {}
     if exc.reason:
         query["why"] = "ended"
     target = urls.CONSOLE_SIGN_IN + (f"?{urlencode(query)}" if query else "")

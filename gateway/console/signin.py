@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import anyio.to_thread
 from litestar import Request
@@ -174,5 +174,8 @@ def safe_next(value: object) -> str:
         return urls.CONSOLE_QUEUE
     parts = urlsplit(value)
     if parts.scheme or parts.netloc or value.startswith("//"):
+        return urls.CONSOLE_QUEUE
+    # A browser resolves "." and ".." (also written %2e%2e) before it asks: /console/../v1 would leave the console.
+    if any(segment in (".", "..") for segment in unquote(parts.path).split("/")):
         return urls.CONSOLE_QUEUE
     return value

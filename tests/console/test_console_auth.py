@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import html
+import re
 
 import pytest
 import redis
@@ -175,11 +177,25 @@ async def test_a_key_that_loses_its_review_role_is_out(client: AsyncTestClient, 
 
 
 async def test_next_never_leaves_the_console(client: AsyncTestClient, console: Console) -> None:
-    for target in ("https://evil.example/", "//evil.example/x", "/v1/models", "/console\\..\\x"):
+    for target in ("https://evil.example/", "//evil.example/x", "/v1/models", "/console\\..\\x",
+                   "/console/../v1/models", "/console/%2e%2E/v1/models", "/console/./../admin/keys",
+                   "/console/keys/..%2F..%2Fv1"):
         form = await client.get("/console/sign-in")
         response = await client.post("/console/sign-in", data={"csrf_token": form_token(form.text),
                                                                "key": console.keys.reviewer, "next": target})
         assert response.headers["location"] == "/console/", target
+
+
+async def test_a_deep_link_keeps_its_query_through_sign_in(client: AsyncTestClient, console: Console) -> None:
+    """A search link from a ticket opens the sign-in page, then that search: filters and all."""
+    link = "/console/search?team=research&kind=request&q=needle%20one"
+    redirect = await client.get(link)
+    assert redirect.status_code == 303
+    form = await client.get(redirect.headers["location"])
+    after = re.search(r'name="next" value="([^"]+)"', form.text).group(1)
+    response = await client.post("/console/sign-in", data={"csrf_token": form_token(form.text),
+                                                           "key": console.keys.reviewer, "next": html.unescape(after)})
+    assert response.status_code == 303 and response.headers["location"] == link
 
 
 async def test_secure_cookies_when_configured(console: Console) -> None:
