@@ -11,6 +11,7 @@ mark by the ``reveal`` filter, so a text reads in the order it was sent.
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from typing import Any, Final
@@ -65,11 +66,20 @@ def _reveal(value: Any) -> Markup:
                                                  f'\u27e8U+{ord(found.group()):04X}\u27e9</span>', text))
 
 
+def _value(value: Any) -> str:
+    """A document's value as JSON (``null``, ``true``, nested objects) rather than Python's ``repr``
+    (``None``, ``True``, quotes a reader of the API never sees); a string as is."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
 def _environment() -> Environment:
     env = Environment(loader=PackageLoader("gateway.console", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["when"] = _when
     env.filters["reveal"] = _reveal
+    env.filters["value"] = _value
     env.globals.update(urls=urls, csrf_field=FIELD)
     return env
 

@@ -79,6 +79,23 @@ async def test_characters_that_reorder_or_hide_text_are_shown_as_marks(client: A
     assert "\u200b" not in notes and "\u27e8U+200B\u27e9" in notes
 
 
+async def test_obligations_show_as_json_not_python(client: AsyncTestClient, console: Console) -> None:
+    """The decision's obligations read as the API documents them (``null``, ``[]``, ``true``), not as Python's
+    ``None``/``True`` with single quotes."""
+    obligations = {"max_tokens": 16, "prompt_logging": "full", "redact": [], "stream_checked": True,
+                   "limits": {"team": {"tokens_per_month": None, "in_flight": 4}}}
+    console.store.append("request", "obligations-request-1", principal="alice", team="research",
+                         model="govgate-tiny", policy_revision="rev-1",
+                         body={"endpoint": "chat.completions", "key_id": "k",
+                               "decision": {"allow": False, "reasons": [], "obligations": obligations}},
+                         payload={"messages": [{"role": "user", "content": "hi"}]})
+    await sign_in(client, console.keys.auditor)
+    page = html.unescape((await client.get("/console/requests/obligations-request-1")).text)
+    assert '{"team": {"in_flight": 4, "tokens_per_month": null}}' in page
+    assert ">[]<" in page and ">true<" in page and ">full<" in page
+    assert "None" not in page and "True" not in page
+
+
 async def test_showing_texts_is_recorded_as_a_read(client: AsyncTestClient, console: Console) -> None:
     await sign_in(client, console.keys.auditor)
     before = _reads_by(console, "otto")
