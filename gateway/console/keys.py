@@ -26,7 +26,7 @@ from litestar.params import FromPath
 from gateway import urls
 from gateway.api.admin_keys import list_query, api_error
 from gateway.api.admin_keys_shapes import key_document
-from gateway.console import csrf
+from gateway.console import csrf, once
 from gateway.console.errors import error_page
 from gateway.console.render import page
 from gateway.console.signin import PageRefused, Reviewer, provide_user
@@ -71,6 +71,12 @@ class KeysPage(Controller):
     @post(urls.CONSOLE_KEYS.removeprefix(urls.CONSOLE), name="console-key-create", status_code=200)
     async def create(self, request: Request, state: State, admin: NamedDependency[Admin]) -> Response:
         form = await _checked_form(request, admin)
+        try:
+            await once.claim(state.components.redis, form.get(once.FIELD))
+        except once.FormResent:
+            return error_page(409, "form_resent", "This form was sent before, and its key was made then (its "
+                              "secret was shown once, on that page). Sending it again makes no second key: "
+                              "the key is on the keys page.", user=admin.user)
         values: dict[str, str | None] = {}
         try:
             values.update((name, _text(form, name)) for name in CREATE_FIELDS)
@@ -185,7 +191,7 @@ async def _list_page(request: Request, state: State, admin: Admin, *, refusal: K
                 first_page=f"?{urlencode(shown)}" if cursor else None,
                 toggle=f"?{urlencode({'include_revoked': 'true'})}" if not include_revoked else "?",
                 known_roles=known, roles_problem=roles_problem, refusal=refusal,
-                values=values or {}, chosen=chosen or [])
+                values=values or {}, chosen=chosen or [], form_id=once.new_id())
 
 
 async def _key_page(state: State, admin: Admin, key: dict[str, Any], *, status: int = 200,

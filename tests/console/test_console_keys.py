@@ -186,6 +186,27 @@ async def test_bad_list_queries_are_clear_4xx_pages(client: AsyncTestClient, con
 # -- create --------------------------------------------------------------------
 
 
+async def test_sending_the_create_form_again_makes_no_second_key(client: AsyncTestClient, console: Console) -> None:
+    """Reloading the "key created" page sends its form again: the second sending is refused (409), so no
+    second key is made whose secret nobody sees. A refused form comes back with a new id to send."""
+    csrf = await sign_in_admin(client, console.keys.admin)
+    form_id = re.search(r'name="form_id" value="([^"]+)"', (await client.get(KEYS)).text).group(1)
+    fields = {"csrf_token": csrf, "form_id": form_id, "user": "reloader", "roles": "viewer"}
+    first = await client.post(KEYS, data=fields)
+    assert first.status_code == 200 and "it will not be shown again" in first.text
+    again = await client.post(KEYS, data=fields)
+    assert again.status_code == 409 and "form_resent" in again.text and not _SECRET.search(again.text)
+    assert len(keys_of_user(console, "reloader")) == 1
+    refused = await client.post(KEYS, data={**{k: v for k, v in fields.items() if k != "form_id"},
+                                            "user": "bad name"})
+    assert refused.status_code == 422
+    fresh = re.search(r'name="form_id" value="([^"]+)"', refused.text).group(1)
+    assert fresh != form_id
+    tampered = await client.post(KEYS, data={**fields, "form_id": "x"})
+    assert tampered.status_code == 403 and "csrf_refused" in tampered.text
+    assert len(keys_of_user(console, "reloader")) == 1
+
+
 async def test_create_shows_the_secret_once_and_records_it_in_the_admins_name(
         client: AsyncTestClient, console: Console) -> None:
     csrf = await sign_in_admin(client, console.keys.admin)
