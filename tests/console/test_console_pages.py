@@ -195,6 +195,18 @@ async def test_search_filters_and_pages_like_the_api(client: AsyncTestClient, co
     assert seen == expected
 
 
+async def test_a_search_for_several_kinds_keeps_them_in_the_form(client: AsyncTestClient, console: Console) -> None:
+    """A link may ask for several kinds (``kind=flagged,commented``, as the API takes them); the form shows that
+    choice, so searching again from it (another page size, a team) does not silently drop the kinds."""
+    await sign_in(client, console.keys.auditor)
+    page = (await client.get("/console/search", params={"kind": "request,rejected", "limit": "5"})).text
+    select = re.search(r'<select name="kind">(.*?)</select>', page, re.S).group(1)
+    assert re.findall(r'<option value="([^"]*)" selected>', select) == ["request,rejected"]
+    single = (await client.get("/console/search", params={"kind": "rejected"})).text
+    select = re.search(r'<select name="kind">(.*?)</select>', single, re.S).group(1)
+    assert re.findall(r'<option value="([^"]*)" selected>', select) == ["rejected"]
+
+
 async def test_text_search_is_recorded_as_a_read(client: AsyncTestClient, console: Console) -> None:
     await sign_in(client, console.keys.auditor)
     before = _reads_by(console, "otto")
