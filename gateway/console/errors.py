@@ -10,7 +10,7 @@ sign-in page.
 from __future__ import annotations
 
 import logging
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
@@ -41,10 +41,21 @@ def _refused(_: Request, exc: PageRefused) -> Response:
     return error_page(403, "console_forbidden", exc.message, user=exc.user)
 
 
+def _back_to(request: Request) -> str | None:
+    """Where to come back after signing in again: this page (with its query: a search link keeps its filters);
+    for a form sent after the session ended, the console page it was sent from (the request being reviewed,
+    not the queue), as the same-origin ``Referer`` names it."""
+    if request.method == "GET":
+        return request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    sent_from = urlsplit(request.headers.get("referer", ""))
+    if sent_from.netloc != request.url.netloc or not sent_from.path.startswith(urls.CONSOLE + "/"):
+        return None
+    return sent_from.path + (f"?{sent_from.query}" if sent_from.query else "")
+
+
 def _sign_in(request: Request, exc: SignInRequired) -> Response:
-    # A GET comes back to the same page after sign-in, with its query (a search link keeps its filters).
-    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    query = {"next": here} if request.method == "GET" else {}
+    back = _back_to(request)
+    query = {"next": back} if back else {}
     if exc.reason:
         query["why"] = "ended"
     target = urls.CONSOLE_SIGN_IN + (f"?{urlencode(query)}" if query else "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import html
 import re
+from urllib.parse import urlencode
 
 import pytest
 import redis
@@ -14,7 +15,7 @@ from litestar.testing import AsyncTestClient
 from gateway.app import create_app
 from gateway.console.sessions import MAX_AGE_S, PREFIX, SessionStore
 from govgate.redis_server import RedisProcess
-from tests.console.conftest import Console, form_token, key_store, new_key, sign_in
+from tests.console.conftest import DENIED_REQUEST, Console, form_token, key_store, new_key, sign_in
 
 pytestmark = pytest.mark.anyio
 
@@ -196,6 +197,23 @@ async def test_a_deep_link_keeps_its_query_through_sign_in(client: AsyncTestClie
     response = await client.post("/console/sign-in", data={"csrf_token": form_token(form.text),
                                                            "key": console.keys.reviewer, "next": html.unescape(after)})
     assert response.status_code == 303 and response.headers["location"] == link
+
+
+async def test_a_form_sent_after_the_session_ended_comes_back_to_its_page(client: AsyncTestClient,
+                                                                         console: Console) -> None:
+    """A reviewer whose session timed out while writing a disposition signs in again and is back on that
+    request's page (named by the same-origin Referer), not on the queue; another site's page is not followed."""
+    page = f"/console/requests/{DENIED_REQUEST}"
+    csrf = await sign_in(client, console.keys.reviewer)
+    client.cookies.clear()  # the session is gone
+    base = str(client.base_url).rstrip("/")
+    sent = await client.post(f"{page}/disposition", data={"csrf_token": csrf, "disposition": "ok"},
+                             headers={"referer": f"{base}{page}?done=flag"})
+    assert sent.status_code == 303
+    assert sent.headers["location"] == "/console/sign-in?" + urlencode({"next": f"{page}?done=flag"})
+    elsewhere = await client.post(f"{page}/disposition", data={"csrf_token": csrf, "disposition": "ok"},
+                                  headers={"referer": "https://evil.example/console/keys"})
+    assert elsewhere.headers["location"] == "/console/sign-in"
 
 
 async def test_secure_cookies_when_configured(console: Console) -> None:
