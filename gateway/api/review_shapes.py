@@ -70,7 +70,7 @@ class AuditRequestStory(_Closed):
     model: str | None
     policy_revision: str | None
     status: Literal["completion", "failed", "timed_out", "cancelled", "denied", "unavailable", "rejected",
-                    "pending"]
+                    "not_admitted", "pending"]
     decision: dict[str, Any] | None
     flagged: bool
     disposition: Disposition | None

@@ -10,6 +10,7 @@ import pytest
 
 from audit import AuditStore, verify_chain
 from tests.review.conftest import all_entries, bearer
+from tests.review.test_review_described import described
 
 pytestmark = pytest.mark.anyio
 
@@ -97,8 +98,9 @@ async def test_a_request_refused_at_admission_has_ended_not_pending(rclient, rke
                                         "messages": [{"role": "user", "content": "A" * 6000}]})
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
     request_id = response.headers["x-govgate-request-id"]
-    story = (await rclient.get(f"/v1/audit/requests/{request_id}", headers=bearer(rkeys.reviewer))).json()
-    assert story["status"] == "not_admitted" and story["decision"]["allow"] is True
+    document = (await rclient.get("/schema/openapi.json")).json()
+    story = described(document, await rclient.get(f"/v1/audit/requests/{request_id}", headers=bearer(rkeys.reviewer)))
+    assert story["status"] == "not_admitted" and story["decision"]["allow"] is True  # and the API's description knows it
     assert story["entries"][0]["body"]["admission"]["code"] == "context_length_exceeded"
 
 
