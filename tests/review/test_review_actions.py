@@ -100,7 +100,7 @@ async def test_a_request_refused_at_admission_has_ended_not_pending(rclient, rke
     request_id = response.headers["x-govgate-request-id"]
     document = (await rclient.get("/schema/openapi.json")).json()
     story = described(document, await rclient.get(f"/v1/audit/requests/{request_id}", headers=bearer(rkeys.reviewer)))
-    assert story["status"] == "not_admitted" and story["decision"]["allow"] is True  # and the API's description knows it
+    assert story["status"] == "not_admitted" and story["decision"]["allow"] is True  # as the description says
     assert story["entries"][0]["body"]["admission"]["code"] == "context_length_exceeded"
 
 
