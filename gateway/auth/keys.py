@@ -51,9 +51,11 @@ class NameLookAlike(ValueError):
     """
 
     def __init__(self, kind: str, value: str, existing: str) -> None:
-        super().__init__(f"{kind} {value!r} differs only in case from the existing {kind} {existing!r}; names are "
-                         f"matched exactly (policy, limits, fair share), so it would be another {kind}: use "
-                         f"{existing!r}")
+        #: The refusal without the refused value (the HTTP API and the console name a refused field, never quote
+        #: it); the existing name, a live key's, is what to use instead.
+        self.why = (f"differs only in case from the existing {kind} {existing!r}; names are matched exactly "
+                    f"(policy, limits, fair share), so it would be another {kind}: use {existing!r}")
+        super().__init__(f"{kind} {value!r} {self.why}")
         self.kind = kind
         self.existing = existing
 

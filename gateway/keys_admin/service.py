@@ -192,7 +192,7 @@ class KeyAdmin:
         try:
             return await self._store(self.store.create, user, team=team, roles=wanted, note=_note(note), by=self.by)
         except NameLookAlike as exc:
-            raise InvalidField(f"{exc}.", param=exc.kind) from None
+            raise InvalidField(f"'{exc.kind}' {exc.why}.", param=exc.kind) from None
 
     async def revoke(self, key_id: str) -> KeyChange:
         """Revoke (idempotent: an already revoked key is answered as it is, writing nothing)."""

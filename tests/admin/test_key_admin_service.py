@@ -133,6 +133,9 @@ async def test_a_user_or_team_differing_only_in_case_from_a_live_key_is_refused(
     with pytest.raises(InvalidField) as refused:
         await service.create("sam", team="SUPPORT", roles=["analyst"])
     assert refused.value.param == "team"
+    # names the field and the name to use, never quotes the refused value (README, "The keys page")
+    assert str(refused.value).startswith("'team' differs only in case from the existing team 'support'")
+    assert "SUPPORT" not in str(refused.value)
     assert store.create("alice", team="support", roles=["analyst"], by="test").key.team == "support"  # exact: fine
     revoked = store.create("bob", team="Typo", roles=["analyst"], by="test").key
     store.revoke(revoked.key_id, by="test")
