@@ -75,11 +75,16 @@ team_settings := settings if {
 
 # A model the team lets its members use: any, when the team's entry has no
 # (or a null) `models` key. The load-time check (checks.rego) makes a
-# restricting team's `models` a list.
+# restricting team's `models` a list. (Only a list is walked: regorus's
+# interpreter stops with an error on `some … in null`, where OPA and the
+# compiled VM find nothing, and regorus asks every definition of a
+# function, so a team with `"models": null` failed every decision.)
 team_allows(_) if object.get(team_settings, "models", null) == null
 
 team_allows(model_name) if {
-	some listed in team_settings.models
+	models = team_settings.models
+	is_array(models)
+	some listed in models
 	listed in {"*", model_name}
 }
 

@@ -8,6 +8,8 @@ import data.govgate_test.fixtures.config
 import data.govgate_test.fixtures.decide
 import data.govgate_test.fixtures.decide_as
 
+import data.govgate_test.fixtures
+
 # ---------------------------------------------------------------- roles
 
 test_admin_allowed_any_model if {
@@ -89,6 +91,17 @@ test_team_entry_without_models_does_not_restrict if {
 		"request": {"model": "big"}, "model": {"name": "big"},
 	})
 	d.allow
+}
+
+# (regorus's interpreter stopped with an error here: `some … in null`.)
+test_team_with_null_models_does_not_restrict if {
+	d := data.govgate.decision with input as fixtures.input_with({
+		"principal": {"roles": ["admin"], "team": "open"},
+		"request": {"model": "big"}, "model": {"name": "big"},
+	})
+		with data.govgate_config as object.union(config, {"teams": {"open": {"models": null}}})
+	d.allow
+	count(fixtures.config_problems_with({"teams": {"open": {"models": null}}})) == 0
 }
 
 test_team_with_star_does_not_restrict if {
