@@ -28,11 +28,21 @@
 #   A denial is never inferred from a missing reason: allow must be proven, and
 #   every denial carries at least one reason.
 #
-#   Rule bodies bind a value with `v = ref`, not `v := ref` (the same for a
-#   fresh variable), and a rule with a fallback over a `some ... in` body uses
-#   `default`, not `else`: the gateway answers on regorus's compiled VM, which
-#   binds an undefined value with `:=` and leaves such an `else` undefined
-#   (docs/architecture.md, "What a decision costs"; tests/policy/test_policy_vm.py).
+#   The gateway answers on regorus's compiled VM, checked against regorus's
+#   interpreter (docs/architecture.md, "What a decision costs";
+#   tests/policy/test_policy_vm.py, bench/policy_vm_fuzz.py). Three patterns
+#   the two answer differently on, which these modules avoid:
+#   - Rule bodies bind a value with `v = ref`, not `v := ref` (the same for
+#     a fresh variable): the VM binds an undefined value with `:=`.
+#   - A rule or function with a fallback over a body that iterates
+#     (`some ... in`, `some k, v in`, `x[_]`) uses `default`, not `else`:
+#     the VM leaves the value undefined when such a body fails, whichever
+#     clause of the chain it is.
+#   - `some ... in` walks only a value known to be a collection (`is_array`
+#     first, or as_list): on null, a string or a number regorus's
+#     interpreter stops with an error where OPA and the VM find nothing, and
+#     it evaluates every definition of a function or partial rule, so one
+#     such walk fails the whole decision.
 package govgate
 
 import rego.v1
