@@ -223,3 +223,25 @@ def test_the_shipped_modules_bind_values_in_bodies_with_unification() -> None:
                  for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
                  if re.match(r"^\t+[a-z_][a-z0-9_]* := ", line)]
     assert offending == []
+
+
+def test_no_shipped_else_follows_a_body_that_iterates() -> None:
+    """An ``else`` after a body that iterates (``some … in``, ``some k, v in``, ``x[_]``) and fails is undefined
+    on regorus's VM, in any clause of the chain and in functions too (the interpreter and OPA take the
+    ``else``): the shipped modules use ``default`` there. (A comprehension on one line is fine: the VM
+    takes the ``else`` after a body whose comprehension is empty.)"""
+    offending = []
+    for path in sorted(POLICY_DIR.glob("*.rego")):
+        if path.name.endswith("_test.rego"):
+            continue
+        body: list[str] | None = None
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if body is not None and line.startswith("}"):
+                if line.startswith("} else") and any(re.search(r"^\s*some\b|\[_\]", b) for b in body):
+                    offending.append(f"{path.name}:{number}: an else after a body that iterates")
+                body = None
+            elif body is not None:
+                body.append(line)
+            if line.endswith("if {"):
+                body = []
+    assert offending == []
