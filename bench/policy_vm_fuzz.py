@@ -257,14 +257,16 @@ class Mutator:
 
     # -- places
 
-    def paths(self, doc: Any, prefix: tuple = ()) -> list[tuple]:
+    @staticmethod
+    def paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
+        """Every path in ``doc``, the root's (``()``) first."""
         found = [prefix]
         if isinstance(doc, dict):
             for key, value in doc.items():
-                found += self.paths(value, prefix + (key,))
+                found += Mutator.paths(value, prefix + (key,))
         elif isinstance(doc, list):
             for index, value in enumerate(doc):
-                found += self.paths(value, prefix + (index,))
+                found += Mutator.paths(value, prefix + (index,))
         return found
 
     @staticmethod
@@ -496,7 +498,16 @@ def mutate_config(rng: random.Random, config: Any) -> Any:
     ]
     for _ in range(rng.randint(1, 4)):
         roll = rng.random()
-        if roll < 0.25:
+        paths = [path for path in Mutator.paths(config) if path]
+        if roll < 0.2 and paths:
+            # anywhere: a value dropped or of another type (most such data is refused at load)
+            path = rng.choice(paths)
+            parent = Mutator.get(config, path[:-1])
+            if rng.random() < 0.4:
+                parent.pop(path[-1])
+            else:
+                parent[path[-1]] = rng.choice([None, {}, [], "x", "", 0, 1, -1, 1.5, True, ["x"], {"x": 1}])
+        elif roll < 0.35:
             section, key, values = rng.choice(choices)
             _section(config, section)[key] = rng.choice(values)
         elif roll < 0.5 and isinstance(config.get("roles"), dict) and config["roles"]:
