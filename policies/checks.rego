@@ -364,9 +364,13 @@ output_configured_names[sprintf("roles.%s.%s", [role, name])] := name if {
 	some name, _ in as_object(actions)
 }
 
-output_configured_action[sprintf("detectors.%s", [name])] := entry.action if {
+# (The action bound in the body, not read in the head: an entry without one
+# would give the rule an undefined value, on which regorus's interpreter
+# stops the whole check and its VM puts "<undefined>" in the object.)
+output_configured_action[sprintf("detectors.%s", [name])] := action if {
 	some name, entry in as_object(setting(["content", "output", "detectors"]))
 	is_object(entry)
+	action = entry.action
 }
 
 output_configured_action[sprintf("roles.%s.%s", [role, name])] := action if {

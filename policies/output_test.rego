@@ -207,6 +207,14 @@ test_unknown_action_refused if {
 	}
 }
 
+# A detector entry without an action, beside a blocked pattern's: regorus's
+# interpreter stopped the whole check ("not an object") rather than name it.
+test_entry_without_action_beside_a_blocked_pattern_refused if {
+	output_problems({"detectors": {"payment_card": {}, "private_key": {"action": "stop"}}}) == {
+		`govgate_config.content.output.detectors.payment_card must be {"action": "allow", "redact" or "stop"}`,
+	}
+}
+
 test_unknown_detector_name_refused if {
 	output_problems({"detectors": {"passport": {"action": "stop"}}, "roles": {"hr": {"fax": "allow"}}}) == {
 		"govgate_config.content.output.detectors.passport names no detector (built-in: email, iban, payment_card, phone; or a national_ids or blocked_patterns id)",
