@@ -30,7 +30,7 @@
 #
 #   The gateway answers on regorus's compiled VM, checked against regorus's
 #   interpreter (docs/architecture.md, "What a decision costs";
-#   tests/policy/test_policy_vm.py, bench/policy_vm_fuzz.py). Three patterns
+#   tests/policy/test_policy_vm.py, bench/policy_vm_fuzz.py). Four patterns
 #   the two answer differently on, which these modules avoid:
 #   - Rule bodies bind a value with `v = ref`, not `v := ref` (the same for
 #     a fresh variable): the VM binds an undefined value with `:=`.
@@ -43,6 +43,13 @@
 #     interpreter stops with an error where OPA and the VM find nothing, and
 #     it evaluates every definition of a function or partial rule, so one
 #     such walk fails the whole decision.
+#   - The head of a comprehension or partial rule (element, key or value)
+#     holds what is defined for every answer of its body: the VM adds an
+#     undefined head term (`entry.action` of an entry without one) to the
+#     collection, and the interpreter stops on one in a partial rule, where
+#     OPA leaves the element out. Bind a term that may be undefined in the
+#     body (`action = entry.action`); the heads here read fields the
+#     load-time check (checks.rego) makes sure of.
 package govgate
 
 import rego.v1

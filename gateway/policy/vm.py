@@ -5,13 +5,15 @@ regorus evaluates a policy two ways: a tree-walking interpreter
 the shipped decision however its rules are arranged) and a compiler to a
 program for its virtual machine (``regorus.Program``, run by
 ``regorus.Rvm``), about 0.3× the CPU (``bench/policy_rvm.py``). The VM is
-young and has answered differently on valid Rego (it bound an undefined
-value in ``x := ref``; it left a rule undefined whose body failed in an
-iteration before its ``else``; and where the interpreter stops with an
-error on ``some … in null``, it finds nothing: the shipped policy avoids
-all three, docs/architecture.md, "What a decision costs"). A governance gateway cannot
-serve a decision that OPA and the interpreter would not give, so the VM is
-used only as far as it is proven, in the evaluator process itself:
+young and has answered differently on valid Rego (it binds an undefined
+value in ``x := ref`` and adds one to a comprehension whose head term is
+undefined; it leaves a rule undefined whose body failed in an iteration
+before its ``else``; where the interpreter stops with an error on
+``some … in null``, it finds nothing: the shipped policy avoids all four,
+docs/architecture.md, "What a decision costs"). A governance gateway
+cannot serve a decision that OPA and the interpreter would not give, so
+the VM is used only as far as it is proven, in the evaluator process
+itself:
 
 - it must compile the policy (an unsupported builtin refuses at once);
 - it must answer the evaluator's start-up trials as the interpreter does;
