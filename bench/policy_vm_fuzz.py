@@ -16,9 +16,13 @@ personal data look-alikes (cards with and without a valid Luhn digit,
 IBANs, phones, e-mails, SSNs, private key headers) glued to their
 neighbours or at the text's ends, roles with duplicates and unknown names,
 purposes, hours, weekdays and times at their edges, usage counters at and
-over their limits. The data varies too: the shipped data.json and every
-``data`` of the case table (mutated copies the load-time check refuses are
-not used: no evaluator would serve them).
+over their limits. The data varies too: the shipped data.json, every
+``data`` of the case table and mutated copies of them (values dropped or
+of other types anywhere, sections null, entries that are no objects); a
+copy the load-time check refuses is not used (no evaluator would serve
+it), and one on which the check itself fails (the interpreter stops on
+``config_problems`` instead of naming the problem, so the gateway refuses
+the data without saying why) is reported.
 
 Each input is asked of ``data.govgate.decision``, ``data.govgate.output_decision``
 or ``data.govgate.visible_models`` (as its seed) on both engines. Answers
@@ -81,8 +85,12 @@ class Variant:
         return interpret(self.engine, rule, payload), run_vm(self.vm, rule, payload)
 
 
-def build_variant(name: str, modules: list[tuple[str, str]], data: dict[str, Any]) -> Variant | None:
-    """Both engines on ``data``; None when the load-time check refuses it (no evaluator would serve it)."""
+def build_variant(name: str, modules: list[tuple[str, str]], data: dict[str, Any]) -> Variant | str | None:
+    """Both engines on ``data``; None when the load-time check refuses it (no evaluator would serve it).
+
+    The check's own error instead of its list of problems (the gateway then
+    refuses the data without saying what is wrong with it) is returned as text.
+    """
     import regorus
 
     text = json.dumps(data)
@@ -91,7 +99,10 @@ def build_variant(name: str, modules: list[tuple[str, str]], data: dict[str, Any
         engine.add_policy(path, module)
     engine.add_data_json(text)
     engine.set_input_json("{}")
-    problems = engine.eval_rule_as_json(CONFIG_PROBLEMS_RULE)
+    try:
+        problems = engine.eval_rule_as_json(CONFIG_PROBLEMS_RULE)
+    except RuntimeError as exc:  # the gateway refuses such data too ("the policy fails its data check")
+        return str(exc).split("Stack backtrace")[0].strip()
     if problems not in ('"<undefined>"', "[]"):
         return None
     program = regorus.Program.compile_from_modules(text, modules, list(RULES.values()))
@@ -694,16 +705,24 @@ def main(argv: list[str] | None = None) -> int:
         named[f"mutant-{index}"] = mutate_config(rng, rng.choice(list(named.values())))
     variants: list[Variant] = []
     refused = 0
+    check_errors: list[dict[str, Any]] = []
     for name, config in named.items():
         variant = build_variant(name, modules, {**base, "govgate_config": config})
-        if variant is None:
+        if isinstance(variant, str):
+            check_errors.append({"rule": "config_problems", "data": name, "config": config, "error": variant})
+            print(f"LOAD-TIME CHECK ERROR on data {name}: {variant} "
+                  f"(govgate_config {json.dumps(config, ensure_ascii=False)})", flush=True)
+        elif variant is None:
             refused += 1
         else:
             variants.append(variant)
     rules = args.rule or sorted(RULES)
     mutator = Mutator(rng, [v.config for v in variants])
     out = args.out.open("w", encoding="utf-8") if args.out else None
-    found: list[dict[str, Any]] = []
+    for record in check_errors:
+        if out:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    found: list[dict[str, Any]] = list(check_errors)
     signatures: dict[str, int] = {}
     outcomes: dict[str, int] = {}
     counts = {"compared": 0, "differ": 0, "limit": 0, "both_error": 0}
@@ -748,7 +767,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     print(f"{counts['compared']} inputs compared in {elapsed:.0f} s: {counts['differ']} differences "
           f"({len(signatures)} shapes); {counts['limit']} VM instruction-limit stops; "
-          f"{counts['both_error']} errors on both")
+          f"{counts['both_error']} errors on both; {len(check_errors)} data variants the load-time check "
+          f"failed on")
     print("interpreter's answers: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
     for signature, times in sorted(signatures.items(), key=lambda item: -item[1]):
         print(f"  {times:6d}  {signature}")

@@ -50,3 +50,24 @@ def test_a_team_with_null_models_is_found_and_shrunk(tmp_path: Path) -> None:
     assert "some .. in collection" in first["interpreter"]["text"]
     assert first["vm"]["allow"] is False  # the VM answers (as OPA does); the input shrunk to the team alone
     assert first["input"]["principal"] == {"team": "support"}
+
+
+def test_data_the_load_time_check_fails_on_is_reported(tmp_path: Path) -> None:
+    """The other finding: an output detector entry without an action stopped config_problems ("not an object")."""
+    folder = Path(shutil.copytree(ROOT / "policies", tmp_path / "policies"))
+    checks = folder / "checks.rego"
+    bound = '] := action if {\n\tsome name, entry in as_object(setting(["content", "output", "detectors"]))\n' \
+            '\tis_object(entry)\n\taction = entry.action\n}'
+    assert bound in checks.read_text()
+    checks.write_text(checks.read_text().replace(bound, bound.replace("] := action", "] := entry.action")
+                                                 .replace("\taction = entry.action\n", "")))
+    data = json.loads((folder / "data.json").read_text())
+    data["govgate_config"]["content"]["output"]["detectors"]["email"] = {}
+    (folder / "data.json").write_text(json.dumps(data))
+    out = tmp_path / "differences.jsonl"
+    run = _fuzz("--seed", "3", "--count", "50", "--data-mutants", "0", "--policy-dir", str(folder), "--out", str(out))
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "LOAD-TIME CHECK ERROR on data shipped: not an object" in run.stdout
+    assert "1 data variants the load-time check failed on" in run.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["rule"], r["data"]) for r in records] == [("config_problems", "shipped")]
