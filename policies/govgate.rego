@@ -29,27 +29,27 @@
 #   every denial carries at least one reason.
 #
 #   The gateway answers on regorus's compiled VM, checked against regorus's
-#   interpreter (docs/architecture.md, "What a decision costs";
-#   tests/policy/test_policy_vm.py, bench/policy_vm_fuzz.py). Four patterns
-#   the two answer differently on, which these modules avoid:
-#   - Rule bodies bind a value with `v = ref`, not `v := ref` (the same for
-#     a fresh variable): the VM binds an undefined value with `:=`.
-#   - A rule or function with a fallback over a body that iterates
-#     (`some ... in`, `some k, v in`, `x[_]`) uses `default`, not `else`:
-#     the VM leaves the value undefined when such a body fails, whichever
-#     clause of the chain it is.
+#   interpreter; the two answer some valid Rego differently, and these
+#   modules avoid it (README, "Policy"; docs/architecture.md, "What a
+#   decision costs"; tests/policy/test_policy_vm.py, bench/policy_vm_fuzz.py):
+#   - Rule bodies bind with `v = ref`, not `v := ref`: the VM binds an
+#     undefined value with `:=`.
+#   - No `else` follows a body that iterates (`some ... in`, `x[_]`): the VM
+#     leaves the value undefined when such a body fails, in any clause, in
+#     rules and functions. Rules use `default`; no function has a `default`
+#     (the VM never falls back to one).
+#   - A comprehension's or partial rule's head reads only what is defined
+#     for every answer of its body (the VM adds an undefined head term to
+#     the collection, the interpreter stops on one in a partial rule): the
+#     heads here read fields the load-time check (checks.rego) makes sure
+#     of, or bind them in the body.
+#   - No argument that may be undefined goes to a function that takes it as
+#     `_` (the VM calls the function anyway): such arguments are asked first.
 #   - `some ... in` walks only a value known to be a collection (`is_array`
 #     first, or as_list): on null, a string or a number regorus's
 #     interpreter stops with an error where OPA and the VM find nothing, and
 #     it evaluates every definition of a function or partial rule, so one
 #     such walk fails the whole decision.
-#   - The head of a comprehension or partial rule (element, key or value)
-#     holds what is defined for every answer of its body: the VM adds an
-#     undefined head term (`entry.action` of an entry without one) to the
-#     collection, and the interpreter stops on one in a partial rule, where
-#     OPA leaves the element out. Bind a term that may be undefined in the
-#     body (`action = entry.action`); the heads here read fields the
-#     load-time check (checks.rego) makes sure of.
 package govgate
 
 import rego.v1

@@ -5,15 +5,13 @@ regorus evaluates a policy two ways: a tree-walking interpreter
 the shipped decision however its rules are arranged) and a compiler to a
 program for its virtual machine (``regorus.Program``, run by
 ``regorus.Rvm``), about 0.3× the CPU (``bench/policy_rvm.py``). The VM is
-young and has answered differently on valid Rego (it binds an undefined
-value in ``x := ref`` and adds one to a comprehension whose head term is
-undefined; it leaves a rule undefined whose body failed in an iteration
-before its ``else``; where the interpreter stops with an error on
-``some … in null``, it finds nothing: the shipped policy avoids all four,
-docs/architecture.md, "What a decision costs"). A governance gateway
-cannot serve a decision that OPA and the interpreter would not give, so
-the VM is used only as far as it is proven, in the evaluator process
-itself:
+young and answers some valid Rego differently (it binds an undefined value
+in ``x := ref``, leaves a rule undefined whose body failed in an iteration
+before its ``else``, ...: README, "Policy", lists the constructs, which the
+shipped policy avoids; docs/architecture.md, "What a decision costs"). A
+governance gateway cannot serve a decision that OPA and the interpreter
+would not give, so the VM is used only as far as it is proven, in the
+evaluator process itself:
 
 - it must compile the policy (an unsupported builtin refuses at once);
 - it must answer the evaluator's start-up trials as the interpreter does;

@@ -245,3 +245,13 @@ def test_no_shipped_else_follows_a_body_that_iterates() -> None:
             if line.endswith("if {"):
                 body = []
     assert offending == []
+
+
+def test_no_shipped_function_has_a_default() -> None:
+    """regorus's VM never falls back to a function's ``default`` (``default f(_) := 0``: undefined where the
+    interpreter and OPA give 0), so the shipped modules give none (policies/govgate.rego says so at the top)."""
+    offending = [f"{path.name}:{number}: {line.strip()}"
+                 for path in sorted(POLICY_DIR.glob("*.rego")) if not path.name.endswith("_test.rego")
+                 for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                 if re.match(r"^default [a-z_][a-z0-9_.]*\(", line)]
+    assert offending == []
