@@ -55,16 +55,10 @@ SVC_CLAMP = 4.0
 #: charged the model's mean (``svc``), or nothing while that is unknown, and the mean is left alone.
 NOT_MEASURED = -1.0
 
-# KEYS: [1] registry, [2] tags, [3] waiting, [4] wake list, [5] shares.
-# ARGV: [1] now (s), [2] the list just popped ('' none), [3] estimate when svc is unknown (ms),
-#       [4] the number of corrections, then per correction: a fair queue or list, its service ms, the ms charged.
-# Returns {charged ms ('' if nothing was charged), list, list, ..., wake list}.
-_PICK = f"""
-local REG, TAGS, WAIT, WAKE, SHARES = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local now = tonumber(ARGV[1])
-local popped = ARGV[2]
-
--- team and principal (encoded) of a fair list or queue: model.<model>/<team>/<principal>[:<priority>]
+#: The fair-share state of one model as Lua functions over a table ``m`` (its keys, members, tags, weights):
+#: shared by :data:`_PICK` (below) and the worker's take (``workers/contract/take.py``), which order a
+#: model's lists the same way.
+LIB = f"""
 local parsed = {{}}
 local function parts(key)
   local p = parsed[key]
@@ -88,94 +82,97 @@ local function chunked(command, key, items)
   return out
 end
 
--- the registered lists
-local members = redis.call('ZRANGE', REG, 0, -1)
-
--- every tag this call may read
-local fields, seen, seen_team = {{'V', 'svc', 'rc'}}, {{}}, {{}}
-local function want(f) if not seen[f] then seen[f] = true; fields[#fields + 1] = f end end
-local function want_list(key)
-  local team, _, _, _, pf = parts(key)
-  if team then
-    if not seen_team[team] then
-      seen_team[team] = true
-      fields[#fields + 1] = 't:' .. team; fields[#fields + 1] = 'v:' .. team
-    end
-    want(pf)
+-- weights: the shares hash as a table, read once per call when a team's weight is first needed
+local weights = nil
+local function read_weights(SHARES)
+  if not weights then
+    weights = {{}}
+    local raw = redis.call('HGETALL', SHARES)
+    for i = 1, #raw, 2 do weights[raw[i]] = tonumber(raw[i + 1]) end
   end
+  return weights
 end
-for _, key in ipairs(members) do want_list(key) end
-if popped ~= '' then want_list(popped) end
-local ncorr = tonumber(ARGV[4])
-for c = 0, ncorr - 1 do want_list(ARGV[5 + 3 * c]) end
-local values = chunked('HMGET', TAGS, fields)
-local tag, dirty = {{}}, {{}}
-for i, f in ipairs(fields) do tag[f] = tonumber(values[i]) end
-local function get(f) return tag[f] or 0 end
-local function set(f, v) tag[f] = v; dirty[f] = true end
 
--- weights: the team's (as encoded, or decoded), else '*', else 1
-local weight = {{}}
-local raw = redis.call('HGETALL', SHARES)
-for i = 1, #raw, 2 do weight[raw[i]] = tonumber(raw[i + 1]) end
+-- one model's state: its registered lists and every tag this call may read (those of the registered
+-- lists and of ``extra``: a list just popped, the corrected ones)
+local function load(REG, TAGS, WAIT, WAKE, SHARES, extra, members)
+  local m = {{REG = REG, TAGS = TAGS, WAIT = WAIT, WAKE = WAKE, SHARES = SHARES, dirty = {{}}, tag = {{}}}}
+  m.members = members or redis.call('ZRANGE', REG, 0, -1)
+  m.live = m.members
+  local fields, seen, seen_team = {{'V', 'svc', 'rc'}}, {{}}, {{}}
+  local function want(f) if not seen[f] then seen[f] = true; fields[#fields + 1] = f end end
+  local function want_list(key)
+    local team, _, _, _, pf = parts(key)
+    if team then
+      if not seen_team[team] then
+        seen_team[team] = true
+        fields[#fields + 1] = 't:' .. team; fields[#fields + 1] = 'v:' .. team
+      end
+      want(pf)
+    end
+  end
+  for _, key in ipairs(m.members) do want_list(key) end
+  for _, key in ipairs(extra) do if key ~= '' then want_list(key) end end
+  local values = chunked('HMGET', TAGS, fields)
+  for i, f in ipairs(fields) do m.tag[f] = tonumber(values[i]) end
+  return m
+end
+local function get(m, f) return m.tag[f] or 0 end
+local function set(m, f, v) m.tag[f] = v; m.dirty[f] = true end
+
+-- a team's weight: as encoded, or decoded, else '*', else 1
 local function positive(x) if x and x > 0 then return x end end
-local default_w = positive(weight['*']) or 1
-local function w(team)
+local function w(m, team)
+  local weight = read_weights(m.SHARES)
   local x = positive(weight[team])
   if not x then
     local decoded = string.gsub(team, '%%(%x%x)', function(h) return string.char(tonumber(h, 16)) end)
     x = positive(weight[decoded])
   end
-  return x or default_w
+  return x or positive(weight['*']) or 1
 end
 
--- (b) corrections: the real service time of jobs acknowledged since the last call
-for c = 0, ncorr - 1 do
-  local team, principal = parts(ARGV[5 + 3 * c])
-  local actual, charged = tonumber(ARGV[6 + 3 * c]), tonumber(ARGV[7 + 3 * c])
+-- (b) a correction: the real service time of a job acknowledged since the last call
+local function correct(m, list, actual, charged)
+  local team, principal = parts(list)
   if team and actual and charged then
-    local svc = tag['svc']
+    local svc = m.tag['svc']
     local measured = actual >= 0
     if not measured then actual = svc or 0 end
     local diff = actual - charged
-    set('t:' .. team, get('t:' .. team) + diff / w(team))
-    set('p:' .. team .. '/' .. principal, get('p:' .. team .. '/' .. principal) + diff)
+    set(m, 't:' .. team, get(m, 't:' .. team) + diff / w(m, team))
+    set(m, 'p:' .. team .. '/' .. principal, get(m, 'p:' .. team .. '/' .. principal) + diff)
     if measured then
-      if svc then set('svc', svc + {SVC_ALPHA} * (math.min(actual, {SVC_CLAMP} * svc) - svc))
-      else set('svc', actual) end
+      if svc then set(m, 'svc', svc + {SVC_ALPHA} * (math.min(actual, {SVC_CLAMP} * svc) - svc))
+      else set(m, 'svc', actual) end
     end
   end
 end
 
--- (a) charge the list just popped
-local charged = ''
-if popped == WAKE then
-  redis.call('DEL', WAKE)  -- the token did its work: this call sees the new lists
-elseif popped ~= '' then
+-- (a) charge the list just popped: '' if nothing was charged, else the ms charged
+local function charge(m, popped, default_est)
   local team, principal = parts(popped)
-  if team then
-    local est = tag['svc'] or tonumber(ARGV[3])
-    local V = get('V')
-    local start = math.max(V, get('t:' .. team))
-    set('t:' .. team, start + est / w(team))
-    set('V', start)
-    local pf = 'p:' .. team .. '/' .. principal
-    local pstart = math.max(get('v:' .. team), get(pf))
-    set(pf, pstart + est)
-    set('v:' .. team, pstart)
-    if redis.call('HINCRBY', WAIT, team, -1) <= 0 then redis.call('HDEL', WAIT, team) end
-    charged = tostring(est)
-  end
+  if not team then return '' end
+  local est = m.tag['svc'] or default_est
+  local V = get(m, 'V')
+  local start = math.max(V, get(m, 't:' .. team))
+  set(m, 't:' .. team, start + est / w(m, team))
+  set(m, 'V', start)
+  local pf = 'p:' .. team .. '/' .. principal
+  local pstart = math.max(get(m, 'v:' .. team), get(m, pf))
+  set(m, pf, pstart + est)
+  set(m, 'v:' .. team, pstart)
+  if redis.call('HINCRBY', m.WAIT, team, -1) <= 0 then redis.call('HDEL', m.WAIT, team) end
+  return tostring(est)
 end
 
--- recount and prune, at most once every {RECOUNT_EVERY_S} s
-local live = members
-if now - get('rc') >= {RECOUNT_EVERY_S} then
-  set('rc', now)
-  live = {{}}
-  local counts, gone, idle = {{}}, {{}}, {{}}
-  for _, key in ipairs(redis.call('ZRANGEBYSCORE', REG, '-inf', '(' .. (now - {PRUNE_AFTER_S}))) do idle[key] = true end
-  for _, key in ipairs(members) do
+-- recount and prune, at most once every {RECOUNT_EVERY_S} s; true if it ran
+local function recount(m, now)
+  if now - get(m, 'rc') < {RECOUNT_EVERY_S} then return false end
+  set(m, 'rc', now)
+  local live, counts, gone, idle = {{}}, {{}}, {{}}, {{}}
+  for _, key in ipairs(redis.call('ZRANGEBYSCORE', m.REG, '-inf', '(' .. (now - {PRUNE_AFTER_S}))) do idle[key] = true end
+  for _, key in ipairs(m.members) do
     local n = redis.call('LLEN', key)
     local team, principal = parts(key)
     if n == 0 and idle[key] then
@@ -183,71 +180,102 @@ if now - get('rc') >= {RECOUNT_EVERY_S} then
       if team then
         local pf = 'p:' .. team .. '/' .. principal
         -- a tag at or behind its virtual time says nothing max() would not: dropping it loses nothing
-        if tag[pf] and tag[pf] <= get('v:' .. team) then redis.call('HDEL', TAGS, pf); tag[pf] = nil; dirty[pf] = nil end
+        if m.tag[pf] and m.tag[pf] <= get(m, 'v:' .. team) then redis.call('HDEL', m.TAGS, pf); m.tag[pf] = nil; m.dirty[pf] = nil end
         local tf = 't:' .. team
-        if tag[tf] and tag[tf] <= get('V') then redis.call('HDEL', TAGS, tf); tag[tf] = nil; dirty[tf] = nil end
+        if m.tag[tf] and m.tag[tf] <= get(m, 'V') then redis.call('HDEL', m.TAGS, tf); m.tag[tf] = nil; m.dirty[tf] = nil end
       end
     else
       live[#live + 1] = key
       if team then counts[team] = (counts[team] or 0) + n end
     end
   end
-  if #gone > 0 then chunked('ZREM', REG, gone) end
-  redis.call('DEL', WAIT)
+  m.live = live
+  if #gone > 0 then chunked('ZREM', m.REG, gone) end
+  redis.call('DEL', m.WAIT)
   local flat = {{}}
   for team, n in pairs(counts) do
     if n > 0 then flat[#flat + 1] = team; flat[#flat + 1] = n end
   end
-  if #flat > 0 then chunked('HSET', WAIT, flat) end
+  if #flat > 0 then chunked('HSET', m.WAIT, flat) end
+  return true
 end
 
-local changed = {{}}
-for f, _ in pairs(dirty) do changed[#changed + 1] = f; changed[#changed + 1] = tostring(tag[f]) end
-if #changed > 0 then chunked('HSET', TAGS, changed) end
+-- the tags this call changed, written back
+local function write(m)
+  local changed = {{}}
+  for f, _ in pairs(m.dirty) do changed[#changed + 1] = f; changed[#changed + 1] = tostring(m.tag[f]) end
+  if #changed > 0 then chunked('HSET', m.TAGS, changed) end
+  m.dirty = {{}}
+end
 
--- (c) the order: teams by (next start, finish tag, name), priority 0..9, principals likewise
-local V = get('V')
-local teams, by_team = {{}}, {{}}
-for _, key in ipairs(live) do
-  local team, principal, _, pri, pf = parts(key)
-  if team then
-    local t = by_team[team]
-    if not t then
-      -- pris: the priorities its lists have (has: as a set); pf: each principal's tag field
-      t = {{principals = {{}}, lists = {{}}, pris = {{}}, has = {{}}, pf = {{}}}}
-      by_team[team] = t; teams[#teams + 1] = team
-    end
-    if not t.lists[principal] then
-      t.lists[principal] = {{}}; t.principals[#t.principals + 1] = principal; t.pf[principal] = pf
-    end
-    t.lists[principal][pri] = key
-    if not t.has[pri] then t.has[pri] = true; t.pris[#t.pris + 1] = pri end
-  end
-end
-local function before(a, b, fa, fb, now_v)
-  local sa, sb = math.max(now_v, fa), math.max(now_v, fb)
-  if sa ~= sb then return sa < sb end
-  if fa ~= fb then return fa < fb end
-  return a < b
-end
-local tt = {{}}
-for _, team in ipairs(teams) do tt[team] = get('t:' .. team) end
-table.sort(teams, function(a, b) return before(a, b, tt[a], tt[b], V) end)
-local order = {{charged}}
-for _, team in ipairs(teams) do
-  local t, vt, pt = by_team[team], get('v:' .. team), {{}}
-  for _, principal in ipairs(t.principals) do pt[principal] = get(t.pf[principal]) end
-  table.sort(t.principals, function(a, b) return before(a, b, pt[a], pt[b], vt) end)
-  table.sort(t.pris)  -- only the priorities the team's lists have, most urgent first
-  for _, pri in ipairs(t.pris) do
-    for _, principal in ipairs(t.principals) do
-      local key = t.lists[principal][pri]
-      if key then order[#order + 1] = key end
+-- (c) the order of the live lists: teams by (next start, finish tag, name), priority 0..9, principals likewise
+local function order(m)
+  local V = get(m, 'V')
+  local teams, by_team = {{}}, {{}}
+  for _, key in ipairs(m.live) do
+    local team, principal, _, pri, pf = parts(key)
+    if team then
+      local t = by_team[team]
+      if not t then
+        -- pris: the priorities its lists have (has: as a set); pf: each principal's tag field
+        t = {{principals = {{}}, lists = {{}}, pris = {{}}, has = {{}}, pf = {{}}}}
+        by_team[team] = t; teams[#teams + 1] = team
+      end
+      if not t.lists[principal] then
+        t.lists[principal] = {{}}; t.principals[#t.principals + 1] = principal; t.pf[principal] = pf
+      end
+      t.lists[principal][pri] = key
+      if not t.has[pri] then t.has[pri] = true; t.pris[#t.pris + 1] = pri end
     end
   end
+  local function before(a, b, fa, fb, now_v)
+    local sa, sb = math.max(now_v, fa), math.max(now_v, fb)
+    if sa ~= sb then return sa < sb end
+    if fa ~= fb then return fa < fb end
+    return a < b
+  end
+  local tt = {{}}
+  for _, team in ipairs(teams) do tt[team] = get(m, 't:' .. team) end
+  table.sort(teams, function(a, b) return before(a, b, tt[a], tt[b], V) end)
+  local out = {{}}
+  for _, team in ipairs(teams) do
+    local t, vt, pt = by_team[team], get(m, 'v:' .. team), {{}}
+    for _, principal in ipairs(t.principals) do pt[principal] = get(m, t.pf[principal]) end
+    table.sort(t.principals, function(a, b) return before(a, b, pt[a], pt[b], vt) end)
+    table.sort(t.pris)  -- only the priorities the team's lists have, most urgent first
+    for _, pri in ipairs(t.pris) do
+      for _, principal in ipairs(t.principals) do
+        local key = t.lists[principal][pri]
+        if key then out[#out + 1] = key end
+      end
+    end
+  end
+  return out
 end
-order[#order + 1] = WAKE
-return order
+"""
+
+# KEYS: [1] registry, [2] tags, [3] waiting, [4] wake list, [5] shares.
+# ARGV: [1] now (s), [2] the list just popped ('' none), [3] estimate when svc is unknown (ms),
+#       [4] the number of corrections, then per correction: a fair queue or list, its service ms, the ms charged.
+# Returns {charged ms ('' if nothing was charged), list, list, ..., wake list}.
+_PICK = LIB + """
+local now, popped, ncorr = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[4])
+local extra = {popped}
+for c = 0, ncorr - 1 do extra[#extra + 1] = ARGV[5 + 3 * c] end
+local m = load(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], extra)
+for c = 0, ncorr - 1 do correct(m, ARGV[5 + 3 * c], tonumber(ARGV[6 + 3 * c]), tonumber(ARGV[7 + 3 * c])) end
+local charged = ''
+if popped == m.WAKE then
+  redis.call('DEL', m.WAKE)  -- the token did its work: this call sees the new lists
+elseif popped ~= '' then
+  charged = charge(m, popped, tonumber(ARGV[3]))
+end
+recount(m, now)
+write(m)
+local out = order(m)
+table.insert(out, 1, charged)
+out[#out + 1] = m.WAKE
+return out
 """
 
 PICK_SHA = hashlib.sha1(_PICK.encode()).hexdigest()
