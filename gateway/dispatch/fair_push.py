@@ -7,7 +7,12 @@ worker can take its job. The script asks the registry (``ZSCORE``, a read)
 and writes it only when the list is missing or its time is older than
 :data:`REREGISTER_S` (the workers prune a list only when it has been empty
 and not registered for an hour). A list registered for the first time wakes
-a worker blocked on the old set of lists (a token on the wake list).
+a worker blocked on the old set of lists (a token on the wake list; kept
+for workers from before the take script, which order from a cached
+registry). A push that finds the list empty (``LPUSH`` answers 1) rings the
+model's bell for an idle worker (``workers/contract/take.py``): one
+``RPOPLPUSH`` that moves an idle token, if any, to the bell; under load the
+lists are not empty and no ring is sent.
 
 Not a cache in the gateway process: that would save the ``ZSCORE`` but could
 not see a Redis restart or flush, and jobs pushed meanwhile would wait on
@@ -23,16 +28,18 @@ import redis.asyncio as aioredis
 
 from gateway.limits.scripts import Script
 from workers.contract.fair_queues import registry_key, waiting_key, wake_key
+from workers.contract.jobs import queue_for
+from workers.contract.queue_layout import bell_key, idle_key
 
 #: A list's registration is refreshed when a push finds it older than this (s).
 REREGISTER_S = 60.0
 #: Most wake tokens kept: one wakes one blocked worker; more would only make idle workers spin.
 WAKE_TOKENS = 64
 
-# KEYS: [1] the list, [2] waiting counts, [3] registry, [4] wake list.
+# KEYS: [1] the list, [2] waiting counts, [3] registry, [4] wake list, [5] idle tokens, [6] bell.
 # ARGV: [1] the message, [2] team field, [3] now (s).
 _PUSH = f"""
-redis.call('LPUSH', KEYS[1], ARGV[1])
+if redis.call('LPUSH', KEYS[1], ARGV[1]) == 1 then redis.call('RPOPLPUSH', KEYS[5], KEYS[6]) end
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 local now = tonumber(ARGV[3])
 local seen = tonumber(redis.call('ZSCORE', KEYS[3], KEYS[1]))
@@ -50,6 +57,9 @@ PUSH = Script(_PUSH)
 
 async def fair_push(redis: aioredis.Redis, model: str, team: str, key: str, message: str) -> None:
     """LPUSH ``message`` on ``key`` (a fair list of ``model``; ``team`` as in the hashes), count it as
-    waiting, register the list if needed; raises ``RedisError`` or ``OSError``."""
-    await PUSH(redis, (key, waiting_key(model), registry_key(model), wake_key(model)),
+    waiting, register the list if needed, ring an idle worker if the list was empty; raises ``RedisError``
+    or ``OSError``."""
+    queue = queue_for(model)
+    await PUSH(redis, (key, waiting_key(model), registry_key(model), wake_key(model), idle_key(queue),
+                       bell_key(queue)),
                (message, team, repr(time.time())))

@@ -19,8 +19,8 @@ from redis.exceptions import RedisError
 from gateway.dispatch.celery_message import task_message
 from gateway.dispatch.fair_push import fair_push
 from gateway.dispatch.job_payload import sealed_job
-from workers.contract.queue_layout import queue_keys
-from workers.contract.fair_queues import MODE_FAIR, MODE_FIFO, job_queue, team_field, waiting_key
+from workers.contract.queue_layout import bell_key, idle_key, queue_keys
+from workers.contract.fair_queues import MODE_FAIR, MODE_FIFO, PLAIN_HINT, job_queue, tags_key, team_field, waiting_key
 from workers.contract.jobs import GENERATE_TASK, GenerateJob, queue_for
 from workers.contract.sealing import Sealer
 
@@ -41,8 +41,9 @@ class QueueUnavailable(RuntimeError):
 
 
 class Dispatcher:
-    """Queues jobs for the workers: a Celery task message pushed on the async client (fifo: one LPUSH;
-    fair: one script that also counts the team's waiting job and registers the list)."""
+    """Queues jobs for the workers: a Celery task message pushed on the async client (fifo: one LPUSH,
+    and when the list was empty the plain lists' hint and a ring for an idle worker; fair: one script that also counts the team's
+    waiting job, registers the list and rings)."""
 
     def __init__(self, redis: aioredis.Redis, *, expires_s: float, sealer: Sealer, mode: str = MODE_FAIR) -> None:
         """``expires_s``: how long after queueing a job is still worth running (the request timeout);
@@ -77,7 +78,13 @@ class Dispatcher:
         try:
             if self._fair:
                 await fair_push(self._redis, job.model, team_field(job.team), key, message)
-            else:
-                await self._redis.lpush(key, message)
+            elif await self._redis.lpush(key, message) == 1:
+                # The list was empty: workers in fair mode may skip the plain lists until the hint says
+                # otherwise, and an idle worker may be waiting on the bell (workers/contract/take.py).
+                plain = queue_for(job.model)
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.hset(tags_key(job.model), PLAIN_HINT, 1)
+                    pipe.rpoplpush(idle_key(plain), bell_key(plain))
+                    await pipe.execute()
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"the queue did not accept the request: {exc}") from exc

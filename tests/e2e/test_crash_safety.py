@@ -329,3 +329,76 @@ def test_higher_priority_requests_are_served_first(settings, keyring, tmp_path):
     order = [label_of[r] for r in served_in_order(tmp_path / "worker.log") if r in label_of]
     assert sorted(order) == sorted(ids)
     assert order[0] == "urgent", order
+
+
+def _blocked_after(client: redis.Redis, first_id: int) -> list[int]:
+    """Ids of the connections opened after ``first_id`` that are blocked in a BRPOP now."""
+    return [int(c["id"]) for c in client.client_list()
+            if int(c["id"]) > first_id and c["cmd"] == "brpop" and "b" in c["flags"]]
+
+
+def _stop_while_blocked(client: redis.Redis, process, first_id: int) -> int:
+    """SIGSTOP ``process`` at a moment its BRPOP is out and blocked (it re-sends one a second, so a stop
+    between two is seen and tried again); the id of that connection."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        blocked = _blocked_after(client, first_id)
+        if len(blocked) == 1:
+            os.kill(process.pid, signal.SIGSTOP)
+            if _blocked_after(client, first_id) == blocked:
+                return blocked[0]
+            os.kill(process.pid, signal.SIGCONT)  # its BRPOP ended between the two looks
+        time.sleep(0.01)
+    raise AssertionError("the worker was never seen blocked in a BRPOP")
+
+
+def test_a_worker_frozen_and_killed_as_it_is_handed_a_job_loses_it_not(settings, served_api, keyring,
+                                                                       audit_store):
+    """The window kombu's BRPOP left: Redis hands the job to a worker whose process is frozen (SIGSTOP), so
+    its unacked bookkeeping, which followed from the client, is never written; the worker is then killed.
+    With BRPOP the job was then in no Redis structure and the request ended ``gateway_lost`` minutes later.
+    Now a waiting worker blocks on a bell, not on the job lists: the push's ring goes to the frozen worker,
+    the job stays on its list, and the next worker runs it; the request ends once, completed."""
+    from tests.conftest import RESCUE_MODEL
+
+    own = settings.with_(worker_pool="solo")
+    client = redis.Redis.from_url(settings.redis_url)
+    workers: list = []
+    outcome: dict = {}
+
+    def ask() -> None:
+        outcome["response"] = httpx.post(
+            f"{served_api}/v1/completions", headers=bearer(keyring["admin"]), timeout=120,
+            json={"model": RESCUE_MODEL, "prompt": "Tell", "max_tokens": 4, "temperature": 0})
+
+    asker = threading.Thread(target=ask)
+    try:
+        before = client.client_id()
+        workers.append(spawn_cli(own, "worker", "--model", RESCUE_MODEL, log=settings.var_dir / "frozen-1.log"))
+        wait_for_worker(settings.redis_url, RESCUE_MODEL, workers[0])
+        ask()  # served as usual: the principal's fair list is registered, the worker knows it
+        assert outcome.pop("response").status_code == 200
+        waiting = _stop_while_blocked(client, workers[0], before)
+        asker.start()
+        deadline = time.monotonic() + 30
+        while waiting in _blocked_after(client, before):  # Redis answers the frozen worker's BRPOP
+            assert time.monotonic() < deadline, "the push never reached the frozen worker's BRPOP"
+            time.sleep(0.01)
+        os.kill(workers[0].pid, signal.SIGKILL)
+        workers[0].wait(10)
+        queued = [k for k in client.keys(f"model.{RESCUE_MODEL}*") if client.type(k) == b"list" and client.llen(k)]
+        assert queued, "the job left its list with the frozen worker"
+        workers.append(spawn_cli(own, "worker", "--model", RESCUE_MODEL, log=settings.var_dir / "frozen-2.log"))
+        asker.join(110)
+        response = outcome["response"]
+    finally:
+        for process in workers:
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGCONT)
+            stop_process(process, timeout_s=30)
+        client.close()
+    assert response.status_code == 200, response.text
+    entries = audit_store.entries_for(response.headers["x-govgate-request-id"])
+    assert [e.kind for e in entries] == ["request", "completion"]  # run once, by the next worker, ended once
+    assert entries[1].body["worker"]["pid"] == workers[1].pid
+

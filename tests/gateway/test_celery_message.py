@@ -135,3 +135,46 @@ def test_a_push_redis_refuses_is_queue_unavailable(mode):
 
     with pytest.raises(QueueUnavailable):
         asyncio.run(enqueue())
+
+
+@pytest.mark.parametrize("mode", ["fair", "fifo"])
+def test_a_push_onto_an_empty_list_rings_one_idle_worker_and_sets_the_plain_hint_in_fifo(redis_server, mode):
+    """Workers waiting for jobs block on their queue's bell (workers/contract/take.py): the push that turns a
+    list from empty to non-empty moves one idle token onto the bell; a push onto a list that already holds
+    jobs rings nothing (no worker can be idle then for want of it). A fifo push also sets the model's plain
+    lists' hint, without which a fair-mode take skips them for up to a second."""
+    import asyncio
+    import os
+
+    import redis.asyncio as aioredis
+
+    from gateway.dispatch.queue import Dispatcher
+    from workers.contract.fair_queues import PLAIN_HINT, registry_key, tags_key, waiting_key, wake_key
+    from workers.contract.jobs import queue_for
+    from workers.contract.queue_layout import bell_key, idle_key
+    from workers.contract.sealing import Sealer
+
+    model = f"ring-{uuid.uuid4().hex[:8]}"
+    plain = queue_for(model)
+    client = redis.Redis.from_url(redis_server.url)
+    client.lpush(idle_key(plain), "1", "1")  # two workers idle
+
+    async def enqueue(*ids: str) -> None:
+        async_client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            dispatcher = Dispatcher(async_client, expires_s=60, sealer=Sealer(os.urandom(32)), mode=mode)
+            for request_id in ids:
+                await dispatcher.enqueue(_job(request_id, model, "research"))
+        finally:
+            await async_client.aclose()
+
+    try:
+        asyncio.run(enqueue("req-r1"))
+        assert (client.llen(idle_key(plain)), client.llen(bell_key(plain))) == (1, 1)
+        assert client.hget(tags_key(model), PLAIN_HINT) == (b"1" if mode == "fifo" else None)
+        asyncio.run(enqueue("req-r2"))
+        assert (client.llen(idle_key(plain)), client.llen(bell_key(plain))) == (1, 1)
+    finally:
+        client.delete(*client.keys(f"model.{model}*"), idle_key(plain), bell_key(plain), tags_key(model),
+                      registry_key(model), waiting_key(model), wake_key(model))
+        client.close()

@@ -99,7 +99,8 @@ local function load(REG, TAGS, WAIT, WAKE, SHARES, extra, members)
   local m = {{REG = REG, TAGS = TAGS, WAIT = WAIT, WAKE = WAKE, SHARES = SHARES, dirty = {{}}, tag = {{}}}}
   m.members = members or redis.call('ZRANGE', REG, 0, -1)
   m.live = m.members
-  local fields, seen, seen_team = {{'V', 'svc', 'rc'}}, {{}}, {{}}
+  -- 'plain': set while the model's plain lists may hold a job (workers/contract/take.py)
+  local fields, seen, seen_team = {{'V', 'svc', 'rc', 'plain'}}, {{}}, {{}}
   local function want(f) if not seen[f] then seen[f] = true; fields[#fields + 1] = f end end
   local function want_list(key)
     local team, _, _, _, pf = parts(key)

@@ -84,6 +84,11 @@ def tags_key(model: str) -> str:
     return f"govgate:fair:{model}:tags"
 
 
+#: Field of :func:`tags_key` that is set (1) while the model's plain lists may hold a job: a worker's take
+#: looks at them only then, or once a second (``workers/contract/take.py``).
+PLAIN_HINT = "plain"
+
+
 def waiting_key(model: str) -> str:
     """Hash of waiting jobs per team (encoded, :func:`team_field`); the model's total is the sum of the values.
     Raised by each push (and each restore), lowered by each worker pick, and recounted exactly from the

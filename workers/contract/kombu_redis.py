@@ -8,41 +8,43 @@ client over the same pool and hands it out instead (a ``redis.Redis`` is safe
 to share; each command takes a pooled connection). Nothing else changes: the
 same keys and acknowledgement rules.
 
-Its QoS also writes the unacked bookkeeping of a delivery (payload and index
-entry) and removes it at the ack as plain two-command pipelines instead of
-kombu's MULTI…EXEC transactions: 4 Redis commands per task instead of 8.
-Atomicity is not what redelivery rests on; the order is. The payload is
-written before its index entry and deleted before it, so an index entry
-never leads a restore to a payload that should not be restored: kombu's
-``restore_by_tag`` WATCHes the payload hash, so a restore racing an ack
-either sees the payload gone or has its transaction aborted by the ack's
-HDEL, and a restore that reads an index entry whose payload is gone only
-drops the entry. A delivery is restored only after the visibility timeout,
-so a restore never races the bookkeeping of a fresh delivery. Restores
-themselves stay kombu's (a WATCH/MULTI/EXEC transaction).
+Its channel takes jobs with :mod:`workers.contract.take`'s script instead of
+kombu's BRPOP: the job leaves its list and lands in the worker's unacked
+hash and index in one atomic step, so there is no moment at which a job is
+in neither and a worker frozen or killed right after taking it loses it:
+the restore scan (``QoS.restore_visible`` below) hands it back. A take that
+finds nothing leaves an idle token and the channel BRPOPs its queues' bells
+instead, which a push rings (see that module).
 
-The delivery's bookkeeping, a fair job's pick and the ack's removal of the
-bookkeeping are sent without waiting for their replies
-(:mod:`workers.contract.deferred_replies`): the job goes on to the pool
-process at once, and after an ack the next BRPOP goes out at once. Everything
-that depends on them (the ack, a reject, a restore, a synchronous pick, and
-the next BRPOP when a pick's reply, its order, is outstanding) reads the
-outstanding replies first, and all of them travel on one connection, so
-Redis applies them in the order they were sent and before anything that
-depends on them. The next BRPOP does not wait for an ack's removal: it
-touches other keys, and a removal that failed leaves only a served
+The ack removes the bookkeeping as a plain two-command pipeline instead of
+kombu's MULTI…EXEC transaction (a ``basic_get`` delivery, which the take
+does not book, is booked so too). Atomicity is not what the removal rests on;
+the order is. The payload is deleted before its index entry, so an index
+entry never leads a restore to a payload that should not be restored:
+kombu's ``restore_by_tag`` WATCHes the payload hash, so a restore racing an
+ack either sees the payload gone or has its transaction aborted by the ack's
+HDEL, and a restore that reads an index entry whose payload is gone only
+drops the entry. Restores themselves stay kombu's (a WATCH/MULTI/EXEC
+transaction).
+
+The ack's removal is sent without waiting for its replies
+(:mod:`workers.contract.deferred_replies`): after an ack the next take goes
+out at once, and the removal's replies are read when next needed (the next
+ack, a reject, a restore). The next take does not wait for an ack's removal:
+it touches other keys, and a removal that failed leaves only a served
 delivery in the unacked index, which the visibility timeout restores and
 the worker then ends without running again (its job key says it ran), as
 after a worker that died between its terminal entry and its ack.
 
 Its channel also serves fair share (``workers/contract/fair_queues.py``): the
-worker consumes only ``model.<name>``, but BRPOPs the model's plain lists
-first, then the fair lists in the order :mod:`workers.contract.fair_order`'s
-script returns, then the model's wake list. A job popped from a fair list is
-delivered to the consumer of ``model.<name>``; its message keeps the fair
-queue as routing key, so kombu's restore (redelivery, reject-requeue,
-visibility timeout) puts it back on its own list, which the restore here
-registers again. See docs/architecture.md, "Fair share".
+worker consumes only ``model.<name>``, but its take looks at the model's
+plain lists first, then the fair lists in the order the script makes
+(:mod:`workers.contract.fair_order`'s functions, charging the job it takes).
+A job taken from a fair list is delivered to the consumer of
+``model.<name>``; its message keeps the fair queue as routing key, so
+kombu's restore (redelivery, reject-requeue, visibility timeout) puts it
+back on its own list, which the restore here registers again. See
+docs/architecture.md, "Fair share".
 
 It is used through the transport name :data:`TRANSPORT_NAME` in the broker
 URL (``workers.contract.jobs.celery_redis_url``), registered in kombu's
@@ -69,12 +71,16 @@ from kombu.utils.json import dumps, loads
 from redis.exceptions import NoScriptError
 
 from workers.contract import fair_order
+from workers.contract import take as take_script
 from workers.contract.deferred_replies import DeferredReplies, ignore_reply
 from workers.contract.delivery_owners import (LEGACY_KEYS, ORPHAN_SCAN_INTERVAL_S, OWNERS_KEY, Owner, is_dead,
                                               orphaned_nodes, owner_from_node, owner_keys, process_started_at,
                                               this_process)
-from workers.contract.fair_queues import PART_SEP, parse_fair_queue, registry_key, waiting_key, wake_key
+from workers.contract.fair_queues import (PART_SEP, PLAIN_HINT, parse_fair_queue, registry_key, tags_key, waiting_key,
+                                          wake_key)
 from workers.contract.liveness import LIVE_SCRIPT, WORKERS_KEY
+from workers.contract.queue_layout import DEFAULT_PRIORITY, bell_key, idle_key
+from workers.contract.take import TakeQueue, take_command
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +98,12 @@ class QoS(kombu_redis.QoS):
     _next_orphan_scan: float = 0.0
 
     def append(self, message: Any, delivery_tag: Any) -> None:
-        """The bookkeeping is sent, not waited for: the delivery goes on to the pool at once."""
+        """A delivery the take script booked has its bookkeeping in Redis already (written with the pop);
+        any other (``basic_get``) has it sent, not waited for: the delivery goes on at once."""
+        if delivery_tag in self.channel._booked:
+            self.channel._booked.discard(delivery_tag)
+            VirtualQoS.append(self, message, delivery_tag)
+            return
         delivery = message.delivery_info
         payload = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
         self.channel.send_deferred(
@@ -102,12 +113,13 @@ class QoS(kombu_redis.QoS):
         VirtualQoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: Any) -> None:
-        """The next BRPOP goes out at once, then the bookkeeping's removal, which is not waited for.
+        """The next take goes out at once, then the bookkeeping's removal, which is not waited for.
 
-        ``served`` first: it reads the outstanding pick (its charge is what the service time corrects)
-        and may run a synchronous pick, both before the next BRPOP's order is made. The BRPOP before
-        the removal: it touches other keys, and sending the removal takes about as long as Redis takes
-        to answer the BRPOP (the removal is safe to leave unread: :meth:`_forget`)."""
+        ``served`` first: the job's service time joins the corrections the next take applies before it
+        orders the lists. The take before the removal: it touches other keys, and sending the removal
+        takes about as long as Redis takes to answer the take (the removal is safe to leave unread:
+        :meth:`_forget`). The previous removal's replies are read first (they arrived long ago), so
+        no more than one ack's are ever outstanding."""
         self.channel.settle_deferred()
         self.channel.served(delivery_tag)
         VirtualQoS.ack(self, delivery_tag)
@@ -235,13 +247,6 @@ class QoS(kombu_redis.QoS):
 
 #: The model queues' prefix (``workers.contract.jobs.queue_for``).
 _MODEL_PREFIX = "model."
-#: How long a fair order is used before it is asked for again when no job was popped meanwhile.
-ORDER_FRESH_S = 1.0
-#: A job whose service time is more than this many times its charge, or less than its charge over this,
-#: is corrected at its ack (one more script call) instead of with the next pick: the next job's order was
-#: made before, and a tag off by more than a job would favour the wrong team (one charged too much looks
-#: behind the others). Off by less, the error is within what fair queueing's own bound allows.
-CORRECT_AT_ONCE = 2.0
 #: Most deliveries whose service time is awaited (a bound, not a limit reached: prefetch is one).
 _MAX_IN_SERVICE = 1024
 
@@ -253,35 +258,55 @@ def _model_of(queue: str) -> str | None:
     return None
 
 
+def _ring_target(routing_key: str) -> str:
+    """The consumed queue whose idle workers a job on ``routing_key`` (a plain or fair queue) wakes."""
+    fair = parse_fair_queue(routing_key)
+    return fair.model_queue if fair is not None else routing_key
+
+
 class Channel(kombu_redis.Channel):
-    """A kombu Redis channel that reuses one synchronous client and takes jobs in fair-share order."""
+    """A kombu Redis channel that reuses one synchronous client and takes jobs with the take script
+    (:mod:`workers.contract.take`): atomically into its unacked hash, in fair-share order."""
 
     QoS = QoS
     _shared_client: redis.Redis | None = None
-    #: model queue → (monotonic time, fair lists in order, wake list last)
-    _orders: dict[str, tuple[float, list[str]]]
-    #: wake list → model queue
-    _wakes: dict[str, str]
     #: delivery tag → (fair queue, ms charged, monotonic time of delivery, a warm-up), until acked or rejected
     _in_service: dict[Any, tuple[str, float, float, bool]]
     #: fair jobs this channel took
     _taken: int = 0
-    #: model queue → [(fair queue, service ms, ms charged)] for the model's next pick
+    #: model queue → [(fair queue, service ms, ms charged)] for the model's next take
     _corrections: dict[str, list[tuple[str, float, float]]]
-    #: commands sent whose replies are read when next needed (the bookkeeping, its removal at the ack, a fair
-    #: job's pick)
+    #: the corrections the take in flight carries (given back if it fails)
+    _sent_corrections: dict[str, list[tuple[str, float, float]]]
+    #: commands sent whose replies are read when next needed (the ack's removal of the bookkeeping)
     _deferred: DeferredReplies
-
-    #: picks sent whose replies (the next order) have not been read
-    _picks_outstanding: int = 0
+    #: delivery tags whose bookkeeping the take wrote (the QoS writes none for them)
+    _booked: set[Any]
+    #: queue → whether this channel's idle token is out on its idle list
+    _idle_out: dict[str, bool]
+    #: bell key → its queue
+    _bells: dict[str, str]
+    #: what the next poll sends: a take, or (after a take found nothing) a BRPOP on the bells
+    _take_next: bool = True
+    #: the poll out is a take (else a BRPOP on the bells)
+    _polling_take: bool = False
+    #: the queues the poll out was sent for
+    _poll_queues: list[str] = []
+    #: a bell woke this channel (its take passes the bell on if jobs remain)
+    _woken: bool = False
+    #: a wake token woke it (its take clears the wake lists)
+    _clear_wake: bool = False
 
     #: The worker whose deliveries this channel keeps under keys of its own (None: kombu's shared keys).
     owner: Owner | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._orders, self._wakes, self._in_service, self._corrections = {}, {}, {}, {}
+        self._in_service, self._corrections, self._sent_corrections = {}, {}, {}
+        self._booked, self._idle_out, self._bells = set(), {}, {}
         self._deferred = DeferredReplies()
         super().__init__(*args, **kwargs)
+        if self.global_keyprefix:  # the take script names its keys itself
+            raise ValueError("the govgate-redis transport does not support global_keyprefix")
         node = self.connection.client.transport_options.get(OWNER_OPTION)
         if node:
             self.unacked_key, self.unacked_index_key = owner_keys(node)
@@ -310,7 +335,24 @@ class Channel(kombu_redis.Channel):
 
     def close(self) -> None:
         self.settle_deferred()
+        self._unregister_idle()
         super().close()
+
+    def _unregister_idle(self) -> None:
+        """A channel that goes away while registered idle takes its tokens back (best effort: a token
+        left behind only wakes some worker for nothing)."""
+        out = [queue for queue, registered in self._idle_out.items() if registered]
+        self._idle_out.clear()
+        if not out or self.closed:
+            return
+        try:
+            with self.conn_or_acquire() as client:
+                with client.pipeline(transaction=False) as pipe:
+                    for queue in out:
+                        pipe.rpop(idle_key(queue))
+                    pipe.execute()
+        except Exception:  # noqa: BLE001 - Redis gone: the tokens stay, harmless
+            log.debug("idle tokens not taken back", exc_info=True)
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -323,17 +365,17 @@ class Channel(kombu_redis.Channel):
         yield shared
 
     def poll_now(self) -> None:
-        """Send the next BRPOP now, as the event loop's next poll would (an ack just freed a slot).
+        """Send the next take now, as the event loop's next poll would (an ack just freed a slot).
 
         Otherwise it waits for the rest of the ack (sending the bookkeeping's
         removal) and Celery's own bookkeeping of the finished task; sent
         here, Redis answers meanwhile. Measured over three alternating pairs
-        of ``bench/fairness.py`` runs with a per-job trace: ack to BRPOP
-        0.18 → 0.08 ms at the median, the whole hand-over between two jobs
-        1.69 → 1.63 ms (median) and 1.91 → 1.79 ms (mean). The same call and
-        conditions as kombu's ``on_poll_start`` (a channel consuming queues,
-        with credit); a BRPOP already out (an ack inside a delivery's
-        callback) is not doubled, and a failure is left to that poll.
+        of ``bench/fairness.py`` runs with a per-job trace (then a BRPOP):
+        ack to BRPOP 0.18 → 0.08 ms at the median, the whole hand-over
+        between two jobs 1.69 → 1.63 ms (median) and 1.91 → 1.79 ms (mean).
+        The same call and conditions as kombu's ``on_poll_start`` (a channel
+        consuming queues, with credit); a poll already out (an ack inside a
+        delivery's callback) is not doubled, and a failure is left to that poll.
         """
         cycle = getattr(self.connection, "cycle", None)
         if (cycle is None or self not in getattr(cycle, "_channels", ()) or self.closed or self._in_poll
@@ -342,63 +384,123 @@ class Channel(kombu_redis.Channel):
         try:
             cycle._register_BRPOP(self)
         except Exception:  # noqa: BLE001 - the loop's next poll sends it (and reports what fails)
-            log.debug("early BRPOP not sent; the next poll sends it", exc_info=True)
+            log.debug("early poll not sent; the next poll sends it", exc_info=True)
 
-    # ---------------------------------------------------------------- fair share
+    # ---------------------------------------------------------------- taking jobs
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        """kombu's, with each model queue's fair lists and wake list after its plain ones."""
+        """Instead of kombu's BRPOP over the job lists: the take script, or, after a take found nothing,
+        a BRPOP on the queues' bells and the models' wake lists (with kombu's timeout, after which the
+        next poll takes again)."""
         if timeout is None:
             timeout = self.brpop_timeout
-        if self._picks_outstanding:  # the order the last pick returned (an ack's removal need not be read)
-            self.settle_deferred()
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
-        keys: list[Any] = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
-        for queue in queues:
-            if _model_of(queue) is not None:
-                keys.extend(self._fair_order(queue))
-        keys.append(timeout or 0)
+        if self._take_next:
+            command = self._take_command(queues)
+        else:
+            keys: list[Any] = []
+            for queue in queues:
+                self._bells[bell_key(queue)] = queue
+                keys.append(bell_key(queue))
+            keys += [wake_key(model) for model in map(_model_of, queues) if model is not None]
+            command = ("BRPOP", *keys, timeout or 0)
+        self._polling_take, self._poll_queues = self._take_next, list(queues)
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
-        command_args = ["BRPOP", *keys]
-        if self.global_keyprefix:
-            command_args = self.client._prefix_args(command_args)
-        self.client.connection.send_command(*command_args)
+        self.client.connection.send_command(*command)
+
+    def _take_command(self, queues: list[str]) -> tuple[str, ...]:
+        """The take of ``queues`` (their corrections leave with it; given back if it fails)."""
+        spec = []
+        for queue in queues:
+            model = _model_of(queue)
+            corrections = self._corrections.pop(queue, []) if model is not None else []
+            if corrections:
+                self._sent_corrections.setdefault(queue, []).extend(corrections)
+            spec.append(TakeQueue(idle_key(queue), bell_key(queue),
+                                  [self._q_for_pri(queue, pri) for pri in self.priority_steps], model, corrections))
+        command = take_command(self.unacked_key, self.unacked_index_key, spec, woken=self._woken,
+                               registered=[self._idle_out.get(queue, False) for queue in queues],
+                               clear_wake=self._clear_wake, default_place=self._default_place())
+        self._woken = self._clear_wake = False
+        return command
+
+    def _default_place(self) -> int:
+        """Where the default priority's list is among a queue's plain lists (its lists are looked at first)."""
+        try:
+            return list(self.priority_steps).index(self.priority(DEFAULT_PRIORITY))
+        except ValueError:
+            return 0
+
+    def _corrections_back(self) -> None:
+        """A take that failed: the corrections it carried go with the next one."""
+        for queue, corrections in self._sent_corrections.items():
+            self._corrections.setdefault(queue, [])[:0] = corrections
+        self._sent_corrections = {}
 
     def _brpop_read(self, **options: Any) -> bool:
-        """kombu's, delivering a fair list's job to its model queue's consumer and charging it at once.
+        """Read the take's reply (deliver its job) or the bell's (take next).
 
-        Unlike kombu's, the BRPOP counts as answered (``_in_poll`` cleared) once its reply is read, before
-        the job is delivered, not after: with the solo pool the job runs inside the delivery, and its ack
-        sends the next BRPOP at once (:meth:`poll_now`) instead of after the delivery returns to the event
-        loop. A BRPOP sent so is left standing here (the loop sees it out and sends no other)."""
+        The poll counts as answered (``_in_poll`` cleared) once its reply is read, before the job is
+        delivered, not after as in kombu: with the solo pool the job runs inside the delivery, and its
+        ack sends the next take at once (:meth:`poll_now`) instead of after the delivery returns to the
+        event loop. A poll sent so is left standing here (the loop sees it out and sends no other)."""
         answered = False
+        taking = self._polling_take
         try:
             try:
-                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+                reply = self.client.parse_response(self.client.connection, "EVALSHA" if taking else "BRPOP",
+                                                   **options)
+            except NoScriptError:  # a new Redis, or SCRIPT FLUSH: load it, the next poll takes
+                answered = True
+                self._in_poll = None
+                self._corrections_back()
+                with self.conn_or_acquire() as client:
+                    take_script.load_script(client)
+                raise Empty() from None
             except self.connection_errors:
                 self.client.connection.disconnect()
+                self._corrections_back()
+                raise
+            except redis.ResponseError:
+                answered = True
+                self._in_poll = None
+                self._corrections_back()
                 raise
             answered = True
             self._in_poll = None
             self._flush_brpop_reauth()
-            if not dest__item:
+            if not taking:
+                self._take_next = True
+                if reply:
+                    queue = self._bells.get(bytes_to_str(reply[0]))
+                    if queue is not None:  # a bell: its token is this channel's now
+                        self._idle_out[queue] = False
+                        self._woken = True
+                    else:  # a model's wake list (a gateway from before the bells registered a new list)
+                        self._clear_wake = True
                 raise Empty()
-            dest, item = dest__item
-            key = bytes_to_str(dest)
-            woken = self._wakes.get(key)
-            if woken is not None:  # a new fair list: order again (the token is not a job)
-                self._orders.pop(woken, None)
-                self._order_after(woken, popped=key)
+            self._sent_corrections = {}
+            queues = self._poll_queues
+            taken = take_script.parse_take(reply)
+            if taken is None:  # the take left an idle token for each queue that had none out
+                self._take_next = False
+                for queue in queues:
+                    self._idle_out[queue] = True
                 raise Empty()
-            message = loads(bytes_to_str(item))
-            queue = key.rsplit(self.sep, 1)[0]
+            for queue in queues:  # the take took back any token out
+                self._idle_out[queue] = False
+            message = loads(taken.item)
+            tag = message.get("properties", {}).get("delivery_tag")
+            queue = taken.key.rsplit(self.sep, 1)[0]
             fair = parse_fair_queue(queue)
             if fair is not None:
-                self._charge(fair.model_queue, queue, key, message)
+                self._begin_service(tag, queue, taken.charged_ms, monotonic())
                 queue = fair.model_queue
+            if taken.booked:
+                self._booked.add(tag)
             self._queue_cycle.rotate(queue)
             self.connection._deliver(message, queue)
             return True
@@ -407,76 +509,7 @@ class Channel(kombu_redis.Channel):
                 self._in_poll = None
                 self._flush_brpop_reauth()
 
-    def _fair_order(self, model_queue: str) -> list[str]:
-        """The model's fair lists in order: the cached order if fresh, else a new one (no charge)."""
-        cached = self._orders.get(model_queue)
-        if cached is not None and monotonic() - cached[0] < ORDER_FRESH_S:
-            return cached[1]
-        result = self._order_after(model_queue)
-        return result.order if result is not None else []
-
-    def _order_after(self, model_queue: str, popped: str | None = None) -> fair_order.Pick | None:
-        """Run the pick script for ``model_queue`` (charging ``popped``), cache and return its order.
-
-        Redis errors propagate only when nothing was popped: a popped job must be delivered whatever
-        its charge did (the waiting counts heal at the next recount)."""
-        self.settle_deferred()
-        model = model_queue[len(_MODEL_PREFIX):]
-        corrections = self._corrections.pop(model_queue, [])
-        try:
-            with self.conn_or_acquire() as client:
-                result = fair_order.pick(client, model, popped=popped, corrections=corrections)
-        except Exception:
-            if popped is None:
-                self._corrections.setdefault(model_queue, []).extend(corrections)
-                raise
-            log.warning("fair share: could not charge a job of %s (it is served anyway)", model_queue,
-                        exc_info=True)
-            self._orders.pop(model_queue, None)
-            return None
-        self._orders[model_queue] = (monotonic(), result.order)
-        self._wakes[wake_key(model)] = model_queue
-        return result
-
-    def _charge(self, model_queue: str, queue: str, key: str, message: dict[str, Any]) -> None:
-        """Charge the job popped from ``key`` (fair ``queue``) and note when its service began.
-
-        The pick is sent, not waited for: Redis charges the job when the command arrives, before any
-        later command of this worker, which is what the model's other workers need; its reply (the
-        next order, the ms charged) is read when next needed. A pick that fails is logged and the job
-        served anyway (the waiting counts heal at the next recount)."""
-        model = model_queue[len(_MODEL_PREFIX):]
-        corrections = self._corrections.pop(model_queue, [])
-        tag = message.get("properties", {}).get("delivery_tag")
-        popped_at = monotonic()
-
-        def on_reply(reply: Any) -> None:
-            self._picks_outstanding -= 1
-            if isinstance(reply, NoScriptError):  # the script was not run (a SCRIPT FLUSH, a new Redis)
-                try:
-                    with self.conn_or_acquire() as client:
-                        result = fair_order.pick(client, model, popped=key, corrections=corrections)
-                except Exception as error:
-                    reply = error
-                else:
-                    reply = result
-            if isinstance(reply, Exception):
-                log.warning("fair share: the pick charging a job of %s failed or its reply was lost (the job "
-                            "is served anyway): %s", model_queue, reply)
-                self._orders.pop(model_queue, None)
-                return
-            result = reply if isinstance(reply, fair_order.Pick) else fair_order.parse_pick(reply)
-            self._orders[model_queue] = (monotonic(), result.order)
-            self._wakes[wake_key(model)] = model_queue
-            self._begin_service(tag, queue, result.charged_ms, popped_at)
-
-        try:
-            self.send_deferred([fair_order.pick_command(model, popped=key, corrections=corrections)], [on_reply])
-            self._picks_outstanding += 1
-        except Exception:
-            log.warning("fair share: could not charge a job of %s (it is served anyway)", model_queue,
-                        exc_info=True)
-            self._orders.pop(model_queue, None)
+    # ---------------------------------------------------------------- fair share
 
     def _begin_service(self, tag: Any, queue: str, charged_ms: float | None, popped_at: float) -> None:
         """Note that the delivery ``tag`` of fair ``queue``, charged ``charged_ms``, began at ``popped_at``."""
@@ -490,8 +523,9 @@ class Channel(kombu_redis.Channel):
         self._in_service[tag] = (queue, charged_ms, popped_at, warm_up)
 
     def served(self, delivery_tag: Any) -> None:
-        """A delivery ended (acked or rejected): its real service time corrects its team's tags at the next pick."""
-        self.settle_deferred()  # a pick not read yet holds the delivery's charge
+        """A delivery ended (acked or rejected): its real service time corrects its team's tags in the next
+        take, which applies it before it orders the lists."""
+        self._booked.discard(delivery_tag)
         begun = self._in_service.pop(delivery_tag, None)
         if begun is None:
             return
@@ -501,20 +535,37 @@ class Channel(kombu_redis.Channel):
             return
         actual_ms = fair_order.NOT_MEASURED if warm_up else (monotonic() - started) * 1000.0
         self._corrections.setdefault(fair.model_queue, []).append((queue, actual_ms, charged_ms))
-        if warm_up or not charged_ms / CORRECT_AT_ONCE <= actual_ms <= charged_ms * CORRECT_AT_ONCE:
-            # The next job's order was made before this correction; far off, it would favour the wrong
-            # team (a team charged too much looks behind the others), so order again now.
-            try:
-                self._order_after(fair.model_queue)
-            except Exception:  # the correction stays queued for the next pick
-                log.warning("fair share: could not correct the tags of %s", fair.model_queue, exc_info=True)
+
+    # ---------------------------------------------------------------- putting jobs back
+
+    def _put(self, queue: Any, message: Any, **kwargs: Any) -> None:
+        """kombu's publish (Celery clients: the gateway writes its own), then a ring for an idle worker."""
+        super()._put(queue, message, **kwargs)
+        with self.conn_or_acquire() as client:
+            with client.pipeline(transaction=False) as pipe:
+                self._ring(queue, pipe)
+                pipe.execute()
+
+    @staticmethod
+    def _ring(routing_key: str, pipe: Any) -> None:
+        """A job went onto ``routing_key``'s list: the plain lists' hint when it is a plain queue of a
+        model, and a ring for an idle worker of its queue (``workers/contract/take.py``)."""
+        target = _ring_target(routing_key)
+        model = _model_of(routing_key)
+        if model is not None:
+            pipe.hset(tags_key(model), PLAIN_HINT, 1)
+        pipe.rpoplpush(idle_key(target), bell_key(target))
 
     def _do_restore_message(self, payload: Any, exchange: Any, routing_key: Any, pipe: Any,
                             leftmost: bool = False) -> None:
-        """kombu's, and a job going back to a fair list registers that list again and counts as waiting
-        (the registry may have dropped the list meanwhile), and wakes a worker."""
+        """kombu's, and a ring for an idle worker of the job's queue; a job going back to a fair list
+        also registers that list again and counts as waiting (the registry may have dropped it meanwhile),
+        and puts a token on the model's wake list (for workers from before the take script)."""
         super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
-        fair = parse_fair_queue(routing_key or "") if not exchange else None
+        if exchange or not routing_key:
+            return
+        self._ring(routing_key, pipe)
+        fair = parse_fair_queue(routing_key)
         if fair is None:
             return
         model = fair.model_queue[len(_MODEL_PREFIX):]

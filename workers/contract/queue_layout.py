@@ -38,3 +38,14 @@ def visibility_timeout_s(time_limit_s: float, margin_s: float = VISIBILITY_MARGI
 def queue_keys(queue: str) -> list[str]:
     """The Redis lists that hold one queue's waiting messages, one per priority."""
     return [queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS]
+
+
+def idle_key(queue: str) -> str:
+    """List of tokens, one per worker of ``queue`` whose last take found nothing (``workers/contract/take.py``)."""
+    return f"govgate:idle:{queue}"
+
+
+def bell_key(queue: str) -> str:
+    """List idle workers of ``queue`` block on: a push that makes a list non-empty moves an idle token here
+    (``RPOPLPUSH``), waking one of them."""
+    return f"govgate:bell:{queue}"

@@ -111,6 +111,33 @@ def test_the_deliveries_of_a_worker_whose_process_is_gone_go_back_at_the_next_sw
         assert again.delivery_info.get("redelivered") or again.headers.get("redelivered")
 
 
+def test_a_job_whose_take_ran_but_whose_worker_never_read_it_goes_back_once_the_worker_is_dead(redis_server, client):
+    """The window kombu's BRPOP left open: Redis hands a worker its job and the worker dies before it reads
+    the reply. The take removes the job from its list and writes it to the worker's hash in one step, so
+    it is already where the restore looks: once the worker is dead the next sweep puts it back."""
+    from workers.contract import take as take_script
+
+    take_script.load_script(client)  # a worker's first take loads it (NOSCRIPT); this one is never read
+    dead = f"dead-take.1@{socket.gethostname()}"
+    with worker_channel(redis_server, dead) as channel:
+        publish(channel, "a")
+        channel.basic_consume(QUEUE, no_ack=False, callback=lambda message: None, consumer_tag="never-read")
+        channel.connection.cycle._register_BRPOP(channel)  # the take goes out; its reply is never read
+        hash_key, index_key = owner_keys(dead)
+        deadline = time.monotonic() + 10
+        while client.llen(QUEUE) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.llen(QUEUE) == 0 and client.hlen(hash_key) == 1 and client.zcard(index_key) == 1
+        assert not channel.qos._delivered  # the channel never saw it
+    client.hset(OWNERS_KEY, dead, Owner(dead, socket.gethostname(), exited_pid(), time.time()).record())
+    with worker_channel(redis_server, f"alive.{os.getpid()}@{socket.gethostname()}") as other:
+        sweep(other)
+        assert client.llen(QUEUE) == 1 and not client.exists(hash_key, index_key)
+        again = take(other)
+        assert again.body == b"a" and (again.delivery_info.get("redelivered") or again.headers.get("redelivered"))
+        again.ack()
+
+
 def test_a_live_workers_deliveries_go_back_only_past_the_visibility_timeout(redis_server, client):
     here = socket.gethostname()
     live = f"live.{os.getpid()}@{here}"

@@ -197,8 +197,7 @@ def test_the_channel_takes_fair_lists_in_fair_order_and_delivers_to_the_model_qu
         teams = [key.split("/")[1] for key in delivered]
         # one list each would serve a's six first; fair share brings b in at once and ends it first
         assert "b" in teams[:3] and len(teams) - teams[::-1].index("b") < len(teams), teams
-        # the last ack's correction goes with the next pick
-        connection.default_channel._order_after(f"model.{model}")
+        # each ack's correction went with the next take: the mean service time is known
         assert client.hget(tags_key(model), "svc") is not None
         assert not client.hgetall(waiting_key(model))
         assert client.llen(wake_key(model)) == 0
@@ -230,10 +229,10 @@ def test_a_rejected_fair_job_goes_back_to_its_own_list_and_is_registered_again(r
         channel.basic_cancel("fair-test")
 
 
-def test_plain_jobs_come_first_and_cost_no_script_each(redis_server):
+def test_plain_jobs_come_first_and_cost_no_fair_ordering_each(redis_server):
     """A mixed fleet during a rollout: jobs a fifo gateway queued (the model's plain lists) and fair ones are
-    both served, the plain ones first; a plain job costs no pick script (the order is refreshed at most
-    once a second, not per job), so a worker with nothing registered costs what it did."""
+    both served, the plain ones first; with no fair list registered a take reads only the registry (no
+    tags, no shares), so a worker with nothing registered pays no fair-share ordering per job."""
     from bench._commandstats import CommandProbe
     from gateway.dispatch.celery_message import task_message
 
@@ -254,46 +253,37 @@ def test_plain_jobs_come_first_and_cost_no_script_each(redis_server):
         _drain(connection, delivered, 20)
         spent = probe.stop()
         assert delivered == [f"model.{model}"] * 20
-        assert spent.get("evalsha", 0) <= 5, spent  # a refresh now and then, not one per job
+        # one take a job (and a last one that found nothing), none of them ordering fair lists
+        assert 20 <= spent.get("evalsha", 0) <= 22 and not spent.get("hmget") and not spent.get("hgetall"), spent
+        assert not spent.get("brpop", 0) or spent["brpop"] <= 2, spent  # only once idle, on the bell
         _fair_push(client, model, "a", "ann", 2)
         plain(client, model, "late-plain", 2, 9)
         _drain(connection, delivered, 24)
         channel.basic_cancel("plain-test")
-        # the plain lists come first in the BRPOP, even a plain job of the lowest priority
+        # the plain lists come first in the take, even a plain job of the lowest priority
         assert [key.count("/") for key in delivered[20:]] == [0, 0, 2, 2], delivered[20:]
 
 
-def test_a_job_whose_charge_fails_is_still_delivered(redis_server, monkeypatch):
-    """The pick that charges a job just taken is refused by Redis (an error reply, read after the job was
-    delivered): the job is served anyway, never dropped, and the next pick works."""
-    from workers.contract import fair_order
-    from workers.contract.fair_queues import waiting_key
-
-    real_command = fair_order.pick_command
-    failed: list = []
-
-    def refused_command(model_name, *, popped=None, **kwargs):
-        if popped is not None and not failed:
-            failed.append(popped)
-            return ("EVALSHA", fair_order.PICK_SHA, "not-a-number")  # Redis answers with an error
-        return real_command(model_name, popped=popped, **kwargs)
-
-    monkeypatch.setattr(fair_order, "pick_command", refused_command)
-    with _fair_model(redis_server, "kfail") as (model, client, connection):
-        _fair_push(client, model, "a", "ann", 2)
-        delivered = _consume(connection, model, 2, _acked)
+def test_a_take_refused_for_a_missing_script_loses_no_job(redis_server):
+    """Redis lost the take script (SCRIPT FLUSH, a restarted Redis): the take is answered NOSCRIPT before it
+    ran, so no job moved; the channel loads the script and the next poll takes the job."""
+    with _fair_model(redis_server, "knoscript") as (model, client, connection):
+        _fair_push(client, model, "a", "ann", 1)
+        delivered = _consume(connection, model, 1, _acked)
+        assert len(delivered) == 1
+        client.script_flush()
+        key = _fair_push(client, model, "a", "ann", 1)
+        delivered = _consume(connection, model, 1, _acked)
+        assert len(delivered) == 1 and client.llen(key) == 0
         channel = connection.default_channel
-        channel.settle_deferred()  # the last ack's removal read
-        assert client.hlen(channel.unacked_key) == 0  # both acked, bookkeeping gone
-        assert failed and len(delivered) == 2  # the first charge failed; both jobs were served
-        assert client.llen(failed[0]) == 0
-        assert client.hget(waiting_key(model), "a") == b"1"  # only the second charge counted (healed by recount)
+        channel.settle_deferred()
+        assert client.hlen(channel.unacked_key) == 0
 
 
-def test_the_pick_and_bookkeeping_replies_are_read_after_the_job_is_delivered(redis_server):
-    """A fair job reaches its consumer before the worker waits for any reply: the pick (its charge) and the
-    unacked bookkeeping are already in Redis, their replies outstanding; the ack reads them first, so the
-    job's service time is measured from when it was taken and its bookkeeping removed."""
+def test_a_job_arrives_with_its_bookkeeping_and_charge_already_in_redis(redis_server):
+    """The take moved the job into the unacked hash and charged it in the same script: when the consumer
+    gets the job, Redis already holds both, and the only replies outstanding are the previous ack's
+    removal; the ack's service time goes with the next take."""
     import time
 
     from workers.contract.fair_queues import tags_key, waiting_key
@@ -303,48 +293,46 @@ def test_the_pick_and_bookkeeping_replies_are_read_after_the_job_is_delivered(re
         seen: list = []
 
         def handle(message, delivered: list) -> None:
-            # Nothing read yet: pick + HSET + ZADD outstanding, yet Redis already holds what they did.
             seen.append((channel._deferred.outstanding, client.hget(channel.unacked_key, message.delivery_tag)
-                         is not None, int(client.hget(waiting_key(model), "a") or 0)))
+                         is not None, client.zscore(channel.unacked_index_key, message.delivery_tag) is not None,
+                         int(client.hget(waiting_key(model), "a") or 0)))
             time.sleep(0.02)
             _acked(message, delivered)
-            assert channel._deferred.outstanding == 2  # the pick and bookkeeping read; the removal sent
+            assert channel._deferred.outstanding == 2  # the removal (HDEL, ZREM) sent, not read
 
         _fair_push(client, model, "a", "ann", 3)
         _consume(connection, model, 3, handle)
-        channel._order_after(f"model.{model}")  # the last ack's correction goes with the next pick
-        assert channel._deferred.outstanding == 0  # a synchronous pick read the last removal first
+        channel.settle_deferred()
         assert client.hlen(channel.unacked_key) == 0 and client.zcard(channel.unacked_index_key) == 0
-        # the second and third jobs came while the previous ack's removal (HDEL, ZREM) was still unread:
-        # the BRPOP that took them did not wait for it
-        assert seen == [(3, True, 2), (5, True, 1), (5, True, 0)], seen
-        # the second and third jobs were measured (the first is the pool's warm-up): ~20 ms each, not 0
+        # the second and third jobs came while the previous ack's removal was still unread
+        assert seen == [(0, True, True, 2), (2, True, True, 1), (2, True, True, 0)], seen
+        # the second job was measured (the first is the pool's warm-up) and corrected in the third's take
         assert 5.0 < float(client.hget(tags_key(model), "svc")) < 1000.0
 
 
 def test_a_killed_deferred_connection_loses_no_job(redis_server):
-    """The connection that carried a job's pick and bookkeeping is killed (CLIENT KILL) while their replies
-    are unread: what was sent was applied, the ack still removes the bookkeeping, and the next job is taken
-    and charged on a new connection. (A Redis that dies before replying: test_deferred_replies.py.)"""
+    """The connection that carried an ack's removal is killed (CLIENT KILL) while its replies are unread:
+    what was sent was applied, the next ack's removal goes out on a new connection, and the next job is
+    taken. (A Redis that dies before replying: test_deferred_replies.py.)"""
     from workers.contract.fair_queues import waiting_key
 
     with _fair_model(redis_server, "kkill") as (model, client, connection):
         channel = connection.default_channel
 
         def handle(message, delivered: list) -> None:
-            if not delivered:
-                # the deferred connection is the one whose last command was the bookkeeping's ZADD
-                ids = [c["id"] for c in client.client_list() if c["cmd"] == "zadd"]
-                assert len(ids) == 1 and channel._deferred.outstanding == 3
+            if len(delivered) == 1:
+                # the deferred connection is the one whose last command was the first ack's ZREM
+                ids = [c["id"] for c in client.client_list() if c["cmd"] == "zrem"]
+                assert len(ids) == 1 and channel._deferred.outstanding == 2
                 assert client.client_kill_filter(_id=ids[0]) == 1
             _acked(message, delivered)
 
-        _fair_push(client, model, "a", "ann", 2)
-        delivered = _consume(connection, model, 2, handle)
+        _fair_push(client, model, "a", "ann", 3)
+        delivered = _consume(connection, model, 3, handle)
         channel.settle_deferred()
         assert client.hlen(channel.unacked_key) == 0 and client.zcard(channel.unacked_index_key) == 0
-        assert len(delivered) == 2
-        assert not client.hgetall(waiting_key(model))  # both charges were applied before the kill
+        assert len(delivered) == 3
+        assert not client.hgetall(waiting_key(model))
 
 
 def test_an_ack_whose_removal_cannot_be_sent_removes_the_bookkeeping_on_the_shared_client(redis_server, monkeypatch):
@@ -446,3 +434,37 @@ def test_an_ack_inside_its_delivery_sends_the_next_brpop_at_once_and_only_one(re
         # and the poll sent none besides: the first BRPOP, then one per ack
         assert sent == [0, 1, 2, 3] and channel._in_poll
         channel.queue_delete(queue)
+
+
+def test_in_fair_mode_the_plain_lists_are_looked_at_while_their_hint_is_set(redis_server):
+    """The take skips a model's plain lists (one EXISTS a job saved) unless the hint in its tags hash says
+    they may hold a job; a take that finds them empty clears it, and the once-a-second recount looks at them
+    anyway (a gateway from before the hint)."""
+    import time
+
+    from gateway.dispatch.celery_message import task_message
+    from workers.contract import take as take_script
+    from workers.contract.fair_queues import PLAIN_HINT, tags_key
+    from workers.contract.queue_layout import bell_key, idle_key, queue_keys
+
+    with _fair_model(redis_server, "khint") as (model, client, connection):
+        plain = f"model.{model}"
+        spec = [take_script.TakeQueue(idle_key(plain), bell_key(plain), queue_keys(plain), model)]
+
+        def take(now: float):
+            return take_script.take(client, "hint-unacked", "hint-unacked-index", spec, default_place=5, now=now)
+
+        try:
+            _fair_push(client, model, "a", "ann", 2)
+            key, message = task_message("govgate.noop", "plain-1", [], queue=plain, priority=9, argsrepr="()")
+            client.lpush(key, message)  # as an old fifo gateway: no hint
+            now = time.time()
+            client.hset(tags_key(model), "rc", now)  # the recount just ran
+            assert take(now).key.count("/") == 2  # the plain job is not looked for
+            client.hset(tags_key(model), PLAIN_HINT, 1)  # as a fifo gateway's push sets it
+            assert take(now).key == key
+            assert take(now).key.count("/") == 2 and client.hget(tags_key(model), PLAIN_HINT) == b"0"
+            client.lpush(key, message)  # no hint again: the recount, a second later, finds it
+            assert take(now + 1.5).key == key
+        finally:
+            client.delete("hint-unacked", "hint-unacked-index", idle_key(plain), bell_key(plain))

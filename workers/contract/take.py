@@ -1,0 +1,267 @@
+"""The worker's take: one Lua script that moves a job from its queue into the worker's unacked hash.
+
+Why a script and not kombu's BRPOP: BRPOP removes the job on the server and
+the unacked bookkeeping (the payload in the worker's hash, its index entry)
+followed from the client, so a worker frozen or killed between the two took
+the job with it: nothing restored it and the lost-request sweep ended the
+request ``gateway_lost`` minutes later. Here the pop and the bookkeeping are
+one atomic step: from the moment a job leaves its list it is in the hash
+the restore scan reads (``workers/contract/delivery_owners.py``), so a dead
+worker's job goes back to its queue and is run by another.
+
+Redis 6.2 (the embedded one) refuses BRPOP inside scripts and has no
+multi-key non-blocking pop (``LMPOP`` is 7.0), so the script finds the first
+non-empty list itself: the model's plain lists (``EXISTS`` over those before
+the default priority's, ``RPOP`` of that one, then halving with ``EXISTS``
+only when it was empty), then the
+fair lists in order (``RPOP`` of the first, and ``EXISTS`` halving only
+when it is empty). In fair mode the plain lists are looked at only while
+the hint ``plain`` in the model's tags hash (read with the tags, so free)
+says they may hold a job: a fifo gateway's push that makes a plain list
+non-empty sets it, as do a restore or a Celery client's publish to one; a
+take that finds them all empty clears it; and once a second (with the
+recount) they are looked at anyway, for gateways from before the hint. In fair mode the script also
+orders the model's lists and charges the job taken
+(:mod:`workers.contract.fair_order`'s functions), so the separate pick the
+worker sent after each BRPOP is gone, and every order is made after the
+corrections of the jobs acknowledged before it.
+
+A script cannot block. A worker whose take finds nothing leaves a token on
+its queue's idle list (:func:`workers.contract.queue_layout.idle_key`) and
+BRPOPs its queue's bell (and the fair wake list) instead; a push that turns
+a list from empty to non-empty moves one idle token to the bell
+(``RPOPLPUSH``), waking one idle worker, which then takes. A worker woken so
+passes the bell on when jobs remain after its take, and a token stands for
+no particular worker: the lists' counts are what must add up (one token out
+per worker registered idle). A ring lost (a worker killed while idle leaves
+a token nobody answers) costs at most the BRPOP's timeout (kombu's 1 s):
+an idle worker takes again after each timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import redis
+from redis.exceptions import NoScriptError
+
+from workers.contract.fair_order import DEFAULT_ESTIMATE_MS, LIB
+from workers.contract.fair_queues import SHARES_KEY, registry_key, tags_key, waiting_key, wake_key
+
+#: Most idle tokens kept on a queue's idle list (one per idle worker; more are left by killed workers).
+MAX_IDLE_TOKENS = 256
+
+# KEYS: [1] unacked hash, [2] unacked index, [3] shares, then per queue: idle list, bell, its plain lists
+#       (priority order), and for a model queue: registry, tags, waiting, wake list.
+# ARGV: [1] now (s), [2] estimate when svc is unknown (ms), [3] queues, [4] plain lists per queue,
+#       [5] '1': a bell woke this worker, [6] per queue '1'/'0': this worker's idle token is out there,
+#       [7] '1': a wake token woke it (the wake lists are cleared), [8] the default priority's place among
+#       the plain lists (0-based; its lists are looked at first), then per queue: '1'/'0' a model queue,
+#       the number of corrections, then per correction: a fair queue or list, its service ms, the ms charged.
+# Returns {} when nothing was taken, else {list, message, ms charged ('' none), '1' booked / '0' not}.
+_TAKE = LIB + f"""
+local HASH, INDEX, SHARES = KEYS[1], KEYS[2], KEYS[3]
+local now, est = tonumber(ARGV[1]), tonumber(ARGV[2])
+local nq, np = tonumber(ARGV[3]), tonumber(ARGV[4])
+local woken, registered, clear_wake = ARGV[5] == '1', ARGV[6], ARGV[7] == '1'
+local function exists(keys, lo, hi)
+  local n = 0
+  for i = lo, hi, 1000 do n = n + redis.call('EXISTS', unpack(keys, i, math.min(i + 999, hi))) end
+  return n > 0
+end
+-- pop from the first non-empty list of keys[lo..hi], which hold at least one job; ``guess``, the most
+-- likely (the default priority's), is tried first, and then they need not hold one
+local function pop_first(keys, lo, hi, guess)
+  if guess and guess >= lo and guess <= hi then
+    if guess > lo and exists(keys, lo, guess - 1) then
+      hi = guess - 1
+    else
+      local v = redis.call('RPOP', keys[guess])
+      if v then return keys[guess], v end
+      if guess == hi or not exists(keys, guess + 1, hi) then return nil, nil end
+      lo = guess + 1
+    end
+  end
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if exists(keys, lo, mid) then hi = mid else lo = mid + 1 end
+  end
+  return keys[lo], redis.call('RPOP', keys[lo])
+end
+
+local queues, k, a = {{}}, 4, 9
+for q = 1, nq do
+  local Q = {{idle = KEYS[k], bell = KEYS[k + 1], plain = {{}}, registered = string.sub(registered, q, q) == '1'}}
+  k = k + 2
+  for p = 1, np do Q.plain[p] = KEYS[k]; k = k + 1 end
+  local is_model, ncorr = ARGV[a] == '1', tonumber(ARGV[a + 1])
+  a = a + 2
+  local members = is_model and redis.call('ZRANGE', KEYS[k], 0, -1)
+  if is_model and (#members > 0 or ncorr > 0) then  -- a model with no fair lists costs one ZRANGE
+    local extra = {{}}
+    for c = 0, ncorr - 1 do extra[#extra + 1] = ARGV[a + 3 * c] end
+    local m = load(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], SHARES, extra, members)
+    for c = 0, ncorr - 1 do
+      correct(m, ARGV[a + 3 * c], tonumber(ARGV[a + 1 + 3 * c]), tonumber(ARGV[a + 2 + 3 * c]))
+    end
+    -- wake tokens (a new list) are for workers that order from a cached registry; this call reads it anew
+    local recounted = recount(m, now)
+    if recounted or clear_wake then redis.call('DEL', m.WAKE) end
+    -- the plain lists are looked at only while the hint says they may hold a job (a fifo push, a restore
+    -- or kombu's publish sets it); once a second they are looked at anyway (a gateway from before the hint)
+    if (m.tag['plain'] or 0) <= 0 and recounted and exists(Q.plain, 1, np) then set(m, 'plain', 1) end
+    Q.skip_plain = (m.tag['plain'] or 0) <= 0
+    Q.m = m
+    Q.order = order(m)
+  end
+  if is_model then k = k + 4 end
+  a = a + 3 * ncorr
+  queues[q] = Q
+end
+
+-- the plain lists first (priority by priority across the queues), then each model's fair lists in order
+local plain, all, looked = {{}}, {{}}, 0
+for q = 1, nq do if not queues[q].skip_plain then looked = looked + 1 end end
+for p = 1, np do
+  for q = 1, nq do if not queues[q].skip_plain then plain[#plain + 1] = queues[q].plain[p] end end
+end
+local key, item, from
+if #plain > 0 then
+  key, item = pop_first(plain, 1, #plain, math.min(tonumber(ARGV[8]) * looked + 1, #plain))
+  if not item then
+    for q = 1, nq do if queues[q].m and not queues[q].skip_plain then set(queues[q].m, 'plain', 0) end end
+  end
+end
+for q = 1, nq do
+  local o = queues[q].order
+  if not item and o and #o > 0 then
+    item = redis.call('RPOP', o[1])
+    if item then key = o[1]
+    elseif #o > 1 and exists(o, 2, #o) then key, item = pop_first(o, 2, #o) end
+    if item then from = queues[q] end
+  end
+end
+
+if not item then
+  for q = 1, nq do
+    local Q = queues[q]
+    if Q.m then write(Q.m) end
+    if not Q.registered and redis.call('LPUSH', Q.idle, '1') > {MAX_IDLE_TOKENS} then
+      redis.call('LTRIM', Q.idle, 0, {MAX_IDLE_TOKENS - 1})
+    end
+  end
+  return {{}}
+end
+
+-- the bookkeeping kombu's QoS wrote from the client: the payload under its tag, then its index entry
+local booked, tag, exchange, routing_key = '0', nil, nil, nil
+local ok, message = pcall(cjson.decode, item)
+if ok and type(message) == 'table' and type(message.properties) == 'table' then
+  tag = message.properties.delivery_tag
+  local info = message.properties.delivery_info
+  if type(info) == 'table' then exchange, routing_key = info.exchange, info.routing_key end
+end
+if type(tag) == 'string' and type(exchange) == 'string' and type(routing_key) == 'string' then
+  redis.call('HSET', HASH, tag, '[' .. item .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']')
+  redis.call('ZADD', INDEX, now, tag)
+  booked = '1'
+end
+
+local charged = ''
+if from then charged = charge(from.m, key, est) end
+for q = 1, nq do
+  local Q = queues[q]
+  if Q.m then write(Q.m) end
+  if Q.registered and not redis.call('RPOP', Q.idle) then redis.call('RPOP', Q.bell) end  -- not idle now
+end
+if woken then
+  -- woken by a bell rung for one job: wake another idle worker if jobs remain
+  for _, v in ipairs(plain) do all[#all + 1] = v end
+  for q = 1, nq do for _, v in ipairs(queues[q].order or {{}}) do all[#all + 1] = v end end
+  if #all > 0 and exists(all, 1, #all) then
+    for q = 1, nq do redis.call('RPOPLPUSH', queues[q].idle, queues[q].bell) end
+  end
+end
+return {{key, item, charged, booked}}
+"""
+
+TAKE_SHA = hashlib.sha1(_TAKE.encode()).hexdigest()
+
+
+@dataclass
+class TakeQueue:
+    """One queue a worker consumes, as the take sees it: its idle list and bell, its plain lists (priority
+    order), the model it serves (None: not a model queue) and the corrections to apply before ordering."""
+
+    idle: str
+    bell: str
+    plain: list[str]
+    model: str | None = None
+    corrections: list[tuple[str, float, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A take's job: the list it came from, the message as stored, the ms charged (None: not a fair job)
+    and whether the script wrote its unacked bookkeeping (False only for a message it could not read)."""
+
+    key: str
+    item: str
+    charged_ms: float | None
+    booked: bool
+
+
+def take_command(hash_key: str, index_key: str, queues: Sequence[TakeQueue], *, woken: bool = False,
+                 registered: Sequence[bool] = (), clear_wake: bool = False, default_place: int = 0,
+                 now: float | None = None,
+                 default_estimate_ms: float = DEFAULT_ESTIMATE_MS) -> tuple[str, ...]:
+    """The ``EVALSHA`` of one take (command name first); ``registered``: per queue, whether this worker's
+    idle token is out there (default: none); ``default_place``: the default priority's place in the
+    plain lists' priority order."""
+    if not queues:
+        raise ValueError("a take needs at least one queue")
+    plain_count = len(queues[0].plain)
+    if any(len(queue.plain) != plain_count for queue in queues):
+        raise ValueError("every queue has as many plain lists")
+    keys: list[str] = [hash_key, index_key, SHARES_KEY]
+    per_queue: list[str] = []
+    for queue in queues:
+        keys += [queue.idle, queue.bell, *queue.plain]
+        if queue.model is not None:
+            keys += [registry_key(queue.model), tags_key(queue.model), waiting_key(queue.model),
+                     wake_key(queue.model)]
+        per_queue += ["1" if queue.model is not None else "0", str(len(queue.corrections))]
+        for fair, actual_ms, charged_ms in queue.corrections:
+            per_queue += [fair, repr(float(actual_ms)), repr(float(charged_ms))]
+    flags = "".join("1" if registered and registered[i] else "0" for i in range(len(queues)))
+    return ("EVALSHA", TAKE_SHA, str(len(keys)), *keys, repr(time.time() if now is None else now),
+            repr(default_estimate_ms), str(len(queues)), str(plain_count), "1" if woken else "0", flags,
+            "1" if clear_wake else "0", str(default_place), *per_queue)
+
+
+def parse_take(reply: Sequence[Any]) -> Taken | None:
+    """A take's reply: the job taken, or None when every list was empty (the worker is now registered idle)."""
+    if not reply:
+        return None
+    key, item, charged, booked = (value.decode() if isinstance(value, bytes) else str(value) for value in reply)
+    return Taken(key, item, float(charged) if charged else None, booked == "1")
+
+
+def load_script(client: redis.Redis) -> None:
+    """Load the script into Redis (after a SCRIPT FLUSH or a restart, an ``EVALSHA`` answers NOSCRIPT)."""
+    client.script_load(_TAKE)
+
+
+def take(client: redis.Redis, hash_key: str, index_key: str, queues: Sequence[TakeQueue], **options: Any) -> Taken | None:
+    """One take, waited for (tests and tools; the worker sends it on its polling connection). Loads the
+    script once on NOSCRIPT. Raises ``RedisError``."""
+    command = take_command(hash_key, index_key, queues, **options)
+    try:
+        reply = client.execute_command(*command)
+    except NoScriptError:
+        load_script(client)
+        reply = client.execute_command(*command)
+    return parse_take(reply)
