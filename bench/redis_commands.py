@@ -23,9 +23,11 @@ Then the queue, per job, in both ``GOVGATE_QUEUE_MODE``s: the gateway's push
 (``gateway/dispatch/queue.py``) of jobs of two teams, and a worker's channel
 (``workers/contract/kombu_redis.py``, a real kombu consumer in this process)
 taking and acknowledging them all under backlog, each job "served" for
-5 ms so the measured service times are even, as a worker's are. In fair
-mode that adds the push script's bookkeeping, the pick script per job and
-its once-a-second recount (the run lasts a few seconds, so the recount
+5 ms so the measured service times are even, as a worker's are. Each job
+is taken by the take script (``workers/contract/take.py``: the pop and the
+unacked bookkeeping in one step). In fair mode that adds the push
+script's bookkeeping, the take's ordering and charge, and its
+once-a-second recount (the run lasts a few seconds, so the recount
 shows at about its real rate). It also prints the CPU this process spent
 per job taking them, the best of three rounds: the part of the figures that
 moves with the machine.
