@@ -282,6 +282,8 @@ class Channel(kombu_redis.Channel):
     _deferred: DeferredReplies
     #: delivery tags whose bookkeeping the take wrote (the QoS writes none for them)
     _booked: set[Any]
+    #: queues whose consumer does not acknowledge
+    _no_ack: set[str]
     #: queue → whether this channel's idle token is out on its idle list
     _idle_out: dict[str, bool]
     #: bell key → its queue
@@ -302,7 +304,7 @@ class Channel(kombu_redis.Channel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._in_service, self._corrections, self._sent_corrections = {}, {}, {}
-        self._booked, self._idle_out, self._bells = set(), {}, {}
+        self._booked, self._idle_out, self._bells, self._no_ack = set(), {}, {}, set()
         self._deferred = DeferredReplies()
         super().__init__(*args, **kwargs)
         if self.global_keyprefix:  # the take script names its keys itself
@@ -423,9 +425,19 @@ class Channel(kombu_redis.Channel):
                                   [self._q_for_pri(queue, pri) for pri in self.priority_steps], model, corrections))
         command = take_command(self.unacked_key, self.unacked_index_key, spec, woken=self._woken,
                                registered=[self._idle_out.get(queue, False) for queue in queues],
+                               book=[queue not in self._no_ack for queue in queues],
                                clear_wake=self._clear_wake, default_place=self._default_place())
         self._woken = self._clear_wake = False
         return command
+
+    def basic_consume(self, queue: Any, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        """kombu's, noting a consumer that does not acknowledge: the take writes no bookkeeping for its
+        jobs (a pidbox reply's, say), which nothing would remove."""
+        if no_ack:
+            self._no_ack.add(queue)
+        else:
+            self._no_ack.discard(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
 
     def _default_place(self) -> int:
         """Where the default priority's list is among a queue's plain lists (its lists are looked at first)."""

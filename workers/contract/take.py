@@ -59,7 +59,8 @@ MAX_IDLE_TOKENS = 256
 # ARGV: [1] now (s), [2] estimate when svc is unknown (ms), [3] queues, [4] plain lists per queue,
 #       [5] '1': a bell woke this worker, [6] per queue '1'/'0': this worker's idle token is out there,
 #       [7] '1': a wake token woke it (the wake lists are cleared), [8] the default priority's place among
-#       the plain lists (0-based; its lists are looked at first), then per queue: '1'/'0' a model queue,
+#       the plain lists (0-based; its lists are looked at first), [9] per queue '1'/'0': its consumer
+#       acknowledges (a job taken from it is booked; a no-ack consumer's, a reply's, is not), then per queue: '1'/'0' a model queue,
 #       the number of corrections, then per correction: a fair queue or list, its service ms, the ms charged.
 # Returns {} when nothing was taken, else {list, message, ms charged ('' none), '1' booked / '0' not}.
 _TAKE = LIB + f"""
@@ -92,9 +93,10 @@ local function pop_first(keys, lo, hi, guess)
   return keys[lo], redis.call('RPOP', keys[lo])
 end
 
-local queues, k, a = {{}}, 4, 9
+local queues, k, a = {{}}, 4, 10
 for q = 1, nq do
-  local Q = {{idle = KEYS[k], bell = KEYS[k + 1], plain = {{}}, registered = string.sub(registered, q, q) == '1'}}
+  local Q = {{idle = KEYS[k], bell = KEYS[k + 1], plain = {{}}, registered = string.sub(registered, q, q) == '1',
+             book = string.sub(ARGV[9], q, q) == '1'}}
   k = k + 2
   for p = 1, np do Q.plain[p] = KEYS[k]; k = k + 1 end
   local is_model, ncorr = ARGV[a] == '1', tonumber(ARGV[a + 1])
@@ -125,12 +127,19 @@ end
 -- the plain lists first (priority by priority across the queues), then each model's fair lists in order
 local plain, all, looked = {{}}, {{}}, 0
 for q = 1, nq do if not queues[q].skip_plain then looked = looked + 1 end end
+local owner = {{}}  -- plain list → its queue
 for p = 1, np do
-  for q = 1, nq do if not queues[q].skip_plain then plain[#plain + 1] = queues[q].plain[p] end end
+  for q = 1, nq do
+    if not queues[q].skip_plain then
+      plain[#plain + 1] = queues[q].plain[p]
+      owner[queues[q].plain[p]] = queues[q]
+    end
+  end
 end
-local key, item, from
+local key, item, from, taken_from
 if #plain > 0 then
   key, item = pop_first(plain, 1, #plain, math.min(tonumber(ARGV[8]) * looked + 1, #plain))
+  if item then taken_from = owner[key] end
   if not item then
     for q = 1, nq do if queues[q].m and not queues[q].skip_plain then set(queues[q].m, 'plain', 0) end end
   end
@@ -141,7 +150,7 @@ for q = 1, nq do
     item = redis.call('RPOP', o[1])
     if item then key = o[1]
     elseif #o > 1 and exists(o, 2, #o) then key, item = pop_first(o, 2, #o) end
-    if item then from = queues[q] end
+    if item then from = queues[q]; taken_from = from end
   end
 end
 
@@ -157,6 +166,7 @@ if not item then
 end
 
 -- the bookkeeping kombu's QoS wrote from the client: the payload under its tag, then its index entry
+-- (none for a consumer that does not acknowledge: nothing would remove it)
 local booked, tag, exchange, routing_key = '0', nil, nil, nil
 local ok, message = pcall(cjson.decode, item)
 if ok and type(message) == 'table' and type(message.properties) == 'table' then
@@ -164,7 +174,7 @@ if ok and type(message) == 'table' and type(message.properties) == 'table' then
   local info = message.properties.delivery_info
   if type(info) == 'table' then exchange, routing_key = info.exchange, info.routing_key end
 end
-if type(tag) == 'string' and type(exchange) == 'string' and type(routing_key) == 'string' then
+if taken_from.book and type(tag) == 'string' and type(exchange) == 'string' and type(routing_key) == 'string' then
   redis.call('HSET', HASH, tag, '[' .. item .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']')
   redis.call('ZADD', INDEX, now, tag)
   booked = '1'
@@ -206,7 +216,8 @@ class TakeQueue:
 @dataclass(frozen=True)
 class Taken:
     """A take's job: the list it came from, the message as stored, the ms charged (None: not a fair job)
-    and whether the script wrote its unacked bookkeeping (False only for a message it could not read)."""
+    and whether the script wrote its unacked bookkeeping (not for a no-ack consumer, nor a message it
+    could not read)."""
 
     key: str
     item: str
@@ -215,12 +226,13 @@ class Taken:
 
 
 def take_command(hash_key: str, index_key: str, queues: Sequence[TakeQueue], *, woken: bool = False,
-                 registered: Sequence[bool] = (), clear_wake: bool = False, default_place: int = 0,
+                 registered: Sequence[bool] = (), book: Sequence[bool] | None = None, clear_wake: bool = False,
+                 default_place: int = 0,
                  now: float | None = None,
                  default_estimate_ms: float = DEFAULT_ESTIMATE_MS) -> tuple[str, ...]:
     """The ``EVALSHA`` of one take (command name first); ``registered``: per queue, whether this worker's
     idle token is out there (default: none); ``default_place``: the default priority's place in the
-    plain lists' priority order."""
+    plain lists' priority order; ``book``: per queue, whether its consumer acknowledges (default: all)."""
     if not queues:
         raise ValueError("a take needs at least one queue")
     plain_count = len(queues[0].plain)
@@ -237,9 +249,10 @@ def take_command(hash_key: str, index_key: str, queues: Sequence[TakeQueue], *, 
         for fair, actual_ms, charged_ms in queue.corrections:
             per_queue += [fair, repr(float(actual_ms)), repr(float(charged_ms))]
     flags = "".join("1" if registered and registered[i] else "0" for i in range(len(queues)))
+    booked = "".join("1" if book is None or book[i] else "0" for i in range(len(queues)))
     return ("EVALSHA", TAKE_SHA, str(len(keys)), *keys, repr(time.time() if now is None else now),
             repr(default_estimate_ms), str(len(queues)), str(plain_count), "1" if woken else "0", flags,
-            "1" if clear_wake else "0", str(default_place), *per_queue)
+            "1" if clear_wake else "0", str(default_place), booked, *per_queue)
 
 
 def parse_take(reply: Sequence[Any]) -> Taken | None:

@@ -468,3 +468,20 @@ def test_in_fair_mode_the_plain_lists_are_looked_at_while_their_hint_is_set(redi
             assert take(now + 1.5).key == key
         finally:
             client.delete("hint-unacked", "hint-unacked-index", idle_key(plain), bell_key(plain))
+
+
+def test_a_consumer_that_does_not_acknowledge_gets_its_jobs_without_bookkeeping(redis_server):
+    """A no-ack consumer (a Celery client reading a control reply, `celery inspect`, a ping) never acks, so
+    the take must not book what it takes for it: the entry would stay in the unacked hash and be put back
+    on the reply queue by the visibility timeout."""
+    with _fair_model(redis_server, "knoack") as (model, client, connection):
+        channel = connection.default_channel
+        queue = f"model.{model}"
+        _declared_with(channel, queue, "reply")
+        got: list = []
+        channel.basic_consume(queue, no_ack=True, callback=got.append, consumer_tag="noack-test")
+        _drain(connection, got, 1)
+        channel.basic_cancel("noack-test")
+        assert [message.body for message in got] == [b"reply"]
+        assert client.hlen(channel.unacked_key) == 0 and client.zcard(channel.unacked_index_key) == 0
+        assert not channel._booked
