@@ -290,8 +290,8 @@ class Channel(kombu_redis.Channel):
     _bells: dict[str, str]
     #: what the next poll sends: a take, or (after a take found nothing) a BRPOP on the bells
     _take_next: bool = True
-    #: the poll out is a take (else a BRPOP on the bells)
-    _polling_take: bool = False
+    #: the poll out is a take (else a BRPOP on the bells; None: kombu's BRPOP, no model queue consumed)
+    _polling_take: bool | None = False
     #: the queues the poll out was sent for
     _poll_queues: list[str] = []
     #: a bell woke this channel (its take passes the bell on if jobs remain)
@@ -399,6 +399,12 @@ class Channel(kombu_redis.Channel):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
+        if not any(_model_of(queue) is not None for queue in queues):
+            # A Celery client reading a reply queue (a ping, `celery inspect`): no job to keep, no model
+            # to order, and no idle token left behind by a short-lived client: kombu's BRPOP as it was.
+            self._polling_take = None
+            super()._brpop_start(timeout)
+            return
         if self._take_next:
             command = self._take_command(queues)
         else:
@@ -459,8 +465,10 @@ class Channel(kombu_redis.Channel):
         delivered, not after as in kombu: with the solo pool the job runs inside the delivery, and its
         ack sends the next take at once (:meth:`poll_now`) instead of after the delivery returns to the
         event loop. A poll sent so is left standing here (the loop sees it out and sends no other)."""
-        answered = False
         taking = self._polling_take
+        if taking is None:
+            return super()._brpop_read(**options)
+        answered = False
         try:
             try:
                 reply = self.client.parse_response(self.client.connection, "EVALSHA" if taking else "BRPOP",

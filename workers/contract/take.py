@@ -36,6 +36,11 @@ no particular worker: the lists' counts are what must add up (one token out
 per worker registered idle). A ring lost (a worker killed while idle leaves
 a token nobody answers) costs at most the BRPOP's timeout (kombu's 1 s):
 an idle worker takes again after each timeout.
+
+Only a channel that consumes a model queue (``model.<name>``) takes this
+way; a Celery client reading its reply queue (a ping, ``celery inspect``)
+BRPOPs it as kombu does: no job to keep, and no idle token left behind per
+short-lived client.
 """
 
 from __future__ import annotations

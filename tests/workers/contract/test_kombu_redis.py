@@ -485,3 +485,38 @@ def test_a_consumer_that_does_not_acknowledge_gets_its_jobs_without_bookkeeping(
         assert [message.body for message in got] == [b"reply"]
         assert client.hlen(channel.unacked_key) == 0 and client.zcard(channel.unacked_index_key) == 0
         assert not channel._booked
+
+
+def test_a_client_reading_a_reply_queue_leaves_no_idle_token_behind(redis_server):
+    """Only model queues are taken with the take script: a Celery client waiting on its reply queue (a
+    ping, `celery inspect`, a new queue per client) BRPOPs it as kombu does, so no idle token or bell is
+    left in Redis for each short-lived client; a worker's channel that goes away while idle takes its
+    token back."""
+    import socket
+
+    from workers.contract.queue_layout import bell_key, idle_key
+
+    with _fair_model(redis_server, "kreply") as (model, client, connection):
+        channel = connection.default_channel
+        reply = f"{model}.reply.celery.pidbox"
+        channel.queue_declare(reply)
+        channel.basic_consume(reply, no_ack=True, callback=lambda message: None, consumer_tag="reply-test")
+        try:
+            connection.drain_events(timeout=0.3)
+        except socket.timeout:
+            pass
+        channel.basic_cancel("reply-test")
+        assert not client.exists(idle_key(reply), bell_key(reply))
+        queue = f"model.{model}"
+        channel.queue_declare(queue)
+        channel.basic_consume(queue, no_ack=False, callback=lambda message: None, consumer_tag="idle-test")
+        for _ in range(10):  # the take finds nothing: an idle token, then the bell
+            try:
+                connection.drain_events(timeout=0.3)
+            except socket.timeout:
+                pass
+            if client.llen(idle_key(queue)):
+                break
+        assert client.llen(idle_key(queue)) == 1
+        channel.close()
+        assert not client.exists(idle_key(queue))
