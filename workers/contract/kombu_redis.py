@@ -292,6 +292,8 @@ class Channel(kombu_redis.Channel):
     _take_next: bool = True
     #: the poll out is a take (else a BRPOP on the bells; None: kombu's BRPOP, no model queue consumed)
     _polling_take: bool | None = False
+    #: a take's reply was lost: before the next take, what this worker's hash holds undelivered goes back
+    _lost_take: bool = False
     #: the queues the poll out was sent for
     _poll_queues: list[str] = []
     #: a bell woke this channel (its take passes the bell on if jobs remain)
@@ -405,6 +407,8 @@ class Channel(kombu_redis.Channel):
             self._polling_take = None
             super()._brpop_start(timeout)
             return
+        if self._lost_take:
+            self._restore_undelivered()
         if self._take_next:
             command = self._take_command(queues)
         else:
@@ -452,6 +456,26 @@ class Channel(kombu_redis.Channel):
         except ValueError:
             return 0
 
+    def _restore_undelivered(self) -> None:
+        """A take whose reply was lost (the connection dropped) may have run: its job is in this worker's
+        hash but was never delivered. What the hash holds that this channel did not deliver goes back to
+        its queue now instead of after the visibility timeout. Only under keys of this worker's own
+        (kombu's shared keys hold other consumers' deliveries)."""
+        if self.owner is None:
+            self._lost_take = False
+            return
+        try:
+            self.settle_deferred()
+            with self.conn_or_acquire() as client:
+                for tag in client.hkeys(self.unacked_key):
+                    if bytes_to_str(tag) not in self.qos._delivered:
+                        self.qos._restore_from(client, tag, self.unacked_key, self.unacked_index_key)
+                        log.warning("a job taken as the connection dropped went back to its queue")
+        except Exception:  # noqa: BLE001 - Redis still away: tried again before the next take
+            log.debug("undelivered jobs not restored yet", exc_info=True)
+            return
+        self._lost_take = False
+
     def _corrections_back(self) -> None:
         """A take that failed: the corrections it carried go with the next one."""
         for queue, corrections in self._sent_corrections.items():
@@ -483,6 +507,8 @@ class Channel(kombu_redis.Channel):
             except self.connection_errors:
                 self.client.connection.disconnect()
                 self._corrections_back()
+                if taking:  # the take may have run: its job would sit in this worker's hash
+                    self._lost_take = True
                 raise
             except redis.ResponseError:
                 answered = True

@@ -138,6 +138,40 @@ def test_a_job_whose_take_ran_but_whose_worker_never_read_it_goes_back_once_the_
         again.ack()
 
 
+def test_a_job_whose_take_reply_was_lost_goes_back_before_the_next_take(redis_server, client):
+    """The connection drops after Redis ran a take and before its reply was read: the job is in the live
+    worker's hash but was never delivered. Before its next take the channel hands back what its hash
+    holds and it did not deliver, so the job is served now, not after the visibility timeout."""
+    import socket as socket_mod
+
+    from workers.contract import take as take_script
+    from workers.contract.queue_layout import bell_key, idle_key, queue_keys
+
+    node = f"lost-reply.{os.getpid()}@{socket.gethostname()}"
+    with worker_channel(redis_server, node) as channel:
+        publish(channel, "a")
+        hash_key, index_key = owner_keys(node)
+        spec = [take_script.TakeQueue(idle_key(QUEUE), bell_key(QUEUE), queue_keys(QUEUE), "owners-test")]
+        assert take_script.take(client, hash_key, index_key, spec).item  # Redis ran it; the reply is "lost"
+        assert client.llen(QUEUE) == 0 and client.hlen(hash_key) == 1
+        channel._lost_take = True  # as the connection error reading the take's reply leaves it
+        got: list = []
+        channel.basic_consume(QUEUE, no_ack=False, callback=got.append, consumer_tag="lost-reply")
+        for _ in range(10):
+            try:
+                channel.connection.client.drain_events(timeout=0.5)
+            except socket_mod.timeout:
+                pass
+            if got:
+                break
+        assert [m.body for m in got] == [b"a"] and client.hlen(hash_key) == 1  # taken again, once
+        got[0].ack()
+        channel.settle_deferred()
+        assert client.hlen(hash_key) == 0 and client.llen(QUEUE) == 0
+        channel.basic_cancel("lost-reply")
+        client.delete(idle_key(QUEUE), bell_key(QUEUE))
+
+
 def test_a_live_workers_deliveries_go_back_only_past_the_visibility_timeout(redis_server, client):
     here = socket.gethostname()
     live = f"live.{os.getpid()}@{here}"
