@@ -93,7 +93,9 @@ def write_refusal(connection: Connection) -> str | None:
     transactions are read-only (``default_transaction_read_only``, what a
     failover to the wrong server or maintenance leaves), answers ``SELECT 1``
     and refuses every append. On SQLite a read-only file or a full disk shows
-    only when a write fails (``SELECT 1`` here, as before).
+    only when a write fails (``SELECT 1`` here, as before). On PostgreSQL
+    also a lock another session holds on the audit table that every
+    append's INSERT would wait for (:func:`_table_lock_refusal`).
     """
     if connection.dialect.name != "postgresql":
         connection.execute(text("SELECT 1"))
@@ -104,6 +106,36 @@ def write_refusal(connection: Connection) -> str | None:
         return "the server is a standby in recovery (read-only)"
     if read_only == "on":
         return "its transactions are read-only (default_transaction_read_only is on)"
+    return _table_lock_refusal(connection)
+
+
+#: How long the readiness probe waits for the lock an append's INSERT takes on the table.
+READY_LOCK_WAIT_MS: Final = 500
+
+
+def _table_lock_refusal(connection: Connection) -> str | None:
+    """Whether another session holds a lock that holds every append (PostgreSQL); None if not.
+
+    An INSERT takes ROW EXCLUSIVE on the table; a ``LOCK TABLE`` (or a long
+    ``ALTER TABLE``, ``CREATE INDEX``…) by another session conflicts with it,
+    and every append waits, then fails after the lock timeout. The probe
+    takes that lock in the probe's transaction, waiting half a second, and
+    rolls back.
+    """
+    from .tables import TABLE_NAME
+
+    try:
+        connection.execute(text(f"SET LOCAL lock_timeout = {READY_LOCK_WAIT_MS}"))
+        connection.execute(text(f"LOCK TABLE {TABLE_NAME} IN ROW EXCLUSIVE MODE"))
+    except SQLAlchemyError as exc:
+        state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+        if state == "42P01":  # undefined_table: not migrated yet, nothing to wait for
+            return None
+        if state != "55P03":  # lock_not_available
+            raise
+        return "another session holds a lock on the audit table (appends wait for it, then fail)"
+    finally:
+        connection.rollback()
     return None
 
 
@@ -129,7 +161,7 @@ def make_engine(url: str, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> Engine:
         sa_url = make_url(url)
         connect_args: dict[str, Any] = {}
         if sa_url.get_backend_name() == "postgresql":
-            engine, connect_args = _postgresql_engine(sa_url)
+            engine, connect_args = _postgresql_engine(sa_url, busy_timeout_s)
         elif sa_url.get_backend_name() != "sqlite":
             engine = create_engine(sa_url, pool_pre_ping=True)
         else:
@@ -150,7 +182,7 @@ def _without_password(url: str) -> str:
     return re.sub(r"(//[^:/@]*:)[^/]*@", r"\1***@", url)
 
 
-def _postgresql_engine(sa_url: URL) -> tuple[Engine, dict[str, Any]]:
+def _postgresql_engine(sa_url: URL, busy_timeout_s: float) -> tuple[Engine, dict[str, Any]]:
     """An engine for PostgreSQL through psycopg 3 (the driver govgate depends on).
 
     - ``postgresql://`` names no driver, and SQLAlchemy's default for it is
@@ -165,6 +197,14 @@ def _postgresql_engine(sa_url: URL) -> tuple[Engine, dict[str, Any]]:
     - A connect timeout, so an unreachable server fails requests closed
       instead of holding them for the operating system's TCP timeout.
     - ``pool_pre_ping``: a server restart costs one ping, not a failed append.
+    - ``lock_timeout`` = the busy timeout: a lock another session holds (a
+      reviewer's ``LOCK TABLE``, a long transaction's strong lock, a writer
+      stopped inside the append's advisory lock) fails the append closed
+      after that long, as SQLite's busy timeout does, instead of holding
+      every request with no end. Set as a startup option (beside the URL's
+      own ``options``), so the workers' driver connections get it too
+      (:func:`connect_args_of`); :func:`locked_transaction` lifts it for the
+      migrations' queue.
     """
     if sa_url.drivername == "postgresql":
         sa_url = sa_url.set(drivername=POSTGRESQL_DRIVER)
@@ -173,6 +213,11 @@ def _postgresql_engine(sa_url: URL) -> tuple[Engine, dict[str, Any]]:
     connect_args: dict[str, Any] = {"client_encoding": "utf8"}
     if "connect_timeout" not in sa_url.query:
         connect_args["connect_timeout"] = int(PG_CONNECT_TIMEOUT_S)
+    own_options = sa_url.query.get("options", "")
+    if not isinstance(own_options, str):  # the query named it twice: libpq would take the last
+        own_options = own_options[-1]
+    lock_timeout = f"-c lock_timeout={max(1, round(busy_timeout_s * 1000))}"
+    connect_args["options"] = f"{own_options} {lock_timeout}".strip()
     engine = create_engine(sa_url, pool_pre_ping=True, isolation_level="READ COMMITTED", connect_args=connect_args)
     return engine, connect_args
 
@@ -251,6 +296,11 @@ def locked_transaction(engine: Engine, lock_key: int = APPEND_LOCK_KEY) -> Itera
     Commits when the block exits normally, rolls back on an exception. Only
     one such transaction per ``lock_key`` runs at a time across all processes.
     Database errors propagate unchanged; callers translate them.
+
+    Waits for the lock at most the busy timeout (SQLite's busy handler,
+    PostgreSQL's ``lock_timeout``), except a migration's on PostgreSQL
+    (``MIGRATE_LOCK_KEY``, the gateway's too): processes starting together
+    queue behind the one that migrates, however long its upgrade takes.
     """
     dialect = engine.dialect.name
     if dialect not in ("sqlite", "postgresql"):
@@ -260,6 +310,8 @@ def locked_transaction(engine: Engine, lock_key: int = APPEND_LOCK_KEY) -> Itera
             conn.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
         with conn.begin():
             if dialect == "postgresql":
+                if lock_key != APPEND_LOCK_KEY:  # a migration: wait as long as the one running takes
+                    conn.execute(text("SET LOCAL lock_timeout = 0"))
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key})
             yield conn
 

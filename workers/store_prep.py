@@ -54,7 +54,8 @@ def migrate_when_writable(engine: Engine, parent_pid: int | None = None) -> None
             migrate(engine)
             return
         except AuditError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
+            # SQLite: "database is locked" / "busy"; PostgreSQL: "canceling statement due to lock timeout".
+            if not any(word in str(exc) for word in ("locked", "busy", "lock timeout")):
                 raise
             log.warning("the audit database is locked (%s); waiting for it before serving", exc)
             time.sleep(1.0)

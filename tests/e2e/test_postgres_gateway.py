@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+import psycopg
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from audit import AuditStore, make_engine, verify_chain
 from audit.kinds import KEY_KINDS
@@ -140,5 +142,48 @@ def test_a_postgresql_outage_fails_requests_closed_and_service_returns_with_it(
         assert [(e.kind, e.request_id) for e in entries[1:] if e.kind not in KEY_KINDS] == [
             ("request", ids[0]), ("completion", ids[0]), ("request", ids[1]), ("completion", ids[1])]
         assert verify_chain(store).ok  # nothing of the refused request, and no gap
+    finally:
+        store.engine.dispose()
+
+
+def test_a_lock_held_on_the_audit_table_refuses_requests_after_the_busy_timeout_and_readiness_says_so(
+        pg_settings: Settings, tmp_path: Path) -> None:
+    """A reviewer's ``LOCK TABLE`` (or a long transaction's strong lock) held every request with no end."""
+    own = pg_settings.with_(database_busy_timeout_s=2.0, auth_cache_ttl_s=600.0)
+    url = own.effective_database_url
+    keys = KeyStore(open_database(own))
+    admin = keys.create("lena", team="ops", roles=["admin"]).secret
+    keys.engine.dispose()
+    reviewer = psycopg.connect(make_url(url).set(drivername="postgresql").render_as_string(hide_password=False))
+    worker = spawn_cli(own, "worker", "--model", POSTGRES_MODEL, log=tmp_path / "worker.log")
+    try:
+        wait_for_worker(own.redis_url, POSTGRES_MODEL, worker)
+        with serving(own, tmp_path / "serve.log") as base:
+            before = _chat(base, admin, "before")
+            reviewer.execute("LOCK TABLE audit_entries IN ACCESS EXCLUSIVE MODE")
+            try:
+                during = _chat(base, admin, "during")
+                ready_during = httpx.get(f"{base}/readyz", timeout=30)
+            finally:
+                reviewer.rollback()
+            after = _chat(base, admin, "after")
+            ready_after = httpx.get(f"{base}/readyz", timeout=30)
+    finally:
+        reviewer.close()
+        stop_process(worker, timeout_s=30)
+    assert before.status_code == 200, before.text
+    assert during.status_code == 503 and during.json()["error"]["code"] == "audit_unavailable", during.text
+    assert ready_during.json()["checks"]["database"] == (
+        "error: refuses writes: another session holds a lock on the audit table (appends wait for it, then fail)")
+    assert "database" in ready_during.json()["missing"]
+    assert after.status_code == 200, after.text
+    assert ready_after.json()["checks"]["database"] == "ok"
+
+    store = AuditStore(make_engine(url))
+    try:
+        ids = [response.headers["x-govgate-request-id"] for response in (before, after)]
+        assert [(e.kind, e.request_id) for e in store.iter_entries() if e.kind not in KEY_KINDS][1:] == [
+            ("request", ids[0]), ("completion", ids[0]), ("request", ids[1]), ("completion", ids[1])]
+        assert verify_chain(store).ok
     finally:
         store.engine.dispose()
