@@ -22,6 +22,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from .errors import AuditError
 from .migration_heads import at_head
+from .postgresql_setup import configure_postgresql_connection
 from .sqlite_setup import SQLITE_CACHE_KIB, configure_sqlite_connection  # noqa: F401  (SQLITE_CACHE_KIB re-exported)
 
 if TYPE_CHECKING:
@@ -205,6 +206,8 @@ def _postgresql_engine(sa_url: URL, busy_timeout_s: float) -> tuple[Engine, dict
       own ``options``), so the workers' driver connections get it too
       (:func:`connect_args_of`); :func:`locked_transaction` lifts it for the
       migrations' queue.
+    - Commits durable on the server even where ``synchronous_commit`` is
+      ``off`` (:mod:`audit.postgresql_setup`).
     """
     if sa_url.drivername == "postgresql":
         sa_url = sa_url.set(drivername=POSTGRESQL_DRIVER)
@@ -219,6 +222,11 @@ def _postgresql_engine(sa_url: URL, busy_timeout_s: float) -> tuple[Engine, dict
     lock_timeout = f"-c lock_timeout={max(1, round(busy_timeout_s * 1000))}"
     connect_args["options"] = f"{own_options} {lock_timeout}".strip()
     engine = create_engine(sa_url, pool_pre_ping=True, isolation_level="READ COMMITTED", connect_args=connect_args)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        configure_postgresql_connection(dbapi_conn)
+
     return engine, connect_args
 
 

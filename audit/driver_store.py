@@ -10,7 +10,8 @@ the SQLModel table where SQLAlchemy is loaded and handed over as a
 connection it opens with the engine's own connect arguments and set up as
 :func:`audit.db.make_engine` sets up its connections
 (:func:`audit.sqlite_setup.configure_sqlite_connection`; PostgreSQL's READ
-COMMITTED). The append itself is the store's (:class:`audit.appender.Appender`:
+COMMITTED and :func:`audit.postgresql_setup.configure_postgresql_connection`).
+The append itself is the store's (:class:`audit.appender.Appender`:
 the same lock, chaining, group commit and savepoints); arguments are checked
 and serialised by the store's own functions (:mod:`audit.entry_args`), and
 errors are the store's (:class:`AuditError`, :class:`DuplicateTerminalError`,
@@ -37,6 +38,7 @@ from .entry import AuditEntry
 from .entry_args import prepared_entry
 from .errors import AuditError, CorruptEntryError, DuplicateTerminalError
 from .kept_connection import KeptConnection
+from .postgresql_setup import configure_postgresql_connection
 from .sqlite_setup import configure_sqlite_connection
 
 def _driver(dialect: str) -> Any:
@@ -73,6 +75,7 @@ class DriverConnection(KeptConnection):
                 configure_sqlite_connection(conn, plan.busy_timeout_s)
             else:  # see audit.db._postgresql_engine: the head is read after the lock is granted
                 conn.isolation_level = self._driver.IsolationLevel.READ_COMMITTED
+                configure_postgresql_connection(conn)
         except BaseException:
             conn.close()
             raise

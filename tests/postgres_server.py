@@ -126,13 +126,15 @@ class PostgresServer:
     # -- starting and stopping ---------------------------------------------
 
     @classmethod
-    def start(cls) -> "PostgresServer":
+    def start(cls, *settings: str) -> "PostgresServer":
         """Start a fresh cluster, or attach to ``GOVGATE_TEST_POSTGRES_URL``.
 
+        ``settings`` (``name=value``) come after :data:`FAST_SETTINGS` and
+        override them; an external server is attached to only without any.
         Raises :class:`PostgresUnavailable` when there is neither.
         """
         external = os.environ.get(EXTERNAL_URL_ENV)
-        if external:
+        if external and not settings:
             return cls.attach(external)
         bin_dir = find_bin_dir()
         if bin_dir is None:
@@ -155,7 +157,7 @@ class PostgresServer:
                 raise PostgresUnavailable(f"initdb failed ({init.returncode}): {init.stderr.strip()[-2000:]}")
             server = cls(host="127.0.0.1", port=free_port(), user=SUPERUSER, folder=folder)
             server._command = [str(bin_dir / "postgres"), "-D", str(data), "-k", str(sockets),
-                               *[arg for setting in FAST_SETTINGS for arg in ("-c", setting)]]
+                               *[arg for setting in (*FAST_SETTINGS, *settings) for arg in ("-c", setting)]]
             server._as_owner = as_owner
             server.resume()
         except BaseException:
@@ -171,6 +173,16 @@ class PostgresServer:
 
         if self.process is not None:
             stop_process(self.process, timeout_s=30, sig=signal.SIGINT)
+            self.process = None
+
+    def crash(self) -> None:
+        """Immediate shutdown (SIGQUIT: no checkpoint, WAL buffers not written), keeping its data.
+
+        What a crash of the server does to what it held in memory; the next
+        :meth:`resume` recovers from the WAL on disk.
+        """
+        if self.process is not None:
+            stop_process(self.process, timeout_s=30, sig=signal.SIGQUIT)
             self.process = None
 
     def resume(self) -> None:
