@@ -29,6 +29,20 @@ def _reader(request: Request):
     return lambda: read_body(request)
 
 
+def _gone(request: Request):
+    """A waiter that returns once the client has closed its connection (ASGI ``http.disconnect``).
+
+    The body has been read whole before a job is queued, so the server's next
+    message is the disconnect; a non-streamed request's client that gives up
+    (a client timeout, a cancelled call) then frees its place in the queue and
+    its reservation at once (``TicketRunner.complete``), as a stream's does.
+    """
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    return wait
+
+
 def _usage(result: JobResult) -> dict[str, int]:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "total_tokens": result.prompt_tokens + result.completion_tokens}
@@ -122,6 +136,6 @@ async def _serve(service: CompletionService, request: Request, principal: Princi
         return Stream(_sse_events(ticket, shape, events), media_type="text/event-stream",
                       headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                       background=BackgroundTask(events.aclose))
-    result = await service.complete(ticket)
+    result = await service.complete(ticket, _gone(request))
     return Response({**shape.envelope(ticket, shape.object), "choices": [shape.choice(result.text,
                      result.finish_reason)], "usage": _usage(result)}, headers=headers)

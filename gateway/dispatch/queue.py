@@ -11,13 +11,14 @@ in fifo mode it is the model's one queue. See docs/architecture.md, sections
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.dispatch.celery_message import task_message
 from gateway.dispatch.fair_push import fair_push
+from gateway.limits.scripts import Script
 from gateway.dispatch.job_payload import sealed_job
 from workers.contract.queue_layout import bell_key, idle_key, queue_keys
 from workers.contract.fair_queues import MODE_FAIR, MODE_FIFO, PLAIN_HINT, job_queue, tags_key, team_field, waiting_key
@@ -40,6 +41,31 @@ class QueueUnavailable(RuntimeError):
     """The queue (Redis) did not accept the task."""
 
 
+@dataclass(frozen=True)
+class Queued:
+    """Where a job waits: its list and its message exactly as pushed, so that the gateway can take it
+    back while no worker has taken it (:meth:`Dispatcher.withdraw`); ``team``: its field in the model's
+    waiting counts (fair mode), None in fifo mode."""
+
+    key: str
+    message: str
+    model: str
+    team: str | None
+
+
+# KEYS: [1] the list, [2] the model's waiting counts (fair mode; unused otherwise).
+# ARGV: [1] the message as pushed, [2] its team's field ('' in fifo mode).
+# A worker takes a message off its list and into its own unacked record in one script
+# (workers/contract/take.py), so a message still in its list has not been taken: LREM removes it only
+# then, atomically with the count, and says whether it did.
+_WITHDRAW = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+if ARGV[2] ~= '' and redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then redis.call('HDEL', KEYS[2], ARGV[2]) end
+return 1
+"""
+WITHDRAW = Script(_WITHDRAW)
+
+
 class Dispatcher:
     """Queues jobs for the workers: a Celery task message pushed on the async client (fifo: one LPUSH,
     and when the list was empty the plain lists' hint and a ring for an idle worker; fair: one script that also counts the team's
@@ -55,8 +81,8 @@ class Dispatcher:
         self._expires_s = expires_s
         self._fair = mode == MODE_FAIR
 
-    async def enqueue(self, job: GenerateJob, *, priority: int | None = None) -> None:
-        """Queue ``job`` on its model's queue, the request id as task id.
+    async def enqueue(self, job: GenerateJob, *, priority: int | None = None) -> Queued:
+        """Queue ``job`` on its model's queue, the request id as task id; return where it waits.
 
         ``priority`` 0 is served first, 9 last (Celery on Redis); None is the default (5).
         """
@@ -75,9 +101,10 @@ class Dispatcher:
                                     queue=queue, priority=priority, argsrepr=f"(<sealed job {job.request_id}>,)")
         # One command on the event loop's own client: no thread, no retries that
         # could hold the request for seconds if Redis is gone.
+        team = team_field(job.team) if self._fair else None
         try:
-            if self._fair:
-                await fair_push(self._redis, job.model, team_field(job.team), key, message)
+            if team is not None:
+                await fair_push(self._redis, job.model, team, key, message)
             elif await self._redis.lpush(key, message) == 1:
                 # The list was empty: workers in fair mode may skip the plain lists until the hint says
                 # otherwise, and an idle worker may be waiting on the bell (workers/contract/take.py).
@@ -88,3 +115,14 @@ class Dispatcher:
                     await pipe.execute()
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"the queue did not accept the request: {exc}") from exc
+        return Queued(key, message, job.model, team)
+
+    async def withdraw(self, queued: Queued) -> bool:
+        """Take a job back from its list if no worker has taken it yet (its client went away): True when
+        it was, and its place in the queue is free (its team's waiting count lowered with it); False when
+        a worker has it (or Redis cannot answer: the cancel key then stops it). Never raises."""
+        try:
+            return bool(await WITHDRAW(self._redis, (queued.key, waiting_key(queued.model)),
+                                       (queued.message, queued.team or "")))
+        except (RedisError, OSError):
+            return False

@@ -14,13 +14,14 @@ import contextlib
 import logging
 import time
 from dataclasses import replace
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from audit import AuditEntry
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
+from gateway.dispatch.queue import Queued
 from gateway.dispatch.results import FoundFallback, PendingResult
 from gateway.api_errors import ApiError
 from gateway.limits import UsageCounters
@@ -43,6 +44,12 @@ log = logging.getLogger(__name__)
 
 #: Terminal kinds that end a request without an answer of its own: a timeout that lost to one keeps its 504.
 _GAVE_UP = frozenset({STATUS_TIMED_OUT, STATUS_CANCELLED})
+#: The end the gateway records for a request whose client left while its job still waited in the queue.
+_GONE_WHILE_QUEUED = {"output": "", "error": {"code": "cancelled",
+                                              "message": "the client went away before a worker took the request"}}
+
+#: Returns once the client has gone away (its connection closed); see :meth:`TicketRunner.complete`.
+ClientGone = Callable[[], Awaitable[Any]]
 
 
 class TicketRunner:
@@ -65,20 +72,28 @@ class TicketRunner:
                                       digester=digester) if output_rules is not None else None
         self._background: set[asyncio.Task] = set()
 
-    async def complete(self, ticket: Ticket) -> JobResult:
-        """Queue the job and wait for its result (judging its output on the way, under output rules)."""
+    async def complete(self, ticket: Ticket, gone: ClientGone | None = None) -> JobResult:
+        """Queue the job and wait for its result (judging its output on the way, under output rules).
+
+        ``gone`` returns when the client has gone away: then the worker is asked
+        to stop (the cancel key), and a job no worker has taken yet is taken back
+        from the queue at once, so that its place and its reservation are free
+        now rather than when a worker would have reached it; the request ends
+        ``cancelled``, recorded here (:meth:`_withdrawn_end`).
+        """
         # A revision with no output rule passes every output whole: the worker records that verdict
         # itself, and the round trip of report and verdict is skipped (a stream's hold-back too: open_stream).
         unruled = self.output_rules is not None and await self.output_rules.rule_absent(ticket)
         checked = self.output_rules is not None and not unruled
         try:
             async with self.waiter.expect(ticket.request_id, checked=checked, handed_over=checked) as pending:
-                await self._enqueue(ticket, output_rule_absent=unruled, gateway_records=checked)
+                queued = await self._enqueue(ticket, output_rule_absent=unruled, gateway_records=checked)
                 if not checked:
-                    meta = await pending.get(self.request_timeout_s)
+                    outcome = pending.get(self.request_timeout_s)
                 else:
                     assert self.output_rules is not None
-                    meta = await self._judged_outcome(ticket, pending, self.output_rules.hold())
+                    outcome = self._judged_outcome(ticket, pending, self.output_rules.hold())
+                meta = await self._unless_gone(ticket, queued, outcome, gone)
         except ResultTimeout:  # before OSError: TimeoutError is one
             return await self.timed_out(ticket)
         except (QueueUnavailable, RedisError, OSError) as exc:
@@ -100,17 +115,51 @@ class TicketRunner:
             try:
                 pending = await stack.enter_async_context(self.waiter.expect(ticket.request_id, stream=True,
                                                                              checked=checked))
-                await self._enqueue(ticket, output_rule_absent=unruled)
+                queued = await self._enqueue(ticket, output_rule_absent=unruled)
             except (QueueUnavailable, RedisError, OSError) as exc:
                 raise await self.queue_down(ticket, exc) from None
-            return StreamEvents(self, ticket, pending, stack.pop_all(), checked=checked)
+            return StreamEvents(self, ticket, pending, stack.pop_all(), checked=checked, queued=queued)
 
     async def _enqueue(self, ticket: Ticket, *, output_rule_absent: bool = False,
-                       gateway_records: bool = False) -> None:
+                       gateway_records: bool = False) -> Queued:
         job = replace(ticket.job, enqueued_at_ns=time.time_ns(), reply_to=self.waiter.reply_channel,
                       check_output=self.output_rules is not None, output_rule_absent=output_rule_absent,
                       gateway_records=gateway_records)
-        await self.dispatcher.enqueue(job, priority=ticket.priority)
+        return await self.dispatcher.enqueue(job, priority=ticket.priority)
+
+    async def _unless_gone(self, ticket: Ticket, queued: Queued, outcome: Awaitable[Any],
+                           gone: ClientGone | None) -> Any:
+        """``outcome``'s value, unless the client goes away first (see :meth:`complete`).
+
+        A job taken back from the queue ends here (:class:`ApiError` ``cancelled``,
+        which nobody reads); one a worker already has is still waited for: the
+        worker stops at the cancel key and records the end, settled as usual.
+        """
+        if gone is None:
+            return await outcome
+        waiting = asyncio.ensure_future(outcome)
+        watching = asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({waiting, watching}, return_when=asyncio.FIRST_COMPLETED)
+            if waiting.done() or watching.cancelled() or watching.exception() is not None:
+                return await waiting
+            await self._request_cancel(ticket.request_id)
+            if not await self.dispatcher.withdraw(queued):
+                return await waiting
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await waiting
+            raise await self._withdrawn_end(ticket)
+        finally:
+            for task in (waiting, watching):
+                task.cancel()
+
+    async def _withdrawn_end(self, ticket: Ticket) -> ApiError:
+        """End a request whose job was taken back from the queue: ``cancelled``, nothing used; the error
+        to raise (its client is gone)."""
+        await self.request_log.end(ticket, "cancelled", _GONE_WHILE_QUEUED)
+        await self._settle_usage(ticket, None)
+        return ApiError(503, "cancelled", "The request was cancelled before it completed.")
 
     async def _judged_outcome(self, ticket: Ticket, pending: PendingResult, hold: HoldBack, *,
                               timeout_s: float | None = None,
@@ -223,24 +272,30 @@ class TicketRunner:
         return ApiError(503, "queue_unavailable", QUEUE_UNAVAILABLE_MESSAGE)
 
     def abandon(self, ticket: Ticket, hold: HoldBack | None = None, pending: PendingResult | None = None,
-                subscription: contextlib.AsyncExitStack | None = None) -> None:
+                subscription: contextlib.AsyncExitStack | None = None, queued: Queued | None = None) -> None:
         """The client left mid-stream: cancel the generation and see the request ended.
 
         ``hold``: the stream's hold-back (what the client received), under output rules.
         ``pending`` and ``subscription``: the stream's own wait, handed over still open (closed here
         once the request ended): a report that reached it unread, or that arrives before a new wait
         could be entered, would be lost, and its worker would wait out its verdict timeout.
+        ``queued``: where its job waits, taken back if no worker has taken it yet.
         """
-        task = asyncio.get_running_loop().create_task(self._cancel_and_close(ticket, hold, pending, subscription))
+        task = asyncio.get_running_loop().create_task(self._cancel_and_close(ticket, hold, pending, subscription,
+                                                                             queued))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _cancel_and_close(self, ticket: Ticket, hold: HoldBack | None = None,
                                 pending: PendingResult | None = None,
-                                subscription: contextlib.AsyncExitStack | None = None) -> None:
+                                subscription: contextlib.AsyncExitStack | None = None,
+                                queued: Queued | None = None) -> None:
         """Ask the worker to stop; if no worker ever ends the request, end it here.
 
-        A worker that picks the job up (or is running it) sees the cancel key,
+        A job still in the queue is taken back from it at once and the request
+        ended ``cancelled`` here: its place and its reservation are free now, not
+        when a worker would have reached it. A worker that picks the job up (or
+        is running it) sees the cancel key,
         stops, and records ``cancelled`` with the partial output. If the job
         never reaches a worker before it expires, nobody else would record an
         end, so after the queue's expiry the gateway records ``cancelled``.
@@ -251,6 +306,9 @@ class TicketRunner:
             async with contextlib.AsyncExitStack() as stack:
                 if subscription is not None:
                     stack.push_async_exit(subscription)
+                if queued is not None and await self.dispatcher.withdraw(queued):
+                    await self._withdrawn_end(ticket)
+                    return
                 checked = self.output_rules is not None and hold is not None
                 if pending is None:
                     pending = await stack.enter_async_context(self.waiter.expect(request_id, checked=checked))
@@ -300,9 +358,11 @@ class StreamEvents:
     """
 
     def __init__(self, runner: TicketRunner, ticket: Ticket, pending: PendingResult,
-                 subscription: contextlib.AsyncExitStack, *, checked: bool = True) -> None:
+                 subscription: contextlib.AsyncExitStack, *, checked: bool = True,
+                 queued: Queued | None = None) -> None:
         self._runner = runner
         self._ticket = ticket
+        self._queued = queued
         self._pending = pending
         self._subscription = subscription
         self._finished = False
@@ -374,7 +434,7 @@ class StreamEvents:
             return
         self._closed = True
         if not self._finished:  # the wait stays open: what the worker sends from now on is still heard
-            self._runner.abandon(self._ticket, self._hold, self._pending, self._subscription)
+            self._runner.abandon(self._ticket, self._hold, self._pending, self._subscription, self._queued)
             return
         await self._subscription.aclose()
 

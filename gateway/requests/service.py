@@ -21,7 +21,7 @@ from gateway.api_errors import errors_of
 from gateway.limits import UsageCounters
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.admission import Admission
-from gateway.requests.outcome import StreamEvents, TicketRunner
+from gateway.requests.outcome import ClientGone, StreamEvents, TicketRunner
 from gateway.requests.output_rules import OutputRules
 from gateway.requests.request_log import RequestLog
 from gateway.requests.ticket import Ticket
@@ -58,10 +58,10 @@ class CompletionService:
         """Read, decide, reserve and record a request (see :class:`Admission`)."""
         return await self.admission.admit(principal, endpoint, read_body, purpose_header)
 
-    async def complete(self, ticket: Ticket) -> JobResult:
-        """Queue an admitted request and wait for its result."""
+    async def complete(self, ticket: Ticket, gone: ClientGone | None = None) -> JobResult:
+        """Queue an admitted request and wait for its result (``gone``: see ``TicketRunner.complete``)."""
         with errors_of(ticket.request_id):
-            return await self.runner.complete(ticket)
+            return await self.runner.complete(ticket, gone)
 
     async def open_stream(self, ticket: Ticket) -> StreamEvents:
         """Queue an admitted streaming request; its events are text pieces, then the result."""
