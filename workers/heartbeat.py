@@ -14,18 +14,22 @@ import threading
 
 import redis
 
-from workers.contract.liveness import BEAT_SCRIPT, HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, WORKERS_KEY, member
+from workers.contract.liveness import BEAT_SCRIPT, HEARTBEAT_INTERVAL_S, HEARTBEAT_TTL_S, WORKERS_KEY, slot_members
 
 log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    """Refreshes one worker's member of the live-workers set until stopped, then removes it."""
+    """Refreshes one worker's members of the live-workers set until stopped, then removes them.
 
-    def __init__(self, redis_url: str, model: str, worker: str) -> None:
+    ``slots``: the jobs the worker runs at once (its pool's concurrency), one member each
+    (:func:`workers.contract.liveness.slot_members`).
+    """
+
+    def __init__(self, redis_url: str, model: str, worker: str, slots: int = 1) -> None:
         self._client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
         self._beat = self._client.register_script(BEAT_SCRIPT)
-        self._member = member(model, worker)
+        self._members = slot_members(model, worker, slots)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="govgate-heartbeat", daemon=True)
 
@@ -36,7 +40,7 @@ class Heartbeat:
         failing = False
         while True:
             try:
-                self._beat(keys=[WORKERS_KEY], args=[self._member, HEARTBEAT_TTL_S])
+                self._beat(keys=[WORKERS_KEY], args=[self._members[0], HEARTBEAT_TTL_S, *self._members[1:]])
                 if failing:
                     log.warning("heartbeat reaches Redis again")
                 failing = False
@@ -52,7 +56,7 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=HEARTBEAT_INTERVAL_S + 6)
         try:
-            self._client.zrem(WORKERS_KEY, self._member)
+            self._client.zrem(WORKERS_KEY, *self._members)
         except redis.RedisError as exc:
             log.warning("could not leave the live-workers set (gone within %ds anyway): %s", HEARTBEAT_TTL_S, exc)
         self._client.close()

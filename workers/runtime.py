@@ -204,7 +204,8 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
 
     assert _config.value is not None, "worker started without configuration"
     name = getattr(sender, "hostname", None) or f"{_config.value.model.name}.{os.getpid()}"
-    _config.heartbeat = Heartbeat(_config.value.redis_url, _config.value.model.name, name)
+    _config.heartbeat = Heartbeat(_config.value.redis_url, _config.value.model.name, name,
+                                  slots=_config.value.concurrency)
     _config.heartbeat.start()
 
 

@@ -19,7 +19,7 @@ from gateway.limits.fair_share import (estimated_wait_s, position, service_ms, t
 from workers.contract.queue_layout import queue_keys
 from workers.contract.fair_queues import MODE_FAIR, SHARES_KEY, tags_key, waiting_key
 from workers.contract.jobs import queue_for
-from workers.contract.liveness import WORKERS_KEY, live_counts
+from workers.contract.liveness import WORKERS_KEY, live_slots
 
 #: The role that sees every team's count.
 ADMIN_ROLE = "admin"
@@ -62,7 +62,7 @@ async def queue_views(redis: aioredis.Redis, models: Iterable[str], *, team: str
                 for i, name in enumerate(names)}
     shares = {_text(k): _number(v, 0) for k, v in replies[-2].items()}
     default = shares.get("*") or 1.0
-    live = live_counts(replies[-1])
+    live = live_slots(replies[-1])  # jobs served at once, not workers: a prefork worker has several
     views = {}
     for i, name in enumerate(names):
         waiting = {_text(k): int(_number(v, 0)) for k, v in replies[2 * i].items()}

@@ -28,7 +28,7 @@ from gateway.limits.queue import fair_model_queue
 from gateway.requests.refusals import QueueFull
 from govgate.redis_server import RedisProcess
 from workers.contract.fair_queues import SHARES_KEY, tags_key, waiting_key
-from workers.contract.liveness import WORKERS_KEY, member
+from workers.contract.liveness import WORKERS_KEY, member, slot_members
 
 pytestmark = pytest.mark.anyio
 
@@ -198,6 +198,14 @@ async def test_retry_after_follows_service_time_workers_share_and_backlog(client
     assert (await retry_after({"support": 60, "b": 1}, svc_ms=500, live=2))[0] == 15
     # no service time measured yet: 1 s a job; no live worker: one assumed → 2 s for one place at half
     assert (await retry_after({"support": 32, "b": 1}))[0] == 2
+    # one prefork worker of four pool processes beats four members (workers/heartbeat.py): it ends jobs four
+    # times as often as a worker of one, so 9 places at half of 4 × (1 job / 2 s) take 9 × 2 / 4 / 0.5 = 9 s
+    await seed(client, {"support": 40, "b": 1}, {"*": 1}, svc_ms=2000)
+    await client.zadd(WORKERS_KEY, {m: T + 3600 for m in slot_members(MODEL, "prefork.1@host", 4)})
+    refused = await ask(counters, "support")
+    assert isinstance(refused, QueueAtLimit) and refused.team is not None and refused.team.live_workers == 4
+    assert QueueFull(refused.waiting, refused.limit, MODEL, "support", refused.team).error().headers[
+        "Retry-After"] == "9"
     # a smaller share waits longer: 1:3 → cap 16, one place at a quarter of 2 workers of 500 ms → 1 s
     await seed(client, {"support": 20, "b": 1}, {"b": 3}, svc_ms=500, live=2)
     refused = await ask(counters, "support")

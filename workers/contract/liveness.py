@@ -23,13 +23,18 @@ HEARTBEAT_INTERVAL_S = 5.0
 #: A worker silent this long no longer counts (three missed beats).
 HEARTBEAT_TTL_S = 15
 
-#: KEYS[1] the set; ARGV[1] the member, ARGV[2] the TTL in seconds.
+#: KEYS[1] the set; ARGV[1] the member, ARGV[2] the TTL in seconds, ARGV[3..] the worker's further members
+#: (:func:`slot_members`).
 BEAT_SCRIPT = """
 local now = tonumber(redis.call('TIME')[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+local until_ = now + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], until_, ARGV[1])
+for i = 3, #ARGV do redis.call('ZADD', KEYS[1], until_, ARGV[i]) end
 return 1
 """
+#: Separates a worker's node name from the number of one of its further job slots in its members.
+SLOT_SEP = "#"
 
 #: KEYS[1] the set; returns the members alive now.
 LIVE_SCRIPT = """
@@ -57,11 +62,39 @@ def member(model: str, worker: str) -> str:
     return f"{model}\n{worker}"
 
 
+def slot_members(model: str, worker: str, slots: int = 1) -> list[str]:
+    """A worker's members: one per job it runs at once (a prefork worker's ``--concurrency``).
+
+    The first is :func:`member`; the others add ``#2``, ``#3``… to the node
+    name (which holds no ``#``). So a gateway that counts members counts the
+    jobs the model's workers serve at once: what the queue's estimated waits
+    and a refusal's ``Retry-After`` divide the service time by (a worker of
+    two pool processes ends jobs twice as often as one of one). Readers that
+    want workers count only the first (:func:`live_counts`).
+    """
+    return [member(model, worker)] + [member(model, f"{worker}{SLOT_SEP}{k}") for k in range(2, max(1, slots) + 1)]
+
+
+def _model_and_node(raw: bytes | str) -> tuple[str, str]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    model, _, node = text.partition("\n")
+    return model, node
+
+
 def live_counts(members: list[bytes | str]) -> dict[str, int]:
-    """Live workers per model, from :data:`LIVE_SCRIPT`'s answer."""
+    """Live workers per model, from :data:`LIVE_SCRIPT`'s answer (a worker's further slots not counted)."""
     counts: dict[str, int] = {}
     for raw in members:
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        model = text.split("\n", 1)[0]
+        model, node = _model_and_node(raw)
+        if SLOT_SEP not in node:
+            counts[model] = counts.get(model, 0) + 1
+    return counts
+
+
+def live_slots(members: list[bytes | str]) -> dict[str, int]:
+    """Jobs the live workers of each model run at once (every member counts), from the same answer."""
+    counts: dict[str, int] = {}
+    for raw in members:
+        model, _ = _model_and_node(raw)
         counts[model] = counts.get(model, 0) + 1
     return counts
