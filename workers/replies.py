@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from workers.contract.jobs import REPLY_RESULT, RESULT_TTL_S, reply_message, result_key
+from workers.contract.unsettled import note_unsettled
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,9 @@ def deliver(client: redis.Redis, request_id: str, reply_to: str, outcome: dict[s
 
     Never raises: the terminal entry is already written (or kept), and a
     gateway that hears nothing ends its wait on its own timeout, where the
-    database's unique constraint hands it the worker's entry.
+    database's unique constraint hands it the worker's entry. A publish that
+    reached no subscriber (its gateway is gone) names the request for any
+    gateway to settle its usage (:mod:`workers.contract.unsettled`).
     """
     data = json.dumps(outcome)
     try:
@@ -49,8 +52,10 @@ def deliver(client: redis.Redis, request_id: str, reply_to: str, outcome: dict[s
             pipe.set(result_key(request_id), data, ex=RESULT_TTL_S)
             if reply_to:
                 pipe.publish(reply_to, reply_message(REPLY_RESULT, request_id, data))
-            pipe.execute()
-        return True
+            replies = pipe.execute()
     except (redis.RedisError, OSError) as exc:
         log.error("cannot hand the outcome of %s back to its gateway: %s", request_id, exc)
         return False
+    if reply_to and replies[-1] == 0:
+        note_unsettled(client, request_id)
+    return True

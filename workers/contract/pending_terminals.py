@@ -19,6 +19,7 @@ import redis
 
 from audit import AuditEntry, AuditError, DuplicateTerminalError, EntryStore, InvalidEntryError
 from workers.contract.privacy import split_texts
+from workers.contract.unsettled import note_unsettled
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ class PendingTerminals:
     def write_all(self, store: EntryStore) -> int:
         """Write every pending entry the database takes now; stop at the first refusal. Returns how many.
 
+        Each one written is named for the gateways to settle its usage (:mod:`workers.contract.unsettled`).
+
         An entry kept with a ``not_before`` still ahead is left for later (its gateway may yet record
         the request's end); :meth:`write_one`, asked by the request's own gateway, writes it at once.
         """
@@ -127,6 +130,9 @@ class PendingTerminals:
             try:
                 if self._write(store, request_id, raw, due_only=True) is not None:
                     written += 1
+                    # Written by a retry, not by the request's gateway (write_one): that gateway may be gone,
+                    # and a hand-over's fallback is written only when it never recorded the end.
+                    note_unsettled(self._client, request_id)
             except AuditError as exc:
                 log.error("audit store still refuses pending terminal entries (%d waiting): %s",
                           len(pending) - written, exc)
