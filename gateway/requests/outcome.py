@@ -155,10 +155,11 @@ class TicketRunner:
                 task.cancel()
 
     async def _withdrawn_end(self, ticket: Ticket) -> ApiError:
-        """End a request whose job was taken back from the queue: ``cancelled``, nothing used; the error
-        to raise (its client is gone)."""
-        await self.request_log.end(ticket, "cancelled", _GONE_WHILE_QUEUED)
-        await self._settle_usage(ticket, None)
+        """End a request whose job was taken back from the queue: ``cancelled``, nothing used (unless an
+        end was recorded before: a run that died after recording it, its job restored to the queue, is
+        charged what that end records); the error to raise (its client is gone)."""
+        winner = await self.request_log.end(ticket, "cancelled", _GONE_WHILE_QUEUED)
+        await self._settle_usage(ticket, used_tokens(winner.body.get("usage")) if winner is not None else None)
         return ApiError(503, "cancelled", "The request was cancelled before it completed.")
 
     async def _judged_outcome(self, ticket: Ticket, pending: PendingResult, hold: HoldBack, *,
