@@ -31,6 +31,18 @@ VERDICT_POLL_S = 4.0
 #: down to 0 would block for ever.
 MIN_VERDICT_WAIT_S = 0.01
 
+# KEYS[1] the request's verdict key; ARGV[1] the reply channel, ARGV[2] the report.
+# A report that reaches no subscriber (its gateway is gone: killed while the job waited) can get no
+# verdict, and the worker would wait out the whole verdict timeout for nothing, the model idle. So an
+# empty item then goes onto the verdict key: the BLPOP that follows in the same pipeline takes it at
+# once, and the output is recorded unchecked as it would have been after the wait. One round trip still.
+_REPORT = """
+if redis.call('PUBLISH', ARGV[1], ARGV[2]) > 0 then return 1 end
+redis.call('LPUSH', KEYS[1], '')
+redis.call('EXPIRE', KEYS[1], 60)
+return 0
+"""
+
 
 #: Default least time between two pieces a stream sends (``GOVGATE_STREAM_FLUSH_INTERVAL_MS``).
 STREAM_FLUSH_INTERVAL_S = 0.01
@@ -212,7 +224,8 @@ class RedisJobChannel:
 
         The report is published (sealed) on the reply channel and the first
         BLPOP of the request's verdict key follows it in the same round trip
-        (a pipeline: Redis runs the PUBLISH, then blocks on the BLPOP); a wait
+        (a pipeline: Redis runs the PUBLISH, then blocks on the BLPOP); a report
+        nobody heard ends the wait at once (``_REPORT``); a wait
         longer than one step goes on in further BLPOPs, each shorter than the
         client's socket timeout. None also when Redis fails or the verdict
         cannot be opened: the caller records the output as unchecked.
@@ -227,9 +240,13 @@ class RedisJobChannel:
                 self._client.publish(self._reply_to, message)
                 return None
             with self._client.pipeline(transaction=False) as pipe:
-                pipe.publish(self._reply_to, message)
+                pipe.eval(_REPORT, 1, key, self._reply_to, message)  # EVAL, not EVALSHA: no NOSCRIPT to handle
                 pipe.blpop([key], timeout=min(timeout_s, VERDICT_POLL_S))
                 _, popped = pipe.execute()
+            if popped is not None and not popped[1]:
+                log.warning("the output report of %s reached no gateway (gone): recorded unchecked without "
+                            "waiting for a verdict", self._request_id)
+                return None
             while popped is None and (remaining := deadline - time.monotonic()) >= MIN_VERDICT_WAIT_S:
                 popped = self._client.blpop([key], timeout=min(remaining, VERDICT_POLL_S))
             if popped is not None:

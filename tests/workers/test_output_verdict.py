@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import pytest
 import redis
 
+from bench._commandstats import CommandProbe
 from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
 from workers.contract.jobs import REPLY_PIECE, STATUS_COMPLETED, STATUS_FAILED, GenerateJob, parse_reply
 from workers.contract.output_check import (REPLY_OUTPUT, OutputReport, OutputVerdict, verdict_key)
@@ -269,3 +270,22 @@ def test_a_stream_is_never_handed_over(client, store, model) -> None:
     gateway.close()
     assert result is not HANDED_OVER and result.audit_seq is not None
     assert gateway.reports[0].handed_over is None and not pending.holds(job.request_id)
+
+
+def test_a_report_no_gateway_hears_is_recorded_unchecked_without_waiting_out_the_verdict(
+        client, store, model, redis_server, monkeypatch) -> None:
+    """A stream whose gateway was killed while the job waited: nobody can answer its report, so the worker
+    does not hold the model for the whole verdict timeout. Counted in BLPOPs, not timed: with steps of
+    0.05 s in a 2 s wait, a worker that waited would send about forty."""
+    monkeypatch.setattr(streams, "VERDICT_POLL_S", 0.05)
+    job = checked_job(f"govgate:gateway:{uuid.uuid4().hex}", stream=True)  # a channel nobody listens on
+    probe = CommandProbe(redis_server.url)
+    client.ping()
+    probe.start()
+    result = run(client, job, store, model, timeout_s=2.0)
+    calls = probe.stop()
+    assert result.status == STATUS_FAILED and result.error["code"] == "output_unchecked"
+    entry = store.terminal_for(job.request_id)
+    assert entry.kind == "failed" and entry.body["error"]["code"] == "output_unchecked"
+    assert calls.get("blpop") == 1
+    assert client.llen(verdict_key(job.request_id)) == 0  # the empty item that ended the wait was taken
