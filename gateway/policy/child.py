@@ -16,6 +16,7 @@ from typing import Any
 from gateway.policy.config_check import CONFIG_PROBLEMS_RULE, config_refusal
 from gateway.policy.output_decision import OUTPUT_DECISION_RULE
 from gateway.policy.vm import MISMATCH_FLAG, CheckedVm, compile_vm, error_text
+from gateway.policy.vm_lint import vm_hazards
 
 #: The rule whose value is the decision for one request.
 DECISION_RULE = "data.govgate.decision"
@@ -89,6 +90,11 @@ def _answerer(engine: Any, modules: list[Any], setup: dict[str, Any]) -> Checked
     check_every = int(setup.get("vm_check_every", 0))
     if setup.get("vm") != "auto" or setup.get("vm_data") is None:
         return CheckedVm(engine, None, frozenset(), "interpreter (GOVGATE_POLICY_VM=off)", check_every)
+    hazards = vm_hazards(modules)
+    if hazards:
+        more = f" and {len(hazards) - 1} more" if len(hazards) > 1 else ""
+        return CheckedVm(engine, None, frozenset(), "interpreter (the policy holds a construct regorus's compiled VM "
+                         f"answers wrongly: {hazards[0]}{more}; README, Policy)", check_every)
     trials = list(TRIALS)
     entry_points = [rule for rule, _ in TRIALS]
     engine.set_input_json(_OUTPUT_TRIAL[1])

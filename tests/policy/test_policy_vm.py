@@ -1,15 +1,15 @@
 """The embedded engine on regorus's compiled VM: used only as far as it answers as the interpreter does.
 
 The policies here are real Rego on which regorus 0.13's VM and its
-interpreter really disagree (the VM binds an undefined value in
-``v := ref``), so each test shows what the evaluator does when the VM is
-wrong: at its start-up trials, on a checked answer, and on one it does not
-check. docs/architecture.md, "What a decision costs".
+interpreter really disagree (the VM calls a function on an undefined
+argument in a ``_`` place; it binds an undefined value in ``v := ref``), so
+each test shows what the evaluator does when the VM is wrong: in the
+policy's text at load, at its start-up trials, on a checked answer, and on
+one it does not check. docs/architecture.md, "What a decision costs".
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,9 @@ import pytest
 
 from gateway.observability.metrics import POLICY_VM_MISMATCHES
 from gateway.policy import EmbeddedPolicyEngine
+from gateway.policy.revision import read_policy
 from gateway.policy.vm import CHECK_FIRST, mismatch_note
+from gateway.policy.vm_lint import vm_hazards
 from gateway.settings import Settings, SettingsError
 from tests.opa_fixtures import POLICY_DIR
 from tests.policy.embedded_fixtures import TINY, anyio_backend, request_input, with_text  # noqa: F401 - fixtures
@@ -36,10 +38,11 @@ decision := {{"allow": allowed, "reasons": [], "obligations": {OBLIGATIONS}}}
 
 default allowed := true
 
+marked(_) := true
+
 allowed := false if {{
 	input.request.kind == "probe"
-	v := input.request.missing
-	not is_string(v)
+	marked(input.request.missing)
 }}
 
 visible_models := set()
@@ -47,6 +50,22 @@ visible_models := set()
 
 #: Disagrees on every input, the start-up trial's empty one included.
 DIFFERS_ALWAYS = f"""package govgate
+
+import rego.v1
+
+decision := {{"allow": allowed, "reasons": [], "obligations": {OBLIGATIONS}}}
+
+default allowed := true
+
+marked(_) := true
+
+allowed := false if marked(input.request.missing)
+
+visible_models := set()
+"""
+
+#: Binds with ``:=`` in a body, which the VM gets wrong on an absent field: read off the text at load.
+BINDS_WITH_ASSIGNMENT = f"""package govgate
 
 import rego.v1
 
@@ -133,6 +152,29 @@ async def test_a_vm_that_differs_on_a_start_up_trial_is_not_used(tmp_path: Path)
 
 
 @pytest.mark.anyio
+async def test_a_policy_holding_a_construct_the_vm_gets_wrong_is_interpreted(tmp_path: Path) -> None:
+    engine = EmbeddedPolicyEngine.load(_policy(tmp_path, BINDS_WITH_ASSIGNMENT), TIMEOUT_S)
+    try:
+        notes = engine.answered_by
+        decision = await engine.decide(request_input(["analyst"]))
+    finally:
+        await engine.aclose()
+    assert notes == ["interpreter (the policy holds a construct regorus's compiled VM answers wrongly: "
+                     "govgate.rego:10: a body binding with := (write =); README, Policy)"]
+    assert decision.allow  # the interpreter's (and OPA's) answer; the VM would deny
+
+
+def test_the_constructs_read_off_a_policys_text() -> None:
+    module = ("package p\n\nimport rego.v1\n\ndefault f(_) := 0\n\nx := 1 if {\n\tsome v in input.l\n\tv > 1\n"
+              "} else := 2\n\ny := 1 if {\n\tw = input.a\n\tw\n}\n\nz := {k | some k in input.l}\n")
+    assert vm_hazards([("p.rego", module)]) == ["p.rego:5: a function's default",
+                                                 "p.rego:10: an else after a body that iterates"]
+    assert vm_hazards([("q.rego", "package q\n\nx if {\n\tv := input.a\n\tv\n}\n")]) == [
+        "q.rego:4: a body binding with := (write =)"]
+    assert vm_hazards([(path, text) for path, text in read_policy(POLICY_DIR).modules]) == []
+
+
+@pytest.mark.anyio
 async def test_a_policy_the_vm_cannot_compile_is_interpreted(tmp_path: Path) -> None:
     engine = EmbeddedPolicyEngine.load(_policy(tmp_path, NOT_COMPILED), TIMEOUT_S)
     try:
@@ -214,44 +256,8 @@ def test_the_settings_name_the_vm_and_its_sampling() -> None:
             Settings.from_env(env)
 
 
-def test_the_shipped_modules_bind_values_in_bodies_with_unification() -> None:
-    """``v = ref``, not ``v := ref``, in the shipped modules' rule bodies: regorus's VM binds an undefined
-    value with ``:=`` (a check of an absent optional field then fires), and a module edited later must not
-    bring that back where the case table has no case for it. (policies/govgate.rego says so at the top.)"""
-    offending = [f"{path.name}:{number}: {line.strip()}"
-                 for path in sorted(POLICY_DIR.glob("*.rego")) if not path.name.endswith("_test.rego")
-                 for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-                 if re.match(r"^\t+[a-z_][a-z0-9_]* := ", line)]
-    assert offending == []
-
-
-def test_no_shipped_else_follows_a_body_that_iterates() -> None:
-    """An ``else`` after a body that iterates (``some … in``, ``some k, v in``, ``x[_]``) and fails is undefined
-    on regorus's VM, in any clause of the chain and in functions too (the interpreter and OPA take the
-    ``else``): the shipped modules use ``default`` there. (A comprehension on one line is fine: the VM
-    takes the ``else`` after a body whose comprehension is empty.)"""
-    offending = []
-    for path in sorted(POLICY_DIR.glob("*.rego")):
-        if path.name.endswith("_test.rego"):
-            continue
-        body: list[str] | None = None
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if body is not None and line.startswith("}"):
-                if line.startswith("} else") and any(re.search(r"^\s*some\b|\[_\]", b) for b in body):
-                    offending.append(f"{path.name}:{number}: an else after a body that iterates")
-                body = None
-            elif body is not None:
-                body.append(line)
-            if line.endswith("if {"):
-                body = []
-    assert offending == []
-
-
-def test_no_shipped_function_has_a_default() -> None:
-    """regorus's VM never falls back to a function's ``default`` (``default f(_) := 0``: undefined where the
-    interpreter and OPA give 0), so the shipped modules give none (policies/govgate.rego says so at the top)."""
-    offending = [f"{path.name}:{number}: {line.strip()}"
-                 for path in sorted(POLICY_DIR.glob("*.rego")) if not path.name.endswith("_test.rego")
-                 for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-                 if re.match(r"^default [a-z_][a-z0-9_.]*\(", line)]
-    assert offending == []
+def test_the_shipped_modules_hold_no_construct_the_vm_gets_wrong() -> None:
+    """No body binding with ``:=``, no ``else`` after an iterating body, no function ``default``
+    (gateway/policy/vm_lint.py): a policy holding one is interpreted only, so a shipped module edited later
+    must not bring one back (policies/govgate.rego says so at the top)."""
+    assert vm_hazards([(path, text) for path, text in read_policy(POLICY_DIR).modules]) == []
