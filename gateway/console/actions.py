@@ -22,6 +22,8 @@ from litestar.params import FromPath
 from litestar.response import Redirect, Template
 
 from gateway import urls
+from gateway.auth.keys import well_formed
+from gateway.auth.refusals import MISSING, NOT_A_KEY, UNKNOWN_OR_REVOKED, log_refused, presented_key_id
 from gateway.console import csrf
 from gateway.console.errors import error_page
 from gateway.console.pages import checked_request_id, service
@@ -76,6 +78,10 @@ class SignIn(Controller):
             # The store itself, not the principal cache: signing in is rare, and must see a revocation at once.
             principal = await anyio.to_thread.run_sync(state.components.keys.authenticate, key.strip())
         if principal is None:
+            presented = key.strip() if isinstance(key, str) else ""
+            log_refused(MISSING if not presented else UNKNOWN_OR_REVOKED if well_formed(presented) else NOT_A_KEY,
+                        key_id=presented_key_id(presented), client=request.client.host if request.client else None,
+                        where=urls.CONSOLE_SIGN_IN)
             return _sign_in_page(request, status=401, after=after,
                                  message="That key is unknown or has been revoked.")
         if not may_use_console(principal):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import logging
 import re
 from urllib.parse import urlencode
 
@@ -101,7 +102,8 @@ async def test_unknown_and_malformed_keys_are_refused(client: AsyncTestClient, k
     assert "<script><script>" not in response.text
 
 
-async def test_a_revoked_key_cannot_sign_in(client: AsyncTestClient, console: Console) -> None:
+async def test_a_revoked_key_cannot_sign_in(client: AsyncTestClient, console: Console,
+                                            caplog: pytest.LogCaptureFixture) -> None:
     secret, key_id = new_key(console, "rex", ["reviewer"])
     store = key_store(console)
     try:
@@ -109,8 +111,13 @@ async def test_a_revoked_key_cannot_sign_in(client: AsyncTestClient, console: Co
     finally:
         store.engine.dispose()
     form = await client.get("/console/sign-in")
-    response = await client.post("/console/sign-in", data={"csrf_token": form_token(form.text), "key": secret})
+    with caplog.at_level(logging.WARNING, logger="govgate.auth"):
+        response = await client.post("/console/sign-in", data={"csrf_token": form_token(form.text), "key": secret})
     assert response.status_code == 401
+    # The refusal is logged for the operator (a revoked key still in use), by key id and never the secret.
+    refusals = [record.getMessage() for record in caplog.records if record.name == "govgate.auth"]
+    assert len(refusals) == 1 and "unknown_or_revoked" in refusals[0] and key_id in refusals[0], refusals
+    assert secret.rsplit("_", 1)[-1] not in caplog.text
 
 
 @pytest.mark.parametrize("token", [None, "", "wrong-token"])
