@@ -360,16 +360,23 @@ class OpaPolicyEngine:
 
     async def readiness_problem(self) -> str | None:
         """Why decisions cannot be had now (``/readyz``), or None: OPA holds another revision, or OPA's
-        own ``/health`` does not answer 200 within a second (every decision would be ``policy_unavailable``)."""
+        own ``/health`` does not answer 200 within a second (every decision would be ``policy_unavailable``).
+
+        ``/readyz`` answers anyone, without a key, so the text names neither OPA's address nor the policy
+        folder's path nor what differs (the error's class at most): the log has those (the out-of-sync
+        error when it is found, :meth:`verify`), and the operator knows ``GOVGATE_OPA_URL``.
+        """
         if self._out_of_sync is not None:
-            return f"OPA does not hold revision {self.revision}: {self._out_of_sync}"
+            return f"OPA does not hold revision {self.revision} (the gateway's log says what differs)"
         try:
             timeout = aiohttp.ClientTimeout(total=READINESS_TIMEOUT_S)
             async with aiohttp.ClientSession(timeout=timeout) as session, session.get(f"{self._url}/health") as answer:
                 if answer.status != 200:
-                    return f"OPA at {self._url} answers its health check with HTTP {answer.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return f"OPA at {self._url} does not answer: {describe_error(exc)}"
+                    return f"OPA answers its health check with HTTP {answer.status}"
+        except TimeoutError:
+            return f"OPA does not answer its health check within {READINESS_TIMEOUT_S:g}s"
+        except aiohttp.ClientError as exc:
+            return f"OPA does not answer its health check: {type(exc).__name__}"
         return None
 
     async def remote_revision(self) -> str:
