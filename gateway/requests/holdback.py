@@ -10,9 +10,11 @@ judges a non-streamed output as one final window. See docs/architecture.md,
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
+from gateway.requests.normalize import weight
 from workers.contract.privacy import mask
 
 #: Reason code of an output whose finding cannot be located in the text as generated (only in its
@@ -60,6 +62,8 @@ class HoldBack:
         self.holdback = holdback_chars
         self.step = step_chars if step_chars is not None else max(1, holdback_chars // 2)
         self.text = ""
+        #: ``_seen[i]``: how many of the first i characters of ``text`` the rules see (normalize.weight).
+        self._seen = [0]
         #: Characters of ``text`` released (their masked form is in ``_released``).
         self.released = 0
         self._released: list[str] = []
@@ -72,10 +76,22 @@ class HoldBack:
 
     def add(self, piece: str) -> None:
         self.text += piece
+        self._count(piece)
+
+    def _count(self, piece: str) -> None:
+        seen = self._seen[-1]
+        for char in piece:
+            seen += weight(char)
+            self._seen.append(seen)
 
     def due(self) -> bool:
-        """A window is worth judging: the unreleased text reached the hold-back plus one step."""
-        return not self.stopped and len(self.text) - self.released >= self.holdback + self.step
+        """A window is worth judging: the unreleased text reached the hold-back plus one step.
+
+        Both count the characters the rules see, not the invisible ones, spaces or
+        line breaks (:func:`gateway.requests.normalize.weight`): a card number or
+        key header padded with them is no longer than the hold-back.
+        """
+        return not self.stopped and self._seen[-1] - self._seen[self.released] >= self.holdback + self.step
 
     def window(self, *, final: bool = False) -> Window:
         """The text not yet released (the longest finding a window sees whole is ``holdback`` characters)."""
@@ -88,6 +104,11 @@ class HoldBack:
             self._stop({"code": STREAM_INCONSISTENT, "message": "the relayed stream does not match the output "
                                                                 "the worker reported"})
             return False
+        if not text.startswith(self.text):
+            self._seen = [0]
+            self._count(text)
+        else:
+            self._count(text[len(self.text):])
         self.text = text
         return True
 
@@ -112,7 +133,7 @@ class HoldBack:
                 return ""
         spans = [(window.offset + start, window.offset + stop)
                  for known in self._findings for start, stop in _occurrences(window.text, known)]
-        point = window.end if window.final else max(self.released, window.end - self.holdback)
+        point = window.end if window.final else max(self.released, self._held_from(window.end))
         moved = True
         while moved:  # moving back to one finding's start may cut another
             moved = False
@@ -124,6 +145,10 @@ class HoldBack:
         self.released = point
         self._released.append(released)
         return released
+
+    def _held_from(self, end: int) -> int:
+        """The last position with ``holdback`` characters the rules see between it and ``end``."""
+        return max(0, bisect_right(self._seen, self._seen[end] - self.holdback, 0, end + 1) - 1)
 
     def _stop(self, reason: dict[str, Any]) -> None:
         if reason not in self._reasons:

@@ -103,6 +103,24 @@ def _learn(chars: set[str]) -> None:
     _SEEN.update(chars)
 
 
+def weight(char: str) -> int:
+    """1 for a character the rules see, 0 for one the compact view drops (invisible, space, line break).
+
+    The stream's hold-back (``gateway/requests/holdback.py``) counts its
+    characters this way, so that a finding padded with zero-width or space
+    characters still fits in the text it holds back. Characters NFKC expands
+    count 1: never more than they weigh in the view.
+    """
+    folded = _WEIGHTS.get(char)
+    if folded is None:
+        view = normalize(char)
+        folded = _WEIGHTS[char] = 0 if view.strip(" \n") == "" else 1
+    return folded
+
+
+_WEIGHTS: dict[str, int] = {}
+
+
 def normalized_text(messages: list[dict[str, str]] | None, prompt: str | None) -> str:
     """All prompt text normalised: ``input.request.normalized_text``.
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from gateway.policy.decision import Reason, Redaction
+from gateway.requests.normalize import normalize
 from gateway.requests.holdback import OUTPUT_UNMASKABLE, STREAM_INCONSISTENT, HoldBack, Window
 
 CARD = "4111 1111 1111 1111"
@@ -120,3 +121,43 @@ def test_a_stop_keeps_its_findings_so_the_log_can_mask_them() -> None:
                    redact=(Redaction("payment_card", CARD),))
     assert hold.apply(hold.window(final=True), stop) == ""
     assert hold.redact == [{"detector": "payment_card", "text": CARD}]
+
+
+def stop_on_compact(secret: str):
+    """A detector that, like the policy, reads the window's normalised view with spacing removed."""
+    def judge_view(text: str) -> Decided:
+        view = normalize(text).replace(" ", "").replace("\n", "")
+        if secret in view:
+            return Decided(allow=False, reasons=(Reason("output_pii_detected", "a secret"),))
+        return Decided()
+    return judge_view
+
+
+def stream_judged(hold: HoldBack, pieces: list[str], judge_view) -> str:
+    for piece in pieces:
+        hold.add(piece)
+        if hold.due():
+            window = hold.window()
+            hold.apply(window, judge_view(window.text))
+    window = hold.window(final=True)
+    hold.apply(window, judge_view(window.text))
+    return hold.client_text
+
+
+@pytest.mark.parametrize("padding", ["\u200b" * 5, "\u200b\u2060\u200d\u00ad", "  \n\n", "\n" * 6, "\t \u00a0\u2009"])
+@pytest.mark.parametrize("secret", ["4111111111111111", "-----BEGINRSAPRIVATEKEY-----"])
+def test_a_finding_padded_past_the_hold_back_with_characters_the_rules_do_not_see_is_never_released_in_part(
+        padding: str, secret: str) -> None:
+    # Raw, the padded secret is far longer than the 64 characters held back; the rules see 16 or 28.
+    spelled = secret.replace("RSAPRIVATEKEY", "RSA PRIVATE KEY").replace("BEGIN", "BEGIN ")
+    padded = padding.join(spelled)
+    assert len(padded) > 64
+    lead = "word " * 20 + "here you are:"
+    text = lead + " " + padded + " and that is the whole of it, nothing more to add here at all."
+    for size in (1, 3, 8):
+        hold = HoldBack(64)
+        released = stream_judged(hold, [text[i:i + size] for i in range(0, len(text), size)],
+                                 stop_on_compact(secret))
+        assert hold.stopped
+        seen = normalize(released).replace(" ", "").replace("\n", "")
+        assert seen and lead.replace(" ", "").startswith(seen), (padding, size, seen)  # some of the lead, none of the secret
