@@ -26,13 +26,20 @@ CONFUSABLES: dict[str, str] = {
     "Ν": "N", "Ο": "O", "Ρ": "P", "Τ": "T", "Υ": "Y", "Χ": "X",
     # Greek small letters
     "α": "a", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "υ": "u",
-    # Latin letters outside ASCII that read as ASCII ones
-    "ı": "i", "ɑ": "a", "ɡ": "g",
+    # Cyrillic letters NFKC leaves alone that read as G and V
+    "Ԍ": "G", "ԍ": "g", "Ѵ": "V", "ѵ": "v",
+    # Latin letters outside ASCII that read as ASCII ones (NFKC keeps "İ" whole)
+    "ı": "i", "ɑ": "a", "ɡ": "g", "İ": "I",
+    # Latin small capitals (phonetic letters, no language's words): read as capitals
+    "ᴀ": "A", "ʙ": "B", "ᴄ": "C", "ᴅ": "D", "ᴇ": "E", "ꜰ": "F", "ɢ": "G", "ʜ": "H", "ɪ": "I",
+    "ᴊ": "J", "ᴋ": "K", "ʟ": "L", "ᴍ": "M", "ɴ": "N", "ᴏ": "O", "ᴘ": "P", "ʀ": "R", "ꜱ": "S",
+    "ᴛ": "T", "ᴜ": "U", "ᴠ": "V", "ᴡ": "W", "ʏ": "Y", "ᴢ": "Z",
 }
 
 _LINE_BREAKS = "\r\x0b\x0c\x85\u2028\u2029"
 _INVISIBLE = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u2800"}
-_DASHES = {"\u2212", "\u2043", "\u02d7", "\ufe63", "\uff0d"}
+#: Dashes outside Unicode's dash punctuation, and the horizontal lines of box drawing that draw one.
+_DASHES = {"\u2212", "\u2043", "\u02d7", "\ufe63", "\uff0d", "\u2500", "\u2501", "\u23af", "\u2796"}
 _DROPPED_CATEGORIES = {"Cc", "Cf", "Mn", "Me"}
 _SPACES = re.compile(" {2,}")
 #: The fold of every ASCII character that is not kept as is (the fast path for ASCII text).
@@ -73,9 +80,10 @@ def normalize(text: str) -> str:
        controls), combining marks NFKC left on their own, Hangul fillers and
        the blank Braille pattern;
     5. decimal digits of every script become ASCII digits, and every dash
-       (hyphen, en dash, minus sign…) becomes ``-``;
-    6. the Cyrillic and Greek letters that look like Latin ones
-       (:data:`CONFUSABLES`) become those Latin letters. NFKC leaves them
+       (hyphen, en dash, minus sign…, and box drawing's horizontal lines)
+       becomes ``-``;
+    6. the Cyrillic and Greek letters that look like Latin ones, Latin small
+       capitals and ``İ`` (:data:`CONFUSABLES`) become those Latin letters. NFKC leaves them
        alone; this small fold covers the letters the shipped detectors and key
        headers are spelt with, not Unicode's whole confusables list.
 

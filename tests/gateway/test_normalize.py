@@ -36,6 +36,11 @@ PAIRS = [
     ("card 4111\u200b1111\u200b1111\u200b1111", "card 4111111111111111"),
     ("card \uff14\uff11\uff11\uff11\u00a01111\u00a01111\u00a01111", "card 4111 1111 1111 1111"),
     ("mail \u0430nn@example.org", "mail ann@example.org"),
+    ("-----\u0299\u1d07\u0262\u026a\u0274 \u0280\ua731\u1d00 \u1d18\u0280\u026a\u1d20\u1d00\u1d1b\u1d07 \u1d0b\u1d07\u028f-----",
+     "-----BEGIN RSA PRIVATE KEY-----"),
+    ("-----BEG\u0130N RSA PR\u0130VATE KEY-----", "-----BEGIN RSA PRIVATE KEY-----"),
+    ("\u2500\u2500\u2500\u2501\u23afBEGIN RSA PRIVATE KEY\u2796\u2500\u2500\u2500\u2500", "-----BEGIN RSA PRIVATE KEY-----"),
+    ("-----BE\u050cIN RSA PRI\u0474ATE KEY-----", "-----BEGIN RSA PRIVATE KEY-----"),
 ]
 
 
