@@ -77,7 +77,8 @@ def normalize(text: str) -> str:
        spaces one space;
     4. invisible characters are removed: control characters (but ``\\n``),
        format characters (zero-width space/joiners, soft hyphen, BOM, bidi
-       controls), combining marks NFKC left on their own, Hangul fillers and
+       controls), combining marks sent as characters of their own (removed
+       before NFKC, which would compose "E" and U+0301 into "É"), Hangul fillers and
        the blank Braille pattern;
     5. decimal digits of every script become ASCII digits, and every dash
        (hyphen, en dash, minus sign…, and box drawing's horizontal lines)
@@ -90,9 +91,13 @@ def normalize(text: str) -> str:
     Case is kept (IBAN country codes are capitals; a rule that should ignore
     case says ``(?i)``).
     """
-    text = unicodedata.normalize("NFKC", text.replace("\r\n", "\n"))
+    text = text.replace("\r\n", "\n")
     if text.isascii():  # the common case: no look-ups in the Unicode database
         return _SPACES.sub(" ", text.translate(_ASCII_FOLD))
+    # Marks sent as characters of their own go before NFKC could compose them
+    # with their letter: "E" + U+0301 is "E", not "É" (a precomposed "É" stays).
+    _learn(set(text) - _SEEN)
+    text = unicodedata.normalize("NFKC", text.translate(_MARKS))
     _learn(set(text) - _SEEN)
     return _SPACES.sub(" ", text.translate(_CHANGED))
 
@@ -100,6 +105,8 @@ def normalize(text: str) -> str:
 #: Characters already folded, and the translate table of those the fold changes.
 _SEEN: set[str] = set()
 _CHANGED: dict[int, str] = dict(_ASCII_FOLD)
+#: The combining marks seen, each mapped to None (removed before NFKC).
+_MARKS: dict[int, None] = {}
 
 
 def _learn(chars: set[str]) -> None:
@@ -108,6 +115,8 @@ def _learn(chars: set[str]) -> None:
         folded = _fold(char)
         if folded != char:
             _CHANGED[ord(char)] = folded
+        if unicodedata.category(char) in {"Mn", "Me"}:
+            _MARKS[ord(char)] = None
     _SEEN.update(chars)
 
 

@@ -41,6 +41,8 @@ PAIRS = [
     ("-----BEG\u0130N RSA PR\u0130VATE KEY-----", "-----BEGIN RSA PRIVATE KEY-----"),
     ("\u2500\u2500\u2500\u2501\u23afBEGIN RSA PRIVATE KEY\u2796\u2500\u2500\u2500\u2500", "-----BEGIN RSA PRIVATE KEY-----"),
     ("-----BE\u050cIN RSA PRI\u0474ATE KEY-----", "-----BEGIN RSA PRIVATE KEY-----"),
+    ("-----BE\u0301GIN RSA PRI\u0308VATE KE\u0300Y-----", "-----BEGIN RSA PRIVATE KEY-----"),
+    ("ssn 1\u20e32\u20dd3-4\u03015-6789", "ssn 123-45-6789"),
 ]
 
 
