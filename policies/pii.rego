@@ -73,7 +73,19 @@ payment_cards(text) := {m |
 	some m in distinct_matches(pattern, text)
 	card_number(m)
 	card_bounded(m, text)
+} | {m |
+	some m in distinct_matches(card_spread_pattern, text)
+	card_number(m)
+	regex.match(card_network_pattern, digits_of(m))
+	card_bounded(m, text)
 }
+
+# Groups of digits split by slashes, underscores, spaced or doubled dashes
+# or line breaks ("4111/1111/1111/1111", "4111 - 1111 - ...", a number
+# split across lines or messages): a card when its digits are a major
+# network's (as for one glued to letters), since lists of numbers one per
+# line or path-like numbers pass the Luhn check one time in ten.
+card_spread_pattern := `[0-9]{4,6}(?:(?: ?(?:[/_\n]|--?) ?| )[0-9]{1,6}){2,4}`
 
 # Some occurrence of the number is not part of a longer number; glued to a
 # letter ("card4111111111111111") it counts when its prefix and length are

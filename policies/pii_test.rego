@@ -64,6 +64,19 @@ test_card_split_by_dots_found if {
 	pii.payment_cards("pay 4111.1111.1111.1111 or 3782.822463.10005.") == {"4111.1111.1111.1111", "3782.822463.10005"}
 }
 
+test_card_spread_by_slashes_underscores_dashes_or_lines_found if {
+	pii.payment_cards("pay 4111/1111/1111/1111 or 5555_5555_5555_4444.") == {"4111/1111/1111/1111", "5555_5555_5555_4444"}
+	pii.payment_cards("card 4111 - 1111 - 1111 - 1111, 4111--1111--1111--1111") == {"4111 - 1111 - 1111 - 1111", "4111--1111--1111--1111"}
+	pii.payment_cards("card\n4111\n1111\n1111\n1111\nthanks") == {"4111\n1111\n1111\n1111"}
+	pii.payment_cards("card 4111 1111\n1111 1111") == {"4111 1111\n1111 1111"}
+}
+
+test_spread_numbers_of_no_card_network_not_cards if {
+	# Luhn-valid, 16 digits, but beginning as no network's cards do
+	pii.payment_cards("1000/0000/0000/0008 and\n1000\n0000\n0000\n0008") == set()
+	pii.payment_cards("years\n2019\n2020\n2021\n2022\n2023") == set()
+}
+
 test_dotted_numbers_that_are_not_cards if {
 	pii.payment_cards("pi 3.14159265358979, host 192.168.100.200, v2024.1.15.3, 1.5 2.5 3.5 4.5 5.5 6.5 7.5") == set()
 }
