@@ -68,7 +68,7 @@ card_candidate_patterns := [
 	`[0-9]{4,6}(?:\.[0-9]{1,6}){2,4}`,
 ]
 
-payment_cards(text) := {m |
+payment_cards(text) := ({m |
 	some pattern in card_candidate_patterns
 	some m in distinct_matches(pattern, text)
 	card_number(m)
@@ -78,6 +78,31 @@ payment_cards(text) := {m |
 	card_number(m)
 	regex.match(card_network_pattern, digits_of(m))
 	card_bounded(m, text)
+}) | cards_within_runs(text)
+
+# Cards inside a longer run of digit groups split by spaces or dashes: a
+# card and its security code or expiry ("4111 1111 1111 1111 123"), a card
+# and a phone number, or two cards in a row, make one run of more digits
+# than a card has, which is no card. Each stretch of two to six whole groups
+# of such a run with a network's prefix and length and a valid check digit
+# is one. Only runs of at most eight groups: in a table of numbers one in a
+# few dozen stretches passes both checks, so a longer run is taken for one.
+cards_within_runs(text) := {card |
+	some run in distinct_matches(card_candidate_patterns[0], text)
+	not card_number(run)
+	groups = regex.find_n(`[0-9]+[^0-9]*`, run, -1)
+	count(groups) <= 8
+	sizes = [count(digits_of(group)) | some group in groups]
+	some i in numbers.range(0, count(groups) - 1)
+	some k in numbers.range(2, 6)
+	i + k <= count(groups)
+	size = sum(array.slice(sizes, i, i + k))
+	size >= 13
+	size <= 19
+	card = trim_right(concat("", array.slice(groups, i, i + k)), " -/_\n")
+	card_number(card)
+	regex.match(card_network_pattern, digits_of(card))
+	card_bounded(card, text)
 }
 
 # Groups of digits split by slashes, underscores, spaced or doubled dashes

@@ -71,6 +71,21 @@ test_card_spread_by_slashes_underscores_dashes_or_lines_found if {
 	pii.payment_cards("card 4111 1111\n1111 1111") == {"4111 1111\n1111 1111"}
 }
 
+test_card_followed_by_its_code_or_another_card_found if {
+	pii.payment_cards("card 4111 1111 1111 1111 123 exp 12 26") == {"4111 1111 1111 1111"}
+	pii.payment_cards("cards 4111 1111 1111 1111 5555 5555 5555 4444") == {"4111 1111 1111 1111", "5555 5555 5555 4444"}
+	pii.payment_cards("card 4111-1111-1111-1111-77 and 7 4111/1111/1111/1111") == {"4111-1111-1111-1111", "4111/1111/1111/1111"}
+}
+
+test_runs_of_numbers_without_a_network_card_not_cards if {
+	pii.payment_cards("totals 1000 0000 0000 0008 1000 0000 0000 0008 2024") == set()
+}
+
+test_a_table_of_numbers_is_no_run_of_cards if {
+	# nine groups: a table, even though 4111 1111 1111 1111 is a card
+	pii.payment_cards("n 1234 4111 1111 1111 1111 5678 9012 3456 7890") == set()
+}
+
 test_spread_numbers_of_no_card_network_not_cards if {
 	# Luhn-valid, 16 digits, but beginning as no network's cards do
 	pii.payment_cards("1000/0000/0000/0008 and\n1000\n0000\n0000\n0008") == set()
