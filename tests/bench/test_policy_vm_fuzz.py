@@ -45,8 +45,10 @@ def test_a_team_with_null_models_is_found_and_shrunk(tmp_path: Path) -> None:
                 "--policy-dir", str(folder), "--out", str(out))
     assert run.returncode == 1, run.stdout + run.stderr
     found = [json.loads(line) for line in out.read_text().splitlines()]
-    assert found and {record["data"] for record in found} == {"shipped"}
-    first = found[0]
+    # On the shipped data (support's models made null here), and on any case-table data with such a team.
+    shipped = [record for record in found if record["data"] == "shipped"]
+    assert shipped, found
+    first = shipped[0]
     assert "some .. in collection" in first["interpreter"]["text"]
     assert first["vm"]["allow"] is False  # the VM answers (as OPA does); the input shrunk to the team alone
     assert first["input"]["principal"] == {"team": "support"}
