@@ -17,19 +17,29 @@ connection means is here, once:
   may have run);
 - a forked child forgets its parent's connection without closing it
   (closing would end the parent's PostgreSQL session or drop its SQLite
-  locks) and connects anew.
+  locks) and connects anew;
+- a transaction on a socket (PostgreSQL) that gets no answer within the
+  busy timeout (a frozen server, a partition) has its socket shut down by
+  :mod:`audit.stall_watch`, so it ends as a connection lost inside it:
+  dropped, failed closed, not retried.
 
 Nothing here imports SQLAlchemy.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import threading
+import time
 import weakref
 from typing import Any, Callable, TypeVar
 
+from . import stall_watch
+
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: Every kept connection of this process, so a fork can make the child forget theirs.
 _KEPT: "weakref.WeakSet[KeptConnection]" = weakref.WeakSet()
@@ -45,6 +55,11 @@ class KeptConnection:
         self._owner: int | None = None  # the thread inside run(), to refuse a transaction from within one
         self._conn: Any = None
         self._cursor: Any = None
+        #: A duplicate of the connection's socket, for the watchdog to shut down (None: no socket, SQLite).
+        self._sock: socket.socket | None = None
+        #: When the running transaction started (monotonic), None between transactions.
+        self._since: float | None = None
+        self._answer_s = wait_s + stall_watch.GRACE_S
         _KEPT.add(self)
 
     # -- what subclasses say ---------------------------------------------------------------
@@ -79,6 +94,7 @@ class KeptConnection:
             # fail closed as a database that stays locked does (TimeoutError is an OSError).
             raise TimeoutError(f"waited {self._wait_s:g} s for this process's other audit appends")
         self._owner = me
+        self._since = time.monotonic()
         try:
             cursor = self._begin(begin)
             try:
@@ -91,6 +107,7 @@ class KeptConnection:
                 raise
             return result
         finally:
+            self._since = None
             self._owner = None
             self._lock.release()
 
@@ -105,7 +122,11 @@ class KeptConnection:
         reused = self._conn is not None
         for attempt in (1, 2):
             try:
-                cursor = self._cursor if self._conn is not None else self._connect()
+                if self._conn is None:
+                    cursor = self._connect()
+                    self._watch_socket()
+                else:
+                    cursor = self._cursor
                 for statement in begin:
                     cursor.execute(statement)
                 return cursor
@@ -114,7 +135,36 @@ class KeptConnection:
                 if not (lost and reused and attempt == 1):
                     raise self._failed(exc) from exc
                 self._drop()  # nothing was written: try once more on a new connection
+                self._since = time.monotonic()  # with a bound of its own (the watchdog may have cut the lost one)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _watch_socket(self) -> None:
+        """Keep a duplicate of the new connection's socket and have the watchdog watch us (no socket: nothing)."""
+        fileno = getattr(self._conn, "fileno", None)
+        if fileno is None:
+            return
+        # A duplicate, not the number: once the driver closes its descriptor the number may be reused by
+        # another file, while shutting the duplicate down only ever reaches this connection's socket.
+        self._sock = socket.socket(fileno=os.dup(fileno()))
+        stall_watch.watch(self)
+
+    def stall_due(self) -> float | None:
+        """When the running transaction has waited too long for an answer (for :mod:`audit.stall_watch`)."""
+        since = self._since
+        if since is None or self._sock is None:
+            return None
+        return since + self._answer_s
+
+    def cut_if_stalled(self, due: float) -> None:
+        """Shut the socket down under the transaction that was due at ``due``, if it still runs."""
+        sock = self._sock
+        if sock is None or self.stall_due() != due:
+            return  # it ended meanwhile (a race that costs at most a reconnect: the next one sees a lost connection)
+        log.error("the audit database gave no answer within %g s; dropping the connection", self._answer_s)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
 
     def _failed(self, exc: Exception) -> Exception:
         """Roll back (or drop the connection if it is lost) and hand ``exc`` back as :meth:`_wrapped` makes it."""
@@ -137,6 +187,9 @@ class KeptConnection:
     def _drop(self) -> None:
         """Close the connection and forget it; the next transaction connects anew."""
         conn, self._conn, self._cursor = self._conn, None, None
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()  # the duplicate only: closing it does not end the session
         if conn is not None:
             try:
                 conn.close()
@@ -154,7 +207,11 @@ class KeptConnection:
         """In a forked child: the parent's connection is not ours to use or to close."""
         self._lock = threading.Lock()  # it may have been held by a thread that does not exist here
         self._owner = None
+        self._since = None
         self._conn = self._cursor = None
+        if self._sock is not None:
+            self._sock.close()  # our descriptor only (a close, never a shutdown: that would cut the parent's)
+            self._sock = None
 
 
 def _forget_all_after_fork() -> None:

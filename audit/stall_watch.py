@@ -1,0 +1,92 @@
+"""A watchdog that cuts a kept connection whose server stops answering, so an append fails closed in bounded time.
+
+A PostgreSQL server that is frozen (its processes stopped) or cut off by a
+partition that drops packets never answers, but its kernel (or nobody)
+never resets the TCP connection either: a thread inside an append waits in
+libpq's ``recv`` without end, and every other append of the process waits
+behind it. ``lock_timeout`` (the busy timeout) bounds only lock waits a
+*running* server measures; libpq has no per-call timeout, and keepalives or
+``tcp_user_timeout`` do not fire while the peer's kernel still ACKs.
+
+So one thread per process watches the transactions the kept connections
+(:mod:`audit.kept_connection`) are running. A transaction still running
+:data:`GRACE_S` after its connection's busy timeout has got no answer
+within that bound (a lock wait PostgreSQL ends at the busy timeout has
+answered by then, as a lock timeout): the watchdog shuts the connection's
+socket down (``shutdown(2)`` on a duplicate of its descriptor, which wakes
+the blocked ``recv`` with end-of-file). The waiting thread then sees a lost
+connection, which the kept connection already handles: dropped, the
+transaction failed closed and never retried (its commit may have reached
+the server: the chain head is read inside every transaction, so an entry
+that did commit is simply the next append's predecessor, and a terminal
+entry retried later meets the unique constraint), the next transaction on
+a new connection. When the server answers again, appends succeed again.
+
+Nothing here imports SQLAlchemy; a connection without a socket (SQLite) is
+never watched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Final, Protocol
+
+log = logging.getLogger(__name__)
+
+#: Beyond the busy timeout, so a lock wait the server itself ends is reported as such, not as a stall.
+GRACE_S: Final = 1.0
+#: The longest the watchdog sleeps with nothing due (it then looks again at what is running).
+_IDLE_S: Final = 1.0
+
+
+class Watched(Protocol):
+    """What the watchdog reads of a kept connection."""
+
+    def stall_due(self) -> float | None:
+        """The monotonic time its running transaction stalls at, or None (none running, or no socket)."""
+
+    def cut_if_stalled(self, due: float) -> None:
+        """Shut the socket down if the transaction that was due at ``due`` is still running."""
+
+
+_WATCHED: "weakref.WeakSet[Watched]" = weakref.WeakSet()
+_LOCK = threading.Lock()
+_thread: threading.Thread | None = None
+
+
+def watch(kept: Watched) -> None:
+    """Watch ``kept`` from now on (the watchdog thread starts on first use, again in a forked child)."""
+    global _thread
+    with _LOCK:
+        _WATCHED.add(kept)
+        if _thread is None or not _thread.is_alive():
+            _thread = threading.Thread(target=_loop, name="govgate-audit-stall-watch", daemon=True)
+            _thread.start()
+
+
+def _loop() -> None:
+    while True:
+        now = time.monotonic()
+        wake = now + _IDLE_S
+        for kept in list(_WATCHED):
+            due = kept.stall_due()
+            if due is None:
+                continue
+            if due <= now:
+                kept.cut_if_stalled(due)
+            else:
+                wake = min(wake, due)
+        time.sleep(max(0.0, wake - time.monotonic()))
+
+
+def _forget_after_fork() -> None:
+    global _thread, _LOCK
+    _LOCK = threading.Lock()
+    _thread = None  # the parent's thread does not exist in the child
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
