@@ -9,13 +9,14 @@ logs while the stack runs; when to restart a worker is
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
-from govgate.processes import child_preexec
+from govgate.processes import child_preexec, stop_process
 from govgate.restarts import GiveUp, RestartPolicy
 from govgate.stack import Stack, StartupError, api_not_ready, check_alive, exit_reason
 
@@ -96,6 +97,8 @@ class Launcher:
         self.policies: dict[str, RestartPolicy] = {}
         self.restart_due: dict[str, float] = {}  # model -> when its exited worker is started again
         self.given_up: set[str] = set()
+        #: Longest a worker may take to load its model the first time (``GOVGATE_WORKER_START_TIMEOUT_S``).
+        self.load_timeout_s = settings.worker_start_timeout_s
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -113,10 +116,12 @@ class Launcher:
         # A key left by an earlier run's worker with the same pid must not count (it loads for seconds).
         self.redis.delete(_loaded_key(name, self.stack.workers[name].pid))
 
-    def poll(self, timeout_s: float = 120, api_timeout_s: float = 60) -> list[str]:
+    def poll(self, timeout_s: float | None = None, api_timeout_s: float = 60) -> list[str]:
         """Check once; the models whose workers became ready for the first time since the last call.
 
-        A restarted worker that is ready again is announced here ("ready again after …").
+        A restarted worker that is ready again is announced here ("ready again after …"). A worker
+        whose model was never ready and that has loaded for longer than ``timeout_s`` (the load
+        timeout, ``GOVGATE_WORKER_START_TIMEOUT_S``) is hung, not slow: see :meth:`_stop_hung`.
         """
         check_alive(self.stack, workers=False)
         self._restart_exited()
@@ -136,12 +141,35 @@ class Launcher:
             else:
                 self.ever_ready.add(name)
                 first_time.append(name)
+        limit = self.load_timeout_s if timeout_s is None else timeout_s
         # A restarted worker that is slow to load is not a failed start: its requests wait in its queue.
-        late = [name for name, since in self.pending.items()
-                if name not in self.ever_ready and time.monotonic() - since > timeout_s]
-        if late:
-            raise StartupError(f"no worker answered for {sorted(late)} within {timeout_s:.0f}s")
+        for name in [name for name, since in self.pending.items()
+                     if name not in self.ever_ready and time.monotonic() - since > limit]:
+            self._stop_hung(name, limit)
         return first_time
+
+    def _stop_hung(self, name: str, limit_s: float) -> None:
+        """``name``'s worker has not loaded its model within ``limit_s``: stop it (its whole process group:
+        a prefork pool process may be the one stuck) and give the model up, as for a worker that exited.
+
+        While the stack starts, :class:`NeverReady` lets ``up`` try the next model (a hung first model
+        used to stop the whole start); once serving, a later model that hangs is given up with a line
+        and the others keep serving (it used to stop the running stack).
+        """
+        proc = self.stack.workers[name]
+        stop_process(proc, timeout_s=5)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.pending.pop(name, None)
+        why = f"did not load its model within {limit_s:.0f}s (GOVGATE_WORKER_START_TIMEOUT_S), so it was stopped"
+        if self.logs:
+            why += f" (see {self.logs / f'worker-{name}.log'})"
+        if not self.serving:
+            raise NeverReady(name, why)
+        self.given_up.add(name)
+        self.say(f"  worker for model {name}: {why}; it never got ready, so not again: {_UNSERVED.format(name=name)}")
 
     def _restart_exited(self) -> None:
         """Decide for each worker found exited, and start those whose wait is over."""

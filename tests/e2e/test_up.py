@@ -43,6 +43,14 @@ def processes_of(var_dir: Path) -> list[int]:
     return found
 
 
+def _cmdline(pid: int) -> bytes:
+    """The process's command line (empty once it has gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 class Up:
     """A ``govgate up`` process whose output is read line by line."""
 
@@ -403,3 +411,36 @@ def test_up_whose_first_model_cannot_load_serves_the_others(up_env, tiny_model_p
     while processes_of(var_dir) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_of(var_dir) == []
+
+
+def test_up_whose_first_model_hangs_while_loading_gives_it_up_and_serves_the_next(up_env, tiny_model_path):
+    """The first model's worker never gets ready and never exits (frozen with SIGSTOP as it starts, before its
+    imports are done: a load hung on a stuck disk looks the same to ``up``). After
+    ``GOVGATE_WORKER_START_TIMEOUT_S`` it is stopped (killed: SIGTERM waits on a frozen process), the model given
+    up and the next one started in its place (``up`` used to stop the whole start after 120 s)."""
+    from tests.conftest_models import TINY_CONTEXT
+
+    env, var_dir, base = up_env
+    # Listed first with the same file: the start order is by size, ties in the registry's order.
+    (var_dir / "models.toml").write_text("".join(
+        f'[models.{name}]\npath = "{tiny_model_path}"\ncontext_length = {TINY_CONTEXT}\ntags = ["tiny", "noise"]\n\n'
+        for name in ("hung", TINY_MODEL_NAME)))
+    up = Up({**env, "GOVGATE_WORKER_START_TIMEOUT_S": "8"})
+    up.wait_for(r"^  worker for model hung: starting")
+    deadline = time.monotonic() + 10
+    while not (hung := [pid for pid in processes_of(var_dir) if b"hung" in _cmdline(pid)]):
+        assert time.monotonic() < deadline, "the hung model's worker never appeared"
+    os.kill(hung[0], signal.SIGSTOP)
+    up.wait_for(r"^  worker for model hung: did not load its model within 8s \(GOVGATE_WORKER_START_TIMEOUT_S\), "
+                r"so it was stopped \(see .*worker-hung\.log\); it never got ready, so not again")
+    up.wait_for(rf"^  worker for model {TINY_MODEL_NAME}: starting")
+    up.wait_for(r"govgate is up after")
+    up.wait_for(r"^  model hung: given up, its worker could not start")
+    admin_key = up.wait_for(r"admin API key \(shown once, keep it\): (gk_\S+)").group(1)
+    assert not any("cannot start" in line for line in up.seen)
+    served = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {admin_key}"},
+                        timeout=60, json={"model": TINY_MODEL_NAME, "max_tokens": 3,
+                                          "messages": [{"role": "user", "content": "Hello"}]})
+    assert served.status_code == 200, served.text
+    assert hung[0] not in processes_of(var_dir)  # the frozen worker is gone, not left behind
+    assert up.interrupt() == 0

@@ -61,12 +61,58 @@ def test_a_worker_is_ready_only_once_its_pool_says_the_model_is_loaded(launcher,
         client.close()
 
 
-def test_a_worker_that_never_loads_is_reported_by_name(launcher):
+def test_a_first_worker_that_never_loads_is_stopped_and_named_so_up_tries_the_next(launcher):
+    """A worker hung while loading (alive, never ready) used to stop ``up`` after 120 s: it is stopped after
+    the load timeout and :class:`NeverReady` lets ``up`` give its model up and start the next cheapest."""
+    from govgate.launcher import NeverReady
+
     launch, stack, _ = launcher
-    _stand_in(stack, "never-loads")
+    proc = _stand_in(stack, "never-loads")
     launch.pending["never-loads"] = time.monotonic() - 10
-    with pytest.raises(StartupError, match=r"no worker answered for \['never-loads'\] within 5s"):
+    assert launch.poll(timeout_s=60) == [] and proc.poll() is None  # within the bound: still waited for
+    with pytest.raises(NeverReady, match=r"^worker never-loads did not load its model within 5s "
+                                         r"\(GOVGATE_WORKER_START_TIMEOUT_S\), so it was stopped \(see .*"
+                                         r"worker-never-loads\.log\)$") as failed:
         launch.poll(timeout_s=5)
+    assert failed.value.model == "never-loads"
+    assert proc.poll() is not None and "never-loads" not in launch.pending
+
+
+def test_the_load_timeout_is_the_worker_start_timeout_setting(settings, tmp_path):
+    stack = Stack(logs=tmp_path)
+    launch = Launcher(settings.with_(worker_start_timeout_s=42.0), stack, {}, settings.redis_url, print,
+                      time.monotonic())
+    try:
+        assert launch.load_timeout_s == 42.0
+    finally:
+        launch.close()
+
+
+def test_a_later_model_that_never_loads_is_given_up_while_the_others_keep_serving(launcher):
+    """Once serving, a later model's hung worker used to raise out of ``up``'s loop and stop the whole stack."""
+    launch, stack, said = launcher
+    launch.serving = True
+    steady = _stand_in(stack, "steady")
+    launch.ever_ready.add("steady")
+    hung = _stand_in(stack, "big")
+    launch.pending["big"] = time.monotonic() - 10
+    assert launch.poll(timeout_s=5) == []
+    assert hung.poll() is not None and launch.given_up == {"big"} and launch.pending == {}
+    assert said[-1].startswith("  worker for model big: did not load its model within 5s")
+    assert said[-1].endswith("it never got ready, so not again: requests for big are refused with model_unavailable "
+                             "if its worker could not load it, else wait in its queue until they time out; the rest "
+                             "keeps serving (fix it, then restart govgate up)")
+    assert launch.poll(timeout_s=5) == [] and len(said) == 1  # the stopped worker is not restarted nor told again
+    assert steady.poll() is None and launch.restart_due == {}
+
+
+def test_a_restarted_worker_slow_to_load_again_is_waited_for(launcher):
+    launch, stack, said = launcher
+    launch.serving = True
+    proc = _stand_in(stack, "tiny")
+    launch.ever_ready.add("tiny")
+    launch.pending["tiny"] = time.monotonic() - 10
+    assert launch.poll(timeout_s=5) == [] and proc.poll() is None and "tiny" in launch.pending and said == []
 
 
 def test_an_api_that_never_gets_ready_fails_the_start_saying_why(launcher, answering):
