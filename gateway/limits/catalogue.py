@@ -20,12 +20,14 @@ Cost = Literal["request", "tokens"]
 Window = Literal["minute", "day", "month", "in_flight"]
 
 #: How ``Retry-After`` is computed for each window (the Lua scripts and
-#: ``retry_after_s`` in ``policies/limits.rego`` compute it this way).
+#: ``retry_after_s`` in ``policies/limits.rego`` compute it this way, but
+#: ``in_flight``'s, which the gateway estimates on the refusal).
 RETRY_HINTS: dict[Window, str] = {
     "minute": "when enough of the sliding minute has passed to make room (1 to 60 s)",
     "day": "at the next 00:00 UTC",
     "month": "at 00:00 UTC on the first of next month",
-    "in_flight": "in 1 s: a request in flight may end any moment",
+    "in_flight": ("when one of the scope's requests in flight should end, as the gateway estimates it from the "
+                  "model's queue and service time (gateway/limits/in_flight_wait.py; the policy says 1 s)"),
 }
 
 

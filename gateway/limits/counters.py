@@ -341,6 +341,22 @@ class UsageCounters:
             return None
         return Reservation(request_id, self._scopes(principal, team), int(tokens), int(at) / _US)
 
+    async def in_flight_slots(self, scope: Scope, *, now: float | None = None,
+                              most: int = 256) -> list[tuple[str, float]]:
+        """The scope's requests in flight now (at most ``most``), as (request id, admitted at, Unix s).
+
+        Read from their slots in the window's sorted set (scored minus their
+        expiry, the admission time plus ``in_flight_ttl_s``); for the 429's
+        estimate of when one ends (``gateway/limits/in_flight_wait.py``).
+        """
+        now_us = _micros(now)
+        try:
+            rows = await self._client.zrangebyscore(self._scope_keys(scope)[0], "-inf", f"(-{now_us}",
+                                                    start=0, num=most, withscores=True)
+        except (RedisError, OSError) as exc:
+            raise CountersUnavailable(f"usage counters unavailable: {type(exc).__name__}: {exc}") from exc
+        return [(_text(member)[1:], (-score - self._fly_ttl_us) / _US) for member, score in rows]
+
     # writes
 
     async def reserve(self, request_id: str, principal: str, team: str | None, limits: dict, tokens: int,

@@ -15,6 +15,7 @@ counters", says why this is as sound as reserving after the decision.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from gateway.auth import Principal
 from gateway.api_errors import ApiError, errors_of
 from gateway.dispatch.model_health import ModelHealth
 from gateway.limits import (CountersReply, CountersUnavailable, QueueAtLimit, QueueCheck, Refusal, Reservation,
-                            UsageCounters)
+                            Scope, UsageCounters)
+from gateway.limits.in_flight_wait import in_flight_wait_s
 from gateway.limits.queue import fair_model_queue, model_queue
 from gateway.limits.charge import prompt_tokens_to_hold
 from gateway.observability.context import current_request_id, note_model
@@ -49,6 +51,9 @@ from workers.contract.jobs import GenerateJob
 from workers.contract.privacy import Digester
 from workers.contract.registry import ModelSpec, Registry
 from workers.contract.sampling import SamplingParams
+
+#: The usage limit whose 429's Retry-After the gateway estimates (the policy says 1 s).
+TOO_MANY_IN_FLIGHT = "too_many_in_flight"
 
 #: The limits reserved against when the policy gives none (a policy older than the ``limits`` obligation).
 NO_LIMITS: dict[str, Any] = {"principal": {}, "team": None}
@@ -117,7 +122,8 @@ class Admission:
     def __init__(self, *, registry: Registry, policy: ReloadingPolicyEngine, counters: UsageCounters,
                  request_log: RequestLog, redis: aioredis.Redis, digester: Digester, default_max_tokens: int,
                  max_queued_per_model: int, queue_mode: str = MODE_FIFO, concurrency: int = 0,
-                 gate_wait_s: float = 5.0, model_health: ModelHealth | None = None) -> None:
+                 gate_wait_s: float = 5.0, model_health: ModelHealth | None = None,
+                 request_timeout_s: float = 120.0) -> None:
         """``concurrency`` > 0: at most that many admissions at once, the others lined up by team share
         (:class:`AdmissionGate`, waiting at most ``gate_wait_s``)."""
         self.registry = registry
@@ -128,6 +134,8 @@ class Admission:
         self.digester = digester
         self.default_max_tokens = default_max_tokens
         self.max_queued_per_model = max_queued_per_model
+        #: How long a request may wait for its result: bounds the ``too_many_in_flight`` 429's Retry-After.
+        self.request_timeout_s = request_timeout_s
         if queue_mode not in QUEUE_MODES:
             raise ValueError(f"queue_mode must be one of {QUEUE_MODES}, not {queue_mode!r}")
         #: fair: a team may hold its share of the model's places (gateway/limits/fair_share.py); fifo: the total.
@@ -165,6 +173,8 @@ class Admission:
             verdict = await self._decide(request_id, principal, endpoint, request, spec, purpose, requested_max,
                                          messages, prompt)
             decision = verdict.decision
+            if not decision.allow and any(r.code == TOO_MANY_IN_FLIGHT for r in decision.reasons):
+                decision = await self._in_flight_estimate(principal, spec, decision, verdict.policy_input)
             params = request.sampling_params(decision.obligations.max_tokens if decision.allow else requested_max,
                                              spec.repetition_penalty)
             if decision.allow and verdict.counters_down is None:
@@ -304,11 +314,39 @@ class Admission:
                 return UsageUnavailable(str(exc))
         outcome = reply.outcome
         if isinstance(outcome, Refusal):
+            if outcome.code == TOO_MANY_IN_FLIGHT:
+                wait = await self._in_flight_wait(outcome.scope, spec)
+                outcome = dataclasses.replace(outcome, retry_after_s=max(outcome.retry_after_s, wait))
             return OverLimit(outcome)
         if isinstance(outcome, QueueAtLimit):
             return QueueFull(outcome.waiting, outcome.limit, spec.name, principal.team, outcome.team)
         assert isinstance(outcome, Reservation) and reply.waiting is not None
         return Admitted(outcome, reserved, prompt_tokens, reply.waiting)
+
+    async def _in_flight_wait(self, scope: Scope, spec: ModelSpec) -> int:
+        return await in_flight_wait_s(self.redis, self.counters, scope, spec.name, queue_mode=self.queue_mode,
+                                      timeout_s=self.request_timeout_s)
+
+    async def _in_flight_estimate(self, principal: Principal, spec: ModelSpec, decision: Decision,
+                                  policy_input: dict[str, Any]) -> Decision:
+        """The denial with its ``too_many_in_flight`` reasons' ``retry_after_s`` (the policy's flat 1 s)
+        replaced by when one of the refused scope's requests should end (gateway/limits/in_flight_wait.py).
+
+        The principal's own limit decides when it binds (its requests are
+        among its team's, so one of them ending frees both); else the team's.
+        Every such reason gets that one estimate: the request may go then.
+        """
+        scope = Scope("principal", principal.id)
+        limits = decision.obligations.limits
+        if principal.team is not None and limits is not None and limits.team is not None:
+            limit = limits.principal.in_flight
+            usage = (policy_input.get("usage") or {}).get("principal") or {}
+            if limit is None or usage.get("in_flight", 0) + 1 <= limit:
+                scope = Scope("team", principal.team)
+        wait = await self._in_flight_wait(scope, spec)
+        reasons = tuple(dataclasses.replace(r, retry_after_s=max(r.retry_after_s or 1, wait))
+                        if r.code == TOO_MANY_IN_FLIGHT else r for r in decision.reasons)
+        return dataclasses.replace(decision, reasons=reasons)
 
     def _queue(self, spec: ModelSpec, principal: Principal, priority: int | None) -> QueueCheck:
         """The queue check of this request: its team's places (fair), or the model's total (fifo)."""

@@ -48,7 +48,7 @@ class CompletionService:
                                    redis=redis, digester=digester, default_max_tokens=default_max_tokens,
                                    max_queued_per_model=max_queued_per_model, queue_mode=queue_mode,
                                    concurrency=admission_concurrency, gate_wait_s=admission_wait_s,
-                                   model_health=model_health)
+                                   model_health=model_health, request_timeout_s=request_timeout_s)
         self.runner = TicketRunner(dispatcher=dispatcher, waiter=waiter, redis=redis, counters=counters,
                                    request_log=request_log, digester=digester, request_timeout_s=request_timeout_s,
                                    output_rules=output_rules)
