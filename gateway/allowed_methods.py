@@ -13,6 +13,16 @@ always); an unknown path, and a mount (the console's static files), go on
 to the app as before (a 404 in OpenAI's shape; the mount answers for
 itself). It wraps Litestar's ASGI handler inside the request-context
 middleware, so the answer carries a request id and is counted like any.
+
+``HEAD`` is answered here too, from the same table: a path that has
+``GET`` and no ``HEAD`` handler of its own (every console page, the review
+and key-administration reads, ``/v1/models``) is asked with ``GET`` and
+answered with its status and headers and no body, as HTTP says a HEAD
+answer is; before, they answered 405 while GET worked. Their ``OPTIONS``
+``Allow`` lists ``HEAD`` for that reason. (``/healthz`` and ``/readyz``
+have HEAD handlers of their own, which answer as before.) A HEAD is the
+GET in all else: its key or session is checked, and a review read is
+audited as the GET would be.
 """
 
 from __future__ import annotations
@@ -27,6 +37,15 @@ ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any]
 _PROBE = "GOVGATE-ALLOW-PROBE"
 
 
+def allow_list(header: str) -> list[str]:
+    """The methods of a router's ``Allow`` header, sorted, with ``HEAD`` wherever ``GET`` is: a GET-only
+    path answers HEAD (:meth:`AllowedMethods._head`). The 405s' ``Allow`` is this list too."""
+    methods = {method.strip() for method in header.split(",") if method.strip()}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
 class AllowedMethods:
     """Answer ``OPTIONS`` on a routed path with ``204`` and the ``Allow`` the router knows."""
 
@@ -39,20 +58,21 @@ class AllowedMethods:
         try:
             self.router.handle_routing(path=normalize_path(path), method=_PROBE)
         except MethodNotAllowedException as refusal:
-            header = (refusal.headers or {}).get("allow", "")
-            return sorted({method.strip() for method in header.split(",") if method.strip()})
+            return allow_list((refusal.headers or {}).get("allow", ""))
         except Exception:  # NotFoundException and the like: the app answers (and shapes) it
             return None
         return None
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
                        send: Callable[[Any], Awaitable[None]]) -> None:
-        if scope["type"] != "http" or scope.get("method") != "OPTIONS":
+        method = scope.get("method") if scope["type"] == "http" else None
+        if method == "HEAD":
+            await self._head(scope, receive, send)
+            return
+        if method != "OPTIONS":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        if root_path := scope.get("root_path", ""):
-            path = path.split(root_path, maxsplit=1)[-1]
+        path = _routed_path(scope)
         allowed = self.allowed(path)
         if allowed is None:
             await self.app(scope, receive, send)
@@ -64,3 +84,41 @@ class AllowedMethods:
         await send({"type": "http.response.start", "status": 204,
                     "headers": [(b"allow", ", ".join(allowed).encode("latin-1"))]})
         await send({"type": "http.response.body", "body": b""})
+
+    def _has_own_head(self, path: str) -> bool | None:
+        """True: the path has a HEAD handler; False: it has GET and no HEAD; None: neither, or no route."""
+        try:
+            self.router.handle_routing(path=normalize_path(path), method=_PROBE)
+        except MethodNotAllowedException as refusal:
+            methods = {m.strip() for m in (refusal.headers or {}).get("allow", "").split(",")}
+            return True if "HEAD" in methods else False if "GET" in methods else None
+        except Exception:
+            return None
+        return None
+
+    async def _head(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
+                    send: Callable[[Any], Awaitable[None]]) -> None:
+        """A HEAD on a GET-only path: the GET, with its status and headers and no body."""
+        if self._has_own_head(_routed_path(scope)) is not False:
+            await self.app(scope, receive, send)  # its own HEAD handler, a 405, a 404, or a mount
+            return
+
+        async def without_body(message: Any) -> None:
+            if message["type"] == "http.response.body":
+                message = {"type": "http.response.body", "body": b"", "more_body": message.get("more_body", False)}
+            await send(message)
+
+        # (the scope itself, not a copy: the route's template the app writes in it names the request in the
+        # metrics and the access line, which then say HEAD again)
+        scope["method"] = "GET"
+        try:
+            await self.app(scope, receive, without_body)
+        finally:
+            scope["method"] = "HEAD"
+
+
+def _routed_path(scope: dict[str, Any]) -> str:
+    path = scope["path"]
+    if root_path := scope.get("root_path", ""):
+        path = path.split(root_path, maxsplit=1)[-1]
+    return path

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 
+from gateway.allowed_methods import allow_list
 from gateway.observability.context import current_request_id, note_error
 from gateway.urls import REQUEST_ID_HEADER
 
@@ -105,7 +106,7 @@ def http_exception_handler(_: Request, exc: HTTPException) -> Response:
     code, message = _HTTP_CODES.get(status, ("invalid_request" if status < 500 else "server_error", exc.detail))
     headers = dict(exc.headers or {})
     for name in [name for name in headers if name.lower() == "allow"]:  # the router's order is its own: sort
-        headers[name] = ", ".join(sorted(method.strip() for method in headers[name].split(",") if method.strip()))
+        headers[name] = ", ".join(allow_list(headers[name]))
     return ApiError(status if status in _TYPES else 400, code, message, headers=headers).to_response()
 
 

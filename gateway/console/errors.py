@@ -17,6 +17,7 @@ from litestar.exceptions import HTTPException
 from litestar.response import Redirect
 
 from gateway import urls
+from gateway.allowed_methods import allow_list
 from gateway.api_errors import ApiError, new_request_id
 from gateway.auth import KeyStoreError
 from gateway.console.csrf import CsrfRefused
@@ -31,10 +32,11 @@ _TITLES = {400: "Bad request", 403: "Not allowed", 404: "Not found", 405: "Not a
            422: "Cannot do that", 500: "Something went wrong", 503: "Unavailable"}
 
 
-def error_page(status: int, code: str, message: str, *, user: Reviewer | None = None) -> Response:
+def error_page(status: int, code: str, message: str, *, user: Reviewer | None = None,
+               headers: dict[str, str] | None = None) -> Response:
     """A refusal as a page; with ``user``, the signed-in nav and a way back to the pages that key may use."""
     return page("error.html", status=status, title=_TITLES.get(status, "Error"), code=code, message=message,
-                back=user.home if user else urls.CONSOLE_QUEUE, user=user)
+                back=user.home if user else urls.CONSOLE_QUEUE, user=user, headers=headers)
 
 
 def _refused(_: Request, exc: PageRefused) -> Response:
@@ -87,8 +89,10 @@ def http_error_page(_: Request, exc: HTTPException) -> Response:
     status = exc.status_code
     messages = {404: "There is no such console page.", 405: "This page does not accept that method.",
                 413: "The form is larger than this gateway accepts."}
+    allow = {name: value for name, value in (exc.headers or {}).items() if name.lower() == "allow"}
     return error_page(status, "not_found" if status == 404 else "invalid_request",
-                      messages.get(status, str(exc.detail)))
+                      messages.get(status, str(exc.detail)),
+                      headers={"Allow": ", ".join(allow_list(value)) for value in allow.values()} or None)
 
 
 def _unexpected(request: Request, exc: Exception) -> Response:

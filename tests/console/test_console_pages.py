@@ -14,6 +14,7 @@ from audit import verify_chain
 from audit.search import EntryFilter, search
 from tests.console.conftest import (DENIED_REQUEST, MARKUP_OUTPUT, MARKUP_PROMPT, MARKUP_REQUEST, Console,
                                     sign_in)
+from tests.console.test_console_keys import sign_in_admin
 
 pytestmark = pytest.mark.anyio
 
@@ -171,6 +172,34 @@ async def test_litestar_s_own_refusals_under_the_console_are_pages(client: Async
     assert "Content-Security-Policy" in response.headers and response.headers["cache-control"] == "no-store"
     api = await client.request(method, "/v1/models" if status == 405 else "/v1/nothing")
     assert api.headers["content-type"].startswith("application/json")  # the API's stay OpenAI's shape
+
+
+async def test_head_on_every_console_page_answers_like_get_without_a_body(client: AsyncTestClient,
+                                                                          console: Console) -> None:
+    # HEAD on a console page was a 405 (only /healthz and /readyz had HEAD) while GET showed the page.
+    pages = ["/console/", "/console/search", "/console/search?kind=request&limit=5",
+             f"/console/requests/{MARKUP_REQUEST}", "/console/requests/no-such-request", "/console/usage",
+             "/console/chain", "/console/nothing", "/console/search?since=yesterday"]
+    await sign_in(client, console.keys.reviewer)
+    for path in pages:
+        got, headed = await client.get(path), await client.head(path)
+        assert headed.status_code == got.status_code != 405, (path, got.status_code, headed.status_code)
+        assert headed.content == b"" and got.content, path
+        for header in ("content-type", "content-security-policy", "cache-control"):
+            assert headed.headers.get(header) == got.headers.get(header), (path, header)
+        allow = (await client.options(path.split("?")[0])).headers["allow"]
+        assert "HEAD" in allow.split(", "), (path, allow)
+    client.cookies.clear()
+    await sign_in_admin(client, console.keys.admin)
+    for path in ["/console/keys", "/console/search", "/console/keys/no-such-key"]:
+        got, headed = await client.get(path), await client.head(path)
+        assert headed.status_code == got.status_code != 405 and headed.content == b"", path
+    client.cookies.clear()
+    signed_out = await client.head("/console/search")  # no session: the same redirect to the sign-in page
+    assert signed_out.status_code == 303 and signed_out.headers["location"].startswith("/console/sign-in")
+    assert (await client.head("/console/sign-in")).status_code == 200
+    refused = await client.request("POST", "/console/search")  # a 405 page names HEAD with GET
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD, OPTIONS"
 
 
 # -- search --------------------------------------------------------------------------------------------------

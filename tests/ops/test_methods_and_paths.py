@@ -44,7 +44,7 @@ async def test_options_and_405_name_every_method_a_documented_path_has(client) -
     assert urls.ADMIN_KEYS in document["paths"]
     for path, operations in document["paths"].items():
         documented = {method.upper() for method in operations if method in {"get", "post", "put", "delete", "patch"}}
-        expected = documented | {"OPTIONS"} | ({"HEAD"} if path in HEALTH_ROUTES else set())
+        expected = documented | {"OPTIONS"} | ({"HEAD"} if "GET" in documented else set())
         answer = await client.options(concrete(path))
         assert answer.status_code == 204, (path, answer.text)
         assert answer.content == b""
@@ -69,6 +69,25 @@ async def test_head_on_the_health_routes_answers_get_s_status_without_a_body(cli
         assert headed.headers.get(urls.REQUEST_ID_HEADER)
 
 
+async def test_head_on_every_get_route_answers_get_s_status_and_headers_without_a_body(client) -> None:
+    # HEAD on a GET-only path was a 405 while GET answered (only the health routes had HEAD handlers); now the
+    # path is asked with GET and answered without its body (gateway/allowed_methods.py).
+    document = (await client.get("/schema/openapi.json")).json()
+    paths = [concrete(path) for path, operations in document["paths"].items() if "get" in operations]
+    paths += ["/console/", "/console/sign-in", "/console/search", "/console/nope", "/console/keys", "/schema",
+              "/nope"]
+    for path in paths:
+        got, headed = await client.get(path), await client.head(path)
+        assert headed.status_code == got.status_code, (path, headed.status_code, got.status_code)
+        assert headed.status_code != 405, path
+        assert headed.content == b"", path
+        assert headed.headers.get("content-type") == got.headers.get("content-type"), path
+        assert headed.headers.get("location") == got.headers.get("location"), path
+        assert headed.headers.get(urls.REQUEST_ID_HEADER)
+    refused = await client.head("/v1/chat/completions")  # a path without GET still refuses HEAD
+    assert refused.status_code == 405 and refused.headers["allow"] == "OPTIONS, POST"
+
+
 async def test_unknown_paths_outside_the_console_are_json_404s_and_the_schema_pages_are_served(client) -> None:
     for path in UNKNOWN:
         assert_json_404(await client.get(path))
@@ -90,7 +109,11 @@ def test_a_served_gateway_answers_head_probes_and_json_404s(settings, worker, tm
             headed = httpx.head(base + path, timeout=30)
             assert headed.status_code == 200, (path, headed.status_code)
             assert headed.content == b""
-        assert httpx.options(base + urls.ADMIN_KEYS, timeout=30).headers["allow"] == "GET, OPTIONS, POST"
+        assert httpx.options(base + urls.ADMIN_KEYS, timeout=30).headers["allow"] == "GET, HEAD, OPTIONS, POST"
+        # a GET page answers HEAD through uvicorn too: GET's status and length, no body
+        got, headed = httpx.get(base + "/console/sign-in", timeout=30), httpx.head(base + "/console/sign-in", timeout=30)
+        assert (headed.status_code, headed.content) == (200, b"") and got.status_code == 200
+        assert headed.headers["content-length"] == got.headers["content-length"] == str(len(got.content))
         schema = httpx.get(base + "/schema", timeout=30)
         assert schema.status_code == 200 and schema.headers["content-type"].startswith("text/html")
         for path in UNKNOWN:
