@@ -23,8 +23,8 @@ from audit import AuditEntry, AuditError, AuditStore
 from audit.aggregates import usage
 from audit.export import chunks, entry_document, has_text
 from audit.filters import filter_document
-from audit.kinds import (COMMENTED, DISPOSITIONED, FLAGGED, PAYLOAD_READ, REJECTED, REQUEST, REVIEW_KINDS,
-                         TERMINAL_KINDS)
+from audit.kinds import (CHAIN_ANOMALY, CHAIN_FORMAT, COMMENTED, DISPOSITIONED, FLAGGED, KEY_KINDS, PAYLOAD_READ,
+                         PAYLOADS_ERASED, REJECTED, REQUEST, REVIEW_KINDS, TERMINAL_KINDS)
 from audit.search import MAX_PAGE_SIZE, EntryFilter, iter_matching, search
 from gateway.api_errors import ApiError, new_request_id
 from gateway.observability.context import current_request_id
@@ -50,6 +50,29 @@ def audit_unavailable() -> ApiError:
 
 def request_not_found(request_id: str) -> ApiError:
     return ApiError(404, "request_not_found", "No audit entries for this request id that this key may read.",
+                    param="request_id")
+
+
+#: What the entries under an id that names no request are, as a refusal says it (in this order).
+_NOT_A_REQUEST: Final = (
+    (KEY_KINDS, "the key ledger (a key created, revoked or given new roles)"),
+    (frozenset({PAYLOAD_READ}), "a read of requests' texts (payload_read)"),
+    (frozenset({PAYLOADS_ERASED}), "an erasure of payloads (payloads_erased)"),
+    (frozenset({CHAIN_FORMAT, CHAIN_ANOMALY}), "the audit chain's own records"),
+    (REVIEW_KINDS, "review actions"),
+)
+
+
+def not_a_request(entries: list[AuditEntry]) -> ApiError:
+    """404 for an id whose entries (that this key may read) are not a request's: a key's, a read's, ...
+
+    Before, a read's or a key's id opened as a request page said only that
+    no entries were found, though the search lists them under that id.
+    """
+    kinds = {entry.kind for entry in entries}
+    what = [text for group, text in _NOT_A_REQUEST if kinds & group] or ["other records"]
+    return ApiError(404, "request_not_found", f"This id names no request: its audit entries are {' and '.join(what)}"
+                    f" ({', '.join(sorted(kinds))}). Search the entries by this request id to see them.",
                     param="request_id")
 
 
@@ -96,7 +119,7 @@ class ReviewService:
             entries = [entry for entry in entries if entry.principal == access.principal.id]
         own = [entry for entry in entries if entry.kind in _REQUEST_KINDS]
         if not own:
-            raise request_not_found(request_id)
+            raise not_a_request(entries) if entries else request_not_found(request_id)
         reads: list[AuditEntry] = []
         if access.sees_all:  # who read this request's texts (before this read)
             where = EntryFilter(read_of=request_id)
@@ -134,7 +157,7 @@ class ReviewService:
         entries = await self._run(partial(self.audit.entries_for, request_id))
         target = next((entry for entry in entries if entry.kind in _REQUEST_KINDS), None)
         if target is None:
-            raise request_not_found(request_id)
+            raise not_a_request(entries) if entries else request_not_found(request_id)
         principal = access.principal
         body = {"key_id": principal.key_id, "roles": list(principal.roles),
                 "target": {"principal": target.principal, "team": target.team, "model": target.model,

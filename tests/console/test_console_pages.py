@@ -122,6 +122,30 @@ async def test_an_unknown_request_is_a_404_page(client: AsyncTestClient, console
     assert "Content-Security-Policy" in response.headers
 
 
+async def test_a_read_s_or_a_key_s_id_opened_as_a_request_says_what_it_names(client: AsyncTestClient,
+                                                                             console: Console) -> None:
+    # A read's or a key-ledger entry's id is not a request: its page said no entries were found (or, before,
+    # "pending"), though the search lists them under that id. It says what the id names now, as the API does.
+    await sign_in(client, console.keys.auditor)
+    await client.get(f"/console/requests/{MARKUP_REQUEST}")  # makes a payload_read entry
+    read = search(console.store, EntryFilter(kinds=frozenset({"payload_read"})), limit=1).entries[0]
+    key = search(console.store, EntryFilter(kinds=frozenset({"key_created"})), limit=1).entries[0]
+    for entry, what in ((read, "a read of requests&#39; texts (payload_read)"), (key, "the key ledger")):
+        page = await client.get(f"/console/requests/{entry.request_id}")
+        assert page.status_code == 404 and "request_not_found" in page.text
+        assert "This id names no request" in page.text and what in page.text, page.text
+        assert "pending" not in page.text
+        api = await client.get(f"/v1/audit/requests/{entry.request_id}",
+                               headers={"Authorization": f"Bearer {console.keys.auditor}"})
+        assert api.status_code == 404 and api.json()["error"]["code"] == "request_not_found"
+        assert api.json()["error"]["message"].startswith("This id names no request"), api.text
+    unknown = await client.get("/console/requests/no-such-request")  # nothing at all under the id: as before
+    assert unknown.status_code == 404 and "No audit entries for this request id" in unknown.text
+    mine = await client.get(f"/v1/audit/requests/{key.request_id}",  # a plain key sees none of it: as before
+                            headers={"Authorization": f"Bearer {console.keys.alice}"})
+    assert mine.status_code == 404 and mine.json()["error"]["message"].startswith("No audit entries"), mine.text
+
+
 @pytest.mark.parametrize(("query", "param"), [
     ("cursor=abc", "cursor"), ("cursor=-1", "cursor"), ("cursor=" + "9" * 40, "cursor"),
     ("limit=0", "limit"), ("limit=100000", "limit"), ("limit=ten", "limit"),
