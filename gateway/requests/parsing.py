@@ -15,6 +15,7 @@ from itertools import accumulate
 from typing import Any, TypeVar
 
 import msgspec
+import msgspec.inspect
 
 from gateway.requests.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.api_errors import ApiError
@@ -236,4 +237,30 @@ def decode_struct(raw: bytes, kind: type[S]) -> S:
                            param=field) from None
         missing, path = _MISSING_ANY.search(message), _AT_PATH.search(message)
         param = missing.group("field") if missing else (path.group("path") if path else None)
+        if message.startswith(_ENUM_REFUSAL):  # msgspec quotes the value: say what it may be instead
+            message = _not_one_of(kind, param)
         raise ApiError(422, "invalid_value", f"Invalid request: {message}", param=param or None) from None
+
+
+#: How msgspec begins a refusal of a value outside a ``Literal`` (it goes on to quote the value).
+_ENUM_REFUSAL = "Invalid enum value"
+
+
+def _not_one_of(kind: type, param: str | None) -> str:
+    """A refusal of a value outside the field's allowed ones that names the field and those values, never
+    the value sent (refusals never quote what was refused: it may be anything, a pasted prompt included)."""
+    allowed: list[Any] = []
+    try:
+        info = msgspec.inspect.type_info(kind)
+        for field in getattr(info, "fields", ()):
+            if field.name == param:
+                allowed = list(getattr(field.type, "values", None) or [])
+                if not allowed:  # an optional one: Literal[...] | None
+                    for member in getattr(field.type, "types", ()):
+                        allowed += list(getattr(member, "values", None) or [])
+    except Exception:  # noqa: BLE001 (an odd type: the plainer message)
+        allowed = []
+    where = f"'{param}'" if param else "a value"
+    if allowed:
+        return f"{where} must be one of {', '.join(repr(v) for v in allowed)}."
+    return f"{where} is not one of the values it may take."

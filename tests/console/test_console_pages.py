@@ -305,6 +305,23 @@ async def test_bad_action_forms_are_refused_with_a_page(client: AsyncTestClient,
     assert len(_review_entries(console, MARKUP_REQUEST)) == before
 
 
+async def test_a_refused_action_never_quotes_the_refused_value(client: AsyncTestClient, console: Console) -> None:
+    # The validator's wording quoted it ("Invalid enum value '…'", escaped): refusals never quote what was
+    # refused (it may be anything pasted into the form). The page names the field and what it may be.
+    csrf = await sign_in(client, console.keys.reviewer)
+    sent = "<b>pan 4111 1111 1111 1111</b>"
+    response = await client.post(f"/console/requests/{MARKUP_REQUEST}/disposition",
+                                 data={"csrf_token": csrf, "disposition": sent})
+    assert response.status_code == 422, response.text
+    assert "4111" not in response.text and "pan " not in response.text and "&lt;b&gt;" not in response.text
+    assert "&#39;disposition&#39; must be one of &#39;needs-follow-up&#39;, &#39;ok&#39;, &#39;violation&#39;" \
+        in response.text
+    api = await client.post(f"/v1/audit/requests/{MARKUP_REQUEST}/disposition", json={"disposition": sent},
+                            headers={"Authorization": f"Bearer {console.keys.reviewer}"})
+    assert api.status_code == 422 and api.json()["error"]["param"] == "disposition"
+    assert "4111" not in api.text, api.text
+
+
 async def test_an_action_on_an_unknown_request_is_a_404_page(client: AsyncTestClient, console: Console) -> None:
     csrf = await sign_in(client, console.keys.reviewer)
     response = await client.post("/console/requests/nope/flag", data={"csrf_token": csrf})
