@@ -20,7 +20,7 @@ from gateway.api_errors import ApiError
 from gateway.policy import Decision
 from gateway.requests.normalize import normalized_text
 from gateway.requests.policy_input import prompt_text, without_prompt
-from workers.contract.privacy import FULL, HASH, REDACTED, Digester, mask
+from workers.contract.privacy import HASH, REDACTED, Digester, mask
 from workers.contract.sampling import SamplingParams
 
 
@@ -72,11 +72,14 @@ def logged_prompt(messages: list[dict[str, str]] | None, prompt: str | None, mod
 def logged_params(params: SamplingParams, digester: Digester) -> dict[str, Any]:
     """The sampling parameters as the chained body keeps them: the stop sequences as keyed digests.
 
-    Stop sequences are text the client wrote, which the policy's detectors do
-    not read and which ``govgate audit prune`` could not erase from the
-    chained body: the body keeps their digests whatever ``prompt_logging``
-    says, and only under ``full`` are they kept in clear, in the erasable
-    payload beside the prompt (``stop``, :func:`request_record`).
+    Stop sequences are text the client wrote, which ``govgate audit prune``
+    could not erase from the chained body and which the policy's content
+    rules do not read (they never reach the model): they are kept only as
+    their digests, whatever ``prompt_logging`` says. Under ``full`` they were
+    also kept as sent in the erasable payload, so a card number written into
+    one was kept in clear where the same number in a message would have made
+    the level ``redacted`` and been masked: the content rules are the only
+    way client text is kept, and they never saw it.
     """
     document = params.to_payload()
     stop = document.pop("stop")
@@ -108,8 +111,6 @@ def request_record(*, endpoint: str, principal: Principal, purpose: str | None, 
         "policy_input": without_prompt(policy_input),
         **logged_prompt(messages, prompt, obligations.prompt_logging,
                         [item.to_document() for item in obligations.redact or ()], digester),
-        # Under full, the stop sequences as sent, moved to the erasable payload with the prompt (TEXT_KEYS).
-        **({"stop": list(params.stop)} if obligations.prompt_logging == FULL and params.stop else {}),
     }
 
 

@@ -91,6 +91,23 @@ async def test_stop_sequence_ends_the_text_truthfully(client, keyring, direct_mo
     assert free.startswith(choice["message"]["content"])
 
 
+async def test_a_card_number_in_a_stop_sequence_is_kept_in_no_entry_under_full(client, keyring, audit_store):
+    # The stop sequences are client text the content rules never read (they never reach the model); under
+    # full they were kept as sent in the payload, so this card was kept in clear where one in a message
+    # would have made the level redacted and been masked. Only their keyed digests are kept now.
+    card = "4111 1111 1111 1111"
+    response = await client.post("/v1/chat/completions", headers=bearer(keyring["analyst"]),
+                                 json={"model": TINY_MODEL_NAME, "messages": HELLO, "max_tokens": 4,
+                                       "temperature": 0, "stop": [card, "\n\n"]})
+    assert response.status_code == 200, response.text
+    entries = audit_store.entries_for(response.headers["x-govgate-request-id"])
+    request = entries[0]
+    assert request.body["decision"]["obligations"]["prompt_logging"] == "full"
+    assert request.payload["messages"] == HELLO and "stop" not in request.payload  # the prompt as full says
+    assert len(request.body["params"]["stop_hmac_sha256"]) == 2
+    assert all("4111" not in repr((entry.body, entry.payload)) for entry in entries)
+
+
 async def test_max_tokens_is_clamped_by_the_role_cap(client, keyring, audit_store):
     response = await client.post("/v1/chat/completions", headers=bearer(keyring["analyst"]),
                                  json={"model": TINY_MODEL_NAME, "messages": HELLO, "max_tokens": 400,

@@ -18,7 +18,8 @@ HASH = "hash"
 #: The keys of an entry's texts (prompt or messages, output, what the client received) as ``prompt_logging`` let them be kept.
 #: They go to the entry's erasable payload, never into its chained body (audit chain format 2), so
 #: ``govgate audit prune`` can erase them while the chain still verifies. Digests, masks'
-#: markers and lengths stay in the body.
+#: markers and lengths stay in the body. (``stop``: the stop sequences a gateway older than 2026-12-01 kept under
+#: ``full``; they are kept as digests only now, but an old entry's still go to the payload.)
 TEXT_KEYS = ("messages", "prompt", "output", "client_output", "stop")
 
 
