@@ -111,7 +111,8 @@ def test_a_served_gateway_answers_head_probes_and_json_404s(settings, worker, tm
             assert headed.content == b""
         assert httpx.options(base + urls.ADMIN_KEYS, timeout=30).headers["allow"] == "GET, HEAD, OPTIONS, POST"
         # a GET page answers HEAD through uvicorn too: GET's status and length, no body
-        got, headed = httpx.get(base + "/console/sign-in", timeout=30), httpx.head(base + "/console/sign-in", timeout=30)
+        page = base + "/console/sign-in"
+        got, headed = httpx.get(page, timeout=30), httpx.head(page, timeout=30)
         assert (headed.status_code, headed.content) == (200, b"") and got.status_code == 200
         assert headed.headers["content-length"] == got.headers["content-length"] == str(len(got.content))
         schema = httpx.get(base + "/schema", timeout=30)
