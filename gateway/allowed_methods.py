@@ -53,15 +53,21 @@ class AllowedMethods:
         self.app = app
         self.router = router  # the app's ASGIRouter (routes registered later are seen: it is asked per request)
 
-    def allowed(self, path: str) -> list[str] | None:
-        """The methods ``path`` answers, sorted; None for no route, or a mount that answers for itself."""
+    def _routed(self, path: str) -> set[str] | None:
+        """The methods the router has handlers for at ``path``; None for no route, or a mount."""
         try:
             self.router.handle_routing(path=normalize_path(path), method=_PROBE)
         except MethodNotAllowedException as refusal:
-            return allow_list((refusal.headers or {}).get("allow", ""))
+            return {m.strip() for m in (refusal.headers or {}).get("allow", "").split(",") if m.strip()}
         except Exception:  # NotFoundException and the like: the app answers (and shapes) it
             return None
         return None
+
+    def allowed(self, path: str) -> list[str] | None:
+        """The methods ``path`` answers (:func:`allow_list`); None for no route, or a mount that answers
+        for itself."""
+        methods = self._routed(path)
+        return None if methods is None else allow_list(", ".join(methods))
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
                        send: Callable[[Any], Awaitable[None]]) -> None:
@@ -85,21 +91,11 @@ class AllowedMethods:
                     "headers": [(b"allow", ", ".join(allowed).encode("latin-1"))]})
         await send({"type": "http.response.body", "body": b""})
 
-    def _has_own_head(self, path: str) -> bool | None:
-        """True: the path has a HEAD handler; False: it has GET and no HEAD; None: neither, or no route."""
-        try:
-            self.router.handle_routing(path=normalize_path(path), method=_PROBE)
-        except MethodNotAllowedException as refusal:
-            methods = {m.strip() for m in (refusal.headers or {}).get("allow", "").split(",")}
-            return True if "HEAD" in methods else False if "GET" in methods else None
-        except Exception:
-            return None
-        return None
-
     async def _head(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
                     send: Callable[[Any], Awaitable[None]]) -> None:
         """A HEAD on a GET-only path: the GET, with its status and headers and no body."""
-        if self._has_own_head(_routed_path(scope)) is not False:
+        methods = self._routed(_routed_path(scope))
+        if methods is None or "HEAD" in methods or "GET" not in methods:
             await self.app(scope, receive, send)  # its own HEAD handler, a 405, a 404, or a mount
             return
 
