@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.engine.url import URL
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from . import stall_watch
 from .errors import AuditError
 from .migration_heads import at_head
 from .postgresql_setup import configure_postgresql_connection
@@ -208,6 +209,11 @@ def _postgresql_engine(sa_url: URL, busy_timeout_s: float) -> tuple[Engine, dict
       migrations' queue.
     - Commits durable on the server even where ``synchronous_commit`` is
       ``off`` (:mod:`audit.postgresql_setup`).
+    - Every wait for the server on a pooled connection (a statement, the
+      pre-ping) bounded at the busy timeout plus
+      :data:`audit.stall_watch.GRACE_S`, so a server that stops answering
+      (frozen, a partition) fails reads closed instead of holding them
+      (:mod:`audit.answer_watch`).
     """
     if sa_url.drivername == "postgresql":
         sa_url = sa_url.set(drivername=POSTGRESQL_DRIVER)
@@ -222,6 +228,15 @@ def _postgresql_engine(sa_url: URL, busy_timeout_s: float) -> tuple[Engine, dict
     lock_timeout = f"-c lock_timeout={max(1, round(busy_timeout_s * 1000))}"
     connect_args["options"] = f"{own_options} {lock_timeout}".strip()
     engine = create_engine(sa_url, pool_pre_ping=True, isolation_level="READ COMMITTED", connect_args=connect_args)
+
+    if engine.dialect.driver == "psycopg":  # the one driver whose waits can be watched (audit.answer_watch)
+        answer_s = busy_timeout_s + stall_watch.GRACE_S
+
+        @event.listens_for(engine, "do_connect")
+        def _watched_connect(_dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+            from .answer_watch import connect_watched
+
+            return connect_watched(answer_s, cargs, cparams)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -308,11 +323,23 @@ def locked_transaction(engine: Engine, lock_key: int = APPEND_LOCK_KEY) -> Itera
     Waits for the lock at most the busy timeout (SQLite's busy handler,
     PostgreSQL's ``lock_timeout``), except a migration's on PostgreSQL
     (``MIGRATE_LOCK_KEY``, the gateway's too): processes starting together
-    queue behind the one that migrates, however long its upgrade takes.
+    queue behind the one that migrates, however long its upgrade takes
+    (its round trips are :func:`audit.stall_watch.patient`: neither that
+    wait nor a long ``ALTER`` is taken for a server that stopped answering).
     """
     dialect = engine.dialect.name
     if dialect not in ("sqlite", "postgresql"):
         raise AuditError(f"audit store supports SQLite and PostgreSQL, not {dialect}")
+    if lock_key == APPEND_LOCK_KEY:
+        with _locked(engine, dialect, lock_key) as conn:
+            yield conn
+    else:
+        with stall_watch.patient(), _locked(engine, dialect, lock_key) as conn:
+            yield conn
+
+
+@contextmanager
+def _locked(engine: Engine, dialect: str, lock_key: int) -> Iterator[Connection]:
     with engine.connect() as conn:
         if dialect == "sqlite":
             conn.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})

@@ -70,6 +70,7 @@ class DriverConnection(KeptConnection):
     def _connect(self) -> Any:
         plan = self._plan
         conn = self._driver.connect(*plan.connect_args, **plan.connect_kwargs)
+        self._opened(conn)  # watched from here: the set-up below talks to the server
         try:
             if plan.dialect == "sqlite":
                 configure_sqlite_connection(conn, plan.busy_timeout_s)
@@ -77,9 +78,9 @@ class DriverConnection(KeptConnection):
                 conn.isolation_level = self._driver.IsolationLevel.READ_COMMITTED
                 configure_postgresql_connection(conn)
         except BaseException:
-            conn.close()
+            self._drop()
             raise
-        self._conn, self._cursor = conn, conn.cursor()
+        self._cursor = conn.cursor()
         return self._cursor
 
     def _is_lost(self, exc: Exception) -> bool:

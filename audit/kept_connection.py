@@ -21,7 +21,9 @@ connection means is here, once:
 - a transaction on a socket (PostgreSQL) that gets no answer within the
   busy timeout (a frozen server, a partition) has its socket shut down by
   :mod:`audit.stall_watch`, so it ends as a connection lost inside it:
-  dropped, failed closed, not retried.
+  dropped, failed closed, not retried. Connecting is bounded by the
+  driver's connect timeout, and the session's set-up statements are
+  watched like the transaction's (:meth:`KeptConnection._opened`).
 
 Nothing here imports SQLAlchemy.
 """
@@ -65,8 +67,21 @@ class KeptConnection:
     # -- what subclasses say ---------------------------------------------------------------
 
     def _connect(self) -> Any:
-        """Open the connection, set ``self._conn`` and ``self._cursor``, return the cursor."""
+        """Open the connection, hand it to :meth:`_opened` before setting it up, set ``self._cursor``, return it.
+
+        A set-up that fails closes it with :meth:`_drop` before raising.
+        """
         raise NotImplementedError
+
+    def _opened(self, conn: Any) -> None:
+        """The driver connected (within its connect timeout): keep ``conn`` and watch it from its first statement.
+
+        The transaction's bound starts again here: the connect had its own,
+        and counting it would cut a connection that just answered.
+        """
+        self._conn = conn
+        self._since = time.monotonic()
+        self._watch_socket()
 
     def _is_lost(self, exc: Exception) -> bool:
         """Whether ``exc`` says the connection itself is gone (not only the statement refused)."""
@@ -124,7 +139,6 @@ class KeptConnection:
             try:
                 if self._conn is None:
                     cursor = self._connect()
-                    self._watch_socket()
                 else:
                     cursor = self._cursor
                 for statement in begin:
@@ -134,8 +148,7 @@ class KeptConnection:
                 lost = self._conn is not None and self._is_lost(exc)
                 if not (lost and reused and attempt == 1):
                     raise self._failed(exc) from exc
-                self._drop()  # nothing was written: try once more on a new connection
-                self._since = time.monotonic()  # with a bound of its own (the watchdog may have cut the lost one)
+                self._drop()  # nothing was written: try once more on a new connection (its bound: _opened)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _watch_socket(self) -> None:

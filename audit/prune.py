@@ -11,6 +11,11 @@ On SQLite the erasing connection turns on ``secure_delete`` (freed bytes are
 overwritten with zeros) and the WAL is checkpointed and truncated afterwards,
 so the old page images do not linger in the ``-wal`` file. PostgreSQL keeps
 old row versions until VACUUM, which prune runs on the table afterwards.
+
+An operator's command whose scans of the whole table and ``VACUUM`` may
+take the server minutes to answer: its round trips are
+:func:`audit.stall_watch.patient` (never cut as a server that stopped
+answering; Ctrl-C ends it).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Callable
 
 from sqlalchemy import func, null, select, update
 
+from . import stall_watch
 from .chain import format_timestamp
 from .db import DB_ERRORS, describe, locked_transaction, reason
 from .entry import AuditEntry
@@ -54,6 +60,7 @@ class PruneResult:
     warning: str | None = None
 
 
+@stall_watch.patient()
 def prune_payloads(store: AuditStore, before: datetime, *, batch: int = 500,
                    progress: Callable[[int], None] | None = None) -> PruneResult:
     """Erase the payloads of format-2 entries created before ``before`` (aware), in batches.

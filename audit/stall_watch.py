@@ -22,6 +22,12 @@ that did commit is simply the next append's predecessor, and a terminal
 entry retried later meets the unique constraint), the next transaction on
 a new connection. When the server answers again, appends succeed again.
 
+The engine's pooled PostgreSQL connections (key look-ups, terminal
+look-ups, the checkpointer, the pool's own pre-ping) are watched the same
+way, one round trip at a time (:mod:`audit.answer_watch`). A thread that
+means to wait for the server without limit (a migration queued behind
+another's, a ``VACUUM``) says so with :func:`patient`.
+
 Nothing here imports SQLAlchemy; a connection without a socket (SQLite) is
 never watched.
 """
@@ -33,7 +39,8 @@ import os
 import threading
 import time
 import weakref
-from typing import Final, Protocol
+from contextlib import contextmanager
+from typing import Final, Iterator, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,29 @@ class Watched(Protocol):
 
 
 _WATCHED: "weakref.WeakSet[Watched]" = weakref.WeakSet()
+#: Per thread: how many :func:`patient` blocks it is inside.
+_PATIENCE = threading.local()
+
+
+@contextmanager
+def patient() -> Iterator[None]:
+    """Round trips this thread starts inside the block are not cut, however long the server takes.
+
+    For waits that are long by design, not a server that stopped answering:
+    a migration queued behind another's (``lock_timeout`` 0), the migration's
+    DDL, a ``VACUUM``. Only :mod:`audit.answer_watch`'s round trips ask; a
+    kept connection's transaction is bounded whatever the thread says.
+    """
+    _PATIENCE.depth = getattr(_PATIENCE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _PATIENCE.depth -= 1
+
+
+def is_patient() -> bool:
+    """Whether this thread is inside a :func:`patient` block."""
+    return getattr(_PATIENCE, "depth", 0) > 0
 _LOCK = threading.Lock()
 _thread: threading.Thread | None = None
 

@@ -4,8 +4,11 @@ Checking a connection out of SQLAlchemy's pool and back in costs tens of
 microseconds per append (events, the reset-on-return rollback, the
 pre-ping round trip on PostgreSQL) on a path where SQLite itself spends
 about a quarter of a millisecond. :class:`WriterConnection` keeps one DBAPI
-connection, made by the engine (same connect-time settings and PRAGMAs,
-:func:`audit.db.make_engine`) and then detached from its pool, and runs
+connection with the engine's connect-time settings and PRAGMAs
+(:func:`audit.db.make_engine`): on SQLite made by the engine and then
+detached from its pool, on PostgreSQL opened by the driver beside the pool
+(so a reconnect to a server that stopped answering waits for no pooled
+session's pre-ping, only for the connect timeout), and runs
 every append of the process on it, one at a time (a lock): appends
 serialise on the database's write lock anyway. A thread waits for the
 lock at most the engine's busy timeout (:func:`audit.db.busy_timeout_s`), as it would wait for SQLite's
@@ -37,8 +40,9 @@ from typing import Any
 from sqlalchemy import Engine, event
 from sqlalchemy.exc import DBAPIError
 
-from .db import busy_timeout_s
+from .db import busy_timeout_s, connect_args_of
 from .kept_connection import KeptConnection
+from .postgresql_setup import configure_postgresql_connection
 
 #: One writer per engine (a second store on the same engine shares it).
 _BY_ENGINE: "weakref.WeakKeyDictionary[Engine, WriterConnection]" = weakref.WeakKeyDictionary()
@@ -69,11 +73,41 @@ class WriterConnection(KeptConnection):
         engine = self._engine()
         if engine is None:
             raise RuntimeError("the audit store's engine is gone")
-        proxied = engine.raw_connection()  # the engine's connect events run (PRAGMAs, encoding)
-        conn = proxied.dbapi_connection
-        proxied.detach()  # ours for good: the pool forgets it and keeps its own capacity
-        self._conn, self._cursor = conn, conn.cursor()
+        if self._dialect.name == "postgresql":
+            conn = self._connect_postgresql(engine)
+        else:
+            proxied = engine.raw_connection()  # the engine's connect events run (PRAGMAs)
+            conn = proxied.dbapi_connection
+            proxied.detach()  # ours for good: the pool forgets it and keeps its own capacity
+            self._opened(conn)
+        self._cursor = conn.cursor()
         return self._cursor
+
+    def _connect_postgresql(self, engine: Engine) -> Any:
+        """A session of its own, not one from the pool: reconnecting is then bounded by the connect timeout alone.
+
+        A pooled session is pre-pinged at checkout; on a server that stopped
+        answering (frozen, a partition) the idle sessions the pool keeps would
+        each cost a ping's bound first (:mod:`audit.answer_watch`), and the
+        writer reconnects exactly then. Connected with the engine's own
+        arguments (the URL's, :func:`audit.db.connect_args_of`'s timeouts,
+        encoding and ``lock_timeout``, SQLAlchemy's adapters) and set up as the
+        engine's connect events set up its sessions (READ COMMITTED, durable
+        commits: :func:`audit.db._postgresql_engine`), as the workers' driver
+        store does.
+        """
+        dialect = self._dialect
+        cargs, cparams = dialect.create_connect_args(engine.url)
+        cparams.update(connect_args_of(engine))
+        conn = dialect.loaded_dbapi.connect(*cargs, **cparams)
+        self._opened(conn)  # watched from here: the set-up below talks to the server
+        try:
+            dialect.set_isolation_level(conn, "READ COMMITTED")
+            configure_postgresql_connection(conn)
+        except BaseException:
+            self._drop()
+            raise
+        return conn
 
     def _is_lost(self, exc: Exception) -> bool:
         return self._dialect.is_disconnect(exc, self._conn, self._cursor)
