@@ -60,6 +60,11 @@ def test_appends_stay_one_chain_when_the_database_defaults_to_serializable(
         assert cursor.fetchone()[0] == "read committed"
     finally:
         connection.close()
+    seen: list[str] = []  # the writer's session, opened beside the pool, is set up the same way
+    store.append("request", "isolation", principal="p", team="t", model="m", body={}, policy_revision="1",
+                 alongside=lambda cursor: (cursor.execute("SHOW transaction_isolation"),
+                                           seen.append(cursor.fetchone()[0])))
+    assert seen == ["read committed"]
 
     workers, per_worker = 4, 40
     barrier = SPAWN.Barrier(workers)
@@ -70,7 +75,7 @@ def test_appends_stay_one_chain_when_the_database_defaults_to_serializable(
         process.join(JOIN_TIMEOUT_S)
     assert [p.exitcode for p in processes] == [0] * workers
     entries = list(store.iter_entries())
-    total = workers * per_worker + 1  # and the chain_format boundary, written by whichever came first
+    total = workers * per_worker + 2  # the chain_format boundary (written by whichever came first), "isolation"
     assert [e.seq for e in entries] == list(range(1, total + 1)) and entries[0].kind == "chain_format"
     assert all(later.prev_hash == earlier.hash for earlier, later in zip(entries, entries[1:]))
     result = verify_chain(store)

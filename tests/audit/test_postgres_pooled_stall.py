@@ -1,0 +1,134 @@
+"""The engine's pooled PostgreSQL sessions: a wait the server does not answer is cut, a patient one is not.
+
+:mod:`audit.answer_watch` bounds each wait on a pooled session (a statement,
+the pool's pre-ping) at the busy timeout plus its grace. ``pg_sleep`` stands
+for a server that does not answer (it answers nothing while it sleeps);
+SIGSTOP on one pooled session's backend is the frozen server as that
+session sees it, without stopping the session's shared server for the other
+tests (tests/e2e/test_postgres_frozen.py freezes a whole server). The
+bounds' lengths are never asserted, only that a wait ends and how.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Iterator
+
+import psycopg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+from audit import AuditError, AuditStore, make_engine, stall_watch
+from audit.db import MIGRATE_LOCK_KEY, locked_transaction
+from tests.audit.test_postgres_stall import _in_thread
+from tests.audit.test_writer import _append, _connection_of
+
+#: Short, so the test does not wait long for the bound (its exact length is never asserted).
+BUSY_S = 0.5
+#: Longer than the bound (the busy timeout plus the watchdog's grace).
+PAST_THE_BOUND_S = BUSY_S + stall_watch.GRACE_S + 1.5
+
+
+@pytest.fixture
+def backend() -> str:
+    """Only PostgreSQL here (overrides the two-backend parameter of tests/audit/conftest.py)."""
+    return "postgresql"
+
+
+@pytest.fixture
+def short_store(store_url: str) -> Iterator[AuditStore]:
+    store = AuditStore(make_engine(store_url, busy_timeout_s=BUSY_S))
+    yield store
+    store.engine.dispose()
+
+
+def _pooled_pid(store: AuditStore) -> int:
+    """The backend of the pool's session (checked out and back in: idle in the pool afterwards)."""
+    with store.engine.connect() as conn:
+        return conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+
+
+def test_a_statement_without_an_answer_is_cut_and_fails_the_read_closed(short_store: AuditStore) -> None:
+    def sleep() -> object:
+        with short_store.engine.connect() as conn:
+            return conn.execute(text(f"SELECT pg_sleep({PAST_THE_BOUND_S})")).scalar()
+
+    [outcome] = _in_thread(sleep)
+    assert isinstance(outcome, DBAPIError) and outcome.connection_invalidated, outcome
+    assert short_store.terminal_for("r1") is None  # the next read runs, on a new session
+
+
+def test_a_patient_wait_is_never_cut(short_store: AuditStore) -> None:
+    def sleep() -> object:
+        with stall_watch.patient(), short_store.engine.connect() as conn:
+            return conn.execute(text(f"SELECT pg_sleep({PAST_THE_BOUND_S}), 'answered'")).one()[1]
+
+    assert _in_thread(sleep) == ["answered"]
+
+
+def test_a_migration_queued_behind_another_waits_for_it_however_long(short_store: AuditStore) -> None:
+    """Processes starting together queue behind the one migrating (``lock_timeout`` 0): that wait is not a stall."""
+    url = make_url(short_store.engine.url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK_KEY,))
+        release = threading.Timer(PAST_THE_BOUND_S, lambda: other.execute("SELECT pg_advisory_unlock_all()"))
+        release.start()
+        try:
+            def migrate_like() -> str:
+                with locked_transaction(short_store.engine, MIGRATE_LOCK_KEY) as conn:
+                    return conn.execute(text("SELECT 'migrated'")).scalar_one()
+
+            outcome = _in_thread(migrate_like)
+        finally:
+            release.join()
+    assert outcome == ["migrated"]
+
+
+def test_the_pre_ping_of_a_frozen_pooled_session_is_cut_and_the_read_runs_on_a_new_one(
+        short_store: AuditStore) -> None:
+    _append(short_store, "request", "r1")
+    frozen = _pooled_pid(short_store)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        [outcome] = _in_thread(lambda: short_store.terminal_for("r1"))  # the checkout pre-pings the frozen session
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    assert outcome is None, outcome  # read on a new session: no terminal entry yet
+    assert _pooled_pid(short_store) != frozen
+
+
+def test_the_writer_reconnects_beside_the_pool_without_touching_its_sessions(short_store: AuditStore) -> None:
+    """A writer reconnecting through the pool pre-pinged an idle session first: on a frozen server, a bound's wait."""
+    writer = _connection_of(short_store, "postgresql", "r1")
+    pooled = _pooled_pid(short_store)
+    os.kill(pooled, signal.SIGSTOP)
+    try:
+        with psycopg.connect(make_url(short_store.engine.url).set(drivername="postgresql")
+                             .render_as_string(hide_password=False), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (writer,))  # the writer must reconnect
+        [again] = _in_thread(lambda: _connection_of(short_store, "postgresql", "r1", kind="completion"))
+    finally:
+        os.kill(pooled, signal.SIGCONT)
+    assert isinstance(again, int) and again not in (writer, pooled), again
+    assert _pooled_pid(short_store) == pooled  # the pool's session was never pre-pinged, so never cut
+
+
+def test_a_new_writer_session_whose_set_up_gets_no_answer_is_cut(
+        short_store: AuditStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session's set-up statements talk to the server too: watched from the connect on, not from the BEGIN."""
+    import audit.writer
+
+    def set_up_without_answer(conn: object) -> None:
+        with conn.cursor() as cursor:  # type: ignore[attr-defined]
+            cursor.execute(f"SELECT pg_sleep({PAST_THE_BOUND_S})")
+
+    monkeypatch.setattr(audit.writer, "configure_postgresql_connection", set_up_without_answer)
+    [outcome] = _in_thread(lambda: _append(short_store, "request", "r1"))  # the writer's first connect
+    assert isinstance(outcome, AuditError), outcome
+    monkeypatch.undo()
+    _append(short_store, "request", "r1")  # connects anew, set up as usual
+    assert [e.kind for e in short_store.iter_entries()] == ["chain_format", "request"]
