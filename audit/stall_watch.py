@@ -61,6 +61,8 @@ class Watched(Protocol):
 
 
 _WATCHED: "weakref.WeakSet[Watched]" = weakref.WeakSet()
+_LOCK = threading.Lock()
+_thread: threading.Thread | None = None
 #: Per thread: how many :func:`patient` blocks it is inside.
 _PATIENCE = threading.local()
 
@@ -84,8 +86,6 @@ def patient() -> Iterator[None]:
 def is_patient() -> bool:
     """Whether this thread is inside a :func:`patient` block."""
     return getattr(_PATIENCE, "depth", 0) > 0
-_LOCK = threading.Lock()
-_thread: threading.Thread | None = None
 
 
 def watch(kept: Watched) -> None:

@@ -54,7 +54,7 @@ CRASH_MODEL = "crash-tiny"
 LIMITED_MODEL = "limited-tiny"
 RESCUE_MODEL = "rescue-tiny"
 PRIORITY_MODEL = "priority-tiny"
-#: Served only by the PostgreSQL end-to-end test's own worker (tests/e2e/test_postgres_gateway.py).
+#: Served only by the PostgreSQL end-to-end tests' own workers (tests/e2e/test_postgres_gateway.py, test_postgres_frozen.py).
 POSTGRES_MODEL = "postgres-tiny"
 #: Served only by the output rules' end-to-end tests' own workers (tests/e2e/test_output_rules.py);
 #: the second one by a worker started after its gateway died.
