@@ -21,6 +21,7 @@ else by writing the fallback. See docs/architecture.md, "Output rules".
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -38,9 +39,30 @@ from workers.contract.terminal_body import Generated, checked_ending, ended_resu
 
 log = logging.getLogger(__name__)
 
-#: The result when the database refused the entry (kept pending; the client is told, nothing is served).
+#: The result when the database refused the entry (kept pending; the client is told, nothing is served);
+#: it carries the generation's token counts, charged as for any generation that ran.
 _UNRECORDED = JobResult(status=STATUS_FAILED,
                         error={"code": "audit_unavailable", "message": "the audit store cannot be written"})
+
+
+def handed_over_tokens(report: OutputReport) -> int | None:
+    """The prompt and completion tokens a handed-over output's report says were used (None: unreadable).
+
+    What the request is charged however its record goes (:meth:`HandedOver.record`), so the
+    gateway may settle its usage while the output is still being judged and recorded.
+    """
+    if report.handed_over is None:
+        return None
+    try:
+        generated = Generated.from_payload(report.text, report.handed_over)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return generated.prompt_tokens + generated.completion_tokens
+
+
+def _unrecorded(generated: Generated) -> JobResult:
+    return dataclasses.replace(_UNRECORDED, error=dict(_UNRECORDED.error), prompt_tokens=generated.prompt_tokens,
+                               completion_tokens=generated.completion_tokens, queue_ms=generated.queue_ms)
 
 
 class HandedOver:
@@ -79,12 +101,12 @@ class HandedOver:
             winner = await self.request_log.terminal_for(ticket.request_id)
             self.drops.drop(ticket.request_id)
             if winner is None:  # pragma: no cover - the constraint implies a winner exists
-                return _UNRECORDED
+                return _unrecorded(generated)
             log.warning("request %s was ended elsewhere first (%s); dropping its handed-over %s",
                         ticket.request_id, winner.kind, ending.kind)
             return JobResult.from_terminal(winner.kind, winner.seq, winner.body, winner.payload)
         if entry is None:  # kept pending in the fallback's place
-            return _UNRECORDED
+            return _unrecorded(generated)
         self.drops.drop(ticket.request_id)  # the request has its terminal entry: the fallback is not needed
         return ended_result(ending.kind, generated, entry.seq, finish_reason=ending.finish_reason,
                             served=ending.served, error=ending.error)

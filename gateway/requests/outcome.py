@@ -28,7 +28,7 @@ from gateway.limits import UsageCounters
 from gateway.limits.charge import used_tokens
 from gateway.observability.metrics import observe_result
 from gateway.requests.fallback_drops import FallbackDrops
-from gateway.requests.handed_over import HandedOver
+from gateway.requests.handed_over import HandedOver, handed_over_tokens
 from gateway.requests.holdback import HoldBack
 from gateway.requests.output_rules import OutputRules
 from gateway.requests.refusals import QUEUE_UNAVAILABLE_MESSAGE, worker_error
@@ -71,6 +71,8 @@ class TicketRunner:
         self.handed_over = HandedOver(rules=output_rules, request_log=request_log, drops=FallbackDrops(redis),
                                       digester=digester) if output_rules is not None else None
         self._background: set[asyncio.Task] = set()
+        #: Settlements begun ahead of their request's end (:meth:`_settle_ahead`), by request id.
+        self._settling: dict[str, asyncio.Task[None]] = {}
 
     async def complete(self, ticket: Ticket, gone: ClientGone | None = None) -> JobResult:
         """Queue the job and wait for its result (judging its output on the way, under output rules).
@@ -86,21 +88,24 @@ class TicketRunner:
         unruled = self.output_rules is not None and await self.output_rules.rule_absent(ticket)
         checked = self.output_rules is not None and not unruled
         try:
-            async with self.waiter.expect(ticket.request_id, checked=checked, handed_over=checked) as pending:
-                queued = await self._enqueue(ticket, output_rule_absent=unruled, gateway_records=checked)
-                if not checked:
-                    outcome = pending.get(self.request_timeout_s)
-                else:
-                    assert self.output_rules is not None
-                    outcome = self._judged_outcome(ticket, pending, self.output_rules.hold())
-                meta = await self._unless_gone(ticket, queued, outcome, gone)
-        except ResultTimeout:  # before OSError: TimeoutError is one
-            return await self.timed_out(ticket)
-        except (QueueUnavailable, RedisError, OSError) as exc:
-            raise await self.queue_down(ticket, exc) from None
-        if isinstance(meta, JobResult):  # handed over: recorded here
-            return await self.ended(ticket, meta)
-        return await self.result_of(ticket, meta)
+            try:
+                async with self.waiter.expect(ticket.request_id, checked=checked, handed_over=checked) as pending:
+                    queued = await self._enqueue(ticket, output_rule_absent=unruled, gateway_records=checked)
+                    if not checked:
+                        outcome = pending.get(self.request_timeout_s)
+                    else:
+                        assert self.output_rules is not None
+                        outcome = self._judged_outcome(ticket, pending, self.output_rules.hold())
+                    meta = await self._unless_gone(ticket, queued, outcome, gone)
+            except ResultTimeout:  # before OSError: TimeoutError is one
+                return await self.timed_out(ticket)
+            except (QueueUnavailable, RedisError, OSError) as exc:
+                raise await self.queue_down(ticket, exc) from None
+            if isinstance(meta, JobResult):  # handed over: recorded here
+                return await self.ended(ticket, meta)
+            return await self.result_of(ticket, meta)
+        finally:
+            self._forget_settlement(ticket)
 
     async def open_stream(self, ticket: Ticket) -> StreamEvents:
         """Queue a streaming job and return its events; queueing errors are raised here, before any byte.
@@ -182,6 +187,7 @@ class TicketRunner:
                         await self.output_rules.answer(ticket, hold, event, abandoned=abandoned)
                         continue
                     assert self.handed_over is not None
+                    self._settle_ahead(ticket, event)
                     recorded = await self.handed_over.record(ticket, hold, event, abandoned=abandoned)
                     if recorded is not None:
                         return recorded
@@ -331,7 +337,36 @@ class TicketRunner:
         await self._settle_usage(ticket, used_tokens(entry.body.get("usage")))
 
     async def _settle_usage(self, ticket: Ticket, tokens: int | None) -> None:
+        """Settle ``ticket``'s reservation to ``tokens`` (None: release it), unless a settlement was begun
+        ahead (:meth:`_settle_ahead`): then wait for that one, as Redis would ignore this one."""
+        ahead = self._settling.pop(ticket.request_id, None)
+        if ahead is not None:
+            await asyncio.shield(ahead)  # a cancelled request still leaves its usage settled
+            return
         await settle_reservation(self.counters, ticket.reservation, tokens)
+
+    def _settle_ahead(self, ticket: Ticket, report: OutputReport) -> None:
+        """Begin settling a handed-over output's tokens now, while its output is judged and recorded.
+
+        Settling waited for the end's record, one Redis round trip after it on
+        every such request's path; the tokens are known from the report. Every
+        way that request ends charges what the report says (``HandedOver.record``
+        returns its counts, also when the database refuses the entry), and a
+        second settlement changes nothing in Redis, so the one begun here is
+        the request's settlement: :meth:`_settle_usage` waits for it instead.
+        """
+        tokens = handed_over_tokens(report)
+        if tokens is None or ticket.reservation is None or ticket.request_id in self._settling:
+            return  # unreadable: the request's end settles as before
+        task = asyncio.get_running_loop().create_task(
+            settle_reservation(self.counters, ticket.reservation, tokens))
+        self._settling[ticket.request_id] = task
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _forget_settlement(self, ticket: Ticket) -> None:
+        """Drop a settlement begun ahead that no end waited for (it still runs to its end)."""
+        self._settling.pop(ticket.request_id, None)
 
     async def _request_cancel(self, request_id: str, value: bytes = b"1") -> None:
         try:
