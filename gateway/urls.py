@@ -12,6 +12,8 @@ HEALTH = "/healthz"  # liveness; READY and METRICS below
 PURPOSE_HEADER = "X-Govgate-Purpose"
 #: Header on every completion and error response naming its audit request id.
 REQUEST_ID_HEADER = "X-Govgate-Request-Id"
+#: The same id under the name OpenAI's clients read (``response._request_id``, ``APIStatusError.request_id``).
+OPENAI_REQUEST_ID_HEADER = "x-request-id"
 
 #: The review API (reviewers, auditors, and every key for its own entries).
 AUDIT = "/v1/audit"

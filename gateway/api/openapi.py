@@ -92,6 +92,8 @@ def header(description: str, schema: dict[str, Any], *, required: bool = True) -
 
 _REQUEST_ID = header("The id of this request's audit entries ('govgate audit show <id>').",
                      {"type": "string", "minLength": 1})
+_OPENAI_REQUEST_ID = header("The same id as X-Govgate-Request-Id, under the name OpenAI's clients read.",
+                            {"type": "string", "minLength": 1})
 _RETRY_AFTER = header("Seconds to wait before trying again.", {"type": "integer", "minimum": 0})
 _CHALLENGE = header("Always 'Bearer'.", {"type": "string"})
 
@@ -218,7 +220,8 @@ def completion_operation(request: type, response: type, chunk: type) -> type[Ope
                 "200": OpenAPIResponse(
                     description=("The completion; with `\"stream\": true` a `text/event-stream` of chunk objects "
                                  "as `data:` lines, ending with `data: [DONE]`."),
-                    headers={urls.REQUEST_ID_HEADER: _REQUEST_ID},
+                    headers={urls.REQUEST_ID_HEADER: _REQUEST_ID,
+                             urls.OPENAI_REQUEST_ID_HEADER: _OPENAI_REQUEST_ID},
                     content={JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(response))),
                              _SSE: OpenAPIMediaType(schema=JsonSchema(document=_event_stream(chunk)))}),
                 **error_responses(_COMPLETION_ERRORS),

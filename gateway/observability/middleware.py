@@ -1,9 +1,12 @@
-"""Around every HTTP request: its id, its response header, its metrics, its access-log line.
+"""Around every HTTP request: its id, its response headers, its metrics, its access-log line.
 
 Wraps the Litestar app's whole ASGI handler (outside routing and the
 exception handlers), so a 404 for an unknown path or a 500 from an
 unexpected error is seen too, with the same id its error body's header
-names. Work per request is kept to a uuid, a context variable and a
+names. The id goes out twice: as ``X-Govgate-Request-Id`` and as
+``x-request-id``, the header OpenAI's clients read into a response's
+``_request_id`` and an error's ``request_id`` (without it they are None, and
+a user quoting the id of a failed call has none to quote). Work per request is kept to a uuid, a context variable and a
 counter: this runs on every request (issue 9 measures CPU per request).
 """
 
@@ -15,11 +18,12 @@ from typing import Any, Awaitable, Callable
 
 from gateway.observability import context
 from gateway.observability.metrics import count_request
-from gateway.urls import REQUEST_ID_HEADER
+from gateway.urls import OPENAI_REQUEST_ID_HEADER, REQUEST_ID_HEADER
 
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 _HEADER = REQUEST_ID_HEADER.lower().encode("latin-1")
+_OPENAI_HEADER = OPENAI_REQUEST_ID_HEADER.lower().encode("latin-1")
 #: Route label of a request that matched no route (never the raw path: anyone can make up paths).
 UNMATCHED = "unmatched"
 
@@ -46,9 +50,14 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = message.get("headers") or []
-                if not any(name.lower() == _HEADER for name, _ in headers):
-                    message["headers"] = [*headers, (_HEADER, ctx.request_id.encode())]
+                headers = list(message.get("headers") or [])
+                named = [value for name, value in headers if name.lower() == _HEADER]
+                if not named:  # a handler that names an audit entry set it; otherwise the request's own id
+                    named = [ctx.request_id.encode()]
+                    headers.append((_HEADER, named[0]))
+                if not any(name.lower() == _OPENAI_HEADER for name, _ in headers):
+                    headers.append((_OPENAI_HEADER, named[0]))
+                message["headers"] = headers
             await send(message)
 
         try:

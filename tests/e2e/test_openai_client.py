@@ -70,3 +70,25 @@ def test_harmless_defaults_through_the_sdk(sdk):
         sdk("analyst").chat.completions.create(model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "x"}],
                                                max_tokens=2**53)
     assert (out_of_range.value.code, out_of_range.value.param) == ("invalid_value", "max_tokens")
+
+
+def test_the_sdk_reads_the_request_id_of_answers_streams_and_errors(sdk, audit_store):
+    """OpenAI's clients read a request's id from ``x-request-id`` (a response's ``_request_id``, an error's
+    ``request_id``): the gateway sends its id there too, the one its audit entries are filed under."""
+    client = sdk("analyst")
+    raw = client.chat.completions.with_raw_response.create(
+        model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=2)
+    completion = raw.parse()
+    assert raw.request_id == completion._request_id == completion.id.removeprefix("chatcmpl-")
+    assert [e.kind for e in audit_store.entries_for(raw.request_id)] == ["request", "completion"]
+    with client.completions.with_streaming_response.create(model=TINY_MODEL_NAME, prompt="Once", max_tokens=2,
+                                                           stream=True) as streamed:
+        chunks = list(streamed.parse())
+    assert streamed.request_id == chunks[0].id.removeprefix("cmpl-")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "x"}], n=2)
+    assert refused.value.request_id == refused.value.response.headers["x-govgate-request-id"]
+    assert [e.kind for e in audit_store.entries_for(refused.value.request_id)] == ["rejected"]
+    with pytest.raises(openai.AuthenticationError) as unknown:  # recorded nowhere, still named in the gateway's log
+        sdk("revoked").models.list()
+    assert unknown.value.request_id == unknown.value.response.headers["x-govgate-request-id"]
