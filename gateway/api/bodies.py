@@ -1,9 +1,16 @@
-"""Reading a request body with the size limit answered in OpenAI's error shape.
+"""Reading a request body with the size limit, and its coding, answered in OpenAI's error shape.
 
 Litestar raises its own 413 ``HTTPException`` when a body passes
 ``request_max_body_size`` (GOVGATE_MAX_BODY_BYTES); every endpoint that reads
 a body turns it into the same ``body_too_large`` error here, so the message
 names the setting wherever the limit is hit.
+
+A body sent with a ``Content-Encoding`` (gzip, br…) is refused before it is
+read, with 415 ``unsupported_content_encoding``: the gateway does not
+decompress bodies, and reading a gzipped body as JSON answered "not valid
+JSON: invalid character (byte 0)", which sends a client looking for a bug in
+its JSON (and a ``br``-coded body that happened to be readable bytes was
+taken as it stood).
 """
 
 from __future__ import annotations
@@ -13,9 +20,19 @@ from litestar.exceptions import HTTPException
 
 from gateway.api_errors import ApiError
 
+#: The only content coding a body may have: none.
+IDENTITY = "identity"
+
 
 async def read_body(request: Request) -> bytes:
-    """The whole body; over the limit: 413 ``body_too_large``."""
+    """The whole body; with a content coding: 415 ``unsupported_content_encoding``; over the limit: 413
+    ``body_too_large``."""
+    coding = _content_coding(request)
+    if coding is not None:
+        raise ApiError(415, "unsupported_content_encoding",
+                       f"The request body is sent with 'Content-Encoding: {coding}'; this gateway reads bodies "
+                       "only as they are (no Content-Encoding, or 'identity'). Send the JSON uncompressed.",
+                       headers={"Accept-Encoding": IDENTITY})
     try:
         return await request.body()
     except HTTPException as exc:
@@ -23,3 +40,11 @@ async def read_body(request: Request) -> bytes:
             raise ApiError(413, "body_too_large", "The request body is larger than this gateway accepts "
                            "(GOVGATE_MAX_BODY_BYTES).") from None
         raise
+
+
+def _content_coding(request: Request) -> str | None:
+    """The codings a ``Content-Encoding`` header names other than ``identity`` (shortened), or None."""
+    codings = [coding.strip() for value in request.headers.getall("content-encoding", [])
+               for coding in value.split(",") if coding.strip()]
+    named = [coding for coding in codings if coding.lower() != IDENTITY]
+    return ", ".join(named)[:64] if named else None

@@ -94,6 +94,10 @@ _REQUEST_ID = header("The id of this request's audit entries ('govgate audit sho
                      {"type": "string", "minLength": 1})
 _OPENAI_REQUEST_ID = header("The same id as X-Govgate-Request-Id, under the name OpenAI's clients read.",
                             {"type": "string", "minLength": 1})
+_ACCEPT_ENCODING = header("Always 'identity': bodies are read uncompressed.", {"type": "string"})
+#: 415, as every route that reads a body answers it.
+UNSUPPORTED_CODING = ("`unsupported_content_encoding`: the body has a `Content-Encoding` (gzip, br…); bodies are "
+                      "read only uncompressed.", {"Accept-Encoding": _ACCEPT_ENCODING})
 _RETRY_AFTER = header("Seconds to wait before trying again.", {"type": "integer", "minimum": 0})
 _CHALLENGE = header("Always 'Bearer'.", {"type": "string"})
 
@@ -107,6 +111,7 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
     403: ("`policy_denied`: the policy said no; `error.reasons` lists why.", {}),
     404: ("`model_not_found`: no such model in the registry.", {}),
     413: ("`body_too_large`: the body is over GOVGATE_MAX_BODY_BYTES.", {}),
+    415: UNSUPPORTED_CODING,
     431: ("`request_header_fields_too_large`: the request line and headers together are over 16 KiB; the "
           "server closes the connection (the request was never read, so it has no audit entry).", {}),
     422: ("`invalid_value`: a missing field, a wrong type or an out-of-range value (`param` names it), or a "

@@ -27,7 +27,7 @@ from audit.search import DECISIONS, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from audit.tables import NAME_LEN
 from gateway import urls
 from gateway.api import review_shapes
-from gateway.api.openapi import JSON, UNAUTHORIZED, JsonSchema, error_responses, header, json_schema
+from gateway.api.openapi import JSON, UNAUTHORIZED, UNSUPPORTED_CODING, JsonSchema, error_responses, header, json_schema
 from gateway.review.actions import MAX_NOTE, BODIES
 
 _NAME = {"type": "string", "maxLength": NAME_LEN}
@@ -123,6 +123,7 @@ _ACTION_ERRORS = {400: ("`invalid_json` (the body is not a JSON object) or `unsu
                   403: ("`review_forbidden`: only keys with the `reviewer` role act on requests.", {}),
                   404: _STORY_ERRORS[404],
                   413: ("`body_too_large`: the body is over GOVGATE_MAX_BODY_BYTES.", {}),
+                  415: UNSUPPORTED_CODING,
                   422: (f"`invalid_value`: a missing field, a wrong type, a note empty or over {MAX_NOTE} "
                         "characters, a NUL character (`param` names the field).", {}),
                   503: _UNAVAILABLE}
