@@ -26,6 +26,7 @@ from gateway import urls
 from gateway.allowed_methods import AllowedMethods
 from gateway.api_errors import EXCEPTION_HANDLERS, http_exception_handler
 from gateway.console.errors import http_error_page
+from gateway.expect_continue import CloseUnreadContinue
 from gateway.observability.setup import instrument
 from gateway.settings import Settings
 
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
         logging_config=None,  # logging is set up once per process (gateway/observability/logs.py), not replaced here
     )
     app.asgi_handler = AllowedMethods(app.asgi_handler, app.asgi_router)  # OPTIONS: see gateway/allowed_methods.py
+    app.asgi_handler = CloseUnreadContinue(app.asgi_handler)  # see gateway/expect_continue.py
     return instrument(settings, app)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
+from urllib.parse import urlparse
 
 import httpx
 
@@ -37,3 +39,64 @@ def test_a_compressed_body_is_refused_by_name_not_read_as_broken_json(served_api
                           headers={**headers, "Content-Encoding": "identity"})
     assert identity.status_code == 200, identity.text
     assert identity.json()["usage"]["completion_tokens"] == 2
+
+
+def _connect(base: str) -> socket.socket:
+    url = urlparse(base)
+    return socket.create_connection((url.hostname, url.port), timeout=30)
+
+
+def _read_answer(conn: socket.socket) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """One response (with ``Content-Length``) from ``conn``: status line, headers, body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = conn.recv(65536)
+        assert more, f"the connection closed before a whole response head: {data!r}"
+        data += more
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(b":") for line in lines)}
+    length = int(headers.get(b"content-length", b"0"))
+    while len(rest) < length:
+        more = conn.recv(65536)
+        assert more, "the connection closed inside a response body"
+        rest += more
+    return status, headers, rest[:length]
+
+
+def _closed(conn: socket.socket) -> bool:
+    """The server has closed ``conn`` (a read returns end of file)."""
+    try:
+        return conn.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_request_refused_before_its_100_continue_closes_its_connection(served_api, keyring):
+    """Refused before its body was asked for (no ``100 Continue``), the client does not send the body; the
+    connection stayed open owing it, and the client's next request was read as that body (a 400). Now the
+    answer says ``Connection: close`` and the server closes; a body that was asked for keeps the connection."""
+    body = json.dumps(BODY).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n" % len(body))
+    models = b"GET /v1/models HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer %s\r\n\r\n" % keyring["admin"].encode()
+    with _connect(served_api) as refused:
+        refused.sendall(head + b"Authorization: Bearer gk_unknown_key\r\n\r\n")
+        status, headers, answer = _read_answer(refused)
+        assert status.startswith(b"HTTP/1.1 401"), status
+        assert json.loads(answer)["error"]["code"] == "invalid_api_key"
+        assert headers[b"connection"] == b"close"
+        assert _closed(refused)
+    with _connect(served_api) as served:
+        served.sendall(head + b"Authorization: Bearer %s\r\n\r\n" % keyring["analyst"].encode())
+        status, _, _ = _read_answer(served)
+        assert status == b"HTTP/1.1 100 Continue"
+        served.sendall(body)
+        status, headers, answer = _read_answer(served)
+        assert status.startswith(b"HTTP/1.1 200"), (status, answer)
+        assert json.loads(answer)["usage"]["completion_tokens"] == 2
+        assert b"connection" not in headers
+        served.sendall(models)  # the same connection serves on
+        status, _, answer = _read_answer(served)
+        assert status.startswith(b"HTTP/1.1 200"), (status, answer)
+        assert TINY_MODEL_NAME in [model["id"] for model in json.loads(answer)["data"]]
