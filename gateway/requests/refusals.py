@@ -39,6 +39,12 @@ def denial(reasons: tuple[Reason, ...] | list[Reason]) -> ApiError:
     return ApiError(403, "policy_denied", f"Denied by policy: {summary}", extra={"reasons": documents})
 
 
+#: A job whose earlier runs each ended their worker (workers/generation.py): it is recorded failed, not run again.
+WORKER_LOST = "worker_lost"
+#: Tells OpenAI's clients not to retry (they retry every 5xx twice by default, each time as a new request): a
+#: job that ended its workers would end two more each time (``x-should-retry`` is the header they obey).
+DO_NOT_RETRY = {"x-should-retry": "false"}
+
 MODEL_UNAVAILABLE = "model_unavailable"
 #: What a refusal for a model that cannot be loaded suggests: an operator must act; a minute is a polite poll.
 MODEL_UNAVAILABLE_RETRY_S = 60
@@ -185,4 +191,8 @@ def worker_error(result: JobResult) -> ApiError:
         return ApiError(400, code, f"The request does not fit the model's context: {message}", param="messages")
     if code == "generation_failed":
         return ApiError(502, code, f"The model could not generate: {message}")
+    if code == WORKER_LOST:
+        return ApiError(502, code, "The model worker failed on this request; it has been logged. Its workers ended "
+                        "while running it more than once, so it is not run again: do not retry it unchanged.",
+                        headers=DO_NOT_RETRY)
     return ApiError(502, code, "The model worker failed on this request; it has been logged.")
