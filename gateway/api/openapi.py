@@ -122,7 +122,10 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
           {"Retry-After": _RETRY_AFTER}),
     502: ("`worker_error`, `generation_failed`, `worker_lost`, `stream_inconsistent` or `output_not_kept`: "
           "the model worker failed, or a stream's text could not be matched to the recorded output, or a "
-          "completed output kept only as a digest could not be served again (logged and audited).", {}),
+          "completed output kept only as a digest could not be served again (logged and audited). "
+          "`worker_lost` carries `x-should-retry: false`: the job ended its workers, a retry would run it again.",
+          {"x-should-retry": header("'false' on `worker_lost`: do not retry (OpenAI's clients obey it).",
+                                    {"type": "string", "enum": ["false"]}, required=False)}),
     503: ("`audit_unavailable`, `queue_unavailable`, `usage_unavailable`, `auth_unavailable` or `cancelled`: "
           "a dependency is down, so the request was refused; nothing is served unaudited or uncounted. "
           "`policy_unavailable` (with `Retry-After`): no policy decision could be had in time (capacity, "
