@@ -65,7 +65,16 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
-    include_usage: bool = False
+    include_usage: bool | None = False
+
+    def __post_init__(self) -> None:
+        if self.include_usage is None:  # OpenAI's null: the default
+            self.include_usage = False
+
+
+#: Nullable fields whose null stands for a default other than "none" (OpenAI's defaults).
+_NULL_MEANS_DEFAULT: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "frequency_penalty": 0.0,
+                                       "presence_penalty": 0.0, "stream": False, "n": 1}
 
 
 class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -73,17 +82,20 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     model: NonEmptyStr
     max_tokens: Count | None = None
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
+    # OpenAI's spec makes these nullable, null meaning the default, and clients that
+    # write every parameter send null for one left unset: ``__post_init__`` fills the
+    # default in, so the rest of the gateway sees the value it stands for.
+    temperature: Temperature | None = 1.0
+    top_p: TopP | None = 1.0
     top_k: TopK | None = None
     repetition_penalty: RepetitionPenalty | None = None
-    frequency_penalty: Penalty = 0.0
-    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty | None = 0.0
+    presence_penalty: Penalty | None = 0.0
     stop: Union[NonEmptyStr, StopList, None] = None
     seed: Seed | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: Choices = 1
+    n: Choices | None = 1
     user: str | None = None
     metadata: dict[str, str] | None = None
     # OpenAI fields that clients and SDK wrappers send with their default value
@@ -93,6 +105,11 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     logit_bias: Any = None
     service_tier: Any = None
     store: Any = None
+
+    def __post_init__(self) -> None:
+        for name, default in _NULL_MEANS_DEFAULT.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

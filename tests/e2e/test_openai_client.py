@@ -92,3 +92,25 @@ def test_the_sdk_reads_the_request_id_of_answers_streams_and_errors(sdk, audit_s
     with pytest.raises(openai.AuthenticationError) as unknown:  # recorded nowhere, still named in the gateway's log
         sdk("revoked").models.list()
     assert unknown.value.request_id == unknown.value.response.headers["x-govgate-request-id"]
+
+
+def test_parameters_the_sdk_sends_as_null_mean_their_defaults(sdk):
+    """OpenAI's fields are nullable, null meaning the default; the SDK sends ``None`` as null (a wrapper that
+    passes ``temperature=settings.get("temperature")``), and such requests were refused 422."""
+    client = sdk("analyst")
+    hello = [{"role": "user", "content": "Hello"}]
+    nulls = client.chat.completions.create(model=TINY_MODEL_NAME, messages=hello, max_tokens=8, seed=7,
+                                           temperature=None, top_p=None, n=None, presence_penalty=None,
+                                           frequency_penalty=None, stream=None)
+    defaults = client.chat.completions.create(model=TINY_MODEL_NAME, messages=hello, max_tokens=8, seed=7,
+                                              temperature=1.0, top_p=1.0, n=1, presence_penalty=0,
+                                              frequency_penalty=0, stream=False)
+    assert nulls.choices[0].message.content == defaults.choices[0].message.content  # sampled alike (seeded)
+    assert nulls.usage.completion_tokens == 8
+    text = client.completions.create(model=TINY_MODEL_NAME, prompt="Once", max_tokens=2, temperature=None,
+                                     top_p=None, n=None, presence_penalty=None, frequency_penalty=None)
+    assert text.usage.completion_tokens == 2
+    chunks = list(client.chat.completions.create(model=TINY_MODEL_NAME, messages=hello, max_tokens=2,
+                                                 stream=True, stream_options={"include_usage": None}))
+    assert [c.usage for c in chunks] == [None] * len(chunks)  # null is include_usage's default: false
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
