@@ -131,8 +131,10 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
           "`policy_unavailable` (with `Retry-After`): no policy decision could be had in time (capacity, "
           "not permission). `model_unavailable` (with `Retry-After`): the model has no live worker and its last "
           "worker could not load it; nothing was queued.", {}),
-    504: ("`timed_out`: no result within GOVGATE_REQUEST_TIMEOUT_S, or the worker's generation time limit hit.",
-          {}),
+    504: ("`timed_out`: no result within GOVGATE_REQUEST_TIMEOUT_S, or the worker's generation time limit hit "
+          "(that one with `x-should-retry: false`).",
+          {"x-should-retry": header("'false' when the generation time limit hit: do not retry unchanged.",
+                                    {"type": "string", "enum": ["false"]}, required=False)}),
 }
 #: 401, as every route that needs a key answers it.
 UNAUTHORIZED = _COMPLETION_ERRORS[401]

@@ -42,7 +42,8 @@ def denial(reasons: tuple[Reason, ...] | list[Reason]) -> ApiError:
 #: A job whose earlier runs each ended their worker (workers/generation.py): it is recorded failed, not run again.
 WORKER_LOST = "worker_lost"
 #: Tells OpenAI's clients not to retry (they retry every 5xx twice by default, each time as a new request): a
-#: job that ended its workers would end two more each time (``x-should-retry`` is the header they obey).
+#: job that ended its workers would end two more each time, one that ran into the generation time limit would
+#: run into it twice more, charged each time (``x-should-retry`` is the header they obey).
 DO_NOT_RETRY = {"x-should-retry": "false"}
 
 MODEL_UNAVAILABLE = "model_unavailable"
@@ -175,8 +176,9 @@ AdmissionRefusal = Union[ContextTooLong, UsageUnavailable, OverLimit, QueueFull,
 def worker_error(result: JobResult) -> ApiError:
     code = result.error.get("code", "worker_error")
     message = result.error.get("message", "")
-    if result.status == "timed_out":
-        return ApiError(504, "timed_out", "The generation hit the worker's time limit; partial output was logged.")
+    if result.status == "timed_out":  # the same request would run into the same limit: not worth a retry
+        return ApiError(504, "timed_out", "The generation hit the worker's time limit; partial output was logged. "
+                        "Ask for fewer tokens (max_tokens) rather than retrying unchanged.", headers=DO_NOT_RETRY)
     if result.status == "cancelled":
         return ApiError(503, "cancelled", "The request was cancelled before it completed.")
     if code == "audit_unavailable":
