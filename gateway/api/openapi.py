@@ -98,7 +98,8 @@ _ACCEPT_ENCODING = header("Always 'identity': bodies are read uncompressed.", {"
 #: 415, as every route that reads a body answers it.
 UNSUPPORTED_CODING = ("`unsupported_content_encoding`: the body has a `Content-Encoding` (gzip, br…); bodies are "
                       "read only uncompressed.", {"Accept-Encoding": _ACCEPT_ENCODING})
-_RETRY_AFTER = header("Seconds to wait before trying again.", {"type": "integer", "minimum": 0})
+_RETRY_AFTER = header("Seconds to wait before trying again; absent when no wait lets the request pass (it alone "
+                      "needs more than a token limit).", {"type": "integer", "minimum": 0}, required=False)
 _CHALLENGE = header("Always 'Bearer'.", {"type": "string"})
 
 #: status -> (description, extra headers): README's error table, per status.
@@ -119,7 +120,9 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
     429: (f"{_either(RETRYABLE_CODES_IN_ORDER)}: a usage limit or the "
           "model's queue is full (in fair mode, the places of the caller's team: its share of the model's "
           "queue, named in the message); `error.reasons` says which, `Retry-After` when to try again.",
-          {"Retry-After": _RETRY_AFTER}),
+          {"Retry-After": _RETRY_AFTER,
+           "x-should-retry": header("'false' when no wait lets the request pass: ask for fewer tokens instead.",
+                                    {"type": "string", "enum": ["false"]}, required=False)}),
     502: ("`worker_error`, `generation_failed`, `worker_lost`, `stream_inconsistent` or `output_not_kept`: "
           "the model worker failed, or a stream's text could not be matched to the recorded output, or a "
           "completed output kept only as a digest could not be served again (logged and audited). "

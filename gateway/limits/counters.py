@@ -100,6 +100,9 @@ class Refusal:
     used: int
     retry_after_s: int
     message: str
+    #: The request alone costs more than the limit (prompt and ``max_tokens`` over a token limit, any request
+    #: over a limit of 0): no wait lets it pass, so ``retry_after_s`` is when the window turns, not a promise.
+    never_fits: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "retry_after_s": self.retry_after_s,
@@ -452,9 +455,10 @@ class UsageCounters:
         scope_index, limit_index, limit, used, wait_us = (int(v) for v in reply[1:])
         scope = scopes[scope_index - 1]
         refusing = USAGE_LIMITS[limit_index - 1]
+        cost = tokens if refusing.cost == "tokens" else 1
         return Refusal(code=refusing.code, scope=scope, limit_name=refusing.name, limit=limit, used=used,
                        retry_after_s=max(1, _ceil_s(wait_us)),
-                       message=_message(scope, refusing, limit, used, tokens))
+                       message=_message(scope, refusing, limit, used, tokens), never_fits=cost > limit)
 
     async def settle(self, reservation: Reservation, actual_tokens: int, *, now: float | None = None) -> None:
         """The request finished having used ``actual_tokens``: replace the

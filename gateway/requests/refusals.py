@@ -100,6 +100,12 @@ class OverLimit:
         return {"admitted": False, "code": self.refusal.code, "refusal": self.refusal.to_dict()}
 
     def error(self) -> ApiError:
+        if self.refusal.never_fits:  # no wait lifts it: a Retry-After would send clients back to the same refusal
+            return ApiError(429, self.refusal.code, f"Limit reached: {self.refusal.message}. No wait lets this "
+                            "request pass: ask for fewer tokens (max_tokens) or send a shorter prompt.",
+                            extra={"reasons": [Reason(code=self.refusal.code,
+                                                      message=self.refusal.message).to_document()]},
+                            headers=DO_NOT_RETRY)
         return denial([Reason(code=self.refusal.code, message=self.refusal.message,
                               retry_after_s=self.refusal.retry_after_s)])
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import openai
 import pytest
 
+from tests.conftest import policy_copy, serving
+from tests.keys_and_limits import limits_for, new_key
 from workers.contract.registry import TINY_MODEL_NAME
 
 
@@ -114,3 +116,26 @@ def test_parameters_the_sdk_sends_as_null_mean_their_defaults(sdk):
                                                  stream=True, stream_options={"include_usage": None}))
     assert [c.usage for c in chunks] == [None] * len(chunks)  # null is include_usage's default: false
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_a_request_over_a_limit_on_its_own_is_not_retried(settings, worker, audit_store, tmp_path):
+    """A request whose prompt and max_tokens alone exceed a token limit is refused whatever the wait; its 429
+    said ``Retry-After`` (when the window turns), and the SDK waited and asked twice more for the same refusal.
+    It now says ``x-should-retry: false`` and no ``Retry-After``: the SDK raises at once, one request asked."""
+    own = settings.with_(policy_dir=policy_copy(tmp_path, limits_for("principal", "outsize", tokens_per_minute=10)))
+    key = new_key(own, "outsize", None)
+    with serving(own, tmp_path / "serve.log") as base:
+        before = audit_store.head().seq
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=key)  # the SDK's default retries
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.chat.completions.create(model=TINY_MODEL_NAME, max_tokens=1,  # the prompt alone is > 10
+                                           messages=[{"role": "user", "content": "Hello there, how are you?"}])
+        client.close()
+    response = refused.value.response
+    assert refused.value.code == "rate_limited"
+    assert "more than the limit" in refused.value.message and "fewer tokens" in refused.value.message
+    assert response.headers["x-should-retry"] == "false" and "retry-after" not in response.headers
+    assert "retry_after_s" not in refused.value.body["reasons"][0]
+    asked = [e for e in audit_store.tail(20) if e.seq > before and e.principal == "outsize"]
+    assert [(e.kind, e.request_id) for e in asked] == [("request", refused.value.request_id)], [
+        (e.body.get("admission"), e.body.get("decision")) for e in asked]

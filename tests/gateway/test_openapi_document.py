@@ -88,7 +88,9 @@ def test_completion_routes_are_described(document: dict[str, Any], path: str) ->
         error = responses[status]["content"]["application/json"]["schema"]
         assert error["required"] == ["error"]
         assert set(error["properties"]["error"]["required"]) == {"message", "type", "code", "param"}
-    assert responses["429"]["headers"]["Retry-After"]["required"] is True
+    # a 429 whose request alone exceeds a token limit has no Retry-After (no wait helps) but x-should-retry
+    assert responses["429"]["headers"]["Retry-After"]["required"] is False
+    assert responses["429"]["headers"]["x-should-retry"]["schema"]["enum"] == ["false"]
     assert responses["401"]["headers"]["WWW-Authenticate"]["required"] is True
 
 

@@ -220,10 +220,12 @@ async def test_token_window_retry_waits_for_enough_tokens_to_expire(counters: Us
         assert isinstance(await counters.reserve(rid(), "alice", None, limits, 100, now=T + offset), Reservation)
     refusal = await counters.reserve(rid(), "alice", None, limits, 100, now=T + 50)
     assert (refusal.limit_name, refusal.used, refusal.retry_after_s) == ("tokens_per_minute", 300, 10)
+    assert not refusal.never_fits
     refusal = await counters.reserve(rid(), "alice", None, limits, 200, now=T + 50)
-    assert refusal.retry_after_s == 30  # the T and T+20 entries must both leave
+    assert refusal.retry_after_s == 30 and not refusal.never_fits  # the T and T+20 entries must both leave
     refusal = await counters.reserve(rid(), "alice", None, limits, 301, now=T + 50)
     assert refusal.retry_after_s == 60 and "more than the limit" in refusal.message
+    assert refusal.never_fits  # no wait lets 301 tokens into a 300-token minute
     assert isinstance(await counters.reserve(rid(), "alice", None, limits, 100, now=T + 60), Reservation)
 
 
