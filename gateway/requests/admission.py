@@ -41,7 +41,7 @@ from gateway.requests.fit import PromptCounter, check_fits
 from gateway.requests.parsing import parse_body
 from gateway.requests.policy_input import build_input, prompt_text, without_prompt
 from gateway.requests.refusals import (AdmissionRefusal, ContextTooLong, ModelUnavailable, OverLimit, QueueFull,
-                                       UsageUnavailable, denial)
+                                       UsageUnavailable, alone_over_a_limit, denial)
 from gateway.requests.request_log import RequestLog
 from gateway.requests.schemas import REQUEST_SHAPES, ChatCompletionRequest, CompletionRequest
 from gateway.requests.ticket import Ticket
@@ -198,7 +198,7 @@ class Admission:
             if verdict.counters_down is not None:
                 raise verdict.counters_down.error()
             if not decision.allow:
-                raise denial(decision.reasons)
+                raise denial(decision.reasons, never=alone_over_a_limit(decision.obligations))
             if not isinstance(admission, Admitted):
                 assert admission is not None  # an allowed request is always checked
                 raise admission.error()

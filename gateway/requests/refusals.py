@@ -14,16 +14,20 @@ from typing import Any, Union
 from gateway.api_errors import ApiError
 from gateway.limits import RETRYABLE_CODES, Refusal, TeamPlaces
 from gateway.limits.fair_share import CEILING_FACTOR, FALLBACK_SERVICE_MS, drain_wait_s
-from gateway.limits.catalogue import QUEUE_FULL
-from gateway.policy import POLICY_UNAVAILABLE, Reason
+from gateway.limits.catalogue import QUEUE_FULL, USAGE_LIMITS
+from gateway.policy import POLICY_UNAVAILABLE, Obligations, Reason
 from workers.contract.jobs import JobResult
 from workers.contract.output_check import OUTPUT_POLICY_UNAVAILABLE, OUTPUT_UNCHECKED
 
 
 
-def denial(reasons: tuple[Reason, ...] | list[Reason]) -> ApiError:
+def denial(reasons: tuple[Reason, ...] | list[Reason], *, never: str | None = None) -> ApiError:
     """403 with the reasons; 429 with Retry-After when every reason is a limit that will pass;
-    503 with Retry-After when there was no decision at all (``Decision.unavailable``)."""
+    503 with Retry-After when there was no decision at all (``Decision.unavailable``).
+
+    ``never``: why no wait lets this request pass a limit (:func:`alone_over_a_limit`). A 429 then has no
+    Retry-After and no ``retry_after_s``, says so, and tells OpenAI's clients not to retry (:data:`DO_NOT_RETRY`):
+    they wait the Retry-After (up to two minutes) and ask twice more for the same refusal."""
     documents = [r.to_document() for r in reasons]
     summary = "; ".join(r.message for r in reasons) or "denied by policy"
     if reasons and all(r.code == POLICY_UNAVAILABLE for r in reasons):
@@ -32,11 +36,34 @@ def denial(reasons: tuple[Reason, ...] | list[Reason]) -> ApiError:
                                                  "denied and nothing was generated. Try again shortly.",
                         extra={"reasons": documents}, headers={"Retry-After": str(retry)})
     if reasons and all(r.code in RETRYABLE_CODES for r in reasons):
+        code = reasons[0].code if len({r.code for r in reasons}) == 1 else "rate_limited"
+        if never is not None:
+            return ApiError(429, code, f"Limit reached: {summary}. No wait lets this request pass: {never}; ask for "
+                            "fewer tokens (max_tokens) or send a shorter prompt.",
+                            extra={"reasons": [{k: v for k, v in d.items() if k != "retry_after_s"}
+                                               for d in documents]}, headers=DO_NOT_RETRY)
         retry = max(math.ceil(r.retry_after_s or 1) for r in reasons)
-        return ApiError(429, reasons[0].code if len({r.code for r in reasons}) == 1 else "rate_limited",
-                        f"Limit reached: {summary}", extra={"reasons": documents},
+        return ApiError(429, code, f"Limit reached: {summary}", extra={"reasons": documents},
                         headers={"Retry-After": str(retry)})
     return ApiError(403, "policy_denied", f"Denied by policy: {summary}", extra={"reasons": documents})
+
+
+def alone_over_a_limit(obligations: Obligations) -> str | None:
+    """Which of the ``limits`` obligation's limits the request alone exceeds (its granted ``max_tokens`` over a
+    token limit, any request over a limit of 0), or None. Such a request is never admitted under these
+    limits, whatever the counters say: the reservation holds at least ``max_tokens`` against each."""
+    limits = obligations.limits
+    if limits is None:
+        return None
+    for kind, scope in (("principal", limits.principal), ("team", limits.team)):
+        if scope is None:
+            continue
+        for limit in USAGE_LIMITS:
+            value = getattr(scope, limit.name)
+            cost = obligations.max_tokens if limit.cost == "tokens" else 1
+            if value is not None and cost > value:
+                return f"its {kind} limit {limit.name} is {value} and the request alone costs {cost}"
+    return None
 
 
 #: A job whose earlier runs each ended their worker (workers/generation.py): it is recorded failed, not run again.
@@ -100,14 +127,10 @@ class OverLimit:
         return {"admitted": False, "code": self.refusal.code, "refusal": self.refusal.to_dict()}
 
     def error(self) -> ApiError:
-        if self.refusal.never_fits:  # no wait lifts it: a Retry-After would send clients back to the same refusal
-            return ApiError(429, self.refusal.code, f"Limit reached: {self.refusal.message}. No wait lets this "
-                            "request pass: ask for fewer tokens (max_tokens) or send a shorter prompt.",
-                            extra={"reasons": [Reason(code=self.refusal.code,
-                                                      message=self.refusal.message).to_document()]},
-                            headers=DO_NOT_RETRY)
+        never = f"its {self.refusal.scope.kind} limit {self.refusal.limit_name} is {self.refusal.limit}" \
+            if self.refusal.never_fits else None  # no wait lifts it (the message says what it needs)
         return denial([Reason(code=self.refusal.code, message=self.refusal.message,
-                              retry_after_s=self.refusal.retry_after_s)])
+                              retry_after_s=self.refusal.retry_after_s)], never=never)
 
 
 @dataclass(frozen=True)

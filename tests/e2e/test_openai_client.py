@@ -118,24 +118,28 @@ def test_parameters_the_sdk_sends_as_null_mean_their_defaults(sdk):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
-def test_a_request_over_a_limit_on_its_own_is_not_retried(settings, worker, audit_store, tmp_path):
-    """A request whose prompt and max_tokens alone exceed a token limit is refused whatever the wait; its 429
-    said ``Retry-After`` (when the window turns), and the SDK waited and asked twice more for the same refusal.
-    It now says ``x-should-retry: false`` and no ``Retry-After``: the SDK raises at once, one request asked."""
-    own = settings.with_(policy_dir=policy_copy(tmp_path, limits_for("principal", "outsize", tokens_per_minute=10)))
-    key = new_key(own, "outsize", None)
+@pytest.mark.parametrize(("user", "max_tokens"), [("outsize", 1), ("outsize-max", 20)],
+                         ids=["prompt-and-max-tokens-at-the-reservation", "max-tokens-at-the-policy"])
+def test_a_request_over_a_limit_on_its_own_is_not_retried(settings, worker, audit_store, tmp_path, user, max_tokens):
+    """A request whose tokens alone exceed a token limit is refused whatever the wait: its prompt and max_tokens
+    (refused by the reservation), or its max_tokens alone (refused by the policy). Its 429 said ``Retry-After``,
+    and the SDK waited and asked twice more for the same refusal. It now says ``x-should-retry: false`` and no
+    ``Retry-After``: the SDK raises at once, one request asked."""
+    own = settings.with_(policy_dir=policy_copy(tmp_path, limits_for("principal", user, tokens_per_minute=10)))
+    key = new_key(own, user, None)
     with serving(own, tmp_path / "serve.log") as base:
         before = audit_store.head().seq
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=key)  # the SDK's default retries
         with pytest.raises(openai.RateLimitError) as refused:
-            client.chat.completions.create(model=TINY_MODEL_NAME, max_tokens=1,  # the prompt alone is > 10
+            client.chat.completions.create(model=TINY_MODEL_NAME, max_tokens=max_tokens,  # the prompt alone is > 10
                                            messages=[{"role": "user", "content": "Hello there, how are you?"}])
         client.close()
     response = refused.value.response
     assert refused.value.code == "rate_limited"
-    assert "more than the limit" in refused.value.message and "fewer tokens" in refused.value.message
+    assert "No wait lets this request pass" in refused.value.message and "fewer tokens" in refused.value.message
+    assert "tokens_per_minute is 10" in refused.value.message
     assert response.headers["x-should-retry"] == "false" and "retry-after" not in response.headers
     assert "retry_after_s" not in refused.value.body["reasons"][0]
-    asked = [e for e in audit_store.tail(20) if e.seq > before and e.principal == "outsize"]
+    asked = [e for e in audit_store.tail(20) if e.seq > before and e.principal == user]
     assert [(e.kind, e.request_id) for e in asked] == [("request", refused.value.request_id)], [
         (e.body.get("admission"), e.body.get("decision")) for e in asked]
