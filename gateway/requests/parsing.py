@@ -144,6 +144,10 @@ _MESSAGE_DEFAULTS: dict[str, tuple[tuple[Any, ...], str]] = {
     "audio": ((None,), "messages are text only"),
     "annotations": ((None, []), "annotations are not supported"),
 }
+#: The same for ``stream_options``.
+_STREAM_OPTION_DEFAULTS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "include_obfuscation": ((None, False), "stream chunks are not padded against size side channels"),
+}
 #: ``logprobs`` is a flag in chat and a count in text completions; only "none" is accepted.
 _NO_LOGPROBS = {ChatCompletionRequest: (None, False), CompletionRequest: (None,)}
 
@@ -163,6 +167,8 @@ def _check_defaults(owner: Any, table: dict[str, tuple[tuple[Any, ...], str]], p
 def _check_supported(request: ChatCompletionRequest | CompletionRequest) -> None:
     _check_defaults(request, {"logprobs": (_NO_LOGPROBS[type(request)], "log probabilities are not returned")})
     _check_defaults(request, _ONLY_DEFAULTS)
+    if request.stream_options is not None:
+        _check_defaults(request.stream_options, _STREAM_OPTION_DEFAULTS, "stream_options.")
     if isinstance(request, ChatCompletionRequest):
         for i, message in enumerate(request.messages):
             _check_defaults(message, _MESSAGE_DEFAULTS, f"messages[{i}].")

@@ -66,6 +66,9 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool | None = False
+    #: OpenAI pads stream chunks against size side channels unless this is false; govgate never pads, so only
+    #: null and false are accepted (checked in ``gateway.requests.parsing``): true is refused, not ignored.
+    include_obfuscation: Any = None
 
     def __post_init__(self) -> None:
         if self.include_usage is None:  # OpenAI's null: the default

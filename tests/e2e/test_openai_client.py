@@ -143,3 +143,18 @@ def test_a_request_over_a_limit_on_its_own_is_not_retried(settings, worker, audi
     asked = [e for e in audit_store.tail(20) if e.seq > before and e.principal == user]
     assert [(e.kind, e.request_id) for e in asked] == [("request", refused.value.request_id)], [
         (e.body.get("admission"), e.body.get("decision")) for e in asked]
+
+
+def test_stream_options_asking_for_no_obfuscation_are_served(sdk):
+    """The SDK's ``stream_options.include_obfuscation``: false asks for what govgate does (no padding) and is
+    served (it was a 400); true would ask for padding govgate does not add, and is refused naming it."""
+    client = sdk("analyst")
+    chunks = list(client.chat.completions.create(
+        model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=2, stream=True,
+        stream_options={"include_usage": True, "include_obfuscation": False}))
+    assert chunks[-1].usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "Hello"}],
+                                       stream=True, stream_options={"include_obfuscation": True})
+    assert (refused.value.code, refused.value.param) == ("unsupported_parameter",
+                                                        "stream_options.include_obfuscation")
