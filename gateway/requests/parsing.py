@@ -26,6 +26,15 @@ S = TypeVar("S", bound=msgspec.Struct)
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
 _MISSING_FIELD = re.compile(r"Object missing required field `(?P<field>[^`]+)`")
+_ENUM_VALUE = re.compile(r"Invalid enum value '(?P<value>[^']*)'")
+#: Values of OpenAI's API that the request shapes leave out on purpose, by where they stand: a valid OpenAI
+#: request govgate cannot honour is 400 ``unsupported_parameter`` (README), not 422 "Invalid enum value".
+_UNSUPPORTED_VALUES: tuple[tuple[re.Pattern[str], frozenset[str], str], ...] = (
+    (re.compile(r"messages\[\d+\]\.role"), frozenset({"tool", "function"}),
+     "tool and function messages are not supported (tools and function calling are not)"),
+    (re.compile(r"messages\[\d+\]\.content\[\d+\]\.type"),
+     frozenset({"image_url", "input_audio", "file", "refusal"}), "only text content parts are supported"),
+)
 
 #: Deepest nesting of arrays and objects a request body may have. Checked on
 #: the raw bytes before decoding: msgspec (like any recursive parser) recurses
@@ -104,6 +113,11 @@ def _validation_error(message: str) -> ApiError:
         field = f"{path}.{unknown.group('field')}" if path else unknown.group("field")
         return ApiError(400, "unsupported_parameter",
                         f"Unsupported parameter: '{field}' is not accepted by this gateway.", param=field)
+    enum = _ENUM_VALUE.search(message)
+    for where, values, why in _UNSUPPORTED_VALUES:
+        if enum and enum.group("value") in values and where.fullmatch(path):
+            return ApiError(400, "unsupported_parameter", f"Unsupported value '{enum.group('value')}' of '{path}': "
+                            f"{why}.", param=path)
     missing = _MISSING_FIELD.search(message)
     if missing:
         path = f"{path}.{missing.group('field')}" if path else missing.group("field")

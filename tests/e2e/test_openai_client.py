@@ -68,6 +68,10 @@ def test_harmless_defaults_through_the_sdk(sdk):
         sdk("analyst").chat.completions.create(model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "x"}],
                                                logprobs=True)
     assert (refused.value.code, refused.value.param) == ("unsupported_parameter", "logprobs")
+    with pytest.raises(openai.BadRequestError) as image:  # valid OpenAI govgate cannot honour: as for tools
+        sdk("analyst").chat.completions.create(model=TINY_MODEL_NAME, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.org/a.png"}}]}])
+    assert (image.value.code, image.value.param) == ("unsupported_parameter", "messages[0].content[0].type")
     with pytest.raises(openai.UnprocessableEntityError) as out_of_range:  # checked before the policy sees it
         sdk("analyst").chat.completions.create(model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "x"}],
                                                max_tokens=2**53)

@@ -84,8 +84,12 @@ BAD_BODIES = [
     ("n-10-24", chat(n=10**24), 422, "invalid_value", "n"),
     ("top-k-2-53", chat(top_k=2**53), 422, "invalid_value", "top_k"),
     ("seed-10-24", chat(seed=10**24), 422, "invalid_value", "seed"),
+    # valid OpenAI values govgate cannot honour: 400 unsupported_parameter, as tools are (they were 422)
     ("image-part", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
-     422, "invalid_value", "messages[0].content[0].type"),
+     400, "unsupported_parameter", "messages[0].content[0].type"),
+    ("tool-message", chat(messages=[OK_MESSAGES[0], {"role": "tool", "content": "4", "tool_call_id": "1"},
+                                    *OK_MESSAGES]), 400, "unsupported_parameter", "messages[1].role"),
+    ("made-up-role", chat(messages=[{"role": "robot", "content": "x"}]), 422, "invalid_value", "messages[0].role"),
     ("unknown-model", chat(model="no-such-model"), 404, "model_not_found", "model"),
     # govgate-tiny is served by ctransformers, whose C API takes NUL-terminated text
     ("nul-in-content", chat(messages=[{"role": "user", "content": "a\x00b"}]), 422, "invalid_value",
