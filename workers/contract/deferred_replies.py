@@ -9,8 +9,9 @@ be restored). Each wait is a round trip through Redis while the pool process
 idles, and on a loaded two-core machine a round trip is a scheduling
 decision, not microseconds. Sending them and reading the replies when they
 are next needed takes both off the path from queue to model; the ack's
-removal of the bookkeeping goes the same way, off the path from one job to
-the next.
+removal of the bookkeeping went the same way; it now rides on the take the
+ack sends, and goes here only when no take carries it
+(``workers/contract/kombu_redis.py``).
 
 Order is what the bookkeeping rests on, so the rules are: every command goes
 out on this one connection in the order it was sent, and whoever next uses

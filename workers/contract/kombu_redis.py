@@ -27,14 +27,17 @@ HDEL, and a restore that reads an index entry whose payload is gone only
 drops the entry. Restores themselves stay kombu's (a WATCH/MULTI/EXEC
 transaction).
 
-The ack's removal is sent without waiting for its replies
-(:mod:`workers.contract.deferred_replies`): after an ack the next take goes
-out at once, and the removal's replies are read when next needed (the next
-ack, a reject, a restore). The next take does not wait for an ack's removal:
-it touches other keys, and a removal that failed leaves only a served
-delivery in the unacked index, which the visibility timeout restores and
-the worker then ends without running again (its job key says it ran), as
-after a worker that died between its terminal entry and its ack.
+The ack's removal rides on the next take: the ack sends that take at once
+(:meth:`Channel.poll_now`) with the acknowledged tag, and the script removes
+the payload and its index entry before it pops, in the same atomic step. An
+ack that sends no take (the channel is not consuming, a poll is already out)
+sends the removal on its own without waiting for its replies
+(:mod:`workers.contract.deferred_replies`), read when next needed (the next
+ack, a reject, a restore). A take that fails carries its removals to the
+next one; a removal that never runs leaves only a served delivery in the
+unacked index, which the visibility timeout restores and the worker then
+ends without running again (its job key says it ran), as after a worker
+that died between its terminal entry and its ack.
 
 Its channel also serves fair share (``workers/contract/fair_queues.py``): the
 worker consumes only ``model.<name>``, but its take looks at the model's
@@ -53,6 +56,7 @@ transport aliases when this module is imported.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from contextlib import contextmanager
@@ -113,17 +117,19 @@ class QoS(kombu_redis.QoS):
         VirtualQoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: Any) -> None:
-        """The next take goes out at once, then the bookkeeping's removal, which is not waited for.
+        """The next take goes out at once, carrying the bookkeeping's removal; without one, the removal
+        goes on its own and is not waited for.
 
         ``served`` first: the job's service time joins the corrections the next take applies before it
-        orders the lists. The take before the removal: it touches other keys, and sending the removal
-        takes about as long as Redis takes to answer the take (the removal is safe to leave unread:
-        :meth:`_forget`). The previous removal's replies are read first (they arrived long ago), so
-        no more than one ack's are ever outstanding."""
+        orders the lists. The removal inside the take saves a send of its own between two jobs (measured
+        in ``bench/fairness.py``: README, Performance); it is safe to leave to a later take, or unread
+        (:meth:`_forget`). The previous deferred removal's replies are read first (they arrived long ago),
+        so no more than one ack's are ever outstanding."""
         self.channel.settle_deferred()
         self.channel.served(delivery_tag)
         VirtualQoS.ack(self, delivery_tag)
-        self.channel.poll_now()
+        if self.channel.poll_now(acked=delivery_tag):
+            return
         self._forget(delivery_tag, deferred=True)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
@@ -300,6 +306,10 @@ class Channel(kombu_redis.Channel):
     _woken: bool = False
     #: a wake token woke it (its take clears the wake lists)
     _clear_wake: bool = False
+    #: acknowledged delivery tags whose bookkeeping the next take removes (a failed take gives them back)
+    _acked_out: list[Any]
+    #: the tags the take in flight removes
+    _sent_acked: list[Any]
 
     #: The worker whose deliveries this channel keeps under keys of its own (None: kombu's shared keys).
     owner: Owner | None = None
@@ -307,6 +317,7 @@ class Channel(kombu_redis.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._in_service, self._corrections, self._sent_corrections = {}, {}, {}
         self._booked, self._idle_out, self._bells, self._no_ack = set(), {}, {}, set()
+        self._acked_out, self._sent_acked = [], []
         self._deferred = DeferredReplies()
         super().__init__(*args, **kwargs)
         if self.global_keyprefix:  # the take script names its keys itself
@@ -340,7 +351,24 @@ class Channel(kombu_redis.Channel):
     def close(self) -> None:
         self.settle_deferred()
         self._unregister_idle()
+        self._forget_acked()
         super().close()
+
+    def _forget_acked(self) -> None:
+        """Remove the bookkeeping of acknowledged deliveries no take carried yet (at close; best effort:
+        what stays is restored after the visibility timeout and ended without running again). A take
+        still out was sent: Redis runs its removals whether or not its reply is read."""
+        acked, self._acked_out = self._acked_out, []
+        if not acked or self.closed:
+            return
+        try:
+            with self.conn_or_acquire() as client:
+                with client.pipeline(transaction=False) as pipe:
+                    pipe.hdel(self.unacked_key, *acked)
+                    pipe.zrem(self.unacked_index_key, *acked)
+                    pipe.execute()
+        except Exception:  # noqa: BLE001 - Redis gone: the visibility timeout restores them, ended unrun
+            log.debug("acknowledged deliveries' bookkeeping not removed at close", exc_info=True)
 
     def _unregister_idle(self) -> None:
         """A channel that goes away while registered idle takes its tokens back (best effort: a token
@@ -368,11 +396,12 @@ class Channel(kombu_redis.Channel):
             shared = self._shared_client = self._create_client()
         yield shared
 
-    def poll_now(self) -> None:
-        """Send the next take now, as the event loop's next poll would (an ack just freed a slot).
+    def poll_now(self, acked: Any = None) -> bool:
+        """Send the next take now, as the event loop's next poll would (an ack just freed a slot); True
+        when a take went out carrying the bookkeeping's removal of ``acked`` (its delivery tag).
 
-        Otherwise it waits for the rest of the ack (sending the bookkeeping's
-        removal) and Celery's own bookkeeping of the finished task; sent
+        Otherwise it waits for the rest of the ack and Celery's own
+        bookkeeping of the finished task; sent
         here, Redis answers meanwhile. Measured over three alternating pairs
         of ``bench/fairness.py`` runs with a per-job trace (then a BRPOP):
         ack to BRPOP 0.18 → 0.08 ms at the median, the whole hand-over
@@ -384,11 +413,23 @@ class Channel(kombu_redis.Channel):
         cycle = getattr(self.connection, "cycle", None)
         if (cycle is None or self not in getattr(cycle, "_channels", ()) or self.closed or self._in_poll
                 or not self.active_queues or not self.qos.can_consume()):
-            return
+            return False
+        if acked is not None:
+            self._acked_out.append(acked)
+        sent = True
         try:
             cycle._register_BRPOP(self)
         except Exception:  # noqa: BLE001 - the loop's next poll sends it (and reports what fails)
             log.debug("early poll not sent; the next poll sends it", exc_info=True)
+            sent = False
+        if acked is None:
+            return False
+        if sent and acked in self._sent_acked:
+            return True
+        for carried in (self._acked_out, self._sent_acked):  # not carried: the caller removes it itself
+            with contextlib.suppress(ValueError):
+                carried.remove(acked)
+        return False
 
     # ---------------------------------------------------------------- taking jobs
 
@@ -433,10 +474,14 @@ class Channel(kombu_redis.Channel):
                 self._sent_corrections.setdefault(queue, []).extend(corrections)
             spec.append(TakeQueue(idle_key(queue), bell_key(queue),
                                   [self._q_for_pri(queue, pri) for pri in self.priority_steps], model, corrections))
+        acked, self._acked_out = self._acked_out, []
+        self._sent_acked.extend(acked)
         command = take_command(self.unacked_key, self.unacked_index_key, spec, woken=self._woken,
                                registered=[self._idle_out.get(queue, False) for queue in queues],
                                book=[queue not in self._no_ack for queue in queues],
-                               clear_wake=self._clear_wake, default_place=self._default_place())
+                               clear_wake=self._clear_wake, default_place=self._default_place(),
+                               acked=[bytes_to_str(tag) if isinstance(tag, bytes) else str(tag)
+                                      for tag in self._sent_acked])
         self._woken = self._clear_wake = False
         return command
 
@@ -466,8 +511,11 @@ class Channel(kombu_redis.Channel):
             return
         try:
             self.settle_deferred()
+            acked = {bytes_to_str(t) if isinstance(t, bytes) else str(t) for t in self._acked_out}
             with self.conn_or_acquire() as client:
                 for tag in client.hkeys(self.unacked_key):
+                    if bytes_to_str(tag) in acked:  # served and acknowledged: its removal is still to go
+                        continue
                     if bytes_to_str(tag) not in self.qos._delivered:
                         self.qos._restore_from(client, tag, self.unacked_key, self.unacked_index_key)
                         log.warning("a job taken as the connection dropped went back to its queue")
@@ -477,10 +525,13 @@ class Channel(kombu_redis.Channel):
         self._lost_take = False
 
     def _corrections_back(self) -> None:
-        """A take that failed: the corrections it carried go with the next one."""
+        """A take that failed: the corrections and removals it carried go with the next one (a removal
+        that did run is harmless to repeat)."""
         for queue, corrections in self._sent_corrections.items():
             self._corrections.setdefault(queue, [])[:0] = corrections
         self._sent_corrections = {}
+        self._acked_out[:0] = self._sent_acked
+        self._sent_acked = []
 
     def _brpop_read(self, **options: Any) -> bool:
         """Read the take's reply (deliver its job) or the bell's (take next).
@@ -529,6 +580,7 @@ class Channel(kombu_redis.Channel):
                         self._clear_wake = True
                 raise Empty()
             self._sent_corrections = {}
+            self._sent_acked = []
             queues = self._poll_queues
             taken = take_script.parse_take(reply)
             if taken is None:  # the take left an idle token for each queue that had none out

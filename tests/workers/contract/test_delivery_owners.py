@@ -172,6 +172,38 @@ def test_a_job_whose_take_reply_was_lost_goes_back_before_the_next_take(redis_se
         client.delete(idle_key(QUEUE), bell_key(QUEUE))
 
 
+def test_a_served_delivery_whose_removal_waits_for_a_take_is_not_handed_back_after_a_lost_take(redis_server, client):
+    """An ack's removal rides on the next take; when that take's reply is lost, the channel hands back what
+    its hash holds and it did not deliver. A delivery it served and acknowledged is among those (its removal
+    not yet run) and must not go back to the queue to run again: its bookkeeping is removed instead."""
+    from kombu.utils.json import loads
+
+    from workers.contract import take as take_script
+    from workers.contract.queue_layout import bell_key, idle_key, queue_keys
+
+    node = f"acked-lost.{os.getpid()}@{socket.gethostname()}"
+    with worker_channel(redis_server, node) as channel:
+        publish(channel, "served", "lost")
+        hash_key, index_key = owner_keys(node)
+        spec = [take_script.TakeQueue(idle_key(QUEUE), bell_key(QUEUE), queue_keys(QUEUE), "owners-test")]
+        served = take_script.take(client, hash_key, index_key, spec)
+        lost = take_script.take(client, hash_key, index_key, spec)  # Redis ran it; the reply is "lost"
+        assert served.item and lost.item and client.llen(QUEUE) == 0 and client.hlen(hash_key) == 2
+        tag = loads(served.item)["properties"]["delivery_tag"]
+        # as after the served job's ack whose take (carrying the removal) failed on the connection
+        channel._acked_out = [tag]
+        channel._lost_take = True
+        channel._restore_undelivered()
+        assert client.llen(QUEUE) == 1  # the lost one only
+        back = take(channel)
+        assert back.body == b"lost"
+        back.ack()
+        channel.settle_deferred()
+    # the channel closed: the served delivery's removal, which no take carried, went then
+    assert client.hlen(hash_key) == 0 and client.zcard(index_key) == 0 and client.llen(QUEUE) == 0
+    client.delete(idle_key(QUEUE), bell_key(QUEUE))
+
+
 def test_a_live_workers_deliveries_go_back_only_past_the_visibility_timeout(redis_server, client):
     here = socket.gethostname()
     live = f"live.{os.getpid()}@{here}"

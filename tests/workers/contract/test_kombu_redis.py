@@ -280,10 +280,20 @@ def test_a_take_refused_for_a_missing_script_loses_no_job(redis_server):
         assert client.hlen(channel.unacked_key) == 0
 
 
+def _until(condition: Callable[[], bool]) -> bool:
+    """``condition()`` once it holds, or its last answer after a few seconds (Redis answers another client)."""
+    import time
+
+    deadline = time.monotonic() + 5
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
 def test_a_job_arrives_with_its_bookkeeping_and_charge_already_in_redis(redis_server):
     """The take moved the job into the unacked hash and charged it in the same script: when the consumer
-    gets the job, Redis already holds both, and the only replies outstanding are the previous ack's
-    removal; the ack's service time goes with the next take."""
+    gets the job, Redis already holds both; the ack's removal and its service time go with the next take,
+    which the ack sends at once: no reply is left outstanding on the side."""
     import time
 
     from workers.contract.fair_queues import tags_key, waiting_key
@@ -291,6 +301,7 @@ def test_a_job_arrives_with_its_bookkeeping_and_charge_already_in_redis(redis_se
     with _fair_model(redis_server, "kdefer") as (model, client, connection):
         channel = connection.default_channel
         seen: list = []
+        carried: list = []
 
         def handle(message, delivered: list) -> None:
             seen.append((channel._deferred.outstanding, client.hget(channel.unacked_key, message.delivery_tag)
@@ -298,14 +309,15 @@ def test_a_job_arrives_with_its_bookkeeping_and_charge_already_in_redis(redis_se
                          int(client.hget(waiting_key(model), "a") or 0)))
             time.sleep(0.02)
             _acked(message, delivered)
-            assert channel._deferred.outstanding == 2  # the removal (HDEL, ZREM) sent, not read
+            # no removal of its own: the take the ack sent carries it
+            carried.append((channel._deferred.outstanding, message.delivery_tag in channel._sent_acked))
 
         _fair_push(client, model, "a", "ann", 3)
         _consume(connection, model, 3, handle)
-        channel.settle_deferred()
-        assert client.hlen(channel.unacked_key) == 0 and client.zcard(channel.unacked_index_key) == 0
-        # the second and third jobs came while the previous ack's removal was still unread
-        assert seen == [(0, True, True, 2), (2, True, True, 1), (2, True, True, 0)], seen
+        assert carried == [(0, True)] * 3, carried
+        # the last ack's take is out (its reply unread); Redis ran its removal all the same
+        assert _until(lambda: client.hlen(channel.unacked_key) == 0 and client.zcard(channel.unacked_index_key) == 0)
+        assert seen == [(0, True, True, 2), (0, True, True, 1), (0, True, True, 0)], seen
         # the second job was measured (the first is the pool's warm-up) and corrected in the third's take
         assert 5.0 < float(client.hget(tags_key(model), "svc")) < 1000.0
 
@@ -313,26 +325,47 @@ def test_a_job_arrives_with_its_bookkeeping_and_charge_already_in_redis(redis_se
 def test_a_killed_deferred_connection_loses_no_job(redis_server):
     """The connection that carried an ack's removal is killed (CLIENT KILL) while its replies are unread:
     what was sent was applied, the next ack's removal goes out on a new connection, and the next job is
-    taken. (A Redis that dies before replying: test_deferred_replies.py.)"""
-    from workers.contract.fair_queues import waiting_key
-
+    taken. An ack sends its removal on that connection when no take carries it (here: deliveries
+    fetched with ``basic_get``, nothing consumed). (A Redis that dies before replying:
+    test_deferred_replies.py.)"""
+    queue = "model.kombu-kill"
     with _fair_model(redis_server, "kkill") as (model, client, connection):
         channel = connection.default_channel
-
-        def handle(message, delivered: list) -> None:
-            if len(delivered) == 1:
+        _declared_with(channel, queue, "one", "two", "three")
+        held = [channel.basic_get(queue, no_ack=False) for _ in range(3)]
+        assert [message.body for message in held] == [b"one", b"two", b"three"] and client.llen(queue) == 0
+        for number, message in enumerate(held):
+            message.ack()
+            if number == 0:
                 # the deferred connection is the one whose last command was the first ack's ZREM
                 ids = [c["id"] for c in client.client_list() if c["cmd"] == "zrem"]
                 assert len(ids) == 1 and channel._deferred.outstanding == 2
                 assert client.client_kill_filter(_id=ids[0]) == 1
-            _acked(message, delivered)
-
-        _fair_push(client, model, "a", "ann", 3)
-        delivered = _consume(connection, model, 3, handle)
         channel.settle_deferred()
         assert client.hlen(channel.unacked_key) == 0 and client.zcard(channel.unacked_index_key) == 0
-        assert len(delivered) == 3
-        assert not client.hgetall(waiting_key(model))
+        channel.queue_delete(queue)
+
+
+def test_an_acks_removal_in_a_take_refused_for_a_missing_script_goes_with_the_next_take(redis_server):
+    """The take an ack sent carries that delivery's removal; Redis lost the script (SCRIPT FLUSH) and
+    refused the take before it ran: the removal is not lost, the next take (after the script is loaded)
+    carries it, and the bookkeeping is gone."""
+    with _fair_model(redis_server, "krefused") as (model, client, connection):
+        channel = connection.default_channel
+        flushed: list = []
+
+        def handle(message, delivered: list) -> None:
+            if not flushed:
+                client.script_flush()  # the take this ack sends is refused
+                flushed.append(message.delivery_tag)
+            _acked(message, delivered)
+
+        _fair_push(client, model, "a", "ann", 2)
+        delivered = _consume(connection, model, 2, handle)
+        assert len(delivered) == 2
+        assert _until(lambda: client.hget(channel.unacked_key, flushed[0]) is None)
+        assert client.zscore(channel.unacked_index_key, flushed[0]) is None
+        assert _until(lambda: client.hlen(channel.unacked_key) == 0 and client.zcard(channel.unacked_index_key) == 0)
 
 
 def test_an_ack_whose_removal_cannot_be_sent_removes_the_bookkeeping_on_the_shared_client(redis_server, monkeypatch):
