@@ -5,8 +5,17 @@ A worker only BRPOPs the fair lists it finds in the model's registry
 (``workers/contract/fair_queues.py``), so a list must be registered before a
 worker can take its job. The script asks the registry (``ZSCORE``, a read)
 and writes it only when the list is missing or its time is older than
-:data:`REREGISTER_S` (the workers prune a list only when it has been empty
-and not registered for an hour). A list registered for the first time wakes
+:data:`REREGISTER_S` (the workers prune a list only when it is empty and
+has not been registered for five minutes). It asks only when the push found
+the list empty (``LPUSH`` answers 1) or at every :data:`CHECK_EVERY`-th
+length: a list that already held a job is registered (every push and
+restore onto an empty list registers it, in the same step, and the prune
+drops only empty lists), so under load, when the lists are not empty, the
+push costs ``LPUSH`` and ``HINCRBY`` only (until 2026-12-02 every push read
+the registry). The periodic look finds a registry lost some other way (a
+hand's ``DEL``) while jobs keep coming; a list busy for more than five
+minutes may be pruned as soon as it empties, and its next push registers
+it again. A list registered for the first time wakes
 a worker blocked on the old set of lists (a token on the wake list; kept
 for workers from before the take script, which order from a cached
 registry). A push that finds the list empty (``LPUSH`` answers 1) rings the
@@ -33,14 +42,21 @@ from workers.contract.queue_layout import bell_key, idle_key
 
 #: A list's registration is refreshed when a push finds it older than this (s).
 REREGISTER_S = 60.0
+#: A push that finds its list holding jobs reads the registry only at every CHECK_EVERY-th length.
+CHECK_EVERY = 8
 #: Most wake tokens kept: one wakes one blocked worker; more would only make idle workers spin.
 WAKE_TOKENS = 64
 
 # KEYS: [1] the list, [2] waiting counts, [3] registry, [4] wake list, [5] idle tokens, [6] bell.
 # ARGV: [1] the message, [2] team field, [3] now (s).
 _PUSH = f"""
-if redis.call('LPUSH', KEYS[1], ARGV[1]) == 1 then redis.call('RPOPLPUSH', KEYS[5], KEYS[6]) end
+local n = redis.call('LPUSH', KEYS[1], ARGV[1])
+if n == 1 then redis.call('RPOPLPUSH', KEYS[5], KEYS[6]) end
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+-- a list that held jobs before this push is registered (a push registers an empty list, a restore its
+-- list, and the prune drops only empty ones): the registry is read only when the list was empty, and
+-- at every {CHECK_EVERY}th length (a registry lost some other way, e.g. deleted by hand, is found again)
+if n % {CHECK_EVERY} ~= 1 then return 1 end
 local now = tonumber(ARGV[3])
 local seen = tonumber(redis.call('ZSCORE', KEYS[3], KEYS[1]))
 if not seen or seen < now - {REREGISTER_S} then

@@ -180,6 +180,7 @@ def test_a_new_list_wakes_a_worker_and_the_token_is_consumed(client, model, redi
             tokens_after_new = client.llen(wake_key(model))
             await push(async_client, "a")  # registered already: no token
             client.zadd(registry_key(model), {first: 1.0})  # registered long ago: registered again, no token
+            client.delete(first)  # (a push onto a list that holds jobs does not read the registry)
             await push(async_client, "a")
             tokens_after_known = client.llen(wake_key(model))
             assert client.zscore(registry_key(model), first) > 1.0
@@ -191,12 +192,45 @@ def test_a_new_list_wakes_a_worker_and_the_token_is_consumed(client, model, redi
     first, second, tokens_after_new, tokens_after_known = asyncio.run(scenario())
     assert (tokens_after_new, tokens_after_known) == (1, 1)
     assert client.llen(wake_key(model)) == 2
-    assert client.hgetall(waiting_key(model)) == {b"a": b"3", b"b": b"1"}
+    assert client.hgetall(waiting_key(model)) == {b"a": b"3", b"b": b"1"}  # (one of a's jobs deleted by hand)
     assert set(client.zrange(registry_key(model), 0, -1)) == {first.encode(), second.encode()}
     result = pick(client, model, popped=wake_key(model))
     assert result.charged_ms is None
     assert client.llen(wake_key(model)) == 0  # the pick that follows a wake drops the stale tokens
     assert set(result.order[:-1]) == {first, second} and result.order[-1] == wake_key(model)
+
+
+def test_a_push_onto_a_list_holding_jobs_reads_the_registry_only_every_eighth_length(client, model, redis_server):
+    """The registry is read when the push finds the list empty, and at lengths 9, 17, …: a list that holds
+    jobs is registered, so under load a push is LPUSH and HINCRBY only; a registry lost by hand while jobs
+    keep coming is found again at the next such length."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from gateway.dispatch.fair_push import CHECK_EVERY, fair_push
+
+    key = queue_key(fair_queue(model, "a", "pat"), 5)
+
+    async def scenario() -> list[int]:
+        async_client = aioredis.Redis.from_url(redis_server.url)
+        registered = []
+        try:
+            for n in range(1, 2 * CHECK_EVERY + 2):
+                if n == 2:
+                    client.delete(registry_key(model))  # lost while the list holds a job
+                before = dict(client.info("commandstats"))
+                await fair_push(async_client, model, "a", key, "job")
+                after = client.info("commandstats")
+                if after.get("cmdstat_zscore", {}).get("calls", 0) > before.get("cmdstat_zscore", {}).get("calls", 0):
+                    registered.append(n)
+                assert (client.zscore(registry_key(model), key) is not None) == (n == 1 or n > CHECK_EVERY)
+        finally:
+            await async_client.aclose()
+        return registered
+
+    assert asyncio.run(scenario()) == [1, CHECK_EVERY + 1, 2 * CHECK_EVERY + 1]
+    assert client.llen(key) == 2 * CHECK_EVERY + 1
 
 
 def test_idle_empty_lists_are_pruned_and_busy_or_recent_ones_kept(client, model):
