@@ -56,15 +56,41 @@ LEGACY_KEYS = ("unacked", "unacked_index")
 REGISTRATION_GRACE_S = HEARTBEAT_TTL_S + 30
 
 
-#: The prefixes of an owner's keys (:func:`owner_keys`); the registry's own key shares the first.
+#: The prefixes of an owner's keys (:func:`owner_keys`); the registry's own key shares the first. The
+#: index is kombu's layout and no longer written for an owner (until 2026-12-02 it was): an owner's hash
+#: holds each delivery's time beside its payload (:func:`time_field`), so a take writes one ``HSET`` and
+#: an ack one ``HDEL`` instead of two commands each; an index left by an older worker is still read.
 HASH_PREFIX, INDEX_PREFIX = "govgate:unacked:", "govgate:unacked-index:"
+#: Marks an owner's hash field that holds a delivery's time (Unix seconds) rather than its payload. Delivery
+#: tags are UUIDs, so no tag begins with it.
+TIME_MARK = "@"
 #: How often a worker looks for keys of owners nobody registered (a SCAN of the keyspace).
 ORPHAN_SCAN_INTERVAL_S = 60.0
 
 
 def owner_keys(node: str) -> tuple[str, str]:
-    """The unacked hash and index of the worker named ``node`` (Celery's ``<model>.<pid>@<host>``)."""
+    """The unacked hash and (older workers') index of the worker named ``node`` (``<model>.<pid>@<host>``)."""
     return f"{HASH_PREFIX}{node}", f"{INDEX_PREFIX}{node}"
+
+
+def time_field(tag: str) -> str:
+    """The field of an owner's hash that holds when ``tag`` was delivered."""
+    return TIME_MARK + tag
+
+
+def delivery_times(fields: dict[str, str], index: dict[str, float]) -> dict[str, float | None]:
+    """Each delivery in an owner's hash (``fields``: its fields and values, decoded) → when it was delivered:
+    its time field, else its entry in an older worker's ``index``, else None (its time never arrived)."""
+    out: dict[str, float | None] = {}
+    for name, value in fields.items():
+        if name.startswith(TIME_MARK):
+            continue
+        raw = fields.get(time_field(name))
+        try:
+            out[name] = float(raw) if raw is not None else index.get(name)
+        except ValueError:
+            out[name] = index.get(name)
+    return out
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """kombu's Redis transport with one redis-py client per channel instead of one per call.
 
 kombu's Redis ``Channel.conn_or_acquire`` builds a new ``redis.Redis`` (over
-the channel's shared pool) for every publish, ack, reject and unacked-index
+the channel's shared pool) for every publish, ack, reject and unacked
 update; with redis-py 8 a client costs about 0.1 ms of CPU to build, three or
 more times per task on the worker's main process. This channel keeps one
 client over the same pool and hands it out instead (a ``redis.Redis`` is safe
@@ -10,32 +10,34 @@ same keys and acknowledgement rules.
 
 Its channel takes jobs with :mod:`workers.contract.take`'s script instead of
 kombu's BRPOP: the job leaves its list and lands in the worker's unacked
-hash and index in one atomic step, so there is no moment at which a job is
+hash, with its time, in one atomic step, so there is no moment at which a job is
 in neither and a worker frozen or killed right after taking it loses it:
 the restore scan (``QoS.restore_visible`` below) hands it back. A take that
 finds nothing leaves an idle token and the channel BRPOPs its queues' bells
 instead, which a push rings (see that module).
 
-The ack removes the bookkeeping as a plain two-command pipeline instead of
-kombu's MULTI…EXEC transaction (a ``basic_get`` delivery, which the take
-does not book, is booked so too). Atomicity is not what the removal rests on;
-the order is. The payload is deleted before its index entry, so an index
-entry never leads a restore to a payload that should not be restored:
-kombu's ``restore_by_tag`` WATCHes the payload hash, so a restore racing an
-ack either sees the payload gone or has its transaction aborted by the ack's
-HDEL, and a restore that reads an index entry whose payload is gone only
-drops the entry. Restores themselves stay kombu's (a WATCH/MULTI/EXEC
-transaction).
+The ack removes the bookkeeping with one ``HDEL`` (payload and time are
+fields of one hash under a worker's own keys: ``workers/contract/delivery_owners.py``;
+until 2026-12-02 the time was an index entry, a ``ZADD`` in the take and a
+``ZREM`` in the ack) instead of kombu's MULTI…EXEC transaction (a
+``basic_get`` delivery, which the take does not book, is booked so too).
+kombu's restore_by_tag WATCHes the payload hash, so a restore racing an ack
+either sees the payload gone or has its transaction aborted by the ack's
+HDEL. Under kombu's shared keys (no owner) the ack is kombu's two commands,
+payload first, then its index entry, so an index entry never leads a
+restore to a payload that should not be restored. Restores themselves stay
+kombu's (a WATCH/MULTI/EXEC transaction).
 
 The ack's removal rides on the next take: the ack sends that take at once
 (:meth:`Channel.poll_now`) with the acknowledged tag, and the script removes
-the payload and its index entry before it pops, in the same atomic step. An
-ack that sends no take (the channel is not consuming, a poll is already out)
-sends the removal on its own without waiting for its replies
+the payload and its time (or, under kombu's shared keys, its index entry)
+before it pops, in the same atomic step. An ack that sends no take (the
+channel is not consuming, a poll is already out) sends the removal on its
+own without waiting for its replies
 (:mod:`workers.contract.deferred_replies`), read when next needed (the next
 ack, a reject, a restore). A take that fails carries its removals to the
 next one; a removal that never runs leaves only a served delivery in the
-unacked index, which the visibility timeout restores and the worker then
+unacked hash, which the visibility timeout restores and the worker then
 ends without running again (its job key says it ran), as after a worker
 that died between its terminal entry and its ack.
 
@@ -77,9 +79,9 @@ from redis.exceptions import NoScriptError
 from workers.contract import fair_order
 from workers.contract import take as take_script
 from workers.contract.deferred_replies import DeferredReplies, ignore_reply
-from workers.contract.delivery_owners import (LEGACY_KEYS, ORPHAN_SCAN_INTERVAL_S, OWNERS_KEY, Owner, is_dead,
-                                              orphaned_nodes, owner_from_node, owner_keys, process_started_at,
-                                              this_process)
+from workers.contract.delivery_owners import (LEGACY_KEYS, ORPHAN_SCAN_INTERVAL_S, OWNERS_KEY, TIME_MARK, Owner,
+                                              delivery_times, is_dead, orphaned_nodes, owner_from_node, owner_keys,
+                                              process_started_at, this_process, time_field)
 from workers.contract.fair_queues import (PART_SEP, PLAIN_HINT, parse_fair_queue, registry_key, tags_key, waiting_key,
                                           wake_key)
 from workers.contract.liveness import LIVE_SCRIPT, WORKERS_KEY
@@ -110,10 +112,12 @@ class QoS(kombu_redis.QoS):
             return
         delivery = message.delivery_info
         payload = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        self.channel.send_deferred(
-            [("HSET", self.unacked_key, delivery_tag, payload),
-             ("ZADD", self.unacked_index_key, repr(time()), delivery_tag)],
-            [ignore_reply, ignore_reply])
+        if self.channel.owner is not None:
+            commands = [("HSET", self.unacked_key, delivery_tag, payload, time_field(delivery_tag), repr(time()))]
+        else:
+            commands = [("HSET", self.unacked_key, delivery_tag, payload),
+                        ("ZADD", self.unacked_index_key, repr(time()), delivery_tag)]
+        self.channel.send_deferred(commands, [ignore_reply] * len(commands))
         VirtualQoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: Any) -> None:
@@ -187,15 +191,31 @@ class QoS(kombu_redis.QoS):
             hash_key, index_key = owner_keys(node)
             if mine is not None and node == mine.node:
                 # what the keys held before this process registered is a predecessor's of the same name
-                self._restore_older(client, hash_key, index_key, max(visible_before, mine.since), None)
+                self._restore_owned(client, hash_key, index_key, max(visible_before, mine.since), None)
             elif owner is not None and is_dead(owner, live, host=host, now=now):
-                self._restore_older(client, hash_key, index_key, float("inf"), None)
-                for tag in client.hkeys(hash_key):  # a payload whose index entry never arrived (died between)
-                    self._restore_from(client, tag, hash_key, index_key)
+                # every delivery, also one whose time never arrived (an older worker that died between)
+                self._restore_owned(client, hash_key, index_key, float("inf"), None, untimed=True)
                 self._forget_owner(client, node, hash_key, index_key)
             else:
-                self._restore_older(client, hash_key, index_key, visible_before, num)
+                self._restore_owned(client, hash_key, index_key, visible_before, num)
         self._restore_older(client, *LEGACY_KEYS, visible_before, num)
+
+    def _restore_owned(self, client: Any, hash_key: str, index_key: str, before: float, num: int | None, *,
+                       untimed: bool = False) -> None:
+        """Hand back an owner's deliveries made before ``before``, oldest last as kombu's (at most ``num``;
+        None: all), and with ``untimed`` those whose time is not known. One ``HGETALL`` (a worker holds a
+        few deliveries), and the index of an older worker only when a delivery has no time in the hash."""
+        fields = {bytes_to_str(k): bytes_to_str(v) for k, v in client.hgetall(hash_key).items()}
+        if not fields:
+            return
+        index: dict[str, float] = {}
+        if any(not name.startswith(TIME_MARK) and time_field(name) not in fields for name in fields):
+            index = {bytes_to_str(tag): score for tag, score in client.zrange(index_key, 0, -1, withscores=True)}
+        times = delivery_times(fields, index)
+        due = sorted((tag for tag, at in times.items() if (at is None and untimed) or (at is not None and at < before)),
+                     key=lambda tag: times[tag] or 0.0, reverse=True)
+        for tag in due[:num] if num else due:
+            self._restore_from(client, tag, hash_key, index_key)
 
     def _restore_older(self, client: Any, hash_key: str, index_key: str, before: float, num: int | None) -> None:
         """Hand back the deliveries of one owner's keys indexed before ``before`` (at most ``num``; None: all)."""
@@ -215,7 +235,7 @@ class QoS(kombu_redis.QoS):
             payload = pipe.hget(hash_key, tag)
             pipe.multi()
             pipe.zrem(index_key, tag)
-            pipe.hdel(hash_key, tag)
+            pipe.hdel(hash_key, tag, time_field(bytes_to_str(tag)))
             if payload:
                 message, exchange, routing_key = loads(bytes_to_str(payload))
                 self.channel._do_restore_message(message, exchange, routing_key, pipe, False)
@@ -225,7 +245,7 @@ class QoS(kombu_redis.QoS):
     @staticmethod
     def _forget_owner(client: Any, node: str, hash_key: str, index_key: str) -> None:
         """A dead owner whose deliveries are all back: its registration and keys go."""
-        if client.zcard(index_key) == 0 and client.hlen(hash_key) == 0:
+        if client.hlen(hash_key) == 0:
             client.hdel(OWNERS_KEY, node)
             client.delete(hash_key, index_key)
 
@@ -236,19 +256,29 @@ class QoS(kombu_redis.QoS):
         Safe to leave unread: a removal that fails leaves a delivery that was served in the unacked
         index, which the visibility timeout restores and the worker then ends without running it again
         (its job key says it ended), as after a worker that died between its terminal entry and its ack."""
+        if self.channel.owner is not None:  # payload and time in one hash: one HDEL
+            commands: list[tuple[Any, ...]] = [("HDEL", self.unacked_key, delivery_tag, time_field(delivery_tag))]
+        else:
+            commands = [("HDEL", self.unacked_key, delivery_tag), ("ZREM", self.unacked_index_key, delivery_tag)]
         if deferred:
             try:
-                self.channel.send_deferred([("HDEL", self.unacked_key, delivery_tag),
-                                            ("ZREM", self.unacked_index_key, delivery_tag)],
-                                           [ignore_reply, ignore_reply])
+                self.channel.send_deferred(commands, [ignore_reply] * len(commands))
                 return
             except redis.RedisError:  # the deferred connection was lost: as before, on the shared client
                 pass
         with self.channel.conn_or_acquire() as client:
             with client.pipeline(transaction=False) as pipe:
-                pipe.hdel(self.unacked_key, delivery_tag)
-                pipe.zrem(self.unacked_index_key, delivery_tag)
+                for command in commands:
+                    pipe.execute_command(*command)
                 pipe.execute()
+
+    def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
+        """kombu's (its restore's removal, inside the restore's transaction); under an owner's keys the
+        payload and its time, one ``HDEL``."""
+        if self.channel.owner is None:
+            return super()._remove_from_indices(delivery_tag, pipe)
+        with self.pipe_or_acquire(pipe) as pipe:
+            return pipe.hdel(self.unacked_key, delivery_tag, time_field(bytes_to_str(delivery_tag)))
 
 
 #: The model queues' prefix (``workers.contract.jobs.queue_for``).
@@ -362,10 +392,14 @@ class Channel(kombu_redis.Channel):
         if not acked or self.closed:
             return
         try:
+            tags = [bytes_to_str(tag) if isinstance(tag, bytes) else str(tag) for tag in acked]
             with self.conn_or_acquire() as client:
                 with client.pipeline(transaction=False) as pipe:
-                    pipe.hdel(self.unacked_key, *acked)
-                    pipe.zrem(self.unacked_index_key, *acked)
+                    if self.owner is not None:  # payloads and their times, one hash
+                        pipe.hdel(self.unacked_key, *tags, *[time_field(tag) for tag in tags])
+                    else:
+                        pipe.hdel(self.unacked_key, *tags)
+                        pipe.zrem(self.unacked_index_key, *tags)
                     pipe.execute()
         except Exception:  # noqa: BLE001 - Redis gone: the visibility timeout restores them, ended unrun
             log.debug("acknowledged deliveries' bookkeeping not removed at close", exc_info=True)
@@ -476,7 +510,8 @@ class Channel(kombu_redis.Channel):
                                   [self._q_for_pri(queue, pri) for pri in self.priority_steps], model, corrections))
         acked, self._acked_out = self._acked_out, []
         self._sent_acked.extend(acked)
-        command = take_command(self.unacked_key, self.unacked_index_key, spec, woken=self._woken,
+        command = take_command(self.unacked_key, None if self.owner is not None else self.unacked_index_key, spec,
+                               woken=self._woken,
                                registered=[self._idle_out.get(queue, False) for queue in queues],
                                book=[queue not in self._no_ack for queue in queues],
                                clear_wake=self._clear_wake, default_place=self._default_place(),
@@ -516,7 +551,7 @@ class Channel(kombu_redis.Channel):
                 for tag in client.hkeys(self.unacked_key):
                     if bytes_to_str(tag) in acked:  # served and acknowledged: its removal is still to go
                         continue
-                    if bytes_to_str(tag) not in self.qos._delivered:
+                    if not bytes_to_str(tag).startswith(TIME_MARK) and bytes_to_str(tag) not in self.qos._delivered:
                         self.qos._restore_from(client, tag, self.unacked_key, self.unacked_index_key)
                         log.warning("a job taken as the connection dropped went back to its queue")
         except Exception:  # noqa: BLE001 - Redis still away: tried again before the next take

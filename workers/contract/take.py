@@ -65,7 +65,8 @@ from workers.contract.fair_queues import SHARES_KEY, registry_key, tags_key, wai
 #: Most idle tokens kept on a queue's idle list (one per idle worker; more are left by killed workers).
 MAX_IDLE_TOKENS = 256
 
-# KEYS: [1] unacked hash, [2] unacked index, [3] shares, then per queue: idle list, bell, its plain lists
+# KEYS: [1] unacked hash, [2] unacked index ('': the delivery's time goes in the hash, beside its payload,
+#       under '@' .. tag: an owner's keys, workers/contract/delivery_owners.py), [3] shares, then per queue: idle list, bell, its plain lists
 #       (priority order), and for a model queue: registry, tags, waiting, wake list.
 # ARGV: [1] now (s), [2] estimate when svc is unknown (ms), [3] queues, [4] plain lists per queue,
 #       [5] '1': a bell woke this worker, [6] per queue '1'/'0': this worker's idle token is out there,
@@ -80,11 +81,21 @@ local HASH, INDEX, SHARES = KEYS[1], KEYS[2], KEYS[3]
 local now, est = tonumber(ARGV[1]), tonumber(ARGV[2])
 local nq, np = tonumber(ARGV[3]), tonumber(ARGV[4])
 local woken, registered, clear_wake = ARGV[5] == '1', ARGV[6], ARGV[7] == '1'
--- the acknowledged deliveries' bookkeeping: payloads, then index entries (kombu's order for a removal)
+-- the acknowledged deliveries' bookkeeping: payloads with their time fields (an owner's hash), or
+-- payloads, then index entries (kombu's layout and order for a removal)
 local nacked = tonumber(ARGV[10])
 if nacked > 0 then
-  redis.call('HDEL', HASH, unpack(ARGV, 11, 10 + nacked))
-  redis.call('ZREM', INDEX, unpack(ARGV, 11, 10 + nacked))
+  if INDEX == '' then
+    local fields = {{}}
+    for i = 11, 10 + nacked do
+      fields[#fields + 1] = ARGV[i]
+      fields[#fields + 1] = '@' .. ARGV[i]
+    end
+    redis.call('HDEL', HASH, unpack(fields))
+  else
+    redis.call('HDEL', HASH, unpack(ARGV, 11, 10 + nacked))
+    redis.call('ZREM', INDEX, unpack(ARGV, 11, 10 + nacked))
+  end
 end
 local function exists(keys, lo, hi)
   local n = 0
@@ -183,8 +194,8 @@ if not item then
   return {{}}
 end
 
--- the bookkeeping kombu's QoS wrote from the client: the payload under its tag, then its index entry
--- (none for a consumer that does not acknowledge: nothing would remove it)
+-- the bookkeeping kombu's QoS wrote from the client: the payload under its tag and its time (none for a
+-- consumer that does not acknowledge: nothing would remove it)
 local booked, tag, exchange, routing_key = '0', nil, nil, nil
 local ok, message = pcall(cjson.decode, item)
 if ok and type(message) == 'table' and type(message.properties) == 'table' then
@@ -193,8 +204,13 @@ if ok and type(message) == 'table' and type(message.properties) == 'table' then
   if type(info) == 'table' then exchange, routing_key = info.exchange, info.routing_key end
 end
 if taken_from.book and type(tag) == 'string' and type(exchange) == 'string' and type(routing_key) == 'string' then
-  redis.call('HSET', HASH, tag, '[' .. item .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']')
-  redis.call('ZADD', INDEX, now, tag)
+  local payload = '[' .. item .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']'
+  if INDEX == '' then
+    redis.call('HSET', HASH, tag, payload, '@' .. tag, ARGV[1])
+  else
+    redis.call('HSET', HASH, tag, payload)
+    redis.call('ZADD', INDEX, now, tag)
+  end
   booked = '1'
 end
 
@@ -243,7 +259,7 @@ class Taken:
     booked: bool
 
 
-def take_command(hash_key: str, index_key: str, queues: Sequence[TakeQueue], *, woken: bool = False,
+def take_command(hash_key: str, index_key: str | None, queues: Sequence[TakeQueue], *, woken: bool = False,
                  registered: Sequence[bool] = (), book: Sequence[bool] | None = None, clear_wake: bool = False,
                  default_place: int = 0, acked: Sequence[str] = (),
                  now: float | None = None,
@@ -251,14 +267,15 @@ def take_command(hash_key: str, index_key: str, queues: Sequence[TakeQueue], *, 
     """The ``EVALSHA`` of one take (command name first); ``registered``: per queue, whether this worker's
     idle token is out there (default: none); ``default_place``: the default priority's place in the
     plain lists' priority order; ``book``: per queue, whether its consumer acknowledges (default: all);
-    ``acked``: tags of acknowledged deliveries whose bookkeeping (in ``hash_key``, ``index_key``) the
-    take removes before it pops."""
+    ``acked``: tags of acknowledged deliveries whose bookkeeping (in ``hash_key``, and ``index_key`` or
+    their time fields) the take removes before it pops; ``index_key`` None: the deliveries' times go in
+    the hash (an owner's keys), else in that index (kombu's)."""
     if not queues:
         raise ValueError("a take needs at least one queue")
     plain_count = len(queues[0].plain)
     if any(len(queue.plain) != plain_count for queue in queues):
         raise ValueError("every queue has as many plain lists")
-    keys: list[str] = [hash_key, index_key, SHARES_KEY]
+    keys: list[str] = [hash_key, index_key or "", SHARES_KEY]
     per_queue: list[str] = []
     for queue in queues:
         keys += [queue.idle, queue.bell, *queue.plain]
@@ -288,7 +305,7 @@ def load_script(client: redis.Redis) -> None:
     client.script_load(_TAKE)
 
 
-def take(client: redis.Redis, hash_key: str, index_key: str, queues: Sequence[TakeQueue], **options: Any) -> Taken | None:
+def take(client: redis.Redis, hash_key: str, index_key: str | None, queues: Sequence[TakeQueue], **options: Any) -> Taken | None:
     """One take, waited for (tests and tools; the worker sends it on its polling connection). Loads the
     script once on NOSCRIPT. Raises ``RedisError``."""
     command = take_command(hash_key, index_key, queues, **options)

@@ -18,8 +18,8 @@ import pytest
 import redis as redis_py
 
 from workers.contract.celery_config import make_celery
-from workers.contract.delivery_owners import (OWNERS_KEY, REGISTRATION_GRACE_S, Owner, is_dead, owner_from_node,
-                                              owner_keys, process_started_at)
+from workers.contract.delivery_owners import (OWNERS_KEY, REGISTRATION_GRACE_S, TIME_MARK, is_dead, Owner,
+                                              owner_from_node, owner_keys, process_started_at, time_field)
 from workers.contract.liveness import BEAT_SCRIPT, WORKERS_KEY, member
 
 QUEUE = "model.owners-test"
@@ -72,6 +72,11 @@ def exited_pid() -> int:
     return process.pid
 
 
+def deliveries(client, hash_key: str) -> int:
+    """The deliveries an owner's hash holds (its payload fields; each has its time beside it)."""
+    return sum(1 for field in client.hkeys(hash_key) if not field.startswith(TIME_MARK.encode()))
+
+
 def sweep(channel) -> None:
     channel.qos.restore_visible(num=10, interval=1)
 
@@ -89,9 +94,30 @@ def test_a_worker_registers_and_keeps_its_deliveries_under_its_own_keys(redis_se
         assert (owner.host, owner.pid) == (socket.gethostname(), os.getpid())
         sweep(channel)  # its own fresh delivery stays where it is
         assert client.hget(hash_key, message.delivery_tag) is not None and client.llen(QUEUE) == 0
+        assert float(client.hget(hash_key, time_field(message.delivery_tag))) > time.time() - 60
+        assert not client.exists(index_key)  # the time is in the hash: the take wrote one HSET, no ZADD
         message.ack()
         channel.settle_deferred()
-        assert client.hlen(hash_key) == 0
+        assert client.hlen(hash_key) == 0  # payload and time, one HDEL
+
+
+def test_deliveries_an_older_worker_indexed_are_still_restored_by_their_index(redis_server, client):
+    """Until 2026-12-02 an owner's delivery times were in an index (a sorted set); a live owner's
+    delivery written so goes back past the visibility timeout by its index entry, a fresh one stays, and
+    one whose time never arrived stays until its owner is dead, as before."""
+    here = socket.gethostname()
+    live = f"older.{os.getpid()}@{here}"
+    with worker_channel(redis_server, live) as channel:
+        publish(channel, "stale", "fresh", "untimed")
+        stale, fresh, untimed = take(channel), take(channel), take(channel)
+        hash_key, index_key = owner_keys(live)
+        client.hdel(hash_key, *(time_field(m.delivery_tag) for m in (stale, fresh, untimed)))  # the old layout
+        client.zadd(index_key, {stale.delivery_tag: 1, fresh.delivery_tag: time.time()})
+        with worker_channel(redis_server, f"sweeper.{os.getpid()}@{here}") as other:
+            sweep(other)
+        assert client.llen(QUEUE) == 1
+        assert client.hget(hash_key, stale.delivery_tag) is None and client.zscore(index_key, stale.delivery_tag) is None
+        assert client.hget(hash_key, fresh.delivery_tag) is not None and client.hget(hash_key, untimed.delivery_tag)
 
 
 def test_the_deliveries_of_a_worker_whose_process_is_gone_go_back_at_the_next_sweep(redis_server, client):
@@ -127,7 +153,7 @@ def test_a_job_whose_take_ran_but_whose_worker_never_read_it_goes_back_once_the_
         deadline = time.monotonic() + 10
         while client.llen(QUEUE) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert client.llen(QUEUE) == 0 and client.hlen(hash_key) == 1 and client.zcard(index_key) == 1
+        assert client.llen(QUEUE) == 0 and deliveries(client, hash_key) == 1 and not client.exists(index_key)
         assert not channel.qos._delivered  # the channel never saw it
     client.hset(OWNERS_KEY, dead, Owner(dead, socket.gethostname(), exited_pid(), time.time()).record())
     with worker_channel(redis_server, f"alive.{os.getpid()}@{socket.gethostname()}") as other:
@@ -153,7 +179,7 @@ def test_a_job_whose_take_reply_was_lost_goes_back_before_the_next_take(redis_se
         hash_key, index_key = owner_keys(node)
         spec = [take_script.TakeQueue(idle_key(QUEUE), bell_key(QUEUE), queue_keys(QUEUE), "owners-test")]
         assert take_script.take(client, hash_key, index_key, spec).item  # Redis ran it; the reply is "lost"
-        assert client.llen(QUEUE) == 0 and client.hlen(hash_key) == 1
+        assert client.llen(QUEUE) == 0 and deliveries(client, hash_key) == 1
         channel._lost_take = True  # as the connection error reading the take's reply leaves it
         got: list = []
         channel.basic_consume(QUEUE, no_ack=False, callback=got.append, consumer_tag="lost-reply")
@@ -164,7 +190,7 @@ def test_a_job_whose_take_reply_was_lost_goes_back_before_the_next_take(redis_se
                 pass
             if got:
                 break
-        assert [m.body for m in got] == [b"a"] and client.hlen(hash_key) == 1  # taken again, once
+        assert [m.body for m in got] == [b"a"] and deliveries(client, hash_key) == 1  # taken again, once
         got[0].ack()
         channel.settle_deferred()
         assert client.hlen(hash_key) == 0 and client.llen(QUEUE) == 0
@@ -186,9 +212,9 @@ def test_a_served_delivery_whose_removal_waits_for_a_take_is_not_handed_back_aft
         publish(channel, "served", "lost")
         hash_key, index_key = owner_keys(node)
         spec = [take_script.TakeQueue(idle_key(QUEUE), bell_key(QUEUE), queue_keys(QUEUE), "owners-test")]
-        served = take_script.take(client, hash_key, index_key, spec)
-        lost = take_script.take(client, hash_key, index_key, spec)  # Redis ran it; the reply is "lost"
-        assert served.item and lost.item and client.llen(QUEUE) == 0 and client.hlen(hash_key) == 2
+        served = take_script.take(client, hash_key, None, spec)  # an owner's layout: times in the hash
+        lost = take_script.take(client, hash_key, None, spec)  # Redis ran it; the reply is "lost"
+        assert served.item and lost.item and client.llen(QUEUE) == 0 and deliveries(client, hash_key) == 2
         tag = loads(served.item)["properties"]["delivery_tag"]
         # as after the served job's ack whose take (carrying the removal) failed on the connection
         channel._acked_out = [tag]
@@ -211,7 +237,7 @@ def test_a_live_workers_deliveries_go_back_only_past_the_visibility_timeout(redi
         publish(channel, "fresh", "stale")
         fresh, stale = take(channel), take(channel)
         hash_key, index_key = owner_keys(live)
-        client.zadd(index_key, {stale.delivery_tag: 1})  # delivered long ago
+        client.hset(hash_key, time_field(stale.delivery_tag), 1)  # delivered long ago
         with worker_channel(redis_server, f"sweeper.{os.getpid()}@{here}") as other:
             sweep(other)
         assert client.llen(QUEUE) == 1  # the stale one only
@@ -231,11 +257,9 @@ def test_a_worker_on_another_host_is_judged_by_its_heartbeat(redis_server, clien
         message = take(holder)
         # move the delivery into the remote worker's keys, as if it had taken it
         payload = client.hget(holder.unacked_key, message.delivery_tag)
-        client.hdel(holder.unacked_key, message.delivery_tag)
-        client.zrem(holder.unacked_index_key, message.delivery_tag)
-        hash_key, index_key = owner_keys(node)
-        client.hset(hash_key, message.delivery_tag, payload)
-        client.zadd(index_key, {message.delivery_tag: time.time()})
+        client.hdel(holder.unacked_key, message.delivery_tag, time_field(message.delivery_tag))
+        hash_key, _ = owner_keys(node)
+        client.hset(hash_key, mapping={message.delivery_tag: payload, time_field(message.delivery_tag): time.time()})
         client.hset(OWNERS_KEY, node, Owner(node, "elsewhere", 7, time.time() - registered_ago).record())
         abandon(holder)
         if beating:
@@ -279,7 +303,7 @@ def test_a_worker_whose_registration_was_lost_registers_again_at_its_next_sweep(
         publish(channel, "a")
         message = take(channel)
         client.delete(OWNERS_KEY)  # as after a Redis restart that kept the queues but not the registry
-        client.zadd(owner_keys(node)[1], {message.delivery_tag: 1})  # and its delivery long unacknowledged
+        client.hset(owner_keys(node)[0], time_field(message.delivery_tag), 1)  # delivered long ago
         sweep(channel)
         assert client.hexists(OWNERS_KEY, node)
         assert client.llen(QUEUE) == 1  # its own stale delivery went back, as kombu's would
