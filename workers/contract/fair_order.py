@@ -82,13 +82,22 @@ local function chunked(command, key, items)
   return out
 end
 
--- weights: the shares hash as a table, read once per call when a team's weight is first needed
+-- weights: the shares hash as a table, once per call when a team's weight is first needed: from the
+-- copy in the tags hash ('W', JSON, read with the tags), which the recount renews from the shares hash
+-- at most once a second (and a call that finds no copy makes)
 local weights = nil
-local function read_weights(SHARES)
+local function fresh_weights(m)
+  weights = {{}}
+  local raw = redis.call('HGETALL', m.SHARES)
+  for i = 1, #raw, 2 do weights[raw[i]] = tonumber(raw[i + 1]) end
+  local copy = cjson.encode(weights)
+  if copy ~= m.W then m.W = copy; m.tag['W'] = copy; m.dirty['W'] = true end
+  return weights
+end
+local function read_weights(m)
   if not weights then
-    weights = {{}}
-    local raw = redis.call('HGETALL', SHARES)
-    for i = 1, #raw, 2 do weights[raw[i]] = tonumber(raw[i + 1]) end
+    local ok, copy = pcall(cjson.decode, m.W or '')
+    if ok and type(copy) == 'table' then weights = copy else return fresh_weights(m) end
   end
   return weights
 end
@@ -100,7 +109,7 @@ local function load(REG, TAGS, WAIT, WAKE, SHARES, extra, members)
   m.members = members or redis.call('ZRANGE', REG, 0, -1)
   m.live = m.members
   -- 'plain': set while the model's plain lists may hold a job (workers/contract/take.py)
-  local fields, seen, seen_team = {{'V', 'svc', 'rc', 'plain'}}, {{}}, {{}}
+  local fields, seen, seen_team = {{'V', 'svc', 'rc', 'plain', 'W'}}, {{}}, {{}}
   local function want(f) if not seen[f] then seen[f] = true; fields[#fields + 1] = f end end
   local function want_list(key)
     local team, _, _, _, pf = parts(key)
@@ -116,6 +125,8 @@ local function load(REG, TAGS, WAIT, WAKE, SHARES, extra, members)
   for _, key in ipairs(extra) do if key ~= '' then want_list(key) end end
   local values = chunked('HMGET', TAGS, fields)
   for i, f in ipairs(fields) do m.tag[f] = tonumber(values[i]) end
+  m.W = values[5] or nil  -- the shares' copy, a string
+  m.tag['W'] = nil
   return m
 end
 local function get(m, f) return m.tag[f] or 0 end
@@ -124,7 +135,7 @@ local function set(m, f, v) m.tag[f] = v; m.dirty[f] = true end
 -- a team's weight: as encoded, or decoded, else '*', else 1
 local function positive(x) if x and x > 0 then return x end end
 local function w(m, team)
-  local weight = read_weights(m.SHARES)
+  local weight = read_weights(m)
   local x = positive(weight[team])
   if not x then
     local decoded = string.gsub(team, '%%(%x%x)', function(h) return string.char(tonumber(h, 16)) end)
@@ -171,6 +182,7 @@ end
 local function recount(m, now)
   if now - get(m, 'rc') < {RECOUNT_EVERY_S} then return false end
   set(m, 'rc', now)
+  fresh_weights(m)  -- a policy's new shares reach the order within a second
   local live, counts, gone, idle = {{}}, {{}}, {{}}, {{}}
   for _, key in ipairs(redis.call('ZRANGEBYSCORE', m.REG, '-inf', '(' .. (now - {PRUNE_AFTER_S}))) do idle[key] = true end
   for _, key in ipairs(m.members) do

@@ -100,6 +100,31 @@ def test_weights_three_to_one(client, model):
     assert Counter(served) == {"a": 30, "b": 10}
 
 
+def test_the_weights_are_read_from_the_shares_hash_once_a_second_not_per_job(client, model):
+    """A take charges with the copy of the shares in the tags hash (read with the tags, no command of its
+    own); the once-a-second recount renews it, so new shares reach the order within a second."""
+    import json
+
+    def hgetalls() -> int:
+        return client.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0)
+
+    client.hset(SHARES_KEY, mapping={"a": 3, "b": 1, "*": 1})
+    queue_jobs(client, model, "a", "alice", 30)
+    queue_jobs(client, model, "b", "bob", 30)
+    before = hgetalls()
+    served = teams_of(serve(client, model, 20, now=NOW))
+    assert hgetalls() - before == 1  # the first call's recount, then the copy
+    assert json.loads(client.hget(tags_key(model), "W")) == {"a": 3, "b": 1, "*": 1}
+    assert_shares_held(served, {"a": 3, "b": 1})
+    client.hset(SHARES_KEY, mapping={"a": 1, "b": 3})
+    pick(client, model, now=NOW + 0.5)  # within the second: the copy answers
+    assert json.loads(client.hget(tags_key(model), "W"))["a"] == 3
+    before = hgetalls()
+    pick(client, model, now=NOW + 1.5)  # the recount renews it
+    assert hgetalls() - before == 1
+    assert json.loads(client.hget(tags_key(model), "W")) == {"a": 1, "b": 3, "*": 1}
+
+
 def test_three_teams_and_the_default_weight(client, model):
     client.hset(SHARES_KEY, mapping={"a": 1, "b": 2, "*": 3})  # c is not named: it gets '*'
     for team in ("a", "b", "c"):
