@@ -331,10 +331,13 @@ class UsageCounters:
         """The request's reservation if it still holds tokens, for a caller that no longer has it.
 
         Read from the request's record (its tokens and the time that fixes
-        its day and month); None once settled, released or expired.
+        its day and month: a field of the principal's counters hash, or, written
+        by an older gateway, a key of its own); None once settled, released or expired.
         """
+        principal_hash = self._scope_keys(Scope("principal", principal))[1]
         try:
-            record = await self._client.get(self._record_key(request_id))
+            record = await self._client.hget(principal_hash, f"r:{request_id}") \
+                or await self._client.get(self._record_key(request_id))
         except (RedisError, OSError) as exc:
             raise CountersUnavailable(f"usage counters unavailable: {type(exc).__name__}: {exc}") from exc
         if record is None:

@@ -44,6 +44,11 @@ local WID = 'w:' .. ID
 -- read apart by score. Its name cannot be a window entry's: request ids never
 -- begin with a NUL (gateway.limits.counters refuses them).
 local FID = '\0' .. ID
+-- The request's record ('state tokens time(µs)'): a field of the first scope's (the principal's)
+-- counters hash, read and written with its counters (no command of its own), deleted with its window
+-- entry once the request has ended; KEYS[1], a key of its own, holds a tombstone (a release of a
+-- request never reserved) or a record an older gateway wrote.
+local RID = 'r:' .. ID
 
 -- The two keys of scope i (they follow the request record, KEYS[1]).
 local function scope(i)
@@ -75,12 +80,22 @@ local function hget(key, fields)
   return v
 end
 
+-- The fields finish() reads, and with `record` the request's record too.
+local function finish_fields(record)
+  local fields = {'n', 's', 'f', WID, unpack(PERIOD)}
+  if record then fields[#fields + 1] = RID end
+  return fields
+end
+
 -- The request `ID` is done with in scope s: its window tokens become `final`
 -- (or, `undo`, it leaves the window as if never made), its day and month are
--- charged `final - reserved`, its in-flight slot is freed.
-local function finish(s, undo, reserved, final, day, month)
-  local v = hget(s.h, {'n', 's', 'f', WID, unpack(PERIOD)})
-  local out = {}
+-- charged `final - reserved`, its in-flight slot is freed. `v`: the hash's
+-- fields (finish_fields) if read already; `rec`: for the scope whose hash
+-- holds the record, its new value, kept beside the window entry (the prune
+-- deletes both) or deleted now when the entry is gone or undone.
+local function finish(s, undo, reserved, final, day, month, v, rec)
+  v = v or hget(s.h, finish_fields(false))
+  local out, drop = {}, {}
   local freed
   if v[WID] and undo then
     -- the window entry goes too (it is stored while its w: field is)
@@ -90,12 +105,16 @@ local function finish(s, undo, reserved, final, day, month)
   end
   if v[WID] then
     if undo then
-      redis.call('HDEL', s.h, WID)
+      drop[#drop + 1] = WID
       out = {'n', tonumber(v.n) - 1, 's', tonumber(v.s) - tonumber(v[WID])}
     else
       out = {'s', tonumber(v.s) + final - tonumber(v[WID]), WID, final}
     end
   end
+  if rec then
+    if v[WID] and not undo then out[#out + 1] = RID; out[#out + 1] = rec else drop[#drop + 1] = RID end
+  end
+  if #drop > 0 then redis.call('HDEL', s.h, unpack(drop)) end
   charge(out, v, day, month, final - reserved)
   if v.f and freed > 0 then out[#out + 1] = 'f'; out[#out + 1] = tonumber(v.f) - freed end
   if #out > 0 then redis.call('HSET', s.h, unpack(out)) end
@@ -118,6 +137,7 @@ _ADMIT = _PRELUDE + """
 local MODE = ARGV[5]
 local TOKENS = tonumber(ARGV[6])
 local CUTOFF = NOW - WINDOW
+local RECORD = 'reserved ' .. ARGV[6] .. ' ' .. ARGV[1]
 local FIRST = 8  -- window entries read at once: the oldest in-window one and what left since the last call
 local LAZY = 4   -- fewer entries than this that left the window are counted out but deleted later, together
 
@@ -142,8 +162,31 @@ local function flush(s)
   if s.dirty then redis.call('HSET', s.h, 'n', s.n, 's', s.s, 'f', s.f, 'fx', s.fx or 0) end
 end
 
+-- The fields to delete of entries that left the window (`gone`: their w:
+-- fields): their tokens, and in the hash that holds the records the records
+-- of requests that ended (one still reserved is kept: its end deletes it).
+local function leaving(s, gone, got)
+  local drop = {unpack(gone)}
+  if s.records then
+    for _, f in ipairs(gone) do
+      local r = 'r:' .. string.sub(f, 3)
+      if not string.find(got[r] or '', '^reserved ') then drop[#drop + 1] = r end
+    end
+  end
+  return drop
+end
+
+-- HMGET of the leaving entries' fields (tokens, and records where kept) as a table.
+local function read_leaving(s, gone)
+  local fields = {unpack(gone)}
+  if s.records then for _, f in ipairs(gone) do fields[#fields + 1] = 'r:' .. string.sub(f, 3) end end
+  if #fields == 0 then return {} end
+  return hget(s.h, fields)
+end
+
 -- Prune scope s's window (entries at or before NOW - WINDOW leave with their
--- tokens) and read its counters into s.
+-- tokens) and read its counters into s (with `s.records`, also this request's
+-- record and `T`, until when a tombstone may be kept in KEYS[1]).
 local function load(s)
   s.lag, s.lagged = 0, 0  -- entries that left the window but are still stored, and their tokens
   local head = redis.call('ZRANGE', s.win, '(0', '+inf', 'BYSCORE', 'LIMIT', 0, FIRST, 'WITHSCORES')
@@ -153,8 +196,11 @@ local function load(s)
     elseif not s.oldest then s.oldest = tonumber(head[k + 1]) end
   end
   local fields = {'n', 's', 'f', 'fx', unpack(PERIOD)}
+  if s.records then fields[#fields + 1] = RID; fields[#fields + 1] = 'T' end
   for _, f in ipairs(gone) do fields[#fields + 1] = f end  -- the leaving entries' tokens too
+  if s.records then for _, f in ipairs(gone) do fields[#fields + 1] = 'r:' .. string.sub(f, 3) end end
   local v = hget(s.h, fields)
+  s.record, s.T = v[RID], tonumber(v.T)
   for _, f in ipairs(PERIOD) do s[f] = v[f] end
   s.f, s.fx = tonumber(v.f), tonumber(v.fx)
   if not v.n then
@@ -179,7 +225,7 @@ local function load(s)
       for k = 1, #gone do
         if toks[k] then s.s = s.s - tonumber(toks[k]) end
       end
-      redis.call('HDEL', s.h, unpack(gone))
+      redis.call('HDEL', s.h, unpack(leaving(s, gone, v)))
       local members = {}
       for k, f in ipairs(gone) do members[k] = string.sub(f, 3) end
       redis.call('ZREM', s.win, unpack(members))
@@ -192,7 +238,10 @@ local function load(s)
         if tonumber(batch[k + 1]) <= CUTOFF then gone[#gone + 1] = 'w:' .. batch[k]
         elseif not s.oldest then s.oldest = tonumber(batch[k + 1]) end
       end
-      if #gone > 0 then toks = redis.call('HMGET', s.h, unpack(gone)) end
+      if #gone > 0 then
+        v = read_leaving(s, gone)
+        for k, f in ipairs(gone) do toks[k] = v[f] end
+      end
     end
   end
   -- (the day before's counter answers a caller whose clock is behind the last writer's)
@@ -253,6 +302,7 @@ end
 -- keys are renewed at least monthly; the TTL outlasts a month).
 local function add(s)
   local out = {'n', s.n + 1, 's', s.s + TOKENS, WID, TOKENS}
+  if s.records then out[#out + 1] = RID; out[#out + 1] = RECORD end
   advance(out, s, 'D', 'd', 'PD', 'pd', ARGV[12], ARGV[13])
   local new_month = advance(out, s, 'M', 'm', 'PM', 'pm', ARGV[14], ARGV[15])
   local renew = new_month or s.n == 0
@@ -357,29 +407,38 @@ local function reply(scopes, waiting, outcome)
   return out
 end
 
--- The request's record: claimed first (one SET NX, given back on a refusal);
--- a request that has one already is answered from it.
-local RECORD = 'reserved ' .. ARGV[6] .. ' ' .. ARGV[1]
-local held, claimed = nil, false
-if MODE == 'reserve' then
-  if ARGV[17] == '1' then
-    held = redis.call('GET', KEYS[1])
-    local state, tokens = string.match(held or '', '^(%S+) (%S+)')
-    if state == 'reserved' then
-      for i = 1, NSCOPES do finish(scope(i), true, tonumber(tokens), 0, ARGV[18], ARGV[19]) end
-      -- the record now speaks for the new reservation (and goes if it is refused)
-      claimed, held = redis.call('SET', KEYS[1], RECORD, 'PX', ARGV[9]), nil
+-- The request's record (read with the first scope's counters; written with
+-- them when the request is admitted, nothing written when it is refused): a
+-- request that has one already is answered from it. A replacement gives back
+-- the reservation the record holds first.
+local held = nil
+if MODE == 'reserve' and ARGV[17] == '1' then
+  local s1 = scope(1)
+  local v1 = hget(s1.h, finish_fields(true))
+  local rec, own = v1[RID], true
+  if not rec then rec, own = redis.call('GET', KEYS[1]), false end
+  local state, tokens = string.match(rec or '', '^(%S+) (%S+)')
+  if state == 'reserved' then
+    for i = 1, NSCOPES do
+      finish(scope(i), true, tonumber(tokens), 0, ARGV[18], ARGV[19], i == 1 and v1 or nil, i == 1 and own and rec)
     end
+    if not own then redis.call('DEL', KEYS[1]) end
   else
-    claimed = redis.call('SET', KEYS[1], RECORD, 'NX', 'PX', ARGV[9])
-    if not claimed then held = redis.call('GET', KEYS[1]) end
+    held = rec or nil
   end
 end
 
 local scopes = {}
 for i = 1, NSCOPES do
   scopes[i] = scope(i)
+  scopes[i].records = i == 1
   load(scopes[i])
+end
+if MODE == 'reserve' and ARGV[17] ~= '1' then
+  held = scopes[1].record or nil
+  -- a tombstone (or an older gateway's record) in the record's own key, looked for only while one
+  -- may be there
+  if not held and scopes[1].T and scopes[1].T > NOW then held = redis.call('GET', KEYS[1]) or nil end
 end
 local waiting, mine, others
 if FAIR then waiting, mine, others = fair_depth() else waiting = depth() end
@@ -422,7 +481,6 @@ elseif limit >= 0 and waiting >= limit then
   outcome = {'queue_full', waiting}
 end
 if outcome then
-  if claimed then redis.call('DEL', KEYS[1]) end
   for i = 1, NSCOPES do
     local s = scopes[i]
     flush(s)
@@ -430,7 +488,6 @@ if outcome then
   return reply(scopes, waiting, outcome)
 end
 for i = 1, NSCOPES do add(scopes[i]) end
-if not claimed then redis.call('SET', KEYS[1], RECORD, 'PX', ARGV[9]) end
 return reply(scopes, waiting, {'reserved'})
 """
 
@@ -439,24 +496,34 @@ _FINISH = _PRELUDE + """
 -- ARGV 5 'settled' | 'released' | 'undone', 6 tokens actually used (settle), 7 record ttl (ms),
 -- 8 the reservation's day, 9 its month, 10 its tokens, 11 its time (µs).
 local MODE = ARGV[5]
--- One SET ... GET marks the record and reads what it was; the rare cases put it right.
-local held = redis.call('SET', KEYS[1], MODE .. ' ' .. ARGV[10] .. ' ' .. ARGV[11], 'KEEPTTL', 'GET')
+-- The record is read with the first scope's counters and marked with them.
+local s1 = scope(1)
+local v1 = hget(s1.h, finish_fields(true))
+local held, own = v1[RID], true
 if not held then
-  -- Unknown request: a release leaves a tombstone so that a reserve still on
-  -- its way (e.g. a cancelled call whose script had not run yet) is a no-op.
-  if MODE == 'settled' then redis.call('DEL', KEYS[1])
-  else redis.call('SET', KEYS[1], 'released 0 ' .. ARGV[1], 'PX', ARGV[7]) end
-  return 0
+  -- not in the hash: a record an older gateway wrote in its own key, or none
+  held, own = redis.call('GET', KEYS[1]), false
+  if not held then
+    -- Unknown request: a release leaves a tombstone so that a reserve still on
+    -- its way (e.g. a cancelled call whose script had not run yet) is a no-op;
+    -- T tells the admit script until when to look for one.
+    if MODE ~= 'settled' then
+      redis.call('SET', KEYS[1], 'released 0 ' .. ARGV[1], 'PX', ARGV[7])
+      redis.call('HSET', s1.h, 'T', NOW + tonumber(ARGV[7]) * 1000)
+      if redis.call('PTTL', s1.h) < 0 then redis.call('PEXPIRE', s1.h, ARGV[7]) end
+    end
+    return 0
+  end
 end
 local state, tokens = string.match(held, '^(%S+) (%S+)')
-if state ~= 'reserved' then
-  redis.call('SET', KEYS[1], held, 'KEEPTTL')  -- settled or released already: as it was
-  return 0
-end
+if state ~= 'reserved' then return 0 end  -- settled or released already: as it was
+local rec = MODE .. ' ' .. ARGV[10] .. ' ' .. ARGV[11]
+if not own then redis.call('SET', KEYS[1], rec, 'KEEPTTL') end
 local final = 0
 if MODE == 'settled' then final = tonumber(ARGV[6]) end
 for i = 1, NSCOPES do
-  finish(scope(i), MODE == 'undone', tonumber(tokens), final, ARGV[8], ARGV[9])
+  finish(scope(i), MODE == 'undone', tonumber(tokens), final, ARGV[8], ARGV[9], i == 1 and v1 or nil,
+         i == 1 and own and rec)
 end
 return 1
 """

@@ -260,8 +260,9 @@ async def test_fair_admission_costs_one_script_and_two_hash_reads(client, counte
 
 
 async def test_an_admitted_and_settled_request_costs_what_it_costs_in_fifo_mode(client) -> None:
-    """A principal in a team with every limit set, a full minute window, two teams waiting: at most 22
-    commands a request, as tests/gateway/test_usage_admit.py holds fifo mode (21 in both when measured)."""
+    """A principal in a team with every limit set, a full minute window, two teams waiting: at most 20
+    commands a request, as tests/gateway/test_usage_admit.py holds fifo mode (19 in both when measured;
+    21 while the request's record was a key of its own)."""
     every = {name: 10**9 for name in ("requests_per_minute", "tokens_per_minute", "tokens_per_day",
                                       "tokens_per_month", "in_flight")}
     limits = {"principal": every, "team": every}
@@ -282,4 +283,4 @@ async def test_an_admitted_and_settled_request_costs_what_it_costs_in_fifo_mode(
     spent = await commands_since_async(client, before)
     print(f"\n{sum(spent.values()) / 8} commands per request: {dict(spent.most_common())}")
     assert spent["evalsha"] == 2 * 8 and spent["hgetall"] == 8 and spent["llen"] == 0
-    assert sum(spent.values()) <= 22 * 8
+    assert sum(spent.values()) <= 20 * 8

@@ -447,7 +447,8 @@ async def test_names_cannot_collide_and_every_key_expires(client: aioredis.Redis
         assert usage["principal"]["tokens_today"] == usage["team"]["tokens_today"] == tokens, name
         assert usage["principal"]["requests_last_minute"] == 1, name
     keys = [key.decode() async for key in client.scan_iter(match=f"{{{prefix}}}:*")]
-    assert len(keys) == 2 * len(names) * 2 + len(names)  # per scope: window (with in-flight slots), hash
+    # per scope: window (with in-flight slots), hash; a request's record is a field of its principal's hash
+    assert len(keys) == 2 * len(names) * 2
     # names are escaped into one ':'-free, bounded segment: the layout stays parseable
     layout = re.compile(r"\{%s\}:(r:[^:]+|[pt]:[^:]{1,100}:(win|h))" % re.escape(prefix))
     assert [key for key in keys if not layout.fullmatch(key)] == []
@@ -524,3 +525,63 @@ async def test_cost_per_call(counters: UsageCounters) -> None:
               f"p99 {1e6 * samples[int(0.99 * len(samples))]:6.0f} µs   (window of ~400 entries)")
     usage = await counters.snapshot("alice", "research")
     assert usage["principal"]["requests_last_minute"] == 400 and usage["principal"]["in_flight"] == 0
+
+
+# --- the request's record -------------------------------------------------------------
+
+async def test_the_record_is_a_field_of_the_principals_hash_and_goes_with_its_window_entry(
+        client: aioredis.Redis, counters: UsageCounters, prefix: str) -> None:
+    """Read and written with the principal's counters (no command of its own: before, a SET at the
+    admission and a SET … GET at the settle); once the request has ended and its window entry left,
+    the prune deletes both."""
+    everything = {"principal": {}, "team": {}}
+    principal_hash, team_hash = f"{{{prefix}}}:p:alice:h", f"{{{prefix}}}:t:team-a:h"
+    ended = []
+    for _ in range(5):
+        reservation = await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T)
+        assert isinstance(reservation, Reservation)
+        field = f"r:{reservation.request_id}"
+        assert await client.hget(principal_hash, field) == f"reserved 10 {round(T * 1e6)}".encode()
+        assert not await client.exists(counters._record_key(reservation.request_id))
+        assert not await client.hexists(team_hash, field)
+        await counters.settle(reservation, 7, now=T + 1)
+        assert await client.hget(principal_hash, field) == f"settled 10 {round(T * 1e6)}".encode()
+        await counters.settle(reservation, 100, now=T + 2)  # a second settle changes nothing
+        ended.append(field)
+    assert (await counters.snapshot("alice", "team-a", now=T + 2))["principal"]["tokens_today"] == 5 * 7
+    assert isinstance(await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T + 61), Reservation)
+    assert [await client.hget(principal_hash, field) for field in ended] == [None] * 5
+
+
+async def test_a_request_longer_than_the_window_keeps_its_record_until_it_ends(
+        client: aioredis.Redis, counters: UsageCounters, prefix: str) -> None:
+    everything = {"principal": {}, "team": {}}
+    principal_hash = f"{{{prefix}}}:p:alice:h"
+    long = await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T)
+    for _ in range(5):
+        await counters.settle(await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T), 10, now=T)
+    await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T + 61)  # prunes the five and long's entry
+    assert await client.hget(principal_hash, f"r:{long.request_id}") == f"reserved 10 {round(T * 1e6)}".encode()
+    assert await counters.held(long.request_id, "alice", "team-a") == long
+    await counters.settle(long, 4, now=T + 70)
+    assert not await client.hexists(principal_hash, f"r:{long.request_id}")  # its window entry is gone: so is it
+    assert await counters.held(long.request_id, "alice", "team-a") is None
+    await counters.settle(long, 100, now=T + 71)  # unknown now: nothing changes
+    usage = (await counters.snapshot("alice", "team-a", now=T + 71))
+    for scope in ("principal", "team"):
+        assert (usage[scope]["tokens_today"], usage[scope]["in_flight"]) == (10 * 5 + 4 + 10, 1), scope
+
+
+async def test_a_record_an_older_gateway_kept_in_its_own_key_is_still_settled(
+        client: aioredis.Redis, counters: UsageCounters, prefix: str) -> None:
+    reservation = await counters.reserve(rid(), "alice", "team-a", {"principal": {}, "team": {}}, 10, now=T)
+    record = await client.hget(f"{{{prefix}}}:p:alice:h", f"r:{reservation.request_id}")
+    await client.hdel(f"{{{prefix}}}:p:alice:h", f"r:{reservation.request_id}")  # as an older gateway wrote it
+    await client.set(counters._record_key(reservation.request_id), record, px=60_000)
+    assert await counters.held(reservation.request_id, "alice", "team-a") == reservation
+    await counters.settle(reservation, 3, now=T + 1)
+    assert (await client.get(counters._record_key(reservation.request_id))).startswith(b"settled ")
+    usage = await counters.snapshot("alice", "team-a", now=T + 1)
+    assert (usage["principal"]["tokens_today"], usage["principal"]["in_flight"]) == (3, 0)
+    await counters.settle(reservation, 9, now=T + 2)
+    assert (await counters.snapshot("alice", "team-a", now=T + 2))["principal"]["tokens_today"] == 3
