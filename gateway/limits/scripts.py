@@ -141,6 +141,20 @@ local RECORD = 'reserved ' .. ARGV[6] .. ' ' .. ARGV[1]
 local FIRST = 8  -- window entries read at once: the oldest in-window one and what left since the last call
 local LAZY = 4   -- fewer entries than this that left the window are counted out but deleted later, together
 
+-- A reservation's first write must be one Redis refuses when it is out of
+-- memory (ZADD, HSET: "denyoom"), or Redis lets every later write of the
+-- script through: so in 'reserve' mode the pruning deletions (HDEL, ZREM,
+-- ZREMRANGEBYSCORE) are queued here and run once the call's own writes
+-- are done (until 2026-12-02 the record's SET NX came first).
+local LATER = {}
+local function delete(...)
+  if MODE == 'reserve' then LATER[#LATER + 1] = {...} else redis.call(...) end
+end
+local function deleted()
+  for _, c in ipairs(LATER) do redis.call(unpack(c)) end
+  LATER = {}
+end
+
 -- Scope s's requests in flight. The count kept in the hash answers while no
 -- entry can have expired (fx > NOW); otherwise (a gateway died holding slots,
 -- or just fx is stale: about once per in-flight expiry) the expired entries
@@ -148,7 +162,8 @@ local LAZY = 4   -- fewer entries than this that left the window are counted out
 -- exists: `known`) gets both at its next write.
 local function in_flight(s, known)
   if s.f and (s.f == 0 or (s.fx and s.fx > NOW)) then return s.f end
-  redis.call('ZREMRANGEBYSCORE', s.win, '-' .. ARGV[1], '(0')
+  delete('ZREMRANGEBYSCORE', s.win, '-' .. ARGV[1], '(0')
+  s.recounted = true
   local last = redis.call('ZRANGE', s.win, '(-' .. ARGV[1], '-inf', 'BYSCORE', 'REV', 'LIMIT', 0, 1, 'WITHSCORES')
   s.f, s.fx = 0, nil
   if last[2] then s.f, s.fx = redis.call('ZCOUNT', s.win, '-inf', '(-' .. ARGV[1]), -tonumber(last[2]) end
@@ -189,6 +204,7 @@ end
 -- record and `T`, until when a tombstone may be kept in KEYS[1]).
 local function load(s)
   s.lag, s.lagged = 0, 0  -- entries that left the window but are still stored, and their tokens
+  s.queued = 0  -- entries that left the window whose deletion is queued (still stored until the end)
   local head = redis.call('ZRANGE', s.win, '(0', '+inf', 'BYSCORE', 'LIMIT', 0, FIRST, 'WITHSCORES')
   local gone = {}
   for k = 1, #head, 2 do
@@ -225,15 +241,16 @@ local function load(s)
       for k = 1, #gone do
         if toks[k] then s.s = s.s - tonumber(toks[k]) end
       end
-      redis.call('HDEL', s.h, unpack(leaving(s, gone, v)))
+      delete('HDEL', s.h, unpack(leaving(s, gone, v)))
       local members = {}
       for k, f in ipairs(gone) do members[k] = string.sub(f, 3) end
-      redis.call('ZREM', s.win, unpack(members))
+      delete('ZREM', s.win, unpack(members))
+      if MODE == 'reserve' then s.queued = s.queued + #gone end
       s.n, s.dirty = s.n - #gone, true
       if s.oldest or #gone < size then break end
       -- all of the head had left: read on until the window's first entry
       gone, size = {}, 256
-      local batch = redis.call('ZRANGE', s.win, '(0', '+inf', 'BYSCORE', 'LIMIT', 0, 256, 'WITHSCORES')
+      local batch = redis.call('ZRANGE', s.win, '(0', '+inf', 'BYSCORE', 'LIMIT', s.queued, 256, 'WITHSCORES')
       for k = 1, #batch, 2 do
         if tonumber(batch[k + 1]) <= CUTOFF then gone[#gone + 1] = 'w:' .. batch[k]
         elseif not s.oldest then s.oldest = tonumber(batch[k + 1]) end
@@ -255,13 +272,13 @@ end
 local function wait(j, s, used, limit)
   if j == 1 then
     -- the (used + 1 - limit)-th oldest request in the window has to leave it
-    local rank = s.lag + used - limit
+    local rank = s.queued + s.lag + used - limit
     local entry = redis.call('ZRANGE', s.win, '(0', '+inf', 'BYSCORE', 'LIMIT', rank, 1, 'WITHSCORES')
     if entry[2] then return tonumber(entry[2]) + WINDOW - NOW end
     return WINDOW
   elseif j == 2 then
     if TOKENS > limit then return WINDOW end
-    local must_free, freed, start = used + TOKENS - limit, 0, s.lag
+    local must_free, freed, start = used + TOKENS - limit, 0, s.queued + s.lag
     while true do
       local batch = redis.call('ZRANGE', s.win, '(0', '+inf', 'BYSCORE', 'LIMIT', start, 256, 'WITHSCORES')
       if #batch == 0 then return WINDOW end
@@ -306,14 +323,16 @@ local function add(s)
   advance(out, s, 'D', 'd', 'PD', 'pd', ARGV[12], ARGV[13])
   local new_month = advance(out, s, 'M', 'm', 'PM', 'pm', ARGV[14], ARGV[15])
   local renew = new_month or s.n == 0
-  -- (entries left by a gateway that died are dropped when the keys are renewed)
-  if renew then s.f = s.f - redis.call('ZREMRANGEBYSCORE', s.win, '-' .. ARGV[1], '(0') end
+  -- the window entry and the in-flight slot, in one command (the call's first write: see LATER); both
+  -- are new but for odd histories of a reused request id, where the next call counts again
+  local added = redis.call('ZADD', s.win, ARGV[1], ID, '-' .. ARGV[7], FID)
+  -- (entries left by a gateway that died are dropped when the keys are renewed; a recount dropped
+  -- and counted them already)
+  if renew and not s.recounted then s.f = s.f - redis.call('ZREMRANGEBYSCORE', s.win, '-' .. ARGV[1], '(0') end
   local expiry = tonumber(ARGV[7])
   local fx = expiry
   if s.f > 0 and s.fx and s.fx < expiry then fx = s.fx end
-  -- the window entry and the in-flight slot, in one command; both are new but
-  -- for odd histories of a reused request id, where the next call counts again
-  if redis.call('ZADD', s.win, ARGV[1], ID, '-' .. ARGV[7], FID) ~= 2 then fx = 0 end
+  if added ~= 2 then fx = 0 end
   out[#out + 1] = 'f'; out[#out + 1] = s.f + 1
   out[#out + 1] = 'fx'; out[#out + 1] = fx
   redis.call('HSET', s.h, unpack(out))
@@ -456,6 +475,7 @@ if held then
     local s = scopes[i]
     flush(s)
   end
+  deleted()
   return reply(scopes, waiting, {'held', state, tokens, at})
 end
 
@@ -485,9 +505,11 @@ if outcome then
     local s = scopes[i]
     flush(s)
   end
+  deleted()
   return reply(scopes, waiting, outcome)
 end
 for i = 1, NSCOPES do add(scopes[i]) end
+deleted()
 return reply(scopes, waiting, {'reserved'})
 """
 

@@ -585,3 +585,23 @@ async def test_a_record_an_older_gateway_kept_in_its_own_key_is_still_settled(
     assert (usage["principal"]["tokens_today"], usage["principal"]["in_flight"]) == (3, 0)
     await counters.settle(reservation, 9, now=T + 2)
     assert (await counters.snapshot("alice", "team-a", now=T + 2))["principal"]["tokens_today"] == 3
+
+
+async def test_a_full_redis_refuses_a_reservation_even_with_a_window_to_prune(client: aioredis.Redis,
+                                                                              counters: UsageCounters) -> None:
+    """Redis refuses a script's writes when out of memory only if its first write is one that may grow
+    memory (ZADD, HSET): the pruning deletions (HDEL, ZREM, ZREMRANGEBYSCORE) of a reservation are
+    queued behind its own writes, so a full Redis refuses the reservation rather than letting it in (it
+    did with the record's SET NX first; without it, a prune or an in-flight recount came first)."""
+    everything = {"principal": {}, "team": {}}
+    for i in range(6):
+        await counters.settle(await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T), 10, now=T)
+    await client.hdel(f"{counters._tag}:p:alice:h", "fx")  # and an in-flight recount due
+    before = await counters.snapshot("alice", "team-a", now=T + 1)
+    await client.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(CountersUnavailable, match="OOM"):
+            await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T + 61)
+    finally:
+        await client.config_set("maxmemory", "0")
+    assert await counters.snapshot("alice", "team-a", now=T + 1) == before  # nothing pruned, nothing held
