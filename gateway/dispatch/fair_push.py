@@ -36,7 +36,7 @@ import time
 import redis.asyncio as aioredis
 
 from gateway.limits.scripts import Script
-from workers.contract.fair_queues import registry_key, waiting_key, wake_key
+from workers.contract.fair_queues import registry_key, tags_key, waiting_key, wake_key
 from workers.contract.jobs import queue_for
 from workers.contract.queue_layout import bell_key, idle_key
 
@@ -47,7 +47,7 @@ CHECK_EVERY = 8
 #: Most wake tokens kept: one wakes one blocked worker; more would only make idle workers spin.
 WAKE_TOKENS = 64
 
-# KEYS: [1] the list, [2] waiting counts, [3] registry, [4] wake list, [5] idle tokens, [6] bell.
+# KEYS: [1] the list, [2] waiting counts, [3] registry, [4] wake list, [5] idle tokens, [6] bell, [7] tags.
 # ARGV: [1] the message, [2] team field, [3] now (s).
 _PUSH = f"""
 local n = redis.call('LPUSH', KEYS[1], ARGV[1])
@@ -62,6 +62,7 @@ local seen = tonumber(redis.call('ZSCORE', KEYS[3], KEYS[1]))
 if not seen or seen < now - {REREGISTER_S} then
   redis.call('ZADD', KEYS[3], 'GT', ARGV[3], KEYS[1])
   if not seen then
+    redis.call('HDEL', KEYS[7], 'L')  -- the takes' copy of the registry: read again
     redis.call('LPUSH', KEYS[4], '1')
     redis.call('LTRIM', KEYS[4], 0, {WAKE_TOKENS - 1})
   end
@@ -77,5 +78,5 @@ async def fair_push(redis: aioredis.Redis, model: str, team: str, key: str, mess
     or ``OSError``."""
     queue = queue_for(model)
     await PUSH(redis, (key, waiting_key(model), registry_key(model), wake_key(model), idle_key(queue),
-                       bell_key(queue)),
+                       bell_key(queue), tags_key(model)),
                (message, team, repr(time.time())))

@@ -103,11 +103,18 @@ local function read_weights(m)
 end
 
 -- one model's state: its registered lists and every tag this call may read (those of the registered
--- lists and of ``extra``: a list just popped, the corrected ones)
-local function load(REG, TAGS, WAIT, WAKE, SHARES, extra, members)
+-- lists and of ``extra``: a list just popped, the corrected ones); ``all``: the whole tags hash, read
+-- already (HGETALL, flat), whose 'L' gave ``members``, so none is read here
+local function load(REG, TAGS, WAIT, WAKE, SHARES, extra, members, all)
   local m = {{REG = REG, TAGS = TAGS, WAIT = WAIT, WAKE = WAKE, SHARES = SHARES, dirty = {{}}, tag = {{}}}}
   m.members = members or redis.call('ZRANGE', REG, 0, -1)
   m.live = m.members
+  if all then
+    for i = 1, #all, 2 do m.tag[all[i]] = tonumber(all[i + 1]) end
+    for i = 1, #all, 2 do if all[i] == 'W' then m.W = all[i + 1] end end
+    m.tag['W'], m.tag['L'] = nil, nil
+    return m
+  end
   -- 'plain': set while the model's plain lists may hold a job (workers/contract/take.py)
   local fields, seen, seen_team = {{'V', 'svc', 'rc', 'plain', 'W'}}, {{}}, {{}}
   local function want(f) if not seen[f] then seen[f] = true; fields[#fields + 1] = f end end
@@ -131,6 +138,8 @@ local function load(REG, TAGS, WAIT, WAKE, SHARES, extra, members)
 end
 local function get(m, f) return m.tag[f] or 0 end
 local function set(m, f, v) m.tag[f] = v; m.dirty[f] = true end
+-- 'L', the registry's members as a JSON array in the tags hash (workers/contract/take.py)
+local function set_list(m, members) set(m, 'L', cjson.encode(members)) end
 
 -- a team's weight: as encoded, or decoded, else '*', else 1
 local function positive(x) if x and x > 0 then return x end end
@@ -204,6 +213,7 @@ local function recount(m, now)
   end
   m.live = live
   if #gone > 0 then chunked('ZREM', m.REG, gone) end
+  if m.listed then set_list(m, live) end
   redis.call('DEL', m.WAIT)
   local flat = {{}}
   for team, n in pairs(counts) do

@@ -87,6 +87,10 @@ def tags_key(model: str) -> str:
 #: Field of :func:`tags_key` that is set (1) while the model's plain lists may hold a job: a worker's take
 #: looks at them only then, or once a second (``workers/contract/take.py``).
 PLAIN_HINT = "plain"
+#: The tags hash's field holding the registry's members (a JSON array), so a take reads them with the
+#: tags (one HGETALL) and not the registry; deleted by whoever adds a list (a push registering a new one,
+#: a restore), rewritten by the take that reads the registry then and by the recount (workers/contract/take.py).
+REGISTRY_COPY = "L"
 
 
 def waiting_key(model: str) -> str:

@@ -82,8 +82,8 @@ from workers.contract.deferred_replies import DeferredReplies, ignore_reply
 from workers.contract.delivery_owners import (LEGACY_KEYS, ORPHAN_SCAN_INTERVAL_S, OWNERS_KEY, TIME_MARK, Owner,
                                               delivery_times, is_dead, orphaned_nodes, owner_from_node, owner_keys,
                                               process_started_at, this_process, time_field)
-from workers.contract.fair_queues import (PART_SEP, PLAIN_HINT, parse_fair_queue, registry_key, tags_key, waiting_key,
-                                          wake_key)
+from workers.contract.fair_queues import (PART_SEP, PLAIN_HINT, REGISTRY_COPY, parse_fair_queue, registry_key,
+                                          tags_key, waiting_key, wake_key)
 from workers.contract.liveness import LIVE_SCRIPT, WORKERS_KEY
 from workers.contract.queue_layout import DEFAULT_PRIORITY, bell_key, idle_key
 from workers.contract.take import TakeQueue, take_command
@@ -704,6 +704,7 @@ class Channel(kombu_redis.Channel):
         model = fair.model_queue[len(_MODEL_PREFIX):]
         key = self._q_for_pri(routing_key, self._get_message_priority(payload, reverse=False))
         pipe.zadd(registry_key(model), {key: time()}, gt=True)
+        pipe.hdel(tags_key(model), REGISTRY_COPY)  # the takes' copy of the registry: read again
         pipe.hincrby(waiting_key(model), fair.team, 1)
         pipe.lpush(wake_key(model), "1")
         pipe.ltrim(wake_key(model), 0, 63)

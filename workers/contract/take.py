@@ -59,7 +59,7 @@ from typing import Any, Sequence
 import redis
 from redis.exceptions import NoScriptError
 
-from workers.contract.fair_order import DEFAULT_ESTIMATE_MS, LIB
+from workers.contract.fair_order import DEFAULT_ESTIMATE_MS, LIB, RECOUNT_EVERY_S
 from workers.contract.fair_queues import SHARES_KEY, registry_key, tags_key, waiting_key, wake_key
 
 #: Most idle tokens kept on a queue's idle list (one per idle worker; more are left by killed workers).
@@ -130,11 +130,27 @@ for q = 1, nq do
   for p = 1, np do Q.plain[p] = KEYS[k]; k = k + 1 end
   local is_model, ncorr = ARGV[a] == '1', tonumber(ARGV[a + 1])
   a = a + 2
-  local members = is_model and redis.call('ZRANGE', KEYS[k], 0, -1)
-  if is_model and (#members > 0 or ncorr > 0) then  -- a model with no fair lists costs one ZRANGE
+  -- the tags hash whole (the tags of the registered lists are what it holds), and in it 'L', the
+  -- registry's members; the registry itself only when 'L' is missing (a push that registered a new
+  -- list, or a restore, deleted it) or a second old (the time of the recount, 'rc', or of the last
+  -- look that found no list: a registry written without deleting 'L' shows within a second)
+  local members, all, listed = nil, nil, false
+  if is_model then
+    all = redis.call('HGETALL', KEYS[k + 1])
+    local copy, rc = nil, 0
+    for i = 1, #all, 2 do
+      if all[i] == 'L' then copy = all[i + 1] elseif all[i] == 'rc' then rc = tonumber(all[i + 1]) or 0 end
+    end
+    local ok, list = pcall(cjson.decode, copy or '')
+    if ok and type(list) == 'table' and now - rc < {RECOUNT_EVERY_S} then members = list
+    else members, listed = redis.call('ZRANGE', KEYS[k], 0, -1), true end
+  end
+  if is_model and (#members > 0 or ncorr > 0) then  -- a model with no fair lists costs one HGETALL
     local extra = {{}}
     for c = 0, ncorr - 1 do extra[#extra + 1] = ARGV[a + 3 * c] end
-    local m = load(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], SHARES, extra, members)
+    local m = load(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], SHARES, extra, members, all)
+    m.listed = true
+    if listed then set_list(m, members) end
     for c = 0, ncorr - 1 do
       correct(m, ARGV[a + 3 * c], tonumber(ARGV[a + 1 + 3 * c]), tonumber(ARGV[a + 2 + 3 * c]))
     end
@@ -147,6 +163,8 @@ for q = 1, nq do
     Q.skip_plain = (m.tag['plain'] or 0) <= 0
     Q.m = m
     Q.order = order(m)
+  elseif listed then
+    redis.call('HSET', KEYS[k + 1], 'L', cjson.encode(members), 'rc', ARGV[1])  -- none: '{{}}'
   end
   if is_model then k = k + 4 end
   a = a + 3 * ncorr

@@ -337,3 +337,51 @@ def test_principals_without_a_team_share_one_place_in_the_schedule(client, model
     assert_shares_held([job.split("/")[1] for job in served if job.startswith(NO_TEAM)], {"nora": 1, "ned": 1})
     # names are never empty (keys.validate_name), but an empty one must still make a queue a worker reads
     assert parse_fair_queue(job_queue(model, "", "")) is not None
+
+
+def test_a_take_reads_the_registry_from_its_copy_in_the_tags_hash(client, model, redis_server):
+    """The take reads the tags hash whole (HGETALL), and in it the registry's members ('L'): the registry
+    itself (ZRANGE) only when a push registered a new list (which deletes the copy), and once a second, so
+    a list registered without deleting the copy (here a bare ZADD) is seen within a second."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from gateway.dispatch.fair_push import fair_push
+    from workers.contract import take as take_script
+    from workers.contract.fair_queues import REGISTRY_COPY
+    from workers.contract.jobs import queue_for
+    from workers.contract.queue_layout import bell_key, idle_key, queue_keys
+
+    queue = queue_for(model)
+    spec = [take_script.TakeQueue(idle_key(queue), bell_key(queue), queue_keys(queue), model)]
+
+    def calls(name: str) -> int:
+        return client.info("commandstats").get(f"cmdstat_{name}", {}).get("calls", 0)
+
+    def take(now: float) -> tuple[str | None, int]:
+        before = calls("zrange")
+        taken = take_script.take(client, "copy-unacked", None, spec, now=now)
+        return (taken.key if taken else None), calls("zrange") - before
+
+    async def push(team: str) -> str:
+        key = queue_key(fair_queue(model, team, "pat"), 5)
+        async_client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            await fair_push(async_client, model, encode_name(team), key, "job")
+        finally:
+            await async_client.aclose()
+        return key
+
+    a = asyncio.run(push("a"))
+    asyncio.run(push("a"))
+    assert take(NOW) == (a, 1)  # no copy yet: the registry read, the copy written
+    assert client.hget(tags_key(model), REGISTRY_COPY) is not None
+    assert take(NOW + 0.1) == (a, 0)  # from the copy
+    b = asyncio.run(push("b"))  # a new list: the copy goes
+    assert client.hget(tags_key(model), REGISTRY_COPY) is None
+    assert take(NOW + 0.2) == (b, 1)
+    c = queue_jobs(client, model, "c", "carol", 1, now=NOW)  # registered behind the copy's back
+    assert take(NOW + 0.3) == (None, 0)  # not seen yet: the copy is under a second old
+    assert take(NOW + 1.5)[0] == c  # seen: the registry is read once a second
+    client.delete("copy-unacked", idle_key(queue), bell_key(queue))
