@@ -244,8 +244,9 @@ class QoS(kombu_redis.QoS):
 
     @staticmethod
     def _forget_owner(client: Any, node: str, hash_key: str, index_key: str) -> None:
-        """A dead owner whose deliveries are all back: its registration and keys go."""
-        if client.hlen(hash_key) == 0:
+        """A dead owner whose deliveries are all back (a time field left alone is no delivery): its
+        registration and keys go."""
+        if all(bytes_to_str(name).startswith(TIME_MARK) for name in client.hkeys(hash_key)):
             client.hdel(OWNERS_KEY, node)
             client.delete(hash_key, index_key)
 

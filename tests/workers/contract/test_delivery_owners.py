@@ -137,6 +137,18 @@ def test_the_deliveries_of_a_worker_whose_process_is_gone_go_back_at_the_next_sw
         assert again.delivery_info.get("redelivered") or again.headers.get("redelivered")
 
 
+def test_a_dead_owner_whose_hash_holds_only_a_stray_time_field_is_forgotten(redis_server, client):
+    """A delivery's time without its payload is no delivery: the dead owner's keys and registration go."""
+    dead = f"dead-stray.1@{socket.gethostname()}"
+    hash_key, _ = owner_keys(dead)
+    client.hset(hash_key, time_field("gone-tag"), 1)
+    client.hset(OWNERS_KEY, dead, Owner(dead, socket.gethostname(), exited_pid(), time.time()).record())
+    with worker_channel(redis_server, f"alive.{os.getpid()}@{socket.gethostname()}") as other:
+        sweep(other)
+    assert not client.exists(hash_key) and not client.hexists(OWNERS_KEY, dead)
+    assert client.llen(QUEUE) == 0
+
+
 def test_a_job_whose_take_ran_but_whose_worker_never_read_it_goes_back_once_the_worker_is_dead(redis_server, client):
     """The window kombu's BRPOP left open: Redis hands a worker its job and the worker dies before it reads
     the reply. The take removes the job from its list and writes it to the worker's hash in one step, so
