@@ -1,7 +1,7 @@
 """The worker's take: one Lua script that moves a job from its queue into the worker's unacked hash.
 
 Why a script and not kombu's BRPOP: BRPOP removes the job on the server and
-the unacked bookkeeping (the payload in the worker's hash, its index entry)
+the unacked bookkeeping (the payload and its delivery time in the worker's hash)
 followed from the client, so a worker frozen or killed between the two took
 the job with it: nothing restored it and the lost-request sweep ended the
 request ``gateway_lost`` minutes later. Here the pop and the bookkeeping are
@@ -38,8 +38,8 @@ a token nobody answers) costs at most the BRPOP's timeout (kombu's 1 s):
 an idle worker takes again after each timeout.
 
 A take also removes the bookkeeping of the deliveries the worker acknowledged
-since its last take (their payloads, then their index entries), before it
-pops: the ack sends the next take at once, and the removal rides on it
+since its last take (their payloads and time fields; under kombu's shared keys
+payloads, then index entries), before it pops: the ack sends the next take at once, and the removal rides on it
 instead of going out as a command of its own (one send fewer between two
 jobs; on a busy two-core machine each send can hand the core to Redis).
 
