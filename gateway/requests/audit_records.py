@@ -15,11 +15,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import msgspec.inspect
+
 from gateway.auth import Principal
 from gateway.api_errors import ApiError
 from gateway.policy import Decision
 from gateway.requests.normalize import normalized_text
 from gateway.requests.policy_input import prompt_text, without_prompt
+from gateway.requests.schemas import ChatCompletionRequest, CompletionRequest
 from workers.contract.privacy import HASH, REDACTED, Digester, mask
 from workers.contract.sampling import SamplingParams
 
@@ -120,15 +123,62 @@ _QUOTED = re.compile(r"'([^']+)'")
 _ENUM_VALUE = re.compile(r"Invalid enum value '.*'(?= - at `|$)", re.DOTALL)
 
 
-def _without_body_values(error: ApiError) -> str:
+def _field_names(*types: type) -> frozenset[str]:
+    """Every field name of ``types`` and of the structs inside them, at any depth."""
+    names: set[str] = set()
+    pending: list[Any] = list(msgspec.inspect.multi_type_info(types))
+    while pending:
+        info = pending.pop()
+        if isinstance(info, msgspec.inspect.StructType):
+            names.update(f.encode_name for f in info.fields)
+            pending.extend(f.type for f in info.fields)
+        elif isinstance(info, msgspec.inspect.UnionType):
+            pending.extend(info.types)
+        elif isinstance(info, msgspec.inspect.ListType):
+            pending.append(info.item_type)
+        elif isinstance(info, msgspec.inspect.DictType):
+            pending.append(info.value_type)
+        elif isinstance(info, msgspec.inspect.Metadata):
+            pending.append(info.type)
+    return frozenset(names)
+
+
+#: The names a completion request's fields have: a ``param`` made of these (and indexes) is the
+#: gateway's vocabulary; any other name in it is a key the client wrote, that is text of the body.
+KNOWN_FIELDS = _field_names(ChatCompletionRequest, CompletionRequest)
+#: A parameter's path: names joined by dots, each name followed by any list indexes (or msgspec's
+#: ``[...]``, which stands for a dict's key without naming it).
+_PARAM_PATH = re.compile(r"[A-Za-z_]+(?:\[(?:\d+|\.\.\.)\])*(?:\.[A-Za-z_]+(?:\[(?:\d+|\.\.\.)\])*)*")
+
+
+def _known_path(path: str) -> bool:
+    return _PARAM_PATH.fullmatch(path) is not None and all(
+        name in KNOWN_FIELDS for name in re.findall(r"[A-Za-z_]+", path))
+
+
+def logged_param(param: str | None) -> str | None:
+    """``param`` as an audit entry keeps it: a name the client made up (an unknown field) becomes ``…``.
+
+    An unknown field's name is a key of the refused body, free text like any
+    value in it (``{"my SSN is 123-45-6789": 1}`` is refused naming it): it is
+    kept as ``…``, after the known path to it (``messages[0].…``).
+    """
+    if param is None or _known_path(param):
+        return param
+    head, _, _ = param.rpartition(".")
+    return f"{head}.…" if head and _known_path(head) else "…"
+
+
+def _without_body_values(error: ApiError, param: str | None) -> str:
     """The error's message with every quoted value elided (``'…'``) but the name of the parameter it is about.
 
     Messages of the body's decoder quote what they refused ("Invalid enum
     value '…' - at `$.messages[0].role`", "The model '…' does not exist"):
     text of the body, which the client may see and the audit entry must not
-    keep. Field names (``param``) stay: they say what was wrong.
+    keep. Field names the gateway knows (``param`` as :func:`logged_param`
+    keeps it) stay: they say what was wrong.
     """
-    names = set(re.split(r"[.\[\]]+", error.param or "")) | {error.param or ""}
+    names = set(re.split(r"[.\[\]]+", param or "")) | {param or ""}
     message = _ENUM_VALUE.sub("Invalid enum value '…'", error.message)
     return _QUOTED.sub(lambda m: m.group(0) if m.group(1) in names else "'…'", message)
 
@@ -140,11 +190,12 @@ def rejection_record(endpoint: str, key_id: str, error: ApiError, raw: bytes,
     No policy has said how much of this body may be kept, so none of it is:
     its size and a keyed digest (to match a client's retries) stand for it.
     """
+    param = logged_param(error.param)
     return {
         "endpoint": endpoint,
         "key_id": key_id,
         "status": error.status,
-        "error": {"code": error.code, "message": _without_body_values(error), "param": error.param},
+        "error": {"code": error.code, "message": _without_body_values(error, param), "param": param},
         "body_bytes": len(raw),
         "body_hmac_sha256": digester.hexdigest(raw),
     }

@@ -117,6 +117,35 @@ async def test_bad_chat_body(client, keyring, audit_store, raw, status, code, pa
     assert new[0].principal == "alice"
     assert new[0].body["error"]["code"] == code
     assert new[0].body["body_bytes"] == len(raw)
+    # A field name the gateway knows stays in the entry; one the client made up is its text ("…").
+    assert new[0].body["error"]["param"] == (param if param not in ("frobnicate", "extra") else "…")
+
+
+#: A made-up field whose name holds what a detector would find: the client wrote it, as it writes a prompt.
+SECRET_NAME = "ZQX my SSN is 987-65-4321"
+
+
+@pytest.mark.parametrize("raw,param,kept", [
+    (chat(**{SECRET_NAME: 1}), SECRET_NAME, "…"),
+    (chat(messages=[{"role": "user", "content": "x", SECRET_NAME: 1}]), f"messages[0].{SECRET_NAME}", "messages[0].…"),
+    (chat(stream_options={SECRET_NAME: True}), f"stream_options.{SECRET_NAME}", "stream_options.…"),
+], ids=["top-level", "in-a-message", "in-stream-options"])
+async def test_an_unknown_fields_name_reaches_the_client_but_not_the_audit_log(client, keyring, audit_store, raw,
+                                                                              param, kept):
+    # The rejected entry kept it in clear, in the chained body that prune cannot erase, at every prompt_logging
+    # level: a refused body keeps no text, and a key of the body is text the client wrote.
+    before = audit_store.head()
+    response = await client.post("/v1/chat/completions", content=raw,
+                                 headers={**bearer(keyring["analyst"]), "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("unsupported_parameter", param)
+    assert SECRET_NAME in error["message"]  # the client is told what it sent
+    new = [e for e in audit_store.tail(5) if (before is None or e.seq > before.seq) and e.kind != "chain_format"]
+    assert [e.kind for e in new] == ["rejected"]
+    assert new[0].body["error"] == {"code": "unsupported_parameter", "param": kept,
+                                    "message": "Unsupported parameter: '…' is not accepted by this gateway."}
+    assert "987-65-4321" not in json.dumps(new[0].body) and "ZQX" not in json.dumps(new[0].body)
 
 
 async def test_a_lone_surrogate_escape_is_named_not_called_a_truncated_body(client, keyring):

@@ -3,7 +3,7 @@
 Stop sequences are client text the detectors never read and that the chained
 body (which ``audit prune`` cannot erase) held in clear under every
 ``prompt_logging`` level, and the erasable payload under ``full``; a refused body's value came back in its ``rejected``
-entry through the decoder's message; a Redis URL's password was printed by
+entry through the decoder's message, and an unknown field's name (client text too) as its ``param``; a Redis URL's password was printed by
 ``govgate up``, ``govgate serve`` and ``govgate keys revoke``.
 """
 
@@ -73,9 +73,20 @@ def test_a_rejected_entry_keeps_no_value_the_decoder_quoted() -> None:
 
 
 def test_a_rejected_entry_keeps_the_parameter_named() -> None:
-    error = ApiError(400, "unsupported_parameter", "Unsupported parameter: 'logit_bias_x' is not accepted.",
-                     param="logit_bias_x")
-    assert rejection_record("x", "k", error, b"{}", DIGESTER)["error"]["message"] == error.message
+    error = ApiError(400, "unsupported_parameter", "Unsupported value of 'messages[0].content[0].type': only text.",
+                     param="messages[0].content[0].type")
+    record = rejection_record("x", "k", error, b"{}", DIGESTER)["error"]
+    assert record["message"] == error.message and record["param"] == error.param
+
+
+@pytest.mark.parametrize("name,kept", [("logit_bias_x", "…"), (SECRET, "…"), (f"messages[3].{SECRET}", "messages[3].…"),
+                                       (f"model.{SECRET}", "model.…"), ("messages[0].x", "messages[0].…")])
+def test_a_rejected_entry_keeps_no_name_the_client_made_up(name: str, kept: str) -> None:
+    # An unknown field's name was kept as the entry's param and in its message: a key of the body is client text.
+    error = ApiError(400, "unsupported_parameter", f"Unsupported parameter: '{name}' is not accepted.", param=name)
+    record = rejection_record("x", "k", error, b"{}", DIGESTER)["error"]
+    assert record == {"code": "unsupported_parameter", "param": kept,
+                      "message": "Unsupported parameter: '…' is not accepted."}
 
 
 PASSWORD_URL = "redis://:ZQXPASSWORD@127.0.0.1:1/0"
