@@ -49,8 +49,14 @@ def _checked(request_id: str) -> str:
     return request_id
 
 
+#: Every answer of the review API may hold prompts and outputs (``include_text``, an export, a search
+#: by ``q``) or what the log says of them: no cache (a proxy's, a browser's disk cache) may keep one,
+#: as the console's pages (``gateway/console/render.py``) and a new key's secret say.
+NO_STORE = {"Cache-Control": "no-store"}
+
+
 def _respond(answer: Answer, status: int = 200) -> Response[dict[str, Any]]:
-    headers = {urls.REQUEST_ID_HEADER: answer.request_id} if answer.request_id else {}
+    headers = {**NO_STORE, urls.REQUEST_ID_HEADER: answer.request_id} if answer.request_id else dict(NO_STORE)
     return Response(answer.body, status_code=status, headers=headers)
 
 
@@ -86,7 +92,7 @@ class ReviewController(Controller):
     async def export(self, request: Request, state: State, principal: NamedDependency[Principal]) -> Stream:
         query = entry_query(_query(request), allowed=EXPORT_PARAMS)
         read_id, chunks = await _service(state).export(Access(principal), query)
-        headers = {"Content-Disposition": f'attachment; filename="audit.{query.fmt}"'}
+        headers = {**NO_STORE, "Content-Disposition": f'attachment; filename="audit.{query.fmt}"'}
         if read_id:
             headers[urls.REQUEST_ID_HEADER] = read_id
         return Stream(chunks, media_type=MEDIA_TYPES[query.fmt], headers=headers)

@@ -101,6 +101,8 @@ STORY_QUERY = ("include_text",)
 
 _READ_ID = header("The `payload_read` entry that recorded this read of texts (only when texts were shown or "
                   "searched).", {"type": "string", "minLength": 1}, required=False)
+_NO_STORE = header("`no-store`: the answer may hold prompts and outputs, which no cache may keep.",
+                   {"type": "string", "const": "no-store"})
 _ACTION_ID = header("The request the action was recorded under (its own id).", {"type": "string", "minLength": 1})
 
 _BAD_QUERY = ("`invalid_filter` (a date that does not parse, `until` not after `since`, an unknown kind, "
@@ -159,7 +161,7 @@ def _action_operation(action: str, description: str) -> type[Operation]:
                 + ("" if required else " The body may be left out.")))
             self.responses = {
                 "201": OpenAPIResponse(description="The review entry appended to the chain, under the request's id.",
-                                       headers={urls.REQUEST_ID_HEADER: _ACTION_ID},
+                                       headers={urls.REQUEST_ID_HEADER: _ACTION_ID, "Cache-Control": _NO_STORE},
                                        content=_json(review_shapes.AuditEntryDocument)),
                 **error_responses(_ACTION_ERRORS)}
 
@@ -167,16 +169,18 @@ def _action_operation(action: str, description: str) -> type[Operation]:
 
 
 ENTRIES_OPERATION = _read_operation(ENTRIES_QUERY, {
-    "200": OpenAPIResponse(description="A page of entries.", headers={urls.REQUEST_ID_HEADER: _READ_ID},
+    "200": OpenAPIResponse(description="A page of entries.",
+                           headers={urls.REQUEST_ID_HEADER: _READ_ID, "Cache-Control": _NO_STORE},
                            content=_json(review_shapes.AuditEntryList)),
     **error_responses(_READ_ERRORS)})
 STORY_OPERATION = _read_operation(STORY_QUERY, {
-    "200": OpenAPIResponse(description="The request's story.", headers={urls.REQUEST_ID_HEADER: _READ_ID},
+    "200": OpenAPIResponse(description="The request's story.",
+                           headers={urls.REQUEST_ID_HEADER: _READ_ID, "Cache-Control": _NO_STORE},
                            content=_json(review_shapes.AuditRequestStory)),
     **error_responses(_STORY_ERRORS)})
 USAGE_OPERATION = _read_operation(USAGE_QUERY, {
     "200": OpenAPIResponse(description="Requests, tokens and denials per group.",
-                           content=_json(review_shapes.AuditUsage)),
+                           headers={"Cache-Control": _NO_STORE}, content=_json(review_shapes.AuditUsage)),
     **error_responses(_READ_ERRORS)})
 EXPORT_OPERATION = _read_operation(EXPORT_QUERY, {
     "200": OpenAPIResponse(
@@ -184,7 +188,7 @@ EXPORT_OPERATION = _read_operation(EXPORT_QUERY, {
                      "list of lines), or CSV with a header row, columns " + ", ".join(CSV_COLUMNS) + " (`body`, "
                      "`payload` and `withheld` as JSON text; a cell starting with `=`, `+`, `-`, `@`, `'`, a tab "
                      "or a carriage return has one `'` put in front, so spreadsheets show it as text)."),
-        headers={urls.REQUEST_ID_HEADER: _READ_ID,
+        headers={urls.REQUEST_ID_HEADER: _READ_ID, "Cache-Control": _NO_STORE,
                  "Content-Disposition": header("`attachment; filename=\"audit.jsonl\"` (or `.csv`).",
                                                {"type": "string"})},
         content={MEDIA_TYPES["jsonl"]: OpenAPIMediaType(schema=JsonSchema(document={

@@ -46,3 +46,35 @@ async def test_a_served_completion_has_its_whole_story(client, settings, audit_s
     assert usage["data"] == [{"principal": "review-user", "requests": 1, "allowed": 1, "denied": 0,
                               "unavailable": 0, "rejected": 0, **response.json()["usage"]}]
     assert verify_chain(audit_store).ok
+
+
+async def test_no_answer_of_the_review_api_may_be_cached(client, settings):
+    # The console's pages and a new key's secret said `no-store`; the review API served the same prompts and
+    # outputs (include_text, exports, q searches) with no Cache-Control, which a proxy or a browser's disk cache
+    # may keep.
+    user = new_key(settings, "review-cache-user", "research")
+    reviewer = new_key(settings, "review-cache-rita", None, roles=("reviewer",))
+    response = await client.post("/v1/chat/completions", headers=bearer(user),
+                                 json={"model": TINY_MODEL_NAME, "max_tokens": 6, "temperature": 0,
+                                       "messages": [{"role": "user", "content": "ZQX cached prompt"}]})
+    assert response.status_code == 200, response.text
+    request_id = response.headers["x-govgate-request-id"]
+    reads = {
+        "story": await client.get(f"/v1/audit/requests/{request_id}", headers=bearer(reviewer),
+                                  params={"include_text": "true"}),
+        "entries": await client.get("/v1/audit/entries", headers=bearer(reviewer),
+                                    params={"request_id": request_id, "include_text": "true"}),
+        "search": await client.get("/v1/audit/entries", headers=bearer(reviewer), params={"q": "ZQX cached"}),
+        "export": await client.get("/v1/audit/export", headers=bearer(reviewer),
+                                   params={"request_id": request_id, "include_text": "true"}),
+        "own story": await client.get(f"/v1/audit/requests/{request_id}", headers=bearer(user),
+                                      params={"include_text": "true"}),
+        "usage": await client.get("/v1/audit/usage", headers=bearer(user)),
+        "comment": await client.post(f"/v1/audit/requests/{request_id}/comment", headers=bearer(reviewer),
+                                     json={"text": "seen"}),
+    }
+    assert {name: r.status_code for name, r in reads.items()} == {name: 201 if name == "comment" else 200
+                                                                 for name in reads}
+    for name in ("story", "entries", "export", "own story"):  # the texts were there to keep
+        assert "ZQX cached prompt" in reads[name].text, name
+    assert {name: r.headers.get("cache-control") for name, r in reads.items()} == dict.fromkeys(reads, "no-store")
