@@ -2,7 +2,8 @@
 
 A gateway, a worker and a persisting Redis of their own (AOF on, RDB and AOF
 written uncompressed so a grep sees any clear text) serve one request per
-logging level, a denied one with an SSN and one refused at the door. Then
+logging level, a denied one with an SSN and one refused at the door (for a field whose
+name is made up: client text too). Then
 every file that could hold text is read: the SQLite database and its WAL,
 Redis's AOF (before and after a rewrite) and RDB, every log, and everything
 published on Redis's pub/sub while the requests ran.
@@ -145,8 +146,8 @@ def persisted_redis(client: redis.Redis, data_dir: Path) -> bytes:
 def test_each_logging_level_keeps_the_marker_only_where_it_promises(stack) -> None:
     own, keys = stack["settings"], stack["keys"]
     tag = uuid.uuid4().hex[:10]
-    full_mark, red_mark, hash_mark, stream_mark, reject_mark = (
-        f"zq{name}{tag}" for name in ("full", "red", "hash", "stream", "reject"))
+    full_mark, red_mark, hash_mark, stream_mark, reject_mark, field_mark = (
+        f"zq{name}{tag}" for name in ("full", "red", "hash", "stream", "reject", "field"))
     email, email2 = f"ann.{tag}@example.org", f"bob.{tag}@example.org"
     ssn = f"{random.randint(100, 899)}-{random.randint(10, 99)}-{random.randint(1000, 9999)}"
 
@@ -157,7 +158,7 @@ def test_each_logging_level_keeps_the_marker_only_where_it_promises(stack) -> No
         hashed = chat(base, keys["hash"], f"Remember {hash_mark} and mail {email2}")
         streamed = chat(base, keys["hash"], f"Stream about {stream_mark}", stream=True)
         denied = chat(base, keys["full"], f"My number is {ssn}, keep it")
-        refused = chat(base, keys["full"], f"Keep {reject_mark} safe", extra={"logit_bias_x": 1})
+        refused = chat(base, keys["full"], f"Keep {reject_mark} safe", extra={field_mark: 1})  # a made-up field
     published = tap.close()
     for response in (full, redacted, hashed):
         assert response.status_code == 200, response.text
@@ -199,7 +200,7 @@ def test_each_logging_level_keeps_the_marker_only_where_it_promises(stack) -> No
     assert where(red_mark) == ["database"]  # redacted keeps the prompt, minus what the detectors found
     assert where(email) == []
     assert where(outputs["redacted"]) == ["database"]  # it had no findings to mask
-    for hidden in (hash_mark, email2, stream_mark, outputs["hash"], outputs["stream"], ssn, reject_mark):
+    for hidden in (hash_mark, email2, stream_mark, outputs["hash"], outputs["stream"], ssn, reject_mark, field_mark):
         assert where(hidden) == [], hidden
 
 
