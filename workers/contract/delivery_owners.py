@@ -30,6 +30,17 @@ dies before that, its keys would name no owner and wait forever. They are
 registered for the node their name gives (:func:`owner_from_node`), as of
 when they were found, and from then on judged like any owner.
 
+Since 2026-12-02 an owner's hash also holds each delivery's time
+(:func:`time_field`), a field a worker from before that day would read as a
+payload when it hands back a dead owner's deliveries (it decoded the time as
+a message and its worker stopped with a TypeError, at its start or at its
+next sweep: during a rolling upgrade one dead new worker stopped every old
+one). So a registration is written in a form only a worker that knows the
+time fields reads (:meth:`Owner.record`, the owner under ``"owner"``): an
+older worker reads it as no owner and looks only at the owner's index, which
+a new worker never writes, so it leaves a new worker's keys alone. An older
+worker's registration (``host``/``pid``/``since`` at the top) is still read.
+
 Names here are the contract between workers; the gateway reads none of them.
 """
 
@@ -47,7 +58,8 @@ from workers.contract.liveness import HEARTBEAT_TTL_S
 if TYPE_CHECKING:
     import redis
 
-#: Hash: worker node name → JSON ``{"host", "pid", "since"}`` (``since``: Unix seconds it registered).
+#: Hash: worker node name → JSON ``{"owner": {"host", "pid", "since"}}`` (``since``: Unix seconds it registered;
+#: until 2026-12-02 the three were at the top, which older workers still write and read: :meth:`Owner.parse`).
 OWNERS_KEY = "govgate:unacked:owners"
 #: kombu's own keys: where deliveries of workers without an owner (older versions) are kept.
 LEGACY_KEYS = ("unacked", "unacked_index")
@@ -103,15 +115,19 @@ class Owner:
     since: float
 
     def record(self) -> str:
-        return json.dumps({"host": self.host, "pid": self.pid, "since": self.since})
+        """The registration, nested under ``"owner"``: a worker from before 2026-12-02 reads it as no owner,
+        so it never hands back (reads as payloads) the time fields of this owner's hash (module docstring)."""
+        return json.dumps({"owner": {"host": self.host, "pid": self.pid, "since": self.since}})
 
     @classmethod
     def parse(cls, node: str, raw: str | bytes) -> Owner | None:
-        """The owner a registry entry names; None for an entry that cannot be read (left alone)."""
+        """The owner a registry entry names (as :meth:`record` writes it, or as an older worker wrote it,
+        the fields at the top); None for an entry that cannot be read (left alone)."""
         try:
             fields = json.loads(raw)
+            fields = fields.get("owner", fields)
             return cls(node, str(fields["host"]), int(fields["pid"]), float(fields["since"]))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
 

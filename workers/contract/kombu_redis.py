@@ -247,8 +247,12 @@ class QoS(kombu_redis.QoS):
         """A dead owner whose deliveries are all back (a time field left alone is no delivery): its
         registration and keys go."""
         if all(bytes_to_str(name).startswith(TIME_MARK) for name in client.hkeys(hash_key)):
-            client.hdel(OWNERS_KEY, node)
-            client.delete(hash_key, index_key)
+            # in one step: an older worker's orphan scan that found the keys without their registration
+            # would register them in its own form and read the time fields left as payloads
+            with client.pipeline(transaction=True) as pipe:
+                pipe.hdel(OWNERS_KEY, node)
+                pipe.delete(hash_key, index_key)
+                pipe.execute()
 
     def _forget(self, delivery_tag: Any, *, deferred: bool = False) -> None:
         """The payload first: from then on no restore can bring the delivery back.

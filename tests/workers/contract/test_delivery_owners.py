@@ -6,6 +6,7 @@ as workers have (``workers/contract/delivery_owners.py``).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -118,6 +119,43 @@ def test_deliveries_an_older_worker_indexed_are_still_restored_by_their_index(re
         assert client.llen(QUEUE) == 1
         assert client.hget(hash_key, stale.delivery_tag) is None and client.zscore(index_key, stale.delivery_tag) is None
         assert client.hget(hash_key, fresh.delivery_tag) is not None and client.hget(hash_key, untimed.delivery_tag)
+
+
+def test_a_registration_is_one_an_older_worker_reads_as_no_owner(redis_server, client):
+    """Rolling upgrade: a worker from before 2026-12-02 hands back a dead owner's deliveries by reading
+    every field of its hash as a payload; a time field (``@<tag>``, a float) stopped it with a TypeError at
+    its start or next sweep (seen with an old and a new worker on one Redis, the new one killed holding a
+    job). It reads an owner only from ``host``, ``pid`` and ``since`` at the top of the registration, and
+    an owner it cannot read it leaves alone but for the owner's index, which a worker now never writes."""
+    node = f"new.{os.getpid()}@{socket.gethostname()}"
+    with worker_channel(redis_server, node) as channel:
+        publish(channel, "a")
+        message = take(channel)
+        raw = json.loads(client.hget(OWNERS_KEY, node))
+        assert not {"host", "pid", "since"} & set(raw)  # an older worker's parse: KeyError, no owner
+        hash_key, index_key = owner_keys(node)
+        assert client.hexists(hash_key, time_field(message.delivery_tag)) and not client.exists(index_key)
+        owner = Owner.parse(node, client.hget(OWNERS_KEY, node))
+        assert (owner.host, owner.pid) == (socket.gethostname(), os.getpid())  # read here, as it was
+
+
+def test_a_dead_owner_an_older_worker_registered_goes_back(redis_server, client):
+    """A registration an older worker wrote (its fields at the top) still names its owner: a dead one's
+    deliveries, indexed as an older worker indexed them, go back at the next sweep."""
+    dead = f"older-dead.1@{socket.gethostname()}"
+    with worker_channel(redis_server, dead) as channel:
+        publish(channel, "a")
+        message = take(channel)
+        abandon(channel)
+    hash_key, index_key = owner_keys(dead)
+    client.hdel(hash_key, time_field(message.delivery_tag))  # the old layout: the time in the index
+    client.zadd(index_key, {message.delivery_tag: time.time()})
+    client.hset(OWNERS_KEY, dead, json.dumps({"host": socket.gethostname(), "pid": exited_pid(),
+                                              "since": time.time()}))
+    with worker_channel(redis_server, f"newer.{os.getpid()}@{socket.gethostname()}") as other:
+        sweep(other)
+    assert client.llen(QUEUE) == 1
+    assert not client.exists(hash_key, index_key) and not client.hexists(OWNERS_KEY, dead)
 
 
 def test_the_deliveries_of_a_worker_whose_process_is_gone_go_back_at_the_next_sweep(redis_server, client):
