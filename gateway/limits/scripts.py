@@ -177,6 +177,25 @@ local function flush(s)
   if s.dirty then redis.call('HSET', s.h, 'n', s.n, 's', s.s, 'f', s.f, 'fx', s.fx or 0) end
 end
 
+-- The records of ended requests whose window entries are gone, in the hash
+-- that holds the records: an older gateway (before 2026-12-02) prunes the
+-- window entries (w: fields) without the records beside them, which then
+-- stayed until the hash expired. Looked for when a month begins on a hash
+-- that was there before: one HGETALL a month, no cost per request (so such
+-- records stay until the month ends). A record still reserved is its
+-- request's (its end deletes it), one with a w: field is pruned with it.
+local function drop_strays(s)
+  local all = redis.call('HGETALL', s.h)
+  local has, drop = {}, {}
+  for i = 1, #all, 2 do has[all[i]] = all[i + 1] end
+  for f, v in pairs(has) do
+    if string.sub(f, 1, 2) == 'r:' and not has['w:' .. string.sub(f, 3)] and not string.find(v, '^reserved ') then
+      drop[#drop + 1] = f
+    end
+  end
+  for i = 1, #drop, 1000 do redis.call('HDEL', s.h, unpack(drop, i, math.min(i + 999, #drop))) end
+end
+
 -- The fields to delete of entries that left the window (`gone`: their w:
 -- fields): their tokens, and in the hash that holds the records the records
 -- of requests that ended (one still reserved is kept: its end deletes it).
@@ -329,6 +348,7 @@ local function add(s)
   -- (entries left by a gateway that died are dropped when the keys are renewed; a recount dropped
   -- and counted them already)
   if renew and not s.recounted then s.f = s.f - redis.call('ZREMRANGEBYSCORE', s.win, '-' .. ARGV[1], '(0') end
+  if new_month and s.M and s.records then drop_strays(s) end  -- (a hash from before: s.M)
   local expiry = tonumber(ARGV[7])
   local fx = expiry
   if s.f > 0 and s.fx and s.fx < expiry then fx = s.fx end

@@ -605,3 +605,32 @@ async def test_a_full_redis_refuses_a_reservation_even_with_a_window_to_prune(cl
     finally:
         await client.config_set("maxmemory", "0")
     assert await counters.snapshot("alice", "team-a", now=T + 1) == before  # nothing pruned, nothing held
+
+
+async def test_records_an_older_gateways_prune_left_go_when_the_keys_are_renewed(
+        client: aioredis.Redis, counters: UsageCounters, prefix: str) -> None:
+    """Rolling upgrade: a gateway from before 2026-12-02 prunes the entries that left the window (their
+    sorted-set members and w: fields) but not the records a newer gateway keeps beside them in the
+    principal's hash, which then stayed there for good (seen with an old gateway admitting after a new
+    one on one Redis). The first reservation of a month drops them (one HGETALL a month, none per request);
+    a record still reserved stays with its request, which still settles."""
+    everything = {"principal": {}, "team": {}}
+    hash_key, window_key = f"{{{prefix}}}:p:alice:h", f"{{{prefix}}}:p:alice:win"
+    ended = await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T)
+    await counters.settle(ended, 4, now=T + 1)
+    running = await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T + 2)
+    # the older gateway's prune at T + 62 (its script, by hand): members, w: fields and counts, no record
+    await client.zrem(window_key, ended.request_id, running.request_id)
+    await client.hdel(hash_key, f"w:{ended.request_id}", f"w:{running.request_id}")
+    await client.hset(hash_key, mapping={"n": 0, "s": 0})
+    assert await client.hexists(hash_key, f"r:{ended.request_id}")
+    same_month = await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T + 120)
+    await counters.settle(same_month, 5, now=T + 121)
+    assert await client.hexists(hash_key, f"r:{ended.request_id}")  # no look within the month
+    later = await counters.reserve(rid(), "alice", "team-a", everything, 10, now=utc(2024, 4, 1))
+    assert not await client.hexists(hash_key, f"r:{ended.request_id}")
+    assert (await client.hget(hash_key, f"r:{running.request_id}")).startswith(b"reserved ")
+    assert await client.hexists(hash_key, f"r:{later.request_id}")
+    await counters.settle(running, 5, now=utc(2024, 4, 1) + 1)
+    await counters.settle(later, 5, now=utc(2024, 4, 1) + 1)
+    assert (await counters.snapshot("alice", "team-a", now=utc(2024, 4, 1) + 1))["principal"]["in_flight"] == 0
