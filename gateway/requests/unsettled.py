@@ -4,10 +4,11 @@ A gateway settles the reservations of the requests it waits for. One that
 died (killed, or its jobs outlived it in the queue) leaves them held: the
 in-flight slot until its TTL, the prompt and ``max_tokens`` charged to the
 day and month for good. Whoever records such a request's end names it in
-``UNSETTLED_KEY`` (``workers/contract/unsettled.py``); every gateway pops the
-names every few seconds and settles each to the tokens its terminal entry
-records (released when it records none). Settling is idempotent, so a
-request its own gateway settled too is not charged twice.
+``UNSETTLED_KEYS`` (``workers/contract/unsettled.py``: two lists, one only
+gateways of this layout read); every gateway pops the names every few
+seconds and settles each to the tokens its terminal entry records (released
+when it records none). Settling is idempotent, so a request its own gateway
+settled too, or named on both lists, is not charged twice.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from audit import AuditError, AuditStore
 from gateway.limits import CountersUnavailable, UsageCounters
 from gateway.limits.charge import used_tokens
 from gateway.requests.usage import settle_reservation
-from workers.contract.unsettled import UNSETTLED_KEY
+from workers.contract.unsettled import UNSETTLED_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,15 @@ BATCH = 100
 
 async def settle_unsettled(redis: aioredis.Redis, counters: UsageCounters, audit: AuditStore,
                            batch: int = BATCH) -> int:
-    """Settle the requests named so far (up to ``batch``); return how many names were taken.
+    """Settle the requests named so far (up to ``batch`` from each list); return the most names taken
+    from one list (``batch``: more may wait).
 
     A name whose terminal entry cannot be read now is dropped: its slot frees
     at its TTL. Raises ``RedisError``/``OSError`` when the names cannot be read.
     """
-    names = await redis.lpop(UNSETTLED_KEY, batch) or []
-    for raw in names:
-        request_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+    popped = [await redis.lpop(key, batch) or [] for key in UNSETTLED_KEYS]
+    names = dict.fromkeys(raw.decode() if isinstance(raw, bytes) else str(raw) for raw in sum(popped, []))
+    for request_id in names:
         try:
             entry = await anyio.to_thread.run_sync(audit.terminal_for, request_id)
         except AuditError as exc:
@@ -59,7 +61,7 @@ async def settle_unsettled(redis: aioredis.Redis, counters: UsageCounters, audit
             continue
         await settle_reservation(counters, reservation, used_tokens(entry.body.get("usage")) or None)
         log.info("settled the usage of %s, ended while no gateway waited for it", request_id)
-    return len(names)
+    return max(len(taken) for taken in popped)
 
 
 async def settle_unsettled_forever(redis: aioredis.Redis, counters: UsageCounters, audit: AuditStore,
