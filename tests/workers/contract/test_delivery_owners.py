@@ -338,6 +338,27 @@ def test_a_worker_restarted_under_its_name_hands_back_what_its_keys_held(redis_s
         assert client.hget(hash_key, mine.delivery_tag) is not None
 
 
+def test_a_worker_restarted_under_its_name_hands_back_what_an_older_version_held(redis_server, client):
+    """Rolling upgrade in place (a container's pid 1 again, now the new version): the predecessor, a worker
+    from before 2026-12-02, registered at the top level and indexed its delivery's time; the new process
+    registers anew in its own form and hands the delivery back at its first sweep."""
+    node = f"inplace.{os.getpid()}@{socket.gethostname()}"
+    hash_key, index_key = owner_keys(node)
+    with worker_channel(redis_server, node) as first:
+        publish(first, "a")
+        held = take(first)
+        abandon(first)
+    client.hdel(hash_key, time_field(held.delivery_tag))  # the older layout: time in the index
+    client.zadd(index_key, {held.delivery_tag: time.time() - 120})
+    client.hset(OWNERS_KEY, node, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                              "since": process_started_at(os.getpid()) - 60}))
+    with worker_channel(redis_server, node) as second:
+        assert "owner" in json.loads(client.hget(OWNERS_KEY, node))  # registered anew, in its own form
+        sweep(second)
+        assert client.llen(QUEUE) == 1 and client.hget(hash_key, held.delivery_tag) is None
+        assert not client.exists(index_key)
+
+
 def test_a_pid_now_used_by_a_later_process_counts_as_gone():
     here = socket.gethostname()
     me = Owner("w.1@" + here, here, os.getpid(), time.time())
