@@ -28,7 +28,7 @@ from workers.contract.unsettled import UNSETTLED_KEYS
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two looks (one LPOP when nothing waits).
+#: Seconds between two looks (an LPOP of each list when nothing waits).
 SETTLE_INTERVAL_S = 2.0
 #: Names taken per LPOP.
 BATCH = 100
