@@ -182,15 +182,19 @@ end
 -- window entries (w: fields) without the records beside them, which then
 -- stayed until the hash expired. Looked for when a month begins on a hash
 -- that was there before: one HGETALL a month, no cost per request (so such
--- records stay until the month ends). A record still reserved is its
--- request's (its end deletes it), one with a w: field is pruned with it.
+-- records stay until the month ends). One with a w: field is pruned with
+-- it; one still reserved is its request's (its end deletes it) unless it is
+-- older than a record's TTL (ARGV[9]: an older gateway's own key expired
+-- then; its gateway died and nobody settled it, as when a name was dropped).
 local function drop_strays(s)
   local all = redis.call('HGETALL', s.h)
   local has, drop = {}, {}
+  local expired = NOW - tonumber(ARGV[9]) * 1000
   for i = 1, #all, 2 do has[all[i]] = all[i + 1] end
   for f, v in pairs(has) do
-    if string.sub(f, 1, 2) == 'r:' and not has['w:' .. string.sub(f, 3)] and not string.find(v, '^reserved ') then
-      drop[#drop + 1] = f
+    if string.sub(f, 1, 2) == 'r:' and not has['w:' .. string.sub(f, 3)] then
+      local at = tonumber(string.match(v, '^reserved %S+ (%d+)'))
+      if not string.find(v, '^reserved ') or (at and at < expired) then drop[#drop + 1] = f end
     end
   end
   for i = 1, #drop, 1000 do redis.call('HDEL', s.h, unpack(drop, i, math.min(i + 999, #drop))) end

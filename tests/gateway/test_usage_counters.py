@@ -612,23 +612,30 @@ async def test_records_an_older_gateways_prune_left_go_when_the_keys_are_renewed
     """Rolling upgrade: a gateway from before 2026-12-02 prunes the entries that left the window (their
     sorted-set members and w: fields) but not the records a newer gateway keeps beside them in the
     principal's hash, which then stayed there for good (seen with an old gateway admitting after a new
-    one on one Redis). The first reservation of a month drops them (one HGETALL a month, none per request);
-    a record still reserved stays with its request, which still settles."""
+    one on one Redis). The first reservation of a month drops them (one HGETALL a month, none per request):
+    an ended request's, and a reserved one older than a record's TTL (its gateway died, nobody settled
+    it); a record still reserved within it stays with its request, which still settles."""
     everything = {"principal": {}, "team": {}}
     hash_key, window_key = f"{{{prefix}}}:p:alice:h", f"{{{prefix}}}:p:alice:win"
+
+    async def older_gateways_prune() -> None:  # its script's prune, by hand: members, w: fields, counts
+        gone = await client.zrangebyscore(window_key, "(0", "+inf")
+        await client.zrem(window_key, *gone)
+        await client.hdel(hash_key, *(b"w:" + member for member in gone))
+        await client.hset(hash_key, mapping={"n": 0, "s": 0})
+
     ended = await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T)
     await counters.settle(ended, 4, now=T + 1)
-    running = await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T + 2)
-    # the older gateway's prune at T + 62 (its script, by hand): members, w: fields and counts, no record
-    await client.zrem(window_key, ended.request_id, running.request_id)
-    await client.hdel(hash_key, f"w:{ended.request_id}", f"w:{running.request_id}")
-    await client.hset(hash_key, mapping={"n": 0, "s": 0})
-    assert await client.hexists(hash_key, f"r:{ended.request_id}")
+    abandoned = await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T + 2)
+    await older_gateways_prune()
     same_month = await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T + 120)
     await counters.settle(same_month, 5, now=T + 121)
     assert await client.hexists(hash_key, f"r:{ended.request_id}")  # no look within the month
+    running = await counters.reserve(rid(), "alice", "team-a", everything, 10, now=utc(2024, 3, 31, 23))
+    await older_gateways_prune()
     later = await counters.reserve(rid(), "alice", "team-a", everything, 10, now=utc(2024, 4, 1))
     assert not await client.hexists(hash_key, f"r:{ended.request_id}")
+    assert not await client.hexists(hash_key, f"r:{abandoned.request_id}")
     assert (await client.hget(hash_key, f"r:{running.request_id}")).startswith(b"reserved ")
     assert await client.hexists(hash_key, f"r:{later.request_id}")
     await counters.settle(running, 5, now=utc(2024, 4, 1) + 1)
