@@ -39,7 +39,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Iterator
+
+import pytest
 
 from govgate.processes import child_preexec, free_port, stop_process
 
@@ -263,3 +265,16 @@ class PostgresServer:
         name = make_url(url).database
         with psycopg.connect(self._conninfo("postgres"), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of the test's own, which it may stop, freeze or restart (the session's is shared).
+
+    Test files import it by name (``from tests.postgres_server import own_postgres``)."""
+    try:
+        server = PostgresServer.start()
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))  # the session fixture already fails in CI when there is none
+    yield server
+    server.stop()

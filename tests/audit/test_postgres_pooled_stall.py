@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Iterator
 
 import psycopg
 import pytest
@@ -22,28 +21,14 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from audit import AuditError, AuditStore, make_engine, stall_watch
+from audit import AuditError, AuditStore, stall_watch
 from audit.db import MIGRATE_LOCK_KEY, locked_transaction
-from tests.audit.test_postgres_stall import _in_thread
+# PostgreSQL only, and a store whose busy timeout is BUSY_S: the same fixtures as the kept connection's tests.
+from tests.audit.test_postgres_stall import BUSY_S, _in_thread, backend, short_store  # noqa: F401 - fixtures
 from tests.audit.test_writer import _append, _connection_of
 
-#: Short, so the test does not wait long for the bound (its exact length is never asserted).
-BUSY_S = 0.5
 #: Longer than the bound (the busy timeout plus the watchdog's grace).
 PAST_THE_BOUND_S = BUSY_S + stall_watch.GRACE_S + 1.5
-
-
-@pytest.fixture
-def backend() -> str:
-    """Only PostgreSQL here (overrides the two-backend parameter of tests/audit/conftest.py)."""
-    return "postgresql"
-
-
-@pytest.fixture
-def short_store(store_url: str) -> Iterator[AuditStore]:
-    store = AuditStore(make_engine(store_url, busy_timeout_s=BUSY_S))
-    yield store
-    store.engine.dispose()
 
 
 def _pooled_pid(store: AuditStore) -> int:

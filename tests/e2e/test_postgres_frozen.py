@@ -21,7 +21,6 @@ import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -33,23 +32,12 @@ from gateway.components import open_database
 from gateway.settings import Settings
 from govgate.processes import stop_process
 from tests.conftest import POSTGRES_MODEL, bearer, serving, spawn_cli, wait_for_worker
-from tests.postgres_server import PostgresServer, PostgresUnavailable
+from tests.postgres_server import PostgresServer, own_postgres  # noqa: F401 - fixture
 
 #: Short, so the test does not wait long for the bounds (their lengths are never asserted).
 BUSY_S = 1.0
 #: Only a guard against hanging the suite when a bound is missing: far beyond every bound here.
 HANG_GUARD_S = 60.0
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL of this test's own, which it freezes (the session's is shared)."""
-    try:
-        server = PostgresServer.start()
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))  # the session fixture already fails in CI when there is none
-    yield server
-    server.stop()
 
 
 def server_pids(postmaster: int) -> list[int]:

@@ -26,7 +26,7 @@ from gateway.components import open_database
 from gateway.settings import Settings
 from govgate.processes import stop_process
 from tests.conftest import POSTGRES_MODEL, bearer, serving, spawn_cli, wait_for_worker
-from tests.postgres_server import PostgresServer, PostgresUnavailable
+from tests.postgres_server import PostgresServer, own_postgres  # noqa: F401 - fixture
 
 
 @pytest.fixture
@@ -95,17 +95,6 @@ def test_a_gateway_and_worker_on_postgresql_audit_completions_and_denials_there(
         plain.dispose()
     assert users == {"pat", "val"}
     assert audit_version.startswith("audit_") and gateway_version.startswith("gateway_")
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL of this test's own, which it may stop and start (the session's is shared)."""
-    try:
-        server = PostgresServer.start()
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))  # the session fixture already fails in CI when there is none
-    yield server
-    server.stop()
 
 
 def test_a_postgresql_outage_fails_requests_closed_and_service_returns_with_it(

@@ -13,7 +13,6 @@ import asyncio
 import calendar
 import os
 import uuid
-from typing import AsyncIterator
 
 import httpx
 import pytest
@@ -22,10 +21,10 @@ import redis.asyncio as aioredis
 
 from gateway.limits import Scope, UsageCounters
 from gateway.limits.in_flight_wait import in_flight_wait_s, soonest_end_s
-from govgate.redis_server import RedisProcess
 from tests.conftest import bearer, policy_copy, serving
 from tests.e2e.test_queued_disconnect import _in_flight, _until
 from tests.gateway.test_fail_closed import queued
+from tests.gateway.test_usage_counters import client  # noqa: F401  (fixture: an async client of the session's Redis)
 from tests.keys_and_limits import limits_for, new_key
 from tests.own_redis import own_redis  # noqa: F401  (fixture)
 from workers.contract.fair_queues import MODE_FAIR, MODE_FIFO, tags_key, team_field, waiting_key
@@ -36,13 +35,6 @@ from workers.contract.registry import TINY_MODEL_NAME
 
 T = float(calendar.timegm((2024, 3, 10, 12, 0, 0)))
 ALL_IN_FLIGHT = {"principal": {"in_flight": 2}, "team": None}
-
-
-@pytest.fixture
-async def client(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]:
-    redis_client = aioredis.Redis.from_url(redis_server.url)
-    yield redis_client
-    await redis_client.aclose()
 
 
 @pytest.fixture
