@@ -12,6 +12,8 @@ import signal
 import tempfile
 from pathlib import Path
 
+from typing import Iterator
+
 import pytest
 
 from govgate.redis_server import RedisProcess
@@ -36,4 +38,18 @@ def doomed_redis():
     if server.process.poll() is None:
         os.kill(server.process.pid, signal.SIGCONT)
         server.stop()
+    shutil.rmtree(redis_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", name="redis_server")
+def module_redis_server() -> Iterator[RedisProcess]:
+    """The ``redis_server`` of one test module, in place of the session's: for modules whose tests count
+    commands server-wide (``INFO commandstats``), which another test's processes still at work on the
+    shared server (the session's worker polling its queues) would add to. A module imports it by name
+    (``from tests.own_redis import module_redis_server``); only for modules that use no session fixture
+    built on the session's Redis (the ``worker``)."""
+    redis_dir = Path(tempfile.mkdtemp(prefix="gg-mr-"))
+    server = RedisProcess.start(redis_dir, persist=False)
+    yield server
+    server.stop()
     shutil.rmtree(redis_dir, ignore_errors=True)

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from bench._commandstats import CommandProbe
+from tests.own_redis import module_redis_server  # noqa: F401  (fixture: commands are counted server-wide)
 from workers.contract.jobs import CANCEL_TTL_S, cancel_key, runs_key
 from workers.contract.sealing import Sealer
 from workers.streams import RedisJobChannel

@@ -19,6 +19,7 @@ import redis
 
 from bench._commandstats import CommandProbe
 from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
+from tests.own_redis import module_redis_server  # noqa: F401  (fixture: commands are counted server-wide)
 from workers.contract.jobs import REPLY_PIECE, STATUS_COMPLETED, STATUS_FAILED, GenerateJob, parse_reply
 from workers.contract.output_check import (REPLY_OUTPUT, OutputReport, OutputVerdict, verdict_key)
 from workers.contract.pending_terminals import PENDING_KEY, PendingTerminals

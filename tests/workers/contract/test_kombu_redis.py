@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from tests.own_redis import module_redis_server  # noqa: F401  (fixture: commands are counted server-wide)
 from workers.contract.celery_config import celery_redis_url, make_celery
 from workers.contract.kombu_redis import Channel
 
