@@ -46,13 +46,16 @@ class UsageLimit:
         return RETRY_HINTS[self.window]
 
 
+#: The in-flight limit's refusal code (its Retry-After is the gateway's estimate, not the policy's).
+TOO_MANY_IN_FLIGHT = "too_many_in_flight"
+
 #: In the order the Lua scripts keep the counters (``scripts.COUNTERS``).
 USAGE_LIMITS: tuple[UsageLimit, ...] = (
     UsageLimit("requests_per_minute", "requests_last_minute", "request", "minute", "rate_limited"),
     UsageLimit("tokens_per_minute", "tokens_last_minute", "tokens", "minute", "rate_limited"),
     UsageLimit("tokens_per_day", "tokens_today", "tokens", "day", "budget_exceeded"),
     UsageLimit("tokens_per_month", "tokens_this_month", "tokens", "month", "budget_exceeded"),
-    UsageLimit("in_flight", "in_flight", "request", "in_flight", "too_many_in_flight"),
+    UsageLimit("in_flight", "in_flight", "request", "in_flight", TOO_MANY_IN_FLIGHT),
 )
 
 LIMIT_NAMES: tuple[str, ...] = tuple(limit.name for limit in USAGE_LIMITS)

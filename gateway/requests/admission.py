@@ -28,6 +28,7 @@ from gateway.api_errors import ApiError, errors_of
 from gateway.dispatch.model_health import ModelHealth
 from gateway.limits import (CountersReply, CountersUnavailable, QueueAtLimit, QueueCheck, Refusal, Reservation,
                             Scope, UsageCounters)
+from gateway.limits.catalogue import TOO_MANY_IN_FLIGHT
 from gateway.limits.in_flight_wait import in_flight_wait_s
 from gateway.limits.queue import fair_model_queue, model_queue
 from gateway.limits.charge import prompt_tokens_to_hold
@@ -51,9 +52,6 @@ from workers.contract.jobs import GenerateJob
 from workers.contract.privacy import Digester
 from workers.contract.registry import ModelSpec, Registry
 from workers.contract.sampling import SamplingParams
-
-#: The usage limit whose 429's Retry-After the gateway estimates (the policy says 1 s).
-TOO_MANY_IN_FLIGHT = "too_many_in_flight"
 
 #: The limits reserved against when the policy gives none (a policy older than the ``limits`` obligation).
 NO_LIMITS: dict[str, Any] = {"principal": {}, "team": None}

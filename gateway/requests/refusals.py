@@ -16,7 +16,7 @@ from gateway.limits import RETRYABLE_CODES, Refusal, TeamPlaces
 from gateway.limits.fair_share import CEILING_FACTOR, FALLBACK_SERVICE_MS, drain_wait_s
 from gateway.limits.catalogue import QUEUE_FULL, USAGE_LIMITS
 from gateway.policy import POLICY_UNAVAILABLE, Obligations, Reason
-from workers.contract.jobs import JobResult
+from workers.contract.jobs import WORKER_LOST, JobResult
 from workers.contract.output_check import OUTPUT_POLICY_UNAVAILABLE, OUTPUT_UNCHECKED
 
 
@@ -66,8 +66,6 @@ def alone_over_a_limit(obligations: Obligations) -> str | None:
     return None
 
 
-#: A job whose earlier runs each ended their worker (workers/generation.py): it is recorded failed, not run again.
-WORKER_LOST = "worker_lost"
 #: Tells OpenAI's clients not to retry (they retry every 5xx twice by default, each time as a new request): a
 #: job that ended its workers would end two more each time, one that ran into the generation time limit would
 #: run into it twice more, charged each time (``x-should-retry`` is the header they obey).

@@ -26,6 +26,8 @@ STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"
 STATUS_TIMED_OUT = "timed_out"
 STATUS_CANCELLED = "cancelled"
+#: The error code of a job whose earlier runs each ended their worker: recorded failed, not run again.
+WORKER_LOST = "worker_lost"
 
 #: Prefix of the key a worker stores a job's outcome under (sealed), next to
 #: publishing it on the job's reply channel: a gateway whose pub/sub connection
