@@ -98,14 +98,29 @@ def run_job(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: Jo
 
 
 def _keep(job: GenerateJob, lost: _Unrecorded, pending: PendingTerminals | None) -> JobResult:
-    """Keep the refused terminal entry for a later write; the client is told the audit is unavailable."""
+    """Keep the refused terminal entry for a later write; the client is told the audit is unavailable.
+
+    The answer carries the refused entry's token counts, so the gateway
+    settles the request's usage to what the model ran, as it does for a
+    handed-over output whose entry the database refuses: an audit outage
+    must not make generation free.
+    """
     log.error("cannot record %s for %s: %s", lost.kind, job.request_id, lost)
     if pending is not None:
         pending.keep(PendingTerminal(kind=FAILED, request_id=job.request_id, principal=job.principal,
                                      team=job.team, model=job.model, body=withheld_body(lost.body, lost.kind),
                                      policy_revision=job.policy_revision))
-    return JobResult(status=STATUS_FAILED,
+    prompt_tokens, completion_tokens = _counts(lost.body.get("usage"))
+    return JobResult(status=STATUS_FAILED, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                      error={"code": "audit_unavailable", "message": "the audit store cannot be written"})
+
+
+def _counts(usage: Any) -> tuple[int, int]:
+    """Prompt and completion tokens of a terminal body's ``usage`` (0, 0 when it has none)."""
+    if not isinstance(usage, dict):
+        return 0, 0
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return (prompt if isinstance(prompt, int) else 0), (completion if isinstance(completion, int) else 0)
 
 
 def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobChannel,

@@ -9,6 +9,7 @@ so a lock held "longer than the busy timeout" costs seconds, not half a minute e
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -20,6 +21,7 @@ from typing import Iterator
 import httpx
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from audit import AuditStore, make_engine, verify_chain
 from audit.db import MIGRATIONS_DIR, VERSION_TABLE
@@ -27,6 +29,7 @@ from audit.migration_heads import at_head
 
 from gateway.auth import KeyStore
 from gateway.components import open_database
+from gateway.limits import UsageCounters
 from govgate.processes import stop_process
 from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
 from tests.e2e.test_crash_safety import started_jobs
@@ -117,11 +120,12 @@ def locked(database_url: str) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
-@pytest.fixture
-def own_everything(own_redis, tmp_path):
-    """A database and Redis of their own, a key in that database, and a tiny-model worker on both."""
+@pytest.fixture(params=[True, False], ids=["gateway-records", "worker-records"])
+def own_everything(own_redis, tmp_path, request):
+    """A database and Redis of their own, a key in that database, and a tiny-model worker on both; with the
+    output rules on the gateway records a completion's end (handed over), with them off its worker does."""
     own = own_redis.with_(database_url=f"sqlite:///{tmp_path / 'own.db'}", request_timeout_s=120.0,
-                          database_busy_timeout_s=SHORT_BUSY_TIMEOUT_S)
+                          database_busy_timeout_s=SHORT_BUSY_TIMEOUT_S, output_rules=request.param)
     key = own_key(own, "locked-user")
     worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=tmp_path / "worker.log")
     try:
@@ -166,7 +170,22 @@ def test_a_terminal_entry_refused_by_a_locked_database_is_written_when_it_is_bac
     assert terminal.body["usage"]["completion_tokens"] == 4000 and terminal.payload["output"]  # what was generated
     assert [e.kind for e in store.entries_for(request_id)] == ["request", "failed"]
     assert verify_chain(store).ok
+    usage = principal_usage(own.redis_url, "locked-user", "ops")
+    assert usage["in_flight"] == 0
+    assert usage["tokens_today"] == terminal.body["usage"]["total_tokens"]  # the model ran: charged, not free
     store.engine.dispose()
+
+
+def principal_usage(redis_url: str, principal: str, team: str) -> dict:
+    """The principal's counters as admission reads them."""
+    async def read() -> dict:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            return (await UsageCounters(client).snapshot(principal, team))["principal"]
+        finally:
+            await client.aclose()
+
+    return asyncio.run(read())
 
 
 def test_a_worker_started_while_the_database_is_locked_waits_for_it_when_it_must_migrate(own_redis, tmp_path):

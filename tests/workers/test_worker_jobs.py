@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import uuid
 
 import redis
 
-from audit import verify_chain
+from audit import AuditStore, make_engine, migrate, verify_chain
 from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
 from workers.contract.jobs import STATUS_COMPLETED, GenerateJob, runs_key
 from workers.contract.sampling import SamplingParams
@@ -102,3 +103,28 @@ def test_a_job_whose_runs_ended_their_worker_twice_is_recorded_failed_not_run_a_
         assert verify_chain(store).ok
     finally:
         client.close()
+
+
+def test_an_end_the_locked_database_refuses_answers_with_what_the_model_ran(tmp_path, model):
+    """The database refuses the terminal entry past its busy timeout: the client gets nothing, but the answer
+    carries the generated tokens, so the gateway charges them (an audit outage does not make generation free)."""
+    path = tmp_path / "locked.db"
+    engine = make_engine(f"sqlite:///{path}", busy_timeout_s=0.3)
+    migrate(engine)
+    store = AuditStore(engine)
+    probe = run_job(job("r8"), model, store)  # what the same job generates when the database takes it
+    holder = sqlite3.connect(path, isolation_level=None, timeout=5)
+    holder.execute("BEGIN IMMEDIATE")  # a long transaction elsewhere holds the write lock
+    try:
+        refused = run_job(job("r9"), model, store)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    try:
+        assert refused.status == "failed" and refused.error["code"] == "audit_unavailable"
+        assert refused.text == ""  # nothing served unaudited
+        assert (refused.prompt_tokens, refused.completion_tokens) == (probe.prompt_tokens, probe.completion_tokens)
+        assert refused.completion_tokens == 6
+        assert store.terminal_for("r9") is None
+    finally:
+        engine.dispose()
