@@ -132,8 +132,10 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
     503: ("`audit_unavailable`, `queue_unavailable`, `usage_unavailable`, `auth_unavailable` or `cancelled`: "
           "a dependency is down, so the request was refused; nothing is served unaudited or uncounted. "
           "`policy_unavailable` (with `Retry-After`): no policy decision could be had in time (capacity, "
-          "not permission). `model_unavailable` (with `Retry-After`): the model has no live worker and its last "
-          "worker could not load it; nothing was queued.", {}),
+          "not permission). `model_unavailable` (with `Retry-After` and `x-should-retry: false`): the model has no "
+          "live worker and its last worker could not load it; nothing was queued, and only an operator can mend it.",
+          {"x-should-retry": header("'false' on `model_unavailable`: an operator must act, an automatic retry "
+                                    "only waits.", {"type": "string", "enum": ["false"]}, required=False)}),
     504: ("`timed_out`: no result within GOVGATE_REQUEST_TIMEOUT_S, or the worker's generation time limit hit "
           "(that one with `x-should-retry: false`).",
           {"x-should-retry": header("'false' when the generation time limit hit: do not retry unchanged.",

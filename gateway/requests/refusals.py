@@ -72,7 +72,9 @@ def alone_over_a_limit(obligations: Obligations) -> str | None:
 DO_NOT_RETRY = {"x-should-retry": "false"}
 
 MODEL_UNAVAILABLE = "model_unavailable"
-#: What a refusal for a model that cannot be loaded suggests: an operator must act; a minute is a polite poll.
+#: What a refusal for a model that cannot be loaded suggests to a client that polls: an operator must act (the
+#: model was given up, nothing reloads it by itself), so a minute is a polite poll; OpenAI's clients are told not
+#: to retry at all (:data:`DO_NOT_RETRY`), as their two automatic retries would hold the caller ~2 minutes.
 MODEL_UNAVAILABLE_RETRY_S = 60
 
 USAGE_UNAVAILABLE_MESSAGE = ("Usage limits cannot be checked right now (Redis is unavailable), so the request was "
@@ -194,7 +196,7 @@ class ModelUnavailable:
     def error(self) -> ApiError:
         return ApiError(503, MODEL_UNAVAILABLE, f"The model '{self.model}' cannot be served now: its worker could "
                         f"not load it ({self.reason}). Nothing was queued.",
-                        headers={"Retry-After": str(MODEL_UNAVAILABLE_RETRY_S)})
+                        headers={"Retry-After": str(MODEL_UNAVAILABLE_RETRY_S), **DO_NOT_RETRY})
 
 
 AdmissionRefusal = Union[ContextTooLong, UsageUnavailable, OverLimit, QueueFull, ModelUnavailable]

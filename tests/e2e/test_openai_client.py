@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import openai
 import pytest
+import redis
 
-from tests.conftest import policy_copy, serving
+from tests.conftest import IDLE_MODEL, policy_copy, serving
 from tests.keys_and_limits import limits_for, new_key
+from workers.contract.liveness import model_failed_key
 from workers.contract.registry import TINY_MODEL_NAME
 
 
@@ -162,3 +164,28 @@ def test_stream_options_asking_for_no_obfuscation_are_served(sdk):
                                        stream=True, stream_options={"include_obfuscation": True})
     assert (refused.value.code, refused.value.param) == ("unsupported_parameter",
                                                         "stream_options.include_obfuscation")
+
+
+def test_a_model_only_an_operator_can_mend_is_not_retried(settings, worker, audit_store, tmp_path):
+    """Its last worker could not load the model and none lives: 503 ``model_unavailable``. Its ``Retry-After: 60``
+    made the SDK wait a minute and ask again, twice: two minutes for a model that nothing but an operator mends.
+    It now says ``x-should-retry: false`` too: the SDK raises at once, one request asked."""
+    raw = redis.Redis.from_url(settings.redis_url)
+    key = new_key(settings, "unmendable", None, roles=("admin",))
+    try:
+        raw.set(model_failed_key(IDLE_MODEL), "model file /srv/m.gguf is not a valid GGUF file; is it truncated?")
+        with serving(settings, tmp_path / "serve.log") as base:  # started after the failure: refuses at once
+            before = audit_store.head().seq
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key=key)  # the SDK's default retries
+            with pytest.raises(openai.InternalServerError) as refused:
+                client.chat.completions.create(model=IDLE_MODEL, max_tokens=2,
+                                               messages=[{"role": "user", "content": "Hello"}])
+            client.close()
+    finally:
+        raw.delete(model_failed_key(IDLE_MODEL))
+        raw.close()
+    response = refused.value.response
+    assert response.status_code == 503 and refused.value.code == "model_unavailable"
+    assert response.headers["x-should-retry"] == "false" and response.headers["retry-after"] == "60"
+    asked = [e for e in audit_store.tail(20) if e.seq > before and e.principal == "unmendable"]
+    assert [(e.kind, e.request_id) for e in asked] == [("request", refused.value.request_id)]

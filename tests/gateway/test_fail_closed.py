@@ -256,7 +256,8 @@ async def test_a_model_its_worker_could_not_load_is_refused_at_once(settings, ke
     assert refused.status_code == 503, refused.text
     error = refused.json()["error"]
     assert error["code"] == "model_unavailable" and reason in error["message"]
-    assert refused.headers["retry-after"] == "60"
+    assert refused.headers["retry-after"] == "60"  # for a client that polls
+    assert refused.headers["x-should-retry"] == "false"  # OpenAI's clients would retry twice, ~2 minutes, in vain
     entry = audit_store.entries_for(refused.headers["x-govgate-request-id"])
     assert [e.kind for e in entry] == ["request"]  # refused before queueing: no terminal entry to wait for
     assert entry[0].body["admission"] == {"admitted": False, "code": "model_unavailable", "model": IDLE_MODEL,
