@@ -8,14 +8,13 @@ the hash check. What is checked: :mod:`audit.checkpoint_check`.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
 from govgate.cli_common import audit_engine, load_settings
+from govgate.cli_output import output_file
 
 
 def register(group: click.Group) -> None:
@@ -65,7 +64,7 @@ def audit_checkpoint(out: str) -> None:
     someone who holds the signing key.
     """
     from audit import AuditError
-    from audit.checkpoints import CheckpointStore, checkpoint_file_text, write_checkpoint_file
+    from audit.checkpoints import CheckpointStore, checkpoint_file_text
 
     key = _signing_key()
     engine = audit_engine()
@@ -81,10 +80,12 @@ def audit_checkpoint(out: str) -> None:
         click.echo(checkpoint_file_text(checkpoint, key.public), nl=False)
     else:
         try:
-            write_checkpoint_file(Path(out), checkpoint, key.public)
-        except AuditError as exc:  # the checkpoint is stored; only its file could not be written
-            raise click.ClickException(f"{exc} (the checkpoint of entry {checkpoint.seq} is stored: run the "
-                                       "command again with another --out to get its file)") from None
+            with output_file(out, private=False, text=True) as handle:
+                handle.write(checkpoint_file_text(checkpoint, key.public))
+        except OSError as exc:  # the checkpoint is stored; only its file could not be written
+            raise click.ClickException(f"cannot write checkpoint file {out}: {exc.strerror or exc} (the checkpoint "
+                                       f"of entry {checkpoint.seq} is stored: run the command again with another "
+                                       "--out to get its file)") from None
     what = "signed now" if new else "already checkpointed, the stored checkpoint"
     click.echo(f"checkpoint of entry {checkpoint.seq} ({what}){'' if out == '-' else ' written to ' + out}",
                err=True)
@@ -101,7 +102,8 @@ def audit_public_key(out: str) -> None:
         click.echo(pem.decode("ascii"), nl=False)
     else:
         try:
-            Path(out).write_bytes(pem)
+            with output_file(out, private=False) as handle:
+                handle.write(pem)
         except OSError as exc:
             raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
         click.echo(f"public key {key.key_id} written to {out}", err=True)
@@ -129,28 +131,14 @@ def audit_export_bundle(out: str, team: str | None, since: str | None) -> None:
     key = _signing_key()
     store = AuditStore(audit_engine())
     _refuse_to_vouch_for_a_rewrite(store.engine)
-    # The bundle holds prompts and outputs: written private (0600) to a temporary file, renamed when whole.
-    # A target that exists and is not a file (/dev/stdout, a pipe) is written directly: nothing to rename.
-    target = Path(out)
-    direct = target.exists() and not target.is_file()
-    temporary = target if direct else target.with_name(f".{target.name}.{secrets.token_hex(6)}")
+    # The bundle holds prompts and outputs: written private (0600), in place only once whole (cli_output.py).
     try:
-        opened = open(target, "w", encoding="utf-8") if direct else os.fdopen(
-            os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8")
-        with opened as handle:
+        with output_file(out, private=True, text=True) as handle:
             summary = write_bundle(store, key, handle, Selection(team=team, since=start))
-        if not direct:
-            os.replace(temporary, target)
     except OSError as exc:
-        if not direct:
-            temporary.unlink(missing_ok=True)
         raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
-    except BaseException as exc:
-        if not direct:
-            temporary.unlink(missing_ok=True)
-        if isinstance(exc, AuditError):
-            raise click.ClickException(str(exc)) from None
-        raise
+    except AuditError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(f"{summary.selected} entries selected of entries {summary.first_seq}..{summary.last_seq}, "
                f"{summary.checkpoints} checkpoints, written to {out}", err=True)
 

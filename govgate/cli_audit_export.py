@@ -11,6 +11,7 @@ as the review API's are, so both mean and refuse the same.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import sys
@@ -22,6 +23,7 @@ import click
 
 from govgate.cli_audit import audit
 from govgate.cli_common import audit_engine
+from govgate.cli_output import output_file
 
 #: Entries between two progress-bar updates.
 _PROGRESS_EVERY = 500
@@ -84,7 +86,7 @@ def audit_export(since: str, until: str | None, team: str | None, principal: str
     store = AuditStore(engine)
     try:
         total = count_matching(engine, where)
-        with _output(out) as sink, click.progressbar(length=total, label=f"exporting {total} entries",
+        with _sink(out) as sink, click.progressbar(length=total, label=f"exporting {total} entries",
                                                      file=sys.stderr) as bar:
             if include_text or where.text is not None:  # a text search reads texts, as over HTTP
                 _record_read(store, PAYLOAD_READ, where)  # once the output is open, before any text is in it
@@ -124,28 +126,13 @@ def _counted(entries: Iterator[Any], advance: Any) -> Iterator[Any]:
     advance(pending)
 
 
-class _output:
-    """The file named by --out (0600, replaced whole only when the export finished), or stdout."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path = path
-        self.temp: str | None = None
-        self.handle: IO[bytes] | None = None
-
-    def __enter__(self) -> IO[bytes]:
-        if self.path is None:
-            return sys.stdout.buffer
-        self.temp = f"{self.path}.partial-{os.getpid()}"
-        fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.handle = os.fdopen(fd, "wb")
-        return self.handle
-
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        if self.handle is None or self.temp is None:
-            sys.stdout.buffer.flush()
-            return
-        self.handle.close()
-        if exc_type is None:
-            os.replace(self.temp, self.path)  # type: ignore[arg-type]
-        else:
-            os.unlink(self.temp)
+@contextlib.contextmanager
+def _sink(out: str | None) -> Iterator[IO[bytes]]:
+    """The file named by --out (0600, in place only once the export is whole: ``govgate/cli_output.py``), or
+    standard output."""
+    if out is not None:
+        with output_file(out, private=True) as handle:
+            yield handle
+        return
+    yield sys.stdout.buffer
+    sys.stdout.buffer.flush()

@@ -1,0 +1,109 @@
+"""The files the CLI writes (``--out FILE``): there whole, or not at all.
+
+Why: an export, a bundle or a public key found under the name an operator
+gave is taken for what it says it is, and handed on as complete. A file cut
+short (a database failing on a later page, a full disk, Ctrl-C, the SIGTERM
+of a job scheduler's time limit or of ``docker stop``) must never stand under
+that name, nor may a half-written copy of prompts and outputs stay beside it.
+So the file is written under a temporary name in the same folder (the same
+filesystem, so the rename is atomic), synced, and renamed over ``FILE`` only
+once whole; on any failure it is removed and ``FILE`` is left as it was.
+
+SIGTERM and SIGHUP end a Python process without running any cleanup, so
+while a file is being written they raise :class:`Terminated` instead (exit
+status 128 + the signal's number, as a shell reports a process the signal
+ended); Ctrl-C is already an exception (``KeyboardInterrupt``). A signal the
+process was started ignoring (``nohup``) stays ignored. Only SIGKILL (or a
+crash of the machine) can leave ``FILE.partial-…`` behind: nothing runs then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+#: The signals whose default action ends the process without cleanup, caught while a file is written.
+CAUGHT = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(SystemExit):
+    """A SIGTERM or SIGHUP arrived while a file was being written: unwind (removing it), then exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame: Any) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def signals_unwind() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP raise :class:`Terminated` (in the main thread only, where
+    Python runs signal handlers); the handlers found are put back at the end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for signum in CAUGHT:
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, _raise_terminated)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def output_file(path: str | Path, *, private: bool, text: bool = False) -> Iterator[IO[Any]]:
+    """``path`` opened for writing, replaced whole when the block ends cleanly, untouched otherwise.
+
+    ``private``: made readable by its owner only (0600), for files holding
+    audit entries; else the umask's mode. A ``path`` that exists and is not a
+    regular file (``/dev/stdout``, a named pipe) is written directly: there
+    is nothing to rename, and its reader sees the stream as it comes.
+    """
+    target = Path(path)
+    mode = "w" if text else "wb"
+    encoding = "utf-8" if text else None
+    with signals_unwind():
+        if target.exists() and not target.is_file():
+            with open(target, mode, encoding=encoding) as handle:
+                yield handle
+            return
+        temporary = target.with_name(f"{target.name}.partial-{secrets.token_hex(4)}")
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
+            with os.fdopen(fd, mode, encoding=encoding) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        except BaseException as exc:
+            temporary.unlink(missing_ok=True)
+            if isinstance(exc, Terminated):
+                print(f"{signal.Signals(exc.signum).name}: stopped; {target} not written", file=sys.stderr)
+            raise
+        _sync_folder(target.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename itself durable (a crash right after must not bring the old file back)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,180 @@
+"""The files the CLI writes with ``--out`` are there whole or not at all (govgate/cli_output.py).
+
+Real processes, real failures: ``govgate`` run as a subprocess and stopped
+(SIGSTOP) once its file has data, so it is caught midway whatever the
+machine's speed; then sent SIGTERM or SIGHUP, or its PostgreSQL shut down
+under it before the next page, or run under a file-size limit (what a full
+disk does to a write). Each time the file named by ``--out`` keeps what it
+held before, and nothing of the half-written copy (prompts included) stays
+beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from audit import AuditStore, make_engine, migrate
+from audit.signing import load_or_create_signing_key
+from tests.postgres_server import PostgresServer, own_postgres  # noqa: F401  (a fixture)
+
+#: What the file held before the command ran (an earlier export, an earlier key).
+EARLIER = b"an earlier, complete file\n"
+#: Each entry's prompt: large, so that the export of a few hundred is well under way when it is stopped.
+PROMPT = "a secret prompt " * 256
+
+
+def _seed(url: str, var_dir: Path, count: int) -> None:
+    engine = make_engine(url)
+    try:
+        migrate(engine)
+        store = AuditStore(engine)
+        for i in range(count):
+            store.append("request", f"r-{i}", principal="alice", team="blue", model="tiny", policy_revision=None,
+                         body={"endpoint": "chat.completions", "i": i},
+                         payload={"messages": [{"role": "user", "content": PROMPT}]})
+    finally:
+        engine.dispose()
+    load_or_create_signing_key(var_dir / "audit-signing.key")
+
+
+def _env(url: str, var_dir: Path) -> dict[str, str]:
+    return {**os.environ, "GOVGATE_VAR_DIR": str(var_dir), "GOVGATE_DATABASE_URL": url,
+            "GOVGATE_AUDIT_SIGNING_KEY_FILE": "", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+COMMANDS = {
+    "export": ["export", "--since", "2000-01-01", "--format", "jsonl", "--include-text"],
+    "export-bundle": ["export-bundle"],
+}
+
+
+def _start(command: str, out: Path, env: dict[str, str], **popen: object) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "govgate.cli", "audit", *COMMANDS[command], "--out", str(out)],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            **popen)  # type: ignore[call-overload]
+
+
+def _out(tmp_path: Path, name: str) -> Path:
+    """``name`` in a folder of its own, holding what an earlier run left there."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / name
+    out.write_bytes(EARLIER)
+    return out
+
+
+def _leftovers(out: Path) -> list[Path]:
+    """Every other file in ``out``'s folder (whatever a command names its temporary file)."""
+    return sorted(p for p in out.parent.iterdir() if p.name != out.name)
+
+
+def _stopped_midway(process: subprocess.Popen[bytes], out: Path) -> None:
+    """Wait until the command's temporary file holds data, then stop the process there (SIGSTOP)."""
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None, process.communicate()
+        written = [p for p in _leftovers(out) if p.stat().st_size > 0]
+        if written:
+            os.kill(process.pid, signal.SIGSTOP)
+            break
+        assert time.monotonic() < deadline, "the command never began writing"
+        time.sleep(0.002)
+    assert process.poll() is None
+    # Midway: its data is in the temporary file, the file asked for still holds what it held.
+    assert out.read_bytes() == EARLIER
+    assert [p.stat().st_mode & 0o777 for p in _leftovers(out)] == [0o600]  # prompts: the owner's only
+
+
+@pytest.fixture(scope="module")
+def sqlite_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    var_dir = tmp_path_factory.mktemp("out-files")
+    url = f"sqlite:///{var_dir / 'audit.db'}"
+    _seed(url, var_dir, 400)
+    return url, var_dir
+
+
+@pytest.mark.parametrize("command,signum", [("export", signal.SIGTERM), ("export-bundle", signal.SIGTERM),
+                                            ("export", signal.SIGHUP)],
+                         ids=["export-SIGTERM", "export-bundle-SIGTERM", "export-SIGHUP"])
+def test_a_command_signalled_midway_leaves_no_file(sqlite_store: tuple[str, Path], tmp_path: Path, command: str,
+                                                   signum: int) -> None:
+    url, var_dir = sqlite_store
+    out = _out(tmp_path, "blue.jsonl")
+    process = _start(command, out, _env(url, var_dir))
+    try:
+        _stopped_midway(process, out)
+        os.kill(process.pid, signum)
+        os.kill(process.pid, signal.SIGCONT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 128 + signum, stderr
+    assert f"{signal.Signals(signum).name}: stopped; {out} not written" in stderr.decode()
+    assert out.read_bytes() == EARLIER
+    assert _leftovers(out) == []  # no half-written copy, prompts and all
+
+
+@pytest.mark.parametrize("command", ["export", "export-bundle"])
+def test_a_database_lost_before_the_next_page_leaves_no_file(own_postgres: PostgresServer,  # noqa: F811
+                                                             tmp_path: Path, command: str) -> None:
+    url = own_postgres.fresh_database("outfiles")
+    _seed(url, tmp_path, 1100)  # two pages of the export's 1000
+    out = _out(tmp_path, "blue.jsonl")
+    process = _start(command, out, _env(url, tmp_path))
+    try:
+        _stopped_midway(process, out)
+        own_postgres.pause()  # the database goes away while the first page is being written
+        os.kill(process.pid, signal.SIGCONT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1, stderr
+    said = stderr.decode()
+    assert "Error: " in said and "audit read failed" in said and "Traceback" not in said, said
+    assert out.read_bytes() == EARLIER
+    assert _leftovers(out) == []
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    def preexec() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return preexec
+
+
+def test_a_public_key_that_cannot_be_written_whole_leaves_the_earlier_file(sqlite_store: tuple[str, Path],
+                                                                           tmp_path: Path) -> None:
+    """A write refused halfway (here by a file-size limit under the key's size; a full disk does the same)
+    fails the command and leaves the file as it was, not a cut PEM."""
+    url, var_dir = sqlite_store
+    out = _out(tmp_path, "pub.pem")
+    result = subprocess.run([sys.executable, "-m", "govgate.cli", "audit", "public-key", "--out", str(out)],
+                            env=_env(url, var_dir), stdin=subprocess.DEVNULL, capture_output=True,
+                            preexec_fn=_file_size_limit(64), timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.decode().splitlines() == [f"Error: cannot write {out}: File too large"]
+    assert out.read_bytes() == EARLIER
+    assert _leftovers(out) == []
+    written = subprocess.run([sys.executable, "-m", "govgate.cli", "audit", "public-key", "--out", str(out)],
+                             env=_env(url, var_dir), stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    assert written.returncode == 0, written.stderr
+    assert out.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----") and len(out.read_bytes()) > 64
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
