@@ -5,10 +5,12 @@ The gateway asks once per revision whether its policy has an output rule
 worker so in the job, and the worker records the verdict the gateway would
 have sent (allow, the whole output served). A revision with an output rule
 is still judged: a rule that stops every output stops this one. The
-report to the gateway is seen in Redis's own counters: a non-streamed output
-is handed over with an HSETNX of its fallback entry, and a stream's worker
-waits for a verdict with BLPOP (Celery's consumers use BRPOP). Without a rule
-a stream is not held back either: its first token goes out as it comes.
+report to the gateway is seen in the commands Redis runs (MONITOR, counting
+only those naming the test's own request: the Redis is the session's, which
+other processes use too): a non-streamed output is handed over with an
+HSETNX of its fallback entry, and a stream's worker waits for its verdict
+with BLPOP of the request's verdict key. Without a rule a stream is not held
+back either: its first token goes out as it comes.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
 from tests.conftest import _roomy_limits, bearer, policy_copy, serving
+from tests.redis_monitor import CommandLog
+from workers.contract.output_check import verdict_key
+from workers.contract.pending_terminals import PENDING_KEY
 from workers.contract.registry import TINY_MODEL_NAME
 
 
@@ -50,14 +54,11 @@ def stopping_every_output(folder: Path) -> Path:
     return target
 
 
-def verdict_waits(redis_url: str) -> int:
-    """HSETNX and BLPOP calls Redis has served so far: one per output handed over or verdict waited for."""
-    client = redis.Redis.from_url(redis_url)
-    try:
-        stats = client.info("commandstats")
-        return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("hsetnx", "blpop"))
-    finally:
-        client.close()
+def verdict_waits(log: CommandLog, request_id: str) -> int:
+    """The request's HSETNX of its fallback and BLPOPs of its verdict: one per output handed over or verdict
+    waited for."""
+    assert log.naming(request_id), "the log saw none of the request's commands"  # a zero must mean something
+    return log.count("hsetnx", PENDING_KEY, request_id) + log.count("blpop", verdict_key(request_id))
 
 
 async def complete(settings, folder: Path, key: str):
@@ -69,10 +70,10 @@ async def complete(settings, folder: Path, key: str):
 @pytest.mark.anyio
 async def test_no_output_rule_records_the_allow_without_the_round_trip(settings, worker, keyring, audit_store,
                                                                          tmp_path):
-    before = verdict_waits(settings.redis_url)
-    response = await complete(settings, without_output_rule(tmp_path), keyring["analyst"])
+    with CommandLog(settings.redis_url) as log:
+        response = await complete(settings, without_output_rule(tmp_path), keyring["analyst"])
     assert response.status_code == 200, response.text
-    assert verdict_waits(settings.redis_url) == before
+    assert verdict_waits(log, response.headers["x-govgate-request-id"]) == 0
     terminal = audit_store.terminal_for(response.headers["x-govgate-request-id"])
     text = response.json()["choices"][0]["text"]
     assert terminal.kind == "completion" and text
@@ -84,10 +85,10 @@ async def test_no_output_rule_records_the_allow_without_the_round_trip(settings,
 @pytest.mark.anyio
 async def test_an_output_rule_is_still_asked_and_can_stop_the_output(settings, worker, keyring, audit_store,
                                                                      tmp_path):
-    before = verdict_waits(settings.redis_url)
-    response = await complete(settings, stopping_every_output(tmp_path), keyring["analyst"])
+    with CommandLog(settings.redis_url) as log:
+        response = await complete(settings, stopping_every_output(tmp_path), keyring["analyst"])
     assert response.status_code == 200, response.text
-    assert verdict_waits(settings.redis_url) == before + 1
+    assert verdict_waits(log, response.headers["x-govgate-request-id"]) == 1
     choice = response.json()["choices"][0]
     assert choice["finish_reason"] == "content_filter" and choice["text"] == ""
     terminal = audit_store.terminal_for(response.headers["x-govgate-request-id"])
@@ -118,8 +119,8 @@ def test_a_stream_without_an_output_rule_is_not_held_back(settings, worker, keyr
     verdict, and records the allow its gateway would have sent."""
     folder = policy_copy(tmp_path, _roomy_limits) if ruled else without_output_rule(tmp_path)
     holdback = settings.output_holdback_chars
-    before = verdict_waits(settings.redis_url)
-    with serving(settings.with_(policy_dir=folder, output_rules=True), tmp_path / "serve.log") as base:
+    with serving(settings.with_(policy_dir=folder, output_rules=True), tmp_path / "serve.log") as base, \
+            CommandLog(settings.redis_url) as log:
         request_id, texts = stream_texts(base, keyring["analyst"])
     whole = "".join(texts)
     assert len(whole) > 2 * holdback  # long enough for the hold-back to show
@@ -127,9 +128,9 @@ def test_a_stream_without_an_output_rule_is_not_held_back(settings, worker, keyr
     assert terminal.kind == "completion" and terminal.payload["client_output"] == terminal.payload["output"] == whole
     if ruled:
         assert len(texts[0]) >= holdback // 2
-        assert verdict_waits(settings.redis_url) > before  # the worker reported and waited for the verdict
+        assert verdict_waits(log, request_id) > 0  # the worker reported and waited for the verdict
         return
     assert len(texts[0]) < holdback // 2 and len(texts) >= 2
-    assert verdict_waits(settings.redis_url) == before
+    assert verdict_waits(log, request_id) == 0
     assert terminal.body["output_decision"] == {"allow": True, "reasons": [], "findings": [], "stopped": False,
                                                 "policy_revision": terminal.policy_revision}
