@@ -122,6 +122,9 @@ class Settings:
     access_log: bool = False
     #: Serve ``GET /metrics`` (Prometheus text format, no key needed).
     metrics_enabled: bool = True
+    #: The bearer token that shows the model names and per-model figures of ``/metrics`` and ``/readyz`` (as an
+    #: ``admin`` key does); without either they show none (``gateway/api/operator_view.py``). Empty: admin keys only.
+    metrics_token: str = field(default="", repr=False)
     #: How long a gateway keeps a key's principal without asking the database (0 turns the cache off).
     #: Revocation does not wait for it (a Redis signal drops the key at once); it bounds changes made
     #: where no signal reaches the gateways.
@@ -268,6 +271,7 @@ class Settings:
             log_format=_choice(text("LOG_FORMAT", defaults.log_format).lower(), "LOG_FORMAT", ("text", "json")),
             access_log=_flag(text("ACCESS_LOG", ""), "ACCESS_LOG", defaults.access_log),
             metrics_enabled=_flag(text("METRICS_ENABLED", ""), "METRICS_ENABLED", defaults.metrics_enabled),
+            metrics_token=_token(text("METRICS_TOKEN", ""), "METRICS_TOKEN"),
             auth_cache_ttl_s=float(number("AUTH_CACHE_TTL_S", defaults.auth_cache_ttl_s, float, 0.0)),
             auth_cache_size=int(number("AUTH_CACHE_SIZE", defaults.auth_cache_size, int, 1)),
             payload_key_file=_path_text(text("PAYLOAD_KEY_FILE", "")),
@@ -288,6 +292,20 @@ _MAX_COUNT = 2**31 - 1
 #: Largest number of seconds (or milliseconds) a setting may hold: about 31 years, well inside what
 #: ``timedelta``, Redis expiries and the event loop's timers can hold (1e30 made the gateway's startup overflow).
 _MAX_SECONDS = 1e9
+
+
+#: Shortest bearer token a setting may hold (a guessable one would give the model names to anyone).
+_MIN_TOKEN_CHARS = 24
+
+
+def _token(value: str, name: str) -> str:
+    """An empty setting, or a bearer token long enough not to be guessed, printable ASCII without spaces (what
+    an ``Authorization`` header carries as is). The value is never echoed in the error."""
+    if value and (len(value) < _MIN_TOKEN_CHARS or not value.isascii() or not value.isprintable()
+                  or any(c.isspace() for c in value)):
+        raise SettingsError(f"GOVGATE_{name} must be at least {_MIN_TOKEN_CHARS} printable ASCII characters "
+                            "without spaces (e.g. the output of 'openssl rand -hex 32')")
+    return value
 
 
 def _url(value: str, name: str, schemes: tuple[str, ...]) -> str:

@@ -22,13 +22,14 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-from litestar import Controller, MediaType, Response, get, head
+from litestar import Controller, MediaType, Request, Response, get, head
 from litestar.datastructures import State
 from sqlalchemy.exc import SQLAlchemyError
 
 from audit import write_refusal
 from gateway import urls
 from gateway.api.openapi import HEALTH_OPERATION, READY_OPERATION
+from gateway.api.operator_view import shows_models
 from gateway.observability.cluster import read_cluster
 
 #: Longest the database check waits (the connection pool's own timeout may be longer).
@@ -51,13 +52,15 @@ class HealthController(Controller):
 
     @get(urls.READY, summary="Readiness of the gateway and its dependencies", operation_class=READY_OPERATION,
          operation_id="ready")
-    async def ready(self, state: State) -> Response:
+    async def ready(self, request: Request, state: State) -> Response:
+        per_model = await shows_models(request, state)
         body = await _readiness(state)
-        return Response(body, status_code=_ready_status(body))
+        return Response(body if per_model else _without_models(body), status_code=_ready_status(body))
 
     @head(urls.READY, include_in_schema=False)
-    async def ready_head(self, state: State) -> Response[None]:
+    async def ready_head(self, request: Request, state: State) -> Response[None]:
         """The same checks as ``GET /readyz``: a load balancer's HEAD probe must see a 503 too."""
+        await shows_models(request, state)  # a wrong credential is refused as on GET
         return _head_of(_ready_status(await _readiness(state)))
 
 
@@ -68,6 +71,17 @@ def _head_of(status: int) -> Response[None]:
 
 def _ready_status(body: dict[str, Any]) -> int:
     return 503 if body["missing"] else 200
+
+
+def _without_models(body: dict[str, Any]) -> dict[str, Any]:
+    """``/readyz``'s body with no model name: the same status and checks; the models without a live worker
+    counted, ``missing`` saying ``workers`` once."""
+    idle = [item for item in body["missing"] if item.startswith("workers:")]
+    missing = [item for item in body["missing"] if not item.startswith("workers:")] + (["workers"] if idle else [])
+    checks = dict(body["checks"])
+    if idle:
+        checks["workers"] = f"error: no live worker for {len(idle)} of {len(body['models'])} models"
+    return {**body, "checks": checks, "missing": missing, "workers": {}, "models": []}
 
 
 async def _readiness(state: State) -> dict[str, Any]:

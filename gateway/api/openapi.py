@@ -260,10 +260,19 @@ COMPLETION_OPERATION = completion_operation(CompletionRequest, shapes.TextComple
 MODELS_OPERATION = _json_operation(shapes.ModelList, "The models this key may use.", error_responses(_KEY_ERRORS))
 MODEL_OPERATION = _json_operation(shapes.Model, "One model this key may use.", error_responses(_MODEL_ERRORS))
 HEALTH_OPERATION = _json_operation(shapes.Health, "The process is up and serving HTTP.", {})
+#: ``/readyz`` and ``/metrics`` need no credential; one given must get the per-model view (operator_view.py).
+_OPERATOR_ERRORS = {
+    401: ("`missing_api_key` or `invalid_api_key`: an Authorization header that is neither "
+          "GOVGATE_METRICS_TOKEN nor a known key (send none for the answer without model names).",
+          {"WWW-Authenticate": _CHALLENGE}),
+    403: ("`admin_forbidden`: a key without the `admin` role asked for the per-model view.", {}),
+}
 READY_OPERATION = _json_operation(shapes.Readiness, "Database, Redis, policy and a worker for every model are "
-                                  "reachable.", {"503": OpenAPIResponse(
-    description="Something a request needs is missing; `missing` names it and `checks` says why.",
-    content={JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(shapes.Readiness)))})})
+                                  "reachable (models named only to an admin key or GOVGATE_METRICS_TOKEN).", {
+    "503": OpenAPIResponse(
+        description="Something a request needs is missing; `missing` names it and `checks` says why.",
+        content={JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(shapes.Readiness)))}),
+    **error_responses(_OPERATOR_ERRORS)})
 
 
 @dataclass
@@ -272,7 +281,9 @@ class MetricsOperation(Operation):
 
     def __post_init__(self) -> None:
         self.responses = {"200": OpenAPIResponse(
-            description="This gateway process's metrics, and queue depth and live workers per model read from "
-                        "Redis, in Prometheus's text format (README, \"Monitoring\").",
-            content={"text/plain; version=0.0.4; charset=utf-8": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))})}
+            description="This gateway process's metrics, and queue depth and live workers read from Redis, in "
+                        "Prometheus's text format (README, \"Monitoring\"); per model only for an admin key or "
+                        "GOVGATE_METRICS_TOKEN, else summed over the models.",
+            content={"text/plain; version=0.0.4; charset=utf-8": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))}),
+            **error_responses(_OPERATOR_ERRORS)}
 

@@ -196,9 +196,11 @@ class Readiness(msgspec.Struct):
 
     status: Literal["ready", "unavailable"]
     checks: ReadinessChecks
-    #: What keeps the gateway from serving: `database`, `redis`, `policy`, `workers:<model>`.
+    #: What keeps the gateway from serving: `database`, `redis`, `policy`, `workers:<model>` (`workers` without
+    #: an admin key or GOVGATE_METRICS_TOKEN, which alone see model names).
     missing: list[str]
-    #: Live workers per model (empty when Redis could not be read).
+    #: Live workers per model (empty when Redis could not be read, or without an admin key or the token).
     workers: dict[str, int]
     policy_revision: str | None
+    #: The registry's models (empty without an admin key or the token).
     models: list[str]

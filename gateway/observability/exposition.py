@@ -1,15 +1,26 @@
-"""The deployment-wide gauges of one scrape, written in Prometheus's text format.
+"""The deployment-wide gauges of one scrape, written in Prometheus's text format; and any registry with
+its series summed over the models, for a scrape without the operator's credential.
 
-Built per scrape from what :func:`gateway.observability.cluster.read_cluster`
-read, in a registry of their own: a gauge kept in the process registry
-would go on showing a model's last value after Redis stopped answering.
+The gauges are built per scrape from what
+:func:`gateway.observability.cluster.read_cluster` read, in a registry of
+their own: a gauge kept in the process registry would go on showing a
+model's last value after Redis stopped answering.
+
+Summed over the models (``gateway/api/operator_view.py`` says why): series
+that differ only in their ``model`` label become one without it. Counters,
+gauges and histogram buckets, counts and sums add up (every model's
+histogram has the same buckets); a ``_created`` sample keeps the earliest.
 """
 
 from __future__ import annotations
 
+from typing import Any, Iterator
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from gateway.observability.cluster import ClusterState
 
@@ -37,8 +48,40 @@ class _ClusterCollector(Collector):
         yield workers
 
 
-def cluster_text(state: ClusterState) -> bytes:
-    """``state`` as exposition text (appended to the process registry's)."""
+def cluster_text(state: ClusterState, *, per_model: bool = True) -> bytes:
+    """``state`` as exposition text (appended to the process registry's); summed over the models unless
+    ``per_model``."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_ClusterCollector(state))
-    return generate_latest(registry)
+    return generate_latest(registry if per_model else ModelsSummed(registry))
+
+
+#: The label summed away.
+MODEL_LABEL = "model"
+
+
+class ModelsSummed:
+    """``source`` (a registry) as ``generate_latest`` reads it, each family's series summed over ``model``."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.source.collect():
+            if not any(MODEL_LABEL in sample.labels for sample in family.samples):
+                yield family
+                continue
+            summed: dict[tuple[str, tuple[tuple[str, str], ...]], Sample] = {}
+            for sample in family.samples:
+                labels = {k: v for k, v in sample.labels.items() if k != MODEL_LABEL}
+                key = (sample.name, tuple(sorted(labels.items())))
+                earlier = summed.get(key)
+                if earlier is None:
+                    summed[key] = Sample(sample.name, labels, sample.value, sample.timestamp)
+                elif sample.name.endswith("_created"):
+                    summed[key] = earlier._replace(value=min(earlier.value, sample.value))
+                else:
+                    summed[key] = earlier._replace(value=earlier.value + sample.value)
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            out.samples = list(summed.values())
+            yield out

@@ -153,9 +153,10 @@ async def test_models_lists_only_what_the_caller_may_use(client, keyring):
     assert viewer["data"] == []
 
 
-async def test_readiness_reports_dependencies(client):
-    """The suite's registry has models no worker serves: ready in every check but those models' workers."""
-    response = await client.get("/readyz")
+async def test_readiness_reports_dependencies(client, keyring):
+    """The suite's registry has models no worker serves: ready in every check but those models' workers (named
+    to an admin key; tests/ops/test_operator_view.py checks the view without one)."""
+    response = await client.get("/readyz", headers=bearer(keyring["admin"]))
     assert response.status_code == 503
     body = response.json()
     assert {name: body["checks"][name] for name in ("database", "redis", "policy")} == {

@@ -105,8 +105,12 @@ def test_models_and_health_are_described(document: dict[str, Any]) -> None:
     health = document["paths"][urls.HEALTH]["get"]
     assert "security" not in health and set(health["responses"]) == {"200"}
     ready = document["paths"][urls.READY]["get"]
-    assert "security" not in ready and set(ready["responses"]) == {"200", "503"}
+    # No key needed; a credential given must be the metrics token or an admin key (the per-model view).
+    assert "security" not in ready and set(ready["responses"]) == {"200", "401", "403", "503"}
     assert ready["responses"]["503"]["content"]["application/json"]["schema"]["title"] == "Readiness"
+    assert "admin_forbidden" in ready["responses"]["403"]["description"]
+    metrics = document["paths"][urls.METRICS]["get"]
+    assert "security" not in metrics and set(metrics["responses"]) == {"200", "401", "403"}
 
 
 #: The review routes: (method, path) -> (operation id, the query parameters the route reads, statuses).

@@ -92,3 +92,14 @@ def test_urls_must_have_a_scheme_the_client_speaks(name: str, good: list[str], b
     assert getattr(Settings.from_env({f"GOVGATE_{name}": ""}), name.lower()) == ""
     for value in bad:
         _refused(name, value, "must start with one of: ")
+
+
+def test_the_metrics_token_is_long_plain_and_never_echoed() -> None:
+    good = "0123456789abcdef" * 4
+    settings = Settings.from_env({"GOVGATE_METRICS_TOKEN": good})
+    assert settings.metrics_token == good and good not in repr(settings)
+    assert Settings.from_env({"GOVGATE_METRICS_TOKEN": ""}).metrics_token == ""
+    for bad in ("short-token", "x" * 23, "with a space " * 3, "ünïcode" * 5, "tab\t" * 8):
+        with pytest.raises(SettingsError, match="^GOVGATE_METRICS_TOKEN must be at least 24 printable ASCII") as e:
+            Settings.from_env({"GOVGATE_METRICS_TOKEN": bad})
+        assert bad.strip() not in str(e.value)

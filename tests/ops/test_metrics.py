@@ -21,15 +21,16 @@ HELLO = [{"role": "user", "content": "Hello"}]
 pytestmark = pytest.mark.anyio
 
 
-async def scrape(client) -> dict:
-    response = await client.get(urls.METRICS)
+async def scrape(client, key: str) -> dict:
+    """A scrape with the per-model view (an admin key: tests/ops/test_operator_view.py checks the view without)."""
+    response = await client.get(urls.METRICS, headers=bearer(key))
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     return samples(response.text)
 
 
 async def test_three_allowed_and_one_denied_move_the_counters_by_exactly_that(client, keyring, audit_store):
-    before = await scrape(client)
+    before = await scrape(client, keyring["admin"])
     completion_tokens = prompt_tokens = 0
     for _ in range(3):
         response = await client.post(CHAT, headers=bearer(keyring["analyst"]),
@@ -40,7 +41,7 @@ async def test_three_allowed_and_one_denied_move_the_counters_by_exactly_that(cl
     denied = await client.post(CHAT, headers=bearer(keyring["viewer"]), json={"model": TINY_MODEL_NAME,
                                                                               "messages": HELLO})
     assert denied.status_code == 403 and denied.json()["error"]["code"] == "policy_denied"
-    after = await scrape(client)
+    after = await scrape(client, keyring["admin"])
 
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -61,21 +62,21 @@ async def test_three_allowed_and_one_denied_move_the_counters_by_exactly_that(cl
     assert value(after, "process_cpu_seconds_total") > 0
 
 
-async def test_queue_depth_is_read_from_redis(client, settings):
+async def test_queue_depth_is_read_from_redis(client, settings, keyring):
     """Jobs waiting in an unserved model's queue show in its gauge, across priorities."""
     import redis
 
     direct = redis.Redis.from_url(settings.redis_url)
     keys = queue_keys(queue_for(IDLE_MODEL))
     try:
-        base = value(await scrape(client), "govgate_queue_depth", model=IDLE_MODEL)
+        base = value(await scrape(client, keyring["admin"]), "govgate_queue_depth", model=IDLE_MODEL)
         direct.lpush(keys[0], "a", "b")
         direct.lpush(keys[5], "c")
-        assert value(await scrape(client), "govgate_queue_depth", model=IDLE_MODEL) == base + 3
+        assert value(await scrape(client, keyring["admin"]), "govgate_queue_depth", model=IDLE_MODEL) == base + 3
         # fair mode's queues: the waiting count per team the pushes keep
         direct.hincrby(waiting_key(IDLE_MODEL), "metrics-team-a", 2)
         direct.hincrby(waiting_key(IDLE_MODEL), "metrics-team-b", 1)
-        assert value(await scrape(client), "govgate_queue_depth", model=IDLE_MODEL) == base + 6
+        assert value(await scrape(client, keyring["admin"]), "govgate_queue_depth", model=IDLE_MODEL) == base + 6
     finally:
         for key in (keys[0], keys[5]):
             direct.lrem(key, 0, "a"), direct.lrem(key, 0, "b"), direct.lrem(key, 0, "c")
@@ -85,12 +86,12 @@ async def test_queue_depth_is_read_from_redis(client, settings):
 
 async def test_labels_never_hold_what_a_client_made_up(client, keyring):
     """An unknown path is counted as ``unmatched``, an unknown model with no model label."""
-    before = await scrape(client)
+    before = await scrape(client, keyring["admin"])
     assert (await client.get("/no/such/path/x9q")).status_code == 404
     response = await client.post(CHAT, headers=bearer(keyring["analyst"]),
                                  json={"model": "made-up-model-x9q", "messages": HELLO})
     assert response.status_code == 404
-    after = await client.get(urls.METRICS)
+    after = await client.get(urls.METRICS, headers=bearer(keyring["admin"]))
     assert "x9q" not in after.text
     parsed = samples(after.text)
     assert value(parsed, "govgate_requests_total", endpoint="unmatched", model="", status="4xx",

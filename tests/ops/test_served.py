@@ -55,10 +55,11 @@ async def test_concurrent_requests_log_json_lines_with_their_ids_and_count_exact
                                                                                     audit_store):
     base, log = json_served
     async with httpx.AsyncClient(timeout=120) as http:
-        ready = await http.get(base + urls.READY)
+        admin = bearer(keyring["admin"])
+        ready = await http.get(base + urls.READY, headers=admin)
         assert ready.status_code == 200, ready.text
         assert ready.json()["status"] == "ready" and ready.json()["workers"][TINY_MODEL_NAME] >= 1
-        before = samples((await http.get(base + urls.METRICS)).text)
+        before = samples((await http.get(base + urls.METRICS, headers=admin)).text)
         answers: list[httpx.Response] = []
 
         async def one(n: int) -> None:
@@ -70,7 +71,7 @@ async def test_concurrent_requests_log_json_lines_with_their_ids_and_count_exact
         async with anyio.create_task_group() as group:
             for n in range(12):
                 group.start_soon(one, n)
-        after = samples((await http.get(base + urls.METRICS)).text)
+        after = samples((await http.get(base + urls.METRICS, headers=admin)).text)
     statuses = sorted(a.status_code for a in answers)
     assert statuses == [200] * 9 + [403] * 3
     labels = {"endpoint": CHAT, "model": TINY_MODEL_NAME}
