@@ -57,10 +57,19 @@ COMMANDS = {
 }
 
 
-def _start(command: str, out: Path, env: dict[str, str], **popen: object) -> subprocess.Popen[bytes]:
+def _dispositions(ignored: tuple[int, ...] = ()) -> Callable[[], None]:
+    """SIGTERM and SIGHUP as a shell leaves them to a command (default), whatever the suite's own are (a
+    suite run under nohup ignores SIGHUP, and children inherit that); ``ignored`` as ``nohup`` leaves them."""
+    def preexec() -> None:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
+    return preexec
+
+
+def _start(command: str, out: Path, env: dict[str, str], ignored: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "govgate.cli", "audit", *COMMANDS[command], "--out", str(out)],
                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            **popen)  # type: ignore[call-overload]
+                            preexec_fn=_dispositions(ignored))
 
 
 def _out(tmp_path: Path, name: str) -> Path:
@@ -123,6 +132,27 @@ def test_a_command_signalled_midway_leaves_no_file(sqlite_store: tuple[str, Path
     assert f"{signal.Signals(signum).name}: stopped; {out} not written" in stderr.decode()
     assert out.read_bytes() == EARLIER
     assert _leftovers(out) == []  # no half-written copy, prompts and all
+
+
+def test_a_hangup_the_command_was_started_ignoring_stays_ignored(sqlite_store: tuple[str, Path],
+                                                                  tmp_path: Path) -> None:
+    """``nohup govgate audit export …`` must outlive its terminal: the export goes on and ends whole."""
+    url, var_dir = sqlite_store
+    out = _out(tmp_path, "blue.jsonl")
+    process = _start("export", out, _env(url, var_dir), ignored=(signal.SIGHUP,))
+    try:
+        _stopped_midway(process, out)
+        os.kill(process.pid, signal.SIGHUP)
+        os.kill(process.pid, signal.SIGCONT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, stderr
+    lines = out.read_bytes().splitlines()
+    assert len(lines) >= 400 and lines[0] != EARLIER.strip()  # the whole export, in place of the earlier file
+    assert _leftovers(out) == []
 
 
 @pytest.mark.parametrize("command", ["export", "export-bundle"])
