@@ -34,6 +34,7 @@ from gateway.requests.output_rules import OutputRules
 from gateway.requests.policy_trial import policy_trial
 from gateway.requests.service import CompletionService
 from gateway.requests.terminal_retry import retry_pending_terminals
+from gateway.redis_pool import LeanBlockingConnectionPool
 from gateway.resp_pack import fast_packing
 from gateway.resp_send import immediate_sending
 from gateway.task_stop import stop_tasks
@@ -93,6 +94,16 @@ def open_keys(settings: Settings) -> tuple[Sealer, Digester, SigningKey]:
     return sealer, digester, signing_key
 
 
+def gateway_redis(settings: Settings) -> aioredis.Redis:
+    """The gateway's async Redis client: a bounded pool that waits for a free connection (never fails at the
+    limit), lends one without locks when no one waits (``gateway/redis_pool.py``), packs commands in one pass
+    (``gateway/resp_pack.py``) and writes them in the step that sends them (``gateway/resp_send.py``)."""
+    pool = immediate_sending(fast_packing(LeanBlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.redis_max_connections, timeout=5,
+        socket_timeout=10, socket_connect_timeout=5)))
+    return aioredis.Redis(connection_pool=pool)
+
+
 @contextlib.asynccontextmanager
 async def build_components(settings: Settings, *, policy: PolicyEngine | None = None) -> AsyncIterator[Components]:
     """Open everything a gateway needs; ``policy`` lets tests bring another engine."""
@@ -108,10 +119,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
 
     policy = ReloadingPolicyEngine(policy or await open_engine(), open_engine, policy_dir=settings.policy_dir,
                                    interval_s=settings.policy_reload_interval_s, trial=policy_trial(registry))
-    pool = immediate_sending(fast_packing(aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=settings.redis_max_connections, timeout=5,
-        socket_timeout=10, socket_connect_timeout=5)))
-    client = aioredis.Redis(connection_pool=pool)
+    client = gateway_redis(settings)
     waiter = ResultWaiter(client, sealer)
     warn_if_redelivery_is_late(settings)
     dispatcher = Dispatcher(client, expires_s=settings.request_timeout_s, sealer=sealer, mode=settings.queue_mode)
@@ -166,7 +174,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         await counters.aclose()
         await waiter.aclose()
         await client.aclose()
-        await pool.disconnect()
+        await client.connection_pool.disconnect()
         await policy.aclose()
         await checkpointer.aclose()  # last: the closing checkpoint covers every entry this process wrote
         db_engine.dispose()
