@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Final, Protocol, runtime_checkable
+
+import msgspec
 
 from gateway.policy.child import DECISION_RULE, VISIBLE_MODELS_RULE
 from gateway.policy.decision import POLICY_ERROR, Decision, PolicyUnavailable
@@ -263,7 +265,7 @@ class EmbeddedPolicyEngine:
     async def _run(self, rule: str, input: dict[str, Any]) -> Outcome:
         """Evaluate ``rule`` on a free evaluator of the pool, waiting in the line of the input's team."""
         try:
-            payload = json.dumps(input, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+            payload = input_json(input)
         except (TypeError, ValueError) as exc:
             return Outcome("error", f"the policy input is not JSON: {exc}")
         try:
@@ -282,6 +284,36 @@ class EmbeddedPolicyEngine:
         if status == "undefined":
             return Outcome("undefined")
         return Outcome("error", text)
+
+
+#: The policy input's encoder (msgspec: a tenth of ``json.dumps``'s CPU) and the decoder that checks it.
+_INPUT_ENCODER: Final = msgspec.json.Encoder()
+_INPUT_DECODER: Final = msgspec.json.Decoder()
+
+
+def input_json(input: Any) -> bytes:
+    """The policy input as compact UTF-8 JSON, as the evaluators read it.
+
+    The same document ``json.dumps(input, separators=(",", ":"),
+    ensure_ascii=False, allow_nan=False)`` gives, for about a third of its
+    CPU (two per request: the request's decision and the output's). msgspec
+    differs from it in what it accepts: it writes NaN and infinities as
+    ``null`` and encodes types JSON has not (datetimes, sets, enums, …),
+    where ``json.dumps`` refuses them; and it writes some floats in another
+    spelling of the same number (``1e16`` for ``1e+16``). So its text is
+    kept only when it reads back equal to ``input``: exactly what
+    ``json.dumps``'s text reads back as. Anything else (also anything
+    msgspec refuses) is left to ``json.dumps``, whose text, or
+    ``TypeError``/``ValueError`` (a lone surrogate: ``UnicodeEncodeError``),
+    it was before.
+    """
+    try:
+        data = _INPUT_ENCODER.encode(input)
+        if _INPUT_DECODER.decode(data) == input:
+            return data
+    except (TypeError, ValueError, RecursionError, OverflowError):
+        pass
+    return json.dumps(input, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def input_team(input: Any) -> Team:
