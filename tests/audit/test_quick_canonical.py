@@ -1,0 +1,174 @@
+"""An entry's body and payload are serialised by msgspec where that gives ``canonical_text``'s very text
+(``audit/entry_args.py``, ``_quick_canonical``): the same bytes, so every chain hash and exported bundle is
+unchanged, the same round-trip, and the same refusals.
+
+The old way is spelled out here as it was, and every ugly body is held to it."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import enum
+import json
+import math
+import random
+import struct
+import uuid
+from typing import Any
+
+import pytest
+
+from audit import entry_args
+from audit.chain import canonical_text
+from audit.entry_args import normalise_body, normalise_payload
+from audit.errors import InvalidEntryError
+
+
+def old_normalise_body(body: Any, what: str = "body") -> tuple[str, Any]:
+    """``normalise_body`` before msgspec: canonical_text, json.loads, and again from the round-trip if it differs."""
+    if type(body) is not dict:
+        body = dict(body)
+    try:
+        text = canonical_text(body)
+        stored = json.loads(text)
+        if stored != body:
+            text = canonical_text(stored)
+        text.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidEntryError(f"{what} is not plain JSON: {exc}") from exc
+    return text, stored
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal and of the same type all the way down, dict keys in the same order."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return a == b and math.copysign(1, a) == math.copysign(1, b)
+    return a == b
+
+
+def assert_as_before(body: dict) -> None:
+    try:
+        old = old_normalise_body(body)
+    except InvalidEntryError as refused:
+        with pytest.raises(InvalidEntryError) as new:
+            normalise_body(body)
+        assert str(new.value) == str(refused)
+        return
+    text, stored = normalise_body(body)
+    assert text == old[0]
+    assert same(stored, old[1])
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+class Tag(str, enum.Enum):
+    A = "a"
+
+
+class Ratio(float):
+    pass
+
+
+class Name(str):
+    pass
+
+
+UGLY = [
+    {},
+    {"b": 1, "a": 2, "A": 3, "": 4, "aa": 5, "a\x00": 6, "é": 7, "\uffff": 8, "\U00010000": 9, "\ue000": 10,
+     "\U0010ffff": 11, "Z": 12, "\u00ff": 13},
+    {"text": "é ü 中文 \U0001F600 \u2028\u2029 \u200b\u202e \x00\x01\x08\x0c\x1f\x7f \" \\ / \t\n\r <&>"},
+    {"ints": [0, -1, 2**31, 2**53 + 1, 2**63 - 1, 2**63, -2**63, -2**63 - 1, 2**64, 2**70, -2**70, 10**40]},
+    {"floats": [0.0, -0.0, 0.1, 1.0, 2.5, 1e15, 9999999999999998.0, 1e16, 1.5e300, 1.7976931348623157e308,
+                1e-4, 9.999999999999999e-5, 1e-5, 1.5212603486793025e-05, 1e-7, 5e-324, 123456789.123, -33.701183]},
+    {"params": {"temperature": 0.0, "top_p": 1.0, "top_k": 40, "seed": -1}, "timings": {"queue_ms": 33.701183}},
+    {"flags": [True, False, None], "nested": {"z": {"y": [{"b": 1, "a": [[]]}]}}, "k" * 300: "v" * 3000},
+    {"pair": (1, "two"), "inner": {"t": ()}},
+    {"n": float("nan")},
+    {"n": [float("inf")]},
+    {"n": {"x": -math.inf}},
+    {"s": "\ud800"},
+    {"s": "x\udfff y"},
+    {"\ud800": 1},
+    {1: "int key", 2: "another"},
+    {1: "int key", "1": "str key"},
+    {"x": {2: "a", 10: "b"}},
+    {"x": {True: 1, None: 2}},
+    {"x": {1.5: "float key"}},
+    {"when": datetime.datetime(2026, 12, 2, tzinfo=datetime.timezone.utc)},
+    {"day": datetime.date(2026, 12, 2)},
+    {"id": uuid.UUID(int=1)},
+    {"roles": {"user"}},
+    {"roles": frozenset({"user"})},
+    {"amount": decimal.Decimal("1.5")},
+    {"raw": b"bytes"},
+    {"raw": bytearray(b"x")},
+    {"colour": Colour.RED},
+    {"level": Level.HIGH, "tag": Tag.A, Tag.A: "enum key"},
+    {"ratio": Ratio(0.5), Name("name"): Name("value")},
+    {"odd": object()},
+]
+
+
+@pytest.mark.parametrize("body", UGLY, ids=range(len(UGLY)))
+def test_an_ugly_body_is_serialised_or_refused_as_before(body):
+    assert_as_before(body)
+
+
+def test_floats_of_every_magnitude_are_spelled_as_before():
+    """One body per float, so a float msgspec spells like ``repr`` is held to it on the quick way (a body with
+    one respelled float takes the slow way whole)."""
+    rng = random.Random(9)
+    floats = [struct.unpack("d", struct.pack("Q", rng.getrandbits(64)))[0] for _ in range(10000)]
+    floats += [m * 10.0 ** e for e in range(-330, 309) for m in (1, 1.5, 3, 9.999999999999999)]
+    floats += [rng.uniform(-1e6, 1e6) for _ in range(3000)] + [round(rng.uniform(0, 1e3), 3) for _ in range(3000)]
+    finite = [f for f in floats if math.isfinite(f)]
+    quick = 0
+    for f in finite:
+        assert_as_before({"f": f, "l": [f, -f]})
+        quick += entry_args._quick_canonical({"f": f}) is not None
+    assert quick > len(finite) // 3  # the quick way was tried on many of them, not only the slow one
+
+
+def test_every_character_is_escaped_or_kept_as_before():
+    characters = [chr(c) for c in range(0x800)]  # every one below 0x800, then every seventh
+    characters += [chr(c) for c in range(0x800, 0x110000, 7) if not 0xD800 <= c <= 0xDFFF]
+    for start in range(0, len(characters), 2000):
+        chunk = characters[start:start + 2000]
+        body = {"s": "".join(chunk), "keys": {c: c for c in chunk}}
+        assert entry_args._quick_canonical(body) is not None
+        assert_as_before(body)
+
+
+def test_the_payload_is_salted_and_digested_as_before():
+    text, stored, digest = normalise_payload({"messages": [{"role": "user", "content": "Say hello \u00e9"}]})
+    assert text == canonical_text(stored)
+    assert set(stored) == {"messages", "salt"}
+    assert len(stored["salt"]) == 32
+
+
+def test_a_plain_body_takes_the_quick_way(monkeypatch):
+    """An entry body the gateway writes is serialised without ``canonical_text`` (msgspec's text instead)."""
+    def refuse(value: Any) -> str:
+        raise AssertionError("canonical_text called")
+
+    monkeypatch.setattr(entry_args, "canonical_text", refuse)
+    body = {"endpoint": "chat.completions", "params": {"max_tokens": 1, "temperature": 0.0, "top_p": 1.0},
+            "decision": {"allow": True, "reasons": [], "obligations": {"prompt_logging": "full"}},
+            "timings": {"queue_ms": 33.701183}, "purpose": None, "roles": ["user"]}
+    text, stored = normalise_body(body)
+    assert stored == body
+    monkeypatch.undo()
+    assert text == canonical_text(body)
