@@ -172,3 +172,18 @@ def test_a_plain_body_takes_the_quick_way(monkeypatch):
     assert stored == body
     monkeypatch.undo()
     assert text == canonical_text(body)
+
+
+def test_threads_appending_at_once_get_each_their_own_text():
+    """Entries are serialised on the append threads at once; the shared msgspec encoder and decoder (whose float
+    check calls back into Python, where another thread may run) give each body its own text."""
+    import concurrent.futures
+
+    rng = random.Random(5)
+    bodies = [{"n": i, "f": [rng.uniform(-1e3, 1e3) for _ in range(20)], "s": f"body {i} \u00e9",
+               **({"tiny": rng.random() * 1e-6} if i % 3 == 0 else {})} for i in range(400)]  # a third the slow way
+    assert sum(entry_args._quick_canonical(body) is not None for body in bodies) == 266
+    expected = [old_normalise_body(body)[0] for body in bodies]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for _ in range(5):
+            assert list(pool.map(lambda body: normalise_body(body)[0], bodies)) == expected
