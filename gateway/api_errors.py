@@ -47,7 +47,7 @@ class ApiError(Exception):
 
     def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
                  extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
-                 request_id: str | None = None) -> None:
+                 request_id: str | None = None, counted_as: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -57,6 +57,10 @@ class ApiError(Exception):
         self.headers = headers or {}
         #: The audit request id this error was recorded under, if any.
         self.request_id = request_id
+        #: The code the metrics and the access log count this answer under, when it is not ``code``: a
+        #: model the key may not see is answered as unknown but counted as what refused it
+        #: (``gateway/requests/hidden_models.py``).
+        self.counted_as = counted_as
 
     def body(self) -> dict[str, Any]:
         error = {"message": self.message, "type": _TYPES.get(self.status, "server_error"),
@@ -65,7 +69,7 @@ class ApiError(Exception):
         return {"error": error}
 
     def to_response(self) -> Response:
-        note_error(self.code)
+        note_error(self.counted_as or self.code)
         headers = {**self.headers, REQUEST_ID_HEADER: self.request_id or current_request_id() or new_request_id()}
         return Response(self.body(), status_code=self.status, headers=headers, media_type=MediaType.JSON)
 

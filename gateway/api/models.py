@@ -4,13 +4,13 @@ with each one's queue as the caller may see it (``gateway/limits/queue_view.py``
 A model the policy does not let this key use is answered exactly like one
 that does not exist (404 ``model_not_found``), as the list leaves it out:
 a key learns nothing about models it may not use, and OpenAI answers the
-same way for models an account cannot access.
+same way for models an account cannot access. A completion naming such a
+model gets the same answer (``gateway/requests/hidden_models.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 from litestar import Controller, get
@@ -23,9 +23,8 @@ from gateway import urls
 from gateway.api.openapi import MODEL_OPERATION, MODELS_OPERATION, SECURITY
 from gateway.auth import Principal
 from gateway.limits.queue_view import ADMIN_ROLE, queue_views
-from gateway.api_errors import ApiError
-from gateway.policy import POLICY_UNAVAILABLE, PolicyUnavailable
-from gateway.policy.engine import UNAVAILABLE_RETRY_AFTER_S
+from gateway.policy import PolicyUnavailable
+from gateway.requests.hidden_models import model_not_found, policy_unavailable
 from workers.contract.registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -49,8 +48,7 @@ class ModelsController(Controller):
                              model_id: FromPath[str]) -> dict[str, Any]:
         spec = state.components.registry.get(model_id)
         if spec is None or not await _visible(state, principal, [spec]):
-            raise ApiError(404, "model_not_found", f"The model '{model_id}' does not exist or this key may not "
-                           "use it. GET /v1/models lists the models you may use.", param="model")
+            raise model_not_found(model_id)
         return _model_object(spec, (await _queues(state, principal, [spec])).get(spec.name))
 
 
@@ -64,9 +62,7 @@ async def _visible(state: State, principal: Principal, specs: list[ModelSpec]) -
         allowed = await state.components.policy.visible_models(principal.policy_view(),
                                                                [s.policy_view() for s in specs])
     except PolicyUnavailable as exc:
-        retry_after = math.ceil(UNAVAILABLE_RETRY_AFTER_S)
-        raise ApiError(503, POLICY_UNAVAILABLE, f"No policy decision could be had in time ({exc}); try again in "
-                       f"{retry_after} s.", headers={"Retry-After": str(retry_after)}) from None
+        raise policy_unavailable(exc) from None
     return [spec for spec in specs if spec.name in allowed]
 
 

@@ -39,6 +39,7 @@ from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.admission_gate import AdmissionGate
 from gateway.requests.audit_records import request_record
 from gateway.requests.fit import PromptCounter, check_fits
+from gateway.requests.hidden_models import MODEL_NOT_FOUND, answered_record, as_answered, model_not_found
 from gateway.requests.parsing import parse_body
 from gateway.requests.policy_input import build_input, prompt_text, without_prompt
 from gateway.requests.refusals import (AdmissionRefusal, ContextTooLong, ModelUnavailable, OverLimit, QueueFull,
@@ -182,24 +183,36 @@ class Admission:
                 admission = None
                 if verdict.early is not None and verdict.early.reservation is not None:
                     await undo_reservation(self.counters, verdict.early.reservation)
+            if verdict.counters_down is not None:
+                refusal: ApiError | None = verdict.counters_down.error()
+            elif not decision.allow:
+                refusal = denial(decision.reasons, never=alone_over_a_limit(decision.obligations))
+            elif not isinstance(admission, Admitted):
+                assert admission is not None  # an allowed request is always checked
+                refusal = admission.error()
+            else:
+                refusal = None
+            # a model the key may not see is refused as an unknown one (gateway/requests/hidden_models.py)
+            answer = None if refusal is None else await as_answered(self.policy, principal, spec, request.model,
+                                                                    refusal)
             body = request_record(endpoint=endpoint, principal=principal, purpose=purpose, stream=request.stream,
                                   params=params, requested_max_tokens=requested_max, decision=decision,
                                   admission=None if admission is None else admission.record(),
                                   policy_input=verdict.policy_input, messages=messages, prompt=prompt,
                                   digester=self.digester)
+            if refusal is not None and answer is not None and answer is not refusal:
+                body["answered"] = answered_record(refusal, answer)
             try:
                 await self.request_log.record_request(request_id, principal, spec.name, body, verdict.revision)
             except ApiError:  # refused unaudited: give back what it held
                 if isinstance(admission, Admitted):
                     await release_reservation(self.counters, admission.reservation)
+                if answer is not None and answer.code == MODEL_NOT_FOUND:
+                    raise answer from None  # an unknown model's refusal is not stopped by the audit either
                 raise
-            if verdict.counters_down is not None:
-                raise verdict.counters_down.error()
-            if not decision.allow:
-                raise denial(decision.reasons, never=alone_over_a_limit(decision.obligations))
-            if not isinstance(admission, Admitted):
-                assert admission is not None  # an allowed request is always checked
-                raise admission.error()
+            if answer is not None:
+                raise answer
+            assert isinstance(admission, Admitted)
             job = GenerateJob(request_id=request_id, model=spec.name, endpoint=endpoint, params=params,
                               principal=principal.id, team=principal.team, policy_revision=verdict.revision,
                               messages=messages, prompt=prompt, stream=request.stream,
@@ -214,20 +227,27 @@ class Admission:
                     read_body: Callable[[], Awaitable[bytes]]) -> tuple[Request, ModelSpec]:
         """Parse the body and check its model can take it; a refused body is recorded as ``rejected``."""
         raw = b""
+        request: Request | None = None
+        spec: ModelSpec | None = None
         try:
             raw = await read_body()
             request = parse_body(raw, REQUEST_SHAPES[endpoint])
             spec = self.registry.get(request.model)
             if spec is None:
-                raise ApiError(404, "model_not_found",
-                               f"The model '{request.model}' does not exist. GET /v1/models lists the models "
-                               "you may use.", param="model")
+                raise model_not_found(request.model)
             note_model(spec.name)
             check_fits(request, spec)
         except ApiError as error:
-            await self.request_log.record_rejection(request_id, principal, endpoint, error, raw)
-            error.request_id = request_id
-            raise
+            answer = error
+            if request is not None and spec is not None:  # a body that does not fit a model the key may not see
+                answer = await as_answered(self.policy, principal, spec, request.model, error)
+            await self.request_log.record_rejection(request_id, principal, endpoint, error, raw,
+                                                    answered=answered_record(error, answer))
+            answer.request_id = request_id
+            if answer is error:
+                raise
+            raise answer from None
+        assert request is not None and spec is not None
         return request, spec
 
     async def _decide(self, request_id: str, principal: Principal, endpoint: str, request: Request,

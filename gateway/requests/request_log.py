@@ -53,9 +53,14 @@ class RequestLog:
                            "unaudited). Try again shortly.") from None
 
     async def record_rejection(self, request_id: str, principal: Principal, endpoint: str, error: ApiError,
-                               raw: bytes) -> None:
-        """Write the entry of a body refused before any decision (logged, not raised, if that fails)."""
+                               raw: bytes, *, answered: dict[str, Any] | None = None) -> None:
+        """Write the entry of a body refused before any decision (logged, not raised, if that fails).
+
+        ``answered``: what the client was told instead of ``error``, if anything else
+        (``gateway/requests/hidden_models.py``)."""
         body = rejection_record(endpoint, principal.key_id, error, raw, self._digester)
+        if answered is not None:
+            body["answered"] = answered
         try:
             await self._append("rejected", request_id, principal, None, body)
         except AuditError as exc:  # the client is refused anyway; say so in the logs

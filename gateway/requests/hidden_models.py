@@ -1,0 +1,95 @@
+"""A model the key may not see is refused exactly like one that does not exist.
+
+``GET /v1/models`` lists only the models the policy's ``visible_models``
+entry point gives a key. A completion naming a model the registry lacks is
+refused at once with 404 ``model_not_found``; one naming a model the key may
+not see used to reach the policy and be refused 403 ``policy_denied`` naming
+the model and the rule (a team's list, a role's), so any key could learn
+which models exist. OpenAI answers both cases alike ("does not exist or you
+do not have access to it"), and so does this gateway: whatever refusal a
+request for a hidden model meets (a body that does not fit it, usage
+counters that cannot be read, the policy's denial, any admission check),
+the client gets the very error an unknown name gets, while the audit entry
+keeps the real refusal and what the client was told (``answered``), and the
+metrics count the request under the real refusal's code.
+
+Visibility is asked of the same entry point ``GET /v1/models`` asks, with
+the same views of the key and the model, so the list and the refusal cannot
+disagree; it is asked only when a request is refused, so an admitted
+request costs nothing more. The refusal of a hidden model costs that one
+more evaluation after the others, where an unknown name is refused before
+any: docs/architecture.md ("Models a key may not see") says what that means
+for timing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gateway.api_errors import ApiError
+from gateway.auth import Principal
+from gateway.policy import POLICY_UNAVAILABLE, PolicyUnavailable
+from gateway.policy.engine import UNAVAILABLE_RETRY_AFTER_S
+from gateway.policy.reloader import ReloadingPolicyEngine
+from workers.contract.registry import ModelSpec
+
+MODEL_NOT_FOUND = "model_not_found"
+
+
+def model_not_found(model: str) -> ApiError:
+    """The one answer for a model name the registry lacks and for a model the key may not see.
+
+    The name is quoted with ``'``: a rejection's audit entry elides quoted
+    values (the name is text of the body, ``audit_records._without_body_values``).
+    """
+    return ApiError(404, MODEL_NOT_FOUND, f"The model '{model}' does not exist or you do not have access to it. "
+                    "GET /v1/models lists the models you may use.", param="model")
+
+
+def policy_unavailable(exc: PolicyUnavailable) -> ApiError:
+    """503 when the policy could not say in time which models a key may see (an empty list or a guess
+    would tell the client something false)."""
+    retry_after = math.ceil(UNAVAILABLE_RETRY_AFTER_S)
+    return ApiError(503, POLICY_UNAVAILABLE, f"No policy decision could be had in time ({exc}); try again in "
+                    f"{retry_after} s.", headers={"Retry-After": str(retry_after)})
+
+
+async def may_see(policy: ReloadingPolicyEngine, principal: Principal, spec: ModelSpec) -> bool:
+    """Whether the policy's ``visible_models`` lists ``spec`` for ``principal`` (as ``GET /v1/models`` asks);
+    raises :class:`PolicyUnavailable` when it cannot answer in time."""
+    return spec.name in await policy.visible_models(principal.policy_view(), [spec.policy_view()])
+
+
+async def as_answered(policy: ReloadingPolicyEngine, principal: Principal, spec: ModelSpec, asked: str,
+                      refusal: ApiError) -> ApiError:
+    """What the client is told of ``refusal`` of a request for ``spec`` (named ``asked`` in the body).
+
+    ``refusal`` itself when the key may see the model; else the unknown
+    model's 404, counted in the metrics under ``refusal``'s code. When the
+    policy cannot say, a 503 ``policy_unavailable`` (``refusal`` itself if it
+    is one): ``refusal`` might name a model the key may not see.
+    """
+    try:
+        visible = await may_see(policy, principal, spec)
+    except PolicyUnavailable as exc:
+        if refusal.code == POLICY_UNAVAILABLE:
+            return refusal
+        answer = policy_unavailable(exc)
+    else:
+        if visible:
+            return refusal
+        answer = model_not_found(asked)
+    answer.counted_as = refusal.code
+    return answer
+
+
+def answered_record(refusal: ApiError, answer: ApiError) -> dict[str, Any] | None:
+    """What an audit entry adds when the client was told something other than ``refusal``: the status and
+    code it got, and why (None when it got ``refusal``)."""
+    if answer is refusal:
+        return None
+    why = ("the key may not see the model (GET /v1/models leaves it out): refused as an unknown model"
+           if answer.code == MODEL_NOT_FOUND else
+           "the policy could not say in time whether the key may see the model")
+    return {"status": answer.status, "code": answer.code, "why": why}
