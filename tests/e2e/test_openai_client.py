@@ -40,8 +40,12 @@ def test_models_and_completions_through_the_sdk(sdk):
 
 def test_sdk_raises_typed_errors(sdk):
     with pytest.raises(openai.PermissionDeniedError) as denied:
-        sdk("viewer").chat.completions.create(model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "x"}])
+        sdk("analyst").chat.completions.create(model=TINY_MODEL_NAME,
+                                               messages=[{"role": "user", "content": "card 4111 1111 1111 1111"}])
     assert denied.value.code == "policy_denied"
+    with pytest.raises(openai.NotFoundError) as hidden:  # a model the viewer may not see: as if it did not exist
+        sdk("viewer").chat.completions.create(model=TINY_MODEL_NAME, messages=[{"role": "user", "content": "x"}])
+    assert hidden.value.code == "model_not_found"
     with pytest.raises(openai.NotFoundError):
         sdk("admin").chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.UnprocessableEntityError):

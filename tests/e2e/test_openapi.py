@@ -84,11 +84,12 @@ def reviewer_key(settings: Settings) -> str:
 
 @pytest.fixture(scope="module")
 def known_request(served_api: str, keyring: dict[str, str]) -> str:
-    """The id of a request on the chain: one the policy denied (the viewer may use no model)."""
+    """The id of a request on the chain: one the policy denied (the viewer may use no model, so it is
+    answered as an unknown model)."""
     response = httpx.post(f"{served_api}{urls.CHAT_COMPLETIONS}", timeout=60,
                           headers={"Authorization": f"Bearer {keyring['viewer']}"},
                           json={"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]})
-    assert response.status_code == 403, response.text
+    assert response.status_code == 404, response.text
     return response.headers[urls.REQUEST_ID_HEADER]
 
 
@@ -141,12 +142,13 @@ def test_documented_examples_are_served_as_described(api_schema, served_api: str
 
 
 @pytest.mark.parametrize(("key", "change", "status", "code"), [
-    ("viewer", {}, 403, "policy_denied"),
+    ("viewer", {}, 404, "model_not_found"),
+    ("analyst", {"messages": [{"role": "user", "content": "card 4111 1111 1111 1111"}]}, 403, "policy_denied"),
     ("revoked", {}, 401, "invalid_api_key"),
     ("analyst", {"model": "no-such-model"}, 404, "model_not_found"),
     ("analyst", {"n": 2}, 400, "unsupported_parameter"),
     ("analyst", {"temperature": 9}, 422, "invalid_value"),
-], ids=["denied", "revoked", "unknown-model", "unsupported", "out-of-range"])
+], ids=["hidden-model", "denied", "revoked", "unknown-model", "unsupported", "out-of-range"])
 def test_refusals_are_as_described(api_schema, served_api: str, keyring: dict[str, str], audit_store: AuditStore,
                                    key: str, change: dict[str, Any], status: int, code: str) -> None:
     """Refusals of a documented example: the documented status, error body and headers; and audited."""
@@ -164,7 +166,7 @@ def test_refusals_are_as_described(api_schema, served_api: str, keyring: dict[st
     if key == "revoked":
         assert new == []  # no principal, nothing to attribute
     else:
-        assert [entry.kind for entry in new] == ["request" if status == 403 else "rejected"]
+        assert [entry.kind for entry in new] == ["request" if key == "viewer" or status == 403 else "rejected"]
 
 
 def test_a_limit_refusal_is_as_described(api_schema, settings: Settings, worker, keyring: dict[str, str],

@@ -60,10 +60,14 @@ def test_text_completion_stream_ends_with_done(served_api, keyring):
 
 
 def test_stream_errors_before_generation_are_plain_http_errors(served_api, keyring):
-    response = httpx.post(f"{served_api}/v1/chat/completions", headers=bearer(keyring["viewer"]), timeout=30,
-                          json={"model": TINY_MODEL_NAME, "messages": HELLO, "stream": True})
+    response = httpx.post(f"{served_api}/v1/chat/completions", headers=bearer(keyring["analyst"]), timeout=30,
+                          json={"model": TINY_MODEL_NAME, "stream": True,
+                                "messages": [{"role": "user", "content": "card 4111 1111 1111 1111"}]})
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "policy_denied"
+    hidden = httpx.post(f"{served_api}/v1/chat/completions", headers=bearer(keyring["viewer"]), timeout=30,
+                        json={"model": TINY_MODEL_NAME, "messages": HELLO, "stream": True})
+    assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "model_not_found"
 
 
 def test_disconnect_cancels_generation_and_records_the_partial_output(served_api, keyring, audit_store):

@@ -121,24 +121,37 @@ async def test_max_tokens_is_clamped_by_the_role_cap(client, keyring, audit_stor
 
 
 async def test_policy_denial_is_403_with_reasons_and_audited(client, keyring, audit_store):
-    response = await client.post("/v1/chat/completions", headers=bearer(keyring["viewer"]),
-                                 json={"model": TINY_MODEL_NAME, "messages": HELLO})
+    card = [{"role": "user", "content": "my card is 4111 1111 1111 1111"}]
+    response = await client.post("/v1/chat/completions", headers=bearer(keyring["analyst"]),
+                                 json={"model": TINY_MODEL_NAME, "messages": card})
     assert response.status_code == 403
     error = response.json()["error"]
     assert error["code"] == "policy_denied"
     assert error["type"] == "permission_error"
-    assert [r["code"] for r in error["reasons"]] == ["model_not_allowed"]
-    latest = audit_store.tail(1)[0]
-    assert latest.kind == "request" and latest.principal == "victor"
-    assert latest.body["decision"]["allow"] is False
+    assert [r["code"] for r in error["reasons"]] == ["pii_detected"]
+    latest = audit_store.entries_for(response.headers["x-govgate-request-id"])[0]
+    assert latest.kind == "request" and latest.principal == "alice"
+    assert latest.body["decision"]["allow"] is False and "answered" not in latest.body
     assert audit_store.terminal_for(latest.request_id) is None
 
 
-async def test_principal_without_a_known_role_is_denied(client, keyring):
+async def test_a_model_the_key_may_not_see_is_denied_as_unknown_and_audited(client, keyring, audit_store):
+    response = await client.post("/v1/chat/completions", headers=bearer(keyring["viewer"]),
+                                 json={"model": TINY_MODEL_NAME, "messages": HELLO})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found" and "reasons" not in response.json()["error"]
+    latest = audit_store.entries_for(response.headers["x-govgate-request-id"])[0]
+    assert latest.kind == "request" and latest.principal == "victor"
+    assert [r["code"] for r in latest.body["decision"]["reasons"]] == ["model_not_allowed"]
+    assert latest.body["answered"]["code"] == "model_not_found"
+
+
+async def test_principal_without_a_known_role_is_denied(client, keyring, audit_store):
     response = await client.post("/v1/chat/completions", headers=bearer(keyring["nobody"]),
                                  json={"model": TINY_MODEL_NAME, "messages": HELLO})
-    assert response.status_code == 403
-    assert "unknown_role" in [r["code"] for r in response.json()["error"]["reasons"]]
+    assert response.status_code == 404  # it may see no model
+    latest = audit_store.entries_for(response.headers["x-govgate-request-id"])[0]
+    assert "unknown_role" in [r["code"] for r in latest.body["decision"]["reasons"]]
 
 
 async def test_models_lists_only_what_the_caller_may_use(client, keyring):

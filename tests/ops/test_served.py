@@ -73,7 +73,7 @@ async def test_concurrent_requests_log_json_lines_with_their_ids_and_count_exact
                 group.start_soon(one, n)
         after = samples((await http.get(base + urls.METRICS, headers=admin)).text)
     statuses = sorted(a.status_code for a in answers)
-    assert statuses == [200] * 9 + [403] * 3
+    assert statuses == [200] * 9 + [404] * 3  # the viewer may see no model: answered as an unknown one
     labels = {"endpoint": CHAT, "model": TINY_MODEL_NAME}
     assert value(after, "govgate_requests_total", **labels, status="2xx", code="") \
         - value(before, "govgate_requests_total", **labels, status="2xx", code="") == 9
@@ -90,7 +90,7 @@ async def test_concurrent_requests_log_json_lines_with_their_ids_and_count_exact
         rid = answer.headers[urls.REQUEST_ID_HEADER]
         line = access[rid]
         assert (line["path"], line["status"], line["model"]) == (CHAT, answer.status_code, TINY_MODEL_NAME)
-        assert line["code"] == (None if answer.status_code == 200 else "policy_denied")
+        assert line["code"] == (None if answer.status_code == 200 else "policy_denied")  # what it truly was
         assert audit_store.entries_for(rid)[0].kind == "request"
         assert audit_store.entries_for(rid)[0].request_id == rid
 
