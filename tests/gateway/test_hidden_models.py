@@ -14,6 +14,7 @@ Real gateway app, real Redis, real regorus and a real OPA server, no worker
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -25,6 +26,7 @@ from gateway.app import create_app
 from gateway.auth import KeyStore
 from gateway.components import open_database
 from govgate.opa_server import OpaServer
+from govgate.redis_server import RedisProcess
 from tests.conftest import IDLE_MODEL, _roomy_limits, bearer, policy_copy
 from tests.ops.metrics_text import samples, value
 from workers.contract.registry import TINY_MODEL_NAME
@@ -189,3 +191,50 @@ async def test_the_metrics_count_a_hidden_model_as_the_denial_it_was(client, key
     assert hidden.status_code == 404
     after = samples((await client.get(urls.METRICS, headers=bearer(keys["admin"]))).text)
     assert moved("policy_denied") == 1 and moved("model_not_found") == 0
+
+
+async def test_with_redis_down_a_hidden_model_is_still_the_unknown_404(settings, policy_folder, keys, audit_store,
+                                                                      short_tmp):
+    """Usage counters that cannot be read refuse 503 before the policy is asked, where an unknown name is
+    refused before Redis is needed: a hidden model must not show through that 503 either."""
+    own_redis = RedisProcess.start(short_tmp("gg-h-"), persist=False)
+    try:
+        own = settings.with_(redis_url=own_redis.url, policy_dir=policy_folder)
+        async with AsyncTestClient(create_app(own), timeout=60) as client:
+            own_redis.stop()
+            hidden = await client.post(urls.CHAT_COMPLETIONS, headers=bearer(keys["support_admin"]),
+                                       json=_body(urls.CHAT_COMPLETIONS, IDLE_MODEL, False))
+            unknown = await client.post(urls.CHAT_COMPLETIONS, headers=bearer(keys["support_admin"]),
+                                        json=_body(urls.CHAT_COMPLETIONS, UNKNOWN, False))
+            visible = await client.post(urls.CHAT_COMPLETIONS, headers=bearer(keys["admin"]),
+                                        json=_body(urls.CHAT_COMPLETIONS, IDLE_MODEL, False))
+    finally:
+        own_redis.stop()
+    assert _seen(hidden, IDLE_MODEL) == _seen(unknown, UNKNOWN), hidden.text
+    assert visible.status_code == 503 and visible.json()["error"]["code"] == "usage_unavailable"
+    entry = audit_store.entries_for(hidden.headers["x-govgate-request-id"])[0]
+    assert [r["code"] for r in entry.body["decision"]["reasons"]] == ["usage_unavailable"]
+    assert entry.body["answered"]["code"] == "model_not_found"
+
+
+async def test_with_the_audit_store_down_a_hidden_model_is_still_the_unknown_404(settings, policy_folder,
+                                                                                 tmp_path):
+    """An unknown name's refusal is answered even when its entry cannot be written (it is only logged); a
+    hidden model's denial answered 503 ``audit_unavailable`` instead."""
+    own = settings.with_(database_url=f"sqlite:///{tmp_path / 'own.db'}", policy_dir=policy_folder)
+    engine = open_database(own)
+    store = KeyStore(engine)
+    support_admin = store.create("sue", team="support", roles=["admin"]).secret
+    admin = store.create("odo", team="ops", roles=["admin"]).secret
+    engine.dispose()
+    async with AsyncTestClient(create_app(own), timeout=60) as client:
+        with sqlite3.connect(own.effective_database_url.removeprefix("sqlite:///")) as raw:
+            raw.execute("DROP TABLE audit_entries")
+        hidden = await client.post(urls.CHAT_COMPLETIONS, headers=bearer(support_admin),
+                                   json=_body(urls.CHAT_COMPLETIONS, IDLE_MODEL, False))
+        unknown = await client.post(urls.CHAT_COMPLETIONS, headers=bearer(support_admin),
+                                    json=_body(urls.CHAT_COMPLETIONS, UNKNOWN, False))
+        visible = await client.post(urls.CHAT_COMPLETIONS, headers=bearer(admin),
+                                    json=_body(urls.CHAT_COMPLETIONS, IDLE_MODEL, False))
+    assert _seen(hidden, IDLE_MODEL) == _seen(unknown, UNKNOWN), hidden.text
+    assert visible.status_code == 503 and visible.json()["error"]["code"] == "audit_unavailable"
