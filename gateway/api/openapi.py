@@ -109,8 +109,9 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
           "do not fit the model's context).", {}),
     401: ("`missing_api_key` or `invalid_api_key`: no key, malformed, unknown or revoked.",
           {"WWW-Authenticate": _CHALLENGE}),
-    403: ("`policy_denied`: the policy said no; `error.reasons` lists why.", {}),
-    404: ("`model_not_found`: no such model in the registry.", {}),
+    403: ("`policy_denied`: the policy said no to a model this key may see; `error.reasons` lists why.", {}),
+    404: ("`model_not_found`: no such model in the registry, or one this key may not see (GET /v1/models does "
+          "not list it), answered alike whatever else refused the request.", {}),
     413: ("`body_too_large`: the body is over GOVGATE_MAX_BODY_BYTES.", {}),
     415: UNSUPPORTED_CODING,
     431: ("`request_header_fields_too_large`: the request line and headers together are over 16 KiB; the "

@@ -43,7 +43,7 @@ def model_not_found(model: str) -> ApiError:
     The name is quoted with ``'``: a rejection's audit entry elides quoted
     values (the name is text of the body, ``audit_records._without_body_values``).
     """
-    return ApiError(404, MODEL_NOT_FOUND, f"The model '{model}' does not exist or you do not have access to it. "
+    return ApiError(404, "model_not_found", f"The model '{model}' does not exist or you do not have access to it. "
                     "GET /v1/models lists the models you may use.", param="model")
 
 
