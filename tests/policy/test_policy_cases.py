@@ -7,7 +7,9 @@ documents are equal and match what the case expects. The embedded engine
 runs twice: as the gateway runs it, on regorus's compiled VM
 (:mod:`gateway.policy.vm`, its sampled checks against the interpreter off,
 so that a difference shows here rather than being mended there), and on the
-interpreter alone.
+interpreter alone. For each well-formed request case, both engines' ``visible_models`` must hide the
+model exactly when a reason says the principal may not use it (the gateway answers such a refusal as
+an unknown model).
 
 Cases live in ``tests/policy_cases/*.json`` (every file there is loaded),
 each a JSON list of::
@@ -31,6 +33,7 @@ embedded engine and one push to OPA, so a file of many cases stays fast.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 from collections import defaultdict
@@ -147,6 +150,9 @@ class Outcome:
     interpreted: Decision | OutputDecision
     #: None where no opa binary is available (the case is then checked on the embedded engine only).
     opa: Decision | OutputDecision | None
+    #: Whether ``visible_models`` lists the case's model for its principal, per engine (``embedded``,
+    #: ``opa``), as ``GET /v1/models`` and a refused completion ask it; empty for a case it does not apply to.
+    visible: dict[str, bool] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -186,9 +192,11 @@ async def evaluate_all(opa_url: str | None, workdir: Path) -> tuple[dict[str, Ou
             interpreter = await asyncio.to_thread(EmbeddedPolicyEngine.load, folder, TIMEOUT_S, vm="off")
             try:
                 by_embedded = await asyncio.gather(*(ask(embedded, case) for case in cases))
+                seen_embedded = await asyncio.gather(*(sees(embedded, case) for case in cases))
                 by_interpreter = await asyncio.gather(*(ask(interpreter, case) for case in cases))
                 ANSWERED_BY[folder.name] = embedded.answered_by
                 by_opa: list[Decision | OutputDecision | None] = [None] * len(cases)
+                seen_opa: list[bool | None] = [None] * len(cases)
                 if opa_url is not None:
                     if opa is None:
                         opa = await OpaPolicyEngine.connect(opa_url, folder, TIMEOUT_S)
@@ -196,11 +204,15 @@ async def evaluate_all(opa_url: str | None, workdir: Path) -> tuple[dict[str, Ou
                         await opa.reload(folder)
                     revisions.append(GroupRevisions(folder.name, embedded.revision, opa.revision))
                     by_opa = list(await asyncio.gather(*(ask(opa, case) for case in cases)))
+                    seen_opa = list(await asyncio.gather(*(sees(opa, case) for case in cases)))
             finally:
                 await embedded.aclose()
                 await interpreter.aclose()
-            for case, mine, interpreted, theirs in zip(cases, by_embedded, by_interpreter, by_opa):
-                outcomes[case.id] = Outcome(mine, interpreted, theirs)
+            for case, mine, interpreted, theirs, mine_seen, their_seen in zip(
+                    cases, by_embedded, by_interpreter, by_opa, seen_embedded, seen_opa):
+                visible = {name: seen for name, seen in (("embedded", mine_seen), ("opa", their_seen))
+                           if seen is not None}
+                outcomes[case.id] = Outcome(mine, interpreted, theirs, visible)
     finally:
         if opa is not None:
             await opa.aclose()
@@ -210,6 +222,25 @@ async def evaluate_all(opa_url: str | None, workdir: Path) -> tuple[dict[str, Ou
 async def ask(engine: EmbeddedPolicyEngine | OpaPolicyEngine, case: Case) -> Decision | OutputDecision:
     """The engine's answer to the rule the case judges."""
     return await getattr(engine, ENTRIES[case.entry])(case.input)
+
+
+async def sees(engine: EmbeddedPolicyEngine | OpaPolicyEngine, case: Case) -> bool | None:
+    """Whether ``visible_models`` lists a request case's model for its principal (None: no such case)."""
+    principal, model = _visibility_input(case)
+    if principal is None or model is None:
+        return None
+    return model["name"] in await engine.visible_models(principal, [model])
+
+
+def _visibility_input(case: Case) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """A request case's principal and model, when both are well formed (the others test malformed input)."""
+    data = case.input if isinstance(case.input, dict) else {}
+    principal, model = data.get("principal"), data.get("model")
+    if case.entry != "decision" or "invalid_input" in case.expect["reason_codes"]:
+        return None, None
+    if not isinstance(principal, dict) or not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        return None, None
+    return principal, model
 
 
 @pytest.fixture(scope="module")
@@ -293,3 +324,23 @@ def test_case(case: Case, evaluated: Any) -> None:
         "\n".join(problems)
         + f"\nembedded decision: {json.dumps(embedded)}\nOPA decision:      {json.dumps(opa)}"
     )
+
+
+#: The reasons that say the principal may not see the model (``policies/access.rego``): a request denied with
+#: one is answered as an unknown model (``gateway/requests/hidden_models.py``), decided by ``visible_models``.
+HIDING_CODES = frozenset({"unknown_role", "model_not_allowed", "team_model_not_allowed"})
+
+
+#: The well-formed request cases (the others test malformed input or the output rules).
+REQUEST_CASES = [case for case in CASES if _visibility_input(case)[0] is not None]
+
+
+@pytest.mark.parametrize("case", REQUEST_CASES, ids=[case.id for case in REQUEST_CASES])
+def test_visible_models_hides_exactly_what_the_access_reasons_deny(case: Case, evaluated: Any) -> None:
+    """The gateway answers a refused request 404 when ``visible_models`` leaves its model out, and the audit
+    shows the decision's reasons: on both engines, a model is hidden exactly when a reason says the principal
+    may not use it, so the reviewer's reasons always explain the 404, and a 403 never names a hidden model."""
+    outcome: Outcome = evaluated[0][case.id]
+    assert outcome.visible.keys() >= {"embedded"}
+    hidden_by_reasons = bool(HIDING_CODES & set(case.expect["reason_codes"]))
+    assert outcome.visible == {engine: not hidden_by_reasons for engine in outcome.visible}, case.expect
