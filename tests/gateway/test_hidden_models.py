@@ -238,3 +238,22 @@ async def test_with_the_audit_store_down_a_hidden_model_is_still_the_unknown_404
                                     json=_body(urls.CHAT_COMPLETIONS, IDLE_MODEL, False))
     assert _seen(hidden, IDLE_MODEL) == _seen(unknown, UNKNOWN), hidden.text
     assert visible.status_code == 503 and visible.json()["error"]["code"] == "audit_unavailable"
+
+
+async def test_when_the_policy_cannot_say_a_refusal_naming_the_model_is_a_503(settings, policy_folder, keys,
+                                                                             audit_store, start_opa):
+    """A body the model cannot take names the model and its backend (400); with OPA gone, whether the key
+    may see the model is unknown, so the client gets 503 ``policy_unavailable``, never that 400."""
+    server = start_opa(policy_folder)
+    own = settings.with_(policy_dir=policy_folder, opa_url=server.url)
+    extra = {"frequency_penalty": 0.5}
+    async with AsyncTestClient(create_app(own), timeout=60) as client:
+        server.stop()
+        refused = await client.post(urls.CHAT_COMPLETIONS, headers=bearer(keys["support_admin"]),
+                                    json=_body(urls.CHAT_COMPLETIONS, IDLE_MODEL, False, **extra))
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "policy_unavailable" and IDLE_MODEL not in refused.text
+    assert refused.headers["retry-after"] == "1"
+    entry = audit_store.entries_for(refused.headers["x-govgate-request-id"])[0]
+    assert entry.kind == "rejected" and entry.body["error"]["code"] == "unsupported_parameter"
+    assert entry.body["answered"]["code"] == "policy_unavailable"
