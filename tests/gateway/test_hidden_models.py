@@ -173,7 +173,8 @@ async def test_a_model_the_key_may_see_keeps_its_403_with_reasons(client, keys, 
                                    json=_body(urls.CHAT_COMPLETIONS, TINY_MODEL_NAME, stream))
     assert no_purpose.status_code == 403, no_purpose.text
     assert [r["code"] for r in no_purpose.json()["error"]["reasons"]] == ["purpose_required"]
-    card = await client.post(urls.CHAT_COMPLETIONS, headers={**bearer(keys["analyst"]), urls.PURPOSE_HEADER: "research"},
+    card = await client.post(urls.CHAT_COMPLETIONS,
+                             headers={**bearer(keys["analyst"]), urls.PURPOSE_HEADER: "research"},
                              json={**_body(urls.CHAT_COMPLETIONS, TINY_MODEL_NAME, stream),
                                    "messages": [{"role": "user", "content": "card 4111 1111 1111 1111"}]})
     assert card.status_code == 403, card.text
