@@ -205,7 +205,7 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
         if job.output_rule_absent:  # nothing to judge it by: its gateway would answer "allow, whole"
             verdict = OutputVerdict.unruled(generated.output, job.policy_revision)
         elif job.gateway_records and not job.stream and ending is None and pending is not None:
-            if _hand_over(job, generated, channel, pending, timeout_s, digester):
+            if _hand_over(job, generated, channel, pending, timeout_s, digester, store):
                 return HANDED_OVER
             verdict = None  # nobody can judge it: recorded unchecked, here and now
         else:
@@ -220,7 +220,7 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
 
 
 def _hand_over(job: GenerateJob, generated: Generated, channel: JobChannel, pending: PendingTerminals,
-               timeout_s: float, digester: Digester | None) -> bool:
+               timeout_s: float, digester: Digester | None, store: EntryStore) -> bool:
     """Give a finished output to the gateway that records it; keep the unchecked end as a fallback.
 
     The fallback is what this worker would record had no verdict come:
@@ -237,7 +237,16 @@ def _hand_over(job: GenerateJob, generated: Generated, channel: JobChannel, pend
                             not_before=time.time() + timeout_s,
                             report={"output": generated.output, "handed_over": handed_over})
     report = OutputReport(generated.output, handed_over=handed_over)
-    return channel.hand_over(report, pending.sealed(entry))
+
+    def unchecked() -> JobResult:
+        """What the job records had Redis refused the hand-over (called later when the transport's take
+        carried it and failed, and its hand-over on its own was refused too)."""
+        try:
+            return _record_checked(job, store, None, generated, digester)
+        except _Unrecorded as lost:
+            return _keep(job, lost, pending)
+
+    return channel.hand_over(report, pending.sealed(entry), unchecked)
 
 
 def _sent(job: GenerateJob, text: list[str]) -> str | None:

@@ -26,7 +26,8 @@ import redis
 from audit.driver_plan import DriverPlan
 from audit.driver_store import DriverStore
 from workers.backends import LoadedModel, load_model
-from workers.contract.jobs import LOADED_TTL_S, STATUS_FAILED, GenerateJob, loaded_key
+from workers.contract.handover import current as hand_over_carrier
+from workers.contract.jobs import LOADED_TTL_S, STATUS_FAILED, GenerateJob, JobResult, loaded_key
 from workers.contract.liveness import model_failed_key
 from workers.contract.pending_terminals import PendingTerminals
 from workers.contract.privacy import Digester
@@ -161,9 +162,16 @@ def _run_sealed(payload: dict[str, Any]) -> dict[str, Any] | None:
             "code": "payload_unreadable", "message": "the worker could not unseal the job (payload key mismatch)"}}
     if _state.config and job.model != _state.config.model.name:
         raise ValueError(f"job for model {job.model!r} reached the worker of {_state.config.model.name!r}")
-    channel = RedisJobChannel(_state.redis, job.request_id, streaming=job.stream, sealer=_state.sealer,
+    client, sealer = _state.redis, _state.sealer
+    carrier = hand_over_carrier() if _state.config and _state.config.pool == POOL_SOLO else None
+
+    def deliver_late(result: JobResult) -> None:  # an end recorded after the task returned (a failed take)
+        deliver(client, job.request_id, job.reply_to, success(result.sealed(sealer)))
+
+    channel = RedisJobChannel(client, job.request_id, streaming=job.stream, sealer=sealer,
                               reply_to=job.reply_to, flush_interval_s=_state.config.stream_flush_interval_s
-                              if _state.config else STREAM_FLUSH_INTERVAL_S)
+                              if _state.config else STREAM_FLUSH_INTERVAL_S,
+                              carrier=carrier, deliver_late=deliver_late)
     result = run_job(job, _state.model, _state.store, channel, _state.pending, digester=_state.digester,
                      worker=_state.worker, verdict_timeout_s=_state.config.output_verdict_timeout_s
                      if _state.config else 10.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 import redis
 
@@ -17,7 +17,7 @@ from workers.contract.jobs import (CANCEL_TTL_S, JOB_STARTED, REPLY_PIECE, cance
                                    seal_piece)
 from workers.contract.output_check import (REPLY_OUTPUT, STOP_CONTENT_FILTER, OutputReport, OutputVerdict,
                                            verdict_key)
-from workers.contract.pending_terminals import PENDING_KEY
+from workers.contract.handover import PENDING_KEY, CarriedHandOver, Carrier
 from workers.contract.sealing import SealError, Sealer
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,13 @@ redis.call('EXPIRE', KEYS[1], 60)
 return 0
 """
 
+# KEYS[1] the pending terminals; ARGV[1] the request id, ARGV[2] its fallback, ARGV[3] the reply channel,
+# ARGV[4] the report. A script stops at its first refused write, before the PUBLISH (EVAL, not EVALSHA:
+# no NOSCRIPT to handle; the prefork pool's hand-over and the solo pool's when its take failed).
+_HAND_OVER = """
+redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+"""
 
 #: Default least time between two pieces a stream sends (``GOVGATE_STREAM_FLUSH_INTERVAL_MS``).
 STREAM_FLUSH_INTERVAL_S = 0.01
@@ -64,7 +71,8 @@ class JobChannel(Protocol):
     def forget(self) -> None: ...
     def stopped_by_rules(self) -> bool: ...
     def await_verdict(self, report: OutputReport, timeout_s: float) -> OutputVerdict | None: ...
-    def hand_over(self, report: OutputReport, fallback: bytes) -> bool: ...
+    def hand_over(self, report: OutputReport, fallback: bytes,
+                  unchecked: Callable[[], Any] | None = None) -> bool: ...
 
 
 class RedisJobChannel:
@@ -81,8 +89,13 @@ class RedisJobChannel:
     """
 
     def __init__(self, client: redis.Redis, request_id: str, *, streaming: bool, sealer: Sealer,
-                 reply_to: str = "", flush_interval_s: float = STREAM_FLUSH_INTERVAL_S) -> None:
+                 reply_to: str = "", flush_interval_s: float = STREAM_FLUSH_INTERVAL_S,
+                 carrier: Carrier | None = None, deliver_late: Callable[[Any], None] | None = None) -> None:
         self._client = client
+        #: The transport channel whose take carries this job's hand-over (the solo pool; None: sent here),
+        #: and how an end recorded after the job returned reaches its gateway.
+        self._carrier = carrier if deliver_late is not None else None
+        self._deliver_late = deliver_late
         self._sealer = sealer
         self._request_id = request_id
         self._streamed_key = STREAMED_KEY_PREFIX + request_id
@@ -257,22 +270,47 @@ class RedisJobChannel:
             log.error("unreadable output verdict for %s: %s", self._request_id, exc)
         return None
 
-    def hand_over(self, report: OutputReport, fallback: bytes) -> bool:
+    def hand_over(self, report: OutputReport, fallback: bytes,
+                  unchecked: Callable[[], Any] | None = None) -> bool:
         """Keep ``fallback`` (a sealed pending terminal entry) and publish ``report``, in one round trip.
 
         The fallback goes first (Redis runs a pipeline in order), so a gateway
         that hears the report always finds it to drop once it has recorded the
         real end. False when there is nobody to report to or Redis failed:
         the caller records the output unchecked itself.
+
+        With a carrier (the solo pool) and ``unchecked`` (records the output
+        unchecked, returning the job's result), the two commands ride on the
+        take the ack sends (``workers/contract/handover.py``) and True is
+        returned at once; if that take fails they are sent here on their own,
+        and if Redis refuses them again ``unchecked`` ends the request and its
+        result is delivered (``deliver_late``).
         """
         if not self._reply_to:
             return False
         message = reply_message(REPLY_OUTPUT, self._request_id, report.sealed(self._sealer))
+        if self._carrier is not None and unchecked is not None:
+            self._carrier.carry(CarriedHandOver(self._request_id, fallback, self._reply_to, message,
+                                                alone=lambda: self._hand_over_alone(message, fallback, unchecked)))
+            return True
+        return self._send_hand_over(message, fallback)
+
+    def _hand_over_alone(self, message: bytes, fallback: bytes, unchecked: Callable[[], Any]) -> None:
+        """A carried hand-over its take did not complete: sent on its own, or the request ended here."""
+        log.warning("the take carrying the output of %s failed: handing it over on its own", self._request_id)
+        if self._send_hand_over(message, fallback):
+            return
+        result = unchecked()
+        assert self._deliver_late is not None
+        self._deliver_late(result)
+
+    def _send_hand_over(self, message: bytes, fallback: bytes) -> bool:
+        """The fallback kept, then the report published: one script, so that a Redis refusing the write
+        (full, a replica) publishes nothing either; in a pipeline the ``PUBLISH``, which a full Redis
+        allows, went out without its fallback, and the gateway that heard it raced the worker's own
+        unchecked end for the request's one terminal entry."""
         try:
-            with self._client.pipeline(transaction=False) as pipe:
-                pipe.hsetnx(PENDING_KEY, self._request_id, fallback)
-                pipe.publish(self._reply_to, message)
-                pipe.execute()
+            self._client.eval(_HAND_OVER, 1, PENDING_KEY, self._request_id, fallback, self._reply_to, message)
             return True
         except (redis.RedisError, OSError) as exc:
             log.error("cannot hand the output of %s over to its gateway (Redis: %s)", self._request_id, exc)
@@ -309,5 +347,6 @@ class SilentChannel:
     def await_verdict(self, report: OutputReport, timeout_s: float) -> OutputVerdict | None:
         return None
 
-    def hand_over(self, report: OutputReport, fallback: bytes) -> bool:
+    def hand_over(self, report: OutputReport, fallback: bytes,
+                  unchecked: Callable[[], Any] | None = None) -> bool:
         return False

@@ -290,3 +290,111 @@ def test_a_report_no_gateway_hears_is_recorded_unchecked_without_waiting_out_the
     assert entry.kind == "failed" and entry.body["error"]["code"] == "output_unchecked"
     assert calls.get("blpop") == 1
     assert client.llen(verdict_key(job.request_id)) == 0  # the empty item that ended the wait was taken
+
+
+
+class Listener:
+    """A gateway's reply channel that only listens: :meth:`heard` returns what was published on it so far
+    (a fence message of its own marks the end, so nothing waits for a report that never comes)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.channel = f"govgate:gateway:{uuid.uuid4().hex}"
+        self._client = client
+        self._pubsub = client.pubsub()
+        self._pubsub.subscribe(self.channel)
+        self._pubsub.get_message(timeout=5)  # the subscribe confirmation
+
+    def heard(self) -> list[bytes]:
+        fence = uuid.uuid4().hex.encode()
+        self._client.publish(self.channel, fence)
+        messages: list[bytes] = []
+        while (message := self._pubsub.get_message(ignore_subscribe_messages=True, timeout=10)) is not None:
+            if message["data"] == fence:
+                break
+            messages.append(message["data"])
+        self._pubsub.close()
+        return messages
+
+class Carrier:
+    """The solo pool's transport channel as a carried hand-over sees it: it keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.carried: list = []
+
+    def carry(self, hand_over) -> None:
+        self.carried.append(hand_over)
+
+
+def carried_run(client: redis.Redis, job: GenerateJob, store, model):
+    """``handed_over_run`` on the solo pool: the hand-over is left with a carrier; ends recorded after the
+    job returned go to ``late``."""
+    pending = PendingTerminals(client, horizon_s=60, seal=SEALER.seal, unseal=SEALER.unseal)
+    carrier, late = Carrier(), []
+    channel = RedisJobChannel(client, job.request_id, streaming=job.stream, sealer=SEALER, reply_to=job.reply_to,
+                              carrier=carrier, deliver_late=late.append)
+    result = run_job(job, model, store, channel, pending, digester=DIGESTER, verdict_timeout_s=30.0)
+    return result, pending, carrier, late
+
+
+def test_a_carried_hand_over_sends_nothing_until_its_take_and_alone_hands_the_output_over(
+        client, store, model) -> None:
+    """On the solo pool the job returns with its hand-over left to the take its ack sends: nothing is in
+    Redis yet. A take that failed has it sent on its own: the fallback kept, the report heard, no entry
+    written by the worker (its gateway records the end)."""
+    gateway = Gateway(client, lambda report: None)
+    job = checked_job(gateway.channel, gateway_records=True)
+    result, pending, carrier, late = carried_run(client, job, store, model)
+    assert result is HANDED_OVER and not gateway.reports and not pending.holds(job.request_id)
+    [hand_over] = carrier.carried
+    assert hand_over.request_id == job.request_id and hand_over.reply_to == gateway.channel
+    hand_over.send_alone()
+    gateway.close()
+    [report] = gateway.reports
+    assert report.handed_over is not None and pending.holds(job.request_id)
+    assert late == [] and store.terminal_for(job.request_id) is None
+
+
+def test_a_carried_hand_over_redis_refuses_again_is_recorded_unchecked_and_delivered_once(
+        client, store, model) -> None:
+    """The take that carried it failed and Redis refuses the hand-over on its own too (full: maxmemory
+    under noeviction): the job's output was kept until then, so the worker records ``output_unchecked``
+    itself and delivers that end, as a refused hand-over always did."""
+    gateway = Listener(client)
+    job = checked_job(gateway.channel, gateway_records=True)
+    result, pending, carrier, late = carried_run(client, job, store, model)
+    assert result is HANDED_OVER
+    [hand_over] = carrier.carried
+    client.config_set("maxmemory", "1")
+    try:
+        hand_over.send_alone()
+    finally:
+        client.config_set("maxmemory", "0")
+    assert gateway.heard() == [] and not pending.holds(job.request_id)
+    [ended] = late
+    assert ended.status == STATUS_FAILED and ended.error["code"] == "output_unchecked"
+    entry = store.terminal_for(job.request_id)
+    assert entry.kind == "failed" and entry.body["error"]["code"] == "output_unchecked"
+    assert ended.audit_seq == entry.seq
+
+
+def test_a_hand_over_a_full_redis_refuses_publishes_no_report_and_is_recorded_unchecked(client, store, model) -> None:
+    """The hand-over's own round trip (a prefork pool process) under a full Redis: the fallback's write
+    is refused, so the report must not go out either (a full Redis still allows a PUBLISH): the gateway
+    would record the output while the worker records it unchecked."""
+
+    class FullAtHandOver(RedisJobChannel):
+        def hand_over(self, *args, **kwargs):  # Redis fills up once the output is made
+            client.config_set("maxmemory", "1")
+            return super().hand_over(*args, **kwargs)
+
+    gateway = Listener(client)
+    job = checked_job(gateway.channel, gateway_records=True)
+    pending = PendingTerminals(client, horizon_s=60, seal=SEALER.seal, unseal=SEALER.unseal)
+    channel = FullAtHandOver(client, job.request_id, streaming=False, sealer=SEALER, reply_to=job.reply_to)
+    try:
+        result = run_job(job, model, store, channel, pending, digester=DIGESTER, verdict_timeout_s=30.0)
+    finally:
+        client.config_set("maxmemory", "0")
+    assert result.status == STATUS_FAILED and result.error["code"] == "output_unchecked"
+    assert gateway.heard() == [] and not pending.holds(job.request_id)
+    assert store.terminal_for(job.request_id).kind == "failed"

@@ -41,6 +41,14 @@ unacked hash, which the visibility timeout restores and the worker then
 ends without running again (its job key says it ran), as after a worker
 that died between its terminal entry and its ack.
 
+On the solo pool the take the ack sends also carries the output's
+hand-over of the job just run (:mod:`workers.contract.handover`): the job
+leaves it with the channel that delivered it (:meth:`Channel.carry`), the
+take runs it before the removal, and an ack that sends no take sends it on
+its own first. A take that fails with hand-overs aboard has them sent on
+their own again (the job's output is kept until then), and a job whose
+hand-over Redis refuses records its end itself, as before.
+
 Its channel also serves fair share (``workers/contract/fair_queues.py``): the
 worker consumes only ``model.<name>``, but its take looks at the model's
 plain lists first, then the fair lists in the order the script makes
@@ -82,6 +90,7 @@ from workers.contract.deferred_replies import DeferredReplies, ignore_reply
 from workers.contract.delivery_owners import (LEGACY_KEYS, ORPHAN_SCAN_INTERVAL_S, OWNERS_KEY, TIME_MARK, Owner,
                                               delivery_times, is_dead, orphaned_nodes, owner_from_node, owner_keys,
                                               process_started_at, this_process, time_field)
+from workers.contract.handover import CarriedHandOver, delivering
 from workers.contract.fair_queues import (PART_SEP, PLAIN_HINT, REGISTRY_COPY, parse_fair_queue, registry_key,
                                           tags_key, waiting_key, wake_key)
 from workers.contract.liveness import LIVE_SCRIPT, WORKERS_KEY
@@ -134,10 +143,12 @@ class QoS(kombu_redis.QoS):
         VirtualQoS.ack(self, delivery_tag)
         if self.channel.poll_now(acked=delivery_tag):
             return
+        self.channel.hand_overs_alone()  # a handed-over output is out before its bookkeeping goes
         self._forget(delivery_tag, deferred=True)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
         self.channel.settle_deferred()
+        self.channel.hand_overs_alone()
         self.channel.served(delivery_tag)  # the worker's time was spent, whatever became of the job
         if requeue:
             self.restore_by_tag(delivery_tag, leftmost=True)
@@ -345,6 +356,10 @@ class Channel(kombu_redis.Channel):
     _acked_out: list[Any]
     #: the tags the take in flight removes
     _sent_acked: list[Any]
+    #: outputs handed over that the next take carries (solo pool: ``workers/contract/handover.py``)
+    _hand_overs_out: list[CarriedHandOver]
+    #: the hand-overs the take in flight carries (sent on their own if it fails)
+    _sent_hand_overs: list[CarriedHandOver]
 
     #: The worker whose deliveries this channel keeps under keys of its own (None: kombu's shared keys).
     owner: Owner | None = None
@@ -353,6 +368,7 @@ class Channel(kombu_redis.Channel):
         self._in_service, self._corrections, self._sent_corrections = {}, {}, {}
         self._booked, self._idle_out, self._bells, self._no_ack = set(), {}, {}, set()
         self._acked_out, self._sent_acked = [], []
+        self._hand_overs_out, self._sent_hand_overs = [], []
         self._deferred = DeferredReplies()
         super().__init__(*args, **kwargs)
         if self.global_keyprefix:  # the take script names its keys itself
@@ -383,7 +399,24 @@ class Channel(kombu_redis.Channel):
         if self._deferred.outstanding:
             self._deferred.settle()
 
+    def carry(self, hand_over: CarriedHandOver) -> None:
+        """Leave an output's hand-over to the next take (the ack's), or to the ack itself when none goes."""
+        self._hand_overs_out.append(hand_over)
+
+    def hand_overs_alone(self, *, sent: bool = False) -> None:
+        """Send the hand-overs no take carried (``sent``: those of the take that failed) on their own now,
+        each ending its request itself if Redis refuses it (``CarriedHandOver.alone``)."""
+        if sent:
+            waiting, self._sent_hand_overs = self._sent_hand_overs, []
+        else:
+            waiting, self._hand_overs_out = self._hand_overs_out, []
+        for hand_over in waiting:
+            hand_over.send_alone()
+
     def close(self) -> None:
+        # a take still out may have run them, or not: again (a gateway records the first report it hears)
+        self.hand_overs_alone(sent=True)
+        self.hand_overs_alone()
         self.settle_deferred()
         self._unregister_idle()
         self._forget_acked()
@@ -461,6 +494,9 @@ class Channel(kombu_redis.Channel):
         except Exception:  # noqa: BLE001 - the loop's next poll sends it (and reports what fails)
             log.debug("early poll not sent; the next poll sends it", exc_info=True)
             sent = False
+        if not sent and self._sent_hand_overs:  # not out: the ack sends them on its own
+            self._hand_overs_out[:0] = self._sent_hand_overs
+            self._sent_hand_overs = []
         if acked is None:
             return False
         if sent and acked in self._sent_acked:
@@ -515,13 +551,17 @@ class Channel(kombu_redis.Channel):
                                   [self._q_for_pri(queue, pri) for pri in self.priority_steps], model, corrections))
         acked, self._acked_out = self._acked_out, []
         self._sent_acked.extend(acked)
+        self._sent_hand_overs.extend(self._hand_overs_out)
+        self._hand_overs_out = []
         command = take_command(self.unacked_key, None if self.owner is not None else self.unacked_index_key, spec,
                                woken=self._woken,
                                registered=[self._idle_out.get(queue, False) for queue in queues],
                                book=[queue not in self._no_ack for queue in queues],
                                clear_wake=self._clear_wake, default_place=self._default_place(),
                                acked=[bytes_to_str(tag) if isinstance(tag, bytes) else str(tag)
-                                      for tag in self._sent_acked])
+                                      for tag in self._sent_acked],
+                               hand_overs=[(h.request_id, h.fallback, h.reply_to, h.message)
+                                           for h in self._sent_hand_overs])
         self._woken = self._clear_wake = False
         return command
 
@@ -592,6 +632,7 @@ class Channel(kombu_redis.Channel):
                 answered = True
                 self._in_poll = None
                 self._corrections_back()
+                self.hand_overs_alone(sent=True)  # the take did not run
                 with self.conn_or_acquire() as client:
                     take_script.load_script(client)
                 raise Empty() from None
@@ -600,12 +641,20 @@ class Channel(kombu_redis.Channel):
                 self._corrections_back()
                 if taking:  # the take may have run: its job would sit in this worker's hash
                     self._lost_take = True
+                self.hand_overs_alone(sent=True)  # it may have run them, or not: again
                 raise
-            except redis.ResponseError:
+            except redis.ResponseError as exc:
                 answered = True
                 self._in_poll = None
                 self._corrections_back()
-                raise
+                if not self._sent_hand_overs:
+                    raise
+                # refused at their HSETNX (a full Redis, a wrong key), or failed after them: again, on their
+                # own; the next poll takes without them (a take that fails then raises as any would)
+                log.warning("a take carrying %d hand-overs failed (%s): sent on their own",
+                            len(self._sent_hand_overs), exc)
+                self.hand_overs_alone(sent=True)
+                raise Empty() from None
             answered = True
             self._in_poll = None
             self._flush_brpop_reauth()
@@ -621,6 +670,7 @@ class Channel(kombu_redis.Channel):
                 raise Empty()
             self._sent_corrections = {}
             self._sent_acked = []
+            self._sent_hand_overs = []
             queues = self._poll_queues
             taken = take_script.parse_take(reply)
             if taken is None:  # the take left an idle token for each queue that had none out
@@ -640,7 +690,8 @@ class Channel(kombu_redis.Channel):
             if taken.booked:
                 self._booked.add(tag)
             self._queue_cycle.rotate(queue)
-            self.connection._deliver(message, queue)
+            with delivering(self):  # the solo pool runs the job in here: its hand-over rides on the next take
+                self.connection._deliver(message, queue)
             return True
         finally:
             if not answered:

@@ -18,13 +18,15 @@ import msgspec
 import redis
 
 from audit import AuditEntry, AuditError, DuplicateTerminalError, EntryStore, InvalidEntryError
+from workers.contract.handover import PENDING_KEY as HAND_OVER_PENDING_KEY
 from workers.contract.privacy import split_texts
 from workers.contract.unsettled import note_unsettled
 
 log = logging.getLogger(__name__)
 
-#: Redis hash: request id -> sealed JSON of the terminal entry waiting to be written.
-PENDING_KEY = "govgate:pending-terminals"
+#: Redis hash: request id -> sealed JSON of the terminal entry waiting to be written (named where the take
+#: script, in a worker's main process that never imports the audit store, can import it too).
+PENDING_KEY = HAND_OVER_PENDING_KEY
 
 Seal = Callable[[bytes], bytes]
 

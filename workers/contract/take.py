@@ -43,6 +43,14 @@ payloads, then index entries), before it pops: the ack sends the next take at on
 instead of going out as a command of its own (one send fewer between two
 jobs; on a busy two-core machine each send can hand the core to Redis).
 
+On the solo pool a take also carries the hand-over of the output the job
+before it made (:mod:`workers.contract.handover`): the fallback's ``HSETNX``
+in the pending terminals and the report's ``PUBLISH``, run first, before
+the removal and the pop, as the job's own pipeline ran them (fallback,
+then report). Redis checks a script's first write for refusals (a full
+Redis, a replica, too few replicas), which is the ``HSETNX``: a take Redis
+refuses runs none of it.
+
 Only a channel that consumes a model queue (``model.<name>``) takes this
 way; a Celery client reading its reply queue (a ping, ``celery inspect``)
 BRPOPs it as kombu does: no job to keep, and no idle token left behind per
@@ -61,29 +69,40 @@ from redis.exceptions import NoScriptError
 
 from workers.contract.fair_order import DEFAULT_ESTIMATE_MS, LIB, RECOUNT_EVERY_S
 from workers.contract.fair_queues import SHARES_KEY, registry_key, tags_key, waiting_key, wake_key
+from workers.contract.handover import PENDING_KEY
 
 #: Most idle tokens kept on a queue's idle list (one per idle worker; more are left by killed workers).
 MAX_IDLE_TOKENS = 256
 
 # KEYS: [1] unacked hash, [2] unacked index ('': the delivery's time goes in the hash, beside its payload,
-#       under '@' .. tag: an owner's keys, workers/contract/delivery_owners.py), [3] shares, then per queue: idle list, bell, its plain lists
+#       under '@' .. tag: an owner's keys, workers/contract/delivery_owners.py), [3] shares, [4] the pending
+#       terminals (a hand-over's fallback), then per queue: idle list, bell, its plain lists
 #       (priority order), and for a model queue: registry, tags, waiting, wake list.
 # ARGV: [1] now (s), [2] estimate when svc is unknown (ms), [3] queues, [4] plain lists per queue,
 #       [5] '1': a bell woke this worker, [6] per queue '1'/'0': this worker's idle token is out there,
 #       [7] '1': a wake token woke it (the wake lists are cleared), [8] the default priority's place among
 #       the plain lists (0-based; its lists are looked at first), [9] per queue '1'/'0': its consumer
 #       acknowledges (a job taken from it is booked; a no-ack consumer's, a reply's, is not), [10] the number n of
-#       acknowledged deliveries whose bookkeeping goes first, [11..10+n] their tags, then per queue: '1'/'0' a model
+#       acknowledged deliveries whose bookkeeping goes first, [11..10+n] their tags, [11+n] the number h of
+#       hand-overs, which go before them, then per hand-over: request id, fallback, reply channel, report;
+#       then per queue: '1'/'0' a model
 #       queue, the number of corrections, then per correction: a fair queue or list, its service ms, the ms charged.
 # Returns {} when nothing was taken, else {list, message, ms charged ('' none), '1' booked / '0' not}.
 _TAKE = LIB + f"""
-local HASH, INDEX, SHARES = KEYS[1], KEYS[2], KEYS[3]
+local HASH, INDEX, SHARES, PENDING = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now, est = tonumber(ARGV[1]), tonumber(ARGV[2])
 local nq, np = tonumber(ARGV[3]), tonumber(ARGV[4])
 local woken, registered, clear_wake = ARGV[5] == '1', ARGV[6], ARGV[7] == '1'
+local nacked = tonumber(ARGV[10])
+-- the outputs handed over (the solo pool's previous job): the fallback kept, then the report published;
+-- first, so that a refused write refuses them before anything else ran, and before the removal
+local ho = 12 + nacked
+for i = ho, ho + 4 * tonumber(ARGV[11 + nacked]) - 1, 4 do
+  redis.call('HSETNX', PENDING, ARGV[i], ARGV[i + 1])
+  redis.call('PUBLISH', ARGV[i + 2], ARGV[i + 3])
+end
 -- the acknowledged deliveries' bookkeeping: payloads with their time fields (an owner's hash), or
 -- payloads, then index entries (kombu's layout and order for a removal)
-local nacked = tonumber(ARGV[10])
 if nacked > 0 then
   if INDEX == '' then
     local fields = {{}}
@@ -122,7 +141,7 @@ local function pop_first(keys, lo, hi, guess)
   return keys[lo], redis.call('RPOP', keys[lo])
 end
 
-local queues, k, a = {{}}, 4, 11 + nacked
+local queues, k, a = {{}}, 5, 12 + nacked + 4 * tonumber(ARGV[11 + nacked])
 for q = 1, nq do
   local Q = {{idle = KEYS[k], bell = KEYS[k + 1], plain = {{}}, registered = string.sub(registered, q, q) == '1',
              book = string.sub(ARGV[9], q, q) == '1'}}
@@ -280,20 +299,21 @@ class Taken:
 def take_command(hash_key: str, index_key: str | None, queues: Sequence[TakeQueue], *, woken: bool = False,
                  registered: Sequence[bool] = (), book: Sequence[bool] | None = None, clear_wake: bool = False,
                  default_place: int = 0, acked: Sequence[str] = (),
-                 now: float | None = None,
+                 hand_overs: Sequence[tuple[str, bytes, str, bytes]] = (), now: float | None = None,
                  default_estimate_ms: float = DEFAULT_ESTIMATE_MS) -> tuple[str, ...]:
     """The ``EVALSHA`` of one take (command name first); ``registered``: per queue, whether this worker's
     idle token is out there (default: none); ``default_place``: the default priority's place in the
     plain lists' priority order; ``book``: per queue, whether its consumer acknowledges (default: all);
     ``acked``: tags of acknowledged deliveries whose bookkeeping (in ``hash_key``, and ``index_key`` or
     their time fields) the take removes before it pops; ``index_key`` None: the deliveries' times go in
-    the hash (an owner's keys), else in that index (kombu's)."""
+    the hash (an owner's keys), else in that index (kombu's); ``hand_overs``: (request id, sealed
+    fallback, reply channel, report message) of outputs handed over, run before anything else."""
     if not queues:
         raise ValueError("a take needs at least one queue")
     plain_count = len(queues[0].plain)
     if any(len(queue.plain) != plain_count for queue in queues):
         raise ValueError("every queue has as many plain lists")
-    keys: list[str] = [hash_key, index_key or "", SHARES_KEY]
+    keys: list[str] = [hash_key, index_key or "", SHARES_KEY, PENDING_KEY]
     per_queue: list[str] = []
     for queue in queues:
         keys += [queue.idle, queue.bell, *queue.plain]
@@ -307,7 +327,8 @@ def take_command(hash_key: str, index_key: str | None, queues: Sequence[TakeQueu
     booked = "".join("1" if book is None or book[i] else "0" for i in range(len(queues)))
     return ("EVALSHA", TAKE_SHA, str(len(keys)), *keys, repr(time.time() if now is None else now),
             repr(default_estimate_ms), str(len(queues)), str(plain_count), "1" if woken else "0", flags,
-            "1" if clear_wake else "0", str(default_place), booked, str(len(acked)), *acked, *per_queue)
+            "1" if clear_wake else "0", str(default_place), booked, str(len(acked)), *acked,
+            str(len(hand_overs)), *(part for hand_over in hand_overs for part in hand_over), *per_queue)
 
 
 def parse_take(reply: Sequence[Any]) -> Taken | None:
