@@ -306,7 +306,7 @@ class RedisJobChannel:
 
     def _send_hand_over(self, message: bytes, fallback: bytes) -> bool:
         """The fallback kept, then the report published: one script, so that a Redis refusing the write
-        (full, a replica) publishes nothing either; in a pipeline the ``PUBLISH``, which a full Redis
+        (full) publishes nothing either; in a pipeline the ``PUBLISH``, which a full Redis
         allows, went out without its fallback, and the gateway that heard it raced the worker's own
         unchecked end for the request's one terminal entry."""
         try:

@@ -47,9 +47,10 @@ On the solo pool a take also carries the hand-over of the output the job
 before it made (:mod:`workers.contract.handover`): the fallback's ``HSETNX``
 in the pending terminals and the report's ``PUBLISH``, run first, before
 the removal and the pop, as the job's own pipeline ran them (fallback,
-then report). Redis checks a script's first write for refusals (a full
-Redis, a replica, too few replicas), which is the ``HSETNX``: a take Redis
-refuses runs none of it.
+then report). A full Redis refuses a script's first write when it is one
+that needs memory, which the ``HSETNX`` is, and the script stops there: a
+take refused so runs none of it (a pipeline would have published the
+report all the same).
 
 Only a channel that consumes a model queue (``model.<name>``) takes this
 way; a Celery client reading its reply queue (a ping, ``celery inspect``)
