@@ -108,6 +108,11 @@ class Settings:
     #: Celery's pool in each worker: ``solo`` (the job in the worker's own process: no IPC between two jobs, one
     #: process per model) or ``prefork`` (the job in a pool process the worker forks and watches; ``--concurrency``).
     worker_pool: str = "solo"
+    #: Solo-pool workers: carry a finished output's hand-over (fallback + report) on the take the ack sends, one
+    #: send between two jobs instead of two. Off by default: shorter hand-overs and a lower c=1 latency, but a
+    #: light team's longest waits while another team's burst is admitted on the same cores grew 1.6-2.5x in
+    #: ``bench/fairness.py`` (docs/architecture.md, "Between two jobs on the solo pool").
+    handover_on_take: bool = False
     #: Largest request body accepted (413 above it).
     max_body_bytes: int = 1024 * 1024
     #: ``max_tokens`` used when a request does not give one (policy may clamp it).
@@ -263,6 +268,7 @@ class Settings:
             queue_mode=_choice(text("QUEUE_MODE", defaults.queue_mode).lower(), "QUEUE_MODE", ("fifo", "fair")),
             worker_pool=_choice(text("WORKER_POOL", defaults.worker_pool).lower(), "WORKER_POOL",
                                 ("prefork", "solo")),
+            handover_on_take=_flag(text("HANDOVER_ON_TAKE", ""), "HANDOVER_ON_TAKE", defaults.handover_on_take),
             max_body_bytes=int(number("MAX_BODY_BYTES", defaults.max_body_bytes, int, 1024)),
             default_max_tokens=int(number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens, int, 1)),
             redis_max_connections=int(number("REDIS_MAX_CONNECTIONS", defaults.redis_max_connections, int, 2)),

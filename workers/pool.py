@@ -26,6 +26,7 @@ import redis
 from audit.driver_plan import DriverPlan
 from audit.driver_store import DriverStore
 from workers.backends import LoadedModel, load_model
+from workers.contract.handover import Carrier
 from workers.contract.handover import current as hand_over_carrier
 from workers.contract.jobs import LOADED_TTL_S, STATUS_FAILED, GenerateJob, JobResult, loaded_key
 from workers.contract.liveness import model_failed_key
@@ -143,6 +144,20 @@ def _reply_address(payload: Any) -> tuple[str, str]:
     return str(payload.get("request_id", "?")), str(payload.get("reply_to") or "")
 
 
+def hand_over_carrier_of(config: WorkerConfig | None) -> Carrier | None:
+    """The channel a job leaves its output's hand-over with, or None to send it itself.
+
+    Only a solo pool's job runs inside the delivery whose take could carry
+    it, and only with ``GOVGATE_HANDOVER_ON_TAKE`` on: carried, the hand-over
+    costs one send fewer between jobs, but a light team's longest waits
+    behind another team's burst grew (docs/architecture.md, "Between two
+    jobs on the solo pool").
+    """
+    if config is None or config.pool != POOL_SOLO or not config.handover_on_take:
+        return None
+    return hand_over_carrier()
+
+
 def _run_sealed(payload: dict[str, Any]) -> dict[str, Any] | None:
     """Run one sealed job with this process's model; its result, sealed (None: the output was handed over).
 
@@ -163,7 +178,7 @@ def _run_sealed(payload: dict[str, Any]) -> dict[str, Any] | None:
     if _state.config and job.model != _state.config.model.name:
         raise ValueError(f"job for model {job.model!r} reached the worker of {_state.config.model.name!r}")
     client, sealer = _state.redis, _state.sealer
-    carrier = hand_over_carrier() if _state.config and _state.config.pool == POOL_SOLO else None
+    carrier = hand_over_carrier_of(_state.config)
 
     def deliver_late(result: JobResult) -> None:  # an end recorded after the task returned (a failed take)
         deliver(client, job.request_id, job.reply_to, success(result.sealed(sealer)))

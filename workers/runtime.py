@@ -60,6 +60,8 @@ class WorkerConfig:
     concurrency: int = 1
     #: Celery's pool (:data:`WORKER_POOLS`); solo runs one job at a time, so its concurrency is 1.
     pool: str = POOL_SOLO
+    #: A solo pool's jobs leave their output's hand-over for the ack's take to carry (``GOVGATE_HANDOVER_ON_TAKE``).
+    handover_on_take: bool = False
     #: How long an audit write waits for a locked database before it fails (``GOVGATE_DATABASE_BUSY_TIMEOUT_S``).
     database_busy_timeout_s: float = 30.0
     loglevel: str = "INFO"

@@ -1,7 +1,7 @@
 """A solo worker whose take, carrying a job's hand-over, fails in its script: the request still ends once.
 
-A Redis, a tiny-model worker (the solo pool, the default) and a served gateway
-of their own. The pending terminals' key is made a string, so the hand-over's
+A Redis, a tiny-model worker (the solo pool, the default, with
+``GOVGATE_HANDOVER_ON_TAKE`` on) and a served gateway of their own. The pending terminals' key is made a string, so the hand-over's
 ``HSETNX`` fails (WRONGTYPE) wherever it runs: in the take the ack sends
 (``workers/contract/take.py``: the script stops there, before anything else
 ran) and again when the worker sends it on its own. The job's output was kept
@@ -35,7 +35,7 @@ def test_a_hand_over_its_take_and_redis_refuse_is_recorded_unchecked_once_and_an
     redis_dir = Path(tempfile.mkdtemp(prefix="gg-cho-"))
     server = RedisProcess.start(redis_dir, persist=False)
     own = settings.with_(redis_url=server.url, request_timeout_s=REQUEST_TIMEOUT_S,
-                         output_verdict_timeout_s=REQUEST_TIMEOUT_S)
+                         output_verdict_timeout_s=REQUEST_TIMEOUT_S, handover_on_take=True)
     worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=tmp_path / "worker.log")
     client = redis.Redis.from_url(server.url)
     try:

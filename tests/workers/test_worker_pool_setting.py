@@ -70,3 +70,34 @@ def test_the_worker_command_refuses_fewer_than_one_slot(tmp_path: Path, monkeypa
         result, started = invoke_worker(tmp_path, monkeypatch, {}, "--pool", pool, "--concurrency", slots)
         assert result.exit_code == 2 and started == []
         assert f"Invalid value for '--concurrency': {slots} is not in the range x>=1" in result.output
+
+
+def test_the_hand_over_rides_on_the_take_only_when_asked_and_only_on_the_solo_pool(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_spec) -> None:
+    """``GOVGATE_HANDOVER_ON_TAKE`` (off by default): a solo pool's job leaves its hand-over with the delivering
+    channel only when it is on; a prefork pool process never does (its take is its parent's)."""
+    from workers.contract.handover import delivering
+    from workers.pool import hand_over_carrier_of
+
+    assert Settings.from_env({}).handover_on_take is False
+    assert Settings.from_env({"GOVGATE_HANDOVER_ON_TAKE": "1"}).handover_on_take is True
+    assert Settings.from_env(Settings().with_(handover_on_take=True).to_env()).handover_on_take is True
+    with pytest.raises(SettingsError, match="GOVGATE_HANDOVER_ON_TAKE"):
+        Settings.from_env({"GOVGATE_HANDOVER_ON_TAKE": "sometimes"})
+    result, started = invoke_worker(tmp_path, monkeypatch, {"GOVGATE_HANDOVER_ON_TAKE": "on"})
+    assert result.exit_code == 0, result.output
+    assert started[0].handover_on_take is True
+    result, started = invoke_worker(tmp_path, monkeypatch, {})
+    assert started[0].handover_on_take is False
+
+    def config(pool: str, on: bool) -> WorkerConfig:
+        return WorkerConfig(model=tiny_spec, redis_url="redis://127.0.0.1:1/0", database_url="sqlite://", pool=pool,
+                            handover_on_take=on)
+
+    channel = object()  # what the transport sets as the delivery under way
+    with delivering(channel):  # type: ignore[arg-type]
+        assert hand_over_carrier_of(config(POOL_SOLO, True)) is channel
+        assert hand_over_carrier_of(config(POOL_SOLO, False)) is None  # the default: the job sends it itself
+        assert hand_over_carrier_of(config(POOL_PREFORK, True)) is None
+        assert hand_over_carrier_of(None) is None
+    assert hand_over_carrier_of(config(POOL_SOLO, True)) is None  # no delivery under way
