@@ -22,6 +22,9 @@ from tests.audit.old_append import old_append
 WORKERS = 3
 ENTRIES = 61  # the boundary and 60 appends: ranges (0, 20], (20, 40], (40, end)
 
+#: Their SQLite cases fork verify's workers whatever other module ran before (tests/audit/conftest.py).
+pytestmark = pytest.mark.usefixtures("verify_forks_as_on_sqlite")
+
 
 @pytest.fixture(autouse=True)
 def small_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
