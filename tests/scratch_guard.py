@@ -12,6 +12,7 @@ stay where pytest keeps them.
 
 from __future__ import annotations
 
+import multiprocessing.util
 import os
 import shutil
 import tempfile
@@ -30,6 +31,9 @@ def pytest_configure(config: pytest.Config) -> None:
     factory = getattr(config, "_tmp_path_factory", None)
     if factory is not None:
         factory.getbasetemp()  # fixed now, so tmp_path stays outside the private folder
+    # multiprocessing's own folder (tests/child_processes.py's fork server keeps its socket there) is made
+    # outside the private one: multiprocessing removes it at exit, after this plugin has removed that.
+    multiprocessing.util.get_temp_dir()
     root = Path(tempfile.mkdtemp(prefix="govgate-tests-"))
     config.stash[_STATE] = (root, os.environ.get("TMPDIR"), tempfile.tempdir)
     os.environ["TMPDIR"] = str(root)

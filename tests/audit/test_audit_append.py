@@ -13,7 +13,6 @@ format boundary are reported); on SQLite and on PostgreSQL (tests/audit/conftest
 from __future__ import annotations
 
 import json
-import multiprocessing
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,8 +39,8 @@ from audit.lookup import KeyedLookup
 from audit.tables import audit_table
 from tests.audit.conftest import RawDB
 from tests.audit.old_append import old_append
+from tests.child_processes import CHILDREN
 
-SPAWN = multiprocessing.get_context("spawn")
 JOIN_TIMEOUT_S = 120
 
 BODIES: list[dict[str, Any]] = [
@@ -275,8 +274,8 @@ def _writer(url: str, worker: int, count: int, use_old: bool, barrier: Any) -> N
 
 
 def _run_writers(url: str, plan: list[bool], per_worker: int, first_worker: int = 0) -> None:
-    barrier = SPAWN.Barrier(len(plan))
-    processes = [SPAWN.Process(target=_writer, args=(url, first_worker + w, per_worker, old, barrier))
+    barrier = CHILDREN.Barrier(len(plan))
+    processes = [CHILDREN.Process(target=_writer, args=(url, first_worker + w, per_worker, old, barrier))
                  for w, old in enumerate(plan)]
     for process in processes:
         process.start()

@@ -10,7 +10,6 @@ process would.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import subprocess
 import sys
 from datetime import timezone
@@ -39,8 +38,8 @@ from audit.chain import GENESIS_HASH, document_hash
 from audit.db import SQLITE_CACHE_KIB, VERSION_TABLE, migration_options
 from audit.tables import audit_metadata
 from tests.audit.conftest import RawDB
+from tests.child_processes import CHILDREN
 
-SPAWN = multiprocessing.get_context("spawn")
 JOIN_TIMEOUT_S = 120
 
 
@@ -264,8 +263,8 @@ def _run(processes: list[Any]) -> None:
 
 def test_concurrent_processes_leave_one_unbroken_chain(store_url: str, store: AuditStore) -> None:
     workers, per_worker = 4, 50
-    barrier = SPAWN.Barrier(workers)
-    _run([SPAWN.Process(target=_append_many, args=(store_url, w, per_worker, barrier)) for w in range(workers)])
+    barrier = CHILDREN.Barrier(workers)
+    _run([CHILDREN.Process(target=_append_many, args=(store_url, w, per_worker, barrier)) for w in range(workers)])
 
     entries = list(store.iter_entries())
     assert [e.seq for e in entries] == list(range(1, workers * per_worker + 2))  # the boundary, then theirs
@@ -280,8 +279,8 @@ def test_racing_terminal_writers_have_exactly_one_winner_per_request(store_url: 
     request_ids = [f"r{i}" for i in range(30)]
     for rid in request_ids:
         _append(store, "request", rid)
-    barrier, results = SPAWN.Barrier(2), SPAWN.Queue()
-    processes = [SPAWN.Process(target=_race_terminals, args=(store_url, request_ids, barrier, results)) for _ in range(2)]
+    barrier, results = CHILDREN.Barrier(2), CHILDREN.Queue()
+    processes = [CHILDREN.Process(target=_race_terminals, args=(store_url, request_ids, barrier, results)) for _ in range(2)]
     for process in processes:
         process.start()
     won = [results.get(timeout=JOIN_TIMEOUT_S) for _ in processes]  # drain before join
@@ -308,8 +307,8 @@ def _migrate_only(url: str, barrier: Any) -> None:
 @pytest.mark.parametrize("attempt", [1, 2])
 def test_processes_starting_together_can_all_migrate(db_url: str, attempt: int) -> None:
     """Workers opening a fresh database together: the switch to WAL and the migration must queue, not fail."""
-    barrier = SPAWN.Barrier(8)
-    _run([SPAWN.Process(target=_migrate_only, args=(db_url, barrier)) for _ in range(8)])
+    barrier = CHILDREN.Barrier(8)
+    _run([CHILDREN.Process(target=_migrate_only, args=(db_url, barrier)) for _ in range(8)])
     engine = make_engine(db_url)
     assert _versions(engine) == ["audit_0005"]
     engine.dispose()

@@ -19,6 +19,7 @@ from audit.signing import (
     load_public_key,
     load_signing_key,
 )
+from tests.child_processes import CHILDREN
 
 
 def test_key_is_made_once_private_and_read_back(tmp_path: Path) -> None:
@@ -38,7 +39,7 @@ def _make(path: str, queue: "multiprocessing.Queue[str]") -> None:
 
 def test_processes_starting_together_end_up_with_one_key(tmp_path: Path) -> None:
     path = tmp_path / "audit-signing.key"
-    ctx = multiprocessing.get_context("spawn")  # not fork: a pytest process with threads may fork a child stuck on a held lock
+    ctx = CHILDREN  # a fork server's (tests/child_processes.py): this process runs threads
     queue = ctx.Queue()
     procs = [ctx.Process(target=_make, args=(str(path), queue)) for _ in range(4)]
     for proc in procs:

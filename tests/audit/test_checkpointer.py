@@ -22,6 +22,7 @@ from audit.checkpoints import Checkpoint, CheckpointStore
 from audit.signing import SigningKey
 from gateway.checkpointer import Checkpointer
 from tests.audit.conftest import RawDB
+from tests.child_processes import CHILDREN
 
 pytestmark = pytest.mark.anyio
 
@@ -232,11 +233,9 @@ def _replica_signs(url: str, barrier, queue) -> None:
 
 
 def test_replicas_signing_the_same_head_at_once_write_one_checkpoint(store: AuditStore, store_url: str) -> None:
-    import multiprocessing
-
     _append(store, 3)
     store.engine.dispose()
-    ctx = multiprocessing.get_context("spawn")  # not fork: a pytest process with threads may fork a child stuck on a held lock
+    ctx = CHILDREN  # a fork server's (tests/child_processes.py): this process runs threads
     barrier, queue = ctx.Barrier(4), ctx.Queue()
     procs = [ctx.Process(target=_replica_signs, args=(store_url, barrier, queue)) for _ in range(4)]
     for proc in procs:

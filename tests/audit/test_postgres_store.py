@@ -9,7 +9,6 @@ server is unreachable, refuses a role, or drops connections.
 
 from __future__ import annotations
 
-import multiprocessing
 from typing import Any, Iterator
 
 import psycopg
@@ -20,9 +19,9 @@ from audit import AuditError, AuditStore, make_engine, migrate, verify_chain
 from audit.chain import canonical_json
 from govgate.processes import free_port
 from tests.audit.conftest import RawDB
+from tests.child_processes import CHILDREN
 from tests.postgres_server import PostgresServer
 
-SPAWN = multiprocessing.get_context("spawn")
 JOIN_TIMEOUT_S = 120
 
 
@@ -67,8 +66,8 @@ def test_appends_stay_one_chain_when_the_database_defaults_to_serializable(
     assert seen == ["read committed"]
 
     workers, per_worker = 4, 40
-    barrier = SPAWN.Barrier(workers)
-    processes = [SPAWN.Process(target=_append_many, args=(store_url, w, per_worker, barrier)) for w in range(workers)]
+    barrier = CHILDREN.Barrier(workers)
+    processes = [CHILDREN.Process(target=_append_many, args=(store_url, w, per_worker, barrier)) for w in range(workers)]
     for process in processes:
         process.start()
     for process in processes:

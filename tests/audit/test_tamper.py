@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -29,9 +28,9 @@ from audit import AuditStore, make_engine, migrate, verify_chain
 from audit.chain import canonical_text, entry_hash
 from tests.audit.conftest import RawDB
 from tests.audit.old_append import old_append
+from tests.child_processes import CHILDREN
 from tests.postgres_server import PostgresServer
 
-SPAWN = multiprocessing.get_context("spawn")
 JOIN_TIMEOUT_S = 120
 REQUESTS = 120  # 1 boundary + 120 requests + 120 terminals + 20 rejections = 261 entries
 COMMON: dict[str, Any] = dict(team="research", model="tiny", policy_revision="rev-7")
@@ -410,8 +409,8 @@ def _writer(url: str, worker: int, count: int, barrier: Any) -> None:
 def test_processes_appending_at_once_leave_one_chain(store_url: str) -> None:
     """SQLite serialises them with BEGIN IMMEDIATE, PostgreSQL with an advisory lock on the chain head."""
     workers, per_worker = 4, 40  # the store is empty: the first append of whichever wins writes the boundary
-    barrier = SPAWN.Barrier(workers)
-    processes = [SPAWN.Process(target=_writer, args=(store_url, w, per_worker, barrier)) for w in range(workers)]
+    barrier = CHILDREN.Barrier(workers)
+    processes = [CHILDREN.Process(target=_writer, args=(store_url, w, per_worker, barrier)) for w in range(workers)]
     for process in processes:
         process.start()
     for process in processes:
