@@ -9,6 +9,10 @@ them with a 400 and closes the connection; the server keeps serving. A
 request whose line and headers pass 16 KiB gets a 431 in OpenAI's error
 shape (``gateway/http_head.py``: httptools itself has no bound, h11 had
 this one), and one whose headers never end is cut off without being held.
+
+The module's tests share one served gateway (:func:`served`): each speaks to it
+on connections of its own and none changes it, and each serve start is a
+process importing the whole gateway (seconds under test-busy).
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ import json
 import socket
 import sys
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
-from tests.conftest import serving
+from tests.conftest import Served, serving
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/maps")
 
@@ -38,6 +43,14 @@ BAD_REQUESTS = {
     "NUL in a header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
     "unknown method": b"FOO /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
 }
+
+
+@pytest.fixture(scope="module")
+def served(settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, Path]]:
+    """``govgate serve`` with the suite's settings for the module; yields its base URL and its log file."""
+    log = tmp_path_factory.mktemp("server-parts") / "serve.log"
+    with serving(settings, log) as base:
+        yield base, log
 
 
 def mapped_files(pid: int) -> set[str]:
@@ -79,18 +92,18 @@ def read_response(conn: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
-def test_a_served_gateway_runs_on_uvloop_and_httptools(settings, tmp_path) -> None:
-    with serving(settings, tmp_path / "serve.log") as base:
-        assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
-        files = mapped_files(base.process.pid)
+def test_a_served_gateway_runs_on_uvloop_and_httptools(served) -> None:
+    base, _ = served
+    assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+    files = mapped_files(base.process.pid)
     assert any("/uvloop/loop.cpython-" in path for path in files), sorted(files)
     assert any("/httptools/parser/parser.cpython-" in path for path in files), sorted(files)
 
 
-def test_requests_the_parser_cannot_read_get_a_400_and_the_server_serves_on(settings, tmp_path) -> None:
-    with serving(settings, tmp_path / "serve.log") as base:
-        answers = {name: exchange(base, raw) for name, raw in BAD_REQUESTS.items()}
-        after = httpx.get(f"{base}/healthz", timeout=10)
+def test_requests_the_parser_cannot_read_get_a_400_and_the_server_serves_on(served) -> None:
+    base, log_file = served
+    answers = {name: exchange(base, raw) for name, raw in BAD_REQUESTS.items()}
+    after = httpx.get(f"{base}/healthz", timeout=10)
     for name, answer in answers.items():
         assert answer.startswith(b"HTTP/1.1 400 "), (name, answer[:200])
         assert b"Traceback" not in answer, name
@@ -98,7 +111,7 @@ def test_requests_the_parser_cannot_read_get_a_400_and_the_server_serves_on(sett
         assert b"content-type: application/json" in head.lower(), (name, head)
         assert json.loads(body)["error"]["code"] == "invalid_request", (name, body)
     assert after.status_code == 200
-    log = (tmp_path / "serve.log").read_text()
+    log = log_file.read_text()
     assert "Traceback" not in log, log[-3000:]
 
 
@@ -112,10 +125,10 @@ def head_of(size: int, path: str = "/healthz") -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Pad: {'a' * size}\r\n\r\n".encode()
 
 
-def test_a_request_head_over_16_kib_gets_a_431_in_openais_shape(settings, tmp_path) -> None:
-    with serving(settings, tmp_path / "serve.log") as base:
-        answer = exchange(base, head_of(20 * 1024))
-        after = httpx.get(f"{base}/healthz", timeout=10)
+def test_a_request_head_over_16_kib_gets_a_431_in_openais_shape(served) -> None:
+    base, _ = served
+    answer = exchange(base, head_of(20 * 1024))
+    after = httpx.get(f"{base}/healthz", timeout=10)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert b"connection: close" in head.lower()
@@ -125,45 +138,45 @@ def test_a_request_head_over_16_kib_gets_a_431_in_openais_shape(settings, tmp_pa
     assert after.status_code == 200
 
 
-def test_heads_under_the_bound_pass_one_after_another_on_one_connection(settings, keyring, tmp_path) -> None:
+def test_heads_under_the_bound_pass_one_after_another_on_one_connection(served, keyring) -> None:
     """The bound is per request: two 12 KiB heads on a kept-alive connection, and a small head before a
     large body (read together with it), are all served. (The body is read whole: the key is good and the
     model unknown, so the app answers only once it has parsed it.)"""
-    with serving(settings, tmp_path / "serve.log") as base:
-        url = urlsplit(base)
-        with socket.create_connection((url.hostname, url.port), timeout=10) as conn:
-            answers = []
-            for _ in range(2):
-                conn.sendall(head_of(12 * 1024))
-                answers.append(read_response(conn))
-        body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "a" * 600_000}]}).encode()
-        large = exchange(base, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Authorization: Bearer " + keyring["admin"].encode() + b"\r\n"
-                         b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    base, _ = served
+    url = urlsplit(base)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as conn:
+        answers = []
+        for _ in range(2):
+            conn.sendall(head_of(12 * 1024))
+            answers.append(read_response(conn))
+    body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "a" * 600_000}]}).encode()
+    large = exchange(base, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + keyring["admin"].encode() + b"\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
     assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 200 OK"] * 2
     assert all(json.loads(a.partition(b"\r\n\r\n")[2]) == {"status": "ok"} for a in answers)
     assert large.startswith(b"HTTP/1.1 404 "), large[:300]  # the app's answer (no such model), not the bound's
     assert b"model" in large.partition(b"\r\n\r\n")[2]
 
 
-def test_headers_that_never_end_are_cut_off_without_being_held(settings, tmp_path) -> None:
+def test_headers_that_never_end_are_cut_off_without_being_held(served) -> None:
     """8 MiB of one header line, never finished: the server closes the connection long before, and its
     memory does not grow by what was sent (httptools alone held it all: +16 MB for 16 MB)."""
-    with serving(settings, tmp_path / "serve.log") as base:
-        pid = base.process.pid
-        before = rss_kib(pid)
-        url = urlsplit(base)
-        sent = 0
-        with socket.create_connection((url.hostname, url.port), timeout=10) as conn:
-            try:
-                conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ")
-                while sent < 8 * 1024 * 1024:
-                    conn.sendall(b"a" * 65536)
-                    sent += 65536
-            except OSError:  # reset or broken pipe: the server closed the connection
-                pass
-        grown = rss_kib(pid) - before
-        after = httpx.get(f"{base}/healthz", timeout=10)
+    base, _ = served
+    pid = base.process.pid
+    before = rss_kib(pid)
+    url = urlsplit(base)
+    sent = 0
+    with socket.create_connection((url.hostname, url.port), timeout=10) as conn:
+        try:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+            while sent < 8 * 1024 * 1024:
+                conn.sendall(b"a" * 65536)
+                sent += 65536
+        except OSError:  # reset or broken pipe: the server closed the connection
+            pass
+    grown = rss_kib(pid) - before
+    after = httpx.get(f"{base}/healthz", timeout=10)
     assert sent < 8 * 1024 * 1024, "the server read 8 MiB of an unfinished header"
     assert grown < 4 * 1024, f"the server's memory grew by {grown} KiB"
     assert after.status_code == 200
