@@ -28,6 +28,8 @@ import threading
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from workers.atomic_file import fsync_dir
+
 #: The signals whose default action ends the process without cleanup, caught while a file is written.
 CAUGHT = (signal.SIGTERM, signal.SIGHUP)
 
@@ -92,18 +94,5 @@ def output_file(path: str | Path, *, private: bool, text: bool = False) -> Itera
             if isinstance(exc, Terminated):
                 print(f"{signal.Signals(exc.signum).name}: stopped; {target} not written", file=sys.stderr)
             raise
-        _sync_folder(target.parent)
+        fsync_dir(target.parent)  # the rename itself durable: a crash right after must not bring the old file back
 
-
-def _sync_folder(folder: Path) -> None:
-    """Make the rename itself durable (a crash right after must not bring the old file back)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -35,10 +35,10 @@ def atomic_path(target: Path, *, suffix: str = ".tmp") -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make the rename itself durable (a crash right after must not lose it)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
