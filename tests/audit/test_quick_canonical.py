@@ -22,6 +22,7 @@ from audit import entry_args
 from audit.chain import canonical_text
 from audit.entry_args import normalise_body, normalise_payload
 from audit.errors import InvalidEntryError
+from tests.json_sameness import same_json
 
 
 def old_normalise_body(body: Any, what: str = "body") -> tuple[str, Any]:
@@ -39,19 +40,6 @@ def old_normalise_body(body: Any, what: str = "body") -> tuple[str, Any]:
     return text, stored
 
 
-def same(a: Any, b: Any) -> bool:
-    """Equal and of the same type all the way down, dict keys in the same order."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float):
-        return a == b and math.copysign(1, a) == math.copysign(1, b)
-    return a == b
-
-
 def assert_as_before(body: dict) -> None:
     try:
         old = old_normalise_body(body)
@@ -62,7 +50,7 @@ def assert_as_before(body: dict) -> None:
         return
     text, stored = normalise_body(body)
     assert text == old[0]
-    assert same(stored, old[1])
+    assert same_json(stored, old[1])
 
 
 class Colour(enum.Enum):

@@ -17,23 +17,11 @@ import pytest
 
 from gateway.policy import engine
 from gateway.policy.engine import input_json
+from tests.json_sameness import same_json
 
 
 def _old(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal and of the same JSON type all the way down (``1 == 1.0 == True`` is not enough)."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float):
-        return a == b and math.copysign(1, a) == math.copysign(1, b)
-    return a == b
 
 
 class Colour(enum.Enum):
@@ -81,7 +69,7 @@ READ_BACK_THE_SAME = [
 def test_it_reads_back_as_the_old_encoders_text(value):
     new = input_json(value)
     assert new.decode("utf-8")  # valid UTF-8
-    assert _same(json.loads(new), json.loads(_old(value)))
+    assert same_json(json.loads(new), json.loads(_old(value)))
 
 
 REFUSED = [
