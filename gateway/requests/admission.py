@@ -39,7 +39,8 @@ from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.admission_gate import AdmissionGate
 from gateway.requests.audit_records import request_record
 from gateway.requests.fit import PromptCounter, check_fits
-from gateway.requests.hidden_models import MODEL_NOT_FOUND, answered_record, as_answered, model_not_found
+from gateway.requests.hidden_models import (MODEL_NOT_FOUND, SeenModels, answered_record, as_answered,
+                                            model_not_found)
 from gateway.requests.parsing import parse_body
 from gateway.requests.policy_input import build_input, prompt_text, without_prompt
 from gateway.requests.refusals import (AdmissionRefusal, ContextTooLong, ModelUnavailable, OverLimit, QueueFull,
@@ -146,6 +147,9 @@ class Admission:
         self._obliged: dict[tuple[str, str | None, str], Obliged] = {}
         weight_of = getattr(policy, "team_weight", None)
         self.gate = AdmissionGate(concurrency, gate_wait_s, weight_of) if concurrency > 0 else None
+        #: Whether a key may see a model, per policy revision: a refusal of a model it may not see is answered
+        #: as an unknown model's (gateway/requests/hidden_models.py).
+        self.seen_models = SeenModels(policy)
 
     async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
                     purpose_header: str | None) -> Ticket:
@@ -193,8 +197,9 @@ class Admission:
             else:
                 refusal = None
             # a model the key may not see is refused as an unknown one (gateway/requests/hidden_models.py)
-            answer = None if refusal is None else await as_answered(self.policy, principal, spec, request.model,
-                                                                    refusal)
+            answer = None
+            if refusal is not None:
+                answer = await as_answered(self.seen_models, principal, spec, request.model, refusal)
             body = request_record(endpoint=endpoint, principal=principal, purpose=purpose, stream=request.stream,
                                   params=params, requested_max_tokens=requested_max, decision=decision,
                                   admission=None if admission is None else admission.record(),
@@ -240,7 +245,7 @@ class Admission:
         except ApiError as error:
             answer = error
             if request is not None and spec is not None:  # a body that does not fit a model the key may not see
-                answer = await as_answered(self.policy, principal, spec, request.model, error)
+                answer = await as_answered(self.seen_models, principal, spec, request.model, error)
             await self.request_log.record_rejection(request_id, principal, endpoint, error, raw,
                                                     answered=answered_record(error, answer))
             answer.request_id = request_id

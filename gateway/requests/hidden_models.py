@@ -16,8 +16,10 @@ metrics count the request under the real refusal's code.
 Visibility is asked of the same entry point ``GET /v1/models`` asks, with
 the same views of the key and the model, so the list and the refusal cannot
 disagree; it is asked only when a request is refused, so an admitted
-request costs nothing more. The refusal of a hidden model costs that one
-more evaluation after the others, where an unknown name is refused before
+request costs nothing more, and the answer is kept per key, model and
+policy revision (:class:`SeenModels`), so a client refused again and again
+(a 429 storm) costs no second evaluation per refusal. The first refusal of a
+hidden model costs that one more evaluation after the others, where an unknown name is refused before
 any: docs/architecture.md ("Models a key may not see") says what that means
 for timing.
 """
@@ -55,13 +57,43 @@ def policy_unavailable(exc: PolicyUnavailable) -> ApiError:
                     f"{retry_after} s.", headers={"Retry-After": str(retry_after)})
 
 
-async def may_see(policy: ReloadingPolicyEngine, principal: Principal, spec: ModelSpec) -> bool:
-    """Whether the policy's ``visible_models`` lists ``spec`` for ``principal`` (as ``GET /v1/models`` asks);
-    raises :class:`PolicyUnavailable` when it cannot answer in time."""
-    return spec.name in await policy.visible_models(principal.policy_view(), [spec.policy_view()])
+#: Answers kept (key, model, revision); the oldest goes first when full.
+_SEEN_KEPT = 4096
 
 
-async def as_answered(policy: ReloadingPolicyEngine, principal: Principal, spec: ModelSpec, asked: str,
+class SeenModels:
+    """Whether the policy's ``visible_models`` lists a model for a key, asked once per policy revision.
+
+    The answer depends only on what the policy is given (the key's view and
+    the model's) and on the policy itself, which the revision names: the
+    same question under the same revision has the same answer, so it is kept
+    (bounded) and asked again only when the revision changes.
+    """
+
+    def __init__(self, policy: ReloadingPolicyEngine, kept: int = _SEEN_KEPT) -> None:
+        if kept < 1:
+            raise ValueError("SeenModels keeps at least one answer")
+        self._policy = policy
+        self._kept = kept
+        self._known: dict[tuple[Any, ...], bool] = {}
+
+    async def may_see(self, principal: Principal, spec: ModelSpec) -> bool:
+        """Whether ``principal`` may see ``spec`` (as ``GET /v1/models`` asks); raises
+        :class:`PolicyUnavailable` when the policy cannot answer in time (nothing is kept then)."""
+        revision = self._policy.revision
+        key = (revision, principal.id, principal.team, tuple(principal.roles), principal.key_id, spec.name)
+        known = self._known.get(key)
+        if known is not None:
+            return known
+        visible = spec.name in await self._policy.visible_models(principal.policy_view(), [spec.policy_view()])
+        if self._policy.revision == revision:  # answered under the revision the key names
+            if len(self._known) >= self._kept:
+                del self._known[next(iter(self._known))]
+            self._known[key] = visible
+        return visible
+
+
+async def as_answered(seen: SeenModels, principal: Principal, spec: ModelSpec, asked: str,
                       refusal: ApiError) -> ApiError:
     """What the client is told of ``refusal`` of a request for ``spec`` (named ``asked`` in the body).
 
@@ -71,7 +103,7 @@ async def as_answered(policy: ReloadingPolicyEngine, principal: Principal, spec:
     is one): ``refusal`` might name a model the key may not see.
     """
     try:
-        visible = await may_see(policy, principal, spec)
+        visible = await seen.may_see(principal, spec)
     except PolicyUnavailable as exc:
         if refusal.code == POLICY_UNAVAILABLE:
             return refusal

@@ -14,6 +14,7 @@ Real gateway app, real Redis, real regorus and a real OPA server, no worker
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -258,3 +259,36 @@ async def test_when_the_policy_cannot_say_a_refusal_naming_the_model_is_a_503(se
     entry = audit_store.entries_for(refused.headers["x-govgate-request-id"])[0]
     assert entry.kind == "rejected" and entry.body["error"]["code"] == "unsupported_parameter"
     assert entry.body["answered"]["code"] == "policy_unavailable"
+
+
+async def test_a_key_refused_again_is_asked_about_once_per_policy_revision(settings, tmp_path, monkeypatch):
+    """Whether a key may see a model is asked of the policy on its first refusal only (a client hammering a
+    hidden model, or a 429 storm, costs no second evaluation per refusal), and again once a reload changed the
+    policy: here the reload lets the viewer role use the tiny model, which then refuses 403 for its purpose."""
+    folder = policy_copy(tmp_path, _config)
+    own = settings.with_(policy_dir=folder)
+    store = KeyStore(open_database(own))
+    key = store.create("hidden-again", team="research", roles=["viewer"]).secret
+    store.engine.dispose()
+    async with AsyncTestClient(create_app(own), timeout=60) as client:
+        policy = client.app.state.components.completions.admission.seen_models._policy
+        asked: list[str] = []
+        real = policy.visible_models
+
+        async def counted(principal: dict, models: list) -> set[str]:  # the real engine, its calls counted
+            asked.append(principal["id"])
+            return await real(principal, models)
+
+        monkeypatch.setattr(policy, "visible_models", counted)
+        body = _body(urls.CHAT_COMPLETIONS, TINY_MODEL_NAME, False)
+        answers = [await client.post(urls.CHAT_COMPLETIONS, headers=bearer(key), json=body) for _ in range(3)]
+        assert [a.status_code for a in answers] == [404, 404, 404]
+        assert asked == ["hidden-again"]  # asked once, not once per refusal
+        data = folder / "data.json"
+        document = json.loads(data.read_text())
+        document["govgate_config"]["roles"]["viewer"]["models"] = [TINY_MODEL_NAME]
+        data.write_text(json.dumps(document))
+        assert (await policy.reload()).changed
+        seen = await client.post(urls.CHAT_COMPLETIONS, headers=bearer(key), json=body)
+    assert asked == ["hidden-again", "hidden-again"]  # the new revision is asked anew
+    assert seen.status_code == 403 and seen.json()["error"]["code"] == "policy_denied"  # visible now: its reason
