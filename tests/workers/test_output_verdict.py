@@ -20,6 +20,7 @@ import redis
 from bench._commandstats import CommandProbe
 from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
 from tests.own_redis import module_redis_server  # noqa: F401  (fixture: commands are counted server-wide)
+from tests.reply_listener import Listener
 from workers.contract.jobs import REPLY_PIECE, STATUS_COMPLETED, STATUS_FAILED, GenerateJob, parse_reply
 from workers.contract.output_check import (REPLY_OUTPUT, OutputReport, OutputVerdict, verdict_key)
 from workers.contract.pending_terminals import PENDING_KEY, PendingTerminals
@@ -292,29 +293,6 @@ def test_a_report_no_gateway_hears_is_recorded_unchecked_without_waiting_out_the
     assert client.llen(verdict_key(job.request_id)) == 0  # the empty item that ended the wait was taken
 
 
-
-class Listener:
-    """A gateway's reply channel that only listens: :meth:`heard` returns what was published on it so far
-    (a fence message of its own marks the end, so nothing waits for a report that never comes)."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.channel = f"govgate:gateway:{uuid.uuid4().hex}"
-        self._client = client
-        self._pubsub = client.pubsub()
-        self._pubsub.subscribe(self.channel)
-        self._pubsub.get_message(timeout=5)  # the subscribe confirmation
-
-    def heard(self) -> list[bytes]:
-        fence = uuid.uuid4().hex.encode()
-        self._client.publish(self.channel, fence)
-        messages: list[bytes] = []
-        while (message := self._pubsub.get_message(ignore_subscribe_messages=True, timeout=10)) is not None:
-            if message["data"] == fence:
-                break
-            messages.append(message["data"])
-        self._pubsub.close()
-        return messages
-
 class Carrier:
     """The solo pool's transport channel as a carried hand-over sees it: it keeps what it is given."""
 
@@ -370,6 +348,7 @@ def test_a_carried_hand_over_redis_refuses_again_is_recorded_unchecked_and_deliv
     finally:
         client.config_set("maxmemory", "0")
     assert gateway.heard() == [] and not pending.holds(job.request_id)
+    gateway.close()
     [ended] = late
     assert ended.status == STATUS_FAILED and ended.error["code"] == "output_unchecked"
     entry = store.terminal_for(job.request_id)
@@ -397,4 +376,5 @@ def test_a_hand_over_a_full_redis_refuses_publishes_no_report_and_is_recorded_un
         client.config_set("maxmemory", "0")
     assert result.status == STATUS_FAILED and result.error["code"] == "output_unchecked"
     assert gateway.heard() == [] and not pending.holds(job.request_id)
+    gateway.close()
     assert store.terminal_for(job.request_id).kind == "failed"

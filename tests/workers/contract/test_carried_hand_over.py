@@ -27,34 +27,11 @@ from kombu.exceptions import OperationalError
 
 from govgate.redis_server import RedisProcess
 from tests.own_redis import module_redis_server  # noqa: F401  (fixture: a Redis of this module's own)
+from tests.reply_listener import Listener
 from tests.workers.contract.test_kombu_redis import _declared_with, _fair_model, _until
 from workers.contract import handover
 from workers.contract.celery_config import make_celery
 from workers.contract.handover import PENDING_KEY, CarriedHandOver
-
-
-class Listener:
-    """A gateway's reply channel: what was published on it, up to a fence of its own."""
-
-    def __init__(self, client: redis_py.Redis) -> None:
-        self.channel = f"govgate:gateway:{uuid.uuid4().hex}"
-        self._client = client
-        self._pubsub = client.pubsub()
-        self._pubsub.subscribe(self.channel)
-        self._pubsub.get_message(timeout=5)
-
-    def heard(self) -> list[bytes]:
-        fence = uuid.uuid4().hex.encode()
-        self._client.publish(self.channel, fence)
-        messages: list[bytes] = []
-        while (message := self._pubsub.get_message(ignore_subscribe_messages=True, timeout=10)) is not None:
-            if message["data"] == fence:
-                break
-            messages.append(message["data"])
-        return messages
-
-    def close(self) -> None:
-        self._pubsub.close()
 
 
 def _hand_over(listener: Listener, asked: list, *, report: bytes = b"report",
