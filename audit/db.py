@@ -211,9 +211,10 @@ def _postgresql_engine(sa_url: URL, busy_timeout_s: float) -> tuple[Engine, dict
       ``off`` (:mod:`audit.postgresql_setup`).
     - Every wait for the server on a pooled connection (a statement, the
       pre-ping) bounded at the busy timeout plus
-      :data:`audit.stall_watch.GRACE_S`, so a server that stops answering
-      (frozen, a partition) fails reads closed instead of holding them
-      (:mod:`audit.answer_watch`).
+      :data:`audit.stall_watch.GRACE_S`, unless the server, asked then,
+      says it is still running the statement, so a server that stops
+      answering (frozen, a partition) fails reads closed instead of holding
+      them, and a slow statement is not cut (:mod:`audit.answer_watch`).
     """
     if sa_url.drivername == "postgresql":
         sa_url = sa_url.set(drivername=POSTGRESQL_DRIVER)

@@ -1,19 +1,24 @@
 """The engine's pooled PostgreSQL sessions: a wait the server does not answer is cut, a patient one is not.
 
 :mod:`audit.answer_watch` bounds each wait on a pooled session (a statement,
-the pool's pre-ping) at the busy timeout plus its grace. ``pg_sleep`` stands
-for a server that does not answer (it answers nothing while it sleeps);
-SIGSTOP on one pooled session's backend is the frozen server as that
-session sees it, without stopping the session's shared server for the other
-tests (tests/e2e/test_postgres_frozen.py freezes a whole server). The
-bounds' lengths are never asserted, only that a wait ends and how.
+the pool's pre-ping) at the busy timeout plus its grace, unless the server,
+asked on a connection of its own, says the session's statement is still
+running. ``pg_sleep`` is such a slow statement; SIGSTOP on one pooled
+session's backend is the frozen server as that session sees it, without
+stopping the session's shared server for the other tests; a whole server
+frozen (every process SIGSTOPped) is a server of the test's own
+(``own_postgres``; tests/e2e/test_postgres_frozen.py freezes one under a
+served gateway). The bounds' lengths are never asserted, only that a wait
+ends and how.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
+import time
 
 import psycopg
 import pytest
@@ -21,10 +26,12 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from audit import AuditError, AuditStore, stall_watch
+from audit import AuditError, AuditStore, make_engine, stall_watch
 from audit.db import MIGRATE_LOCK_KEY, locked_transaction
+from tests.e2e.test_postgres_frozen import server_pids
+from tests.postgres_server import PostgresServer, own_postgres  # noqa: F401 - fixture
 # PostgreSQL only, and a store whose busy timeout is BUSY_S: the same fixtures as the kept connection's tests.
-from tests.audit.test_postgres_stall import BUSY_S, _in_thread, backend, short_store  # noqa: F401 - fixtures
+from tests.audit.test_postgres_stall import BUSY_S, HANG_GUARD_S, _in_thread, backend, short_store  # noqa: F401 - fixtures
 from tests.audit.test_writer import _append, _connection_of
 
 #: Longer than the bound (the busy timeout plus the watchdog's grace).
@@ -37,14 +44,62 @@ def _pooled_pid(store: AuditStore) -> int:
         return conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
 
 
-def test_a_statement_without_an_answer_is_cut_and_fails_the_read_closed(short_store: AuditStore) -> None:
+def test_a_statement_the_server_is_still_running_is_waited_for_past_the_bound(short_store: AuditStore) -> None:
+    """A slow statement (a review search over a large log) is not a silent server: it was cut until 2026-12-02."""
     def sleep() -> object:
         with short_store.engine.connect() as conn:
-            return conn.execute(text(f"SELECT pg_sleep({PAST_THE_BOUND_S})")).scalar()
+            return conn.execute(text(f"SELECT pg_sleep({PAST_THE_BOUND_S}), 'answered'")).one()[1]
 
-    [outcome] = _in_thread(sleep)
-    assert isinstance(outcome, DBAPIError) and outcome.connection_invalidated, outcome
-    assert short_store.terminal_for("r1") is None  # the next read runs, on a new session
+    assert _in_thread(sleep) == ["answered"]
+
+
+def _active(url: str, backend_pid: int) -> bool:
+    with psycopg.connect(url, autocommit=True) as other:
+        row = other.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (backend_pid,)).fetchone()
+    return row is not None and row[0] == "active"
+
+
+def test_a_statement_on_a_server_that_stops_answering_is_cut_and_fails_the_read_closed(
+        own_postgres: PostgresServer) -> None:
+    """Frozen mid-statement (every server process stopped): the probe cannot even connect, so the wait is cut."""
+    url = own_postgres.fresh_database("probe")
+    plain = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    engine = make_engine(url, busy_timeout_s=BUSY_S)
+    try:
+        with engine.connect() as conn:
+            backend_pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        outcome: list[object] = []
+
+        def sleep() -> None:
+            try:
+                with engine.connect() as conn:  # the same pooled session
+                    outcome.append(conn.execute(text(f"SELECT pg_sleep({PAST_THE_BOUND_S + 5})")).scalar())
+            except BaseException as exc:  # noqa: BLE001 - handed to the test
+                outcome.append(exc)
+
+        thread = threading.Thread(target=sleep, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + HANG_GUARD_S
+        while not _active(plain, backend_pid):  # frozen while it runs the statement, not before
+            assert time.monotonic() < deadline and thread.is_alive(), outcome
+            time.sleep(0.02)
+        frozen = server_pids(own_postgres.process.pid)
+        try:
+            for pid in frozen:
+                with contextlib.suppress(ProcessLookupError):  # a backend that just ended (the look above)
+                    os.kill(pid, signal.SIGSTOP)
+            thread.join(HANG_GUARD_S)
+        finally:
+            for pid in frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        assert not thread.is_alive(), "a read waited on a frozen server without end"
+        [failed] = outcome
+        assert isinstance(failed, DBAPIError) and failed.connection_invalidated, failed
+        with engine.connect() as conn:  # the server answers again: the next read runs, on a new session
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar_one() != backend_pid
+    finally:
+        engine.dispose()
 
 
 def test_a_patient_wait_is_never_cut(short_store: AuditStore) -> None:
