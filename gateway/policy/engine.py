@@ -82,6 +82,13 @@ class PolicyEngine(Protocol):
         """
         ...
 
+    async def visible_models_known(self, principal: dict[str, Any],
+                                   models: list[dict[str, Any]]) -> set[str] | None:
+        """:meth:`visible_models`, but None where it fails closed because the evaluation failed (an
+        evaluator lost, OPA out of sync or answering an error): an empty list the policy did not give,
+        which must not be kept as its answer (``gateway/requests/hidden_models.py``)."""
+        ...
+
     async def aclose(self) -> None:
         """Release the engine's resources; later calls deny."""
         ...
@@ -238,6 +245,10 @@ class EmbeddedPolicyEngine:
         return not self._has_output_rule
 
     async def visible_models(self, principal: dict[str, Any], models: list[dict[str, Any]]) -> set[str]:
+        return await self.visible_models_known(principal, models) or set()
+
+    async def visible_models_known(self, principal: dict[str, Any],
+                                   models: list[dict[str, Any]]) -> set[str] | None:
         outcome = await self._run(VISIBLE_MODELS_RULE, {"principal": principal, "models": models})
         if outcome.kind == "busy":
             raise PolicyUnavailable(f"no policy evaluator became free within {self._pool.wait_timeout_s:g}s")
@@ -245,9 +256,9 @@ class EmbeddedPolicyEngine:
             raise PolicyUnavailable(f"policy evaluation took longer than {self._timeout_s:g}s")
         if outcome.kind == "undefined":
             return set()
-        if outcome.kind != "ok":
+        if outcome.kind != "ok":  # no answer from the policy (an evaluator lost, a runtime error)
             log.warning("visible_models: %s %s; listing no models", outcome.kind, _summarize(outcome.text))
-            return set()
+            return None
         try:
             names = json.loads(outcome.text)
         except ValueError:

@@ -285,6 +285,10 @@ class OpaPolicyEngine:
         return not self._has_output_rule[revision]
 
     async def visible_models(self, principal: dict[str, Any], models: list[dict[str, Any]]) -> set[str]:
+        return await self.visible_models_known(principal, models) or set()
+
+    async def visible_models_known(self, principal: dict[str, Any],
+                                   models: list[dict[str, Any]]) -> set[str] | None:
         outcome = await self._query(VISIBLE_MODELS_RULE, {"principal": principal, "models": models})
         if outcome.kind == "busy":
             raise PolicyUnavailable(f"no connection to OPA became free within {self._wait_timeout_s:g}s")
@@ -294,9 +298,9 @@ class OpaPolicyEngine:
             raise PolicyUnavailable(outcome.error)
         if outcome.kind == "undefined":
             return set()
-        if outcome.kind != "ok":
+        if outcome.kind != "ok":  # no answer from the policy (closed, out of sync, an HTTP error)
             log.warning("visible_models: %s %s; listing no models", outcome.kind, outcome.error)
-            return set()
+            return None
         names = outcome.value
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             log.warning("visible_models: policy returned %.200r, not a list of names; listing no models", names)

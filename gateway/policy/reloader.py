@@ -133,6 +133,10 @@ class ReloadingPolicyEngine:
     async def visible_models(self, principal: dict[str, Any], models: list[dict[str, Any]]) -> set[str]:
         return await self._engine.visible_models(principal, models)
 
+    async def visible_models_known(self, principal: dict[str, Any],
+                                   models: list[dict[str, Any]]) -> set[str] | None:
+        return await self._engine.visible_models_known(principal, models)
+
     async def output_rule_absent(self, revision: str) -> bool:
         """True only when the policy at ``revision`` is the one loaded and has no output rule at all.
 

@@ -67,7 +67,10 @@ class SeenModels:
     The answer depends only on what the policy is given (the key's view and
     the model's) and on the policy itself, which the revision names: the
     same question under the same revision has the same answer, so it is kept
-    (bounded) and asked again only when the revision changes.
+    (bounded) and asked again only when the revision changes. Only an answer
+    the policy gave is kept: an evaluation that failed (an evaluator lost, OPA
+    out of sync) counts as hidden for that refusal alone, or a model the key
+    may see would be answered as unknown until the next reload.
     """
 
     def __init__(self, policy: ReloadingPolicyEngine, kept: int = _SEEN_KEPT) -> None:
@@ -85,8 +88,9 @@ class SeenModels:
         known = self._known.get(key)
         if known is not None:
             return known
-        visible = spec.name in await self._policy.visible_models(principal.policy_view(), [spec.policy_view()])
-        if self._policy.revision == revision:  # answered under the revision the key names
+        names = await self._policy.visible_models_known(principal.policy_view(), [spec.policy_view()])
+        visible = names is not None and spec.name in names  # a failed evaluation fails closed, this once
+        if names is not None and self._policy.revision == revision:  # the policy's answer, under that revision
             if len(self._known) >= self._kept:
                 del self._known[next(iter(self._known))]
             self._known[key] = visible

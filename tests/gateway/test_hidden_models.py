@@ -273,13 +273,13 @@ async def test_a_key_refused_again_is_asked_about_once_per_policy_revision(setti
     async with AsyncTestClient(create_app(own), timeout=60) as client:
         policy = client.app.state.components.completions.admission.seen_models._policy
         asked: list[str] = []
-        real = policy.visible_models
+        real = policy.visible_models_known
 
-        async def counted(principal: dict, models: list) -> set[str]:  # the real engine, its calls counted
+        async def counted(principal: dict, models: list) -> set[str] | None:  # the real engine, its calls counted
             asked.append(principal["id"])
             return await real(principal, models)
 
-        monkeypatch.setattr(policy, "visible_models", counted)
+        monkeypatch.setattr(policy, "visible_models_known", counted)
         body = _body(urls.CHAT_COMPLETIONS, TINY_MODEL_NAME, False)
         answers = [await client.post(urls.CHAT_COMPLETIONS, headers=bearer(key), json=body) for _ in range(3)]
         assert [a.status_code for a in answers] == [404, 404, 404]
