@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import secrets
+from array import array
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Final, Mapping
 
 import msgspec
@@ -151,6 +153,26 @@ def _float_as_written(text: str) -> float:
     return value
 
 
+#: Deepest nesting the quick way keeps. msgspec recurses a few levels deeper than ``json`` before its
+#: ``RecursionError``: near the limit its text would be stored where ``canonical_text`` refused the body
+#: (and could not write the entry again: an exported bundle). Deeper bodies take the slow way, which decides.
+QUICK_DEPTH = 100
+#: Brackets as +1 (open) / -1 (close) bytes, everything else deleted: the depth of canonical text in C.
+_BRACKET_STEPS: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[{]}")
+
+
+def _deeper_than(data: bytes, limit: int) -> bool:
+    """Whether arrays and objects nest more than ``limit`` deep in the JSON ``data`` (brackets in strings
+    do not count: escaped backslashes and quotes go first, then every other quote-delimited run)."""
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False
+    unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside_strings = b"".join(unescaped.split(b'"')[::2])
+    steps = array("b", outside_strings.translate(_BRACKET_STEPS, _NOT_BRACKETS))
+    return max(accumulate(steps), default=0) > limit
+
+
 #: msgspec's canonical JSON (keys sorted by code point, compact, UTF-8 unescaped) and its reader, which
 #: refuses a float spelled otherwise than ``json.dumps`` would.
 _SORTED_ENCODER: Final = msgspec.json.Encoder(order="sorted")
@@ -171,10 +193,13 @@ def _quick_canonical(body: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     infinities, which msgspec writes as ``null``; datetimes, sets, bytes,
     plain enums, …; tuples; keys that are not strings, which msgspec refuses
     when sorting). The slow way then gives the text, or the error, it always
-    gave; lone surrogates too (msgspec refuses them).
+    gave; lone surrogates too (msgspec refuses them), and bodies nested more
+    than :data:`QUICK_DEPTH` deep (msgspec goes deeper than ``json`` can).
     """
     try:
         data = _SORTED_ENCODER.encode(body)
+        if _deeper_than(data, QUICK_DEPTH):
+            return None
         stored = _DECODER.decode(data)
         if stored != body:
             return None

@@ -175,3 +175,43 @@ def test_threads_appending_at_once_get_each_their_own_text():
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         for _ in range(5):
             assert list(pool.map(lambda body: normalise_body(body)[0], bodies)) == expected
+
+
+@pytest.mark.parametrize("kind", ["object", "array"])
+def test_a_body_nested_near_the_recursion_limit_is_kept_or_refused_as_before(kind):
+    """msgspec nests a few levels deeper than ``json`` before its ``RecursionError``: a body just too deep for
+    ``canonical_text`` was stored by the quick way, and its entry then could not be written again by
+    ``canonical_text`` (an exported bundle's line, the bundle's check)."""
+    import sys
+
+    limit = sys.getrecursionlimit()
+    for depth in range(limit - 200, limit + 10):
+        value: Any = 1
+        for _ in range(depth):
+            value = {"a": value} if kind == "object" else [value]
+        body = {"x": value}
+        try:
+            old = old_normalise_body(body)[0]
+        except InvalidEntryError as refused:
+            old = str(refused)
+        try:
+            new = normalise_body(body)[0]
+        except InvalidEntryError as refused:
+            new = str(refused)
+        same = new == old  # the same text, or the same refusal (same_json would recurse too deep here)
+        assert same, f"depth {depth}: {new[:60]!r}... where before {old[:60]!r}..."
+
+
+def test_brackets_in_strings_do_not_count_as_nesting():
+    """The depth check reads the text's structure only: prompts full of code keep the quick way."""
+    def nested(depth: int) -> Any:
+        value: Any = "]"
+        for _ in range(depth):
+            value = [value, {"k[": '"{\\\\"'}]
+        return value
+
+    assert entry_args._quick_canonical({"code": "{[(" * 500, "quoted": '\\"[[\\\\' * 300}) is not None
+    # nested(d) in a body is d + 2 deep: the body, d arrays, the innermost object
+    assert entry_args._quick_canonical({"x": nested(entry_args.QUICK_DEPTH - 2)}) is not None
+    assert entry_args._quick_canonical({"x": nested(entry_args.QUICK_DEPTH - 1)}) is None
+    assert_as_before({"x": nested(entry_args.QUICK_DEPTH - 1)})
