@@ -64,6 +64,16 @@ def signals_unwind() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+#: Bytes of ``FILE``'s name kept in its temporary file's name: with ``.partial-`` and eight hex digits it stays
+#: within the 255 bytes a file name may have (a longer ``FILE`` is a valid --out; its temporary name was not).
+_NAME_KEPT = 255 - len(".partial-") - 8
+
+
+def _cut(name: str) -> str:
+    """``name`` cut to :data:`_NAME_KEPT` bytes (a character cut in two stays bytes: a POSIX name is bytes)."""
+    return os.fsdecode(os.fsencode(name)[:_NAME_KEPT])
+
+
 @contextlib.contextmanager
 def output_file(path: str | Path, *, private: bool, text: bool = False) -> Iterator[IO[Any]]:
     """``path`` opened for writing, replaced whole when the block ends cleanly, untouched otherwise.
@@ -71,9 +81,10 @@ def output_file(path: str | Path, *, private: bool, text: bool = False) -> Itera
     ``private``: made readable by its owner only (0600), for files holding
     audit entries; else the umask's mode. A ``path`` that exists and is not a
     regular file (``/dev/stdout``, a named pipe) is written directly: there
-    is nothing to rename, and its reader sees the stream as it comes.
+    is nothing to rename, and its reader sees the stream as it comes. A
+    symlink is followed: the file it names is replaced, the link stays.
     """
-    target = Path(path)
+    target = Path(os.path.realpath(path))  # a symlink's file is replaced, not the link (an in-place write's way)
     mode = "w" if text else "wb"
     encoding = "utf-8" if text else None
     with signals_unwind():
@@ -81,7 +92,7 @@ def output_file(path: str | Path, *, private: bool, text: bool = False) -> Itera
             with open(target, mode, encoding=encoding) as handle:
                 yield handle
             return
-        temporary = target.with_name(f"{target.name}.partial-{secrets.token_hex(4)}")
+        temporary = target.with_name(f"{_cut(target.name)}.partial-{secrets.token_hex(4)}")
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
             with os.fdopen(fd, mode, encoding=encoding) as handle:
@@ -92,7 +103,7 @@ def output_file(path: str | Path, *, private: bool, text: bool = False) -> Itera
         except BaseException as exc:
             temporary.unlink(missing_ok=True)
             if isinstance(exc, Terminated):
-                print(f"{signal.Signals(exc.signum).name}: stopped; {target} not written", file=sys.stderr)
+                print(f"{signal.Signals(exc.signum).name}: stopped; {path} not written", file=sys.stderr)
             raise
         fsync_dir(target.parent)  # the rename itself durable: a crash right after must not bring the old file back
 

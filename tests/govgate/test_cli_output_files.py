@@ -208,3 +208,34 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _public_key(out: Path, var_dir: Path) -> subprocess.CompletedProcess[bytes]:
+    """``govgate audit public-key --out out`` with a signing key of its own in ``var_dir`` (no database read)."""
+    load_or_create_signing_key(var_dir / "audit-signing.key")
+    return subprocess.run([sys.executable, "-m", "govgate.cli", "audit", "public-key", "--out", str(out)],
+                          env=_env(f"sqlite:///{var_dir / 'unused.db'}", var_dir), stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=120)
+
+
+def test_an_out_that_is_a_symlink_replaces_the_file_it_names(tmp_path: Path) -> None:
+    """``--out`` naming a symlink (a deployment's ``current.pem`` pointing at the managed file) writes the file
+    it points to, as an in-place write did; the link was replaced by a file of its own, the real one left stale."""
+    real = _out(tmp_path, "v3.pem")
+    link = real.parent / "current.pem"
+    link.symlink_to(real.name)
+    result = _public_key(link, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and os.readlink(link) == real.name
+    assert real.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    assert sorted(p.name for p in real.parent.iterdir()) == ["current.pem", "v3.pem"]
+
+
+def test_an_out_with_a_long_name_is_written(tmp_path: Path) -> None:
+    """A file name near the filesystem's 255-byte limit is a valid --out: the temporary name beside it must fit
+    too (``NAME.partial-XXXXXXXX`` did not: ENAMETOOLONG)."""
+    out = _out(tmp_path, "k" * 246 + ".pem")
+    result = _public_key(out, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    assert _leftovers(out) == []
