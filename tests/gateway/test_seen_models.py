@@ -20,7 +20,7 @@ from gateway.auth import Principal
 from gateway.policy import EmbeddedPolicyEngine
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.hidden_models import SeenModels
-from tests.policy.embedded_fixtures import ALLOW, TIMEOUT_S, TINY, engine_for
+from tests.policy.embedded_fixtures import ALLOW, TINY, engine_for
 
 pytestmark = pytest.mark.anyio
 
