@@ -88,6 +88,25 @@ def is_patient() -> bool:
     return getattr(_PATIENCE, "depth", 0) > 0
 
 
+def fork_is_safe() -> bool:
+    """Whether the calling thread may fork: no thread runs in this process but the caller and the watchdog.
+
+    A forked child keeps only the forking thread, and one that another
+    thread left holding a lock hangs on it. The watchdog holds none a child
+    needs: it reads the watched connections' times without locking, this
+    module's lock is made anew in the child (:func:`_forget_after_fork`,
+    where the watchdog also starts afresh when the child watches a
+    connection), and :mod:`logging` renews its locks after a fork. Any
+    other thread (a probe of :mod:`audit.answer_watch`, a caller's own)
+    makes it unsafe. Until 2026-12-02 ``govgate audit verify --jobs`` on
+    PostgreSQL, whose connections start the watchdog, spawned its workers
+    for it: about 0.7 s of CPU each importing SQLAlchemy anew.
+    """
+    current = threading.current_thread()
+    watchdog = _thread
+    return all(thread is current or thread is watchdog for thread in threading.enumerate())
+
+
 def watch(kept: Watched) -> None:
     """Watch ``kept`` from now on (the watchdog thread starts on first use, again in a forked child)."""
     global _thread

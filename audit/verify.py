@@ -14,12 +14,12 @@ verify is fast: docs/architecture.md, "Audit entries and the chain".
 from __future__ import annotations
 
 import multiprocessing
-import threading
 from dataclasses import dataclass
 from typing import Any, Final
 
 from sqlalchemy import Engine, func, select
 
+from . import stall_watch
 from .chain import GENESIS_HASH
 from .db import DB_ERRORS, describe, make_engine, reason
 from .dbapi import dbapi_cursor
@@ -167,15 +167,16 @@ def _in_parallel(engine: Engine, statements: Statements, ranges: list[tuple[int,
                  boundary: int | None, batch: int) -> list[RangeResult]:
     """Walk ``ranges[0]`` here and the others in child processes; their results in range order.
 
-    Children are forked when this process runs no other thread (a fork
-    copies the imported modules: a spawned interpreter spends about 0.7 s of
-    CPU importing SQLAlchemy first), spawned otherwise (a forked child can
-    hang on a lock another thread held). This engine's pooled connections
+    Children are forked when this process runs no other thread but the
+    stall watch's (:func:`audit.stall_watch.fork_is_safe`; a fork copies the
+    imported modules: a spawned interpreter spends about 0.7 s of CPU
+    importing SQLAlchemy first), spawned otherwise (a forked child can hang
+    on a lock another thread held). This engine's pooled connections
     are closed first, so no child inherits SQLite's per-process lock state
     for them. A child that finds a bad entry lowers ``lowest``; ranges above
     it stop at their next batch.
     """
-    fork = threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
+    fork = stall_watch.fork_is_safe() and "fork" in multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if fork else "spawn")
     engine.dispose()
     lowest = context.Value("q", _NONE_BAD)

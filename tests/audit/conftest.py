@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-import audit.stall_watch as stall_watch
-import audit.verify as verify_module
 from audit import AuditStore, make_engine, migrate
 from tests.postgres_server import PostgresServer
 
@@ -187,42 +184,6 @@ def raw(store_url: str, backend: str) -> Iterator[RawDB]:
     db = RawDB(store_url, backend)
     yield db
     db.dispose()
-
-
-class _ThreadsBesideTheStallWatch:
-    """:mod:`threading` as :mod:`audit.verify` sees it, minus the audit stall watch's own thread.
-
-    See :func:`verify_forks_as_on_sqlite`.
-    """
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(threading, name)
-
-    @staticmethod
-    def active_count() -> int:
-        return sum(1 for thread in threading.enumerate() if thread is not stall_watch._thread)
-
-
-@pytest.fixture
-def verify_forks_as_on_sqlite(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A SQLite test's parallel verify forks its workers, as ``govgate audit verify`` on SQLite does.
-
-    Verify forks when its process runs no other thread and spawns otherwise
-    (a spawned worker spends about 0.7 s of CPU importing SQLAlchemy: 2 to 5 s
-    of wall time per verify under test-busy). Only PostgreSQL stores start the
-    stall watch's thread (their connections have a socket to watch;
-    :mod:`audit.stall_watch` resets its state in a forked child), yet once any
-    test of the session had used one, every later verify in the suite's
-    process spawned: the SQLite cases took the path they take in the CLI only
-    when their module ran alone. This leaves that one thread out of verify's
-    count for SQLite tests. Any other thread still counts
-    (``test_spawned_workers_give_the_same_result`` starts one), and PostgreSQL
-    tests, whose own store starts the watch, spawn as the CLI does on
-    PostgreSQL. A test without a ``backend`` is a SQLite one.
-    """
-    backend = request.getfixturevalue("backend") if "backend" in request.fixturenames else "sqlite"
-    if backend == "sqlite":
-        monkeypatch.setattr(verify_module, "threading", _ThreadsBesideTheStallWatch())
 
 
 @pytest.fixture(scope="module")

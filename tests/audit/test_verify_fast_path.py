@@ -29,8 +29,6 @@ WORKERS = 3
 #: Names that need the encoder's escaping, or none, or are not ASCII; each used by several entries.
 NAMES = ('o"brien\\', "émigré 日本", "\u2028sep", "", "plain", "tab\there")
 
-#: Their SQLite cases fork verify's workers whatever other module ran before (tests/audit/conftest.py).
-pytestmark = pytest.mark.usefixtures("verify_forks_as_on_sqlite")
 
 
 @pytest.fixture(autouse=True)

@@ -22,9 +22,6 @@ from tests.audit.old_append import old_append
 WORKERS = 3
 ENTRIES = 61  # the boundary and 60 appends: ranges (0, 20], (20, 40], (40, end)
 
-#: Their SQLite cases fork verify's workers whatever other module ran before (tests/audit/conftest.py).
-pytestmark = pytest.mark.usefixtures("verify_forks_as_on_sqlite")
-
 
 @pytest.fixture(autouse=True)
 def small_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -192,6 +189,32 @@ def test_spawned_workers_give_the_same_result(db: RawDB) -> None:
     finally:
         stop.set()
         other.join()
+
+
+def test_workers_are_forked_beside_the_stall_watch_alone(db: RawDB, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On PostgreSQL the connections start the stall watch's thread; it alone does not make verify spawn.
+
+    (A spawned worker spends about 0.7 s of CPU importing SQLAlchemy; on
+    PostgreSQL every ``verify --jobs`` spawned until 2026-12-02.)
+    """
+    import multiprocessing
+
+    from audit import stall_watch
+
+    store = db.store()
+    store.append("request", "r-watched", principal="p", team="t", model="m", body={}, policy_revision="r")
+    if db.backend == "postgresql":
+        assert stall_watch._thread is not None and stall_watch._thread.is_alive()
+    methods: list[str] = []
+    real_get_context = multiprocessing.get_context
+
+    def recording(method: str | None = None) -> Any:
+        methods.append(str(method))
+        return real_get_context(method)
+
+    monkeypatch.setattr(verify_module.multiprocessing, "get_context", recording)
+    assert verify_chain(store, workers=WORKERS) == verify_chain(store)
+    assert methods == ["fork"]
 
 
 def test_a_worker_that_cannot_read_is_an_audit_error(db: RawDB, monkeypatch: pytest.MonkeyPatch) -> None:
