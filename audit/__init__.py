@@ -21,12 +21,13 @@ from .kinds import KINDS, TERMINAL_KINDS
 
 if TYPE_CHECKING:
     from .db import make_engine, migrate, write_refusal
+    from .entry_args import AppendArgs
     from .store import AuditStore
     from .verify import VerifyResult, verify_chain
 
 #: Names whose modules load SQLAlchemy, imported on first use: a process that appends on the driver
 #: alone (:mod:`audit.driver_store`, a model worker) imports this package without them.
-_LAZY = {"make_engine": ".db", "migrate": ".db", "write_refusal": ".db", "AuditStore": ".store",
+_LAZY = {"AppendArgs": ".entry_args", "make_engine": ".db", "migrate": ".db", "write_refusal": ".db", "AuditStore": ".store",
          "VerifyResult": ".verify", "verify_chain": ".verify"}
 
 
@@ -39,6 +40,7 @@ def __getattr__(name: str) -> Any:
     return value
 
 __all__ = [
+    "AppendArgs",
     "KINDS",
     "TERMINAL_KINDS",
     "AuditEntry",

@@ -39,7 +39,7 @@ import threading
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Final, Protocol
+from typing import Any, Callable, Final, Protocol, Sequence
 
 from .chain import (FORMAT_1, FORMAT_2, GENESIS_HASH, canonical_text, chain_hash, entry_payload_with_body,
                     format_timestamp, hashed_fields)
@@ -209,6 +209,45 @@ class Appender:
                 return pending.outcome()
         self._lead(me)
         return pending.outcome()
+
+    def append_many(self, entries: Sequence[tuple[dict[str, Any], str, str | None, str | None]]) -> list[_Pending]:
+        """Several entries (each ``fields``, ``body_text``, ``payload_text``, ``payload_digest``, as for
+        :meth:`append`) queued at once and written in one transaction where possible; each one's holder,
+        in order (``outcome()`` returns its chaining or raises what refused it).
+
+        For a caller that gathers other callers' appends on one thread of its
+        own (the gateway's audit thread, ``gateway/requests/append_queue.py``)
+        instead of a thread per append: the entries join the group commit's
+        queue together, behind any transaction running, so they are written
+        in the same transaction (each on its own savepoint) and this thread
+        waits once, not once per entry.
+        """
+        pendings = [_Pending({**fields, "payload_digest": digest}, body_text, payload_text, None)
+                    for fields, body_text, payload_text, digest in entries]
+        if not pendings:
+            return pendings
+        me = threading.get_ident()
+        with self._queue_lock:
+            if self._leader == me:
+                raise RuntimeError("an audit append cannot run inside another append's transaction (alongside)")
+            self._queue.extend(pendings)  # together: a leader's snapshot takes all of them or none
+            lead = self._leader is None
+            if lead:
+                self._leader = me
+            else:
+                for pending in pendings:
+                    pending.event = threading.Event()
+        if not lead:
+            first = pendings[0]
+            assert first.event is not None
+            first.event.wait()  # the batch that holds them all was written, or this thread leads the next
+            lead = first.lead
+        if lead:
+            self._lead(me)
+        for pending in pendings:
+            if pending.event is not None:
+                pending.event.wait()  # set by the same transaction's end: already set
+        return pendings
 
     def _lead(self, me: int) -> None:
         """Write everything queued so far in one transaction, then hand the lead to the next one waiting."""

@@ -51,6 +51,26 @@ class PreparedEntry:
                           payload_digest=self.digest, format=FORMAT_2, **self.fields)
 
 
+@dataclass(frozen=True, slots=True)
+class AppendArgs:
+    """One append's arguments as :meth:`audit.store.AuditStore.append` takes them (no ``alongside``), for
+    :meth:`audit.store.AuditStore.append_many`."""
+
+    kind: str
+    request_id: str
+    principal: str | None
+    team: str | None
+    model: str | None
+    body: Mapping[str, Any]
+    policy_revision: str | None
+    payload: Mapping[str, Any] | None = None
+
+    def prepared(self) -> PreparedEntry:
+        return prepared_entry(self.kind, self.request_id, principal=self.principal, team=self.team,
+                              model=self.model, body=self.body, policy_revision=self.policy_revision,
+                              payload=self.payload)
+
+
 def prepared_entry(kind: str, request_id: str, *, principal: str | None, team: str | None, model: str | None,
                    body: Mapping[str, Any], policy_revision: str | None,
                    payload: Mapping[str, Any] | None) -> PreparedEntry:

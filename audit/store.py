@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from sqlalchemy import Engine, Select, exists, or_, select
 from sqlalchemy.exc import DataError, IntegrityError
 
 from .append_plan import append_statements
-from .appender import Appender
+from .appender import Appender, Chained
 from .chain import FORMAT_1, FORMAT_2
 from .db import DB_ERRORS, describe, reason
 from .entry import AuditEntry
-from .entry_args import prepared_entry
+from .entry_args import AppendArgs, PreparedEntry, prepared_entry
 from .errors import AuditError, CorruptEntryError, DuplicateTerminalError
 from .kinds import CHAIN_FORMAT, CHAIN_FORMAT_REQUEST_ID, REQUEST
 from .lookup import KeyedLookup
@@ -83,14 +83,53 @@ class AuditStore:
         """
         entry = prepared_entry(kind, request_id, principal=principal, team=team, model=model, body=body,
                                policy_revision=policy_revision, payload=payload)
+        return self._stored(entry, lambda: self._appender().append(entry.fields, entry.body_text,
+                                                                   entry.payload_text, entry.digest, alongside))
+
+    def append_many(self, appends: Sequence[AppendArgs]) -> list[AuditEntry | Exception]:
+        """Each of ``appends`` as :meth:`append` writes it, all queued at once for one group commit: per
+        append, in order, its entry as stored or the exception :meth:`append` would have raised.
+
+        One append refused (bad arguments, a duplicate terminal entry) takes
+        none of the others with it; a transaction the database refuses fails
+        each append in it, as it fails each of the threads a group commit
+        serves. For a caller that gathers many requests' appends on one
+        thread (``gateway/requests/append_queue.py``): a thread per append
+        cost the gateway more CPU than the append itself under load.
+        """
+        outcomes: list[AuditEntry | Exception | None] = [None] * len(appends)
+        prepared: list[tuple[int, PreparedEntry]] = []
+        for index, args in enumerate(appends):
+            try:
+                prepared.append((index, args.prepared()))
+            except Exception as exc:  # noqa: BLE001 - this append's refusal, as append() raises it
+                outcomes[index] = exc
+        if prepared:
+            try:
+                pendings = self._appender().append_many(
+                    [(entry.fields, entry.body_text, entry.payload_text, entry.digest) for _, entry in prepared])
+            except Exception as exc:  # noqa: BLE001 - e.g. called inside an append's own transaction
+                pendings = None
+                for index, _ in prepared:
+                    outcomes[index] = exc
+            if pendings is not None:
+                for (index, entry), pending in zip(prepared, pendings):
+                    try:
+                        outcomes[index] = self._stored(entry, pending.outcome)
+                    except Exception as exc:  # noqa: BLE001 - this append's refusal
+                        outcomes[index] = exc
+        assert all(outcome is not None for outcome in outcomes), "an append left without an outcome"
+        return outcomes  # type: ignore[return-value]
+
+    def _stored(self, entry: PreparedEntry, chain: Callable[[], Chained]) -> AuditEntry:
+        """The entry ``chain()`` put in the chain, or the store's error for what refused it."""
         try:
-            chained = self._appender().append(entry.fields, entry.body_text, entry.payload_text, entry.digest,
-                                              alongside)
+            chained = chain()
         except IntegrityError as exc:
             if entry.terminal_request_id is not None:
-                existing = self.terminal_for(request_id)
+                existing = self.terminal_for(entry.fields["request_id"])
                 if existing is not None:
-                    raise DuplicateTerminalError(request_id, existing.kind) from exc
+                    raise DuplicateTerminalError(entry.fields["request_id"], existing.kind) from exc
             raise AuditError(f"audit append refused by {describe(self._engine)}: {exc.orig}") from exc
         except DB_ERRORS as exc:
             raise AuditError(f"audit append failed on {describe(self._engine)}: {reason(exc)}") from exc

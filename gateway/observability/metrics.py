@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector
 
@@ -94,18 +94,9 @@ def _child(metric: Any, *labels: str) -> Any:
     return child
 
 
-def timed_append(kind: str, append: Callable[[], T]) -> Callable[[], T]:
-    """``append`` recording its own duration; run in the worker thread, so the hand-off is not counted."""
-    histogram = _child(AUDIT_APPEND_SECONDS, kind)
-
-    def run() -> T:
-        started = time.perf_counter()
-        try:
-            return append()
-        finally:
-            histogram.observe(time.perf_counter() - started)
-
-    return run
+def observe_append(kind: str, seconds: float) -> None:
+    """One audit append of ``kind`` took ``seconds`` (its batch's time: ``gateway/requests/append_queue.py``)."""
+    _child(AUDIT_APPEND_SECONDS, kind).observe(seconds)
 
 
 def observe_result(model: str, prompt_tokens: int, completion_tokens: int, queue_ms: float | None) -> None:

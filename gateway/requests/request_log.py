@@ -13,11 +13,12 @@ import logging
 from functools import partial
 from typing import Any, Callable
 
-from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
+from audit import AppendArgs, AuditEntry, AuditError, AuditStore, DuplicateTerminalError
 from audit.kinds import FAILED
 from gateway.auth import Principal
 from gateway.api_errors import ApiError
-from gateway.observability.metrics import timed_append
+from gateway.observability.metrics import observe_append
+from gateway.requests.append_queue import AppendQueue
 from gateway.requests.audit_records import rejection_record
 from gateway.requests.blocking_calls import BlockingCalls
 from gateway.requests.ticket import Ticket
@@ -34,7 +35,10 @@ class RequestLog:
     def __init__(self, audit: AuditStore, *, current_revision: Callable[[], str], digester: Digester,
                  pending: PendingTerminals | None = None) -> None:
         self.audit = audit
-        #: The threads the store's calls run on (``gateway/requests/blocking_calls.py``: cheaper than anyio's).
+        #: The appends, written in batches by a thread of their own (``gateway/requests/append_queue.py``).
+        self._appends = AppendQueue(audit, observe=observe_append)
+        #: The store's other calls (look-ups, the pending terminals), on threads of their own
+        #: (``gateway/requests/blocking_calls.py``: cheaper than anyio's).
         self._calls = BlockingCalls(name="govgate-audit")
         self._current_revision = current_revision
         self._digester = digester
@@ -116,6 +120,7 @@ class RequestLog:
 
     async def aclose(self) -> None:
         """Wait for the appends still running (the gateway is stopping)."""
+        await self._appends.aclose()
         await self._calls.aclose()
 
     async def terminal_for(self, request_id: str) -> AuditEntry | None:
@@ -124,7 +129,5 @@ class RequestLog:
     async def _append(self, kind: str, request_id: str, principal: Principal, model: str | None,
                       body: dict[str, Any], revision: str | None = None) -> AuditEntry:
         metadata, texts = split_texts(body)  # the texts go to the erasable payload
-        append = partial(self.audit.append, kind, request_id, principal=principal.id, team=principal.team,
-                         model=model, body=metadata, policy_revision=revision or self._current_revision(),
-                         payload=texts)
-        return await self._calls.run(timed_append(kind, append))
+        return await self._appends.append(AppendArgs(kind, request_id, principal.id, principal.team, model,
+                                                     metadata, revision or self._current_revision(), texts))

@@ -1,0 +1,137 @@
+"""The request path's audit appends, written in batches by one thread of their own.
+
+Every request makes two appends (its request entry, its terminal entry),
+and neither may run on the event loop: SQLite may wait for its write lock,
+PostgreSQL answers over the network. Until 2026-12-02 each ran on a thread
+of a 32-thread pool, joining the store's group commit there: per append a
+hand-off to a pool thread, a wait for the group's leader, a hand-back to
+the loop, and up to 32 threads taking turns at the GIL. Under load that
+cost the gateway more CPU than the appends' own work (``bench/overhead.py``
+at c=32: gateway 2.3–2.5 ms of CPU per request with the pool, 1.8–1.9 with
+the appends run on the loop itself, which a gateway cannot do; see
+docs/architecture.md, "The request path's audit appends").
+
+Here the loop only queues an append; one thread takes everything queued
+and hands it to the store at once (:meth:`audit.store.AuditStore.append_many`:
+one group commit, each append on its own savepoint), then resolves the
+batch's futures with one call into the loop. A thread that is busy needs
+no wake-up; an idle one gets one per batch. Appends made meanwhile by other
+threads of the process (key administration, the pending terminals' writer)
+join the same group commit as before.
+
+Failure is per append, as before: an append the store refuses (a duplicate
+terminal entry, a bad argument) fails alone; a transaction the database
+refuses (locked past the busy timeout, gone) fails every append in it,
+each caller getting the store's error (``AuditError``). A caller that is
+cancelled still waits for its append's end, then is cancelled: a request
+never leaves an append half-known (as with the pool, and anyio before it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from audit import AppendArgs, AuditEntry, AuditError, AuditStore
+
+log = logging.getLogger(__name__)
+
+#: Appends handed to the store at once at most (a backlog is written over several transactions).
+MAX_BATCH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    args: AppendArgs
+    future: asyncio.Future[AuditEntry]
+    loop: asyncio.AbstractEventLoop
+
+
+class AppendQueue:
+    """Appends to ``store`` made from event loops, written by one thread in batches.
+
+    ``observe(kind, seconds)`` is told each append's share of its batch's
+    time (the batch's duration: the appends in it commit together).
+    """
+
+    def __init__(self, store: AuditStore, *, observe: Callable[[str, float], None] | None = None,
+                 name: str = "govgate-audit-append") -> None:
+        self._store = store
+        self._observe = observe
+        self._name = name
+        self._ready = threading.Condition(threading.Lock())
+        self._queued: list[_Queued] = []
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    async def append(self, args: AppendArgs) -> AuditEntry:
+        """Write ``args``' entry; its entry as stored, or the store's error. A cancellation meanwhile is
+        raised once the append has ended."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[AuditEntry] = loop.create_future()
+        with self._ready:
+            if self._closing:
+                raise RuntimeError("the audit append queue is closed")
+            self._queued.append(_Queued(args, future, loop))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            elif len(self._queued) == 1:
+                self._ready.notify()  # the thread may be waiting: nothing was queued
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await asyncio.wait([future])  # the append goes on regardless; the cancel waits for its end
+            raise
+
+    async def aclose(self) -> None:
+        """Refuse new appends and wait (off the loop) until those queued are written."""
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+            thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queued and not self._closing:
+                    self._ready.wait()
+                if not self._queued:
+                    return  # closing, and everything written
+                batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
+            started = time.perf_counter()
+            try:
+                outcomes: list[AuditEntry | Exception] = list(self._store.append_many([q.args for q in batch]))
+            except BaseException as exc:  # noqa: BLE001 - every caller of the batch must get an answer
+                log.exception("the audit append thread failed on a batch of %d", len(batch))
+                failed = AuditError(f"audit append failed: {type(exc).__name__}: {exc}")
+                outcomes = [failed] * len(batch)
+            if self._observe is not None:
+                elapsed = time.perf_counter() - started
+                for queued in batch:
+                    self._observe(queued.args.kind, elapsed)
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Queued, AuditEntry | Exception]]] = {}
+            for queued, outcome in zip(batch, outcomes):
+                by_loop.setdefault(queued.loop, []).append((queued, outcome))
+            for loop, done in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_resolve, done)
+                except RuntimeError:  # that loop is closed: nobody waits there any more
+                    pass
+
+
+def _resolve(done: list[tuple[_Queued, AuditEntry | Exception]]) -> None:
+    """On the loop: each future gets its append's outcome."""
+    for queued, outcome in done:
+        if queued.future.done():
+            continue
+        if isinstance(outcome, Exception):
+            queued.future.set_exception(outcome)
+        else:
+            queued.future.set_result(outcome)

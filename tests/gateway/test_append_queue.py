@@ -1,0 +1,155 @@
+"""The request path's audit appends, queued from the loop and written in batches by one thread.
+
+A real SQLite store (migrated in a temporary folder); the store is wrapped
+only to count how many appends each of its batches held. A second
+``sqlite3`` connection holding the write lock (``BEGIN IMMEDIATE``) keeps
+the thread busy while more appends queue behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import pytest
+
+from audit import AppendArgs, AuditEntry, AuditError, AuditStore, InvalidEntryError, make_engine, migrate, verify_chain
+from audit.kinds import CHAIN_FORMAT_REQUEST_ID
+from gateway.requests.append_queue import AppendQueue
+
+pytestmark = pytest.mark.anyio
+
+
+class CountingStore(AuditStore):
+    """The real store, noting the size of each batch it is handed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches: list[int] = []
+
+    def append_many(self, appends: Sequence[AppendArgs]) -> list[AuditEntry | Exception]:
+        self.batches.append(len(appends))
+        return super().append_many(appends)
+
+
+def _db(tmp_path: Path, busy_timeout_s: float = 30.0) -> tuple[CountingStore, Path]:
+    path = tmp_path / "audit.db"
+    engine = make_engine(f"sqlite:///{path}", busy_timeout_s=busy_timeout_s)
+    migrate(engine)
+    return CountingStore(engine), path
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[CountingStore]:
+    store, _ = _db(tmp_path)
+    yield store
+    store.engine.dispose()
+
+
+def _args(kind: str, request_id: str) -> AppendArgs:
+    return AppendArgs(kind, request_id, "alice", "blue", "tiny", {"id": request_id}, "rev-1", None)
+
+
+class _WriteLock:
+    """Another connection holding SQLite's write lock until released."""
+
+    def __init__(self, path: Path) -> None:
+        self._conn = sqlite3.connect(path, isolation_level=None)
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        self._conn.execute("ROLLBACK")
+        self._conn.close()
+
+
+async def _until(check: Any) -> None:
+    for _ in range(2000):
+        if check():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("never happened")
+
+
+async def test_concurrent_appends_each_get_their_own_entry_and_the_chain_is_whole(store: CountingStore) -> None:
+    observed: list[str] = []
+    queue = AppendQueue(store, observe=lambda kind, seconds: observed.append(kind))
+    try:
+        entries = await asyncio.gather(*(queue.append(_args("request", f"r{i}")) for i in range(64)))
+    finally:
+        await queue.aclose()
+    assert [e.request_id for e in entries] == [f"r{i}" for i in range(64)]
+    assert all(e.body == {"id": e.request_id} for e in entries)
+    assert sum(store.batches) == 64 and sorted(observed) == ["request"] * 64
+    result = verify_chain(store)
+    assert result.ok and result.checked == 65
+
+
+async def test_appends_queued_behind_a_busy_thread_go_in_one_batch_each_with_its_own_outcome(
+        tmp_path: Path) -> None:
+    store, path = _db(tmp_path)
+    queue = AppendQueue(store)
+    lock = _WriteLock(path)
+    try:
+        first = asyncio.ensure_future(queue.append(_args("request", "first")))
+        await _until(lambda: store.batches == [1])  # the thread is inside that batch, waiting for the lock
+        rest = [asyncio.ensure_future(queue.append(_args(kind, rid)))
+                for kind, rid in [("request", "a"), ("no such kind", "b"), ("request", "c")]]
+        await asyncio.sleep(0.05)
+        lock.release()
+        outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
+    finally:
+        await queue.aclose()
+        store.engine.dispose()
+    assert store.batches == [1, 3]
+    assert [getattr(o, "request_id", None) for o in outcomes] == ["first", "a", None, "c"]
+    assert isinstance(outcomes[2], InvalidEntryError)
+
+
+async def test_a_transaction_the_database_refuses_fails_every_append_in_it(tmp_path: Path) -> None:
+    store, path = _db(tmp_path, busy_timeout_s=0.3)
+    queue = AppendQueue(store)
+    lock = _WriteLock(path)
+    try:
+        outcomes = await asyncio.gather(*(queue.append(_args("request", f"r{i}")) for i in range(5)),
+                                        return_exceptions=True)
+        assert all(isinstance(o, AuditError) for o in outcomes), outcomes
+        lock.release()
+        again = await queue.append(_args("request", "after"))  # the database free again: written
+    finally:
+        await queue.aclose()
+    assert again.request_id == "after"
+    assert [e.request_id for e in store.iter_entries()] == [CHAIN_FORMAT_REQUEST_ID, "after"]
+    store.engine.dispose()
+
+
+async def test_a_cancelled_caller_waits_for_its_append_to_end_then_is_cancelled(tmp_path: Path) -> None:
+    store, path = _db(tmp_path)
+    queue = AppendQueue(store)
+    lock = _WriteLock(path)
+    try:
+        caller = asyncio.ensure_future(queue.append(_args("request", "cancelled")))
+        await _until(lambda: store.batches == [1])
+        caller.cancel()
+        await asyncio.sleep(0.05)
+        assert not caller.done()  # still waiting for its append, which is under way
+        lock.release()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert [e.request_id for e in store.iter_entries()] == [CHAIN_FORMAT_REQUEST_ID, "cancelled"]
+    finally:
+        await queue.aclose()
+        store.engine.dispose()
+
+
+async def test_closing_writes_what_is_queued_then_refuses_new_appends(store: CountingStore) -> None:
+    queue = AppendQueue(store)
+    pending = [asyncio.ensure_future(queue.append(_args("request", f"r{i}"))) for i in range(10)]
+    await asyncio.sleep(0)  # queued
+    await queue.aclose()
+    assert verify_chain(store).checked == 11  # written before aclose returned
+    assert [entry.request_id for entry in await asyncio.gather(*pending)] == [f"r{i}" for i in range(10)]
+    with pytest.raises(RuntimeError, match="closed"):
+        await queue.append(_args("request", "late"))
+    assert verify_chain(store).checked == 11
