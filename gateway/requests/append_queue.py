@@ -117,25 +117,34 @@ class AppendQueue:
                 if not self._queued:
                     return  # closing, and everything written
                 batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
-            started = time.perf_counter()
+            self._write(batch)
+
+    def _write(self, batch: list[_Queued]) -> None:
+        """Write ``batch`` and hand each caller its outcome; never raises (the thread serves every later append)."""
+        started = time.perf_counter()
+        try:
+            outcomes: list[AuditEntry | Exception] = list(self._store.append_many([q.args for q in batch]))
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} appends")
+        except BaseException as exc:  # noqa: BLE001 - every caller of the batch must get an answer
+            log.exception("the audit append thread failed on a batch of %d", len(batch))
+            failed = AuditError(f"audit append failed: {type(exc).__name__}: {exc}")
+            outcomes = [failed] * len(batch)
+        if self._observe is not None:
+            elapsed = time.perf_counter() - started
             try:
-                outcomes: list[AuditEntry | Exception] = list(self._store.append_many([q.args for q in batch]))
-            except BaseException as exc:  # noqa: BLE001 - every caller of the batch must get an answer
-                log.exception("the audit append thread failed on a batch of %d", len(batch))
-                failed = AuditError(f"audit append failed: {type(exc).__name__}: {exc}")
-                outcomes = [failed] * len(batch)
-            if self._observe is not None:
-                elapsed = time.perf_counter() - started
                 for queued in batch:
                     self._observe(queued.args.kind, elapsed)
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Queued, AuditEntry | Exception]]] = {}
-            for queued, outcome in zip(batch, outcomes):
-                by_loop.setdefault(queued.loop, []).append((queued, outcome))
-            for loop, done in by_loop.items():
-                try:
-                    loop.call_soon_threadsafe(_resolve, done)
-                except RuntimeError:  # that loop is closed: nobody waits there any more
-                    pass
+            except Exception:  # noqa: BLE001 - a metric must not stop the audit
+                log.exception("cannot observe the audit appends' time")
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Queued, AuditEntry | Exception]]] = {}
+        for queued, outcome in zip(batch, outcomes):
+            by_loop.setdefault(queued.loop, []).append((queued, outcome))
+        for loop, done in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, done)
+            except RuntimeError:  # that loop is closed: nobody waits there any more
+                pass
 
 
 def _resolve(done: list[tuple[_Queued, AuditEntry | Exception]]) -> None:

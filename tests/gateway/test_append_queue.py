@@ -153,3 +153,31 @@ async def test_closing_writes_what_is_queued_then_refuses_new_appends(store: Cou
     with pytest.raises(RuntimeError, match="closed"):
         await queue.append(_args("request", "late"))
     assert verify_chain(store).checked == 11
+
+
+class FailingOnceStore(CountingStore):
+    """The real store, whose first batch fails outside the database (a bug, say)."""
+
+    def append_many(self, appends: Sequence[AppendArgs]) -> list[AuditEntry | Exception]:
+        if not self.batches:
+            self.batches.append(len(appends))
+            raise RuntimeError("not the database's fault")
+        return super().append_many(appends)
+
+
+async def test_a_batch_that_fails_outside_the_database_fails_its_appends_and_the_thread_goes_on(
+        tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    engine = make_engine(f"sqlite:///{path}")
+    migrate(engine)
+    store = FailingOnceStore(engine)
+    queue = AppendQueue(store)
+    try:
+        with pytest.raises(AuditError, match="RuntimeError: not the database's fault"):
+            await queue.append(_args("request", "first"))
+        later = await queue.append(_args("request", "later"))
+    finally:
+        await queue.aclose()
+        engine.dispose()
+    assert later.request_id == "later"
+    assert [e.request_id for e in store.iter_entries()] == [CHAIN_FORMAT_REQUEST_ID, "later"]
