@@ -9,9 +9,11 @@ evaluator, killed for real.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
+from typing import AsyncIterator
 
 import anyio
 import pytest
@@ -55,31 +57,32 @@ async def _lost_mid_evaluation(engine: EmbeddedPolicyEngine, seen: SeenModels) -
             pass
 
 
-async def test_a_failed_evaluation_is_not_kept_as_hidden(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def _seen_models(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedPolicyEngine, ReloadingPolicyEngine,
+                                                               SeenModels]]:
+    """A real regorus engine that shows every model, its reloading wrapper and a SeenModels over it."""
     engine = await engine_for(tmp_path, EVERY_MODEL)
     policy = ReloadingPolicyEngine(engine, lambda: engine, policy_dir=tmp_path)
-    seen = SeenModels(policy)
     try:
         with anyio.fail_after(60):
-            assert await _lost_mid_evaluation(engine, seen) is False  # failed closed: this once, no model
-            assert policy.revision == engine.revision  # the same revision: only what was kept could answer
-            assert await seen.may_see(ALICE, TINY) is True  # asked again of the restarted evaluator
-            assert await seen.may_see(ALICE, TINY) is True
+            yield engine, policy, SeenModels(policy)
     finally:
         await engine.aclose()
+
+
+async def test_a_failed_evaluation_is_not_kept_as_hidden(tmp_path: Path) -> None:
+    async with _seen_models(tmp_path) as (engine, policy, seen):
+        assert await _lost_mid_evaluation(engine, seen) is False  # failed closed: this once, no model
+        assert policy.revision == engine.revision  # the same revision: only what was kept could answer
+        assert await seen.may_see(ALICE, TINY) is True  # asked again of the restarted evaluator
+        assert await seen.may_see(ALICE, TINY) is True
 
 
 async def test_an_answer_the_policy_gave_is_kept(tmp_path: Path) -> None:
-    engine = await engine_for(tmp_path, EVERY_MODEL)
-    policy = ReloadingPolicyEngine(engine, lambda: engine, policy_dir=tmp_path)
-    seen = SeenModels(policy)
-    try:
-        with anyio.fail_after(60):
+    async with _seen_models(tmp_path) as (engine, _policy, seen):
+        assert await seen.may_see(ALICE, TINY) is True
+        os.kill(engine.evaluator_pid, signal.SIGSTOP)  # no evaluator could answer now: the kept answer does
+        try:
             assert await seen.may_see(ALICE, TINY) is True
-            os.kill(engine.evaluator_pid, signal.SIGSTOP)  # no evaluator could answer now: the kept answer does
-            try:
-                assert await seen.may_see(ALICE, TINY) is True
-            finally:
-                os.kill(engine.evaluator_pid, signal.SIGKILL)
-    finally:
-        await engine.aclose()
+        finally:
+            os.kill(engine.evaluator_pid, signal.SIGKILL)
