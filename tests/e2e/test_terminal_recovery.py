@@ -41,6 +41,10 @@ from workers.contract.registry import TINY_MODEL_NAME
 #: The busy timeout of the locked-database tests' own stores (the default is 30 s): what they hold
 #: the lock longer than. Short, yet long enough that a busy machine's ordinary writes never hit it.
 SHORT_BUSY_TIMEOUT_S = 3.0
+#: The locked-database test's generation: long enough that the lock, taken as soon as the job is seen
+#: starting (milliseconds), is held before the generation ends (about a second and more on a busy machine);
+#: 4000 tokens cost ~5 s a run for nothing more.
+LOCKED_MAX_TOKENS = 1000
 
 
 def wait_terminals(audit_store, request_ids: list[str], timeout_s: float = 90) -> dict:
@@ -144,7 +148,8 @@ def test_a_terminal_entry_refused_by_a_locked_database_is_written_when_it_is_bac
         def ask() -> None:
             outcome["response"] = httpx.post(
                 f"{base}/v1/completions", headers=bearer(key), timeout=300,
-                json={"model": TINY_MODEL_NAME, "prompt": "Tell", "max_tokens": 4000, "temperature": 0})
+                json={"model": TINY_MODEL_NAME, "prompt": "Tell", "max_tokens": LOCKED_MAX_TOKENS,
+                      "temperature": 0})
 
         asker = threading.Thread(target=ask)
         asker.start()
@@ -167,7 +172,8 @@ def test_a_terminal_entry_refused_by_a_locked_database_is_written_when_it_is_bac
     assert response.json()["error"]["code"] == "audit_unavailable"
     assert terminal.kind == "failed" and terminal.body["error"]["code"] == "audit_unavailable"
     assert terminal.body["ended_as"] == "completion"
-    assert terminal.body["usage"]["completion_tokens"] == 4000 and terminal.payload["output"]  # what was generated
+    # what was generated
+    assert terminal.body["usage"]["completion_tokens"] == LOCKED_MAX_TOKENS and terminal.payload["output"]
     assert [e.kind for e in store.entries_for(request_id)] == ["request", "failed"]
     assert verify_chain(store).ok
     usage = principal_usage(own.redis_url, "locked-user", "ops")
