@@ -73,9 +73,10 @@ class SoakStack:
         self.secret = create_admin_key(self.settings, "bench/soak.py")
         for _ in range(self.worker_count):
             self.workers.append(self._spawn_worker())
+        # The gateways need neither worker to start: all of them start together, each then waited for.
+        self.gateways = [self._spawn_gateway(i) for i in range(len(self.ports))]
         for process in self.workers:
             self._wait_worker(process)
-        self.gateways = [self._spawn_gateway(i) for i in range(len(self.ports))]
         for i in range(len(self.ports)):
             self._wait_gateway(i)
 
@@ -104,25 +105,31 @@ class SoakStack:
         return process
 
     def _wait_worker(self, process: subprocess.Popen) -> None:
-        """Until this very worker (its hostname holds its pid) answers a Celery ping."""
+        """Until this very worker answers a Celery ping.
+
+        The ping names its node (``<model>.<pid>@<host>``, workers/runtime.py) and stops at its reply:
+        a ping to all waits its whole timeout for replies that may still come (each start and restart).
+        """
+        import socket
+
         import kombu.exceptions
         import redis
 
         from workers.contract.celery_config import make_celery
 
         app = make_celery(self.redis.url)
-        prefix = f".{process.pid}@"
+        node = f"{self.model}.{process.pid}@{socket.gethostname()}"
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
             while time.monotonic() < deadline:
                 if process.poll() is not None:
                     raise RuntimeError(f"worker {process.pid} exited with {process.returncode} while starting")
                 try:
-                    replies = app.control.ping(timeout=0.5) or []
+                    replies = app.control.ping(destination=[node], timeout=0.5, limit=1) or []
                 except (OSError, redis.RedisError, kombu.exceptions.KombuError):
                     time.sleep(0.2)
                     continue
-                if any(prefix in name for reply in replies for name in reply):
+                if any(node in reply for reply in replies):
                     return
         finally:
             app.close()
