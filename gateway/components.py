@@ -138,7 +138,9 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         output_rules=OutputRules(policy=policy, redis=client, sealer=sealer,
                                  holdback_chars=settings.output_holdback_chars) if settings.output_rules else None,
         model_health=model_health)
-    retrier = asyncio.create_task(retry_pending_terminals(pending, audit_store), name="govgate-terminal-retry")
+    retrier = asyncio.create_task(retry_pending_terminals(pending, audit_store,
+                                                          interval_s=settings.terminal_retry_interval_s),
+                                  name="govgate-terminal-retry")
     lost = LostRequestSweep(audit_store, pending, lookback_s=settings.terminal_retry_horizon_s,
                             lost_after_s=lost_after_s(settings.request_timeout_s, settings.generation_time_limit_s,
                                                       settings.redelivery_margin_s))

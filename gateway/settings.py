@@ -90,6 +90,10 @@ class Settings:
     redelivery_margin_s: float = 30.0
     #: How long a terminal entry the database refused is kept (in Redis) and retried before it is given up.
     terminal_retry_horizon_s: float = 86400.0
+    #: Seconds between two looks for kept terminal entries that are due (every gateway's retry loop, a thread
+    #: in every pool process): how soon after the database is back, or a dead gateway's handed-over output's
+    #: fallback is due, the entry is written.
+    terminal_retry_interval_s: float = 5.0
     #: Judge outputs with the policy's output rules (off: outputs are served unjudged, as before the rules).
     output_rules: bool = True
     #: Longest a worker waits for its gateway's verdict on an output before it records ``output_unchecked``.
@@ -258,6 +262,8 @@ class Settings:
             redelivery_margin_s=seconds_up_to_a_day("REDELIVERY_MARGIN_S", defaults.redelivery_margin_s),
             terminal_retry_horizon_s=float(number("TERMINAL_RETRY_HORIZON_S", defaults.terminal_retry_horizon_s,
                                                   float, 1.0)),
+            terminal_retry_interval_s=float(number("TERMINAL_RETRY_INTERVAL_S", defaults.terminal_retry_interval_s,
+                                                   float, 0.01)),
             output_rules=_flag(text("OUTPUT_RULES", ""), "OUTPUT_RULES", defaults.output_rules),
             output_verdict_timeout_s=float(number("OUTPUT_VERDICT_TIMEOUT_S", defaults.output_verdict_timeout_s,
                                                   float, 0.1)),

@@ -154,6 +154,7 @@ def worker(model_name: str, concurrency: int, pool: str | None) -> None:
                           payload_key_file=settings.effective_payload_key_file,
                           digest_key_file=settings.effective_digest_key_file,
                           terminal_retry_horizon_s=settings.terminal_retry_horizon_s,
+                          terminal_retry_interval_s=settings.terminal_retry_interval_s,
                           output_verdict_timeout_s=settings.output_verdict_timeout_s,
                           stream_flush_interval_s=settings.stream_flush_interval_ms / 1000,
                           banner=settings.log_format != "json")

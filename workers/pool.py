@@ -79,7 +79,8 @@ def load(config: WorkerConfig, plan: DriverPlan | str | None = None) -> None:
     _state.digester = Digester(load_or_create_key(config.digest_key_file))
     _state.pending = pending_terminals(_state.redis, config, _state.sealer)
     _state.worker = {"hostname": socket.gethostname(), "pid": os.getpid()}
-    threading.Thread(target=_write_pending_forever, args=(_state.pending, _state.store),
+    threading.Thread(target=_write_pending_forever,
+                     args=(_state.pending, _state.store, config.terminal_retry_interval_s),
                      name="govgate-pending-terminals", daemon=True).start()
     _state.model = load_model(config.model)
     log.info("pid %d loaded model %s from %s in %.2fs", os.getpid(), config.model.name,
@@ -195,21 +196,18 @@ def _run_sealed(payload: dict[str, Any]) -> dict[str, Any] | None:
     return result.sealed(_state.sealer)
 
 
-#: Seconds between two looks for kept terminal entries (one HLEN when there are none).
-PENDING_CHECK_INTERVAL_S = 5.0
-
-
-def _write_pending_forever(pending: PendingTerminals, store: DriverStore) -> None:
+def _write_pending_forever(pending: PendingTerminals, store: DriverStore, interval_s: float) -> None:
     """Write kept terminal entries as they become due, for the life of the pool process.
 
     In a thread of its own, not after jobs: a handed-over output's fallback
     (``workers/generation.py``) must be written when its gateway died, also
     when no further job comes; and an entry the database refused is written
     once it takes writes again. The gateways' retry loops do the same; the
-    database's unique terminal constraint settles who wins.
+    database's unique terminal constraint settles who wins. One look (an HLEN when none is kept) every
+    ``interval_s`` (``GOVGATE_TERMINAL_RETRY_INTERVAL_S``).
     """
     while True:
-        time.sleep(PENDING_CHECK_INTERVAL_S)
+        time.sleep(interval_s)
         try:
             if pending.count():
                 pending.write_all(store)

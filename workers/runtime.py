@@ -76,6 +76,8 @@ class WorkerConfig:
     digest_key_file: Path = Path("var/keys/digest.key")
     #: How long a terminal entry the database refused is retried before it is given up.
     terminal_retry_horizon_s: float = 86400.0
+    #: Seconds between two looks for kept terminal entries that are due (``GOVGATE_TERMINAL_RETRY_INTERVAL_S``).
+    terminal_retry_interval_s: float = 5.0
     #: Longest a checked job waits for its gateway's output verdict before it records ``output_unchecked``.
     output_verdict_timeout_s: float = 10.0
     #: Least time between two pieces of a stream (``GOVGATE_STREAM_FLUSH_INTERVAL_MS``, in seconds here; the

@@ -19,7 +19,7 @@ from workers.contract.pending_terminals import PendingTerminals
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two looks for pending terminal entries.
+#: Seconds between two looks for pending terminal entries (``GOVGATE_TERMINAL_RETRY_INTERVAL_S``'s default).
 RETRY_INTERVAL_S = 5.0
 
 

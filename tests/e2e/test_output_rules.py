@@ -141,8 +141,13 @@ def stream_events(base: str, key: str, body: dict) -> tuple[str, list[dict]]:
 
 
 def orphan_worker_ends(settings, audit_store, request_id: str, log: Path):
-    """Start the orphaned model's worker (1 s verdict timeout); the request's terminal entry once written."""
-    worker = spawn_cli(settings.with_(output_verdict_timeout_s=1.0), "worker", "--model", ORPHAN_MODEL, log=log)
+    """Start the orphaned model's worker (1 s verdict timeout); the request's terminal entry once written.
+
+    A handed-over output's fallback is written by a retry once due: this worker's looks every 0.2 s
+    (``GOVGATE_TERMINAL_RETRY_INTERVAL_S``) rather than the default's 5 s, which the test would wait out.
+    """
+    own = settings.with_(output_verdict_timeout_s=1.0, terminal_retry_interval_s=0.2)
+    worker = spawn_cli(own, "worker", "--model", ORPHAN_MODEL, log=log)
     try:
         wait_for_worker(settings.redis_url, ORPHAN_MODEL, worker)
         deadline = time.monotonic() + 60

@@ -50,7 +50,10 @@ async def _usage(url: str, principal: str, team: str) -> dict:
 def test_jobs_queued_when_their_gateway_dies_end_once_and_their_usage_is_settled(own_redis, audit_store,  # noqa: F811
                                                                                   tmp_path) -> None:
     user, team = f"orphan-{os.urandom(3).hex()}", "orphans"
+    # The handed-over outputs' fallbacks are written by a retry once due (the worker's, or the new gateway's):
+    # each looks every 0.2 s (GOVGATE_TERMINAL_RETRY_INTERVAL_S) rather than every 5 s, which the test waited out.
     own = own_redis.with_(queue_mode="fair", request_timeout_s=120, output_verdict_timeout_s=2,
+                          terminal_retry_interval_s=0.2,
                           policy_dir=policy_copy(tmp_path, limits_for(
                               "principal", user, requests_per_minute=1000, tokens_per_minute=10**9,
                               tokens_per_day=10**9, in_flight=JOBS)))
