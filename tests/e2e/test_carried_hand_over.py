@@ -39,8 +39,8 @@ def test_a_hand_over_its_take_and_redis_refuse_is_recorded_unchecked_once_and_an
     worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=tmp_path / "worker.log")
     client = redis.Redis.from_url(server.url)
     try:
-        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
-        with serving(own, tmp_path / "serve.log") as base:
+        with serving(own, tmp_path / "serve.log") as base:  # started while the worker loads
+            wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
             def ask() -> httpx.Response:
                 return httpx.post(f"{base}/v1/completions", headers=bearer(keyring["admin"]),
                                   timeout=REQUEST_TIMEOUT_S / 2,

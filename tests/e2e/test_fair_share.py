@@ -146,8 +146,8 @@ def test_a_killed_pool_process_redelivers_the_job_from_its_fair_list_and_it_ends
         found.update(victim=victim, request_id=request_id)
 
     try:
-        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
-        with serving(own, tmp_path / "serve.log") as base:
+        with serving(own, tmp_path / "serve.log") as base:  # started while the worker loads
+            wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
             killer = threading.Thread(target=kill_once_generating)
             killer.start()
             response = httpx.post(f"{base}/v1/completions", headers=bearer(key), timeout=120,

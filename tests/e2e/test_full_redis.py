@@ -40,8 +40,8 @@ def test_a_job_whose_worker_finds_redis_full_ends_once_with_a_clear_error(settin
     client = redis.Redis.from_url(server.url)
     outcome: dict = {}
     try:
-        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
-        with serving(own, tmp_path / "serve.log") as base:
+        with serving(own, tmp_path / "serve.log") as base:  # started while the worker loads
+            wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
             def ask() -> None:
                 try:
                     outcome["response"] = httpx.post(

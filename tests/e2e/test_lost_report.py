@@ -67,8 +67,8 @@ def parts(settings, tmp_path_factory) -> Iterator[Parts]:
     worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=folder / "worker.log")
     client = redis.Redis.from_url(server.url)
     try:
-        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
-        with serving(own, folder / "serve.log") as base:
+        with serving(own, folder / "serve.log") as base:  # started while the worker loads
+            wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
             yield Parts(own, base, worker, client)
     finally:
         client.close()

@@ -84,8 +84,8 @@ def test_a_frozen_postgresql_server_refuses_requests_in_bounded_time_and_service
 
     worker = spawn_cli(own, "worker", "--model", POSTGRES_MODEL, log=tmp_path / "worker.log")
     try:
-        wait_for_worker(own.redis_url, POSTGRES_MODEL, worker)
-        with serving(own, tmp_path / "serve.log") as base:
+        with serving(own, tmp_path / "serve.log") as base:  # started while the worker loads
+            wait_for_worker(own.redis_url, POSTGRES_MODEL, worker)
             before = _chat(base, cached, "before")  # the key is cached from here on; the writer has its session
             # A look-up after the writer connected leaves an idle session in the pool: the frozen server's
             # session that a pooled read (or a writer reconnecting through the pool) would pre-ping first.

@@ -53,8 +53,8 @@ def test_a_gateway_and_worker_on_postgresql_audit_completions_and_denials_there(
 
     worker = spawn_cli(pg_settings, "worker", "--model", POSTGRES_MODEL, log=tmp_path / "worker.log")
     try:
-        wait_for_worker(pg_settings.redis_url, POSTGRES_MODEL, worker)
-        with serving(pg_settings, tmp_path / "serve.log") as base:
+        with serving(pg_settings, tmp_path / "serve.log") as base:  # started while the worker loads
+            wait_for_worker(pg_settings.redis_url, POSTGRES_MODEL, worker)
             done = _chat(base, admin, "Hello from PostgreSQL")
             denied = _chat(base, viewer, "Hello again")
     finally:
@@ -110,8 +110,8 @@ def test_a_postgresql_outage_fails_requests_closed_and_service_returns_with_it(
 
     worker = spawn_cli(own, "worker", "--model", POSTGRES_MODEL, log=tmp_path / "worker.log")
     try:
-        wait_for_worker(own.redis_url, POSTGRES_MODEL, worker)
-        with serving(own, tmp_path / "serve.log") as base:
+        with serving(own, tmp_path / "serve.log") as base:  # started while the worker loads
+            wait_for_worker(own.redis_url, POSTGRES_MODEL, worker)
             before = _chat(base, admin, "before")
             own_postgres.pause()
             try:
@@ -147,8 +147,8 @@ def test_a_lock_held_on_the_audit_table_refuses_requests_after_the_busy_timeout_
     reviewer = psycopg.connect(make_url(url).set(drivername="postgresql").render_as_string(hide_password=False))
     worker = spawn_cli(own, "worker", "--model", POSTGRES_MODEL, log=tmp_path / "worker.log")
     try:
-        wait_for_worker(own.redis_url, POSTGRES_MODEL, worker)
-        with serving(own, tmp_path / "serve.log") as base:
+        with serving(own, tmp_path / "serve.log") as base:  # started while the worker loads
+            wait_for_worker(own.redis_url, POSTGRES_MODEL, worker)
             before = _chat(base, admin, "before")
             reviewer.execute("LOCK TABLE audit_entries IN ACCESS EXCLUSIVE MODE")
             try:

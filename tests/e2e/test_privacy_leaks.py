@@ -209,8 +209,8 @@ def test_a_worker_with_another_payload_key_fails_the_job_without_reading_it(stac
     stranger = own.with_(payload_key_file=str(tmp_path / "other.key"))
     worker = spawn_cli(stranger, "worker", "--model", IDLE_MODEL, log=tmp_path / "stranger.log")
     try:
-        wait_for_worker(own.redis_url, IDLE_MODEL, worker)
-        with serving(own, tmp_path / "serve.log") as base:
+        with serving(own, tmp_path / "serve.log") as base:  # started while the worker loads
+            wait_for_worker(own.redis_url, IDLE_MODEL, worker)
             response = httpx.post(f"{base}/v1/chat/completions", headers=bearer(keys["full"]), timeout=120,
                                   json={"model": IDLE_MODEL, "max_tokens": 4,
                                         "messages": [{"role": "user", "content": "Hello"}]})

@@ -139,8 +139,8 @@ def test_a_non_streamed_client_that_leaves_mid_generation_stops_it(own_redis, au
 
     worker = spawn_cli(own, "worker", "--model", MODEL, log=tmp_path / "worker.log")
     try:
-        wait_for_worker(own.redis_url, MODEL, worker)
-        with serving(own, tmp_path / "serve.log") as base:
+        with serving(own, tmp_path / "serve.log") as base:  # started while the worker loads
+            wait_for_worker(own.redis_url, MODEL, worker)
             asyncio.run(scenario(base))
             request_id = found["request_id"]
             assert request_id is not None, "the generation was never seen starting"

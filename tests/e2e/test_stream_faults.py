@@ -91,8 +91,8 @@ def own_redis_gateway(settings, tmp_path):
     own = settings.with_(redis_url=state["redis"].url)
     worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=tmp_path / "worker.log")
     try:
-        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
-        with serving(own, tmp_path / "serve.log") as base:
+        with serving(own, tmp_path / "serve.log") as base:  # started while the worker loads
+            wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
             state.update(base=base, settings=own, worker=worker)
             yield state
     finally:
@@ -145,8 +145,8 @@ def test_a_stream_whose_worker_stalls_records_what_the_client_received(settings,
     worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=tmp_path / "worker.log")
     frozen: list[int] = []
     try:
-        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
-        with serving(own, tmp_path / "serve.log") as base:
+        with serving(own, tmp_path / "serve.log") as base:  # started while the worker loads
+            wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
             text, last = "", None
             with httpx.stream("POST", f"{base}/v1/completions", headers=bearer(keyring["admin"]), timeout=60,
                               json={"model": TINY_MODEL_NAME, "prompt": "Tell", "max_tokens": 4000,
