@@ -93,7 +93,7 @@ def own_redis_gateway(settings, tmp_path):
     try:
         with serving(own, tmp_path / "serve.log") as base:  # started while the worker loads
             wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
-            state.update(base=base, settings=own, worker=worker)
+            state.update(base=base, settings=own, worker=worker, log=tmp_path / "serve.log")
             yield state
     finally:
         stop_process(worker, timeout_s=30)
@@ -107,11 +107,13 @@ def test_streams_after_a_redis_restart_deliver_exactly_the_audited_output(own_re
     state = own_redis_gateway
     outcomes: list[dict] = []
     state["redis"].stop()
-    # Down long enough that the result listener backs off for seconds and the worker reconnects
-    # while it still sleeps: results are then stored before their pieces are read.
-    time.sleep(11.5)
+    # Down until the gateway's result listener has begun its second 5 s back-off sleep (0.1 s doubling to 5 s:
+    # ~11 s after the loss), so the worker, whose broker retries come 2, 4 and 6 s apart, is back (~12 s) while
+    # the listener still sleeps: results are then stored before their pieces are read. Its own log line says
+    # when that sleep began (a fixed 11.5 s could fall before it on a slow machine, and the race was missed).
+    asleep_at = _second_long_back_off(state["log"])
     state["redis"] = RedisProcess.start(state["dir"], persist=False)
-    until = time.monotonic() + 8
+    until = asleep_at + LISTENER_BACK_OFF_S + 1.5  # streams until the listener is back, and a few after
 
     def streams(n: int) -> list[dict]:
         done = []
@@ -134,6 +136,23 @@ def test_streams_after_a_redis_restart_deliver_exactly_the_audited_output(own_re
             assert outcome["text"] == terminal.payload["output"], outcome
         else:  # or the stream ends with an error event
             assert "error" in outcome["last"], outcome
+
+
+#: The result listener's longest back-off between two reconnects (gateway/dispatch/results.py).
+LISTENER_BACK_OFF_S = 5.0
+
+
+def _second_long_back_off(log: Path, timeout_s: float = 60) -> float:
+    """When (``time.monotonic()``) the result listener logged its second back-off of ``LISTENER_BACK_OFF_S``."""
+    marker = "result listener lost Redis"
+    sleeping = f"retrying in {LISTENER_BACK_OFF_S:.1f}s"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lines = [line for line in log.read_text().splitlines() if marker in line and line.endswith(sleeping)]
+        if len(lines) >= 2:
+            return time.monotonic()
+        time.sleep(0.02)
+    raise AssertionError(f"the result listener never backed off {LISTENER_BACK_OFF_S}s twice: see {log}")
 
 
 def test_a_stream_whose_worker_stalls_records_what_the_client_received(settings, keyring, audit_store, tmp_path):
