@@ -126,25 +126,26 @@ def locked(database_url: str) -> Iterator[sqlite3.Connection]:
 
 @pytest.fixture(params=[True, False], ids=["gateway-records", "worker-records"])
 def own_everything(own_redis, tmp_path, request):
-    """A database and Redis of their own, a key in that database, and a tiny-model worker on both; with the
-    output rules on the gateway records a completion's end (handed over), with them off its worker does."""
+    """A database and Redis of their own, a key in that database, and a tiny-model worker on both, started (the
+    test waits for it once its gateway is starting too); with the output rules on the gateway records a
+    completion's end (handed over), with them off its worker does."""
     own = own_redis.with_(database_url=f"sqlite:///{tmp_path / 'own.db'}", request_timeout_s=120.0,
                           database_busy_timeout_s=SHORT_BUSY_TIMEOUT_S, output_rules=request.param)
     key = own_key(own, "locked-user")
     worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=tmp_path / "worker.log")
     try:
-        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
-        yield own, key
+        yield own, key, worker
     finally:
         stop_process(worker, timeout_s=30)
 
 
 def test_a_terminal_entry_refused_by_a_locked_database_is_written_when_it_is_back(own_everything, tmp_path):
-    own, key = own_everything
+    own, key, worker = own_everything
     store = AuditStore(make_engine(own.effective_database_url))
     client = redis.Redis.from_url(own.redis_url)
     outcome: dict = {}
-    with serving(own, tmp_path / "serve.log") as base:
+    with serving(own, tmp_path / "serve.log") as base:  # started while the worker loads
+        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
         def ask() -> None:
             outcome["response"] = httpx.post(
                 f"{base}/v1/completions", headers=bearer(key), timeout=300,

@@ -38,14 +38,14 @@ def test_a_worker_of_two_pool_processes_halves_the_estimated_wait(own_redis, tmp
     raw = redis.Redis.from_url(own.redis_url)
     worker = spawn_cli(own, "worker", "--model", MODEL, "--concurrency", "2", log=tmp_path / "worker.log")
     try:
-        wait_for_worker(own.redis_url, MODEL, worker)
-        deadline = time.monotonic() + 30
-        while live_counts(_live(raw)).get(MODEL) != 1:  # the heartbeat begins once the worker consumes
-            assert time.monotonic() < deadline, "the worker's heartbeat never came"
-            time.sleep(0.05)
-        live = _live(raw)
-        raw.hset(tags_key(MODEL), "svc", "1000")  # one job takes 1 s (no job runs here to change it)
-        with serving(own, tmp_path / "serve.log") as base:
+        with serving(own, tmp_path / "serve.log") as base:  # started while the worker loads
+            wait_for_worker(own.redis_url, MODEL, worker)
+            deadline = time.monotonic() + 30
+            while live_counts(_live(raw)).get(MODEL) != 1:  # the heartbeat begins once the worker consumes
+                assert time.monotonic() < deadline, "the worker's heartbeat never came"
+                time.sleep(0.05)
+            live = _live(raw)
+            raw.hset(tags_key(MODEL), "svc", "1000")  # one job takes 1 s (no job runs here to change it)
             view = httpx.get(f"{base}/v1/models/{MODEL}", headers=bearer(key), timeout=30).json()["queue"]
     finally:
         stop_process(worker, timeout_s=30)
