@@ -60,7 +60,9 @@ async def _usage(url: str, principal: str, team: str) -> dict:
 
 def test_a_burst_fills_its_teams_places_and_the_other_team_still_gets_in(own_redis, audit_store,  # noqa: F811
                                                                           tmp_path) -> None:
-    own = own_redis.with_(queue_mode="fair", max_queued_per_model=LIMIT, request_timeout_s=8,
+    # The admitted requests wait in the queue until this timeout ends them (504): it must outlast the steps
+    # between the first of them and the last refusal (0.5 s under a CPU burner), and the test waits it out.
+    own = own_redis.with_(queue_mode="fair", max_queued_per_model=LIMIT, request_timeout_s=4,
                           policy_dir=policy_copy(tmp_path, _roomy))
     tag = uuid.uuid4().hex[:6]
     store = KeyStore(open_database(own))

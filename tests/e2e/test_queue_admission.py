@@ -23,7 +23,9 @@ def test_full_queue_answers_429_with_retry_after(settings, keyring, audit_store,
     from tests.conftest import QUEUE_MODEL, serving
 
     # fifo: the total cap over the model's one queue (fair mode's per-team caps are tested with them)
-    own = settings.with_(max_queued_per_model=2, request_timeout_s=6, queue_mode="fifo")
+    # The two queued requests must still wait when the third is refused (a fraction of a second later); the
+    # test then waits their timeout out.
+    own = settings.with_(max_queued_per_model=2, request_timeout_s=3, queue_mode="fifo")
     statuses: list[int] = []
     with serving(own, tmp_path / "serve.log") as base:
         def wait_in_queue() -> None:
