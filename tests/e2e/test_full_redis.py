@@ -40,8 +40,12 @@ def test_a_job_whose_worker_finds_redis_full_ends_once_with_a_clear_error(settin
     client = redis.Redis.from_url(server.url)
     outcome: dict = {}
     try:
-        with serving(own, tmp_path / "serve.log") as base:  # started while the worker loads
-            wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
+        # The gateway is not started beside the worker here (as in the other served tests): the worker is frozen
+        # below, and with the gateway started beside it, under a CPU burner, it once never ran the job (no
+        # worker_error; the client's 30 s ran out): frozen right after it answered the ping, it seems not to
+        # have been waiting in its blocking pop yet, so its take came only once Redis was full.
+        wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
+        with serving(own, tmp_path / "serve.log") as base:
             def ask() -> None:
                 try:
                     outcome["response"] = httpx.post(
