@@ -13,13 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-import govgate.cli
-import workers.runtime
 from gateway.settings import Settings
-from workers.contract.registry import TINY_MODEL_NAME
-from workers.runtime import WorkerConfig
+from tests.workers.worker_command import worker_configs
 
 
 def test_the_setting_is_read_and_reaches_a_child_process() -> None:
@@ -30,12 +26,5 @@ def test_the_setting_is_read_and_reaches_a_child_process() -> None:
 
 
 def test_the_worker_command_passes_the_setting_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    started: list[WorkerConfig] = []
-    monkeypatch.setattr(workers.runtime, "run_worker", started.append)
-    monkeypatch.setattr(govgate.cli, "_configure_logging", lambda settings: None)  # this process's logging stays
-    env = {"GOVGATE_VAR_DIR": str(tmp_path), "GOVGATE_REDIS_URL": "redis://127.0.0.1:1/0",
-           "GOVGATE_TERMINAL_RETRY_INTERVAL_S": "0.75"}
-    result = CliRunner().invoke(govgate.cli.main, ["worker", "--model", TINY_MODEL_NAME], env=env,
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    started = worker_configs(tmp_path, monkeypatch, {"GOVGATE_TERMINAL_RETRY_INTERVAL_S": "0.75"})
     assert [config.terminal_retry_interval_s for config in started] == [0.75]

@@ -14,12 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-import govgate.cli
-import workers.runtime
 from gateway.settings import Settings, SettingsError
-from workers.contract.registry import TINY_MODEL_NAME
+from tests.workers.worker_command import worker_configs
 from workers.runtime import WorkerConfig, worker_app
 
 
@@ -41,12 +38,5 @@ def test_the_workers_celery_app_waits_as_long_for_a_pool_process(tiny_spec) -> N
 
 
 def test_the_worker_command_passes_the_setting_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    started: list[WorkerConfig] = []
-    monkeypatch.setattr(workers.runtime, "run_worker", started.append)
-    monkeypatch.setattr(govgate.cli, "_configure_logging", lambda settings: None)  # this process's logging stays
-    env = {"GOVGATE_VAR_DIR": str(tmp_path), "GOVGATE_REDIS_URL": "redis://127.0.0.1:1/0",
-           "GOVGATE_WORKER_START_TIMEOUT_S": "75"}
-    result = CliRunner().invoke(govgate.cli.main, ["worker", "--model", TINY_MODEL_NAME], env=env,
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    started = worker_configs(tmp_path, monkeypatch, {"GOVGATE_WORKER_START_TIMEOUT_S": "75"})
     assert [config.start_timeout_s for config in started] == [75.0]
