@@ -12,6 +12,7 @@ killed) must have ``alone`` asked exactly once; a take that ran it must not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -20,7 +21,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator
 
 import redis as redis_py
 from kombu.exceptions import OperationalError
@@ -28,7 +30,7 @@ from kombu.exceptions import OperationalError
 from govgate.redis_server import RedisProcess
 from tests.own_redis import module_redis_server  # noqa: F401  (fixture: a Redis of this module's own)
 from tests.reply_listener import Listener
-from tests.workers.contract.test_kombu_redis import _declared_with, _fair_model, _until
+from tests.workers.contract.test_kombu_redis import _declared_with, _fair_model, _fetched_one, _until
 from workers.contract import handover
 from workers.contract.celery_config import make_celery
 from workers.contract.handover import PENDING_KEY, CarriedHandOver
@@ -76,17 +78,31 @@ def _drain_once(connection) -> BaseException | None:
     return None
 
 
+@contextlib.contextmanager
+def _carrying(redis_server, prefix: str, *bodies: str) -> Iterator[SimpleNamespace]:
+    """A fair model of its own with ``bodies`` queued, its channel and queue, a reply-channel listener and
+    the list ``alone`` records into (``client``, ``connection``, ``channel``, ``queue``, ``listener``,
+    ``asked``); the listener is closed after."""
+    with _fair_model(redis_server, prefix) as (model, client, connection):
+        channel = connection.default_channel
+        queue = f"model.{model}"
+        _declared_with(channel, queue, *bodies)
+        listener = Listener(client)
+        try:
+            yield SimpleNamespace(client=client, connection=connection, channel=channel, queue=queue,
+                                  listener=listener, asked=[])
+        finally:
+            listener.close()
+
+
 def test_a_hand_over_rides_on_the_acks_take_and_runs_before_its_removal(redis_server):
     """Left with the channel inside its delivery, the hand-over goes with the take the ack sends: the
     fallback kept (never over one already kept) and the report published, by that one script; nothing is
     sent on its own. Outside a delivery no channel carries anything."""
     assert handover.current() is None
-    with _fair_model(redis_server, "kcarry") as (model, client, connection):
-        channel = connection.default_channel
-        queue = f"model.{model}"
-        _declared_with(channel, queue, "one")
-        listener = Listener(client)
-        asked: list = []
+    with _carrying(redis_server, "kcarry", "one") as carrying:
+        client, connection, channel, queue = carrying.client, carrying.connection, carrying.channel, carrying.queue
+        listener, asked = carrying.listener, carrying.asked
         fresh, kept = _hand_over(listener, asked), _hand_over(listener, asked, report=b"second")
         client.hset(PENDING_KEY, kept.request_id, b"kept before")
         seen: list = []
@@ -109,7 +125,6 @@ def test_a_hand_over_rides_on_the_acks_take_and_runs_before_its_removal(redis_se
             assert _until(lambda: client.hlen(channel.unacked_key) == 0)
             assert handover.current() is None
         finally:
-            listener.close()
             client.hdel(PENDING_KEY, fresh.request_id, kept.request_id)
             channel.basic_cancel("carry-test")
 
@@ -117,29 +132,17 @@ def test_a_hand_over_rides_on_the_acks_take_and_runs_before_its_removal(redis_se
 def test_an_ack_that_sends_no_take_hands_over_on_its_own_before_the_removal(redis_server):
     """A delivery fetched with ``basic_get`` (nothing consumed, so no take goes out at the ack): the ack
     sends the hand-over on its own, and only then removes the bookkeeping."""
-    app = make_celery(redis_server.url)
-    client = redis_py.Redis.from_url(redis_server.url)
-    try:
-        with app.connection_for_write() as connection:
-            channel = connection.default_channel
-            queue = "model.kombu-carry-get"
-            _declared_with(channel, queue, "x")
-            message = channel.basic_get(queue, no_ack=False)
-            channel.settle_deferred()
-            listener = Listener(client)
-            asked: list = []
-            tag = message.delivery_tag
-            channel.carry(_hand_over(listener, asked,
-                                     when_alone=lambda: client.hget(channel.unacked_key, tag) is not None))
-            message.ack()
-            assert [booked for _, booked in asked] == [True]  # asked once, before the removal went
-            channel.settle_deferred()
-            assert client.hget(channel.unacked_key, tag) is None and channel._hand_overs_out == []
-            listener.close()
-            channel.queue_delete(queue)
-    finally:
-        client.close()
-        app.close()
+    with _fetched_one(redis_server, "model.kombu-carry-get") as (client, channel, message):
+        listener = Listener(client)
+        asked: list = []
+        tag = message.delivery_tag
+        channel.carry(_hand_over(listener, asked,
+                                 when_alone=lambda: client.hget(channel.unacked_key, tag) is not None))
+        message.ack()
+        assert [booked for _, booked in asked] == [True]  # asked once, before the removal went
+        channel.settle_deferred()
+        assert client.hget(channel.unacked_key, tag) is None and channel._hand_overs_out == []
+        listener.close()
 
 
 def test_a_take_a_full_redis_refuses_runs_none_of_it_and_the_hand_over_goes_on_its_own(redis_server):
@@ -147,12 +150,9 @@ def test_a_take_a_full_redis_refuses_runs_none_of_it_and_the_hand_over_goes_on_i
     ``HSETNX`` is the script's first write, so nothing of the take ran (no fallback, no report); the
     hand-over is sent on its own, once (here only recorded), the consumer goes on (not an error of its
     own), and the next take carries the removal and takes the next job."""
-    with _fair_model(redis_server, "kfull") as (model, client, connection):
-        channel = connection.default_channel
-        queue = f"model.{model}"
-        _declared_with(channel, queue, "one", "two")
-        listener = Listener(client)
-        asked: list = []
+    with _carrying(redis_server, "kfull", "one", "two") as carrying:
+        client, connection, channel, queue = carrying.client, carrying.connection, carrying.channel, carrying.queue
+        listener, asked = carrying.listener, carrying.asked
         hand_over = _hand_over(listener, asked)
         tags: list = []
 
@@ -179,7 +179,6 @@ def test_a_take_a_full_redis_refuses_runs_none_of_it_and_the_hand_over_goes_on_i
             assert _until(lambda: client.hget(channel.unacked_key, tags[0]) is None)
         finally:
             client.config_set("maxmemory", "0")
-            listener.close()
             channel.basic_cancel("carry-test")
 
 
@@ -188,12 +187,9 @@ def test_a_take_whose_reply_is_lost_has_its_hand_over_sent_again(redis_server, m
     (the read fails, as when the connection drops between the two): the channel cannot tell it ran, so
     the hand-over is sent on its own once more (a gateway records the first report it hears; the
     fallback's ``HSETNX`` changes nothing)."""
-    with _fair_model(redis_server, "klost") as (model, client, connection):
-        channel = connection.default_channel
-        queue = f"model.{model}"
-        _declared_with(channel, queue, "one")
-        listener = Listener(client)
-        asked: list = []
+    with _carrying(redis_server, "klost", "one") as carrying:
+        client, connection, channel, queue = carrying.client, carrying.connection, carrying.channel, carrying.queue
+        listener, asked = carrying.listener, carrying.asked
         hand_over = _hand_over(listener, asked)
 
         def lost(connection_: Any, *args: Any, **kwargs: Any) -> Any:
@@ -214,7 +210,6 @@ def test_a_take_whose_reply_is_lost_has_its_hand_over_sent_again(redis_server, m
             assert listener.heard() == [b"report"]  # the take's; alone here only records that it was asked
             assert channel._sent_hand_overs == []
         finally:
-            listener.close()
             client.hdel(PENDING_KEY, hand_over.request_id)
 
 

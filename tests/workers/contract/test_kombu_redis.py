@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -158,6 +160,27 @@ def _fair_model(redis_server, prefix: str) -> Iterator[tuple[str, Any, Any]]:
             yield model, client, connection
     finally:
         _forget_model(client, model)
+        client.close()
+        app.close()
+
+
+@contextlib.contextmanager
+def _fetched_one(redis_server, queue: str) -> Iterator[tuple[Any, Any, Any]]:
+    """A client of the suite's Redis, a Celery channel and one delivery of ``queue`` (one job declared on
+    it), fetched with ``basic_get`` (nothing consumed, so no take goes out at its ack) and booked."""
+    import redis as redis_py
+
+    app = make_celery(redis_server.url)
+    client = redis_py.Redis.from_url(redis_server.url)
+    try:
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            _declared_with(channel, queue, "x")
+            message = channel.basic_get(queue, no_ack=False)
+            channel.settle_deferred()
+            yield client, channel, message
+            channel.queue_delete(queue)
+    finally:
         client.close()
         app.close()
 
@@ -376,34 +399,22 @@ def test_an_ack_whose_removal_cannot_be_sent_removes_the_bookkeeping_on_the_shar
     the shared client and the delivery's bookkeeping is still removed before the ack returns."""
     import redis as redis_py
 
-    app = make_celery(redis_server.url)
-    client = redis_py.Redis.from_url(redis_server.url)
-    try:
-        with app.connection_for_write() as connection:
-            channel = connection.default_channel
-            queue = "model.kombu-ack-fallback"
-            _declared_with(channel, queue, "x")
-            message = channel.basic_get(queue, no_ack=False)
-            channel.settle_deferred()
-            assert client.hget(channel.unacked_key, message.delivery_tag) is not None
-            real_send = channel.send_deferred
-            refused: list = []
+    with _fetched_one(redis_server, "model.kombu-ack-fallback") as (client, channel, message):
+        assert client.hget(channel.unacked_key, message.delivery_tag) is not None
+        real_send = channel.send_deferred
+        refused: list = []
 
-            def send_deferred(commands, handlers):
-                if commands[0][0] == "HDEL":
-                    refused.append(commands)
-                    raise redis_py.ConnectionError("the deferred connection is gone")
-                return real_send(commands, handlers)
+        def send_deferred(commands, handlers):
+            if commands[0][0] == "HDEL":
+                refused.append(commands)
+                raise redis_py.ConnectionError("the deferred connection is gone")
+            return real_send(commands, handlers)
 
-            monkeypatch.setattr(channel, "send_deferred", send_deferred)
-            message.ack()
-            assert refused and channel._deferred.outstanding == 0  # nothing left unread: done synchronously
-            assert client.hget(channel.unacked_key, message.delivery_tag) is None
-            assert client.zscore(channel.unacked_index_key, message.delivery_tag) is None
-            channel.queue_delete(queue)
-    finally:
-        client.close()
-        app.close()
+        monkeypatch.setattr(channel, "send_deferred", send_deferred)
+        message.ack()
+        assert refused and channel._deferred.outstanding == 0  # nothing left unread: done synchronously
+        assert client.hget(channel.unacked_key, message.delivery_tag) is None
+        assert client.zscore(channel.unacked_index_key, message.delivery_tag) is None
 
 
 def test_an_ack_sends_the_next_brpop_at_once_and_only_one(redis_server):
