@@ -127,7 +127,7 @@ class CompletionsController(Controller):
 
 
 async def _serve(service: CompletionService, request: Request, principal: Principal, endpoint: str) -> Response:
-    ticket = await service.admit(principal, endpoint, _reader(request), request.headers.get(urls.PURPOSE_HEADER))
+    ticket = await service.admit(principal, endpoint, _reader(request), request.headers.getall(urls.PURPOSE_HEADER, []))
     shape = _Shape(endpoint)
     headers = {urls.REQUEST_ID_HEADER: ticket.request_id}
     if ticket.job.stream:

@@ -28,7 +28,14 @@ from litestar.openapi.spec import (
 from gateway import urls
 from gateway.api import shapes
 from gateway.limits.catalogue import RETRYABLE_CODES_IN_ORDER
-from gateway.requests.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.requests.purpose import MAX_PURPOSE_CHARS
+from gateway.requests.schemas import (
+    MAX_METADATA_KEY_CHARS,
+    MAX_METADATA_PAIRS,
+    MAX_METADATA_VALUE_CHARS,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
 from workers.contract.registry import TINY_MODEL_NAME
 
 BEARER = "bearer"
@@ -105,8 +112,10 @@ _CHALLENGE = header("Always 'Bearer'.", {"type": "string"})
 #: status -> (description, extra headers): README's error table, per status.
 _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
     400: ("`invalid_json` (not a JSON object), `unsupported_parameter` (an unknown field, `n` > 1, several "
-          "prompts, a penalty the model's backend ignores) or `context_length_exceeded` (prompt + max_tokens "
-          "do not fit the model's context).", {}),
+          "prompts, a penalty the model's backend ignores), `invalid_value` (`metadata` beyond its bounds, a "
+          "declared purpose that is not a label or two that differ; `param` names `metadata`, `metadata.purpose` "
+          "or the X-Govgate-Purpose header) or `context_length_exceeded` (prompt + max_tokens do not fit the "
+          "model's context).", {}),
     401: ("`missing_api_key` or `invalid_api_key`: no key, malformed, unknown or revoked.",
           {"WWW-Authenticate": _CHALLENGE}),
     403: ("`policy_denied`: the policy said no to a model this key may see; `error.reasons` lists why.", {}),
@@ -182,6 +191,9 @@ def _event_stream(chunk: type) -> dict[str, Any]:
     }
 
 
+#: What a declared purpose may be (``gateway/requests/purpose.py``).
+_LABEL = (f"a label of 1 to {MAX_PURPOSE_CHARS} printable characters (no control, format or separator character "
+          "but the space), without leading or trailing space; anything else is 400 `invalid_value`.")
 #: What the struct cannot say about a field (README's "Supported request fields").
 _FIELD_NOTES = {
     "model": "A model of the registry (GET /v1/models lists those this key may use); 404 otherwise.",
@@ -198,7 +210,9 @@ _FIELD_NOTES = {
     "stream": "Send Server-Sent Events (`text/event-stream`) instead of one JSON body.",
     "stream_options": "Only with `stream: true`; `include_usage` adds a last chunk with `usage`.",
     "n": "Choices per request: only 1 is supported (400 otherwise).",
-    "metadata": "String values; `metadata.purpose` declares the request's purpose to the policy.",
+    "metadata": (f"At most {MAX_METADATA_PAIRS} key-value pairs, keys of at most {MAX_METADATA_KEY_CHARS} "
+                 f"characters, string values of at most {MAX_METADATA_VALUE_CHARS} (OpenAI's bounds; beyond them "
+                 f"400 `invalid_value`). `metadata.purpose` declares the request's purpose to the policy: {_LABEL}"),
 }
 
 
@@ -211,7 +225,9 @@ def _noted(schema: dict[str, Any]) -> dict[str, Any]:
 
 _PURPOSE = Parameter(name=urls.PURPOSE_HEADER, param_in="header", required=False,
                      schema=JsonSchema(document={"type": "string"}),
-                     description="Declares the request's purpose to the policy (as `metadata.purpose` does).")
+                     description=("Declares the request's purpose to the policy (as `metadata.purpose` does), "
+                                  f"as UTF-8 text: {_LABEL} Given twice, or beside a different `metadata.purpose`: "
+                                  "400 `invalid_value`."))
 
 _EXAMPLES: dict[type, dict[str, Any]] = {
     ChatCompletionRequest: {"model": TINY_MODEL_NAME, "max_tokens": 16,

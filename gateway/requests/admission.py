@@ -19,7 +19,7 @@ import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import redis.asyncio as aioredis
 
@@ -43,6 +43,7 @@ from gateway.requests.hidden_models import (MODEL_NOT_FOUND, SeenModels, answere
                                             model_not_found)
 from gateway.requests.parsing import parse_body
 from gateway.requests.policy_input import build_input, prompt_text, without_prompt
+from gateway.requests.purpose import declared_purpose
 from gateway.requests.refusals import (AdmissionRefusal, ContextTooLong, ModelUnavailable, OverLimit, QueueFull,
                                        UsageUnavailable, alone_over_a_limit, denial)
 from gateway.requests.request_log import RequestLog
@@ -152,26 +153,27 @@ class Admission:
         self.seen_models = SeenModels(policy)
 
     async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
-                    purpose_header: str | None) -> Ticket:
-        """Read, decide, reserve and record one request; raise :class:`ApiError` if it is not admitted."""
+                    purpose_headers: Sequence[str] = ()) -> Ticket:
+        """Read, decide, reserve and record one request; raise :class:`ApiError` if it is not admitted.
+
+        ``purpose_headers``: every ``X-Govgate-Purpose`` value sent (``gateway/requests/purpose.py``)."""
         gate = self.gate
         if gate is None:
-            return await self._admit(principal, endpoint, read_body, purpose_header)
+            return await self._admit(principal, endpoint, read_body, purpose_headers)
         held = await gate.enter(principal.team)
         try:
-            return await self._admit(principal, endpoint, read_body, purpose_header)
+            return await self._admit(principal, endpoint, read_body, purpose_headers)
         finally:
             if held:
                 gate.leave()
 
     async def _admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
-                     purpose_header: str | None) -> Ticket:
+                     purpose_headers: Sequence[str]) -> Ticket:
         request_id = current_request_id() or uuid.uuid4().hex  # the id the response header and logs name
-        request, spec = await self._read(request_id, principal, endpoint, read_body)
+        request, spec, purpose = await self._read(request_id, principal, endpoint, read_body, purpose_headers)
         with errors_of(request_id):
             created = int(time.time())
             requested_max = request.requested_max_tokens(self.default_max_tokens)
-            purpose = purpose_header or (request.metadata or {}).get("purpose")
             messages, prompt = request.prompt_parts()
             verdict = await self._decide(request_id, principal, endpoint, request, spec, purpose, requested_max,
                                          messages, prompt)
@@ -229,14 +231,17 @@ class Admission:
                           decision=decision)
 
     async def _read(self, request_id: str, principal: Principal, endpoint: str,
-                    read_body: Callable[[], Awaitable[bytes]]) -> tuple[Request, ModelSpec]:
-        """Parse the body and check its model can take it; a refused body is recorded as ``rejected``."""
+                    read_body: Callable[[], Awaitable[bytes]],
+                    purpose_headers: Sequence[str]) -> tuple[Request, ModelSpec, str | None]:
+        """Parse the body and the declared purpose and check the model can take the body; a refused body
+        (or purpose) is recorded as ``rejected``."""
         raw = b""
         request: Request | None = None
         spec: ModelSpec | None = None
         try:
             raw = await read_body()
             request = parse_body(raw, REQUEST_SHAPES[endpoint])
+            purpose = declared_purpose(purpose_headers, request.metadata)
             spec = self.registry.get(request.model)
             if spec is None:
                 raise model_not_found(request.model)
@@ -253,7 +258,7 @@ class Admission:
                 raise
             raise answer from None
         assert request is not None and spec is not None
-        return request, spec
+        return request, spec, purpose
 
     async def _decide(self, request_id: str, principal: Principal, endpoint: str, request: Request,
                       spec: ModelSpec, purpose: str | None, requested_max: int,

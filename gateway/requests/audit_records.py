@@ -22,7 +22,9 @@ from gateway.api_errors import ApiError
 from gateway.policy import Decision
 from gateway.requests.normalize import normalized_text
 from gateway.requests.policy_input import prompt_text, without_prompt
+from gateway.requests.purpose import METADATA_PURPOSE
 from gateway.requests.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.urls import PURPOSE_HEADER
 from workers.contract.privacy import HASH, REDACTED, Digester, mask
 from workers.contract.sampling import SamplingParams
 
@@ -151,8 +153,13 @@ KNOWN_FIELDS = _field_names(ChatCompletionRequest, CompletionRequest)
 _PARAM_PATH = re.compile(r"[A-Za-z_]+(?:\[(?:\d+|\.\.\.)\])*(?:\.[A-Za-z_]+(?:\[(?:\d+|\.\.\.)\])*)*")
 
 
+#: Parameters named by the gateway's own refusals that are not struct fields: the declared purpose's two
+#: places (``gateway/requests/purpose.py``). Names, not text of the body: kept as they are.
+_GATEWAY_PARAMS = frozenset({METADATA_PURPOSE, PURPOSE_HEADER})
+
+
 def _known_path(path: str) -> bool:
-    return _PARAM_PATH.fullmatch(path) is not None and all(
+    return path in _GATEWAY_PARAMS or _PARAM_PATH.fullmatch(path) is not None and all(
         name in KNOWN_FIELDS for name in re.findall(r"[A-Za-z_]+", path))
 
 
@@ -178,7 +185,7 @@ def _without_body_values(error: ApiError, param: str | None) -> str:
     keep. Field names the gateway knows (``param`` as :func:`logged_param`
     keeps it) stay: they say what was wrong.
     """
-    names = set(re.split(r"[.\[\]]+", param or "")) | {param or ""}
+    names = set(re.split(r"[.\[\]]+", param or "")) | {param or ""} | _GATEWAY_PARAMS
     message = _ENUM_VALUE.sub("Invalid enum value '…'", error.message)
     return _QUOTED.sub(lambda m: m.group(0) if m.group(1) in names else "'…'", message)
 

@@ -36,6 +36,19 @@ RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=10.0)]
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 StopList = Annotated[list[NonEmptyStr], msgspec.Meta(max_length=4)]
 
+# ``metadata`` is bounded as OpenAI bounds it. Beyond these, ``gateway.requests.parsing`` refuses it
+# with 400 ``invalid_value`` before msgspec sees it (the constraints here are for the schema).
+#: Most key-value pairs ``metadata`` may hold.
+MAX_METADATA_PAIRS = 16
+#: Longest key of ``metadata``, in characters (code points, not bytes).
+MAX_METADATA_KEY_CHARS = 64
+#: Longest value of ``metadata``, in characters.
+MAX_METADATA_VALUE_CHARS = 512
+Metadata = Annotated[
+    dict[Annotated[str, msgspec.Meta(max_length=MAX_METADATA_KEY_CHARS)],
+         Annotated[str, msgspec.Meta(max_length=MAX_METADATA_VALUE_CHARS)]],
+    msgspec.Meta(max_length=MAX_METADATA_PAIRS)]
+
 
 class TextPart(msgspec.Struct, forbid_unknown_fields=True):
     type: Literal["text"]
@@ -100,7 +113,7 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stream_options: StreamOptions | None = None
     n: Choices | None = 1
     user: str | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     # OpenAI fields that clients and SDK wrappers send with their default value
     # (``"logprobs": false``, ``"response_format": {"type": "text"}``…): declared
     # as ``Any`` and accepted only with a value that asks for what govgate does

@@ -9,7 +9,7 @@ an accepted request ends in exactly one terminal entry.
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Sequence
 
 import redis.asyncio as aioredis
 
@@ -54,9 +54,9 @@ class CompletionService:
                                    output_rules=output_rules)
 
     async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
-                    purpose_header: str | None) -> Ticket:
+                    purpose_headers: Sequence[str] = ()) -> Ticket:
         """Read, decide, reserve and record a request (see :class:`Admission`)."""
-        return await self.admission.admit(principal, endpoint, read_body, purpose_header)
+        return await self.admission.admit(principal, endpoint, read_body, purpose_headers)
 
     async def complete(self, ticket: Ticket, gone: ClientGone | None = None) -> JobResult:
         """Queue an admitted request and wait for its result (``gone``: see ``TicketRunner.complete``)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+from typing import Any
 from urllib.parse import urlparse
 
 import httpx
@@ -100,3 +101,39 @@ def test_a_request_refused_before_its_100_continue_closes_its_connection(served_
         status, _, answer = _read_answer(served)
         assert status.startswith(b"HTTP/1.1 200"), (status, answer)
         assert TINY_MODEL_NAME in [model["id"] for model in json.loads(answer)["data"]]
+
+
+def _with_purpose(base: str, key: str, *purpose_lines: bytes) -> tuple[bytes, dict[str, Any], str]:
+    """A chat request with these ``X-Govgate-Purpose`` header lines, sent byte for byte (no client library
+    between: httpx's test transport re-encodes header bytes and joins repeated headers); status, body, id."""
+    body = json.dumps(BODY).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer %s\r\nContent-Length: %d\r\n" % (key.encode(), len(body)))
+    with _connect(base) as conn:
+        conn.sendall(head + b"".join(b"X-Govgate-Purpose:%s\r\n" % line for line in purpose_lines) + b"\r\n" + body)
+        status, headers, answer = _read_answer(conn)
+    return status, json.loads(answer), headers[b"x-govgate-request-id"].decode()
+
+
+def test_the_purpose_header_is_read_as_utf8_once(served_api, keyring, audit_store):
+    """The header's bytes are UTF-8 text (they were read as Latin-1: ``évaluation`` reached the policy as
+    ``Ã©valuation``); bytes that are not UTF-8, or the header twice, are 400 naming it, and nothing of the
+    refused value is kept in the audit entry (tests/gateway/test_declared_purpose.py checks the logs)."""
+    key = keyring["analyst"]
+    status, answer, request_id = _with_purpose(served_api, key, " \xe9valuation \t".encode("utf-8"))
+    assert status.startswith(b"HTTP/1.1 200"), (status, answer)
+    entries = audit_store.entries_for(request_id)
+    assert entries[0].kind == "request" and entries[0].body["purpose"] == "évaluation"  # HTTP strips the spaces
+
+    refusals = [(b" ZQXlatin \xe9valuation",), (b"research", b"ZQXsecond"), (b"research", b"research")]
+    for lines in refusals:
+        status, answer, request_id = _with_purpose(served_api, key, *lines)
+        assert status.startswith(b"HTTP/1.1 400"), (lines, status, answer)
+        error = answer["error"]
+        assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_value",
+                                                                  "X-Govgate-Purpose")
+        assert "ZQX" not in error["message"]
+        entries = audit_store.entries_for(request_id)
+        assert [e.kind for e in entries] == ["rejected"], lines
+        assert entries[0].body["error"]["param"] == "X-Govgate-Purpose"
+        assert "ZQX" not in json.dumps(entries[0].body)
