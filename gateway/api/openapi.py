@@ -112,10 +112,8 @@ _CHALLENGE = header("Always 'Bearer'.", {"type": "string"})
 #: status -> (description, extra headers): README's error table, per status.
 _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
     400: ("`invalid_json` (not a JSON object), `unsupported_parameter` (an unknown field, `n` > 1, several "
-          "prompts, a penalty the model's backend ignores), `invalid_value` (`metadata` beyond its bounds, a "
-          "declared purpose that is not a label or two that differ; `param` names `metadata`, `metadata.purpose` "
-          "or the X-Govgate-Purpose header) or `context_length_exceeded` (prompt + max_tokens do not fit the "
-          "model's context).", {}),
+          "prompts, a penalty the model's backend ignores) or `context_length_exceeded` (prompt + max_tokens "
+          "do not fit the model's context).", {}),
     401: ("`missing_api_key` or `invalid_api_key`: no key, malformed, unknown or revoked.",
           {"WWW-Authenticate": _CHALLENGE}),
     403: ("`policy_denied`: the policy said no to a model this key may see; `error.reasons` lists why.", {}),
@@ -125,7 +123,9 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
     415: UNSUPPORTED_CODING,
     431: ("`request_header_fields_too_large`: the request line and headers together are over 16 KiB; the "
           "server closes the connection (the request was never read, so it has no audit entry).", {}),
-    422: ("`invalid_value`: a missing field, a wrong type or an out-of-range value (`param` names it), or a "
+    422: ("`invalid_value`: a missing field, a wrong type or an out-of-range value (`param` names it: "
+          "`metadata` beyond its bounds, a declared purpose that is not a label or two that differ name "
+          "`metadata`, `metadata.<key>`, `metadata.purpose` or the X-Govgate-Purpose header), or a "
           "character the model's backend cannot take (a NUL for ctransformers models).", {}),
     429: (f"{_either(RETRYABLE_CODES_IN_ORDER)}: a usage limit or the "
           "model's queue is full (in fair mode, the places of the caller's team: its share of the model's "
@@ -193,7 +193,7 @@ def _event_stream(chunk: type) -> dict[str, Any]:
 
 #: What a declared purpose may be (``gateway/requests/purpose.py``).
 _LABEL = (f"a label of 1 to {MAX_PURPOSE_CHARS} printable characters (no control, format or separator character "
-          "but the space), without leading or trailing space; anything else is 400 `invalid_value`.")
+          "but the space), without leading or trailing space; anything else is 422 `invalid_value`.")
 #: What the struct cannot say about a field (README's "Supported request fields").
 _FIELD_NOTES = {
     "model": "A model of the registry (GET /v1/models lists those this key may use); 404 otherwise.",
@@ -212,7 +212,7 @@ _FIELD_NOTES = {
     "n": "Choices per request: only 1 is supported (400 otherwise).",
     "metadata": (f"At most {MAX_METADATA_PAIRS} key-value pairs, keys of at most {MAX_METADATA_KEY_CHARS} "
                  f"characters, string values of at most {MAX_METADATA_VALUE_CHARS} (OpenAI's bounds; beyond them "
-                 f"400 `invalid_value`). `metadata.purpose` declares the request's purpose to the policy: {_LABEL}"),
+                 f"422 `invalid_value`). `metadata.purpose` declares the request's purpose to the policy: {_LABEL}"),
 }
 
 
@@ -227,7 +227,7 @@ _PURPOSE = Parameter(name=urls.PURPOSE_HEADER, param_in="header", required=False
                      schema=JsonSchema(document={"type": "string"}),
                      description=("Declares the request's purpose to the policy (as `metadata.purpose` does), "
                                   f"as UTF-8 text: {_LABEL} Given twice, or beside a different `metadata.purpose`: "
-                                  "400 `invalid_value`."))
+                                  "422 `invalid_value`."))
 
 _EXAMPLES: dict[type, dict[str, Any]] = {
     ChatCompletionRequest: {"model": TINY_MODEL_NAME, "max_tokens": 16,

@@ -3,7 +3,7 @@
 Not JSON or not an object: 400; a body that breaks the schema (missing
 field, wrong type, out-of-range value): 422 naming the parameter; a parameter
 or value govgate does not support: 400 ``unsupported_parameter``; ``metadata``
-beyond OpenAI's bounds: 400 ``invalid_value``, as OpenAI answers it. See
+beyond OpenAI's bounds: 422 ``invalid_value``, as any out-of-range value. See
 docs/architecture.md, section "The request path", step 2.
 """
 
@@ -101,11 +101,10 @@ def parse_body(raw: bytes, kind: type[T]) -> T:
 
 
 def _check_metadata(metadata: Any) -> None:
-    """Refuse ``metadata`` beyond OpenAI's bounds: 400 ``invalid_value``, as OpenAI answers them.
+    """Refuse ``metadata`` beyond OpenAI's bounds: 422 ``invalid_value``, as any out-of-range value.
 
     Checked on the decoded document, before msgspec (whose constraints on
-    the struct would make it a 422 that cannot say which key's value is too
-    long). A key is never quoted (it is text the client wrote, and the
+    the struct could not say which key's value is too long). A key is never quoted (it is text the client wrote, and the
     message goes to the audit entry); a value's key is named in ``param``,
     which the entry keeps as ``metadata.…`` (``metadata.purpose`` as such).
     Anything but an object of strings is left to msgspec (422, a wrong type).
@@ -113,14 +112,14 @@ def _check_metadata(metadata: Any) -> None:
     if not isinstance(metadata, dict):
         return
     if len(metadata) > MAX_METADATA_PAIRS:
-        raise ApiError(400, "invalid_value", f"'metadata' holds {len(metadata)} key-value pairs; at most "
+        raise ApiError(422, "invalid_value", f"'metadata' holds {len(metadata)} key-value pairs; at most "
                        f"{MAX_METADATA_PAIRS} are accepted.", param="metadata")
     for key, value in metadata.items():
         if len(key) > MAX_METADATA_KEY_CHARS:
-            raise ApiError(400, "invalid_value", f"A key of 'metadata' has {len(key)} characters; keys may have "
+            raise ApiError(422, "invalid_value", f"A key of 'metadata' has {len(key)} characters; keys may have "
                            f"at most {MAX_METADATA_KEY_CHARS}.", param="metadata")
         if isinstance(value, str) and len(value) > MAX_METADATA_VALUE_CHARS:
-            raise ApiError(400, "invalid_value", f"A value of 'metadata' has {len(value)} characters; values may "
+            raise ApiError(422, "invalid_value", f"A value of 'metadata' has {len(value)} characters; values may "
                            f"have at most {MAX_METADATA_VALUE_CHARS}.", param=f"metadata.{key}")
 
 

@@ -21,7 +21,7 @@ are HTTP's, not the client's (RFC 9110 excludes them from a field's value):
 dropped. Given twice, or in both places with different values, which one
 counts would be a guess: refused.
 
-Every refusal is 400 ``invalid_value`` naming the header or
+Every refusal is 422 ``invalid_value`` (as any out-of-range value) naming the header or
 ``metadata.purpose`` and never quotes the value, so the ``rejected`` entry
 (which keeps the message) holds nothing of it.
 """
@@ -40,7 +40,7 @@ METADATA_PURPOSE = "metadata.purpose"
 
 
 def declared_purpose(header_values: Sequence[str], metadata: dict[str, str] | None) -> str | None:
-    """The purpose the request declares (None: none), or :class:`ApiError` 400 if it is not a label.
+    """The purpose the request declares (None: none), or :class:`ApiError` 422 if it is not a label.
 
     ``header_values``: every ``X-Govgate-Purpose`` value as the ASGI server
     passed it (Latin-1 decoded bytes).
@@ -86,4 +86,4 @@ def _label(value: str, param: str) -> str:
 
 
 def _refused(param: str, message: str) -> ApiError:
-    return ApiError(400, "invalid_value", message, param=param)
+    return ApiError(422, "invalid_value", message, param=param)

@@ -117,7 +117,7 @@ def _with_purpose(base: str, key: str, *purpose_lines: bytes) -> tuple[bytes, di
 
 def test_the_purpose_header_is_read_as_utf8_once(served_api, keyring, audit_store):
     """The header's bytes are UTF-8 text (they were read as Latin-1: ``évaluation`` reached the policy as
-    ``Ã©valuation``); bytes that are not UTF-8, or the header twice, are 400 naming it, and nothing of the
+    ``Ã©valuation``); bytes that are not UTF-8, or the header twice, are 422 naming it, and nothing of the
     refused value is kept in the audit entry (tests/gateway/test_declared_purpose.py checks the logs)."""
     key = keyring["analyst"]
     status, answer, request_id = _with_purpose(served_api, key, " \xe9valuation \t".encode("utf-8"))
@@ -128,7 +128,7 @@ def test_the_purpose_header_is_read_as_utf8_once(served_api, keyring, audit_stor
     refusals = [(b" ZQXlatin \xe9valuation",), (b"research", b"ZQXsecond"), (b"research", b"research")]
     for lines in refusals:
         status, answer, request_id = _with_purpose(served_api, key, *lines)
-        assert status.startswith(b"HTTP/1.1 400"), (lines, status, answer)
+        assert status.startswith(b"HTTP/1.1 422"), (lines, status, answer)
         error = answer["error"]
         assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_value",
                                                                   "X-Govgate-Purpose")

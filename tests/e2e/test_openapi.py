@@ -148,8 +148,8 @@ def test_documented_examples_are_served_as_described(api_schema, served_api: str
     ("analyst", {"model": "no-such-model"}, 404, "model_not_found"),
     ("analyst", {"n": 2}, 400, "unsupported_parameter"),
     ("analyst", {"temperature": 9}, 422, "invalid_value"),
-    ("analyst", {"metadata": {f"k{i}": "v" for i in range(17)}}, 400, "invalid_value"),
-    ("analyst", {"metadata": {"purpose": "p" * 65}}, 400, "invalid_value"),
+    ("analyst", {"metadata": {f"k{i}": "v" for i in range(17)}}, 422, "invalid_value"),
+    ("analyst", {"metadata": {"purpose": "p" * 65}}, 422, "invalid_value"),
 ], ids=["hidden-model", "denied", "revoked", "unknown-model", "unsupported", "out-of-range", "metadata-over-bounds",
         "purpose-too-long"])
 def test_refusals_are_as_described(api_schema, served_api: str, keyring: dict[str, str], audit_store: AuditStore,

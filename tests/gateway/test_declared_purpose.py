@@ -4,7 +4,7 @@ The purpose (``X-Govgate-Purpose`` or ``metadata.purpose``) goes into the
 policy input and the request entry in clear at every ``prompt_logging``
 level, where the content rules never look: unbounded, any text could be
 stored that way. Each bound is served at the limit and refused one past it
-(400 ``invalid_value`` in OpenAI's shape, ``param`` named, a ``rejected``
+(422 ``invalid_value`` in OpenAI's shape, ``param`` named, a ``rejected``
 entry), lengths in characters, not bytes; a refused purpose's text is in
 neither the entry nor the logs.
 """
@@ -64,14 +64,14 @@ def _served(audit_store, response) -> dict[str, Any]:
 
 def _refused(audit_store, response, param: str, kept_param: str | None = None) -> dict[str, Any]:
     """The ``rejected`` entry of a refused request, after checking the answer (OpenAI's shape)."""
-    assert response.status_code == 400, response.text
+    assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_value", param)
     assert error["message"]
     entries = _entries(audit_store, response)
     assert [e.kind for e in entries] == ["rejected"] and entries[0].principal == "alice"
     recorded = entries[0].body
-    assert recorded["status"] == 400
+    assert recorded["status"] == 422
     assert (recorded["error"]["code"], recorded["error"]["param"]) == ("invalid_value", kept_param or param)
     return recorded
 
@@ -96,7 +96,7 @@ async def test_metadata_at_its_bounds_is_served(client, keyring, audit_store, me
     ({"note": "x" * 513}, "metadata.note", "metadata.…"),  # a key the client made up is its text
     ({"note": "€" * 513}, "metadata.note", "metadata.…"),
 ], ids=["17-pairs", "key-65", "key-65-unicode", "value-513", "value-513-unicode"])
-async def test_metadata_past_its_bounds_is_400_and_audited(client, keyring, audit_store, metadata, param, kept):
+async def test_metadata_past_its_bounds_is_422_and_audited(client, keyring, audit_store, metadata, param, kept):
     response = await _post(client, keyring, metadata=metadata)
     _refused(audit_store, response, param, kept)
 
@@ -148,7 +148,7 @@ HEADER_CASES = {"65", "65-unicode", "long-text", "empty", "c1-nel", "line-separa
 
 
 @pytest.mark.parametrize("purpose", [case[1] for case in NOT_LABELS], ids=[case[0] for case in NOT_LABELS])
-async def test_metadata_purpose_that_is_not_a_label_is_400_and_not_kept(client, keyring, audit_store, caplog,
+async def test_metadata_purpose_that_is_not_a_label_is_422_and_not_kept(client, keyring, audit_store, caplog,
                                                                         purpose):
     with caplog.at_level(logging.DEBUG):
         response = await _post(client, keyring, metadata={"purpose": purpose})
@@ -158,7 +158,7 @@ async def test_metadata_purpose_that_is_not_a_label_is_400_and_not_kept(client, 
 
 @pytest.mark.parametrize("purpose", [case[1] for case in NOT_LABELS if case[0] in HEADER_CASES],
                          ids=[case[0] for case in NOT_LABELS if case[0] in HEADER_CASES])
-async def test_a_header_purpose_that_is_not_a_label_is_400_and_not_kept(client, keyring, audit_store, caplog,
+async def test_a_header_purpose_that_is_not_a_label_is_422_and_not_kept(client, keyring, audit_store, caplog,
                                                                         purpose):
     with caplog.at_level(logging.DEBUG):
         response = await _post(client, keyring, headers=[(HEADER, purpose.encode())])
@@ -169,7 +169,7 @@ async def test_a_header_purpose_that_is_not_a_label_is_400_and_not_kept(client, 
 def _nothing_kept(recorded: dict[str, Any], response, caplog, purpose: str) -> None:
     """Nothing of ``purpose`` in the rejected entry, the answer's message or the logs (which did log the request)."""
     access = [r for r in caplog.records if r.name == "govgate.access"]
-    assert [(r.status, r.code) for r in access] == [(400, "invalid_value")]  # the logs were captured
+    assert [(r.status, r.code) for r in access] == [(422, "invalid_value")]  # the logs were captured
     marker = "ZQX" if "ZQX" in purpose else purpose.strip() or None
     if marker:
         assert marker not in json.dumps(recorded, ensure_ascii=False)
@@ -185,7 +185,7 @@ async def test_a_utf8_header_is_read_as_utf8(client, keyring, audit_store):
     assert _served(audit_store, response)["purpose"] == "évaluation"
 
 
-async def test_a_header_and_metadata_purpose_that_differ_are_400(client, keyring, audit_store):
+async def test_a_header_and_metadata_purpose_that_differ_are_422(client, keyring, audit_store):
     """Which one counts would be a guess (the header used to win silently)."""
     response = await _post(client, keyring, headers=[(HEADER, "research")], metadata={"purpose": "support"})
     recorded = _refused(audit_store, response, "metadata.purpose")
