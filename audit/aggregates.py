@@ -14,13 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final, Iterable, Sequence
 
-from sqlalchemy import Engine, and_, case, func, or_, select, true
+from sqlalchemy import Engine, and_, case, func, literal, not_, or_, select, true
 from sqlalchemy.sql.elements import ColumnElement
 
 from .db import DB_ERRORS, describe, reason
 from .errors import AuditError
 from .kinds import REJECTED, REQUEST, TERMINAL_KINDS
-from .search import EntryFilter, ReasonItems, conditions, decision_is
+from .search import EntryFilter, ReasonItems, answered_as_unknown, conditions, decision_is
 from .tables import audit_table
 
 _t = audit_table.c
@@ -54,7 +54,10 @@ def usage(engine: Engine, where: EntryFilter, groups: Sequence[str] = DEFAULT_GR
 
     ``where`` narrows the entries as for a search (principal, team, model,
     time range); its ``kinds``, ``decision``, ``reason`` and ``text`` must be
-    unset, since usage is counted over every kind that carries it.
+    unset, since usage is counted over every kind that carries it. With its
+    ``as_answered``, a request entry answered as an unknown model counts as
+    the rejection of an unknown name would: ``rejected``, in no model's
+    group, with no denial.
     """
     if where.kinds or where.decision or where.reason or where.text:
         raise ValueError("usage is filtered by principal, team, model, request id and time only")
@@ -62,7 +65,7 @@ def usage(engine: Engine, where: EntryFilter, groups: Sequence[str] = DEFAULT_GR
     if unknown or len(set(groups)) != len(groups):
         raise ValueError(f"groups must be distinct names among {', '.join(GROUPS)}")
     dialect = engine.dialect.name
-    keys = _group_columns(groups, dialect)
+    keys = _group_columns(groups, dialect, where.as_answered)
     base = conditions(where, dialect)
 
     # Usage counts most kinds, so ``kind`` never narrows it: spelt ``kind || ''``, no index keys on it, and
@@ -74,18 +77,20 @@ def usage(engine: Engine, where: EntryFilter, groups: Sequence[str] = DEFAULT_GR
     terminal = _t.kind.in_(sorted(TERMINAL_KINDS))
     allow = _t.body[("decision", "allow")].as_boolean()
     unavailable = _t.body[("decision", "unavailable")].as_boolean()
-    verdict = case((_t.kind != REQUEST, None), (allow == true(), "allowed"), (unavailable == true(), "unavailable"),
-                   else_="denied").label("verdict")
+    shown_kind = case((answered_as_unknown(), literal(REJECTED)), else_=_t.kind) if where.as_answered else _t.kind
+    verdict = case((shown_kind != REQUEST, None), (allow == true(), "allowed"),
+                   (unavailable == true(), "unavailable"), else_="denied").label("verdict")
 
     def tokens(name: str) -> ColumnElement[Any]:
         return func.coalesce(func.sum(case((terminal, _t.body[("usage", name)].as_integer()))), 0).label(name)
 
-    totals = (select(*keys, _t.kind.label("kind"), verdict, func.count().label("entries"),
+    shown_kind = shown_kind.label("kind")
+    totals = (select(*keys, shown_kind, verdict, func.count().label("entries"),
                      *(tokens(name) for name in _TOKENS))
               .where(*base, kind.in_(sorted({REQUEST, REJECTED} | TERMINAL_KINDS)))
-              .group_by(*keys, _t.kind, verdict).order_by(*_nulls_first(keys), _t.kind)
+              .group_by(*keys, shown_kind, verdict).order_by(*_nulls_first(keys), shown_kind)
               .limit(_PARTS_PER_GROUP * (MAX_GROUPS + 1)))
-    is_request = kind == REQUEST
+    is_request = and_(kind == REQUEST, not_(answered_as_unknown())) if where.as_answered else kind == REQUEST
     items = ReasonItems.of(dialect)
     denials = (select(*keys, items.code.label("reason"), func.count().label("count"))
                .select_from(audit_table).join(items.table, true())
@@ -104,8 +109,12 @@ def usage(engine: Engine, where: EntryFilter, groups: Sequence[str] = DEFAULT_GR
     return Usage(tuple(groups), rows[:MAX_GROUPS], denied[:MAX_GROUPS], truncated)
 
 
-def _group_columns(groups: Iterable[str], dialect: str) -> list[ColumnElement[Any]]:
-    columns = {"day": day_of(dialect), "team": _t.team, "model": _t.model, "principal": _t.principal}
+def _group_columns(groups: Iterable[str], dialect: str, as_answered: bool = False) -> list[ColumnElement[Any]]:
+    """The group keys; with ``as_answered`` a request answered as an unknown model is in no model's group."""
+    model: ColumnElement[Any] = _t.model
+    if as_answered:
+        model = case((answered_as_unknown(), None), else_=_t.model)
+    columns = {"day": day_of(dialect), "team": _t.team, "model": model, "principal": _t.principal}
     return [columns[name].label(name) for name in groups]
 
 

@@ -7,7 +7,12 @@ entries written before it existed the body's ``messages``, ``prompt`` and
 ``output``) unless the caller asked for them, since each such read must be
 audited by whoever serves it. A document that had texts taken out says so
 in ``withheld``: its ``hash`` can then no longer be recomputed from the
-document alone, and a verifier knows why.
+document alone, and a verifier knows why. A document may also be shown
+without the chain's ``prev_hash`` and ``hash`` (``with_chain=False``, also
+listed in ``withheld``): the review API's view for a key that reads only its
+own entries, in which an entry may be shown as its client was told it
+(gateway/review/as_told.py), and whose hash would tell it from the entry
+recorded.
 
 A CSV export is opened in spreadsheets, which run a cell that starts with
 ``=``, ``+``, ``-`` or ``@`` (and, in some, a tab or a carriage return) as
@@ -55,41 +60,49 @@ def has_text(entry: AuditEntry) -> bool:
     return any(name in entry.body for name in TEXT_FIELDS)
 
 
-def entry_document(entry: AuditEntry, *, with_text: bool) -> dict[str, Any]:
-    """The entry as plain JSON; without its texts unless ``with_text`` (see the module docstring)."""
+#: The chain's fields, left out of a document shown ``with_chain=False``.
+CHAIN_FIELDS: Final = ("prev_hash", "hash")
+
+
+def entry_document(entry: AuditEntry, *, with_text: bool, with_chain: bool = True) -> dict[str, Any]:
+    """The entry as plain JSON; without its texts unless ``with_text``, without ``prev_hash`` and ``hash``
+    unless ``with_chain`` (see the module docstring)."""
     document = entry.to_document()
     # The payload is not a hashed field: to_document may leave it out; a reader wants both.
     document.setdefault("payload_digest", getattr(entry, "payload_digest", None))
     document.setdefault("payload", getattr(entry, "payload", None))
-    if with_text:
-        return document
     withheld: list[str] = []
-    body = document.get("body")
-    if isinstance(body, dict) and any(name in body for name in TEXT_FIELDS):
-        document["body"] = {key: value for key, value in body.items() if key not in TEXT_FIELDS}
-        withheld += [f"body.{name}" for name in TEXT_FIELDS if name in body]
-    if document.get("payload") is not None:
-        document["payload"] = None
-        withheld.append("payload")
+    if not with_text:
+        body = document.get("body")
+        if isinstance(body, dict) and any(name in body for name in TEXT_FIELDS):
+            document["body"] = {key: value for key, value in body.items() if key not in TEXT_FIELDS}
+            withheld += [f"body.{name}" for name in TEXT_FIELDS if name in body]
+        if document.get("payload") is not None:
+            document["payload"] = None
+            withheld.append("payload")
+    if not with_chain:
+        document.update(dict.fromkeys(CHAIN_FIELDS))
+        withheld += CHAIN_FIELDS
     if withheld:
         document["withheld"] = withheld
     return document
 
 
-def jsonl_chunks(entries: Iterable[AuditEntry], *, with_text: bool) -> Iterator[bytes]:
+def jsonl_chunks(entries: Iterable[AuditEntry], *, with_text: bool, with_chain: bool = True) -> Iterator[bytes]:
     """One JSON object per line (keys sorted, UTF-8), gathered into chunks."""
-    return _chunked(json.dumps(entry_document(entry, with_text=with_text), ensure_ascii=False, sort_keys=True,
-                               separators=(",", ":")) + "\n" for entry in entries)
+    return _chunked(json.dumps(entry_document(entry, with_text=with_text, with_chain=with_chain),
+                               ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n"
+                    for entry in entries)
 
 
-def csv_chunks(entries: Iterable[AuditEntry], *, with_text: bool) -> Iterator[bytes]:
+def csv_chunks(entries: Iterable[AuditEntry], *, with_text: bool, with_chain: bool = True) -> Iterator[bytes]:
     """A header row, then one row per entry (RFC 4180 quoting; body and payload as JSON text)."""
     def lines() -> Iterator[str]:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\r\n")
         writer.writerow(CSV_COLUMNS)
         for entry in entries:
-            writer.writerow(_csv_row(entry_document(entry, with_text=with_text)))
+            writer.writerow(_csv_row(entry_document(entry, with_text=with_text, with_chain=with_chain)))
             if buffer.tell() >= CHUNK_BYTES:
                 yield buffer.getvalue()
                 buffer.seek(0)
@@ -98,12 +111,12 @@ def csv_chunks(entries: Iterable[AuditEntry], *, with_text: bool) -> Iterator[by
     return _chunked(lines())
 
 
-def chunks(fmt: str, entries: Iterable[AuditEntry], *, with_text: bool) -> Iterator[bytes]:
+def chunks(fmt: str, entries: Iterable[AuditEntry], *, with_text: bool, with_chain: bool = True) -> Iterator[bytes]:
     """The writer for ``fmt`` (one of :data:`FORMATS`)."""
     if fmt == "jsonl":
-        return jsonl_chunks(entries, with_text=with_text)
+        return jsonl_chunks(entries, with_text=with_text, with_chain=with_chain)
     if fmt == "csv":
-        return csv_chunks(entries, with_text=with_text)
+        return csv_chunks(entries, with_text=with_text, with_chain=with_chain)
     raise ValueError(f"format must be one of {', '.join(FORMATS)}")
 
 

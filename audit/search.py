@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Iterator, Literal
 
-from sqlalchemy import JSON, Engine, String, and_, cast, exists, false, func, literal_column, or_, select, true
+from sqlalchemy import JSON, Engine, String, and_, cast, exists, false, func, literal_column, not_, or_, select, true
 from sqlalchemy.sql.elements import ColumnElement
 
 from .chain import FORMAT_1, FORMAT_2
 from .db import DB_ERRORS, describe, reason
 from .entry import AuditEntry
 from .errors import AuditError, CorruptEntryError
-from .kinds import PAYLOAD_READ, REQUEST
+from .kinds import PAYLOAD_READ, REJECTED, REQUEST
 from .store import AuditStore
 from .tables import audit_table
 from .time_order import SeqRange, seq_range
@@ -49,6 +49,10 @@ TEXT_FIELDS: Final = ("messages", "prompt", "output")
 #: The LIKE escape character (not a backslash: JSON text is full of those).
 _ESCAPE: Final = "!"
 
+#: The ``code`` of a request entry's ``answered`` when its client was told the model does not exist (the
+#: gateway's refusal of a model the key may not see: gateway/requests/hidden_models.py).
+ANSWERED_AS_UNKNOWN_MODEL: Final = "model_not_found"
+
 
 @dataclass(frozen=True)
 class EntryFilter:
@@ -59,6 +63,14 @@ class EntryFilter:
     ``decision`` and ``reason`` match ``request`` entries only (the kinds
     that carry a decision). ``text`` matches prompts and outputs as stored
     (case-insensitively for ASCII letters).
+
+    ``as_answered`` matches each entry as its client was told it rather than
+    as recorded: a ``request`` entry whose client was told its model does not
+    exist (:func:`answered_as_unknown`) matches as the ``rejected`` entry of
+    an unknown model's name would, that is as kind ``rejected``, with no
+    model, no decision, no reason and no text. The review API sets it for a
+    key that reads only its own entries, so no filter tells such a refusal
+    from an unknown name's.
     """
 
     principal: str | None = None
@@ -73,6 +85,7 @@ class EntryFilter:
     since: datetime | None = None
     until: datetime | None = None
     text: str | None = None
+    as_answered: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,12 +147,17 @@ def conditions(where: EntryFilter, dialect: str, seqs: SeqRange | None = None) -
     ``(column, seq)`` indexes or the primary key.
     """
     clauses: list[ColumnElement[bool]] = []
+    # With ``as_answered``, a request entry answered as an unknown model matches as an unknown name's rejection:
+    # never by its model, decision, reasons or texts (which a rejection has none of), as a rejection by its kind.
+    told = not_(answered_as_unknown()) if where.as_answered else None
     for column, value in ((_t.principal, where.principal), (_t.team, where.team), (_t.model, where.model),
                           (_t.request_id, where.request_id)):
         if value is not None:
             clauses.append(column == value)
+    if where.model is not None and told is not None:
+        clauses.append(told)
     if where.kinds:
-        clauses.append(_t.kind.in_(sorted(where.kinds)))
+        clauses.append(_kind_in(where.kinds, where.as_answered))
     if seqs is not None:
         if seqs.empty:
             clauses.append(false())
@@ -160,10 +178,38 @@ def conditions(where: EntryFilter, dialect: str, seqs: SeqRange | None = None) -
         clauses.append(has_reason(where.reason, dialect))
     if where.text is not None:
         clauses.append(text_matches(where.text))
+    if told is not None and (where.decision is not None or where.reason is not None or where.text is not None):
+        clauses.append(told)
     if where.read_of is not None:
         clauses.append(_t.kind == PAYLOAD_READ)
         clauses.append(names_read(where.read_of, dialect))
     return clauses
+
+
+def answered_as_unknown() -> ColumnElement[bool]:
+    """A ``request`` entry whose client was told its model does not exist (never NULL, so it can be negated).
+
+    The gateway answers a request for a model the key may not see as it
+    answers an unknown name, and records in the request entry's ``answered``
+    what the client was told (gateway/requests/hidden_models.py).
+    """
+    code = func.coalesce(_t.body[("answered", "code")].as_string(), "")
+    return and_(_t.kind == REQUEST, code == ANSWERED_AS_UNKNOWN_MODEL)
+
+
+def _kind_in(kinds: frozenset[str], as_answered: bool) -> ColumnElement[bool]:
+    """The entry's kind is one of ``kinds``; with ``as_answered``, the kind its client's answer gives it.
+
+    Spelt so the ``(kind, seq)`` index still picks the candidates: ``kind IN
+    (…)`` always leads, the request entries answered as unknown are told
+    apart among them.
+    """
+    if not as_answered or (REQUEST in kinds) == (REJECTED in kinds):
+        return _t.kind.in_(sorted(kinds))
+    if REQUEST in kinds:  # requests, but not those shown as rejections
+        return and_(_t.kind.in_(sorted(kinds)), not_(answered_as_unknown()))
+    # rejections, and the requests shown as rejections
+    return and_(_t.kind.in_(sorted(kinds | {REQUEST})), or_(_t.kind != REQUEST, answered_as_unknown()))
 
 
 def decision_is(decision: Decision) -> ColumnElement[bool]:

@@ -30,7 +30,10 @@ class _Closed(msgspec.Struct, forbid_unknown_fields=True):
 class AuditEntryDocument(_Closed):
     """One audit entry as stored (`audit/export.py`). Texts of prompts and outputs are left out unless
     `include_text=true` was asked (and the read recorded): `withheld` then names what was left out, and the
-    `hash` can only be recomputed from the document if `withheld` names nothing but `payload`."""
+    `hash` can only be recomputed from the document if `withheld` names nothing but `payload`. A key that
+    reads only its own entries reads them as its client was told them (a request for a model it may not see
+    is shown as the `rejected` entry of an unknown name), without `prev_hash` and `hash` (null, and named in
+    `withheld`)."""
 
     seq: int
     created_at: str
@@ -41,13 +44,14 @@ class AuditEntryDocument(_Closed):
     model: str | None
     policy_revision: str | None
     terminal_request_id: str | None
-    prev_hash: str
-    hash: str
+    prev_hash: str | None
+    hash: str | None
     body: dict[str, Any]
     payload: dict[str, Any] | None
     payload_digest: str | None
     format: Literal[1, 2]
-    withheld: list[Literal["payload", "body.messages", "body.prompt", "body.output"]] | UnsetType = UNSET
+    withheld: list[Literal["payload", "body.messages", "body.prompt", "body.output", "prev_hash",
+                           "hash"]] | UnsetType = UNSET
 
 
 class AuditEntryList(_Closed):

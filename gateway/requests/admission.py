@@ -170,7 +170,8 @@ class Admission:
     async def _admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
                      purpose_headers: Sequence[str]) -> Ticket:
         request_id = current_request_id() or uuid.uuid4().hex  # the id the response header and logs name
-        request, spec, purpose = await self._read(request_id, principal, endpoint, read_body, purpose_headers)
+        request, spec, purpose, raw = await self._read(request_id, principal, endpoint, read_body,
+                                                       purpose_headers)
         with errors_of(request_id):
             created = int(time.time())
             requested_max = request.requested_max_tokens(self.default_max_tokens)
@@ -208,7 +209,7 @@ class Admission:
                                   policy_input=verdict.policy_input, messages=messages, prompt=prompt,
                                   digester=self.digester)
             if refusal is not None and answer is not None and answer is not refusal:
-                body["answered"] = answered_record(refusal, answer)
+                body["answered"] = answered_record(refusal, answer, raw, self.digester)
             try:
                 await self.request_log.record_request(request_id, principal, spec.name, body, verdict.revision)
             except ApiError:  # refused unaudited: give back what it held
@@ -232,9 +233,12 @@ class Admission:
 
     async def _read(self, request_id: str, principal: Principal, endpoint: str,
                     read_body: Callable[[], Awaitable[bytes]],
-                    purpose_headers: Sequence[str]) -> tuple[Request, ModelSpec, str | None]:
+                    purpose_headers: Sequence[str]) -> tuple[Request, ModelSpec, str | None, bytes]:
         """Parse the body and the declared purpose and check the model can take the body; a refused body
-        (or purpose) is recorded as ``rejected``."""
+        (or purpose) is recorded as ``rejected``.
+
+        The body itself is given back too: a refusal answered as an unknown model records its size and
+        keyed digest, as the unknown name's rejection does (``answered_record``)."""
         raw = b""
         request: Request | None = None
         spec: ModelSpec | None = None
@@ -258,7 +262,7 @@ class Admission:
                 raise
             raise answer from None
         assert request is not None and spec is not None
-        return request, spec, purpose
+        return request, spec, purpose, raw
 
     async def _decide(self, request_id: str, principal: Principal, endpoint: str, request: Request,
                       spec: ModelSpec, purpose: str | None, requested_max: int,

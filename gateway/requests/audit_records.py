@@ -197,12 +197,17 @@ def rejection_record(endpoint: str, key_id: str, error: ApiError, raw: bytes,
     No policy has said how much of this body may be kept, so none of it is:
     its size and a keyed digest (to match a client's retries) stand for it.
     """
-    param = logged_param(error.param)
     return {
         "endpoint": endpoint,
         "key_id": key_id,
         "status": error.status,
-        "error": {"code": error.code, "message": _without_body_values(error, param), "param": param},
+        "error": logged_error(error),
         "body_bytes": len(raw),
         "body_hmac_sha256": digester.hexdigest(raw),
     }
+
+
+def logged_error(error: ApiError) -> dict[str, Any]:
+    """A rejection's ``error`` as its entry keeps it: code, the message without the body's values, ``param``."""
+    param = logged_param(error.param)
+    return {"code": error.code, "message": _without_body_values(error, param), "param": param}

@@ -34,6 +34,7 @@ from gateway.auth import Principal
 from gateway.policy import POLICY_UNAVAILABLE, PolicyUnavailable
 from gateway.policy.engine import UNAVAILABLE_RETRY_AFTER_S
 from gateway.policy.reloader import ReloadingPolicyEngine
+from workers.contract.privacy import Digester
 from workers.contract.registry import ModelSpec
 
 MODEL_NOT_FOUND = "model_not_found"
@@ -120,12 +121,23 @@ async def as_answered(seen: SeenModels, principal: Principal, spec: ModelSpec, a
     return answer
 
 
-def answered_record(refusal: ApiError, answer: ApiError) -> dict[str, Any] | None:
+def answered_record(refusal: ApiError, answer: ApiError, raw: bytes | None = None,
+                    digester: Digester | None = None) -> dict[str, Any] | None:
     """What an audit entry adds when the client was told something other than ``refusal``: the status and
-    code it got, and why (None when it got ``refusal``)."""
+    code it got, and why (None when it got ``refusal``).
+
+    ``raw``, the request's body, given for a request entry (``digester`` with
+    it): an answer as an unknown model then keeps the body's size and keyed
+    digest, which the unknown name's ``rejected`` entry holds, so the review
+    API can show the key its own entry as that rejection
+    (gateway/review/as_told.py) with nothing missing.
+    """
     if answer is refusal:
         return None
     why = ("the key may not see the model (GET /v1/models leaves it out): refused as an unknown model"
            if answer.code == MODEL_NOT_FOUND else
            "the policy could not say in time whether the key may see the model")
-    return {"status": answer.status, "code": answer.code, "why": why}
+    record: dict[str, Any] = {"status": answer.status, "code": answer.code, "why": why}
+    if raw is not None and digester is not None and answer.code == MODEL_NOT_FOUND:
+        record.update(body_bytes=len(raw), body_hmac_sha256=digester.hexdigest(raw))
+    return record

@@ -7,7 +7,10 @@ written, nothing is shown (503 ``audit_unavailable``), as a completion is
 not served unaudited. Review actions (``flagged``, ``commented``,
 ``dispositioned``) are entries of their own on the chain, under the target's
 request id, so a request's story holds its review and verification covers
-it. Database calls run on worker threads: the store is synchronous.
+it. A key that reads only its own entries reads them as its client was told
+them (``gateway/review/as_told.py``): every read path here (search, story,
+usage, export) matches and shows them so. Database calls run on worker
+threads: the store is synchronous.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from audit.search import MAX_PAGE_SIZE, EntryFilter, iter_matching, search
 from gateway.api_errors import ApiError, new_request_id
 from gateway.observability.context import current_request_id
 from gateway.review.access import Access
+from gateway.review.as_told import as_told
 from gateway.review.params import EntryQuery
 
 log = logging.getLogger(__name__)
@@ -100,15 +104,17 @@ class ReviewService:
     # -- reads ---------------------------------------------------------------
 
     async def search(self, access: Access, query: EntryQuery) -> Answer:
-        where = replace(query.where, principal=access.own_principal(query.where.principal))
+        where = _scoped(access, query.where)
         page = await self._run(partial(search, self.audit, where, newest_first=query.newest_first,
                                        limit=query.limit, cursor=query.cursor))
+        entries = _shown(access, page.entries)
         read_id = None
-        read = [e.request_id for e in page.entries if (query.include_text and has_text(e)) or where.text is not None]
+        read = [e.request_id for e in entries if (query.include_text and has_text(e)) or where.text is not None]
         if read:
             read_id = await self._record_read(access, read, via="search", text_search=where.text is not None)
         body = {"object": "list",
-                "data": [entry_document(entry, with_text=query.include_text) for entry in page.entries],
+                "data": [entry_document(entry, with_text=query.include_text, with_chain=access.sees_all)
+                         for entry in entries],
                 "has_more": page.next_cursor is not None,
                 "next_cursor": None if page.next_cursor is None else str(page.next_cursor)}
         return Answer(body, read_id)
@@ -116,7 +122,7 @@ class ReviewService:
     async def story(self, access: Access, request_id: str, *, include_text: bool) -> Answer:
         entries = await self._run(partial(self.audit.entries_for, request_id))
         if not access.sees_all:
-            entries = [entry for entry in entries if entry.principal == access.principal.id]
+            entries = _shown(access, [entry for entry in entries if entry.principal == access.principal.id])
         own = [entry for entry in entries if entry.kind in _REQUEST_KINDS]
         if not own:
             raise not_a_request(entries) if entries else request_not_found(request_id)
@@ -128,26 +134,29 @@ class ReviewService:
         read_id = None
         if include_text and any(has_text(entry) for entry in own):
             read_id = await self._record_read(access, [request_id], via="story", text_search=False)
-        story = _story(request_id, own, [e for e in entries if e.kind in REVIEW_KINDS], include_text)
+        story = _story(request_id, own, [e for e in entries if e.kind in REVIEW_KINDS], include_text,
+                       with_chain=access.sees_all)
         if access.sees_all:
             story["reads"] = [entry_document(entry, with_text=False) for entry in reads]
         return Answer(story, read_id)
 
     async def usage(self, access: Access, where: EntryFilter, groups: tuple[str, ...]) -> Answer:
-        where = replace(where, principal=access.own_principal(where.principal))
+        where = _scoped(access, where)
         result = await self._run(partial(usage, self.audit.engine, where, groups))
         return Answer({"object": "audit.usage", "group_by": list(result.groups), "data": result.rows,
                        "denials": result.denials, "truncated": result.truncated})
 
     async def export(self, access: Access, query: EntryQuery) -> tuple[str | None, Iterator[bytes]]:
         """The read entry's id (when texts are exported) and the chunks, read lazily as they are sent."""
-        where = replace(query.where, principal=access.own_principal(query.where.principal))
+        where = _scoped(access, query.where)
         read_id = None
         if query.include_text or where.text is not None:
             read_id = await self._record_read(access, [], via="export", text_search=where.text is not None,
                                               scope=filter_document(where))
         entries = iter_matching(self.audit, where, newest_first=query.newest_first)
-        return read_id, _logged(chunks(query.fmt, entries, with_text=query.include_text))
+        if not access.sees_all:
+            entries = map(as_told, entries)
+        return read_id, _logged(chunks(query.fmt, entries, with_text=query.include_text, with_chain=access.sees_all))
 
     # -- review actions --------------------------------------------------------
 
@@ -181,6 +190,16 @@ class ReviewService:
         return read_id
 
 
+def _scoped(access: Access, where: EntryFilter) -> EntryFilter:
+    """``where`` as this caller may ask it: its own entries, matched as told, unless it reads all."""
+    return replace(where, principal=access.own_principal(where.principal), as_answered=not access.sees_all)
+
+
+def _shown(access: Access, entries: list[AuditEntry]) -> list[AuditEntry]:
+    """The entries as this caller reads them: as recorded for reviewers and auditors, else as told."""
+    return entries if access.sees_all else [as_told(entry) for entry in entries]
+
+
 #: A request the policy allowed but the gateway then refused (its request entry's ``admission`` says why):
 #: ended with that refusal, not pending.
 NOT_ADMITTED: Final = "not_admitted"
@@ -191,7 +210,8 @@ def _not_admitted(body: dict[str, Any]) -> bool:
     return isinstance(admission, dict) and admission.get("admitted") is False
 
 
-def _story(request_id: str, entries: list[AuditEntry], review: list[AuditEntry], include_text: bool) -> dict[str, Any]:
+def _story(request_id: str, entries: list[AuditEntry], review: list[AuditEntry], include_text: bool, *,
+           with_chain: bool = True) -> dict[str, Any]:
     """One request from its entries: who, what was decided and why, how it ended, what reviewers said."""
     first = entries[0]
     request = next((entry for entry in entries if entry.kind == REQUEST), None)
@@ -221,8 +241,8 @@ def _story(request_id: str, entries: list[AuditEntry], review: list[AuditEntry],
         "decision": decision,
         "flagged": any(entry.kind == FLAGGED for entry in review),
         "disposition": dispositions[-1].body.get("disposition") if dispositions else None,
-        "entries": [entry_document(entry, with_text=include_text) for entry in entries],
-        "review": [entry_document(entry, with_text=False) for entry in review],
+        "entries": [entry_document(entry, with_text=include_text, with_chain=with_chain) for entry in entries],
+        "review": [entry_document(entry, with_text=False, with_chain=with_chain) for entry in review],
     }
 
 
