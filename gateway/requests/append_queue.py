@@ -17,7 +17,10 @@ one group commit, each append on its own savepoint), then resolves the
 batch's futures with one call into the loop. A thread that is busy needs
 no wake-up; an idle one gets one per turn of the loop that queued
 something (woken at once per append, it cost 2–9 % more of the gateway's
-CPU in three alternating pairs: the wake-ups were an eighth of its samples). Appends made meanwhile by other
+CPU in three alternating pairs: the wake-ups were an eighth of its samples). The wake is per loop: an
+append never waits for another loop's turn to end (that loop may be busy in a
+synchronous call, or stopped and closed before its wake ran, which left every
+later append unwritten until 2026-12-02). Appends made meanwhile by other
 threads of the process (key administration, the pending terminals' writer)
 join the same group commit as before.
 
@@ -35,6 +38,7 @@ import asyncio
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -69,8 +73,10 @@ class AppendQueue:
         self._queued: list[_Queued] = []
         self._closing = False
         self._thread: threading.Thread | None = None
-        #: A wake of the thread is scheduled on a loop (see :meth:`append`).
-        self._wake_soon = False
+        #: The thread is waiting for appends (it needs a wake for the next one).
+        self._waiting = False
+        #: The loops on which a wake of the thread is scheduled (see :meth:`append`).
+        self._waking: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
     async def append(self, args: AppendArgs) -> AuditEntry:
         """Write ``args``' entry; its entry as stored, or the store's error. A cancellation meanwhile is
@@ -84,20 +90,21 @@ class AppendQueue:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
-            elif len(self._queued) == 1 and not self._wake_soon:
-                # The thread may be waiting (nothing was queued): woken once this turn of the loop is
-                # over, so the appends the same turn queues (requests progress in clumps) share one wake.
-                self._wake_soon = True
-                loop.call_soon(self._wake)
+            elif self._waiting and loop not in self._waking:
+                # Woken once this turn of the loop is over, so the appends the same turn queues (requests
+                # progress in clumps) share one wake. Per loop: another loop's wake may come late (that
+                # loop busy in a synchronous call) or never (stopped before its next turn, and closed).
+                self._waking.add(loop)
+                loop.call_soon(self._wake, loop)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             await asyncio.wait([future])  # the append goes on regardless; the cancel waits for its end
             raise
 
-    def _wake(self) -> None:
+    def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._ready:
-            self._wake_soon = False
+            self._waking.discard(loop)
             self._ready.notify()
 
     async def aclose(self) -> None:
@@ -113,7 +120,9 @@ class AppendQueue:
         while True:
             with self._ready:
                 while not self._queued and not self._closing:
+                    self._waiting = True
                     self._ready.wait()
+                    self._waiting = False
                 if not self._queued:
                     return  # closing, and everything written
                 batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]

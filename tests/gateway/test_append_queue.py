@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -181,3 +182,77 @@ async def test_a_batch_that_fails_outside_the_database_fails_its_appends_and_the
         engine.dispose()
     assert later.request_id == "later"
     assert [e.request_id for e in store.iter_entries()] == [CHAIN_FORMAT_REQUEST_ID, "later"]
+
+
+def _queued_on_a_loop_that_then_blocks(queue: AppendQueue, request_id: str,
+                                       release: threading.Event) -> tuple[threading.Thread, list[Any]]:
+    """Another thread's event loop that queues an append and, in the same turn, blocks until ``release``:
+    its turn never ends while it is held (a loop busy in a synchronous call)."""
+    outcome: list[Any] = []
+    queued = threading.Event()
+
+    def run() -> None:
+        async def append() -> None:
+            outcome.append(await queue.append(_args("request", request_id)))
+
+        async def block() -> None:
+            queued.set()
+            release.wait()
+
+        async def main() -> None:
+            await asyncio.gather(append(), block())
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert queued.wait(30)
+    return thread, outcome
+
+
+async def test_an_append_is_written_while_another_loop_that_queued_one_is_busy(store: CountingStore) -> None:
+    queue = AppendQueue(store)
+    release = threading.Event()
+    try:
+        await queue.append(_args("request", "started"))  # the thread runs, and is idle again
+        await _until(lambda: _idle(queue))
+        other, other_outcome = _queued_on_a_loop_that_then_blocks(queue, "other loop", release)
+        mine = asyncio.ensure_future(queue.append(_args("request", "this loop")))
+        done, _ = await asyncio.wait([mine], timeout=10)
+        assert done, "this loop's append waited for another loop's turn to end"
+        assert mine.result().request_id == "this loop"
+    finally:
+        release.set()
+        await queue.aclose()
+    other.join(30)
+    assert [e.request_id for e in other_outcome] == ["other loop"]
+
+
+async def test_a_loop_stopped_before_its_turn_ended_does_not_stop_later_appends(store: CountingStore) -> None:
+    queue = AppendQueue(store)
+    try:
+        await queue.append(_args("request", "started"))
+        await _until(lambda: _idle(queue))
+
+        def stopped_loop() -> None:  # queues an append, then stops (and is closed) before its next turn
+            loop = asyncio.new_event_loop()
+            task = loop.create_task(queue.append(_args("request", "stopped loop")))
+            loop.call_soon(loop.stop)
+            loop.run_forever()
+            task.cancel()  # nobody will run it again
+            loop.close()
+
+        await asyncio.to_thread(stopped_loop)
+        later = asyncio.ensure_future(queue.append(_args("request", "later")))
+        done, _ = await asyncio.wait([later], timeout=10)
+        assert done, "an append waited for a wake-up scheduled on a loop that was closed"
+        assert later.result().request_id == "later"
+    finally:
+        await queue.aclose()
+    assert [e.request_id for e in store.iter_entries()][1:] == ["started", "stopped loop", "later"]
+
+
+def _idle(queue: AppendQueue) -> bool:
+    """Whether the queue's thread is waiting for work (nothing queued, the thread inside its wait)."""
+    with queue._ready:
+        return not queue._queued and len(queue._ready._waiters) == 1  # type: ignore[attr-defined]
