@@ -88,8 +88,13 @@ class AppendQueue:
                 raise RuntimeError("the audit append queue is closed")
             self._queued.append(_Queued(args, future, loop))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError as exc:  # no thread to be had: refused like a database that is down
+                    self._queued.pop()  # nothing else is queued: no thread ran to take it
+                    raise AuditError(f"audit append failed: cannot start its thread ({exc})") from exc
+                self._thread = thread
             elif self._waiting and loop not in self._waking:
                 # Woken once this turn of the loop is over, so the appends the same turn queues (requests
                 # progress in clumps) share one wake. Per loop: another loop's wake may come late (that

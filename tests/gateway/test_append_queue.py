@@ -256,3 +256,26 @@ def _idle(queue: AppendQueue) -> bool:
     """Whether the queue's thread is waiting for work (nothing queued, the thread inside its wait)."""
     with queue._ready:
         return not queue._queued and len(queue._ready._waiters) == 1  # type: ignore[attr-defined]
+
+
+async def test_a_thread_that_cannot_be_started_fails_that_append_closed_and_the_next_one_starts_it(
+        store: CountingStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    queue = AppendQueue(store)
+    real_start = threading.Thread.start
+
+    def exhausted(thread: threading.Thread) -> None:  # as when the process may start no more threads
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", exhausted)
+    try:
+        with pytest.raises(AuditError, match="start"):
+            await queue.append(_args("request", "refused"))
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        later = asyncio.ensure_future(queue.append(_args("request", "later")))
+        done, _ = await asyncio.wait([later], timeout=10)
+        assert done, "an append waited for a thread that never started"
+        assert later.result().request_id == "later"
+    finally:
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        await queue.aclose()
+    assert [e.request_id for e in store.iter_entries()][1:] == ["later"]  # the refused one was not written
