@@ -37,7 +37,10 @@ at its end. No answer in time (a frozen server or a partition: a new
 session cannot even be set up), an error, or a backend that is not running
 a statement (a frozen backend, or an answer lost on the way) and the
 socket is shut down as before: the silent server costs the bound plus
-:data:`PROBE_ANSWER_S`.
+:data:`PROBE_ANSWER_S`. A statement still ``active`` after
+:data:`LONGEST_RUNNING_S` is cut too: a backend hung in the middle of one
+(a dead disk; stopped) is ``active`` for good, and until 2026-12-02 its
+read was waited for without end.
 
 Connecting itself is bounded by the connect timeout (psycopg's own), not
 here. A forked child never cuts a socket it inherited (the descriptor is
@@ -64,6 +67,10 @@ log = logging.getLogger(__name__)
 
 #: How long the watchdog waits for the server's answer about a statement past its bound.
 PROBE_ANSWER_S: Final = 1.0
+#: The longest a statement the server says it is running is waited for (at least one bound). A backend
+#: hung mid-statement (on a dead disk, or stopped) stays ``active`` in ``pg_stat_activity`` for good: without
+#: this the read, and the request or task behind it, waited without end. Longer than any review search.
+LONGEST_RUNNING_S = 300.0
 #: The probe's own connect timeout (libpq's floor: 2 s); the watchdog stops waiting for it sooner.
 _PROBE_CONNECT_TIMEOUT_S: Final = 2
 
@@ -136,7 +143,8 @@ class RoundTrips:
         if sock is None or since is None or self.stall_due() != due:
             return  # it got its answer meanwhile
         looked = self._looked if self._looked is not None and self._looked.since == since else None
-        if self._statement_running is not None:
+        longest = since + max(LONGEST_RUNNING_S, self._answer_s)
+        if self._statement_running is not None and time.monotonic() < longest:
             if looked is None or looked.probe is None:
                 # past the bound: is the server there, running it? (asked once per bound)
                 self._looked = _Looked(since, time.monotonic() + PROBE_ANSWER_S, _Probe(self._statement_running))
@@ -144,10 +152,14 @@ class RoundTrips:
             if looked.probe.running:
                 log.info("the audit database is still running a statement after %.0f s; waiting another %g s",
                          time.monotonic() - since, self._answer_s)
-                self._looked = _Looked(since, time.monotonic() + self._answer_s, None)
+                self._looked = _Looked(since, min(time.monotonic() + self._answer_s, longest), None)
                 return
-        log.error("the audit database gave no answer within %g s and did not say it is still working on it; "
-                  "dropping the pooled connection", self._answer_s)
+        if time.monotonic() >= longest:
+            log.error("the audit database has not answered a statement in %.0f s, the longest one is waited for; "
+                      "dropping the pooled connection", time.monotonic() - since)
+        else:
+            log.error("the audit database gave no answer within %g s and did not say it is still working on it; "
+                      "dropping the pooled connection", self._answer_s)
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -102,6 +102,44 @@ def test_a_statement_on_a_server_that_stops_answering_is_cut_and_fails_the_read_
         engine.dispose()
 
 
+def test_a_statement_whose_backend_stops_while_running_it_is_cut_at_the_longest_wait(
+        short_store: AuditStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend stopped mid-statement (hung on a dead disk, say) stays ``active`` in ``pg_stat_activity``
+    for good: the probe's answer alone waited for it without end (the read, and its request, held forever)."""
+    from audit import answer_watch
+
+    monkeypatch.setattr(answer_watch, "LONGEST_RUNNING_S", 2 * PAST_THE_BOUND_S, raising=False)
+    url = make_url(short_store.engine.url).set(drivername="postgresql").render_as_string(hide_password=False)
+    backend_pid = _pooled_pid(short_store)
+    outcome: list[object] = []
+
+    def sleep() -> None:
+        try:
+            with short_store.engine.connect() as conn:  # the same pooled session
+                outcome.append(conn.execute(text(f"SELECT pg_sleep({HANG_GUARD_S * 3})")).scalar())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=sleep, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not _active(url, backend_pid):  # stopped while it runs the statement, not before
+        assert time.monotonic() < deadline and thread.is_alive(), outcome
+        time.sleep(0.02)
+    os.kill(backend_pid, signal.SIGSTOP)
+    try:
+        thread.join(HANG_GUARD_S)
+        ended_while_stopped = not thread.is_alive()
+    finally:
+        os.kill(backend_pid, signal.SIGCONT)
+        with psycopg.connect(url, autocommit=True) as admin:  # ends the sleep of a read that was never cut
+            admin.execute("SELECT pg_terminate_backend(%s)", (backend_pid,))
+        thread.join(HANG_GUARD_S)
+    assert ended_while_stopped, "a read waited without end for a backend stopped mid-statement"
+    [failed] = outcome
+    assert isinstance(failed, DBAPIError) and failed.connection_invalidated, failed
+
+
 def test_a_patient_wait_is_never_cut(short_store: AuditStore) -> None:
     def sleep() -> object:
         with stall_watch.patient(), short_store.engine.connect() as conn:
