@@ -10,8 +10,12 @@ refusal its own, the chain whole, and other threads' appends beside it.
 from __future__ import annotations
 
 import threading
+import time
 
-from audit import AppendArgs, AuditEntry, AuditStore, DuplicateTerminalError, InvalidEntryError, verify_chain
+import pytest
+
+from audit import AppendArgs, AuditEntry, AuditError, AuditStore, DuplicateTerminalError, InvalidEntryError, verify_chain
+from audit.kinds import CHAIN_FORMAT_REQUEST_ID
 
 
 def _args(kind: str, request_id: str, **body: object) -> AppendArgs:
@@ -86,3 +90,44 @@ def test_batches_and_single_appends_from_other_threads_share_one_chain(store: Au
     result = verify_chain(store)
     assert result.ok and result.checked == 1 + 2 * 15 + 2 * 5 * 6
     assert len({e.request_id for e in store.iter_entries()}) == result.checked
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])  # a server session to terminate
+def test_a_batch_whose_session_is_lost_mid_transaction_fails_every_append_and_the_next_is_written(
+        store_url: str) -> None:
+    """PostgreSQL gone under the batch (its session terminated while it waits for the append lock; the
+    writer's one retry on a new session then waits out the busy timeout behind the same lock): every append
+    in it refused, none written, the chain whole; the next batch is written."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from audit import make_engine
+    from audit.db import APPEND_LOCK_KEY
+
+    store = AuditStore(make_engine(store_url, busy_timeout_s=2.0))
+    store.append("request", "before", principal="p", team=None, model="m", body={}, policy_revision="r")
+    url = make_url(store.engine.url).set(drivername="postgresql").render_as_string(hide_password=False)
+    outcomes: list[object] = []
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("SELECT pg_advisory_lock(%s)", (APPEND_LOCK_KEY,))
+        batch = threading.Thread(target=lambda: outcomes.extend(
+            store.append_many([_args("request", f"r{i}", i=i) for i in range(5)])))
+        batch.start()
+        waiting: list[tuple[int]] = []
+        for _ in range(2000):
+            waiting = admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                " AND query LIKE '%%pg_advisory_xact_lock%%'").fetchall()
+            if waiting:
+                break
+            time.sleep(0.005)
+        [(writer,)] = waiting
+        admin.execute("SELECT pg_terminate_backend(%s)", (writer,))
+        batch.join(60)
+        admin.execute("SELECT pg_advisory_unlock_all()")
+    assert not batch.is_alive()
+    assert len(outcomes) == 5 and all(isinstance(o, AuditError) for o in outcomes), outcomes
+    after = store.append("request", "after", principal="p", team=None, model="m", body={}, policy_revision="r")
+    assert [e.request_id for e in store.iter_entries()] == [CHAIN_FORMAT_REQUEST_ID, "before", "after"]
+    assert after.seq == 3 and verify_chain(store).ok
+    store.engine.dispose()
