@@ -82,8 +82,11 @@ class _Probe:
     """One question to the server, asked on a thread of its own (the watchdog never blocks on it).
 
     ``running`` stays None until the answer comes; an error is ``False``.
-    A probe the watchdog stopped waiting for ends by itself, at the latest
-    at its connect timeout (a silent server never lets its session start).
+    A probe the watchdog stopped waiting for ends by itself: its connect at
+    the connect timeout (a silent server never lets its session start), its
+    question cut by the watchdog after as long (its session is watched too,
+    never asked about: a server that stopped answering just after the
+    session was set up held the probe without end until 2026-12-02).
     """
 
     def __init__(self, ask: StatementRunning) -> None:
@@ -201,7 +204,9 @@ def statement_running(cargs: Any, cparams: dict[str, Any], backend_pid: int) -> 
     params = {**cparams, "connect_timeout": _PROBE_CONNECT_TIMEOUT_S, "autocommit": True}
 
     def ask() -> bool:
-        with psycopg.connect(*cargs, **params) as probe:
+        # Watched itself (bounded, never asked about): a server that stops answering once the probe's
+        # session is set up held the probe's thread and session without end.
+        with _watched(WatchedConnection.connect(*cargs, **params), _PROBE_CONNECT_TIMEOUT_S, None) as probe:
             row = probe.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (backend_pid,)).fetchone()
         return row is not None and row[0] == "active"
 
@@ -211,7 +216,12 @@ def statement_running(cargs: Any, cparams: dict[str, Any], backend_pid: int) -> 
 def connect_watched(answer_s: float, cargs: Any, cparams: dict[str, Any]) -> WatchedConnection:
     """What SQLAlchemy's ``do_connect`` returns: the dialect's connection, watched from its first exchange."""
     conn = WatchedConnection.connect(*cargs, **cparams)
-    trips = RoundTrips(conn.fileno(), answer_s, statement_running(cargs, cparams, conn.info.backend_pid))
+    return _watched(conn, answer_s, statement_running(cargs, cparams, conn.info.backend_pid))
+
+
+def _watched(conn: WatchedConnection, answer_s: float, running: StatementRunning | None) -> WatchedConnection:
+    """``conn``, each of its waits from now on cut after ``answer_s`` unless ``running()`` says otherwise."""
+    trips = RoundTrips(conn.fileno(), answer_s, running)
     conn._round_trips = trips
     stall_watch.watch(trips)
     return conn

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -138,6 +139,83 @@ def test_a_statement_whose_backend_stops_while_running_it_is_cut_at_the_longest_
     assert ended_while_stopped, "a read waited without end for a backend stopped mid-statement"
     [failed] = outcome
     assert isinstance(failed, DBAPIError) and failed.connection_invalidated, failed
+
+
+class _SilentAfterStartup:
+    """A TCP proxy on loopback in front of the server: sessions opened while ``silent`` is set are set up,
+    then get no answer (what they send next is never forwarded): a server that stops answering right after
+    a new session started, as a probe's session may meet it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.silent = False
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._target)
+            self._sockets += [client, server]
+            started = threading.Event()
+            silent = self.silent
+            threading.Thread(target=self._pipe, args=(client, server, started if silent else None),
+                             daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, None, started), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket, hold_once: threading.Event | None = None,
+              ready: threading.Event | None = None) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(65536):
+                if hold_once is not None and hold_once.is_set():
+                    continue  # the session is set up: nothing more reaches the server
+                sink.sendall(chunk)
+                if ready is not None and b"Z\x00\x00\x00\x05" in chunk:  # ReadyForQuery: set up
+                    ready.set()
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def _probe_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "govgate-audit-answer-probe"]
+
+
+def test_a_probe_whose_own_question_gets_no_answer_ends(store_url: str) -> None:
+    """The probe's session, set up just before the server stops answering: its question was not bounded,
+    so its thread (and session) waited without end, and a process with one never forks (``fork_is_safe``)."""
+    url = make_url(store_url)
+    proxy = _SilentAfterStartup(url.host or "127.0.0.1", url.port or 5432)
+    engine = make_engine(url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
+                         busy_timeout_s=BUSY_S)
+    try:
+        with engine.connect() as conn:  # the pooled session, opened while the proxy forwards everything
+            conn.execute(text("SELECT 1"))
+        proxy.silent = True  # from now on a new session (the probe's) is set up, then never answered
+        assert not _probe_threads()
+
+        def sleep() -> object:
+            with engine.connect() as conn:
+                return conn.execute(text(f"SELECT pg_sleep({PAST_THE_BOUND_S})")).scalar()
+
+        [outcome] = _in_thread(sleep)  # the probe got no answer in time: the wait was cut
+        assert isinstance(outcome, DBAPIError) and outcome.connection_invalidated, outcome
+        deadline = time.monotonic() + HANG_GUARD_S
+        while _probe_threads() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _probe_threads(), "the probe waited for its answer without end"
+    finally:
+        engine.dispose()
+        proxy.close()
 
 
 def test_a_patient_wait_is_never_cut(short_store: AuditStore) -> None:
