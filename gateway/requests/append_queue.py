@@ -61,41 +61,40 @@ class AppendQueue:
     """Appends to ``store`` made from event loops, written by one thread in batches.
 
     ``observe(kind, seconds)`` is told each append's share of its batch's
-    time (the batch's duration: the appends in it commit together).
+    time (the batch's duration: the appends in it commit together). A queue
+    nobody holds any more ends its thread once what is queued is written,
+    as a thread pool's threads end with their pool (the thread holds only
+    :class:`_Batches`, never the queue).
     """
 
     def __init__(self, store: AuditStore, *, observe: Callable[[str, float], None] | None = None,
                  name: str = "govgate-audit-append") -> None:
-        self._store = store
-        self._observe = observe
         self._name = name
-        self._ready = threading.Condition(threading.Lock())
-        self._queued: list[_Queued] = []
-        self._closing = False
+        self._batches = _Batches(store, observe)
         self._thread: threading.Thread | None = None
-        #: The thread is waiting for appends (it needs a wake for the next one).
-        self._waiting = False
         #: The loops on which a wake of the thread is scheduled (see :meth:`append`).
         self._waking: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        weakref.finalize(self, self._batches.close)
 
     async def append(self, args: AppendArgs) -> AuditEntry:
         """Write ``args``' entry; its entry as stored, or the store's error. A cancellation meanwhile is
         raised once the append has ended."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[AuditEntry] = loop.create_future()
-        with self._ready:
-            if self._closing:
+        batches = self._batches
+        with batches.ready:
+            if batches.closing:
                 raise RuntimeError("the audit append queue is closed")
-            self._queued.append(_Queued(args, future, loop))
+            batches.queued.append(_Queued(args, future, loop))
             if self._thread is None:
-                thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                thread = threading.Thread(target=batches.run, name=self._name, daemon=True)
                 try:
                     thread.start()
                 except RuntimeError as exc:  # no thread to be had: refused like a database that is down
-                    self._queued.pop()  # nothing else is queued: no thread ran to take it
+                    batches.queued.pop()  # nothing else is queued: no thread ran to take it
                     raise AuditError(f"audit append failed: cannot start its thread ({exc})") from exc
                 self._thread = thread
-            elif self._waiting and loop not in self._waking:
+            elif batches.waiting and loop not in self._waking:
                 # Woken once this turn of the loop is over, so the appends the same turn queues (requests
                 # progress in clumps) share one wake. Per loop: another loop's wake may come late (that
                 # loop busy in a synchronous call) or never (stopped before its next turn, and closed).
@@ -108,29 +107,47 @@ class AppendQueue:
             raise
 
     def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
-        with self._ready:
+        with self._batches.ready:
             self._waking.discard(loop)
-            self._ready.notify()
+            self._batches.ready.notify()
 
     async def aclose(self) -> None:
         """Refuse new appends and wait (off the loop) until those queued are written."""
-        with self._ready:
-            self._closing = True
-            self._ready.notify()
+        self._batches.close()
+        with self._batches.ready:
             thread = self._thread
         if thread is not None:
             await asyncio.to_thread(thread.join)
 
-    def _run(self) -> None:
+
+class _Batches:
+    """What the append thread shares with its :class:`AppendQueue`: the queued appends, under ``ready``."""
+
+    def __init__(self, store: AuditStore, observe: Callable[[str, float], None] | None) -> None:
+        self._store = store
+        self._observe = observe
+        self.ready = threading.Condition(threading.Lock())
+        self.queued: list[_Queued] = []
+        self.closing = False
+        #: The thread is waiting for appends (it needs a wake for the next one).
+        self.waiting = False
+
+    def close(self) -> None:
+        """Refuse new appends; the thread ends once those queued are written."""
+        with self.ready:
+            self.closing = True
+            self.ready.notify()
+
+    def run(self) -> None:
         while True:
-            with self._ready:
-                while not self._queued and not self._closing:
-                    self._waiting = True
-                    self._ready.wait()
-                    self._waiting = False
-                if not self._queued:
+            with self.ready:
+                while not self.queued and not self.closing:
+                    self.waiting = True
+                    self.ready.wait()
+                    self.waiting = False
+                if not self.queued:
                     return  # closing, and everything written
-                batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
+                batch, self.queued = self.queued[:MAX_BATCH], self.queued[MAX_BATCH:]
             self._write(batch)
 
     def _write(self, batch: list[_Queued]) -> None:

@@ -9,6 +9,7 @@ the thread busy while more appends queue behind it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 import threading
 from pathlib import Path
@@ -254,8 +255,9 @@ async def test_a_loop_stopped_before_its_turn_ended_does_not_stop_later_appends(
 
 def _idle(queue: AppendQueue) -> bool:
     """Whether the queue's thread is waiting for work (nothing queued, the thread inside its wait)."""
-    with queue._ready:
-        return not queue._queued and len(queue._ready._waiters) == 1  # type: ignore[attr-defined]
+    batches = queue._batches
+    with batches.ready:
+        return not batches.queued and len(batches.ready._waiters) == 1  # type: ignore[attr-defined]
 
 
 async def test_a_thread_that_cannot_be_started_fails_that_append_closed_and_the_next_one_starts_it(
@@ -279,3 +281,16 @@ async def test_a_thread_that_cannot_be_started_fails_that_append_closed_and_the_
         monkeypatch.setattr(threading.Thread, "start", real_start)
         await queue.aclose()
     assert [e.request_id for e in store.iter_entries()][1:] == ["later"]  # the refused one was not written
+
+
+async def test_a_queue_dropped_without_closing_ends_its_thread(store: CountingStore) -> None:
+    """As a thread pool's threads end with their pool: a queue nobody holds (a request log discarded
+    unclosed, in tests) kept its thread, and the store with it, until the process ended (and a process with
+    a thread of its own no longer forks: ``audit verify --jobs`` spawned its workers)."""
+    queue = AppendQueue(store, name="govgate-audit-append-dropped")
+    await queue.append(_args("request", "r1"))
+    [thread] = [t for t in threading.enumerate() if t.name == "govgate-audit-append-dropped"]
+    del queue
+    gc.collect()
+    await asyncio.to_thread(thread.join, 10)
+    assert not thread.is_alive(), "the thread of a queue nobody holds is still waiting for appends"
