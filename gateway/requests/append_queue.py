@@ -29,7 +29,8 @@ terminal entry, a bad argument) fails alone; a transaction the database
 refuses (locked past the busy timeout, gone) fails every append in it,
 each caller getting the store's error (``AuditError``). A caller that is
 cancelled still waits for its append's end, then is cancelled: a request
-never leaves an append half-known (as with the pool, and anyio before it).
+never leaves an append half-known (as with the pool, and anyio before it),
+however often it is cancelled meanwhile (:func:`~gateway.requests.blocking_calls.wait_out`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from audit import AppendArgs, AuditEntry, AuditError, AuditStore
+from gateway.requests.blocking_calls import wait_out
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ class AppendQueue:
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            await asyncio.wait([future])  # the append goes on regardless; the cancel waits for its end
+            await wait_out(future)  # the append goes on regardless; the cancel waits for its end
             raise
 
     def _wake(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Callable, TypeVar
+import contextlib
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -35,9 +36,25 @@ class BlockingCalls:
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            await asyncio.wait([future])  # the call goes on regardless; the cancel waits for its end
+            await wait_out(future)  # the call goes on regardless; the cancel waits for its end
             raise
 
     async def aclose(self) -> None:
         """Refuse new calls and wait for those queued or running (off the loop)."""
         await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+
+async def wait_out(future: asyncio.Future[Any]) -> None:
+    """Wait until ``future`` is done, whatever cancels the caller meanwhile (the caller re-raises its own).
+
+    One wait is not enough: an anyio cancel scope (Litestar runs a streamed
+    response in one) cancels its task again on every turn of the loop until
+    the task leaves it, and until 2026-12-02 the second cancel ended the wait,
+    so a cancelled request went on not knowing how its append or call ended
+    (a terminal entry the database refused then was never kept). The wait
+    is bounded by the call's own: the store's, at the busy timeout or the
+    stall watch's bound.
+    """
+    while not future.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([future])

@@ -9,12 +9,14 @@ the thread busy while more appends queue behind it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import sqlite3
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import anyio
 import pytest
 
 from audit import AppendArgs, AuditEntry, AuditError, AuditStore, InvalidEntryError, make_engine, migrate, verify_chain
@@ -294,3 +296,39 @@ async def test_a_queue_dropped_without_closing_ends_its_thread(store: CountingSt
     gc.collect()
     await asyncio.to_thread(thread.join, 10)
     assert not thread.is_alive(), "the thread of a queue nobody holds is still waiting for appends"
+
+
+async def test_a_caller_cancelled_again_and_again_still_waits_for_its_append(tmp_path: Path) -> None:
+    """An anyio cancel scope (Litestar's streamed responses run in one) cancels its task again on every turn
+    of the loop until the task leaves it: the second cancel ended the wait for the append, so the caller went
+    on not knowing whether its entry was written (a terminal entry the database then refused was never kept)."""
+    store, path = _db(tmp_path)
+    queue = AppendQueue(store)
+    lock = _WriteLock(path)
+    left: list[str] = []
+
+    async def caller(scope: anyio.CancelScope) -> None:
+        with scope:
+            await queue.append(_args("request", "cancelled"))
+        left.append("after its append's end" if store.batches and _written(store, "cancelled") else "before")
+
+    try:
+        scope = anyio.CancelScope()
+        task = asyncio.ensure_future(caller(scope))
+        await _until(lambda: store.batches == [1])  # the thread is inside that batch, waiting for the lock
+        scope.cancel()
+        for _ in range(20):
+            await asyncio.sleep(0.005)  # turns of the loop, each with the scope's cancel again
+        assert not task.done(), "the cancelled caller left before its append ended"
+        lock.release()
+        await task
+        assert left == ["after its append's end"]
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            lock.release()  # if the test failed before it did
+        await queue.aclose()
+        store.engine.dispose()
+
+
+def _written(store: AuditStore, request_id: str) -> bool:
+    return any(e.request_id == request_id for e in store.iter_entries())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import anyio
 import pytest
 
 from gateway.requests.blocking_calls import BlockingCalls
@@ -55,6 +56,39 @@ async def test_a_cancelled_caller_waits_for_its_running_call_then_is_cancelled()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert finished.is_set()
+    finally:
+        release.set()
+        await calls.aclose()
+
+
+async def test_a_caller_in_a_cancelled_anyio_scope_waits_for_its_call_however_often_it_is_cancelled() -> None:
+    """anyio cancels a task inside a cancelled scope again on every turn of the loop; the second cancel ended
+    the wait for the call (a terminal entry kept pending was then half-known to its request)."""
+    calls = BlockingCalls(1)
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def slow() -> None:
+        started.set()
+        release.wait(10)
+        finished.set()
+
+    async def caller(scope: anyio.CancelScope) -> None:
+        with scope:
+            await calls.run(slow)
+        seen.append(finished.is_set())  # out of the scope: was the call over?
+
+    try:
+        scope = anyio.CancelScope()
+        task = asyncio.create_task(caller(scope))
+        assert await asyncio.to_thread(started.wait, 10)
+        scope.cancel()
+        for _ in range(20):
+            await asyncio.sleep(0.005)  # turns of the loop, each with the scope's cancel again
+        assert not task.done(), "the cancelled caller left while its call was still running"
+        release.set()
+        await task
+        assert seen == [True]
     finally:
         release.set()
         await calls.aclose()
