@@ -63,6 +63,8 @@ class Watched(Protocol):
 _WATCHED: "weakref.WeakSet[Watched]" = weakref.WeakSet()
 _LOCK = threading.Lock()
 _thread: threading.Thread | None = None
+#: The watchdog is looking at what runs (not asleep): it may be writing a log line or starting a probe.
+_looking = False
 #: Per thread: how many :func:`patient` blocks it is inside.
 _PATIENCE = threading.local()
 
@@ -96,15 +98,20 @@ def fork_is_safe() -> bool:
     needs: it reads the watched connections' times without locking, this
     module's lock is made anew in the child (:func:`_forget_after_fork`,
     where the watchdog also starts afresh when the child watches a
-    connection), and :mod:`logging` renews its locks after a fork. Any
-    other thread (a probe of :mod:`audit.answer_watch`, a caller's own)
-    makes it unsafe. Until 2026-12-02 ``govgate audit verify --jobs`` on
+    connection), and :mod:`logging` renews its locks after a fork. Only
+    while it sleeps, though: in the middle of a look it may be writing a
+    log line (a stream's own lock, which nothing renews: a child would hang
+    on it, at the latest flushing stderr on its way out) or starting a
+    probe's thread, so a look under way makes it unsafe; one that starts
+    after this answer finds nothing due (no other thread is waiting for the
+    server). Any other thread (a probe of :mod:`audit.answer_watch`, a
+    caller's own) makes it unsafe. Until 2026-12-02 ``govgate audit verify --jobs`` on
     PostgreSQL, whose connections start the watchdog, spawned its workers
     for it: about 0.7 s of CPU each importing SQLAlchemy anew.
     """
     current = threading.current_thread()
     watchdog = _thread
-    return all(thread is current or thread is watchdog for thread in threading.enumerate())
+    return not _looking and all(thread is current or thread is watchdog for thread in threading.enumerate())
 
 
 def watch(kept: Watched) -> None:
@@ -118,24 +125,30 @@ def watch(kept: Watched) -> None:
 
 
 def _loop() -> None:
+    global _looking
     while True:
-        now = time.monotonic()
-        wake = now + _IDLE_S
-        for kept in list(_WATCHED):
-            due = kept.stall_due()
-            if due is None:
-                continue
-            if due <= now:
-                kept.cut_if_stalled(due)
-            else:
-                wake = min(wake, due)
+        _looking = True
+        try:
+            now = time.monotonic()
+            wake = now + _IDLE_S
+            for kept in list(_WATCHED):
+                due = kept.stall_due()
+                if due is None:
+                    continue
+                if due <= now:
+                    kept.cut_if_stalled(due)
+                else:
+                    wake = min(wake, due)
+        finally:
+            _looking = False
         time.sleep(max(0.0, wake - time.monotonic()))
 
 
 def _forget_after_fork() -> None:
-    global _thread, _LOCK
+    global _thread, _LOCK, _looking
     _LOCK = threading.Lock()
     _thread = None  # the parent's thread does not exist in the child
+    _looking = False
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)

@@ -309,3 +309,46 @@ def test_the_cli_verifies_with_jobs_and_names_the_same_entry(tmp_path: Any, monk
         assert env.run("verify", "--jobs", "0").exit_code == 2
     finally:
         env.engine.dispose()
+
+
+_WATCHDOG_BUSY = '''
+import threading, time
+from audit import stall_watch
+
+class Stuck:
+    """A watched connection whose cut is under way and held (the watchdog writing its log line to a stderr
+    nobody drains, say: a child forked then would find that stream's lock held for good)."""
+    def __init__(self):
+        self.due, self.inside, self.release = time.monotonic(), threading.Event(), threading.Event()
+    def stall_due(self):
+        return self.due
+    def cut_if_stalled(self, due):
+        self.inside.set()
+        self.release.wait()
+        self.due = None
+
+stuck = Stuck()
+print("idle", stall_watch.fork_is_safe())
+stall_watch.watch(stuck)
+assert stuck.inside.wait(30)
+print("looking", stall_watch.fork_is_safe())
+stuck.release.set()
+deadline = time.monotonic() + 30
+while not stall_watch.fork_is_safe() and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("asleep", stall_watch.fork_is_safe(), stall_watch._thread.is_alive())
+'''
+
+
+def test_no_fork_while_the_stall_watch_is_acting_on_a_connection() -> None:
+    """The watchdog asleep holds nothing a child needs; in the middle of a look it may be writing a log line
+    (a stream's own lock, which no fork handler renews) or starting a probe's thread. A process of its own:
+    another test's leftover thread would make the answer False anyway."""
+    import os
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-c", _WATCHDOG_BUSY], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.split() == ["idle", "True", "looking", "False", "asleep", "True", "True"]
