@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -33,6 +32,7 @@ from tests.e2e.test_postgres_frozen import server_pids
 from tests.postgres_server import PostgresServer, own_postgres  # noqa: F401 - fixture
 # PostgreSQL only, and a store whose busy timeout is BUSY_S: the same fixtures as the kept connection's tests.
 from tests.audit.test_postgres_stall import BUSY_S, HANG_GUARD_S, _in_thread, backend, short_store  # noqa: F401 - fixtures
+from tests.audit.loopback_proxy import LoopbackProxy
 from tests.audit.test_writer import _append, _connection_of
 
 #: Longer than the bound (the busy timeout plus the watchdog's grace).
@@ -141,51 +141,6 @@ def test_a_statement_whose_backend_stops_while_running_it_is_cut_at_the_longest_
     assert isinstance(failed, DBAPIError) and failed.connection_invalidated, failed
 
 
-class _SilentAfterStartup:
-    """A TCP proxy on loopback in front of the server: sessions opened while ``silent`` is set are set up,
-    then get no answer (what they send next is never forwarded): a server that stops answering right after
-    a new session started, as a probe's session may meet it."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self.silent = False
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self._target)
-            self._sockets += [client, server]
-            started = threading.Event()
-            silent = self.silent
-            threading.Thread(target=self._pipe, args=(client, server, started if silent else None),
-                             daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, None, started), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket, hold_once: threading.Event | None = None,
-              ready: threading.Event | None = None) -> None:
-        with contextlib.suppress(OSError):
-            while chunk := source.recv(65536):
-                if hold_once is not None and hold_once.is_set():
-                    continue  # the session is set up: nothing more reaches the server
-                sink.sendall(chunk)
-                if ready is not None and b"Z\x00\x00\x00\x05" in chunk:  # ReadyForQuery: set up
-                    ready.set()
-
-    def close(self) -> None:
-        self._listener.close()
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
-
-
 def _probe_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "govgate-audit-answer-probe"]
 
@@ -194,7 +149,7 @@ def test_a_probe_whose_own_question_gets_no_answer_ends(store_url: str) -> None:
     """The probe's session, set up just before the server stops answering: its question was not bounded,
     so its thread (and session) waited without end, and a process with one never forks (``fork_is_safe``)."""
     url = make_url(store_url)
-    proxy = _SilentAfterStartup(url.host or "127.0.0.1", url.port or 5432)
+    proxy = LoopbackProxy(url.host or "127.0.0.1", url.port or 5432)
     engine = make_engine(url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
                          busy_timeout_s=BUSY_S)
     try:
