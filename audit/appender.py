@@ -98,6 +98,8 @@ class Writer(Protocol):
 
     def run(self, begin: tuple[str, ...], work: Callable[[Any], Any]) -> Any: ...
 
+    def answered(self) -> None: ...
+
     def wrap(self, exc: Exception) -> Exception: ...
 
 
@@ -299,6 +301,7 @@ class Appender:
             if pending.alongside is not None:
                 pending.alongside(cursor)
             return
+        writer = self._writer
         for pending in batch:
             cursor.execute(_SAVEPOINT)
             try:
@@ -309,11 +312,15 @@ class Appender:
             except Exception as exc:  # this entry only: the others go on without it
                 cursor.execute(_ROLLBACK_TO_SAVEPOINT)
                 cursor.execute(_RELEASE_SAVEPOINT)
-                pending.error = self._writer.wrap(exc) if self._writer is not None else exc
+                pending.error = writer.wrap(exc) if writer is not None else exc
+                if writer is not None:
+                    writer.answered()
                 continue
             cursor.execute(_RELEASE_SAVEPOINT)
             pending.chained = chained
             head = (chained.seq, chained.hash)
+            if writer is not None:
+                writer.answered()  # a batch the server answers entry by entry is not a stalled one
 
     def _insert(self, cursor: Any, fields: dict[str, Any], seq: int, prev_hash: str, now: datetime,
                 body_text: str, payload_text: str | None, format: int) -> Chained:

@@ -126,6 +126,21 @@ class KeptConnection:
             self._owner = None
             self._lock.release()
 
+    def answered(self) -> None:
+        """The server answered the running transaction's latest statement: its bound starts again.
+
+        The bound is for a server that stops answering, not for a long
+        transaction it answers statement by statement: a batch of many
+        entries (the gateway's audit thread hands the store up to 256 at
+        once, three round trips each) over a link of a few milliseconds
+        outlasts the busy timeout plus its grace, and until 2026-12-02 it was
+        cut, every append in it failed, and the next batch (the backlog, as
+        large) the same way. The lock wait, which the server ends itself at
+        ``lock_timeout``, is still bounded from the transaction's start.
+        """
+        if self._since is not None:
+            self._since = time.monotonic()
+
     def wrap(self, exc: Exception) -> Exception:
         """A driver error raised inside :meth:`run`'s work, as :meth:`run` would hand it back (others unchanged)."""
         if isinstance(exc, self._dbapi_error):

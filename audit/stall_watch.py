@@ -10,7 +10,9 @@ behind it. ``lock_timeout`` (the busy timeout) bounds only lock waits a
 
 So one thread per process watches the transactions the kept connections
 (:mod:`audit.kept_connection`) are running. A transaction still running
-:data:`GRACE_S` after its connection's busy timeout has got no answer
+:data:`GRACE_S` after its connection's busy timeout (counted from its
+start, or from the last entry of a batch the server answered:
+:meth:`audit.kept_connection.KeptConnection.answered`) has got no answer
 within that bound (a lock wait PostgreSQL ends at the busy timeout has
 answered by then, as a lock timeout): the watchdog shuts the connection's
 socket down (``shutdown(2)`` on a duplicate of its descriptor, which wakes

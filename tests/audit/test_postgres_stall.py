@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from audit import AuditError, AuditStore, make_engine, verify_chain
+from audit import AuditEntry, AuditError, AuditStore, make_engine, stall_watch, verify_chain
 from tests.audit.test_writer import _append, _connection_of
 
 #: Short, so the test does not wait long for the bound (its exact length is never asserted).
@@ -113,3 +113,36 @@ def test_a_session_frozen_inside_an_append_fails_it_closed_and_the_next_append_c
     assert [(e.kind, e.request_id) for e in short_store.iter_entries()][1:] == [
         ("request", "r1"), ("request", "r2"), ("completion", "r1")]
     assert verify_chain(short_store).ok
+
+
+def test_a_batch_longer_than_the_bound_whose_server_answers_every_statement_is_written(store_url: str) -> None:
+    """The bound is for a server that stops answering, not for a long batch it answers statement by statement.
+
+    The gateway's audit thread hands the store up to 256 appends at once
+    (``gateway/requests/append_queue.py``), three round trips each; over a
+    link of a few milliseconds that transaction outlasts the busy timeout
+    plus its grace. It was cut, failing every append in it, and the next
+    batch (the backlog, as large) the same way: under load no append was
+    written again.
+    """
+    from sqlalchemy.engine import make_url
+
+    from audit import AppendArgs
+    from tests.audit.loopback_proxy import LoopbackProxy
+
+    url = make_url(store_url)
+    bound_s = BUSY_S + stall_watch.GRACE_S
+    proxy = LoopbackProxy(url.host or "127.0.0.1", url.port or 5432, delay_s=0.004)
+    store = AuditStore(make_engine(url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
+                                   busy_timeout_s=BUSY_S))
+    try:
+        _append(store, "request", "first")  # connected: the batch below is the transaction's whole time
+        count = int(bound_s / (3 * proxy.delay_s)) + 50  # three round trips an entry: past the bound in all
+        batch = [AppendArgs("request", f"r{i}", "p", None, "m", {"i": i}, "rev") for i in range(count)]
+        [outcomes] = _in_thread(lambda: store.append_many(batch))
+        refused = [o for o in outcomes if not isinstance(o, AuditEntry)]
+        assert not refused, refused[:1]
+        assert verify_chain(store).checked == count + 2
+    finally:
+        store.engine.dispose()
+        proxy.close()
