@@ -27,7 +27,9 @@ join the same group commit as before.
 Failure is per append, as before: an append the store refuses (a duplicate
 terminal entry, a bad argument) fails alone; a transaction the database
 refuses (locked past the busy timeout, gone) fails every append in it,
-each caller getting the store's error (``AuditError``). A caller that is
+each caller getting the store's error (``AuditError``); an append that
+waited the busy timeout for those queued before it is refused unwritten,
+as a thread that waited that long for the writer is. A caller that is
 cancelled still waits for its append's end, then is cancelled: a request
 never leaves an append half-known (as with the pool, and anyio before it),
 however often it is cancelled meanwhile (:func:`~gateway.requests.blocking_calls.wait_out`).
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from audit import AppendArgs, AuditEntry, AuditError, AuditStore
+from audit.db import busy_timeout_s
 from gateway.requests.blocking_calls import wait_out
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ class _Queued:
     args: AppendArgs
     future: asyncio.Future[AuditEntry]
     loop: asyncio.AbstractEventLoop
+    #: When (monotonic) it has waited for the appends before it as long as the database's lock is waited for.
+    deadline: float
 
 
 class AppendQueue:
@@ -87,7 +92,7 @@ class AppendQueue:
         with batches.ready:
             if batches.closing:
                 raise RuntimeError("the audit append queue is closed")
-            batches.queued.append(_Queued(args, future, loop))
+            batches.queued.append(_Queued(args, future, loop, time.monotonic() + batches.wait_s))
             if self._thread is None:
                 thread = threading.Thread(target=batches.run, name=self._name, daemon=True)
                 try:
@@ -128,6 +133,8 @@ class _Batches:
     def __init__(self, store: AuditStore, observe: Callable[[str, float], None] | None) -> None:
         self._store = store
         self._observe = observe
+        #: The longest an append waits for those queued before it (see :meth:`_write`).
+        self.wait_s = busy_timeout_s(store.engine)
         self.ready = threading.Condition(threading.Lock())
         self.queued: list[_Queued] = []
         self.closing = False
@@ -152,8 +159,25 @@ class _Batches:
                 batch, self.queued = self.queued[:MAX_BATCH], self.queued[MAX_BATCH:]
             self._write(batch)
 
-    def _write(self, batch: list[_Queued]) -> None:
-        """Write ``batch`` and hand each caller its outcome; never raises (the thread serves every later append)."""
+    def _write(self, taken: list[_Queued]) -> None:
+        """Write ``taken`` and hand each caller its outcome; never raises (the thread serves every later append).
+
+        An append that has already waited the busy timeout for those before
+        it is refused unwritten, as a thread waiting that long for the
+        process's other appends is (``audit/writer.py``): behind a locked
+        database a backlog's appends otherwise waited one busy timeout per
+        batch before theirs, the last of a few thousand for minutes, where a
+        request is refused after about one (until 2026-12-02).
+        """
+        now = time.monotonic()
+        late = [q for q in taken if q.deadline <= now]
+        batch = [q for q in taken if q.deadline > now] if late else taken
+        if late:
+            log.error("refusing %d audit appends that waited %g s for those before them", len(late), self.wait_s)
+            self._resolve_all([(q, AuditError(f"audit append failed: waited {self.wait_s:g} s for this process's "
+                                              "other audit appends")) for q in late])
+            if not batch:
+                return
         started = time.perf_counter()
         try:
             outcomes: list[AuditEntry | Exception] = list(self._store.append_many([q.args for q in batch]))
@@ -170,8 +194,13 @@ class _Batches:
                     self._observe(queued.args.kind, elapsed)
             except Exception:  # noqa: BLE001 - a metric must not stop the audit
                 log.exception("cannot observe the audit appends' time")
+        self._resolve_all(list(zip(batch, outcomes)))
+
+    @staticmethod
+    def _resolve_all(outcomes: list[tuple[_Queued, AuditEntry | Exception]]) -> None:
+        """Hand each caller its outcome, with one call into each loop."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Queued, AuditEntry | Exception]]] = {}
-        for queued, outcome in zip(batch, outcomes):
+        for queued, outcome in outcomes:
             by_loop.setdefault(queued.loop, []).append((queued, outcome))
         for loop, done in by_loop.items():
             try:

@@ -332,3 +332,26 @@ async def test_a_caller_cancelled_again_and_again_still_waits_for_its_append(tmp
 
 def _written(store: AuditStore, request_id: str) -> bool:
     return any(e.request_id == request_id for e in store.iter_entries())
+
+
+async def test_behind_a_locked_database_a_backlog_is_refused_after_the_busy_timeout_not_a_batch_at_a_time(
+        tmp_path: Path) -> None:
+    """A thread waits for the process's other appends at most the busy timeout (``audit/writer.py``); queued
+    here, the 600th of a backlog waited for the lock once per 256 before it (each batch its busy timeout),
+    where every request should be refused 503 after about one."""
+    store, path = _db(tmp_path, busy_timeout_s=0.3)
+    queue = AppendQueue(store)
+    lock = _WriteLock(path)
+    try:
+        first = asyncio.ensure_future(queue.append(_args("request", "first")))
+        await _until(lambda: store.batches == [1])  # the thread is inside that batch, waiting for the lock
+        outcomes = await asyncio.gather(*(queue.append(_args("request", f"r{i}")) for i in range(600)),
+                                        return_exceptions=True)
+        assert all(isinstance(o, AuditError) for o in outcomes), [o for o in outcomes if not isinstance(o, AuditError)][:1]
+        with pytest.raises(AuditError):
+            await first
+    finally:
+        lock.release()
+        await queue.aclose()
+        store.engine.dispose()
+    assert store.batches[0] == 1 and len(store.batches) <= 2, store.batches  # not [1, 256, 256, 88]
