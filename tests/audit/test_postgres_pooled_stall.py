@@ -109,7 +109,7 @@ def test_a_statement_whose_backend_stops_while_running_it_is_cut_at_the_longest_
     for good: the probe's answer alone waited for it without end (the read, and its request, held forever)."""
     from audit import answer_watch
 
-    monkeypatch.setattr(answer_watch, "LONGEST_RUNNING_S", 2 * PAST_THE_BOUND_S, raising=False)
+    monkeypatch.setattr(answer_watch, "LONGEST_RUNNING_S", PAST_THE_BOUND_S, raising=False)  # two bounds
     url = make_url(short_store.engine.url).set(drivername="postgresql").render_as_string(hide_password=False)
     backend_pid = _pooled_pid(short_store)
     outcome: list[object] = []
