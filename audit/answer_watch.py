@@ -92,7 +92,11 @@ class _Probe:
     def __init__(self, ask: StatementRunning) -> None:
         self.running: bool | None = None
         self._ask = ask
-        threading.Thread(target=self._run, name="govgate-audit-answer-probe", daemon=True).start()
+        try:
+            threading.Thread(target=self._run, name="govgate-audit-answer-probe", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had (raised in the watchdog's thread, it killed it)
+            log.warning("cannot ask the audit database about a statement past its bound: %s", exc)
+            self.running = False
 
     def _run(self) -> None:
         try:

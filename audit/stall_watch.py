@@ -134,13 +134,16 @@ def _loop() -> None:
             now = time.monotonic()
             wake = now + _IDLE_S
             for kept in list(_WATCHED):
-                due = kept.stall_due()
-                if due is None:
-                    continue
-                if due <= now:
-                    kept.cut_if_stalled(due)
-                else:
-                    wake = min(wake, due)
+                try:
+                    due = kept.stall_due()
+                    if due is None:
+                        continue
+                    if due <= now:
+                        kept.cut_if_stalled(due)
+                    else:
+                        wake = min(wake, due)
+                except Exception:  # noqa: BLE001 - one connection's failure must not end every bound
+                    log.exception("the audit stall watch failed on a connection")
         finally:
             _looking = False
         time.sleep(max(0.0, wake - time.monotonic()))

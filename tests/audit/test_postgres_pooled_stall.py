@@ -173,6 +173,32 @@ def test_a_probe_whose_own_question_gets_no_answer_ends(store_url: str) -> None:
         proxy.close()
 
 
+def test_a_probe_whose_thread_cannot_start_reads_as_no_answer_and_the_watchdog_goes_on(
+        short_store: AuditStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that may start no more threads (the moment a stalled server piles waits up): the probe's
+    thread start raised in the watchdog's own thread, which died, and no wait of the process was bounded again
+    until a new connection restarted it."""
+    _pooled_pid(short_store)  # the pool's session, watched: the watchdog runs
+    watchdog = stall_watch._thread
+    assert watchdog is not None and watchdog.is_alive()
+    real_start = threading.Thread.start
+
+    def no_probe_thread(thread: threading.Thread) -> None:
+        if thread.name == "govgate-audit-answer-probe":
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", no_probe_thread)
+
+    def sleep() -> object:
+        with short_store.engine.connect() as conn:
+            return conn.execute(text(f"SELECT pg_sleep({PAST_THE_BOUND_S}), 'answered'")).one()[1]
+
+    [outcome] = _in_thread(sleep)
+    assert watchdog.is_alive(), "the watchdog died on a probe it could not start"
+    assert isinstance(outcome, DBAPIError) and outcome.connection_invalidated, outcome  # not asked: cut
+
+
 def test_a_patient_wait_is_never_cut(short_store: AuditStore) -> None:
     def sleep() -> object:
         with stall_watch.patient(), short_store.engine.connect() as conn:
