@@ -24,7 +24,8 @@ class LoopbackProxy:
         self.delay_s = delay_s
         self.silent = False
         self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
 
     def _accept(self) -> None:
         while True:
@@ -37,9 +38,12 @@ class LoopbackProxy:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sockets += [client, server]
             set_up = threading.Event()
-            threading.Thread(target=self._pipe, args=(client, server, set_up if self.silent else None, None),
-                             daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, None, set_up), daemon=True).start()
+            pipes = [threading.Thread(target=self._pipe, args=(client, server, set_up if self.silent else None, None),
+                                      daemon=True),
+                     threading.Thread(target=self._pipe, args=(server, client, None, set_up), daemon=True)]
+            self._threads += pipes
+            for pipe in pipes:
+                pipe.start()
 
     def _pipe(self, source: socket.socket, sink: socket.socket, hold_after: threading.Event | None,
               set_up: threading.Event | None) -> None:
@@ -54,7 +58,13 @@ class LoopbackProxy:
                     set_up.set()
 
     def close(self) -> None:
+        """Stop, and wait for its threads (a thread left over would keep ``audit verify`` from forking)."""
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close alone does not)
         self._listener.close()
         for sock in self._sockets:
             with contextlib.suppress(OSError):
-                sock.close()
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in self._threads:
+            thread.join(10)
