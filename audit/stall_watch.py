@@ -133,7 +133,9 @@ def _loop() -> None:
         try:
             now = time.monotonic()
             wake = now + _IDLE_S
-            for kept in list(_WATCHED):
+            with _LOCK:  # watch() adds from other threads: iterating the set meanwhile raised, ending this thread
+                watched = list(_WATCHED)
+            for kept in watched:
                 try:
                     due = kept.stall_due()
                     if due is None:
