@@ -91,7 +91,7 @@ class AppendQueue:
         batches = self._batches
         with batches.ready:
             if batches.closing:
-                raise RuntimeError("the audit append queue is closed")
+                raise AuditError("audit append failed: the gateway is stopping (its audit append queue is closed)")
             batches.queued.append(_Queued(args, future, loop, time.monotonic() + batches.wait_s))
             if self._thread is None:
                 thread = threading.Thread(target=batches.run, name=self._name, daemon=True)
@@ -119,7 +119,8 @@ class AppendQueue:
             self._batches.ready.notify()
 
     async def aclose(self) -> None:
-        """Refuse new appends and wait (off the loop) until those queued are written."""
+        """Refuse new appends (AuditError: the request is refused 503, as with a database that is down) and
+        wait (off the loop) until those queued are written."""
         self._batches.close()
         with self._batches.ready:
             thread = self._thread

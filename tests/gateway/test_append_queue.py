@@ -154,7 +154,7 @@ async def test_closing_writes_what_is_queued_then_refuses_new_appends(store: Cou
     await queue.aclose()
     assert verify_chain(store).checked == 11  # written before aclose returned
     assert [entry.request_id for entry in await asyncio.gather(*pending)] == [f"r{i}" for i in range(10)]
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(AuditError, match="closed"):  # refused as a database that is down (503), not a 500
         await queue.append(_args("request", "late"))
     assert verify_chain(store).checked == 11
 

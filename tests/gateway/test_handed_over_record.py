@@ -42,13 +42,14 @@ DIGESTER = Digester(os.urandom(32))
 
 
 @pytest.fixture
-def parts(own_redis, tmp_path):
+async def parts(own_redis, tmp_path):
     engine = open_database(own_redis.with_(database_url=f"sqlite:///{tmp_path / 'handed.db'}"))
     client = redis.Redis.from_url(own_redis.redis_url)
     pending = PendingTerminals(client, horizon_s=60, seal=SEALER.seal, unseal=SEALER.unseal)
     store = AuditStore(engine)
-    yield store, client, pending, RequestLog(store, current_revision=lambda: "rev", digester=DIGESTER,
-                                             pending=pending)
+    request_log = RequestLog(store, current_revision=lambda: "rev", digester=DIGESTER, pending=pending)
+    yield store, client, pending, request_log
+    await request_log.aclose()  # its append thread ends (left running, it made later tests' forks unsafe)
     client.close()
     engine.dispose()
 
