@@ -102,6 +102,8 @@ class Writer(Protocol):
 
     def wrap(self, exc: Exception) -> Exception: ...
 
+    def lost(self, exc: Exception) -> bool: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Chained:
@@ -134,6 +136,15 @@ class _Pending:
             raise self.error
         assert self.chained is not None, "an append left without an outcome"
         return self.chained
+
+
+class _Refused(Exception):
+    """An entry of a batch written without savepoints was refused: roll the transaction back and write the
+    others again, each on a savepoint (never seen outside :meth:`Appender._lead`)."""
+
+    def __init__(self, pending: _Pending) -> None:
+        super().__init__("an entry of the batch was refused")
+        self.pending = pending
 
 
 def _abandoned(exc: BaseException) -> OSError:
@@ -184,15 +195,19 @@ class Appender:
         ``alongside`` runs on the same cursor after the insert, before
         commit, still under the lock: what it writes commits with the entry
         or not at all, and an exception from it rolls both back (the key
-        store writes key rows this way); it may run on another thread (below).
+        store writes key rows this way); it may run on another thread (below),
+        and twice: once in a transaction then rolled back (below).
 
         Group commit: threads of this process that append while another
         thread's transaction is running queue up, and the next transaction
-        writes all of them (each on its own savepoint, so one entry's refusal
-        or ``alongside`` exception rolls back that entry alone) and commits
-        once; each caller returns when its entry is committed, or raises
-        what refused it. The thread that writes a batch hands the next one to
-        the first thread waiting, so no caller writes others' entries forever.
+        writes all of them, a statement each, and commits once; when one
+        entry is refused (by the database or its ``alongside``), it keeps
+        that refusal, the transaction is rolled back and the others are
+        written again in a new one, each on its own savepoint, so that any
+        other refusal rolls back that entry alone (:meth:`_write`). Each
+        caller returns when its entry is committed, or raises what refused
+        it. The thread that writes a batch hands the next one to the first
+        thread waiting, so no caller writes others' entries forever.
         A single thread appending alone pays for none of it but two uncontended locks.
         """
         pending = _Pending({**fields, "payload_digest": payload_digest}, body_text, payload_text, alongside)
@@ -221,8 +236,9 @@ class Appender:
         own (the gateway's audit thread, ``gateway/requests/append_queue.py``)
         instead of a thread per append: the entries join the group commit's
         queue together, behind any transaction running, so they are written
-        in the same transaction (each on its own savepoint) and this thread
-        waits once, not once per entry.
+        in the same transaction (a statement each; the others again, on a
+        savepoint each, when one of them is refused: :meth:`_write`) and this
+        thread waits once, not once per entry.
         """
         pendings = [_Pending({**fields, "payload_digest": digest}, body_text, payload_text, None)
                     for fields, body_text, payload_text, digest in entries]
@@ -260,7 +276,11 @@ class Appender:
         try:
             if writer is None:
                 writer = self._writer = self._make_writer()
-            writer.run(self._begin, lambda cursor: self._write(cursor, batch))
+            try:
+                writer.run(self._begin, lambda cursor: self._write(cursor, batch, careful=False))
+            except _Refused as refused:  # rolled back: the others again, each on a savepoint, from the head now
+                rest = [pending for pending in batch if pending is not refused.pending]
+                writer.run(self._begin, lambda cursor: self._write(cursor, rest, careful=True))
         except BaseException as exc:
             for pending in batch:  # the transaction is rolled back: none of them is written
                 pending.chained = None
@@ -283,8 +303,26 @@ class Appender:
                 assert successor.event is not None  # it queued while a leader was writing
                 successor.event.set()
 
-    def _write(self, cursor: Any, batch: list[_Pending]) -> None:
-        """Inside the locked transaction: chain and insert each queued entry, each on its own savepoint when several."""
+    def _write(self, cursor: Any, batch: list[_Pending], careful: bool) -> None:
+        """Inside the locked transaction: chain and insert each queued entry.
+
+        Several entries are first written as one entry is, a statement each
+        (``careful`` False). The first one refused (by the database, or by
+        its ``alongside``) keeps that refusal as its outcome and raises
+        :class:`_Refused`; :meth:`_lead` rolls the transaction back and
+        writes the others again ``careful``ly, each on its own savepoint, so
+        a refusal rolls back that entry alone, chained from the head read in
+        the new transaction. The refused entry is not tried again: what
+        refused it (a lock waited for past its timeout, say) would be waited
+        for again. A savepoint per entry is what every batch cost before
+        2026-12-02: three statements (round trips on PostgreSQL) instead of
+        one under the lock, and on PostgreSQL a subtransaction each, past 64
+        of which every snapshot on the server must look them up in
+        ``pg_subtrans`` (docs/architecture.md, "Group commit"). A connection
+        lost under the batch (:meth:`Writer.lost`: the server gone, the
+        stall watch's cut) is not an entry's refusal: it fails every entry,
+        never retried, as it always did.
+        """
         cursor.execute(self._head_sql)
         head = cursor.fetchone()
         now = datetime.now(timezone.utc)
@@ -302,6 +340,27 @@ class Appender:
                 pending.alongside(cursor)
             return
         writer = self._writer
+        if not careful:
+            chained_all: list[Chained] = []
+            for pending in batch:
+                try:
+                    chained = self._insert(cursor, pending.fields, head[0] + 1, head[1], now, pending.body_text,
+                                           pending.payload_text, FORMAT_2)
+                    if pending.alongside is not None:
+                        pending.alongside(cursor)
+                except Exception as exc:
+                    if writer is None or writer.lost(exc):
+                        raise  # the transaction's failure, not this entry's: every entry fails, as one append would
+                    pending.error = writer.wrap(exc)  # this entry's, final: the others are written again
+                    writer.answered()
+                    raise _Refused(pending) from exc
+                chained_all.append(chained)
+                head = (chained.seq, chained.hash)
+                if writer is not None:
+                    writer.answered()  # a batch the server answers entry by entry is not a stalled one
+            for pending, chained in zip(batch, chained_all):
+                pending.chained = chained
+            return
         for pending in batch:
             cursor.execute(_SAVEPOINT)
             try:

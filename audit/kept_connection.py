@@ -147,6 +147,18 @@ class KeptConnection:
             return self._wrapped(exc, False)
         return exc
 
+    def lost(self, exc: Exception) -> bool:
+        """Whether an error raised inside :meth:`run`'s work came with the connection lost (the server gone,
+        the session ended, a socket the stall watch shut down), not only the statement refused.
+
+        The appender writes a batch without savepoints and, when one entry
+        is refused, writes the others again in a new transaction
+        (:meth:`audit.appender.Appender._write`); a lost connection is not
+        such a refusal: a new transaction would reconnect and wait for the
+        server again, so it fails every entry, never retried.
+        """
+        return isinstance(exc, self._dbapi_error) and self._conn is not None and self._is_lost(exc)
+
     def _begin(self, begin: tuple[str, ...]) -> Any:
         """A cursor in a transaction that holds the write lock; reconnects once if the kept connection was lost."""
         reused = self._conn is not None
