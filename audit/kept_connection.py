@@ -132,8 +132,9 @@ class KeptConnection:
         The bound is for a server that stops answering, not for a long
         transaction it answers statement by statement: a batch of many
         entries (the gateway's audit thread hands the store up to 256 at
-        once, three round trips each) over a link of a few milliseconds
-        outlasts the busy timeout plus its grace, and until 2026-12-02 it was
+        once, a round trip each, three each again when one of them is
+        refused) over a link of a few milliseconds outlasts the busy
+        timeout plus its grace, and until 2026-12-02 it was
         cut, every append in it failed, and the next batch (the backlog, as
         large) the same way. The lock wait, which the server ends itself at
         ``lock_timeout``, is still bounded from the transaction's start.

@@ -13,7 +13,7 @@ docs/architecture.md, "The request path's audit appends").
 
 Here the loop only queues an append; one thread takes everything queued
 and hands it to the store at once (:meth:`audit.store.AuditStore.append_many`:
-one group commit, each append on its own savepoint), then resolves the
+one group commit, a statement per append), then resolves the
 batch's futures with one call into the loop. A thread that is busy needs
 no wake-up; an idle one gets one per turn of the loop that queued
 something (woken at once per append, it cost 2–9 % more of the gateway's
