@@ -248,7 +248,7 @@ def test_an_entry_the_database_fails_in_the_middle_of_a_batch_fails_alone_and_is
         store_url: str, backend: str, raw: RawDB, monkeypatch: pytest.MonkeyPatch) -> None:
     """PostgreSQL: the entry's statement waits for a lock past ``lock_timeout`` (tried again, it would wait
     again); SQLite: its statement is interrupted, which rolls SQLite's whole transaction back."""
-    store = AuditStore(make_engine(store_url, busy_timeout_s=0.5))
+    store = AuditStore(make_engine(store_url, busy_timeout_s=2.0))  # the leader waits for the writer meanwhile
     raw.execute("CREATE TABLE side_effects (name TEXT)")
     _append(store, "request", "before")
     calls: list[str] = []
