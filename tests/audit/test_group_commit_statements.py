@@ -18,8 +18,6 @@ savepoints each carry their subtransaction's id.
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any, Callable
 
 import psycopg
@@ -32,6 +30,7 @@ from audit.db import APPEND_LOCK_KEY
 from audit.kinds import CHAIN_FORMAT_REQUEST_ID
 from audit.writer import writer_for
 from tests.audit.conftest import RawDB
+from tests.audit.queued_appends import QueuedAppends
 
 
 def _psycopg_url(store_url: str) -> str:
@@ -85,51 +84,8 @@ class _Transactions:
         return sum(1 for sql in statements if sql.split(None, 1)[0].upper() == first_word)
 
 
-class _Queued:
-    """Single appends (each may have an ``alongside``) queued behind a running transaction, so the next
-    transaction writes them together, in the order started."""
-
-    def __init__(self, store: AuditStore) -> None:
-        self.store = store
-        self.appender = store._appender()
-        self.writer = writer_for(store.engine)
-        self.results: dict[str, Any] = {}
-        self.threads: list[threading.Thread] = []
-
-    def __enter__(self) -> "_Queued":
-        assert self.writer._lock.acquire()  # a transaction of this process is running
-        self._start("leader", "request", "leader")  # takes its own entry, then waits for the writer
-        self._until(lambda: self.appender._leader is not None and not self.appender._queue)
-        return self
-
-    def add(self, name: str, kind: str, request_id: str, **kwargs: Any) -> None:
-        queued = len(self.appender._queue)
-        self._start(name, kind, request_id, **kwargs)
-        self._until(lambda: len(self.appender._queue) == queued + 1)
-
-    def __exit__(self, *exc: object) -> None:
-        self.writer._lock.release()
-        for thread in self.threads:
-            thread.join(60)
-        assert not any(thread.is_alive() for thread in self.threads)
-
-    def _start(self, name: str, kind: str, request_id: str, **kwargs: Any) -> None:
-        def run() -> None:
-            try:
-                self.results[name] = _append(self.store, kind, request_id, **kwargs)
-            except BaseException as exc:  # noqa: BLE001 - the test looks at it
-                self.results[name] = exc
-
-        thread = threading.Thread(target=run)
-        self.threads.append(thread)
-        thread.start()
-
-    @staticmethod
-    def _until(condition: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + 30
-        while not condition():
-            assert time.monotonic() < deadline, "the appends never queued"
-            time.sleep(0.001)
+def _queued(store: AuditStore) -> QueuedAppends:
+    return QueuedAppends(store, _append)
 
 
 def test_a_batch_is_written_a_statement_an_entry_without_a_savepoint(
@@ -223,7 +179,7 @@ def test_an_alongside_refusal_in_a_batch_fails_that_entry_alone_and_what_it_wrot
         return alongside
 
     transactions = _Transactions(store, monkeypatch)
-    with _Queued(store) as queued:
+    with _queued(store) as queued:
         queued.add("a", "request", "a", alongside=write("a"))
         queued.add("refused", "request", "refused", alongside=write("refused", refuse=True))
         queued.add("b", "request", "b")
@@ -270,7 +226,7 @@ def test_an_entry_the_database_fails_in_the_middle_of_a_batch_fails_alone_and_is
 
     transactions = _Transactions(store, monkeypatch)
     try:
-        with _Queued(store) as queued:
+        with _queued(store) as queued:
             queued.add("a", "request", "a")
             queued.add("failing", "request", "failing", alongside=failing)
             queued.add("b", "request", "b")
@@ -302,7 +258,7 @@ def test_a_connection_lost_in_the_middle_of_a_batch_fails_every_entry_and_is_not
         cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
 
     transactions = _Transactions(store, monkeypatch)
-    with _Queued(store) as queued:
+    with _queued(store) as queued:
         queued.add("a", "request", "a")
         queued.add("ends", "request", "ends", alongside=ends_its_session)
         queued.add("b", "request", "b")

@@ -22,7 +22,7 @@ import time
 
 import psycopg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
@@ -60,6 +60,27 @@ def _active(url: str, backend_pid: int) -> bool:
     return row is not None and row[0] == "active"
 
 
+def _sleeping(engine: Engine, seconds: float, url: str, backend_pid: int) -> tuple[threading.Thread, list[object]]:
+    """A thread sleeping ``seconds`` in a statement on the pool's session, once the server runs it; its
+    outcome (the answer, or the exception) lands in the list."""
+    outcome: list[object] = []
+
+    def sleep() -> None:
+        try:
+            with engine.connect() as conn:  # the same pooled session
+                outcome.append(conn.execute(text(f"SELECT pg_sleep({seconds})")).scalar())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=sleep, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not _active(url, backend_pid):  # stopped or frozen while it runs the statement, not before
+        assert time.monotonic() < deadline and thread.is_alive(), outcome
+        time.sleep(0.02)
+    return thread, outcome
+
+
 def test_a_statement_on_a_server_that_stops_answering_is_cut_and_fails_the_read_closed(
         own_postgres: PostgresServer) -> None:
     """Frozen mid-statement (every server process stopped): the probe cannot even connect, so the wait is cut."""
@@ -69,21 +90,7 @@ def test_a_statement_on_a_server_that_stops_answering_is_cut_and_fails_the_read_
     try:
         with engine.connect() as conn:
             backend_pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
-        outcome: list[object] = []
-
-        def sleep() -> None:
-            try:
-                with engine.connect() as conn:  # the same pooled session
-                    outcome.append(conn.execute(text(f"SELECT pg_sleep({PAST_THE_BOUND_S + 5})")).scalar())
-            except BaseException as exc:  # noqa: BLE001 - handed to the test
-                outcome.append(exc)
-
-        thread = threading.Thread(target=sleep, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + HANG_GUARD_S
-        while not _active(plain, backend_pid):  # frozen while it runs the statement, not before
-            assert time.monotonic() < deadline and thread.is_alive(), outcome
-            time.sleep(0.02)
+        thread, outcome = _sleeping(engine, PAST_THE_BOUND_S + 5, plain, backend_pid)
         frozen = server_pids(own_postgres.process.pid)
         try:
             for pid in frozen:
@@ -112,21 +119,7 @@ def test_a_statement_whose_backend_stops_while_running_it_is_cut_at_the_longest_
     monkeypatch.setattr(answer_watch, "LONGEST_RUNNING_S", PAST_THE_BOUND_S, raising=False)  # two bounds
     url = make_url(short_store.engine.url).set(drivername="postgresql").render_as_string(hide_password=False)
     backend_pid = _pooled_pid(short_store)
-    outcome: list[object] = []
-
-    def sleep() -> None:
-        try:
-            with short_store.engine.connect() as conn:  # the same pooled session
-                outcome.append(conn.execute(text(f"SELECT pg_sleep({HANG_GUARD_S * 3})")).scalar())
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=sleep, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not _active(url, backend_pid):  # stopped while it runs the statement, not before
-        assert time.monotonic() < deadline and thread.is_alive(), outcome
-        time.sleep(0.02)
+    thread, outcome = _sleeping(short_store.engine, HANG_GUARD_S * 3, url, backend_pid)
     os.kill(backend_pid, signal.SIGSTOP)
     try:
         thread.join(HANG_GUARD_S)

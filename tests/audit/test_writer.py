@@ -11,7 +11,6 @@ lost connections, which only a server can make, in test_writer_postgres.py.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -20,6 +19,7 @@ from audit import AuditError, AuditStore, DuplicateTerminalError, InvalidEntryEr
 from audit.chain import canonical_json
 from audit.writer import writer_for
 from tests.audit.conftest import RawDB
+from tests.audit.queued_appends import QueuedAppends
 
 
 def _append(store: AuditStore, kind: str, request_id: str, body: Any = None, **kwargs: Any) -> Any:
@@ -166,41 +166,8 @@ def test_what_is_stored_is_the_canonical_json_of_what_reads_back(store: AuditSto
 # -- group commit: threads that append while a transaction runs share the next one ----------
 
 
-class _Batched:
-    """Appends queued behind a held writer, so that the next transaction writes them together."""
-
-    def __init__(self, store: AuditStore) -> None:
-        self.store = store
-        self.appender = store._appender()
-        self.writer = writer_for(store.engine)
-        self.results: dict[str, Any] = {}
-        self.threads: list[threading.Thread] = []
-
-    def start(self, name: str, kind: str, request_id: str, **kwargs: Any) -> None:
-        def run() -> None:
-            try:
-                self.results[name] = _append(self.store, kind, request_id, {"name": name}, **kwargs)
-            except BaseException as exc:  # noqa: BLE001 - the test looks at it
-                self.results[name] = exc
-
-        thread = threading.Thread(target=run)
-        self.threads.append(thread)
-        thread.start()
-
-    def wait_queued(self, count: int) -> None:
-        deadline = time.monotonic() + 30
-        while len(self.appender._queue) < count:
-            assert time.monotonic() < deadline, "the appends never queued"
-            time.sleep(0.001)
-
-    def join(self) -> None:
-        for thread in self.threads:
-            thread.join(60)
-
-
 def test_appends_queued_behind_a_transaction_commit_together_and_fail_alone(store: AuditStore) -> None:
     _append(store, "completion", "done-before")
-    batched = _Batched(store)
 
     class Refused(Exception):
         pass
@@ -208,22 +175,11 @@ def test_appends_queued_behind_a_transaction_commit_together_and_fail_alone(stor
     def refuse(_cursor: Any) -> None:
         raise Refused
 
-    assert batched.writer._lock.acquire()  # a transaction of this process is running
-    try:
-        batched.start("leader", "request", "r0")
-        batched.wait_queued(0)  # the leader took its own entry and waits for the writer
-        time.sleep(0.05)
-        batched.start("a", "request", "r1")
-        batched.wait_queued(1)
-        batched.start("duplicate", "completion", "done-before")  # refused by the database
-        batched.wait_queued(2)
-        batched.start("refused", "request", "r2", alongside=refuse)  # refused by its alongside
-        batched.wait_queued(3)
-        batched.start("b", "completion", "r1")
-        batched.wait_queued(4)
-    finally:
-        batched.writer._lock.release()
-    batched.join()
+    with QueuedAppends(store, _append, leader=("request", "r0")) as batched:  # a transaction is running
+        batched.add("a", "request", "r1")
+        batched.add("duplicate", "completion", "done-before")  # refused by the database
+        batched.add("refused", "request", "r2", alongside=refuse)  # refused by its alongside
+        batched.add("b", "completion", "r1")
 
     results = batched.results
     assert isinstance(results["duplicate"], DuplicateTerminalError)
@@ -240,7 +196,6 @@ def test_appends_queued_behind_a_transaction_commit_together_and_fail_alone(stor
 def test_a_batch_whose_transaction_fails_records_none_of_it(store: AuditStore) -> None:
     """An interrupt (not an error one entry can be refused for) in an alongside rolls the whole batch back."""
     _append(store, "request", "r0")
-    batched = _Batched(store)
 
     class Interrupt(BaseException):
         pass
@@ -248,19 +203,10 @@ def test_a_batch_whose_transaction_fails_records_none_of_it(store: AuditStore) -
     def interrupt(_cursor: Any) -> None:
         raise Interrupt
 
-    assert batched.writer._lock.acquire()
-    try:
-        batched.start("leader", "request", "r1")
-        time.sleep(0.05)
-        batched.start("first", "request", "q0")  # inserted before the interrupt: rolled back with it
-        batched.wait_queued(1)
-        batched.start("interrupted", "request", "q1", alongside=interrupt)
-        batched.wait_queued(2)
-        batched.start("last", "request", "q2")
-        batched.wait_queued(3)
-    finally:
-        batched.writer._lock.release()
-    batched.join()
+    with QueuedAppends(store, _append, leader=("request", "r1")) as batched:
+        batched.add("first", "request", "q0")  # inserted before the interrupt: rolled back with it
+        batched.add("interrupted", "request", "q1", alongside=interrupt)
+        batched.add("last", "request", "q2")
     results = batched.results
     # The batch ran on the thread of its first entry: the interrupt is raised there, where it happened.
     assert isinstance(results["first"], Interrupt)
