@@ -22,6 +22,7 @@ import pytest
 from audit import AppendArgs, AuditEntry, AuditError, AuditStore, InvalidEntryError, make_engine, migrate, verify_chain
 from audit.kinds import CHAIN_FORMAT_REQUEST_ID
 from gateway.requests.append_queue import AppendQueue
+from tests.gateway.cancel_turns import cancel_and_turn
 
 pytestmark = pytest.mark.anyio
 
@@ -316,10 +317,7 @@ async def test_a_caller_cancelled_again_and_again_still_waits_for_its_append(tmp
         scope = anyio.CancelScope()
         task = asyncio.ensure_future(caller(scope))
         await _until(lambda: store.batches == [1])  # the thread is inside that batch, waiting for the lock
-        scope.cancel()
-        for _ in range(20):
-            await asyncio.sleep(0.005)  # turns of the loop, each with the scope's cancel again
-        assert not task.done(), "the cancelled caller left before its append ended"
+        await cancel_and_turn(scope, task, "the cancelled caller left before its append ended")
         lock.release()
         await task
         assert left == ["after its append's end"]

@@ -9,6 +9,7 @@ import anyio
 import pytest
 
 from gateway.requests.blocking_calls import BlockingCalls
+from tests.gateway.cancel_turns import cancel_and_turn
 
 pytestmark = pytest.mark.anyio
 
@@ -82,10 +83,7 @@ async def test_a_caller_in_a_cancelled_anyio_scope_waits_for_its_call_however_of
         scope = anyio.CancelScope()
         task = asyncio.create_task(caller(scope))
         assert await asyncio.to_thread(started.wait, 10)
-        scope.cancel()
-        for _ in range(20):
-            await asyncio.sleep(0.005)  # turns of the loop, each with the scope's cancel again
-        assert not task.done(), "the cancelled caller left while its call was still running"
+        await cancel_and_turn(scope, task, "the cancelled caller left while its call was still running")
         release.set()
         await task
         assert seen == [True]
