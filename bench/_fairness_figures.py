@@ -54,7 +54,7 @@ from bench._figures import percentile
 
 __all__ = ["Answer", "Job", "Slot", "admissions_ms", "backlogged_shares", "handovers_ms", "job_from_entry",
            "latencies_ms", "overall_shares", "schedule", "service_ms", "share_error", "throughput", "timeline",
-           "wait_figures", "waits_ms"]
+           "passed_waits_ms", "wait_figures", "waits_ms"]
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,29 @@ def service_ms(slots: Sequence[Slot]) -> float | None:
 def waits_ms(jobs: Iterable[Job], team: str) -> list[float]:
     """``team``'s queue waits in milliseconds."""
     return [j.wait_ms for j in jobs if j.team == team]
+
+
+def passed_waits_ms(jobs: Iterable[Job], team: str) -> list[float]:
+    """``team``'s queue waits during which a job of another team started first, in milliseconds.
+
+    On one worker a fair pick never puts a team furthest below its share
+    behind another's newer job; what starts first anyway was taken before
+    the waiting job was queued: the take pops the next job as the previous
+    one ends, and most of the hand-over (the job's delivery, the start claim)
+    comes after it. Such a wait holds that job's whole slot as well as the
+    rest of the one in progress (docs/architecture.md, "Where in the
+    hand-over B's long waits begin").
+    """
+    jobs = list(jobs)
+    others = sorted(j.started for j in jobs if j.team != team)
+    passed = []
+    for job in jobs:
+        if job.team != team:
+            continue
+        first = bisect.bisect_right(others, job.queued)
+        if first < len(others) and others[first] < job.started:
+            passed.append(job.wait_ms)
+    return passed
 
 
 def wait_figures(waits: Sequence[float]) -> dict[str, float | None]:

@@ -24,6 +24,7 @@ from bench._fairness_figures import (
     handovers_ms,
     latencies_ms,
     overall_shares,
+    passed_waits_ms,
     schedule,
     service_ms,
     share_error,
@@ -108,6 +109,7 @@ def _mode_figures(runs: Sequence[PhaseRun], phase: str) -> dict[str, Any]:
     if phase in TRICKLE_PHASES:
         pooled: dict[str, Callable[[PhaseRun, str], list[float]]] = {
             "waits_ms": lambda r, n: waits_ms(r.jobs, n),
+            "passed_waits_ms": lambda r, n: passed_waits_ms(r.jobs, n),
             "admission_ms": lambda r, n: admissions_ms(r.answers.get(n, []), r.jobs),
             "latency_ms": lambda r, n: latencies_ms(r.answers.get(n, [])),
         }
@@ -203,7 +205,7 @@ def _headline(equal: dict[str, Any], mode: str) -> dict[str, Any]:
     b = list(equal["weights"])[1]
     b_wait = latency["waits_ms"][b]
     return {"b_wait_p50_ms": b_wait["p50"], "b_wait_p95_ms": b_wait["p95"], "b_waits": b_wait["count"],
-            "service_ms": latency["service_ms"],
+            "b_waits_passed": latency["passed_waits_ms"][b]["count"], "service_ms": latency["service_ms"],
             "b_wait_p50_ms_burst_queued_first": queued["waits_ms"][b]["p50"] if queued else None,
             "b_wait_p95_ms_burst_queued_first": queued["waits_ms"][b]["p95"] if queued else None,
             "b_waits_burst_queued_first": queued["waits_ms"][b]["count"] if queued else None,
@@ -272,6 +274,8 @@ def table(document: dict[str, Any]) -> str:
                 row(f"  {team} queue wait p50 ms", lambda f, t=team: f["waits_ms"][t]["p50"], block)
                 row(f"  {team} queue wait p95 ms", lambda f, t=team: f["waits_ms"][t]["p95"], block)
                 row(f"  {team} queue waits measured", lambda f, t=team: f["waits_ms"][t]["count"], block)
+                row("    another team's job started first", lambda f, t=team: f["passed_waits_ms"][t]["count"], block)
+                row("      their wait p50 ms", lambda f, t=team: f["passed_waits_ms"][t]["p50"], block)
                 row("    in the gateway before, p50 ms", lambda f, t=team: f["admission_ms"][t]["p50"], block)
                 row("    in the gateway before, p95 ms", lambda f, t=team: f["admission_ms"][t]["p95"], block)
                 row(f"  {team} latency p50 ms (client)", lambda f, t=team: f["latency_ms"][t]["p50"], block)

@@ -61,7 +61,9 @@ The ``--json`` document: ``fifo`` and ``fair`` hold the equal-weight case
 (``b_wait_p50_ms``, ``b_wait_p95_ms``, ``service_ms``, ``share_error``,
 ``throughput_per_s``, ``throughput_vs_fifo``, and B's wait with the burst
 queued first, its time in the gateway and its latency at the client),
-``goals`` the issue's targets met or not (``b_waits``: how many waits B's p95 is taken from), ``scenarios`` every
+``goals`` the issue's targets met or not (``b_waits``: how many waits B's p95 is taken from;
+``b_waits_passed``: how many of them saw another team's job start first, one the worker had taken
+before B's was queued: ``passed_waits_ms`` in ``bench/_fairness_figures.py``), ``scenarios`` every
 scenario, phase and mode in full, ``requests`` the counts (sent, answered
 200, ended ``completion`` in the audit, refused), ``settings`` and
 ``load`` (the load average around the run). Each phase's figures also

@@ -26,6 +26,7 @@ from bench._fairness_figures import (
     job_from_entry,
     latencies_ms,
     overall_shares,
+    passed_waits_ms,
     schedule,
     service_ms,
     share_error,
@@ -37,7 +38,7 @@ from bench._fairness_report import MODES, PhaseRun, report, table
 from bench.fairness import SCENARIOS, parse_args, run, schedules
 
 HEADLINE_KEYS = {"b_wait_p50_ms", "b_wait_p95_ms", "service_ms", "share_error", "throughput_vs_fifo",
-                 "b_admission_p95_ms", "b_latency_p95_ms", "b_wait_p95_ms_burst_queued_first"}
+                 "b_admission_p95_ms", "b_latency_p95_ms", "b_wait_p95_ms_burst_queued_first", "b_waits_passed"}
 
 
 def _job(team: str, queued: float, started: float, ended: float) -> Job:
@@ -135,6 +136,16 @@ def test_a_hand_over_is_the_gap_before_a_busy_slot_and_the_timeline_names_each_j
                        "wait_ms": 5.5, "handover_ms": 2.5}
     assert rows[0]["handover_ms"] is None and rows[2]["handover_ms"] is None and rows[2]["queued_ms"] == 20.0
     assert timeline([]) == [] and handovers_ms([]) == []
+
+
+def test_a_wait_is_passed_when_another_teams_job_starts_after_it_was_queued_and_before_it() -> None:
+    jobs = [_job("a", 0.0, 0.0, 1.0),
+            _job("b", 0.95, 1.2, 2.0),  # queued as a's first ended: a's next, taken already, starts first
+            _job("a", 0.1, 1.1, 1.15),
+            _job("b", 3.0, 3.0, 4.0),  # nothing ahead of it
+            _job("b", 3.5, 4.0, 5.0)]  # behind its own team's job only
+    assert passed_waits_ms(jobs, "b") == [pytest.approx(250.0)]
+    assert passed_waits_ms(jobs, "a") == [] and passed_waits_ms([], "b") == []
 
 
 def _fake_run(scenario: str, phase: str, mode: str, order: str, step: float) -> PhaseRun:
