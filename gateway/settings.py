@@ -117,6 +117,10 @@ class Settings:
     #: light team's longest waits while another team's burst is admitted on the same cores grew 1.6-2.5x in
     #: ``bench/fairness.py`` (docs/architecture.md, "Between two jobs on the solo pool").
     handover_on_take: bool = False
+    #: Solo-pool workers in fair mode: a fair job's start gives way to a job of a team further below its share
+    #: that arrived after the take (workers/contract/repick.py). On by default: a light team's waits behind
+    #: another team's burst lose the slot of a job taken just before them; costs two Redis commands a job.
+    fair_give_way: bool = True
     #: Largest request body accepted (413 above it).
     max_body_bytes: int = 1024 * 1024
     #: ``max_tokens`` used when a request does not give one (policy may clamp it).
@@ -275,6 +279,7 @@ class Settings:
             worker_pool=_choice(text("WORKER_POOL", defaults.worker_pool).lower(), "WORKER_POOL",
                                 ("prefork", "solo")),
             handover_on_take=_flag(text("HANDOVER_ON_TAKE", ""), "HANDOVER_ON_TAKE", defaults.handover_on_take),
+            fair_give_way=_flag(text("FAIR_GIVE_WAY", ""), "FAIR_GIVE_WAY", defaults.fair_give_way),
             max_body_bytes=int(number("MAX_BODY_BYTES", defaults.max_body_bytes, int, 1024)),
             default_max_tokens=int(number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens, int, 1)),
             redis_max_connections=int(number("REDIS_MAX_CONNECTIONS", defaults.redis_max_connections, int, 2)),

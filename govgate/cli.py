@@ -147,7 +147,7 @@ def worker(model_name: str, concurrency: int, pool: str | None) -> None:
     config = WorkerConfig(model=spec, redis_url=settings.redis_url, database_url=settings.effective_database_url,
                           database_busy_timeout_s=settings.database_busy_timeout_s,
                           concurrency=concurrency, pool=pool or settings.worker_pool, loglevel=settings.log_level,
-                          handover_on_take=settings.handover_on_take,
+                          handover_on_take=settings.handover_on_take, fair_give_way=settings.fair_give_way,
                           time_limit_s=settings.generation_time_limit_s,
                           start_timeout_s=settings.worker_start_timeout_s,
                           redelivery_margin_s=settings.redelivery_margin_s,

@@ -26,6 +26,7 @@ from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
 from workers.contract.privacy import Digester, logged_output, split_texts
 from workers.contract.terminal_body import Generated, checked_ending, ended_result, generation_body, withheld_body
 from workers.contract.prompts import render_chat
+from workers.contract.repick import PutBack
 from workers.streams import JobChannel, SilentChannel
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ def result_from_entry(entry: AuditEntry) -> JobResult:
 #: What :func:`run_job` returns for an output handed over to its gateway, which records the request's
 #: end and answers its client: the task delivers no outcome of its own.
 HANDED_OVER = JobResult(status="handed_over")
+#: What :func:`run_job` returns for a job that gave way at its start to a fairer one: it is back at the
+#: head of its list, not run and not recorded here (``workers/contract/repick.py``).
+PUT_BACK = JobResult(status="put_back")
 
 
 class _Unrecorded(Exception):
@@ -85,7 +89,8 @@ def run_job(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: Jo
     A non-streamed completion whose gateway records it (``job.gateway_records``)
     is handed over instead, with a fallback entry kept in ``pending`` that
     a retry writes once ``verdict_timeout_s`` passed unless the gateway
-    recorded the end first; that returns :data:`HANDED_OVER`.
+    recorded the end first; that returns :data:`HANDED_OVER`. A fair job whose start gave way to a
+    fairer one returns :data:`PUT_BACK` (nothing recorded: it is queued again).
     """
     channel = channel or SilentChannel()
     worker = worker or {"hostname": socket.gethostname(), "pid": os.getpid()}
@@ -130,7 +135,11 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
     # find the request already ended by an earlier run, so only it asks the
     # database. A first run that races the gateway's own end (timeout, cancel)
     # loses at the unique constraint and defers to the winner (_append_terminal).
-    first_run = channel.claim_start()
+    try:
+        first_run = channel.claim_start()
+    except PutBack:
+        log.info("request %s gave way to a fairer job: back at the head of its queue", job.request_id)
+        return PUT_BACK
     if not first_run:
         existing = store.terminal_for(job.request_id)
         if existing is not None:

@@ -32,8 +32,9 @@ from workers.contract.jobs import LOADED_TTL_S, STATUS_FAILED, GenerateJob, JobR
 from workers.contract.liveness import model_failed_key
 from workers.contract.pending_terminals import PendingTerminals
 from workers.contract.privacy import Digester
+from workers.contract.repick import Ticket, ticket_for
 from workers.contract.sealing import SealError, Sealer, load_or_create_key
-from workers.generation import HANDED_OVER, run_job
+from workers.generation import HANDED_OVER, PUT_BACK, run_job
 from workers.replies import deliver, failure, success
 from workers.runtime import POOL_SOLO
 from workers.store_prep import pending_terminals
@@ -159,8 +160,21 @@ def hand_over_carrier_of(config: WorkerConfig | None) -> Carrier | None:
     return hand_over_carrier()
 
 
+def give_way_ticket_of(config: WorkerConfig | None, request_id: str) -> Ticket | None:
+    """What lets ``request_id``'s start give way to a fairer job, or None to claim it as it is.
+
+    Only a job running inside the delivery that took it has a ticket (the
+    solo pool; a prefork pool process is not the process that took it), and
+    only with ``GOVGATE_FAIR_GIVE_WAY`` on (``workers/contract/repick.py``).
+    """
+    if config is None or config.pool != POOL_SOLO or not config.fair_give_way:
+        return None
+    return ticket_for(request_id)
+
+
 def _run_sealed(payload: dict[str, Any]) -> dict[str, Any] | None:
-    """Run one sealed job with this process's model; its result, sealed (None: the output was handed over).
+    """Run one sealed job with this process's model; its result, sealed (None: the output was handed over,
+    or the job gave way to a fairer one at its start and is queued again).
 
     A job this worker cannot unseal (another key) fails without text; the
     gateway records the failure, since the worker cannot read whose it is.
@@ -187,11 +201,12 @@ def _run_sealed(payload: dict[str, Any]) -> dict[str, Any] | None:
     channel = RedisJobChannel(client, job.request_id, streaming=job.stream, sealer=sealer,
                               reply_to=job.reply_to, flush_interval_s=_state.config.stream_flush_interval_s
                               if _state.config else STREAM_FLUSH_INTERVAL_S,
-                              carrier=carrier, deliver_late=deliver_late)
+                              carrier=carrier, deliver_late=deliver_late,
+                              ticket=give_way_ticket_of(_state.config, job.request_id))
     result = run_job(job, _state.model, _state.store, channel, _state.pending, digester=_state.digester,
                      worker=_state.worker, verdict_timeout_s=_state.config.output_verdict_timeout_s
                      if _state.config else 10.0)
-    if result is HANDED_OVER:
+    if result is HANDED_OVER or result is PUT_BACK:  # its gateway answers, or the job runs later
         return None
     return result.sealed(_state.sealer)
 

@@ -18,6 +18,8 @@ from workers.contract.jobs import (CANCEL_TTL_S, JOB_STARTED, REPLY_PIECE, cance
 from workers.contract.output_check import (REPLY_OUTPUT, STOP_CONTENT_FILTER, OutputReport, OutputVerdict,
                                            verdict_key)
 from workers.contract.handover import PENDING_KEY, CarriedHandOver, Carrier
+from workers.contract.repick import PutBack, Ticket
+from workers.contract.repick import start as start_or_give_way
 from workers.contract.sealing import SealError, Sealer
 
 log = logging.getLogger(__name__)
@@ -90,8 +92,11 @@ class RedisJobChannel:
 
     def __init__(self, client: redis.Redis, request_id: str, *, streaming: bool, sealer: Sealer,
                  reply_to: str = "", flush_interval_s: float = STREAM_FLUSH_INTERVAL_S,
-                 carrier: Carrier | None = None, deliver_late: Callable[[Any], None] | None = None) -> None:
+                 carrier: Carrier | None = None, deliver_late: Callable[[Any], None] | None = None,
+                 ticket: Ticket | None = None) -> None:
         self._client = client
+        #: What the start needs to give way to a fairer job (a fair job on the solo pool; None: it cannot).
+        self._ticket = ticket
         #: The transport channel whose take carries this job's hand-over (the solo pool; None: sent here),
         #: and how an end recorded after the job returned reaches its gateway.
         self._carrier = carrier if deliver_late is not None else None
@@ -115,7 +120,8 @@ class RedisJobChannel:
         self._stopped_by_rules = False
 
     def claim_start(self) -> bool:
-        """True the first time a job's generation begins; False on a redelivery.
+        """True the first time a job's generation begins; False on a redelivery; raises
+        :class:`~workers.contract.repick.PutBack` when the job gave way to a fairer one (back on its list).
 
         A redelivered streaming job must not start again: its client has
         already received the first run's text, and a second run would repeat
@@ -128,7 +134,14 @@ class RedisJobChannel:
         # dying before it recorded the cancel) sees it too; and as it cannot tell
         # whether an earlier run began, it answers False, which costs only the
         # database's look for an earlier end.
-        was = self._client.set(self._cancel_key, JOB_STARTED, ex=CANCEL_TTL_S, get=True)
+        # A fair job taken by this process may give way instead, in the same script
+        # (workers/contract/repick.py): then nothing is claimed and PutBack is raised.
+        if self._ticket is not None:
+            put_back, was = start_or_give_way(self._client, self._ticket, self._cancel_key, JOB_STARTED, CANCEL_TTL_S)
+            if put_back:
+                raise PutBack(self._request_id)
+        else:
+            was = self._client.set(self._cancel_key, JOB_STARTED, ex=CANCEL_TTL_S, get=True)
         cancelled = was is not None and was != JOB_STARTED
         self._stopped_by_rules = was == STOP_CONTENT_FILTER
         if cancelled:

@@ -21,7 +21,10 @@ for workers from before the take script, which order from a cached
 registry). A push that finds the list empty (``LPUSH`` answers 1) rings the
 model's bell for an idle worker (``workers/contract/take.py``): one
 ``RPOPLPUSH`` that moves an idle token, if any, to the bell; under load the
-lists are not empty and no ring is sent.
+lists are not empty and no ring is sent. Such a push also counts the list
+turned non-empty (``np`` in the model's tags hash): a job whose worker took
+it just before looks again at its start and may give way to this one
+(``workers/contract/repick.py``).
 
 Not a cache in the gateway process: that would save the ``ZSCORE`` but could
 not see a Redis restart or flush, and jobs pushed meanwhile would wait on
@@ -51,7 +54,10 @@ WAKE_TOKENS = 64
 # ARGV: [1] the message, [2] team field, [3] now (s).
 _PUSH = f"""
 local n = redis.call('LPUSH', KEYS[1], ARGV[1])
-if n == 1 then redis.call('RPOPLPUSH', KEYS[5], KEYS[6]) end
+if n == 1 then  -- a list turned non-empty: ring an idle worker, and tell a start in progress (repick.py)
+  redis.call('RPOPLPUSH', KEYS[5], KEYS[6])
+  redis.call('HINCRBY', KEYS[7], 'np', 1)
+end
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 -- a list that held jobs before this push is registered (a push registers an empty list, a restore its
 -- list, and the prune drops only empty ones): the registry is read only when the list was empty, and

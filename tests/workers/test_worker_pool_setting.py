@@ -101,3 +101,36 @@ def test_the_hand_over_rides_on_the_take_only_when_asked_and_only_on_the_solo_po
         assert hand_over_carrier_of(config(POOL_PREFORK, True)) is None
         assert hand_over_carrier_of(None) is None
     assert hand_over_carrier_of(config(POOL_SOLO, True)) is None  # no delivery under way
+
+
+def test_a_fair_job_may_give_way_at_its_start_by_default_and_only_on_the_solo_pool(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_spec) -> None:
+    """``GOVGATE_FAIR_GIVE_WAY`` (on by default): a solo pool's job gets the ticket of the delivery under way
+    when it is its own; off, or on a prefork pool process, none (its start claims as before)."""
+    from workers.contract.repick import Ticket, offering
+    from workers.pool import give_way_ticket_of
+
+    assert Settings.from_env({}).fair_give_way is True
+    assert Settings.from_env({"GOVGATE_FAIR_GIVE_WAY": "0"}).fair_give_way is False
+    assert Settings.from_env(Settings().with_(fair_give_way=False).to_env()).fair_give_way is False
+    with pytest.raises(SettingsError, match="GOVGATE_FAIR_GIVE_WAY"):
+        Settings.from_env({"GOVGATE_FAIR_GIVE_WAY": "maybe"})
+    result, started = invoke_worker(tmp_path, monkeypatch, {"GOVGATE_FAIR_GIVE_WAY": "off"})
+    assert result.exit_code == 0, result.output
+    assert started[0].fair_give_way is False
+    result, started = invoke_worker(tmp_path, monkeypatch, {})
+    assert started[0].fair_give_way is True
+
+    def config(pool: str, on: bool) -> WorkerConfig:
+        return WorkerConfig(model=tiny_spec, redis_url="redis://127.0.0.1:1/0", database_url="sqlite://", pool=pool,
+                            fair_give_way=on)
+
+    ticket = Ticket("req-1", "tag-1", "@tag-1", "govgate:unacked:w", "m", "model.m/t/p:5", "{}", "1 1 0 0 0 0",
+                    lambda: None)
+    with offering(ticket):
+        assert give_way_ticket_of(config(POOL_SOLO, True), "req-1") is ticket
+        assert give_way_ticket_of(config(POOL_SOLO, True), "req-2") is None  # another job's delivery
+        assert give_way_ticket_of(config(POOL_SOLO, False), "req-1") is None
+        assert give_way_ticket_of(config(POOL_PREFORK, True), "req-1") is None
+        assert give_way_ticket_of(None, "req-1") is None
+    assert give_way_ticket_of(config(POOL_SOLO, True), "req-1") is None  # no delivery under way

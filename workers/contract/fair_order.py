@@ -161,6 +161,7 @@ local function correct(m, list, actual, charged)
     local measured = actual >= 0
     if not measured then actual = svc or 0 end
     local diff = actual - charged
+    set(m, 'cs', get(m, 'cs') + 1)  -- the tags changed: a start's undo of an earlier charge is off
     set(m, 't:' .. team, get(m, 't:' .. team) + diff / w(m, team))
     set(m, 'p:' .. team .. '/' .. principal, get(m, 'p:' .. team .. '/' .. principal) + diff)
     if measured then

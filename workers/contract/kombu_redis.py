@@ -67,6 +67,7 @@ transport aliases when this module is imported.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 from contextlib import contextmanager
@@ -91,10 +92,11 @@ from workers.contract.delivery_owners import (LEGACY_KEYS, ORPHAN_SCAN_INTERVAL_
                                               delivery_times, is_dead, orphaned_nodes, owner_from_node, owner_keys,
                                               process_started_at, this_process, time_field)
 from workers.contract.handover import CarriedHandOver, delivering
-from workers.contract.fair_queues import (PART_SEP, PLAIN_HINT, REGISTRY_COPY, parse_fair_queue, registry_key,
+from workers.contract.fair_queues import (PART_SEP, PLAIN_HINT, REGISTRY_COPY, FairQueue, parse_fair_queue, registry_key,
                                           tags_key, waiting_key, wake_key)
 from workers.contract.liveness import LIVE_SCRIPT, WORKERS_KEY
 from workers.contract.queue_layout import DEFAULT_PRIORITY, bell_key, idle_key
+from workers.contract.repick import NEW_LISTS_FIELD, Ticket, offering
 from workers.contract.take import TakeQueue, take_command
 
 log = logging.getLogger(__name__)
@@ -137,8 +139,16 @@ class QoS(kombu_redis.QoS):
         orders the lists. The removal inside the take saves a send of its own between two jobs (measured
         in ``bench/fairness.py``: README, Performance); it is safe to leave to a later take, or unread
         (:meth:`_forget`). The previous deferred removal's replies are read first (they arrived long ago),
-        so no more than one ack's are ever outstanding."""
+        so no more than one ack's are ever outstanding.
+
+        A job that gave way at its start (``workers/contract/repick.py``) is back on its list with its
+        bookkeeping gone and its charge undone: its ack only sends the next take."""
         self.channel.settle_deferred()
+        if self.channel.gave_way(delivery_tag):
+            VirtualQoS.ack(self, delivery_tag)
+            self.channel.poll_now()
+            self.channel.hand_overs_alone()
+            return
         self.channel.served(delivery_tag)
         VirtualQoS.ack(self, delivery_tag)
         if self.channel.poll_now(acked=delivery_tag):
@@ -147,6 +157,9 @@ class QoS(kombu_redis.QoS):
         self._forget(delivery_tag, deferred=True)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if self.channel.gave_way(delivery_tag):  # already back on its list (the task failed after?)
+            VirtualQoS.ack(self, delivery_tag)
+            return
         self.channel.settle_deferred()
         self.channel.hand_overs_alone()
         self.channel.served(delivery_tag)  # the worker's time was spent, whatever became of the job
@@ -334,6 +347,8 @@ class Channel(kombu_redis.Channel):
     _deferred: DeferredReplies
     #: delivery tags whose bookkeeping the take wrote (the QoS writes none for them)
     _booked: set[Any]
+    #: delivery tags whose job gave way at its start (back on its list: ``workers/contract/repick.py``)
+    _gave_way: set[Any]
     #: queues whose consumer does not acknowledge
     _no_ack: set[str]
     #: queue → whether this channel's idle token is out on its idle list
@@ -367,6 +382,7 @@ class Channel(kombu_redis.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._in_service, self._corrections, self._sent_corrections = {}, {}, {}
         self._booked, self._idle_out, self._bells, self._no_ack = set(), {}, {}, set()
+        self._gave_way = set()
         self._acked_out, self._sent_acked = [], []
         self._hand_overs_out, self._sent_hand_overs = [], []
         self._deferred = DeferredReplies()
@@ -689,8 +705,11 @@ class Channel(kombu_redis.Channel):
                 queue = fair.model_queue
             if taken.booked:
                 self._booked.add(tag)
+            ticket = self._ticket(tag, fair, taken, message) if fair is not None else None
             self._queue_cycle.rotate(queue)
-            with delivering(self):  # the solo pool runs the job in here: its hand-over rides on the next take
+            # the solo pool runs the job in here: its hand-over rides on the next take, and its start may
+            # give way to a fairer job (its ticket)
+            with delivering(self), offering(ticket):
                 self.connection._deliver(message, queue)
             return True
         finally:
@@ -710,6 +729,30 @@ class Channel(kombu_redis.Channel):
         self._taken += 1
         warm_up = self._taken <= max(1, self.qos.prefetch_count or 1)
         self._in_service[tag] = (queue, charged_ms, popped_at, warm_up)
+
+    def _ticket(self, tag: Any, fair: FairQueue, taken: take_script.Taken, message: dict[str, Any]) -> Ticket | None:
+        """What the job's start needs to give way (``workers/contract/repick.py``): only a fair job booked
+        under this worker's own keys, whose charge the take recorded."""
+        task_id = (message.get("headers") or {}).get("id")
+        if self.owner is None or not taken.booked or not taken.undo or not isinstance(tag, str) \
+                or not isinstance(task_id, str):
+            return None
+        return Ticket(task_id, tag, time_field(tag), self.unacked_key, fair.model_queue[len(_MODEL_PREFIX):],
+                      taken.key, taken.item, taken.undo, functools.partial(self._put_back, tag))
+
+    def _put_back(self, tag: Any) -> None:
+        """The delivery ``tag`` gave way at its start: no service to correct (its charge was undone), no
+        bookkeeping to remove (it went with the job)."""
+        self._in_service.pop(tag, None)
+        self._gave_way.add(tag)
+
+    def gave_way(self, delivery_tag: Any) -> bool:
+        """True (once) if the delivery gave way at its start (its ack or reject is Celery's alone)."""
+        if delivery_tag in self._gave_way:
+            self._gave_way.discard(delivery_tag)
+            self._booked.discard(delivery_tag)
+            return True
+        return False
 
     def served(self, delivery_tag: Any) -> None:
         """A delivery ended (acked or rejected): its real service time corrects its team's tags in the next
@@ -762,6 +805,7 @@ class Channel(kombu_redis.Channel):
         pipe.zadd(registry_key(model), {key: time()}, gt=True)
         pipe.hdel(tags_key(model), REGISTRY_COPY)  # the takes' copy of the registry: read again
         pipe.hincrby(waiting_key(model), fair.team, 1)
+        pipe.hincrby(tags_key(model), NEW_LISTS_FIELD, 1)  # a start in progress may give way to it (repick.py)
         pipe.lpush(wake_key(model), "1")
         pipe.ltrim(wake_key(model), 0, 63)
 

@@ -88,7 +88,8 @@ MAX_IDLE_TOKENS = 256
 #       hand-overs, which go before them, then per hand-over: request id, fallback, reply channel, report;
 #       then per queue: '1'/'0' a model
 #       queue, the number of corrections, then per correction: a fair queue or list, its service ms, the ms charged.
-# Returns {} when nothing was taken, else {list, message, ms charged ('' none), '1' booked / '0' not}.
+# Returns {} when nothing was taken, else {list, message, ms charged ('' none), '1' booked / '0' not, the undo
+# record of a fair job's charge ('' none: workers/contract/repick.py)}.
 _TAKE = LIB + f"""
 local HASH, INDEX, SHARES, PENDING = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now, est = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -252,8 +253,17 @@ if taken_from.book and type(tag) == 'string' and type(exchange) == 'string' and 
   booked = '1'
 end
 
-local charged = ''
-if from then charged = charge(from.m, key, est) end
+-- the charge, and what a start that gives way needs to undo it (workers/contract/repick.py): the counts of
+-- changes and of lists turned non-empty after it, and the tags it moves, before it
+local charged, undo = '', ''
+if from then
+  local m = from.m
+  local team, _, _, _, pf = parts(key)
+  local before = {{get(m, 'V'), get(m, 't:' .. team), get(m, 'v:' .. team), get(m, pf)}}
+  charged = charge(m, key, est)
+  set(m, 'cs', get(m, 'cs') + 1)
+  undo = string.format('%d %d %.17g %.17g %.17g %.17g', get(m, 'cs'), get(m, 'np'), unpack(before))
+end
 for q = 1, nq do
   local Q = queues[q]
   if Q.m then write(Q.m) end
@@ -267,7 +277,7 @@ if woken then
     for q = 1, nq do redis.call('RPOPLPUSH', queues[q].idle, queues[q].bell) end
   end
 end
-return {{key, item, charged, booked}}
+return {{key, item, charged, booked, undo}}
 """
 
 TAKE_SHA = hashlib.sha1(_TAKE.encode()).hexdigest()
@@ -295,6 +305,8 @@ class Taken:
     item: str
     charged_ms: float | None
     booked: bool
+    #: what a start that gives way needs to undo the charge (``cs np V t v p``; None: not a fair job)
+    undo: str | None = None
 
 
 def take_command(hash_key: str, index_key: str | None, queues: Sequence[TakeQueue], *, woken: bool = False,
@@ -336,8 +348,9 @@ def parse_take(reply: Sequence[Any]) -> Taken | None:
     """A take's reply: the job taken, or None when every list was empty (the worker is now registered idle)."""
     if not reply:
         return None
-    key, item, charged, booked = (value.decode() if isinstance(value, bytes) else str(value) for value in reply)
-    return Taken(key, item, float(charged) if charged else None, booked == "1")
+    key, item, charged, booked, *rest = (value.decode() if isinstance(value, bytes) else str(value)
+                                         for value in reply)
+    return Taken(key, item, float(charged) if charged else None, booked == "1", rest[0] if rest and rest[0] else None)
 
 
 def load_script(client: redis.Redis) -> None:

@@ -1,0 +1,191 @@
+"""A fair job's start gives way to a fairer job pushed after its take (``workers/contract/repick.py``).
+
+Real Redis, the real transport channel under a worker's own keys, the gateway's real push script and the
+job channel's real start claim: the handler below is what the solo pool's task does inside the delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import pytest
+import redis as redis_py
+
+from gateway.dispatch.celery_message import queue_key, task_message
+from workers.contract.celery_config import make_celery
+from workers.contract.fair_queues import (encode_name, fair_queue, registry_key, tags_key, waiting_key,
+                                          wake_key)
+from workers.contract.jobs import JOB_STARTED, cancel_key
+from workers.contract.repick import GAVE_WAY_FIELD, PutBack, ticket_for
+from workers.contract.sealing import Sealer
+from workers.streams import RedisJobChannel
+
+SEALER = Sealer(os.urandom(32))
+
+
+@contextmanager
+def fair_model(redis_server) -> Iterator[tuple[str, redis_py.Redis, Any]]:
+    """A model of its own, a client, and a channel as a worker has it (deliveries under its own keys)."""
+    model = f"repick-{uuid.uuid4().hex[:8]}"
+    node = f"repick-worker-{uuid.uuid4().hex[:6]}@test"
+    client = redis_py.Redis.from_url(redis_server.url)
+    app = make_celery(redis_server.url, owner=node)
+    try:
+        with app.connection_for_write() as connection:
+            yield model, client, connection
+    finally:
+        client.delete(*client.keys(f"model.{model}*"), registry_key(model), tags_key(model), waiting_key(model),
+                      wake_key(model), *client.keys("govgate:job:rp-*"))
+        client.close()
+        app.close()
+
+
+def push(redis_server, model: str, team: str, principal: str, request_id: str, *, priority: int = 5) -> str:
+    """The gateway's fair push of one job (its real script), as ``request_id``."""
+    import redis.asyncio as aioredis
+
+    from gateway.dispatch.fair_push import fair_push
+
+    queue = fair_queue(model, team, principal)
+    key, message = task_message("govgate.noop", request_id, [], queue=queue, priority=priority, argsrepr="()")
+
+    async def run() -> None:
+        async_client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            await fair_push(async_client, model, encode_name(team), key, message)
+        finally:
+            await async_client.aclose()
+
+    asyncio.run(run())
+    return key
+
+
+def consume(connection, model: str, count: int, handle: Callable[[Any], None]) -> None:
+    """Consume the model's queue until ``handle`` was called ``count`` times (each call acks its message)."""
+    import socket
+
+    calls: list[int] = []
+    channel = connection.default_channel
+
+    def callback(message: Any) -> None:
+        calls.append(1)
+        handle(message)
+
+    channel.basic_consume(f"model.{model}", no_ack=False, callback=callback, consumer_tag="repick-test")
+    for _ in range(count * 4):
+        if len(calls) >= count:
+            break
+        try:
+            connection.drain_events(timeout=2)
+        except socket.timeout:
+            pass
+    channel.basic_cancel("repick-test")
+    assert len(calls) == count, calls
+
+
+def start(client, message) -> str:
+    """The job's start claim as the task makes it; "gave way", "first run" or "again"."""
+    request_id = message.headers["id"]
+    job = RedisJobChannel(client, request_id, streaming=False, sealer=SEALER, ticket=ticket_for(request_id))
+    try:
+        return "first run" if job.claim_start() else "again"
+    except PutBack:
+        return "gave way"
+
+
+def tags(client, model: str) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in client.hgetall(tags_key(model)).items()}
+
+
+def test_a_job_pushed_after_the_take_of_another_teams_job_runs_first(redis_server):
+    """Team a has a backlog and has had jobs; b pushes one job while a's next job is taken but not
+    started: that job gives way (back at the head of its list, its charge undone, its bookkeeping gone)
+    and b's runs next. (a's first job is the channel's warm-up and costs a nothing: until a second one is
+    measured, a and b tie and a goes first by name.)"""
+    with fair_model(redis_server, ) as (model, client, connection):
+        for i in range(4):
+            push(redis_server, model, "a", "ann", f"rp-a{i}")
+        channel = connection.default_channel
+        order: list[tuple[str, str]] = []
+        seen: dict[str, Any] = {}
+
+        def handle(message) -> None:
+            request_id = message.headers["id"]
+            if request_id == "rp-a2" and "taken" not in seen:
+                seen["taken"] = tags(client, model)  # a2 charged
+                push(redis_server, model, "b", "bob", "rp-b0")  # in the window between take and start
+            outcome = start(client, message)
+            order.append((request_id, outcome))
+            if outcome == "gave way":
+                # what Redis holds the moment it went back: a's job at the head of its list, nothing of it
+                # in the worker's hash, a counted waiting again
+                seen["head"] = client.lindex(queue_key(fair_queue(model, "a", "ann"), 5), -1)
+                seen["hash"] = client.hkeys(channel.unacked_key)
+                seen["waiting"] = {k.decode(): int(v) for k, v in client.hgetall(waiting_key(model)).items()}
+                seen["after"] = tags(client, model)
+            time.sleep(0.005)
+            message.ack()
+
+        consume(connection, model, 6, handle)
+        assert order == [("rp-a0", "first run"), ("rp-a1", "first run"), ("rp-a2", "gave way"),
+                         ("rp-b0", "first run"), ("rp-a2", "first run"), ("rp-a3", "first run")], order
+        assert seen["head"] is not None and b'"rp-a2"' in seen["head"]
+        assert seen["hash"] == []
+        assert seen["waiting"] == {"a": 2, "b": 1}
+        # a's charge is undone: its tags are back where the take found them, less nothing more
+        taken, after = seen["taken"], seen["after"]
+        charged = float(taken["svc"])
+        assert float(after["t:a"]) == pytest.approx(float(taken["t:a"]) - charged)
+        assert float(after["p:a/ann"]) == pytest.approx(float(taken["p:a/ann"]) - charged)
+        assert float(after["V"]) <= float(taken["V"])
+        assert int(after[GAVE_WAY_FIELD]) == 1
+        assert tags(client, model)[GAVE_WAY_FIELD] == "1"
+        assert client.get(cancel_key("rp-a2")) == JOB_STARTED
+        assert not client.hgetall(waiting_key(model))
+        assert client.hlen(channel.unacked_key) == 0 or _emptied(client, channel.unacked_key)
+
+
+def _emptied(client, key: str) -> bool:
+    for _ in range(100):
+        if client.hlen(key) == 0:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("case", ["nothing pushed", "same team", "another take since", "bookkeeping gone"])
+def test_a_start_keeps_its_job_when_nothing_fairer_arrived(redis_server, case):
+    """No list turned non-empty, only a list of the same team (another principal, same priority), another
+    worker's take or correction moved the tags since, or the job's bookkeeping was restored meanwhile:
+    the start claims its job as before and nothing is put back."""
+    with fair_model(redis_server) as (model, client, connection):
+        for i in range(4):
+            push(redis_server, model, "a", "ann", f"rp-a{i}")
+        channel = connection.default_channel
+        order: list[tuple[str, str]] = []
+
+        def handle(message) -> None:
+            request_id = message.headers["id"]
+            if request_id == "rp-a2":  # as in the test above, where it gives way
+                if case == "same team":
+                    push(redis_server, model, "a", "amy", "rp-x0")
+                elif case == "another take since":
+                    push(redis_server, model, "b", "bob", "rp-x0")
+                    client.hincrby(tags_key(model), "cs", 1)  # as another worker's take writes it
+                elif case == "bookkeeping gone":
+                    push(redis_server, model, "b", "bob", "rp-x0")
+                    client.hdel(channel.unacked_key, message.delivery_tag)  # restored by a sweep, say
+            order.append((request_id, start(client, message)))
+            message.ack()
+
+        consume(connection, model, 4 if case == "nothing pushed" else 5, handle)
+        assert order[:3] == [("rp-a0", "first run"), ("rp-a1", "first run"), ("rp-a2", "first run")], order
+        assert all(outcome == "first run" for _, outcome in order), order
+        assert GAVE_WAY_FIELD not in tags(client, model)
+        ran = sorted(request_id for request_id, _ in order)
+        assert len(ran) == len(set(ran)), ran  # nothing ran twice
