@@ -61,6 +61,7 @@ class PhaseRun:
     jobs: list[Job] = field(default_factory=list)  # ended as completion, in no particular order
     completions: int = 0  # the phase's requests that ended as ``completion`` in the audit
     cpu_s: dict[str, float] = field(default_factory=dict)
+    gave_way: int = 0  # jobs whose start gave way to a fairer job (workers/contract/repick.py)
 
     @property
     def names(self) -> list[str]:
@@ -102,6 +103,7 @@ def _mode_figures(runs: Sequence[PhaseRun], phase: str) -> dict[str, Any]:
         "cpu_ms_per_job": {role: rounded(sum(r.cpu_s.get(role, 0.0) for r in runs) * 1000 / jobs_count, 2)
                            for role in CPU_ROLES} if jobs_count else {},
         "jobs": jobs_count,
+        "gave_way": sum(r.gave_way for r in runs),
         # Between jobs: most of a short job's slot, and what a trickled job waits for after the slot in progress.
         "handover_ms": {k: rounded(v, 2) for k, v in _percentiles([h for r in runs for h in handovers_ms(r.jobs)],
                                                                    (50, 90)).items()},
@@ -205,7 +207,8 @@ def _headline(equal: dict[str, Any], mode: str) -> dict[str, Any]:
     b = list(equal["weights"])[1]
     b_wait = latency["waits_ms"][b]
     return {"b_wait_p50_ms": b_wait["p50"], "b_wait_p95_ms": b_wait["p95"], "b_waits": b_wait["count"],
-            "b_waits_passed": latency["passed_waits_ms"][b]["count"], "service_ms": latency["service_ms"],
+            "b_waits_passed": latency["passed_waits_ms"][b]["count"], "gave_way": latency.get("gave_way"),
+            "service_ms": latency["service_ms"],
             "b_wait_p50_ms_burst_queued_first": queued["waits_ms"][b]["p50"] if queued else None,
             "b_wait_p95_ms_burst_queued_first": queued["waits_ms"][b]["p95"] if queued else None,
             "b_waits_burst_queued_first": queued["waits_ms"][b]["count"] if queued else None,
@@ -246,6 +249,7 @@ def _common_rows(row: Callable[..., None], block: dict[str, Any]) -> None:
 
     row("  hand-over between jobs p50 / p90 ms", lambda f: f"{f['handover_ms']['p50']} / {f['handover_ms']['p90']}",
         block)
+    row("  jobs that gave way at their start", lambda f: f.get("gave_way"), block)
     row("  throughput jobs/s", lambda f: f["throughput_per_s"], block)
     row("    fair / fifo (median of repeats)", lambda f: f.get("throughput_vs_fifo"), block)
     row("  CPU ms/job: worker (main + pool)", lambda f: cpu(f, "worker_main", "worker_pool"), block)

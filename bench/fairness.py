@@ -63,7 +63,8 @@ The ``--json`` document: ``fifo`` and ``fair`` hold the equal-weight case
 queued first, its time in the gateway and its latency at the client),
 ``goals`` the issue's targets met or not (``b_waits``: how many waits B's p95 is taken from;
 ``b_waits_passed``: how many of them saw another team's job start first, one the worker had taken
-before B's was queued: ``passed_waits_ms`` in ``bench/_fairness_figures.py``), ``scenarios`` every
+before B's was queued: ``passed_waits_ms`` in ``bench/_fairness_figures.py``; ``gave_way``: how many
+jobs gave way at their start to a fairer one, ``workers/contract/repick.py``), ``scenarios`` every
 scenario, phase and mode in full, ``requests`` the counts (sent, answered
 200, ended ``completion`` in the audit, refused), ``settings`` and
 ``load`` (the load average around the run). Each phase's figures also
@@ -258,6 +259,18 @@ def _recorded(store: Any, since_seq: int, team: str) -> int:
         return int(connection.execute(query).scalar_one())
 
 
+def _gave_way(stack: FairStack) -> int:
+    """How many of the tiny model's jobs have given way at their start so far (``workers/contract/repick.py``)."""
+    import redis
+
+    from workers.contract.fair_queues import tags_key
+    from workers.contract.registry import TINY_MODEL_NAME
+    from workers.contract.repick import GAVE_WAY_FIELD
+
+    with redis.Redis.from_url(stack.redis_url) as client:
+        return int(client.hget(tags_key(TINY_MODEL_NAME), GAVE_WAY_FIELD) or 0)
+
+
 def run_phase(stack: FairStack, store: Any, scenario: str, phase: str, mode: str,
               args: argparse.Namespace) -> PhaseRun:
     """One phase against ``mode``'s gateway, with CPU probes around it and its jobs read back."""
@@ -268,11 +281,12 @@ def run_phase(stack: FairStack, store: Any, scenario: str, phase: str, mode: str
                        Role("worker_pool", stack.worker_pid, "children"), Role("redis", stack.redis_pid)])
     head = store.head()
     since = head.seq if head else 0
+    gave_way = _gave_way(stack)
     probe.start()
     answers = asyncio.run(_drive(endpoints, teams, phase, args, lambda: _recorded(store, since, teams[0].name)))
     cpu = probe.stop()
     run = PhaseRun(scenario=scenario, phase=phase, mode=mode, teams=teams, cpu_s=cpu,
-                   answers=answers)
+                   answers=answers, gave_way=_gave_way(stack) - gave_way)
     ids = {a.request_id for got in answers.values() for a in got if a.request_id}
     run.jobs, run.completions = _jobs(store, since, ids)
     return run
