@@ -72,6 +72,22 @@ def test_the_worker_command_refuses_fewer_than_one_slot(tmp_path: Path, monkeypa
         assert f"Invalid value for '--concurrency': {slots} is not in the range x>=1" in result.output
 
 
+def _check_worker_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, field: str, *,
+                       default: bool) -> None:
+    """A yes/no ``GOVGATE_<name>`` setting: its default, both values through the environment and back, a
+    refusal of anything else, and ``govgate worker`` handing it to the worker's config."""
+    assert getattr(Settings.from_env({}), field) is default
+    assert getattr(Settings.from_env({f"GOVGATE_{name}": "0" if default else "1"}), field) is not default
+    assert getattr(Settings.from_env(Settings().with_(**{field: not default}).to_env()), field) is not default
+    with pytest.raises(SettingsError, match=f"GOVGATE_{name}"):
+        Settings.from_env({f"GOVGATE_{name}": "sometimes"})
+    result, started = invoke_worker(tmp_path, monkeypatch, {f"GOVGATE_{name}": "off" if default else "on"})
+    assert result.exit_code == 0, result.output
+    assert getattr(started[0], field) is not default
+    result, started = invoke_worker(tmp_path, monkeypatch, {})
+    assert getattr(started[0], field) is default
+
+
 def test_the_hand_over_rides_on_the_take_only_when_asked_and_only_on_the_solo_pool(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_spec) -> None:
     """``GOVGATE_HANDOVER_ON_TAKE`` (off by default): a solo pool's job leaves its hand-over with the delivering
@@ -79,16 +95,7 @@ def test_the_hand_over_rides_on_the_take_only_when_asked_and_only_on_the_solo_po
     from workers.contract.handover import delivering
     from workers.pool import hand_over_carrier_of
 
-    assert Settings.from_env({}).handover_on_take is False
-    assert Settings.from_env({"GOVGATE_HANDOVER_ON_TAKE": "1"}).handover_on_take is True
-    assert Settings.from_env(Settings().with_(handover_on_take=True).to_env()).handover_on_take is True
-    with pytest.raises(SettingsError, match="GOVGATE_HANDOVER_ON_TAKE"):
-        Settings.from_env({"GOVGATE_HANDOVER_ON_TAKE": "sometimes"})
-    result, started = invoke_worker(tmp_path, monkeypatch, {"GOVGATE_HANDOVER_ON_TAKE": "on"})
-    assert result.exit_code == 0, result.output
-    assert started[0].handover_on_take is True
-    result, started = invoke_worker(tmp_path, monkeypatch, {})
-    assert started[0].handover_on_take is False
+    _check_worker_flag(tmp_path, monkeypatch, "HANDOVER_ON_TAKE", "handover_on_take", default=False)
 
     def config(pool: str, on: bool) -> WorkerConfig:
         return WorkerConfig(model=tiny_spec, redis_url="redis://127.0.0.1:1/0", database_url="sqlite://", pool=pool,
@@ -110,16 +117,7 @@ def test_a_fair_job_may_give_way_at_its_start_by_default_and_only_on_the_solo_po
     from workers.contract.repick import Ticket, offering
     from workers.pool import give_way_ticket_of
 
-    assert Settings.from_env({}).fair_give_way is True
-    assert Settings.from_env({"GOVGATE_FAIR_GIVE_WAY": "0"}).fair_give_way is False
-    assert Settings.from_env(Settings().with_(fair_give_way=False).to_env()).fair_give_way is False
-    with pytest.raises(SettingsError, match="GOVGATE_FAIR_GIVE_WAY"):
-        Settings.from_env({"GOVGATE_FAIR_GIVE_WAY": "maybe"})
-    result, started = invoke_worker(tmp_path, monkeypatch, {"GOVGATE_FAIR_GIVE_WAY": "off"})
-    assert result.exit_code == 0, result.output
-    assert started[0].fair_give_way is False
-    result, started = invoke_worker(tmp_path, monkeypatch, {})
-    assert started[0].fair_give_way is True
+    _check_worker_flag(tmp_path, monkeypatch, "FAIR_GIVE_WAY", "fair_give_way", default=True)
 
     def config(pool: str, on: bool) -> WorkerConfig:
         return WorkerConfig(model=tiny_spec, redis_url="redis://127.0.0.1:1/0", database_url="sqlite://", pool=pool,
