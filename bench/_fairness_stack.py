@@ -4,42 +4,26 @@ Both gateways share the Redis, the database and the one worker (concurrency
 1), so FIFO and fair share are measured against the very same worker and
 the phases can alternate without a restart; the worker consumes the plain
 and the fair lists whatever mode a gateway pushes in. Each bench team gets
-one principal with an API key (role ``analyst``), no usage limits (the
-shipped 120 requests a minute or 8 in flight would turn a burst of 200 into
-a measurement of 429s) and its ``share`` in the copied policy's
-``govgate_config.teams``; ``GOVGATE_MAX_QUEUED_PER_MODEL`` is raised so
-every burst fits the queue.
+one principal with an API key (role ``analyst``), no usage limits and its
+``share`` in the copied policy's ``govgate_config.teams``
+(:mod:`bench._teams`, shared with the soak); ``GOVGATE_MAX_QUEUED_PER_MODEL``
+is raised so every burst fits the queue.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench._stack import HEALTH_PATH, HOST, LOG_LEVEL, ROOT, free_port, spawn, stop_later
+from bench._stack import HEALTH_PATH, HOST, LOG_LEVEL, free_port, spawn, stop_later
+from bench._teams import Team, create_team_keys, team_policy_dir
 
 __all__ = ["FairStack", "Team", "fair_mode_available", "start_fair_stack", "team_policy_dir"]
 
 #: Room in the model's queue: every team's burst at once, with some to spare.
 MAX_QUEUED = 5000
-#: The role of every bench principal: a shipped role that may use the tiny model, at the default priority.
-ROLE = "analyst"
-
-
-@dataclass(frozen=True)
-class Team:
-    """A bench team: its name, its weight in the policy, and its one principal."""
-
-    name: str
-    share: float
-
-    @property
-    def principal(self) -> str:
-        return f"{self.name}-user"
 
 
 def fair_mode_available() -> bool:
@@ -47,23 +31,6 @@ def fair_mode_available() -> bool:
     from gateway.settings import Settings
 
     return "queue_mode" in Settings.__dataclass_fields__
-
-
-def team_policy_dir(var_dir: Path, teams: list[Team]) -> Path:
-    """The shipped policy, each bench team and principal without usage limits and with its share."""
-    target = var_dir / "policies"
-    shutil.copytree(ROOT / "policies", target, ignore=shutil.ignore_patterns("*_test.rego"))
-    data_file = target / "data.json"
-    document = json.loads(data_file.read_text())
-    config = document["govgate_config"]
-    limits = config.setdefault("limits", {})
-    configured_teams = config.setdefault("teams", {})
-    for team in teams:
-        limits.setdefault("principals", {})[team.principal] = {}
-        limits.setdefault("teams", {})[team.name] = {}
-        configured_teams[team.name] = {"share": team.share}
-    data_file.write_text(json.dumps(document, indent=2))
-    return target
 
 
 @dataclass
@@ -77,19 +44,6 @@ class FairStack:
     redis_pid: int
     worker_pid: int
     gateway_pids: dict[str, int]  # queue mode -> pid of its ``govgate serve``
-
-
-def _create_keys(settings: Any, teams: list[Team]) -> dict[str, str]:
-    from gateway.auth import KeyStore
-    from gateway.components import open_database
-
-    engine = open_database(settings)
-    try:
-        store = KeyStore(engine)
-        return {team.name: store.create(team.principal, team=team.name, roles=[ROLE],
-                                        note="bench/fairness.py").secret for team in teams}
-    finally:
-        engine.dispose()
 
 
 def start_fair_stack(var_dir: Path, teams: list[Team], modes: list[str], stops: contextlib.ExitStack,
@@ -111,7 +65,7 @@ def start_fair_stack(var_dir: Path, teams: list[Team], modes: list[str], stops: 
     config = Settings(var_dir=var_dir, redis_url=stack.redis.url, policy_dir=team_policy_dir(var_dir, teams),
                       host=HOST, port=free_port(HOST), log_level=LOG_LEVEL, max_queued_per_model=MAX_QUEUED,
                       **settings)
-    keys = _create_keys(config, teams)
+    keys = create_team_keys(config, teams, "bench/fairness.py")
     env = child_env(config, stack.redis.url)
     stack.workers[TINY_MODEL_NAME] = spawn(["-m", "govgate.cli", "worker", "--model", TINY_MODEL_NAME,
                                             "--concurrency", "1"], env, var_dir / "worker.log")

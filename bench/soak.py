@@ -2,9 +2,17 @@
 
 Starts a private stack on loopback and a unix socket (Redis with its
 append-only file, as ``govgate up`` runs it; two tiny-model workers; two
-``govgate serve`` gateways) in a temporary folder, then sends requests
-(chat and text, streaming and not, ~16 at a time, alternating between the
-gateways) while it injects faults on a schedule, one after another:
+``govgate serve`` gateways, fair share and the solo pool as by default) in a
+temporary folder, then sends requests (chat and text, streaming and not, ~16
+at a time, alternating between the gateways) while it injects faults on a
+schedule, one after another. The requests come from two teams of equal
+share, each with its own principal and key: ``steady`` keeps the workers
+busy (all clients but one in eight, each sending its next request as soon as
+the last ended), ``trickle`` trickles in (the other clients, each pausing up
+to 0.1 s before each request), so a trickle job is often pushed to an empty
+list just after a worker took a steady one: the taken job's start gives way
+(docs/architecture.md, "A start that gives way"), under the faults too.
+The faults:
 
 * ``worker_kill``: SIGKILL a whole worker (main process and pool child at
   once), then start a replacement;
@@ -20,7 +28,9 @@ gateways) while it injects faults on a schedule, one after another:
 
 It prints the count of each outcome (status and error code; a stream ended
 with ``[DONE]`` or with an error event; a client disconnect; a transport
-error), the recovery time after each fault (from the fault to the end of the
+error), each team's requests and answers, how many jobs gave way at their
+start during the run (``gw`` in the model's tags hash, read before and
+after), the recovery time after each fault (from the fault to the end of the
 first successful request sent once the killed process was gone, through the
 same gateway for gateway faults), and then checks the audit store:
 
@@ -44,7 +54,10 @@ calls for a short run.
 Usage::
 
     .venv/bin/python bench/soak.py [--requests 3000] [--concurrency 16] [--duration 900]
-                                   [--faults worker_kill,pool_kill,...] [--json]
+                                   [--faults worker_kill,pool_kill,...] [--no-give-way] [--json]
+
+``--no-give-way`` runs the stack with ``GOVGATE_FAIR_GIVE_WAY=0`` (to tell
+whether a failed promise comes from the give-way).
 
 Everything started here is stopped at the end, also on Ctrl-C, SIGTERM or an
 error; if this process is killed outright, its children receive SIGTERM
@@ -69,6 +82,7 @@ from typing import Any, Callable, Iterable
 if not __package__:  # run as `python bench/soak.py`: import the bench package from this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._stack import TempDir, run_interruptible, say, signals_deferred  # noqa: E402
+from bench._teams import Team  # noqa: E402
 from bench.soak_audit import Check, Fault, Sent, accepted, audit_checks, log_problems, wait_for_terminals  # noqa: E402
 from bench.soak_client import CHAT_PATH, DISCONNECTED, TEXT_PATH, request_body, send_request  # noqa: E402
 from bench.soak_report import SoakReport  # noqa: E402
@@ -94,6 +108,15 @@ REQUEST_TIMEOUT_S = 15.0
 GENERATION_LIMIT_S = 2.0
 #: The redelivery margin (``GOVGATE_REDELIVERY_MARGIN_S``): the product's default, 30 s.
 REDELIVERY_MARGIN_S = 30.0
+#: The team that keeps the workers busy and the one that trickles in; equal shares, so the trickle's
+#: lists come first whenever they hold a job.
+STEADY, TRICKLE = Team("steady", 1.0), Team("trickle", 1.0)
+TEAMS = (STEADY, TRICKLE)
+#: One client in this many is a trickle client (at least one).
+TRICKLE_EVERY = 8
+#: A trickle client pauses a random time up to this before each request: its list is empty most of the
+#: time, so its pushes land anywhere in the steady jobs' hand-overs.
+TRICKLE_PAUSE_S = 0.1
 
 
 # ---------------------------------------------------------------- traffic
@@ -112,6 +135,11 @@ class Plan:
     disconnects_per_fault: int
     request_timeout_s: float
     seed: int = 7
+
+    @property
+    def trickle_clients(self) -> int:
+        """How many of the clients are the trickle team's (the rest are the steady team's)."""
+        return max(1, self.concurrency // TRICKLE_EVERY) if self.concurrency > 1 else 0
 
 
 class Traffic:
@@ -134,28 +162,40 @@ class Traffic:
 
         limits = httpx.Limits(max_connections=self.plan.concurrency, max_keepalive_connections=self.plan.concurrency)
         timeout = httpx.Timeout(self.plan.request_timeout_s + 30, connect=5)
-        headers = {"Authorization": f"Bearer {self.stack.secret}"}
-        clients = [httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=timeout)
-                   for url in self.stack.urls]
+        clients = {team.name: [httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout,
+                                                 headers={"Authorization": f"Bearer {self.stack.keys[team.name]}"})
+                               for url in self.stack.urls] for team in TEAMS}
+        trickle = self.plan.trickle_clients
+        loops = [self._loop(TRICKLE.name, clients[TRICKLE.name], TRICKLE_PAUSE_S) for _ in range(trickle)]
+        loops += [self._loop(STEADY.name, clients[STEADY.name], 0.0)
+                  for _ in range(self.plan.concurrency - trickle)]
         try:
             schedule = asyncio.create_task(self._schedule())
-            await asyncio.gather(*(self._loop(clients) for _ in range(self.plan.concurrency)))
+            await asyncio.gather(*loops)
             if not schedule.done():  # the deadline passed first
                 schedule.cancel()
             await asyncio.gather(schedule, return_exceptions=True)
         finally:
-            for client in clients:
-                await client.aclose()
+            for team_clients in clients.values():
+                for client in team_clients:
+                    await client.aclose()
 
     def _more(self) -> bool:
         if time.monotonic() >= self.plan.deadline:
             return False
         return len(self.sent) < self.plan.requests or not self.faults_done
 
-    async def _loop(self, clients: list[Any]) -> None:
-        while self._more():
+    async def _loop(self, team: str, clients: list[Any], pause_s: float) -> None:
+        """One client of ``team`` (one key, a connection pool per gateway), pausing up to ``pause_s``
+        before each request."""
+        while True:
+            if pause_s:
+                await asyncio.sleep(self.random.uniform(0, pause_s))
+            if not self._more():
+                return
             index = len(self.sent)
-            record = Sent(index=index, gateway=index % len(clients), stream=False, started=time.monotonic())
+            record = Sent(index=index, gateway=index % len(clients), stream=False, started=time.monotonic(),
+                          team=team)
             self.sent.append(record)
             disconnect = False
             if self.disconnects_left > 0:
@@ -250,6 +290,14 @@ def recovery_of(fault: Fault, sent: Iterable[Sent]) -> float | None:
     return min(ends) - fault.at if ends else None
 
 
+def team_outcomes(sent: Iterable[Sent]) -> dict[str, Counter]:
+    """Each team's outcomes, every team of the soak present (with no requests: empty)."""
+    found: dict[str, Counter] = {team.name: Counter() for team in TEAMS}
+    for record in sent:
+        found.setdefault(record.team, Counter())[record.outcome] += 1
+    return found
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -258,7 +306,7 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
              disconnects_per_fault: int = 6, workers: int = 2, gateways: int = 2,
              request_timeout_s: float = REQUEST_TIMEOUT_S, generation_limit_s: float = GENERATION_LIMIT_S,
              redelivery_margin_s: float = REDELIVERY_MARGIN_S, settle_s: float | None = None,
-             keep_dir: bool = False, worker_pool: str | None = None,
+             keep_dir: bool = False, worker_pool: str | None = None, give_way: bool | None = None,
              say: Callable[[str], None] = lambda line: None) -> SoakReport:
     """Start a stack, send ``requests`` while injecting ``faults``, check the audit, stop everything.
 
@@ -269,6 +317,7 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
     is the stack's ``GOVGATE_REDELIVERY_MARGIN_S`` (workers and gateways): a
     shorter one hands a dead worker's task on sooner and lets the sweep call a
     request lost sooner, so a short run ends sooner (tests/e2e/test_soak.py).
+    ``give_way`` is the stack's ``GOVGATE_FAIR_GIVE_WAY`` (None: the default).
     """
     from audit import AuditStore, make_engine, verify_chain
     from gateway.requests.lost_requests import SWEEP_INTERVAL_S, lost_after_s
@@ -287,12 +336,15 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
         say(f"soak: starting the stack in {temp.path}")
         stack = SoakStack(temp.path, workers=workers, gateways=gateways, request_timeout_s=request_timeout_s,
                           generation_limit_s=generation_limit_s, redelivery_margin_s=redelivery_margin_s,
-                          worker_pool=worker_pool)
+                          teams=list(TEAMS), worker_pool=worker_pool, give_way=give_way)
         stack.start()
+        gave_way_before = stack.gave_way()
         plan = Plan(requests=requests, concurrency=concurrency, deadline=time.monotonic() + duration_s,
                     faults=faults, stream_share=stream_share, max_tokens=max_tokens,
                     disconnects_per_fault=disconnects_per_fault, request_timeout_s=request_timeout_s)
-        say(f"soak: {requests} requests at concurrency {concurrency}, {stack.settings.worker_pool} workers, "
+        say(f"soak: {requests} requests at concurrency {concurrency} ({plan.trickle_clients} clients of team "
+            f"{TRICKLE.name}, the rest of team {STEADY.name}), {stack.settings.worker_pool} workers, "
+            f"{stack.settings.queue_mode} queues, give-way {'on' if stack.settings.fair_give_way else 'off'}, "
             f"faults: {', '.join(faults) or 'none'}")
         traffic = Traffic(stack, plan, say)
         started = time.monotonic()
@@ -306,6 +358,8 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
             verified = verify_chain(engine)
         finally:
             engine.dispose()
+        gave_way_after = stack.gave_way()
+        gave_way = None if gave_way_before is None or gave_way_after is None else gave_way_after - gave_way_before
         checks = audit_checks(traffic.sent, by_request, verified, stack.unplanned_exits(), traffic.faults,
                               request_timeout_s)
         missing = [kind for kind in faults if kind not in {f.kind for f in traffic.faults}]
@@ -316,7 +370,8 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
                           outcomes=Counter(r.outcome for r in traffic.sent), faults=traffic.faults, checks=checks,
                           audit_entries=sum(len(v) for v in by_request.values()),
                           accepted=sum(1 for v in by_request.values() if accepted(v)),
-                          log_problems=log_problems(stack.logs))
+                          log_problems=log_problems(stack.logs), teams=team_outcomes(traffic.sent),
+                          gave_way=gave_way, give_way_on=stack.settings.fair_give_way)
     finally:
         with signals_deferred():
             if stack is not None:
@@ -342,6 +397,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder and its logs")
     parser.add_argument("--worker-pool", choices=("prefork", "solo"),
                         help="GOVGATE_WORKER_POOL of the workers (default: the setting's default)")
+    parser.add_argument("--no-give-way", dest="give_way", action="store_false", default=None,
+                        help="run the stack with GOVGATE_FAIR_GIVE_WAY=0 (a fair job's start never gives way)")
     parser.add_argument("--json", action="store_true", help="also print the report as one JSON line")
     args = parser.parse_args(argv)
     args.fault_list = [f for f in args.faults.split(",") if f]
@@ -360,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report = run_soak(requests=args.requests, concurrency=args.concurrency, faults=args.fault_list,
                               duration_s=args.duration, stream_share=args.stream_share, max_tokens=args.max_tokens,
-                              keep_dir=args.keep, worker_pool=args.worker_pool, say=say)
+                              keep_dir=args.keep, worker_pool=args.worker_pool, give_way=args.give_way, say=say)
         except (RuntimeError, TimeoutError, OSError) as exc:
             say(f"soak: {type(exc).__name__}: {exc}")
             return 1

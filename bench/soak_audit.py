@@ -34,6 +34,8 @@ class Sent:
     gateway: int
     stream: bool
     started: float
+    #: The team whose principal's key sent it.
+    team: str = ""
     ended: float = 0.0
     status: int | None = None
     outcome: str = ""
@@ -178,19 +180,19 @@ def audit_checks(sent: list[Sent], by_request: dict[str, list[Any]], verified: A
         if record.served:
             completion = [e for e in terminal if e.kind == "completion"]
             if record.request_id is None or kinds.count("request") != 1 or len(completion) != 1:
-                unaudited.add(f"#{record.index} {record.outcome} id={record.request_id} entries={kinds}",
-                              fault, record.ended)
+                unaudited.add(f"#{record.index} {record.team} {record.outcome} id={record.request_id} "
+                              f"entries={kinds}", fault, record.ended)
                 continue
             output = _output(completion[0])
             if output != record.text:
-                unequal.add(f"#{record.index} {record.outcome} id={record.request_id}: client got "
+                unequal.add(f"#{record.index} {record.team} {record.outcome} id={record.request_id}: client got "
                             f"{len(record.text)} chars, audit holds {len(output or '')}", fault, record.ended)
         elif record.stream and record.text:
             output = _output(terminal[0]) if terminal else None
             if not isinstance(output, str) or not _holds_in_order(output, record.pieces):
                 holder = f"its {terminal[0].kind} entry" if terminal else "no terminal entry"
                 holds = "no output" if output is None else f"{len(output)} chars without them in order"
-                partial.add(f"#{record.index} {record.outcome} id={record.request_id}: delivered "
+                partial.add(f"#{record.index} {record.team} {record.outcome} id={record.request_id}: delivered "
                             f"{len(record.text)} chars, {holder} holds {holds}", fault, record.ended)
     ended, twice_requested = _Failures(), _Failures()
     for request_id, entries in by_request.items():
@@ -203,7 +205,8 @@ def audit_checks(sent: list[Sent], by_request: dict[str, list[Any]], verified: A
     undesigned = _Failures()
     for record in sent:
         if record.outcome.endswith(("not-openai-shaped", "unreadable answer")) or record.status == 500:
-            undesigned.add(f"#{record.index} {record.outcome}", _fault_before(faults, record.ended), record.ended)
+            undesigned.add(f"#{record.index} {record.team} {record.outcome}", _fault_before(faults, record.ended),
+                           record.ended)
     chain, exits = _Failures(), _Failures()
     if not verified.ok:
         chain.add(f"seq {verified.first_bad_seq}: {verified.problem}", None)

@@ -1,4 +1,5 @@
-"""The soak's report: outcomes, faults with their recovery, and the verdict of every audit check."""
+"""The soak's report: outcomes (all, and each team's), the jobs that gave way, faults with their recovery, and
+the verdict of every audit check."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import Any
 
 from bench._figures import rounded
 from bench.soak_audit import CHECKS, Check, Fault
+
+#: The outcomes of an answer the client got whole.
+SERVED_OUTCOMES = ("200", "200 stream [DONE]")
 
 
 @dataclass
@@ -24,6 +28,12 @@ class SoakReport:
     audit_entries: int = 0
     accepted: int = 0
     log_problems: dict[str, int] = field(default_factory=dict)
+    #: Each team's outcomes (team name -> outcome -> count).
+    teams: dict[str, Counter] = field(default_factory=dict)
+    #: Fair jobs that gave way at their start during the run (``gw`` after less before); None: unread.
+    gave_way: int | None = None
+    #: The stack's ``GOVGATE_FAIR_GIVE_WAY``.
+    give_way_on: bool = True
 
     @property
     def ok(self) -> bool:
@@ -35,9 +45,18 @@ class SoakReport:
 
     def verdict(self) -> str:
         if self.ok:
-            return (f"soak: PASS: {self.requests} requests, {len(self.faults)} faults, "
-                    f"{self.accepted} accepted, every audit check holds")
-        return f"soak: FAIL: {', '.join(self.failed_checks)}"
+            return (f"soak: PASS: {self.requests} requests of {len(self.teams)} teams, {len(self.faults)} faults, "
+                    f"{self.accepted} accepted, {self._gave_way_text()}, every audit check holds")
+        return f"soak: FAIL: {', '.join(self.failed_checks)} ({self._gave_way_text()})"
+
+    def _gave_way_text(self) -> str:
+        if not self.give_way_on:
+            return "give-way off"
+        return f"{'?' if self.gave_way is None else self.gave_way} jobs gave way"
+
+    def served(self, team: str) -> int:
+        """How many of ``team``'s requests were served (a 200, or a stream ending with ``[DONE]``)."""
+        return sum(self.teams.get(team, Counter())[outcome] for outcome in SERVED_OUTCOMES)
 
     def render(self) -> str:
         """The figures as aligned text, ending with the verdict line."""
@@ -45,6 +64,15 @@ class SoakReport:
                  f"({self.requests / self.wall_s:.1f} req/s), {os.cpu_count()} CPUs", "", "outcomes:"]
         for outcome, count in sorted(self.outcomes.items(), key=lambda item: (-item[1], item[0])):
             lines.append(f"  {count:>7}  {outcome}")
+        lines += ["", "teams:        requests   served  other outcomes"]
+        for team, outcomes in self.teams.items():
+            others = ", ".join(f"{count} {outcome}" for outcome, count in
+                               sorted(outcomes.items(), key=lambda item: (-item[1], item[0]))
+                               if outcome not in SERVED_OUTCOMES)
+            lines.append(f"  {team:<10}{sum(outcomes.values()):>10}{self.served(team):>9}  {others or '-'}")
+        gave_way = "unknown (Redis did not answer)" if self.gave_way is None else str(self.gave_way)
+        lines.append(f"jobs that gave way at their start: {gave_way}"
+                     + ("" if self.give_way_on else " (GOVGATE_FAIR_GIVE_WAY=0)"))
         lines += ["", "faults:                at s    restart s   recovery s  detail"]
         start = self.faults[0].at if self.faults else 0.0
         for fault in self.faults:
@@ -73,6 +101,9 @@ class SoakReport:
                               "by_fault": dict(c.by_fault)}
                        for name, c in self.checks.items()},
             "log_problems": self.log_problems, "ok": self.ok,
+            "teams": {team: {"requests": sum(outcomes.values()), "served": self.served(team),
+                             "outcomes": dict(outcomes)} for team, outcomes in self.teams.items()},
+            "gave_way": self.gave_way, "give_way_on": self.give_way_on,
         }
 
 

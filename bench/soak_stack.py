@@ -3,7 +3,9 @@
 Kept apart from ``soak.py`` (traffic, checks, report) so each reads on its
 own. Every child is started with the same helpers as the other benches
 (:mod:`bench._stack`) and ``govgate up`` (``child_env``, ``RedisProcess``,
-``govgate worker``/``serve``).
+``govgate worker``/``serve``). Its policy copy and keys are the fairness
+bench's (:mod:`bench._teams`): a principal in each of the soak's teams, each
+team with its share, so that fair jobs of two teams share the workers.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench._stack import HEALTH_PATH, HOST, bench_policy_dir, create_admin_key, free_port, spawn
+from bench._stack import HEALTH_PATH, HOST, free_port, spawn
+from bench._teams import Team, create_team_keys, team_policy_dir
 from govgate.processes import stop_process
 
 #: Longest wait for one process to start and answer.
@@ -33,8 +36,8 @@ class SoakStack:
     """
 
     def __init__(self, var_dir: Path, *, workers: int, gateways: int, request_timeout_s: float,
-                 generation_limit_s: float, redelivery_margin_s: float, log_level: str = "INFO",
-                 worker_pool: str | None = None) -> None:
+                 generation_limit_s: float, redelivery_margin_s: float, teams: list[Team],
+                 log_level: str = "INFO", worker_pool: str | None = None, give_way: bool | None = None) -> None:
         from gateway.settings import Settings
         from workers.contract.registry import TINY_MODEL_NAME
 
@@ -55,11 +58,16 @@ class SoakStack:
         self.fault_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soak-faults")
         self._spawned: list[subprocess.Popen] = []
         self._starts: Counter = Counter()
-        self.settings = Settings(var_dir=var_dir, policy_dir=bench_policy_dir(var_dir), host=HOST,
+        self.teams = list(teams)
+        options: dict[str, Any] = {"worker_pool": worker_pool} if worker_pool else {}
+        if give_way is not None:
+            options["fair_give_way"] = give_way
+        self.settings = Settings(var_dir=var_dir, policy_dir=team_policy_dir(var_dir, self.teams), host=HOST,
                                  port=self.ports[0], log_level=log_level, request_timeout_s=request_timeout_s,
                                  generation_time_limit_s=generation_limit_s, redelivery_margin_s=redelivery_margin_s,
-                                 **({"worker_pool": worker_pool} if worker_pool else {}))
-        self.secret = ""
+                                 **options)
+        #: Team name -> the API key secret of its principal.
+        self.keys: dict[str, str] = {}
         self.model = TINY_MODEL_NAME
 
     @property
@@ -67,10 +75,10 @@ class SoakStack:
         return [f"http://{HOST}:{port}" for port in self.ports]
 
     def start(self) -> None:
-        """Redis, the API key, the workers, the gateways; each waited for (call :meth:`stop` also on failure)."""
+        """Redis, the API keys, the workers, the gateways; each waited for (call :meth:`stop` also on failure)."""
         self._start_redis()
         self.settings = self.settings.with_(redis_url=self.redis.url)
-        self.secret = create_admin_key(self.settings, "bench/soak.py")
+        self.keys = create_team_keys(self.settings, self.teams, "bench/soak.py")
         for _ in range(self.worker_count):
             self.workers.append(self._spawn_worker())
         # The gateways need neither worker to start: all of them start together, each then waited for.
@@ -156,6 +164,21 @@ class SoakStack:
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"gateway {index} did not become healthy within {START_TIMEOUT_S:.0f}s")
+
+    def gave_way(self) -> int | None:
+        """The count of fair jobs that gave way at their start (``gw`` in the model's tags hash); None when
+        Redis does not answer. Kept in Redis, so it survives a Redis restart (the append-only file), except
+        for the last second's counts before a SIGKILL (``appendfsync everysec``)."""
+        import redis
+
+        from workers.contract.fair_queues import tags_key
+        from workers.contract.repick import GAVE_WAY_FIELD
+
+        try:
+            with redis.Redis.from_url(self.redis.url, socket_timeout=5) as client:
+                return int(client.hget(tags_key(self.model), GAVE_WAY_FIELD) or 0)
+        except redis.RedisError:
+            return None
 
     # -- faults (blocking; run in a thread) --------------------------------
 
