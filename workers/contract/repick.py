@@ -12,7 +12,8 @@ model's tags hash) and no take or correction touched the tags since
 (``cs``, counted by every charge and correction), it restores the tags the
 take's charge moved to their values before it, orders the lists as the take
 would have, and when a list of another team (or a more urgent one of the
-same team) now comes first and holds a job, it puts the taken job back at
+same team) now comes first and holds a job, and the taken list is still
+registered (no take looks at a list a recount dropped), it puts the taken job back at
 the head of its list (``RPUSH``: kombu pops with ``RPOP``), removes its
 bookkeeping from the worker's hash and counts it waiting again, all in one
 step; the worker returns without running it, and its next take (sent at
@@ -74,20 +75,27 @@ if not team then return claim() end
 local m = load(KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], {{}}, nil, redis.call('HGETALL', KEYS[5]))
 set(m, 'V', tonumber(ARGV[8])); set(m, 't:' .. team, tonumber(ARGV[9]))
 set(m, 'v:' .. team, tonumber(ARGV[10])); set(m, pf, tonumber(ARGV[11]))
+-- give way when a list before the taken one holds a job the take would have chosen, and the taken list
+-- is in the order at all (registered: a recount may have dropped it since, emptied by the take and
+-- registered long ago; the job put back there would wait where no take looks)
+local fairer, found = false, false
 for _, key in ipairs(order(m)) do
-  if key == popped then break end
-  local other, _, _, other_pri = parts(key)
-  if (other ~= team or other_pri < pri) and redis.call('LLEN', key) > 0 then
-    -- a job the take would have chosen: give way, unless the bookkeeping is gone (restored meanwhile)
-    if redis.call('HDEL', KEYS[2], ARGV[3]) == 0 then return claim() end
-    redis.call('HDEL', KEYS[2], ARGV[4])
-    redis.call('RPUSH', popped, ARGV[5])
-    redis.call('HINCRBY', KEYS[6], team, 1)
-    set(m, '{CHANGES_FIELD}', get(m, '{CHANGES_FIELD}') + 1)
-    set(m, '{GAVE_WAY_FIELD}', get(m, '{GAVE_WAY_FIELD}') + 1)
-    write(m)
-    return {{1}}
+  if key == popped then found = true; break end
+  if not fairer then
+    local other, _, _, other_pri = parts(key)
+    fairer = (other ~= team or other_pri < pri) and redis.call('LLEN', key) > 0
   end
+end
+if fairer and found then
+  -- unless the bookkeeping is gone (restored meanwhile)
+  if redis.call('HDEL', KEYS[2], ARGV[3]) == 0 then return claim() end
+  redis.call('HDEL', KEYS[2], ARGV[4])
+  redis.call('RPUSH', popped, ARGV[5])
+  redis.call('HINCRBY', KEYS[6], team, 1)
+  set(m, '{CHANGES_FIELD}', get(m, '{CHANGES_FIELD}') + 1)
+  set(m, '{GAVE_WAY_FIELD}', get(m, '{GAVE_WAY_FIELD}') + 1)
+  write(m)
+  return {{1}}
 end
 return claim()
 """

@@ -189,3 +189,43 @@ def test_a_start_keeps_its_job_when_nothing_fairer_arrived(redis_server, case):
         assert GAVE_WAY_FIELD not in tags(client, model)
         ran = sorted(request_id for request_id, _ in order)
         assert len(ran) == len(set(ran)), ran  # nothing ran twice
+
+
+def test_a_job_whose_list_left_the_registry_since_its_take_does_not_give_way(redis_server):
+    """Two workers on one model: this one takes the last job of a list busy for more than five minutes
+    (the registry's time of it is that old), and before its start another worker's take finds every list
+    empty and recounts, which drops the emptied list from the registry; then another team's job arrives.
+    Put back on that unregistered list, the job would wait where no take looks (until a push of the same
+    team, principal and priority registered it again): the start claims it instead."""
+    from workers.contract import take as take_script
+    from workers.contract.queue_layout import bell_key, idle_key
+
+    with fair_model(redis_server) as (model, client, connection):
+        for i in range(2):
+            push(redis_server, model, "a", "ann", f"rp-a{i}")
+        listed = queue_key(fair_queue(model, "a", "ann"), 5)
+        client.zadd(registry_key(model), {listed: time.time() - 400})  # its last registration: long ago
+        queue = f"model.{model}"
+        other = f"govgate:unacked:repick-other-{uuid.uuid4().hex[:6]}"
+        order: list[tuple[str, str]] = []
+        seen: dict[str, Any] = {}
+
+        def handle(message) -> None:
+            request_id = message.headers["id"]
+            if request_id == "rp-a1" and "pruned" not in seen:
+                client.hset(tags_key(model), "rc", 0)  # the other worker's take recounts (once a second)
+                nothing = take_script.take(client, other, None,
+                                           [take_script.TakeQueue(idle_key(queue), bell_key(queue), [], model)])
+                seen["pruned"] = nothing is None and client.zscore(registry_key(model), listed) is None
+                push(redis_server, model, "b", "bob", "rp-b0")
+            order.append((request_id, start(client, message)))
+            message.ack()
+
+        try:
+            consume(connection, model, 3, handle)
+        finally:
+            client.delete(idle_key(queue), bell_key(queue), other)
+        assert seen["pruned"]
+        assert sorted(order) == [("rp-a0", "first run"), ("rp-a1", "first run"), ("rp-b0", "first run")], order
+        assert client.llen(listed) == 0  # nothing left where no take looks
+        assert GAVE_WAY_FIELD not in tags(client, model)
