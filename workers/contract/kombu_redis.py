@@ -742,8 +742,11 @@ class Channel(kombu_redis.Channel):
 
     def _put_back(self, tag: Any) -> None:
         """The delivery ``tag`` gave way at its start: no service to correct (its charge was undone), no
-        bookkeeping to remove (it went with the job)."""
-        self._in_service.pop(tag, None)
+        bookkeeping to remove (it went with the job). Nothing ran: a warm-up's place goes to the next job
+        taken, the first this process runs."""
+        begun = self._in_service.pop(tag, None)
+        if begun is not None and begun[3]:
+            self._taken -= 1
         self._gave_way.add(tag)
 
     def gave_way(self, delivery_tag: Any) -> bool:

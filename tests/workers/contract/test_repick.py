@@ -229,3 +229,28 @@ def test_a_job_whose_list_left_the_registry_since_its_take_does_not_give_way(red
         assert sorted(order) == [("rp-a0", "first run"), ("rp-a1", "first run"), ("rp-b0", "first run")], order
         assert client.llen(listed) == 0  # nothing left where no take looks
         assert GAVE_WAY_FIELD not in tags(client, model)
+
+
+def test_the_first_job_run_is_the_warm_up_also_when_the_first_taken_gave_way(redis_server):
+    """The channel's first fair job carries the process's warm-up and is not measured (no team pays for
+    it). When that first job gives way, the job run in its place is the first one run: it is the one not
+    measured, so the model's mean service time (``svc``) is still unknown at the next take."""
+    with fair_model(redis_server) as (model, client, connection):
+        for i in range(2):
+            push(redis_server, model, "b", "bob", f"rp-b{i}")
+        order: list[tuple[str, str]] = []
+        svc_known: list[bool] = []
+
+        def handle(message) -> None:
+            request_id = message.headers["id"]
+            if not order:  # b0, the channel's first: a (first by name while the tags tie) arrives meanwhile
+                push(redis_server, model, "a", "ann", "rp-a0")
+            svc_known.append("svc" in tags(client, model))
+            order.append((request_id, start(client, message)))
+            message.ack()
+
+        consume(connection, model, 4, handle)
+        assert order == [("rp-b0", "gave way"), ("rp-a0", "first run"), ("rp-b0", "first run"),
+                         ("rp-b1", "first run")], order
+        # a0's correction (applied by the take of b0) measured nothing; b0's (applied by b1's) did
+        assert svc_known == [False, False, False, True], svc_known
