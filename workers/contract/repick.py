@@ -155,13 +155,28 @@ def start_command(ticket: Ticket, state_key: str, started: bytes, ttl_s: int) ->
 
 def start(client: redis.Redis, ticket: Ticket, state_key: str, started: bytes, ttl_s: int) -> tuple[bool, Any]:
     """Run the start: (True, None) when the job went back (the ticket is told), else (False, the state
-    key's value before the claim). Loads the script once on NOSCRIPT; raises ``RedisError``."""
+    key's value before the claim). Loads the script once on NOSCRIPT; raises ``RedisError``.
+
+    A reply lost (the connection dropped or timed out after the script was sent) leaves it unknown
+    whether the script ran, and how: the job's bookkeeping tells. Gone, the job is back on its list
+    (this script put it back, or a sweep did): it is put back here too, not answered failed, since
+    it runs again from its list. Still there, the script claimed or never ran: the error stands, as
+    for the plain claim's ``SET``. The look itself failing leaves the error too."""
     command = start_command(ticket, state_key, started, ttl_s)
     try:
-        reply = client.execute_command(*command)
-    except NoScriptError:
-        client.script_load(_START)
-        reply = client.execute_command(*command)
+        try:
+            reply = client.execute_command(*command)
+        except NoScriptError:
+            client.script_load(_START)
+            reply = client.execute_command(*command)
+    except (redis.ConnectionError, redis.TimeoutError):
+        try:
+            gone = not client.hexists(ticket.hash_key, ticket.tag)
+        except redis.RedisError:
+            gone = False
+        if not gone:
+            raise
+        reply = [1]
     if int(reply[0]) == 1:
         ticket.on_put_back()
         return True, None

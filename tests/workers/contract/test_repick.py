@@ -88,6 +88,58 @@ def consume(connection, model: str, count: int, handle: Callable[[Any], None]) -
     assert len(calls) == count, calls
 
 
+class ReplyDropper:
+    """A loopback TCP proxy in front of the test's Redis (a unix socket) that, once armed, forwards the
+    first command whose bytes hold ``marker``, waits for Redis's reply and closes the client's connection
+    instead of passing it on: Redis ran the command, the client lost its reply (a dropped connection)."""
+
+    def __init__(self, socket_path: str, marker: bytes) -> None:
+        import socket
+        import threading
+
+        self._target, self._marker, self.armed, self.dropped = socket_path, marker, True, False
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[Any] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.socket(socket.AF_UNIX)
+            server.connect(self._target)
+            self._sockets += [client, server]
+            threading.Thread(target=self._serve, args=(client, server), daemon=True).start()
+
+    def _serve(self, client: Any, server: Any) -> None:
+        import contextlib
+
+        with contextlib.suppress(OSError):
+            while chunk := client.recv(65536):  # one command at a time: redis-py waits for each reply
+                server.sendall(chunk)
+                reply = server.recv(65536)
+                if self.armed and self._marker in chunk:
+                    self.armed, self.dropped = False, True
+                    client.close()
+                    server.close()
+                    return
+                client.sendall(reply)
+
+    def close(self) -> None:
+        import contextlib
+
+        self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
 def start(client, message) -> str:
     """The job's start claim as the task makes it; "gave way", "first run" or "again"."""
     request_id = message.headers["id"]
@@ -254,3 +306,51 @@ def test_the_first_job_run_is_the_warm_up_also_when_the_first_taken_gave_way(red
                          ("rp-b1", "first run")], order
         # a0's correction (applied by the take of b0) measured nothing; b0's (applied by b1's) did
         assert svc_known == [False, False, False, True], svc_known
+
+
+@pytest.mark.parametrize("fairer", [True, False])
+def test_a_start_whose_reply_was_lost_tells_a_job_put_back_from_one_not(redis_server, fairer):
+    """The connection drops after Redis ran the start script and before its reply was read (the worker's
+    client does not send a command again). Had the job given way, it is back on its list and must not be
+    answered failed (it would run again later, for nobody, and its ack would correct a charge undone): the
+    start finds its bookkeeping gone and reports it put back. Had it not, the error stands, as a lost
+    reply to the plain claim's SET did."""
+    from workers.contract.repick import START_SHA
+
+    with fair_model(redis_server) as (model, client, connection):
+        for i in range(4):
+            push(redis_server, model, "a", "ann", f"rp-a{i}")
+        proxy = ReplyDropper(redis_server.url.split("//", 1)[1].split("?", 1)[0], START_SHA.encode())
+        db = redis_server.url.rsplit("db=", 1)[1]
+        lossy = redis_py.Redis.from_url(f"redis://127.0.0.1:{proxy.port}/{db}", socket_timeout=5,
+                                        socket_connect_timeout=5)  # as the worker makes its client
+        order: list[tuple[str, str]] = []
+
+        def handle(message) -> None:
+            request_id = message.headers["id"]
+            if request_id == "rp-a2" and proxy.armed:
+                if fairer:
+                    push(redis_server, model, "b", "bob", "rp-b0")
+                try:
+                    outcome = start(lossy, message)
+                except redis_py.ConnectionError:
+                    outcome = "failed"
+            else:
+                outcome = start(client, message)
+            order.append((request_id, outcome))
+            message.ack()
+
+        try:
+            consume(connection, model, 6 if fairer else 4, handle)
+        finally:
+            lossy.close()
+            proxy.close()
+        assert proxy.dropped
+        if fairer:
+            assert order == [("rp-a0", "first run"), ("rp-a1", "first run"), ("rp-a2", "gave way"),
+                             ("rp-b0", "first run"), ("rp-a2", "first run"), ("rp-a3", "first run")], order
+            assert tags(client, model)[GAVE_WAY_FIELD] == "1"
+        else:
+            assert order == [("rp-a0", "first run"), ("rp-a1", "first run"), ("rp-a2", "failed"),
+                             ("rp-a3", "first run")], order
+            assert client.get(cancel_key("rp-a2")) == JOB_STARTED  # the claim ran; its reply was lost
