@@ -607,6 +607,9 @@ class Channel(kombu_redis.Channel):
             return
         try:
             self.settle_deferred()
+            # acknowledged deliveries are delivered no more (kombu keeps them until its next append): a job
+            # that gave way at its start and was acknowledged may be in the hash again, taken by the lost take
+            self.qos._flush()
             acked = {bytes_to_str(t) if isinstance(t, bytes) else str(t) for t in self._acked_out}
             with self.conn_or_acquire() as client:
                 for tag in client.hkeys(self.unacked_key):

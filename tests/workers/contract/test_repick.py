@@ -354,3 +354,56 @@ def test_a_start_whose_reply_was_lost_tells_a_job_put_back_from_one_not(redis_se
             assert order == [("rp-a0", "first run"), ("rp-a1", "first run"), ("rp-a2", "failed"),
                              ("rp-a3", "first run")], order
             assert client.get(cancel_key("rp-a2")) == JOB_STARTED  # the claim ran; its reply was lost
+
+
+def test_a_job_taken_again_by_a_lost_take_after_it_gave_way_goes_back_before_the_next_take(redis_server):
+    """A job gives way; the fairer job is withdrawn (its client left) before this worker's next take, which
+    takes the same job again, same delivery tag, and its reply is lost (the connection dropped after Redis
+    ran it). Before the next take the channel hands back what its hash holds and it did not deliver: the
+    job's earlier delivery, acknowledged when it gave way, does not count as delivered, so it goes back
+    now and is served, not after the visibility timeout."""
+    from gateway.dispatch.queue import WITHDRAW
+    from workers.contract import take as take_script
+    from workers.contract.queue_layout import bell_key, idle_key
+
+    import redis.asyncio as aioredis
+
+    with fair_model(redis_server) as (model, client, connection):
+        for i in range(4):
+            push(redis_server, model, "a", "ann", f"rp-a{i}")
+        channel = connection.default_channel
+        queue = f"model.{model}"
+        order: list[tuple[str, str]] = []
+
+        def withdraw(key: str) -> None:  # the gateway's withdrawal of b0 (its client went away)
+            message = client.lindex(key, -1).decode()
+
+            async def run() -> None:
+                async_client = aioredis.Redis.from_url(redis_server.url)
+                try:
+                    assert await WITHDRAW(async_client, (key, waiting_key(model)), (message, "b"))
+                finally:
+                    await async_client.aclose()
+
+            asyncio.run(run())
+
+        def handle(message) -> None:
+            request_id = message.headers["id"]
+            if request_id == "rp-a2" and not order[2:]:
+                b0 = push(redis_server, model, "b", "bob", "rp-b0")
+                order.append((request_id, start(client, message)))
+                assert order[-1] == (request_id, "gave way")
+                withdraw(b0)
+                # the next take, whose reply is lost: Redis ran it, a2 is in the hash again, undelivered
+                again = take_script.take(client, channel.unacked_key, None,
+                                         [take_script.TakeQueue(idle_key(queue), bell_key(queue), [], model)])
+                assert again is not None and b'"rp-a2"' in again.item.encode()
+                channel._lost_take = True  # as the connection error reading the take's reply leaves it
+            else:
+                order.append((request_id, start(client, message)))
+            message.ack()
+
+        consume(connection, model, 5, handle)
+        assert sorted(order) == [("rp-a0", "first run"), ("rp-a1", "first run"), ("rp-a2", "first run"),
+                                 ("rp-a2", "gave way"), ("rp-a3", "first run")], order
+        assert _emptied(client, channel.unacked_key)
