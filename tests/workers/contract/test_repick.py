@@ -407,3 +407,28 @@ def test_a_job_taken_again_by_a_lost_take_after_it_gave_way_goes_back_before_the
         assert sorted(order) == [("rp-a0", "first run"), ("rp-a1", "first run"), ("rp-a2", "first run"),
                                  ("rp-a2", "gave way"), ("rp-a3", "first run")], order
         assert _emptied(client, channel.unacked_key)
+
+
+@pytest.mark.parametrize("priority, gives_way", [(0, True), (9, False)])
+def test_a_more_urgent_job_of_the_same_principal_makes_a_start_give_way_a_less_urgent_one_not(
+        redis_server, priority, gives_way):
+    """Inside a team the take orders by priority first (0 most urgent): a job of the taken job's own
+    principal pushed after the take at a more urgent priority is what the take would have chosen, so the
+    start gives way to it; one at a less urgent priority is not."""
+    with fair_model(redis_server) as (model, client, connection):
+        for i in range(4):
+            push(redis_server, model, "a", "ann", f"rp-a{i}")
+        order: list[tuple[str, str]] = []
+
+        def handle(message) -> None:
+            request_id = message.headers["id"]
+            if request_id == "rp-a2" and not order[2:]:
+                push(redis_server, model, "a", "ann", "rp-x0", priority=priority)
+            order.append((request_id, start(client, message)))
+            message.ack()
+
+        consume(connection, model, 6 if gives_way else 5, handle)
+        if gives_way:
+            assert order[2:4] == [("rp-a2", "gave way"), ("rp-x0", "first run")], order
+        else:
+            assert order[2:] == [("rp-a2", "first run"), ("rp-a3", "first run"), ("rp-x0", "first run")], order
