@@ -16,7 +16,8 @@ same team) now comes first and holds a job, and the taken list is still
 registered (no take looks at a list a recount dropped), it puts the taken job back at
 the head of its list (``RPUSH``: kombu pops with ``RPOP``), removes its
 bookkeeping from the worker's hash and counts it waiting again, all in one
-step; the worker returns without running it, and its next take (sent at
+step (not a job whose client left: a cancel mark in its state key, which the
+claim sees, ends it now); the worker returns without running it, and its next take (sent at
 the ack) picks the fairer job. Otherwise the script makes the start claim
 (``SET … GET``, as :meth:`workers.streams.RedisJobChannel.claim_start`).
 
@@ -87,7 +88,10 @@ for _, key in ipairs(order(m)) do
   end
 end
 if fairer and found then
-  -- unless the bookkeeping is gone (restored meanwhile)
+  -- unless its client left (a cancel mark: the claim sees it and the job ends now, its request's slot
+  -- freed, instead of waiting for its turn again) or the bookkeeping is gone (restored meanwhile)
+  local state = redis.call('GET', KEYS[1])
+  if state and state ~= ARGV[1] then return claim() end
   if redis.call('HDEL', KEYS[2], ARGV[3]) == 0 then return claim() end
   redis.call('HDEL', KEYS[2], ARGV[4])
   redis.call('RPUSH', popped, ARGV[5])

@@ -432,3 +432,28 @@ def test_a_more_urgent_job_of_the_same_principal_makes_a_start_give_way_a_less_u
             assert order[2:4] == [("rp-a2", "gave way"), ("rp-x0", "first run")], order
         else:
             assert order[2:] == [("rp-a2", "first run"), ("rp-a3", "first run"), ("rp-x0", "first run")], order
+
+
+def test_a_job_cancelled_while_queued_ends_at_its_start_rather_than_give_way(redis_server):
+    """The client of the taken job left (the gateway's withdrawal found it taken and set the cancel key):
+    its start claims it, sees the cancel and ends it now, freeing its request's slot, instead of putting
+    it back to wait for its turn again while a fairer job arrived."""
+    with fair_model(redis_server) as (model, client, connection):
+        for i in range(4):
+            push(redis_server, model, "a", "ann", f"rp-a{i}")
+        order: list[tuple[str, str]] = []
+
+        def handle(message) -> None:
+            request_id = message.headers["id"]
+            if request_id == "rp-a2":
+                client.set(cancel_key(request_id), b"1", ex=60)  # the gateway's cancel request
+                push(redis_server, model, "b", "bob", "rp-b0")
+            order.append((request_id, start(client, message)))
+            message.ack()
+
+        consume(connection, model, 5, handle)
+        assert order[2] == ("rp-a2", "again"), order  # claimed: the cancel seen (not a first run)
+        assert sorted(order) == sorted([("rp-a0", "first run"), ("rp-a1", "first run"), ("rp-a2", "again"),
+                                        ("rp-b0", "first run"), ("rp-a3", "first run")]), order
+        assert client.get(cancel_key("rp-a2")) == b"1"  # kept for a redelivery
+        assert GAVE_WAY_FIELD not in tags(client, model)
