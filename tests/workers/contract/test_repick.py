@@ -90,14 +90,17 @@ def consume(connection, model: str, count: int, handle: Callable[[Any], None]) -
 
 class ReplyDropper:
     """A loopback TCP proxy in front of the test's Redis (a unix socket) that, once armed, forwards the
-    first command whose bytes hold ``marker``, waits for Redis's reply and closes the client's connection
-    instead of passing it on: Redis ran the command, the client lost its reply (a dropped connection)."""
+    first command whose bytes hold ``marker`` and then, instead of passing Redis's next answer on, closes
+    the client's connection: Redis ran the command, the client lost its reply (a dropped connection).
+    The client sends one command at a time (redis-py reads each reply before its next command), so what
+    Redis sends after that command is its reply."""
 
     def __init__(self, socket_path: str, marker: bytes) -> None:
         import socket
         import threading
 
-        self._target, self._marker, self.armed, self.dropped = socket_path, marker, True, False
+        self._target, self._marker = socket_path, marker
+        self.armed, self.dropped, self._dropping = True, False, False
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._sockets: list[Any] = []
@@ -115,21 +118,31 @@ class ReplyDropper:
             server = socket.socket(socket.AF_UNIX)
             server.connect(self._target)
             self._sockets += [client, server]
-            threading.Thread(target=self._serve, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._requests, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._replies, args=(server, client), daemon=True).start()
 
-    def _serve(self, client: Any, server: Any) -> None:
+    def _requests(self, client: Any, server: Any) -> None:
         import contextlib
 
         with contextlib.suppress(OSError):
-            while chunk := client.recv(65536):  # one command at a time: redis-py waits for each reply
-                server.sendall(chunk)
-                reply = server.recv(65536)
+            while chunk := client.recv(65536):
                 if self.armed and self._marker in chunk:
-                    self.armed, self.dropped = False, True
+                    self.armed, self._dropping = False, True
+                server.sendall(chunk)
+
+    def _replies(self, server: Any, client: Any) -> None:
+        import contextlib
+        import socket
+
+        with contextlib.suppress(OSError):
+            while chunk := server.recv(65536):
+                if self._dropping:
+                    self._dropping, self.dropped = False, True
+                    client.shutdown(socket.SHUT_RDWR)
                     client.close()
                     server.close()
                     return
-                client.sendall(reply)
+                client.sendall(chunk)
 
     def close(self) -> None:
         import contextlib
