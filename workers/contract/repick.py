@@ -13,12 +13,13 @@ model's tags hash) and no take or correction touched the tags since
 take's charge moved to their values before it, orders the lists as the take
 would have, and when a list of another team (or a more urgent one of the
 same team) now comes first and holds a job, and the taken list is still
-registered (no take looks at a list a recount dropped), it puts the taken job back at
-the head of its list (``RPUSH``: kombu pops with ``RPOP``), removes its
-bookkeeping from the worker's hash and counts it waiting again, all in one
-step (not a job whose client left: a cancel mark in its state key, which the
-claim sees, ends it now); the worker returns without running it, and its next take (sent at
-the ack) picks the fairer job. Otherwise the script makes the start claim
+registered (no take looks at a list a recount dropped), it puts the taken
+job back at the head of its list (``RPUSH``: kombu pops with ``RPOP``),
+removes its bookkeeping from the worker's hash and counts it waiting again,
+all in one step (not a job whose client left: a cancel mark in its state
+key, which the claim sees, ends it now); the worker returns without running
+it, and its next take (sent at the ack) picks the fairer job. Otherwise the
+script makes the start claim
 (``SET … GET``, as :meth:`workers.streams.RedisJobChannel.claim_start`).
 
 Only where the take's process runs the job (the solo pool: the delivery
