@@ -470,3 +470,24 @@ def test_a_job_cancelled_while_queued_ends_at_its_start_rather_than_give_way(red
                                         ("rp-b0", "first run"), ("rp-a3", "first run")]), order
         assert client.get(cancel_key("rp-a2")) == b"1"  # kept for a redelivery
         assert GAVE_WAY_FIELD not in tags(client, model)
+
+
+def test_a_start_after_a_script_flush_loads_its_script_and_still_gives_way(redis_server):
+    """SCRIPT FLUSH (or a Redis that restarted with its data) between the take and the start: the start's
+    EVALSHA answers NOSCRIPT, the script is loaded and the start runs, giving way as it would have."""
+    with fair_model(redis_server) as (model, client, connection):
+        for i in range(4):
+            push(redis_server, model, "a", "ann", f"rp-a{i}")
+        order: list[tuple[str, str]] = []
+
+        def handle(message) -> None:
+            request_id = message.headers["id"]
+            if request_id == "rp-a2" and not order[2:]:
+                push(redis_server, model, "b", "bob", "rp-b0")
+                client.script_flush()
+            order.append((request_id, start(client, message)))
+            message.ack()
+
+        consume(connection, model, 6, handle)
+        assert order[2:4] == [("rp-a2", "gave way"), ("rp-b0", "first run")], order
+        assert sorted(order[4:]) == [("rp-a2", "first run"), ("rp-a3", "first run")], order
