@@ -193,9 +193,22 @@ def served_in_order(log: Path) -> list[str]:
     One worker at concurrency 1 ends its jobs in the order it started them, and Celery's success line
     names each (the task id is the request id). The start reconstructed from an audit entry
     (``bench/_fairness_figures.job_from_entry``) is off by the gateway's delay in recording a handed-over
-    output, a few ms on a busy machine: more than the ~2.5 ms between two jobs on the solo pool.
+    output, a few ms on a busy machine: more than the ~2.5 ms between two jobs on the solo pool. A job
+    that gave way at its start (``workers/contract/repick.py``) logs that, then Celery's success line of a
+    task that ran nothing: not a job served.
     """
-    return re.findall(r"Task govgate\.generate\[([0-9a-f]+)\] succeeded", log.read_text())
+    served: list[str] = []
+    gave_way: set[str] = set()  # a job that gave way at its start ran nothing; its task still "succeeded"
+    for line in re.finditer(r"request ([0-9a-f]+) gave way to a fairer job|Task govgate\.generate\[([0-9a-f]+)\] "
+                            r"succeeded", log.read_text()):
+        put_back, ended = line.groups()
+        if put_back:
+            gave_way.add(put_back)
+        elif ended in gave_way:
+            gave_way.discard(ended)
+        else:
+            served.append(ended)
+    return served
 
 
 def stop_processes(processes: Iterable[subprocess.Popen], timeout_s: float = 30) -> None:

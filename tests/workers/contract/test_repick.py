@@ -491,3 +491,17 @@ def test_a_start_after_a_script_flush_loads_its_script_and_still_gives_way(redis
         consume(connection, model, 6, handle)
         assert order[2:4] == [("rp-a2", "gave way"), ("rp-b0", "first run")], order
         assert sorted(order[4:]) == [("rp-a2", "first run"), ("rp-a3", "first run")], order
+
+
+def test_a_job_that_gave_way_is_not_read_as_served_from_the_workers_log(tmp_path):
+    """The tests' reading of a worker's order (``served_in_order``): a job that gave way logs that, then a
+    success line for a task that ran nothing; only its later run is a job served."""
+    from tests.conftest import served_in_order
+
+    log = tmp_path / "worker.log"
+    log.write_text("[INFO] Task govgate.generate[aa01] succeeded in 0.003s\n"
+                   "[INFO] request bb02 gave way to a fairer job: back at the head of its queue\n"
+                   "[INFO] Task govgate.generate[bb02] succeeded in 0.001s\n"
+                   "[INFO] Task govgate.generate[cc03] succeeded in 0.003s\n"
+                   "[INFO] Task govgate.generate[bb02] succeeded in 0.003s\n")
+    assert served_in_order(log) == ["aa01", "cc03", "bb02"]
