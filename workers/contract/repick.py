@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -107,6 +108,11 @@ return claim()
 
 START_SHA = hashlib.sha1(_START.encode()).hexdigest()
 
+#: Refusals a command inside the script meets, which Redis reports wrapped in the script's error; the plain
+#: claim's ``SET`` raised them as these (a full Redis: "OutOfMemoryError: command not allowed …").
+_REFUSALS = {"OOM": redis.exceptions.OutOfMemoryError, "READONLY": redis.exceptions.ReadOnlyError}
+_WRAPPED = re.compile(r"-(?P<code>[A-Z]+) (?P<message>[^\n]*)$")
+
 
 class PutBack(Exception):
     """The job gave way to a fairer one: it is back on its list, not run here."""
@@ -174,6 +180,8 @@ def start(client: redis.Redis, ticket: Ticket, state_key: str, started: bytes, t
         except NoScriptError:
             client.script_load(_START)
             reply = client.execute_command(*command)
+    except redis.ResponseError as exc:
+        raise _unwrapped(exc) from None
     except (redis.ConnectionError, redis.TimeoutError):
         try:
             gone = not client.hexists(ticket.hash_key, ticket.tag)
@@ -186,3 +194,11 @@ def start(client: redis.Redis, ticket: Ticket, state_key: str, started: bytes, t
         ticket.on_put_back()
         return True, None
     return False, reply[1] if len(reply) > 1 else None
+
+
+def _unwrapped(exc: redis.ResponseError) -> redis.ResponseError:
+    """A refusal inside the script as the command alone would have raised it (the worker's failure then
+    says what it says for the plain claim, not the script's line number); anything else as it came."""
+    wrapped = _WRAPPED.search(str(exc)) if type(exc) is redis.ResponseError else None
+    refusal = _REFUSALS.get(wrapped["code"]) if wrapped else None
+    return refusal(wrapped["message"]) if refusal is not None and wrapped is not None else exc

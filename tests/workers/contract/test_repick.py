@@ -505,3 +505,21 @@ def test_a_job_that_gave_way_is_not_read_as_served_from_the_workers_log(tmp_path
                    "[INFO] Task govgate.generate[cc03] succeeded in 0.003s\n"
                    "[INFO] Task govgate.generate[bb02] succeeded in 0.003s\n")
     assert served_in_order(log) == ["aa01", "cc03", "bb02"]
+
+
+def test_a_refusal_inside_the_start_script_is_raised_as_the_plain_claim_raised_it():
+    """A full or read-only Redis refuses the script's first write, and Redis wraps the refusal in the script's
+    error (with its line number); the worker's failure then names it as for the plain claim's ``SET``
+    (tests/e2e/test_full_redis.py has the full Redis for real). Other errors stay as they came."""
+    from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
+
+    from workers.contract.repick import _unwrapped
+
+    oom = _unwrapped(ResponseError("Error running script (call to f_9e29): @user_script:221: @user_script: 221: "
+                                   "-OOM command not allowed when used memory > 'maxmemory'."))
+    assert type(oom) is OutOfMemoryError and str(oom) == "command not allowed when used memory > 'maxmemory'."
+    read_only = _unwrapped(ResponseError("Error running script (call to f_1): @user_script:9: @user_script: 9: "
+                                         "-READONLY You can't write against a read only replica."))
+    assert type(read_only) is ReadOnlyError
+    other = ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+    assert _unwrapped(other) is other
