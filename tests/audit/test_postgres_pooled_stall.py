@@ -32,7 +32,7 @@ from tests.e2e.test_postgres_frozen import server_pids
 from tests.postgres_server import PostgresServer, own_postgres  # noqa: F401 - fixture
 # PostgreSQL only, and a store whose busy timeout is BUSY_S: the same fixtures as the kept connection's tests.
 from tests.audit.test_postgres_stall import BUSY_S, HANG_GUARD_S, _in_thread, backend, short_store  # noqa: F401 - fixtures
-from tests.audit.loopback_proxy import LoopbackProxy
+from tests.loopback_proxy import LoopbackProxy
 from tests.audit.test_writer import _append, _connection_of
 
 #: Longer than the bound (the busy timeout plus the watchdog's grace).

@@ -128,7 +128,7 @@ def test_a_batch_longer_than_the_bound_whose_server_answers_every_statement_is_w
     from sqlalchemy.engine import make_url
 
     from audit import AppendArgs
-    from tests.audit.loopback_proxy import LoopbackProxy
+    from tests.loopback_proxy import LoopbackProxy
 
     url = make_url(store_url)
     bound_s = BUSY_S + stall_watch.GRACE_S

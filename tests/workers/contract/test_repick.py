@@ -17,6 +17,7 @@ import pytest
 import redis as redis_py
 
 from gateway.dispatch.celery_message import queue_key, task_message
+from tests.loopback_proxy import ReplyDropper
 from workers.contract.celery_config import make_celery
 from workers.contract.fair_queues import (encode_name, fair_queue, registry_key, tags_key, waiting_key,
                                           wake_key)
@@ -88,71 +89,6 @@ def consume(connection, model: str, count: int, handle: Callable[[Any], None]) -
     assert len(calls) == count, calls
 
 
-class ReplyDropper:
-    """A loopback TCP proxy in front of the test's Redis (a unix socket) that, once armed, forwards the
-    first command whose bytes hold ``marker`` and then, instead of passing Redis's next answer on, closes
-    the client's connection: Redis ran the command, the client lost its reply (a dropped connection).
-    The client sends one command at a time (redis-py reads each reply before its next command), so what
-    Redis sends after that command is its reply."""
-
-    def __init__(self, socket_path: str, marker: bytes) -> None:
-        import socket
-        import threading
-
-        self._target, self._marker = socket_path, marker
-        self.armed, self.dropped, self._dropping = True, False, False
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._sockets: list[Any] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.socket(socket.AF_UNIX)
-            server.connect(self._target)
-            self._sockets += [client, server]
-            threading.Thread(target=self._requests, args=(client, server), daemon=True).start()
-            threading.Thread(target=self._replies, args=(server, client), daemon=True).start()
-
-    def _requests(self, client: Any, server: Any) -> None:
-        import contextlib
-
-        with contextlib.suppress(OSError):
-            while chunk := client.recv(65536):
-                if self.armed and self._marker in chunk:
-                    self.armed, self._dropping = False, True
-                server.sendall(chunk)
-
-    def _replies(self, server: Any, client: Any) -> None:
-        import contextlib
-        import socket
-
-        with contextlib.suppress(OSError):
-            while chunk := server.recv(65536):
-                if self._dropping:
-                    self._dropping, self.dropped = False, True
-                    client.shutdown(socket.SHUT_RDWR)
-                    client.close()
-                    server.close()
-                    return
-                client.sendall(chunk)
-
-    def close(self) -> None:
-        import contextlib
-
-        self._listener.close()
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
-
-
 def start(client, message) -> str:
     """The job's start claim as the task makes it; "gave way", "first run" or "again"."""
     request_id = message.headers["id"]
@@ -161,6 +97,26 @@ def start(client, message) -> str:
         return "first run" if job.claim_start() else "again"
     except PutBack:
         return "gave way"
+
+
+def starts_behind_a_backlog(redis_server, model: str, client, connection, count: int,
+                            at_a2: Callable[[Any], None]) -> list[tuple[str, str]]:
+    """Team a's four jobs pushed, then the model consumed until ``count`` starts, each made as the task makes
+    it and acked: (request id, outcome) in order. ``at_a2(message)`` runs once, when a's third job is
+    delivered (taken, not started): a's first two make its tags real (the first is the warm-up)."""
+    for i in range(4):
+        push(redis_server, model, "a", "ann", f"rp-a{i}")
+    order: list[tuple[str, str]] = []
+
+    def handle(message) -> None:
+        request_id = message.headers["id"]
+        if request_id == "rp-a2" and not order[2:]:
+            at_a2(message)
+        order.append((request_id, start(client, message)))
+        message.ack()
+
+    consume(connection, model, count, handle)
+    return order
 
 
 def tags(client, model: str) -> dict[str, str]:
@@ -429,18 +385,9 @@ def test_a_more_urgent_job_of_the_same_principal_makes_a_start_give_way_a_less_u
     principal pushed after the take at a more urgent priority is what the take would have chosen, so the
     start gives way to it; one at a less urgent priority is not."""
     with fair_model(redis_server) as (model, client, connection):
-        for i in range(4):
-            push(redis_server, model, "a", "ann", f"rp-a{i}")
-        order: list[tuple[str, str]] = []
-
-        def handle(message) -> None:
-            request_id = message.headers["id"]
-            if request_id == "rp-a2" and not order[2:]:
-                push(redis_server, model, "a", "ann", "rp-x0", priority=priority)
-            order.append((request_id, start(client, message)))
-            message.ack()
-
-        consume(connection, model, 6 if gives_way else 5, handle)
+        order = starts_behind_a_backlog(
+            redis_server, model, client, connection, 6 if gives_way else 5,
+            lambda message: push(redis_server, model, "a", "ann", "rp-x0", priority=priority))
         if gives_way:
             assert order[2:4] == [("rp-a2", "gave way"), ("rp-x0", "first run")], order
         else:
@@ -452,19 +399,11 @@ def test_a_job_cancelled_while_queued_ends_at_its_start_rather_than_give_way(red
     its start claims it, sees the cancel and ends it now, freeing its request's slot, instead of putting
     it back to wait for its turn again while a fairer job arrived."""
     with fair_model(redis_server) as (model, client, connection):
-        for i in range(4):
-            push(redis_server, model, "a", "ann", f"rp-a{i}")
-        order: list[tuple[str, str]] = []
+        def cancelled(message) -> None:
+            client.set(cancel_key("rp-a2"), b"1", ex=60)  # the gateway's cancel request
+            push(redis_server, model, "b", "bob", "rp-b0")
 
-        def handle(message) -> None:
-            request_id = message.headers["id"]
-            if request_id == "rp-a2":
-                client.set(cancel_key(request_id), b"1", ex=60)  # the gateway's cancel request
-                push(redis_server, model, "b", "bob", "rp-b0")
-            order.append((request_id, start(client, message)))
-            message.ack()
-
-        consume(connection, model, 5, handle)
+        order = starts_behind_a_backlog(redis_server, model, client, connection, 5, cancelled)
         assert order[2] == ("rp-a2", "again"), order  # claimed: the cancel seen (not a first run)
         assert sorted(order) == sorted([("rp-a0", "first run"), ("rp-a1", "first run"), ("rp-a2", "again"),
                                         ("rp-b0", "first run"), ("rp-a3", "first run")]), order
@@ -476,19 +415,11 @@ def test_a_start_after_a_script_flush_loads_its_script_and_still_gives_way(redis
     """SCRIPT FLUSH (or a Redis that restarted with its data) between the take and the start: the start's
     EVALSHA answers NOSCRIPT, the script is loaded and the start runs, giving way as it would have."""
     with fair_model(redis_server) as (model, client, connection):
-        for i in range(4):
-            push(redis_server, model, "a", "ann", f"rp-a{i}")
-        order: list[tuple[str, str]] = []
+        def flushed(message) -> None:
+            push(redis_server, model, "b", "bob", "rp-b0")
+            client.script_flush()
 
-        def handle(message) -> None:
-            request_id = message.headers["id"]
-            if request_id == "rp-a2" and not order[2:]:
-                push(redis_server, model, "b", "bob", "rp-b0")
-                client.script_flush()
-            order.append((request_id, start(client, message)))
-            message.ack()
-
-        consume(connection, model, 6, handle)
+        order = starts_behind_a_backlog(redis_server, model, client, connection, 6, flushed)
         assert order[2:4] == [("rp-a2", "gave way"), ("rp-b0", "first run")], order
         assert sorted(order[4:]) == [("rp-a2", "first run"), ("rp-a3", "first run")], order
 
