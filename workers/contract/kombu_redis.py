@@ -92,8 +92,8 @@ from workers.contract.delivery_owners import (LEGACY_KEYS, ORPHAN_SCAN_INTERVAL_
                                               delivery_times, is_dead, orphaned_nodes, owner_from_node, owner_keys,
                                               process_started_at, this_process, time_field)
 from workers.contract.handover import CarriedHandOver, delivering
-from workers.contract.fair_queues import (PART_SEP, PLAIN_HINT, REGISTRY_COPY, FairQueue, parse_fair_queue, registry_key,
-                                          tags_key, waiting_key, wake_key)
+from workers.contract.fair_queues import (PART_SEP, PLAIN_HINT, REGISTRY_COPY, FairQueue, parse_fair_queue,
+                                          registry_key, tags_key, waiting_key, wake_key)
 from workers.contract.liveness import LIVE_SCRIPT, WORKERS_KEY
 from workers.contract.queue_layout import DEFAULT_PRIORITY, bell_key, idle_key
 from workers.contract.repick import NEW_LISTS_FIELD, Ticket, offering
