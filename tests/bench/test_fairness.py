@@ -38,7 +38,8 @@ from bench._fairness_report import MODES, PhaseRun, report, table
 from bench.fairness import SCENARIOS, parse_args, run, schedules
 
 HEADLINE_KEYS = {"b_wait_p50_ms", "b_wait_p95_ms", "service_ms", "share_error", "throughput_vs_fifo",
-                 "b_admission_p95_ms", "b_latency_p95_ms", "b_wait_p95_ms_burst_queued_first", "b_waits_passed"}
+                 "b_admission_p95_ms", "b_latency_p95_ms", "b_wait_p95_ms_burst_queued_first", "b_waits_passed",
+                 "gave_way"}
 
 
 def _job(team: str, queued: float, started: float, ended: float) -> Job:
@@ -239,6 +240,10 @@ def test_a_short_real_run_completes_every_request_and_writes_the_issue_shape(
             for team in trickling:  # every trickled request was answered, and matched to its job
                 assert latency["latency_ms"][team]["count"] == latency["admission_ms"][team]["count"] == 10
             assert latency["throughput_per_s"] > 0 and shares["throughput_per_s"] > 0
+            # a job gives way only to a fair job (fifo jobs are on the plain lists, which it never looks at)
+            assert isinstance(latency["gave_way"], int) and latency["gave_way"] >= 0
+            if mode == "fifo":
+                assert latency["gave_way"] == shares["gave_way"] == 0
     if "fair" in modes:
         assert document["fair"]["throughput_vs_fifo"] > 0
         assert set(document["goals"]) == {"b_wait_p95_within_2_services", "share_error_within_5_percent",
