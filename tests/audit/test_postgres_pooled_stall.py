@@ -37,6 +37,10 @@ from tests.audit.test_writer import _append, _connection_of
 
 #: Longer than the bound (the busy timeout plus the watchdog's grace).
 PAST_THE_BOUND_S = BUSY_S + stall_watch.GRACE_S + 1.5
+#: A statement a test expects cut: far longer than the bound and the probe's wait, so that a watchdog late on
+#: a busy machine (a CPU burner beside the suite) still cuts it before it ends on its own; the cut comes at
+#: the bound, so the test takes no longer.
+CUT_LONG_BEFORE_S = PAST_THE_BOUND_S + 30
 
 
 def _pooled_pid(store: AuditStore) -> int:
@@ -153,7 +157,7 @@ def test_a_probe_whose_own_question_gets_no_answer_ends(store_url: str) -> None:
 
         def sleep() -> object:
             with engine.connect() as conn:
-                return conn.execute(text(f"SELECT pg_sleep({PAST_THE_BOUND_S})")).scalar()
+                return conn.execute(text(f"SELECT pg_sleep({CUT_LONG_BEFORE_S})")).scalar()
 
         [outcome] = _in_thread(sleep)  # the probe got no answer in time: the wait was cut
         assert isinstance(outcome, DBAPIError) and outcome.connection_invalidated, outcome
@@ -185,7 +189,7 @@ def test_a_probe_whose_thread_cannot_start_reads_as_no_answer_and_the_watchdog_g
 
     def sleep() -> object:
         with short_store.engine.connect() as conn:
-            return conn.execute(text(f"SELECT pg_sleep({PAST_THE_BOUND_S}), 'answered'")).one()[1]
+            return conn.execute(text(f"SELECT pg_sleep({CUT_LONG_BEFORE_S}), 'answered'")).one()[1]
 
     [outcome] = _in_thread(sleep)
     assert watchdog.is_alive(), "the watchdog died on a probe it could not start"
