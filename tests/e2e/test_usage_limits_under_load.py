@@ -49,8 +49,11 @@ async def test_budget_holds_under_50_concurrent_requests(settings, worker, audit
 def test_rpm_limit_holds_across_two_gateway_processes(settings, worker, tmp_path):
     """Two `govgate serve` processes share Redis: exactly N requests succeed in the minute."""
     limit = 5
-    own = settings.with_(policy_dir=policy_copy(tmp_path, limits_for("principal", "rita", requests_per_minute=limit)))
-    key = new_key(own, "rita", "research")
+    # A principal no other test uses: the review tests' reviewer "rita" makes requests too, and a request of
+    # hers within the minute (the same session's Redis) took one of the five.
+    name = "rpm-two-gateways"
+    own = settings.with_(policy_dir=policy_copy(tmp_path, limits_for("principal", name, requests_per_minute=limit)))
+    key = new_key(own, name, "research")
     with serving(own, tmp_path / "serve-a.log") as first, serving(own, tmp_path / "serve-b.log") as second:
         async def burst() -> list[int]:
             statuses: list[int] = []
