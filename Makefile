@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # The suite runs in TEST_WORKERS pytest-xdist processes, a whole test file at a time
 # in each (--dist loadfile: a module's fixtures start once). Most of its time is spent
 # waiting on the real processes it starts, so two overlap well even on two busy
-# cores (16:27 -> 10:50 under test-busy, 2026-12-02). Each process starts its own
+# cores (13:00 -> 9:22 under test-busy, 2026-12-02). Each process starts its own
 # Redis, PostgreSQL and workers. TEST_WORKERS=0 runs it in this one process.
 TEST_WORKERS ?= 2
 
