@@ -322,7 +322,7 @@ def measure(args: argparse.Namespace, var_dir: Path) -> tuple[list[PhaseRun], di
             f"({', '.join(args.modes)}) …")
         stack = start_fair_stack(var_dir, all_teams, args.modes, stops,
                                  request_timeout_s=REQUEST_TIMEOUT_S,
-                                 **({"worker_pool": args.worker_pool} if getattr(args, "worker_pool", None) else {}))
+                                 **worker_settings_of(args))
         engine = make_engine(stack.database_url)
         stops.callback(engine.dispose)
         store = AuditStore(engine)
@@ -367,6 +367,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON to FILE")
     parser.add_argument("--worker-pool", choices=("prefork", "solo"),
                         help="GOVGATE_WORKER_POOL of the worker (default: the setting's default)")
+    parser.add_argument("--handover-on-take", choices=("on", "off"),
+                        help="GOVGATE_HANDOVER_ON_TAKE of the worker (default: the setting's default)")
     parser.add_argument("--schedule-json", type=Path, metavar="FILE",
                         help="also write every phase's schedule (each job's times, wait and hand-over) to FILE")
     args = parser.parse_args(argv)
@@ -385,6 +387,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def worker_settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The worker settings the command line chose (only those given: the rest keep their defaults)."""
+    chosen: dict[str, Any] = {}
+    if getattr(args, "worker_pool", None):
+        chosen["worker_pool"] = args.worker_pool
+    if getattr(args, "handover_on_take", None):
+        chosen["handover_on_take"] = args.handover_on_take == "on"
+    return chosen
+
+
 def worker_pool_of(args: argparse.Namespace) -> str:
     """The worker's pool: the one asked for, else the setting's default."""
     from gateway.settings import Settings
@@ -392,11 +404,20 @@ def worker_pool_of(args: argparse.Namespace) -> str:
     return getattr(args, "worker_pool", None) or Settings().worker_pool
 
 
+def handover_on_take_of(args: argparse.Namespace) -> bool:
+    """Whether the worker carries a finished output's hand-over on its take: as asked, else the default."""
+    from gateway.settings import Settings
+
+    chosen = worker_settings_of(args)
+    return chosen["handover_on_take"] if "handover_on_take" in chosen else Settings().handover_on_take
+
+
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     return {"burst": args.burst, "every_ms": args.every_ms, "trickle_s": args.trickle_s,
             "stagger_ms": args.stagger_ms, "max_tokens": args.max_tokens, "repeat": args.repeat,
             "scenarios": args.scenarios, "modes": args.modes, "worker_concurrency": 1,
             "worker_pool": worker_pool_of(args),
+            "handover_on_take": handover_on_take_of(args),
             "cpu_cores": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -415,7 +436,9 @@ def run(args: argparse.Namespace, write: Callable[[str], None] = print) -> dict[
         return None
     runs, load = measured
     document = report(runs, settings_of(args), load)
-    write(f"one worker (concurrency 1, {worker_pool_of(args)} pool), tiny model, max_tokens {args.max_tokens}; "
+    carried = "on" if handover_on_take_of(args) else "off"
+    write(f"one worker (concurrency 1, {worker_pool_of(args)} pool, hand-over on take {carried}), "
+          f"tiny model, max_tokens {args.max_tokens}; "
           f"bursts of {args.burst}, "
           f"trickle every {args.every_ms:g} ms; {args.repeat} run(s) per phase and mode, alternating; "
           f"{os.cpu_count()} CPUs, load average {load['before'][0]} before, {load['after'][0]} after")

@@ -188,6 +188,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: the setting's default)")
     parser.add_argument("--worker-pool", choices=("prefork", "solo"), help="GOVGATE_WORKER_POOL of the workers "
                         "(default: the setting's default)")
+    parser.add_argument("--handover-on-take", choices=("on", "off"), help="GOVGATE_HANDOVER_ON_TAKE of the "
+                        "workers (default: the setting's default)")
     parser.add_argument("--admission-concurrency", type=int, metavar="N",
                         help="GOVGATE_ADMISSION_CONCURRENCY of the gateway (0: no gate; default: the setting's)")
     args = parser.parse_args(argv)
@@ -211,6 +213,8 @@ def path_settings(args: argparse.Namespace) -> dict[str, Any]:
         chosen["admission_concurrency"] = args.admission_concurrency
     if getattr(args, "worker_pool", None) is not None:
         chosen["worker_pool"] = args.worker_pool
+    if getattr(args, "handover_on_take", None) is not None:
+        chosen["handover_on_take"] = args.handover_on_take == "on"
     return chosen
 
 
