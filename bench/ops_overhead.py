@@ -14,7 +14,7 @@ Compares, in one process and one run:
 CPU is ``time.process_time`` (the machine is shared: wall time would
 measure the neighbours); each figure is the best of ``--repeats`` runs of
 ``--requests`` calls. The gateway spends about 5.6 ms of CPU on a completion
-(README, "Performance"); the sum of the hooks is to be read against that.
+(docs/performance.md); the sum of the hooks is to be read against that.
 
 Usage::
 

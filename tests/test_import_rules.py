@@ -69,7 +69,7 @@ def test_a_breaking_import_is_reported():
 
 
 #: What the API process must not load: Celery is the workers' (the gateway writes its task messages itself,
-#: gateway/dispatch/celery_message.py); loaded, it stayed resident there for a few constants (README, Performance).
+#: gateway/dispatch/celery_message.py); loaded, it stayed resident there for a few constants (docs/performance.md).
 WORKERS_ONLY = ("celery", "kombu", "billiard", "amqp", "workers.contract.celery_config",
                 "workers.contract.kombu_redis", "workers.contract.deferred_replies")
 

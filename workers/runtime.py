@@ -320,7 +320,7 @@ def run_worker(config: WorkerConfig) -> None:
     app = build_worker_app(config)
     # Celery's worker class itself, as its `celery worker` command makes it: going through the command
     # (app.worker_main) imports every celery subcommand, the shell's among them, which pulls in
-    # prompt_toolkit and pygments: ~9 MB of a worker's memory that never runs a prompt (README, Performance).
+    # prompt_toolkit and pygments: ~9 MB of a worker's memory that never runs a prompt (docs/performance.md).
     worker = app.Worker(
         hostname=node_name(config),
         pool_cls=config.pool,

@@ -110,7 +110,7 @@ class CompletionsController(Controller):
     The principal is the handlers' only dependency and the service comes
     from the app's state: Litestar resolves two dependencies of one batch in
     an anyio task group, which cost about 65 µs of CPU per request, a third
-    of what a bare Litestar request costs (measured; README, Performance).
+    of what a bare Litestar request costs (measured; docs/performance.md, "What moved, 2026-12-01").
     """
 
     tags = ["completions"]

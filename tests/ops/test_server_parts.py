@@ -1,7 +1,7 @@
 """A served gateway runs on uvloop's event loop and httptools' HTTP parser, and the parser refuses bad HTTP.
 
 Both are dependencies because they cut the gateway's CPU per request by
-about an eighth (README, "Performance"); uvicorn's loop "auto" picks uvloop
+about an eighth (docs/performance.md, "uvloop and httptools"); uvicorn's loop "auto" picks uvloop
 only when it imports, so a broken install would fall back to asyncio's loop
 without a word. The process's memory map says which extension modules it
 loaded. Requests the parser cannot read never reach the app: uvicorn answers

@@ -54,7 +54,7 @@ POOL_ONLY = ("sqlalchemy", "sqlmodel", "alembic", "audit", "workers.generation",
              "cryptography.hazmat.primitives.ciphers")
 
 
-#: What a worker loads for nothing (each would stay resident beside the model, README "Performance"): celery's
+#: What a worker loads for nothing (each would stay resident beside the model, docs/performance.md): celery's
 #: command line with its shell's prompt_toolkit and pygments, the Hugging Face hub client that
 #: ``import ctransformers`` brings, and SQLAlchemy, SQLModel, pydantic and Alembic (the jobs append on the
 #: database driver with statements the store-prep child compiled: audit/driver_store.py).

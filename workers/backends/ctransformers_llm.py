@@ -3,8 +3,8 @@
 ``import ctransformers`` runs the package's ``__init__``, which imports its
 ``hub`` module and with it ``huggingface_hub`` (``HfApi``,
 ``snapshot_download``) and that library's HTTP stack: about 8 MB of every
-ctransformers worker's memory (measured in a served worker, README
-"Performance"), for downloads a worker never makes. Everything govgate uses
+ctransformers worker's memory (measured in a served worker,
+docs/performance.md), for downloads a worker never makes. Everything govgate uses
 lives in ``llm.py`` (``LLM``, ``Config``), which needs only the package's
 ``lib``, ``logger`` and ``utils`` modules.
 

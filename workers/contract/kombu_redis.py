@@ -137,7 +137,7 @@ class QoS(kombu_redis.QoS):
 
         ``served`` first: the job's service time joins the corrections the next take applies before it
         orders the lists. The removal inside the take saves a send of its own between two jobs (measured
-        in ``bench/fairness.py``: README, Performance); it is safe to leave to a later take, or unread
+        in ``bench/fairness.py``: docs/performance.md); it is safe to leave to a later take, or unread
         (:meth:`_forget`). The previous deferred removal's replies are read first (they arrived long ago),
         so no more than one ack's are ever outstanding.
 

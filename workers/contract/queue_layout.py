@@ -4,7 +4,7 @@ Apart from :mod:`workers.contract.celery_config` (the Celery app the workers
 run) because the gateway needs only these names: it writes task messages
 itself (``gateway/dispatch/celery_message.py``), and importing Celery for a
 few constants kept Celery, kombu and their dependencies resident in the API
-process (README, "Performance").
+process (docs/performance.md, "A worker's memory").
 """
 
 from __future__ import annotations
