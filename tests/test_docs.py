@@ -5,7 +5,8 @@ Settings are read in one module (``gateway/settings.py``) and refusals are
 fails here, so an operator never meets a knob or a code the docs do not name.
 The same holds for the reason codes the policies in ``policies/`` can return
 (the README's "Reason codes" table), and for the files ``docs/architecture.md``
-names: a module that moves or goes must take its line in the design with it.
+and ``docs/performance.md`` name: a module that moves or goes must take its
+line in the design with it.
 """
 
 from __future__ import annotations
@@ -171,6 +172,18 @@ def test_architecture_names_only_files_that_exist() -> None:
 
 def test_the_readme_points_to_the_architecture() -> None:
     assert "(docs/architecture.md)" in README.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_performance_record_names_only_files_that_exist() -> None:
+    """docs/performance.md quotes benches and modules by path: one that moves or goes must be followed there too."""
+    markdown = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    assert len(named_paths(markdown)) > 50  # the scan finds the record's paths
+    missing = missing_paths(markdown)
+    assert missing == [], f"docs/performance.md names paths that do not exist: {missing}"
+
+
+def test_the_readme_performance_points_to_the_record() -> None:
+    assert "(docs/performance.md)" in README.split("## Performance", 1)[1].split("\n## ", 1)[0]
 
 
 def packaged_folders() -> list[str]:
