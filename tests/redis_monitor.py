@@ -32,6 +32,8 @@ class CommandLog:
     def __init__(self, url: str) -> None:
         self.url = url
         self.commands: list[list[str]] = []
+        #: The commands clients sent (``commands`` less those run inside scripts), in order.
+        self.sent: list[list[str]] = []
         self._marker = f"command-log-end-{uuid.uuid4().hex}"
         self._started = threading.Event()
         self._error: BaseException | None = None
@@ -70,6 +72,8 @@ class CommandLog:
                     if words[:2] == ["ECHO", self._marker] or words[:2] == ["echo", self._marker]:
                         return
                     self.commands.append([words[0].lower(), *words[1:]])
+                    if command["client_type"] != "lua":
+                        self.sent.append(self.commands[-1])
         except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
             self._error = exc
             self._started.set()

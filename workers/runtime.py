@@ -261,7 +261,8 @@ def node_name(config: WorkerConfig) -> str:
 def worker_app(config: WorkerConfig) -> Celery:
     """The worker's Celery app: the broker's settings, the pool's start timeout, the generate task."""
     app = make_celery(config.redis_url, time_limit_s=config.time_limit_s,
-                      redelivery_margin_s=config.redelivery_margin_s, owner=node_name(config))
+                      redelivery_margin_s=config.redelivery_margin_s, owner=node_name(config),
+                      give_way=config.pool == POOL_SOLO and config.fair_give_way)
     # A pool process says it is up only once worker_process_init has loaded the model (build_worker_app);
     # Celery kills one that has not after worker_proc_alive_timeout, 4 s by default, and starts another,
     # which a model that takes longer to load never survives.

@@ -13,13 +13,13 @@ from typing import Any, Callable, Protocol
 
 import redis
 
-from workers.contract.jobs import (CANCEL_TTL_S, JOB_STARTED, REPLY_PIECE, cancel_key, reply_message, runs_key,
-                                   seal_piece)
+from workers.contract.jobs import (CANCEL_TTL_S, JOB_LOOK_AGAIN, JOB_STARTED, REPLY_PIECE, cancel_key,
+                                   reply_message, runs_key, seal_piece)
 from workers.contract.output_check import (REPLY_OUTPUT, STOP_CONTENT_FILTER, OutputReport, OutputVerdict,
                                            verdict_key)
 from workers.contract.handover import PENDING_KEY, CarriedHandOver, Carrier
 from workers.contract.repick import PutBack, Ticket
-from workers.contract.repick import start as start_or_give_way
+from workers.contract.repick import look_again
 from workers.contract.sealing import SealError, Sealer
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ class RedisJobChannel:
         self._request_id = request_id
         self._streamed_key = STREAMED_KEY_PREFIX + request_id
         self._reply_to = reply_to
-        #: The job's state key: ``JOB_STARTED`` once generation began, anything else a cancel request.
+        #: The job's state key: ``JOB_STARTED`` once generation began, ``JOB_LOOK_AGAIN`` a job not started
+        #: that may give way at its start, anything else a cancel request.
         self._cancel_key = cancel_key(request_id)
         self._streaming = streaming
         self._seq = 0
@@ -134,14 +135,19 @@ class RedisJobChannel:
         # dying before it recorded the cancel) sees it too; and as it cannot tell
         # whether an earlier run began, it answers False, which costs only the
         # database's look for an earlier end.
-        # A fair job taken by this process may give way instead, in the same script
-        # (workers/contract/repick.py): then nothing is claimed and PutBack is raised.
-        if self._ticket is not None:
-            put_back, was = start_or_give_way(self._client, self._ticket, self._cancel_key, JOB_STARTED, CANCEL_TTL_S)
-            if put_back:
-                raise PutBack(self._request_id)
-        else:
-            was = self._client.set(self._cancel_key, JOB_STARTED, ex=CANCEL_TTL_S, get=True)
+        # JOB_LOOK_AGAIN is none of these: a job not started yet, which a gateway's push
+        # marked (a list turned non-empty after its take). A fair job taken by this
+        # process then looks for a fairer job (workers/contract/repick.py) and may give
+        # way to it: its claim undone and PutBack raised. Any other start (a prefork
+        # pool's, GOVGATE_FAIR_GIVE_WAY=0) reads the mark as a first run.
+        was = self._client.set(self._cancel_key, JOB_STARTED, ex=CANCEL_TTL_S, get=True)
+        if was == JOB_LOOK_AGAIN:
+            was = None
+            if self._ticket is not None:
+                put_back, was = look_again(self._client, self._ticket, self._cancel_key, JOB_STARTED,
+                                           JOB_LOOK_AGAIN)
+                if put_back:
+                    raise PutBack(self._request_id)
         cancelled = was is not None and was != JOB_STARTED
         self._stopped_by_rules = was == STOP_CONTENT_FILTER
         if cancelled:
@@ -236,7 +242,7 @@ class RedisJobChannel:
         try:
             state = self._client.get(self._cancel_key)
             self._stopped_by_rules = state == STOP_CONTENT_FILTER
-            return state is not None and state != JOB_STARTED
+            return state is not None and state != JOB_STARTED and state != JOB_LOOK_AGAIN
         except redis.RedisError as exc:  # keep generating: the result still goes through the log
             log.warning("cannot read cancel flag for %s: %s", self._cancel_key, exc)
             return False

@@ -22,9 +22,15 @@ registry). A push that finds the list empty (``LPUSH`` answers 1) rings the
 model's bell for an idle worker (``workers/contract/take.py``): one
 ``RPOPLPUSH`` that moves an idle token, if any, to the bell; under load the
 lists are not empty and no ring is sent. Such a push also counts the list
-turned non-empty (``np`` in the model's tags hash): a job whose worker took
-it just before looks again at its start and may give way to this one
-(``workers/contract/repick.py``).
+turned non-empty (``np`` in the model's tags hash) and marks the jobs the
+workers' takes noted there (``tk``: each worker's last fair job, its team
+and priority) for a look again at their start, each one whose list this
+push's could come before (another team's, or a more urgent one of the same
+team): ``SET … NX`` of the look-again mark in the job's state key, which
+never overwrites a start or a cancel. A job taken just before then looks
+again at its start and may give way to this one
+(``workers/contract/repick.py``); one not marked starts with its claim
+alone.
 
 Not a cache in the gateway process: that would save the ``ZSCORE`` but could
 not see a Redis restart or flush, and jobs pushed meanwhile would wait on
@@ -39,8 +45,8 @@ import time
 import redis.asyncio as aioredis
 
 from gateway.limits.scripts import Script
-from workers.contract.fair_queues import registry_key, tags_key, waiting_key, wake_key
-from workers.contract.jobs import queue_for
+from workers.contract.fair_queues import NOTED_FIELD, registry_key, tags_key, waiting_key, wake_key
+from workers.contract.jobs import CANCEL_KEY_PREFIX, JOB_LOOK_AGAIN, LOOK_AGAIN_TTL_S, queue_for
 from workers.contract.queue_layout import bell_key, idle_key
 
 #: A list's registration is refreshed when a push finds it older than this (s).
@@ -51,12 +57,28 @@ CHECK_EVERY = 8
 WAKE_TOKENS = 64
 
 # KEYS: [1] the list, [2] waiting counts, [3] registry, [4] wake list, [5] idle tokens, [6] bell, [7] tags.
-# ARGV: [1] the message, [2] team field, [3] now (s).
+# ARGV: [1] the message, [2] team field, [3] now (s), [4] the jobs' state-key prefix, [5] the look-again
+#       mark, [6] its ttl (s).
+# The state keys marked are named by the tags hash's noted jobs, not passed (one Redis, not a Cluster).
 _PUSH = f"""
 local n = redis.call('LPUSH', KEYS[1], ARGV[1])
-if n == 1 then  -- a list turned non-empty: ring an idle worker, and tell a start in progress (repick.py)
+if n == 1 then  -- a list turned non-empty: ring an idle worker, and tell the starts in progress (repick.py)
   redis.call('RPOPLPUSH', KEYS[5], KEYS[6])
   redis.call('HINCRBY', KEYS[7], 'np', 1)
+  local noted = redis.call('HGET', KEYS[7], '{NOTED_FIELD}')
+  if noted and noted ~= '' then
+    local base, pri = string.match(KEYS[1], '^(.*):(%d)$')
+    if not base then base, pri = KEYS[1], '0' end
+    local team = string.match(base, '^model%.[^/]+/([^/]+)/[^/]+$')
+    pri = tonumber(pri)
+    -- each worker's last fair job taken: marked unless it started (or was cancelled) already, or this
+    -- list cannot come before its own (the same team at the same or a less urgent priority)
+    for id, other, other_pri in string.gmatch(noted, '%S+ (%S+) (%S+) (%d+)') do
+      if other ~= team or pri < tonumber(other_pri) then
+        redis.call('SET', ARGV[4] .. id, ARGV[5], 'NX', 'EX', ARGV[6])
+      end
+    end
+  end
 end
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 -- a list that held jobs before this push is registered (a push registers an empty list, a restore its
@@ -85,4 +107,4 @@ async def fair_push(redis: aioredis.Redis, model: str, team: str, key: str, mess
     queue = queue_for(model)
     await PUSH(redis, (key, waiting_key(model), registry_key(model), wake_key(model), idle_key(queue),
                        bell_key(queue), tags_key(model)),
-               (message, team, repr(time.time())))
+               (message, team, repr(time.time()), CANCEL_KEY_PREFIX, JOB_LOOK_AGAIN, LOOK_AGAIN_TTL_S))

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery
 
-from workers.contract.kombu_redis import OWNER_OPTION, TRANSPORT_NAME  # importing it registers the transport
+from workers.contract.kombu_redis import GIVE_WAY_OPTION, OWNER_OPTION, TRANSPORT_NAME  # importing it registers the transport
 from workers.contract.queue_layout import (DEFAULT_PRIORITY, HARD_LIMIT_GRACE_S, PRIORITY_SEP, PRIORITY_STEPS,
                                            VISIBILITY_MARGIN_S, visibility_timeout_s)
 
@@ -41,7 +41,8 @@ def celery_redis_url(redis_url: str) -> str:
 
 
 def make_celery(redis_url: str, *, time_limit_s: float = 60.0,
-                redelivery_margin_s: float = VISIBILITY_MARGIN_S, owner: str | None = None) -> Celery:
+                redelivery_margin_s: float = VISIBILITY_MARGIN_S, owner: str | None = None,
+                give_way: bool = False) -> Celery:
     """A configured Celery app on ``redis_url`` (the broker; no result backend).
 
     ``time_limit_s`` is a generation's soft time limit; the hard limit and
@@ -53,7 +54,10 @@ def make_celery(redis_url: str, *, time_limit_s: float = 60.0,
     agree. ``owner`` (a worker's Celery node name) keeps that worker's
     unacknowledged deliveries under keys of its own, so they go back at once
     when it dies (:mod:`workers.contract.delivery_owners`); without it, in
-    kombu's shared keys (clients that never consume).
+    kombu's shared keys (clients that never consume). ``give_way``: the
+    worker's fair jobs may give way at their start (a solo pool with
+    ``GOVGATE_FAIR_GIVE_WAY`` on, and an ``owner``): its takes note them for
+    the gateways' pushes to mark (``workers/contract/repick.py``).
     """
     url = celery_redis_url(redis_url)
     hard_limit_s = time_limit_s + HARD_LIMIT_GRACE_S
@@ -88,6 +92,7 @@ def make_celery(redis_url: str, *, time_limit_s: float = 60.0,
             "unacked_restore_interval": 2,
             "unacked_restore_throttle": 1,
             **({OWNER_OPTION: owner} if owner else {}),
+            **({GIVE_WAY_OPTION: True} if owner and give_way else {}),
         },
         enable_utc=True,
     )

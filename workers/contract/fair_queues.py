@@ -91,6 +91,9 @@ PLAIN_HINT = "plain"
 #: tags (one HGETALL) and not the registry; deleted by whoever adds a list (a push registering a new one,
 #: a restore), rewritten by the take that reads the registry then and by the recount (workers/contract/take.py).
 REGISTRY_COPY = "L"
+#: The tags hash's field noting each worker's last fair job taken (worker, request id, team, priority), which
+#: a push that turns a list non-empty marks for a look again at its start (``workers/contract/repick.py``).
+NOTED_FIELD = "tk"
 
 
 def waiting_key(model: str) -> str:

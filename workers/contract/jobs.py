@@ -40,11 +40,21 @@ RESULT_TTL_S = 600
 REPLY_RESULT = "r"
 REPLY_PIECE = "p"
 #: Prefix of a job's state key: the worker sets it to ``JOB_STARTED`` when generation
-#: begins; any other value (the gateway writes ``1``) asks the job to stop (client gone,
-#: or the gateway gave up). One key for both, so the worker's start claim reads the
-#: cancel flag in the same command (``workers/streams.py``).
+#: begins; :data:`JOB_LOOK_AGAIN` (below) marks a job not started yet; any other value (the
+#: gateway writes ``1``) asks the job to stop (client gone, or the gateway gave up). One key
+#: for all, so the worker's start claim reads the cancel flag in the same command
+#: (``workers/streams.py``).
 CANCEL_KEY_PREFIX = "govgate:job:"
 JOB_STARTED = b"started"
+#: A third value of the state key, neither started nor a cancel: a job taken and not started yet whose
+#: worker should look again for a fairer job at its start. A gateway's push that turns a fair list
+#: non-empty writes it (``SET NX``: never over a start or a cancel) on the jobs the takes noted
+#: (``gateway/dispatch/fair_push.py``); the start's claim reads it and only then runs the script that
+#: may give way (``workers/contract/repick.py``). Every reader takes it for "not started, not cancelled".
+JOB_LOOK_AGAIN = b"look-again"
+#: How long a look-again mark is kept: longer than a taken job waits for its start, shorter than a job's
+#: state (a mark on a job that ended long ago, noted by a worker gone since, expires sooner).
+LOOK_AGAIN_TTL_S = 3600
 #: How long a job's state (a cancel request included) is kept: longer than any job can wait in a queue.
 CANCEL_TTL_S = 24 * 3600
 #: Prefix of a job's count of runs begun after its first (a redelivery of a job whose generation had

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import socket
 from contextlib import contextmanager
@@ -96,7 +97,7 @@ from workers.contract.fair_queues import (PART_SEP, PLAIN_HINT, REGISTRY_COPY, F
                                           registry_key, tags_key, waiting_key, wake_key)
 from workers.contract.liveness import LIVE_SCRIPT, WORKERS_KEY
 from workers.contract.queue_layout import DEFAULT_PRIORITY, bell_key, idle_key
-from workers.contract.repick import NEW_LISTS_FIELD, Ticket, offering
+from workers.contract.repick import Ticket, offering
 from workers.contract.take import TakeQueue, take_command
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,10 @@ TRANSPORT_NAME = "govgate-redis"
 #: Transport option naming the worker whose deliveries a channel keeps under keys of its own
 #: (``workers/contract/delivery_owners.py``); absent, kombu's shared keys.
 OWNER_OPTION = "govgate_owner"
+#: Transport option (with an owner) saying the worker's fair jobs may give way at their start (the solo pool,
+#: ``GOVGATE_FAIR_GIVE_WAY``): its takes note each fair job taken for the pushes to mark
+#: (``workers/contract/repick.py``).
+GIVE_WAY_OPTION = "govgate_give_way"
 
 
 class QoS(kombu_redis.QoS):
@@ -378,6 +383,9 @@ class Channel(kombu_redis.Channel):
 
     #: The worker whose deliveries this channel keeps under keys of its own (None: kombu's shared keys).
     owner: Owner | None = None
+    #: This channel's name in the fair jobs its takes note for the pushes to mark ('' notes none: its jobs'
+    #: starts do not give way, or it has no keys of its own).
+    noted_as: str = ""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._in_service, self._corrections, self._sent_corrections = {}, {}, {}
@@ -393,6 +401,8 @@ class Channel(kombu_redis.Channel):
         if node:
             self.unacked_key, self.unacked_index_key = owner_keys(node)
             self.owner = self._register(this_process(node))
+            if self.connection.client.transport_options.get(GIVE_WAY_OPTION):
+                self.noted_as = hashlib.sha1(self.unacked_key.encode()).hexdigest()[:12]
 
     def _register(self, owner: Owner) -> Owner:
         """Say whose keys these are before the first delivery (an owner registered once keeps its first time)."""
@@ -577,7 +587,8 @@ class Channel(kombu_redis.Channel):
                                acked=[bytes_to_str(tag) if isinstance(tag, bytes) else str(tag)
                                       for tag in self._sent_acked],
                                hand_overs=[(h.request_id, h.fallback, h.reply_to, h.message)
-                                           for h in self._sent_hand_overs])
+                                           for h in self._sent_hand_overs],
+                               noted_as=self.noted_as)
         self._woken = self._clear_wake = False
         return command
 
@@ -798,7 +809,9 @@ class Channel(kombu_redis.Channel):
                             leftmost: bool = False) -> None:
         """kombu's, and a ring for an idle worker of the job's queue; a job going back to a fair list
         also registers that list again and counts as waiting (the registry may have dropped it meanwhile),
-        and puts a token on the model's wake list (for workers from before the take script)."""
+        and puts a token on the model's wake list (for workers from before the take script). It marks no
+        taken job for a look again (as a gateway's push does, ``workers/contract/repick.py``): a job taken
+        meanwhile does not give way to it (a restore is rare: a worker died, or a job was rejected)."""
         super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
         if exchange or not routing_key:
             return
@@ -811,7 +824,6 @@ class Channel(kombu_redis.Channel):
         pipe.zadd(registry_key(model), {key: time()}, gt=True)
         pipe.hdel(tags_key(model), REGISTRY_COPY)  # the takes' copy of the registry: read again
         pipe.hincrby(waiting_key(model), fair.team, 1)
-        pipe.hincrby(tags_key(model), NEW_LISTS_FIELD, 1)  # a start in progress may give way to it (repick.py)
         pipe.lpush(wake_key(model), "1")
         pipe.ltrim(wake_key(model), 0, 63)
 

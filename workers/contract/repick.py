@@ -6,31 +6,50 @@ trace, unsealing: about a millisecond) comes after it. A job of a team
 furthest below its share pushed in that window found the worker's choice
 already made, and waited for the whole slot of the job taken before it
 (issue 12; docs/architecture.md, "Fair share", "A start that gives way").
-So the job's start claim looks again, in the same script: if a list turned
-non-empty since the take (``np``, counted by the pushes and restores in the
-model's tags hash) and no take or correction touched the tags since
-(``cs``, counted by every charge and correction), it restores the tags the
-take's charge moved to their values before it, orders the lists as the take
-would have, and when a list of another team (or a more urgent one of the
-same team) now comes first and holds a job, and the taken list is still
-registered (no take looks at a list a recount dropped), it puts the taken
-job back at the head of its list (``RPUSH``: kombu pops with ``RPOP``),
-removes its bookkeeping from the worker's hash and counts it waiting again,
-all in one step (not a job whose client left: a cancel mark in its state
-key, which the claim sees, ends it now); the worker returns without running
-it, and its next take (sent at the ack) picks the fairer job. Otherwise the
-script makes the start claim
-(``SET … GET``, as :meth:`workers.streams.RedisJobChannel.claim_start`).
+
+So the start looks again, but only when told to. The take notes the fair
+job it charged in the model's tags hash (``tk``: per worker its last job's
+request id, team and priority; written with the tags, no command more); a
+gateway's push that turns a list non-empty (``LPUSH`` answers 1) marks each
+noted job whose list it could come before (another team's, or a more urgent
+one of the same team) with :data:`~workers.contract.jobs.JOB_LOOK_AGAIN` in
+its state key (``SET … NX``: never over a start or a cancel). The start's
+claim stays the plain ``SET … GET``
+(:meth:`workers.streams.RedisJobChannel.claim_start`); only when it reads
+the mark does it run this module's script, with the claim already made: if
+no take or correction touched the tags since the take (``cs``, counted by
+every charge and correction) and a list turned non-empty since (``np``,
+counted by the pushes: a mark older than this take, left by a worker that
+took the job before and never started it, says nothing), it restores the
+tags the take's charge moved to their values before it, orders the lists as
+the take would have, and when a list of another team (or a more urgent one
+of the same team) now comes first and holds a job, and the taken list is
+still registered (no take looks at a list a recount dropped), it undoes the
+claim (``DEL`` of the state key: the job has not started, and its next start
+is a first run), puts the job back at the head of its list (``RPUSH``: kombu
+pops with ``RPOP``), removes its bookkeeping from the worker's hash and
+counts it waiting again, all in one step; the worker returns without running
+it, and its next take (sent at the ack) picks the fairer job. Not a job whose
+client left: a cancel the gateway wrote over the mark before the claim is
+what the claim reads (no script), and one written between the claim and the
+script is what the script finds in the state key: either ends the job now,
+as a cancel does. Otherwise the claim stands. A restore (a worker died, a job
+was rejected) marks nothing: a job taken meanwhile does not give way to it.
 
 Only where the take's process runs the job (the solo pool: the delivery
-hands the task its :class:`Ticket` here, :func:`offering`) and only under a
-worker's own keys (``workers/contract/delivery_owners.py``: under kombu's
-shared keys another worker's booking of the same delivery tag could be
-removed). A prefork pool's job starts as before.
+hands the task its :class:`Ticket` here, :func:`offering`; its takes note
+jobs only then: ``kombu_redis.GIVE_WAY_OPTION``) and only under a worker's own keys
+(``workers/contract/delivery_owners.py``: under kombu's shared keys another
+worker's booking of the same delivery tag could be removed). A start without
+a ticket (a prefork pool, ``GOVGATE_FAIR_GIVE_WAY=0``) that reads a mark
+takes it for a first run.
 
-Costs: the script replaces the claim's ``SET`` and adds one ``HMGET`` of
-two fields when nothing changed; the ordering only when a list turned
-non-empty meanwhile. A job that gives way costs the worker one more
+Costs: nothing on a start the push did not mark (the claim's ``SET`` alone);
+the push that turns a list non-empty reads the noted jobs (``HGET``) and
+sends a ``SET NX`` per job it could pass; a marked start adds the script's
+``EVALSHA`` and ``HMGET``, and the ordering when the counts allow a give-way.
+Until 2026-12-02 every fair start on the solo pool ran the script (two
+commands more a job). A job that gives way costs the worker one more
 hand-over (its charge was undone: no team pays for it), and ``gw`` in the
 tags hash counts them (``bench/fairness.py`` prints it).
 """
@@ -49,32 +68,32 @@ from redis.exceptions import NoScriptError
 from workers.contract.fair_order import LIB
 from workers.contract.fair_queues import SHARES_KEY, registry_key, tags_key, waiting_key, wake_key
 
-#: Tags-hash field counting the lists that turned non-empty (pushes and restores).
+#: Tags-hash field counting the lists that turned non-empty (the gateways' pushes).
 NEW_LISTS_FIELD = "np"
 #: Tags-hash field counting the changes of the tags (charges, corrections, jobs put back).
 CHANGES_FIELD = "cs"
 #: Tags-hash field counting the jobs that gave way at their start.
 GAVE_WAY_FIELD = "gw"
 
+# Run after the claim (``SET … GET``) read the look-again mark: the job's state key holds ``started`` since, or
+# whatever was written after the claim.
 # KEYS: [1] the job's state key, [2] the worker's unacked hash, [3] the list the job was taken from,
 #       [4] registry, [5] tags, [6] waiting, [7] wake list, [8] shares.
-# ARGV: [1] the started mark, [2] its ttl (s), [3] the delivery tag, [4] its time field, [5] the message as
-#       taken, [6] cs and [7] np after the take, [8..11] V, the team's, the team's virtual and the
+# ARGV: [1] the started mark, [2] the look-again mark, [3] the delivery tag, [4] its time field, [5] the
+#       message as taken, [6] cs and [7] np after the take, [8..11] V, the team's, the team's virtual and the
 #       principal's tag before the take's charge.
-# Returns {1}: put back; {0} or {0, was}: claimed, ``was`` the state key's value before (none: a first run).
+# Returns {1}: put back, the claim undone; {0}: the claim stands; {0, was}: it stands, and ``was``, a cancel
+# written since the claim, ends the job now.
 _START = LIB + f"""
-local function claim()
-  local was = redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'GET')
-  if was then return {{0, was}} end
-  return {{0}}
-end
 local cur = redis.call('HMGET', KEYS[5], '{CHANGES_FIELD}', '{NEW_LISTS_FIELD}')
 if tonumber(cur[1] or 0) ~= tonumber(ARGV[6]) or tonumber(cur[2] or 0) == tonumber(ARGV[7]) then
-  return claim()  -- another take or correction since (its order stands), or no list turned non-empty
+  -- another take or correction since (its order stands), or no list turned non-empty (the mark is older
+  -- than this take: the job was taken before, by a worker that did not start it)
+  return {{0}}
 end
 local popped = KEYS[3]
 local team, _, _, pri, pf = parts(popped)
-if not team then return claim() end
+if not team then return {{0}} end
 local m = load(KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], {{}}, nil, redis.call('HGETALL', KEYS[5]))
 set(m, 'V', tonumber(ARGV[8])); set(m, 't:' .. team, tonumber(ARGV[9]))
 set(m, 'v:' .. team, tonumber(ARGV[10])); set(m, pf, tonumber(ARGV[11]))
@@ -90,11 +109,12 @@ for _, key in ipairs(order(m)) do
   end
 end
 if fairer and found then
-  -- unless its client left (a cancel mark: the claim sees it and the job ends now, its request's slot
-  -- freed, instead of waiting for its turn again) or the bookkeeping is gone (restored meanwhile)
+  -- unless its client left since the claim (a cancel: the job ends now, its request's slot freed, instead
+  -- of waiting for its turn again) or the bookkeeping is gone (restored meanwhile: the claim stands)
   local state = redis.call('GET', KEYS[1])
-  if state and state ~= ARGV[1] then return claim() end
-  if redis.call('HDEL', KEYS[2], ARGV[3]) == 0 then return claim() end
+  if state and state ~= ARGV[1] and state ~= ARGV[2] then return {{0, state}} end
+  if redis.call('HDEL', KEYS[2], ARGV[3]) == 0 then return {{0}} end
+  redis.call('DEL', KEYS[1])  -- the claim undone: the job has not started (its next start is a first run)
   redis.call('HDEL', KEYS[2], ARGV[4])
   redis.call('RPUSH', popped, ARGV[5])
   redis.call('HINCRBY', KEYS[6], team, 1)
@@ -103,7 +123,7 @@ if fairer and found then
   write(m)
   return {{1}}
 end
-return claim()
+return {{0}}
 """
 
 START_SHA = hashlib.sha1(_START.encode()).hexdigest()
@@ -155,30 +175,39 @@ def ticket_for(request_id: str) -> Ticket | None:
     return ticket if ticket is not None and ticket.request_id == request_id else None
 
 
-def start_command(ticket: Ticket, state_key: str, started: bytes, ttl_s: int) -> tuple[Any, ...]:
-    """The ``EVALSHA`` of a start that may give way (command name first)."""
+def start_command(ticket: Ticket, state_key: str, started: bytes, look_again: bytes) -> tuple[Any, ...]:
+    """The ``EVALSHA`` of the look again at a start whose claim read the look-again mark (command name first)."""
     cs, np, *before = ticket.undo.split()
     keys = (state_key, ticket.hash_key, ticket.key, registry_key(ticket.model), tags_key(ticket.model),
             waiting_key(ticket.model), wake_key(ticket.model), SHARES_KEY)
-    return ("EVALSHA", START_SHA, len(keys), *keys, started, ttl_s, ticket.tag, ticket.time_field, ticket.item,
-            cs, np, *before)
+    return ("EVALSHA", START_SHA, len(keys), *keys, started, look_again, ticket.tag, ticket.time_field,
+            ticket.item, cs, np, *before)
 
 
-def start(client: redis.Redis, ticket: Ticket, state_key: str, started: bytes, ttl_s: int) -> tuple[bool, Any]:
-    """Run the start: (True, None) when the job went back (the ticket is told), else (False, the state
-    key's value before the claim). Loads the script once on NOSCRIPT; raises ``RedisError``.
+def load_script(client: redis.Redis) -> None:
+    """Load the look again's script into Redis (after a SCRIPT FLUSH or a restart its ``EVALSHA`` answers
+    NOSCRIPT, and :func:`look_again` loads it then)."""
+    client.script_load(_START)
+
+
+def look_again(client: redis.Redis, ticket: Ticket, state_key: str, started: bytes,
+               look_again_mark: bytes) -> tuple[bool, Any]:
+    """After a claim that read the look-again mark: (True, None) when the job went back (the ticket is
+    told; its claim undone), else (False, a cancel written since the claim, or None). Loads the script
+    once on NOSCRIPT; raises ``RedisError``.
 
     A reply lost (the connection dropped or timed out after the script was sent) leaves it unknown
     whether the script ran, and how: the job's bookkeeping tells. Gone, the job is back on its list
     (this script put it back, or a sweep did): it is put back here too, not answered failed, since
-    it runs again from its list. Still there, the script claimed or never ran: the error stands, as
-    for the plain claim's ``SET``. The look itself failing leaves the error too."""
-    command = start_command(ticket, state_key, started, ttl_s)
+    it runs again from its list. Still there, the script left the claim standing or never ran: the
+    error stands, as for a lost reply to the claim's ``SET``. The look itself failing leaves the error
+    too."""
+    command = start_command(ticket, state_key, started, look_again_mark)
     try:
         try:
             reply = client.execute_command(*command)
         except NoScriptError:
-            client.script_load(_START)
+            load_script(client)
             reply = client.execute_command(*command)
     except redis.ResponseError as exc:
         raise _unwrapped(exc) from None

@@ -43,6 +43,15 @@ payloads, then index entries), before it pops: the ack sends the next take at on
 instead of going out as a command of its own (one send fewer between two
 jobs; on a busy two-core machine each send can hand the core to Redis).
 
+A take by a worker whose fair jobs may give way at their start (the solo
+pool, ``GOVGATE_FAIR_GIVE_WAY``: it passes its name) notes the fair job it
+charged in the model's tags hash (``tk``: per worker the request id, read
+from the message the script decodes anyway, and the team and priority of
+its list; the latest :data:`MAX_NOTED` workers), written with the tags in
+the same ``HSET``; a take that takes none of the model's drops its entry.
+A gateway's push that turns a list non-empty marks those jobs for a look
+again at their start (``workers/contract/repick.py``).
+
 On the solo pool a take also carries the hand-over of the output the job
 before it made (:mod:`workers.contract.handover`): the fallback's ``HSETNX``
 in the pending terminals and the report's ``PUBLISH``, run first, before
@@ -69,8 +78,11 @@ import redis
 from redis.exceptions import NoScriptError
 
 from workers.contract.fair_order import DEFAULT_ESTIMATE_MS, LIB, RECOUNT_EVERY_S
-from workers.contract.fair_queues import SHARES_KEY, registry_key, tags_key, waiting_key, wake_key
+from workers.contract.fair_queues import NOTED_FIELD, SHARES_KEY, registry_key, tags_key, waiting_key, wake_key
 from workers.contract.handover import PENDING_KEY
+
+#: Most workers noted per model (the most recent kept: a worker gone leaves its entry behind).
+MAX_NOTED = 16
 
 #: Most idle tokens kept on a queue's idle list (one per idle worker; more are left by killed workers).
 MAX_IDLE_TOKENS = 256
@@ -83,8 +95,9 @@ MAX_IDLE_TOKENS = 256
 #       [5] '1': a bell woke this worker, [6] per queue '1'/'0': this worker's idle token is out there,
 #       [7] '1': a wake token woke it (the wake lists are cleared), [8] the default priority's place among
 #       the plain lists (0-based; its lists are looked at first), [9] per queue '1'/'0': its consumer
-#       acknowledges (a job taken from it is booked; a no-ack consumer's, a reply's, is not), [10] the number n of
-#       acknowledged deliveries whose bookkeeping goes first, [11..10+n] their tags, [11+n] the number h of
+#       acknowledges (a job taken from it is booked; a no-ack consumer's, a reply's, is not), [10] this worker's
+#       name in the noted jobs ('' none: its starts do not give way), [11] the number n of
+#       acknowledged deliveries whose bookkeeping goes first, [12..11+n] their tags, [12+n] the number h of
 #       hand-overs, which go before them, then per hand-over: request id, fallback, reply channel, report;
 #       then per queue: '1'/'0' a model
 #       queue, the number of corrections, then per correction: a fair queue or list, its service ms, the ms charged.
@@ -95,11 +108,11 @@ local HASH, INDEX, SHARES, PENDING = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now, est = tonumber(ARGV[1]), tonumber(ARGV[2])
 local nq, np = tonumber(ARGV[3]), tonumber(ARGV[4])
 local woken, registered, clear_wake = ARGV[5] == '1', ARGV[6], ARGV[7] == '1'
-local nacked = tonumber(ARGV[10])
+local me, nacked = ARGV[10], tonumber(ARGV[11])
 -- the outputs handed over (the solo pool's previous job): the fallback kept, then the report published;
 -- first, so that a refused write refuses them before anything else ran, and before the removal
-local ho = 12 + nacked
-for i = ho, ho + 4 * tonumber(ARGV[11 + nacked]) - 1, 4 do
+local ho = 13 + nacked
+for i = ho, ho + 4 * tonumber(ARGV[12 + nacked]) - 1, 4 do
   redis.call('HSETNX', PENDING, ARGV[i], ARGV[i + 1])
   redis.call('PUBLISH', ARGV[i + 2], ARGV[i + 3])
 end
@@ -108,14 +121,14 @@ end
 if nacked > 0 then
   if INDEX == '' then
     local fields = {{}}
-    for i = 11, 10 + nacked do
+    for i = 12, 11 + nacked do
       fields[#fields + 1] = ARGV[i]
       fields[#fields + 1] = '@' .. ARGV[i]
     end
     redis.call('HDEL', HASH, unpack(fields))
   else
-    redis.call('HDEL', HASH, unpack(ARGV, 11, 10 + nacked))
-    redis.call('ZREM', INDEX, unpack(ARGV, 11, 10 + nacked))
+    redis.call('HDEL', HASH, unpack(ARGV, 12, 11 + nacked))
+    redis.call('ZREM', INDEX, unpack(ARGV, 12, 11 + nacked))
   end
 end
 local function exists(keys, lo, hi)
@@ -143,7 +156,7 @@ local function pop_first(keys, lo, hi, guess)
   return keys[lo], redis.call('RPOP', keys[lo])
 end
 
-local queues, k, a = {{}}, 5, 12 + nacked + 4 * tonumber(ARGV[11 + nacked])
+local queues, k, a = {{}}, 5, 13 + nacked + 4 * tonumber(ARGV[12 + nacked])
 for q = 1, nq do
   local Q = {{idle = KEYS[k], bell = KEYS[k + 1], plain = {{}}, registered = string.sub(registered, q, q) == '1',
              book = string.sub(ARGV[9], q, q) == '1'}}
@@ -160,7 +173,8 @@ for q = 1, nq do
     all = redis.call('HGETALL', KEYS[k + 1])
     local copy, rc = nil, 0
     for i = 1, #all, 2 do
-      if all[i] == 'L' then copy = all[i + 1] elseif all[i] == 'rc' then rc = tonumber(all[i + 1]) or 0 end
+      if all[i] == 'L' then copy = all[i + 1] elseif all[i] == 'rc' then rc = tonumber(all[i + 1]) or 0
+      elseif all[i] == '{NOTED_FIELD}' then Q.noted = all[i + 1] end
     end
     local ok, list = pcall(cjson.decode, copy or '')
     if ok and type(list) == 'table' and now - rc < {RECOUNT_EVERY_S} then members = list
@@ -204,6 +218,19 @@ for p = 1, np do
     end
   end
 end
+-- the jobs taken and not started yet, noted for the pushes (workers/contract/repick.py): '{NOTED_FIELD}' in the
+-- tags hash, "<worker> <request id> <team> <priority>" per worker (the fair job it took last; none after a
+-- take that took none of the model's), the latest last, at most {MAX_NOTED}; written with the tags
+local function note(Q, entry)
+  local out, had = {{}}, false
+  for w, rest in string.gmatch(Q.noted or '', '(%S+) (%S+ %S+ %S+)') do
+    if w == me then had = true else out[#out + 1] = w .. ' ' .. rest end
+  end
+  if not entry and not had then return end
+  if entry then out[#out + 1] = me .. ' ' .. entry end
+  set(Q.m, '{NOTED_FIELD}', table.concat(out, ' ', math.max(1, #out - {MAX_NOTED} + 1)))
+end
+
 local key, item, from, taken_from
 if #plain > 0 then
   key, item = pop_first(plain, 1, #plain, math.min(tonumber(ARGV[8]) * looked + 1, #plain))
@@ -225,7 +252,10 @@ end
 if not item then
   for q = 1, nq do
     local Q = queues[q]
-    if Q.m then write(Q.m) end
+    if Q.m then
+      if me ~= '' then note(Q, nil) end
+      write(Q.m)
+    end
     if not Q.registered and redis.call('LPUSH', Q.idle, '1') > {MAX_IDLE_TOKENS} then
       redis.call('LTRIM', Q.idle, 0, {MAX_IDLE_TOKENS - 1})
     end
@@ -255,18 +285,26 @@ end
 
 -- the charge, and what a start that gives way needs to undo it (workers/contract/repick.py): the counts of
 -- changes and of lists turned non-empty after it, and the tags it moves, before it
-local charged, undo = '', ''
+-- and, for a push to mark it (a job booked here, whose request id, the task's id, reads plainly), the job
+local charged, undo, noted = '', '', nil
 if from then
   local m = from.m
-  local team, _, _, _, pf = parts(key)
+  local team, _, _, pri, pf = parts(key)
   local before = {{get(m, 'V'), get(m, 't:' .. team), get(m, 'v:' .. team), get(m, pf)}}
   charged = charge(m, key, est)
   set(m, 'cs', get(m, 'cs') + 1)
   undo = string.format('%d %d %.17g %.17g %.17g %.17g', get(m, 'cs'), get(m, 'np'), unpack(before))
+  local id = ok and type(message) == 'table' and type(message.headers) == 'table' and message.headers.id
+  if me ~= '' and booked == '1' and type(id) == 'string' and #id <= 200 and string.find(id, '^%S+$') then
+    noted = id .. ' ' .. team .. ' ' .. pri
+  end
 end
 for q = 1, nq do
   local Q = queues[q]
-  if Q.m then write(Q.m) end
+  if Q.m then
+    if me ~= '' then note(Q, Q == from and noted or nil) end
+    write(Q.m)
+  end
   if Q.registered and not redis.call('RPOP', Q.idle) then redis.call('RPOP', Q.bell) end  -- not idle now
 end
 if woken then
@@ -313,16 +351,20 @@ def take_command(hash_key: str, index_key: str | None, queues: Sequence[TakeQueu
                  registered: Sequence[bool] = (), book: Sequence[bool] | None = None, clear_wake: bool = False,
                  default_place: int = 0, acked: Sequence[str] = (),
                  hand_overs: Sequence[tuple[str, bytes, str, bytes]] = (), now: float | None = None,
-                 default_estimate_ms: float = DEFAULT_ESTIMATE_MS) -> tuple[str, ...]:
+                 default_estimate_ms: float = DEFAULT_ESTIMATE_MS, noted_as: str = "") -> tuple[str, ...]:
     """The ``EVALSHA`` of one take (command name first); ``registered``: per queue, whether this worker's
     idle token is out there (default: none); ``default_place``: the default priority's place in the
     plain lists' priority order; ``book``: per queue, whether its consumer acknowledges (default: all);
     ``acked``: tags of acknowledged deliveries whose bookkeeping (in ``hash_key``, and ``index_key`` or
     their time fields) the take removes before it pops; ``index_key`` None: the deliveries' times go in
     the hash (an owner's keys), else in that index (kombu's); ``hand_overs``: (request id, sealed
-    fallback, reply channel, report message) of outputs handed over, run before anything else."""
+    fallback, reply channel, report message) of outputs handed over, run before anything else;
+    ``noted_as``: this worker's name (no blank) when its starts may give way: the fair job it takes is noted
+    for the pushes to mark (``workers/contract/repick.py``; '' notes nothing)."""
     if not queues:
         raise ValueError("a take needs at least one queue")
+    if noted_as.split() != ([noted_as] if noted_as else []):
+        raise ValueError("a worker's name in the noted jobs is one word")
     plain_count = len(queues[0].plain)
     if any(len(queue.plain) != plain_count for queue in queues):
         raise ValueError("every queue has as many plain lists")
@@ -340,7 +382,7 @@ def take_command(hash_key: str, index_key: str | None, queues: Sequence[TakeQueu
     booked = "".join("1" if book is None or book[i] else "0" for i in range(len(queues)))
     return ("EVALSHA", TAKE_SHA, str(len(keys)), *keys, repr(time.time() if now is None else now),
             repr(default_estimate_ms), str(len(queues)), str(plain_count), "1" if woken else "0", flags,
-            "1" if clear_wake else "0", str(default_place), booked, str(len(acked)), *acked,
+            "1" if clear_wake else "0", str(default_place), booked, noted_as, str(len(acked)), *acked,
             str(len(hand_overs)), *(part for hand_over in hand_overs for part in hand_over), *per_queue)
 
 

@@ -21,8 +21,9 @@ from tests.loopback_proxy import ReplyDropper
 from workers.contract.celery_config import make_celery
 from workers.contract.fair_queues import (encode_name, fair_queue, registry_key, tags_key, waiting_key,
                                           wake_key)
-from workers.contract.jobs import JOB_STARTED, cancel_key
-from workers.contract.repick import GAVE_WAY_FIELD, PutBack, ticket_for
+from tests.redis_monitor import CommandLog
+from workers.contract.jobs import JOB_LOOK_AGAIN, JOB_STARTED, cancel_key
+from workers.contract.repick import GAVE_WAY_FIELD, START_SHA, PutBack, load_script, ticket_for
 from workers.contract.sealing import Sealer
 from workers.streams import RedisJobChannel
 
@@ -35,7 +36,7 @@ def fair_model(redis_server) -> Iterator[tuple[str, redis_py.Redis, Any]]:
     model = f"repick-{uuid.uuid4().hex[:8]}"
     node = f"repick-worker-{uuid.uuid4().hex[:6]}@test"
     client = redis_py.Redis.from_url(redis_server.url)
-    app = make_celery(redis_server.url, owner=node)
+    app = make_celery(redis_server.url, owner=node, give_way=True)
     try:
         with app.connection_for_write() as connection:
             yield model, client, connection
@@ -64,6 +65,24 @@ def push(redis_server, model: str, team: str, principal: str, request_id: str, *
 
     asyncio.run(run())
     return key
+
+
+def withdraw(redis_server, client, model: str, key: str, team: str) -> None:
+    """The gateway's withdrawal of the job at the head of ``key`` (its client went away before it was taken)."""
+    import redis.asyncio as aioredis
+
+    from gateway.dispatch.queue import WITHDRAW
+
+    message = client.lindex(key, -1).decode()
+
+    async def run() -> None:
+        async_client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            assert await WITHDRAW(async_client, (key, waiting_key(model)), (message, team))
+        finally:
+            await async_client.aclose()
+
+    asyncio.run(run())
 
 
 def consume(connection, model: str, count: int, handle: Callable[[Any], None]) -> None:
@@ -119,6 +138,11 @@ def starts_behind_a_backlog(redis_server, model: str, client, connection, count:
     return order
 
 
+def sent_for(log: CommandLog, request_id: str) -> list[str]:
+    """The commands clients sent naming ``request_id`` (its state key) or the look again's script."""
+    return [words[0] for words in log.sent if any(request_id in word or START_SHA in word for word in words[1:])]
+
+
 def tags(client, model: str) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in client.hgetall(tags_key(model)).items()}
 
@@ -140,7 +164,13 @@ def test_a_job_pushed_after_the_take_of_another_teams_job_runs_first(redis_serve
             if request_id == "rp-a2" and "taken" not in seen:
                 seen["taken"] = tags(client, model)  # a2 charged
                 push(redis_server, model, "b", "bob", "rp-b0")  # in the window between take and start
-            outcome = start(client, message)
+                seen["mark"] = client.get(cancel_key("rp-a2"))
+                load_script(client)  # as an earlier start of the worker did (counted: its EVALSHA alone)
+                with CommandLog(redis_server.url) as log:
+                    outcome = start(client, message)
+                seen["sent"] = sent_for(log, "rp-a2")
+            else:
+                outcome = start(client, message)
             order.append((request_id, outcome))
             if outcome == "gave way":
                 # what Redis holds the moment it went back: a's job at the head of its list, nothing of it
@@ -149,6 +179,7 @@ def test_a_job_pushed_after_the_take_of_another_teams_job_runs_first(redis_serve
                 seen["hash"] = client.hkeys(channel.unacked_key)
                 seen["waiting"] = {k.decode(): int(v) for k, v in client.hgetall(waiting_key(model)).items()}
                 seen["after"] = tags(client, model)
+                seen["state"] = client.get(cancel_key("rp-a2"))
             time.sleep(0.005)
             message.ack()
 
@@ -156,6 +187,11 @@ def test_a_job_pushed_after_the_take_of_another_teams_job_runs_first(redis_serve
         assert order == [("rp-a0", "first run"), ("rp-a1", "first run"), ("rp-a2", "gave way"),
                          ("rp-b0", "first run"), ("rp-a2", "first run"), ("rp-a3", "first run")], order
         assert seen["head"] is not None and b'"rp-a2"' in seen["head"]
+        # the push marked the taken job; its claim read the mark and only then ran the look again, which
+        # undid the claim: the job has not started
+        assert seen["mark"] == JOB_LOOK_AGAIN
+        assert seen["sent"] == ["set", "evalsha"], seen["sent"]
+        assert seen["state"] is None
         assert seen["hash"] == []
         assert seen["waiting"] == {"a": 2, "b": 1}
         # a's charge is undone: its tags are back where the take found them, less nothing more
@@ -279,13 +315,12 @@ def test_the_first_job_run_is_the_warm_up_also_when_the_first_taken_gave_way(red
 
 @pytest.mark.parametrize("fairer", [True, False])
 def test_a_start_whose_reply_was_lost_tells_a_job_put_back_from_one_not(redis_server, fairer):
-    """The connection drops after Redis ran the start script and before its reply was read (the worker's
-    client does not send a command again). Had the job given way, it is back on its list and must not be
-    answered failed (it would run again later, for nobody, and its ack would correct a charge undone): the
-    start finds its bookkeeping gone and reports it put back. Had it not, the error stands, as a lost
-    reply to the plain claim's SET did."""
-    from workers.contract.repick import START_SHA
-
+    """The connection drops after Redis ran the start's script (the look again, after a claim that read the
+    look-again mark) and before its reply was read (the worker's client does not send a command again). Had
+    the job given way, it is back on its list and must not be answered failed (it would run again later,
+    for nobody, and its ack would correct a charge undone): the start finds its bookkeeping gone and reports
+    it put back. Had it not (the job that marked it withdrawn before the start: nothing fairer waits), the
+    error stands, as a lost reply to the plain claim's SET did."""
     with fair_model(redis_server) as (model, client, connection):
         for i in range(4):
             push(redis_server, model, "a", "ann", f"rp-a{i}")
@@ -298,8 +333,9 @@ def test_a_start_whose_reply_was_lost_tells_a_job_put_back_from_one_not(redis_se
         def handle(message) -> None:
             request_id = message.headers["id"]
             if request_id == "rp-a2" and proxy.armed:
-                if fairer:
-                    push(redis_server, model, "b", "bob", "rp-b0")
+                b0 = push(redis_server, model, "b", "bob", "rp-b0")  # marks a2
+                if not fairer:
+                    withdraw(redis_server, client, model, b0, "b")
                 try:
                     outcome = start(lossy, message)
                 except redis_py.ConnectionError:
@@ -322,7 +358,7 @@ def test_a_start_whose_reply_was_lost_tells_a_job_put_back_from_one_not(redis_se
         else:
             assert order == [("rp-a0", "first run"), ("rp-a1", "first run"), ("rp-a2", "failed"),
                              ("rp-a3", "first run")], order
-            assert client.get(cancel_key("rp-a2")) == JOB_STARTED  # the claim ran; its reply was lost
+            assert client.get(cancel_key("rp-a2")) == JOB_STARTED  # the claim stands; the look's reply was lost
 
 
 def test_a_job_taken_again_by_a_lost_take_after_it_gave_way_goes_back_before_the_next_take(redis_server):
@@ -331,11 +367,8 @@ def test_a_job_taken_again_by_a_lost_take_after_it_gave_way_goes_back_before_the
     ran it). Before the next take the channel hands back what its hash holds and it did not deliver: the
     job's earlier delivery, acknowledged when it gave way, does not count as delivered, so it goes back
     now and is served, not after the visibility timeout."""
-    from gateway.dispatch.queue import WITHDRAW
     from workers.contract import take as take_script
     from workers.contract.queue_layout import bell_key, idle_key
-
-    import redis.asyncio as aioredis
 
     with fair_model(redis_server) as (model, client, connection):
         for i in range(4):
@@ -344,25 +377,13 @@ def test_a_job_taken_again_by_a_lost_take_after_it_gave_way_goes_back_before_the
         queue = f"model.{model}"
         order: list[tuple[str, str]] = []
 
-        def withdraw(key: str) -> None:  # the gateway's withdrawal of b0 (its client went away)
-            message = client.lindex(key, -1).decode()
-
-            async def run() -> None:
-                async_client = aioredis.Redis.from_url(redis_server.url)
-                try:
-                    assert await WITHDRAW(async_client, (key, waiting_key(model)), (message, "b"))
-                finally:
-                    await async_client.aclose()
-
-            asyncio.run(run())
-
         def handle(message) -> None:
             request_id = message.headers["id"]
             if request_id == "rp-a2" and not order[2:]:
                 b0 = push(redis_server, model, "b", "bob", "rp-b0")
                 order.append((request_id, start(client, message)))
                 assert order[-1] == (request_id, "gave way")
-                withdraw(b0)
+                withdraw(redis_server, client, model, b0, "b")  # its client went away
                 # the next take, whose reply is lost: Redis ran it, a2 is in the hash again, undelivered
                 again = take_script.take(client, channel.unacked_key, None,
                                          [take_script.TakeQueue(idle_key(queue), bell_key(queue), [], model)])
@@ -454,3 +475,223 @@ def test_a_refusal_inside_the_start_script_is_raised_as_the_plain_claim_raised_i
     assert type(read_only) is ReadOnlyError
     other = ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
     assert _unwrapped(other) is other
+
+
+@pytest.mark.parametrize("case", ["nothing pushed", "same team"])
+def test_a_start_with_no_mark_sends_the_claims_set_alone(redis_server, case):
+    """No list turned non-empty after the take, or only a list that could not come before the taken one (the
+    same team at the same priority: the push marks nothing): the start is the plain claim's one ``SET … GET``,
+    no script (the look again costs nothing until a push marks the job)."""
+    with fair_model(redis_server) as (model, client, connection):
+        logs: list[CommandLog] = []
+
+        def at_a2(message) -> None:
+            if case == "same team":
+                push(redis_server, model, "a", "amy", "rp-x0")
+            logs.append(CommandLog(redis_server.url).__enter__())
+
+        order = starts_behind_a_backlog(redis_server, model, client, connection, 3, at_a2)
+        logs[0].__exit__(None, None, None)
+        assert order == [("rp-a0", "first run"), ("rp-a1", "first run"), ("rp-a2", "first run")], order
+        assert client.get(cancel_key("rp-a2")) == JOB_STARTED
+        sent = sent_for(logs[0], "rp-a2")
+        assert sent == ["set"], sent
+        assert logs[0].count("set", cancel_key("rp-a2"), JOB_STARTED.decode()) == 1
+        assert GAVE_WAY_FIELD not in tags(client, model)
+
+
+def test_a_marked_job_that_finds_nothing_fairer_at_its_start_is_claimed(redis_server):
+    """Another team's job arrives after the take (the push marks the taken job) and is withdrawn before the
+    start (its client left): the claim reads the mark, the look again finds no fairer job waiting and the
+    claim stands: a first run, started, nothing put back."""
+    with fair_model(redis_server) as (model, client, connection):
+        seen: dict[str, Any] = {}
+
+        def at_a2(message) -> None:
+            b0 = push(redis_server, model, "b", "bob", "rp-b0")
+            seen["mark"] = client.get(cancel_key("rp-a2"))
+            withdraw(redis_server, client, model, b0, "b")
+            load_script(client)
+            seen["log"] = CommandLog(redis_server.url).__enter__()
+
+        order = starts_behind_a_backlog(redis_server, model, client, connection, 4, at_a2)
+        seen["log"].__exit__(None, None, None)
+        assert seen["mark"] == JOB_LOOK_AGAIN
+        assert order == [("rp-a0", "first run"), ("rp-a1", "first run"), ("rp-a2", "first run"),
+                         ("rp-a3", "first run")], order
+        assert sent_for(seen["log"], "rp-a2") == ["set", "evalsha"]
+        assert client.get(cancel_key("rp-a2")) == JOB_STARTED
+        assert GAVE_WAY_FIELD not in tags(client, model)
+
+
+class _CancelAfterClaim(redis_py.Redis):
+    """A worker's client after whose claim of ``request_id`` (its ``SET … GET``) the gateway's cancel lands
+    (written on another connection), before the start's next command."""
+
+    request_id = ""
+    canceller: redis_py.Redis
+
+    def set(self, name, value, *args, **kwargs):  # type: ignore[override]
+        was = super().set(name, value, *args, **kwargs)
+        if kwargs.get("get") and name == cancel_key(self.request_id):
+            self.canceller.set(name, b"1", ex=60)  # the gateway's cancel request
+        return was
+
+
+@pytest.mark.parametrize("when", ["before the claim", "after the claim"])
+def test_a_marked_job_cancelled_before_its_look_again_ends_as_cancelled(redis_server, when):
+    """A push marks the taken job (a fairer job waits), then its client leaves and the gateway writes the
+    cancel over the mark, before the start's claim (which reads the cancel: no look again) or between the
+    claim and the look again (which sees the cancel and leaves the claim standing): either way the job
+    is not put back but claimed and seen cancelled, as without the mark, and the cancel is kept."""
+    with fair_model(redis_server) as (model, client, connection):
+        worker = _CancelAfterClaim.from_url(redis_server.url)
+        worker.canceller = client
+        seen: dict[str, Any] = {}
+
+        def at_a2(message) -> None:
+            push(redis_server, model, "b", "bob", "rp-b0")
+            seen["mark"] = client.get(cancel_key("rp-a2"))
+            if when == "before the claim":
+                client.set(cancel_key("rp-a2"), b"1", ex=60)
+            else:
+                worker.request_id = "rp-a2"
+            load_script(client)
+            seen["log"] = CommandLog(redis_server.url).__enter__()
+
+        for i in range(4):
+            push(redis_server, model, "a", "ann", f"rp-a{i}")
+        order: list[tuple[str, str]] = []
+
+        def handle(message) -> None:
+            request_id = message.headers["id"]
+            if request_id == "rp-a2" and not order[2:]:
+                at_a2(message)
+                order.append((request_id, start(worker, message)))
+                seen["log"].__exit__(None, None, None)
+            else:
+                order.append((request_id, start(client, message)))
+            message.ack()
+
+        try:
+            consume(connection, model, 5, handle)
+        finally:
+            worker.close()
+        assert seen["mark"] == JOB_LOOK_AGAIN
+        assert order[2] == ("rp-a2", "again"), order  # claimed: the cancel seen (not a first run)
+        assert sorted(order) == sorted([("rp-a0", "first run"), ("rp-a1", "first run"), ("rp-a2", "again"),
+                                        ("rp-b0", "first run"), ("rp-a3", "first run")]), order
+        # the claim, (the cancel,) the look again only after a claim that read the mark, the cancel written back
+        sent = sent_for(seen["log"], "rp-a2")
+        assert sent == (["set", "set"] if when == "before the claim" else ["set", "set", "evalsha", "set"]), sent
+        assert client.get(cancel_key("rp-a2")) == b"1"  # kept for a redelivery
+        assert GAVE_WAY_FIELD not in tags(client, model)
+
+
+def test_a_push_after_the_start_leaves_the_started_job_alone(redis_server):
+    """The take noted the job; it started; then another team's job turns a list non-empty. The push's mark
+    is written only where nothing is (``SET NX``): the started job's state stays ``started`` (a redelivery
+    still reads it as begun), its cancel look sees no cancel, and the push's job runs next as it would."""
+    with fair_model(redis_server) as (model, client, connection):
+        for i in range(3):
+            push(redis_server, model, "a", "ann", f"rp-a{i}")
+        order: list[tuple[str, str]] = []
+        seen: dict[str, Any] = {}
+
+        def handle(message) -> None:
+            request_id = message.headers["id"]
+            job = RedisJobChannel(client, request_id, streaming=False, sealer=SEALER, ticket=ticket_for(request_id))
+            order.append((request_id, "first run" if job.claim_start() else "again"))
+            if request_id == "rp-a1" and "noted" not in seen:
+                seen["noted"] = tags(client, model).get("tk", "")
+                push(redis_server, model, "b", "bob", "rp-b0")  # while a1 runs
+                seen["state"] = client.get(cancel_key("rp-a1"))
+                assert job.cancel_requested() is False  # the look with the claim
+                time.sleep(0.06)  # past the interval between two looks
+                seen["cancelled"] = job.cancel_requested()
+            message.ack()
+
+        consume(connection, model, 4, handle)
+        assert " rp-a1 a 5" in seen["noted"], seen["noted"]
+        assert seen["state"] == JOB_STARTED
+        assert seen["cancelled"] is False
+        assert order == [("rp-a0", "first run"), ("rp-a1", "first run"), ("rp-b0", "first run"),
+                         ("rp-a2", "first run")], order
+        assert GAVE_WAY_FIELD not in tags(client, model)
+
+
+@pytest.mark.parametrize("ticket", [False, True])
+def test_a_mark_reads_as_a_job_not_started_and_not_cancelled(redis_server, ticket):
+    """A start that cannot give way (a prefork pool, ``GOVGATE_FAIR_GIVE_WAY=0``: no ticket) reads the mark as
+    a first run, not as a cancel or a redelivery; and a mark found by the cancel look (which no push writes
+    over a claim, but a state key may hold) is no cancel. With a ticket and nothing else in Redis to go by
+    (no tags: the look again finds no list turned non-empty), the same."""
+    client = redis_py.Redis.from_url(redis_server.url)
+    request_id = f"rp-{uuid.uuid4().hex[:8]}"
+    try:
+        client.set(cancel_key(request_id), JOB_LOOK_AGAIN, ex=60)
+        model = f"repick-{uuid.uuid4().hex[:8]}"
+        give_way = None
+        if ticket:
+            from workers.contract.repick import Ticket
+            give_way = Ticket(request_id, "tag", "@tag", "govgate:unacked:none", model,
+                              f"model.{model}/a/ann:5", "{}", "1 1 0 0 0 0", lambda: None)
+        job = RedisJobChannel(client, request_id, streaming=True, sealer=SEALER, ticket=give_way)
+        assert job.claim_start() is True
+        assert job.cancel_requested() is False
+        assert client.get(cancel_key(request_id)) == JOB_STARTED
+        client.set(cancel_key(request_id), JOB_LOOK_AGAIN, ex=60)
+        time.sleep(0.06)
+        assert job.cancel_requested() is False
+        assert job.stopped_by_rules() is False
+    finally:
+        client.delete(cancel_key(request_id))
+        client.close()
+
+
+def test_the_take_notes_each_workers_last_fair_job_the_latest_few(redis_server):
+    """The take notes the fair job it charged under its worker's name (one entry per worker, replaced at its
+    next take, dropped by a take that takes none of the model's), the latest :data:`MAX_NOTED` kept; a take
+    without a name notes nothing."""
+    from workers.contract import take as take_script
+    from workers.contract.queue_layout import bell_key, idle_key
+
+    model = f"repick-{uuid.uuid4().hex[:8]}"
+    queue = f"model.{model}"
+    client = redis_py.Redis.from_url(redis_server.url)
+    spec = [take_script.TakeQueue(idle_key(queue), bell_key(queue), [], model)]
+    hashes = [f"govgate:unacked:repick-{uuid.uuid4().hex[:6]}" for _ in range(take_script.MAX_NOTED + 2)]
+
+    def noted() -> list[str]:
+        raw = (client.hget(tags_key(model), "tk") or b"").decode().split()
+        return [" ".join(raw[i:i + 4]) for i in range(0, len(raw), 4)]
+
+    try:
+        for i in range(take_script.MAX_NOTED + 3):
+            push(redis_server, model, "a", "ann", f"rp-n{i}")
+        # worker 0 takes twice: its entry is replaced, not added
+        for n in range(2):
+            assert take_script.take(client, hashes[0], None, spec, noted_as="w0") is not None
+        assert len(noted()) == 1 and noted()[0].startswith("w0 ")
+        for i in range(1, len(hashes)):
+            if i == len(hashes) - 1:  # b's job, which the take chooses before a's next (b is behind)
+                push(redis_server, model, "b", "bob", "rp-m0", priority=3)
+            assert take_script.take(client, hashes[i], None, spec, noted_as=f"w{i}") is not None
+        entries = noted()
+        assert len(entries) == take_script.MAX_NOTED
+        assert [e.split()[0] for e in entries] == [f"w{i}" for i in range(len(hashes) - take_script.MAX_NOTED,
+                                                                           len(hashes))]
+        # the request id, and the team and priority of the list the job came from
+        assert all(e.split()[1].startswith("rp-n") and e.split()[2:] == ["a", "5"] for e in entries[:-1]), entries
+        assert entries[-1] == f"w{len(hashes) - 1} rp-m0 b 3", entries
+        before = noted()
+        assert take_script.take(client, hashes[0], None, spec) is not None  # no name: nothing noted
+        assert noted() == before
+        last = f"w{len(hashes) - 1}"
+        while take_script.take(client, hashes[-1], None, spec, noted_as=last) is not None:
+            pass
+        assert last not in [e.split()[0] for e in noted()]  # a take that found nothing dropped its entry
+    finally:
+        client.delete(*client.keys(f"model.{model}*"), registry_key(model), tags_key(model), waiting_key(model),
+                      wake_key(model), idle_key(queue), bell_key(queue), *hashes, *client.keys("govgate:job:rp-*"))
+        client.close()
