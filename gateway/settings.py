@@ -119,7 +119,8 @@ class Settings:
     handover_on_take: bool = False
     #: Solo-pool workers in fair mode: a fair job's start gives way to a job of a team further below its share
     #: that arrived after the take (workers/contract/repick.py). On by default: a light team's waits behind
-    #: another team's burst lose the slot of a job taken just before them; costs two Redis commands a job.
+    #: another team's burst lose the slot of a job taken just before them; costs a look (two Redis commands)
+    #: only at a start a gateway's push marked.
     fair_give_way: bool = True
     #: Largest request body accepted (413 above it).
     max_body_bytes: int = 1024 * 1024
