@@ -113,10 +113,10 @@ class Settings:
     #: process per model) or ``prefork`` (the job in a pool process the worker forks and watches; ``--concurrency``).
     worker_pool: str = "solo"
     #: Solo-pool workers: carry a finished output's hand-over (fallback + report) on the take the ack sends, one
-    #: send between two jobs instead of two. Off by default: shorter hand-overs and a lower c=1 latency, but a
-    #: light team's longest waits while another team's burst is admitted on the same cores grew 1.6-2.5x in
-    #: ``bench/fairness.py`` (docs/architecture.md, "Between two jobs on the solo pool").
-    handover_on_take: bool = False
+    #: send between two jobs instead of two (one Redis command and ~0.15 ms of CPU less a request). On by default
+    #: since session 38: off until then because a light team's longest waits behind another team's burst grew;
+    #: with the start that gives way they no longer do (docs/architecture.md, "Between two jobs on the solo pool").
+    handover_on_take: bool = True
     #: Solo-pool workers in fair mode: a fair job's start gives way to a job of a team further below its share
     #: that arrived after the take (workers/contract/repick.py). On by default: a light team's waits behind
     #: another team's burst lose the slot of a job taken just before them; costs a look (two Redis commands)

@@ -61,7 +61,7 @@ class WorkerConfig:
     #: Celery's pool (:data:`WORKER_POOLS`); solo runs one job at a time, so its concurrency is 1.
     pool: str = POOL_SOLO
     #: A solo pool's jobs leave their output's hand-over for the ack's take to carry (``GOVGATE_HANDOVER_ON_TAKE``).
-    handover_on_take: bool = False
+    handover_on_take: bool = True
     #: A solo pool's fair job may give way at its start to a fairer one (``GOVGATE_FAIR_GIVE_WAY``).
     fair_give_way: bool = True
     #: How long an audit write waits for a locked database before it fails (``GOVGATE_DATABASE_BUSY_TIMEOUT_S``).

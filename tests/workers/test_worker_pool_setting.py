@@ -90,12 +90,12 @@ def _check_worker_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: st
 
 def test_the_hand_over_rides_on_the_take_only_when_asked_and_only_on_the_solo_pool(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_spec) -> None:
-    """``GOVGATE_HANDOVER_ON_TAKE`` (off by default): a solo pool's job leaves its hand-over with the delivering
+    """``GOVGATE_HANDOVER_ON_TAKE`` (on by default): a solo pool's job leaves its hand-over with the delivering
     channel only when it is on; a prefork pool process never does (its take is its parent's)."""
     from workers.contract.handover import delivering
     from workers.pool import hand_over_carrier_of
 
-    _check_worker_flag(tmp_path, monkeypatch, "HANDOVER_ON_TAKE", "handover_on_take", default=False)
+    _check_worker_flag(tmp_path, monkeypatch, "HANDOVER_ON_TAKE", "handover_on_take", default=True)
 
     def config(pool: str, on: bool) -> WorkerConfig:
         return WorkerConfig(model=tiny_spec, redis_url="redis://127.0.0.1:1/0", database_url="sqlite://", pool=pool,
@@ -104,7 +104,7 @@ def test_the_hand_over_rides_on_the_take_only_when_asked_and_only_on_the_solo_po
     channel = object()  # what the transport sets as the delivery under way
     with delivering(channel):  # type: ignore[arg-type]
         assert hand_over_carrier_of(config(POOL_SOLO, True)) is channel
-        assert hand_over_carrier_of(config(POOL_SOLO, False)) is None  # the default: the job sends it itself
+        assert hand_over_carrier_of(config(POOL_SOLO, False)) is None  # off: the job sends it itself
         assert hand_over_carrier_of(config(POOL_PREFORK, True)) is None
         assert hand_over_carrier_of(None) is None
     assert hand_over_carrier_of(config(POOL_SOLO, True)) is None  # no delivery under way
