@@ -119,10 +119,12 @@ def start(client, message) -> str:
 
 
 def starts_behind_a_backlog(redis_server, model: str, client, connection, count: int,
-                            at_a2: Callable[[Any], None]) -> list[tuple[str, str]]:
+                            at_a2: Callable[[Any], None], *, a2_client=None,
+                            after_a2: Callable[[], None] | None = None) -> list[tuple[str, str]]:
     """Team a's four jobs pushed, then the model consumed until ``count`` starts, each made as the task makes
     it and acked: (request id, outcome) in order. ``at_a2(message)`` runs once, when a's third job is
-    delivered (taken, not started): a's first two make its tags real (the first is the warm-up)."""
+    delivered (taken, not started): a's first two make its tags real (the first is the warm-up). That start
+    goes through ``a2_client`` when given (else ``client``), and ``after_a2()`` runs right after it."""
     for i in range(4):
         push(redis_server, model, "a", "ann", f"rp-a{i}")
     order: list[tuple[str, str]] = []
@@ -131,7 +133,11 @@ def starts_behind_a_backlog(redis_server, model: str, client, connection, count:
         request_id = message.headers["id"]
         if request_id == "rp-a2" and not order[2:]:
             at_a2(message)
-        order.append((request_id, start(client, message)))
+            order.append((request_id, start(a2_client or client, message)))
+            if after_a2 is not None:
+                after_a2()
+        else:
+            order.append((request_id, start(client, message)))
         message.ack()
 
     consume(connection, model, count, handle)
@@ -559,22 +565,9 @@ def test_a_marked_job_cancelled_before_its_look_again_ends_as_cancelled(redis_se
             load_script(client)
             seen["log"] = CommandLog(redis_server.url).__enter__()
 
-        for i in range(4):
-            push(redis_server, model, "a", "ann", f"rp-a{i}")
-        order: list[tuple[str, str]] = []
-
-        def handle(message) -> None:
-            request_id = message.headers["id"]
-            if request_id == "rp-a2" and not order[2:]:
-                at_a2(message)
-                order.append((request_id, start(worker, message)))
-                seen["log"].__exit__(None, None, None)
-            else:
-                order.append((request_id, start(client, message)))
-            message.ack()
-
         try:
-            consume(connection, model, 5, handle)
+            order = starts_behind_a_backlog(redis_server, model, client, connection, 5, at_a2, a2_client=worker,
+                                            after_a2=lambda: seen["log"].__exit__(None, None, None))
         finally:
             worker.close()
         assert seen["mark"] == JOB_LOOK_AGAIN
