@@ -43,6 +43,12 @@ from . import stall_watch
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
+#: What psycopg says when the connection's socket failed under it (its descriptor gone, the poll told
+#: of an error) before libpq saw the session end: ``broken`` is still False and the driver's own test of
+#: a disconnect (SQLAlchemy's ``is_disconnect``) says no, yet the session is gone all the same. Seen on
+#: the first append after ``pg_terminate_backend`` (the backend's exit racing the next query).
+SOCKET_CLOSED = "connection socket closed"
+
 #: Every kept connection of this process, so a fork can make the child forget theirs.
 _KEPT: "weakref.WeakSet[KeptConnection]" = weakref.WeakSet()
 
@@ -86,6 +92,10 @@ class KeptConnection:
     def _is_lost(self, exc: Exception) -> bool:
         """Whether ``exc`` says the connection itself is gone (not only the statement refused)."""
         return False
+
+    def _gone(self, exc: Exception) -> bool:
+        """:meth:`_is_lost`, or the driver's word for a socket that failed before it noticed (:data:`SOCKET_CLOSED`)."""
+        return self._conn is not None and (self._is_lost(exc) or str(exc) == SOCKET_CLOSED)
 
     def _wrapped(self, exc: Exception, lost: bool) -> Exception:
         """What a driver error leaves :meth:`run` as (unchanged here)."""
@@ -158,7 +168,7 @@ class KeptConnection:
         such a refusal: a new transaction would reconnect and wait for the
         server again, so it fails every entry, never retried.
         """
-        return isinstance(exc, self._dbapi_error) and self._conn is not None and self._is_lost(exc)
+        return isinstance(exc, self._dbapi_error) and self._gone(exc)
 
     def _begin(self, begin: tuple[str, ...]) -> Any:
         """A cursor in a transaction that holds the write lock; reconnects once if the kept connection was lost."""
@@ -173,7 +183,7 @@ class KeptConnection:
                     cursor.execute(statement)
                 return cursor
             except self._dbapi_error as exc:
-                lost = self._conn is not None and self._is_lost(exc)
+                lost = self._gone(exc)
                 if not (lost and reused and attempt == 1):
                     raise self._failed(exc) from exc
                 self._drop()  # nothing was written: try once more on a new connection (its bound: _opened)
@@ -209,7 +219,7 @@ class KeptConnection:
 
     def _failed(self, exc: Exception) -> Exception:
         """Roll back (or drop the connection if it is lost) and hand ``exc`` back as :meth:`_wrapped` makes it."""
-        lost = self._conn is not None and self._is_lost(exc)
+        lost = self._gone(exc)
         if lost:
             self._drop()
         else:

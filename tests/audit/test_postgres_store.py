@@ -9,6 +9,7 @@ server is unreachable, refuses a role, or drops connections.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator
 
 import psycopg
@@ -172,3 +173,21 @@ def test_connections_killed_by_the_server_are_replaced(store: AuditStore, raw: R
     assert killed >= 1
     done = _append(store, "completion", "r1", {"output": "x"})
     assert store.terminal_for("r1") == done and verify_chain(store).checked == 3  # with the boundary
+
+
+def test_a_connection_whose_socket_failed_under_the_driver_is_replaced(store: AuditStore) -> None:
+    """psycopg reports a socket that failed before libpq saw the session end as "connection socket closed",
+    with the connection not yet ``broken`` (so SQLAlchemy's disconnect test says no): seen once in the suite
+    on the first append after ``pg_terminate_backend``, the backend's exit racing the next query, and that
+    append failed. It is a lost connection all the same: replaced before the first statement, the append
+    written. Made here by closing the kept connection's descriptor under the driver."""
+    from audit.kept_connection import _KEPT
+
+    _append(store, "request", "r1")
+    before = verify_chain(store).checked
+    [writer] = [kept for kept in list(_KEPT) if getattr(kept, "_engine", lambda: None)() is store.engine]
+    os.close(writer._conn.fileno())  # the driver's socket gone; psycopg and libpq not told
+    done = _append(store, "completion", "r1", {"output": "x"})
+    assert done.kind == "completion" and store.terminal_for("r1") is not None
+    verified = verify_chain(store)
+    assert verified.ok and verified.checked == before + 1
