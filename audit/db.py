@@ -22,6 +22,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from . import stall_watch
 from .errors import AuditError
+from .kept_connection import socket_closed
 from .migration_heads import at_head
 from .postgresql_setup import configure_postgresql_connection
 from .sqlite_setup import SQLITE_CACHE_KIB, configure_sqlite_connection  # noqa: F401  (SQLITE_CACHE_KIB re-exported)
@@ -242,6 +243,14 @@ def _postgresql_engine(sa_url: URL, busy_timeout_s: float) -> tuple[Engine, dict
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         configure_postgresql_connection(dbapi_conn)
+
+    @event.listens_for(engine, "handle_error")
+    def _socket_closed_is_a_disconnect(context: Any) -> None:
+        # psycopg's word for a socket that failed before libpq marked the session broken: SQLAlchemy's
+        # disconnect test says no, and a pooled session's pre-ping then failed the read instead of
+        # replacing the session (the writer's kept session reads it the same way: audit.kept_connection).
+        if socket_closed(context.original_exception):
+            context.is_disconnect = True
 
     return engine, connect_args
 

@@ -49,6 +49,20 @@ log = logging.getLogger(__name__)
 #: the first append after ``pg_terminate_backend`` (the backend's exit racing the next query).
 SOCKET_CLOSED = "connection socket closed"
 
+
+def socket_closed(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an error it was raised while handling, is psycopg's :data:`SOCKET_CLOSED`
+    (SQLAlchemy's pre-ping restores ``autocommit`` in a ``finally``, and on such a socket that raises a
+    ``ProgrammingError`` over it)."""
+    for _ in range(4):
+        if exc is None:
+            return False
+        if str(exc) == SOCKET_CLOSED:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 #: Every kept connection of this process, so a fork can make the child forget theirs.
 _KEPT: "weakref.WeakSet[KeptConnection]" = weakref.WeakSet()
 
@@ -95,7 +109,7 @@ class KeptConnection:
 
     def _gone(self, exc: Exception) -> bool:
         """:meth:`_is_lost`, or the driver's word for a socket that failed before it noticed (:data:`SOCKET_CLOSED`)."""
-        return self._conn is not None and (self._is_lost(exc) or str(exc) == SOCKET_CLOSED)
+        return self._conn is not None and (self._is_lost(exc) or socket_closed(exc))
 
     def _wrapped(self, exc: Exception, lost: bool) -> Exception:
         """What a driver error leaves :meth:`run` as (unchanged here)."""

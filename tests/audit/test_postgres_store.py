@@ -191,3 +191,16 @@ def test_a_connection_whose_socket_failed_under_the_driver_is_replaced(store: Au
     assert done.kind == "completion" and store.terminal_for("r1") is not None
     verified = verify_chain(store)
     assert verified.ok and verified.checked == before + 1
+
+
+def test_a_pooled_session_whose_socket_failed_under_the_driver_is_replaced(store: AuditStore) -> None:
+    """The same failed socket under a pooled session (the reads: ``terminal_for``, the console's pages): its
+    pre-ping's "connection socket closed" is a disconnect, so the pool replaces the session and the read is
+    answered, rather than failing (and failing again on the next checkout of the same session)."""
+    _append(store, "completion", "r1", {"output": "x"})
+    assert store.terminal_for("r1") is not None  # the pool now holds a session, idle
+    with store.engine.connect() as connection:
+        fd = connection.connection.dbapi_connection.fileno()
+    os.close(fd)  # the pooled session's socket gone; psycopg and libpq not told
+    assert store.terminal_for("r1") is not None
+    assert store.terminal_for("r1") is not None
