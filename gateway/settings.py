@@ -113,7 +113,7 @@ class Settings:
     #: process per model) or ``prefork`` (the job in a pool process the worker forks and watches; ``--concurrency``).
     worker_pool: str = "solo"
     #: Solo-pool workers: carry a finished output's hand-over (fallback + report) on the take the ack sends, one
-    #: send between two jobs instead of two (one Redis command and ~0.15 ms of CPU less a request). On by default
+    #: send between two jobs instead of two (about one Redis command less a request; CPU alike). On by default
     #: since session 38: off until then because a light team's longest waits behind another team's burst grew;
     #: with the start that gives way they no longer do (docs/architecture.md, "Between two jobs on the solo pool").
     handover_on_take: bool = True
