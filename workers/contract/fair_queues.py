@@ -94,6 +94,10 @@ REGISTRY_COPY = "L"
 #: The tags hash's field noting each worker's last fair job taken (worker, request id, team, priority), which
 #: a push that turns a list non-empty marks for a look again at its start (``workers/contract/repick.py``).
 NOTED_FIELD = "tk"
+#: The tags hash's field noting, per worker channel, the last batch of service corrections its takes applied
+#: ("<writer> <batch>", the latest few): a take sent again after its reply was lost applies none twice
+#: (``workers/contract/take.py``).
+APPLIED_FIELD = "cb"
 
 
 def waiting_key(model: str) -> str:

@@ -71,6 +71,7 @@ import functools
 import hashlib
 import logging
 import socket
+import uuid
 from contextlib import contextmanager
 from queue import Empty
 from time import monotonic, time
@@ -345,9 +346,13 @@ class Channel(kombu_redis.Channel):
     #: fair jobs this channel took
     _taken: int = 0
     #: model queue → [(fair queue, service ms, ms charged)] for the model's next take
-    _corrections: dict[str, list[tuple[str, float, float]]]
+    _corrections: dict[str, list[tuple[str, float, float, int]]]
     #: the corrections the take in flight carries (given back if it fails)
-    _sent_corrections: dict[str, list[tuple[str, float, float]]]
+    _sent_corrections: dict[str, list[tuple[str, float, float, int]]]
+    #: the name this channel's batches of corrections are recorded under in the tags, and the last batch
+    #: number given (a batch goes with each take that carries new corrections; 0: not sent yet)
+    _writer: str
+    _batch: int
     #: commands sent whose replies are read when next needed (the ack's removal of the bookkeeping)
     _deferred: DeferredReplies
     #: delivery tags whose bookkeeping the take wrote (the QoS writes none for them)
@@ -389,6 +394,7 @@ class Channel(kombu_redis.Channel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._in_service, self._corrections, self._sent_corrections = {}, {}, {}
+        self._writer, self._batch = uuid.uuid4().hex[:16], 0
         self._booked, self._idle_out, self._bells, self._no_ack = set(), {}, {}, set()
         self._gave_way = set()
         self._acked_out, self._sent_acked = [], []
@@ -568,13 +574,18 @@ class Channel(kombu_redis.Channel):
     def _take_command(self, queues: list[str]) -> tuple[str, ...]:
         """The take of ``queues`` (their corrections leave with it; given back if it fails)."""
         spec = []
+        batch = self._batch + 1  # the new corrections' batch (given back ones keep theirs: sent again)
         for queue in queues:
             model = _model_of(queue)
             corrections = self._corrections.pop(queue, []) if model is not None else []
             if corrections:
+                corrections = [(fair, actual, charged, number or batch) for fair, actual, charged, number in corrections]
+                if any(number == batch for *_, number in corrections):
+                    self._batch = batch
                 self._sent_corrections.setdefault(queue, []).extend(corrections)
             spec.append(TakeQueue(idle_key(queue), bell_key(queue),
-                                  [self._q_for_pri(queue, pri) for pri in self.priority_steps], model, corrections))
+                                  [self._q_for_pri(queue, pri) for pri in self.priority_steps], model, corrections,
+                                  writer=self._writer))
         acked, self._acked_out = self._acked_out, []
         self._sent_acked.extend(acked)
         self._sent_hand_overs.extend(self._hand_overs_out)
@@ -636,7 +647,8 @@ class Channel(kombu_redis.Channel):
 
     def _corrections_back(self) -> None:
         """A take that failed: the corrections and removals it carried go with the next one (a removal
-        that did run is harmless to repeat)."""
+        that did run is harmless to repeat; corrections keep their batch, which the take applies only if
+        the model's tags do not record it applied)."""
         for queue, corrections in self._sent_corrections.items():
             self._corrections.setdefault(queue, [])[:0] = corrections
         self._sent_corrections = {}
@@ -783,7 +795,7 @@ class Channel(kombu_redis.Channel):
         if fair is None:
             return
         actual_ms = fair_order.NOT_MEASURED if warm_up else (monotonic() - started) * 1000.0
-        self._corrections.setdefault(fair.model_queue, []).append((queue, actual_ms, charged_ms))
+        self._corrections.setdefault(fair.model_queue, []).append((queue, actual_ms, charged_ms, 0))
 
     # ---------------------------------------------------------------- putting jobs back
 

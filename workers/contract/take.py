@@ -24,7 +24,13 @@ recount) they are looked at anyway, for gateways from before the hint. In fair m
 orders the model's lists and charges the job taken
 (:mod:`workers.contract.fair_order`'s functions), so the separate pick the
 worker sent after each BRPOP is gone, and every order is made after the
-corrections of the jobs acknowledged before it.
+corrections of the jobs acknowledged before it. Those go out once per take
+under a batch number that grows with each take carrying new ones; a take
+whose reply was lost may have run, so its corrections go with the next one
+again, and the model's tags record the last batch each worker channel's
+takes applied (``cb``, written with the tags, no command more): a batch
+already applied is not applied twice (a team charged twice for one job's
+overrun, the service mean moved twice).
 
 A script cannot block. A worker whose take finds nothing leaves a token on
 its queue's idle list (:func:`workers.contract.queue_layout.idle_key`) and
@@ -78,11 +84,15 @@ import redis
 from redis.exceptions import NoScriptError
 
 from workers.contract.fair_order import DEFAULT_ESTIMATE_MS, LIB, RECOUNT_EVERY_S
-from workers.contract.fair_queues import NOTED_FIELD, SHARES_KEY, registry_key, tags_key, waiting_key, wake_key
+from workers.contract.fair_queues import (APPLIED_FIELD, NOTED_FIELD, SHARES_KEY, registry_key, tags_key, waiting_key,
+                                          wake_key)
 from workers.contract.handover import PENDING_KEY
 
 #: Most workers noted per model (the most recent kept: a worker gone leaves its entry behind).
 MAX_NOTED = 16
+
+#: Most worker channels whose last applied batch of corrections a model's tags keep (the most recent kept).
+MAX_APPLIED = 16
 
 #: Most idle tokens kept on a queue's idle list (one per idle worker; more are left by killed workers).
 MAX_IDLE_TOKENS = 256
@@ -100,7 +110,9 @@ MAX_IDLE_TOKENS = 256
 #       acknowledged deliveries whose bookkeeping goes first, [12..11+n] their tags, [12+n] the number h of
 #       hand-overs, which go before them, then per hand-over: request id, fallback, reply channel, report;
 #       then per queue: '1'/'0' a model
-#       queue, the number of corrections, then per correction: a fair queue or list, its service ms, the ms charged.
+#       queue, the number of corrections, the name its corrections' batches are recorded under ('' none), then
+#       per correction: a fair queue or list, its service ms, the ms charged, its batch (0: applied whatever the
+#       record says).
 # Returns {} when nothing was taken, else {list, message, ms charged ('' none), '1' booked / '0' not, the undo
 # record of a fair job's charge ('' none: workers/contract/repick.py)}.
 _TAKE = LIB + f"""
@@ -156,14 +168,27 @@ local function pop_first(keys, lo, hi, guess)
   return keys[lo], redis.call('RPOP', keys[lo])
 end
 
+-- the last batch of corrections ``writer`` had applied (APPLIED_FIELD: "<writer> <batch>" per worker channel), and
+-- that record with ``batch`` as its latest (the most recent {MAX_APPLIED} writers kept)
+local function applied(text, writer)
+  for w, b in string.gmatch(text or '', '(%S+) (%S+)') do if w == writer then return tonumber(b) or 0 end end
+  return 0
+end
+local function with_applied(text, writer, batch)
+  local out = {{}}
+  for w, b in string.gmatch(text or '', '(%S+) (%S+)') do if w ~= writer then out[#out + 1] = w .. ' ' .. b end end
+  out[#out + 1] = writer .. ' ' .. batch
+  return table.concat(out, ' ', math.max(1, #out - {MAX_APPLIED} + 1))
+end
+
 local queues, k, a = {{}}, 5, 13 + nacked + 4 * tonumber(ARGV[12 + nacked])
 for q = 1, nq do
   local Q = {{idle = KEYS[k], bell = KEYS[k + 1], plain = {{}}, registered = string.sub(registered, q, q) == '1',
              book = string.sub(ARGV[9], q, q) == '1'}}
   k = k + 2
   for p = 1, np do Q.plain[p] = KEYS[k]; k = k + 1 end
-  local is_model, ncorr = ARGV[a] == '1', tonumber(ARGV[a + 1])
-  a = a + 2
+  local is_model, ncorr, writer = ARGV[a] == '1', tonumber(ARGV[a + 1]), ARGV[a + 2]
+  a = a + 3
   -- the tags hash whole (the tags of the registered lists are what it holds), and in it 'L', the
   -- registry's members; the registry itself only when 'L' is missing (a push that registered a new
   -- list, or a restore, deleted it) or a second old (the time of the recount, 'rc', or of the last
@@ -174,7 +199,8 @@ for q = 1, nq do
     local copy, rc = nil, 0
     for i = 1, #all, 2 do
       if all[i] == 'L' then copy = all[i + 1] elseif all[i] == 'rc' then rc = tonumber(all[i + 1]) or 0
-      elseif all[i] == '{NOTED_FIELD}' then Q.noted = all[i + 1] end
+      elseif all[i] == '{NOTED_FIELD}' then Q.noted = all[i + 1]
+      elseif all[i] == '{APPLIED_FIELD}' then Q.applied = all[i + 1] end
     end
     local ok, list = pcall(cjson.decode, copy or '')
     if ok and type(list) == 'table' and now - rc < {RECOUNT_EVERY_S} then members = list
@@ -182,13 +208,22 @@ for q = 1, nq do
   end
   if is_model and (#members > 0 or ncorr > 0) then  -- a model with no fair lists costs one HGETALL
     local extra = {{}}
-    for c = 0, ncorr - 1 do extra[#extra + 1] = ARGV[a + 3 * c] end
+    for c = 0, ncorr - 1 do extra[#extra + 1] = ARGV[a + 4 * c] end
     local m = load(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], SHARES, extra, members, all)
     m.listed = true
     if listed then set_list(m, members) end
+    -- a batch this writer's takes applied already (a take sent again after its reply was lost, or one
+    -- that ran late) is not applied twice: the batches grow with each take that carries new ones
+    local last = writer ~= '' and applied(Q.applied, writer) or 0
+    local newest = last
     for c = 0, ncorr - 1 do
-      correct(m, ARGV[a + 3 * c], tonumber(ARGV[a + 1 + 3 * c]), tonumber(ARGV[a + 2 + 3 * c]))
+      local batch = tonumber(ARGV[a + 3 + 4 * c]) or 0
+      if batch == 0 or batch > last then
+        correct(m, ARGV[a + 4 * c], tonumber(ARGV[a + 1 + 4 * c]), tonumber(ARGV[a + 2 + 4 * c]))
+      end
+      if batch > newest then newest = batch end
     end
+    if writer ~= '' and newest > last then set(m, '{APPLIED_FIELD}', with_applied(Q.applied, writer, newest)) end
     -- wake tokens (a new list) are for workers that order from a cached registry; this call reads it anew
     local recounted = recount(m, now)
     if recounted or clear_wake then redis.call('DEL', m.WAKE) end
@@ -202,7 +237,7 @@ for q = 1, nq do
     redis.call('HSET', KEYS[k + 1], 'L', cjson.encode(members), 'rc', ARGV[1])  -- none: '{{}}'
   end
   if is_model then k = k + 4 end
-  a = a + 3 * ncorr
+  a = a + 4 * ncorr
   queues[q] = Q
 end
 
@@ -324,13 +359,17 @@ TAKE_SHA = hashlib.sha1(_TAKE.encode()).hexdigest()
 @dataclass
 class TakeQueue:
     """One queue a worker consumes, as the take sees it: its idle list and bell, its plain lists (priority
-    order), the model it serves (None: not a model queue) and the corrections to apply before ordering."""
+    order), the model it serves (None: not a model queue) and the corrections to apply before ordering:
+    (fair list, service ms, ms charged, batch), the batch left out or 0 for one applied whatever was
+    applied before. ``writer`` names the channel whose batches the model's tags record (``''``: none): a
+    correction of a batch the record says was applied is not applied again."""
 
     idle: str
     bell: str
     plain: list[str]
     model: str | None = None
-    corrections: list[tuple[str, float, float]] = field(default_factory=list)
+    corrections: list[tuple[str, float, float] | tuple[str, float, float, int]] = field(default_factory=list)
+    writer: str = ""
 
 
 @dataclass(frozen=True)
@@ -375,9 +414,11 @@ def take_command(hash_key: str, index_key: str | None, queues: Sequence[TakeQueu
         if queue.model is not None:
             keys += [registry_key(queue.model), tags_key(queue.model), waiting_key(queue.model),
                      wake_key(queue.model)]
-        per_queue += ["1" if queue.model is not None else "0", str(len(queue.corrections))]
-        for fair, actual_ms, charged_ms in queue.corrections:
-            per_queue += [fair, repr(float(actual_ms)), repr(float(charged_ms))]
+        if queue.writer.split() != ([queue.writer] if queue.writer else []):
+            raise ValueError("a writer's name in the applied batches is one word")
+        per_queue += ["1" if queue.model is not None else "0", str(len(queue.corrections)), queue.writer]
+        for fair, actual_ms, charged_ms, *batch in queue.corrections:
+            per_queue += [fair, repr(float(actual_ms)), repr(float(charged_ms)), str(int(batch[0]) if batch else 0)]
     flags = "".join("1" if registered and registered[i] else "0" for i in range(len(queues)))
     booked = "".join("1" if book is None or book[i] else "0" for i in range(len(queues)))
     return ("EVALSHA", TAKE_SHA, str(len(keys)), *keys, repr(time.time() if now is None else now),
