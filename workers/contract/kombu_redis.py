@@ -321,6 +321,17 @@ _MODEL_PREFIX = "model."
 #: Most deliveries whose service time is awaited (a bound, not a limit reached: prefetch is one).
 _MAX_IN_SERVICE = 1024
 
+#: A correction as the channel keeps it: the fair list, its service ms, the ms charged, its batch (0: not
+#: sent yet).
+Correction = tuple[str, float, float, int]
+
+#: Per worker node: the corrections a closed channel had not seen applied (those unsent, and those of a take
+#: still out, which may have run), with the name and last batch it sent them under. Celery replaces the
+#: connection, and so the channel, after a connection error; the node's next channel that consumes a model
+#: queue takes them over, before its first take, and sends them under that name and batch: the tags' record
+#: says whether the lost take applied them.
+_LEFT_BY_CLOSED: dict[str, tuple[str, int, dict[str, list[Correction]]]] = {}
+
 
 def _model_of(queue: str) -> str | None:
     """The model a consumed queue serves (``model.<name>``), or None for any other queue."""
@@ -346,13 +357,15 @@ class Channel(kombu_redis.Channel):
     #: fair jobs this channel took
     _taken: int = 0
     #: model queue → [(fair queue, service ms, ms charged)] for the model's next take
-    _corrections: dict[str, list[tuple[str, float, float, int]]]
+    _corrections: dict[str, list[Correction]]
     #: the corrections the take in flight carries (given back if it fails)
-    _sent_corrections: dict[str, list[tuple[str, float, float, int]]]
+    _sent_corrections: dict[str, list[Correction]]
     #: the name this channel's batches of corrections are recorded under in the tags, and the last batch
     #: number given (a batch goes with each take that carries new corrections; 0: not sent yet)
     _writer: str
     _batch: int
+    #: the worker node whose keys these are ('' none: a Celery client's channel)
+    _node: str = ""
     #: commands sent whose replies are read when next needed (the ack's removal of the bookkeeping)
     _deferred: DeferredReplies
     #: delivery tags whose bookkeeping the take wrote (the QoS writes none for them)
@@ -404,6 +417,7 @@ class Channel(kombu_redis.Channel):
         if self.global_keyprefix:  # the take script names its keys itself
             raise ValueError("the govgate-redis transport does not support global_keyprefix")
         node = self.connection.client.transport_options.get(OWNER_OPTION)
+        self._node = node or ""
         if node:
             self.unacked_key, self.unacked_index_key = owner_keys(node)
             self.owner = self._register(this_process(node))
@@ -452,6 +466,7 @@ class Channel(kombu_redis.Channel):
         self.settle_deferred()
         self._unregister_idle()
         self._forget_acked()
+        self._leave_corrections()
         super().close()
 
     def _forget_acked(self) -> None:
@@ -605,12 +620,39 @@ class Channel(kombu_redis.Channel):
 
     def basic_consume(self, queue: Any, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         """kombu's, noting a consumer that does not acknowledge: the take writes no bookkeeping for its
-        jobs (a pidbox reply's, say), which nothing would remove."""
+        jobs (a pidbox reply's, say), which nothing would remove. A channel that consumes a model queue
+        takes over the corrections its worker's closed channel left (before its first take)."""
         if no_ack:
             self._no_ack.add(queue)
         else:
             self._no_ack.discard(queue)
+        if _model_of(queue) is not None:
+            self._take_over_corrections()
         return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    def _take_over_corrections(self) -> None:
+        """The corrections the worker's previous channel closed without seeing applied (a connection error:
+        Celery reconnects with a new channel), sent with this channel's takes under that channel's name and
+        batches, so that those its lost take applied are not applied again. Only before this channel's
+        first batch: its own batches go under its own name."""
+        node = self._node
+        if not node or self._batch or self._sent_corrections or node not in _LEFT_BY_CLOSED:
+            return
+        self._writer, self._batch, left = _LEFT_BY_CLOSED.pop(node)
+        for queue, corrections in left.items():
+            self._corrections.setdefault(queue, [])[:0] = corrections
+
+    def _leave_corrections(self) -> None:
+        """At close: the corrections not seen applied (a take still out may have run them, or not) are left
+        for the worker's next channel (:meth:`_take_over_corrections`); without an owner they are lost, as
+        they always were."""
+        node = self._node
+        left: dict[str, list[Correction]] = {}
+        for queue, corrections in (*self._sent_corrections.items(), *self._corrections.items()):
+            left.setdefault(queue, []).extend(corrections)
+        self._sent_corrections, self._corrections = {}, {}
+        if node and any(left.values()):
+            _LEFT_BY_CLOSED[node] = (self._writer, self._batch, left)
 
     def _default_place(self) -> int:
         """Where the default priority's list is among a queue's plain lists (its lists are looked at first)."""

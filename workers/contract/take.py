@@ -24,13 +24,14 @@ recount) they are looked at anyway, for gateways from before the hint. In fair m
 orders the model's lists and charges the job taken
 (:mod:`workers.contract.fair_order`'s functions), so the separate pick the
 worker sent after each BRPOP is gone, and every order is made after the
-corrections of the jobs acknowledged before it. Those go out once per take
-under a batch number that grows with each take carrying new ones; a take
-whose reply was lost may have run, so its corrections go with the next one
-again, and the model's tags record the last batch each worker channel's
-takes applied (``cb``, written with the tags, no command more): a batch
-already applied is not applied twice (a team charged twice for one job's
-overrun, the service mean moved twice).
+corrections of the jobs acknowledged before it. Those go out under a batch
+number that grows with each take carrying new ones; a take that failed may
+have run, so its corrections go with the next one again (the worker's next
+channel's, when Celery reconnects: ``kombu_redis.Channel``), and the
+model's tags record the last batch each worker channel's takes applied
+(``cb``, written with the tags, no command more): a batch already applied
+is not applied twice (a team charged twice for one job's overrun, the
+service mean moved twice).
 
 A script cannot block. A worker whose take finds nothing leaves a token on
 its queue's idle list (:func:`workers.contract.queue_layout.idle_key`) and
