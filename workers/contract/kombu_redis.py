@@ -460,13 +460,13 @@ class Channel(kombu_redis.Channel):
             hand_over.send_alone()
 
     def close(self) -> None:
+        self._leave_corrections()  # first: memory only, whatever the steps below meet on a dead connection
         # a take still out may have run them, or not: again (a gateway records the first report it hears)
         self.hand_overs_alone(sent=True)
         self.hand_overs_alone()
         self.settle_deferred()
         self._unregister_idle()
         self._forget_acked()
-        self._leave_corrections()
         super().close()
 
     def _forget_acked(self) -> None:
@@ -641,6 +641,8 @@ class Channel(kombu_redis.Channel):
         self._writer, self._batch, left = _LEFT_BY_CLOSED.pop(node)
         for queue, corrections in left.items():
             self._corrections.setdefault(queue, [])[:0] = corrections
+        log.debug("took over %d service corrections its worker's closed channel left",
+                  sum(map(len, left.values())))
 
     def _leave_corrections(self) -> None:
         """At close: the corrections not seen applied (a take still out may have run them, or not) are left
