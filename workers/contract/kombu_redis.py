@@ -356,7 +356,7 @@ class Channel(kombu_redis.Channel):
     _in_service: dict[Any, tuple[str, float, float, bool]]
     #: fair jobs this channel took
     _taken: int = 0
-    #: model queue → [(fair queue, service ms, ms charged)] for the model's next take
+    #: model queue → [(fair queue, service ms, ms charged, batch)] for the model's next take
     _corrections: dict[str, list[Correction]]
     #: the corrections the take in flight carries (given back if it fails)
     _sent_corrections: dict[str, list[Correction]]
