@@ -24,7 +24,13 @@ The faults:
 * ``gateway_term`` / ``gateway_kill``: stop a gateway (SIGTERM / SIGKILL) and
   start it again on the same port;
 * ``client_disconnect``: the next few streaming clients hang up after their
-  first piece of text.
+  first piece of text;
+* with ``--database postgres`` (the audit store on a PostgreSQL server of the
+  run's own, ``bench/soak_database.py``), after those: ``db_sessions_kill``
+  (``pg_terminate_backend`` of every session on the store's database, under
+  the gateways' and workers' kept connections), ``db_restart`` (a fast
+  shutdown, the server down a few seconds) and ``db_crash`` (SIGQUIT: no
+  checkpoint, recovered from the WAL at its start).
 
 It prints the count of each outcome (status and error code; a stream ended
 with ``[DONE]`` or with an error event; a client disconnect; a transport
@@ -54,7 +60,8 @@ calls for a short run.
 Usage::
 
     .venv/bin/python bench/soak.py [--requests 3000] [--concurrency 16] [--duration 900]
-                                   [--faults worker_kill,pool_kill,...] [--no-give-way] [--json]
+                                   [--faults worker_kill,pool_kill,...] [--database sqlite|postgres]
+                                   [--no-give-way] [--json]
 
 ``--no-give-way`` runs the stack with ``GOVGATE_FAIR_GIVE_WAY=0`` (to tell
 whether a failed promise comes from the give-way).
@@ -84,6 +91,7 @@ if not __package__:  # run as `python bench/soak.py`: import the bench package f
 from bench._stack import TempDir, run_interruptible, say, signals_deferred  # noqa: E402
 from bench._teams import Team  # noqa: E402
 from bench.soak_audit import Check, Fault, Sent, accepted, audit_checks, log_problems, wait_for_terminals  # noqa: E402
+from bench.soak_database import SoakDatabase  # noqa: E402
 from bench.soak_client import CHAT_PATH, DISCONNECTED, TEXT_PATH, request_body, send_request  # noqa: E402
 from bench.soak_report import SoakReport  # noqa: E402
 from bench.soak_stack import SoakStack  # noqa: E402
@@ -95,8 +103,14 @@ REDIS_KILL = "redis_kill"
 GATEWAY_TERM = "gateway_term"
 GATEWAY_KILL = "gateway_kill"
 CLIENT_DISCONNECT = "client_disconnect"
-#: Every kind of fault, in the order a default run injects them.
+DB_SESSIONS_KILL = "db_sessions_kill"
+DB_RESTART = "db_restart"
+DB_CRASH = "db_crash"
+#: Every kind of fault of a default run (SQLite), in the order it injects them.
 FAULT_KINDS = (POOL_KILL, WORKER_KILL, REDIS_RESTART, GATEWAY_TERM, CLIENT_DISCONNECT, GATEWAY_KILL, REDIS_KILL)
+#: The database's faults (``--database postgres`` only), which such a run injects after the others.
+DB_FAULT_KINDS = (DB_SESSIONS_KILL, DB_RESTART, DB_CRASH)
+ALL_FAULT_KINDS = FAULT_KINDS + DB_FAULT_KINDS
 _GATEWAY_FAULTS = (GATEWAY_TERM, GATEWAY_KILL)
 
 #: How long Redis stays down in a Redis fault (the issue's follow-up used 5 s).
@@ -145,10 +159,13 @@ class Plan:
 class Traffic:
     """Clients sending requests, and the schedule injecting faults between them."""
 
-    def __init__(self, stack: SoakStack, plan: Plan, say: Callable[[str], None]) -> None:
+    def __init__(self, stack: SoakStack, plan: Plan, say: Callable[[str], None],
+                 database: SoakDatabase | None = None) -> None:
         self.stack = stack
         self.plan = plan
         self.say = say
+        #: The PostgreSQL audit store and its faults (None: the stack's SQLite file).
+        self.database = database
         self.sent: list[Sent] = []
         self.faults: list[Fault] = []
         self.disconnects_left = 0
@@ -264,8 +281,15 @@ class Traffic:
         elif kind == CLIENT_DISCONNECT:
             self.disconnects_left = self.plan.disconnects_per_fault
             detail, restart = f"next {self.plan.disconnects_per_fault} clients hang up mid-stream", None
+        elif kind in DB_FAULT_KINDS and self.database is not None:
+            database = self.database
+            if kind == DB_SESSIONS_KILL:
+                detail, restart = await in_fault_thread(database.kill_sessions)
+            else:
+                detail, restart = await in_fault_thread(lambda: database.restart(crash=kind == DB_CRASH))
+            stack.down_at = database.down_at
         else:
-            raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)}")
+            raise ValueError(f"unknown fault {kind!r}; known: {', '.join(ALL_FAULT_KINDS)}")
         return Fault(kind=kind, at=at, wall=wall, down_at=stack.down_at or at, detail=detail, restart_s=restart,
                      gateway=gateway)
 
@@ -307,7 +331,7 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
              request_timeout_s: float = REQUEST_TIMEOUT_S, generation_limit_s: float = GENERATION_LIMIT_S,
              redelivery_margin_s: float = REDELIVERY_MARGIN_S, settle_s: float | None = None,
              keep_dir: bool = False, worker_pool: str | None = None, give_way: bool | None = None,
-             say: Callable[[str], None] = lambda line: None) -> SoakReport:
+             database: str = "sqlite", say: Callable[[str], None] = lambda line: None) -> SoakReport:
     """Start a stack, send ``requests`` while injecting ``faults``, check the audit, stop everything.
 
     Sends at least ``requests`` (more if the faults are not all done by then)
@@ -318,25 +342,34 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
     shorter one hands a dead worker's task on sooner and lets the sweep call a
     request lost sooner, so a short run ends sooner (tests/e2e/test_soak.py).
     ``give_way`` is the stack's ``GOVGATE_FAIR_GIVE_WAY`` (None: the default).
+    ``database`` is ``sqlite`` (the stack's file, the default) or ``postgres``
+    (a server of the run's own, ``bench/soak_database.py``; its faults then
+    allowed).
     """
     from audit import AuditStore, make_engine, verify_chain
     from gateway.requests.lost_requests import SWEEP_INTERVAL_S, lost_after_s
 
     faults = list(faults)
+    known = ALL_FAULT_KINDS if database == "postgres" else FAULT_KINDS
     for kind in faults:
-        if kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULT_KINDS)}")
+        if kind not in known:
+            raise ValueError(f"unknown fault {kind!r} for database {database}; known: {', '.join(known)}")
     if settle_s is None:
         # By then every accepted request has ended: a late worker's entry, or the
         # gateways' lost-request sweep (one more sweep round, and a margin for a busy machine).
         settle_s = lost_after_s(request_timeout_s, generation_limit_s, redelivery_margin_s) + 2 * SWEEP_INTERVAL_S + 10
     temp = TempDir()  # children get only the stack's settings: child_env drops inherited GOVGATE_* variables
     stack: SoakStack | None = None
+    store: SoakDatabase | None = None
     try:
+        if database == "postgres":
+            store = SoakDatabase()
+            say(f"soak: the audit store on PostgreSQL ({store.server.host}:{store.server.port}/{store.name})")
         say(f"soak: starting the stack in {temp.path}")
         stack = SoakStack(temp.path, workers=workers, gateways=gateways, request_timeout_s=request_timeout_s,
                           generation_limit_s=generation_limit_s, redelivery_margin_s=redelivery_margin_s,
-                          teams=list(TEAMS), worker_pool=worker_pool, give_way=give_way)
+                          teams=list(TEAMS), worker_pool=worker_pool, give_way=give_way,
+                          database_url=store.url if store is not None else None)
         stack.start()
         gave_way_before = stack.gave_way()
         plan = Plan(requests=requests, concurrency=concurrency, deadline=time.monotonic() + duration_s,
@@ -346,7 +379,7 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
             f"{TRICKLE.name}, the rest of team {STEADY.name}), {stack.settings.worker_pool} workers, "
             f"{stack.settings.queue_mode} queues, give-way {'on' if stack.settings.fair_give_way else 'off'}, "
             f"faults: {', '.join(faults) or 'none'}")
-        traffic = Traffic(stack, plan, say)
+        traffic = Traffic(stack, plan, say, store)
         started = time.monotonic()
         asyncio.run(traffic.run())
         wall = time.monotonic() - started
@@ -376,6 +409,8 @@ def run_soak(*, requests: int = 3000, concurrency: int = 16, faults: Iterable[st
         with signals_deferred():
             if stack is not None:
                 stack.stop()
+            if store is not None:
+                store.stop()
             if keep_dir:
                 say(f"soak: kept {temp.path} (logs in {temp.path / 'logs'})")
             else:
@@ -390,8 +425,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=3000, help="requests to send, at least (default 3000)")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
     parser.add_argument("--duration", type=float, default=900.0, help="stop sending after this many seconds")
-    parser.add_argument("--faults", default=",".join(FAULT_KINDS),
-                        help=f"comma-separated, injected in this order (default: {','.join(FAULT_KINDS)})")
+    parser.add_argument("--faults", help=f"comma-separated, injected in this order (default: "
+                        f"{','.join(FAULT_KINDS)}, and with --database postgres then {','.join(DB_FAULT_KINDS)})")
+    parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite",
+                        help="the audit store: the stack's SQLite file (default), or a PostgreSQL server of the "
+                             "run's own (initdb on loopback; PostgreSQL's server binaries needed)")
     parser.add_argument("--stream-share", type=float, default=0.5, help="share of streaming requests (0..1)")
     parser.add_argument("--max-tokens", type=int, default=24, help="largest max_tokens asked (default 24)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder and its logs")
@@ -401,10 +439,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run the stack with GOVGATE_FAIR_GIVE_WAY=0 (a fair job's start never gives way)")
     parser.add_argument("--json", action="store_true", help="also print the report as one JSON line")
     args = parser.parse_args(argv)
+    known = ALL_FAULT_KINDS if args.database == "postgres" else FAULT_KINDS
+    if args.faults is None:
+        args.faults = ",".join(known)
     args.fault_list = [f for f in args.faults.split(",") if f]
-    unknown = [f for f in args.fault_list if f not in FAULT_KINDS]
+    unknown = [f for f in args.fault_list if f not in known]
     if unknown:
-        parser.error(f"unknown faults {unknown}; known: {', '.join(FAULT_KINDS)}")
+        parser.error(f"unknown faults {unknown} for --database {args.database}; known: {', '.join(known)}")
     if args.requests < 1 or args.concurrency < 1 or args.duration <= 0 or args.max_tokens < 2:
         parser.error("--requests, --concurrency and --duration must be positive, --max-tokens at least 2")
     return args
@@ -417,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report = run_soak(requests=args.requests, concurrency=args.concurrency, faults=args.fault_list,
                               duration_s=args.duration, stream_share=args.stream_share, max_tokens=args.max_tokens,
-                              keep_dir=args.keep, worker_pool=args.worker_pool, give_way=args.give_way, say=say)
+                              keep_dir=args.keep, worker_pool=args.worker_pool, give_way=args.give_way,
+                              database=args.database, say=say)
         except (RuntimeError, TimeoutError, OSError) as exc:
             say(f"soak: {type(exc).__name__}: {exc}")
             return 1

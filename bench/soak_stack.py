@@ -37,7 +37,8 @@ class SoakStack:
 
     def __init__(self, var_dir: Path, *, workers: int, gateways: int, request_timeout_s: float,
                  generation_limit_s: float, redelivery_margin_s: float, teams: list[Team],
-                 log_level: str = "INFO", worker_pool: str | None = None, give_way: bool | None = None) -> None:
+                 log_level: str = "INFO", worker_pool: str | None = None, give_way: bool | None = None,
+                 database_url: str | None = None) -> None:
         from gateway.settings import Settings
         from workers.contract.registry import TINY_MODEL_NAME
 
@@ -62,6 +63,8 @@ class SoakStack:
         options: dict[str, Any] = {"worker_pool": worker_pool} if worker_pool else {}
         if give_way is not None:
             options["fair_give_way"] = give_way
+        if database_url:
+            options["database_url"] = database_url
         self.settings = Settings(var_dir=var_dir, policy_dir=team_policy_dir(var_dir, self.teams), host=HOST,
                                  port=self.ports[0], log_level=log_level, request_timeout_s=request_timeout_s,
                                  generation_time_limit_s=generation_limit_s, redelivery_margin_s=redelivery_margin_s,

@@ -19,8 +19,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping
 
 import anyio
+import redis
 
-from audit import AuditEntry, AuditStore, DuplicateTerminalError
+from audit import AuditEntry, AuditError, AuditStore, DuplicateTerminalError
 from gateway.limits import CountersUnavailable, UsageCounters
 from workers.contract.queue_layout import VISIBILITY_MARGIN_S, visibility_timeout_s
 from workers.contract.pending_terminals import PendingTerminals
@@ -156,12 +157,20 @@ async def sweep_once(sweep: LostRequestSweep, counters: UsageCounters,
 
 async def sweep_lost_requests(sweep: LostRequestSweep, counters: UsageCounters,
                               interval_s: float = SWEEP_INTERVAL_S) -> None:
-    """Sweep until cancelled; a failed sweep is logged and tried again next time."""
+    """Sweep until cancelled; a failed sweep is logged and tried again next time.
+
+    The database or Redis away (an outage, a restart) is said in one line with
+    its reason, each sweep: a traceback every few seconds of an outage told an
+    operator nothing more (``bench/soak.py --database postgres`` logged dozens
+    per restart). Anything else keeps its traceback.
+    """
     while True:
         try:
             await sweep_once(sweep, counters)
         except asyncio.CancelledError:
             raise
-        except Exception:  # the database or Redis is down: the next sweep continues the same window
+        except (AuditError, redis.RedisError, OSError) as exc:  # the next sweep continues the same window
+            log.error("looking for lost requests failed (tried again in %g s): %s", interval_s, exc)
+        except Exception:
             log.exception("looking for lost requests failed")
         await asyncio.sleep(interval_s)

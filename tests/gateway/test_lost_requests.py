@@ -179,6 +179,9 @@ async def test_the_loop_outlives_a_database_it_cannot_read(tmp_path, pending, co
             await task
     unmigrated.engine.dispose()
     assert failures() >= 2
+    # a store it cannot read is said in one line with its reason, no traceback each sweep
+    said = [r for r in caplog.records if "looking for lost requests failed" in r.getMessage()]
+    assert all(r.exc_info is None and "audit read failed" in r.getMessage() for r in said), said[0].getMessage()
 
 
 async def test_every_gateway_runs_the_sweep_while_it_is_up(settings):
