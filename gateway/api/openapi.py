@@ -109,6 +109,11 @@ _RETRY_AFTER = header("Seconds to wait before trying again; absent when no wait 
                       "needs more than a token limit).", {"type": "integer", "minimum": 0}, required=False)
 _CHALLENGE = header("Always 'Bearer'.", {"type": "string"})
 
+#: 431, as every route answers it: the bound on a request's head is the HTTP layer's (gateway/http_head.py),
+#: met before any route is chosen, so :func:`error_responses` adds it to every operation.
+HEAD_TOO_LARGE = ("`request_header_fields_too_large`: the request line and headers together are over 16 KiB; the "
+                  "server closes the connection (the request was never read, so it has no audit entry).", {})
+
 #: status -> (description, extra headers): README's error table, per status.
 _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
     400: ("`invalid_json` (not a JSON object), `unsupported_parameter` (an unknown field, `n` > 1, several "
@@ -121,8 +126,7 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
           "not list it), answered alike whatever else refused the request.", {}),
     413: ("`body_too_large`: the body is over GOVGATE_MAX_BODY_BYTES.", {}),
     415: UNSUPPORTED_CODING,
-    431: ("`request_header_fields_too_large`: the request line and headers together are over 16 KiB; the "
-          "server closes the connection (the request was never read, so it has no audit entry).", {}),
+    431: HEAD_TOO_LARGE,
     422: ("`invalid_value`: a missing field, a wrong type or an out-of-range value (`param` names it: "
           "`metadata` beyond its bounds, a declared purpose that is not a label or two that differ name "
           "`metadata`, `metadata.<key>`, `metadata.purpose` or the X-Govgate-Purpose header), or a "
@@ -169,8 +173,10 @@ def _error(description: str, headers: dict[str, OpenAPIHeader]) -> OpenAPIRespon
 
 
 def error_responses(table: dict[int, tuple[str, dict[str, OpenAPIHeader]]]) -> dict[str, OpenAPIResponse]:
-    """Status -> an error answer in OpenAI's shape, from ``{status: (description, headers)}``."""
-    return {str(status): _error(description, headers) for status, (description, headers) in table.items()}
+    """Status -> an error answer in OpenAI's shape, from ``{status: (description, headers)}``, by status;
+    with :data:`HEAD_TOO_LARGE`, which every route answers."""
+    statuses = sorted({431: HEAD_TOO_LARGE, **table}.items())
+    return {str(status): _error(description, headers) for status, (description, headers) in statuses}
 
 
 def _event_stream(chunk: type) -> dict[str, Any]:
@@ -276,7 +282,7 @@ CHAT_OPERATION = completion_operation(ChatCompletionRequest, shapes.ChatCompleti
 COMPLETION_OPERATION = completion_operation(CompletionRequest, shapes.TextCompletion, shapes.TextCompletionChunk)
 MODELS_OPERATION = _json_operation(shapes.ModelList, "The models this key may use.", error_responses(_KEY_ERRORS))
 MODEL_OPERATION = _json_operation(shapes.Model, "One model this key may use.", error_responses(_MODEL_ERRORS))
-HEALTH_OPERATION = _json_operation(shapes.Health, "The process is up and serving HTTP.", {})
+HEALTH_OPERATION = _json_operation(shapes.Health, "The process is up and serving HTTP.", error_responses({}))
 #: ``/readyz`` and ``/metrics`` need no credential; one given must get the per-model view (operator_view.py).
 _OPERATOR_ERRORS = {
     401: ("`missing_api_key` or `invalid_api_key`: an Authorization header that is neither "

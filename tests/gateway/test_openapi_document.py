@@ -96,32 +96,46 @@ def test_completion_routes_are_described(document: dict[str, Any], path: str) ->
 
 def test_models_and_health_are_described(document: dict[str, Any]) -> None:
     models = document["paths"][urls.MODELS]["get"]
-    assert models["security"] == [{"bearer": []}] and set(models["responses"]) == {"200", "401", "503"}
+    assert models["security"] == [{"bearer": []}] and set(models["responses"]) == {"200", "401", "431", "503"}
     assert models["responses"]["200"]["content"]["application/json"]["schema"]["title"] == "ModelList"
     model = document["paths"]["/v1/models/{model_id}"]["get"]
-    assert model["security"] == [{"bearer": []}] and set(model["responses"]) == {"200", "401", "404", "503"}
+    assert model["security"] == [{"bearer": []}] and set(model["responses"]) == {"200", "401", "404", "431", "503"}
     assert model["responses"]["200"]["content"]["application/json"]["schema"]["title"] == "Model"
     assert model["operationId"] == "retrieveModel"
     health = document["paths"][urls.HEALTH]["get"]
-    assert "security" not in health and set(health["responses"]) == {"200"}
+    assert "security" not in health and set(health["responses"]) == {"200", "431"}
     ready = document["paths"][urls.READY]["get"]
     # No key needed; a credential given must be the metrics token or an admin key (the per-model view).
-    assert "security" not in ready and set(ready["responses"]) == {"200", "401", "403", "503"}
+    assert "security" not in ready and set(ready["responses"]) == {"200", "401", "403", "431", "503"}
     assert ready["responses"]["503"]["content"]["application/json"]["schema"]["title"] == "Readiness"
     assert "admin_forbidden" in ready["responses"]["403"]["description"]
     metrics = document["paths"][urls.METRICS]["get"]
-    assert "security" not in metrics and set(metrics["responses"]) == {"200", "401", "403"}
+    assert "security" not in metrics and set(metrics["responses"]) == {"200", "401", "403", "431"}
 
+
+
+def test_every_operation_describes_the_431_of_an_overlong_head(document: dict[str, Any]) -> None:
+    """The 16 KiB bound on a request's head is met before any route (gateway/http_head.py), so every
+    operation can answer 431 (tests/ops/test_server_parts.py serves one); a client generated from the
+    description must know it (found by schemathesis with a long review query, 2026-12-03)."""
+    operations = {(method, path): operation for path, item in document["paths"].items()
+                  for method, operation in item.items() if method in {"get", "post", "put", "delete", "patch"}}
+    assert len(operations) >= 19, sorted(operations)
+    for place, operation in operations.items():
+        answer = operation["responses"].get("431")
+        assert answer is not None, place
+        assert "request_header_fields_too_large" in answer["description"], place
+        assert answer["content"]["application/json"]["schema"]["required"] == ["error"], place
 
 #: The review routes: (method, path) -> (operation id, the query parameters the route reads, statuses).
 REVIEW_ROUTES = {
-    ("get", "/v1/audit/entries"): ("listAuditEntries", ENTRY_PARAMS, {"200", "400", "401", "403", "503"}),
-    ("get", "/v1/audit/export"): ("exportAuditEntries", EXPORT_PARAMS, {"200", "400", "401", "403", "503"}),
-    ("get", "/v1/audit/usage"): ("getAuditUsage", USAGE_PARAMS, {"200", "400", "401", "403", "503"}),
+    ("get", "/v1/audit/entries"): ("listAuditEntries", ENTRY_PARAMS, {"200", "400", "401", "403", "431", "503"}),
+    ("get", "/v1/audit/export"): ("exportAuditEntries", EXPORT_PARAMS, {"200", "400", "401", "403", "431", "503"}),
+    ("get", "/v1/audit/usage"): ("getAuditUsage", USAGE_PARAMS, {"200", "400", "401", "403", "431", "503"}),
     ("get", "/v1/audit/requests/{request_id}"): ("retrieveAuditRequest", STORY_PARAMS,
-                                                 {"200", "400", "401", "404", "503"}),
+                                                 {"200", "400", "401", "404", "431", "503"}),
     **{("post", f"/v1/audit/requests/{{request_id}}/{action}"): (
-        f"{verb}AuditRequest", frozenset(), {"201", "400", "401", "403", "404", "413", "415", "422", "503"})
+        f"{verb}AuditRequest", frozenset(), {"201", "400", "401", "403", "404", "413", "415", "422", "431", "503"})
        for action, verb in (("flag", "flag"), ("comment", "comment"), ("disposition", "dispose"))},
 }
 
