@@ -17,6 +17,7 @@ import redis
 
 from gateway.dispatch.celery_message import queue_key
 from tests.own_redis import doomed_redis  # noqa: F401 - fixture
+from tests.own_redis import module_redis_server  # noqa: F401  (fixture: commands are counted server-wide)
 from workers.contract.fair_order import DEFAULT_ESTIMATE_MS, PRUNE_AFTER_S, pick
 from workers.contract.fair_queues import (SHARES_KEY, encode_name, fair_queue, parse_fair_queue, registry_key,
                                           tags_key, waiting_key, wake_key)
