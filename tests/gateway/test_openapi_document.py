@@ -113,7 +113,6 @@ def test_models_and_health_are_described(document: dict[str, Any]) -> None:
     assert "security" not in metrics and set(metrics["responses"]) == {"200", "401", "403", "431"}
 
 
-
 def test_every_operation_describes_the_431_of_an_overlong_head(document: dict[str, Any]) -> None:
     """The 16 KiB bound on a request's head is met before any route (gateway/http_head.py), so every
     operation can answer 431 (tests/ops/test_server_parts.py serves one); a client generated from the
@@ -126,6 +125,7 @@ def test_every_operation_describes_the_431_of_an_overlong_head(document: dict[st
         assert answer is not None, place
         assert "request_header_fields_too_large" in answer["description"], place
         assert answer["content"]["application/json"]["schema"]["required"] == ["error"], place
+
 
 #: The review routes: (method, path) -> (operation id, the query parameters the route reads, statuses).
 REVIEW_ROUTES = {
