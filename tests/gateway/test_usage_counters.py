@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 from gateway.limits import CountersUnavailable, Refusal, Reservation, Scope, UsageCounters
 from govgate.redis_server import RedisProcess
 from tests.conftest import ROOT
+from tests.own_redis import OUT_OF_MEMORY
 
 pytestmark = pytest.mark.anyio
 
@@ -600,7 +601,7 @@ async def test_a_full_redis_refuses_a_reservation_even_with_a_window_to_prune(cl
     before = await counters.snapshot("alice", "team-a", now=T + 1)
     await client.config_set("maxmemory", "1")
     try:
-        with pytest.raises(CountersUnavailable, match="OOM"):
+        with pytest.raises(CountersUnavailable, match=OUT_OF_MEMORY):
             await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T + 61)
     finally:
         await client.config_set("maxmemory", "0")
