@@ -51,7 +51,7 @@ test: $(VENV)/.installed-dev
 # that take it); one that fails does not stop the others. bench/collect.py then
 # merges the files, with the machine they came from, into
 # bench/results/latest.json, and make fails if any bench did.
-BENCHES     ?= overhead ttft policy audit_append audit startup fairness
+BENCHES     ?= overhead ttft policy audit_append audit startup fairness counter_encodings
 BENCH_OUT   := bench/results
 QUICK       ?=
 

@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from gateway.settings import Settings
+from govgate.redis_server import PACKED_ENTRIES
 from workers.contract.registry import load_registry
 from tests.deploy.compose_model import (
     GOVGATE_IMAGE, ROOT, Dockerfile, Service, env_files, example_of, interpolate, load_compose,
@@ -221,6 +222,8 @@ def test_redis_keeps_queued_work_and_never_evicts(all_services: dict[str, Servic
     assert command[0] == "redis-server"
     assert options["--appendonly"] == "yes" and options["--appendfsync"] == "everysec"
     assert options["--maxmemory-policy"] == "noeviction"
+    # packed only while small, as the embedded Redis (a usage counter read from a packed hash scans it)
+    assert options["--hash-max-ziplist-entries"] == options["--zset-max-ziplist-entries"] == PACKED_ENTRIES
     assert any(mount.target == "/data" and mount.named for mount in all_services["redis"].mounts)
 
 

@@ -314,6 +314,7 @@ def test_redis_runs_with_the_compose_files_durability_settings(topology: Topolog
         assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
         assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
         assert int(client.config_get("maxmemory")["maxmemory"]) > 0
+        assert client.config_get("hash-max-ziplist-entries") == {"hash-max-ziplist-entries": "32"}
     finally:
         client.close()
 

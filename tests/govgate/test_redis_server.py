@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis
 
-from govgate.redis_server import AOF_REWRITE_MIN_SIZE, RedisProcess
+from govgate.redis_server import AOF_REWRITE_MIN_SIZE, PACKED_ENTRIES, RedisProcess
 
 
 def test_a_persistent_embedded_redis_rewrites_its_append_only_file_early(tmp_path):
@@ -18,6 +18,8 @@ def test_a_persistent_embedded_redis_rewrites_its_append_only_file_early(tmp_pat
         assert int(config["auto-aof-rewrite-min-size"]) == int(AOF_REWRITE_MIN_SIZE.removesuffix("mb")) * 1024 * 1024
         assert config["auto-aof-rewrite-percentage"] == "100"
         assert config["aof-use-rdb-preamble"] == "yes"
+        # usage counters in hash tables, not scanned lists (Redis 6 names; Redis 7 answers both)
+        assert config["hash-max-ziplist-entries"] == config["zset-max-ziplist-entries"] == PACKED_ENTRIES
     finally:
         client.close()
         server.stop()
