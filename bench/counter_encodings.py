@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sys
 import tempfile
 import time
@@ -54,7 +55,7 @@ class Side:
 
         from gateway.limits.counters import UsageCounters
 
-        self.name, self.server = name, server
+        self.name = name
         self.raw = redis.Redis.from_url(server.url)
         self.client = aioredis.Redis.from_url(server.url)
         self.counters = UsageCounters(self.client)
@@ -128,6 +129,7 @@ def main() -> int:
     finally:
         for server in servers.values():
             server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
     print(f"Redis {version}: its time in the counters' scripts per admission and settle (µs), one principal in a "
           f"team; {blocks} alternating blocks of {BLOCK}")
     print(f"{'requests/min':>12} {'defaults':>10} {'govgate':>10} {'ratio':>7}  encodings (defaults / govgate)")
@@ -138,7 +140,8 @@ def main() -> int:
               f"{enc['govgate']['hash']}+{enc['govgate']['window']}")
     if args.json:
         write_json(Path(args.json), {"redis_version": version, "packed_entries": int(PACKED_ENTRIES),
-                               "redis_defaults": REDIS_DEFAULTS, "block": BLOCK, "blocks": blocks, "rates": figures})
+                                     "redis_defaults": REDIS_DEFAULTS, "block": BLOCK, "blocks": blocks,
+                                     "rates": figures})
     return 0
 
 

@@ -42,7 +42,7 @@ from sqlalchemy.engine import make_url
 from audit import AuditStore, make_engine
 from govgate.opa_server import OpaServer
 from govgate.processes import child_preexec, free_port, stop_process
-from govgate.redis_server import find_redis_server
+from govgate.redis_server import PACKED_ENTRIES, find_redis_server
 from tests.deploy.compose_model import ROOT, Service, load_compose, services
 from tests.postgres_server import PostgresServer, find_bin_dir
 from workers.contract.celery_config import make_celery
@@ -314,7 +314,7 @@ def test_redis_runs_with_the_compose_files_durability_settings(topology: Topolog
         assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
         assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
         assert int(client.config_get("maxmemory")["maxmemory"]) > 0
-        assert client.config_get("hash-max-ziplist-entries") == {"hash-max-ziplist-entries": "32"}
+        assert client.config_get("hash-max-ziplist-entries") == {"hash-max-ziplist-entries": PACKED_ENTRIES}
     finally:
         client.close()
 
