@@ -28,6 +28,7 @@ import redis
 from govgate.processes import stop_process
 from tests.conftest import (ORPHAN_MODEL, OUTPUT_MODEL, _roomy_limits, bearer, policy_copy, serving, spawn_cli,
                             wait_for_worker)
+from tests.gateway.test_fail_closed import queued
 from workers.contract.pending_terminals import PENDING_KEY
 from workers.contract.privacy import Digester
 from workers.contract.sealing import load_or_create_key
@@ -198,6 +199,9 @@ def test_a_gateway_killed_before_it_records_a_handed_over_output_leaves_it_recor
                            and audit_store.terminal_for(e.request_id) is None]):
             assert time.monotonic() < deadline, "the request was never recorded"
             time.sleep(0.05)
+        while not queued(settings, ORPHAN_MODEL):  # recorded comes before queued: killed between, the job
+            assert time.monotonic() < deadline, "the job was never queued"  # would be the sweep's (gateway_lost)
+            time.sleep(0.02)
         base.process.kill()  # the gateway dies with the job in the queue
         base.process.wait(timeout=30)
         asker.join(30)
