@@ -47,7 +47,8 @@ class ApiError(Exception):
 
     def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
                  extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
-                 request_id: str | None = None, counted_as: str | None = None) -> None:
+                 request_id: str | None = None, counted_as: str | None = None,
+                 logged_message: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -61,6 +62,12 @@ class ApiError(Exception):
         #: model the key may not see is answered as unknown but counted as what refused it
         #: (``gateway/requests/hidden_models.py``).
         self.counted_as = counted_as
+        #: The message as a ``rejected`` audit entry keeps it, for a message that quotes text of the request
+        #: body (a made-up field's name, a value outside a field's choices, a model's name): the same words
+        #: with that text as ``'…'``. Said where the message is made, which alone knows where the client's
+        #: text begins and ends (it may hold any quote mark); None: the message quotes no such text but
+        #: what ``gateway/requests/audit_records.py`` elides by its quotes.
+        self.logged_message = logged_message
 
     def body(self) -> dict[str, Any]:
         error = {"message": self.message, "type": _TYPES.get(self.status, "server_error"),

@@ -185,6 +185,8 @@ def _without_body_values(error: ApiError, param: str | None) -> str:
     keep. Field names the gateway knows (``param`` as :func:`logged_param`
     keeps it) stay: they say what was wrong.
     """
+    if error.logged_message is not None:  # where the message was made, its client text was known
+        return error.logged_message
     names = set(re.split(r"[.\[\]]+", param or "")) | {param or ""} | _GATEWAY_PARAMS
     message = _ENUM_VALUE.sub("Invalid enum value '…'", error.message)
     return _QUOTED.sub(lambda m: m.group(0) if m.group(1) in names else "'…'", message)

@@ -38,16 +38,18 @@ from workers.contract.privacy import Digester
 from workers.contract.registry import ModelSpec
 
 MODEL_NOT_FOUND = "model_not_found"
+#: What the refusal of an unknown model says after its name.
+_NOT_FOUND_REST = "does not exist or you do not have access to it. GET /v1/models lists the models you may use."
 
 
 def model_not_found(model: str) -> ApiError:
     """The one answer for a model name the registry lacks and for a model the key may not see.
 
-    The name is quoted with ``'``: a rejection's audit entry elides quoted
-    values (the name is text of the body, ``audit_records._without_body_values``).
+    The name is text of the body: a rejection's audit entry keeps the message
+    with ``'…'`` in its place (``logged_message``), whatever quote marks the name holds.
     """
-    return ApiError(404, "model_not_found", f"The model '{model}' does not exist or you do not have access to it. "
-                    "GET /v1/models lists the models you may use.", param="model")
+    return ApiError(404, "model_not_found", f"The model '{model}' {_NOT_FOUND_REST}", param="model",
+                    logged_message=f"The model '…' {_NOT_FOUND_REST}")
 
 
 def policy_unavailable(exc: PolicyUnavailable) -> ApiError:

@@ -31,9 +31,13 @@ T = TypeVar("T", ChatCompletionRequest, CompletionRequest)
 S = TypeVar("S", bound=msgspec.Struct)
 
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
-_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
 _MISSING_FIELD = re.compile(r"Object missing required field `(?P<field>[^`]+)`")
-_ENUM_VALUE = re.compile(r"Invalid enum value '(?P<value>[^']*)'")
+#: How msgspec begins the refusal of a field no struct has; the name follows in backticks, as the client
+#: wrote it (backticks and quote marks included), up to the path's " - at `$…`" or the message's end.
+_UNKNOWN_FIELD_START = "Object contains unknown field `"
+#: How msgspec begins the refusal of a value outside a ``Literal`` (or a tagged union's tags); the value
+#: follows as Python's ``repr`` writes it (in ``"`` when it holds a ``'``), up to the path or the end.
+_VALUE_STARTS = ("Invalid enum value ", "Invalid value ")
 #: Values of OpenAI's API that the request shapes leave out on purpose, by where they stand: a valid OpenAI
 #: request govgate cannot honour is 400 ``unsupported_parameter`` (README), not 422 "Invalid enum value".
 _UNSUPPORTED_VALUES: tuple[tuple[re.Pattern[str], frozenset[str], str], ...] = (
@@ -137,18 +141,35 @@ def _too_deep() -> ApiError:
 
 
 def _validation_error(message: str) -> ApiError:
+    """msgspec's refusal as the client's :class:`ApiError`.
+
+    Where msgspec quotes the client's text (a made-up field's name, a value
+    outside a field's choices), the text is found by position, between
+    msgspec's fixed opening words and the path it ends with, not by its
+    quote marks, which the text may hold itself; the audit entry's
+    ``logged_message`` has ``'…'`` there.
+    """
     path_match = _PATH.search(message)
     path = path_match.group("path") if path_match else ""
-    unknown = _UNKNOWN_FIELD.search(message)
-    if unknown:
-        field = f"{path}.{unknown.group('field')}" if path else unknown.group("field")
+    quoted_end = path_match.start() if path_match else len(message)
+    unknown_at = message.find(_UNKNOWN_FIELD_START)
+    if unknown_at >= 0:
+        name = message[unknown_at + len(_UNKNOWN_FIELD_START):quoted_end]
+        name = name[:-1] if name.endswith("`") else name
+        field = f"{path}.{name}" if path else name
         return ApiError(400, "unsupported_parameter",
-                        f"Unsupported parameter: '{field}' is not accepted by this gateway.", param=field)
-    enum = _ENUM_VALUE.search(message)
-    for where, values, why in _UNSUPPORTED_VALUES:
-        if enum and enum.group("value") in values and where.fullmatch(path):
-            return ApiError(400, "unsupported_parameter", f"Unsupported value '{enum.group('value')}' of '{path}': "
-                            f"{why}.", param=path)
+                        f"Unsupported parameter: '{field}' is not accepted by this gateway.", param=field,
+                        logged_message="Unsupported parameter: '…' is not accepted by this gateway.")
+    start = next((start for start in _VALUE_STARTS if message.startswith(start)), None)
+    if start is not None:
+        shown = message[len(start):quoted_end]
+        value = shown[1:-1] if len(shown) >= 2 and shown[0] == shown[-1] and shown[0] in "'\"" else shown
+        for where, values, why in _UNSUPPORTED_VALUES:
+            if value in values and where.fullmatch(path):
+                return ApiError(400, "unsupported_parameter", f"Unsupported value '{value}' of '{path}': {why}.",
+                                param=path)
+        return ApiError(422, "invalid_value", f"Invalid request: {message}", param=path or None,
+                        logged_message=f"Invalid request: {start}'…'{message[quoted_end:]}")
     missing = _MISSING_FIELD.search(message)
     if missing:
         path = f"{path}.{missing.group('field')}" if path else missing.group("field")

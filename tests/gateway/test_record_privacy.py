@@ -14,12 +14,14 @@ import json
 
 import click
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from gateway.api_errors import ApiError
 from gateway.auth import Principal
 from gateway.auth.key_changes import KeyChangeAnnouncer
 from gateway.policy import Decision
 from gateway.requests.audit_records import rejection_record, request_record
+from gateway.requests.hidden_models import model_not_found
 from gateway.requests.parsing import parse_body
 from gateway.requests.schemas import ChatCompletionRequest
 from workers.contract.privacy import Digester, split_texts
@@ -87,6 +89,53 @@ def test_a_rejected_entry_keeps_no_name_the_client_made_up(name: str, kept: str)
     record = rejection_record("x", "k", error, b"{}", DIGESTER)["error"]
     assert record == {"code": "unsupported_parameter", "param": kept,
                       "message": "Unsupported parameter: '…' is not accepted."}
+
+
+#: Client text that holds every quote mark a message might quote it with, and msgspec's own words.
+_AROUND = st.text(alphabet="'\"`\\ -$.[]{}:abx", max_size=6)
+_SECRET_TEXT = st.builds(lambda a, b: f"{a}ZQXM{b}", _AROUND, _AROUND)
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | _SECRET_TEXT,
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_SECRET_TEXT, inner, max_size=3),
+                     max_leaves=6)
+
+
+def _bodies() -> st.SearchStrategy[dict]:
+    """A chat request with client text (quote marks around a marker) where the decoder refuses it by name
+    or value: a made-up field at each level, a role or a part's type outside their choices."""
+    def chat(top: dict, message: dict, part: dict) -> dict:
+        return {"model": "m", "messages": [{"role": "user", "content": "hi", **message},
+                                           {"role": "user", "content": [{"type": "text", "text": "x", **part}]}],
+                **top}
+    extra = st.dictionaries(_SECRET_TEXT, _JSON, max_size=2)
+    return st.one_of(
+        st.builds(chat, extra, extra, extra),
+        st.builds(lambda role: chat({}, {"role": role}, {}), _SECRET_TEXT),
+        st.builds(lambda kind: chat({}, {}, {"type": kind}), _SECRET_TEXT),
+        st.builds(lambda options: chat({"stream_options": options}, {}, {}), extra),
+        st.builds(lambda metadata: chat({"metadata": metadata}, {}, {}), extra),
+    )
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(_bodies())
+def test_no_client_text_reaches_a_rejected_entry_whatever_quote_marks_it_holds(document: dict) -> None:
+    # The entry elided the client's text by the quote marks around it, so a name or value holding a quote
+    # mark itself ("x' card 4539 …", msgspec's "Invalid enum value \"x' …\"") came through in clear.
+    raw = json.dumps(document).encode()
+    try:
+        parse_body(raw, ChatCompletionRequest)
+    except ApiError as refused:
+        body = rejection_record("chat.completions", "abc123", refused, raw, DIGESTER)
+        assert "ZQXM" not in json.dumps(body, ensure_ascii=False), (refused.message, body["error"])
+
+
+@pytest.mark.parametrize("model", ["x' ZQXM card 4539 1488 0343 6467", "'ZQXM'", "a`ZQXM", '"ZQXM" \\'])
+def test_an_unknown_models_name_does_not_reach_its_rejected_entry(model: str) -> None:
+    error = model_not_found(model)
+    assert model in error.message  # the client is told the name it sent
+    body = rejection_record("chat.completions", "abc123", error, b"{}", DIGESTER)
+    assert "ZQXM" not in json.dumps(body, ensure_ascii=False)
+    assert body["error"]["message"].startswith("The model '…' does not exist")
 
 
 PASSWORD_URL = "redis://:ZQXPASSWORD@127.0.0.1:1/0"
