@@ -104,13 +104,17 @@ class AllowedMethods:
                 message = {"type": "http.response.body", "body": b"", "more_body": message.get("more_body", False)}
             await send(message)
 
-        # (the scope itself, not a copy: the route's template the app writes in it names the request in the
-        # metrics and the access line, which then say HEAD again)
-        scope["method"] = "GET"
+        # A copy asks for the GET: the server reads the method of its own scope (this one) when the answer
+        # is sent, and only for a HEAD does it expect no body for the GET's Content-Length (changed in
+        # place, uvicorn logged "Response content shorter than Content-Length" and dropped the connection).
+        # The route's template the app writes in the copy names the request in the metrics and the access
+        # line, read from this scope: it is carried back.
+        as_get = {**scope, "method": "GET"}
         try:
-            await self.app(scope, receive, without_body)
+            await self.app(as_get, receive, without_body)
         finally:
-            scope["method"] = "HEAD"
+            if "path_template" in as_get:
+                scope["path_template"] = as_get["path_template"]
 
 
 def _routed_path(scope: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ error (gateway/api/schema_site.py).
 from __future__ import annotations
 
 import re
+import socket
 
 import httpx
 import pytest
@@ -25,6 +26,17 @@ HEALTH_ROUTES = (urls.HEALTH, urls.READY)
 #: Unknown paths outside the console: each must answer OpenAI's JSON 404.
 UNKNOWN = ("/schema/nope", "/schema/openapi.txt", "/schema/swagger/x", "/schema/redoc/x/y", "/nope", "/v1/nope",
            "/admin/nope", "/healthz/x", "/v1/audit/nope")
+
+
+def _read_head(conn: socket.socket) -> bytes:
+    """An answer's status line and headers, read off ``conn`` (b"" if the server closed it first)."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return head
+        head += chunk
+    return head
 
 
 def concrete(path: str) -> str:
@@ -115,6 +127,17 @@ def test_a_served_gateway_answers_head_probes_and_json_404s(settings, worker, tm
         got, headed = httpx.get(page, timeout=30), httpx.head(page, timeout=30)
         assert (headed.status_code, headed.content) == (200, b"") and got.status_code == 200
         assert headed.headers["content-length"] == got.headers["content-length"] == str(len(got.content))
+        # ... and keeps the connection: a HEAD of a GET-only page, an error's HEAD (401), then a GET on the same
+        # one (the HEAD was answered with the GET's method in the server's own scope: uvicorn then expected
+        # the GET's body, logged an error with a traceback and closed the connection)
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            for request, status in ((b"HEAD /console/sign-in", 200), (b"HEAD /v1/models", 401),
+                                    (b"GET /healthz", 200)):
+                conn.sendall(request + b" HTTP/1.1\r\nHost: gateway\r\n\r\n")
+                head = _read_head(conn)
+                assert head.startswith(b"HTTP/1.1 %d " % status), (request, head)
+        assert "Exception in ASGI application" not in (tmp_path / "serve.log").read_text()
         schema = httpx.get(base + "/schema", timeout=30)
         assert schema.status_code == 200 and schema.headers["content-type"].startswith("text/html")
         for path in UNKNOWN:
