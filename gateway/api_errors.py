@@ -22,6 +22,10 @@ from gateway.urls import REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
 
+#: The status of a request whose client closed its connection before the answer (nginx's 499): no client
+#: reads it; it keeps such requests out of the server errors the metrics count.
+CLIENT_CLOSED_STATUS = 499
+
 # OpenAI's error "type" for each status class.
 _TYPES = {
     400: "invalid_request_error",
@@ -35,6 +39,7 @@ _TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     431: "invalid_request_error",
+    499: "invalid_request_error",  # the client closed its connection first (it never reads the answer)
     500: "server_error",
     502: "server_error",
     503: "service_unavailable_error",

@@ -11,6 +11,12 @@ decompress bodies, and reading a gzipped body as JSON answered "not valid
 JSON: invalid character (byte 0)", which sends a client looking for a bug in
 its JSON (and a ``br``-coded body that happened to be readable bytes was
 taken as it stood).
+
+A client that closes its connection before its body's end gets 499
+``client_closed`` (nginx's status for it), which it never reads: Litestar
+raises a 500 for it, so such requests were counted as server errors
+(``govgate_requests_total{status="5xx"}``), an alert on which fired for
+clients that gave up.
 """
 
 from __future__ import annotations
@@ -18,10 +24,13 @@ from __future__ import annotations
 from litestar import Request
 from litestar.exceptions import HTTPException
 
-from gateway.api_errors import ApiError
+from gateway.api_errors import CLIENT_CLOSED_STATUS, ApiError
 
 #: The only content coding a body may have: none.
 IDENTITY = "identity"
+#: What Litestar's 500 says when the client's ``http.disconnect`` came before the body's end
+#: (``litestar.connection.Request.stream``, 2.x).
+_DISCONNECTED = "client disconnected prematurely"
 
 
 async def read_body(request: Request) -> bytes:
@@ -39,6 +48,9 @@ async def read_body(request: Request) -> bytes:
         if exc.status_code == 413:
             raise ApiError(413, "body_too_large", "The request body is larger than this gateway accepts "
                            "(GOVGATE_MAX_BODY_BYTES).") from None
+        if exc.status_code == 500 and exc.detail == _DISCONNECTED:
+            raise ApiError(CLIENT_CLOSED_STATUS, "client_closed",
+                           "The client closed the connection before its request body's end.") from None
         raise
 
 

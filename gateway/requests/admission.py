@@ -156,22 +156,27 @@ class Admission:
                     purpose_headers: Sequence[str] = ()) -> Ticket:
         """Read, decide, reserve and record one request; raise :class:`ApiError` if it is not admitted.
 
-        ``purpose_headers``: every ``X-Govgate-Purpose`` value sent (``gateway/requests/purpose.py``)."""
+        ``purpose_headers``: every ``X-Govgate-Purpose`` value sent (``gateway/requests/purpose.py``).
+
+        The body is read before a place at the gate is taken: a client that
+        sends its headers and then its body slowly, or never, holds only its
+        own connection (sixteen such uploads held every place, and every other
+        team's request waited the gate's whole ``wait_s`` behind them)."""
+        request_id = current_request_id() or uuid.uuid4().hex  # the id the response header and logs name
+        raw = await self._read_bytes(request_id, principal, endpoint, read_body)
         gate = self.gate
         if gate is None:
-            return await self._admit(principal, endpoint, read_body, purpose_headers)
+            return await self._admit(request_id, principal, endpoint, raw, purpose_headers)
         held = await gate.enter(principal.team)
         try:
-            return await self._admit(principal, endpoint, read_body, purpose_headers)
+            return await self._admit(request_id, principal, endpoint, raw, purpose_headers)
         finally:
             if held:
                 gate.leave()
 
-    async def _admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
+    async def _admit(self, request_id: str, principal: Principal, endpoint: str, raw: bytes,
                      purpose_headers: Sequence[str]) -> Ticket:
-        request_id = current_request_id() or uuid.uuid4().hex  # the id the response header and logs name
-        request, spec, purpose, raw = await self._read(request_id, principal, endpoint, read_body,
-                                                       purpose_headers)
+        request, spec, purpose = await self._read(request_id, principal, endpoint, raw, purpose_headers)
         with errors_of(request_id):
             created = int(time.time())
             requested_max = request.requested_max_tokens(self.default_max_tokens)
@@ -231,19 +236,24 @@ class Admission:
                           reservation=admission.reservation, policy_input=without_prompt(verdict.policy_input),
                           decision=decision)
 
-    async def _read(self, request_id: str, principal: Principal, endpoint: str,
-                    read_body: Callable[[], Awaitable[bytes]],
-                    purpose_headers: Sequence[str]) -> tuple[Request, ModelSpec, str | None, bytes]:
-        """Parse the body and the declared purpose and check the model can take the body; a refused body
-        (or purpose) is recorded as ``rejected``.
+    async def _read_bytes(self, request_id: str, principal: Principal, endpoint: str,
+                          read_body: Callable[[], Awaitable[bytes]]) -> bytes:
+        """The body's bytes; one refused as it arrives (too large, compressed, its client gone before its
+        end) is recorded as ``rejected``."""
+        try:
+            return await read_body()
+        except ApiError as error:
+            await self.request_log.record_rejection(request_id, principal, endpoint, error, b"")
+            error.request_id = request_id
+            raise
 
-        The body itself is given back too: a refusal answered as an unknown model records its size and
-        keyed digest, as the unknown name's rejection does (``answered_record``)."""
-        raw = b""
+    async def _read(self, request_id: str, principal: Principal, endpoint: str, raw: bytes,
+                    purpose_headers: Sequence[str]) -> tuple[Request, ModelSpec, str | None]:
+        """Parse the body and the declared purpose and check the model can take the body; a refused body
+        (or purpose) is recorded as ``rejected``."""
         request: Request | None = None
         spec: ModelSpec | None = None
         try:
-            raw = await read_body()
             request = parse_body(raw, REQUEST_SHAPES[endpoint])
             purpose = declared_purpose(purpose_headers, request.metadata)
             spec = self.registry.get(request.model)
@@ -262,7 +272,7 @@ class Admission:
                 raise
             raise answer from None
         assert request is not None and spec is not None
-        return request, spec, purpose, raw
+        return request, spec, purpose
 
     async def _decide(self, request_id: str, principal: Principal, endpoint: str, request: Request,
                       spec: ModelSpec, purpose: str | None, requested_max: int,

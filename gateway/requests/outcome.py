@@ -23,7 +23,7 @@ from audit import AuditEntry
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
 from gateway.dispatch.queue import Queued
 from gateway.dispatch.results import FoundFallback, PendingResult
-from gateway.api_errors import ApiError
+from gateway.api_errors import CLIENT_CLOSED_STATUS, ApiError
 from gateway.limits import UsageCounters
 from gateway.limits.charge import used_tokens
 from gateway.observability.metrics import observe_result
@@ -165,7 +165,8 @@ class TicketRunner:
         charged what that end records); the error to raise (its client is gone)."""
         winner = await self.request_log.end(ticket, "cancelled", _GONE_WHILE_QUEUED)
         await self._settle_usage(ticket, used_tokens(winner.body.get("usage")) if winner is not None else None)
-        return ApiError(503, "cancelled", "The request was cancelled before it completed.")
+        # 499, not a 5xx: the client went away (the metrics count it with the client's errors)
+        return ApiError(CLIENT_CLOSED_STATUS, "cancelled", "The request was cancelled before it completed.")
 
     async def _judged_outcome(self, ticket: Ticket, pending: PendingResult, hold: HoldBack, *,
                               timeout_s: float | None = None,
