@@ -24,6 +24,10 @@ COMPLETIONS = "completions"
 MAX_COUNT = 2**31 - 1
 #: Largest ``n`` accepted as a value at all (anything but 1 is then refused as unsupported).
 MAX_CHOICES = 128
+#: Smallest repetition penalty: the smallest normal C ``float`` (FLT_MIN), what the backends take it as.
+#: llama.cpp refuses a smaller one ("penalty_repeat must be finite and greater than 0": 1e-39 was, 1e-38
+#: not), which was queued and failed in the worker as a 502 for what is the caller's input.
+MIN_REPETITION_PENALTY = 1.1754943508222875e-38
 
 Count = Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)]
 Choices = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
@@ -32,7 +36,7 @@ Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 TopK = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
-RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=10.0)]
+RepetitionPenalty = Annotated[float, msgspec.Meta(ge=MIN_REPETITION_PENALTY, le=10.0)]
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 StopList = Annotated[list[NonEmptyStr], msgspec.Meta(max_length=4)]
 

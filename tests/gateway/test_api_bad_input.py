@@ -173,6 +173,8 @@ async def test_a_lone_surrogate_escape_is_named_not_called_a_truncated_body(clie
     (b'{"model": "%s", "prompt": ["a", "b"]}' % TINY_MODEL_NAME.encode(), 400, "unsupported_parameter"),
     (b'{"model": "%s"}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
     (b'{"model": "%s", "prompt": "x", "max_tokens": 0}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
+    # positive, but below a C float's smallest normal value: llama.cpp refused it in the worker (a 502)
+    (b'{"model": "%s", "prompt": "x", "repetition_penalty": 1e-39}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
 ])
 async def test_bad_completion_body(client, keyring, raw, status, code):
     response = await client.post("/v1/completions", content=raw, headers=bearer(keyring["admin"]))
