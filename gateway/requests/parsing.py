@@ -93,6 +93,7 @@ def parse_body(raw: bytes, kind: type[T]) -> T:
         raise _too_deep() from None
     if not isinstance(document, dict):
         raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
+    _refuse_repeats(raw)
     _check_metadata(document.get("metadata"))
     try:
         request = msgspec.convert(document, kind, strict=True)
@@ -102,6 +103,23 @@ def parse_body(raw: bytes, kind: type[T]) -> T:
         raise _too_deep() from None
     _check_supported(request)
     return request
+
+
+def _refuse_repeats(raw: bytes) -> None:
+    """400 ``invalid_json`` for a body that gives a name twice in one object, as every body is read.
+
+    msgspec keeps the last value, and a proxy, a log or a firewall before
+    the gateway may read the first: ``"model"`` twice was served the second
+    model, and ``metadata.purpose`` twice got a purpose past the refusal of a
+    header that differs from it. ~3 µs for a usual body (0.5 ms for 500 KB).
+    The name is client text: the audit entry keeps ``'…'`` (and ``param``
+    as ``logged_param`` keeps it).
+    """
+    repeated = _repeated_name(raw)
+    if repeated is not None:
+        shown = repeated[:64]
+        raise ApiError(400, "invalid_json", f"The request body gives '{shown}' more than once.", param=shown,
+                       logged_message="The request body gives '…' more than once.")
 
 
 def _check_metadata(metadata: Any) -> None:

@@ -173,6 +173,11 @@ async def test_a_lone_surrogate_escape_is_named_not_called_a_truncated_body(clie
     (b'{"model": "%s", "prompt": ["a", "b"]}' % TINY_MODEL_NAME.encode(), 400, "unsupported_parameter"),
     (b'{"model": "%s"}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
     (b'{"model": "%s", "prompt": "x", "max_tokens": 0}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
+    # a name given twice: served last-wins, while a proxy or log before the gateway may read the first (the
+    # second model was served; a repeated metadata.purpose got past the check against the purpose header)
+    (b'{"model": "nope", "model": "%s", "prompt": "x"}' % TINY_MODEL_NAME.encode(), 400, "invalid_json"),
+    (b'{"model": "%s", "prompt": "x", "metadata": {"purpose": "a", "purpose": "b"}}' % TINY_MODEL_NAME.encode(),
+     400, "invalid_json"),
     # positive, but below a C float's smallest normal value: llama.cpp refused it in the worker (a 502)
     (b'{"model": "%s", "prompt": "x", "repetition_penalty": 1e-39}' % TINY_MODEL_NAME.encode(), 422, "invalid_value"),
 ])
