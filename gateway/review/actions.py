@@ -53,4 +53,7 @@ def parse_action(action: str, raw: bytes) -> dict[str, Any]:
     for name, value in fields.items():
         if isinstance(value, str) and "\x00" in value:  # PostgreSQL cannot read it back out of JSON as text
             raise ApiError(422, "invalid_value", f"'{name}' must not contain a NUL character.", param=name)
+        if isinstance(value, str) and not value.strip():  # an empty one is refused: so is one of spaces only
+            raise ApiError(422, "invalid_value", f"'{name}' is blank; write something or leave it out.",
+                           param=name)
     return fields

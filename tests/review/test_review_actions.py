@@ -112,6 +112,8 @@ async def test_a_request_refused_at_admission_has_ended_not_pending(rclient, rke
 @pytest.mark.parametrize("action,body,status,code,param", [
     ("comment", {}, 422, "invalid_value", "text"),
     ("comment", {"text": ""}, 422, "invalid_value", "text"),
+    ("comment", {"text": " \n\t "}, 422, "invalid_value", "text"),  # blank: as empty, not a note of spaces
+    ("flag", {"note": "   "}, 422, "invalid_value", "note"),
     ("comment", {"text": "x" * 4001}, 422, "invalid_value", "text"),
     ("comment", {"text": 5}, 422, "invalid_value", "text"),
     ("comment", {"text": "a\x00b"}, 422, "invalid_value", "text"),
