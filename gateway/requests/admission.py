@@ -39,7 +39,7 @@ from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.admission_gate import AdmissionGate
 from gateway.requests.audit_records import request_record
 from gateway.requests.fit import PromptCounter, check_fits
-from gateway.requests.hidden_models import (MODEL_NOT_FOUND, SeenModels, answered_record, as_answered,
+from gateway.requests.hidden_models import (SeenModels, answered_record, as_answered,
                                             model_not_found)
 from gateway.requests.parsing import parse_body
 from gateway.requests.policy_input import build_input, prompt_text, without_prompt
@@ -220,9 +220,7 @@ class Admission:
             except ApiError:  # refused unaudited: give back what it held
                 if isinstance(admission, Admitted):
                     await release_reservation(self.counters, admission.reservation)
-                if answer is not None and answer.code == MODEL_NOT_FOUND:
-                    raise answer from None  # an unknown model's refusal is not stopped by the audit either
-                raise
+                raise  # a model the key may not see too: an unknown model's refusal is a 503 then as well
             if answer is not None:
                 raise answer
             assert isinstance(admission, Admitted)

@@ -29,6 +29,12 @@ from workers.contract.terminal_body import withheld_body
 log = logging.getLogger(__name__)
 
 
+def _audit_unavailable(request_id: str | None = None) -> ApiError:
+    """The refusal of a request whose entry the store refused."""
+    return ApiError(503, "audit_unavailable", "The audit log cannot be written, so the request was refused "
+                    "(nothing is served unaudited). Try again shortly.", request_id=request_id)
+
+
 class RequestLog:
     """The audit store as the request path writes to it."""
 
@@ -52,13 +58,17 @@ class RequestLog:
             await self._append("request", request_id, principal, model, body, revision)
         except AuditError as exc:
             log.error("audit store unavailable, refusing %s: %s", request_id, exc)
-            raise ApiError(503, "audit_unavailable",
-                           "The audit log cannot be written, so the request was refused (nothing is served "
-                           "unaudited). Try again shortly.") from None
+            raise _audit_unavailable() from None
 
     async def record_rejection(self, request_id: str, principal: Principal, endpoint: str, error: ApiError,
                                raw: bytes, *, answered: dict[str, Any] | None = None) -> None:
-        """Write the entry of a body refused before any decision (logged, not raised, if that fails).
+        """Write the entry of a body refused before any decision; raise a 503 ``audit_unavailable`` (in
+        place of the refusal) if the store refuses it.
+
+        A refusal answered without its entry was a request the log never saw
+        (the database locked past its busy timeout: the client got its 4xx, the
+        log one error line): as for a request entry, nothing is answered
+        unaudited, and the client, told to try again, gets its refusal then.
 
         ``answered``: what the client was told instead of ``error``, if anything else
         (``gateway/requests/hidden_models.py``)."""
@@ -67,8 +77,10 @@ class RequestLog:
             body["answered"] = answered
         try:
             await self._append("rejected", request_id, principal, None, body)
-        except AuditError as exc:  # the client is refused anyway; say so in the logs
-            log.error("could not record rejection %s: %s", request_id, exc)
+        except AuditError as exc:
+            log.error("audit store unavailable, could not record rejection %s (%s): %s", request_id, error.code,
+                      exc)
+            raise _audit_unavailable(request_id) from None
 
     async def end(self, ticket: Ticket, kind: str, body: dict[str, Any]) -> AuditEntry | None:
         """Write a terminal entry unless one exists; return the entry that ended the request.

@@ -67,6 +67,29 @@ async def test_audit_store_failure_refuses_with_503_and_queues_nothing(own_datab
         assert queued(own, IDLE_MODEL) == before
 
 
+@pytest.mark.parametrize("body", [{"model": IDLE_MODEL, "messages": HELLO, "max_tokens": -1},  # 422 with an entry
+                                  {"model": "no-such-model", "messages": HELLO},                 # 404
+                                  {"model": IDLE_MODEL, "messages": HELLO, "frobnicate": 1}],    # 400
+                         ids=["invalid-value", "unknown-model", "unknown-field"])
+async def test_a_refusal_whose_rejected_entry_cannot_be_written_is_a_503(own_database, body):
+    """A bad body was answered its 4xx with its ``rejected`` entry only logged as missing (a probe held
+    SQLite's write lock past the busy timeout: 32 of 48 refusals left no entry): nothing is answered
+    unaudited, so it is a 503 ``audit_unavailable``, and the client's retry gets its refusal."""
+    own, key = own_database
+    async with AsyncTestClient(create_app(own), timeout=60) as client:
+        refused = await client.post("/v1/chat/completions", headers=bearer(key), json=body)
+        assert 400 <= refused.status_code < 500, refused.text  # with the store up: its refusal, and its entry
+        db_file = own.effective_database_url.removeprefix("sqlite:///")
+        with sqlite3.connect(db_file) as raw:
+            assert raw.execute("SELECT count(*) FROM audit_entries WHERE request_id = ? AND kind = 'rejected'",
+                               (refused.headers["x-govgate-request-id"],)).fetchone() == (1,)
+            raw.execute("DROP TABLE audit_entries")
+        response = await client.post("/v1/chat/completions", headers=bearer(key), json=body)
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "audit_unavailable"
+        assert response.headers["x-govgate-request-id"]
+
+
 async def test_policy_error_denies_and_is_audited(settings, keyring, audit_store, tmp_path):
     broken = tmp_path / "policies"
     shutil.copytree(settings.policy_dir, broken, ignore=shutil.ignore_patterns("*_test.rego"))

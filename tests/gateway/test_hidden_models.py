@@ -219,10 +219,11 @@ async def test_with_redis_down_a_hidden_model_is_still_the_unknown_404(settings,
     assert entry.body["answered"]["code"] == "model_not_found"
 
 
-async def test_with_the_audit_store_down_a_hidden_model_is_still_the_unknown_404(settings, policy_folder,
-                                                                                 tmp_path):
-    """An unknown name's refusal is answered even when its entry cannot be written (it is only logged); a
-    hidden model's denial answered 503 ``audit_unavailable`` instead."""
+async def test_with_the_audit_store_down_a_hidden_model_is_still_the_unknown_name(settings, policy_folder,
+                                                                                  tmp_path):
+    """With no audit entry to be had, an unknown name's refusal is a 503 ``audit_unavailable`` (nothing is
+    answered unaudited; it was a 404 with its entry only logged as missing), and so is a hidden model's
+    denial, as its refusal must be the unknown name's."""
     own = settings.with_(database_url=f"sqlite:///{tmp_path / 'own.db'}", policy_dir=policy_folder)
     engine = open_database(own)
     store = KeyStore(engine)
@@ -239,7 +240,8 @@ async def test_with_the_audit_store_down_a_hidden_model_is_still_the_unknown_404
         visible = await client.post(urls.CHAT_COMPLETIONS, headers=bearer(admin),
                                     json=_body(urls.CHAT_COMPLETIONS, IDLE_MODEL, False))
     assert _seen(hidden, IDLE_MODEL) == _seen(unknown, UNKNOWN), hidden.text
-    assert visible.status_code == 503 and visible.json()["error"]["code"] == "audit_unavailable"
+    for response in (hidden, unknown, visible):
+        assert response.status_code == 503 and response.json()["error"]["code"] == "audit_unavailable", response.text
 
 
 async def test_when_the_policy_cannot_say_a_refusal_naming_the_model_is_a_503(settings, policy_folder, keys,
