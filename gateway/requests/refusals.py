@@ -205,6 +205,9 @@ AdmissionRefusal = Union[ContextTooLong, UsageUnavailable, OverLimit, QueueFull,
 def worker_error(result: JobResult) -> ApiError:
     code = result.error.get("code", "worker_error")
     message = result.error.get("message", "")
+    if result.status == "timed_out" and code == "expired":  # never ran: a later try may find the queue shorter
+        return ApiError(504, "timed_out", "The request expired in the queue before a worker could take it; "
+                        "nothing was generated.")
     if result.status == "timed_out":  # the same request would run into the same limit: not worth a retry
         return ApiError(504, "timed_out", "The generation hit the worker's time limit; partial output was logged. "
                         "Ask for fewer tokens (max_tokens) rather than retrying unchanged.", headers=DO_NOT_RETRY)
