@@ -3,9 +3,12 @@
 Every call is one atomic Lua script (:mod:`gateway.limits.scripts`): a
 limit is only a limit if checking and recording usage are one step. One
 call reads the snapshot the policy needs and the model's queue depth and
-may reserve in the same step; one more settles or releases. Reservations,
-key layout, time and the cost in Redis commands: docs/architecture.md,
-"Usage counters".
+may reserve in the same step; one more settles or releases. A reserving
+call that gets no answer may still run (a frozen Redis runs what sits in
+its socket when it resumes), and its caller refuses the request: what it
+took is given back in the background, barred by a tombstone, retried until
+Redis answers (``gateway/limits/later.py``). Reservations, key layout, time
+and the cost in Redis commands: docs/architecture.md, "Usage counters".
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import asyncio
 import calendar
 import functools
 import hashlib
-import logging
 import time
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -22,12 +24,11 @@ from typing import Any, Sequence
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from gateway.limits import scripts
 from gateway.limits.catalogue import LIMIT_NAMES, MINUTE_WINDOW_FREES_IN, USAGE_LIMITS, UsageLimit
-
-log = logging.getLogger(__name__)
+from gateway.limits.later import LaterCalls
 
 _US = 1_000_000
 _DAY_US = 86_400 * _US
@@ -41,7 +42,20 @@ _MAX_NAME = 100
 
 
 class CountersUnavailable(RuntimeError):
-    """Redis could not be reached or did not answer: the gateway must fail closed (503)."""
+    """Redis could not be reached or did not answer: the gateway must fail closed (503).
+
+    ``answered``: Redis did answer, with an error (out of memory, read-only): the call is over and did
+    not take effect. Otherwise (a timeout, a lost connection) it may have run, or may still run.
+    """
+
+    def __init__(self, message: str, *, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered
+
+
+def _unavailable(exc: BaseException) -> CountersUnavailable:
+    return CountersUnavailable(f"usage counters unavailable: {type(exc).__name__}: {exc}",
+                               answered=isinstance(exc, ResponseError))
 
 
 @dataclass(frozen=True)
@@ -296,8 +310,9 @@ class UsageCounters:
         self._client = client
         self._tag = "{" + prefix + "}"
         self._fly_ttl_us = round(in_flight_ttl_s * _US)
-        # releases of reserve calls that were cancelled mid-flight
-        self._background: set[asyncio.Task] = set()
+        # give-backs that could not be made at once (a cancelled or failed reserve, a release that
+        # failed), retried until Redis answers; after the in-flight TTL a held slot has expired anyway
+        self._later = LaterCalls((CountersUnavailable,), give_up_after_s=in_flight_ttl_s)
 
     # keys
 
@@ -319,7 +334,7 @@ class UsageCounters:
         try:
             return await script(self._client, keys, args)
         except (RedisError, OSError) as exc:
-            raise CountersUnavailable(f"usage counters unavailable: {type(exc).__name__}: {exc}") from exc
+            raise _unavailable(exc) from exc
 
     # reads
 
@@ -339,7 +354,7 @@ class UsageCounters:
             record = await self._client.hget(principal_hash, f"r:{request_id}") \
                 or await self._client.get(self._record_key(request_id))
         except (RedisError, OSError) as exc:
-            raise CountersUnavailable(f"usage counters unavailable: {type(exc).__name__}: {exc}") from exc
+            raise _unavailable(exc) from exc
         if record is None:
             return None
         state, tokens, at = _text(record).split(" ")
@@ -360,7 +375,7 @@ class UsageCounters:
             rows = await self._client.zrangebyscore(self._scope_keys(scope)[0], "-inf", f"(-{now_us}",
                                                     start=0, num=most, withscores=True)
         except (RedisError, OSError) as exc:
-            raise CountersUnavailable(f"usage counters unavailable: {type(exc).__name__}: {exc}") from exc
+            raise _unavailable(exc) from exc
         return [(_text(member)[1:], (-score - self._fly_ttl_us) / _US) for member, score in rows]
 
     # writes
@@ -424,7 +439,16 @@ class UsageCounters:
         except asyncio.CancelledError:
             if limits is not None:  # the script may have run although we will never see its reply
                 assert request_id is not None
-                self._release_in_background(Reservation(request_id, scopes, tokens, now_us / _US), now_us / _US)
+                self._give_back_later(Reservation(request_id, scopes, tokens, now_us / _US), "released")
+            raise
+        except CountersUnavailable as exc:
+            if limits is not None and not exc.answered:
+                # The script may have run, or may still run: a timed-out call stays in the socket of a
+                # frozen Redis, which runs it when it resumes. The caller refuses the request, so it must
+                # hold nothing: undone, and barred (a tombstone) against the script still on its way.
+                assert request_id is not None
+                self._give_back_later(Reservation(request_id, scopes, tokens, now_us / _US), "undone",
+                                      failed=exc, bar=True)
             raise
         views = [
             {**{limit.counter: int(value) for limit, value in zip(USAGE_LIMITS, u)},
@@ -487,26 +511,41 @@ class UsageCounters:
         as a denied request never entered it). A no-op once settled or released."""
         await self._finish(reservation, "undone", 0, now)
 
-    async def _finish(self, reservation: Reservation, mode: str, actual: int, now: float | None) -> None:
+    async def _finish(self, reservation: Reservation, mode: str, actual: int, now: float | None, *,
+                      bar: bool = False) -> None:
         periods = _Periods.at(round(reservation.at * _US))
         keys = [self._record_key(reservation.request_id)]
         keys += [k for s in reservation.scopes for k in self._scope_keys(s)]
+        # a bar's tombstone is looked for by every reserve of the principal while it lives: it lives as
+        # long as an in-flight slot (a reserve that arrives later would hold an expired one anyway)
+        ttl_ms = self._fly_ttl_us // 1000 if bar else _RECORD_TTL_MS
         args = [_micros(now), _WINDOW_US, len(reservation.scopes), reservation.request_id, mode, actual,
-                _RECORD_TTL_MS, periods.day, periods.month, reservation.tokens, round(reservation.at * _US)]
+                ttl_ms, periods.day, periods.month, reservation.tokens, round(reservation.at * _US)]
+        if bar:
+            args.append("1")
         await self._run(scripts.FINISH, keys, args)
 
-    def _release_in_background(self, reservation: Reservation, now: float) -> None:
-        async def release() -> None:
-            try:
-                await self.release(reservation, now=now)
-            except CountersUnavailable as exc:
-                log.warning("could not release %s after a cancelled reserve: %s", reservation.request_id, exc)
+    def finish_later(self, reservation: Reservation, mode: str, actual_tokens: int = 0, *,
+                     failed: BaseException | None = None) -> None:
+        """Settle (``mode`` "settled", to ``actual_tokens``), release or undo ``reservation`` in the
+        background, retried until Redis answers: for a caller whose own call failed (``failed``).
+        Each is idempotent, so a failed call that did run meanwhile is not counted twice."""
+        doing = {"settled": "settling", "released": "releasing", "undone": "undoing"}.get(mode)
+        if doing is None:
+            raise ValueError(f"mode must be 'settled', 'released' or 'undone', not {mode!r}")
+        self._later.start(f"{doing} the usage of {reservation.request_id}",
+                          lambda: self._finish(reservation, mode, actual_tokens, None), failed=failed)
 
-        task = asyncio.get_running_loop().create_task(release())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _give_back_later(self, reservation: Reservation, mode: str, *, failed: BaseException | None = None,
+                         bar: bool = False) -> None:
+        """Give back what a reserve call whose reply never came may have taken (its script ran, or will):
+        a release or undo of its request id, retried until Redis answers. ``bar`` leaves a tombstone
+        even when the reservation was there to give back: a failed replacement's script (which reads
+        that tombstone) may still come. ``now`` is the call's, so the reservation's day is the call's."""
+        now = reservation.at
+        self._later.start(f"giving back what the reserve of {reservation.request_id} may have taken",
+                          lambda: self._finish(reservation, mode, 0, now, bar=bar), failed=failed)
 
     async def aclose(self) -> None:
-        """Wait for releases still running on behalf of cancelled reserves."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        """Give the give-backs still retrying a last chance (about one Redis timeout), then stop them."""
+        await self._later.aclose()

@@ -539,25 +539,32 @@ return reply(scopes, waiting, {'reserved'})
 
 _FINISH = _PRELUDE + """
 -- KEYS[1] request record, then three keys per scope.
--- ARGV 5 'settled' | 'released' | 'undone', 6 tokens actually used (settle), 7 record ttl (ms),
--- 8 the reservation's day, 9 its month, 10 its tokens, 11 its time (µs).
+-- ARGV 5 'settled' | 'released' | 'undone', 6 tokens actually used (settle), 7 a tombstone's ttl (ms),
+-- 8 the reservation's day, 9 its month, 10 its tokens, 11 its time (µs), 12 '1': leave a tombstone
+-- whatever the record holds (a give-back after an admit call that failed: gateway/limits/counters.py).
 local MODE = ARGV[5]
 -- The record is read with the first scope's counters and marked with them.
 local s1 = scope(1)
 local v1 = hget(s1.h, finish_fields(true))
+
+-- A tombstone in the record's own key: a reserve still on its way (a cancelled or failed call whose
+-- script had not run yet) finds it and is a no-op. T tells the admit script until when to look for
+-- one; it is only ever moved later (tombstones live the record's ttl, or a give-back's shorter one).
+local function tombstone()
+  redis.call('SET', KEYS[1], 'released 0 ' .. ARGV[1], 'PX', ARGV[7])
+  local until_ = NOW + tonumber(ARGV[7]) * 1000
+  local T = tonumber(redis.call('HGET', s1.h, 'T'))
+  if not T or T < until_ then redis.call('HSET', s1.h, 'T', until_) end
+  if redis.call('PTTL', s1.h) < 0 then redis.call('PEXPIRE', s1.h, ARGV[7]) end
+end
+
 local held, own = v1[RID], true
 if not held then
   -- not in the hash: a record an older gateway wrote in its own key, or none
   held, own = redis.call('GET', KEYS[1]), false
   if not held then
-    -- Unknown request: a release leaves a tombstone so that a reserve still on
-    -- its way (e.g. a cancelled call whose script had not run yet) is a no-op;
-    -- T tells the admit script until when to look for one.
-    if MODE ~= 'settled' then
-      redis.call('SET', KEYS[1], 'released 0 ' .. ARGV[1], 'PX', ARGV[7])
-      redis.call('HSET', s1.h, 'T', NOW + tonumber(ARGV[7]) * 1000)
-      if redis.call('PTTL', s1.h) < 0 then redis.call('PEXPIRE', s1.h, ARGV[7]) end
-    end
+    -- Unknown request: a release leaves a tombstone
+    if MODE ~= 'settled' then tombstone() end
     return 0
   end
 end
@@ -571,6 +578,8 @@ for i = 1, NSCOPES do
   finish(scope(i), MODE == 'undone', tonumber(tokens), final, ARGV[8], ARGV[9], i == 1 and v1 or nil,
          i == 1 and own and rec)
 end
+-- (a failed replacement's script may still come, and a replacement reads the record's own key)
+if ARGV[12] == '1' then tombstone() end
 return 1
 """
 

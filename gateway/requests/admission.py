@@ -11,6 +11,12 @@ and checks the model's queue. The reservation stands only if the decision
 then obliges exactly those limits and grants the tokens reserved; otherwise
 it is replaced (one more call) or undone. docs/architecture.md, "Usage
 counters", says why this is as sound as reserving after the decision.
+
+A reserving call that fails without an answer (a timeout, a lost
+connection) refuses the request (503 ``usage_unavailable``), and the
+counters give back in the background whatever its script took or will take
+once Redis runs it (``UsageCounters.admit``): a refused request holds
+nothing, and its answer does not wait for Redis.
 """
 
 from __future__ import annotations
@@ -349,7 +355,10 @@ class Admission:
                                                   queue=self._queue(spec, principal, priority),
                                                   replace=None if early is None else early.reservation)
             except CountersUnavailable as exc:
-                if early is not None and early.reservation is not None:
+                # Unanswered, the counters give back in the background what this request holds (the
+                # early reservation, or the replacement if its script ran or runs late): the 503 does
+                # not wait. Refused (an error reply), nothing was replaced: the early one is undone here.
+                if exc.answered and early is not None and early.reservation is not None:
                     await undo_reservation(self.counters, early.reservation)
                 return UsageUnavailable(str(exc))
         outcome = reply.outcome
