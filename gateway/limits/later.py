@@ -8,6 +8,13 @@ was refused meanwhile. Each such call is idempotent, so it is simply sent
 again, in a task of its own (the client's answer does not wait for it),
 with a growing pause, until it goes through or ``give_up_after_s`` has
 passed (then an error is logged). docs/architecture.md, "Usage counters".
+
+At most ``most`` calls are kept retrying at once: during a long outage every
+refused request would start one (a task, and a connection attempt every few
+seconds, each), while the reservations that can really be left behind are
+bounded by the connections that were open when Redis froze. Past the bound a
+call is dropped with an error logged (at most once a minute): its slot
+frees at its TTL, as before the retries.
 """
 
 from __future__ import annotations
@@ -24,8 +31,12 @@ class LaterCalls:
     """Background retries of idempotent counter calls; bounded in time, logged, closed with the counters."""
 
     def __init__(self, retry_on: tuple[type[BaseException], ...], *, give_up_after_s: float,
-                 first_pause_s: float = 0.25, longest_pause_s: float = 5.0) -> None:
+                 first_pause_s: float = 0.25, longest_pause_s: float = 5.0, most: int = 1000) -> None:
         self._retry_on = retry_on
+        self._most = most
+        #: Calls dropped because ``most`` were retrying already (for operators and tests).
+        self.dropped = 0
+        self._dropped_logged_at = float("-inf")
         self._give_up_after_s = give_up_after_s
         self._first_pause_s = first_pause_s
         self._longest_pause_s = longest_pause_s
@@ -39,6 +50,14 @@ class LaterCalls:
 
         ``failed``: why the caller's own attempt failed (logged here, once).
         """
+        if len(self._tasks) >= self._most:
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._dropped_logged_at >= 60.0:
+                self._dropped_logged_at = now
+                log.error("%s not retried: %d counter calls are retrying already (%d dropped so far); its "
+                          "reservation holds until its in-flight TTL", what, len(self._tasks), self.dropped)
+            return
         task = asyncio.get_running_loop().create_task(self._run(what, call, failed))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -135,3 +135,21 @@ async def test_a_give_back_that_never_goes_through_stops_at_its_bound(caplog) ->
     await later.aclose(grace_s=5)
     assert len(later) == 0 and 3 <= len(tries) < 30
     assert any(r.levelname == "ERROR" and "gave up giving back x" in r.getMessage() for r in caplog.records)
+
+
+async def test_no_more_give_backs_retry_at_once_than_the_bound(caplog) -> None:
+    """A long outage refuses every request, each starting a give-back: past the bound they are dropped
+    (logged), so the gateway does not keep a task and a connection attempt going per refused request."""
+    from gateway.limits.later import LaterCalls
+
+    async def call() -> None:
+        raise CountersUnavailable("usage counters unavailable: ConnectionError: refused")
+
+    later = LaterCalls((CountersUnavailable,), give_up_after_s=0.5, first_pause_s=0.01, longest_pause_s=0.05,
+                       most=3)
+    for i in range(5):
+        later.start(f"giving back r{i}", call)
+    assert len(later) == 3 and later.dropped == 2
+    assert any(r.levelname == "ERROR" and "giving back r3 not retried" in r.getMessage() for r in caplog.records)
+    await later.aclose(grace_s=5)
+    assert len(later) == 0
