@@ -18,6 +18,7 @@ from gateway.api.dependencies import provide_principal
 from gateway.api.health import HealthController
 from gateway.api.openapi import COMPONENTS
 from gateway.api.schema_site import schema_router
+from gateway.api.schema_pages import render_plugins
 from gateway.api.models import ModelsController
 from gateway.api.review import ReviewController
 from gateway.components import Components, build_components
@@ -78,7 +79,7 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
         request_max_body_size=settings.max_body_bytes,
         template_config=TEMPLATE_CONFIG,
         openapi_config=OpenAPIConfig(title="govgate", version="0.1.0", components=COMPONENTS,
-                                     openapi_router=schema_router()),
+                                     openapi_router=schema_router(), render_plugins=render_plugins()),
         debug=False,
         logging_config=None,  # logging is set up once per process (gateway/observability/logs.py), not replaced here
     )

@@ -3,8 +3,8 @@
 The document is public on purpose (README, "The API"): ``/schema/openapi.json``
 (and ``.yaml``/``.yml``), ReDoc at ``/schema`` and ``/schema/redoc``, Swagger
 UI at ``/schema/swagger``, Stoplight Elements and RapiDoc at
-``/schema/elements`` and ``/schema/rapidoc``: the pages Litestar serves by
-default. Litestar also routes every other path under ``/schema`` to a handler
+``/schema/elements`` and ``/schema/rapidoc``: Litestar's pages, their files
+pinned by hash (``gateway/api/schema_pages.py``). Litestar also routes every other path under ``/schema`` to a handler
 of its own that answers an HTML "404 Not found" page (not an exception, so
 the app's handlers never see it): a client that mistyped a path got HTML
 where every other unknown path gets OpenAI's JSON error. The router here is

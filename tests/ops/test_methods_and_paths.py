@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from gateway import urls
+from gateway.api.schema_pages import INTEGRITY, UnpinnedAsset, pinned
 from tests.conftest import serving
 from tests.ops.test_served import tiny_only_registry
 
@@ -110,6 +111,24 @@ async def test_unknown_paths_outside_the_console_are_json_404s_and_the_schema_pa
         assert shown.status_code == 200 and shown.headers["content-type"].startswith("text/html"), page
     console = await client.get("/console/nope")  # the console keeps its own pages
     assert console.status_code == 404 and console.headers["content-type"].startswith("text/html")
+
+
+async def test_every_schema_page_loads_only_files_pinned_by_their_hashes(client) -> None:
+    # ReDoc was loaded as "latest" and no page had integrity hashes: a compromised CDN's script ran on the
+    # console's origin and used a signed-in admin's session (a probe minted an admin key that way)
+    for page in ("/schema", "/schema/redoc", "/schema/swagger", "/schema/elements", "/schema/rapidoc",
+                 "/schema/openapi.yaml", "/schema/openapi.yml"):
+        shown = await client.get(page)
+        assert shown.status_code == 200, page
+        external = re.findall(r'<(?:script|link)\b[^>]*\b(?:src|href)="(https://[^"]+)"[^>]*>', shown.text)
+        tags = re.findall(r'<(?:script|link)\b[^>]*\b(?:src|href)="https://[^"]+"[^>]*>', shown.text)
+        for url, tag in zip(external, tags):
+            if tag.startswith("<link") and 'rel="stylesheet"' not in tag and "stylesheet" not in tag:
+                continue  # a favicon: no script, nothing to pin
+            assert f'integrity="{INTEGRITY[url]}"' in tag and 'crossorigin="anonymous"' in tag, (page, tag)
+    assert "latest" not in "".join(INTEGRITY)
+    with pytest.raises(UnpinnedAsset):  # a page naming a CDN file without its hash is refused, not served
+        pinned(b'<script src="https://cdn.jsdelivr.net/npm/redoc@9/x.js" crossorigin></script>')
 
 
 def test_a_served_gateway_answers_head_probes_and_json_404s(settings, worker, tmp_path) -> None:
