@@ -128,8 +128,9 @@ def keys_list(include_revoked: bool) -> None:
     rows = _key_store().list(include_revoked=include_revoked)
     click.echo(f"{'KEY ID':<14}{'USER':<20}{'TEAM':<16}{'ROLES':<24}{'CREATED':<27}{'REVOKED':<27}NOTE")
     for key in rows:
+        revoked = "-" if key.revoked_at is None else key.revoked_at or "(revoked)"  # '': revoked all the same
         click.echo(f"{key.key_id:<14}{key.user:<20}{key.team or '-':<16}{','.join(key.roles) or '-':<24}"
-                   f"{key.created_at:<27}{key.revoked_at or '-':<27}{key.note or '-'}")
+                   f"{key.created_at:<27}{revoked:<27}{key.note or '-'}")
 
 
 @keys.command("revoke")

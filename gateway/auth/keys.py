@@ -383,7 +383,7 @@ class KeyStore:
             raise KeyStoreError(f"cannot read keys: {exc}") from exc
         # Compare even when the row is missing so timing does not reveal key ids.
         expected = row.key_hash if row is not None else "0" * 64
-        if not hmac.compare_digest(expected, key_digest(presented)) or row is None or row.revoked_at:
+        if not hmac.compare_digest(expected, key_digest(presented)) or row is None or row.revoked_at is not None:
             return None
         return Principal(id=row.user, team=row.team, roles=tuple(row.roles), key_id=row.key_id)
 

@@ -296,3 +296,17 @@ def test_the_admin_key_govgate_up_makes_is_recorded_as_made_by_it(engine):
     assert ensure_admin_key(KeyStore(engine)) is not None
     (admin,) = KeyStore(engine).list()
     assert [(kind, body["by"]) for kind, body in key_entries(engine, admin.key_id)] == [("key_created", "govgate-up")]
+
+
+def test_a_revocation_time_edited_to_empty_still_revokes(own, engine):
+    # verify took any revoked_at but NULL as revoked (so the table matched the chain), while the key check
+    # took an empty one as live: a revoked key put back with revoked_at = '' was served
+    store = KeyStore(engine)
+    issued = store.create("rhea", team="research", roles=["analyst"])
+    assert store.authenticate(issued.secret) is not None
+    store.revoke(issued.key.key_id)
+    sql(own, "UPDATE api_keys SET revoked_at = '' WHERE key_id = ?", issued.key.key_id)
+    assert store.authenticate(issued.secret) is None
+    assert issued.key.key_id not in cli(own, "keys", "list").output  # the live keys: not among them
+    (line,) = [line for line in cli(own, "keys", "list", "--all").output.splitlines() if issued.key.key_id in line]
+    assert "(revoked)" in line
