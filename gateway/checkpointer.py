@@ -63,6 +63,9 @@ class Checkpointer:
         self._failing = False
         #: The latest checkpoints this process wrote (newest last).
         self.written: deque[Checkpoint] = deque(maxlen=64)
+        #: The newest checkpoint this process has signed or seen stored with its entry still holding the
+        #: hash it signs: what it has vouched for, whatever the table holds later (:meth:`_check_vouched`).
+        self._vouched: Checkpoint | None = None
 
     async def start(self) -> None:
         """Look for unsigned entries (recording an anomaly) now, then sign in the background."""
@@ -121,6 +124,9 @@ class Checkpointer:
         self._start_checked = True
 
     def _record_anomaly(self) -> None:
+        latest = self._checkpoints.latest()
+        if latest is not None and self._checkpoints.entry_hash(latest.seq) == latest.head_hash:
+            self._vouched = latest  # from now on it must stay (:meth:`_check_vouched`)
         body = anomaly_at_start(self._checkpoints, max_unsigned_age_s=self._max_unsigned_age_s)
         if body is None:
             return
@@ -150,12 +156,44 @@ class Checkpointer:
             # Rewritten (or cut) below the latest checkpoint: signing on would vouch for the rewrite.
             raise AuditError(f"entry {latest.seq} no longer holds the hash its checkpoint signed; "
                              "not signing until `govgate audit verify` has been looked at")
+        self._check_vouched(latest)
         made = self._checkpoints.make(self._key, closing=closing)
-        if made is None or not made[1]:
+        if made is None:
+            return None
+        if self._checkpoints.entry_hash(made[0].seq) == made[0].head_hash:
+            self._vouched = made[0]
+        if not made[1]:
             return None
         self.written.append(made[0])
         log.debug("audit checkpoint at seq %d%s", made[0].seq, " (closing)" if closing else "")
         return made[0]
+
+    def _check_vouched(self, latest: Checkpoint | None) -> None:
+        """Refuse to sign when what this process vouched for is gone from the chain or the table.
+
+        Checking only the latest stored checkpoint let a database writer
+        without the key rewrite the chain from some entry on, delete the
+        checkpoints above it, and have this checkpointer sign the forged head
+        within a second (a probe flipped a denied request to allowed that
+        way, and ``verify --strict`` then passed). The checkpoint vouched for
+        must still be in the table, and its entry must still hold its hash.
+        """
+        vouched = self._vouched
+        if vouched is None:
+            if latest is not None:
+                self._vouched = latest  # its entry's hash was just checked by the caller
+            return
+        if (latest is None or latest.seq < vouched.seq
+                or self._checkpoints.entry_hash(vouched.seq) != vouched.head_hash):
+            raise AuditError(f"the checkpoint at seq {vouched.seq} that this gateway signed or checked is gone, or "
+                             f"its entry no longer holds the hash it signs: the chain or its checkpoints were "
+                             "rewritten; not signing until `govgate audit verify` has been looked at")
+        stored = self._checkpoints.get(vouched.seq)
+        if stored is None or stored.head_hash != vouched.head_hash:
+            raise AuditError(f"the checkpoint at seq {vouched.seq} that this gateway signed or checked was removed "
+                             "or replaced; not signing until `govgate audit verify` has been looked at")
+        if latest.seq > vouched.seq:
+            self._vouched = latest
 
     async def _pipe(self, checkpoint: Checkpoint, timeout_s: float) -> None:
         """Give the checkpoint file to the command on stdin; a failure is logged, the next checkpoint tries again."""

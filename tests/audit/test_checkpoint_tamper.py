@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from audit import AuditStore, make_engine, verify_chain
+from audit import AuditError, AuditStore, make_engine, verify_chain
 from audit.checkpoint_check import CheckpointVerdict, anomaly_at_start, check_checkpoints
 from audit.checkpoints import CheckpointStore, read_checkpoint_file, sign_checkpoint, write_checkpoint_file
 from audit.signing import SigningKey
@@ -254,6 +254,36 @@ def test_a_rewrite_re_signed_with_the_stolen_key_is_caught_only_by_a_file_kept_e
     assert trail.check(strict=True).ok
     external, _ = read_checkpoint_file(tmp_path / "offsite.json")
     assert f"checkpoint file at seq {seq} signs hash" in _problems(trail.check(external=external))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", ["below-the-checkpoints", "in-the-unsigned-tail-after-them"])
+async def test_a_running_checkpointer_does_not_sign_a_rewrite_whose_checkpoints_were_deleted(trail: Trail,
+                                                                                             where: str) -> None:
+    # It checked only that the latest *remaining* checkpoint still matched: a writer without the key
+    # rewrote the chain from some entry on, deleted the checkpoints above it, and the gateway signed the
+    # forged head within a second (verify --strict then passed; a probe flipped a denial to an allow)
+    trail.append(6)
+    checkpointer = Checkpointer(trail.checkpoints, trail.audit, trail.key, every_entries=2, interval_s=3600)
+    await checkpointer.start()
+    first = trail.checkpoint()
+    trail.append(3, tag="more")
+    signed = await checkpointer.tick()
+    assert signed is not None and signed.seq == trail.head_seq()
+    rewrite_at = first - 2 if where == "below-the-checkpoints" else first + 1
+    trail.sql(f"DELETE FROM audit_checkpoints WHERE seq > {rewrite_at}")
+    _rewrite_from(trail, rewrite_at + 1)
+    trail.append(2, tag="after")
+    with pytest.raises(AuditError, match="not signing"):
+        await checkpointer.tick()
+    def signed_up_to() -> int:
+        latest = trail.checkpoints.latest()
+        return 0 if latest is None else latest.seq
+
+    assert signed_up_to() <= rewrite_at  # nothing signed over the rewrite
+    assert not trail.check(strict=True).ok  # its unsigned tail stays for verify to find
+    await checkpointer.aclose()  # no closing checkpoint over it either
+    assert signed_up_to() <= rewrite_at
 
 
 # -- checkpoints themselves tampered with --------------------------------------------------
