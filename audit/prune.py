@@ -141,3 +141,58 @@ def _reclaim(store: AuditStore) -> str | None:
     except DB_ERRORS as exc:
         return f"payloads erased, but reclaiming their space failed: {reason(exc)}"
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class ErasureCheck:
+    """What :func:`unrecorded_erasures` found: erased payloads no ``payloads_erased`` entry names.
+
+    ``seqs`` are the first few such entries (``count`` in all); ``records`` the ``payloads_erased``
+    entries looked at.
+    """
+
+    count: int
+    seqs: list[int]
+    records: int
+
+
+@stall_watch.patient()
+def unrecorded_erasures(store: AuditStore, *, shown: int = 10) -> ErasureCheck:
+    """The format-2 entries whose payload is gone though they had one (a digest is chained) and whose seq
+    no ``payloads_erased`` entry's ``first_seq..last_seq`` covers.
+
+    ``payload -> NULL`` is the one UPDATE the guards allow, and it changes
+    nothing the chain covers: without this check a database writer erased a
+    denied request's prompt (guards intact), ``verify`` passed, and the
+    console showed it as pruned or never kept. A prune records its ranges
+    (a run that failed midway is recorded by the next), so an erasure outside
+    every range was made by something else. Raises :class:`AuditError`.
+    """
+    engine = store.engine
+    try:
+        boundary = store.boundary_seq() or 0
+        if not boundary:
+            return ErasureCheck(0, [], 0)
+        with engine.connect() as conn:
+            ranges: list[tuple[int, int]] = []
+            records = 0
+            for body in conn.execute(select(_t.body).where(_t.kind == PAYLOADS_ERASED)).scalars():
+                records += 1
+                first = body.get("first_seq") if isinstance(body, dict) else None
+                last = body.get("last_seq") if isinstance(body, dict) else None
+                if type(first) is int and type(last) is int and first <= last:
+                    ranges.append((first, last))
+            merged: list[list[int]] = []
+            for first, last in sorted(ranges):
+                if merged and first <= merged[-1][1] + 1:
+                    merged[-1][1] = max(merged[-1][1], last)
+                else:
+                    merged.append([first, last])
+            outside = [_t.seq > boundary, _t.payload.is_(None), _t.payload_digest.is_not(None),
+                       *(~_t.seq.between(first, last) for first, last in merged)]
+            count = conn.execute(select(func.count()).select_from(audit_table).where(*outside)).scalar_one()
+            seqs = list(conn.execute(select(_t.seq).where(*outside).order_by(_t.seq).limit(shown)).scalars()) \
+                if count else []
+    except DB_ERRORS as exc:
+        raise AuditError(f"cannot check the erased payloads in {describe(engine)}: {reason(exc)}") from exc
+    return ErasureCheck(count, seqs, records)

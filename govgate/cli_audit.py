@@ -90,9 +90,30 @@ def audit_verify(export_file: str | None, jobs: int | None, **checkpoint_args: o
     except (AuditError, KeyStoreError) as exc:  # an undecodable key entry or row: a verdict, not a crash
         click.echo(f"KEY TAMPERED: the key entries or the key table cannot be read: {exc}")
         keys_ok = False
+    erasures_ok = _report_erasures(engine)
     checkpoints_ok = report_checkpoints(engine, **checkpoint_args)  # type: ignore[arg-type]
-    if not (result.ok and keys_ok and checkpoints_ok):
+    if not (result.ok and keys_ok and erasures_ok and checkpoints_ok):
         sys.exit(1)
+
+
+def _report_erasures(engine) -> bool:
+    """Every erased payload covered by a ``payloads_erased`` entry (``audit.prune.unrecorded_erasures``)."""
+    from audit import AuditError, AuditStore
+    from audit.prune import unrecorded_erasures
+
+    try:
+        found = unrecorded_erasures(AuditStore(engine))
+    except AuditError as exc:
+        click.echo(f"ERASURES UNCHECKED: {exc}")
+        return False
+    if found.count:
+        shown = ", ".join(str(seq) for seq in found.seqs) + (", …" if found.count > len(found.seqs) else "")
+        click.echo(f"PAYLOADS ERASED UNRECORDED: {found.count} entries lost their prompt or output with no "
+                   f"payloads_erased entry naming them (seq {shown}): erased outside `govgate audit prune` (or by "
+                   "a prune that failed midway, whose next run records them)")
+        return False
+    click.echo(f"erasures: every erased payload is recorded ({found.records} payloads_erased entries)")
+    return True
 
 
 @audit.command("prune")

@@ -176,3 +176,17 @@ def test_verify_refuses_a_max_unsigned_age_that_is_not_a_number(env: Env, age: s
     result = env.run("verify", "--max-unsigned-age", age)
     assert result.exit_code == 2
     assert "Invalid value for '--max-unsigned-age': must be a number of seconds, not NaN" in result.output
+
+
+def test_verify_exits_1_on_a_payload_erased_outside_prune(env: Env) -> None:
+    load_or_create_signing_key(env.var_dir / "audit-signing.key")
+    kept = env.store.append("request", "r-text", principal="alice", team=None, model="tiny", body={"i": 0},
+                            payload={"messages": [{"role": "user", "content": "hello"}]}, policy_revision=None)
+    env.run("checkpoint")
+    clean = env.run("verify")
+    assert clean.exit_code == 0 and "erasures: every erased payload is recorded (0 payloads_erased" in clean.output
+    env.raw.execute(f"UPDATE audit_entries SET payload = NULL WHERE seq = {kept.seq}")  # the guards allow it
+    result = env.run("verify")
+    assert result.exit_code == 1, result.output
+    assert "chain intact" in result.output and f"PAYLOADS ERASED UNRECORDED: 1 entries" in result.output
+    assert f"(seq {kept.seq})" in result.output

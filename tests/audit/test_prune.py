@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from audit import AuditStore, make_engine, migrate, verify_chain
-from audit.prune import prune_payloads
+from audit.prune import prune_payloads, unrecorded_erasures
 from tests.audit.conftest import RawDB
 from tests.audit.old_append import old_append
 
@@ -83,8 +83,10 @@ def test_erasures_no_record_names_are_recorded_by_the_next_run(store: AuditStore
     cut = _cut()
     newer = [e.seq for e in _pair(store, "new", "NEW") if e.payload is not None]  # after the date: kept
     raw.execute(f"UPDATE audit_entries SET payload = NULL WHERE seq IN ({', '.join(map(str, first[:5]))})")
+    assert unrecorded_erasures(store).seqs == first[:5]  # verify names them until a prune records them
 
     result = prune_payloads(store, cut)  # erases the other seven, records all twelve
+    assert unrecorded_erasures(store).count == 0
     assert (result.erased, result.first_seq, result.last_seq) == (12, first[0], first[-1])
     assert result.entry is not None
     assert (result.entry.body["count"], result.entry.body["first_seq"], result.entry.body["last_seq"]) == (
@@ -126,3 +128,18 @@ def test_format_1_entries_are_counted_and_left_alone(db_url: str) -> None:
     assert all(store.get(e.seq).payload is None for e in v2)  # type: ignore[union-attr]
     assert verify_chain(store).ok
     engine.dispose()
+
+
+def test_a_payload_erased_outside_prune_is_named_even_with_the_guards_on(store: AuditStore, raw: RawDB) -> None:
+    """``payload -> NULL`` is the one UPDATE the guards allow and changes nothing the chain covers: a
+    database writer erased a denied request's prompt, verify passed and the console showed it as pruned."""
+    old = [e for i in range(3) for e in _pair(store, f"old-{i}", f"OLD{i}") if e.payload is not None]
+    cut = _cut()
+    newer = [e for e in _pair(store, "new", "NEW") if e.payload is not None]
+    assert prune_payloads(store, cut).erased == len(old)
+    found = unrecorded_erasures(store)
+    assert (found.count, found.records) == (0, 1)  # a prune's erasures are on its record
+    raw.execute(f"UPDATE audit_entries SET payload = NULL WHERE seq = {newer[0].seq}")  # guards on
+    found = unrecorded_erasures(store)
+    assert (found.count, found.seqs) == (1, [newer[0].seq])
+    assert verify_chain(store).ok  # the chain alone cannot see it
