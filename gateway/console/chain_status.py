@@ -10,9 +10,12 @@ kept hash exactly as verify holds each entry to the one before. One replica
 walks at a time (a Redis lock); the others show the figure as it stands.
 
 What this does not prove: an entry edited after the console verified it
-(the walk does not go back; only the last verified entry's hash is
-compared again on each view). Signed checkpoints and a full ``govgate audit
-verify`` catch that; the page says so and points at the command. Once a
+(the walk does not go back; only the last verified entry's hash and the
+latest checkpoint's entry are compared again on each view). A full
+``govgate audit verify`` catches that (the signed checkpoints too when the
+chain was rewritten with fresh hashes, not for an edit in place, whose
+stored hash no longer matches its content but still matches the
+checkpoint); the page says so and points at the command. Once a
 problem is found it is kept and shown until the operator deletes the
 ``govgate:console:verified:*`` key after investigating. The state is kept
 per chain, named by the hash of its first entry.
@@ -72,6 +75,9 @@ class ChainStatus:
     verified: Verified
     #: Set when this view could not verify further (the database failed mid-walk).
     note: str | None = None
+    #: What the checkpoint's entry stores now, when it is not the hash the checkpoint signs (None: they
+    #: match, or no checkpoint): the chain was rewritten under it, whatever the kept marker says.
+    checkpoint_entry_hash: str | None = None
 
 
 async def chain_status(client: aioredis.Redis, engine: Engine) -> ChainStatus:
@@ -100,7 +106,23 @@ async def chain_status(client: aioredis.Redis, engine: Engine) -> ChainStatus:
             note = "The database failed while verifying; the figure is where the last step left it."
         finally:
             await _unlock(client, state_key)
-    return ChainStatus(head[0], head[2], latest, verified, note)
+    return ChainStatus(head[0], head[2], latest, verified, note, await _checkpoint_mismatch(checkpoints, latest))
+
+
+async def _checkpoint_mismatch(checkpoints: CheckpointStore, latest: Checkpoint | None) -> str | None:
+    """The hash the latest checkpoint's entry stores, if it is not the one signed ("" for no entry).
+
+    One row read. The marker kept in Redis is the console's own memory, and
+    Redis is not the audit store: deleted (as the page tells an operator to
+    do once a problem is looked into), lost with a fresh Redis, or edited,
+    it let the page show a rewritten chain as verified and signed while
+    ``verify`` found the checkpoints tampered. The checkpoint is held to its
+    entry on every view.
+    """
+    if latest is None:
+        return None
+    stored = await _read(partial(checkpoints.entry_hash, latest.seq))
+    return None if stored == latest.head_hash else (stored or "")
 
 
 def advance(engine: Engine, verified: Verified, head_seq: int) -> Verified:

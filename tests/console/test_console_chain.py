@@ -107,3 +107,47 @@ async def test_the_status_is_kept_in_redis_per_chain(store: AuditStore, tmp_path
     finally:
         other.engine.dispose()
         await client.aclose()
+
+
+async def test_a_checkpoint_its_entry_no_longer_matches_is_shown_whatever_redis_keeps(
+        store: AuditStore, redis_server: RedisProcess) -> None:
+    # The page trusted its Redis marker alone: deleted (as the page tells an operator to do after looking
+    # into a problem) or edited, it showed a chain rewritten under its checkpoints as verified and signed
+    from audit.checkpoints import CheckpointStore
+    from audit.signing import SigningKey
+
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        CheckpointStore(store.engine).make(SigningKey.generate())
+        clean = await chain_status(client, store.engine)
+        assert clean.checkpoint is not None and clean.checkpoint_entry_hash is None
+        signed = clean.checkpoint.seq
+        _tamper(store, f"UPDATE audit_entries SET hash = '{'e' * 64}' WHERE seq = {signed}")
+        for key in await client.keys(f"{status_module.STATE_KEY}:*"):
+            await client.delete(key)  # the console's own memory gone
+        shown = await chain_status(client, store.engine)
+        assert shown.checkpoint_entry_hash == "e" * 64
+        _tamper(store, f"DELETE FROM audit_entries WHERE seq = {signed}")
+        assert (await chain_status(client, store.engine)).checkpoint_entry_hash == ""
+    finally:
+        await client.aclose()
+
+
+def test_the_chain_page_says_when_the_checkpoint_no_longer_matches_its_entry() -> None:
+    from datetime import datetime, timezone
+
+    from audit.checkpoints import sign_checkpoint
+    from audit.signing import SigningKey
+    from gateway.console.chain_status import ChainStatus
+    from gateway.console.render import _environment
+
+    checkpoint = sign_checkpoint(SigningKey.generate(), 12, "a" * 64)
+    template = _environment().get_template("chain.html")
+    shown = {}
+    for stored in (None, "e" * 64, ""):
+        status = ChainStatus(12, datetime.now(timezone.utc), checkpoint, Verified(12, "a" * 64, None, None),
+                             checkpoint_entry_hash=stored)
+        shown[stored] = template.render(chain=status, step=10, now=0.0, user=None, active=None)
+    assert "rewritten or cut under the checkpoint" not in shown[None]
+    assert "that entry now stores" in shown["e" * 64] and "e" * 64 in shown["e" * 64]
+    assert "there is no such entry now" in shown[""]
