@@ -85,7 +85,10 @@ def run_job(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: Jo
     that the gateway stopped under them, is recorded only once its gateway's
     verdict arrived (at most ``verdict_timeout_s``, and never past the job's
     deadline); without one it is recorded ``failed``/``output_unchecked``
-    and the client gets nothing (docs/architecture.md, "Output rules").
+    and the client gets nothing (docs/architecture.md, "Output rules"). A
+    stream whose client left while its gateway judged the last window gets a
+    ``cancelled`` answer instead of a verdict and is recorded ``cancelled``
+    at once, with what the client received.
     A non-streamed completion whose gateway records it (``job.gateway_records``)
     is handed over instead, with a fallback entry kept in ``pending`` that
     a retry writes once ``verdict_timeout_s`` passed unless the gateway

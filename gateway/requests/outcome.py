@@ -280,7 +280,8 @@ class TicketRunner:
         return ApiError(503, "queue_unavailable", QUEUE_UNAVAILABLE_MESSAGE)
 
     def abandon(self, ticket: Ticket, hold: HoldBack | None = None, pending: PendingResult | None = None,
-                subscription: contextlib.AsyncExitStack | None = None, queued: Queued | None = None) -> None:
+                subscription: contextlib.AsyncExitStack | None = None, queued: Queued | None = None, *,
+                unanswered: bool = False) -> None:
         """The client left mid-stream: cancel the generation and see the request ended.
 
         ``hold``: the stream's hold-back (what the client received), under output rules.
@@ -288,16 +289,18 @@ class TicketRunner:
         once the request ended): a report that reached it unread, or that arrives before a new wait
         could be entered, would be lost, and its worker would wait out its verdict timeout.
         ``queued``: where its job waits, taken back if no worker has taken it yet.
+        ``unanswered``: the stream had read its worker's report and was judging it when the client
+        left: that worker waits for an answer, and gets ``cancelled`` (:meth:`OutputRules.cancelled`).
         """
         task = asyncio.get_running_loop().create_task(self._cancel_and_close(ticket, hold, pending, subscription,
-                                                                             queued))
+                                                                             queued, unanswered=unanswered))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _cancel_and_close(self, ticket: Ticket, hold: HoldBack | None = None,
                                 pending: PendingResult | None = None,
                                 subscription: contextlib.AsyncExitStack | None = None,
-                                queued: Queued | None = None) -> None:
+                                queued: Queued | None = None, *, unanswered: bool = False) -> None:
         """Ask the worker to stop; if no worker ever ends the request, end it here.
 
         A job still in the queue is taken back from it at once and the request
@@ -307,8 +310,12 @@ class TicketRunner:
         stops, and records ``cancelled`` with the partial output. If the job
         never reaches a worker before it expires, nobody else would record an
         end, so after the queue's expiry the gateway records ``cancelled``.
+        A worker whose report the stream was judging (``unanswered``) is
+        answered ``cancelled`` first: it records that end at once.
         """
         request_id = ticket.request_id
+        if unanswered and hold is not None and self.output_rules is not None:
+            await self.output_rules.cancelled(ticket, hold)
         await self._request_cancel(request_id)
         try:  # the worker publishes (and stores) the outcome once the request has ended; it may have already
             async with contextlib.AsyncExitStack() as stack:
@@ -404,6 +411,9 @@ class StreamEvents:
         self._subscription = subscription
         self._finished = False
         self._closed = False
+        #: The worker's report is being answered (judged, then the verdict sent): a client that leaves
+        #: meanwhile abandons that answer, and the worker waiting for it must be answered all the same.
+        self._answering = False
         #: Under output rules (``checked``: the revision has one): what was received, judged and released.
         self._hold = runner.output_rules.hold() if runner.output_rules is not None and checked else None
 
@@ -424,7 +434,9 @@ class StreamEvents:
                                 yield released
                         elif isinstance(event, OutputReport):
                             if self._hold is not None and runner.output_rules is not None:
+                                self._answering = True
                                 await runner.output_rules.answer(ticket, self._hold, event)
+                                self._answering = False
                         else:
                             self._finished = True
                             result = await runner.result_of(ticket, event)
@@ -471,7 +483,8 @@ class StreamEvents:
             return
         self._closed = True
         if not self._finished:  # the wait stays open: what the worker sends from now on is still heard
-            self._runner.abandon(self._ticket, self._hold, self._pending, self._subscription, self._queued)
+            self._runner.abandon(self._ticket, self._hold, self._pending, self._subscription, self._queued,
+                                 unanswered=self._answering)
             return
         await self._subscription.aclose()
 

@@ -118,6 +118,22 @@ class OutputRules:
                              stopped=hold.stopped, unavailable=hold.unavailable,
                              revision=hold.revision or self.policy.revision)
 
+    async def cancelled(self, ticket: Ticket, hold: HoldBack) -> None:
+        """Answer the report of a stream whose client left while its answer was being judged.
+
+        That judgement was abandoned with the client's connection (its
+        evaluator with it), and the worker, which waits for an answer and
+        does not look at the cancel key meanwhile, would have waited out its
+        whole verdict timeout (10 s), holding its model. It gets a
+        ``cancelled`` verdict instead: the decision on the windows judged
+        before, and the text the client received (``hold`` released it, so it
+        was judged: nothing unjudged is ever served). The same two commands
+        the verdict would have cost; nothing on the usual path changes.
+        """
+        await self.send(ticket.request_id, OutputVerdict(
+            decision=hold.decision_document(), client_text=hold.client_text, stopped=hold.stopped,
+            unavailable=hold.unavailable, revision=hold.revision or self.policy.revision, cancelled=True))
+
     async def send(self, request_id: str, verdict: OutputVerdict) -> None:
         key = verdict_key(request_id)
         try:

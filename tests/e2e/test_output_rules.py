@@ -11,10 +11,13 @@ gateway whose patterns match nothing, then writes the data around what it said.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import signal
+import struct
+import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ import redis
 from govgate.processes import stop_process
 from tests.conftest import (ORPHAN_MODEL, OUTPUT_MODEL, _roomy_limits, bearer, policy_copy, serving, spawn_cli,
                             wait_for_worker)
+from tests.e2e.test_stream_faults import wait_terminal
 from tests.gateway.test_fail_closed import queued
 from workers.contract.pending_terminals import PENDING_KEY
 from workers.contract.privacy import Digester
@@ -345,3 +349,69 @@ def test_output_rules_that_cannot_be_evaluated_end_the_stream_with_an_error(rule
     # generated (all of it, or up to the stop the failed judgement caused), recorded, not served
     assert terminal.payload["output"] and rules.redact_text.startswith(terminal.payload["output"])
     assert terminal.body["output_decision"]["allow"] is False
+
+
+def all_evaluator_pids(gateway_pid: int) -> list[int]:
+    """The gateway's evaluator processes, whichever of its threads started them (a pool's starter thread's
+    children are not its main thread's)."""
+    pids = []
+    for children in Path(f"/proc/{gateway_pid}/task").glob("*/children"):
+        pids += [int(pid) for pid in children.read_text().split()
+                 if b"\0-c\0" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return pids
+
+
+def unread_request_bytes(pid: int) -> int:
+    """Bytes waiting in an evaluator's request pipe (its stdin): a decision it was asked for and has not read."""
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    finally:
+        os.close(fd)
+
+
+def test_a_client_that_leaves_while_the_last_window_is_judged_ends_the_stream_cancelled_at_once(
+        settings, keyring, audit_store, output_worker, tmp_path):
+    """The worker has reported and waits for its verdict; the gateway is judging; the client hangs up.
+
+    The judgement is abandoned with the client's connection. Its worker, waiting for the verdict, used
+    to wait out its whole verdict timeout (10 s, holding its model) and record ``failed``/``output_unchecked``
+    ("neither checked nor served") though its client had been streamed text. The hold-back is longer
+    than the output, so the report's is the stream's only judgement, and the evaluators are frozen
+    once the request is admitted, so that judgement is in progress until the client leaves: the
+    decision it asked for is seen waiting in an evaluator's pipe.
+    """
+    own = settings.with_(output_holdback_chars=4096, policy_timeout_s=120.0)
+    log = tmp_path / "serve.log"
+    worker = [output_worker.pid, *map(int, Path(f"/proc/{output_worker.pid}/task/{output_worker.pid}/children")
+                                      .read_text().split())]
+    evaluators: list[int] = []
+    with serving(own, log) as base:
+        evaluators = all_evaluator_pids(base.process.pid)
+        assert evaluators
+        signal_all(worker, signal.SIGSTOP)  # it must not report before the evaluators are frozen
+        try:
+            with httpx.stream("POST", f"{base}/v1/completions", headers=bearer(keyring["admin"]), timeout=60,
+                              json={**body(REDACT_PROMPT), "stream": True}) as response:
+                assert response.status_code == 200
+                request_id = response.headers["x-govgate-request-id"]
+                signal_all(evaluators, signal.SIGSTOP)  # admitted already: only the output is judged from here on
+                signal_all(worker, signal.SIGCONT)
+                deadline = time.monotonic() + 60
+                while not any(unread_request_bytes(pid) for pid in evaluators):
+                    assert time.monotonic() < deadline, "the output was never sent to be judged"
+                    time.sleep(0.01)
+            # the client has hung up mid-judgement
+            terminal = wait_terminal(audit_store, request_id)
+        finally:
+            signal_all(worker, signal.SIGCONT)
+            signal_all(evaluators, signal.SIGCONT)
+    assert "was abandoned mid-evaluation" in log.read_text()  # the judgement was under way when the client left
+    assert terminal.kind == "cancelled", terminal.body.get("error")
+    assert terminal.body["error"]["code"] == "cancelled"
+    # what the worker generated is kept and charged; the client received nothing (nothing was judged)
+    assert terminal.payload["output"]
+    assert terminal.body["usage"]["completion_tokens"] > 0
+    assert terminal.payload["client_output"] == ""
+    assert terminal.body["output_decision"]["stopped"] is False
+    assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "cancelled"]

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from gateway.dispatch import ResultWaiter
 from gateway.requests.outcome import StreamEvents, TicketRunner
+from gateway.requests.output_rules import OutputRules
 from gateway.requests.ticket import Ticket
 from workers.contract.jobs import STATUS_CANCELLED, JobResult
 from workers.contract.output_check import OutputReport
@@ -95,6 +96,78 @@ async def test_a_report_that_reached_the_stream_unread_is_answered_after_the_cli
     await waiting
     # The worker records its end and publishes the outcome: the abandoned request's wait ends with it.
     result = JobResult(status=STATUS_CANCELLED, text="", audit_seq=2).sealed(SEALER)
+    deliver(parts.worker, request_id, parts.waiter.reply_channel, success(result))
+    for _ in range(200):
+        if not parts.runner._background:
+            break
+        await asyncio.sleep(0.01)
+    assert not parts.runner._background
+    channel.forget()
+
+
+class _StuckOnTheLastWindow:
+    """A policy engine that judges a stream's windows at once (allow) but never finishes the last one."""
+
+    revision = "rev-test"
+
+    def __init__(self) -> None:
+        self.last_window_asked = asyncio.Event()
+
+    async def decide_output_with_revision(self, document):
+        if document["final"]:
+            self.last_window_asked.set()
+            await asyncio.Event().wait()  # until cancelled with its client
+        return SimpleNamespace(allow=True, reasons=(), redact=()), self.revision
+
+
+async def test_a_report_being_judged_when_the_client_left_is_answered_cancelled_with_what_it_received(parts):
+    """The stream read the report and was judging its last window when its client left.
+
+    The judgement went with the client (Litestar cancels the stream's task), and the report had been
+    read: nobody answered it, and the worker waited out its whole verdict timeout. It is answered
+    ``cancelled``, with the text the client received, so the worker records that end at once.
+    """
+    request_id = "abandon-judging"
+    policy = _StuckOnTheLastWindow()
+    rules = OutputRules(policy=policy, redis=parts.runner.redis, sealer=SEALER, holdback_chars=4,
+                        build_input=lambda ticket, window: {"text": window.text, "final": window.final})
+    parts.runner.output_rules = rules
+    ticket = Ticket(request_id=request_id, principal=None, model="tiny", created=0, job=None)
+    async with contextlib.AsyncExitStack() as stack:
+        pending = await stack.enter_async_context(parts.waiter.expect(request_id, stream=True, checked=True))
+        events = StreamEvents(parts.runner, ticket, pending, stack.pop_all(), checked=True)
+    channel = RedisJobChannel(parts.worker, request_id, streaming=True, sealer=SEALER,
+                              reply_to=parts.waiter.reply_channel, flush_interval_s=0)
+    received: list[str] = []
+
+    async def client() -> None:
+        async for event in events:
+            received.append(event)
+
+    reading = asyncio.ensure_future(client())
+    try:
+        channel.publish("Once upon a time ")  # a window is due: judged, and all but the hold-back released
+        for _ in range(200):
+            if received:
+                break
+            await asyncio.sleep(0.01)
+        assert received and all(isinstance(text, str) for text in received)
+        output = "Once upon a time there was a gateway."
+        channel.publish(output[len("Once upon a time "):])
+        channel.flush()
+        waiting = asyncio.ensure_future(asyncio.to_thread(channel.await_verdict, OutputReport(output), 3))
+        await asyncio.wait_for(policy.last_window_asked.wait(), 5)
+        reading.cancel()  # the client hung up: its task is cancelled mid-judgement
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        verdict = await waiting
+    finally:
+        reading.cancel()
+    assert verdict is not None and verdict.cancelled
+    assert verdict.client_text == "".join(received) and verdict.client_text  # what it received, not the tail
+    assert output.startswith(verdict.client_text) and verdict.client_text != output
+    # The worker records its cancelled end and publishes the outcome: the abandoned request's wait ends with it.
+    result = JobResult(status=STATUS_CANCELLED, text=verdict.client_text, audit_seq=2).sealed(SEALER)
     deliver(parts.worker, request_id, parts.waiter.reply_channel, success(result))
     for _ in range(200):
         if not parts.runner._background:

@@ -159,6 +159,31 @@ def test_an_unavailable_verdict_fails_the_request_and_keeps_the_output(client, s
     assert entry.kind == "failed" and entry.payload["output"] == gateway.reports[0].text
 
 
+def test_a_cancelled_answer_records_the_stream_cancelled_with_what_its_client_received(client, store, model) -> None:
+    """The stream's client left while its gateway judged the last window: what was released is all it got."""
+    probe = run_job(replace(checked_job(""), check_output=False), model, store)
+    word = probe.text.split()[0]
+
+    def cancelled(report: OutputReport) -> OutputVerdict:  # the windows before the last one were judged
+        found = [{"detector": "secret_word", "text": word}]
+        return OutputVerdict(decision={"allow": True, "reasons": [], "redact": found},
+                             client_text=mask(report.text[:len(report.text) // 2], found), revision="rev-2",
+                             cancelled=True)
+    gateway = Gateway(client, cancelled)
+    job = checked_job(gateway.channel, stream=True, prompt_logging="redacted")
+    result = run(client, job, store, model)
+    gateway.close()
+    assert result.status == "cancelled" and result.error["code"] == "cancelled"
+    entry = store.terminal_for(job.request_id)
+    assert entry.kind == "cancelled" and entry.body["finish_reason"] is None
+    assert entry.payload["client_output"] == result.text == cancelled(gateway.reports[0]).client_text != ""
+    assert word not in entry.payload["output"]  # masked in the log as the judged windows found it
+    assert entry.payload["output"] == mask(probe.text, [{"detector": "secret_word", "text": word}])
+    assert entry.body["usage"]["completion_tokens"] == probe.completion_tokens  # charged what it generated
+    assert entry.body["output_decision"]["policy_revision"] == "rev-2"
+    assert entry.body["timings"]["verdict_ms"] >= 0
+
+
 def test_without_a_verdict_in_time_the_output_is_recorded_unchecked_and_not_served(client, store, model) -> None:
     gateway = Gateway(client, lambda report: None)  # a gateway that died after it queued the job
     job = checked_job(gateway.channel)

@@ -81,6 +81,13 @@ class OutputVerdict:
     ``decision`` is ``{"allow", "reasons": [{code, message}], "redact": [{detector, text}]}``,
     every window of a stream folded into one. ``unavailable``: the policy
     could not judge, the client gets an error and the worker records a failure.
+    ``cancelled``: the stream's client left while the gateway judged the
+    output's last window; that judgement was abandoned, ``decision`` folds
+    the windows judged before it and ``client_text`` is what the client
+    received, and the worker records ``cancelled`` (without this answer it
+    waited out its whole verdict timeout, its model idle). Sent only when
+    set; a worker older than the field reads it as an ordinary verdict on
+    the text the client received (a ``completion``).
     """
 
     decision: dict[str, Any]
@@ -88,10 +95,14 @@ class OutputVerdict:
     stopped: bool = False
     unavailable: bool = False
     revision: str = ""
+    cancelled: bool = False
 
     def to_payload(self) -> dict[str, Any]:
-        return {"decision": self.decision, "client_text": self.client_text, "stopped": self.stopped,
-                "unavailable": self.unavailable, "revision": self.revision}
+        payload = {"decision": self.decision, "client_text": self.client_text, "stopped": self.stopped,
+                   "unavailable": self.unavailable, "revision": self.revision}
+        if self.cancelled:  # only then: every other verdict stays as it was
+            payload["cancelled"] = True
+        return payload
 
     def sealed(self, sealer: Sealer) -> bytes:
         return sealer.seal(json.dumps(self.to_payload()).encode())
@@ -105,7 +116,7 @@ class OutputVerdict:
             raise ValueError("not an output verdict")
         return cls(decision=document["decision"], client_text=document["client_text"],
                    stopped=bool(document.get("stopped")), unavailable=bool(document.get("unavailable")),
-                   revision=str(document.get("revision") or ""))
+                   revision=str(document.get("revision") or ""), cancelled=bool(document.get("cancelled")))
 
     @classmethod
     def unruled(cls, text: str, revision: str) -> "OutputVerdict":

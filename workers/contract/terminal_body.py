@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from workers.contract.jobs import STATUS_COMPLETED, STATUS_FAILED, JobResult
+from workers.contract.jobs import STATUS_CANCELLED, STATUS_COMPLETED, STATUS_FAILED, JobResult
 from workers.contract.output_check import (FINISH_CONTENT_FILTER, OUTPUT_POLICY_UNAVAILABLE, OUTPUT_UNCHECKED,
                                            OutputVerdict, decision_record, logged_client_output)
 from workers.contract.privacy import Digester, logged_output
@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 UNCHECKED_ERROR = {"code": OUTPUT_UNCHECKED,
                    "message": "no output verdict came from the gateway in time; the output was neither checked "
                               "nor served"}
+
+#: The error of a stream whose client left while the gateway judged its output's last window (the
+#: verdict says ``cancelled``): the entry's ``client_output`` is what the client received.
+CANCELLED_ERROR = {"code": STATUS_CANCELLED,
+                   "message": "generation was cancelled (the client went away while its output was being judged)"}
 
 
 #: The error of an end the database refused when it came: kept pending, nothing served.
@@ -98,12 +103,18 @@ def checked_ending(job: GenerateJob, verdict: OutputVerdict | None, finish_reaso
     (findings as digests) and what the client received. A stopped generation
     is a ``completion`` with finish reason ``content_filter``; one the policy
     could not judge, or nobody judged, is ``failed`` and nothing is served.
+    A stream whose client left while its last window was judged is
+    ``cancelled`` (no finish reason, as any cancelled generation), holding the
+    decision on the windows judged before and what the client received.
     """
     if verdict is None:
         return Ending(STATUS_FAILED, finish_reason, error=dict(UNCHECKED_ERROR))
     checked = {"output_decision": decision_record(verdict, digester),
                **logged_client_output(verdict.client_text, job.prompt_logging, [*job.redact, *verdict.redact],
                                       digester)}
+    if verdict.cancelled:
+        return Ending(STATUS_CANCELLED, None, checked=checked, findings=verdict.redact, served=verdict.client_text,
+                      error=dict(CANCELLED_ERROR))
     if verdict.unavailable:  # the engine's reasons say why (no evaluator free, a timeout): no text in them
         why = "; ".join(str(reason.get("message", "")) for reason in verdict.decision.get("reasons") or ()
                         if isinstance(reason, dict))
