@@ -83,6 +83,8 @@ class KeyRecord:
     user: str | None = None
     team: str | None = None
     fingerprint: str | None = None
+    #: The key's note (compared, with user and team, when ``user`` is given).
+    note: str | None = None
 
 
 @dataclass(slots=True)
@@ -97,6 +99,7 @@ class ChainKey:
     fingerprint: str | None
     created_seq: int
     last_seq: int
+    note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +109,7 @@ class Discrepancy:
     ``code`` is one of: ``not_on_chain`` (a key row no entry created),
     ``missing_from_table`` (a key the chain created has no row),
     ``roles_differ``, ``revoked_in_table_only``, ``revoked_on_chain_only``,
-    ``user_differs``, ``team_differs``, ``fingerprint_differs`` and, for
+    ``user_differs``, ``team_differs``, ``note_differs``, ``fingerprint_differs`` and, for
     the chain's own key entries, ``chain_inconsistent`` (e.g. a revocation of
     a key never created) and ``malformed_entry``. ``seq`` is the entry it is
     about, when there is one.
@@ -149,11 +152,12 @@ def _new_key(item: Any, seq: int, *, revoked: bool) -> ChainKey | None:
         return None
     roles = _roles(item.get("roles"))
     user, team, fingerprint = item.get("user"), item.get("team"), item.get("fingerprint")
+    note = item.get("note")
     if roles is None or not isinstance(user, str) or not isinstance(team, (str, type(None))) \
-            or not isinstance(fingerprint, (str, type(None))):
+            or not isinstance(fingerprint, (str, type(None))) or not isinstance(note, (str, type(None))):
         return None
     return ChainKey(key_id=item["key_id"], user=user, team=team, roles=roles, revoked=revoked,
-                    fingerprint=fingerprint, created_seq=seq, last_seq=seq)
+                    fingerprint=fingerprint, created_seq=seq, last_seq=seq, note=note)
 
 
 def fold(entries: Iterable[EntryLike]) -> KeyLedger:
@@ -272,8 +276,9 @@ def _compare(key: ChainKey, row: KeyRecord) -> Iterator[Discrepancy]:
         yield Discrepancy("revoked_on_chain_only", key.key_id,
                           "the chain revoked this key, but the key table has it live (revocation undone)",
                           key.last_seq)
-    if row.user is not None:  # the caller gave the key's owner: user and team are compared
-        for name in ("user", "team"):
+    if row.user is not None:  # the caller gave the key's owner: user, team and note are compared
+        # (a note is set once, at creation: an edited one showed in `keys list` and the keys page as fact)
+        for name in ("user", "team", "note"):
             row_value, chain_value = getattr(row, name), getattr(key, name)
             if row_value != chain_value:
                 yield Discrepancy(f"{name}_differs", key.key_id, f"the key table says {name} {row_value!r}, "

@@ -223,7 +223,8 @@ def key_discrepancies(engine) -> tuple[int, list[str]]:
     ledger = read_ledger(engine)
     rows = KeyStore(engine).list(include_revoked=True) if inspect(engine).has_table("api_keys") else []
     records = [KeyRecord(key_id=row.key_id, roles=_stored_roles(row.roles_json), revoked=row.revoked_at is not None,
-                         user=row.user, team=row.team, fingerprint=key_fingerprint(row.key_hash)) for row in rows]
+                         user=row.user, team=row.team, fingerprint=key_fingerprint(row.key_hash), note=row.note)
+               for row in rows]
     return len(ledger.keys), [found.describe() for found in reconcile(ledger, records)]
 
 

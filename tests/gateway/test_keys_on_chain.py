@@ -169,6 +169,8 @@ def test_no_entry_holds_the_secret_or_its_digest(own, engine):
     ("UPDATE api_keys SET key_hash = '" + "0" * 64 + "' WHERE key_id = :id", "fingerprint_differs"),
     ("UPDATE api_keys SET team = 'finance' WHERE key_id = :id", "team_differs"),
     ("UPDATE api_keys SET user = 'root' WHERE key_id = :id", "user_differs"),
+    # the note was on the chain but not compared: "approved by CISO" showed in keys list as fact
+    ("UPDATE api_keys SET note = 'approved by CISO' WHERE key_id = :id", "note_differs"),
     ("DELETE FROM api_keys WHERE key_id = :id", "missing_from_table"),
     ("UPDATE api_keys SET roles_json = 'admin' WHERE key_id = :id", "roles_differ"),
 ])
