@@ -155,6 +155,9 @@ def verify_bundle(lines: Iterable[str], public_key: PublicKey) -> BundleVerdict:
     verdict.first_seq, verdict.last_seq = first, last
     expected_seq, prev_hash, prev_at = first, None, None
     last_signed: Checkpoint | None = None
+    #: Selected entries that chain a payload but carry none, and the ranges the bundle's prunes erased.
+    without_payload: list[int] = []
+    erased: list[tuple[int, int]] = []
     for number, line in enumerate(stream, start=2):
         try:
             item = json.loads(line)
@@ -190,6 +193,11 @@ def verify_bundle(lines: Iterable[str], public_key: PublicKey) -> BundleVerdict:
             return verdict
         verdict.entries += 1
         verdict.selected += chosen
+        if chosen and document.get("payload") is None and document.get("payload_digest") is not None:
+            without_payload.append(expected_seq)
+        span = _erased_span(document)
+        if span is not None:
+            erased.append(span)
         prev_hash, prev_at = document["hash"], document["created_at"]
         expected_seq += 1
     if expected_seq != last + 1:
@@ -198,7 +206,23 @@ def verify_bundle(lines: Iterable[str], public_key: PublicKey) -> BundleVerdict:
         verdict.problems.append(f"no checkpoint signs the last entry {last}: the range is not anchored")
     else:
         verdict.signed_at = format_timestamp(last_signed.created_at)
+    dropped = [seq for seq in without_payload if not any(low <= seq <= high for low, high in erased)]
+    if dropped:
+        shown = ", ".join(map(str, dropped[:10])) + (", …" if len(dropped) > 10 else "")
+        verdict.problems.append(f"{len(dropped)} selected entries chain a payload but carry none, and no "
+                                f"payloads_erased entry of the bundle erased them (entries {shown}): their texts "
+                                "were left out of the bundle, or erased outside `govgate audit prune`")
     return verdict
+
+
+def _erased_span(doc: dict[str, Any]) -> tuple[int, int] | None:
+    """The seqs a ``payloads_erased`` entry says its prune erased (a selected entry's missing payload is
+    accounted for when one covers it; the range reaches the head, so every such record is in it)."""
+    body = doc.get("body")
+    if doc.get("kind") != "payloads_erased" or not isinstance(body, dict):
+        return None
+    low, high = body.get("first_seq"), body.get("last_seq")
+    return (low, high) if type(low) is int and type(high) is int and low <= high else None
 
 
 def _selection(doc: Any) -> Selection:
