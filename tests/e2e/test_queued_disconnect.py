@@ -35,7 +35,8 @@ MODEL = TINY_MODEL_NAME
 IN_FLIGHT = 4
 
 
-async def _in_flight(url: str, principal: str, team: str) -> tuple[int, int]:
+async def in_flight_of(url: str, principal: str, team: str) -> tuple[int, int]:
+    """The principal's and its team's requests in flight, as the gateway's counters read them."""
     client = aioredis.Redis.from_url(url)
     try:
         usage = await UsageCounters(client).snapshot(principal, team)
@@ -71,7 +72,7 @@ def test_clients_that_leave_while_queued_free_their_places_and_slots_and_end_onc
                     await r.aread()
 
             async def full() -> bool:
-                return await _in_flight(own.redis_url, user, team) == (IN_FLIGHT, IN_FLIGHT) \
+                return await in_flight_of(own.redis_url, user, team) == (IN_FLIGHT, IN_FLIGHT) \
                     and queued(own, MODEL) == IN_FLIGHT
 
             leavers = [asyncio.create_task(ask(i % 2 == 0)) for i in range(IN_FLIGHT)]  # streams and not
@@ -83,7 +84,7 @@ def test_clients_that_leave_while_queued_free_their_places_and_slots_and_end_onc
             await asyncio.gather(*leavers, return_exceptions=True)
 
             async def freed() -> bool:
-                return await _in_flight(own.redis_url, user, team) == (0, 0) and queued(own, MODEL) == 0
+                return await in_flight_of(own.redis_url, user, team) == (0, 0) and queued(own, MODEL) == 0
 
             await _until(freed, "the places and slots of the clients that left to be freed")
             raw = redis.Redis.from_url(own.redis_url)
@@ -104,7 +105,7 @@ def test_clients_that_leave_while_queued_free_their_places_and_slots_and_end_onc
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_in_flight", refused.text
     assert not seen["waiting"]  # the team's waiting count went down with its jobs (fair mode)
     assert served.status_code == 200, served.text
-    assert asyncio.run(_in_flight(own.redis_url, user, team)) == (0, 0)
+    assert asyncio.run(in_flight_of(own.redis_url, user, team)) == (0, 0)
     # every request that left: its request entry and exactly one terminal entry, cancelled, none run
     others = {r.headers["x-govgate-request-id"] for r in (refused, served)}
     gone = {e.request_id for e in audit_store.tail(200)
@@ -154,4 +155,4 @@ def test_a_non_streamed_client_that_leaves_mid_generation_stops_it(own_redis, au
 
 
 async def _settled(url: str, principal: str, team: str) -> bool:
-    return await _in_flight(url, principal, team) == (0, 0)
+    return await in_flight_of(url, principal, team) == (0, 0)

@@ -20,25 +20,15 @@ import signal
 import time
 
 import httpx
-import redis.asyncio as aioredis
 
-from gateway.limits import UsageCounters
 from tests.conftest import bearer, policy_copy, serving
+from tests.e2e.test_queued_disconnect import in_flight_of
 from tests.keys_and_limits import limits_for, new_key
 from tests.own_redis import doomed_redis  # noqa: F401 - fixture
 from workers.contract.registry import TINY_MODEL_NAME
 
 MODEL = TINY_MODEL_NAME
 BODY = {"model": MODEL, "prompt": "Count", "max_tokens": 8}
-
-
-async def _in_flight(url: str, principal: str, team: str) -> tuple[int, int]:
-    client = aioredis.Redis.from_url(url)
-    try:
-        usage = await UsageCounters(client).snapshot(principal, team)
-    finally:
-        await client.aclose()
-    return usage["principal"]["in_flight"], usage["team"]["in_flight"]
 
 
 async def _admitted_stream(client: httpx.AsyncClient, base: str, key: str) -> int:
@@ -58,7 +48,7 @@ def test_requests_refused_during_a_redis_freeze_hold_no_slot_after_it(settings, 
 
     async def until_free(timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
-        while await _in_flight(own.redis_url, user, team) != (0, 0):
+        while await in_flight_of(own.redis_url, user, team) != (0, 0):
             if time.monotonic() > deadline:
                 return False
             await asyncio.sleep(0.1)
@@ -76,7 +66,7 @@ def test_requests_refused_during_a_redis_freeze_hold_no_slot_after_it(settings, 
             finally:
                 os.kill(doomed_redis.process.pid, signal.SIGCONT)
             seen["freed"] = await until_free(60)
-            seen["in_flight"] = await _in_flight(own.redis_url, user, team)
+            seen["in_flight"] = await in_flight_of(own.redis_url, user, team)
             seen["after"] = await _admitted_stream(client, base, key)
 
     with serving(own, tmp_path / "serve.log") as base:

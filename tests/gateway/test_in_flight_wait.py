@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from gateway.limits import Scope, UsageCounters
 from gateway.limits.in_flight_wait import in_flight_wait_s, soonest_end_s
 from tests.conftest import bearer, policy_copy, serving
-from tests.e2e.test_queued_disconnect import _in_flight, _until
+from tests.e2e.test_queued_disconnect import _until, in_flight_of
 from tests.gateway.test_fail_closed import queued
 from tests.gateway.test_usage_counters import client  # noqa: F401  (fixture: an async client of the session's Redis)
 from tests.keys_and_limits import limits_for, new_key
@@ -117,7 +117,7 @@ def test_a_served_gateway_tells_a_principal_at_its_in_flight_limit_when_to_come_
             waiting = asyncio.create_task(http.post(f"{base}/v1/completions", headers=bearer(key), json=body))
 
             async def held() -> bool:
-                return (await _in_flight(own.redis_url, user, team))[0] == 1 and queued(own, model) == 1
+                return (await in_flight_of(own.redis_url, user, team))[0] == 1 and queued(own, model) == 1
 
             await _until(held, "the first request to be queued")
             seen["refused"] = await http.post(f"{base}/v1/completions", headers=bearer(key), json=body)
@@ -125,7 +125,7 @@ def test_a_served_gateway_tells_a_principal_at_its_in_flight_limit_when_to_come_
             await asyncio.gather(waiting, return_exceptions=True)
 
             async def freed() -> bool:
-                return (await _in_flight(own.redis_url, user, team))[0] == 0
+                return (await in_flight_of(own.redis_url, user, team))[0] == 0
 
             await _until(freed, "the queued request's slot to be freed")
 

@@ -72,6 +72,15 @@ async def parts(redis_server):
         worker.close()
 
 
+
+async def _background_done(parts) -> None:
+    """Wait (at most 2 s) for the runner's background ends of abandoned requests to finish."""
+    for _ in range(200):
+        if not parts.runner._background:
+            break
+        await asyncio.sleep(0.01)
+    assert not parts.runner._background
+
 async def test_a_report_that_reached_the_stream_unread_is_answered_after_the_client_left(parts):
     request_id = "abandon-unread"
     ticket = Ticket(request_id=request_id, principal=None, model="tiny", created=0, job=None)
@@ -97,11 +106,7 @@ async def test_a_report_that_reached_the_stream_unread_is_answered_after_the_cli
     # The worker records its end and publishes the outcome: the abandoned request's wait ends with it.
     result = JobResult(status=STATUS_CANCELLED, text="", audit_seq=2).sealed(SEALER)
     deliver(parts.worker, request_id, parts.waiter.reply_channel, success(result))
-    for _ in range(200):
-        if not parts.runner._background:
-            break
-        await asyncio.sleep(0.01)
-    assert not parts.runner._background
+    await _background_done(parts)
     channel.forget()
 
 
@@ -169,9 +174,5 @@ async def test_a_report_being_judged_when_the_client_left_is_answered_cancelled_
     # The worker records its cancelled end and publishes the outcome: the abandoned request's wait ends with it.
     result = JobResult(status=STATUS_CANCELLED, text=verdict.client_text, audit_seq=2).sealed(SEALER)
     deliver(parts.worker, request_id, parts.waiter.reply_channel, success(result))
-    for _ in range(200):
-        if not parts.runner._background:
-            break
-        await asyncio.sleep(0.01)
-    assert not parts.runner._background
+    await _background_done(parts)
     channel.forget()
