@@ -44,9 +44,8 @@ log = logging.getLogger(__name__)
 
 #: Terminal kinds that end a request without an answer of its own: a timeout that lost to one keeps its 504.
 _GAVE_UP = frozenset({STATUS_TIMED_OUT, STATUS_CANCELLED})
-#: The end the gateway records for a request whose client left while its job still waited in the queue.
-_GONE_WHILE_QUEUED = {"output": "", "error": {"code": "cancelled",
-                                              "message": "the client went away before a worker took the request"}}
+#: The error of the end the gateway records for a request whose client left while its job still waited.
+_GONE_WHILE_QUEUED = {"code": "cancelled", "message": "the client went away before a worker took the request"}
 
 #: Returns once the client has gone away (its connection closed); see :meth:`TicketRunner.complete`.
 ClientGone = Callable[[], Awaitable[Any]]
@@ -159,11 +158,17 @@ class TicketRunner:
             for task in (waiting, watching):
                 task.cancel()
 
+    def _gone_while_queued(self, ticket: Ticket) -> dict[str, Any]:
+        """The body of a request ended before a worker took it: no output, as its ``prompt_logging`` keeps
+        one (under ``hash`` a digest and a length, no payload; it was ``"output": ""`` whatever the level)."""
+        job = ticket.job
+        return {**logged_output("", job.prompt_logging, job.redact, self.digester), "error": dict(_GONE_WHILE_QUEUED)}
+
     async def _withdrawn_end(self, ticket: Ticket) -> ApiError:
         """End a request whose job was taken back from the queue: ``cancelled``, nothing used (unless an
         end was recorded before: a run that died after recording it, its job restored to the queue, is
         charged what that end records); the error to raise (its client is gone)."""
-        winner = await self.request_log.end(ticket, "cancelled", _GONE_WHILE_QUEUED)
+        winner = await self.request_log.end(ticket, "cancelled", self._gone_while_queued(ticket))
         await self._settle_usage(ticket, used_tokens(winner.body.get("usage")) if winner is not None else None)
         # 499, not a 5xx: the client went away (the metrics count it with the client's errors)
         return ApiError(CLIENT_CLOSED_STATUS, "cancelled", "The request was cancelled before it completed.")
@@ -338,8 +343,7 @@ class TicketRunner:
             pass
         entry = await self.request_log.terminal_for(request_id)
         if entry is None:  # no worker took it: end it here
-            await self.request_log.end(ticket, "cancelled", {"output": "", "error": {
-                "code": "cancelled", "message": "the client went away before a worker took the request"}})
+            await self.request_log.end(ticket, "cancelled", self._gone_while_queued(ticket))
             await self._settle_usage(ticket, None)
             return
         await self._settle_usage(ticket, used_tokens(entry.body.get("usage")))

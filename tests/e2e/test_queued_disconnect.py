@@ -33,6 +33,8 @@ from workers.contract.registry import TINY_MODEL_NAME
 
 MODEL = TINY_MODEL_NAME
 IN_FLIGHT = 4
+#: The analysts' prompt_logging in each mode's run: both levels' ends of a request gone while queued.
+LOGGING = {"fair": "full", "fifo": "hash"}
 
 
 async def in_flight_of(url: str, principal: str, team: str) -> tuple[int, int]:
@@ -56,9 +58,14 @@ async def _until(condition, what: str, timeout_s: float = 30) -> None:
 def test_clients_that_leave_while_queued_free_their_places_and_slots_and_end_once(
         own_redis, audit_store, tmp_path, mode) -> None:  # noqa: F811
     user, team = f"leaver-{os.urandom(3).hex()}", f"leavers-{mode}"
-    own = own_redis.with_(queue_mode=mode, request_timeout_s=120, policy_dir=policy_copy(
-        tmp_path, limits_for("principal", user, requests_per_minute=1000, tokens_per_minute=10**9,
-                             in_flight=IN_FLIGHT)))
+    limits = limits_for("principal", user, requests_per_minute=1000, tokens_per_minute=10**9, in_flight=IN_FLIGHT)
+    logging = LOGGING[mode]
+
+    def change(config: dict) -> None:
+        limits(config)
+        config["roles"]["analyst"]["prompt_logging"] = logging
+
+    own = own_redis.with_(queue_mode=mode, request_timeout_s=120, policy_dir=policy_copy(tmp_path, change))
     key = new_key(own, user, team)
     ids: list[str] = []
     seen: dict = {}
@@ -115,6 +122,12 @@ def test_clients_that_leave_while_queued_free_their_places_and_slots_and_end_onc
         entries = audit_store.entries_for(request_id)
         assert [e.kind for e in entries] == ["request", "cancelled"], [(e.kind, e.body) for e in entries]
         assert entries[1].body["error"]["code"] == "cancelled"
+        # kept as the request's prompt_logging keeps an output: under hash no payload, a digest and a length
+        # (it was {"output": ""} in a payload whatever the level)
+        if logging == "hash":
+            assert entries[1].payload is None and entries[1].body["output_chars"] == 0, entries[1]
+        else:
+            assert entries[1].payload is not None and entries[1].payload.get("output") == ""
     assert "Task govgate.generate" not in "".join(
         line for line in (tmp_path / "worker.log").read_text().splitlines(True)
         if any(request_id in line for request_id in gone))
