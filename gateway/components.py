@@ -100,7 +100,7 @@ def gateway_redis(settings: Settings) -> aioredis.Redis:
     (``gateway/resp_pack.py``) and writes them in the step that sends them (``gateway/resp_send.py``)."""
     pool = immediate_sending(fast_packing(LeanBlockingConnectionPool.from_url(
         settings.redis_url, max_connections=settings.redis_max_connections, timeout=5,
-        socket_timeout=10, socket_connect_timeout=5)))
+        socket_timeout=settings.redis_timeout_s, socket_connect_timeout=min(5.0, settings.redis_timeout_s))))
     return aioredis.Redis(connection_pool=pool)
 
 

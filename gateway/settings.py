@@ -128,6 +128,10 @@ class Settings:
     default_max_tokens: int = 128
     #: Size of the gateway's Redis connection pool (a blocking pool: waits, never raises).
     redis_max_connections: int = 64
+    #: Longest the gateway waits for Redis to answer one call (its socket timeout) before the request is refused
+    #: 503 (fail closed); also caps the wait for a new connection's handshake. A frozen Redis holds every request
+    #: this long, so shorter fails faster, but a Redis busy past it (a slow save, a long script) refuses requests.
+    redis_timeout_s: float = 10.0
     #: Log level for gateway and workers.
     log_level: str = "INFO"
     #: ``text`` (one readable line per record) or ``json`` (one JSON object per line, for log shippers).
@@ -284,6 +288,7 @@ class Settings:
             max_body_bytes=int(number("MAX_BODY_BYTES", defaults.max_body_bytes, int, 1024)),
             default_max_tokens=int(number("DEFAULT_MAX_TOKENS", defaults.default_max_tokens, int, 1)),
             redis_max_connections=int(number("REDIS_MAX_CONNECTIONS", defaults.redis_max_connections, int, 2)),
+            redis_timeout_s=seconds_up_to_a_day("REDIS_TIMEOUT_S", defaults.redis_timeout_s),
             log_level=_choice(text("LOG_LEVEL", defaults.log_level).upper(), "LOG_LEVEL",
                               ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
             log_format=_choice(text("LOG_FORMAT", defaults.log_format).lower(), "LOG_FORMAT", ("text", "json")),

@@ -1,6 +1,6 @@
 """Requests refused while Redis is frozen hold no in-flight slot once it resumes, on a served gateway.
 
-Redis stopped (SIGSTOP) past the gateway's Redis timeout (10 s): each
+Redis stopped (SIGSTOP) past the gateway's Redis timeout (2 s here): each
 completion is refused 503 ``usage_unavailable``, but its admission script,
 with the reservation made ahead of the decision, is already in the frozen
 Redis's socket and runs when Redis resumes. Before, nothing gave it back: a
@@ -40,7 +40,7 @@ async def _admitted_stream(client: httpx.AsyncClient, base: str, key: str) -> in
 
 def test_requests_refused_during_a_redis_freeze_hold_no_slot_after_it(settings, doomed_redis, tmp_path) -> None:  # noqa: F811
     user, team = f"frozen-{os.urandom(3).hex()}", f"frozen-team-{os.urandom(3).hex()}"
-    own = settings.with_(redis_url=doomed_redis.url, queue_mode="fair", request_timeout_s=120,
+    own = settings.with_(redis_url=doomed_redis.url, queue_mode="fair", request_timeout_s=120, redis_timeout_s=2,
                          policy_dir=policy_copy(tmp_path, limits_for("principal", user, requests_per_minute=1000,
                                                                      tokens_per_minute=10**9, in_flight=2)))
     key = new_key(own, user, team)

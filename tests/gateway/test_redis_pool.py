@@ -25,11 +25,14 @@ def _pool(url: str, **options) -> LeanBlockingConnectionPool:
 
 
 def test_the_gateway_uses_it(settings):
-    client = gateway_redis(dataclasses.replace(settings, redis_max_connections=7))
+    client = gateway_redis(dataclasses.replace(settings, redis_max_connections=7, redis_timeout_s=2.5))
     try:
         assert isinstance(client.connection_pool, LeanBlockingConnectionPool)
         assert client.connection_pool.max_connections == 7
         assert client.connection_pool.timeout == 5  # waits for a free connection, never fails at the limit at once
+        # GOVGATE_REDIS_TIMEOUT_S: an unanswered call fails (closed) after it; a handshake never waits longer
+        assert client.connection_pool.connection_kwargs["socket_timeout"] == 2.5
+        assert client.connection_pool.connection_kwargs["socket_connect_timeout"] == 2.5
     finally:
         asyncio.run(client.aclose())
 

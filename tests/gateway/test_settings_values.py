@@ -22,6 +22,7 @@ FLOAT_SETTINGS = ["POLICY_TIMEOUT_S", "POLICY_WAIT_TIMEOUT_S", "POLICY_RELOAD_IN
 OWN_RANGE = {"DATABASE_BUSY_TIMEOUT_S": "must be more than 0 and at most 86400 seconds",
              "WORKER_START_TIMEOUT_S": "must be more than 0 and at most 86400 seconds",
              "REDELIVERY_MARGIN_S": "must be more than 0 and at most 86400 seconds",
+             "REDIS_TIMEOUT_S": "must be more than 0 and at most 86400 seconds",
              "STREAM_FLUSH_INTERVAL_MS": "must be between 0 and 1000 milliseconds"}
 #: The whole-number settings but the port (which has its own range).
 INT_SETTINGS = ["POLICY_EVALUATORS", "POLICY_VM_CHECK_EVERY", "ADMISSION_CONCURRENCY", "OUTPUT_HOLDBACK_CHARS", "MAX_QUEUED_PER_MODEL",
