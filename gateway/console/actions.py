@@ -27,6 +27,7 @@ from gateway.auth.refusals import MISSING, NOT_A_KEY, UNKNOWN_OR_REVOKED, log_re
 from gateway.console import csrf
 from gateway.console.errors import error_page
 from gateway.console.pages import checked_request_id, service
+from gateway.console.forms import read_form
 from gateway.console.render import SECURITY_HEADERS, page
 from gateway.console.signin import (SESSION_COOKIE, SIGN_IN_COOKIE, Reviewer, cookie, may_review, may_use_console,
                                     safe_next, session_store)
@@ -38,7 +39,7 @@ _SIGN_IN_COOKIE_S: Final = 3600
 
 
 async def _form(request: Request) -> dict[str, Any]:
-    form = await request.form()
+    form = await read_form(request)
     return {name: form.get(name) for name in form}
 
 

@@ -21,6 +21,7 @@ from gateway.allowed_methods import allow_list
 from gateway.api_errors import ApiError, new_request_id
 from gateway.auth import KeyStoreError
 from gateway.console.csrf import CsrfRefused
+from gateway.console.forms import FieldRepeated
 from gateway.console.render import SECURITY_HEADERS, page
 from gateway.console.sessions import SessionStoreDown
 from gateway.console.signin import PageRefused, Reviewer, SignInRequired
@@ -73,6 +74,11 @@ def _csrf(_: Request, __: CsrfRefused) -> Response:
                       "Go back, reload the page and try again.")
 
 
+def _repeated(_: Request, exc: FieldRepeated) -> Response:
+    return error_page(400, "invalid_request", f"This form sent the field '{exc.name}' more than once, so it was "
+                      "not acted on. Go back, reload the page and send it again.")
+
+
 def _sessions_down(_: Request, exc: SessionStoreDown) -> Response:
     log.error("console: session store (Redis) unavailable: %s", exc)
     return error_page(503, "console_unavailable", "The console cannot check sessions right now (Redis is not "
@@ -107,6 +113,7 @@ EXCEPTION_HANDLERS = {
     PageRefused: _refused,
     ApiError: _api,
     CsrfRefused: _csrf,
+    FieldRepeated: _repeated,
     SessionStoreDown: _sessions_down,
     KeyStoreError: _keys_down,
     HTTPException: http_error_page,

@@ -28,6 +28,7 @@ from gateway.api.admin_keys import list_query, api_error
 from gateway.api.admin_keys_shapes import key_document
 from gateway.console import csrf, once
 from gateway.console.errors import error_page
+from gateway.console.forms import read_form
 from gateway.console.render import page
 from gateway.console.signin import PageRefused, Reviewer, provide_user
 from gateway.keys_admin import KeyAdmin, KeyAdminError, KeyChange, KeyChangeSignal, RolesUnreadable, policy_roles
@@ -137,8 +138,10 @@ def _roles_done(change: KeyChange) -> str:
 
 
 async def _checked_form(request: Request, admin: Admin) -> Any:
-    """The posted form, once its CSRF token is the session's (:class:`csrf.CsrfRefused` otherwise)."""
-    form = await request.form()
+    """The posted form, once its CSRF token is the session's (:class:`csrf.CsrfRefused` otherwise) and no field
+    came twice (:class:`FieldRepeated`) but the ``roles`` checkboxes and the text fields (``_text`` refuses a
+    repeated one on the form itself, filled in)."""
+    form = await read_form(request, may_repeat=("roles", "confirm", *CREATE_FIELDS))
     csrf.check(admin.user.session.csrf, form.get(csrf.FIELD))
     return form
 

@@ -207,6 +207,23 @@ async def test_sending_the_create_form_again_makes_no_second_key(client: AsyncTe
     assert len(keys_of_user(console, "reloader")) == 1
 
 
+async def test_a_create_form_repeating_a_field_is_refused_whole(client: AsyncTestClient, console: Console) -> None:
+    """Two ``form_id`` fields were read as the first one (a repeated text field is refused on the form, below)."""
+    csrf = await sign_in_admin(client, console.keys.admin)
+    form_id = re.search(r'name="form_id" value="([^"]+)"', (await client.get(KEYS)).text).group(1)
+    fields = {"csrf_token": csrf, "form_id": form_id, "user": "twice", "roles": ["viewer", "analyst"]}
+    for repeated in ({"form_id": [form_id, "another"]}, {"csrf_token": [csrf, csrf]}):
+        response = await client.post(KEYS, data={**fields, **repeated})
+        name = next(iter(repeated))
+        assert response.status_code == 400, response.text
+        assert "invalid_request" in response.text and f"the field &#39;{name}&#39; more than once" in response.text
+        assert not _SECRET.search(response.text)
+    assert keys_of_user(console, "twice") == []
+    made = await client.post(KEYS, data=fields)
+    assert made.status_code == 200 and _SECRET.search(made.text), made.text
+    assert len(keys_of_user(console, "twice")) == 1
+
+
 async def test_create_shows_the_secret_once_and_records_it_in_the_admins_name(
         client: AsyncTestClient, console: Console) -> None:
     csrf = await sign_in_admin(client, console.keys.admin)

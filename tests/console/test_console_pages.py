@@ -339,6 +339,24 @@ async def test_an_action_without_the_session_token_is_refused(client: AsyncTestC
     assert len(_review_entries(console, MARKUP_REQUEST)) == before
 
 
+@pytest.mark.parametrize("form", [{"text": ["first", "second"]}, {"text": "one", "extra": ["a", "b"]}])
+async def test_an_action_repeating_a_field_is_refused_whole(client: AsyncTestClient, console: Console,
+                                                           form: dict) -> None:
+    """Two ``text`` (or ``note``) fields were read as the first and the second dropped silently; the JSON API
+    refuses it. A comment, so the shared request stays out of the queue."""
+    csrf = await sign_in(client, console.keys.reviewer)
+    before = len(_review_entries(console, MARKUP_REQUEST))
+    response = await client.post(f"/console/requests/{MARKUP_REQUEST}/comment", data={"csrf_token": csrf, **form})
+    repeated = next(name for name, value in form.items() if isinstance(value, list))
+    assert response.status_code == 400 and "invalid_request" in response.text, response.text
+    assert f"the field &#39;{repeated}&#39; more than once" in response.text
+    assert len(_review_entries(console, MARKUP_REQUEST)) == before
+    commented = await client.post(f"/console/requests/{MARKUP_REQUEST}/comment",
+                                  data={"csrf_token": csrf, "text": "x"})
+    assert commented.status_code == 303, commented.text
+    assert len(_review_entries(console, MARKUP_REQUEST)) == before + 1
+
+
 async def test_another_sessions_token_is_refused(client: AsyncTestClient, console: Console) -> None:
     other = await sign_in(client, console.keys.reviewer)
     client.cookies.clear()
