@@ -19,7 +19,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Callable, Literal
+from typing import Any, Callable, Coroutine, Final, Literal
 
 from gateway.policy.child import CHILD_COMMAND, child_environment
 from gateway.policy.fair_line import FairLine, Team
@@ -68,6 +68,8 @@ class Evaluator:
         self._recv: Connection | None = None
         #: Who answers in the running child (its ``ready`` line): the compiled VM or the interpreter, and why.
         self.answered_by = ""
+        #: Set by a cancelled ``evaluate``; read once by ``take_late``.
+        self._late: LateReply | object | None = None
 
     @property
     def pid(self) -> int | None:
@@ -147,7 +149,10 @@ class Evaluator:
 
         Raises ``TimeoutError`` past ``timeout_s`` and ``EOFError`` or
         ``OSError`` when the child is gone; after any of these the child's
-        state is unknown and it must be replaced.
+        state is unknown and it must be replaced. Cancelled once the request
+        is sent whole, the reply still due is left in :meth:`take_late` for
+        the pool to read and drop: the child is then in step again, and need
+        not be killed (:class:`LateReply`).
         """
         if self._send is None or self._recv is None:
             raise EOFError("the evaluator is not running")
@@ -156,6 +161,7 @@ class Evaluator:
         reply: asyncio.Future[bytes] = loop.create_future()
         received = bytearray()
 
+        # Both read ``reply`` when called: a cancelled caller's future is swapped for the late reply's.
         def readable() -> None:
             try:
                 chunk = os.read(inp, _READ_CHUNK)
@@ -175,6 +181,9 @@ class Evaluator:
                 elif len(received) >= _HEADER.size + length:
                     _settle(reply, bytes(received[_HEADER.size:_HEADER.size + length]))
 
+        def expired() -> None:
+            _settle(reply, TimeoutError())
+
         frame = _HEADER.pack(len(request)) + request
         deadline = loop.time() + timeout_s
         # On the event loop, not a thread: a thread would need the GIL back several
@@ -182,17 +191,60 @@ class Evaluator:
         # No task or wait_for either: the reply is one future, the timeout one timer, so a
         # decision costs the loop two turns (write and wait, read) instead of five.
         loop.add_reader(inp, readable)
-        timer = loop.call_at(deadline, _settle, reply, TimeoutError())
+        timer = loop.call_at(deadline, expired)
+        sent = late = False
         try:
             written = _write_some(out, frame)
             if written < len(frame):  # a large prompt filled the pipe: wait for room
                 await asyncio.wait_for(_write_all(loop, out, frame[written:]), max(deadline - loop.time(), 0))
+            sent = True
             return await reply
+        except asyncio.CancelledError:
+            if reply.done() and not reply.cancelled():  # the reply came as the caller was cancelled: in step
+                self._late = _IN_STEP
+            elif sent:  # the child answers in its time; the reply is read (and dropped) before its next request
+                reply = loop.create_future()
+                self._late = LateReply(reply, timer, inp)
+                late = True
+            raise
         finally:
-            timer.cancel()
-            loop.remove_reader(inp)
-            if reply.done() and not reply.cancelled():
-                reply.exception()  # settled but not awaited (the write timed out): not an unretrieved error
+            if not late:
+                timer.cancel()
+                loop.remove_reader(inp)
+                if reply.done() and not reply.cancelled():
+                    reply.exception()  # settled but not awaited (the write timed out): not an unretrieved error
+
+    def take_late(self) -> LateReply | bool | None:
+        """After a cancelled :meth:`evaluate`: ``True`` if the child is in step (its reply was read), a
+        :class:`LateReply` to read first, or ``None`` if its state is unknown (a request written in part)."""
+        late, self._late = self._late, None
+        return True if late is _IN_STEP else late
+
+
+class LateReply:
+    """The reply still due from a child whose caller left mid-evaluation (a client that disconnected).
+
+    Killing the child instead, as before, cost a policy compile to restart it
+    (hundreds of ms of CPU), and a client cutting streams at will could keep
+    the evaluators restarting. Reading the reply costs the evaluation's own
+    time, bounded by the caller's timeout, past which the child is replaced
+    as for any timeout.
+    """
+
+    def __init__(self, reply: asyncio.Future[bytes], timer: asyncio.TimerHandle, fd: int) -> None:
+        self._reply, self._timer, self._fd = reply, timer, fd
+
+    async def wait(self) -> None:
+        """Until the reply is read; raises as :meth:`Evaluator.evaluate` would (timeout, EOF)."""
+        try:
+            await self._reply
+        finally:
+            self._timer.cancel()
+            asyncio.get_running_loop().remove_reader(self._fd)
+
+
+#: ``Evaluator._late`` of a child whose reply was read although its caller was cancelled.
+_IN_STEP: Final = object()
 
 
 def _answered_by(ready: str) -> str:
@@ -253,7 +305,8 @@ class EvaluatorPool:
         self._evaluators = [Evaluator(setup) for _ in range(size)]
         self._idle: list[Evaluator] = []
         self._waiters: FairLine[Evaluator | None] = FairLine(weight_of)
-        self._replacing: set[asyncio.Task[None]] = set()
+        #: Replacements and late-reply reads running in the background (awaited by ``aclose``).
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         with ThreadPoolExecutor(max_workers=size, thread_name_prefix="govgate-policy-start") as starter:
             started = [starter.submit(evaluator.start) for evaluator in self._evaluators]
@@ -315,7 +368,10 @@ class EvaluatorPool:
         except (EOFError, OSError):
             self._replace(evaluator, "exited during an evaluation")
             return Outcome("error", "the policy evaluator exited during the evaluation"), b""
-        except BaseException:  # cancelled: its late reply must not answer the next request
+        except asyncio.CancelledError:  # its late reply must not answer the next request
+            self._abandoned(evaluator)
+            raise
+        except BaseException:
             self._replace(evaluator, "was abandoned mid-evaluation")
             raise
         if reply.split(b"\n", 1)[0].endswith(_MISMATCH):  # the child interprets from now on
@@ -332,8 +388,8 @@ class EvaluatorPool:
             _hand(waiter, None)
         for evaluator in self._evaluators:
             evaluator.kill()  # running evaluations see EOF and hand their evaluator back
-        while self._replacing:
-            await asyncio.gather(*self._replacing, return_exceptions=True)
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         # Killed children end their evaluations at once; the bound only guards
         # against a borrower that will never run again (its loop was stopped).
         deadline = asyncio.get_running_loop().time() + self.timeout_s + START_TIMEOUT_S
@@ -377,13 +433,37 @@ class EvaluatorPool:
         else:
             self._idle.append(evaluator)
 
+    def _abandoned(self, evaluator: Evaluator) -> None:
+        """An evaluation whose caller was cancelled: the evaluator comes back once its reply is read and dropped
+        (or at once, read already); replaced if it times out, or if the request was cut mid-write."""
+        late = evaluator.take_late()
+        if late is True:
+            self._release(evaluator)
+        elif late is None:
+            self._replace(evaluator, "was abandoned while its request was being written")
+        else:
+            self._background(self._drain(evaluator, late))
+
+    async def _drain(self, evaluator: Evaluator, late: LateReply) -> None:
+        try:
+            await late.wait()
+        except TimeoutError:
+            self._replace(evaluator, "timed out after its caller left")
+        except (EOFError, OSError):
+            self._replace(evaluator, "exited during an evaluation its caller left")
+        else:
+            self._release(evaluator)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _replace(self, evaluator: Evaluator, why: str) -> None:
         """Kill ``evaluator``'s child now; start another in the background, then return the slot."""
         log.warning("policy evaluator (pid %s) %s; starting a new one", evaluator.pid, why)
         evaluator.kill()
-        task = asyncio.get_running_loop().create_task(self._restart(evaluator))
-        self._replacing.add(task)
-        task.add_done_callback(self._replacing.discard)
+        self._background(self._restart(evaluator))
 
     async def _restart(self, evaluator: Evaluator) -> None:
         try:

@@ -38,7 +38,7 @@ async def wait_until(condition: Any, what: str, timeout_s: float = 60) -> None:
 
 
 async def test_pool_runs_one_child_per_evaluator_and_decides_on_all_at_once(tmp_path: Path) -> None:
-    engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, SLOW_WHEN_ASKED), 120.0, evaluators=3)
+    engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, SLOW_WHEN_ASKED), 8.0, evaluators=3)
     try:
         pids = engine.evaluator_pids
         assert len(set(pids)) == 3 and all(pid is not None and not exited(pid) for pid in pids)
@@ -50,7 +50,7 @@ async def test_pool_runs_one_child_per_evaluator_and_decides_on_all_at_once(tmp_
             quick = await engine.decide(request_input(["admin"]))
         assert quick.allow
         assert not any(task.done() for task in slow)
-        for task in slow:  # abandoned evaluations: their children are killed and replaced
+        for task in slow:  # abandoned evaluations: their children are replaced once past the timeout
             task.cancel()
         await asyncio.gather(*slow, return_exceptions=True)
         await wait_until(lambda: engine.free_evaluators == 3, "replacements ready")
@@ -63,6 +63,83 @@ async def test_pool_runs_one_child_per_evaluator_and_decides_on_all_at_once(tmp_
     finally:
         await engine.aclose()
     assert all(exited(pid) for pid in replaced if pid is not None)
+
+
+# Work that grows with input.n (n^2 products; n=1000 took ~0.5 s); the decision carries input.mark.
+MARKED_WORK = """
+work := count([p |
+	some i in numbers.range(1, input.n)
+	some j in numbers.range(1, input.n)
+	p := i * j
+])
+
+decision := {"allow": true, "reasons": [], "obligations": {"max_tokens": input.mark, "prompt_logging": "full"}} if {
+	work >= 0
+}
+
+visible_models := set()
+"""
+
+
+async def test_an_abandoned_evaluation_keeps_its_child_and_its_late_reply_answers_no_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A caller cancelled mid-evaluation (a client gone while its output was judged) left its child killed and
+    restarted (a policy compile); now its reply is read and dropped, and the next decision is its own."""
+    engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, MARKED_WORK), 60.0, evaluators=1)
+    try:
+        pid = engine.evaluator_pid
+        abandoned = asyncio.create_task(engine.decide({**request_input(["admin"]), "n": 1000, "mark": 11}))
+        await wait_until(lambda: engine.free_evaluators == 0, "the evaluator busy")
+        await asyncio.sleep(0.05)  # the request is written: the child is evaluating it
+        abandoned.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+        with anyio.fail_after(60):  # waits for the abandoned reply, read and dropped first
+            decisions = [await engine.decide({**request_input(["admin"]), "n": 1, "mark": mark}) for mark in (22, 33)]
+        assert [d.obligations.max_tokens for d in decisions] == [22, 33]
+        assert engine.evaluator_pid == pid and not exited(pid)
+        assert "starting a new one" not in caplog.text
+    finally:
+        await engine.aclose()
+    assert exited(pid)
+
+
+async def test_an_evaluation_abandoned_while_its_request_is_written_replaces_the_child(tmp_path: Path) -> None:
+    """Cut mid-write, the child holds part of a request: it cannot be brought back in step, so it is replaced."""
+    engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, MARKED_WORK), 60.0, evaluators=1)
+    try:
+        pid = engine.evaluator_pid
+        big = {**request_input(["admin"]), "n": 1, "mark": 11}
+        big["request"] = {**big["request"], "text": "plain words " * 180_000}
+        os.kill(pid, signal.SIGSTOP)  # reads nothing: the 2 MB input stays in the pipe's first fill
+        abandoned = asyncio.create_task(engine.decide(big))
+        await wait_until(lambda: engine.free_evaluators == 0, "the evaluator busy")
+        await asyncio.sleep(0.05)
+        abandoned.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+        await wait_until(lambda: engine.free_evaluators == 1, "the replacement ready")
+        assert engine.evaluator_pid != pid and exited(pid)
+        with anyio.fail_after(60):
+            decision = await engine.decide({**request_input(["admin"]), "n": 1, "mark": 22})
+        assert decision.obligations.max_tokens == 22
+    finally:
+        await engine.aclose()
+
+
+async def test_an_abandoned_evaluation_past_the_timeout_replaces_the_child(tmp_path: Path) -> None:
+    engine = EmbeddedPolicyEngine.load(write_policy(tmp_path, SLOW_WHEN_ASKED), 1.0, evaluators=1)
+    try:
+        pid = engine.evaluator_pid
+        abandoned = asyncio.create_task(engine.decide(SLOW_INPUT))
+        await wait_until(lambda: engine.free_evaluators == 0, "the evaluator busy")
+        abandoned.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+        await wait_until(lambda: engine.free_evaluators == 1, "the replacement ready")
+        assert engine.evaluator_pid != pid and exited(pid)
+    finally:
+        await engine.aclose()
 
 
 async def test_stuck_evaluation_is_unavailable_not_a_deny_and_others_keep_deciding(tmp_path: Path) -> None:
@@ -122,7 +199,7 @@ async def test_no_free_evaluator_within_the_wait_bound_is_503_with_retry_after(t
             with pytest.raises(PolicyUnavailable, match="no policy evaluator became free"):
                 await engine.visible_models({"roles": ["admin"]}, [])
         assert not slow.done()
-        slow.cancel()
+        os.kill(engine.evaluator_pid, signal.SIGKILL)  # a cancel would hold it until its reply (minutes) or timeout
         await asyncio.gather(slow, return_exceptions=True)
         await wait_until(lambda: engine.free_evaluators == 1, "the replacement ready")
         with anyio.fail_after(60):
@@ -208,7 +285,7 @@ async def served_order(engine: EmbeddedPolicyEngine, teams: list[str | None]) ->
     for i, team in enumerate(teams):
         lined.append(asyncio.create_task(decide(f"{team}{i}", team)))
         await wait_until(lambda: sum(engine.waiting_by_team.values()) == i + 1, f"waiter {i} in line")
-    hold.cancel()  # its child is killed; the replacement goes to the line's first turn
+    os.kill(engine.evaluator_pid, signal.SIGKILL)  # the replacement goes to the line's first turn
     await asyncio.gather(hold, return_exceptions=True)
     with anyio.fail_after(120):
         await asyncio.gather(*lined)
@@ -254,7 +331,7 @@ async def test_a_waiter_that_gives_up_is_skipped_and_the_evaluator_goes_to_the_n
         gone.cancel()
         await asyncio.gather(gone, return_exceptions=True)
         assert engine.waiting_by_team == {"a": 1, "b": 1}
-        hold.cancel()
+        os.kill(engine.evaluator_pid, signal.SIGKILL)  # the replacement goes to the next in line
         await asyncio.gather(hold, return_exceptions=True)
         with anyio.fail_after(120):
             decisions = await asyncio.gather(kept, other)
