@@ -437,6 +437,7 @@ class EvaluatorPool:
         """An evaluation whose caller was cancelled: the evaluator comes back once its reply is read and dropped
         (or at once, read already); replaced if it times out, or if the request was cut mid-write."""
         late = evaluator.take_late()
+        log.debug("policy evaluator (pid %s): its caller left mid-evaluation", evaluator.pid)
         if late is True:
             self._release(evaluator)
         elif late is None:

@@ -406,7 +406,12 @@ def test_a_client_that_leaves_while_the_last_window_is_judged_ends_the_stream_ca
         finally:
             signal_all(worker, signal.SIGCONT)
             signal_all(evaluators, signal.SIGCONT)
-    assert "was abandoned mid-evaluation" in log.read_text()  # the judgement was under way when the client left
+        # The abandoned judgement's late reply is read and dropped: the same evaluators judge the next output.
+        after = httpx.post(f"{base}/v1/completions", headers=bearer(keyring["admin"]), timeout=60,
+                           json=body(REDACT_PROMPT))
+        assert after.status_code == 200, after.text
+        assert sorted(all_evaluator_pids(base.process.pid)) == sorted(evaluators)
+    assert "starting a new one" not in log.read_text()  # none was killed and restarted
     assert terminal.kind == "cancelled", terminal.body.get("error")
     assert terminal.body["error"]["code"] == "cancelled"
     # what the worker generated is kept and charged; the client received nothing (nothing was judged)
