@@ -55,8 +55,15 @@ def _when(value: Any) -> str:
 #: Characters that reorder or hide the text around them without being seen: bidi embeddings, overrides and
 #: isolates, zero-width spaces, word joiners, the BOM. A prompt holding U+202E shows "evil gnp.exe" as
 #: "exe.png live" ("Trojan Source"), so a reviewer would judge other text than the model was sent.
-#: (Zero-width joiners and non-joiners are left alone: emoji and Persian or Indic scripts need them.)
-HIDDEN_CHARS: Final = re.compile("[\u061c\u200b\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+#: (Zero-width joiners and non-joiners are left alone: emoji and Persian or Indic scripts need them; so is U+FE0F,
+#: the emoji presentation selector after most emoji.) Also Unicode's other default-ignorable characters, which a
+#: browser draws as nothing but a model's tokenizer reads: the tag characters U+E0000-E007F and the variation
+#: selectors (U+FE00-FE0E, U+E0100-E01EF) spell out whole hidden sentences ("ASCII smuggling"); the bidi marks
+#: LRM/RLM reorder digits ("1<RLM>-<RLM>2"); soft hyphen, CGJ, Hangul fillers, the Mongolian vowel separator.
+HIDDEN_CHARS: Final = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b\u200e\u200f\u202a-\u202e"
+    "\u2060-\u206f\u3164\ufe00-\ufe0e\ufeff\uffa0\ufff0-\ufffb\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
 
 
 def _reveal(value: Any) -> Markup:

@@ -65,17 +65,24 @@ async def test_characters_that_reorder_or_hide_text_are_shown_as_marks(client: A
                                             "reasons": [{"code": "x", "message": "see \u2066inside\u2069"}]}},
                          payload={"messages": [{"role": "user",
                                                 "content": "run \u202eevil gnp.exe \u05e9\u05dc\u05d5\u05dd "
-                                                           "\U0001f469\u200d\U0001f467"}]})
+                                                           "\U0001f469\u200d\U0001f467 \u2764\ufe0f pay 1\u200f-\u200f2 "
+                                                           "memo." + "".join(chr(0xE0000 + ord(c)) for c in "Go")
+                                                           + "\ufe01\U000e0100\u00ad"}]})
     csrf = await sign_in(client, console.keys.reviewer)
     flagged = await client.post("/console/requests/bidi-request-1/flag",
                                 data={"csrf_token": csrf, "note": "pass\u200bword"})
     assert flagged.status_code == 303
     page = (await client.get("/console/requests/bidi-request-1")).text
-    for hidden in ("\u202e", "\u2066", "\u2069", "\u200b"):
+    # and the default-ignorables a model reads but a browser draws as nothing: tag characters ("ASCII
+    # smuggling" of a hidden sentence), variation selectors, the bidi marks, the soft hyphen
+    hidden_chars = ("\u202e", "\u2066", "\u2069", "\u200b", "\u200f", "\U000e0047", "\U000e006f", "\ufe01",
+                    "\U000e0100", "\u00ad")
+    for hidden in hidden_chars:
         assert hidden not in page, repr(hidden)
-    for mark in ("\u27e8U+202E\u27e9", "\u27e8U+2066\u27e9", "\u27e8U+2069\u27e9", "\u27e8U+200B\u27e9"):
-        assert mark in page, mark
+    for hidden in hidden_chars:
+        assert f"\u27e8U+{ord(hidden):04X}\u27e9" in page, hidden
     assert "\u05e9\u05dc\u05d5\u05dd" in page and "\U0001f469\u200d\U0001f467" in page
+    assert "\u2764\ufe0f" in page  # the emoji presentation selector is left as it is
     notes = (await client.get("/console/search", params={"request_id": "bidi-request-1"})).text
     assert "\u200b" not in notes and "\u27e8U+200B\u27e9" in notes
 
