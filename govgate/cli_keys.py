@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Callable
 
 import click
@@ -129,8 +130,17 @@ def keys_list(include_revoked: bool) -> None:
     click.echo(f"{'KEY ID':<14}{'USER':<20}{'TEAM':<16}{'ROLES':<24}{'CREATED':<27}{'REVOKED':<27}NOTE")
     for key in rows:
         revoked = "-" if key.revoked_at is None else key.revoked_at or "(revoked)"  # '': revoked all the same
-        click.echo(f"{key.key_id:<14}{key.user:<20}{key.team or '-':<16}{','.join(key.roles) or '-':<24}"
-                   f"{key.created_at:<27}{revoked:<27}{key.note or '-'}")
+        click.echo(f"{key.key_id:<14}{_shown(key.user):<20}{_shown(key.team or '-'):<16}"
+                   f"{','.join(key.roles) or '-':<24}{key.created_at:<27}{revoked:<27}{_shown(key.note or '-')}")
+
+
+def _shown(text: str) -> str:
+    """A stored value as one line a terminal shows as it is: control and format characters written as escapes.
+
+    A key's note is free text an admin key may set over HTTP; printed raw, a newline in it printed a whole
+    forged row and an escape sequence (``ESC[2K``) erased the row of a newly made admin key (probe h11).
+    """
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c for c in text)
 
 
 @keys.command("revoke")

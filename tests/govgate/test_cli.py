@@ -421,3 +421,15 @@ def test_keys_create_refuses_the_names_the_policy_reserves(cli, args, problem):
     assert result.exit_code == 1 and f"Error: {problem}; choose another" in result.output, result.output
     assert "Traceback" not in result.output
     assert cli("keys", "list", "--all").output == before
+
+
+def test_keys_list_shows_a_note_with_control_characters_on_its_own_row(cli):
+    """A note is free text (an admin key sets it over HTTP too): a newline in it printed a forged row, an escape
+    sequence erased another row on a terminal. Control and format characters are written as escapes."""
+    note = "ok\nffffffffffff  root  ops  admin\x1b[2K\u202e"
+    assert cli("keys", "create", "--user", "olga", "--role", "viewer", "--note", note).exit_code == 0
+    listing = cli("keys", "list").stdout.splitlines()
+    [row] = [row for row in listing if "olga" in row]
+    assert row.endswith("ok\\u000affffffffffff  root  ops  admin\\u001b[2K\\u202e")
+    assert not [line for line in listing if "root" in line and "olga" not in line]
+    assert "\x1b" not in "".join(listing)
