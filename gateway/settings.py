@@ -334,7 +334,10 @@ def _token(value: str, name: str) -> str:
 def _url(value: str, name: str, schemes: tuple[str, ...]) -> str:
     """An empty setting, or a URL with one of ``schemes`` (anything else fails later with a traceback)."""
     if value and not value.lower().startswith(schemes):
-        raise SettingsError(f"GOVGATE_{name}={value!r} must start with one of: {', '.join(schemes)}")
+        # Not the value: a malformed URL ('redis:/u:secret@host') is no URL without_password can read.
+        found = value.partition(":")[0][:20] if ":" in value else ""
+        raise SettingsError(f"GOVGATE_{name} must start with one of: {', '.join(schemes)}"
+                            + (f" (it starts {found + ':'!r})" if found else ""))
     return value
 
 

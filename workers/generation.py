@@ -19,8 +19,8 @@ from redis.exceptions import RedisError
 from audit import AuditEntry, AuditError, DuplicateTerminalError, EntryStore
 from audit.kinds import FAILED
 from workers.backends import BackendError, LoadedModel, PromptTooLongError
-from workers.contract.jobs import (MAX_JOB_RUNS, STATUS_CANCELLED, STATUS_FAILED, STATUS_TIMED_OUT, WORKER_LOST,
-                                   GenerateJob, JobResult)
+from workers.contract.jobs import (MAX_JOB_RUNS, STATUS_CANCELLED, STATUS_FAILED, STATUS_TIMED_OUT,
+                                   STREAM_WORKER_LOST, WORKER_LOST, GenerateJob, JobResult)
 from workers.contract.output_check import OutputReport, OutputVerdict
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
 from workers.contract.privacy import Digester, logged_output, split_texts
@@ -157,8 +157,7 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
         return _record_expired(job, store, worker, queue_ms)
     if not first_run and job.stream:
         # The client already received what the first run published: record it.
-        return _record_failure(job, store, WORKER_LOST,
-                               "the worker generating this stream died; a stream cannot be resumed", worker,
+        return _record_failure(job, store, WORKER_LOST, STREAM_WORKER_LOST, worker,
                                output=channel.streamed_text(), digester=digester)
     if not first_run:
         runs = channel.count_run()

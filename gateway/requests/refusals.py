@@ -16,7 +16,7 @@ from gateway.limits import RETRYABLE_CODES, Refusal, TeamPlaces
 from gateway.limits.fair_share import CEILING_FACTOR, FALLBACK_SERVICE_MS, drain_wait_s
 from gateway.limits.catalogue import QUEUE_FULL, USAGE_LIMITS
 from gateway.policy import POLICY_UNAVAILABLE, Obligations, Reason
-from workers.contract.jobs import WORKER_LOST, JobResult
+from workers.contract.jobs import STREAM_WORKER_LOST, WORKER_LOST, JobResult
 from workers.contract.output_check import OUTPUT_POLICY_UNAVAILABLE, OUTPUT_UNCHECKED
 
 
@@ -225,6 +225,9 @@ def worker_error(result: JobResult) -> ApiError:
         return ApiError(400, code, f"The request does not fit the model's context: {message}", param="messages")
     if code == "generation_failed":
         return ApiError(502, code, f"The model could not generate: {message}")
+    if code == WORKER_LOST and message == STREAM_WORKER_LOST:  # died once: nothing says a second run would
+        return ApiError(502, code, "The model worker generating this stream died; a stream cannot be resumed, so "
+                        "what was sent is all there is. It has been logged; a retry may succeed.")
     if code == WORKER_LOST:
         return ApiError(502, code, "The model worker failed on this request; it has been logged. Its workers ended "
                         "while running it more than once, so it is not run again: do not retry it unchanged.",

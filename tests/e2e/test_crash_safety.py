@@ -110,6 +110,7 @@ def test_a_stream_whose_worker_dies_ends_with_an_error_not_a_repeat(settings, se
     killer.join()
     assert found.get("request_id") == request_id
     assert "error" in events[-1] and events[-1]["error"]["code"] == "worker_lost"
+    assert "a retry may succeed" in events[-1]["error"]["message"]  # its worker died once: not "do not retry"
     delivered = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
     assert delivered  # the client saw part of the first run before it died
     terminal = audit_store.terminal_for(request_id)

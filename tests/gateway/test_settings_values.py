@@ -93,7 +93,15 @@ def test_urls_must_have_a_scheme_the_client_speaks(name: str, good: list[str], b
         assert getattr(Settings.from_env({f"GOVGATE_{name}": value}), name.lower()) == value
     assert getattr(Settings.from_env({f"GOVGATE_{name}": ""}), name.lower()) == ""
     for value in bad:
-        _refused(name, value, "must start with one of: ")
+        with pytest.raises(SettingsError, match=f"^GOVGATE_{name} must start with one of: "):
+            Settings.from_env({f"GOVGATE_{name}": value})
+
+
+@pytest.mark.parametrize("value", ["redis:/u:secret@127.0.0.1:6379", "redis:u:secret@host", "u:secret@host:1"])
+def test_a_malformed_url_is_refused_without_its_password(value: str) -> None:
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({"GOVGATE_REDIS_URL": value})
+    assert "secret" not in str(refused.value) and "must start with one of" in str(refused.value)
 
 
 def test_the_metrics_token_is_long_plain_and_never_echoed() -> None:

@@ -28,6 +28,8 @@ STATUS_TIMED_OUT = "timed_out"
 STATUS_CANCELLED = "cancelled"
 #: The error code of a job whose earlier runs each ended their worker: recorded failed, not run again.
 WORKER_LOST = "worker_lost"
+#: ``worker_lost``'s message when a stream's worker died once: the gateway tells such a client a retry may succeed.
+STREAM_WORKER_LOST = "the worker generating this stream died; a stream cannot be resumed"
 
 #: Prefix of the key a worker stores a job's outcome under (sealed), next to
 #: publishing it on the job's reply channel: a gateway whose pub/sub connection
