@@ -136,7 +136,9 @@ class EmbeddedPolicyEngine:
 
     async def readiness_problem(self) -> str | None:
         """Why decisions cannot be had now (``/readyz``), or None: no evaluator is running (each is being
-        replaced after a crash or a timeout, or could not be started again)."""
+        replaced after a crash or a timeout, or could not be started again). Idle ones found dead are
+        replaced from here, so the answer comes right again without a request."""
+        self._pool.revive_idle()
         if not self._pool.alive:
             return "no policy evaluator is running"
         return None

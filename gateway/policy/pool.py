@@ -379,6 +379,23 @@ class EvaluatorPool:
         self._release(evaluator)
         return Outcome("ok"), reply
 
+    def revive_idle(self) -> int:
+        """Start replacing every idle evaluator whose process died (killed, out of memory); how many.
+
+        A dead idle one is otherwise replaced only when a decision is asked
+        of it; ``/readyz`` calls this, so a gateway whose evaluators all
+        died while idle comes back into a load balancer's rotation by itself
+        (it said "no policy evaluator is running" until some request came,
+        which the balancer, routing on it, never sent).
+        """
+        if self._closed:
+            return 0
+        dead = [evaluator for evaluator in self._idle if not evaluator.alive]
+        for evaluator in dead:
+            self._idle.remove(evaluator)
+            self._replace(evaluator, "died while idle")
+        return len(dead)
+
     async def aclose(self) -> None:
         """Stop every evaluator; evaluations still running end with an error."""
         if self._closed:
