@@ -315,6 +315,11 @@ class Admission:
             raise
         if decision.allow and decision.obligations.max_tokens < 1:  # nothing could be generated
             decision = Decision.fail_closed(POLICY_ERROR, "the policy allowed the request with max_tokens 0")
+        elif decision.allow and decision.obligations.max_tokens > requested_max:
+            # The obligation caps what was asked; a policy naming a constant above it would generate (and charge)
+            # more than the client's own bound.
+            decision = dataclasses.replace(decision, obligations=dataclasses.replace(decision.obligations,
+                                                                                     max_tokens=requested_max))
         return Verdict(decision, revision, policy_input, early=early)
 
     async def _reserve(self, request_id: str, principal: Principal, spec: ModelSpec, decision: Decision,
