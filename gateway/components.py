@@ -94,6 +94,18 @@ def open_keys(settings: Settings) -> tuple[Sealer, Digester, SigningKey]:
     return sealer, digester, signing_key
 
 
+#: The least time an in-flight slot is held by its TTL alone (a request that no gateway settles: its gateway
+#: killed); the slot is released when the request ends, long before.
+MIN_IN_FLIGHT_TTL_S = 900.0
+
+
+def in_flight_ttl_s(settings: Settings) -> float:
+    """How long an in-flight slot outlives a gateway that never settles it: 15 minutes, or the request
+    timeout and a minute when that is longer. A fixed 15 minutes let a request allowed to run longer
+    (``GOVGATE_REQUEST_TIMEOUT_S`` over 900) stop counting against ``in_flight`` while it still ran (h8)."""
+    return max(MIN_IN_FLIGHT_TTL_S, settings.request_timeout_s + 60.0)
+
+
 def gateway_redis(settings: Settings) -> aioredis.Redis:
     """The gateway's async Redis client: a bounded pool that waits for a free connection (never fails at the
     limit), lends one without locks when no one waits (``gateway/redis_pool.py``), packs commands in one pass
@@ -124,7 +136,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
     warn_if_redelivery_is_late(settings)
     dispatcher = Dispatcher(client, expires_s=settings.request_timeout_s, sealer=sealer, mode=settings.queue_mode)
     audit_store = AuditStore(db_engine)
-    counters = UsageCounters(client)
+    counters = UsageCounters(client, in_flight_ttl_s=in_flight_ttl_s(settings))
     pending_client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     pending = PendingTerminals(pending_client, horizon_s=settings.terminal_retry_horizon_s,
                                seal=sealer.seal, unseal=sealer.unseal)

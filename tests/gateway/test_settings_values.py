@@ -113,3 +113,11 @@ def test_the_metrics_token_is_long_plain_and_never_echoed() -> None:
         with pytest.raises(SettingsError, match="^GOVGATE_METRICS_TOKEN must be at least 24 printable ASCII") as e:
             Settings.from_env({"GOVGATE_METRICS_TOKEN": bad})
         assert bad.strip() not in str(e.value)
+
+
+def test_an_in_flight_slot_outlives_the_longest_request_the_settings_allow() -> None:
+    """A fixed 15-minute TTL let a request allowed to run 20 minutes stop counting against in_flight (h8)."""
+    from gateway.components import MIN_IN_FLIGHT_TTL_S, in_flight_ttl_s
+
+    assert in_flight_ttl_s(Settings()) == MIN_IN_FLIGHT_TTL_S == 900
+    assert in_flight_ttl_s(Settings(request_timeout_s=1200)) == 1260
