@@ -134,6 +134,9 @@ def audit_prune(before: str, batch: int) -> None:
         raise click.BadParameter(f"cannot read {before!r} as an ISO date or time", param_hint="--before") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
+    if moment > datetime.now(timezone.utc):  # a typo (9999-12-31, a month for a day) erased every text, at once
+        raise click.BadParameter(f"{before!r} is in the future: prune erases what was kept before it, and the "
+                                 "payloads of requests still running are kept now", param_hint="--before")
     try:
         result = prune_payloads(AuditStore(audit_engine()), moment, batch=batch)
     except AuditError as exc:

@@ -126,12 +126,15 @@ def test_audit_prune_erases_old_payloads_and_verify_still_passes(cli):
                  policy_revision="r1", payload={"output": "kept until pruned"})
     store.engine.dispose()
     tomorrow = (datetime.now(timezone.utc) + timedelta(days=1)).date().isoformat()
+    refused = cli("audit", "prune", "--before", tomorrow, ok=False)  # a typo'd future date would erase it all
+    assert refused.exit_code == 2 and "is in the future" in refused.output
+    now = datetime.now(timezone.utc).isoformat()
 
-    pruned = cli("audit", "prune", "--before", tomorrow).stdout
+    pruned = cli("audit", "prune", "--before", now).stdout
     assert "erased the payloads of 1 entries (seq 2..2)" in pruned and "payloads_erased" in pruned
     assert "chain format 1" not in pruned  # the boundary entry holds no text: not reported as left alone
     assert cli("audit", "verify").stdout.startswith("ok: 3 entries")
-    assert "no payload to erase" in cli("audit", "prune", "--before", tomorrow).stdout
+    assert "no payload to erase" in cli("audit", "prune", "--before", now).stdout
     assert cli("audit", "prune", "--before", "someday", ok=False).exit_code == 2
 
 
