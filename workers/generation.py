@@ -325,8 +325,9 @@ def _record_failure(job: GenerateJob, store: EntryStore, code: str, message: str
     """Write a ``failed`` entry; text a stream already sent is kept as ``prompt_logging`` allows."""
     error = {"code": code, "message": message}
     body: dict[str, Any] = {"error": error, "worker": worker}
-    if output is not None:
-        body.update(logged_output(output, job.prompt_logging, job.redact, digester))
+    if output is not None:  # a stream's text, never judged whole
+        body.update(logged_output(output, job.prompt_logging, job.redact, digester,
+                                  unjudged=job.check_output and not job.output_rule_absent))
     entry = _append_terminal(job, store, "failed", body)
     if isinstance(entry, JobResult):
         return entry

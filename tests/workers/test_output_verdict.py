@@ -145,6 +145,45 @@ def test_a_stopped_output_is_a_completion_with_the_content_filter_finish(client,
     assert entry.payload["client_output"] == "" and entry.payload["output"] == gateway.reports[0].text != ""
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_under_redacted_logging_a_stopped_stream_keeps_its_unjudged_tail_as_a_digest(client, store, model,
+                                                                                      stream: bool) -> None:
+    """A stream's worker generates on after the stopping window, and nobody judges that tail: a redacted log
+    kept it with its findings in clear (h12, F2). A non-streamed output is judged whole: masked as before."""
+    probe = run_job(replace(checked_job(""), check_output=False), model, store)
+    word = probe.text.split()[0]
+
+    def stop(report: OutputReport) -> OutputVerdict:
+        return OutputVerdict(decision={"allow": False, "reasons": [{"code": "output_blocked", "message": "no"}],
+                                       "redact": [{"detector": "secret_word", "text": word}]},
+                             client_text="", stopped=True)
+    gateway = Gateway(client, stop)
+    job = checked_job(gateway.channel, stream=stream, prompt_logging="redacted")
+    run(client, job, store, model)
+    gateway.close()
+    entry = store.terminal_for(job.request_id)
+    assert entry.body["finish_reason"] == "content_filter"
+    if stream:
+        assert "output" not in (entry.payload or {}) and entry.body["output_withheld"] is True
+        assert entry.body["output_chars"] == len(gateway.reports[0].text)
+    else:
+        assert word not in entry.payload["output"] and entry.body["output_masked"] is True
+        assert "output_withheld" not in entry.body
+
+
+def test_under_redacted_logging_an_output_no_verdict_judged_is_kept_as_a_digest(client, store, model) -> None:
+    """No verdict came (the gateway gone): the output rules' findings are unknown, a redacted log cannot mask
+    them; the prompt's findings alone were masked before (h12, F1: a cancelled or timed-out stream too)."""
+    gateway = Gateway(client, lambda report: None)
+    job = checked_job(gateway.channel, prompt_logging="redacted")
+    result = run(client, job, store, model, timeout_s=0.3)
+    gateway.close()
+    assert result.error["code"] == "output_unchecked"
+    entry = store.terminal_for(job.request_id)
+    assert "output" not in (entry.payload or {}) and entry.body["output_withheld"] is True
+    assert entry.body["output_chars"] > 0
+
+
 def test_an_unavailable_verdict_fails_the_request_and_keeps_the_output(client, store, model) -> None:
     def unavailable(report: OutputReport) -> OutputVerdict:
         return OutputVerdict(decision={"allow": False, "reasons": [{"code": "policy_unavailable", "message": "x"}],
@@ -177,8 +216,10 @@ def test_a_cancelled_answer_records_the_stream_cancelled_with_what_its_client_re
     entry = store.terminal_for(job.request_id)
     assert entry.kind == "cancelled" and entry.body["finish_reason"] is None
     assert entry.payload["client_output"] == result.text == cancelled(gateway.reports[0]).client_text != ""
-    assert word not in entry.payload["output"]  # masked in the log as the judged windows found it
-    assert entry.payload["output"] == mask(probe.text, [{"detector": "secret_word", "text": word}])
+    # The last window was never judged: its findings are unknown, so a redacted log cannot mask them and keeps
+    # the output as a digest (it kept it masked by the earlier windows' findings only: h12, F1)
+    assert "output" not in entry.payload and entry.body["output_withheld"] is True
+    assert entry.body["output_chars"] == len(probe.text) and entry.body["output_hmac_sha256"]
     assert entry.body["usage"]["completion_tokens"] == probe.completion_tokens  # charged what it generated
     assert entry.body["output_decision"]["policy_revision"] == "rev-2"
     assert entry.body["timings"]["verdict_ms"] >= 0

@@ -61,14 +61,22 @@ def mask(text: str, redact: Iterable[Mapping[str, Any]]) -> str:
 
 
 def logged_output(output: str, mode: str, redact: Iterable[Mapping[str, Any]],
-                  digester: Digester | None) -> dict[str, Any]:
+                  digester: Digester | None, *, unjudged: bool = False) -> dict[str, Any]:
     """The ``output`` fields of a terminal entry as ``prompt_logging`` allows them.
 
     A mode the worker does not know is treated as ``hash``, the most private;
     without a digester a hashed output is recorded by its length alone.
+    ``unjudged``: output rules apply but did not judge all of this text (a
+    stream cancelled, timed out or failed mid-way, the tail generated after
+    a stop): its findings are unknown, so ``redacted`` cannot mask them and
+    keeps it as ``hash`` does, marked ``output_withheld``, as a prompt whose
+    findings cannot be masked is withheld.
     """
     if mode == FULL:
         return {"output": output}
+    if mode == REDACTED and unjudged and output:
+        digest = {"output_hmac_sha256": digester.hexdigest(output)} if digester is not None else {}
+        return {**digest, "output_chars": len(output), "output_withheld": True}
     if mode == REDACTED:
         masked = mask(output, redact)
         # Marked when the log no longer holds the text itself: it cannot be served again from the log.

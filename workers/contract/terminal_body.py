@@ -125,6 +125,21 @@ def checked_ending(job: GenerateJob, verdict: OutputVerdict | None, finish_reaso
     return Ending("completion", finish, checked=checked, findings=verdict.redact, served=verdict.client_text)
 
 
+def judged_whole(job: GenerateJob, checked: dict[str, Any] | None, finish_reason: str | None,
+                 error: dict[str, str] | None) -> bool:
+    """Whether the output rules' findings in this output are all known (so ``redacted`` can mask them).
+
+    True when no output rule applies, and for a completion whose verdict judged it to its end; not for an
+    end without a verdict (cancelled, timed out, failed, a fallback), a verdict that ended it early
+    (cancelled mid-judgement, rules unavailable) or a stream stopped by the rules, whose worker generated on
+    after the stopping window (a non-streamed output is judged whole, stopped or not)."""
+    if not job.check_output or job.output_rule_absent:
+        return True
+    if checked is None or error is not None:
+        return False
+    return not (job.stream and finish_reason == FINISH_CONTENT_FILTER)
+
+
 def generation_body(job: GenerateJob, generated: Generated, digester: Digester | None, *,
                     checked: dict[str, Any] | None = None, findings: list[dict[str, str]] | None = None,
                     finish_reason: str | None = None, error: dict[str, str] | None = None,
@@ -137,7 +152,8 @@ def generation_body(job: GenerateJob, generated: Generated, digester: Digester |
     worker's timings (the gateway: how long the judgement took).
     """
     body: dict[str, Any] = {
-        **logged_output(generated.output, job.prompt_logging, [*job.redact, *(findings or ())], digester),
+        **logged_output(generated.output, job.prompt_logging, [*job.redact, *(findings or ())], digester,
+                        unjudged=not judged_whole(job, checked, finish_reason, error)),
         **(checked or {}),
         "finish_reason": finish_reason,
         "usage": {"prompt_tokens": generated.prompt_tokens, "completion_tokens": generated.completion_tokens,
