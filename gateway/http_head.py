@@ -21,7 +21,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway.api_errors import ApiError
+from gateway.api_errors import ApiError, new_request_id
+from gateway.urls import OPENAI_REQUEST_ID_HEADER, REQUEST_ID_HEADER
 
 #: Largest request head (request line and headers) the gateway reads: h11's own default.
 MAX_HEAD_BYTES = 16 * 1024
@@ -84,9 +85,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _send_error(self, status_line: bytes, error: ApiError) -> None:
         """``error`` as the connection's last response (JSON, OpenAI's shape), then the connection closed."""
         body = json.dumps(error.body()).encode()
+        request_id = new_request_id().encode()  # every answer names one, this too (the log line has none to give)
         self.transport.write(b"".join([
             status_line,
             *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers),
+            REQUEST_ID_HEADER.lower().encode() + b": " + request_id + b"\r\n",
+            OPENAI_REQUEST_ID_HEADER.encode() + b": " + request_id + b"\r\n",
             b"content-type: application/json\r\n",
             b"content-length: " + str(len(body)).encode() + b"\r\n",
             b"connection: close\r\n\r\n",

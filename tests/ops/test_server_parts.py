@@ -132,6 +132,10 @@ def test_a_request_head_over_16_kib_gets_a_431_in_openais_shape(served) -> None:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert b"connection: close" in head.lower()
+    # every answer names a request id (README), the parser's refusals too; both headers give the same one
+    ids = {line.split(b":", 1)[1].strip() for line in head.lower().split(b"\r\n")
+           if line.startswith((b"x-govgate-request-id:", b"x-request-id:"))}
+    assert len(ids) == 1 and len(ids.pop()) == 32, head
     error = json.loads(body)["error"]
     assert error["code"] == "request_header_fields_too_large" and error["type"] == "invalid_request_error"
     assert "16384 bytes" in error["message"]
