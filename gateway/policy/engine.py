@@ -243,7 +243,8 @@ class EmbeddedPolicyEngine:
             probe = await self._run(OUTPUT_DECISION_RULE, OUTPUT_RULE_PROBE)
             if probe.kind in ("busy", "timeout"):
                 return False
-            self._has_output_rule = not _no_rule(probe)
+            # undefined on the probe is not "no rule" when the text defines one (it may need a real output)
+            self._has_output_rule = not _no_rule(probe) or self._snapshot.defines_rule("govgate", "output_decision")
         return not self._has_output_rule
 
     async def visible_models(self, principal: dict[str, Any], models: list[dict[str, Any]]) -> set[str]:

@@ -281,7 +281,9 @@ class OpaPolicyEngine:
                 return False
             if self.revision != revision:
                 return False
-            self._has_output_rule[revision] = probe.kind != "undefined"
+            # undefined on the probe is not "no rule" when the text defines one (it may need a real output)
+            self._has_output_rule[revision] = (probe.kind != "undefined"
+                                               or self._snapshot.defines_rule("govgate", "output_decision"))
         return not self._has_output_rule[revision]
 
     async def visible_models(self, principal: dict[str, Any], models: list[dict[str, Any]]) -> set[str]:

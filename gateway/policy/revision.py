@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -57,6 +58,18 @@ class PolicySnapshot:
                 doc = {folder: doc}
             documents.append((rel, doc))
         return documents
+
+    def defines_rule(self, package: str, rule: str) -> bool:
+        """Whether a module of ``package`` has a rule head named ``rule`` (read from the text, not evaluated).
+
+        The gateway asked the policy for its output rule on a probe input and took "undefined" for "no
+        rule": an operator's rule that needs the output's text (``if { is_string(input.output.text) }``)
+        is undefined there, and every output went unjudged (probe h10). A rule head starts its line
+        (``rule :=``, ``rule if``, ``rule contains``, ``default rule``), as ``opa fmt`` writes it.
+        """
+        head = re.compile(rf"^(?:default\s+)?{re.escape(rule)}\s*(?::=|=|if\b|contains\b|\{{|\[|$)", re.MULTILINE)
+        of_package = re.compile(rf"^package\s+{re.escape(package)}\s*$", re.MULTILINE)
+        return any(of_package.search(text) and head.search(text) for _, text in self.modules)
 
     def module_entries(self) -> list[tuple[str, str]]:
         """``(file name, text)`` of each module: the module half of the revision."""

@@ -97,6 +97,29 @@ async def test_an_output_rule_is_still_asked_and_can_stop_the_output(settings, w
     assert decision["reasons"] == [{"code": "test_stop", "message": "every output stops"}]
 
 
+# An operator's rule that needs the output's text: undefined on the gateway's probe input, which holds none.
+STOP_GIVEN_TEXT = STOP_ALL.replace('"every output stops"}],\n\t"obligations": {"redact": []}}',
+                                   '"every output stops"}],\n\t"obligations": {"redact": []}} if {\n'
+                                   '\tis_string(input.output.text)\n}')
+
+
+@pytest.mark.anyio
+async def test_an_output_rule_undefined_on_the_probe_is_still_a_rule(settings, worker, keyring, audit_store,
+                                                                     tmp_path):
+    """The gateway took "undefined on its probe input" for "no output rule", so a rule needing the output's
+    text never judged anything: every output was served in full (probe h10, F1). The text defines it."""
+    assert STOP_GIVEN_TEXT != STOP_ALL and "is_string(input.output.text)" in STOP_GIVEN_TEXT
+    folder = without_output_rule(tmp_path)
+    (folder / "stop_given_text.rego").write_text(STOP_GIVEN_TEXT)
+    response = await complete(settings, folder, keyring["analyst"])
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["finish_reason"] == "content_filter" and choice["text"] == ""
+    decision = audit_store.terminal_for(response.headers["x-govgate-request-id"]).body["output_decision"]
+    assert decision["allow"] is False and decision["reasons"] == [{"code": "test_stop",
+                                                                   "message": "every output stops"}]
+
+
 def stream_texts(base: str, key: str) -> tuple[str, list[str]]:
     """A streamed completion through a served gateway: its request id and the text of each SSE chunk."""
     texts = []
