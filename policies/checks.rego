@@ -159,16 +159,19 @@ config_problems contains sprintf("govgate_config.teams.%s.models must be a list 
 # greater than 0 and at most 1000 (null or absent: the `default` entry's
 # share, else 1). The gateway publishes the weights to Redis as it loads the
 # policy; the decision rules never read them.
-config_problems contains sprintf("govgate_config.teams.%s.share must be a number greater than 0 and at most 1000, or null", [team]) if {
+config_problems contains sprintf("govgate_config.teams.%s.share must be a number from 0.001 to 1000, or null", [team]) if {
 	some team, settings in as_object(setting(["teams"]))
 	share = as_object(settings).share
 	share != null
 	not valid_share(share)
 }
 
+# At least 0.001: a share of 1e-300 pushed the fair queue's virtual time past
+# what a float adds to (every other team's tags stopped moving), which no
+# later fix of the data undid (probe h8).
 valid_share(value) if {
 	is_number(value)
-	value > 0
+	value >= 0.001
 	value <= 1000
 }
 
@@ -226,6 +229,16 @@ config_problems contains sprintf("govgate_config.limits.%s limits must be whole 
 	value = entry[limit]
 	value != null
 	not whole_number(value)
+}
+
+# A misspelled limit ("request_per_minute") was ignored, and since an entry
+# replaces the default whole, the principal or team had no limit at all.
+config_problems contains sprintf("govgate_config.limits.%s.%s has an unknown limit %s (known: %s)", [kind, name, key, concat(", ", limit_names)]) if {
+	some kind in ["principals", "teams"]
+	some name, entry in as_object(setting(["limits", kind]))
+	is_object(entry)
+	some key, _ in entry
+	not key in limit_names
 }
 
 # ---------------------------------------------------------------- content data

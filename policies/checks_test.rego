@@ -108,13 +108,13 @@ test_team_models_not_a_list_is_a_config_problem if {
 }
 
 test_team_share_must_be_a_number_from_above_0_to_1000 if {
-	every value in [0, -1, 1000.5, 5000, "2", true, [1], {"w": 1}] {
-		config_problems_with({"teams": {"odd": {"share": value}}}) == {"govgate_config.teams.odd.share must be a number greater than 0 and at most 1000, or null"}
+	every value in [0, -1, 1e-300, 0.0009, 1000.5, 5000, "2", true, [1], {"w": 1}] {
+		config_problems_with({"teams": {"odd": {"share": value}}}) == {"govgate_config.teams.odd.share must be a number from 0.001 to 1000, or null"}
 	}
 }
 
 test_team_share_that_is_usable_is_no_problem if {
-	every value in [0.5, 1, 3, 1000, null] {
+	every value in [0.001, 0.5, 1, 3, 1000, null] {
 		count(config_problems_with({"teams": {"odd": {"share": value}, "default": {"share": 2}}})) == 0
 	}
 }
@@ -125,6 +125,10 @@ test_limit_of_wrong_type_is_a_config_problem if {
 
 test_limit_of_an_own_entry_is_checked if {
 	config_problems_with({"limits": {"teams": {"t-9": {"in_flight": -1}}}}) == {"govgate_config.limits.teams limits must be whole numbers >= 0 or null (in_flight)"}
+}
+
+test_an_unknown_limit_name_is_a_config_problem if {
+	config_problems_with({"limits": {"principals": {"h8fl": {"request_per_minute": 1, "in_flight": 2}}}}) == {"govgate_config.limits.principals.h8fl has an unknown limit request_per_minute (known: requests_per_minute, tokens_per_minute, tokens_per_day, tokens_per_month, in_flight)"}
 }
 
 test_limits_entry_of_wrong_type_is_a_config_problem if {

@@ -60,10 +60,10 @@ BROKEN = {
         "govgate_config.limits.principals limits must be whole numbers >= 0 or null (in_flight)"),
     "team share of zero": (
         _set("teams.support.share", 0),
-        "govgate_config.teams.support.share must be a number greater than 0 and at most 1000, or null"),
+        "govgate_config.teams.support.share must be a number from 0.001 to 1000, or null"),
     "absurd team share": (
         _set("teams.default", {"share": 5000}),
-        "govgate_config.teams.default.share must be a number greater than 0 and at most 1000, or null"),
+        "govgate_config.teams.default.share must be a number from 0.001 to 1000, or null"),
     "setting of a role nobody holds": (
         _set("roles.viewer.priority", 12),
         "govgate_config.roles.viewer.priority must be a whole number from 0 to 9"),
