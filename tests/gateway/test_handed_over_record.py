@@ -120,7 +120,7 @@ def fallback_entry(ticket: Ticket, output: str, *, logging: str, redact=()) -> d
 
 def test_a_fallback_that_keeps_the_output_as_generated_stands_for_its_report():
     ticket = ticket_for("handed-3")
-    for logging, redact in (("full", ()), ("redacted", [{"detector": "email", "text": "ann@example.org"}])):
+    for logging, redact in (("full", ()),):  # redacted keeps an unjudged output as a digest (below)
         entry = fallback_entry(ticket, "the output as generated", logging=logging, redact=redact)
         report = report_of(entry)
         assert report is not None and report.text == "the output as generated", logging
@@ -146,9 +146,13 @@ def test_a_fallback_with_its_report_kept_beside_it_stands_for_that_report_whatev
 def test_a_fallback_that_keeps_a_digest_or_a_masked_output_stands_for_no_report():
     ticket = ticket_for("handed-4")
     assert report_of(fallback_entry(ticket, "the output as generated", logging="hash")) is None
-    masked = fallback_entry(ticket, "write to ann@example.org", logging="redacted",
-                            redact=[{"detector": "email", "text": "ann@example.org"}])
-    assert masked["body"]["output_masked"] is True and report_of(masked) is None
+    # A fallback's output was never judged: under redacted its findings are unknown, so it is kept as a digest
+    # (it was kept masked by the prompt's findings alone, the output's in clear: h12), and stands for no report
+    for output in ("write to ann@example.org", "the output as generated"):
+        withheld = fallback_entry(ticket, output, logging="redacted",
+                                  redact=[{"detector": "email", "text": "ann@example.org"}])
+        assert withheld["body"]["output_withheld"] is True and "output" not in withheld["body"]
+        assert report_of(withheld) is None
     assert report_of({"body": {"output": "x", "usage": "not an object"}}) is None
     assert report_of({"kind": "failed"}) is None
 
