@@ -200,8 +200,10 @@ class Evaluator:
             sent = True
             return await reply
         except asyncio.CancelledError:
-            if reply.done() and not reply.cancelled():  # the reply came as the caller was cancelled: in step
-                self._late = _IN_STEP
+            if reply.done() and not reply.cancelled():  # settled as the caller was cancelled
+                if reply.exception() is None:  # its reply read: in step
+                    self._late = _IN_STEP
+                # else timed out or gone at that moment: unknown (None), so it is replaced
             elif sent:  # the child answers in its time; the reply is read (and dropped) before its next request
                 reply = loop.create_future()
                 self._late = LateReply(reply, timer, inp)
