@@ -35,9 +35,9 @@ pytestmark = pytest.mark.anyio
 
 #: Counted from the queueing, right after the request entry: long enough for the test to find that
 #: entry and write the competing end well before the timeout fires, even on a busy machine (measured
-#: with a CPU burner and another suite running: at most 30 ms from the entry to the written end).
-#: Six of the tests wait it out, so it is kept short.
-TIMEOUT_S = 2.0
+#: with a CPU burner and another suite running: at most 30 ms from the entry to the written end; but
+#: session 45's test-busy run once saw 2 s pass first). Six of the tests wait it out, so it is kept short.
+TIMEOUT_S = 3.0
 TEAM = "tw-team"
 
 
