@@ -1,7 +1,8 @@
 """Reading a console form: every field once.
 
 A browser sends each of the console's fields once (the keys form's ``roles``
-checkboxes are the one field meant to repeat). A post that repeats another
+checkboxes are meant to repeat; its text fields are refused on the form
+itself, 422, by ``gateway/console/keys.py``). A post that repeats another
 (two ``note`` fields on a flag, two ``form_id`` on the key-create form) was
 read as its first value and the rest dropped without a word, where the JSON
 review and admin APIs refuse it; such a post comes from a tool or a forged
