@@ -122,7 +122,8 @@ _STORY_ERRORS = {400: _BAD_QUERY, 401: UNAUTHORIZED,
 _ACTION_ERRORS = {400: ("`invalid_json` (the body is not a JSON object) or `unsupported_parameter` (an unknown "
                         "field).", {}),
                   401: UNAUTHORIZED,
-                  403: ("`review_forbidden`: only keys with the `reviewer` role act on requests.", {}),
+                  403: ("`review_forbidden`: only keys with the `reviewer` role act on requests, and a "
+                        "disposition needs a reviewer other than the request's own principal.", {}),
                   404: _STORY_ERRORS[404],
                   413: ("`body_too_large`: the body is over GOVGATE_MAX_BODY_BYTES.", {}),
                   415: UNSUPPORTED_CODING,

@@ -4,7 +4,8 @@ Three kinds of caller, decided by the key's roles alone (the policy's
 ``data.json`` knows ``reviewer`` and ``auditor`` as roles that grant no
 model, so a key may hold them beside a role that does):
 
-- ``reviewer``: reads every entry and every text, flags, comments, disposes;
+- ``reviewer``: reads every entry and every text, flags, comments, disposes
+  (but never of a request its own principal made: separation of duties);
 - ``auditor``: reads every entry and every text, acts on nothing (an
   external auditor must not change what they audit);
 - anyone else, admins included: reads only entries they made themselves
@@ -61,3 +62,16 @@ class Access:
         if not self.may_act:
             raise ApiError(403, FORBIDDEN, "Only a key with the 'reviewer' role may flag, comment on or dispose of "
                            "a request.")
+
+    def require_other_principal(self, action: str, target_principal: str | None) -> None:
+        """Refuse a disposition of the caller's own request: a verdict needs a second person.
+
+        Otherwise a key holding ``reviewer`` beside a role that reaches models
+        could clear its own denials out of every reviewer's queue with
+        ``disposition: ok``. Flags and comments on one's own requests stay
+        allowed (reporting oneself is harmless); the request stays in the
+        queue for another reviewer.
+        """
+        if action == "disposition" and target_principal is not None and target_principal == self.principal.id:
+            raise ApiError(403, FORBIDDEN, "A reviewer may not dispose of a request their own principal made; "
+                           "another reviewer must.")

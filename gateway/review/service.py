@@ -167,6 +167,7 @@ class ReviewService:
         target = next((entry for entry in entries if entry.kind in _REQUEST_KINDS), None)
         if target is None:
             raise not_a_request(entries) if entries else request_not_found(request_id)
+        access.require_other_principal(action, target.principal)
         principal = access.principal
         body = {"key_id": principal.key_id, "roles": list(principal.roles),
                 "target": {"principal": target.principal, "team": target.team, "model": target.model,

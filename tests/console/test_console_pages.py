@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import re
+import secrets
 
 from markupsafe import escape
 
@@ -382,6 +383,29 @@ async def test_an_auditor_sees_no_action_forms_and_cannot_post_them(client: Asyn
         response = await client.post(f"/console/requests/{MARKUP_REQUEST}/{action}", data={"csrf_token": csrf, **data})
         assert response.status_code == 403 and "review_forbidden" in response.text
     assert len(_review_entries(console, MARKUP_REQUEST)) == before
+
+
+async def test_a_reviewer_gets_no_disposition_form_on_their_own_request(client: AsyncTestClient,
+                                                                      console: Console) -> None:
+    """Separation of duties: rita may flag and comment on her own request, another reviewer disposes."""
+    own = f"own-{secrets.token_hex(8)}"
+    console.store.append("request", own, principal="rita", team="compliance", model="other-model",
+                         policy_revision="rev-1",
+                         body={"endpoint": "chat.completions", "key_id": "k",
+                               "decision": {"allow": False, "reasons": [{"code": "model_not_allowed", "message": "no"}],
+                                            "obligations": {}}},
+                         payload={"messages": [{"role": "user", "content": "mine"}]})
+    csrf = await sign_in(client, console.keys.reviewer)
+    page = (await client.get(f"/console/requests/{own}")).text
+    assert "/flag" in page and "/comment" in page and "/disposition" not in page
+    assert "another reviewer records its disposition" in page
+    assert own in (await client.get("/console/")).text  # denied: in the queue
+    refused = await client.post(f"/console/requests/{own}/disposition", data={"csrf_token": csrf, "disposition": "ok"})
+    assert refused.status_code == 403 and "review_forbidden" in refused.text
+    assert [e.kind for e in _review_entries(console, own)] == []
+    assert own in (await client.get("/console/")).text  # still waiting for another reviewer
+    other = await client.get(f"/console/requests/{MARKUP_REQUEST}")
+    assert "/disposition" in other.text  # alice's request: rita disposes of it
 
 
 # -- queue, usage, chain ----------------------------------------------------------------------------------

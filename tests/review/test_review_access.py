@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.auth import KeyStore
+from gateway.components import open_database
+
 from tests.review.conftest import all_entries, bearer, pages
 
 pytestmark = pytest.mark.anyio
@@ -158,3 +161,28 @@ async def test_ugly_values_are_answered_not_crashed(rclient, rkeys):
     long_id = "r" * 300
     _error(await rclient.get(f"/v1/audit/requests/{long_id}", headers=bearer(rkeys.reviewer)), 404,
            "request_not_found")
+
+
+async def test_a_reviewer_may_not_dispose_of_their_own_request(rclient, rstore, rkeys, rsettings):
+    """Separation of duties: rita's own denied request waits for another reviewer's verdict."""
+    made = await rclient.post("/v1/chat/completions", headers=bearer(rkeys.reviewer),
+                              json={"model": "govgate-tiny", "messages": [{"role": "user", "content": "mine"}]})
+    assert made.status_code in (403, 404), made.text  # the reviewer role grants no model
+    request_id = made.headers["x-govgate-request-id"]
+    assert any(e.kind == "request" and e.principal == "rita" for e in rstore.entries_for(request_id))
+    url = f"/v1/audit/requests/{request_id}"
+    before = len(all_entries(rstore))
+    refused = await rclient.post(f"{url}/disposition", headers=bearer(rkeys.reviewer), json={"disposition": "ok"})
+    _error(refused, 403, "review_forbidden")
+    assert "own" in refused.json()["error"]["message"]
+    assert len(all_entries(rstore)) == before
+    # Flagging and commenting on one's own request stay allowed; another reviewer disposes of it.
+    flag = await rclient.post(f"{url}/flag", headers=bearer(rkeys.reviewer), json={"note": "my own"})
+    comment = await rclient.post(f"{url}/comment", headers=bearer(rkeys.reviewer), json={"text": "self-report"})
+    assert (flag.status_code, comment.status_code) == (201, 201)
+    other = KeyStore(open_database(rsettings)).create("rolf", team="compliance", roles=["reviewer"]).secret
+    settled = await rclient.post(f"{url}/disposition", headers=bearer(other), json={"disposition": "ok"})
+    assert settled.status_code == 201, settled.text
+    story = (await rclient.get(url, headers=bearer(rkeys.reviewer))).json()
+    assert story["disposition"] == "ok"
+    assert [e["principal"] for e in story["review"] if e["kind"] == "dispositioned"] == ["rolf"]
