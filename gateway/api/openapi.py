@@ -206,7 +206,7 @@ _FIELD_NOTES = {
     "messages": "The conversation; `developer` is read as `system`. The last message must not be the assistant's.",
     "prompt": "One prompt: a string, or a list holding exactly one string (batches are refused with 400).",
     "max_tokens": "Tokens to generate at most; the policy may clamp it (or refuse it). Defaults to "
-                  "GOVGATE_DEFAULT_MAX_TOKENS.",
+                  "GOVGATE_DEFAULT_MAX_TOKENS, or the room the prompt leaves in the context if that is less.",
     "max_completion_tokens": "OpenAI's newer name for `max_tokens`.",
     "temperature": "0 is greedy decoding.",
     "repetition_penalty": "Defaults to the model's registry value.",

@@ -90,6 +90,9 @@ class Admitted:
     prompt_tokens: int | None
     #: Requests already waiting in the model's queue.
     waiting: int
+    #: The completion's bound as held: the decided one, or less when the client gave none and the
+    #: default would not fit beside the prompt (the rest of the context, as OpenAI's API runs).
+    max_tokens: int
 
     def record(self) -> dict[str, Any]:
         return {"admitted": True, "reserved_tokens": self.reserved_tokens, "prompt_tokens": self.prompt_tokens,
@@ -196,7 +199,9 @@ class Admission:
                                              spec.repetition_penalty)
             if decision.allow and verdict.counters_down is None:
                 admission = await self._reserve(request_id, principal, spec, decision, params, messages, prompt,
-                                                verdict.early)
+                                                verdict.early, defaulted=not request.max_tokens_given)
+                if isinstance(admission, Admitted) and admission.max_tokens != params.max_tokens:
+                    params = dataclasses.replace(params, max_tokens=admission.max_tokens)
             else:
                 admission = None
                 if verdict.early is not None and verdict.early.reservation is not None:
@@ -324,8 +329,13 @@ class Admission:
 
     async def _reserve(self, request_id: str, principal: Principal, spec: ModelSpec, decision: Decision,
                        params: SamplingParams, messages: list[dict[str, str]] | None, prompt: str | None,
-                       early: EarlyReservation | None) -> Admitted | AdmissionRefusal:
+                       early: EarlyReservation | None, *, defaulted: bool = False) -> Admitted | AdmissionRefusal:
         """Check the prompt fits, then hold the request's tokens against its limits and check the queue.
+
+        ``defaulted``: the client gave no ``max_tokens``. Then a prompt that
+        fits the context is never refused for the default's sake: the
+        completion is bounded by the room left instead (OpenAI's API runs a
+        left-out ``max_tokens`` to the context's end; chat UIs leave it out).
 
         The policy judged a snapshot of the counters; the reservation is the
         atomic check that enforces the same limits however many requests
@@ -343,9 +353,14 @@ class Admission:
         else:
             prompt_tokens = await self.prompt_counter.count(spec, messages, prompt)  # text checked by check_fits
         if prompt_tokens is not None and prompt_tokens + max_tokens > spec.context_length:
-            if early is not None and early.reservation is not None:
-                await undo_reservation(self.counters, early.reservation)
-            return ContextTooLong(prompt_tokens, max_tokens, spec.context_length)
+            room = spec.context_length - prompt_tokens
+            if defaulted and room >= 1:
+                max_tokens = room
+            else:
+                if early is not None and early.reservation is not None:
+                    await undo_reservation(self.counters, early.reservation)
+                return ContextTooLong(prompt_tokens, max_tokens, spec.context_length, defaulted=defaulted,
+                                      prompt_param="prompt" if prompt is not None else "messages")
         limits = decision.obligations.limits
         wanted = NO_LIMITS if limits is None else limits.to_document()
         held_prompt = prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt))
@@ -375,7 +390,7 @@ class Admission:
         if isinstance(outcome, QueueAtLimit):
             return QueueFull(outcome.waiting, outcome.limit, spec.name, principal.team, outcome.team)
         assert isinstance(outcome, Reservation) and reply.waiting is not None
-        return Admitted(outcome, reserved, prompt_tokens, reply.waiting)
+        return Admitted(outcome, reserved, prompt_tokens, reply.waiting, max_tokens)
 
     async def _in_flight_wait(self, scope: Scope, spec: ModelSpec) -> int:
         return await in_flight_wait_s(self.redis, self.counters, scope, spec.name, queue_mode=self.queue_mode,

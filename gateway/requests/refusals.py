@@ -89,12 +89,20 @@ class ContextTooLong:
     prompt_tokens: int
     max_tokens: int
     context_length: int
+    #: The client gave no ``max_tokens``: only a prompt filling the whole context is refused, and it is
+    #: the prompt (``prompt_param``) that is named, not a parameter the client never sent.
+    defaulted: bool = False
+    prompt_param: str = "messages"
 
     def record(self) -> dict[str, Any]:
         return {"admitted": False, "code": "context_length_exceeded", "prompt_tokens": self.prompt_tokens,
                 "max_tokens": self.max_tokens, "context_length": self.context_length}
 
     def error(self) -> ApiError:
+        if self.defaulted:
+            return ApiError(400, "context_length_exceeded", f"The prompt is {self.prompt_tokens} tokens: it leaves "
+                            f"no room for a completion in the model's context of {self.context_length} tokens.",
+                            param=self.prompt_param)
         return ApiError(400, "context_length_exceeded", f"The prompt is {self.prompt_tokens} tokens and max_tokens "
                         f"is {self.max_tokens}: more than the model's context of {self.context_length} tokens.",
                         param="max_tokens")

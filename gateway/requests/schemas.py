@@ -145,6 +145,11 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         """The completion length asked for, before the policy's clamp."""
         return self.max_tokens if self.max_tokens is not None else default
 
+    @property
+    def max_tokens_given(self) -> bool:
+        """Whether the client bounded the completion itself (left out, OpenAI runs to the context's end)."""
+        return self.requested_max_tokens(-1) != -1
+
     def sampling_params(self, max_tokens: int, model_repetition_penalty: float) -> SamplingParams:
         """The sampling settings to run with: ``max_tokens`` as decided, every left-out default filled in."""
         optional = {"top_k": self.top_k, "seed": self.seed}  # left out (None): SamplingParams' default

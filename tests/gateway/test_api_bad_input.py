@@ -240,6 +240,58 @@ async def test_a_prompt_that_just_fits_is_served(client, keyring, settings):
     assert response.json()["usage"]["prompt_tokens"] == exact
 
 
+def _messages_of(spec, model, low: int, high: int) -> tuple[list[dict[str, str]], int]:
+    """User messages whose rendered prompt is between ``low`` and ``high`` tokens, and that count."""
+    from workers.contract.prompts import render_chat
+
+    words = 1
+    while True:
+        messages = [{"role": "user", "content": " ".join(["gate"] * words)}]
+        count = model.count_tokens(render_chat(messages, spec.prompt_format)[0])
+        if low <= count <= high:
+            return messages, count
+        assert count < low, f"{words} words gave {count} tokens, past {high}"
+        words += max(1, (low - count) // 3)
+
+
+async def test_without_max_tokens_a_prompt_that_fits_runs_to_the_contexts_end(client, keyring, settings,
+                                                                             audit_store):
+    """OpenAI's API runs a left-out max_tokens to the end of the context: the default (128) never refuses a
+    prompt that fits; a prompt that fills the context is refused naming the prompt, not max_tokens."""
+    from workers.backends import load_model
+    from workers.contract.registry import load_registry
+
+    spec = load_registry(settings.models_file, settings.var_dir).get(TINY_MODEL_NAME)
+    model = load_model(spec)
+    default = settings.default_max_tokens
+    messages, exact = _messages_of(spec, model, spec.context_length - default + 20, spec.context_length - 20)
+    room = spec.context_length - exact
+    assert 1 <= room < default
+    response = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                 json={"model": TINY_MODEL_NAME, "messages": messages})
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    assert usage["prompt_tokens"] == exact and usage["completion_tokens"] <= room
+    request = next(e for e in audit_store.entries_for(response.headers["x-govgate-request-id"]) if e.kind == "request")
+    assert request.body["params"]["max_tokens"] == room
+    assert request.body["admission"]["reserved_tokens"] >= exact + room
+    # A client's own max_tokens is still held to: the same prompt asking the default is refused, naming it.
+    asked = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                              json={"model": TINY_MODEL_NAME, "messages": messages, "max_tokens": default})
+    assert asked.status_code == 400 and asked.json()["error"]["param"] == "max_tokens"
+    # A prompt that leaves no room at all: refused, and the error names the prompt.
+    full, count = _messages_of(spec, model, spec.context_length, spec.context_length + 200)
+    refused = await client.post("/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                json={"model": TINY_MODEL_NAME, "messages": full})
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert f"{count} tokens" in error["message"] and "max_tokens" not in error["message"]
+    text = await client.post("/v1/completions", headers=bearer(keyring["admin"]),
+                             json={"model": TINY_MODEL_NAME, "prompt": full[0]["content"] * 2})
+    assert text.status_code == 400 and text.json()["error"]["param"] == "prompt"
+
+
 @pytest.mark.parametrize("headers,code", [
     ({}, "missing_api_key"),
     ({"Authorization": "Bearer"}, "invalid_api_key"),
