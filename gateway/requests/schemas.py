@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
-from workers.contract.sampling import SamplingParams
+from workers.contract.sampling import SamplingParams, model_seed
 
 #: The two endpoints, as the audit log, the policy input and the job name them.
 CHAT = "chat.completions"
@@ -152,7 +152,8 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def sampling_params(self, max_tokens: int, model_repetition_penalty: float) -> SamplingParams:
         """The sampling settings to run with: ``max_tokens`` as decided, every left-out default filled in."""
-        optional = {"top_k": self.top_k, "seed": self.seed}  # left out (None): SamplingParams' default
+        # left out (None): SamplingParams' default; a seed as the model runs with it (reproducible, any sign)
+        optional = {"top_k": self.top_k, "seed": None if self.seed is None else model_seed(self.seed)}
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, stop=tuple(self.stop_list()),
             repetition_penalty=model_repetition_penalty if self.repetition_penalty is None

@@ -192,6 +192,27 @@ async def test_sampling_parameters_reach_the_backend(client, keyring, direct_mod
     assert expected.text != other.text  # top_k really matters, so the equality above is informative
 
 
+async def test_any_seed_is_reproducible_and_seeds_do_not_alias(client, keyring, audit_store):
+    """OpenAI's seed repeats a run: a negative or 64-bit seed too (a negative one sampled at random, and seeds
+    were taken mod 2^31, so 2^31 + 7 sampled as 7)."""
+    async def sample(seed: int) -> tuple[str, dict]:
+        response = await client.post("/v1/completions", headers=bearer(keyring["admin"]),
+                                     json={"model": TINY_MODEL_NAME, "prompt": "The gate", "max_tokens": 24,
+                                           "temperature": 1.0, "seed": seed})
+        assert response.status_code == 200, response.text
+        request = next(e for e in audit_store.entries_for(response.headers["x-govgate-request-id"])
+                       if e.kind == "request")
+        return response.json()["choices"][0]["text"], request.body["params"]
+
+    for seed in (-5, -2**63, 2**63 - 1):
+        first, params = await sample(seed)
+        assert 0 <= params["seed"] < 2**31  # the seed the model ran with, recorded
+        assert (await sample(seed))[0] == first
+    seven, params = await sample(7)
+    assert params["seed"] == 7  # kept as given: the same text as the backend called directly
+    assert (await sample(2**31 + 7))[0] != seven
+
+
 async def test_parameter_the_backend_ignores_is_refused(client, keyring):
     response = await client.post("/v1/completions", headers=bearer(keyring["admin"]),
                                  json={"model": TINY_MODEL_NAME, "prompt": "x", "frequency_penalty": 0.5})

@@ -9,8 +9,9 @@ nonsense.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Final
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class SamplingParams:
     top_k: int = 40
     #: Texts that end the generation (never sent to the client).
     stop: tuple[str, ...] = ()
-    #: Random seed; negative means a fresh random seed for every generation.
+    #: Random seed, 0 to 2^31 - 1 (:func:`model_seed` brings a client's into that range); negative means a
+    #: fresh random seed for every generation (the gateway sends -1 only when the client gave no seed).
     seed: int = -1
     #: Multiplies down the odds of tokens already generated (1.0: none). The
     #: gateway fills in the model's registry default when a request gives none.
@@ -77,3 +79,24 @@ class SamplingParams:
 
 #: The fields of :class:`SamplingParams`, in order (its payload's keys).
 _FIELDS = tuple(field.name for field in fields(SamplingParams))
+
+
+#: Seeds the backends take as they are (llama.cpp's and ctransformers' samplers read 31 bits).
+SEED_RANGE: Final = 2**31
+
+
+def model_seed(seed: int) -> int:
+    """A client's ``seed`` (any signed 64-bit integer) as the seed the model runs with, reproducibly.
+
+    Seeds from 0 to 2^31 - 1 are kept, so a seed gives what it gives on the
+    backend called directly. Any other one, a negative seed too, is mapped
+    through a hash into that range: the same seed always samples the same
+    text (it was ``seed % 2**31``, so 2^31 + 7 sampled as 7, and a negative
+    seed sampled at random, though OpenAI's ``seed`` exists to repeat a run).
+    Two seeds out of the range may still meet, as any 64 bits must in 31.
+    """
+    if 0 <= seed < SEED_RANGE:
+        return seed
+    digest = hashlib.blake2b(seed.to_bytes(8, "big", signed=True), digest_size=8, person=b"govgate-seed").digest()
+    return int.from_bytes(digest, "big") % SEED_RANGE
+
