@@ -203,7 +203,8 @@ _LABEL = (f"a label of 1 to {MAX_PURPOSE_CHARS} printable characters (no control
 #: What the struct cannot say about a field (README's "Supported request fields").
 _FIELD_NOTES = {
     "model": "A model of the registry (GET /v1/models lists those this key may use); 404 otherwise.",
-    "messages": "The conversation; `developer` is read as `system`. The last message must not be the assistant's.",
+    "messages": ("The conversation; `developer` is read as `system`. A conversation ending with an "
+                 "assistant message is answered with a new assistant turn, as OpenAI's API does."),
     "prompt": "One prompt: a string, or a list holding exactly one string (batches are refused with 400).",
     "max_tokens": "Tokens to generate at most; the policy may clamp it (or refuse it). Defaults to "
                   "GOVGATE_DEFAULT_MAX_TOKENS, or the room the prompt leaves in the context if that is less.",

@@ -262,9 +262,6 @@ def _check_supported(request: ChatCompletionRequest | CompletionRequest) -> None
     if isinstance(request, CompletionRequest) and isinstance(request.prompt, list) and len(request.prompt) != 1:
         raise ApiError(400, "unsupported_parameter",
                        "Send one prompt per request; batches of prompts are not supported.", param="prompt")
-    if isinstance(request, ChatCompletionRequest) and request.messages[-1].role == "assistant":
-        raise ApiError(422, "invalid_value", "The last message must not be the assistant's own.",
-                       param="messages")
 
 
 _UNKNOWN_FIELD = re.compile(r"unknown field `(?P<field>[^`]*)`")

@@ -361,6 +361,8 @@ HARMLESS_DEFAULTS = [
          "audio": None, "annotations": []},
         {"role": "user", "content": "and?"}]}),
     ("max-tokens-at-the-bound", {"max_tokens": 2**31 - 1}),  # the policy clamps it
+    ("assistant-last", {"messages": [{"role": "user", "content": "Name a fruit."},
+                                     {"role": "assistant", "content": "A fruit I like is"}]}),  # OpenAI answers it
 ]
 
 
