@@ -108,6 +108,9 @@ UNSUPPORTED_CODING = ("`unsupported_content_encoding`: the body has a `Content-E
 _RETRY_AFTER = header("Seconds to wait before trying again; absent when no wait lets the request pass (it alone "
                       "needs more than a token limit).", {"type": "integer", "minimum": 0}, required=False)
 _CHALLENGE = header("Always 'Bearer'.", {"type": "string"})
+_UNAVAILABLE_RETRY_AFTER = header("Seconds to wait before trying again: with `policy_unavailable`, "
+                                  "`model_unavailable` and an output withheld for `policy_unavailable`.",
+                                  {"type": "integer", "minimum": 0}, required=False)
 
 #: 431, as every route answers it: the bound on a request's head is the HTTP layer's (gateway/http_head.py),
 #: met before any route is chosen, so :func:`error_responses` adds it to every operation.
@@ -148,7 +151,8 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
           "`policy_unavailable` (with `Retry-After`): no policy decision could be had in time (capacity, "
           "not permission). `model_unavailable` (with `Retry-After` and `x-should-retry: false`): the model has no "
           "live worker and its last worker could not load it; nothing was queued, and only an operator can mend it.",
-          {"x-should-retry": header("'false' on `model_unavailable`: an operator must act, an automatic retry "
+          {"Retry-After": _UNAVAILABLE_RETRY_AFTER,
+           "x-should-retry": header("'false' on `model_unavailable`: an operator must act, an automatic retry "
                                     "only waits.", {"type": "string", "enum": ["false"]}, required=False)}),
     504: ("`timed_out`: no result within GOVGATE_REQUEST_TIMEOUT_S, or the worker's generation time limit hit "
           "(that one with `x-should-retry: false`).",
@@ -161,14 +165,16 @@ UNAUTHORIZED = _COMPLETION_ERRORS[401]
 _KEY_ERRORS = {401: UNAUTHORIZED,
                503: ("`auth_unavailable`: API keys cannot be checked (the database is down); "
                      "`policy_unavailable` (with `Retry-After`): the policy could not say in time which models "
-                     "this key may use.", {})}
+                     "this key may use.", {"Retry-After": _UNAVAILABLE_RETRY_AFTER})}
 #: ``GET /v1/models/{id}``: a model that does not exist and one this key may not use are answered alike.
 _MODEL_ERRORS = {**_KEY_ERRORS,
                  404: ("`model_not_found`: no such model, or one this key may not use (answered alike).", {})}
 
 
 def _error(description: str, headers: dict[str, OpenAPIHeader]) -> OpenAPIResponse:
-    return OpenAPIResponse(description=description, headers=headers or None, content={
+    """An error answer: every one carries the request-id headers (README: "Every response, errors included")."""
+    headers = {urls.REQUEST_ID_HEADER: _REQUEST_ID, "x-request-id": _OPENAI_REQUEST_ID, **headers}
+    return OpenAPIResponse(description=description, headers=headers, content={
         JSON: OpenAPIMediaType(schema=JsonSchema(document=json_schema(shapes.ErrorResponse)))})
 
 
