@@ -24,7 +24,8 @@ from workers.contract.jobs import (MAX_JOB_RUNS, STATUS_CANCELLED, STATUS_FAILED
 from workers.contract.output_check import OutputReport, OutputVerdict
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
 from workers.contract.privacy import Digester, logged_output, split_texts
-from workers.contract.terminal_body import Generated, checked_ending, ended_result, generation_body, withheld_body
+from workers.contract.terminal_body import (Generated, checked_ending, ended_result, generation_body, judged_whole,
+                                           withheld_body)
 from workers.contract.prompts import render_chat
 from workers.contract.repick import PutBack
 from workers.streams import JobChannel, SilentChannel
@@ -327,7 +328,7 @@ def _record_failure(job: GenerateJob, store: EntryStore, code: str, message: str
     body: dict[str, Any] = {"error": error, "worker": worker}
     if output is not None:  # a stream's text, never judged whole
         body.update(logged_output(output, job.prompt_logging, job.redact, digester,
-                                  unjudged=job.check_output and not job.output_rule_absent))
+                                  unjudged=not judged_whole(job, None, None, error)))
     entry = _append_terminal(job, store, "failed", body)
     if isinstance(entry, JobResult):
         return entry
