@@ -47,6 +47,7 @@ from gateway.requests.audit_records import request_record
 from gateway.requests.fit import PromptCounter, check_fits
 from gateway.requests.hidden_models import (SeenModels, answered_record, as_answered,
                                             model_not_found)
+from gateway.requests.minute_wait import needs_minute_wait, with_minute_wait
 from gateway.requests.parsing import parse_body
 from gateway.requests.policy_input import build_input, prompt_text, without_prompt
 from gateway.requests.purpose import declared_purpose
@@ -195,6 +196,9 @@ class Admission:
             decision = verdict.decision
             if not decision.allow and any(r.code == TOO_MANY_IN_FLIGHT for r in decision.reasons):
                 decision = await self._in_flight_estimate(principal, spec, decision, verdict.policy_input)
+            if needs_minute_wait(decision) and verdict.counters_down is None:
+                decision = await self._minute_estimate(request_id, principal, spec, decision, verdict,
+                                                       requested_max, messages, prompt)
             params = request.sampling_params(decision.obligations.max_tokens if decision.allow else requested_max,
                                              spec.repetition_penalty)
             if decision.allow and verdict.counters_down is None:
@@ -416,6 +420,19 @@ class Admission:
         reasons = tuple(dataclasses.replace(r, retry_after_s=max(r.retry_after_s or 1, wait))
                         if r.code == TOO_MANY_IN_FLIGHT else r for r in decision.reasons)
         return dataclasses.replace(decision, reasons=reasons)
+
+    async def _minute_estimate(self, request_id: str, principal: Principal, spec: ModelSpec, decision: Decision,
+                               verdict: Verdict, requested_max: int, messages: list[dict[str, str]] | None,
+                               prompt: str | None) -> Decision:
+        """The denial with its ``rate_limited`` reasons' wait as the counters compute it
+        (gateway/requests/minute_wait.py): the policy's is when the oldest entry leaves the minute."""
+        early = verdict.early
+        if early is not None:
+            return await with_minute_wait(decision, self.counters, request_id, principal.id, principal.team,
+                                          early.tokens, (early.limits, early.reply))
+        prompt_tokens = await self.prompt_counter.count(spec, messages, prompt)
+        tokens = prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt)) + requested_max
+        return await with_minute_wait(decision, self.counters, request_id, principal.id, principal.team, tokens, None)
 
     def _queue(self, spec: ModelSpec, principal: Principal, priority: int | None) -> QueueCheck:
         """The queue check of this request: its team's places (fair), or the model's total (fifo)."""

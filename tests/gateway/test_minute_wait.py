@@ -1,0 +1,95 @@
+"""The ``rate_limited`` 429's Retry-After for ``tokens_per_minute``: when this request's tokens fit again.
+
+The policy's figure is when the oldest entry leaves the minute window, right
+for ``requests_per_minute`` but not for tokens: with 10 tokens leaving in 10 s
+and 170 in 55 s, a 40-token request under a limit of 200 fits only after 55 s,
+and a client told 10 s was refused again. On a served gateway whose Redis
+holds those entries: once for a principal with no earlier decision (the
+gateway asks the counters), once for one whose early reservation already
+refused (its reply holds the wait).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import httpx
+import redis.asyncio as aioredis
+
+from gateway.limits import UsageCounters
+from tests.conftest import bearer, policy_copy, serving
+from tests.e2e.test_queued_disconnect import _until, in_flight_of
+from tests.keys_and_limits import new_key
+from tests.own_redis import own_redis  # noqa: F401  (fixture)
+from workers.contract.registry import TINY_MODEL_NAME
+
+LIMIT = 200
+
+
+def _limits(*users: str):
+    def change(config: dict) -> None:
+        principals = config.setdefault("limits", {}).setdefault("principals", {})
+        for user in users:
+            principals[user] = {"requests_per_minute": 1000, "tokens_per_minute": LIMIT, "in_flight": 10}
+    return change
+
+
+async def _fill(redis_url: str, user: str, team: str) -> None:
+    """10 tokens that leave the minute in 10 s, 170 that leave it in 55 s."""
+    client = aioredis.Redis.from_url(redis_url)
+    counters = UsageCounters(client)
+    try:
+        now = time.time()
+        for tokens, age_s in ((10, 50), (170, 5)):
+            held = await counters.reserve(f"fill-{os.urandom(4).hex()}", user, team,
+                                          {"principal": {"tokens_per_minute": 10**9}}, tokens, now=now - age_s)
+            await counters.settle(held, tokens, now=now - age_s)
+    finally:
+        await client.aclose()
+
+
+def test_the_429_says_when_the_requests_tokens_fit_not_when_the_oldest_entry_leaves(
+        own_redis, tmp_path) -> None:  # noqa: F811
+    fresh, known, team = (f"mw-{os.urandom(3).hex()}", f"mw-{os.urandom(3).hex()}", "minute-waiters")
+    own = own_redis.with_(queue_mode="fifo", request_timeout_s=120,
+                          policy_dir=policy_copy(tmp_path, _limits(fresh, known)))
+    keys = {user: new_key(own, user, team) for user in (fresh, known)}
+    body = {"model": TINY_MODEL_NAME, "prompt": "Count", "max_tokens": 40}
+    seen: dict = {}
+
+    async def scenario(base: str) -> None:
+        async with httpx.AsyncClient(timeout=120) as http:
+            # ``known`` has an allowed decision first (queued, no worker here; given up), so the gateway
+            # reserves early under the same limits the next time.
+            first = asyncio.create_task(http.post(f"{base}/v1/completions", headers=bearer(keys[known]),
+                                                  json={**body, "max_tokens": 1}))
+
+            async def held() -> bool:
+                return (await in_flight_of(own.redis_url, known, team))[0] == 1
+
+            await _until(held, "the allowed request to be queued")
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+
+            async def freed() -> bool:
+                return (await in_flight_of(own.redis_url, known, team))[0] == 0
+
+            await _until(freed, "the allowed request's slot to be freed")
+            for user in (fresh, known):
+                await _fill(own.redis_url, user, team)
+                seen[user] = await http.post(f"{base}/v1/completions", headers=bearer(keys[user]), json=body)
+
+    with serving(own, tmp_path / "serve.log") as base:
+        asyncio.run(scenario(base))
+    for user in (fresh, known):
+        refused = seen[user]
+        assert refused.status_code == 429, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "rate_limited" and "tokens_per_minute" in error["message"]
+        retry = int(refused.headers["Retry-After"])
+        # The 170 tokens leave about 55 s after they were put there (less the seconds this test took since);
+        # the oldest entry leaves in 10 s, which the policy alone says.
+        assert 30 < retry <= 60, (user, refused.headers, error)
+        assert [r["retry_after_s"] for r in error["reasons"] if r["code"] == "rate_limited"] == [retry]
