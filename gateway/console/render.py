@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Final
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
@@ -44,11 +44,24 @@ ADMIN_NAV: Final = ((urls.CONSOLE_KEYS, "Keys"),)
 
 
 def _when(value: Any) -> str:
-    """An ISO time as ``YYYY-MM-DD HH:MM:SS`` UTC (what a reviewer reads), anything else as is."""
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
+    """A time as ``YYYY-MM-DD HH:MM:SS UTC``, anything else as is.
+
+    The zone is written out: a reviewer elsewhere read a bare time as their
+    own. Stored times are UTC; one that carries another offset is converted,
+    a naive one is taken as UTC (as the store writes them).
+    """
     if isinstance(value, str) and len(value) >= 19 and value[10] == "T":
-        return f"{value[:10]} {value[11:19]}"
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return f"{value[:10]} {value[11:19]}"
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            try:
+                value = value.astimezone(timezone.utc)
+            except OverflowError:  # at the calendar's ends: shown with its own offset
+                return value.isoformat(" ", "seconds")
+        return value.strftime("%Y-%m-%d %H:%M:%S UTC")
     return "" if value is None else str(value)
 
 

@@ -481,3 +481,21 @@ async def test_only_entries_of_a_request_link_to_a_request_page(client: AsyncTes
     assert read.request_id in page and f"/console/requests/{read.request_id}" not in page
     page = (await client.get(f"/console/search?request_id={MARKUP_REQUEST}")).text
     assert f'href="/console/requests/{MARKUP_REQUEST}"' in page
+
+
+async def test_every_time_shown_names_its_zone(client: AsyncTestClient, console: Console) -> None:
+    """A reviewer in another zone read a bare time as their own: every time on the pages says UTC."""
+    from datetime import datetime, timedelta, timezone
+
+    from gateway.console.render import _when
+
+    assert _when(datetime(2026, 12, 4, 9, 27, 9)) == "2026-12-04 09:27:09 UTC"  # the store's naive UTC
+    assert _when("2026-12-04T10:27:09+01:00") == "2026-12-04 09:27:09 UTC"  # another offset: converted
+    assert _when(datetime(2026, 12, 4, 9, 27, tzinfo=timezone(timedelta(hours=-5)))) == "2026-12-04 14:27:00 UTC"
+    await sign_in(client, console.keys.reviewer)
+    stamp = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?! UTC)")
+    for path in ("/console/", f"/console/requests/{MARKUP_REQUEST}", "/console/search?principal=alice",
+                 "/console/chain"):
+        page = (await client.get(path)).text
+        assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", page), path
+        assert not stamp.search(page), (path, stamp.search(page))
