@@ -21,7 +21,7 @@ import rego.v1
 
 # ---------------------------------------------------------------- e-mail
 
-email_pattern := `[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}`
+email_pattern := `[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:[.\x{3002}\x{FF0E}\x{FF61}][A-Za-z0-9-]+)*[.\x{3002}\x{FF0E}\x{FF61}][A-Za-z]{2,}`
 
 emails(text) := {m | some m in regex.find_n(email_pattern, text, -1)}
 
@@ -105,12 +105,14 @@ cards_within_runs(text) := {card |
 	card_bounded(card, text)
 }
 
-# Groups of digits split by slashes, underscores, spaced or doubled dashes
-# or line breaks ("4111/1111/1111/1111", "4111 - 1111 - ...", a number
-# split across lines or messages): a card when its digits are a major
+# Groups of digits split by slashes, underscores, spaced or doubled dashes,
+# line breaks, or unspaced commas, colons, bars, plus signs, tildes, middle
+# dots and bullets ("4111/1111/1111/1111", "4111 - 1111 - ...",
+# "4111·1111·…"; "1111, 4111" is punctuation between two numbers), or a
+# number split across lines or messages: a card when its digits are a major
 # network's (as for one glued to letters), since lists of numbers one per
 # line or path-like numbers pass the Luhn check one time in ten.
-card_spread_pattern := `[0-9]{4,6}(?:(?: ?(?:[/_\n]|--?) ?| )[0-9]{1,6}){2,4}`
+card_spread_pattern := `[0-9]{4,6}(?:(?: ?(?:[/_\n]|--?) ?| |[,:|+~\x{B7}\x{2022}\x{2027}\x{30FB}])[0-9]{1,6}){2,4}`
 
 # Some occurrence of the number is not part of a longer number; glued to a
 # letter ("card4111111111111111") it counts when its prefix and length are

@@ -71,6 +71,17 @@ test_card_spread_by_slashes_underscores_dashes_or_lines_found if {
 	pii.payment_cards("card 4111 1111\n1111 1111") == {"4111 1111\n1111 1111"}
 }
 
+test_card_spread_by_middle_dots_bullets_commas_colons_bars_plus_or_tildes_found if {
+	pii.payment_cards("pay 4111·1111·1111·1111 or 5555•5555•5555•4444") == {"4111·1111·1111·1111", "5555•5555•5555•4444"}
+	pii.payment_cards("a 4111,1111,1111,1111 b 4111:1111:1111:1111 c 4111|1111|1111|1111") == {"4111,1111,1111,1111", "4111:1111:1111:1111", "4111|1111|1111|1111"}
+	pii.payment_cards("d 4111+1111+1111+1111 e 4111~1111~1111~1111 f 4111・1111・1111・1111") == {"4111+1111+1111+1111", "4111~1111~1111~1111", "4111・1111・1111・1111"}
+	pii.payment_cards("cards 4111·1111·1111·1111, 5555 5555 5555 4444") == {"4111·1111·1111·1111", "5555 5555 5555 4444"}
+}
+
+test_lists_of_numbers_of_no_card_network_not_cards if {
+	pii.payment_cards("ids 1000,0000,0000,0008 and 2019:2020:2021:2022 and 1234|5678|9012|3456") == set()
+}
+
 test_card_followed_by_its_code_or_another_card_found if {
 	pii.payment_cards("card 4111 1111 1111 1111 123 exp 12 26") == {"4111 1111 1111 1111"}
 	pii.payment_cards("cards 4111 1111 1111 1111 5555 5555 5555 4444") == {"4111 1111 1111 1111", "5555 5555 5555 4444"}
@@ -184,6 +195,10 @@ test_email_found if {
 	pii.emails("write to ann.lee+news@mail.example.co.uk or BOB@EXAMPLE.COM") == {
 		"ann.lee+news@mail.example.co.uk", "BOB@EXAMPLE.COM",
 	}
+}
+
+test_email_with_an_ideographic_or_fullwidth_dot_found if {
+	pii.emails("mail ann@example。com or bob@mail．example｡org") == {"ann@example。com", "bob@mail．example｡org"}
 }
 
 test_not_an_email if {
