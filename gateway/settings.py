@@ -61,7 +61,8 @@ class Settings:
     #: Longest a request waits for a free policy evaluator (or OPA connection); past it 503 ``policy_unavailable``.
     policy_wait_timeout_s: float = 5.0
     #: Embedded engine: ``auto`` answers on regorus's compiled VM where it compiles the policy and agrees with
-    #: the interpreter (gateway/policy/vm.py), ``off`` only interprets.
+    #: the interpreter (gateway/policy/vm.py) and the modules are the shipped ones (gateway/policy/vm_trust.py),
+    #: ``on`` for any policy, ``off`` only interprets.
     policy_vm: str = "auto"
     #: With the compiled VM: one answer in this many is also asked of the interpreter (0: only the first ones).
     policy_vm_check_every: int = 100
@@ -257,7 +258,7 @@ class Settings:
             policy_timeout_s=float(number("POLICY_TIMEOUT_S", defaults.policy_timeout_s, float, 0.001)),
             policy_evaluators=int(number("POLICY_EVALUATORS", defaults.policy_evaluators, int, 1)),
             policy_wait_timeout_s=float(number("POLICY_WAIT_TIMEOUT_S", defaults.policy_wait_timeout_s, float, 0.0)),
-            policy_vm=_choice(text("POLICY_VM", defaults.policy_vm).lower(), "POLICY_VM", ("auto", "off")),
+            policy_vm=_choice(text("POLICY_VM", defaults.policy_vm).lower(), "POLICY_VM", ("auto", "on", "off")),
             policy_vm_check_every=int(number("POLICY_VM_CHECK_EVERY", defaults.policy_vm_check_every, int, 0)),
             admission_concurrency=int(number("ADMISSION_CONCURRENCY", defaults.admission_concurrency, int, 0)),
             opa_url=_url(text("OPA_URL", "").rstrip("/"), "OPA_URL", ("http://", "https://")),

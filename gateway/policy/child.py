@@ -17,6 +17,7 @@ from gateway.policy.config_check import CONFIG_PROBLEMS_RULE, config_refusal
 from gateway.policy.output_decision import OUTPUT_DECISION_RULE
 from gateway.policy.vm import MISMATCH_FLAG, CheckedVm, compile_vm, error_text
 from gateway.policy.vm_lint import vm_hazards
+from gateway.policy.vm_trust import unshipped_modules
 
 #: The rule whose value is the decision for one request.
 DECISION_RULE = "data.govgate.decision"
@@ -88,8 +89,14 @@ def child_main() -> None:
 def _answerer(engine: Any, modules: list[Any], setup: dict[str, Any]) -> CheckedVm:
     """Who answers: the compiled VM where it compiles and agrees (``setup["vm"]``), else the interpreter."""
     check_every = int(setup.get("vm_check_every", 0))
-    if setup.get("vm") != "auto" or setup.get("vm_data") is None:
+    if setup.get("vm") not in ("auto", "on") or setup.get("vm_data") is None:
         return CheckedVm(engine, None, frozenset(), "interpreter (GOVGATE_POLICY_VM=off)", check_every)
+    unshipped = unshipped_modules(modules) if setup.get("vm") == "auto" else []
+    if unshipped:
+        more = f" and {len(unshipped) - 1} more" if len(unshipped) > 1 else ""
+        return CheckedVm(engine, None, frozenset(), f"interpreter (module {unshipped[0]}{more} is not a shipped one: "
+                         "regorus's compiled VM reads a builtin error as undefined where the interpreter denies; "
+                         "GOVGATE_POLICY_VM=on answers it on the VM anyway)", check_every)
     hazards = vm_hazards(modules)
     if hazards:
         more = f" and {len(hazards) - 1} more" if len(hazards) > 1 else ""

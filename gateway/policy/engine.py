@@ -104,7 +104,9 @@ class EmbeddedPolicyEngine:
 
         ``vm``: "auto" answers on regorus's compiled VM where it compiles the
         policy and agrees with the interpreter (:mod:`gateway.policy.vm`),
-        checking one answer in ``vm_check_every``; "off" only interprets.
+        checking one answer in ``vm_check_every``, if the policy's modules
+        are the shipped ones (:mod:`gateway.policy.vm_trust`); "on" for any
+        policy; "off" only interprets.
         """
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
@@ -122,7 +124,7 @@ class EmbeddedPolicyEngine:
         #: A team's share in this revision's data: its weight in the waiting lines (pool, admission).
         self.team_weight: Callable[[Team], float] = team_weights(snapshot)
         try:
-            vm_data = json.dumps(snapshot.base_data()) if vm == "auto" else None
+            vm_data = json.dumps(snapshot.base_data()) if vm in ("auto", "on") else None
         except PolicyFilesError:  # two files giving one path different values: the interpreter merges them
             vm_data = None
         setup = json.dumps({"modules": list(snapshot.modules), "data": data, "vm": vm, "vm_data": vm_data,

@@ -68,6 +68,11 @@ READINESS_TIMEOUT_S = 1.0
 #: through (a proxy or load balancer in front of OPA).
 _UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
 
+#: Every query asks OPA to fail on a builtin error (a division by zero, a type error) as the embedded
+#: interpreter does, so the gateway denies (HTTP 500: ``policy_error``). By default OPA reads it as
+#: "this rule body is undefined", so a denial rule that hits one does not fire: fail open.
+_STRICT = {"strict-builtin-errors": "true"}
+
 # What a failing OPA request raises: the client's own errors, aiohttp's
 # (HTTP status, connection), timeouts, and a body that is not JSON.
 _REQUEST_ERRORS = (
@@ -422,7 +427,7 @@ class OpaPolicyEngine:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the query as a task of its own,
             # whose request leaves one loop turn later (gateway/resp_send.py says what that costs).
             async with asyncio.timeout(self._timeout_s):
-                body = await self._client.query_rule(input, package, name)
+                body = await self._client.query_rule(input, package, name, query_params=_STRICT)
         except TimeoutError:
             return _Outcome("timeout")
         except aiohttp.ClientResponseError as exc:

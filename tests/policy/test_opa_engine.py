@@ -634,3 +634,27 @@ async def test_queries_waiting_for_a_connection_are_served_by_team_not_first_com
     assert order == ["a0", "b0", "a1", "a2"]  # first come, first served would have made b0 last
     assert not await engine._slots.take("b", 0.05)  # still none free: busy, and out of the line
     assert engine._slots.waiting() == {}
+
+
+async def test_a_builtin_error_in_a_denial_denies_not_allows(opa_server: str, tmp_path: Path) -> None:
+    """OPA by default reads a builtin error (here a division by zero) as an undefined body, so a denial
+    rule that hits one does not fire and the request is allowed; the gateway asks for strict builtin
+    errors, which deny with ``policy_error``, as the embedded interpreter does (h10 F2)."""
+    rego = f"""
+deny if {{
+\tinput.zero == 0
+\tratio = 10 / input.zero
+\tratio > 1
+}}
+decision := {ALLOW} if not deny
+decision := {{"allow": false, "reasons": [{{"code": "x", "message": "y"}}], "obligations": {{}}}} if deny
+visible_models := set()
+"""
+    engine = await OpaPolicyEngine.connect(opa_server, write_policy(tmp_path, rego), TIMEOUT_S)
+    try:
+        errs = await engine.decide({"zero": 0})
+        fine = await engine.decide({"zero": 5})
+    finally:
+        await engine.aclose()
+    assert codes(errs) == [POLICY_ERROR] and "HTTP 500" in errs.reasons[0].message
+    assert fine.allow

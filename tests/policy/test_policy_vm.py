@@ -20,6 +20,7 @@ from gateway.policy import EmbeddedPolicyEngine
 from gateway.policy.revision import read_policy
 from gateway.policy.vm import CHECK_FIRST, mismatch_note
 from gateway.policy.vm_lint import vm_hazards
+from gateway.policy.vm_trust import unshipped_modules
 from gateway.settings import Settings, SettingsError
 from tests.opa_fixtures import POLICY_DIR
 from tests.policy.embedded_fixtures import TINY, anyio_backend, request_input, with_text  # noqa: F401 - fixtures
@@ -60,6 +61,25 @@ default allowed := true
 marked(_) := true
 
 allowed := false if marked(input.request.missing)
+
+visible_models := set()
+"""
+
+#: A denial rule whose body divides by the input's ``zero``: a builtin error on the interpreter (deny), an
+#: undefined body on the VM (so the denial does not fire: allowed).
+DIVIDES_BY_ZERO = f"""package govgate
+
+import rego.v1
+
+decision := {{"allow": allowed, "reasons": [], "obligations": {OBLIGATIONS}}}
+
+default allowed := true
+
+allowed := false if {{
+	input.request.kind == "div"
+	ratio = 10 / input.request.zero
+	ratio > 1
+}}
 
 visible_models := set()
 """
@@ -141,7 +161,7 @@ async def test_off_only_interprets() -> None:
 
 @pytest.mark.anyio
 async def test_a_vm_that_differs_on_a_start_up_trial_is_not_used(tmp_path: Path) -> None:
-    engine = EmbeddedPolicyEngine.load(_policy(tmp_path, DIFFERS_ALWAYS), TIMEOUT_S)
+    engine = EmbeddedPolicyEngine.load(_policy(tmp_path, DIFFERS_ALWAYS), TIMEOUT_S, vm="on")
     try:
         notes = engine.answered_by
         decision = await engine.decide(request_input(["analyst"]))
@@ -153,7 +173,7 @@ async def test_a_vm_that_differs_on_a_start_up_trial_is_not_used(tmp_path: Path)
 
 @pytest.mark.anyio
 async def test_a_policy_holding_a_construct_the_vm_gets_wrong_is_interpreted(tmp_path: Path) -> None:
-    engine = EmbeddedPolicyEngine.load(_policy(tmp_path, BINDS_WITH_ASSIGNMENT), TIMEOUT_S)
+    engine = EmbeddedPolicyEngine.load(_policy(tmp_path, BINDS_WITH_ASSIGNMENT), TIMEOUT_S, vm="on")
     try:
         notes = engine.answered_by
         decision = await engine.decide(request_input(["analyst"]))
@@ -176,7 +196,7 @@ def test_the_constructs_read_off_a_policys_text() -> None:
 
 @pytest.mark.anyio
 async def test_a_policy_the_vm_cannot_compile_is_interpreted(tmp_path: Path) -> None:
-    engine = EmbeddedPolicyEngine.load(_policy(tmp_path, NOT_COMPILED), TIMEOUT_S)
+    engine = EmbeddedPolicyEngine.load(_policy(tmp_path, NOT_COMPILED), TIMEOUT_S, vm="on")
     try:
         notes = engine.answered_by
         allowed = await engine.decide(request_input(["analyst"]))
@@ -190,7 +210,7 @@ async def test_a_policy_the_vm_cannot_compile_is_interpreted(tmp_path: Path) -> 
 
 @pytest.mark.anyio
 async def test_a_checked_answer_that_differs_is_the_interpreters_and_turns_the_vm_off(tmp_path: Path) -> None:
-    engine = EmbeddedPolicyEngine.load(_policy(tmp_path, DIFFERS_ON_PROBES), TIMEOUT_S)
+    engine = EmbeddedPolicyEngine.load(_policy(tmp_path, DIFFERS_ON_PROBES), TIMEOUT_S, vm="on")
     before = _mismatches()
     try:
         assert engine.answered_by[0].startswith("compiled VM")
@@ -213,7 +233,8 @@ async def test_after_the_first_answers_only_the_sampled_ones_are_checked(
     """Past the first CHECK_FIRST answers, one in ``check_every`` is checked (0: none): an unchecked
     difference is the VM's answer. That is the price of the sampling, and why the shipped policy's
     every case is checked on both (tests/policy/test_policy_cases.py)."""
-    engine = EmbeddedPolicyEngine.load(_policy(tmp_path, DIFFERS_ON_PROBES), TIMEOUT_S, vm_check_every=check_every)
+    engine = EmbeddedPolicyEngine.load(_policy(tmp_path, DIFFERS_ON_PROBES), TIMEOUT_S, vm="on",
+                                      vm_check_every=check_every)
     try:
         for _ in range(CHECK_FIRST):
             assert (await engine.decide(_probe("plain"))).allow
@@ -250,6 +271,7 @@ def test_the_settings_name_the_vm_and_its_sampling() -> None:
     assert Settings.from_env({}).policy_vm_check_every == 100
     settings = Settings.from_env({"GOVGATE_POLICY_VM": "OFF", "GOVGATE_POLICY_VM_CHECK_EVERY": "0"})
     assert (settings.policy_vm, settings.policy_vm_check_every) == ("off", 0)
+    assert Settings.from_env({"GOVGATE_POLICY_VM": "on"}).policy_vm == "on"
     for env in ({"GOVGATE_POLICY_VM": "rvm"}, {"GOVGATE_POLICY_VM_CHECK_EVERY": "-1"},
                 {"GOVGATE_POLICY_VM_CHECK_EVERY": "1.5"}):
         with pytest.raises(SettingsError, match="GOVGATE_POLICY_VM"):
@@ -261,3 +283,43 @@ def test_the_shipped_modules_hold_no_construct_the_vm_gets_wrong() -> None:
     (gateway/policy/vm_lint.py): a policy holding one is interpreted only, so a shipped module edited later
     must not bring one back (policies/govgate.rego says so at the top)."""
     assert vm_hazards([(path, text) for path, text in read_policy(POLICY_DIR).modules]) == []
+
+
+def _divides(zero: int) -> dict[str, Any]:
+    document = _probe("div")
+    document["request"]["zero"] = zero
+    return document
+
+
+@pytest.mark.anyio
+async def test_a_policy_with_a_module_of_its_own_is_interpreted_so_a_builtin_error_denies(tmp_path: Path) -> None:
+    """h10 F2: the VM reads a builtin error as an undefined body, so a denial rule dividing by zero did not
+    fire once the sampled checks had passed: allowed, where the interpreter denies. ``auto`` uses the VM
+    only on the shipped modules; ``on`` for any policy, with that difference."""
+    folder = _policy(tmp_path, DIVIDES_BY_ZERO)
+    auto = EmbeddedPolicyEngine.load(folder, TIMEOUT_S, vm_check_every=0)
+    on = EmbeddedPolicyEngine.load(folder, TIMEOUT_S, vm="on", vm_check_every=0)
+    try:
+        notes = auto.answered_by
+        for engine in (auto, on):
+            for _ in range(CHECK_FIRST):  # past the answers checked on both
+                assert (await engine.decide(_divides(20))).allow  # 0.5: no denial
+        denied = await auto.decide(_divides(0))
+        slipped = await on.decide(_divides(0))
+    finally:
+        await auto.aclose()
+        await on.aclose()
+    assert notes == ["interpreter (module govgate.rego is not a shipped one: regorus's compiled VM reads a builtin "
+                     "error as undefined where the interpreter denies; GOVGATE_POLICY_VM=on answers it on the VM "
+                     "anyway)"]
+    assert not denied.allow and [r.code for r in denied.reasons] == ["policy_error"]
+    assert "divide by zero" in denied.reasons[0].message
+    assert slipped.allow  # why ``on`` is not the default
+
+
+def test_the_shipped_modules_are_the_ones_the_vm_trusts(tmp_path: Path) -> None:
+    modules = list(read_policy(POLICY_DIR).modules)
+    assert modules and unshipped_modules(modules) == []
+    changed = [(modules[0][0], modules[0][1] + "\n# an operator's comment\n"), *modules[1:]]
+    assert unshipped_modules(changed) == [modules[0][0]]
+    assert unshipped_modules([("custom.rego", DIVIDES_BY_ZERO)]) == ["custom.rego"]
