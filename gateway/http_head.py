@@ -11,7 +11,9 @@ that is still arriving is cut off after the read that takes it past the
 bound, so no more than the bound and one read (uvloop reads up to 256 KiB)
 is ever held. The client gets ``431 Request Header Fields Too Large`` in
 OpenAI's error shape and the connection is closed; the app never sees the
-request. Everything else is uvicorn's own protocol.
+request. An HTTP/1.0 request's length-less answer (a stream) is sent unchunked
+and ended by closing the connection (:mod:`gateway.http10_framing`).
+Everything else is uvicorn's own protocol.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.api_errors import ApiError, new_request_id
+from gateway.http10_framing import unframed_for_http10
 from gateway.urls import OPENAI_REQUEST_ID_HEADER, REQUEST_ID_HEADER
 
 #: Largest request head (request line and headers) the gateway reads: h11's own default.
@@ -61,6 +64,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             raise HeadTooLarge(size)  # the parser stops; uvicorn answers through send_400_response (below)
         self._in_head, self._head_read = False, 0
         super().on_headers_complete()
+        if self.parser.get_http_version() == "1.0":  # no chunked framing for it (gateway/http10_framing.py)
+            unframed_for_http10(self.cycle)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

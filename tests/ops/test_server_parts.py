@@ -28,6 +28,7 @@ import httpx
 import pytest
 
 from tests.conftest import Served, serving
+from workers.contract.registry import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/maps")
 
@@ -184,3 +185,30 @@ def test_headers_that_never_end_are_cut_off_without_being_held(served) -> None:
     assert sent < 8 * 1024 * 1024, "the server read 8 MiB of an unfinished header"
     assert grown < 4 * 1024, f"the server's memory grew by {grown} KiB"
     assert after.status_code == 200
+
+
+def _stream_request(version: bytes, key: str) -> bytes:
+    body = json.dumps({"model": TINY_MODEL_NAME, "max_tokens": 3, "stream": True,
+                       "messages": [{"role": "user", "content": "Count"}]}).encode()
+    return (b"POST /v1/chat/completions HTTP/" + version + b"\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+            + b"\r\nConnection: close\r\n\r\n" + body)
+
+
+def test_an_http_1_0_stream_is_sent_unchunked_and_ended_by_closing(served, keyring, worker) -> None:
+    """RFC 9112 6.1: no Transfer-Encoding to an HTTP/1.0 client (which read the chunk sizes as part of the
+    stream); its stream's end is the connection's. An HTTP/1.1 client still gets it chunked."""
+    base, _ = served
+    old = exchange(base, _stream_request(b"1.0", keyring["admin"]))
+    head, _, body = old.partition(b"\r\n\r\n")
+    lines = [line.lower() for line in head.split(b"\r\n")]
+    assert lines[0].startswith(b"http/1.1 200"), old[:300]
+    assert not any(line.startswith(b"transfer-encoding") for line in lines), head
+    assert b"connection: close" in lines and not any(line.startswith(b"content-length") for line in lines)
+    assert body.startswith(b"data: {") and body.endswith(b"data: [DONE]\n\n"), body[-200:]
+    events = [json.loads(part.removeprefix(b"data: ")) for part in body.split(b"\n\n")[:-2]]
+    assert events and all(event["object"] == "chat.completion.chunk" for event in events)
+    new = exchange(base, _stream_request(b"1.1", keyring["admin"]))
+    assert b"transfer-encoding: chunked" in new.partition(b"\r\n\r\n")[0].lower()
+    plain = exchange(base, b"GET /healthz HTTP/1.0\r\n\r\n")  # a length-framed answer is as it was
+    assert b"content-length: 15" in plain.lower() and plain.endswith(b'{"status":"ok"}')
