@@ -163,7 +163,7 @@ class Decision:
         )
 
     @classmethod
-    def unavailable(cls, message: str, retry_after_s: float) -> "Decision":
+    def unavailable(cls, message: str, retry_after_s: int) -> "Decision":
         """No decision: the policy could not be evaluated in time (a capacity problem).
 
         Not an answer about the request, so the gateway refuses it with a

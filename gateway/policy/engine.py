@@ -35,7 +35,7 @@ DEFAULT_WAIT_TIMEOUT_S = 5.0
 #: first :data:`gateway.policy.vm.CHECK_FIRST`): ~0.6 ms once in 100 decisions, 6 µs a decision.
 DEFAULT_VM_CHECK_EVERY = 100
 #: ``Retry-After`` of a request refused because no decision could be had in time.
-UNAVAILABLE_RETRY_AFTER_S = 1.0
+UNAVAILABLE_RETRY_AFTER_S = 1  # whole seconds, as Retry-After and every other retry_after_s
 #: The input of the load-time question "does this policy have an output rule at all?": the shipped
 #: output_decision is defined for any input (a malformed one stops), so undefined here means no rule.
 OUTPUT_RULE_PROBE: dict[str, Any] = {}
@@ -391,7 +391,7 @@ def _no_rule(outcome: Outcome) -> bool:
 
 def _output_unavailable(message: str) -> OutputDecision:
     log.warning("output policy unavailable: %s", message)
-    return OutputDecision.unavailable(message, retry_after_s=int(UNAVAILABLE_RETRY_AFTER_S))
+    return OutputDecision.unavailable(message, retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
 
 
 def _stop(code: str, message: str, detail: str = "") -> OutputDecision:

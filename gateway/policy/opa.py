@@ -43,6 +43,7 @@ from gateway.policy.opa_sync import (
     upload_policy,
     verify_policy,
 )
+from gateway.policy.opa_query import OpaQueryError, query_rule
 from gateway.policy.output_decision import OUTPUT_DECISION_RULE, OutputDecision
 from gateway.policy.revision import PolicySnapshot, compute_revision
 
@@ -67,11 +68,6 @@ READINESS_TIMEOUT_S = 1.0
 #: HTTP statuses that say nothing about the request, only that no answer came
 #: through (a proxy or load balancer in front of OPA).
 _UNAVAILABLE_STATUSES = frozenset({502, 503, 504})
-
-#: Every query asks OPA to fail on a builtin error (a division by zero, a type error) as the embedded
-#: interpreter does, so the gateway denies (HTTP 500: ``policy_error``). By default OPA reads it as
-#: "this rule body is undefined", so a denial rule that hits one does not fire: fail open.
-_STRICT = {"strict-builtin-errors": "true"}
 
 # What a failing OPA request raises: the client's own errors, aiohttp's
 # (HTTP status, connection), timeouts, and a body that is not JSON.
@@ -418,7 +414,6 @@ class OpaPolicyEngine:
             json.dumps(input, allow_nan=False)
         except (TypeError, ValueError) as exc:
             return _Outcome("error", error=f"the policy input is not JSON: {exc}")
-        package, _, name = rule.removeprefix("data.").rpartition(".")
         # All connections busy: wait in line, bounded apart. A team's weight is read when it
         # starts waiting after being idle, so a reload's new shares apply from then.
         if not await self._slots.take(input_team(input), self._wait_timeout_s):
@@ -427,11 +422,13 @@ class OpaPolicyEngine:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the query as a task of its own,
             # whose request leaves one loop turn later (gateway/resp_send.py says what that costs).
             async with asyncio.timeout(self._timeout_s):
-                body = await self._client.query_rule(input, package, name, query_params=_STRICT)
+                body = await query_rule(self._client, rule, input)
         except TimeoutError:
             return _Outcome("timeout")
+        except OpaQueryError as exc:  # its summary names OPA's error codes and where, never its messages
+            kind = "unreachable" if exc.status in _UNAVAILABLE_STATUSES else "error"
+            return _Outcome(kind, error=f"OPA answered {exc} for {rule}")
         except aiohttp.ClientResponseError as exc:
-            # The client raises before reading OPA's error body, so only the status is known.
             kind = "unreachable" if exc.status in _UNAVAILABLE_STATUSES else "error"
             return _Outcome(kind, error=f"OPA answered HTTP {exc.status} for {rule}")
         except aiohttp.ClientError as exc:  # refused, reset, dropped: no answer, not a wrong one
@@ -499,4 +496,4 @@ def _stop(code: str, message: str) -> OutputDecision:
 
 def _output_unavailable(message: str) -> OutputDecision:
     log.warning("output policy unavailable: %s", message)
-    return OutputDecision.unavailable(message, retry_after_s=int(UNAVAILABLE_RETRY_AFTER_S))
+    return OutputDecision.unavailable(message, retry_after_s=UNAVAILABLE_RETRY_AFTER_S)

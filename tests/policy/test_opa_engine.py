@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import statistics
 import time
@@ -38,6 +39,7 @@ from gateway.policy import (
     policy_revision,
 )
 from gateway.policy.opa import MAX_QUERIES, OpaAddress
+from gateway.policy.opa_query import summary
 from gateway.settings import Settings
 from tests.opa_fixtures import POLICY_DIR, OpaServer
 from tests.policy.embedded_fixtures import write_policy
@@ -553,6 +555,7 @@ visible_models := set()
         await proxy.aclose()
     assert codes(decision) == [POLICY_ERROR]
     assert "HTTP 500" in decision.reasons[0].message
+    assert re.search(r"eval_conflict_error at policy\.rego:\d+", decision.reasons[0].message)  # which rule
     assert proxy.posts - before == 1
     assert elapsed < 0.5
 
@@ -657,4 +660,20 @@ visible_models := set()
     finally:
         await engine.aclose()
     assert codes(errs) == [POLICY_ERROR] and "HTTP 500" in errs.reasons[0].message
+    assert re.search(r"eval_builtin_error at policy\.rego:\d+", errs.reasons[0].message)  # where, not what
+    assert "divide" not in errs.reasons[0].message
     assert fine.allow
+
+
+def test_an_opa_error_is_summarised_by_its_codes_and_places_never_its_messages() -> None:
+    """OPA's messages may quote what a builtin choked on (a prompt's text); the summary goes into the
+    audit's reasons, so it holds codes and locations only."""
+    body = json.dumps({"code": "internal_error", "message": "error(s) occurred", "errors": [
+        {"code": "eval_builtin_error", "message": 'to_number: parsing "my card 4111"',
+         "location": {"file": "/srv/policies/custom.rego", "row": 12, "col": 3}},
+        {"code": "eval_conflict_error", "message": "complete rules must not produce multiple outputs"},
+    ]}).encode()
+    assert summary(body) == "eval_builtin_error at custom.rego:12; eval_conflict_error"
+    assert summary(b'{"code": "internal_error", "message": "x"}') == "internal_error"
+    assert summary(b"<html>bad gateway</html>") == "" and summary(b"[1]") == ""
+    assert summary(json.dumps({"errors": [{"code": "a\x1b[2Kb"}]}).encode()) == "a2Kb"
