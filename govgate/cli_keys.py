@@ -126,12 +126,16 @@ def keys_create(user: str, team: str | None, roles: tuple[str, ...], note: str |
 @click.option("--all", "include_revoked", is_flag=True, help="Include revoked keys.")
 def keys_list(include_revoked: bool) -> None:
     """List keys (ids, owners and notes, never secrets)."""
-    rows = _key_store().list(include_revoked=include_revoked)
-    click.echo(f"{'KEY ID':<14}{'USER':<20}{'TEAM':<16}{'ROLES':<24}{'CREATED':<27}{'REVOKED':<27}NOTE")
-    for key in rows:
+    lines = [("KEY ID", "USER", "TEAM", "ROLES", "CREATED", "REVOKED", "NOTE")]
+    for key in _key_store().list(include_revoked=include_revoked):
         revoked = "-" if key.revoked_at is None else key.revoked_at or "(revoked)"  # '': revoked all the same
-        click.echo(f"{key.key_id:<14}{_shown(key.user):<20}{_shown(key.team or '-'):<16}"
-                   f"{','.join(key.roles) or '-':<24}{key.created_at:<27}{revoked:<27}{_shown(key.note or '-')}")
+        lines.append((key.key_id, _shown(key.user), _shown(key.team or "-"), ",".join(key.roles) or "-",
+                      str(key.created_at), str(revoked), _shown(key.note or "-")))
+    # Columns as wide as their widest value (a 128-character user name pushed every later column out of
+    # line when they were fixed), two spaces apart; the note, last, as it is.
+    widths = [max(len(line[column]) for line in lines) + 2 for column in range(len(lines[0]) - 1)]
+    for line in lines:
+        click.echo("".join(value.ljust(width) for value, width in zip(line, widths)) + line[-1])
 
 
 def _shown(text: str) -> str:

@@ -60,8 +60,8 @@ def request_not_found(request_id: str) -> ApiError:
 #: What the entries under an id that names no request are, as a refusal says it (in this order).
 _NOT_A_REQUEST: Final = (
     (KEY_KINDS, "the key ledger (a key created, revoked or given new roles)"),
-    (frozenset({PAYLOAD_READ}), "a read of requests' texts (payload_read)"),
-    (frozenset({PAYLOADS_ERASED}), "an erasure of payloads (payloads_erased)"),
+    (frozenset({PAYLOAD_READ}), "a read of requests' texts"),
+    (frozenset({PAYLOADS_ERASED}), "an erasure of payloads"),
     (frozenset({CHAIN_FORMAT, CHAIN_ANOMALY}), "the audit chain's own records"),
     (REVIEW_KINDS, "review actions"),
 )

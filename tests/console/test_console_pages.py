@@ -138,10 +138,11 @@ async def test_a_read_s_or_a_key_s_id_opened_as_a_request_says_what_it_names(cli
     await client.get(f"/console/requests/{MARKUP_REQUEST}")  # makes a payload_read entry
     read = search(console.store, EntryFilter(kinds=frozenset({"payload_read"})), limit=1).entries[0]
     key = search(console.store, EntryFilter(kinds=frozenset({"key_created"})), limit=1).entries[0]
-    for entry, what in ((read, "a read of requests&#39; texts (payload_read)"), (key, "the key ledger")):
+    for entry, what in ((read, "a read of requests&#39; texts (payload_read)."), (key, "the key ledger")):
         page = await client.get(f"/console/requests/{entry.request_id}")
         assert page.status_code == 404 and "request_not_found" in page.text
         assert "This id names no request" in page.text and what in page.text, page.text
+        assert "(payload_read) (payload_read)" not in page.text  # the kind named once
         assert "pending" not in page.text
         api = await client.get(f"/v1/audit/requests/{entry.request_id}",
                                headers={"Authorization": f"Bearer {console.keys.auditor}"})

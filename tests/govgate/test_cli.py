@@ -436,3 +436,17 @@ def test_keys_list_shows_a_note_with_control_characters_on_its_own_row(cli):
     assert row.endswith("ok\\u000affffffffffff  root  ops  admin\\u001b[2K\\u202e")
     assert not [line for line in listing if "root" in line and "olga" not in line]
     assert "\x1b" not in "".join(listing)
+
+
+def test_keys_list_columns_fit_their_widest_value(cli):
+    """A 128-character user name pushed every later column out of line: columns are as wide as their values."""
+    long_user = "u" * 128
+    cli("keys", "create", "--user", long_user, "--team", "t" * 40, "--role", "viewer", "--note", "wide")
+    cli("keys", "create", "--user", "pia", "--role", "viewer", "--note", "narrow")
+    rows = cli("keys", "list").stdout.splitlines()
+    header = rows[0]
+    starts = [header.index(name) for name in ("USER", "TEAM", "ROLES", "CREATED", "REVOKED", "NOTE")]
+    for row in rows[1:]:
+        assert all(row[start - 2:start] == "  " for start in starts), row  # each column begins where its header does
+    [wide] = [row for row in rows if long_user in row]
+    assert wide[starts[-1]:] == "wide"
