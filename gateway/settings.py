@@ -8,6 +8,8 @@ knobs in one place that the README mirrors.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import math
 import os
 import re
@@ -382,3 +384,47 @@ def _flag(raw: str, name: str, default: bool) -> bool:
 def without_password(url: str) -> str:
     """A database or Redis URL as a message may show it: the password between ``user:`` and ``@`` hidden."""
     return re.sub(r"(//[^:/@]*:)[^/]*@", r"\1***@", url)  # to the last @ of the authority
+
+
+#: ``GOVGATE_*`` names that are not settings: the test suite's switches (README, "Tests").
+_NOT_SETTINGS_PREFIX = "GOVGATE_TEST_"
+_NOT_SETTINGS = frozenset({"GOVGATE_RUN_SLOW"})
+
+
+class _AskedNames(dict):
+    """An empty environment that records every name :meth:`Settings.from_env` asks of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: set[str] = set()
+
+    def get(self, key: str, default: object = None) -> object:  # type: ignore[override]
+        self.asked.add(key)
+        return super().get(key, default)
+
+
+@functools.cache
+def setting_names() -> frozenset[str]:
+    """Every ``GOVGATE_*`` variable a setting is read from (asked of an empty environment, so it cannot drift
+    from :meth:`Settings.from_env`)."""
+    asked = _AskedNames()
+    Settings.from_env(asked)
+    return frozenset(asked.asked)
+
+
+def unknown_settings(env: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """Each ``GOVGATE_*`` variable of ``env`` no setting reads, with the known name it most resembles (or None).
+
+    A misspelt one (``GOVGATE_REQEST_TIMEOUT_S``) is otherwise ignored in
+    silence and its setting keeps its default; the commands warn about each.
+    """
+    env = os.environ if env is None else env
+    known = setting_names()
+    found = []
+    for name in sorted(env):
+        if (not name.startswith("GOVGATE_") or name in known or name in _NOT_SETTINGS
+                or name.startswith(_NOT_SETTINGS_PREFIX)):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        found.append((name, close[0] if close else None))
+    return found

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import click
 
-from gateway.settings import Settings, SettingsError, without_password
+from gateway.settings import Settings, SettingsError, unknown_settings, without_password
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
 
 def load_settings() -> Settings:
-    """The settings from ``GOVGATE_*``, or a one-line error instead of a traceback."""
+    """The settings from ``GOVGATE_*``, or a one-line error instead of a traceback; a warning (stderr) for
+    each ``GOVGATE_*`` variable no setting reads (a typo was ignored in silence), once per process."""
     try:
-        return Settings.from_env()
+        settings = Settings.from_env()
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
+    _warn_unknown()
+    return settings
+
+
+@functools.cache
+def _warn_unknown() -> None:
+    for name, close in unknown_settings():
+        hint = f" (did you mean {close}?)" if close else ""
+        click.echo(f"govgate: warning: {name} is not a setting and is ignored{hint}", err=True)
 
 
 def audit_engine(*, upgrade: bool = False) -> Engine:

@@ -450,3 +450,22 @@ def test_keys_list_columns_fit_their_widest_value(cli):
         assert all(row[start - 2:start] == "  " for start in starts), row  # each column begins where its header does
     [wide] = [row for row in rows if long_user in row]
     assert wide[starts[-1]:] == "wide"
+
+
+def test_a_govgate_variable_no_setting_reads_is_warned_about(monkeypatch, cli):
+    """A misspelt setting (GOVGATE_REQEST_TIMEOUT_S) was ignored in silence and its setting kept its default."""
+    from gateway.settings import setting_names, unknown_settings
+
+    assert "GOVGATE_REQUEST_TIMEOUT_S" in setting_names() and "GOVGATE_POLICY_VM" in setting_names()
+    assert unknown_settings({"GOVGATE_REQEST_TIMEOUT_S": "5", "GOVGATE_PORT": "1", "GOVGATE_TEST_X": "1",
+                             "GOVGATE_RUN_SLOW": "1", "GOVGATE_WHATEVER": "", "OTHER": "1"}) == [
+        ("GOVGATE_REQEST_TIMEOUT_S", "GOVGATE_REQUEST_TIMEOUT_S"), ("GOVGATE_WHATEVER", None)]
+    from govgate import cli_common
+
+    cli_common._warn_unknown.cache_clear()
+    monkeypatch.setenv("GOVGATE_MAX_QUEUE_PER_MODEL", "4")
+    result = cli("keys", "list")
+    assert result.exit_code == 0
+    assert ("govgate: warning: GOVGATE_MAX_QUEUE_PER_MODEL is not a setting and is ignored (did you mean "
+            "GOVGATE_MAX_QUEUED_PER_MODEL?)") in result.stderr
+    assert "warning" not in result.stdout
