@@ -21,9 +21,10 @@ from redis.exceptions import RedisError
 
 from gateway import urls
 from gateway.api.openapi import MODEL_OPERATION, MODELS_OPERATION, SECURITY
+from gateway.api_errors import ApiError
 from gateway.auth import Principal
 from gateway.limits.queue_view import ADMIN_ROLE, queue_views
-from gateway.policy import PolicyUnavailable
+from gateway.policy import POLICY_ERROR, PolicyUnavailable
 from gateway.requests.hidden_models import model_not_found, policy_unavailable
 from workers.contract.registry import ModelSpec
 
@@ -53,16 +54,22 @@ class ModelsController(Controller):
 
 
 async def _visible(state: State, principal: Principal, specs: list[ModelSpec]) -> list[ModelSpec]:
-    """``specs`` the policy lets ``principal`` use (none when the policy errs).
+    """``specs`` the policy lets ``principal`` use.
 
     A policy that cannot answer in time is a retryable 503, as for a
-    completion: an empty list would tell the client it may use nothing.
+    completion, and one whose evaluation fails (a rule conflict, an error)
+    is a 403 ``policy_error``, as a completion's decision would be: an empty
+    list would tell the client it may use nothing, and the operator nothing
+    (only a log line said so).
     """
     try:
-        allowed = await state.components.policy.visible_models(principal.policy_view(),
-                                                               [s.policy_view() for s in specs])
+        allowed = await state.components.policy.visible_models_known(principal.policy_view(),
+                                                                     [s.policy_view() for s in specs])
     except PolicyUnavailable as exc:
         raise policy_unavailable(exc) from None
+    if allowed is None:
+        raise ApiError(403, POLICY_ERROR, "The policy could not say which models this key may use: its "
+                       "evaluation failed (the gateway's log names the error). Nothing is listed until it is fixed.")
     return [spec for spec in specs if spec.name in allowed]
 
 

@@ -163,6 +163,8 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
 UNAUTHORIZED = _COMPLETION_ERRORS[401]
 #: The errors of a route that only needs a key (``GET /v1/models``).
 _KEY_ERRORS = {401: UNAUTHORIZED,
+               403: ("`policy_error`: the policy's evaluation of which models this key may use failed (a rule "
+                     "conflict, an error; the gateway's log names it).", {}),
                503: ("`auth_unavailable`: API keys cannot be checked (the database is down); "
                      "`policy_unavailable` (with `Retry-After`): the policy could not say in time which models "
                      "this key may use.", {"Retry-After": _UNAVAILABLE_RETRY_AFTER})}

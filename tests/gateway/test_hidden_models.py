@@ -294,3 +294,26 @@ async def test_a_key_refused_again_is_asked_about_once_per_policy_revision(setti
         seen = await client.post(urls.CHAT_COMPLETIONS, headers=bearer(key), json=body)
     assert asked == ["hidden-again", "hidden-again"]  # the new revision is asked anew
     assert seen.status_code == 403 and seen.json()["error"]["code"] == "policy_denied"  # visible now: its reason
+
+
+@pytest.mark.parametrize("engine", ["embedded", "opa"])
+async def test_a_visible_models_rule_that_errs_is_a_403_policy_error_not_an_empty_list(
+        settings, tmp_path, keys, start_opa, engine):
+    """``GET /v1/models`` answered 200 with no models when the policy's ``visible_models`` failed (a rule
+    conflict, an error): "you may use nothing", and nothing for the operator but a log line (h10 F10)."""
+    folder = policy_copy(tmp_path, _config)
+    (folder / "errs.rego").write_text(
+        "package govgate\n\nimport rego.v1\n\nvisible_models contains name if {\n"
+        '\tinput.principal.id == "hidden-analyst"\n\tname = sprintf("%v", [10 / count([])])\n}\n', encoding="utf-8")
+    own = settings.with_(policy_dir=folder)
+    if engine == "opa":
+        own = own.with_(opa_url=start_opa(folder).url)
+    async with AsyncTestClient(create_app(own), timeout=60) as client:
+        listed = await client.get(urls.MODELS, headers=bearer(keys["analyst"]))
+        one = await client.get(f"{urls.MODELS}/{TINY_MODEL_NAME}", headers=bearer(keys["analyst"]))
+        other = await client.get(urls.MODELS, headers=bearer(keys["admin"]))  # its evaluation does not err
+    for response in (listed, one):
+        assert response.status_code == 403, response.text
+        error = response.json()["error"]
+        assert error["code"] == "policy_error" and "could not say which models" in error["message"]
+    assert other.status_code == 200 and other.json()["data"], other.text
