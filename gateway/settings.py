@@ -268,7 +268,7 @@ class Settings:
                                                   float, 0.0)),
             models_file=text("MODELS_FILE", ""),
             request_timeout_s=float(number("REQUEST_TIMEOUT_S", defaults.request_timeout_s, float, 0.01)),
-            drain_s=float(number("DRAIN_S", defaults.drain_s, float, 0.0, 3600.0)),
+            drain_s=float(number("DRAIN_S", defaults.drain_s, float, 0.0)),
             generation_time_limit_s=float(number("GENERATION_TIME_LIMIT_S", defaults.generation_time_limit_s,
                                                  float, 0.1)),
             worker_start_timeout_s=seconds_up_to_a_day("WORKER_START_TIMEOUT_S", defaults.worker_start_timeout_s),
