@@ -47,6 +47,18 @@ def _signal(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
+def _until_stopping(base: str) -> dict:
+    """``/readyz``'s body once it says the gateway is stopping (a 503 alone may be the held worker's)."""
+    deadline = time.monotonic() + 30
+    while True:
+        reply = httpx.get(f"{base}/readyz", timeout=5)
+        body = reply.json()
+        if reply.status_code == 503 and body["checks"]["gateway"] != "ok":
+            return body
+        assert time.monotonic() < deadline, f"/readyz never said the gateway is stopping: {body}"
+        time.sleep(0.05)
+
+
 def _stream(base: str, key: str, started: threading.Event) -> dict:
     """A long stream; ``started`` is set once judged text reached the client. Returns what it received."""
     text, events, done = "", [], False
@@ -92,11 +104,7 @@ def test_a_stopped_gateway_refuses_new_requests_and_ends_those_in_flight_with_an
                 time.sleep(0.05)
 
             base.process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 30
-            while httpx.get(f"{base}/readyz", timeout=5).status_code != 503:  # the drain has begun
-                assert time.monotonic() < deadline, "/readyz never said the gateway is stopping"
-                time.sleep(0.05)
-            ready = httpx.get(f"{base}/readyz", timeout=5).json()
+            ready = _until_stopping(base)
             refused = httpx.post(f"{base}/v1/completions", headers=bearer(key), timeout=30,
                                  json={"model": MODEL, "prompt": "Late", "max_tokens": 5})
             answered = plain.result(timeout=60)
@@ -132,6 +140,39 @@ def test_a_stopped_gateway_refuses_new_requests_and_ends_those_in_flight_with_an
         assert stream_end.body["output_decision"]["allow"] is True
         for request_id in (plain_id, stream["request_id"]):
             assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "cancelled"]
+    finally:
+        _signal(held, signal.SIGCONT)
+        stop_process(worker, timeout_s=30)
+
+
+def test_requests_that_finish_within_the_drain_are_answered_and_the_stop_does_not_wait_it_out(
+        own_redis, keyring, audit_store, tmp_path) -> None:  # noqa: F811
+    """The drain is a bound, not a wait: a request in flight when the stop comes is served whole once its
+    worker answers, and the gateway exits as soon as nothing is left (well before its 60 s drain)."""
+    own = own_redis.with_(drain_s=60.0, request_timeout_s=120)
+    key = keyring["admin"]
+    worker = spawn_cli(own, "worker", "--model", MODEL, log=tmp_path / "worker.log")
+    held: list[int] = []
+    try:
+        wait_for_worker(own.redis_url, MODEL, worker)
+        with serving(own, tmp_path / "serve.log") as base, ThreadPoolExecutor(1) as pool:
+            held = _pids(worker)
+            _signal(held, signal.SIGSTOP)  # the request stays queued until the stop has begun
+            plain = pool.submit(httpx.post, f"{base}/v1/completions", headers=bearer(key), timeout=120,
+                                json={"model": MODEL, "prompt": "Count", "max_tokens": 5})
+            deadline = time.monotonic() + 60
+            while queued(own, MODEL) < 1:
+                assert time.monotonic() < deadline, "the request was never queued"
+                time.sleep(0.05)
+            base.process.send_signal(signal.SIGTERM)
+            _until_stopping(base)
+            _signal(held, signal.SIGCONT)
+            answered = plain.result(timeout=60)
+            base.process.wait(timeout=50)  # long before the drain's 60 s: nothing was left to wait for
+        assert answered.status_code == 200, answered.text
+        request_id = answered.headers["x-govgate-request-id"]
+        assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "completion"]
+        assert "ended now" not in (tmp_path / "serve.log").read_text()  # the drain never had to cut
     finally:
         _signal(held, signal.SIGCONT)
         stop_process(worker, timeout_s=30)
