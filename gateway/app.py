@@ -27,6 +27,7 @@ from gateway import urls
 from gateway.allowed_methods import AllowedMethods
 from gateway.api_errors import EXCEPTION_HANDLERS, http_exception_handler
 from gateway.console.errors import http_error_page
+from gateway.drain import Drain
 from gateway.expect_continue import CloseUnreadContinue
 from gateway.observability.setup import instrument
 from gateway.settings import Settings
@@ -54,18 +55,21 @@ def freeze_startup_heap() -> None:
 
 
 def create_app(settings: Settings | None = None, *, components: ComponentsFactory = build_components,
-               freeze_heap: bool = False) -> Litestar:
+               freeze_heap: bool = False, drain: Drain | None = None) -> Litestar:
     """Build the app; ``components`` lets tests bring their own parts.
 
     ``freeze_heap``: :func:`freeze_startup_heap` once the parts are built; for the served process
     (:func:`app_from_env`), not for tests that make many apps in one process.
+    ``drain``: what a stop runs (``gateway/serving.py`` holds the same one); by default one nobody starts.
     """
     settings = settings or Settings.from_env()
+    drain = drain or Drain(settings.drain_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with components(settings) as built:
             app.state.components = built
+            app.state.drain = drain
             if freeze_heap:
                 freeze_startup_heap()
             yield
@@ -98,5 +102,8 @@ def _routing_error(request: Request, exc: HTTPException) -> Response:
 
 
 def app_from_env() -> Litestar:
-    """uvicorn factory entry point: ``uvicorn --factory gateway.app:app_from_env``."""
+    """uvicorn factory entry point: ``uvicorn --factory gateway.app:app_from_env``.
+
+    Such a server stops as uvicorn does, without the drain ``govgate serve`` runs (``gateway/serving.py``).
+    """
     return create_app(Settings.from_env(), freeze_heap=True)

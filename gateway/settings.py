@@ -79,6 +79,9 @@ class Settings:
     models_file: str = ""
     #: Longest a request waits for its completion before a 504.
     request_timeout_s: float = 120.0
+    #: A stopping gateway: how long the requests in flight may still run (new ones are refused 503) before
+    #: those left are ended with an answer (gateway/drain.py).
+    drain_s: float = 20.0
     #: Soft time limit of one generation in a worker (a hard limit 10 s later kills the pool process).
     #: With the broker's visibility timeout (hard limit + ``redelivery_margin_s``) it stays below the request timeout,
     #: so a task redelivered after a whole worker died can still answer its client.
@@ -268,6 +271,7 @@ class Settings:
                                                   float, 0.0)),
             models_file=text("MODELS_FILE", ""),
             request_timeout_s=float(number("REQUEST_TIMEOUT_S", defaults.request_timeout_s, float, 0.01)),
+            drain_s=float(number("DRAIN_S", defaults.drain_s, float, 0.0)),
             generation_time_limit_s=float(number("GENERATION_TIME_LIMIT_S", defaults.generation_time_limit_s,
                                                  float, 0.1)),
             worker_start_timeout_s=seconds_up_to_a_day("WORKER_START_TIMEOUT_S", defaults.worker_start_timeout_s),

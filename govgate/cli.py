@@ -54,19 +54,12 @@ def up() -> None:
 @main.command()
 def serve() -> None:
     """Run only the API server (production: next to external Redis and workers)."""
-    import uvicorn
-
-    from gateway.http_head import BoundedHttpToolsProtocol
+    from gateway.serving import serve as serve_gateway
 
     settings = load_settings()
     _check_serve_settings(settings)
     _configure_logging(settings)
-    # log_config=None: uvicorn's own lines go through the handler configured above (JSON too), not its own.
-    # loop "auto": uvloop (a dependency, pyproject.toml) where it installs, asyncio's loop elsewhere; http:
-    # httptools' parser with the bound on a request's head that uvicorn's h11 protocol has (gateway/http_head.py).
-    uvicorn.run("gateway.app:app_from_env", factory=True, host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), access_log=False, lifespan="on", log_config=None,
-                loop="auto", http=BoundedHttpToolsProtocol)
+    serve_gateway(settings)  # uvicorn; a stop drains the requests in flight first (gateway/serving.py)
 
 
 def _check_serve_settings(settings: Settings) -> None:

@@ -34,6 +34,9 @@ class Stack:
     workers: dict[str, subprocess.Popen] = field(default_factory=dict)
     api: subprocess.Popen | None = None
     logs: Path | None = None
+    #: How long the stopping API may take before it is killed: its drain (``GOVGATE_DRAIN_S``) and the
+    #: rest of its stop (``gateway.serving.stop_deadline_s``), so its requests in flight all get an answer.
+    api_stop_s: float = 15.0
 
     def children(self) -> dict[str, subprocess.Popen]:
         named = {f"worker {name}": proc for name, proc in self.workers.items()}
@@ -44,8 +47,10 @@ class Stack:
         return named
 
     def stop(self) -> None:
+        """The API first, drained (``gateway/drain.py``): its requests in flight finish, or are ended with an
+        answer, while the workers still run them; then the workers, then Redis."""
         if self.api is not None:
-            stop_process(self.api, timeout_s=15)
+            stop_process(self.api, timeout_s=self.api_stop_s)
         for proc in self.workers.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -25,6 +25,7 @@ from govgate.launcher import Launcher, NeverReady, private_log
 from govgate.processes import child_preexec
 from govgate.redis_server import RedisProcess, RedisUnavailable, ping
 from govgate.stack import Stack, StartupError
+from gateway.stop_timing import stop_deadline_s
 from gateway.settings import Settings, without_password
 from workers.contract.registry import Registry, RegistryError, load_registry
 
@@ -164,7 +165,7 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
         stopping = True
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    stack = Stack()
+    stack = Stack(api_stop_s=stop_deadline_s(settings))
     launcher: Launcher | None = None
     database: DatabaseStep | None = None
     try:
@@ -220,7 +221,8 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
         say("govgate: stopping …")
         return 0
     except (StartupError, RedisUnavailable, RegistryError, BackendError, OSError) as exc:
-        say(f"govgate: cannot start: {exc}")
+        # once up, a child that died stops a running stack: it did start
+        say(f"govgate: {'stopping' if launcher is not None and launcher.serving else 'cannot start'}: {exc}")
         return 1
     finally:
         if database is not None:

@@ -227,6 +227,15 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
             except SoftTimeLimitExceeded:  # the time limit came while waiting: recorded unchecked, never lost
                 verdict = None
         return _record_checked(job, store, verdict, generated, digester)
+    if ending == STATUS_CANCELLED and job.stream and job.check_output and not job.output_rule_absent:
+        # Cancelled mid-stream (its client left, its gateway stopped): the gateway's verdict says what the
+        # client received, which only it knows (it held text back to judge it).
+        verdict = channel.cancelled_verdict()
+        if verdict is not None:
+            ended_ns = time.time_ns()
+            generated = Generated("".join(text), prompt_tokens, completion_tokens, None, worker, queue_ms,
+                                  (ended_ns - started_ns) / 1e6, ended_ns)
+            return _record_checked(job, store, verdict, generated, digester)
     return _record_end(job, store, kind, "".join(text), prompt_tokens, completion_tokens, finish, worker,
                        queue_ms, started_ns, digester)
 

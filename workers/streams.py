@@ -73,6 +73,7 @@ class JobChannel(Protocol):
     def forget(self) -> None: ...
     def stopped_by_rules(self) -> bool: ...
     def await_verdict(self, report: OutputReport, timeout_s: float) -> OutputVerdict | None: ...
+    def cancelled_verdict(self) -> OutputVerdict | None: ...
     def hand_over(self, report: OutputReport, fallback: bytes,
                   unchecked: Callable[[], Any] | None = None) -> bool: ...
 
@@ -251,6 +252,25 @@ class RedisJobChannel:
         """The last cancel seen was the gateway's output rules stopping the stream (it waits for the end)."""
         return self._stopped_by_rules
 
+    def cancelled_verdict(self) -> OutputVerdict | None:
+        """The ``cancelled`` verdict a gateway left for this stream when it cancelled it (its client left, or
+        the gateway stopped): what the client received, and the decision on the windows judged; None if
+        there is none (or Redis fails: the end is recorded without it).
+
+        The gateway pushes it before it sets the cancel key, so a worker that saw the key finds it; one
+        read, no wait.
+        """
+        try:
+            raw = self._client.lpop(verdict_key(self._request_id))
+            verdict = OutputVerdict.opened(raw, self._sealer) if raw is not None else None
+        except (redis.RedisError, OSError) as exc:
+            log.error("cannot read the cancelled verdict of %s (Redis: %s)", self._request_id, exc)
+            return None
+        except (SealError, ValueError) as exc:
+            log.error("unreadable output verdict for %s: %s", self._request_id, exc)
+            return None
+        return verdict if verdict is not None and verdict.cancelled else None
+
     def await_verdict(self, report: OutputReport, timeout_s: float) -> OutputVerdict | None:
         """Report the output to the waiting gateway and wait for its verdict; None if none came in time.
 
@@ -364,6 +384,9 @@ class SilentChannel:
         return False
 
     def await_verdict(self, report: OutputReport, timeout_s: float) -> OutputVerdict | None:
+        return None
+
+    def cancelled_verdict(self) -> OutputVerdict | None:
         return None
 
     def hand_over(self, report: OutputReport, fallback: bytes,

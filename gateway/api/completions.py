@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from litestar import Controller, Request, Response, post
 from litestar.background_tasks import BackgroundTask
@@ -17,6 +17,7 @@ from gateway.auth import Principal
 from gateway.api.bodies import read_body
 from gateway.api.dependencies import completion_service
 from gateway.api_errors import ApiError
+from gateway.drain import Drain
 from gateway.observability.context import note_error
 from gateway.requests.outcome import StreamEvents
 from gateway.requests.schemas import CHAT, COMPLETIONS
@@ -80,11 +81,13 @@ def _sse(document: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(document, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _sse_events(ticket: Ticket, shape: _Shape, events: StreamEvents) -> AsyncIterator[bytes]:
+async def _sse_events(ticket: Ticket, shape: _Shape, events: StreamEvents,
+                      done: Callable[[], None]) -> AsyncIterator[bytes]:
     """Server-Sent Events in OpenAI's chunk format, ending with ``data: [DONE]``.
 
     Errors after the response has started cannot change its status, so they
     are sent as an ``{"error": …}`` event (the ``openai`` client raises on it).
+    ``done`` tells the drain the stream has ended.
     """
     try:
         yield _sse({**shape.envelope(ticket, shape.chunk_object), "choices": [shape.delta("", None, first=True)]})
@@ -101,7 +104,10 @@ async def _sse_events(ticket: Ticket, shape: _Shape, events: StreamEvents) -> As
         note_error(error.code)  # the status stays 200, but /metrics counts the request under its error code
         yield _sse(error.body())
     finally:
-        await events.aclose()
+        try:
+            await events.aclose()
+        finally:
+            done()
 
 
 class CompletionsController(Controller):
@@ -118,24 +124,40 @@ class CompletionsController(Controller):
     @post(urls.CHAT_COMPLETIONS, summary="Create a chat completion (OpenAI-compatible)", status_code=200,
           operation_class=CHAT_OPERATION, security=SECURITY, operation_id="createChatCompletion")
     async def chat(self, request: Request, state: State, principal: NamedDependency[Principal]) -> Response:
-        return await _serve(completion_service(state), request, principal, CHAT)
+        return await _serve(completion_service(state), state.drain, request, principal, CHAT)
 
     @post(urls.COMPLETIONS, summary="Create a text completion (OpenAI-compatible)", status_code=200,
           operation_class=COMPLETION_OPERATION, security=SECURITY, operation_id="createCompletion")
     async def completion(self, request: Request, state: State, principal: NamedDependency[Principal]) -> Response:
-        return await _serve(completion_service(state), request, principal, COMPLETIONS)
+        return await _serve(completion_service(state), state.drain, request, principal, COMPLETIONS)
 
 
-async def _serve(service: CompletionService, request: Request, principal: Principal, endpoint: str) -> Response:
-    ticket = await service.admit(principal, endpoint, _reader(request), request.headers.getall(urls.PURPOSE_HEADER, []))
-    shape = _Shape(endpoint)
-    headers = {urls.REQUEST_ID_HEADER: ticket.request_id}
-    if ticket.job.stream:
-        events = await service.open_stream(ticket)  # queue errors are still ordinary HTTP errors here
-        # The background task closes the events if the client left before they were read at all.
-        return Stream(_sse_events(ticket, shape, events), media_type="text/event-stream",
-                      headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                      background=BackgroundTask(events.aclose))
-    result = await service.complete(ticket, _gone(request))
-    return Response({**shape.envelope(ticket, shape.object), "choices": [shape.choice(result.text,
-                     result.finish_reason)], "usage": _usage(result)}, headers=headers)
+async def _serve(service: CompletionService, drain: Drain, request: Request, principal: Principal,
+                 endpoint: str) -> Response:
+    """Admit and answer one request, counted in flight for a stopping gateway's drain (``gateway/drain.py``):
+    refused once it drains, ended with an answer at its cut."""
+    leave = drain.enter()
+    try:
+        ticket = await service.admit(principal, endpoint, _reader(request),
+                                     request.headers.getall(urls.PURPOSE_HEADER, []), stopping=drain)
+        shape = _Shape(endpoint)
+        headers = {urls.REQUEST_ID_HEADER: ticket.request_id}
+        if ticket.job.stream:
+            events = await service.open_stream(ticket)  # queue errors are still ordinary HTTP errors here
+            done = drain.enter(events.cut)  # in flight until its last event is sent (or its client left)
+
+            async def close() -> None:
+                try:
+                    await events.aclose()
+                finally:
+                    done()
+
+            # The background task closes the events if the client left before they were read at all.
+            return Stream(_sse_events(ticket, shape, events, done), media_type="text/event-stream",
+                          headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                          background=BackgroundTask(close))
+        result = await service.complete(ticket, _gone(request), drain.wait_cut)
+        return Response({**shape.envelope(ticket, shape.object), "choices": [shape.choice(result.text,
+                         result.finish_reason)], "usage": _usage(result)}, headers=headers)
+    finally:
+        leave()

@@ -14,7 +14,8 @@ needs — the database (a PostgreSQL standby or read-only server answers
 reads and refuses every append), Redis (one that takes writes: a full one answers
 reads and refuses every request), a loaded policy, and a live worker for
 every model (a model without one would only queue requests until they time
-out) — and answers 503 naming what is missing.
+out) — and answers 503 naming what is missing; also while the gateway is
+stopping (``gateway/drain.py``: it refuses new requests then).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ async def _readiness(state: State) -> dict[str, Any]:
     """``/readyz``'s body: each check, what is missing, the live workers, the policy revision, the models."""
     components = state.components
     models = components.registry.names()
-    checks = {"database": "ok", "redis": "ok", "policy": "ok", "workers": "ok"}
+    checks = {"gateway": "ok", "database": "ok", "redis": "ok", "policy": "ok", "workers": "ok"}
     missing: list[str] = []
     try:
         with anyio.fail_after(DATABASE_TIMEOUT_S):
@@ -117,7 +118,10 @@ async def _readiness(state: State) -> dict[str, Any]:
         problem = await _policy_problem(components.policy)
         if problem is not None:
             checks["policy"] = f"error: {problem}"
-    missing[:0] = [name for name in ("database", "redis", "policy") if checks[name] != "ok"]
+    drain = getattr(state, "drain", None)
+    checks["gateway"] = "ok" if drain is None or not drain.draining else \
+        "error: stopping (new requests are refused; those in flight are finishing)"
+    missing[:0] = [name for name in ("gateway", "database", "redis", "policy") if checks[name] != "ok"]
     return {
         "status": "unavailable" if missing else "ready",
         "checks": checks,

@@ -106,6 +106,12 @@ class PendingResult:
         """Pieces (and reports) received but not yet read."""
         return len(self._pieces.items) if self._pieces is not None else 0
 
+    def interrupt(self, item: Any) -> None:
+        """Put ``item`` among the events, after those received so far (a stopping gateway's cut: its reader
+        ends the request); nothing for a wait without events."""
+        if self._pieces is not None:
+            self._pieces.put(item)
+
     async def events(self, timeout_s: float) -> AsyncIterator[str | OutputReport | FoundFallback | dict[str, Any]]:
         """Text pieces as the worker publishes them, its output report (checked jobs), then the outcome dict.
 

@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from gateway.auth import Principal
 from gateway.api_errors import ApiError, errors_of
 from gateway.dispatch.model_health import ModelHealth
+from gateway.drain import Drain, shutting_down
 from gateway.limits import (CountersReply, CountersUnavailable, QueueAtLimit, QueueCheck, Refusal, Reservation,
                             Scope, UsageCounters)
 from gateway.limits.catalogue import TOO_MANY_IN_FLIGHT
@@ -163,7 +164,7 @@ class Admission:
         self.seen_models = SeenModels(policy)
 
     async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
-                    purpose_headers: Sequence[str] = ()) -> Ticket:
+                    purpose_headers: Sequence[str] = (), *, stopping: Drain | None = None) -> Ticket:
         """Read, decide, reserve and record one request; raise :class:`ApiError` if it is not admitted.
 
         ``purpose_headers``: every ``X-Govgate-Purpose`` value sent (``gateway/requests/purpose.py``).
@@ -171,9 +172,17 @@ class Admission:
         The body is read before a place at the gate is taken: a client that
         sends its headers and then its body slowly, or never, holds only its
         own connection (sixteen such uploads held every place, and every other
-        team's request waited the gate's whole ``wait_s`` behind them)."""
+        team's request waited the gate's whole ``wait_s`` behind them).
+
+        ``stopping``: once that drain has begun (its gateway is stopping) the request is refused 503
+        ``shutting_down``, recorded ``rejected`` like a body refused before any decision."""
         request_id = current_request_id() or uuid.uuid4().hex  # the id the response header and logs name
         raw = await self._read_bytes(request_id, principal, endpoint, read_body)
+        if stopping is not None and stopping.draining:
+            refusal = shutting_down(in_flight=False)
+            await self.request_log.record_rejection(request_id, principal, endpoint, refusal, raw)
+            refusal.request_id = request_id
+            raise refusal
         gate = self.gate
         if gate is None:
             return await self._admit(request_id, principal, endpoint, raw, purpose_headers)

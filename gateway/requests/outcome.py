@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
@@ -24,6 +24,7 @@ from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, Result
 from gateway.dispatch.queue import Queued
 from gateway.dispatch.results import FoundFallback, PendingResult
 from gateway.api_errors import CLIENT_CLOSED_STATUS, ApiError
+from gateway.drain import shutting_down
 from gateway.limits import UsageCounters
 from gateway.limits.charge import used_tokens
 from gateway.observability.metrics import observe_result
@@ -47,8 +48,21 @@ _GAVE_UP = frozenset({STATUS_TIMED_OUT, STATUS_CANCELLED})
 #: The error of the end the gateway records for a request whose client left while its job still waited.
 _GONE_WHILE_QUEUED = {"code": "cancelled", "message": "the client went away before a worker took the request"}
 
+#: The same, for a request its stopping gateway ended (``gateway/drain.py``).
+_STOPPED_WHILE_QUEUED = {"code": "cancelled", "message": "the gateway stopped before a worker took the request"}
+#: After the drain's cut, how long a non-streamed request whose job a worker runs waits for that worker to stop
+#: at the cancel key and record the end (within the drain's own ``END_WAIT_S``).
+CUT_GRACE_S = 3.0
+
 #: Returns once the client has gone away (its connection closed); see :meth:`TicketRunner.complete`.
 ClientGone = Callable[[], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class _Answered:
+    """A request's answer, made while the drain ended it (:meth:`TicketRunner._cut_while_running`)."""
+
+    result: JobResult
 
 
 class TicketRunner:
@@ -73,7 +87,8 @@ class TicketRunner:
         #: Settlements begun ahead of their request's end (:meth:`_settle_ahead`), by request id.
         self._settling: dict[str, asyncio.Task[None]] = {}
 
-    async def complete(self, ticket: Ticket, gone: ClientGone | None = None) -> JobResult:
+    async def complete(self, ticket: Ticket, gone: ClientGone | None = None,
+                       cut: ClientGone | None = None) -> JobResult:
         """Queue the job and wait for its result (judging its output on the way, under output rules).
 
         ``gone`` returns when the client has gone away: then the worker is asked
@@ -81,6 +96,8 @@ class TicketRunner:
         from the queue at once, so that its place and its reservation are free
         now rather than when a worker would have reached it; the request ends
         ``cancelled``, recorded here (:meth:`_withdrawn_end`).
+        ``cut`` returns when the stopping gateway's drain time is over (``gateway/drain.py``): the job is
+        cancelled the same way, and the client is answered 503 ``shutting_down`` (:meth:`_unless_gone`).
         """
         # A revision with no output rule passes every output whole: the worker records that verdict
         # itself, and the round trip of report and verdict is skipped (a stream's hold-back too: open_stream).
@@ -95,11 +112,13 @@ class TicketRunner:
                     else:
                         assert self.output_rules is not None
                         outcome = self._judged_outcome(ticket, pending, self.output_rules.hold())
-                    meta = await self._unless_gone(ticket, queued, outcome, gone)
+                    meta = await self._unless_gone(ticket, queued, outcome, gone, cut)
             except ResultTimeout:  # before OSError: TimeoutError is one
                 return await self.timed_out(ticket)
             except (QueueUnavailable, RedisError, OSError) as exc:
                 raise await self.queue_down(ticket, exc) from None
+            if isinstance(meta, _Answered):  # ended by the drain, answered already
+                return meta.result
             if isinstance(meta, JobResult):  # handed over: recorded here
                 return await self.ended(ticket, meta)
             return await self.result_of(ticket, meta)
@@ -132,44 +151,83 @@ class TicketRunner:
         return await self.dispatcher.enqueue(job, priority=ticket.priority)
 
     async def _unless_gone(self, ticket: Ticket, queued: Queued, outcome: Awaitable[Any],
-                           gone: ClientGone | None) -> Any:
-        """``outcome``'s value, unless the client goes away first (see :meth:`complete`).
+                           gone: ClientGone | None, cut: ClientGone | None = None) -> Any:
+        """``outcome``'s value, unless the client goes away first, or the drain ends the request
+        (see :meth:`complete`).
 
         A job taken back from the queue ends here (:class:`ApiError` ``cancelled``,
-        which nobody reads); one a worker already has is still waited for: the
-        worker stops at the cancel key and records the end, settled as usual.
+        which nobody reads; ``shutting_down`` after a cut); one a worker already has is still
+        waited for: the worker stops at the cancel key and records the end, settled as usual.
+        After a cut that wait is short (:data:`CUT_GRACE_S`: the gateway is stopping), and its
+        answer is the 503 unless the generation ended first.
         """
-        if gone is None:
+        if gone is None and cut is None:
             return await outcome
         waiting = asyncio.ensure_future(outcome)
-        watching = asyncio.ensure_future(gone())
+        watching = [asyncio.ensure_future(watch()) for watch in (gone, cut) if watch is not None]
+        cutting = watching[-1] if cut is not None else None
         try:
-            await asyncio.wait({waiting, watching}, return_when=asyncio.FIRST_COMPLETED)
-            if waiting.done() or watching.cancelled() or watching.exception() is not None:
-                return await waiting
+            while True:
+                await asyncio.wait({waiting, *watching}, return_when=asyncio.FIRST_COMPLETED)
+                if waiting.done():
+                    return await waiting
+                ended = [task for task in watching if task.done()]
+                if any(not task.cancelled() and task.exception() is None for task in ended):
+                    break
+                watching = [task for task in watching if not task.done()]  # a watch that failed: wait without it
+                if not watching:
+                    return await waiting
+            stopped = cutting is not None and cutting.done() and not cutting.cancelled() \
+                and cutting.exception() is None
             await self._request_cancel(ticket.request_id)
             if not await self.dispatcher.withdraw(queued):
-                return await waiting
+                if not stopped:
+                    return await waiting
+                return await self._cut_while_running(ticket, waiting)
             waiting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await waiting
-            raise await self._withdrawn_end(ticket)
+            raise await self._withdrawn_end(ticket, stopped=stopped)
         finally:
-            for task in (waiting, watching):
+            for task in (waiting, *watching):
                 task.cancel()
 
-    def _gone_while_queued(self, ticket: Ticket) -> dict[str, Any]:
-        """The body of a request ended before a worker took it: no output, as its ``prompt_logging`` keeps
-        one (under ``hash`` a digest and a length, no payload; it was ``"output": ""`` whatever the level)."""
-        job = ticket.job
-        return {**logged_output("", job.prompt_logging, job.redact, self.digester), "error": dict(_GONE_WHILE_QUEUED)}
+    async def _cut_while_running(self, ticket: Ticket, waiting: asyncio.Future[Any]) -> "_Answered":
+        """The drain ended a request whose job a worker runs: its answer if the generation ends within
+        :data:`CUT_GRACE_S` (it stops at the cancel key and records ``cancelled``, answered 503
+        ``shutting_down``; one that had just finished is served), else 503 ``shutting_down`` at once, its
+        worker recording the end (whose usage any gateway settles then: README, "Crashes")."""
+        done, _ = await asyncio.wait({waiting}, timeout=CUT_GRACE_S)
+        if not done:
+            waiting.cancel()
+            raise shutting_down(in_flight=True)
+        meta = waiting.result()
+        try:
+            if isinstance(meta, JobResult):  # handed over: recorded here
+                return _Answered(await self.ended(ticket, meta))
+            return _Answered(await self.result_of(ticket, meta))
+        except ApiError as error:
+            if error.code == STATUS_CANCELLED:
+                raise shutting_down(in_flight=True) from None
+            raise
 
-    async def _withdrawn_end(self, ticket: Ticket) -> ApiError:
+    def _gone_while_queued(self, ticket: Ticket, *, stopped: bool = False) -> dict[str, Any]:
+        """The body of a request ended before a worker took it: no output, as its ``prompt_logging`` keeps
+        one (under ``hash`` a digest and a length, no payload; it was ``"output": ""`` whatever the level).
+        ``stopped``: ended by its stopping gateway's drain, not by its client."""
+        job = ticket.job
+        error = _STOPPED_WHILE_QUEUED if stopped else _GONE_WHILE_QUEUED
+        return {**logged_output("", job.prompt_logging, job.redact, self.digester), "error": dict(error)}
+
+    async def _withdrawn_end(self, ticket: Ticket, *, stopped: bool = False) -> ApiError:
         """End a request whose job was taken back from the queue: ``cancelled``, nothing used (unless an
         end was recorded before: a run that died after recording it, its job restored to the queue, is
-        charged what that end records); the error to raise (its client is gone)."""
-        winner = await self.request_log.end(ticket, "cancelled", self._gone_while_queued(ticket))
+        charged what that end records); the error to raise (its client is gone; ``stopped``: the drain
+        ended it, and its client is told 503 ``shutting_down``)."""
+        winner = await self.request_log.end(ticket, "cancelled", self._gone_while_queued(ticket, stopped=stopped))
         await self._settle_usage(ticket, used_tokens(winner.body.get("usage")) if winner is not None else None)
+        if stopped:
+            return shutting_down(in_flight=True)
         # 499, not a 5xx: the client went away (the metrics count it with the client's errors)
         return ApiError(CLIENT_CLOSED_STATUS, "cancelled", "The request was cancelled before it completed.")
 
@@ -286,48 +344,59 @@ class TicketRunner:
 
     def abandon(self, ticket: Ticket, hold: HoldBack | None = None, pending: PendingResult | None = None,
                 subscription: contextlib.AsyncExitStack | None = None, queued: Queued | None = None, *,
-                unanswered: bool = False) -> None:
-        """The client left mid-stream: cancel the generation and see the request ended.
+                cut: bool = False) -> None:
+        """The client left mid-stream (or the drain ended it): cancel the generation and see the request ended.
 
         ``hold``: the stream's hold-back (what the client received), under output rules.
         ``pending`` and ``subscription``: the stream's own wait, handed over still open (closed here
         once the request ended): a report that reached it unread, or that arrives before a new wait
         could be entered, would be lost, and its worker would wait out its verdict timeout.
         ``queued``: where its job waits, taken back if no worker has taken it yet.
-        ``unanswered``: the stream had read its worker's report and was judging it when the client
-        left: that worker waits for an answer, and gets ``cancelled`` (:meth:`OutputRules.cancelled`).
+        ``cut``: the stopping gateway's drain ended it (:meth:`StreamEvents.cut`), and :meth:`tell_cancelled`
+        ran already.
         """
         task = asyncio.get_running_loop().create_task(self._cancel_and_close(ticket, hold, pending, subscription,
-                                                                             queued, unanswered=unanswered))
+                                                                             queued, cut=cut))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def tell_cancelled(self, ticket: Ticket, hold: HoldBack | None) -> None:
+        """Tell a stream's worker that its request is cancelled, and (under output rules) what its client
+        received: the ``cancelled`` verdict first (:meth:`OutputRules.cancelled`), then the cancel key.
+
+        The worker, stopping at the key, records ``cancelled`` with that verdict's ``client_output`` and
+        decision (``workers/generation.py``); one that finished and waits for its verdict gets it at once
+        (its report may be unread, or being judged: that judgement is abandoned with the client). Without
+        the verdict a cut stream's entry could not say what its client received (h9 F3).
+        """
+        if hold is not None and self.output_rules is not None:
+            await self.output_rules.cancelled(ticket, hold)
+        await self._request_cancel(ticket.request_id)
 
     async def _cancel_and_close(self, ticket: Ticket, hold: HoldBack | None = None,
                                 pending: PendingResult | None = None,
                                 subscription: contextlib.AsyncExitStack | None = None,
-                                queued: Queued | None = None, *, unanswered: bool = False) -> None:
-        """Ask the worker to stop; if no worker ever ends the request, end it here.
+                                queued: Queued | None = None, *, cut: bool = False) -> None:
+        """Ask the worker to stop (:meth:`tell_cancelled`); if no worker ever ends the request, end it here.
 
         A job still in the queue is taken back from it at once and the request
         ended ``cancelled`` here: its place and its reservation are free now, not
         when a worker would have reached it. A worker that picks the job up (or
         is running it) sees the cancel key,
-        stops, and records ``cancelled`` with the partial output. If the job
+        stops, and records ``cancelled`` with the partial output (and what the
+        client received, from the verdict). If the job
         never reaches a worker before it expires, nobody else would record an
         end, so after the queue's expiry the gateway records ``cancelled``.
-        A worker whose report the stream was judging (``unanswered``) is
-        answered ``cancelled`` first: it records that end at once.
         """
         request_id = ticket.request_id
-        if unanswered and hold is not None and self.output_rules is not None:
-            await self.output_rules.cancelled(ticket, hold)
-        await self._request_cancel(request_id)
+        if not cut:
+            await self.tell_cancelled(ticket, hold)
         try:  # the worker publishes (and stores) the outcome once the request has ended; it may have already
             async with contextlib.AsyncExitStack() as stack:
                 if subscription is not None:
                     stack.push_async_exit(subscription)
                 if queued is not None and await self.dispatcher.withdraw(queued):
-                    await self._withdrawn_end(ticket)
+                    await self._withdrawn_end(ticket, stopped=cut)
                     return
                 checked = self.output_rules is not None and hold is not None
                 if pending is None:
@@ -343,7 +412,7 @@ class TicketRunner:
             pass
         entry = await self.request_log.terminal_for(request_id)
         if entry is None:  # no worker took it: end it here
-            await self.request_log.end(ticket, "cancelled", self._gone_while_queued(ticket))
+            await self.request_log.end(ticket, "cancelled", self._gone_while_queued(ticket, stopped=cut))
             await self._settle_usage(ticket, None)
             return
         await self._settle_usage(ticket, used_tokens(entry.body.get("usage")))
@@ -415,9 +484,8 @@ class StreamEvents:
         self._subscription = subscription
         self._finished = False
         self._closed = False
-        #: The worker's report is being answered (judged, then the verdict sent): a client that leaves
-        #: meanwhile abandons that answer, and the worker waiting for it must be answered all the same.
-        self._answering = False
+        #: The drain ended it, and its worker was told so (:meth:`TicketRunner.tell_cancelled`).
+        self._cut = False
         #: Under output rules (``checked``: the revision has one): what was received, judged and released.
         self._hold = runner.output_rules.hold() if runner.output_rules is not None and checked else None
 
@@ -431,6 +499,10 @@ class StreamEvents:
             try:
                 async with contextlib.aclosing(self._pending.events(runner.request_timeout_s)) as incoming:
                     async for event in incoming:
+                        if event is _CUT:  # the stopping gateway's drain time is over: its job is cancelled
+                            await runner.tell_cancelled(ticket, self._hold)  # now, not after the loop has stopped
+                            self._cut = True
+                            raise shutting_down(in_flight=True)
                         if isinstance(event, str):
                             released = await self._released(event)
                             if released:
@@ -438,9 +510,7 @@ class StreamEvents:
                                 yield released
                         elif isinstance(event, OutputReport):
                             if self._hold is not None and runner.output_rules is not None:
-                                self._answering = True
                                 await runner.output_rules.answer(ticket, self._hold, event)
-                                self._answering = False
                         else:
                             self._finished = True
                             result = await runner.result_of(ticket, event)
@@ -481,6 +551,13 @@ class StreamEvents:
             await self._runner.stop_output(self._ticket.request_id)
         return released
 
+    def cut(self) -> None:
+        """End the stream at its next event with an error event (503 ``shutting_down``): its gateway is
+        stopping and its drain time is over (``gateway/drain.py``). Its job is cancelled as when the client
+        leaves (:meth:`aclose`), its worker told what the client received."""
+        if not self._closed and not self._finished:
+            self._pending.interrupt(_CUT)
+
     async def aclose(self) -> None:
         """Stop listening; if the request has not ended, cancel it (see the class docstring)."""
         if self._closed:
@@ -488,9 +565,13 @@ class StreamEvents:
         self._closed = True
         if not self._finished:  # the wait stays open: what the worker sends from now on is still heard
             self._runner.abandon(self._ticket, self._hold, self._pending, self._subscription, self._queued,
-                                 unanswered=self._answering)
+                                 cut=self._cut)
             return
         await self._subscription.aclose()
+
+
+#: The event :meth:`StreamEvents.cut` puts in a stream's way.
+_CUT = object()
 
 
 def _unsent_text(delivered: str, result: JobResult) -> str:

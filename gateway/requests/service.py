@@ -18,6 +18,7 @@ from gateway.auth import Principal
 from gateway.dispatch import Dispatcher, ResultWaiter
 from gateway.dispatch.model_health import ModelHealth
 from gateway.api_errors import errors_of
+from gateway.drain import Drain
 from gateway.limits import UsageCounters
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.admission import Admission
@@ -54,14 +55,16 @@ class CompletionService:
                                    output_rules=output_rules)
 
     async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
-                    purpose_headers: Sequence[str] = ()) -> Ticket:
-        """Read, decide, reserve and record a request (see :class:`Admission`)."""
-        return await self.admission.admit(principal, endpoint, read_body, purpose_headers)
+                    purpose_headers: Sequence[str] = (), *, stopping: Drain | None = None) -> Ticket:
+        """Read, decide, reserve and record a request (see :class:`Admission`); ``stopping``: refused once
+        that drain has begun."""
+        return await self.admission.admit(principal, endpoint, read_body, purpose_headers, stopping=stopping)
 
-    async def complete(self, ticket: Ticket, gone: ClientGone | None = None) -> JobResult:
-        """Queue an admitted request and wait for its result (``gone``: see ``TicketRunner.complete``)."""
+    async def complete(self, ticket: Ticket, gone: ClientGone | None = None,
+                       cut: ClientGone | None = None) -> JobResult:
+        """Queue an admitted request and wait for its result (``gone``, ``cut``: see ``TicketRunner.complete``)."""
         with errors_of(ticket.request_id):
-            return await self.runner.complete(ticket, gone)
+            return await self.runner.complete(ticket, gone, cut)
 
     async def open_stream(self, ticket: Ticket) -> StreamEvents:
         """Queue an admitted streaming request; its events are text pieces, then the result."""

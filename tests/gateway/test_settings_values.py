@@ -16,6 +16,7 @@ from gateway.settings import Settings, SettingsError
 
 #: The float settings read by ``number`` alone (bounded by it), and those with a range of their own.
 FLOAT_SETTINGS = ["POLICY_TIMEOUT_S", "POLICY_WAIT_TIMEOUT_S", "POLICY_RELOAD_INTERVAL_S", "REQUEST_TIMEOUT_S",
+                  "DRAIN_S",
                   "GENERATION_TIME_LIMIT_S", "TERMINAL_RETRY_HORIZON_S", "TERMINAL_RETRY_INTERVAL_S",
                   "OUTPUT_VERDICT_TIMEOUT_S",
                   "AUTH_CACHE_TTL_S", "CHECKPOINT_INTERVAL_S", "CONSOLE_IDLE_TIMEOUT_S"]

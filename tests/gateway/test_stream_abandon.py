@@ -38,12 +38,17 @@ class _Rules:
 
     def __init__(self) -> None:
         self.answered: list[tuple[str, bool]] = []
+        #: Requests whose worker was told ``cancelled`` (with what the client received) as the client left.
+        self.told_cancelled: list[str] = []
 
     def hold(self) -> object:
         return SimpleNamespace(stopped=False)
 
     async def answer(self, ticket, hold, report, *, abandoned=False):
         self.answered.append((report.text, abandoned))
+
+    async def cancelled(self, ticket, hold):
+        self.told_cancelled.append(ticket.request_id)
 
 
 class _Log:
@@ -102,6 +107,7 @@ async def test_a_report_that_reached_the_stream_unread_is_answered_after_the_cli
             break
         await asyncio.sleep(0.01)
     assert parts.rules.answered == [("all of it", True)]
+    assert parts.rules.told_cancelled == [request_id]  # told first, before the cancel key
     await waiting
     # The worker records its end and publishes the outcome: the abandoned request's wait ends with it.
     result = JobResult(status=STATUS_CANCELLED, text="", audit_seq=2).sealed(SEALER)

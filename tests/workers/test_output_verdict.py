@@ -444,3 +444,72 @@ def test_a_hand_over_a_full_redis_refuses_publishes_no_report_and_is_recorded_un
     assert gateway.heard() == [] and not pending.holds(job.request_id)
     gateway.close()
     assert store.terminal_for(job.request_id).kind == "failed"
+
+
+class _CancelledMidStream(RedisJobChannel):
+    """A stream's channel whose gateway cancels the request after its first piece, as a client that leaves
+    (or a stopping gateway's drain) makes it: the ``cancelled`` verdict first, then the cancel flag."""
+
+    def __init__(self, *args, verdict: OutputVerdict | None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._verdict = verdict
+        self._told = False
+
+    def publish(self, text: str) -> None:
+        super().publish(text)
+        if not self._told:
+            self._told = True
+            if self._verdict is not None:
+                self._client.lpush(verdict_key(self._request_id), self._verdict.sealed(SEALER))
+
+    def cancel_requested(self) -> bool:
+        return self._told
+
+
+def test_a_stream_cancelled_mid_generation_records_what_its_gateway_says_the_client_received(client, store,
+                                                                                             model) -> None:
+    """The worker cannot know what its gateway released (it held text back to judge it): the gateway's
+    ``cancelled`` verdict says it, and the cancelled entry keeps it. Without one, a stream cut by a stopped
+    gateway had no ``client_output`` (h9 F3)."""
+    received = "what the gateway released"
+    verdict = OutputVerdict(decision={"allow": True, "reasons": [], "redact": []}, client_text=received,
+                            revision="rev-2", cancelled=True)
+    job = replace(checked_job("govgate:gateway:nobody", stream=True),
+                  params=SamplingParams(max_tokens=200, temperature=0))
+    channel = _CancelledMidStream(client, job.request_id, streaming=True, sealer=SEALER, reply_to=job.reply_to,
+                                  verdict=verdict)
+    result = run_job(job, model, store, channel, digester=DIGESTER, verdict_timeout_s=5)
+    assert result.status == "cancelled"
+    entry = store.terminal_for(job.request_id)
+    assert entry.kind == "cancelled" and entry.body["error"]["code"] == "cancelled"
+    assert entry.payload["client_output"] == received
+    assert entry.payload["output"]  # what was generated before the cancel, kept beside it
+    assert entry.body["output_decision"]["policy_revision"] == "rev-2"
+    assert entry.body["usage"]["completion_tokens"] >= 1
+    assert client.llen(verdict_key(job.request_id)) == 0  # taken
+
+
+def test_a_stream_cancelled_without_a_verdict_is_recorded_as_before(client, store, model) -> None:
+    """A gateway that set only the cancel flag (an older one): cancelled, the output kept, no client_output."""
+    job = replace(checked_job("govgate:gateway:nobody", stream=True),
+                  params=SamplingParams(max_tokens=200, temperature=0))
+    channel = _CancelledMidStream(client, job.request_id, streaming=True, sealer=SEALER, reply_to=job.reply_to,
+                                  verdict=None)
+    result = run_job(job, model, store, channel, digester=DIGESTER, verdict_timeout_s=5)
+    assert result.status == "cancelled"
+    entry = store.terminal_for(job.request_id)
+    assert entry.kind == "cancelled" and "client_output" not in entry.payload and entry.payload["output"]
+
+
+def test_a_stream_without_a_verdict_does_not_claim_nothing_was_served(client, store, model) -> None:
+    """Its gateway released judged windows as they came; a worker left without a verdict (its gateway killed)
+    cannot know how much, and its entry says so rather than "neither checked nor served" (h9 F3)."""
+    gateway = Gateway(client, lambda report: None)
+    job = checked_job(gateway.channel, stream=True)
+    result = run(client, job, store, model, timeout_s=0.3)
+    gateway.close()
+    assert result.status == STATUS_FAILED and result.error["code"] == "output_unchecked"
+    entry = store.terminal_for(job.request_id)
+    message = entry.body["error"]["message"]
+    assert "nor served" not in message and "not known" in message
+    assert entry.payload["output"] == gateway.reports[0].text

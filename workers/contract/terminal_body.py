@@ -21,15 +21,24 @@ from workers.contract.privacy import Digester, logged_output
 if TYPE_CHECKING:
     from workers.contract.jobs import GenerateJob
 
-#: The error of an output nobody judged in time (its gateway gone, Redis failing).
+#: The error of an output nobody judged in time (its gateway gone, Redis failing): a non-streamed one was
+#: not served at all.
 UNCHECKED_ERROR = {"code": OUTPUT_UNCHECKED,
                    "message": "no output verdict came from the gateway in time; the output was neither checked "
                               "nor served"}
+#: The same for a stream: its gateway released text to the client as windows of it were judged, and only the
+#: gateway knew how much (a killed one could not say); the worker knows what it sent, not what was released.
+UNCHECKED_STREAM_ERROR = {"code": OUTPUT_UNCHECKED,
+                          "message": "no output verdict came from the gateway in time (it stopped or lost Redis); "
+                                     "the output was not judged whole and nothing more of it was served; the "
+                                     "client may have received a judged part of it, how much is not known"}
 
-#: The error of a stream whose client left while the gateway judged its output's last window (the
-#: verdict says ``cancelled``): the entry's ``client_output`` is what the client received.
+#: The error of a stream cancelled with its gateway's ``cancelled`` verdict (its client left, or its
+#: gateway stopped, mid-stream or while its last window was judged): ``client_output`` is what the client
+#: received.
 CANCELLED_ERROR = {"code": STATUS_CANCELLED,
-                   "message": "generation was cancelled (the client went away while its output was being judged)"}
+                   "message": "generation was cancelled (the client went away, or its gateway stopped, before the "
+                              "output was served whole); client_output is what the client received"}
 
 
 #: The error of an end the database refused when it came: kept pending, nothing served.
@@ -108,7 +117,8 @@ def checked_ending(job: GenerateJob, verdict: OutputVerdict | None, finish_reaso
     decision on the windows judged before and what the client received.
     """
     if verdict is None:
-        return Ending(STATUS_FAILED, finish_reason, error=dict(UNCHECKED_ERROR))
+        return Ending(STATUS_FAILED, finish_reason, error=dict(UNCHECKED_STREAM_ERROR if job.stream
+                                                               else UNCHECKED_ERROR))
     checked = {"output_decision": decision_record(verdict, digester),
                **logged_client_output(verdict.client_text, job.prompt_logging, [*job.redact, *verdict.redact],
                                       digester)}

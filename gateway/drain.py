@@ -1,0 +1,140 @@
+"""A stopping gateway's drain: refuse new requests, let those in flight finish for a while, then end the rest.
+
+Without it a stop (SIGTERM, Ctrl-C in ``govgate up``) left uvicorn waiting
+for open connections until ``govgate up`` killed the API after 15 s: a
+request already queued got no HTTP answer at all, a stream was cut with no
+error event (h9 F4). With it (``gateway/serving.py`` runs it when the
+server is told to stop, before uvicorn closes anything):
+
+1. :meth:`Drain.begin`: new completion requests are refused 503
+   ``shutting_down`` with a Retry-After (recorded ``rejected``, as other
+   refusals before a decision), and ``/readyz`` answers 503, so a load
+   balancer sends them elsewhere;
+2. requests in flight go on until they end, for at most ``drain_s``
+   (``GOVGATE_DRAIN_S``);
+3. :meth:`Drain.cut`: those still running are ended cleanly: a non-streamed
+   request gets its 503 ``shutting_down``, a stream an ``{"error": …}``
+   event in its place; their jobs are cancelled as when a client leaves
+   (a queued job is taken back and recorded ``cancelled`` here, a running
+   one stops at its cancel key and its worker records ``cancelled`` with
+   what the client received).
+
+One object per served app (``app.state.drain``); all of it runs on the
+event loop, so nothing here is locked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Callable, Iterator
+
+from gateway.api_errors import ApiError
+from gateway.stop_timing import END_WAIT_S
+
+log = logging.getLogger(__name__)
+
+#: The error code of a request refused, or ended, because its gateway is stopping.
+SHUTTING_DOWN = "shutting_down"
+#: What a client refused or cut by a stopping gateway is told to wait before it tries again: another
+#: replica (or this one, restarted) takes it then.
+RETRY_AFTER_S = 2
+#: After the cut, how long the drain waits for the requests it ended to send their last bytes.
+END_WAIT_S = 5.0
+#: How often the drain looks whether the requests in flight have ended.
+POLL_S = 0.05
+
+
+def shutting_down(*, in_flight: bool) -> ApiError:
+    """The 503 of a request refused (``in_flight`` False) or ended (True) because the gateway is stopping."""
+    if in_flight:
+        message = ("The gateway is stopping and could not finish this request in time; the request was cancelled "
+                   "(it has been logged). Try again shortly.")
+    else:
+        message = "The gateway is stopping and takes no new requests; nothing was run. Try again shortly."
+    return ApiError(503, SHUTTING_DOWN, message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+class Drain:
+    """Whether the gateway is stopping, the completion requests in flight, and the cut that ends them."""
+
+    def __init__(self, drain_s: float) -> None:
+        self.drain_s = drain_s
+        #: Set by :meth:`begin`: new completion requests are refused.
+        self.draining = False
+        #: Set by :meth:`cut`: those still in flight end now.
+        self.is_cut = False
+        self._cut_event: asyncio.Event | None = None
+        #: The requests in flight, each with what ends it at the cut (None: it watches :meth:`wait_cut`).
+        self._active: dict[int, Callable[[], None] | None] = {}
+        self._next = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    def begin(self) -> None:
+        if not self.draining:
+            self.draining = True
+            log.info("stopping: no new requests; %d in flight get up to %gs to finish (GOVGATE_DRAIN_S)",
+                     self.in_flight, self.drain_s)
+
+    def cut(self) -> None:
+        """End every request still in flight (see the module docstring)."""
+        if self.is_cut:
+            return
+        self.draining = self.is_cut = True
+        if self._active:
+            log.warning("stopping: %d requests still in flight after %gs are ended now (503 shutting_down)",
+                        len(self._active), self.drain_s)
+        if self._cut_event is not None:
+            self._cut_event.set()
+        for end in list(self._active.values()):
+            if end is not None:
+                end()
+
+    async def wait_cut(self) -> None:
+        """Return once :meth:`cut` ran."""
+        if self.is_cut:
+            return
+        if self._cut_event is None:
+            self._cut_event = asyncio.Event()
+        await self._cut_event.wait()
+
+    def enter(self, end: Callable[[], None] | None = None) -> Callable[[], None]:
+        """Count a request as in flight until the returned ``leave`` is called (it may be called more than
+        once); ``end`` is called at the cut (at once if the cut has passed)."""
+        token = self._next
+        self._next += 1
+        self._active[token] = end
+        if self.is_cut and end is not None:
+            end()
+
+        def leave() -> None:
+            self._active.pop(token, None)
+        return leave
+
+    @contextlib.contextmanager
+    def tracking(self, end: Callable[[], None] | None = None) -> Iterator[None]:
+        """:meth:`enter` for the length of a block."""
+        leave = self.enter(end)
+        try:
+            yield
+        finally:
+            leave()
+
+    async def run(self, forced: Callable[[], bool] = lambda: False) -> None:
+        """The whole drain: :meth:`begin`, wait up to ``drain_s`` for the requests in flight, :meth:`cut`, then
+        wait (up to :data:`END_WAIT_S`) for the ended ones to answer. ``forced``: stop waiting at once (a
+        second Ctrl-C)."""
+        self.begin()
+        await self._until_idle(self.drain_s, forced)
+        self.cut()
+        await self._until_idle(END_WAIT_S, forced)
+
+    async def _until_idle(self, timeout_s: float, forced: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._active and not forced() and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_S)

@@ -1,0 +1,60 @@
+"""``govgate serve``'s server: uvicorn, with the gateway's drain run when it is told to stop.
+
+uvicorn's own graceful stop closes the listening socket, then waits for
+open connections (for ever, or ``timeout_graceful_shutdown``, after which
+it cancels their tasks: no answer at all), and only then runs the app's
+lifespan shutdown, too late to end anything cleanly. So the drain
+(``gateway/drain.py``) runs first, while the server still listens: new
+requests get a 503 they can act on rather than a refused connection, the
+requests in flight get ``GOVGATE_DRAIN_S`` to finish and are then ended
+with an answer. uvicorn's own stop follows, with little left to wait for;
+its graceful timeout (``gateway/stop_timing.py``) only bounds a connection that
+still does not close.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+
+from gateway.drain import Drain
+from gateway.settings import Settings
+from gateway.stop_timing import GRACEFUL_S
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose stop drains the gateway first (see the module docstring)."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+        super().__init__(config)
+        self.drain = drain
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self.drain.run(forced=lambda: self.force_exit)  # a second Ctrl-C stops waiting
+        await super().shutdown(sockets)
+
+
+def serve(settings: Settings) -> None:
+    """Run the gateway's app on uvicorn until told to stop, then drain and stop."""
+    from gateway.app import create_app
+    from gateway.http_head import BoundedHttpToolsProtocol
+
+    drain = Drain(settings.drain_s)
+    # log_config=None: uvicorn's own lines go through the handler configured by the caller (JSON too), not its
+    # own. loop "auto": uvloop (a dependency, pyproject.toml) where it installs, asyncio's loop elsewhere; http:
+    # httptools' parser with the bound on a request's head that uvicorn's h11 protocol has (gateway/http_head.py).
+    config = uvicorn.Config(lambda: create_app(settings, freeze_heap=True, drain=drain), factory=True,
+                            host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            access_log=False, lifespan="on", log_config=None, loop="auto",
+                            http=BoundedHttpToolsProtocol, timeout_graceful_shutdown=GRACEFUL_S)
+    config.load_app()  # as uvicorn.run does: the app is made before the server starts
+    server = DrainingServer(config, drain)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # pragma: no cover - uvicorn handles the signals itself
+        pass
+    if not server.started:  # uvicorn.run's exit code for a failed start (govgate up reports it)
+        sys.exit(STARTUP_FAILURE)

@@ -1,0 +1,178 @@
+"""A stopping gateway drains: new requests are refused 503, those in flight get ``GOVGATE_DRAIN_S``, then the
+rest are ended with an answer, each with exactly one terminal entry that says what its client received (h9 F3, F4).
+
+Before, SIGTERM let uvicorn wait for open connections until ``govgate up`` killed the API after 15 s: a
+queued request got no HTTP answer ("Server disconnected"), a stream was cut with neither an error event nor
+``[DONE]``, and the stream's entry, written by its worker, said "neither checked nor served" though its client
+had been streamed judged text.
+
+Real parts: ``govgate serve`` (uvicorn) with a short drain, a worker of its own on a Redis of its own (held
+with SIGSTOP so that the requests are surely still in flight when the drain ends), the suite's database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from govgate.processes import stop_process
+from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
+from tests.e2e.test_stream_faults import wait_terminal
+from tests.gateway.test_fail_closed import queued
+from tests.own_redis import own_redis  # noqa: F401  (fixture)
+from workers.contract.registry import TINY_MODEL_NAME
+
+MODEL = TINY_MODEL_NAME
+#: The test's drain: long enough to see a new request refused during it, short to keep the suite quick.
+DRAIN_S = 3.0
+
+
+def _pids(process) -> list[int]:
+    """A worker and its children (a prefork pool's processes), to hold and let go together."""
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    return [process.pid, *map(int, children.read_text().split())] if children.exists() else [process.pid]
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _until_stopping(base: str) -> dict:
+    """``/readyz``'s body once it says the gateway is stopping (a 503 alone may be the held worker's)."""
+    deadline = time.monotonic() + 30
+    while True:
+        reply = httpx.get(f"{base}/readyz", timeout=5)
+        body = reply.json()
+        if reply.status_code == 503 and body["checks"]["gateway"] != "ok":
+            return body
+        assert time.monotonic() < deadline, f"/readyz never said the gateway is stopping: {body}"
+        time.sleep(0.05)
+
+
+def _stream(base: str, key: str, started: threading.Event) -> dict:
+    """A long stream; ``started`` is set once judged text reached the client. Returns what it received."""
+    text, events, done = "", [], False
+    with httpx.stream("POST", f"{base}/v1/completions", headers=bearer(key), timeout=120,
+                      json={"model": MODEL, "prompt": "Tell", "max_tokens": 3000, "temperature": 0,
+                            "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        request_id = response.headers["x-govgate-request-id"]
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            event = json.loads(line[6:])
+            events.append(event)
+            if event.get("choices"):
+                text += event["choices"][0].get("text") or ""
+                if text:
+                    started.set()
+    return {"request_id": request_id, "text": text, "last": events[-1] if events else None, "done": done}
+
+
+def test_a_stopped_gateway_refuses_new_requests_and_ends_those_in_flight_with_an_answer(
+        own_redis, keyring, audit_store, tmp_path) -> None:  # noqa: F811
+    own = own_redis.with_(drain_s=DRAIN_S, output_holdback_chars=16, request_timeout_s=120)
+    key = keyring["admin"]
+    worker = spawn_cli(own, "worker", "--model", MODEL, log=tmp_path / "worker.log")
+    held: list[int] = []
+    try:
+        wait_for_worker(own.redis_url, MODEL, worker)
+        with serving(own, tmp_path / "serve.log") as base, ThreadPoolExecutor(2) as pool:
+            started = threading.Event()
+            streamed = pool.submit(_stream, base, key, started)
+            assert started.wait(60), "the stream never received text"
+            held = _pids(worker)
+            _signal(held, signal.SIGSTOP)  # mid-generation: the stream stays in flight
+            plain = pool.submit(httpx.post, f"{base}/v1/completions", headers=bearer(key), timeout=120,
+                                json={"model": MODEL, "prompt": "Count", "max_tokens": 5})
+            deadline = time.monotonic() + 60
+            while queued(own, MODEL) < 1:  # the non-streamed request waits behind the held stream
+                assert time.monotonic() < deadline, "the non-streamed request was never queued"
+                time.sleep(0.05)
+
+            base.process.send_signal(signal.SIGTERM)
+            ready = _until_stopping(base)
+            refused = httpx.post(f"{base}/v1/completions", headers=bearer(key), timeout=30,
+                                 json={"model": MODEL, "prompt": "Late", "max_tokens": 5})
+            answered = plain.result(timeout=60)
+            stream = streamed.result(timeout=60)
+            assert base.process.wait(timeout=60) is not None  # it stops within its drain and a few seconds
+        _signal(held, signal.SIGCONT)
+
+        assert "gateway" in ready["missing"] and "stopping" in ready["checks"]["gateway"], ready
+        # a request sent during the drain: refused at once, told when to come back, and recorded
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "shutting_down"
+        assert refused.headers["retry-after"]
+        refused_id = refused.headers["x-govgate-request-id"]
+        rejected = [e for e in audit_store.entries_for(refused_id)]
+        assert [e.kind for e in rejected] == ["rejected"]
+        assert rejected[0].body["error"]["code"] == "shutting_down"
+        # the queued non-streamed request: a 503 in OpenAI's shape, not a cut connection
+        assert answered.status_code == 503, answered.text
+        assert answered.json()["error"]["code"] == "shutting_down"
+        assert answered.headers["retry-after"]
+        plain_id = answered.headers["x-govgate-request-id"]
+        # the stream: an error event in its place, no [DONE]
+        assert stream["text"] and not stream["done"]
+        assert stream["last"]["error"]["code"] == "shutting_down", stream["last"]
+
+        # Each ends exactly once; the stream's entry (its worker's, once let go) says what the client received.
+        plain_end = wait_terminal(audit_store, plain_id)
+        assert plain_end.kind == "cancelled" and "gateway stopped" in plain_end.body["error"]["message"]
+        stream_end = wait_terminal(audit_store, stream["request_id"])
+        assert stream_end.kind == "cancelled", stream_end.body.get("error")
+        assert stream_end.payload["client_output"] == stream["text"]
+        assert stream_end.payload["output"].startswith(stream["text"])  # nothing in it was masked
+        assert stream_end.body["output_decision"]["allow"] is True
+        for request_id in (plain_id, stream["request_id"]):
+            assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "cancelled"]
+    finally:
+        _signal(held, signal.SIGCONT)
+        stop_process(worker, timeout_s=30)
+
+
+def test_requests_that_finish_within_the_drain_are_answered_and_the_stop_does_not_wait_it_out(
+        own_redis, keyring, audit_store, tmp_path) -> None:  # noqa: F811
+    """The drain is a bound, not a wait: a request in flight when the stop comes is served whole once its
+    worker answers, and the gateway exits as soon as nothing is left (well before its 60 s drain)."""
+    own = own_redis.with_(drain_s=60.0, request_timeout_s=120)
+    key = keyring["admin"]
+    worker = spawn_cli(own, "worker", "--model", MODEL, log=tmp_path / "worker.log")
+    held: list[int] = []
+    try:
+        wait_for_worker(own.redis_url, MODEL, worker)
+        with serving(own, tmp_path / "serve.log") as base, ThreadPoolExecutor(1) as pool:
+            held = _pids(worker)
+            _signal(held, signal.SIGSTOP)  # the request stays queued until the stop has begun
+            plain = pool.submit(httpx.post, f"{base}/v1/completions", headers=bearer(key), timeout=120,
+                                json={"model": MODEL, "prompt": "Count", "max_tokens": 5})
+            deadline = time.monotonic() + 60
+            while queued(own, MODEL) < 1:
+                assert time.monotonic() < deadline, "the request was never queued"
+                time.sleep(0.05)
+            base.process.send_signal(signal.SIGTERM)
+            _until_stopping(base)
+            _signal(held, signal.SIGCONT)
+            answered = plain.result(timeout=60)
+            base.process.wait(timeout=50)  # long before the drain's 60 s: nothing was left to wait for
+        assert answered.status_code == 200, answered.text
+        request_id = answered.headers["x-govgate-request-id"]
+        assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "completion"]
+        assert "ended now" not in (tmp_path / "serve.log").read_text()  # the drain never had to cut
+    finally:
+        _signal(held, signal.SIGCONT)
+        stop_process(worker, timeout_s=30)
