@@ -41,8 +41,6 @@ SHUTTING_DOWN = "shutting_down"
 #: What a client refused or cut by a stopping gateway is told to wait before it tries again: another
 #: replica (or this one, restarted) takes it then.
 RETRY_AFTER_S = 2
-#: After the cut, how long the drain waits for the requests it ended to send their last bytes.
-END_WAIT_S = 5.0
 #: How often the drain looks whether the requests in flight have ended.
 POLL_S = 0.05
 
