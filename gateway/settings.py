@@ -217,7 +217,8 @@ class Settings:
             if not raw:
                 return default
             noun = "whole number" if kind is int else "number"
-            if not raw.isascii():  # int() and float() read other scripts' digits ('١٢'): refuse, as for NBSP
+            # int() and float() also read other scripts' digits ('١٢') and Python's '1_000': plain numbers only
+            if not (_WHOLE if kind is int else _DECIMAL).fullmatch(raw):
                 raise SettingsError(f"GOVGATE_{name}={raw!r} is not a {noun}")
             try:
                 value = kind(raw)
@@ -371,6 +372,11 @@ def _choice(value: str, name: str, allowed: tuple[str, ...]) -> str:
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+#: A whole number as a setting is written: ASCII digits, an optional sign.
+_WHOLE = re.compile(r"[+-]?[0-9]+")
+#: A number: digits with an optional fraction and exponent, or nan/inf (refused later, by name).
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
 
 
 def _flag(raw: str, name: str, default: bool) -> bool:

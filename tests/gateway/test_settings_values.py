@@ -71,8 +71,9 @@ def test_int_settings_refuse_more_than_the_largest_count(name: str) -> None:
 @pytest.mark.parametrize(("name", "noun"), [("DEFAULT_MAX_TOKENS", "whole number"), ("PORT", "whole number"),
                                             ("REQUEST_TIMEOUT_S", "number"),
                                             ("DATABASE_BUSY_TIMEOUT_S", "number")])
-@pytest.mark.parametrize("raw", ["\u0661\u0662", "\uff11\uff12", "1\u0662"])  # Arabic-Indic, fullwidth, mixed
-def test_digits_of_other_scripts_are_refused(name: str, noun: str, raw: str) -> None:
+@pytest.mark.parametrize("raw", ["\u0661\u0662", "\uff11\uff12", "1\u0662",  # Arabic-Indic, fullwidth, mixed
+                                 "1_000", "0x10", "1 2"])  # Python's digit groups, hex, two numbers
+def test_digits_of_other_scripts_and_python_spellings_are_refused(name: str, noun: str, raw: str) -> None:
     _refused(name, raw, f"is not a {noun}$")
 
 
