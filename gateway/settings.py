@@ -26,6 +26,10 @@ def _default_policy_dir() -> Path:
     return local if local.is_dir() else _CHECKOUT / "policies"
 
 
+#: The most policy evaluator processes a gateway starts (``GOVGATE_POLICY_EVALUATORS``).
+MAX_POLICY_EVALUATORS = 256
+
+
 def _cores() -> int:
     """Cores this process may run on (a container's CPU set, not the host's count)."""
     try:
@@ -262,7 +266,10 @@ class Settings:
             redis_url=_url(text("REDIS_URL", ""), "REDIS_URL", ("redis://", "rediss://", "unix://")),
             policy_dir=Path(text("POLICY_DIR", str(defaults.policy_dir))).expanduser().resolve(),
             policy_timeout_s=float(number("POLICY_TIMEOUT_S", defaults.policy_timeout_s, float, 0.001)),
-            policy_evaluators=int(number("POLICY_EVALUATORS", defaults.policy_evaluators, int, 1)),
+            # each is a process holding the compiled policy (tens of MB): a typo's 2^31 - 1 would fork until
+            # the machine gave out
+            policy_evaluators=int(number("POLICY_EVALUATORS", defaults.policy_evaluators, int, 1,
+                                         MAX_POLICY_EVALUATORS)),
             policy_wait_timeout_s=float(number("POLICY_WAIT_TIMEOUT_S", defaults.policy_wait_timeout_s, float, 0.0)),
             policy_vm=_choice(text("POLICY_VM", defaults.policy_vm).lower(), "POLICY_VM", ("auto", "on", "off")),
             policy_vm_check_every=int(number("POLICY_VM_CHECK_EVERY", defaults.policy_vm_check_every, int, 0)),

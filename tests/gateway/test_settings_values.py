@@ -26,7 +26,7 @@ OWN_RANGE = {"DATABASE_BUSY_TIMEOUT_S": "must be more than 0 and at most 86400 s
              "REDIS_TIMEOUT_S": "must be more than 0 and at most 86400 seconds",
              "STREAM_FLUSH_INTERVAL_MS": "must be between 0 and 1000 milliseconds"}
 #: The whole-number settings but the port (which has its own range).
-INT_SETTINGS = ["POLICY_EVALUATORS", "POLICY_VM_CHECK_EVERY", "ADMISSION_CONCURRENCY", "OUTPUT_HOLDBACK_CHARS", "MAX_QUEUED_PER_MODEL",
+INT_SETTINGS = ["POLICY_VM_CHECK_EVERY", "ADMISSION_CONCURRENCY", "OUTPUT_HOLDBACK_CHARS", "MAX_QUEUED_PER_MODEL",
                 "MAX_BODY_BYTES", "DEFAULT_MAX_TOKENS", "REDIS_MAX_CONNECTIONS", "AUTH_CACHE_SIZE",
                 "CHECKPOINT_EVERY_ENTRIES"]
 
@@ -40,7 +40,7 @@ def test_the_lists_here_name_every_number_setting() -> None:
     """A new number setting is covered here, or these lists are updated."""
     declared = {f.name.upper(): f.type for f in fields(Settings)}
     assert sorted(FLOAT_SETTINGS + list(OWN_RANGE)) == sorted(n for n, t in declared.items() if t == "float")
-    assert sorted(INT_SETTINGS + ["PORT"]) == sorted(n for n, t in declared.items() if t == "int")
+    assert sorted(INT_SETTINGS + ["PORT", "POLICY_EVALUATORS"]) == sorted(n for n, t in declared.items() if t == "int")
 
 
 @pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "NaN", "1e999"])
@@ -123,3 +123,10 @@ def test_an_in_flight_slot_outlives_the_longest_request_the_settings_allow() -> 
 
     assert in_flight_ttl_s(Settings()) == MIN_IN_FLIGHT_TTL_S == 900
     assert in_flight_ttl_s(Settings(request_timeout_s=1200)) == 1260
+
+
+def test_policy_evaluators_are_one_to_256() -> None:
+    """Each is a process holding the compiled policy: a typo's 2^31 - 1 forked until the machine gave out."""
+    _refused("POLICY_EVALUATORS", "257", "must be at most 256$")
+    _refused("POLICY_EVALUATORS", "0", "must be at least 1$")
+    assert Settings.from_env({"GOVGATE_POLICY_EVALUATORS": "256"}).policy_evaluators == 256
