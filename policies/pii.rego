@@ -175,8 +175,10 @@ luhn_term(digit, position_from_right) := digit if {
 
 # ---------------------------------------------------------------- IBAN
 
-# Country code, check digits, and a BBAN written compact or in groups of four.
-iban_candidate_pattern := `[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?`
+# Country code, check digits, and a BBAN written compact or in groups of four
+# split by spaces or line breaks (an IBAN written over two lines, or split
+# over two messages, which the detection text joins with a line break).
+iban_candidate_pattern := `[A-Z]{2}[0-9]{2}(?:[ \n]?[A-Z0-9]{4}){2,7}(?:[ \n]?[A-Z0-9]{1,3})?`
 
 ibans(text) := {iban |
 	some candidate in distinct_matches(iban_candidate_pattern, text)
@@ -184,14 +186,17 @@ ibans(text) := {iban |
 	bounded(iban, text)
 }
 
-# The longest run of the candidate's space-separated groups, from its start,
-# that is a valid IBAN: a written IBAN may be followed by a word in capitals.
-longest_iban(candidate) := concat(" ", array.slice(groups, 0, longest)) if {
-	groups = split(candidate, " ")
+# The longest run of the candidate's separated groups, from its start, that
+# is a valid IBAN: a written IBAN may be followed by a word in capitals. It is
+# the candidate's own text (its separators as written), so that redaction
+# finds it in the prompt.
+longest_iban(candidate) := substring(candidate, 0, length) if {
+	groups = regex.split(`[ \n]`, candidate)
 	longest = max({k |
 		some k in numbers.range(1, count(groups))
 		iban_valid(concat("", array.slice(groups, 0, k)))
 	})
+	length = sum([count(group) | some group in array.slice(groups, 0, longest)]) + longest - 1
 }
 
 # ISO 13616: 15 to 34 characters whose ISO 7064 mod-97 remainder is 1.

@@ -142,6 +142,11 @@ test_iban_followed_by_a_capitalised_word_found if {
 	pii.ibans("GB82 WEST 1234 5698 7654 32 THEN") == {"GB82 WEST 1234 5698 7654 32"}
 }
 
+test_iban_split_over_lines_or_messages_found_as_written if {
+	pii.ibans("IBAN GB82 WEST 1234\n5698 7654 32 ok") == {"GB82 WEST 1234\n5698 7654 32"}
+	pii.ibans("DE89 3704 0044\n0532 0130 00\nTHEN") == {"DE89 3704 0044\n0532 0130 00"}
+}
+
 test_iban_with_wrong_check_digits_not_found if {
 	pii.ibans("GB83 WEST 1234 5698 7654 32") == set()
 }
