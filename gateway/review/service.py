@@ -169,11 +169,14 @@ class ReviewService:
             raise not_a_request(entries) if entries else request_not_found(request_id)
         access.require_other_principal(action, target.principal)
         principal = access.principal
-        body = {"key_id": principal.key_id, "roles": list(principal.roles),
+        body = {"key_id": principal.key_id, "roles": list(principal.roles), "reviewer_team": principal.team,
                 "target": {"principal": target.principal, "team": target.team, "model": target.model,
                            "seq": target.seq}, **fields}
+        # The entry's team is the reviewed request's, as its model is: a team's records (``--team`` of an
+        # export or a bundle) then hold how its requests were judged, and not the notes its own reviewers
+        # wrote on other teams' requests. Who judged is the entry's principal; their team is in the body.
         entry = await self._run(partial(self.audit.append, ACTION_KINDS[action], request_id, principal=principal.id,
-                                        team=principal.team, model=target.model, body=body,
+                                        team=target.team, model=target.model, body=body,
                                         policy_revision=None))
         return Answer(entry_document(entry, with_text=False), request_id)
 

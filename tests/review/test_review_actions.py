@@ -62,7 +62,12 @@ async def test_the_story_holds_request_decision_outcome_and_review(rclient, rsto
                                            "seq": story["entries"][0]["seq"]}
     # On the chain, as entries of their own, and the chain still verifies.
     stored = [e for e in rstore.entries_for(request_id) if e.kind in ("flagged", "commented", "dispositioned")]
-    assert [e.principal for e in stored] == ["rita"] * 4 and [e.team for e in stored] == ["compliance"] * 4
+    # The reviewed request's team (its records hold how it was judged); the reviewer's own in the body.
+    assert [e.principal for e in stored] == ["rita"] * 4 and [e.team for e in stored] == ["research"] * 4
+    assert [e.body["reviewer_team"] for e in stored] == ["compliance"] * 4
+    by_team = await rclient.get("/v1/audit/entries", headers=bearer(rkeys.auditor),
+                                params={"team": "research", "request_id": request_id})
+    assert {d["kind"] for d in by_team.json()["data"]} >= {"request", "flagged", "dispositioned"}
     assert verify_chain(rstore).ok
     # The review is searchable.
     flagged = await rclient.get("/v1/audit/entries", headers=bearer(rkeys.auditor),
