@@ -236,3 +236,34 @@ async def test_a_request_the_timeout_ends_while_queued_is_charged_nothing(gatewa
     terminal = wait_terminal(audit_store, response.headers["x-govgate-request-id"])
     assert terminal.kind == "timed_out" and "usage" not in terminal.body
     assert await charged(settings, principal) == {"tokens_today": 0, "in_flight": 0}
+
+
+async def test_a_begun_request_whose_worker_does_not_report_in_the_grace_is_charged_its_reservation(
+        gateway, settings, timeout_worker, audit_store):
+    """The worker stays frozen past the grace: what it generated is not known, so the whole reservation is
+    charged (fail closed), and the gateway's entry says so; the worker's later end is refused."""
+    principal, key = fresh_key(settings)
+    start = audit_store.head().seq
+    answer: dict = {}
+
+    def ask() -> None:
+        answer["response"] = httpx.post(f"{gateway}/v1/completions", headers=bearer(key), timeout=120,
+                                        json={"model": TIMEOUT_MODEL, "prompt": "Tell", "max_tokens": MAX_TOKENS,
+                                              "temperature": 0})
+
+    with freezer(settings, timeout_worker) as frozen:
+        asking = threading.Thread(target=ask)
+        asking.start()
+        deadline = time.monotonic() + 60
+        request_id = request_id_of(audit_store, principal, start, deadline)
+        frozen.freeze_once_started(request_id, deadline)
+        asking.join(120)  # frozen all along: the timeout, then the grace, run out
+    response = answer["response"]
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "timed_out"
+    terminal = wait_terminal(audit_store, request_id)
+    assert terminal.kind == "timed_out"
+    usage = terminal.body["usage"]
+    assert usage["basis"] == "reservation" and usage["completion_tokens"] == MAX_TOKENS, terminal.body
+    assert "charged what it reserved" in terminal.body["error"]["message"]
+    assert await charged(settings, principal) == {"tokens_today": usage["total_tokens"], "in_flight": 0}
