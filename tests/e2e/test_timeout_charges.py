@@ -39,6 +39,7 @@ from tests.e2e.test_crash_safety import pool_children
 from tests.e2e.test_stream_faults import wait_terminal
 from tests.keys_and_limits import new_key
 from workers.contract.jobs import JOB_STARTED, cancel_key
+from workers.generation import GATEWAY_TIMEOUT_MESSAGE
 
 pytestmark = pytest.mark.anyio
 
@@ -155,7 +156,8 @@ def assert_charged_what_it_generated(settings, audit_store, principal: str, requ
     """The terminal entry is ``timed_out`` with the worker's counts, and the counters were charged them."""
     terminal = wait_terminal(audit_store, request_id)
     assert terminal.kind == "timed_out", terminal.body
-    assert terminal.body["error"]["code"] == "timed_out"
+    # recorded by the worker the timeout stopped (not its own time limit's message)
+    assert terminal.body["error"] == {"code": "timed_out", "message": GATEWAY_TIMEOUT_MESSAGE}
     usage = terminal.body.get("usage")
     assert usage and usage["completion_tokens"] > 0 and "basis" not in usage, terminal.body
     assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "timed_out"]

@@ -43,7 +43,7 @@ REPLY_RESULT = "r"
 REPLY_PIECE = "p"
 #: Prefix of a job's state key: the worker sets it to ``JOB_STARTED`` when generation
 #: begins; :data:`JOB_LOOK_AGAIN` (below) marks a job not started yet; any other value (the
-#: gateway writes ``1``) asks the job to stop (client gone, or the gateway gave up). One key
+#: gateway writes ``1`` for a client gone, ``STOP_TIMED_OUT`` at its request timeout) asks the job to stop. One key
 #: for all, so the worker's start claim reads the cancel flag in the same command
 #: (``workers/streams.py``).
 CANCEL_KEY_PREFIX = "govgate:job:"
