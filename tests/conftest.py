@@ -62,6 +62,8 @@ OUTPUT_MODEL = "output-tiny"
 ORPHAN_MODEL = "orphan-tiny"
 #: Served only by the solo pool's tests' own worker (tests/e2e/test_solo_pool.py).
 SOLO_MODEL = "solo-tiny"
+#: Served only by the timeout-charging tests' own worker (tests/e2e/test_timeout_charges.py), which they freeze.
+TIMEOUT_MODEL = "timeout-tiny"
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +123,7 @@ def models_file(var_dir: Path) -> Path:
     path = var_dir / "models.toml"
     model = var_dir / "models" / "govgate-tiny-llama.gguf"
     names = [TINY_MODEL_NAME, IDLE_MODEL, QUEUE_MODEL, CRASH_MODEL, LIMITED_MODEL, RESCUE_MODEL, PRIORITY_MODEL,
-             POSTGRES_MODEL, OUTPUT_MODEL, ORPHAN_MODEL, SOLO_MODEL]
+             POSTGRES_MODEL, OUTPUT_MODEL, ORPHAN_MODEL, SOLO_MODEL, TIMEOUT_MODEL]
     path.write_text("\n".join(
         f'[models.{name}]\npath = "{model}"\ngenerate = "tiny-llama"\ncontext_length = 4096\n'
         f'family = "llama"\ntags = ["tiny"]\n' for name in names))

@@ -152,8 +152,10 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
 
     started_ns = time.time_ns()
     queue_ms = (started_ns - job.enqueued_at_ns) / 1e6 if job.enqueued_at_ns else None
-    if channel.cancel_requested():  # the client left while the job was queued
-        return _record_end(job, store, STATUS_CANCELLED, "", 0, 0, None, worker, queue_ms, started_ns, digester)
+    if channel.cancel_requested():  # the client left (or the gateway timed the request out) while it was queued
+        kind = _stop_kind(channel)
+        return _record_end(job, store, kind, "", 0, 0, None, worker, queue_ms, started_ns, digester,
+                           message=_stop_message(kind, channel))
     if job.deadline_ns and started_ns > job.deadline_ns:  # nobody waits for it any more (its gateway may be gone)
         return _record_expired(job, store, worker, queue_ms)
     if not first_run and job.stream:
@@ -179,7 +181,7 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
                 text.append(piece)
                 channel.publish(piece)
                 if channel.cancel_requested():
-                    ending = STATUS_CANCELLED
+                    ending = _stop_kind(channel)
                     break
         finally:  # however the generation ended, the stream has all of it before the end is recorded
             channel.flush()
@@ -237,7 +239,19 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
                                   (ended_ns - started_ns) / 1e6, ended_ns)
             return _record_checked(job, store, verdict, generated, digester)
     return _record_end(job, store, kind, "".join(text), prompt_tokens, completion_tokens, finish, worker,
-                       queue_ms, started_ns, digester)
+                       queue_ms, started_ns, digester, message=_stop_message(kind, channel))
+
+
+def _stop_kind(channel: JobChannel) -> str:
+    """How a generation its gateway asked to stop ends: ``timed_out`` when the gateway's request timeout
+    asked (``STOP_TIMED_OUT``), ``cancelled`` for any other stop (a client gone, the output rules)."""
+    return STATUS_TIMED_OUT if channel.stopped_by_timeout() else STATUS_CANCELLED
+
+
+def _stop_message(kind: str, channel: JobChannel) -> str | None:
+    """The error message of an end its gateway's timeout asked for (None: the kind's usual one; a
+    ``timed_out`` of the worker's own time limit says so)."""
+    return GATEWAY_TIMEOUT_MESSAGE if kind == STATUS_TIMED_OUT and channel.stopped_by_timeout() else None
 
 
 def _hand_over(job: GenerateJob, generated: Generated, channel: JobChannel, pending: PendingTerminals,
@@ -277,11 +291,13 @@ def _sent(job: GenerateJob, text: list[str]) -> str | None:
 
 def _record_end(job: GenerateJob, store: EntryStore, kind: str, output: str, prompt_tokens: int,
                 completion_tokens: int, finish_reason: str | None, worker: dict[str, Any],
-                queue_ms: float | None, started_ns: int, digester: Digester | None) -> JobResult:
-    """Write the terminal entry of an unchecked generation that ran (completed, cancelled or timed out)."""
+                queue_ms: float | None, started_ns: int, digester: Digester | None, *,
+                message: str | None = None) -> JobResult:
+    """Write the terminal entry of an unchecked generation that ran (completed, cancelled or timed out);
+    ``message``: its error's, when not the kind's usual one."""
     generated = Generated(output, prompt_tokens, completion_tokens, finish_reason, worker, queue_ms,
                           (time.time_ns() - started_ns) / 1e6)
-    error = None if kind == "completion" else {"code": kind, "message": _END_MESSAGES[kind]}
+    error = None if kind == "completion" else {"code": kind, "message": message or _END_MESSAGES[kind]}
     return _record(job, store, kind, generated, digester, finish_reason=finish_reason, error=error)
 
 
@@ -312,6 +328,8 @@ def _record(job: GenerateJob, store: EntryStore, kind: str, generated: Generated
     return ended_result(kind, generated, entry.seq, finish_reason=finish_reason, served=served, error=error)
 
 
+#: The error message of a generation stopped by its gateway's request timeout (recorded ``timed_out``).
+GATEWAY_TIMEOUT_MESSAGE = "the gateway's request timeout ran out; generation was stopped"
 _END_MESSAGES = {
     STATUS_CANCELLED: "generation was cancelled (the client went away or the gateway gave up)",
     STATUS_TIMED_OUT: "generation hit the worker's time limit",

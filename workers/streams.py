@@ -13,8 +13,8 @@ from typing import Any, Callable, Protocol
 
 import redis
 
-from workers.contract.jobs import (CANCEL_TTL_S, JOB_LOOK_AGAIN, JOB_STARTED, REPLY_PIECE, cancel_key,
-                                   reply_message, runs_key, seal_piece)
+from workers.contract.jobs import (CANCEL_TTL_S, JOB_LOOK_AGAIN, JOB_STARTED, REPLY_PIECE, STOP_TIMED_OUT,
+                                   cancel_key, reply_message, runs_key, seal_piece)
 from workers.contract.output_check import (REPLY_OUTPUT, STOP_CONTENT_FILTER, OutputReport, OutputVerdict,
                                            verdict_key)
 from workers.contract.handover import PENDING_KEY, CarriedHandOver, Carrier
@@ -72,6 +72,7 @@ class JobChannel(Protocol):
     def streamed_text(self) -> str: ...
     def forget(self) -> None: ...
     def stopped_by_rules(self) -> bool: ...
+    def stopped_by_timeout(self) -> bool: ...
     def await_verdict(self, report: OutputReport, timeout_s: float) -> OutputVerdict | None: ...
     def cancelled_verdict(self) -> OutputVerdict | None: ...
     def hand_over(self, report: OutputReport, fallback: bytes,
@@ -120,6 +121,8 @@ class RedisJobChannel:
         self._cancel_seen: bool | None = None
         #: The cancel seen was the gateway stopping the output under its rules (not a client gone).
         self._stopped_by_rules = False
+        #: The cancel seen was the gateway's request timeout (``STOP_TIMED_OUT``): recorded ``timed_out``.
+        self._stopped_by_timeout = False
 
     def claim_start(self) -> bool:
         """True the first time a job's generation begins; False on a redelivery; raises
@@ -151,6 +154,7 @@ class RedisJobChannel:
                     raise PutBack(self._request_id)
         cancelled = was is not None and was != JOB_STARTED
         self._stopped_by_rules = was == STOP_CONTENT_FILTER
+        self._stopped_by_timeout = was == STOP_TIMED_OUT
         if cancelled:
             self._client.set(self._cancel_key, was, ex=CANCEL_TTL_S)
         self._cancel_seen = cancelled
@@ -243,6 +247,7 @@ class RedisJobChannel:
         try:
             state = self._client.get(self._cancel_key)
             self._stopped_by_rules = state == STOP_CONTENT_FILTER
+            self._stopped_by_timeout = state == STOP_TIMED_OUT
             return state is not None and state != JOB_STARTED and state != JOB_LOOK_AGAIN
         except redis.RedisError as exc:  # keep generating: the result still goes through the log
             log.warning("cannot read cancel flag for %s: %s", self._cancel_key, exc)
@@ -270,6 +275,10 @@ class RedisJobChannel:
             log.error("unreadable output verdict for %s: %s", self._request_id, exc)
             return None
         return verdict if verdict is not None and verdict.cancelled else None
+
+    def stopped_by_timeout(self) -> bool:
+        """The last cancel seen was the gateway's request timeout: the end is recorded ``timed_out``."""
+        return self._stopped_by_timeout
 
     def await_verdict(self, report: OutputReport, timeout_s: float) -> OutputVerdict | None:
         """Report the output to the waiting gateway and wait for its verdict; None if none came in time.
@@ -381,6 +390,9 @@ class SilentChannel:
         return None
 
     def stopped_by_rules(self) -> bool:
+        return False
+
+    def stopped_by_timeout(self) -> bool:
         return False
 
     def await_verdict(self, report: OutputReport, timeout_s: float) -> OutputVerdict | None:

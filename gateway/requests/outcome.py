@@ -36,8 +36,8 @@ from gateway.requests.refusals import QUEUE_UNAVAILABLE_MESSAGE, worker_error
 from gateway.requests.request_log import RequestLog
 from gateway.requests.ticket import Ticket
 from gateway.requests.usage import settle_reservation
-from workers.contract.jobs import (CANCEL_TTL_S, STATUS_CANCELLED, STATUS_COMPLETED, STATUS_TIMED_OUT, JobResult,
-                                  cancel_key)
+from workers.contract.jobs import (CANCEL_TTL_S, JOB_LOOK_AGAIN, JOB_STARTED, STATUS_CANCELLED, STATUS_COMPLETED,
+                                  STATUS_TIMED_OUT, STOP_TIMED_OUT, JobResult, cancel_key)
 from workers.contract.output_check import STOP_CONTENT_FILTER, OutputReport
 from workers.contract.privacy import Digester, logged_output
 
@@ -53,6 +53,10 @@ _STOPPED_WHILE_QUEUED = {"code": "cancelled", "message": "the gateway stopped be
 #: After the drain's cut, how long a non-streamed request whose job a worker runs waits for that worker to stop
 #: at the cancel key and record the end (within the drain's own ``END_WAIT_S``).
 CUT_GRACE_S = 3.0
+#: How long, once its request timeout ran out, the gateway waits for the worker that began the job to stop
+#: and report what it generated (it looks at the stop between tokens, every 50 ms at most); with no report by
+#: then the request is charged its whole reservation (:meth:`TicketRunner.timed_out`).
+STOP_GRACE_S = 10.0
 
 #: Returns once the client has gone away (its connection closed); see :meth:`TicketRunner.complete`.
 ClientGone = Callable[[], Awaitable[Any]]
@@ -70,7 +74,8 @@ class TicketRunner:
 
     def __init__(self, *, dispatcher: Dispatcher, waiter: ResultWaiter, redis: aioredis.Redis,
                  counters: UsageCounters, request_log: RequestLog, digester: Digester,
-                 request_timeout_s: float, output_rules: OutputRules | None = None) -> None:
+                 request_timeout_s: float, output_rules: OutputRules | None = None,
+                 stop_grace_s: float = STOP_GRACE_S) -> None:
         self.dispatcher = dispatcher
         self.waiter = waiter
         self.redis = redis
@@ -78,6 +83,8 @@ class TicketRunner:
         self.request_log = request_log
         self.digester = digester
         self.request_timeout_s = request_timeout_s
+        #: How long a timed-out job that a worker began is given to stop and report (:data:`STOP_GRACE_S`).
+        self.stop_grace_s = stop_grace_s
         #: The output rules (None: outputs are not checked; jobs say so to their workers).
         self.output_rules = output_rules
         #: Records the outputs workers hand over (non-streamed, under the output rules).
@@ -107,14 +114,13 @@ class TicketRunner:
             try:
                 async with self.waiter.expect(ticket.request_id, checked=checked, handed_over=checked) as pending:
                     queued = await self._enqueue(ticket, output_rule_absent=unruled, gateway_records=checked)
-                    if not checked:
-                        outcome = pending.get(self.request_timeout_s)
-                    else:
-                        assert self.output_rules is not None
-                        outcome = self._judged_outcome(ticket, pending, self.output_rules.hold())
-                    meta = await self._unless_gone(ticket, queued, outcome, gone, cut)
-            except ResultTimeout:  # before OSError: TimeoutError is one
-                return await self.timed_out(ticket)
+                    hold = self.output_rules.hold() if self.output_rules is not None and checked else None
+                    try:
+                        outcome = self._outcome(ticket, pending, hold, self.request_timeout_s)
+                        meta = await self._unless_gone(ticket, queued, outcome, gone, cut)
+                    except ResultTimeout:  # before OSError: TimeoutError is one. Still subscribed: the
+                        # worker's report of what it generated is heard
+                        return await self._after_timeout(ticket, pending, hold)
             except (QueueUnavailable, RedisError, OSError) as exc:
                 raise await self.queue_down(ticket, exc) from None
             if isinstance(meta, _Answered):  # ended by the drain, answered already
@@ -124,6 +130,45 @@ class TicketRunner:
             return await self.result_of(ticket, meta)
         finally:
             self._forget_settlement(ticket)
+
+    def _outcome(self, ticket: Ticket, pending: PendingResult, hold: HoldBack | None,
+                 timeout_s: float) -> Awaitable[dict[str, Any] | JobResult]:
+        """The wait for a non-streamed job's outcome (``hold``: under output rules, judged on the way)."""
+        if hold is None:
+            return pending.get(timeout_s)
+        return self._judged_outcome(ticket, pending, hold, timeout_s=timeout_s)
+
+    async def _after_timeout(self, ticket: Ticket, pending: PendingResult, hold: HoldBack | None) -> JobResult:
+        """A non-streamed request's wait ran out: stop its job, give a begun one its grace, end the request."""
+        started = await self.stop_for_timeout(ticket)
+        outcome: dict[str, Any] | JobResult | None = None
+        if started:
+            try:
+                outcome = await self._outcome(ticket, pending, hold, self.stop_grace_s)
+            except (ResultTimeout, RedisError, OSError):
+                outcome = None
+        return await self.timed_out(ticket, started=started, outcome=outcome)
+
+    async def stop_for_timeout(self, ticket: Ticket) -> bool:
+        """Ask the job to stop because the request timed out; whether a worker may have begun it.
+
+        One ``SET … GET`` of the job's state key, as the worker's start claim
+        does, so exactly one of them comes first: a job not begun yet (no state,
+        or a look-again mark) is never generated (its worker sees the stop at
+        its start); ``started`` means a worker generates, or did. An earlier
+        stop (the output rules', a client gone) is written back, so its reason
+        stands; the worker's generation may then have begun too. Redis failing
+        here: unknown, so begun (the request is then charged, not freed).
+        """
+        key = cancel_key(ticket.request_id)
+        try:
+            was = await self.redis.set(key, STOP_TIMED_OUT, ex=CANCEL_TTL_S, get=True)
+            if was not in (None, JOB_LOOK_AGAIN, STOP_TIMED_OUT) and was != JOB_STARTED:
+                await self.redis.set(key, was, ex=CANCEL_TTL_S)
+        except (RedisError, OSError) as exc:
+            log.warning("cannot ask %s to stop at its timeout: %s", ticket.request_id, exc)
+            return True
+        return was not in (None, JOB_LOOK_AGAIN)
 
     async def open_stream(self, ticket: Ticket) -> StreamEvents:
         """Queue a streaming job and return its events; queueing errors are raised here, before any byte.
@@ -310,30 +355,68 @@ class TicketRunner:
             await self.request_log.end(ticket, "failed", {"error": result.error})
         raise worker_error(result)
 
-    async def timed_out(self, ticket: Ticket, *, output: str | None = None) -> JobResult:
-        """The wait ran out: stop the worker, end the request (unless it just ended), 504.
+    async def timed_out(self, ticket: Ticket, *, output: str | None = None, started: bool = False,
+                        outcome: dict[str, Any] | JobResult | None = None) -> JobResult:
+        """The wait ran out and the job was asked to stop (:meth:`stop_for_timeout`): end the request, 504.
 
-        ``output`` is what a stream already sent to its client. If another
-        end won the unique terminal constraint (the worker's, a handed-over
-        output's fallback written by a retry, a lost-request sweep), that
-        entry is the request's answer: usage is settled to what it records,
-        and the client gets its completion or the error it records, as if
-        the worker's result had arrived. A winner that is itself a timeout
-        or a cancel keeps the 504.
+        ``started``: a worker may have begun the job; ``outcome``: what it
+        reported within the grace that followed (:data:`STOP_GRACE_S`). A
+        worker that stopped records the end itself, ``timed_out`` with what it
+        generated: that entry is the request's end, it is charged and counted
+        what it records, and the client gets the 504. An outcome that is a
+        completion (it finished just then) or a failure answers as it would
+        have before the timeout.
+
+        With no outcome the gateway records ``timed_out`` itself. ``output`` is
+        what a stream already sent to its client. A job no worker began is
+        charged nothing (its worker, if one takes it, sees the stop at its
+        start). One a worker began but did not report on in the grace (frozen,
+        or deep in a long prompt) is charged its whole reservation, and the
+        entry's ``usage`` says so (``"basis": "reservation"``): the model ran,
+        and what it used is not known. If another end won the unique
+        terminal constraint (the worker's, a handed-over output's fallback
+        written by a retry, a lost-request sweep), that entry is the request's
+        answer: usage is settled to what it records, and the client gets its
+        completion or the error it records, as if the worker's result had
+        arrived. A winner that is itself a timeout or a cancel keeps the 504.
         """
+        if outcome is not None:
+            return await self._stopped(ticket, outcome)
         job = ticket.job
-        await self._request_cancel(job.request_id)
         body: dict[str, Any] = {"error": {"code": "timed_out",
                                           "message": f"no result within {self.request_timeout_s:g}s"}}
         if output is not None:  # kept as the request's prompt_logging allows, like a worker's output
             body.update(logged_output(output, job.prompt_logging, job.redact, self.digester))
+        reserved = _reserved_usage(ticket) if started else None
+        if reserved is not None:
+            body["usage"] = reserved
+            body["error"]["message"] += (f"; its worker did not report what it generated within "
+                                         f"{self.stop_grace_s:g}s, so it is charged what it reserved")
         winner = await self.request_log.end(ticket, "timed_out", body)
         if winner is not None and winner.kind not in _GAVE_UP:
             return await self._answered_by(ticket, winner)
-        # This timeout's own entry (nothing used), one written earlier (a worker's time limit, a cancel,
-        # with what it generated), or none (refused by the database, kept pending: nothing charged).
-        await self._settle_usage(ticket, used_tokens(winner.body.get("usage")) if winner is not None else None)
-        raise ApiError(504, "timed_out", f"The model did not answer within {self.request_timeout_s:g} seconds.")
+        # This timeout's own entry (nothing used if no worker began the job, else the reservation), one
+        # written earlier (a worker's time limit or stop, a cancel, with what it generated), or none
+        # (refused by the database, kept pending: charged as that entry says).
+        usage = winner.body.get("usage") if winner is not None else reserved
+        await self._settle_usage(ticket, used_tokens(usage) if usage is not None else None)
+        raise self._timeout_error()
+
+    async def _stopped(self, ticket: Ticket, outcome: dict[str, Any] | JobResult) -> JobResult:
+        """The outcome a worker reported in the grace after the timeout: its end (recorded by it, or here
+        for a handed-over output) is the request's, charged and counted what it records."""
+        if isinstance(outcome, JobResult):  # handed over: recorded here
+            return await self.ended(ticket, outcome)
+        if outcome.get("status") == "SUCCESS" and isinstance(outcome.get("result"), dict):
+            result = JobResult.from_payload(outcome["result"])
+            if result.status in _GAVE_UP and result.audit_seq is not None:  # stopped, its end recorded
+                observe_result(ticket.model, result.prompt_tokens, result.completion_tokens, result.queue_ms)
+                await self._settle_usage(ticket, result.prompt_tokens + result.completion_tokens)
+                raise self._timeout_error()
+        return await self.result_of(ticket, outcome)
+
+    def _timeout_error(self) -> ApiError:
+        return ApiError(504, "timed_out", f"The model did not answer within {self.request_timeout_s:g} seconds.")
 
     async def queue_down(self, ticket: Ticket, exc: BaseException) -> ApiError:
         """Redis failed under the request: settle, record it failed, and give the 503 to raise."""
@@ -486,6 +569,8 @@ class StreamEvents:
         self._closed = False
         #: The drain ended it, and its worker was told so (:meth:`TicketRunner.tell_cancelled`).
         self._cut = False
+        #: The job's outcome (``workers.replies``), once it came.
+        self._outcome: dict[str, Any] | None = None
         #: Under output rules (``checked``: the revision has one): what was received, judged and released.
         self._hold = runner.output_rules.hold() if runner.output_rules is not None and checked else None
 
@@ -493,33 +578,28 @@ class StreamEvents:
         return self._events()
 
     async def _events(self) -> AsyncIterator[str | JobResult]:
+        """The stream's text, then its result. At the request timeout the job is asked to stop; a job a
+        worker began is relayed on for the grace (:data:`STOP_GRACE_S`) until the worker's end comes, so
+        the client gets what the worker generated and the request is charged it (:meth:`TicketRunner.timed_out`)."""
         runner, ticket = self._runner, self._ticket
         delivered: list[str] = []
         try:
             try:
-                async with contextlib.aclosing(self._pending.events(runner.request_timeout_s)) as incoming:
-                    async for event in incoming:
-                        if event is _CUT:  # the stopping gateway's drain time is over: its job is cancelled
-                            await runner.tell_cancelled(ticket, self._hold)  # now, not after the loop has stopped
-                            self._cut = True
-                            raise shutting_down(in_flight=True)
-                        if isinstance(event, str):
-                            released = await self._released(event)
-                            if released:
-                                delivered.append(released)
-                                yield released
-                        elif isinstance(event, OutputReport):
-                            if self._hold is not None and runner.output_rules is not None:
-                                await runner.output_rules.answer(ticket, self._hold, event)
-                        else:
-                            self._finished = True
-                            result = await runner.result_of(ticket, event)
-                            break
-                    else:  # pragma: no cover - events() always ends with the result or raises
-                        return
-            except ResultTimeout:  # the audit keeps what the client already received
+                async for piece in self._relay(runner.request_timeout_s, delivered):
+                    yield piece
+                if self._outcome is None:  # pragma: no cover - events() always ends with the result or raises
+                    return
                 self._finished = True
-                result = await runner.timed_out(ticket, output="".join(delivered))
+                result = await runner.result_of(ticket, self._outcome)
+            except ResultTimeout:  # before OSError: TimeoutError is one
+                started = await runner.stop_for_timeout(ticket)
+                if started:  # no end within the grace (or Redis failed meanwhile): recorded here
+                    with contextlib.suppress(RedisError, OSError):
+                        async for piece in self._relay(runner.stop_grace_s, delivered):
+                            yield piece
+                self._finished = True  # the audit keeps what the client received, or what the worker generated
+                result = await runner.timed_out(ticket, output="".join(delivered), started=started,
+                                                outcome=self._outcome)
             except (RedisError, OSError) as exc:
                 self._finished = True
                 raise await runner.queue_down(ticket, exc) from None
@@ -529,6 +609,29 @@ class StreamEvents:
             yield result
         finally:
             await self.aclose()
+
+    async def _relay(self, timeout_s: float, delivered: list[str]) -> AsyncIterator[str]:
+        """Yield the text the client may have as it comes (kept in ``delivered``), answering the worker's
+        report on the way; the outcome, once it came, is ``self._outcome``. Raises :class:`ResultTimeout`
+        when none came within ``timeout_s``."""
+        runner, ticket = self._runner, self._ticket
+        async with contextlib.aclosing(self._pending.events(timeout_s)) as incoming:
+            async for event in incoming:
+                if isinstance(event, str):
+                    released = await self._released(event)
+                    if released:
+                        delivered.append(released)
+                        yield released
+                elif event is _CUT:  # the stopping gateway's drain time is over: its job is cancelled
+                    await runner.tell_cancelled(ticket, self._hold)  # now, not after the loop has stopped
+                    self._cut = True
+                    raise shutting_down(in_flight=True)
+                elif isinstance(event, OutputReport):
+                    if self._hold is not None and runner.output_rules is not None:
+                        await runner.output_rules.answer(ticket, self._hold, event)
+                elif isinstance(event, dict):
+                    self._outcome = event
+                    return
 
     async def _released(self, piece: str) -> str:
         """What a received piece lets the client have: itself, or (under output rules) the text judged safe.
@@ -572,6 +675,20 @@ class StreamEvents:
 
 #: The event :meth:`StreamEvents.cut` puts in a stream's way.
 _CUT = object()
+
+
+def _reserved_usage(ticket: Ticket) -> dict[str, Any] | None:
+    """What a request reserved, as the ``usage`` of an end that charges it in full (None: nothing reserved).
+
+    The reservation is the prompt's tokens as held at admission plus
+    ``max_tokens``; ``basis`` tells these figures from a worker's counts.
+    """
+    reservation = ticket.reservation
+    if reservation is None:
+        return None
+    completion = max(0, min(ticket.job.params.max_tokens, reservation.tokens))
+    return {"prompt_tokens": reservation.tokens - completion, "completion_tokens": completion,
+            "total_tokens": reservation.tokens, "basis": "reservation"}
 
 
 def _unsent_text(delivered: str, result: JobResult) -> str:

@@ -197,6 +197,8 @@ def test_a_stream_whose_worker_stalls_records_what_the_client_received(settings,
     assert last["error"]["code"] == "timed_out"
     assert terminal.kind == "timed_out"
     assert terminal.payload["output"] == text
+    # its worker could not report what it generated (frozen past the grace): charged what it reserved
+    assert terminal.body["usage"]["basis"] == "reservation"
     assert counted == {"timed_out": 1.0}  # sent with a 200, counted under the error it ended with
 
 

@@ -43,7 +43,7 @@ REPLY_RESULT = "r"
 REPLY_PIECE = "p"
 #: Prefix of a job's state key: the worker sets it to ``JOB_STARTED`` when generation
 #: begins; :data:`JOB_LOOK_AGAIN` (below) marks a job not started yet; any other value (the
-#: gateway writes ``1``) asks the job to stop (client gone, or the gateway gave up). One key
+#: gateway writes ``1`` for a client gone, ``STOP_TIMED_OUT`` at its request timeout) asks the job to stop. One key
 #: for all, so the worker's start claim reads the cancel flag in the same command
 #: (``workers/streams.py``).
 CANCEL_KEY_PREFIX = "govgate:job:"
@@ -54,6 +54,11 @@ JOB_STARTED = b"started"
 #: (``gateway/dispatch/fair_push.py``); the start's claim reads it and only then runs the script that
 #: may give way (``workers/contract/repick.py``). Every reader takes it for "not started, not cancelled".
 JOB_LOOK_AGAIN = b"look-again"
+#: The cancel the gateway writes when its request timeout ends a request: the worker stops as for any
+#: cancel, but records the end ``timed_out`` (code ``timed_out``) with what it generated, so the request is
+#: charged that (``gateway/requests/outcome.py``, ``TicketRunner.timed_out``). A worker that predates it
+#: reads it as a plain cancel and records ``cancelled``, which the gateway charges the same way.
+STOP_TIMED_OUT = b"timed-out"
 #: How long a look-again mark is kept: longer than a taken job waits for its start, shorter than a job's
 #: state (a mark on a job that ended long ago, noted by a worker gone since, expires sooner).
 LOOK_AGAIN_TTL_S = 3600

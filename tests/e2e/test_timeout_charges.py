@@ -1,0 +1,271 @@
+"""A request the gateway's request timeout ends while its model generates is charged what the model generated.
+
+h8 finding 1: the gateway wrote its own ``timed_out`` entry with no usage,
+won the one terminal slot and released the reservation; the worker's entry
+with the real counts was refused as a second terminal. Here a served gateway
+with a short request timeout and a worker of its own (a model nobody else
+serves): the test freezes the worker once its generation has begun, waits
+until the gateway has timed the request out and told the worker to stop,
+then lets it go on. The worker sees the stop, ends the generation and
+records it; the request must be charged (limits counters), audited (the
+terminal entry's ``usage``) and counted (``govgate_tokens_total``) at what
+the worker generated. A request that timed out while still queued (a model
+no worker serves) is still charged nothing. Each test has a principal of its
+own, so its counters show what was charged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from typing import Iterator
+
+import httpx
+import pytest
+import redis
+import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.limits import UsageCounters
+from gateway.limits.charge import used_tokens
+from govgate.processes import stop_process
+from tests.conftest import IDLE_MODEL, TIMEOUT_MODEL, bearer, serving, spawn_cli, wait_for_worker
+from tests.e2e.test_crash_safety import pool_children
+from tests.e2e.test_stream_faults import wait_terminal
+from tests.keys_and_limits import new_key
+from workers.contract.jobs import JOB_STARTED, cancel_key
+from workers.generation import GATEWAY_TIMEOUT_MESSAGE
+
+pytestmark = pytest.mark.anyio
+
+#: The gateway's request timeout: long enough for the job to be taken and begun on a busy machine, short
+#: because every test but the queued one waits it out with its worker frozen.
+TIMEOUT_S = 4.0
+TEAM = "tc-team"
+#: Tokens asked for: the tiny model takes over a second for them, the freeze lands well inside that.
+MAX_TOKENS = 4000
+
+
+@pytest.fixture(scope="module")
+def timeout_worker(settings) -> Iterator:
+    process = spawn_cli(settings, "worker", "--model", TIMEOUT_MODEL, log=settings.var_dir / "timeout-worker.log")
+    wait_for_worker(settings.redis_url, TIMEOUT_MODEL, process)
+    yield process
+    stop_process(process, timeout_s=30)
+
+
+@pytest.fixture(scope="module")
+def gateway(settings, timeout_worker, tmp_path_factory) -> Iterator[str]:
+    with serving(settings.with_(request_timeout_s=TIMEOUT_S), tmp_path_factory.mktemp("tc") / "serve.log") as base:
+        yield base
+
+
+def fresh_key(settings) -> tuple[str, str]:
+    principal = f"tc-{uuid.uuid4().hex[:10]}"
+    return principal, new_key(settings, principal, TEAM, roles=("admin",))
+
+
+async def charged(settings, principal: str) -> dict[str, int]:
+    """What the principal's counters hold: tokens charged today, requests in flight."""
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        document = await UsageCounters(client).snapshot(principal, TEAM)
+    finally:
+        await client.aclose()
+    return {"tokens_today": document["principal"]["tokens_today"], "in_flight": document["principal"]["in_flight"]}
+
+
+def tokens_counted(base: str) -> float:
+    """``govgate_tokens_total`` of the served gateway, all models and kinds."""
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "govgate_tokens_total":
+                total += sample.value
+    return total
+
+
+def request_id_of(audit_store, principal: str, start: int, deadline: float) -> str:
+    while time.monotonic() < deadline:
+        found = next((e.request_id for e in audit_store.iter_entries(start)
+                      if e.kind == "request" and e.principal == principal), "")
+        if found:
+            return found
+        time.sleep(0.01)
+    raise AssertionError("the request was never recorded")
+
+
+class Freezer:
+    """Freezes the worker's generating process once ``request_id``'s generation began (or when told), and
+    lets it go on once the gateway asked the job to stop (its state key is no longer ``started``)."""
+
+    def __init__(self, settings, worker) -> None:
+        self.client = redis.Redis.from_url(settings.redis_url)
+        self.worker = worker
+        self.frozen: list[int] = []
+        self.stop_seen = False
+
+    def freeze(self) -> None:
+        if not self.frozen:
+            self.frozen = pool_children(self.worker.pid) or [self.worker.pid]
+            for pid in self.frozen:
+                os.kill(pid, signal.SIGSTOP)
+
+    def freeze_once_started(self, request_id: str, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self.client.get(cancel_key(request_id)) == JOB_STARTED:
+                self.freeze()
+                return
+            time.sleep(0.002)
+        raise AssertionError("the generation never began")
+
+    def thaw_once_stopped(self, request_id: str, deadline: float) -> None:
+        """Let the worker go on once the gateway has timed the request out (it set the stop)."""
+        while time.monotonic() < deadline:
+            if self.client.get(cancel_key(request_id)) not in (None, JOB_STARTED):
+                self.stop_seen = True
+                break
+            time.sleep(0.02)
+        self.thaw()
+
+    def thaw(self) -> None:
+        for pid in self.frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def close(self) -> None:
+        self.thaw()
+        self.client.close()
+
+
+@contextlib.contextmanager
+def freezer(settings, worker) -> Iterator[Freezer]:
+    found = Freezer(settings, worker)
+    try:
+        yield found
+    finally:
+        found.close()
+
+
+def assert_charged_what_it_generated(settings, audit_store, principal: str, request_id: str) -> dict:
+    """The terminal entry is ``timed_out`` with the worker's counts, and the counters were charged them."""
+    terminal = wait_terminal(audit_store, request_id)
+    assert terminal.kind == "timed_out", terminal.body
+    # recorded by the worker the timeout stopped (not its own time limit's message)
+    assert terminal.body["error"] == {"code": "timed_out", "message": GATEWAY_TIMEOUT_MESSAGE}
+    usage = terminal.body.get("usage")
+    assert usage and usage["completion_tokens"] > 0 and "basis" not in usage, terminal.body
+    assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "timed_out"]
+    return usage
+
+
+async def test_a_completion_the_timeout_ends_while_generating_is_charged(gateway, settings, timeout_worker,
+                                                                        audit_store):
+    principal, key = fresh_key(settings)
+    counted_before = tokens_counted(gateway)
+    start = audit_store.head().seq
+    answer: dict = {}
+
+    def ask() -> None:
+        answer["response"] = httpx.post(f"{gateway}/v1/completions", headers=bearer(key), timeout=120,
+                                        json={"model": TIMEOUT_MODEL, "prompt": "Tell", "max_tokens": MAX_TOKENS,
+                                              "temperature": 0})
+
+    with freezer(settings, timeout_worker) as frozen:
+        asking = threading.Thread(target=ask)
+        asking.start()
+        deadline = time.monotonic() + 60
+        request_id = request_id_of(audit_store, principal, start, deadline)
+        frozen.freeze_once_started(request_id, deadline)
+        frozen.thaw_once_stopped(request_id, deadline)
+        asking.join(120)
+    response = answer["response"]
+    assert frozen.stop_seen
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "timed_out"
+    usage = assert_charged_what_it_generated(settings, audit_store, principal, request_id)
+    assert await charged(settings, principal) == {"tokens_today": used_tokens(usage), "in_flight": 0}
+    assert tokens_counted(gateway) - counted_before == used_tokens(usage)
+
+
+async def test_a_stream_the_timeout_ends_while_generating_is_charged_and_gets_what_was_generated(
+        gateway, settings, timeout_worker, audit_store):
+    principal, key = fresh_key(settings)
+    counted_before = tokens_counted(gateway)
+    text, last = "", None
+    with freezer(settings, timeout_worker) as frozen:
+        with httpx.stream("POST", f"{gateway}/v1/completions", headers=bearer(key), timeout=120,
+                          json={"model": TIMEOUT_MODEL, "prompt": "Tell", "max_tokens": MAX_TOKENS,
+                                "temperature": 0, "stream": True}) as response:
+            assert response.status_code == 200
+            request_id = response.headers["x-govgate-request-id"]
+            thawing = None
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                last = json.loads(line[6:])
+                if last.get("choices"):
+                    text += last["choices"][0].get("text") or ""
+                    if text and thawing is None:  # the generation is under way: freeze it until the stop
+                        frozen.freeze()
+                        thawing = threading.Thread(target=frozen.thaw_once_stopped,
+                                                   args=(request_id, time.monotonic() + 60))
+                        thawing.start()
+            assert thawing is not None
+            thawing.join(120)
+    assert frozen.stop_seen
+    assert last is not None and last["error"]["code"] == "timed_out"
+    usage = assert_charged_what_it_generated(settings, audit_store, principal, request_id)
+    terminal = audit_store.terminal_for(request_id)
+    # the worker's entry holds all it generated: what the client received, and under the output rules
+    # perhaps a held-back tail it never got
+    assert text and terminal.payload["output"].startswith(text)
+    assert await charged(settings, principal) == {"tokens_today": used_tokens(usage), "in_flight": 0}
+    assert tokens_counted(gateway) - counted_before == used_tokens(usage)
+
+
+async def test_a_request_the_timeout_ends_while_queued_is_charged_nothing(gateway, settings, audit_store):
+    principal, key = fresh_key(settings)
+    response = httpx.post(f"{gateway}/v1/completions", headers=bearer(key), timeout=120,
+                          json={"model": IDLE_MODEL, "prompt": "Tell", "max_tokens": 8})
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "timed_out"
+    terminal = wait_terminal(audit_store, response.headers["x-govgate-request-id"])
+    assert terminal.kind == "timed_out" and "usage" not in terminal.body
+    assert await charged(settings, principal) == {"tokens_today": 0, "in_flight": 0}
+
+
+async def test_a_begun_request_whose_worker_does_not_report_in_the_grace_is_charged_its_reservation(
+        gateway, settings, timeout_worker, audit_store):
+    """The worker stays frozen past the grace: what it generated is not known, so the whole reservation is
+    charged (fail closed), and the gateway's entry says so; the worker's later end is refused."""
+    principal, key = fresh_key(settings)
+    start = audit_store.head().seq
+    answer: dict = {}
+
+    def ask() -> None:
+        answer["response"] = httpx.post(f"{gateway}/v1/completions", headers=bearer(key), timeout=120,
+                                        json={"model": TIMEOUT_MODEL, "prompt": "Tell", "max_tokens": MAX_TOKENS,
+                                              "temperature": 0})
+
+    with freezer(settings, timeout_worker) as frozen:
+        asking = threading.Thread(target=ask)
+        asking.start()
+        deadline = time.monotonic() + 60
+        request_id = request_id_of(audit_store, principal, start, deadline)
+        frozen.freeze_once_started(request_id, deadline)
+        asking.join(120)  # frozen all along: the timeout, then the grace, run out
+    response = answer["response"]
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "timed_out"
+    terminal = wait_terminal(audit_store, request_id)
+    assert terminal.kind == "timed_out"
+    usage = terminal.body["usage"]
+    assert usage["basis"] == "reservation" and usage["completion_tokens"] == MAX_TOKENS, terminal.body
+    assert "charged what it reserved" in terminal.body["error"]["message"]
+    assert await charged(settings, principal) == {"tokens_today": usage["total_tokens"], "in_flight": 0}
