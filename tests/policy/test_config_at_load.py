@@ -57,7 +57,16 @@ BROKEN = {
         "govgate_config.models.govgate-tiny.hours_utc must be [start, end] in whole hours from 0 to 24"),
     "limit that is not a number": (
         _set("limits.principals.default.in_flight", "8"),
-        "govgate_config.limits.principals limits must be whole numbers >= 0 or null (in_flight)"),
+        "govgate_config.limits.principals.default.in_flight must be a whole number >= 0 or null"),
+    "misspelled limits section": (
+        _set("limits.principal", {"default": {"in_flight": 1}}),
+        "govgate_config.limits has an unknown key principal (known: principals, teams)"),
+    "misspelled team share": (
+        _set("teams.support.shares", 5),
+        "govgate_config.teams.support has an unknown setting shares (known: models, share)"),
+    "team entry that is not an object": (
+        _set("teams.support", ["govgate-tiny"]),
+        "govgate_config.teams.support must be an object or null"),
     "team share of zero": (
         _set("teams.support.share", 0),
         "govgate_config.teams.support.share must be a number from 0.001 to 1000, or null"),
