@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -238,6 +239,49 @@ async def test_a_refused_revision_is_not_tried_again_at_every_poll(tmp_path: Pat
         (folder / "extra.rego").write_text("package govgate_extra\n\nanswer := 42\n")  # another, valid change
         result = await reloading.reload()  # a new revision: tried at once, and taken
         assert len(opened) == 4 and result.changed and result.error is None and reloading.current is not engine
+    finally:
+        await reloading.aclose()
+
+
+async def test_an_unreadable_folder_is_logged_with_the_same_backoff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A data.json that is not JSON logged an ERROR at every poll (every 2 s, indefinitely: h10 F9); the
+    same unreadable files are reported again after the refused-revision backoff, a change or a SIGHUP at once."""
+    from gateway.policy import reloader
+
+    folder = Path(shutil.copytree(POLICY_DIR, tmp_path / "policy"))
+    engine = EmbeddedPolicyEngine.load(folder, TIMEOUT_S)
+    now = [1000.0]
+    monkeypatch.setattr(reloader.time, "monotonic", lambda: now[0])
+    reloading = ReloadingPolicyEngine(engine, lambda: _open(folder), policy_dir=folder)
+
+    def errors_logged() -> int:
+        return sum(1 for r in caplog.records if r.levelno >= logging.ERROR and "unreadable" in r.getMessage())
+
+    caplog.set_level(logging.DEBUG, logger="govgate.policy")
+    try:
+        (folder / "data.json").write_text('{"govgate_config": {', encoding="utf-8")
+        for _ in range(5):  # five polls within the backoff: one ERROR
+            result = await reloading.poll()
+            assert not result.changed and result.error is not None and "not valid JSON" in result.error
+        assert errors_logged() == 1 and reloading.current is engine
+        now[0] += reloader.REJECTED_RETRY_S + 0.1  # the backoff is over: reported again, then twice as late
+        await reloading.poll()
+        assert errors_logged() == 2
+        now[0] += reloader.REJECTED_RETRY_S + 0.1
+        await reloading.poll()
+        assert errors_logged() == 2
+        await reloading.reload(force=True)  # SIGHUP: at once
+        assert errors_logged() == 3
+        (folder / "data.json").write_text("[1, 2", encoding="utf-8")  # broken otherwise: reported at once
+        result = await reloading.poll()
+        assert errors_logged() == 4 and result.error is not None
+        shutil.copy(POLICY_DIR / "data.json", folder / "data.json")  # repaired: the running revision again
+        result = await reloading.poll()
+        assert result.error is None and reloading.current is engine
+        (folder / "data.json").write_text('{"govgate_config": {', encoding="utf-8")  # broken anew: at once
+        await reloading.poll()
+        assert errors_logged() == 5
     finally:
         await reloading.aclose()
 
