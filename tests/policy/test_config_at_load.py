@@ -310,3 +310,87 @@ async def test_a_revision_that_fails_on_real_requests_does_not_replace_the_runni
         assert result.changed and result.error is None and reloading.current is not engine
     finally:
         await reloading.aclose()
+
+
+async def _trial_reload(tmp_path: Path, edit: Callable[[Path], None]) -> tuple[Any, ReloadingPolicyEngine, Any]:
+    """A reloading engine on a copy of ``policies/`` with the gateway's trial, after ``edit`` and a reload."""
+    from gateway.requests.policy_trial import policy_trial
+    from workers.contract.registry import load_registry
+
+    folder = Path(shutil.copytree(POLICY_DIR, tmp_path / "policy"))
+    engine = EmbeddedPolicyEngine.load(folder, TIMEOUT_S)
+    registry = load_registry(None, tmp_path / "var")
+    reloading = ReloadingPolicyEngine(engine, lambda: _open(folder), policy_dir=folder, trial=policy_trial(registry))
+    edit(folder)
+    return await reloading.reload(), reloading, engine
+
+
+async def test_a_revision_that_fails_for_every_principal_with_a_team_is_refused(tmp_path: Path) -> None:
+    """The trial principal had no team: rules that conflict for every member of a team were loaded, and
+    every such request got 403 policy_error (h10 F5a). The trial now asks for each team the data names."""
+    def conflict_for_teams(folder: Path) -> None:
+        (folder / "conflict.rego").write_text(
+            'package govgate\n\ndecision := {"allow": true, "reasons": []} if is_string(input.principal.team)\n')
+
+    result, reloading, engine = await _trial_reload(tmp_path, conflict_for_teams)
+    try:
+        assert not result.changed and reloading.current is engine
+        assert result.error is not None and "the policy fails on a request of role" in result.error
+        assert "team 'research'" in result.error or "team 'support'" in result.error
+    finally:
+        await reloading.aclose()
+
+
+async def test_a_revision_that_allows_with_max_tokens_0_is_refused(tmp_path: Path) -> None:
+    """The gateway refuses an allow with max_tokens 0 (policy_error) itself; the trial did not apply that
+    check, so such a policy loaded and every allowed request got 403 (h10 F5b)."""
+    def zero_max_tokens(folder: Path) -> None:
+        module = folder / "govgate.rego"
+        text = module.read_text(encoding="utf-8")
+        assert '\t"max_tokens": granted_max_tokens,' in text
+        module.write_text(text.replace('\t"max_tokens": granted_max_tokens,', '\t"max_tokens": 0,', 1),
+                          encoding="utf-8")
+
+    result, reloading, engine = await _trial_reload(tmp_path, zero_max_tokens)
+    try:
+        assert not result.changed and reloading.current is engine
+        assert result.error is not None and "max_tokens 0" in result.error
+    finally:
+        await reloading.aclose()
+
+
+async def test_a_revision_whose_output_rule_fails_on_every_output_is_refused(tmp_path: Path) -> None:
+    """The trial never asked output_decision: an output rule that errs on every output was loaded, and every
+    completion was stopped (h10 F5c). Now each role and model is tried on a representative output too."""
+    def conflicting_output_rule(folder: Path) -> None:
+        (folder / "conflict.rego").write_text(
+            'package govgate\n\noutput_decision := {"allow": true, "reasons": [], "obligations": {}} '
+            "if input.output.final\n")
+
+    result, reloading, engine = await _trial_reload(tmp_path, conflicting_output_rule)
+    try:
+        assert not result.changed and reloading.current is engine
+        assert result.error is not None and "the policy fails on an output of role" in result.error
+    finally:
+        await reloading.aclose()
+
+
+def test_the_trial_tries_every_role_and_team_on_every_model_within_its_bound(tmp_path: Path) -> None:
+    from gateway.requests.policy_trial import MAX_TRIALS, trial_inputs
+    from workers.contract.registry import load_registry
+
+    registry = load_registry(None, tmp_path / "var")
+    models = registry.names()
+    config = {"roles": {f"r{i}": {} for i in range(3)}, "teams": {f"t{i}": {} for i in range(5)} | {"default": {}},
+              "limits": {"teams": {"t9": {}, "default": {}}}}
+    inputs = [document for _, document in trial_inputs(registry, {"govgate_config": config})]
+    assert len(inputs) <= MAX_TRIALS
+    seen = {(d["principal"]["roles"][0], d["principal"]["team"], d["model"]["name"]) for d in inputs}
+    teams = {None, *(f"t{i}" for i in range(5)), "t9"}  # "default" is the convention, not a team
+    for model in models:
+        assert {role for role, _, m in seen if m == model} == {f"r{i}" for i in range(3)}
+        assert {team for _, team, m in seen if m == model} == teams
+    with_team = [d for d in inputs if d["principal"]["team"] is not None]
+    assert all(d["usage"]["team"] is not None for d in with_team)
+    many = {"roles": {f"r{i}": {} for i in range(40)}, "teams": {f"t{i}": {} for i in range(40)}}
+    assert len(trial_inputs(registry, {"govgate_config": many})) == MAX_TRIALS
