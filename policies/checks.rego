@@ -107,6 +107,13 @@ config_problems contains sprintf("govgate_config.limits.%s must be an object or 
 	not is_object(value)
 }
 
+# `limits` holds only these two: a misspelled `principal` was ignored, and
+# every principal was left with no limits at all (fail open on a typo).
+config_problems contains sprintf("govgate_config.limits has an unknown key %s (known: principals, teams)", [key]) if {
+	some key, _ in as_object(setting(["limits"]))
+	not key in {"principals", "teams"}
+}
+
 # How each role setting must look.
 setting_rules := {
 	"max_tokens": "a whole number >= 0",
@@ -175,6 +182,24 @@ valid_share(value) if {
 	value <= 1000
 }
 
+# A team entry is an object of these settings, or null. An entry of another
+# type read as {} (no models restriction, share 1), and a misspelled key
+# (`shares`, `model`) left its setting at the default without a word.
+team_setting_names := {"models", "share"}
+
+config_problems contains sprintf("govgate_config.teams.%s must be an object or null", [team]) if {
+	some team, settings in as_object(setting(["teams"]))
+	settings != null
+	not is_object(settings)
+}
+
+config_problems contains sprintf("govgate_config.teams.%s has an unknown setting %s (known: %s)", [team, key, concat(", ", sort(team_setting_names))]) if {
+	some team, settings in as_object(setting(["teams"]))
+	is_object(settings)
+	some key, _ in settings
+	not key in team_setting_names
+}
+
 # The settings of every model the data names.
 configured_models := {name: as_object(settings) | some name, settings in as_object(setting(["models"]))}
 
@@ -221,9 +246,10 @@ config_problems contains sprintf("govgate_config.limits.%s.%s must be an object"
 	not is_object(entry)
 }
 
-config_problems contains sprintf("govgate_config.limits.%s limits must be whole numbers >= 0 or null (%s)", [kind, limit]) if {
+# Named by entry and limit: two bad entries are two problems, each findable.
+config_problems contains sprintf("govgate_config.limits.%s.%s.%s must be a whole number >= 0 or null", [kind, name, limit]) if {
 	some kind in ["principals", "teams"]
-	some entry in as_object(setting(["limits", kind]))
+	some name, entry in as_object(setting(["limits", kind]))
 	is_object(entry)
 	some limit in limit_names
 	value = entry[limit]

@@ -119,12 +119,39 @@ test_team_share_that_is_usable_is_no_problem if {
 	}
 }
 
+test_team_entry_with_an_unknown_setting_is_a_config_problem if {
+	config_problems_with({"teams": {"odd": {"shares": 5}}}) == {"govgate_config.teams.odd has an unknown setting shares (known: models, share)"}
+	config_problems_with({"teams": {"default": {"share": 1, "model": ["*"]}}}) == {"govgate_config.teams.default has an unknown setting model (known: models, share)"}
+}
+
+test_team_entry_with_known_settings_is_no_problem if {
+	count(config_problems_with({"teams": {"odd": {"share": 2, "models": ["*"]}, "even": {}, "none": null}})) == 0
+}
+
+test_team_entry_of_wrong_type_is_a_config_problem if {
+	config_problems_with({"teams": {"odd": 3}}) == {"govgate_config.teams.odd must be an object or null"}
+	config_problems_with({"teams": {"odd": ["models"]}}) == {"govgate_config.teams.odd must be an object or null"}
+}
+
 test_limit_of_wrong_type_is_a_config_problem if {
-	config_problems_with({"limits": {"principals": {"default": {"in_flight": "4"}}}}) == {"govgate_config.limits.principals limits must be whole numbers >= 0 or null (in_flight)"}
+	config_problems_with({"limits": {"principals": {"default": {"in_flight": "4"}}}}) == {"govgate_config.limits.principals.default.in_flight must be a whole number >= 0 or null"}
 }
 
 test_limit_of_an_own_entry_is_checked if {
-	config_problems_with({"limits": {"teams": {"t-9": {"in_flight": -1}}}}) == {"govgate_config.limits.teams limits must be whole numbers >= 0 or null (in_flight)"}
+	config_problems_with({"limits": {"teams": {"t-9": {"in_flight": -1}}}}) == {"govgate_config.limits.teams.t-9.in_flight must be a whole number >= 0 or null"}
+}
+
+test_bad_limits_of_two_entries_are_two_problems if {
+	config_problems_with({"limits": {"principals": {"a": {"in_flight": -1}, "b": {"in_flight": -1}}}}) == {
+		"govgate_config.limits.principals.a.in_flight must be a whole number >= 0 or null",
+		"govgate_config.limits.principals.b.in_flight must be a whole number >= 0 or null",
+	}
+}
+
+test_unknown_key_of_limits_is_a_config_problem if {
+	# a misspelled `principal`: accepted, it lifted every principal's limits
+	config_problems_with({"limits": {"principal": {"default": {"in_flight": 1}}}}) == {"govgate_config.limits has an unknown key principal (known: principals, teams)"}
+	count(config_problems_with({"limits": {"principals": {}, "teams": null}})) == 0
 }
 
 test_an_unknown_limit_name_is_a_config_problem if {

@@ -28,7 +28,8 @@ from gateway.task_stop import stop_tasks
 from gateway.policy.decision import Decision
 from gateway.policy.engine import PolicyEngine, PolicyLoadError
 from gateway.policy.output_decision import OutputDecision
-from gateway.policy.revision import PolicyFilesError, policy_revision
+from gateway.policy.folder_stat import FolderRevisions
+from gateway.policy.revision import PolicyFilesError
 
 log = logging.getLogger("govgate.policy")
 
@@ -84,6 +85,8 @@ class ReloadingPolicyEngine:
         self._opener = opener
         self._trial = trial
         self._policy_dir = policy_dir
+        #: The folder's revision, read again only when its files' metadata changed (folder_stat.py).
+        self._on_disk = FolderRevisions(policy_dir)
         self._interval_s = interval_s
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
@@ -91,6 +94,8 @@ class ReloadingPolicyEngine:
         self._hup_installed = False
         self._listeners: list[Callable[[], None]] = []
         self._rejected: _Rejected | None = None  # the folder's last refused revision (not retried at every poll)
+        #: The folder's last read error, keyed by its message (not logged at every poll).
+        self._unreadable: _Rejected | None = None
         #: The changed revision the watch read on its last poll: loaded when the next poll reads it again.
         self._settling: str | None = None
 
@@ -168,11 +173,13 @@ class ReloadingPolicyEngine:
         async with self._lock:
             old = self._engine
             try:
-                on_disk = await asyncio.to_thread(policy_revision, self._policy_dir)
+                on_disk = await asyncio.to_thread(self._on_disk.revision, fresh=force)
             except (PolicyFilesError, OSError) as exc:
                 self._settling = None  # whatever is read next must be read twice
-                log.error("policy folder %s unreadable; keeping revision %s: %s", self._policy_dir, old.revision, exc)
+                self._report_unreadable(old.revision, str(exc), force=force)
+                await self._verify(old)
                 return ReloadResult(False, old.revision, str(exc))
+            self._unreadable = None
             if on_disk == old.revision and not force:
                 self._settling = None
                 await self._verify(old)
@@ -217,6 +224,25 @@ class ReloadingPolicyEngine:
             if new is not old:
                 self._spawn(self._retire(old))
             return ReloadResult(new.revision != old.revision, new.revision)
+
+    def _report_unreadable(self, revision: str, reason: str, *, force: bool) -> None:
+        """Log an unreadable folder at ERROR once, then again only after the refused-revision backoff.
+
+        A ``data.json`` that is not JSON logged an ERROR at every poll (every
+        2 s, indefinitely). The same problem (the same message) is now logged
+        after 5 s, 10, 20 … up to a minute, as a refused revision is retried;
+        another problem, a SIGHUP, or the folder becoming readable in between,
+        logs at once. The folder is still read at every poll, so a repair is
+        taken at the next one.
+        """
+        unreadable = self._unreadable
+        if unreadable is not None and unreadable.revision == reason and not force \
+                and time.monotonic() < unreadable.retry_at:
+            log.debug("policy folder %s still unreadable; keeping revision %s: %s", self._policy_dir, revision,
+                      reason)
+            return
+        log.error("policy folder %s unreadable; keeping revision %s: %s", self._policy_dir, revision, reason)
+        self._unreadable = _Rejected.after(unreadable, reason, reason)
 
     async def _verify(self, engine: PolicyEngine) -> None:
         """Prove again that a remote engine (OPA) still evaluates ``engine.revision``.

@@ -66,10 +66,18 @@ class PolicySnapshot:
         rule": an operator's rule that needs the output's text (``if { is_string(input.output.text) }``)
         is undefined there, and every output went unjudged (probe h10). A rule head starts its line
         (``rule :=``, ``rule if``, ``rule contains``, ``default rule``), as ``opa fmt`` writes it.
+
+        A module of package ``package.rule`` (or one below it) defines the rule's document too, out of
+        its own rules (``package govgate.output_decision`` with ``allow :=``, ``reasons :=``); such a
+        module counts whatever its rules are named. In doubt this says "defined": an output is then
+        stopped where the rule gives no answer, never let through unjudged.
         """
         head = re.compile(rf"^(?:default\s+)?{re.escape(rule)}\s*(?::=|=|if\b|contains\b|\{{|\[|$)", re.MULTILINE)
-        of_package = re.compile(rf"^package\s+{re.escape(package)}\s*$", re.MULTILINE)
-        return any(of_package.search(text) and head.search(text) for _, text in self.modules)
+        of_package = re.compile(rf"^package\s+{re.escape(package)}\s*(?:#.*)?$", re.MULTILINE)
+        rule_package = re.compile(rf"^package\s+{re.escape(package)}\.{re.escape(rule)}(?:\.[^\s#]+)?\s*(?:#.*)?$",
+                                  re.MULTILINE)
+        return any((of_package.search(text) and head.search(text)) or rule_package.search(text)
+                   for _, text in self.modules)
 
     def module_entries(self) -> list[tuple[str, str]]:
         """``(file name, text)`` of each module: the module half of the revision."""

@@ -41,10 +41,11 @@ from gateway.limits.queue import fair_model_queue, model_queue
 from gateway.limits.charge import prompt_tokens_to_hold
 from gateway.observability.context import current_request_id, note_model
 from gateway.observability.metrics import timed_decision
-from gateway.policy import POLICY_ERROR, Decision
+from gateway.policy import Decision
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.admission_gate import AdmissionGate
 from gateway.requests.audit_records import request_record
+from gateway.requests.decision_checks import checked_decision
 from gateway.requests.fit import PromptCounter, check_fits
 from gateway.requests.hidden_models import (SeenModels, answered_record, as_answered,
                                             model_not_found)
@@ -331,14 +332,8 @@ class Admission:
             if early is not None and early.reservation is not None:
                 await undo_reservation(self.counters, early.reservation)
             raise
-        if decision.allow and decision.obligations.max_tokens < 1:  # nothing could be generated
-            decision = Decision.fail_closed(POLICY_ERROR, "the policy allowed the request with max_tokens 0")
-        elif decision.allow and decision.obligations.max_tokens > requested_max:
-            # The obligation caps what was asked; a policy naming a constant above it would generate (and charge)
-            # more than the client's own bound.
-            decision = dataclasses.replace(decision, obligations=dataclasses.replace(decision.obligations,
-                                                                                     max_tokens=requested_max))
-        return Verdict(decision, revision, policy_input, early=early)
+        # the gateway's own checks (max_tokens 0 refused, above the request clamped), as the reload trial applies
+        return Verdict(checked_decision(decision, requested_max), revision, policy_input, early=early)
 
     async def _reserve(self, request_id: str, principal: Principal, spec: ModelSpec, decision: Decision,
                        params: SamplingParams, messages: list[dict[str, str]] | None, prompt: str | None,

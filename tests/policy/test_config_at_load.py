@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -57,7 +58,16 @@ BROKEN = {
         "govgate_config.models.govgate-tiny.hours_utc must be [start, end] in whole hours from 0 to 24"),
     "limit that is not a number": (
         _set("limits.principals.default.in_flight", "8"),
-        "govgate_config.limits.principals limits must be whole numbers >= 0 or null (in_flight)"),
+        "govgate_config.limits.principals.default.in_flight must be a whole number >= 0 or null"),
+    "misspelled limits section": (
+        _set("limits.principal", {"default": {"in_flight": 1}}),
+        "govgate_config.limits has an unknown key principal (known: principals, teams)"),
+    "misspelled team share": (
+        _set("teams.support.shares", 5),
+        "govgate_config.teams.support has an unknown setting shares (known: models, share)"),
+    "team entry that is not an object": (
+        _set("teams.support", ["govgate-tiny"]),
+        "govgate_config.teams.support must be an object or null"),
     "team share of zero": (
         _set("teams.support.share", 0),
         "govgate_config.teams.support.share must be a number from 0.001 to 1000, or null"),
@@ -233,6 +243,49 @@ async def test_a_refused_revision_is_not_tried_again_at_every_poll(tmp_path: Pat
         await reloading.aclose()
 
 
+async def test_an_unreadable_folder_is_logged_with_the_same_backoff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A data.json that is not JSON logged an ERROR at every poll (every 2 s, indefinitely: h10 F9); the
+    same unreadable files are reported again after the refused-revision backoff, a change or a SIGHUP at once."""
+    from gateway.policy import reloader
+
+    folder = Path(shutil.copytree(POLICY_DIR, tmp_path / "policy"))
+    engine = EmbeddedPolicyEngine.load(folder, TIMEOUT_S)
+    now = [1000.0]
+    monkeypatch.setattr(reloader.time, "monotonic", lambda: now[0])
+    reloading = ReloadingPolicyEngine(engine, lambda: _open(folder), policy_dir=folder)
+
+    def errors_logged() -> int:
+        return sum(1 for r in caplog.records if r.levelno >= logging.ERROR and "unreadable" in r.getMessage())
+
+    caplog.set_level(logging.DEBUG, logger="govgate.policy")
+    try:
+        (folder / "data.json").write_text('{"govgate_config": {', encoding="utf-8")
+        for _ in range(5):  # five polls within the backoff: one ERROR
+            result = await reloading.poll()
+            assert not result.changed and result.error is not None and "not valid JSON" in result.error
+        assert errors_logged() == 1 and reloading.current is engine
+        now[0] += reloader.REJECTED_RETRY_S + 0.1  # the backoff is over: reported again, then twice as late
+        await reloading.poll()
+        assert errors_logged() == 2
+        now[0] += reloader.REJECTED_RETRY_S + 0.1
+        await reloading.poll()
+        assert errors_logged() == 2
+        await reloading.reload(force=True)  # SIGHUP: at once
+        assert errors_logged() == 3
+        (folder / "data.json").write_text("[1, 2", encoding="utf-8")  # broken otherwise: reported at once
+        result = await reloading.poll()
+        assert errors_logged() == 4 and result.error is not None
+        shutil.copy(POLICY_DIR / "data.json", folder / "data.json")  # repaired: the running revision again
+        result = await reloading.poll()
+        assert result.error is None and reloading.current is engine
+        (folder / "data.json").write_text('{"govgate_config": {', encoding="utf-8")  # broken anew: at once
+        await reloading.poll()
+        assert errors_logged() == 5
+    finally:
+        await reloading.aclose()
+
+
 async def test_a_revision_that_fails_on_real_requests_does_not_replace_the_running_one(tmp_path: Path) -> None:
     """Rules that conflict only for a real request (never for the empty input the evaluators start on) passed
     the load and answered policy_error to every request for that model: the reload now tries the new
@@ -257,3 +310,87 @@ async def test_a_revision_that_fails_on_real_requests_does_not_replace_the_runni
         assert result.changed and result.error is None and reloading.current is not engine
     finally:
         await reloading.aclose()
+
+
+async def _trial_reload(tmp_path: Path, edit: Callable[[Path], None]) -> tuple[Any, ReloadingPolicyEngine, Any]:
+    """A reloading engine on a copy of ``policies/`` with the gateway's trial, after ``edit`` and a reload."""
+    from gateway.requests.policy_trial import policy_trial
+    from workers.contract.registry import load_registry
+
+    folder = Path(shutil.copytree(POLICY_DIR, tmp_path / "policy"))
+    engine = EmbeddedPolicyEngine.load(folder, TIMEOUT_S)
+    registry = load_registry(None, tmp_path / "var")
+    reloading = ReloadingPolicyEngine(engine, lambda: _open(folder), policy_dir=folder, trial=policy_trial(registry))
+    edit(folder)
+    return await reloading.reload(), reloading, engine
+
+
+async def test_a_revision_that_fails_for_every_principal_with_a_team_is_refused(tmp_path: Path) -> None:
+    """The trial principal had no team: rules that conflict for every member of a team were loaded, and
+    every such request got 403 policy_error (h10 F5a). The trial now asks for each team the data names."""
+    def conflict_for_teams(folder: Path) -> None:
+        (folder / "conflict.rego").write_text(
+            'package govgate\n\ndecision := {"allow": true, "reasons": []} if is_string(input.principal.team)\n')
+
+    result, reloading, engine = await _trial_reload(tmp_path, conflict_for_teams)
+    try:
+        assert not result.changed and reloading.current is engine
+        assert result.error is not None and "the policy fails on a request of role" in result.error
+        assert "team 'research'" in result.error or "team 'support'" in result.error
+    finally:
+        await reloading.aclose()
+
+
+async def test_a_revision_that_allows_with_max_tokens_0_is_refused(tmp_path: Path) -> None:
+    """The gateway refuses an allow with max_tokens 0 (policy_error) itself; the trial did not apply that
+    check, so such a policy loaded and every allowed request got 403 (h10 F5b)."""
+    def zero_max_tokens(folder: Path) -> None:
+        module = folder / "govgate.rego"
+        text = module.read_text(encoding="utf-8")
+        assert '\t"max_tokens": granted_max_tokens,' in text
+        module.write_text(text.replace('\t"max_tokens": granted_max_tokens,', '\t"max_tokens": 0,', 1),
+                          encoding="utf-8")
+
+    result, reloading, engine = await _trial_reload(tmp_path, zero_max_tokens)
+    try:
+        assert not result.changed and reloading.current is engine
+        assert result.error is not None and "max_tokens 0" in result.error
+    finally:
+        await reloading.aclose()
+
+
+async def test_a_revision_whose_output_rule_fails_on_every_output_is_refused(tmp_path: Path) -> None:
+    """The trial never asked output_decision: an output rule that errs on every output was loaded, and every
+    completion was stopped (h10 F5c). Now each role and model is tried on a representative output too."""
+    def conflicting_output_rule(folder: Path) -> None:
+        (folder / "conflict.rego").write_text(
+            'package govgate\n\noutput_decision := {"allow": true, "reasons": [], "obligations": {}} '
+            "if input.output.final\n")
+
+    result, reloading, engine = await _trial_reload(tmp_path, conflicting_output_rule)
+    try:
+        assert not result.changed and reloading.current is engine
+        assert result.error is not None and "the policy fails on an output of role" in result.error
+    finally:
+        await reloading.aclose()
+
+
+def test_the_trial_tries_every_role_and_team_on_every_model_within_its_bound(tmp_path: Path) -> None:
+    from gateway.requests.policy_trial import MAX_TRIALS, trial_inputs
+    from workers.contract.registry import load_registry
+
+    registry = load_registry(None, tmp_path / "var")
+    models = registry.names()
+    config = {"roles": {f"r{i}": {} for i in range(3)}, "teams": {f"t{i}": {} for i in range(5)} | {"default": {}},
+              "limits": {"teams": {"t9": {}, "default": {}}}}
+    inputs = [document for _, document in trial_inputs(registry, {"govgate_config": config})]
+    assert len(inputs) <= MAX_TRIALS
+    seen = {(d["principal"]["roles"][0], d["principal"]["team"], d["model"]["name"]) for d in inputs}
+    teams = {None, *(f"t{i}" for i in range(5)), "t9"}  # "default" is the convention, not a team
+    for model in models:
+        assert {role for role, _, m in seen if m == model} == {f"r{i}" for i in range(3)}
+        assert {team for _, team, m in seen if m == model} == teams
+    with_team = [d for d in inputs if d["principal"]["team"] is not None]
+    assert all(d["usage"]["team"] is not None for d in with_team)
+    many = {"roles": {f"r{i}": {} for i in range(40)}, "teams": {f"t{i}": {} for i in range(40)}}
+    assert len(trial_inputs(registry, {"govgate_config": many})) == MAX_TRIALS

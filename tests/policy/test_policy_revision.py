@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.policy import policy_files, policy_revision
+from gateway.policy.revision import PolicySnapshot, read_policy
 from tests.opa_fixtures import POLICY_DIR
 
 
@@ -60,3 +61,31 @@ def test_revision_ignores_tests_and_hidden_files(policy_copy: Path) -> None:
 
 def test_revision_is_stable(policy_copy: Path) -> None:
     assert policy_revision(policy_copy) == policy_revision(POLICY_DIR)
+
+
+def _snapshot(*modules: str) -> PolicySnapshot:
+    return PolicySnapshot(modules=tuple((f"m{i}.rego", text) for i, text in enumerate(modules)), data=(),
+                          revision="")
+
+
+@pytest.mark.parametrize("text, defines", [
+    ("package govgate\n\noutput_decision := {}\n", True),
+    ("package govgate\n\nimport rego.v1\n\noutput_decision if true\n", True),
+    ("package govgate\n\ndefault output_decision := {}\n", True),
+    # the rule's document built by rules of its own package (allow, reasons, obligations)
+    ("package govgate.output_decision\n\nallow := false if is_string(input.output.text)\n", True),
+    ("package govgate.output_decision.parts\n\nallow := false\n", True),
+    ("package govgate.output_decision # the output rule\n\nallow := false\n", True),
+    ("package govgate # with a comment\n\noutput_decision := {}\n", True),
+    ("package govgate\n\n# output_decision := {}\ndecision := {}\n", False),
+    ("package govgate\n\noutput_decisions := {}\n", False),
+    ("package govgate.output_decisions\n\nallow := false\n", False),
+    ("package other.output_decision\n\nallow := false\n", False),
+    ("package govgate.calendar\n\noutput_decision := {}\n", False),
+])
+def test_a_module_defines_a_rule_by_its_heads_or_its_package(text: str, defines: bool) -> None:
+    assert _snapshot(text).defines_rule("govgate", "output_decision") is defines
+
+
+def test_the_shipped_policy_defines_the_output_rule() -> None:
+    assert read_policy(POLICY_DIR).defines_rule("govgate", "output_decision") is True
