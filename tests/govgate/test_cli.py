@@ -368,6 +368,64 @@ def test_serve_with_a_missing_or_bad_setting_says_so_in_one_line(settings, chang
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], lines
 
 
+@pytest.mark.parametrize("url, message", [
+    # h9 F6: a port that is not a number was a 36-line ValueError traceback (44 lines from `keys list`)
+    ("postgresql+psycopg://u:pw@127.0.0.1:1:2/db",
+     "GOVGATE_DATABASE_URL=postgresql+psycopg://u:***@127.0.0.1:1:2/db cannot be used: cannot use audit database "
+     "URL 'postgresql+psycopg://u:***@127.0.0.1:1:2/db': its port is not a number"),
+    # h9 F6: under `up` only its last line was quoted: "(Background on this error at: https://sqlalche.me/…)"
+    ("postgresql+psycopg://u:pw@127.0.0.1:1/db",
+     "GOVGATE_DATABASE_URL=postgresql+psycopg://u:***@127.0.0.1:1/db cannot be used: "),
+])
+def test_serve_with_an_unusable_database_url_says_so_in_one_line_without_the_password(settings, url, message):
+    result = _serve(settings, GOVGATE_DATABASE_URL=url)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {message}"), lines
+    assert "pw" not in lines[0] and "sqlalche.me" not in lines[0]
+
+
+def test_keys_and_audit_commands_refuse_a_database_url_with_a_bad_port_in_one_line(cli):
+    env = {**cli.env, "GOVGATE_DATABASE_URL": "postgresql+psycopg://u:pw@127.0.0.1:1:2/db"}
+    for command in (["keys", "list"], ["audit", "tail"]):
+        result = CliRunner().invoke(main, command, env=env)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+        assert result.output.strip() == ("Error: GOVGATE_DATABASE_URL=postgresql+psycopg://u:***@127.0.0.1:1:2/db "
+                                         "cannot be used: cannot use audit database URL "
+                                         "'postgresql+psycopg://u:***@127.0.0.1:1:2/db': its port is not a number "
+                                         "(invalid literal for int() with base 10: '1:2')")
+
+
+def test_serve_with_a_policy_that_does_not_compile_names_the_folder_and_the_error_in_one_line(settings, tmp_path):
+    """h9 F6 / h10 F8: an ~80-line ExceptionGroup traceback (the reason inside it), and under `up` only
+    uvicorn's "Application startup failed"; the policy is now loaded once before listening."""
+    broken = tmp_path / "badpol"
+    broken.mkdir()
+    (broken / "x.rego").write_text("package govgate\nthis is not rego\n")
+    result = _serve(settings, GOVGATE_POLICY_DIR=str(broken))
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert lines == [f"Error: GOVGATE_POLICY_DIR={broken}: the policy cannot be loaded: x.rego:2:1: "
+                     "rule must have a body or assignment"], lines
+
+
+def test_serve_against_an_opa_that_does_not_hold_the_folder_s_policy_says_so_in_one_line(settings, opa_server):
+    result = _serve(settings, GOVGATE_OPA_URL=opa_server)  # the session's OPA, started empty
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: GOVGATE_OPA_URL={opa_server} "
+                                                   f"(GOVGATE_POLICY_DIR={settings.policy_dir}): "), lines
+
+
+def test_serve_against_an_opa_that_does_not_answer_says_so_in_one_line(settings):
+    url = f"http://127.0.0.1:{free_port()}"
+    result = _serve(settings, GOVGATE_OPA_URL=url)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert lines == [f"Error: GOVGATE_OPA_URL={url} (GOVGATE_POLICY_DIR={settings.policy_dir}): OPA at {url} did "
+                     "not answer /health within 10s"], lines
+
+
 def test_serve_on_a_busy_port_says_so(settings):
     import socket
 
