@@ -29,13 +29,22 @@ def _configure_logging(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format)
 
 
+#: The commands that print results: a standard output that cannot take them is an error (govgate/cli_stdout.py).
+_GUARDED = ("keys", "audit", "policy")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="govgate", prog_name="govgate")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """govgate: a usage-governance gateway for open LLMs.
 
     Configuration comes from GOVGATE_* environment variables (see README).
     """
+    if ctx.invoked_subcommand in _GUARDED:
+        from govgate.cli_stdout import guard_stdout
+
+        guard_stdout()
 
 
 main.add_command(keys)
