@@ -166,19 +166,29 @@ def _shown(text: str) -> str:
 @keys.command("revoke")
 @click.argument("key_id")
 def keys_revoke(key_id: str) -> None:
-    """Revoke a key by its id (the part after gk_, as 'keys list' shows); requests with it are refused from now on."""
+    """Revoke a key by its id (the part after gk_, as 'keys list' shows); requests with it are refused from now on.
+
+    A key revoked already is reported and left as it is (exit 0); an id no key has exits 1."""
     _refuse_a_secret(key_id, "revoke")
     from gateway.auth import KeyStoreError
     from gateway.auth.key_changes import KeyChangeAnnouncer
 
     settings = load_settings()
     announcer = KeyChangeAnnouncer(_gateways_redis_url(settings))
+    store = _key_store(on_change=announcer)
     try:
-        revoked = _key_store(on_change=announcer).revoke(key_id, by=cli_actor())
+        revoked = store.revoke(key_id, by=cli_actor())
     except KeyStoreError as exc:
         raise _refused_write(exc) from None
     if not revoked:
-        raise click.ClickException(f"no live key with id {key_id}")
+        # Revoked already (by an earlier run whose answer was lost, or by someone else): done, exit 0, as the
+        # API answers 200 with changed: false; only an id no key has is an error, so a retrying script can
+        # tell "done already" from a typo (h11 #5).
+        row = store.get(key_id)
+        if row is None:
+            raise click.ClickException(f"no key with id {key_id} (see 'govgate keys list --all')")
+        click.echo(f"{key_id} was already revoked at {row.revoked_at or '(unknown time)'}: nothing changed")
+        return
     click.echo(f"revoked {key_id}")
     _warn_if_not_told(announcer, settings, "accepted this key", "accept it")
 
