@@ -199,6 +199,20 @@ def test_audit_commands_on_no_database_say_so_and_make_none(settings, tmp_path, 
         assert not database.parent.exists()
 
 
+@pytest.mark.parametrize("option", ["--public-key", "--checkpoint"])
+def test_audit_verify_with_a_file_that_cannot_be_read_is_a_usage_error_before_the_walk(cli, tmp_path, option):
+    """h11 #11: it walked the whole chain (97 s per million entries), printed "ok: … chain intact", then failed
+    with exit 1, the status of tampering."""
+    _append_some(cli.settings)
+    missing = tmp_path / "nonexistent.pem"
+    result = cli("audit", "verify", option, str(missing), ok=False)
+    assert result.exit_code == 2, result.output
+    assert "chain intact" not in result.output and "entries" not in result.stdout, result.output
+    lines = result.output.strip().splitlines()
+    assert lines == [f"Error: {option}: cannot read {'public key' if option == '--public-key' else 'checkpoint file'} "
+                     f"{missing}: No such file or directory"], lines
+
+
 @pytest.mark.parametrize("tamper", [
     "UPDATE audit_entries SET body = '{not json' WHERE kind = 'key_created'",  # the chain's record of the key
     "UPDATE api_keys SET roles_json = CAST(X'ff' AS TEXT)",  # the key table's row, not UTF-8
