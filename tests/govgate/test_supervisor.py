@@ -398,3 +398,34 @@ def test_a_log_cut_mid_line_is_quoted_by_its_last_whole_line(launcher):
     launch.poll()
     assert said[-1].startswith("  worker for model tiny: exited with code 1: Traceback (most recent call last): "
                                "(the log ends mid-line: a full disk?) (see "), said
+
+
+def test_a_later_model_whose_first_start_redis_refuses_is_tried_again(own_redis, tmp_path, monkeypatch):
+    """After the banner the later models are started; Redis refusing writes then used to stop the whole stack
+    (the OSError reached run_up): the model's start is due again later and nothing of it is left running."""
+    from govgate import launcher as launcher_module
+
+    spawned: list[subprocess.Popen] = []
+
+    def stand_in_worker(args, env, log_file):
+        spawned.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=log_file))
+        return spawned[-1]
+
+    monkeypatch.setattr(launcher_module, "spawn_govgate", stand_in_worker)
+    said: list[str] = []
+    launch = Launcher(own_redis, Stack(logs=tmp_path), {}, own_redis.redis_url, said.append, time.monotonic())
+    client = redis.Redis.from_url(own_redis.redis_url)
+    try:
+        launch.serving = True
+        client.config_set("min-replicas-to-write", 1)
+        launch.start_later("later")
+        assert said == ["  worker for model later: not started: Redis refused a write (NOREPLICAS Not enough good "
+                        "replicas to write.); trying again in 0.5s"], said
+        assert "later" in launch.restart_due and launch.given_up == set() and "later" not in launch.pending
+        assert len(spawned) == 1 and spawned[0].poll() is not None
+    finally:
+        client.config_set("min-replicas-to-write", 0)
+        client.close()
+        for proc in spawned:
+            stop_process(proc, timeout_s=5)
+        launch.close()
