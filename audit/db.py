@@ -161,7 +161,7 @@ def make_engine(url: str, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> Engine:
         raise AuditError(f"the audit database's busy timeout must be more than 0 s and at most "
                          f"{MAX_BUSY_TIMEOUT_S:g} s, not {busy_timeout_s!r}")
     try:
-        sa_url = make_url(url)
+        sa_url = _parse_url(url)
         connect_args: dict[str, Any] = {}
         if sa_url.get_backend_name() == "postgresql":
             engine, connect_args = _postgresql_engine(sa_url, busy_timeout_s)
@@ -178,6 +178,16 @@ def make_engine(url: str, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> Engine:
     _BUSY_TIMEOUTS[engine] = busy_timeout_s
     _CONNECT_ARGS[engine] = connect_args
     return engine
+
+
+def _parse_url(url: str) -> URL:
+    """SQLAlchemy's URL for ``url``; a port that is not a number (``host:1:2``) is an :class:`AuditError`, where
+    ``make_url``'s ``int()`` raised a ``ValueError`` that every command showed as a traceback (h9 F6)."""
+    try:
+        return make_url(url)
+    except ValueError as exc:
+        raise AuditError(f"cannot use audit database URL {_without_password(url)!r}: its port is not a number "
+                         f"({exc})") from None
 
 
 def _without_password(url: str) -> str:

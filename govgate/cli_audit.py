@@ -8,7 +8,8 @@ import sys
 
 import click
 
-from govgate.cli_audit_checkpoints import checkpoint_options, register, report_bundle, report_checkpoints
+from govgate.cli_audit_checkpoints import (checkpoint_options, load_trust, register, report_bundle,
+                                          report_checkpoints)
 from govgate.cli_common import audit_engine
 
 
@@ -76,6 +77,8 @@ def audit_verify(export_file: str | None, jobs: int | None, **checkpoint_args: o
     from audit import AuditError
     from gateway.auth import KeyStoreError
 
+    strict, max_unsigned_age = checkpoint_args.pop("strict"), checkpoint_args.pop("max_unsigned_age")
+    trust = load_trust(**checkpoint_args)  # type: ignore[arg-type]  # a bad --public-key: before the walk
     engine = audit_engine()
     try:
         result = verify_chain(engine, workers=jobs or os.cpu_count() or 1)
@@ -91,7 +94,8 @@ def audit_verify(export_file: str | None, jobs: int | None, **checkpoint_args: o
         click.echo(f"KEY TAMPERED: the key entries or the key table cannot be read: {exc}")
         keys_ok = False
     erasures_ok = _report_erasures(engine)
-    checkpoints_ok = report_checkpoints(engine, **checkpoint_args)  # type: ignore[arg-type]
+    checkpoints_ok = report_checkpoints(engine, trust, strict=strict,  # type: ignore[arg-type]
+                                        max_unsigned_age=max_unsigned_age)  # type: ignore[arg-type]
     if not (result.ok and keys_ok and erasures_ok and checkpoints_ok):
         sys.exit(1)
 

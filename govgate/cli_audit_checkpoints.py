@@ -1,13 +1,15 @@
 """``govgate audit checkpoint``, ``govgate audit public-key`` and the checkpoint half of ``audit verify``.
 
 :func:`register` adds the commands to the ``audit`` group; ``audit verify``
-takes :func:`checkpoint_options` and calls :func:`report_checkpoints` after
-the hash check. What is checked: :mod:`audit.checkpoint_check`.
+takes :func:`checkpoint_options`, reads the files they name with
+:func:`load_trust` before anything else and calls :func:`report_checkpoints`
+after the hash check. What is checked: :mod:`audit.checkpoint_check`.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +17,16 @@ import click
 
 from govgate.cli_common import audit_engine, load_settings
 from govgate.cli_output import output_file
+
+
+class UnreadableArgument(click.ClickException):
+    """A file named on the command line (``--public-key``, ``--checkpoint``) cannot be used: one line naming the
+    option, exit status 2 (a usage error), never 1, which ``verify`` keeps for tampering."""
+
+    exit_code = 2
+
+    def __init__(self, option: str, why: object) -> None:
+        super().__init__(f"{option}: {why}")
 
 
 def register(group: click.Group) -> None:
@@ -152,6 +164,9 @@ def report_bundle(export_file: str, public_key_file: str | None) -> bool:
         raise click.UsageError("--export needs --public-key: a bundle cannot vouch for itself")
     try:
         public_key = load_public_key(Path(public_key_file))
+    except SigningKeyError as exc:  # the operator's argument: a usage error, as for verify without --export
+        raise UnreadableArgument("--public-key", exc) from None
+    try:
         with open(export_file, encoding="utf-8") as handle:
             header = handle.readline()
             handle.seek(0)
@@ -203,29 +218,56 @@ def checkpoint_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def report_checkpoints(engine: Any, *, checkpoint_file: str | None, public_key_file: str | None, strict: bool,
-                       max_unsigned_age: float | None) -> bool:
-    """Check the checkpoints and print the result; True when nothing points at tampering."""
+@dataclass(frozen=True)
+class Trust:
+    """What ``audit verify`` holds the checkpoints against, read before the chain is walked."""
+
+    public_key: Any
+    source: str
+    external: Any
+    named: str | None
+
+
+def load_trust(*, checkpoint_file: str | None, public_key_file: str | None) -> Trust:
+    """The trusted key and the checkpoint file, read before the walk: a file given on the command line that
+    cannot be read is a usage error (exit 2) at once, not an exit 1 (tampering's) after the whole chain was
+    walked and "chain intact" printed (h11 #11). The store's own key failing stays an error (exit 1)."""
     from audit import AuditError
-    from audit.checkpoint_check import check_checkpoints, default_max_unsigned_age_s
-    from audit.checkpoints import CheckpointStore, read_checkpoint_file
+    from audit.checkpoints import read_checkpoint_file
     from audit.signing import SigningKeyError, load_public_key, load_signing_key
 
-    settings = load_settings()
-    try:
-        if public_key_file is not None:
+    if public_key_file is not None:
+        try:
             public_key = load_public_key(Path(public_key_file))
-            source = f"the given public key {public_key.key_id[:16]}…"
-        else:
-            own = settings.effective_audit_signing_key_file
+        except SigningKeyError as exc:
+            raise UnreadableArgument("--public-key", exc) from None
+        source = f"the given public key {public_key.key_id[:16]}…"
+    else:
+        own = load_settings().effective_audit_signing_key_file
+        try:
             public_key = load_signing_key(own).public if own.exists() else None
-            source = (f"the store's own key {own} (whoever holds it can re-sign a rewritten log; "
-                      "pass --public-key with a copy kept elsewhere)") if public_key else "no key"
-        external = named = None
-        if checkpoint_file is not None:
+        except SigningKeyError as exc:
+            raise click.ClickException(str(exc)) from None
+        source = (f"the store's own key {own} (whoever holds it can re-sign a rewritten log; "
+                  "pass --public-key with a copy kept elsewhere)") if public_key else "no key"
+    external = named = None
+    if checkpoint_file is not None:
+        try:
             external, named = read_checkpoint_file(Path(checkpoint_file))
-    except (SigningKeyError, AuditError) as exc:
-        raise click.ClickException(str(exc)) from None
+        except (SigningKeyError, AuditError) as exc:
+            raise UnreadableArgument("--checkpoint", exc) from None
+    return Trust(public_key, source, external, named)
+
+
+def report_checkpoints(engine: Any, trust: Trust, *, strict: bool, max_unsigned_age: float | None) -> bool:
+    """Check the checkpoints against ``trust`` (:func:`load_trust`) and print the result; True when nothing
+    points at tampering."""
+    from audit import AuditError
+    from audit.checkpoint_check import check_checkpoints, default_max_unsigned_age_s
+    from audit.checkpoints import CheckpointStore
+
+    settings = load_settings()
+    public_key, source, external, named = trust.public_key, trust.source, trust.external, trust.named
     max_age = max_unsigned_age if max_unsigned_age is not None else \
         default_max_unsigned_age_s(settings.checkpoint_interval_s)
     try:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import re
 import sys
 from dataclasses import replace
 from datetime import datetime, timezone
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import click
 
@@ -41,24 +42,64 @@ OPTIONS = {"principal": "--principal", "team": "--team", "model": "--model", "re
            "since": "--since", "until": "--until", "q": "--q"}
 
 
+#: The name each single-valued option has over HTTP (GET /v1/audit/export), for the "given once" message.
+_API_NAMES = {"since": "since", "until": "until", "team": "team", "principal": "principal", "model": "model",
+              "request_id": "request_id", "decision": "decision", "reason": "reason", "read_of": "read_of",
+              "text": "q", "fmt": "format", "out": "out"}
+#: A period back from now, as ``export-bundle`` and ``policy replay`` take it (``gateway.replay.parse_since``).
+_PERIOD = re.compile(r"\d+[mhdw]")
+
+
+def _given_once(_ctx: click.Context, param: click.Parameter, values: tuple[Any, ...]) -> Any:
+    """The option's one value: given twice it is refused as the API refuses a repeated parameter (a second
+    ``--since`` used to win silently and export nothing, h11 #9)."""
+    if len(values) > 1:
+        name = _API_NAMES[param.name or ""]
+        raise FilterUsageError(f"{param.opts[0]}: {name} may be given once.")
+    if values:
+        return values[0]
+    return param.default[0] if isinstance(param.default, tuple) and param.default else None
+
+
+def _once(*decls: str, **attrs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A single-valued option that refuses being given more than once (Click keeps the last one)."""
+    default = attrs.pop("default", None)
+    return click.option(*decls, multiple=True, callback=_given_once,
+                        default=(default,) if default is not None else (), **attrs)
+
+
+def _moment(option: str, text: str | None) -> str | None:
+    """``--since``/``--until`` as the shared filter reads them: a period (``30d``, ``12h``) made the moment that
+    long ago; anything else is passed on as given, to be read (or refused) as the API reads it."""
+    if text is None or not _PERIOD.fullmatch(text.strip()):
+        return text
+    from gateway.replay import parse_since
+
+    try:
+        return parse_since(text).isoformat()
+    except ValueError as exc:
+        raise FilterUsageError(f"{option}: {exc}") from None
+
+
 @audit.command("export")
-@click.option("--since", required=True, help="First moment included: an ISO-8601 date or date-time (UTC unless "
-              "it names an offset).")
-@click.option("--until", help="First moment no longer included (default: now).")
-@click.option("--team", help="Only this team's entries.")
-@click.option("--principal", help="Only this principal's entries.")
-@click.option("--model", help="Only entries about this model.")
-@click.option("--request-id", help="Only the entries of this request id.")
+@_once("--since", required=True, help="First moment included: an ISO-8601 date or date-time (UTC unless "
+       "it names an offset), or a period back from now (30d, 12h, 30m, 2w).")
+@_once("--until", help="First moment no longer included (default: now); a date, date-time or period as --since.")
+@_once("--team", help="Only this team's entries.")
+@_once("--principal", help="Only this principal's entries.")
+@_once("--model", help="Only entries about this model.")
+@_once("--request-id", help="Only the entries of this request id.")
 @click.option("--kind", "kinds", multiple=True, help="Only entries of this kind (repeatable, or comma-separated).")
-@click.option("--decision", help="Only request entries with this decision: allow, deny (by the policy) or "
-              "unavailable (no decision could be had).")
-@click.option("--reason", help="Only request entries whose decision lists this reason code.")
-@click.option("--read-of", help="Only the payload_read entries that read this request id's texts.")
-@click.option("--q", "text", help="Only entries whose prompt or output contains this text (ASCII "
-              "case-insensitive); recorded on the chain as a payload_read entry first.")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), required=True, help="Output format.")
-@click.option("--out", "out", type=click.Path(dir_okay=False, writable=True),
-              help="Write to this file (made readable by its owner only) instead of standard output.")
+@_once("--decision", help="Only request entries with this decision: allow, deny (by the policy) or "
+       "unavailable (no decision could be had).")
+@_once("--reason", help="Only request entries whose decision lists this reason code.")
+@_once("--read-of", help="Only the payload_read entries that read this request id's texts.")
+@_once("--q", "text", help="Only entries whose prompt or output contains this text (ASCII "
+       "case-insensitive); recorded on the chain as a payload_read entry first.")
+@_once("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
+       help="Output format (as the API's, JSON lines unless asked).")
+@_once("--out", "out", type=click.Path(dir_okay=False, writable=True),
+       help="Write to this file (made readable by its owner only) instead of standard output.")
 @click.option("--include-text", is_flag=True,
               help="Include prompt and output texts (recorded on the chain as a payload_read entry first).")
 def audit_export(since: str, until: str | None, team: str | None, principal: str | None, model: str | None,
@@ -75,6 +116,7 @@ def audit_export(since: str, until: str | None, team: str | None, principal: str
     from audit.kinds import PAYLOAD_READ
     from audit.search import count_matching, iter_matching
 
+    since, until = _moment("--since", since), _moment("--until", until)
     try:
         where = entry_filter(principal=principal, team=team, model=model, request_id=request_id, kind=kinds,
                              decision=decision, reason=reason, read_of=read_of, since=since, until=until, q=text)

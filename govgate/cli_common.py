@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import TYPE_CHECKING
 
 import click
@@ -11,6 +12,25 @@ from gateway.settings import Settings, SettingsError, unknown_settings, without_
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+
+
+#: Where a regorus compile error points (``  --> x.rego:2:1``) and what it says (``error: rule must …``).
+_REGO_WHERE = re.compile(r"-->\s*(\S+)")
+_REGO_ERROR = re.compile(r"^error:\s*(.+?)\s*$", re.MULTILINE)
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line, for an error an operator reads (and ``govgate up`` quotes by its last line).
+
+    A Rego compile error keeps its place and reason (``x.rego:2:1: rule must have a body or assignment``)
+    rather than its drawing of the source line; anything else has its line breaks and runs of blanks made
+    single spaces.
+    """
+    where, error = _REGO_WHERE.search(message), _REGO_ERROR.search(message)
+    if where and error and where.start() < error.start():
+        head = " ".join(message[:where.start()].split())
+        return f"{head}{' ' if head else ''}{where.group(1)}: {error.group(1)}"
+    return " ".join(message.split())
 
 
 def load_settings() -> Settings:

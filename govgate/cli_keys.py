@@ -108,18 +108,38 @@ def keys_create(user: str, team: str | None, roles: tuple[str, ...], note: str |
     from gateway.auth import KeyStoreError
     from gateway.keys_admin.service import MAX_NOTE
 
+    from govgate.cli_stdout import OutputError, stdout_closed
+
     checked = _checked_roles(roles)
     if note is not None and len(note) > MAX_NOTE:  # the HTTP API's rule; PostgreSQL's column refuses it too
         raise click.BadParameter(f"at most {MAX_NOTE} characters, not {len(note)}", param_hint="--note")
+    if stdout_closed():  # the secret is shown once, there: with nowhere to show it, make no key
+        raise OutputError("it is closed")
+    store = _key_store()
     try:
-        issued = _key_store().create(user, team=team, roles=checked, note=note, by=cli_actor())
+        issued = store.create(user, team=team, roles=checked, note=note, by=cli_actor())
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyStoreError as exc:
         raise _refused_write(exc) from None
-    click.echo(issued.secret)
+    try:
+        click.echo(issued.secret)
+    except OutputError as exc:  # a full disk: the secret reached no one, so the key must not stay live
+        raise OutputError(f"{exc.message.removeprefix('cannot write to standard output: ')}; "
+                          f"{_unshown_key(store, issued.key.key_id)}") from None
     click.echo(f"key id {issued.key.key_id}: user={user} team={team or '-'} roles={','.join(issued.key.roles)} "
                "(the key is shown only now)", err=True)
+
+
+def _unshown_key(store, key_id: str) -> str:
+    """Revoke a key whose secret could not be printed; what became of it, for the error line."""
+    from gateway.auth import KeyStoreError
+
+    try:
+        store.revoke(key_id, by=cli_actor())
+    except KeyStoreError as exc:
+        return f"key {key_id} was made and its secret shown nowhere, and revoking it failed ({exc}): revoke it"
+    return f"key {key_id} was made and revoked again (its secret was shown nowhere)"
 
 
 @keys.command("list")
@@ -150,19 +170,29 @@ def _shown(text: str) -> str:
 @keys.command("revoke")
 @click.argument("key_id")
 def keys_revoke(key_id: str) -> None:
-    """Revoke a key by its id (the part after gk_, as 'keys list' shows); requests with it are refused from now on."""
+    """Revoke a key by its id (the part after gk_, as 'keys list' shows); requests with it are refused from now on.
+
+    A key revoked already is reported and left as it is (exit 0); an id no key has exits 1."""
     _refuse_a_secret(key_id, "revoke")
     from gateway.auth import KeyStoreError
     from gateway.auth.key_changes import KeyChangeAnnouncer
 
     settings = load_settings()
     announcer = KeyChangeAnnouncer(_gateways_redis_url(settings))
+    store = _key_store(on_change=announcer)
     try:
-        revoked = _key_store(on_change=announcer).revoke(key_id, by=cli_actor())
+        revoked = store.revoke(key_id, by=cli_actor())
     except KeyStoreError as exc:
         raise _refused_write(exc) from None
     if not revoked:
-        raise click.ClickException(f"no live key with id {key_id}")
+        # Revoked already (by an earlier run whose answer was lost, or by someone else): done, exit 0, as the
+        # API answers 200 with changed: false; only an id no key has is an error, so a retrying script can
+        # tell "done already" from a typo (h11 #5).
+        row = store.get(key_id)
+        if row is None:
+            raise click.ClickException(f"no key with id {key_id} (see 'govgate keys list --all')")
+        click.echo(f"{key_id} was already revoked at {row.revoked_at or '(unknown time)'}: nothing changed")
+        return
     click.echo(f"revoked {key_id}")
     _warn_if_not_told(announcer, settings, "accepted this key", "accept it")
 

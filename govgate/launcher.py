@@ -8,6 +8,7 @@ logs while the stack runs; when to restart a worker is
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -46,6 +47,27 @@ class NeverReady(StartupError):
         self.model, self.why = model, why
 
 
+class NotStarted(StartupError):
+    """A worker's start was refused by something that may pass (Redis refusing a write on a full disk, a
+    log that cannot be opened, a fork that failed): nothing of it is left running, and once the stack
+    serves the start is tried again later (:meth:`RestartPolicy.not_started`) rather than giving the
+    model up, which used to leave it dead after the disk was freed (h9 F2)."""
+
+    def __init__(self, model: str, why: str) -> None:
+        super().__init__(f"worker for model {model} not started: {why}")
+        self.model, self.why = model, why
+
+
+#: What a spawn raises when the command itself cannot be run (the venv replaced under a running ``up``): the
+#: model is given up. Anything else (EAGAIN, ENOMEM from fork) may pass and is retried.
+_COMMAND_GONE = (FileNotFoundError, PermissionError, NotADirectoryError)
+
+
+def command_gone(exc: OSError) -> bool:
+    """``exc`` from :func:`spawn_govgate` means its command cannot be run any more, not a passing refusal."""
+    return isinstance(exc, _COMMAND_GONE) or exc.errno == errno.ENOEXEC
+
+
 def spawn_govgate(args: list[str], env: dict[str, str], log_file: TextIO | None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "govgate.cli", *args], env=env, stdin=subprocess.DEVNULL,
                             stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
@@ -57,6 +79,15 @@ def _loaded_key(model: str, worker_pid: int) -> str:
     from workers.contract.jobs import loaded_key
 
     return loaded_key(model, worker_pid)
+
+
+def _kill_now(proc: subprocess.Popen) -> None:
+    """End a worker started a moment ago, and its process group (it loaded nothing, so nothing is lost)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    stop_process(proc, timeout_s=5, sig=signal.SIGKILL)
 
 
 class Launcher:
@@ -108,13 +139,46 @@ class Launcher:
         self.stack.api = spawn_govgate(["serve"], self.env, private_log(self.logs / "api.log"))
 
     def start_worker(self, name: str) -> None:
-        self.say(f"  worker for model {name}: starting (log: {self.logs / f'worker-{name}.log'})")
-        log_file = private_log(self.logs / f"worker-{name}.log")
-        self.stack.workers[name] = spawn_govgate(["worker", "--model", name], self.env, log_file)
+        """Start ``name``'s worker: :class:`NotStarted` if that was refused for a reason that may pass (then
+        nothing of it runs), an ``OSError`` (:func:`command_gone`) if its command cannot be run any more."""
+        from govgate.resp import client_errors
+
+        log_path = self.logs / f"worker-{name}.log"
+        try:
+            log_file = private_log(log_path)
+        except OSError as exc:
+            raise NotStarted(name, f"cannot open its log {log_path} ({exc.strerror or exc})") from exc
+        with log_file:  # the child holds its own descriptor
+            try:
+                proc = spawn_govgate(["worker", "--model", name], self.env, log_file)
+            except OSError as exc:
+                if command_gone(exc):
+                    raise
+                raise NotStarted(name, f"cannot start a process ({exc.strerror or exc})") from exc
+        try:
+            # A key left by an earlier run's worker with the same pid must not count (it loads for seconds).
+            self.redis.delete(_loaded_key(name, proc.pid))
+        except client_errors(self.redis) as exc:
+            # Without that DEL a stale key could announce it ready: it goes, and the start is tried again.
+            _kill_now(proc)
+            raise NotStarted(name, f"Redis refused a write ({' '.join(str(exc).split())})") from exc
+        self.stack.workers[name] = proc
         self.pending[name] = time.monotonic()
         self.policies.setdefault(name, RestartPolicy()).started(self.pending[name])
-        # A key left by an earlier run's worker with the same pid must not count (it loads for seconds).
-        self.redis.delete(_loaded_key(name, self.stack.workers[name].pid))
+        self.say(f"  worker for model {name}: starting (log: {log_path})")
+
+    def start_later(self, name: str) -> None:
+        """Once serving, start a later model's worker; a refusal that may pass is retried like a restart."""
+        try:
+            self.start_worker(name)
+        except NotStarted as refused:
+            self._retry_later(refused, time.monotonic())
+
+    def _retry_later(self, refused: NotStarted, now: float) -> None:
+        retry = self.policies.setdefault(refused.model, RestartPolicy()).not_started(now)
+        self.restart_due[refused.model] = now + retry.delay_s
+        self.say(f"  worker for model {refused.model}: not started: {refused.why}; trying again in "
+                 f"{retry.delay_s:g}s")
 
     def poll(self, timeout_s: float | None = None, api_timeout_s: float = 60) -> list[str]:
         """Check once; the models whose workers became ready for the first time since the last call.
@@ -198,6 +262,8 @@ class Launcher:
                 del self.restart_due[name]
                 try:
                     self.start_worker(name)
+                except NotStarted as refused:  # Redis refusing writes on a full disk: tried again, not given up
+                    self._retry_later(refused, now)
                 except OSError as exc:  # the command itself is gone (a venv replaced under us): not the others'
                     self.given_up.add(name)
                     self.say(f"  worker for model {name}: cannot be started again ({exc.strerror or exc}), so "

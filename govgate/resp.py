@@ -131,6 +131,16 @@ class MiniRedis:
         raise RedisReplyError(f"unexpected reply from Redis: {line[:40]!r}")
 
 
+def client_errors(client: SmallClient) -> tuple[type[BaseException], ...]:
+    """What ``client``'s commands raise when Redis refuses one or the connection fails: :class:`MiniRedis`
+    raises ``OSError`` (its :class:`RedisReplyError` included), redis-py its own ``RedisError``."""
+    if isinstance(client, MiniRedis):
+        return (OSError,)
+    import redis
+
+    return (OSError, redis.exceptions.RedisError)
+
+
 def small_client(url: str, timeout_s: float = 5.0) -> SmallClient:
     """:class:`MiniRedis` for ``unix://`` and ``redis://``; redis-py for anything else (TLS)."""
     if urlsplit(url).scheme in ("unix", "redis"):

@@ -8,6 +8,10 @@ worker that dies at every start must not spin: each restart waits twice as
 long as the one before, and after :data:`MAX_RESTARTS` restarts within
 :data:`WINDOW_S` the supervisor gives up on that model and keeps the rest
 of the stack serving. Why these numbers: docs/architecture.md (govgate).
+A start that something outside the worker refused (Redis refusing writes,
+say on a full disk) is tried again with the same doubling waits, but is not
+a restart: it does not count toward giving up, so the model comes back once
+the trouble is over.
 
 Pure: the caller passes the clock (``time.monotonic()``), so the policy is
 tested without sleeping, and the supervisor keeps its loop non-blocking.
@@ -72,4 +76,18 @@ class RestartPolicy:
         delay = self._next_backoff_s
         self._next_backoff_s = min(delay * 2, self.max_backoff_s)
         self._restarts.append(now)
+        return Restart(delay, len(self._restarts))
+
+    def not_started(self, now: float) -> Restart:
+        """A due start was refused from outside the worker (Redis refused a write): try again after the next wait.
+
+        It waits like a restart (doubling up to :attr:`max_backoff_s`, so a long outage costs one attempt
+        every 30 s) but is not counted toward giving up: no worker ran, so it says nothing of the model,
+        and a model given up stays dead after the outage ends (h9 F2). ``recent`` is the restarts counted
+        in the window, unchanged.
+        """
+        while self._restarts and now - self._restarts[0] >= self.window_s:
+            self._restarts.popleft()
+        delay = self._next_backoff_s
+        self._next_backoff_s = min(delay * 2, self.max_backoff_s)
         return Restart(delay, len(self._restarts))

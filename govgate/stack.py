@@ -174,11 +174,24 @@ def _signal_name(code: int) -> str:
 
 
 def _last_line(log: Path) -> str:
-    """The last non-blank line of a child's log: usually the reason it stopped."""
+    """The last whole non-blank line of a child's log (usually the reason it stopped).
+
+    A log that ends mid-line (a write cut short: the disk full, or the child killed while writing) has its
+    last whole line quoted, marked as such: the fragment (``File "/wor``) said nothing, and a full disk is
+    worth a look. Only its last 4 KiB are read; a first line cut by that window is left out too.
+    """
     try:
         with log.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            lines = [line.strip() for line in f.read().decode("utf-8", "replace").splitlines() if line.strip()]
+            start = max(0, f.seek(0, os.SEEK_END) - 4096)
+            f.seek(start)
+            tail = f.read().decode("utf-8", "replace")
     except OSError:
         return ""
-    return lines[-1] if lines else ""
+    lines = tail.split("\n")
+    cut = lines.pop() != "" and bool(lines)  # no newline at the end: the last line is a fragment
+    if start > 0 and lines:
+        lines.pop(0)
+    whole = [line.strip() for line in lines if line.strip()]
+    if not whole:
+        return "" if cut or not tail.strip() else tail.strip()
+    return whole[-1] + (" (the log ends mid-line: a full disk?)" if cut else "")

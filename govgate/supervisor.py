@@ -207,7 +207,7 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
             _banner(settings, first, later, sorted(launcher.given_up), launcher.elapsed(), say)
             database = DatabaseStep(env, stack.logs / "database.log")
             for name in later:
-                launcher.start_worker(name)
+                launcher.start_later(name)
         keys_told = False
         while not stopping:
             for name in launcher.poll():

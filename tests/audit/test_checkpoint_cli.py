@@ -109,10 +109,13 @@ def test_verify_with_a_bad_checkpoint_or_key_file_is_a_one_line_error(env: Env, 
     load_or_create_signing_key(env.var_dir / "audit-signing.key")
     bad = tmp_path / "bad.json"
     bad.write_text("[]")
+    # A usage error (exit 2), found before the chain is walked: 1 is tampering's status (h11 #11).
     result = env.run("verify", "--checkpoint", str(bad))
-    assert result.exit_code == 1 and "Error: a checkpoint is a JSON object" in result.output
+    assert result.exit_code == 2 and result.output.startswith("Error: --checkpoint: a checkpoint is a JSON object")
+    assert len(result.output.strip().splitlines()) == 1, result.output
     result = env.run("verify", "--public-key", str(bad))
-    assert result.exit_code == 1 and "neither PEM nor a hex" in result.output
+    assert result.exit_code == 2 and "Error: --public-key: " in result.output and "neither PEM nor a hex" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_verify_reports_a_broken_chain_and_the_checkpoints_both(env: Env) -> None:

@@ -51,8 +51,12 @@ def test_keys_create_list_revoke(cli):
     assert "revoked" in cli("keys", "revoke", key_id).stdout
     assert key_id not in cli("keys", "list").stdout
     assert key_id in cli("keys", "list", "--all").stdout
-    again = cli("keys", "revoke", key_id, ok=False)
-    assert again.exit_code == 1 and "no live key" in again.output
+    # h11 #5: revoking again is done already (exit 0, as the API's 200 changed: false), not "no live key" exit 1
+    again = cli("keys", "revoke", key_id)
+    assert again.stdout.startswith(f"{key_id} was already revoked at ") and again.stdout.rstrip().endswith(
+        ": nothing changed"), again.output
+    typo = cli("keys", "revoke", "nosuch", ok=False)
+    assert typo.exit_code == 1 and typo.output.strip() == "Error: no key with id nosuch (see 'govgate keys list --all')"
 
 
 def test_keys_create_refuses_bad_names(cli):
@@ -193,6 +197,20 @@ def test_audit_commands_on_no_database_say_so_and_make_none(settings, tmp_path, 
         assert list(var.iterdir()) == [database] and database.stat().st_size == 0
     else:
         assert not database.parent.exists()
+
+
+@pytest.mark.parametrize("option", ["--public-key", "--checkpoint"])
+def test_audit_verify_with_a_file_that_cannot_be_read_is_a_usage_error_before_the_walk(cli, tmp_path, option):
+    """h11 #11: it walked the whole chain (97 s per million entries), printed "ok: … chain intact", then failed
+    with exit 1, the status of tampering."""
+    _append_some(cli.settings)
+    missing = tmp_path / "nonexistent.pem"
+    result = cli("audit", "verify", option, str(missing), ok=False)
+    assert result.exit_code == 2, result.output
+    assert "chain intact" not in result.output and "entries" not in result.stdout, result.output
+    lines = result.output.strip().splitlines()
+    assert lines == [f"Error: {option}: cannot read {'public key' if option == '--public-key' else 'checkpoint file'} "
+                     f"{missing}: No such file or directory"], lines
 
 
 @pytest.mark.parametrize("tamper", [
@@ -366,6 +384,64 @@ def test_serve_with_a_missing_or_bad_setting_says_so_in_one_line(settings, chang
     assert result.returncode == 1, result.stdout + result.stderr
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], lines
+
+
+@pytest.mark.parametrize("url, message", [
+    # h9 F6: a port that is not a number was a 36-line ValueError traceback (44 lines from `keys list`)
+    ("postgresql+psycopg://u:pw@127.0.0.1:1:2/db",
+     "GOVGATE_DATABASE_URL=postgresql+psycopg://u:***@127.0.0.1:1:2/db cannot be used: cannot use audit database "
+     "URL 'postgresql+psycopg://u:***@127.0.0.1:1:2/db': its port is not a number"),
+    # h9 F6: under `up` only its last line was quoted: "(Background on this error at: https://sqlalche.me/…)"
+    ("postgresql+psycopg://u:pw@127.0.0.1:1/db",
+     "GOVGATE_DATABASE_URL=postgresql+psycopg://u:***@127.0.0.1:1/db cannot be used: "),
+])
+def test_serve_with_an_unusable_database_url_says_so_in_one_line_without_the_password(settings, url, message):
+    result = _serve(settings, GOVGATE_DATABASE_URL=url)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {message}"), lines
+    assert "pw" not in lines[0] and "sqlalche.me" not in lines[0]
+
+
+def test_keys_and_audit_commands_refuse_a_database_url_with_a_bad_port_in_one_line(cli):
+    env = {**cli.env, "GOVGATE_DATABASE_URL": "postgresql+psycopg://u:pw@127.0.0.1:1:2/db"}
+    for command in (["keys", "list"], ["audit", "tail"]):
+        result = CliRunner().invoke(main, command, env=env)
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+        assert result.output.strip() == ("Error: GOVGATE_DATABASE_URL=postgresql+psycopg://u:***@127.0.0.1:1:2/db "
+                                         "cannot be used: cannot use audit database URL "
+                                         "'postgresql+psycopg://u:***@127.0.0.1:1:2/db': its port is not a number "
+                                         "(invalid literal for int() with base 10: '1:2')")
+
+
+def test_serve_with_a_policy_that_does_not_compile_names_the_folder_and_the_error_in_one_line(settings, tmp_path):
+    """h9 F6 / h10 F8: an ~80-line ExceptionGroup traceback (the reason inside it), and under `up` only
+    uvicorn's "Application startup failed"; the policy is now loaded once before listening."""
+    broken = tmp_path / "badpol"
+    broken.mkdir()
+    (broken / "x.rego").write_text("package govgate\nthis is not rego\n")
+    result = _serve(settings, GOVGATE_POLICY_DIR=str(broken))
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert lines == [f"Error: GOVGATE_POLICY_DIR={broken}: the policy cannot be loaded: x.rego:2:1: "
+                     "rule must have a body or assignment"], lines
+
+
+def test_serve_against_an_opa_that_does_not_hold_the_folder_s_policy_says_so_in_one_line(settings, opa_server):
+    result = _serve(settings, GOVGATE_OPA_URL=opa_server)  # the session's OPA, started empty
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: GOVGATE_OPA_URL={opa_server} "
+                                                   f"(GOVGATE_POLICY_DIR={settings.policy_dir}): "), lines
+
+
+def test_serve_against_an_opa_that_does_not_answer_says_so_in_one_line(settings):
+    url = f"http://127.0.0.1:{free_port()}"
+    result = _serve(settings, GOVGATE_OPA_URL=url)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert lines == [f"Error: GOVGATE_OPA_URL={url} (GOVGATE_POLICY_DIR={settings.policy_dir}): OPA at {url} did "
+                     "not answer /health within 10s"], lines
 
 
 def test_serve_on_a_busy_port_says_so(settings):

@@ -68,3 +68,14 @@ def test_giving_up_is_final_for_the_exit_that_asked():
     policy = RestartPolicy(max_restarts=0)
     policy.started(0.0)
     assert policy.exited(1.0) == GiveUp(0)
+
+
+def test_a_start_refused_from_outside_waits_longer_each_time_but_never_gives_up():
+    """Redis refusing writes (a full disk: MISCONF) is the stack's trouble, not the worker's: the starts it
+    refuses are tried again with the doubling waits, and do not count toward giving the model up."""
+    policy = RestartPolicy()
+    crash_at_once(policy, 0.0, 1)  # one exit: one restart, due after 0.5 s
+    waits = [policy.not_started(1.0 + i).delay_s for i in range(20)]
+    assert waits[:7] == [1, 2, 4, 8, 16, 30, 30] and set(waits[7:]) == {MAX_BACKOFF_S}
+    policy.started(40.0)
+    assert policy.exited(41.0) == Restart(MAX_BACKOFF_S, 2)  # the refusals were not restarts

@@ -22,6 +22,7 @@ from govgate.restarts import RestartPolicy
 from govgate.stack import Stack, StartupError
 from govgate.supervisor import DatabaseStep, Launcher, child_env
 from tests.conftest import ROOT
+from tests.own_redis import own_redis  # noqa: F401  (a Redis this module may make refuse writes)
 from tests.ops.test_api_can_serve import answering, checks  # noqa: F401  (the fake /readyz fixture)
 from workers.contract.jobs import loaded_key
 
@@ -250,6 +251,8 @@ class _StopsAtTheBanner:
     def start_worker(self, name: str) -> None:
         self.ever_ready.add(name)
 
+    start_later = start_worker
+
     def poll(self) -> list[str]:
         if self.serving:
             os.kill(os.getpid(), signal.SIGINT)
@@ -327,3 +330,102 @@ def test_a_first_model_that_never_got_ready_is_given_up_for_the_next_until_none_
     with pytest.raises(StartupError, match=r"^worker tiny exited with code 1: bad; no model could be loaded "
                                            r"\(given up before it: broken, cut\)$"):
         _next_first(launch, NeverReady("tiny", "exited with code 1: bad"), later)
+
+
+def test_a_restart_redis_refuses_is_tried_again_and_the_model_serves_once_redis_writes(own_redis, tmp_path,
+                                                                                        monkeypatch):
+    """h9 F2: a var dir filled for a moment makes Redis refuse writes (MISCONF); the restart's DEL of the stale
+    ready key was taken for "the command cannot be run any more" and the model given up for good (and the
+    process just spawned left behind). Here a real Redis refuses every write (``min-replicas-to-write`` with no
+    replica, the same refusal path as MISCONF) until the test lets it write again."""
+    from govgate import launcher as launcher_module
+
+    spawned: list[subprocess.Popen] = []
+
+    def stand_in_worker(args, env, log_file):  # the worker's command, as a process that never loads a model
+        spawned.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=log_file))
+        return spawned[-1]
+
+    monkeypatch.setattr(launcher_module, "spawn_govgate", stand_in_worker)
+    stack = Stack(logs=tmp_path)
+    said: list[str] = []
+    launch = Launcher(own_redis, stack, {}, own_redis.redis_url, said.append, time.monotonic())
+    client = redis.Redis.from_url(own_redis.redis_url)
+    try:
+        launch.serving = True
+        launch.ever_ready.add("tiny")
+        launch.policies["tiny"] = RestartPolicy(first_backoff_s=0.01, max_backoff_s=0.05, max_restarts=1)
+        _exited(stack, "tiny", 1, "Unrecoverable error: ResponseError('MISCONF Errors writing to the AOF file')")
+        client.config_set("min-replicas-to-write", 1)
+        with pytest.raises(redis.exceptions.ResponseError, match="NOREPLICAS"):
+            client.delete("a-key")  # a real refusal
+        deadline = time.monotonic() + 60
+        while len([line for line in said if "Redis refused" in line]) < 3 and time.monotonic() < deadline:
+            launch.poll()
+            time.sleep(0.02)
+        refused = [line for line in said if "Redis refused" in line]
+        assert len(refused) >= 3, said
+        assert refused[0].startswith("  worker for model tiny: not started: Redis refused a write (NOREPLICAS")
+        assert "; trying again in " in refused[0]
+        assert launch.given_up == set() and "tiny" in launch.restart_due
+        assert spawned and all(proc.poll() is not None for proc in spawned)  # none left running
+        client.config_set("min-replicas-to-write", 0)
+        while "tiny" not in launch.pending and time.monotonic() < deadline:
+            launch.poll()
+            time.sleep(0.02)
+        assert "tiny" in launch.pending and launch.given_up == set()
+        assert stack.workers["tiny"] is spawned[-1] and spawned[-1].poll() is None
+        assert said[-1].startswith("  worker for model tiny: starting (log: ")
+        assert sum(proc.poll() is None for proc in spawned) == 1
+    finally:
+        client.config_set("min-replicas-to-write", 0)
+        client.close()
+        for proc in spawned:
+            stop_process(proc, timeout_s=5)
+        launch.close()
+
+
+def test_a_log_cut_mid_line_is_quoted_by_its_last_whole_line(launcher):
+    """h9 F2: a worker that died on a full disk left ``  File "/wor`` as its log's end, and ``up`` quoted that
+    fragment as the reason; a whole line is quoted, and the cut is said (a full disk is a likely cause)."""
+    launch, stack, said = launcher
+    launch.serving = True
+    launch.ever_ready.add("tiny")
+    launch.policies["tiny"] = RestartPolicy(first_backoff_s=3600)
+    _exited(stack, "tiny", 1, "Unrecoverable error: ResponseError('MISCONF')")
+    with (stack.logs / "worker-tiny.log").open("a") as log:
+        log.write('Traceback (most recent call last):\n  File "/wor')
+    launch.poll()
+    assert said[-1].startswith("  worker for model tiny: exited with code 1: Traceback (most recent call last): "
+                               "(the log ends mid-line: a full disk?) (see "), said
+
+
+def test_a_later_model_whose_first_start_redis_refuses_is_tried_again(own_redis, tmp_path, monkeypatch):
+    """After the banner the later models are started; Redis refusing writes then used to stop the whole stack
+    (the OSError reached run_up): the model's start is due again later and nothing of it is left running."""
+    from govgate import launcher as launcher_module
+
+    spawned: list[subprocess.Popen] = []
+
+    def stand_in_worker(args, env, log_file):
+        spawned.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=log_file))
+        return spawned[-1]
+
+    monkeypatch.setattr(launcher_module, "spawn_govgate", stand_in_worker)
+    said: list[str] = []
+    launch = Launcher(own_redis, Stack(logs=tmp_path), {}, own_redis.redis_url, said.append, time.monotonic())
+    client = redis.Redis.from_url(own_redis.redis_url)
+    try:
+        launch.serving = True
+        client.config_set("min-replicas-to-write", 1)
+        launch.start_later("later")
+        assert said == ["  worker for model later: not started: Redis refused a write (NOREPLICAS Not enough good "
+                        "replicas to write.); trying again in 0.5s"], said
+        assert "later" in launch.restart_due and launch.given_up == set() and "later" not in launch.pending
+        assert len(spawned) == 1 and spawned[0].poll() is not None
+    finally:
+        client.config_set("min-replicas-to-write", 0)
+        client.close()
+        for proc in spawned:
+            stop_process(proc, timeout_s=5)
+        launch.close()

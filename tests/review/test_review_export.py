@@ -160,6 +160,43 @@ def test_cli_export_refuses_bad_arguments(rsettings, args, message):
     assert result.exit_code == 2 and message in result.output
 
 
+def test_cli_export_without_format_writes_jsonl_as_the_api_does(rsettings, rstore):
+    """h11 #9: README shows `[--format jsonl|csv]` and the API defaults to jsonl; the CLI required it."""
+    since = all_entries(rstore)[0].created_at.date().isoformat()
+    result = CliRunner().invoke(main, ["audit", "export", "--since", since], env=_cli_env(rsettings))
+    assert result.exit_code == 0, result.output
+    documents = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [d["seq"] for d in documents] == [e.seq for e in all_entries(rstore) if e.created_at.date().isoformat()
+                                            >= since]
+
+
+def test_cli_export_takes_a_period_back_from_now_as_export_bundle_and_replay_do(rsettings, rstore):
+    """h11 #9: `--since 30d` was refused here while `export-bundle --since 30d` (README's example) took it."""
+    everything = CliRunner().invoke(main, ["audit", "export", "--since", "2000-01-01"], env=_cli_env(rsettings))
+    recent = CliRunner().invoke(main, ["audit", "export", "--since", "30d"], env=_cli_env(rsettings))
+    assert recent.exit_code == 0, recent.output
+    assert recent.stdout and recent.stdout == everything.stdout  # the store's entries are all from today
+    none = CliRunner().invoke(main, ["audit", "export", "--since", "2000-01-01", "--until", "9000w"],
+                              env=_cli_env(rsettings))
+    assert none.exit_code == 2 and none.stderr.splitlines()[-1].startswith("Error: --until: "), none.output
+
+
+@pytest.mark.parametrize("option,param", [("--since", "since"), ("--team", "team"), ("--format", "format")])
+async def test_cli_export_refuses_an_option_given_twice_as_the_api_refuses_a_repeated_parameter(
+        rclient, rsettings, rstore, rkeys, option, param):
+    """h11 #9: `--since 2026-01-01 --since 2030-01-01` exported 0 entries (the last one won, silently)."""
+    values = {"--since": ("2026-01-01", "2030-01-01"), "--team": ("a", "b"), "--format": ("csv", "jsonl")}[option]
+    args = [arg for value in values for arg in (option, value)]
+    if option != "--since":
+        args += ["--since", "2026-01-01"]
+    result = CliRunner().invoke(main, ["audit", "export", *args], env=_cli_env(rsettings))
+    query = [(param, value) for value in values] + ([("since", "2026-01-01")] if param != "since" else [])
+    over_http = await rclient.get("/v1/audit/export", headers=bearer(rkeys.reviewer), params=query)
+    assert over_http.status_code == 400 and over_http.json()["error"]["param"] == param
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"Error: {option}: {over_http.json()['error']['message']}"]
+
+
 #: Bad filter values: (option, value, the HTTP parameter). The CLI and the review API read them with the
 #: same code (audit/filters.py), so they refuse them alike, with the same message.
 BAD_FILTERS = [
@@ -183,8 +220,9 @@ BAD_FILTERS = [
 async def test_cli_export_refuses_bad_filters_as_the_api_does(rclient, rsettings, rstore, rkeys, option, value,
                                                               param):
     before = len(all_entries(rstore))
-    result = CliRunner().invoke(main, ["audit", "export", "--since", "2026-05-01", "--format", "csv",
-                                       f"{option}={value}"], env=_cli_env(rsettings))
+    base = [] if option == "--since" else ["--since", "2026-05-01"]  # an option is given once (h11 #9)
+    result = CliRunner().invoke(main, ["audit", "export", *base, "--format", "csv", f"{option}={value}"],
+                                env=_cli_env(rsettings))
     over_http = await rclient.get("/v1/audit/export", headers=bearer(rkeys.reviewer),
                                   params={"since": "2026-05-01", param: value})
 

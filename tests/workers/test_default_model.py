@@ -101,6 +101,20 @@ def test_registry_file_refuses_values_of_the_wrong_type(tmp_path: Path, line: st
         load_registry(path, tmp_path)
 
 
+@pytest.mark.parametrize("name, size", [("a" * 129, 129), ("é" * 65, 130)])
+def test_registry_file_refuses_a_model_name_too_long_for_its_log_file(tmp_path: Path, name: str, size: int) -> None:
+    """h9 F6: a 250-character name passed, then `govgate up` stopped with "[Errno 36] File name too long:
+    '…/logs/worker-aaaa….log'", naming neither the model nor the registry."""
+    path = tmp_path / "models.toml"
+    path.write_text(f'[models."{name}"]\npath = "g.gguf"\n', encoding="utf-8")
+    shown = re.escape(name[:32])
+    with pytest.raises(RegistryError, match=rf"^\[models\.{shown}…\]: a model name may be at most 128 bytes "
+                                            rf"long \(UTF-8\), not {size}$"):
+        load_registry(path, tmp_path)
+    path.write_text(f'[models.{"a" * 128}]\npath = "g.gguf"\n')
+    assert load_registry(path, tmp_path).names() == ["a" * 128]
+
+
 def test_registry_file_that_is_not_utf8_cannot_be_read(tmp_path: Path) -> None:
     path = tmp_path / "models.toml"
     path.write_bytes(b'[models.g]\npath = "g\xff\xfe.gguf"\n')

@@ -155,8 +155,17 @@ def load_registry(models_file: str | Path | None, var_dir: Path) -> Registry:
     return Registry(models)
 
 
+#: Longest model name, in UTF-8 bytes: it is part of file names (``var/logs/worker-<name>.log``; a file name
+#: holds at most 255 bytes), queue names and Celery node names. A longer one used to pass here and stop
+#: ``govgate up`` with "File name too long", naming neither the model nor the registry (h9 F6).
+MAX_NAME_BYTES = 128
+
+
 def _spec_from_table(name: str, table: object, base: Path) -> ModelSpec:
-    where = f"[models.{name}]"
+    size = len(name.encode("utf-8", "surrogatepass"))
+    where = f"[models.{name}]" if size <= MAX_NAME_BYTES else f"[models.{name[:32]}…]"
+    if size > MAX_NAME_BYTES:
+        raise RegistryError(f"{where}: a model name may be at most {MAX_NAME_BYTES} bytes long (UTF-8), not {size}")
     if not isinstance(table, dict):
         raise RegistryError(f"{where} must be a table")
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
