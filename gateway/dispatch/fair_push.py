@@ -11,7 +11,8 @@ the list empty (``LPUSH`` answers 1) or at every :data:`CHECK_EVERY`-th
 length: a list that already held a job is registered (every push and
 restore onto an empty list registers it, in the same step, and the prune
 drops only empty lists), so under load, when the lists are not empty, the
-push costs ``LPUSH`` and ``HINCRBY`` only (until 2026-12-02 every push read
+push costs ``LPUSH``, ``HINCRBY`` and the ``HDEL`` of the place its admission held
+(``gateway/limits/admitting.py``) only (until 2026-12-02 every push read
 the registry). The periodic look finds a registry lost some other way (a
 hand's ``DEL``) while jobs keep coming; a list busy for more than five
 minutes may be pruned as soon as it empties, and its next push registers
@@ -44,6 +45,7 @@ import time
 
 import redis.asyncio as aioredis
 
+from gateway.limits.admitting import admitting_key
 from gateway.limits.scripts import Script
 from workers.contract.fair_queues import NOTED_FIELD, registry_key, tags_key, waiting_key, wake_key
 from workers.contract.jobs import CANCEL_KEY_PREFIX, JOB_LOOK_AGAIN, LOOK_AGAIN_TTL_S, queue_for
@@ -56,9 +58,10 @@ CHECK_EVERY = 8
 #: Most wake tokens kept: one wakes one blocked worker; more would only make idle workers spin.
 WAKE_TOKENS = 64
 
-# KEYS: [1] the list, [2] waiting counts, [3] registry, [4] wake list, [5] idle tokens, [6] bell, [7] tags.
+# KEYS: [1] the list, [2] waiting counts, [3] registry, [4] wake list, [5] idle tokens, [6] bell, [7] tags,
+#       [8] the model's admitting hash (gateway/limits/admitting.py).
 # ARGV: [1] the message, [2] team field, [3] now (s), [4] the jobs' state-key prefix, [5] the look-again
-#       mark, [6] its ttl (s).
+#       mark, [6] its ttl (s), [7] the request id ('' : none holds a place).
 # The state keys marked are named by the tags hash's noted jobs, not passed (one Redis, not a Cluster).
 _PUSH = f"""
 local n = redis.call('LPUSH', KEYS[1], ARGV[1])
@@ -81,6 +84,8 @@ if n == 1 then  -- a list turned non-empty: ring an idle worker, and tell the st
   end
 end
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+-- the place its admission held moves into the waiting count in the same step: counted once, always
+if ARGV[7] ~= '' then redis.call('HDEL', KEYS[8], ARGV[7]) end
 -- a list that held jobs before this push is registered (a push registers an empty list, a restore its
 -- list, and the prune drops only empty ones): the registry is read only when the list was empty, and
 -- at every {CHECK_EVERY}th length (a registry lost some other way, e.g. deleted by hand, is found again)
@@ -100,11 +105,13 @@ return 1
 PUSH = Script(_PUSH)
 
 
-async def fair_push(redis: aioredis.Redis, model: str, team: str, key: str, message: str) -> None:
+async def fair_push(redis: aioredis.Redis, model: str, team: str, key: str, message: str, *,
+                    request_id: str = "") -> None:
     """LPUSH ``message`` on ``key`` (a fair list of ``model``; ``team`` as in the hashes), count it as
-    waiting, register the list if needed, ring an idle worker if the list was empty; raises ``RedisError``
-    or ``OSError``."""
+    waiting in place of the place ``request_id``'s admission held, register the list if needed, ring an
+    idle worker if the list was empty; raises ``RedisError`` or ``OSError``."""
     queue = queue_for(model)
     await PUSH(redis, (key, waiting_key(model), registry_key(model), wake_key(model), idle_key(queue),
-                       bell_key(queue), tags_key(model)),
-               (message, team, repr(time.time()), CANCEL_KEY_PREFIX, JOB_LOOK_AGAIN, LOOK_AGAIN_TTL_S))
+                       bell_key(queue), tags_key(model), admitting_key(model)),
+               (message, team, repr(time.time()), CANCEL_KEY_PREFIX, JOB_LOOK_AGAIN, LOOK_AGAIN_TTL_S,
+                request_id))

@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from gateway.dispatch.celery_message import task_message
 from gateway.dispatch.fair_push import fair_push
+from gateway.limits.admitting import admitting_key
 from gateway.limits.scripts import Script
 from gateway.dispatch.job_payload import sealed_job
 from workers.contract.queue_layout import bell_key, idle_key, queue_keys
@@ -65,11 +66,30 @@ return 1
 """
 WITHDRAW = Script(_WITHDRAW)
 
+# fifo mode's push. KEYS: [1] the list, [2] the model's admitting hash (gateway/limits/admitting.py),
+# [3] its tags hash, [4] its idle tokens, [5] its bell. ARGV: [1] the message, [2] the request id,
+# [3] the plain lists' hint field.
+# The place the request's admission held moves into the list in the same step, so the admission
+# script counts it once; a push that turns the list non-empty sets the plain lists' hint (workers in
+# fair mode may skip those lists until it says otherwise) and rings an idle worker waiting on the bell
+# (workers/contract/take.py) in the same call.
+_FIFO_PUSH = """
+local n = redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[2])
+if n == 1 then
+  redis.call('HSET', KEYS[3], ARGV[3], 1)
+  redis.call('RPOPLPUSH', KEYS[4], KEYS[5])
+end
+return n
+"""
+FIFO_PUSH = Script(_FIFO_PUSH)
+
 
 class Dispatcher:
-    """Queues jobs for the workers: a Celery task message pushed on the async client (fifo: one LPUSH,
-    and when the list was empty the plain lists' hint and a ring for an idle worker; fair: one script that also counts the team's
-    waiting job, registers the list and rings)."""
+    """Queues jobs for the workers: a Celery task message pushed on the async client, in one script that
+    also takes back the place the request's admission held (``gateway/limits/admitting.py``); fifo: an
+    LPUSH, and when the list was empty the plain lists' hint and a ring for an idle worker; fair: one that
+    also counts the team's waiting job, registers the list and rings."""
 
     def __init__(self, redis: aioredis.Redis, *, expires_s: float, sealer: Sealer, mode: str = MODE_FAIR) -> None:
         """``expires_s``: how long after queueing a job is still worth running (the request timeout);
@@ -99,20 +119,16 @@ class Dispatcher:
         queue = job_queue(job.model, job.team, job.principal) if self._fair else queue_for(job.model)
         key, message = task_message(GENERATE_TASK, job.request_id, [sealed_job(job, self._sealer)],
                                     queue=queue, priority=priority, argsrepr=f"(<sealed job {job.request_id}>,)")
-        # One command on the event loop's own client: no thread, no retries that
+        # One script (one round trip) on the event loop's own client: no thread, no retries that
         # could hold the request for seconds if Redis is gone.
         team = team_field(job.team) if self._fair else None
         try:
             if team is not None:
-                await fair_push(self._redis, job.model, team, key, message)
-            elif await self._redis.lpush(key, message) == 1:
-                # The list was empty: workers in fair mode may skip the plain lists until the hint says
-                # otherwise, and an idle worker may be waiting on the bell (workers/contract/take.py).
+                await fair_push(self._redis, job.model, team, key, message, request_id=job.request_id)
+            else:
                 plain = queue_for(job.model)
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.hset(tags_key(job.model), PLAIN_HINT, 1)
-                    pipe.rpoplpush(idle_key(plain), bell_key(plain))
-                    await pipe.execute()
+                await FIFO_PUSH(self._redis, (key, admitting_key(job.model), tags_key(job.model), idle_key(plain),
+                                              bell_key(plain)), (message, job.request_id, PLAIN_HINT))
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"the queue did not accept the request: {exc}") from exc
         return Queued(key, message, job.model, team)

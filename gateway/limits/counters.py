@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.limits import scripts
+from gateway.limits.admitting import ADMITTING_TTL_S
 from gateway.limits.catalogue import LIMIT_NAMES, MINUTE_WINDOW_FREES_IN, USAGE_LIMITS, UsageLimit
 from gateway.limits.later import LaterCalls
 
@@ -84,15 +85,19 @@ class Reservation:
     scopes: tuple[Scope, ...]
     tokens: int
     at: float
+    #: The model's admitting hash (``gateway/limits/admitting.py``) where the request holds its place in the
+    #: queue until it is queued; a release or undo gives that place back too (None: it was reserved
+    #: without a queue check, and holds none).
+    admitting: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"request_id": self.request_id, "tokens": self.tokens, "at": self.at,
-                "scopes": [{"kind": s.kind, "name": s.name} for s in self.scopes]}
+                "scopes": [{"kind": s.kind, "name": s.name} for s in self.scopes], "admitting": self.admitting}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Reservation":
         return cls(str(data["request_id"]), tuple(Scope(s["kind"], s["name"]) for s in data["scopes"]),
-                   int(data["tokens"]), float(data["at"]))
+                   int(data["tokens"]), float(data["at"]), data.get("admitting"))
 
 
 @dataclass(frozen=True)
@@ -236,13 +241,21 @@ class QueueCheck:
     hash and the live workers' set, and a request is refused while its team
     holds its cap of places (``gateway/limits/fair_share.py``) or all teams
     together hold twice ``limit``. ``worker_prefix``: the model's members in
-    the live workers' set.
+    the live workers' set. ``admitting``: the model's hash of places held by
+    requests admitted but not yet queued (``gateway/limits/admitting.py``),
+    counted with the queue's jobs (per team in fair mode); an admitted
+    request takes its place there in the same step.
     """
 
     keys: tuple[str, ...]
     limit: int
     team: str | None = None
     worker_prefix: str = ""
+    admitting: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.admitting:
+            raise ValueError("a queue check needs the model's admitting hash")
 
 
 @dataclass(frozen=True)
@@ -304,12 +317,15 @@ class UsageCounters:
     """Per-principal and per-team usage, checked and recorded atomically."""
 
     def __init__(self, client: aioredis.Redis, *, prefix: str = "govgate:usage",
-                 in_flight_ttl_s: float = 900) -> None:
-        if in_flight_ttl_s <= 0:
-            raise ValueError("in_flight_ttl_s must be positive")
+                 in_flight_ttl_s: float = 900, admitting_ttl_s: float = ADMITTING_TTL_S) -> None:
+        """``admitting_ttl_s``: how long an admitted request holds its place in the queue unqueued
+        before it is no longer counted (``gateway/limits/admitting.py``)."""
+        if in_flight_ttl_s <= 0 or admitting_ttl_s <= 0:
+            raise ValueError("in_flight_ttl_s and admitting_ttl_s must be positive")
         self._client = client
         self._tag = "{" + prefix + "}"
         self._fly_ttl_us = round(in_flight_ttl_s * _US)
+        self._hold_ttl_us = round(admitting_ttl_s * _US)
         # give-backs that could not be made at once (a cancelled or failed reserve, a release that
         # failed), retried until Redis answers; after the in-flight TTL a held slot has expired anyway
         self._later = LaterCalls((CountersUnavailable,), give_up_after_s=in_flight_ttl_s)
@@ -426,20 +442,21 @@ class UsageCounters:
         periods = _Periods.at(now_us)
         replaced = _Periods.at(round(replace.at * _US)) if replace is not None else periods
         keys = [self._record_key(request_id or "-")] + [k for s in scopes for k in self._scope_keys(s)]
-        keys += queue.keys if queue is not None else ()
+        keys += (queue.admitting, *queue.keys) if queue is not None else ()
+        admitting = queue.admitting if queue is not None and limits is not None else None
         args = [now_us, _WINDOW_US, len(scopes), request_id or "-", "snapshot" if limits is None else "reserve",
                 tokens, now_us + self._fly_ttl_us, _SCOPE_TTL_MS, _RECORD_TTL_MS, periods.day_end_us,
                 periods.month_end_us, periods.day, periods.yesterday, periods.month, periods.last_month,
                 queue.limit if queue is not None else -1, 1 if replace is not None else 0, replaced.day,
                 replaced.month, "fair" if queue is not None and queue.team is not None else "",
                 queue.team if queue is not None and queue.team is not None else "",
-                queue.worker_prefix if queue is not None else "", *limit_args]
+                queue.worker_prefix if queue is not None else "", now_us + self._hold_ttl_us, *limit_args]
         try:
             reply = await self._run(scripts.ADMIT, keys, args)
         except asyncio.CancelledError:
             if limits is not None:  # the script may have run although we will never see its reply
                 assert request_id is not None
-                self._give_back_later(Reservation(request_id, scopes, tokens, now_us / _US), "released")
+                self._give_back_later(Reservation(request_id, scopes, tokens, now_us / _US, admitting), "released")
             raise
         except CountersUnavailable as exc:
             if limits is not None and not exc.answered:
@@ -447,7 +464,7 @@ class UsageCounters:
                 # frozen Redis, which runs it when it resumes. The caller refuses the request, so it must
                 # hold nothing: undone, and barred (a tombstone) against the script still on its way.
                 assert request_id is not None
-                self._give_back_later(Reservation(request_id, scopes, tokens, now_us / _US), "undone",
+                self._give_back_later(Reservation(request_id, scopes, tokens, now_us / _US, admitting), "undone",
                                       failed=exc, bar=True)
             raise
         views = [
@@ -458,18 +475,19 @@ class UsageCounters:
         usage = {"principal": views[0], "team": views[1] if team is not None else None}
         waiting = int(reply[len(scopes)])
         return CountersReply(usage, None if waiting < 0 else waiting,
-                             self._outcome(reply[len(scopes) + 1], request_id, scopes, tokens, now_us, queue))
+                             self._outcome(reply[len(scopes) + 1], request_id, scopes, tokens, now_us, queue,
+                                           admitting))
 
     def _outcome(self, reply: list, request_id: str | None, scopes: tuple[Scope, ...], tokens: int, now_us: int,
-                 queue: QueueCheck | None) -> Reservation | Refusal | QueueAtLimit | None:
+                 queue: QueueCheck | None, admitting: str | None) -> Reservation | Refusal | QueueAtLimit | None:
         kind = _text(reply[0])
         if kind == "snapshot":
             return None
         assert request_id is not None
         if kind == "reserved":
-            return Reservation(request_id, scopes, tokens, now_us / _US)
+            return Reservation(request_id, scopes, tokens, now_us / _US, admitting)
         if kind == "held":
-            return Reservation(request_id, scopes, int(reply[2]), int(reply[3]) / _US)
+            return Reservation(request_id, scopes, int(reply[2]), int(reply[3]) / _US, admitting)
         if kind == "queue_full":
             assert queue is not None
             if queue.team is None:
@@ -516,6 +534,10 @@ class UsageCounters:
         periods = _Periods.at(round(reservation.at * _US))
         keys = [self._record_key(reservation.request_id)]
         keys += [k for s in reservation.scopes for k in self._scope_keys(s)]
+        if mode != "settled" and reservation.admitting:
+            # a request given back before it was queued frees its place in the queue with it (a settled one
+            # was queued: its push took the place back, so a settle sends no HDEL)
+            keys.append(reservation.admitting)
         # a bar's tombstone is looked for by every reserve of the principal while it lives: it lives as
         # long as an in-flight slot (a reserve that arrives later would hold an expired one anyway)
         ttl_ms = self._fly_ttl_us // 1000 if bar else _RECORD_TTL_MS

@@ -122,13 +122,17 @@ end
 """
 
 _ADMIT = _PRELUDE + """
--- KEYS: [1] request record, two per scope, then the model's queue: its lists (fifo, maybe none), or
--- (fair) its waiting hash, the shares hash, its tags hash and the live workers' set.
+-- KEYS: [1] request record, two per scope, then (maybe none) the model's queue: its admitting hash
+-- (gateway/limits/admitting.py), then its lists (fifo), or (fair) its waiting hash, the shares hash, its
+-- tags hash and the live workers' set.
 -- ARGV 5 'snapshot' | 'reserve', 6 tokens, 7 in-flight expiry (µs), 8 key ttl (ms), 9 record ttl (ms),
 -- 10 day end (µs), 11 month end (µs), 12 today, 13 yesterday, 14 this month, 15 last month,
 -- 16 queue limit (-1: none), 17 '1': replace a reservation this request holds (18, 19: its day and month),
 -- 20 'fair' (the queue keys are fair share's) or '', 21 the team's field in the waiting hash,
--- 22 the model's members' prefix in the live workers' set, 23.. five limits per scope (-1: none).
+-- 22 the model's members' prefix in the live workers' set, 23 until when (µs) an admitted request holds
+-- its place in the admitting hash, 24.. five limits per scope (-1: none).
+-- The queue's depth counts the admitting hash's live places with the queue's jobs: a request admitted
+-- but not yet queued holds its place (its team's, in fair mode) from its reservation on.
 -- Returns {usage per scope (five counters and µs until the oldest window entry leaves),
 --          queue depth (-1: not read), outcome...}; outcome is {'snapshot'}, {'reserved'},
 -- {'held', state, tokens, at}, {'refused', scope, limit, value, used, wait µs}, {'queue_full', depth}
@@ -368,9 +372,31 @@ local function add(s)
   end
 end
 
+-- The queue's keys: the admitting hash at QFIRST, the lists or fair share's keys after it.
+local QFIRST = 2 + 2 * NSCOPES
+local QUEUE = #KEYS >= QFIRST
+
+-- The places held by requests admitted but not yet queued (one HGETALL): how many in all and per team
+-- (fair mode's field; '' in fifo mode), and whether this request holds one (not counted: a replacement's,
+-- or a repeated call's). Places past their expiry (a gateway died holding them) are not counted and are
+-- deleted with the call's other deletions.
+local function holding()
+  local flat = redis.call('HGETALL', KEYS[QFIRST])
+  local total, teams, own, expired = 0, {}, false, {}
+  for k = 1, #flat, 2 do
+    local team, until_ = string.match(flat[k + 1], '^(%S*) (%d+)$')
+    until_ = tonumber(until_)
+    if flat[k] == ID then own = true
+    elseif not until_ or until_ <= NOW then expired[#expired + 1] = flat[k]
+    else total, teams[team] = total + 1, (teams[team] or 0) + 1 end
+  end
+  if #expired > 0 then delete('HDEL', KEYS[QFIRST], unpack(expired)) end
+  return total, teams, own
+end
+
 local function depth()
-  local first = 2 + 2 * NSCOPES
-  if #KEYS < first then return -1 end
+  local first = QFIRST + 1
+  if #KEYS < first then return 0 end
   local nonempty = redis.call('EXISTS', unpack(KEYS, first))
   local total = 0
   for k = first, #KEYS do
@@ -381,20 +407,22 @@ local function depth()
   return total
 end
 
--- Fair share: the model's waiting jobs per team (one HGETALL): the total, this team's, the other teams
--- with jobs waiting.
+-- Fair share: the model's places per team, its waiting jobs (one HGETALL) and its requests admitted but
+-- not yet queued (`holds`, per team): the total, this team's, the other teams holding places.
 local FAIR = ARGV[20] == 'fair'
 local TEAM = ARGV[21]
-local QFIRST = 2 + 2 * NSCOPES
-local function fair_depth()
-  local flat = redis.call('HGETALL', KEYS[QFIRST])
-  local total, mine, others = 0, 0, {}
+local function fair_depth(holds)
+  local flat = redis.call('HGETALL', KEYS[QFIRST + 1])
+  local places = {}
   for k = 1, #flat, 2 do
     local n = tonumber(flat[k + 1]) or 0
-    if n > 0 then
-      total = total + n
-      if flat[k] == TEAM then mine = n else others[#others + 1] = flat[k] end
-    end
+    if n > 0 then places[flat[k]] = n end
+  end
+  for team, n in pairs(holds) do places[team] = (places[team] or 0) + n end
+  local total, mine, others = 0, 0, {}
+  for team, n in pairs(places) do
+    total = total + n
+    if team == TEAM then mine = n else others[#others + 1] = team end
   end
   return total, mine, others
 end
@@ -410,7 +438,7 @@ end
 
 local function fair_weights(others)
   if #others == 0 then return 1, 1 end
-  local got = redis.call('HMGET', KEYS[QFIRST + 1], TEAM, '*', unpack(others))
+  local got = redis.call('HMGET', KEYS[QFIRST + 2], TEAM, '*', unpack(others))
   local default = positive(got[2]) or 1
   local w = positive(got[1]) or default
   local sum = w
@@ -428,8 +456,8 @@ local function fair_check(limit, total, mine, others)
   local cap = limit
   if sum > w then cap = math.max(1, math.floor(limit * w / sum + 1e-9)) end
   if mine < cap and not ceiling then return nil end
-  local svc = redis.call('HGET', KEYS[QFIRST + 2], 'svc') or ''
-  local members = redis.call('ZRANGEBYSCORE', KEYS[QFIRST + 3], '(' .. math.floor(NOW / 1000000), '+inf')
+  local svc = redis.call('HGET', KEYS[QFIRST + 3], 'svc') or ''
+  local members = redis.call('ZRANGEBYSCORE', KEYS[QFIRST + 4], '(' .. math.floor(NOW / 1000000), '+inf')
   local live, prefix = 0, ARGV[22]
   for _, m in ipairs(members) do
     if string.sub(m, 1, #prefix) == prefix then live = live + 1 end
@@ -483,8 +511,12 @@ if MODE == 'reserve' and ARGV[17] ~= '1' then
   -- may be there
   if not held and scopes[1].T and scopes[1].T > NOW then held = redis.call('GET', KEYS[1]) or nil end
 end
-local waiting, mine, others
-if FAIR then waiting, mine, others = fair_depth() else waiting = depth() end
+local waiting, mine, others = -1, nil, nil
+local holds, hold_teams, own_hold = 0, {}, false
+if QUEUE then
+  holds, hold_teams, own_hold = holding()
+  if FAIR then waiting, mine, others = fair_depth(hold_teams) else waiting = depth() + holds end
+end
 
 if MODE ~= 'reserve' then
   for i = 1, NSCOPES do
@@ -508,7 +540,7 @@ local need = {1, TOKENS, TOKENS, TOKENS, 1}
 for i = 1, NSCOPES do
   local s = scopes[i]
   for j = 1, 5 do
-    local limit = tonumber(ARGV[22 + (i - 1) * 5 + j])
+    local limit = tonumber(ARGV[23 + (i - 1) * 5 + j])
     if limit >= 0 and s.usage[j] + need[j] > limit then
       local w = wait(j, s, s.usage[j], limit)
       if best == nil or w > best[5] then best = {i, j, limit, s.usage[j], w} end
@@ -529,20 +561,29 @@ if outcome then
     local s = scopes[i]
     flush(s)
   end
+  -- a place this request held (a replacement's, whose reservation was given back above) goes with it
+  if own_hold then delete('HDEL', KEYS[QFIRST], ID) end
   deleted()
   return reply(scopes, waiting, outcome)
 end
 for i = 1, NSCOPES do add(scopes[i]) end
+-- its place, until it is queued (the push deletes it) or gives its reservation back (FINISH does)
+if QUEUE and limit >= 0 then redis.call('HSET', KEYS[QFIRST], ID, TEAM .. ' ' .. ARGV[23]) end
 deleted()
 return reply(scopes, waiting, {'reserved'})
 """
 
 _FINISH = _PRELUDE + """
--- KEYS[1] request record, then three keys per scope.
+-- KEYS[1] request record, then two keys per scope, then (maybe) the model's admitting hash.
 -- ARGV 5 'settled' | 'released' | 'undone', 6 tokens actually used (settle), 7 a tombstone's ttl (ms),
 -- 8 the reservation's day, 9 its month, 10 its tokens, 11 its time (µs), 12 '1': leave a tombstone
 -- whatever the record holds (a give-back after an admit call that failed: gateway/limits/counters.py).
 local MODE = ARGV[5]
+-- A request that gives its reservation back before it was queued gives back its place in the queue
+-- too (gateway/limits/admitting.py); one queued has none left (its push deleted it), and the field is
+-- then simply absent. Done whatever the record says: a give-back of a reserve whose script runs later
+-- leaves a tombstone, and that script then reserves nothing and holds no place.
+if #KEYS >= 2 + 2 * NSCOPES then redis.call('HDEL', KEYS[2 + 2 * NSCOPES], ID) end
 -- The record is read with the first scope's counters and marked with them.
 local s1 = scope(1)
 local v1 = hget(s1.h, finish_fields(true))

@@ -127,3 +127,71 @@ def test_a_burst_fills_its_teams_places_and_the_other_team_still_gets_in(own_red
                and e.principal in (ann, bob)]
     assert len(refused) == 1 + RACERS + 1
     assert all(audit_store.terminal_for(e.request_id) is None for e in refused)
+
+
+BURST = 30
+
+
+def _burst(base: str, key: str, n: int) -> list[httpx.Response]:
+    """``n`` requests of ``key`` sent at once (threads released together); returns once all are answered."""
+    answers: list[httpx.Response] = []
+    start = threading.Barrier(n)
+
+    def one() -> None:
+        start.wait(30)
+        answers.append(httpx.post(f"{base}/v1/chat/completions", headers=bearer(key),
+                                  json={"model": QUEUE_MODEL, "messages": HELLO, "max_tokens": 1}, timeout=90))
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return answers
+
+
+def test_a_burst_at_one_instant_takes_its_places_exactly_and_the_other_team_gets_in(  # noqa: F811
+        own_redis, audit_store, tmp_path) -> None:
+    """h8 finding 2: thirty requests of one team at once once got about twenty admitted against 4 places
+    (each admission passed the check before any of them was queued), and then the other team was refused by
+    the 2 × limit ceiling. A request admitted but not yet queued now holds its team's place in the same
+    script that reserves, so the burst gets exactly its 4 and the other team its 2 of 4."""
+    # the admitted requests wait in the queue (no worker serves the model) until this timeout ends them: it
+    # outlasts the burst's refusals and the other team's admission on a busy machine, and the test waits it out
+    own = own_redis.with_(queue_mode="fair", max_queued_per_model=LIMIT, request_timeout_s=20,
+                          policy_dir=policy_copy(tmp_path, _roomy))
+    tag = uuid.uuid4().hex[:6]
+    store = KeyStore(open_database(own))
+    key_a = store.create(f"heavy-{tag}", team="burst-a", roles=["admin"]).secret
+    key_b = store.create(f"light-{tag}", team="burst-b", roles=["admin"]).secret
+    store.engine.dispose()
+    raw = redis.Redis.from_url(own.redis_url)
+    light: list[httpx.Response] = []
+    try:
+        with serving(own, tmp_path / "serve.log") as base:
+            _until(lambda: raw.hget(SHARES_KEY, "burst-a") == b"1", "the shares to be published")
+            heavy: list[httpx.Response] = []
+            burst = threading.Thread(target=lambda: heavy.extend(_burst(base, key_a, BURST)))
+            burst.start()
+            # every refusal of the burst is answered while its admitted requests still wait in the queue
+            _until(lambda: sum(1 for r in heavy if r.status_code == 429) + _waiting(raw, "burst-a") >= BURST
+                   or not burst.is_alive(), "the burst's refusals", timeout_s=60)
+            queued_a = _waiting(raw, "burst-a")
+            b_thread = threading.Thread(target=lambda: light.extend(_burst(base, key_b, 2)))
+            b_thread.start()
+            _until(lambda: _waiting(raw, "burst-b") == 2 or not b_thread.is_alive(), "team B's two requests")
+            queued_b = _waiting(raw, "burst-b")
+            burst.join(120)
+            b_thread.join(120)
+    finally:
+        raw.close()
+
+    codes = sorted((r.status_code, r.json()["error"]["code"]) for r in heavy)
+    assert codes.count((429, "queue_full")) == BURST - LIMIT, codes
+    assert codes.count((504, "timed_out")) == LIMIT, codes  # admitted: waited in the queue until the timeout
+    assert queued_a == LIMIT  # never more than its places, not even for a moment of the burst
+    assert all(f"team burst-a: {LIMIT} of {LIMIT} places" in r.json()["error"]["message"]
+               for r in heavy if r.status_code == 429)
+    # the other team holds none of its 2 places: both are admitted, queued, and wait their timeout
+    assert queued_b == 2, [r.text for r in light]
+    assert sorted(r.status_code for r in light) == [504, 504]

@@ -71,3 +71,33 @@ async def _usage(redis_url: str) -> dict:
         return (await UsageCounters(client).snapshot("root", "ops"))["principal"]
     finally:
         await client.aclose()
+
+
+def test_racers_for_an_empty_fifo_queue_take_exactly_its_places(own_redis, keyring, audit_store,  # noqa: F811
+                                                                tmp_path) -> None:
+    """h8 finding 2, fifo's side: requests sent at one instant all read an empty queue, and before an admitted
+    request held its place until queued, every admission between its reservation and its push passed the
+    check. Now exactly the limit's worth is admitted (they wait their timeout: no worker serves the model)."""
+    own = own_redis.with_(max_queued_per_model=2, request_timeout_s=15, queue_mode="fifo")
+    answers: list[httpx.Response] = []
+    start = threading.Barrier(RACERS)
+
+    def post() -> None:
+        start.wait(30)
+        answers.append(httpx.post(f"{base}/v1/chat/completions", headers=bearer(keyring["admin"]),
+                                  json={"model": QUEUE_MODEL, "messages": HELLO}, timeout=90))
+
+    with serving(own, tmp_path / "serve.log") as base:
+        racers = [threading.Thread(target=post) for _ in range(RACERS)]
+        for thread in racers:
+            thread.start()
+        deadline = time.monotonic() + 60
+        # the refusals come first; the two admitted wait in the queue until their timeout
+        while sum(1 for r in answers if r.status_code == 429) < RACERS - 2 and len(answers) < RACERS:
+            assert time.monotonic() < deadline, sorted(r.status_code for r in answers)
+            time.sleep(0.05)
+        depth = queued(own, QUEUE_MODEL)
+        for thread in racers:
+            thread.join(120)
+    assert depth == 2
+    assert sorted(r.status_code for r in answers) == [429] * (RACERS - 2) + [504, 504]
