@@ -17,7 +17,9 @@ decision goes through the gateway's own checks (:func:`checked_decision`,
 the admission path's: an allow with ``max_tokens`` 0 is a ``policy_error``
 there too). Then the output rule is asked about a representative output
 for each role and model (up to :data:`MAX_OUTPUT_TRIALS`). The revision is
-refused, keeping the running one, when any answer is a ``policy_error``.
+refused, keeping the running one, when any answer is a ``policy_error``,
+or when listing the models a role and team may use (``visible_models``,
+as ``GET /v1/models`` asks; up to :data:`MAX_LIST_TRIALS`) fails.
 These three gaps (no team, the gateway's own checks, no output trial) each
 let a policy through that broke every real request (probe h10 F5).
 
@@ -30,7 +32,7 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable, Iterator
 
 from gateway.auth import Principal
-from gateway.policy import POLICY_ERROR, Obligations
+from gateway.policy import POLICY_ERROR, Obligations, PolicyUnavailable
 from gateway.requests.decision_checks import checked_decision
 from gateway.requests.output_input import output_policy_input
 from gateway.requests.policy_input import build_input
@@ -40,6 +42,8 @@ from workers.contract.registry import Registry
 MAX_TRIALS = 64
 #: The most output decisions a reload asks for (one per role and model, in the request trials' order).
 MAX_OUTPUT_TRIALS = 16
+#: The most model lists (``visible_models``, as GET /v1/models asks) a reload asks for: one per role and team.
+MAX_LIST_TRIALS = 16
 #: What each trial request asks, and the completion bound it gives.
 TRIAL_MESSAGES = [{"role": "user", "content": "hello"}]
 TRIAL_MAX_TOKENS = 16
@@ -89,7 +93,11 @@ def policy_trial(registry: Registry) -> Callable[[Any], Awaitable[str | None]]:
         snapshot = getattr(engine, "snapshot", None)
         data = snapshot.base_data() if snapshot is not None else None
         outputs: dict[tuple[Any, Any], tuple[str, dict[str, Any]]] = {}
+        lists: dict[tuple[Any, Any], tuple[str, dict[str, Any], list[dict[str, Any]]]] = {}
         for label, document in trial_inputs(registry, data):
+            who = (tuple(document["principal"]["roles"]), document["principal"]["team"])
+            listing = lists.setdefault(who, (label.rsplit(", model ", 1)[0], document["principal"], []))
+            listing[2].append(document["model"])
             decision = checked_decision(await engine.decide(document), TRIAL_MAX_TOKENS)
             errors = [reason.message for reason in decision.reasons if reason.code == POLICY_ERROR]
             if errors and not decision.is_unavailable:
@@ -100,6 +108,14 @@ def policy_trial(registry: Registry) -> Callable[[Any], Awaitable[str | None]]:
                 outputs[key] = (label, output_policy_input(document, obligations, TRIAL_OUTPUT))
         if not hasattr(engine, "decide_output"):  # a test's stand-in that decides requests only
             return None
+        for label, principal, models in list(lists.values())[:MAX_LIST_TRIALS]:
+            try:
+                listed = await engine.visible_models_known(principal, models)
+            except PolicyUnavailable:  # capacity, not the policy's fault
+                continue
+            if listed is None:
+                return (f"the policy fails listing the models of {label}: its visible_models evaluation "
+                        "failed (GET /v1/models would answer policy_error)")
         for label, document in outputs.values():
             verdict = await engine.decide_output(document)
             if verdict.is_policy_error and not verdict.is_unavailable:

@@ -375,6 +375,24 @@ async def test_a_revision_whose_output_rule_fails_on_every_output_is_refused(tmp
         await reloading.aclose()
 
 
+async def test_a_revision_whose_model_list_fails_is_refused(tmp_path: Path) -> None:
+    """A visible_models rule that errs for a team's members passed every request trial (a request's model is
+    judged by the decision) and then answered GET /v1/models with 403 policy_error for all of them."""
+    def failing_list(folder: Path) -> None:
+        (folder / "errs.rego").write_text(
+            "package govgate\n\nimport rego.v1\n\nvisible_models contains name if {\n"
+            "\tis_string(input.principal.team)\n\tname = sprintf(\"%v\", [10 / count([])])\n}\n",
+            encoding="utf-8")
+
+    result, reloading, engine = await _trial_reload(tmp_path, failing_list)
+    try:
+        assert not result.changed and reloading.current is engine
+        assert result.error is not None and "the policy fails listing the models of role" in result.error
+        assert "team '" in result.error
+    finally:
+        await reloading.aclose()
+
+
 def test_the_trial_tries_every_role_and_team_on_every_model_within_its_bound(tmp_path: Path) -> None:
     from gateway.requests.policy_trial import MAX_TRIALS, trial_inputs
     from workers.contract.registry import load_registry
