@@ -318,8 +318,15 @@ async def test_a_policy_with_a_module_of_its_own_is_interpreted_so_a_builtin_err
 
 
 def test_the_shipped_modules_are_the_ones_the_vm_trusts(tmp_path: Path) -> None:
+    """The digests recorded in the package are this checkout's modules (after editing a shipped module:
+    ``python -m gateway.policy.shipped_modules`` prints the new table), and a module beside them in the
+    shipped folder (an operator's, in the default GOVGATE_POLICY_DIR) is not trusted (probe p3)."""
+    from gateway.policy.shipped_modules import SHIPPED_MODULE_DIGESTS, digests_of
+
+    assert digests_of(POLICY_DIR) == SHIPPED_MODULE_DIGESTS
     modules = list(read_policy(POLICY_DIR).modules)
     assert modules and unshipped_modules(modules) == []
+    assert unshipped_modules([*modules, ("custom.rego", DIVIDES_BY_ZERO)]) == ["custom.rego"]
     changed = [(modules[0][0], modules[0][1] + "\n# an operator's comment\n"), *modules[1:]]
     assert unshipped_modules(changed) == [modules[0][0]]
     assert unshipped_modules([("custom.rego", DIVIDES_BY_ZERO)]) == ["custom.rego"]

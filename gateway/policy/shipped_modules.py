@@ -1,0 +1,47 @@
+"""The SHA-256 of each shipped policy module's text, as this version ships them.
+
+:mod:`gateway.policy.vm_trust` lets the compiled VM answer a policy made of
+these modules only. The digests are recorded here, in the package, rather
+than read from a ``policies/`` folder at run time: that folder is also the
+default ``GOVGATE_POLICY_DIR`` (and the one compose mounts over), so an
+operator's ``custom.rego`` put there was read as "shipped" and answered on
+the VM, builtin errors undefined (probe p3). A change to a shipped module
+changes its digest here too: ``tests/policy/test_policy_vm.py`` compares
+this table with ``policies/``, and ``python -m gateway.policy.shipped_modules``
+prints the table for the current files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Final
+
+SHIPPED_MODULE_DIGESTS: Final[dict[str, str]] = {
+    "access.rego": "fd81cb2ea7f4d3587fc14ca1a0803b375e338bc1fc8018cea7164d3a407ad9b2",
+    "calendar.rego": "201767b2519835c926f571ef3f3870cd8eace46c1d1054eb052bcd6aa93d2509",
+    "checks.rego": "e816fd7adb5febbd9e215e2979a44121f7024a5e9d52698ca3133d0838e29d33",
+    "content.rego": "6f3d9860d47f1f52a0e921bfd2f2c8c8b41abc0b8a45693b035fe3f2edcd4aeb",
+    "govgate.rego": "5a5d90a0fab0e819f461ff5119514cfee538ecf9d5d91f54d19177bbe5f8b1c7",
+    "limits.rego": "46ba8d0d8d178cbc7ad43dd407d7505ec01f2afb39d110e363301695d8302e8c",
+    "obligations.rego": "122f4ac2d4399f65e3219dbc0321f71e4e262c4afe8a3061e44acfd6dd1799f9",
+    "output.rego": "91795e8cb4fd05df57dc601648f3a39b3adef07b3292dbcab71d62ec48a49944",
+    "pii.rego": "53d7654caa31db1cb1c9fd2060475e5b2c9b75f31755ee156951638d0ca7515a",
+    "purpose.rego": "4cd8362f6bed5397f115f59d0cea48caa929e42bfd5616c09a06f45ea7438129",
+    "schedule.rego": "8d6789078318f85234bf883560916518b81de8f06de7125c30c8fbb22d62e44c",
+}
+
+
+def module_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def digests_of(folder: Path) -> dict[str, str]:
+    """The table for the modules of ``folder`` (``*.rego`` but the ``*_test.rego``)."""
+    return {path.name: module_digest(path.read_text(encoding="utf-8")) for path in sorted(folder.glob("*.rego"))
+            if not path.name.endswith("_test.rego")}
+
+
+if __name__ == "__main__":
+    for name, digest in digests_of(Path(__file__).resolve().parents[2] / "policies").items():
+        print(f'    "{name}": "{digest}",')
