@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Callable, Final, Protocol, runtime_checkable
 
@@ -379,7 +380,8 @@ def _unavailable(message: str) -> Decision:
 
 
 def _deny(code: str, message: str, detail: str = "") -> Decision:
-    # The reason carries a one-line summary; the log keeps the full engine error.
+    # The reason carries a one-line summary; the log keeps the full engine error, its quoted values left out.
+    detail = without_values(detail)
     log.warning("policy deny %s: %s%s", code, message, f"\n{detail}" if "\n" in detail else "")
     return Decision.fail_closed(code, message)
 
@@ -395,13 +397,34 @@ def _output_unavailable(message: str) -> OutputDecision:
 
 
 def _stop(code: str, message: str, detail: str = "") -> OutputDecision:
+    detail = without_values(detail)
     log.warning("output policy stop %s: %s%s", code, message, f"\n{detail}" if "\n" in detail else "")
     return OutputDecision.fail_closed(code, message)
 
 
+#: A backtick-quoted name in a regorus error (a builtin, a rule: kept); any other quoted span is a value.
+_QUOTED_NAME = re.compile(r"`[A-Za-z_][A-Za-z0-9_.]*`")
+_BACKTICKED = re.compile(r"`[^`\n]*`")
+_DOUBLE_QUOTED = re.compile(r'"(?:[^"\\\n]|\\.)*"')
+
+
+def without_values(text: str) -> str:
+    """A regorus error without the values it quotes: kept are the builtin's or rule's name and where.
+
+    regorus quotes the value a builtin choked on (`` `add` expects numeric
+    argument. Got `"my card 4111…"` instead``): a prompt's or an output's
+    text, which went into the reason (the client's 403, the chained audit
+    body, never erasable) and the log, whatever ``prompt_logging`` said
+    (probe p3). OPA's errors are reduced the same way
+    (:mod:`gateway.policy.opa_query`).
+    """
+    text = _BACKTICKED.sub(lambda m: m.group(0) if _QUOTED_NAME.fullmatch(m.group(0)) else "`…`", text)
+    return _DOUBLE_QUOTED.sub('"…"', text)
+
+
 def _summarize(text: str, limit: int = 300) -> str:
-    """One line from a regorus error: its ``error:`` line and where it happened."""
-    text = text.split("Stack backtrace:", 1)[0]
+    """One line from a regorus error: its ``error:`` line and where it happened, without quoted values."""
+    text = without_values(text.split("Stack backtrace:", 1)[0])
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     error = next((line.removeprefix("error: ") for line in lines if line.startswith("error:")), None)
     where = next((line.removeprefix("--> ").strip() for line in lines if line.startswith("-->")), None)

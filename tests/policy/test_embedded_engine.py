@@ -399,3 +399,23 @@ visible_models := set()
     finally:
         await engine.aclose()
     assert decision.allow
+
+
+@pytest.mark.anyio
+async def test_a_builtin_error_s_reason_and_log_leave_out_the_value_it_quotes(tmp_path, caplog) -> None:
+    """regorus quotes the value a builtin choked on (``Got `"my card 4111…"` instead``): a prompt's text went
+    into the 403's reason, the chained audit body and the log, whatever prompt_logging said (probe p3)."""
+    rego = f"""
+decision := {ALLOW} if input.text + 1 > 5
+visible_models := set()
+"""
+    engine = await engine_for(tmp_path, rego)
+    try:
+        with caplog.at_level("WARNING"):
+            decision = await engine.decide({"text": "my card SECRET-4111"})
+    finally:
+        await engine.aclose()
+    assert codes(decision) == [POLICY_ERROR]
+    message = decision.reasons[0].message
+    assert "SECRET" not in message and "`add`" in message and "policy.rego:" in message, message
+    assert "SECRET" not in caplog.text and "policy deny" in caplog.text
