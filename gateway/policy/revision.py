@@ -134,8 +134,40 @@ def read_policy(policy_dir: Path) -> PolicySnapshot:
     if not modules:
         raise PolicyFilesError(f"policy folder {root} holds no Rego module")
     snapshot = PolicySnapshot(modules=tuple(modules), data=tuple(data), revision="")
-    revision = compute_revision(snapshot.module_entries(), snapshot.base_data())
+    base = snapshot.base_data()
+    _refuse_data_under_packages(base, snapshot.modules)
+    revision = compute_revision(snapshot.module_entries(), base)
     return PolicySnapshot(modules=snapshot.modules, data=snapshot.data, revision=revision)
+
+
+_PACKAGE_LINE = re.compile(r"^package\s+([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)", re.MULTILINE)
+
+
+def _refuse_data_under_packages(base: Mapping[str, Any], modules: Iterable[tuple[str, str]]) -> None:
+    """Refuse data that sets a path under a module's package (``data.govgate.decision``).
+
+    On regorus's interpreter such a document replaced the rule of that name:
+    one key in ``data.json`` turned the whole decision into "allow, no
+    limits, no content rules" (probe p3), and OPA refuses the same folder
+    ("conflicting rule for data path"), so the engines disagreed. Any data
+    under a package, or a non-object on the way to one, is refused here, for
+    both engines, at every read of the folder.
+    """
+    for rel, text in modules:
+        for match in _PACKAGE_LINE.finditer(text):
+            node: Any = base
+            path = ["data"]
+            for segment in match.group(1).split("."):
+                if not isinstance(node, Mapping):
+                    raise PolicyFilesError(f"the data sets {'.'.join(path)}, on the path of package "
+                                           f"{match.group(1)} ({rel}): data may not take a package's place")
+                if segment not in node:
+                    break
+                node, path = node[segment], [*path, segment]
+            else:
+                raise PolicyFilesError(f"the data sets {'.'.join(path)}, the path of package {match.group(1)} "
+                                       f"({rel}): data under a package would replace its rules on the embedded "
+                                       "engine (OPA refuses it); keep data under govgate_config")
 
 
 def module_name(path_or_id: str) -> str:

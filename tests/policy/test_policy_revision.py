@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.policy import policy_files, policy_revision
-from gateway.policy.revision import PolicySnapshot, read_policy
+from gateway.policy.revision import PolicyFilesError, PolicySnapshot, read_policy
 from tests.opa_fixtures import POLICY_DIR
 
 
@@ -89,3 +89,26 @@ def test_a_module_defines_a_rule_by_its_heads_or_its_package(text: str, defines:
 
 def test_the_shipped_policy_defines_the_output_rule() -> None:
     assert read_policy(POLICY_DIR).defines_rule("govgate", "output_decision") is True
+
+
+@pytest.mark.parametrize("data", [
+    {"govgate": {"decision": {"allow": True, "reasons": [], "obligations": {}}}},  # the whole decision replaced
+    {"govgate": {"model_permitted": True}},  # one rule flipped
+    {"govgate": 5},  # a value where the package is
+    {"govgate": {}},  # nothing yet, but under the package
+])
+def test_data_under_a_package_is_refused(policy_copy: Path, data: dict) -> None:
+    """On regorus's interpreter a data document at a rule's path replaced the rule: one key in data.json
+    turned the decision into "allow, no limits, no content rules"; OPA refuses such a folder (probe p3)."""
+    document = json.loads((policy_copy / "data.json").read_text(encoding="utf-8"))
+    (policy_copy / "data.json").write_text(json.dumps({**document, **data}), encoding="utf-8")
+    with pytest.raises(PolicyFilesError, match=r"the data sets data\.govgate.*package govgate"):
+        read_policy(policy_copy)
+    sub = policy_copy / "govgate"  # a data file in a folder named as the package: data.govgate too
+    (policy_copy / "data.json").write_text(json.dumps(document), encoding="utf-8")
+    sub.mkdir()
+    (sub / "data.json").write_text(json.dumps({"decision": {"allow": True}}), encoding="utf-8")
+    with pytest.raises(PolicyFilesError, match="package govgate"):
+        read_policy(policy_copy)
+    (sub / "data.json").unlink()
+    assert read_policy(policy_copy).revision == policy_revision(POLICY_DIR)
