@@ -264,7 +264,9 @@ class Settings:
             database_url=text("DATABASE_URL", ""),
             database_busy_timeout_s=seconds_up_to_a_day("DATABASE_BUSY_TIMEOUT_S", defaults.database_busy_timeout_s),
             redis_url=_url(text("REDIS_URL", ""), "REDIS_URL", ("redis://", "rediss://", "unix://")),
-            policy_dir=Path(text("POLICY_DIR", str(defaults.policy_dir))).expanduser().resolve(),
+            # absolute, not resolved: a symlink switched to a new release folder is followed at the next read
+            # (resolved once, the gateway read the old target for ever)
+            policy_dir=Path(os.path.abspath(Path(text("POLICY_DIR", str(defaults.policy_dir))).expanduser())),
             policy_timeout_s=float(number("POLICY_TIMEOUT_S", defaults.policy_timeout_s, float, 0.001)),
             # each is a process holding the compiled policy (tens of MB): a typo's 2^31 - 1 would fork until
             # the machine gave out

@@ -112,3 +112,23 @@ def test_data_under_a_package_is_refused(policy_copy: Path, data: dict) -> None:
         read_policy(policy_copy)
     (sub / "data.json").unlink()
     assert read_policy(policy_copy).revision == policy_revision(POLICY_DIR)
+
+
+def test_a_symlinked_policy_folder_is_followed_when_it_is_switched(tmp_path: Path) -> None:
+    """GOVGATE_POLICY_DIR resolved once at start read the old target for ever when the link was switched to
+    a new release folder (probe p3): the setting keeps the link, each read follows it."""
+    from gateway.settings import Settings
+
+    old = Path(shutil.copytree(POLICY_DIR, tmp_path / "release-1"))
+    new = Path(shutil.copytree(POLICY_DIR, tmp_path / "release-2"))
+    with (new / "govgate.rego").open("a", encoding="utf-8") as f:
+        f.write("\nrelease := 2\n")
+    link = tmp_path / "current"
+    link.symlink_to(old)
+    settings = Settings.from_env({"GOVGATE_POLICY_DIR": str(link)})
+    assert settings.policy_dir == link
+    before = read_policy(settings.policy_dir).revision
+    swap = tmp_path / "next"
+    swap.symlink_to(new)
+    swap.replace(link)  # atomic switch, as a deployment does it
+    assert read_policy(settings.policy_dir).revision == policy_revision(new) != before
