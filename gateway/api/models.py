@@ -48,7 +48,13 @@ class ModelsController(Controller):
     async def retrieve_model(self, state: State, principal: NamedDependency[Principal],
                              model_id: FromPath[str]) -> dict[str, Any]:
         spec = state.components.registry.get(model_id)
-        if spec is None or not await _visible(state, principal, [spec]):
+        try:
+            visible = spec is not None and bool(await _visible(state, principal, [spec]))
+        except ApiError as error:
+            if error.code != POLICY_ERROR:
+                raise
+            visible = False  # a model the policy cannot say the key may use: answered as an unknown name
+        if not visible:
             raise model_not_found(model_id)
         return _model_object(spec, (await _queues(state, principal, [spec])).get(spec.name))
 

@@ -169,8 +169,9 @@ _KEY_ERRORS = {401: UNAUTHORIZED,
                      "`policy_unavailable` (with `Retry-After`): the policy could not say in time which models "
                      "this key may use.", {"Retry-After": _UNAVAILABLE_RETRY_AFTER})}
 #: ``GET /v1/models/{id}``: a model that does not exist and one this key may not use are answered alike.
-_MODEL_ERRORS = {**_KEY_ERRORS,
-                 404: ("`model_not_found`: no such model, or one this key may not use (answered alike).", {})}
+_MODEL_ERRORS = {**{status: answer for status, answer in _KEY_ERRORS.items() if status != 403},
+                 404: ("`model_not_found`: no such model, or one this key may not use, or one the policy cannot "
+                       "say it may (answered alike).", {})}
 
 
 def _error(description: str, headers: dict[str, OpenAPIHeader]) -> OpenAPIResponse:

@@ -263,7 +263,8 @@ class EmbeddedPolicyEngine:
         if outcome.kind == "undefined":
             return set()
         if outcome.kind != "ok":  # no answer from the policy (an evaluator lost, a runtime error)
-            log.warning("visible_models: %s %s; listing no models", outcome.kind, _summarize(outcome.text))
+            log.warning("visible_models: %s %s; no model may be used (GET /v1/models answers policy_error)",
+                        outcome.kind, _summarize(outcome.text))
             return None
         try:
             names = json.loads(outcome.text)

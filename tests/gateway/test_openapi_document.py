@@ -99,7 +99,7 @@ def test_models_and_health_are_described(document: dict[str, Any]) -> None:
     assert models["security"] == [{"bearer": []}] and set(models["responses"]) == {"200", "401", "403", "431", "503"}
     assert models["responses"]["200"]["content"]["application/json"]["schema"]["title"] == "ModelList"
     model = document["paths"]["/v1/models/{model_id}"]["get"]
-    assert model["security"] == [{"bearer": []}] and set(model["responses"]) == {"200", "401", "403", "404", "431", "503"}
+    assert model["security"] == [{"bearer": []}] and set(model["responses"]) == {"200", "401", "404", "431", "503"}
     assert model["responses"]["200"]["content"]["application/json"]["schema"]["title"] == "Model"
     assert model["operationId"] == "retrieveModel"
     health = document["paths"][urls.HEALTH]["get"]
