@@ -114,6 +114,49 @@ config_problems contains sprintf("govgate_config.limits has an unknown key %s (k
 	not key in {"principals", "teams"}
 }
 
+# Every other object of the data holds only the keys the rules read: a
+# misspelled one (`limit` for `limits`, `hours` for `hours_utc`,
+# `max_token`, `prompt_loging`, `blocked_pattern`) was ignored, its setting
+# left at the default or lifted without a word (probe p3; the `limits` and
+# team checks above and below say the same for those).
+section_keys := {
+	"": {"defaults", "roles", "teams", "models", "limits", "purposes", "content"},
+	"defaults": {"max_tokens", "max_tokens_mode", "prompt_logging", "priority"},
+	"purposes": {"required_for_tags", "allowed"},
+	"content": {"blocked_patterns", "national_ids", "detectors", "output"},
+	"content.output": {"detectors", "roles"},
+}
+
+config_problems contains sprintf("govgate_config has an unknown key %s (known: %s)", [key, concat(", ", sort(section_keys[""]))]) if {
+	some key, _ in as_object(data.govgate_config)
+	not key in section_keys[""]
+}
+
+config_problems contains sprintf("govgate_config.%s has an unknown key %s (known: %s)", [section, key, concat(", ", sort(known))]) if {
+	some section, known in section_keys
+	section != ""
+	some key, _ in as_object(setting(split(section, ".")))
+	not key in known
+}
+
+# A role's settings: the defaults' keys, and the models it grants.
+role_setting_names := section_keys.defaults | {"models"}
+
+config_problems contains sprintf("govgate_config.roles.%s has an unknown setting %s (known: %s)", [role, key, concat(", ", sort(role_setting_names))]) if {
+	some role, settings in as_object(setting(["roles"]))
+	some key, _ in as_object(settings)
+	not key in role_setting_names
+}
+
+# A model's settings: its schedule and its purposes.
+model_setting_names := {"hours_utc", "weekdays", "purposes"}
+
+config_problems contains sprintf("govgate_config.models.%s has an unknown setting %s (known: %s)", [model, key, concat(", ", sort(model_setting_names))]) if {
+	some model, settings in as_object(setting(["models"]))
+	some key, _ in as_object(settings)
+	not key in model_setting_names
+}
+
 # How each role setting must look.
 setting_rules := {
 	"max_tokens": "a whole number >= 0",

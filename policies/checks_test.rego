@@ -200,3 +200,19 @@ test_ignore_spacing_of_wrong_type_is_a_config_problem if {
 	rule := {"id": "k", "pattern": "secret", "ignore_spacing": "yes"}
 	config_problems_with({"content": {"blocked_patterns": [rule]}}) == {"govgate_config.content.blocked_patterns[0].ignore_spacing must be true or false"}
 }
+
+test_an_unknown_key_anywhere_in_the_data_is_a_config_problem if {
+	config_problems_with({"limit": {"principals": {}}}) == {"govgate_config has an unknown key limit (known: content, defaults, limits, models, purposes, roles, teams)"}
+	config_problems_with({"defaults": {"prompt_loging": "hash"}}) == {"govgate_config.defaults has an unknown key prompt_loging (known: max_tokens, max_tokens_mode, priority, prompt_logging)"}
+	config_problems_with({"purposes": {"required_for_tag": ["restricted"]}}) == {"govgate_config.purposes has an unknown key required_for_tag (known: allowed, required_for_tags)"}
+	config_problems_with({"content": {"blocked_pattern": ["x"]}}) == {"govgate_config.content has an unknown key blocked_pattern (known: blocked_patterns, detectors, national_ids, output)"}
+	config_problems_with({"content": {"output": {"detector": {}}}}) == {"govgate_config.content.output has an unknown key detector (known: detectors, roles)"}
+	config_problems_with({"roles": {"analyst": {"model": ["*"], "max_token": 5}}}) == {
+		"govgate_config.roles.analyst has an unknown setting max_token (known: max_tokens, max_tokens_mode, models, priority, prompt_logging)",
+		"govgate_config.roles.analyst has an unknown setting model (known: max_tokens, max_tokens_mode, models, priority, prompt_logging)",
+	}
+	config_problems_with({"models": {"m": {"hours": [6, 22], "purpose": ["x"]}}}) == {
+		"govgate_config.models.m has an unknown setting hours (known: hours_utc, purposes, weekdays)",
+		"govgate_config.models.m has an unknown setting purpose (known: hours_utc, purposes, weekdays)",
+	}
+}
