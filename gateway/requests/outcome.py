@@ -120,7 +120,7 @@ class TicketRunner:
                         meta = await self._unless_gone(ticket, queued, outcome, gone, cut)
                     except ResultTimeout:  # before OSError: TimeoutError is one. Still subscribed: the
                         # worker's report of what it generated is heard
-                        return await self._after_timeout(ticket, pending, hold)
+                        return await self._after_timeout(ticket, pending, hold, queued)
             except (QueueUnavailable, RedisError, OSError) as exc:
                 raise await self.queue_down(ticket, exc) from None
             if isinstance(meta, _Answered):  # ended by the drain, answered already
@@ -138,9 +138,12 @@ class TicketRunner:
             return pending.get(timeout_s)
         return self._judged_outcome(ticket, pending, hold, timeout_s=timeout_s)
 
-    async def _after_timeout(self, ticket: Ticket, pending: PendingResult, hold: HoldBack | None) -> JobResult:
+    async def _after_timeout(self, ticket: Ticket, pending: PendingResult, hold: HoldBack | None,
+                             queued: Queued | None = None) -> JobResult:
         """A non-streamed request's wait ran out: stop its job, give a begun one its grace, end the request."""
         started = await self.stop_for_timeout(ticket)
+        if not started:
+            await self.withdraw_unstarted(queued)
         outcome: dict[str, Any] | JobResult | None = None
         if started:
             try:
@@ -148,6 +151,14 @@ class TicketRunner:
             except (ResultTimeout, RedisError, OSError):
                 outcome = None
         return await self.timed_out(ticket, started=started, outcome=outcome)
+
+    async def withdraw_unstarted(self, queued: Queued | None) -> None:
+        """Take back from its queue a job its request timed out before any worker began: its place (and
+        its team's waiting count) was held until a worker reached the dead job, a frozen worker's never,
+        and other requests were refused ``queue_full`` meanwhile (probe p2). A worker that takes it anyway
+        sees the stop at its start; a Redis that cannot answer leaves it to that."""
+        if queued is not None:
+            await self.dispatcher.withdraw(queued)
 
     async def stop_for_timeout(self, ticket: Ticket) -> bool:
         """Ask the job to stop because the request timed out; whether a worker may have begun it.
@@ -593,6 +604,8 @@ class StreamEvents:
                 result = await runner.result_of(ticket, self._outcome)
             except ResultTimeout:  # before OSError: TimeoutError is one
                 started = await runner.stop_for_timeout(ticket)
+                if not started:
+                    await runner.withdraw_unstarted(self._queued)
                 if started:  # no end within the grace (or Redis failed meanwhile): recorded here
                     with contextlib.suppress(RedisError, OSError):
                         async for piece in self._relay(runner.stop_grace_s, delivered):

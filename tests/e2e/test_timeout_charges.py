@@ -230,7 +230,12 @@ async def test_a_stream_the_timeout_ends_while_generating_is_charged_and_gets_wh
 
 
 async def test_a_request_the_timeout_ends_while_queued_is_charged_nothing(gateway, settings, audit_store):
+    """Nothing generated, nothing charged; and the dead job is taken back from its queue at once: it held its
+    place (and its team's waiting count) until a worker reached it, a frozen worker's never (probe p2)."""
+    from tests.gateway.test_fail_closed import queued
+
     principal, key = fresh_key(settings)
+    before = queued(settings, IDLE_MODEL)
     response = httpx.post(f"{gateway}/v1/completions", headers=bearer(key), timeout=120,
                           json={"model": IDLE_MODEL, "prompt": "Tell", "max_tokens": 8})
     assert response.status_code == 504, response.text
@@ -238,6 +243,12 @@ async def test_a_request_the_timeout_ends_while_queued_is_charged_nothing(gatewa
     terminal = wait_terminal(audit_store, response.headers["x-govgate-request-id"])
     assert terminal.kind == "timed_out" and "usage" not in terminal.body
     assert await charged(settings, principal) == {"tokens_today": 0, "in_flight": 0}
+    assert queued(settings, IDLE_MODEL) == before
+    with httpx.stream("POST", f"{gateway}/v1/completions", headers=bearer(key), timeout=120,
+                      json={"model": IDLE_MODEL, "prompt": "Tell", "max_tokens": 8, "stream": True}) as streamed:
+        assert streamed.status_code == 200
+        assert any('"timed_out"' in line for line in streamed.iter_lines())
+    assert queued(settings, IDLE_MODEL) == before
 
 
 async def test_a_begun_request_whose_worker_does_not_report_in_the_grace_is_charged_its_reservation(
