@@ -49,7 +49,7 @@ def shutting_down(*, in_flight: bool) -> ApiError:
     """The 503 of a request refused (``in_flight`` False) or ended (True) because the gateway is stopping."""
     if in_flight:
         message = ("The gateway is stopping and could not finish this request in time; the request was cancelled "
-                   "(it has been logged). Try again shortly.")
+                   "(its end is recorded in the audit log when the gateway can reach it). Try again shortly.")
     else:
         message = "The gateway is stopping and takes no new requests; nothing was run. Try again shortly."
     return ApiError(503, SHUTTING_DOWN, message, headers={"Retry-After": str(RETRY_AFTER_S)})
