@@ -68,6 +68,8 @@ class Drain:
         #: The requests in flight, each with what ends it at the cut (None: it watches :meth:`wait_cut`).
         self._active: dict[int, Callable[[], None] | None] = {}
         self._next = 0
+        #: When :meth:`begin` ran (monotonic), for the cut's log line.
+        self._began: float | None = None
 
     @property
     def in_flight(self) -> int:
@@ -76,6 +78,7 @@ class Drain:
     def begin(self) -> None:
         if not self.draining:
             self.draining = True
+            self._began = time.monotonic()
             log.info("stopping: no new requests; %d in flight get up to %gs to finish (GOVGATE_DRAIN_S)",
                      self.in_flight, self.drain_s)
 
@@ -85,8 +88,10 @@ class Drain:
             return
         self.draining = self.is_cut = True
         if self._active:
-            log.warning("stopping: %d requests still in flight after %gs are ended now (503 shutting_down)",
-                        len(self._active), self.drain_s)
+            # the time the drain really ran: a second Ctrl-C cuts it short of GOVGATE_DRAIN_S (probe p1)
+            ran = time.monotonic() - self._began if self._began is not None else 0.0
+            log.warning("stopping: %d requests still in flight after %.1fs are ended now (503 shutting_down)",
+                        len(self._active), ran)
         if self._cut_event is not None:
             self._cut_event.set()
         for end in list(self._active.values()):
