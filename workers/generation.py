@@ -139,6 +139,11 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
     # find the request already ended by an earlier run, so only it asks the
     # database. A first run that races the gateway's own end (timeout, cancel)
     # loses at the unique constraint and defers to the winner (_append_terminal).
+    # The deadline is judged at the take, read before the claim: a gateway whose
+    # timeout finds the claim (SET … GET answers "started") waits for this run's
+    # counts, so a run that claimed in time must not call itself late because its
+    # process was held up between the claim and a later clock read.
+    taken_ns = time.time_ns()
     try:
         first_run = channel.claim_start()
     except PutBack:
@@ -151,12 +156,12 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
             return result_from_entry(existing)
 
     started_ns = time.time_ns()
-    queue_ms = (started_ns - job.enqueued_at_ns) / 1e6 if job.enqueued_at_ns else None
+    queue_ms = (taken_ns - job.enqueued_at_ns) / 1e6 if job.enqueued_at_ns else None
     if channel.cancel_requested():  # the client left (or the gateway timed the request out) while it was queued
         kind = _stop_kind(channel)
         return _record_end(job, store, kind, "", 0, 0, None, worker, queue_ms, started_ns, digester,
                            message=_stop_message(kind, channel))
-    if job.deadline_ns and started_ns > job.deadline_ns:  # nobody waits for it any more (its gateway may be gone)
+    if job.deadline_ns and taken_ns > job.deadline_ns:  # nobody waits for it any more (its gateway may be gone)
         return _record_expired(job, store, worker, queue_ms)
     if not first_run and job.stream:
         # The client already received what the first run published: record it.

@@ -43,9 +43,10 @@ from workers.generation import GATEWAY_TIMEOUT_MESSAGE
 
 pytestmark = pytest.mark.anyio
 
-#: The gateway's request timeout: long enough for the job to be taken and begun on a busy machine (4 s was
-#: not, twice under test-busy: the worker took the job past its deadline and recorded it expired), short
-#: because every test but the queued one waits it out with its worker frozen.
+#: The gateway's request timeout: long enough for the job to be taken and begun on a busy machine, short
+#: because every test but the queued one waits it out with its worker frozen. (Its failures under load,
+#: the job recorded ``expired``, were the worker's: frozen between its claim and its clock read, it judged
+#: the deadline at the thaw. The deadline is now judged at the take: test_worker_jobs.)
 TIMEOUT_S = 8.0
 TEAM = "tc-team"
 #: Tokens asked for: the tiny model takes over a second for them, the freeze lands well inside that.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
+import time
 import uuid
 
 import redis
@@ -103,6 +105,32 @@ def test_a_job_whose_runs_ended_their_worker_twice_is_recorded_failed_not_run_a_
         assert verify_chain(store).ok
     finally:
         client.close()
+
+
+def test_a_job_claimed_before_its_deadline_is_generated_though_its_process_was_held_up_after_the_claim(
+        store, model, redis_server, monkeypatch):
+    """The claim is what a gateway's timeout sees (``SET … GET`` answers "started": it then waits for this
+    run's counts), so the deadline is judged at the take. Here the worker's process is held up right after
+    its claim until past the deadline (as a busy machine, or a stopped process, can): the run must still
+    generate and record its completion, not call itself ``expired`` (test_timeout_charges once failed so)."""
+    client = redis.Redis.from_url(redis_server.url)
+    request_id = f"r8-{uuid.uuid4().hex}"
+    deadline_ns = time.time_ns() + 200_000_000
+    channel = RedisJobChannel(client, request_id, streaming=False, sealer=Sealer(os.urandom(32)))
+    real_claim = channel.claim_start
+
+    def claim_then_held_up() -> bool:
+        first = real_claim()
+        time.sleep(max(0.0, (deadline_ns - time.time_ns()) / 1e9) + 0.05)
+        return first
+
+    monkeypatch.setattr(channel, "claim_start", claim_then_held_up)
+    try:
+        result = run_job(dataclasses.replace(job(request_id), deadline_ns=deadline_ns), model, store, channel)
+    finally:
+        client.close()
+    assert result.status == STATUS_COMPLETED, result.error
+    assert [e.kind for e in store.entries_for(request_id)] == ["completion"]
 
 
 def test_an_end_the_locked_database_refuses_answers_with_what_the_model_ran(tmp_path, model):
