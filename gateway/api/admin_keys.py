@@ -27,6 +27,7 @@ from gateway.api.bodies import read_body
 from gateway.api_errors import ApiError
 from gateway.auth import Principal
 from gateway.keys_admin import KeyChangeSignal
+from gateway.query_flags import FLAG_SPELLINGS, read_flag
 from gateway.keys_admin.service import (DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, InvalidField, KeyAdmin, KeyAdminError,
                                         KeyChange, KeyIsRevoked, KeyNotFound, KeysUnavailable, LastAdmin, NotAdmin,
                                         UnknownCursor, UnknownRole)
@@ -148,10 +149,10 @@ def list_query(request: Request) -> tuple[int, str | None, bool]:
             and 1 <= int(limit_text) <= MAX_PAGE_SIZE):
         raise ApiError(400, "invalid_parameter", f"'limit' must be a whole number from 1 to {MAX_PAGE_SIZE}.",
                        param="limit")
-    flag = query.get("include_revoked", ["false"])[0]
-    if flag not in ("true", "false"):
-        raise ApiError(400, "invalid_parameter", "'include_revoked' must be 'true' or 'false'.",
+    include_revoked = read_flag(query.get("include_revoked", ["false"])[0])
+    if include_revoked is None:
+        raise ApiError(400, "invalid_parameter", f"'include_revoked' must be {FLAG_SPELLINGS}.",
                        param="include_revoked")
     cursor = query.get("cursor", [None])[0]
-    return int(limit_text), cursor, flag == "true"
+    return int(limit_text), cursor, include_revoked
 

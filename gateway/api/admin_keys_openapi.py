@@ -85,7 +85,7 @@ CREATE_OPERATION = _operation(
 LIST_OPERATION = _operation(
     success=("200", "A page of keys, oldest first.", shapes.KeyList),
     errors={400: ("`invalid_parameter` (a `limit` out of range, a `cursor` that is not a previous page's, "
-                  "`include_revoked` not `true` or `false`, a repeated parameter) or `unsupported_parameter` (a "
+                  "`include_revoked` not `true`/`false`/`1`/`0`, a repeated parameter) or `unsupported_parameter` (a "
                   "parameter this route does not take).", {})},
     query=LIST_PARAMS)
 GET_OPERATION = _operation(success=("200", "The key.", shapes.KeyDocument), errors={404: _NOT_FOUND})

@@ -19,6 +19,7 @@ from audit.filters import MAX_TEXT, FilterError, checked, entry_filter, shown
 from audit.search import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, EntryFilter
 from audit.tables import NAME_LEN
 from gateway.api_errors import ApiError
+from gateway.query_flags import FLAG_SPELLINGS, read_flag
 
 #: The code of every refused parameter.
 INVALID_FILTER: Final = "invalid_filter"
@@ -90,10 +91,10 @@ def story_query(query: Query) -> bool:
 
 
 def flag(values: Mapping[str, str], name: str) -> bool:
-    value = values.get(name, "false").lower()
-    if value not in ("true", "false", "1", "0"):
-        raise bad(name, f"{name} must be true or false.")
-    return value in ("true", "1")
+    value = read_flag(values.get(name, "false"))
+    if value is None:
+        raise bad(name, f"{name} must be {FLAG_SPELLINGS}.")
+    return value
 
 
 def _filter(values: Mapping[str, str], **more: Any) -> EntryFilter:

@@ -202,6 +202,20 @@ async def test_listing_refuses_bad_queries(aclient, akeys: Keys, params: Any, co
     assert_error(await aclient.get(KEYS, headers=bearer(akeys.admin), params=params), 400, code, param)
 
 
+async def test_include_revoked_reads_the_flag_spellings_include_text_reads(aclient, akeys: Keys,
+                                                                           astore: KeyStore) -> None:
+    """``1``/``0`` and any case, as the review API's ``include_text`` has always read them (one reading)."""
+    assert (await create(aclient, akeys.admin, user="flag-spelling")).status_code == 201
+    every = {row.key_id for row in astore.list(include_revoked=True)}
+    live = {row.key_id for row in astore.list()}
+    assert every != live  # the fixture's keys include revoked ones, so the flag shows
+    for spelling, expected in (("1", every), ("TRUE", every), ("True", every), ("0", live), ("FALSE", live)):
+        response = await aclient.get(KEYS, headers=bearer(akeys.admin),
+                                     params={"limit": 500, "include_revoked": spelling})
+        assert response.status_code == 200, (spelling, response.text)
+        assert {k["key_id"] for k in response.json()["data"]} == expected, spelling
+
+
 async def test_one_key_and_unknown_ids(aclient, akeys: Keys) -> None:
     response = await aclient.get(f"{KEYS}/{akeys.analyst_id}", headers=bearer(akeys.admin))
     assert response.status_code == 200 and response.json()["user"] == "alice"
