@@ -192,6 +192,10 @@ def keys_revoke(key_id: str) -> None:
         if row is None:
             raise click.ClickException(f"no key with id {key_id} (see 'govgate keys list --all')")
         click.echo(f"{key_id} was already revoked at {row.revoked_at or '(unknown time)'}: nothing changed")
+        # The gateways are told again: the run that revoked it may have warned that they were not (Redis
+        # down), and its retry is how an operator mends that. A repeated signal only drops a cache entry.
+        announcer(key_id)
+        _warn_if_not_told(announcer, settings, "accepted this key", "accept it")
         return
     click.echo(f"revoked {key_id}")
     _warn_if_not_told(announcer, settings, "accepted this key", "accept it")

@@ -195,18 +195,23 @@ class KeyAdmin:
             raise InvalidField(f"'{exc.kind}' {exc.why}.", param=exc.kind) from None
 
     async def revoke(self, key_id: str) -> KeyChange:
-        """Revoke (idempotent: an already revoked key is answered as it is, writing nothing)."""
+        """Revoke (idempotent: an already revoked key is answered as it is, writing nothing).
+
+        The gateways are told again on a repeat: the call that revoked it may
+        have answered with a warning that they were not (Redis down), and the
+        retry is how an admin mends that; a repeated signal only drops a cache
+        entry.
+        """
         row = await self.get(key_id)
         if row.revoked_at is not None:
-            return KeyChange(row, changed=False)
+            return KeyChange(row, changed=False, warning=await self._told(key_id))
         try:
             done = await self._store(self.store.revoke, key_id, by=self.by, keep_role=ADMIN_ROLE)
         except LastHolderError:
             raise LastAdmin(f"This is the last live key with the '{ADMIN_ROLE}' role: revoking it would leave "
                             "nobody able to administer keys. Create another admin key first.",
                             param="key_id") from None
-        warning = await self._told(key_id) if done else None  # not done: another admin revoked it first
-        return KeyChange(await self.get(key_id), changed=done, warning=warning)
+        return KeyChange(await self.get(key_id), changed=done, warning=await self._told(key_id))
 
     async def set_roles(self, key_id: str, roles: list[str]) -> KeyChange:
         """Give a live key exactly ``roles``."""

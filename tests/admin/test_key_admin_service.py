@@ -82,6 +82,13 @@ async def test_a_change_is_published_and_dropped_from_this_gateways_cache(settin
         assert cache.get("digest-of-vic") is None
         message = listener.get_message(timeout=5)
         assert message["type"] == "message" and message["data"] == victim.key_id.encode()
+        # a repeat changes nothing yet tells the gateways again (the first call's signal may have been lost)
+        cache.put("digest-of-vic", Principal("vic", None, ("analyst",), victim.key_id), cache.ticket())
+        again = await service.revoke(victim.key_id)
+        assert not again.changed and again.warning is None
+        assert cache.get("digest-of-vic") is None
+        message = listener.get_message(timeout=5)
+        assert message["type"] == "message" and message["data"] == victim.key_id.encode()
     finally:
         listener.close()
         await client.aclose()
@@ -97,8 +104,10 @@ async def test_a_signal_redis_refuses_is_reported_yet_this_gateway_forgets_the_k
         signal = KeyChangeSignal(dead, cache, attempts=2, pause_s=0.01)
         service = KeyAdmin(store, admin, policy_dir=ROOT / "policies", signal=signal, cache_ttl_s=42)
         change = await service.revoke(victim.key_id)
+        retried = await service.revoke(victim.key_id)  # the admin's retry, Redis still down: still said
     finally:
         await dead.aclose()
+    assert not retried.changed and retried.warning is not None and "not told" in retried.warning
     assert change.changed and change.key.revoked_at is not None
     assert store.get(victim.key_id).revoked_at is not None
     assert cache.get("digest-of-vic") is None

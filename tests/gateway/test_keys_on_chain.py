@@ -114,6 +114,15 @@ def test_the_cli_records_who_made_each_change_and_tells_the_gateways(own, engine
         channel.close()
     assert "nothing changed" in cli(own, "keys", "roles", key_id, "viewer", "admin").stdout
     cli(own, "keys", "revoke", key_id)
+    channel = __import__("redis").Redis.from_url(own.redis_url).pubsub(ignore_subscribe_messages=True)
+    channel.subscribe(KEYS_CHANGED_CHANNEL)
+    assert channel.get_message(timeout=5) is None
+    try:  # a repeated revoke changes nothing and tells the gateways again (the first run's signal may be lost)
+        assert "nothing changed" in cli(own, "keys", "revoke", key_id).stdout
+        message = channel.get_message(timeout=5)
+        assert message is not None and message["data"].decode() == key_id
+    finally:
+        channel.close()
     actor = cli_actor()
     assert actor.startswith("cli:") and len(actor) > 4
     assert [(kind, body["by"]) for kind, body in key_entries(engine, key_id)] == [
