@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
 
@@ -18,6 +19,9 @@ import govgate.cli_audit_export  # noqa: F401  (adds "audit export" to the audit
 from govgate.cli_common import load_settings, one_line
 from govgate.cli_keys import keys
 from govgate.cli_policy import policy
+
+if TYPE_CHECKING:
+    from workers.contract.registry import Registry
 
 #: When the command began (``govgate up`` prints its time to ready from here).
 _STARTED = time.monotonic()
@@ -85,11 +89,14 @@ def _check_serve_settings(settings: Settings) -> None:
         raise click.ClickException(f"GOVGATE_REDIS_URL={without_password(settings.redis_url)} does not answer")
     if not settings.opa_url and not settings.policy_dir.is_dir():
         raise click.ClickException(f"GOVGATE_POLICY_DIR={settings.policy_dir} is not a folder")
-    _check_policy(settings)
     try:
-        load_registry(settings.models_file, settings.var_dir)
+        registry = load_registry(settings.models_file, settings.var_dir)
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    _check_policy(settings, registry)
+    try:
         check_port(settings.host, settings.port)
-    except (RegistryError, StartupError) as exc:
+    except StartupError as exc:
         raise click.ClickException(str(exc)) from None
     _check_database(settings)
     from gateway.components import open_keys
@@ -120,25 +127,39 @@ def _check_database(settings: Settings) -> None:
                                    f"cannot be used: {one_line(reason(exc))}") from None
 
 
-def _check_policy(settings: Settings) -> None:
+def _check_policy(settings: Settings, registry: Registry) -> None:
     """Load the policy once as the app's startup will (one evaluator; on OPA, prove it holds the folder's
     revision), so a folder that does not compile, or an OPA that is down or holds another policy, is one
-    line naming the setting, not uvicorn's 60-line ``ExceptionGroup`` (h9 F6, h10 F8). About 0.15 s."""
+    line naming the setting, not uvicorn's 60-line ``ExceptionGroup`` (h9 F6, h10 F8). About 0.15 s.
+
+    Then run the reload's trial on it (``gateway/requests/policy_trial.py``, about 0.05 s on the shipped
+    policy): a folder whose rules conflict only on real requests started without a word and answered
+    ``policy_error`` to every request of a team, while the same folder was refused on a reload; a
+    restart-based deploy skipped the trial entirely (probe p3 F6). Such a folder is now refused here too."""
     import asyncio
+    import logging
 
     from gateway.policy import open_policy_engine
     from gateway.policy.engine import PolicyLoadError
+    from gateway.requests.policy_trial import policy_trial
 
-    async def load_and_close() -> None:
+    async def load_try_and_close() -> str | None:
         engine = await open_policy_engine(settings.with_(policy_evaluators=1))
-        await engine.aclose()
+        logging.disable(logging.WARNING)  # each failing decision's warning: the one line below names the first
+        try:
+            return await policy_trial(registry)(engine)
+        finally:
+            logging.disable(logging.NOTSET)
+            await engine.aclose()
 
+    where = (f"GOVGATE_OPA_URL={settings.opa_url} (GOVGATE_POLICY_DIR={settings.policy_dir})" if settings.opa_url
+             else f"GOVGATE_POLICY_DIR={settings.policy_dir}")
     try:
-        asyncio.run(load_and_close())
+        refusal = asyncio.run(load_try_and_close())
     except PolicyLoadError as exc:
-        where = (f"GOVGATE_OPA_URL={settings.opa_url} (GOVGATE_POLICY_DIR={settings.policy_dir})" if settings.opa_url
-                 else f"GOVGATE_POLICY_DIR={settings.policy_dir}")
         raise click.ClickException(f"{where}: {one_line(str(exc))}") from None
+    if refusal is not None:
+        raise click.ClickException(f"{where}: the policy fails its trial: {one_line(refusal)}")
 
 
 @main.command()

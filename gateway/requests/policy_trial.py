@@ -9,19 +9,28 @@ the wrong type) passed all of that and then answered ``policy_error`` to
 every such request: a working policy replaced by one that refuses everyone.
 
 So a reload first asks the new engine for decisions on requests shaped like
-real ones (a chat request saying "hello", no usage yet): every role the new
-data names, on every model the registry serves, for a principal without a
-team and for each team the data names (``teams`` and ``limits.teams``; a
-made-up team when it names none), up to :data:`MAX_TRIALS` of them. Each
-decision goes through the gateway's own checks (:func:`checked_decision`,
-the admission path's: an allow with ``max_tokens`` 0 is a ``policy_error``
-there too). Then the output rule is asked about a representative output
-for each role and model (up to :data:`MAX_OUTPUT_TRIALS`). The revision is
+real ones (saying "hello", no usage yet): every role the new data names, on
+every model the registry serves, for a principal without a team and for
+each team the data names (``teams`` and ``limits.teams``; a made-up team
+when it names none), up to :data:`MAX_TRIALS` (role, team, model)
+combinations, each asked in every shape of
+:data:`~gateway.requests.trial_shapes.REQUEST_SHAPES` (a chat request with
+``max_tokens`` 16, the same streamed, a ``/v1/completions`` request, and a
+chat request asking the model's whole context). Each decision goes through
+the gateway's own checks (:func:`checked_decision`, the admission path's:
+an allow with ``max_tokens`` 0 is a ``policy_error`` there too). Then the
+output rule is asked about a representative output for each (role, team,
+model) (up to :data:`MAX_OUTPUT_TRIALS`), in every window of
+:data:`~gateway.requests.trial_shapes.OUTPUT_WINDOWS` (a final window on
+either endpoint, a stream's non-final and final ones). The revision is
 refused, keeping the running one, when any answer is a ``policy_error``,
 or when listing the models a role and team may use (``visible_models``,
 as ``GET /v1/models`` asks; up to :data:`MAX_LIST_TRIALS`) fails.
-These three gaps (no team, the gateway's own checks, no output trial) each
-let a policy through that broke every real request (probe h10 F5).
+The gaps closed one by one each let a policy through that broke every real
+request of its kind: no team, the gateway's own checks, no output trial
+(probe h10 F5); an output trial per role only (its one team), one request
+shape only, one final output window only (probe p3 F6). The same trial runs
+when the gateway starts (``govgate serve``/``up`` refuse such a folder).
 
 A denial is an answer; so is "unavailable" (capacity, a slow OPA), which
 says nothing about the policy and must not block a reload.
@@ -29,6 +38,7 @@ says nothing about the policy and must not block a reload.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterator
 
 from gateway.auth import Principal
@@ -36,19 +46,19 @@ from gateway.policy import POLICY_ERROR, Obligations, PolicyUnavailable
 from gateway.requests.decision_checks import checked_decision
 from gateway.requests.output_input import output_policy_input
 from gateway.requests.policy_input import build_input
-from workers.contract.registry import Registry
+from gateway.requests.schemas import CHAT
+from gateway.requests.trial_shapes import (OUTPUT_WINDOWS, REQUEST_SHAPES, TRIAL_MAX_TOKENS, TRIAL_MESSAGES,
+                                           RequestShape)
+from workers.contract.registry import ModelSpec, Registry
 
-#: The most request decisions a reload asks for.
+#: The most (role, team, model) combinations a reload asks about, each in every request shape (4: at most
+#: 256 decisions).
 MAX_TRIALS = 64
-#: The most output decisions a reload asks for (one per role and model, in the request trials' order).
-MAX_OUTPUT_TRIALS = 16
+#: The most combinations whose output rule a reload asks (in the request trials' order), each on every output
+#: window (4: at most 128 decisions).
+MAX_OUTPUT_TRIALS = 32
 #: The most model lists (``visible_models``, as GET /v1/models asks) a reload asks for: one per role and team.
 MAX_LIST_TRIALS = 16
-#: What each trial request asks, and the completion bound it gives.
-TRIAL_MESSAGES = [{"role": "user", "content": "hello"}]
-TRIAL_MAX_TOKENS = 16
-#: The output each output trial judges: one final window, as a plain completion is judged.
-TRIAL_OUTPUT = "Hello! How can I help you today?"
 #: The team of a trial principal when the data names none: a team the data does not know.
 TRIAL_TEAM = "policy-trial-team"
 #: The obligations an output trial shows when its request was denied (the output rule is still asked).
@@ -58,54 +68,74 @@ _NOTHING_USED = {"requests_last_minute": 0, "tokens_last_minute": 0, "tokens_tod
                  "in_flight": 0, "minute_window_frees_in_s": 0}
 
 
-def trial_inputs(registry: Registry, data: Any) -> list[tuple[str, dict[str, Any]]]:
-    """(label, policy input) of the request trials for ``data`` (the policy's base data) and ``registry``.
+@dataclass(frozen=True)
+class TrialRequest:
+    """One trial request: what the log calls it, its shape, its model and its policy input."""
+
+    label: str
+    shape: RequestShape
+    model: ModelSpec
+    document: dict[str, Any]
+
+    @property
+    def who(self) -> tuple[tuple[str, ...], str | None]:
+        """The trial principal's (roles, team)."""
+        return tuple(self.document["principal"]["roles"]), self.document["principal"]["team"]
+
+
+def trial_inputs(registry: Registry, data: Any) -> list[TrialRequest]:
+    """The request trials for ``data`` (the policy's base data) and ``registry``, each combination in every shape.
 
     Every role and every team (no team first) is tried on every model
     before any further pairing of a role with a team: the ``i``-th trial of
     a model pairs role ``i`` with team ``i`` (each list repeated as needed),
     then the remaining role and team pairs follow, all cut at
-    :data:`MAX_TRIALS`.
+    :data:`MAX_TRIALS` combinations.
     """
     config = data.get("govgate_config") if isinstance(data, dict) else None
     config = config if isinstance(config, dict) else {}
     roles = _names(config.get("roles"))
     teams: list[str | None] = [None, *(_team_names(config) or [TRIAL_TEAM])]
     models = [spec for spec in (registry.get(name) for name in registry.names()) if spec is not None]
-    inputs: list[tuple[str, dict[str, Any]]] = []
-    for role, team, spec in _combinations(roles or [None], teams, models):
-        if len(inputs) >= MAX_TRIALS:
+    trials: list[TrialRequest] = []
+    for count, (role, team, spec) in enumerate(_combinations(roles or [None], teams, models)):
+        if count >= MAX_TRIALS:
             break
         principal = Principal(id="policy-trial", team=team, roles=() if role is None else (role,),
                               key_id="policy-trial")
-        usage = {"principal": dict(_NOTHING_USED), "team": None if team is None else dict(_NOTHING_USED)}
-        document = build_input(principal=principal, endpoint="chat.completions", model=spec,
-                               max_tokens=TRIAL_MAX_TOKENS, stream=False, purpose=None, messages=TRIAL_MESSAGES,
-                               usage=usage)
-        inputs.append((_label(role, team, spec.name), document))
-    return inputs
+        for shape in REQUEST_SHAPES:
+            usage = {"principal": dict(_NOTHING_USED), "team": None if team is None else dict(_NOTHING_USED)}
+            chat = shape.endpoint == CHAT
+            document = build_input(principal=principal, endpoint=shape.endpoint, model=spec,
+                                   max_tokens=shape.max_tokens(spec), stream=shape.stream, purpose=None,
+                                   messages=TRIAL_MESSAGES if chat else None,
+                                   prompt=None if chat else TRIAL_MESSAGES[0]["content"], usage=usage)
+            trials.append(TrialRequest(_label(role, team, spec.name), shape, spec, document))
+    return trials
 
 
 def policy_trial(registry: Registry) -> Callable[[Any], Awaitable[str | None]]:
-    """What :class:`gateway.policy.reloader.ReloadingPolicyEngine` runs on a new engine before it swaps it in."""
+    """What :class:`gateway.policy.reloader.ReloadingPolicyEngine` runs on a new engine before it swaps it in,
+    and ``govgate serve`` on the engine it starts with (``govgate/cli.py``)."""
 
     async def trial(engine: Any) -> str | None:
         snapshot = getattr(engine, "snapshot", None)
         data = snapshot.base_data() if snapshot is not None else None
-        outputs: dict[tuple[Any, Any], tuple[str, dict[str, Any]]] = {}
+        #: (roles, team, model name, shape): the trial request and the obligations an output of it carries
+        decided: dict[tuple[Any, ...], tuple[TrialRequest, Obligations]] = {}
         lists: dict[tuple[Any, Any], tuple[str, dict[str, Any], list[dict[str, Any]]]] = {}
-        for label, document in trial_inputs(registry, data):
-            who = (tuple(document["principal"]["roles"]), document["principal"]["team"])
-            listing = lists.setdefault(who, (label.rsplit(", model ", 1)[0], document["principal"], []))
-            listing[2].append(document["model"])
-            decision = checked_decision(await engine.decide(document), TRIAL_MAX_TOKENS)
+        for request in trial_inputs(registry, data):
+            listing = lists.setdefault(request.who, (request.label.rsplit(", model ", 1)[0],
+                                                     request.document["principal"], []))
+            if request.document["model"] not in listing[2]:
+                listing[2].append(request.document["model"])
+            decision = checked_decision(await engine.decide(request.document), request.shape.max_tokens(request.model))
             errors = [reason.message for reason in decision.reasons if reason.code == POLICY_ERROR]
             if errors and not decision.is_unavailable:
-                return f"the policy fails on a request of {label}: {errors[0]}"
-            key = (tuple(document["principal"]["roles"]), document["model"]["name"])
-            if len(outputs) < MAX_OUTPUT_TRIALS and key not in outputs:
-                obligations = decision.obligations if decision.allow else _TRIAL_OBLIGATIONS
-                outputs[key] = (label, output_policy_input(document, obligations, TRIAL_OUTPUT))
+                return (f"the policy fails on a request of {request.label} ({request.shape.describe(request.model)})"
+                        f": {errors[0]}")
+            decided[(*request.who, request.model.name, request.shape)] = (
+                request, decision.obligations if decision.allow else _TRIAL_OBLIGATIONS)
         if not hasattr(engine, "decide_output"):  # a test's stand-in that decides requests only
             return None
         for label, principal, models in list(lists.values())[:MAX_LIST_TRIALS]:
@@ -116,11 +146,16 @@ def policy_trial(registry: Registry) -> Callable[[Any], Awaitable[str | None]]:
             if listed is None:
                 return (f"the policy fails listing the models of {label}: its visible_models evaluation "
                         "failed (GET /v1/models would answer policy_error)")
-        for label, document in outputs.values():
-            verdict = await engine.decide_output(document)
-            if verdict.is_policy_error and not verdict.is_unavailable:
-                errors = [reason.message for reason in verdict.reasons if reason.code == POLICY_ERROR]
-                return f"the policy fails on an output of {label}: {errors[0]}"
+        combinations = list(dict.fromkeys(key[:3] for key in decided))[:MAX_OUTPUT_TRIALS]
+        for combination in combinations:
+            for window in OUTPUT_WINDOWS:
+                request, obligations = decided[(*combination, window.shape)]
+                verdict = await engine.decide_output(output_policy_input(
+                    request.document, obligations, window.text, offset=window.offset, final=window.final))
+                if verdict.is_policy_error and not verdict.is_unavailable:
+                    errors = [reason.message for reason in verdict.reasons if reason.code == POLICY_ERROR]
+                    return (f"the policy fails on an output of {request.label} ({window.describe(request.model)}): "
+                            f"{errors[0]}")
         return None
 
     return trial

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from govgate.cli import main
 from govgate.cli_policy import EXIT_DENIED
 from govgate.supervisor import child_env
-from tests.conftest import free_port
+from tests.conftest import free_port, policy_copy
 from workers.contract.registry import TINY_MODEL_NAME
 
 
@@ -425,6 +425,24 @@ def test_serve_with_a_policy_that_does_not_compile_names_the_folder_and_the_erro
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert lines == [f"Error: GOVGATE_POLICY_DIR={broken}: the policy cannot be loaded: x.rego:2:1: "
                      "rule must have a body or assignment"], lines
+
+
+def test_serve_with_a_policy_that_fails_its_trial_refuses_to_start_in_one_line(settings, tmp_path):
+    """Probe p3 F6: a folder whose rules conflict only for a team's members (compiling, and deciding the empty
+    input) started without a word, and every request of that team got 403 policy_error, while the same folder
+    was refused on a reload. The start now runs the reload's trial and refuses, naming role, team and model."""
+    folder = policy_copy(tmp_path)
+    (folder / "trial.rego").write_text(
+        'package govgate\n\nimport rego.v1\n\nt := 1 if input.principal.team == "support"\n'
+        't := 2 if input.principal.team == "support"\n'
+        'content_denials contains {"code": "x", "message": "y"} if t == 9\n', encoding="utf-8")
+    result = _serve(settings, GOVGATE_POLICY_DIR=str(folder))
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"Error: GOVGATE_POLICY_DIR={folder}: the policy fails its trial: "
+                               "the policy fails on a request of role "), lines
+    assert "team 'support'" in lines[0], lines
 
 
 def test_serve_against_an_opa_that_does_not_hold_the_folder_s_policy_says_so_in_one_line(settings, opa_server):

@@ -393,22 +393,85 @@ async def test_a_revision_whose_model_list_fails_is_refused(tmp_path: Path) -> N
         await reloading.aclose()
 
 
-def test_the_trial_tries_every_role_and_team_on_every_model_within_its_bound(tmp_path: Path) -> None:
+def test_the_trial_tries_every_role_and_team_on_every_model_in_every_shape_within_its_bound(tmp_path: Path) -> None:
     from gateway.requests.policy_trial import MAX_TRIALS, trial_inputs
+    from gateway.requests.trial_shapes import REQUEST_SHAPES
     from workers.contract.registry import load_registry
 
     registry = load_registry(None, tmp_path / "var")
     models = registry.names()
     config = {"roles": {f"r{i}": {} for i in range(3)}, "teams": {f"t{i}": {} for i in range(5)} | {"default": {}},
               "limits": {"teams": {"t9": {}, "default": {}}}}
-    inputs = [document for _, document in trial_inputs(registry, {"govgate_config": config})]
-    assert len(inputs) <= MAX_TRIALS
+    trials = trial_inputs(registry, {"govgate_config": config})
+    inputs = [trial.document for trial in trials]
     seen = {(d["principal"]["roles"][0], d["principal"]["team"], d["model"]["name"]) for d in inputs}
+    assert len(seen) <= MAX_TRIALS
     teams = {None, *(f"t{i}" for i in range(5)), "t9"}  # "default" is the convention, not a team
     for model in models:
         assert {role for role, _, m in seen if m == model} == {f"r{i}" for i in range(3)}
         assert {team for _, team, m in seen if m == model} == teams
+    shapes = {(d["request"]["endpoint"], d["request"]["stream"], d["request"]["max_tokens"] > 16) for d in inputs}
+    assert shapes == {("chat.completions", False, False), ("chat.completions", True, False),
+                      ("completions", False, False), ("chat.completions", False, True)}
+    assert len(inputs) == len(seen) * len(REQUEST_SHAPES)  # every combination in every shape
+    assert all("prompt" in d["request"] for d in inputs if d["request"]["endpoint"] == "completions")
     with_team = [d for d in inputs if d["principal"]["team"] is not None]
     assert all(d["usage"]["team"] is not None for d in with_team)
     many = {"roles": {f"r{i}": {} for i in range(40)}, "teams": {f"t{i}": {} for i in range(40)}}
-    assert len(trial_inputs(registry, {"govgate_config": many})) == MAX_TRIALS
+    assert len(trial_inputs(registry, {"govgate_config": many})) == MAX_TRIALS * len(REQUEST_SHAPES)
+
+
+def _module(name: str, body: str) -> Callable[[Path], None]:
+    """An edit adding ``body`` as a module of package govgate (the shipped modules kept)."""
+    def edit(folder: Path) -> None:
+        (folder / name).write_text(f"package govgate\n\nimport rego.v1\n\n{body}\n", encoding="utf-8")
+    return edit
+
+
+def _zero_max_tokens_above_16(folder: Path) -> None:
+    """Allow with max_tokens 0 only when the request asks for more than the trial's 16 tokens."""
+    module = folder / "govgate.rego"
+    text = module.read_text(encoding="utf-8")
+    assert '\t"max_tokens": granted_max_tokens,' in text
+    module.write_text(text.replace('\t"max_tokens": granted_max_tokens,',
+                                   '\t"max_tokens": granted_max_tokens * trial_cap,', 1), encoding="utf-8")
+    _module("cap.rego", "default trial_cap := 1\n\ntrial_cap := 0 if input.request.max_tokens > 16")(folder)
+
+
+#: Revisions that passed the trial and then failed live requests (probe p3 F6): what each needs, and a part of
+#: the refusal naming where it failed.
+_P3_GAPS = {
+    # (a) output trials were one per (role, model), paired with one team: the analyst's was research
+    "output for one role's team": (_module("trial.rego", 'output_stops contains {"code": "x", "message": "y"} if '
+                                          '{ "analyst" in input.principal.roles; '
+                                          'input.principal.team == "support"; 1 / 0 == 1 }'),
+                                   "on an output of role 'analyst', team 'support'"),
+    # (b) the trial asked stream: false only
+    "stream": (_module("trial.rego", "t := 1 if input.request.stream == true\nt := 2 if input.request.stream == true\n"
+                                     'content_denials contains {"code": "x", "message": "y"} if t == 9'),
+               "(/v1/chat/completions, stream: true, max_tokens 16)"),
+    # (c) the trial asked /v1/chat/completions only
+    "completions": (_module("trial.rego", 't := 1 if input.request.endpoint == "completions"\n'
+                                          't := 2 if input.request.endpoint == "completions"\n'
+                                          'content_denials contains {"code": "x", "message": "y"} if t == 9'),
+                    "(/v1/completions, stream: false, max_tokens 16)"),
+    # (d) the output trial judged one final window only
+    "non-final window": (_module("trial.rego", 'output_stops contains {"code": "x", "message": "y"} if '
+                                               "{ input.output.final == false; 1 / 0 == 1 }"),
+                         "stream: true, max_tokens 16, a non-final window at offset 0)"),
+    # (e) the trial asked max_tokens 16 only
+    "max_tokens above 16": (_zero_max_tokens_above_16, "max_tokens 0"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_P3_GAPS))
+async def test_a_revision_failing_only_on_a_shape_the_trial_did_not_try_is_refused(tmp_path: Path, name: str) -> None:
+    """Each of these revisions passed the trial and then answered policy_error to the live requests (or outputs)
+    of its shape (probe p3 F6): the trial now asks each role and team in every shape a request takes."""
+    edit, where = _P3_GAPS[name]
+    result, reloading, engine = await _trial_reload(tmp_path, edit)
+    try:
+        assert not result.changed and reloading.current is engine, result
+        assert result.error is not None and where in result.error, result.error
+    finally:
+        await reloading.aclose()
