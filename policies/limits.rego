@@ -147,7 +147,9 @@ request_cost(cost) := request_costs[cost]
 
 cost_phrase("request") := "1 request"
 
-cost_phrase("tokens") := sprintf("%s tokens", [format_int(granted_max_tokens, 10)])
+# The policy checks a token limit against max_tokens (after the clamp) alone: it does not count the
+# prompt. The reservation that follows holds the prompt's tokens too, and the message says so.
+cost_phrase("tokens") := sprintf("%s tokens for max_tokens, plus its prompt's", [format_int(granted_max_tokens, 10)])
 
 # usage_checks by limit: the counter each limit counts and what this request
 # adds to it. The loop below walks these objects of strings and numbers,

@@ -121,7 +121,7 @@ test_daily_budget_exceeded_retries_at_utc_midnight if {
 	d := with_usage({}, {"tokens_today": 99901}, null)
 	d.reasons == [{
 		"code": "budget_exceeded",
-		"message": "principal 'u-1' has reached its tokens_per_day limit of 100000 (99901 tokens today; this request needs 100 tokens)",
+		"message": "principal 'u-1' has reached its tokens_per_day limit of 100000 (99901 tokens today; this request needs 100 tokens for max_tokens, plus its prompt's)",
 		"retry_after_s": 6400,
 	}]
 }
@@ -146,8 +146,8 @@ test_monthly_budget_retry_in_a_leap_february if {
 test_budget_retry_without_a_time_is_an_upper_bound if {
 	d := with_usage({"time": {"now_ns": "now"}}, {"tokens_today": 99950, "tokens_this_month": 999950}, null)
 	{[r.message, r.retry_after_s] | some r in d.reasons; r.code == "budget_exceeded"} == {
-		["principal 'u-1' has reached its tokens_per_day limit of 100000 (99950 tokens today; this request needs 100 tokens)", 86400],
-		["principal 'u-1' has reached its tokens_per_month limit of 1000000 (999950 tokens this month; this request needs 100 tokens)", 2678400],
+		["principal 'u-1' has reached its tokens_per_day limit of 100000 (99950 tokens today; this request needs 100 tokens for max_tokens, plus its prompt's)", 86400],
+		["principal 'u-1' has reached its tokens_per_month limit of 1000000 (999950 tokens this month; this request needs 100 tokens for max_tokens, plus its prompt's)", 2678400],
 	}
 }
 

@@ -24,8 +24,8 @@ from workers.contract.jobs import (MAX_JOB_RUNS, STATUS_CANCELLED, STATUS_FAILED
 from workers.contract.output_check import OutputReport, OutputVerdict
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
 from workers.contract.privacy import Digester, logged_output, split_texts
-from workers.contract.terminal_body import (Generated, checked_ending, ended_result, generation_body, judged_whole,
-                                           withheld_body)
+from workers.contract.terminal_body import (GATEWAY_TIMEOUT_MESSAGE, Generated, checked_ending, ended_result,
+                                           generation_body, judged_whole, withheld_body)
 from workers.contract.prompts import render_chat
 from workers.contract.repick import PutBack
 from workers.streams import JobChannel, SilentChannel
@@ -234,9 +234,10 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
             except SoftTimeLimitExceeded:  # the time limit came while waiting: recorded unchecked, never lost
                 verdict = None
         return _record_checked(job, store, verdict, generated, digester)
-    if ending == STATUS_CANCELLED and job.stream and job.check_output and not job.output_rule_absent:
-        # Cancelled mid-stream (its client left, its gateway stopped): the gateway's verdict says what the
-        # client received, which only it knows (it held text back to judge it).
+    if ending in _VERDICT_ENDS and job.stream and job.check_output and not job.output_rule_absent:
+        # Cancelled mid-stream (its client left, its gateway stopped) or stopped by its gateway's timeout:
+        # the gateway's verdict says what the client received, which only it knows (it held text back to
+        # judge it). Its kind is the verdict's (``timed_out`` or ``cancelled``).
         verdict = channel.cancelled_verdict()
         if verdict is not None:
             ended_ns = time.time_ns()
@@ -245,6 +246,10 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
             return _record_checked(job, store, verdict, generated, digester)
     return _record_end(job, store, kind, "".join(text), prompt_tokens, completion_tokens, finish, worker,
                        queue_ms, started_ns, digester, message=_stop_message(kind, channel))
+
+
+#: The ends of a checked stream its gateway stopped whose entry takes the gateway's ``cancelled`` verdict.
+_VERDICT_ENDS = frozenset({STATUS_CANCELLED, STATUS_TIMED_OUT})
 
 
 def _stop_kind(channel: JobChannel) -> str:
@@ -333,8 +338,6 @@ def _record(job: GenerateJob, store: EntryStore, kind: str, generated: Generated
     return ended_result(kind, generated, entry.seq, finish_reason=finish_reason, served=served, error=error)
 
 
-#: The error message of a generation stopped by its gateway's request timeout (recorded ``timed_out``).
-GATEWAY_TIMEOUT_MESSAGE = "the gateway's request timeout ran out; generation was stopped"
 _END_MESSAGES = {
     STATUS_CANCELLED: "generation was cancelled (the client went away or the gateway gave up)",
     STATUS_TIMED_OUT: "generation hit the worker's time limit",

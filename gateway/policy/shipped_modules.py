@@ -23,7 +23,7 @@ SHIPPED_MODULE_DIGESTS: Final[dict[str, str]] = {
     "checks.rego": "efe1e51729b38a6ce5446d8b83e64e190f9688e0f604b8d8c8d0a036ba9442f1",
     "content.rego": "6f3d9860d47f1f52a0e921bfd2f2c8c8b41abc0b8a45693b035fe3f2edcd4aeb",
     "govgate.rego": "5a5d90a0fab0e819f461ff5119514cfee538ecf9d5d91f54d19177bbe5f8b1c7",
-    "limits.rego": "46ba8d0d8d178cbc7ad43dd407d7505ec01f2afb39d110e363301695d8302e8c",
+    "limits.rego": "cca16ca8878e5c86efafd5eab91f6e46d2f29a6ee34840daee3774362cc2724d",
     "obligations.rego": "122f4ac2d4399f65e3219dbc0321f71e4e262c4afe8a3061e44acfd6dd1799f9",
     "output.rego": "91795e8cb4fd05df57dc601648f3a39b3adef07b3292dbcab71d62ec48a49944",
     "pii.rego": "53d7654caa31db1cb1c9fd2060475e5b2c9b75f31755ee156951638d0ca7515a",

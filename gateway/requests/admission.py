@@ -80,6 +80,24 @@ class Obliged:
 
     limits: dict[str, Any]
     priority: int | None
+    #: The ``max_tokens`` a request asking for more is clamped to, as a decision that clamped showed it (None:
+    #: none did yet). The early reservation holds the clamped tokens: one for the requested ones was
+    #: refused, or held too much, and was made again for every such request (probe p2 #4).
+    max_tokens_cap: int | None = None
+
+    def completion_tokens(self, requested_max: int) -> int:
+        """The ``max_tokens`` the decision will likely grant a request asking for ``requested_max``."""
+        return requested_max if self.max_tokens_cap is None else min(requested_max, self.max_tokens_cap)
+
+
+def granted_cap(granted: int, requested_max: int, last: Obliged | None) -> int | None:
+    """The clamp a decision that granted ``granted`` of ``requested_max`` shows: ``granted`` when it clamped;
+    else the one seen before while it still agrees (it is at least ``granted``); else unknown."""
+    if granted < requested_max:
+        return granted
+    if last is not None and last.max_tokens_cap is not None and last.max_tokens_cap >= granted:
+        return last.max_tokens_cap
+    return None
 
 
 @dataclass(frozen=True)
@@ -213,7 +231,8 @@ class Admission:
                                              spec.repetition_penalty)
             if decision.allow and verdict.counters_down is None:
                 admission = await self._reserve(request_id, principal, spec, decision, params, messages, prompt,
-                                                verdict.early, defaulted=not request.max_tokens_given)
+                                                verdict.early, defaulted=not request.max_tokens_given,
+                                                requested_max=requested_max)
                 if isinstance(admission, Admitted) and admission.max_tokens != params.max_tokens:
                     params = dataclasses.replace(params, max_tokens=admission.max_tokens)
             else:
@@ -312,7 +331,8 @@ class Admission:
                 usage = await self.counters.snapshot(principal.id, principal.team)
             else:
                 prompt_tokens = await self.prompt_counter.count(spec, messages, prompt)
-                tokens = prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt)) + requested_max
+                tokens = (prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt))
+                          + guess.completion_tokens(requested_max))
                 reply = await self.counters.admit(
                     request_id, principal.id, principal.team, guess.limits, tokens,
                     queue=self._queue(spec, principal, guess.priority))
@@ -337,7 +357,8 @@ class Admission:
 
     async def _reserve(self, request_id: str, principal: Principal, spec: ModelSpec, decision: Decision,
                        params: SamplingParams, messages: list[dict[str, str]] | None, prompt: str | None,
-                       early: EarlyReservation | None, *, defaulted: bool = False) -> Admitted | AdmissionRefusal:
+                       early: EarlyReservation | None, *, defaulted: bool = False,
+                       requested_max: int | None = None) -> Admitted | AdmissionRefusal:
         """Check the prompt fits, then hold the request's tokens against its limits and check the queue.
 
         ``defaulted``: the client gave no ``max_tokens``. Then a prompt that
@@ -374,7 +395,10 @@ class Admission:
         held_prompt = prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt))
         reserved = held_prompt + max_tokens  # budgets count prompt and completion tokens
         priority = decision.obligations.priority
-        self._remember(principal, spec, Obliged(wanted, priority))
+        key = (principal.id, principal.team, spec.name)
+        cap = granted_cap(decision.obligations.max_tokens, requested_max, self._obliged.get(key)) \
+            if requested_max is not None else None
+        self._remember(principal, spec, Obliged(wanted, priority, cap))
         if early is not None and early.limits == wanted and early.tokens == reserved:
             reply = early.reply
         else:
@@ -431,11 +455,15 @@ class Admission:
         """The denial with its ``rate_limited`` reasons' wait as the counters compute it
         (gateway/requests/minute_wait.py): the policy's is when the oldest entry leaves the minute."""
         early = verdict.early
-        if early is not None:
+        prompt_tokens = early.prompt_tokens if early is not None else \
+            await self.prompt_counter.count(spec, messages, prompt)
+        granted = decision.obligations.max_tokens  # clamped: what admitting the request would hold (p2 #4)
+        tokens = prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt)) + (
+            granted if 1 <= granted <= requested_max else requested_max)
+        if early is not None and (early.tokens == tokens or early.reservation is not None):
             return await with_minute_wait(decision, self.counters, request_id, principal.id, principal.team,
                                           early.tokens, (early.limits, early.reply))
-        prompt_tokens = await self.prompt_counter.count(spec, messages, prompt)
-        tokens = prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt)) + requested_max
+        # none, or refused for other tokens (its wait is theirs): ask the counters for these
         return await with_minute_wait(decision, self.counters, request_id, principal.id, principal.team, tokens, None)
 
     def _queue(self, spec: ModelSpec, principal: Principal, priority: int | None) -> QueueCheck:

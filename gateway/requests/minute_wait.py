@@ -15,7 +15,11 @@ the same limits, before the policy decided) already refused: that reply
 holds the wait (made under other limits, it says nothing of these: the
 policy's figure stands). Without one, one admit call under the decision's
 limits, its reservation undone at once if there turns out to be room (the
-policy judged an older snapshot; its figure then stands).
+policy judged an older snapshot; its figure then stands). The request's
+tokens are its prompt's plus the decision's ``max_tokens``, after the clamp;
+an early reply for other tokens is not taken (its wait is theirs: the
+requested 1000 of a request clamped to 256 never fit a limit of 400, and its
+client was told 60 s; probe p2 #4).
 """
 
 from __future__ import annotations

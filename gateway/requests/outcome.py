@@ -38,7 +38,8 @@ from gateway.requests.ticket import Ticket
 from gateway.requests.usage import settle_reservation
 from workers.contract.jobs import (CANCEL_TTL_S, JOB_LOOK_AGAIN, JOB_STARTED, STATUS_CANCELLED, STATUS_COMPLETED,
                                   STATUS_TIMED_OUT, STOP_TIMED_OUT, JobResult, cancel_key)
-from workers.contract.output_check import STOP_CONTENT_FILTER, OutputReport
+from workers.contract.output_check import (STOP_CONTENT_FILTER, OutputReport, OutputVerdict, decision_record,
+                                           logged_client_output)
 from workers.contract.privacy import Digester, logged_output
 
 log = logging.getLogger(__name__)
@@ -367,7 +368,8 @@ class TicketRunner:
         raise worker_error(result)
 
     async def timed_out(self, ticket: Ticket, *, output: str | None = None, started: bool = False,
-                        outcome: dict[str, Any] | JobResult | None = None) -> JobResult:
+                        outcome: dict[str, Any] | JobResult | None = None,
+                        verdict: OutputVerdict | None = None) -> JobResult:
         """The wait ran out and the job was asked to stop (:meth:`stop_for_timeout`): end the request, 504.
 
         ``started``: a worker may have begun the job; ``outcome``: what it
@@ -379,7 +381,9 @@ class TicketRunner:
         have before the timeout.
 
         With no outcome the gateway records ``timed_out`` itself. ``output`` is
-        what a stream already sent to its client. A job no worker began is
+        what a stream already sent to its client; ``verdict``: the one a
+        checked stream's worker was told (:meth:`tell_timed_out`), whose
+        decision and ``client_output`` the entry keeps as the worker's would. A job no worker began is
         charged nothing (its worker, if one takes it, sees the stop at its
         start). One a worker began but did not report on in the grace (frozen,
         or deep in a long prompt) is charged its whole reservation, and the
@@ -398,6 +402,10 @@ class TicketRunner:
                                           "message": f"no result within {self.request_timeout_s:g}s"}}
         if output is not None:  # kept as the request's prompt_logging allows, like a worker's output
             body.update(logged_output(output, job.prompt_logging, job.redact, self.digester))
+        if verdict is not None:  # released text only, masked already: no finding of the rules' in clear
+            body.update({"output_decision": decision_record(verdict, self.digester),
+                         **logged_client_output(verdict.client_text, job.prompt_logging,
+                                                [*job.redact, *verdict.redact], self.digester)})
         reserved = _reserved_usage(ticket) if started else None
         if reserved is not None:
             body["usage"] = reserved
@@ -453,6 +461,19 @@ class TicketRunner:
                                                                              queued, cut=cut))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def tell_timed_out(self, ticket: Ticket, hold: HoldBack | None, delivered: str) -> OutputVerdict | None:
+        """Tell a checked stream's worker, before the stop (:meth:`stop_for_timeout`), that the request timed
+        out and what its client received (``delivered``): the ``cancelled`` verdict marked ``timed_out``
+        (:meth:`OutputRules.cancelled`). The worker, stopping at the key (or waiting for a verdict on an
+        output it finished), records ``timed_out`` with that ``client_output`` and the decision, as a
+        cancelled stream's entry has them (p2 #3: it had neither). Returns the verdict; None when there is
+        nothing to tell: an unchecked stream, or one the output rules stopped already, whose worker reports
+        and waits for its verdict as usual (the stop's reason stands: :meth:`stop_for_timeout`).
+        """
+        if hold is None or self.output_rules is None or hold.stopped:
+            return None
+        return await self.output_rules.cancelled(ticket, hold, client_text=delivered, timed_out=True)
 
     async def tell_cancelled(self, ticket: Ticket, hold: HoldBack | None) -> None:
         """Tell a stream's worker that its request is cancelled, and (under output rules) what its client
@@ -584,6 +605,9 @@ class StreamEvents:
         self._outcome: dict[str, Any] | None = None
         #: Under output rules (``checked``: the revision has one): what was received, judged and released.
         self._hold = runner.output_rules.hold() if runner.output_rules is not None and checked else None
+        #: The verdict its worker was sent when the request timed out (:meth:`TicketRunner.tell_timed_out`):
+        #: from then on the stream releases nothing more and answers no report (that verdict is the answer).
+        self._timed_out: OutputVerdict | None = None
 
     def __aiter__(self) -> AsyncIterator[str | JobResult]:
         return self._events()
@@ -603,6 +627,9 @@ class StreamEvents:
                 self._finished = True
                 result = await runner.result_of(ticket, self._outcome)
             except ResultTimeout:  # before OSError: TimeoutError is one
+                # under output rules, what the client received goes to the worker before the stop; from then
+                # on nothing more is released (the entry says what the client got)
+                self._timed_out = await runner.tell_timed_out(ticket, self._hold, "".join(delivered))
                 started = await runner.stop_for_timeout(ticket)
                 if not started:
                     await runner.withdraw_unstarted(self._queued)
@@ -612,7 +639,7 @@ class StreamEvents:
                             yield piece
                 self._finished = True  # the audit keeps what the client received, or what the worker generated
                 result = await runner.timed_out(ticket, output="".join(delivered), started=started,
-                                                outcome=self._outcome)
+                                                outcome=self._outcome, verdict=self._timed_out)
             except (RedisError, OSError) as exc:
                 self._finished = True
                 raise await runner.queue_down(ticket, exc) from None
@@ -640,7 +667,7 @@ class StreamEvents:
                     self._cut = True
                     raise shutting_down(in_flight=True)
                 elif isinstance(event, OutputReport):
-                    if self._hold is not None and runner.output_rules is not None:
+                    if self._hold is not None and runner.output_rules is not None and self._timed_out is None:
                         await runner.output_rules.answer(ticket, self._hold, event)
                 elif isinstance(event, dict):
                     self._outcome = event
@@ -657,7 +684,7 @@ class StreamEvents:
         hold = self._hold
         if hold is None or self._runner.output_rules is None:
             return piece
-        if hold.stopped:
+        if hold.stopped or self._timed_out is not None:
             return ""
         hold.add(piece)
         if not hold.due() or self._pending.backlog():

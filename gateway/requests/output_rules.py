@@ -118,7 +118,8 @@ class OutputRules:
                              stopped=hold.stopped, unavailable=hold.unavailable,
                              revision=hold.revision or self.policy.revision)
 
-    async def cancelled(self, ticket: Ticket, hold: HoldBack) -> None:
+    async def cancelled(self, ticket: Ticket, hold: HoldBack, *, client_text: str | None = None,
+                        timed_out: bool = False) -> OutputVerdict:
         """Answer the report of a stream whose client left while its answer was being judged.
 
         That judgement was abandoned with the client's connection (its
@@ -129,10 +130,17 @@ class OutputRules:
         before, and the text the client received (``hold`` released it, so it
         was judged: nothing unjudged is ever served). The same two commands
         the verdict would have cost; nothing on the usual path changes.
+
+        ``timed_out``: the gateway's request timeout stopped the stream (p2 #3), and ``client_text`` is what
+        the stream delivered (``hold`` may have released a last window the client never got); the worker
+        records ``timed_out`` with it. Returns the verdict sent (or that could not be sent).
         """
-        await self.send(ticket.request_id, OutputVerdict(
-            decision=hold.decision_document(), client_text=hold.client_text, stopped=hold.stopped,
-            unavailable=hold.unavailable, revision=hold.revision or self.policy.revision, cancelled=True))
+        verdict = OutputVerdict(
+            decision=hold.decision_document(), client_text=hold.client_text if client_text is None else client_text,
+            stopped=hold.stopped, unavailable=hold.unavailable, revision=hold.revision or self.policy.revision,
+            cancelled=True, timed_out=timed_out)
+        await self.send(ticket.request_id, verdict)
+        return verdict
 
     async def send(self, request_id: str, verdict: OutputVerdict) -> None:
         key = verdict_key(request_id)

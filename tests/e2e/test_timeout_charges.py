@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -34,8 +35,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.limits import UsageCounters
 from gateway.limits.charge import used_tokens
 from govgate.processes import stop_process
-from tests.conftest import IDLE_MODEL, TIMEOUT_MODEL, bearer, serving, spawn_cli, wait_for_worker
+from tests.conftest import (IDLE_MODEL, TIMEOUT_MODEL, _roomy_limits, bearer, policy_copy, serving, spawn_cli,
+                            wait_for_worker)
 from tests.e2e.test_crash_safety import pool_children
+from tests.e2e.test_output_rules import HOLDBACK, pick_phrase
 from tests.e2e.test_stream_faults import wait_terminal
 from tests.keys_and_limits import new_key
 from workers.contract.jobs import JOB_STARTED, cancel_key
@@ -227,6 +230,10 @@ async def test_a_stream_the_timeout_ends_while_generating_is_charged_and_gets_wh
     # the worker's entry holds all it generated: what the client received, and under the output rules
     # perhaps a held-back tail it never got
     assert text and terminal.payload["output"].startswith(text)
+    # and, under the output rules (on here), what the client received and the decision on what was judged,
+    # as a cancelled stream's entry does (probe p2 #3: the timeout's had neither)
+    assert terminal.payload["client_output"] == text
+    assert terminal.body["output_decision"]["stopped"] is False
     assert await charged(settings, principal) == {"tokens_today": used_tokens(usage), "in_flight": 0}
     assert tokens_counted(gateway) - counted_before == used_tokens(usage)
 
@@ -282,3 +289,101 @@ async def test_a_begun_request_whose_worker_does_not_report_in_the_grace_is_char
     assert usage["basis"] == "reservation" and usage["completion_tokens"] == MAX_TOKENS, terminal.body
     assert "charged what it reserved" in terminal.body["error"]["message"]
     assert await charged(settings, principal) == {"tokens_today": usage["total_tokens"], "in_flight": 0}
+
+
+#: What the client receives in place of the phrase the redacting gateway's output rules find.
+MASKED = "[REDACTED:test_phrase]"
+
+
+@pytest.fixture(scope="module")
+def redacting_gateway(settings, gateway, tmp_path_factory) -> Iterator[tuple[str, str]]:
+    """A gateway whose admin role keeps conversations ``redacted`` and whose output rules redact a phrase
+    the model says early in its answer; its URL and the phrase."""
+    _, key = fresh_key(settings)
+    probe = httpx.post(f"{gateway}/v1/completions", headers=bearer(key), timeout=120,
+                       json={"model": TIMEOUT_MODEL, "prompt": "Tell", "max_tokens": 40, "temperature": 0})
+    assert probe.status_code == 200, probe.text
+    phrase = pick_phrase(probe.json()["choices"][0]["text"])
+
+    def change(config: dict) -> None:
+        _roomy_limits(config)
+        config["roles"]["admin"]["prompt_logging"] = "redacted"
+        content = config["content"]
+        content["national_ids"].append({"id": "test_phrase", "pattern": re.escape(phrase)})
+        content["detectors"]["test_phrase"] = {"action": "redact"}
+        content["output"]["detectors"]["test_phrase"] = {"action": "redact"}
+
+    folder = tmp_path_factory.mktemp("tc-redacted")
+    own = settings.with_(request_timeout_s=TIMEOUT_S, policy_dir=policy_copy(folder, change),
+                         output_holdback_chars=HOLDBACK)
+    with serving(own, folder / "serve.log") as base:
+        yield base, phrase
+
+
+async def test_a_redacted_stream_the_timeout_ends_keeps_what_its_client_received_and_no_finding_in_clear(
+        redacting_gateway, settings, timeout_worker, audit_store):
+    """Under the output rules the entry says what the client received (the masked text) and the decision,
+    as a cancelled stream's does; under ``redacted`` no finding the rules masked for the client is kept
+    in clear (h12 F1's worry for this end), and the output, not judged whole, is withheld."""
+    base, phrase = redacting_gateway
+    principal, key = fresh_key(settings)
+    text, last = "", None
+    with freezer(settings, timeout_worker) as frozen:
+        with httpx.stream("POST", f"{base}/v1/completions", headers=bearer(key), timeout=120,
+                          json={"model": TIMEOUT_MODEL, "prompt": "Tell", "max_tokens": MAX_TOKENS,
+                                "temperature": 0, "stream": True}) as response:
+            assert response.status_code == 200
+            request_id = response.headers["x-govgate-request-id"]
+            thawing = None
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                last = json.loads(line[6:])
+                if last.get("choices"):
+                    text += last["choices"][0].get("text") or ""
+                    if MASKED in text and thawing is None:  # the client has the masked phrase: freeze
+                        frozen.freeze()
+                        thawing = threading.Thread(target=frozen.thaw_once_stopped,
+                                                   args=(request_id, time.monotonic() + 60))
+                        thawing.start()
+            assert thawing is not None, text
+            thawing.join(120)
+    assert frozen.stop_seen
+    assert last is not None and last["error"]["code"] == "timed_out"
+    assert phrase not in text
+    usage = assert_charged_what_it_generated(settings, audit_store, principal, request_id)
+    terminal = audit_store.terminal_for(request_id)
+    assert terminal.payload["client_output"] == text
+    assert terminal.body["output_decision"]["findings"], terminal.body["output_decision"]
+    assert terminal.body.get("output_withheld") is True and "output" not in terminal.payload
+    assert phrase not in json.dumps(terminal.body) + json.dumps(terminal.payload)
+    assert await charged(settings, principal) == {"tokens_today": used_tokens(usage), "in_flight": 0}
+
+
+async def test_a_checked_stream_whose_worker_does_not_report_in_the_grace_keeps_what_its_client_received(
+        gateway, settings, timeout_worker, audit_store):
+    """The worker stays frozen past the grace: the gateway records the end, charged the reservation, with
+    the decision and ``client_output`` it told the worker (the text it delivered), as the worker's has them."""
+    principal, key = fresh_key(settings)
+    text, last = "", None
+    with freezer(settings, timeout_worker) as frozen:
+        with httpx.stream("POST", f"{gateway}/v1/completions", headers=bearer(key), timeout=120,
+                          json={"model": TIMEOUT_MODEL, "prompt": "Tell", "max_tokens": MAX_TOKENS,
+                                "temperature": 0, "stream": True}) as response:
+            assert response.status_code == 200
+            request_id = response.headers["x-govgate-request-id"]
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                last = json.loads(line[6:])
+                if last.get("choices"):
+                    text += last["choices"][0].get("text") or ""
+                    if text:
+                        frozen.freeze()  # frozen all along: the timeout, then the grace, run out
+    assert text and last is not None and last["error"]["code"] == "timed_out"
+    terminal = wait_terminal(audit_store, request_id)
+    assert terminal.kind == "timed_out" and terminal.body["usage"]["basis"] == "reservation", terminal.body
+    assert terminal.payload["client_output"] == text == terminal.payload["output"]
+    assert terminal.body["output_decision"]["stopped"] is False
+    assert await charged(settings, principal) == {"tokens_today": terminal.body["usage"]["total_tokens"],
+                                                  "in_flight": 0}

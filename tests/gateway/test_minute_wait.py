@@ -23,6 +23,7 @@ from tests.conftest import bearer, policy_copy, serving
 from tests.e2e.test_queued_disconnect import _until, in_flight_of
 from tests.keys_and_limits import new_key
 from tests.own_redis import own_redis  # noqa: F401  (fixture)
+from tests.redis_monitor import CommandLog
 from workers.contract.registry import TINY_MODEL_NAME
 
 LIMIT = 200
@@ -93,3 +94,98 @@ def test_the_429_says_when_the_requests_tokens_fit_not_when_the_oldest_entry_lea
         # the oldest entry leaves in 10 s, which the policy alone says.
         assert 30 < retry <= 60, (user, refused.headers, error)
         assert [r["retry_after_s"] for r in error["reasons"] if r["code"] == "rate_limited"] == [retry]
+
+
+#: The clamping role's ``max_tokens`` (mode ``clamp``, the default): a request asking for more gets this.
+CAP = 40
+#: What the clamped requests ask for: alone, it is over the limit (the prompt too).
+ASKED = 1000
+
+
+def _clamped(*users: str):
+    def change(config: dict) -> None:
+        _limits(*users)(config)
+        config["roles"]["clamped"] = {"models": [TINY_MODEL_NAME], "max_tokens": CAP}
+    return change
+
+
+async def _fill_clamped(redis_url: str, user: str, team: str) -> None:
+    """30 tokens that leave the minute in 10 s, 150 that leave it in 55 s: after 10 s a request of
+    prompt + CAP tokens fits (150 + 43 <= 200), one of prompt + ASKED never does."""
+    client = aioredis.Redis.from_url(redis_url)
+    counters = UsageCounters(client)
+    try:
+        now = time.time()
+        for tokens, age_s in ((30, 50), (150, 5)):
+            held = await counters.reserve(f"fill-{os.urandom(4).hex()}", user, team,
+                                          {"principal": {"tokens_per_minute": 10**9}}, tokens, now=now - age_s)
+            await counters.settle(held, tokens, now=now - age_s)
+    finally:
+        await client.aclose()
+
+
+def test_the_wait_of_a_clamped_request_is_for_its_clamped_max_tokens(own_redis, tmp_path) -> None:  # noqa: F811
+    """Probe p2 #4: a request asking for 1000 tokens that its role clamps to 40 was told to wait 60 s (a
+    request of 1000 + prompt tokens never fits the limit of 200), though it fits once 30 tokens leave
+    (10 s), as one asking for 40 is told. Both paths: no earlier decision (the gateway asks the counters),
+    and an early reservation made with the snapshot. The message says what the counters need: the
+    prompt besides max_tokens."""
+    fresh, known, team = (f"mc-{os.urandom(3).hex()}", f"mc-{os.urandom(3).hex()}", "minute-clamped")
+    own = own_redis.with_(queue_mode="fifo", request_timeout_s=120,
+                          policy_dir=policy_copy(tmp_path, _clamped(fresh, known)))
+    keys = {user: new_key(own, user, team, roles=("clamped",)) for user in (fresh, known)}
+    body = {"model": TINY_MODEL_NAME, "prompt": "Count", "max_tokens": ASKED}
+    seen: dict = {}
+
+    async def scenario(base: str) -> None:
+        async with httpx.AsyncClient(timeout=120) as http:
+            # ``known`` has an allowed (clamped) decision first, so the next one reserves early
+            first = asyncio.create_task(http.post(f"{base}/v1/completions", headers=bearer(keys[known]), json=body))
+
+            async def held() -> bool:
+                return (await in_flight_of(own.redis_url, known, team))[0] == 1
+
+            await _until(held, "the allowed request to be queued")
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+
+            async def freed() -> bool:
+                return (await in_flight_of(own.redis_url, known, team))[0] == 0
+
+            await _until(freed, "the allowed request's slot to be freed")
+            for user in (fresh, known):
+                await _fill_clamped(own.redis_url, user, team)
+                seen[user] = await http.post(f"{base}/v1/completions", headers=bearer(keys[user]), json=body)
+
+    with serving(own, tmp_path / "serve.log") as base:
+        asyncio.run(scenario(base))
+    for user in (fresh, known):
+        refused = seen[user]
+        assert refused.status_code == 429, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "rate_limited" and "tokens_per_minute" in error["message"]
+        retry = int(refused.headers["Retry-After"])
+        assert 1 <= retry <= 12, (user, refused.headers, error)  # the 30 tokens leave 10 s after the fill
+        assert f"{CAP} tokens" in error["message"] and "prompt" in error["message"], error["message"]
+
+
+def test_an_allowed_clamped_request_reserves_in_one_call(own_redis, tmp_path) -> None:  # noqa: F811
+    """The early reservation was made for the requested max_tokens, so every clamped request's was refused
+    (or held too much) and made again for the clamped one: a second call. With the role's cap learnt from
+    the principal's last allowed decision, the early one is the reservation."""
+    user, team = f"mr-{os.urandom(3).hex()}", "minute-clamped"
+    own = own_redis.with_(queue_mode="fifo", request_timeout_s=2,
+                          policy_dir=policy_copy(tmp_path, _clamped(user)))
+    key = new_key(own, user, team, roles=("clamped",))
+    body = {"model": TINY_MODEL_NAME, "prompt": "Count", "max_tokens": ASKED}
+    with serving(own, tmp_path / "serve.log") as base:
+        first = httpx.post(f"{base}/v1/completions", headers=bearer(key), json=body, timeout=60)
+        assert first.status_code == 504, first.text  # admitted, queued, no worker: timed out
+        with CommandLog(own.redis_url) as log:
+            second = httpx.post(f"{base}/v1/completions", headers=bearer(key), json=body, timeout=60)
+    assert second.status_code == 504, second.text
+    request_id = second.headers["x-govgate-request-id"]
+    # the admit script: its first key is the request's reservation record, and it is asked to "reserve"
+    reserving = [words for words in log.sent if words[0] in ("evalsha", "eval") and len(words) > 3
+                 and words[3].endswith(f":r:{request_id}") and any(w.strip('"') == "reserve" for w in words)]
+    assert len(reserving) == 1, [[w[:40] for w in words] for words in log.sent if words[0] == "evalsha"]

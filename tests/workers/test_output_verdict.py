@@ -513,3 +513,62 @@ def test_a_stream_without_a_verdict_does_not_claim_nothing_was_served(client, st
     message = entry.body["error"]["message"]
     assert "nor served" not in message and "not known" in message
     assert entry.payload["output"] == gateway.reports[0].text
+
+
+class _TimedOutMidStream(_CancelledMidStream):
+    """The same, its gateway's request timeout stopping it: the cancel flag is ``timed-out``."""
+
+    def stopped_by_timeout(self) -> bool:
+        return self._told
+
+
+def test_a_stream_its_gateway_timed_out_mid_generation_records_timed_out_with_what_the_client_received(
+        client, store, model) -> None:
+    """The timeout's stop used to leave the entry without ``client_output`` and decision (probe p2 #3): the
+    gateway now sends the ``cancelled`` verdict marked ``timed_out`` first, and the entry is ``timed_out``
+    (the gateway's timeout message, the worker's counts) with both."""
+    from workers.generation import GATEWAY_TIMEOUT_MESSAGE
+
+    received = "what the gateway released before its timeout"
+    verdict = OutputVerdict(decision={"allow": True, "reasons": [], "redact": []}, client_text=received,
+                            revision="rev-2", cancelled=True, timed_out=True)
+    job = replace(checked_job("govgate:gateway:nobody", stream=True),
+                  params=SamplingParams(max_tokens=200, temperature=0))
+    channel = _TimedOutMidStream(client, job.request_id, streaming=True, sealer=SEALER, reply_to=job.reply_to,
+                                 verdict=verdict)
+    result = run_job(job, model, store, channel, digester=DIGESTER, verdict_timeout_s=5)
+    assert result.status == "timed_out"
+    entry = store.terminal_for(job.request_id)
+    assert entry.kind == "timed_out"
+    assert entry.body["error"] == {"code": "timed_out", "message": GATEWAY_TIMEOUT_MESSAGE}
+    assert entry.payload["client_output"] == received and entry.payload["output"]
+    assert entry.body["output_decision"]["policy_revision"] == "rev-2"
+    assert entry.body["usage"]["completion_tokens"] >= 1 and "basis" not in entry.body["usage"]
+    assert client.llen(verdict_key(job.request_id)) == 0  # taken
+
+
+def test_a_finished_stream_whose_gateway_timed_out_before_its_verdict_records_timed_out(client, store,
+                                                                                        model) -> None:
+    """The worker reported and waits; its gateway's timeout came first, so the verdict it finds is the
+    timed-out one: ``timed_out`` with what the client received, not a completion."""
+    def timed_out(report: OutputReport) -> OutputVerdict:
+        return OutputVerdict(decision={"allow": True, "reasons": [], "redact": []},
+                             client_text=report.text[:len(report.text) // 2], revision="rev-2", cancelled=True,
+                             timed_out=True)
+    gateway = Gateway(client, timed_out)
+    job = checked_job(gateway.channel, stream=True)
+    result = run(client, job, store, model)
+    gateway.close()
+    assert result.status == "timed_out" and result.error["code"] == "timed_out"
+    entry = store.terminal_for(job.request_id)
+    assert entry.kind == "timed_out" and entry.body["finish_reason"] is None
+    assert entry.payload["client_output"] == result.text == timed_out(gateway.reports[0]).client_text
+
+
+def test_timed_out_travels_only_with_cancelled() -> None:
+    """The mark is a kind of cancel: a verdict that is not one never carries it (nor reads it)."""
+    plain = OutputVerdict(decision={"allow": True}, client_text="x", timed_out=True)
+    assert "timed_out" not in plain.to_payload()
+    assert OutputVerdict.opened(plain.sealed(SEALER), SEALER).timed_out is False
+    marked = replace(plain, cancelled=True)
+    assert OutputVerdict.opened(marked.sealed(SEALER), SEALER) == marked

@@ -87,7 +87,12 @@ class OutputVerdict:
     received, and the worker records ``cancelled`` (without this answer it
     waited out its whole verdict timeout, its model idle). Sent only when
     set; a worker older than the field reads it as an ordinary verdict on
-    the text the client received (a ``completion``).
+    the text the client received (a ``completion``). The gateway sends it
+    too when it cancels a stream (its client left, its drain cut it) or its
+    request timeout stops one (``timed_out`` then set as well: the worker
+    records ``timed_out``, not ``cancelled``; a worker older than that field
+    records ``cancelled``), before it sets the stop: what the client received
+    is then in the entry whichever way the stream ended.
     """
 
     decision: dict[str, Any]
@@ -96,12 +101,15 @@ class OutputVerdict:
     unavailable: bool = False
     revision: str = ""
     cancelled: bool = False
+    timed_out: bool = False
 
     def to_payload(self) -> dict[str, Any]:
         payload = {"decision": self.decision, "client_text": self.client_text, "stopped": self.stopped,
                    "unavailable": self.unavailable, "revision": self.revision}
         if self.cancelled:  # only then: every other verdict stays as it was
             payload["cancelled"] = True
+            if self.timed_out:
+                payload["timed_out"] = True
         return payload
 
     def sealed(self, sealer: Sealer) -> bytes:
@@ -116,7 +124,8 @@ class OutputVerdict:
             raise ValueError("not an output verdict")
         return cls(decision=document["decision"], client_text=document["client_text"],
                    stopped=bool(document.get("stopped")), unavailable=bool(document.get("unavailable")),
-                   revision=str(document.get("revision") or ""), cancelled=bool(document.get("cancelled")))
+                   revision=str(document.get("revision") or ""), cancelled=bool(document.get("cancelled")),
+                   timed_out=bool(document.get("cancelled")) and bool(document.get("timed_out")))
 
     @classmethod
     def unruled(cls, text: str, revision: str) -> "OutputVerdict":

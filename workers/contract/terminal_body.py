@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from workers.contract.jobs import STATUS_CANCELLED, STATUS_COMPLETED, STATUS_FAILED, JobResult
+from workers.contract.jobs import STATUS_CANCELLED, STATUS_COMPLETED, STATUS_FAILED, STATUS_TIMED_OUT, JobResult
 from workers.contract.output_check import (FINISH_CONTENT_FILTER, OUTPUT_POLICY_UNAVAILABLE, OUTPUT_UNCHECKED,
                                            OutputVerdict, decision_record, logged_client_output)
 from workers.contract.privacy import Digester, logged_output
@@ -39,6 +39,11 @@ UNCHECKED_STREAM_ERROR = {"code": OUTPUT_UNCHECKED,
 CANCELLED_ERROR = {"code": STATUS_CANCELLED,
                    "message": "generation was cancelled (the client went away, or its gateway stopped, before the "
                               "output was served whole); client_output is what the client received"}
+
+#: The error message of a generation stopped by its gateway's request timeout (recorded ``timed_out``),
+#: with or without a verdict: under the output rules the entry's ``client_output`` says what the client
+#: received.
+GATEWAY_TIMEOUT_MESSAGE = "the gateway's request timeout ran out; generation was stopped"
 
 
 #: The error of an end the database refused when it came: kept pending, nothing served.
@@ -114,7 +119,8 @@ def checked_ending(job: GenerateJob, verdict: OutputVerdict | None, finish_reaso
     could not judge, or nobody judged, is ``failed`` and nothing is served.
     A stream whose client left while its last window was judged is
     ``cancelled`` (no finish reason, as any cancelled generation), holding the
-    decision on the windows judged before and what the client received.
+    decision on the windows judged before and what the client received; one
+    its gateway's request timeout stopped is ``timed_out`` the same way.
     """
     if verdict is None:
         return Ending(STATUS_FAILED, finish_reason, error=dict(UNCHECKED_STREAM_ERROR if job.stream
@@ -122,6 +128,9 @@ def checked_ending(job: GenerateJob, verdict: OutputVerdict | None, finish_reaso
     checked = {"output_decision": decision_record(verdict, digester),
                **logged_client_output(verdict.client_text, job.prompt_logging, [*job.redact, *verdict.redact],
                                       digester)}
+    if verdict.cancelled and verdict.timed_out:
+        return Ending(STATUS_TIMED_OUT, None, checked=checked, findings=verdict.redact, served=verdict.client_text,
+                      error={"code": STATUS_TIMED_OUT, "message": GATEWAY_TIMEOUT_MESSAGE})
     if verdict.cancelled:
         return Ending(STATUS_CANCELLED, None, checked=checked, findings=verdict.redact, served=verdict.client_text,
                       error=dict(CANCELLED_ERROR))
