@@ -450,7 +450,7 @@ def test_up_whose_first_model_hangs_while_loading_gives_it_up_and_serves_the_nex
     assert up.interrupt() == 0
 
 
-def test_a_second_ctrl_c_to_up_cuts_the_drain_short_and_every_client_is_answered(up_env):
+def test_a_second_ctrl_c_to_up_cuts_the_drain_short_and_the_request_in_flight_is_answered(up_env):
     """Ctrl-C says how long the API drains and how to skip it; Ctrl-C again reaches the API, which ends its
     requests in flight at once (each with its answer), so ``up`` exits long before the drain's end.
 
