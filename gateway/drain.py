@@ -19,6 +19,11 @@ server is told to stop, before uvicorn closes anything):
    one stops at its cancel key and its worker records ``cancelled`` with
    what the client received).
 
+A request whose body is still arriving is not admitted yet and has nothing
+running to finish: :meth:`Drain.read_unless_stopping` ends its read at
+:meth:`Drain.begin` and refuses it as one arriving during the drain, so it
+does not hold the stop (probe p1 F2).
+
 One object per served app (``app.state.drain``); all of it runs on the
 event loop, so nothing here is locked.
 """
@@ -29,7 +34,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Callable, Iterator
+from typing import Awaitable, Callable, Iterator, TypeVar
 
 from gateway.api_errors import ApiError
 from gateway.stop_timing import END_WAIT_S
@@ -43,6 +48,8 @@ SHUTTING_DOWN = "shutting_down"
 RETRY_AFTER_S = 2
 #: How often the drain looks whether the requests in flight have ended.
 POLL_S = 0.05
+
+T = TypeVar("T")
 
 
 def shutting_down(*, in_flight: bool) -> ApiError:
@@ -67,6 +74,8 @@ class Drain:
         self._cut_event: asyncio.Event | None = None
         #: The requests in flight, each with what ends it at the cut (None: it watches :meth:`wait_cut`).
         self._active: dict[int, Callable[[], None] | None] = {}
+        #: The body reads under way (:meth:`read_unless_stopping`), each with what ends it at :meth:`begin`.
+        self._reading: dict[int, Callable[[], None]] = {}
         self._next = 0
         #: When :meth:`begin` ran (monotonic), for the cut's log line.
         self._began: float | None = None
@@ -81,6 +90,8 @@ class Drain:
             self._began = time.monotonic()
             log.info("stopping: no new requests; %d in flight get up to %gs to finish (GOVGATE_DRAIN_S)",
                      self.in_flight, self.drain_s)
+            for end in list(self._reading.values()):
+                end()
 
     def cut(self) -> None:
         """End every request still in flight (see the module docstring)."""
@@ -118,6 +129,45 @@ class Drain:
         def leave() -> None:
             self._active.pop(token, None)
         return leave
+
+    async def read_unless_stopping(self, read: Callable[[], Awaitable[T]]) -> T:
+        """``read()`` (a request's body), unless the gateway stops first: then 503 ``shutting_down``.
+
+        A request whose body is still arriving has not been admitted, so
+        nothing of it runs that the drain should let finish. Its read is
+        cancelled at :meth:`begin` and it is refused as a request arriving
+        during the drain is (at once, the body not read). Before (probe p1
+        F2), a body trickling in held the stop for all of ``drain_s``, the cut
+        could not end it, and uvicorn's graceful timeout then cancelled it: a
+        plain-text 500 and a ``CancelledError`` traceback in the log.
+
+        The read runs in the request's own task, cancelled by :meth:`begin`,
+        rather than in a task of its own raced against the drain: this runs for
+        every completion request, and a task each would cost CPU on each.
+        """
+        if self.draining:
+            raise shutting_down(in_flight=False)
+        task = asyncio.current_task()
+        if task is None:  # not in a task (never so under an ASGI server): nothing to cancel it with
+            return await read()
+        ended = False
+
+        def end() -> None:
+            nonlocal ended
+            ended = True
+            task.cancel()
+
+        token = self._next
+        self._next += 1
+        self._reading[token] = end
+        try:
+            return await read()
+        except asyncio.CancelledError:
+            if ended and task.uncancel() == 0:  # cancelled by the drain alone (any other cancel goes on)
+                raise shutting_down(in_flight=False) from None
+            raise
+        finally:
+            self._reading.pop(token, None)
 
     @contextlib.contextmanager
     def tracking(self, end: Callable[[], None] | None = None) -> Iterator[None]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from types import FrameType
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
@@ -35,6 +36,19 @@ class DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await self.drain.run(forced=lambda: self.force_exit)  # a second Ctrl-C stops waiting
         await super().shutdown(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """A second stop signal of either kind forces the exit (uvicorn forces only on a SIGINT).
+
+        ``govgate up`` stops its API with SIGTERM and passes a second Ctrl-C
+        on as SIGINT (probe p1 F3). When both are pending at once (the second
+        Ctrl-C came quickly, or the API was busy), Python runs their handlers
+        in signal-number order, SIGINT first: to uvicorn that SIGINT is the
+        first signal, and the SIGTERM after it would not force anything.
+        """
+        if self.should_exit:
+            self.force_exit = True
+        super().handle_exit(sig, frame)
 
 
 def serve(settings: Settings) -> None:

@@ -17,9 +17,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from govgate.processes import stop_process
 from govgate.redis_server import RedisProcess
+
+#: How often a stop waiting for the API looks whether it was told to hurry (a second Ctrl-C).
+HURRY_POLL_S = 0.2
 
 
 class StartupError(RuntimeError):
@@ -37,6 +41,12 @@ class Stack:
     #: How long the stopping API may take before it is killed: its drain (``GOVGATE_DRAIN_S``) and the
     #: rest of its stop (``gateway.serving.stop_deadline_s``), so its requests in flight all get an answer.
     api_stop_s: float = 15.0
+    #: The API's drain (``GOVGATE_DRAIN_S``), for the line a stop prints.
+    drain_s: float | None = None
+    #: Set by :meth:`stop`: a Ctrl-C now is a second one.
+    stopping: bool = False
+    #: Set by :meth:`hurry`: the API's drain is cut short.
+    hurried: bool = False
 
     def children(self) -> dict[str, subprocess.Popen]:
         named = {f"worker {name}": proc for name, proc in self.workers.items()}
@@ -46,11 +56,22 @@ class Stack:
             named["redis"] = self.redis.process
         return named
 
-    def stop(self) -> None:
+    def hurry(self) -> None:
+        """A second Ctrl-C (or SIGTERM): the API's drain ends its requests in flight now (:meth:`stop`).
+
+        Safe in a signal handler: it only sets a flag, which the stop's wait for the API acts on.
+        """
+        self.hurried = True
+
+    def stop(self, say: Callable[[str], None] | None = None) -> None:
         """The API first, drained (``gateway/drain.py``): its requests in flight finish, or are ended with an
-        answer, while the workers still run them; then the workers, then Redis."""
+        answer, while the workers still run them; then the workers, then Redis.
+
+        ``say``: where to tell the operator how long the drain may take and that Ctrl-C again skips it.
+        """
+        self.stopping = True
         if self.api is not None:
-            stop_process(self.api, timeout_s=self.api_stop_s)
+            self._stop_api(say or (lambda line: None))
         for proc in self.workers.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -59,6 +80,40 @@ class Stack:
         if self.redis is not None:
             self.redis.stop()
 
+    def _stop_api(self, say: Callable[[str], None]) -> None:
+        """SIGTERM to the API, then wait for its drain, up to ``api_stop_s`` (then it is killed).
+
+        Once :meth:`hurry` was called the API is sent SIGINT, its second stop
+        signal, which cuts its drain at once (``gateway/serving.py``), as a
+        second Ctrl-C to ``govgate serve`` does. Before (probe p1 F3), ``up``
+        ignored a second Ctrl-C and could wait ``GOVGATE_DRAIN_S`` + 30 s with
+        no way out but SIGKILL. SIGINT, not SIGTERM again: two SIGTERMs both
+        pending when the API looks would merge into one.
+        """
+        api = self.api
+        assert api is not None
+        if api.poll() is not None:
+            return
+        api.send_signal(signal.SIGTERM)
+        if self.drain_s is not None:
+            say(f"  api: draining, up to {self.drain_s:g}s for the requests in flight (Ctrl-C again to end "
+                "them now)")
+        deadline = time.monotonic() + self.api_stop_s
+        told = False
+        while api.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                api.kill()
+                break
+            if self.hurried and not told:
+                say("  api: Ctrl-C again: its requests in flight are ended now")
+                api.send_signal(signal.SIGINT)
+                told = True
+            try:
+                api.wait(min(HURRY_POLL_S, left))
+            except subprocess.TimeoutExpired:
+                pass
+        api.wait()
 
 def ready_hosts(app, timeout_s: float) -> set[str]:
     """Model names of the workers that answer a Celery ping now."""

@@ -159,13 +159,16 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
         print(line, file=out, flush=True)
 
     stopping = False
+    stack = Stack(api_stop_s=stop_deadline_s(settings), drain_s=settings.drain_s)
 
     def on_signal(signum: int, _frame: object) -> None:
+        """Ctrl-C or SIGTERM: stop; again once stopping: cut the API's drain short (``Stack.stop``)."""
         nonlocal stopping
+        if stopping or stack.stopping:
+            stack.hurry()
         stopping = True
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    stack = Stack(api_stop_s=stop_deadline_s(settings))
     launcher: Launcher | None = None
     database: DatabaseStep | None = None
     try:
@@ -229,7 +232,7 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
             database.stop()
         if launcher is not None:
             launcher.close()
-        stack.stop()
+        stack.stop(say)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         say("govgate: stopped")

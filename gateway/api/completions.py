@@ -26,8 +26,10 @@ from gateway.requests.ticket import Ticket
 from workers.contract.jobs import JobResult
 
 
-def _reader(request: Request):
-    return lambda: read_body(request)
+def _reader(request: Request, drain: Drain):
+    """The body's read, ended by the stop's drain if the body is still arriving then (refused 503
+    ``shutting_down``: a request not yet admitted does not hold the stop)."""
+    return lambda: drain.read_unless_stopping(lambda: read_body(request))
 
 
 def _gone(request: Request):
@@ -135,10 +137,10 @@ class CompletionsController(Controller):
 async def _serve(service: CompletionService, drain: Drain, request: Request, principal: Principal,
                  endpoint: str) -> Response:
     """Admit and answer one request, counted in flight for a stopping gateway's drain (``gateway/drain.py``):
-    refused once it drains, ended with an answer at its cut."""
+    refused once it drains (also while its body is still arriving), ended with an answer at its cut."""
     leave = drain.enter()
     try:
-        ticket = await service.admit(principal, endpoint, _reader(request),
+        ticket = await service.admit(principal, endpoint, _reader(request, drain),
                                      request.headers.getall(urls.PURPOSE_HEADER, []), stopping=drain)
         shape = _Shape(endpoint)
         headers = {urls.REQUEST_ID_HEADER: ticket.request_id}

@@ -13,9 +13,11 @@ with SIGSTOP so that the requests are surely still in flight when the drain ends
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -176,3 +178,49 @@ def test_requests_that_finish_within_the_drain_are_answered_and_the_stop_does_no
     finally:
         _signal(held, signal.SIGCONT)
         stop_process(worker, timeout_s=30)
+
+
+def _upload_start(base: str, key: str) -> socket.socket:
+    """A raw connection that sent a completion request's headers and the first bytes of its body, no more:
+    a client still uploading its body (a slow link, a large prompt) when the gateway is told to stop."""
+    body = json.dumps({"model": MODEL, "prompt": "x" * 4000, "max_tokens": 5}).encode()
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    client = socket.create_connection((host, int(port)), timeout=30)
+    client.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+    return client
+
+
+def test_a_request_whose_body_is_still_arriving_is_refused_at_the_stop_and_does_not_hold_it(
+        own_redis, keyring, audit_store, tmp_path) -> None:  # noqa: F811
+    """Not admitted yet, such a request has nothing running to finish: the stop refuses it at once (503
+    ``shutting_down`` in OpenAI's shape, recorded ``rejected``) instead of waiting out the drain for it.
+
+    Before (probe p1 F2), it counted as in flight from before its body was read: the drain waited its whole
+    ``GOVGATE_DRAIN_S`` for it, the cut could not end it, and uvicorn finally cancelled it: a plain-text
+    500 and a ``CancelledError`` traceback in the log. The drain here (60 s) is longer than the test waits
+    for the answer and the exit (30 s each), so only a stop that does not wait for the upload passes.
+    """
+    own = own_redis.with_(drain_s=60.0)
+    log = tmp_path / "serve.log"
+    with serving(own, log) as base:
+        client = _upload_start(base, keyring["admin"])
+        try:
+            time.sleep(0.5)  # lets the request reach its body's read (one that comes later is refused too)
+            base.process.send_signal(signal.SIGTERM)
+            response = http.client.HTTPResponse(client)
+            response.begin()  # the socket's 30 s timeout bounds the wait
+            body = json.loads(response.read())
+        finally:
+            client.close()
+        assert base.process.wait(timeout=30) is not None  # long before its 60 s drain would have ended
+    assert response.status == 503, body
+    assert response.getheader("content-type", "").startswith("application/json")
+    assert body["error"]["code"] == "shutting_down", body
+    assert response.getheader("retry-after")
+    request_id = response.getheader("x-govgate-request-id")
+    entries = audit_store.entries_for(request_id)
+    assert [e.kind for e in entries] == ["rejected"]
+    assert entries[0].body["error"]["code"] == "shutting_down"
+    text = log.read_text()
+    assert "Traceback" not in text and "CancelledError" not in text, text[-3000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -14,12 +15,15 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from tests.conftest import ROOT, free_port
+from tests.gateway.test_fail_closed import queued
 from workers.contract.registry import TINY_MODEL_NAME
 
 #: A second model in the test registry: its worker starts only once govgate is up.
@@ -444,3 +448,48 @@ def test_up_whose_first_model_hangs_while_loading_gives_it_up_and_serves_the_nex
     assert served.status_code == 200, served.text
     assert hung[0] not in processes_of(var_dir)  # the frozen worker is gone, not left behind
     assert up.interrupt() == 0
+
+
+def test_a_second_ctrl_c_to_up_cuts_the_drain_short_and_the_request_in_flight_is_answered(up_env):
+    """Ctrl-C says how long the API drains and how to skip it; Ctrl-C again reaches the API, which ends its
+    requests in flight at once (each with its answer), so ``up`` exits long before the drain's end.
+
+    Before (probe p1 F3), ``up`` only noted that it was stopping: a second Ctrl-C neither reached the API
+    nor shortened ``up``'s wait for it (``GOVGATE_DRAIN_S`` + 30 s), with nothing said about it. The drain
+    here (60 s) is longer than the test waits for the answer and the exit (30 s each).
+    """
+    env, var_dir, base = up_env
+    env = {**env, "GOVGATE_DRAIN_S": "60"}
+    up = Up(env)
+    up.wait_for(r"Ctrl-C stops everything")
+    admin_key = up.wait_for(r"admin API key \(shown once, keep it\): (gk_\S+)").group(1)
+    worker = worker_pid(up, TINY_MODEL_NAME)
+    held = [worker, *child_pids(worker)]
+    queue = SimpleNamespace(redis_url=f"unix://{var_dir / 'redis' / 'redis.sock'}?db=0")
+    for pid in held:
+        os.kill(pid, signal.SIGSTOP)  # the request stays queued: in flight when the stop comes
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"{base}/v1/chat/completions",
+                                  headers={"Authorization": f"Bearer {admin_key}"}, timeout=120,
+                                  json={"model": TINY_MODEL_NAME, "max_tokens": 5,
+                                        "messages": [{"role": "user", "content": "Hello"}]})
+            deadline = time.monotonic() + 60
+            while queued(queue, TINY_MODEL_NAME) < 1:
+                assert time.monotonic() < deadline, "the request was never queued"
+                time.sleep(0.05)
+            up.process.send_signal(signal.SIGINT)
+            up.wait_for(r"api: draining, up to 60s for the requests in flight \(Ctrl-C again to end them now\)",
+                        timeout_s=30, new_only=True)
+            up.process.send_signal(signal.SIGINT)
+            answered = pending.result(timeout=30)  # long before the 60 s drain would have ended
+        for pid in held:
+            os.kill(pid, signal.SIGCONT)  # the worker may stop now (it never took the request)
+        assert up.process.wait(timeout=30) == 0
+    finally:
+        for pid in held:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert answered.status_code == 503, answered.text
+    assert answered.json()["error"]["code"] == "shutting_down"
+    assert answered.headers["retry-after"]
