@@ -96,6 +96,8 @@ class Admitted:
     #: The completion's bound as held: the decided one, or less when the client gave none and the
     #: default would not fit beside the prompt (the rest of the context, as OpenAI's API runs).
     max_tokens: int
+    #: The queue check its push makes (the early reservation took no place), or None (it holds its place).
+    place_check: QueueCheck | None = None
 
     def record(self) -> dict[str, Any]:
         return {"admitted": True, "reserved_tokens": self.reserved_tokens, "prompt_tokens": self.prompt_tokens,
@@ -257,7 +259,7 @@ class Admission:
             return Ticket(request_id=request_id, principal=principal, model=spec.name, created=created, job=job,
                           priority=decision.obligations.priority, include_usage=request.include_usage,
                           reservation=admission.reservation, policy_input=without_prompt(verdict.policy_input),
-                          decision=decision)
+                          decision=decision, place_check=admission.place_check)
 
     async def _read_bytes(self, request_id: str, principal: Principal, endpoint: str,
                           read_body: Callable[[], Awaitable[bytes]]) -> bytes:
@@ -313,9 +315,10 @@ class Admission:
             else:
                 prompt_tokens = await self.prompt_counter.count(spec, messages, prompt)
                 tokens = prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt)) + requested_max
+                # checked against the queue, but no place taken: the policy may deny it (probe p2 #1)
                 reply = await self.counters.admit(
                     request_id, principal.id, principal.team, guess.limits, tokens,
-                    queue=self._queue(spec, principal, guess.priority))
+                    queue=self._queue(spec, principal, guess.priority), place=False)
                 usage, early = reply.usage, EarlyReservation(guess.limits, tokens, prompt_tokens, reply)
         except CountersUnavailable as exc:
             usage, counters_down = None, UsageUnavailable(str(exc))
@@ -375,8 +378,10 @@ class Admission:
         reserved = held_prompt + max_tokens  # budgets count prompt and completion tokens
         priority = decision.obligations.priority
         self._remember(principal, spec, Obliged(wanted, priority))
+        place_check = None
         if early is not None and early.limits == wanted and early.tokens == reserved:
             reply = early.reply
+            place_check = self._queue(spec, principal, priority)  # it took no place: its push takes it
         else:
             try:
                 reply = await self.counters.admit(request_id, principal.id, principal.team, wanted, reserved,
@@ -398,7 +403,7 @@ class Admission:
         if isinstance(outcome, QueueAtLimit):
             return QueueFull(outcome.waiting, outcome.limit, spec.name, principal.team, outcome.team)
         assert isinstance(outcome, Reservation) and reply.waiting is not None
-        return Admitted(outcome, reserved, prompt_tokens, reply.waiting, max_tokens)
+        return Admitted(outcome, reserved, prompt_tokens, reply.waiting, max_tokens, place_check)
 
     async def _in_flight_wait(self, scope: Scope, spec: ModelSpec) -> int:
         return await in_flight_wait_s(self.redis, self.counters, scope, spec.name, queue_mode=self.queue_mode,
