@@ -12,6 +12,20 @@ then obliges exactly those limits and grants the tokens reserved; otherwise
 it is replaced (one more call) or undone. docs/architecture.md, "Usage
 counters", says why this is as sound as reserving after the decision.
 
+The early reservation is checked against the model's queue but takes no
+place in it (``UsageCounters.admit``'s ``place``): a request the policy
+then denies must not keep a place from one it allows (probe p2 #1: a flood
+of 403s from a key with a remembered allow kept the places busy, and other
+teams' valid requests got 429 ``queue_full``). The place is taken after
+the decision instead, with no call of its own: the ticket carries the
+queue check (``Ticket.place_check``) and the push makes it in the step that
+queues the job, refusing ``queue_full`` there if the queue filled meanwhile
+(``TicketRunner.no_place``). The push is the only Redis call between the
+decision and the queue (the audit entry goes to the database), so taking
+the place anywhere else after the decision would cost every allowed request
+a round trip. A reservation made after the decision (the first request, a
+replacement) takes its place at once, as before.
+
 A reserving call that fails without an answer (a timeout, a lost
 connection) refuses the request (503 ``usage_unavailable``), and the
 counters give back in the background whatever its script took or will take
@@ -351,7 +365,9 @@ class Admission:
         The policy judged a snapshot of the counters; the reservation is the
         atomic check that enforces the same limits however many requests
         race. The early reservation stands if it was made under exactly the
-        decision's limits and tokens; else it is replaced in one call.
+        decision's limits and tokens; else it is replaced in one call. A
+        standing early reservation took no place in the queue: the admitted
+        request carries the check its push makes (see the module docstring).
         """
         max_tokens = params.max_tokens
         unservable = None if self.model_health is None else self.model_health.unservable(spec.name)
