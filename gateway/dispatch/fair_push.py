@@ -16,7 +16,8 @@ push costs ``LPUSH``, ``HINCRBY`` and the ``HDEL`` of the place its admission he
 the registry), or, for a request reserved before its decision (which took
 no place), the place check first: the admitting hash's and the waiting
 hash's ``HGETALL`` (and the shares' ``HMGET`` when another team waits), a
-full team refused with nothing pushed (``gateway/limits/places_lua.py``). The periodic look finds a registry lost some other way (a
+full team refused with nothing pushed (``gateway/limits/places_lua.py``).
+The periodic look finds a registry lost some other way (a
 hand's ``DEL``) while jobs keep coming; a list busy for more than five
 minutes may be pruned as soon as it empties, and its next push registers
 it again. A list registered for the first time wakes

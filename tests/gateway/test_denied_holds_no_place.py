@@ -107,8 +107,9 @@ def test_a_request_being_denied_holds_no_place_from_an_allowed_one(settings, wor
     assert (refused.status_code, refused.json()["error"]["code"]) == (403, "policy_denied"), refused.text
 
 
+@pytest.mark.parametrize("stream", [False, True])
 def test_an_early_reservation_finding_the_queue_full_at_its_push_is_refused_and_holds_nothing(
-        settings, worker, audit_store) -> None:
+        settings, worker, audit_store, stream) -> None:
     """The other side: the early reservation took no place, so the push checks the queue and takes it in one
     step; a queue that filled while the policy decided refuses the request there (429 ``queue_full``), its
     reservation is undone and its entry ends ``failed``."""
@@ -121,7 +122,7 @@ def test_an_early_reservation_finding_the_queue_full_at_its_push_is_refused_and_
     try:
         with TestClient(create_app(own), timeout=120) as client:
             def post():
-                return client.post("/v1/chat/completions", headers=bearer(key), json=_body())
+                return client.post("/v1/chat/completions", headers=bearer(key), json={**_body(), "stream": stream})
 
             assert post().status_code == 200  # the next one reserves early
             decisions = HeldDecisions(client.app.state.components.completions.admission, _of(name))

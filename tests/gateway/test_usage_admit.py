@@ -169,7 +169,8 @@ async def test_an_early_reservations_place_taken_at_its_push_costs_one_command_m
     """Probe p2 #1: an early reservation (made before the policy decides) takes no place; its push checks
     the queue and takes it. Admit, push and settle, with two jobs of another team waiting: the same three
     calls as when the admission takes the place, and one command more (fifo: the push's HGETALL, EXISTS and
-    LLEN in place of the admit's HSET and the push's HDEL; fair: its two HGETALLs and the shares' HMGET)."""
+    LLEN in place of the admit's HSET and the push's HDEL; fair: its two HGETALLs and, another team
+    waiting, the shares' HMGET)."""
     import os
 
     from gateway.dispatch.queue import Dispatcher
