@@ -13,7 +13,11 @@ restore onto an empty list registers it, in the same step, and the prune
 drops only empty lists), so under load, when the lists are not empty, the
 push costs ``LPUSH``, ``HINCRBY`` and the ``HDEL`` of the place its admission held
 (``gateway/limits/admitting.py``) only (until 2026-12-02 every push read
-the registry). The periodic look finds a registry lost some other way (a
+the registry), or, for a request reserved before its decision (which took
+no place), the place check first: the admitting hash's and the waiting
+hash's ``HGETALL`` (and the shares' ``HMGET`` when another team waits), a
+full team refused with nothing pushed (``gateway/limits/places_lua.py``).
+The periodic look finds a registry lost some other way (a
 hand's ``DEL``) while jobs keep coming; a list busy for more than five
 minutes may be pruned as soon as it empties, and its next push registers
 it again. A list registered for the first time wakes
@@ -46,6 +50,8 @@ import time
 import redis.asyncio as aioredis
 
 from gateway.limits.admitting import admitting_key
+from gateway.limits.counters import QueueCheck
+from gateway.limits.places_lua import PLACES_LUA
 from gateway.limits.scripts import Script
 from workers.contract.fair_queues import NOTED_FIELD, registry_key, tags_key, waiting_key, wake_key
 from workers.contract.jobs import CANCEL_KEY_PREFIX, JOB_LOOK_AGAIN, LOOK_AGAIN_TTL_S, queue_for
@@ -59,11 +65,24 @@ CHECK_EVERY = 8
 WAKE_TOKENS = 64
 
 # KEYS: [1] the list, [2] waiting counts, [3] registry, [4] wake list, [5] idle tokens, [6] bell, [7] tags,
-#       [8] the model's admitting hash (gateway/limits/admitting.py).
+#       [8] the model's admitting hash (gateway/limits/admitting.py), (with a check) [9] the shares hash,
+#       [10] the live workers' set.
 # ARGV: [1] the message, [2] team field, [3] now (s), [4] the jobs' state-key prefix, [5] the look-again
-#       mark, [6] its ttl (s), [7] the request id ('' : none holds a place).
+#       mark, [6] its ttl (s), [7] the request id ('' : none holds a place), [8] the queue's limit when the
+#       push checks it ('': no check), [9] now (µs), [10] the model's members' prefix in the live workers' set.
 # The state keys marked are named by the tags hash's noted jobs, not passed (one Redis, not a Cluster).
-_PUSH = f"""
+# A request reserved early (before its decision) took no place: the push counts the team's places as the
+# admission does and takes one in the same step, or returns the admission's {'queue_full', ...} refusal and
+# pushes nothing (gateway/limits/places_lua.py).
+_PUSH = PLACES_LUA + f"""
+if (ARGV[8] or '') ~= '' then
+  local _, holds = places_held(KEYS[8], ARGV[7], tonumber(ARGV[9]))
+  local total, mine, others = fair_places(KEYS[2], holds, ARGV[2])
+  local refusal = fair_refusal({{limit = tonumber(ARGV[8]), team = ARGV[2], shares = KEYS[9], tags = KEYS[7],
+                                workers = KEYS[10], prefix = ARGV[10], now = tonumber(ARGV[9])}},
+                               total, mine, others)
+  if refusal then return refusal end
+end
 local n = redis.call('LPUSH', KEYS[1], ARGV[1])
 if n == 1 then  -- a list turned non-empty: ring an idle worker, and tell the starts in progress (repick.py)
   redis.call('RPOPLPUSH', KEYS[5], KEYS[6])
@@ -106,12 +125,22 @@ PUSH = Script(_PUSH)
 
 
 async def fair_push(redis: aioredis.Redis, model: str, team: str, key: str, message: str, *,
-                    request_id: str = "") -> None:
+                    request_id: str = "", check: QueueCheck | None = None) -> list | None:
     """LPUSH ``message`` on ``key`` (a fair list of ``model``; ``team`` as in the hashes), count it as
     waiting in place of the place ``request_id``'s admission held, register the list if needed, ring an
-    idle worker if the list was empty; raises ``RedisError`` or ``OSError``."""
+    idle worker if the list was empty; raises ``RedisError`` or ``OSError``.
+
+    ``check`` (the fair :class:`QueueCheck` of the request's team): the request took no place at its
+    admission; the team's places are checked first, in the same step. Returns the script's ``queue_full``
+    reply when they are full (nothing was pushed), else None."""
     queue = queue_for(model)
-    await PUSH(redis, (key, waiting_key(model), registry_key(model), wake_key(model), idle_key(queue),
-                       bell_key(queue), tags_key(model), admitting_key(model)),
-               (message, team, repr(time.time()), CANCEL_KEY_PREFIX, JOB_LOOK_AGAIN, LOOK_AGAIN_TTL_S,
-                request_id))
+    keys: tuple[str, ...] = (key, waiting_key(model), registry_key(model), wake_key(model), idle_key(queue),
+                             bell_key(queue), tags_key(model), admitting_key(model))
+    args: tuple = (message, team, repr(time.time()), CANCEL_KEY_PREFIX, JOB_LOOK_AGAIN, LOOK_AGAIN_TTL_S,
+                   request_id, "", "", "")
+    if check is not None:
+        assert check.team == team, "the check is the pushed team's"
+        keys += (check.keys[1], check.keys[3])  # the shares hash and the live workers' set
+        args = (*args[:7], check.limit, time.time_ns() // 1000, check.worker_prefix)
+    reply = await PUSH(redis, keys, args)
+    return reply if isinstance(reply, list) else None

@@ -19,6 +19,8 @@ from redis.exceptions import RedisError
 from gateway.dispatch.celery_message import task_message
 from gateway.dispatch.fair_push import fair_push
 from gateway.limits.admitting import admitting_key
+from gateway.limits.counters import QueueAtLimit, QueueCheck, queue_at_limit
+from gateway.limits.places_lua import PLACES_LUA
 from gateway.limits.scripts import Script
 from gateway.dispatch.job_payload import sealed_job
 from workers.contract.queue_layout import bell_key, idle_key, queue_keys
@@ -40,6 +42,15 @@ async def queue_depth(redis: aioredis.Redis, model: str) -> int:
 
 class QueueUnavailable(RuntimeError):
     """The queue (Redis) did not accept the task."""
+
+
+class NoPlace(Exception):
+    """The push of a request that held no place (reserved early, before its decision) found the model's queue,
+    or its team's places, full: nothing was queued. ``refusal`` says how full, as an admission's would."""
+
+    def __init__(self, refusal: QueueAtLimit) -> None:
+        super().__init__(f"queue full at the push: {refusal.waiting} waiting, limit {refusal.limit}")
+        self.refusal = refusal
 
 
 @dataclass(frozen=True)
@@ -67,15 +78,23 @@ return 1
 WITHDRAW = Script(_WITHDRAW)
 
 # fifo mode's push. KEYS: [1] the list, [2] the model's admitting hash (gateway/limits/admitting.py),
-# [3] its tags hash, [4] its idle tokens, [5] its bell. ARGV: [1] the message, [2] the request id,
-# [3] the plain lists' hint field.
+# [3] its tags hash, [4] its idle tokens, [5] its bell, [6..] (with a check) the model's lists.
+# ARGV: [1] the message, [2] the request id whose place its admission took ('': it took none), [3] the plain
+# lists' hint field, [4] the queue's limit when the push checks it ('': no check), [5] now (µs).
 # The place the request's admission held moves into the list in the same step, so the admission
-# script counts it once; a push that turns the list non-empty sets the plain lists' hint (workers in
-# fair mode may skip those lists until it says otherwise) and rings an idle worker waiting on the bell
-# (workers/contract/take.py) in the same call.
-_FIFO_PUSH = """
+# script counts it once. A request reserved early (before its decision) took no place: the push counts
+# the lists and the places held, as the admission does, and takes it in the same step, or refuses
+# {'queue_full', depth} and pushes nothing (gateway/limits/places_lua.py). A push that turns the list
+# non-empty sets the plain lists' hint (workers in fair mode may skip those lists until it says
+# otherwise) and rings an idle worker waiting on the bell (workers/contract/take.py) in the same call.
+_FIFO_PUSH = PLACES_LUA + """
+if (ARGV[4] or '') ~= '' then
+  local holds = places_held(KEYS[2], ARGV[2], tonumber(ARGV[5]))
+  local waiting = lists_depth(6) + holds
+  if waiting >= tonumber(ARGV[4]) then return {'queue_full', waiting} end
+end
 local n = redis.call('LPUSH', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[2])
+if ARGV[2] ~= '' then redis.call('HDEL', KEYS[2], ARGV[2]) end
 if n == 1 then
   redis.call('HSET', KEYS[3], ARGV[3], 1)
   redis.call('RPOPLPUSH', KEYS[4], KEYS[5])
@@ -87,7 +106,8 @@ FIFO_PUSH = Script(_FIFO_PUSH)
 
 class Dispatcher:
     """Queues jobs for the workers: a Celery task message pushed on the async client, in one script that
-    also takes back the place the request's admission held (``gateway/limits/admitting.py``); fifo: an
+    also takes back the place the request's admission held (``gateway/limits/admitting.py``), or for a
+    request reserved before its decision checks the queue and takes its place (``enqueue``); fifo: an
     LPUSH, and when the list was empty the plain lists' hint and a ring for an idle worker; fair: one that
     also counts the team's waiting job, registers the list and rings."""
 
@@ -101,10 +121,15 @@ class Dispatcher:
         self._expires_s = expires_s
         self._fair = mode == MODE_FAIR
 
-    async def enqueue(self, job: GenerateJob, *, priority: int | None = None) -> Queued:
+    async def enqueue(self, job: GenerateJob, *, priority: int | None = None,
+                      check: QueueCheck | None = None) -> Queued:
         """Queue ``job`` on its model's queue, the request id as task id; return where it waits.
 
         ``priority`` 0 is served first, 9 last (Celery on Redis); None is the default (5).
+        ``check``: the request holds no place in the queue (its reservation was made early, before the
+        policy decided: ``UsageCounters.admit``'s ``place``): the push counts the queue as the admission
+        does and takes the place in the same step, or raises :class:`NoPlace` and queues nothing. None:
+        its admission took its place, which the push takes back.
         """
 
         # The job carries its own deadline instead of Celery's ``expires``: Celery
@@ -122,15 +147,24 @@ class Dispatcher:
         # One script (one round trip) on the event loop's own client: no thread, no retries that
         # could hold the request for seconds if Redis is gone.
         team = team_field(job.team) if self._fair else None
+        held = "" if check is not None else job.request_id  # the place its admission took, if any
         try:
             if team is not None:
-                await fair_push(self._redis, job.model, team, key, message, request_id=job.request_id)
+                refused = await fair_push(self._redis, job.model, team, key, message, request_id=held, check=check)
             else:
                 plain = queue_for(job.model)
-                await FIFO_PUSH(self._redis, (key, admitting_key(job.model), tags_key(job.model), idle_key(plain),
-                                              bell_key(plain)), (message, job.request_id, PLAIN_HINT))
+                keys = (key, admitting_key(job.model), tags_key(job.model), idle_key(plain), bell_key(plain))
+                args: tuple = (message, held, PLAIN_HINT, "", "")
+                if check is not None:
+                    keys += check.keys
+                    args = (message, held, PLAIN_HINT, check.limit, time.time_ns() // 1000)
+                reply = await FIFO_PUSH(self._redis, keys, args)
+                refused = reply if isinstance(reply, list) else None
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(f"the queue did not accept the request: {exc}") from exc
+        if refused is not None:
+            assert check is not None
+            raise NoPlace(queue_at_limit(refused, check))
         return Queued(key, message, job.model, team)
 
     async def withdraw(self, queued: Queued) -> bool:

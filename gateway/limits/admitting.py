@@ -1,8 +1,8 @@
 """A model's places held by requests admitted but not yet queued: one Redis hash per model.
 
-Between a request's reservation and its push onto the queue lie its policy
-decision (the early reservation comes first), its audit entry and the
-queue's own round trip; without these places every admission of a burst
+Between a request's reservation and its push onto the queue lie its audit
+entry and the queue's own round trip (and its policy decision, when the
+reservation is the early one); without these places every admission of a burst
 read the same queue depth and up to ``GOVGATE_ADMISSION_CONCURRENCY`` of
 them passed the check at once (h8 finding 2: thirty requests of one team
 took twenty places against a limit of four, and the 2 × limit ceiling then
@@ -16,6 +16,11 @@ once, here or in the queue. A request that never reaches the queue gives its
 place back with its reservation (an undo or a release, ``FINISH``); one whose
 gateway died keeps it only until :data:`ADMITTING_TTL_S` has passed, when the
 next admission for the model drops it. docs/architecture.md, "Usage counters".
+
+An early reservation, made before the policy decides, adds no field: a
+request the policy denies must never hold a place (probe p2 #1). Its push
+counts the hash with the queue, as the admit script does
+(``gateway/limits/places_lua.py``), and queues the job only if there is room.
 
 Field: the request id; value: ``"<team field> <expiry, Unix µs>"`` (the team
 field empty in fifo mode). Gateways only: workers never read it.

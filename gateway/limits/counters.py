@@ -86,8 +86,8 @@ class Reservation:
     tokens: int
     at: float
     #: The model's admitting hash (``gateway/limits/admitting.py``) where the request holds its place in the
-    #: queue until it is queued; a release or undo gives that place back too (None: it was reserved
-    #: without a queue check, and holds none).
+    #: queue until it is queued; a release or undo gives that place back too (None: it holds none, reserved
+    #: without a queue check, or early, before its decision: its push takes the place, ``admit``'s ``place``).
     admitting: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -311,6 +311,18 @@ class CountersReply:
     outcome: Reservation | Refusal | QueueAtLimit | None
 
 
+def queue_at_limit(reply: list, queue: QueueCheck) -> QueueAtLimit:
+    """A script's ``{'queue_full', depth, ...}`` refusal (``gateway/limits/places_lua.py``: the admit
+    script's and the push's) as a :class:`QueueAtLimit`."""
+    if queue.team is None:
+        return QueueAtLimit(int(reply[1]), queue.limit)
+    team_waiting, cap, weight, waiting_weight, svc, live, ceiling = reply[2:9]
+    return QueueAtLimit(int(reply[1]), queue.limit, TeamPlaces(
+        waiting=int(team_waiting), cap=int(cap), weight=float(_text(weight)),
+        waiting_weight=float(_text(waiting_weight)), service_ms=_positive(_text(svc)),
+        live_workers=int(live), at_ceiling=int(ceiling) == 1))
+
+
 # --- the counters ------------------------------------------------------------
 
 class UsageCounters:
@@ -415,7 +427,7 @@ class UsageCounters:
 
     async def admit(self, request_id: str | None, principal: str, team: str | None, limits: dict | None,
                     tokens: int, *, queue: QueueCheck | None = None, replace: Reservation | None = None,
-                    now: float | None = None) -> CountersReply:
+                    place: bool = True, now: float | None = None) -> CountersReply:
         """Read usage and the queue depth and, given ``limits``, reserve ``tokens``: one script.
 
         ``usage`` in the reply is what the counters held before this call, so
@@ -443,14 +455,15 @@ class UsageCounters:
         replaced = _Periods.at(round(replace.at * _US)) if replace is not None else periods
         keys = [self._record_key(request_id or "-")] + [k for s in scopes for k in self._scope_keys(s)]
         keys += (queue.admitting, *queue.keys) if queue is not None else ()
-        admitting = queue.admitting if queue is not None and limits is not None else None
+        admitting = queue.admitting if queue is not None and limits is not None and place else None
         args = [now_us, _WINDOW_US, len(scopes), request_id or "-", "snapshot" if limits is None else "reserve",
                 tokens, now_us + self._fly_ttl_us, _SCOPE_TTL_MS, _RECORD_TTL_MS, periods.day_end_us,
                 periods.month_end_us, periods.day, periods.yesterday, periods.month, periods.last_month,
                 queue.limit if queue is not None else -1, 1 if replace is not None else 0, replaced.day,
                 replaced.month, "fair" if queue is not None and queue.team is not None else "",
                 queue.team if queue is not None and queue.team is not None else "",
-                queue.worker_prefix if queue is not None else "", now_us + self._hold_ttl_us, *limit_args]
+                queue.worker_prefix if queue is not None else "", now_us + self._hold_ttl_us if place else "",
+                *limit_args]
         try:
             reply = await self._run(scripts.ADMIT, keys, args)
         except asyncio.CancelledError:
@@ -490,13 +503,7 @@ class UsageCounters:
             return Reservation(request_id, scopes, int(reply[2]), int(reply[3]) / _US, admitting)
         if kind == "queue_full":
             assert queue is not None
-            if queue.team is None:
-                return QueueAtLimit(int(reply[1]), queue.limit)
-            team_waiting, cap, weight, waiting_weight, svc, live, ceiling = reply[2:9]
-            return QueueAtLimit(int(reply[1]), queue.limit, TeamPlaces(
-                waiting=int(team_waiting), cap=int(cap), weight=float(_text(weight)),
-                waiting_weight=float(_text(waiting_weight)), service_ms=_positive(_text(svc)),
-                live_workers=int(live), at_ceiling=int(ceiling) == 1))
+            return queue_at_limit(reply, queue)
         scope_index, limit_index, limit, used, wait_us = (int(v) for v in reply[1:])
         scope = scopes[scope_index - 1]
         refusing = USAGE_LIMITS[limit_index - 1]

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from gateway.limits.places_lua import PLACES_LUA
+
 #: The counters the scripts keep per scope, in the order ``usage()`` returns
 #: them and the admit script reads the limits (one limit per counter, in
 #: ``gateway.limits.catalogue`` order). A limit with a new counter needs a
@@ -121,7 +123,7 @@ local function finish(s, undo, reserved, final, day, month, v, rec)
 end
 """
 
-_ADMIT = _PRELUDE + """
+_ADMIT = _PRELUDE + PLACES_LUA + """
 -- KEYS: [1] request record, two per scope, then (maybe none) the model's queue: its admitting hash
 -- (gateway/limits/admitting.py), then its lists (fifo), or (fair) its waiting hash, the shares hash, its
 -- tags hash and the live workers' set.
@@ -130,9 +132,13 @@ _ADMIT = _PRELUDE + """
 -- 16 queue limit (-1: none), 17 '1': replace a reservation this request holds (18, 19: its day and month),
 -- 20 'fair' (the queue keys are fair share's) or '', 21 the team's field in the waiting hash,
 -- 22 the model's members' prefix in the live workers' set, 23 until when (µs) an admitted request holds
--- its place in the admitting hash, 24.. five limits per scope (-1: none).
+-- its place in the admitting hash ('': it takes none, an early reservation), 24.. five limits per scope
+-- (-1: none).
 -- The queue's depth counts the admitting hash's live places with the queue's jobs: a request admitted
--- but not yet queued holds its place (its team's, in fair mode) from its reservation on.
+-- after its decision but not yet queued holds its place (its team's, in fair mode) from its reservation on.
+-- An early reservation is made before the policy decides (gateway/requests/admission.py): it is checked
+-- against the queue (a full one refuses it) but takes no place, so a request the policy then denies never
+-- held one; its push checks again and takes the place in the same step (gateway/limits/places_lua.py).
 -- Returns {usage per scope (five counters and µs until the oldest window entry leaves),
 --          queue depth (-1: not read), outcome...}; outcome is {'snapshot'}, {'reserved'},
 -- {'held', state, tokens, at}, {'refused', scope, limit, value, used, wait µs}, {'queue_full', depth}
@@ -376,93 +382,19 @@ end
 local QFIRST = 2 + 2 * NSCOPES
 local QUEUE = #KEYS >= QFIRST
 
--- The places held by requests admitted but not yet queued (one HGETALL): how many in all and per team
--- (fair mode's field; '' in fifo mode), and whether this request holds one (not counted: a replacement's,
--- or a repeated call's). Places past their expiry (a gateway died holding them) are not counted and are
--- deleted with the call's other deletions.
+-- The places held by requests admitted but not yet queued (gateway/limits/places_lua.py): the expired
+-- ones are deleted with the call's other deletions.
 local function holding()
-  local flat = redis.call('HGETALL', KEYS[QFIRST])
-  local total, teams, own, expired = 0, {}, false, {}
-  for k = 1, #flat, 2 do
-    local team, until_ = string.match(flat[k + 1], '^(%S*) (%d+)$')
-    until_ = tonumber(until_)
-    if flat[k] == ID then own = true
-    elseif not until_ or until_ <= NOW then expired[#expired + 1] = flat[k]
-    else total, teams[team] = total + 1, (teams[team] or 0) + 1 end
-  end
+  local total, teams, own, expired = places_held(KEYS[QFIRST], ID, NOW)
   if #expired > 0 then delete('HDEL', KEYS[QFIRST], unpack(expired)) end
   return total, teams, own
 end
 
-local function depth()
-  local first = QFIRST + 1
-  if #KEYS < first then return 0 end
-  local nonempty = redis.call('EXISTS', unpack(KEYS, first))
-  local total = 0
-  for k = first, #KEYS do
-    if nonempty == 0 then break end
-    local n = redis.call('LLEN', KEYS[k])
-    if n > 0 then total, nonempty = total + n, nonempty - 1 end
-  end
-  return total
-end
-
--- Fair share: the model's places per team, its waiting jobs (one HGETALL) and its requests admitted but
--- not yet queued (`holds`, per team): the total, this team's, the other teams holding places.
 local FAIR = ARGV[20] == 'fair'
 local TEAM = ARGV[21]
-local function fair_depth(holds)
-  local flat = redis.call('HGETALL', KEYS[QFIRST + 1])
-  local places = {}
-  for k = 1, #flat, 2 do
-    local n = tonumber(flat[k + 1]) or 0
-    if n > 0 then places[flat[k]] = n end
-  end
-  for team, n in pairs(holds) do places[team] = (places[team] or 0) + n end
-  local total, mine, others = 0, 0, {}
-  for team, n in pairs(places) do
-    total = total + n
-    if team == TEAM then mine = n else others[#others + 1] = team end
-  end
-  return total, mine, others
-end
-
--- The team's weight and the waiting teams' (its own included), from the shares hash: one HMGET, and
--- none while no other team waits (the team then has every place). A team without a weight of its own
--- has the '*' one, else 1 (gateway/policy/shares.py writes the hash).
-local function positive(v)
-  local n = tonumber(v)
-  if n and n > 0 then return n end
-  return nil
-end
-
-local function fair_weights(others)
-  if #others == 0 then return 1, 1 end
-  local got = redis.call('HMGET', KEYS[QFIRST + 2], TEAM, '*', unpack(others))
-  local default = positive(got[2]) or 1
-  local w = positive(got[1]) or default
-  local sum = w
-  for k = 3, #got do sum = sum + (positive(got[k]) or default) end
-  return w, sum
-end
-
--- A team may hold max(1, floor(limit × w / W)) waiting jobs (gateway/limits/fair_share.py, team_cap);
--- all teams together never reach twice the limit. nil admits; a refusal carries what its 429 needs
--- (the mean service time and the live workers: two reads, on the refusal only).
 local function fair_check(limit, total, mine, others)
-  local ceiling = total >= 2 * limit
-  if mine == 0 and not ceiling then return nil end
-  local w, sum = fair_weights(others)
-  local cap = limit
-  if sum > w then cap = math.max(1, math.floor(limit * w / sum + 1e-9)) end
-  if mine < cap and not ceiling then return nil end
-  local svc = redis.call('HGET', KEYS[QFIRST + 3], 'svc') or ''
-  local members = redis.call('ZRANGEBYSCORE', KEYS[QFIRST + 4], '(' .. math.floor(NOW / 1000000), '+inf')
-  local live, prefix = 0, ARGV[22]
-  for _, m in ipairs(members) do
-    if string.sub(m, 1, #prefix) == prefix then live = live + 1 end
-  end
-  return {'queue_full', total, mine, cap, tostring(w), tostring(sum), svc, live, ceiling and 1 or 0}
+  return fair_refusal({limit = limit, team = TEAM, shares = KEYS[QFIRST + 2], tags = KEYS[QFIRST + 3],
+                       workers = KEYS[QFIRST + 4], prefix = ARGV[22], now = NOW}, total, mine, others)
 end
 
 local function reply(scopes, waiting, outcome)
@@ -515,7 +447,8 @@ local waiting, mine, others = -1, nil, nil
 local holds, hold_teams, own_hold = 0, {}, false
 if QUEUE then
   holds, hold_teams, own_hold = holding()
-  if FAIR then waiting, mine, others = fair_depth(hold_teams) else waiting = depth() + holds end
+  if FAIR then waiting, mine, others = fair_places(KEYS[QFIRST + 1], hold_teams, TEAM)
+  else waiting = lists_depth(QFIRST + 1) + holds end
 end
 
 if MODE ~= 'reserve' then
@@ -567,8 +500,9 @@ if outcome then
   return reply(scopes, waiting, outcome)
 end
 for i = 1, NSCOPES do add(scopes[i]) end
--- its place, until it is queued (the push deletes it) or gives its reservation back (FINISH does)
-if QUEUE and limit >= 0 then redis.call('HSET', KEYS[QFIRST], ID, TEAM .. ' ' .. ARGV[23]) end
+-- its place, until it is queued (the push deletes it) or gives its reservation back (FINISH does); an early
+-- reservation (ARGV[23] ''), made before the policy decided, takes none: its push checks and takes it
+if QUEUE and limit >= 0 and ARGV[23] ~= '' then redis.call('HSET', KEYS[QFIRST], ID, TEAM .. ' ' .. ARGV[23]) end
 deleted()
 return reply(scopes, waiting, {'reserved'})
 """

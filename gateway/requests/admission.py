@@ -12,6 +12,20 @@ then obliges exactly those limits and grants the tokens reserved; otherwise
 it is replaced (one more call) or undone. docs/architecture.md, "Usage
 counters", says why this is as sound as reserving after the decision.
 
+The early reservation is checked against the model's queue but takes no
+place in it (``UsageCounters.admit``'s ``place``): a request the policy
+then denies must not keep a place from one it allows (probe p2 #1: a flood
+of 403s from a key with a remembered allow kept the places busy, and other
+teams' valid requests got 429 ``queue_full``). The place is taken after
+the decision instead, with no call of its own: the ticket carries the
+queue check (``Ticket.place_check``) and the push makes it in the step that
+queues the job, refusing ``queue_full`` there if the queue filled meanwhile
+(``TicketRunner.no_place``). The push is the only Redis call between the
+decision and the queue (the audit entry goes to the database), so taking
+the place anywhere else after the decision would cost every allowed request
+a round trip. A reservation made after the decision (the first request, a
+replacement) takes its place at once, as before.
+
 A reserving call that fails without an answer (a timeout, a lost
 connection) refuses the request (503 ``usage_unavailable``), and the
 counters give back in the background whatever its script took or will take
@@ -114,6 +128,8 @@ class Admitted:
     #: The completion's bound as held: the decided one, or less when the client gave none and the
     #: default would not fit beside the prompt (the rest of the context, as OpenAI's API runs).
     max_tokens: int
+    #: The queue check its push makes (the early reservation took no place), or None (it holds its place).
+    place_check: QueueCheck | None = None
 
     def record(self) -> dict[str, Any]:
         return {"admitted": True, "reserved_tokens": self.reserved_tokens, "prompt_tokens": self.prompt_tokens,
@@ -276,7 +292,7 @@ class Admission:
             return Ticket(request_id=request_id, principal=principal, model=spec.name, created=created, job=job,
                           priority=decision.obligations.priority, include_usage=request.include_usage,
                           reservation=admission.reservation, policy_input=without_prompt(verdict.policy_input),
-                          decision=decision)
+                          decision=decision, place_check=admission.place_check)
 
     async def _read_bytes(self, request_id: str, principal: Principal, endpoint: str,
                           read_body: Callable[[], Awaitable[bytes]]) -> bytes:
@@ -333,9 +349,10 @@ class Admission:
                 prompt_tokens = await self.prompt_counter.count(spec, messages, prompt)
                 tokens = (prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt))
                           + guess.completion_tokens(requested_max))
+                # checked against the queue, but no place taken: the policy may deny it (probe p2 #1)
                 reply = await self.counters.admit(
                     request_id, principal.id, principal.team, guess.limits, tokens,
-                    queue=self._queue(spec, principal, guess.priority))
+                    queue=self._queue(spec, principal, guess.priority), place=False)
                 usage, early = reply.usage, EarlyReservation(guess.limits, tokens, prompt_tokens, reply)
         except CountersUnavailable as exc:
             usage, counters_down = None, UsageUnavailable(str(exc))
@@ -369,7 +386,9 @@ class Admission:
         The policy judged a snapshot of the counters; the reservation is the
         atomic check that enforces the same limits however many requests
         race. The early reservation stands if it was made under exactly the
-        decision's limits and tokens; else it is replaced in one call.
+        decision's limits and tokens; else it is replaced in one call. A
+        standing early reservation took no place in the queue: the admitted
+        request carries the check its push makes (see the module docstring).
         """
         max_tokens = params.max_tokens
         unservable = None if self.model_health is None else self.model_health.unservable(spec.name)
@@ -399,8 +418,10 @@ class Admission:
         cap = granted_cap(decision.obligations.max_tokens, requested_max, self._obliged.get(key)) \
             if requested_max is not None else None
         self._remember(principal, spec, Obliged(wanted, priority, cap))
+        place_check = None
         if early is not None and early.limits == wanted and early.tokens == reserved:
             reply = early.reply
+            place_check = self._queue(spec, principal, priority)  # it took no place: its push takes it
         else:
             try:
                 reply = await self.counters.admit(request_id, principal.id, principal.team, wanted, reserved,
@@ -422,7 +443,7 @@ class Admission:
         if isinstance(outcome, QueueAtLimit):
             return QueueFull(outcome.waiting, outcome.limit, spec.name, principal.team, outcome.team)
         assert isinstance(outcome, Reservation) and reply.waiting is not None
-        return Admitted(outcome, reserved, prompt_tokens, reply.waiting, max_tokens)
+        return Admitted(outcome, reserved, prompt_tokens, reply.waiting, max_tokens, place_check)
 
     async def _in_flight_wait(self, scope: Scope, spec: ModelSpec) -> int:
         return await in_flight_wait_s(self.redis, self.counters, scope, spec.name, queue_mode=self.queue_mode,

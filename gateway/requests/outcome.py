@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from audit import AuditEntry
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
-from gateway.dispatch.queue import Queued
+from gateway.dispatch.queue import NoPlace, Queued
 from gateway.dispatch.results import FoundFallback, PendingResult
 from gateway.api_errors import CLIENT_CLOSED_STATUS, ApiError
 from gateway.drain import shutting_down
@@ -32,10 +32,10 @@ from gateway.requests.fallback_drops import FallbackDrops
 from gateway.requests.handed_over import HandedOver, handed_over_tokens
 from gateway.requests.holdback import HoldBack
 from gateway.requests.output_rules import OutputRules
-from gateway.requests.refusals import QUEUE_UNAVAILABLE_MESSAGE, worker_error
+from gateway.requests.refusals import QUEUE_FULL, QUEUE_UNAVAILABLE_MESSAGE, QueueFull, worker_error
 from gateway.requests.request_log import RequestLog
 from gateway.requests.ticket import Ticket
-from gateway.requests.usage import settle_reservation
+from gateway.requests.usage import settle_reservation, undo_reservation
 from workers.contract.jobs import (CANCEL_TTL_S, JOB_LOOK_AGAIN, JOB_STARTED, STATUS_CANCELLED, STATUS_COMPLETED,
                                   STATUS_TIMED_OUT, STOP_TIMED_OUT, JobResult, cancel_key)
 from workers.contract.output_check import (STOP_CONTENT_FILTER, OutputReport, OutputVerdict, decision_record,
@@ -122,6 +122,8 @@ class TicketRunner:
                     except ResultTimeout:  # before OSError: TimeoutError is one. Still subscribed: the
                         # worker's report of what it generated is heard
                         return await self._after_timeout(ticket, pending, hold, queued)
+            except NoPlace as exc:
+                raise await self.no_place(ticket, exc) from None
             except (QueueUnavailable, RedisError, OSError) as exc:
                 raise await self.queue_down(ticket, exc) from None
             if isinstance(meta, _Answered):  # ended by the drain, answered already
@@ -196,6 +198,8 @@ class TicketRunner:
                 pending = await stack.enter_async_context(self.waiter.expect(ticket.request_id, stream=True,
                                                                              checked=checked))
                 queued = await self._enqueue(ticket, output_rule_absent=unruled)
+            except NoPlace as exc:
+                raise await self.no_place(ticket, exc) from None
             except (QueueUnavailable, RedisError, OSError) as exc:
                 raise await self.queue_down(ticket, exc) from None
             return StreamEvents(self, ticket, pending, stack.pop_all(), checked=checked, queued=queued)
@@ -205,7 +209,7 @@ class TicketRunner:
         job = replace(ticket.job, enqueued_at_ns=time.time_ns(), reply_to=self.waiter.reply_channel,
                       check_output=self.output_rules is not None, output_rule_absent=output_rule_absent,
                       gateway_records=gateway_records)
-        return await self.dispatcher.enqueue(job, priority=ticket.priority)
+        return await self.dispatcher.enqueue(job, priority=ticket.priority, check=ticket.place_check)
 
     async def _unless_gone(self, ticket: Ticket, queued: Queued, outcome: Awaitable[Any],
                            gone: ClientGone | None, cut: ClientGone | None = None) -> Any:
@@ -443,6 +447,19 @@ class TicketRunner:
         await self._settle_usage(ticket, None)
         await self.request_log.end(ticket, "failed", {"error": {"code": "queue_unavailable", "message": str(exc)}})
         return ApiError(503, "queue_unavailable", QUEUE_UNAVAILABLE_MESSAGE)
+
+    async def no_place(self, ticket: Ticket, exc: NoPlace) -> ApiError:
+        """The queue filled between the early reservation and the push of a request that held no place
+        (gateway/requests/admission.py): its reservation is undone, as if never made, like a request refused
+        ``queue_full`` at its admission; its entry ends ``failed`` with the 429 to raise."""
+        refusal = exc.refusal
+        error = QueueFull(refusal.waiting, refusal.limit, ticket.model, ticket.principal.team, refusal.team)
+        if ticket.reservation is not None:
+            await undo_reservation(self.counters, ticket.reservation)
+        queue = {k: v for k, v in error.record().items() if k not in ("admitted", "code")}
+        await self.request_log.end(ticket, "failed", {"error": {"code": QUEUE_FULL, "message": error.message()},
+                                                      "queue": queue})
+        return error.error()
 
     def abandon(self, ticket: Ticket, hold: HoldBack | None = None, pending: PendingResult | None = None,
                 subscription: contextlib.AsyncExitStack | None = None, queued: Queued | None = None, *,

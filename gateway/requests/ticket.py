@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.auth import Principal
-from gateway.limits import Reservation
+from gateway.limits import QueueCheck, Reservation
 from gateway.policy import Decision
 from workers.contract.jobs import GenerateJob
 
@@ -31,3 +31,7 @@ class Ticket:
     #: the output rules judge the output in (``gateway/requests/output_rules.py``).
     policy_input: dict[str, Any] | None = None
     decision: Decision | None = None
+    #: The queue check its push makes, taking its place in the same step (None: its admission took its
+    #: place already). Set when its reservation was made early, before the policy decided, and so took no
+    #: place: a request the policy denies must never hold one (gateway/requests/admission.py).
+    place_check: QueueCheck | None = None

@@ -23,7 +23,7 @@ from typing import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.dispatch.queue import Dispatcher
+from gateway.dispatch.queue import Dispatcher, NoPlace
 from gateway.limits import QueueAtLimit, Reservation, UsageCounters
 from gateway.limits.admitting import ADMITTING_TTL_S, admitting_key
 from gateway.limits.fair_share import team_field
@@ -195,3 +195,81 @@ async def test_a_dead_gateways_places_stop_counting_after_their_ttl(client, coun
     fresh = await fair(counters, "heavy", now=later)
     assert isinstance(fresh, Reservation)
     assert await held(client) == {fresh.request_id}  # the expired places were deleted in that same call
+
+
+# ---------------------------------------------------------------- early reservations: no place until the push
+
+async def early(counters: UsageCounters, team: str, mode: str, limit: int, *,
+                now: float | None = T) -> Reservation | QueueAtLimit:
+    """A reservation made before the policy decides (gateway/requests/admission.py): checked, no place taken."""
+    queue = fair_model_queue(MODEL, team, limit) if mode == "fair" else model_queue(MODEL, limit)
+    reply = await counters.admit(uuid.uuid4().hex, f"p-{team}", team, EVERYTHING, 10, queue=queue, place=False,
+                                 now=now)
+    assert isinstance(reply.outcome, (Reservation, QueueAtLimit)), reply.outcome
+    return reply.outcome
+
+
+@pytest.mark.parametrize("mode", ["fair", "fifo"])
+async def test_an_early_reservation_takes_no_place_so_a_denied_one_keeps_none_from_others(client, counters,
+                                                                                         mode) -> None:
+    """Probe p2 #1: early reservations of requests the policy is deciding (and will deny) once held the
+    places; at the limit the next allowed request was refused queue_full (fifo: anyone's; fair: a teammate's)."""
+    deciding = [await early(counters, "heavy", mode, 1) for _ in range(3)]
+    assert all(isinstance(r, Reservation) and r.admitting is None for r in deciding)
+    assert await held(client) == set()
+    # an allowed request, reserved after its decision: the place is there, and it takes it
+    other = "heavy" if mode == "fair" else "light"
+    queue = fair_model_queue(MODEL, other, 1) if mode == "fair" else model_queue(MODEL, 1)
+    allowed = (await counters.admit("allowed", f"p2-{other}", other, EVERYTHING, 10, queue=queue, now=T)).outcome
+    assert isinstance(allowed, Reservation) and allowed.admitting == admitting_key(MODEL)
+    for denied in deciding:  # the denials: an undo gives back their tokens, and touches no place
+        assert isinstance(denied, Reservation)
+        await counters.undo(denied, now=T)
+    assert await held(client) == {"allowed"}
+
+
+def _dispatcher(client: aioredis.Redis, mode: str) -> Dispatcher:
+    return Dispatcher(client, expires_s=60, sealer=Sealer(os.urandom(32)), mode=mode)
+
+
+@pytest.mark.parametrize("mode, limit", [("fair", LIMIT), ("fifo", 2)])
+async def test_the_push_of_early_reservations_takes_exactly_the_places_left(client, counters, mode, limit) -> None:
+    """The check moved to the push keeps s46's exactness: early reservations all passed their check at once
+    (none took a place), and their pushes take exactly the places there are, counting one held by a request
+    admitted after its decision; the others are refused as an admission would refuse them. (The clock is
+    the real one: the push reads it to know which places are live.)"""
+    team = "heavy"
+    queue = fair_model_queue(MODEL, team, limit) if mode == "fair" else model_queue(MODEL, limit)
+    holder = (await counters.admit("holder", f"p-{team}", team, EVERYTHING, 10, queue=queue)).outcome
+    assert isinstance(holder, Reservation)
+    racers = [await early(counters, team, mode, limit, now=None) for _ in range(limit + 3)]
+    assert all(isinstance(r, Reservation) for r in racers)
+    dispatcher, pushed, refused = _dispatcher(client, mode), 0, []
+    for racer in racers:
+        assert isinstance(racer, Reservation)
+        check = fair_model_queue(MODEL, team, limit) if mode == "fair" else model_queue(MODEL, limit)
+        try:
+            await dispatcher.enqueue(_job(racer.request_id, MODEL, team), check=check)
+            pushed += 1
+        except NoPlace as exc:
+            refused.append(exc.refusal)
+    assert pushed == limit - 1  # the holder's place is still its own
+    assert len(refused) == 4 and all(r.waiting == limit and r.limit == limit for r in refused)
+    if mode == "fair":
+        assert all(r.team is not None and (r.team.waiting, r.team.cap) == (limit, limit) for r in refused)
+    await dispatcher.enqueue(_job("holder", MODEL, team))  # the holder's push moves its place into the queue
+    assert await held(client) == set()
+    jobs = int(await client.hget(waiting_key(MODEL), team_field(team)) or 0) if mode == "fair" \
+        else sum([await client.llen(k) for k in queue_keys(queue_for(MODEL))])
+    assert jobs == limit
+
+
+async def test_a_push_check_counts_no_expired_place(client, counters) -> None:
+    """A place a dead gateway left stops counting after its TTL at the push too."""
+    await client.hset(admitting_key(MODEL), "dead", f" {int((T - 1) * 1e6)}")
+    await client.hset(admitting_key(MODEL), "alive", f" {int((T + 3600 * 24 * 365 * 50) * 1e6)}")
+    dispatcher = _dispatcher(client, "fifo")
+    await dispatcher.enqueue(_job("first", MODEL, None), check=model_queue(MODEL, 2))
+    with pytest.raises(NoPlace) as caught:
+        await dispatcher.enqueue(_job("second", MODEL, None), check=model_queue(MODEL, 2))
+    assert caught.value.refusal.waiting == 2  # the live place and the queued job; not the dead one

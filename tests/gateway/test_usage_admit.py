@@ -163,6 +163,61 @@ async def test_an_admitted_request_costs_a_bounded_number_of_redis_commands(shor
         server.stop()
 
 
+@pytest.mark.parametrize("mode", ["fifo", "fair"])
+async def test_an_early_reservations_place_taken_at_its_push_costs_one_command_more_and_no_round_trip(
+        short_tmp, mode) -> None:
+    """Probe p2 #1: an early reservation (made before the policy decides) takes no place; its push checks
+    the queue and takes it. Admit, push and settle, with two jobs of another team waiting: the same three
+    calls as when the admission takes the place, and one command more (fifo: the push's HGETALL, EXISTS and
+    LLEN in place of the admit's HSET and the push's HDEL; fair: its two HGETALLs and, another team
+    waiting, the shares' HMGET)."""
+    import os
+
+    from gateway.dispatch.queue import Dispatcher
+    from gateway.limits.queue import fair_model_queue
+    from tests.gateway.test_celery_message import _job
+    from workers.contract.fair_queues import SHARES_KEY
+    from workers.contract.sealing import Sealer
+
+    server = RedisProcess.start(short_tmp("gg-cmds-"), persist=False)
+    client = aioredis.Redis.from_url(server.url)
+    every = {name: 10**9 for name in ("requests_per_minute", "tokens_per_minute", "tokens_per_day",
+                                      "tokens_per_month", "in_flight")}
+    spent = {}
+    try:
+        for place in (True, False):
+            await client.flushall()
+            await client.hset(SHARES_KEY, "*", 1)
+            counters = UsageCounters(client)
+            dispatcher = Dispatcher(client, expires_s=60, sealer=Sealer(os.urandom(32)), mode=mode)
+            for other in ("o1", "o2"):
+                await dispatcher.enqueue(_job(other, "m", "other"))
+
+            async def one() -> None:
+                request_id = rid()
+                queue = model_queue("m", 64, 5) if mode == "fifo" else fair_model_queue("m", "research", 64)
+                reply = await counters.admit(request_id, "alice", "research", {"principal": every, "team": every},
+                                             100, queue=queue, place=place)
+                assert isinstance(reply.outcome, Reservation)
+                assert (reply.outcome.admitting is None) is (not place)
+                await dispatcher.enqueue(_job(request_id, "m", "research"), priority=5,
+                                         check=None if place else queue)
+                await counters.settle(reply.outcome, 60)
+
+            for _ in range(4):
+                await one()
+            before = await command_calls_async(client)
+            for _ in range(8):
+                await one()
+            spent[place] = await commands_since_async(client, before)
+    finally:
+        await client.aclose()
+        server.stop()
+    assert spent[False]["evalsha"] == spent[True]["evalsha"] == 3 * 8  # admit, push, settle
+    assert spent[False]["hdel"] == 0 and spent[True]["hdel"] == 8  # no place to take back
+    assert sum(spent[False].values()) - sum(spent[True].values()) == 8
+
+
 async def test_a_refused_replacement_leaves_nothing_to_release(counters: UsageCounters) -> None:
     early = await counters.admit("req-1", "alice", "research", EVERYTHING, 300, now=T)
     assert isinstance(early.outcome, Reservation)
