@@ -1,4 +1,4 @@
-"""``govgate policy``: explain, test and replay the Rego policy."""
+"""``govgate policy``: explain, check, test and replay the Rego policy."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ EXIT_DENIED = 3
 
 @click.group()
 def policy() -> None:
-    """Explain, test and replay the Rego policy."""
+    """Explain, check, test and replay the Rego policy."""
 
 
 @policy.command("explain")
@@ -109,6 +109,30 @@ def policy_test(policy_dir: Path | None, engine: str) -> None:
     click.echo(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     if failed or not results:
         sys.exit(1)
+
+
+@policy.command("check")
+@click.option("--policy-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Policy folder (default: GOVGATE_POLICY_DIR).")
+def policy_check(policy_dir: Path | None) -> None:
+    """Load a policy folder and run the trial a gateway runs before serving it (at start and at every reload).
+
+    Exits 0 when a gateway would serve the folder, 1 with the one line a gateway would refuse it with.
+    Needs neither Redis nor the database, so a folder can be checked before it is deployed (probe q3 F5:
+    `policy replay`, the check the README recommends, reported normally on folders the gateway refuses)."""
+    from workers.contract.registry import RegistryError, load_registry
+
+    settings = load_settings()
+    folder = policy_dir or settings.policy_dir
+    try:
+        registry = load_registry(settings.models_file, settings.var_dir)
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    from govgate.cli import _check_policy
+
+    # On the embedded engine, whatever GOVGATE_OPA_URL says: an OPA server holds its own folder, not this one.
+    _check_policy(settings.with_(policy_dir=folder, opa_url=""), registry)
+    click.echo(f"{folder}: the policy loads and passes its trial (a gateway would serve it)")
 
 
 @policy.command("replay")

@@ -445,6 +445,33 @@ def test_serve_with_a_policy_that_fails_its_trial_refuses_to_start_in_one_line(s
     assert "team 'support'" in lines[0], lines
 
 
+def test_policy_check_runs_the_gateway_s_trial_without_redis_or_a_database(settings, tmp_path):
+    """Probe q3 F5: the only way to learn that a gateway would refuse a folder was to start one (Redis and all);
+    ``govgate policy check`` runs the same load and trial and answers in one line (exit 0 or 1)."""
+    env = child_env(settings.with_(redis_url="redis://127.0.0.1:1", database_url="sqlite:////nonexistent/x.db"),
+                    "redis://127.0.0.1:1")
+    good = policy_copy(tmp_path / "good")
+    bad = policy_copy(tmp_path / "bad")
+    (bad / "trial.rego").write_text(
+        'package govgate\n\nimport rego.v1\n\nt := 1 if input.principal.team == "support"\n'
+        't := 2 if input.principal.team == "support"\n'
+        'content_denials contains {"code": "x", "message": "y"} if t == 9\n', encoding="utf-8")
+
+    def check(folder) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "govgate.cli", "policy", "check", "--policy-dir", str(folder)],
+                              env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+    passed = check(good)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert passed.stdout.strip() == f"{good}: the policy loads and passes its trial (a gateway would serve it)"
+    refused = check(bad)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    lines = (refused.stdout + refused.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: GOVGATE_POLICY_DIR={bad}: the policy fails its trial: "
+                                                   "the policy fails on a request of role "), lines
+    assert "team 'support'" in lines[0] and "trial.rego:5:1" in lines[0], lines
+
+
 def test_serve_against_an_opa_that_does_not_hold_the_folder_s_policy_says_so_in_one_line(settings, opa_server):
     result = _serve(settings, GOVGATE_OPA_URL=opa_server)  # the session's OPA, started empty
     assert result.returncode == 1, result.stdout + result.stderr
