@@ -36,8 +36,8 @@ from gateway.requests.refusals import QUEUE_UNAVAILABLE_MESSAGE, worker_error
 from gateway.requests.request_log import RequestLog
 from gateway.requests.ticket import Ticket
 from gateway.requests.usage import settle_reservation
-from workers.contract.jobs import (CANCEL_TTL_S, JOB_LOOK_AGAIN, JOB_STARTED, STATUS_CANCELLED, STATUS_COMPLETED,
-                                  STATUS_TIMED_OUT, STOP_TIMED_OUT, JobResult, cancel_key)
+from workers.contract.jobs import (CANCEL_TTL_S, ENDED_UNSEEN_AFTER_S, JOB_LOOK_AGAIN, JOB_STARTED, STATUS_CANCELLED,
+                                  STATUS_COMPLETED, STATUS_TIMED_OUT, STOP_TIMED_OUT, JobResult, cancel_key)
 from workers.contract.output_check import STOP_CONTENT_FILTER, OutputReport
 from workers.contract.privacy import Digester, logged_output
 
@@ -53,6 +53,11 @@ _STOPPED_WHILE_QUEUED = {"code": "cancelled", "message": "the gateway stopped be
 #: After the drain's cut, how long a non-streamed request whose job a worker runs waits for that worker to stop
 #: at the cancel key and record the end (within the drain's own ``END_WAIT_S``).
 CUT_GRACE_S = 3.0
+#: How long after its job was queued, at the least, the gateway records the end of a request whose job it
+#: could not take back or flag (Redis unreachable): three times the wait past which a worker's first run
+#: asks the database for an end (:data:`ENDED_UNSEEN_AFTER_S`), so that it does even across 2 s of skew
+#: between the two clocks. The cut's grace (:data:`CUT_GRACE_S`) has usually passed it already.
+UNSEEN_END_AGE_S = 3 * ENDED_UNSEEN_AFTER_S
 #: How long, once its request timeout ran out, the gateway waits for the worker that began the job to stop
 #: and report what it generated (it looks at the stop between tokens, every 50 ms at most); with no report by
 #: then the request is charged its whole reservation (:meth:`TicketRunner.timed_out`).
@@ -236,10 +241,11 @@ class TicketRunner:
             stopped = cutting is not None and cutting.done() and not cutting.cancelled() \
                 and cutting.exception() is None
             await self._request_cancel(ticket.request_id)
-            if not await self.dispatcher.withdraw(queued):
+            withdrawn = await self.dispatcher.withdraw(queued)
+            if not withdrawn:
                 if not stopped:
                     return await waiting
-                return await self._cut_while_running(ticket, waiting)
+                return await self._cut_while_running(ticket, waiting, queued, unreachable=withdrawn is None)
             waiting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await waiting
@@ -248,14 +254,22 @@ class TicketRunner:
             for task in (waiting, *watching):
                 task.cancel()
 
-    async def _cut_while_running(self, ticket: Ticket, waiting: asyncio.Future[Any]) -> "_Answered":
+    async def _cut_while_running(self, ticket: Ticket, waiting: asyncio.Future[Any], queued: Queued, *,
+                                 unreachable: bool = False) -> "_Answered":
         """The drain ended a request whose job a worker runs: its answer if the generation ends within
         :data:`CUT_GRACE_S` (it stops at the cancel key and records ``cancelled``, answered 503
         ``shutting_down``; one that had just finished is served), else 503 ``shutting_down`` at once, its
-        worker recording the end (whose usage any gateway settles then: README, "Crashes")."""
+        worker recording the end (whose usage any gateway settles then: README, "Crashes").
+
+        ``unreachable``: Redis did not answer the withdrawal, so the job may as well still be queued, and
+        nothing stops it (its cancel key could not be written): with no answer in the grace its end is
+        recorded here (:meth:`_end_unreachable`).
+        """
         done, _ = await asyncio.wait({waiting}, timeout=CUT_GRACE_S)
-        if not done:
+        if not done or (unreachable and _lost_redis(waiting)):
             waiting.cancel()
+            if unreachable:
+                return await self._end_unreachable(ticket, queued)
             raise shutting_down(in_flight=True)
         meta = waiting.result()
         try:
@@ -266,6 +280,36 @@ class TicketRunner:
             if error.code == STATUS_CANCELLED:
                 raise shutting_down(in_flight=True) from None
             raise
+
+    async def _end_unreachable(self, ticket: Ticket, queued: Queued) -> "_Answered":
+        """End a request the drain cut while Redis could not be reached: its job could be neither taken back
+        nor flagged, and would run (and be charged) once Redis is back with it (probe p1 F1).
+
+        Redis is asked once more (it may be back): a job taken back ends as any withdrawn one, one a worker
+        has now stops at its cancel key and its worker records the end. Still no answer: the gateway records
+        ``cancelled`` in the database (still up) itself, no sooner than :data:`UNSEEN_END_AGE_S` after the
+        job was queued, so that the worker that takes the job later asks the database before it generates,
+        finds this end and answers from it (``workers/generation.py``, ``ENDED_UNSEEN_AFTER_S``). The unique
+        terminal constraint leaves one end: a worker's that came first answers instead (as for a timeout).
+        The reservation is released (retried until the gateway stops; then the gateway that follows settles
+        it from this end once the worker names it). A database that refuses the entry too leaves nothing to
+        stop the job: the client is told so (:func:`shutting_down`, ``unrecorded``), not that it was logged.
+        """
+        await self._request_cancel(ticket.request_id)
+        withdrawn = await self.dispatcher.withdraw(queued)
+        if withdrawn:
+            raise await self._withdrawn_end(ticket, stopped=True)
+        if withdrawn is not None:  # a worker has it now, and its cancel key was written: the worker ends it
+            raise shutting_down(in_flight=True)
+        await _until_aged(queued)
+        winner = await self.request_log.end(ticket, "cancelled", self._gone_while_queued(ticket, stopped=True))
+        if winner is not None and winner.kind not in _GAVE_UP:  # a worker's end came first: it answers
+            return _Answered(await self._answered_by(ticket, winner))
+        await self._settle_usage(ticket, used_tokens(winner.body.get("usage")) if winner is not None else None)
+        if winner is None:
+            log.error("request %s: its job could not be cancelled (Redis unreachable) nor its end recorded (the "
+                      "audit store refused it); it may run once Redis is back", ticket.request_id)
+        raise shutting_down(in_flight=True, unrecorded=winner is None)
 
     def _gone_while_queued(self, ticket: Ticket, *, stopped: bool = False) -> dict[str, Any]:
         """The body of a request ended before a worker took it: no output, as its ``prompt_logging`` keeps
@@ -505,7 +549,9 @@ class TicketRunner:
         except (ResultTimeout, RedisError, OSError):
             pass
         entry = await self.request_log.terminal_for(request_id)
-        if entry is None:  # no worker took it: end it here
+        if entry is None:  # no worker took it (or Redis cannot say): end it here, where a later worker looks
+            if queued is not None:
+                await _until_aged(queued)
             await self.request_log.end(ticket, "cancelled", self._gone_while_queued(ticket, stopped=cut))
             await self._settle_usage(ticket, None)
             return
@@ -688,6 +734,23 @@ class StreamEvents:
 
 #: The event :meth:`StreamEvents.cut` puts in a stream's way.
 _CUT = object()
+
+
+def _lost_redis(waiting: asyncio.Future[Any]) -> bool:
+    """Whether a finished wait for an outcome failed because Redis went away (not its request timeout)."""
+    if waiting.cancelled():
+        return False
+    exc = waiting.exception()
+    return isinstance(exc, (RedisError, OSError)) and not isinstance(exc, ResultTimeout)
+
+
+async def _until_aged(queued: Queued) -> None:
+    """Wait until ``queued``'s job has waited :data:`UNSEEN_END_AGE_S` since it was queued (at once, mostly)."""
+    if not queued.enqueued_at_ns:
+        return
+    left_s = UNSEEN_END_AGE_S - (time.time_ns() - queued.enqueued_at_ns) / 1e9
+    if left_s > 0:
+        await asyncio.sleep(left_s)
 
 
 def _reserved_usage(ticket: Ticket) -> dict[str, Any] | None:
