@@ -292,8 +292,10 @@ class TicketRunner:
         finds this end and answers from it (``workers/generation.py``, ``ENDED_UNSEEN_AFTER_S``). The unique
         terminal constraint leaves one end: a worker's that came first answers instead (as for a timeout).
         The reservation is released (retried until the gateway stops; then the gateway that follows settles
-        it from this end once the worker names it). A database that refuses the entry too leaves nothing to
-        stop the job: the client is told so (:func:`shutting_down`, ``unrecorded``), not that it was logged.
+        it from this end once the worker names it: nothing charged). A database that refuses the entry too
+        leaves nothing to stop the job: the client is told so (:func:`shutting_down`, ``unrecorded``), not
+        that it was cancelled, and the reservation stays held, so that the run that follows is charged what it
+        records (as a timeout whose stop Redis did not take is charged, not freed).
         """
         await self._request_cancel(ticket.request_id)
         withdrawn = await self.dispatcher.withdraw(queued)
@@ -305,11 +307,12 @@ class TicketRunner:
         winner = await self.request_log.end(ticket, "cancelled", self._gone_while_queued(ticket, stopped=True))
         if winner is not None and winner.kind not in _GAVE_UP:  # a worker's end came first: it answers
             return _Answered(await self._answered_by(ticket, winner))
-        await self._settle_usage(ticket, used_tokens(winner.body.get("usage")) if winner is not None else None)
-        if winner is None:
+        if winner is None:  # its reservation stays held: the run that may follow is charged what it records
             log.error("request %s: its job could not be cancelled (Redis unreachable) nor its end recorded (the "
                       "audit store refused it); it may run once Redis is back", ticket.request_id)
-        raise shutting_down(in_flight=True, unrecorded=winner is None)
+            raise shutting_down(in_flight=True, unrecorded=True)
+        await self._settle_usage(ticket, used_tokens(winner.body.get("usage")))
+        raise shutting_down(in_flight=True)
 
     def _gone_while_queued(self, ticket: Ticket, *, stopped: bool = False) -> dict[str, Any]:
         """The body of a request ended before a worker took it: no output, as its ``prompt_logging`` keeps

@@ -19,6 +19,7 @@ database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import httpx
 import pytest
@@ -34,7 +36,9 @@ import redis.asyncio as aioredis
 from gateway.limits import UsageCounters
 from govgate.processes import stop_process
 from govgate.redis_server import RedisProcess
+from audit import AuditStore, make_engine
 from tests.conftest import bearer, policy_copy, serving, spawn_cli, wait_for_worker
+from tests.e2e.test_terminal_recovery import locked
 from tests.gateway.test_fail_closed import queued
 from tests.keys_and_limits import limits_for, new_key
 from workers.contract.registry import TINY_MODEL_NAME
@@ -63,6 +67,25 @@ async def _usage(url: str, principal: str, team: str) -> dict:
         await client.aclose()
 
 
+def _cut_with_redis_gone(own, key: str, server: RedisProcess, log: Path,
+                         during: Callable[[], ContextManager[object]] = contextlib.nullcontext) -> httpx.Response:
+    """Queue a non-streamed request (no worker serves the model), stop Redis, then the gateway (``during``
+    that block, e.g. with the database locked); the answer its drain gave."""
+    with serving(own, log) as base, ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(httpx.post, f"{base}/v1/completions", headers=bearer(key), timeout=120,
+                            json={"model": MODEL, "prompt": "Count", "max_tokens": 40})
+        deadline = time.monotonic() + 60
+        while queued(own, MODEL) < 1:  # no worker serves the model yet: the job waits in the queue
+            assert time.monotonic() < deadline, "the request was never queued"
+            time.sleep(0.05)
+        server.stop()  # Redis goes first (SIGTERM: it writes its append-only file and exits) ...
+        with during():
+            base.process.send_signal(signal.SIGTERM)  # ... then the gateway drains without it
+            answered = asked.result(timeout=120)
+        assert base.process.wait(timeout=90) is not None
+    return answered
+
+
 def test_a_queued_request_cut_while_redis_is_gone_is_recorded_cancelled_and_never_run(
         settings, audit_store, lasting_redis, tmp_path) -> None:
     folder, servers = lasting_redis
@@ -74,17 +97,7 @@ def test_a_queued_request_cut_while_redis_is_gone_is_recorded_cancelled_and_neve
                              tokens_per_day=10**9, in_flight=4)))
     key = new_key(own, user, team)
 
-    with serving(own, tmp_path / "serve-1.log") as base, ThreadPoolExecutor(1) as pool:
-        asked = pool.submit(httpx.post, f"{base}/v1/completions", headers=bearer(key), timeout=120,
-                            json={"model": MODEL, "prompt": "Count", "max_tokens": 40})
-        deadline = time.monotonic() + 60
-        while queued(own, MODEL) < 1:  # no worker serves the model yet: the job waits in the queue
-            assert time.monotonic() < deadline, "the request was never queued"
-            time.sleep(0.05)
-        servers[0].stop()  # Redis goes first (SIGTERM: it writes its append-only file and exits) ...
-        base.process.send_signal(signal.SIGTERM)  # ... then the gateway drains without it
-        answered = asked.result(timeout=120)
-        assert base.process.wait(timeout=90) is not None
+    answered = _cut_with_redis_gone(own, key, servers[0], tmp_path / "serve-1.log")
     assert answered.status_code == 503, answered.text
     assert answered.json()["error"]["code"] == "shutting_down"
     request_id = answered.headers["x-govgate-request-id"]
@@ -113,3 +126,25 @@ def test_a_queued_request_cut_while_redis_is_gone_is_recorded_cancelled_and_neve
     assert usage["tokens_today"] == 0, usage  # nothing charged: nothing was generated
     worker_log = (tmp_path / "worker.log").read_text()
     assert f"request {request_id} already ended as cancelled; not generating again" in worker_log
+
+
+def test_a_cut_request_whose_end_cannot_be_recorded_either_is_not_said_to_be_cancelled(
+        settings, lasting_redis, tmp_path) -> None:
+    """Redis gone and the database refusing the entry too (locked past its busy timeout): nothing can stop
+    the job once Redis is back, and the client is told so rather than "cancelled"."""
+    _, servers = lasting_redis
+    own = settings.with_(redis_url=servers[0].url, drain_s=1.0, request_timeout_s=180,
+                         database_url=f"sqlite:///{tmp_path / 'own.db'}", database_busy_timeout_s=1.0)
+    key = new_key(own, f"unrecorded-{os.urandom(3).hex()}", "stopped")
+    answered = _cut_with_redis_gone(own, key, servers[0], tmp_path / "serve.log",
+                                    during=lambda: locked(own.effective_database_url))
+    assert answered.status_code == 503, answered.text
+    error = answered.json()["error"]
+    assert error["code"] == "shutting_down"
+    assert "may still run" in error["message"] and "cancelled" not in error["message"], error
+    audit = AuditStore(make_engine(own.effective_database_url))
+    try:
+        request_id = answered.headers["x-govgate-request-id"]
+        assert [e.kind for e in audit.entries_for(request_id)] == ["request"]
+    finally:
+        audit.engine.dispose()
