@@ -282,37 +282,64 @@ class TicketRunner:
             raise
 
     async def _end_unreachable(self, ticket: Ticket, queued: Queued) -> "_Answered":
-        """End a request the drain cut while Redis could not be reached: its job could be neither taken back
-        nor flagged, and would run (and be charged) once Redis is back with it (probe p1 F1).
+        """End a non-streamed request the drain cut while Redis could not be reached (:meth:`_end_unreached`):
+        503 ``shutting_down``, or the answer of a worker's end that came first (as for a timeout).
 
-        Redis is asked once more (it may be back): a job taken back ends as any withdrawn one, one a worker
-        has now stops at its cancel key and its worker records the end. Still no answer: the gateway records
+        The reservation is released, to what the end records (retried until the gateway stops; then the
+        gateway that follows settles it from this end once the worker names it: nothing charged). A
+        database that refuses the entry too leaves nothing to stop the job: the client is told so
+        (:func:`shutting_down`, ``unrecorded``), not that it was cancelled, and the reservation stays held,
+        so that the run that follows is charged what it records (as a timeout whose stop Redis did not
+        take is charged, not freed).
+        """
+        ended = await self._end_unreached(ticket, queued)
+        if isinstance(ended, AuditEntry):
+            if ended.kind not in _GAVE_UP:  # a worker's end came first: it answers
+                return _Answered(await self._answered_by(ticket, ended))
+            await self._settle_usage(ticket, used_tokens(ended.body.get("usage")))
+        raise shutting_down(in_flight=True, unrecorded=ended is False)
+
+    async def end_cut_stream(self, ticket: Ticket, queued: Queued) -> bool | None:
+        """End a stream the drain cut before any of its text came, if Redis cannot be reached
+        (:meth:`_end_unreached`), here and now rather than in :meth:`abandon`'s wait: that wait is for an
+        outcome Redis would carry, and the stopping gateway cancels it a moment later, so the request was
+        left with no end and its job ran at the next start. True: ended (recorded, its usage settled);
+        False: neither Redis nor the database could be reached (its reservation stays held, as in
+        :meth:`_end_unreachable`); None: Redis answered and a worker has the job: it records the end, and the
+        stream is abandoned as usual."""
+        ended = await self._end_unreached(ticket, queued)
+        if isinstance(ended, AuditEntry):
+            await self._settle_usage(ticket, used_tokens(ended.body.get("usage")))
+            return True
+        return ended
+
+    async def _end_unreached(self, ticket: Ticket, queued: Queued) -> AuditEntry | bool | None:
+        """End a request the drain cut whose job Redis could not be asked to give back (probe p1 F1).
+
+        Its job could be neither taken back nor flagged, and would run (and be charged) once Redis is back
+        with it: a stop that took Redis down with the API. Redis is asked once more (it may be back): a job
+        taken back ends as any withdrawn one (True); one a worker has now stops at its cancel key, written
+        just before, and its worker records the end (None). Still no answer: the gateway records
         ``cancelled`` in the database (still up) itself, no sooner than :data:`UNSEEN_END_AGE_S` after the
         job was queued, so that the worker that takes the job later asks the database before it generates,
-        finds this end and answers from it (``workers/generation.py``, ``ENDED_UNSEEN_AFTER_S``). The unique
-        terminal constraint leaves one end: a worker's that came first answers instead (as for a timeout).
-        The reservation is released (retried until the gateway stops; then the gateway that follows settles
-        it from this end once the worker names it: nothing charged). A database that refuses the entry too
-        leaves nothing to stop the job: the client is told so (:func:`shutting_down`, ``unrecorded``), not
-        that it was cancelled, and the reservation stays held, so that the run that follows is charged what it
-        records (as a timeout whose stop Redis did not take is charged, not freed).
+        finds this end and answers from it (``workers/generation.py``, ``ENDED_UNSEEN_AFTER_S``); the entry
+        that ended the request is returned (this one, or a worker's that won the unique terminal constraint).
+        False: the database refused it too (and keeping it pending needs Redis): nothing will stop the job.
         """
         await self._request_cancel(ticket.request_id)
         withdrawn = await self.dispatcher.withdraw(queued)
         if withdrawn:
-            raise await self._withdrawn_end(ticket, stopped=True)
-        if withdrawn is not None:  # a worker has it now, and its cancel key was written: the worker ends it
-            raise shutting_down(in_flight=True)
+            await self._withdrawn_end(ticket, stopped=True)
+            return True
+        if withdrawn is not None:
+            return None
         await _until_aged(queued)
         winner = await self.request_log.end(ticket, "cancelled", self._gone_while_queued(ticket, stopped=True))
-        if winner is not None and winner.kind not in _GAVE_UP:  # a worker's end came first: it answers
-            return _Answered(await self._answered_by(ticket, winner))
-        if winner is None:  # its reservation stays held: the run that may follow is charged what it records
+        if winner is None:
             log.error("request %s: its job could not be cancelled (Redis unreachable) nor its end recorded (the "
                       "audit store refused it); it may run once Redis is back", ticket.request_id)
-            raise shutting_down(in_flight=True, unrecorded=True)
-        await self._settle_usage(ticket, used_tokens(winner.body.get("usage")))
-        raise shutting_down(in_flight=True)
+            return False
+        return winner
 
     def _gone_while_queued(self, ticket: Ticket, *, stopped: bool = False) -> dict[str, Any]:
         """The body of a request ended before a worker took it: no output, as its ``prompt_logging`` keeps
@@ -629,6 +656,8 @@ class StreamEvents:
         self._closed = False
         #: The drain ended it, and its worker was told so (:meth:`TicketRunner.tell_cancelled`).
         self._cut = False
+        #: A piece of its text came (a worker runs its job), released to the client or held back.
+        self._heard = False
         #: The job's outcome (``workers.replies``), once it came.
         self._outcome: dict[str, Any] | None = None
         #: Under output rules (``checked``: the revision has one): what was received, judged and released.
@@ -680,6 +709,7 @@ class StreamEvents:
         async with contextlib.aclosing(self._pending.events(timeout_s)) as incoming:
             async for event in incoming:
                 if isinstance(event, str):
+                    self._heard = True
                     released = await self._released(event)
                     if released:
                         delivered.append(released)
@@ -687,6 +717,12 @@ class StreamEvents:
                 elif event is _CUT:  # the stopping gateway's drain time is over: its job is cancelled
                     await runner.tell_cancelled(ticket, self._hold)  # now, not after the loop has stopped
                     self._cut = True
+                    # no text came: its job may still wait in the queue, taken back (or, Redis gone, ended) here
+                    ended = None if self._heard or self._queued is None else \
+                        await runner.end_cut_stream(ticket, self._queued)
+                    if ended is not None:
+                        self._finished = True  # ended here: nothing left for aclose to abandon
+                        raise shutting_down(in_flight=True, unrecorded=not ended)
                     raise shutting_down(in_flight=True)
                 elif isinstance(event, OutputReport):
                     if self._hold is not None and runner.output_rules is not None:

@@ -68,12 +68,13 @@ async def _usage(url: str, principal: str, team: str) -> dict:
 
 
 def _cut_with_redis_gone(own, key: str, server: RedisProcess, log: Path,
-                         during: Callable[[], ContextManager[object]] = contextlib.nullcontext) -> httpx.Response:
-    """Queue a non-streamed request (no worker serves the model), stop Redis, then the gateway (``during``
-    that block, e.g. with the database locked); the answer its drain gave."""
+                         during: Callable[[], ContextManager[object]] = contextlib.nullcontext,
+                         stream: bool = False) -> httpx.Response:
+    """Queue a request (no worker serves the model), stop Redis, then the gateway (``during`` that block,
+    e.g. with the database locked); the answer its drain gave (a stream's, read to its end)."""
     with serving(own, log) as base, ThreadPoolExecutor(1) as pool:
         asked = pool.submit(httpx.post, f"{base}/v1/completions", headers=bearer(key), timeout=120,
-                            json={"model": MODEL, "prompt": "Count", "max_tokens": 40})
+                            json={"model": MODEL, "prompt": "Count", "max_tokens": 40, "stream": stream})
         deadline = time.monotonic() + 60
         while queued(own, MODEL) < 1:  # no worker serves the model yet: the job waits in the queue
             assert time.monotonic() < deadline, "the request was never queued"
@@ -86,8 +87,11 @@ def _cut_with_redis_gone(own, key: str, server: RedisProcess, log: Path,
     return answered
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["non-streamed", "stream"])
 def test_a_queued_request_cut_while_redis_is_gone_is_recorded_cancelled_and_never_run(
-        settings, audit_store, lasting_redis, tmp_path) -> None:
+        settings, audit_store, lasting_redis, tmp_path, stream) -> None:
+    """The non-streamed request is the probe's case; a stream was recorded ``cancelled`` already (its
+    abandoned wait records the end), but its job still ran at the restart, its end lost at the constraint."""
     folder, servers = lasting_redis
     user, team = f"stopped-{os.urandom(3).hex()}", "stopped"
     own = settings.with_(redis_url=servers[0].url, drain_s=1.0, request_timeout_s=180, output_verdict_timeout_s=2,
@@ -97,9 +101,13 @@ def test_a_queued_request_cut_while_redis_is_gone_is_recorded_cancelled_and_neve
                              tokens_per_day=10**9, in_flight=4)))
     key = new_key(own, user, team)
 
-    answered = _cut_with_redis_gone(own, key, servers[0], tmp_path / "serve-1.log")
-    assert answered.status_code == 503, answered.text
-    assert answered.json()["error"]["code"] == "shutting_down"
+    answered = _cut_with_redis_gone(own, key, servers[0], tmp_path / "serve-1.log", stream=stream)
+    if stream:  # an error event in place of the rest, no [DONE]
+        assert answered.status_code == 200 and '"shutting_down"' in answered.text, answered.text
+        assert "[DONE]" not in answered.text
+    else:
+        assert answered.status_code == 503, answered.text
+        assert answered.json()["error"]["code"] == "shutting_down"
     request_id = answered.headers["x-govgate-request-id"]
 
     servers.append(RedisProcess.start(folder, persist=True))  # the stack starts again, well within the timeout
