@@ -300,10 +300,11 @@ class TicketRunner:
         raise shutting_down(in_flight=True, unrecorded=ended is False)
 
     async def end_cut_stream(self, ticket: Ticket, queued: Queued) -> bool | None:
-        """End a stream the drain cut before any of its text came, if Redis cannot be reached
-        (:meth:`_end_unreached`), here and now rather than in :meth:`abandon`'s wait: that wait is for an
-        outcome Redis would carry, and the stopping gateway cancels it a moment later, so the request was
-        left with no end and its job ran at the next start. True: ended (recorded, its usage settled);
+        """End a stream the drain cut before any of its text came here and now (:meth:`_end_unreached`):
+        its job taken back if still queued, or, Redis unreachable, its end recorded in the database, rather
+        than in :meth:`abandon`'s wait: that wait is for an outcome Redis would carry, and the stopping
+        gateway cancels it a moment later, so the request was left with no end and its job ran at the next
+        start (probe p1 F1). True: ended (recorded, its usage settled);
         False: neither Redis nor the database could be reached (its reservation stays held, as in
         :meth:`_end_unreachable`); None: Redis answered and a worker has the job: it records the end, and the
         stream is abandoned as usual."""
