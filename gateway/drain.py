@@ -17,7 +17,11 @@ server is told to stop, before uvicorn closes anything):
    event in its place; their jobs are cancelled as when a client leaves
    (a queued job is taken back and recorded ``cancelled`` here, a running
    one stops at its cancel key and its worker records ``cancelled`` with
-   what the client received).
+   what the client received). A job that cannot be taken back because
+   Redis is gone too (a stop that took it down with the API) is recorded
+   ``cancelled`` here all the same, in the database, where the worker that
+   takes it once Redis is back finds that end and does not generate
+   (``TicketRunner._end_unreachable`` in ``gateway/requests/outcome.py``).
 
 A request whose body is still arriving is not admitted yet and has nothing
 running to finish: :meth:`Drain.read_unless_stopping` ends its read at
@@ -52,9 +56,17 @@ POLL_S = 0.05
 T = TypeVar("T")
 
 
-def shutting_down(*, in_flight: bool) -> ApiError:
-    """The 503 of a request refused (``in_flight`` False) or ended (True) because the gateway is stopping."""
-    if in_flight:
+def shutting_down(*, in_flight: bool, unrecorded: bool = False) -> ApiError:
+    """The 503 of a request refused (``in_flight`` False) or ended (True) because the gateway is stopping.
+
+    ``unrecorded``: an ended request whose job the gateway could neither cancel (Redis unreachable) nor
+    record the end of (the audit store refused it): it may still run, and its client is told so.
+    """
+    if in_flight and unrecorded:
+        message = ("The gateway is stopping and could not finish this request in time. It could reach neither "
+                   "the queue to cancel the request nor the audit log to record its end, so the request may "
+                   "still run (and be charged) once they are back; trying again may run it twice.")
+    elif in_flight:
         message = ("The gateway is stopping and could not finish this request in time; the request was cancelled "
                    "(its end is recorded in the audit log when the gateway can reach it). Try again shortly.")
     else:

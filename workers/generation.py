@@ -19,8 +19,8 @@ from redis.exceptions import RedisError
 from audit import AuditEntry, AuditError, DuplicateTerminalError, EntryStore
 from audit.kinds import FAILED
 from workers.backends import BackendError, LoadedModel, PromptTooLongError
-from workers.contract.jobs import (MAX_JOB_RUNS, STATUS_CANCELLED, STATUS_FAILED, STATUS_TIMED_OUT,
-                                   STREAM_WORKER_LOST, WORKER_LOST, GenerateJob, JobResult)
+from workers.contract.jobs import (ENDED_UNSEEN_AFTER_S, MAX_JOB_RUNS, STATUS_CANCELLED, STATUS_FAILED,
+                                   STATUS_TIMED_OUT, STREAM_WORKER_LOST, WORKER_LOST, GenerateJob, JobResult)
 from workers.contract.output_check import OutputReport, OutputVerdict
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
 from workers.contract.privacy import Digester, logged_output, split_texts
@@ -135,10 +135,13 @@ def _counts(usage: Any) -> tuple[int, int]:
 def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobChannel,
          pending: PendingTerminals | None, digester: Digester | None, worker: dict[str, Any],
          verdict_timeout_s: float) -> JobResult:
-    # The SET NX tells a first delivery from a redelivery; only a redelivery can
-    # find the request already ended by an earlier run, so only it asks the
-    # database. A first run that races the gateway's own end (timeout, cancel)
-    # loses at the unique constraint and defers to the winner (_append_terminal).
+    # The SET NX tells a first delivery from a redelivery; a redelivery can find
+    # the request already ended by an earlier run, so it asks the database. So does
+    # a first run of a job that waited long (ENDED_UNSEEN_AFTER_S): its gateway may
+    # have ended the request while it could not reach Redis to say so (a stop that
+    # took Redis down with it), in the database alone. Any other first run that races
+    # the gateway's own end (timeout, cancel) sees its cancel key, or loses at the
+    # unique constraint and defers to the winner (_append_terminal).
     # The deadline is judged at the take, read before the claim: a gateway whose
     # timeout finds the claim (SET … GET answers "started") waits for this run's
     # counts, so a run that claimed in time must not call itself late because its
@@ -149,7 +152,7 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
     except PutBack:
         log.info("request %s gave way to a fairer job: back at the head of its queue", job.request_id)
         return PUT_BACK
-    if not first_run:
+    if not first_run or _waited_long(job, taken_ns):
         existing = store.terminal_for(job.request_id)
         if existing is not None:
             log.info("request %s already ended as %s; not generating again", job.request_id, existing.kind)
@@ -250,6 +253,12 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
 
 #: The ends of a checked stream its gateway stopped whose entry takes the gateway's ``cancelled`` verdict.
 _VERDICT_ENDS = frozenset({STATUS_CANCELLED, STATUS_TIMED_OUT})
+
+
+def _waited_long(job: GenerateJob, taken_ns: int) -> bool:
+    """Whether ``job`` waited in its queue long enough that its gateway may have ended its request unseen
+    (:data:`~workers.contract.jobs.ENDED_UNSEEN_AFTER_S`); a job that does not say when it was queued did not."""
+    return bool(job.enqueued_at_ns) and taken_ns - job.enqueued_at_ns >= ENDED_UNSEEN_AFTER_S * 1e9
 
 
 def _stop_kind(channel: JobChannel) -> str:

@@ -57,12 +57,14 @@ class NoPlace(Exception):
 class Queued:
     """Where a job waits: its list and its message exactly as pushed, so that the gateway can take it
     back while no worker has taken it (:meth:`Dispatcher.withdraw`); ``team``: its field in the model's
-    waiting counts (fair mode), None in fifo mode."""
+    waiting counts (fair mode), None in fifo mode; ``enqueued_at_ns``: the job's ``enqueued_at_ns`` (how
+    long it has waited, for an end recorded while Redis cannot be reached: ``ENDED_UNSEEN_AFTER_S``)."""
 
     key: str
     message: str
     model: str
     team: str | None
+    enqueued_at_ns: int = 0
 
 
 # KEYS: [1] the list, [2] the model's waiting counts (fair mode; unused otherwise).
@@ -165,14 +167,15 @@ class Dispatcher:
         if refused is not None:
             assert check is not None
             raise NoPlace(queue_at_limit(refused, check))
-        return Queued(key, message, job.model, team)
+        return Queued(key, message, job.model, team, job.enqueued_at_ns)
 
-    async def withdraw(self, queued: Queued) -> bool:
+    async def withdraw(self, queued: Queued) -> bool | None:
         """Take a job back from its list if no worker has taken it yet (its client went away): True when
         it was, and its place in the queue is free (its team's waiting count lowered with it); False when
-        a worker has it (or Redis cannot answer: the cancel key then stops it). Never raises."""
+        a worker has it; None when Redis cannot answer (falsy too: the cancel key then stops it, if that
+        could be written; a caller that must know tells None apart). Never raises."""
         try:
             return bool(await WITHDRAW(self._redis, (queued.key, waiting_key(queued.model)),
                                        (queued.message, queued.team or "")))
         except (RedisError, OSError):
-            return False
+            return None

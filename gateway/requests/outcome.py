@@ -36,8 +36,8 @@ from gateway.requests.refusals import QUEUE_FULL, QUEUE_UNAVAILABLE_MESSAGE, Que
 from gateway.requests.request_log import RequestLog
 from gateway.requests.ticket import Ticket
 from gateway.requests.usage import settle_reservation, undo_reservation
-from workers.contract.jobs import (CANCEL_TTL_S, JOB_LOOK_AGAIN, JOB_STARTED, STATUS_CANCELLED, STATUS_COMPLETED,
-                                  STATUS_TIMED_OUT, STOP_TIMED_OUT, JobResult, cancel_key)
+from workers.contract.jobs import (CANCEL_TTL_S, ENDED_UNSEEN_AFTER_S, JOB_LOOK_AGAIN, JOB_STARTED, STATUS_CANCELLED,
+                                  STATUS_COMPLETED, STATUS_TIMED_OUT, STOP_TIMED_OUT, JobResult, cancel_key)
 from workers.contract.output_check import (STOP_CONTENT_FILTER, OutputReport, OutputVerdict, decision_record,
                                            logged_client_output)
 from workers.contract.privacy import Digester, logged_output
@@ -54,6 +54,11 @@ _STOPPED_WHILE_QUEUED = {"code": "cancelled", "message": "the gateway stopped be
 #: After the drain's cut, how long a non-streamed request whose job a worker runs waits for that worker to stop
 #: at the cancel key and record the end (within the drain's own ``END_WAIT_S``).
 CUT_GRACE_S = 3.0
+#: How long after its job was queued, at the least, the gateway records the end of a request whose job it
+#: could not take back or flag (Redis unreachable): three times the wait past which a worker's first run
+#: asks the database for an end (:data:`ENDED_UNSEEN_AFTER_S`), so that it does even across 2 s of skew
+#: between the two clocks. The cut's grace (:data:`CUT_GRACE_S`) has usually passed it already.
+UNSEEN_END_AGE_S = 3 * ENDED_UNSEEN_AFTER_S
 #: How long, once its request timeout ran out, the gateway waits for the worker that began the job to stop
 #: and report what it generated (it looks at the stop between tokens, every 50 ms at most); with no report by
 #: then the request is charged its whole reservation (:meth:`TicketRunner.timed_out`).
@@ -241,10 +246,11 @@ class TicketRunner:
             stopped = cutting is not None and cutting.done() and not cutting.cancelled() \
                 and cutting.exception() is None
             await self._request_cancel(ticket.request_id)
-            if not await self.dispatcher.withdraw(queued):
+            withdrawn = await self.dispatcher.withdraw(queued)
+            if not withdrawn:
                 if not stopped:
                     return await waiting
-                return await self._cut_while_running(ticket, waiting)
+                return await self._cut_while_running(ticket, waiting, queued, unreachable=withdrawn is None)
             waiting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await waiting
@@ -253,14 +259,22 @@ class TicketRunner:
             for task in (waiting, *watching):
                 task.cancel()
 
-    async def _cut_while_running(self, ticket: Ticket, waiting: asyncio.Future[Any]) -> "_Answered":
+    async def _cut_while_running(self, ticket: Ticket, waiting: asyncio.Future[Any], queued: Queued, *,
+                                 unreachable: bool = False) -> "_Answered":
         """The drain ended a request whose job a worker runs: its answer if the generation ends within
         :data:`CUT_GRACE_S` (it stops at the cancel key and records ``cancelled``, answered 503
         ``shutting_down``; one that had just finished is served), else 503 ``shutting_down`` at once, its
-        worker recording the end (whose usage any gateway settles then: README, "Crashes")."""
+        worker recording the end (whose usage any gateway settles then: README, "Crashes").
+
+        ``unreachable``: Redis did not answer the withdrawal, so the job may as well still be queued, and
+        nothing stops it (its cancel key could not be written): with no answer in the grace its end is
+        recorded here (:meth:`_end_unreachable`).
+        """
         done, _ = await asyncio.wait({waiting}, timeout=CUT_GRACE_S)
-        if not done:
+        if not done or (unreachable and _lost_redis(waiting)):
             waiting.cancel()
+            if unreachable:
+                return await self._end_unreachable(ticket, queued)
             raise shutting_down(in_flight=True)
         meta = waiting.result()
         try:
@@ -271,6 +285,67 @@ class TicketRunner:
             if error.code == STATUS_CANCELLED:
                 raise shutting_down(in_flight=True) from None
             raise
+
+    async def _end_unreachable(self, ticket: Ticket, queued: Queued) -> "_Answered":
+        """End a non-streamed request the drain cut while Redis could not be reached (:meth:`_end_unreached`):
+        503 ``shutting_down``, or the answer of a worker's end that came first (as for a timeout).
+
+        The reservation is released, to what the end records (retried until the gateway stops; then the
+        gateway that follows settles it from this end once the worker names it: nothing charged). A
+        database that refuses the entry too leaves nothing to stop the job: the client is told so
+        (:func:`shutting_down`, ``unrecorded``), not that it was cancelled, and the reservation stays held,
+        so that the run that follows is charged what it records (as a timeout whose stop Redis did not
+        take is charged, not freed).
+        """
+        ended = await self._end_unreached(ticket, queued)
+        if isinstance(ended, AuditEntry):
+            if ended.kind not in _GAVE_UP:  # a worker's end came first: it answers
+                return _Answered(await self._answered_by(ticket, ended))
+            await self._settle_usage(ticket, used_tokens(ended.body.get("usage")))
+        raise shutting_down(in_flight=True, unrecorded=ended is False)
+
+    async def end_cut_stream(self, ticket: Ticket, queued: Queued) -> bool | None:
+        """End a stream the drain cut before any of its text came here and now (:meth:`_end_unreached`):
+        its job taken back if still queued, or, Redis unreachable, its end recorded in the database, rather
+        than in :meth:`abandon`'s wait: that wait is for an outcome Redis would carry, and the stopping
+        gateway cancels it a moment later, so the request was left with no end and its job ran at the next
+        start (probe p1 F1). True: ended (recorded, its usage settled);
+        False: neither Redis nor the database could be reached (its reservation stays held, as in
+        :meth:`_end_unreachable`); None: Redis answered and a worker has the job: it records the end, and the
+        stream is abandoned as usual."""
+        ended = await self._end_unreached(ticket, queued)
+        if isinstance(ended, AuditEntry):
+            await self._settle_usage(ticket, used_tokens(ended.body.get("usage")))
+            return True
+        return ended
+
+    async def _end_unreached(self, ticket: Ticket, queued: Queued) -> AuditEntry | bool | None:
+        """End a request the drain cut whose job Redis could not be asked to give back (probe p1 F1).
+
+        Its job could be neither taken back nor flagged, and would run (and be charged) once Redis is back
+        with it: a stop that took Redis down with the API. Redis is asked once more (it may be back): a job
+        taken back ends as any withdrawn one (True); one a worker has now stops at its cancel key, written
+        just before, and its worker records the end (None). Still no answer: the gateway records
+        ``cancelled`` in the database (still up) itself, no sooner than :data:`UNSEEN_END_AGE_S` after the
+        job was queued, so that the worker that takes the job later asks the database before it generates,
+        finds this end and answers from it (``workers/generation.py``, ``ENDED_UNSEEN_AFTER_S``); the entry
+        that ended the request is returned (this one, or a worker's that won the unique terminal constraint).
+        False: the database refused it too (and keeping it pending needs Redis): nothing will stop the job.
+        """
+        await self._request_cancel(ticket.request_id)
+        withdrawn = await self.dispatcher.withdraw(queued)
+        if withdrawn:
+            await self._withdrawn_end(ticket, stopped=True)
+            return True
+        if withdrawn is not None:
+            return None
+        await _until_aged(queued)
+        winner = await self.request_log.end(ticket, "cancelled", self._gone_while_queued(ticket, stopped=True))
+        if winner is None:
+            log.error("request %s: its job could not be cancelled (Redis unreachable) nor its end recorded (the "
+                      "audit store refused it); it may run once Redis is back", ticket.request_id)
+            return False
+        return winner
 
     def _gone_while_queued(self, ticket: Ticket, *, stopped: bool = False) -> dict[str, Any]:
         """The body of a request ended before a worker took it: no output, as its ``prompt_logging`` keeps
@@ -543,7 +618,9 @@ class TicketRunner:
         except (ResultTimeout, RedisError, OSError):
             pass
         entry = await self.request_log.terminal_for(request_id)
-        if entry is None:  # no worker took it: end it here
+        if entry is None:  # no worker took it (or Redis cannot say): end it here, where a later worker looks
+            if queued is not None:
+                await _until_aged(queued)
             await self.request_log.end(ticket, "cancelled", self._gone_while_queued(ticket, stopped=cut))
             await self._settle_usage(ticket, None)
             return
@@ -618,6 +695,8 @@ class StreamEvents:
         self._closed = False
         #: The drain ended it, and its worker was told so (:meth:`TicketRunner.tell_cancelled`).
         self._cut = False
+        #: A piece of its text came (a worker runs its job), released to the client or held back.
+        self._heard = False
         #: The job's outcome (``workers.replies``), once it came.
         self._outcome: dict[str, Any] | None = None
         #: Under output rules (``checked``: the revision has one): what was received, judged and released.
@@ -675,6 +754,7 @@ class StreamEvents:
         async with contextlib.aclosing(self._pending.events(timeout_s)) as incoming:
             async for event in incoming:
                 if isinstance(event, str):
+                    self._heard = True
                     released = await self._released(event)
                     if released:
                         delivered.append(released)
@@ -682,6 +762,12 @@ class StreamEvents:
                 elif event is _CUT:  # the stopping gateway's drain time is over: its job is cancelled
                     await runner.tell_cancelled(ticket, self._hold)  # now, not after the loop has stopped
                     self._cut = True
+                    # no text came: its job may still wait in the queue, taken back (or, Redis gone, ended) here
+                    ended = None if self._heard or self._queued is None else \
+                        await runner.end_cut_stream(ticket, self._queued)
+                    if ended is not None:
+                        self._finished = True  # ended here: nothing left for aclose to abandon
+                        raise shutting_down(in_flight=True, unrecorded=not ended)
                     raise shutting_down(in_flight=True)
                 elif isinstance(event, OutputReport):
                     if self._hold is not None and runner.output_rules is not None and self._timed_out is None:
@@ -732,6 +818,23 @@ class StreamEvents:
 
 #: The event :meth:`StreamEvents.cut` puts in a stream's way.
 _CUT = object()
+
+
+def _lost_redis(waiting: asyncio.Future[Any]) -> bool:
+    """Whether a finished wait for an outcome failed because Redis went away (not its request timeout)."""
+    if waiting.cancelled():
+        return False
+    exc = waiting.exception()
+    return isinstance(exc, (RedisError, OSError)) and not isinstance(exc, ResultTimeout)
+
+
+async def _until_aged(queued: Queued) -> None:
+    """Wait until ``queued``'s job has waited :data:`UNSEEN_END_AGE_S` since it was queued (at once, mostly)."""
+    if not queued.enqueued_at_ns:
+        return
+    left_s = UNSEEN_END_AGE_S - (time.time_ns() - queued.enqueued_at_ns) / 1e9
+    if left_s > 0:
+        await asyncio.sleep(left_s)
 
 
 def _reserved_usage(ticket: Ticket) -> dict[str, Any] | None:

@@ -12,7 +12,7 @@ import redis
 
 from audit import AuditStore, make_engine, migrate, verify_chain
 from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
-from workers.contract.jobs import STATUS_COMPLETED, GenerateJob, runs_key
+from workers.contract.jobs import ENDED_UNSEEN_AFTER_S, STATUS_COMPLETED, GenerateJob, runs_key
 from workers.contract.sampling import SamplingParams
 from workers.contract.sealing import Sealer
 from workers.generation import run_job
@@ -156,3 +156,35 @@ def test_an_end_the_locked_database_refuses_answers_with_what_the_model_ran(tmp_
         assert store.terminal_for("r9") is None
     finally:
         engine.dispose()
+
+
+def test_a_first_run_of_a_job_that_waited_long_is_answered_from_an_end_its_gateway_recorded_alone(store, model,
+                                                                                                  monkeypatch):
+    """A gateway that could not reach Redis at its stop records the end of a queued request in the database
+    alone (nothing in Redis flags the job): the first run that takes the job later finds it and does not
+    generate (probe p1 F1). Before, only a redelivery asked the database, and the job ran and was charged."""
+    store.append("cancelled", "r10", principal="alice", team="research", model="tiny-test",
+                 body={"error": {"code": "cancelled", "message": "the gateway stopped before a worker took the "
+                                                                 "request"}}, policy_revision="rev")
+
+    generated: list[str] = []
+    real_stream = model.stream
+    monkeypatch.setattr(model, "stream", lambda prompt, params: generated.append(prompt) or
+                        real_stream(prompt, params))
+    waited = dataclasses.replace(job("r10"), enqueued_at_ns=time.time_ns() - int((ENDED_UNSEEN_AFTER_S + 5) * 1e9))
+    result = run_job(waited, model, store)  # a first run: the silent channel claims every start
+    assert generated == []  # (a generation would lose at the unique constraint: the same end, the model run)
+    assert result.status == "cancelled" and result.completion_tokens == 0
+    assert [e.kind for e in store.entries_for("r10")] == ["cancelled"]
+
+
+def test_a_first_run_taken_at_once_does_not_ask_the_database_before_it_generates(store, model, monkeypatch):
+    """The look-up above costs a database round trip: a job taken soon after it was queued (the usual case)
+    is spared it."""
+    looked: list[str] = []
+    real_terminal_for = store.terminal_for
+    monkeypatch.setattr(store, "terminal_for", lambda request_id: looked.append(request_id) or
+                        real_terminal_for(request_id))
+    result = run_job(dataclasses.replace(job("r11"), enqueued_at_ns=time.time_ns()), model, store)
+    assert result.status == STATUS_COMPLETED and result.completion_tokens == 6
+    assert looked == []

@@ -72,6 +72,14 @@ RUNS_KEY_PREFIX = "govgate:runs:"
 #: (a prompt that crashes the model's backend): it is recorded ``failed``/``worker_lost`` instead of
 #: ending every next worker, which `govgate up` would restart until it gave the model up.
 MAX_JOB_RUNS = 2
+#: A job a worker takes at least this long (seconds) after it was queued asks the database for an end of
+#: its request before its first run generates. A gateway that could not reach Redis to take its job back
+#: or flag it (a stop that took Redis down with the API) records the request's end in the database alone,
+#: and only once the job has waited three times as long since it was queued (``gateway/requests/outcome.py``,
+#: ``UNSEEN_END_AGE_S``), so the run that takes the job later always asks, even across 2 s of skew between
+#: the gateway's clock (``enqueued_at_ns``) and the worker's (its take). A job taken sooner (the usual case)
+#: pays no database round trip; one that waited longer pays one indexed look-up, small beside its wait.
+ENDED_UNSEEN_AFTER_S = 1.0
 #: Prefix of the key a worker's pool process sets once its model is loaded (``govgate up`` waits for it).
 LOADED_KEY_PREFIX = "govgate:loaded:"
 LOADED_TTL_S = 24 * 3600
