@@ -240,7 +240,12 @@ class Admission:
             decision = verdict.decision
             if not decision.allow and any(r.code == TOO_MANY_IN_FLIGHT for r in decision.reasons):
                 decision = await self._in_flight_estimate(principal, spec, decision, verdict.policy_input)
+            early_undone = False
             if needs_minute_wait(decision) and verdict.counters_down is None:
+                if verdict.early is not None and verdict.early.reservation is not None:
+                    # before the counters are asked for this request's wait: its own hold is no part of it
+                    await undo_reservation(self.counters, verdict.early.reservation)
+                    early_undone = True
                 decision = await self._minute_estimate(request_id, principal, spec, decision, verdict,
                                                        requested_max, messages, prompt)
             params = request.sampling_params(decision.obligations.max_tokens if decision.allow else requested_max,
@@ -253,7 +258,7 @@ class Admission:
                     params = dataclasses.replace(params, max_tokens=admission.max_tokens)
             else:
                 admission = None
-                if verdict.early is not None and verdict.early.reservation is not None:
+                if verdict.early is not None and verdict.early.reservation is not None and not early_undone:
                     await undo_reservation(self.counters, verdict.early.reservation)
             if verdict.counters_down is not None:
                 refusal: ApiError | None = verdict.counters_down.error()
@@ -481,10 +486,13 @@ class Admission:
         granted = decision.obligations.max_tokens  # clamped: what admitting the request would hold (p2 #4)
         tokens = prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt)) + (
             granted if 1 <= granted <= requested_max else requested_max)
-        if early is not None and (early.tokens == tokens or early.reservation is not None):
+        wanted = decision.obligations.limits.to_document() if decision.obligations.limits is not None else None
+        if early is not None and early.reservation is None and early.tokens == tokens and early.limits == wanted:
             return await with_minute_wait(decision, self.counters, request_id, principal.id, principal.team,
                                           early.tokens, (early.limits, early.reply))
-        # none, or refused for other tokens (its wait is theirs): ask the counters for these
+        # None; or made for other tokens or limits (a reload, a key's new roles: the remembered cap and limits
+        # were a former decision's, and its wait is theirs: probe q2 F1); or a reservation that fit (undone by
+        # the caller: the policy judged another moment): ask the counters for these tokens under these limits
         return await with_minute_wait(decision, self.counters, request_id, principal.id, principal.team, tokens, None)
 
     def _queue(self, spec: ModelSpec, principal: Principal, priority: int | None) -> QueueCheck:

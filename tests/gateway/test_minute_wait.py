@@ -12,6 +12,7 @@ refused (its reply holds the wait).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 
@@ -189,3 +190,58 @@ def test_an_allowed_clamped_request_reserves_in_one_call(own_redis, tmp_path) ->
     reserving = [words for words in log.sent if words[0] in ("evalsha", "eval") and len(words) > 3
                  and words[3].endswith(f":r:{request_id}") and any(w.strip('"') == "reserve" for w in words)]
     assert len(reserving) == 1, [[w[:40] for w in words] for words in log.sent if words[0] == "evalsha"]
+
+
+async def _fill_for_a_raised_cap(redis_url: str, user: str, team: str) -> None:
+    """35 tokens that leave the minute in 10 s, 105 that leave it in 55 s: prompt + the old cap (40) fits
+    now (the tiny model's prompt holds nothing here), prompt + the raised cap (RAISED) only once the 105 have
+    left (about 55 s)."""
+    client = aioredis.Redis.from_url(redis_url)
+    counters = UsageCounters(client)
+    try:
+        now = time.time()
+        for tokens, age_s in ((35, 50), (105, 5)):
+            held = await counters.reserve(f"fill-{os.urandom(4).hex()}", user, team,
+                                          {"principal": {"tokens_per_minute": 10**9}}, tokens, now=now - age_s)
+            await counters.settle(held, tokens, now=now - age_s)
+    finally:
+        await client.aclose()
+
+
+#: The clamping role's cap after the reload.
+RAISED = 100
+
+
+def test_the_wait_after_a_reload_raised_the_cap_is_for_the_new_cap(own_redis, tmp_path) -> None:  # noqa: F811
+    """Probe q2 F1: the early reservation is made with the cap and limits of the key's last allowed decision.
+    After a reload raising the cap it fit (prompt + 40) while the policy denied the request (prompt + 100),
+    and the early reservation's fit was taken as "room now": the client was told the policy's figure (10 s,
+    the oldest entry's) and refused again when it came back. The wait is the counters' for the new cap."""
+    user, team = f"mq-{os.urandom(3).hex()}", "minute-raised"
+    folder = policy_copy(tmp_path, _clamped(user))
+    own = own_redis.with_(queue_mode="fifo", request_timeout_s=2, policy_dir=folder, policy_reload_interval_s=0.1)
+    key = new_key(own, user, team, roles=("clamped",))
+    body = {"model": TINY_MODEL_NAME, "prompt": "Count", "max_tokens": ASKED}
+    with serving(own, tmp_path / "serve.log") as base:
+        first = httpx.post(f"{base}/v1/completions", headers=bearer(key), json=body, timeout=60)
+        assert first.status_code == 504, first.text  # allowed (clamped to 40), queued, no worker: timed out
+        before = httpx.get(f"{base}/readyz", timeout=30).json()["policy_revision"]
+        data_file = folder / "data.json"
+        document = json.loads(data_file.read_text())
+        document["govgate_config"]["roles"]["clamped"]["max_tokens"] = RAISED
+        staged = folder / "data.json.new"
+        staged.write_text(json.dumps(document, indent=2))
+        staged.replace(data_file)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{base}/readyz", timeout=30).json()["policy_revision"] == before:
+            assert time.monotonic() < deadline, "the raised cap was never loaded"
+            time.sleep(0.1)
+        asyncio.run(_fill_for_a_raised_cap(own.redis_url, user, team))
+        refused = httpx.post(f"{base}/v1/completions", headers=bearer(key), json=body, timeout=60)
+        in_flight = asyncio.run(in_flight_of(own.redis_url, user, team))[0]
+    assert refused.status_code == 429, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "rate_limited" and f"{RAISED} tokens" in error["message"], error
+    retry = int(refused.headers["Retry-After"])
+    assert 30 < retry <= 60, (refused.headers, error)  # the 105 tokens leave ~55 s after the fill; not 10 s
+    assert in_flight == 0  # the early reservation was undone once, nothing left held
