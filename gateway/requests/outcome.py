@@ -567,17 +567,18 @@ class TicketRunner:
             return None
         return await self.output_rules.cancelled(ticket, hold, client_text=delivered, timed_out=True)
 
-    async def tell_cancelled(self, ticket: Ticket, hold: HoldBack | None) -> None:
+    async def tell_cancelled(self, ticket: Ticket, hold: HoldBack | None, delivered: str | None = None) -> None:
         """Tell a stream's worker that its request is cancelled, and (under output rules) what its client
         received: the ``cancelled`` verdict first (:meth:`OutputRules.cancelled`), then the cancel key.
 
         The worker, stopping at the key, records ``cancelled`` with that verdict's ``client_output`` and
         decision (``workers/generation.py``); one that finished and waits for its verdict gets it at once
         (its report may be unread, or being judged: that judgement is abandoned with the client). Without
-        the verdict a cut stream's entry could not say what its client received (h9 F3).
+        the verdict a cut stream's entry could not say what its client received (h9 F3). ``delivered``: what
+        the stream sent its client (the drain's cut), when ``hold`` may have released more (q1 F2).
         """
         if hold is not None and self.output_rules is not None:
-            await self.output_rules.cancelled(ticket, hold)
+            await self.output_rules.cancelled(ticket, hold, client_text=delivered)
         await self._request_cancel(ticket.request_id)
 
     async def _cancel_and_close(self, ticket: Ticket, hold: HoldBack | None = None,
@@ -704,6 +705,13 @@ class StreamEvents:
         #: The verdict its worker was sent when the request timed out (:meth:`TicketRunner.tell_timed_out`):
         #: from then on the stream releases nothing more and answers no report (that verdict is the answer).
         self._timed_out: OutputVerdict | None = None
+        #: The drain's cut was asked (:meth:`cut`): no verdict of a judgement still running is sent (q1 F2).
+        self._cut_asked = False
+        #: The judgement of its worker's report under way (:meth:`_answer`), cancelled by the cut.
+        self._judging: asyncio.Future[OutputVerdict] | None = None
+        #: Its worker was sent the verdict on its report: it records what that says, and the cut lets the
+        #: result come (for :data:`CUT_GRACE_S`) rather than tell the client otherwise.
+        self._answered = False
 
     def __aiter__(self) -> AsyncIterator[str | JobResult]:
         return self._events()
@@ -760,7 +768,8 @@ class StreamEvents:
                         delivered.append(released)
                         yield released
                 elif event is _CUT:  # the stopping gateway's drain time is over: its job is cancelled
-                    await runner.tell_cancelled(ticket, self._hold)  # now, not after the loop has stopped
+                    # now, not after the loop has stopped; the worker is told what the client received
+                    await runner.tell_cancelled(ticket, self._hold, "".join(delivered))
                     self._cut = True
                     # no text came: its job may still wait in the queue, taken back (or, Redis gone, ended) here
                     ended = None if self._heard or self._queued is None else \
@@ -771,10 +780,37 @@ class StreamEvents:
                     raise shutting_down(in_flight=True)
                 elif isinstance(event, OutputReport):
                     if self._hold is not None and runner.output_rules is not None and self._timed_out is None:
-                        await runner.output_rules.answer(ticket, self._hold, event)
+                        await self._answer(event)  # unsent if the cut came first: its mark is read next
                 elif isinstance(event, dict):
                     self._outcome = event
                     return
+
+    async def _answer(self, report: OutputReport) -> None:
+        """Judge the worker's report and send it the verdict, unless the drain's cut comes first.
+
+        The cut used to queue its mark behind the report being judged: that judgement finished, its "allow,
+        whole" went to the worker, which recorded ``completion`` with the whole output as ``client_output``,
+        while the client got the ``shutting_down`` event instead of that text (probe q1 F2). Now :meth:`cut`
+        cancels the judgement, and a verdict that comes anyway is dropped: the cut's mark, read next, tells
+        the worker ``cancelled`` with what the client received. The judgement runs in a task of its own
+        (one per checked stream, at its end) so that the cut can end it without ending the stream's task.
+        """
+        rules, hold = self._runner.output_rules, self._hold
+        assert rules is not None and hold is not None
+        judging = asyncio.ensure_future(rules.verdict_on(self._ticket, hold, report))
+        self._judging = judging
+        try:
+            await asyncio.wait({judging})
+        finally:
+            self._judging = None
+            judging.cancel()  # the stream's own task was cancelled (its client left): the judgement goes too
+        if self._cut_asked:
+            if not judging.cancelled():
+                judging.exception()  # retrieved: a verdict or failure nobody uses is not logged as lost
+            return
+        verdict = judging.result()
+        await rules.send(self._ticket.request_id, verdict)
+        self._answered = True
 
     async def _released(self, piece: str) -> str:
         """What a received piece lets the client have: itself, or (under output rules) the text judged safe.
@@ -800,9 +836,19 @@ class StreamEvents:
     def cut(self) -> None:
         """End the stream at its next event with an error event (503 ``shutting_down``): its gateway is
         stopping and its drain time is over (``gateway/drain.py``). Its job is cancelled as when the client
-        leaves (:meth:`aclose`), its worker told what the client received."""
-        if not self._closed and not self._finished:
-            self._pending.interrupt(_CUT)
+        leaves (:meth:`aclose`), its worker told what the client received; a judgement of its worker's report
+        still running is abandoned, its verdict unsent (:meth:`_answer`). A stream whose worker has its verdict
+        already waits up to :data:`CUT_GRACE_S` for its result, as a non-streamed request does
+        (:meth:`TicketRunner._cut_while_running`): its worker records the end that verdict says."""
+        if self._closed or self._finished:
+            return
+        if self._answered:  # the worker records what its verdict says: its result is served if it comes soon
+            asyncio.get_running_loop().call_later(CUT_GRACE_S, self._pending.interrupt, _CUT)
+            return
+        self._cut_asked = True
+        if self._judging is not None:
+            self._judging.cancel()
+        self._pending.interrupt(_CUT)
 
     async def aclose(self) -> None:
         """Stop listening; if the request has not ended, cancel it (see the class docstring)."""
