@@ -24,7 +24,7 @@ from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, Result
 from gateway.dispatch.queue import NoPlace, Queued
 from gateway.dispatch.results import FoundFallback, PendingResult
 from gateway.api_errors import CLIENT_CLOSED_STATUS, ApiError
-from gateway.drain import shutting_down
+from gateway.drain import Cut, Drain, shutting_down
 from gateway.limits import UsageCounters
 from gateway.limits.charge import used_tokens
 from gateway.observability.metrics import observe_result
@@ -101,7 +101,7 @@ class TicketRunner:
         self._settling: dict[str, asyncio.Task[None]] = {}
 
     async def complete(self, ticket: Ticket, gone: ClientGone | None = None,
-                       cut: ClientGone | None = None) -> JobResult:
+                       cut: ClientGone | None = None, stopping: Drain | None = None) -> JobResult:
         """Queue the job and wait for its result (judging its output on the way, under output rules).
 
         ``gone`` returns when the client has gone away: then the worker is asked
@@ -111,10 +111,11 @@ class TicketRunner:
         ``cancelled``, recorded here (:meth:`_withdrawn_end`).
         ``cut`` returns when the stopping gateway's drain time is over (``gateway/drain.py``): the job is
         cancelled the same way, and the client is answered 503 ``shutting_down`` (:meth:`_unless_gone`).
+        ``stopping``: that drain, whose cut also ends the request before its job is queued (:meth:`_rule_absent`).
         """
         # A revision with no output rule passes every output whole: the worker records that verdict
         # itself, and the round trip of report and verdict is skipped (a stream's hold-back too: open_stream).
-        unruled = self.output_rules is not None and await self.output_rules.rule_absent(ticket)
+        unruled = await self._rule_absent(ticket, stopping)
         checked = self.output_rules is not None and not unruled
         try:
             try:
@@ -189,14 +190,30 @@ class TicketRunner:
             return True
         return was not in (None, JOB_LOOK_AGAIN)
 
-    async def open_stream(self, ticket: Ticket) -> StreamEvents:
+    async def _rule_absent(self, ticket: Ticket, stopping: Drain | None) -> bool:
+        """Whether ``ticket``'s policy revision has no output rule (:meth:`OutputRules.rule_absent`; False
+        without output rules). The probe, the last wait before the job is queued, ends at ``stopping``'s
+        cut, as does a cut that came before it: the admitted request is ended ``cancelled`` here, its
+        reservation released, 503 ``shutting_down``. Before (probe q1 F1), a forced stop left it with no
+        answer and no end, its reservation and in-flight count held until the lost-request sweep."""
+        rules = self.output_rules
+        if rules is None:
+            return False
+        if stopping is None:
+            return await rules.rule_absent(ticket)
+        try:
+            return await stopping.unless_cut(lambda: rules.rule_absent(ticket))
+        except Cut:
+            raise await self._withdrawn_end(ticket, stopped=True) from None
+
+    async def open_stream(self, ticket: Ticket, stopping: Drain | None = None) -> StreamEvents:
         """Queue a streaming job and return its events; queueing errors are raised here, before any byte.
 
         Under a policy revision with no output rule the stream has nothing to hold its text back for:
         its pieces go out as they come, and its worker records the "allow, whole" verdict itself, as for
-        a non-streamed completion.
+        a non-streamed completion. ``stopping``: as for :meth:`complete`.
         """
-        unruled = self.output_rules is not None and await self.output_rules.rule_absent(ticket)
+        unruled = await self._rule_absent(ticket, stopping)
         checked = self.output_rules is not None and not unruled
         async with contextlib.AsyncExitStack() as stack:
             try:

@@ -260,3 +260,47 @@ async def test_a_stream_cut_while_its_last_window_is_judged_tells_its_worker_can
     deliver(parts.worker, request_id, parts.waiter.reply_channel, success(result))
     await _background_done(parts)
     channel.forget()
+
+
+class _Probing:
+    """Output rules whose probe (does the revision have an output rule?) does not answer until cancelled."""
+
+    asked = None
+
+    async def rule_absent(self, ticket):
+        self.asked.set()
+        await asyncio.Event().wait()
+
+
+class _Ends:
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, str, dict]] = []
+
+    async def end(self, ticket, kind, body):
+        self.ended.append((ticket.request_id, kind, body))
+        return None
+
+
+async def test_an_admitted_request_waiting_for_the_output_rules_probe_is_ended_at_the_cut(parts):
+    """Admitted (its ``request`` entry written, its tokens reserved) and not queued yet, a request waited
+    for the output rules' probe when the drain's cut came. Before (probe q1 F1), nothing could end it: no
+    answer, no terminal entry, its reservation held until the lost-request sweep. Now it is ended
+    ``cancelled`` (the gateway stopped), its reservation released, 503 ``shutting_down``."""
+    from gateway.api_errors import ApiError
+    from gateway.drain import Drain
+
+    rules, log = _Probing(), _Ends()
+    rules.asked = asyncio.Event()
+    parts.runner.output_rules = rules
+    parts.runner.request_log = log
+    drain = Drain(0.0)
+    ticket = Ticket(request_id="cut-probing", principal=None, model="tiny", created=0,
+                    job=SimpleNamespace(prompt_logging="none", redact=[]))
+    serving = asyncio.ensure_future(parts.runner.complete(ticket, stopping=drain))
+    await asyncio.wait_for(rules.asked.wait(), 5)
+    drain.cut()
+    with pytest.raises(ApiError) as raised:
+        await asyncio.wait_for(serving, 10)
+    assert raised.value.code == "shutting_down" and raised.value.status == 503
+    assert [(request_id, kind) for request_id, kind, _ in log.ended] == [("cut-probing", "cancelled")]
+    assert "gateway stopped" in log.ended[0][2]["error"]["message"]
