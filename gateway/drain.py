@@ -52,6 +52,9 @@ SHUTTING_DOWN = "shutting_down"
 RETRY_AFTER_S = 2
 #: How often the drain looks whether the requests in flight have ended.
 POLL_S = 0.05
+#: After a forced cut (a second Ctrl-C), how long at most the ended requests get to write their answers
+#: (503 ``shutting_down``, their ends recorded) before the server's loop ends and cancels what is left.
+FORCED_END_WAIT_S = 2.0
 
 T = TypeVar("T")
 
@@ -74,6 +77,10 @@ def shutting_down(*, in_flight: bool, unrecorded: bool = False) -> ApiError:
     return ApiError(503, SHUTTING_DOWN, message, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+class Cut(Exception):
+    """Raised by :meth:`Drain.unless_cut`: the drain's cut came before what was waited for."""
+
+
 class Drain:
     """Whether the gateway is stopping, the completion requests in flight, and the cut that ends them."""
 
@@ -88,6 +95,8 @@ class Drain:
         self._active: dict[int, Callable[[], None] | None] = {}
         #: The body reads under way (:meth:`read_unless_stopping`), each with what ends it at :meth:`begin`.
         self._reading: dict[int, Callable[[], None]] = {}
+        #: The admission waits under way (:meth:`unless_cut`), each with what ends it at :meth:`cut`.
+        self._waiting: dict[int, Callable[[], None]] = {}
         self._next = 0
         #: When :meth:`begin` ran (monotonic), for the cut's log line.
         self._began: float | None = None
@@ -120,6 +129,8 @@ class Drain:
         for end in list(self._active.values()):
             if end is not None:
                 end()
+        for end in list(self._waiting.values()):
+            end()
 
     async def wait_cut(self) -> None:
         """Return once :meth:`cut` ran."""
@@ -181,6 +192,42 @@ class Drain:
         finally:
             self._reading.pop(token, None)
 
+    async def unless_cut(self, wait: Callable[[], Awaitable[T]]) -> T:
+        """``wait()`` (a request's admission waiting for its policy decision, or for the output rules' probe
+        before its job is queued), unless the cut comes first: then :class:`Cut`, and the caller ends the
+        request with its 503 ``shutting_down`` and records that end.
+
+        Before (probe q1 F1), the cut had nothing to end such a request with: a graceful stop left it to
+        uvicorn's timeout (a plain-text 500, a traceback), a forced one to the loop's end (no answer, no
+        audit entry, an admitted request's reservation held until the lost-request sweep). Only such waits
+        are cut short, not the admission's quick writes (its reservation, its ``request`` entry), whose
+        outcome a cancel would leave unknown. As :meth:`read_unless_stopping`, it cancels the request's
+        own task rather than race a task of its own.
+        """
+        if self.is_cut:
+            raise Cut()
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - never so under an ASGI server
+            return await wait()
+        ended = False
+
+        def end() -> None:
+            nonlocal ended
+            ended = True
+            task.cancel()
+
+        token = self._next
+        self._next += 1
+        self._waiting[token] = end
+        try:
+            return await wait()
+        except asyncio.CancelledError:
+            if ended and task.uncancel() == 0:  # cancelled by the cut alone (any other cancel goes on)
+                raise Cut() from None
+            raise
+        finally:
+            self._waiting.pop(token, None)
+
     @contextlib.contextmanager
     def tracking(self, end: Callable[[], None] | None = None) -> Iterator[None]:
         """:meth:`enter` for the length of a block."""
@@ -192,12 +239,14 @@ class Drain:
 
     async def run(self, forced: Callable[[], bool] = lambda: False) -> None:
         """The whole drain: :meth:`begin`, wait up to ``drain_s`` for the requests in flight, :meth:`cut`, then
-        wait (up to :data:`END_WAIT_S`) for the ended ones to answer. ``forced``: stop waiting at once (a
-        second Ctrl-C)."""
+        wait (up to :data:`END_WAIT_S`) for the ended ones to answer. ``forced``: a second Ctrl-C, which cuts at
+        once and then waits only :data:`FORCED_END_WAIT_S` for the ended ones' answers."""
         self.begin()
         await self._until_idle(self.drain_s, forced)
         self.cut()
         await self._until_idle(END_WAIT_S, forced)
+        if forced():  # even so, the requests just ended get a moment to send their 503 (probe q1 F1)
+            await self._until_idle(FORCED_END_WAIT_S, lambda: False)
 
     async def _until_idle(self, timeout_s: float, forced: Callable[[], bool]) -> None:
         deadline = time.monotonic() + timeout_s

@@ -137,7 +137,8 @@ class CompletionsController(Controller):
 async def _serve(service: CompletionService, drain: Drain, request: Request, principal: Principal,
                  endpoint: str) -> Response:
     """Admit and answer one request, counted in flight for a stopping gateway's drain (``gateway/drain.py``):
-    refused once it drains (also while its body is still arriving), ended with an answer at its cut."""
+    refused once it drains (also while its body is still arriving), ended with an answer at its cut (also
+    while it waits for its policy decision or, admitted, for its job to be queued: ``Drain.unless_cut``)."""
     leave = drain.enter()
     try:
         ticket = await service.admit(principal, endpoint, _reader(request, drain),
@@ -145,7 +146,7 @@ async def _serve(service: CompletionService, drain: Drain, request: Request, pri
         shape = _Shape(endpoint)
         headers = {urls.REQUEST_ID_HEADER: ticket.request_id}
         if ticket.job.stream:
-            events = await service.open_stream(ticket)  # queue errors are still ordinary HTTP errors here
+            events = await service.open_stream(ticket, drain)  # queue errors are still ordinary HTTP errors here
             done = drain.enter(events.cut)  # in flight until its last event is sent (or its client left)
 
             async def close() -> None:
@@ -158,7 +159,7 @@ async def _serve(service: CompletionService, drain: Drain, request: Request, pri
             return Stream(_sse_events(ticket, shape, events, done), media_type="text/event-stream",
                           headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                           background=BackgroundTask(close))
-        result = await service.complete(ticket, _gone(request), drain.wait_cut)
+        result = await service.complete(ticket, _gone(request), drain.wait_cut, drain)
         return Response({**shape.envelope(ticket, shape.object), "choices": [shape.choice(result.text,
                          result.finish_reason)], "usage": _usage(result)}, headers=headers)
     finally:

@@ -46,7 +46,7 @@ import redis.asyncio as aioredis
 from gateway.auth import Principal
 from gateway.api_errors import ApiError, errors_of
 from gateway.dispatch.model_health import ModelHealth
-from gateway.drain import Drain, shutting_down
+from gateway.drain import Cut, Drain, shutting_down
 from gateway.limits import (CountersReply, CountersUnavailable, QueueAtLimit, QueueCheck, Refusal, Reservation,
                             Scope, UsageCounters)
 from gateway.limits.catalogue import TOO_MANY_IN_FLIGHT
@@ -218,25 +218,31 @@ class Admission:
             await self.request_log.record_rejection(request_id, principal, endpoint, refusal, raw)
             refusal.request_id = request_id
             raise refusal
-        gate = self.gate
-        if gate is None:
-            return await self._admit(request_id, principal, endpoint, raw, purpose_headers)
-        held = await gate.enter(principal.team)
         try:
-            return await self._admit(request_id, principal, endpoint, raw, purpose_headers)
-        finally:
-            if held:
-                gate.leave()
+            gate = self.gate
+            if gate is None:
+                return await self._admit(request_id, principal, endpoint, raw, purpose_headers, stopping)
+            held = await gate.enter(principal.team)
+            try:
+                return await self._admit(request_id, principal, endpoint, raw, purpose_headers, stopping)
+            finally:
+                if held:
+                    gate.leave()
+        except Cut:  # the drain's cut came while its decision was awaited: not admitted, nothing reserved
+            refusal = shutting_down(in_flight=False)
+            await self.request_log.record_rejection(request_id, principal, endpoint, refusal, raw)
+            refusal.request_id = request_id
+            raise refusal from None
 
     async def _admit(self, request_id: str, principal: Principal, endpoint: str, raw: bytes,
-                     purpose_headers: Sequence[str]) -> Ticket:
+                     purpose_headers: Sequence[str], stopping: Drain | None = None) -> Ticket:
         request, spec, purpose = await self._read(request_id, principal, endpoint, raw, purpose_headers)
         with errors_of(request_id):
             created = int(time.time())
             requested_max = request.requested_max_tokens(self.default_max_tokens)
             messages, prompt = request.prompt_parts()
             verdict = await self._decide(request_id, principal, endpoint, request, spec, purpose, requested_max,
-                                         messages, prompt)
+                                         messages, prompt, stopping)
             decision = verdict.decision
             if not decision.allow and any(r.code == TOO_MANY_IN_FLIGHT for r in decision.reasons):
                 decision = await self._in_flight_estimate(principal, spec, decision, verdict.policy_input)
@@ -339,8 +345,12 @@ class Admission:
 
     async def _decide(self, request_id: str, principal: Principal, endpoint: str, request: Request,
                       spec: ModelSpec, purpose: str | None, requested_max: int,
-                      messages: list[dict[str, str]] | None, prompt: str | None) -> Verdict:
+                      messages: list[dict[str, str]] | None, prompt: str | None,
+                      stopping: Drain | None = None) -> Verdict:
         """Ask the policy, showing it the principal's and team's usage; without usage, fail closed.
+
+        ``stopping``: the wait for the decision ends at that drain's cut (:class:`Cut`, the early
+        reservation undone), so that a stopping gateway answers it (probe q1 F1).
 
         The call that reads the usage also reserves, when the limits the
         policy will oblige can be guessed (see the module docstring).
@@ -369,7 +379,11 @@ class Admission:
                                             f"usage counters are unavailable: {counters_down.message}")
             return Verdict(decision, self.policy.revision, policy_input, counters_down)
         try:
-            decision, revision = await timed_decision(self.policy.decide_with_revision(policy_input))
+            if stopping is None:
+                decision, revision = await timed_decision(self.policy.decide_with_revision(policy_input))
+            else:
+                decision, revision = await stopping.unless_cut(
+                    lambda: timed_decision(self.policy.decide_with_revision(policy_input)))
         except BaseException:
             if early is not None and early.reservation is not None:
                 await undo_reservation(self.counters, early.reservation)

@@ -24,7 +24,7 @@ from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, Result
 from gateway.dispatch.queue import NoPlace, Queued
 from gateway.dispatch.results import FoundFallback, PendingResult
 from gateway.api_errors import CLIENT_CLOSED_STATUS, ApiError
-from gateway.drain import shutting_down
+from gateway.drain import Cut, Drain, shutting_down
 from gateway.limits import UsageCounters
 from gateway.limits.charge import used_tokens
 from gateway.observability.metrics import observe_result
@@ -101,7 +101,7 @@ class TicketRunner:
         self._settling: dict[str, asyncio.Task[None]] = {}
 
     async def complete(self, ticket: Ticket, gone: ClientGone | None = None,
-                       cut: ClientGone | None = None) -> JobResult:
+                       cut: ClientGone | None = None, stopping: Drain | None = None) -> JobResult:
         """Queue the job and wait for its result (judging its output on the way, under output rules).
 
         ``gone`` returns when the client has gone away: then the worker is asked
@@ -111,10 +111,11 @@ class TicketRunner:
         ``cancelled``, recorded here (:meth:`_withdrawn_end`).
         ``cut`` returns when the stopping gateway's drain time is over (``gateway/drain.py``): the job is
         cancelled the same way, and the client is answered 503 ``shutting_down`` (:meth:`_unless_gone`).
+        ``stopping``: that drain, whose cut also ends the request before its job is queued (:meth:`_rule_absent`).
         """
         # A revision with no output rule passes every output whole: the worker records that verdict
         # itself, and the round trip of report and verdict is skipped (a stream's hold-back too: open_stream).
-        unruled = self.output_rules is not None and await self.output_rules.rule_absent(ticket)
+        unruled = await self._rule_absent(ticket, stopping)
         checked = self.output_rules is not None and not unruled
         try:
             try:
@@ -189,14 +190,30 @@ class TicketRunner:
             return True
         return was not in (None, JOB_LOOK_AGAIN)
 
-    async def open_stream(self, ticket: Ticket) -> StreamEvents:
+    async def _rule_absent(self, ticket: Ticket, stopping: Drain | None) -> bool:
+        """Whether ``ticket``'s policy revision has no output rule (:meth:`OutputRules.rule_absent`; False
+        without output rules). The probe, the last wait before the job is queued, ends at ``stopping``'s
+        cut, as does a cut that came before it: the admitted request is ended ``cancelled`` here, its
+        reservation released, 503 ``shutting_down``. Before (probe q1 F1), a forced stop left it with no
+        answer and no end, its reservation and in-flight count held until the lost-request sweep."""
+        rules = self.output_rules
+        if rules is None:
+            return False
+        if stopping is None:
+            return await rules.rule_absent(ticket)
+        try:
+            return await stopping.unless_cut(lambda: rules.rule_absent(ticket))
+        except Cut:
+            raise await self._withdrawn_end(ticket, stopped=True) from None
+
+    async def open_stream(self, ticket: Ticket, stopping: Drain | None = None) -> StreamEvents:
         """Queue a streaming job and return its events; queueing errors are raised here, before any byte.
 
         Under a policy revision with no output rule the stream has nothing to hold its text back for:
         its pieces go out as they come, and its worker records the "allow, whole" verdict itself, as for
-        a non-streamed completion.
+        a non-streamed completion. ``stopping``: as for :meth:`complete`.
         """
-        unruled = self.output_rules is not None and await self.output_rules.rule_absent(ticket)
+        unruled = await self._rule_absent(ticket, stopping)
         checked = self.output_rules is not None and not unruled
         async with contextlib.AsyncExitStack() as stack:
             try:
@@ -567,17 +584,18 @@ class TicketRunner:
             return None
         return await self.output_rules.cancelled(ticket, hold, client_text=delivered, timed_out=True)
 
-    async def tell_cancelled(self, ticket: Ticket, hold: HoldBack | None) -> None:
+    async def tell_cancelled(self, ticket: Ticket, hold: HoldBack | None, delivered: str | None = None) -> None:
         """Tell a stream's worker that its request is cancelled, and (under output rules) what its client
         received: the ``cancelled`` verdict first (:meth:`OutputRules.cancelled`), then the cancel key.
 
         The worker, stopping at the key, records ``cancelled`` with that verdict's ``client_output`` and
         decision (``workers/generation.py``); one that finished and waits for its verdict gets it at once
         (its report may be unread, or being judged: that judgement is abandoned with the client). Without
-        the verdict a cut stream's entry could not say what its client received (h9 F3).
+        the verdict a cut stream's entry could not say what its client received (h9 F3). ``delivered``: what
+        the stream sent its client (the drain's cut), when ``hold`` may have released more (q1 F2).
         """
         if hold is not None and self.output_rules is not None:
-            await self.output_rules.cancelled(ticket, hold)
+            await self.output_rules.cancelled(ticket, hold, client_text=delivered)
         await self._request_cancel(ticket.request_id)
 
     async def _cancel_and_close(self, ticket: Ticket, hold: HoldBack | None = None,
@@ -704,6 +722,13 @@ class StreamEvents:
         #: The verdict its worker was sent when the request timed out (:meth:`TicketRunner.tell_timed_out`):
         #: from then on the stream releases nothing more and answers no report (that verdict is the answer).
         self._timed_out: OutputVerdict | None = None
+        #: The drain's cut was asked (:meth:`cut`): no verdict of a judgement still running is sent (q1 F2).
+        self._cut_asked = False
+        #: The judgement of its worker's report under way (:meth:`_answer`), cancelled by the cut.
+        self._judging: asyncio.Future[OutputVerdict] | None = None
+        #: Its worker was sent the verdict on its report: it records what that says, and the cut lets the
+        #: result come (for :data:`CUT_GRACE_S`) rather than tell the client otherwise.
+        self._answered = False
 
     def __aiter__(self) -> AsyncIterator[str | JobResult]:
         return self._events()
@@ -760,7 +785,8 @@ class StreamEvents:
                         delivered.append(released)
                         yield released
                 elif event is _CUT:  # the stopping gateway's drain time is over: its job is cancelled
-                    await runner.tell_cancelled(ticket, self._hold)  # now, not after the loop has stopped
+                    # now, not after the loop has stopped; the worker is told what the client received
+                    await runner.tell_cancelled(ticket, self._hold, "".join(delivered))
                     self._cut = True
                     # no text came: its job may still wait in the queue, taken back (or, Redis gone, ended) here
                     ended = None if self._heard or self._queued is None else \
@@ -771,10 +797,37 @@ class StreamEvents:
                     raise shutting_down(in_flight=True)
                 elif isinstance(event, OutputReport):
                     if self._hold is not None and runner.output_rules is not None and self._timed_out is None:
-                        await runner.output_rules.answer(ticket, self._hold, event)
+                        await self._answer(event)  # unsent if the cut came first: its mark is read next
                 elif isinstance(event, dict):
                     self._outcome = event
                     return
+
+    async def _answer(self, report: OutputReport) -> None:
+        """Judge the worker's report and send it the verdict, unless the drain's cut comes first.
+
+        The cut used to queue its mark behind the report being judged: that judgement finished, its "allow,
+        whole" went to the worker, which recorded ``completion`` with the whole output as ``client_output``,
+        while the client got the ``shutting_down`` event instead of that text (probe q1 F2). Now :meth:`cut`
+        cancels the judgement, and a verdict that comes anyway is dropped: the cut's mark, read next, tells
+        the worker ``cancelled`` with what the client received. The judgement runs in a task of its own
+        (one per checked stream, at its end) so that the cut can end it without ending the stream's task.
+        """
+        rules, hold = self._runner.output_rules, self._hold
+        assert rules is not None and hold is not None
+        judging = asyncio.ensure_future(rules.verdict_on(self._ticket, hold, report))
+        self._judging = judging
+        try:
+            await asyncio.wait({judging})
+        finally:
+            self._judging = None
+            judging.cancel()  # the stream's own task was cancelled (its client left): the judgement goes too
+        if self._cut_asked:
+            if not judging.cancelled():
+                judging.exception()  # retrieved: a verdict or failure nobody uses is not logged as lost
+            return
+        verdict = judging.result()
+        await rules.send(self._ticket.request_id, verdict)
+        self._answered = True
 
     async def _released(self, piece: str) -> str:
         """What a received piece lets the client have: itself, or (under output rules) the text judged safe.
@@ -800,9 +853,19 @@ class StreamEvents:
     def cut(self) -> None:
         """End the stream at its next event with an error event (503 ``shutting_down``): its gateway is
         stopping and its drain time is over (``gateway/drain.py``). Its job is cancelled as when the client
-        leaves (:meth:`aclose`), its worker told what the client received."""
-        if not self._closed and not self._finished:
-            self._pending.interrupt(_CUT)
+        leaves (:meth:`aclose`), its worker told what the client received; a judgement of its worker's report
+        still running is abandoned, its verdict unsent (:meth:`_answer`). A stream whose worker has its verdict
+        already waits up to :data:`CUT_GRACE_S` for its result, as a non-streamed request does
+        (:meth:`TicketRunner._cut_while_running`): its worker records the end that verdict says."""
+        if self._closed or self._finished:
+            return
+        if self._answered:  # the worker records what its verdict says: its result is served if it comes soon
+            asyncio.get_running_loop().call_later(CUT_GRACE_S, self._pending.interrupt, _CUT)
+            return
+        self._cut_asked = True
+        if self._judging is not None:
+            self._judging.cancel()
+        self._pending.interrupt(_CUT)
 
     async def aclose(self) -> None:
         """Stop listening; if the request has not ended, cancel it (see the class docstring)."""

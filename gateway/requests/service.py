@@ -61,15 +61,17 @@ class CompletionService:
         return await self.admission.admit(principal, endpoint, read_body, purpose_headers, stopping=stopping)
 
     async def complete(self, ticket: Ticket, gone: ClientGone | None = None,
-                       cut: ClientGone | None = None) -> JobResult:
-        """Queue an admitted request and wait for its result (``gone``, ``cut``: see ``TicketRunner.complete``)."""
+                       cut: ClientGone | None = None, stopping: Drain | None = None) -> JobResult:
+        """Queue an admitted request and wait for its result (``gone``, ``cut``, ``stopping``: see
+        ``TicketRunner.complete``)."""
         with errors_of(ticket.request_id):
-            return await self.runner.complete(ticket, gone, cut)
+            return await self.runner.complete(ticket, gone, cut, stopping)
 
-    async def open_stream(self, ticket: Ticket) -> StreamEvents:
-        """Queue an admitted streaming request; its events are text pieces, then the result."""
+    async def open_stream(self, ticket: Ticket, stopping: Drain | None = None) -> StreamEvents:
+        """Queue an admitted streaming request; its events are text pieces, then the result (``stopping``:
+        its drain's cut ends it before its job is queued)."""
         with errors_of(ticket.request_id):
-            return await self.runner.open_stream(ticket)
+            return await self.runner.open_stream(ticket, stopping)
 
     async def aclose(self) -> None:
         await self.runner.aclose()

@@ -224,3 +224,38 @@ def test_a_request_whose_body_is_still_arriving_is_refused_at_the_stop_and_does_
     assert entries[0].body["error"]["code"] == "shutting_down"
     text = log.read_text()
     assert "Traceback" not in text and "CancelledError" not in text, text[-3000:]
+
+
+def test_a_forced_stop_answers_a_request_waiting_for_its_policy_decision_and_records_it(
+        own_redis, keyring, audit_store, tmp_path) -> None:  # noqa: F811
+    """A second stop signal ends at once a request whose policy decision is still being awaited: 503
+    ``shutting_down`` in OpenAI's shape, recorded ``rejected`` (it was not admitted).
+
+    Before (probe q1 F1), the cut had nothing to end a request in admission with, and a forced stop did not
+    wait for the ended requests' answers: the client's connection was closed with no response at all, and
+    nothing was recorded for a request that had been authenticated and read. The policy here takes minutes
+    on a prompt that says "slow" and the drain is 60 s: only a stop that ends the wait passes.
+    """
+    from tests.e2e.test_policy_pool_api import slow_on_request_policy
+
+    own = own_redis.with_(drain_s=60.0, policy_dir=slow_on_request_policy(tmp_path / "policy"),
+                          policy_timeout_s=120.0, policy_wait_timeout_s=120.0, output_rules=False)
+    log = tmp_path / "serve.log"
+    with serving(own, log) as base, ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(httpx.post, f"{base}/v1/completions", headers=bearer(keyring["admin"]), timeout=60,
+                              json={"model": MODEL, "prompt": "slow please", "max_tokens": 5})
+        time.sleep(1.0)  # lets the request reach its decision (one still being read is refused as well)
+        base.process.send_signal(signal.SIGTERM)
+        _until_stopping(base)
+        base.process.send_signal(signal.SIGINT)  # the second signal: no drain, the requests are ended now
+        answered = waiting.result(timeout=60)
+        assert base.process.wait(timeout=60) is not None
+    assert answered.status_code == 503, answered.text
+    assert answered.json()["error"]["code"] == "shutting_down"
+    assert answered.headers["retry-after"]
+    request_id = answered.headers["x-govgate-request-id"]
+    entries = audit_store.entries_for(request_id)
+    assert [e.kind for e in entries] == ["rejected"], [e.kind for e in entries]
+    assert entries[0].body["error"]["code"] == "shutting_down"
+    text = log.read_text()
+    assert "Traceback" not in text and "CancelledError" not in text, text[-3000:]

@@ -47,7 +47,7 @@ class _Rules:
     async def answer(self, ticket, hold, report, *, abandoned=False):
         self.answered.append((report.text, abandoned))
 
-    async def cancelled(self, ticket, hold):
+    async def cancelled(self, ticket, hold, *, client_text=None):
         self.told_cancelled.append(ticket.request_id)
 
 
@@ -182,3 +182,125 @@ async def test_a_report_being_judged_when_the_client_left_is_answered_cancelled_
     deliver(parts.worker, request_id, parts.waiter.reply_channel, success(result))
     await _background_done(parts)
     channel.forget()
+
+
+class _HeldLastWindow:
+    """A policy engine that judges a stream's windows at once (allow) and its last one when let go (allow)."""
+
+    revision = "rev-test"
+
+    def __init__(self) -> None:
+        self.last_window_asked = asyncio.Event()
+        self.let_go = asyncio.Event()
+
+    async def decide_output_with_revision(self, document):
+        if document["final"]:
+            self.last_window_asked.set()
+            await self.let_go.wait()
+        return SimpleNamespace(allow=True, reasons=(), redact=()), self.revision
+
+
+async def test_a_stream_cut_while_its_last_window_is_judged_tells_its_worker_cancelled_not_the_allow(parts):
+    """The stopping gateway's drain cut a stream whose last window (its worker's report) was being judged.
+
+    Before (probe q1 F2), the cut only queued its mark behind the report: the judgement finished, its
+    "allow, whole" verdict went to the worker, which recorded ``completion`` with ``client_output`` = the whole
+    output, while the client got the ``shutting_down`` error event and none of that tail. The cut wins now:
+    the judgement's verdict is neither released nor sent; the worker is told ``cancelled`` with what the
+    client received, and the client gets the error event.
+    """
+    from gateway.api_errors import ApiError
+
+    request_id = "cut-judging"
+    policy = _HeldLastWindow()
+    rules = OutputRules(policy=policy, redis=parts.runner.redis, sealer=SEALER, holdback_chars=4,
+                        build_input=lambda ticket, window: {"text": window.text, "final": window.final})
+    parts.runner.output_rules = rules
+    ticket = Ticket(request_id=request_id, principal=None, model="tiny", created=0, job=None)
+    async with contextlib.AsyncExitStack() as stack:
+        pending = await stack.enter_async_context(parts.waiter.expect(request_id, stream=True, checked=True))
+        events = StreamEvents(parts.runner, ticket, pending, stack.pop_all(), checked=True)
+    channel = RedisJobChannel(parts.worker, request_id, streaming=True, sealer=SEALER,
+                              reply_to=parts.waiter.reply_channel, flush_interval_s=0)
+    received: list[str] = []
+
+    async def client() -> ApiError | None:
+        try:
+            async for event in events:
+                received.append(event)
+        except ApiError as error:
+            return error
+        return None
+
+    reading = asyncio.ensure_future(client())
+    try:
+        channel.publish("Once upon a time ")
+        for _ in range(200):
+            if received:
+                break
+            await asyncio.sleep(0.01)
+        assert received and all(isinstance(text, str) for text in received)
+        output = "Once upon a time there was a gateway."
+        channel.publish(output[len("Once upon a time "):])
+        channel.flush()
+        waiting = asyncio.ensure_future(asyncio.to_thread(channel.await_verdict, OutputReport(output), 5))
+        await asyncio.wait_for(policy.last_window_asked.wait(), 5)
+        events.cut()  # the drain's time is over while the last window is judged
+        policy.let_go.set()  # a judgement that still finishes must not be the worker's answer
+        verdict = await waiting
+        error = await asyncio.wait_for(reading, 10)
+    finally:
+        reading.cancel()
+    assert verdict is not None and verdict.cancelled, verdict
+    assert verdict.client_text == "".join(received) and verdict.client_text
+    assert verdict.client_text != output  # the tail the judgement would have released never reached the client
+    assert error is not None and error.code == "shutting_down"
+    assert all(isinstance(text, str) for text in received)  # no result: the stream ended with the error
+    result = JobResult(status=STATUS_CANCELLED, text=verdict.client_text, audit_seq=2).sealed(SEALER)
+    deliver(parts.worker, request_id, parts.waiter.reply_channel, success(result))
+    await _background_done(parts)
+    channel.forget()
+
+
+class _Probing:
+    """Output rules whose probe (does the revision have an output rule?) does not answer until cancelled."""
+
+    asked = None
+
+    async def rule_absent(self, ticket):
+        self.asked.set()
+        await asyncio.Event().wait()
+
+
+class _Ends:
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, str, dict]] = []
+
+    async def end(self, ticket, kind, body):
+        self.ended.append((ticket.request_id, kind, body))
+        return None
+
+
+async def test_an_admitted_request_waiting_for_the_output_rules_probe_is_ended_at_the_cut(parts):
+    """Admitted (its ``request`` entry written, its tokens reserved) and not queued yet, a request waited
+    for the output rules' probe when the drain's cut came. Before (probe q1 F1), nothing could end it: no
+    answer, no terminal entry, its reservation held until the lost-request sweep. Now it is ended
+    ``cancelled`` (the gateway stopped), its reservation released, 503 ``shutting_down``."""
+    from gateway.api_errors import ApiError
+    from gateway.drain import Drain
+
+    rules, log = _Probing(), _Ends()
+    rules.asked = asyncio.Event()
+    parts.runner.output_rules = rules
+    parts.runner.request_log = log
+    drain = Drain(0.0)
+    ticket = Ticket(request_id="cut-probing", principal=None, model="tiny", created=0,
+                    job=SimpleNamespace(prompt_logging="none", redact=[]))
+    serving = asyncio.ensure_future(parts.runner.complete(ticket, stopping=drain))
+    await asyncio.wait_for(rules.asked.wait(), 5)
+    drain.cut()
+    with pytest.raises(ApiError) as raised:
+        await asyncio.wait_for(serving, 10)
+    assert raised.value.code == "shutting_down" and raised.value.status == 503
+    assert [(request_id, kind) for request_id, kind, _ in log.ended] == [("cut-probing", "cancelled")]
+    assert "gateway stopped" in log.ended[0][2]["error"]["message"]
