@@ -95,7 +95,10 @@ def trial_inputs(registry: Registry, data: Any) -> list[TrialRequest]:
     config = data.get("govgate_config") if isinstance(data, dict) else None
     config = config if isinstance(config, dict) else {}
     roles = _names(config.get("roles"))
-    teams: list[str | None] = [None, *(_team_names(config) or [TRIAL_TEAM])]
+    # The made-up team always: keys may name teams the data does not, and a rule can fail only for those
+    # (probe q3 F1: it was asked only when the data named no team at all).
+    named = _team_names(config)
+    teams: list[str | None] = [None, *named, *([TRIAL_TEAM] if TRIAL_TEAM not in named else [])]
     models = [spec for spec in (registry.get(name) for name in registry.names()) if spec is not None]
     trials: list[TrialRequest] = []
     for count, (role, team, spec) in enumerate(_combinations(roles or [None], teams, models)):
@@ -163,16 +166,17 @@ def policy_trial(registry: Registry) -> Callable[[Any], Awaitable[str | None]]:
 
 def _combinations(roles: list[str | None], teams: list[str | None],
                   models: list[Any]) -> Iterator[tuple[str | None, str | None, Any]]:
-    """(role, team, model): first each role and team on each model, then the other role-team pairs."""
+    """(role, team, model): every role and every team first, then the other role-team pairs; the models
+    rotate under the pairs, so each pair meets a model before any pair meets a second one.
+
+    With the models innermost, the cap (:data:`MAX_TRIALS`) was spent on the first roles across every model:
+    with 8 roles and 10 models two roles were never asked (probe q3 F2).
+    """
     first = [(roles[i % len(roles)], teams[i % len(teams)]) for i in range(max(len(roles), len(teams)))]
-    for role, team in first:
-        for spec in models:
-            yield role, team, spec
-    for role in roles:
-        for team in teams:
-            if (role, team) not in first:
-                for spec in models:
-                    yield role, team, spec
+    pairs = first + [(role, team) for role in roles for team in teams if (role, team) not in first]
+    for turn in range(len(models)):
+        for index, (role, team) in enumerate(pairs):
+            yield role, team, models[(index + turn) % len(models)]
 
 
 def _names(section: Any) -> list[str]:

@@ -10,6 +10,8 @@ a ``config_error`` reason of a decision any more.
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import json
 import logging
@@ -394,7 +396,7 @@ async def test_a_revision_whose_model_list_fails_is_refused(tmp_path: Path) -> N
 
 
 def test_the_trial_tries_every_role_and_team_on_every_model_in_every_shape_within_its_bound(tmp_path: Path) -> None:
-    from gateway.requests.policy_trial import MAX_TRIALS, trial_inputs
+    from gateway.requests.policy_trial import MAX_TRIALS, TRIAL_TEAM, trial_inputs
     from gateway.requests.trial_shapes import REQUEST_SHAPES
     from workers.contract.registry import load_registry
 
@@ -406,7 +408,8 @@ def test_the_trial_tries_every_role_and_team_on_every_model_in_every_shape_withi
     inputs = [trial.document for trial in trials]
     seen = {(d["principal"]["roles"][0], d["principal"]["team"], d["model"]["name"]) for d in inputs}
     assert len(seen) <= MAX_TRIALS
-    teams = {None, *(f"t{i}" for i in range(5)), "t9"}  # "default" is the convention, not a team
+    # "default" is the convention, not a team; the made-up team is always asked (keys may name any team)
+    teams = {None, *(f"t{i}" for i in range(5)), "t9", TRIAL_TEAM}
     for model in models:
         assert {role for role, _, m in seen if m == model} == {f"r{i}" for i in range(3)}
         assert {team for _, team, m in seen if m == model} == teams
@@ -419,6 +422,27 @@ def test_the_trial_tries_every_role_and_team_on_every_model_in_every_shape_withi
     assert all(d["usage"]["team"] is not None for d in with_team)
     many = {"roles": {f"r{i}": {} for i in range(40)}, "teams": {f"t{i}": {} for i in range(40)}}
     assert len(trial_inputs(registry, {"govgate_config": many})) == MAX_TRIALS * len(REQUEST_SHAPES)
+
+
+def test_the_trial_asks_every_role_and_model_when_the_cap_cuts_and_a_team_the_data_does_not_name(
+        tmp_path: Path) -> None:
+    """Probe q3 F1, F2: the made-up team was asked only when the data named no team, so a rule failing for
+    the teams keys name outside the data loaded; and with the models innermost, 8 roles on 10 models spent
+    the cap on the first roles, two never asked. Every role, team and model now comes before any repeat."""
+    from gateway.requests.policy_trial import MAX_TRIALS, TRIAL_TEAM, trial_inputs
+    from workers.contract.registry import Registry, load_registry
+
+    shipped = load_registry(None, tmp_path / "var")
+    base = shipped.get(shipped.names()[0])
+    specs = [dataclasses.replace(base, name=f"m{i}") for i in range(10)]
+    registry = Registry({spec.name: spec for spec in specs})
+    config = {"roles": {f"r{i}": {} for i in range(8)}, "teams": {"research": {}, "support": {}}}
+    seen = {(d["principal"]["roles"][0], d["principal"]["team"], d["model"]["name"])
+            for d in (trial.document for trial in trial_inputs(registry, {"govgate_config": config}))}
+    assert len(seen) == MAX_TRIALS
+    assert {role for role, _, _ in seen} == {f"r{i}" for i in range(8)}
+    assert {model for _, _, model in seen} == {f"m{i}" for i in range(10)}
+    assert {team for _, team, _ in seen} == {None, "research", "support", TRIAL_TEAM}
 
 
 def _module(name: str, body: str) -> Callable[[Path], None]:
