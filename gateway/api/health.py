@@ -128,8 +128,17 @@ async def _readiness(state: State) -> dict[str, Any]:
         "missing": missing,
         "workers": cluster.workers,
         "policy_revision": components.policy.revision,
+        # Ready all the same (the running revision serves), but a restart would refuse to start on the folder
+        # as it is (probe q3 F3); only the revision: the reason, in the log, may name rules and files.
+        "policy_rejected_revision": _rejected_revision(components.policy),
         "models": models,
     }
+
+
+def _rejected_revision(policy: Any) -> str | None:
+    """The revision the policy folder holds that the last reload refused, or None."""
+    refused = getattr(policy, "rejected", None)
+    return None if refused is None else refused[0]
 
 
 async def _policy_problem(policy: Any) -> str | None:

@@ -46,6 +46,10 @@ POLICY_SECONDS = Histogram(
 POLICY_VM_MISMATCHES = Counter(
     "govgate_policy_vm_mismatches", "Policy answers on which an evaluator's compiled VM and its interpreter "
     "disagreed (the interpreter's was used; that evaluator stopped using the VM).", registry=REGISTRY)
+POLICY_RELOADS = Counter(
+    "govgate_policy_reloads", "Policy revisions this gateway tried to load after its start, by result: loaded, "
+    "or rejected (did not compile or failed its trial; the running revision kept serving).", ["result"],
+    registry=REGISTRY)
 AUDIT_APPEND_SECONDS = Histogram(
     "govgate_audit_append_seconds", "Time one audit append by this gateway took (in its worker thread).",
     ["kind"], buckets=_FAST, registry=REGISTRY)

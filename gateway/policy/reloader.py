@@ -70,6 +70,13 @@ class _Rejected:
         return cls(revision, reason, time.monotonic() + wait_s, wait_s)
 
 
+def _count_reload(result: str) -> None:
+    """``govgate_policy_reloads_total{result}`` (imported here: the policy package is used without the app too)."""
+    from gateway.observability.metrics import POLICY_RELOADS
+
+    POLICY_RELOADS.labels(result).inc()
+
+
 #: What a reload asks of a new engine before it swaps it in: None, or why it must not serve.
 Trial = Callable[[PolicyEngine], Awaitable["str | None"]]
 
@@ -102,6 +109,17 @@ class ReloadingPolicyEngine:
     @property
     def revision(self) -> str:
         return self._engine.revision
+
+    @property
+    def rejected(self) -> tuple[str, str] | None:
+        """The folder's revision last refused (and why) while it is still what the folder holds, else None.
+
+        ``/readyz`` shows it: the old revision serves, so the gateway is
+        ready, but a restart would refuse to start on the folder as it is
+        (probe q3 F3: a refusal was visible only in the log).
+        """
+        rejected = self._rejected
+        return None if rejected is None else (rejected.revision, rejected.reason)
 
     @property
     def current(self) -> PolicyEngine:
@@ -182,6 +200,7 @@ class ReloadingPolicyEngine:
             self._unreadable = None
             if on_disk == old.revision and not force:
                 self._settling = None
+                self._rejected = None  # the folder holds the running revision again: nothing refused is on disk
                 await self._verify(old)
                 return ReloadResult(False, old.revision)
             if settled_only and on_disk != self._settling:
@@ -210,11 +229,13 @@ class ReloadingPolicyEngine:
             except Exception as exc:  # a policy that does not load must never replace one that does
                 log.error("rejected policy revision %s (keeping %s): %s", on_disk, old.revision, exc)
                 self._rejected = _Rejected.after(rejected, on_disk, str(exc))
+                _count_reload("rejected")
                 await self._verify(old)
                 return ReloadResult(False, old.revision, str(exc))
             self._rejected = None
             self._settling = None
             self._engine = new
+            _count_reload("loaded")
             log.info("policy reloaded: revision %s -> %s", old.revision, new.revision)
             for listener in self._listeners:
                 try:

@@ -17,6 +17,13 @@ from workers.contract.registry import TINY_MODEL_NAME
 pytestmark = pytest.mark.anyio
 
 
+def _reloads(result: str) -> float:
+    """``govgate_policy_reloads_total{result}`` of this process's registry (the in-process app's)."""
+    from gateway.observability.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value("govgate_policy_reloads_total", {"result": result}) or 0.0
+
+
 async def test_policy_hot_reload_applies_new_rules_and_rejects_broken_ones(settings, worker, keyring, audit_store,
                                                                           tmp_path):
     folder = policy_copy(tmp_path)
@@ -37,10 +44,22 @@ async def test_policy_hot_reload_applies_new_rules_and_rejects_broken_ones(setti
         after = await client.post("/v1/completions", headers=bearer(keyring["analyst"]), json=request)
         new_revision = (await client.get("/readyz")).json()["policy_revision"]
 
-        (folder / "govgate.rego").write_text((folder / "govgate.rego").read_text() + "\nthis is not rego\n")
+        good_text = (folder / "govgate.rego").read_text()
+        rejected_before = _reloads("rejected")
+        assert (await client.get("/readyz")).json()["policy_rejected_revision"] is None
+        (folder / "govgate.rego").write_text(good_text + "\nthis is not rego\n")
         await anyio.sleep(1.0)  # several reload intervals
         still = await client.post("/v1/completions", headers=bearer(keyring["analyst"]), json=request)
-        kept_revision = (await client.get("/readyz")).json()["policy_revision"]
+        ready = (await client.get("/readyz")).json()
+        kept_revision = ready["policy_revision"]
+        # probe q3 F3: the refusal is visible beyond the log: ready (the old revision serves), the folder's
+        # revision named as rejected (a restart would refuse it), and counted
+        assert ready["checks"]["policy"] == "ok" and ready["policy_rejected_revision"] not in (None, kept_revision)
+        assert _reloads("rejected") >= rejected_before + 1
+        (folder / "govgate.rego").write_text(good_text)  # the folder holds the running revision again
+        with anyio.fail_after(15):
+            while (await client.get("/readyz")).json()["policy_rejected_revision"] is not None:
+                await anyio.sleep(0.1)
     assert before.status_code == 200
     assert after.status_code == 404  # no longer a model the analyst may see: answered as an unknown one
     assert [r["code"] for r in audit_store.entries_for(after.headers["x-govgate-request-id"])[0]
