@@ -499,3 +499,26 @@ async def test_a_revision_failing_only_on_a_shape_the_trial_did_not_try_is_refus
         assert result.error is not None and where in result.error, result.error
     finally:
         await reloading.aclose()
+
+
+def test_a_trial_cut_by_its_cap_says_so_and_names_what_it_never_asked(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Probe q3 F2: the 64-combination cap cut the trial without a word. A cut now logs a warning with the
+    counts and the roles, teams or models no asked combination held (here 70 roles: 6 never asked)."""
+    from gateway.requests.policy_trial import MAX_TRIALS, trial_inputs
+    from workers.contract.registry import Registry, load_registry
+
+    shipped = load_registry(None, tmp_path / "var")
+    base = shipped.get(shipped.names()[0])
+    registry = Registry({base.name: base})
+    config = {"roles": {f"r{i:02d}": {} for i in range(MAX_TRIALS + 6)}}
+    with caplog.at_level(logging.WARNING, logger="gateway.requests.policy_trial"):
+        trial_inputs(registry, {"govgate_config": config})
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"request trials cut at {MAX_TRIALS} of " in warnings[0]
+    assert "never asked: roles 'r64', 'r65', 'r66', 'r67', 'r68', 'r69'" in warnings[0], warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gateway.requests.policy_trial"):
+        trial_inputs(registry, {"govgate_config": {"roles": {"r": {}}}})  # 3 combinations: nothing cut
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
