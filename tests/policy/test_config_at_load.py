@@ -55,6 +55,11 @@ BROKEN = {
     "unknown detector action": (
         _set("content.detectors.email.action", "mask"),
         'govgate_config.content.detectors.email.action must be "deny" or "redact"'),
+    # probe q3 F6: passed the check, then the trial refused it at start and reload, far from the data
+    "role cap of 0 under clamp": (
+        _set("roles.suspended", {"models": ["*"], "max_tokens": 0}),
+        'govgate_config.roles.suspended.max_tokens is 0 with max_tokens_mode "clamp": every request would be '
+        'allowed 0 tokens; to suspend the role use "models": [] or max_tokens_mode "deny"'),
     "malformed hours window": (
         _set("models.govgate-tiny.hours_utc", [9, 30]),
         "govgate_config.models.govgate-tiny.hours_utc must be [start, end] in whole hours from 0 to 24"),
