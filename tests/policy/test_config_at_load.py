@@ -527,3 +527,22 @@ def test_a_trial_cut_by_its_cap_says_so_and_names_what_it_never_asked(tmp_path: 
     with caplog.at_level(logging.WARNING, logger="gateway.requests.policy_trial"):
         trial_inputs(registry, {"govgate_config": {"roles": {"r": {}}}})  # 3 combinations: nothing cut
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+async def test_a_revision_failing_only_for_a_team_the_data_does_not_name_is_refused(tmp_path: Path) -> None:
+    """Probe q3 F1: on data naming teams the made-up team was never asked, so rules conflicting only for a
+    key's team outside the data (any ``keys create --team``) loaded and answered policy_error to its members."""
+    from gateway.requests.policy_trial import TRIAL_TEAM
+
+    edit = _module("unknown_team.rego",
+                   'team_class := "restricted" if { is_string(input.principal.team); '
+                   "not data.govgate_config.teams[input.principal.team] }\n"
+                   'team_class := "open" if { is_string(input.principal.team); '
+                   "not data.govgate_config.teams[input.principal.team].models }\n"
+                   'content_denials contains {"code": "x", "message": "y"} if team_class == "nope"')
+    result, reloading, engine = await _trial_reload(tmp_path, edit)
+    try:
+        assert not result.changed and reloading.current is engine, result
+        assert result.error is not None and f"team '{TRIAL_TEAM}'" in result.error, result.error
+    finally:
+        await reloading.aclose()
