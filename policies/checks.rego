@@ -465,3 +465,21 @@ output_action_setting(entry) if {
 	object.keys(entry) == {"action"}
 	entry.action in output_actions_allowed
 }
+
+# A role that grants models with a max_tokens cap of 0 under "clamp" allows
+# every request with max_tokens 0, which serves nothing and which the gateway
+# refuses as a policy_error: the start and every reload refused it in their
+# trial, far from the data (probe q3 F6). To suspend a role, grant it no
+# models, or make its mode "deny" (an ordinary max_tokens_exceeded denial).
+config_problems contains sprintf("govgate_config.roles.%s.max_tokens is 0 with max_tokens_mode \"clamp\"%s: every request would be allowed 0 tokens; to suspend the role use \"models\": [] or max_tokens_mode \"deny\"", [role, inherited]) if {
+	some role, settings in configured_roles
+	effective = object.union(defaults, settings)
+	effective.max_tokens == 0
+	effective.max_tokens_mode == "clamp"
+	is_array(settings.models)
+	count(settings.models) > 0
+	inherited = cap_origin(settings)
+}
+
+cap_origin(settings) := "" if "max_tokens" in object.keys(settings)
+else := " (from defaults)"

@@ -216,3 +216,12 @@ test_an_unknown_key_anywhere_in_the_data_is_a_config_problem if {
 		"govgate_config.models.m has an unknown setting purpose (known: hours_utc, purposes, weekdays)",
 	}
 }
+
+test_role_cap_of_zero_under_clamp_refused if {
+	config_problems_with({"roles": {"analyst": {"max_tokens": 0, "max_tokens_mode": "clamp"}}}) == {"govgate_config.roles.analyst.max_tokens is 0 with max_tokens_mode \"clamp\": every request would be allowed 0 tokens; to suspend the role use \"models\": [] or max_tokens_mode \"deny\""}
+}
+
+test_role_cap_of_zero_under_deny_or_without_models_accepted if {
+	config_problems_with({"roles": {"analyst": {"max_tokens": 0, "max_tokens_mode": "deny"}}}) == set()
+	config_problems_with({"roles": {"analyst": {"max_tokens": 0, "max_tokens_mode": "clamp", "models": []}}}) == set()
+}

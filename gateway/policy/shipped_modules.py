@@ -20,7 +20,7 @@ from typing import Final
 SHIPPED_MODULE_DIGESTS: Final[dict[str, str]] = {
     "access.rego": "fd81cb2ea7f4d3587fc14ca1a0803b375e338bc1fc8018cea7164d3a407ad9b2",
     "calendar.rego": "201767b2519835c926f571ef3f3870cd8eace46c1d1054eb052bcd6aa93d2509",
-    "checks.rego": "efe1e51729b38a6ce5446d8b83e64e190f9688e0f604b8d8c8d0a036ba9442f1",
+    "checks.rego": "eebd4e3c43f2357176dc06f96537ef55447d87b6e4fb0f0480d785efc8ac3512",
     "content.rego": "6f3d9860d47f1f52a0e921bfd2f2c8c8b41abc0b8a45693b035fe3f2edcd4aeb",
     "govgate.rego": "5a5d90a0fab0e819f461ff5119514cfee538ecf9d5d91f54d19177bbe5f8b1c7",
     "limits.rego": "cca16ca8878e5c86efafd5eab91f6e46d2f29a6ee34840daee3774362cc2724d",

@@ -38,6 +38,7 @@ says nothing about the policy and must not block a reload.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterator
 
@@ -50,6 +51,8 @@ from gateway.requests.schemas import CHAT
 from gateway.requests.trial_shapes import (OUTPUT_WINDOWS, REQUEST_SHAPES, TRIAL_MAX_TOKENS, TRIAL_MESSAGES,
                                            RequestShape)
 from workers.contract.registry import ModelSpec, Registry
+
+log = logging.getLogger(__name__)
 
 #: The most (role, team, model) combinations a reload asks about, each in every request shape (4: at most
 #: 256 decisions).
@@ -101,9 +104,9 @@ def trial_inputs(registry: Registry, data: Any) -> list[TrialRequest]:
     teams: list[str | None] = [None, *named, *([TRIAL_TEAM] if TRIAL_TEAM not in named else [])]
     models = [spec for spec in (registry.get(name) for name in registry.names()) if spec is not None]
     trials: list[TrialRequest] = []
-    for count, (role, team, spec) in enumerate(_combinations(roles or [None], teams, models)):
-        if count >= MAX_TRIALS:
-            break
+    combinations = list(_combinations(roles or [None], teams, models))
+    _warn_cut("request", [(role, team, spec.name) for role, team, spec in combinations], MAX_TRIALS)
+    for role, team, spec in combinations[:MAX_TRIALS]:
         principal = Principal(id="policy-trial", team=team, roles=() if role is None else (role,),
                               key_id="policy-trial")
         for shape in REQUEST_SHAPES:
@@ -141,6 +144,7 @@ def policy_trial(registry: Registry) -> Callable[[Any], Awaitable[str | None]]:
                 request, decision.obligations if decision.allow else _TRIAL_OBLIGATIONS)
         if not hasattr(engine, "decide_output"):  # a test's stand-in that decides requests only
             return None
+        _warn_cut("model list", [(who[0][0] if who[0] else None, who[1], None) for who in lists], MAX_LIST_TRIALS)
         for label, principal, models in list(lists.values())[:MAX_LIST_TRIALS]:
             try:
                 listed = await engine.visible_models_known(principal, models)
@@ -149,7 +153,10 @@ def policy_trial(registry: Registry) -> Callable[[Any], Awaitable[str | None]]:
             if listed is None:
                 return (f"the policy fails listing the models of {label}: its visible_models evaluation "
                         "failed (GET /v1/models would answer policy_error)")
-        combinations = list(dict.fromkeys(key[:3] for key in decided))[:MAX_OUTPUT_TRIALS]
+        every = list(dict.fromkeys(key[:3] for key in decided))
+        _warn_cut("output", [(roles[0] if roles else None, team, model) for roles, team, model in every],
+                  MAX_OUTPUT_TRIALS)
+        combinations = every[:MAX_OUTPUT_TRIALS]
         for combination in combinations:
             for window in OUTPUT_WINDOWS:
                 request, obligations = decided[(*combination, window.shape)]
@@ -177,6 +184,24 @@ def _combinations(roles: list[str | None], teams: list[str | None],
     for turn in range(len(models)):
         for index, (role, team) in enumerate(pairs):
             yield role, team, models[(index + turn) % len(models)]
+
+
+def _warn_cut(kind: str, combinations: list[tuple[str | None, str | None, str | None]], cap: int) -> None:
+    """Log a warning when ``cap`` cuts the (role, team, model) ``combinations`` of a trial, naming the roles,
+    teams and models no asked combination held: the cut was silent (probe q3 F2), and an operator whose
+    policy has more roles, teams or models than the trial asks should know which were never tried."""
+    if len(combinations) <= cap:
+        return
+    asked, left = combinations[:cap], combinations[cap:]
+    never = []
+    for index, what in enumerate(("roles", "teams", "models")):
+        names = sorted({str(c[index]) for c in left if c[index] is not None} -
+                       {str(c[index]) for c in asked if c[index] is not None})
+        if names:
+            never.append(f"{what} {', '.join(repr(name) for name in names)}")
+    log.warning("policy trial: %s trials cut at %d of %d (role, team, model) combinations; %s", kind, cap,
+                len(combinations), "never asked: " + "; ".join(never) if never
+                else "every role, team and model was asked in at least one")
 
 
 def _names(section: Any) -> list[str]:

@@ -55,6 +55,11 @@ BROKEN = {
     "unknown detector action": (
         _set("content.detectors.email.action", "mask"),
         'govgate_config.content.detectors.email.action must be "deny" or "redact"'),
+    # probe q3 F6: passed the check, then the trial refused it at start and reload, far from the data
+    "role cap of 0 under clamp": (
+        _set("roles.suspended", {"models": ["*"], "max_tokens": 0}),
+        'govgate_config.roles.suspended.max_tokens is 0 with max_tokens_mode "clamp": every request would be '
+        'allowed 0 tokens; to suspend the role use "models": [] or max_tokens_mode "deny"'),
     "malformed hours window": (
         _set("models.govgate-tiny.hours_utc", [9, 30]),
         "govgate_config.models.govgate-tiny.hours_utc must be [start, end] in whole hours from 0 to 24"),
@@ -497,5 +502,47 @@ async def test_a_revision_failing_only_on_a_shape_the_trial_did_not_try_is_refus
     try:
         assert not result.changed and reloading.current is engine, result
         assert result.error is not None and where in result.error, result.error
+    finally:
+        await reloading.aclose()
+
+
+def test_a_trial_cut_by_its_cap_says_so_and_names_what_it_never_asked(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Probe q3 F2: the 64-combination cap cut the trial without a word. A cut now logs a warning with the
+    counts and the roles, teams or models no asked combination held (here 70 roles: 6 never asked)."""
+    from gateway.requests.policy_trial import MAX_TRIALS, trial_inputs
+    from workers.contract.registry import Registry, load_registry
+
+    shipped = load_registry(None, tmp_path / "var")
+    base = shipped.get(shipped.names()[0])
+    registry = Registry({base.name: base})
+    config = {"roles": {f"r{i:02d}": {} for i in range(MAX_TRIALS + 6)}}
+    with caplog.at_level(logging.WARNING, logger="gateway.requests.policy_trial"):
+        trial_inputs(registry, {"govgate_config": config})
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"request trials cut at {MAX_TRIALS} of " in warnings[0]
+    assert "never asked: roles 'r64', 'r65', 'r66', 'r67', 'r68', 'r69'" in warnings[0], warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gateway.requests.policy_trial"):
+        trial_inputs(registry, {"govgate_config": {"roles": {"r": {}}}})  # 3 combinations: nothing cut
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+async def test_a_revision_failing_only_for_a_team_the_data_does_not_name_is_refused(tmp_path: Path) -> None:
+    """Probe q3 F1: on data naming teams the made-up team was never asked, so rules conflicting only for a
+    key's team outside the data (any ``keys create --team``) loaded and answered policy_error to its members."""
+    from gateway.requests.policy_trial import TRIAL_TEAM
+
+    edit = _module("unknown_team.rego",
+                   'team_class := "restricted" if { is_string(input.principal.team); '
+                   "not data.govgate_config.teams[input.principal.team] }\n"
+                   'team_class := "open" if { is_string(input.principal.team); '
+                   "not data.govgate_config.teams[input.principal.team].models }\n"
+                   'content_denials contains {"code": "x", "message": "y"} if team_class == "nope"')
+    result, reloading, engine = await _trial_reload(tmp_path, edit)
+    try:
+        assert not result.changed and reloading.current is engine, result
+        assert result.error is not None and f"team '{TRIAL_TEAM}'" in result.error, result.error
     finally:
         await reloading.aclose()
