@@ -170,27 +170,7 @@ class Drain:
         """
         if self.draining:
             raise shutting_down(in_flight=False)
-        task = asyncio.current_task()
-        if task is None:  # not in a task (never so under an ASGI server): nothing to cancel it with
-            return await read()
-        ended = False
-
-        def end() -> None:
-            nonlocal ended
-            ended = True
-            task.cancel()
-
-        token = self._next
-        self._next += 1
-        self._reading[token] = end
-        try:
-            return await read()
-        except asyncio.CancelledError:
-            if ended and task.uncancel() == 0:  # cancelled by the drain alone (any other cancel goes on)
-                raise shutting_down(in_flight=False) from None
-            raise
-        finally:
-            self._reading.pop(token, None)
+        return await self._cancellable(read, self._reading, lambda: shutting_down(in_flight=False))
 
     async def unless_cut(self, wait: Callable[[], Awaitable[T]]) -> T:
         """``wait()`` (a request's admission waiting for its policy decision, or for the output rules' probe
@@ -206,9 +186,19 @@ class Drain:
         """
         if self.is_cut:
             raise Cut()
+        return await self._cancellable(wait, self._waiting, Cut)
+
+    async def _cancellable(self, call: Callable[[], Awaitable[T]], registry: dict[int, Callable[[], None]],
+                           instead: Callable[[], BaseException]) -> T:
+        """``call()`` in the request's own task, registered in ``registry`` so that the drain (its begin or its
+        cut) can cancel it: that cancel alone becomes ``instead()``; any other cancel goes on as it came.
+
+        The request's own task is cancelled rather than a task of its own raced against the drain: this runs
+        for every completion request, and a task each would cost CPU on each.
+        """
         task = asyncio.current_task()
-        if task is None:  # pragma: no cover - never so under an ASGI server
-            return await wait()
+        if task is None:  # not in a task (never so under an ASGI server): nothing to cancel it with
+            return await call()
         ended = False
 
         def end() -> None:
@@ -218,15 +208,15 @@ class Drain:
 
         token = self._next
         self._next += 1
-        self._waiting[token] = end
+        registry[token] = end
         try:
-            return await wait()
+            return await call()
         except asyncio.CancelledError:
-            if ended and task.uncancel() == 0:  # cancelled by the cut alone (any other cancel goes on)
-                raise Cut() from None
+            if ended and task.uncancel() == 0:  # cancelled by the drain alone
+                raise instead() from None
             raise
         finally:
-            self._waiting.pop(token, None)
+            registry.pop(token, None)
 
     @contextlib.contextmanager
     def tracking(self, end: Callable[[], None] | None = None) -> Iterator[None]:
