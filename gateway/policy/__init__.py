@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gateway.policy.decision import (POLICY_ERROR, POLICY_TIMEOUT, POLICY_UNAVAILABLE, PROMPT_LOGGING_LEVELS,
-                                         Decision, MalformedDecision, Obligations, PolicyUnavailable, Reason,
-                                         Redaction)
+                                         Decision, MalformedDecision, Obligations, PolicyTimeout, PolicyUnavailable,
+                                         Reason, Redaction)
     from gateway.policy.engine import (DECISION_RULE, VISIBLE_MODELS_RULE, EmbeddedPolicyEngine, PolicyEngine,
                                        PolicyLoadError)
     from gateway.policy.factory import open_policy_engine
@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 #: Each public name and the module that defines it.
 _SOURCES = {
     **dict.fromkeys(("POLICY_ERROR", "POLICY_TIMEOUT", "POLICY_UNAVAILABLE", "PROMPT_LOGGING_LEVELS", "Decision",
-                     "MalformedDecision", "Obligations", "PolicyUnavailable", "Reason", "Redaction"),
-                    "gateway.policy.decision"),
+                     "MalformedDecision", "Obligations", "PolicyTimeout", "PolicyUnavailable", "Reason",
+                     "Redaction"), "gateway.policy.decision"),
     **dict.fromkeys(("OUTPUT_DECISION_RULE", "OutputDecision"), "gateway.policy.output_decision"),
     **dict.fromkeys(("DECISION_RULE", "VISIBLE_MODELS_RULE", "EmbeddedPolicyEngine", "PolicyEngine",
                      "PolicyLoadError"), "gateway.policy.engine"),

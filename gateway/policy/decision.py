@@ -8,7 +8,7 @@ not enforced (docs/architecture.md, "Policy decision").
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AbstractSet, Any, Literal, Mapping, cast
 
 from gateway.limits.catalogue import LIMIT_NAMES
@@ -36,6 +36,15 @@ class PolicyUnavailable(RuntimeError):
     Raised where a question other than a request's decision is asked (which
     models a key may see): capacity, not permission, so callers answer a
     retryable 503 ``policy_unavailable`` rather than an empty answer.
+    """
+
+
+class PolicyTimeout(PolicyUnavailable):
+    """The evaluation itself ran past the decision timeout: the policy was asked and took too long.
+
+    Callers that serve treat it as any :class:`PolicyUnavailable`; the reload
+    trial does not, since such a policy would time out on real requests too
+    (``gateway/requests/policy_trial.py``).
     """
 
 
@@ -141,6 +150,9 @@ class Decision:
     allow: bool
     reasons: tuple[Reason, ...]
     obligations: Obligations
+    #: For :meth:`unavailable` only: the evaluation ran past the timeout (not a busy pool, not an unreachable
+    #: OPA). The answer is the same 503; the reload trial refuses a policy whose decisions time out.
+    timed_out: bool = field(default=False, compare=False)
 
     @classmethod
     def from_document(cls, doc: object) -> "Decision":
@@ -163,17 +175,20 @@ class Decision:
         )
 
     @classmethod
-    def unavailable(cls, message: str, retry_after_s: int) -> "Decision":
+    def unavailable(cls, message: str, retry_after_s: int, *, timed_out: bool = False) -> "Decision":
         """No decision: the policy could not be evaluated in time (a capacity problem).
 
         Not an answer about the request, so the gateway refuses it with a
         retryable 503 ``policy_unavailable``, never a 403; it stays a refusal
-        (fail closed) with the most private prompt logging.
+        (fail closed) with the most private prompt logging. ``timed_out``: the
+        evaluation ran past the timeout (else no evaluator was free, or OPA
+        did not answer).
         """
         return cls(
             allow=False,
             reasons=(Reason(code=POLICY_UNAVAILABLE, message=message, retry_after_s=retry_after_s),),
             obligations=Obligations(max_tokens=0, prompt_logging="hash"),
+            timed_out=timed_out,
         )
 
     @property

@@ -18,7 +18,7 @@ from typing import Any, Callable, Final, Protocol, runtime_checkable
 import msgspec
 
 from gateway.policy.child import DECISION_RULE, VISIBLE_MODELS_RULE
-from gateway.policy.decision import POLICY_ERROR, Decision, PolicyUnavailable
+from gateway.policy.decision import POLICY_ERROR, Decision, PolicyTimeout, PolicyUnavailable
 from gateway.policy.fair_line import Team
 from gateway.policy.output_decision import OUTPUT_DECISION_RULE, OutputDecision
 from gateway.policy.pool import EvaluatorPool, EvaluatorStartError, Outcome
@@ -205,7 +205,7 @@ class EmbeddedPolicyEngine:
         if outcome.kind == "busy":
             return _unavailable(f"no policy evaluator became free within {self._pool.wait_timeout_s:g}s")
         if outcome.kind == "timeout":
-            return _unavailable(f"policy evaluation took longer than {self._timeout_s:g}s")
+            return _unavailable(f"policy evaluation took longer than {self._timeout_s:g}s", timed_out=True)
         if outcome.kind == "undefined":
             return _deny(POLICY_ERROR, "the policy gave no decision for this request")
         if outcome.kind == "error":
@@ -224,7 +224,7 @@ class EmbeddedPolicyEngine:
         if outcome.kind == "busy":
             return _output_unavailable(f"no policy evaluator became free within {self._pool.wait_timeout_s:g}s")
         if outcome.kind == "timeout":
-            return _output_unavailable(f"policy evaluation took longer than {self._timeout_s:g}s")
+            return _output_unavailable(f"policy evaluation took longer than {self._timeout_s:g}s", timed_out=True)
         if outcome.kind == "error":
             return _stop(POLICY_ERROR, f"output policy evaluation failed: {_summarize(outcome.text)}",
                          detail=outcome.text)
@@ -259,7 +259,7 @@ class EmbeddedPolicyEngine:
         if outcome.kind == "busy":
             raise PolicyUnavailable(f"no policy evaluator became free within {self._pool.wait_timeout_s:g}s")
         if outcome.kind == "timeout":
-            raise PolicyUnavailable(f"policy evaluation took longer than {self._timeout_s:g}s")
+            raise PolicyTimeout(f"policy evaluation took longer than {self._timeout_s:g}s")
         if outcome.kind == "undefined":
             return set()
         if outcome.kind != "ok":  # no answer from the policy (an evaluator lost, a runtime error)
@@ -375,9 +375,9 @@ def _vm_mismatch(rule: str) -> None:
                 "interpreter's answer was used and that evaluator interprets from now on", rule)
 
 
-def _unavailable(message: str) -> Decision:
+def _unavailable(message: str, *, timed_out: bool = False) -> Decision:
     log.warning("policy unavailable: %s", message)
-    return Decision.unavailable(message, retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
+    return Decision.unavailable(message, retry_after_s=UNAVAILABLE_RETRY_AFTER_S, timed_out=timed_out)
 
 
 def _deny(code: str, message: str, detail: str = "") -> Decision:
@@ -392,9 +392,9 @@ def _no_rule(outcome: Outcome) -> bool:
     return outcome.kind == "undefined" or (outcome.kind == "error" and outcome.text.startswith("not a valid rule path"))
 
 
-def _output_unavailable(message: str) -> OutputDecision:
+def _output_unavailable(message: str, *, timed_out: bool = False) -> OutputDecision:
     log.warning("output policy unavailable: %s", message)
-    return OutputDecision.unavailable(message, retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
+    return OutputDecision.unavailable(message, retry_after_s=UNAVAILABLE_RETRY_AFTER_S, timed_out=timed_out)
 
 
 def _stop(code: str, message: str, detail: str = "") -> OutputDecision:

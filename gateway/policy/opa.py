@@ -23,7 +23,7 @@ import aiohttp
 from opa_client import AsyncOpaClient
 from opa_client.errors import ConnectionsError, DeletePolicyError, PolicyNotFoundError, RegoParseError, TypeException
 
-from gateway.policy.decision import POLICY_ERROR, Decision, PolicyUnavailable
+from gateway.policy.decision import POLICY_ERROR, Decision, PolicyTimeout, PolicyUnavailable
 from gateway.policy.engine import (
     DECISION_RULE,
     DEFAULT_WAIT_TIMEOUT_S,
@@ -228,7 +228,7 @@ class OpaPolicyEngine:
         if outcome.kind == "busy":
             return _unavailable(f"no connection to OPA became free within {self._wait_timeout_s:g}s")
         if outcome.kind == "timeout":
-            return _unavailable(f"policy evaluation on OPA took longer than {self._timeout_s:g}s")
+            return _unavailable(f"policy evaluation on OPA took longer than {self._timeout_s:g}s", timed_out=True)
         if outcome.kind == "unreachable":
             return _unavailable(outcome.error)
         if outcome.kind == "undefined":
@@ -250,7 +250,8 @@ class OpaPolicyEngine:
         if outcome.kind == "busy":
             return _output_unavailable(f"no connection to OPA became free within {self._wait_timeout_s:g}s")
         if outcome.kind == "timeout":
-            return _output_unavailable(f"policy evaluation on OPA took longer than {self._timeout_s:g}s")
+            return _output_unavailable(f"policy evaluation on OPA took longer than {self._timeout_s:g}s",
+                                       timed_out=True)
         if outcome.kind == "unreachable":
             return _output_unavailable(outcome.error)
         if outcome.kind == "error":
@@ -296,7 +297,7 @@ class OpaPolicyEngine:
         if outcome.kind == "busy":
             raise PolicyUnavailable(f"no connection to OPA became free within {self._wait_timeout_s:g}s")
         if outcome.kind == "timeout":
-            raise PolicyUnavailable(f"policy evaluation on OPA took longer than {self._timeout_s:g}s")
+            raise PolicyTimeout(f"policy evaluation on OPA took longer than {self._timeout_s:g}s")
         if outcome.kind == "unreachable":
             raise PolicyUnavailable(outcome.error)
         if outcome.kind == "undefined":
@@ -484,9 +485,9 @@ def _deny(code: str, message: str) -> Decision:
     return Decision.fail_closed(code, message)
 
 
-def _unavailable(message: str) -> Decision:
+def _unavailable(message: str, *, timed_out: bool = False) -> Decision:
     log.warning("policy unavailable: %s", message)
-    return Decision.unavailable(message, retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
+    return Decision.unavailable(message, retry_after_s=UNAVAILABLE_RETRY_AFTER_S, timed_out=timed_out)
 
 
 def _stop(code: str, message: str) -> OutputDecision:
@@ -494,6 +495,6 @@ def _stop(code: str, message: str) -> OutputDecision:
     return OutputDecision.fail_closed(code, message)
 
 
-def _output_unavailable(message: str) -> OutputDecision:
+def _output_unavailable(message: str, *, timed_out: bool = False) -> OutputDecision:
     log.warning("output policy unavailable: %s", message)
-    return OutputDecision.unavailable(message, retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
+    return OutputDecision.unavailable(message, retry_after_s=UNAVAILABLE_RETRY_AFTER_S, timed_out=timed_out)

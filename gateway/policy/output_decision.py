@@ -8,7 +8,7 @@ ignored obligation is a rule that is not enforced. README "Output rules".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.policy.decision import (
@@ -41,6 +41,8 @@ class OutputDecision:
     allow: bool
     reasons: tuple[Reason, ...]
     redact: tuple[Redaction, ...] = ()
+    #: For :meth:`unavailable` only: the evaluation ran past the timeout (``Decision.timed_out``).
+    timed_out: bool = field(default=False, compare=False)
 
     @classmethod
     def from_document(cls, doc: object) -> "OutputDecision":
@@ -64,10 +66,12 @@ class OutputDecision:
         return cls(allow=False, reasons=(Reason(code=code, message=message),))
 
     @classmethod
-    def unavailable(cls, message: str, retry_after_s: int | None = None) -> "OutputDecision":
-        """No decision could be had in time (a capacity problem): a stop, ``policy_unavailable``."""
+    def unavailable(cls, message: str, retry_after_s: int | None = None, *,
+                    timed_out: bool = False) -> "OutputDecision":
+        """No decision could be had in time (a capacity problem): a stop, ``policy_unavailable``;
+        ``timed_out``: the evaluation ran past the timeout."""
         return cls(allow=False, reasons=(Reason(code=POLICY_UNAVAILABLE, message=message,
-                                                retry_after_s=retry_after_s),))
+                                                retry_after_s=retry_after_s),), timed_out=timed_out)
 
     @property
     def is_unavailable(self) -> bool:
