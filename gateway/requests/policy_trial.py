@@ -304,9 +304,10 @@ def _combinations(roles: list[str | None], teams: list[str | None],
 
 
 def _warn_cut(kind: str, combinations: list[tuple[str | None, str | None, str | None]], cap: int) -> None:
-    """Log a warning when ``cap`` cuts the (role, team, model) ``combinations`` of a trial, naming the roles,
-    teams and models no asked combination held: the cut was silent (probe q3 F2), and an operator whose
-    policy has more roles, teams or models than the trial asks should know which were never tried."""
+    """Log a warning when ``cap`` cuts the (role, team, model) ``combinations`` of a trial so that some roles,
+    teams or models were never asked, naming them: the cut was silent (probe q3 F2), and an operator whose
+    policy has more roles, teams or models than the trial asks should know which were never tried. A cut
+    that left none unasked is logged at INFO."""
     if len(combinations) <= cap:
         return
     asked, left = combinations[:cap], combinations[cap:]
@@ -316,9 +317,12 @@ def _warn_cut(kind: str, combinations: list[tuple[str | None, str | None, str | 
                        {str(c[index]) for c in asked if c[index] is not None})
         if names:
             never.append(f"{what} {', '.join(repr(name) for name in names)}")
-    log.warning("policy trial: %s trials cut at %d of %d (role, team, model) combinations; %s", kind, cap,
-                len(combinations), "never asked: " + "; ".join(never) if never
-                else "every role, team and model was asked in at least one")
+    # A cut that still asked every role, team and model is the ordinary case (the shipped policy's lists and
+    # outputs are cut at every trial): a warning at each reload would bury the one that matters.
+    log.log(logging.WARNING if never else logging.INFO,
+            "policy trial: %s trials cut at %d of %d (role, team, model) combinations; %s", kind, cap,
+            len(combinations), "never asked: " + "; ".join(never) if never
+            else "every role, team and model was asked in at least one")
 
 
 def _names(section: Any) -> list[str]:

@@ -527,6 +527,12 @@ def test_a_trial_cut_by_its_cap_says_so_and_names_what_it_never_asked(tmp_path: 
     with caplog.at_level(logging.WARNING, logger="gateway.requests.policy_trial"):
         trial_inputs(registry, {"govgate_config": {"roles": {"r": {}}}})  # 3 combinations: nothing cut
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gateway.requests.policy_trial"):  # cut, but every role asked
+        trial_inputs(registry, {"govgate_config": {"roles": {f"r{i:02d}": {} for i in range(MAX_TRIALS - 4)}}})
+    cut = [r for r in caplog.records if "trials cut" in r.getMessage()]
+    assert cut and all(r.levelno == logging.INFO for r in cut), [(r.levelname, r.getMessage()) for r in cut]
+    assert "every role, team and model was asked" in cut[0].getMessage()
 
 
 async def test_a_revision_failing_only_for_a_team_the_data_does_not_name_is_refused(tmp_path: Path) -> None:
