@@ -148,11 +148,16 @@ def _check_policy(settings: Settings, registry: Registry) -> None:
 
     async def load_try_and_close() -> str | None:
         engine = await open_policy_engine(settings)
-        logging.disable(logging.WARNING)  # each failing decision's warning: the one line below names the first
+        # Each failing decision's warning (the engines' loggers): the one line below names the first. Only those:
+        # the trial's own warnings (roles never asked under its caps, decisions that got no answer) are for the
+        # operator starting the gateway as much as for one reloading it.
+        engines_log = logging.getLogger("govgate.policy")
+        level = engines_log.level
+        engines_log.setLevel(logging.ERROR)
         try:
             return await policy_trial(registry)(engine)
         finally:
-            logging.disable(logging.NOTSET)
+            engines_log.setLevel(level)
             await engine.aclose()
 
     where = (f"GOVGATE_OPA_URL={settings.opa_url} (GOVGATE_POLICY_DIR={settings.policy_dir})" if settings.opa_url

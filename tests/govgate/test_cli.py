@@ -472,6 +472,25 @@ def test_policy_check_runs_the_gateway_s_trial_without_redis_or_a_database(setti
     assert "team 'support'" in lines[0] and "trial.rego:5:1" in lines[0], lines
 
 
+def test_policy_check_shows_the_trial_s_warning_about_roles_its_caps_never_asked(settings, tmp_path):
+    """The start's trial (``serve``, ``up``, ``policy check``) silenced every warning while it ran, so the
+    trial's own warning naming the roles its caps never asked showed only at a reload: only the engines'
+    per-decision warnings are silenced now."""
+    env = child_env(settings.with_(redis_url="redis://127.0.0.1:1", database_url="sqlite:////nonexistent/x.db"),
+                    "redis://127.0.0.1:1")
+    many = policy_copy(tmp_path / "many")
+    data = json.loads((many / "data.json").read_text(encoding="utf-8"))
+    roles = data["govgate_config"]["roles"]
+    first = next(iter(roles.values()))
+    roles.update({f"extra{i:02d}": first for i in range(70)})
+    (many / "data.json").write_text(json.dumps(data), encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "govgate.cli", "policy", "check", "--policy-dir", str(many)],
+                            env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "policy trial: request trials cut at 64 of " in result.stderr, result.stderr
+    assert "never asked: roles 'extra" in result.stderr and "'extra69'" in result.stderr, result.stderr
+
+
 def test_serve_against_an_opa_that_does_not_hold_the_folder_s_policy_says_so_in_one_line(settings, opa_server):
     result = _serve(settings, GOVGATE_OPA_URL=opa_server)  # the session's OPA, started empty
     assert result.returncode == 1, result.stdout + result.stderr
