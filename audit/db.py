@@ -53,6 +53,11 @@ DB_ERRORS: Final = (SQLAlchemyError, sqlite3.Error, OSError)
 
 _BEGIN_OPTION: Final = "govgate_audit_begin"
 
+#: The longest a session holding the append lock may leave the server waiting for its next statement before
+#: the server ends the session and the lock with it (PostgreSQL's ``idle_in_transaction_session_timeout``, set
+#: for the append's transaction only): see :func:`append_idle_limit_s`.
+APPEND_IDLE_LIMIT_S: Final = 5.0
+
 #: The busy timeout each engine was made with, so every wait on its database uses the same one.
 _BUSY_TIMEOUTS: "weakref.WeakKeyDictionary[Engine, float]" = weakref.WeakKeyDictionary()
 #: The driver arguments each engine was made with beyond its URL's (:func:`connect_args_of`).
@@ -68,6 +73,33 @@ def busy_timeout_s(engine: Engine) -> float:
     An engine made elsewhere gets the default.
     """
     return _BUSY_TIMEOUTS.get(engine, BUSY_TIMEOUT_S)
+
+
+def append_idle_limit_s(busy_timeout: float) -> float:
+    """How long the server lets an append's transaction sit idle, holding the append lock (PostgreSQL).
+
+    A writer cut off inside the lock (a partition that drops its packets, FINs
+    included; a frozen process) left its session "idle in transaction" on the
+    server, holding the lock until TCP keepalive ended it, ~2 h by default:
+    every replica's and worker's appends waited behind it and failed at their
+    busy timeout (probe r1 F1). An append's statements follow one another
+    within milliseconds, so a gap of :data:`APPEND_IDLE_LIMIT_S` means the
+    writer is gone; half the busy timeout when that is shorter, so a waiter
+    that queued behind the dead writer gets the lock before its own
+    ``lock_timeout`` (the busy timeout) refuses it.
+    """
+    return min(APPEND_IDLE_LIMIT_S, busy_timeout / 2)
+
+
+def _append_lock_sql(engine: Engine, lock_key: int) -> str:
+    """The PostgreSQL statement that takes ``lock_key`` for the transaction: one round trip, which for the
+    append lock also bounds the transaction's idle time (:func:`append_idle_limit_s`; ``set_config(…, true)``
+    is ``SET LOCAL``: it ends with the transaction)."""
+    lock = f"pg_advisory_xact_lock({int(lock_key)})"
+    if lock_key != APPEND_LOCK_KEY:
+        return f"SELECT {lock}"
+    idle_ms = max(1, round(append_idle_limit_s(busy_timeout_s(engine)) * 1000))
+    return f"SELECT set_config('idle_in_transaction_session_timeout', '{idle_ms}', true), {lock}"
 
 
 def connect_args_of(engine: Engine) -> dict[str, Any]:
@@ -98,7 +130,9 @@ def write_refusal(connection: Connection) -> str | None:
     and refuses every append. On SQLite a read-only file or a full disk shows
     only when a write fails (``SELECT 1`` here, as before). On PostgreSQL
     also a lock another session holds on the audit table that every
-    append's INSERT would wait for (:func:`_table_lock_refusal`).
+    append's INSERT would wait for (:func:`_table_lock_refusal`), and the
+    append lock held by a session that has stopped sending statements (a
+    writer cut off or frozen inside it: :func:`_stuck_append_lock_refusal`).
     """
     if connection.dialect.name != "postgresql":
         connection.execute(text("SELECT 1"))
@@ -109,7 +143,37 @@ def write_refusal(connection: Connection) -> str | None:
         return "the server is a standby in recovery (read-only)"
     if read_only == "on":
         return "its transactions are read-only (default_transaction_read_only is on)"
-    return _table_lock_refusal(connection)
+    return _stuck_append_lock_refusal(connection) or _table_lock_refusal(connection)
+
+
+#: How long a session may hold the append lock idle before readiness calls it stuck: an append's own gaps
+#: between statements are milliseconds.
+STUCK_APPEND_LOCK_S: Final = 1.0
+
+
+def _stuck_append_lock_refusal(connection: Connection) -> str | None:
+    """Whether a session has held the append lock, idle in its transaction, for more than
+    :data:`STUCK_APPEND_LOCK_S` (PostgreSQL); None if not.
+
+    Every append waits for that session, then fails at its busy timeout,
+    until the server ends it (after :func:`append_idle_limit_s` for govgate's
+    own sessions; a foreign session holding the key, never). Read from
+    ``pg_locks`` and ``pg_stat_activity`` without taking the lock, so the
+    probe never queues behind live appends. A session of another role may
+    hide its state (``pg_read_all_stats``): then nothing is reported here,
+    and the appends' own refusals still say it.
+    """
+    row = connection.execute(text(
+        "SELECT a.pid, extract(epoch FROM clock_timestamp() - a.state_change) FROM pg_locks l "
+        "JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+        "AND ((l.classid::bigint << 32) | l.objid::bigint) = :key "
+        "AND a.state IN ('idle in transaction', 'idle in transaction (aborted)') AND a.pid <> pg_backend_pid()"),
+        {"key": APPEND_LOCK_KEY}).first()
+    if row is None or row[1] is None or float(row[1]) <= STUCK_APPEND_LOCK_S:
+        return None
+    return (f"a session (pid {row[0]}) has held the append lock for {float(row[1]):.0f} s without a statement "
+            "(a writer cut off or stopped): appends wait for it, then fail")
 
 
 #: How long the readiness probe waits for the lock an append's INSERT takes on the table.
@@ -328,7 +392,7 @@ def lock_statements(engine: Engine, lock_key: int = APPEND_LOCK_KEY) -> tuple[st
     if dialect == "sqlite":
         return ("BEGIN IMMEDIATE",)
     if dialect == "postgresql":
-        return (f"SELECT pg_advisory_xact_lock({int(lock_key)})",)
+        return (_append_lock_sql(engine, lock_key),)
     raise AuditError(f"audit store supports SQLite and PostgreSQL, not {dialect}")
 
 
@@ -367,7 +431,7 @@ def _locked(engine: Engine, dialect: str, lock_key: int) -> Iterator[Connection]
             if dialect == "postgresql":
                 if lock_key != APPEND_LOCK_KEY:  # a migration: wait as long as the one running takes
                     conn.execute(text("SET LOCAL lock_timeout = 0"))
-                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key})
+                conn.exec_driver_sql(_append_lock_sql(engine, lock_key))
             yield conn
 
 

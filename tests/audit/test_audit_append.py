@@ -245,7 +245,10 @@ def test_postgresql_statements_bind_every_column_and_take_the_advisory_lock() ->
     assert appender.head_sql.split() == "SELECT audit_entries.seq, audit_entries.hash, audit_entries.created_at " \
         "FROM audit_entries " \
         "ORDER BY audit_entries.seq DESC LIMIT 1".split()
-    assert lock_statements(engine) == ("SELECT pg_advisory_xact_lock(6947504604346056705)",)  # type: ignore[arg-type]
+    # The lock, and the transaction's idle limit (5 s: half the default 30 s busy timeout is longer), in one trip.
+    assert lock_statements(engine) == (  # type: ignore[arg-type]
+        "SELECT set_config('idle_in_transaction_session_timeout', '5000', true), "
+        "pg_advisory_xact_lock(6947504604346056705)",)
     assert "%(key)s" in KeyedLookup(engine, audit_table.c.terminal_request_id, lambda _seq: 2)._sql  # type: ignore[arg-type]
 
 

@@ -13,6 +13,7 @@ migrates, however long its upgrade takes.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import psycopg
@@ -21,7 +22,7 @@ from sqlalchemy.engine import make_url
 
 from audit import AuditError, AuditStore, make_engine, migrate, verify_chain, write_refusal
 from audit.append_plan import driver_plan
-from audit.db import APPEND_LOCK_KEY, MIGRATE_LOCK_KEY
+from audit.db import APPEND_LOCK_KEY, MIGRATE_LOCK_KEY, append_idle_limit_s, lock_statements
 from audit.driver_plan import DriverPlan
 from audit.driver_store import DriverStore
 
@@ -166,6 +167,55 @@ def test_readiness_names_a_lock_held_on_the_audit_table_and_nothing_once_it_is_g
     other_session.rollback()
     assert refusal() is None
     _request(store, "r1")  # the probe's own lock went with its transaction
+    assert verify_chain(store).ok
+
+
+def test_a_writer_cut_off_inside_the_append_lock_loses_it_and_the_others_go_on(store_url: str) -> None:
+    """Probe r1 F1: a replica cut off from PostgreSQL inside the append lock (its packets dropped, FINs too)
+    left its session idle in transaction, holding the lock until TCP keepalive (~2 h): every other replica's
+    and worker's append waited, then failed at the busy timeout. The server now ends such a session after
+    :func:`append_idle_limit_s` (here 2 s, half the busy timeout), and the appends waiting go through."""
+    busy_s = 4.0
+    assert append_idle_limit_s(busy_s) == busy_s / 2
+    cut_off = make_engine(store_url, busy_timeout_s=busy_s)
+    store = AuditStore(make_engine(store_url, busy_timeout_s=busy_s))
+    try:
+        _request(store, "before")
+        silent = cut_off.raw_connection()  # the writer that is cut off: takes the lock as every append does
+        cursor = silent.cursor()
+        for statement in lock_statements(cut_off):
+            cursor.execute(statement)
+        thread, outcome = _in_thread(lambda: _request(store, "during"))  # waits for the lock, then gets it
+        thread.join(HANG_GUARD_S)
+        assert not thread.is_alive() and "error" not in outcome, outcome
+        with pytest.raises(psycopg.Error, match="idle-in-transaction timeout|connection is lost"):  # ended, lock too
+            cursor.execute("SELECT 1")
+        silent.invalidate()
+        assert [e.request_id for e in store.iter_entries()][-2:] == ["before", "during"]
+        assert verify_chain(store).ok
+    finally:
+        store.engine.dispose()
+        cut_off.dispose()
+
+
+def test_readiness_names_a_session_sitting_on_the_append_lock_and_nothing_once_it_is_gone(
+        store: AuditStore, other_session: psycopg.Connection) -> None:
+    """Probe r1 F1: a writer stopped inside the append lock held every append while ``/readyz`` said the
+    database was fine (the probe looked only for table locks). It now names a session that has held the
+    append lock idle for more than a second."""
+    def refusal() -> str | None:
+        with store.engine.connect() as conn:
+            return write_refusal(conn)
+
+    assert refusal() is None
+    other_session.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_KEY,))
+    deadline = time.monotonic() + HANG_GUARD_S
+    while (said := refusal()) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert said is not None and "has held the append lock" in said and "appends wait for it" in said, said
+    other_session.rollback()
+    assert refusal() is None
+    _request(store, "r1")
     assert verify_chain(store).ok
 
 
