@@ -456,3 +456,32 @@ def test_a_worker_that_stopped_because_redis_refused_writes_is_started_again_wit
     _exited(stack, "tiny", 1, "Unrecoverable error: a real crash")
     launch.poll()
     assert launch.given_up == {"tiny"}  # a crash still counts
+
+
+_API_STAND_IN = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: print("term", flush=True))  # drains: does not exit on the first
+signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # the second signal up passes on: exits
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("second, said_second", [(signal.SIGTERM, "a second SIGTERM"),
+                                                 (signal.SIGINT, "Ctrl-C again")])
+def test_the_stop_lines_name_the_signal_that_came_and_claim_no_requests_in_flight(second, said_second) -> None:
+    """q1 (cosmetic): ``up`` said "Ctrl-C again" for a second SIGTERM, and "draining … for the requests in
+    flight" when none was in flight (it cannot know how many are; the API logs that)."""
+    api = subprocess.Popen([sys.executable, "-c", _API_STAND_IN], stdout=subprocess.PIPE, text=True)
+    try:
+        assert api.stdout is not None and api.stdout.readline().strip() == "ready"
+        stack = Stack(api=api, api_stop_s=60.0, drain_s=20.0)
+        stack.hurry(second)
+        said: list[str] = []
+        stack.stop(said.append)
+        assert api.returncode == 0  # it got the SIGINT
+        assert said[0] == "  api: stopping; requests still in flight, if any, get up to 20s (a second Ctrl-C " \
+                          "or SIGTERM ends them now)", said
+        assert said[1] == f"  api: {said_second}: its requests in flight, if any, are ended now", said
+    finally:
+        stop_process(api, timeout_s=5)
