@@ -68,11 +68,20 @@ class CheckpointVerdict:
     latest: Checkpoint | None = None
     tail: UnsignedTail | None = None
     anomalies: list[str] = field(default_factory=list)
+    #: Set when the unsigned tail is a problem (:func:`_judge_tail`): see :attr:`only_unsigned_tail`.
+    tail_problem: bool = False
     _unlisted: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def only_unsigned_tail(self) -> bool:
+        """The one problem is entries nobody signed: not proof of tampering (a gateway killed before its closing
+        checkpoint leaves them so until its next start), nor vouched for (entries added while no gateway ran
+        look the same). Every other problem is a signature or a signed hash that does not hold."""
+        return self.tail_problem and len(self.problems) == 1
 
     def problem(self, text: str) -> None:
         if len(self.problems) < MAX_LISTED:
@@ -145,6 +154,13 @@ def _judge_tail(verdict: CheckpointVerdict, tail: UnsignedTail, *, strict: bool,
            f"{format_timestamp(tail.oldest_at)} to {format_timestamp(tail.newest_at)}"
     verdict.notes.append(f"unsigned tail: {span}; {after}")
     age = (now - tail.oldest_at).total_seconds()
+    before = len(verdict.problems)
+    _tail_problem(verdict, tail, span, age, strict=strict, max_unsigned_age_s=max_unsigned_age_s, now=now)
+    verdict.tail_problem = len(verdict.problems) > before
+
+
+def _tail_problem(verdict: CheckpointVerdict, tail: UnsignedTail, span: str, age: float, *, strict: bool,
+                  max_unsigned_age_s: float, now: datetime) -> None:
     if strict:
         verdict.problem(f"unsigned tail ({span}) and --strict: every entry must be covered by a checkpoint")
     elif tail.newest_at > now + timedelta(seconds=FUTURE_SKEW_S):

@@ -28,6 +28,7 @@ from gateway.allowed_methods import AllowedMethods
 from gateway.api_errors import EXCEPTION_HANDLERS, http_exception_handler
 from gateway.console.errors import http_error_page
 from gateway.drain import Drain
+from gateway.forced_stop import ForcedStop
 from gateway.expect_continue import CloseUnreadContinue
 from gateway.observability.setup import instrument
 from gateway.settings import Settings
@@ -55,12 +56,15 @@ def freeze_startup_heap() -> None:
 
 
 def create_app(settings: Settings | None = None, *, components: ComponentsFactory = build_components,
-               freeze_heap: bool = False, drain: Drain | None = None) -> Litestar:
+               freeze_heap: bool = False, drain: Drain | None = None,
+               forced_stop: ForcedStop | None = None) -> Litestar:
     """Build the app; ``components`` lets tests bring their own parts.
 
     ``freeze_heap``: :func:`freeze_startup_heap` once the parts are built; for the served process
     (:func:`app_from_env`), not for tests that make many apps in one process.
     ``drain``: what a stop runs (``gateway/serving.py`` holds the same one); by default one nobody starts.
+    ``forced_stop``: where the app registers what a forced stop must still do (the closing checkpoint), for
+    the server that runs it (``gateway/serving.py``).
     """
     settings = settings or Settings.from_env()
     drain = drain or Drain(settings.drain_s)
@@ -70,9 +74,15 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
         async with components(settings) as built:
             app.state.components = built
             app.state.drain = drain
+            checkpointer = built.checkpointer
+            forget = forced_stop.add("the closing audit checkpoint", checkpointer.aclose) \
+                if forced_stop is not None and checkpointer is not None else (lambda: None)
             if freeze_heap:
                 freeze_startup_heap()
-            yield
+            try:
+                yield
+            finally:
+                forget()  # a clean stop: the components' own close writes it
 
     app = Litestar(
         route_handlers=[CompletionsController, ModelsController, HealthController, ReviewController,

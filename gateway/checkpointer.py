@@ -9,7 +9,7 @@ the latest checkpoint is a closing one (a replica stopped; its successor
 signs at once so that nothing stays unsigned after a closing checkpoint).
 At start, before it signs anything, it appends a ``chain_anomaly`` entry if
 it finds entries nobody signed (:func:`audit.checkpoint_check.anomaly_at_start`);
-at a clean stop it writes a closing checkpoint. Each checkpoint it writes
+at a stop it writes a closing checkpoint (a forced one too: ``gateway/forced_stop.py``). Each checkpoint it writes
 is piped to ``GOVGATE_CHECKPOINT_COMMAND``. Database calls run in a thread
 and failures are logged and retried: requests never wait on any of it.
 """
@@ -72,23 +72,30 @@ class Checkpointer:
         await self._start_check()
         self._task = asyncio.create_task(self._run(), name="govgate-checkpointer")
 
-    async def aclose(self) -> None:
-        """Stop the loop, then write and pipe the closing checkpoint (bounded: a stop never hangs)."""
+    async def aclose(self, within_s: float = CLOSING_TIMEOUT_S) -> None:
+        """Stop the loop, then write and pipe the closing checkpoint, within ``within_s`` (a stop never hangs).
+
+        Once only: the app's shutdown at a clean stop, or a forced stop's last call
+        (``gateway/forced_stop.py``, with a shorter bound), whichever comes first.
+        """
         task, self._task = self._task, None
         if task is None:
             return
+        deadline = asyncio.get_running_loop().time() + within_s
         await stop_task(task)
         if not self._start_checked:
             return  # never got to check what it found at start: signing now would bless it
         try:
-            checkpoint = await asyncio.wait_for(asyncio.to_thread(self._make, True), CLOSING_TIMEOUT_S)
+            checkpoint = await asyncio.wait_for(asyncio.to_thread(self._make, True),
+                                                max(0.1, deadline - asyncio.get_running_loop().time()))
         except (AuditError, asyncio.TimeoutError) as exc:
-            log.error("no closing audit checkpoint written: %s", exc)
+            log.error("no closing audit checkpoint written: %s", str(exc) or f"not within {within_s:g}s")
             return
         if checkpoint is None:
             log.info("audit head already checkpointed; no closing checkpoint (one per entry)")
             return
-        await self._pipe(checkpoint, min(self._command_timeout_s, CLOSING_TIMEOUT_S))
+        left = deadline - asyncio.get_running_loop().time()
+        await self._pipe(checkpoint, max(0.1, min(self._command_timeout_s, left)))
 
     async def tick(self) -> Checkpoint | None:
         """One look at the head; the checkpoint written, if one was due. Raises :class:`AuditError`."""

@@ -61,6 +61,8 @@ class Components:
     dispatcher: Dispatcher
     completions: CompletionService
     auth: Authenticator
+    #: Also closed by a forced stop, which skips the rest of the shutdown (``gateway/forced_stop.py``).
+    checkpointer: Checkpointer | None = None
 
 
 def warn_if_redelivery_is_late(settings: Settings) -> None:
@@ -176,7 +178,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         yield Components(
             settings=settings, registry=registry, db_engine=db_engine, keys=keys,
             audit=audit_store, policy=policy, redis=client, waiter=waiter, dispatcher=dispatcher,
-            completions=completions, auth=Authenticator(keys, principals),
+            completions=completions, auth=Authenticator(keys, principals), checkpointer=checkpointer,
         )
     finally:
         await stop_tasks([retrier, sweeper, settler])

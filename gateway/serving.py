@@ -9,7 +9,9 @@ requests get a 503 they can act on rather than a refused connection, the
 requests in flight get ``GOVGATE_DRAIN_S`` to finish and are then ended
 with an answer. uvicorn's own stop follows, with little left to wait for;
 its graceful timeout (``gateway/stop_timing.py``) only bounds a connection that
-still does not close.
+still does not close. A forced stop (a second signal) skips the app's
+shutdown; only the closing audit checkpoint is still written
+(``gateway/forced_stop.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
 from gateway.drain import Drain
+from gateway.forced_stop import ForcedStop
 from gateway.settings import Settings
 from gateway.stop_timing import GRACEFUL_S
 
@@ -29,13 +32,16 @@ from gateway.stop_timing import GRACEFUL_S
 class DrainingServer(uvicorn.Server):
     """A uvicorn server whose stop drains the gateway first (see the module docstring)."""
 
-    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+    def __init__(self, config: uvicorn.Config, drain: Drain, forced_stop: ForcedStop | None = None) -> None:
         super().__init__(config)
         self.drain = drain
+        self.forced_stop = forced_stop or ForcedStop()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await self.drain.run(forced=lambda: self.force_exit)  # a second Ctrl-C stops waiting
         await super().shutdown(sockets)
+        if self.force_exit:  # uvicorn skipped the app's shutdown: what must still run (the closing checkpoint)
+            await self.forced_stop.run()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """A second stop signal of either kind forces the exit (uvicorn forces only on a SIGINT).
@@ -57,15 +63,17 @@ def serve(settings: Settings) -> None:
     from gateway.http_head import BoundedHttpToolsProtocol
 
     drain = Drain(settings.drain_s)
+    forced_stop = ForcedStop()
     # log_config=None: uvicorn's own lines go through the handler configured by the caller (JSON too), not its
     # own. loop "auto": uvloop (a dependency, pyproject.toml) where it installs, asyncio's loop elsewhere; http:
     # httptools' parser with the bound on a request's head that uvicorn's h11 protocol has (gateway/http_head.py).
-    config = uvicorn.Config(lambda: create_app(settings, freeze_heap=True, drain=drain), factory=True,
+    config = uvicorn.Config(lambda: create_app(settings, freeze_heap=True, drain=drain, forced_stop=forced_stop),
+                            factory=True,
                             host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             access_log=False, lifespan="on", log_config=None, loop="auto",
                             http=BoundedHttpToolsProtocol, timeout_graceful_shutdown=GRACEFUL_S)
     config.load_app()  # as uvicorn.run does: the app is made before the server starts
-    server = DrainingServer(config, drain)
+    server = DrainingServer(config, drain, forced_stop)
     try:
         server.run()
     except KeyboardInterrupt:  # pragma: no cover - uvicorn handles the signals itself

@@ -280,6 +280,17 @@ def report_checkpoints(engine: Any, trust: Trust, *, strict: bool, max_unsigned_
     file_part = f" and the checkpoint file (seq {external.seq})" if external else ""
     if verdict.ok:
         click.echo(f"checkpoints ok: {verdict.checked} stored{file_part}, {where}; signatures checked against {source}")
+    elif verdict.only_unsigned_tail:
+        # Not "TAMPERED": nothing signed fails; entries nobody signed cannot be vouched for (probe q1 F5).
+        click.echo(f"checkpoints UNVERIFIED: {verdict.checked} stored{file_part}, {where}, all hold; "
+                   f"signatures checked against {source}")
+        for problem in verdict.problems:
+            click.echo(f"  - {problem}")
+        click.echo("  why: no checkpoint signs these entries. A gateway killed or crashed (or one whose "
+                   "checkpointer failed: see its log), or a worker that finished a job after every gateway "
+                   "stopped, leaves entries so until the next start signs them and names them in a chain_anomaly "
+                   "entry; entries added or rewritten while no gateway "
+                   "ran look the same, so this fails until they are signed or explained.")
     else:
         click.echo(f"checkpoints TAMPERED: {verdict.checked} stored{file_part}, {where}; "
                    f"signatures checked against {source}")

@@ -58,6 +58,11 @@ class NotStarted(StartupError):
         self.model, self.why = model, why
 
 
+#: A worker's exit status when it stopped because Redis refused its writes (MISCONF on a full disk,
+#: NOREPLICAS, READONLY, OOM: ``workers/redis_refusal.py``): EX_TEMPFAIL. Its model did not crash: the start
+#: is tried again after the waits of a refused start (:meth:`RestartPolicy.not_started`), never given up.
+REDIS_REFUSED_EXIT = os.EX_TEMPFAIL
+
 #: What a spawn raises when the command itself cannot be run (the venv replaced under a running ``up``): the
 #: model is given up. Anything else (EAGAIN, ENOMEM from fork) may pass and is retried.
 _COMMAND_GONE = (FileNotFoundError, PermissionError, NotADirectoryError)
@@ -247,6 +252,12 @@ class Launcher:
                 self.pending.pop(name, None)
                 raise NeverReady(name, why)
             self.pending.pop(name, None)
+            if code == REDIS_REFUSED_EXIT:  # no crash of its model: waited for and tried again, never given up
+                retry = self.policies.setdefault(name, RestartPolicy()).not_started(now)
+                self.restart_due[name] = now + retry.delay_s
+                self.say(f"  worker for model {name}: stopped: Redis refuses writes ({why}); trying again in "
+                         f"{retry.delay_s:g}s")
+                continue
             policy = self.policies.setdefault(name, RestartPolicy())
             decision = policy.exited(now)
             if isinstance(decision, GiveUp):

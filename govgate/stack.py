@@ -47,6 +47,8 @@ class Stack:
     stopping: bool = False
     #: Set by :meth:`hurry`: the API's drain is cut short.
     hurried: bool = False
+    #: The signal that hurried it (for the line a stop prints: a SIGTERM is no "Ctrl-C again").
+    hurried_by: int | None = None
 
     def children(self) -> dict[str, subprocess.Popen]:
         named = {f"worker {name}": proc for name, proc in self.workers.items()}
@@ -56,11 +58,12 @@ class Stack:
             named["redis"] = self.redis.process
         return named
 
-    def hurry(self) -> None:
-        """A second Ctrl-C (or SIGTERM): the API's drain ends its requests in flight now (:meth:`stop`).
+    def hurry(self, signum: int | None = None) -> None:
+        """A second Ctrl-C (or SIGTERM, ``signum``): the API's drain ends its requests in flight now (:meth:`stop`).
 
-        Safe in a signal handler: it only sets a flag, which the stop's wait for the API acts on.
+        Safe in a signal handler: it only sets flags, which the stop's wait for the API acts on.
         """
+        self.hurried_by = signum
         self.hurried = True
 
     def stop(self, say: Callable[[str], None] | None = None) -> None:
@@ -96,8 +99,9 @@ class Stack:
             return
         api.send_signal(signal.SIGTERM)
         if self.drain_s is not None:
-            say(f"  api: draining, up to {self.drain_s:g}s for the requests in flight (Ctrl-C again to end "
-                "them now)")
+            # `up` cannot know how many are in flight (the API logs it): the line claims none (probe q1).
+            say(f"  api: stopping; requests still in flight, if any, get up to {self.drain_s:g}s (a second "
+                "Ctrl-C or SIGTERM ends them now)")
         deadline = time.monotonic() + self.api_stop_s
         told = False
         while api.poll() is None:
@@ -106,7 +110,8 @@ class Stack:
                 api.kill()
                 break
             if self.hurried and not told:
-                say("  api: Ctrl-C again: its requests in flight are ended now")
+                again = "a second SIGTERM" if self.hurried_by == signal.SIGTERM else "Ctrl-C again"
+                say(f"  api: {again}: its requests in flight, if any, are ended now")
                 api.send_signal(signal.SIGINT)
                 told = True
             try:

@@ -165,7 +165,7 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
         """Ctrl-C or SIGTERM: stop; again once stopping: cut the API's drain short (``Stack.stop``)."""
         nonlocal stopping
         if stopping or stack.stopping:
-            stack.hurry()
+            stack.hurry(signum)
         stopping = True
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}

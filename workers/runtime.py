@@ -21,6 +21,7 @@ import mmap
 import os
 import signal
 import socket
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from workers.contract.queue_layout import HARD_LIMIT_GRACE_S
 from workers.contract.jobs import GENERATE_TASK, queue_for
 from workers.contract.registry import ModelSpec
 from workers.contract.sealing import load_or_create_key
+from workers.redis_refusal import EXIT_REDIS_REFUSED, write_refusal
 
 if TYPE_CHECKING:
     from workers.heartbeat import Heartbeat
@@ -307,6 +309,27 @@ def build_worker_app(config: WorkerConfig) -> Celery:
     return app
 
 
+def _note_write_refusal(worker: Any) -> list[str]:
+    """What Redis refused, filled when Celery stops ``worker`` for an error that is Redis refusing a write.
+
+    Celery catches the error that ends its consumer (``WorkController.start``: "Unrecoverable error") and
+    calls ``stop(exitcode=1)`` from inside that ``except``, where the error is still the one being handled;
+    nothing else of it reaches the caller. Why it matters: ``workers/redis_refusal.py``.
+    """
+    refused: list[str] = []
+    stop = worker.stop
+
+    def stop_noting_refusal(*args: Any, **kwargs: Any) -> Any:
+        handled = sys.exc_info()[1]
+        why = write_refusal(handled) if handled is not None else None
+        if why is not None:
+            refused.append(why)
+        return stop(*args, **kwargs)
+
+    worker.stop = stop_noting_refusal
+    return refused
+
+
 def run_worker(config: WorkerConfig) -> None:
     """Run a worker for ``config.model`` until it is told to stop (blocks)."""
     from workers.store_prep import StorePrep
@@ -338,7 +361,12 @@ def run_worker(config: WorkerConfig) -> None:
     # warning tells an operator reading a Redis outage's log nothing. After the Worker is made: its log
     # setup puts an "always" filter for Celery's pending deprecations in front of the others.
     warnings.filterwarnings("ignore", message=r"(?s).*worker_cancel_long_running_tasks_on_connection_loss")
+    refused = _note_write_refusal(worker)
     worker.start()
+    if worker.exitcode and refused:  # not a crash of the model: `govgate up` waits and starts it again
+        log.critical("model %s: Redis refuses writes (%s); the worker stops with exit code %d, to be started "
+                     "again once Redis writes", config.model.name, refused[0], EXIT_REDIS_REFUSED)
+        raise SystemExit(EXIT_REDIS_REFUSED)
     if _config.load_failed is not None and _config.load_failed[0]:  # a pool process could not load (_load_in_child)
         # The log's last line, the one `govgate up` shows, names the reason's line above Celery's shutdown lines.
         log.critical("model %s cannot be served, the worker stopped: a pool process could not load it (the "

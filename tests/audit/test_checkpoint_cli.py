@@ -105,6 +105,22 @@ def test_verify_strict_and_max_unsigned_age_fail_on_an_unsigned_tail(env: Env) -
     assert env.run("verify", "--max-unsigned-age", "0").exit_code == 1
 
 
+def test_an_unsigned_tail_alone_is_unverified_not_tampered(env: Env) -> None:
+    """Entries nobody signed yet are not proof of tampering: a gateway killed before its closing checkpoint
+    leaves them so. ``verify`` still fails (they may also have been added while no gateway ran) but says
+    what it found and its ordinary cause (probe q1 F5: "checkpoints TAMPERED" after a second Ctrl-C)."""
+    key = load_or_create_signing_key(env.var_dir / "audit-signing.key")
+    env.append(2)
+    CheckpointStore(env.engine).make(key)
+    head = env.append(2)
+    for args in (["--strict"], ["--max-unsigned-age", "0"]):
+        result = env.run("verify", *args)
+        assert result.exit_code == 1, result.output
+        assert "TAMPERED" not in result.output, result.output
+        assert "checkpoints UNVERIFIED" in result.output and f"entries {head - 1}..{head} (2)" in result.output
+        assert "killed or crashed" in result.output and "chain_anomaly" in result.output
+
+
 def test_verify_with_a_bad_checkpoint_or_key_file_is_a_one_line_error(env: Env, tmp_path: Path) -> None:
     load_or_create_signing_key(env.var_dir / "audit-signing.key")
     bad = tmp_path / "bad.json"

@@ -259,3 +259,41 @@ def test_a_forced_stop_answers_a_request_waiting_for_its_policy_decision_and_rec
     assert entries[0].body["error"]["code"] == "shutting_down"
     text = log.read_text()
     assert "Traceback" not in text and "CancelledError" not in text, text[-3000:]
+
+
+def test_a_forced_stop_still_writes_the_closing_checkpoint(own_redis, keyring, audit_store, tmp_path) -> None:  # noqa: F811
+    """A second stop signal still signs the chain's head before the gateway exits: ``audit verify`` run while
+    it is down finds nothing unsigned.
+
+    Before (probe q1 F5), a forced stop skipped the app's shutdown and with it the closing checkpoint: the
+    entries of its last seconds (here the queued request's ``cancelled``) stayed unsigned, and ``verify``
+    reported "checkpoints TAMPERED" once they were older than the age limit, for an ordinary second Ctrl-C.
+    """
+    from audit.checkpoint_check import check_checkpoints
+    from audit.checkpoints import CheckpointStore
+    from audit.signing import load_signing_key
+
+    own = own_redis.with_(drain_s=60.0, output_rules=False, checkpoint_interval_s=3600.0)
+    log = tmp_path / "serve.log"
+    with serving(own, log) as base, ThreadPoolExecutor(1) as pool:
+        plain = pool.submit(httpx.post, f"{base}/v1/completions", headers=bearer(keyring["admin"]), timeout=60,
+                            json={"model": MODEL, "prompt": "Count", "max_tokens": 5})
+        deadline = time.monotonic() + 60
+        while queued(own, MODEL) < 1:  # no worker: it waits in the queue
+            assert time.monotonic() < deadline, "the request was never queued"
+            time.sleep(0.05)
+        base.process.send_signal(signal.SIGTERM)
+        _until_stopping(base)
+        base.process.send_signal(signal.SIGINT)
+        answered = plain.result(timeout=60)
+        assert base.process.wait(timeout=60) is not None
+    assert answered.status_code == 503, answered.text
+    request_id = answered.headers["x-govgate-request-id"]
+    assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "cancelled"]
+    checkpoints = CheckpointStore(audit_store.engine)
+    latest = checkpoints.latest()
+    assert latest is not None and latest.closing and latest.seq == audit_store.head().seq
+    key = load_signing_key(own.effective_audit_signing_key_file)
+    verdict = check_checkpoints(checkpoints, key.public, strict=True, max_unsigned_age_s=0.0)
+    assert verdict.ok and verdict.tail is None, verdict.problems
+    assert "no closing audit checkpoint" not in log.read_text()

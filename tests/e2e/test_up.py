@@ -479,7 +479,8 @@ def test_a_second_ctrl_c_to_up_cuts_the_drain_short_and_the_request_in_flight_is
                 assert time.monotonic() < deadline, "the request was never queued"
                 time.sleep(0.05)
             up.process.send_signal(signal.SIGINT)
-            up.wait_for(r"api: draining, up to 60s for the requests in flight \(Ctrl-C again to end them now\)",
+            up.wait_for(r"api: stopping; requests still in flight, if any, get up to 60s \(a second Ctrl-C or "
+                        r"SIGTERM ends them now\)",
                         timeout_s=30, new_only=True)
             up.process.send_signal(signal.SIGINT)
             answered = pending.result(timeout=30)  # long before the 60 s drain would have ended

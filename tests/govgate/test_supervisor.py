@@ -429,3 +429,59 @@ def test_a_later_model_whose_first_start_redis_refuses_is_tried_again(own_redis,
         for proc in spawned:
             stop_process(proc, timeout_s=5)
         launch.close()
+
+
+def test_a_worker_that_stopped_because_redis_refused_writes_is_started_again_without_counting_a_crash(
+        launcher, monkeypatch):
+    """A worker whose Redis refuses writes (MISCONF on a full disk) stops with EX_TEMPFAIL (75). That is no
+    crash of its model: ``up`` starts it again after a wait, as it does a start Redis refused, and never gives
+    the model up for it. Before, each such exit counted as a restart, so a Redis that refused writes now and
+    then for a minute had the model given up for good after five."""
+    import os
+
+    launch, stack, said = launcher
+    started: list[str] = []
+    monkeypatch.setattr(launch, "start_worker", started.append)
+    launch.serving = True
+    launch.ever_ready.add("tiny")
+    launch.policies["tiny"] = RestartPolicy(first_backoff_s=0.0, max_backoff_s=0.0, max_restarts=0)  # any crash: given up
+    for _ in range(3):
+        _exited(stack, "tiny", os.EX_TEMPFAIL, "model tiny: Redis refuses writes (MISCONF …); the worker stops")
+        deadline = time.monotonic() + 30
+        while len(started) < _ + 1 and time.monotonic() < deadline:
+            launch.poll()
+    assert launch.given_up == set() and started == ["tiny"] * 3, said
+    assert said[0].startswith("  worker for model tiny: stopped: Redis refuses writes"), said
+    assert "trying again in 0s" in said[0] and "restarting" not in said[0]
+    _exited(stack, "tiny", 1, "Unrecoverable error: a real crash")
+    launch.poll()
+    assert launch.given_up == {"tiny"}  # a crash still counts
+
+
+_API_STAND_IN = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: print("term", flush=True))  # drains: does not exit on the first
+signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # the second signal up passes on: exits
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("second, said_second", [(signal.SIGTERM, "a second SIGTERM"),
+                                                 (signal.SIGINT, "Ctrl-C again")])
+def test_the_stop_lines_name_the_signal_that_came_and_claim_no_requests_in_flight(second, said_second) -> None:
+    """q1 (cosmetic): ``up`` said "Ctrl-C again" for a second SIGTERM, and "draining … for the requests in
+    flight" when none was in flight (it cannot know how many are; the API logs that)."""
+    api = subprocess.Popen([sys.executable, "-c", _API_STAND_IN], stdout=subprocess.PIPE, text=True)
+    try:
+        assert api.stdout is not None and api.stdout.readline().strip() == "ready"
+        stack = Stack(api=api, api_stop_s=60.0, drain_s=20.0)
+        stack.hurry(second)
+        said: list[str] = []
+        stack.stop(said.append)
+        assert api.returncode == 0  # it got the SIGINT
+        assert said[0] == "  api: stopping; requests still in flight, if any, get up to 20s (a second Ctrl-C " \
+                          "or SIGTERM ends them now)", said
+        assert said[1] == f"  api: {said_second}: its requests in flight, if any, are ended now", said
+    finally:
+        stop_process(api, timeout_s=5)

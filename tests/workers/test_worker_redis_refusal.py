@@ -1,0 +1,59 @@
+"""A worker whose Redis refuses its writes stops with EX_TEMPFAIL (75), not as a crash (exit 1).
+
+Redis refuses writes when it cannot persist (MISCONF: a full disk under its RDB or AOF), has too few
+replicas (NOREPLICAS), is a replica (READONLY) or is full (OOM). The worker's consumer then meets the
+refusal on its next take and Celery stops it as an "Unrecoverable error", exit 1, which ``govgate up``
+counted as a crash of the model: five such exits within a minute gave the model up for good. 75 tells it
+apart (``govgate/launcher.py`` waits and tries again). Real parts: a worker process and a Redis of its own,
+made to refuse writes with ``min-replicas-to-write`` (no replica: the same refusal path as MISCONF).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+
+from govgate.processes import stop_process
+from tests.conftest import spawn_cli, wait_for_worker
+from tests.own_redis import own_redis  # noqa: F401  (fixture)
+from workers.contract.registry import TINY_MODEL_NAME
+
+
+def test_a_worker_whose_redis_refuses_writes_exits_with_ex_tempfail(own_redis, tmp_path) -> None:  # noqa: F811
+    log = tmp_path / "worker.log"
+    worker = spawn_cli(own_redis, "worker", "--model", TINY_MODEL_NAME, log=log)
+    client = redis.Redis.from_url(own_redis.redis_url)
+    try:
+        wait_for_worker(own_redis.redis_url, TINY_MODEL_NAME, worker)
+        client.config_set("min-replicas-to-write", 1)
+        deadline = time.monotonic() + 120
+        while worker.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert worker.poll() == os.EX_TEMPFAIL, log.read_text()[-3000:]
+        last = log.read_text().strip().splitlines()[-1]
+        assert "Redis refuses writes" in last and "NOREPLICAS" in last, last  # the line `govgate up` quotes
+    finally:
+        client.config_set("min-replicas-to-write", 0)
+        client.close()
+        stop_process(worker, timeout_s=10)
+
+
+def test_only_a_write_refusal_counts_as_one() -> None:
+    from workers.redis_refusal import write_refusal
+
+    wrapped = redis.exceptions.ResponseError("Error running script (call to f_20da): @user_script:338: "
+                                             "@user_script: 338: -MISCONF Errors writing to the AOF file")
+    assert write_refusal(redis.exceptions.ResponseError("MISCONF Redis is configured to save RDB snapshots")) \
+        .startswith("MISCONF")
+    assert write_refusal(wrapped).startswith("MISCONF Errors writing")
+    assert write_refusal(redis.exceptions.ReadOnlyError("You can't write against a read only replica.")) == \
+        "READONLY You can't write against a read only replica."
+    try:
+        raise OSError("kombu wrapped it") from redis.exceptions.OutOfMemoryError("command not allowed")
+    except OSError as exc:
+        assert write_refusal(exc) == "OOM command not allowed"
+    assert write_refusal(redis.exceptions.ResponseError("WRONGTYPE Operation against a key")) is None
+    assert write_refusal(redis.exceptions.ConnectionError("Connection refused")) is None
+    assert write_refusal(ValueError("MISCONF")) is None
