@@ -195,6 +195,26 @@ class CheckpointStore:
                 return existing, False
             raise AuditError(f"cannot store checkpoint in {describe(self._engine)}: {reason(exc)}") from exc
 
+    def close_over_own(self, key: SigningKey, seq: int, head_hash: str) -> Checkpoint | None:
+        """Sign ``seq`` (an entry the caller has just appended) as a closing checkpoint, when it alone follows a
+        closing checkpoint whose entry still holds the hash it signed; None (nothing written) otherwise.
+
+        For a command that records an operator's act on the chain while no
+        gateway runs (``govgate audit export --include-text``'s
+        ``payload_read``): after a closing checkpoint its entry was "signed by
+        nobody" and the next start recorded a ``chain_anomaly`` for the
+        operator's own read (probe q1). Only the caller's own entry is
+        signed, directly after a checkpoint checked here, so nothing anyone
+        else wrote is vouched for; with a gateway running (the latest
+        checkpoint not closing) its checkpointer signs as usual.
+        """
+        latest = self.latest()
+        if (latest is None or not latest.closing or latest.seq != seq - 1
+                or self.entry_hash(latest.seq) != latest.head_hash or self.entry_hash(seq) != head_hash):
+            return None
+        stored, written = self.add(sign_checkpoint(key, seq, head_hash, closing=True))
+        return stored if written else None
+
     def get(self, seq: int) -> Checkpoint | None:
         rows = self._rows(select(_cp).where(_cp.c.seq == seq))
         return rows[0] if rows else None
