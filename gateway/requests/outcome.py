@@ -28,11 +28,11 @@ from audit import AuditEntry
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
 from gateway.dispatch.queue import NoPlace, Queued
 from gateway.dispatch.results import FoundFallback, PendingResult
+from gateway.api_errors import ApiError
 from gateway.drain import Cut, Drain
 from gateway.limits import UsageCounters
 from gateway.limits.charge import used_tokens
 from gateway.observability.metrics import observe_result
-from gateway.api_errors import ApiError
 from gateway.requests.cancelled_ends import GAVE_UP, Answered, cut_while_running, gone_while_queued, until_aged, \
     withdrawn_end
 from gateway.requests.fallback_drops import FallbackDrops
@@ -189,7 +189,7 @@ class TicketRunner:
         which nobody reads; ``shutting_down`` after a cut); one a worker already has is still
         waited for: the worker stops at the cancel key and records the end, settled as usual.
         After a cut that wait is short (:data:`~gateway.requests.cancelled_ends.CUT_GRACE_S`: the gateway is
-        stopping), and its         answer is the 503 unless the generation ended first.
+        stopping), and its answer is the 503 unless the generation ended first.
         """
         if gone is None and cut is None:
             return await outcome
@@ -273,7 +273,8 @@ class TicketRunner:
                                                                                 "message": "expired in queue"}})
             if winner is not None and winner.kind not in GAVE_UP:
                 return await self.answered_by(ticket, winner)
-            await self.settlements.settle(ticket, used_tokens(winner.body.get("usage")) if winner is not None else None)
+            await self.settlements.settle(ticket,
+                                          used_tokens(winner.body.get("usage")) if winner is not None else None)
             raise ApiError(504, "timed_out", "The request expired in the queue before a worker could take it.")
         message = _raised(meta.get("result"))
         winner = await self.request_log.end(ticket, "failed", {"error": {"code": "worker_error", "message": message}})
