@@ -99,7 +99,7 @@ class StreamEvents:
                             yield piece
                 self._finished = True  # the audit keeps what the client received, or what the worker generated
                 result = await timed_out(runner, ticket, output="".join(delivered), started=started,
-                                                outcome=self._outcome, verdict=self._timed_out)
+                                         outcome=self._outcome, verdict=self._timed_out)
             except (RedisError, OSError) as exc:
                 self._finished = True
                 raise await runner.queue_down(ticket, exc) from None
