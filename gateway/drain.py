@@ -21,7 +21,7 @@ server is told to stop, before uvicorn closes anything):
    Redis is gone too (a stop that took it down with the API) is recorded
    ``cancelled`` here all the same, in the database, where the worker that
    takes it once Redis is back finds that end and does not generate
-   (``TicketRunner._end_unreachable`` in ``gateway/requests/outcome.py``).
+   (``end_unreachable`` in ``gateway/requests/cancelled_ends.py``).
 
 A request whose body is still arriving is not admitted yet and has nothing
 running to finish: :meth:`Drain.read_unless_stopping` ends its read at

@@ -19,7 +19,7 @@ from gateway.api.dependencies import completion_service
 from gateway.api_errors import ApiError
 from gateway.drain import Drain
 from gateway.observability.context import note_error
-from gateway.requests.outcome import StreamEvents
+from gateway.requests.stream_events import StreamEvents
 from gateway.requests.schemas import CHAT, COMPLETIONS
 from gateway.requests.service import CompletionService
 from gateway.requests.ticket import Ticket

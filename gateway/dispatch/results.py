@@ -390,7 +390,7 @@ class ResultWaiter:
 
         Stream pieces published meanwhile are lost; the result holds the whole
         text, and the stream sends what it missed before it ends
-        (``outcome._unsent_text``). A handed-over output's report is not
+        (``stream_events._unsent_text``). A handed-over output's report is not
         stored: its fallback is looked up instead (:meth:`_look_for_fallbacks`).
         """
         try:

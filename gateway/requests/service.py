@@ -22,9 +22,10 @@ from gateway.drain import Drain
 from gateway.limits import UsageCounters
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.admission import Admission
-from gateway.requests.outcome import ClientGone, StreamEvents, TicketRunner
+from gateway.requests.outcome import ClientGone, TicketRunner
 from gateway.requests.output_rules import OutputRules
 from gateway.requests.request_log import RequestLog
+from gateway.requests.stream_events import StreamEvents
 from gateway.requests.ticket import Ticket
 from workers.contract.fair_queues import MODE_FIFO
 from workers.contract.jobs import JobResult

@@ -161,7 +161,7 @@ async def test_the_usage_is_settled_while_the_handed_over_output_is_judged(parts
     assert [e.kind for e in parts.store.entries_for(ticket.request_id)] == ["request", "completion"]
     usage = await charged(parts, "ann")
     assert usage["in_flight"] == 0 and usage["tokens_today"] == 8  # charged once, what was generated
-    assert not parts.runner._settling
+    assert not parts.runner.settlements.ahead
 
 
 async def test_a_handed_over_output_whose_entry_the_database_refuses_is_charged_what_it_generated(parts):
@@ -175,4 +175,4 @@ async def test_a_handed_over_output_whose_entry_the_database_refuses_is_charged_
     assert parts.pending.holds(ticket.request_id)  # kept, to be written when the database is back
     usage = await charged(parts, "bob")
     assert usage["in_flight"] == 0 and usage["tokens_today"] == 8  # the model ran: its tokens count
-    assert not parts.runner._settling
+    assert not parts.runner.settlements.ahead

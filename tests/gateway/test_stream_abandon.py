@@ -19,7 +19,8 @@ import redis
 import redis.asyncio as aioredis
 
 from gateway.dispatch import ResultWaiter
-from gateway.requests.outcome import StreamEvents, TicketRunner
+from gateway.requests.outcome import TicketRunner
+from gateway.requests.stream_events import StreamEvents
 from gateway.requests.output_rules import OutputRules
 from gateway.requests.ticket import Ticket
 from workers.contract.jobs import STATUS_CANCELLED, JobResult

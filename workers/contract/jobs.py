@@ -56,7 +56,7 @@ JOB_STARTED = b"started"
 JOB_LOOK_AGAIN = b"look-again"
 #: The cancel the gateway writes when its request timeout ends a request: the worker stops as for any
 #: cancel, but records the end ``timed_out`` (code ``timed_out``) with what it generated, so the request is
-#: charged that (``gateway/requests/outcome.py``, ``TicketRunner.timed_out``). A worker that predates it
+#: charged that (``gateway/requests/timeouts.py``, ``timed_out``). A worker that predates it
 #: reads it as a plain cancel and records ``cancelled``, which the gateway charges the same way.
 STOP_TIMED_OUT = b"timed-out"
 #: How long a look-again mark is kept: longer than a taken job waits for its start, shorter than a job's
@@ -75,7 +75,7 @@ MAX_JOB_RUNS = 2
 #: A job a worker takes at least this long (seconds) after it was queued asks the database for an end of
 #: its request before its first run generates. A gateway that could not reach Redis to take its job back
 #: or flag it (a stop that took Redis down with the API) records the request's end in the database alone,
-#: and only once the job has waited three times as long since it was queued (``gateway/requests/outcome.py``,
+#: and only once the job has waited three times as long since it was queued (``gateway/requests/cancelled_ends.py``,
 #: ``UNSEEN_END_AGE_S``), so the run that takes the job later always asks, even across 2 s of skew between
 #: the gateway's clock (``enqueued_at_ns``) and the worker's (its take). A job taken sooner (the usual case)
 #: pays no database round trip; one that waited longer pays one indexed look-up, small beside its wait.
