@@ -22,6 +22,7 @@ from gateway.limits.admitting import admitting_key
 from gateway.limits.counters import QueueAtLimit, QueueCheck, queue_at_limit
 from gateway.limits.places_lua import PLACES_LUA
 from gateway.limits.scripts import Script
+from gateway.observability.metrics import observe_withdrawn
 from gateway.dispatch.job_payload import sealed_job
 from workers.contract.queue_layout import bell_key, idle_key, queue_keys
 from workers.contract.fair_queues import MODE_FAIR, MODE_FIFO, PLAIN_HINT, job_queue, tags_key, team_field, waiting_key
@@ -175,7 +176,10 @@ class Dispatcher:
         a worker has it; None when Redis cannot answer (falsy too: the cancel key then stops it, if that
         could be written; a caller that must know tells None apart). Never raises."""
         try:
-            return bool(await WITHDRAW(self._redis, (queued.key, waiting_key(queued.model)),
-                                       (queued.message, queued.team or "")))
+            withdrawn = bool(await WITHDRAW(self._redis, (queued.key, waiting_key(queued.model)),
+                                            (queued.message, queued.team or "")))
         except (RedisError, OSError):
             return None
+        if withdrawn:
+            observe_withdrawn(queued.model, queued.enqueued_at_ns)
+        return withdrawn

@@ -56,6 +56,10 @@ AUDIT_APPEND_SECONDS = Histogram(
 QUEUE_WAIT_SECONDS = Histogram(
     "govgate_queue_wait_seconds", "Time a request waited in its model's queue before a worker began it.",
     ["model"], buckets=_SLOW, registry=REGISTRY)
+QUEUE_WITHDRAWN_WAIT_SECONDS = Histogram(
+    "govgate_queue_withdrawn_wait_seconds", "Time a job had waited in its model's queue when this gateway took it "
+    "back unstarted (its request timed out, its client left, the gateway stopped): the waits the worker-measured "
+    "govgate_queue_wait_seconds never sees.", ["model"], buckets=_SLOW, registry=REGISTRY)
 TOKENS = Counter(
     "govgate_tokens", "Tokens of the requests this gateway served, by model and kind (prompt, completion).",
     ["model", "kind"], registry=REGISTRY)
@@ -101,6 +105,18 @@ def _child(metric: Any, *labels: str) -> Any:
 def observe_append(kind: str, seconds: float) -> None:
     """One audit append of ``kind`` took ``seconds`` (its batch's time: ``gateway/requests/append_queue.py``)."""
     _child(AUDIT_APPEND_SECONDS, kind).observe(seconds)
+
+
+def observe_withdrawn(model: str, enqueued_at_ns: int) -> None:
+    """A job of ``model`` queued at ``enqueued_at_ns`` (wall clock) was taken back before any worker began it.
+
+    ``govgate_queue_wait_seconds`` is filled from workers' results, so the
+    requests that waited longest (timed out in the queue, or left by their
+    client) were never observed, and the histogram looked best exactly when
+    queues were worst (probe h8). They are observed here, apart: their wait
+    is a lower bound (it was cut), not a wait that ended in a start."""
+    if enqueued_at_ns > 0:
+        _child(QUEUE_WITHDRAWN_WAIT_SECONDS, model).observe(max(0.0, (time.time_ns() - enqueued_at_ns) / 1e9))
 
 
 def observe_result(model: str, prompt_tokens: int, completion_tokens: int, queue_ms: float | None) -> None:

@@ -27,6 +27,7 @@ from tests.e2e.test_crash_safety import wait_for_a_generation
 from tests.e2e.test_terminal_recovery import wait_terminals
 from tests.gateway.test_fail_closed import queued
 from tests.keys_and_limits import limits_for, new_key
+from tests.ops.metrics_text import samples, value
 from tests.own_redis import own_redis  # noqa: F401  (fixture)
 from workers.contract.fair_queues import waiting_key
 from workers.contract.registry import TINY_MODEL_NAME
@@ -100,6 +101,9 @@ def test_clients_that_leave_while_queued_free_their_places_and_slots_and_end_onc
 
     with serving(own, tmp_path / "serve.log") as base:
         asyncio.run(scenario(base))
+        # the jobs taken back unstarted are observed apart (the worker-measured wait histogram never sees them)
+        scraped = httpx.get(f"{base}/metrics", headers=bearer(new_key(own, "metrics-reader", None, ("admin",))))
+        withdrawn = value(samples(scraped.text), "govgate_queue_withdrawn_wait_seconds_count", model=MODEL)
         worker = spawn_cli(own, "worker", "--model", MODEL, log=tmp_path / "worker.log")
         try:
             wait_for_worker(own.redis_url, MODEL, worker)
@@ -111,6 +115,7 @@ def test_clients_that_leave_while_queued_free_their_places_and_slots_and_end_onc
     refused = seen["refused"]
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_in_flight", refused.text
     assert not seen["waiting"]  # the team's waiting count went down with its jobs (fair mode)
+    assert withdrawn == IN_FLIGHT, scraped.text[-2000:]
     assert served.status_code == 200, served.text
     assert asyncio.run(in_flight_of(own.redis_url, user, team)) == (0, 0)
     # every request that left: its request entry and exactly one terminal entry, cancelled, none run
