@@ -28,6 +28,9 @@ def _default_policy_dir() -> Path:
 
 #: The most policy evaluator processes a gateway starts (``GOVGATE_POLICY_EVALUATORS``).
 MAX_POLICY_EVALUATORS = 256
+#: The longest GOVGATE_TIMEOUT_GRACE_S: the in-flight slot outlives the request timeout by 60 s
+#: (gateway/components.py ``in_flight_ttl_s``), and a request still in its grace must keep its slot.
+MAX_TIMEOUT_GRACE_S = 50.0
 
 
 def _cores() -> int:
@@ -83,6 +86,10 @@ class Settings:
     models_file: str = ""
     #: Longest a request waits for its completion before a 504.
     request_timeout_s: float = 120.0
+    #: Once a request's timeout ran out, how long the gateway waits for the worker that began its job to stop
+    #: and report what it generated before charging the whole reservation (gateway/requests/timeouts.py); at
+    #: most 50 s, inside the in-flight slot's 60 s margin past the request timeout.
+    timeout_grace_s: float = 10.0
     #: A stopping gateway: how long the requests in flight may still run (new ones are refused 503) before
     #: those left are ended with an answer (gateway/drain.py).
     drain_s: float = 20.0
@@ -282,6 +289,8 @@ class Settings:
             models_file=text("MODELS_FILE", ""),
             request_timeout_s=float(number("REQUEST_TIMEOUT_S", defaults.request_timeout_s, float, 0.01)),
             drain_s=float(number("DRAIN_S", defaults.drain_s, float, 0.0)),
+            timeout_grace_s=float(number("TIMEOUT_GRACE_S", defaults.timeout_grace_s, float, 0.1,
+                                         MAX_TIMEOUT_GRACE_S)),
             generation_time_limit_s=float(number("GENERATION_TIME_LIMIT_S", defaults.generation_time_limit_s,
                                                  float, 0.1)),
             worker_start_timeout_s=seconds_up_to_a_day("WORKER_START_TIMEOUT_S", defaults.worker_start_timeout_s),

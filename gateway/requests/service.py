@@ -23,6 +23,7 @@ from gateway.limits import UsageCounters
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.admission import Admission
 from gateway.requests.outcome import ClientGone, TicketRunner
+from gateway.requests.timeouts import STOP_GRACE_S
 from gateway.requests.output_rules import OutputRules
 from gateway.requests.request_log import RequestLog
 from gateway.requests.stream_events import StreamEvents
@@ -42,7 +43,8 @@ class CompletionService:
                  default_max_tokens: int, request_timeout_s: float, max_queued_per_model: int,
                  digester: Digester, pending: PendingTerminals | None = None, queue_mode: str = MODE_FIFO,
                  admission_concurrency: int = 0, admission_wait_s: float = 5.0,
-                 output_rules: OutputRules | None = None, model_health: ModelHealth | None = None) -> None:
+                 output_rules: OutputRules | None = None, model_health: ModelHealth | None = None,
+                 timeout_grace_s: float = STOP_GRACE_S) -> None:
         request_log = RequestLog(audit, current_revision=lambda: policy.revision, digester=digester,
                                  pending=pending)
         self.request_log = request_log
@@ -53,7 +55,7 @@ class CompletionService:
                                    model_health=model_health, request_timeout_s=request_timeout_s)
         self.runner = TicketRunner(dispatcher=dispatcher, waiter=waiter, redis=redis, counters=counters,
                                    request_log=request_log, digester=digester, request_timeout_s=request_timeout_s,
-                                   output_rules=output_rules)
+                                   output_rules=output_rules, stop_grace_s=timeout_grace_s)
 
     async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
                     purpose_headers: Sequence[str] = (), *, stopping: Drain | None = None) -> Ticket:

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 #: How long, once its request timeout ran out, the gateway waits for the worker that began the job to stop
 #: and report what it generated (it looks at the stop between tokens, every 50 ms at most); with no report by
-#: then the request is charged its whole reservation (:func:`timed_out`).
+#: then the request is charged its whole reservation (:func:`timed_out`). The default of
+#: ``GOVGATE_TIMEOUT_GRACE_S`` (the runner holds the setting as ``stop_grace_s``).
 STOP_GRACE_S = 10.0
 
 

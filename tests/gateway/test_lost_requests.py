@@ -192,3 +192,12 @@ async def test_every_gateway_runs_the_sweep_while_it_is_up(settings):
         running = sweeps()
         assert len(running) == 1 and not running[0].done()
     assert running[0].done() and sweeps() == []
+
+
+async def test_the_request_runner_waits_the_configured_timeout_grace(settings):
+    """``GOVGATE_TIMEOUT_GRACE_S`` reaches the runner that waits out a timed-out request's worker
+    (gateway/requests/timeouts.py); the default is the 10 s it was as a constant."""
+    async with build_components(settings.with_(timeout_grace_s=2.5)) as components:
+        assert components.completions.runner.stop_grace_s == 2.5
+    async with build_components(settings) as components:
+        assert components.completions.runner.stop_grace_s == 10.0

@@ -24,7 +24,8 @@ OWN_RANGE = {"DATABASE_BUSY_TIMEOUT_S": "must be more than 0 and at most 86400 s
              "WORKER_START_TIMEOUT_S": "must be more than 0 and at most 86400 seconds",
              "REDELIVERY_MARGIN_S": "must be more than 0 and at most 86400 seconds",
              "REDIS_TIMEOUT_S": "must be more than 0 and at most 86400 seconds",
-             "STREAM_FLUSH_INTERVAL_MS": "must be between 0 and 1000 milliseconds"}
+             "STREAM_FLUSH_INTERVAL_MS": "must be between 0 and 1000 milliseconds",
+             "TIMEOUT_GRACE_S": "must be a finite number"}
 #: The whole-number settings but the port (which has its own range).
 INT_SETTINGS = ["POLICY_VM_CHECK_EVERY", "ADMISSION_CONCURRENCY", "OUTPUT_HOLDBACK_CHARS", "MAX_QUEUED_PER_MODEL",
                 "MAX_BODY_BYTES", "DEFAULT_MAX_TOKENS", "REDIS_MAX_CONNECTIONS", "AUTH_CACHE_SIZE",
@@ -130,3 +131,13 @@ def test_policy_evaluators_are_one_to_256() -> None:
     _refused("POLICY_EVALUATORS", "257", "must be at most 256$")
     _refused("POLICY_EVALUATORS", "0", "must be at least 1$")
     assert Settings.from_env({"GOVGATE_POLICY_EVALUATORS": "256"}).policy_evaluators == 256
+
+
+def test_the_timeout_grace_is_a_setting_within_the_in_flight_slot_s_margin() -> None:
+    """The 10 s a timed-out request waits for its worker's report was a constant: a large model's prefill (no
+    stop between tokens) outlasted it, and the request was charged its whole reservation. Up to 50 s: the
+    in-flight slot outlives the request timeout by 60 s, and a request in its grace must keep it."""
+    assert Settings.from_env({}).timeout_grace_s == 10.0
+    assert Settings.from_env({"GOVGATE_TIMEOUT_GRACE_S": "30"}).timeout_grace_s == 30.0
+    _refused("TIMEOUT_GRACE_S", "51", "must be at most 50$")
+    _refused("TIMEOUT_GRACE_S", "0", "must be at least 0.1$")
