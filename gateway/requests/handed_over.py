@@ -33,7 +33,7 @@ from gateway.requests.output_rules import OutputRules
 from gateway.requests.request_log import RequestLog
 from gateway.requests.ticket import Ticket
 from workers.contract.jobs import STATUS_FAILED, JobResult
-from workers.contract.output_check import OutputReport
+from workers.contract.output_check import OutputReport, logged_client_output
 from workers.contract.privacy import Digester
 from workers.contract.terminal_body import Generated, checked_ending, ended_result, generation_body
 
@@ -90,13 +90,18 @@ class HandedOver:
         except (KeyError, TypeError, ValueError) as exc:
             log.error("unreadable hand-over of %s: %s", ticket.request_id, exc)
             return None
+        # What the client has by now: a stream the windows released before this one; a non-streamed
+        # request nothing. The rest goes out only once the entry is written (:meth:`RequestLog.record_end`).
+        delivered = hold.client_text if ticket.job.stream else ""
         verdict = await self.rules.verdict_on(ticket, hold, report, abandoned=abandoned)
         ending = checked_ending(ticket.job, verdict, generated.finish_reason, self.digester)
         body = generation_body(ticket.job, generated, self.digester, checked=ending.checked,
                                findings=ending.findings, finish_reason=ending.finish_reason, error=ending.error,
                                extra_timings={"handed_over_ms": generated.waited_ms(time.time_ns())})
+        withheld = logged_client_output(delivered, ticket.job.prompt_logging, [*ticket.job.redact, *verdict.redact],
+                                        self.digester) if ending.checked else None
         try:
-            entry = await self.request_log.record_end(ticket, ending.kind, body)
+            entry = await self.request_log.record_end(ticket, ending.kind, body, withheld_client=withheld)
         except DuplicateTerminalError:  # the request ended first elsewhere: that entry is its answer
             winner = await self.request_log.terminal_for(ticket.request_id)
             self.drops.drop(ticket.request_id)

@@ -106,7 +106,8 @@ class RequestLog:
                 await self._calls.run(partial(self._pending.keep, entry))
             return None
 
-    async def record_end(self, ticket: Ticket, kind: str, body: dict[str, Any]) -> AuditEntry | None:
+    async def record_end(self, ticket: Ticket, kind: str, body: dict[str, Any], *,
+                         withheld_client: dict[str, Any] | None = None) -> AuditEntry | None:
         """Write the terminal entry of an output a worker handed over.
 
         Unlike :meth:`end`, nothing kept pending is written first: what is kept
@@ -115,6 +116,9 @@ class RequestLog:
         (the fallback was written, or the gateway's own timeout). None: the
         database refused it, and it is kept pending as ``failed`` (``ended_as``
         its kind) in the fallback's place, to be written when the database is back.
+        ``withheld_client``: the ``client_output`` fields of what the client
+        received then (the output is withheld from it): kept in the body's
+        place of the whole output's, which it never got (probe h9 F3).
         """
         try:
             return await self._append(kind, ticket.request_id, ticket.principal, ticket.model, body,
@@ -124,6 +128,8 @@ class RequestLog:
         except AuditError as exc:
             log.error("could not record %s for %s: %s", kind, ticket.request_id, exc)
             if self._pending is not None:
+                if withheld_client is not None:
+                    body = {**{k: v for k, v in body.items() if not k.startswith("client_output")}, **withheld_client}
                 entry = PendingTerminal(kind=FAILED, request_id=ticket.request_id, principal=ticket.principal.id,
                                         team=ticket.principal.team, model=ticket.model,
                                         body=withheld_body(body, kind), policy_revision=ticket.job.policy_revision)

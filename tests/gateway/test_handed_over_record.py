@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -24,11 +25,12 @@ from gateway.components import open_database
 from gateway.requests.fallback_drops import FallbackDrops
 from gateway.requests.handed_over import HandedOver, report_of
 from gateway.requests.holdback import HoldBack
+from gateway.requests.output_rules import OutputRules
 from gateway.requests.request_log import RequestLog
 from gateway.requests.ticket import Ticket
 from tests.own_redis import own_redis  # noqa: F401 - fixture
 from workers.contract.jobs import GenerateJob
-from workers.contract.output_check import OutputVerdict
+from workers.contract.output_check import OutputReport, OutputVerdict
 from workers.contract.pending_terminals import PENDING_KEY, PendingTerminal, PendingTerminals
 from workers.contract.privacy import Digester
 from workers.contract.sampling import SamplingParams
@@ -209,3 +211,52 @@ async def test_a_fallback_the_database_refuses_stays_kept_and_the_client_hears_s
     assert (result.status, result.error["code"], result.audit_seq) == ("failed", "audit_unavailable", None)
     assert (result.prompt_tokens, result.completion_tokens) == (3, 5)  # charged, as generated
     assert store.terminal_for("handed-7") is None and pending.holds("handed-7")
+
+
+class _AllowingEngine:
+    """A stand-in for the policy engine that allows every window: what is tested is the record, not the rule."""
+
+    revision = "rev"
+
+    async def decide_output_with_revision(self, document):
+        return SimpleNamespace(allow=True, reasons=(), redact=()), self.revision
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_refused_record_keeps_what_the_client_received_not_the_whole_output(parts, own_redis, stream):
+    """Probe h9 F3 (2): the audit store refused a stream's end, its last window was withheld (the client got
+    the earlier windows, then ``audit_unavailable``), and the entry written later held the whole output as
+    ``client_output``. It holds what the client received: a stream's released windows, a non-streamed
+    request's nothing."""
+    store, _client, pending, request_log = parts
+    client = aioredis.Redis.from_url(own_redis.redis_url)
+    rules = OutputRules(policy=_AllowingEngine(), redis=client, sealer=SEALER, holdback_chars=4,  # type: ignore[arg-type]
+                        build_input=lambda ticket, window: {"text": window.text, "final": window.final})
+    recorder = HandedOver(rules=rules, request_log=request_log, drops=FallbackDrops(client), digester=DIGESTER)
+    request_id = f"handed-withheld-{stream}"
+    ticket = ticket_for(request_id)
+    ticket = replace(ticket, job=replace(ticket.job, stream=stream, prompt_logging="full"))
+    keep_fallback(pending, ticket)
+    hold = HoldBack(4)
+    hold.add("Once upon a time ")
+    await rules.judge(ticket, hold)  # a window released before the end (sent to a stream's client)
+    released = hold.client_text
+    assert released and released != "Once upon a time "
+    generated = Generated("Once upon a time there was", 3, 5, "length", {"hostname": "w", "pid": 1}, 2.0, 9.0)
+    with store.engine.begin() as conn:
+        conn.execute(text("CREATE TRIGGER refuse_insert BEFORE INSERT ON audit_entries "
+                          "BEGIN SELECT RAISE(ABORT, 'disk full'); END"))
+    try:
+        result = await recorder.record(ticket, hold, OutputReport(generated.output,
+                                                                  handed_over=generated.to_payload()))
+        assert result is not None and result.error["code"] == "audit_unavailable"
+        with store.engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER refuse_insert"))
+        assert pending.write_all(store) == 1
+        written = store.terminal_for(request_id)
+        assert written.kind == "failed" and written.body["ended_as"] == "completion"
+        assert written.payload["output"] == "Once upon a time there was"
+        assert written.payload["client_output"] == (released if stream else ""), written.payload
+    finally:
+        await recorder.aclose()
+        await client.aclose()
