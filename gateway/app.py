@@ -28,6 +28,7 @@ from gateway.allowed_methods import AllowedMethods
 from gateway.api_errors import EXCEPTION_HANDLERS, http_exception_handler
 from gateway.console.errors import http_error_page
 from gateway.drain import Drain
+from gateway.drain_reads import DrainEndsBodyReads
 from gateway.forced_stop import ForcedStop
 from gateway.expect_continue import CloseUnreadContinue
 from gateway.observability.setup import instrument
@@ -98,6 +99,9 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
         logging_config=None,  # logging is set up once per process (gateway/observability/logs.py), not replaced here
     )
     app.asgi_handler = AllowedMethods(app.asgi_handler, app.asgi_router)  # OPTIONS: see gateway/allowed_methods.py
+    # a body still arriving at a stop, or starting during it, is refused (any endpoint): gateway/drain_reads.py
+    app.asgi_handler = DrainEndsBodyReads(app.asgi_handler, drain)
+    # outside it: a body the drain refused unread was never asked for (no "100 Continue"), so that answer closes
     app.asgi_handler = CloseUnreadContinue(app.asgi_handler)  # see gateway/expect_continue.py
     return instrument(settings, app)
 

@@ -26,7 +26,8 @@ server is told to stop, before uvicorn closes anything):
 A request whose body is still arriving is not admitted yet and has nothing
 running to finish: :meth:`Drain.read_unless_stopping` ends its read at
 :meth:`Drain.begin` and refuses it as one arriving during the drain, so it
-does not hold the stop (probe p1 F2).
+does not hold the stop (probe p1 F2). Every endpoint's body is read through
+it (``gateway/drain_reads.py``, probe q1 F4).
 
 One object per served app (``app.state.drain``); all of it runs on the
 event loop, so nothing here is locked.
@@ -154,7 +155,8 @@ class Drain:
         return leave
 
     async def read_unless_stopping(self, read: Callable[[], Awaitable[T]]) -> T:
-        """``read()`` (a request's body), unless the gateway stops first: then 503 ``shutting_down``.
+        """``read()`` (a part of a request's body: ``gateway/drain_reads.py`` reads every endpoint's through
+        this), unless the gateway stops first: then 503 ``shutting_down``.
 
         A request whose body is still arriving has not been admitted, so
         nothing of it runs that the drain should let finish. Its read is
@@ -166,7 +168,7 @@ class Drain:
 
         The read runs in the request's own task, cancelled by :meth:`begin`,
         rather than in a task of its own raced against the drain: this runs for
-        every completion request, and a task each would cost CPU on each.
+        every request with a body, and a task each would cost CPU on each.
         """
         if self.draining:
             raise shutting_down(in_flight=False)

@@ -26,10 +26,11 @@ from gateway.requests.ticket import Ticket
 from workers.contract.jobs import JobResult
 
 
-def _reader(request: Request, drain: Drain):
-    """The body's read, ended by the stop's drain if the body is still arriving then (refused 503
-    ``shutting_down``: a request not yet admitted does not hold the stop)."""
-    return lambda: drain.read_unless_stopping(lambda: read_body(request))
+def _reader(request: Request):
+    """The body's read; a stop's drain ends it if the body is still arriving then (refused 503
+    ``shutting_down``, recorded ``rejected`` by the admission: a request not yet admitted does not hold the
+    stop), as every endpoint's (``gateway/drain_reads.py``)."""
+    return lambda: read_body(request)
 
 
 def _gone(request: Request):
@@ -141,7 +142,7 @@ async def _serve(service: CompletionService, drain: Drain, request: Request, pri
     while it waits for its policy decision or, admitted, for its job to be queued: ``Drain.unless_cut``)."""
     leave = drain.enter()
     try:
-        ticket = await service.admit(principal, endpoint, _reader(request, drain),
+        ticket = await service.admit(principal, endpoint, _reader(request),
                                      request.headers.getall(urls.PURPOSE_HEADER, []), stopping=drain)
         shape = _Shape(endpoint)
         headers = {urls.REQUEST_ID_HEADER: ticket.request_id}

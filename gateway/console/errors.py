@@ -66,7 +66,8 @@ def _sign_in(request: Request, exc: SignInRequired) -> Response:
 
 
 def _api(_: Request, exc: ApiError) -> Response:
-    return error_page(exc.status, exc.code, exc.message)
+    # its headers too: a stopping gateway's 503 tells the browser when to come back (Retry-After)
+    return error_page(exc.status, exc.code, exc.message, headers=exc.headers or None)
 
 
 def _csrf(_: Request, __: CsrfRefused) -> Response:

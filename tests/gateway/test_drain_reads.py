@@ -68,3 +68,68 @@ async def test_a_cancel_that_is_not_the_drain_goes_on() -> None:
     with pytest.raises(asyncio.CancelledError):
         await reading
     drain.begin()  # nothing left to end
+
+
+class _App:
+    """An ASGI app that reads through whatever ``receive`` it is given, as a handler's ``request.body()`` does."""
+
+    def __init__(self, reads: int) -> None:
+        self.reads = reads
+        self.got: list[object] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            for _ in range(self.reads):
+                self.got.append(await receive())
+        except ApiError as error:
+            self.got.append(error)
+
+
+def _scope(**headers: str) -> dict:
+    return {"type": "http", "headers": [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]}
+
+
+async def test_any_endpoint_s_body_read_during_the_drain_is_refused_unread() -> None:
+    """The wrapper every request passes (``gateway/drain_reads.py``), not a handler's own code (probe q1 F4)."""
+    from gateway.drain_reads import DrainEndsBodyReads
+
+    drain = Drain(60.0)
+    drain.begin()
+    asked: list[bool] = []
+
+    async def receive() -> dict:
+        asked.append(True)
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    app = _App(reads=1)
+    await DrainEndsBodyReads(app, drain)(_scope(content_length="2"), receive, None)
+    assert isinstance(app.got[0], ApiError) and app.got[0].code == SHUTTING_DOWN and asked == []
+    bodiless = _App(reads=1)  # a GET: not wrapped, so the pages and /readyz are served while it drains
+    await DrainEndsBodyReads(bodiless, drain)(_scope(content_length="0"), receive, None)
+    assert bodiless.got == [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+
+async def test_a_wait_on_receive_after_the_whole_body_is_not_ended_by_the_drain_s_begin() -> None:
+    """A completion waiting for its client's disconnect is in flight: the cut ends it, not the begin."""
+    from gateway.drain_reads import DrainEndsBodyReads
+
+    drain = Drain(60.0)
+    messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
+    gone = asyncio.Event()
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    app = _App(reads=2)
+    running = asyncio.ensure_future(DrainEndsBodyReads(app, drain)(_scope(content_length="2"), receive, None))
+    while not app.got:
+        await asyncio.sleep(0.01)
+    drain.begin()
+    await asyncio.sleep(0.05)  # a cancel by the begin would land here
+    assert not running.done()
+    gone.set()
+    await asyncio.wait_for(running, 10)
+    assert app.got[1] == {"type": "http.disconnect"}
