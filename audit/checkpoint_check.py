@@ -11,7 +11,8 @@ the end, nor a chain rewritten from some entry on with fresh hashes. Here:
   deletion of the stored checkpoints: truncation below it is caught);
 * entries after the latest checkpoint are the *unsigned tail*, reported
   always and a failure when ``strict``, when they follow a *closing*
-  checkpoint (written at a clean stop), when one is dated in the future,
+  checkpoint (written at a stop, clean or forced, or by ``audit export``
+  signing its own read while no gateway runs), when one is dated in the future,
   or when the oldest is older than ``max_unsigned_age_s``;
 * ``chain_anomaly`` entries (a gateway found, at start, entries nobody
   signed) are listed.
@@ -167,7 +168,7 @@ def _tail_problem(verdict: CheckpointVerdict, tail: UnsignedTail, span: str, age
         verdict.problem(f"unsigned tail ({span}): an entry is dated in the future")
     elif tail.after is not None and tail.after.closing and age > CLOSING_GRACE_S:
         verdict.problem(f"unsigned tail ({span}) after the closing checkpoint {tail.after.seq}, written at a "
-                        "clean stop: these entries were written while no gateway ran")
+                        "gateway's stop: these entries were written while no gateway ran")
     elif age > max_unsigned_age_s:
         verdict.problem(f"unsigned tail ({span}): unsigned for {age:.0f} s, longer than the "
                         f"{max_unsigned_age_s:.0f} s a running gateway takes to sign")
@@ -180,7 +181,7 @@ def anomaly_at_start(store: CheckpointStore, *, max_unsigned_age_s: float) -> di
     """The body of a ``chain_anomaly`` entry a starting gateway must append, or None.
 
     Unsigned entries after the latest checkpoint are an anomaly when that
-    checkpoint is a closing one (written at a clean stop: nothing should
+    checkpoint is a closing one (written at a stop: nothing should
     follow until a gateway starts again, and none has yet signed), or when
     some were written more than ``max_unsigned_age_s`` after it (no gateway
     signed for that long: a crash, or writes while it was down). A range a

@@ -25,6 +25,7 @@ import click
 from govgate.cli_audit import audit
 from govgate.cli_common import audit_engine
 from govgate.cli_output import output_file
+from govgate.own_entries import sign_own_entry_while_down
 
 #: Entries between two progress-bar updates.
 _PROGRESS_EVERY = 500
@@ -132,7 +133,7 @@ def audit_export(since: str, until: str | None, team: str | None, principal: str
                                                      file=sys.stderr) as bar:
             if include_text or where.text is not None:  # a text search reads texts, as over HTTP
                 read = _record_read(store, PAYLOAD_READ, where)  # once the output is open, before any text
-                _sign_read_while_down(engine, read)
+                sign_own_entry_while_down(engine, read.seq, read.hash)  # no gateway runs: no chain_anomaly
             entries = _counted(iter_matching(store, where), bar.update)
             for chunk in chunks(fmt, entries, with_text=include_text):
                 sink.write(chunk)
@@ -156,40 +157,6 @@ def _record_read(store: Any, kind: str, where: Any) -> Any:
                  principal=f"cli:{user}", team=None, model=None, policy_revision=None,
                  body={"via": "cli-export", "request_ids": [], "text_search": where.text is not None,
                        "filter": filter_document(where)})
-
-
-def _sign_read_while_down(engine: Any, read: Any) -> None:
-    """With no gateway running (the latest checkpoint a closing one), sign the read's entry as the gateways'
-    closing checkpoint would have, and give it to ``GOVGATE_CHECKPOINT_COMMAND`` as they do: the next start
-    recorded the operator's own read as a ``chain_anomaly`` (probe q1). Without the signing key (another
-    host, no permission) the entry stays unsigned, and the next start names it, as before."""
-    import subprocess
-
-    from audit import AuditError
-    from audit.checkpoints import CheckpointStore, checkpoint_file_text
-    from audit.signing import SigningKeyError, load_signing_key
-    from govgate.cli_common import load_settings
-
-    settings = load_settings()
-    try:
-        key = load_signing_key(settings.effective_audit_signing_key_file)
-        signed = CheckpointStore(engine).close_over_own(key, read.seq, read.hash)
-    except (SigningKeyError, AuditError) as exc:
-        click.echo(f"note: this read's entry (seq {read.seq}) is left for a gateway to sign: {exc}", err=True)
-        return
-    if signed is None or not settings.checkpoint_command:
-        return
-    try:
-        done = subprocess.run(["sh", "-c", settings.checkpoint_command], start_new_session=True, timeout=30,
-                              input=checkpoint_file_text(signed, key.public).encode("utf-8"),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        click.echo(f"warning: GOVGATE_CHECKPOINT_COMMAND failed for checkpoint {signed.seq}: {exc}", err=True)
-        return
-    if done.returncode != 0:
-        tail = done.stderr.decode("utf-8", "replace").strip()[-300:]
-        click.echo(f"warning: GOVGATE_CHECKPOINT_COMMAND exited {done.returncode} for checkpoint {signed.seq}: "
-                   f"{tail}", err=True)
 
 
 def _counted(entries: Iterator[Any], advance: Any) -> Iterator[Any]:

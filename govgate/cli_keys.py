@@ -9,6 +9,7 @@ import click
 
 from gateway.settings import Settings, without_password
 from govgate.cli_common import load_settings
+from govgate.own_entries import sign_key_entry_while_down
 
 
 @click.group()
@@ -122,6 +123,7 @@ def keys_create(user: str, team: str | None, roles: tuple[str, ...], note: str |
         raise click.ClickException(str(exc)) from None
     except KeyStoreError as exc:
         raise _refused_write(exc) from None
+    sign_key_entry_while_down(store.engine, issued.key.key_id)
     try:
         click.echo(issued.secret)
     except OutputError as exc:  # a full disk: the secret reached no one, so the key must not stay live
@@ -139,6 +141,7 @@ def _unshown_key(store, key_id: str) -> str:
         store.revoke(key_id, by=cli_actor())
     except KeyStoreError as exc:
         return f"key {key_id} was made and its secret shown nowhere, and revoking it failed ({exc}): revoke it"
+    sign_key_entry_while_down(store.engine, key_id)
     return f"key {key_id} was made and revoked again (its secret was shown nowhere)"
 
 
@@ -197,6 +200,7 @@ def keys_revoke(key_id: str) -> None:
         announcer(key_id)
         _warn_if_not_told(announcer, settings, "accepted this key", "accept it")
         return
+    sign_key_entry_while_down(store.engine, key_id)
     click.echo(f"revoked {key_id}")
     _warn_if_not_told(announcer, settings, "accepted this key", "accept it")
 
@@ -213,8 +217,9 @@ def keys_roles(key_id: str, roles: tuple[str, ...]) -> None:
 
     settings = load_settings()
     announcer = KeyChangeAnnouncer(_gateways_redis_url(settings))
+    store = _key_store(on_change=announcer)
     try:
-        change = _key_store(on_change=announcer).set_roles(key_id, checked, by=cli_actor())
+        change = store.set_roles(key_id, checked, by=cli_actor())
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyStoreError as exc:
@@ -224,6 +229,7 @@ def keys_roles(key_id: str, roles: tuple[str, ...]) -> None:
     if not change.changed:
         click.echo(f"{key_id} already has roles {','.join(change.new_roles)}: nothing changed")
         return
+    sign_key_entry_while_down(store.engine, key_id)
     click.echo(f"{key_id}: roles {','.join(change.old_roles) or '-'} -> {','.join(change.new_roles)}")
     _warn_if_not_told(announcer, settings, "served this key", "serve it with its old roles")
 

@@ -59,8 +59,9 @@ class NotStarted(StartupError):
 
 
 #: A worker's exit status when it stopped because Redis refused its writes (MISCONF on a full disk,
-#: NOREPLICAS, READONLY, OOM: ``workers/redis_refusal.py``): EX_TEMPFAIL. Its model did not crash: the start
-#: is tried again after the waits of a refused start (:meth:`RestartPolicy.not_started`), never given up.
+#: NOREPLICAS, READONLY, OOM: ``workers/redis_refusal.py``): EX_TEMPFAIL. Its model did not crash: once serving
+#: the start is tried again after the waits of a refused start (:meth:`RestartPolicy.not_started`), never given
+#: up; during the start ``up`` stops (as for a start Redis refuses), giving no model up.
 REDIS_REFUSED_EXIT = os.EX_TEMPFAIL
 
 #: What a spawn raises when the command itself cannot be run (the venv replaced under a running ``up``): the
@@ -248,6 +249,12 @@ class Launcher:
             if code is None or name in self.restart_due or name in self.given_up:
                 continue
             why = exit_reason(self.stack, f"worker {name}", code)
+            if not self.serving and code == REDIS_REFUSED_EXIT:
+                # Redis's state, not the model's: giving it up and trying the next met the same Redis until no
+                # model was left, each named "never got ready". The start stops, as for a refused start.
+                self.pending.pop(name, None)
+                raise StartupError(f"worker for model {name} stopped: Redis refuses writes ({why}); make Redis "
+                                   "write again (a full disk under its RDB/AOF: MISCONF), then start again")
             if not self.serving and name not in self.ever_ready:
                 self.pending.pop(name, None)
                 raise NeverReady(name, why)

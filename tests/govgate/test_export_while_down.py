@@ -90,3 +90,35 @@ def test_an_entry_someone_else_wrote_after_the_closing_checkpoint_is_not_signed_
         assert anomaly is not None and anomaly["first_seq"] == closing.seq + 1, anomaly
     finally:
         engine.dispose()
+
+
+def _keys(url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "GOVGATE_VAR_DIR": str(tmp_path), "GOVGATE_DATABASE_URL": url,
+           "GOVGATE_AUDIT_SIGNING_KEY_FILE": str(tmp_path / "audit-signing.key"),
+           "GOVGATE_REDIS_URL": "redis://127.0.0.1:1/0"}  # no gateway, no Redis: the stack is down
+    return subprocess.run([sys.executable, "-m", "govgate.cli", "keys", *args], env=env, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_key_changes_while_down_sign_their_own_entries_and_the_next_start_finds_nothing_unsigned(
+        tmp_path: Path) -> None:
+    """The same for ``govgate keys create`` and ``revoke``, an admin's routine work while the stack is down: each
+    appends its key entry after the closing checkpoint, and the next start recorded a ``chain_anomaly`` for
+    it (found beside probe q1's export case)."""
+    url, _key = _stopped_store(tmp_path)
+    created = _keys(url, tmp_path, "create", "--user", "bob", "--role", "analyst")
+    assert created.returncode == 0, created.stderr
+    key_id = created.stderr.split("key id ", 1)[1].split(":", 1)[0]
+    revoked = _keys(url, tmp_path, "revoke", key_id)
+    assert revoked.returncode == 0, revoked.stderr
+    engine = make_engine(url)
+    try:
+        checkpoints = CheckpointStore(engine)
+        head, latest = checkpoints.head(), checkpoints.latest()
+        assert head is not None and latest is not None
+        kinds = [e.kind for e in AuditStore(engine).iter_entries()]
+        assert kinds[-2:] == ["key_created", "key_revoked"], kinds
+        assert latest.seq == head[0] and latest.closing, (kinds, latest)
+        assert anomaly_at_start(checkpoints, max_unsigned_age_s=MAX_AGE) is None
+    finally:
+        engine.dispose()

@@ -485,3 +485,24 @@ def test_the_stop_lines_name_the_signal_that_came_and_claim_no_requests_in_fligh
         assert said[1] == f"  api: {said_second}: its requests in flight, if any, are ended now", said
     finally:
         stop_process(api, timeout_s=5)
+
+
+def test_a_worker_that_redis_refusing_writes_stops_during_the_start_fails_the_start_without_giving_models_up(
+        launcher):
+    """During the start a worker that exited 75 (its Redis refuses writes) was taken for a model that never got
+    ready: ``up`` gave that model up ("so not again") and started the next cheapest, which met the same Redis,
+    until no model was left. Redis is what fails, for every model: the start stops saying so, as it does when
+    Redis refuses the launcher's own start of a worker (:class:`~govgate.launcher.NotStarted`)."""
+    import os
+
+    from govgate.launcher import NeverReady
+
+    launch, stack, said = launcher
+    _exited(stack, "tiny", os.EX_TEMPFAIL, "model tiny: Redis refuses writes (MISCONF Errors writing); the worker "
+                                           "stops with exit code 75")
+    launch.pending["tiny"] = time.monotonic()
+    with pytest.raises(StartupError) as caught:
+        launch.poll()
+    assert not isinstance(caught.value, NeverReady), caught.value  # no model given up for Redis's state
+    assert str(caught.value).startswith("worker for model tiny stopped: Redis refuses writes"), caught.value
+    assert "MISCONF" in str(caught.value) and launch.given_up == set()
