@@ -101,6 +101,9 @@ class Drain:
         self._next = 0
         #: When :meth:`begin` ran (monotonic), for the cut's log line.
         self._began: float | None = None
+        #: Set by :meth:`hurry`: the stop is forced, and the ended requests have :data:`FORCED_END_WAIT_S`.
+        self.hurried = False
+        self._hurried_event: asyncio.Event | None = None
 
     @property
     def in_flight(self) -> int:
@@ -132,6 +135,26 @@ class Drain:
                 end()
         for end in list(self._waiting.values()):
             end()
+
+    def hurry(self) -> None:
+        """The stop is forced (a second Ctrl-C): the requests the cut ended stop waiting for their workers'
+        ends (:func:`~gateway.requests.cancelled_ends.cut_while_running` gives a worker 3 s, longer than
+        the :data:`FORCED_END_WAIT_S` a forced stop waits: such a client got no answer at all, probe q1 F1);
+        a stream whose worker had its verdict is cut again, which ends its grace the same way."""
+        self.hurried = True
+        if self._hurried_event is not None:
+            self._hurried_event.set()
+        for end in list(self._active.values()):  # a stream given a grace by the cut ends it now
+            if end is not None:
+                end()
+
+    async def wait_hurried(self) -> None:
+        """Return once :meth:`hurry` ran."""
+        if self.hurried:
+            return
+        if self._hurried_event is None:
+            self._hurried_event = asyncio.Event()
+        await self._hurried_event.wait()
 
     async def wait_cut(self) -> None:
         """Return once :meth:`cut` ran."""
@@ -238,6 +261,7 @@ class Drain:
         self.cut()
         await self._until_idle(END_WAIT_S, forced)
         if forced():  # even so, the requests just ended get a moment to send their 503 (probe q1 F1)
+            self.hurry()
             await self._until_idle(FORCED_END_WAIT_S, lambda: False)
 
     async def _until_idle(self, timeout_s: float, forced: Callable[[], bool]) -> None:

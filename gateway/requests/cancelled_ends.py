@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from redis.exceptions import RedisError
 
@@ -59,7 +59,8 @@ class Answered:
 
 
 async def cut_while_running(runner: TicketRunner, ticket: Ticket, waiting: asyncio.Future[Any], queued: Queued,
-                            *, unreachable: bool = False) -> Answered:
+                            *, unreachable: bool = False,
+                            hurried: Callable[[], Awaitable[Any]] | None = None) -> Answered:
     """The drain ended a request whose job a worker runs: its answer if the generation ends within
     :data:`CUT_GRACE_S` (it stops at the cancel key and records ``cancelled``, answered 503
     ``shutting_down``; one that had just finished is served), else 503 ``shutting_down`` at once, its
@@ -68,9 +69,19 @@ async def cut_while_running(runner: TicketRunner, ticket: Ticket, waiting: async
     ``unreachable``: Redis did not answer the withdrawal, so the job may as well still be queued, and
     nothing stops it (its cancel key could not be written): with no answer in the grace its end is
     recorded here (:func:`end_unreachable`).
+
+    ``hurried``: returns once the stop is forced (``Drain.wait_hurried``), which ends the grace: a forced stop
+    waits for the ended requests' answers less than the grace, and a client whose worker did not stop in
+    time (a long prefill) got no answer at all (probe q1 F1).
     """
-    done, _ = await asyncio.wait({waiting}, timeout=CUT_GRACE_S)
-    if not done or (unreachable and _lost_redis(waiting)):
+    hurry = asyncio.ensure_future(hurried()) if hurried is not None else None
+    try:
+        await asyncio.wait({waiting} if hurry is None else {waiting, hurry}, timeout=CUT_GRACE_S,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if hurry is not None:
+            hurry.cancel()
+    if not waiting.done() or (unreachable and _lost_redis(waiting)):
         waiting.cancel()
         if unreachable:
             return await end_unreachable(runner, ticket, queued)

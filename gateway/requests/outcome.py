@@ -106,7 +106,8 @@ class TicketRunner:
                     hold = self.output_rules.hold() if self.output_rules is not None and checked else None
                     try:
                         outcome = self.wait_for_outcome(ticket, pending, hold, self.request_timeout_s)
-                        meta = await self._unless_gone(ticket, queued, outcome, gone, cut)
+                        meta = await self._unless_gone(ticket, queued, outcome, gone, cut,
+                                                       stopping.wait_hurried if stopping is not None else None)
                     except ResultTimeout:  # before OSError: TimeoutError is one. Still subscribed: the
                         # worker's report of what it generated is heard
                         return await after_timeout(self, ticket, pending, hold, queued)
@@ -181,7 +182,8 @@ class TicketRunner:
         return await self.dispatcher.enqueue(job, priority=ticket.priority, check=ticket.place_check)
 
     async def _unless_gone(self, ticket: Ticket, queued: Queued, outcome: Awaitable[Any],
-                           gone: ClientGone | None, cut: ClientGone | None = None) -> Any:
+                           gone: ClientGone | None, cut: ClientGone | None = None,
+                           hurried: ClientGone | None = None) -> Any:
         """``outcome``'s value, unless the client goes away first, or the drain ends the request
         (see :meth:`complete`).
 
@@ -214,7 +216,8 @@ class TicketRunner:
             if not withdrawn:
                 if not stopped:
                     return await waiting
-                return await cut_while_running(self, ticket, waiting, queued, unreachable=withdrawn is None)
+                return await cut_while_running(self, ticket, waiting, queued, unreachable=withdrawn is None,
+                                               hurried=hurried)
             waiting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await waiting

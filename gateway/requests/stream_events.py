@@ -68,6 +68,8 @@ class StreamEvents:
         #: Its worker was sent the verdict on its report: it records what that says, and the cut lets the
         #: result come (for :data:`CUT_GRACE_S`) rather than tell the client otherwise.
         self._answered = False
+        #: That grace, once the cut began it; a second cut (a forced stop) ends it at once.
+        self._grace: asyncio.TimerHandle | None = None
 
     def __aiter__(self) -> AsyncIterator[str | JobResult]:
         return self._events()
@@ -199,7 +201,13 @@ class StreamEvents:
         if self._closed or self._finished:
             return
         if self._answered:  # the worker records what its verdict says: its result is served if it comes soon
-            asyncio.get_running_loop().call_later(CUT_GRACE_S, self._pending.interrupt, _CUT)
+            if self._grace is None:
+                self._grace = asyncio.get_running_loop().call_later(CUT_GRACE_S, self._pending.interrupt, _CUT)
+            elif not self._grace.cancelled():  # cut again: the stop is forced (``Drain.hurry``), no more grace
+                self._grace.cancel()
+                self._pending.interrupt(_CUT)
+            return
+        if self._cut_asked:
             return
         self._cut_asked = True
         if self._judging is not None:

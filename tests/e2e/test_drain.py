@@ -297,3 +297,44 @@ def test_a_forced_stop_still_writes_the_closing_checkpoint(own_redis, keyring, a
     verdict = check_checkpoints(checkpoints, key.public, strict=True, max_unsigned_age_s=0.0)
     assert verdict.ok and verdict.tail is None, verdict.problems
     assert "no closing audit checkpoint" not in log.read_text()
+
+
+def test_a_forced_stop_answers_a_request_whose_worker_does_not_stop_in_time(
+        own_redis, keyring, audit_store, tmp_path) -> None:  # noqa: F811
+    """A second stop signal ends a non-streamed request whose worker is generating and does not stop at the
+    cancel key in time (held here; a long prompt's prefill does the same): 503 ``shutting_down`` at once.
+
+    Before (probe q1 F1 (a)), the cut gave such a request 3 s for its worker's end, longer than the 2 s a
+    forced stop waits for answers: the process ended first, and the client's connection closed with no
+    response. Its worker, let go, records the end.
+    """
+    from tests.e2e.test_crash_safety import wait_for_a_generation
+
+    own = own_redis.with_(drain_s=60.0, output_rules=False, request_timeout_s=120)
+    worker = spawn_cli(own, "worker", "--model", MODEL, log=tmp_path / "worker.log")
+    held: list[int] = []
+    try:
+        wait_for_worker(own.redis_url, MODEL, worker)
+        log = tmp_path / "serve.log"
+        with serving(own, log) as base, ThreadPoolExecutor(1) as pool:
+            running = pool.submit(httpx.post, f"{base}/v1/completions", headers=bearer(keyring["admin"]),
+                                  timeout=60, json={"model": MODEL, "prompt": "Tell", "max_tokens": 3000})
+            assert wait_for_a_generation(own.redis_url, timeout_s=60) is not None, "no generation began"
+            held = _pids(worker)
+            _signal(held, signal.SIGSTOP)  # generating, and deaf to the cancel key from now on
+            base.process.send_signal(signal.SIGTERM)
+            _until_stopping(base)
+            base.process.send_signal(signal.SIGINT)  # the second signal: no drain, the requests are ended now
+            answered = running.result(timeout=60)
+            assert base.process.wait(timeout=60) is not None
+        _signal(held, signal.SIGCONT)
+        assert answered.status_code == 503, answered.text
+        assert answered.json()["error"]["code"] == "shutting_down" and answered.headers["retry-after"]
+        request_id = answered.headers["x-govgate-request-id"]
+        end = wait_terminal(audit_store, request_id)  # the worker, let go, stops at the cancel key
+        assert end.kind == "cancelled", end.body
+        assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "cancelled"]
+        assert "Traceback" not in log.read_text()
+    finally:
+        _signal(held, signal.SIGCONT)
+        stop_process(worker, timeout_s=30)
