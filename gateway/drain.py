@@ -113,8 +113,11 @@ class Drain:
         if not self.draining:
             self.draining = True
             self._began = time.monotonic()
-            log.info("stopping: no new requests; %d in flight get up to %gs to finish (GOVGATE_DRAIN_S)",
-                     self.in_flight, self.drain_s)
+            if self.in_flight:
+                log.info("stopping: no new requests; %d in flight get up to %gs to finish (GOVGATE_DRAIN_S)",
+                         self.in_flight, self.drain_s)
+            else:  # "0 in flight get up to 20s" read as a wait (probe q1, cosmetic)
+                log.info("stopping: no new requests; none in flight")
             for end in list(self._reading.values()):
                 end()
 

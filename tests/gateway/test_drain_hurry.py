@@ -9,9 +9,10 @@ import pytest
 
 from gateway.drain import Drain
 
-pytestmark = pytest.mark.anyio
 
 
+
+@pytest.mark.anyio
 async def test_a_forced_run_hurries_and_calls_the_ends_again() -> None:
     drain = Drain(60.0)
     ends: list[str] = []
@@ -24,6 +25,7 @@ async def test_a_forced_run_hurries_and_calls_the_ends_again() -> None:
     await asyncio.wait_for(running, 10)
 
 
+@pytest.mark.anyio
 async def test_a_graceful_run_does_not_hurry() -> None:
     drain = Drain(0.0)
     ends: list[str] = []
@@ -34,3 +36,17 @@ async def test_a_graceful_run_does_not_hurry() -> None:
     leave()
     await asyncio.wait_for(running, 30)
     assert not drain.hurried and ends == ["end"]
+
+
+def test_the_stop_s_line_says_none_in_flight_when_none_is(caplog: pytest.LogCaptureFixture) -> None:
+    """Probe q1 (cosmetic): with nothing in flight the line said "0 in flight get up to 20s to finish"."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="gateway.drain"):
+        Drain(20.0).begin()
+        busy = Drain(20.0)
+        busy.enter()
+        busy.begin()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["stopping: no new requests; none in flight",
+                     "stopping: no new requests; 1 in flight get up to 20s to finish (GOVGATE_DRAIN_S)"], lines
