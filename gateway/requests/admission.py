@@ -236,7 +236,7 @@ class Admission:
 
     async def _admit(self, request_id: str, principal: Principal, endpoint: str, raw: bytes,
                      purpose_headers: Sequence[str], stopping: Drain | None = None) -> Ticket:
-        request, spec, purpose = await self._read(request_id, principal, endpoint, raw, purpose_headers)
+        request, spec, purpose = await self._read(request_id, principal, endpoint, raw, purpose_headers, stopping)
         with errors_of(request_id):
             created = int(time.time())
             requested_max = request.requested_max_tokens(self.default_max_tokens)
@@ -278,7 +278,7 @@ class Admission:
             # a model the key may not see is refused as an unknown one (gateway/requests/hidden_models.py)
             answer = None
             if refusal is not None:
-                answer = await as_answered(self.seen_models, principal, spec, request.model, refusal)
+                answer = await self._answered(principal, spec, request.model, refusal, stopping)
             body = request_record(endpoint=endpoint, principal=principal, purpose=purpose, stream=request.stream,
                                   params=params, requested_max_tokens=requested_max, decision=decision,
                                   admission=None if admission is None else admission.record(),
@@ -316,8 +316,19 @@ class Admission:
             error.request_id = request_id
             raise
 
+    async def _answered(self, principal: Principal, spec: ModelSpec, asked: str, refusal: ApiError,
+                        stopping: Drain | None) -> ApiError:
+        """What the client is told of ``refusal`` (:func:`as_answered`). Whether the key may see the model
+        is a policy query, as slow as its decision can be: like the decision's wait, it ends at ``stopping``'s
+        cut (:class:`Cut`, refused 503 ``shutting_down`` by :meth:`admit`), or a stop would leave the request
+        to uvicorn's graceful timeout (a plain-text 500, no entry: probe q1 F3)."""
+        if stopping is None:
+            return await as_answered(self.seen_models, principal, spec, asked, refusal)
+        return await stopping.unless_cut(lambda: as_answered(self.seen_models, principal, spec, asked, refusal))
+
     async def _read(self, request_id: str, principal: Principal, endpoint: str, raw: bytes,
-                    purpose_headers: Sequence[str]) -> tuple[Request, ModelSpec, str | None]:
+                    purpose_headers: Sequence[str],
+                    stopping: Drain | None = None) -> tuple[Request, ModelSpec, str | None]:
         """Parse the body and the declared purpose and check the model can take the body; a refused body
         (or purpose) is recorded as ``rejected``."""
         request: Request | None = None
@@ -333,7 +344,7 @@ class Admission:
         except ApiError as error:
             answer = error
             if request is not None and spec is not None:  # a body that does not fit a model the key may not see
-                answer = await as_answered(self.seen_models, principal, spec, request.model, error)
+                answer = await self._answered(principal, spec, request.model, error, stopping)
             await self.request_log.record_rejection(request_id, principal, endpoint, error, raw,
                                                     answered=answered_record(error, answer))
             answer.request_id = request_id

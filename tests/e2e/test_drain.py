@@ -338,3 +338,54 @@ def test_a_forced_stop_answers_a_request_whose_worker_does_not_stop_in_time(
     finally:
         _signal(held, signal.SIGCONT)
         stop_process(worker, timeout_s=30)
+
+
+def test_a_graceful_stop_answers_a_refused_request_still_waiting_to_learn_whether_its_key_sees_the_model(
+        own_redis, keyring, audit_store, settings, tmp_path) -> None:  # noqa: F811
+    """A refusal is answered as an unknown model's when the key may not see the model, and the policy is
+    asked that (``visible_models``) after its decision: that wait ends at the cut too (503
+    ``shutting_down``, recorded ``rejected``). Before, it did not, and a slow ``visible_models`` left the
+    request to uvicorn's graceful timeout, as a slow decision did (probe q1 F3): a plain-text 500, a
+    traceback, no entry. The policy here denies at once a prompt that says "deny" and takes minutes to list
+    the models of the key's team; the drain is 1 s."""
+    from gateway.auth import KeyStore
+    from gateway.components import open_database
+    from tests.policy.embedded_fixtures import SLOW, write_policy
+
+    deny = ('{"allow": false, "reasons": [{"code": "x", "message": "y"}], '
+            '"obligations": {"max_tokens": 7, "prompt_logging": "full"}}')
+    policy = write_policy(tmp_path / "policy", f"""{SLOW}
+decision := {deny}
+
+visible_models contains m.name if {{
+	some m in input.models
+	input.principal.team != "slowteam"
+}}
+
+visible_models contains m.name if {{
+	some m in input.models
+	input.principal.team == "slowteam"
+	slow_count > 0
+}}
+""")
+    store = KeyStore(open_database(settings))
+    key = store.create("sloane", team="slowteam", roles=["analyst"]).secret
+    store.engine.dispose()
+    own = own_redis.with_(drain_s=1.0, policy_dir=policy, policy_timeout_s=120.0, policy_wait_timeout_s=120.0,
+                          output_rules=False)
+    log = tmp_path / "serve.log"
+    with serving(own, log) as base, ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(httpx.post, f"{base}/v1/completions", headers=bearer(key), timeout=90,
+                              json={"model": MODEL, "prompt": "deny me", "max_tokens": 5})
+        time.sleep(1.0)  # lets the request reach the policy's visible_models (one still earlier is refused too)
+        base.process.send_signal(signal.SIGTERM)
+        answered = waiting.result(timeout=90)
+        assert base.process.wait(timeout=60) is not None
+    assert answered.status_code == 503, answered.text
+    assert answered.json()["error"]["code"] == "shutting_down"
+    request_id = answered.headers["x-govgate-request-id"]
+    entries = audit_store.entries_for(request_id)
+    assert [e.kind for e in entries] == ["rejected"], [e.kind for e in entries]
+    assert entries[0].body["error"]["code"] == "shutting_down"
+    text = log.read_text()
+    assert "Traceback" not in text and "CancelledError" not in text, text[-3000:]
