@@ -418,8 +418,6 @@ class TicketRunner:
             await self.handed_over.aclose()
 
 
-
-
 def _raised(result: Any) -> str:
     """What a task that raised reported (``workers.replies.failure``), as the failure entry's message.
 
