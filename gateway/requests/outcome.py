@@ -71,7 +71,7 @@ class TicketRunner:
         self.digester = digester
         self.request_timeout_s = request_timeout_s
         #: How long a timed-out job that a worker began is given to stop and report
-        #: (:data:`~gateway.requests.timeouts.STOP_GRACE_S`).
+        #: (``GOVGATE_TIMEOUT_GRACE_S``; default :data:`~gateway.requests.timeouts.STOP_GRACE_S`).
         self.stop_grace_s = stop_grace_s
         #: The output rules (None: outputs are not checked; jobs say so to their workers).
         self.output_rules = output_rules
@@ -419,8 +419,6 @@ class TicketRunner:
             task.cancel()
         if self.handed_over is not None:  # the fallbacks of the outputs recorded last
             await self.handed_over.aclose()
-
-
 
 
 def _raised(result: Any) -> str:

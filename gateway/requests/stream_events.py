@@ -76,7 +76,7 @@ class StreamEvents:
 
     async def _events(self) -> AsyncIterator[str | JobResult]:
         """The stream's text, then its result. At the request timeout the job is asked to stop; a job a
-        worker began is relayed on for the grace (:data:`.timeouts.STOP_GRACE_S`) until the worker's end comes,
+        worker began is relayed on for the grace (the runner's ``stop_grace_s``) until the worker's end comes,
         so the client gets what the worker generated and the request is charged it (:func:`.timeouts.timed_out`)."""
         runner, ticket = self._runner, self._ticket
         delivered: list[str] = []

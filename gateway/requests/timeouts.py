@@ -3,8 +3,9 @@
 Split from ``gateway/requests/outcome.py`` so that the timeout's path reads in one place, for both kinds of
 request: a non-streamed one's wait (:func:`after_timeout`) and a stream's relay
 (``gateway/requests/stream_events.py``) both stop the job (:func:`stop_for_timeout`), give a worker that began
-it :data:`STOP_GRACE_S` to report what it generated, and end the request (:func:`timed_out`): 504, charged what
-the worker reports, nothing if no worker began the job, its whole reservation if one began and said nothing.
+it the grace (``GOVGATE_TIMEOUT_GRACE_S``, default :data:`STOP_GRACE_S`) to report what it generated, and end
+the request (:func:`timed_out`): 504, charged what the worker reports, nothing if no worker began the job, its
+whole reservation if one began and said nothing.
 The functions take the :class:`~gateway.requests.outcome.TicketRunner` whose request timed out (or the one part
 of it they need) and read its parts when they run.
 """
@@ -101,7 +102,7 @@ async def timed_out(runner: TicketRunner, ticket: Ticket, *, output: str | None 
     """The wait ran out and the job was asked to stop (:func:`stop_for_timeout`): end the request, 504.
 
     ``started``: a worker may have begun the job; ``outcome``: what it
-    reported within the grace that followed (:data:`STOP_GRACE_S`). A
+    reported within the grace that followed (the runner's ``stop_grace_s``). A
     worker that stopped records the end itself, ``timed_out`` with what it
     generated: that entry is the request's end, it is charged and counted
     what it records, and the client gets the 504. An outcome that is a
