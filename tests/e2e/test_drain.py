@@ -261,7 +261,7 @@ def test_a_forced_stop_answers_a_request_waiting_for_its_policy_decision_and_rec
     assert "Traceback" not in text and "CancelledError" not in text, text[-3000:]
 
 
-def test_a_forced_stop_still_writes_the_closing_checkpoint(own_redis, keyring, audit_store, tmp_path) -> None:  # noqa: F811
+def test_a_forced_stop_still_writes_the_closing_checkpoint(own_redis, tmp_path) -> None:  # noqa: F811
     """A second stop signal still signs the chain's head before the gateway exits: ``audit verify`` run while
     it is down finds nothing unsigned.
 
@@ -273,10 +273,19 @@ def test_a_forced_stop_still_writes_the_closing_checkpoint(own_redis, keyring, a
     from audit.checkpoints import CheckpointStore
     from audit.signing import load_signing_key
 
-    own = own_redis.with_(drain_s=60.0, output_rules=False, checkpoint_interval_s=3600.0)
+    from audit import AuditStore
+    from gateway.db_setup import open_database
+    from tests.keys_and_limits import new_key
+
+    # A store of its own: another gateway of the suite on the shared one (the session's served API) signs a
+    # checkpoint at once after a closing one, as a replica's successor does, and the latest is then not this one.
+    own = own_redis.with_(drain_s=60.0, output_rules=False, checkpoint_interval_s=3600.0,
+                          database_url=f"sqlite:///{tmp_path / 'own-audit.db'}")
+    key = new_key(own, "closer", None, ("admin",))
+    audit_store = AuditStore(open_database(own))
     log = tmp_path / "serve.log"
     with serving(own, log) as base, ThreadPoolExecutor(1) as pool:
-        plain = pool.submit(httpx.post, f"{base}/v1/completions", headers=bearer(keyring["admin"]), timeout=60,
+        plain = pool.submit(httpx.post, f"{base}/v1/completions", headers=bearer(key), timeout=60,
                             json={"model": MODEL, "prompt": "Count", "max_tokens": 5})
         deadline = time.monotonic() + 60
         while queued(own, MODEL) < 1:  # no worker: it waits in the queue
@@ -297,6 +306,7 @@ def test_a_forced_stop_still_writes_the_closing_checkpoint(own_redis, keyring, a
     verdict = check_checkpoints(checkpoints, key.public, strict=True, max_unsigned_age_s=0.0)
     assert verdict.ok and verdict.tail is None, verdict.problems
     assert "no closing audit checkpoint" not in log.read_text()
+    audit_store.engine.dispose()
 
 
 def test_a_forced_stop_answers_a_request_whose_worker_does_not_stop_in_time(
