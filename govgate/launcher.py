@@ -59,7 +59,7 @@ class NotStarted(StartupError):
 
 
 #: A worker's exit status when it stopped because Redis refused its writes (MISCONF on a full disk,
-#: NOREPLICAS, READONLY, OOM: ``workers/redis_refusal.py``): EX_TEMPFAIL. Its model did not crash: once serving
+#: NOREPLICAS, READONLY, OOM: ``workers/contract/redis_refusal.py``): EX_TEMPFAIL. Its model did not crash: once serving
 #: the start is tried again after the waits of a refused start (:meth:`RestartPolicy.not_started`), never given
 #: up; during the start ``up`` stops (as for a start Redis refuses), giving no model up.
 REDIS_REFUSED_EXIT = os.EX_TEMPFAIL

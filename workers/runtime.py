@@ -36,7 +36,7 @@ from workers.contract.queue_layout import HARD_LIMIT_GRACE_S
 from workers.contract.jobs import GENERATE_TASK, queue_for
 from workers.contract.registry import ModelSpec
 from workers.contract.sealing import load_or_create_key
-from workers.redis_refusal import EXIT_REDIS_REFUSED, write_refusal
+from workers.contract.redis_refusal import EXIT_REDIS_REFUSED, write_refusal
 
 if TYPE_CHECKING:
     from workers.heartbeat import Heartbeat
@@ -314,7 +314,7 @@ def _note_write_refusal(worker: Any) -> list[str]:
 
     Celery catches the error that ends its consumer (``WorkController.start``: "Unrecoverable error") and
     calls ``stop(exitcode=1)`` from inside that ``except``, where the error is still the one being handled;
-    nothing else of it reaches the caller. Why it matters: ``workers/redis_refusal.py``.
+    nothing else of it reaches the caller. Why it matters: ``workers/contract/redis_refusal.py``.
     """
     refused: list[str] = []
     stop = worker.stop

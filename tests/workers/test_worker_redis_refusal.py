@@ -11,6 +11,7 @@ made to refuse writes with ``min-replicas-to-write`` (no replica: the same refus
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import redis
@@ -40,8 +41,54 @@ def test_a_worker_whose_redis_refuses_writes_exits_with_ex_tempfail(own_redis, t
         stop_process(worker, timeout_s=10)
 
 
+def test_a_control_reply_redis_refuses_ends_instead_of_retrying_forever(own_redis) -> None:  # noqa: F811
+    """A worker's reply to a control command (a ping) makes a channel, which registers its owner: a write.
+
+    kombu takes redis-py's ResponseError for an error a new connection cures and retried making that
+    channel, each try keeping its connections open: here three tries then an OperationalError, on the
+    worker's own connection without end, so a worker that met the refusal there (a ping that came
+    before its take did) never exited (CI; 4 of 12 runs of the test above under a CPU burner).
+    Real parts: the workers' Celery app on its own Redis, kombu's own mailbox reply.
+    """
+    from workers.contract.celery_config import make_celery
+    from workers.contract.redis_refusal import RedisRefusesWrites
+
+    app = make_celery(own_redis.redis_url, owner=f"{TINY_MODEL_NAME}.{os.getpid()}@test")
+    client = redis.Redis.from_url(own_redis.redis_url)
+    outcome: list[BaseException | None] = []
+    try:
+        with app.connection_for_write() as connection:
+            node = app.control.mailbox(connection).Node("test@node", channel=connection.default_channel)
+            before = len(client.client_list())
+            client.config_set("min-replicas-to-write", 1)
+
+            def reply() -> None:
+                try:
+                    node.reply({"test@node": {"ok": "pong"}}, exchange="reply.celery.pidbox", routing_key="r",
+                               ticket="t")
+                    outcome.append(None)
+                except BaseException as exc:  # noqa: BLE001 - what it raised is the test's subject
+                    outcome.append(exc)
+
+            replying = threading.Thread(target=reply, daemon=True)
+            replying.start()
+            replying.join(30)
+            stuck = replying.is_alive()
+            after = len(client.client_list())
+            client.config_set("min-replicas-to-write", 0)  # lets a stuck reply end
+            replying.join(10)
+        assert not stuck, "the reply was still retrying after 30 s"
+        assert isinstance(outcome[0], RedisRefusesWrites), outcome
+        assert str(outcome[0]).startswith("NOREPLICAS")
+        assert after <= before + 1, (before, after)  # the failed channel's connections closed
+    finally:
+        client.config_set("min-replicas-to-write", 0)
+        client.close()
+        app.close()
+
+
 def test_only_a_write_refusal_counts_as_one() -> None:
-    from workers.redis_refusal import write_refusal
+    from workers.contract.redis_refusal import write_refusal
 
     wrapped = redis.exceptions.ResponseError("Error running script (call to f_20da): @user_script:338: "
                                              "@user_script: 338: -MISCONF Errors writing to the AOF file")
@@ -57,3 +104,5 @@ def test_only_a_write_refusal_counts_as_one() -> None:
     assert write_refusal(redis.exceptions.ResponseError("WRONGTYPE Operation against a key")) is None
     assert write_refusal(redis.exceptions.ConnectionError("Connection refused")) is None
     assert write_refusal(ValueError("MISCONF")) is None
+    from workers.contract.redis_refusal import RedisRefusesWrites
+    assert write_refusal(RedisRefusesWrites("NOREPLICAS Not enough good replicas")) == "NOREPLICAS Not enough good replicas"

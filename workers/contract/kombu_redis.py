@@ -100,6 +100,7 @@ from workers.contract.liveness import LIVE_SCRIPT, WORKERS_KEY
 from workers.contract.queue_layout import DEFAULT_PRIORITY, bell_key, idle_key
 from workers.contract.repick import Ticket, offering
 from workers.contract.take import TakeQueue, take_command
+from workers.contract.redis_refusal import RedisRefusesWrites, write_refusal
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +421,16 @@ class Channel(kombu_redis.Channel):
         self._node = node or ""
         if node:
             self.unacked_key, self.unacked_index_key = owner_keys(node)
-            self.owner = self._register(this_process(node))
+            try:
+                self.owner = self._register(this_process(node))
+            except Exception as exc:
+                # kombu made this channel's connections and put it in its poller: a channel kombu never gets
+                # would keep them open (kombu retries making a channel: one more each second).
+                self.close()
+                why = write_refusal(exc)
+                if why is not None:  # kombu would retry this forever: a worker must stop (exit 75) instead
+                    raise RedisRefusesWrites(why) from exc
+                raise
             if self.connection.client.transport_options.get(GIVE_WAY_OPTION):
                 self.noted_as = hashlib.sha1(self.unacked_key.encode()).hexdigest()[:12]
 

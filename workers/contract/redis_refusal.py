@@ -8,6 +8,13 @@ Redis writes again, so the worker exits with :data:`EXIT_REDIS_REFUSED`
 instead (``workers/runtime.py``), and ``govgate up`` waits and starts it
 again without counting a crash (``govgate/launcher.py``).
 
+A refusal met while kombu makes a channel (the worker's channel registers
+its owner, a write) is raised as :class:`RedisRefusesWrites`: kombu counts
+redis-py's ``ResponseError`` among the errors a new connection recovers from
+and retries making the channel forever, so a control command's reply (a
+ping) met that way held the worker until Redis wrote again, making a new
+connection every second, instead of letting it exit.
+
 Imports only redis-py's exceptions: the worker's main process loads it.
 """
 
@@ -30,6 +37,13 @@ _WRAPPED = re.compile(r"-(?P<code>" + "|".join(REFUSAL_CODES) + r") (?P<message>
 _CLASSES: Final = ((redis.exceptions.ReadOnlyError, "READONLY"), (redis.exceptions.OutOfMemoryError, "OOM"))
 
 
+class RedisRefusesWrites(Exception):
+    """Redis refused a write for a state of the server that may pass (raised from redis-py's error).
+
+    Not a redis-py or kombu error class on purpose: kombu retries those forever where it makes a channel.
+    """
+
+
 def write_refusal(exc: BaseException) -> str | None:
     """``"CODE message"`` when ``exc`` (or what it was raised from) is Redis refusing a write, else None."""
     seen: set[int] = set()
@@ -44,6 +58,8 @@ def write_refusal(exc: BaseException) -> str | None:
 
 
 def _refusal(exc: BaseException) -> str | None:
+    if isinstance(exc, RedisRefusesWrites):
+        return str(exc)
     if not isinstance(exc, redis.exceptions.ResponseError):
         return None
     text = " ".join(str(exc).split())
