@@ -108,6 +108,7 @@ class LlamaCppModel:
             raise BackendError(
                 f"model {spec.name}: llama.cpp cannot load {spec.path} ({exc}); its reason is in the log"
             ) from None
+        _wait_for_task_loop(server, spec)
         return cls(spec, server, api_key)
 
     def close(self) -> None:
@@ -255,6 +256,20 @@ class LlamaCppModel:
         if response.status != 200 or not isinstance(reply, dict):
             raise BackendError(f"model {self.spec.name}: llama.cpp's {path} answered {response.status}: {raw[:300]!r}")
         return reply
+
+
+def _wait_for_task_loop(server: Any, spec: ModelSpec) -> None:
+    """Return once the server's task loop has answered a task (a prompt of one token, nothing generated).
+
+    Why: the server's destructor stops that loop by clearing its ``running`` flag, and the loop sets the
+    flag when it starts, so a server dropped before its loop thread got going waited for it for ever:
+    a model closed soon after its load hung its process (a test-busy run; 1 in ~50 loads and closes under
+    a CPU burner). The constructor returns before that thread runs; its HTTP listener answering proves
+    nothing, as ``/props`` and ``/tokenize`` never reach the loop. Costs one prefill of one token at load.
+    """
+    reply = server.handle_completions({"prompt": [0], "max_tokens": 0, "stream": False, "cache_prompt": False})
+    if not isinstance(reply, dict) or "error" in reply:
+        raise BackendError(f"model {spec.name}: llama.cpp's first task failed: {str(reply)[:300]}")
 
 
 _END = object()

@@ -224,3 +224,24 @@ def test_a_closed_model_refuses_work(llama_spec: ModelSpec) -> None:
     loaded.close()
     with pytest.raises(BackendError, match="closed"):
         loaded.count_tokens("the gate")
+
+
+def test_a_model_closed_right_after_its_load_does_not_hang(llama_spec: ModelSpec) -> None:
+    """llama.cpp's server stops its task loop by clearing a flag the loop sets as it starts: a server
+    closed before that thread ran waited for it for ever (a test-busy run hung here; ~1 in 50 loads and
+    closes under a CPU burner). Loads and closes in a process of their own, so a hang fails the test."""
+    script = (
+        "from pathlib import Path\n"
+        "from workers.backends import load_model\n"
+        "from workers.contract.registry import ModelSpec, BACKEND_LLAMACPP\n"
+        f"spec = ModelSpec(name='tiny-llamacpp', path=Path({str(llama_spec.path)!r}), backend=BACKEND_LLAMACPP,\n"
+        f"                 model_type='llama', context_length={llama_spec.context_length})\n"
+        "for _ in range(100):\n"
+        "    load_model(spec).close()\n"
+        "print('closed 100')\n"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("loading and closing the model 100 times hung (60 s; it takes ~2 s)")
+    assert done.returncode == 0 and "closed 100" in done.stdout, done.stderr[-2000:]
