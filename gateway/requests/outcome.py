@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from dataclasses import replace
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -339,8 +339,12 @@ class TicketRunner:
         ``cut``: the stopping gateway's drain ended it (:meth:`StreamEvents.cut`), and :meth:`tell_cancelled`
         ran already.
         """
-        task = asyncio.get_running_loop().create_task(self._cancel_and_close(ticket, hold, pending, subscription,
-                                                                             queued, cut=cut))
+        self.in_background(self._cancel_and_close(ticket, hold, pending, subscription, queued, cut=cut))
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` (a request's end, its client gone) in a task the runner keeps until it is done (and
+        cancels at its own close)."""
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -70,6 +70,11 @@ class StreamEvents:
         self._answered = False
         #: That grace, once the cut began it; a second cut (a forced stop) ends it at once.
         self._grace: asyncio.TimerHandle | None = None
+        #: The request timed out and the worker that began its job has until then (loop time) to report: a
+        #: client leaving meanwhile leaves a timed-out request, not a cancelled one (:meth:`aclose`).
+        self._timeout_grace_ends: float | None = None
+        #: The text the client was sent (what a timed-out request's end keeps).
+        self._delivered: list[str] = []
 
     def __aiter__(self) -> AsyncIterator[str | JobResult]:
         return self._events()
@@ -79,7 +84,7 @@ class StreamEvents:
         worker began is relayed on for the grace (the runner's ``stop_grace_s``) until the worker's end comes,
         so the client gets what the worker generated and the request is charged it (:func:`.timeouts.timed_out`)."""
         runner, ticket = self._runner, self._ticket
-        delivered: list[str] = []
+        delivered = self._delivered
         try:
             try:
                 async for piece in self._relay(runner.request_timeout_s, delivered):
@@ -96,6 +101,7 @@ class StreamEvents:
                 if not started:
                     await runner.withdraw_unstarted(self._queued)
                 if started:  # no end within the grace (or Redis failed meanwhile): recorded here
+                    self._timeout_grace_ends = asyncio.get_running_loop().time() + runner.stop_grace_s
                     with contextlib.suppress(RedisError, OSError):
                         async for piece in self._relay(runner.stop_grace_s, delivered):
                             yield piece
@@ -219,11 +225,38 @@ class StreamEvents:
         if self._closed:
             return
         self._closed = True
+        if not self._finished and self._timeout_grace_ends is not None:  # left during the timeout's grace
+            self._finished = True
+            self._runner.in_background(self._end_timed_out())
+            return
         if not self._finished:  # the wait stays open: what the worker sends from now on is still heard
             self._runner.abandon(self._ticket, self._hold, self._pending, self._subscription, self._queued,
                                  cut=self._cut)
             return
         await self._subscription.aclose()
+
+    async def _end_timed_out(self) -> None:
+        """The client left while the worker of its timed-out request had its grace: the request still ends
+        ``timed_out``, as it would have with the client there. Its worker was told to stop for the timeout
+        (and, checked, what the client received): the rest of the grace is heard here, then the end is
+        recorded as the stream would have (:func:`.timeouts.timed_out`: the worker's own entry, or this one).
+        Before, the client's leaving cancelled the job over the timeout's stop: ``cancelled``, the worker's
+        ``timed_out`` verdict replaced by a ``cancelled`` one.
+        """
+        assert self._timeout_grace_ends is not None
+        runner, ticket = self._runner, self._ticket
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_exit(self._subscription)
+            left = max(0.0, self._timeout_grace_ends - asyncio.get_running_loop().time())
+            if self._outcome is None:
+                with contextlib.suppress(ResultTimeout, RedisError, OSError):
+                    async for _ in self._relay(left, []):
+                        pass  # nobody to send it to: what was sent before is what the end keeps
+            try:
+                await timed_out(runner, ticket, output="".join(self._delivered), started=True,
+                                outcome=self._outcome, verdict=self._timed_out)
+            except ApiError:
+                pass  # the 504 (or the end another recorded) that no client is left to read
 
 
 #: The event :meth:`StreamEvents.cut` puts in a stream's way.

@@ -238,6 +238,41 @@ async def test_a_stream_the_timeout_ends_while_generating_is_charged_and_gets_wh
     assert tokens_counted(gateway) - counted_before == used_tokens(usage)
 
 
+async def test_a_stream_whose_client_leaves_during_the_timeout_s_grace_still_ends_timed_out(
+        gateway, settings, timeout_worker, audit_store):
+    """The client of a timed-out stream leaves while the worker has its grace to report: the request still ends
+    ``timed_out``, charged what the worker generated, keeping what the client received (under the output
+    rules, on here). Before, the leaving cancelled the job over the timeout's stop: the worker recorded
+    ``cancelled`` (probe q1's leftover)."""
+    principal, key = fresh_key(settings)
+    text = ""
+    with freezer(settings, timeout_worker) as frozen:
+        with httpx.stream("POST", f"{gateway}/v1/completions", headers=bearer(key), timeout=120,
+                          json={"model": TIMEOUT_MODEL, "prompt": "Tell", "max_tokens": MAX_TOKENS,
+                                "temperature": 0, "stream": True}) as response:
+            assert response.status_code == 200
+            request_id = response.headers["x-govgate-request-id"]
+            lines = response.iter_lines()  # held: a line iterator let go closes the connection
+            for line in lines:
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    event = json.loads(line[6:])
+                    text += (event.get("choices") or [{}])[0].get("text") or ""
+                    if text:  # the generation is under way: frozen until the client has left
+                        frozen.freeze()
+                        break
+            deadline = time.monotonic() + 60
+            while frozen.client.get(cancel_key(request_id)) in (None, JOB_STARTED):  # the timeout's stop
+                assert time.monotonic() < deadline, "the request never timed out"
+                time.sleep(0.02)
+        time.sleep(2)  # the connection closed inside the grace: the gateway sees its client gone
+        frozen.thaw()
+    usage = assert_charged_what_it_generated(settings, audit_store, principal, request_id)
+    terminal = audit_store.terminal_for(request_id)
+    assert terminal.payload["client_output"].startswith(text), terminal.payload  # sent before it left
+    assert terminal.body["output_decision"]["stopped"] is False
+    assert await charged(settings, principal) == {"tokens_today": used_tokens(usage), "in_flight": 0}
+
+
 async def test_a_request_the_timeout_ends_while_queued_is_charged_nothing(gateway, settings, audit_store):
     """Nothing generated, nothing charged; and the dead job is taken back from its queue at once: it held its
     place (and its team's waiting count) until a worker reached it, a frozen worker's never (probe p2)."""
