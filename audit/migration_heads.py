@@ -17,6 +17,8 @@ or anything is unclear, does the caller run Alembic as before.
 from __future__ import annotations
 
 import ast
+import functools
+import threading
 from pathlib import Path
 
 from sqlalchemy import Connection, column, inspect, select, table
@@ -40,6 +42,19 @@ def _assigned(tree: ast.Module) -> dict[str, object]:
     return found
 
 
+#: CPython 3.11 (to 3.11.8) can raise ``SystemError: AST constructor recursion depth mismatch`` when two
+#: threads build AST objects at once (a worker's start migrating in a thread while another thread does the
+#: same, or pytest rewrites a module): the parses here take turns, and each file is parsed once per version.
+_PARSE_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=64)
+def _file_assignments(path: str, _mtime_ns: int, _size: int) -> dict[str, object]:
+    with _PARSE_LOCK:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=path)
+    return _assigned(tree)
+
+
 def script_heads(versions_dir: Path) -> frozenset[str] | None:
     """The head revisions of a folder of Alembic revision files; None when a file cannot be read plainly.
 
@@ -53,7 +68,8 @@ def script_heads(versions_dir: Path) -> frozenset[str] | None:
         if path.name.startswith("__"):
             continue
         try:
-            found = _assigned(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+            stat = path.stat()
+            found = _file_assignments(str(path), stat.st_mtime_ns, stat.st_size)
         except (OSError, SyntaxError, ValueError):
             return None
         revision, down = found.get(_REVISION), found.get(_DOWN)
