@@ -119,6 +119,11 @@ def check_checkpoints(store: CheckpointStore, public_key: PublicKey | None, *, e
             verdict.checked += 1
             verdict.latest = checkpoint
             _check_one(verdict, checkpoint, entry_hash, public_key, "stored checkpoint")
+        for mark, entry_hash in store.closing_marks():  # a stop over a head already signed: its closing checkpoint
+            verdict.checked += 1
+            _check_one(verdict, mark, entry_hash, public_key, "closing mark")
+            if verdict.latest is not None and mark.seq == verdict.latest.seq:
+                verdict.latest = mark  # the tail after it was written while no gateway ran
     except CheckpointRowError as exc:
         verdict.problem(f"stored checkpoints cannot be read: {exc}")
     if external is not None:

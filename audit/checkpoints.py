@@ -25,12 +25,13 @@ from .chain import canonical_json, canonical_text, format_timestamp
 from .db import DB_ERRORS, describe, reason
 from .errors import AuditError
 from .signing import PublicKey, SigningKey
-from .tables import audit_table, checkpoint_table
+from .tables import audit_table, checkpoint_table, closing_mark_table
 
 #: The ``format`` of the signed message; a verifier refuses any other.
 FORMAT: Final = "govgate-checkpoint/1"
 
 _cp = checkpoint_table
+_marks = closing_mark_table
 _entries = audit_table
 
 
@@ -192,8 +193,37 @@ class CheckpointStore:
             except AuditError:
                 existing = None
             if existing is not None:
+                if checkpoint.closing and not existing.closing and existing.head_hash == checkpoint.head_hash:
+                    return self._add_mark(checkpoint)  # a stop over a head its last tick signed
                 return existing, False
             raise AuditError(f"cannot store checkpoint in {describe(self._engine)}: {reason(exc)}") from exc
+
+    def _add_mark(self, checkpoint: Checkpoint) -> tuple[Checkpoint, bool]:
+        """Store closing ``checkpoint`` as the closing mark of its seq, whose plain checkpoint is stored already
+        (``audit_closing_marks``, :class:`audit.tables.AuditClosingMarkRow`): (the stored mark, whether it is this one)."""
+        row = {"seq": checkpoint.seq, "head_hash": checkpoint.head_hash, "created_at": checkpoint.created_at,
+               "key_id": checkpoint.key_id, "signature": checkpoint.signature}
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(_marks.insert().values(**row))
+            return checkpoint, True
+        except DB_ERRORS as exc:
+            existing = self._mark(checkpoint.seq)
+            if existing is not None:
+                return existing, False
+            raise AuditError(f"cannot store closing mark in {describe(self._engine)}: {reason(exc)}") from exc
+
+    def _mark(self, seq: int) -> Checkpoint | None:
+        """The closing mark of ``seq`` as the closing checkpoint it is, None if there is none."""
+        rows = self._fetch(select(_marks).where(_marks.c.seq == seq))
+        return _closing_mark(rows[0]) if rows else None
+
+    def closing_marks(self) -> list[tuple[Checkpoint, str | None]]:
+        """Every closing mark (one per stop of an idle gateway: few) in seq order, as the closing checkpoint
+        it is, with the stored hash of its entry (None: no such entry)."""
+        joined = _marks.outerjoin(_entries, _entries.c.seq == _marks.c.seq)
+        stmt = select(_marks, _entries.c.hash.label("entry_hash")).select_from(joined).order_by(_marks.c.seq)
+        return [(_closing_mark(row), row["entry_hash"]) for row in self._fetch(stmt)]
 
     def close_over_own(self, key: SigningKey, seq: int, head_hash: str) -> Checkpoint | None:
         """Sign ``seq`` (an entry the caller has just appended) as a closing checkpoint, when it alone follows a
@@ -220,9 +250,15 @@ class CheckpointStore:
         return rows[0] if rows else None
 
     def latest(self) -> Checkpoint | None:
-        """The checkpoint of the highest seq."""
+        """The checkpoint of the highest seq: its closing mark when it has one (a stop after the head was signed)."""
         rows = self._rows(select(_cp).order_by(_cp.c.seq.desc()).limit(1))
-        return rows[0] if rows else None
+        if not rows:
+            return None
+        top = rows[0]
+        if top.closing:
+            return top
+        mark = self._mark(top.seq)
+        return mark if mark is not None and mark.head_hash == top.head_hash else top
 
     def between(self, first: int, last: int, batch: int = 1000) -> Iterator[Checkpoint]:
         """The checkpoints of entries ``first``..``last`` in seq order, read in batches (constant memory)."""
@@ -315,6 +351,11 @@ def _aware(value: Any) -> datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc)
+
+
+def _closing_mark(row: Any) -> Checkpoint:
+    return Checkpoint(seq=row["seq"], head_hash=row["head_hash"], created_at=row["created_at"], closing=True,
+                      key_id=row["key_id"], signature=row["signature"])
 
 
 def _checkpoint(row: Any) -> Checkpoint:

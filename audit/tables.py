@@ -23,6 +23,7 @@ from .sqltypes import UTCDateTime
 TABLE_NAME = "audit_entries"
 CHECKPOINT_TABLE_NAME = "audit_checkpoints"
 TIME_ORDER_TABLE_NAME = "audit_time_order"
+CLOSING_MARK_TABLE_NAME = "audit_closing_marks"
 
 
 #: Deterministic constraint names, needed for later ALTERs (SQLite batch mode).
@@ -115,6 +116,25 @@ class AuditCheckpointRow(AuditModel, table=True):
     closing: bool = Field(sa_column=Column(Boolean(), nullable=False))
 
 
+class AuditClosingMarkRow(AuditModel, table=True):
+    """A closing checkpoint of a head that a checkpoint signed already (written by :mod:`audit.checkpoints`).
+
+    A gateway's stop signs the head as a closing checkpoint, but one checkpoint per entry: an idle gateway's
+    head was signed by its last tick, and its stop left no closing one (the usual case). What "closing"
+    gives was lost then: entries after it are known to be written while no gateway ran, and an operator's
+    command then signs its own entry (``govgate/own_entries.py``). The mark is that closing checkpoint,
+    kept beside the plain one: the same signed fields (``closing`` true), one per entry, append-only.
+    """
+
+    __tablename__ = CLOSING_MARK_TABLE_NAME
+
+    seq: int = Field(sa_column=Column(_SEQ_TYPE, primary_key=True, autoincrement=False))
+    head_hash: str = Field(sa_column=Column(String(64), nullable=False))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    key_id: str = Field(sa_column=Column(String(64), nullable=False))
+    signature: str = Field(sa_column=Column(String(128), nullable=False))
+
+
 class AuditTimeOrderRow(AuditModel, table=True):
     """From which ``seq`` on ``created_at`` never goes back along the chain; one row (id 1), made by audit_0005.
 
@@ -136,3 +156,4 @@ class AuditTimeOrderRow(AuditModel, table=True):
 audit_table = AuditEntryRow.__table__
 time_order_table = AuditTimeOrderRow.__table__
 checkpoint_table = AuditCheckpointRow.__table__
+closing_mark_table = AuditClosingMarkRow.__table__

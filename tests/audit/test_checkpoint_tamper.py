@@ -93,9 +93,14 @@ def test_a_sound_trail_passes_with_its_checkpoints_and_a_file(trail: Trail, tmp_
 def test_a_second_checkpoint_of_the_same_head_is_a_no_op(trail: Trail) -> None:
     trail.append(2)
     first = trail.checkpoints.make(trail.key)
-    second = trail.checkpoints.make(SigningKey.generate(), closing=True)  # another replica, same head
+    second = trail.checkpoints.make(SigningKey.generate())  # another replica, same head
     assert first[1] and not second[1]
     assert second[0] == first[0] == trail.checkpoints.latest()
+    # a replica's stop over that head: its closing checkpoint is kept as the head's closing mark, once
+    closing = trail.checkpoints.make(trail.key, closing=True)
+    again = trail.checkpoints.make(SigningKey.generate(), closing=True)
+    assert closing[1] and closing[0].closing and not again[1] and again[0] == closing[0]
+    assert trail.checkpoints.latest() == closing[0] and trail.checkpoints.get(first[0].seq) == first[0]
 
 
 # -- truncation ------------------------------------------------------------------------

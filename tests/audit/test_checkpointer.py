@@ -117,6 +117,49 @@ async def test_the_loop_signs_and_a_clean_stop_writes_the_closing_checkpoint(sto
     assert not [t for t in asyncio.all_tasks() if t.get_name() == "govgate-checkpointer"]
 
 
+async def test_a_stop_over_a_head_its_last_tick_signed_still_closes_the_chain(store: AuditStore, raw) -> None:
+    """An idle gateway's last tick signed the head, so its stop had nothing left to sign (one checkpoint per
+    entry): "audit head already checkpointed; no closing checkpoint", and the chain lost what a closing one
+    says (entries after it were written while no gateway ran; an operator's command then signs its own,
+    ``govgate/own_entries.py``). The stop now leaves a closing mark over that head, checked by verify."""
+    from audit.checkpoint_check import anomaly_at_start, check_checkpoints
+
+    key = SigningKey.generate()
+    checkpoints = CheckpointStore(store.engine)
+    checkpointer = _checkpointer(store, key, every_entries=1, poll_s=3600.0)
+    await checkpointer.start()
+    head = _append(store, 2)
+    signed = await checkpointer.tick()
+    assert signed is not None and signed.seq == head and not signed.closing
+    await checkpointer.aclose()  # nothing appended since the tick
+    latest = checkpoints.latest()
+    assert latest.seq == head and latest.closing and latest.signature_problem(key.public) is None
+    assert list(checkpointer.written) == [signed, latest]
+    assert checkpoints.get(head) == signed  # the plain checkpoint stays as it was
+    assert checkpoints.make(key, closing=True) == (latest, False)  # another stop over it: no second mark
+    verdict = check_checkpoints(checkpoints, key.public, strict=True, max_unsigned_age_s=60)
+    assert verdict.ok and verdict.latest == latest and verdict.checked == 2, verdict.problems
+    with pytest.raises(Exception, match="append-only"):
+        raw.execute(f"DELETE FROM audit_closing_marks WHERE seq = {head}")
+    _append(store, 1)  # written while no gateway ran: named at the next start, as after a closing checkpoint
+    assert anomaly_at_start(checkpoints, max_unsigned_age_s=3600)["reason"] == "after_closing"
+
+
+async def test_a_closing_mark_signed_by_another_key_fails_verify(store: AuditStore) -> None:
+    from audit.checkpoint_check import check_checkpoints
+    from audit.checkpoints import sign_checkpoint
+
+    key = SigningKey.generate()
+    checkpoints = CheckpointStore(store.engine)
+    head = _append(store, 1)
+    plain, _ = checkpoints.make(key)
+    forged, written = checkpoints.add(sign_checkpoint(SigningKey.generate(), head, plain.head_hash, closing=True))
+    assert written and forged.closing
+    verdict = check_checkpoints(checkpoints, key.public, max_unsigned_age_s=60)
+    assert not verdict.ok and any(p.startswith("closing mark:") and "not the trusted key" in p
+                                  for p in verdict.problems), verdict.problems
+
+
 async def test_after_a_closing_checkpoint_the_next_entry_is_signed_at_once(store: AuditStore) -> None:
     key = SigningKey.generate()
     _append(store, 2)

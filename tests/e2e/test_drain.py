@@ -314,6 +314,48 @@ def test_a_forced_stop_still_writes_the_closing_checkpoint(own_redis, tmp_path) 
     audit_store.engine.dispose()
 
 
+def test_an_idle_gateway_s_stop_closes_the_chain_and_a_key_made_while_it_is_down_is_signed(
+        own_redis, tmp_path) -> None:  # noqa: F811
+    """An idle gateway's last tick signed the head, so its stop had nothing to sign: "audit head already
+    checkpointed; no closing checkpoint". ``govgate keys create`` run while it was down then found no closing
+    checkpoint to follow, left its entry unsigned, and verify (after 50 s) and the next start (a
+    ``chain_anomaly``) named the admin's routine act. The stop now leaves a closing mark over the head."""
+    import subprocess
+    import sys
+
+    from audit.checkpoint_check import anomaly_at_start
+    from audit.checkpoints import CheckpointStore
+
+    from audit import AuditStore
+    from gateway.db_setup import open_database
+    from govgate.supervisor import child_env
+    from tests.keys_and_limits import new_key
+
+    own = own_redis.with_(checkpoint_interval_s=3600.0, database_url=f"sqlite:///{tmp_path / 'own-audit.db'}")
+    new_key(own, "early", None, ("admin",))  # an entry for the start's first tick to sign
+    audit_store = AuditStore(open_database(own))
+    checkpoints = CheckpointStore(audit_store.engine)
+    with serving(own, tmp_path / "serve.log") as base:
+        deadline = time.monotonic() + 60
+        while checkpoints.latest() is None:
+            assert time.monotonic() < deadline, "the gateway never signed the head"
+            time.sleep(0.05)
+        signed = checkpoints.latest()
+        base.process.send_signal(signal.SIGTERM)  # idle: nothing appended since that tick
+        assert base.process.wait(timeout=60) is not None
+    latest = checkpoints.latest()
+    assert latest is not None and latest.seq == signed.seq and not signed.closing and latest.closing
+    env = {**child_env(own, "redis://127.0.0.1:1/0")}  # the stack is down
+    made = subprocess.run([sys.executable, "-m", "govgate.cli", "keys", "create", "--user", "later", "--role",
+                           "analyst"], env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert made.returncode == 0, made.stderr
+    head = checkpoints.head()
+    latest = checkpoints.latest()
+    assert head is not None and latest is not None and latest.seq == head[0] == signed.seq + 1 and latest.closing
+    assert anomaly_at_start(checkpoints, max_unsigned_age_s=0.0) is None
+    audit_store.engine.dispose()
+
+
 def test_a_forced_stop_answers_a_request_whose_worker_does_not_stop_in_time(
         own_redis, keyring, audit_store, tmp_path) -> None:  # noqa: F811
     """A second stop signal ends a non-streamed request whose worker is generating and does not stop at the
