@@ -176,6 +176,8 @@ async def withdrawn_end(runner: TicketRunner, ticket: Ticket, *, stopped: bool =
     end was recorded before: a run that died after recording it, its job restored to the queue, is
     charged what that end records); the error to raise (its client is gone; ``stopped``: the drain
     ended it, and its client is told 503 ``shutting_down``)."""
+    if runner.output_rules is not None:  # a cancelled verdict may have gone out for it: no worker reads it now
+        await runner.output_rules.discard(ticket.request_id)
     winner = await runner.request_log.end(ticket, "cancelled",
                                           gone_while_queued(ticket, runner.digester, stopped=stopped))
     await runner.settlements.settle(ticket, used_tokens(winner.body.get("usage")) if winner is not None else None)

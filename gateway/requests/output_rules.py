@@ -142,6 +142,15 @@ class OutputRules:
         await self.send(ticket.request_id, verdict)
         return verdict
 
+    async def discard(self, request_id: str) -> None:
+        """Take back a verdict sent for a job no worker will ever run (taken back from its queue, or stopped
+        before any began it): it would sit sealed in Redis for :data:`VERDICT_TTL_S` with nobody to read it.
+        Best effort: Redis failing leaves it to its expiry."""
+        try:
+            await self.redis.delete(verdict_key(request_id))
+        except (RedisError, OSError) as exc:
+            log.warning("cannot take back the output verdict of %s (it expires on its own): %s", request_id, exc)
+
     async def send(self, request_id: str, verdict: OutputVerdict) -> None:
         key = verdict_key(request_id)
         try:

@@ -100,6 +100,8 @@ class StreamEvents:
                 started = await stop_for_timeout(runner.redis, ticket)
                 if not started:
                     await runner.withdraw_unstarted(self._queued)
+                    if self._timed_out is not None and runner.output_rules is not None:  # no worker will read it
+                        await runner.output_rules.discard(ticket.request_id)
                 if started:  # no end within the grace (or Redis failed meanwhile): recorded here
                     self._timeout_grace_ends = asyncio.get_running_loop().time() + runner.stop_grace_s
                     with contextlib.suppress(RedisError, OSError):

@@ -30,6 +30,7 @@ from tests.keys_and_limits import limits_for, new_key
 from tests.ops.metrics_text import samples, value
 from tests.own_redis import own_redis  # noqa: F401  (fixture)
 from workers.contract.fair_queues import waiting_key
+from workers.contract.output_check import verdict_key
 from workers.contract.registry import TINY_MODEL_NAME
 
 MODEL = TINY_MODEL_NAME
@@ -97,6 +98,7 @@ def test_clients_that_leave_while_queued_free_their_places_and_slots_and_end_onc
             await _until(freed, "the places and slots of the clients that left to be freed")
             raw = redis.Redis.from_url(own.redis_url)
             seen["waiting"] = raw.hgetall(waiting_key(MODEL))
+            seen["verdicts"] = raw.keys(verdict_key("*"))
             raw.close()
 
     with serving(own, tmp_path / "serve.log") as base:
@@ -115,6 +117,8 @@ def test_clients_that_leave_while_queued_free_their_places_and_slots_and_end_onc
     refused = seen["refused"]
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_in_flight", refused.text
     assert not seen["waiting"]  # the team's waiting count went down with its jobs (fair mode)
+    # a stream's cancelled verdict, sent as its client left, is taken back with its job: no worker reads it
+    assert not seen["verdicts"]
     assert withdrawn == IN_FLIGHT, scraped.text[-2000:]
     assert served.status_code == 200, served.text
     assert asyncio.run(in_flight_of(own.redis_url, user, team)) == (0, 0)

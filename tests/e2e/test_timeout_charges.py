@@ -42,6 +42,7 @@ from tests.e2e.test_output_rules import HOLDBACK, pick_phrase
 from tests.e2e.test_stream_faults import wait_terminal
 from tests.keys_and_limits import new_key
 from workers.contract.jobs import JOB_STARTED, cancel_key
+from workers.contract.output_check import verdict_key
 from workers.generation import GATEWAY_TIMEOUT_MESSAGE
 
 pytestmark = pytest.mark.anyio
@@ -292,7 +293,16 @@ async def test_a_request_the_timeout_ends_while_queued_is_charged_nothing(gatewa
                       json={"model": IDLE_MODEL, "prompt": "Tell", "max_tokens": 8, "stream": True}) as streamed:
         assert streamed.status_code == 200
         assert any('"timed_out"' in line for line in streamed.iter_lines())
+        streamed_id = streamed.headers["x-govgate-request-id"]
     assert queued(settings, IDLE_MODEL) == before
+    # the timed_out verdict sent for its (checked) stream is taken back: no worker will ever read it, and it
+    # sat sealed in Redis for its 300 s otherwise
+    assert wait_terminal(audit_store, streamed_id).kind == "timed_out"
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        assert not client.exists(verdict_key(streamed_id))
+    finally:
+        client.close()
 
 
 async def test_a_begun_request_whose_worker_does_not_report_in_the_grace_is_charged_its_reservation(
