@@ -272,6 +272,9 @@ class _Probing:
         self.asked.set()
         await asyncio.Event().wait()
 
+    async def discard(self, request_id):  # a withdrawn request's verdict taken back: none was sent here
+        pass
+
 
 class _Ends:
     def __init__(self) -> None:
