@@ -98,9 +98,9 @@ from workers.contract.fair_queues import (PART_SEP, PLAIN_HINT, REGISTRY_COPY, F
                                           registry_key, tags_key, waiting_key, wake_key)
 from workers.contract.liveness import LIVE_SCRIPT, WORKERS_KEY
 from workers.contract.queue_layout import DEFAULT_PRIORITY, bell_key, idle_key
+from workers.contract.redis_refusal import RedisRefusesWrites, write_refusal
 from workers.contract.repick import Ticket, offering
 from workers.contract.take import TakeQueue, take_command
-from workers.contract.redis_refusal import RedisRefusesWrites, write_refusal
 
 log = logging.getLogger(__name__)
 
