@@ -93,9 +93,10 @@ class CheckpointVerdict:
                 self.problems.append("… and more problems (only the first are listed)")
 
 
-def unsigned_tail(store: CheckpointStore, latest: Checkpoint | None) -> UnsignedTail | None:
-    """The entries after ``latest`` (all of them when None), summarised; None when there are none."""
-    found = store.entries_after(latest.seq if latest else 0)
+def unsigned_tail(store: CheckpointStore, latest: Checkpoint | None, *, through: int | None = None) -> UnsignedTail | None:
+    """The entries after ``latest`` (all of them when None; up to ``through`` when given), summarised; None when
+    there are none."""
+    found = store.entries_after(latest.seq if latest else 0, through=through)
     if found is None:
         return None
     first, last, oldest, newest = found
@@ -182,7 +183,31 @@ def _tail_problem(verdict: CheckpointVerdict, tail: UnsignedTail, span: str, age
 # -- chain_anomaly entries ----------------------------------------------------------
 
 
-def anomaly_at_start(store: CheckpointStore, *, max_unsigned_age_s: float) -> dict[str, Any] | None:
+def closing_tail_judged_at(store: CheckpointStore, *, now: datetime) -> datetime | None:
+    """When entries after a closing checkpoint are too young to judge, the time they can be; else None.
+
+    In a rolling restart a replica stopping writes its closing checkpoint
+    (or closing mark) while another replica still runs: what that one
+    appends next is unsigned after a closing checkpoint until its next
+    look, within a second, signs it. A replica starting in that second
+    would name those entries in a (false) ``chain_anomaly``; it waits until
+    the tail's oldest entry is :data:`CLOSING_GRACE_S` old (the grace
+    ``verify`` gives the same tail) and judges then: by that time a running
+    replica has signed them, and what is still unsigned was written while
+    no gateway ran.
+    """
+    latest = store.latest()
+    if latest is None or not latest.closing:
+        return None
+    tail = unsigned_tail(store, latest)
+    if tail is None:
+        return None
+    judged_at = tail.oldest_at + timedelta(seconds=CLOSING_GRACE_S)
+    return judged_at if judged_at > now else None
+
+
+def anomaly_at_start(store: CheckpointStore, *, max_unsigned_age_s: float,
+                     through: int | None = None) -> dict[str, Any] | None:
     """The body of a ``chain_anomaly`` entry a starting gateway must append, or None.
 
     Unsigned entries after the latest checkpoint are an anomaly when that
@@ -191,12 +216,14 @@ def anomaly_at_start(store: CheckpointStore, *, max_unsigned_age_s: float) -> di
     some were written more than ``max_unsigned_age_s`` after it (no gateway
     signed for that long: a crash, or writes while it was down). A range a
     ``chain_anomaly`` entry in the tail already names (a replica starting at
-    the same time) is not named twice.
+    the same time) is not named twice. ``through``: the head when the
+    gateway started (entries after it are its own, when it judged late:
+    :func:`closing_tail_judged_at`).
     """
     latest = store.latest()
     if latest is None:
         return None
-    tail = unsigned_tail(store, latest)
+    tail = unsigned_tail(store, latest, through=through)
     if tail is None:
         return None
     if latest.closing:

@@ -294,10 +294,13 @@ class CheckpointStore:
         row = self._one(select(_entries.c.hash).where(_entries.c.seq == seq))
         return row[0] if row else None
 
-    def entries_after(self, seq: int) -> tuple[int, int, datetime, datetime] | None:
-        """(first seq, last seq, oldest created_at, newest created_at) of the entries after ``seq``; None if none."""
+    def entries_after(self, seq: int, *, through: int | None = None) -> tuple[int, int, datetime, datetime] | None:
+        """(first seq, last seq, oldest created_at, newest created_at) of the entries after ``seq`` (up to
+        ``through`` when given); None if none."""
         stmt = select(func.min(_entries.c.seq), func.max(_entries.c.seq), func.min(_entries.c.created_at),
                       func.max(_entries.c.created_at)).where(_entries.c.seq > seq)
+        if through is not None:
+            stmt = stmt.where(_entries.c.seq <= through)
         row = self._one(stmt)
         if row is None or row[0] is None:
             return None

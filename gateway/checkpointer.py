@@ -8,7 +8,10 @@ checkpoint, whoever wrote it, and signs when the head moved and either
 the latest checkpoint is a closing one (a replica stopped; its successor
 signs at once so that nothing stays unsigned after a closing checkpoint).
 At start, before it signs anything, it appends a ``chain_anomaly`` entry if
-it finds entries nobody signed (:func:`audit.checkpoint_check.anomaly_at_start`);
+it finds entries nobody signed (:func:`audit.checkpoint_check.anomaly_at_start`;
+entries after a closing checkpoint younger than a few seconds are judged
+once they are that old, as a replica still running may be about to sign
+them: :func:`audit.checkpoint_check.closing_tail_judged_at`);
 at a stop it writes a closing checkpoint (a forced one too: ``gateway/forced_stop.py``). Each checkpoint it writes
 is piped to ``GOVGATE_CHECKPOINT_COMMAND``. Database calls run in a thread
 and failures are logged and retried: requests never wait on any of it.
@@ -26,7 +29,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable, Final
 
 from audit import AuditError, AuditStore
-from audit.checkpoint_check import anomaly_at_start, anomaly_request_id, default_max_unsigned_age_s
+from audit.checkpoint_check import (anomaly_at_start, anomaly_request_id, closing_tail_judged_at,
+                                    default_max_unsigned_age_s)
 from audit.checkpoints import Checkpoint, CheckpointStore, checkpoint_file_text
 from audit.kinds import CHAIN_ANOMALY
 from audit.signing import SigningKey
@@ -60,6 +64,10 @@ class Checkpointer:
         self._clock = clock or (lambda: datetime.now(timezone.utc))
         self._task: asyncio.Task | None = None
         self._start_checked = False
+        #: The head when this process first looked: what its start check judges (later entries are its own).
+        self._head_at_start: int | None = None
+        #: Set while the start check waits for a young tail after a closing checkpoint (logged once).
+        self._start_judged_at: datetime | None = None
         self._failing = False
         #: The latest checkpoints this process wrote (newest last).
         self.written: deque[Checkpoint] = deque(maxlen=64)
@@ -83,6 +91,9 @@ class Checkpointer:
             return
         deadline = asyncio.get_running_loop().time() + within_s
         await stop_task(task)
+        if not self._start_checked and self._start_judged_at is not None:
+            # Stopping while a young tail waits for its judgement: judge it now (the stop cannot wait).
+            await self._start_check(final=True)
         if not self._start_checked:
             return  # never got to check what it found at start: signing now would bless it
         try:
@@ -122,25 +133,45 @@ class Checkpointer:
                 log.info("audit checkpoints are written again")
                 self._failing = False
 
-    async def _start_check(self) -> None:
+    async def _start_check(self, *, final: bool = False) -> None:
         try:
-            await asyncio.to_thread(self._record_anomaly)
+            judged = await asyncio.to_thread(self._record_anomaly, final)
         except AuditError as exc:
             log.error("cannot check the audit chain's unsigned tail at start (retrying): %s", exc)
             return
-        self._start_checked = True
+        self._start_checked = judged
 
-    def _record_anomaly(self) -> None:
+    def _record_anomaly(self, final: bool = False) -> bool:
+        """Append the ``chain_anomaly`` the start finds, if any; False while the tail is too young to judge.
+
+        Until it returns True this process signs nothing (signing would bless
+        what it has not judged); the loop asks again every poll. ``final``:
+        judge now, however young the tail (the process is stopping).
+        """
+        if self._head_at_start is None:
+            head = self._checkpoints.head()
+            self._head_at_start = head[0] if head is not None else 0
         latest = self._checkpoints.latest()
         if latest is not None and self._checkpoints.entry_hash(latest.seq) == latest.head_hash:
             self._vouched = latest  # from now on it must stay (:meth:`_check_vouched`)
-        body = anomaly_at_start(self._checkpoints, max_unsigned_age_s=self._max_unsigned_age_s)
+        if not final:
+            judged_at = closing_tail_judged_at(self._checkpoints, now=self._clock())
+            if judged_at is not None:
+                if self._start_judged_at is None:
+                    log.info("audit entries after the closing checkpoint at seq %d are unsigned and younger than "
+                             "a replica still running takes to sign them: judged at %s", latest.seq if latest else 0,
+                             judged_at.isoformat())
+                self._start_judged_at = judged_at
+                return False
+        body = anomaly_at_start(self._checkpoints, max_unsigned_age_s=self._max_unsigned_age_s,
+                                through=self._head_at_start)
         if body is None:
-            return
+            return True
         log.warning("audit entries %s..%s were signed by no checkpoint (%s); recorded as a chain_anomaly entry",
                     body["first_seq"], body["last_seq"], body["reason"])
         self._audit.append(CHAIN_ANOMALY, anomaly_request_id(body), principal=None, team=None, model=None,
                            body=body, policy_revision=None)
+        return True
 
     def _sign_if_due(self) -> Checkpoint | None:
         head = self._checkpoints.head()

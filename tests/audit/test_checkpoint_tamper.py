@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 
 from audit import AuditError, AuditStore, make_engine, verify_chain
-from audit.checkpoint_check import CheckpointVerdict, anomaly_at_start, check_checkpoints
+from audit.checkpoint_check import CLOSING_GRACE_S, CheckpointVerdict, anomaly_at_start, check_checkpoints
 from audit.checkpoints import CheckpointStore, read_checkpoint_file, sign_checkpoint, write_checkpoint_file
 from audit.signing import SigningKey
 from gateway.checkpointer import Checkpointer
@@ -179,7 +179,9 @@ async def test_a_forged_tail_entry_is_named_by_the_next_gateway_start(trail: Tra
     trail.append(4)
     closing = trail.checkpoint(closing=True)
     forged = _forge_at_tail(trail)
-    checkpointer = Checkpointer(trail.checkpoints, trail.audit, trail.key, every_entries=1000, interval_s=10)
+    # Started a while after the forgery (a running replica would have signed it by then).
+    checkpointer = Checkpointer(trail.checkpoints, trail.audit, trail.key, every_entries=1000, interval_s=10,
+                                clock=lambda: _later(CLOSING_GRACE_S + 1))
     await checkpointer.start()
     anomaly = trail.audit.tail(1)[0]
     assert anomaly.kind == "chain_anomaly"
@@ -193,6 +195,82 @@ async def test_a_forged_tail_entry_is_named_by_the_next_gateway_start(trail: Tra
     assert any(f"entries {closing + 1}..{forged}" in line for line in verdict.anomalies)
     # A replica starting as well finds the range already named and adds nothing.
     assert anomaly_at_start(trail.checkpoints, max_unsigned_age_s=MAX_AGE) is None
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = datetime.now(timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def _starting_replica(trail: Trail, clock: _Clock) -> Checkpointer:
+    # A long poll: the test drives the start check itself, through the loop's own call.
+    return Checkpointer(trail.checkpoints, trail.audit, trail.key, every_entries=1000, interval_s=3600,
+                        poll_s=3600, clock=clock)
+
+
+@pytest.mark.anyio
+async def test_a_replica_starting_as_another_stops_names_nothing_a_running_replica_then_signs(trail: Trail) -> None:
+    """Rolling restart: one replica stopped (closing checkpoint), another still runs and has just appended; a
+    third starts before the running one's next look signs. It used to name those entries a chain_anomaly."""
+    trail.append(3)
+    trail.checkpoint(closing=True)
+    trail.append(2, tag="running-replica")  # the running replica's, not yet signed
+    clock = _Clock()
+    starting = _starting_replica(trail, clock)
+    await starting.start()
+    assert not starting._start_checked  # not judged yet (and so signing nothing): nothing appended
+    assert trail.audit.tail(1)[0].kind == "request"
+    trail.append(1, tag="own")  # the starting replica serves meanwhile
+    trail.checkpoint()  # the running replica's next look signs the head
+    clock.now += timedelta(seconds=CLOSING_GRACE_S + 1)
+    await starting._start_check()  # the loop's next look
+    assert starting._start_checked
+    assert trail.audit.tail(1)[0].kind == "request"  # no chain_anomaly
+    await starting.aclose()
+    assert trail.check(now=_later(30)).ok
+
+
+@pytest.mark.anyio
+async def test_a_young_tail_nobody_signs_is_named_once_old_without_the_starting_gateways_own_entries(
+        trail: Trail) -> None:
+    trail.append(3)
+    closing = trail.checkpoint(closing=True)
+    forged = _forge_at_tail(trail)  # just now: young
+    clock = _Clock()
+    starting = _starting_replica(trail, clock)
+    await starting.start()
+    assert not starting._start_checked and trail.head_seq() == forged
+    trail.append(2, tag="own")  # what the starting gateway serves while it waits: its own, not an anomaly
+    await starting._start_check()  # still young
+    assert not starting._start_checked and trail.audit.tail(1)[0].kind == "request"
+    clock.now += timedelta(seconds=CLOSING_GRACE_S + 1)
+    await starting._start_check()
+    assert starting._start_checked
+    anomaly = trail.audit.tail(1)[0]
+    assert anomaly.kind == "chain_anomaly" and anomaly.body["reason"] == "after_closing"
+    assert (anomaly.body["first_seq"], anomaly.body["last_seq"]) == (closing + 1, forged)
+    signed = await starting.tick()  # judged: it signs now, its own entries with the rest
+    assert signed is not None and signed.seq == anomaly.seq
+    await starting.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_gateway_stopping_before_a_young_tail_is_judged_judges_it_and_closes(trail: Trail) -> None:
+    trail.append(3)
+    closing = trail.checkpoint(closing=True)
+    forged = _forge_at_tail(trail)
+    starting = _starting_replica(trail, _Clock())
+    await starting.start()
+    assert not starting._start_checked
+    await starting.aclose()
+    latest = trail.checkpoints.latest()
+    anomaly = trail.audit.get(latest.seq)
+    assert anomaly.kind == "chain_anomaly" and anomaly.body["first_seq"] == closing + 1
+    assert anomaly.body["last_seq"] == forged
+    assert latest.closing and latest.seq == anomaly.seq  # the stop still closed the chain
 
 
 @pytest.mark.anyio
