@@ -66,6 +66,27 @@ SOLO_MODEL = "solo-tiny"
 TIMEOUT_MODEL = "timeout-tiny"
 
 
+#: A test starting this close before 00:00 UTC waits for the new day first (see :func:`clear_of_midnight`).
+MIDNIGHT_MARGIN_S = 120.0
+
+
+@pytest.fixture(autouse=True)
+def clear_of_midnight() -> None:
+    """Start no test in the last minutes of a UTC day: wait for the next day instead.
+
+    The usage counters' day and month roll over at 00:00 UTC (the gateway's
+    clock), so a test that charges a request and then reads ``tokens_today``
+    or ``tokens_this_month`` read 0 when the two fell on either side of
+    midnight (a ``make test`` run across it failed that way). Waiting costs a
+    run across midnight at most this margin per test process, and nothing
+    otherwise.
+    """
+    now = time.time()
+    to_midnight = 86400.0 - now % 86400.0
+    if to_midnight < MIDNIGHT_MARGIN_S:
+        time.sleep(to_midnight + 1.0)
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
