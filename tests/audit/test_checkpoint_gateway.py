@@ -10,7 +10,9 @@ import asyncio
 import pytest
 
 from audit import AuditStore, make_engine
+from audit.checkpoint_check import CLOSING_GRACE_S
 from audit.checkpoints import CheckpointStore
+from audit.kinds import CHAIN_ANOMALY
 from audit.signing import load_signing_key
 from gateway.components import build_components
 from gateway.settings import Settings
@@ -48,3 +50,37 @@ async def test_a_gateway_with_a_bad_signing_key_does_not_start(settings: Setting
         async with build_components(settings.with_(audit_signing_key_file=str(bad))):
             pass
     assert bad.read_text() == "not a key"
+
+
+async def test_a_replica_starting_in_a_rolling_restart_names_nothing_the_running_one_signs(settings: Settings,
+                                                                                             db_url: str) -> None:
+    """Three replicas on one database: A stops (its head already signed, so a closing mark), B is running and
+    appends at once, C starts before B's next look signs that. C used to record a (false) chain_anomaly."""
+    settings = settings.with_(database_url=db_url, checkpoint_interval_s=0.5)
+    engine = make_engine(settings.effective_database_url)
+    checkpoints = CheckpointStore(engine)
+
+    async def signed(seq: int) -> None:
+        for _ in range(100):
+            latest = checkpoints.latest()
+            if latest is not None and latest.seq >= seq and not latest.closing:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"entry {seq} not signed")
+
+    try:
+        async with build_components(settings) as b:
+            async with build_components(settings) as a:
+                first = a.audit.append("request", "before-the-restart", principal="alice", team=None,
+                                       model="tiny", body={}, policy_revision=None)
+                await signed(first.seq)
+            assert checkpoints.latest().closing  # A's stop closed the chain over the signed head
+            running = b.audit.append("request", "the-running-replica", principal="alice", team=None,
+                                     model="tiny", body={}, policy_revision=None)
+            async with build_components(settings):  # C, while B's entry is still unsigned
+                await signed(running.seq)  # B signs it
+                await asyncio.sleep(CLOSING_GRACE_S + 1.5)  # C judges what it found once that is old enough
+            anomalies = CheckpointStore(engine).entries_of_kind(CHAIN_ANOMALY)
+            assert anomalies == [], anomalies
+    finally:
+        engine.dispose()
