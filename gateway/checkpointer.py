@@ -29,7 +29,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable, Final
 
 from audit import AuditError, AuditStore
-from audit.checkpoint_check import (anomaly_at_start, anomaly_request_id, closing_tail_judged_at,
+from audit.checkpoint_check import (CLOSING_GRACE_S, anomaly_at_start, anomaly_request_id, closing_tail_judged_at,
                                     default_max_unsigned_age_s)
 from audit.checkpoints import Checkpoint, CheckpointStore, checkpoint_file_text
 from audit.kinds import CHAIN_ANOMALY
@@ -68,6 +68,8 @@ class Checkpointer:
         self._head_at_start: int | None = None
         #: Set while the start check waits for a young tail after a closing checkpoint (logged once).
         self._start_judged_at: datetime | None = None
+        #: The start check waits no longer than this (:data:`CLOSING_GRACE_S` after its first look).
+        self._wait_ends = datetime.min.replace(tzinfo=timezone.utc)
         self._failing = False
         #: The latest checkpoints this process wrote (newest last).
         self.written: deque[Checkpoint] = deque(maxlen=64)
@@ -148,15 +150,19 @@ class Checkpointer:
         what it has not judged); the loop asks again every poll. ``final``:
         judge now, however young the tail (the process is stopping).
         """
+        now = self._clock()
         if self._head_at_start is None:
             head = self._checkpoints.head()
             self._head_at_start = head[0] if head is not None else 0
+            # Entries dated ahead by a writer's fast clock must not hold the signing back for longer.
+            self._wait_ends = now + timedelta(seconds=CLOSING_GRACE_S)
         latest = self._checkpoints.latest()
         if latest is not None and self._checkpoints.entry_hash(latest.seq) == latest.head_hash:
             self._vouched = latest  # from now on it must stay (:meth:`_check_vouched`)
         if not final:
-            judged_at = closing_tail_judged_at(self._checkpoints, now=self._clock())
-            if judged_at is not None:
+            judged_at = closing_tail_judged_at(self._checkpoints, now=now)
+            if judged_at is not None and now < self._wait_ends:
+                judged_at = min(judged_at, self._wait_ends)
                 if self._start_judged_at is None:
                     log.info("audit entries after the closing checkpoint at seq %d are unsigned and younger than "
                              "a replica still running takes to sign them: judged at %s", latest.seq if latest else 0,

@@ -258,6 +258,26 @@ async def test_a_young_tail_nobody_signs_is_named_once_old_without_the_starting_
 
 
 @pytest.mark.anyio
+async def test_a_tail_dated_ahead_holds_the_start_check_back_no_longer_than_the_grace(trail: Trail) -> None:
+    trail.append(3)
+    closing = trail.checkpoint(closing=True)
+    trail.append(1, tag="fast-clock")
+    forged = trail.head_seq()
+    trail.sql(f"UPDATE audit_entries SET created_at = '2099-01-01 00:00:00.000000' WHERE seq = {forged}")
+    clock = _Clock()
+    starting = _starting_replica(trail, clock)
+    await starting.start()
+    assert not starting._start_checked
+    clock.now += timedelta(seconds=CLOSING_GRACE_S + 1)  # not 2099: the wait ends the grace after the first look
+    await starting._start_check()
+    assert starting._start_checked
+    anomaly = trail.audit.tail(1)[0]
+    assert anomaly.kind == "chain_anomaly" and (anomaly.body["first_seq"], anomaly.body["last_seq"]) == (closing + 1,
+                                                                                                      forged)
+    await starting.aclose()
+
+
+@pytest.mark.anyio
 async def test_a_gateway_stopping_before_a_young_tail_is_judged_judges_it_and_closes(trail: Trail) -> None:
     trail.append(3)
     closing = trail.checkpoint(closing=True)
