@@ -93,7 +93,8 @@ class CheckpointVerdict:
                 self.problems.append("… and more problems (only the first are listed)")
 
 
-def unsigned_tail(store: CheckpointStore, latest: Checkpoint | None, *, through: int | None = None) -> UnsignedTail | None:
+def unsigned_tail(store: CheckpointStore, latest: Checkpoint | None, *,
+                  through: int | None = None) -> UnsignedTail | None:
     """The entries after ``latest`` (all of them when None; up to ``through`` when given), summarised; None when
     there are none."""
     found = store.entries_after(latest.seq if latest else 0, through=through)
