@@ -14,8 +14,11 @@ the end, nor a chain rewritten from some entry on with fresh hashes. Here:
   checkpoint (written at a stop, clean or forced, or by ``audit export``
   signing its own read while no gateway runs), when one is dated in the future,
   or when the oldest is older than ``max_unsigned_age_s``;
+* the checkpoint a gateway on this host last vouched for
+  (:mod:`audit.checkpoint_memory`), when given, must still be stored and its
+  entry still hold its hash;
 * ``chain_anomaly`` entries (a gateway found, at start, entries nobody
-  signed) are listed.
+  signed, or the checkpoint it remembered gone) are listed.
 
 Rules and their reasons: docs/architecture.md, "Checkpoints".
 """
@@ -105,8 +108,9 @@ def unsigned_tail(store: CheckpointStore, latest: Checkpoint | None, *,
 
 
 def check_checkpoints(store: CheckpointStore, public_key: PublicKey | None, *, external: Checkpoint | None = None,
-                      strict: bool = False, max_unsigned_age_s: float, now: datetime | None = None) -> CheckpointVerdict:
-    """Check the stored checkpoints, ``external`` and the unsigned tail; see the module docstring.
+                      remembered: Checkpoint | None = None, strict: bool = False, max_unsigned_age_s: float,
+                      now: datetime | None = None) -> CheckpointVerdict:
+    """Check the stored checkpoints, ``external``, ``remembered`` and the unsigned tail; see the module docstring.
 
     ``public_key`` is the only key trusted; without one, any checkpoint is a
     problem (nothing can vouch for it). Raises :class:`AuditError` when the
@@ -131,6 +135,11 @@ def check_checkpoints(store: CheckpointStore, public_key: PublicKey | None, *, e
     if external is not None:
         stored = store.entry_hash(external.seq)
         _check_one(verdict, external, stored, public_key, "checkpoint file")
+    if remembered is not None:
+        _check_signature(verdict, remembered, public_key, "checkpoint memory")
+        problem = remembered_problem(store, remembered)
+        if problem is not None:
+            verdict.problem(f"checkpoint memory (what a gateway on this host last vouched for): {problem}")
     tail = unsigned_tail(store, verdict.latest)
     verdict.tail = tail
     if tail is not None:
@@ -141,18 +150,46 @@ def check_checkpoints(store: CheckpointStore, public_key: PublicKey | None, *, e
 
 def _check_one(verdict: CheckpointVerdict, checkpoint: Checkpoint, entry_hash: str | None,
                public_key: PublicKey | None, what: str) -> None:
-    if public_key is None:
-        verdict.problem(f"{what} at seq {checkpoint.seq}: no trusted public key to check its signature")
-    else:
-        problem = checkpoint.signature_problem(public_key)
-        if problem is not None:
-            verdict.problem(f"{what}: {problem}")
+    _check_signature(verdict, checkpoint, public_key, what)
     if entry_hash is None:
         verdict.problem(f"{what} at seq {checkpoint.seq}: the chain has no entry {checkpoint.seq} "
                         "(entries were cut off or deleted below a signed checkpoint)")
     elif entry_hash != checkpoint.head_hash:
         verdict.problem(f"{what} at seq {checkpoint.seq} signs hash {checkpoint.head_hash[:16]}… but entry "
                         f"{checkpoint.seq} stores {entry_hash[:16]}… (the chain was rewritten at or before it)")
+
+
+def _check_signature(verdict: CheckpointVerdict, checkpoint: Checkpoint, public_key: PublicKey | None,
+                     what: str) -> None:
+    if public_key is None:
+        verdict.problem(f"{what} at seq {checkpoint.seq}: no trusted public key to check its signature")
+    else:
+        problem = checkpoint.signature_problem(public_key)
+        if problem is not None:
+            verdict.problem(f"{what}: {problem}")
+
+
+def remembered_problem(store: CheckpointStore, remembered: Checkpoint) -> str | None:
+    """Why the database no longer holds ``remembered`` (a checkpoint a gateway vouched for), None if it does.
+
+    Its entry must still hold the hash it signs (else the log was cut back
+    or rewritten at or before it), and the checkpoint itself must still be
+    stored, as closing as it was (else the checkpoints above some older one
+    were deleted, and what follows that one is judged against it alone).
+    """
+    seq = remembered.seq
+    entry_hash = store.entry_hash(seq)
+    if entry_hash is None:
+        return f"the chain has no entry {seq} any more (the log was cut back below the checkpoint at seq {seq})"
+    if entry_hash != remembered.head_hash:
+        return (f"entry {seq} stores {entry_hash[:16]}…, not the {remembered.head_hash[:16]}… its checkpoint "
+                "signed (the chain was rewritten at or before it)")
+    stored = store.at(seq)
+    if stored is None or stored.head_hash != remembered.head_hash:
+        return f"the checkpoint at seq {seq} is no longer stored (checkpoints were deleted)"
+    if remembered.closing and not stored.closing:
+        return f"the closing checkpoint at seq {seq} is no longer stored, only a plain one (its closing mark was deleted)"
+    return None
 
 
 def _judge_tail(verdict: CheckpointVerdict, tail: UnsignedTail, *, strict: bool, max_unsigned_age_s: float,
@@ -242,7 +279,28 @@ def anomaly_at_start(store: CheckpointStore, *, max_unsigned_age_s: float,
             "newest_created_at": format_timestamp(tail.newest_at)}
 
 
+#: The ``reason`` of a ``chain_anomaly`` a start records when the checkpoint its host remembered is gone.
+GONE: Final = "vouched_checkpoint_gone"
+
+
+def gone_anomaly(store: CheckpointStore, remembered: Checkpoint, problem: str) -> dict[str, Any] | None:
+    """The body of the ``chain_anomaly`` a starting gateway appends when the checkpoint its host remembered
+    (:mod:`audit.checkpoint_memory`) is gone (``problem``: :func:`remembered_problem`); None when an entry on
+    the chain names that checkpoint already (replicas sharing the memory, or a start that failed after it)."""
+    for _seq, _at, body in store.entries_of_kind(CHAIN_ANOMALY):
+        if (isinstance(body, dict) and body.get("reason") == GONE and body.get("checkpoint_seq") == remembered.seq
+                and body.get("checkpoint_head_hash") == remembered.head_hash):
+            return None
+    latest = store.latest()
+    return {"reason": GONE, "checkpoint_seq": remembered.seq, "checkpoint_head_hash": remembered.head_hash,
+            "checkpoint_created_at": format_timestamp(remembered.created_at),
+            "checkpoint_closing": remembered.closing, "problem": problem,
+            "latest_checkpoint": latest.seq if latest else None}
+
+
 def anomaly_request_id(body: dict[str, Any]) -> str:
+    if body.get("reason") == GONE:
+        return f"chain-anomaly-checkpoint-{body['checkpoint_seq']}-gone"
     return f"chain-anomaly-{body['first_seq']}-{body['last_seq']}"
 
 
@@ -252,6 +310,12 @@ def anomaly_descriptions(store: CheckpointStore) -> list[str]:
     for seq, at, body in store.entries_of_kind(CHAIN_ANOMALY):
         if not isinstance(body, dict):
             lines.append(f"entry {seq} ({format_timestamp(at)}): chain_anomaly with an unreadable body")
+            continue
+        if body.get("reason") == GONE:
+            lines.append(f"entry {seq} ({format_timestamp(at)}): the checkpoint at seq {body.get('checkpoint_seq')} "
+                         f"(signed {body.get('checkpoint_created_at')}) that a gateway had vouched for was gone at "
+                         f"this start: {body.get('problem')}; the database was restored from an older copy, "
+                         "or rewritten")
             continue
         reason = {"after_closing": "written after the closing checkpoint",
                   "unsigned_too_long": "left unsigned for longer than the max age after checkpoint"}.get(

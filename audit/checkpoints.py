@@ -252,13 +252,19 @@ class CheckpointStore:
     def latest(self) -> Checkpoint | None:
         """The checkpoint of the highest seq: its closing mark when it has one (a stop after the head was signed)."""
         rows = self._rows(select(_cp).order_by(_cp.c.seq.desc()).limit(1))
-        if not rows:
-            return None
-        top = rows[0]
-        if top.closing:
-            return top
-        mark = self._mark(top.seq)
-        return mark if mark is not None and mark.head_hash == top.head_hash else top
+        return self._marked(rows[0]) if rows else None
+
+    def at(self, seq: int) -> Checkpoint | None:
+        """The checkpoint stored for entry ``seq`` (its closing mark when it has one), None if there is none."""
+        stored = self.get(seq)
+        return self._marked(stored) if stored is not None else None
+
+    def _marked(self, checkpoint: Checkpoint) -> Checkpoint:
+        """``checkpoint``, or its seq's closing mark when one signs the same hash."""
+        if checkpoint.closing:
+            return checkpoint
+        mark = self._mark(checkpoint.seq)
+        return mark if mark is not None and mark.head_hash == checkpoint.head_hash else checkpoint
 
     def between(self, first: int, last: int, batch: int = 1000) -> Iterator[Checkpoint]:
         """The checkpoints of entries ``first``..``last`` in seq order, read in batches (constant memory)."""

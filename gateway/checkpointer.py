@@ -13,7 +13,11 @@ entries after a closing checkpoint younger than a few seconds are judged
 once they are that old, as a replica still running may be about to sign
 them: :func:`audit.checkpoint_check.closing_tail_judged_at`);
 at a stop it writes a closing checkpoint (a forced one too: ``gateway/forced_stop.py``). Each checkpoint it writes
-is piped to ``GOVGATE_CHECKPOINT_COMMAND``. Database calls run in a thread
+is piped to ``GOVGATE_CHECKPOINT_COMMAND``. The newest checkpoint it vouched for
+(signed, or found stored with its entry intact) is kept on this host
+(:mod:`audit.checkpoint_memory`); a start that finds it gone from the database
+(cut back, rewritten, its checkpoints deleted, or restored from an older copy)
+records that in a ``chain_anomaly`` entry before it signs anything. Database calls run in a thread
 and failures are logged and retried: requests never wait on any of it.
 """
 
@@ -30,8 +34,9 @@ from typing import Callable, Final
 
 from audit import AuditError, AuditStore
 from audit.checkpoint_check import (CLOSING_GRACE_S, anomaly_at_start, anomaly_request_id, closing_tail_judged_at,
-                                    default_max_unsigned_age_s)
-from audit.checkpoints import Checkpoint, CheckpointStore, checkpoint_file_text
+                                    default_max_unsigned_age_s, gone_anomaly, remembered_problem)
+from audit.checkpoint_memory import CheckpointMemory
+from audit.checkpoints import Checkpoint, CheckpointFileError, CheckpointStore, checkpoint_file_text
 from audit.kinds import CHAIN_ANOMALY
 from audit.signing import SigningKey
 from gateway.task_stop import stop_task
@@ -51,7 +56,8 @@ class Checkpointer:
 
     def __init__(self, checkpoints: CheckpointStore, audit: AuditStore, key: SigningKey, *, every_entries: int,
                  interval_s: float, command: str = "", command_timeout_s: float = COMMAND_TIMEOUT_S,
-                 poll_s: float | None = None, clock: Callable[[], datetime] | None = None) -> None:
+                 poll_s: float | None = None, clock: Callable[[], datetime] | None = None,
+                 memory: CheckpointMemory | None = None) -> None:
         self._checkpoints = checkpoints
         self._audit = audit
         self._key = key
@@ -76,6 +82,10 @@ class Checkpointer:
         #: The newest checkpoint this process has signed or seen stored with its entry still holding the
         #: hash it signs: what it has vouched for, whatever the table holds later (:meth:`_check_vouched`).
         self._vouched: Checkpoint | None = None
+        #: Where :attr:`_vouched` outlives this process (None: nowhere); read once at start.
+        self._memory = memory
+        self._memory_checked = memory is None
+        self._memory_failing = False
 
     async def start(self) -> None:
         """Look for unsigned entries (recording an anomaly) now, then sign in the background."""
@@ -156,9 +166,12 @@ class Checkpointer:
             self._head_at_start = head[0] if head is not None else 0
             # Entries dated ahead by a writer's fast clock must not hold the signing back for longer.
             self._wait_ends = now + timedelta(seconds=CLOSING_GRACE_S)
+        if not self._memory_checked:
+            self._check_memory()
+            self._memory_checked = True
         latest = self._checkpoints.latest()
         if latest is not None and self._checkpoints.entry_hash(latest.seq) == latest.head_hash:
-            self._vouched = latest  # from now on it must stay (:meth:`_check_vouched`)
+            self._vouch(latest)  # from now on it must stay (:meth:`_check_vouched`)
         if not final:
             judged_at = closing_tail_judged_at(self._checkpoints, now=now)
             if judged_at is not None and now < self._wait_ends:
@@ -178,6 +191,59 @@ class Checkpointer:
         self._audit.append(CHAIN_ANOMALY, anomaly_request_id(body), principal=None, team=None, model=None,
                            body=body, policy_revision=None)
         return True
+
+    def _check_memory(self) -> None:
+        """Hold the database against the checkpoint this host remembers; a ``chain_anomaly`` when it is gone.
+
+        Not a refusal to sign, unlike a running gateway's (:meth:`_check_vouched`):
+        at a start the likeliest cause is an operator restoring the database
+        from a backup, and a gateway that signed nothing from then on would
+        leave every later entry unvouched. The entry, signed with the rest,
+        tells a reviewer the log lost what it once held; a DBA who cut or
+        rewrote it cannot delete that entry without being caught the same way.
+        """
+        assert self._memory is not None
+        try:
+            remembered = self._memory.load(self._key.public)
+        except CheckpointFileError as exc:
+            log.error("%s; going on without it (the next checkpoint replaces it)", exc)
+            return
+        if remembered is None:
+            return
+        problem = remembered_problem(self._checkpoints, remembered)
+        if problem is None:
+            self._vouched = remembered
+            return
+        body = gone_anomaly(self._checkpoints, remembered, problem)
+        if body is None:
+            return
+        log.error("the audit checkpoint at seq %d that this gateway's host vouched for (%s) is gone from the "
+                  "database: %s. Restored from an older backup, or cut back or rewritten by someone who can write "
+                  "it; recorded as a chain_anomaly entry", remembered.seq, self._memory.path, problem)
+        self._audit.append(CHAIN_ANOMALY, anomaly_request_id(body), principal=None, team=None, model=None,
+                           body=body, policy_revision=None)
+
+    def _vouch(self, checkpoint: Checkpoint) -> None:
+        """Vouch for ``checkpoint`` (newer than the one vouched for, or the first) and keep it on this host."""
+        self._vouched = checkpoint
+        if self._memory is None:
+            return
+        if checkpoint.signature_problem(self._key.public) is not None:
+            # A row someone inserted without the key: remembered, it would make the memory unreadable at the
+            # next start (and so forgotten). Its own check is verify's.
+            log.warning("the stored audit checkpoint at seq %d does not verify under this gateway's key; "
+                        "not kept in the checkpoint memory", checkpoint.seq)
+            return
+        try:
+            self._memory.remember(checkpoint, self._key.public)
+        except CheckpointFileError as exc:
+            if not self._memory_failing:
+                log.error("%s (retried at the next checkpoint)", exc)
+            self._memory_failing = True
+            return
+        if self._memory_failing:
+            log.info("checkpoint memory %s is written again", self._memory.path)
+            self._memory_failing = False
 
     def _sign_if_due(self) -> Checkpoint | None:
         head = self._checkpoints.head()
@@ -205,7 +271,7 @@ class Checkpointer:
         if made is None:
             return None
         if self._checkpoints.entry_hash(made[0].seq) == made[0].head_hash:
-            self._vouched = made[0]
+            self._vouch(made[0])
         if not made[1]:
             return None
         self.written.append(made[0])
@@ -225,7 +291,7 @@ class Checkpointer:
         vouched = self._vouched
         if vouched is None:
             if latest is not None:
-                self._vouched = latest  # its entry's hash was just checked by the caller
+                self._vouch(latest)  # its entry's hash was just checked by the caller
             return
         if (latest is None or latest.seq < vouched.seq
                 or self._checkpoints.entry_hash(vouched.seq) != vouched.head_hash):
@@ -236,8 +302,8 @@ class Checkpointer:
         if stored is None or stored.head_hash != vouched.head_hash:
             raise AuditError(f"the checkpoint at seq {vouched.seq} that this gateway signed or checked was removed "
                              "or replaced; not signing until `govgate audit verify` has been looked at")
-        if latest.seq > vouched.seq:
-            self._vouched = latest
+        if latest.seq > vouched.seq or (latest.closing and not vouched.closing):
+            self._vouch(latest)
 
     async def _pipe(self, checkpoint: Checkpoint, timeout_s: float) -> None:
         """Give the checkpoint file to the command on stdin; a failure is logged, the next checkpoint tries again."""

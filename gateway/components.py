@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from sqlalchemy import Engine
 
 from audit import AuditStore
+from audit.checkpoint_memory import CheckpointMemory, database_name
 from audit.checkpoints import CheckpointStore
 from audit.signing import SigningKey, SigningKeyError, load_or_create_signing_key
 from gateway.checkpointer import Checkpointer
@@ -165,9 +166,11 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
     principals = PrincipalCache(ttl_s=settings.auth_cache_ttl_s, max_entries=settings.auth_cache_size)
     key_changes = KeyChangeListener(client, principals)
     keys = KeyStore(db_engine)
+    memory_dir = settings.effective_checkpoint_memory_dir
     checkpointer = Checkpointer(CheckpointStore(db_engine), audit_store, signing_key,
                                 every_entries=settings.checkpoint_every_entries,
-                                interval_s=settings.checkpoint_interval_s, command=settings.checkpoint_command)
+                                interval_s=settings.checkpoint_interval_s, command=settings.checkpoint_command,
+                                memory=CheckpointMemory(memory_dir, database_name(settings.effective_database_url)) if memory_dir else None)
     try:
         await checkpointer.start()
         await key_changes.start()

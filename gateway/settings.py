@@ -178,6 +178,9 @@ class Settings:
     checkpoint_interval_s: float = 10.0
     #: Shell command (``sh -c``) each new checkpoint file is piped to, e.g. to copy it off this host.
     checkpoint_command: str = ""
+    #: Folder keeping the newest checkpoint this host's gateways vouched for, per database
+    #: (``audit/checkpoint_memory.py``); empty means ``var_dir/checkpoint-memory``, ``off`` keeps none.
+    checkpoint_memory_dir: str = ""
     #: A review console session ends after this many seconds without a request (re-signing in is cheap).
     console_idle_timeout_s: float = 900.0
     #: Mark the console's cookies ``Secure`` (set it when the gateway is reached over https, even
@@ -199,6 +202,12 @@ class Settings:
     @property
     def effective_audit_signing_key_file(self) -> Path:
         return Path(self.audit_signing_key_file) if self.audit_signing_key_file else self.var_dir / "audit-signing.key"
+
+    @property
+    def effective_checkpoint_memory_dir(self) -> Path | None:
+        if self.checkpoint_memory_dir == "off":
+            return None
+        return Path(self.checkpoint_memory_dir) if self.checkpoint_memory_dir else self.var_dir / "checkpoint-memory"
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``GOVGATE_*`` variables, so a child process reads back the same."""
@@ -330,6 +339,7 @@ class Settings:
                                                 int, 1)),
             checkpoint_interval_s=float(number("CHECKPOINT_INTERVAL_S", defaults.checkpoint_interval_s, float, 0.1)),
             checkpoint_command=env.get("GOVGATE_CHECKPOINT_COMMAND", "").strip(),
+            checkpoint_memory_dir=_off_or_path(text("CHECKPOINT_MEMORY_DIR", "")),
             console_idle_timeout_s=float(number("CONSOLE_IDLE_TIMEOUT_S", defaults.console_idle_timeout_s, float,
                                                 10.0)),
             console_secure_cookies=_boolean(env, "CONSOLE_SECURE_COOKIES", defaults.console_secure_cookies),
@@ -381,6 +391,11 @@ def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
 def _path_text(raw: str) -> str:
     """An absolute path for a non-empty setting, so child processes agree on it."""
     return str(Path(raw).expanduser().resolve()) if raw else ""
+
+
+def _off_or_path(raw: str) -> str:
+    """``off`` as it is (case aside), any other non-empty value an absolute path (:func:`_path_text`)."""
+    return "off" if raw.lower() == "off" else _path_text(raw)
 
 
 def _choice(value: str, name: str, allowed: tuple[str, ...]) -> str:

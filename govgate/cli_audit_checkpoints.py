@@ -259,6 +259,22 @@ def load_trust(*, checkpoint_file: str | None, public_key_file: str | None) -> T
     return Trust(public_key, source, external, named)
 
 
+def _remembered(settings: Any, public_key: Any) -> tuple[Any, str | None]:
+    """The checkpoint this host's gateways last vouched for on the configured database (``audit/checkpoint_memory.py``),
+    and a note when there is a memory file that cannot be used; (None, None) when there is none."""
+    from audit import AuditError
+    from audit.checkpoint_memory import CheckpointMemory, database_name
+
+    folder = settings.effective_checkpoint_memory_dir
+    if folder is None or public_key is None:
+        return None, None
+    memory = CheckpointMemory(folder, database_name(settings.effective_database_url))
+    try:
+        return memory.load(public_key), None
+    except AuditError as exc:
+        return None, f"{exc}; not used"
+
+
 def report_checkpoints(engine: Any, trust: Trust, *, strict: bool, max_unsigned_age: float | None) -> bool:
     """Check the checkpoints against ``trust`` (:func:`load_trust`) and print the result; True when nothing
     points at tampering."""
@@ -270,14 +286,17 @@ def report_checkpoints(engine: Any, trust: Trust, *, strict: bool, max_unsigned_
     public_key, source, external, named = trust.public_key, trust.source, trust.external, trust.named
     max_age = max_unsigned_age if max_unsigned_age is not None else \
         default_max_unsigned_age_s(settings.checkpoint_interval_s)
+    remembered, memory_note = _remembered(settings, public_key)
     try:
-        verdict = check_checkpoints(CheckpointStore(engine), public_key, external=external, strict=strict,
-                                    max_unsigned_age_s=max_age)
+        verdict = check_checkpoints(CheckpointStore(engine), public_key, external=external, remembered=remembered,
+                                    strict=strict, max_unsigned_age_s=max_age)
     except AuditError as exc:
         raise click.ClickException(str(exc)) from None
     latest = verdict.latest
     where = f"latest at seq {latest.seq}{' (closing)' if latest.closing else ''}" if latest else "none stored"
     file_part = f" and the checkpoint file (seq {external.seq})" if external else ""
+    if remembered is not None:
+        file_part += f" and this host's checkpoint memory (seq {remembered.seq})"
     if verdict.ok:
         click.echo(f"checkpoints ok: {verdict.checked} stored{file_part}, {where}; signatures checked against {source}")
     elif verdict.only_unsigned_tail:
@@ -298,6 +317,8 @@ def report_checkpoints(engine: Any, trust: Trust, *, strict: bool, max_unsigned_
             click.echo(f"  - {problem}")
     if named is not None and public_key is not None and named != public_key.hex:
         click.echo("  note: the checkpoint file names another public key than the trusted one")
+    if memory_note is not None:
+        click.echo(f"  note: {memory_note}")
     for note in verdict.notes:
         click.echo(f"  note: {note}")
     for anomaly in verdict.anomalies:

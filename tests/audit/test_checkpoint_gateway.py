@@ -16,6 +16,7 @@ from audit.kinds import CHAIN_ANOMALY
 from audit.signing import load_signing_key
 from gateway.components import build_components
 from gateway.settings import Settings
+from tests.audit.conftest import RawDB
 
 pytestmark = pytest.mark.anyio
 
@@ -84,3 +85,32 @@ async def test_a_replica_starting_in_a_rolling_restart_names_nothing_the_running
             assert anomalies == [], anomalies
     finally:
         engine.dispose()
+
+
+async def test_a_gateway_started_on_a_log_cut_back_while_it_was_down_names_the_lost_checkpoint(
+        settings: Settings, db_url: str, backend: str) -> None:
+    """The gateway's own memory (``GOVGATE_VAR_DIR/checkpoint-memory``): what it signed before its stop must
+    still be in the database at its next start, else a ``chain_anomaly`` says it is gone."""
+    settings = settings.with_(database_url=db_url)
+    async with build_components(settings) as components:
+        for i in range(3):
+            components.audit.append("request", f"served-{i}", principal="alice", team=None, model="tiny", body={},
+                                    policy_revision=None)
+    engine = make_engine(settings.effective_database_url)
+    try:
+        closing = CheckpointStore(engine).latest()
+        assert closing.closing
+        engine.dispose()
+        raw = RawDB(db_url, backend)
+        try:
+            raw.without_guards(f"DELETE FROM audit_entries WHERE seq > {closing.seq - 2}",
+                               "DELETE FROM audit_checkpoints", "DELETE FROM audit_closing_marks")
+        finally:
+            raw.dispose()
+        async with build_components(settings):
+            pass
+        anomalies = [body for _seq, _at, body in CheckpointStore(engine).entries_of_kind(CHAIN_ANOMALY)]
+    finally:
+        engine.dispose()
+    assert [(a["reason"], a["checkpoint_seq"]) for a in anomalies] == [("vouched_checkpoint_gone", closing.seq)]
+    assert list((settings.var_dir / "checkpoint-memory").glob("*.json"))
