@@ -50,9 +50,10 @@ def _signing_key():  # -> audit.signing.SigningKey
         raise click.ClickException(str(exc)) from None
 
 
-def _refuse_to_vouch_for_a_rewrite(engine: Any) -> None:
-    """Refuse to sign when a stored checkpoint no longer holds (as the gateway's checkpointer refuses):
-    signing the head then would vouch for a chain rewritten or cut below it."""
+def _refuse_to_vouch_for_a_rewrite(engine: Any, public_key: Any) -> None:
+    """Refuse to sign when a stored checkpoint no longer holds (as the gateway's checkpointer refuses), or the
+    one this host's gateways last vouched for is gone (:func:`memory_problem`): signing the head then would
+    vouch for a chain rewritten or cut below it."""
     from audit import AuditError
     from audit.checkpoints import CheckpointStore
 
@@ -62,8 +63,27 @@ def _refuse_to_vouch_for_a_rewrite(engine: Any) -> None:
                 raise click.ClickException(
                     f"refusing to sign: the stored checkpoint of entry {checkpoint.seq} no longer matches the chain "
                     "(rewritten or cut below it); run `govgate audit verify`")
+        problem = memory_problem(engine, public_key)
     except AuditError as exc:
         raise click.ClickException(f"refusing to sign: the stored checkpoints cannot be read: {exc}") from None
+    if problem is not None:
+        raise click.ClickException(f"refusing to sign: {problem}; a gateway's next start names it in a "
+                                   "chain_anomaly entry (run `govgate audit verify`)")
+
+
+def memory_problem(engine: Any, public_key: Any) -> str | None:
+    """Why the database no longer holds the checkpoint this host's gateways last vouched for
+    (``audit/checkpoint_memory.py``), or None: it does, or there is no usable memory here. Raises
+    :class:`audit.AuditError` when the database cannot be read."""
+    from audit.checkpoint_check import remembered_problem
+    from audit.checkpoints import CheckpointStore
+
+    remembered, _note = _remembered(load_settings(), public_key)
+    if remembered is None:
+        return None
+    problem = remembered_problem(CheckpointStore(engine), remembered)
+    return None if problem is None else f"the checkpoint at seq {remembered.seq} that this host's gateways " \
+                                        f"vouched for is gone from the database: {problem}"
 
 
 @click.command("checkpoint")
@@ -80,7 +100,7 @@ def audit_checkpoint(out: str) -> None:
 
     key = _signing_key()
     engine = audit_engine()
-    _refuse_to_vouch_for_a_rewrite(engine)
+    _refuse_to_vouch_for_a_rewrite(engine, key.public)
     try:
         made = CheckpointStore(engine).make(key)
     except AuditError as exc:
@@ -142,7 +162,7 @@ def audit_export_bundle(out: str, team: str | None, since: str | None) -> None:
         raise click.BadParameter(str(exc), param_hint="--since") from None
     key = _signing_key()
     store = AuditStore(audit_engine())
-    _refuse_to_vouch_for_a_rewrite(store.engine)
+    _refuse_to_vouch_for_a_rewrite(store.engine, key.public)
     # The bundle holds prompts and outputs: written private (0600), in place only once whole (cli_output.py).
     try:
         with output_file(out, private=True, text=True) as handle:

@@ -11,7 +11,10 @@ entry directly follows a closing checkpoint that still holds, so nothing
 anyone else wrote is vouched for), and pipes it to
 ``GOVGATE_CHECKPOINT_COMMAND`` as a stopping gateway would. With a gateway
 running (the latest checkpoint not a closing one) its checkpointer signs as
-usual and this does nothing.
+usual and this does nothing; nor does it sign while the checkpoint this
+host's gateways last vouched for is gone from the database
+(``audit/checkpoint_memory.py``): the closing checkpoint it would follow is
+then one the log was cut back to.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def sign_own_entry_while_down(engine: Any, seq: int, entry_hash: str) -> None:
     from audit import AuditError
     from audit.checkpoints import CheckpointStore, checkpoint_file_text
     from audit.signing import SigningKeyError, load_signing_key
+    from govgate.cli_audit_checkpoints import memory_problem
     from govgate.cli_common import load_settings
 
     settings = load_settings()
@@ -38,6 +42,11 @@ def sign_own_entry_while_down(engine: Any, seq: int, entry_hash: str) -> None:
         if latest is None or not latest.closing or latest.seq != seq - 1:
             return  # a gateway runs (or none ever signed, or others wrote since): nothing of this command's to sign
         key = load_signing_key(settings.effective_audit_signing_key_file)
+        gone = memory_problem(engine, key.public)
+        if gone is not None:  # the closing checkpoint it would follow is not the newest this host vouched for
+            click.echo(f"note: this command's audit entry (seq {seq}) is left for a gateway to sign: {gone}",
+                       err=True)
+            return
         signed = checkpoints.close_over_own(key, seq, entry_hash)
     except (SigningKeyError, AuditError) as exc:
         click.echo(f"note: this command's audit entry (seq {seq}) is left for a gateway to sign: {exc}", err=True)

@@ -52,7 +52,8 @@ async def _run_and_stop(trail: Trail, memory: CheckpointMemory | None, entries: 
     gateway = _gateway(trail, memory)
     await gateway.start()
     trail.append(entries, tag=f"served-{trail.head_seq()}")
-    await gateway.tick()
+    if gateway._start_checked:  # as its loop: no signing before the start check's judgement (a young tail waits)
+        await gateway.tick()
     await gateway.aclose()
     return gateway
 
@@ -269,35 +270,70 @@ def test_verify_holds_the_database_to_this_hosts_memory(trail: Trail, memory: Ch
         trail.checkpoints, trail.key.public, remembered=forged, max_unsigned_age_s=MAX_AGE).problems)
 
 
-async def test_the_verify_command_reads_the_memory_of_its_database(trail: Trail, tmp_path: Path) -> None:
-    var = tmp_path / "var"
-    var.mkdir()
-    (var / "audit-signing.key").write_bytes(trail.key.private_pem())
-    (var / "audit-signing.key").chmod(0o600)
-    env = {"GOVGATE_VAR_DIR": str(var), "GOVGATE_DATABASE_URL": trail.raw.url}
-    settings = Settings.from_env(env)
-    memory = CheckpointMemory(settings.effective_checkpoint_memory_dir, database_name(trail.raw.url))
-    trail.append(4)
-    await _run_and_stop(trail, memory, entries=2)
-    pub = tmp_path / "pub.pem"
-    pub.write_bytes(trail.key.public.pem())
+class Host:
+    """A gateway's host: its var dir (the signing key, the memory) and the CLI run with it."""
 
-    def verify() -> str:
-        trail.engine.dispose()
-        result = CliRunner().invoke(main, ["audit", "verify", "--public-key", str(pub)], env=env,
-                                    catch_exceptions=False)
+    def __init__(self, trail: Trail, root: Path) -> None:
+        self.trail = trail
+        var = root / "var"
+        var.mkdir()
+        (var / "audit-signing.key").write_bytes(trail.key.private_pem())
+        (var / "audit-signing.key").chmod(0o600)
+        self.env = {"GOVGATE_VAR_DIR": str(var), "GOVGATE_DATABASE_URL": trail.raw.url}
+        folder = Settings.from_env(self.env).effective_checkpoint_memory_dir
+        self.memory = CheckpointMemory(folder, database_name(trail.raw.url))
+        self.pub = root / "pub.pem"
+        self.pub.write_bytes(trail.key.public.pem())
+
+    def run(self, *args: str) -> str:
+        """The command's exit status, a newline, and its output (stderr included)."""
+        self.trail.engine.dispose()
+        result = CliRunner().invoke(main, list(args), env=self.env, catch_exceptions=False)
         return f"{result.exit_code}\n{result.output}"
 
-    seq = memory.load(trail.key.public).seq
-    out = verify()
+    def verify(self) -> str:
+        return self.run("audit", "verify", "--public-key", str(self.pub))
+
+
+@pytest.fixture
+def host(trail: Trail, tmp_path: Path) -> Host:
+    return Host(trail, tmp_path)
+
+
+async def test_the_verify_command_reads_the_memory_of_its_database(trail: Trail, host: Host) -> None:
+    trail.append(4)
+    await _run_and_stop(trail, host.memory, entries=2)
+    seq = host.memory.load(trail.key.public).seq
+    out = host.verify()
     assert out.startswith("0\n") and f"and this host's checkpoint memory (seq {seq})" in out, out
-    trail.sql(f"DELETE FROM audit_entries WHERE seq > {seq - 1}", "DELETE FROM audit_closing_marks",
-              "DELETE FROM audit_checkpoints")
-    out = verify()
+    _cut_back(trail, seq - 1)
+    out = host.verify()
     assert out.startswith("1\n") and "checkpoints TAMPERED" in out and "checkpoint memory" in out, out
-    await _run_and_stop(trail, memory)  # the next start names it, and the memory starts again
-    out = verify()
+    await _run_and_stop(trail, host.memory)  # the next start names it, and the memory starts again
+    out = host.verify()
     assert out.startswith("0\n") and f"checkpoint at seq {seq}" in out and "chain_anomaly" in out, out
-    memory.path.write_text("{")
-    out = verify()
+    host.memory.path.write_text("{")
+    out = host.verify()
     assert out.startswith("0\n") and "is not JSON" in out and "not used" in out, out
+
+
+async def test_the_signing_commands_refuse_while_the_remembered_checkpoint_is_gone(trail: Trail, host: Host,
+                                                                                   tmp_path: Path) -> None:
+    """``audit checkpoint`` and ``export-bundle`` would vouch for the cut log (a file kept elsewhere that verifies);
+    a key command run while down leaves its entry for the gateway's start rather than sign after the cut."""
+    trail.append(3)
+    kept = trail.checkpoint(closing=True)  # a stop's closing checkpoint, later the one cut back to
+    await _run_and_stop(trail, host.memory, entries=3)
+    seq = host.memory.load(trail.key.public).seq
+    _cut_back(trail, kept)
+    for command in (["audit", "checkpoint"], ["audit", "export-bundle", "--out", str(tmp_path / "b.jsonl")]):
+        out = host.run(*command)
+        assert out.startswith("1\n") and "refusing to sign" in out and f"checkpoint at seq {seq}" in out, out
+    assert not (tmp_path / "b.jsonl").exists() and trail.checkpoints.latest().seq == kept
+    out = host.run("keys", "create", "--user", "carol", "--role", "admin")
+    assert out.startswith("0\n") and "left for a gateway to sign" in out, out
+    assert trail.checkpoints.latest().seq == kept  # its entry directly follows a closing checkpoint: not signed
+    await _run_and_stop(trail, host.memory)
+    assert [a["reason"] for a in _anomalies(trail)] == [GONE, "after_closing"]
+    out = host.run("audit", "checkpoint")
+    assert out.startswith("0\n"), out
