@@ -8,39 +8,27 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 import redis as redis_py
 
-from govgate.redis_server import RedisProcess
+from tests.own_redis import module_redis_server  # noqa: F401  (fixture: see below)
 from workers.contract.celery_config import make_celery
 from workers.contract.delivery_owners import (OWNERS_KEY, REGISTRATION_GRACE_S, TIME_MARK, is_dead, Owner,
                                               owner_from_node, owner_keys, process_started_at, time_field)
 from workers.contract.liveness import BEAT_SCRIPT, WORKERS_KEY, member
 
 QUEUE = "model.owners-test"
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisProcess]:
-    """A Redis of this module's own. Its sweeps take kombu's mutex and scan the whole keyspace for owners'
-    keys, as every worker's sweep does: on the suite's shared Redis a session worker's sweep held the mutex
-    at a test's first sweep under a loaded machine (the sweep is skipped then, silently, as kombu's is), so
-    the orphan scan ran a sweep late (test-busy, session 51), and its own scan could hand a test's orphan back."""
-    folder = Path(tempfile.mkdtemp(prefix="gg-own-"))
-    server = RedisProcess.start(folder / "redis", persist=False)
-    yield server
-    server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
+# The tests' sweeps take kombu's mutex and scan the whole keyspace for owners' keys, as every worker's sweep
+# does: on the session's shared Redis the session worker's sweep held the mutex at a test's first sweep under
+# a loaded machine (a sweep that finds it held is skipped, silently, as kombu's is), so the orphan scan ran a
+# sweep late (test-busy, session 51); its own scan could hand a test's orphan back too. Hence a module Redis.
 
 
 @pytest.fixture
