@@ -66,6 +66,11 @@ class CheckpointMemory:
     def database(self) -> str:
         return self._database
 
+    @property
+    def kept(self) -> Checkpoint | None:
+        """The checkpoint this object last wrote or read (None before either)."""
+        return self._written
+
     def load(self, public_key: PublicKey) -> Checkpoint | None:
         """The remembered checkpoint if there is one signed by ``public_key``; None when there is none.
 

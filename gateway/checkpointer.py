@@ -86,6 +86,8 @@ class Checkpointer:
         self._memory = memory
         self._memory_checked = memory is None
         self._memory_failing = False
+        #: The last stored checkpoint found not to verify under the key (not kept; logged once).
+        self._unverified: Checkpoint | None = None
 
     async def start(self) -> None:
         """Look for unsigned entries (recording an anomaly) now, then sign in the background."""
@@ -226,13 +228,14 @@ class Checkpointer:
     def _vouch(self, checkpoint: Checkpoint) -> None:
         """Vouch for ``checkpoint`` (newer than the one vouched for, or the first) and keep it on this host."""
         self._vouched = checkpoint
-        if self._memory is None:
+        if self._memory is None or checkpoint == self._memory.kept or checkpoint == self._unverified:
             return
         if checkpoint.signature_problem(self._key.public) is not None:
             # A row someone inserted without the key: remembered, it would make the memory unreadable at the
             # next start (and so forgotten). Its own check is verify's.
             log.warning("the stored audit checkpoint at seq %d does not verify under this gateway's key; "
                         "not kept in the checkpoint memory", checkpoint.seq)
+            self._unverified = checkpoint  # said once
             return
         try:
             self._memory.remember(checkpoint, self._key.public)
