@@ -135,10 +135,16 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
     policy = ReloadingPolicyEngine(policy or await open_engine(), open_engine, policy_dir=settings.policy_dir,
                                    interval_s=settings.policy_reload_interval_s, trial=policy_trial(registry))
     client = gateway_redis(settings)
-    waiter = ResultWaiter(client, sealer)
+    audit_store = AuditStore(db_engine)
+
+    async def recorded_ends(request_ids: list[str]) -> set[str]:
+        def ended() -> set[str]:
+            return {request_id for request_id in request_ids if audit_store.terminal_for(request_id) is not None}
+        return await asyncio.to_thread(ended)
+
+    waiter = ResultWaiter(client, sealer, recorded_ends=recorded_ends)
     warn_if_redelivery_is_late(settings)
     dispatcher = Dispatcher(client, expires_s=settings.request_timeout_s, sealer=sealer, mode=settings.queue_mode)
-    audit_store = AuditStore(db_engine)
     counters = UsageCounters(client, in_flight_ttl_s=in_flight_ttl_s(settings))
     pending_client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     pending = PendingTerminals(pending_client, horizon_s=settings.terminal_retry_horizon_s,

@@ -20,7 +20,7 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Collection
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -35,6 +35,13 @@ log = logging.getLogger(__name__)
 
 #: Outcome statuses that end a wait (the names Celery's result meta used).
 _FINAL = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+#: After a reconnect, when (seconds after it) the audit log is asked which waits ended without their outcome.
+END_LOOKS_S = (0.0, 2.0, 10.0)
+#: The outcome a wait is given when the audit log holds its request's end but Redis lost the worker's outcome:
+#: a failure, which the request's handler answers with that end (``TicketRunner.result_of``: the recorded
+#: end wins the terminal constraint, and answers as it records, a completion included).
+ENDED_UNHEARD: dict[str, Any] = {"status": "FAILURE", "result": {
+    "exc_type": "OutcomeLost", "exc_message": "its end was recorded while Redis lost the worker's outcome"}}
 
 
 class ResultTimeout(TimeoutError):
@@ -159,9 +166,13 @@ class PendingResult:
 class ResultWaiter:
     """One pub/sub listener on this process's reply channel, resolving futures for every pending request."""
 
-    def __init__(self, client: aioredis.Redis, sealer: Sealer) -> None:
+    def __init__(self, client: aioredis.Redis, sealer: Sealer, *,
+                 recorded_ends: Callable[[list[str]], Awaitable[Collection[str]]] | None = None) -> None:
         self._client = client
         self._sealer = sealer
+        #: Which of these requests have a terminal entry in the audit log (:meth:`_look_for_ends`).
+        self._recorded_ends = recorded_ends
+        self._end_looks: asyncio.Task | None = None
         self._pubsub = client.pubsub()
         self._pending: dict[str, asyncio.Future] = {}
         self._streams: dict[str, _Inbox] = {}
@@ -187,6 +198,7 @@ class ResultWaiter:
 
     async def aclose(self) -> None:
         await stop_task(self._listener)
+        await stop_task(self._end_looks)
         for future in self._pending.values():
             if not future.done():
                 future.cancel()
@@ -400,3 +412,45 @@ class ResultWaiter:
             log.warning("cannot read stored outcomes yet (%s); trying again", exc)
             self._reconnected = True
             await asyncio.sleep(0.1)
+            return
+        if self._recorded_ends is not None:
+            await stop_task(self._end_looks)  # a reconnect again: its looks start over
+            self._end_looks = asyncio.create_task(self._look_for_ends(), name="govgate-recorded-ends")
+
+    async def _look_for_ends(self) -> None:
+        """Answer the waits whose request ended while Redis lost its worker's outcome.
+
+        A worker whose channel to its gateway fails mid-job (Redis killed or
+        restarted) records the request's end in the audit log (``failed``
+        ``worker_error``, with what it generated) but can neither publish nor
+        store its outcome; the gateway, back on a new Redis, heard nothing and
+        waited for the whole request timeout (120 s by default) before its
+        timeout found that end (session 51 measured it: a stream on Gemma,
+        Redis killed 1.5 s in and back 3 s later, answered after 120 s). Now
+        the audit log is asked, at :data:`END_LOOKS_S` after each reconnect,
+        which waits' requests have a terminal entry; those are given
+        :data:`ENDED_UNHEARD`, which their handler answers with that entry.
+        """
+        assert self._recorded_ends is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for after in END_LOOKS_S:
+            await asyncio.sleep(max(0.0, started + after - loop.time()))
+            waiting = [task_id for task_id, future in self._pending.items() if not future.done()]
+            if not waiting:
+                continue
+            try:
+                ended = await self._recorded_ends(waiting)
+            except Exception as exc:  # noqa: BLE001 - the database may be down too: the timeout still ends them
+                log.warning("cannot ask the audit log which requests ended while Redis was away: %s", exc)
+                continue
+            for task_id in ended:
+                future = self._pending.get(task_id)
+                if future is None or future.done():
+                    continue
+                log.warning("request %s ended while Redis lost its worker's outcome: answered from its audit entry",
+                            task_id)
+                future.set_result(dict(ENDED_UNHEARD))
+                inbox = self._streams.get(task_id)
+                if inbox is not None:
+                    inbox.notify()

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -84,11 +85,12 @@ def test_abandoned_streams_leave_no_pending_task_behind(settings, worker, keyrin
 
 
 @pytest.fixture
-def own_redis_gateway(settings, tmp_path):
-    """A Redis, a tiny-model worker and a served gateway of their own (the test restarts that Redis)."""
+def own_redis_gateway(settings, tmp_path, request):
+    """A Redis, a tiny-model worker and a served gateway of their own (the test restarts that Redis); settings
+    a test gives by indirect parametrization replace the suite's."""
     redis_dir = Path(tempfile.mkdtemp(prefix="gg-sf-"))
     state = {"redis": RedisProcess.start(redis_dir, persist=False), "dir": redis_dir}
-    own = settings.with_(redis_url=state["redis"].url)
+    own = settings.with_(redis_url=state["redis"].url, **getattr(request, "param", {}))
     worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=tmp_path / "worker.log")
     try:
         with serving(own, tmp_path / "serve.log") as base:  # started while the worker loads
@@ -211,3 +213,47 @@ def streamed_errors(exposition: str) -> dict[str, float]:
             if sample.name == "govgate_requests_total" and labels.get("status") == "2xx" and labels.get("code"):
                 found[labels["code"]] = found.get(labels["code"], 0.0) + sample.value
     return found
+
+
+@pytest.mark.parametrize("own_redis_gateway", [{"request_timeout_s": 600.0}], indirect=True)
+def test_a_stream_whose_outcome_redis_lost_is_answered_from_its_audit_entry_once_redis_is_back(
+        own_redis_gateway, keyring, audit_store):
+    """Redis dies mid-stream: the worker records the request ``failed`` (its channel failed) but can neither
+    publish nor store its outcome. The gateway, back on a new Redis, used to hear nothing until its request
+    timeout (120 s by default) found that end; now it asks the audit log after the reconnect and answers
+    from the entry. The request timeout here is far longer than the client waits: only that answer ends it."""
+    state = own_redis_gateway
+    worker = state["worker"]
+    outcome: dict = {}
+    started = threading.Event()
+
+    def stream() -> None:
+        text, last = "", None
+        with httpx.stream("POST", f"{state['base']}/v1/completions", headers=bearer(keyring["admin"]),
+                          timeout=90, json={"model": TINY_MODEL_NAME, "prompt": "Tell", "max_tokens": 3000,
+                                            "temperature": 0, "stream": True}) as response:
+            assert response.status_code == 200, response.read()
+            outcome["request_id"] = response.headers["x-govgate-request-id"]
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    last = json.loads(line[6:])
+                    text += (last.get("choices") or [{}])[0].get("text") or ""
+                    if text:
+                        started.set()
+        outcome.update(text=text, last=last)
+
+    with ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(stream)
+        assert started.wait(60), "the stream never received text"
+        os.kill(worker.pid, signal.SIGSTOP)  # mid-generation (the solo pool generates in the worker itself)
+        try:
+            state["redis"].stop()
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)  # its next piece meets no Redis: it records the request failed
+        terminal = wait_terminal(audit_store, outcome["request_id"])
+        assert terminal.kind == "failed" and terminal.body["error"]["code"] == "worker_error"
+        state["redis"] = RedisProcess.start(state["dir"], persist=False)  # empty: the outcome is nowhere
+        streaming.result(timeout=120)
+    assert outcome["last"]["error"]["code"] == "worker_error", outcome
+    assert terminal.payload["output"].startswith(outcome["text"])
+    assert "ended while Redis lost its worker's outcome" in Path(state["log"]).read_text()
