@@ -188,7 +188,8 @@ def remembered_problem(store: CheckpointStore, remembered: Checkpoint) -> str | 
     if stored is None or stored.head_hash != remembered.head_hash:
         return f"the checkpoint at seq {seq} is no longer stored (checkpoints were deleted)"
     if remembered.closing and not stored.closing:
-        return f"the closing checkpoint at seq {seq} is no longer stored, only a plain one (its closing mark was deleted)"
+        return (f"the closing checkpoint at seq {seq} is no longer stored, only a plain one "
+                "(its closing mark was deleted)")
     return None
 
 

@@ -173,10 +173,11 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
     key_changes = KeyChangeListener(client, principals)
     keys = KeyStore(db_engine)
     memory_dir = settings.effective_checkpoint_memory_dir
+    memory = CheckpointMemory(memory_dir, database_name(settings.effective_database_url)) if memory_dir else None
     checkpointer = Checkpointer(CheckpointStore(db_engine), audit_store, signing_key,
                                 every_entries=settings.checkpoint_every_entries,
                                 interval_s=settings.checkpoint_interval_s, command=settings.checkpoint_command,
-                                memory=CheckpointMemory(memory_dir, database_name(settings.effective_database_url)) if memory_dir else None)
+                                memory=memory)
     try:
         await checkpointer.start()
         await key_changes.start()

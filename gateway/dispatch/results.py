@@ -255,10 +255,13 @@ class ResultWaiter:
         if isinstance(meta, dict) and meta.get("status") in _FINAL:
             if meta.get("status") == "SUCCESS" and isinstance(meta.get("result"), dict):
                 meta["result"] = open_result(meta["result"], self._sealer)
-            future.set_result(meta)
-            inbox = self._streams.get(task_id)
-            if inbox is not None:  # at once, not a loop turn later through the future's callback
-                inbox.notify()
+            self._settle(task_id, future, meta)
+
+    def _settle(self, task_id: str, future: asyncio.Future, meta: dict[str, Any]) -> None:
+        future.set_result(meta)
+        inbox = self._streams.get(task_id)
+        if inbox is not None:  # at once, not a loop turn later through the future's callback
+            inbox.notify()
 
     def _piece(self, task_id: str, raw: bytes | str) -> None:
         queue = self._streams.get(task_id)
@@ -450,7 +453,4 @@ class ResultWaiter:
                     continue
                 log.warning("request %s ended while Redis lost its worker's outcome: answered from its audit entry",
                             task_id)
-                future.set_result(dict(ENDED_UNHEARD))
-                inbox = self._streams.get(task_id)
-                if inbox is not None:
-                    inbox.notify()
+                self._settle(task_id, future, dict(ENDED_UNHEARD))
