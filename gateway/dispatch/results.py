@@ -424,8 +424,9 @@ class ResultWaiter:
         """Answer the waits whose request ended while Redis lost its worker's outcome.
 
         A worker whose channel to its gateway fails mid-job (Redis killed or
-        restarted) records the request's end in the audit log (``failed``
-        ``worker_error``, with what it generated) but can neither publish nor
+        restarted) records the request's end in the audit log (``failed``:
+        ``worker_error`` with what it generated for a stream, ``output_unchecked``
+        for a checked whole answer nobody could judge) but can neither publish nor
         store its outcome; the gateway, back on a new Redis, heard nothing and
         waited for the whole request timeout (120 s by default) before its
         timeout found that end (session 51 measured it: a stream on Gemma,

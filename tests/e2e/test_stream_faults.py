@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -215,45 +214,70 @@ def streamed_errors(exposition: str) -> dict[str, float]:
     return found
 
 
+def _began(audit_store, redis_url: str, timeout_s: float = 60) -> str:
+    """The id of the newest request once its worker has begun it (its start claim is in Redis)."""
+    import redis as redis_py
+
+    from workers.contract.jobs import JOB_STARTED, cancel_key
+
+    client = redis_py.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            requests = [e for e in audit_store.tail(5) if e.kind == "request"]
+            if requests and client.get(cancel_key(requests[-1].request_id)) == JOB_STARTED:
+                return requests[-1].request_id
+            time.sleep(0.02)
+    finally:
+        client.close()
+    raise AssertionError("no worker began the request")
+
+
 @pytest.mark.parametrize("own_redis_gateway", [{"request_timeout_s": 600.0}], indirect=True)
-def test_a_stream_whose_outcome_redis_lost_is_answered_from_its_audit_entry_once_redis_is_back(
-        own_redis_gateway, keyring, audit_store):
-    """Redis dies mid-stream: the worker records the request ``failed`` (its channel failed) but can neither
-    publish nor store its outcome. The gateway, back on a new Redis, used to hear nothing until its request
-    timeout (120 s by default) found that end; now it asks the audit log after the reconnect and answers
-    from the entry. The request timeout here is far longer than the client waits: only that answer ends it."""
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_a_request_whose_outcome_redis_lost_is_answered_from_its_audit_entry_once_redis_is_back(
+        own_redis_gateway, keyring, audit_store, stream):
+    """Redis dies mid-generation: the worker records the request ``failed`` (a stream's next piece meets no
+    Redis; a whole answer, checked, has no gateway to judge it) but can neither publish nor store its outcome.
+    The gateway, back on a new Redis, used to hear nothing until its request timeout (120 s by default)
+    found that end; now it asks the audit log after the reconnect and answers from the entry. The request
+    timeout here is far longer than the client waits: only that answer ends it."""
     state = own_redis_gateway
     worker = state["worker"]
     outcome: dict = {}
-    started = threading.Event()
 
-    def stream() -> None:
+    def send() -> None:
+        body = {"model": TINY_MODEL_NAME, "prompt": "Tell", "max_tokens": 3000, "temperature": 0, "stream": stream}
+        if not stream:
+            response = httpx.post(f"{state['base']}/v1/completions", headers=bearer(keyring["admin"]), timeout=90,
+                                  json=body)
+            outcome.update(status=response.status_code, last=response.json(), text="")
+            return
         text, last = "", None
         with httpx.stream("POST", f"{state['base']}/v1/completions", headers=bearer(keyring["admin"]),
-                          timeout=90, json={"model": TINY_MODEL_NAME, "prompt": "Tell", "max_tokens": 3000,
-                                            "temperature": 0, "stream": True}) as response:
+                          timeout=90, json=body) as response:
             assert response.status_code == 200, response.read()
-            outcome["request_id"] = response.headers["x-govgate-request-id"]
             for line in response.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     last = json.loads(line[6:])
                     text += (last.get("choices") or [{}])[0].get("text") or ""
-                    if text:
-                        started.set()
-        outcome.update(text=text, last=last)
+        outcome.update(status=200, text=text, last=last)
 
     with ThreadPoolExecutor(1) as pool:
-        streaming = pool.submit(stream)
-        assert started.wait(60), "the stream never received text"
+        sending = pool.submit(send)
+        request_id = _began(audit_store, state["settings"].redis_url)
         os.kill(worker.pid, signal.SIGSTOP)  # mid-generation (the solo pool generates in the worker itself)
         try:
             state["redis"].stop()
         finally:
-            os.kill(worker.pid, signal.SIGCONT)  # its next piece meets no Redis: it records the request failed
-        terminal = wait_terminal(audit_store, outcome["request_id"])
-        assert terminal.kind == "failed" and terminal.body["error"]["code"] == "worker_error"
+            os.kill(worker.pid, signal.SIGCONT)  # its next look at Redis finds none: it records the request failed
+        terminal = wait_terminal(audit_store, request_id)
         state["redis"] = RedisProcess.start(state["dir"], persist=False)  # empty: the outcome is nowhere
-        streaming.result(timeout=120)
-    assert outcome["last"]["error"]["code"] == "worker_error", outcome
+        sending.result(timeout=120)
+    # a stream's worker fails at its next piece; a whole answer's, checked, at its hand-over (no gateway to judge)
+    code = terminal.body["error"]["code"]
+    assert terminal.kind == "failed" and code == ("worker_error" if stream else "output_unchecked"), terminal.body
+    assert outcome["status"] == (200 if stream else 503), outcome
+    assert outcome["last"]["error"]["code"] == code, outcome
     assert terminal.payload["output"].startswith(outcome["text"])
     assert "ended while Redis lost its worker's outcome" in Path(state["log"]).read_text()
