@@ -497,7 +497,7 @@ def migrate(engine: Engine, revision: str = "head") -> None:
         with locked_transaction(engine, MIGRATE_LOCK_KEY) as conn:
             _check_encoding(conn)
             command.upgrade(alembic_config(conn), revision)
-    except (*DB_ERRORS, CommandError) as exc:
+    except (*DB_ERRORS, CommandError, RuntimeError) as exc:  # RuntimeError: a migration refusing to run
         raise AuditError(f"cannot migrate audit schema in {describe(engine)}: {reason(exc)}") from exc
 
 

@@ -18,6 +18,10 @@ FAILED: Final = "failed"
 TIMED_OUT: Final = "timed_out"
 CANCELLED: Final = "cancelled"
 
+#: What the client of a checked stream received, recorded by its gateway when the stream's terminal entry
+#: (written first, by its worker) could not say: body ``{terminal_seq, ended_as, output_decision, client_output…}``.
+DELIVERED: Final = "delivered"
+
 #: The chain's format boundary: body ``{"format": 2}``; written by the store itself, never by callers.
 CHAIN_FORMAT: Final = "chain_format"
 #: Something about the chain itself was found wrong and recorded (e.g. by a checkpointer).
@@ -39,7 +43,7 @@ TERMINAL_KINDS: Final[frozenset[str]] = frozenset({COMPLETION, FAILED, TIMED_OUT
 KEY_KINDS: Final[frozenset[str]] = frozenset({KEY_CREATED, KEY_REVOKED, KEY_ROLES_CHANGED})
 REVIEW_KINDS: Final[frozenset[str]] = frozenset({FLAGGED, COMMENTED, DISPOSITIONED})
 KINDS: Final[frozenset[str]] = (
-    frozenset({REQUEST, REJECTED, CHAIN_FORMAT, CHAIN_ANOMALY, PAYLOAD_READ, PAYLOADS_ERASED})
+    frozenset({REQUEST, REJECTED, DELIVERED, CHAIN_FORMAT, CHAIN_ANOMALY, PAYLOAD_READ, PAYLOADS_ERASED})
     | TERMINAL_KINDS | KEY_KINDS | REVIEW_KINDS
 )
 

@@ -310,7 +310,7 @@ def test_processes_starting_together_can_all_migrate(db_url: str, attempt: int) 
     barrier = CHILDREN.Barrier(8)
     _run([CHILDREN.Process(target=_migrate_only, args=(db_url, barrier)) for _ in range(8)])
     engine = make_engine(db_url)
-    assert _versions(engine) == ["audit_0006"]
+    assert _versions(engine) == ["audit_0007"]
     engine.dispose()
 
 
@@ -326,7 +326,7 @@ def test_migrate_is_idempotent_and_keeps_data(store: AuditStore) -> None:
     entry = _append(store, "request", "r1")
     migrate(store.engine)
     migrate(store.engine)
-    assert _versions(store.engine) == ["audit_0006"]
+    assert _versions(store.engine) == ["audit_0007"]
     assert store.get(2) == entry
 
 
@@ -350,7 +350,7 @@ def test_gateway_tables_and_history_are_left_alone(db_url: str) -> None:
     with engine.connect() as conn:
         assert list(conn.execute(text("SELECT version_num FROM alembic_version")).scalars()) == ["gateway_0042"]
         conn.execute(text("SELECT count(*) FROM api_keys")).scalar_one()
-    assert _versions(engine) == ["audit_0006"]
+    assert _versions(engine) == ["audit_0007"]
     assert _schema_diff(engine) == []  # autogenerate would not drop the gateway's table
     engine.dispose()
 

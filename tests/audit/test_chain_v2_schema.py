@@ -55,7 +55,7 @@ def test_upgrade_keeps_every_stored_byte_and_the_chain_verifies(v1_store: Path) 
     engine = make_engine(_url(v1_store))
     migrate(engine)
     with engine.connect() as conn:
-        assert list(conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars()) == ["audit_0006"]
+        assert list(conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars()) == ["audit_0007"]
 
     after = _raw(v1_store, "SELECT seq, created_at, request_id, kind, principal, team, model, body, policy_revision,"
                            " terminal_request_id, prev_hash, hash, payload, payload_digest FROM audit_entries ORDER BY seq")

@@ -540,7 +540,7 @@ def test_audit_commands_do_not_upgrade_a_store_an_older_version_may_still_write(
         content = before.read()
     result = cli("audit", *command, ok=False)
     assert result.exit_code == 1
-    assert "has schema audit_0001, this govgate expects audit_0006" in result.output, result.output
+    assert "has schema audit_0001, this govgate expects audit_0007" in result.output, result.output
     assert "upgrade it by starting this one" in result.output
     with sqlite3.connect(cli.database) as db:
         assert db.execute("SELECT version_num FROM alembic_version_audit").fetchall() == [("audit_0001",)]
@@ -548,7 +548,7 @@ def test_audit_commands_do_not_upgrade_a_store_an_older_version_may_still_write(
     cli("keys", "list")  # a documented upgrade step
     assert cli("audit", *command, ok=command[0] != "verify").exit_code in (0, 1)
     with sqlite3.connect(cli.database) as db:
-        assert db.execute("SELECT version_num FROM alembic_version_audit").fetchall() == [("audit_0006",)]
+        assert db.execute("SELECT version_num FROM alembic_version_audit").fetchall() == [("audit_0007",)]
 
 
 @pytest.mark.parametrize(("args", "problem"), [
