@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from audit.kinds import REQUEST, TERMINAL_KINDS
+from audit.kinds import DELIVERED, REQUEST, TERMINAL_KINDS
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,9 @@ class StoryView:
     messages: list[Message]
     prompt: str | None
     output: str | None
+    #: What the client received, when the output rules kept it apart from the output: from the terminal
+    #: entry, or from the gateway's ``delivered`` entry when the terminal one could not say.
+    received: str | None
     erased: bool  # the texts were erased (payloads_erased) or never kept
     request: dict[str, Any] | None
     terminal: dict[str, Any] | None
@@ -70,6 +73,9 @@ def story_view(story: dict[str, Any]) -> StoryView:
                 for m in raw_messages if isinstance(m, dict)] if isinstance(raw_messages, list) else []
     prompt = _content(asked["prompt"]) if "prompt" in asked else None
     output = _content(answered["output"]) if "output" in answered else None
+    delivered = next((e for e in entries if e["kind"] == DELIVERED), None)
+    sent = answered if "client_output" in answered else _texts(delivered)
+    received = _content(sent["client_output"]) if "client_output" in sent else None
     body = terminal["body"] if terminal is not None else {}
     timings: list[tuple[str, str]] = []
     start = _parse(request["created_at"]) if request else None
@@ -80,5 +86,5 @@ def story_view(story: dict[str, Any]) -> StoryView:
         if isinstance(value, (int, float)):
             timings.append((name.removesuffix("_ms").replace("_", " "), f"{value:.0f} ms"))
     erased = request is not None and not messages and prompt is None
-    return StoryView(story, messages, prompt, output, erased, request, terminal, timings,
+    return StoryView(story, messages, prompt, output, received, erased, request, terminal, timings,
                      body.get("usage") or {})

@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any, Callable
 
 from audit import AppendArgs, AuditEntry, AuditError, AuditStore, DuplicateTerminalError
-from audit.kinds import FAILED
+from audit.kinds import DELIVERED, FAILED
 from gateway.auth import Principal
 from gateway.api_errors import ApiError
 from gateway.observability.metrics import observe_append
@@ -135,6 +135,12 @@ class RequestLog:
                                         body=withheld_body(body, kind), policy_revision=ticket.job.policy_revision)
                 await self._calls.run(partial(self._pending.keep, entry, replace=True))
             return None
+
+    async def record_delivered(self, ticket: Ticket, body: dict[str, Any]) -> AuditEntry:
+        """Append a checked stream's ``delivered`` entry (``gateway/requests/delivered.py``): not terminal, so
+        it follows the end it completes. Raises :class:`AuditError` if the store refuses it."""
+        return await self._append(DELIVERED, ticket.request_id, ticket.principal, ticket.model, body,
+                                  ticket.job.policy_revision)
 
     async def aclose(self) -> None:
         """Wait for the appends still running (the gateway is stopping)."""

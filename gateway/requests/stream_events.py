@@ -22,6 +22,7 @@ from gateway.dispatch.queue import Queued
 from gateway.dispatch.results import PendingResult
 from gateway.drain import shutting_down
 from gateway.requests.cancelled_ends import CUT_GRACE_S, end_cut_stream
+from gateway.requests.delivered import record_delivered
 from gateway.requests.ticket import Ticket
 from gateway.requests.timeouts import stop_for_timeout, tell_timed_out, timed_out
 from workers.contract.jobs import JobResult
@@ -117,6 +118,11 @@ class StreamEvents:
             if missing:
                 yield missing
             yield result
+        except ApiError:
+            # an end written by its worker (or lost to one) may not say what a checked stream's client got
+            if self._hold is not None and self._heard and not self._cut:
+                await record_delivered(runner, ticket, self._hold, "".join(delivered))
+            raise
         finally:
             await self.aclose()
 

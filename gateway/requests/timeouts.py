@@ -29,8 +29,9 @@ from gateway.requests.holdback import HoldBack
 from gateway.requests.output_rules import OutputRules
 from gateway.requests.ticket import Ticket
 from workers.contract.jobs import CANCEL_TTL_S, JOB_LOOK_AGAIN, JOB_STARTED, STOP_TIMED_OUT, JobResult, cancel_key
-from workers.contract.output_check import OutputVerdict, decision_record, logged_client_output
+from workers.contract.output_check import OutputVerdict
 from workers.contract.privacy import logged_output
+from workers.contract.terminal_body import judged_fields
 
 if TYPE_CHECKING:
     from gateway.requests.outcome import TicketRunner
@@ -132,9 +133,7 @@ async def timed_out(runner: TicketRunner, ticket: Ticket, *, output: str | None 
     if output is not None:  # kept as the request's prompt_logging allows, like a worker's output
         body.update(logged_output(output, job.prompt_logging, job.redact, runner.digester))
     if verdict is not None:  # released text only, masked already: no finding of the rules' in clear
-        body.update({"output_decision": decision_record(verdict, runner.digester),
-                     **logged_client_output(verdict.client_text, job.prompt_logging,
-                                            [*job.redact, *verdict.redact], runner.digester)})
+        body.update(judged_fields(job, verdict, runner.digester))
     reserved = _reserved_usage(ticket) if started else None
     if reserved is not None:
         body["usage"] = reserved

@@ -26,8 +26,8 @@ from audit import AuditEntry, AuditError, AuditStore
 from audit.aggregates import usage
 from audit.export import chunks, entry_document, has_text
 from audit.filters import filter_document
-from audit.kinds import (CHAIN_ANOMALY, CHAIN_FORMAT, COMMENTED, DISPOSITIONED, FLAGGED, KEY_KINDS, PAYLOAD_READ,
-                         PAYLOADS_ERASED, REJECTED, REQUEST, REVIEW_KINDS, TERMINAL_KINDS)
+from audit.kinds import (CHAIN_ANOMALY, CHAIN_FORMAT, COMMENTED, DELIVERED, DISPOSITIONED, FLAGGED, KEY_KINDS,
+                         PAYLOAD_READ, PAYLOADS_ERASED, REJECTED, REQUEST, REVIEW_KINDS, TERMINAL_KINDS)
 from audit.search import MAX_PAGE_SIZE, EntryFilter, iter_matching, search
 from gateway.api_errors import ApiError, new_request_id
 from gateway.observability.context import current_request_id
@@ -44,7 +44,7 @@ DISPOSITIONS: Final = ("ok", "violation", "needs-follow-up")
 #: What each action route appends.
 ACTION_KINDS: Final = {"flag": FLAGGED, "comment": COMMENTED, "disposition": DISPOSITIONED}
 #: Entries a request is made of (a review action needs one of these to act on).
-_REQUEST_KINDS: Final = frozenset({REQUEST, REJECTED}) | TERMINAL_KINDS
+_REQUEST_KINDS: Final = frozenset({REQUEST, REJECTED, DELIVERED}) | TERMINAL_KINDS
 
 
 def audit_unavailable() -> ApiError:

@@ -31,6 +31,10 @@ MARKUP_PROMPT = '<script>alert("prompt")</script><img src=x onerror=alert(1)>'
 MARKUP_OUTPUT = "</pre><script>alert('output')</script>"
 MARKUP_REQUEST = "markup-request-1"
 DENIED_REQUEST = "denied-request-1"
+#: A checked stream whose worker's end could not say what its client received: its gateway's ``delivered``.
+DELIVERED_REQUEST = "delivered-request-1"
+DELIVERED_OUTPUT = "the whole generated output, held back in part"
+DELIVERED_CLIENT = "the whole generated"
 
 _TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
 
@@ -77,6 +81,18 @@ def console(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProcess
                        "decision": {"allow": False, "reasons": [{"code": "model_not_allowed", "message": "no"}],
                                     "obligations": {}}},
                  payload={"messages": [{"role": "user", "content": "may I?"}]})
+    store.append("request", DELIVERED_REQUEST, **who, policy_revision="rev-1",
+                 body={"endpoint": "completions", "key_id": "k",
+                       "decision": {"allow": True, "reasons": [], "obligations": {}}},
+                 payload={"prompt": "Tell"})
+    failed = store.append("failed", DELIVERED_REQUEST, **who, policy_revision="rev-1",
+                          body={"error": {"code": "worker_error", "message": "the job's channel failed"}},
+                          payload={"output": DELIVERED_OUTPUT})
+    store.append("delivered", DELIVERED_REQUEST, **who, policy_revision="rev-1",
+                 body={"terminal_seq": failed.seq, "ended_as": "failed",
+                       "output_decision": {"allow": True, "reasons": [], "findings": [], "stopped": False,
+                                           "policy_revision": "rev-1"}},
+                 payload={"client_output": DELIVERED_CLIENT})
     yield Console(settings, keys, store)
     engine.dispose()
 

@@ -13,8 +13,8 @@ from litestar.testing import AsyncTestClient
 
 from audit import verify_chain
 from audit.search import EntryFilter, search
-from tests.console.conftest import (DENIED_REQUEST, MARKUP_OUTPUT, MARKUP_PROMPT, MARKUP_REQUEST, Console,
-                                    sign_in)
+from tests.console.conftest import (DELIVERED_CLIENT, DELIVERED_OUTPUT, DELIVERED_REQUEST, DENIED_REQUEST,
+                                    MARKUP_OUTPUT, MARKUP_PROMPT, MARKUP_REQUEST, Console, sign_in)
 from tests.console.test_console_keys import sign_in_admin
 
 pytestmark = pytest.mark.anyio
@@ -52,6 +52,19 @@ async def test_the_request_page_tells_the_whole_story(client: AsyncTestClient, c
         assert expected in page, expected
     denied = (await client.get(f"/console/requests/{DENIED_REQUEST}")).text
     assert "denied" in denied and "model_not_allowed" in denied and "may I?" in denied
+
+
+async def test_what_a_checked_stream_s_client_received_shows_from_its_delivered_entry(
+        client: AsyncTestClient, console: Console) -> None:
+    """The worker's ``failed`` entry holds the output it generated; what the client got is in the gateway's
+    ``delivered`` entry, which the page shows under its own heading, and the request's story lists."""
+    await sign_in(client, console.keys.reviewer)
+    page = (await client.get(f"/console/requests/{DELIVERED_REQUEST}")).text
+    output, received = page.index("<h2>Output</h2>"), page.index("<h2>What the client received</h2>")
+    assert output < page.index(DELIVERED_OUTPUT) < received < page.index(f">{DELIVERED_CLIENT}<")
+    assert ">delivered<" in page and "failed" in page
+    plain = (await client.get(f"/console/requests/{MARKUP_REQUEST}")).text  # nothing apart: no such heading
+    assert "What the client received" not in plain
 
 
 async def test_characters_that_reorder_or_hide_text_are_shown_as_marks(client: AsyncTestClient,

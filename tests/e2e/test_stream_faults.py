@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -245,6 +246,7 @@ def test_a_request_whose_outcome_redis_lost_is_answered_from_its_audit_entry_onc
     state = own_redis_gateway
     worker = state["worker"]
     outcome: dict = {}
+    released = threading.Event()  # a stream's client has text: the gateway judged and released some
 
     def send() -> None:
         body = {"model": TINY_MODEL_NAME, "prompt": "Tell", "max_tokens": 3000, "temperature": 0, "stream": stream}
@@ -261,11 +263,14 @@ def test_a_request_whose_outcome_redis_lost_is_answered_from_its_audit_entry_onc
                 if line.startswith("data: ") and line != "data: [DONE]":
                     last = json.loads(line[6:])
                     text += (last.get("choices") or [{}])[0].get("text") or ""
+                    if text:
+                        released.set()
         outcome.update(status=200, text=text, last=last)
 
     with ThreadPoolExecutor(1) as pool:
         sending = pool.submit(send)
         request_id = _began(audit_store, state["settings"].redis_url)
+        assert not stream or released.wait(60), "the stream's client got no text"
         os.kill(worker.pid, signal.SIGSTOP)  # mid-generation (the solo pool generates in the worker itself)
         try:
             state["redis"].stop()
@@ -281,3 +286,14 @@ def test_a_request_whose_outcome_redis_lost_is_answered_from_its_audit_entry_onc
     assert outcome["last"]["error"]["code"] == code, outcome
     assert terminal.payload["output"].startswith(outcome["text"])
     assert "ended while Redis lost its worker's outcome" in Path(state["log"]).read_text()
+    # the worker's entry cannot say what the client received; a stream's gateway appends what it released
+    assert not any(key.startswith("client_output") for key in {**terminal.body, **(terminal.payload or {})})
+    delivered = [entry for entry in audit_store.entries_for(request_id) if entry.kind == "delivered"]
+    if not stream:  # a whole answer's client got none of it: its entry says "neither checked nor served"
+        assert delivered == []
+        return
+    assert len(delivered) == 1 and delivered[0].seq > terminal.seq
+    assert delivered[0].body["terminal_seq"] == terminal.seq and delivered[0].body["ended_as"] == "failed"
+    assert outcome["text"] and delivered[0].payload["client_output"] == outcome["text"]
+    assert len(terminal.payload["output"]) > len(outcome["text"])  # the hold-back's part never reached it
+    assert set(delivered[0].body["output_decision"]) == {"allow", "reasons", "findings", "stopped", "policy_revision"}

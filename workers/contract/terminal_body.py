@@ -95,6 +95,15 @@ class Generated:
         return max(0.0, (now_ns - self.ended_ns) / 1e6) if self.ended_ns else 0.0
 
 
+def judged_fields(job: GenerateJob, verdict: OutputVerdict, digester: Digester | None) -> dict[str, Any]:
+    """A checked output's ``output_decision`` (findings as digests) and ``client_output`` (what the client
+    received, kept as ``prompt_logging`` allows, masked for the rules' findings too): the same fields in every
+    entry that records them, a worker's terminal entry, a timeout's, or a gateway's ``delivered``."""
+    return {"output_decision": decision_record(verdict, digester),
+            **logged_client_output(verdict.client_text, job.prompt_logging, [*job.redact, *verdict.redact],
+                                   digester)}
+
+
 @dataclass(frozen=True)
 class Ending:
     """How a checked generation ends: the entry's kind and finish reason, and what goes into it."""
@@ -125,9 +134,7 @@ def checked_ending(job: GenerateJob, verdict: OutputVerdict | None, finish_reaso
     if verdict is None:
         return Ending(STATUS_FAILED, finish_reason, error=dict(UNCHECKED_STREAM_ERROR if job.stream
                                                                else UNCHECKED_ERROR))
-    checked = {"output_decision": decision_record(verdict, digester),
-               **logged_client_output(verdict.client_text, job.prompt_logging, [*job.redact, *verdict.redact],
-                                      digester)}
+    checked = judged_fields(job, verdict, digester)
     if verdict.cancelled and verdict.timed_out:
         return Ending(STATUS_TIMED_OUT, None, checked=checked, findings=verdict.redact, served=verdict.client_text,
                       error={"code": STATUS_TIMED_OUT, "message": GATEWAY_TIMEOUT_MESSAGE})
