@@ -42,23 +42,31 @@ class Terminated(SystemExit):
         self.signum = signum
 
 
-def _raise_terminated(signum: int, _frame: Any) -> None:
-    raise Terminated(signum)
-
-
 @contextlib.contextmanager
-def signals_unwind() -> Iterator[None]:
+def signals_unwind() -> Iterator[list[int]]:
     """While the block runs, SIGTERM and SIGHUP raise :class:`Terminated` (in the main thread only, where
-    Python runs signal handlers); the handlers found are put back at the end."""
+    Python runs signal handlers); the handlers found are put back at the end.
+
+    Yields the signals received, in order. Python runs a handler at the next bytecode of the main thread,
+    which may be inside a finalizer (``__del__``, a weakref callback, run by the garbage collector at any
+    allocation) or a callback from C: an exception raised there is printed ("Exception ignored in …") and
+    dropped, and the block goes on as if no signal came. The list lets the block's owner see it anyway.
+    """
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
+
+    def _raise_terminated(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        raise Terminated(signum)
+
     previous = {}
     for signum in CAUGHT:
         if signal.getsignal(signum) is signal.SIG_DFL:
             previous[signum] = signal.signal(signum, _raise_terminated)
     try:
-        yield
+        yield received
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -87,7 +95,7 @@ def output_file(path: str | Path, *, private: bool, text: bool = False) -> Itera
     target = Path(os.path.realpath(path))  # a symlink's file is replaced, not the link (an in-place write's way)
     mode = "w" if text else "wb"
     encoding = "utf-8" if text else None
-    with signals_unwind():
+    with signals_unwind() as received:
         if target.exists() and not target.is_file():
             with open(target, mode, encoding=encoding) as handle:
                 yield handle
@@ -99,6 +107,8 @@ def output_file(path: str | Path, *, private: bool, text: bool = False) -> Itera
                 yield handle
                 handle.flush()
                 os.fsync(handle.fileno())
+            if received:  # its Terminated was dropped where it was raised (a finalizer): stopped all the same
+                raise Terminated(received[0])
             os.replace(temporary, target)
         except BaseException as exc:
             temporary.unlink(missing_ok=True)

@@ -24,6 +24,7 @@ import pytest
 
 from audit import AuditStore, make_engine, migrate
 from audit.signing import load_or_create_signing_key
+from govgate.cli_output import Terminated, output_file
 from tests.postgres_server import PostgresServer, own_postgres  # noqa: F401  (a fixture)
 
 #: What the file held before the command ran (an earlier export, an earlier key).
@@ -239,3 +240,36 @@ def test_an_out_with_a_long_name_is_written(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert out.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
     assert _leftovers(out) == []
+
+
+class _SignalledWhileFinalized:
+    """An object whose finalizer receives SIGTERM: Python runs the handler inside ``__del__``, where the
+    exception it raises is printed ("Exception ignored in …") and dropped, as from any finalizer the
+    garbage collector runs at an allocation of the export's."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(10))  # a few bytecodes: the handler runs here
+
+
+def test_a_signal_whose_exception_a_finalizer_dropped_still_leaves_no_file(tmp_path: Path, capfd,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, the block went on as if no signal had come, and the file was written whole, exit status 0:
+    a SIGTERM from a job scheduler's time limit was ignored. Now the signal is remembered and the file is
+    not put in place."""
+    out = _out(tmp_path, "blue.jsonl")
+    dropped: list[type[BaseException] | None] = []  # what Python's "Exception ignored in …" would print
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a shell leaves it to a command
+    try:
+        with pytest.raises(Terminated) as raised:
+            with output_file(out, private=True) as handle:
+                handle.write(b"half of it")
+                _SignalledWhileFinalized()  # dropped at once: its finalizer runs here
+                handle.write(b" and the rest")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert raised.value.code == 128 + signal.SIGTERM
+    assert out.read_bytes() == EARLIER and _leftovers(out) == []
+    assert dropped == [Terminated]
+    assert f"SIGTERM: stopped; {out} not written" in capfd.readouterr().err
