@@ -17,6 +17,8 @@ CHECKS = {
     "served_audited": "every served answer has one request entry and a completion entry",
     "outputs_equal": "the completion entry's output is exactly what the client got",
     "partial_streams_audited": "every piece a stream cut short delivered is in its terminal entry's output, in order",
+    "client_output_recorded": "what a stream cut short delivered is its entries' client_output (its terminal "
+                              "entry's, or its gateway's delivered entry), unless its gateway or database died",
     "one_terminal_per_accepted": "every accepted request has exactly one terminal entry",
     "one_request_entry": "no request id has two request entries",
     "chain_verifies": "audit verify passes",
@@ -24,6 +26,12 @@ CHECKS = {
     "errors_designed": "every error answer is OpenAI-shaped and none is a 500",
     "all_faults_injected": "every scheduled fault was injected before the deadline",
 }
+
+#: The outcome of a stream whose client the soak disconnected mid-way (it read less than was sent).
+DISCONNECTED = "client disconnect mid-stream"
+#: Faults after which a cut stream's ``client_output`` may go unrecorded: only its gateway knew what it released
+#: (killed: it cannot say; its database down: it cannot write it). bench/soak.py's names for them.
+_UNRECORDABLE = frozenset({"gateway_kill", "db_sessions_kill", "db_restart", "db_crash"})
 
 
 @dataclass
@@ -171,7 +179,7 @@ def audit_checks(sent: list[Sent], by_request: dict[str, list[Any]], verified: A
                  faults: Iterable[Fault], window_s: float) -> dict[str, Check]:
     """The audit promises, each as a :class:`Check` with a few examples of what broke it."""
     faults = list(faults)
-    unaudited, unequal, partial = _Failures(), _Failures(), _Failures()
+    unaudited, unequal, partial, untold = _Failures(), _Failures(), _Failures(), _Failures()
     for record in sent:
         entries = by_request.get(record.request_id or "", [])
         kinds = [e.kind for e in entries]
@@ -194,6 +202,12 @@ def audit_checks(sent: list[Sent], by_request: dict[str, list[Any]], verified: A
                 holds = "no output" if output is None else f"{len(output)} chars without them in order"
                 partial.add(f"#{record.index} {record.team} {record.outcome} id={record.request_id}: delivered "
                             f"{len(record.text)} chars, {holder} holds {holds}", fault, record.ended)
+            if record.outcome != DISCONNECTED and (fault is None or fault.kind not in _UNRECORDABLE):
+                told = _client_output(entries)
+                if told != record.text:
+                    said = "none" if told is None else f"{len(told)} chars"
+                    untold.add(f"#{record.index} {record.team} {record.outcome} id={record.request_id}: delivered "
+                               f"{len(record.text)} chars, client_output {said}", fault, record.ended)
     ended, twice_requested = _Failures(), _Failures()
     for request_id, entries in by_request.items():
         kinds = [e.kind for e in entries]
@@ -216,6 +230,7 @@ def audit_checks(sent: list[Sent], by_request: dict[str, list[Any]], verified: A
         "served_audited": _check(unaudited),
         "outputs_equal": _check(unequal),
         "partial_streams_audited": _check(partial),
+        "client_output_recorded": _check(untold),
         "one_terminal_per_accepted": _check(ended),
         "one_request_entry": _check(twice_requested),
         "chain_verifies": _check(chain),
@@ -238,6 +253,16 @@ def log_problems(logs: Path) -> dict[str, int]:
                 if pattern in line:
                     counts[f"{component} {name}"] += 1
     return dict(counts)
+
+
+def _client_output(entries: list[Any]) -> Any:
+    """What a request's entries say its client received: the terminal entry's ``client_output``, else a
+    ``delivered`` entry's (the gateway's, when the terminal one could not say); None when neither does."""
+    for entry in [*_terminals(entries), *(e for e in entries if e.kind == "delivered")]:
+        told = (entry.payload or {}).get("client_output", entry.body.get("client_output"))
+        if told is not None:
+            return told
+    return None
 
 
 def _output(entry: Any) -> Any:

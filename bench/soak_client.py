@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bench.soak_audit import Sent
+from bench.soak_audit import DISCONNECTED, Sent
 
-#: The outcome of a client that hung up on purpose.
-DISCONNECTED = "client disconnect mid-stream"
 CHAT_PATH = "/v1/chat/completions"
 TEXT_PATH = "/v1/completions"
 REQUEST_ID_HEADER = "x-govgate-request-id"
