@@ -118,7 +118,10 @@ def test_a_stream_whose_worker_dies_ends_with_an_error_not_a_repeat(settings, se
     # The audit holds what the first run generated; the client got its start, the output rules' hold-back
     # kept the rest (README, "Output rules on the request path").
     assert terminal.payload["output"].startswith(delivered)
-    assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "failed"]
+    # that entry cannot say what the client received; the gateway's delivered entry does (and nothing is repeated)
+    entries = audit_store.entries_for(request_id)
+    assert [e.kind for e in entries] == ["request", "failed", "delivered"]
+    assert entries[-1].body["terminal_seq"] == terminal.seq and entries[-1].payload["client_output"] == delivered
 
 
 def test_generation_time_limit_gives_504_and_a_timed_out_entry(served_api, limited_worker, keyring, audit_store):
