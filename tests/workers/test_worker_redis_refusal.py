@@ -69,6 +69,7 @@ def test_a_control_reply_redis_refuses_ends_instead_of_retrying_forever(own_redi
                 except BaseException as exc:  # noqa: BLE001 - what it raised is the test's subject
                     outcome.append(exc)
 
+            before = len(client.client_list())
             clients = []
             for _ in range(3):  # each reply meets the refusal; what it opened must not stay open
                 replying = threading.Thread(target=reply, daemon=True)
@@ -76,18 +77,34 @@ def test_a_control_reply_redis_refuses_ends_instead_of_retrying_forever(own_redi
                 replying.join(30)
                 if replying.is_alive():
                     break
-                clients.append(len(client.client_list()))
+                clients.append(_clients_settled(client, before))
             stuck = replying.is_alive()
             client.config_set("min-replicas-to-write", 0)  # lets a stuck reply end
             replying.join(10)
         assert not stuck, "the reply was still retrying after 30 s"
         assert len(outcome) == 3 and all(isinstance(o, RedisRefusesWrites) for o in outcome), outcome
         assert str(outcome[0]).startswith("NOREPLICAS")
-        assert clients[0] == clients[-1], clients  # no connection left open by a failed channel (each try left 2)
+        # no connection left open by a failed channel (each try left 2, so a leak reads before+2, +4, +6)
+        assert max(clients) <= before, (before, clients)
     finally:
         client.config_set("min-replicas-to-write", 0)
         client.close()
         app.close()
+
+
+def _clients_settled(client: redis.Redis, before: int, within_s: float = 10.0) -> int:
+    """The number of clients Redis lists once it has seen the closes a failed try made.
+
+    Redis drops a closed connection from CLIENT LIST when its event loop reads the close, not when the
+    client closes it, so a count taken at once can still hold a try's connections (CI read 5, 5, 3 with
+    nothing leaked). A leaked connection never leaves the list: waiting tells the two apart.
+    """
+    deadline = time.monotonic() + within_s
+    count = len(client.client_list())
+    while count > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+        count = len(client.client_list())
+    return count
 
 
 def test_only_a_write_refusal_counts_as_one() -> None:
