@@ -55,6 +55,8 @@ def _summary(entry) -> str:
     if entry.kind == "completion":
         usage = body.get("usage", {})
         return f"{body.get('finish_reason')} {usage.get('prompt_tokens')}+{usage.get('completion_tokens')} tokens"
+    if entry.kind == "delivered":  # what a stream's client received, completing its terminal entry
+        return f"received, completing #{body.get('terminal_seq', '?')} ({body.get('ended_as', '?')})"
     return body.get("error", {}).get("code", "")
 
 

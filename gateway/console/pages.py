@@ -18,7 +18,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response import Template
 
-from audit.kinds import KINDS, REJECTED, REQUEST, REVIEW_KINDS, TERMINAL_KINDS
+from audit.kinds import DELIVERED, KINDS, REJECTED, REQUEST, REVIEW_KINDS, TERMINAL_KINDS
 from audit.search import DECISIONS
 from audit.tables import NAME_LEN
 from gateway import urls
@@ -37,7 +37,7 @@ SEARCH_FIELDS = ("q", "principal", "team", "model", "request_id", "kind", "decis
                  "until", "order", "limit")
 USAGE_FIELDS = ("since", "until", "team", "model", "principal")
 #: Entries whose request id is a request's (a link to its page); a read's or a key's id is not.
-LINKED_KINDS = frozenset({REQUEST, REJECTED}) | TERMINAL_KINDS | REVIEW_KINDS
+LINKED_KINDS = frozenset({REQUEST, REJECTED, DELIVERED}) | TERMINAL_KINDS | REVIEW_KINDS
 #: Rows of the review queue shown at once (the newest).
 QUEUE_SHOWN = 200
 #: What the request page confirms after an action (``?done=``, set by the action's redirect).

@@ -67,6 +67,13 @@ async def test_what_a_checked_stream_s_client_received_shows_from_its_delivered_
     assert "What the client received" not in plain
 
 
+async def test_a_delivered_entry_found_by_search_links_to_its_request(client: AsyncTestClient,
+                                                                       console: Console) -> None:
+    await sign_in(client, console.keys.reviewer)
+    page = (await client.get("/console/search", params={"kind": "delivered"})).text
+    assert f'href="/console/requests/{DELIVERED_REQUEST}"' in page
+
+
 async def test_characters_that_reorder_or_hide_text_are_shown_as_marks(client: AsyncTestClient,
                                                                        console: Console) -> None:
     """A right-to-left override shows "evil gnp.exe" as "exe.png live": the reviewer would judge other text

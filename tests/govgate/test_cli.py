@@ -93,6 +93,25 @@ def test_audit_tail_and_verify(cli):
     assert verified.startswith("ok: 4 entries")  # the chain_format boundary, then the three
 
 
+def test_audit_tail_says_which_end_a_delivered_entry_completes(cli):
+    """A ``delivered`` entry (what a checked stream's client received) names the terminal entry it completes,
+    not an empty summary as the error-code fallback gave it."""
+    from audit import AuditStore, make_engine, migrate
+
+    engine = make_engine(cli.settings.effective_database_url)
+    migrate(engine)
+    store = AuditStore(engine)
+    who = {"principal": "alice", "team": "research", "model": "m", "policy_revision": "r1"}
+    store.append("request", "req-d", body={"decision": {"allow": True, "reasons": [], "obligations": {}}}, **who)
+    failed = store.append("failed", "req-d", body={"error": {"code": "worker_error", "message": "x"}}, **who)
+    store.append("delivered", "req-d", body={"terminal_seq": failed.seq, "ended_as": "failed"},
+                 payload={"client_output": "the text"}, **who)
+    engine.dispose()
+    *_, end, delivered = cli("audit", "tail", "-n", "2").stdout.strip().splitlines()
+    assert end.endswith("worker_error")
+    assert delivered.endswith(f"received, completing #{failed.seq} (failed)") and "the text" not in delivered
+
+
 @pytest.mark.parametrize("body, shown", [
     ("[1, 2]", "(body is not a JSON object)"),
     ('{"decision": 5}', "(body not of this kind's shape)"),
