@@ -256,9 +256,10 @@ def log_problems(logs: Path) -> dict[str, int]:
 
 
 def _client_output(entries: list[Any]) -> Any:
-    """What a request's entries say its client received: the terminal entry's ``client_output``, else a
-    ``delivered`` entry's (the gateway's, when the terminal one could not say); None when neither does."""
-    for entry in [*_terminals(entries), *(e for e in entries if e.kind == "delivered")]:
+    """What a request's entries say its client received: a ``delivered`` entry's ``client_output`` (the
+    gateway's, when the terminal one could not say it, or said more), else the terminal entry's; None when
+    neither does."""
+    for entry in [*(e for e in entries if e.kind == "delivered"), *_terminals(entries)]:
         told = (entry.payload or {}).get("client_output", entry.body.get("client_output"))
         if told is not None:
             return told

@@ -158,7 +158,8 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         admission_concurrency=settings.admission_concurrency, admission_wait_s=settings.policy_wait_timeout_s,
         output_rules=OutputRules(policy=policy, redis=client, sealer=sealer,
                                  holdback_chars=settings.output_holdback_chars) if settings.output_rules else None,
-        model_health=model_health, timeout_grace_s=settings.timeout_grace_s)
+        model_health=model_health, timeout_grace_s=settings.timeout_grace_s,
+        end_retry_interval_s=settings.terminal_retry_interval_s, end_retry_horizon_s=settings.terminal_retry_horizon_s)
     retrier = asyncio.create_task(retry_pending_terminals(pending, audit_store,
                                                           interval_s=settings.terminal_retry_interval_s),
                                   name="govgate-terminal-retry")

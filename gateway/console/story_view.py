@@ -28,7 +28,8 @@ class StoryView:
     prompt: str | None
     output: str | None
     #: What the client received, when the output rules kept it apart from the output: from the terminal
-    #: entry, or from the gateway's ``delivered`` entry when the terminal one could not say.
+    #: entry, or from the gateway's ``delivered`` entry when there is one (the terminal one could not say it, or
+    #: said more than the client got).
     received: str | None
     erased: bool  # the texts were erased (payloads_erased) or never kept
     request: dict[str, Any] | None
@@ -73,8 +74,8 @@ def story_view(story: dict[str, Any]) -> StoryView:
                 for m in raw_messages if isinstance(m, dict)] if isinstance(raw_messages, list) else []
     prompt = _content(asked["prompt"]) if "prompt" in asked else None
     output = _content(answered["output"]) if "output" in answered else None
-    delivered = next((e for e in entries if e["kind"] == DELIVERED), None)
-    sent = answered if "client_output" in answered else _texts(delivered)
+    delivered = _texts(next((e for e in entries if e["kind"] == DELIVERED), None))
+    sent = delivered if "client_output" in delivered else answered  # the gateway's, when it had to say it
     received = _content(sent["client_output"]) if "client_output" in sent else None
     body = terminal["body"] if terminal is not None else {}
     timings: list[tuple[str, str]] = []

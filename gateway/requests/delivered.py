@@ -12,14 +12,28 @@ was written. :func:`record_delivered` appends a ``delivered`` entry
 seq and kind, the decision on the windows judged and what the client
 received, kept as the request's ``prompt_logging`` allows, as the worker's
 entry would have kept them. It runs only when such a stream ends in an
-error: one look-up of the request's end, and an append when that end lacks
-``client_output``.
+error: one look-up of the request's end, and an append when that end's
+``client_output`` is missing or is not what the client received.
+
+The end may not be in the log yet: a database that refused the worker's
+entry has it kept pending (written when the database is back, by the
+worker's retry; its ``client_output`` is what the verdict released, more
+than the client got: the gateway, told the end was not recorded, sends
+``audit_unavailable`` instead of the last window), or lost with Redis (the lost-request
+sweep ends it later); and a database that refuses the gateway's look-up or
+append leaves the same question open. Such an entry waits in :class:`DeliveredLater`
+and is tried again every ``GOVGATE_TERMINAL_RETRY_INTERVAL_S`` for
+``GOVGATE_TERMINAL_RETRY_HORIZON_S``, as the kept end is: in this process's
+memory only (what the client received is not put in Redis or on disk for
+it), so a gateway that stops or dies first leaves it unrecorded (logged).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
 
 from audit import AuditEntry, AuditError
 from audit.kinds import DELIVERED
@@ -33,31 +47,125 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def says_what_was_delivered(entry: AuditEntry) -> bool:
-    """Whether a terminal entry records what its client received (in clear, masked, or as a digest and length)."""
-    return any(key.startswith("client_output") for part in (entry.body, entry.payload or {}) for key in part)
+def said_delivered(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``fields`` (an entry's body and payload, or a body before its texts are split off) record of
+    what the client received: its ``client_output`` fields (in clear, masked, or a digest and length)."""
+    return {key: value for key, value in fields.items() if key.startswith("client_output")}
+
+
+def says_what_was_delivered(entry: AuditEntry) -> dict[str, Any]:
+    """What a terminal entry records of what its client received (empty: nothing)."""
+    return {**said_delivered(entry.body), **said_delivered(entry.payload or {})}
+
+
+#: Entries waiting for their end at once, at most: each holds what its client received, in memory.
+MOST_WAITING = 256
+
+
+class EndNotRecorded(Exception):
+    """The request's end is not in the audit log (yet): its worker keeps it pending."""
 
 
 async def record_delivered(runner: TicketRunner, ticket: Ticket, hold: HoldBack, delivered: str) -> AuditEntry | None:
-    """Append the ``delivered`` entry of a checked stream that ended in an error, if its end does not say
-    what the client received (``delivered``); the entry appended, or None. Never raises: a stream's answer
-    is its error event either way, and a failure is logged (no text in it)."""
+    """Append the ``delivered`` entry of a checked stream that ended in an error, unless its end says what
+    the client received (``delivered``) as this entry would; the entry appended, or None. Never raises: a
+    stream's answer is its error event either way. An end not in the log yet, or a database that refuses,
+    leaves the entry to ``runner.delivered_later`` (no text in what is logged)."""
     rules = runner.output_rules
     if rules is None:
         return None
-    try:
+    verdict = rules.standing(hold, client_text=delivered)
+    judged = judged_fields(ticket.job, verdict, runner.digester)  # now: the hold is the stream's, and ends with it
+
+    async def attempt() -> AuditEntry | None:
         end = await runner.request_log.terminal_for(ticket.request_id)
-        if end is None:  # kept pending (the database refused it): what it lacks stays unrecorded
-            log.warning("what the client of %s received is not recorded: its end is not in the audit log",
-                        ticket.request_id)
+        if end is None:
+            raise EndNotRecorded(ticket.request_id)
+        # An end may say it wrongly: a worker whose end the database refused keeps the verdict's text, but
+        # the gateway then ends the stream with an error instead of the last window (nothing unaudited).
+        if says_what_was_delivered(end) == said_delivered(judged):
             return None
-        if says_what_was_delivered(end):
-            return None
-        verdict = rules.standing(hold, client_text=delivered)
-        body: dict[str, Any] = {"terminal_seq": end.seq, "ended_as": end.kind,
-                                **judged_fields(ticket.job, verdict, runner.digester)}
+        body: dict[str, Any] = {"terminal_seq": end.seq, "ended_as": end.kind, **judged}
         return await runner.request_log.record_delivered(ticket, body)
+
+    try:
+        return await attempt()
+    except EndNotRecorded:  # kept pending by its worker (whose kept end may say it: then nothing is added)
+        log.info("what the client of %s received waits for the request's end, not in the audit log yet",
+                 ticket.request_id)
     except (AuditError, OSError) as exc:
-        log.error("could not record what the client of %s received: %s: %s", ticket.request_id,
-                  type(exc).__name__, exc)
-        return None
+        log.warning("could not record what the client of %s received yet: %s: %s; tried again",
+                    ticket.request_id, type(exc).__name__, exc)
+    runner.delivered_later.keep(ticket.request_id, attempt)
+    return None
+
+
+class DeliveredLater:
+    """The ``delivered`` entries that wait for their end (or for the database), tried again in one task.
+
+    One look-up at a time, oldest first, every ``interval_s``; a database error ends that look (the others
+    would meet it too), an end that never comes within ``horizon_s`` is given up (logged). At most
+    ``most`` wait at once: past it, and at the gateway's stop, an entry is logged as not recorded.
+    """
+
+    def __init__(self, *, interval_s: float, horizon_s: float, most: int = MOST_WAITING) -> None:
+        self._interval_s = interval_s
+        self._horizon_s = horizon_s
+        self._most = most
+        #: request id -> (the attempt, the monotonic time it is given up at)
+        self._waiting: dict[str, tuple[Callable[[], Awaitable[object]], float]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def keep(self, request_id: str, attempt: Callable[[], Awaitable[object]]) -> None:
+        """Try ``attempt`` again until it returns (it raises :class:`EndNotRecorded`, ``AuditError`` or
+        ``OSError`` while it cannot be done)."""
+        if request_id not in self._waiting and len(self._waiting) >= self._most:
+            log.error("what the client of %s received is not recorded: %d such entries wait for their ends "
+                      "already", request_id, len(self._waiting))
+            return
+        self._waiting[request_id] = (attempt, time.monotonic() + self._horizon_s)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="govgate-delivered-later")
+
+    async def _run(self) -> None:
+        while self._waiting:
+            await asyncio.sleep(self._interval_s)
+            await self.look_once()
+
+    async def look_once(self) -> None:
+        """Try each waiting entry once, oldest first, until the database refuses."""
+        now = time.monotonic()
+        for request_id, (attempt, until) in list(self._waiting.items()):
+            try:
+                written = await attempt()
+            except (EndNotRecorded, AuditError, OSError) as exc:
+                if now >= until:
+                    del self._waiting[request_id]
+                    log.error("what the client of %s received is not recorded: gave up after %.0f s (%s)",
+                              request_id, self._horizon_s, type(exc).__name__)
+                if not isinstance(exc, EndNotRecorded):
+                    return  # the database is away: the others wait for the next look
+                continue
+            except Exception:  # noqa: BLE001 - a bug must not end the others' waits
+                del self._waiting[request_id]
+                log.exception("what the client of %s received is not recorded", request_id)
+                continue
+            del self._waiting[request_id]
+            if written is None:
+                log.info("the end of %s came, and says what its client received", request_id)
+            else:
+                log.info("what the client of %s received is recorded now", request_id)
+
+    async def aclose(self) -> None:
+        """Stop looking; the entries still waiting are logged as not recorded."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._waiting:
+            log.warning("what the clients of %d stream(s) received is not recorded: the gateway stopped before "
+                        "their ends were in the audit log (%s)", len(self._waiting),
+                        ", ".join(list(self._waiting)[:10]))
+            self._waiting.clear()

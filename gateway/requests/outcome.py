@@ -35,6 +35,7 @@ from gateway.limits.charge import used_tokens
 from gateway.observability.metrics import observe_result
 from gateway.requests.cancelled_ends import GAVE_UP, Answered, cut_while_running, gone_while_queued, until_aged, \
     withdrawn_end
+from gateway.requests.delivered import DeliveredLater
 from gateway.requests.fallback_drops import FallbackDrops
 from gateway.requests.handed_over import HandedOver, handed_over_tokens
 from gateway.requests.holdback import HoldBack
@@ -62,7 +63,8 @@ class TicketRunner:
     def __init__(self, *, dispatcher: Dispatcher, waiter: ResultWaiter, redis: aioredis.Redis,
                  counters: UsageCounters, request_log: RequestLog, digester: Digester,
                  request_timeout_s: float, output_rules: OutputRules | None = None,
-                 stop_grace_s: float = STOP_GRACE_S) -> None:
+                 stop_grace_s: float = STOP_GRACE_S, end_retry_interval_s: float = 5.0,
+                 end_retry_horizon_s: float = 86400.0) -> None:
         self.dispatcher = dispatcher
         self.waiter = waiter
         self.redis = redis
@@ -78,6 +80,9 @@ class TicketRunner:
         #: Records the outputs workers hand over (non-streamed, under the output rules).
         self.handed_over = HandedOver(rules=output_rules, request_log=request_log, drops=FallbackDrops(redis),
                                       digester=digester) if output_rules is not None else None
+        #: The ``delivered`` entries of checked streams whose end is not in the log yet (or whose database
+        #: refused), tried again as kept ends are (``GOVGATE_TERMINAL_RETRY_INTERVAL_S`` / ``_HORIZON_S``).
+        self.delivered_later = DeliveredLater(interval_s=end_retry_interval_s, horizon_s=end_retry_horizon_s)
         self._background: set[asyncio.Task] = set()
         #: Settles each request's reservation at its end, or ahead of it for a handed-over output.
         self.settlements = Settlements(counters, self._background)
@@ -423,6 +428,7 @@ class TicketRunner:
             task.cancel()
         if self.handed_over is not None:  # the fallbacks of the outputs recorded last
             await self.handed_over.aclose()
+        await self.delivered_later.aclose()
 
 
 def _raised(result: Any) -> str:

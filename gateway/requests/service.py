@@ -44,7 +44,8 @@ class CompletionService:
                  digester: Digester, pending: PendingTerminals | None = None, queue_mode: str = MODE_FIFO,
                  admission_concurrency: int = 0, admission_wait_s: float = 5.0,
                  output_rules: OutputRules | None = None, model_health: ModelHealth | None = None,
-                 timeout_grace_s: float = STOP_GRACE_S) -> None:
+                 timeout_grace_s: float = STOP_GRACE_S, end_retry_interval_s: float = 5.0,
+                 end_retry_horizon_s: float = 86400.0) -> None:
         request_log = RequestLog(audit, current_revision=lambda: policy.revision, digester=digester,
                                  pending=pending)
         self.request_log = request_log
@@ -55,7 +56,9 @@ class CompletionService:
                                    model_health=model_health, request_timeout_s=request_timeout_s)
         self.runner = TicketRunner(dispatcher=dispatcher, waiter=waiter, redis=redis, counters=counters,
                                    request_log=request_log, digester=digester, request_timeout_s=request_timeout_s,
-                                   output_rules=output_rules, stop_grace_s=timeout_grace_s)
+                                   output_rules=output_rules, stop_grace_s=timeout_grace_s,
+                                   end_retry_interval_s=end_retry_interval_s,
+                                   end_retry_horizon_s=end_retry_horizon_s)
 
     async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
                     purpose_headers: Sequence[str] = (), *, stopping: Drain | None = None) -> Ticket:

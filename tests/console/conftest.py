@@ -35,6 +35,10 @@ DENIED_REQUEST = "denied-request-1"
 DELIVERED_REQUEST = "delivered-request-1"
 DELIVERED_OUTPUT = "the whole generated output, held back in part"
 DELIVERED_CLIENT = "the whole generated"
+#: A kept end that says more than its client got (the verdict's text), and the gateway's delivered entry.
+OVERSTATED_REQUEST = "overstated-request-1"
+OVERSTATED_CLAIM = "the verdict released all of this text"
+OVERSTATED_CLIENT = "the verdict released"
 
 _TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
 
@@ -93,6 +97,16 @@ def console(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisProcess
                        "output_decision": {"allow": True, "reasons": [], "findings": [], "stopped": False,
                                            "policy_revision": "rev-1"}},
                  payload={"client_output": DELIVERED_CLIENT})
+    store.append("request", OVERSTATED_REQUEST, **who, policy_revision="rev-1",
+                 body={"endpoint": "completions", "key_id": "k",
+                       "decision": {"allow": True, "reasons": [], "obligations": {}}},
+                 payload={"prompt": "Tell"})
+    kept = store.append("failed", OVERSTATED_REQUEST, **who, policy_revision="rev-1",
+                        body={"error": {"code": "audit_unavailable", "message": "kept"}, "ended_as": "completion"},
+                        payload={"output": OVERSTATED_CLAIM, "client_output": OVERSTATED_CLAIM})
+    store.append("delivered", OVERSTATED_REQUEST, **who, policy_revision="rev-1",
+                 body={"terminal_seq": kept.seq, "ended_as": "failed"},
+                 payload={"client_output": OVERSTATED_CLIENT})
     yield Console(settings, keys, store)
     engine.dispose()
 

@@ -14,6 +14,7 @@ from litestar.testing import AsyncTestClient
 from audit import verify_chain
 from audit.search import EntryFilter, search
 from tests.console.conftest import (DELIVERED_CLIENT, DELIVERED_OUTPUT, DELIVERED_REQUEST, DENIED_REQUEST,
+                                    OVERSTATED_CLAIM, OVERSTATED_CLIENT, OVERSTATED_REQUEST,
                                     MARKUP_OUTPUT, MARKUP_PROMPT, MARKUP_REQUEST, Console, sign_in)
 from tests.console.test_console_keys import sign_in_admin
 
@@ -65,6 +66,16 @@ async def test_what_a_checked_stream_s_client_received_shows_from_its_delivered_
     assert ">delivered<" in page and "failed" in page
     plain = (await client.get(f"/console/requests/{MARKUP_REQUEST}")).text  # nothing apart: no such heading
     assert "What the client received" not in plain
+
+
+async def test_the_gateway_s_delivered_entry_wins_over_an_end_that_says_more(client: AsyncTestClient,
+                                                                             console: Console) -> None:
+    """A worker's kept end says the verdict's text reached the client; the gateway sent an error instead of the
+    last window, and its ``delivered`` entry says what did: the page shows that."""
+    await sign_in(client, console.keys.reviewer)
+    page = (await client.get(f"/console/requests/{OVERSTATED_REQUEST}")).text
+    received = page[page.index("<h2>What the client received</h2>"):]
+    assert f">{OVERSTATED_CLIENT}<" in received and OVERSTATED_CLAIM not in received
 
 
 async def test_a_delivered_entry_found_by_search_links_to_its_request(client: AsyncTestClient,

@@ -10,6 +10,7 @@ so a lock held "longer than the busy timeout" costs seconds, not half a minute e
 from __future__ import annotations
 
 import asyncio
+import json
 import contextlib
 import os
 import signal
@@ -112,6 +113,15 @@ def test_jobs_queued_by_a_killed_gateway_are_recorded_as_expired(own_redis, audi
         assert entry.payload["output"] == ""
 
 
+def first_started(client: redis.Redis, within_s: float = 60) -> str:
+    """The request id of the first job seen starting (the locked tests take the lock as soon as it is)."""
+    deadline = time.monotonic() + within_s
+    while not (started := list(started_jobs(client))):
+        assert time.monotonic() < deadline, "the generation was never seen starting"
+        time.sleep(0.01)
+    return started[0].decode().rsplit(":", 1)[1]
+
+
 @contextlib.contextmanager
 def locked(database_url: str) -> Iterator[sqlite3.Connection]:
     """Hold the SQLite database's write lock (as a long transaction elsewhere would) until the block ends."""
@@ -154,11 +164,7 @@ def test_a_terminal_entry_refused_by_a_locked_database_is_written_when_it_is_bac
 
         asker = threading.Thread(target=ask)
         asker.start()
-        deadline = time.monotonic() + 60
-        while not (started := list(started_jobs(client))):
-            assert time.monotonic() < deadline, "the generation was never seen starting"
-            time.sleep(0.01)
-        request_id = started[0].decode().rsplit(":", 1)[1]
+        request_id = first_started(client)
         with locked(own.effective_database_url):  # longer than the busy timeout of worker and gateway
             asker.join(280)
             response = outcome["response"]
@@ -240,3 +246,62 @@ def test_a_worker_started_while_the_database_is_locked_serves_when_its_schema_is
         finally:
             stop_process(worker, timeout_s=30)
     assert "waiting for it" not in log.read_text()
+
+
+def test_a_checked_stream_whose_end_is_kept_pending_gets_its_delivered_entry_once_the_end_is_written(
+        own_redis, tmp_path):
+    """A checked stream ends while the database is locked: its worker's end is kept pending, with the
+    verdict's text as ``client_output``, and the stream ends with ``audit_unavailable`` instead of its last
+    window, so the client got less than that. The gateway's ``delivered`` entry cannot find the end, so it
+    waits in the gateway's memory; once the lock is gone and the worker's retry wrote the end, the
+    gateway's next look appends it with what the client did receive. Real parts: gateway and worker
+    processes, their Redis, a SQLite file locked by a transaction elsewhere."""
+    own = own_redis.with_(database_url=f"sqlite:///{tmp_path / 'own.db'}", request_timeout_s=120.0,
+                          database_busy_timeout_s=SHORT_BUSY_TIMEOUT_S, output_rules=True,
+                          terminal_retry_interval_s=0.5)
+    key = own_key(own, "locked-stream-user")
+    serve_log = tmp_path / "serve.log"
+    worker = spawn_cli(own, "worker", "--model", TINY_MODEL_NAME, log=tmp_path / "worker.log")
+    store = AuditStore(make_engine(own.effective_database_url))
+    client = redis.Redis.from_url(own.redis_url)
+    received: list[str] = []
+    try:
+        with serving(own, serve_log) as base:
+            wait_for_worker(own.redis_url, TINY_MODEL_NAME, worker)
+
+            def ask() -> None:
+                with httpx.stream("POST", f"{base}/v1/completions", headers=bearer(key), timeout=300,
+                                  json={"model": TINY_MODEL_NAME, "prompt": "Tell", "stream": True,
+                                        "max_tokens": LOCKED_MAX_TOKENS, "temperature": 0}) as response:
+                    received.extend(line for line in response.iter_lines() if line.startswith("data: "))
+
+            asker = threading.Thread(target=ask)
+            asker.start()
+            request_id = first_started(client)
+            with locked(own.effective_database_url):  # longer than the busy timeout of worker and gateway
+                asker.join(280)
+                assert not asker.is_alive()
+                assert store.terminal_for(request_id) is None and client.hexists(PENDING_KEY, request_id)
+                deadline = time.monotonic() + 30
+                while "waits for the request's end" not in serve_log.read_text():
+                    assert time.monotonic() < deadline, serve_log.read_text()[-3000:]
+                    time.sleep(0.1)
+            terminal = wait_terminals(store, [request_id], timeout_s=60)[request_id]
+            deadline = time.monotonic() + 30
+            while f"what the client of {request_id} received is recorded now" not in serve_log.read_text():
+                assert time.monotonic() < deadline, serve_log.read_text()[-3000:]
+                time.sleep(0.1)
+    finally:
+        stop_process(worker, timeout_s=30)
+        client.close()
+    events = [json.loads(line.removeprefix("data: ")) for line in received if line != "data: [DONE]"]
+    assert events[-1]["error"]["code"] == "audit_unavailable", events[-1]
+    text = "".join(e["choices"][0]["text"] for e in events if "choices" in e)
+    assert text and terminal.kind == "failed" and terminal.body["error"]["code"] == "audit_unavailable"
+    # the kept end says what the verdict released: the client's text and the window it never got
+    assert terminal.payload["client_output"].startswith(text) and terminal.payload["client_output"] != text
+    entries = store.entries_for(request_id)
+    assert [e.kind for e in entries] == ["request", "failed", "delivered"]
+    assert entries[-1].body["terminal_seq"] == terminal.seq and entries[-1].payload["client_output"] == text
+    assert verify_chain(store).ok
+    store.engine.dispose()

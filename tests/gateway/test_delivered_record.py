@@ -8,6 +8,7 @@ path (Redis dying mid-stream) is in ``tests/e2e/test_stream_faults.py``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -18,7 +19,7 @@ from sqlalchemy import text
 
 from audit import AuditStore, make_engine, migrate
 from gateway.auth import Principal
-from gateway.requests.delivered import record_delivered, says_what_was_delivered
+from gateway.requests.delivered import DeliveredLater, record_delivered, says_what_was_delivered
 from gateway.requests.holdback import HoldBack
 from gateway.requests.output_rules import OutputRules
 from gateway.requests.request_log import RequestLog
@@ -42,8 +43,11 @@ async def parts(tmp_path):
     request_log = RequestLog(store, current_revision=lambda: "rev", digester=DIGESTER)
     rules = OutputRules(policy=SimpleNamespace(revision="rev"), redis=None, sealer=Sealer(os.urandom(32)),
                         holdback_chars=8)
-    runner = SimpleNamespace(output_rules=rules, request_log=request_log, digester=DIGESTER)
+    # looks again only when the test says so (look_once), or at the interval if it never does
+    later = DeliveredLater(interval_s=3600, horizon_s=3600)
+    runner = SimpleNamespace(output_rules=rules, request_log=request_log, digester=DIGESTER, delivered_later=later)
     yield store, runner
+    await later.aclose()
     await request_log.aclose()
     store.engine.dispose()
 
@@ -56,11 +60,19 @@ def ticket_for(request_id: str, prompt_logging: str = "full") -> Ticket:
                   created=int(time.time()), job=job)
 
 
-def ended(store: AuditStore, ticket: Ticket, kind: str, body: dict, payload: dict | None = None):
+def requested(store: AuditStore, ticket: Ticket) -> None:
     store.append("request", ticket.request_id, principal="ann", team="ops", model="tiny", body={},
                  policy_revision="rev")
+
+
+def end_of(store: AuditStore, ticket: Ticket, kind: str, body: dict, payload: dict | None = None):
     return store.append(kind, ticket.request_id, principal="ann", team="ops", model="tiny", body=body,
                         policy_revision="rev", payload=payload)
+
+
+def ended(store: AuditStore, ticket: Ticket, kind: str, body: dict, payload: dict | None = None):
+    requested(store, ticket)
+    return end_of(store, ticket, kind, body, payload)
 
 
 async def test_an_end_without_client_output_gets_what_the_client_received(parts):
@@ -80,13 +92,30 @@ async def test_an_end_without_client_output_gets_what_the_client_received(parts)
 
 async def test_an_end_that_says_it_already_gets_nothing(parts):
     store, runner = parts
-    for n, (body, payload) in enumerate([({"error": {"code": "cancelled"}}, {"client_output": SENT}),
-                                         ({"client_output_chars": 19, "client_output_hmac_sha256": "ab"}, None)]):
-        ticket = ticket_for(f"d-said-{n}")
+    digest = {"client_output_chars": len(SENT), "client_output_hmac_sha256": DIGESTER.hexdigest(SENT)}
+    for n, (body, payload, logging_level) in enumerate([
+            ({"error": {"code": "cancelled"}}, {"client_output": SENT}, "full"), (digest, None, "hash")]):
+        ticket = ticket_for(f"d-said-{n}", prompt_logging=logging_level)
         end = ended(store, ticket, "cancelled", body, payload)
         assert says_what_was_delivered(end)
         assert await record_delivered(runner, ticket, HoldBack(8), SENT) is None
         assert [entry.kind for entry in store.entries_for(ticket.request_id)] == ["request", "cancelled"]
+
+
+async def test_an_end_that_says_more_than_the_client_received_is_completed(parts):
+    """A worker's kept end has the verdict's text as ``client_output``; the client got less (its gateway sent
+    ``audit_unavailable`` instead of the last window): the ``delivered`` entry says what it got."""
+    store, runner = parts
+    more = SENT + " and the last window"
+    cases = [("full", {}, {"client_output": more}, {"client_output": SENT}),
+             ("hash", {"client_output_chars": len(more), "client_output_hmac_sha256": DIGESTER.hexdigest(more)}, None,
+              {"client_output_chars": len(SENT), "client_output_hmac_sha256": DIGESTER.hexdigest(SENT)})]
+    for n, (logging_level, said_in_body, said_in_payload, received) in enumerate(cases):
+        ticket = ticket_for(f"d-more-{n}", prompt_logging=logging_level)
+        end = ended(store, ticket, "failed", {"error": {"code": "audit_unavailable"}, **said_in_body}, said_in_payload)
+        written = await record_delivered(runner, ticket, HoldBack(8), SENT)
+        assert written is not None and written.body["terminal_seq"] == end.seq
+        assert says_what_was_delivered(written) == received
 
 
 async def test_a_digest_only_request_keeps_a_digest_of_what_the_client_received(parts):
@@ -101,20 +130,82 @@ async def test_a_digest_only_request_keeps_a_digest_of_what_the_client_received(
     assert SENT not in str(written.to_document())
 
 
-async def test_no_end_yet_or_a_refusing_database_is_logged_not_raised(parts, caplog):
+async def test_an_end_not_in_the_log_yet_is_waited_for_and_then_completed(parts, caplog):
+    """The worker's end kept pending (the database refused it when the stream failed): the entry waits, in
+    memory, and is appended once the end is in the log, naming it; a look before that keeps it waiting."""
     store, runner = parts
+    later: DeliveredLater = runner.delivered_later
+    caplog.set_level(logging.INFO, logger="gateway.requests.delivered")
+    ticket = ticket_for("d-later")
+    requested(store, ticket)
+    assert await record_delivered(runner, ticket, HoldBack(8), SENT) is None
+    assert "d-later received waits for the request's end, not in the audit log yet" in caplog.text
+    assert len(later) == 1
+    await later.look_once()
+    assert len(later) == 1 and [e.kind for e in store.entries_for("d-later")] == ["request"]
+    end = end_of(store, ticket, "failed", {"error": {"code": "audit_unavailable", "message": "kept"}})
+    await later.look_once()
+    assert len(later) == 0 and "what the client of d-later received is recorded now" in caplog.text
+    entries = store.entries_for("d-later")
+    assert [e.kind for e in entries] == ["request", "failed", "delivered"]
+    assert entries[-1].body["terminal_seq"] == end.seq and entries[-1].payload["client_output"] == SENT
+    assert SENT not in caplog.text
+
+
+async def test_an_end_that_comes_saying_what_the_client_received_gets_nothing_more(parts, caplog):
+    """A worker's kept end written once the database is back says it when the worker had the verdict."""
+    store, runner = parts
+    later: DeliveredLater = runner.delivered_later
+    caplog.set_level(logging.INFO, logger="gateway.requests.delivered")
+    ticket = ticket_for("d-kept")
+    requested(store, ticket)
+    assert await record_delivered(runner, ticket, HoldBack(8), SENT) is None and len(later) == 1
+    end_of(store, ticket, "failed", {"error": {"code": "audit_unavailable", "message": "kept"},
+                                     "ended_as": "completion"}, {"output": SENT, "client_output": SENT})
+    await later.look_once()
+    assert len(later) == 0 and "the end of d-kept came, and says what its client received" in caplog.text
+    assert [e.kind for e in store.entries_for("d-kept")] == ["request", "failed"]
+
+
+async def test_a_refusing_database_leaves_the_entry_waiting_until_it_takes_it(parts, caplog):
+    store, runner = parts
+    later: DeliveredLater = runner.delivered_later
     caplog.set_level(logging.WARNING, logger="gateway.requests.delivered")
-    assert await record_delivered(runner, ticket_for("d-none"), HoldBack(8), SENT) is None
-    assert "is not recorded: its end is not in the audit log" in caplog.text
     ticket = ticket_for("d-refused")
     ended(store, ticket, "failed", {"error": {"code": "worker_error", "message": "Redis"}})
     with store.engine.begin() as conn:
         conn.execute(text("CREATE TRIGGER refuse_insert BEFORE INSERT ON audit_entries "
                           "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"))
     assert await record_delivered(runner, ticket, HoldBack(8), SENT) is None
-    assert "could not record what the client of d-refused received" in caplog.text
+    assert "could not record what the client of d-refused received yet" in caplog.text and len(later) == 1
+    await later.look_once()  # still refused: still waiting
+    assert len(later) == 1 and [e.kind for e in store.entries_for("d-refused")] == ["request", "failed"]
+    with store.engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER refuse_insert"))
+    await later.look_once()
+    assert len(later) == 0
+    assert [e.kind for e in store.entries_for("d-refused")] == ["request", "failed", "delivered"]
     assert SENT not in caplog.text
-    assert [entry.kind for entry in store.entries_for("d-refused")] == ["request", "failed"]
+
+
+async def test_a_wait_ends_at_its_horizon_at_the_bound_and_at_the_stop_each_logged(parts, caplog):
+    store, runner = parts
+    caplog.set_level(logging.WARNING, logger="gateway.requests.delivered")
+    short = DeliveredLater(interval_s=3600, horizon_s=0, most=2)
+    runner = SimpleNamespace(**{**vars(runner), "delivered_later": short})
+    for n in range(3):
+        await record_delivered(runner, ticket_for(f"d-bound-{n}"), HoldBack(8), SENT)
+    assert len(short) == 2 and "what the client of d-bound-2 received is not recorded: 2 such" in caplog.text
+    await short.look_once()  # no end came within its horizon (0 s)
+    assert len(short) == 0 and "what the client of d-bound-0 received is not recorded: gave up" in caplog.text
+    stopping = DeliveredLater(interval_s=0.01, horizon_s=3600)
+    runner = SimpleNamespace(**{**vars(runner), "delivered_later": stopping})
+    await record_delivered(runner, ticket_for("d-stop"), HoldBack(8), SENT)
+    await asyncio.sleep(0.05)  # its task looked a few times: still no end
+    assert len(stopping) == 1
+    await stopping.aclose()
+    assert len(stopping) == 0 and "the gateway stopped before their ends were in the audit log (d-stop)" in caplog.text
+    assert SENT not in caplog.text
 
 
 async def test_no_output_rules_means_nothing_to_record(parts):
