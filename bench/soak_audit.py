@@ -17,8 +17,9 @@ CHECKS = {
     "served_audited": "every served answer has one request entry and a completion entry",
     "outputs_equal": "the completion entry's output is exactly what the client got",
     "partial_streams_audited": "every piece a stream cut short delivered is in its terminal entry's output, in order",
-    "client_output_recorded": "what a stream cut short delivered is its entries' client_output (its terminal "
-                              "entry's, or its gateway's delivered entry), unless its gateway or database died",
+    "client_output_recorded": "what a stream cut short delivered is its entries' client_output (its gateway's "
+                              "delivered entry's, or else its terminal entry's), unless its gateway or database "
+                              "died",
     "one_terminal_per_accepted": "every accepted request has exactly one terminal entry",
     "one_request_entry": "no request id has two request entries",
     "chain_verifies": "audit verify passes",
