@@ -17,11 +17,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from redis.exceptions import RedisError
 
 from audit import AuditEntry, AuditError, DuplicateTerminalError, EntryStore
-from audit.kinds import FAILED
+from audit.kinds import COMPLETION, FAILED
 from workers.backends import BackendError, LoadedModel, PromptTooLongError
 from workers.contract.jobs import (ENDED_UNSEEN_AFTER_S, MAX_JOB_RUNS, STATUS_CANCELLED, STATUS_FAILED,
                                    STATUS_TIMED_OUT, STREAM_WORKER_LOST, WORKER_LOST, GenerateJob, JobResult)
-from workers.contract.output_check import OutputReport, OutputVerdict
+from workers.contract.output_check import OutputReport, OutputVerdict, logged_client_output
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
 from workers.contract.privacy import Digester, logged_output, split_texts
 from workers.contract.terminal_body import (GATEWAY_TIMEOUT_MESSAGE, Generated, checked_ending, ended_result,
@@ -101,12 +101,13 @@ def run_job(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: Jo
     try:
         return _run(job, model, store, channel, pending, digester, worker, verdict_timeout_s)
     except _Unrecorded as lost:
-        return _keep(job, lost, pending)
+        return _keep(job, lost, pending, digester)
     finally:  # the outcome is recorded (or kept, or the process is dying): the stream's mirror is not needed
         channel.forget()
 
 
-def _keep(job: GenerateJob, lost: _Unrecorded, pending: PendingTerminals | None) -> JobResult:
+def _keep(job: GenerateJob, lost: _Unrecorded, pending: PendingTerminals | None,
+          digester: Digester | None = None) -> JobResult:
     """Keep the refused terminal entry for a later write; the client is told the audit is unavailable.
 
     The answer carries the refused entry's token counts, so the gateway
@@ -116,12 +117,25 @@ def _keep(job: GenerateJob, lost: _Unrecorded, pending: PendingTerminals | None)
     """
     log.error("cannot record %s for %s: %s", lost.kind, job.request_id, lost)
     if pending is not None:
+        body = withheld_body(lost.body, lost.kind)
+        if job.check_output and lost.kind == COMPLETION:
+            body = _received_instead(job, body, digester)
         pending.keep(PendingTerminal(kind=FAILED, request_id=job.request_id, principal=job.principal,
-                                     team=job.team, model=job.model, body=withheld_body(lost.body, lost.kind),
-                                     policy_revision=job.policy_revision))
+                                     team=job.team, model=job.model, body=body, policy_revision=job.policy_revision))
     prompt_tokens, completion_tokens = _counts(lost.body.get("usage"))
     return JobResult(status=STATUS_FAILED, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                      error={"code": "audit_unavailable", "message": "the audit store cannot be written"})
+
+
+def _received_instead(job: GenerateJob, body: dict[str, Any], digester: Digester | None) -> dict[str, Any]:
+    """A checked completion's kept end without the verdict's ``client_output``, which the client did not get:
+    told ``audit_unavailable`` (the end is not recorded), a non-streamed client got nothing, and a stream
+    got its released windows but not the last one, which only its gateway knows (its ``delivered`` entry).
+    A cancelled or timed-out end keeps its own: the gateway's verdict said what the client had then."""
+    kept = {key: value for key, value in body.items() if not key.startswith("client_output")}
+    if not job.stream:
+        kept.update(logged_client_output("", job.prompt_logging, job.redact, digester))
+    return kept
 
 
 def _counts(usage: Any) -> tuple[int, int]:
@@ -298,7 +312,7 @@ def _hand_over(job: GenerateJob, generated: Generated, channel: JobChannel, pend
         try:
             return _record_checked(job, store, None, generated, digester)
         except _Unrecorded as lost:
-            return _keep(job, lost, pending)
+            return _keep(job, lost, pending, digester)
 
     return channel.hand_over(report, pending.sealed(entry), unchecked)
 

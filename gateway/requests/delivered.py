@@ -17,9 +17,9 @@ error: one look-up of the request's end, and an append when that end's
 
 The end may not be in the log yet: a database that refused the worker's
 entry has it kept pending (written when the database is back, by the
-worker's retry; its ``client_output`` is what the verdict released, more
-than the client got: the gateway, told the end was not recorded, sends
-``audit_unavailable`` instead of the last window), or lost with Redis (the lost-request
+worker's retry, without the verdict's ``client_output``: the gateway, told
+the end was not recorded, sends ``audit_unavailable`` instead of the last
+window, so only it knows what the client got), or lost with Redis (the lost-request
 sweep ends it later); and a database that refuses the gateway's look-up or
 append leaves the same question open. Such an entry waits in :class:`DeliveredLater`
 and is tried again every ``GOVGATE_TERMINAL_RETRY_INTERVAL_S`` for
@@ -81,8 +81,8 @@ async def record_delivered(runner: TicketRunner, ticket: Ticket, hold: HoldBack,
         end = await runner.request_log.terminal_for(ticket.request_id)
         if end is None:
             raise EndNotRecorded(ticket.request_id)
-        # An end may say it wrongly: a worker whose end the database refused keeps the verdict's text, but
-        # the gateway then ends the stream with an error instead of the last window (nothing unaudited).
+        # An end may say otherwise: one a worker kept before 2026-12-05 held the verdict's text, though the
+        # gateway ended the stream with an error instead of the last window (nothing unaudited).
         if says_what_was_delivered(end) == said_delivered(judged):
             return None
         body: dict[str, Any] = {"terminal_seq": end.seq, "ended_as": end.kind, **judged}

@@ -250,9 +250,10 @@ def test_a_worker_started_while_the_database_is_locked_serves_when_its_schema_is
 
 def test_a_checked_stream_whose_end_is_kept_pending_gets_its_delivered_entry_once_the_end_is_written(
         own_redis, tmp_path):
-    """A checked stream ends while the database is locked: its worker's end is kept pending, with the
-    verdict's text as ``client_output``, and the stream ends with ``audit_unavailable`` instead of its last
-    window, so the client got less than that. The gateway's ``delivered`` entry cannot find the end, so it
+    """A checked stream ends while the database is locked: its worker's end is kept pending, and the stream
+    ends with ``audit_unavailable`` instead of its last window, so the client got less than the verdict's
+    text (which the kept end held as ``client_output`` until 2026-12-05; now none). The gateway's
+    ``delivered`` entry cannot find the end, so it
     waits in the gateway's memory; once the lock is gone and the worker's retry wrote the end, the
     gateway's next look appends it with what the client did receive. Real parts: gateway and worker
     processes, their Redis, a SQLite file locked by a transaction elsewhere."""
@@ -298,8 +299,8 @@ def test_a_checked_stream_whose_end_is_kept_pending_gets_its_delivered_entry_onc
     assert events[-1]["error"]["code"] == "audit_unavailable", events[-1]
     text = "".join(e["choices"][0]["text"] for e in events if "choices" in e)
     assert text and terminal.kind == "failed" and terminal.body["error"]["code"] == "audit_unavailable"
-    # the kept end says what the verdict released: the client's text and the window it never got
-    assert terminal.payload["client_output"].startswith(text) and terminal.payload["client_output"] != text
+    # the kept end does not claim the verdict's text (the client's and the window it never got) reached it
+    assert "client_output" not in terminal.payload and terminal.payload["output"].startswith(text)
     entries = store.entries_for(request_id)
     assert [e.kind for e in entries] == ["request", "failed", "delivered"]
     assert entries[-1].body["terminal_seq"] == terminal.seq and entries[-1].payload["client_output"] == text

@@ -8,6 +8,7 @@ import sqlite3
 import time
 import uuid
 
+import pytest
 import redis
 
 from audit import AuditStore, make_engine, migrate, verify_chain
@@ -15,7 +16,7 @@ from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
 from workers.contract.jobs import ENDED_UNSEEN_AFTER_S, STATUS_COMPLETED, GenerateJob, runs_key
 from workers.contract.sampling import SamplingParams
 from workers.contract.sealing import Sealer
-from workers.generation import run_job
+from workers.generation import _received_instead, run_job
 from workers.streams import RedisJobChannel
 
 
@@ -188,3 +189,20 @@ def test_a_first_run_taken_at_once_does_not_ask_the_database_before_it_generates
     result = run_job(dataclasses.replace(job("r11"), enqueued_at_ns=time.time_ns()), model, store)
     assert result.status == STATUS_COMPLETED and result.completion_tokens == 6
     assert looked == []
+
+
+@pytest.mark.parametrize("stream, logging_level, kept", [
+    (True, "full", {}),  # the stream's gateway records what it released (its delivered entry)
+    (False, "full", {"client_output": ""}),  # a non-streamed client was answered 503: nothing
+    (False, "hash", {"client_output_chars": 0}),
+])
+def test_a_checked_completion_kept_for_later_does_not_claim_the_verdict_s_text_reached_its_client(
+        stream, logging_level, kept):
+    """A checked completion whose end the database refused is answered ``audit_unavailable``, not with the
+    verdict's text: the kept end must not say the client received that text (a served test found a stream's
+    kept end claiming the whole output while the client lacked its last window)."""
+    checked = dataclasses.replace(job("r-kept"), check_output=True, stream=stream, prompt_logging=logging_level)
+    body = {"finish_reason": "stop", "output": "the whole text", "client_output": "the whole text",
+            "output_decision": {"allow": True}}
+    assert _received_instead(checked, body, None) == {"finish_reason": "stop", "output": "the whole text",
+                                                      "output_decision": {"allow": True}, **kept}
