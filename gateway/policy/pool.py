@@ -71,13 +71,18 @@ class Evaluator:
         #: Set by a cancelled ``evaluate``; read once by ``take_late``.
         self._late: LateReply | object | None = None
 
+    # ``kill``, ``pid`` and ``alive`` may run on another thread than ``stop``,
+    # which clears ``_process``: each reads it once, into a local.
+
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        process = self._process
+        return process.pid if process is not None else None
 
     @property
     def alive(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        process = self._process
+        return process is not None and process.poll() is None
 
     def start(self) -> None:
         """Start a child and wait until it has compiled the policy; raise ``EvaluatorStartError`` if it cannot."""
@@ -128,9 +133,10 @@ class Evaluator:
 
     def kill(self) -> None:
         """Signal the child to die now (it may be mid-evaluation: regorus cannot be interrupted otherwise)."""
-        if self._process is not None and self._process.poll() is None:
+        process = self._process
+        if process is not None and process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                self._process.kill()
+                process.kill()
 
     def stop(self) -> None:
         """Kill the child, reap it and close the pipes. Never while ``evaluate`` runs."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import anyio
 import pytest
 
 from gateway.policy import POLICY_UNAVAILABLE, EmbeddedPolicyEngine, PolicyUnavailable, open_policy_engine
+from gateway.policy.pool import Evaluator
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.refusals import denial
 from gateway.settings import Settings, SettingsError
@@ -361,3 +363,33 @@ async def test_readiness_names_a_pool_whose_evaluators_are_all_dead_and_has_them
             assert (await engine.decide(request_input(["admin"]))).allow
     finally:
         await engine.aclose()
+
+
+class _ClearedWhilePolled(subprocess.Popen[bytes]):
+    """A real child whose first ``poll`` lets ``stop`` on another thread clear the evaluator's handle.
+
+    It forces, every run, the interleaving test-busy once hit by chance: ``kill``
+    saw a live ``_process``, and before it called ``kill()`` the replacing
+    thread's ``stop`` had set ``_process`` to None.
+    """
+
+    evaluator: Evaluator
+
+    def poll(self) -> int | None:
+        self.evaluator._process = None
+        return super().poll()
+
+
+def test_kill_while_another_thread_stops_the_evaluator_kills_the_child_it_saw() -> None:
+    evaluator = Evaluator(b"")
+    child = _ClearedWhilePolled(["sleep", "30"])
+    child.evaluator = evaluator
+    evaluator._process = child
+    try:
+        evaluator.kill()
+        assert child.wait(timeout=10) == -signal.SIGKILL
+        assert evaluator.pid is None and not evaluator.alive
+    finally:
+        if child.returncode is None:
+            child.kill()
+            child.wait()
