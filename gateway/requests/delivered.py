@@ -1,4 +1,4 @@
-"""What a checked stream's client received, recorded when the stream's terminal entry cannot say it.
+"""What a stream's client received, recorded when the stream's terminal entry cannot say it.
 
 A stream under output rules is judged window by window at the gateway, and
 only the gateway knows what it released: the worker learns it from the
@@ -12,8 +12,17 @@ was written. :func:`record_delivered` appends a ``delivered`` entry
 seq and kind, the decision on the windows judged and what the client
 received, kept as the request's ``prompt_logging`` allows, as the worker's
 entry would have kept them. It runs only when such a stream ends in an
-error: one look-up of the request's end, and an append when that end's
-``client_output`` is missing or is not what the client received.
+error: one look-up of the request's entries, and an append when its end's
+``client_output`` is missing or is not what the client received, and no
+``delivered`` entry says it already (a try whose commit was reported failed).
+
+A stream with no output rules (``GOVGATE_OUTPUT_RULES`` off, or a policy
+revision without an output rule) is relayed as it comes, and its worker's
+end never says what the client received: its ``output`` is what the worker
+sent, give or take what was in transit when the stream broke (Redis gone,
+the worker killed, a result that does not match the text sent). It gets the
+same entry, without an ``output_decision`` (nothing was judged), its
+``client_output`` masked for the policy's own ``redact`` findings only.
 
 The end may not be in the log yet: a database that refused the worker's
 entry has it kept pending (written when the database is back, by the
@@ -39,6 +48,7 @@ from audit import AuditEntry, AuditError
 from audit.kinds import DELIVERED
 from gateway.requests.holdback import HoldBack
 from gateway.requests.ticket import Ticket
+from workers.contract.output_check import logged_client_output
 from workers.contract.terminal_body import judged_fields
 
 if TYPE_CHECKING:
@@ -54,7 +64,7 @@ def said_delivered(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def says_what_was_delivered(entry: AuditEntry) -> dict[str, Any]:
-    """What a terminal entry records of what its client received (empty: nothing)."""
+    """What an entry (its terminal one, or a ``delivered`` one) records of what its client received (empty: nothing)."""
     return {**said_delivered(entry.body), **said_delivered(entry.payload or {})}
 
 
@@ -66,24 +76,28 @@ class EndNotRecorded(Exception):
     """The request's end is not in the audit log (yet): its worker keeps it pending."""
 
 
-async def record_delivered(runner: TicketRunner, ticket: Ticket, hold: HoldBack, delivered: str) -> AuditEntry | None:
-    """Append the ``delivered`` entry of a checked stream that ended in an error, unless its end says what
-    the client received (``delivered``) as this entry would; the entry appended, or None. Never raises: a
-    stream's answer is its error event either way. An end not in the log yet, or a database that refuses,
-    leaves the entry to ``runner.delivered_later`` (no text in what is logged)."""
-    rules = runner.output_rules
-    if rules is None:
-        return None
-    verdict = rules.standing(hold, client_text=delivered)
-    judged = judged_fields(ticket.job, verdict, runner.digester)  # now: the hold is the stream's, and ends with it
+async def record_delivered(runner: TicketRunner, ticket: Ticket, hold: HoldBack | None,
+                           delivered: str) -> AuditEntry | None:
+    """Append the ``delivered`` entry of a stream that ended in an error after text, unless its end says what
+    the client received (``delivered``) as this entry would; the entry appended, or None. ``hold``: a checked
+    stream's windows (None: the stream had no output rules). Never raises: a stream's answer is its error
+    event either way. An end not in the log yet, or a database that refuses, leaves the entry to
+    ``runner.delivered_later`` (no text in what is logged)."""
+    judged = _what_was_delivered(runner, ticket, hold, delivered)  # now: a hold is the stream's, and ends with it
 
     async def attempt() -> AuditEntry | None:
-        end = await runner.request_log.terminal_for(ticket.request_id)
+        entries = await runner.request_log.entries_for(ticket.request_id)
+        end = next((entry for entry in entries if entry.terminal_request_id is not None), None)
         if end is None:
             raise EndNotRecorded(ticket.request_id)
         # An end may say otherwise: one a worker kept before 2026-12-05 held the verdict's text, though the
-        # gateway ended the stream with an error instead of the last window (nothing unaudited).
-        if says_what_was_delivered(end) == said_delivered(judged):
+        # gateway ended the stream with an error instead of the last window (nothing unaudited). An entry
+        # that says it already is a try of this one whose commit was reported as failed (a connection lost
+        # after COMMIT): it is not appended twice.
+        told = said_delivered(judged)
+        if says_what_was_delivered(end) == told or any(
+                entry.kind == DELIVERED and entry.body.get("terminal_seq") == end.seq
+                and says_what_was_delivered(entry) == told for entry in entries):
             return None
         body: dict[str, Any] = {"terminal_seq": end.seq, "ended_as": end.kind, **judged}
         return await runner.request_log.record_delivered(ticket, body)
@@ -98,6 +112,16 @@ async def record_delivered(runner: TicketRunner, ticket: Ticket, hold: HoldBack,
                     ticket.request_id, type(exc).__name__, exc)
     runner.delivered_later.keep(ticket.request_id, attempt)
     return None
+
+
+def _what_was_delivered(runner: TicketRunner, ticket: Ticket, hold: HoldBack | None,
+                        delivered: str) -> dict[str, Any]:
+    """The entry's fields besides the end it completes: a checked stream's decision on its windows and
+    what its client received, as its worker's end would keep them; an unchecked one's text only."""
+    rules = runner.output_rules
+    if hold is not None and rules is not None:
+        return judged_fields(ticket.job, rules.standing(hold, client_text=delivered), runner.digester)
+    return logged_client_output(delivered, ticket.job.prompt_logging, ticket.job.redact, runner.digester)
 
 
 class DeliveredLater:
@@ -155,7 +179,7 @@ class DeliveredLater:
                 continue
             del self._waiting[request_id]
             if written is None:
-                log.info("the end of %s came, and says what its client received", request_id)
+                log.info("the entries of %s say what its client received already", request_id)
             else:
                 log.info("what the client of %s received is recorded now", request_id)
 

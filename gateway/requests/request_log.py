@@ -150,6 +150,10 @@ class RequestLog:
     async def terminal_for(self, request_id: str) -> AuditEntry | None:
         return await self._calls.run(partial(self.audit.terminal_for, request_id))
 
+    async def entries_for(self, request_id: str) -> list[AuditEntry]:
+        """Every entry of one request, oldest first (raises :class:`AuditError` if the store refuses)."""
+        return await self._calls.run(partial(self.audit.entries_for, request_id))
+
     async def _append(self, kind: str, request_id: str, principal: Principal, model: str | None,
                       body: dict[str, Any], revision: str | None = None) -> AuditEntry:
         metadata, texts = split_texts(body)  # the texts go to the erasable payload

@@ -119,8 +119,8 @@ class StreamEvents:
                 yield missing
             yield result
         except ApiError:
-            # an end written by its worker (or lost to one) may not say what a checked stream's client got
-            if self._hold is not None and self._heard and not self._cut:
+            # an end written by its worker (or lost to one) may not say what the stream's client got
+            if self._heard and not self._cut:
                 await record_delivered(runner, ticket, self._hold, "".join(delivered))
             raise
         finally:

@@ -29,7 +29,7 @@ from gateway.requests.holdback import HoldBack
 from gateway.requests.output_rules import OutputRules
 from gateway.requests.ticket import Ticket
 from workers.contract.jobs import CANCEL_TTL_S, JOB_LOOK_AGAIN, JOB_STARTED, STOP_TIMED_OUT, JobResult, cancel_key
-from workers.contract.output_check import OutputVerdict
+from workers.contract.output_check import OutputVerdict, logged_client_output
 from workers.contract.privacy import logged_output
 from workers.contract.terminal_body import judged_fields
 
@@ -134,6 +134,8 @@ async def timed_out(runner: TicketRunner, ticket: Ticket, *, output: str | None 
         body.update(logged_output(output, job.prompt_logging, job.redact, runner.digester))
     if verdict is not None:  # released text only, masked already: no finding of the rules' in clear
         body.update(judged_fields(job, verdict, runner.digester))
+    elif output is not None:  # an unchecked stream: what it sent is what its client received, said so
+        body.update(logged_client_output(output, job.prompt_logging, job.redact, runner.digester))
     reserved = _reserved_usage(ticket) if started else None
     if reserved is not None:
         body["usage"] = reserved

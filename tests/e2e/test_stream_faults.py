@@ -234,15 +234,20 @@ def _began(audit_store, redis_url: str, timeout_s: float = 60) -> str:
     raise AssertionError("no worker began the request")
 
 
-@pytest.mark.parametrize("own_redis_gateway", [{"request_timeout_s": 600.0}], indirect=True)
-@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+_LONG_WAIT = {"request_timeout_s": 600.0}
+
+
+@pytest.mark.parametrize("own_redis_gateway, stream", [
+    (_LONG_WAIT, True), (_LONG_WAIT, False), ({**_LONG_WAIT, "output_rules": False}, True),
+], ids=["stream", "whole", "unchecked-stream"], indirect=["own_redis_gateway"])
 def test_a_request_whose_outcome_redis_lost_is_answered_from_its_audit_entry_once_redis_is_back(
         own_redis_gateway, keyring, audit_store, stream):
     """Redis dies mid-generation: the worker records the request ``failed`` (a stream's next piece meets no
     Redis; a whole answer, checked, has no gateway to judge it) but can neither publish nor store its outcome.
     The gateway, back on a new Redis, used to hear nothing until its request timeout (120 s by default)
     found that end; now it asks the audit log after the reconnect and answers from the entry. The request
-    timeout here is far longer than the client waits: only that answer ends it."""
+    timeout here is far longer than the client waits: only that answer ends it. A stream, with output rules
+    or without, gets its gateway's ``delivered`` entry: what its client received."""
     state = own_redis_gateway
     worker = state["worker"]
     outcome: dict = {}
@@ -295,5 +300,8 @@ def test_a_request_whose_outcome_redis_lost_is_answered_from_its_audit_entry_onc
     assert len(delivered) == 1 and delivered[0].seq > terminal.seq
     assert delivered[0].body["terminal_seq"] == terminal.seq and delivered[0].body["ended_as"] == "failed"
     assert outcome["text"] and delivered[0].payload["client_output"] == outcome["text"]
+    if not state["settings"].output_rules:  # nothing was judged, nothing held back
+        assert "output_decision" not in delivered[0].body
+        return
     assert len(terminal.payload["output"]) > len(outcome["text"])  # the hold-back's part never reached it
     assert set(delivered[0].body["output_decision"]) == {"allow", "reasons", "findings", "stopped", "policy_revision"}

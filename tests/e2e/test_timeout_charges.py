@@ -71,6 +71,21 @@ def gateway(settings, timeout_worker, tmp_path_factory) -> Iterator[str]:
         yield base
 
 
+@pytest.fixture(scope="module")
+def unchecked_gateway(settings, timeout_worker, tmp_path_factory) -> Iterator[str]:
+    """The same gateway with no output rules (``GOVGATE_OUTPUT_RULES=0``): its streams are relayed as they come."""
+    own = settings.with_(request_timeout_s=TIMEOUT_S, output_rules=False)
+    with serving(own, tmp_path_factory.mktemp("tc-unchecked") / "serve.log") as base:
+        yield base
+
+
+@pytest.fixture(params=["checked", "unchecked"])
+def stream_gateway(request) -> tuple[str, bool]:
+    """A gateway's URL, and whether its streams are under output rules."""
+    checked = request.param == "checked"
+    return request.getfixturevalue("gateway" if checked else "unchecked_gateway"), checked
+
+
 def fresh_key(settings) -> tuple[str, str]:
     principal = f"tc-{uuid.uuid4().hex[:10]}"
     return principal, new_key(settings, principal, TEAM, roles=("admin",))
@@ -166,7 +181,8 @@ def assert_charged_what_it_generated(settings, audit_store, principal: str, requ
     assert terminal.body["error"] == {"code": "timed_out", "message": GATEWAY_TIMEOUT_MESSAGE}
     usage = terminal.body.get("usage")
     assert usage and usage["completion_tokens"] > 0 and "basis" not in usage, terminal.body
-    assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "timed_out"]
+    kinds = [e.kind for e in audit_store.entries_for(request_id)]
+    assert kinds[:2] == ["request", "timed_out"] and kinds[2:] in ([], ["delivered"]), kinds  # a stream's, unchecked
     return usage
 
 
@@ -200,7 +216,8 @@ async def test_a_completion_the_timeout_ends_while_generating_is_charged(gateway
 
 
 async def test_a_stream_the_timeout_ends_while_generating_is_charged_and_gets_what_was_generated(
-        gateway, settings, timeout_worker, audit_store):
+        stream_gateway, settings, timeout_worker, audit_store):
+    gateway, checked = stream_gateway
     principal, key = fresh_key(settings)
     counted_before = tokens_counted(gateway)
     text, last = "", None
@@ -231,10 +248,17 @@ async def test_a_stream_the_timeout_ends_while_generating_is_charged_and_gets_wh
     # the worker's entry holds all it generated: what the client received, and under the output rules
     # perhaps a held-back tail it never got
     assert text and terminal.payload["output"].startswith(text)
-    # and, under the output rules (on here), what the client received and the decision on what was judged,
-    # as a cancelled stream's entry does (probe p2 #3: the timeout's had neither)
-    assert terminal.payload["client_output"] == text
-    assert terminal.body["output_decision"]["stopped"] is False
+    if checked:  # and what the client received and the decision on what was judged, as a cancelled
+        # stream's entry does (probe p2 #3: the timeout's had neither)
+        assert terminal.payload["client_output"] == text
+        assert terminal.body["output_decision"]["stopped"] is False
+        assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "timed_out"]
+    else:  # the worker's entry cannot say what reached the client: its gateway's delivered entry does
+        assert "client_output" not in {**terminal.body, **terminal.payload}
+        entries = audit_store.entries_for(request_id)
+        assert [e.kind for e in entries] == ["request", "timed_out", "delivered"]
+        assert entries[-1].body["terminal_seq"] == terminal.seq and entries[-1].payload["client_output"] == text
+        assert "output_decision" not in entries[-1].body
     assert await charged(settings, principal) == {"tokens_today": used_tokens(usage), "in_flight": 0}
     assert tokens_counted(gateway) - counted_before == used_tokens(usage)
 
@@ -405,10 +429,12 @@ async def test_a_redacted_stream_the_timeout_ends_keeps_what_its_client_received
     assert await charged(settings, principal) == {"tokens_today": used_tokens(usage), "in_flight": 0}
 
 
-async def test_a_checked_stream_whose_worker_does_not_report_in_the_grace_keeps_what_its_client_received(
-        gateway, settings, timeout_worker, audit_store):
+async def test_a_stream_whose_worker_does_not_report_in_the_grace_keeps_what_its_client_received(
+        stream_gateway, settings, timeout_worker, audit_store):
     """The worker stays frozen past the grace: the gateway records the end, charged the reservation, with
-    the decision and ``client_output`` it told the worker (the text it delivered), as the worker's has them."""
+    the ``client_output`` (the text it delivered) and, checked, the decision it told the worker, as the
+    worker's has them; that end says what the client received, so no ``delivered`` entry follows."""
+    gateway, checked = stream_gateway
     principal, key = fresh_key(settings)
     text, last = "", None
     with freezer(settings, timeout_worker) as frozen:
@@ -429,6 +455,10 @@ async def test_a_checked_stream_whose_worker_does_not_report_in_the_grace_keeps_
     terminal = wait_terminal(audit_store, request_id)
     assert terminal.kind == "timed_out" and terminal.body["usage"]["basis"] == "reservation", terminal.body
     assert terminal.payload["client_output"] == text == terminal.payload["output"]
-    assert terminal.body["output_decision"]["stopped"] is False
+    if checked:
+        assert terminal.body["output_decision"]["stopped"] is False
+    else:
+        assert "output_decision" not in terminal.body
+    assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "timed_out"]
     assert await charged(settings, principal) == {"tokens_today": terminal.body["usage"]["total_tokens"],
                                                   "in_flight": 0}

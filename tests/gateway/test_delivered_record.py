@@ -1,4 +1,4 @@
-"""A checked stream's ``delivered`` entry (``gateway/requests/delivered.py``): written only when its end cannot say.
+"""A stream's ``delivered`` entry (``gateway/requests/delivered.py``): written only when its end cannot say.
 
 Real parts: a SQLite audit store of the test's own, written through the gateway's
 :class:`RequestLog` (its append thread). The runner is a stand-in holding the three
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import text
 
-from audit import AuditStore, make_engine, migrate
+from audit import AuditError, AuditStore, make_engine, migrate
 from gateway.auth import Principal
 from gateway.requests.delivered import DeliveredLater, record_delivered, says_what_was_delivered
 from gateway.requests.holdback import HoldBack
@@ -52,10 +52,11 @@ async def parts(tmp_path):
     store.engine.dispose()
 
 
-def ticket_for(request_id: str, prompt_logging: str = "full") -> Ticket:
+def ticket_for(request_id: str, prompt_logging: str = "full", *, check_output: bool = True,
+               redact: list[dict[str, str]] | None = None) -> Ticket:
     job = GenerateJob(request_id=request_id, model="tiny", endpoint="completions", params=SamplingParams(64),
-                      principal="ann", team="ops", policy_revision="rev", prompt="Once", check_output=True,
-                      stream=True, prompt_logging=prompt_logging)
+                      principal="ann", team="ops", policy_revision="rev", prompt="Once", check_output=check_output,
+                      stream=True, prompt_logging=prompt_logging, redact=redact or [])
     return Ticket(request_id=request_id, principal=Principal("ann", "ops", ("analyst",), "k1"), model="tiny",
                   created=int(time.time()), job=job)
 
@@ -163,7 +164,7 @@ async def test_an_end_that_comes_saying_what_the_client_received_gets_nothing_mo
     end_of(store, ticket, "failed", {"error": {"code": "audit_unavailable", "message": "kept"},
                                      "ended_as": "completion"}, {"output": SENT, "client_output": SENT})
     await later.look_once()
-    assert len(later) == 0 and "the end of d-kept came, and says what its client received" in caplog.text
+    assert len(later) == 0 and "the entries of d-kept say what its client received already" in caplog.text
     assert [e.kind for e in store.entries_for("d-kept")] == ["request", "failed"]
 
 
@@ -188,6 +189,31 @@ async def test_a_refusing_database_leaves_the_entry_waiting_until_it_takes_it(pa
     assert SENT not in caplog.text
 
 
+async def test_a_try_whose_commit_was_reported_failed_is_not_appended_again(parts, caplog):
+    """The append committed, but its answer was lost (a PostgreSQL connection cut after COMMIT, played here by
+    a wrapper that raises once the real append is done): the retry finds the entry and appends nothing."""
+    store, runner = parts
+    later: DeliveredLater = runner.delivered_later
+    caplog.set_level(logging.INFO, logger="gateway.requests.delivered")
+    append = runner.request_log.record_delivered
+    lost: list[int] = []
+
+    async def committed_then_lost(ticket: Ticket, body: dict):
+        entry = await append(ticket, body)
+        lost.append(entry.seq)
+        raise AuditError("audit append failed: the connection was lost after COMMIT")
+
+    runner.request_log.record_delivered = committed_then_lost
+    ticket = ticket_for("d-ambiguous")
+    ended(store, ticket, "failed", {"error": {"code": "worker_error", "message": "Redis"}})
+    assert await record_delivered(runner, ticket, HoldBack(8), SENT) is None and len(later) == 1
+    await later.look_once()
+    assert len(later) == 0 and "the entries of d-ambiguous say what its client received already" in caplog.text
+    entries = store.entries_for("d-ambiguous")
+    assert [e.kind for e in entries] == ["request", "failed", "delivered"] and entries[-1].seq == lost[0]
+    assert len(lost) == 1
+
+
 async def test_a_wait_ends_at_its_horizon_at_the_bound_and_at_the_stop_each_logged(parts, caplog):
     store, runner = parts
     caplog.set_level(logging.WARNING, logger="gateway.requests.delivered")
@@ -208,12 +234,35 @@ async def test_a_wait_ends_at_its_horizon_at_the_bound_and_at_the_stop_each_logg
     assert SENT not in caplog.text
 
 
-async def test_no_output_rules_means_nothing_to_record(parts):
+@pytest.mark.parametrize("unchecked", ["rules off", "revision without a rule"])
+async def test_an_unchecked_stream_s_end_gets_what_its_client_received_with_nothing_judged(parts, unchecked):
+    """No output rules (``GOVGATE_OUTPUT_RULES`` off: no rules at all; or a revision without an output rule:
+    no hold): the worker's end keeps what it sent as ``output``, give or take what was in transit; the
+    gateway's entry says what the client got, with no ``output_decision`` (nothing was judged)."""
     store, runner = parts
-    ticket = ticket_for("d-unruled")
-    ended(store, ticket, "failed", {"error": {"code": "worker_error", "message": "Redis"}})
-    assert await record_delivered(replace_rules(runner), ticket, HoldBack(8), SENT) is None
-    assert [entry.kind for entry in store.entries_for("d-unruled")] == ["request", "failed"]
+    ticket = ticket_for(f"d-unchecked-{unchecked[0]}", check_output=False)
+    end = ended(store, ticket, "failed", {"error": {"code": "worker_error", "message": "Redis"}},
+                {"output": SENT + " and what was in transit"})
+    runner = replace_rules(runner) if unchecked == "rules off" else runner
+    written = await record_delivered(runner, ticket, None, SENT)
+    assert written is not None and [e.kind for e in store.entries_for(ticket.request_id)] == \
+        ["request", "failed", "delivered"]
+    assert written.body["terminal_seq"] == end.seq and written.body["ended_as"] == "failed"
+    assert "output_decision" not in written.body and written.payload["client_output"] == SENT
+    assert await record_delivered(runner, ticket, None, SENT) is None  # said now: the end is not completed twice
+    assert [e.kind for e in store.entries_for(ticket.request_id)] == ["request", "failed", "delivered"]
+    assert await record_delivered(runner, ticket, None, SENT + " more") is not None  # unless it says otherwise
+
+
+async def test_an_unchecked_stream_s_redacted_entry_masks_the_policy_s_findings(parts):
+    store, runner = parts
+    secret = "4111 1111 1111 1111"
+    ticket = ticket_for("d-unchecked-masked", prompt_logging="redacted", check_output=False,
+                        redact=[{"detector": "card", "text": secret}])
+    ended(store, ticket, "failed", {"error": {"code": "worker_lost"}})
+    written = await record_delivered(replace_rules(runner), ticket, None, f"card {secret} sent")
+    assert written is not None and secret not in str(written.to_document())
+    assert written.payload["client_output"].startswith("card ") and written.body.get("client_output_masked") is True
 
 
 def replace_rules(runner: SimpleNamespace) -> SimpleNamespace:
