@@ -413,11 +413,20 @@ class EvaluatorPool:
             _hand(waiter, None)
         for evaluator in self._evaluators:
             evaluator.kill()  # running evaluations see EOF and hand their evaluator back
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        loop = asyncio.get_running_loop()
         # Killed children end their evaluations at once; the bound only guards
         # against a borrower that will never run again (its loop was stopped).
-        deadline = asyncio.get_running_loop().time() + self.timeout_s + START_TIMEOUT_S
+        deadline = loop.time() + self.timeout_s + START_TIMEOUT_S
+        while self._tasks:
+            # A replacement started from another event loop (an evaluation awaited on a loop other than the
+            # one closing the pool, as Litestar's test client does) cannot be gathered here: it is watched.
+            here = [task for task in self._tasks if task.get_loop() is loop]
+            if here:
+                await asyncio.gather(*here, return_exceptions=True)
+            elif loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            else:
+                break
         while len(self._idle) < len(self._evaluators) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
         await asyncio.to_thread(self._stop_all)
