@@ -24,6 +24,7 @@ from gateway.checkpointer import Checkpointer
 from gateway.auth import Authenticator, KeyChangeListener, KeyStore, PrincipalCache
 from gateway.db_setup import open_database  # noqa: F401  (re-exported: tests and benches import it here)
 from gateway.dispatch import Dispatcher, ResultWaiter
+from gateway.dispatch.gateway_beat import GatewayBeat
 from gateway.dispatch.model_health import ModelHealth
 from gateway.limits import UsageCounters
 from gateway.policy import PolicyEngine, open_policy_engine
@@ -179,10 +180,12 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
                                 every_entries=settings.checkpoint_every_entries,
                                 interval_s=settings.checkpoint_interval_s, command=settings.checkpoint_command,
                                 memory=memory)
+    beat = GatewayBeat(client, waiter.reply_channel)
     try:
         await checkpointer.start()
         await key_changes.start()
         await waiter.start()
+        await beat.start()
         await policy.start()
         await shares.start()
         await model_health.start()
@@ -198,6 +201,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         pending_client.close()
         await key_changes.aclose()
         await completions.aclose()
+        await beat.aclose()  # after the drain: nothing this gateway queued waits for it now
         await counters.aclose()
         await waiter.aclose()
         await client.aclose()

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from audit import AuditEntry, AuditError, DuplicateTerminalError, EntryStore
 from audit.kinds import COMPLETION, FAILED
 from workers.backends import BackendError, LoadedModel, PromptTooLongError
+from workers.contract.gateway_liveness import GATEWAY_GONE
 from workers.contract.jobs import (ENDED_UNSEEN_AFTER_S, MAX_JOB_RUNS, STATUS_CANCELLED, STATUS_FAILED,
                                    STATUS_TIMED_OUT, STREAM_WORKER_LOST, WORKER_LOST, GenerateJob, JobResult)
 from workers.contract.output_check import OutputReport, OutputVerdict, logged_client_output
@@ -166,7 +167,8 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
     except PutBack:
         log.info("request %s gave way to a fairer job: back at the head of its queue", job.request_id)
         return PUT_BACK
-    if not first_run or _waited_long(job, taken_ns):
+    looked = not first_run or _waited_long(job, taken_ns)
+    if looked:
         existing = store.terminal_for(job.request_id)
         if existing is not None:
             log.info("request %s already ended as %s; not generating again", job.request_id, existing.kind)
@@ -180,6 +182,10 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
                            message=_stop_message(kind, channel))
     if job.deadline_ns and taken_ns > job.deadline_ns:  # nobody waits for it any more (its gateway may be gone)
         return _record_expired(job, store, worker, queue_ms)
+    # A job that waited may be a dead gateway's: nobody would receive it. (Not a redelivered stream: its end
+    # keeps what the first run sent, below.)
+    if looked and (first_run or not job.stream) and channel.gateway_gone():
+        return _record_gateway_gone(job, store, worker, queue_ms)
     if not first_run and job.stream:
         # The client already received what the first run published: record it.
         return _record_failure(job, store, WORKER_LOST, STREAM_WORKER_LOST, worker,
@@ -376,6 +382,24 @@ def _record_expired(job: GenerateJob, store: EntryStore, worker: dict[str, Any],
     if isinstance(entry, JobResult):
         return entry
     return JobResult(status=STATUS_TIMED_OUT, audit_seq=entry.seq, error=error)
+
+
+#: The error of a job whose gateway was gone when a worker took it (``workers.contract.gateway_liveness``).
+GATEWAY_GONE_ERROR = {"code": GATEWAY_GONE,
+                      "message": "the request's gateway was gone (killed, or stopped) before a worker took "
+                                 "the request; not generated"}
+
+
+def _record_gateway_gone(job: GenerateJob, store: EntryStore, worker: dict[str, Any],
+                         queue_ms: float | None) -> JobResult:
+    """A job whose gateway is gone: not generated (no one would receive it), recorded ``cancelled`` with code
+    ``gateway_gone``; its outcome, published to no one, names it for any gateway to settle its usage."""
+    log.warning("request %s: its gateway is gone; cancelled, not generated", job.request_id)
+    body = {"output": "", "error": dict(GATEWAY_GONE_ERROR), "worker": worker, "timings": {"queue_ms": queue_ms}}
+    entry = _append_terminal(job, store, STATUS_CANCELLED, body)
+    if isinstance(entry, JobResult):
+        return entry
+    return JobResult(status=STATUS_CANCELLED, audit_seq=entry.seq, error=dict(GATEWAY_GONE_ERROR))
 
 
 def _record_failure(job: GenerateJob, store: EntryStore, code: str, message: str,

@@ -17,6 +17,7 @@ from workers.contract.jobs import (CANCEL_TTL_S, JOB_LOOK_AGAIN, JOB_STARTED, RE
                                    cancel_key, reply_message, runs_key, seal_piece)
 from workers.contract.output_check import (REPLY_OUTPUT, STOP_CONTENT_FILTER, OutputReport, OutputVerdict,
                                            verdict_key)
+from workers.contract.gateway_liveness import GATEWAY_GONE_SCRIPT, GATEWAYS_KEY
 from workers.contract.handover import PENDING_KEY, CarriedHandOver, Carrier
 from workers.contract.repick import PutBack, Ticket
 from workers.contract.repick import look_again
@@ -69,6 +70,7 @@ class JobChannel(Protocol):
     def cancel_requested(self) -> bool: ...
     def claim_start(self) -> bool: ...
     def count_run(self) -> int | None: ...
+    def gateway_gone(self) -> bool: ...
     def streamed_text(self) -> str: ...
     def forget(self) -> None: ...
     def stopped_by_rules(self) -> bool: ...
@@ -160,6 +162,18 @@ class RedisJobChannel:
         self._cancel_seen = cancelled
         self._next_check = time.monotonic() + CANCEL_CHECK_INTERVAL_S
         return was is None
+
+    def gateway_gone(self) -> bool:
+        """Whether the gateway waiting on the job's reply channel is gone (killed, or stopped): one script,
+        asked only of a job that waited (:mod:`workers.contract.gateway_liveness`). False when its gateway is
+        there, does not beat (older than the protocol), or Redis cannot say: the job runs, as it did before."""
+        if not self._reply_to:
+            return False
+        try:
+            return bool(self._client.eval(GATEWAY_GONE_SCRIPT, 1, GATEWAYS_KEY, self._reply_to))
+        except (redis.RedisError, OSError) as exc:
+            log.debug("whether the gateway of %s is there is not known (Redis: %s)", self._request_id, exc)
+            return False
 
     def count_run(self) -> int | None:
         """On a redelivery (:meth:`claim_start` False): count this run; how many runs of the job have begun.
@@ -382,6 +396,9 @@ class SilentChannel:
 
     def count_run(self) -> int | None:
         return 1
+
+    def gateway_gone(self) -> bool:
+        return False
 
     def streamed_text(self) -> str:
         return ""

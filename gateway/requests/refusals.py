@@ -16,6 +16,7 @@ from gateway.limits import RETRYABLE_CODES, Refusal, TeamPlaces
 from gateway.limits.fair_share import CEILING_FACTOR, FALLBACK_SERVICE_MS, drain_wait_s
 from gateway.limits.catalogue import QUEUE_FULL, USAGE_LIMITS
 from gateway.policy import POLICY_UNAVAILABLE, Obligations, Reason
+from workers.contract.gateway_liveness import GATEWAY_GONE
 from workers.contract.jobs import STREAM_WORKER_LOST, WORKER_LOST, JobResult
 from workers.contract.output_check import OUTPUT_POLICY_UNAVAILABLE, OUTPUT_UNCHECKED
 
@@ -219,6 +220,11 @@ def worker_error(result: JobResult) -> ApiError:
     if result.status == "timed_out":  # the same request would run into the same limit: not worth a retry
         return ApiError(504, "timed_out", "The generation hit the worker's time limit; partial output was logged. "
                         "Ask for fewer tokens (max_tokens) rather than retrying unchanged.", headers=DO_NOT_RETRY)
+    if result.status == "cancelled" and code == GATEWAY_GONE:  # its worker read this gateway's heartbeat as
+        # stopped (Redis out of its reach for a while): nothing ran, another try is queued afresh
+        return ApiError(503, "cancelled", "The request was not run: when a worker took it, this gateway had not "
+                        "reached Redis for a while and was taken for gone. Nothing was generated; try again.",
+                        headers={"Retry-After": "1"})
     if result.status == "cancelled":
         return ApiError(503, "cancelled", "The request was cancelled before it completed.")
     if code == "audit_unavailable":
