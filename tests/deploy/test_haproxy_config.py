@@ -101,9 +101,13 @@ def _balancing(haproxy: str, config: Path, port: int) -> Iterator[str]:
 
 def _check_health(sock: Path, server: str) -> int:
     """The health counter HAProxy keeps for ``server`` (``show servers state``): a replica whose checks
-    have all passed holds rise + fall - 1, and goes down after ``fall`` failures."""
+    have all passed holds rise + fall - 1, and goes down after ``fall`` failures. 0 while HAProxy has not
+    made its admin socket yet (it may listen on its port first: seen once on a busy machine)."""
     with socket.socket(socket.AF_UNIX) as conn:
-        conn.connect(str(sock))
+        try:
+            conn.connect(str(sock))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return 0
         conn.sendall(b"show servers state gateways\n")
         answer = b"".join(iter(lambda: conn.recv(65536), b"")).decode()
     header, *rows = [line.split() for line in answer.splitlines() if line and not line.startswith("1")]
