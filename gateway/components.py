@@ -180,7 +180,10 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
                                 every_entries=settings.checkpoint_every_entries,
                                 interval_s=settings.checkpoint_interval_s, command=settings.checkpoint_command,
                                 memory=memory)
-    beat = GatewayBeat(client, waiter.reply_channel)
+    # Its own connection: a burst that holds every connection of the shared pool (which waits up to 5 s for
+    # one) must not silence the heartbeat for 20 s and have workers take this gateway for gone.
+    beat_client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    beat = GatewayBeat(beat_client, waiter.reply_channel)
     try:
         await checkpointer.start()
         await key_changes.start()
@@ -202,6 +205,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         await key_changes.aclose()
         await completions.aclose()
         await beat.aclose()  # after the drain: nothing this gateway queued waits for it now
+        await beat_client.aclose()
         await counters.aclose()
         await waiter.aclose()
         await client.aclose()

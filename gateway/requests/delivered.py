@@ -70,6 +70,8 @@ def says_what_was_delivered(entry: AuditEntry) -> dict[str, Any]:
 
 #: Entries waiting for their end at once, at most: each holds what its client received, in memory.
 MOST_WAITING = 256
+#: The gateway's stop looks once more for the ends still waited for, for this long at most.
+LAST_LOOK_S = 2.0
 
 
 class EndNotRecorded(Exception):
@@ -184,10 +186,18 @@ class DeliveredLater:
                 log.info("what the client of %s received is recorded now", request_id)
 
     async def aclose(self) -> None:
-        """Stop looking; the entries still waiting are logged as not recorded."""
+        """Stop looking, after one last look (at most :data:`LAST_LOOK_S`): a stream cut by the stop itself
+        waits for the end its worker records a moment after the cut. The entries still waiting then are
+        logged as not recorded."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._waiting:
+            try:
+                await asyncio.wait_for(self.look_once(), LAST_LOOK_S)
+            except TimeoutError:
+                log.warning("the last look for the ends of %d stream(s) took longer than %gs", len(self._waiting),
+                            LAST_LOOK_S)
         if self._waiting:
             log.warning("what the clients of %d stream(s) received is not recorded: the gateway stopped before "
                         "their ends were in the audit log (%s)", len(self._waiting),

@@ -119,8 +119,9 @@ class StreamEvents:
                 yield missing
             yield result
         except ApiError:
-            # an end written by its worker (or lost to one) may not say what the stream's client got
-            if self._heard and not self._cut:
+            # an end written by its worker (or lost to one) may not say what the stream's client got; a checked
+            # stream cut by the stop told its worker (its cancelled verdict), an unchecked one could not
+            if self._heard and (not self._cut or self._hold is None):
                 await record_delivered(runner, ticket, self._hold, "".join(delivered))
             raise
         finally:

@@ -28,6 +28,7 @@ import httpx
 from govgate.processes import stop_process
 from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
 from tests.e2e.test_stream_faults import wait_terminal
+from tests.e2e.test_timeout_charges import freezer
 from tests.gateway.test_fail_closed import queued
 from tests.own_redis import own_redis  # noqa: F401  (fixture)
 from workers.contract.registry import TINY_MODEL_NAME
@@ -446,3 +447,39 @@ visible_models contains m.name if {{
     assert entries[0].body["error"]["code"] == "shutting_down"
     text = log.read_text()
     assert "Traceback" not in text and "CancelledError" not in text, text[-3000:]
+
+
+def test_an_unchecked_stream_cut_by_the_stop_gets_what_its_client_received_recorded(
+        own_redis, keyring, audit_store, tmp_path) -> None:  # noqa: F811
+    """Without output rules a cut stream's worker cannot be told what its client received (no verdict goes to
+    it): it records ``cancelled`` with what it generated, a moment after the cut. The gateway's stop looks
+    for that end once more before it closes, and appends the ``delivered`` entry that says what the client
+    got. The worker is frozen mid-stream and let go when the cut sets its cancel flag."""
+    own = own_redis.with_(drain_s=1.0, output_rules=False, request_timeout_s=120)
+    worker = spawn_cli(own, "worker", "--model", MODEL, log=tmp_path / "worker.log")
+    try:
+        wait_for_worker(own.redis_url, MODEL, worker)
+        with serving(own, tmp_path / "serve.log") as base, ThreadPoolExecutor(1) as pool, \
+                freezer(own, worker) as frozen:
+            head = audit_store.head().seq
+            started = threading.Event()
+            streamed = pool.submit(_stream, base, keyring["admin"], started)
+            assert started.wait(60), "the stream never received text"
+            frozen.freeze()  # mid-generation: the stream stays in flight until the cut
+            [request_id] = [e.request_id for e in audit_store.tail(20) if e.kind == "request" and e.seq > head]
+            thawing = threading.Thread(target=frozen.thaw_once_stopped, args=(request_id, time.monotonic() + 60))
+            thawing.start()
+            base.process.send_signal(signal.SIGTERM)
+            stream = streamed.result(timeout=60)
+            assert base.process.wait(timeout=60) is not None
+            thawing.join(60)
+        assert frozen.stop_seen and stream["text"] and not stream["done"]
+        assert stream["last"]["error"]["code"] == "shutting_down", stream["last"]
+        end = wait_terminal(audit_store, request_id)
+        assert end.kind == "cancelled" and end.payload["output"].startswith(stream["text"])
+        assert not any(key.startswith("client_output") for key in {**end.body, **end.payload})
+        entries = audit_store.entries_for(request_id)
+        assert [e.kind for e in entries] == ["request", "cancelled", "delivered"], (tmp_path / "serve.log").read_text()
+        assert entries[-1].body["terminal_seq"] == end.seq and entries[-1].payload["client_output"] == stream["text"]
+    finally:
+        stop_process(worker, timeout_s=30)

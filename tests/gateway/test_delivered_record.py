@@ -234,6 +234,39 @@ async def test_a_wait_ends_at_its_horizon_at_the_bound_and_at_the_stop_each_logg
     assert SENT not in caplog.text
 
 
+async def test_the_stop_looks_once_more_and_completes_an_end_recorded_after_the_cut(parts, caplog):
+    """An unchecked stream cut by the gateway's stop: its worker records ``cancelled`` a moment after the cut
+    (at its next token), after the stream's first look; the stop's last look finds it and appends the entry."""
+    store, runner = parts
+    caplog.set_level(logging.INFO, logger="gateway.requests.delivered")
+    later: DeliveredLater = runner.delivered_later
+    ticket = ticket_for("d-cut", check_output=False)
+    requested(store, ticket)
+    assert await record_delivered(runner, ticket, None, SENT) is None and len(later) == 1  # no end yet
+    end = end_of(store, ticket, "cancelled", {"error": {"code": "cancelled"}}, {"output": SENT + " and more"})
+    await later.aclose()
+    entries = store.entries_for("d-cut")
+    assert [e.kind for e in entries] == ["request", "cancelled", "delivered"] and len(later) == 0
+    assert entries[-1].body["terminal_seq"] == end.seq and entries[-1].payload["client_output"] == SENT
+    assert "is recorded now" in caplog.text and "not recorded" not in caplog.text
+
+
+async def test_the_stop_s_last_look_is_bounded(parts, caplog, monkeypatch):
+    store, runner = parts
+    caplog.set_level(logging.WARNING, logger="gateway.requests.delivered")
+    monkeypatch.setattr("gateway.requests.delivered.LAST_LOOK_S", 0.2)
+    later: DeliveredLater = runner.delivered_later
+
+    async def hangs() -> None:  # a database that never answers
+        await asyncio.sleep(3600)
+
+    later.keep("d-hung", hangs)
+    started = time.monotonic()
+    await later.aclose()
+    assert time.monotonic() - started < 5 and len(later) == 0
+    assert "took longer than 0.2s" in caplog.text and "(d-hung)" in caplog.text
+
+
 @pytest.mark.parametrize("unchecked", ["rules off", "revision without a rule"])
 async def test_an_unchecked_stream_s_end_gets_what_its_client_received_with_nothing_judged(parts, unchecked):
     """No output rules (``GOVGATE_OUTPUT_RULES`` off: no rules at all; or a revision without an output rule:
