@@ -5,8 +5,8 @@ gateway killed with jobs queued does not have them generated for nobody
 (the protocol, and why not ``PUBSUB NUMSUB``: :mod:`workers.contract.gateway_liveness`).
 One command per gateway every :data:`~workers.contract.gateway_liveness.GATEWAY_BEAT_INTERVAL_S`,
 none per request, on a connection of its own (``gateway/components.py``): the shared pool can be
-all lent out in a burst, and a beat that waits for it is a beat missed. A clean stop scores the gateway "gone now", after its
-drain has ended or taken back its jobs.
+all lent out in a burst, and a beat that waits for it is a beat missed. A clean stop scores the
+gateway "gone now", after its drain has ended or taken back its jobs.
 """
 
 from __future__ import annotations
