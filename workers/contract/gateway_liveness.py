@@ -33,8 +33,9 @@ GATEWAYS_KEY = "govgate:gateways"
 GATEWAY_BEAT_INTERVAL_S = 5.0
 #: A gateway silent this long counts as gone (three missed beats and some slack for a busy event loop).
 GATEWAY_BEAT_TTL_S = 20
-#: Members gone this long are dropped: far past any job's deadline (``GOVGATE_REQUEST_TIMEOUT_S`` is
-#: at most a day), so no job that could still be taken names them.
+#: Members gone this long are dropped: past any job's deadline under a request timeout shorter than two
+#: days (``GOVGATE_REQUEST_TIMEOUT_S``, 120 s by default, has no upper bound); a job whose gateway was
+#: dropped earlier reads it as unknown and runs, as before this protocol.
 GATEWAY_FORGET_AFTER_S = 2 * 24 * 3600
 
 #: KEYS[1] the set; ARGV[1] the gateway's reply channel, ARGV[2] seconds it counts as there from now (0: a
