@@ -18,12 +18,12 @@ RUN groupadd --system --gid 10001 govgate \
             --shell /usr/sbin/nologin govgate
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY govgate ./govgate
 COPY gateway ./gateway
 COPY workers ./workers
 COPY audit ./audit
-RUN pip install --no-cache-dir . && rm -rf build *.egg-info
+RUN pip install --no-cache-dir -c constraints.txt . && rm -rf build *.egg-info
 COPY policies ./policies
 # The health checks compose.yaml runs (python's urllib and Celery: nothing else to install).
 COPY deploy/healthcheck.py ./deploy/healthcheck.py

@@ -18,27 +18,35 @@ OPA_VERSION := 1.22.3
 OPA_BIN     := .tools/bin/opa
 GO          ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 
-.PHONY: up test bench venv dev clean opa
+.PHONY: up test bench venv dev clean opa lock
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "govgate needs Python 3.11 or newer")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Stamps: reinstall only when pyproject.toml changes.
+# Stamps: reinstall only when pyproject.toml or constraints.txt changes.
+# constraints.txt pins the exact versions the suite last passed on (`make lock`
+# writes it; .ci/lock.py says why): a fresh machine installs that set, not the
+# newest release in each of pyproject.toml's ranges.
 # Not --quiet: the first install downloads about 340 MB (the default model is
 # 253 MB of it), and pip's lines and progress bars show it is moving.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	@echo "installing govgate and its dependencies into $(VENV) (the first time: about 340 MB, a few minutes)"
-	$(BIN)/python -m pip install --progress-bar on -e .
+	$(BIN)/python -m pip install --progress-bar on -c constraints.txt -e .
 	@touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+$(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $@ $(VENV)/.installed
 
 venv: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
+
+# Move the pins to the newest releases pyproject.toml's ranges allow; then
+# `make test` (the changed file reinstalls the venv) and commit both if it passes.
+lock: | $(BIN)/python
+	$(BIN)/python .ci/lock.py
 
 up: $(VENV)/.installed
 	$(BIN)/govgate up

@@ -324,7 +324,7 @@ def test_the_readme_python_example_runs_with_the_client_extra(served_api, keyrin
     extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert [dep.split(">")[0] for dep in extras["client"]] == ["openai"]
     quick_start = (root / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    assert "pip install -e '.[client]'" in quick_start
+    assert "pip install -c constraints.txt -e '.[client]'" in quick_start
     example = re.search(r"```python\n(.*?)```", quick_start, re.S).group(1)
     assert "http://127.0.0.1:8080/v1" in example and '"gk_…"' in example
     example = example.replace("http://127.0.0.1:8080/v1", f"{served_api}/v1").replace('"gk_…"', repr(keyring["analyst"]))
