@@ -115,14 +115,21 @@ class BundleVerdict:
     first_seq: int | None = None
     last_seq: int | None = None
     signed_at: str | None = None
+    #: With a checkpoint kept elsewhere (``verify --export --checkpoint``): True when the bundle holds its entry
+    #: and that entry's hash is the one it signs, False when its entry lies outside the bundle (not checked).
+    external_checked: bool | None = None
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def verify_bundle(lines: Iterable[str], public_key: PublicKey) -> BundleVerdict:
-    """Check a bundle; see docs/architecture.md, "Audit bundles", for the steps (the same here)."""
+def verify_bundle(lines: Iterable[str], public_key: PublicKey, external: Checkpoint | None = None) -> BundleVerdict:
+    """Check a bundle; see docs/architecture.md, "Audit bundles", for the steps (the same here).
+
+    ``external``, a checkpoint kept elsewhere, must verify under ``public_key`` and, when the bundle holds its
+    entry, sign that entry's hash: the bundle then agrees with a signature its exporter could not replace.
+    """
     verdict = BundleVerdict()
     stream = iter(lines)
     try:
@@ -155,6 +162,7 @@ def verify_bundle(lines: Iterable[str], public_key: PublicKey) -> BundleVerdict:
     verdict.first_seq, verdict.last_seq = first, last
     expected_seq, prev_hash, prev_at = first, None, None
     last_signed: Checkpoint | None = None
+    external_hash: str | None = None  # the bundle's entry at ``external.seq``, when it holds that entry
     #: Selected entries that chain a payload but carry none, and the ranges the bundle's prunes erased.
     without_payload: list[int] = []
     erased: list[tuple[int, int]] = []
@@ -199,6 +207,8 @@ def verify_bundle(lines: Iterable[str], public_key: PublicKey) -> BundleVerdict:
         if span is not None:
             erased.append(span)
         prev_hash, prev_at = document["hash"], document["created_at"]
+        if external is not None and expected_seq == external.seq:
+            external_hash = prev_hash
         expected_seq += 1
     if expected_seq != last + 1:
         verdict.problems.append(f"the bundle ends at entry {expected_seq - 1}, its header says {last}")
@@ -212,7 +222,25 @@ def verify_bundle(lines: Iterable[str], public_key: PublicKey) -> BundleVerdict:
         verdict.problems.append(f"{len(dropped)} selected entries chain a payload but carry none, and no "
                                 f"payloads_erased entry of the bundle erased them (entries {shown}): their texts "
                                 "were left out of the bundle, or erased outside `govgate audit prune`")
+    if external is not None and not verdict.problems:
+        _check_external(verdict, external, external_hash, public_key, first, last)
     return verdict
+
+
+def _check_external(verdict: BundleVerdict, external: Checkpoint, entry_hash: str | None, public_key: PublicKey,
+                    first: int, last: int) -> None:
+    """Hold a complete, anchored bundle to a checkpoint kept elsewhere (its signature, and its entry's hash)."""
+    problem = external.signature_problem(public_key)
+    if problem is not None:
+        verdict.problems.append(f"checkpoint file: {problem}")
+    elif not first <= external.seq <= last:
+        verdict.external_checked = False
+    elif entry_hash != external.head_hash:
+        verdict.problems.append(f"checkpoint file at seq {external.seq} signs hash {external.head_hash[:16]}… but "
+                                f"the bundle's entry {external.seq} holds {str(entry_hash)[:16]}… (the chain was "
+                                "rewritten at or before it, and signed again)")
+    else:
+        verdict.external_checked = True
 
 
 def _erased_span(doc: dict[str, Any]) -> tuple[int, int] | None:

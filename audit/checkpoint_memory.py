@@ -111,7 +111,9 @@ class CheckpointMemory:
         temporary = self._folder / f".{self.path.name}.{secrets.token_hex(6)}"
         try:
             self._folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with open(temporary, "x", encoding="utf-8") as handle:
+            # 0600 as every file under var/ (README, "Audit"): it was the umask's 0644 until 2026-12-05 (probe s54)
+            with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w",
+                           encoding="utf-8") as handle:
                 handle.write(canonical_text(doc) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())  # a memory emptied by a power cut would forget what it vouched for

@@ -1,7 +1,11 @@
 """Policy replay: what would a candidate policy have decided on past requests, and on their outputs?
 
 Re-decides the policy inputs kept in ``request`` audit entries; requests
-whose prompt was not kept in full are reported as *partial*. Then judges
+whose prompt was not kept in full are reported as *partial*, and their
+decisions that differ are listed apart from the others: they were decided
+without the text, so a content rule's verdict on them is not replayed (the
+running policy replayed on itself showed `deny[pii_detected] -> allow` for
+a pruned prompt among the changes, probe s54 F5). Then judges
 the output of each ``completion`` entry whose output was kept in full with
 the candidate's ``output_decision`` (one final window, in the context of its
 request entry); outputs kept only as a digest or masked are counted as not
@@ -142,15 +146,40 @@ class OutputReplay:
 
 
 @dataclass
+class PartialReplay:
+    """The requests whose prompt was not kept in full (``hash``, ``redacted``, or erased by prune), decided
+    on what was kept: a difference may be the candidate's, or only the text that is missing."""
+
+    unchanged: int = 0
+    transitions: Counter = field(default_factory=Counter)
+    examples: dict[str, list[Change]] = field(default_factory=lambda: defaultdict(list))
+
+    @property
+    def differ(self) -> int:
+        return sum(self.transitions.values())
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "unchanged": self.unchanged,
+            "differ": self.differ,
+            "transitions": dict(self.transitions.most_common()),
+            "examples": {key: [vars(c) for c in changes] for key, changes in self.examples.items()},
+        }
+
+
+@dataclass
 class ReplayReport:
     since: datetime
     candidate_revision: str
     evaluated: int = 0
+    #: Of ``evaluated``, the requests without their full prompt; their outcomes are in ``partial_changes``,
+    #: not in ``unchanged`` / ``transitions``.
     partial: int = 0
     skipped: int = 0
     unchanged: int = 0
     transitions: Counter = field(default_factory=Counter)
     examples: dict[str, list[Change]] = field(default_factory=lambda: defaultdict(list))
+    partial_changes: PartialReplay = field(default_factory=PartialReplay)
     outputs: OutputReplay = field(default_factory=OutputReplay)
 
     @property
@@ -164,6 +193,7 @@ class ReplayReport:
             "candidate_revision": self.candidate_revision,
             "evaluated": self.evaluated,
             "partial": self.partial,
+            "partial_changes": self.partial_changes.to_document(),
             "skipped": self.skipped,
             "unchanged": self.unchanged,
             "changed": self.changed,
@@ -211,6 +241,7 @@ async def _replay_request(entry: AuditEntry, candidate: PolicyEngine, report: Re
     document, complete = rebuilt
     report.evaluated += 1
     report.partial += 0 if complete else 1
+    tally = report if complete else report.partial_changes
     decision = await candidate.decide(document)
     before, after = _summary(recorded), _summary(decision.to_document())
     detail = ""
@@ -219,9 +250,9 @@ async def _replay_request(entry: AuditEntry, candidate: PolicyEngine, report: Re
         if detail:
             after = "allow (obligations changed)"
     if before == after:
-        report.unchanged += 1
+        tally.unchanged += 1
         return recorded
-    _note(report.transitions, report.examples, entry, before, after, detail, examples_per_change)
+    _note(tally.transitions, tally.examples, entry, before, after, detail, examples_per_change)
     return recorded
 
 

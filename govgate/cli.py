@@ -37,7 +37,23 @@ def _configure_logging(settings: Settings) -> None:
 _GUARDED = ("keys", "audit", "policy")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: Options that print and exit before any command runs: guarded wherever they appear (probe s54 F4: ``govgate
+#: --help > /dev/full`` ended in a traceback, as the commands did before h11 #4).
+_PRINTING_OPTIONS = frozenset({"-h", "--help", "--version"})
+
+
+class _Group(click.Group):
+    """The ``govgate`` group: standard output guarded for ``--help`` and ``--version`` too (govgate/cli_stdout.py)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if _PRINTING_OPTIONS.intersection(args):
+            from govgate.cli_stdout import guard_stdout
+
+            guard_stdout()
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="govgate", prog_name="govgate")
 @click.pass_context
 def main(ctx: click.Context) -> None:

@@ -73,7 +73,16 @@ def audit_verify(export_file: str | None, jobs: int | None, **checkpoint_args: o
     from govgate.cli_keys import report_key_table
 
     if export_file is not None:
-        if not report_bundle(export_file, checkpoint_args.get("public_key_file")):  # type: ignore[arg-type]
+        # A bundle is checked in one pass and always ends at a checkpoint of its last entry (no unsigned tail:
+        # --strict holds by construction); options that would change nothing are refused, not ignored.
+        unused = [name for name, given in (("--jobs", jobs is not None),
+                                           ("--max-unsigned-age", checkpoint_args["max_unsigned_age"] is not None))
+                  if given]
+        if unused:
+            raise click.UsageError(f"{' and '.join(unused)} cannot be used with --export: a bundle is checked in "
+                                   "one pass and ends at a checkpoint of its last entry (no unsigned tail)")
+        if not report_bundle(export_file, checkpoint_args["public_key_file"],  # type: ignore[arg-type]
+                             checkpoint_args["checkpoint_file"]):  # type: ignore[arg-type]
             sys.exit(1)
         return
     from audit import AuditError

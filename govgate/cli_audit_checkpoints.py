@@ -175,9 +175,15 @@ def audit_export_bundle(out: str, team: str | None, since: str | None) -> None:
                f"{summary.checkpoints} checkpoints, written to {out}", err=True)
 
 
-def report_bundle(export_file: str, public_key_file: str | None) -> bool:
-    """``verify --export``: check a bundle without the database; True when it holds."""
+def report_bundle(export_file: str, public_key_file: str | None, checkpoint_file: str | None = None) -> bool:
+    """``verify --export``: check a bundle without the database; True when it holds.
+
+    With ``checkpoint_file`` (kept elsewhere) the bundle must also hold what it signs; until 2026-12-05 the
+    option was ignored here and the bundle reported ok without it (probe s54 F1).
+    """
+    from audit import AuditError
     from audit.bundle import verify_bundle
+    from audit.checkpoints import read_checkpoint_file
     from audit.signing import SigningKeyError, load_public_key
 
     if public_key_file is None:
@@ -186,11 +192,21 @@ def report_bundle(export_file: str, public_key_file: str | None) -> bool:
         public_key = load_public_key(Path(public_key_file))
     except SigningKeyError as exc:  # the operator's argument: a usage error, as for verify without --export
         raise UnreadableArgument("--public-key", exc) from None
+    external = None
+    if checkpoint_file is not None:
+        try:
+            external, _named = read_checkpoint_file(Path(checkpoint_file))
+        except (SigningKeyError, AuditError) as exc:
+            raise UnreadableArgument("--checkpoint", exc) from None
     try:
-        with open(export_file, encoding="utf-8") as handle:
+        handle = open(export_file, encoding="utf-8")
+    except OSError as exc:  # no such file, a folder, no permission: the argument, not the bundle's content
+        raise UnreadableArgument("--export", f"cannot read {export_file}: {exc.strerror or exc}") from None
+    try:
+        with handle:
             header = handle.readline()
             handle.seek(0)
-            verdict = verify_bundle(handle, public_key)
+            verdict = verify_bundle(handle, public_key, external)
     except SigningKeyError as exc:
         raise click.ClickException(str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -203,6 +219,12 @@ def report_bundle(export_file: str, public_key_file: str | None) -> bool:
         click.echo(f"bundle ok: {verdict.selected} selected of {verdict.entries} entries "
                    f"{verdict.first_seq}..{verdict.last_seq}, selection {json.dumps(selection, sort_keys=True)}, "
                    f"complete and linked up to a checkpoint signed {verdict.signed_at} by {public_key.key_id[:16]}…")
+        if verdict.external_checked:
+            click.echo(f"checkpoint file ok: the bundle's entry {external.seq} is the one it signs")  # type: ignore[union-attr]
+        elif verdict.external_checked is False:  # ok so far, but what was asked for could not be checked
+            raise UnreadableArgument("--checkpoint", f"it signs entry {external.seq}, outside the bundle's "  # type: ignore[union-attr]
+                                     f"entries {verdict.first_seq}..{verdict.last_seq}: it cannot be checked "
+                                     "against this bundle (export one that reaches it)")
         return True
     click.echo(f"bundle TAMPERED ({verdict.entries} entries checked before the problem):")
     for problem in verdict.problems:

@@ -62,20 +62,11 @@ def audit_engine(*, upgrade: bool = False) -> Engine:
     commands read a store the gateway made, and a mistyped GOVGATE_VAR_DIR must not verify as
     "0 entries, chain intact" (nor leave an empty database behind).
     """
-    from sqlalchemy.engine import make_url
-
     from audit import AuditError, make_engine, migrate
-    from audit.db import sqlite_file
 
     settings = load_settings()
     url = settings.effective_database_url
-    try:
-        path = sqlite_file(make_url(url)) if url.startswith("sqlite") else None
-    except Exception:  # noqa: BLE001 - make_engine below reports a bad URL
-        path = None
-    if path is not None and (not path.is_file() or path.stat().st_size == 0):
-        raise click.ClickException(f"no audit database at {path} (GOVGATE_VAR_DIR / GOVGATE_DATABASE_URL): "
-                                   "nothing to read, and none is made here")
+    refuse_missing_store(url)
     try:
         engine = make_engine(url, busy_timeout_s=settings.database_busy_timeout_s)
         if upgrade:
@@ -94,6 +85,26 @@ def audit_engine(*, upgrade: bool = False) -> Engine:
             "starting this one (govgate up / govgate serve) or with any 'govgate keys' command; to read a backup, "
             "upgrade a copy of it")
     return engine
+
+
+def refuse_missing_store(url: str) -> None:
+    """A one-line error when ``url`` names a SQLite file that is not there (or is empty).
+
+    The commands that read or change what a store holds (the audit commands, ``keys list``, ``revoke``,
+    ``roles``) work on a store a gateway made: opening a mistyped path would make a new empty one there
+    (its folders too) and report "0 entries, chain intact" or "no keys" (probe s54 F3, for ``keys list``).
+    """
+    from sqlalchemy.engine import make_url
+
+    from audit.db import sqlite_file
+
+    try:
+        path = sqlite_file(make_url(url)) if url.startswith("sqlite") else None
+    except Exception:  # noqa: BLE001 - opening the engine reports a bad URL
+        path = None
+    if path is not None and (not path.is_file() or path.stat().st_size == 0):
+        raise click.ClickException(f"no audit database at {path} (GOVGATE_VAR_DIR / GOVGATE_DATABASE_URL): "
+                                   "nothing to read, and none is made here")
 
 
 def _other_schema(engine: Engine) -> tuple[str, str] | None:

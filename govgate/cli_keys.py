@@ -8,7 +8,7 @@ from typing import Callable
 import click
 
 from gateway.settings import Settings, without_password
-from govgate.cli_common import load_settings
+from govgate.cli_common import load_settings, refuse_missing_store
 from govgate.own_entries import sign_key_entry_while_down
 
 
@@ -47,11 +47,18 @@ def _open_database(settings: Settings):
                                    f"cannot be used: {exc}") from None
 
 
-def _key_store(on_change: Callable[[str], None] | None = None):
-    """The key store; ``on_change`` hears the ids of keys whose access was narrowed (see KeyStore)."""
+def _key_store(on_change: Callable[[str], None] | None = None, *, existing: bool = True):
+    """The key store; ``on_change`` hears the ids of keys whose access was narrowed (see KeyStore).
+
+    ``existing``: a SQLite store that is not there is an error, not a new empty one (only ``keys create``
+    makes one: an operator may make the first admin key before the first start).
+    """
     from gateway.auth import KeyStore
 
-    return KeyStore(_open_database(load_settings()), on_change=on_change)
+    settings = load_settings()
+    if existing:
+        refuse_missing_store(settings.effective_database_url)
+    return KeyStore(_open_database(settings), on_change=on_change)
 
 
 def _refused_write(exc: Exception) -> click.ClickException:
@@ -116,7 +123,7 @@ def keys_create(user: str, team: str | None, roles: tuple[str, ...], note: str |
         raise click.BadParameter(f"at most {MAX_NOTE} characters, not {len(note)}", param_hint="--note")
     if stdout_closed():  # the secret is shown once, there: with nowhere to show it, make no key
         raise OutputError("it is closed")
-    store = _key_store()
+    store = _key_store(existing=False)
     try:
         issued = store.create(user, team=team, roles=checked, note=note, by=cli_actor())
     except ValueError as exc:

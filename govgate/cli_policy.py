@@ -139,7 +139,8 @@ def policy_check(policy_dir: Path | None) -> None:
 @click.option("--candidate", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="The policy folder to try.")
 @click.option("--since", default="7d", show_default=True, help="Period: 7d, 12h, 30m, 2w, or an ISO date.")
-@click.option("--examples", default=3, show_default=True, help="Examples shown per kind of change.")
+@click.option("--examples", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Examples shown per kind of change.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def policy_replay(candidate: Path, since: str, examples: int, as_json: bool) -> None:
     """Re-decide audited requests under a candidate policy and report what would change; judge the outputs
@@ -174,12 +175,18 @@ def policy_replay(candidate: Path, since: str, examples: int, as_json: bool) -> 
         return
     click.echo(f"replayed {report.evaluated} requests since {report.since:%Y-%m-%d %H:%M} UTC "
                f"under candidate revision {report.candidate_revision}")
-    if report.partial:
-        click.echo(f"  {report.partial} had no full prompt logged (content rules judged on what was kept)")
     if report.skipped:
         click.echo(f"  {report.skipped} could not be replayed (no recorded policy input)")
+    click.echo(f"  with their prompt kept in full: {report.evaluated - report.partial}")
     click.echo(f"  unchanged: {report.unchanged}   would change: {report.changed}")
     _print_changes(report.transitions, report.examples)
+    if report.partial:
+        partial = report.partial_changes
+        click.echo(f"\n  without their full prompt (prompt_logging hash or redacted, or erased by prune): "
+                   f"{report.partial}, decided on what was kept, so content rules saw no text: a difference "
+                   "may be the candidate's or only the missing text's")
+        click.echo(f"  same decision: {partial.unchanged}   differ: {partial.differ}")
+        _print_changes(partial.transitions, partial.examples)
     outputs = report.outputs
     click.echo(f"\noutputs: judged {outputs.evaluated} completions under the candidate's output rules")
     if outputs.not_judged:

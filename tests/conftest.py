@@ -27,7 +27,7 @@ import pytest
 import redis
 from litestar.testing import AsyncTestClient
 
-from audit import AuditStore, make_engine
+from audit import AuditStore, make_engine, migrate
 from gateway.app import create_app
 from gateway.auth import KeyStore
 from gateway.components import open_database
@@ -283,7 +283,9 @@ def keyring(settings: Settings) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def audit_store(settings: Settings) -> Iterator[AuditStore]:
+    """The session's audit store, migrated (a test that only appends, run alone, found no table)."""
     engine = make_engine(settings.effective_database_url)
+    migrate(engine)
     yield AuditStore(engine)
     engine.dispose()
 

@@ -123,8 +123,16 @@ class ConsolePages(Controller):
         params = {name: [value] for name, value in values.items()}
         # One query grouped by day, team and model (the service's cost is per query); the charts add up the
         # rows of each day and team, or day and model.
-        answer = (await service(state).usage(reviewer.access,
-                                             *usage_query({**params, "group_by": ["day,team,model"]}))).body
+        try:
+            answer = (await service(state).usage(reviewer.access,
+                                                 *usage_query({**params, "group_by": ["day,team,model"]}))).body
+        except ApiError as exc:
+            if exc.status != 400:
+                raise
+            # A filter that cannot be read: the form stays, naming the field, as on the search page (until
+            # 2026-12-05 a bare error page without the form, probe s54 F6).
+            return page("usage.html", status=exc.status, user=reviewer, active=urls.CONSOLE_USAGE, values=values,
+                        error=exc, totals=None, truncated=False, charts=[])
         rows = answer["data"]
         reasons: dict[str, float] = {}
         for row in answer["denials"]:
@@ -135,7 +143,7 @@ class ConsolePages(Controller):
                  for key in ("team", "model") for what, column in (("Requests", "requests"), ("Tokens", "total_tokens"))]
         drawn.append(("Denials by reason", charts.bars(sorted(reasons.items()), unit="denials")))
         return page("usage.html", user=reviewer, active=urls.CONSOLE_USAGE, values=values, totals=totals,
-                    truncated=answer["truncated"], charts=drawn)
+                    truncated=answer["truncated"], charts=drawn, error=None)
 
     @get(urls.CONSOLE_CHAIN.removeprefix(urls.CONSOLE), name="console-chain")
     async def chain(self, request: Request, state: State, reviewer: NamedDependency[Reviewer]) -> Template:

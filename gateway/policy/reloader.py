@@ -70,6 +70,11 @@ class _Rejected:
         return cls(revision, reason, time.monotonic() + wait_s, wait_s)
 
 
+#: What :attr:`ReloadingPolicyEngine.rejected` names instead of a revision while the folder cannot be read
+#: (a ``data.json`` that is not JSON has no revision): a restart would refuse it all the same.
+UNREADABLE = "unreadable"
+
+
 def _count_reload(result: str) -> None:
     """``govgate_policy_reloads_total{result}`` (imported here: the policy package is used without the app too)."""
     from gateway.observability.metrics import POLICY_RELOADS
@@ -116,8 +121,14 @@ class ReloadingPolicyEngine:
 
         ``/readyz`` shows it: the old revision serves, so the gateway is
         ready, but a restart would refuse to start on the folder as it is
-        (probe q3 F3: a refusal was visible only in the log).
+        (probe q3 F3: a refusal was visible only in the log). A folder that
+        cannot be read at all (a ``data.json`` that is not JSON) has no
+        revision: it is named :data:`UNREADABLE` while it stays so (until
+        2026-12-05 it showed only in the log, probe s54 F2).
         """
+        unreadable = self._unreadable
+        if unreadable is not None:
+            return UNREADABLE, unreadable.reason
         rejected = self._rejected
         return None if rejected is None else (rejected.revision, rejected.reason)
 
@@ -264,6 +275,7 @@ class ReloadingPolicyEngine:
             return
         log.error("policy folder %s unreadable; keeping revision %s: %s", self._policy_dir, revision, reason)
         self._unreadable = _Rejected.after(unreadable, reason, reason)
+        _count_reload("rejected")  # counted as often as it is logged, as a refused revision is per try
 
     async def _verify(self, engine: PolicyEngine) -> None:
         """Prove again that a remote engine (OPA) still evaluates ``engine.revision``.

@@ -305,6 +305,71 @@ def test_export_bundle_and_verify_export_on_the_command_line(store_url: str, tmp
     assert run("export-bundle", "--out", str(bundle), "--since", "yesterday-ish").exit_code == 2
 
 
+def test_a_checkpoint_kept_elsewhere_is_held_against_the_bundle(store: AuditStore) -> None:
+    """``verify --export --checkpoint``: the bundle must hold the entry it signs, with the hash it signs."""
+    from audit.checkpoints import sign_checkpoint
+
+    key = SigningKey.generate()
+    _fill(store)
+    lines = _bundle(store, key, Selection(team="blue"))
+    entries = _entries(lines)
+    third = entries[2]["entry"]
+    kept = sign_checkpoint(key, third["seq"], third["hash"])
+    verdict = verify_bundle([canonical_text(line) + "\n" for line in lines], key.public, kept)
+    assert verdict.ok and verdict.external_checked is True
+
+    # The exporter (who has the key) rewrote entry 3 and signed again: linked and signed, but not what was kept.
+    rewritten = _rehash(_edit(lines, third["request_id"], lambda line: line["entry"]["body"].update(rewritten=True)),
+                        third["request_id"])
+    for i, line in enumerate(rewritten):
+        if "checkpoint" in line:
+            before = rewritten[i - 1]["entry"]
+            rewritten[i] = {"checkpoint": sign_checkpoint(key, before["seq"], before["hash"]).to_document(key.public)}
+    assert _verify(rewritten, key).ok  # without the kept checkpoint nothing shows it
+    verdict = verify_bundle([canonical_text(line) + "\n" for line in rewritten], key.public, kept)
+    assert not verdict.ok and f"the bundle's entry {third['seq']} holds" in verdict.problems[0]
+
+    forged = sign_checkpoint(SigningKey.generate(), third["seq"], third["hash"])
+    verdict = verify_bundle([canonical_text(line) + "\n" for line in lines], key.public, forged)
+    assert not verdict.ok and "checkpoint file" in verdict.problems[0] and "another key" in verdict.problems[0]
+
+    beyond = sign_checkpoint(key, entries[-1]["entry"]["seq"] + 5, "0" * 64)
+    verdict = verify_bundle([canonical_text(line) + "\n" for line in lines], key.public, beyond)
+    assert verdict.ok and verdict.external_checked is False  # not checked: not a sign of tampering either
+
+
+def test_verify_export_uses_checkpoint_and_refuses_what_it_cannot_use(store_url: str, tmp_path: Path) -> None:
+    """Until 2026-12-05 ``--checkpoint`` (even one that did not exist), ``--jobs`` and ``--max-unsigned-age``
+    were ignored with ``--export`` and the bundle said ok (probe s54 F1)."""
+    run = _command_line(store_url, tmp_path)
+    bundle, pub, kept = tmp_path / "blue.jsonl", tmp_path / "pub.pem", tmp_path / "cp.json"
+    assert run("public-key", "--out", str(pub)).exit_code == 0
+    assert run("export-bundle", "--out", str(bundle), "--team", "blue").exit_code == 0
+    assert run("checkpoint", "--out", str(kept)).exit_code == 0  # the head the export signed
+    verified = run("verify", "--export", str(bundle), "--public-key", str(pub), "--checkpoint", str(kept), "--strict")
+    assert verified.exit_code == 0 and "bundle ok" in verified.output
+    head = json.loads(kept.read_text())["seq"]
+    assert f"checkpoint file ok: the bundle's entry {head} is the one it signs" in verified.output
+
+    missing = run("verify", "--export", str(bundle), "--public-key", str(pub), "--checkpoint", str(tmp_path / "no"))
+    assert missing.exit_code == 2 and "--checkpoint: cannot read checkpoint file" in missing.output
+    for extra in (["--jobs", "1"], ["--max-unsigned-age", "5"]):
+        refused = run("verify", "--export", str(bundle), "--public-key", str(pub), *extra)
+        assert refused.exit_code == 2 and f"{extra[0]} cannot be used with --export" in refused.output
+    absent = run("verify", "--export", str(tmp_path / "none.jsonl"), "--public-key", str(pub))
+    assert absent.exit_code == 2 and "--export: cannot read" in absent.output
+
+    engine = make_engine(store_url)
+    _fill(AuditStore(engine), ["blue"], tag="later")  # the chain grows past the bundle
+    engine.dispose()
+    assert run("checkpoint", "--out", str(kept)).exit_code == 0
+    later = run("verify", "--export", str(bundle), "--public-key", str(pub), "--checkpoint", str(kept))
+    assert later.exit_code == 2 and "bundle ok" in later.output
+    beyond = json.loads(kept.read_text())["seq"]
+    assert beyond > head and f"--checkpoint: it signs entry {beyond}, outside the bundle's entries 1..{head}" \
+        in later.output
+
+
 def _command_line(store_url: str, tmp_path: Path) -> Callable[..., Result]:
     """``govgate audit …`` on the store (three blue entries in it), with a signing key of its own."""
     var = tmp_path / "var"

@@ -80,6 +80,7 @@ def test_a_memory_keeps_one_signed_checkpoint_per_database(trail: Trail, memory:
     memory.remember(stored, trail.key.public)
     assert CheckpointMemory(memory.path.parent, memory.database).load(trail.key.public) == stored
     assert stat.S_IMODE(memory.path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(memory.path.stat().st_mode) == 0o600  # as every file under var/ (0644 until probe s54)
     doc = json.loads(memory.path.read_text())
     assert doc["format"] == MEMORY_FORMAT and doc["database"] == memory.database and "secret" not in doc["database"]
     other = CheckpointMemory(memory.path.parent, "postgresql://govgate@elsewhere/govgate")

@@ -201,6 +201,19 @@ async def test_bad_search_input_is_a_400_page_naming_the_field(
     assert 'name="q"' in response.text  # the form is still there to correct
 
 
+@pytest.mark.parametrize(("query", "param"), [("since=not-a-date", "since"), ("until=2026-13-01", "until"),
+                                              ("since=2026-02-01&until=2026-01-01", "until")])
+async def test_bad_usage_input_keeps_the_form_naming_the_field(
+        client: AsyncTestClient, console: Console, query: str, param: str) -> None:
+    """The README's promise for search and usage filters; the usage page lost its form (probe s54 F6)."""
+    await sign_in(client, console.keys.reviewer)
+    response = await client.get(f"/console/usage?{query}")
+    assert response.status_code == 400, response.text
+    assert "invalid_filter" in response.text and f"<code>{param}</code>" in response.text
+    assert 'name="since"' in response.text and 'name="principal"' in response.text  # the form, to correct
+    assert 'class="tiles"' not in response.text  # no figures for a filter that was not applied
+
+
 @pytest.mark.parametrize("path", ["/console/search?include_text=true", "/console/search?bogus=1",
                                   "/console/usage?since=not-a-date", "/console/usage?group_by=day",
                                   "/console/chain?x=1", "/console/?x=1", "/console/search?limit=1&limit=2",

@@ -7,6 +7,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -20,8 +21,12 @@ from workers.contract.registry import TINY_MODEL_NAME
 
 @pytest.fixture
 def cli(settings, tmp_path):
-    """Invoke ``govgate`` against a database of its own."""
+    """Invoke ``govgate`` against a database of its own, made as a gateway's start makes it (``keys list``,
+    ``revoke`` and ``roles`` refuse a store that is not there)."""
+    from gateway.db_setup import open_database
+
     own = settings.with_(database_url=f"sqlite:///{tmp_path / 'cli.db'}")
+    open_database(own).dispose()
     env = child_env(own, own.redis_url)
     runner = CliRunner()
 
@@ -195,10 +200,13 @@ def test_audit_verify_names_an_entry_whose_text_is_not_utf8(cli, jobs):
                                     "UTF-8 text (the entry was edited) (2 entries checked)"), result.output
 
 
-@pytest.mark.parametrize("command", [["verify"], ["tail"], ["prune", "--before", "2020-01-01"]])
+@pytest.mark.parametrize("command", [["audit", "verify"], ["audit", "tail"], ["audit", "prune", "--before", "2020-01-01"],
+                                     ["keys", "list"], ["keys", "revoke", "abc123"],
+                                     ["keys", "roles", "abc123", "analyst"]])
 @pytest.mark.parametrize("where", ["missing var dir", "missing url", "empty file"])
-def test_audit_commands_on_no_database_say_so_and_make_none(settings, tmp_path, command, where):
-    """A mistyped GOVGATE_VAR_DIR must not verify as "0 entries, chain intact" nor leave a new database behind."""
+def test_commands_that_read_a_store_on_no_database_say_so_and_make_none(settings, tmp_path, command, where):
+    """A mistyped GOVGATE_VAR_DIR must not verify as "0 entries, chain intact" nor leave a new database behind;
+    nor list "no keys" (exit 0) after making one, folders and all (probe s54 F3: the keys commands did)."""
     var = tmp_path / "mistyped"
     database = var / "govgate.db"
     env = {**child_env(settings.with_(var_dir=var), settings.redis_url), "GOVGATE_DATABASE_URL": None}
@@ -208,7 +216,7 @@ def test_audit_commands_on_no_database_say_so_and_make_none(settings, tmp_path, 
     elif where == "empty file":
         var.mkdir()
         database.touch()
-    result = CliRunner().invoke(main, ["audit", *command], env=env, catch_exceptions=False)
+    result = CliRunner().invoke(main, command, env=env, catch_exceptions=False)
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: no audit database at {database} "), lines
@@ -551,6 +559,7 @@ def test_audit_commands_do_not_upgrade_a_store_an_older_version_may_still_write(
     from audit import make_engine, migrate
     from tests.audit.old_append import old_append
 
+    Path(cli.database).unlink()  # the fixture's store is at this version's schema: this one is older
     engine = make_engine(f"sqlite:///{cli.database}")
     migrate(engine, "audit_0001")
     old_append(engine, "request", "old-1", {"prompt": "hello", "decision": {"allow": True}})

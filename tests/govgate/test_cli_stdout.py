@@ -29,6 +29,10 @@ COMMANDS = {
     "audit public-key": ["audit", "public-key"],
     "audit checkpoint": ["audit", "checkpoint"],
     "audit export": ["audit", "export", "--since", "2000-01-01", "--format", "csv"],
+    # Printed before any command runs (probe s54 F4: a traceback until 2026-12-05).
+    "--help": ["--help"],
+    "--version": ["--version"],
+    "up --help": ["up", "--help"],
 }
 
 

@@ -226,3 +226,37 @@ def test_replay_judges_the_outputs_kept_in_full_under_the_candidates_output_rule
     text = run(settings, "policy", "replay", "--candidate", str(candidate), "--since", since)
     assert "outputs: judged 4 completions" in text.stdout and "2 not judged" in text.stdout
     assert "123-45-6789" not in text.stdout + result.stdout
+
+
+def test_replay_lists_the_requests_without_their_full_prompt_apart(settings, audit_store, tmp_path):
+    """The running policy replayed on itself changes nothing it can judge; a request kept only as a digest is
+    decided without its text, and its denial for the SSN it held shows apart, not among the changes (probe s54
+    F5: `deny[pii_detected] -> allow` for a pruned prompt, counted as "would change")."""
+    since = datetime.now(timezone.utc).isoformat()
+    context = case_input()
+    context["request"] = {k: v for k, v in context["request"].items() if k not in ("text", "prompt")}
+    denied = {"allow": False, "reasons": [{"code": "pii_detected", "message": "us_ssn"}], "obligations": {}}
+    common = {"principal": "alice", "team": "research", "model": TINY_MODEL_NAME, "policy_revision": "r"}
+    kept, digested = uuid.uuid4().hex, uuid.uuid4().hex
+    audit_store.append("request", kept, body={"decision": denied, "policy_input": context, "prompt_logging": "full"},
+                       payload={"prompt": "my SSN is 123-45-6789"}, **common)
+    audit_store.append("request", digested, body={"decision": denied, "policy_input": context,
+                                                  "prompt_logging": "hash", "prompt_hmac_sha256": "ab" * 32},
+                       payload=None, **common)
+
+    result = run(settings, "policy", "replay", "--candidate", str(ROOT / "policies"), "--since", since, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert "deny[pii_detected] -> allow" not in report["transitions"]
+    assert all(change["request_id"] not in (kept, digested)
+               for changes in report["examples"].values() for change in changes)
+    assert report["partial"] >= 1 and report["unchanged"] >= 1
+    partial = report["partial_changes"]
+    assert partial["transitions"].get("deny[pii_detected] -> allow", 0) >= 1
+    assert digested in {c["request_id"] for c in partial["examples"]["deny[pii_detected] -> allow"]}
+
+    text = run(settings, "policy", "replay", "--candidate", str(ROOT / "policies"), "--since", since)
+    main_part, _, partial_part = text.stdout.partition("without their full prompt")
+    assert "deny[pii_detected] -> allow" not in main_part and "deny[pii_detected] -> allow" in partial_part
+    assert "123-45-6789" not in text.stdout + result.stdout
+    assert run(settings, "policy", "replay", "--candidate", str(ROOT / "policies"), "--examples", "-5").exit_code == 2

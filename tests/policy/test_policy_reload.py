@@ -67,3 +67,32 @@ async def test_policy_hot_reload_applies_new_rules_and_rejects_broken_ones(setti
     denied_entry = audit_store.tail(5)
     assert any(e.policy_revision == new_revision for e in denied_entry) and new_revision != old_revision
     assert still.status_code == 404 and kept_revision == new_revision  # the broken policy was not taken
+
+
+async def test_a_policy_folder_that_cannot_be_read_is_named_in_readyz_and_counted(settings, worker, keyring,
+                                                                                   tmp_path):
+    """A ``data.json`` that is not JSON has no revision; a restart would refuse it (probe s54 F2: log only)."""
+    folder = policy_copy(tmp_path)
+    own = settings.with_(policy_dir=folder, policy_reload_interval_s=0.1)
+    request = {"model": TINY_MODEL_NAME, "prompt": "x", "max_tokens": 1}
+    data = folder / "data.json"
+    good = data.read_text()
+    async with AsyncTestClient(create_app(own), timeout=60) as client:
+        serving = (await client.get("/readyz")).json()["policy_revision"]
+        rejected_before = _reloads("rejected")
+        data.write_text('{"govgate_config": ')
+        with anyio.fail_after(15):
+            while (ready := (await client.get("/readyz")).json())["policy_rejected_revision"] is None:
+                await anyio.sleep(0.1)
+        still = await client.post("/v1/completions", headers=bearer(keyring["analyst"]), json=request)
+        assert ready["policy_rejected_revision"] == "unreadable"
+        assert ready["checks"]["policy"] == "ok" and ready["policy_revision"] == serving  # the running revision serves
+        assert _reloads("rejected") == rejected_before + 1  # once: the same problem is not counted at every poll
+        await anyio.sleep(0.5)  # five more polls of the same broken file
+        assert _reloads("rejected") == rejected_before + 1
+        data.write_text(good)
+        with anyio.fail_after(15):
+            while (await client.get("/readyz")).json()["policy_rejected_revision"] is not None:
+                await anyio.sleep(0.1)
+        assert (await client.get("/readyz")).json()["policy_revision"] == serving
+    assert still.status_code == 200
