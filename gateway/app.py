@@ -27,6 +27,8 @@ from gateway import urls
 from gateway.allowed_methods import AllowedMethods
 from gateway.api_errors import EXCEPTION_HANDLERS, http_exception_handler
 from gateway.console.errors import http_error_page
+from gateway.cut_ends import wait_for_cut_ends
+from gateway.stop_timing import CUT_ENDS_WAIT_S
 from gateway.drain import Drain
 from gateway.drain_reads import DrainEndsBodyReads
 from gateway.forced_stop import ForcedStop
@@ -83,6 +85,9 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
             try:
                 yield
             finally:
+                if drain.cut_requests and built.audit is not None:  # signed by the closing checkpoint below
+                    await wait_for_cut_ends(drain.cut_requests, built.audit, bound_s=CUT_ENDS_WAIT_S,
+                                            hurried=lambda: drain.hurried)
                 forget()  # a clean stop: the components' own close writes it
 
     app = Litestar(

@@ -104,6 +104,9 @@ class Drain:
         #: Set by :meth:`hurry`: the stop is forced, and the ended requests have :data:`FORCED_END_WAIT_S`.
         self.hurried = False
         self._hurried_event: asyncio.Event | None = None
+        #: The admitted requests in flight at the cut (their ids): their ends, which their workers record a
+        #: moment after it, are waited for before the closing audit checkpoint (``gateway/cut_ends.py``).
+        self.cut_requests: set[str] = set()
 
     @property
     def in_flight(self) -> int:
@@ -138,6 +141,11 @@ class Drain:
                 end()
         for end in list(self._waiting.values()):
             end()
+
+    def ended_by_cut(self, request_id: str) -> None:
+        """Note an admitted request that was in flight when the cut came (a no-op before the cut)."""
+        if self.is_cut:
+            self.cut_requests.add(request_id)
 
     def hurry(self) -> None:
         """The stop is forced (a second Ctrl-C): the requests the cut ended stop waiting for their workers'

@@ -7,12 +7,15 @@ from gateway.settings import Settings
 
 #: After the drain's cut, how long it waits for the requests it ended to send their last bytes.
 END_WAIT_S = 5.0
+#: Then, before the closing audit checkpoint, how long the app waits for the ends (terminal entries) of the
+#: requests the cut ended, which their workers record a moment later (``gateway/cut_ends.py``).
+CUT_ENDS_WAIT_S = 10.0
 #: uvicorn's bound (``timeout_graceful_shutdown``) on connections still open after the drain (their tasks are
 #: cancelled then).
 GRACEFUL_S = 5.0
 #: What a stop takes beyond ``GOVGATE_DRAIN_S`` at most: the ended requests' last bytes, uvicorn's bound on
 #: connections still open, and the app's own shutdown (closing its parts, the last audit checkpoint).
-STOP_MARGIN_S = END_WAIT_S + GRACEFUL_S + 20.0
+STOP_MARGIN_S = END_WAIT_S + GRACEFUL_S + CUT_ENDS_WAIT_S + 20.0
 
 
 def stop_deadline_s(settings: Settings) -> float:

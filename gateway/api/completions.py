@@ -141,6 +141,7 @@ async def _serve(service: CompletionService, drain: Drain, request: Request, pri
     refused once it drains (also while its body is still arriving), ended with an answer at its cut (also
     while it waits for its policy decision or, admitted, for its job to be queued: ``Drain.unless_cut``)."""
     leave = drain.enter()
+    ticket = None
     try:
         ticket = await service.admit(principal, endpoint, _reader(request),
                                      request.headers.getall(urls.PURPOSE_HEADER, []), stopping=drain)
@@ -148,7 +149,12 @@ async def _serve(service: CompletionService, drain: Drain, request: Request, pri
         headers = {urls.REQUEST_ID_HEADER: ticket.request_id}
         if ticket.job.stream:
             events = await service.open_stream(ticket, drain)  # queue errors are still ordinary HTTP errors here
-            done = drain.enter(events.cut)  # in flight until its last event is sent (or its client left)
+            request_id = ticket.request_id
+
+            def cut() -> None:
+                drain.ended_by_cut(request_id)
+                events.cut()
+            done = drain.enter(cut)  # in flight until its last event is sent (or its client left)
 
             async def close() -> None:
                 try:
@@ -164,4 +170,6 @@ async def _serve(service: CompletionService, drain: Drain, request: Request, pri
         return Response({**shape.envelope(ticket, shape.object), "choices": [shape.choice(result.text,
                          result.finish_reason)], "usage": _usage(result)}, headers=headers)
     finally:
+        if ticket is not None and not ticket.job.stream:
+            drain.ended_by_cut(ticket.request_id)  # only once the cut came
         leave()

@@ -483,3 +483,47 @@ def test_an_unchecked_stream_cut_by_the_stop_gets_what_its_client_received_recor
         assert entries[-1].body["terminal_seq"] == end.seq and entries[-1].payload["client_output"] == stream["text"]
     finally:
         stop_process(worker, timeout_s=30)
+
+
+def test_the_closing_checkpoint_signs_the_end_a_cut_streams_worker_records_after_the_cut(
+        own_redis, keyring, audit_store, tmp_path) -> None:  # noqa: F811
+    """A stream cut by the stop has its answer (the error event) at once, but its end only when its worker
+    next looks at the cancel key: seconds later with a slow model. The gateway signed its closing checkpoint
+    and exited first, so that end was an unsigned tail after a closing checkpoint (`verify`: UNVERIFIED)
+    after an ordinary stop (probe s54 A1). Now its stop waits (bounded) for the ends of the requests it cut.
+    The worker is frozen mid-stream and let go 3 s after the cut set its cancel flag."""
+    from audit.checkpoints import CheckpointStore
+    from workers.contract.jobs import JOB_STARTED, cancel_key
+
+    own = own_redis.with_(drain_s=1.0, request_timeout_s=120)
+    worker = spawn_cli(own, "worker", "--model", MODEL, log=tmp_path / "worker.log")
+    try:
+        wait_for_worker(own.redis_url, MODEL, worker)
+        with serving(own, tmp_path / "serve.log") as base, ThreadPoolExecutor(1) as pool, \
+                freezer(own, worker) as frozen:
+            head = audit_store.head().seq
+            started = threading.Event()
+            streamed = pool.submit(_stream, base, keyring["admin"], started)
+            assert started.wait(60), "the stream never received text"
+            frozen.freeze()  # mid-generation: the stream stays in flight until the cut
+            [request_id] = [e.request_id for e in audit_store.tail(20) if e.kind == "request" and e.seq > head]
+
+            def thaw_later() -> None:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and frozen.client.get(cancel_key(request_id)) in (None, JOB_STARTED):
+                    time.sleep(0.02)
+                time.sleep(3.0)  # the gateway has answered the cut and would have signed and exited by now
+                frozen.thaw()
+            thawing = threading.Thread(target=thaw_later)
+            thawing.start()
+            base.process.send_signal(signal.SIGTERM)
+            stream = streamed.result(timeout=60)
+            assert base.process.wait(timeout=60) is not None
+            thawing.join(60)
+        assert stream["last"]["error"]["code"] == "shutting_down", stream["last"]
+        end = wait_terminal(audit_store, request_id)
+        assert end.kind == "cancelled", end.body
+        closing = CheckpointStore(audit_store.engine).latest()
+        assert closing is not None and closing.closing and closing.seq >= end.seq, (closing, end.seq)
+    finally:
+        stop_process(worker, timeout_s=30)
