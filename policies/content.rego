@@ -67,6 +67,13 @@ blocked_match(rule) if {
 	regex.match(rule.pattern, compact_text)
 }
 
+# Some blocked pattern matched (the request is denied): its prompt is kept
+# as a digest only (obligations.rego, prompt_logging).
+blocked_content if {
+	some denial in content_denials
+	denial.code == "blocked_content"
+}
+
 blocked_message(rule) := sprintf("the request matches blocked content rule '%s': %s", [rule.id, rule.message]) if {
 	is_string(rule.message)
 } else := sprintf("the request matches blocked content rule '%s'", [rule.id])

@@ -36,6 +36,19 @@ test_blocked_message_names_rule_not_text if {
 	not contains(d.reasons[0].message, "MIIE")
 }
 
+# A blocked pattern guards a secret: the denied request's prompt is kept as a
+# digest only, whatever the role's level (probe s54: kept in clear under full).
+test_blocked_pattern_keeps_the_prompt_as_a_digest_only if {
+	d := saying("here: -----BEGIN RSA PRIVATE KEY----- MIIE...")
+	d.obligations.prompt_logging == "hash"
+}
+
+test_blocked_pattern_with_personal_data_too_is_kept_as_a_digest if {
+	d := saying("mail ann@example.com the key -----BEGIN RSA PRIVATE KEY----- MIIE...")
+	codes(d) == {"blocked_content"}
+	d.obligations.prompt_logging == "hash"
+}
+
 test_blocked_pattern_without_message if {
 	d := with_content({"blocked_patterns": [{"id": "secret", "pattern": "(?i)top secret"}]}, "this is Top Secret")
 	d.reasons == [{"code": "blocked_content", "message": "the request matches blocked content rule 'secret'"}]

@@ -39,9 +39,15 @@ logging_levels := {settings.prompt_logging | some settings in known_role_setting
 
 # The most private level wins: a role set to redact or hash prompts exists
 # to protect what its holders type, and a second role must not undo that.
-# Personal data found in the prompt makes "full" into "redacted".
+# Text a blocked pattern matched makes it "hash": such a rule guards a secret
+# (a private key) that must not sit in the audit log, and a mask could not be
+# trusted to find every spelling the rule matches (its normalised and
+# spaceless views). Personal data found in the prompt makes "full" into
+# "redacted".
 prompt_logging := "hash" if {
 	"hash" in logging_levels
+} else := "hash" if {
+	blocked_content
 } else := "redacted" if {
 	"redacted" in logging_levels
 } else := "redacted" if {

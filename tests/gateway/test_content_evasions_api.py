@@ -34,6 +34,23 @@ async def test_private_key_split_over_two_messages_is_refused(client, keyring):
 
 
 @pytest.mark.parametrize("contents", [
+    ("here is mine: -----BEGIN RSA PRIVATE KEY----- MIIEpAIBAAKCAQEA7secretbody",),
+    ("keep this: -----BEGIN RSA PRIV", "ATE KEY-----\nMIIEpAIBAAKCAQEA7secretbody"),
+])
+async def test_a_refused_private_key_is_kept_in_the_log_as_a_digest_only(client, keyring, audit_store, contents):
+    """A blocked pattern guards a secret: the analyst's `full` level kept it in clear in the request entry's
+    payload until 2026-12-05 (probe s54); the policy now makes such a request's level `hash`."""
+    response = await chat(client, keyring["analyst"], *contents)
+    assert response.status_code == 403, response.text
+    [entry] = audit_store.entries_for(response.headers["x-govgate-request-id"])
+    assert entry.kind == "request" and entry.body["decision"]["allow"] is False
+    assert entry.body["prompt_logging"] == "hash" and entry.body["prompt_hmac_sha256"]
+    assert entry.payload is None
+    stored = repr(entry.body) + repr(entry.payload)
+    assert "MIIEpAIB" not in stored and "secretbody" not in stored
+
+
+@pytest.mark.parametrize("contents", [
     ("card 4111\u200b1111\u200b1111\u200b1111",),
     ("ssn \uff11\uff12\uff13\u2010\uff14\uff15\u2010\uff16\uff17\uff18\uff19",),
     ("-----begin pgp private key block-----",),
