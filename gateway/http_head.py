@@ -25,7 +25,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.api_errors import ApiError, new_request_id
 from gateway.http10_framing import unframed_for_http10
-from gateway.urls import OPENAI_REQUEST_ID_HEADER, REQUEST_ID_HEADER
+from gateway.urls import CONNECTION_CLOSING, OPENAI_REQUEST_ID_HEADER, REQUEST_ID_HEADER
 
 #: Largest request head (request line and headers) the gateway reads: h11's own default.
 MAX_HEAD_BYTES = 16 * 1024
@@ -64,6 +64,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             raise HeadTooLarge(size)  # the parser stops; uvicorn answers through send_400_response (below)
         self._in_head, self._head_read = False, 0
         super().on_headers_complete()
+        # The app asks it before it answers: a connection closed meanwhile drops the answer unseen, and the
+        # audit must not say the client received it (gateway/api/completions.py, probe s54 A2).
+        self.scope.setdefault("extensions", {})[CONNECTION_CLOSING] = self.transport.is_closing
         if self.parser.get_http_version() == "1.0":  # no chunked framing for it (gateway/http10_framing.py)
             unframed_for_http10(self.cycle)
 

@@ -14,6 +14,9 @@ PURPOSE_HEADER = "X-Govgate-Purpose"
 REQUEST_ID_HEADER = "X-Govgate-Request-Id"
 #: The same id under the name OpenAI's clients read (``response._request_id``, ``APIStatusError.request_id``).
 OPENAI_REQUEST_ID_HEADER = "x-request-id"
+#: The ASGI scope extension (``scope["extensions"]``) where the served gateway's protocol puts its
+#: connection's ``is_closing`` (``gateway/http_head.py``), read before a completion is answered.
+CONNECTION_CLOSING = "govgate.connection_closing"
 
 #: The review API (reviewers, auditors, and every key for its own entries).
 AUDIT = "/v1/audit"

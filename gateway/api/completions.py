@@ -47,6 +47,15 @@ def _gone(request: Request):
     return wait
 
 
+def _left(request: Request) -> bool:
+    """Whether the client's connection is closed already, so that an answer sent now goes nowhere (uvicorn
+    drops what is sent on a closed connection, without an error). The served gateway's protocol puts the
+    connection's ``is_closing`` in the scope (``gateway/http_head.py``); a server without it is never read
+    as gone. A look at a flag: no task, no wait on the request path."""
+    closing = (request.scope.get("extensions") or {}).get(urls.CONNECTION_CLOSING)
+    return closing is not None and bool(closing())
+
+
 def _usage(result: JobResult) -> dict[str, int]:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "total_tokens": result.prompt_tokens + result.completion_tokens}
@@ -167,6 +176,8 @@ async def _serve(service: CompletionService, drain: Drain, request: Request, pri
                           headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                           background=BackgroundTask(close))
         result = await service.complete(ticket, _gone(request), drain.wait_cut, drain)
+        if _left(request):  # while its end was recorded: the end says what it was to receive, not got
+            await service.left_before_its_answer(ticket)
         return Response({**shape.envelope(ticket, shape.object), "choices": [shape.choice(result.text,
                          result.finish_reason)], "usage": _usage(result)}, headers=headers)
     finally:

@@ -9,6 +9,7 @@ an accepted request ends in exactly one terminal entry.
 
 from __future__ import annotations
 
+import logging
 from typing import Awaitable, Callable, Sequence
 
 import redis.asyncio as aioredis
@@ -22,6 +23,7 @@ from gateway.drain import Drain
 from gateway.limits import UsageCounters
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.requests.admission import Admission
+from gateway.requests.delivered import record_delivered
 from gateway.requests.outcome import ClientGone, TicketRunner
 from gateway.requests.timeouts import STOP_GRACE_S
 from gateway.requests.output_rules import OutputRules
@@ -33,6 +35,8 @@ from workers.contract.jobs import JobResult
 from workers.contract.pending_terminals import PendingTerminals
 from workers.contract.privacy import Digester
 from workers.contract.registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 class CompletionService:
@@ -72,6 +76,14 @@ class CompletionService:
         ``TicketRunner.complete``)."""
         with errors_of(ticket.request_id):
             return await self.runner.complete(ticket, gone, cut, stopping)
+
+    async def left_before_its_answer(self, ticket: Ticket) -> None:
+        """The client of a non-streamed request closed its connection while its end was being recorded: the
+        answer goes nowhere (the server drops what is sent on a closed connection), so the end's
+        ``client_output`` (what the client was to receive) is completed by a ``delivered`` entry saying that
+        it received nothing (``gateway/requests/delivered.py``; probe s54 A2)."""
+        log.info("the client of %s closed its connection before its answer was sent", ticket.request_id)
+        await record_delivered(self.runner, ticket, None, "")
 
     async def open_stream(self, ticket: Ticket, stopping: Drain | None = None) -> StreamEvents:
         """Queue an admitted streaming request; its events are text pieces, then the result (``stopping``:
