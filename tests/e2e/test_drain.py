@@ -22,13 +22,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
 from govgate.processes import stop_process
 from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
 from tests.e2e.test_stream_faults import wait_terminal
-from tests.e2e.test_timeout_charges import freezer
+from tests.e2e.test_timeout_charges import Freezer, freezer
 from tests.gateway.test_fail_closed import queued
 from tests.own_redis import own_redis  # noqa: F401  (fixture)
 from workers.contract.registry import TINY_MODEL_NAME
@@ -449,13 +450,13 @@ visible_models contains m.name if {{
     assert "Traceback" not in text and "CancelledError" not in text, text[-3000:]
 
 
-def test_an_unchecked_stream_cut_by_the_stop_gets_what_its_client_received_recorded(
-        own_redis, keyring, audit_store, tmp_path) -> None:  # noqa: F811
-    """Without output rules a cut stream's worker cannot be told what its client received (no verdict goes to
-    it): it records ``cancelled`` with what it generated, a moment after the cut. The gateway's stop looks
-    for that end once more before it closes, and appends the ``delivered`` entry that says what the client
-    got. The worker is frozen mid-stream and let go when the cut sets its cancel flag."""
-    own = own_redis.with_(drain_s=1.0, output_rules=False, request_timeout_s=120)
+@contextlib.contextmanager
+def _stream_cut_by_a_stop(own, key: str, audit_store, tmp_path: Path, *,
+                          thaw_after_s: float = 0.0) -> Iterator[tuple[str, dict, Freezer]]:
+    """A served gateway on ``own`` with a worker of its own; a stream whose worker is frozen mid-generation,
+    so that it stays in flight until the stop (SIGTERM) cuts it; the worker let go ``thaw_after_s`` after the
+    cut set its cancel flag. Yields the request id, what the stream received and the freezer, once the
+    gateway has exited; the worker is stopped after the block."""
     worker = spawn_cli(own, "worker", "--model", MODEL, log=tmp_path / "worker.log")
     try:
         wait_for_worker(own.redis_url, MODEL, worker)
@@ -463,16 +464,30 @@ def test_an_unchecked_stream_cut_by_the_stop_gets_what_its_client_received_recor
                 freezer(own, worker) as frozen:
             head = audit_store.head().seq
             started = threading.Event()
-            streamed = pool.submit(_stream, base, keyring["admin"], started)
+            streamed = pool.submit(_stream, base, key, started)
             assert started.wait(60), "the stream never received text"
             frozen.freeze()  # mid-generation: the stream stays in flight until the cut
             [request_id] = [e.request_id for e in audit_store.tail(20) if e.kind == "request" and e.seq > head]
-            thawing = threading.Thread(target=frozen.thaw_once_stopped, args=(request_id, time.monotonic() + 60))
+            thawing = threading.Thread(target=frozen.thaw_once_stopped,
+                                       args=(request_id, time.monotonic() + 60, thaw_after_s))
             thawing.start()
             base.process.send_signal(signal.SIGTERM)
             stream = streamed.result(timeout=60)
             assert base.process.wait(timeout=60) is not None
             thawing.join(60)
+        yield request_id, stream, frozen
+    finally:
+        stop_process(worker, timeout_s=30)
+
+
+def test_an_unchecked_stream_cut_by_the_stop_gets_what_its_client_received_recorded(
+        own_redis, keyring, audit_store, tmp_path) -> None:  # noqa: F811
+    """Without output rules a cut stream's worker cannot be told what its client received (no verdict goes to
+    it): it records ``cancelled`` with what it generated, a moment after the cut. The gateway's stop looks
+    for that end once more before it closes, and appends the ``delivered`` entry that says what the client
+    got. The worker is frozen mid-stream and let go when the cut sets its cancel flag."""
+    own = own_redis.with_(drain_s=1.0, output_rules=False, request_timeout_s=120)
+    with _stream_cut_by_a_stop(own, keyring["admin"], audit_store, tmp_path) as (request_id, stream, frozen):
         assert frozen.stop_seen and stream["text"] and not stream["done"]
         assert stream["last"]["error"]["code"] == "shutting_down", stream["last"]
         end = wait_terminal(audit_store, request_id)
@@ -481,8 +496,6 @@ def test_an_unchecked_stream_cut_by_the_stop_gets_what_its_client_received_recor
         entries = audit_store.entries_for(request_id)
         assert [e.kind for e in entries] == ["request", "cancelled", "delivered"], (tmp_path / "serve.log").read_text()
         assert entries[-1].body["terminal_seq"] == end.seq and entries[-1].payload["client_output"] == stream["text"]
-    finally:
-        stop_process(worker, timeout_s=30)
 
 
 def test_the_closing_checkpoint_signs_the_end_a_cut_streams_worker_records_after_the_cut(
@@ -491,39 +504,15 @@ def test_the_closing_checkpoint_signs_the_end_a_cut_streams_worker_records_after
     next looks at the cancel key: seconds later with a slow model. The gateway signed its closing checkpoint
     and exited first, so that end was an unsigned tail after a closing checkpoint (`verify`: UNVERIFIED)
     after an ordinary stop (probe s54 A1). Now its stop waits (bounded) for the ends of the requests it cut.
-    The worker is frozen mid-stream and let go 3 s after the cut set its cancel flag."""
+    The worker is frozen mid-stream and let go 3 s after the cut set its cancel flag (the gateway had
+    answered the cut, signed and exited by then)."""
     from audit.checkpoints import CheckpointStore
-    from workers.contract.jobs import JOB_STARTED, cancel_key
 
     own = own_redis.with_(drain_s=1.0, request_timeout_s=120)
-    worker = spawn_cli(own, "worker", "--model", MODEL, log=tmp_path / "worker.log")
-    try:
-        wait_for_worker(own.redis_url, MODEL, worker)
-        with serving(own, tmp_path / "serve.log") as base, ThreadPoolExecutor(1) as pool, \
-                freezer(own, worker) as frozen:
-            head = audit_store.head().seq
-            started = threading.Event()
-            streamed = pool.submit(_stream, base, keyring["admin"], started)
-            assert started.wait(60), "the stream never received text"
-            frozen.freeze()  # mid-generation: the stream stays in flight until the cut
-            [request_id] = [e.request_id for e in audit_store.tail(20) if e.kind == "request" and e.seq > head]
-
-            def thaw_later() -> None:
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline and frozen.client.get(cancel_key(request_id)) in (None, JOB_STARTED):
-                    time.sleep(0.02)
-                time.sleep(3.0)  # the gateway has answered the cut and would have signed and exited by now
-                frozen.thaw()
-            thawing = threading.Thread(target=thaw_later)
-            thawing.start()
-            base.process.send_signal(signal.SIGTERM)
-            stream = streamed.result(timeout=60)
-            assert base.process.wait(timeout=60) is not None
-            thawing.join(60)
-        assert stream["last"]["error"]["code"] == "shutting_down", stream["last"]
+    with _stream_cut_by_a_stop(own, keyring["admin"], audit_store, tmp_path, thaw_after_s=3.0) as (
+            request_id, stream, frozen):
+        assert frozen.stop_seen and stream["last"]["error"]["code"] == "shutting_down", stream["last"]
         end = wait_terminal(audit_store, request_id)
         assert end.kind == "cancelled", end.body
         closing = CheckpointStore(audit_store.engine).latest()
         assert closing is not None and closing.closing and closing.seq >= end.seq, (closing, end.seq)
-    finally:
-        stop_process(worker, timeout_s=30)

@@ -145,11 +145,13 @@ class Freezer:
             time.sleep(0.002)
         raise AssertionError("the generation never began")
 
-    def thaw_once_stopped(self, request_id: str, deadline: float) -> None:
-        """Let the worker go on once the gateway has timed the request out (it set the stop)."""
+    def thaw_once_stopped(self, request_id: str, deadline: float, delay_s: float = 0.0) -> None:
+        """Let the worker go on once the gateway has asked the job to stop (its timeout, a drain's cut),
+        ``delay_s`` after it did."""
         while time.monotonic() < deadline:
             if self.client.get(cancel_key(request_id)) not in (None, JOB_STARTED):
                 self.stop_seen = True
+                time.sleep(delay_s)
                 break
             time.sleep(0.02)
         self.thaw()
