@@ -116,6 +116,12 @@ def output_from_entry(entry: AuditEntry) -> str | None:
     return output
 
 
+def _changes_document(transitions: Counter, examples: dict[str, list["Change"]]) -> dict[str, Any]:
+    """The kinds of change, most frequent first, and their examples, as the JSON report shows them."""
+    return {"transitions": dict(transitions.most_common()),
+            "examples": {key: [vars(c) for c in changes] for key, changes in examples.items()}}
+
+
 @dataclass
 class OutputReplay:
     """What the candidate's output rules would have done to the outputs of the period."""
@@ -140,8 +146,7 @@ class OutputReplay:
             "skipped": self.skipped,
             "unchanged": self.unchanged,
             "changed": self.changed,
-            "transitions": dict(self.transitions.most_common()),
-            "examples": {key: [vars(c) for c in changes] for key, changes in self.examples.items()},
+            **_changes_document(self.transitions, self.examples),
         }
 
 
@@ -162,8 +167,7 @@ class PartialReplay:
         return {
             "unchanged": self.unchanged,
             "differ": self.differ,
-            "transitions": dict(self.transitions.most_common()),
-            "examples": {key: [vars(c) for c in changes] for key, changes in self.examples.items()},
+            **_changes_document(self.transitions, self.examples),
         }
 
 
@@ -197,8 +201,7 @@ class ReplayReport:
             "skipped": self.skipped,
             "unchanged": self.unchanged,
             "changed": self.changed,
-            "transitions": dict(self.transitions.most_common()),
-            "examples": {key: [vars(c) for c in changes] for key, changes in self.examples.items()},
+            **_changes_document(self.transitions, self.examples),
         }
 
 
