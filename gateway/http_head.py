@@ -25,7 +25,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.api_errors import ApiError, new_request_id
 from gateway.http10_framing import unframed_for_http10
-from gateway.urls import CONNECTION_CLOSING, OPENAI_REQUEST_ID_HEADER, REQUEST_ID_HEADER
+from gateway.urls import CONNECTION_CLOSING, OPENAI_REQUEST_ID_HEADER, REQUEST_ID_EXTENSION, REQUEST_ID_HEADER
 
 #: Largest request head (request line and headers) the gateway reads: h11's own default.
 MAX_HEAD_BYTES = 16 * 1024
@@ -49,6 +49,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_read = 0
         self._in_head = True
         self._head_refused = False
+        #: The id given to the request whose head was read and whose body has not ended (None between two).
+        self._request_id: str | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
@@ -64,15 +66,20 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             raise HeadTooLarge(size)  # the parser stops; uvicorn answers through send_400_response (below)
         self._in_head, self._head_read = False, 0
         super().on_headers_complete()
+        extensions = self.scope.setdefault("extensions", {})
         # The app asks it before it answers: a connection closed meanwhile drops the answer unseen, and the
         # audit must not say the client received it (gateway/api/completions.py, probe s54 A2).
-        self.scope.setdefault("extensions", {})[CONNECTION_CLOSING] = self.transport.is_closing
+        extensions[CONNECTION_CLOSING] = self.transport.is_closing
+        # The request's id, given here rather than in the app, so that a 400 for a body whose framing breaks
+        # (send_400_response) names the id the app's ``rejected`` entry has (probe s54); the ASGI task that
+        # reads it was created by super() and has not run yet.
+        self._request_id = extensions[REQUEST_ID_EXTENSION] = new_request_id()
         if self.parser.get_http_version() == "1.0":  # no chunked framing for it (gateway/http10_framing.py)
             unframed_for_http10(self.cycle)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self._in_head, self._head_read = True, 0
+        self._in_head, self._head_read, self._request_id = True, 0, None
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request it cannot parse, in OpenAI's error shape (uvicorn's own is text/plain);
@@ -93,7 +100,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _send_error(self, status_line: bytes, error: ApiError) -> None:
         """``error`` as the connection's last response (JSON, OpenAI's shape), then the connection closed."""
         body = json.dumps(error.body()).encode()
-        request_id = new_request_id().encode()  # every answer names one, this too (the log line has none to give)
+        # every answer names one: a body cut short by broken framing, its request's (its entry's); else a new one
+        request_id = (self._request_id or new_request_id()).encode()
         self.transport.write(b"".join([
             status_line,
             *(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers),

@@ -17,6 +17,10 @@ OPENAI_REQUEST_ID_HEADER = "x-request-id"
 #: The ASGI scope extension (``scope["extensions"]``) where the served gateway's protocol puts its
 #: connection's ``is_closing`` (``gateway/http_head.py``), read before a completion is answered.
 CONNECTION_CLOSING = "govgate.connection_closing"
+#: The scope extension where the served gateway's protocol puts the id it gave the request once its head was
+#: read: the app's id (header, audit entries, logs) is that one, so that a 400 the protocol answers for a body
+#: whose framing broke names the request its ``rejected`` entry is under.
+REQUEST_ID_EXTENSION = "govgate.request_id"
 
 #: The review API (reviewers, auditors, and every key for its own entries).
 AUDIT = "/v1/audit"

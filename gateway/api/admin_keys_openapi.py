@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, Parameter, RequestBody
 
 from gateway.api import admin_keys_shapes as shapes
-from gateway.api.openapi import (JSON, UNAUTHORIZED, UNSUPPORTED_CODING, JsonSchema, error_responses, header,
-                                 json_schema)
+from gateway.api.openapi import (JSON, UNAUTHORIZED, UNSUPPORTED_CODING, UNSUPPORTED_TRANSFER_CODING, JsonSchema,
+                                 error_responses, header, json_schema)
 from gateway.keys_admin.service import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
 #: The query parameters ``GET /admin/keys`` reads (any other is refused).
@@ -79,7 +79,8 @@ def _operation(*, success: tuple[str, str, type], errors: dict[int, tuple[str, d
 
 CREATE_OPERATION = _operation(
     success=("201", "The new key, with its secret (`key`) shown this once.", shapes.CreatedKey),
-    errors={400: _BAD_BODY, 413: _TOO_LARGE, 415: UNSUPPORTED_CODING, 422: _BAD_VALUE}, body=shapes.CreateKey,
+    errors={400: _BAD_BODY, 413: _TOO_LARGE, 415: UNSUPPORTED_CODING, 422: _BAD_VALUE,
+            501: UNSUPPORTED_TRANSFER_CODING}, body=shapes.CreateKey,
     headers=_NO_STORE,
     body_note="Who the key is for and what it may do.")
 LIST_OPERATION = _operation(
@@ -98,6 +99,7 @@ REVOKE_OPERATION = _operation(
 ROLES_OPERATION = _operation(
     success=("200", "The key with its new roles, in force at once on every gateway.", shapes.ChangedKey),
     errors={400: _BAD_BODY, 404: _NOT_FOUND, 413: _TOO_LARGE, 415: UNSUPPORTED_CODING, 422: _BAD_VALUE,
+            501: UNSUPPORTED_TRANSFER_CODING,
             409: ("`key_revoked` (a revoked key's roles cannot change) or `last_admin` (the `admin` role cannot "
                   "be taken from the last live key holding it).", {})},
     body=shapes.SetRoles, body_note="The key's roles from now on.")

@@ -12,6 +12,16 @@ JSON: invalid character (byte 0)", which sends a client looking for a bug in
 its JSON (and a ``br``-coded body that happened to be readable bytes was
 taken as it stood).
 
+A body framed with a transfer coding besides ``chunked`` (``Transfer-Encoding:
+gzip, chunked``) is refused with 501 ``unsupported_transfer_encoding``, as
+RFC 9112 (6.1) says of a coding the server does not apply: the parser reads
+the chunks, and the gzipped bytes inside them were read as JSON. A body
+declared in a character set other than UTF-8 (``Content-Type:
+application/json; charset=utf-16``) is refused with 415
+``unsupported_media_type``: JSON is UTF-8 (RFC 8259), and such a body was
+read as UTF-8 regardless. The media type itself is not checked: ``curl -d``
+labels JSON ``application/x-www-form-urlencoded``, and the body decides.
+
 A client that closes its connection before its body's end gets 499
 ``client_closed`` (nginx's status for it), which it never reads: Litestar
 raises a 500 for it, so such requests were counted as server errors
@@ -25,6 +35,7 @@ from litestar import Request
 from litestar.exceptions import HTTPException
 
 from gateway.api_errors import CLIENT_CLOSED_STATUS, ApiError
+from gateway.requests.refusals import DO_NOT_RETRY
 
 #: The only content coding a body may have: none.
 IDENTITY = "identity"
@@ -42,6 +53,17 @@ async def read_body(request: Request) -> bytes:
                        f"The request body is sent with 'Content-Encoding: {coding}'; this gateway reads bodies "
                        "only as they are (no Content-Encoding, or 'identity'). Send the JSON uncompressed.",
                        headers={"Accept-Encoding": IDENTITY})
+    transfer = _transfer_coding(request)
+    if transfer is not None:
+        raise ApiError(501, "unsupported_transfer_encoding",
+                       f"The request body is sent with 'Transfer-Encoding: {transfer}'; this gateway reads only "
+                       "chunked framing of the body as it is. Send the JSON uncompressed.",
+                       headers=DO_NOT_RETRY)  # OpenAI's clients retry a 5xx twice otherwise
+    charset = _charset(request)
+    if charset is not None:
+        raise ApiError(415, "unsupported_media_type",
+                       f"The request body is declared in 'charset={charset}'; JSON bodies are read as UTF-8 "
+                       "(RFC 8259). Send it in UTF-8, or declare no charset.")
     try:
         return await request.body()
     except HTTPException as exc:
@@ -60,3 +82,33 @@ def _content_coding(request: Request) -> str | None:
                for coding in value.split(",") if coding.strip()]
     named = [coding for coding in codings if coding.lower() != IDENTITY]
     return ", ".join(named)[:64] if named else None
+
+
+#: Character sets a body may be declared in: UTF-8, and ASCII, which is part of it.
+_UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+
+
+def _transfer_coding(request: Request) -> str | None:
+    """The transfer codings a ``Transfer-Encoding`` header names besides ``chunked`` (shortened), or None.
+
+    The parser only lets through framings that end in ``chunked`` (anything
+    else it refuses with a 400): what is left is a coding laid under the
+    chunks, which it does not undo.
+    """
+    codings = [coding.strip() for value in request.headers.getall("transfer-encoding", [])
+               for coding in value.split(",") if coding.strip()]
+    named = [coding for coding in codings if coding.lower() != "chunked"]
+    return ", ".join(named)[:64] if named else None
+
+
+def _charset(request: Request) -> str | None:
+    """The ``charset`` a ``Content-Type`` declares when it is not UTF-8 (shortened), or None."""
+    content_type = request.headers.get("content-type")
+    if content_type is None or "charset" not in content_type.lower():
+        return None
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').strip()
+            return None if charset.lower() in _UTF8_CHARSETS else charset[:64]
+    return None

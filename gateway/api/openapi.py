@@ -101,10 +101,16 @@ _REQUEST_ID = header("The id of this request's audit entries ('govgate audit sho
                      {"type": "string", "minLength": 1})
 _OPENAI_REQUEST_ID = header("The same id as X-Govgate-Request-Id, under the name OpenAI's clients read.",
                             {"type": "string", "minLength": 1})
-_ACCEPT_ENCODING = header("Always 'identity': bodies are read uncompressed.", {"type": "string"})
 #: 415, as every route that reads a body answers it.
 UNSUPPORTED_CODING = ("`unsupported_content_encoding`: the body has a `Content-Encoding` (gzip, br…); bodies are "
-                      "read only uncompressed.", {"Accept-Encoding": _ACCEPT_ENCODING})
+                      "read only uncompressed (then with `Accept-Encoding`). `unsupported_media_type`: the body "
+                      "is declared in a charset other than UTF-8.",
+                      {"Accept-Encoding": header("'identity' with `unsupported_content_encoding`: bodies are read "
+                                                 "uncompressed.", {"type": "string"}, required=False)})
+#: 501, as every route that reads a body answers it.
+UNSUPPORTED_TRANSFER_CODING = ("`unsupported_transfer_encoding`: the body is framed with a transfer coding besides "
+                               "`chunked` (`Transfer-Encoding: gzip, chunked`), which the gateway does not undo.",
+                               {"x-should-retry": header("Always 'false'.", {"type": "string", "enum": ["false"]})})
 _RETRY_AFTER = header("Seconds to wait before trying again; absent when no wait lets the request pass (it alone "
                       "needs more than a token limit).", {"type": "integer", "minimum": 0}, required=False)
 _CHALLENGE = header("Always 'Bearer'.", {"type": "string"})
@@ -130,6 +136,7 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
     413: ("`body_too_large`: the body is over GOVGATE_MAX_BODY_BYTES.", {}),
     415: UNSUPPORTED_CODING,
     431: HEAD_TOO_LARGE,
+    501: UNSUPPORTED_TRANSFER_CODING,
     422: ("`invalid_value`: a missing field, a wrong type or an out-of-range value (`param` names it: "
           "`metadata` beyond its bounds, a declared purpose that is not a label or two that differ name "
           "`metadata`, `metadata.<key>`, `metadata.purpose` or the X-Govgate-Purpose header), or a "

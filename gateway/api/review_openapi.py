@@ -27,7 +27,8 @@ from audit.search import DECISIONS, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from audit.tables import NAME_LEN
 from gateway import urls
 from gateway.api import review_shapes
-from gateway.api.openapi import JSON, UNAUTHORIZED, UNSUPPORTED_CODING, JsonSchema, error_responses, header, json_schema
+from gateway.api.openapi import (JSON, UNAUTHORIZED, UNSUPPORTED_CODING, UNSUPPORTED_TRANSFER_CODING, JsonSchema,
+                                 error_responses, header, json_schema)
 from gateway.review.actions import MAX_NOTE, BODIES
 
 _NAME = {"type": "string", "maxLength": NAME_LEN}
@@ -126,7 +127,7 @@ _ACTION_ERRORS = {400: ("`invalid_json` (the body is not a JSON object) or `unsu
                         "disposition needs a reviewer other than the request's own principal.", {}),
                   404: _STORY_ERRORS[404],
                   413: ("`body_too_large`: the body is over GOVGATE_MAX_BODY_BYTES.", {}),
-                  415: UNSUPPORTED_CODING,
+                  415: UNSUPPORTED_CODING, 501: UNSUPPORTED_TRANSFER_CODING,
                   422: (f"`invalid_value`: a missing field, a wrong type, a note empty or over {MAX_NOTE} "
                         "characters, a NUL character (`param` names the field).", {}),
                   503: _UNAVAILABLE}

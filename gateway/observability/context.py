@@ -33,9 +33,9 @@ class RequestContext:
 _current: ContextVar[RequestContext | None] = ContextVar("govgate_request", default=None)
 
 
-def begin() -> tuple[RequestContext, object]:
-    """Start a request's context; returns it and the token :func:`end` takes."""
-    context = RequestContext(uuid.uuid4().hex)
+def begin(request_id: str | None = None) -> tuple[RequestContext, object]:
+    """Start a request's context (under ``request_id``, or a new id); returns it and the token :func:`end` takes."""
+    context = RequestContext(request_id or uuid.uuid4().hex)
     return context, _current.set(context)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable
 
 from gateway.observability import context
 from gateway.observability.metrics import count_request
-from gateway.urls import OPENAI_REQUEST_ID_HEADER, REQUEST_ID_HEADER
+from gateway.urls import OPENAI_REQUEST_ID_HEADER, REQUEST_ID_EXTENSION, REQUEST_ID_HEADER
 
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
@@ -43,7 +43,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        ctx, token = context.begin()
+        # the served protocol named the request when its head was read (gateway/http_head.py); else a new id
+        ctx, token = context.begin((scope.get("extensions") or {}).get(REQUEST_ID_EXTENSION))
         status = 500  # what the server answers when the app ends without a response
 
         async def send_with_id(message: Any) -> None:

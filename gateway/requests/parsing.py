@@ -88,7 +88,8 @@ def parse_body(raw: bytes, kind: type[T]) -> T:
     try:
         document = msgspec.json.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"The request body is not valid JSON: {_json_problem(raw, exc)}") from None
+        raise _out_of_range(raw) or ApiError(
+            400, "invalid_json", f"The request body is not valid JSON: {_json_problem(raw, exc)}") from None
     except RecursionError:  # the scan above should make this unreachable; never a 500
         raise _too_deep() from None
     if not isinstance(document, dict):
@@ -117,8 +118,8 @@ def _refuse_repeats(raw: bytes) -> None:
     """
     repeated = _repeated_name(raw)
     if repeated is not None:
-        shown = repeated[:64]
-        raise ApiError(400, "invalid_json", f"The request body gives '{shown}' more than once.", param=shown,
+        name, path = repeated
+        raise ApiError(400, "invalid_json", f"The request body gives '{name}' more than once.", param=path,
                        logged_message="The request body gives '…' more than once.")
 
 
@@ -269,27 +270,112 @@ _AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _MISSING_ANY = re.compile(r"missing required field `(?P<field>[^`]*)`")
 
 
-class _Repeated(Exception):
-    pass
+#: Longest name (of a key given twice, of an object on the path to a number out of range) an error repeats.
+_SHOWN_NAME_CHARS = 64
 
 
-def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in seen:
-            raise _Repeated(name)
-        seen[name] = value
-    return seen
+class _RepeatsName(dict):  # type: ignore[type-arg]
+    """An object of the body that gives ``name`` more than once (what :func:`_repeated_name`'s reading makes
+    of it, so that the walk after the reading can say where it stands)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, pairs: list[tuple[str, Any]], name: str) -> None:
+        super().__init__(pairs)
+        self.name = name
 
 
-def _repeated_name(raw: bytes) -> str | None:
-    """The first name an object of ``raw`` (valid JSON) gives twice, or None."""
+class _OutOfRange:
+    """A number of the body msgspec does not read (``1e400``, an integer of thousands of digits)."""
+
+    __slots__ = ()
+
+
+def _repeated_name(raw: bytes) -> tuple[str, str] | None:
+    """The first name an object of ``raw`` (valid JSON) gives twice, and its path (``messages[0].role``), or None.
+
+    Python's ``json`` reads the body again with a hook that sees each
+    object's pairs before they become a dict (msgspec keeps the last value
+    without a word); the hook marks an object that repeats a name, and
+    only when one did is the document walked to say where it stands. Both
+    the name and the path's keys are the client's text, cut to 64
+    characters each.
+    """
+    repeats = False
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal repeats
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                repeats = True
+                return _RepeatsName(pairs, name)
+            seen.add(name)
+        return dict(pairs)
+
     try:
-        json.loads(raw, object_pairs_hook=_no_repeats)
-    except _Repeated as exc:
-        return str(exc.args[0])
+        document = json.loads(raw, object_pairs_hook=pairs_hook)
     except ValueError:  # what msgspec read, json may still refuse (lone surrogates): not this check's concern
         return None
+    if not repeats:
+        return None
+    found = _first(document, lambda value: isinstance(value, _RepeatsName))
+    if found is None:  # unreachable: a marked object is in the document
+        return None
+    marked, path = found
+    name = marked.name[:_SHOWN_NAME_CHARS]
+    return name, f"{path}.{name}" if path else name
+
+
+def _out_of_range(raw: bytes) -> ApiError | None:
+    """422 naming the field, for a body whose only fault is a number msgspec cannot hold; else None.
+
+    msgspec's decoder refuses ``1e400`` (past a double) or an integer of
+    thousands of digits with "Number out of range - at `$[...]`", the key
+    unnamed: it was answered 400 ``invalid_json`` as if the JSON were
+    broken. Python's ``json`` reads the body again, each number handed to
+    msgspec alone, so that the one it refuses is found and named, as any
+    other value out of its field's range is (422 ``invalid_value``).
+    """
+    def number(text: str) -> Any:
+        try:
+            return msgspec.json.decode(text)
+        except msgspec.DecodeError:
+            return _OUT_OF_RANGE
+
+    try:
+        document = json.loads(raw, parse_int=number, parse_float=number, parse_constant=_not_json)
+    except (ValueError, RecursionError):  # broken in another way: the decoder's own words say how
+        return None
+    found = _first(document, lambda value: value is _OUT_OF_RANGE) if isinstance(document, dict) else None
+    if found is None:  # not an object (the caller's "must be a JSON object" says so) or nothing out of range
+        return None
+    path = found[1]
+    return ApiError(422, "invalid_value", f"Invalid request: Number out of range - at `$.{path}`", param=path,
+                    logged_message="Invalid request: Number out of range.")
+
+
+_OUT_OF_RANGE = _OutOfRange()
+
+
+def _not_json(name: str) -> Any:
+    """``json`` reads ``NaN`` and ``Infinity``; JSON (and msgspec) does not."""
+    raise ValueError(f"{name} is not JSON")
+
+
+def _first(document: Any, wanted: Any) -> tuple[Any, str] | None:
+    """The first value of ``document`` (depth first, in the body's order) ``wanted`` says yes to, and its path
+    as errors name it (``messages[0].content``; keys cut to 64 characters), or None."""
+    stack: list[tuple[Any, str]] = [(document, "")]
+    while stack:
+        value, path = stack.pop()
+        if wanted(value):
+            return value, path
+        if isinstance(value, dict):
+            stack.extend((item, f"{path}.{key[:_SHOWN_NAME_CHARS]}" if path else key[:_SHOWN_NAME_CHARS])
+                         for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{index}]") for index, item in reversed(list(enumerate(value))))
     return None
 
 
@@ -306,13 +392,13 @@ def decode_struct(raw: bytes, kind: type[S]) -> S:
     try:
         document = msgspec.json.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError):
-        raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
+        raise _out_of_range(raw) or ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
     if not isinstance(document, dict):
         raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
     repeated = _repeated_name(raw)
     if repeated is not None:  # msgspec keeps the last; a reader of the body (or a log of it) may see the first
-        shown = repeated[:64]
-        raise ApiError(400, "invalid_json", f"The request body gives '{shown}' more than once.", param=shown)
+        name, path = repeated
+        raise ApiError(400, "invalid_json", f"The request body gives '{name}' more than once.", param=path)
     try:
         return msgspec.convert(document, kind, strict=True)
     except msgspec.ValidationError as exc:

@@ -154,6 +154,15 @@ async def test_create_refuses_what_is_not_a_json_object(aclient, akeys: Keys, ra
     assert_error(response, 400, "invalid_json")
 
 
+async def test_a_number_out_of_range_is_named_not_called_broken_json(aclient, akeys: Keys, astore: KeyStore) -> None:
+    """msgspec refuses 1e400 while decoding, naming no key: it was 400 "not valid JSON"."""
+    before = len(astore.list(include_revoked=True))
+    response = await aclient.post(KEYS, headers={**bearer(akeys.admin), "Content-Type": "application/json"},
+                                  content=b'{"user": "ann", "roles": ["analyst"], "note": 1e400}')
+    assert "out of range" in assert_error(response, 422, "invalid_value", "note")["message"]
+    assert len(astore.list(include_revoked=True)) == before
+
+
 async def test_a_huge_body_is_413(aclient, akeys: Keys, asettings: Settings) -> None:
     huge = json.dumps({"user": "ann", "roles": ["analyst"], "note": "x" * asettings.max_body_bytes}).encode()
     assert_error(await aclient.post(KEYS, headers=bearer(akeys.admin), content=huge), 413, "body_too_large")

@@ -18,13 +18,13 @@ from gateway.settings import Settings
 from tests.gateway.test_openapi_document import _bare, _readme_error_statuses
 
 ROUTES = {
-    ("post", "/admin/keys"): ("createKey", {"201", "400", "401", "403", "413", "415", "422", "431", "503"},
+    ("post", "/admin/keys"): ("createKey", {"201", "400", "401", "403", "413", "415", "422", "431", "501", "503"},
                               shapes.CreateKey),
     ("get", "/admin/keys"): ("listKeys", {"200", "400", "401", "403", "431", "503"}, None),
     ("get", "/admin/keys/{key_id}"): ("retrieveKey", {"200", "401", "403", "404", "431", "503"}, None),
     ("post", "/admin/keys/{key_id}/revoke"): ("revokeKey", {"200", "401", "403", "404", "409", "431", "503"}, None),
     ("put", "/admin/keys/{key_id}/roles"): ("setKeyRoles", {"200", "400", "401", "403", "404", "409", "413", "415",
-                                                            "422", "431", "503"}, shapes.SetRoles),
+                                                            "422", "431", "501", "503"}, shapes.SetRoles),
 }
 SUCCESS = {"createKey": "CreatedKey", "listKeys": "KeyList", "retrieveKey": "KeyDocument", "revokeKey": "ChangedKey",
            "setKeyRoles": "ChangedKey"}

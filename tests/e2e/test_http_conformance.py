@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import time
 from typing import Any
 from urllib.parse import urlparse
 
@@ -137,3 +138,84 @@ def test_the_purpose_header_is_read_as_utf8_once(served_api, keyring, audit_stor
         assert [e.kind for e in entries] == ["rejected"], lines
         assert entries[0].body["error"]["param"] == "X-Govgate-Purpose"
         assert "ZQX" not in json.dumps(entries[0].body)
+
+
+def test_a_body_whose_chunked_framing_breaks_is_answered_under_its_entrys_request_id(served_api, keyring,
+                                                                                      audit_store):
+    """The parser's 400 for a broken chunk named a new id while the app recorded the request's ``rejected``
+    entry under its own (probe s54): the served protocol now gives the id when the head is read, and both use
+    it, whether the app began reading the body (two sends) or the head and the broken chunk came at once."""
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer %s\r\nTransfer-Encoding: chunked\r\n\r\n" % keyring["analyst"].encode())
+    first = b'{"model": "'
+    for sends in ([head + b"%x\r\n%s\r\n" % (len(first), first), b"zz\r\n}\r\n0\r\n\r\n"],
+                  [head + b"%x\r\n%s\r\nzz\r\n}\r\n0\r\n\r\n" % (len(first), first)]):
+        with _connect(served_api) as conn:
+            for raw in sends:
+                conn.sendall(raw)
+                if raw is not sends[-1]:
+                    _wait_for_an_entry_to_start(conn)
+            status, headers, answer = _read_answer(conn)
+            assert _closed(conn)
+        assert status.startswith(b"HTTP/1.1 400"), (status, answer)
+        assert json.loads(answer)["error"]["code"] == "invalid_request"
+        request_id = headers[b"x-govgate-request-id"].decode()
+        assert headers[b"x-request-id"].decode() == request_id
+        entries = _entries_once_written(audit_store, request_id)
+        assert [(e.kind, e.body["error"]["code"]) for e in entries] == [("rejected", "client_closed")], sends
+
+
+def _wait_for_an_entry_to_start(conn: socket.socket) -> None:
+    """Give the app the moment it needs to begin reading the body sent so far (nothing comes back on ``conn``)."""
+    conn.settimeout(0.3)
+    try:
+        assert conn.recv(1) == b"", "an answer before the body's end"
+    except TimeoutError:
+        pass
+    finally:
+        conn.settimeout(30)
+
+
+def _entries_once_written(audit_store, request_id: str, timeout_s: float = 30.0) -> list:
+    """The audit entries of ``request_id`` once there is one (the app writes it after the 400 went out)."""
+    deadline = time.monotonic() + timeout_s
+    while not (entries := audit_store.entries_for(request_id)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return entries
+
+
+def test_a_transfer_coding_under_the_chunks_is_refused_by_name(served_api, keyring, audit_store):
+    """``Transfer-Encoding: gzip, chunked`` was read as plain chunked: the gzipped bytes inside the chunks went
+    to the JSON decoder. RFC 9112 6.1: a transfer coding the server does not apply is a 501."""
+    packed = gzip.compress(json.dumps(BODY).encode())
+    with _connect(served_api) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer %s\r\nTransfer-Encoding: gzip, chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                     % (keyring["analyst"].encode(), len(packed), packed))
+        status, headers, answer = _read_answer(conn)
+    assert status.startswith(b"HTTP/1.1 501"), (status, answer)
+    error = json.loads(answer)["error"]
+    assert (error["code"], error["param"]) == ("unsupported_transfer_encoding", None)
+    assert "Transfer-Encoding: gzip" in error["message"]
+    assert headers[b"x-should-retry"] == b"false"  # OpenAI's clients retry a 5xx twice otherwise
+    entries = audit_store.entries_for(headers[b"x-govgate-request-id"].decode())
+    assert [(e.kind, e.body["error"]["code"]) for e in entries] == [("rejected", "unsupported_transfer_encoding")]
+
+
+def test_a_body_declared_in_a_charset_other_than_utf8_is_refused_by_name(served_api, keyring, audit_store):
+    """A UTF-16 body declared as such was read as UTF-8 (400 "not valid JSON"); JSON is UTF-8 (RFC 8259). The
+    media type is not checked: curl -d labels its JSON ``application/x-www-form-urlencoded``."""
+    url, plain = f"{served_api}/v1/chat/completions", json.dumps(BODY)
+    refused = httpx.post(url, content=plain.encode("utf-16"), timeout=60, headers={
+        **bearer(keyring["analyst"]), "Content-Type": "application/json; charset=UTF-16"})
+    assert refused.status_code == 415, refused.text
+    error = refused.json()["error"]
+    assert (error["code"], error["param"]) == ("unsupported_media_type", None)
+    assert "charset=UTF-16" in error["message"]
+    entries = audit_store.entries_for(refused.headers["x-govgate-request-id"])
+    assert [(e.kind, e.body["error"]["code"]) for e in entries] == [("rejected", "unsupported_media_type")]
+    for content_type in ('application/json; charset="utf-8"', "application/json;charset=US-ASCII",
+                         "application/x-www-form-urlencoded", "text/plain"):
+        served = httpx.post(url, content=plain.encode(), timeout=60,
+                            headers={**bearer(keyring["analyst"]), "Content-Type": content_type})
+        assert served.status_code == 200, (content_type, served.text)

@@ -79,6 +79,18 @@ BAD_BODIES = [
     ("lone-surrogate", b'{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
      % TINY_MODEL_NAME.encode(), 400, "invalid_json", None),
     ("max-tokens-2-53", chat(max_tokens=2**53), 422, "invalid_value", "max_tokens"),
+    # numbers msgspec cannot hold: they were 400 invalid_json ("Number out of range - at `$[...]`")
+    ("max-tokens-1e400", chat()[:-1] + b', "max_tokens": 1e400}', 422, "invalid_value", "max_tokens"),
+    ("max-tokens-5000-digits", chat()[:-1] + b', "max_tokens": ' + b"9" * 5000 + b"}", 422, "invalid_value",
+     "max_tokens"),
+    ("text-part-minus-1e999", chat(messages=[{"role": "user", "content": [{"type": "text", "text": "PLACE"}]}])
+     .replace(b'"PLACE"', b"-1e999"), 422, "invalid_value", "messages[0].content[0].text"),
+    ("extra-1e400", chat()[:-1] + b', "extra": 1e400}', 422, "invalid_value", "extra"),
+    # a name given twice is named by its path (it was the bare name, "role")
+    ("role-twice", chat(messages=[{"role": "user", "content": "x", "ROLE": "user"}]).replace(b'"ROLE"', b'"role"'),
+     400, "invalid_json", "messages[0].role"),
+    ("purpose-twice", chat(metadata={"purpose": "a", "PURPOSE": "b"}).replace(b'"PURPOSE"', b'"purpose"'),
+     400, "invalid_json", "metadata.purpose"),
     ("max-tokens-10-24", chat(max_tokens=10**24), 422, "invalid_value", "max_tokens"),
     ("max-completion-tokens-2-53", chat(max_completion_tokens=2**53), 422, "invalid_value", "max_completion_tokens"),
     ("n-10-24", chat(n=10**24), 422, "invalid_value", "n"),

@@ -24,7 +24,7 @@ from gateway.settings import Settings
 from tests.conftest import ROOT
 
 COMPLETION_ROUTES = {urls.CHAT_COMPLETIONS: ChatCompletionRequest, urls.COMPLETIONS: CompletionRequest}
-ERROR_STATUSES = {"400", "401", "403", "404", "413", "415", "422", "429", "431", "502", "503", "504"}
+ERROR_STATUSES = {"400", "401", "403", "404", "413", "415", "422", "429", "431", "501", "502", "503", "504"}
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ REVIEW_ROUTES = {
     ("get", "/v1/audit/requests/{request_id}"): ("retrieveAuditRequest", STORY_PARAMS,
                                                  {"200", "400", "401", "404", "431", "503"}),
     **{("post", f"/v1/audit/requests/{{request_id}}/{action}"): (
-        f"{verb}AuditRequest", frozenset(), {"201", "400", "401", "403", "404", "413", "415", "422", "431", "503"})
+        f"{verb}AuditRequest", frozenset(), {"201", "400", "401", "403", "404", "413", "415", "422", "431", "501", "503"})
        for action, verb in (("flag", "flag"), ("comment", "comment"), ("disposition", "dispose"))},
 }
 
@@ -196,5 +196,5 @@ def test_review_documents_are_closed_and_queries_strict(document: dict[str, Any]
     # Every status of README's review error table is described for some review route.
     described = {status for (method, path) in REVIEW_ROUTES
                  for status in document["paths"][path][method]["responses"]}
-    assert _readme_error_statuses("### Review") == {"400", "403", "404", "413", "415", "422", "503"}
+    assert _readme_error_statuses("### Review") == {"400", "403", "404", "413", "415", "422", "501", "503"}
     assert _readme_error_statuses("### Review") <= described
