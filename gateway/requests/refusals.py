@@ -175,8 +175,10 @@ class QueueFull:
         if places is None:
             return f"{self.waiting} requests are already waiting for this model (limit {self.limit})"
         team = "(no team)" if self.team is None else self.team
-        text = (f"model '{self.model}' queue, team {team}: {places.waiting} of {places.cap} places, its share "
-                f"{_percent(places.share)} % of {self.limit}; {self.waiting} requests wait in all")
+        # "waiting, places" rather than "N of M places": a team's share may have shrunk (another team came)
+        # after its jobs were queued, and "3 of 1 places" read as a miscount
+        text = (f"model '{self.model}' queue, team {team}: {places.waiting} waiting, {places.cap} places (its "
+                f"share, {_percent(places.share)} % of {self.limit}); {self.waiting} requests wait in all")
         if places.at_ceiling:
             text += f", the most all teams together may hold ({CEILING_FACTOR * self.limit})"
         return text

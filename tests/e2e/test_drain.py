@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Iterator
 
@@ -51,14 +52,14 @@ def _signal(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
-def _until_stopping(base: str) -> dict:
-    """``/readyz``'s body once it says the gateway is stopping (a 503 alone may be the held worker's)."""
+def _until_stopping(base: str) -> httpx.Response:
+    """``/readyz``'s answer once it says the gateway is stopping (a 503 alone may be the held worker's)."""
     deadline = time.monotonic() + 30
     while True:
         reply = httpx.get(f"{base}/readyz", timeout=5)
         body = reply.json()
         if reply.status_code == 503 and body["checks"]["gateway"] != "ok":
-            return body
+            return reply
         assert time.monotonic() < deadline, f"/readyz never said the gateway is stopping: {body}"
         time.sleep(0.05)
 
@@ -88,7 +89,8 @@ def _stream(base: str, key: str, started: threading.Event) -> dict:
 
 def test_a_stopped_gateway_refuses_new_requests_and_ends_those_in_flight_with_an_answer(
         own_redis, keyring, audit_store, tmp_path) -> None:  # noqa: F811
-    own = own_redis.with_(drain_s=DRAIN_S, output_holdback_chars=16, request_timeout_s=120)
+    # a drain long enough for uvicorn's Date header to be seen renewed within it
+    own = own_redis.with_(drain_s=DRAIN_S + 4, output_holdback_chars=16, request_timeout_s=120)
     key = keyring["admin"]
     worker = spawn_cli(own, "worker", "--model", MODEL, log=tmp_path / "worker.log")
     held: list[int] = []
@@ -108,15 +110,22 @@ def test_a_stopped_gateway_refuses_new_requests_and_ends_those_in_flight_with_an
                 time.sleep(0.05)
 
             base.process.send_signal(signal.SIGTERM)
-            ready = _until_stopping(base)
+            first = _until_stopping(base)
+            ready, seen = first.json(), time.monotonic()
             refused = httpx.post(f"{base}/v1/completions", headers=bearer(key), timeout=30,
                                  json={"model": MODEL, "prompt": "Late", "max_tokens": 5})
+            time.sleep(max(0.0, seen + 3 - time.monotonic()))
+            later = httpx.get(f"{base}/readyz", timeout=5)  # still within the drain
             answered = plain.result(timeout=60)
             stream = streamed.result(timeout=60)
             assert base.process.wait(timeout=60) is not None  # it stops within its drain and a few seconds
         _signal(held, signal.SIGCONT)
 
         assert "gateway" in ready["missing"] and "stopping" in ready["checks"]["gateway"], ready
+        # uvicorn's Date header goes on being renewed while the stop runs (it stayed at the drain's first second)
+        assert later.status_code == 503 and later.json()["checks"]["gateway"] != "ok", later.text
+        assert (parsedate_to_datetime(later.headers["date"]) - parsedate_to_datetime(first.headers["date"])
+                ).total_seconds() >= 1, (first.headers["date"], later.headers["date"])
         # a request sent during the drain: refused at once, told when to come back, and recorded
         assert refused.status_code == 503, refused.text
         assert refused.json()["error"]["code"] == "shutting_down"

@@ -72,7 +72,7 @@ def test_a_team_at_its_cap_gets_429_naming_its_share_and_another_team_is_admitte
     error = refused.json()["error"]
     assert error["code"] == "queue_full" and error["type"] == "rate_limit_error" and error["param"] is None
     assert [r["code"] for r in error["reasons"]] == ["queue_full"]
-    assert f"model '{IDLE_MODEL}' queue, team fair-a: 32 of 32 places, its share 50 % of 64" in error["message"]
+    assert f"model '{IDLE_MODEL}' queue, team fair-a: 32 waiting, 32 places (its share, 50 % of 64)" in error["message"]
     # one place to free at half of one (assumed) worker of 500 ms a job: 1 s; nine places: 9 s
     assert refused.headers["retry-after"] == "1"
     assert refused_more.status_code == 429 and refused_more.headers["retry-after"] == "9"

@@ -109,13 +109,15 @@ def test_a_burst_fills_its_teams_places_and_the_other_team_still_gets_in(own_red
         raw.close()
 
     assert a_alone.status_code == 429, a_alone.text
-    assert f"team burst-a: {LIMIT} of {LIMIT} places, its share 100 % of {LIMIT}" in a_alone.json()["error"]["message"]
+    assert (f"team burst-a: {LIMIT} waiting, {LIMIT} places (its share, 100 % of {LIMIT})"
+            in a_alone.json()["error"]["message"])
     # one place at the whole of one (assumed) worker, 1 s a job until the workers measured one
     assert a_alone.headers["retry-after"] == "1"
 
     assert len(racers) == RACERS
     assert {(r.status_code, r.json()["error"]["code"]) for r in racers} == {(429, "queue_full")}
-    assert all("team burst-a: 4 of 2 places, its share 50 % of 4" in r.json()["error"]["message"] for r in racers)
+    assert all("team burst-a: 4 waiting, 2 places (its share, 50 % of 4)" in r.json()["error"]["message"]
+               for r in racers)
     # three places to free at half of one worker of 1 s: 6 s
     assert {r.headers["retry-after"] for r in racers} == {"6"}
     assert (usage_a["in_flight"], usage_a["requests_last_minute"]) == (LIMIT, LIMIT)  # the racers hold nothing

@@ -227,7 +227,7 @@ async def test_the_429_body_names_the_model_team_and_share(client, counters) -> 
     assert [r["code"] for r in body["reasons"]] == ["queue_full"] and body["reasons"][0]["retry_after_s"] == 2
     assert "its share 50 % of 64" in body["message"] and "its share 50 % of 64" in body["reasons"][0]["message"]
     message = full.message()
-    assert "model 'fair-tiny'" in message and "team support: 32 of 32 places, its share 50 % of 64" in message
+    assert "model 'fair-tiny'" in message and "team support: 32 waiting, 32 places (its share, 50 % of 64)" in message
     assert "40 requests wait in all" in message
     record = full.record()
     assert record["code"] == "queue_full" and record["team"]["cap"] == 32 and record["team"]["share"] == 0.5
