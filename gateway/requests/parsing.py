@@ -305,13 +305,16 @@ def _repeated_name(raw: bytes) -> tuple[str, str] | None:
 
     def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         nonlocal repeats
+        made = dict(pairs)
+        if len(made) == len(pairs):  # the usual case, decided in C
+            return made
+        repeats = True
         seen: set[str] = set()
         for name, _ in pairs:
             if name in seen:
-                repeats = True
                 return _RepeatsName(pairs, name)
             seen.add(name)
-        return dict(pairs)
+        raise AssertionError("unreachable: fewer names than pairs, yet none repeated")
 
     try:
         document = json.loads(raw, object_pairs_hook=pairs_hook)
