@@ -76,7 +76,7 @@ def test_a_team_at_its_cap_gets_429_naming_its_share_and_another_team_is_admitte
     # one place to free at half of one (assumed) worker of 500 ms a job: 1 s; nine places: 9 s
     assert refused.headers["retry-after"] == "1"
     assert refused_more.status_code == 429 and refused_more.headers["retry-after"] == "9"
-    assert "40 of 32 places" in refused_more.json()["error"]["message"]
+    assert "40 waiting, 32 places" in refused_more.json()["error"]["message"]
     assert admitted.status_code == 504, admitted.text  # admitted, queued, never served (no worker)
 
     request_id = refused.headers["x-govgate-request-id"]

@@ -122,7 +122,7 @@ def test_a_burst_fills_its_teams_places_and_the_other_team_still_gets_in(own_red
     assert {r.headers["retry-after"] for r in racers} == {"6"}
     assert (usage_a["in_flight"], usage_a["requests_last_minute"]) == (LIMIT, LIMIT)  # the racers hold nothing
 
-    assert b_full.status_code == 429 and "team burst-b: 2 of 2 places" in b_full.json()["error"]["message"]
+    assert b_full.status_code == 429 and "team burst-b: 2 waiting, 2 places" in b_full.json()["error"]["message"]
     assert b_full.headers["retry-after"] == "2"  # one place at half of one worker of 1 s
     assert sorted(statuses) == [504] * (LIMIT + 2)  # every admitted request waited its timeout in the queue
     refused = [e for e in audit_store.tail(60) if (e.body.get("admission") or {}).get("code") == "queue_full"
@@ -195,7 +195,7 @@ def test_a_burst_at_one_instant_takes_its_places_exactly_and_the_other_team_gets
     assert codes.count((429, "queue_full")) == BURST - LIMIT, codes
     assert codes.count((504, "timed_out")) == LIMIT, codes  # admitted: waited in the queue until the timeout
     assert queued_a == LIMIT  # never more than its places, not even for a moment of the burst
-    assert all(f"team burst-a: {LIMIT} of {LIMIT} places" in r.json()["error"]["message"]
+    assert all(f"team burst-a: {LIMIT} waiting, {LIMIT} places" in r.json()["error"]["message"]
                for r in heavy if r.status_code == 429)
     # the other team holds none of its 2 places: both are admitted, queued, and wait their timeout
     assert queued_b == 2, [r.text for r in light]

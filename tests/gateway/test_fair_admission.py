@@ -225,7 +225,7 @@ async def test_the_429_body_names_the_model_team_and_share(client, counters) -> 
     assert error.status == 429 and body["code"] == "queue_full" and body["type"] == "rate_limit_error"
     assert error.headers["Retry-After"] == "2"  # 1 × 0.8 s / 1 / 0.5
     assert [r["code"] for r in body["reasons"]] == ["queue_full"] and body["reasons"][0]["retry_after_s"] == 2
-    assert "its share 50 % of 64" in body["message"] and "its share 50 % of 64" in body["reasons"][0]["message"]
+    assert "its share, 50 % of 64" in body["message"] and "its share, 50 % of 64" in body["reasons"][0]["message"]
     message = full.message()
     assert "model 'fair-tiny'" in message and "team support: 32 waiting, 32 places (its share, 50 % of 64)" in message
     assert "40 requests wait in all" in message
