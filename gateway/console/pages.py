@@ -26,7 +26,7 @@ from gateway.api_errors import ApiError
 from gateway.console import charts
 from gateway.console.chain_status import STEP, chain_status
 from gateway.console.queue import WINDOW, review_queue
-from gateway.console.render import page
+from gateway.console.render import echoed, page
 from gateway.console.signin import Reviewer
 from gateway.console.story_view import story_view
 from gateway.review.params import entry_query, usage_query
@@ -86,7 +86,7 @@ class ConsolePages(Controller):
     async def search(self, request: Request, state: State, reviewer: NamedDependency[Reviewer]) -> Template:
         refused(request, SEARCH_FIELDS)
         values = form_values(request, SEARCH_FIELDS)
-        context: dict[str, Any] = {"user": reviewer, "active": urls.CONSOLE_SEARCH, "values": values,
+        context: dict[str, Any] = {"user": reviewer, "active": urls.CONSOLE_SEARCH, "values": echoed(values),
                                    "kinds": sorted(KINDS), "decisions": DECISIONS, "linked": LINKED_KINDS, "results": None, "error": None}
         if values or "cursor" in request.query_params:
             params = {name: [value] for name, value in values.items()}
@@ -131,8 +131,8 @@ class ConsolePages(Controller):
                 raise
             # A filter that cannot be read: the form stays, naming the field, as on the search page (until
             # 2026-12-05 a bare error page without the form, probe s54 F6).
-            return page("usage.html", status=exc.status, user=reviewer, active=urls.CONSOLE_USAGE, values=values,
-                        error=exc, totals=None, truncated=False, charts=[])
+            return page("usage.html", status=exc.status, user=reviewer, active=urls.CONSOLE_USAGE,
+                        values=echoed(values), error=exc, totals=None, truncated=False, charts=[])
         rows = answer["data"]
         reasons: dict[str, float] = {}
         for row in answer["denials"]:
@@ -142,7 +142,7 @@ class ConsolePages(Controller):
         drawn = [(f"{what} per day by {key}", charts.stacked_bars(rows, key, column, unit=what.lower()))
                  for key in ("team", "model") for what, column in (("Requests", "requests"), ("Tokens", "total_tokens"))]
         drawn.append(("Denials by reason", charts.bars(sorted(reasons.items()), unit="denials")))
-        return page("usage.html", user=reviewer, active=urls.CONSOLE_USAGE, values=values, totals=totals,
+        return page("usage.html", user=reviewer, active=urls.CONSOLE_USAGE, values=echoed(values), totals=totals,
                     truncated=answer["truncated"], charts=drawn, error=None)
 
     @get(urls.CONSOLE_CHAIN.removeprefix(urls.CONSOLE), name="console-chain")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime, timezone
-from typing import Any, Final
+from typing import Any, Final, Mapping
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup, escape
@@ -84,6 +84,23 @@ def _reveal(value: Any) -> Markup:
     text = str(escape("" if value is None else str(value)))
     return Markup(HIDDEN_CHARS.sub(lambda found: f'<span class="hidden-char" title="an invisible character">'
                                                  f'\u27e8U+{ord(found.group()):04X}\u27e9</span>', text))
+
+
+#: Characters HTML has no place for: the C0 controls other than tab, newline, form feed and carriage return
+#: (HTML's whitespace), DEL and the C1 controls. Each is a parse error in a page; a browser turns NUL into
+#: U+FFFD or drops it, so the page would not hold what the server meant it to.
+CONTROL_CHARS: Final = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
+
+
+def echoed(values: Mapping[str, str | None]) -> dict[str, str | None]:
+    """A form's values as sent, to fill it in again: each control character as U+FFFD (the replacement mark).
+
+    A refused filter keeps the form filled in so it can be corrected, and
+    a value refused for holding a NUL went back into the input with the NUL
+    in it. The message beside the form still says what was wrong; the
+    values as sent still make the query and the page links.
+    """
+    return {name: None if value is None else CONTROL_CHARS.sub("\ufffd", value) for name, value in values.items()}
 
 
 def _value(value: Any) -> str:

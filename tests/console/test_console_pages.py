@@ -214,6 +214,27 @@ async def test_bad_usage_input_keeps_the_form_naming_the_field(
     assert 'class="tiles"' not in response.text  # no figures for a filter that was not applied
 
 
+@pytest.mark.parametrize(("path", "status", "shown"), [
+    ("/console/search?q=%00", 400, ('name="q" value="\ufffd"',)),
+    ("/console/search?principal=a%00b%01c&team=t%1b", 400, ('value="a\ufffdb\ufffdc"', 'value="t\ufffd"')),
+    ("/console/usage?team=x%00y&model=m%7f", 400, ('value="x\ufffdy"', 'value="m\ufffd"')),
+    ("/console/search?principal=a%01b", 200, ('value="a\ufffdb"',)),  # a control character is a filter like any
+])
+async def test_a_value_sent_goes_back_into_the_form_without_control_characters(
+        client: AsyncTestClient, console: Console, path: str, status: int, shown: tuple[str, ...]) -> None:
+    """The form kept filled in after a refused filter echoed a NUL (refused because the database cannot hold
+    it) into the input's value: HTML has no place for it. The replacement mark stands in for it; the message
+    still says what was wrong."""
+    await sign_in(client, console.keys.reviewer)
+    response = await client.get(path)
+    assert response.status_code == status, response.text
+    assert not re.search("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]", response.text)
+    for value in shown:
+        assert value in response.text
+    if status == 400:
+        assert "invalid_filter" in response.text and "without NUL" in response.text
+
+
 @pytest.mark.parametrize("path", ["/console/search?include_text=true", "/console/search?bogus=1",
                                   "/console/usage?since=not-a-date", "/console/usage?group_by=day",
                                   "/console/chain?x=1", "/console/?x=1", "/console/search?limit=1&limit=2",
