@@ -26,7 +26,7 @@ from gateway.auth.keys import well_formed
 from gateway.auth.refusals import MISSING, NOT_A_KEY, UNKNOWN_OR_REVOKED, log_refused, presented_key_id
 from gateway.console import csrf
 from gateway.console.errors import error_page
-from gateway.console.pages import checked_request_id, service
+from gateway.console.pages import checked_request_id, refused, service
 from gateway.console.forms import read_form
 from gateway.console.render import SECURITY_HEADERS, page
 from gateway.console.signin import (SESSION_COOKIE, SIGN_IN_COOKIE, Reviewer, cookie, may_review, may_use_console,
@@ -36,6 +36,9 @@ from gateway.review.actions import parse_action
 #: The fields each action's form may send (beside the CSRF token).
 ACTION_FIELDS: Final = {"flag": ("note",), "comment": ("text",), "disposition": ("disposition", "note")}
 _SIGN_IN_COOKIE_S: Final = 3600
+#: The sign-in page's parameters, as the redirect to it sets them (``gateway/console/errors.py``): the page to go
+#: back to and that a session ended. Any other is refused as on the other pages (it was ignored, a 200).
+SIGN_IN_PARAMS: Final = ("next", "why")
 
 
 async def _form(request: Request) -> dict[str, Any]:
@@ -67,6 +70,7 @@ class SignIn(Controller):
 
     @get(urls.CONSOLE_SIGN_IN.removeprefix(urls.CONSOLE), name="console-sign-in-form")
     async def form(self, request: Request) -> Template:
+        refused(request, SIGN_IN_PARAMS)
         return _sign_in_page(request, status=200, message=None)
 
     @post(urls.CONSOLE_SIGN_IN.removeprefix(urls.CONSOLE), name="console-sign-in", status_code=303)

@@ -56,10 +56,11 @@ def form_values(request: Request, names: tuple[str, ...]) -> dict[str, str]:
 
 
 def refused(request: Request, names: tuple[str, ...]) -> None:
-    """A parameter the form does not have is a 400 (as in the API), not silently dropped; so is one given twice
-    (which of the two would count is a guess: the API refuses it too)."""
+    """A parameter the page does not take is a 400 (as in the API), not silently dropped; so is one given twice
+    (which of the two would count is a guess: the API refuses it too). ``names`` are all it takes: the search's
+    ``cursor`` was let through on every page until 2026-12-06."""
     for name in request.query_params:
-        if name not in names and name != "cursor":
+        if name not in names:
             raise ApiError(400, "unsupported_parameter", f"Unknown parameter {name[:64]!r} for this page.",
                            param=name[:64])
         if len(request.query_params.getall(name)) > 1:
@@ -84,7 +85,7 @@ class ConsolePages(Controller):
 
     @get(urls.CONSOLE_SEARCH.removeprefix(urls.CONSOLE), name="console-search")
     async def search(self, request: Request, state: State, reviewer: NamedDependency[Reviewer]) -> Template:
-        refused(request, SEARCH_FIELDS)
+        refused(request, (*SEARCH_FIELDS, "cursor"))  # the cursor: its pager's links
         values = form_values(request, SEARCH_FIELDS)
         context: dict[str, Any] = {"user": reviewer, "active": urls.CONSOLE_SEARCH, "values": echoed(values),
                                    "kinds": sorted(KINDS), "decisions": DECISIONS, "linked": LINKED_KINDS, "results": None, "error": None}

@@ -208,6 +208,29 @@ async def test_a_deep_link_keeps_its_query_through_sign_in(client: AsyncTestClie
     assert response.status_code == 303 and response.headers["location"] == link
 
 
+@pytest.mark.parametrize(("query", "code", "named"), [
+    ("foo=bar", "unsupported_parameter", "&#39;foo&#39;"), ("cursor=1", "unsupported_parameter", "&#39;cursor&#39;"),
+    ("next=%2Fconsole%2F&next=%2Fconsole%2Fchain", "invalid_filter", "next may be given once"),
+])
+async def test_the_sign_in_page_refuses_a_parameter_it_does_not_take(client: AsyncTestClient, query: str, code: str,
+                                                                    named: str) -> None:
+    """As the other pages refuse one: a 400 page naming it (it was a 200 that ignored it)."""
+    response = await client.get(f"/console/sign-in?{query}")
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"].startswith("text/html") and "Content-Security-Policy" in response.headers
+    assert f"<code>{code}</code>" in response.text and named in response.text
+    assert 'name="key"' not in response.text
+
+
+async def test_the_sign_in_page_takes_what_the_redirect_to_it_sets(client: AsyncTestClient) -> None:
+    redirect = await client.get("/console/search?team=research")  # no session: next=... (a session that ended: why)
+    assert redirect.status_code == 303
+    for target in (redirect.headers["location"], redirect.headers["location"] + "&why=ended"):
+        response = await client.get(target)
+        assert response.status_code == 200 and 'name="key"' in response.text, target
+    assert "Your session ended" in response.text
+
+
 async def test_a_form_sent_after_the_session_ended_comes_back_to_its_page(client: AsyncTestClient,
                                                                          console: Console) -> None:
     """A reviewer whose session timed out while writing a disposition signs in again and is back on that

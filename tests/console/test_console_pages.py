@@ -239,7 +239,8 @@ async def test_a_value_sent_goes_back_into_the_form_without_control_characters(
                                   "/console/usage?since=not-a-date", "/console/usage?group_by=day",
                                   "/console/chain?x=1", "/console/?x=1", "/console/search?limit=1&limit=2",
                                   "/console/search?principal=a&principal=b", "/console/usage?team=a&team=b",
-                                  "/console/requests/x?done=flag&done=comment"])
+                                  "/console/requests/x?done=flag&done=comment", "/console/usage?cursor=1",
+                                  "/console/chain?cursor=1", "/console/?cursor=1"])
 async def test_other_bad_queries_are_400_pages(client: AsyncTestClient, console: Console, path: str) -> None:
     await sign_in(client, console.keys.reviewer)
     response = await client.get(path)
