@@ -151,3 +151,28 @@ def test_the_chain_page_says_when_the_checkpoint_no_longer_matches_its_entry() -
     assert "rewritten or cut under the checkpoint" not in shown[None]
     assert "that entry now stores" in shown["e" * 64] and "e" * 64 in shown["e" * 64]
     assert "there is no such entry now" in shown[""]
+
+
+async def test_a_closing_checkpoint_a_command_signed_is_not_called_a_gateway_s_stop(
+        store: AuditStore, redis_server: RedisProcess) -> None:
+    """``govgate keys create`` run while no gateway runs signs its own entry as a closing checkpoint
+    (``govgate/own_entries.py``), and the page said of every closing checkpoint "written as a gateway stopped".
+    A checkpoint does not record who signed it, so the page names both writers."""
+    from audit.checkpoints import CheckpointStore
+    from audit.signing import SigningKey
+    from gateway.console.render import _environment
+
+    key, checkpoints = SigningKey.generate(), CheckpointStore(store.engine)
+    checkpoints.make(key, closing=True)  # the last gateway's stop
+    _fill(store, 1, start=30)  # the command's own entry, while none runs
+    own = store.head()
+    assert checkpoints.close_over_own(key, own.seq, own.hash) is not None
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        status = await chain_status(client, store.engine)
+    finally:
+        await client.aclose()
+    assert status.checkpoint is not None and status.checkpoint.closing and status.checkpoint.seq == own.seq
+    shown = _environment().get_template("chain.html").render(chain=status, step=10, now=0.0, user=None, active=None)
+    assert "written as a gateway stopped" not in shown
+    assert "written by a gateway as it stopped, or by an operator's command" in shown
