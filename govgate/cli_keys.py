@@ -82,13 +82,35 @@ def _gateways_redis_url(settings: Settings) -> str:
     return socket_url(embedded) if embedded.exists() else ""
 
 
-def _checked_roles(roles: tuple[str, ...]) -> list[str]:
-    """The roles, if there is at least one and the policy knows each; else a one-line error.
+#: The length of every key id (``secrets.token_hex(6)``): an argument longer than this names no key.
+_KEY_ID_LEN = 12
+
+
+def _checked_name(kind: str, value: str, hint: str) -> str:
+    """``value`` if a key may hold it as its ``kind`` (user, team, role); else a one-line error naming the option
+    ``hint`` and the rule, never the value: a 5000-character ``--user`` came back whole in the error, where the
+    HTTP key administration (``gateway/keys_admin/service.py``) quotes no refused value."""
+    from gateway.auth.keys import validate_name
+    from gateway.keys_admin.service import MAX_NAME
+
+    try:
+        return validate_name(kind, value)
+    except ValueError:
+        raise click.ClickException(f"{hint} must be 1-{MAX_NAME} letters, digits or . _ @ - (starting with a letter "
+                                   "or digit)") from None
+
+
+def _checked_roles(roles: tuple[str, ...], hint: str = "--role") -> list[str]:
+    """The roles, if there is at least one and each is a name a key may hold (:func:`_checked_name`, so an
+    unknown role quoted below is a short name, as the HTTP API quotes it) that the policy knows; else a one-line
+    error.
 
     The rule is :func:`gateway.keys_admin.roles.checked_roles`, which the HTTP key administration uses too.
     """
     from gateway.keys_admin.roles import RolesUnreadable, UnknownRoles, checked_roles, policy_roles
 
+    for role in roles:
+        _checked_name("role", role, hint)
     try:
         return checked_roles(roles, policy_roles(load_settings().policy_dir), none_given="no --role given")
     except (RolesUnreadable, UnknownRoles) as exc:
@@ -96,13 +118,25 @@ def _checked_roles(roles: tuple[str, ...]) -> list[str]:
 
 
 def _refuse_a_secret(key_id: str, command: str) -> None:
-    """A secret pasted where a key id belongs: name the id it carries, never echo the secret back."""
+    """A secret pasted where a key id belongs: name the id it carries (if it has an id's shape: a long argument
+    is not repeated either), never echo the secret back."""
     from gateway.auth.keys import KEY_PREFIX
+    from gateway.keys_admin.service import well_formed_id
 
     if key_id.startswith(KEY_PREFIX):
-        carried = key_id.split("_")[1] if key_id.count("_") >= 2 else ""
+        parts = key_id.split("_")
+        carried = parts[1] if len(parts) >= 3 and well_formed_id(parts[1]) else ""
         hint = f": govgate keys {command} {carried}" if carried else " (see 'govgate keys list')"
         raise click.ClickException(f"that is a key's secret, not its id; pass the key id{hint}")
+
+
+def _no_key(what: str, key_id: str, see: str = "") -> click.ClickException:
+    """No ``what`` ("key", "live key") has ``key_id``: the id named (as a terminal shows it) when it could be one,
+    else only how long an id is, so a long argument is not repeated."""
+    if len(key_id) > _KEY_ID_LEN:
+        return click.ClickException(f"no {what} with that id: a key id is {_KEY_ID_LEN} characters, not "
+                                    f"{len(key_id)}{see}")
+    return click.ClickException(f"no {what} with id {_shown(key_id)}{see}")
 
 
 @keys.command("create")
@@ -118,6 +152,9 @@ def keys_create(user: str, team: str | None, roles: tuple[str, ...], note: str |
 
     from govgate.cli_stdout import OutputError, stdout_closed
 
+    _checked_name("user", user, "--user")
+    if team is not None:
+        _checked_name("team", team, "--team")
     checked = _checked_roles(roles)
     if note is not None and len(note) > MAX_NOTE:  # the HTTP API's rule; PostgreSQL's column refuses it too
         raise click.BadParameter(f"at most {MAX_NOTE} characters, not {len(note)}", param_hint="--note")
@@ -200,7 +237,7 @@ def keys_revoke(key_id: str) -> None:
         # tell "done already" from a typo (h11 #5).
         row = store.get(key_id)
         if row is None:
-            raise click.ClickException(f"no key with id {key_id} (see 'govgate keys list --all')")
+            raise _no_key("key", key_id, " (see 'govgate keys list --all')")
         click.echo(f"{key_id} was already revoked at {row.revoked_at or '(unknown time)'}: nothing changed")
         # The gateways are told again: the run that revoked it may have warned that they were not (Redis
         # down), and its retry is how an operator mends that. A repeated signal only drops a cache entry.
@@ -218,7 +255,7 @@ def keys_revoke(key_id: str) -> None:
 def keys_roles(key_id: str, roles: tuple[str, ...]) -> None:
     """Give a live key exactly these roles (replacing its old ones); running gateways are told."""
     _refuse_a_secret(key_id, "roles")
-    checked = _checked_roles(roles)
+    checked = _checked_roles(roles, "ROLE")
     from gateway.auth import KeyStoreError
     from gateway.auth.key_changes import KeyChangeAnnouncer
 
@@ -232,7 +269,7 @@ def keys_roles(key_id: str, roles: tuple[str, ...]) -> None:
     except KeyStoreError as exc:
         raise _refused_write(exc) from None
     if change is None:
-        raise click.ClickException(f"no live key with id {key_id}")
+        raise _no_key("live key", key_id)
     if not change.changed:
         click.echo(f"{key_id} already has roles {','.join(change.new_roles)}: nothing changed")
         return

@@ -69,6 +69,44 @@ def test_keys_create_refuses_bad_names(cli):
     assert result.exit_code == 1 and "must be" in result.output
 
 
+@pytest.mark.parametrize("args, named", [
+    (("--user", "u" * 5000, "--role", "analyst"), "--user"),
+    (("--user", "paula", "--team", "t" * 5000, "--role", "analyst"), "--team"),
+    (("--user", "paula", "--role", "r" * 5000), "--role"),
+    (("--user", "paula", "--role", "analyst", "--role", "r" * 5000), "--role"),
+])
+def test_keys_create_names_the_option_and_its_bound_never_the_long_value(cli, args, named):
+    """A 5000-character --user came back whole in the error line (--role too, as an unknown role); the HTTP
+    key administration names the field and its rule and quotes no refused value. So does the command now."""
+    result = cli("keys", "create", *args, ok=False)
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: {named} must be 1-128 letters, digits or . _ @ - (starting with a "
+                                     "letter or digit)")
+    assert "paula" not in cli("keys", "list").stdout  # nothing was made
+
+
+def test_keys_create_refuses_a_long_note_by_its_bound(cli):
+    result = cli("keys", "create", "--user", "paula", "--role", "analyst", "--note", "n" * 5000, ok=False)
+    assert result.exit_code == 2 and "n" * 300 not in result.output
+    assert "Invalid value for --note: at most 256 characters, not 5000" in result.output
+
+
+def test_keys_revoke_and_roles_never_repeat_a_long_key_id_or_role(cli):
+    key_id = cli("keys", "create", "--user", "quinn", "--role", "analyst").stdout.strip().split("_")[1]
+    long_id = "f" * 5000
+    for args, says in [(("revoke", long_id), "no key with that id: a key id is 12 characters, not 5000 "
+                                              "(see 'govgate keys list --all')"),
+                       (("roles", long_id, "viewer"), "no live key with that id: a key id is 12 characters, not 5000"),
+                       (("revoke", f"gk_{long_id}_x"), "that is a key's secret, not its id; pass the key id "
+                                                       "(see 'govgate keys list')"),
+                       (("roles", key_id, "r" * 5000), "ROLE must be 1-128 letters, digits or . _ @ - (starting "
+                                                       "with a letter or digit)")]:
+        result = cli("keys", *args, ok=False)
+        assert result.exit_code == 1 and result.output.strip() == f"Error: {says}", result.output[:300]
+    [row] = [row for row in cli("keys", "list").stdout.splitlines() if key_id in row]
+    assert row.split()[3] == "analyst"  # nothing changed
+
+
 def _append_some(settings, n: int = 3) -> None:
     from audit import AuditStore, make_engine, migrate
 
