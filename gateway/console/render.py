@@ -79,17 +79,22 @@ HIDDEN_CHARS: Final = re.compile(
     "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
 
 
-def _reveal(value: Any) -> Markup:
-    """Untrusted text, escaped, with each hidden character shown as a visible mark (``⟨U+202E⟩``)."""
-    text = str(escape("" if value is None else str(value)))
-    return Markup(HIDDEN_CHARS.sub(lambda found: f'<span class="hidden-char" title="an invisible character">'
-                                                 f'\u27e8U+{ord(found.group()):04X}\u27e9</span>', text))
-
-
 #: Characters HTML has no place for: the C0 controls other than tab, newline, form feed and carriage return
 #: (HTML's whitespace), DEL and the C1 controls. Each is a parse error in a page; a browser turns NUL into
 #: U+FFFD or drops it, so the page would not hold what the server meant it to.
 CONTROL_CHARS: Final = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
+#: What :func:`_reveal` shows as marks: the hidden characters, and the controls, which a page cannot hold (a NUL
+#: in a prompt served by a llama.cpp model was drawn as nothing, or as U+FFFD, by the browser).
+_MARKED: Final = re.compile(f"{HIDDEN_CHARS.pattern}|{CONTROL_CHARS.pattern}")
+
+
+def _reveal(value: Any) -> Markup:
+    """Untrusted text, escaped, with each hidden or control character shown as a visible mark (``⟨U+202E⟩``)."""
+    text = str(escape("" if value is None else str(value)))
+    return Markup(_MARKED.sub(lambda found: f'<span class="hidden-char" title="an invisible character">'
+                                                 f'\u27e8U+{ord(found.group()):04X}\u27e9</span>', text))
+
+
 
 
 def echoed(values: Mapping[str, str | None]) -> dict[str, str | None]:

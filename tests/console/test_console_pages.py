@@ -88,8 +88,8 @@ async def test_a_delivered_entry_found_by_search_links_to_its_request(client: As
 async def test_characters_that_reorder_or_hide_text_are_shown_as_marks(client: AsyncTestClient,
                                                                        console: Console) -> None:
     """A right-to-left override shows "evil gnp.exe" as "exe.png live": the reviewer would judge other text
-    than the model was sent. Such characters (and zero-width spaces) show as marks, in prompts, outputs,
-    reasons and notes; right-to-left scripts and the joiners emoji need are left as they are."""
+    than the model was sent. Such characters (and zero-width spaces, and control characters) show as marks, in
+    prompts, outputs, reasons and notes; right-to-left scripts and the joiners emoji need are left as they are."""
     who = {"principal": "alice", "team": "research", "model": "govgate-tiny"}
     console.store.append("request", "bidi-request-1", **who, policy_revision="rev-1",
                          body={"endpoint": "chat.completions", "key_id": "k",
@@ -99,7 +99,7 @@ async def test_characters_that_reorder_or_hide_text_are_shown_as_marks(client: A
                                                 "content": "run \u202eevil gnp.exe \u05e9\u05dc\u05d5\u05dd "
                                                            "\U0001f469\u200d\U0001f467 \u2764\ufe0f pay 1\u200f-\u200f2 "
                                                            "memo." + "".join(chr(0xE0000 + ord(c)) for c in "Go")
-                                                           + "\ufe01\U000e0100\u00ad"}]})
+                                                           + "\ufe01\U000e0100\u00ad \x00\x01\x1b[2J\x7f\x85"}]})
     csrf = await sign_in(client, console.keys.reviewer)
     flagged = await client.post("/console/requests/bidi-request-1/flag",
                                 data={"csrf_token": csrf, "note": "pass\u200bword"})
@@ -108,7 +108,10 @@ async def test_characters_that_reorder_or_hide_text_are_shown_as_marks(client: A
     # and the default-ignorables a model reads but a browser draws as nothing: tag characters ("ASCII
     # smuggling" of a hidden sentence), variation selectors, the bidi marks, the soft hyphen
     hidden_chars = ("\u202e", "\u2066", "\u2069", "\u200b", "\u200f", "\U000e0047", "\U000e006f", "\ufe01",
-                    "\U000e0100", "\u00ad")
+                    "\U000e0100", "\u00ad",
+                    # and the controls a page cannot hold (a NUL reaches a llama.cpp model; ESC starts a terminal's
+                    # escape sequence), drawn as nothing or as U+FFFD
+                    "\x00", "\x01", "\x1b", "\x7f", "\x85")
     for hidden in hidden_chars:
         assert hidden not in page, repr(hidden)
     for hidden in hidden_chars:
