@@ -4,7 +4,7 @@
 # of a streamed one; see README "Output rules".
 #
 # Entry point read by the gateway:
-#   data.govgate.output_decision  {allow, reasons, obligations: {redact}}
+#   data.govgate.output_decision  {allow, reasons, obligations: {redact, log_redact}}
 #
 # The input: principal and model as in the request's input, the request
 # (endpoint, model, purpose, stream, max_tokens), the request's decision
@@ -27,11 +27,14 @@ import rego.v1
 # means stop; the reasons are then never empty. redact lists the findings of
 # the detectors whose action is not allow: on an allowed output those to
 # mask (a stop detector found nothing); on a stopped one all of them, so the
-# audit entry of what was generated keeps none in clear.
+# audit entry of what was generated keeps none in clear. log_redact lists,
+# when the request's prompt_logging is "redacted", the findings of the
+# detectors whose action is allow: the client receives them, the audit's
+# copy masks them, as it masks every finding of the prompt.
 output_decision := {
 	"allow": output_allow,
 	"reasons": output_reasons,
-	"obligations": {"redact": output_redact},
+	"obligations": {"redact": output_redact, "log_redact": output_log_redact},
 }
 
 default output_allow := false
@@ -48,6 +51,14 @@ output_reasons := [] if {
 
 output_redact := [{"detector": detector, "text": text} |
 	some [detector, text] in sort({[finding.detector, finding.text] | some finding in output_findings; output_actions[finding.detector] != "allow"})
+]
+
+# An email an admin may receive (action allow) was kept in clear in the
+# audit of a request logged "redacted" (probe s55): that level masks every
+# finding the detectors make, whatever the client may see.
+output_log_redact := [{"detector": detector, "text": text} |
+	input.decision.obligations.prompt_logging == "redacted"
+	some [detector, text] in sort({[finding.detector, finding.text] | some finding in output_findings; output_actions[finding.detector] == "allow"})
 ]
 
 # ---------------------------------------------------------------- input

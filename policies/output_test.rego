@@ -46,7 +46,7 @@ codes(d) := {r.code | some r in d.reasons}
 # ---------------------------------------------------------------- shipped behaviour
 
 test_clean_output_allowed_with_nothing_to_mask if {
-	judge("The capital of France is Paris.", ["analyst"]) == {"allow": true, "reasons": [], "obligations": {"redact": []}}
+	judge("The capital of France is Paris.", ["analyst"]) == {"allow": true, "reasons": [], "obligations": {"redact": [], "log_redact": []}}
 }
 
 test_card_number_stops_naming_detector_not_value if {
@@ -73,7 +73,30 @@ test_redact_detector_masks_and_allows if {
 }
 
 test_allowed_detector_neither_masks_nor_stops if {
-	judge("write to ops@example.com or call +1 555 123 4567", ["analyst"]) == {"allow": true, "reasons": [], "obligations": {"redact": []}}
+	judge("write to ops@example.com or call +1 555 123 4567", ["analyst"]) == {"allow": true, "reasons": [], "obligations": {"redact": [], "log_redact": []}}
+}
+
+# A request logged "redacted" (prompt_logging from its decision).
+judge_logged_redacted(text, roles) := d if {
+	d := data.govgate.output_decision with input as json.patch(window(text, roles), [{"op": "replace", "path": "/decision/obligations/prompt_logging", "value": "redacted"}])
+		with data.govgate_config as output_config
+}
+
+test_under_redacted_logging_allowed_findings_are_masked_in_the_log_only if {
+	d := judge_logged_redacted("write to ops@example.com, IBAN DE89 3704 0044 0532 0130 00", ["analyst"])
+	d.allow
+	d.obligations.redact == [{"detector": "iban", "text": "DE89 3704 0044 0532 0130 00"}]
+	d.obligations.log_redact == [{"detector": "email", "text": "ops@example.com"}]
+}
+
+test_under_full_logging_nothing_more_is_masked_in_the_log if {
+	judge("write to ops@example.com", ["analyst"]).obligations.log_redact == []
+}
+
+test_a_finding_the_client_does_not_get_is_not_listed_twice if {
+	d := judge_logged_redacted("write to ops@example.com", ["intern"])
+	d.obligations.redact == [{"detector": "email", "text": "ops@example.com"}]
+	d.obligations.log_redact == []
 }
 
 test_private_key_header_stops if {
@@ -146,7 +169,7 @@ test_unknown_or_malformed_roles_take_the_defaults if {
 test_data_without_output_rules_allows_every_output if {
 	d := data.govgate.output_decision with input as window("4111 1111 1111 1111 123-45-6789", ["analyst"])
 		with data.govgate_config as config
-	d == {"allow": true, "reasons": [], "obligations": {"redact": []}}
+	d == {"allow": true, "reasons": [], "obligations": {"redact": [], "log_redact": []}}
 }
 
 test_output_detector_unconfigured_for_prompts_still_runs_on_outputs if {

@@ -35,12 +35,15 @@ class OutputDecision:
     ``content_filter``; ``reasons`` is then never empty. ``redact`` lists the
     findings to mask in what the client receives and in the audit; on a stop
     it lists the stopping findings too, so that the audit entry of the output
-    as generated keeps none of them in clear.
+    as generated keeps none of them in clear. ``log_redact`` lists findings
+    the client may receive that the audit's copy masks (a request logged
+    ``redacted``: every finding is masked there, an allowed one too).
     """
 
     allow: bool
     reasons: tuple[Reason, ...]
     redact: tuple[Redaction, ...] = ()
+    log_redact: tuple[Redaction, ...] = ()
     #: For :meth:`unavailable` only: the evaluation ran past the timeout (``Decision.timed_out``).
     timed_out: bool = field(default=False, compare=False)
 
@@ -50,10 +53,10 @@ class OutputDecision:
         obj, allow, reasons = verdict_head(doc, "output_decision", allows="allows the output",
                                            refuses="stops the output")
         obligations = _object(obj["obligations"], "output_decision.obligations", required=set(),
-                              optional={"redact"})
-        redact = (_redactions(obligations["redact"], "output_decision.obligations.redact")
-                  if "redact" in obligations else ())
-        return cls(allow=allow, reasons=reasons, redact=redact)
+                              optional={"redact", "log_redact"})
+        redact, log_redact = ((_redactions(obligations[name], f"output_decision.obligations.{name}")
+                               if name in obligations else ()) for name in ("redact", "log_redact"))
+        return cls(allow=allow, reasons=reasons, redact=redact, log_redact=log_redact)
 
     @classmethod
     def allowed(cls) -> "OutputDecision":
@@ -89,7 +92,8 @@ class OutputDecision:
         doc: dict[str, Any] = {
             "allow": self.allow,
             "reasons": [reason.to_document() for reason in self.reasons],
-            "obligations": {"redact": [item.to_document() for item in self.redact]},
+            "obligations": {"redact": [item.to_document() for item in self.redact],
+                            "log_redact": [item.to_document() for item in self.log_redact]},
         }
         if self.is_unavailable:
             doc["unavailable"] = True

@@ -25,7 +25,7 @@ SHIPPED_MODULE_DIGESTS: Final[dict[str, str]] = {
     "govgate.rego": "5a5d90a0fab0e819f461ff5119514cfee538ecf9d5d91f54d19177bbe5f8b1c7",
     "limits.rego": "cca16ca8878e5c86efafd5eab91f6e46d2f29a6ee34840daee3774362cc2724d",
     "obligations.rego": "a1af5a9a86ebd344d7b5a5e41490ecf8a71f30a4e9b31de38171fcca643d9e12",
-    "output.rego": "91795e8cb4fd05df57dc601648f3a39b3adef07b3292dbcab71d62ec48a49944",
+    "output.rego": "2546c5c230dfb08e31fa0c649b79c66fff65812a04da9e243d768d5c67d8bfbb",
     "pii.rego": "53d7654caa31db1cb1c9fd2060475e5b2c9b75f31755ee156951638d0ca7515a",
     "purpose.rego": "4cd8362f6bed5397f115f59d0cea48caa929e42bfd5616c09a06f45ea7438129",
     "schedule.rego": "8d6789078318f85234bf883560916518b81de8f06de7125c30c8fbb22d62e44c",

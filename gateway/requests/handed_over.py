@@ -98,7 +98,8 @@ class HandedOver:
         body = generation_body(ticket.job, generated, self.digester, checked=ending.checked,
                                findings=ending.findings, finish_reason=ending.finish_reason, error=ending.error,
                                extra_timings={"handed_over_ms": generated.waited_ms(time.time_ns())})
-        withheld = logged_client_output(delivered, ticket.job.prompt_logging, [*ticket.job.redact, *verdict.redact],
+        withheld = logged_client_output(delivered, ticket.job.prompt_logging,
+                                        [*ticket.job.redact, *verdict.logged_redact],
                                         self.digester) if ending.checked else None
         try:
             entry = await self.request_log.record_end(ticket, ending.kind, body, withheld_client=withheld)

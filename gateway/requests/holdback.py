@@ -40,6 +40,7 @@ class Judged(Protocol):
     allow: bool
     reasons: Sequence[_Reason]
     redact: Sequence[_Finding]
+    log_redact: Sequence[_Finding]
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class HoldBack:
         self.released = 0
         self._released: list[str] = []
         self._findings: dict[str, str] = {}  # finding text -> detector
+        #: Findings released to the client as they are that the audit's copy masks (``log_redact``).
+        self._logged: dict[str, str] = {}
         self._reasons: list[dict[str, Any]] = []
         self.stopped = False
         self.unavailable = False
@@ -122,6 +125,8 @@ class HoldBack:
                 self._reasons.append(document)
         for finding in decision.redact:  # a stop lists its findings too: the log masks them all
             self._findings.setdefault(finding.text, finding.detector)
+        for finding in decision.log_redact:
+            self._logged.setdefault(finding.text, finding.detector)
         if not decision.allow:
             self.unavailable = unavailable
             self.stopped = True
@@ -164,9 +169,18 @@ class HoldBack:
     def redact(self) -> list[dict[str, str]]:
         return [{"detector": detector, "text": text} for text, detector in self._findings.items()]
 
+    @property
+    def log_redact(self) -> list[dict[str, str]]:
+        """The findings the client receives as they are and the audit's copy masks (none of ``redact``'s)."""
+        return [{"detector": detector, "text": text} for text, detector in self._logged.items()
+                if text not in self._findings]
+
     def decision_document(self) -> dict[str, Any]:
         """The output decision folded over every window: stopped or not, every reason and finding."""
-        return {"allow": not self.stopped, "reasons": list(self._reasons), "redact": self.redact}
+        document = {"allow": not self.stopped, "reasons": list(self._reasons), "redact": self.redact}
+        if self._logged:  # only then: a worker older than log_redact reads the verdict as before
+            document["log_redact"] = self.log_redact
+        return document
 
 
 def _occurrences(text: str, finding: str) -> list[tuple[int, int]]:

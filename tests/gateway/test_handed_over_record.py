@@ -219,7 +219,7 @@ class _AllowingEngine:
     revision = "rev"
 
     async def decide_output_with_revision(self, document):
-        return SimpleNamespace(allow=True, reasons=(), redact=()), self.revision
+        return SimpleNamespace(allow=True, reasons=(), redact=(), log_redact=()), self.revision
 
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -20,6 +20,7 @@ class Decided:
     allow: bool = True
     reasons: tuple[Reason, ...] = ()
     redact: tuple[Redaction, ...] = ()
+    log_redact: tuple[Redaction, ...] = ()
 
 
 def judge(text: str) -> Decided:
@@ -161,3 +162,22 @@ def test_a_finding_padded_past_the_hold_back_with_characters_the_rules_do_not_se
         assert hold.stopped
         seen = normalize(released).replace(" ", "").replace("\n", "")
         assert seen and lead.replace(" ", "").startswith(seen), (padding, size, seen)  # some of the lead, none of the secret
+
+
+def test_findings_only_the_log_masks_are_released_as_they_are_and_folded_for_the_log() -> None:
+    """``log_redact`` (an allowed finding of a request logged ``redacted``) is the audit's business only: the
+    client gets the text unmasked, the folded decision lists it once, and not when ``redact`` has it too."""
+    email, text = "ops@example.com", "write to ops@example.com, card " + CARD + ", or ops@example.com again"
+    hold = HoldBack(8, 4)
+    hold.add(text)
+    found = Decided(redact=(Redaction("payment_card", CARD),),
+                    log_redact=(Redaction("email", email), Redaction("email", email), Redaction("payment_card", CARD)))
+    released = hold.apply(hold.window(final=True), found)
+    assert released == text.replace(CARD, "[REDACTED:payment_card]")
+    assert hold.decision_document() == {"allow": True, "reasons": [],
+                                        "redact": [{"detector": "payment_card", "text": CARD}],
+                                        "log_redact": [{"detector": "email", "text": email}]}
+    plain = HoldBack(8, 4)
+    plain.add("nothing here")
+    plain.apply(plain.window(final=True), Decided())
+    assert "log_redact" not in plain.decision_document()  # as before it existed: a worker of before reads it

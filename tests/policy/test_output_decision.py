@@ -100,10 +100,15 @@ def policy(tmp_path: Path, rego: str) -> Path:
 
 
 def test_allowed_document_with_redactions_parsed() -> None:
-    doc = {"allow": True, "reasons": [], "obligations": {"redact": [{"detector": "email", "text": "a@b.example"}]}}
+    doc = {"allow": True, "reasons": [], "obligations": {"redact": [{"detector": "email", "text": "a@b.example"}],
+                                                         "log_redact": [{"detector": "phone", "text": "555 0100"}]}}
     decision = OutputDecision.from_document(doc)
-    assert decision == OutputDecision(True, (), (Redaction("email", "a@b.example"),))
+    assert decision == OutputDecision(True, (), (Redaction("email", "a@b.example"),),
+                                      (Redaction("phone", "555 0100"),))
     assert decision.to_document() == doc
+    # a policy written before log_redact: nothing more to mask in the log
+    older = OutputDecision.from_document({**doc, "obligations": {"redact": doc["obligations"]["redact"]}})
+    assert older.log_redact == () and older.to_document()["obligations"]["log_redact"] == []
 
 
 def test_stop_document_parsed_and_redact_may_be_left_out() -> None:
@@ -121,6 +126,8 @@ def test_stop_document_parsed_and_redact_may_be_left_out() -> None:
     ({"allow": True, "reasons": [], "obligations": {"redact": [{"detector": "email"}]}},
      r"output_decision.obligations.redact\[0\] lacks"),
     ({"allow": True, "reasons": [], "obligations": {"redact": [{"detector": "email", "text": ""}]}}, "non-empty"),
+    ({"allow": True, "reasons": [], "obligations": {"log_redact": [{"text": "a@b.example"}]}},
+     r"output_decision.obligations.log_redact\[0\] lacks"),
     ({"allow": False, "reasons": [{"code": "", "message": "m"}], "obligations": {}},
      r"output_decision.reasons\[0\].code must be a non-empty string"),
     ({"allow": True, "reasons": []}, "lacks"),

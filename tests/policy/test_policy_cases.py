@@ -23,7 +23,7 @@ each a JSON list of::
                 "reason_codes": ["a", "b"], # the distinct reason codes, sorted
                 "obligations": {...}}}      # optional: these keys must match exactly
 
-For an output case ``obligations`` can only hold ``redact``.
+For an output case ``obligations`` can only hold ``redact`` and ``log_redact``.
 ``reason_codes`` lists each code once: two reasons with one code (two
 malformed fields, say) are one entry. Cases with the same ``data`` share a
 policy folder (``policies/`` copied, ``govgate_config`` replaced), an
@@ -134,8 +134,8 @@ def _case_problem(item: Any) -> str | None:
         return f"expect.reason_codes must be sorted and distinct: {sorted(set(codes))}"
     if not isinstance(expect.get("obligations", {}), dict):
         return "expect.obligations must be an object"
-    if item.get("entry") == "output_decision" and expect.get("obligations", {}).keys() - {"redact"}:
-        return "an output case's expect.obligations can only hold redact"
+    if item.get("entry") == "output_decision" and expect.get("obligations", {}).keys() - {"redact", "log_redact"}:
+        return "an output case's expect.obligations can only hold redact and log_redact"
     return None
 
 

@@ -162,11 +162,12 @@ def test_explain_judges_an_output_in_the_context_of_the_input(settings, tmp_path
     masked = run(settings, "policy", "explain", "--input", str(case), "--output", str(output))
     assert masked.exit_code == 0, masked.output
     assert json.loads(masked.stdout)["output_decision"] == {
-        "allow": True, "reasons": [], "obligations": {"redact": [{"detector": "us_ssn", "text": "123-45-6789"}]}}
+        "allow": True, "reasons": [], "obligations": {"redact": [{"detector": "us_ssn", "text": "123-45-6789"}],
+                                                      "log_redact": []}}
 
     case.write_text(json.dumps(case_input(role="admin")))  # admins see SSNs in outputs
     shown = run(settings, "policy", "explain", "--input", str(case), "--output", str(output))
-    assert json.loads(shown.stdout)["output_decision"]["obligations"] == {"redact": []}
+    assert json.loads(shown.stdout)["output_decision"]["obligations"] == {"redact": [], "log_redact": []}
 
     output.write_text("pay with 4111\u200b1111 1111 1111", encoding="utf-8")
     stopped = run(settings, "policy", "explain", "--input", str(case), "--output", str(output))

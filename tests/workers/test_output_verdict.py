@@ -130,6 +130,35 @@ def test_under_redacted_logging_the_log_masks_the_outputs_findings_too(client, s
     assert entry.body["output_masked"] is True
 
 
+@pytest.mark.parametrize("logging", ["redacted", "full"])
+def test_a_finding_the_client_may_receive_is_masked_in_a_redacted_log(client, store, model, logging: str) -> None:
+    """The output rules let an email through to an admin (action allow); its request, logged ``redacted`` for
+    the email in its prompt, kept the output's email in clear (probe s55): the verdict's ``log_redact``
+    findings are masked in the log's copies, not in what the client receives."""
+    probe = run_job(replace(checked_job(""), check_output=False), model, store)
+    word = probe.text.split()[0]
+
+    def allow_but_log_masked(report: OutputReport) -> OutputVerdict:
+        return OutputVerdict(decision={"allow": True, "reasons": [], "redact": [],
+                                       "log_redact": [{"detector": "email", "text": word}]},
+                             client_text=report.text, revision="rev-2")
+
+    gateway = Gateway(client, allow_but_log_masked)
+    job = checked_job(gateway.channel, prompt_logging=logging)
+    result = run(client, job, store, model)
+    gateway.close()
+    assert result.status == STATUS_COMPLETED and result.text == probe.text  # the client gets it as it is
+    entry = store.terminal_for(job.request_id)
+    if logging == "full":
+        assert entry.payload["output"] == entry.payload["client_output"] == probe.text
+        return
+    assert word not in entry.payload["output"] and word not in entry.payload["client_output"]
+    assert "[REDACTED:email]" in entry.payload["output"] and "[REDACTED:email]" in entry.payload["client_output"]
+    assert entry.body["output_masked"] is True and entry.body["client_output_masked"] is True
+    assert entry.body["output_decision"]["findings"] == []  # the client's text was masked for nothing
+    assert word not in str(entry.body)
+
+
 def test_a_stopped_output_is_a_completion_with_the_content_filter_finish(client, store, model) -> None:
     def stop(report: OutputReport) -> OutputVerdict:
         return OutputVerdict(decision={"allow": False, "reasons": [{"code": "output_blocked", "message": "no"}],

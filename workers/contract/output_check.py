@@ -142,6 +142,12 @@ class OutputVerdict:
         """The findings the client's text was masked for (``[{detector, text}]``)."""
         return [item for item in self.decision.get("redact") or () if isinstance(item, dict)]
 
+    @property
+    def logged_redact(self) -> list[dict[str, str]]:
+        """The findings the audit's copies of the output mask: :attr:`redact`'s, and those the client received
+        as they are that a ``redacted`` log masks all the same (the output rules' ``log_redact``)."""
+        return [*self.redact, *(item for item in self.decision.get("log_redact") or () if isinstance(item, dict))]
+
 
 def decision_record(verdict: OutputVerdict, digester: Digester | None) -> dict[str, Any]:
     """The output decision as the terminal entry records it: findings as detector and keyed digest.

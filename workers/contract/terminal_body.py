@@ -100,7 +100,7 @@ def judged_fields(job: GenerateJob, verdict: OutputVerdict, digester: Digester |
     received, kept as ``prompt_logging`` allows, masked for the rules' findings too): the same fields in every
     entry that records them, a worker's terminal entry, a timeout's, or a gateway's ``delivered``."""
     return {"output_decision": decision_record(verdict, digester),
-            **logged_client_output(verdict.client_text, job.prompt_logging, [*job.redact, *verdict.redact],
+            **logged_client_output(verdict.client_text, job.prompt_logging, [*job.redact, *verdict.logged_redact],
                                    digester)}
 
 
@@ -136,19 +136,19 @@ def checked_ending(job: GenerateJob, verdict: OutputVerdict | None, finish_reaso
                                                                else UNCHECKED_ERROR))
     checked = judged_fields(job, verdict, digester)
     if verdict.cancelled and verdict.timed_out:
-        return Ending(STATUS_TIMED_OUT, None, checked=checked, findings=verdict.redact, served=verdict.client_text,
-                      error={"code": STATUS_TIMED_OUT, "message": GATEWAY_TIMEOUT_MESSAGE})
+        return Ending(STATUS_TIMED_OUT, None, checked=checked, findings=verdict.logged_redact,
+                      served=verdict.client_text, error={"code": STATUS_TIMED_OUT, "message": GATEWAY_TIMEOUT_MESSAGE})
     if verdict.cancelled:
-        return Ending(STATUS_CANCELLED, None, checked=checked, findings=verdict.redact, served=verdict.client_text,
-                      error=dict(CANCELLED_ERROR))
+        return Ending(STATUS_CANCELLED, None, checked=checked, findings=verdict.logged_redact,
+                      served=verdict.client_text, error=dict(CANCELLED_ERROR))
     if verdict.unavailable:  # the engine's reasons say why (no evaluator free, a timeout): no text in them
         why = "; ".join(str(reason.get("message", "")) for reason in verdict.decision.get("reasons") or ()
                         if isinstance(reason, dict))
-        return Ending(STATUS_FAILED, finish_reason, checked=checked, findings=verdict.redact, error={
+        return Ending(STATUS_FAILED, finish_reason, checked=checked, findings=verdict.logged_redact, error={
             "code": OUTPUT_POLICY_UNAVAILABLE,
             "message": f"the output rules could not be evaluated ({why or 'no answer'}); the output was withheld"})
     finish = FINISH_CONTENT_FILTER if verdict.stopped else finish_reason
-    return Ending("completion", finish, checked=checked, findings=verdict.redact, served=verdict.client_text)
+    return Ending("completion", finish, checked=checked, findings=verdict.logged_redact, served=verdict.client_text)
 
 
 def judged_whole(job: GenerateJob, checked: dict[str, Any] | None, finish_reason: str | None,
