@@ -129,7 +129,7 @@ class _StuckOnTheLastWindow:
         if document["final"]:
             self.last_window_asked.set()
             await asyncio.Event().wait()  # until cancelled with its client
-        return SimpleNamespace(allow=True, reasons=(), redact=()), self.revision
+        return SimpleNamespace(allow=True, reasons=(), redact=(), log_redact=()), self.revision
 
 
 async def test_a_report_being_judged_when_the_client_left_is_answered_cancelled_with_what_it_received(parts):
@@ -198,7 +198,7 @@ class _HeldLastWindow:
         if document["final"]:
             self.last_window_asked.set()
             await self.let_go.wait()
-        return SimpleNamespace(allow=True, reasons=(), redact=()), self.revision
+        return SimpleNamespace(allow=True, reasons=(), redact=(), log_redact=()), self.revision
 
 
 async def test_a_stream_cut_while_its_last_window_is_judged_tells_its_worker_cancelled_not_the_allow(parts):
