@@ -231,8 +231,12 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
         return _record_failure(job, store, "worker_error", f"{type(exc).__name__}: {exc}", worker,
                                output=_sent(job, text), digester=digester)
     finally:
-        if run is not None and ending is not None:
-            run.close()  # frees the model at once
+        # Frees the model at once, however the loop ended: a failure's return left the run open, to be freed
+        # only when nothing held it, and the failure's log record held it (its exception's traceback, the frame,
+        # the run): each later job of the worker failed "already generating on this thread" (probe s55 F1).
+        # Closing a run that reached its end changes nothing.
+        if run is not None:
+            run.close()
     prompt_tokens = run.prompt_tokens if run is not None else 0
     completion_tokens = run.completion_tokens if run is not None else 0
     kind = ending or "completion"

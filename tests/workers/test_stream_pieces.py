@@ -175,6 +175,14 @@ def test_a_stream_whose_channel_loses_redis_is_recorded_failed_as_a_relay_failur
     assert not [r for r in caplog.records if "crashed" in r.getMessage()]
     assert any("channel to the gateway failed mid-generation" in r.getMessage() and r.levelname == "WARNING"
                for r in caplog.records)
+    # The model is free for the next job. The run was left open: the log record's argument (the exception, its
+    # traceback, the frame holding the run) kept it alive, and every later job of the worker failed "already
+    # generating on this thread" until the worker was killed (probe s55 F1: a Redis stall mid-stream).
+    after = uuid.uuid4().hex
+    channel = RedisJobChannel(client, after, streaming=True, sealer=SEALER, reply_to=listener.channel,
+                              flush_interval_s=0)
+    assert run_job(streamed_job(after, listener.channel), model, store, channel).status == "completed"
+    assert store.terminal_for(after).kind == "completion"
 
 
 def test_the_setting_is_read_bounded_and_reaches_a_child_process() -> None:
