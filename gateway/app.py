@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from litestar import Litestar, Request, Response
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 
+from audit import AuditStore
 from gateway.api.admin_keys import AdminKeysController
 from gateway.api.completions import CompletionsController
 from gateway.api.dependencies import provide_principal
@@ -28,7 +29,7 @@ from gateway.allowed_methods import AllowedMethods
 from gateway.api_errors import EXCEPTION_HANDLERS, http_exception_handler
 from gateway.console.errors import http_error_page
 from gateway.cut_ends import wait_for_cut_ends
-from gateway.stop_timing import CUT_ENDS_WAIT_S
+from gateway.stop_timing import CUT_ENDS_WAIT_S, FORCED_CUT_ENDS_WAIT_S
 from gateway.drain import Drain
 from gateway.drain_reads import DrainEndsBodyReads
 from gateway.forced_stop import ForcedStop
@@ -58,6 +59,17 @@ def freeze_startup_heap() -> None:
     log.info("startup heap frozen: %d objects out of the garbage collector's reach", gc.get_freeze_count())
 
 
+def _forced_cut_ends(drain: Drain, audit: AuditStore) -> Callable[[float], Awaitable[None]]:
+    """A forced stop's wait for the ends of the requests its cut ended, bounded by
+    :data:`~gateway.stop_timing.FORCED_CUT_ENDS_WAIT_S` and the forced stop's own bound: without it a second
+    Ctrl-C signed before a cut stream's worker recorded its end, milliseconds later, and ``govgate audit verify``
+    run while the stack was down said UNVERIFIED (probe s55 F2). Not cut short by the hurry, which is what a
+    forced stop is."""
+    async def wait(within_s: float) -> None:
+        await wait_for_cut_ends(drain.cut_requests, audit, bound_s=min(within_s, FORCED_CUT_ENDS_WAIT_S))
+    return wait
+
+
 def create_app(settings: Settings | None = None, *, components: ComponentsFactory = build_components,
                freeze_heap: bool = False, drain: Drain | None = None,
                forced_stop: ForcedStop | None = None) -> Litestar:
@@ -78,8 +90,12 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
             app.state.components = built
             app.state.drain = drain
             checkpointer = built.checkpointer
-            forget = forced_stop.add("the closing audit checkpoint", checkpointer.aclose) \
-                if forced_stop is not None and checkpointer is not None else (lambda: None)
+            forgets = []
+            if forced_stop is not None and checkpointer is not None:
+                if built.audit is not None:  # first: the closing checkpoint then signs the ends it waited for
+                    forgets.append(forced_stop.add("the ends of the requests the stop cut",
+                                                   _forced_cut_ends(drain, built.audit)))
+                forgets.append(forced_stop.add("the closing audit checkpoint", checkpointer.aclose))
             if freeze_heap:
                 freeze_startup_heap()
             try:
@@ -88,7 +104,8 @@ def create_app(settings: Settings | None = None, *, components: ComponentsFactor
                 if drain.cut_requests and built.audit is not None:  # signed by the closing checkpoint below
                     await wait_for_cut_ends(drain.cut_requests, built.audit, bound_s=CUT_ENDS_WAIT_S,
                                             hurried=lambda: drain.hurried)
-                forget()  # a clean stop: the components' own close writes it
+                for forget in forgets:  # a clean stop: done above, and the components' own close writes it
+                    forget()
 
     app = Litestar(
         route_handlers=[CompletionsController, ModelsController, HealthController, ReviewController,

@@ -10,6 +10,9 @@ END_WAIT_S = 5.0
 #: Then, before the closing audit checkpoint, how long the app waits for the ends (terminal entries) of the
 #: requests the cut ended, which their workers record a moment later (``gateway/cut_ends.py``).
 CUT_ENDS_WAIT_S = 10.0
+#: The same wait at a forced stop (a second Ctrl-C), within its 3 s (``gateway/forced_stop.py``): a worker
+#: records the end of a request the cut ended milliseconds after it, and the closing checkpoint signs it then.
+FORCED_CUT_ENDS_WAIT_S = 1.5
 #: uvicorn's bound (``timeout_graceful_shutdown``) on connections still open after the drain (their tasks are
 #: cancelled then).
 GRACEFUL_S = 5.0

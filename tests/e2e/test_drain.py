@@ -460,12 +460,12 @@ visible_models contains m.name if {{
 
 
 @contextlib.contextmanager
-def _stream_cut_by_a_stop(own, key: str, audit_store, tmp_path: Path, *,
-                          thaw_after_s: float = 0.0) -> Iterator[tuple[str, dict, Freezer]]:
+def _stream_cut_by_a_stop(own, key: str, audit_store, tmp_path: Path, *, thaw_after_s: float = 0.0,
+                          forced: bool = False) -> Iterator[tuple[str, dict, Freezer]]:
     """A served gateway on ``own`` with a worker of its own; a stream whose worker is frozen mid-generation,
-    so that it stays in flight until the stop (SIGTERM) cuts it; the worker let go ``thaw_after_s`` after the
-    cut set its cancel flag. Yields the request id, what the stream received and the freezer, once the
-    gateway has exited; the worker is stopped after the block."""
+    so that it stays in flight until the stop (SIGTERM; ``forced``: a second one once it is stopping) cuts
+    it; the worker let go ``thaw_after_s`` after the cut set its cancel flag. Yields the request id, what the
+    stream received and the freezer, once the gateway has exited; the worker is stopped after the block."""
     worker = spawn_cli(own, "worker", "--model", MODEL, log=tmp_path / "worker.log")
     try:
         wait_for_worker(own.redis_url, MODEL, worker)
@@ -481,6 +481,9 @@ def _stream_cut_by_a_stop(own, key: str, audit_store, tmp_path: Path, *,
                                        args=(request_id, time.monotonic() + 60, thaw_after_s))
             thawing.start()
             base.process.send_signal(signal.SIGTERM)
+            if forced:
+                _until_stopping(base)
+                base.process.send_signal(signal.SIGTERM)
             stream = streamed.result(timeout=60)
             assert base.process.wait(timeout=60) is not None
             thawing.join(60)
@@ -519,6 +522,24 @@ def test_the_closing_checkpoint_signs_the_end_a_cut_streams_worker_records_after
 
     own = own_redis.with_(drain_s=1.0, request_timeout_s=120)
     with _stream_cut_by_a_stop(own, keyring["admin"], audit_store, tmp_path, thaw_after_s=3.0) as (
+            request_id, stream, frozen):
+        assert frozen.stop_seen and stream["last"]["error"]["code"] == "shutting_down", stream["last"]
+        end = wait_terminal(audit_store, request_id)
+        assert end.kind == "cancelled", end.body
+        closing = CheckpointStore(audit_store.engine).latest()
+        assert closing is not None and closing.closing and closing.seq >= end.seq, (closing, end.seq)
+
+
+def test_a_forced_stop_signs_the_end_a_cut_streams_worker_records_a_moment_after_the_cut(
+        own_redis, keyring, audit_store, tmp_path) -> None:  # noqa: F811
+    """A second Ctrl-C signed its closing checkpoint at once; the cut stream's worker recorded its
+    ``cancelled`` milliseconds later, after it: ``verify`` while the stack was down said UNVERIFIED and the
+    next start wrote a ``chain_anomaly`` (probe s55 F2). A forced stop now waits up to 1.5 s of its 3 s for
+    those ends. The worker is let go 0.5 s after the cut."""
+    from audit.checkpoints import CheckpointStore
+
+    own = own_redis.with_(drain_s=30.0, request_timeout_s=120)
+    with _stream_cut_by_a_stop(own, keyring["admin"], audit_store, tmp_path, thaw_after_s=0.5, forced=True) as (
             request_id, stream, frozen):
         assert frozen.stop_seen and stream["last"]["error"]["code"] == "shutting_down", stream["last"]
         end = wait_terminal(audit_store, request_id)
