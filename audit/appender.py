@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -96,7 +97,7 @@ class AppendStatements:
 class Writer(Protocol):
     """The connection an appender writes on (:class:`audit.writer.WriterConnection`, or the driver store's)."""
 
-    def run(self, begin: tuple[str, ...], work: Callable[[Any], Any]) -> Any: ...
+    def run(self, begin: tuple[str, ...], work: Callable[[Any], Any], since: float | None = None) -> Any: ...
 
     def answered(self) -> None: ...
 
@@ -118,7 +119,7 @@ class Chained:
 class _Pending:
     """One append waiting for (or being written by) the thread that leads the next transaction."""
 
-    __slots__ = ("fields", "body_text", "payload_text", "alongside", "chained", "error", "event", "lead")
+    __slots__ = ("fields", "body_text", "payload_text", "alongside", "chained", "error", "event", "lead", "arrived")
 
     def __init__(self, fields: dict[str, Any], body_text: str, payload_text: str | None,
                  alongside: Callable[[Any], None] | None) -> None:
@@ -130,6 +131,8 @@ class _Pending:
         self.error: BaseException | None = None
         self.event: threading.Event | None = None  # only for a thread that waits for a leader
         self.lead = False  # handed the lead by the previous leader
+        #: When it was asked for (monotonic): its whole wait, queue and lock, is bounded from here.
+        self.arrived = time.monotonic()
 
     def outcome(self) -> Chained:
         if self.error is not None:
@@ -273,14 +276,17 @@ class Appender:
             batch, self._queue = self._queue, []
             self._leader = me
         writer = self._writer
+        # The batch waits for the database only what is left of its oldest entry's busy timeout: an append
+        # queued behind a leader that waited it out then waited it whole again (probe s55 F3).
+        since = min(pending.arrived for pending in batch)
         try:
             if writer is None:
                 writer = self._writer = self._make_writer()
             try:
-                writer.run(self._begin, lambda cursor: self._write(cursor, batch, careful=False))
+                writer.run(self._begin, lambda cursor: self._write(cursor, batch, careful=False), since)
             except _Refused as refused:  # rolled back: the others again, each on a savepoint, from the head now
                 rest = [pending for pending in batch if pending is not refused.pending]
-                writer.run(self._begin, lambda cursor: self._write(cursor, rest, careful=True))
+                writer.run(self._begin, lambda cursor: self._write(cursor, rest, careful=True), since)
         except BaseException as exc:
             for pending in batch:  # the transaction is rolled back: none of them is written
                 pending.chained = None

@@ -61,7 +61,7 @@ class DriverConnection(KeptConnection):
     def __init__(self, plan: DriverPlan) -> None:
         self._plan = plan
         self._driver = _driver(plan.dialect)
-        super().__init__(self._driver.Error, plan.busy_timeout_s)
+        super().__init__(self._driver.Error, plan.busy_timeout_s, plan.dialect)
 
     @property
     def driver(self) -> Any:

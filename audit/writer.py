@@ -64,7 +64,7 @@ class WriterConnection(KeptConnection):
     """The engine's own DBAPI connection, kept for the appends (:mod:`audit.kept_connection` says how)."""
 
     def __init__(self, engine: Engine) -> None:
-        super().__init__(engine.dialect.loaded_dbapi.Error, busy_timeout_s(engine))
+        super().__init__(engine.dialect.loaded_dbapi.Error, busy_timeout_s(engine), engine.dialect.name)
         self._engine = weakref.ref(engine)  # the engine's dispose event holds us; we must not hold it
         self._dialect = engine.dialect
         event.listen(engine, "engine_disposed", self._on_dispose)

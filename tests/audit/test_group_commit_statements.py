@@ -70,12 +70,12 @@ class _Transactions:
         writer = writer_for(store.engine)
         real = writer.run
 
-        def run(begin: tuple[str, ...], work: Callable[[Any], Any]) -> Any:
+        def run(begin: tuple[str, ...], work: Callable[[Any], Any], since: float | None = None) -> Any:
             if before is not None:
                 before(len(self.runs))
             log = list(begin)
             self.runs.append(log)
-            return real(begin, lambda cursor: work(_Spy(cursor, log)))
+            return real(begin, lambda cursor: work(_Spy(cursor, log)), since)
 
         monkeypatch.setattr(writer, "run", run)
 
