@@ -11,11 +11,9 @@ session for longer than one timeout and released before two.
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import psycopg
 from sqlalchemy.engine import make_url
@@ -23,6 +21,8 @@ from sqlalchemy.engine import make_url
 from audit import AuditError, AuditStore, make_engine
 from audit.db import APPEND_LOCK_KEY
 from audit.writer import writer_for
+from tests.audit.test_postgres_lock_wait import _in_thread, _request
+from tests.govgate.test_cli import _write_locked
 
 BUSY_S = 2.0
 #: When the other session lets go, from the first append's start: past the second's whole wait (0.3 + 2 s)
@@ -31,36 +31,12 @@ RELEASE_AT_S = 3.2
 HANG_GUARD_S = 60
 
 
-def _request(store: AuditStore, request_id: str) -> Any:
-    return store.append("request", request_id, principal="alice", team="blue", model="tiny", body={},
-                        policy_revision="rev-1")
-
-
-def _in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = call()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
-
-
 @contextmanager
 def _locked_by_another_session(url: str, backend: str) -> Iterator[None]:
     """The store's write lock, held by another session: SQLite's, or the append's advisory lock."""
     if backend == "sqlite":
-        holder = sqlite3.connect(make_url(url).database, isolation_level=None, timeout=60)
-        holder.execute("BEGIN IMMEDIATE")
-        try:
+        with _write_locked(make_url(url).database):
             yield
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
         return
     parsed = make_url(url)
     with psycopg.connect(host=parsed.host, port=parsed.port, user=parsed.username, password=parsed.password,

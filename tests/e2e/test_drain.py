@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+import pytest
 
 from govgate.processes import stop_process
 from tests.conftest import bearer, serving, spawn_cli, wait_for_worker
@@ -510,37 +511,24 @@ def test_an_unchecked_stream_cut_by_the_stop_gets_what_its_client_received_recor
         assert entries[-1].body["terminal_seq"] == end.seq and entries[-1].payload["client_output"] == stream["text"]
 
 
+@pytest.mark.parametrize(("forced", "drain_s", "thaw_after_s"), [(False, 1.0, 3.0), (True, 30.0, 0.5)],
+                         ids=["ordinary-stop", "forced-stop"])
 def test_the_closing_checkpoint_signs_the_end_a_cut_streams_worker_records_after_the_cut(
-        own_redis, keyring, audit_store, tmp_path) -> None:  # noqa: F811
+        own_redis, keyring, audit_store, tmp_path, forced: bool, drain_s: float,
+        thaw_after_s: float) -> None:  # noqa: F811
     """A stream cut by the stop has its answer (the error event) at once, but its end only when its worker
     next looks at the cancel key: seconds later with a slow model. The gateway signed its closing checkpoint
     and exited first, so that end was an unsigned tail after a closing checkpoint (`verify`: UNVERIFIED)
     after an ordinary stop (probe s54 A1). Now its stop waits (bounded) for the ends of the requests it cut.
     The worker is frozen mid-stream and let go 3 s after the cut set its cancel flag (the gateway had
-    answered the cut, signed and exited by then)."""
+    answered the cut, signed and exited by then). A forced stop (a second signal) signed at once, and the
+    end the worker recorded milliseconds later came after it (probe s55 F2): it now waits up to 1.5 s of its
+    3 s; the worker is let go 0.5 s after the cut."""
     from audit.checkpoints import CheckpointStore
 
-    own = own_redis.with_(drain_s=1.0, request_timeout_s=120)
-    with _stream_cut_by_a_stop(own, keyring["admin"], audit_store, tmp_path, thaw_after_s=3.0) as (
-            request_id, stream, frozen):
-        assert frozen.stop_seen and stream["last"]["error"]["code"] == "shutting_down", stream["last"]
-        end = wait_terminal(audit_store, request_id)
-        assert end.kind == "cancelled", end.body
-        closing = CheckpointStore(audit_store.engine).latest()
-        assert closing is not None and closing.closing and closing.seq >= end.seq, (closing, end.seq)
-
-
-def test_a_forced_stop_signs_the_end_a_cut_streams_worker_records_a_moment_after_the_cut(
-        own_redis, keyring, audit_store, tmp_path) -> None:  # noqa: F811
-    """A second Ctrl-C signed its closing checkpoint at once; the cut stream's worker recorded its
-    ``cancelled`` milliseconds later, after it: ``verify`` while the stack was down said UNVERIFIED and the
-    next start wrote a ``chain_anomaly`` (probe s55 F2). A forced stop now waits up to 1.5 s of its 3 s for
-    those ends. The worker is let go 0.5 s after the cut."""
-    from audit.checkpoints import CheckpointStore
-
-    own = own_redis.with_(drain_s=30.0, request_timeout_s=120)
-    with _stream_cut_by_a_stop(own, keyring["admin"], audit_store, tmp_path, thaw_after_s=0.5, forced=True) as (
-            request_id, stream, frozen):
+    own = own_redis.with_(drain_s=drain_s, request_timeout_s=120)
+    with _stream_cut_by_a_stop(own, keyring["admin"], audit_store, tmp_path, thaw_after_s=thaw_after_s,
+                               forced=forced) as (request_id, stream, frozen):
         assert frozen.stop_seen and stream["last"]["error"]["code"] == "shutting_down", stream["last"]
         end = wait_terminal(audit_store, request_id)
         assert end.kind == "cancelled", end.body
