@@ -85,7 +85,7 @@ _KEPT: "weakref.WeakSet[KeptConnection]" = weakref.WeakSet()
 class KeptConnection:
     """A connection :meth:`run` runs short transactions on; subclasses say how to connect."""
 
-    def __init__(self, driver_error: type[Exception], wait_s: float, dialect: str = "sqlite") -> None:
+    def __init__(self, driver_error: type[Exception], wait_s: float, dialect: str) -> None:
         self._dialect_name = dialect
         self._dbapi_error = driver_error
         self._wait_s = wait_s  # as long as SQLite waits for another process's lock

@@ -78,9 +78,14 @@ async def read_body(request: Request) -> bytes:
 
 def _content_coding(request: Request) -> str | None:
     """The codings a ``Content-Encoding`` header names other than ``identity`` (shortened), or None."""
-    codings = [coding.strip() for value in request.headers.getall("content-encoding", [])
-               for coding in value.split(",") if coding.strip()]
-    named = [coding for coding in codings if coding.lower() != IDENTITY]
+    return _codings_besides(request, "content-encoding", IDENTITY)
+
+
+def _codings_besides(request: Request, header: str, plain: str) -> str | None:
+    """The codings the ``header`` lines name (comma-separated) other than ``plain``, joined and shortened, or
+    None."""
+    named = [coding.strip() for value in request.headers.getall(header, []) for coding in value.split(",")
+             if coding.strip() and coding.strip().lower() != plain]
     return ", ".join(named)[:64] if named else None
 
 
@@ -95,10 +100,7 @@ def _transfer_coding(request: Request) -> str | None:
     else it refuses with a 400): what is left is a coding laid under the
     chunks, which it does not undo.
     """
-    codings = [coding.strip() for value in request.headers.getall("transfer-encoding", [])
-               for coding in value.split(",") if coding.strip()]
-    named = [coding for coding in codings if coding.lower() != "chunked"]
-    return ", ".join(named)[:64] if named else None
+    return _codings_besides(request, "transfer-encoding", "chunked")
 
 
 def _charset(request: Request) -> str | None:

@@ -13,7 +13,7 @@ import json
 import re
 from array import array
 from itertools import accumulate
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import msgspec
 import msgspec.inspect
@@ -285,12 +285,6 @@ class _RepeatsName(dict):  # type: ignore[type-arg]
         self.name = name
 
 
-class _OutOfRange:
-    """A number of the body msgspec does not read (``1e400``, an integer of thousands of digits)."""
-
-    __slots__ = ()
-
-
 def _repeated_name(raw: bytes) -> tuple[str, str] | None:
     """The first name an object of ``raw`` (valid JSON) gives twice, and its path (``messages[0].role``), or None.
 
@@ -358,7 +352,9 @@ def _out_of_range(raw: bytes) -> ApiError | None:
                     logged_message="Invalid request: Number out of range.")
 
 
-_OUT_OF_RANGE = _OutOfRange()
+#: What :func:`_out_of_range`'s reading puts in place of a number msgspec does not read (``1e400``, an integer
+#: of thousands of digits).
+_OUT_OF_RANGE = object()
 
 
 def _not_json(name: str) -> Any:
@@ -366,7 +362,7 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _first(document: Any, wanted: Any) -> tuple[Any, str] | None:
+def _first(document: Any, wanted: Callable[[Any], bool]) -> tuple[Any, str] | None:
     """The first value of ``document`` (depth first, in the body's order) ``wanted`` says yes to, and its path
     as errors name it (``messages[0].content``; keys cut to 64 characters), or None."""
     stack: list[tuple[Any, str]] = [(document, "")]
