@@ -28,12 +28,13 @@ from audit.driver_store import DriverStore
 from workers.backends import LoadedModel, load_model
 from workers.contract.handover import Carrier
 from workers.contract.handover import current as hand_over_carrier
-from workers.contract.jobs import LOADED_TTL_S, STATUS_FAILED, GenerateJob, JobResult, loaded_key
-from workers.contract.liveness import model_failed_key
+from workers.contract.jobs import LOADED_TTL_S, STATUS_COMPLETED, STATUS_FAILED, GenerateJob, JobResult, loaded_key
+from workers.contract.liveness import member, model_failed_key, worker_node
 from workers.contract.pending_terminals import PendingTerminals
 from workers.contract.privacy import Digester
 from workers.contract.repick import Ticket, ticket_for
 from workers.contract.sealing import SealError, Sealer, load_or_create_key
+from workers.failure_streak import FailureStreak
 from workers.generation import HANDED_OVER, PUT_BACK, run_job
 from workers.replies import deliver, failure, success
 from workers.runtime import POOL_SOLO
@@ -58,6 +59,8 @@ class _ProcessState:
     pending: PendingTerminals | None = None
     #: Who runs the jobs, as each terminal entry records it (fixed for the life of the process).
     worker: dict[str, Any] | None = None
+    #: This process's own failures in a row, and the mark that tells gateways (workers/contract/failing.py).
+    streak: FailureStreak | None = None
 
 
 _state = _ProcessState()
@@ -88,6 +91,8 @@ def load(config: WorkerConfig, plan: DriverPlan | str | None = None) -> None:
              config.model.path, time.perf_counter() - started)
     # The worker's pid names the key: the pool process's parent, or this process with the solo pool.
     worker_pid = os.getpid() if config.pool == POOL_SOLO else os.getppid()
+    _state.streak = FailureStreak(_state.redis, member(config.model.name, worker_node(
+        config.model.name, worker_pid, socket.gethostname())))
     try:  # tells `govgate up` the model is served now, and gateways that it is no longer failed
         with _state.redis.pipeline(transaction=False) as pipe:
             pipe.set(loaded_key(config.model.name, worker_pid), os.getpid(), ex=LOADED_TTL_S)
@@ -188,8 +193,10 @@ def _run_sealed(payload: dict[str, Any]) -> dict[str, Any] | None:
     except (SealError, KeyError, TypeError, ValueError) as exc:
         log.error("job %s cannot be unsealed (%s): do the gateway and this worker share the payload key?",
                   payload.get("request_id") if isinstance(payload, dict) else "?", exc)
-        return {"status": STATUS_FAILED, "error": {
+        unreadable = {"status": STATUS_FAILED, "error": {
             "code": "payload_unreadable", "message": "the worker could not unseal the job (payload key mismatch)"}}
+        _note_end(unreadable["status"], unreadable["error"])
+        return unreadable
     if _state.config and job.model != _state.config.model.name:
         raise ValueError(f"job for model {job.model!r} reached the worker of {_state.config.model.name!r}")
     client, sealer = _state.redis, _state.sealer
@@ -206,9 +213,16 @@ def _run_sealed(payload: dict[str, Any]) -> dict[str, Any] | None:
     result = run_job(job, _state.model, _state.store, channel, _state.pending, digester=_state.digester,
                      worker=_state.worker, verdict_timeout_s=_state.config.output_verdict_timeout_s
                      if _state.config else 10.0)
+    _note_end(STATUS_COMPLETED if result is HANDED_OVER else result.status, result.error)
     if result is HANDED_OVER or result is PUT_BACK:  # its gateway answers, or the job runs later
         return None
     return result.sealed(_state.sealer)
+
+
+def _note_end(status: str, error: dict[str, Any] | None) -> None:
+    """Count the job's end in this process's run of own failures (a handed-over output completed)."""
+    if _state.streak is not None:
+        _state.streak.ended(status, error)
 
 
 def _write_pending_forever(pending: PendingTerminals, store: DriverStore, interval_s: float) -> None:

@@ -34,6 +34,7 @@ from celery.signals import worker_init, worker_process_init, worker_process_shut
 from workers.contract.celery_config import make_celery
 from workers.contract.queue_layout import HARD_LIMIT_GRACE_S
 from workers.contract.jobs import GENERATE_TASK, queue_for
+from workers.contract.liveness import worker_node
 from workers.contract.registry import ModelSpec
 from workers.contract.sealing import load_or_create_key
 from workers.contract.redis_refusal import EXIT_REDIS_REFUSED, write_refusal
@@ -256,8 +257,8 @@ def one_line_per_job(loglevel: str) -> None:
 
 
 def node_name(config: WorkerConfig) -> str:
-    """This worker's Celery node name, ``<model>.<pid>@<host>``: unique while it runs, as Celery wants."""
-    return f"{config.model.name}.{os.getpid()}@{socket.gethostname()}"
+    """This worker's Celery node name (:func:`workers.contract.liveness.worker_node`)."""
+    return worker_node(config.model.name, os.getpid(), socket.gethostname())
 
 
 def worker_app(config: WorkerConfig) -> Celery:

@@ -77,12 +77,16 @@ def _ready_status(body: dict[str, Any]) -> int:
 def _without_models(body: dict[str, Any]) -> dict[str, Any]:
     """``/readyz``'s body with no model name: the same status and checks; the models without a live worker
     counted, ``missing`` saying ``workers`` once."""
-    idle = [item for item in body["missing"] if item.startswith("workers:")]
-    missing = [item for item in body["missing"] if not item.startswith("workers:")] + (["workers"] if idle else [])
+    unserved = [item.partition(":")[2] for item in body["missing"] if item.startswith("workers:")]
+    missing = [item for item in body["missing"] if not item.startswith("workers:")] + (["workers"] if unserved else [])
     checks = dict(body["checks"])
-    if idle:
-        checks["workers"] = f"error: no live worker for {len(idle)} of {len(body['models'])} models"
-    return {**body, "checks": checks, "missing": missing, "workers": {}, "models": []}
+    failing = sum(1 for model in unserved if body["workers"].get(model))
+    if unserved:
+        checks["workers"] = "error: " + "; ".join(
+            ([f"no live worker for {len(unserved) - failing} of {len(body['models'])} models"]
+             if len(unserved) > failing else []) +
+            ([f"every live worker of {failing} of {len(body['models'])} models fails its jobs"] if failing else []))
+    return {**body, "checks": checks, "missing": missing, "workers": {}, "workers_failing": {}, "models": []}
 
 
 async def _readiness(state: State) -> dict[str, Any]:
@@ -109,9 +113,12 @@ async def _readiness(state: State) -> dict[str, Any]:
         checks["workers"] = "error: unknown (Redis unreadable)"
     else:
         idle = [model for model in models if not cluster.workers.get(model)]
-        if idle:
-            checks["workers"] = f"error: no live worker for {', '.join(idle)}"
-            missing.extend(f"workers:{model}" for model in idle)
+        failing = [model for model in models if cluster.workers.get(model) and not cluster.serving(model)]
+        problems = ([f"no live worker for {', '.join(idle)}"] if idle else []) + [
+            f"every live worker of {model} fails its jobs ({cluster.failing[model].reason})" for model in failing]
+        if problems:
+            checks["workers"] = "error: " + "; ".join(problems)
+            missing.extend(f"workers:{model}" for model in models if model in idle or model in failing)
     if not components.policy.revision:
         checks["policy"] = "error: not loaded"
     else:
@@ -127,6 +134,8 @@ async def _readiness(state: State) -> dict[str, Any]:
         "checks": checks,
         "missing": missing,
         "workers": cluster.workers,
+        # Live workers that fail every job for a reason of their own (workers/contract/failing.py), per model.
+        "workers_failing": {model: found.workers for model, found in cluster.failing.items()},
         "policy_revision": components.policy.revision,
         # Ready all the same (the running revision serves), but a restart would refuse to start on the folder
         # as it is (probe q3 F3); only the revision: the reason, in the log, may name rules and files.

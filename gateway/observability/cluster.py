@@ -3,7 +3,8 @@
 Every gateway replica would count these the same, so they are not counted
 but read: one pipelined round trip (the queue lists' lengths, every
 priority; the fair-share queues' waiting counts per team,
-``workers.contract.fair_queues.waiting_key``; and the live-workers set of :mod:`workers.contract.liveness`),
+``workers.contract.fair_queues.waiting_key``; the live-workers set of :mod:`workers.contract.liveness`;
+and the marks of workers that fail every job, :mod:`workers.contract.failing`),
 bounded by a short timeout so a slow or absent Redis makes a scrape or a
 readiness probe answer "unknown" quickly instead of hanging, and never
 blocks the event loop (the async client).
@@ -17,7 +18,7 @@ A readiness probe also writes one short-lived key in the same round trip
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 import redis.asyncio as aioredis
@@ -26,6 +27,7 @@ from redis.exceptions import RedisError
 from workers.contract.queue_layout import queue_keys
 from workers.contract.fair_queues import waiting_key
 from workers.contract.jobs import queue_for
+from workers.contract.failing import FAILING_KEY, READ_SCRIPT, Failing, failing_workers, holding_marks
 from workers.contract.liveness import LIVE_SCRIPT, WORKERS_KEY, live_counts
 
 #: Longest a scrape or probe waits for Redis.
@@ -45,6 +47,13 @@ class ClusterState:
     error: str | None = None
     #: Why Redis refused the probe's write (redis-py's error class and Redis's reply), when asked to probe.
     write_refused: str | None = None
+    #: Per model, its live workers that mark themselves failing every job, and why (models without any absent).
+    failing: dict[str, Failing] = field(default_factory=dict)
+
+    def serving(self, model: str) -> int:
+        """Live workers of ``model`` that do not fail every job."""
+        failing = self.failing.get(model)
+        return self.workers.get(model, 0) - (failing.workers if failing else 0)
 
 
 async def read_cluster(redis: aioredis.Redis, models: list[str], timeout_s: float = READ_TIMEOUT_S, *,
@@ -62,6 +71,7 @@ async def read_cluster(redis: aioredis.Redis, models: list[str], timeout_s: floa
                         pipe.llen(key)
                     pipe.hvals(waiting_key(model))
                 pipe.eval(LIVE_SCRIPT, 1, WORKERS_KEY)
+                pipe.eval(READ_SCRIPT, 1, FAILING_KEY)
                 if probe_write:
                     pipe.set(WRITE_PROBE_KEY, "1", px=WRITE_PROBE_TTL_MS)
                 replies = await pipe.execute(raise_on_error=False)
@@ -81,8 +91,11 @@ async def read_cluster(redis: aioredis.Redis, models: list[str], timeout_s: floa
     steps = len(queue_keys("")) + 1  # the plain lists, then the fair queues' counts per team
     queued = {model: sum(sum(int(v) for v in n) if isinstance(n, list) else int(n)
                          for n in replies[i * steps:(i + 1) * steps]) for i, model in enumerate(models)}
-    alive = live_counts(replies[-1])
-    return ClusterState(queued, {model: alive.get(model, 0) for model in models}, write_refused=write_refused)
+    live, marks = replies[-2], holding_marks(replies[-1])
+    alive = live_counts(live)
+    failing = {model: found for model, found in failing_workers(live, marks).items() if model in queued}
+    return ClusterState(queued, {model: alive.get(model, 0) for model in models}, write_refused=write_refused,
+                        failing=failing)
 
 
 def _first_line(error: Exception) -> str:

@@ -31,7 +31,7 @@ class _ClusterCollector(Collector):
 
     def collect(self):
         ok = GaugeMetricFamily("govgate_cluster_read_ok", "1 if this scrape could read queues and workers from "
-                               "Redis, else 0 (and the two gauges below are absent).")
+                               "Redis, else 0 (and the gauges below are absent).")
         ok.add_metric([], 0 if self.state.error else 1)
         yield ok
         if self.state.error:
@@ -46,6 +46,13 @@ class _ClusterCollector(Collector):
         for model, count in self.state.workers.items():
             workers.add_metric([model], count)
         yield workers
+        failing = GaugeMetricFamily("govgate_workers_failing", "Live workers of the model that fail every job "
+                                    "for a reason of their own (payload key, audit store), read from Redis.",
+                                    labels=["model"])
+        for model in self.state.workers:
+            found = self.state.failing.get(model)
+            failing.add_metric([model], found.workers if found else 0)
+        yield failing
 
 
 def cluster_text(state: ClusterState, *, per_model: bool = True) -> bytes:

@@ -36,6 +36,7 @@ from govgate.redis_server import RedisProcess
 from gateway.settings import Settings
 from tests.conftest import (IDLE_MODEL, _roomy_limits, bearer, free_port, policy_copy, serving, spawn_cli,
                             wait_for_worker)
+from workers.contract.failing import FAILING_AFTER
 from workers.contract.registry import TINY_MODEL_NAME
 
 
@@ -215,21 +216,33 @@ def test_each_logging_level_keeps_the_marker_only_where_it_promises(stack) -> No
 
 
 def test_a_worker_with_another_payload_key_fails_the_job_without_reading_it(stack, tmp_path) -> None:
+    """And after three such jobs ``/readyz`` says the model is not served, and why (workers/contract/failing.py)."""
     own, keys = stack["settings"], stack["keys"]
     stranger = own.with_(payload_key_file=str(tmp_path / "other.key"))
     worker = spawn_cli(stranger, "worker", "--model", IDLE_MODEL, log=tmp_path / "stranger.log")
+    token = uuid.uuid4().hex
     try:
-        with serving(own, tmp_path / "serve.log") as base:  # started while the worker loads
+        with serving(own.with_(metrics_token=token), tmp_path / "serve.log") as base:  # started while it loads
             wait_for_worker(own.redis_url, IDLE_MODEL, worker)
-            response = httpx.post(f"{base}/v1/chat/completions", headers=bearer(keys["full"]), timeout=120,
-                                  json={"model": IDLE_MODEL, "max_tokens": 4,
-                                        "messages": [{"role": "user", "content": "Hello"}]})
+            ready_before = httpx.get(f"{base}/readyz", headers=bearer(token), timeout=30).json()
+            responses = [httpx.post(f"{base}/v1/chat/completions", headers=bearer(keys["full"]), timeout=120,
+                                    json={"model": IDLE_MODEL, "max_tokens": 4,
+                                          "messages": [{"role": "user", "content": "Hello"}]})
+                         for _ in range(FAILING_AFTER)]
+            ready_after = httpx.get(f"{base}/readyz", headers=bearer(token), timeout=30)
     finally:
         stop_process(worker, timeout_s=30)
-    assert response.status_code == 502 and response.json()["error"]["code"] == "payload_unreadable"
+    for response in responses:
+        assert response.status_code == 502 and response.json()["error"]["code"] == "payload_unreadable"
     engine = make_engine(own.effective_database_url)
     entries = [e for e in AuditStore(engine).tail(50) if e.model == IDLE_MODEL]
     engine.dispose()
-    assert [e.kind for e in entries] == ["request", "failed"]
-    assert entries[1].body["error"]["code"] == "payload_unreadable"
+    assert [e.kind for e in entries] == ["request", "failed"] * FAILING_AFTER
+    assert all(e.body["error"]["code"] == "payload_unreadable" for e in entries[1::2])
+    assert "workers:" + IDLE_MODEL not in ready_before["missing"] and ready_before["workers_failing"] == {}
+    assert ready_after.status_code == 503
+    assert "workers:" + IDLE_MODEL in ready_after.json()["missing"]
+    assert ready_after.json()["workers_failing"] == {IDLE_MODEL: 1}
+    assert f"every live worker of {IDLE_MODEL} fails its jobs (payload_unreadable: " in \
+        ready_after.json()["checks"]["workers"]
     assert b"cannot be unsealed" in (tmp_path / "stranger.log").read_bytes()

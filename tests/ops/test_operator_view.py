@@ -14,13 +14,18 @@ import re
 import secrets
 
 import pytest
+import redis
 from litestar.testing import AsyncTestClient
 
 from gateway import urls
 from gateway.app import create_app
 from tests.conftest import IDLE_MODEL, bearer
 from tests.ops.metrics_text import samples, value
+from workers.contract.failing import FAILING_AFTER, FAILING_KEY
+from workers.contract.jobs import STATUS_COMPLETED, STATUS_FAILED
+from workers.contract.liveness import LIVE_SCRIPT, SLOT_SEP, WORKERS_KEY
 from workers.contract.registry import TINY_MODEL_NAME
+from workers.failure_streak import FailureStreak
 
 pytestmark = pytest.mark.anyio
 
@@ -110,3 +115,40 @@ async def test_without_a_token_set_a_token_shaped_credential_is_no_key(client):
     for header in ("Bearer ", f"Bearer {TOKEN}"):
         answer = await client.get(urls.METRICS, headers={"Authorization": header})
         assert answer.status_code == 401 and TINY_MODEL_NAME not in answer.text
+
+
+async def test_a_model_whose_every_live_worker_fails_its_jobs_is_not_ready_and_says_why(token_client, settings):
+    """The suite's tiny worker marked as its pool process marks it after three own failures (the same code,
+    run here: a real worker with another payload key is tests/e2e/test_privacy_leaks.py's)."""
+    client = redis.Redis.from_url(settings.redis_url)
+    names = _names(token_client)
+    try:
+        live = [m.decode() for m in client.eval(LIVE_SCRIPT, 1, WORKERS_KEY)]
+        mine = [m for m in live if m.startswith(TINY_MODEL_NAME + "\n") and SLOT_SEP not in m]
+        assert len(mine) == 1
+        streak = FailureStreak(client, mine[0])
+        for _ in range(FAILING_AFTER):
+            streak.ended(STATUS_FAILED, {"code": "payload_unreadable", "message": "the worker could not unseal"})
+        detailed = await token_client.get(urls.READY, headers=bearer(TOKEN))
+        public = await token_client.get(urls.READY)
+        full, body = detailed.json(), public.json()
+        assert detailed.status_code == public.status_code == 503
+        assert "workers:" + TINY_MODEL_NAME in full["missing"]
+        assert full["workers"][TINY_MODEL_NAME] == 1 and full["workers_failing"] == {TINY_MODEL_NAME: 1}
+        assert f"every live worker of {TINY_MODEL_NAME} fails its jobs (payload_unreadable: the worker could " \
+               f"not unseal)" in full["checks"]["workers"]
+        idle = len([m for m in full["missing"] if m.startswith("workers:")]) - 1
+        assert body["checks"]["workers"] == (f"error: no live worker for {idle} of {len(names)} models; "
+                                             f"every live worker of 1 of {len(names)} models fails its jobs")
+        assert body["workers_failing"] == {} and _named(public.text, names) == []
+        scraped = samples((await token_client.get(urls.METRICS, headers=bearer(TOKEN))).text)
+        assert value(scraped, "govgate_workers_failing", model=TINY_MODEL_NAME) == 1
+        assert value(scraped, "govgate_workers_failing", model=IDLE_MODEL) == 0
+        assert value(samples((await token_client.get(urls.METRICS)).text), "govgate_workers_failing") == 1
+        streak.ended(STATUS_COMPLETED)  # a job that completes clears it
+        after = (await token_client.get(urls.READY, headers=bearer(TOKEN))).json()
+        assert "workers:" + TINY_MODEL_NAME not in after["missing"] and after["workers_failing"] == {}
+        assert "fails its jobs" not in after["checks"]["workers"]
+    finally:
+        client.delete(FAILING_KEY)
+        client.close()

@@ -57,6 +57,12 @@ def model_failed_key(model: str) -> str:
     return f"{MODEL_FAILED_PREFIX}{model}"
 
 
+def worker_node(model: str, pid: int, host: str) -> str:
+    """A worker's Celery node name, ``<model>.<pid>@<host>`` (``pid``: its main process): unique while it runs,
+    as Celery wants; the pool processes name their worker's member (:func:`member`) with it."""
+    return f"{model}.{pid}@{host}"
+
+
 def member(model: str, worker: str) -> str:
     """A worker's member of :data:`WORKERS_KEY` (``worker``: Celery's node name, unique per worker)."""
     return f"{model}\n{worker}"
@@ -75,7 +81,7 @@ def slot_members(model: str, worker: str, slots: int = 1) -> list[str]:
     return [member(model, worker)] + [member(model, f"{worker}{SLOT_SEP}{k}") for k in range(2, max(1, slots) + 1)]
 
 
-def _model_and_node(raw: bytes | str) -> tuple[str, str]:
+def model_and_node(raw: bytes | str) -> tuple[str, str]:
     text = raw.decode() if isinstance(raw, bytes) else raw
     model, _, node = text.partition("\n")
     return model, node
@@ -85,7 +91,7 @@ def live_counts(members: list[bytes | str]) -> dict[str, int]:
     """Live workers per model, from :data:`LIVE_SCRIPT`'s answer (a worker's further slots not counted)."""
     counts: dict[str, int] = {}
     for raw in members:
-        model, node = _model_and_node(raw)
+        model, node = model_and_node(raw)
         if SLOT_SEP not in node:
             counts[model] = counts.get(model, 0) + 1
     return counts
@@ -95,6 +101,6 @@ def live_slots(members: list[bytes | str]) -> dict[str, int]:
     """Jobs the live workers of each model run at once (every member counts), from the same answer."""
     counts: dict[str, int] = {}
     for raw in members:
-        model, _ = _model_and_node(raw)
+        model, _ = model_and_node(raw)
         counts[model] = counts.get(model, 0) + 1
     return counts
