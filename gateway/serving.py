@@ -89,7 +89,11 @@ def serve(settings: Settings) -> None:
                             factory=True,
                             host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             access_log=False, lifespan="on", log_config=None, loop="auto",
-                            http=BoundedHttpToolsProtocol, timeout_graceful_shutdown=GRACEFUL_S)
+                            http=BoundedHttpToolsProtocol, timeout_graceful_shutdown=GRACEFUL_S,
+                            # uvicorn believes forwarded headers from 127.0.0.1 unless told: only from the proxies
+                            # the operator names (a local client chose its logged address, probe s56)
+                            proxy_headers=bool(settings.forwarded_allow_ips),
+                            forwarded_allow_ips=settings.forwarded_allow_ips or "")
     config.load_app()  # as uvicorn.run does: the app is made before the server starts
     server = DrainingServer(config, drain, forced_stop)
     try:

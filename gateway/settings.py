@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import ipaddress
 import math
 import os
 import re
@@ -186,6 +187,10 @@ class Settings:
     #: Mark the console's cookies ``Secure`` (set it when the gateway is reached over https, even
     #: through a TLS-terminating proxy; a request that arrives as https gets them anyway).
     console_secure_cookies: bool = False
+    #: The proxies whose ``X-Forwarded-For`` / ``X-Forwarded-Proto`` are believed (comma-separated addresses or
+    #: networks, ``*`` for any peer); empty believes none. uvicorn's own default believes any local peer, which
+    #: let every client of a gateway on 127.0.0.1 choose the address a refused key is logged under (probe s56).
+    forwarded_allow_ips: str = ""
 
     @property
     def effective_database_url(self) -> str:
@@ -343,6 +348,7 @@ class Settings:
             console_idle_timeout_s=float(number("CONSOLE_IDLE_TIMEOUT_S", defaults.console_idle_timeout_s, float,
                                                 10.0)),
             console_secure_cookies=_boolean(env, "CONSOLE_SECURE_COOKIES", defaults.console_secure_cookies),
+            forwarded_allow_ips=_proxies(text("FORWARDED_ALLOW_IPS", ""), "FORWARDED_ALLOW_IPS"),
         )
 
 
@@ -410,6 +416,20 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _WHOLE = re.compile(r"[+-]?[0-9]+")
 #: A number: digits with an optional fraction and exponent, or nan/inf (refused later, by name).
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
+
+
+def _proxies(raw: str, name: str) -> str:
+    """Empty, ``*``, or comma-separated IP addresses and networks (``10.0.0.0/8``), as uvicorn reads them."""
+    items = [item.strip() for item in raw.split(",")] if raw else []
+    for item in items:
+        if item == "*":
+            continue
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise SettingsError(f"GOVGATE_{name}: {item[:60]!r} is not an IP address, a network (10.0.0.0/8) "
+                                "or '*'") from None
+    return ",".join(items)
 
 
 def _flag(raw: str, name: str, default: bool) -> bool:

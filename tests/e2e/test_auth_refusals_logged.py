@@ -51,3 +51,21 @@ def test_refused_keys_are_logged_without_their_secrets(settings, tmp_path):
         # The secret part follows "gk_<key id>_" and may itself hold "_" (token_urlsafe).
         tail = secret.split("_", 2)[2] if secret.startswith("gk_") else secret
         assert tail not in text, "a presented secret reached the log"
+
+
+def test_forwarded_headers_are_believed_only_from_the_proxies_named(settings, tmp_path):
+    """uvicorn believes ``X-Forwarded-For`` from 127.0.0.1 by default: every client of a gateway on loopback chose
+    the address its refused key was logged under (probe s56). Now only ``GOVGATE_FORWARDED_ALLOW_IPS``'s."""
+    own = settings.with_(database_url=f"sqlite:///{tmp_path / 'keys.db'}", access_log=False)
+    KeyStore(open_database(own)).engine.dispose()
+    spoof = {"Authorization": "Bearer gk_8842e1298b25_" + "A" * 43, "X-Forwarded-For": "6.6.6.6",
+             "X-Forwarded-Proto": "https"}
+    for trusted, blamed in (("", "127.0.0.1"), ("127.0.0.1", "6.6.6.6")):
+        log = tmp_path / f"serve-{trusted or 'none'}.log"
+        with serving(own.with_(forwarded_allow_ips=trusted), log) as base:
+            assert httpx.get(f"{base}/v1/models", headers=spoof, timeout=30).status_code == 401
+            sign_in = httpx.get(f"{base}/console/sign-in", headers={"X-Forwarded-Proto": "https"}, timeout=30)
+        [line] = _refusals(log.read_text())
+        assert line.endswith(f"client {blamed}"), line
+        cookies = sign_in.headers.get_list("set-cookie")
+        assert cookies and all(("; secure" in c.lower()) == bool(trusted) for c in cookies), cookies

@@ -141,3 +141,13 @@ def test_the_timeout_grace_is_a_setting_within_the_in_flight_slot_s_margin() -> 
     assert Settings.from_env({"GOVGATE_TIMEOUT_GRACE_S": "30"}).timeout_grace_s == 30.0
     _refused("TIMEOUT_GRACE_S", "51", "must be at most 50$")
     _refused("TIMEOUT_GRACE_S", "0", "must be at least 0.1$")
+
+
+def test_forwarded_allow_ips_takes_addresses_networks_or_any() -> None:
+    read = lambda raw: Settings.from_env({"GOVGATE_FORWARDED_ALLOW_IPS": raw}).forwarded_allow_ips  # noqa: E731
+    assert read("") == "" and Settings().forwarded_allow_ips == ""  # believes no proxy unless told
+    assert read(" 10.0.0.0/8 , 127.0.0.1,::1 ") == "10.0.0.0/8,127.0.0.1,::1"
+    assert read("*") == "*"
+    for bad in ("localhost", "10.0.0.0/33", "1.2.3.4,", "proxy.internal"):
+        with pytest.raises(SettingsError, match="^GOVGATE_FORWARDED_ALLOW_IPS: .* is not an IP address"):
+            Settings.from_env({"GOVGATE_FORWARDED_ALLOW_IPS": bad})
