@@ -21,11 +21,25 @@ from gateway.api_errors import ApiError, not_found_message
 SCHEMA_PATH = "/schema"
 
 
+#: On every ``/schema`` answer. The pages share the console's origin: framed by another site they could be
+#: clickjacked, and sniffed as something else they could run as script (probe s56 F3). No ``script-src``: the
+#: renderers run inline scripts and CDN files (pinned by hash) this offline machine cannot load to check a
+#: narrower policy against; what is set restricts nothing they use.
+SCHEMA_SECURITY_HEADERS = {
+    "Content-Security-Policy": "frame-ancestors 'none'; base-uri 'none'; form-action 'none'; object-src 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+
 def _json_not_found(response: Response) -> Response:
-    """Litestar's HTML 404 page for an unknown ``/schema/…`` path, as the API's JSON 404."""
-    if response.status_code != 404:
-        return response
-    return ApiError(404, "not_found", not_found_message()).to_response()
+    """Litestar's HTML 404 page for an unknown ``/schema/…`` path, as the API's JSON 404; every answer with
+    :data:`SCHEMA_SECURITY_HEADERS`."""
+    if response.status_code == 404:
+        response = ApiError(404, "not_found", not_found_message()).to_response()
+    response.headers.update(SCHEMA_SECURITY_HEADERS)
+    return response
 
 
 def schema_router() -> Router:

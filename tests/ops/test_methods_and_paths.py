@@ -18,6 +18,7 @@ import pytest
 
 from gateway import urls
 from gateway.api.schema_pages import INTEGRITY, UnpinnedAsset, pinned
+from gateway.api.schema_site import SCHEMA_SECURITY_HEADERS
 from tests.conftest import serving
 from tests.ops.test_served import tiny_only_registry
 
@@ -129,6 +130,16 @@ async def test_every_schema_page_loads_only_files_pinned_by_their_hashes(client)
     assert "latest" not in "".join(INTEGRITY)
     with pytest.raises(UnpinnedAsset):  # a page naming a CDN file without its hash is refused, not served
         pinned(b'<script src="https://cdn.jsdelivr.net/npm/redoc@9/x.js" crossorigin></script>')
+
+
+async def test_the_schema_pages_cannot_be_framed_or_sniffed(client) -> None:
+    """They share the console's origin (probe s56 F3: no header said so before)."""
+    for page in ("/schema", "/schema/redoc", "/schema/swagger", "/schema/elements", "/schema/rapidoc",
+                 "/schema/openapi.json", "/schema/openapi.yaml", "/schema/nope"):
+        shown = await client.get(page)
+        assert shown.status_code == (404 if page.endswith("nope") else 200), page
+        assert {name: shown.headers.get(name) for name in SCHEMA_SECURITY_HEADERS} == SCHEMA_SECURITY_HEADERS, page
+        assert "frame-ancestors 'none'" in shown.headers["content-security-policy"]
 
 
 def test_a_served_gateway_answers_head_probes_and_json_404s(settings, worker, tmp_path) -> None:
