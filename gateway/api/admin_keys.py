@@ -62,6 +62,11 @@ def provide_key_admin(state: State, principal: NamedDependency[Principal]) -> Ke
         raise api_error(refusal) from None
 
 
+#: On every answer: a created key's secret, and in all of them users, teams, roles and notes, which no cache
+#: should keep (probe s56 F5: only the create said so).
+NO_STORE = {"Cache-Control": "no-store"}
+
+
 class AdminKeysController(Controller):
     path = urls.ADMIN_KEYS
     tags = ["admin"]
@@ -77,8 +82,7 @@ class AdminKeysController(Controller):
             issued = await key_admin.create(body.user, team=body.team, roles=body.roles, note=body.note)
         except KeyAdminError as refusal:
             raise api_error(refusal) from None
-        return Response({**key_document(issued.key), "key": issued.secret}, status_code=201,
-                        headers={"Cache-Control": "no-store"})
+        return Response({**key_document(issued.key), "key": issued.secret}, status_code=201, headers=NO_STORE)
 
     @get("/", summary="List API keys", operation_id="listKeys", operation_class=LIST_OPERATION)
     async def list_keys(self, request: Request, key_admin: NamedDependency[KeyAdmin]) -> Response[dict[str, Any]]:
@@ -88,14 +92,14 @@ class AdminKeysController(Controller):
         except KeyAdminError as refusal:
             raise api_error(refusal) from None
         return Response({"object": "list", "data": [key_document(row) for row in page.keys],
-                         "has_more": page.has_more, "next_cursor": page.next_cursor})
+                         "has_more": page.has_more, "next_cursor": page.next_cursor}, headers=NO_STORE)
 
     @get(urls.ADMIN_KEY, summary="One API key", operation_id="retrieveKey", operation_class=GET_OPERATION)
     async def retrieve(self, request: Request, key_admin: NamedDependency[KeyAdmin],
                        key_id: FromPath[str]) -> Response[dict[str, Any]]:
         no_query(request)
         try:
-            return Response(key_document(await key_admin.get(key_id)))
+            return Response(key_document(await key_admin.get(key_id)), headers=NO_STORE)
         except KeyAdminError as refusal:
             raise api_error(refusal) from None
 
@@ -123,7 +127,7 @@ class AdminKeysController(Controller):
 
 def _changed(change: KeyChange) -> Response[dict[str, Any]]:
     return Response({**key_document(change.key), "changed": change.changed,
-                     "gateways_told": change.warning is None, "warning": change.warning})
+                     "gateways_told": change.warning is None, "warning": change.warning}, headers=NO_STORE)
 
 
 def no_query(request: Request) -> None:

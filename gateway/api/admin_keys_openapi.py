@@ -56,6 +56,8 @@ def _json(kind: type) -> dict[str, OpenAPIMediaType]:
 
 _NO_STORE = {"Cache-Control": header("`no-store`: the answer holds a secret no cache may keep.",
                                      {"type": "string", "const": "no-store"})}
+_PRIVATE = {"Cache-Control": header("`no-store`: the answer names users, teams, roles and notes, which no cache "
+                                    "should keep.", {"type": "string", "const": "no-store"})}
 
 
 def _operation(*, success: tuple[str, str, type], errors: dict[int, tuple[str, dict]], body: type | None = None,
@@ -88,19 +90,21 @@ LIST_OPERATION = _operation(
     errors={400: ("`invalid_parameter` (a `limit` out of range, a `cursor` that is not a previous page's, "
                   "`include_revoked` not `true`/`false`/`1`/`0`, a repeated parameter) or `unsupported_parameter` (a "
                   "parameter this route does not take).", {})},
-    query=LIST_PARAMS)
-GET_OPERATION = _operation(success=("200", "The key.", shapes.KeyDocument), errors={404: _NOT_FOUND})
+    query=LIST_PARAMS, headers=_PRIVATE)
+GET_OPERATION = _operation(success=("200", "The key.", shapes.KeyDocument), errors={404: _NOT_FOUND},
+                           headers=_PRIVATE)
 REVOKE_OPERATION = _operation(
     success=("200", "The key, revoked: refused at once by every gateway. Revoking a revoked key changes nothing "
                     "(`changed: false`).", shapes.ChangedKey),
     errors={404: _NOT_FOUND,
             409: ("`last_admin`: the last live key with the `admin` role cannot be revoked (nobody could "
-                  "administer keys after it); make another admin key first.", {})})
+                  "administer keys after it); make another admin key first.", {})},
+    headers=_PRIVATE)
 ROLES_OPERATION = _operation(
     success=("200", "The key with its new roles, in force at once on every gateway.", shapes.ChangedKey),
     errors={400: _BAD_BODY, 404: _NOT_FOUND, 413: _TOO_LARGE, 415: UNSUPPORTED_CODING, 422: _BAD_VALUE,
             501: UNSUPPORTED_TRANSFER_CODING,
             409: ("`key_revoked` (a revoked key's roles cannot change) or `last_admin` (the `admin` role cannot "
                   "be taken from the last live key holding it).", {})},
-    body=shapes.SetRoles, body_note="The key's roles from now on.")
+    body=shapes.SetRoles, body_note="The key's roles from now on.", headers=_PRIVATE)
 

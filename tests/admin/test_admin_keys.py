@@ -410,3 +410,20 @@ async def test_create_refuses_the_names_the_policy_reserves(aclient, akeys: Keys
     created = await aclient.post(KEYS, headers=bearer(akeys.admin),
                                  json={"user": "defaulter", "team": "defaults", "roles": ["analyst"]})
     assert created.status_code == 201, created.text  # only the reserved name itself
+
+
+async def test_every_answer_that_shows_keys_is_kept_by_no_cache(aclient, akeys: Keys) -> None:
+    """Users, teams, roles and notes in every answer, not only the create's secret (probe s56 F5)."""
+    made = (await create(aclient, akeys.admin, user="cached", note="who may see this")).json()
+    path = f"{KEYS}/{made['key_id']}"
+    answers = [await aclient.get(KEYS, headers=bearer(akeys.admin)),
+               await aclient.get(path, headers=bearer(akeys.admin)),
+               await aclient.put(f"{path}/roles", headers=bearer(akeys.admin), json={"roles": ["viewer"]}),
+               await aclient.post(f"{path}/revoke", headers=bearer(akeys.admin))]
+    for answer in answers:
+        assert answer.status_code == 200 and answer.headers.get_list("cache-control") == ["no-store"], answer.text
+    document = (await aclient.get("/schema/openapi.json")).json()
+    for route, method in ((KEYS, "get"), (KEYS + "/{key_id}", "get"), (KEYS + "/{key_id}/roles", "put"),
+                          (KEYS + "/{key_id}/revoke", "post"), (KEYS, "post")):
+        success = next(iter(document["paths"][route][method]["responses"].values()))
+        assert success["headers"]["Cache-Control"]["schema"]["const"] == "no-store", (route, method)
