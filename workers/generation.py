@@ -181,11 +181,11 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
         return _record_end(job, store, kind, "", 0, 0, None, worker, queue_ms, started_ns, digester,
                            message=_stop_message(kind, channel))
     if job.deadline_ns and taken_ns > job.deadline_ns:  # nobody waits for it any more (its gateway may be gone)
-        return _record_expired(job, store, worker, queue_ms)
+        return _record_expired(job, store, worker, queue_ms, digester)
     # A job that waited may be a dead gateway's: nobody would receive it. (Not a redelivered stream: its end
     # keeps what the first run sent, below.)
     if looked and (first_run or not job.stream) and channel.gateway_gone():
-        return _record_gateway_gone(job, store, worker, queue_ms)
+        return _record_gateway_gone(job, store, worker, queue_ms, digester)
     if not first_run and job.stream:
         # The client already received what the first run published: record it.
         return _record_failure(job, store, WORKER_LOST, STREAM_WORKER_LOST, worker,
@@ -377,11 +377,18 @@ _END_MESSAGES = {
 }
 
 
+def _not_generated(job: GenerateJob, digester: Digester | None) -> dict[str, Any]:
+    """The output fields of an end recorded before anything was generated, in the shape ``prompt_logging``
+    gives every other end: ``hash`` and ``none`` keep no payload (a bare ``"output": ""`` made one, with its
+    salt, that the level promises not to write; probe s56)."""
+    return logged_output("", job.prompt_logging, job.redact, digester)
+
+
 def _record_expired(job: GenerateJob, store: EntryStore, worker: dict[str, Any],
-                    queue_ms: float | None) -> JobResult:
+                    queue_ms: float | None, digester: Digester | None = None) -> JobResult:
     """A job taken after its deadline: not generated, recorded as ``timed_out`` with code ``expired``."""
     error = {"code": "expired", "message": "the request's deadline passed before a worker took it"}
-    body = {"output": "", "error": error, "worker": worker, "timings": {"queue_ms": queue_ms}}
+    body = {**_not_generated(job, digester), "error": error, "worker": worker, "timings": {"queue_ms": queue_ms}}
     entry = _append_terminal(job, store, STATUS_TIMED_OUT, body)
     if isinstance(entry, JobResult):
         return entry
@@ -395,11 +402,12 @@ GATEWAY_GONE_ERROR = {"code": GATEWAY_GONE,
 
 
 def _record_gateway_gone(job: GenerateJob, store: EntryStore, worker: dict[str, Any],
-                         queue_ms: float | None) -> JobResult:
+                         queue_ms: float | None, digester: Digester | None = None) -> JobResult:
     """A job whose gateway is gone: not generated (no one would receive it), recorded ``cancelled`` with code
     ``gateway_gone``; its outcome, published to no one, names it for any gateway to settle its usage."""
     log.warning("request %s: its gateway is gone; cancelled, not generated", job.request_id)
-    body = {"output": "", "error": dict(GATEWAY_GONE_ERROR), "worker": worker, "timings": {"queue_ms": queue_ms}}
+    body = {**_not_generated(job, digester), "error": dict(GATEWAY_GONE_ERROR), "worker": worker,
+            "timings": {"queue_ms": queue_ms}}
     entry = _append_terminal(job, store, STATUS_CANCELLED, body)
     if isinstance(entry, JobResult):
         return entry

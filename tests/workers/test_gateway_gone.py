@@ -13,6 +13,7 @@ import asyncio
 import os
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
 import redis
@@ -168,3 +169,21 @@ def test_members_gone_for_longer_than_any_job_waits_are_dropped_by_the_next_beat
     recent = killed_gateway(client)
     live_gateway(client)
     assert client.zscore(GATEWAYS_KEY, old) is None and client.zscore(GATEWAYS_KEY, recent) is not None
+
+
+@pytest.mark.parametrize("level", ["full", "redacted", "hash", "none"])
+@pytest.mark.parametrize("end", ["gateway_gone", "expired"])
+def test_an_end_recorded_before_generating_keeps_the_output_as_its_level_says(store, model, client, level, end):
+    """``hash`` (and an unknown level, treated so) keeps no payload: a bare ``"output": ""`` made one, with its
+    salt, on these two ends alone (probe s56)."""
+    job = waited_job(killed_gateway(client) if end == "gateway_gone" else live_gateway(client))
+    job = replace(job, prompt_logging=level,
+                  deadline_ns=time.time_ns() - 1_000_000_000 if end == "expired" else job.deadline_ns)
+    result = run(job, model, store, client)
+    assert result.error["code"] == end
+    [entry] = store.entries_for(job.request_id)
+    if level in ("full", "redacted"):
+        assert entry.payload is not None and entry.payload["output"] == ""
+        assert "output_chars" not in entry.body
+    else:
+        assert entry.payload is None and entry.body["output_chars"] == 0 and "output" not in entry.body
