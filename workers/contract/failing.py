@@ -17,7 +17,9 @@ failure's code and message; each further own failure renews it, and a job
 that completes after a failure deletes it. The mark lapses after
 :data:`FAILING_TTL_S` unless renewed: an operator who mends the setup sees
 the model ready again at the latest then (the next job renews a mark still
-deserved), and a worker killed while failing leaves nothing behind for long.
+deserved), a load balancer that follows ``/readyz`` is not kept away long
+after a passing cause (a database that came back), and a worker killed while
+failing leaves nothing behind for long. As long as a silent worker counts.
 Nothing is written while jobs succeed: no command on the usual path.
 
 A gateway reads the live marks with the live-workers set, in the round trip
@@ -37,7 +39,7 @@ OWN_FAILURES = frozenset({"payload_unreadable", "audit_unavailable"})
 #: Own failures in a row before the worker marks itself.
 FAILING_AFTER = 3
 #: How long a mark holds unless a further own failure renews it.
-FAILING_TTL_S = 60
+FAILING_TTL_S = 15  # workers.contract.liveness.HEARTBEAT_TTL_S
 #: The longest reason kept.
 REASON_MAX_CHARS = 300
 
