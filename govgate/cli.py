@@ -160,6 +160,7 @@ def _check_policy(settings: Settings, registry: Registry) -> None:
 
     from gateway.policy import open_policy_engine
     from gateway.policy.engine import PolicyLoadError
+    from gateway.policy.opa import shown_opa_url
     from gateway.requests.policy_trial import policy_trial
 
     async def load_try_and_close() -> str | None:
@@ -176,8 +177,8 @@ def _check_policy(settings: Settings, registry: Registry) -> None:
             engines_log.setLevel(level)
             await engine.aclose()
 
-    where = (f"GOVGATE_OPA_URL={settings.opa_url} (GOVGATE_POLICY_DIR={settings.policy_dir})" if settings.opa_url
-             else f"GOVGATE_POLICY_DIR={settings.policy_dir}")
+    where = (f"GOVGATE_OPA_URL={shown_opa_url(settings.opa_url)} (GOVGATE_POLICY_DIR={settings.policy_dir})"
+             if settings.opa_url else f"GOVGATE_POLICY_DIR={settings.policy_dir}")
     try:
         refusal = asyncio.run(load_try_and_close())
     except PolicyLoadError as exc:

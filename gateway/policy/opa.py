@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,10 +105,10 @@ class OpaAddress:
         except ValueError:
             port = -1
         if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
-            raise PolicyLoadError(f"OPA URL {url!r} is not http(s)://host[:port]")
+            raise PolicyLoadError(f"OPA URL {shown_opa_url(url)!r} is not http(s)://host[:port]")
         if parts.path.strip("/") or parts.query or parts.fragment or parts.username:
             # The client builds every URL as scheme://host:port/v1/...
-            raise PolicyLoadError(f"OPA URL {url!r} must not have a path, query or credentials")
+            raise PolicyLoadError(f"OPA URL {shown_opa_url(url)!r} must not have a path, query or credentials")
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
         https = parts.scheme == "https"
         return cls(host=host, port=port or (443 if https else 80), ssl=https)
@@ -118,6 +119,12 @@ class OpaAddress:
         # (about 0.9 s of back-off), and it raises HTTP failures as raw aiohttp
         # exceptions, which _query sorts into "unavailable" and "error".
         return AsyncOpaClient(host=self.host, port=self.port, ssl=self.ssl, retries=0, timeout=timeout_s)
+
+
+def shown_opa_url(url: str) -> str:
+    """``url`` as a message may show it: any credentials (``user:password@``, a token as the user) as ``***``.
+    The URL is refused with credentials, but the refusal quoted them whole, into the log too (probe s56)."""
+    return re.sub(r"//[^/?#]*@", "//***@", url)
 
 
 @dataclass(frozen=True)

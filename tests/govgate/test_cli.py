@@ -675,3 +675,15 @@ def test_a_govgate_variable_no_setting_reads_is_warned_about(monkeypatch, cli):
     assert ("govgate: warning: GOVGATE_MAX_QUEUE_PER_MODEL is not a setting and is ignored (did you mean "
             "GOVGATE_MAX_QUEUED_PER_MODEL?)") in result.stderr
     assert "warning" not in result.stdout
+
+
+@pytest.mark.parametrize("url", ["http://admin:s3cretPW@127.0.0.1:8181", "http://u:s3cretPW@h:99999",
+                                 "http://s3cretPW@127.0.0.1:8181"])
+def test_serve_never_shows_the_credentials_of_an_opa_url(settings, url):
+    """The URL is refused with credentials, and the refusal quoted them whole (probe s56: also into
+    ``govgate up``'s api.log). README: messages never show a URL's password."""
+    result = _serve(settings, GOVGATE_OPA_URL=url)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: GOVGATE_OPA_URL=http://***@"), lines
+    assert "s3cretPW" not in result.stdout + result.stderr

@@ -677,3 +677,11 @@ def test_an_opa_error_is_summarised_by_its_codes_and_places_never_its_messages()
     assert summary(b'{"code": "internal_error", "message": "x"}') == "internal_error"
     assert summary(b"<html>bad gateway</html>") == "" and summary(b"[1]") == ""
     assert summary(json.dumps({"errors": [{"code": "a\x1b[2Kb"}]}).encode()) == "a2Kb"
+
+
+@pytest.mark.parametrize("url", ["http://u:pw-secret@opa", "http://pw-secret@opa:8181", "http://u:pw-secret@opa:x",
+                                 "ftp://u:pw-secret@opa"])
+def test_a_refused_opa_url_is_quoted_without_its_credentials(url: str) -> None:
+    with pytest.raises(PolicyLoadError) as refused:
+        OpaAddress.parse(url)
+    assert "pw-secret" not in str(refused.value) and "//***@" in str(refused.value)
