@@ -101,6 +101,7 @@ def _check_serve_settings(settings: Settings) -> None:
     if not settings.redis_url:
         raise click.ClickException("GOVGATE_REDIS_URL is not set: 'govgate serve' needs a Redis "
                                    "(or run 'govgate up', which starts one)")
+    _check_redis_url(settings.redis_url)
     if not ping(settings.redis_url):
         raise click.ClickException(f"GOVGATE_REDIS_URL={without_password(settings.redis_url)} does not answer")
     if not settings.opa_url and not settings.policy_dir.is_dir():
@@ -121,6 +122,15 @@ def _check_serve_settings(settings: Settings) -> None:
         open_keys(settings)  # made here if missing, as the app's startup would
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _check_redis_url(url: str) -> None:
+    """Refuse in one line a Redis URL redis-py cannot read (``govgate.redis_server.url_problem``)."""
+    from govgate.redis_server import url_problem
+
+    problem = url_problem(url)
+    if problem is not None:
+        raise click.ClickException(f"GOVGATE_REDIS_URL={without_password(url)} cannot be read: {problem}")
 
 
 def _check_database(settings: Settings) -> None:
@@ -203,6 +213,7 @@ def worker(model_name: str, concurrency: int, pool: str | None) -> None:
     settings = load_settings()
     if not settings.redis_url:
         raise click.ClickException("GOVGATE_REDIS_URL must be set for a standalone worker")
+    _check_redis_url(settings.redis_url)
     _configure_logging(settings)
     try:
         registry = load_registry(settings.models_file, settings.var_dir)

@@ -143,6 +143,21 @@ def _private_child() -> None:  # runs in the child between fork and exec
         tie()
 
 
+def url_problem(url: str) -> str | None:
+    """Why redis-py cannot read ``url`` (a port out of range, a ``db`` that is not a number…), or None.
+
+    The processes that connect read it with redis-py; a worker given one it cannot read died with two
+    tracebacks (its own and its store-prep child's, probe s56), where ``serve`` said "does not answer".
+    """
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        return str(exc).rstrip(".")
+    return None
+
+
 def ping(url: str, timeout_s: float = 1.0) -> bool:
     """True when a Redis answers at ``url`` (asked with :mod:`govgate.resp`: the supervisor calls this)."""
     from govgate.resp import small_client

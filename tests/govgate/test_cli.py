@@ -422,15 +422,16 @@ def test_policy_explain_exits_non_zero_on_a_deny(cli, tmp_path):
     assert json.loads(cli("policy", "explain", "--input", str(path)).stdout)["allow"] is True
 
 
-def _serve(settings, **env_changes: str | None) -> subprocess.CompletedProcess:
-    """``govgate serve`` as a real process with some variables changed (None: unset)."""
+def _serve(settings, *args: str, **env_changes: str | None) -> subprocess.CompletedProcess:
+    """``govgate serve`` (or the command ``args`` name) as a real process with some variables changed (None:
+    unset)."""
     env = child_env(settings.with_(port=free_port()), settings.redis_url)
     for name, value in env_changes.items():
         if value is None:
             env.pop(name, None)
         else:
             env[name] = value
-    return subprocess.run([sys.executable, "-m", "govgate.cli", "serve"], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "govgate.cli", *(args or ("serve",))], env=env, capture_output=True,
                           text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 
@@ -687,3 +688,17 @@ def test_serve_never_shows_the_credentials_of_an_opa_url(settings, url):
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: GOVGATE_OPA_URL=http://***@"), lines
     assert "s3cretPW" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("command", [("serve",), ("worker", "--model", TINY_MODEL_NAME)])
+@pytest.mark.parametrize("url, problem", [("redis://:99999", "Port out of range 0-65535"),
+                                          ("redis://u:pw-secret@localhost:abc", "Port could not be cast"),
+                                          ("unix:///tmp/x.sock?db=abc", "Invalid value for 'db'")])
+def test_a_redis_url_redis_py_cannot_read_is_one_line(settings, command, url, problem):
+    """A worker died with two tracebacks (its own and its store-prep child's) where serve said "does not
+    answer" (probe s56)."""
+    result = _serve(settings, *command, GOVGATE_REDIS_URL=url)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: GOVGATE_REDIS_URL=") and problem in lines[0], lines
+    assert "pw-secret" not in lines[0] and "cannot be read" in lines[0]
