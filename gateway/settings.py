@@ -282,7 +282,7 @@ class Settings:
             host=text("HOST", defaults.host),
             port=int(number("PORT", defaults.port, int, 1, 65535)),
             var_dir=var_dir,
-            database_url=text("DATABASE_URL", ""),
+            database_url=_stored_database(text("DATABASE_URL", "")),
             database_busy_timeout_s=seconds_up_to_a_day("DATABASE_BUSY_TIMEOUT_S", defaults.database_busy_timeout_s),
             redis_url=_url(text("REDIS_URL", ""), "REDIS_URL", ("redis://", "rediss://", "unix://")),
             # absolute, not resolved: a symlink switched to a new release folder is followed at the next read
@@ -416,6 +416,21 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _WHOLE = re.compile(r"[+-]?[0-9]+")
 #: A number: digits with an optional fraction and exponent, or nan/inf (refused later, by name).
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
+
+
+def _stored_database(url: str) -> str:
+    """An empty setting or a database URL, not an in-memory SQLite one (``sqlite://``, ``sqlite:///``,
+    ``:memory:``, ``mode=memory``): each process would get its own, empty, and lose it at its exit. ``keys
+    create`` printed a secret stored nowhere, ``up`` an admin key that lived in a child's memory, and a gateway
+    served while logging "no such table" every second (probe s56). Read from the string: the worker's main
+    process does not load SQLAlchemy."""
+    if url.lower().startswith("sqlite"):
+        path = url.split("://", 1)[1].split("?", 1)[0] if "://" in url else ""
+        if path in ("", "/") or path.endswith(":memory:") or "mode=memory" in url:
+            raise SettingsError("GOVGATE_DATABASE_URL names an in-memory SQLite database: every process would "
+                                "have its own, empty, gone at its exit; name a file (sqlite:///path/to/govgate.db) "
+                                "or leave it empty for $GOVGATE_VAR_DIR/govgate.db")
+    return url
 
 
 def _proxies(raw: str, name: str) -> str:

@@ -151,3 +151,17 @@ def test_forwarded_allow_ips_takes_addresses_networks_or_any() -> None:
     for bad in ("localhost", "10.0.0.0/33", "1.2.3.4,", "proxy.internal"):
         with pytest.raises(SettingsError, match="^GOVGATE_FORWARDED_ALLOW_IPS: .* is not an IP address"):
             Settings.from_env({"GOVGATE_FORWARDED_ALLOW_IPS": bad})
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite+pysqlite:///:memory:",
+                                 "sqlite:///file::memory:?uri=true", "sqlite:///file:x?mode=memory&uri=true"])
+def test_an_in_memory_sqlite_database_is_refused(url: str) -> None:
+    """Every process would get its own, empty: a key created there was stored nowhere (probe s56)."""
+    with pytest.raises(SettingsError, match="^GOVGATE_DATABASE_URL names an in-memory SQLite database"):
+        Settings.from_env({"GOVGATE_DATABASE_URL": url})
+
+
+@pytest.mark.parametrize("url", ["sqlite:///govgate.db", "sqlite:////var/lib/govgate/govgate.db",
+                                 "postgresql+psycopg://u:p@db/govgate", ""])
+def test_a_database_that_keeps_its_entries_is_taken(url: str) -> None:
+    assert Settings.from_env({"GOVGATE_DATABASE_URL": url}).database_url == url
