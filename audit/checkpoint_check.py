@@ -107,6 +107,10 @@ def unsigned_tail(store: CheckpointStore, latest: Checkpoint | None, *,
     return UnsignedTail(first_seq=first, last_seq=last, oldest_at=oldest, newest_at=newest, after=latest)
 
 
+#: The problem of a checkpoint checked without a key: nothing vouches for it (no sign of tampering either).
+NO_KEY_PROBLEM = "no trusted public key to check its signature"
+
+
 def check_checkpoints(store: CheckpointStore, public_key: PublicKey | None, *, external: Checkpoint | None = None,
                       remembered: Checkpoint | None = None, strict: bool = False, max_unsigned_age_s: float,
                       now: datetime | None = None) -> CheckpointVerdict:
@@ -162,7 +166,7 @@ def _check_one(verdict: CheckpointVerdict, checkpoint: Checkpoint, entry_hash: s
 def _check_signature(verdict: CheckpointVerdict, checkpoint: Checkpoint, public_key: PublicKey | None,
                      what: str) -> None:
     if public_key is None:
-        verdict.problem(f"{what} at seq {checkpoint.seq}: no trusted public key to check its signature")
+        verdict.problem(f"{what} at seq {checkpoint.seq}: {NO_KEY_PROBLEM}")
     else:
         problem = checkpoint.signature_problem(public_key)
         if problem is not None:

@@ -291,7 +291,9 @@ def load_trust(*, checkpoint_file: str | None, public_key_file: str | None) -> T
         except SigningKeyError as exc:
             raise click.ClickException(str(exc)) from None
         source = (f"the store's own key {own} (whoever holds it can re-sign a rewritten log; "
-                  "pass --public-key with a copy kept elsewhere)") if public_key else "no key"
+                  "pass --public-key with a copy kept elsewhere)") if public_key else \
+            (f"no key: GOVGATE_AUDIT_SIGNING_KEY_FILE={own} does not exist; pass --public-key with a copy of "
+             "the public key ('govgate audit public-key' where the gateway's key is)")
     external = named = None
     if checkpoint_file is not None:
         try:
@@ -322,6 +324,7 @@ def report_checkpoints(engine: Any, trust: Trust, *, strict: bool, max_unsigned_
     points at tampering."""
     from audit import AuditError
     from audit.checkpoint_check import check_checkpoints, default_max_unsigned_age_s
+    from audit.checkpoint_check import NO_KEY_PROBLEM
     from audit.checkpoints import CheckpointStore
 
     settings = load_settings()
@@ -352,6 +355,12 @@ def report_checkpoints(engine: Any, trust: Trust, *, strict: bool, max_unsigned_
                    "stopped, leaves entries so until the next start signs them and names them in a chain_anomaly "
                    "entry; entries added or rewritten while no gateway "
                    "ran look the same, so this fails until they are signed or explained.")
+    elif public_key is None and all(NO_KEY_PROBLEM in problem for problem in verdict.problems):
+        # Not "TAMPERED": nothing was found to fail, but nothing can vouch for the checkpoints either (exit 1
+        # still: a log whose key was taken away must not pass). The setting named (probe s56).
+        click.echo(f"checkpoints UNCHECKED: {verdict.checked} stored{file_part}, {where}; {source}")
+        for problem in verdict.problems:
+            click.echo(f"  - {problem}")
     else:
         click.echo(f"checkpoints TAMPERED: {verdict.checked} stored{file_part}, {where}; "
                    f"signatures checked against {source}")

@@ -209,3 +209,20 @@ def test_verify_exits_1_on_a_payload_erased_outside_prune(env: Env) -> None:
     assert result.exit_code == 1, result.output
     assert "chain intact" in result.output and f"PAYLOADS ERASED UNRECORDED: 1 entries" in result.output
     assert f"(seq {kept.seq})" in result.output
+
+
+def test_verify_without_any_key_names_the_setting_and_says_unchecked_not_tampered(env: Env, tmp_path: Path) -> None:
+    """A signing-key file that is not there reported "checkpoints TAMPERED" without naming the variable (probe
+    s56). Still exit 1: a log whose key was taken away must not pass; a rewrite is still TAMPERED."""
+    key = load_or_create_signing_key(tmp_path / "elsewhere.key")
+    env.append(2)
+    CheckpointStore(env.engine).make(key)
+    env.env["GOVGATE_AUDIT_SIGNING_KEY_FILE"] = str(tmp_path / "missing.key")
+    result = env.run("verify")
+    assert result.exit_code == 1, result.output
+    assert "checkpoints UNCHECKED: 1 stored" in result.output and "TAMPERED" not in result.output
+    assert f"GOVGATE_AUDIT_SIGNING_KEY_FILE={tmp_path / 'missing.key'} does not exist" in result.output
+    assert "--public-key" in result.output
+    env.raw.without_guards("UPDATE audit_checkpoints SET head_hash = 'ab' || substr(head_hash, 3)")
+    rewritten = env.run("verify")
+    assert rewritten.exit_code == 1 and "checkpoints TAMPERED" in rewritten.output, rewritten.output
