@@ -33,7 +33,8 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     """``7d``, ``12h``, ``30m``, ``2w`` ago, or an ISO date/time (UTC when no zone is given)."""
     now = now or datetime.now(timezone.utc)
     text = text.strip()
-    if len(text) >= 2 and text[-1] in _UNITS and text[:-1].isdigit():
+    # ASCII digits only: str.isdigit() also read other scripts' ('٣٠d' as 30 days, probe s56), and int() too
+    if len(text) >= 2 and text[-1] in _UNITS and text[:-1].isascii() and text[:-1].isdigit():
         try:
             return now - timedelta(**{_UNITS[text[-1]]: int(text[:-1])})
         except OverflowError:  # before year 1

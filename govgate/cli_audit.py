@@ -134,7 +134,7 @@ def _report_erasures(engine) -> bool:
 @audit.command("prune")
 @click.option("--before", "before", required=True, metavar="DATE",
               help="Erase the payloads of entries created before this ISO date or time (UTC unless it says).")
-@click.option("--batch", type=click.IntRange(min=1), default=500, show_default=True,
+@click.option("--batch", type=click.IntRange(min=1, max=1_000_000), default=500, show_default=True,
               help="Entries erased per transaction.")
 def audit_prune(before: str, batch: int) -> None:
     """Erase prompts and outputs older than DATE; digests, metadata and the chain stay, and verify passes."""

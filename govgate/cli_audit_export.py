@@ -48,7 +48,7 @@ _API_NAMES = {"since": "since", "until": "until", "team": "team", "principal": "
               "request_id": "request_id", "decision": "decision", "reason": "reason", "read_of": "read_of",
               "text": "q", "fmt": "format", "out": "out"}
 #: A period back from now, as ``export-bundle`` and ``policy replay`` take it (``gateway.replay.parse_since``).
-_PERIOD = re.compile(r"\d+[mhdw]")
+_PERIOD = re.compile(r"[0-9]+[mhdw]")  # ASCII digits: \d read '٣٠d' as 30 days (probe s56)
 
 
 def _given_once(_ctx: click.Context, param: click.Parameter, values: tuple[Any, ...]) -> Any:

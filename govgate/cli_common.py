@@ -19,6 +19,14 @@ _REGO_WHERE = re.compile(r"-->\s*(\S+)")
 _REGO_ERROR = re.compile(r"^error:\s*(.+?)\s*$", re.MULTILINE)
 
 
+def given_once(_ctx: click.Context, param: click.Parameter, values: tuple[object, ...]) -> object:
+    """A ``multiple=True`` option's one value, refused when given twice (Click keeps the last one silently:
+    ``keys create --user bob --user carol`` made carol's key, probe s56)."""
+    if len(values) > 1:
+        raise click.BadParameter("may be given once", param=param)
+    return values[0] if values else None
+
+
 def one_line(message: str) -> str:
     """``message`` on one line, for an error an operator reads (and ``govgate up`` quotes by its last line).
 

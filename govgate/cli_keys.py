@@ -8,7 +8,7 @@ from typing import Callable
 import click
 
 from gateway.settings import Settings, without_password
-from govgate.cli_common import load_settings, refuse_missing_store
+from govgate.cli_common import given_once, load_settings, refuse_missing_store
 from govgate.own_entries import sign_key_entry_while_down
 
 
@@ -140,13 +140,15 @@ def _no_key(what: str, key_id: str, see: str = "") -> click.ClickException:
 
 
 @keys.command("create")
-@click.option("--user", required=True, help="Who the key belongs to (principal id).")
-@click.option("--team", default=None, help="The user's team (policies and limits use it).")
+@click.option("--user", multiple=True, callback=given_once, help="Who the key belongs to (principal id). Required.")
+@click.option("--team", multiple=True, callback=given_once, help="The user's team (policies and limits use it).")
 @click.option("--role", "roles", multiple=True,
               help="A role the policy knows (policies/data.json); repeat for several. At least one.")
-@click.option("--note", default=None, help="Free text shown in 'keys list'.")
-def keys_create(user: str, team: str | None, roles: tuple[str, ...], note: str | None) -> None:
+@click.option("--note", multiple=True, callback=given_once, help="Free text shown in 'keys list'.")
+def keys_create(user: str | None, team: str | None, roles: tuple[str, ...], note: str | None) -> None:
     """Create a key and print it once (it is stored only as a hash)."""
+    if user is None:
+        raise click.MissingParameter(param_hint="'--user'", param_type="option")
     from gateway.auth import KeyStoreError
     from gateway.keys_admin.service import MAX_NOTE
 

@@ -85,6 +85,20 @@ def test_keys_create_names_the_option_and_its_bound_never_the_long_value(cli, ar
     assert "paula" not in cli("keys", "list").stdout  # nothing was made
 
 
+@pytest.mark.parametrize("args, named", [
+    (("--user", "bob", "--user", "carol", "--role", "analyst"), "--user"),
+    (("--user", "bob", "--team", "a", "--team", "b", "--role", "analyst"), "--team"),
+    (("--user", "bob", "--role", "analyst", "--note", "x", "--note", "y"), "--note"),
+])
+def test_keys_create_refuses_an_option_given_twice(cli, args, named):
+    """Click kept the last one: ``--user bob --user carol`` made carol's key (probe s56)."""
+    result = cli("keys", "create", *args, ok=False)
+    assert result.exit_code == 2 and f"Invalid value for '{named}': may be given once" in result.output
+    assert "carol" not in result.output and "bob" not in cli("keys", "list").stdout  # nothing was made
+    missing = cli("keys", "create", "--role", "analyst", ok=False)
+    assert missing.exit_code == 2 and "Missing option '--user'" in missing.output
+
+
 def test_keys_create_refuses_a_long_note_by_its_bound(cli):
     result = cli("keys", "create", "--user", "paula", "--role", "analyst", "--note", "n" * 5000, ok=False)
     assert result.exit_code == 2 and "n" * 300 not in result.output
@@ -299,9 +313,18 @@ def test_audit_tail_refuses_a_count_out_of_range(cli, args):
     assert result.exit_code == 2 and "Invalid value for '-n'" in result.output
 
 
-def test_audit_prune_refuses_a_batch_of_nothing(cli):
-    result = cli("audit", "prune", "--before", "2026-01-01", "--batch", "0", ok=False)
+@pytest.mark.parametrize("batch", ["0", "1000001", "9223372036854775808"])
+def test_audit_prune_refuses_a_batch_out_of_range(cli, batch):
+    """2^63 reached SQLite and came back as an OverflowError traceback (probe s56)."""
+    result = cli("audit", "prune", "--before", "2026-01-01", "--batch", batch, ok=False)
     assert result.exit_code == 2 and "Invalid value for '--batch'" in result.output
+
+
+@pytest.mark.parametrize("period", ["٣٠d", "３０d"])
+def test_audit_export_reads_a_period_in_ascii_digits_only(cli, period):
+    """'٣٠d' was read as 30 days (probe s56)."""
+    result = cli("audit", "export", "--since", period, ok=False)
+    assert result.exit_code != 0 and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("url", ["postgresql://u:p@127.0.0.1:1/db", "mysql://u:p@127.0.0.1:1/db"])

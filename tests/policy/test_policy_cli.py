@@ -261,3 +261,10 @@ def test_replay_lists_the_requests_without_their_full_prompt_apart(settings, aud
     assert "deny[pii_detected] -> allow" not in main_part and "deny[pii_detected] -> allow" in partial_part
     assert "123-45-6789" not in text.stdout + result.stdout
     assert run(settings, "policy", "replay", "--candidate", str(ROOT / "policies"), "--examples", "-5").exit_code == 2
+
+
+@pytest.mark.parametrize("text", ["٣٠d", "３０d", "²d"])
+def test_a_period_is_read_in_ascii_digits_only(text):
+    """'٣٠d' was read as 30 days (probe s56); the settings refuse such digits too."""
+    with pytest.raises(ValueError, match="cannot read"):
+        parse_since(text)
