@@ -30,6 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, select
 
 from audit import AuditError, AuditStore
+from audit.db import reason
 from audit.key_ledger import BACKFILL_REQUEST_ID, count_key_entries, key_fingerprint, key_request_id
 from audit.kinds import KEY_CREATED, KEY_REVOKED, KEY_ROLES_CHANGED
 
@@ -248,7 +249,7 @@ class KeyStore:
             with Session(self.engine) as session:
                 existing = session.exec(statement).first()
         except SQLAlchemyError as exc:
-            raise KeyStoreError(f"cannot read keys: {exc}") from exc
+            raise KeyStoreError(f"cannot read keys: {reason(exc)}") from exc
         if existing is not None:
             raise NameLookAlike(kind, value, existing)
 
@@ -260,7 +261,7 @@ class KeyStore:
             with Session(self.engine, expire_on_commit=False) as session:
                 return list(session.exec(statement))
         except SQLAlchemyError as exc:
-            raise KeyStoreError(f"cannot read keys: {exc}") from exc
+            raise KeyStoreError(f"cannot read keys: {reason(exc)}") from exc
 
     def get(self, key_id: str) -> ApiKey | None:
         """One key by id, revoked or not."""
@@ -268,7 +269,7 @@ class KeyStore:
             with Session(self.engine, expire_on_commit=False) as session:
                 return session.get(ApiKey, key_id)
         except SQLAlchemyError as exc:
-            raise KeyStoreError(f"cannot read keys: {exc}") from exc
+            raise KeyStoreError(f"cannot read keys: {reason(exc)}") from exc
 
     def page(self, *, after: str | None, limit: int,
              include_revoked: bool = False) -> tuple[list[ApiKey], bool] | None:
@@ -294,7 +295,7 @@ class KeyStore:
                                                          ApiKey.key_id > last.key_id)))
                 rows = list(session.exec(statement))
         except SQLAlchemyError as exc:
-            raise KeyStoreError(f"cannot read keys: {exc}") from exc
+            raise KeyStoreError(f"cannot read keys: {reason(exc)}") from exc
         return rows[:limit], len(rows) > limit
 
     def revoke(self, key_id: str, *, by: str = UNSPECIFIED_ACTOR, keep_role: str | None = None) -> bool:
@@ -380,7 +381,7 @@ class KeyStore:
             with Session(self.engine) as session:
                 row = session.get(ApiKey, match.group(1))
         except SQLAlchemyError as exc:
-            raise KeyStoreError(f"cannot read keys: {exc}") from exc
+            raise KeyStoreError(f"cannot read keys: {reason(exc)}") from exc
         # Compare even when the row is missing so timing does not reveal key ids.
         expected = row.key_hash if row is not None else "0" * 64
         if not hmac.compare_digest(expected, key_digest(presented)) or row is None or row.revoked_at is not None:
@@ -441,7 +442,7 @@ class KeyStore:
                 if conn.execute(count_key_entries(1)).scalar_one():
                     return None
         except (AuditError, SQLAlchemyError) as exc:
-            raise KeyStoreError(f"cannot check the keys against the audit chain: {exc}") from exc
+            raise KeyStoreError(f"cannot check the keys against the audit chain: {reason(exc)}") from exc
         items = []
         for row in rows:
             item: dict[str, Any] = {"key_id": row.key_id, "user": row.user, "team": row.team, "roles": row.roles,

@@ -725,3 +725,16 @@ def test_a_redis_url_redis_py_cannot_read_is_one_line(settings, command, url, pr
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: GOVGATE_REDIS_URL=") and problem in lines[0], lines
     assert "pw-secret" not in lines[0] and "cannot be read" in lines[0]
+
+
+def test_a_corrupted_store_is_one_line_without_sqlalchemy_s_sql(cli, tmp_path):
+    """SQLAlchemy's message ran on with [SQL: …], [parameters: …] and a link (probe s56)."""
+    cli("keys", "create", "--user", "rosa", "--role", "analyst")
+    broken = tmp_path / "broken.db"
+    data = bytearray(Path(cli.database).read_bytes())
+    data[4096:4096 + 8192] = bytes(range(256)) * 32  # every page after the first is garbage
+    broken.write_bytes(bytes(data))
+    result = CliRunner().invoke(main, ["keys", "list"], env={**cli.env, "GOVGATE_DATABASE_URL": f"sqlite:///{broken}"})
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "malformed" in lines[0] and "[SQL" not in lines[0], lines
