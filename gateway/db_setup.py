@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from audit import make_engine, migrate
-from audit.db import locked_transaction
+from audit.db import locked_transaction, reason
 from audit.migration_heads import at_head
 from gateway.auth.keys import ApiKey, KeyStore
 
@@ -59,7 +59,7 @@ def migrate_gateway(engine: Engine, revision: str = "head") -> None:
                 if at_head(conn, MIGRATIONS_DIR / "versions", VERSION_TABLE):
                     return
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot migrate the gateway schema: {exc}") from exc
+        raise DatabaseError(f"cannot migrate the gateway schema: {reason(exc)}") from exc
     from alembic import command
     from alembic.util.exc import CommandError
 
@@ -67,7 +67,7 @@ def migrate_gateway(engine: Engine, revision: str = "head") -> None:
         with locked_transaction(engine, MIGRATE_LOCK_KEY) as conn:
             command.upgrade(alembic_config(conn), revision)
     except (SQLAlchemyError, CommandError, OSError) as exc:
-        raise DatabaseError(f"cannot migrate the gateway schema: {exc}") from exc
+        raise DatabaseError(f"cannot migrate the gateway schema: {reason(exc)}") from exc
 
 
 def open_database(settings: "Settings") -> Engine:

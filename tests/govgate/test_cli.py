@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from audit import AuditStore, make_engine
 from govgate.cli import main
 from govgate.cli_policy import EXIT_DENIED
 from govgate.supervisor import child_env
@@ -728,13 +729,27 @@ def test_a_redis_url_redis_py_cannot_read_is_one_line(settings, command, url, pr
 
 
 def test_a_corrupted_store_is_one_line_without_sqlalchemy_s_sql(cli, tmp_path):
-    """SQLAlchemy's message ran on with [SQL: …], [parameters: …] and a link (probe s56)."""
+    """Each page of a store broken in turn: ``keys list`` works or says why in one line. SQLAlchemy's message
+    ran on with [SQL: …], [parameters: …] and a link (probe s56: the key check, the gateway's migration)."""
     cli("keys", "create", "--user", "rosa", "--role", "analyst")
-    broken = tmp_path / "broken.db"
-    data = bytearray(Path(cli.database).read_bytes())
-    data[4096:4096 + 8192] = bytes(range(256)) * 32  # every page after the first is garbage
-    broken.write_bytes(bytes(data))
-    result = CliRunner().invoke(main, ["keys", "list"], env={**cli.env, "GOVGATE_DATABASE_URL": f"sqlite:///{broken}"})
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "malformed" in lines[0] and "[SQL" not in lines[0], lines
+    engine = make_engine(f"sqlite:///{cli.database}")
+    store = AuditStore(engine)
+    for i in range(300):  # pages of entries besides the tables' first ones
+        store.append("request", f"c-{i}", principal="rosa", team=None, model="m", body={"pad": "x" * 200},
+                     policy_revision=None)
+    engine.dispose()
+    data = Path(cli.database).read_bytes()
+    broken, refused = tmp_path / "broken.db", 0
+    for page in range(1, len(data) // 4096):
+        damaged = bytearray(data)
+        damaged[page * 4096:(page + 1) * 4096] = bytes(range(256)) * 16
+        broken.write_bytes(bytes(damaged))
+        result = CliRunner().invoke(main, ["keys", "list"],
+                                    env={**cli.env, "GOVGATE_DATABASE_URL": f"sqlite:///{broken}"})
+        if result.exit_code == 0:
+            continue
+        refused += 1
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (page, result.output)
+        assert len(lines) == 1 and "malformed" in lines[0] and "[SQL" not in lines[0], (page, lines)
+    assert refused >= 3  # the store's own pages, the key table's, the index of its entries
