@@ -100,7 +100,8 @@ def _moment(option: str, text: str | None) -> str | None:
 @_once("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True,
        help="Output format (as the API's, JSON lines unless asked).")
 @_once("--out", "out", type=click.Path(dir_okay=False, writable=True),
-       help="Write to this file (made readable by its owner only) instead of standard output.")
+       help="Write to this file (made readable by its owner only) instead of standard output ('-', as "
+            "for 'audit checkpoint').")
 @click.option("--include-text", is_flag=True,
               help="Include prompt and output texts (recorded on the chain as a payload_read entry first).")
 def audit_export(since: str, until: str | None, team: str | None, principal: str | None, model: str | None,
@@ -117,6 +118,9 @@ def audit_export(since: str, until: str | None, team: str | None, principal: str
     from audit.kinds import PAYLOAD_READ
     from audit.search import count_matching, iter_matching
 
+    if out is not None and not out.strip():  # read as the current folder: "cannot write to standard output"
+        raise click.BadParameter("an empty path (leave --out out, or give -, for standard output)",
+                                 param_hint="'--out'")
     since, until = _moment("--since", since), _moment("--until", until)
     try:
         where = entry_filter(principal=principal, team=team, model=model, request_id=request_id, kind=kinds,
@@ -140,7 +144,8 @@ def audit_export(since: str, until: str | None, team: str | None, principal: str
     except AuditError as exc:
         raise click.ClickException(f"export failed: {exc}") from None
     except OSError as exc:
-        raise click.ClickException(f"cannot write {out or 'to standard output'}: {exc.strerror or exc}") from None
+        raise click.ClickException(f"cannot write {out if out not in (None, '-') else 'to standard output'}: "
+                                   f"{exc.strerror or exc}") from None
     finally:
         engine.dispose()
 
@@ -174,7 +179,7 @@ def _counted(entries: Iterator[Any], advance: Any) -> Iterator[Any]:
 def _sink(out: str | None) -> Iterator[IO[bytes]]:
     """The file named by --out (0600, in place only once the export is whole: ``govgate/cli_output.py``), or
     standard output."""
-    if out is not None:
+    if out is not None and out != "-":  # '-' made a file named '-' (probe s56); the other commands' stdout
         with output_file(out, private=True) as handle:
             yield handle
         return

@@ -321,6 +321,19 @@ def test_audit_prune_refuses_a_batch_out_of_range(cli, batch):
     assert result.exit_code == 2 and "Invalid value for '--batch'" in result.output
 
 
+def test_audit_export_out_dash_is_standard_output_and_empty_is_refused(cli, tmp_path, monkeypatch):
+    """'-' made a file named '-' in the current folder, '' said "cannot write to standard output: Is a
+    directory" (probe s56); 'audit checkpoint' and 'public-key' read '-' as standard output."""
+    monkeypatch.chdir(tmp_path)
+    cli("keys", "create", "--user", "sam", "--role", "analyst")
+    dashed = cli("audit", "export", "--since", "2000-01-01", "--out", "-")
+    assert '"kind": "key_created"' in dashed.stdout or '"kind":"key_created"' in dashed.stdout, dashed.stdout
+    assert not (tmp_path / "-").exists()
+    for empty in ("", " "):
+        refused = cli("audit", "export", "--since", "2000-01-01", "--out", empty, ok=False)
+        assert refused.exit_code == 2 and "Invalid value for '--out': an empty path" in refused.output
+
+
 @pytest.mark.parametrize("period", ["٣٠d", "３０d"])
 def test_audit_export_reads_a_period_in_ascii_digits_only(cli, period):
     """'٣٠d' was read as 30 days (probe s56)."""
