@@ -42,8 +42,21 @@ _GUARDED = ("keys", "audit", "policy")
 _PRINTING_OPTIONS = frozenset({"-h", "--help", "--version"})
 
 
+#: A command stopped by Ctrl-C (SIGINT) exits 128 + 2, as a shell reports it: Click's "Aborted!" exit 1 is
+#: ``audit verify``'s answer for tampering, and a script could not tell the two apart (probe s56).
+EXIT_INTERRUPTED = 130
+
+
 class _Group(click.Group):
-    """The ``govgate`` group: standard output guarded for ``--help`` and ``--version`` too (govgate/cli_stdout.py)."""
+    """The ``govgate`` group: standard output guarded for ``--help`` and ``--version`` too (govgate/cli_stdout.py);
+    a command Ctrl-C stops exits :data:`EXIT_INTERRUPTED`."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted (SIGINT): stopped", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if _PRINTING_OPTIONS.intersection(args):

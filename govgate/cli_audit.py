@@ -157,6 +157,11 @@ def audit_prune(before: str, batch: int) -> None:
     except AuditError as exc:
         click.echo(f"prune failed: {exc}", err=True)
         sys.exit(1)
+    except KeyboardInterrupt:  # between batches: those erased are not recorded yet, and verify says so
+        click.echo(f"\ninterrupted (SIGINT): the payloads erased so far are not recorded yet ('audit verify' "
+                   f"fails until they are); run 'govgate audit prune --before {before}' again to record them",
+                   err=True)
+        sys.exit(130)
     when = moment.isoformat()
     if result.entry is None:
         click.echo(f"no payload to erase before {when}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -133,6 +134,32 @@ def test_a_command_signalled_midway_leaves_no_file(sqlite_store: tuple[str, Path
     assert f"{signal.Signals(signum).name}: stopped; {out} not written" in stderr.decode()
     assert out.read_bytes() == EARLIER
     assert _leftovers(out) == []  # no half-written copy, prompts and all
+
+
+@pytest.mark.parametrize("command", ["export", "export-bundle"])
+def test_a_command_interrupted_midway_exits_130_and_leaves_no_file(sqlite_store: tuple[str, Path], tmp_path: Path,
+                                                                   command: str) -> None:
+    """Ctrl-C: Click's "Aborted!" exit 1 was ``audit verify``'s code for tampering (probe s56); 130 now, as a
+    shell reports a command SIGINT stopped, and still nothing half-written."""
+    url, var_dir = sqlite_store
+    out = _out(tmp_path, "blue.jsonl")
+    process = subprocess.Popen([sys.executable, "-m", "govgate.cli", "audit", *COMMANDS[command], "--out", str(out)],
+                               env=_env(url, var_dir), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Python's own
+    try:
+        _stopped_midway(process, out)
+        os.kill(process.pid, signal.SIGINT)
+        os.kill(process.pid, signal.SIGCONT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, stderr
+    assert "interrupted (SIGINT): stopped" in stderr.decode() and b"Aborted" not in stderr
+    assert b"Traceback" not in stderr
+    assert out.read_bytes() == EARLIER and _leftovers(out) == []
 
 
 def test_a_hangup_the_command_was_started_ignoring_stays_ignored(sqlite_store: tuple[str, Path],
@@ -273,3 +300,51 @@ def test_a_signal_whose_exception_a_finalizer_dropped_still_leaves_no_file(tmp_p
     assert out.read_bytes() == EARLIER and _leftovers(out) == []
     assert dropped == [Terminated]
     assert f"SIGTERM: stopped; {out} not written" in capfd.readouterr().err
+
+
+def test_a_prune_interrupted_midway_says_to_run_it_again_which_records_its_erasures(tmp_path: Path) -> None:
+    """Ctrl-C between batches left erasures no entry records, ``verify`` failing, and said only "Aborted!"
+    (probe s56). Now exit 130 and what to do; doing it records them and ``verify`` passes."""
+    from datetime import datetime, timezone
+
+    var_dir = tmp_path / "var"
+    var_dir.mkdir()
+    url = f"sqlite:///{var_dir / 'audit.db'}"
+    _seed(url, var_dir, 400)
+    before = datetime.now(timezone.utc).isoformat()
+    env = _env(url, var_dir)
+    process = subprocess.Popen([sys.executable, "-m", "govgate.cli", "audit", "prune", "--before", before,
+                                "--batch", "1"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    database = var_dir / "audit.db"
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # stopped once some batches are committed, whatever the machine's speed
+            assert process.poll() is None, process.communicate()
+            with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+                if db.execute("SELECT count(*) FROM audit_entries WHERE payload IS NULL "
+                              "AND payload_digest IS NOT NULL").fetchone()[0] > 0:
+                    break
+            assert time.monotonic() < deadline, "prune never erased anything"
+            time.sleep(0.005)
+        os.kill(process.pid, signal.SIGSTOP)
+        os.kill(process.pid, signal.SIGINT)
+        os.kill(process.pid, signal.SIGCONT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, stderr
+    said = stderr.decode()
+    assert "the payloads erased so far are not recorded yet" in said and f"--before {before}" in said, said
+
+    def audit(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "govgate.cli", "audit", *args], env=env, capture_output=True,
+                              text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+    assert audit("verify").returncode == 1  # erased, and no entry says so
+    again = audit("prune", "--before", before)
+    assert again.returncode == 0 and "recorded as entry" in again.stdout, again.stdout + again.stderr
+    verified = audit("verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
