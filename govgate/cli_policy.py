@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from gateway.settings import Settings
-from govgate.cli_common import audit_engine, load_settings
+from govgate.cli_common import audit_engine, load_settings, one_line
 
 #: ``policy explain``'s exit status on a deny, or on an output the output rules stop (1 is an error,
 #: 2 a usage error: click's).
@@ -163,7 +163,7 @@ def policy_replay(candidate: Path, since: str, examples: int, as_json: bool) -> 
             engine = EmbeddedPolicyEngine.load(candidate, settings.policy_timeout_s, vm=settings.policy_vm,
                                                vm_check_every=settings.policy_vm_check_every)
         except PolicyLoadError as exc:
-            raise click.ClickException(f"the candidate policy does not load: {exc}") from None
+            raise click.ClickException(f"the candidate policy does not load: {one_line(str(exc))}") from None
         try:
             return await replay(store.iter_entries(), engine, start, examples_per_change=examples)
         finally:

@@ -145,6 +145,8 @@ def test_replay_refuses_a_candidate_that_does_not_load(settings, tmp_path):
     (candidate / "govgate.rego").write_text("package govgate\n\nthis is not rego\n")
     result = run(settings, "policy", "replay", "--candidate", str(candidate), "--since", "1d")
     assert result.exit_code == 1 and "does not load" in result.output
+    # one line, as policy check and serve say it (regorus's drawing of the source line was kept, probe s56)
+    assert len(result.output.strip().splitlines()) == 1 and "govgate.rego:3:" in result.output, result.output
 
 
 def test_replay_refuses_a_period_reaching_before_the_year_1(settings):
