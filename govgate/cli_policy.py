@@ -156,7 +156,6 @@ def policy_replay(candidate: Path, since: str, examples: int, as_json: bool) -> 
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     settings = load_settings()
-    store = AuditStore(audit_engine())
 
     async def run():
         try:
@@ -164,7 +163,8 @@ def policy_replay(candidate: Path, since: str, examples: int, as_json: bool) -> 
                                                vm_check_every=settings.policy_vm_check_every)
         except PolicyLoadError as exc:
             raise click.ClickException(f"the candidate policy does not load: {one_line(str(exc))}") from None
-        try:
+        try:  # the store once the candidate loads: a folder that does not compile is said first
+            store = AuditStore(audit_engine())
             return await replay(store.iter_entries(), engine, start, examples_per_change=examples)
         finally:
             await engine.aclose()
