@@ -37,7 +37,7 @@ def policy_explain(input_file, output_file, policy_dir: Path | None) -> None:
     import asyncio
 
     try:
-        document = json.load(input_file)
+        document = _strict_json(input_file.read())
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; RecursionError: nesting
         raise click.ClickException(f"the input is not JSON: {exc}") from None
     if not isinstance(document, dict):
@@ -133,6 +133,34 @@ def policy_check(policy_dir: Path | None) -> None:
     # On the embedded engine, whatever GOVGATE_OPA_URL says: an OPA server holds its own folder, not this one.
     _check_policy(settings.with_(policy_dir=folder, opa_url=""), registry)
     click.echo(f"{folder}: the policy loads and passes its trial (a gateway would serve it)")
+
+
+#: The longest integer an input may hold (Python's own limit on reading one; its message named an API to raise it).
+_MAX_DIGITS = 4300
+
+
+def _strict_json(text: str) -> object:
+    """``text`` as JSON as the API reads a body: ``NaN`` and ``Infinity`` are not JSON (one became a
+    ``policy_error`` deny, exit 3), a name given twice is refused (the last one won), and a 5,000-digit
+    number is named as such (probe s56)."""
+    def constant(name: str) -> object:
+        raise ValueError(f"{name} is not a JSON value")
+
+    def whole(digits: str) -> int:
+        if len(digits.lstrip("-")) > _MAX_DIGITS:
+            raise ValueError(f"a number has {len(digits.lstrip('-'))} digits (at most {_MAX_DIGITS})")
+        return int(digits)
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        document: dict[str, object] = {}
+        for name, value in items:
+            if name in document:
+                shown = name if len(name) <= 64 else name[:64] + "…"
+                raise ValueError(f"the name {shown!r} is given twice in one object")
+            document[name] = value
+        return document
+
+    return json.loads(text, parse_constant=constant, parse_int=whole, object_pairs_hook=pairs)
 
 
 @policy.command("replay")

@@ -54,6 +54,21 @@ def test_explain_refuses_a_file_that_is_not_json(settings, tmp_path):
     assert result.exit_code == 1 and "not JSON" in result.output
 
 
+@pytest.mark.parametrize("text, says", [
+    ('{"x": NaN}', "NaN is not a JSON value"), ('{"x": -Infinity}', "-Infinity is not a JSON value"),
+    ('{"a": 1, "a": 2}', "the name 'a' is given twice in one object"),
+    ('{"n": ' + "9" * 5000 + "}", "a number has 5000 digits (at most 4300)"),
+])
+def test_explain_reads_its_input_as_strictly_as_the_api_reads_a_body(settings, tmp_path, text, says):
+    """NaN became a policy_error deny (exit 3), a repeated name let the last win, and a long number's message
+    named a Python setting (probe s56)."""
+    case = tmp_path / "case.json"
+    case.write_text(text)
+    result = run(settings, "policy", "explain", "--input", str(case))
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"Error: the input is not JSON: {says}"]
+
+
 def test_explain_fills_in_the_normalised_view_of_a_hand_written_input(settings, tmp_path):
     case = tmp_path / "case.json"
     case.write_text(json.dumps(case_input(text="card 4111\u200b1111\u200b1111\u200b1111")))
