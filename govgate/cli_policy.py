@@ -33,7 +33,7 @@ def policy() -> None:
               help="Policy folder (default: GOVGATE_POLICY_DIR).")
 def policy_explain(input_file, output_file, policy_dir: Path | None) -> None:
     """Print the decision, reasons and obligations for one input (and with --output the output decision on
-    a text); exit 0 on allow, 3 on deny or a stopped output (1 on an error)."""
+    a text); exit 0 on allow, 3 on deny or a stopped output (1 on an error, 2 on a wrong option or argument)."""
     import asyncio
 
     try:
@@ -117,7 +117,8 @@ def policy_test(policy_dir: Path | None, engine: str) -> None:
 def policy_check(policy_dir: Path | None) -> None:
     """Load a policy folder and run the trial a gateway runs before serving it (at start and at every reload).
 
-    Exits 0 when a gateway would serve the folder, 1 with the one line a gateway would refuse it with.
+    Exits 0 when a gateway would serve the folder, 1 with the one line a gateway would refuse it with (2 when an
+    option is wrong, such as a --policy-dir that is not a folder).
     Needs neither Redis nor the database, so a folder can be checked before it is deployed (probe q3 F5:
     `policy replay`, the check the README recommends, reported normally on folders the gateway refuses)."""
     from workers.contract.registry import RegistryError, load_registry
