@@ -234,7 +234,8 @@ def worker(model_name: str, concurrency: int, pool: str | None) -> None:
         raise click.ClickException(str(exc)) from None
     spec = registry.get(model_name)
     if spec is None:
-        raise click.ClickException(f"no model {model_name!r} in the registry (have: {', '.join(registry.names())})")
+        shown = repr(model_name) if len(model_name) <= 64 else f"{model_name[:64]!r}… ({len(model_name)} characters)"
+        raise click.ClickException(f"no model {shown} in the registry (have: {', '.join(registry.names())})")
     try:
         ensure_model_file(spec)
     except BackendError as exc:

@@ -766,3 +766,12 @@ def test_a_corrupted_store_is_one_line_without_sqlalchemy_s_sql(cli, tmp_path):
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (page, result.output)
         assert len(lines) == 1 and "malformed" in lines[0] and "[SQL" not in lines[0], (page, lines)
     assert refused >= 3  # the store's own pages, the key table's, the index of its entries
+
+
+@pytest.mark.parametrize("name, shown", [("nosuch", "no model 'nosuch' in the registry (have: "),
+                                         ("m" * 300, f"no model '{'m' * 64}'… (300 characters) in the registry")])
+def test_a_worker_for_a_model_the_registry_lacks_is_one_line_never_repeating_a_long_name(settings, name, shown):
+    result = _serve(settings, "worker", "--model", name)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {shown}") and "m" * 65 not in lines[0], lines
