@@ -23,7 +23,7 @@ from typing import Callable, TextIO
 
 from govgate.launcher import Launcher, NeverReady, private_log
 from govgate.processes import child_preexec
-from govgate.redis_server import RedisProcess, RedisUnavailable, ping
+from govgate.redis_server import RedisProcess, RedisUnavailable, ping, url_problem
 from govgate.stack import Stack, StartupError
 from gateway.stop_timing import stop_deadline_s
 from gateway.settings import Settings, without_password
@@ -68,6 +68,23 @@ def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("GOVGATE_")}
     env.update(settings.with_(redis_url=redis_url).to_env())
     return env
+
+
+def check_addresses(settings: Settings) -> None:
+    """Refuse an OPA or Redis URL that cannot be read before anything starts: the API's own check found a
+    malformed OPA URL only after Redis, a worker and the 253 MB model were started (probe s56)."""
+    from gateway.policy.engine import PolicyLoadError
+    from gateway.policy.opa import OpaAddress, shown_opa_url
+
+    if settings.opa_url:
+        try:
+            OpaAddress.parse(settings.opa_url)
+        except PolicyLoadError as exc:
+            raise StartupError(f"GOVGATE_OPA_URL={shown_opa_url(settings.opa_url)}: {exc}") from None
+    if settings.redis_url:
+        problem = url_problem(settings.redis_url)
+        if problem is not None:
+            raise StartupError(f"GOVGATE_REDIS_URL={without_password(settings.redis_url)} cannot be read: {problem}")
 
 
 def check_port(host: str, port: int) -> None:
@@ -173,6 +190,7 @@ def run_up(settings: Settings, out: TextIO = sys.stdout, started: float | None =
     database: DatabaseStep | None = None
     try:
         check_port(settings.host, settings.port)
+        check_addresses(settings)
         registry = load_registry(settings.models_file, settings.var_dir)
         private_dir(settings.var_dir)
         say(f"govgate: starting the embedded default in {settings.var_dir}")

@@ -775,3 +775,19 @@ def test_a_worker_for_a_model_the_registry_lacks_is_one_line_never_repeating_a_l
     assert result.returncode == 1, result.stdout + result.stderr
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: {shown}") and "m" * 65 not in lines[0], lines
+
+
+@pytest.mark.parametrize("variable, value, says", [
+    ("GOVGATE_OPA_URL", "http://u:pw-secret@127.0.0.1:8181", "GOVGATE_OPA_URL=http://***@127.0.0.1:8181: OPA URL"),
+    ("GOVGATE_REDIS_URL", "redis://:99999", "GOVGATE_REDIS_URL=redis://:99999 cannot be read: Port out of range"),
+])
+def test_up_refuses_an_address_it_cannot_read_before_starting_anything(settings, tmp_path, variable, value, says):
+    """A malformed OPA URL was found by the API's own check, after Redis, a worker and the 253 MB model had
+    started (probe s56)."""
+    var_dir = tmp_path / "var"
+    result = _serve(settings.with_(var_dir=var_dir), "up", **{variable: value, "GOVGATE_REDIS_URL": None}
+                    if variable == "GOVGATE_OPA_URL" else {variable: value})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"govgate: cannot start: {says}" in result.stdout + result.stderr
+    assert "pw-secret" not in result.stdout + result.stderr
+    assert not (var_dir / "redis").exists() and not (var_dir / "logs").exists()  # nothing was started
