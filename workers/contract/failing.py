@@ -19,7 +19,7 @@ that completes after a failure deletes it. The mark lapses after
 the model ready again at the latest then (the next job renews a mark still
 deserved), a load balancer that follows ``/readyz`` is not kept away long
 after a passing cause (a database that came back), and a worker killed while
-failing leaves nothing behind for long. As long as a silent worker counts.
+failing leaves nothing behind for long.
 Nothing is written while jobs succeed: no command on the usual path.
 
 A gateway reads the live marks with the live-workers set, in the round trip
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers.contract.liveness import SLOT_SEP, model_and_node
+from workers.contract.liveness import HEARTBEAT_TTL_S, SLOT_SEP, model_and_node
 
 #: Hash: field a worker's member, value ``<until> <code>: <message>`` (until: Unix seconds, Redis's clock).
 FAILING_KEY = "govgate:workers-failing"
@@ -38,8 +38,8 @@ FAILING_KEY = "govgate:workers-failing"
 OWN_FAILURES = frozenset({"payload_unreadable", "audit_unavailable"})
 #: Own failures in a row before the worker marks itself.
 FAILING_AFTER = 3
-#: How long a mark holds unless a further own failure renews it.
-FAILING_TTL_S = 15  # workers.contract.liveness.HEARTBEAT_TTL_S
+#: How long a mark holds unless a further own failure renews it: as long as a silent worker counts as live.
+FAILING_TTL_S = HEARTBEAT_TTL_S
 #: The longest reason kept.
 REASON_MAX_CHARS = 300
 
