@@ -141,27 +141,22 @@ _MAX_DIGITS = 4300
 
 
 def _strict_json(text: str) -> object:
-    """``text`` as JSON as the API reads a body: ``NaN`` and ``Infinity`` are not JSON (one became a
-    ``policy_error`` deny, exit 3), a name given twice is refused (the last one won), and a 5,000-digit
-    number is named as such (probe s56)."""
-    def constant(name: str) -> object:
-        raise ValueError(f"{name} is not a JSON value")
+    """``text`` as JSON as the API reads a body (``gateway/requests/parsing.py``): ``NaN`` and ``Infinity`` are
+    not JSON (one became a ``policy_error`` deny, exit 3), a name given twice is refused (the last one won), and
+    a 5,000-digit number is named as such (probe s56)."""
+    from gateway.requests.parsing import not_json_constant, repeated_name
 
     def whole(digits: str) -> int:
         if len(digits.lstrip("-")) > _MAX_DIGITS:
             raise ValueError(f"a number has {len(digits.lstrip('-'))} digits (at most {_MAX_DIGITS})")
         return int(digits)
 
-    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
-        document: dict[str, object] = {}
-        for name, value in items:
-            if name in document:
-                shown = name if len(name) <= 64 else name[:64] + "…"
-                raise ValueError(f"the name {shown!r} is given twice in one object")
-            document[name] = value
-        return document
-
-    return json.loads(text, parse_constant=constant, parse_int=whole, object_pairs_hook=pairs)
+    document = json.loads(text, parse_constant=not_json_constant, parse_int=whole)
+    repeated = repeated_name(text.encode("utf-8", "surrogatepass"))
+    if repeated is not None:
+        name, path = repeated
+        raise ValueError(f"the name {name!r} is given twice in one object (at {path})")
+    return document
 
 
 @policy.command("replay")

@@ -116,7 +116,7 @@ def _refuse_repeats(raw: bytes) -> None:
     The name is client text: the audit entry keeps ``'…'`` (and ``param``
     as ``logged_param`` keeps it).
     """
-    repeated = _repeated_name(raw)
+    repeated = repeated_name(raw)
     if repeated is not None:
         name, path = repeated
         raise ApiError(400, "invalid_json", f"The request body gives '{name}' more than once.", param=path,
@@ -275,7 +275,7 @@ _SHOWN_NAME_CHARS = 64
 
 
 class _RepeatsName(dict):  # type: ignore[type-arg]
-    """An object of the body that gives ``name`` more than once (what :func:`_repeated_name`'s reading makes
+    """An object of the body that gives ``name`` more than once (what :func:`repeated_name`'s reading makes
     of it, so that the walk after the reading can say where it stands)."""
 
     __slots__ = ("name",)
@@ -285,7 +285,7 @@ class _RepeatsName(dict):  # type: ignore[type-arg]
         self.name = name
 
 
-def _repeated_name(raw: bytes) -> tuple[str, str] | None:
+def repeated_name(raw: bytes) -> tuple[str, str] | None:
     """The first name an object of ``raw`` (valid JSON) gives twice, and its path (``messages[0].role``), or None.
 
     Python's ``json`` reads the body again with a hook that sees each
@@ -341,7 +341,7 @@ def _out_of_range(raw: bytes) -> ApiError | None:
             return _OUT_OF_RANGE
 
     try:
-        document = json.loads(raw, parse_int=number, parse_float=number, parse_constant=_not_json)
+        document = json.loads(raw, parse_int=number, parse_float=number, parse_constant=not_json_constant)
     except (ValueError, RecursionError):  # broken in another way: the decoder's own words say how
         return None
     found = _first(document, lambda value: value is _OUT_OF_RANGE) if isinstance(document, dict) else None
@@ -357,7 +357,7 @@ def _out_of_range(raw: bytes) -> ApiError | None:
 _OUT_OF_RANGE = object()
 
 
-def _not_json(name: str) -> Any:
+def not_json_constant(name: str) -> Any:
     """``json`` reads ``NaN`` and ``Infinity``; JSON (and msgspec) does not."""
     raise ValueError(f"{name} is not JSON")
 
@@ -394,7 +394,7 @@ def decode_struct(raw: bytes, kind: type[S]) -> S:
         raise _out_of_range(raw) or ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
     if not isinstance(document, dict):
         raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
-    repeated = _repeated_name(raw)
+    repeated = repeated_name(raw)
     if repeated is not None:  # msgspec keeps the last; a reader of the body (or a log of it) may see the first
         name, path = repeated
         raise ApiError(400, "invalid_json", f"The request body gives '{name}' more than once.", param=path)

@@ -55,8 +55,9 @@ def test_explain_refuses_a_file_that_is_not_json(settings, tmp_path):
 
 
 @pytest.mark.parametrize("text, says", [
-    ('{"x": NaN}', "NaN is not a JSON value"), ('{"x": -Infinity}', "-Infinity is not a JSON value"),
-    ('{"a": 1, "a": 2}', "the name 'a' is given twice in one object"),
+    ('{"x": NaN}', "NaN is not JSON"), ('{"x": -Infinity}', "-Infinity is not JSON"),
+    ('{"a": 1, "a": 2}', "the name 'a' is given twice in one object (at a)"),
+    ('{"principal": {"id": 1, "id": 2}}', "the name 'id' is given twice in one object (at principal.id)"),
     ('{"n": ' + "9" * 5000 + "}", "a number has 5000 digits (at most 4300)"),
 ])
 def test_explain_reads_its_input_as_strictly_as_the_api_reads_a_body(settings, tmp_path, text, says):
