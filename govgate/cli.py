@@ -138,12 +138,14 @@ def _check_serve_settings(settings: Settings) -> None:
 
 
 def _check_redis_url(url: str) -> None:
-    """Refuse in one line a Redis URL redis-py cannot read (``govgate.redis_server.url_problem``)."""
-    from govgate.redis_server import url_problem
+    """Refuse in one line a Redis URL redis-py cannot read (``govgate up``'s check, as a click error)."""
+    from govgate.stack import StartupError
+    from govgate.supervisor import check_redis_url
 
-    problem = url_problem(url)
-    if problem is not None:
-        raise click.ClickException(f"GOVGATE_REDIS_URL={without_password(url)} cannot be read: {problem}")
+    try:
+        check_redis_url(url)
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _check_database(settings: Settings) -> None:

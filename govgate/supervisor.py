@@ -82,9 +82,14 @@ def check_addresses(settings: Settings) -> None:
         except PolicyLoadError as exc:
             raise StartupError(f"GOVGATE_OPA_URL={shown_opa_url(settings.opa_url)}: {exc}") from None
     if settings.redis_url:
-        problem = url_problem(settings.redis_url)
-        if problem is not None:
-            raise StartupError(f"GOVGATE_REDIS_URL={without_password(settings.redis_url)} cannot be read: {problem}")
+        check_redis_url(settings.redis_url)
+
+
+def check_redis_url(url: str) -> None:
+    """Refuse a Redis URL redis-py cannot read (``govgate.redis_server.url_problem``), naming the setting."""
+    problem = url_problem(url)
+    if problem is not None:
+        raise StartupError(f"GOVGATE_REDIS_URL={without_password(url)} cannot be read: {problem}")
 
 
 def check_port(host: str, port: int) -> None:
