@@ -20,8 +20,8 @@ from audit import AuditEntry, AuditError, DuplicateTerminalError, EntryStore
 from audit.kinds import COMPLETION, FAILED
 from workers.backends import BackendError, LoadedModel, PromptTooLongError
 from workers.contract.gateway_liveness import GATEWAY_GONE
-from workers.contract.jobs import (ENDED_UNSEEN_AFTER_S, MAX_JOB_RUNS, STATUS_CANCELLED, STATUS_FAILED,
-                                   STATUS_TIMED_OUT, STREAM_WORKER_LOST, WORKER_LOST, GenerateJob, JobResult)
+from workers.contract.jobs import (ENDED_UNSEEN_AFTER_S, KEY_REVOKED_MESSAGE, MAX_JOB_RUNS, STATUS_CANCELLED,
+                                   STATUS_FAILED, STATUS_TIMED_OUT, STREAM_WORKER_LOST, WORKER_LOST, GenerateJob, JobResult)
 from workers.contract.output_check import OutputReport, OutputVerdict, logged_client_output
 from workers.contract.pending_terminals import PendingTerminal, PendingTerminals
 from workers.contract.privacy import Digester, logged_output, split_texts
@@ -292,9 +292,13 @@ def _stop_kind(channel: JobChannel) -> str:
 
 
 def _stop_message(kind: str, channel: JobChannel) -> str | None:
-    """The error message of an end its gateway's timeout asked for (None: the kind's usual one; a
-    ``timed_out`` of the worker's own time limit says so)."""
-    return GATEWAY_TIMEOUT_MESSAGE if kind == STATUS_TIMED_OUT and channel.stopped_by_timeout() else None
+    """The error message of an end its gateway's timeout, or its key's revocation, asked for (None: the
+    kind's usual one; a ``timed_out`` of the worker's own time limit says so)."""
+    if kind == STATUS_TIMED_OUT and channel.stopped_by_timeout():
+        return GATEWAY_TIMEOUT_MESSAGE
+    if kind == STATUS_CANCELLED and channel.stopped_by_revocation():
+        return KEY_REVOKED_MESSAGE
+    return None
 
 
 def _hand_over(job: GenerateJob, generated: Generated, channel: JobChannel, pending: PendingTerminals,

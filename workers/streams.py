@@ -13,8 +13,8 @@ from typing import Any, Callable, Protocol
 
 import redis
 
-from workers.contract.jobs import (CANCEL_TTL_S, JOB_LOOK_AGAIN, JOB_STARTED, REPLY_PIECE, STOP_TIMED_OUT,
-                                   cancel_key, reply_message, runs_key, seal_piece)
+from workers.contract.jobs import (CANCEL_TTL_S, JOB_LOOK_AGAIN, JOB_STARTED, REPLY_PIECE, STOP_KEY_REVOKED,
+                                   STOP_TIMED_OUT, cancel_key, reply_message, runs_key, seal_piece)
 from workers.contract.output_check import (REPLY_OUTPUT, STOP_CONTENT_FILTER, OutputReport, OutputVerdict,
                                            verdict_key)
 from workers.contract.gateway_liveness import GATEWAY_GONE_SCRIPT, GATEWAYS_KEY
@@ -75,6 +75,7 @@ class JobChannel(Protocol):
     def forget(self) -> None: ...
     def stopped_by_rules(self) -> bool: ...
     def stopped_by_timeout(self) -> bool: ...
+    def stopped_by_revocation(self) -> bool: ...
     def await_verdict(self, report: OutputReport, timeout_s: float) -> OutputVerdict | None: ...
     def cancelled_verdict(self) -> OutputVerdict | None: ...
     def hand_over(self, report: OutputReport, fallback: bytes,
@@ -125,6 +126,8 @@ class RedisJobChannel:
         self._stopped_by_rules = False
         #: The cancel seen was the gateway's request timeout (``STOP_TIMED_OUT``): recorded ``timed_out``.
         self._stopped_by_timeout = False
+        #: The cancel seen was the request's key revoked (``STOP_KEY_REVOKED``): the end's message says so.
+        self._stopped_by_revocation = False
 
     def claim_start(self) -> bool:
         """True the first time a job's generation begins; False on a redelivery; raises
@@ -157,6 +160,7 @@ class RedisJobChannel:
         cancelled = was is not None and was != JOB_STARTED
         self._stopped_by_rules = was == STOP_CONTENT_FILTER
         self._stopped_by_timeout = was == STOP_TIMED_OUT
+        self._stopped_by_revocation = was == STOP_KEY_REVOKED
         if cancelled:
             self._client.set(self._cancel_key, was, ex=CANCEL_TTL_S)
         self._cancel_seen = cancelled
@@ -262,6 +266,7 @@ class RedisJobChannel:
             state = self._client.get(self._cancel_key)
             self._stopped_by_rules = state == STOP_CONTENT_FILTER
             self._stopped_by_timeout = state == STOP_TIMED_OUT
+            self._stopped_by_revocation = state == STOP_KEY_REVOKED
             return state is not None and state != JOB_STARTED and state != JOB_LOOK_AGAIN
         except redis.RedisError as exc:  # keep generating: the result still goes through the log
             log.warning("cannot read cancel flag for %s: %s", self._cancel_key, exc)
@@ -293,6 +298,10 @@ class RedisJobChannel:
     def stopped_by_timeout(self) -> bool:
         """The last cancel seen was the gateway's request timeout: the end is recorded ``timed_out``."""
         return self._stopped_by_timeout
+
+    def stopped_by_revocation(self) -> bool:
+        """The last cancel seen was the request's key revoked: the ``cancelled`` end says so."""
+        return self._stopped_by_revocation
 
     def await_verdict(self, report: OutputReport, timeout_s: float) -> OutputVerdict | None:
         """Report the output to the waiting gateway and wait for its verdict; None if none came in time.
@@ -410,6 +419,9 @@ class SilentChannel:
         return False
 
     def stopped_by_timeout(self) -> bool:
+        return False
+
+    def stopped_by_revocation(self) -> bool:
         return False
 
     def await_verdict(self, report: OutputReport, timeout_s: float) -> OutputVerdict | None:

@@ -21,7 +21,8 @@ from bench._commandstats import CommandProbe
 from tests.conftest_models import model, store  # noqa: F401  (shared fixtures)
 from tests.own_redis import module_redis_server  # noqa: F401  (fixture: commands are counted server-wide)
 from tests.reply_listener import Listener
-from workers.contract.jobs import REPLY_PIECE, STATUS_COMPLETED, STATUS_FAILED, GenerateJob, parse_reply
+from workers.contract.jobs import (KEY_REVOKED_MESSAGE, REPLY_PIECE, STATUS_COMPLETED, STATUS_FAILED, STOP_KEY_REVOKED,
+                                   GenerateJob, cancel_key, parse_reply)
 from workers.contract.output_check import (REPLY_OUTPUT, OutputReport, OutputVerdict, verdict_key)
 from workers.contract.pending_terminals import PENDING_KEY, PendingTerminals
 from workers.contract.privacy import Digester, mask
@@ -601,3 +602,69 @@ def test_timed_out_travels_only_with_cancelled() -> None:
     assert OutputVerdict.opened(plain.sealed(SEALER), SEALER).timed_out is False
     marked = replace(plain, cancelled=True)
     assert OutputVerdict.opened(marked.sealed(SEALER), SEALER) == marked
+
+
+class _RevokedMidStream(RedisJobChannel):
+    """A stream's channel whose key is revoked after its first piece, as its gateway writes it: the
+    ``cancelled`` verdict marked ``key_revoked`` (checked streams), then the job's real cancel key set to
+    ``key-revoked``, read by the channel's own look (the piece waits out the look's interval)."""
+
+    def __init__(self, *args, verdict: OutputVerdict | None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._verdict = verdict
+        self._told = False
+
+    def publish(self, text: str) -> None:
+        super().publish(text)
+        if not self._told:
+            self._told = True
+            if self._verdict is not None:
+                self._client.lpush(verdict_key(self._request_id), self._verdict.sealed(SEALER))
+            self._client.set(cancel_key(self._request_id), STOP_KEY_REVOKED)
+            time.sleep(2 * streams.CANCEL_CHECK_INTERVAL_S)
+
+
+@pytest.mark.parametrize("checked", [True, False], ids=["checked", "unchecked"])
+def test_a_stream_whose_key_was_revoked_mid_generation_says_so_in_its_end(client, store, model, checked) -> None:
+    """The revocation's stop (s57, probe s56 B-F1) is a cancel whose entry names it, with what the client
+    received for a checked stream (the verdict's), the generated output kept beside it either way."""
+    received = "what the gateway released before the revocation"
+    verdict = OutputVerdict(decision={"allow": True, "reasons": [], "redact": []}, client_text=received,
+                            revision="rev-2", cancelled=True, key_revoked=True) if checked else None
+    job = replace(checked_job("govgate:gateway:nobody", stream=True),
+                  params=SamplingParams(max_tokens=200, temperature=0), check_output=checked)
+    channel = _RevokedMidStream(client, job.request_id, streaming=True, sealer=SEALER, reply_to=job.reply_to,
+                                verdict=verdict)
+    result = run_job(job, model, store, channel, digester=DIGESTER, verdict_timeout_s=5)
+    assert result.status == "cancelled"
+    entry = store.terminal_for(job.request_id)
+    assert entry.kind == "cancelled" and entry.body["error"]["code"] == "cancelled"
+    assert KEY_REVOKED_MESSAGE in entry.body["error"]["message"]
+    assert entry.payload["output"]
+    if checked:
+        assert entry.payload["client_output"] == received
+        assert entry.body["output_decision"]["policy_revision"] == "rev-2"
+
+
+def test_a_job_whose_key_was_revoked_while_it_waited_is_not_generated_and_its_end_says_why(client, store,
+                                                                                            model) -> None:
+    """Its gateway could not take it back (a worker had just taken it): the worker's start finds the
+    ``key-revoked`` cancel and records ``cancelled`` naming the revocation, nothing generated."""
+    job = replace(checked_job("govgate:gateway:nobody"), check_output=False)
+    client.set(cancel_key(job.request_id), STOP_KEY_REVOKED)
+    channel = RedisJobChannel(client, job.request_id, streaming=False, sealer=SEALER, reply_to=job.reply_to)
+    result = run_job(job, model, store, channel, digester=DIGESTER)
+    assert result.status == "cancelled"
+    entry = store.terminal_for(job.request_id)
+    assert entry.body["error"] == {"code": "cancelled", "message": KEY_REVOKED_MESSAGE}
+    assert entry.body["usage"]["completion_tokens"] == 0
+
+
+def test_a_verdict_says_key_revoked_only_with_cancelled() -> None:
+    """The field travels sealed with the verdict, and only on a cancelled one (an older worker ignores it)."""
+    revoked = OutputVerdict(decision={"allow": True, "reasons": [], "redact": []}, client_text="x",
+                            cancelled=True, key_revoked=True)
+    assert OutputVerdict.opened(revoked.sealed(SEALER), SEALER).key_revoked is True
+    plain = OutputVerdict(decision={"allow": True, "reasons": [], "redact": []}, client_text="x", key_revoked=True)
+    assert "key_revoked" not in plain.to_payload()
+    assert OutputVerdict.opened(plain.sealed(SEALER), SEALER).key_revoked is False

@@ -43,7 +43,8 @@ REPLY_RESULT = "r"
 REPLY_PIECE = "p"
 #: Prefix of a job's state key: the worker sets it to ``JOB_STARTED`` when generation
 #: begins; :data:`JOB_LOOK_AGAIN` (below) marks a job not started yet; any other value (the
-#: gateway writes ``1`` for a client gone, ``STOP_TIMED_OUT`` at its request timeout) asks the job to stop. One key
+#: gateway writes ``1`` for a client gone, ``STOP_TIMED_OUT`` at its request timeout, ``STOP_KEY_REVOKED`` at its
+#: key's revocation) asks the job to stop. One key
 #: for all, so the worker's start claim reads the cancel flag in the same command
 #: (``workers/streams.py``).
 CANCEL_KEY_PREFIX = "govgate:job:"
@@ -59,6 +60,12 @@ JOB_LOOK_AGAIN = b"look-again"
 #: charged that (``gateway/requests/timeouts.py``, ``timed_out``). A worker that predates it
 #: reads it as a plain cancel and records ``cancelled``, which the gateway charges the same way.
 STOP_TIMED_OUT = b"timed-out"
+#: The cancel the gateway writes when the request's API key was revoked while it was in flight
+#: (``gateway/auth/revocations.py``): the worker stops as for any cancel and records ``cancelled`` with
+#: :data:`KEY_REVOKED_MESSAGE`, so the audit says why. A worker that predates it reads a plain cancel.
+STOP_KEY_REVOKED = b"key-revoked"
+#: The error message of an end its key's revocation asked for (the worker's, and the gateway's own).
+KEY_REVOKED_MESSAGE = "the request's API key was revoked while the request was in flight; generation was stopped"
 #: How long a look-again mark is kept: longer than a taken job waits for its start, shorter than a job's
 #: state (a mark on a job that ended long ago, noted by a worker gone since, expires sooner).
 LOOK_AGAIN_TTL_S = 3600

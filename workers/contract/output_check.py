@@ -102,6 +102,9 @@ class OutputVerdict:
     revision: str = ""
     cancelled: bool = False
     timed_out: bool = False
+    #: With ``cancelled``: the request's key was revoked while it streamed (``gateway/auth/revocations.py``);
+    #: the worker's ``cancelled`` entry says so. A worker older than the field records a plain ``cancelled``.
+    key_revoked: bool = False
 
     def to_payload(self) -> dict[str, Any]:
         payload = {"decision": self.decision, "client_text": self.client_text, "stopped": self.stopped,
@@ -110,6 +113,8 @@ class OutputVerdict:
             payload["cancelled"] = True
             if self.timed_out:
                 payload["timed_out"] = True
+            if self.key_revoked:
+                payload["key_revoked"] = True
         return payload
 
     def sealed(self, sealer: Sealer) -> bytes:
@@ -125,7 +130,8 @@ class OutputVerdict:
         return cls(decision=document["decision"], client_text=document["client_text"],
                    stopped=bool(document.get("stopped")), unavailable=bool(document.get("unavailable")),
                    revision=str(document.get("revision") or ""), cancelled=bool(document.get("cancelled")),
-                   timed_out=bool(document.get("cancelled")) and bool(document.get("timed_out")))
+                   timed_out=bool(document.get("cancelled")) and bool(document.get("timed_out")),
+                   key_revoked=bool(document.get("cancelled")) and bool(document.get("key_revoked")))
 
     @classmethod
     def unruled(cls, text: str, revision: str) -> "OutputVerdict":

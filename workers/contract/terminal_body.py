@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from workers.contract.jobs import STATUS_CANCELLED, STATUS_COMPLETED, STATUS_FAILED, STATUS_TIMED_OUT, JobResult
+from workers.contract.jobs import (KEY_REVOKED_MESSAGE, STATUS_CANCELLED, STATUS_COMPLETED, STATUS_FAILED,
+                                   STATUS_TIMED_OUT, JobResult)
 from workers.contract.output_check import (FINISH_CONTENT_FILTER, OUTPUT_POLICY_UNAVAILABLE, OUTPUT_UNCHECKED,
                                            OutputVerdict, decision_record, logged_client_output)
 from workers.contract.privacy import Digester, logged_output
@@ -39,6 +40,10 @@ UNCHECKED_STREAM_ERROR = {"code": OUTPUT_UNCHECKED,
 CANCELLED_ERROR = {"code": STATUS_CANCELLED,
                    "message": "generation was cancelled (the client went away, or its gateway stopped, before the "
                               "output was served whole); client_output is what the client received"}
+
+#: The same for a stream its gateway cancelled because the request's API key was revoked mid-stream.
+KEY_REVOKED_STREAM_ERROR = {"code": STATUS_CANCELLED,
+                            "message": f"{KEY_REVOKED_MESSAGE}; client_output is what the client received"}
 
 #: The error message of a generation stopped by its gateway's request timeout (recorded ``timed_out``),
 #: with or without a verdict: under the output rules the entry's ``client_output`` says what the client
@@ -140,7 +145,8 @@ def checked_ending(job: GenerateJob, verdict: OutputVerdict | None, finish_reaso
                       served=verdict.client_text, error={"code": STATUS_TIMED_OUT, "message": GATEWAY_TIMEOUT_MESSAGE})
     if verdict.cancelled:
         return Ending(STATUS_CANCELLED, None, checked=checked, findings=verdict.logged_redact,
-                      served=verdict.client_text, error=dict(CANCELLED_ERROR))
+                      served=verdict.client_text,
+                      error=dict(KEY_REVOKED_STREAM_ERROR if verdict.key_revoked else CANCELLED_ERROR))
     if verdict.unavailable:  # the engine's reasons say why (no evaluator free, a timeout): no text in them
         why = "; ".join(str(reason.get("message", "")) for reason in verdict.decision.get("reasons") or ()
                         if isinstance(reason, dict))
