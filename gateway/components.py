@@ -22,6 +22,7 @@ from audit.checkpoints import CheckpointStore
 from audit.signing import SigningKey, SigningKeyError, load_or_create_signing_key
 from gateway.checkpointer import Checkpointer
 from gateway.auth import Authenticator, KeyChangeListener, KeyStore, PrincipalCache
+from gateway.auth.revocations import AdmittedKeys, revoked_in
 from gateway.db_setup import open_database  # noqa: F401  (re-exported: tests and benches import it here)
 from gateway.dispatch import Dispatcher, ResultWaiter
 from gateway.dispatch.gateway_beat import GatewayBeat
@@ -151,6 +152,8 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
     pending = PendingTerminals(pending_client, horizon_s=settings.terminal_retry_horizon_s,
                                seal=sealer.seal, unseal=sealer.unseal)
     model_health = ModelHealth(client, registry.names())
+    keys = KeyStore(db_engine)
+    admitted_keys = AdmittedKeys(revoked_in(keys))
     completions = CompletionService(
         registry=registry, policy=policy, audit=audit_store, dispatcher=dispatcher, waiter=waiter,
         redis=client, counters=counters, default_max_tokens=settings.default_max_tokens,
@@ -160,7 +163,8 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         output_rules=OutputRules(policy=policy, redis=client, sealer=sealer,
                                  holdback_chars=settings.output_holdback_chars) if settings.output_rules else None,
         model_health=model_health, timeout_grace_s=settings.timeout_grace_s,
-        end_retry_interval_s=settings.terminal_retry_interval_s, end_retry_horizon_s=settings.terminal_retry_horizon_s)
+        end_retry_interval_s=settings.terminal_retry_interval_s, end_retry_horizon_s=settings.terminal_retry_horizon_s,
+        admitted_keys=admitted_keys)
     retrier = asyncio.create_task(retry_pending_terminals(pending, audit_store,
                                                           interval_s=settings.terminal_retry_interval_s),
                                   name="govgate-terminal-retry")
@@ -172,8 +176,8 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
     shares = SharePublisher(client, policy, tick_s=settings.policy_reload_interval_s or 2.0)
     policy.on_reload(shares.poke)
     principals = PrincipalCache(ttl_s=settings.auth_cache_ttl_s, max_entries=settings.auth_cache_size)
-    key_changes = KeyChangeListener(client, principals)
-    keys = KeyStore(db_engine)
+    key_changes = KeyChangeListener(client, principals, on_change=admitted_keys.changed,
+                                    on_resumed=admitted_keys.resumed)
     memory_dir = settings.effective_checkpoint_memory_dir
     memory = CheckpointMemory(memory_dir, database_name(settings.effective_database_url)) if memory_dir else None
     checkpointer = Checkpointer(CheckpointStore(db_engine), audit_store, signing_key,
@@ -203,6 +207,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
         await shares.aclose()
         pending_client.close()
         await key_changes.aclose()
+        await admitted_keys.aclose()
         await completions.aclose()
         await beat.aclose()  # after the drain: nothing this gateway queued waits for it now
         await beat_client.aclose()

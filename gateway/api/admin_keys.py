@@ -54,7 +54,8 @@ def api_error(refusal: KeyAdminError) -> ApiError:
 def provide_key_admin(state: State, principal: NamedDependency[Principal]) -> KeyAdmin:
     """The service, acting as the caller; 403 ``admin_forbidden`` unless the key has the ``admin`` role."""
     components = state.components
-    signal = KeyChangeSignal(components.redis, components.auth.cache)
+    signal = KeyChangeSignal(components.redis, components.auth.cache,
+                             on_change=components.completions.admitted_keys.changed)
     try:
         return KeyAdmin(components.keys, principal, policy_dir=components.settings.policy_dir, signal=signal,
                         cache_ttl_s=components.settings.auth_cache_ttl_s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, AsyncIterator, Callable
 
@@ -19,6 +20,7 @@ from gateway.api.dependencies import completion_service
 from gateway.api_errors import ApiError
 from gateway.drain import Drain
 from gateway.observability.context import note_error
+from gateway.requests.call_off import KEY_REVOKED, STOPPING, CallOff
 from gateway.requests.stream_events import StreamEvents
 from gateway.requests.schemas import CHAT, COMPLETIONS
 from gateway.requests.service import CompletionService
@@ -144,26 +146,71 @@ class CompletionsController(Controller):
         return await _serve(completion_service(state), state.drain, request, principal, COMPLETIONS)
 
 
+class _CalledOff:
+    """What ends one request before its answer besides its client: its gateway's drain, its key's revocation.
+
+    A non-streamed request waits for :attr:`future` (one per request: watching it makes no task), set by
+    the first of the two; a stream is cut (``StreamEvents.cut``) as soon as it has its events. A revocation
+    that comes before either is read at the next step (:attr:`revoked`).
+    """
+
+    __slots__ = ("future", "events")
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[CallOff] = asyncio.get_running_loop().create_future()
+        self.events: StreamEvents | None = None
+
+    def end_for(self, why: CallOff) -> Callable[[], None]:
+        def end() -> None:
+            if not self.future.done():
+                self.future.set_result(why)
+            if why is KEY_REVOKED and self.events is not None:
+                self.events.cut(KEY_REVOKED)
+        return end
+
+    @property
+    def revoked(self) -> bool:
+        future = self.future
+        return future.done() and not future.cancelled() and future.result() is KEY_REVOKED
+
+    def wait(self) -> asyncio.Future[CallOff]:
+        return self.future
+
+
 async def _serve(service: CompletionService, drain: Drain, request: Request, principal: Principal,
                  endpoint: str) -> Response:
     """Admit and answer one request, counted in flight for a stopping gateway's drain (``gateway/drain.py``):
     refused once it drains (also while its body is still arriving), ended with an answer at its cut (also
-    while it waits for its policy decision or, admitted, for its job to be queued: ``Drain.unless_cut``)."""
-    leave = drain.enter()
+    while it waits for its policy decision or, admitted, for its job to be queued: ``Drain.unless_cut``).
+    Watched for its key's revocation too (``gateway/auth/revocations.py``): ended then, 401
+    ``invalid_api_key``, wherever it is (queued, running, streaming)."""
+    called_off = _CalledOff()
+    leave = drain.enter(called_off.end_for(STOPPING))
+    unwatch = service.admitted_keys.watch(principal.key_id, called_off.end_for(KEY_REVOKED))
     ticket = None
+    streaming = False
     try:
         ticket = await service.admit(principal, endpoint, _reader(request),
                                      request.headers.getall(urls.PURPOSE_HEADER, []), stopping=drain)
+        if called_off.revoked:  # while its decision was awaited: nothing is queued
+            raise await service.revoked_before_queue(ticket)
         shape = _Shape(endpoint)
         headers = {urls.REQUEST_ID_HEADER: ticket.request_id}
         if ticket.job.stream:
             events = await service.open_stream(ticket, drain)  # queue errors are still ordinary HTTP errors here
+            called_off.events = events
             request_id = ticket.request_id
 
             def cut() -> None:
                 drain.ended_by_cut(request_id)
                 events.cut()
-            done = drain.enter(cut)  # in flight until its last event is sent (or its client left)
+            drain_done = drain.enter(cut)  # in flight until its last event is sent (or its client left)
+            if called_off.revoked:  # while its job was queued
+                events.cut(KEY_REVOKED)
+
+            def done() -> None:
+                drain_done()
+                unwatch()
 
             async def close() -> None:
                 try:
@@ -171,11 +218,12 @@ async def _serve(service: CompletionService, drain: Drain, request: Request, pri
                 finally:
                     done()
 
+            streaming = True
             # The background task closes the events if the client left before they were read at all.
             return Stream(_sse_events(ticket, shape, events, done), media_type="text/event-stream",
                           headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                           background=BackgroundTask(close))
-        result = await service.complete(ticket, _gone(request), drain.wait_cut, drain)
+        result = await service.complete(ticket, _gone(request), called_off.wait, drain)
         if _left(request):  # while its end was recorded: the end says what it was to receive, not got
             await service.left_before_its_answer(ticket)
         return Response({**shape.envelope(ticket, shape.object), "choices": [shape.choice(result.text,
@@ -183,4 +231,6 @@ async def _serve(service: CompletionService, drain: Drain, request: Request, pri
     finally:
         if ticket is not None and not ticket.job.stream:
             drain.ended_by_cut(ticket.request_id)  # only once the cut came
+        if not streaming:
+            unwatch()
         leave()

@@ -128,7 +128,8 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
     400: ("`invalid_json` (not a JSON object), `unsupported_parameter` (an unknown field, `n` > 1, several "
           "prompts, a penalty the model's backend ignores) or `context_length_exceeded` (prompt + max_tokens "
           "do not fit the model's context).", {}),
-    401: ("`missing_api_key` or `invalid_api_key`: no key, malformed, unknown or revoked.",
+    401: ("`missing_api_key` or `invalid_api_key`: no key, malformed, unknown or revoked; `invalid_api_key` "
+          "also ends a request whose key is revoked while it is in flight.",
           {"WWW-Authenticate": _CHALLENGE}),
     403: ("`policy_denied`: the policy said no to a model this key may see; `error.reasons` lists why.", {}),
     404: ("`model_not_found`: no such model in the registry, or one this key may not see (GET /v1/models does "
@@ -166,8 +167,9 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
           {"x-should-retry": header("'false' when the generation time limit hit: do not retry unchanged.",
                                     {"type": "string", "enum": ["false"]}, required=False)}),
 }
-#: 401, as every route that needs a key answers it.
-UNAUTHORIZED = _COMPLETION_ERRORS[401]
+#: 401, as every route that needs a key answers it (a completion's may also end it in flight: above).
+UNAUTHORIZED = ("`missing_api_key` or `invalid_api_key`: no key, malformed, unknown or revoked.",
+                {"WWW-Authenticate": _CHALLENGE})
 #: The errors of a route that only needs a key (``GET /v1/models``).
 _KEY_ERRORS = {401: UNAUTHORIZED,
                403: ("`policy_error`: the policy's evaluation of which models this key may use failed (a rule "

@@ -13,6 +13,13 @@ the subscription after a reconnect, which it announces with a second
 emptied: until a new subscription answers a PING, every request asks the
 database. So a revocation is seen at once while Redis is up, and cannot be
 missed while it is not.
+
+The same messages end the requests of a revoked key that this gateway has in
+flight (``on_change``: :meth:`gateway.auth.revocations.AdmittedKeys.changed`),
+and a subscription that answers again after a loss has every key with
+requests in flight looked at (``on_resumed``), as a change may have been
+missed meanwhile. So the listener runs even when the cache is off
+(``GOVGATE_AUTH_CACHE_TTL_S=0``) if it has those to tell.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from typing import Callable
 
 import redis.asyncio as aioredis
 
@@ -39,20 +47,23 @@ class KeyChangeListener:
     """Keeps ``cache`` in step with :data:`KEYS_CHANGED_CHANNEL` and holds its lease."""
 
     def __init__(self, client: aioredis.Redis, cache: PrincipalCache, *, ping_interval_s: float = 0.5,
-                 grace_s: float = 2.0) -> None:
+                 grace_s: float = 2.0, on_change: Callable[[str], None] | None = None,
+                 on_resumed: Callable[[], None] | None = None) -> None:
         if grace_s <= ping_interval_s:
             raise ValueError("grace_s must be longer than ping_interval_s, or the lease lapses between pings")
         self._client = client
         self._cache = cache
         self._ping_interval_s = ping_interval_s
         self._grace_s = grace_s
+        self._on_change = on_change
+        self._on_resumed = on_resumed
         self._task: asyncio.Task | None = None
         #: Subscriptions that answered a PING (each one began with an empty cache).
         self.sessions = 0
         self._down_logged = False
 
     async def start(self) -> None:
-        if self._cache.enabled:
+        if self._cache.enabled or self._on_change is not None:
             self._task = asyncio.create_task(self._run(), name="govgate-key-changes")
 
     async def aclose(self) -> None:
@@ -112,10 +123,15 @@ class KeyChangeListener:
                             self.sessions += 1
                             if self._down_logged:
                                 log.warning("principal cache back on: the key-change subscription answers")
+                            if self._on_resumed is not None:  # what was missed while no session answered
+                                self._on_resumed()
                         self._cache.renew_lease(sent + self._grace_s)
                 elif kind == "message":
                     data = message["data"]
-                    self._cache.forget_key(data.decode() if isinstance(data, bytes) else str(data))
+                    key_id = data.decode() if isinstance(data, bytes) else str(data)
+                    self._cache.forget_key(key_id)
+                    if self._on_change is not None:
+                        self._on_change(key_id)
         finally:
             self._cache.revoke_lease()
             with contextlib.suppress(Exception):

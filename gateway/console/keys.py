@@ -55,7 +55,8 @@ async def provide_admin(request: Request, state: State) -> Admin:
         raise PageRefused(user, "The keys page is for keys with the 'admin' role.")
     components = state.components
     service = KeyAdmin(components.keys, user.principal, policy_dir=components.settings.policy_dir,
-                       signal=KeyChangeSignal(components.redis, components.auth.cache),
+                       signal=KeyChangeSignal(components.redis, components.auth.cache,
+                                              on_change=components.completions.admitted_keys.changed),
                        cache_ttl_s=components.settings.auth_cache_ttl_s)
     return Admin(user, service)
 

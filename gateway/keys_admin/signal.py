@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -34,9 +35,13 @@ class KeyChangeSignal:
     """Drops a key from this gateway's cache and publishes its id to the others; returns why it could not."""
 
     def __init__(self, client: aioredis.Redis, cache: PrincipalCache, *, attempts: int = 3,
-                 try_timeout_s: float = 2.0, pause_s: float = 0.2) -> None:
+                 try_timeout_s: float = 2.0, pause_s: float = 0.2,
+                 on_change: Callable[[str], None] | None = None) -> None:
         self._client = client
         self._cache = cache
+        #: This gateway's own look at the key's requests in flight (``AdmittedKeys.changed``), made before
+        #: the publish, whose echo through its listener may not come (Redis refusing it).
+        self._on_change = on_change
         self._attempts = attempts
         self._try_timeout_s = try_timeout_s
         self._pause_s = pause_s
@@ -44,6 +49,8 @@ class KeyChangeSignal:
     async def __call__(self, key_id: str) -> str | None:
         """None once the change is published; else the last failure (the change itself stays committed)."""
         self._cache.forget_key(key_id)
+        if self._on_change is not None:
+            self._on_change(key_id)
         failure = ""
         for attempt in range(self._attempts):
             if attempt:

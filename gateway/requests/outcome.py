@@ -33,6 +33,7 @@ from gateway.drain import Cut, Drain
 from gateway.limits import UsageCounters
 from gateway.limits.charge import used_tokens
 from gateway.observability.metrics import observe_result
+from gateway.requests.call_off import CLIENT_GONE, STOPPING, CallOff
 from gateway.requests.cancelled_ends import GAVE_UP, Answered, cut_while_running, gone_while_queued, until_aged, \
     withdrawn_end
 from gateway.requests.delivered import DeliveredLater
@@ -96,8 +97,10 @@ class TicketRunner:
         from the queue at once, so that its place and its reservation are free
         now rather than when a worker would have reached it; the request ends
         ``cancelled``, recorded here (:func:`~gateway.requests.cancelled_ends.withdrawn_end`).
-        ``cut`` returns when the stopping gateway's drain time is over (``gateway/drain.py``): the job is
-        cancelled the same way, and the client is answered 503 ``shutting_down`` (:meth:`_unless_gone`).
+        ``cut`` returns when the stopping gateway's drain time is over (``gateway/drain.py``), or the
+        request's key was revoked (``gateway/auth/revocations.py``), with the :class:`CallOff` that says which
+        (None: the drain's): the job is cancelled the same way, and the client is answered that reason's
+        error, 503 ``shutting_down`` or 401 ``invalid_api_key`` (:meth:`_unless_gone`).
         ``stopping``: that drain, whose cut also ends the request before its job is queued (:meth:`_rule_absent`).
         """
         # A revision with no output rule passes every output whole: the worker records that verdict
@@ -157,7 +160,7 @@ class TicketRunner:
         try:
             return await stopping.unless_cut(lambda: rules.rule_absent(ticket))
         except Cut:
-            raise await withdrawn_end(self, ticket, stopped=True) from None
+            raise await withdrawn_end(self, ticket, STOPPING) from None
 
     async def open_stream(self, ticket: Ticket, stopping: Drain | None = None) -> StreamEvents:
         """Queue a streaming job and return its events; queueing errors are raised here, before any byte.
@@ -202,6 +205,7 @@ class TicketRunner:
             return await outcome
         waiting = asyncio.ensure_future(outcome)
         watching = [asyncio.ensure_future(watch()) for watch in (gone, cut) if watch is not None]
+        # the controller's ``cut`` returns a future of the request's own, which ensure_future keeps: no task
         cutting = watching[-1] if cut is not None else None
         try:
             while True:
@@ -214,19 +218,18 @@ class TicketRunner:
                 watching = [task for task in watching if not task.done()]  # a watch that failed: wait without it
                 if not watching:
                     return await waiting
-            stopped = cutting is not None and cutting.done() and not cutting.cancelled() \
-                and cutting.exception() is None
-            await self.request_cancel(ticket.request_id)
+            why = _called_off(cutting)
+            await self.request_cancel(ticket.request_id, why.cancel_value)
             withdrawn = await self.dispatcher.withdraw(queued)
             if not withdrawn:
-                if not stopped:
+                if why is CLIENT_GONE:
                     return await waiting
                 return await cut_while_running(self, ticket, waiting, queued, unreachable=withdrawn is None,
-                                               hurried=hurried)
+                                               hurried=hurried, why=why)
             waiting.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await waiting
-            raise await withdrawn_end(self, ticket, stopped=stopped)
+            raise await withdrawn_end(self, ticket, why)
         finally:
             for task in (waiting, *watching):
                 task.cancel()
@@ -333,16 +336,17 @@ class TicketRunner:
 
     def abandon(self, ticket: Ticket, hold: HoldBack | None = None, pending: PendingResult | None = None,
                 subscription: contextlib.AsyncExitStack | None = None, queued: Queued | None = None, *,
-                cut: bool = False) -> None:
-        """The client left mid-stream (or the drain ended it): cancel the generation and see the request ended.
+                cut: CallOff | None = None) -> None:
+        """The client left mid-stream (or the drain, or its key's revocation, ended it): cancel the generation
+        and see the request ended.
 
         ``hold``: the stream's hold-back (what the client received), under output rules.
         ``pending`` and ``subscription``: the stream's own wait, handed over still open (closed here
         once the request ended): a report that reached it unread, or that arrives before a new wait
         could be entered, would be lost, and its worker would wait out its verdict timeout.
         ``queued``: where its job waits, taken back if no worker has taken it yet.
-        ``cut``: the stopping gateway's drain ended it (:meth:`StreamEvents.cut`), and :meth:`tell_cancelled`
-        ran already.
+        ``cut``: what ended it, the stopping gateway's drain or its key's revocation (:meth:`StreamEvents.cut`),
+        and :meth:`tell_cancelled` ran already.
         """
         self.in_background(self._cancel_and_close(ticket, hold, pending, subscription, queued, cut=cut))
 
@@ -353,7 +357,8 @@ class TicketRunner:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def tell_cancelled(self, ticket: Ticket, hold: HoldBack | None, delivered: str | None = None) -> None:
+    async def tell_cancelled(self, ticket: Ticket, hold: HoldBack | None, delivered: str | None = None,
+                             why: CallOff = CLIENT_GONE) -> None:
         """Tell a stream's worker that its request is cancelled, and (under output rules) what its client
         received: the ``cancelled`` verdict first (:meth:`OutputRules.cancelled`), then the cancel key.
 
@@ -361,16 +366,17 @@ class TicketRunner:
         decision (``workers/generation.py``); one that finished and waits for its verdict gets it at once
         (its report may be unread, or being judged: that judgement is abandoned with the client). Without
         the verdict a cut stream's entry could not say what its client received (h9 F3). ``delivered``: what
-        the stream sent its client (the drain's cut), when ``hold`` may have released more (q1 F2).
+        the stream sent its client (the drain's cut), when ``hold`` may have released more (q1 F2). ``why``:
+        what ended it, which the cancel key (and the verdict, for a revoked key) tells the worker.
         """
         if hold is not None and self.output_rules is not None:
-            await self.output_rules.cancelled(ticket, hold, client_text=delivered)
-        await self.request_cancel(ticket.request_id)
+            await self.output_rules.cancelled(ticket, hold, client_text=delivered, key_revoked=why.key_revoked)
+        await self.request_cancel(ticket.request_id, why.cancel_value)
 
     async def _cancel_and_close(self, ticket: Ticket, hold: HoldBack | None = None,
                                 pending: PendingResult | None = None,
                                 subscription: contextlib.AsyncExitStack | None = None,
-                                queued: Queued | None = None, *, cut: bool = False) -> None:
+                                queued: Queued | None = None, *, cut: CallOff | None = None) -> None:
         """Ask the worker to stop (:meth:`tell_cancelled`); if no worker ever ends the request, end it here.
 
         A job still in the queue is taken back from it at once and the request
@@ -383,14 +389,14 @@ class TicketRunner:
         end, so after the queue's expiry the gateway records ``cancelled``.
         """
         request_id = ticket.request_id
-        if not cut:
+        if cut is None:
             await self.tell_cancelled(ticket, hold)
         try:  # the worker publishes (and stores) the outcome once the request has ended; it may have already
             async with contextlib.AsyncExitStack() as stack:
                 if subscription is not None:
                     stack.push_async_exit(subscription)
                 if queued is not None and await self.dispatcher.withdraw(queued):
-                    await withdrawn_end(self, ticket, stopped=cut)
+                    await withdrawn_end(self, ticket, cut or CLIENT_GONE)
                     return
                 checked = self.output_rules is not None and hold is not None
                 if pending is None:
@@ -408,7 +414,8 @@ class TicketRunner:
         if entry is None:  # no worker took it (or Redis cannot say): end it here, where a later worker looks
             if queued is not None:
                 await until_aged(queued)
-            await self.request_log.end(ticket, "cancelled", gone_while_queued(ticket, self.digester, stopped=cut))
+            await self.request_log.end(ticket, "cancelled", gone_while_queued(ticket, self.digester,
+                                                                                   cut or CLIENT_GONE))
             await self.settlements.settle(ticket, None)
             return
         await self.settlements.settle(ticket, used_tokens(entry.body.get("usage")))
@@ -429,6 +436,15 @@ class TicketRunner:
         if self.handed_over is not None:  # the fallbacks of the outputs recorded last
             await self.handed_over.aclose()
         await self.delivered_later.aclose()
+
+
+def _called_off(cutting: asyncio.Future[Any] | None) -> CallOff:
+    """What ended a request early, from its ``cut`` watch (:meth:`TicketRunner._unless_gone`): the reason it
+    returned (a key's revocation), the drain's cut when it returned none, else its client going away."""
+    if cutting is None or not cutting.done() or cutting.cancelled() or cutting.exception() is not None:
+        return CLIENT_GONE
+    why = cutting.result()
+    return why if isinstance(why, CallOff) else STOPPING
 
 
 def _raised(result: Any) -> str:

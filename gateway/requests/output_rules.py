@@ -119,7 +119,7 @@ class OutputRules:
                              revision=hold.revision or self.policy.revision)
 
     async def cancelled(self, ticket: Ticket, hold: HoldBack, *, client_text: str | None = None,
-                        timed_out: bool = False) -> OutputVerdict:
+                        timed_out: bool = False, key_revoked: bool = False) -> OutputVerdict:
         """Answer the report of a stream whose client left while its answer was being judged.
 
         That judgement was abandoned with the client's connection (its
@@ -133,20 +133,22 @@ class OutputRules:
 
         ``timed_out``: the gateway's request timeout stopped the stream (p2 #3), and ``client_text`` is what
         the stream delivered (``hold`` may have released a last window the client never got); the worker
-        records ``timed_out`` with it. Returns the verdict sent (or that could not be sent).
+        records ``timed_out`` with it. ``key_revoked``: the request's key was revoked (its entry says so).
+        Returns the verdict sent (or that could not be sent).
         """
-        verdict = self.standing(hold, client_text=client_text, cancelled=True, timed_out=timed_out)
+        verdict = self.standing(hold, client_text=client_text, cancelled=True, timed_out=timed_out,
+                                key_revoked=key_revoked)
         await self.send(ticket.request_id, verdict)
         return verdict
 
     def standing(self, hold: HoldBack, *, client_text: str | None = None, cancelled: bool = False,
-                 timed_out: bool = False) -> OutputVerdict:
+                 timed_out: bool = False, key_revoked: bool = False) -> OutputVerdict:
         """The verdict as ``hold`` stands, not judged further: the decision on the windows judged so far and
         ``client_text`` (default: what ``hold`` released) as what the client received."""
         return OutputVerdict(
             decision=hold.decision_document(), client_text=hold.client_text if client_text is None else client_text,
             stopped=hold.stopped, unavailable=hold.unavailable, revision=hold.revision or self.policy.revision,
-            cancelled=cancelled, timed_out=timed_out)
+            cancelled=cancelled, timed_out=timed_out, key_revoked=key_revoked)
 
     async def discard(self, request_id: str) -> None:
         """Take back a verdict sent for a job no worker will ever run (taken back from its queue, or stopped

@@ -16,13 +16,17 @@ import redis.asyncio as aioredis
 
 from audit import AuditStore
 from gateway.auth import Principal
+from gateway.auth.revocations import AdmittedKeys
 from gateway.dispatch import Dispatcher, ResultWaiter
 from gateway.dispatch.model_health import ModelHealth
 from gateway.api_errors import errors_of
 from gateway.drain import Drain
 from gateway.limits import UsageCounters
 from gateway.policy.reloader import ReloadingPolicyEngine
+from gateway.api_errors import ApiError
 from gateway.requests.admission import Admission
+from gateway.requests.call_off import KEY_REVOKED
+from gateway.requests.cancelled_ends import withdrawn_end
 from gateway.requests.delivered import record_delivered
 from gateway.requests.outcome import ClientGone, TicketRunner
 from gateway.requests.timeouts import STOP_GRACE_S
@@ -49,7 +53,7 @@ class CompletionService:
                  admission_concurrency: int = 0, admission_wait_s: float = 5.0,
                  output_rules: OutputRules | None = None, model_health: ModelHealth | None = None,
                  timeout_grace_s: float = STOP_GRACE_S, end_retry_interval_s: float = 5.0,
-                 end_retry_horizon_s: float = 86400.0) -> None:
+                 end_retry_horizon_s: float = 86400.0, admitted_keys: AdmittedKeys | None = None) -> None:
         request_log = RequestLog(audit, current_revision=lambda: policy.revision, digester=digester,
                                  pending=pending)
         self.request_log = request_log
@@ -63,12 +67,22 @@ class CompletionService:
                                    output_rules=output_rules, stop_grace_s=timeout_grace_s,
                                    end_retry_interval_s=end_retry_interval_s,
                                    end_retry_horizon_s=end_retry_horizon_s)
+        #: This gateway's requests in flight by key id, ended when their key is revoked (the key-change
+        #: listener feeds it: ``gateway/components.py``); without one, a revocation ends none.
+        self.admitted_keys = admitted_keys if admitted_keys is not None else AdmittedKeys(_not_told)
 
     async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
                     purpose_headers: Sequence[str] = (), *, stopping: Drain | None = None) -> Ticket:
         """Read, decide, reserve and record a request (see :class:`Admission`); ``stopping``: refused once
         that drain has begun."""
         return await self.admission.admit(principal, endpoint, read_body, purpose_headers, stopping=stopping)
+
+    async def revoked_before_queue(self, ticket: Ticket) -> ApiError:
+        """End an admitted request whose key was revoked before its job was queued: ``cancelled``, its
+        reservation released; the 401 ``invalid_api_key`` to raise."""
+        error = await withdrawn_end(self.runner, ticket, KEY_REVOKED)
+        error.request_id = ticket.request_id
+        return error
 
     async def complete(self, ticket: Ticket, gone: ClientGone | None = None,
                        cut: ClientGone | None = None, stopping: Drain | None = None) -> JobResult:
@@ -94,3 +108,8 @@ class CompletionService:
     async def aclose(self) -> None:
         await self.runner.aclose()
         await self.request_log.aclose()
+
+
+async def _not_told(_key_id: str) -> bool | None:
+    """A service with no key-change listener never hears of a change; asked anyway, it cannot tell."""
+    return None

@@ -3,8 +3,8 @@
 Split from ``gateway/requests/outcome.py``, whose :class:`~gateway.requests.outcome.TicketRunner` queues the
 job and makes these events (:meth:`~gateway.requests.outcome.TicketRunner.open_stream`); this module is the
 relay itself: the worker's report answered on the way (:meth:`StreamEvents._answer`), the timeout's stop and
-grace (``gateway/requests/timeouts.py``), the drain's cut (:meth:`StreamEvents.cut`), and the client leaving
-(:meth:`StreamEvents.aclose`).
+grace (``gateway/requests/timeouts.py``), the drain's cut or the key's revocation (:meth:`StreamEvents.cut`), and
+the client leaving (:meth:`StreamEvents.aclose`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from gateway.api_errors import ApiError
 from gateway.dispatch import ResultTimeout
 from gateway.dispatch.queue import Queued
 from gateway.dispatch.results import PendingResult
-from gateway.drain import shutting_down
+from gateway.requests.call_off import STOPPING, CallOff
 from gateway.requests.cancelled_ends import CUT_GRACE_S, end_cut_stream
 from gateway.requests.delivered import record_delivered
 from gateway.requests.ticket import Ticket
@@ -51,8 +51,11 @@ class StreamEvents:
         self._subscription = subscription
         self._finished = False
         self._closed = False
-        #: The drain ended it, and its worker was told so (:meth:`TicketRunner.tell_cancelled`).
-        self._cut = False
+        #: What ended it (the drain, its key's revocation), once its worker was told so
+        #: (:meth:`TicketRunner.tell_cancelled`).
+        self._cut: CallOff | None = None
+        #: What :meth:`cut` was asked to end it for; the drain's unless a revocation said otherwise.
+        self._why: CallOff = STOPPING
         #: A piece of its text came (a worker runs its job), released to the client or held back.
         self._heard = False
         #: The job's outcome (``workers.replies``), once it came.
@@ -121,7 +124,7 @@ class StreamEvents:
         except ApiError:
             # an end written by its worker (or lost to one) may not say what the stream's client got; a checked
             # stream cut by the stop told its worker (its cancelled verdict), an unchecked one could not
-            if self._heard and (not self._cut or self._hold is None):
+            if self._heard and (self._cut is None or self._hold is None):
                 await record_delivered(runner, ticket, self._hold, "".join(delivered))
             raise
         finally:
@@ -140,17 +143,19 @@ class StreamEvents:
                     if released:
                         delivered.append(released)
                         yield released
-                elif event is _CUT:  # the stopping gateway's drain time is over: its job is cancelled
-                    # now, not after the loop has stopped; the worker is told what the client received
-                    await runner.tell_cancelled(ticket, self._hold, "".join(delivered))
-                    self._cut = True
+                elif event is _CUT:  # the stopping gateway's drain time is over (or its key was revoked):
+                    # its job is cancelled now, not after the loop has stopped; the worker is told what the
+                    # client received
+                    why = self._why
+                    await runner.tell_cancelled(ticket, self._hold, "".join(delivered), why)
+                    self._cut = why
                     # no text came: its job may still wait in the queue, taken back (or, Redis gone, ended) here
                     ended = None if self._heard or self._queued is None else \
-                        await end_cut_stream(runner, ticket, self._queued)
+                        await end_cut_stream(runner, ticket, self._queued, why)
                     if ended is not None:
                         self._finished = True  # ended here: nothing left for aclose to abandon
-                        raise shutting_down(in_flight=True, unrecorded=not ended)
-                    raise shutting_down(in_flight=True)
+                        raise why.answer(unrecorded=not ended)
+                    raise why.answer()
                 elif isinstance(event, OutputReport):
                     if self._hold is not None and runner.output_rules is not None and self._timed_out is None:
                         await self._answer(event)  # unsent if the cut came first: its mark is read next
@@ -206,15 +211,18 @@ class StreamEvents:
             await self._runner.stop_output(self._ticket.request_id)
         return released
 
-    def cut(self) -> None:
+    def cut(self, why: CallOff = STOPPING) -> None:
         """End the stream at its next event with an error event (503 ``shutting_down``): its gateway is
-        stopping and its drain time is over (``gateway/drain.py``). Its job is cancelled as when the client
+        stopping and its drain time is over (``gateway/drain.py``); ``why``: or its key was revoked
+        (``gateway/auth/revocations.py``: 401 ``invalid_api_key``). Its job is cancelled as when the client
         leaves (:meth:`aclose`), its worker told what the client received; a judgement of its worker's report
         still running is abandoned, its verdict unsent (:meth:`_answer`). A stream whose worker has its verdict
         already waits up to :data:`CUT_GRACE_S` for its result, as a non-streamed request does
         (:func:`~gateway.requests.cancelled_ends.cut_while_running`): its worker records the end that verdict says."""
         if self._closed or self._finished:
             return
+        if not self._cut_asked and self._grace is None:  # the first reason to end it is the one it is told
+            self._why = why
         if self._answered:  # the worker records what its verdict says: its result is served if it comes soon
             if self._grace is None:
                 self._grace = asyncio.get_running_loop().call_later(CUT_GRACE_S, self._pending.interrupt, _CUT)

@@ -48,7 +48,7 @@ class _Rules:
     async def answer(self, ticket, hold, report, *, abandoned=False):
         self.answered.append((report.text, abandoned))
 
-    async def cancelled(self, ticket, hold, *, client_text=None):
+    async def cancelled(self, ticket, hold, *, client_text=None, key_revoked=False):
         self.told_cancelled.append(ticket.request_id)
 
 
