@@ -12,12 +12,14 @@ the drain's tests do (``tests/e2e/test_drain.py``).
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
 
 import httpx
 import pytest
@@ -61,6 +63,26 @@ def until_queued(own, count: int) -> None:
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def worker_and_gateway(own, tmp_path) -> Iterator[tuple[str, Callable[[], None], Callable[[], None]]]:
+    """A served gateway and a worker of its own; with them, what holds the worker (SIGSTOP) and lets it go.
+    The worker is let go and stopped at the end, whatever happened."""
+    worker = spawn_cli(own, "worker", "--model", MODEL, log=tmp_path / "worker.log")
+    held: list[int] = []
+
+    def hold() -> None:
+        held[:] = _pids(worker)
+        _signal(held, signal.SIGSTOP)
+
+    try:
+        wait_for_worker(own.redis_url, MODEL, worker)
+        with serving(own, tmp_path / "serve.log") as base:
+            yield base, hold, lambda: _signal(held, signal.SIGCONT)
+    finally:
+        _signal(held, signal.SIGCONT)
+        stop_process(worker, timeout_s=30)
+
+
 def completion(base: str, secret: str, prompt: str, max_tokens: int) -> httpx.Response:
     return httpx.post(f"{base}/v1/completions", headers=bearer(secret), timeout=120,
                       json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
@@ -73,29 +95,24 @@ def test_a_revoked_key_s_stream_and_queued_request_end_at_once_and_another_key_s
     own = own.with_(auth_cache_ttl_s=cache_ttl_s)
     leaked = store.create("lee", team="ops", roles=["admin"])
     other = store.create("olga", team="ops", roles=["admin"]).secret
-    worker = spawn_cli(own, "worker", "--model", MODEL, log=tmp_path / "worker.log")
-    held: list[int] = []
-    try:
-        wait_for_worker(own.redis_url, MODEL, worker)
-        with serving(own, tmp_path / "serve.log") as base, ThreadPoolExecutor(3) as pool:
-            started = threading.Event()
-            streamed = pool.submit(_stream, base, leaked.secret, started)
-            assert started.wait(60), "the stream never received text"
-            held = _pids(worker)
-            _signal(held, signal.SIGSTOP)  # mid-generation: the stream stays in flight, the others queue
-            waiting = pool.submit(completion, base, leaked.secret, "Count", 5)
-            until_queued(own, 1)
-            others = pool.submit(completion, base, other, "Count", 5)
-            until_queued(own, 2)
+    with worker_and_gateway(own, tmp_path) as (base, hold, let_go), ThreadPoolExecutor(3) as pool:
+        started = threading.Event()
+        streamed = pool.submit(_stream, base, leaked.secret, started)
+        assert started.wait(60), "the stream never received text"
+        hold()  # mid-generation: the stream stays in flight, the others queue
+        waiting = pool.submit(completion, base, leaked.secret, "Count", 5)
+        until_queued(own, 1)
+        others = pool.submit(completion, base, other, "Count", 5)
+        until_queued(own, 2)
 
-            revoke(own, leaked.key.key_id)
-            refused = waiting.result(timeout=30)  # at once, with the worker still held
-            stream = streamed.result(timeout=30)
-            assert not others.done()  # another key's request still waits for the worker
-            assert queued(own, MODEL) == 1  # the revoked key's job was taken back from the queue
-            _signal(held, signal.SIGCONT)
-            served = others.result(timeout=60)
-            after = completion(base, leaked.secret, "Again", 5)
+        revoke(own, leaked.key.key_id)
+        refused = waiting.result(timeout=30)  # at once, with the worker still held
+        stream = streamed.result(timeout=30)
+        assert not others.done()  # another key's request still waits for the worker
+        assert queued(own, MODEL) == 1  # the revoked key's job was taken back from the queue
+        let_go()
+        served = others.result(timeout=60)
+        after = completion(base, leaked.secret, "Again", 5)
 
         assert refused.status_code == 401, refused.text
         assert refused.json()["error"]["code"] == "invalid_api_key"
@@ -119,9 +136,6 @@ def test_a_revoked_key_s_stream_and_queued_request_end_at_once_and_another_key_s
         for request_id in (queued_id, stream["request_id"]):
             assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "cancelled"]
         assert audit_store.terminal_for(served.headers["x-govgate-request-id"]).kind == "completion"
-    finally:
-        _signal(held, signal.SIGCONT)
-        stop_process(worker, timeout_s=30)
 
 
 @pytest.mark.parametrize("how", ["cli", "http"])
@@ -133,24 +147,19 @@ def test_a_revoked_key_s_running_request_is_answered_401_and_its_worker_records_
     own = own.with_(output_rules=False)
     leaked = store.create("lou", team="ops", roles=["admin"])
     admin = store.create("ada", team="ops", roles=["admin"]).secret
-    worker = spawn_cli(own, "worker", "--model", MODEL, log=tmp_path / "worker.log")
-    held: list[int] = []
-    try:
-        wait_for_worker(own.redis_url, MODEL, worker)
-        with serving(own, tmp_path / "serve.log") as base, ThreadPoolExecutor(1) as pool:
-            running = pool.submit(completion, base, leaked.secret, "Tell", 3000)
-            request_id = wait_for_a_generation(own.redis_url, timeout_s=60)
-            assert request_id is not None, "no generation began"
-            held = _pids(worker)
-            _signal(held, signal.SIGSTOP)
-            if how == "cli":
-                revoke(own, leaked.key.key_id)
-            else:
-                done = httpx.post(f"{base}/admin/keys/{leaked.key.key_id}/revoke", headers=bearer(admin),
-                                  timeout=30)
-                assert done.status_code == 200 and done.json()["gateways_told"] is True, done.text
-            answered = running.result(timeout=60)
-        _signal(held, signal.SIGCONT)
+    with worker_and_gateway(own, tmp_path) as (base, hold, let_go), ThreadPoolExecutor(1) as pool:
+        running = pool.submit(completion, base, leaked.secret, "Tell", 3000)
+        request_id = wait_for_a_generation(own.redis_url, timeout_s=60)
+        assert request_id is not None, "no generation began"
+        hold()
+        if how == "cli":
+            revoke(own, leaked.key.key_id)
+        else:
+            done = httpx.post(f"{base}/admin/keys/{leaked.key.key_id}/revoke", headers=bearer(admin),
+                              timeout=30)
+            assert done.status_code == 200 and done.json()["gateways_told"] is True, done.text
+        answered = running.result(timeout=60)
+        let_go()
         assert answered.status_code == 401, answered.text
         assert answered.json()["error"]["code"] == "invalid_api_key"
         assert answered.headers["x-govgate-request-id"] == request_id
@@ -158,6 +167,3 @@ def test_a_revoked_key_s_running_request_is_answered_401_and_its_worker_records_
         assert end.kind == "cancelled", end.body
         assert end.body["error"]["message"] == KEY_REVOKED_MESSAGE
         assert [e.kind for e in audit_store.entries_for(request_id)] == ["request", "cancelled"]
-    finally:
-        _signal(held, signal.SIGCONT)
-        stop_process(worker, timeout_s=30)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from typing import Callable
-
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -21,17 +19,10 @@ from gateway.auth import KeyChangeListener, KeyStore, PrincipalCache
 from gateway.auth.key_changes import KeyChangeAnnouncer
 from gateway.auth.revocations import AdmittedKeys, revoked_in
 from gateway.components import open_database
-from govgate.redis_server import RedisProcess
+from tests.gateway.test_key_change_listener import redis_process, until  # noqa: F401  (redis_process: fixture)
 from workers.contract.jobs import cancel_key
 
 pytestmark = pytest.mark.anyio
-
-
-async def until(condition: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"never: {what}"
-        await asyncio.sleep(0.02)
 
 
 async def looked(keys: AdmittedKeys) -> None:
@@ -50,12 +41,17 @@ def key(store: KeyStore, user: str) -> str:
     return store.create(user, team="research", roles=["analyst"]).key.key_id
 
 
+def watching(store: KeyStore, **requests: str) -> tuple[AdmittedKeys, list[str]]:
+    """A registry on ``store`` watching one request per name (its key id), and the names of those ended."""
+    keys, ended = AdmittedKeys(revoked_in(store)), []
+    for name, key_id in requests.items():
+        keys.watch(key_id, lambda name=name: ended.append(name))
+    return keys, ended
+
+
 async def test_a_revoked_key_s_requests_are_ended_and_no_other_s(store):
     ann, bob = key(store, "ann"), key(store, "bob")
-    keys = AdmittedKeys(revoked_in(store))
-    ended: list[str] = []
-    keys.watch(ann, lambda: ended.append("ann-1"))
-    keys.watch(ann, lambda: ended.append("ann-2"))
+    keys, ended = watching(store, ann_1=ann, ann_2=ann)
     leave_bob = keys.watch(bob, lambda: ended.append("bob"))
     assert keys.in_flight == 3
 
@@ -67,7 +63,7 @@ async def test_a_revoked_key_s_requests_are_ended_and_no_other_s(store):
     assert store.revoke(ann)
     keys.changed(ann)
     await until(lambda: len(ended) == 2, "ann's requests ended")
-    assert sorted(ended) == ["ann-1", "ann-2"] and keys.in_flight == 1
+    assert sorted(ended) == ["ann_1", "ann_2"] and keys.in_flight == 1
     # a request authenticated just before the revocation, registering after the look: ended as it registers
     leave_late = keys.watch(ann, lambda: ended.append("ann-late"))
     assert ended[-1] == "ann-late" and keys.in_flight == 1
@@ -79,10 +75,7 @@ async def test_a_revoked_key_s_requests_are_ended_and_no_other_s(store):
 
 
 async def test_a_key_store_that_cannot_answer_ends_nothing_and_says_so(store, caplog):
-    ann = key(store, "ann")
-    keys = AdmittedKeys(revoked_in(store))
-    ended: list[str] = []
-    keys.watch(ann, lambda: ended.append("ann"))
+    keys, ended = watching(store, ann=(ann := key(store, "ann")))
     database = str(store.engine.url.database)
     with sqlite3.connect(database) as raw:
         raw.execute("ALTER TABLE api_keys RENAME TO api_keys_away")
@@ -100,24 +93,13 @@ async def test_a_key_store_that_cannot_answer_ends_nothing_and_says_so(store, ca
 
 async def test_a_resumed_subscription_has_every_key_in_flight_looked_at(store):
     """A revocation published while the subscription was down is found when it comes back."""
-    ann, bob = key(store, "ann"), key(store, "bob")
-    keys = AdmittedKeys(revoked_in(store))
-    ended: list[str] = []
-    keys.watch(ann, lambda: ended.append("ann"))
-    keys.watch(bob, lambda: ended.append("bob"))
+    keys, ended = watching(store, ann=key(store, "ann"), bob=(bob := key(store, "bob")))
     assert store.revoke(bob)  # its message missed
     keys.resumed()
     await until(lambda: ended == ["bob"], "bob's request ended")
     await looked(keys)
     assert ended == ["bob"] and keys.in_flight == 1
     await keys.aclose()
-
-
-@pytest.fixture
-def redis_process(short_tmp) -> RedisProcess:
-    server = RedisProcess.start(short_tmp("gg-rv-"), persist=False)
-    yield server
-    server.stop()
 
 
 async def test_the_listener_passes_changes_and_resumed_sessions_on_even_with_the_cache_off(redis_process):

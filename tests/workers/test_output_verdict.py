@@ -496,6 +496,15 @@ class _CancelledMidStream(RedisJobChannel):
         return self._told
 
 
+def _cut_midway(client, store, model, channel: type, verdict: OutputVerdict | None, *,
+                checked: bool = True) -> tuple:
+    """Run a 200-token stream on ``channel`` (a class above: its gateway cuts it after the first piece); the
+    job's result, and the job."""
+    job = replace(checked_job("govgate:gateway:nobody", stream=True),
+                  params=SamplingParams(max_tokens=200, temperature=0), check_output=checked)
+    made = channel(client, job.request_id, streaming=True, sealer=SEALER, reply_to=job.reply_to, verdict=verdict)
+    return run_job(job, model, store, made, digester=DIGESTER, verdict_timeout_s=5), job
+
 def test_a_stream_cancelled_mid_generation_records_what_its_gateway_says_the_client_received(client, store,
                                                                                              model) -> None:
     """The worker cannot know what its gateway released (it held text back to judge it): the gateway's
@@ -504,11 +513,7 @@ def test_a_stream_cancelled_mid_generation_records_what_its_gateway_says_the_cli
     received = "what the gateway released"
     verdict = OutputVerdict(decision={"allow": True, "reasons": [], "redact": []}, client_text=received,
                             revision="rev-2", cancelled=True)
-    job = replace(checked_job("govgate:gateway:nobody", stream=True),
-                  params=SamplingParams(max_tokens=200, temperature=0))
-    channel = _CancelledMidStream(client, job.request_id, streaming=True, sealer=SEALER, reply_to=job.reply_to,
-                                  verdict=verdict)
-    result = run_job(job, model, store, channel, digester=DIGESTER, verdict_timeout_s=5)
+    result, job = _cut_midway(client, store, model, _CancelledMidStream, verdict)
     assert result.status == "cancelled"
     entry = store.terminal_for(job.request_id)
     assert entry.kind == "cancelled" and entry.body["error"]["code"] == "cancelled"
@@ -521,11 +526,7 @@ def test_a_stream_cancelled_mid_generation_records_what_its_gateway_says_the_cli
 
 def test_a_stream_cancelled_without_a_verdict_is_recorded_as_before(client, store, model) -> None:
     """A gateway that set only the cancel flag (an older one): cancelled, the output kept, no client_output."""
-    job = replace(checked_job("govgate:gateway:nobody", stream=True),
-                  params=SamplingParams(max_tokens=200, temperature=0))
-    channel = _CancelledMidStream(client, job.request_id, streaming=True, sealer=SEALER, reply_to=job.reply_to,
-                                  verdict=None)
-    result = run_job(job, model, store, channel, digester=DIGESTER, verdict_timeout_s=5)
+    result, job = _cut_midway(client, store, model, _CancelledMidStream, None)
     assert result.status == "cancelled"
     entry = store.terminal_for(job.request_id)
     assert entry.kind == "cancelled" and "client_output" not in entry.payload and entry.payload["output"]
@@ -562,11 +563,7 @@ def test_a_stream_its_gateway_timed_out_mid_generation_records_timed_out_with_wh
     received = "what the gateway released before its timeout"
     verdict = OutputVerdict(decision={"allow": True, "reasons": [], "redact": []}, client_text=received,
                             revision="rev-2", cancelled=True, timed_out=True)
-    job = replace(checked_job("govgate:gateway:nobody", stream=True),
-                  params=SamplingParams(max_tokens=200, temperature=0))
-    channel = _TimedOutMidStream(client, job.request_id, streaming=True, sealer=SEALER, reply_to=job.reply_to,
-                                 verdict=verdict)
-    result = run_job(job, model, store, channel, digester=DIGESTER, verdict_timeout_s=5)
+    result, job = _cut_midway(client, store, model, _TimedOutMidStream, verdict)
     assert result.status == "timed_out"
     entry = store.terminal_for(job.request_id)
     assert entry.kind == "timed_out"
@@ -604,24 +601,18 @@ def test_timed_out_travels_only_with_cancelled() -> None:
     assert OutputVerdict.opened(marked.sealed(SEALER), SEALER) == marked
 
 
-class _RevokedMidStream(RedisJobChannel):
-    """A stream's channel whose key is revoked after its first piece, as its gateway writes it: the
-    ``cancelled`` verdict marked ``key_revoked`` (checked streams), then the job's real cancel key set to
+class _RevokedMidStream(_CancelledMidStream):
+    """The same, its key revoked: after the verdict (marked ``key_revoked``), the job's real cancel key set to
     ``key-revoked``, read by the channel's own look (the piece waits out the look's interval)."""
 
-    def __init__(self, *args, verdict: OutputVerdict | None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._verdict = verdict
-        self._told = False
-
     def publish(self, text: str) -> None:
+        first = not self._told
         super().publish(text)
-        if not self._told:
-            self._told = True
-            if self._verdict is not None:
-                self._client.lpush(verdict_key(self._request_id), self._verdict.sealed(SEALER))
+        if first:
             self._client.set(cancel_key(self._request_id), STOP_KEY_REVOKED)
             time.sleep(2 * streams.CANCEL_CHECK_INTERVAL_S)
+
+    cancel_requested = RedisJobChannel.cancel_requested
 
 
 @pytest.mark.parametrize("checked", [True, False], ids=["checked", "unchecked"])
@@ -631,11 +622,7 @@ def test_a_stream_whose_key_was_revoked_mid_generation_says_so_in_its_end(client
     received = "what the gateway released before the revocation"
     verdict = OutputVerdict(decision={"allow": True, "reasons": [], "redact": []}, client_text=received,
                             revision="rev-2", cancelled=True, key_revoked=True) if checked else None
-    job = replace(checked_job("govgate:gateway:nobody", stream=True),
-                  params=SamplingParams(max_tokens=200, temperature=0), check_output=checked)
-    channel = _RevokedMidStream(client, job.request_id, streaming=True, sealer=SEALER, reply_to=job.reply_to,
-                                verdict=verdict)
-    result = run_job(job, model, store, channel, digester=DIGESTER, verdict_timeout_s=5)
+    result, job = _cut_midway(client, store, model, _RevokedMidStream, verdict, checked=checked)
     assert result.status == "cancelled"
     entry = store.terminal_for(job.request_id)
     assert entry.kind == "cancelled" and entry.body["error"]["code"] == "cancelled"
