@@ -9,6 +9,7 @@ after the hash check. What is checked: :mod:`audit.checkpoint_check`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -232,10 +233,11 @@ def report_bundle(export_file: str, public_key_file: str | None, checkpoint_file
     return False
 
 
-def _not_nan(_ctx: click.Context, _param: click.Parameter, value: float | None) -> float | None:
-    """FloatRange lets NaN by, and an age compared with NaN is never too old: no tail would count as tampering."""
-    if value is not None and value != value:
-        raise click.BadParameter("must be a number of seconds, not NaN")
+def _finite(_ctx: click.Context, _param: click.Parameter, value: float | None) -> float | None:
+    """FloatRange lets NaN and infinity by, and an age compared with either is never too old: no unsigned tail
+    would count as tampering (probe s56 C: ``inf`` was taken)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number of seconds, not {value}")
     return value
 
 
@@ -252,7 +254,7 @@ def checkpoint_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Check an audit bundle (`audit export-bundle`) instead of the database; needs --public-key."),
         click.option("--strict", is_flag=True, help="Fail if any entry is not covered by a checkpoint yet."),
         click.option("--max-unsigned-age", "max_unsigned_age", type=click.FloatRange(min=0), default=None,
-                     callback=_not_nan,
+                     callback=_finite,
                      help="Seconds an entry may stay unsigned [default: 2 x GOVGATE_CHECKPOINT_INTERVAL_S + 30]."),
     ]
     for option in reversed(options):

@@ -126,7 +126,10 @@ def audit_export(since: str, until: str | None, team: str | None, principal: str
         where = entry_filter(principal=principal, team=team, model=model, request_id=request_id, kind=kinds,
                              decision=decision, reason=reason, read_of=read_of, since=since, until=until, q=text)
     except FilterError as exc:
-        raise FilterUsageError(f"{OPTIONS[exc.param]}: {exc.message}") from None
+        message = exc.message
+        if exc.param in ("since", "until"):  # the API's words; here a period works too (_moment)
+            message = f"{message.rstrip('.')}, or a period back from now (30d, 12h, 30m, 2w)"
+        raise FilterUsageError(f"{OPTIONS[exc.param]}: {message}") from None
     if where.until is None:
         where = replace(where, until=datetime.now(timezone.utc))
     engine = audit_engine()

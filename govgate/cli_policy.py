@@ -90,12 +90,14 @@ def policy_test(policy_dir: Path | None, engine: str) -> None:
     import subprocess
 
     from gateway.policy.opa_binary import find_opa
-    from gateway.policy.unittests import run_all
+    from gateway.policy.unittests import run_all, test_files
 
     folder = policy_dir or load_settings().policy_dir
     opa = find_opa()
     if engine == "opa" and not opa:
         raise click.ClickException("no opa binary found (build one with 'make opa')")
+    if not test_files(folder):  # 'opa test' passes a folder with nothing to test: exit 0, not a word (probe s56 C)
+        raise click.ClickException(f"no Rego unit tests (*_test.rego) in {folder}: nothing was tested")
     if engine != "embedded" and opa:
         sys.exit(subprocess.run([opa, "test", str(folder), "-v"]).returncode)
     try:

@@ -341,6 +341,16 @@ def test_audit_export_reads_a_period_in_ascii_digits_only(cli, period):
     assert result.exit_code != 0 and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("option", ["--since", "--until"])
+def test_audit_export_s_refusal_of_a_moment_names_the_periods_it_also_reads(cli, option):
+    """The API's message named only ISO dates, though the CLI reads '30d' too (probe s56 C)."""
+    args = ["audit", "export", "--since", "2000-01-01"] if option == "--until" else ["audit", "export"]
+    result = cli(*args, option, "yesterdayish", ok=False)
+    assert result.exit_code != 0
+    assert f"{option}: " in result.output and "ISO-8601 date" in result.output
+    assert "or a period back from now (30d, 12h, 30m, 2w)" in result.output
+
+
 @pytest.mark.parametrize("url", ["postgresql://u:p@127.0.0.1:1/db", "mysql://u:p@127.0.0.1:1/db"])
 def test_an_unusable_database_url_is_one_line_naming_the_setting(cli, url):
     result = CliRunner().invoke(main, ["audit", "tail"], env={**cli.env, "GOVGATE_DATABASE_URL": url})

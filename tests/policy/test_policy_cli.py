@@ -111,11 +111,19 @@ def test_explain_refuses_an_input_nested_too_deep_in_one_line(settings, tmp_path
     assert len(lines) == 1 and lines[0].startswith("Error: the input is not JSON: "), lines
 
 
-def test_policy_test_of_an_empty_folder_is_one_line(settings, tmp_path):
-    result = run(settings, "policy", "test", "--engine", "embedded", "--policy-dir", str(tmp_path))
+@pytest.mark.parametrize("engine", ["embedded", "auto"])
+@pytest.mark.parametrize("modules", [{}, {"govgate.rego": "package govgate\n\nimport rego.v1\n\nallow if true\n"}],
+                         ids=["empty", "no-tests"])
+def test_policy_test_of_a_folder_with_no_tests_fails_in_one_line_whichever_engine(settings, tmp_path, engine,
+                                                                                  modules):
+    """``auto`` ran 'opa test' when the binary was there, which passes a folder with nothing to test (exit 0,
+    no output); the embedded engine failed it (probe s56 C). Both fail it now, before either runs."""
+    for name, text in modules.items():
+        (tmp_path / name).write_text(text)
+    result = run(settings, "policy", "test", "--engine", engine, "--policy-dir", str(tmp_path))
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"Error: the policy in {tmp_path} cannot be tested: "), lines
+    assert lines == [f"Error: no Rego unit tests (*_test.rego) in {tmp_path}: nothing was tested"], lines
 
 
 def test_policy_test_of_rego_that_does_not_compile_is_an_error_not_a_traceback(settings, tmp_path):
