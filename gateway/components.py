@@ -153,6 +153,8 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
                                seal=sealer.seal, unseal=sealer.unseal)
     model_health = ModelHealth(client, registry.names())
     keys = KeyStore(db_engine)
+    lost_after = lost_after_s(settings.request_timeout_s, settings.generation_time_limit_s,
+                              settings.redelivery_margin_s)
     admitted_keys = AdmittedKeys(revoked_in(keys))
     completions = CompletionService(
         registry=registry, policy=policy, audit=audit_store, dispatcher=dispatcher, waiter=waiter,
@@ -164,13 +166,12 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
                                  holdback_chars=settings.output_holdback_chars) if settings.output_rules else None,
         model_health=model_health, timeout_grace_s=settings.timeout_grace_s,
         end_retry_interval_s=settings.terminal_retry_interval_s, end_retry_horizon_s=settings.terminal_retry_horizon_s,
-        admitted_keys=admitted_keys)
+        admitted_keys=admitted_keys, lost_after_s=lost_after)
     retrier = asyncio.create_task(retry_pending_terminals(pending, audit_store,
                                                           interval_s=settings.terminal_retry_interval_s),
                                   name="govgate-terminal-retry")
     lost = LostRequestSweep(audit_store, pending, lookback_s=settings.terminal_retry_horizon_s,
-                            lost_after_s=lost_after_s(settings.request_timeout_s, settings.generation_time_limit_s,
-                                                      settings.redelivery_margin_s))
+                            lost_after_s=lost_after)
     sweeper = asyncio.create_task(sweep_lost_requests(lost, counters), name="govgate-lost-requests")
     settler = asyncio.create_task(settle_unsettled_forever(client, counters, audit_store), name="govgate-unsettled")
     shares = SharePublisher(client, policy, tick_s=settings.policy_reload_interval_s or 2.0)

@@ -170,9 +170,11 @@ class Admission:
                  request_log: RequestLog, redis: aioredis.Redis, digester: Digester, default_max_tokens: int,
                  max_queued_per_model: int, queue_mode: str = MODE_FIFO, concurrency: int = 0,
                  gate_wait_s: float = 5.0, model_health: ModelHealth | None = None,
-                 request_timeout_s: float = 120.0) -> None:
+                 request_timeout_s: float = 120.0, lost_after_s: float | None = None) -> None:
         """``concurrency`` > 0: at most that many admissions at once, the others lined up by team share
-        (:class:`AdmissionGate`, waiting at most ``gate_wait_s``)."""
+        (:class:`AdmissionGate`, waiting at most ``gate_wait_s``). ``lost_after_s``: how long after its
+        request entry an admitted request without an end counts as lost, written in the entry's
+        ``admission`` for every gateway's sweep (``gateway/requests/lost_requests.py``)."""
         self.registry = registry
         self.policy = policy
         self.counters = counters
@@ -183,6 +185,7 @@ class Admission:
         self.max_queued_per_model = max_queued_per_model
         #: How long a request may wait for its result: bounds the ``too_many_in_flight`` 429's Retry-After.
         self.request_timeout_s = request_timeout_s
+        self.lost_after_s = lost_after_s
         if queue_mode not in QUEUE_MODES:
             raise ValueError(f"queue_mode must be one of {QUEUE_MODES}, not {queue_mode!r}")
         #: fair: a team may hold its share of the model's places (gateway/limits/fair_share.py); fifo: the total.
@@ -197,6 +200,17 @@ class Admission:
         #: Whether a key may see a model, per policy revision: a refusal of a model it may not see is answered
         #: as an unknown model's (gateway/requests/hidden_models.py).
         self.seen_models = SeenModels(policy)
+
+    def _admission_record(self, admission: Any) -> dict[str, Any] | None:
+        """The request entry's ``admission``: an admitted one's also holds this gateway's wait before a sweep
+        may end the request as lost, which another gateway's sweep (its own wait maybe shorter) reads
+        (``gateway/requests/lost_requests.py``; probe s57 D1)."""
+        if admission is None:
+            return None
+        record = admission.record()
+        if isinstance(admission, Admitted) and self.lost_after_s is not None:
+            record["lost_after_s"] = self.lost_after_s
+        return record
 
     async def admit(self, principal: Principal, endpoint: str, read_body: Callable[[], Awaitable[bytes]],
                     purpose_headers: Sequence[str] = (), *, stopping: Drain | None = None) -> Ticket:
@@ -281,7 +295,7 @@ class Admission:
                 answer = await self._answered(principal, spec, request.model, refusal, stopping)
             body = request_record(endpoint=endpoint, principal=principal, purpose=purpose, stream=request.stream,
                                   params=params, requested_max_tokens=requested_max, decision=decision,
-                                  admission=None if admission is None else admission.record(),
+                                  admission=self._admission_record(admission),
                                   policy_input=verdict.policy_input, messages=messages, prompt=prompt,
                                   digester=self.digester)
             if refusal is not None and answer is not None and answer is not refusal:

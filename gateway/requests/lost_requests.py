@@ -1,4 +1,5 @@
-"""Ending accepted requests that nobody else will end: their gateway died before queueing them.
+"""Ending accepted requests that nobody else will end: their gateway died before queueing them, or their job or
+its end was lost with it or with Redis.
 
 The request entry is written before the job is queued (nothing is queued
 unaudited), so a gateway killed between the two leaves an accepted request
@@ -6,9 +7,21 @@ that no worker will ever see. Once ``request timeout + the broker's
 visibility timeout + a margin`` has passed since its request entry, a job
 that did reach the queue has been ended by a worker (a late job is recorded
 as expired) or by its gateway; a request still without a terminal entry then
-was never queued, and every gateway's sweep ends it ``failed`` with code
-``gateway_lost``. The database's unique terminal constraint settles a race
-with another gateway or a late worker.
+was most likely never queued, and every gateway's sweep ends it ``failed``
+with code ``gateway_lost``. The same end comes to a request whose job, or
+the end its worker kept for a database that refused it, Redis lost (a Redis
+restarted empty, a host crash): its message says so much and no more, as
+the sweep cannot tell which (probe s57 D3: it said "before queueing it" of
+a stream whose client had received text). The database's unique terminal
+constraint settles a race with another gateway or a late worker.
+
+The wait is the request's own gateway's, which its request entry records
+(``admission.lost_after_s``): a gateway whose request timeout is shorter
+than another's used to sweep that one's requests while they still ran
+(probe s57 D1: replicas whose settings differ during a rolling change). An
+entry whose wait is longer than the sweeping gateway's is kept aside and
+looked at again when its own wait is over; one that records none (written
+before the field) is swept on the sweeping gateway's wait, as before.
 """
 
 from __future__ import annotations
@@ -29,7 +42,8 @@ from workers.contract.pending_terminals import PendingTerminals
 log = logging.getLogger(__name__)
 
 LOST_CODE = "gateway_lost"
-LOST_MESSAGE = "the gateway stopped after recording the request and before queueing it"
+LOST_MESSAGE = ("no end was recorded for the request within its time: its gateway stopped before queueing it, "
+                "or its job or its end was lost with the gateway or with Redis")
 #: Beyond the request timeout and the visibility timeout: the broker's restore
 #: interval, a worker's last write, clocks that differ a little.
 MARGIN_S = 15.0
@@ -52,6 +66,15 @@ def was_admitted(body: Mapping[str, Any]) -> bool:
     admission = body.get("admission")
     return (isinstance(decision, Mapping) and decision.get("allow") is True
             and isinstance(admission, Mapping) and admission.get("admitted") is True)
+
+
+def own_wait_s(body: Mapping[str, Any]) -> float | None:
+    """The wait its own gateway gave an admitted request before it counts as lost (None: not recorded)."""
+    admission = body.get("admission")
+    value = admission.get("lost_after_s") if isinstance(admission, Mapping) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and value > 0:
+        return float(value)
+    return None
 
 
 def lost_body() -> dict[str, Any]:
@@ -82,6 +105,9 @@ class LostRequestSweep:
         #: The window being read (after, before) and the last entry read of it.
         self._window: tuple[datetime, datetime] | None = None
         self._cursor: AuditEntry | None = None
+        #: Entries read whose own wait (``admission.lost_after_s``) is longer than this sweep's, by the moment
+        #: it is over: looked at again then (a process that restarts reads them again within ``lookback_s``).
+        self._deferred: list[tuple[datetime, AuditEntry]] = []
 
     def run_once(self, now: datetime | None = None) -> list[AuditEntry]:
         """End the lost requests of the next window; return their request entries.
@@ -89,27 +115,54 @@ class LostRequestSweep:
         Raises what the store or Redis raised; the next sweep then goes on
         with the same window after the last entry handled.
         """
+        now = now or datetime.now(timezone.utc)
+        ended = self._deferred_ends(now)
         if self._window is None:
-            now = now or datetime.now(timezone.utc)
             before = now - self._lost_after
             after = now - self._lookback
             if self._swept_until is not None:
                 after = max(after, self._swept_until)
             if after >= before:
-                return []
+                return ended
             self._window, self._cursor = (after, before), None
         after, before = self._window
-        ended: list[AuditEntry] = []
         for _ in range(self._pages_per_sweep):
             page = self._audit.requests_without_terminal(before=before, after=after, page_after=self._cursor,
                                                          limit=self._page)
             for entry in page:
-                if was_admitted(entry.body) and self._end(entry):
-                    ended.append(entry)
+                if was_admitted(entry.body):
+                    due = self._due(entry)
+                    if due > now:
+                        self._deferred.append((due, entry))
+                    elif self._end(entry):
+                        ended.append(entry)
                 self._cursor = entry
             if len(page) < self._page:
                 self._swept_until, self._window, self._cursor = before, None, None
                 break
+        return ended
+
+    def _due(self, request: AuditEntry) -> datetime:
+        """When ``request`` counts as lost: after its own gateway's wait when that is longer than this one's."""
+        own = own_wait_s(request.body)
+        wait = timedelta(seconds=own) if own is not None and own > self._lost_after.total_seconds() \
+            else self._lost_after
+        return request.created_at + wait
+
+    def _deferred_ends(self, now: datetime) -> list[AuditEntry]:
+        """End the entries kept aside whose own wait is over and that still have no end."""
+        due = [entry for moment, entry in self._deferred if moment <= now]
+        if not due:
+            return []
+        self._deferred = [(moment, entry) for moment, entry in self._deferred if moment > now]
+        ended = []
+        for position, entry in enumerate(due):
+            try:
+                if self._audit.terminal_for(entry.request_id) is None and self._end(entry):
+                    ended.append(entry)
+            except BaseException:  # looked at again next sweep, with those not reached yet
+                self._deferred.extend((self._due(left), left) for left in due[position:])
+                raise
         return ended
 
     def _end(self, request: AuditEntry) -> bool:
@@ -124,8 +177,8 @@ class LostRequestSweep:
                                model=request.model, body=lost_body(), policy_revision=request.policy_revision)
         except DuplicateTerminalError:  # another gateway's sweep or a late worker ended it first
             return False
-        log.warning("request %s was accepted but never queued (its gateway stopped): recorded as failed (%s)",
-                    request_id, LOST_CODE)
+        log.warning("request %s was accepted and has no end after its time (never queued, or its job or end "
+                    "was lost): recorded as failed (%s)", request_id, LOST_CODE)
         return True
 
 

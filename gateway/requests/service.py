@@ -53,7 +53,8 @@ class CompletionService:
                  admission_concurrency: int = 0, admission_wait_s: float = 5.0,
                  output_rules: OutputRules | None = None, model_health: ModelHealth | None = None,
                  timeout_grace_s: float = STOP_GRACE_S, end_retry_interval_s: float = 5.0,
-                 end_retry_horizon_s: float = 86400.0, admitted_keys: AdmittedKeys | None = None) -> None:
+                 end_retry_horizon_s: float = 86400.0, admitted_keys: AdmittedKeys | None = None,
+                 lost_after_s: float | None = None) -> None:
         request_log = RequestLog(audit, current_revision=lambda: policy.revision, digester=digester,
                                  pending=pending)
         self.request_log = request_log
@@ -61,7 +62,8 @@ class CompletionService:
                                    redis=redis, digester=digester, default_max_tokens=default_max_tokens,
                                    max_queued_per_model=max_queued_per_model, queue_mode=queue_mode,
                                    concurrency=admission_concurrency, gate_wait_s=admission_wait_s,
-                                   model_health=model_health, request_timeout_s=request_timeout_s)
+                                   model_health=model_health, request_timeout_s=request_timeout_s,
+                                   lost_after_s=lost_after_s)
         self.runner = TicketRunner(dispatcher=dispatcher, waiter=waiter, redis=redis, counters=counters,
                                    request_log=request_log, digester=digester, request_timeout_s=request_timeout_s,
                                    output_rules=output_rules, stop_grace_s=timeout_grace_s,

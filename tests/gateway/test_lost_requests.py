@@ -68,11 +68,15 @@ def sweep_of(store: AuditStore, pending: PendingTerminals) -> LostRequestSweep:
     return LostRequestSweep(store, pending, lost_after_s=LOST_AFTER_S, lookback_s=86400)
 
 
-def request_entry(store: AuditStore, *, allow: bool = True, admitted: bool | None = True) -> AuditEntry:
-    """A request entry shaped as admission writes it (prompt logged in full)."""
+def request_entry(store: AuditStore, *, allow: bool = True, admitted: bool | None = True,
+                  own_wait_s: float | None = None) -> AuditEntry:
+    """A request entry shaped as admission writes it (prompt logged in full); ``own_wait_s``: its gateway's
+    ``lost_after_s`` (None: an entry written before the field)."""
     admission: dict[str, Any] | None = None
     if admitted is not None:
         admission = {"admitted": admitted, "reserved_tokens": 40, "prompt_tokens": 8, "waiting": 0}
+        if own_wait_s is not None:
+            admission["lost_after_s"] = own_wait_s
     body = {"endpoint": "completions", "key_id": "k1", "roles": ["analyst"], "purpose": None, "stream": False,
             "params": {"max_tokens": 32}, "requested_max_tokens": 32,
             "decision": {"allow": allow, "reasons": [] if allow else [{"code": "denied", "message": "no"}],
@@ -158,6 +162,27 @@ async def test_sweeping_again_or_from_another_gateway_writes_nothing_twice(store
     for entry in entries:
         kinds = ["request", "failed"] if entry in lost else ["request"]
         assert [e.kind for e in store.entries_for(entry.request_id)] == kinds
+
+
+async def test_a_request_of_a_gateway_that_waits_longer_is_swept_only_after_its_own_wait(store, pending,
+                                                                                         counters):
+    """A replica with a shorter request timeout ended another's live requests ``gateway_lost`` (probe s57 D1):
+    the sweep now waits for the longer of its own wait and the one the request entry records."""
+    longer = request_entry(store, own_wait_s=LOST_AFTER_S + 100)
+    shorter = request_entry(store, own_wait_s=1.0)  # its gateway's own sweep is quicker: not this one's business
+    ends_meanwhile = request_entry(store, own_wait_s=LOST_AFTER_S + 100)
+    sweep = sweep_of(store, pending)
+
+    assert await sweep_once(sweep, counters, after_lost_age(ends_meanwhile)) == [shorter]
+    for waiting in (longer, ends_meanwhile):
+        assert store.entries_for(waiting.request_id) == [waiting]  # still running, by its own gateway's count
+    store.append("completion", ends_meanwhile.request_id, principal="alice", team="research", model="tiny",
+                 body={"output": "x"}, policy_revision="rev-1")
+    assert await sweep_once(sweep, counters, after_lost_age(longer, 99.0 - 1.0)) == []  # not yet
+    assert await sweep_once(sweep, counters, after_lost_age(ends_meanwhile, 101.0)) == [longer]
+    assert [e.kind for e in store.entries_for(longer.request_id)] == ["request", "failed"]
+    assert [e.kind for e in store.entries_for(ends_meanwhile.request_id)] == ["request", "completion"]
+    assert await sweep_once(sweep, counters, after_lost_age(ends_meanwhile, 200.0)) == []
 
 
 async def test_the_loop_outlives_a_database_it_cannot_read(tmp_path, pending, counters, caplog):

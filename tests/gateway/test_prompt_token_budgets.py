@@ -11,6 +11,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
+from gateway.requests.lost_requests import lost_after_s
 from gateway.limits.charge import prompt_tokens_to_hold, used_tokens
 from tests.conftest import bearer, policy_copy
 from tests.keys_and_limits import limits_for, new_key
@@ -58,6 +59,9 @@ async def test_prompt_heavy_requests_spend_the_daily_budget(settings, worker, au
     first = audit_store.entries_for(served[0].headers["x-govgate-request-id"])[0]
     assert first.body["admission"]["reserved_tokens"] == p + 1
     assert first.body["admission"]["prompt_tokens"] == p
+    # the wait before any gateway's sweep may end it as lost is its own gateway's (probe s57 D1)
+    assert first.body["admission"]["lost_after_s"] == lost_after_s(
+        own.request_timeout_s, own.generation_time_limit_s, own.redelivery_margin_s)
 
 
 async def test_tokens_per_minute_count_the_prompt(settings, worker, tmp_path):
