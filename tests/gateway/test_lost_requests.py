@@ -104,6 +104,8 @@ async def test_an_accepted_request_never_queued_ends_failed_gateway_lost(store, 
     assert [e.kind for e in entries] == ["request", "failed"]
     failed = entries[1]
     assert failed.body["error"]["code"] == LOST_CODE and "before queueing" in failed.body["error"]["message"]
+    # nor does it claim more than the sweep knows: a job or end Redis lost ends the same way (probe s57 D3)
+    assert "or its job or its end was lost with the gateway or with Redis" in failed.body["error"]["message"]
     assert (failed.principal, failed.team, failed.model, failed.policy_revision) == \
         (lost.principal, lost.team, lost.model, lost.policy_revision)
     assert PROMPT not in str(failed.body)
