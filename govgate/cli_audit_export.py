@@ -69,10 +69,23 @@ def _once(*decls: str, **attrs: Any) -> Callable[[Callable[..., Any]], Callable[
                         default=(default,) if default is not None else (), **attrs)
 
 
+#: What the CLI adds to the API's refusal of a moment it cannot read: the periods the CLI reads too (probe s56 C).
+PERIODS_TOO = ", or a period back from now (30d, 12h, 30m, 2w)"
+
+
 def _moment(option: str, text: str | None) -> str | None:
     """``--since``/``--until`` as the shared filter reads them: a period (``30d``, ``12h``) made the moment that
-    long ago; anything else is passed on as given, to be read (or refused) as the API reads it."""
-    if text is None or not _PERIOD.fullmatch(text.strip()):
+    long ago; anything else is passed on as given, to be read as the API reads it, and refused in the API's
+    words and :data:`PERIODS_TOO`."""
+    if text is None:
+        return None
+    if not _PERIOD.fullmatch(text.strip()):
+        from audit.filters import FilterError, parse_time
+
+        try:
+            parse_time(option.removeprefix("--"), text)
+        except FilterError as exc:
+            raise FilterUsageError(f"{option}: {exc.message.rstrip('.')}{PERIODS_TOO}") from None
         return text
     from gateway.replay import parse_since
 
@@ -126,10 +139,7 @@ def audit_export(since: str, until: str | None, team: str | None, principal: str
         where = entry_filter(principal=principal, team=team, model=model, request_id=request_id, kind=kinds,
                              decision=decision, reason=reason, read_of=read_of, since=since, until=until, q=text)
     except FilterError as exc:
-        message = exc.message
-        if exc.param in ("since", "until"):  # the API's words; here a period works too (_moment)
-            message = f"{message.rstrip('.')}, or a period back from now (30d, 12h, 30m, 2w)"
-        raise FilterUsageError(f"{OPTIONS[exc.param]}: {message}") from None
+        raise FilterUsageError(f"{OPTIONS[exc.param]}: {exc.message}") from None
     if where.until is None:
         where = replace(where, until=datetime.now(timezone.utc))
     engine = audit_engine()
