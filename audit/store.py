@@ -170,6 +170,15 @@ class AuditStore:
         """Every entry of one request, oldest first."""
         return self._fetch(select(audit_table).where(_t.request_id == request_id).order_by(_t.seq))
 
+    def request_entries(self, request_ids: Sequence[str]) -> dict[str, AuditEntry]:
+        """The ``request`` entries of ``request_ids`` that exist, by request id (through its index)."""
+        found: dict[str, AuditEntry] = {}
+        ids = list(dict.fromkeys(request_ids))
+        for start in range(0, len(ids), 500):  # (a bound on the statement's parameters)
+            stmt = select(audit_table).where(_t.kind == REQUEST, _t.request_id.in_(ids[start:start + 500]))
+            found.update((entry.request_id, entry) for entry in self._fetch(stmt))
+        return found
+
     def requests_without_terminal(self, *, before: datetime, after: datetime | None = None,
                                   page_after: AuditEntry | None = None, limit: int = 100) -> list[AuditEntry]:
         """``request`` entries created in ``[after, before)`` whose request has no terminal entry.

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any
 from gateway.limits.catalogue import LIMIT_NAMES, RETRYABLE_CODES, USAGE_LIMITS, UsageLimit
 
 if TYPE_CHECKING:
-    from gateway.limits.counters import (CountersReply, CountersUnavailable, QueueAtLimit, QueueCheck, Refusal,
-                                         Reservation, Scope, TeamPlaces, UsageCounters)
+    from gateway.limits.counters import (CountersReply, CountersUnavailable, HeldRecord, QueueAtLimit, QueueCheck,
+                                         Refusal, Reservation, Scope, TeamPlaces, UsageCounters)
 
 # Imported on first use: the decision parser reads the catalogue in the
 # policy's evaluator processes, which must not pay for redis (~100 ms).
-_COUNTERS_API = {"CountersReply", "CountersUnavailable", "QueueAtLimit", "QueueCheck", "Refusal", "Reservation",
-                 "Scope", "TeamPlaces", "UsageCounters"}
+_COUNTERS_API = {"CountersReply", "CountersUnavailable", "HeldRecord", "QueueAtLimit", "QueueCheck", "Refusal",
+                 "Reservation", "Scope", "TeamPlaces", "UsageCounters"}
 
 
 def __getattr__(name: str) -> Any:
@@ -32,6 +32,7 @@ __all__ = [
     "USAGE_LIMITS",
     "CountersReply",
     "CountersUnavailable",
+    "HeldRecord",
     "QueueAtLimit",
     "QueueCheck",
     "Refusal",

@@ -17,10 +17,11 @@ import asyncio
 import calendar
 import functools
 import hashlib
+import re
 import time
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Sequence
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
@@ -98,6 +99,25 @@ class Reservation:
     def from_dict(cls, data: dict[str, Any]) -> "Reservation":
         return cls(str(data["request_id"]), tuple(Scope(s["kind"], s["name"]) for s in data["scopes"]),
                    int(data["tokens"]), float(data["at"]), data.get("admitting"))
+
+
+@dataclass(frozen=True)
+class HeldRecord:
+    """A reservation its request's record still holds, as read from the principal's counters hash by a
+    caller that knows nothing else of the request (``gateway/requests/unrecorded.py``).
+
+    The names are spelt as the keys spell them (escaped, maybe hashed), since
+    that is all the record has and all giving it back needs. ``team_key`` is
+    None for a principal without a team, and for a record written before
+    records named the team (2026-12-06): that one is given back in the
+    principal's scope only, and its team's slot frees at its TTL.
+    """
+
+    request_id: str
+    principal_key: str
+    team_key: str | None
+    tokens: int
+    at: float
 
 
 @dataclass(frozen=True)
@@ -186,6 +206,27 @@ def _periods_of_day(day_number: int) -> _Periods:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a Redis glob pattern that matches only itself (a prefix may hold ``[``, ``*``...)."""
+    return re.sub(r"([\\\[\]*?])", r"\\\1", text)
+
+
+def _held_record(request_id: str, principal_key: str, record: str, before_us: int) -> HeldRecord | None:
+    """A request's record ('reserved tokens time(µs) [team]') as a :class:`HeldRecord` when it still
+    holds a reservation made before ``before_us``; None otherwise (ended, younger, or unreadable)."""
+    parts = record.split(" ")
+    if len(parts) < 3 or parts[0] != "reserved":
+        return None
+    try:
+        tokens, at_us = int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
+    if at_us >= before_us:
+        return None
+    return HeldRecord(request_id, principal_key, parts[3] if len(parts) > 3 and parts[3] else None, tokens,
+                      at_us / _US)
 
 
 def _positive(text: str) -> float | None:
@@ -350,8 +391,11 @@ class UsageCounters:
     # The key layout is a table in docs/architecture.md, "Usage counters"; all
     # keys share the hash tag, so one script may touch them on Redis Cluster.
     def _scope_keys(self, scope: Scope) -> list[str]:
-        base = f"{self._tag}:{scope.kind[0]}:{_escape(scope.name)}"
-        return [f"{base}:{name}" for name in scripts.SCOPE_KEYS]
+        return self._keys_of(scope.kind[0], _escape(scope.name))
+
+    def _keys_of(self, kind: str, escaped: str) -> list[str]:
+        """The keys of the scope of kind ``kind`` ('p' or 't') whose escaped name is ``escaped``."""
+        return [f"{self._tag}:{kind}:{escaped}:{name}" for name in scripts.SCOPE_KEYS]
 
     @staticmethod
     def _scopes(principal: str, team: str | None) -> tuple[Scope, ...]:
@@ -385,7 +429,7 @@ class UsageCounters:
             raise _unavailable(exc) from exc
         if record is None:
             return None
-        state, tokens, at = _text(record).split(" ")
+        state, tokens, at = _text(record).split(" ")[:3]  # (a reserved one's team may follow)
         if state != "reserved":
             return None
         return Reservation(request_id, self._scopes(principal, team), int(tokens), int(at) / _US)
@@ -537,22 +581,80 @@ class UsageCounters:
         await self._finish(reservation, "undone", 0, now)
 
     async def _finish(self, reservation: Reservation, mode: str, actual: int, now: float | None, *,
-                      bar: bool = False) -> None:
-        periods = _Periods.at(round(reservation.at * _US))
-        keys = [self._record_key(reservation.request_id)]
-        keys += [k for s in reservation.scopes for k in self._scope_keys(s)]
-        if mode != "settled" and reservation.admitting:
-            # a request given back before it was queued frees its place in the queue with it (a settled one
-            # was queued: its push took the place back, so a settle sends no HDEL)
-            keys.append(reservation.admitting)
+                      bar: bool = False) -> bool:
+        scope_keys = [k for s in reservation.scopes for k in self._scope_keys(s)]
+        # a request given back before it was queued frees its place in the queue with it (a settled one
+        # was queued: its push took the place back, so a settle sends no HDEL)
+        admitting = reservation.admitting if mode != "settled" else None
+        return await self._finish_keys(reservation.request_id, scope_keys, admitting, mode, actual, now,
+                                       reservation.tokens, reservation.at, bar=bar)
+
+    async def _finish_keys(self, request_id: str, scope_keys: list[str], admitting: str | None, mode: str,
+                           actual: int, now: float | None, tokens: int, at: float, *, bar: bool = False) -> bool:
+        """The finish script on the scopes whose keys are ``scope_keys``; True if it changed the record."""
+        periods = _Periods.at(round(at * _US))
+        keys = [self._record_key(request_id), *scope_keys]
+        if admitting:
+            keys.append(admitting)
         # a bar's tombstone is looked for by every reserve of the principal while it lives: it lives as
         # long as an in-flight slot (a reserve that arrives later would hold an expired one anyway)
         ttl_ms = self._fly_ttl_us // 1000 if bar else _RECORD_TTL_MS
-        args = [_micros(now), _WINDOW_US, len(reservation.scopes), reservation.request_id, mode, actual,
-                ttl_ms, periods.day, periods.month, reservation.tokens, round(reservation.at * _US)]
+        args = [_micros(now), _WINDOW_US, len(scope_keys) // len(scripts.SCOPE_KEYS), request_id, mode, actual,
+                ttl_ms, periods.day, periods.month, tokens, round(at * _US)]
         if bar:
             args.append("1")
-        await self._run(scripts.FINISH, keys, args)
+        return await self._run(scripts.FINISH, keys, args) == 1
+
+    # the reservations nobody recorded (gateway/requests/unrecorded.py)
+
+    async def held_records(self, *, before: float, page: int = 100) -> AsyncIterator[list[HeldRecord]]:
+        """The reservations still held that were made before ``before`` (Unix s), by page of principals.
+
+        Off the request path: a SCAN of the principals' counters hashes, then
+        one HSCAN of each (a page's in one pipeline) for its ``r:`` records, so
+        a look costs the principals with counters, not their requests. Raises
+        :class:`CountersUnavailable` when Redis does not answer.
+        """
+        before_us = _micros(before)
+        prefix, suffix = f"{self._tag}:p:", f":{scripts.SCOPE_KEYS[1]}"
+        pattern = _glob_escape(prefix) + "*" + suffix
+
+        async def read(keys: list[bytes]) -> list[HeldRecord]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hscan(key, 0, match="r:*", count=1000)
+                replies = await pipe.execute()
+            found = []
+            for key, (cursor, fields) in zip(keys, replies):
+                if cursor:  # a hash too large for one reply: all of it, again
+                    fields = {f: v async for f, v in self._client.hscan_iter(key, match="r:*", count=1000)}
+                principal_key = _text(key)[len(prefix):-len(suffix)]
+                for field, value in fields.items():
+                    held = _held_record(_text(field)[2:], principal_key, _text(value), before_us)
+                    if held is not None:
+                        found.append(held)
+            return found
+
+        try:
+            keys: list[bytes] = []
+            async for key in self._client.scan_iter(match=pattern, count=1000):
+                keys.append(key)
+                if len(keys) == page:
+                    found, keys = await read(keys), []
+                    if found:
+                        yield found
+            if keys and (found := await read(keys)):
+                yield found
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+
+    async def give_back_held(self, held: HeldRecord, *, now: float | None = None) -> bool:
+        """Undo a reservation :meth:`held_records` read, in its principal's and team's scopes; False when it
+        was settled, released or undone meanwhile (nothing to give back)."""
+        scope_keys = self._keys_of("p", held.principal_key)
+        if held.team_key is not None:
+            scope_keys += self._keys_of("t", held.team_key)
+        return await self._finish_keys(held.request_id, scope_keys, None, "undone", 0, now, held.tokens, held.at)
 
     def finish_later(self, reservation: Reservation, mode: str, actual_tokens: int = 0, *,
                      failed: BaseException | None = None) -> None:

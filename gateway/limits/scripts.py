@@ -46,10 +46,10 @@ local WID = 'w:' .. ID
 -- read apart by score. Its name cannot be a window entry's: request ids never
 -- begin with a NUL (gateway.limits.counters refuses them).
 local FID = '\0' .. ID
--- The request's record ('state tokens time(µs)'): a field of the first scope's (the principal's)
--- counters hash, read and written with its counters (no command of its own), deleted with its window
--- entry once the request has ended; KEYS[1], a key of its own, holds a tombstone (a release of a
--- request never reserved) or a record an older gateway wrote.
+-- The request's record ('state tokens time(µs)', and a reserved one's team, if it has one: RECORD): a
+-- field of the first scope's (the principal's) counters hash, read and written with its counters (no
+-- command of its own), deleted with its window entry once the request has ended; KEYS[1], a key of its
+-- own, holds a tombstone (a release of a request never reserved) or a record an older gateway wrote.
 local RID = 'r:' .. ID
 
 -- The two keys of scope i (they follow the request record, KEYS[1]).
@@ -147,7 +147,14 @@ _ADMIT = _PRELUDE + PLACES_LUA + """
 local MODE = ARGV[5]
 local TOKENS = tonumber(ARGV[6])
 local CUTOFF = NOW - WINDOW
+-- A request's record names its team when it has one (the team's keys' escaped name: KEYS[4] is
+-- '<tag>:t:<name>:win', gateway/limits/counters.py), so that a reservation whose gateway died before
+-- recording the request can be given back in both scopes by any gateway (gateway/requests/unrecorded.py)
 local RECORD = 'reserved ' .. ARGV[6] .. ' ' .. ARGV[1]
+if NSCOPES == 2 then
+  local team = string.match(KEYS[4], ':t:([^:]+):win$')
+  if team then RECORD = RECORD .. ' ' .. team end
+end
 local FIRST = 8  -- window entries read at once: the oldest in-window one and what left since the last call
 local LAZY = 4   -- fewer entries than this that left the window are counted out but deleted later, together
 
@@ -459,7 +466,7 @@ if MODE ~= 'reserve' then
   return reply(scopes, waiting, {'snapshot'})
 end
 if held then
-  local state, tokens, at = string.match(held, '^(%S+) (%S+) (%S+)$')
+  local state, tokens, at = string.match(held, '^(%S+) (%S+) (%S+)')  -- (then maybe the team)
   for i = 1, NSCOPES do
     local s = scopes[i]
     flush(s)
