@@ -208,6 +208,9 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+_RESERVED = (b"reserved ", "reserved ")  # a record's beginning while it holds a reservation (bytes or str)
+
+
 def _glob_escape(text: str) -> str:
     """``text`` as a Redis glob pattern that matches only itself (a prefix may hold ``[``, ``*``...)."""
     return re.sub(r"([\\\[\]*?])", r"\\\1", text)
@@ -630,8 +633,9 @@ class UsageCounters:
                     fields = {f: v async for f, v in self._client.hscan_iter(key, match="r:*", count=1000)}
                 principal_key = _text(key)[len(prefix):-len(suffix)]
                 for field, value in fields.items():
-                    held = _held_record(_text(field)[2:], principal_key, _text(value), before_us)
-                    if held is not None:
+                    # (most records are of ended requests, kept until their window entry leaves: skipped unread)
+                    if value[:9] in _RESERVED and \
+                            (held := _held_record(_text(field)[2:], principal_key, _text(value), before_us)):
                         found.append(held)
             return found
 

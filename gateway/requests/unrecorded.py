@@ -46,14 +46,32 @@ from gateway.requests.lost_requests import was_admitted
 
 log = logging.getLogger(__name__)
 
-#: How old a reservation must be before its request's missing entry means its gateway died. An admission
-#: writes its entry within its policy decision and the database's busy timeout, seconds; one that has not
-#: within ADMITTING_TTL_S has lost its place in the queue already; twice that leaves room for clocks.
+#: The least age of a reservation before its request's missing entry means its gateway died: an admission
+#: that has not queued its request within ADMITTING_TTL_S has lost its place in the queue already; twice
+#: that leaves room for clocks. Longer when the settings let an admission take longer (unrecorded_after_s).
 UNRECORDED_AFTER_S = 2 * ADMITTING_TTL_S
+#: Beyond the longest an admission may take between its reservation and its entry: clocks, Redis calls.
+MARGIN_S = 60.0
 #: Seconds between two looks (one gateway of all looks each time).
 LOOK_INTERVAL_S = 30.0
 #: The lock that lets one gateway look per interval.
 LOOK_LOCK_KEY = "govgate:unrecorded:look"
+
+
+def unrecorded_after_s(*, policy_wait_timeout_s: float, policy_timeout_s: float,
+                       database_busy_timeout_s: float) -> float:
+    """How old a reservation must be before a request entry that is still missing means its gateway died.
+
+    The longest an admission may take from its (early) reservation to its
+    entry: a wait for a free evaluator, the evaluation, and the entry's
+    append, which waits up to the busy timeout behind a backlog and then up
+    to the busy timeout itself; a margin on top, and never less than
+    :data:`UNRECORDED_AFTER_S`. Reservations are undone on the looking
+    gateway's figure: replicas whose settings differ (during a rolling
+    change) should look with the longest.
+    """
+    longest = policy_wait_timeout_s + policy_timeout_s + 2 * database_busy_timeout_s
+    return max(UNRECORDED_AFTER_S, longest + MARGIN_S)
 
 
 async def give_back_unrecorded(counters: UsageCounters, audit: AuditStore, *, now: float | None = None,

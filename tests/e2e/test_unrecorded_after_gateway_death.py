@@ -11,7 +11,7 @@ connection) so that the request entry waits, and the gateway is killed
 with SIGKILL while it does. The look that gives the reservation back is
 the one a gateway runs (``gateway/requests/unrecorded.py``), on the same
 Redis and database, with its clock moved past the look's bar rather than
-waiting two minutes.
+waiting the two minutes.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from audit import AuditStore
 from gateway.db_setup import open_database
 from gateway.limits import UsageCounters
-from gateway.requests.unrecorded import LOOK_LOCK_KEY, UNRECORDED_AFTER_S, give_back_unrecorded
+from gateway.requests.unrecorded import LOOK_LOCK_KEY, give_back_unrecorded, unrecorded_after_s
 from tests.conftest import bearer, policy_copy, serving
 from tests.keys_and_limits import limits_for, new_key
 from tests.own_redis import own_redis  # noqa: F401  (fixture)
@@ -48,11 +48,18 @@ def _scopes(url: str, principal: str, team: str) -> list[dict]:
     return asyncio.run(read())
 
 
-def _give_back(url: str, audit: AuditStore) -> list:
+def _give_back(settings, audit: AuditStore) -> list:
+    """One look as the gateway of ``settings`` makes it, its clock moved past its bar."""
+    bar = unrecorded_after_s(policy_wait_timeout_s=settings.policy_wait_timeout_s,
+                             policy_timeout_s=settings.policy_timeout_s,
+                             database_busy_timeout_s=settings.database_busy_timeout_s)
+
     async def look() -> list:
-        client = aioredis.Redis.from_url(url)
+        client = aioredis.Redis.from_url(settings.redis_url)
         try:
-            return await give_back_unrecorded(UsageCounters(client), audit, now=time.time() + UNRECORDED_AFTER_S + 5)
+            counters = UsageCounters(client)
+            assert await give_back_unrecorded(counters, audit, now=time.time() + bar - 5, after_s=bar) == []
+            return await give_back_unrecorded(counters, audit, now=time.time() + bar + 5, after_s=bar)
         finally:
             await client.aclose()
     return asyncio.run(look())
@@ -101,7 +108,7 @@ def test_a_reservation_its_killed_gateway_never_recorded_is_given_back(own_redis
         assert audit.entries_for(request_id) == []  # never recorded
         held = [{"in_flight": 1, "tokens_today": s["tokens_today"]} for s in _scopes(own.redis_url, user, team)]
         assert _scopes(own.redis_url, user, team) == held and held[0]["tokens_today"] >= 8  # max_tokens at least
-        given = _give_back(own.redis_url, audit)
+        given = _give_back(own, audit)
         assert [(h.request_id, h.principal_key, h.team_key) for h in given] == [(request_id, user, team)]
         assert _scopes(own.redis_url, user, team) == [{"in_flight": 0, "tokens_today": 0}] * 2
         assert audit.entries_for(request_id) == []  # nothing was written for it: it was never decided

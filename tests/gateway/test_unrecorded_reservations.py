@@ -18,7 +18,7 @@ from audit import AuditStore
 from audit.db import make_engine
 from gateway.limits import UsageCounters
 from gateway.observability.metrics import REGISTRY
-from gateway.requests.unrecorded import give_back_unrecorded, give_back_unrecorded_forever
+from gateway.requests.unrecorded import give_back_unrecorded, give_back_unrecorded_forever, unrecorded_after_s
 from tests.conftest_models import store  # noqa: F401 - fixture (a fresh migrated SQLite store)
 from tests.gateway.test_usage_admit import client, counters  # noqa: F401 - fixtures
 
@@ -147,3 +147,9 @@ async def test_the_look_runs_only_while_its_gateway_holds_the_lock(counters, cli
     finally:
         look.cancel()
         await asyncio.gather(look, return_exceptions=True)
+
+
+def test_the_bar_is_the_longest_an_admission_may_take_to_record_its_request_and_a_minute() -> None:
+    assert unrecorded_after_s(policy_wait_timeout_s=5, policy_timeout_s=0.5, database_busy_timeout_s=30) == 125.5
+    assert unrecorded_after_s(policy_wait_timeout_s=1, policy_timeout_s=0.5, database_busy_timeout_s=5) == 120
+    assert unrecorded_after_s(policy_wait_timeout_s=5, policy_timeout_s=0.5, database_busy_timeout_s=600) == 1265.5
