@@ -32,7 +32,7 @@ from gateway.policy import PolicyEngine, open_policy_engine
 from gateway.policy.reloader import ReloadingPolicyEngine
 from gateway.policy.shares import SharePublisher
 from gateway.requests.lost_requests import LostRequestSweep, lost_after_s, sweep_lost_requests
-from gateway.requests.unrecorded import give_back_unrecorded_forever, unrecorded_after_s
+from gateway.requests.stale_reservations import end_stale_reservations_forever, stale_after_s
 from gateway.requests.unsettled import settle_unsettled_forever
 from gateway.requests.output_rules import OutputRules
 from gateway.requests.policy_trial import policy_trial
@@ -175,12 +175,11 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
                             lost_after_s=lost_after)
     sweeper = asyncio.create_task(sweep_lost_requests(lost, counters), name="govgate-lost-requests")
     settler = asyncio.create_task(settle_unsettled_forever(client, counters, audit_store), name="govgate-unsettled")
-    unrecorded_after = unrecorded_after_s(policy_wait_timeout_s=settings.policy_wait_timeout_s,
-                                          policy_timeout_s=settings.policy_timeout_s,
-                                          database_busy_timeout_s=settings.database_busy_timeout_s)
-    unrecorded = asyncio.create_task(give_back_unrecorded_forever(client, counters, audit_store,
-                                                                  after_s=unrecorded_after),
-                                     name="govgate-unrecorded-reservations")
+    stale_after = stale_after_s(policy_wait_timeout_s=settings.policy_wait_timeout_s,
+                                policy_timeout_s=settings.policy_timeout_s,
+                                database_busy_timeout_s=settings.database_busy_timeout_s)
+    stale = asyncio.create_task(end_stale_reservations_forever(client, counters, audit_store, after_s=stale_after),
+                                name="govgate-stale-reservations")
     shares = SharePublisher(client, policy, tick_s=settings.policy_reload_interval_s or 2.0)
     policy.on_reload(shares.poke)
     principals = PrincipalCache(ttl_s=settings.auth_cache_ttl_s, max_entries=settings.auth_cache_size)
@@ -210,7 +209,7 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
             completions=completions, auth=Authenticator(keys, principals), checkpointer=checkpointer,
         )
     finally:
-        await stop_tasks([retrier, sweeper, settler, unrecorded])
+        await stop_tasks([retrier, sweeper, settler, stale])
         await model_health.aclose()
         await shares.aclose()
         pending_client.close()

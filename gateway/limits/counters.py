@@ -104,7 +104,7 @@ class Reservation:
 @dataclass(frozen=True)
 class HeldRecord:
     """A reservation its request's record still holds, as read from the principal's counters hash by a
-    caller that knows nothing else of the request (``gateway/requests/unrecorded.py``).
+    caller that knows nothing else of the request (``gateway/requests/stale_reservations.py``).
 
     The names are spelt as the keys spell them (escaped, maybe hashed), since
     that is all the record has and all giving it back needs. ``team_key`` is
@@ -608,7 +608,7 @@ class UsageCounters:
             args.append("1")
         return await self._run(scripts.FINISH, keys, args) == 1
 
-    # the reservations nobody recorded (gateway/requests/unrecorded.py)
+    # the reservations held past their request (gateway/requests/stale_reservations.py)
 
     async def held_records(self, *, before: float, page: int = 100) -> AsyncIterator[list[HeldRecord]]:
         """The reservations still held that were made before ``before`` (Unix s), by page of principals.
@@ -652,13 +652,17 @@ class UsageCounters:
         except (RedisError, OSError) as exc:
             raise _unavailable(exc) from exc
 
-    async def give_back_held(self, held: HeldRecord, *, now: float | None = None) -> bool:
-        """Undo a reservation :meth:`held_records` read, in its principal's and team's scopes; False when it
-        was settled, released or undone meanwhile (nothing to give back)."""
+    async def finish_held(self, held: HeldRecord, mode: str, actual_tokens: int = 0, *,
+                          now: float | None = None) -> bool:
+        """Undo, release or settle (``mode`` as :meth:`finish_later`'s) a reservation :meth:`held_records`
+        read, in its principal's and team's scopes; False when it was ended meanwhile (nothing changed)."""
+        if mode not in ("settled", "released", "undone"):
+            raise ValueError(f"mode must be 'settled', 'released' or 'undone', not {mode!r}")
         scope_keys = self._keys_of("p", held.principal_key)
         if held.team_key is not None:
             scope_keys += self._keys_of("t", held.team_key)
-        return await self._finish_keys(held.request_id, scope_keys, None, "undone", 0, now, held.tokens, held.at)
+        return await self._finish_keys(held.request_id, scope_keys, None, mode, actual_tokens, now, held.tokens,
+                                       held.at)
 
     def finish_later(self, reservation: Reservation, mode: str, actual_tokens: int = 0, *,
                      failed: BaseException | None = None) -> None:

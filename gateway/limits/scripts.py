@@ -149,7 +149,7 @@ local TOKENS = tonumber(ARGV[6])
 local CUTOFF = NOW - WINDOW
 -- A request's record names its team when it has one (the team's keys' escaped name: KEYS[4] is
 -- '<tag>:t:<name>:win', gateway/limits/counters.py), so that a reservation whose gateway died before
--- recording the request can be given back in both scopes by any gateway (gateway/requests/unrecorded.py)
+-- recording the request can be given back in both scopes by any gateway (gateway/requests/stale_reservations.py)
 local RECORD = 'reserved ' .. ARGV[6] .. ' ' .. ARGV[1]
 if NSCOPES == 2 then
   local team = string.match(KEYS[4], ':t:([^:]+):win$')

@@ -60,9 +60,10 @@ QUEUE_WITHDRAWN_WAIT_SECONDS = Histogram(
     "govgate_queue_withdrawn_wait_seconds", "Time a job had waited in its model's queue when this gateway took it "
     "back unstarted (its request timed out, its client left, the gateway stopped): the waits the worker-measured "
     "govgate_queue_wait_seconds never sees.", ["model"], buckets=_SLOW, registry=REGISTRY)
-UNRECORDED_RESERVATIONS = Counter(
-    "govgate_unrecorded_reservations", "Reservations this gateway gave back because their request was never "
-    "recorded admitted: its gateway died between reserving and recording it (gateway/requests/unrecorded.py).",
+STALE_RESERVATIONS = Counter(
+    "govgate_stale_reservations", "Reservations this gateway ended because their request never would, by kind: "
+    "unrecorded (undone: its gateway died between reserving and recording it) or unsettled (settled to its end: "
+    "its settle was lost with its gateway or with Redis) (gateway/requests/stale_reservations.py).", ["kind"],
     registry=REGISTRY)
 TOKENS = Counter(
     "govgate_tokens", "Tokens of the requests this gateway served, by model and kind (prompt, completion).",

@@ -9,7 +9,7 @@ Real parts: ``govgate serve`` on a Redis and a SQLite database of the test's
 own; the database's write lock is held (``BEGIN IMMEDIATE`` in another
 connection) so that the request entry waits, and the gateway is killed
 with SIGKILL while it does. The look that gives the reservation back is
-the one a gateway runs (``gateway/requests/unrecorded.py``), on the same
+the one a gateway runs (``gateway/requests/stale_reservations.py``), on the same
 Redis and database, with its clock moved past the look's bar rather than
 waiting the two minutes.
 """
@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from audit import AuditStore
 from gateway.db_setup import open_database
 from gateway.limits import UsageCounters
-from gateway.requests.unrecorded import LOOK_LOCK_KEY, give_back_unrecorded, unrecorded_after_s
+from gateway.requests.stale_reservations import LOOK_LOCK_KEY, UNRECORDED, end_stale_reservations, stale_after_s
 from tests.conftest import bearer, policy_copy, serving
 from tests.keys_and_limits import limits_for, new_key
 from tests.own_redis import own_redis  # noqa: F401  (fixture)
@@ -50,16 +50,16 @@ def _scopes(url: str, principal: str, team: str) -> list[dict]:
 
 def _give_back(settings, audit: AuditStore) -> list:
     """One look as the gateway of ``settings`` makes it, its clock moved past its bar."""
-    bar = unrecorded_after_s(policy_wait_timeout_s=settings.policy_wait_timeout_s,
-                             policy_timeout_s=settings.policy_timeout_s,
-                             database_busy_timeout_s=settings.database_busy_timeout_s)
+    bar = stale_after_s(policy_wait_timeout_s=settings.policy_wait_timeout_s,
+                        policy_timeout_s=settings.policy_timeout_s,
+                        database_busy_timeout_s=settings.database_busy_timeout_s)
 
     async def look() -> list:
         client = aioredis.Redis.from_url(settings.redis_url)
         try:
             counters = UsageCounters(client)
-            assert await give_back_unrecorded(counters, audit, now=time.time() + bar - 5, after_s=bar) == []
-            return await give_back_unrecorded(counters, audit, now=time.time() + bar + 5, after_s=bar)
+            assert await end_stale_reservations(counters, audit, now=time.time() + bar - 5, after_s=bar) == []
+            return await end_stale_reservations(counters, audit, now=time.time() + bar + 5, after_s=bar)
         finally:
             await client.aclose()
     return asyncio.run(look())
@@ -84,7 +84,7 @@ def test_a_reservation_its_killed_gateway_never_recorded_is_given_back(own_redis
     with serving(own, tmp_path / "serve.log") as base:
         deadline = time.monotonic() + 30
         while not client.exists(LOOK_LOCK_KEY):  # the gateway looks as it starts, and holds the look's lock
-            assert time.monotonic() < deadline, "the gateway never looked for unrecorded reservations"
+            assert time.monotonic() < deadline, "the gateway never looked for stale reservations"
             time.sleep(0.05)
         lock = sqlite3.connect(database, isolation_level=None, timeout=30)
         lock.execute("BEGIN IMMEDIATE")  # the request entry waits for the database
@@ -109,7 +109,8 @@ def test_a_reservation_its_killed_gateway_never_recorded_is_given_back(own_redis
         held = [{"in_flight": 1, "tokens_today": s["tokens_today"]} for s in _scopes(own.redis_url, user, team)]
         assert _scopes(own.redis_url, user, team) == held and held[0]["tokens_today"] >= 8  # max_tokens at least
         given = _give_back(own, audit)
-        assert [(h.request_id, h.principal_key, h.team_key) for h in given] == [(request_id, user, team)]
+        assert [(kind, h.request_id, h.principal_key, h.team_key) for kind, h in given] == [
+            (UNRECORDED, request_id, user, team)]
         assert _scopes(own.redis_url, user, team) == [{"in_flight": 0, "tokens_today": 0}] * 2
         assert audit.entries_for(request_id) == []  # nothing was written for it: it was never decided
     finally:
