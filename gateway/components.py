@@ -148,7 +148,10 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
     waiter = ResultWaiter(client, sealer, recorded_ends=recorded_ends)
     warn_if_redelivery_is_late(settings)
     dispatcher = Dispatcher(client, expires_s=settings.request_timeout_s, sealer=sealer, mode=settings.queue_mode)
-    counters = UsageCounters(client, in_flight_ttl_s=in_flight_ttl_s(settings))
+    stale_after = stale_after_s(policy_wait_timeout_s=settings.policy_wait_timeout_s,
+                                policy_timeout_s=settings.policy_timeout_s,
+                                database_busy_timeout_s=settings.database_busy_timeout_s)
+    counters = UsageCounters(client, in_flight_ttl_s=in_flight_ttl_s(settings), record_wait_s=stale_after)
     pending_client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     pending = PendingTerminals(pending_client, horizon_s=settings.terminal_retry_horizon_s,
                                seal=sealer.seal, unseal=sealer.unseal)
@@ -175,9 +178,6 @@ async def build_components(settings: Settings, *, policy: PolicyEngine | None = 
                             lost_after_s=lost_after)
     sweeper = asyncio.create_task(sweep_lost_requests(lost, counters), name="govgate-lost-requests")
     settler = asyncio.create_task(settle_unsettled_forever(client, counters, audit_store), name="govgate-unsettled")
-    stale_after = stale_after_s(policy_wait_timeout_s=settings.policy_wait_timeout_s,
-                                policy_timeout_s=settings.policy_timeout_s,
-                                database_busy_timeout_s=settings.database_busy_timeout_s)
     stale = asyncio.create_task(end_stale_reservations_forever(client, counters, audit_store, after_s=stale_after),
                                 name="govgate-stale-reservations")
     shares = SharePublisher(client, policy, tick_s=settings.policy_reload_interval_s or 2.0)

@@ -17,6 +17,7 @@ import asyncio
 import calendar
 import functools
 import hashlib
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -111,6 +112,8 @@ class HeldRecord:
     None for a principal without a team, and for a record written before
     records named the team (2026-12-06): that one is given back in the
     principal's scope only, and its team's slot frees at its TTL.
+    ``wait_s``: how long the reserving gateway may take to record an admitted
+    request (its ``record_wait_s``; None: not said, a record from before).
     """
 
     request_id: str
@@ -118,6 +121,7 @@ class HeldRecord:
     team_key: str | None
     tokens: int
     at: float
+    wait_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -217,19 +221,21 @@ def _glob_escape(text: str) -> str:
 
 
 def _held_record(request_id: str, principal_key: str, record: str, before_us: int) -> HeldRecord | None:
-    """A request's record ('reserved tokens time(µs) [team]') as a :class:`HeldRecord` when it still
-    holds a reservation made before ``before_us``; None otherwise (ended, younger, or unreadable)."""
+    """A request's record ('reserved tokens time(µs) wait(s) [team]', or from before 2026-12-06 'reserved
+    tokens time(µs)') as a :class:`HeldRecord` when it still holds a reservation made before ``before_us``;
+    None otherwise (ended, younger, or unreadable)."""
     parts = record.split(" ")
     if len(parts) < 3 or parts[0] != "reserved":
         return None
     try:
         tokens, at_us = int(parts[1]), int(parts[2])
+        wait_s = float(parts[3]) if len(parts) > 3 and parts[3] != "-" else None
     except ValueError:
         return None
     if at_us >= before_us:
         return None
-    return HeldRecord(request_id, principal_key, parts[3] if len(parts) > 3 and parts[3] else None, tokens,
-                      at_us / _US)
+    team = parts[4] if len(parts) > 4 and parts[4] else None
+    return HeldRecord(request_id, principal_key, team, tokens, at_us / _US, wait_s)
 
 
 def _positive(text: str) -> float | None:
@@ -373,11 +379,17 @@ class UsageCounters:
     """Per-principal and per-team usage, checked and recorded atomically."""
 
     def __init__(self, client: aioredis.Redis, *, prefix: str = "govgate:usage",
-                 in_flight_ttl_s: float = 900, admitting_ttl_s: float = ADMITTING_TTL_S) -> None:
+                 in_flight_ttl_s: float = 900, admitting_ttl_s: float = ADMITTING_TTL_S,
+                 record_wait_s: float | None = None) -> None:
         """``admitting_ttl_s``: how long an admitted request holds its place in the queue unqueued
-        before it is no longer counted (``gateway/limits/admitting.py``)."""
+        before it is no longer counted (``gateway/limits/admitting.py``). ``record_wait_s``: how long this
+        gateway may take from a reservation to its request's entry, kept in each reservation's record so
+        that another gateway does not take it for stale sooner (``gateway/requests/stale_reservations.py``)."""
         if in_flight_ttl_s <= 0 or admitting_ttl_s <= 0:
             raise ValueError("in_flight_ttl_s and admitting_ttl_s must be positive")
+        if record_wait_s is not None and not 0 < record_wait_s < float("inf"):
+            raise ValueError("record_wait_s must be positive and finite")
+        self._record_wait = "-" if record_wait_s is None else str(math.ceil(record_wait_s))
         self._client = client
         self._tag = "{" + prefix + "}"
         self._fly_ttl_us = round(in_flight_ttl_s * _US)
@@ -385,6 +397,11 @@ class UsageCounters:
         # give-backs that could not be made at once (a cancelled or failed reserve, a release that
         # failed), retried until Redis answers; after the in-flight TTL a held slot has expired anyway
         self._later = LaterCalls((CountersUnavailable,), give_up_after_s=in_flight_ttl_s)
+
+    @property
+    def record_wait_s(self) -> float | None:
+        """How long this gateway may take from a reservation to its request's entry (None: not said)."""
+        return None if self._record_wait == "-" else float(self._record_wait)
 
     # keys
 
@@ -510,7 +527,7 @@ class UsageCounters:
                 replaced.month, "fair" if queue is not None and queue.team is not None else "",
                 queue.team if queue is not None and queue.team is not None else "",
                 queue.worker_prefix if queue is not None else "", now_us + self._hold_ttl_us if place else "",
-                *limit_args]
+                self._record_wait, *limit_args]
         try:
             reply = await self._run(scripts.ADMIT, keys, args)
         except asyncio.CancelledError:

@@ -46,7 +46,7 @@ local WID = 'w:' .. ID
 -- read apart by score. Its name cannot be a window entry's: request ids never
 -- begin with a NUL (gateway.limits.counters refuses them).
 local FID = '\0' .. ID
--- The request's record ('state tokens time(µs)', and a reserved one's team, if it has one: RECORD): a
+-- The request's record ('state tokens time(µs)', and a reserved one's wait and team: RECORD): a
 -- field of the first scope's (the principal's) counters hash, read and written with its counters (no
 -- command of its own), deleted with its window entry once the request has ended; KEYS[1], a key of its
 -- own, holds a tombstone (a release of a request never reserved) or a record an older gateway wrote.
@@ -132,8 +132,8 @@ _ADMIT = _PRELUDE + PLACES_LUA + """
 -- 16 queue limit (-1: none), 17 '1': replace a reservation this request holds (18, 19: its day and month),
 -- 20 'fair' (the queue keys are fair share's) or '', 21 the team's field in the waiting hash,
 -- 22 the model's members' prefix in the live workers' set, 23 until when (µs) an admitted request holds
--- its place in the admitting hash ('': it takes none, an early reservation), 24.. five limits per scope
--- (-1: none).
+-- its place in the admitting hash ('': it takes none, an early reservation), 24 how long (s) its gateway
+-- may take to record an admitted request ('-': not said), 25.. five limits per scope (-1: none).
 -- The queue's depth counts the admitting hash's live places with the queue's jobs: a request admitted
 -- after its decision but not yet queued holds its place (its team's, in fair mode) from its reservation on.
 -- An early reservation is made before the policy decides (gateway/requests/admission.py): it is checked
@@ -147,10 +147,11 @@ _ADMIT = _PRELUDE + PLACES_LUA + """
 local MODE = ARGV[5]
 local TOKENS = tonumber(ARGV[6])
 local CUTOFF = NOW - WINDOW
--- A request's record names its team when it has one (the team's keys' escaped name: KEYS[4] is
--- '<tag>:t:<name>:win', gateway/limits/counters.py), so that a reservation whose gateway died before
--- recording the request can be given back in both scopes by any gateway (gateway/requests/stale_reservations.py)
-local RECORD = 'reserved ' .. ARGV[6] .. ' ' .. ARGV[1]
+-- A request's record says how long its gateway may take to record it (ARGV[24]) and names its team when
+-- it has one (the team's keys' escaped name: KEYS[4] is '<tag>:t:<name>:win', gateway/limits/counters.py),
+-- so that any gateway can tell when a reservation whose gateway died before recording the request is
+-- stale, and end it in both scopes (gateway/requests/stale_reservations.py).
+local RECORD = 'reserved ' .. ARGV[6] .. ' ' .. ARGV[1] .. ' ' .. (ARGV[24] or '-')
 if NSCOPES == 2 then
   local team = string.match(KEYS[4], ':t:([^:]+):win$')
   if team then RECORD = RECORD .. ' ' .. team end
@@ -480,7 +481,7 @@ local need = {1, TOKENS, TOKENS, TOKENS, 1}
 for i = 1, NSCOPES do
   local s = scopes[i]
   for j = 1, 5 do
-    local limit = tonumber(ARGV[23 + (i - 1) * 5 + j])
+    local limit = tonumber(ARGV[24 + (i - 1) * 5 + j])
     if limit >= 0 and s.usage[j] + need[j] > limit then
       local w = wait(j, s, s.usage[j], limit)
       if best == nil or w > best[5] then best = {i, j, limit, s.usage[j], w} end

@@ -63,6 +63,7 @@ from gateway.requests.decision_checks import checked_decision
 from gateway.requests.fit import PromptCounter, check_fits
 from gateway.requests.hidden_models import (SeenModels, answered_record, as_answered,
                                             model_not_found)
+from gateway.requests.kept_reservation import refuse_if_given_back
 from gateway.requests.minute_wait import needs_minute_wait, with_minute_wait
 from gateway.requests.parsing import parse_body
 from gateway.requests.policy_input import build_input, prompt_text, without_prompt
@@ -314,10 +315,13 @@ class Admission:
                               messages=messages, prompt=prompt, stream=request.stream,
                               prompt_logging=decision.obligations.prompt_logging,
                               redact=[item.to_document() for item in decision.obligations.redact or ()])
-            return Ticket(request_id=request_id, principal=principal, model=spec.name, created=created, job=job,
-                          priority=decision.obligations.priority, include_usage=request.include_usage,
-                          reservation=admission.reservation, policy_input=without_prompt(verdict.policy_input),
-                          decision=decision, place_check=admission.place_check)
+            ticket = Ticket(request_id=request_id, principal=principal, model=spec.name, created=created, job=job,
+                            priority=decision.obligations.priority, include_usage=request.include_usage,
+                            reservation=admission.reservation, policy_input=without_prompt(verdict.policy_input),
+                            decision=decision, place_check=admission.place_check)
+            # an admission slow enough that another gateway may have taken its reservation for stale
+            await refuse_if_given_back(self.counters, self.request_log, ticket)
+            return ticket
 
     async def _read_bytes(self, request_id: str, principal: Principal, endpoint: str,
                           read_body: Callable[[], Awaitable[bytes]]) -> bytes:

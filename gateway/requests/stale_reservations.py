@@ -79,7 +79,9 @@ def stale_after_s(*, policy_wait_timeout_s: float, policy_timeout_s: float, data
     to the busy timeout itself; a margin on top, and never less than
     :data:`STALE_AFTER_S`. Reservations are ended on the looking gateway's
     figure: replicas whose settings differ (during a rolling change) should
-    look with the longest.
+    look with the longest: each reservation's record keeps its own gateway's
+    figure (``UsageCounters``'s ``record_wait_s``), and a look waits for the
+    longer of the two.
     """
     longest = policy_wait_timeout_s + policy_timeout_s + 2 * database_busy_timeout_s
     return max(STALE_AFTER_S, longest + MARGIN_S)
@@ -107,6 +109,12 @@ async def end_stale_reservations(counters: UsageCounters, audit: AuditStore, *, 
     settled_before = datetime.fromtimestamp(now, timezone.utc) - timedelta(seconds=MARGIN_S)
     ended: list[tuple[str, HeldRecord]] = []
     async for page in counters.held_records(before=now - after_s):
+        # the reserving gateway's own figure when longer (probe s58 E F2: a replica with a short busy timeout
+        # undid the reservation of another's admission that waited for the database, which was then served
+        # uncounted)
+        page = [held for held in page if now - held.at > (held.wait_s or 0)]
+        if not page:
+            continue
         try:
             requests, ends = await anyio.to_thread.run_sync(_ends, audit, [held.request_id for held in page])
         except AuditError as exc:

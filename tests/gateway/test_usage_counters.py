@@ -542,8 +542,9 @@ async def test_the_record_is_a_field_of_the_principals_hash_and_goes_with_its_wi
         reservation = await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T)
         assert isinstance(reservation, Reservation)
         field = f"r:{reservation.request_id}"
-        # (a reserved record names its team: a reservation nobody recorded is given back in both scopes)
-        assert await client.hget(principal_hash, field) == f"reserved 10 {round(T * 1e6)} team-a".encode()
+        # (a reserved record keeps its gateway's wait, '-' unsaid, and names its team: a reservation nobody
+        # recorded is given back in both scopes)
+        assert await client.hget(principal_hash, field) == f"reserved 10 {round(T * 1e6)} - team-a".encode()
         assert not await client.exists(counters._record_key(reservation.request_id))
         assert not await client.hexists(team_hash, field)
         await counters.settle(reservation, 7, now=T + 1)
@@ -563,7 +564,8 @@ async def test_a_request_longer_than_the_window_keeps_its_record_until_it_ends(
     for _ in range(5):
         await counters.settle(await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T), 10, now=T)
     await counters.reserve(rid(), "alice", "team-a", everything, 10, now=T + 61)  # prunes the five and long's entry
-    assert await client.hget(principal_hash, f"r:{long.request_id}") == f"reserved 10 {round(T * 1e6)} team-a".encode()
+    assert await client.hget(principal_hash, f"r:{long.request_id}") == \
+        f"reserved 10 {round(T * 1e6)} - team-a".encode()
     assert await counters.held(long.request_id, "alice", "team-a") == long
     await counters.settle(long, 4, now=T + 70)
     assert not await client.hexists(principal_hash, f"r:{long.request_id}")  # its window entry is gone: so is it
