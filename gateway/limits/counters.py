@@ -449,7 +449,7 @@ class UsageCounters:
             raise _unavailable(exc) from exc
         if record is None:
             return None
-        state, tokens, at = _text(record).split(" ")[:3]  # (a reserved one's team may follow)
+        state, tokens, at = _text(record).split(" ")[:3]  # (a reserved one's wait and team follow)
         if state != "reserved":
             return None
         return Reservation(request_id, self._scopes(principal, team), int(tokens), int(at) / _US)

@@ -467,7 +467,7 @@ if MODE ~= 'reserve' then
   return reply(scopes, waiting, {'snapshot'})
 end
 if held then
-  local state, tokens, at = string.match(held, '^(%S+) (%S+) (%S+)')  -- (then maybe the team)
+  local state, tokens, at = string.match(held, '^(%S+) (%S+) (%S+)')  -- (then its wait and maybe its team)
   for i = 1, NSCOPES do
     local s = scopes[i]
     flush(s)
