@@ -264,6 +264,9 @@ class RedisJobChannel:
         self._next_check = now + CANCEL_CHECK_INTERVAL_S
         try:
             state = self._client.get(self._cancel_key)
+            if state is None:  # Redis came back without its data mid-job: claim the job again, so that its
+                # gateway's look for lost jobs (gateway/dispatch/lost_jobs.py) sees it running
+                self._client.set(self._cancel_key, JOB_STARTED, ex=CANCEL_TTL_S, nx=True)
             self._stopped_by_rules = state == STOP_CONTENT_FILTER
             self._stopped_by_timeout = state == STOP_TIMED_OUT
             self._stopped_by_revocation = state == STOP_KEY_REVOKED

@@ -115,7 +115,7 @@ _RETRY_AFTER = header("Seconds to wait before trying again; absent when no wait 
                       "needs more than a token limit).", {"type": "integer", "minimum": 0}, required=False)
 _CHALLENGE = header("Always 'Bearer'.", {"type": "string"})
 _UNAVAILABLE_RETRY_AFTER = header("Seconds to wait before trying again: with `policy_unavailable`, "
-                                  "`model_unavailable` and an output withheld for `policy_unavailable`.",
+                                  "`model_unavailable`, `queue_lost` and an output withheld for `policy_unavailable`.",
                                   {"type": "integer", "minimum": 0}, required=False)
 
 #: 431, as every route answers it: the bound on a request's head is the HTTP layer's (gateway/http_head.py),
@@ -158,7 +158,9 @@ _COMPLETION_ERRORS: dict[int, tuple[str, dict[str, OpenAPIHeader]]] = {
           "a dependency is down, so the request was refused; nothing is served unaudited or uncounted. "
           "`policy_unavailable` (with `Retry-After`): no policy decision could be had in time (capacity, "
           "not permission). `model_unavailable` (with `Retry-After` and `x-should-retry: false`): the model has no "
-          "live worker and its last worker could not load it; nothing was queued, and only an operator can mend it.",
+          "live worker and its last worker could not load it; nothing was queued, and only an operator can mend it. "
+          "`queue_lost` (with `Retry-After`): the job waited in a Redis that came back without its data; nothing "
+          "was generated or charged.",
           {"Retry-After": _UNAVAILABLE_RETRY_AFTER,
            "x-should-retry": header("'false' on `model_unavailable`: an operator must act, an automatic retry "
                                     "only waits.", {"type": "string", "enum": ["false"]}, required=False)}),

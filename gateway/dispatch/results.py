@@ -25,6 +25,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Collection
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.dispatch.lost_jobs import LOST_LOOKS_S, found, lost_outcome
+from gateway.dispatch.redis_epoch import RedisEpoch
 from gateway.task_stop import stop_task
 from workers.contract.jobs import REPLY_PIECE, REPLY_RESULT, open_piece, open_result, parse_reply, result_key
 from workers.contract.output_check import REPLY_OUTPUT, OutputReport
@@ -76,8 +78,11 @@ class _Inbox:
         self._wake: asyncio.Future[None] | None = None
         #: An output report (or the fallback standing for a lost one) was put here.
         self.reported = False
+        #: Anything was put here: its job is alive (no lost-job look needs to ask Redis for it).
+        self.heard = False
 
     def put(self, item: Any) -> None:
+        self.heard = True
         if isinstance(item, (OutputReport, FoundFallback)):
             self.reported = True
         self.items.append(item)
@@ -108,6 +113,10 @@ class PendingResult:
         self.task_id = task_id
         self._future = future
         self._pieces = pieces
+
+    def queued(self, key: str, message: str) -> None:
+        """Note where the job waits (its list, its message as pushed): a lost-job look asks Redis for it."""
+        self._waiter._queued[self.task_id] = (key, message)
 
     def backlog(self) -> int:
         """Pieces (and reports) received but not yet read."""
@@ -185,6 +194,11 @@ class ResultWaiter:
         self._reply_channel = f"govgate:gateway:{uuid.uuid4().hex}"
         #: Set by the connection's connect callback: stored outcomes must be read.
         self._reconnected = False
+        #: Whether a reconnect finds the data Redis held before (:mod:`gateway.dispatch.redis_epoch`).
+        self._epoch = RedisEpoch(client)
+        #: Where each queued job waits (:meth:`PendingResult.queued`), for :meth:`_look_for_lost_jobs`.
+        self._queued: dict[str, tuple[str, str]] = {}
+        self._lost_looks: asyncio.Task | None = None
 
     @property
     def reply_channel(self) -> str:
@@ -194,11 +208,13 @@ class ResultWaiter:
     async def start(self) -> None:
         # Subscribed before any job names the channel, and for the process's life.
         await self._pubsub.subscribe(self._reply_channel)
+        await self._epoch.note()
         self._listener = asyncio.create_task(self._listen(), name="govgate-result-listener")
 
     async def aclose(self) -> None:
         await stop_task(self._listener)
         await stop_task(self._end_looks)
+        await stop_task(self._lost_looks)
         for future in self._pending.values():
             if not future.done():
                 future.cancel()
@@ -231,6 +247,7 @@ class ResultWaiter:
             if self._pending.get(task_id) is future:
                 del self._pending[task_id]
                 self._handed_over.discard(task_id)
+                self._queued.pop(task_id, None)
             if self._streams.get(task_id) is pieces:
                 self._streams.pop(task_id, None)
 
@@ -411,6 +428,7 @@ class ResultWaiter:
         try:
             await self._check_stored(list(self._pending))
             await self._look_for_fallbacks()
+            lost = await self._epoch.lost()  # last: a failure before it has it asked again
         except (RedisError, OSError) as exc:
             log.warning("cannot read stored outcomes yet (%s); trying again", exc)
             self._reconnected = True
@@ -419,6 +437,45 @@ class ResultWaiter:
         if self._recorded_ends is not None:
             await stop_task(self._end_looks)  # a reconnect again: its looks start over
             self._end_looks = asyncio.create_task(self._look_for_ends(), name="govgate-recorded-ends")
+        if lost:
+            waiting = [task_id for task_id, future in self._pending.items() if not future.done()]
+            log.warning("Redis came back without the data it held (restarted empty?): the jobs of %d waiting "
+                        "requests are looked for in %s s", len(waiting), " and ".join(f"{s:g}" for s in LOST_LOOKS_S))
+            await stop_task(self._lost_looks)
+            self._lost_looks = asyncio.create_task(self._look_for_lost_jobs(waiting), name="govgate-lost-jobs")
+
+    def _unanswered(self, task_id: str) -> bool:
+        """Whether ``task_id``'s wait is still open and has heard nothing from its worker."""
+        future = self._pending.get(task_id)
+        inbox = self._streams.get(task_id)
+        return future is not None and not future.done() and (inbox is None or not inbox.heard)
+
+    async def _look_for_lost_jobs(self, waiting: list[str]) -> None:
+        """Answer the waits (of those open when Redis came back empty) whose job Redis no longer holds.
+
+        See :mod:`gateway.dispatch.lost_jobs`: a job neither in its list nor begun at every one of
+        :data:`LOST_LOOKS_S` is given :func:`lost_outcome`. A wait not yet queued when Redis came back
+        pushed its job to this Redis, and is found there.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        candidates = set(waiting)
+        for after in LOST_LOOKS_S:
+            await asyncio.sleep(max(0.0, started + after - loop.time()))
+            jobs = {task_id: self._queued[task_id] for task_id in candidates
+                    if self._unanswered(task_id) and task_id in self._queued}
+            if not jobs:
+                return
+            try:
+                candidates = set(jobs) - await found(self._client, jobs)
+            except (RedisError, OSError) as exc:  # Redis away again: its reconnect looks again
+                log.warning("cannot look for the jobs Redis may have lost (%s)", exc)
+                return
+        for task_id in candidates:
+            future = self._pending.get(task_id)
+            if future is not None and self._unanswered(task_id):
+                log.warning("the job of request %s was lost with Redis's data: no worker will run it", task_id)
+                self._settle(task_id, future, lost_outcome())
 
     async def _look_for_ends(self) -> None:
         """Answer the waits whose request ended while Redis lost its worker's outcome.

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from audit import AuditEntry
 from gateway.dispatch import Dispatcher, QueueUnavailable, ResultTimeout, ResultWaiter
 from gateway.dispatch.queue import NoPlace, Queued
+from gateway.dispatch.lost_jobs import is_lost
 from gateway.dispatch.results import FoundFallback, PendingResult
 from gateway.api_errors import ApiError
 from gateway.drain import Cut, Drain
@@ -41,7 +42,8 @@ from gateway.requests.fallback_drops import FallbackDrops
 from gateway.requests.handed_over import HandedOver, handed_over_tokens
 from gateway.requests.holdback import HoldBack
 from gateway.requests.output_rules import OutputRules
-from gateway.requests.refusals import QUEUE_FULL, QUEUE_UNAVAILABLE_MESSAGE, QueueFull, worker_error
+from gateway.requests.refusals import (QUEUE_FULL, QUEUE_LOST, QUEUE_UNAVAILABLE_MESSAGE, QueueFull, queue_lost,
+                                       worker_error)
 from gateway.requests.request_log import RequestLog
 from gateway.requests.stream_events import StreamEvents
 from gateway.requests.ticket import Ticket
@@ -111,6 +113,7 @@ class TicketRunner:
             try:
                 async with self.waiter.expect(ticket.request_id, checked=checked, handed_over=checked) as pending:
                     queued = await self._enqueue(ticket, output_rule_absent=unruled, gateway_records=checked)
+                    pending.queued(queued.key, queued.message)
                     hold = self.output_rules.hold() if self.output_rules is not None and checked else None
                     try:
                         outcome = self.wait_for_outcome(ticket, pending, hold, self.request_timeout_s)
@@ -176,6 +179,7 @@ class TicketRunner:
                 pending = await stack.enter_async_context(self.waiter.expect(ticket.request_id, stream=True,
                                                                              checked=checked))
                 queued = await self._enqueue(ticket, output_rule_absent=unruled)
+                pending.queued(queued.key, queued.message)
             except NoPlace as exc:
                 raise await self.no_place(ticket, exc) from None
             except (QueueUnavailable, RedisError, OSError) as exc:
@@ -288,10 +292,14 @@ class TicketRunner:
                                           used_tokens(winner.body.get("usage")) if winner is not None else None)
             raise ApiError(504, "timed_out", "The request expired in the queue before a worker could take it.")
         message = _raised(meta.get("result"))
-        winner = await self.request_log.end(ticket, "failed", {"error": {"code": "worker_error", "message": message}})
+        # a job Redis lost (gateway/dispatch/lost_jobs.py): 503 queue_lost, worth a retry; else a worker's failure
+        code = QUEUE_LOST if is_lost(meta) else "worker_error"
+        winner = await self.request_log.end(ticket, "failed", {"error": {"code": code, "message": message}})
         if winner is not None:  # this failure (502 worker_error, nothing charged), or an end written before it
             return await self.answered_by(ticket, winner)
         await self.settlements.settle(ticket, None)
+        if code == QUEUE_LOST:
+            raise queue_lost()
         raise ApiError(502, "worker_error", "The model worker failed on this request; it has been logged.")
 
     async def answered_by(self, ticket: Ticket, winner: AuditEntry) -> JobResult:

@@ -80,6 +80,8 @@ MODEL_UNAVAILABLE_RETRY_S = 60
 
 USAGE_UNAVAILABLE_MESSAGE = ("Usage limits cannot be checked right now (Redis is unavailable), so the request was "
                              "refused. Try again shortly.")
+#: A job Redis lost before any worker ran it (it came back without its data: gateway/dispatch/lost_jobs.py).
+QUEUE_LOST = "queue_lost"
 QUEUE_UNAVAILABLE_MESSAGE = "The request queue is unavailable; nothing was generated. Try again shortly."
 
 
@@ -213,8 +215,17 @@ class ModelUnavailable:
 AdmissionRefusal = Union[ContextTooLong, UsageUnavailable, OverLimit, QueueFull, ModelUnavailable]
 
 
+def queue_lost() -> ApiError:
+    """The answer to a request whose job Redis lost: nothing ran, nothing was charged, a retry is queued afresh."""
+    return ApiError(503, QUEUE_LOST, "The request queue lost this request's job before a worker ran it (Redis "
+                    "came back without its data). Nothing was generated or charged; try again.",
+                    headers={"Retry-After": "1"})
+
+
 def worker_error(result: JobResult) -> ApiError:
     code = result.error.get("code", "worker_error")
+    if code == QUEUE_LOST:
+        return queue_lost()
     message = result.error.get("message", "")
     if result.status == "timed_out" and code == "expired":  # never ran: a later try may find the queue shorter
         return ApiError(504, "timed_out", "The request expired in the queue before a worker could take it; "
