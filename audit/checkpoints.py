@@ -89,8 +89,10 @@ class Checkpoint:
             key, signature, created = doc["key_id"], doc["signature"], doc["created_at"]
         except KeyError as exc:
             raise CheckpointFileError(f"checkpoint lacks {exc.args[0]!r}") from None
-        if type(seq) is not int or seq < 1 or type(closing) is not bool:
-            raise CheckpointFileError("checkpoint 'seq' must be a positive integer and 'closing' a boolean")
+        if type(seq) is not int or not 1 <= seq <= MAX_SEQ or type(closing) is not bool:  # a seq past a database's
+            # integers crashed verify's look-up (probe s59 F7)
+            raise CheckpointFileError(f"checkpoint 'seq' must be an integer from 1 to {MAX_SEQ} and 'closing' a "
+                                      "boolean")
         if not all(isinstance(v, str) for v in (head_hash, key, signature, created)):
             raise CheckpointFileError("checkpoint 'head_hash', 'key_id', 'signature', 'created_at' must be strings")
         try:
@@ -101,6 +103,10 @@ class Checkpoint:
             raise CheckpointFileError(f"checkpoint 'created_at' is not a UTC timestamp as signed: {created!r}") from None
         return cls(seq=seq, head_hash=head_hash, created_at=created_at, closing=closing, key_id=key,
                    signature=signature)
+
+
+#: The largest seq a store holds (a signed 64-bit integer, SQLite's and PostgreSQL's ``bigint``).
+MAX_SEQ = 2**63 - 1
 
 
 def sign_checkpoint(key: SigningKey, seq: int, head_hash: str, *, closing: bool = False,

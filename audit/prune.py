@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Callable
 
-from sqlalchemy import func, null, select, update
+from sqlalchemy import func, null, or_, select, update
 
 from . import stall_watch
 from .chain import format_timestamp
@@ -77,6 +77,7 @@ def prune_payloads(store: AuditStore, before: datetime, *, batch: int = 500,
     engine = store.engine
     boundary = store.boundary_seq() or 0  # no boundary: no format-2 entry, nothing erasable
     erased, first_seq, last_seq, after = 0, None, None, boundary
+    foreign = 0
     try:
         # Entries before the boundary (the boundary itself, chain_format, holds no text); without one, every entry.
         format_1 = _t.seq < boundary if boundary else _t.seq > 0
@@ -109,20 +110,31 @@ def prune_payloads(store: AuditStore, before: datetime, *, batch: int = 500,
                     if type(last) is int and last > recorded:
                         recorded = last
                 unrecorded = (_t.seq > max(boundary, recorded), _t.payload.is_(None), _t.payload_digest.is_not(None))
+                # Only erasures this run's date allows are taken on: an entry created at or after it lost its
+                # payload by someone else's hand (probe s59 F3: a database writer's erasure was recorded as the
+                # next prune's own), and stays for verify to report.
                 count, low, high = conn.execute(select(func.count(), func.min(_t.seq), func.max(_t.seq))
-                                                .where(*unrecorded)).one()
+                                                .where(*unrecorded, _t.created_at < before)).one()
+                foreign = conn.execute(select(func.count()).select_from(audit_table)
+                                       .where(*unrecorded, _t.created_at >= before)).scalar_one()
             if count:
                 erased, first_seq, last_seq = count, low, high
     except DB_ERRORS as exc:
         raise AuditError(f"audit prune failed on {describe(engine)} after erasing {erased} payloads: "
                          f"{reason(exc)}") from exc
+    if foreign:
+        not_ours = (f"{foreign} entries created on or after {format_timestamp(before)} lost their payload outside "
+                    "any prune: not recorded as erased here (`govgate audit verify` reports them)")
     if not erased:
-        return PruneResult(before, 0, None, None, skipped, None)
+        return PruneResult(before, 0, None, None, skipped, None, not_ours if foreign else None)
     entry = store.append(PAYLOADS_ERASED, f"prune-{uuid.uuid4().hex}", principal=None, team=None, model=None,
                          body={"before": format_timestamp(before), "count": erased, "first_seq": first_seq,
                                "last_seq": last_seq, "skipped_format_1": skipped},
                          policy_revision=None)
-    return PruneResult(before, erased, first_seq, last_seq, skipped, entry, _reclaim(store))
+    warning = _reclaim(store)
+    if foreign:
+        warning = f"{not_ours}; {warning}" if warning else not_ours
+    return PruneResult(before, erased, first_seq, last_seq, skipped, entry, warning)
 
 
 def _reclaim(store: AuditStore) -> str | None:
@@ -175,13 +187,13 @@ def unrecorded_erasures(store: AuditStore, *, shown: int = 10) -> ErasureCheck:
             return ErasureCheck(0, [], 0)
         with engine.connect() as conn:
             ranges: list[tuple[int, int]] = []
-            records = 0
-            for body in conn.execute(select(_t.body).where(_t.kind == PAYLOADS_ERASED)).scalars():
-                records += 1
+            records: list[_Record] = []
+            for record_seq, body in conn.execute(select(_t.seq, _t.body).where(_t.kind == PAYLOADS_ERASED)):
                 first = body.get("first_seq") if isinstance(body, dict) else None
                 last = body.get("last_seq") if isinstance(body, dict) else None
                 if type(first) is int and type(last) is int and first <= last:
                     ranges.append((first, last))
+                    records.append(_Record(record_seq, first, last, _moment(body.get("before"))))
             merged: list[list[int]] = []
             for first, last in sorted(ranges):
                 if merged and first <= merged[-1][1] + 1:
@@ -193,6 +205,50 @@ def unrecorded_erasures(store: AuditStore, *, shown: int = 10) -> ErasureCheck:
             count = conn.execute(select(func.count()).select_from(audit_table).where(*outside)).scalar_one()
             seqs = list(conn.execute(select(_t.seq).where(*outside).order_by(_t.seq).limit(shown)).scalars()) \
                 if count else []
+            # Inside a record's range but not its to erase: created on or after its date, or after the record
+            # itself (probe s59 F3). Legitimate prunes leave none, so each record's look finds nothing; what
+            # one finds counts unless another record covers it.
+            erased = (_t.payload.is_(None), _t.payload_digest.is_not(None))
+            suspects: dict[int, datetime] = {}
+            for record in records:
+                late = _t.seq >= record.seq if record.before is None else \
+                    or_(_t.seq >= record.seq, _t.created_at >= record.before)
+                for seq, created_at in conn.execute(select(_t.seq, _t.created_at).where(
+                        _t.seq.between(record.first, record.last), _t.seq > boundary, *erased, late)):
+                    suspects[seq] = _aware(created_at)
+            uncovered = sorted(seq for seq, created_at in suspects.items()
+                               if not any(r.covers(seq, created_at) for r in records))
     except DB_ERRORS as exc:
         raise AuditError(f"cannot check the erased payloads in {describe(engine)}: {reason(exc)}") from exc
-    return ErasureCheck(count, seqs, records)
+    return ErasureCheck(count + len(uncovered), sorted(seqs + uncovered)[:shown], len(records))
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """A ``payloads_erased`` entry: it may stand for the erasure of the entries ``first..last`` before it
+    (``seq``) created before ``before`` (None: a record without a readable date covers none by time)."""
+
+    seq: int
+    first: int
+    last: int
+    before: datetime | None
+
+    def covers(self, seq: int, created_at: datetime) -> bool:
+        return self.first <= seq <= self.last and seq < self.seq and self.before is not None \
+            and created_at < self.before
+
+
+def _moment(value: object) -> datetime | None:
+    """A record's ``before`` (``format_timestamp``'s text), or None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
+def _aware(moment: datetime) -> datetime:
+    """A stored ``created_at`` as an aware UTC time (SQLite gives it back naive)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)

@@ -52,24 +52,82 @@ def _signing_key():  # -> audit.signing.SigningKey
 
 
 def _refuse_to_vouch_for_a_rewrite(engine: Any, public_key: Any) -> None:
-    """Refuse to sign when a stored checkpoint no longer holds (as the gateway's checkpointer refuses), or the
-    one this host's gateways last vouched for is gone (:func:`memory_problem`): signing the head then would
-    vouch for a chain rewritten or cut below it."""
-    from audit import AuditError
-    from audit.checkpoints import CheckpointStore
+    """Refuse to sign when a stored checkpoint or closing mark no longer holds (as the gateway's checkpointer
+    refuses), when the one this host's gateways last vouched for is gone (:func:`memory_problem`): signing the
+    head then would vouch for a chain rewritten or cut below it; or when the entries after the latest
+    checkpoint are ones a gateway's start would name in a ``chain_anomaly`` (:func:`unvouched_tail`).
 
+    Until 2026-12-06 only the stored checkpoints were held (probe s59 F1, F2): a chain rewritten above its
+    last checkpoint, whose closing mark no longer held, or entries appended while no gateway ran, were
+    signed by a scheduled ``audit checkpoint`` and passed ``verify`` after it, with no anomaly recorded.
+    """
+    from audit import AuditError
+    from audit.checkpoints import CheckpointRowError, CheckpointStore
+
+    store = CheckpointStore(engine)
     try:
-        for checkpoint, entry_hash in CheckpointStore(engine).with_entry_hashes():
+        for checkpoint, entry_hash in store.with_entry_hashes():
             if entry_hash != checkpoint.head_hash:
                 raise click.ClickException(
                     f"refusing to sign: the stored checkpoint of entry {checkpoint.seq} no longer matches the chain "
                     "(rewritten or cut below it); run `govgate audit verify`")
+        for mark, entry_hash in store.closing_marks():
+            if entry_hash != mark.head_hash:
+                raise click.ClickException(
+                    f"refusing to sign: the closing mark of entry {mark.seq} (a gateway's stop) no longer matches "
+                    "the chain (rewritten or cut below it); run `govgate audit verify`")
         problem = memory_problem(engine, public_key)
-    except AuditError as exc:
+        tail = unvouched_tail(store)
+    except (AuditError, CheckpointRowError) as exc:
         raise click.ClickException(f"refusing to sign: the stored checkpoints cannot be read: {exc}") from None
     if problem is not None:
         raise click.ClickException(f"refusing to sign: {problem}; a gateway's next start names it in a "
                                    "chain_anomaly entry (run `govgate audit verify`)")
+    if tail is not None:
+        raise click.ClickException(f"refusing to sign: {tail}")
+
+
+def unvouched_tail(store: Any) -> str | None:
+    """Why the entries after the latest checkpoint must not be signed by a command, or None.
+
+    They are what a starting gateway names in a ``chain_anomaly`` entry
+    (:func:`audit.checkpoint_check.anomaly_at_start`): written after a closing checkpoint (no gateway ran), or
+    long after the latest checkpoint (none signed for longer than a running one takes); or an entry of
+    theirs is dated in the future. Signing them would make them look vouched for, and the anomaly would
+    never be recorded. A tail after a closing checkpoint younger than the grace a starting gateway's first
+    signature takes (:data:`~audit.checkpoint_check.CLOSING_GRACE_S`) is asked to wait instead.
+    """
+    from datetime import datetime, timedelta, timezone
+
+    from audit.checkpoint_check import (FUTURE_SKEW_S, anomaly_at_start, closing_tail_judged_at,
+                                        default_max_unsigned_age_s, unsigned_tail)
+
+    now = datetime.now(timezone.utc)
+    latest = store.latest()
+    tail = unsigned_tail(store, latest)
+    if tail is None:
+        return None
+    span = f"entries {tail.first_seq}..{tail.last_seq}"
+    if tail.newest_at > now + timedelta(seconds=FUTURE_SKEW_S):
+        return f"{span}, not signed yet, include one dated in the future; run `govgate audit verify`"
+    judged_at = closing_tail_judged_at(store, now=now)
+    if judged_at is not None:
+        return (f"{span} follow a gateway's closing checkpoint and are {CLOSING_GRACE_TEXT}: a gateway that has "
+                "just started signs them within a second; try again in a few seconds")
+    body = anomaly_at_start(store, max_unsigned_age_s=default_max_unsigned_age_s(
+        load_settings().checkpoint_interval_s))
+    if body is None:
+        return None
+    why = (f"follow the closing checkpoint of entry {body['after_checkpoint']} (a gateway's stop): they were "
+           "written while no gateway ran" if body["reason"] == "after_closing" else
+           f"were written long after the checkpoint of entry {body['after_checkpoint']} with no gateway signing "
+           "them (a gateway killed, or writes while none ran)")
+    return (f"{span} {why}. A gateway's next start names them in a chain_anomaly entry and then signs them; "
+            "`govgate audit verify` shows them")
+
+
+#: How a tail within a starting gateway's grace is described.
+CLOSING_GRACE_TEXT = "only seconds old"
 
 
 def memory_problem(engine: Any, public_key: Any) -> str | None:

@@ -132,6 +132,16 @@ def test_verify_with_a_bad_checkpoint_or_key_file_is_a_one_line_error(env: Env, 
     result = env.run("verify", "--public-key", str(bad))
     assert result.exit_code == 2 and "Error: --public-key: " in result.output and "neither PEM nor a hex" in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+    key = load_or_create_signing_key(env.var_dir / "audit-signing.key")
+    env.append(1)
+    made = CheckpointStore(env.engine).make(key)
+    assert made is not None
+    for seq in (2**63, 2**64 + 5):  # past a database's integers: a traceback (OverflowError) before (probe s59 F7)
+        bad.write_text(json.dumps({**made[0].to_document(key.public), "seq": seq}))
+        result = env.run("verify", "--checkpoint", str(bad))
+        assert result.exit_code == 2 and result.output.strip() == (
+            f"Error: --checkpoint: checkpoint 'seq' must be an integer from 1 to {2**63 - 1} and 'closing' a "
+            "boolean"), result.output
 
 
 def test_verify_reports_a_broken_chain_and_the_checkpoints_both(env: Env) -> None:
@@ -228,3 +238,53 @@ def test_verify_without_any_key_names_the_setting_and_says_unchecked_not_tampere
     env.raw.without_guards("UPDATE audit_checkpoints SET head_hash = 'ab' || substr(head_hash, 3)")
     rewritten = env.run("verify")
     assert rewritten.exit_code == 1 and "checkpoints TAMPERED" in rewritten.output, rewritten.output
+
+
+@pytest.mark.parametrize("command", ["checkpoint", "export-bundle"])
+def test_entries_written_after_a_closing_checkpoint_are_not_signed_by_a_command(env: Env, tmp_path: Path,
+                                                                                monkeypatch, command: str) -> None:
+    """Entries appended while no gateway ran (after its closing checkpoint) are what a gateway's start names in a
+    chain_anomaly; a scheduled ``audit checkpoint`` (or ``export-bundle``, which signs the head first) signed
+    them, verify then passed and the start recorded nothing (probe s59 F1)."""
+    import audit.checkpoint_check as checkpoint_check
+
+    key = load_or_create_signing_key(env.var_dir / "audit-signing.key")
+    closed = env.append(3)
+    CheckpointStore(env.engine).make(key, closing=True)  # the gateway stopped
+    head = env.append(2)  # written while none ran
+    out = tmp_path / "out"
+    out.mkdir()
+    young = env.run(command, "--out", str(out / "signed"))  # a gateway that has just started signs them itself
+    assert young.exit_code == 1 and "try again in a few seconds" in young.output, young.output
+    monkeypatch.setattr(checkpoint_check, "CLOSING_GRACE_S", 0.0)
+    result = env.run(command, "--out", str(out / "signed"))
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        f"Error: refusing to sign: entries {closed + 1}..{head} follow the closing checkpoint of entry {closed} (a "
+        "gateway's stop): they were written while no gateway ran. A gateway's next start names them in a "
+        "chain_anomaly entry and then signs them; `govgate audit verify` shows them")
+    assert list(out.iterdir()) == []
+    assert CheckpointStore(env.engine).latest().seq == closed  # nothing signed
+
+
+@pytest.mark.parametrize("command", ["checkpoint", "export-bundle"])
+def test_signing_over_a_chain_only_a_closing_mark_contradicts_is_refused(env: Env, tmp_path: Path,
+                                                                         command: str) -> None:
+    """The chain rewritten above its last checkpoints, which were deleted; the closing mark (a stop over a signed
+    head, kept by its guard) still signs the old head: signing now vouched for the rewrite (probe s59 F2)."""
+    key = load_or_create_signing_key(env.var_dir / "audit-signing.key")
+    signed = env.append(4)
+    store = CheckpointStore(env.engine)
+    store.make(key)
+    store.make(key, closing=True)  # an idle gateway's stop: a closing mark over the signed head
+    assert [mark.seq for mark, _ in store.closing_marks()] == [signed]
+    _rewrite_from(env, 3)
+    env.raw.without_guards("DELETE FROM audit_checkpoints")
+    out = tmp_path / "out"
+    out.mkdir()
+    result = env.run(command, "--out", str(out / "signed"))
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: refusing to sign: the closing mark of entry {signed} (a gateway's "
+                                     "stop) no longer matches the chain (rewritten or cut below it); run `govgate "
+                                     "audit verify`")
+    assert list(out.iterdir()) == [] and list(CheckpointStore(env.engine).with_entry_hashes()) == []

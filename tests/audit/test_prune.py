@@ -143,3 +143,32 @@ def test_a_payload_erased_outside_prune_is_named_even_with_the_guards_on(store: 
     found = unrecorded_erasures(store)
     assert (found.count, found.seqs) == (1, [newer[0].seq])
     assert verify_chain(store).ok  # the chain alone cannot see it
+
+
+def test_a_prune_does_not_take_on_erasures_its_date_does_not_allow(store: AuditStore, raw: RawDB) -> None:
+    """A database writer erased payloads of recent entries; the next routine prune, with an older date,
+    recorded them as its own (its range spanned them, "created before" its date), and verify passed
+    (probe s59 F3). Now the prune records only what its date allows and warns of the rest, and verify
+    holds each erased entry to the date of a record that covers it."""
+    old = [e.seq for i in range(2) for e in _pair(store, f"old-{i}", f"OLD{i}") if e.payload is not None]
+    cut = _cut()
+    recent = [e.seq for i in range(2) for e in _pair(store, f"new-{i}", f"NEW{i}") if e.payload is not None]
+    raw.execute(f"UPDATE audit_entries SET payload = NULL WHERE seq IN ({old[1]}, {recent[0]}, {recent[2]})")
+    result = prune_payloads(store, cut)
+    assert result.entry is not None
+    assert (result.erased, result.first_seq, result.last_seq) == (len(old), old[0], old[-1])
+    assert result.warning is not None and "2 entries created on or after" in result.warning
+    assert unrecorded_erasures(store).seqs == [recent[0], recent[2]]
+    # a record whose range was stretched over them (a writer who rewrote its body would break the chain;
+    # here a second, later prune with the earlier date reaches past them) still does not cover them
+    raw.execute(f"UPDATE audit_entries SET payload = NULL WHERE seq = {recent[3]}")
+    store.append("payloads_erased", "prune-forged-range", principal=None, team=None, model=None,
+                 body={"before": result.entry.body["before"], "count": 4, "first_seq": old[0],
+                       "last_seq": recent[3], "skipped_format_1": 0}, policy_revision=None)
+    found = unrecorded_erasures(store)
+    assert (found.count, found.seqs) == (3, [recent[0], recent[2], recent[3]])
+    assert all(store.get(seq).payload is not None for seq in (recent[1],))  # type: ignore[union-attr]
+    # and an entry past every record's range is named as before
+    later = [e.seq for e in _pair(store, "later", "LATER") if e.payload is not None]
+    raw.execute(f"UPDATE audit_entries SET payload = NULL WHERE seq = {later[0]}")
+    assert later[0] in unrecorded_erasures(store).seqs

@@ -321,3 +321,24 @@ def test_a_revocation_time_edited_to_empty_still_revokes(own, engine):
     assert issued.key.key_id not in cli(own, "keys", "list").output  # the live keys: not among them
     (line,) = [line for line in cli(own, "keys", "list", "--all").output.splitlines() if issued.key.key_id in line]
     assert "(revoked)" in line
+
+
+@pytest.mark.parametrize("roles_json", ["not json", '{"admin": 1}', '["admin", 3]', "null"])
+def test_a_key_row_whose_roles_cannot_be_read_gives_that_key_no_role_and_breaks_nothing_else(own, engine, caplog,
+                                                                                             roles_json):
+    """Roles written into the table by hand that are not a list of names: that key's requests and every admin's
+    key list were 500s (``json.loads`` in ``ApiKey.roles``; a dict was read as its keys: probe s59 F8). Now the
+    key holds no role, the list shows the others as before, and verify names the row."""
+    store = KeyStore(engine)
+    issued = store.create("kim", team="ops", roles=["admin"])
+    other = store.create("lou", team="ops", roles=["viewer"])
+    sql(own, "UPDATE api_keys SET roles_json = ? WHERE key_id = ?", roles_json, issued.key.key_id)
+    with caplog.at_level("WARNING", logger="gateway.auth.keys"):
+        principal = store.authenticate(issued.secret)
+        assert principal is not None and principal.roles == ()
+        listed = {row.key_id: row.roles for row in store.list()}
+    assert listed == {issued.key.key_id: [], other.key.key_id: ["viewer"]}
+    assert f"key {issued.key.key_id}: its roles in the key table are unreadable" in caplog.text
+    assert not store.has_role("admin")  # the hand-written row grants nothing
+    output = verify(own, ok=False)
+    assert f"KEY TAMPERED: key {issued.key.key_id}: roles_differ: " in output

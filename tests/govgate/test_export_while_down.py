@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from audit import AuditStore, make_engine, migrate
@@ -119,6 +121,32 @@ def test_key_changes_while_down_sign_their_own_entries_and_the_next_start_finds_
         kinds = [e.kind for e in AuditStore(engine).iter_entries()]
         assert kinds[-2:] == ["key_created", "key_revoked"], kinds
         assert latest.seq == head[0] and latest.closing, (kinds, latest)
+        assert anomaly_at_start(checkpoints, max_unsigned_age_s=MAX_AGE) is None
+    finally:
+        engine.dispose()
+
+
+def test_a_prune_while_down_signs_its_own_record(tmp_path: Path) -> None:
+    """``audit prune`` run while no gateway ran left its ``payloads_erased`` entry unsigned: verify said
+    UNVERIFIED and the next start named the operator's own prune in a chain_anomaly (probe s59 F4)."""
+    url, _key = _stopped_store(tmp_path)
+    env = {**os.environ, "GOVGATE_VAR_DIR": str(tmp_path), "GOVGATE_DATABASE_URL": url,
+           "GOVGATE_AUDIT_SIGNING_KEY_FILE": str(tmp_path / "audit-signing.key")}
+    result = subprocess.run([sys.executable, "-m", "govgate.cli", "audit", "prune", "--before", "2999-01-01"],
+                            env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and "in the future" in result.stderr  # the guard against a typo stands
+    before = (datetime.now(timezone.utc) + timedelta(seconds=1)).isoformat()
+    time.sleep(1.1)  # a date the entries are older than, and not in the future
+    result = subprocess.run([sys.executable, "-m", "govgate.cli", "audit", "prune", "--before", before],
+                            env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0 and "erased the payloads of 3 entries" in result.stdout, result
+    engine = make_engine(url)
+    try:
+        checkpoints = CheckpointStore(engine)
+        latest, head = checkpoints.latest(), checkpoints.head()
+        kinds = [e.kind for e in AuditStore(engine).iter_entries()]
+        assert kinds[-1] == "payloads_erased" and latest is not None and head is not None
+        assert latest.seq == head[0] and latest.closing
         assert anomaly_at_start(checkpoints, max_unsigned_age_s=MAX_AGE) is None
     finally:
         engine.dispose()
