@@ -49,7 +49,7 @@ from gateway.dispatch.model_health import ModelHealth
 from gateway.drain import Cut, Drain, shutting_down
 from gateway.limits import (CountersReply, CountersUnavailable, QueueAtLimit, QueueCheck, Refusal, Reservation,
                             Scope, UsageCounters)
-from gateway.limits.catalogue import TOO_MANY_IN_FLIGHT
+from gateway.limits.catalogue import LIMIT_CODES, TOO_MANY_IN_FLIGHT
 from gateway.limits.in_flight_wait import in_flight_wait_s
 from gateway.limits.queue import fair_model_queue, model_queue
 from gateway.limits.charge import prompt_tokens_to_hold
@@ -284,7 +284,12 @@ class Admission:
             if verdict.counters_down is not None:
                 refusal: ApiError | None = verdict.counters_down.error()
             elif not decision.allow:
-                refusal = denial(decision.reasons, never=alone_over_a_limit(decision.obligations))
+                never, too_long = await self._never_passes(spec, decision, verdict, request, requested_max,
+                                                           messages, prompt)
+                if too_long is not None:  # the permanent refusal, not a 429 that would end in it (probe s59 H3)
+                    admission, refusal = too_long, too_long.error()
+                else:
+                    refusal = denial(decision.reasons, never=never)
             elif not isinstance(admission, Admitted):
                 assert admission is not None  # an allowed request is always checked
                 refusal = admission.error()
@@ -518,17 +523,54 @@ class Admission:
                         if r.code == TOO_MANY_IN_FLIGHT else r for r in decision.reasons)
         return dataclasses.replace(decision, reasons=reasons)
 
+    async def _prompt_tokens(self, spec: ModelSpec, verdict: Verdict, messages: list[dict[str, str]] | None,
+                             prompt: str | None) -> int | None:
+        """The prompt's tokens: the early reservation's count, else counted now."""
+        early = verdict.early
+        return early.prompt_tokens if early is not None else await self.prompt_counter.count(spec, messages, prompt)
+
+    @staticmethod
+    def _held(prompt_tokens: int | None, decision: Decision, requested_max: int,
+              messages: list[dict[str, str]] | None, prompt: str | None) -> tuple[int, int]:
+        """What admitting the request would hold: its tokens, and the ``max_tokens`` among them (the decision's,
+        clamped; p2 #4)."""
+        granted = decision.obligations.max_tokens
+        max_tokens = granted if 1 <= granted <= requested_max else requested_max
+        return prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt)) + max_tokens, max_tokens
+
+    async def _never_passes(self, spec: ModelSpec, decision: Decision, verdict: Verdict,
+                            request: Request, requested_max: int,
+                            messages: list[dict[str, str]] | None,
+                            prompt: str | None) -> tuple[str | None, ContextTooLong | None]:
+        """For a denial that would be a 429 (every reason a limit that passes): why no wait lets it pass a limit
+        (:func:`alone_over_a_limit`, with its prompt's tokens too), or the model's context it does not fit.
+
+        Until 2026-12-06 (probe s59 H1, H3) only its ``max_tokens`` was weighed here: a request whose prompt
+        and ``max_tokens`` together exceed a token limit, or the model's context, was told to retry after the
+        window (a day's budget: after midnight), and then refused for good. Counting the prompt costs a
+        tokenization only on such a denial with no early reservation.
+        """
+        never = alone_over_a_limit(decision.obligations)
+        if never is not None or not decision.reasons or \
+                not all(r.code in LIMIT_CODES for r in decision.reasons):
+            return never, None
+        prompt_tokens = await self._prompt_tokens(spec, verdict, messages, prompt)  # None: no tokenizer here
+        tokens, max_tokens = self._held(prompt_tokens, decision, requested_max, messages, prompt)
+        defaulted = not request.max_tokens_given
+        if prompt_tokens is not None and prompt_tokens + max_tokens > spec.context_length and not (
+                defaulted and spec.context_length - prompt_tokens >= 1):
+            return None, ContextTooLong(prompt_tokens, max_tokens, spec.context_length, defaulted=defaulted,
+                                        prompt_param="prompt" if prompt is not None else "messages")
+        return alone_over_a_limit(decision.obligations, tokens=tokens), None
+
     async def _minute_estimate(self, request_id: str, principal: Principal, spec: ModelSpec, decision: Decision,
                                verdict: Verdict, requested_max: int, messages: list[dict[str, str]] | None,
                                prompt: str | None) -> Decision:
         """The denial with its ``rate_limited`` reasons' wait as the counters compute it
         (gateway/requests/minute_wait.py): the policy's is when the oldest entry leaves the minute."""
         early = verdict.early
-        prompt_tokens = early.prompt_tokens if early is not None else \
-            await self.prompt_counter.count(spec, messages, prompt)
-        granted = decision.obligations.max_tokens  # clamped: what admitting the request would hold (p2 #4)
-        tokens = prompt_tokens_to_hold(prompt_tokens, prompt_text(messages, prompt)) + (
-            granted if 1 <= granted <= requested_max else requested_max)
+        prompt_tokens = await self._prompt_tokens(spec, verdict, messages, prompt)
+        tokens, _ = self._held(prompt_tokens, decision, requested_max, messages, prompt)
         wanted = decision.obligations.limits.to_document() if decision.obligations.limits is not None else None
         if early is not None and early.reservation is None and early.tokens == tokens and early.limits == wanted:
             return await with_minute_wait(decision, self.counters, request_id, principal.id, principal.team,

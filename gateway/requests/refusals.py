@@ -49,10 +49,11 @@ def denial(reasons: tuple[Reason, ...] | list[Reason], *, never: str | None = No
     return ApiError(403, "policy_denied", f"Denied by policy: {summary}", extra={"reasons": documents})
 
 
-def alone_over_a_limit(obligations: Obligations) -> str | None:
-    """Which of the ``limits`` obligation's limits the request alone exceeds (its granted ``max_tokens`` over a
-    token limit, any request over a limit of 0), or None. Such a request is never admitted under these
-    limits, whatever the counters say: the reservation holds at least ``max_tokens`` against each."""
+def alone_over_a_limit(obligations: Obligations, tokens: int | None = None) -> str | None:
+    """Which of the ``limits`` obligation's limits the request alone exceeds (its tokens over a token limit, any
+    request over a limit of 0), or None. Such a request is never admitted under these limits, whatever the
+    counters say. ``tokens``: what its reservation would hold (prompt and ``max_tokens``); None: its granted
+    ``max_tokens`` alone, which it holds at least."""
     limits = obligations.limits
     if limits is None:
         return None
@@ -61,7 +62,7 @@ def alone_over_a_limit(obligations: Obligations) -> str | None:
             continue
         for limit in USAGE_LIMITS:
             value = getattr(scope, limit.name)
-            cost = obligations.max_tokens if limit.cost == "tokens" else 1
+            cost = (obligations.max_tokens if tokens is None else tokens) if limit.cost == "tokens" else 1
             if value is not None and cost > value:
                 return f"its {kind} limit {limit.name} is {value} and the request alone costs {cost}"
     return None

@@ -31,3 +31,14 @@ def test_its_429_has_no_retry_after_and_says_not_to_retry() -> None:
     assert "tokens_per_minute is 10" in never.message and "fewer tokens" in never.message
     denied = denial([Reason(code="model_not_allowed", message="no")], never="anything")
     assert (denied.status, denied.headers) == (403, {})  # not a limit: a 403 as before
+
+
+def test_with_its_tokens_the_prompt_counts_against_the_token_limits_only() -> None:
+    """What the reservation would hold (prompt and max_tokens) against token limits; a request is one request
+    (probe s59 H1: max_tokens 195 under a limit of 200 fitted alone, with its prompt never)."""
+    obligations = obliged(195, Limits(tokens_per_minute=200, requests_per_minute=1))
+    assert alone_over_a_limit(obligations) is None
+    assert alone_over_a_limit(obligations, tokens=200) is None
+    assert "principal limit tokens_per_minute is 200 and the request alone costs 201" in alone_over_a_limit(
+        obligations, tokens=201)
+    assert alone_over_a_limit(obliged(5, Limits(requests_per_minute=1)), tokens=10**6) is None

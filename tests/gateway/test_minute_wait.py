@@ -20,6 +20,8 @@ import httpx
 import redis.asyncio as aioredis
 
 from gateway.limits import UsageCounters
+from workers.backends import ensure_model_file
+from workers.contract.registry import load_registry
 from tests.conftest import bearer, policy_copy, serving
 from tests.e2e.test_queued_disconnect import _until, in_flight_of
 from tests.keys_and_limits import new_key
@@ -245,3 +247,74 @@ def test_the_wait_after_a_reload_raised_the_cap_is_for_the_new_cap(own_redis, tm
     retry = int(refused.headers["Retry-After"])
     assert 30 < retry <= 60, (refused.headers, error)  # the 105 tokens leave ~55 s after the fill; not 10 s
     assert in_flight == 0  # the early reservation was undone once, nothing left held
+
+
+#: A role whose cap lets a request ask for more than the model's context (the test registry's 4096).
+WIDE = 8000
+
+
+def _never_limits(user: str, limits: dict):
+    def change(config: dict) -> None:
+        config.setdefault("limits", {}).setdefault("principals", {})[user] = limits
+        config["roles"]["wide"] = {"models": [TINY_MODEL_NAME], "max_tokens": WIDE}
+    return change
+
+
+async def _fill_usage(redis_url: str, user: str, team: str, tokens: int) -> None:
+    """One request of ``tokens`` a few seconds ago: in the minute, the day and the month."""
+    client = aioredis.Redis.from_url(redis_url)
+    counters = UsageCounters(client)
+    try:
+        now = time.time()
+        held = await counters.reserve(f"fill-{os.urandom(4).hex()}", user, team,
+                                      {"principal": {"tokens_per_minute": 10**9}}, tokens, now=now - 5)
+        await counters.settle(held, tokens, now=now - 5)
+    finally:
+        await client.aclose()
+
+
+def test_a_denied_request_that_never_fits_is_told_not_to_retry_and_one_too_long_for_the_model_gets_its_400(
+        own_redis, tmp_path) -> None:  # noqa: F811
+    """Probe s59 H1: a request whose prompt and max_tokens together exceed a token limit (max_tokens alone does
+    not) was denied by the policy from its snapshot with a plain 429 (Retry-After 60 for the minute, until
+    midnight for the day), then refused for good after the wait. H3: one whose tokens exceed the model's
+    context was told to retry after the minute, then got its 400. Both now get their final answer at once."""
+    team = "never-fits"
+    minute, day, wide = (f"nf-{os.urandom(3).hex()}" for _ in range(3))
+    own = own_redis.with_(queue_mode="fifo", request_timeout_s=120, policy_dir=policy_copy(tmp_path, lambda c: [
+        _never_limits(minute, {"tokens_per_minute": 200, "requests_per_minute": 1000})(c),
+        _never_limits(day, {"tokens_per_day": 200, "requests_per_minute": 1000})(c),
+        _never_limits(wide, {"requests_per_minute": 1, "tokens_per_minute": 10**6})(c)]))
+    keys = {user: new_key(own, user, team, roles=("wide",)) for user in (minute, day, wide)}
+    spec = load_registry(own.models_file, own.var_dir).get(TINY_MODEL_NAME)
+    assert spec is not None
+    ensure_model_file(spec)  # the gateway counts prompts with the model's own tokenizer (no worker runs here)
+    prompt = " ".join(["word"] * 400)  # some tokens: with max_tokens 195, more than 200 together
+    seen: dict = {}
+
+    async def scenario(base: str) -> None:
+        async with httpx.AsyncClient(timeout=60) as http:
+            for user, used in ((minute, 150), (day, 150), (wide, 1)):
+                await _fill_usage(own.redis_url, user, team, used)
+            for user in (minute, day):
+                seen[user] = await http.post(f"{base}/v1/completions", headers=bearer(keys[user]), json={
+                    "model": TINY_MODEL_NAME, "prompt": prompt, "max_tokens": 195})
+            seen[wide] = await http.post(f"{base}/v1/completions", headers=bearer(keys[wide]), json={
+                "model": TINY_MODEL_NAME, "prompt": "Count", "max_tokens": 5000})
+
+    with serving(own, tmp_path / "serve.log") as base:
+        asyncio.run(scenario(base))
+    for user, code, limit in ((minute, "rate_limited", "tokens_per_minute"), (day, "budget_exceeded",
+                                                                              "tokens_per_day")):
+        refused = seen[user]
+        assert refused.status_code == 429, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == code and "No wait lets this request pass" in error["message"], error
+        assert f"its principal limit {limit} is 200 and the request alone costs" in error["message"]
+        assert refused.headers.get("x-should-retry") == "false" and "retry-after" not in refused.headers
+        assert all("retry_after_s" not in reason for reason in error["reasons"])
+    too_long = seen[wide]
+    assert too_long.status_code == 400, too_long.text
+    error = too_long.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "max_tokens", error
+    assert "4096" in error["message"]
