@@ -289,10 +289,13 @@ def _warn_if_not_told(announcer, settings: Settings, seen: str, stale: str) -> N
     """
     if announcer.failure:
         ttl = settings.auth_cache_ttl_s
+        # The advice fits the cause: with GOVGATE_REDIS_URL set, the Redis it names did not answer (frozen,
+        # down), and setting the variable again would not help (probe s59 G7).
+        advice = ("the Redis GOVGATE_REDIS_URL names did not answer: check that it is the gateways' and is up"
+                  if settings.redis_url else "set GOVGATE_REDIS_URL to the gateways' Redis to make it immediate")
         click.echo(f"warning: running gateways were not told: {announcer.failure}. A gateway that {seen} "
                    f"in the last {ttl:g} s (GOVGATE_AUTH_CACHE_TTL_S) may {stale} for up to "
-                   f"{ttl:g} s more; set GOVGATE_REDIS_URL to the gateways' Redis to make it immediate.",
-                   err=True)
+                   f"{ttl:g} s more; {advice}.", err=True)
 
 
 def report_key_table(engine) -> bool:

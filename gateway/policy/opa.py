@@ -134,6 +134,14 @@ class _Outcome:
     kind: Literal["ok", "undefined", "error", "timeout", "unreachable", "busy"]
     value: Any = None
     error: str = ""
+    #: What a decision says of it when ``error`` holds what only the log may (OPA's address, the policy
+    #: folder's path, what differs: a decision's reasons reach API clients and the audit chain; probe s59 G4).
+    public: str = ""
+
+    @property
+    def said(self) -> str:
+        """The error as a decision's reason may give it."""
+        return self.public or self.error
 
 
 class OpaPolicyEngine:
@@ -237,11 +245,11 @@ class OpaPolicyEngine:
         if outcome.kind == "timeout":
             return _unavailable(f"policy evaluation on OPA took longer than {self._timeout_s:g}s", timed_out=True)
         if outcome.kind == "unreachable":
-            return _unavailable(outcome.error)
+            return _unavailable(outcome.said, detail=outcome.error)
         if outcome.kind == "undefined":
             return _deny(POLICY_ERROR, "the policy gave no decision for this request")
         if outcome.kind == "error":
-            return _deny(POLICY_ERROR, f"policy evaluation on OPA failed: {outcome.error}")
+            return _deny(POLICY_ERROR, f"policy evaluation on OPA failed: {outcome.said}", detail=outcome.error)
         try:
             return Decision.from_document(outcome.value)
         except ValueError as exc:  # MalformedDecision
@@ -260,9 +268,9 @@ class OpaPolicyEngine:
             return _output_unavailable(f"policy evaluation on OPA took longer than {self._timeout_s:g}s",
                                        timed_out=True)
         if outcome.kind == "unreachable":
-            return _output_unavailable(outcome.error)
+            return _output_unavailable(outcome.said, detail=outcome.error)
         if outcome.kind == "error":
-            return _stop(POLICY_ERROR, f"output policy evaluation on OPA failed: {outcome.error}")
+            return _stop(POLICY_ERROR, f"output policy evaluation on OPA failed: {outcome.said}", detail=outcome.error)
         try:
             return OutputDecision.from_document(outcome.value)
         except ValueError as exc:  # MalformedDecision
@@ -306,7 +314,8 @@ class OpaPolicyEngine:
         if outcome.kind == "timeout":
             raise PolicyTimeout(f"policy evaluation on OPA took longer than {self._timeout_s:g}s")
         if outcome.kind == "unreachable":
-            raise PolicyUnavailable(outcome.error)
+            log.warning("visible_models: %s", outcome.error)
+            raise PolicyUnavailable(outcome.said)
         if outcome.kind == "undefined":
             return set()
         if outcome.kind != "ok":  # no answer from the policy (closed, out of sync, an HTTP error)
@@ -416,7 +425,9 @@ class OpaPolicyEngine:
         if self._closed or self._client is None:
             return _Outcome("error", error="the policy engine is closed")
         if self._out_of_sync is not None:
-            return _Outcome("error", error=f"OPA's policy is not revision {self.revision}: {self._out_of_sync}")
+            return _Outcome("error", error=f"OPA's policy is not revision {self.revision}: {self._out_of_sync}",
+                            public=f"OPA does not hold the gateway's policy revision {self.revision} (the gateway's "
+                                   "log says what differs)")
         try:
             # The client serialises with json.dumps defaults, which would send NaN to OPA.
             json.dumps(input, allow_nan=False)
@@ -440,10 +451,12 @@ class OpaPolicyEngine:
             kind = "unreachable" if exc.status in _UNAVAILABLE_STATUSES else "error"
             return _Outcome(kind, error=f"OPA answered HTTP {exc.status} for {rule}")
         except aiohttp.ClientError as exc:  # refused, reset, dropped: no answer, not a wrong one
-            return _Outcome("unreachable", error=f"cannot reach OPA at {self._url}: {type(exc).__name__}: {exc}")
+            return _Outcome("unreachable", error=f"cannot reach OPA at {self._url}: {type(exc).__name__}: {exc}",
+                            public=f"cannot reach the policy server (OPA): {type(exc).__name__}")
         except Exception as exc:  # a bug here must deny, not crash the request
             log.exception("policy query to OPA could not run")
-            return _Outcome("error", error=f"{type(exc).__name__}: {exc}")
+            return _Outcome("error", error=f"{type(exc).__name__}: {exc}",
+                            public=f"the query could not run ({type(exc).__name__}; the gateway's log has it)")
         finally:
             self._slots.give()
         if not isinstance(body, dict):
@@ -487,21 +500,25 @@ class OpaPolicyEngine:
                                   f"({type(exc).__name__}: {exc})") from None
 
 
-def _deny(code: str, message: str) -> Decision:
-    log.warning("policy deny %s: %s", code, message)
+# ``message`` goes into the decision (its client's answer, its audit entry); ``detail``, when given, is what the
+# log says instead: OPA's address, the folder's path, what differs (probe s59 G4).
+
+
+def _deny(code: str, message: str, *, detail: str | None = None) -> Decision:
+    log.warning("policy deny %s: %s", code, detail or message)
     return Decision.fail_closed(code, message)
 
 
-def _unavailable(message: str, *, timed_out: bool = False) -> Decision:
-    log.warning("policy unavailable: %s", message)
+def _unavailable(message: str, *, timed_out: bool = False, detail: str | None = None) -> Decision:
+    log.warning("policy unavailable: %s", detail or message)
     return Decision.unavailable(message, retry_after_s=UNAVAILABLE_RETRY_AFTER_S, timed_out=timed_out)
 
 
-def _stop(code: str, message: str) -> OutputDecision:
-    log.warning("output policy stop %s: %s", code, message)
+def _stop(code: str, message: str, *, detail: str | None = None) -> OutputDecision:
+    log.warning("output policy stop %s: %s", code, detail or message)
     return OutputDecision.fail_closed(code, message)
 
 
-def _output_unavailable(message: str, *, timed_out: bool = False) -> OutputDecision:
-    log.warning("output policy unavailable: %s", message)
+def _output_unavailable(message: str, *, timed_out: bool = False, detail: str | None = None) -> OutputDecision:
+    log.warning("output policy unavailable: %s", detail or message)
     return OutputDecision.unavailable(message, retry_after_s=UNAVAILABLE_RETRY_AFTER_S, timed_out=timed_out)

@@ -99,6 +99,9 @@ def test_revoke_says_how_long_gateways_may_still_accept_a_key_it_could_not_signa
     result = revoke(own_db, key_id, GOVGATE_REDIS_URL=absent, GOVGATE_AUTH_CACHE_TTL_S="7")
     assert result.stderr.startswith("warning: running gateways were not told: Redis at " + absent)
     assert "for up to 7 s more" in result.stderr and "GOVGATE_AUTH_CACHE_TTL_S" in result.stderr
+    # GOVGATE_REDIS_URL is set: the advice is not to set it (probe s59 G7), but that its Redis did not answer
+    assert "set GOVGATE_REDIS_URL" not in result.stderr
+    assert "the Redis GOVGATE_REDIS_URL names did not answer" in result.stderr, result.stderr
     # The revocation itself is committed.
     engine = open_database(own_db)
     try:

@@ -297,6 +297,11 @@ async def test_gateway_notices_opa_changing_policy_behind_an_unchanged_folder(
         assert not (await reloading.reload()).changed
         decision = await reloading.decide(card)
         assert codes(decision) == [POLICY_ERROR] and engine.revision in decision.reasons[0].message
+        # a decision's reasons reach the client and the audit chain: neither OPA's address nor the folder's
+        # path nor what differs (probe s59 G4); the gateway's log says those
+        said = decision.reasons[0].message
+        assert server.url.split("//")[1] not in said and str(POLICY_DIR) not in said, said
+        assert "payment_card" not in said and "govgate_config" not in said, said
         problem = await reloading.readiness_problem()
         assert problem is not None and problem.startswith(f"OPA does not hold revision {engine.revision}")
         # /readyz answers anyone: no address of OPA, no path of the folder, no policy data in it.
@@ -313,6 +318,8 @@ async def test_gateway_notices_opa_changing_policy_behind_an_unchanged_folder(
         await reloading.reload()
         decision = await reloading.decide(card)
         assert codes(decision) == [POLICY_UNAVAILABLE] and decision.is_unavailable
+        assert "127.0.0.1" not in decision.reasons[0].message and server.url.split("//")[1] not in \
+            decision.reasons[0].message, decision.reasons[0].message
         problem = await reloading.readiness_problem()
         assert problem is not None and problem.startswith("OPA does not answer its health check"), problem
         assert server.url.split("//")[1] not in problem and "127.0.0.1" not in problem, problem
@@ -451,12 +458,15 @@ async def test_stopped_opa_is_unavailable_within_the_timeout(start_opa: Callable
         started = time.monotonic()
         decision = await engine.decide(request_input(["analyst"]))
         elapsed = time.monotonic() - started
-        with pytest.raises(PolicyUnavailable, match="cannot reach OPA"):  # a 503 for GET /v1/models, not []
+        with pytest.raises(PolicyUnavailable, match="cannot reach the policy server") as refused:  # a 503 for
+            # GET /v1/models, not []
             await engine.visible_models(request_input([])["principal"], model_views("govgate-tiny"))
+        assert server.url.split("//")[1] not in str(refused.value)
     finally:
         await engine.aclose()
     assert codes(decision) == [POLICY_UNAVAILABLE] and not decision.allow and decision.is_unavailable
-    assert "cannot reach OPA" in decision.reasons[0].message
+    assert "cannot reach the policy server (OPA)" in decision.reasons[0].message
+    assert server.url.split("//")[1] not in decision.reasons[0].message  # the log has it (probe s59 G4)
     assert decision.obligations.prompt_logging == "hash"
     assert elapsed < SHORT_TIMEOUT_S
 
