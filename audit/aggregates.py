@@ -20,7 +20,8 @@ from sqlalchemy.sql.elements import ColumnElement
 from .db import DB_ERRORS, describe, reason
 from .errors import AuditError
 from .kinds import REJECTED, REQUEST, TERMINAL_KINDS
-from .search import EntryFilter, ReasonItems, answered_as_unknown, conditions, decision_is
+from .search import (EntryFilter, ReasonItems, admission_code, answered_as_unknown, conditions, decision_is,
+                     not_admitted)
 from .tables import audit_table
 
 _t = audit_table.c
@@ -77,8 +78,11 @@ def usage(engine: Engine, where: EntryFilter, groups: Sequence[str] = DEFAULT_GR
     terminal = _t.kind.in_(sorted(TERMINAL_KINDS))
     allow = _t.body[("decision", "allow")].as_boolean()
     unavailable = _t.body[("decision", "unavailable")].as_boolean()
+    refused = not_admitted()  # allowed by the policy, refused at its reservation (a limit, the queue, the context)
     shown_kind = case((answered_as_unknown(), literal(REJECTED)), else_=_t.kind) if where.as_answered else _t.kind
-    verdict = case((shown_kind != REQUEST, None), (allow == true(), "allowed"),
+    verdict = case((shown_kind != REQUEST, None),
+                   (and_(allow == true(), refused, admission_code() == USAGE_UNAVAILABLE), "unavailable"),
+                   (and_(allow == true(), refused), "denied"), (allow == true(), "allowed"),
                    (unavailable == true(), "unavailable"), else_="denied").label("verdict")
 
     def tokens(name: str) -> ColumnElement[Any]:
@@ -96,17 +100,40 @@ def usage(engine: Engine, where: EntryFilter, groups: Sequence[str] = DEFAULT_GR
                .select_from(audit_table).join(items.table, true())
                .where(*base, *items.where, is_request, or_(decision_is("deny"), decision_is("unavailable")))
                .group_by(*keys, items.code).order_by(*_nulls_first(keys), items.code).limit(MAX_GROUPS + 1))
+    # Refusals after an allow (the atomic reservation's: a limit the policy's snapshot did not see reached,
+    # the queue full, the context): by their admission's code (probe s59 H2: counted as allowed, in no denial).
+    code = admission_code()
+    after_allow = (select(*keys, code.label("reason"), func.count().label("count"))
+                   .where(*base, is_request, _t.body[("decision", "allow")].as_boolean() == true(), not_admitted(),
+                          code.is_not(None), code != USAGE_UNAVAILABLE)
+                   .group_by(*keys, code).order_by(*_nulls_first(keys), code).limit(MAX_GROUPS + 1))
     try:
         with engine.connect() as conn:
             parts = conn.execute(totals).mappings().all()
             rows = _fold(groups, parts)
-            denied = [_ints(dict(row)) for row in conn.execute(denials).mappings()]
+            denied = _merged(groups, [_ints(dict(row)) for row in conn.execute(denials).mappings()],
+                             [_ints(dict(row)) for row in conn.execute(after_allow).mappings()])
     except DB_ERRORS as exc:
         raise AuditError(f"audit read failed on {describe(engine)}: {reason(exc)}") from exc
     # Whole groups come first (ordered by group), so the first MAX_GROUPS rows are complete.
     truncated = len(rows) > MAX_GROUPS or len(parts) == _PARTS_PER_GROUP * (MAX_GROUPS + 1) \
         or len(denied) > MAX_GROUPS
     return Usage(tuple(groups), rows[:MAX_GROUPS], denied[:MAX_GROUPS], truncated)
+
+
+#: An admission's code when the counters could not be asked: counted as ``unavailable``, not a denial.
+USAGE_UNAVAILABLE: Final = "usage_unavailable"
+
+
+def _merged(groups: Sequence[str], *lists: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Denials per (group, reason) from several queries, counts added, in the groups' then reasons' order."""
+    counts: dict[tuple[Any, ...], int] = {}
+    for rows in lists:
+        for row in rows:
+            key = (*(row[name] for name in groups), row["reason"])
+            counts[key] = counts.get(key, 0) + int(row["count"])
+    order = sorted(counts, key=lambda k: tuple((v is not None, v or "") for v in k))
+    return [{**dict(zip(groups, key[:-1])), "reason": key[-1], "count": counts[key]} for key in order]
 
 
 def _group_columns(groups: Iterable[str], dialect: str, as_answered: bool = False) -> list[ColumnElement[Any]]:

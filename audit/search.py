@@ -223,10 +223,22 @@ def decision_is(decision: Decision) -> ColumnElement[bool]:
     return and_(allow == false(), or_(unavailable.is_(None), unavailable == false()))
 
 
+def not_admitted() -> ColumnElement[bool]:
+    """A request entry whose admission (after an allow) refused it: ``admission.admitted`` is false."""
+    return _t.body[("admission", "admitted")].as_boolean() == false()
+
+
+def admission_code() -> ColumnElement[Any]:
+    """A refused admission's code (``rate_limited``, ``queue_full``, ``context_length_exceeded``, …)."""
+    return _t.body[("admission", "code")].as_string()
+
+
 def has_reason(code: str, dialect: str) -> ColumnElement[bool]:
-    """The entry's decision lists a reason with this code (any position)."""
+    """The entry's decision lists a reason with this code (any position), or its admission was refused with it
+    after an allow (a limit the atomic reservation found reached: probe s59 H2, such 429s were not found)."""
     items = ReasonItems.of(dialect)
-    found = exists(select(literal_column("1")).select_from(items.table).where(items.code == code, *items.where))
+    found = or_(exists(select(literal_column("1")).select_from(items.table).where(items.code == code, *items.where)),
+                and_(admission_code() == code, not_admitted()))
     if not code.isascii():  # a format-1 body may hold it as \uXXXX escapes: no text pre-match
         return found
     # The code is in the body's stored text wherever it is in its reasons, so a LIKE (no JSON parsing)

@@ -66,6 +66,10 @@ def make_keys(settings: Settings) -> Keys:
         store.engine.dispose()
 
 
+#: Codes a reservation refuses an allowed request with (gateway/requests/refusals.py's admission records).
+ADMISSION_REFUSALS = ("rate_limited", "budget_exceeded", "queue_full", "context_length_exceeded", "usage_unavailable")
+
+
 def seed(store: AuditStore, count: int, *, rng: random.Random, team: str | None = None) -> list[str]:
     """``count`` requests as the gateway and workers record them; their request ids."""
     ids = []
@@ -90,6 +94,14 @@ def seed(store: AuditStore, count: int, *, rng: random.Random, team: str | None 
                         "obligations": {"max_tokens": 16, "prompt_logging": "full"}}
         else:
             decision = {"allow": True, "reasons": [], "obligations": {"max_tokens": 16, "prompt_logging": "full"}}
+        # an allowed request's reservation: admitted, or refused after the allow (a limit the policy's snapshot
+        # did not see reached, the queue, the context, the counters unreachable), as the gateway records it
+        admission = None
+        if decision["allow"]:
+            admission = {"admitted": True, "reserved_tokens": 20}
+            side = random.Random(request_id)  # its own draws: the seed's other entries stay as they were
+            if side.random() < 0.2:
+                admission = {"admitted": False, "code": side.choice(ADMISSION_REFUSALS)}
         text = f"needle-{i} {rng.choice(TEXTS)}"
         # Most texts go to the erasable payload (chain format 2); some stay in the body, as entries of
         # format 1 hold them, so both places are searched and withheld.
@@ -97,9 +109,10 @@ def seed(store: AuditStore, count: int, *, rng: random.Random, team: str | None 
         messages = {"messages": [{"role": "user", "content": text}]}
         store.append("request", request_id, **who, policy_revision="rev-1",
                      body={"endpoint": "chat.completions", "key_id": "k", "decision": decision,
+                           **({"admission": admission} if admission is not None else {}),
                            **(messages if legacy else {})},
                      payload=None if legacy else messages)
-        if decision["allow"] and rng.random() < 0.9:
+        if decision["allow"] and rng.random() < 0.9 and (admission is None or admission["admitted"]):
             prompt, completion = rng.randint(1, 50), rng.randint(0, 16)
             kind = rng.choice(("completion", "completion", "failed", "cancelled"))
             output = {"output": f"answer {i}"}

@@ -30,6 +30,18 @@ def _decision(entry: AuditEntry) -> str | None:
     return "allow" if decision["allow"] else "deny"
 
 
+def _refused_admission(entry: AuditEntry) -> str | None:
+    """The code an allowed request's reservation refused it with, None when admitted (or denied before)."""
+    admission = entry.body.get("admission") if entry.kind == "request" else None
+    return admission["code"] if isinstance(admission, dict) and admission.get("admitted") is False else None
+
+
+def _reasons(entry: AuditEntry) -> list[str]:
+    """What the ``reason`` filter finds an entry by: its decision's reasons, or its refused admission's code."""
+    refused = _refused_admission(entry)
+    return [r["code"] for r in entry.body["decision"]["reasons"]] + ([refused] if refused else [])
+
+
 def matches(entry: AuditEntry, params: dict[str, Any]) -> bool:
     """What the search should answer, written plainly."""
     for name in ("principal", "team", "model", "request_id"):
@@ -39,8 +51,7 @@ def matches(entry: AuditEntry, params: dict[str, Any]) -> bool:
         return False
     if "decision" in params and _decision(entry) != params["decision"]:
         return False
-    if "reason" in params and (entry.kind != "request" or params["reason"] not in
-                               [r["code"] for r in entry.body["decision"]["reasons"]]):
+    if "reason" in params and (entry.kind != "request" or params["reason"] not in _reasons(entry)):
         return False
     if "since" in params and entry.created_at < datetime.fromisoformat(params["since"]):
         return False
@@ -152,7 +163,14 @@ def _usage_reference(entries: list[AuditEntry], groups: tuple[str, ...]) -> tupl
         if e.kind == "request":
             rows[key]["requests"] += 1
             verdict = _decision(e)
-            rows[key][{"allow": "allowed", "deny": "denied", "unavailable": "unavailable"}[verdict]] += 1
+            refused = _refused_admission(e)
+            if refused == "usage_unavailable":  # allowed, but no limit could be checked: a 503
+                rows[key]["unavailable"] += 1
+            elif refused is not None:  # allowed, then refused at the reservation: a denial by its code
+                rows[key]["denied"] += 1
+                denials[key + (refused,)] += 1
+            else:
+                rows[key][{"allow": "allowed", "deny": "denied", "unavailable": "unavailable"}[verdict]] += 1
             if verdict != "allow":
                 for reason in e.body["decision"]["reasons"]:
                     denials[key + (reason["code"],)] += 1
