@@ -169,7 +169,13 @@ def _run(job: GenerateJob, model: LoadedModel, store: EntryStore, channel: JobCh
         return PUT_BACK
     looked = not first_run or _waited_long(job, taken_ns)
     if looked:
-        existing = store.terminal_for(job.request_id)
+        try:
+            existing = store.terminal_for(job.request_id)
+        except AuditError as exc:  # the audit store cannot say whether the request ended, nor record a run:
+            # an audit outage, answered 503 audit_unavailable and its end kept for later, not a worker's
+            # failure (probe s59 G1: a frozen PostgreSQL made these 502 worker_error)
+            raise _Unrecorded(FAILED, {"error": {"code": "audit_unavailable", "message": "the audit store could "
+                                                 "not be read before the run"}, "worker": worker}, exc) from exc
         if existing is not None:
             log.info("request %s already ended as %s; not generating again", job.request_id, existing.kind)
             return result_from_entry(existing)

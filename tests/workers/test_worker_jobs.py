@@ -179,6 +179,45 @@ def test_a_first_run_of_a_job_that_waited_long_is_answered_from_an_end_its_gatew
     assert [e.kind for e in store.entries_for("r10")] == ["cancelled"]
 
 
+def test_a_job_whose_look_for_an_earlier_end_the_database_refuses_is_an_audit_outage_not_a_worker_error(
+        tmp_path, model, monkeypatch, redis_server):
+    """A job that waited long asks the database whether its request already ended; a database that cannot
+    answer (frozen, locked) made the task fail, and the gateway answered 502 ``worker_error`` and recorded it
+    so (probe s59 G1, a frozen PostgreSQL). It is the audit store's outage: ``audit_unavailable`` (503), nothing
+    generated, its end kept for when the database is back."""
+    from workers.contract.pending_terminals import PendingTerminals
+
+    path = tmp_path / "held.db"
+    engine = make_engine(f"sqlite:///{path}", busy_timeout_s=0.3)
+    migrate(engine)
+    store = AuditStore(engine)
+    generated: list[str] = []
+    monkeypatch.setattr(model, "stream", lambda prompt, params: generated.append(prompt) or iter(()))
+    client = redis.Redis.from_url(redis_server.url)
+    sealer = Sealer(os.urandom(32))
+    pending = PendingTerminals(client, horizon_s=60, seal=sealer.seal, unseal=sealer.unseal)
+    waited = dataclasses.replace(job("r12"), enqueued_at_ns=time.time_ns() - int((ENDED_UNSEEN_AFTER_S + 5) * 1e9))
+    engine.dispose()
+    holder = sqlite3.connect(path, isolation_level=None, timeout=5)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")  # not even a read gets in
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        result = run_job(waited, model, store, pending=pending)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    try:
+        assert result.status == "failed" and result.error["code"] == "audit_unavailable", result
+        assert (result.prompt_tokens, result.completion_tokens) == (0, 0) and generated == []
+        assert pending.holds("r12") and store.terminal_for("r12") is None  # kept for when the database is back
+        assert pending.write_one(store, "r12") is not None
+        ended = store.terminal_for("r12")
+        assert ended is not None and ended.kind == "failed" and ended.body["error"]["code"] == "audit_unavailable"
+    finally:
+        engine.dispose()
+        client.close()
+
+
 def test_a_first_run_taken_at_once_does_not_ask_the_database_before_it_generates(store, model, monkeypatch):
     """The look-up above costs a database round trip: a job taken soon after it was queued (the usual case)
     is spared it."""
