@@ -18,7 +18,8 @@ from typing import IO, Any, Final, Iterable
 
 from sqlalchemy import func, select
 
-from .chain import FORMAT_1, GENESIS_HASH, canonical_json, canonical_text, document_hash, format_timestamp, payload_digest
+from .chain import (FORMAT_1, GENESIS_HASH, canonical_json, canonical_text, document_hash, format_timestamp,
+                    hashed_fields, payload_digest)
 from .checkpoints import Checkpoint, CheckpointFileError, CheckpointStore
 from .db import DB_ERRORS, describe, reason
 from .errors import AuditError
@@ -149,6 +150,9 @@ def verify_bundle(lines: Iterable[str], public_key: PublicKey, external: Checkpo
     if not isinstance(header, dict) or header.get("bundle") != FORMAT:
         verdict.problems.append(f"not a {FORMAT} bundle")
         return verdict
+    if set(header) != _HEADER_KEYS:
+        verdict.problems.append(f"the bundle header has other fields than a bundle's ({_keys_differ(header, _HEADER_KEYS)})")
+        return verdict
     try:
         selection = _selection(header["selection"])
         first, last = header["first_seq"], header["last_seq"]
@@ -166,7 +170,11 @@ def verify_bundle(lines: Iterable[str], public_key: PublicKey, external: Checkpo
     #: Selected entries that chain a payload but carry none, and the ranges the bundle's prunes erased.
     without_payload: list[int] = []
     erased: list[tuple[int, int]] = []
+    after_checkpoint = False  # the line before was a checkpoint: a second one for the same entry is a copy
     for number, line in enumerate(stream, start=2):
+        if line.endswith("\r\n") or "\r" in line.removesuffix("\n"):
+            verdict.problems.append(f"line {number} ends with a carriage return: not a line as exported")
+            return verdict
         try:
             item = json.loads(line)
             canonical = canonical_text(item) == line.removesuffix("\n")
@@ -177,7 +185,16 @@ def verify_bundle(lines: Iterable[str], public_key: PublicKey, external: Checkpo
             verdict.problems.append(f"line {number} is not canonical JSON as exported (a duplicate key, other "
                                     "spacing or escapes): readers may not see what was checked")
             return verdict
+        # Every line holds exactly the fields the exporter writes: content beside them is covered by no
+        # hash or signature, yet a reader of the bundle would take it for part of it (probe s59 F6).
+        shape = _line_shape_problem(item)
+        if shape is not None:
+            verdict.problems.append(f"line {number}: {shape}")
+            return verdict
         if isinstance(item, dict) and "checkpoint" in item:
+            if after_checkpoint:
+                verdict.problems.append(f"line {number}: a second checkpoint line for the same entry")
+                return verdict
             try:
                 checkpoint = Checkpoint.from_document(item["checkpoint"])
             except CheckpointFileError as exc:
@@ -190,7 +207,9 @@ def verify_bundle(lines: Iterable[str], public_key: PublicKey, external: Checkpo
                 verdict.problems.append(f"line {number}: {problem}")
                 return verdict
             last_signed = checkpoint
+            after_checkpoint = True
             continue
+        after_checkpoint = False
         document, chosen = (item.get("entry"), item.get("selected")) if isinstance(item, dict) else (None, None)
         if not isinstance(document, dict) or type(chosen) is not bool:
             verdict.problems.append(f"line {number} is neither a checkpoint nor an entry")
@@ -225,6 +244,45 @@ def verify_bundle(lines: Iterable[str], public_key: PublicKey, external: Checkpo
     if external is not None and not verdict.problems:
         _check_external(verdict, external, external_hash, public_key, first, last)
     return verdict
+
+
+#: The fields of each kind of line, as :func:`write_bundle` writes them.
+_HEADER_KEYS = frozenset({"bundle", "selection", "first_seq", "last_seq", "public_key", "exported_at"})
+_CHECKPOINT_KEYS = frozenset({"format", "seq", "head_hash", "created_at", "closing", "key_id", "signature",
+                              "public_key"})
+#: An entry document's fields besides those its format hashes (``AuditEntry.to_document``).
+_ENTRY_EXTRA_KEYS = frozenset({"created_at", "hash", "payload", "payload_digest", "format"})
+
+
+def _keys_differ(found: dict[str, Any], expected: frozenset[str] | set[str]) -> str:
+    extra, missing = sorted(set(found) - set(expected)), sorted(set(expected) - set(found))
+    parts = ([f"unexpected {', '.join(map(repr, extra))}"] if extra else []) + (
+        [f"missing {', '.join(map(repr, missing))}"] if missing else [])
+    return "; ".join(parts)
+
+
+def _line_shape_problem(item: Any) -> str | None:
+    """Why a line after the header is not shaped as the exporter writes it (None when it is)."""
+    if not isinstance(item, dict):
+        return "neither a checkpoint nor an entry"
+    if "checkpoint" in item:
+        if set(item) != {"checkpoint"}:
+            return f"a checkpoint line with other fields ({_keys_differ(item, {'checkpoint'})})"
+        document = item["checkpoint"]
+        if isinstance(document, dict) and set(document) != _CHECKPOINT_KEYS:
+            return f"a checkpoint with other fields than a checkpoint's ({_keys_differ(document, _CHECKPOINT_KEYS)})"
+        return None
+    if set(item) != {"entry", "selected"}:
+        return f"an entry line with other fields ({_keys_differ(item, {'entry', 'selected'})})"
+    document = item["entry"]
+    if isinstance(document, dict):
+        try:
+            expected = set(hashed_fields(document.get("format", FORMAT_1))) | _ENTRY_EXTRA_KEYS
+        except (ValueError, TypeError):
+            return f"an entry of an unknown format {document.get('format')!r}"
+        if set(document) != expected:
+            return f"an entry with other fields than its format's ({_keys_differ(document, expected)})"
+    return None
 
 
 def _check_external(verdict: BundleVerdict, external: Checkpoint, entry_hash: str | None, public_key: PublicKey,

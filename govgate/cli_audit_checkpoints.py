@@ -258,7 +258,7 @@ def report_bundle(export_file: str, public_key_file: str | None, checkpoint_file
         except (SigningKeyError, AuditError) as exc:
             raise UnreadableArgument("--checkpoint", exc) from None
     try:
-        handle = open(export_file, encoding="utf-8")
+        handle = open(export_file, encoding="utf-8", newline="")  # lines as written: a CR is not read away
     except OSError as exc:  # no such file, a folder, no permission: the argument, not the bundle's content
         raise UnreadableArgument("--export", f"cannot read {export_file}: {exc.strerror or exc}") from None
     try:

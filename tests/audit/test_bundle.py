@@ -459,3 +459,58 @@ def test_a_bundle_of_erased_payloads_still_verifies(store: AuditStore) -> None:
     assert _verify(lines, key).ok
     selected = [line["entry"] for line in _entries(lines) if line["selected"]]
     assert selected and all(e["payload"] is None and e["payload_digest"] for e in selected)
+
+
+def _with_field(lines: list[str], i: int, place: Callable[[dict], dict]) -> list[str]:
+    """Line ``i`` with a field put in by ``place``, written as canonical JSON (as an exporter would)."""
+    return [*lines[:i], canonical_text(place(json.loads(lines[i]))) + "\n", *lines[i + 1:]]
+
+
+def _last_checkpoint(lines: list[str]) -> int:
+    return max(i for i, line in enumerate(lines) if line.startswith('{"checkpoint":'))
+
+
+UNCOVERED: dict[str, tuple[Callable[[list[str]], list[str]], str]] = {
+    "a note beside an entry": (lambda ls: _with_field(ls, _line_of(ls, "r-0"), lambda d: {
+        **d, "note": "approved by CISO"}), "line {r0}: an entry line with other fields (unexpected 'note')"),
+    "a field inside an entry": (lambda ls: _with_field(ls, _line_of(ls, "r-0"), lambda d: {
+        **d, "entry": {**d["entry"], "extra": 1}}), "line {r0}: an entry with other fields than its format's"),
+    "a field beside a checkpoint": (lambda ls: _with_field(ls, _last_checkpoint(ls), lambda d: {
+        **d, "approved": True}), "line {cp}: a checkpoint line with other fields"),
+    "a field inside a checkpoint": (lambda ls: _with_field(ls, _last_checkpoint(ls), lambda d: {
+        "checkpoint": {**d["checkpoint"], "by": "ciso"}}), "line {cp}: a checkpoint with other fields"),
+    "a field in the header": (lambda ls: _with_field(ls, 0, lambda d: {**d, "reviewed": "ok"}),
+                              "the bundle header has other fields"),
+    "the last checkpoint twice": (lambda ls: [*ls[:_last_checkpoint(ls) + 1], ls[_last_checkpoint(ls)],
+                                              *ls[_last_checkpoint(ls) + 1:]],
+                                  "line {cp2}: a second checkpoint line for the same entry"),
+    "CRLF line ends": (lambda ls: [ls[0], *(line.replace("\n", "\r\n") for line in ls[1:])],
+                       "line 2 ends with a carriage return"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNCOVERED))
+def test_content_no_hash_or_signature_covers_is_refused(store: AuditStore, name: str) -> None:
+    """A bundle passed ``verify --export`` with a note beside an entry, fields inside entries, checkpoints or the
+    header, a checkpoint line repeated, or CRLF line ends (probe s59 F6): content nothing signs, which a reader
+    of the bundle would take for part of it. Only the lines the exporter writes are taken."""
+    key = SigningKey.generate()
+    _fill(store)
+    lines = _text_lines(store, key, Selection(team="blue"))
+    assert verify_bundle(lines, key.public).ok
+    doctor, expected = UNCOVERED[name]
+    verdict = verify_bundle(doctor(lines), key.public)
+    cp = _last_checkpoint(lines) + 1
+    expected = expected.format(r0=_line_of(lines, "r-0") + 1, cp=cp, cp2=cp + 1)
+    assert not verdict.ok and any(problem.startswith(expected) for problem in verdict.problems), verdict.problems
+
+
+def test_verify_export_reads_the_lines_as_written(store_url: str, tmp_path: Path) -> None:
+    """Read in text mode, CRLF line ends were turned into LF before the check (probe s59 F6)."""
+    run = _command_line(store_url, tmp_path)
+    bundle, pub = tmp_path / "blue.jsonl", tmp_path / "pub.pem"
+    assert run("public-key", "--out", str(pub)).exit_code == 0
+    assert run("export-bundle", "--out", str(bundle), "--team", "blue").exit_code == 0
+    bundle.write_bytes(bundle.read_bytes().replace(b"\n", b"\r\n"))
+    verified = run("verify", "--export", str(bundle), "--public-key", str(pub))
+    assert verified.exit_code == 1 and "bundle TAMPERED" in verified.output, verified.output
