@@ -32,6 +32,15 @@ pytestmark = pytest.mark.anyio
 SEALER = Sealer(os.urandom(32))
 
 
+async def _waiter_on_own_redis(redis_dir) -> tuple[RedisProcess, aioredis.Redis, ResultWaiter]:
+    """A Redis of the test's own (no append-only file) and a started result waiter on it, as a gateway has."""
+    server = RedisProcess.start(redis_dir, persist=False)
+    client = aioredis.Redis.from_url(server.url, socket_timeout=10, socket_connect_timeout=5)
+    waiter = ResultWaiter(client, SEALER)
+    await waiter.start()
+    return server, client, waiter
+
+
 def _restart_empty(server: RedisProcess, redis_dir) -> RedisProcess:
     server.process.send_signal(signal.SIGKILL)
     server.process.wait()
@@ -84,10 +93,7 @@ async def test_after_redis_came_back_empty_the_waits_whose_job_it_lost_are_answe
     and one never queued wait on."""
     monkeypatch.setattr(results, "LOST_LOOKS_S", (0.3, 0.8))
     redis_dir = short_tmp("gg-lw-")
-    server = RedisProcess.start(redis_dir, persist=False)
-    client = aioredis.Redis.from_url(server.url, socket_timeout=10, socket_connect_timeout=5)
-    waiter = ResultWaiter(client, SEALER)
-    await waiter.start()
+    server, client, waiter = await _waiter_on_own_redis(redis_dir)
     try:
         async with waiter.expect("lost-plain") as plain, waiter.expect("lost-stream", stream=True) as stream, \
                 waiter.expect("pushed-again") as again, waiter.expect("claimed") as claimed, \
@@ -132,11 +138,7 @@ async def test_a_reconnect_to_a_redis_that_kept_its_data_loses_no_wait(short_tmp
     """The pub/sub connection dropped (``CLIENT KILL``), Redis's data kept: a wait whose job is nowhere (a
     stand-in: never pushed) is not taken for lost; only the epoch says the data went."""
     monkeypatch.setattr(results, "LOST_LOOKS_S", (0.2, 0.4))
-    redis_dir = short_tmp("gg-lk-")
-    server = RedisProcess.start(redis_dir, persist=False)
-    client = aioredis.Redis.from_url(server.url, socket_timeout=10, socket_connect_timeout=5)
-    waiter = ResultWaiter(client, SEALER)
-    await waiter.start()
+    server, client, waiter = await _waiter_on_own_redis(short_tmp("gg-lk-"))
     try:
         async with waiter.expect("kept") as kept:
             kept.queued("q", "job-never-pushed")
