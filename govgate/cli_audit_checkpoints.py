@@ -103,16 +103,14 @@ def unvouched_tail(store: Any) -> str | None:
                                         default_max_unsigned_age_s, unsigned_tail)
 
     now = datetime.now(timezone.utc)
-    latest = store.latest()
-    tail = unsigned_tail(store, latest)
+    tail = unsigned_tail(store, store.latest())
     if tail is None:
         return None
     span = f"entries {tail.first_seq}..{tail.last_seq}"
     if tail.newest_at > now + timedelta(seconds=FUTURE_SKEW_S):
-        return f"{span}, not signed yet, include one dated in the future; run `govgate audit verify`"
-    judged_at = closing_tail_judged_at(store, now=now)
-    if judged_at is not None:
-        return (f"{span} follow a gateway's closing checkpoint and are {CLOSING_GRACE_TEXT}: a gateway that has "
+        return f"{span}, which no checkpoint covers yet, include one dated in the future; run `govgate audit verify`"
+    if closing_tail_judged_at(store, now=now) is not None:
+        return (f"{span} follow a gateway's closing checkpoint and are only seconds old: a gateway that has "
                 "just started signs them within a second; try again in a few seconds")
     body = anomaly_at_start(store, max_unsigned_age_s=default_max_unsigned_age_s(
         load_settings().checkpoint_interval_s))
@@ -125,9 +123,6 @@ def unvouched_tail(store: Any) -> str | None:
     return (f"{span} {why}. A gateway's next start names them in a chain_anomaly entry and then signs them; "
             "`govgate audit verify` shows them")
 
-
-#: How a tail within a starting gateway's grace is described.
-CLOSING_GRACE_TEXT = "only seconds old"
 
 
 def memory_problem(engine: Any, public_key: Any) -> str | None:
